@@ -20,7 +20,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -208,6 +208,9 @@ class HSMWorker:
             labels = sorted({s.get_token().label for s in self._lib.get_slots(token_present=True)})
             raise HSMError(f"no token labelled {cfg.token!r} in {cfg.module} (tokens present: "
                            f"{', '.join(labels) or 'none'})") from None
+        except pkcs11.exceptions.MultipleTokensReturned:
+            raise HSMError(f"more than one token is labelled {cfg.token!r} in {cfg.module}; "
+                           "token labels must be unique") from None
         self._event("hsm.open", module=cfg.module, reconnect=reconnect)
         pin = read_pin(cfg.pin_source)
         try:
@@ -316,10 +319,14 @@ class HSMWorker:
     async def sign(self, key: HSMKey, build: Callable[[HSMKey], T], *, purpose: str,
                    actor: str, request_id: str | None = None,
                    details: Mapping[str, Any] | None = None, hash_name: str = "sha256",
-                   describe: Callable[[T], Mapping[str, Any]] | None = None) -> T:
+                   describe: Callable[[T], Mapping[str, Any]] | None = None,
+                   also: Callable[[T], Awaitable[Any]] | None = None) -> T:
         """The only way to sign: intent durable, then `build(key)` on the HSM thread
         (cryptography's builder calls key.sign()), then check the signature, then the
         outcome durable. Returns what `build` returned.
+
+        `also(result)` (e.g. the inventory insert) runs concurrently with the outcome
+        write; both are done when this returns.
 
         Raises AuditUnavailable (nothing was signed) if the intent cannot be written,
         HSMUnavailable if the session is broken.
@@ -350,7 +357,11 @@ class HSMWorker:
                        signature_digest=sigs[0].signature_digest)
         if describe is not None:
             outcome.update(describe(out))
-        await asyncio.wrap_future(self._oplog.record("hsm.sign", outcome))
+        written = asyncio.wrap_future(self._oplog.record("hsm.sign", outcome))
+        if also is None:
+            await written
+        else:
+            await asyncio.gather(written, also(out))
         return out
 
 

@@ -1,0 +1,286 @@
+"""The append-only operation log: one writer, canonical JSON lines, group commit.
+
+SPEC section 6 fixes the format. This module owns the file: it holds an exclusive
+lock, recovers a torn tail at open, refuses a log that no longer matches its last
+checkpoint, and appends through one writer thread that covers every line that
+arrived during the previous fdatasync with the next one (group commit). A caller's
+future resolves only once its line is durable; if the disk refuses, the batch is
+cut back off the file and every caller gets AuditUnavailable (fail closed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import queue
+import threading
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from ca.audit.merkle import CompactRange, leaf_hash
+from hsm.errors import AuditUnavailable
+
+GENESIS = "0" * 64
+_STOP = object()
+
+
+class AuditLogError(Exception):
+    """The log cannot be opened safely; the message tells the operator what to look at."""
+
+
+def canonical(obj: Mapping[str, Any]) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False).encode("utf-8")
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def line_hash(line: bytes) -> bytes:
+    return hashlib.sha256(line).digest()
+
+
+class AuditLog:
+    """Open with `AuditLog.open(path)`; append with `record()` or `await append()`."""
+
+    def __init__(self, path: Path, fd: int, size_bytes: int, next_seq: int, prev: str,
+                 tree: CompactRange) -> None:
+        self.path = path
+        self._fd = fd
+        self._size_bytes = size_bytes
+        self._next_seq = next_seq
+        self._prev = prev
+        self._tree = tree
+        self._tree_lock = threading.Lock()
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._problem: str | None = None
+        self._poisoned = False
+        self.batches = 0
+        self.lines_written = 0
+        self.last_commit_s = 0.0
+        self._thread = threading.Thread(target=self._writer, name="audit-writer", daemon=True)
+        self._thread.start()
+
+    # ---- opening and recovery -----------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: Path, checkpoint_path: Path | None = None) -> AuditLog:
+        """Lock the log, cut a torn tail (recorded as log.recover), check it still
+        extends the last checkpoint, and start the writer."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise AuditLogError(f"the audit log {path} is locked by another process "
+                                    "(is another hsmca running on this state directory?)"
+                                    ) from None
+            raise
+        try:
+            return cls._recover(path, fd, checkpoint_path)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @classmethod
+    def _recover(cls, path: Path, fd: int, checkpoint_path: Path | None) -> AuditLog:
+        data = _read_all(fd)
+        lines = data.split(b"\n")
+        tail = lines.pop()  # bytes after the last "\n": empty unless the last line is torn
+        torn: bytes = tail
+        if lines and not tail:
+            try:
+                last = json.loads(lines[-1])
+                if not isinstance(last, dict):
+                    raise ValueError
+            except ValueError:
+                torn = lines.pop() + b"\n"  # a complete-looking line that is not JSON
+        tree = CompactRange()
+        prev_digest: bytes | None = None
+        for line in lines:
+            prev_digest = line_hash(line)
+            tree.append(leaf_hash(line))
+        good_bytes = len(data) - len(torn)
+        n = len(lines)
+        if n:
+            last = json.loads(lines[-1])
+            if last.get("seq") != n - 1:
+                raise AuditLogError(f"the audit log {path} has {n} lines but its last line says "
+                                    f"seq {last.get('seq')}: lines are missing or duplicated; "
+                                    "run `hsmca audit verify` and investigate")
+        if checkpoint_path is not None and checkpoint_path.exists():
+            cls._check_against_checkpoint(path, checkpoint_path, lines, n, torn)
+        prev = prev_digest.hex() if prev_digest is not None else GENESIS
+        log = cls(path, fd, good_bytes, n, prev, tree)
+        if torn:
+            os.ftruncate(fd, good_bytes)
+            os.fsync(fd)
+            log.record("log.recover", {"cut_bytes": len(torn),
+                                       "cut_sha256": hashlib.sha256(torn).hexdigest(),
+                                       "reason": "torn final line"}).result()
+        return log
+
+    @staticmethod
+    def _check_against_checkpoint(path: Path, checkpoint_path: Path, lines: list[bytes], n: int,
+                                  torn: bytes) -> None:
+        from ca.audit.merkle import MerkleTree
+        from ca.audit.note import NoteError, parse_checkpoint
+
+        try:
+            cp = parse_checkpoint(checkpoint_path.read_text(encoding="utf-8"))
+        except (NoteError, OSError, UnicodeDecodeError) as exc:
+            raise AuditLogError(f"the last checkpoint {checkpoint_path} cannot be read ({exc}); "
+                                "refusing to start: an operator must look") from None
+        if cp.size > n:
+            raise AuditLogError(
+                f"the audit log {path} has {n} complete lines but the last checkpoint covers "
+                f"{cp.size}: the log was truncated or replaced (tampering or loss). Refusing to "
+                "start; restore the log and run `hsmca audit verify`")
+        tree = MerkleTree()
+        for line in lines[:cp.size]:
+            tree.append(leaf_hash(line))
+        if tree.root() != cp.root:
+            raise AuditLogError(
+                f"the first {cp.size} lines of the audit log {path} no longer match the last "
+                "checkpoint: the log was rewritten. Refusing to start; run `hsmca audit verify`")
+
+    # ---- appending ----------------------------------------------------------------------
+
+    def record(self, event: str, fields: Mapping[str, Any]) -> cf.Future[int]:
+        """Queue a line; the future resolves to its seq once it is on disk (OpLog)."""
+        fut: cf.Future[int] = cf.Future()
+        self._queue.put((event, fields, fut))
+        return fut
+
+    async def append(self, event: str, **fields: Any) -> int:
+        return await asyncio.wrap_future(self.record(event, fields))
+
+    def _writer(self) -> None:
+        while True:
+            first = self._queue.get()
+            batch = [first]
+            while True:  # everything that arrived while the last fdatasync ran
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = any(item is _STOP for item in batch)
+            items = [item for item in batch if item is not _STOP]
+            if items:
+                self._commit(items)
+            if stop:
+                return
+
+    def _commit(self, items: list[tuple[str, Mapping[str, Any], cf.Future[int]]]) -> None:
+        seq, prev = self._next_seq, self._prev
+        chunks: list[bytes] = []
+        leaves: list[bytes] = []
+        done: list[tuple[cf.Future[int], int]] = []
+        ts = utc_now()
+        for event, fields, fut in items:
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                line = canonical({**fields, "seq": seq, "ts": ts, "event": event, "prev": prev})
+            except (TypeError, ValueError) as exc:
+                fut.set_exception(exc)  # a caller's bug must not poison the others' lines
+                continue
+            digest = line_hash(line)
+            chunks.append(line + b"\n")
+            leaves.append(leaf_hash(line))
+            done.append((fut, seq))
+            prev = digest.hex()
+            seq += 1
+        if not done:
+            return
+        blob = b"".join(chunks)
+        start = time.perf_counter()
+        try:
+            if self._poisoned:
+                raise OSError(errno.EIO, "the log tail is in an unknown state")
+            written = os.write(self._fd, blob)
+            if written != len(blob):
+                raise OSError(errno.ENOSPC, "short write")
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            self._fail_batch(done, exc)
+            return
+        self.last_commit_s = time.perf_counter() - start
+        self._size_bytes += len(blob)
+        self._next_seq, self._prev = seq, prev
+        with self._tree_lock:
+            for leaf in leaves:
+                self._tree.append(leaf)
+        self._problem = None
+        self.batches += 1
+        self.lines_written += len(done)
+        for fut, s in done:
+            fut.set_result(s)
+
+    def _fail_batch(self, done: list[tuple[cf.Future[int], int]], exc: OSError) -> None:
+        reason = f"cannot write the audit log: {exc.strerror or exc}"
+        try:  # cut whatever part of the batch reached the file, so the chain stays whole
+            os.ftruncate(self._fd, self._size_bytes)
+            os.fsync(self._fd)
+            self._problem = reason
+        except OSError as exc2:
+            # The file may now end in a partial line; only a restart (with torn-tail
+            # recovery) can make it safe again, so refuse everything until then.
+            self._poisoned = True
+            self._problem = (f"{reason}; cutting the failed batch off failed too "
+                             f"({exc2.strerror}): restart hsmca to recover the log")
+        error = AuditUnavailable(self._problem)
+        for fut, _ in done:
+            fut.set_exception(error)
+
+    # ---- state --------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """Number of durable lines."""
+        return self._next_seq
+
+    def root(self) -> tuple[int, bytes]:
+        """(size, RFC 6962 root) of the durable lines, consistent with each other."""
+        with self._tree_lock:
+            return self._tree.size, self._tree.root()
+
+    @property
+    def healthy(self) -> bool:
+        return self._problem is None and self._thread.is_alive()
+
+    @property
+    def problem(self) -> str | None:
+        return self._problem
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join()
+        try:
+            os.close(self._fd)  # releases the flock
+        except OSError:
+            pass
+
+
+def _read_all(fd: int) -> bytes:
+    os.lseek(fd, 0, os.SEEK_SET)
+    chunks = []
+    while True:
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)

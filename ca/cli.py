@@ -1,0 +1,132 @@
+"""`hsmca`: the command line. Every expected failure is one line on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from hsm.errors import AuditUnavailable, HSMError
+
+EPILOG = """\
+examples:
+  hsmca init --state-dir var/ca --module /usr/lib/softhsm/libsofthsm2.so \\
+      --token hsmca --pin-file var/pin
+  hsmca serve --config var/ca/hsmca.toml --listen 127.0.0.1:8443
+  hsmca audit verify --log var/ca/audit/log.jsonl --key var/ca/audit/audit_key.pem
+
+Run `hsmca COMMAND --help` for the flags of one command.
+"""
+
+
+class CLIError(Exception):
+    """An expected failure: printed as one line, exit status 1."""
+
+
+# command -> "module:function", imported only when that command runs (fast --help).
+COMMANDS = {
+    "init": "init_cmd:run", "audit-verify": "audit_cmd:verify", "audit-show": "audit_cmd:show",
+    "serve": "client_cmd:serve", "token-create": "client_cmd:token_create",
+    "enroll": "client_cmd:enroll", "renew": "client_cmd:renew", "revoke": "client_cmd:revoke",
+}
+
+
+def _command(key: str) -> Callable[[argparse.Namespace], int]:
+    module, func = COMMANDS[key].split(":")
+    return getattr(importlib.import_module(f"ca.commands.{module}"), func)  # type: ignore[no-any-return]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hsmca", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="A certificate authority whose keys never leave a PKCS#11 HSM.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    i = sub.add_parser("init", help="create the CA keys in the HSM and a state directory",
+                       description="Generate non-exportable keys inside the HSM (root CA, "
+                       "issuing CA, SSH user CA, SSH host CA, audit key), sign the CA "
+                       "certificates, and write the state directory. Refuses to overwrite "
+                       "existing keys or state.")
+    i.add_argument("--state-dir", required=True, type=Path, help="directory to create the CA in")
+    i.add_argument("--module", required=True, help="path of the PKCS#11 module (.so)")
+    i.add_argument("--token", required=True, help="label of the (initialised) token")
+    i.add_argument("--pin-file", required=True, type=Path,
+                   help="file holding the token's user PIN (kept outside the config)")
+    i.add_argument("--key-type", default="ec-p256",
+                   choices=["ec-p256", "ec-p384", "ed25519", "rsa-3072"],
+                   help="type of the CA keys (the audit key is always Ed25519)")
+    i.add_argument("--dns-name", default="localhost",
+                   help="DNS name of the daemon, in its TLS certificate (default localhost)")
+    i.set_defaults(command_key="init")
+
+    from ca.commands.client_cmd import add_parsers
+    add_parsers(sub)
+
+    a = sub.add_parser("audit", help="verify or read the operation log")
+    asub = a.add_subparsers(dest="audit_command", metavar="SUBCOMMAND", required=True)
+    v = asub.add_parser(
+        "verify", help="verify the log offline",
+        description="Recompute every line hash, the chain, intent/outcome pairing, the Merkle "
+        "root of every checkpoint and its signature with the pinned audit key. With --state, "
+        "also prove the log still extends the checkpoint verified last time. Exit 0 only if "
+        "all holds; otherwise name the first bad line.")
+    v.add_argument("--log", type=Path, required=True, help="the log file (log.jsonl)")
+    v.add_argument("--key", type=Path, required=True,
+                   help="the audit public key PEM (audit/audit_key.pem), pinned by the auditor")
+    v.add_argument("--checkpoint", type=Path,
+                   help="latest checkpoint file (default: 'checkpoint' beside the log)")
+    v.add_argument("--origin", help="expected checkpoint origin (default: taken from the log)")
+    v.add_argument("--state", type=Path,
+                   help="file remembering the last verified checkpoint; created if missing")
+    v.set_defaults(command_key="audit-verify")
+    s = asub.add_parser("show", help="print the log in a human-readable form")
+    s.add_argument("--log", type=Path, help="the log file (default: from --config)")
+    s.add_argument("--config", type=Path, default=Path("hsmca.toml"),
+                   help="config whose audit log to read (default ./hsmca.toml)")
+    s.add_argument("--from", dest="start", type=int, default=0, help="first seq to show")
+    s.add_argument("--follow", action="store_true", help="keep printing new lines")
+    s.set_defaults(command_key="audit-show")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # A write past RLIMIT_FSIZE must fail with EFBIG (and the log fail closed), not kill us.
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        return _command(args.command_key)(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as exc:
+        if not _expected(exc):
+            raise
+        print(f"hsmca: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _expected(exc: BaseException) -> bool:
+    from ca.audit.log import AuditLogError
+    from ca.client import ClientError
+    from ca.config import ConfigError
+    from ca.init import InitError
+    from hsm.uri import URIError
+    return isinstance(exc, CLIError | HSMError | AuditUnavailable | AuditLogError
+                      | ConfigError | InitError | OSError | ClientError | URIError | ValueError)
+
+
+def run_async(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""`hsmca.toml` -> frozen dataclasses, validated once at load.
+
+Relative paths are relative to the directory holding the config file, so a state
+directory can be moved as a whole. The PIN is never in this file: `pin-source`
+names a file (`file:/path`) or an environment variable (`env:NAME`).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hsm.uri import URIError
+from hsm.uri import parse as parse_uri
+from hsm.worker import HSMConfig
+
+KEY_LABELS = {"root": "root-ca", "issuing": "issuing-ca", "ssh_user": "ssh-user-ca",
+              "ssh_host": "ssh-host-ca", "audit": "audit"}
+
+
+class ConfigError(ValueError):
+    """The config cannot be used; the message names the file and the setting."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    allow: tuple[str, ...] = ()  # DNS patterns ("*.internal.example", "example.com") and CIDRs
+    deny: tuple[str, ...] = ()
+    allow_wildcards: bool = False
+    x509_default_ttl_s: int = 24 * 3600
+    x509_max_ttl_s: int = 30 * 24 * 3600
+    ssh_user_default_ttl_s: int = 16 * 3600
+    ssh_user_max_ttl_s: int = 24 * 3600
+    ssh_host_ttl_s: int = 30 * 24 * 3600
+    ssh_user_extensions: tuple[str, ...] = (
+        "permit-X11-forwarding", "permit-agent-forwarding", "permit-port-forwarding",
+        "permit-pty", "permit-user-rc")
+    token_max_ttl_s: int = 7 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    state_dir: Path
+    hsm: HSMConfig
+    softhsm_conf: str | None
+    keys: dict[str, str]  # purpose -> PKCS#11 URI of the private key
+    listen: str
+    dns_name: str
+    public_url: str | None
+    tls_cert: Path
+    tls_key: Path
+    audit_origin: str
+    checkpoint_heartbeat_s: float
+    policy: Policy = field(default_factory=Policy)
+
+    @property
+    def audit_log(self) -> Path:
+        return self.state_dir / "audit" / "log.jsonl"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.state_dir / "audit" / "checkpoint"
+
+    @property
+    def audit_key_pem(self) -> Path:
+        return self.state_dir / "audit" / "audit_key.pem"
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "hsmca.sqlite3"
+
+    @property
+    def root_pem(self) -> Path:
+        return self.state_dir / "x509" / "root.pem"
+
+    @property
+    def chain_pem(self) -> Path:
+        return self.state_dir / "x509" / "chain.pem"
+
+    @property
+    def issuing_pem(self) -> Path:
+        return self.state_dir / "x509" / "issuing.pem"
+
+    @property
+    def admin_cert(self) -> Path:
+        return self.state_dir / "admin" / "cert.pem"
+
+    @property
+    def admin_key(self) -> Path:
+        return self.state_dir / "admin" / "key.pem"
+
+    def key_label(self, purpose: str) -> str:
+        label = parse_uri(self.keys[purpose]).object
+        assert label is not None  # checked at load
+        return label
+
+
+def _get(table: dict[str, Any], key: str, kind: type, where: str, default: Any = ...) -> Any:
+    if key not in table:
+        if default is ...:
+            raise ConfigError(f"{where}: missing setting {key!r}")
+        return default
+    value = table[key]
+    if kind is float and isinstance(value, int):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: {key!r} must be a {kind.__name__}, not {value!r}")
+    return value
+
+
+def load(path: Path) -> Config:
+    path = Path(path).resolve()
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path} (run `hsmca init` first, or pass "
+                          "--config)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    base = path.parent
+
+    def rel(p: str) -> Path:
+        q = Path(p)
+        return q if q.is_absolute() else (base / q).resolve()
+
+    hsm = raw.get("hsm", {})
+    where = f"{path} [hsm]"
+    if "pin" in hsm:
+        raise ConfigError(f"{where}: a PIN must not be in the config; use pin-source = "
+                          "\"file:/path\" or \"env:NAME\"")
+    pin_source = _get(hsm, "pin-source", str, where)
+    if pin_source.startswith("file:"):
+        pin_source = "file:" + str(rel(pin_source[5:]))
+    elif not pin_source.startswith("env:"):
+        pin_source = "file:" + str(rel(pin_source))
+    softhsm_conf = hsm.get("softhsm-conf")
+    hsm_cfg = HSMConfig(module=_get(hsm, "module", str, where),
+                        token=_get(hsm, "token", str, where), pin_source=pin_source)
+    keys_raw = raw.get("keys", {})
+    keys: dict[str, str] = {}
+    for purpose in KEY_LABELS:
+        uri = _get(keys_raw, purpose.replace("_", "-"), str, f"{path} [keys]")
+        try:
+            parsed = parse_uri(uri)
+        except URIError as exc:
+            raise ConfigError(f"{path} [keys] {purpose}: {exc}") from None
+        if not parsed.object:
+            raise ConfigError(f"{path} [keys] {purpose}: the URI must name the key with object=")
+        if parsed.token not in (None, hsm_cfg.token):
+            raise ConfigError(f"{path} [keys] {purpose}: token {parsed.token!r} differs from "
+                              f"[hsm] token {hsm_cfg.token!r}")
+        keys[purpose] = uri
+    server = raw.get("server", {})
+    where = f"{path} [server]"
+    audit = raw.get("audit", {})
+    pol = raw.get("policy", {})
+    wp = f"{path} [policy]"
+    default = Policy()
+    policy = Policy(
+        allow=tuple(_get(pol, "allow", list, wp, [])),
+        deny=tuple(_get(pol, "deny", list, wp, [])),
+        allow_wildcards=_get(pol, "allow-wildcards", bool, wp, False),
+        x509_default_ttl_s=_get(pol, "x509-default-ttl-s", int, wp, default.x509_default_ttl_s),
+        x509_max_ttl_s=_get(pol, "x509-max-ttl-s", int, wp, default.x509_max_ttl_s),
+        ssh_user_default_ttl_s=_get(pol, "ssh-user-default-ttl-s", int, wp,
+                                    default.ssh_user_default_ttl_s),
+        ssh_user_max_ttl_s=_get(pol, "ssh-user-max-ttl-s", int, wp, default.ssh_user_max_ttl_s),
+        ssh_host_ttl_s=_get(pol, "ssh-host-ttl-s", int, wp, default.ssh_host_ttl_s),
+        ssh_user_extensions=tuple(_get(pol, "ssh-user-extensions", list, wp,
+                                       list(default.ssh_user_extensions))),
+        token_max_ttl_s=_get(pol, "token-max-ttl-s", int, wp, default.token_max_ttl_s),
+    )
+    return Config(
+        path=path, state_dir=base, hsm=hsm_cfg,
+        softhsm_conf=str(rel(softhsm_conf)) if softhsm_conf else None,
+        keys=keys,
+        listen=_get(server, "listen", str, where, "127.0.0.1:8443"),
+        dns_name=_get(server, "dns-name", str, where, "localhost"),
+        public_url=_get(server, "public-url", str, where, None),
+        tls_cert=rel(_get(server, "tls-cert", str, where, "tls/server.pem")),
+        tls_key=rel(_get(server, "tls-key", str, where, "tls/server.key")),
+        audit_origin=_get(audit, "origin", str, f"{path} [audit]"),
+        checkpoint_heartbeat_s=_get(audit, "heartbeat-s", float, f"{path} [audit]", 60.0),
+        policy=policy,
+    )
+
+
+def _q(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render(*, module: str, token: str, pin_source: str, softhsm_conf: str | None,
+           keys: dict[str, str], dns_name: str, audit_origin: str,
+           listen: str = "127.0.0.1:8443") -> str:
+    """The config `hsmca init` writes; every setting is commented for the operator."""
+    lines = [
+        "# hsmca configuration, written by `hsmca init`. Relative paths are relative to",
+        "# this file's directory. The PIN is never stored here: pin-source names a file",
+        "# (file:/path, mode 0600) or an environment variable (env:NAME).",
+        "",
+        "[hsm]",
+        f"module = {_q(module)}",
+        f"token = {_q(token)}",
+        f"pin-source = {_q(pin_source)}",
+    ]
+    if softhsm_conf:
+        lines.append(f"softhsm-conf = {_q(softhsm_conf)}  # SOFTHSM2_CONF for the daemon")
+    lines += ["", "# RFC 7512 URIs of the private keys, one per purpose.", "[keys]"]
+    lines += [f"{purpose.replace('_', '-')} = {_q(uri)}" for purpose, uri in keys.items()]
+    lines += [
+        "", "[server]",
+        f"listen = {_q(listen)}",
+        f"dns-name = {_q(dns_name)}",
+        "tls-cert = \"tls/server.pem\"",
+        "tls-key = \"tls/server.key\"",
+        "# public-url = \"https://ca.example:8443\"  # adds CRL DP and OCSP AIA to leaves",
+        "", "[audit]",
+        f"origin = {_q(audit_origin)}  # the checkpoint origin line and signing key name",
+        "heartbeat-s = 60",
+        "", "[policy]",
+        "# Names a bootstrap token may grant: DNS patterns and CIDRs; empty allows any.",
+        "allow = []",
+        "deny = []",
+        "allow-wildcards = false",
+        "x509-default-ttl-s = 86400",
+        "x509-max-ttl-s = 2592000",
+        "ssh-user-default-ttl-s = 57600",
+        "ssh-user-max-ttl-s = 86400",
+        "ssh-host-ttl-s = 2592000",
+        "",
+    ]
+    return "\n".join(lines)

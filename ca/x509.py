@@ -1,0 +1,147 @@
+"""X.509 profiles: what a root, an issuing CA and a leaf certificate contain.
+
+Pure builders: they return an unsigned `CertificateBuilder`; the caller signs it
+through `HSMWorker.sign`, which audits the operation. Nothing from a CSR except
+its public key is ever copied into a certificate.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+BACKDATE = dt.timedelta(minutes=1)
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+def hash_for(key: object) -> hashes.HashAlgorithm | None:
+    """The signature hash cryptography wants for a CA key (None for EdDSA)."""
+    if isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
+        return None
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size > 256:
+        return hashes.SHA384()
+    return hashes.SHA256()
+
+
+def spki_sha256(public_key: object) -> str:
+    der = public_key.public_bytes(  # type: ignore[attr-defined]
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def root_builder(public_key: object, common_name: str, days: int = 3650) -> x509.CertificateBuilder:
+    now = utcnow()
+    subject = name(common_name)
+    ski = x509.SubjectKeyIdentifier.from_public_key(public_key)  # type: ignore[arg-type]
+    return (x509.CertificateBuilder()
+            .subject_name(subject).issuer_name(subject)
+            .public_key(public_key)  # type: ignore[arg-type]
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - BACKDATE).not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+            .add_extension(_ca_key_usage(), critical=True)
+            .add_extension(ski, critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier(ski.digest, None, None), critical=False))
+
+
+def intermediate_builder(public_key: object, common_name: str, issuer: x509.Certificate,
+                         days: int = 1825) -> x509.CertificateBuilder:
+    now = utcnow()
+    not_after = min(now + dt.timedelta(days=days), issuer.not_valid_after_utc)
+    return (x509.CertificateBuilder()
+            .subject_name(name(common_name)).issuer_name(issuer.subject)
+            .public_key(public_key)  # type: ignore[arg-type]
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - BACKDATE).not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(_ca_key_usage(), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key),  # type: ignore[arg-type]
+                           critical=False)
+            .add_extension(_aki(issuer), critical=False))
+
+
+@dataclass(frozen=True)
+class LeafProfile:
+    """A validated request for a leaf certificate (policy has already approved it)."""
+
+    public_key: object
+    common_name: str
+    dns_names: Sequence[str] = ()
+    ip_addresses: Sequence[str] = ()
+    uris: Sequence[str] = ()
+    emails: Sequence[str] = ()
+    lifetime: dt.timedelta = dt.timedelta(hours=24)
+    serial: int = 0
+    crl_url: str | None = None
+    ocsp_url: str | None = None
+
+
+def leaf_builder(p: LeafProfile, issuer: x509.Certificate,
+                 now: dt.datetime | None = None) -> x509.CertificateBuilder:
+    now = now or utcnow()
+    not_after = min(now + p.lifetime, issuer.not_valid_after_utc)
+    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in p.dns_names]
+    sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in p.ip_addresses]
+    sans += [x509.UniformResourceIdentifier(u) for u in p.uris]
+    sans += [x509.RFC822Name(e) for e in p.emails]
+    is_rsa = isinstance(p.public_key, rsa.RSAPublicKey)
+    b = (x509.CertificateBuilder()
+         .subject_name(name(p.common_name)).issuer_name(issuer.subject)
+         .public_key(p.public_key)  # type: ignore[arg-type]
+         .serial_number(p.serial or x509.random_serial_number())
+         .not_valid_before(now - BACKDATE).not_valid_after(not_after)
+         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+         .add_extension(x509.KeyUsage(
+             digital_signature=True, key_encipherment=is_rsa, content_commitment=False,
+             data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+             encipher_only=False, decipher_only=False), critical=True)
+         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                               ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+         .add_extension(x509.SubjectKeyIdentifier.from_public_key(p.public_key),  # type: ignore[arg-type]
+                        critical=False)
+         .add_extension(_aki(issuer), critical=False))
+    if sans:
+        b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    if p.crl_url:
+        b = b.add_extension(x509.CRLDistributionPoints([x509.DistributionPoint(
+            [x509.UniformResourceIdentifier(p.crl_url)], None, None, None)]), critical=False)
+    if p.ocsp_url:
+        b = b.add_extension(x509.AuthorityInformationAccess([x509.AccessDescription(
+            x509.AuthorityInformationAccessOID.OCSP,
+            x509.UniformResourceIdentifier(p.ocsp_url))]), critical=False)
+    return b
+
+
+def _ca_key_usage() -> x509.KeyUsage:
+    return x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                         content_commitment=False, key_encipherment=False,
+                         data_encipherment=False, key_agreement=False, encipher_only=False,
+                         decipher_only=False)
+
+
+def _aki(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+    ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+
+
+def pem(cert: x509.Certificate) -> str:
+    return cert.public_bytes(serialization.Encoding.PEM).decode()

@@ -1,0 +1,181 @@
+"""Shared fixtures: a real SoftHSM per test session, a CA made by the real CLI.
+
+SoftHSM reads SOFTHSM2_CONF when the library is initialised, so the private config
+is put in the environment before anything loads the module; child processes (the
+CLI, the daemon) inherit it. Nothing here skips: if SoftHSM, openssl or OpenSSH is
+missing, the fixtures fail with a message that says what to install.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from hsm import softhsm
+
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="hsmca-tests-"))
+os.environ["SOFTHSM2_CONF"] = str(softhsm.write_config(_SESSION_DIR / "softhsm"))
+HSMCA = [sys.executable, "-m", "ca.cli"]
+
+
+def require(tool: str) -> str:
+    path = shutil.which(tool) or (f"/usr/sbin/{tool}" if os.path.exists(f"/usr/sbin/{tool}")
+                                  else None)
+    if path is None:
+        pytest.fail(f"{tool} is not installed; run scripts/setup (apt-get install it)")
+    return path
+
+
+@dataclass(frozen=True)
+class Token:
+    label: str
+    pin_file: Path
+    module: str
+
+
+_counter = iter(range(1, 10**6))
+
+
+def new_token(prefix: str = "t") -> Token:
+    """A fresh, empty token with its own PIN file."""
+    label = f"{prefix}{next(_counter)}"
+    pin = _SESSION_DIR / f"{label}.pin"
+    softhsm.init_token(Path(os.environ["SOFTHSM2_CONF"]), label, pin)
+    return Token(label, pin, softhsm.module_path())
+
+
+def hsmca(*args: str | Path, check: bool = True, **kw: object) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([*HSMCA, *map(str, args)], capture_output=True, text=True,
+                          timeout=120, **kw)  # type: ignore[call-overload]
+    if check and proc.returncode != 0:
+        raise AssertionError(f"hsmca {args[0]} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+@dataclass(frozen=True)
+class InitialisedCA:
+    state: Path
+    token: Token
+    stdout: str
+
+
+def init_ca(tmp: Path, key_type: str = "ec-p256", dns_name: str = "localhost") -> InitialisedCA:
+    token = new_token()
+    state = tmp / "ca"
+    proc = hsmca("init", "--state-dir", state, "--module", token.module, "--token", token.label,
+                 "--pin-file", token.pin_file, "--key-type", key_type, "--dns-name", dns_name)
+    return InitialisedCA(state, token, proc.stdout)
+
+
+@pytest.fixture(scope="session")
+def session_dir() -> Path:
+    return _SESSION_DIR
+
+
+@pytest.fixture(scope="session")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> InitialisedCA:
+    """One CA (P-256) made by `hsmca init`, shared by tests that only read it."""
+    softhsm.module_path()  # fail loudly, naming the package, if SoftHSM is missing
+    return init_ca(tmp_path_factory.mktemp("ca"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cleanup() -> Iterator[None]:
+    yield
+    shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def worker(ca: InitialisedCA, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """The test process's one HSM worker, logged in to the CA's token.
+
+    One per process, on purpose: two threads inside SoftHSM crash it (SPEC section 5),
+    so every in-process PKCS#11 call of the suite goes through this worker. Its audit
+    log is a scratch log, not the CA's.
+    """
+    from ca.audit.log import AuditLog
+    from hsm.worker import HSMConfig, HSMWorker
+
+    log = AuditLog.open(tmp_path_factory.mktemp("worker-audit") / "log.jsonl")
+    w = HSMWorker(HSMConfig(ca.token.module, ca.token.label, f"file:{ca.token.pin_file}"), log)
+    w.start()
+    yield w
+    w.close()
+    log.close()
+
+
+@dataclass
+class Daemon:
+    """A real `hsmca serve` on 127.0.0.1 with an ephemeral port."""
+
+    url: str
+    proc: subprocess.Popen[str]
+    state: Path
+    stderr: list[str]
+
+    @property
+    def root(self) -> Path:
+        return self.state / "x509" / "root.pem"
+
+    def ssl(self, cert: Path | None = None, key: Path | None = None) -> object:
+        from ca.client import ssl_context
+        return ssl_context(self.root, cert, key)
+
+    def admin_ssl(self) -> object:
+        return self.ssl(self.state / "admin" / "cert.pem", self.state / "admin" / "key.pem")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(15)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start_daemon(state: Path, *extra: str) -> Daemon:
+    import threading
+
+    proc = subprocess.Popen([*HSMCA, "serve", "--config", str(state / "hsmca.toml"),
+                             "--listen", "127.0.0.1:0", *extra], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    stderr: list[str] = []
+
+    def drain() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            stderr.append(line)
+
+    threading.Thread(target=drain, daemon=True).start()
+    # A watchdog instead of a sleep: if the daemon neither prints nor exits, kill it.
+    timer = threading.Timer(60, proc.kill)
+    timer.start()
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    timer.cancel()
+    if not first.startswith("listening on https://"):
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"daemon did not start: {first!r}\n{''.join(stderr)}")
+    threading.Thread(target=lambda: proc.stdout.read() if proc.stdout else None,
+                     daemon=True).start()
+    return Daemon(first.split()[-1], proc, state, stderr)
+
+
+@pytest.fixture(scope="session")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """A CA of its own (separate token) served for the end-to-end tests."""
+    ca = init_ca(tmp_path_factory.mktemp("served"))
+    d = start_daemon(ca.state)
+    yield d
+    d.stop()

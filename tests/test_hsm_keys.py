@@ -1,0 +1,209 @@
+"""The keys `hsmca init` made can sign, and can never leave the token."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pkcs11
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding
+from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+
+from ca import x509 as prof
+from ca.config import KEY_LABELS
+from hsm.errors import HSMError, HSMUnavailable
+from hsm.signers import HSMKey
+from hsm.worker import HSMWorker
+from tests.conftest import require
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+def _find_private(session: Any, label: str) -> Any:
+    return session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=label)
+
+
+@pytest.mark.parametrize("label", list(KEY_LABELS.values()))
+async def test_init_keys_are_non_exportable(worker: HSMWorker, label: str) -> None:
+    def attrs(session: Any) -> dict[str, bool]:
+        key = _find_private(session, label)
+        return {a.name: bool(key[a]) for a in (
+            Attribute.TOKEN, Attribute.PRIVATE, Attribute.SENSITIVE, Attribute.ALWAYS_SENSITIVE,
+            Attribute.EXTRACTABLE, Attribute.NEVER_EXTRACTABLE, Attribute.MODIFIABLE)}
+
+    got = await worker.run(attrs)
+    assert got == {"TOKEN": True, "PRIVATE": True, "SENSITIVE": True, "ALWAYS_SENSITIVE": True,
+                   "EXTRACTABLE": False, "NEVER_EXTRACTABLE": True, "MODIFIABLE": False}
+
+
+@pytest.mark.parametrize("label", list(KEY_LABELS.values()))
+async def test_every_way_out_is_closed(worker: HSMWorker, label: str) -> None:
+    """Reading the value, wrapping, flipping EXTRACTABLE, copying as extractable: all fail."""
+
+    def attempts(session: Any) -> dict[str, str]:
+        key = _find_private(session, label)
+        results: dict[str, str] = {}
+        try:
+            key[Attribute.VALUE if key.key_type != KeyType.RSA else
+                Attribute.PRIVATE_EXPONENT]
+            results["read"] = "allowed"
+        except pkcs11.PKCS11Error as exc:
+            results["read"] = type(exc).__name__
+        wrapper = session.generate_key(KeyType.AES, 256, store=False,
+                                       template={Attribute.WRAP: True})
+        try:
+            wrapper.wrap_key(key, mechanism=Mechanism.AES_KEY_WRAP_PAD)
+            results["wrap"] = "allowed"
+        except pkcs11.PKCS11Error as exc:
+            results["wrap"] = type(exc).__name__
+        try:
+            key[Attribute.EXTRACTABLE] = True
+            results["set"] = "allowed"
+        except pkcs11.PKCS11Error as exc:
+            results["set"] = type(exc).__name__
+        try:
+            key.copy({Attribute.EXTRACTABLE: True, Attribute.TOKEN: False})
+            results["copy"] = "allowed"
+        except pkcs11.PKCS11Error as exc:
+            results["copy"] = type(exc).__name__
+        return results
+
+    results = await worker.run(attempts)
+    assert "allowed" not in results.values(), results
+    assert results["read"] == "AttributeSensitive"
+    assert results["wrap"] == "KeyUnextractable"
+
+
+async def test_key_generated_without_protection_is_refused(worker: HSMWorker) -> None:
+    """The start-up check: a key that could be exported is never used."""
+
+    def weak(session: Any) -> None:
+        params = session.create_domain_parameters(
+            KeyType.EC, {Attribute.EC_PARAMS: pkcs11.util.ec.encode_named_curve_parameters(
+                "secp256r1")}, local=True)
+        params.generate_keypair(store=True, label="weak-key", id=b"weak-key",
+                                private_template={Attribute.SENSITIVE: False,
+                                                  Attribute.EXTRACTABLE: True})
+
+    await worker.run(weak)
+    with pytest.raises(HSMError, match="could leave the HSM"):
+        await worker.load_key("weak-key")
+
+
+@pytest.mark.parametrize("key_type", ["ec-p256", "ec-p384", "ed25519", "rsa-3072"])
+async def test_each_key_type_signs_certificates_that_verify(worker: HSMWorker,
+                                                            key_type: str) -> None:
+    key = await worker.generate_key(f"lab-{key_type}", key_type)
+    builder = prof.root_builder(key.public_key(), f"lab {key_type}")
+    cert = await worker.sign(key, lambda k: builder.sign(k, prof.hash_for(k)), purpose="x509-ca",
+                             actor="local", describe=lambda c: {"fingerprint": prof.fingerprint(c)})
+    cert.verify_directly_issued_by(cert)
+
+
+async def test_rsa_pss_and_crl_and_ocsp_builders_sign_with_hsm_keys(worker: HSMWorker) -> None:
+    rsa_key = await worker.generate_key("lab-pss", "rsa-3072")
+    data = b"pss please"
+    sig = await worker.sign(rsa_key, lambda k: k.sign(data, padding.PSS(
+        padding.MGF1(hashes.SHA256()), padding.PSS.DIGEST_LENGTH), hashes.SHA256()),
+        purpose="x509", actor="local")
+    rsa_key.public_key().verify(sig, data, padding.PSS(padding.MGF1(hashes.SHA256()), 32),
+                                hashes.SHA256())
+
+    ec_key = await worker.generate_key("lab-crl", "ec-p256")
+    root = await worker.sign(ec_key, lambda k: prof.root_builder(k.public_key(), "crl").sign(
+        k, hashes.SHA256()), purpose="x509-ca", actor="local")
+    now = prof.utcnow()
+    crl_builder = (x509.CertificateRevocationListBuilder().issuer_name(root.subject)
+                   .last_update(now).next_update(now + dt.timedelta(hours=1)))
+    crl = await worker.sign(ec_key, lambda k: crl_builder.sign(k, hashes.SHA256()), purpose="crl",
+                            actor="local")
+    assert crl.is_signature_valid(root.public_key())
+
+    from cryptography.x509 import ocsp
+    leaf_key = ec.generate_private_key(ec.SECP256R1())
+    leaf = prof.leaf_builder(prof.LeafProfile(leaf_key.public_key(), "leaf"), root).sign(
+        leaf_key, hashes.SHA256())  # signed in software: only its serial matters here
+    resp_builder = ocsp.OCSPResponseBuilder().add_response(
+        cert=leaf, issuer=root, algorithm=hashes.SHA1(), cert_status=ocsp.OCSPCertStatus.GOOD,
+        this_update=now, next_update=now + dt.timedelta(hours=1), revocation_time=None,
+        revocation_reason=None).responder_id(ocsp.OCSPResponderEncoding.HASH, root)
+    resp = await worker.sign(ec_key, lambda k: resp_builder.sign(k, hashes.SHA256()),
+                             purpose="ocsp", actor="local")
+    root.public_key().verify(resp.signature, resp.tbs_response_bytes, ec.ECDSA(hashes.SHA256()))
+
+
+async def test_ssh_certificate_from_hsm_key_passes_ssh_keygen(worker: HSMWorker,
+                                                              tmp_path: Path) -> None:
+    ssh_keygen = require("ssh-keygen")
+    ca_key = await worker.load_key("ssh-user-ca")
+    user_key = ed25519.Ed25519PrivateKey.generate()
+    now = int(dt.datetime.now(dt.UTC).timestamp())
+    builder = (serialization.SSHCertificateBuilder()
+               .public_key(user_key.public_key()).serial(42)
+               .type(serialization.SSHCertificateType.USER).key_id(b"alice:42")
+               .valid_principals([b"alice"]).valid_after(now - 60).valid_before(now + 3600)
+               .add_extension(b"permit-pty", b""))
+    cert = await worker.sign(ca_key, lambda k: builder.sign(k), purpose="ssh-user",
+                             actor="local")
+    path = tmp_path / "id-cert.pub"
+    path.write_bytes(cert.public_bytes())
+    out = subprocess.run([ssh_keygen, "-L", "-f", path], capture_output=True, text=True,
+                         check=True).stdout
+    assert "Key ID: \"alice:42\"" in out
+    assert "Serial: 42" in out
+    ca_fp = subprocess.run([ssh_keygen, "-l", "-f", "-"], input=ca_key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode(),
+        capture_output=True, text=True, check=True).stdout.split()[1]
+    assert f"Signing CA: ECDSA {ca_fp}" in out
+
+
+async def test_keys_sign_only_through_the_audited_path(worker: HSMWorker) -> None:
+    key = await worker.load_key("issuing-ca")
+    with pytest.raises(HSMError, match=r"only inside HSMWorker\.sign"):
+        key.sign(b"x", ec.ECDSA(hashes.SHA256()))  # type: ignore[call-arg]
+
+
+async def test_two_thousand_concurrent_signatures(worker: HSMWorker) -> None:
+    """What crashes SoftHSM without the single HSM thread: all must verify."""
+    key: HSMKey = await worker.load_key("issuing-ca")
+
+    async def one(i: int) -> tuple[bytes, bytes]:
+        msg = f"message {i}".encode()
+        sig = await worker.sign(key, lambda k: k.sign(msg, ec.ECDSA(hashes.SHA256())),
+                                purpose="x509", actor="local", request_id=str(i))
+        return msg, sig
+
+    results = await asyncio.gather(*(one(i) for i in range(2000)))
+    pub = key.public_key()
+    for msg, sig in results:
+        pub.verify(sig, msg, ec.ECDSA(hashes.SHA256()))
+    assert len({sig for _, sig in results}) == 2000
+
+
+async def test_session_closed_under_the_worker_recovers(worker: HSMWorker) -> None:
+    """A broken session gives HSMUnavailable, then the worker re-opens and logs in."""
+    key = await worker.load_key("issuing-ca")
+    before = worker.reconnects
+    await worker.run(lambda s: s.close())
+
+    async def sign() -> bytes:
+        return await worker.sign(key, lambda k: k.sign(b"m", ec.ECDSA(hashes.SHA256())),
+                                 purpose="x509", actor="local")
+
+    results = []
+    for _ in range(50):  # bounded: the first call fails, a retry is immediate
+        try:
+            results.append(await sign())
+            break
+        except HSMUnavailable:
+            results.append(None)
+    assert results[0] is None, "a call on a closed session must fail, not hang"
+    assert results[-1] is not None, "the worker did not recover"
+    assert worker.reconnects == before + 1
+    assert worker.healthy

@@ -1,0 +1,107 @@
+"""`hsmca init` as an operator runs it: files, chain, SSH CA keys, refusals."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import tomllib
+from pathlib import Path
+
+from cryptography import x509
+
+from tests.conftest import InitialisedCA, hsmca, init_ca, new_token, require
+
+
+def test_init_lays_out_the_state_directory(ca: InitialisedCA) -> None:
+    s = ca.state
+    for rel in ("hsmca.toml", "x509/root.pem", "x509/chain.pem", "ssh/user_ca.pub",
+                "ssh/host_ca.pub", "audit/audit_key.pem", "admin/cert.pem", "admin/key.pem",
+                "tls/server.pem", "tls/server.key", "audit/log.jsonl", "audit/checkpoint"):
+        assert (s / rel).is_file(), rel
+    for secret in ("admin/key.pem", "tls/server.key", "hsmca.toml"):
+        assert stat.S_IMODE((s / secret).stat().st_mode) == 0o600, secret
+    assert "hsmca serve --config" in ca.stdout
+
+
+def test_no_pin_in_config_output_or_log(ca: InitialisedCA) -> None:
+    pin = ca.token.pin_file.read_text().strip()
+    for rel in ("hsmca.toml", "audit/log.jsonl"):
+        assert pin not in (ca.state / rel).read_text(), rel
+    assert pin not in ca.stdout
+    cfg = tomllib.loads((ca.state / "hsmca.toml").read_text())
+    assert cfg["hsm"]["pin-source"] == f"file:{ca.token.pin_file.resolve()}"
+    assert cfg["keys"]["issuing"] == f"pkcs11:token={ca.token.label};object=issuing-ca;type=private"
+
+
+def test_chain_verifies_with_openssl(ca: InitialisedCA) -> None:
+    openssl = require("openssl")
+    s = ca.state
+    issuing = s / "x509" / "issuing.pem"
+    for leaf in ("admin/cert.pem", "tls/server.pem"):
+        proc = subprocess.run([openssl, "verify", "-CAfile", s / "x509/root.pem", "-untrusted",
+                               issuing, s / leaf], capture_output=True, text=True)
+        assert proc.returncode == 0 and ": OK" in proc.stdout, proc.stdout + proc.stderr
+    chain = x509.load_pem_x509_certificates((s / "x509/chain.pem").read_bytes())
+    assert [c.subject.rfc4514_string() for c in chain] == ["CN=hsmca Issuing CA",
+                                                            "CN=hsmca Root CA"]
+    assert chain[0].extensions.get_extension_for_class(x509.BasicConstraints).value.path_length == 0
+    assert chain[1].extensions.get_extension_for_class(x509.BasicConstraints).value.path_length == 1
+
+
+def test_ssh_ca_keys_parse_with_ssh_keygen(ca: InitialisedCA) -> None:
+    ssh_keygen = require("ssh-keygen")
+    for name in ("user_ca.pub", "host_ca.pub"):
+        out = subprocess.run([ssh_keygen, "-l", "-f", ca.state / "ssh" / name],
+                             capture_output=True, text=True, check=True).stdout
+        assert out.startswith("256 SHA256:") and "(ECDSA)" in out, out
+
+
+def test_second_init_on_same_state_refused(ca: InitialisedCA) -> None:
+    before = (ca.state / "audit/log.jsonl").read_bytes()
+    proc = hsmca("init", "--state-dir", ca.state, "--module", ca.token.module, "--token",
+                 ca.token.label, "--pin-file", ca.token.pin_file, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and "refusing to overwrite" in proc.stderr
+    assert (ca.state / "audit/log.jsonl").read_bytes() == before
+
+
+def test_existing_keys_in_token_refused(ca: InitialisedCA, tmp_path: Path) -> None:
+    proc = hsmca("init", "--state-dir", tmp_path / "other", "--module", ca.token.module,
+                 "--token", ca.token.label, "--pin-file", ca.token.pin_file, check=False)
+    assert proc.returncode == 1
+    assert "already holds keys labelled root-ca" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_wrong_pin_missing_module_missing_token(tmp_path: Path) -> None:
+    token = new_token()
+    bad_pin = tmp_path / "bad.pin"
+    bad_pin.write_text("not-the-pin\n")
+    cases = {
+        "wrong PIN": (["--module", token.module, "--token", token.label, "--pin-file", bad_pin],
+                      f"wrong PIN for token '{token.label}'"),
+        "no module": (["--module", "/nonexistent/libx.so", "--token", token.label, "--pin-file",
+                       token.pin_file], "PKCS#11 module not found: /nonexistent/libx.so"),
+        "no token": (["--module", token.module, "--token", "nosuchtoken", "--pin-file",
+                      token.pin_file], "no token labelled 'nosuchtoken'"),
+        "no pin file": (["--module", token.module, "--token", token.label, "--pin-file",
+                         tmp_path / "missing.pin"], "PIN file not found"),
+    }
+    for i, (what, (args, message)) in enumerate(cases.items()):
+        proc = hsmca("init", "--state-dir", tmp_path / f"s{i}", *args, check=False)
+        assert proc.returncode == 1, what
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], (what, proc.stderr)
+        assert "not-the-pin" not in proc.stderr
+
+
+def test_ed25519_and_rsa_cas(tmp_path: Path) -> None:
+    openssl = require("openssl")
+    for key_type in ("ed25519", "rsa-3072"):
+        ca = init_ca(tmp_path / key_type, key_type=key_type)
+        proc = subprocess.run([openssl, "verify", "-CAfile", ca.state / "x509/root.pem",
+                               "-untrusted", ca.state / "x509/issuing.pem",
+                               ca.state / "admin/cert.pem"], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+    assert os.path.exists(tmp_path / "rsa-3072" / "ca" / "ssh" / "user_ca.pub")
