@@ -1,0 +1,295 @@
+"""The CA's issuing side: builds X.509 certificates, CRLs and OCSP responses and
+signs them through the audited HSM path, recording them in the inventory.
+
+It decides nothing: callers pass requests that `ca.policy` has already approved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import json
+import secrets
+import sqlite3
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509 import ocsp
+
+from ca import x509 as prof
+from ca.audit.log import AuditLog
+from ca.config import Config
+from ca.policy import Refused, TokenGrant
+from ca.store import CertRecord, Store
+from hsm.signers import HSMKey
+from hsm.worker import HSMWorker
+
+CRL_VALIDITY = dt.timedelta(hours=24)
+OCSP_VALIDITY = dt.timedelta(hours=1)
+REASONS = {r.name: r for r in x509.ReasonFlags if r not in (
+    x509.ReasonFlags.unspecified, x509.ReasonFlags.remove_from_crl)}
+
+
+@dataclass(frozen=True)
+class Token:
+    id: str
+    role: str
+    names: tuple[tuple[str, str], ...]
+    principals: tuple[str, ...]
+    expires: str
+    used_at: str | None
+
+
+@dataclass
+class Authority:
+    config: Config
+    hsm: HSMWorker
+    store: Store
+    audit: AuditLog
+    keys: dict[str, HSMKey]
+    root: x509.Certificate
+    issuing: x509.Certificate
+    revoked: dict[int, tuple[dt.datetime, str | None]] = field(default_factory=dict)
+    _crl: bytes | None = None
+    _crl_this_update: dt.datetime | None = None
+    _crl_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _ocsp_cache: dict[int, tuple[dt.datetime, bytes]] = field(default_factory=dict)
+    _identity_cache: dict[str, CertRecord] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for serial_hex, at, reason in self.store.revoked():
+            self.revoked[int(serial_hex, 16)] = (dt.datetime.fromisoformat(at), reason)
+        der = self.issuing.public_bytes(serialization.Encoding.DER)
+        self.chain_pem = prof.pem(self.issuing) + prof.pem(self.root)
+        self.chain_der = [der, self.root.public_bytes(serialization.Encoding.DER)]
+        self._hash = prof.hash_for(self.keys["issuing"])
+        self._hash_name = self._hash.name if self._hash else "none"
+
+    # ---- tokens -------------------------------------------------------------------------
+
+    async def create_token(self, grant: TokenGrant, actor: str) -> tuple[str, str, str]:
+        """Return (secret token, id, expires). Only the secret's SHA-256 is stored."""
+        token_id = secrets.token_hex(8)
+        secret = f"hsmca-{token_id}-{secrets.token_urlsafe(32)}"
+        now = prof.utcnow()
+        expires = (now + dt.timedelta(seconds=grant.ttl_s)).isoformat()
+        names = [list(n) for n in grant.names]
+
+        def insert(db: sqlite3.Connection) -> None:
+            db.execute("INSERT INTO tokens (id, secret_sha256, role, names, principals, expires, "
+                       "created_at, created_by) VALUES (?,?,?,?,?,?,?,?)",
+                       (token_id, hashlib.sha256(secret.encode()).hexdigest(), grant.role,
+                        json.dumps(names), json.dumps(list(grant.principals)), expires,
+                        now.isoformat(), actor))
+
+        await self.store.write(insert)
+        await self.audit.append("token.create", id=token_id, role=grant.role,
+                                names=[v for _, v in grant.names],
+                                principals=list(grant.principals), expires=expires, actor=actor)
+        return secret, token_id, expires
+
+    def find_token(self, secret: str) -> Token | None:
+        rows = self.store.read(
+            "SELECT id, role, names, principals, expires, used_at FROM tokens "
+            "WHERE secret_sha256 = ?", (hashlib.sha256(secret.encode()).hexdigest(),))
+        if not rows:
+            return None
+        r = rows[0]
+        return Token(r[0], r[1], tuple((k, v) for k, v in json.loads(r[2])),
+                     tuple(json.loads(r[3])), r[4], r[5])
+
+    async def consume_token(self, token: Token) -> None:
+        """Mark a token used; exactly one concurrent caller succeeds."""
+        now = prof.utcnow().isoformat()
+
+        def consume(db: sqlite3.Connection) -> int:
+            return db.execute("UPDATE tokens SET used_at = ? WHERE id = ? AND used_at IS NULL",
+                              (now, token.id)).rowcount
+
+        if await self.store.write(consume) != 1:
+            raise Refused("this bootstrap token has already been used", 401, "token")
+
+    # ---- X.509 --------------------------------------------------------------------------
+
+    async def issue_x509(self, *, public_key: Any, role: str, names: tuple[tuple[str, str], ...],
+                         principals: tuple[str, ...], lifetime_s: int, actor: str,
+                         request_id: str | None, token_id: str | None = None,
+                         ) -> x509.Certificate:
+        by_kind: dict[str, list[str]] = {"dns": [], "ip": [], "uri": [], "email": []}
+        for kind, value in names:
+            by_kind[kind].append(value)
+        url = self.config.public_url
+        profile = prof.LeafProfile(
+            public_key=public_key, common_name=names[0][1], dns_names=by_kind["dns"],
+            ip_addresses=by_kind["ip"], uris=by_kind["uri"], emails=by_kind["email"],
+            lifetime=dt.timedelta(seconds=lifetime_s), serial=x509.random_serial_number(),
+            crl_url=f"{url}/v1/x509/crl" if url else None,
+            ocsp_url=f"{url}/v1/x509/ocsp" if url else None)
+        now = prof.utcnow()
+        builder = prof.leaf_builder(profile, self.issuing, now)
+        not_before = now - prof.BACKDATE
+        not_after = min(now + profile.lifetime, self.issuing.not_valid_after_utc)
+        spki = prof.spki_sha256(public_key)
+        serial_hex = format(profile.serial, "x")
+        flat = [v for _, v in names]
+        h = self._hash
+
+        async def record(cert: x509.Certificate) -> None:
+            def insert(db: sqlite3.Connection) -> None:
+                Store.insert_cert(
+                    db, serial=cert.serial_number, fingerprint=prof.fingerprint(cert), role=role,
+                    subject=cert.subject.rfc4514_string(), names=flat,
+                    principals=list(principals), spki_sha256=spki,
+                    not_before=not_before.isoformat(), not_after=not_after.isoformat(),
+                    issued_at=now.isoformat(), der=cert.public_bytes(serialization.Encoding.DER))
+                if token_id is not None:
+                    db.execute("UPDATE tokens SET used_serial = ? WHERE id = ?",
+                               (serial_hex, token_id))
+            await self.store.write(insert)
+
+        return await self.hsm.sign(
+            self.keys["issuing"], lambda k: builder.sign(k, h), purpose="x509", actor=actor,
+            request_id=request_id, hash_name=self._hash_name,
+            details={"serial": serial_hex, "role": role, "names": flat,
+                     "principals": list(principals), "spki_sha256": spki,
+                     "not_before": not_before.isoformat(), "not_after": not_after.isoformat()},
+            describe=lambda c: {"fingerprint": prof.fingerprint(c)}, also=record)
+
+    def identity(self, der: bytes) -> CertRecord | None:
+        """The inventory record of a presented client certificate (cached by fingerprint)."""
+        fp = hashlib.sha256(der).hexdigest()
+        rec = self._identity_cache.get(fp)
+        if rec is None:
+            rec = self.store.cert_by_fingerprint(fp)
+            if rec is None:
+                return None
+            if len(self._identity_cache) > 10_000:
+                self._identity_cache.clear()
+            self._identity_cache[fp] = rec
+        return rec
+
+    def is_revoked(self, serial_hex: str) -> bool:
+        return int(serial_hex, 16) in self.revoked
+
+    async def revoke(self, serial: int, reason: str | None, actor: str,
+                     request_id: str | None) -> dt.datetime:
+        if reason is not None and reason not in REASONS:
+            raise Refused(f"reason must be one of {', '.join(sorted(REASONS))}")
+        now = prof.utcnow()
+
+        def mark(db: sqlite3.Connection) -> int:
+            return db.execute("UPDATE certs SET revoked_at = ?, reason = ? WHERE serial = ? "
+                              "AND revoked_at IS NULL",
+                              (now.isoformat(), reason, format(serial, "x"))).rowcount
+
+        if await self.store.write(mark) != 1:
+            if self.store.cert(serial) is None:
+                raise Refused(f"no certificate with serial {serial:x} was issued by this CA",
+                              404, "not-found")
+            raise Refused(f"certificate {serial:x} is already revoked", 409, "conflict")
+        self.revoked[serial] = (now, reason)
+        self._ocsp_cache.pop(serial, None)
+        await self.audit.append("cert.revoke", serial=format(serial, "x"), reason=reason,
+                                actor=actor, request_id=request_id)
+        await self.refresh_crl(actor, request_id)
+        return now
+
+    # ---- CRL and OCSP -------------------------------------------------------------------
+
+    async def crl(self) -> bytes:
+        """The current CRL, re-signed when half its validity has passed."""
+        now = prof.utcnow()
+        if (self._crl is None or self._crl_this_update is None
+                or now - self._crl_this_update > CRL_VALIDITY / 2):
+            await self.refresh_crl("local", None)
+        assert self._crl is not None
+        return self._crl
+
+    async def refresh_crl(self, actor: str, request_id: str | None) -> None:
+        async with self._crl_lock:
+            number = await self.store.write(_next_crl_number)
+            now = prof.utcnow()
+            b = (x509.CertificateRevocationListBuilder().issuer_name(self.issuing.subject)
+                 .last_update(now).next_update(now + CRL_VALIDITY)
+                 .add_extension(x509.CRLNumber(number), critical=False)
+                 .add_extension(prof._aki(self.issuing), critical=False))
+            for serial, (at, reason) in sorted(self.revoked.items()):
+                rb = (x509.RevokedCertificateBuilder().serial_number(serial)
+                      .revocation_date(at))
+                if reason:
+                    rb = rb.add_extension(x509.CRLReason(REASONS[reason]), critical=False)
+                b = b.add_revoked_certificate(rb.build())
+            h = self._hash
+            crl = await self.hsm.sign(
+                self.keys["issuing"], lambda k: b.sign(k, h), purpose="crl", actor=actor,
+                request_id=request_id, hash_name=self._hash_name,
+                details={"crl_number": number, "revoked": len(self.revoked),
+                         "this_update": now.isoformat(),
+                         "next_update": (now + CRL_VALIDITY).isoformat()},
+                describe=lambda c: {"fingerprint": hashlib.sha256(
+                    c.public_bytes(serialization.Encoding.DER)).hexdigest()})
+            self._crl = crl.public_bytes(serialization.Encoding.DER)
+            self._crl_this_update = now
+
+    async def ocsp(self, request_der: bytes, request_id: str | None) -> bytes:
+        try:
+            req = ocsp.load_der_ocsp_request(request_der)
+        except (ValueError, TypeError) as exc:
+            return _unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST, exc)
+        issuer_key_hash = _key_hash(self.issuing, req.hash_algorithm)
+        if req.issuer_key_hash != issuer_key_hash:
+            return _unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED, None)
+        serial = req.serial_number
+        now = prof.utcnow()
+        cached = self._ocsp_cache.get(serial)
+        if cached is not None and now - cached[0] < OCSP_VALIDITY / 2 and not req.extensions:
+            return cached[1]
+        status, rev_time, rev_reason = ocsp.OCSPCertStatus.GOOD, None, None
+        if serial in self.revoked:
+            at, reason = self.revoked[serial]
+            status, rev_time = ocsp.OCSPCertStatus.REVOKED, at
+            rev_reason = REASONS[reason] if reason else None
+        elif self.store.cert(serial) is None:
+            status = ocsp.OCSPCertStatus.UNKNOWN
+        b = (ocsp.OCSPResponseBuilder()
+             .add_response_by_hash(
+                 issuer_name_hash=req.issuer_name_hash, issuer_key_hash=req.issuer_key_hash,
+                 serial_number=serial, algorithm=req.hash_algorithm, cert_status=status,
+                 this_update=now, next_update=now + OCSP_VALIDITY, revocation_time=rev_time,
+                 revocation_reason=rev_reason)
+             .responder_id(ocsp.OCSPResponderEncoding.HASH, self.issuing))
+        try:
+            nonce = req.extensions.get_extension_for_class(x509.OCSPNonce)
+            b = b.add_extension(nonce.value, critical=False)
+        except x509.ExtensionNotFound:
+            pass
+        h = self._hash
+        resp = await self.hsm.sign(
+            self.keys["issuing"], lambda k: b.sign(k, h), purpose="ocsp", actor="anonymous",
+            request_id=request_id, hash_name=self._hash_name,
+            details={"serial": format(serial, "x"), "status": status.name})
+        der = resp.public_bytes(serialization.Encoding.DER)
+        if not req.extensions:
+            self._ocsp_cache[serial] = (now, der)
+        return der
+
+
+def _next_crl_number(db: sqlite3.Connection) -> int:
+    row = db.execute("SELECT v FROM meta WHERE k = 'crl_number'").fetchone()
+    number = int(row[0]) + 1 if row else 1
+    db.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('crl_number', ?)", (str(number),))
+    return number
+
+
+def _key_hash(cert: x509.Certificate, algorithm: hashes.HashAlgorithm) -> bytes:
+    """RFC 6960 issuerKeyHash of `cert`, computed by cryptography's own request builder."""
+    req = ocsp.OCSPRequestBuilder().add_certificate(cert, cert, algorithm).build()
+    return req.issuer_key_hash
+
+
+def _unsuccessful(status: ocsp.OCSPResponseStatus, _exc: Exception | None) -> bytes:
+    return ocsp.OCSPResponseBuilder.build_unsuccessful(status).public_bytes(
+        serialization.Encoding.DER)

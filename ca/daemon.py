@@ -1,0 +1,112 @@
+"""`hsmca serve`: start-up checks, the listener, and a graceful stop.
+
+Start-up order matters: the audit log first (recovery, lock, checkpoint check), then
+the HSM (every key checked non-exportable, or no start), then `daemon.start`, then
+the listener. SIGTERM stops accepting, lets in-flight requests finish, records
+`daemon.stop`, signs a final checkpoint and logs out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import sys
+
+import structlog
+from aiohttp import web
+from cryptography import x509
+
+from ca import __version__
+from ca.audit.checkpointer import Checkpointer
+from ca.audit.log import AuditLog
+from ca.authority import Authority
+from ca.config import KEY_LABELS, Config
+from ca.server.app import build_app, tls_context
+from ca.store import Store
+from hsm.signers import HSMEd25519Key, HSMKey
+from hsm.worker import HSMWorker
+
+log = structlog.get_logger("hsmca.daemon")
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"--listen must be HOST:PORT, not {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+async def serve(config: Config, listen: str | None = None, ready: asyncio.Event | None = None,
+                ) -> None:
+    if config.softhsm_conf:
+        os.environ["SOFTHSM2_CONF"] = config.softhsm_conf
+    host, port = parse_listen(listen or config.listen)
+    audit = AuditLog.open(config.audit_log, config.checkpoint_path)
+    worker = HSMWorker(config.hsm, audit)
+    store: Store | None = None
+    runner: web.AppRunner | None = None
+    cp_task: asyncio.Task[None] | None = None
+    try:
+        worker.start()
+        keys: dict[str, HSMKey] = {}
+        for purpose in KEY_LABELS:
+            keys[purpose] = await worker.load_key(config.key_label(purpose))
+        if not isinstance(keys["audit"], HSMEd25519Key):
+            raise ValueError("the audit key must be Ed25519 (C2SP signed notes)")
+        root = x509.load_pem_x509_certificate(config.root_pem.read_bytes())
+        issuing = x509.load_pem_x509_certificate(config.issuing_pem.read_bytes())
+        if issuing.public_key() != keys["issuing"].public_key():
+            raise ValueError(f"{config.issuing_pem} does not belong to the issuing key in the HSM")
+        await audit.append("daemon.start", version=__version__, pid=os.getpid(),
+                           config_sha256=hashlib.sha256(config.path.read_bytes()).hexdigest())
+        store = Store(config.db_path)
+        auth = Authority(config, worker, store, audit, keys, root, issuing)
+        checkpointer = Checkpointer(audit, worker, keys["audit"], config.audit_origin,
+                                    config.checkpoint_path,
+                                    heartbeat=config.checkpoint_heartbeat_s)
+        app = build_app(auth, checkpointer)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=10.0)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, ssl_context=tls_context(
+            config.tls_cert, config.tls_key, config.chain_pem), backlog=1024)
+        await site.start()
+        server = site._server
+        bound = server.sockets[0].getsockname() if server and server.sockets else (host, port)
+        shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+        print(f"listening on https://{shown}:{bound[1]}", flush=True)
+        log.info("listening", url=f"https://{shown}:{bound[1]}")
+        await checkpointer.checkpoint()
+        cp_task = asyncio.create_task(checkpointer.run())
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+        log.info("stopping")
+        await runner.cleanup()  # stop accepting; in-flight requests finish
+        runner = None
+        cp_task.cancel()
+        await audit.append("daemon.stop", pid=os.getpid())
+        await checkpointer.checkpoint()
+    finally:
+        if cp_task is not None and not cp_task.done():
+            cp_task.cancel()
+        if runner is not None:
+            await runner.cleanup()
+        if store is not None:
+            store.close()
+        worker.close()
+        audit.close()
+
+
+def main(config: Config, listen: str | None) -> int:
+    try:
+        asyncio.run(serve(config, listen))
+    except KeyboardInterrupt:
+        return 130
+    sys.stdout.flush()
+    return 0

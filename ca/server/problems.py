@@ -1,0 +1,75 @@
+"""RFC 9457 problem responses, and the middleware that turns every error into one.
+
+A client never sees a stack trace: unexpected errors are logged with the request
+id and answered with a 500 that names that id.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+
+import structlog
+from aiohttp import web
+
+from ca.policy import Refused
+from hsm.errors import AuditUnavailable, HSMUnavailable
+
+log = structlog.get_logger("hsmca.http")
+TYPE_BASE = "https://hsmca.dev/problems/"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def problem(status: int, title: str, detail: str, kind: str | None = None,
+            headers: dict[str, str] | None = None) -> web.Response:
+    body = {"type": TYPE_BASE + (kind or title.lower().replace(" ", "-")), "title": title,
+            "status": status, "detail": detail}
+    return web.Response(status=status, text=json.dumps(body),
+                        content_type="application/problem+json", headers=headers)
+
+
+class Problem(web.HTTPException):
+    """Raise from a handler to answer with a problem+json."""
+
+    def __init__(self, status: int, title: str, detail: str, kind: str | None = None) -> None:
+        self.status_code = status
+        super().__init__(reason=title)
+        self.title, self.detail, self.kind = title, detail, kind
+
+
+TITLES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+          405: "Method Not Allowed", 409: "Conflict", 413: "Request Entity Too Large",
+          415: "Unsupported Media Type", 429: "Too Many Requests", 503: "Service Unavailable"}
+
+
+@web.middleware
+async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except Problem as p:
+        return problem(p.status_code, p.title, p.detail, p.kind)
+    except Refused as r:
+        return problem(r.status, TITLES.get(r.status, "Refused"), r.detail, r.kind)
+    except (AuditUnavailable, HSMUnavailable) as exc:
+        part = "audit log" if isinstance(exc, AuditUnavailable) else "HSM"
+        return problem(503, "Service Unavailable",
+                       f"the {part} is unavailable, so nothing can be signed right now; "
+                       "retry later", "unavailable", headers={"Retry-After": "1"})
+    except web.HTTPException as exc:
+        if exc.status_code < 400:
+            raise
+        detail = exc.text if exc.text and not exc.text.startswith(f"{exc.status_code}:") else (
+            exc.reason)
+        if exc.status_code == 413:
+            detail = "request bodies are limited to 64 KiB"
+        elif exc.status_code == 405:
+            detail = f"{request.method} is not allowed on {request.path}"
+        elif exc.status_code == 404:
+            detail = f"no such endpoint: {request.path[:200]}"
+        return problem(exc.status_code, TITLES.get(exc.status_code, exc.reason), detail)
+    except Exception:
+        rid = request.get("request_id", "-")
+        log.exception("unhandled error", request_id=rid, path=request.path)
+        return problem(500, "Internal Server Error",
+                       f"an unexpected error occurred; the operator can find it in the logs "
+                       f"under request id {rid}", "internal")

@@ -1,0 +1,306 @@
+"""Services enrolling and renewing X.509 certificates against the real daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import ssl
+import stat
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+
+from ca.client import make_csr
+from tests.conftest import Daemon, hsmca, init_ca, require, start_daemon
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+async def http(method: str, url: str, ctx: Any, *, body: Any = None, data: bytes | None = None,
+               headers: dict[str, str] | None = None) -> tuple[int, str, bytes]:
+    async with aiohttp.ClientSession() as s, s.request(
+            method, url, json=body, data=data, headers=headers, ssl=ctx) as r:
+        return r.status, r.content_type, await r.read()
+
+
+async def new_token(d: Daemon, role: str, names: list[str], principals: list[str] = (),
+                    ttl: str = "15m") -> str:
+    body: dict[str, Any] = {"role": role, "names": names, "ttl": ttl}
+    if principals:
+        body["principals"] = list(principals)
+    status, _, raw = await http("POST", f"{d.url}/v1/tokens", d.admin_ssl(), body=body)
+    assert status == 201, raw
+    return json.loads(raw)["token"]
+
+
+def csr_pem(names: list[str], key: Any = None, **kw: Any) -> str:
+    return make_csr(names, key or ec.generate_private_key(ec.SECP256R1()))
+
+
+def openssl_verify(d: Daemon, cert: Path) -> None:
+    proc = subprocess.run([require("openssl"), "verify", "-CAfile", d.root, "-untrusted",
+                           d.state / "x509" / "issuing.pem", cert], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0 and ": OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+async def test_health(daemon: Daemon) -> None:
+    status, ctype, raw = await http("GET", f"{daemon.url}/health", daemon.ssl())
+    assert status == 200 and ctype == "application/json"
+    assert json.loads(raw) == {"status": "ok", "hsm": "ok", "audit": "ok"}
+
+
+async def test_enroll_renew_rekey_with_the_cli(daemon: Daemon, tmp_path: Path) -> None:
+    token = hsmca("token", "create", "--config", daemon.state / "hsmca.toml", "--url",
+                  daemon.url, "--role", "service", "--name", "svc.internal.example",
+                  "10.0.0.7").stdout.strip()
+    assert token.startswith("hsmca-")
+    out = tmp_path / "svc"
+    proc = hsmca("enroll", "--url", daemon.url, "--ca", daemon.root, "--token", token,
+                 "--name", "svc.internal.example", "10.0.0.7", "--out", out)
+    assert "enrolled: serial" in proc.stdout
+    assert stat.S_IMODE((out / "key.pem").stat().st_mode) == 0o600
+    openssl_verify(daemon, out / "cert.pem")
+    first = x509.load_pem_x509_certificate((out / "cert.pem").read_bytes())
+    san = first.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["svc.internal.example"]
+    assert [str(a) for a in san.get_values_for_type(x509.IPAddress)] == ["10.0.0.7"]
+    bc = first.extensions.get_extension_for_class(x509.BasicConstraints)
+    assert bc.critical and bc.value.ca is False
+
+    # The token is single-use.
+    again = hsmca("enroll", "--url", daemon.url, "--ca", daemon.root, "--token", token,
+                  "--name", "svc.internal.example", "--out", tmp_path / "again", check=False)
+    assert again.returncode == 1 and "already been used" in again.stderr
+
+    hsmca("renew", "--url", daemon.url, "--ca", daemon.root, "--cert", out / "cert.pem",
+          "--key", out / "key.pem")
+    renewed = x509.load_pem_x509_certificate((out / "cert.pem").read_bytes())
+    assert renewed.serial_number != first.serial_number
+    assert renewed.public_key() == first.public_key()
+    openssl_verify(daemon, out / "cert.pem")
+
+    hsmca("renew", "--url", daemon.url, "--ca", daemon.root, "--cert", out / "cert.pem",
+          "--key", out / "key.pem", "--rekey")
+    rekeyed = x509.load_pem_x509_certificate((out / "cert.pem").read_bytes())
+    assert rekeyed.public_key() != first.public_key()
+    assert rekeyed.extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value == san
+
+
+async def test_renewal_never_widens_names(daemon: Daemon, tmp_path: Path) -> None:
+    token = await new_token(daemon, "service", ["narrow.internal.example"])
+    out = tmp_path / "n"
+    hsmca("enroll", "--url", daemon.url, "--ca", daemon.root, "--token", token, "--name",
+          "narrow.internal.example", "--out", out)
+    ctx = daemon.ssl(out / "cert.pem", out / "key.pem")
+    status, _, raw = await http("POST", f"{daemon.url}/v1/x509/renew", ctx, body={
+        "csr": csr_pem(["narrow.internal.example", "wide.example.com"])})
+    assert status == 201
+    cert = x509.load_pem_x509_certificate(json.loads(raw)["certificate"].encode())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["narrow.internal.example"]
+
+
+async def test_revocation_shows_in_crl_and_ocsp_and_blocks_the_cert(daemon: Daemon,
+                                                                    tmp_path: Path) -> None:
+    openssl = require("openssl")
+    token = await new_token(daemon, "service", ["doomed.internal.example"])
+    out = tmp_path / "d"
+    hsmca("enroll", "--url", daemon.url, "--ca", daemon.root, "--token", token, "--name",
+          "doomed.internal.example", "--out", out)
+    cert = x509.load_pem_x509_certificate((out / "cert.pem").read_bytes())
+    serial = format(cert.serial_number, "x")
+    issuing = daemon.state / "x509" / "issuing.pem"
+
+    def ocsp_status() -> str:
+        proc = subprocess.run([openssl, "ocsp", "-issuer", issuing, "-cert", out / "cert.pem",
+                               "-url", f"{daemon.url}/v1/x509/ocsp", "-CAfile", daemon.root,
+                               "-verify_other", issuing],
+                              capture_output=True, text=True, timeout=60)
+        assert "Response verify OK" in proc.stderr + proc.stdout, proc.stderr + proc.stdout
+        return proc.stdout
+
+    assert f"{out / 'cert.pem'}: good" in ocsp_status()
+
+    proc = hsmca("revoke", serial, "--reason", "key_compromise", "--config",
+                 daemon.state / "hsmca.toml", "--url", daemon.url)
+    assert f"revoked {serial}" in proc.stdout
+
+    status, ctype, der = await http("GET", f"{daemon.url}/v1/x509/crl", daemon.ssl())
+    assert status == 200 and ctype == "application/pkix-crl"
+    crl_file = tmp_path / "crl.der"
+    crl_file.write_bytes(der)
+    text = subprocess.run([openssl, "crl", "-inform", "DER", "-in", crl_file, "-noout", "-text"],
+                          capture_output=True, text=True, check=True).stdout
+    assert serial.upper().zfill(len(serial) + len(serial) % 2) in text.replace(":", "").upper()
+    assert "Key Compromise" in text
+    crl = x509.load_der_x509_crl(der)
+    issuing_cert = x509.load_pem_x509_certificate(issuing.read_bytes())
+    assert crl.is_signature_valid(issuing_cert.public_key())
+
+    assert "revoked" in ocsp_status()
+
+    ctx = daemon.ssl(out / "cert.pem", out / "key.pem")
+    status, ctype, raw = await http("POST", f"{daemon.url}/v1/x509/renew", ctx, body={})
+    assert status == 403 and ctype == "application/problem+json"
+    assert "revoked" in json.loads(raw)["detail"]
+
+
+async def test_est_round_trip(daemon: Daemon, tmp_path: Path) -> None:
+    openssl = require("openssl")
+    status, ctype, body = await http("GET", f"{daemon.url}/.well-known/est/cacerts",
+                                     daemon.ssl())
+    assert status == 200 and ctype == "application/pkcs7-mime"
+    p7 = tmp_path / "cacerts.p7"
+    p7.write_bytes(base64.b64decode(body))
+    text = subprocess.run([openssl, "pkcs7", "-inform", "DER", "-in", p7, "-print_certs",
+                           "-noout"], capture_output=True, text=True, check=True).stdout
+    assert "hsmca Issuing CA" in text and "hsmca Root CA" in text
+
+    token = await new_token(daemon, "service", ["est.internal.example"])
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = x509.load_pem_x509_csr(csr_pem(["est.internal.example"], key).encode())
+    b64 = base64.encodebytes(csr.public_bytes(serialization.Encoding.DER))
+    status, ctype, body = await http(
+        "POST", f"{daemon.url}/.well-known/est/simpleenroll", daemon.ssl(), data=b64,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/pkcs10"})
+    assert status == 200, body
+    p7.write_bytes(base64.b64decode(body))
+    pem = subprocess.run([openssl, "pkcs7", "-inform", "DER", "-in", p7, "-print_certs"],
+                         capture_output=True, text=True, check=True).stdout
+    issued = x509.load_pem_x509_certificate(pem.encode())
+    assert issued.public_key() == key.public_key()
+
+    # simplereenroll over mutual TLS with the certificate just issued
+    (tmp_path / "c.pem").write_text(pem)
+    (tmp_path / "k.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    new_key = ec.generate_private_key(ec.SECP256R1())
+    csr2 = x509.load_pem_x509_csr(csr_pem(["est.internal.example"], new_key).encode())
+    status, _, body = await http(
+        "POST", f"{daemon.url}/.well-known/est/simplereenroll",
+        daemon.ssl(tmp_path / "c.pem", tmp_path / "k.pem"),
+        data=base64.encodebytes(csr2.public_bytes(serialization.Encoding.DER)),
+        headers={"Content-Type": "application/pkcs10"})
+    assert status == 200, body
+
+
+async def test_one_token_fifty_concurrent_enrollments(daemon: Daemon) -> None:
+    token = await new_token(daemon, "service", ["race.internal.example"])
+    csr = csr_pem(["race.internal.example"])
+    ctx = daemon.ssl()
+    async with aiohttp.ClientSession() as s:
+        async def one() -> int:
+            async with s.post(f"{daemon.url}/v1/x509/enroll", json={"csr": csr}, ssl=ctx,
+                              headers={"Authorization": f"Bearer {token}"}) as r:
+                await r.read()
+                return r.status
+        statuses = await asyncio.gather(*(one() for _ in range(50)))
+    assert statuses.count(201) == 1, statuses
+    assert set(statuses) == {201, 401}
+
+
+def _bad_signature_csr() -> str:
+    pem = csr_pem(["x.internal.example"]).encode()
+    der = bytearray(x509.load_pem_x509_csr(pem).public_bytes(serialization.Encoding.DER))
+    der[-3] ^= 0xFF  # inside the signature
+    return ("-----BEGIN CERTIFICATE REQUEST-----\n" + base64.encodebytes(bytes(der)).decode()
+            + "-----END CERTIFICATE REQUEST-----\n")
+
+
+def _ca_true_csr() -> str:
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")]))
+           .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+           .sign(key, hashes.SHA256()))
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+async def test_bad_input_gets_problem_json_and_leaves_the_log_valid(tmp_path: Path) -> None:
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state)
+    try:
+        good = csr_pem(["ok.internal.example"])
+        weak_rsa = make_csr(["ok.internal.example"], rsa.generate_private_key(65537, 1024))
+        truncated = good[: len(good) // 2]
+        cases: list[tuple[str, str, dict[str, Any]]] = [
+            ("garbage CSR", "cannot be parsed", {"csr": "hello"}),
+            ("truncated CSR", "cannot be parsed", {"csr": truncated}),
+            ("bad CSR signature", "signature does not verify", {"csr": _bad_signature_csr()}),
+            ("RSA 1024", "RSA key of 1024 bits refused", {"csr": weak_rsa}),
+            ("CA:TRUE", "asks for a CA certificate", {"csr": _ca_true_csr()}),
+            ("names outside token", "not among the names",
+             {"csr": csr_pem(["evil.example.com"])}),
+            ("csr not a string", "must be a str", {"csr": 42}),
+            ("missing csr", "missing field 'csr'", {}),
+        ]
+        for what, message, body in cases:
+            token = await new_token(d, "service", ["ok.internal.example"])
+            status, ctype, raw = await http("POST", f"{d.url}/v1/x509/enroll", d.ssl(),
+                                            body=body,
+                                            headers={"Authorization": f"Bearer {token}"})
+            assert 400 <= status < 500 and ctype == "application/problem+json", (what, status)
+            problem = json.loads(raw)
+            assert message in problem["detail"], (what, problem)
+            assert set(problem) == {"type", "title", "status", "detail"}
+
+        token = await new_token(d, "service", ["ok.internal.example"])
+        auth = {"Authorization": f"Bearer {token}"}
+        raw_cases: list[tuple[str, int, dict[str, Any]]] = [
+            ("oversized body", 413, {"data": b"{" + b" " * 70000 + b"}",
+                                     "headers": {**auth, "Content-Type": "application/json"}}),
+            ("not JSON", 400, {"data": b"{nope", "headers": {**auth,
+                                                             "Content-Type": "application/json"}}),
+            ("JSON array", 400, {"body": [1, 2], "headers": auth}),
+            ("wrong content type", 415, {"data": b"csr=x", "headers": {
+                **auth, "Content-Type": "application/x-www-form-urlencoded"}}),
+            ("no token", 401, {"body": {"csr": good}}),
+            ("forged token", 401, {"body": {"csr": good},
+                                   "headers": {"Authorization": "Bearer hsmca-0000-forged"}}),
+            ("renew without client cert", 401, {"body": {}, "path": "/v1/x509/renew"}),
+            ("tokens without admin cert", 401, {"body": {"role": "service"},
+                                                "path": "/v1/tokens"}),
+            ("unknown path", 404, {"path": "/v1/nope", "method": "GET"}),
+            ("wrong method", 405, {"path": "/v1/x509/enroll", "method": "GET"}),
+        ]
+        for what, want, kw in raw_cases:
+            status, ctype, raw = await http(kw.get("method", "POST"),
+                                            f"{d.url}{kw.get('path', '/v1/x509/enroll')}",
+                                            d.ssl(), body=kw.get("body"), data=kw.get("data"),
+                                            headers=kw.get("headers"))
+            assert status == want and ctype == "application/problem+json", (what, status, raw)
+            assert json.loads(raw)["status"] == want
+
+        # Admin asking for a token with names that are not names.
+        status, ctype, raw = await http("POST", f"{d.url}/v1/tokens", d.admin_ssl(), body={
+            "role": "service", "names": ["bad name,with comma"], "ttl": "5m"})
+        assert status == 400 and "spaces, commas" in json.loads(raw)["detail"]
+
+        # A certificate from another CA does not get past the TLS handshake.
+        other = init_ca(tmp_path / "other")
+        foreign = ssl.create_default_context(cafile=str(d.root))
+        foreign.load_cert_chain(other.state / "admin" / "cert.pem",
+                                other.state / "admin" / "key.pem")
+        with pytest.raises(aiohttp.ClientError):
+            await http("POST", f"{d.url}/v1/x509/renew", foreign, body={})
+
+        status, _, raw = await http("GET", f"{d.url}/health", d.ssl())
+        assert status == 200, raw
+    finally:
+        assert d.stop() == 0
+    proc = hsmca("audit", "verify", "--log", ca.state / "audit" / "log.jsonl", "--key",
+                 ca.state / "audit" / "audit_key.pem")
+    assert proc.stdout.startswith("OK:"), proc.stdout
+    pin = ca.token.pin_file.read_text().strip()
+    assert pin not in "".join(d.stderr)
