@@ -17,12 +17,14 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.serialization import SSHCertificate
 from cryptography.x509 import ocsp
 
 from ca import x509 as prof
 from ca.audit.log import AuditLog
 from ca.config import Config
 from ca.policy import Refused, TokenGrant
+from ca.ssh import RevokedCerts, SSHPublicKey, blob_of, build_krl, parse_public_key
 from ca.store import CertRecord, Store
 from hsm.signers import HSMKey
 from hsm.worker import HSMWorker
@@ -58,6 +60,7 @@ class Authority:
     _crl_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _ocsp_cache: dict[int, tuple[dt.datetime, bytes]] = field(default_factory=dict)
     _identity_cache: dict[str, CertRecord] = field(default_factory=dict)
+    krl_cache: bytes | None = None
 
     def __post_init__(self) -> None:
         for serial_hex, at, reason in self.store.revoked():
@@ -293,3 +296,111 @@ def _key_hash(cert: x509.Certificate, algorithm: hashes.HashAlgorithm) -> bytes:
 def _unsuccessful(status: ocsp.OCSPResponseStatus, _exc: Exception | None) -> bytes:
     return ocsp.OCSPResponseBuilder.build_unsuccessful(status).public_bytes(
         serialization.Encoding.DER)
+
+
+# ---- SSH ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SSHRequest:
+    """An approved SSH certificate request (policy has checked everything)."""
+
+    cert_type: str  # "user" | "host"
+    public_key: SSHPublicKey
+    principals: tuple[str, ...]
+    lifetime_s: int
+    identity: str
+    owner_serial: str
+    extensions: tuple[str, ...] = ()
+    source_address: str | None = None
+
+
+async def issue_ssh(auth: Authority, req: SSHRequest, actor: str, request_id: str | None
+                    ) -> SSHCertificate:
+    serial = 0
+    while serial == 0:
+        serial = secrets.randbits(64)
+    key_id = f"{req.identity}:{serial}"
+    now = int(prof.utcnow().timestamp())
+    valid_after, valid_before = now - 60, now + req.lifetime_s
+    user = req.cert_type == "user"
+    b = (serialization.SSHCertificateBuilder()
+         .public_key(req.public_key.key)  # type: ignore[arg-type]
+         .serial(serial)
+         .type(serialization.SSHCertificateType.USER if user
+               else serialization.SSHCertificateType.HOST)
+         .key_id(key_id.encode())
+         .valid_principals([p.encode() for p in req.principals])
+         .valid_after(valid_after).valid_before(valid_before))
+    for ext in sorted(req.extensions):
+        b = b.add_extension(ext.encode(), b"")
+    if req.source_address:
+        b = b.add_critical_option(b"source-address", req.source_address.encode())
+    key = auth.keys["ssh_user" if user else "ssh_host"]
+    issued_at = prof.utcnow().isoformat()
+
+    async def record(cert: SSHCertificate) -> None:
+        def insert(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO ssh_certs (serial, key_id, cert_type, key_sha256, public_key, "
+                "principals, valid_after, valid_before, owner_serial, issued_at) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (str(serial), key_id, req.cert_type, req.public_key.sha256, req.public_key.line,
+                 json.dumps(list(req.principals)), str(valid_after), str(valid_before),
+                 req.owner_serial, issued_at))
+        await auth.store.write(insert)
+
+    # RSA CA keys sign SSH certificates with rsa-sha2-512 (cryptography's choice).
+    hash_name = "sha512" if key.key_type.startswith("rsa") else "sha256"
+    return await auth.hsm.sign(
+        key, lambda k: b.sign(k), purpose=f"ssh-{req.cert_type}", actor=actor,
+        request_id=request_id, hash_name=hash_name,
+        details={"serial": str(serial), "key_id": key_id, "principals": list(req.principals),
+                 "public_key_sha256": req.public_key.sha256, "valid_after": valid_after,
+                 "valid_before": valid_before, "source_address": req.source_address},
+        describe=lambda c: {"fingerprint": hashlib.sha256(c.public_bytes()).hexdigest()},
+        also=record)
+
+
+async def revoke_ssh(auth: Authority, *, serial: str | None, key_id: str | None,
+                     public_key: SSHPublicKey | None, actor: str, request_id: str | None
+                     ) -> int:
+    """Revoke by serial, key id or public key; returns how many certificates it hit."""
+    now = prof.utcnow().isoformat()
+
+    def mark(db: sqlite3.Connection) -> int:
+        if serial is not None:
+            where, arg = "serial = ?", serial
+        elif key_id is not None:
+            where, arg = "key_id = ?", key_id
+        else:
+            assert public_key is not None
+            where, arg = "key_sha256 = ?", public_key.sha256
+            db.execute("INSERT OR IGNORE INTO ssh_revoked_keys (public_key, revoked_at) "
+                       "VALUES (?, ?)", (public_key.line, now))
+        return db.execute(f"UPDATE ssh_certs SET revoked_at = ? WHERE {where} "
+                          "AND revoked_at IS NULL", (now, arg)).rowcount
+
+    hit = await auth.store.write(mark)
+    if hit == 0 and public_key is None:
+        what = f"serial {serial}" if serial is not None else f"key id {key_id!r}"
+        raise Refused(f"no unrevoked SSH certificate with {what}", 404, "not-found")
+    auth.krl_cache = None
+    await auth.audit.append("ssh.revoke", serial=serial, key_id=key_id,
+                            public_key_sha256=public_key.sha256 if public_key else None,
+                            certificates=hit, actor=actor, request_id=request_id)
+    return hit
+
+
+def build_current_krl(auth: Authority) -> bytes:
+    if auth.krl_cache is not None:
+        return auth.krl_cache
+    rows = auth.store.read("SELECT cert_type, serial FROM ssh_certs WHERE revoked_at IS NOT NULL")
+    keys = [r[0] for r in auth.store.read("SELECT public_key FROM ssh_revoked_keys")]
+    groups = []
+    for cert_type, purpose in (("user", "ssh_user"), ("host", "ssh_host")):
+        serials = [int(s) for t, s in rows if t == cert_type]
+        groups.append(RevokedCerts(blob_of(auth.keys[purpose].public_key()), serials, []))
+    now = int(prof.utcnow().timestamp())
+    blobs = [parse_public_key(k).blob for k in keys]
+    auth.krl_cache = build_krl(now, now, groups, blobs)
+    return auth.krl_cache

@@ -14,6 +14,7 @@ from ca.audit.note import verifier_key
 from ca.authority import Authority
 from ca.server.common import AUTHORITY, authority
 from ca.server.problems import Handler, problem, problem_middleware
+from ca.server.ssh_routes import routes as ssh_routes
 from ca.server.x509_routes import routes as x509_routes
 
 MAX_BODY = 64 * 1024
@@ -70,6 +71,7 @@ def build_app(auth: Authority, checkpointer: object) -> web.Application:
     app[CHECKPOINTER] = checkpointer
     app.add_routes(routes)
     app.add_routes(x509_routes)
+    app.add_routes(ssh_routes)
     return app
 
 

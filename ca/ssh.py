@@ -1,0 +1,137 @@
+"""OpenSSH certificates and key revocation lists.
+
+Certificates are built with cryptography's SSHCertificateBuilder and signed by the
+HSM through the audited path. cryptography has no KRL writer, so the KRL is
+written here from OpenSSH's PROTOCOL.krl: a header and one certificate section
+per CA (serials and key ids), plus a section of SHA-256 key hashes for keys
+revoked outright.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from ca.policy import Refused
+
+SSH_CURVES = {"secp256r1", "secp384r1", "secp521r1"}
+
+
+@dataclass(frozen=True)
+class SSHPublicKey:
+    key: object
+    blob: bytes
+    line: str  # "<type> <base64>" without a comment
+
+    @property
+    def sha256(self) -> str:
+        """As `ssh-keygen -l` prints it: SHA256:<unpadded base64>."""
+        return "SHA256:" + base64.b64encode(hashlib.sha256(self.blob).digest()).decode().rstrip(
+            "=")
+
+
+def parse_public_key(text: object) -> SSHPublicKey:
+    """An OpenSSH public key line; only the key types SPEC section 8 accepts."""
+    if not isinstance(text, str) or not text.strip():
+        raise Refused("public_key must be an OpenSSH public key line, e.g. 'ssh-ed25519 AAAA...'")
+    if len(text) > 16384 or "\n" in text.strip():
+        raise Refused("public_key must be a single OpenSSH public key line")
+    fields = text.strip().split()
+    if len(fields) < 2:
+        raise Refused("public_key must be '<type> <base64> [comment]'")
+    kind = fields[0]
+    if kind == "ssh-dss":
+        raise Refused("DSA keys (ssh-dss) are not accepted; use ssh-ed25519")
+    if "cert-v01" in kind:
+        raise Refused("give the public key itself, not a certificate")
+    if kind.startswith("sk-"):
+        raise Refused(f"{kind} (security key) public keys are not accepted yet")
+    try:
+        key = serialization.load_ssh_public_key(f"{fields[0]} {fields[1]}".encode())
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise Refused(f"public_key cannot be parsed: {exc}") from None
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < 2048:
+            raise Refused(f"RSA key of {key.key_size} bits refused: use at least 2048 bits")
+    elif isinstance(key, ec.EllipticCurvePublicKey):
+        if key.curve.name not in SSH_CURVES:
+            raise Refused(f"EC curve {key.curve.name} is not accepted")
+    elif not isinstance(key, ed25519.Ed25519PublicKey):
+        raise Refused(f"key type {kind} is not accepted")
+    line = key.public_bytes(serialization.Encoding.OpenSSH,
+                            serialization.PublicFormat.OpenSSH).decode()
+    return SSHPublicKey(key, base64.b64decode(line.split()[1]), line)
+
+
+def source_addresses(value: object) -> str | None:
+    """A list of CIDRs for the source-address critical option."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or len(value) > 32:
+        raise Refused("source_address must be a list of 1 to 32 addresses or CIDRs")
+    out = []
+    for item in value:
+        try:
+            out.append(str(ipaddress.ip_network(item, strict=False)))
+        except (ValueError, TypeError):
+            raise Refused(f"source_address entry {item!r} is not an address or CIDR") from None
+    return ",".join(out)
+
+
+def blob_of(public_key: object) -> bytes:
+    line = public_key.public_bytes(serialization.Encoding.OpenSSH,  # type: ignore[attr-defined]
+                                   serialization.PublicFormat.OpenSSH)
+    return base64.b64decode(line.split()[1])
+
+
+# ---- KRL (OpenSSH PROTOCOL.krl) ----------------------------------------------------------
+
+KRL_MAGIC = b"SSHKRL\n\0"
+KRL_FORMAT_VERSION = 1
+SECTION_CERTIFICATES = 1
+SECTION_FINGERPRINT_SHA256 = 5
+CERT_SERIAL_LIST = 0x20
+CERT_KEY_ID = 0x23
+
+
+def _string(data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + data
+
+
+@dataclass(frozen=True)
+class RevokedCerts:
+    ca_blob: bytes
+    serials: Iterable[int]
+    key_ids: Iterable[str]
+
+
+def build_krl(version: int, generated: int, certs: Iterable[RevokedCerts],
+              revoked_key_blobs: Iterable[bytes], comment: str = "hsmca") -> bytes:
+    out = [KRL_MAGIC, struct.pack(">IQQQ", KRL_FORMAT_VERSION, version, generated, 0),
+           _string(b""), _string(comment.encode())]
+    for group in certs:
+        serials = sorted(set(group.serials))
+        key_ids = sorted(set(group.key_ids))
+        if not serials and not key_ids:
+            continue
+        body = [_string(group.ca_blob), _string(b"")]
+        if serials:
+            body.append(bytes([CERT_SERIAL_LIST]) + _string(
+                b"".join(struct.pack(">Q", s) for s in serials)))
+        if key_ids:
+            body.append(bytes([CERT_KEY_ID]) + _string(
+                b"".join(_string(k.encode()) for k in key_ids)))
+        out.append(bytes([SECTION_CERTIFICATES]) + _string(b"".join(body)))
+    hashes = sorted({hashlib.sha256(b).digest() for b in revoked_key_blobs})
+    if hashes:
+        out.append(bytes([SECTION_FINGERPRINT_SHA256]) + _string(
+            b"".join(_string(h) for h in hashes)))
+    return b"".join(out)

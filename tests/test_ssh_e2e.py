@@ -1,0 +1,227 @@
+"""SSH host and user certificates used by real OpenSSH, and revocation sshd enforces."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from tests.conftest import Daemon, hsmca, require
+from tests.test_x509_e2e import http, new_token
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+def keygen(path: Path) -> Path:
+    subprocess.run([require("ssh-keygen"), "-q", "-t", "ed25519", "-N", "", "-f", path],
+                   check=True)
+    return path.with_name(path.name + ".pub")
+
+
+async def enrolled(d: Daemon, tmp: Path, role: str, names: list[str],
+                   principals: list[str] = ()) -> tuple[Path, Path]:
+    token = await new_token(d, role, names, list(principals))
+    out = tmp / f"{role}-cred"
+    hsmca("enroll", "--url", d.url, "--ca", d.root, "--token", token, "--name", *names,
+          "--out", out)
+    return out / "cert.pem", out / "key.pem"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class SSHD:
+    def __init__(self, tmp: Path, host_key: Path, host_cert: Path, user_ca: Path,
+                 krl: Path) -> None:
+        self.port = free_port()
+        cfg = tmp / "sshd_config"
+        cfg.write_text(
+            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {host_key}\n"
+            f"HostCertificate {host_cert}\nTrustedUserCAKeys {user_ca}\nRevokedKeys {krl}\n"
+            "UsePAM no\nStrictModes no\nAuthorizedKeysFile none\n"
+            "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+            "KbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
+            f"PidFile {tmp / 'sshd.pid'}\nLogLevel VERBOSE\n")
+        os.makedirs("/run/sshd", exist_ok=True)
+        self.proc = subprocess.Popen([require("sshd"), "-D", "-e", "-f", cfg],
+                                     stderr=subprocess.PIPE, text=True)
+        self.log: list[str] = []
+        ready = threading.Event()
+
+        def drain() -> None:
+            assert self.proc.stderr is not None
+            for line in self.proc.stderr:
+                self.log.append(line)
+                if "Server listening on" in line:
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=drain, daemon=True).start()
+        if not ready.wait(30) or self.proc.poll() is not None:
+            raise AssertionError("sshd did not start:\n" + "".join(self.log))
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def sshd_factory() -> Iterator[list[SSHD]]:
+    started: list[SSHD] = []
+    yield started
+    for s in started:
+        s.stop()
+
+
+def ssh_login(port: int, known_hosts: Path, identity: Path,
+              cert: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [require("ssh"), "-F", "/dev/null", "-p", str(port), "-o", "BatchMode=yes",
+         "-o", f"UserKnownHostsFile={known_hosts}", "-o", "StrictHostKeyChecking=yes",
+         "-o", "AddressFamily=inet", "-o", "IdentitiesOnly=yes", "-o", f"IdentityFile={identity}",
+         "-o", f"CertificateFile={cert}", "-o", "ConnectTimeout=20",
+         "root@localhost", "echo", "logged-in-with-cert"],
+        capture_output=True, text=True, timeout=60)
+
+
+async def test_host_and_user_certificates_with_real_openssh(
+        daemon: Daemon, tmp_path: Path, sshd_factory: list[SSHD]) -> None:
+    # The host enrolls, then certifies its SSH host key with the CLI.
+    host_cert, host_key = await enrolled(daemon, tmp_path, "host", ["localhost"])
+    host_pub = keygen(tmp_path / "ssh_host_ed25519_key")
+    proc = hsmca("ssh", "host", "--url", daemon.url, "--ca", daemon.root, "--cert", host_cert,
+                 "--key", host_key, "--pubkey", host_pub)
+    ssh_host_cert = tmp_path / "ssh_host_ed25519_key-cert.pub"
+    assert f"HostCertificate {ssh_host_cert}" in proc.stdout
+    listing = subprocess.run([require("ssh-keygen"), "-L", "-f", ssh_host_cert],
+                             capture_output=True, text=True, check=True).stdout
+    assert "host certificate" in listing and "localhost" in listing
+
+    # A person enrolls with the logins they may use and gets a short-lived certificate.
+    user_cert, user_key = await enrolled(daemon, tmp_path, "user", ["alice@example.com"],
+                                         ["root"])
+    user_pub = keygen(tmp_path / "id_ed25519")
+    hsmca("ssh", "user", "--url", daemon.url, "--ca", daemon.root, "--cert", user_cert,
+          "--key", user_key, "--pubkey", user_pub, "--ttl", "1h")
+    ssh_user_cert = tmp_path / "id_ed25519-cert.pub"
+    listing = subprocess.run([require("ssh-keygen"), "-L", "-f", ssh_user_cert],
+                             capture_output=True, text=True, check=True).stdout
+    assert 'Key ID: "alice@example.com:' in listing
+    serial = listing.split("Serial: ")[1].split()[0]
+
+    krl = tmp_path / "revoked.krl"
+    status, _, body = await http("GET", f"{daemon.url}/v1/ssh/krl", daemon.ssl())
+    assert status == 200
+    krl.write_bytes(body)
+    status, _, body = await http("GET", f"{daemon.url}/v1/ssh/ca", daemon.ssl())
+    cas = json.loads(body)
+    known_hosts = tmp_path / "known_hosts"
+    sshd = SSHD(tmp_path, tmp_path / "ssh_host_ed25519_key", ssh_host_cert,
+                tmp_path / "hsmca_user_ca.pub", krl)
+    sshd_factory.append(sshd)
+    known_hosts.write_text(f"@cert-authority [localhost]:{sshd.port} {cas['host']}\n")
+
+    login = ssh_login(sshd.port, known_hosts, tmp_path / "id_ed25519", ssh_user_cert)
+    assert login.returncode == 0 and "logged-in-with-cert" in login.stdout, (
+        login.stderr + "".join(sshd.log))
+    assert f'ID alice@example.com:{serial}' in "".join(sshd.log)  # sshd logs the key id
+
+    # Revoke the user certificate; the refreshed KRL makes sshd refuse the same login.
+    status, _, body = await http("POST", f"{daemon.url}/v1/ssh/revoke", daemon.admin_ssl(),
+                                 body={"serial": serial})
+    assert status == 200 and json.loads(body)["revoked_certificates"] == 1
+    status, _, body = await http("GET", f"{daemon.url}/v1/ssh/krl", daemon.ssl())
+    krl.write_bytes(body)
+    check = subprocess.run([require("ssh-keygen"), "-Q", "-f", krl, ssh_user_cert],
+                           capture_output=True, text=True)
+    assert "REVOKED" in check.stdout, check.stdout + check.stderr
+    login = ssh_login(sshd.port, known_hosts, tmp_path / "id_ed25519", ssh_user_cert)
+    assert login.returncode == 255 and "Permission denied" in login.stderr, login.stderr
+
+
+async def test_revocation_by_key_id_and_public_key(daemon: Daemon, tmp_path: Path) -> None:
+    user_cert, user_key = await enrolled(daemon, tmp_path, "user", ["bob@example.com"], ["bob"])
+    ctx = daemon.ssl(user_cert, user_key)
+    pubs = []
+    for i in range(2):
+        pub = keygen(tmp_path / f"k{i}").read_text()
+        status, _, body = await http("POST", f"{daemon.url}/v1/ssh/user", ctx,
+                                     body={"public_key": pub})
+        assert status == 201, body
+        issued = json.loads(body)
+        (tmp_path / f"k{i}-cert.pub").write_text(issued["certificate"])
+        pubs.append((pub, issued))
+    key_id = f"bob@example.com:{pubs[0][1]['serial']}"
+    status, _, body = await http("POST", f"{daemon.url}/v1/ssh/revoke", daemon.admin_ssl(),
+                                 body={"key_id": key_id})
+    assert status == 200, body
+    status, _, body = await http("POST", f"{daemon.url}/v1/ssh/revoke", daemon.admin_ssl(),
+                                 body={"public_key": pubs[1][0]})
+    assert status == 200, body
+    status, _, krl = await http("GET", f"{daemon.url}/v1/ssh/krl", daemon.ssl())
+    (tmp_path / "krl").write_bytes(krl)
+    for i in range(2):
+        check = subprocess.run([require("ssh-keygen"), "-Q", "-f", tmp_path / "krl",
+                                tmp_path / f"k{i}-cert.pub", tmp_path / f"k{i}.pub"],
+                               capture_output=True, text=True)
+        assert "REVOKED" in check.stdout, (i, check.stdout, check.stderr)
+
+
+def _line(key: Any) -> str:
+    return key.public_bytes(serialization.Encoding.OpenSSH,
+                            serialization.PublicFormat.OpenSSH).decode()
+
+
+async def test_ssh_refusals(daemon: Daemon, tmp_path: Path) -> None:
+    host_cert, host_key = await enrolled(daemon, tmp_path, "host", ["web1.internal.example"])
+    user_cert, user_key = await enrolled(daemon, tmp_path, "user", ["carol@example.com"],
+                                         ["carol"])
+    svc_cert, svc_key = await enrolled(daemon, tmp_path, "service", ["svc9.internal.example"])
+    good = _line(ed25519.Ed25519PrivateKey.generate().public_key())
+    weak = _line(rsa.generate_private_key(65537, 1024).public_key())
+    host = daemon.ssl(host_cert, host_key)
+    user = daemon.ssl(user_cert, user_key)
+    cases: list[tuple[str, str, Any, dict[str, Any], int, str]] = [
+        ("host name not owned", "/v1/ssh/host", host,
+         {"public_key": good, "principals": ["db1.internal.example"]}, 403, "not granted"),
+        ("user principal not granted", "/v1/ssh/user", user,
+         {"public_key": good, "principals": ["root"]}, 403, "not granted"),
+        ("ttl over max", "/v1/ssh/user", user, {"public_key": good, "ttl": "48h"}, 400,
+         "exceeds the maximum"),
+        ("weak RSA", "/v1/ssh/user", user, {"public_key": weak}, 400, "1024 bits"),
+        ("DSA", "/v1/ssh/user", user, {"public_key": "ssh-dss AAAAB3NzaC1kc3MAAACBAP"}, 400,
+         "DSA keys"),
+        ("malformed key", "/v1/ssh/user", user, {"public_key": "ssh-ed25519 !!!"}, 400,
+         "cannot be parsed"),
+        ("comma principal", "/v1/ssh/user", user,
+         {"public_key": good, "principals": ["carol,root"]}, 400, "without spaces or commas"),
+        ("newline principal", "/v1/ssh/user", user,
+         {"public_key": good, "principals": ["carol\nroot"]}, 400, "without spaces or commas"),
+        ("service asks for user cert", "/v1/ssh/user", daemon.ssl(svc_cert, svc_key),
+         {"public_key": good}, 403, "role user"),
+        ("user asks for host cert", "/v1/ssh/host", user, {"public_key": good}, 403,
+         "role host"),
+        ("P-224 key", "/v1/ssh/user", user,
+         {"public_key": "ecdsa-sha2-nistp224 AAAA"}, 400, "cannot be parsed"),
+    ]
+    for what, path, ctx, body, want, message in cases:
+        status, ctype, raw = await http("POST", f"{daemon.url}{path}", ctx, body=body)
+        assert status == want and ctype == "application/problem+json", (what, status, raw)
+        assert message in json.loads(raw)["detail"], (what, raw)
+    # ECDSA P-384 subject keys are fine.
+    p384 = _line(ec.generate_private_key(ec.SECP384R1()).public_key())
+    status, _, raw = await http("POST", f"{daemon.url}/v1/ssh/user", user,
+                                body={"public_key": p384})
+    assert status == 201, raw
