@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ca.errors import CLIError
 from hsm.errors import AuditUnavailable, HSMError
 
 EPILOG = """\
@@ -23,10 +24,6 @@ examples:
 
 Run `hsmca COMMAND --help` for the flags of one command.
 """
-
-
-class CLIError(Exception):
-    """An expected failure: printed as one line, exit status 1."""
 
 
 # command -> "module:function", imported only when that command runs (fast --help).

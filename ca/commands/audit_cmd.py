@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from ca.audit.verify import load_state, save_state, verify_log
-from ca.cli import CLIError
+from ca.errors import CLIError
 
 
 def _audit_key(path: Path) -> ed25519.Ed25519PublicKey:
@@ -26,11 +26,13 @@ def _audit_key(path: Path) -> ed25519.Ed25519PublicKey:
     return key
 
 
-def _origin(args: argparse.Namespace, latest: str | None, data: bytes) -> str | None:
+def _origin(args: argparse.Namespace, latest: str | None, data: bytes,
+            state: dict[str, Any] | None) -> str | None:
     if args.origin:
         return str(args.origin)
-    if latest:
-        return latest.split("\n", 1)[0]
+    for note in (latest, (state or {}).get("checkpoint")):
+        if isinstance(note, str) and note:
+            return note.split("\n", 1)[0]
     # The first checkpoint in the log names it; a log without any has no signature to check.
     marker = b'"checkpoint":"'
     at = data.find(marker)
@@ -47,11 +49,11 @@ def verify(args: argparse.Namespace) -> int:
         raise CLIError(f"cannot read the log {args.log}: {exc.strerror}") from None
     cp_path = args.checkpoint or args.log.parent / "checkpoint"
     latest = cp_path.read_text("utf-8") if cp_path.exists() else None
-    origin = _origin(args, latest, data)
+    state = load_state(args.state) if args.state and args.state.exists() else None
+    origin = _origin(args, latest, data, state)
     if origin is None:
         raise CLIError("the log holds no checkpoint and no --origin was given; nothing can be "
                        "checked against the audit key")
-    state = load_state(args.state) if args.state and args.state.exists() else None
     result = verify_log(data, key, origin, origin=origin, latest_checkpoint=latest, state=state)
     if not result.ok:
         print(f"FAILED at seq {result.bad_seq}: {result.reason}", file=sys.stderr)

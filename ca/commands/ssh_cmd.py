@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ca import client
-from ca.cli import CLIError
+from ca.errors import CLIError
 from ca.fileutil import write_atomic
 
 

@@ -1,0 +1,226 @@
+"""The audit log as operators and auditors meet it: verify, recovery, locking,
+crashes, and failing closed when the disk refuses."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from ca.audit.log import AuditLog
+from ca.audit.verify import verify_log
+from tests.conftest import InitialisedCA, hsmca, init_ca, start_daemon
+
+
+def verify(state: Path, *extra: str | Path, log: Path | None = None,
+           ) -> subprocess.CompletedProcess[str]:
+    return hsmca("audit", "verify", "--log", log or state / "audit" / "log.jsonl", "--key",
+                 state / "audit" / "audit_key.pem", *extra, check=False)
+
+
+def test_fresh_ca_log_verifies_and_records_the_ceremony(ca: InitialisedCA) -> None:
+    proc = verify(ca.state)
+    assert proc.returncode == 0 and proc.stdout.startswith("OK:"), proc.stdout + proc.stderr
+    events = [json.loads(line) for line in (ca.state / "audit/log.jsonl").read_text().splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds.count("hsm.keygen") == 5
+    assert kinds[0] == "init.start" and "hsm.login" in kinds
+    purposes = [e.get("purpose") for e in events if e.get("phase") == "intent"]
+    assert purposes[:2] == ["x509-ca", "x509-ca"] and purposes[-1] == "checkpoint"
+    for e in events:
+        if e["event"] == "hsm.keygen":
+            assert e["attributes"]["extractable"] is False
+            assert e["attributes"]["never_extractable"] is True
+
+
+def test_state_catches_truncation_and_rewrite(ca: InitialisedCA, tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    shutil.copy(ca.state / "audit/log.jsonl", log)
+    state = tmp_path / "state.json"
+    cp = ["--checkpoint", ca.state / "audit/checkpoint"]
+    assert verify(ca.state, "--state", state, *cp, log=log).returncode == 0
+    assert state.exists()
+
+    lines = log.read_bytes().splitlines(keepends=True)
+    log.write_bytes(b"".join(lines[:-5]))
+    proc = verify(ca.state, "--state", state, "--checkpoint", tmp_path / "none", log=log)
+    assert proc.returncode == 1
+    assert f"FAILED at seq {len(lines) - 5}" in proc.stderr, proc.stderr
+
+    # A rewrite that keeps the chain intact (rehash everything after a change) is caught
+    # by the signed checkpoints and the saved state.
+    objs = [json.loads(line) for line in lines]
+    objs[3]["event"] = "hsm.tampered"
+    import hashlib
+
+    from ca.audit.log import GENESIS, canonical
+    prev = GENESIS
+    out = []
+    for o in objs:
+        o["prev"] = prev
+        b = canonical(o)
+        prev = hashlib.sha256(b).hexdigest()
+        out.append(b + b"\n")
+    log.write_bytes(b"".join(out))
+    proc = verify(ca.state, "--state", state, "--checkpoint", tmp_path / "none", log=log)
+    assert proc.returncode == 1 and "FAILED at seq" in proc.stderr
+
+
+def test_torn_tail_is_cut_and_recorded(tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    log = AuditLog.open(path)
+    for i in range(5):
+        log.record("test.line", {"i": i}).result()
+    log.close()
+    with open(path, "ab") as fh:
+        fh.write(b'{"event":"test.line","i":5,"prev":"ab')  # the crash hit mid-write
+    log = AuditLog.open(path)
+    log.close()
+    lines = path.read_bytes().splitlines()
+    last = json.loads(lines[-1])
+    assert last["event"] == "log.recover" and last["seq"] == 5
+    assert last["cut_bytes"] == len(b'{"event":"test.line","i":5,"prev":"ab')
+    key = ed25519.Ed25519PrivateKey.generate().public_key()
+    result = verify_log(path.read_bytes(), key, "x")
+    assert result.ok, result.reason
+
+
+def test_one_writer_only_and_refusal_of_a_shorter_or_rewritten_log(tmp_path: Path) -> None:
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state)
+    try:
+        second = hsmca("serve", "--config", ca.state / "hsmca.toml", "--listen", "127.0.0.1:0",
+                       check=False)
+        assert second.returncode == 1
+        assert "locked by another process" in second.stderr
+        assert second.stderr.count("\n") == 1
+    finally:
+        assert d.stop() == 0
+    log = ca.state / "audit/log.jsonl"
+    original = log.read_bytes()
+    lines = original.splitlines(keepends=True)
+    log.write_bytes(b"".join(lines[:3]))
+    proc = hsmca("serve", "--config", ca.state / "hsmca.toml", "--listen", "127.0.0.1:0",
+                 check=False)
+    assert proc.returncode == 1 and "truncated or replaced" in proc.stderr, proc.stderr
+    tampered = original.replace(b'"event":"init.start"', b'"event":"init.strat"', 1)
+    log.write_bytes(tampered)
+    proc = hsmca("serve", "--config", ca.state / "hsmca.toml", "--listen", "127.0.0.1:0",
+                 check=False)
+    assert proc.returncode == 1 and "rewritten" in proc.stderr, proc.stderr
+    log.write_bytes(original)
+    assert verify(ca.state).returncode == 0
+
+
+CHILD = textwrap.dedent("""
+    import sys, threading, uuid
+    from pathlib import Path
+    from ca.audit.log import AuditLog
+    log = AuditLog.open(Path(sys.argv[1]))
+    log.record("daemon.start", {}).result()
+    out_lock = threading.Lock()
+    def writer(t):
+        while True:
+            op = uuid.uuid4().hex
+            log.record("hsm.sign", {"phase": "intent", "op_id": op}).result()
+            seq = log.record("hsm.sign", {"phase": "outcome", "op_id": op,
+                                          "result": "ok"}).result()
+            with out_lock:
+                print(seq, op, flush=True)
+    for t in range(8):
+        threading.Thread(target=writer, args=(t,), daemon=True).start()
+    threading.Event().wait()
+""")
+
+
+def test_sigkill_under_load_never_loses_a_durable_line(tmp_path: Path) -> None:
+    """A child appends from 8 threads; it is killed at random points, 8 rounds."""
+    path = tmp_path / "log.jsonl"
+    rng = random.Random(1234)
+    reported: dict[int, str] = {}
+    for _ in range(8):
+        child = subprocess.Popen([sys.executable, "-c", CHILD, str(path)],
+                                 stdout=subprocess.PIPE, text=True)
+        assert child.stdout is not None
+        want = rng.randint(1, 400)
+        for _ in range(want):
+            line = child.stdout.readline()
+            assert line, "child died before reporting"
+            seq, op = line.split()
+            reported[int(seq)] = op
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    log = AuditLog.open(path)  # recovery, as a restart would do
+    log.record("daemon.start", {}).result()
+    log.close()
+    data = path.read_bytes()
+    result = verify_log(data, ed25519.Ed25519PrivateKey.generate().public_key(), "x")
+    assert result.ok, (result.bad_seq, result.reason)
+    lines = data.splitlines()
+    for seq, op in reported.items():
+        obj = json.loads(lines[seq])
+        assert obj["op_id"] == op and obj["phase"] == "outcome"
+
+
+FAIL_CLOSED = textwrap.dedent("""
+    import asyncio, json, os, resource, signal, sys
+    from pathlib import Path
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from ca.audit.log import AuditLog
+    from hsm.errors import AuditUnavailable
+    from hsm.worker import HSMConfig, HSMWorker
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    path, module, token, pin = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+
+    async def main():
+        log = AuditLog.open(path)
+        worker = HSMWorker(HSMConfig(module, token, "file:" + pin), log)
+        worker.start()
+        key = await worker.load_key("issuing-ca")
+        sign = lambda: worker.sign(key, lambda k: k.sign(b"m", ec.ECDSA(hashes.SHA256())),
+                                   purpose="x509", actor="local")
+        await sign()
+        size = os.path.getsize(path)
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size + 50, hard))
+        before = worker.sign_count
+        results = []
+        for _ in range(3):
+            try:
+                await sign()
+                results.append("signed")
+            except AuditUnavailable as exc:
+                results.append("refused")
+        refused_health = log.healthy
+        signed_while_full = worker.sign_count - before
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        await sign()
+        print(json.dumps({"results": results, "signed_while_full": signed_while_full,
+                          "healthy_while_full": refused_health, "healthy_after": log.healthy,
+                          "problem": str(log.problem)}))
+        worker.close(); log.close()
+    asyncio.run(main())
+""")
+
+
+def test_fail_closed_when_the_log_cannot_grow(ca: InitialisedCA, tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    proc = subprocess.run([sys.executable, "-c", FAIL_CLOSED, str(path), ca.token.module,
+                           ca.token.label, str(ca.token.pin_file)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["results"] == ["refused"] * 3
+    assert out["signed_while_full"] == 0, "the HSM signed while the log could not be written"
+    assert out["healthy_while_full"] is False and out["healthy_after"] is True
+    result = verify_log(path.read_bytes(), ed25519.Ed25519PrivateKey.generate().public_key(),
+                        "x")
+    assert result.ok, result.reason
