@@ -69,6 +69,18 @@ class Config:
         return self.state_dir / "audit" / "audit_key.pem"
 
     @property
+    def url_file(self) -> Path:
+        """Where a running daemon writes the URL it listens on."""
+        return self.state_dir / "serve.url"
+
+    @property
+    def local_url(self) -> str:
+        try:
+            return self.url_file.read_text().strip()
+        except OSError:
+            return f"https://{self.listen}"
+
+    @property
     def db_path(self) -> Path:
         return self.state_dir / "hsmca.sqlite3"
 

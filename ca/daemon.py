@@ -23,6 +23,7 @@ from ca.audit.checkpointer import Checkpointer
 from ca.audit.log import AuditLog
 from ca.authority import Authority
 from ca.config import KEY_LABELS, Config
+from ca.fileutil import write_atomic
 from ca.server.app import build_app, tls_context
 from ca.store import Store
 from hsm.signers import HSMEd25519Key, HSMKey
@@ -75,8 +76,12 @@ async def serve(config: Config, listen: str | None = None, ready: asyncio.Event 
         server = site._server
         bound = server.sockets[0].getsockname() if server and server.sockets else (host, port)
         shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
-        print(f"listening on https://{shown}:{bound[1]}", flush=True)
-        log.info("listening", url=f"https://{shown}:{bound[1]}")
+        url = f"https://{shown}:{bound[1]}"
+        # Local admin commands (`hsmca token create --config ...`) find the daemon here,
+        # whatever --listen chose.
+        write_atomic(config.url_file, url + "\n")
+        print(f"listening on {url}", flush=True)
+        log.info("listening", url=url)
         await checkpointer.checkpoint()
         cp_task = asyncio.create_task(checkpointer.run())
         stop = asyncio.Event()
@@ -93,6 +98,7 @@ async def serve(config: Config, listen: str | None = None, ready: asyncio.Event 
         await audit.append("daemon.stop", pid=os.getpid())
         await checkpointer.checkpoint()
     finally:
+        config.url_file.unlink(missing_ok=True)
         if cp_task is not None and not cp_task.done():
             cp_task.cancel()
         if runner is not None:

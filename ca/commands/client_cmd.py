@@ -17,7 +17,7 @@ def _config(args: argparse.Namespace) -> Config:
 def _admin(args: argparse.Namespace) -> tuple[str, client.ssl.SSLContext]:
     """URL and admin mTLS context from --config (the credential `hsmca init` made)."""
     cfg = _config(args)
-    url = args.url or f"https://{cfg.listen}"
+    url = args.url or cfg.local_url
     ca = args.ca or cfg.root_pem
     return url.rstrip("/"), client.ssl_context(ca, cfg.admin_cert, cfg.admin_key)
 
@@ -79,7 +79,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     def admin_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", type=Path, default=Path("hsmca.toml"),
                        help="config whose admin credential to use (default ./hsmca.toml)")
-        p.add_argument("--url", help="daemon URL (default https://<listen from config>)")
+        p.add_argument("--url", help="daemon URL (default: the URL the daemon serving this "
+                       "config wrote to STATE_DIR/serve.url, else https://<listen from config>)")
         p.add_argument("--ca", type=Path, help="root CA PEM (default from config)")
 
     t = sub.add_parser("token", help="bootstrap tokens (admin)")
