@@ -121,6 +121,10 @@ class Store:
         self._thread = threading.Thread(target=self._write_loop, name="store-writer", daemon=True)
         self._thread.start()
 
+    @property
+    def healthy(self) -> bool:
+        return self._thread.is_alive()
+
     def close(self) -> None:
         if self._thread.is_alive():
             self._queue.put(_STOP)

@@ -104,6 +104,10 @@ class HSMWorker:
         self._next_retry = 0.0
         self.reconnects = 0
         self.sign_count = 0
+        # Called on the HSM thread after each call with its duration in seconds.
+        self.on_call: Callable[[float], None] | None = None
+        # Called on the event loop after each audited signature: (purpose, result).
+        self.on_sign: Callable[[str, str], None] | None = None
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -128,6 +132,10 @@ class HSMWorker:
     @property
     def problem(self) -> str | None:
         return self._broken
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
 
     def _event(self, event: str, **fields: Any) -> None:
         """Record a non-signing HSM event; ordering is kept, durability is not awaited."""
@@ -163,8 +171,11 @@ class HSMWorker:
                 if self._broken is not None:
                     fut.set_exception(HSMUnavailable(f"HSM unavailable: {self._broken}"))
                     continue
+            started = time.perf_counter()
             try:
                 fut.set_result(fn(self._session))
+                if self.on_call is not None:
+                    self.on_call(time.perf_counter() - started)
             except SESSION_ERRORS as exc:
                 self._mark_broken(exc)
                 fut.set_exception(HSMUnavailable(f"HSM unavailable: {type(exc).__name__}"))
@@ -348,6 +359,8 @@ class HSMWorker:
                                            f"verify with the public key of {key.uri}") from None
         except BaseException as exc:
             outcome["result"] = type(exc).__name__
+            if self.on_sign is not None:
+                self.on_sign(purpose, outcome["result"])
             try:
                 await asyncio.wrap_future(self._oplog.record("hsm.sign", outcome))
             except AuditUnavailable:
@@ -357,6 +370,8 @@ class HSMWorker:
                        signature_digest=sigs[0].signature_digest)
         if describe is not None:
             outcome.update(describe(out))
+        if self.on_sign is not None:
+            self.on_sign(purpose, "ok")
         written = asyncio.wrap_future(self._oplog.record("hsm.sign", outcome))
         if also is None:
             await written

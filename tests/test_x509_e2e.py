@@ -55,7 +55,7 @@ def openssl_verify(d: Daemon, cert: Path) -> None:
 async def test_health(daemon: Daemon) -> None:
     status, ctype, raw = await http("GET", f"{daemon.url}/health", daemon.ssl())
     assert status == 200 and ctype == "application/json"
-    assert json.loads(raw) == {"status": "ok", "hsm": "ok", "audit": "ok"}
+    assert json.loads(raw) == {"status": "ok", "hsm": "ok", "audit": "ok", "store": "ok"}
 
 
 async def test_enroll_renew_rekey_with_the_cli(daemon: Daemon, tmp_path: Path) -> None:

@@ -20,12 +20,13 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Mapping
+from array import array
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ca.audit.merkle import CompactRange, leaf_hash
+from ca.audit.merkle import MerkleTree, leaf_hash
 from hsm.errors import AuditUnavailable
 
 GENESIS = "0" * 64
@@ -53,13 +54,16 @@ class AuditLog:
     """Open with `AuditLog.open(path)`; append with `record()` or `await append()`."""
 
     def __init__(self, path: Path, fd: int, size_bytes: int, next_seq: int, prev: str,
-                 tree: CompactRange) -> None:
+                 tree: MerkleTree, offsets: array[int]) -> None:
         self.path = path
         self._fd = fd
         self._size_bytes = size_bytes
         self._next_seq = next_seq
         self._prev = prev
+        # Every leaf hash and complete subtree (proofs in O(log n)) and every line's
+        # start offset (paging entries without scanning): 40 bytes a line.
         self._tree = tree
+        self._offsets = offsets
         self._tree_lock = threading.Lock()
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._problem: str | None = None
@@ -67,6 +71,8 @@ class AuditLog:
         self.batches = 0
         self.lines_written = 0
         self.last_commit_s = 0.0
+        # Called from the writer thread after each durable batch: (seconds, lines).
+        self.on_commit: Callable[[float, int], None] | None = None
         self._thread = threading.Thread(target=self._writer, name="audit-writer", daemon=True)
         self._thread.start()
 
@@ -107,11 +113,13 @@ class AuditLog:
                     raise ValueError
             except ValueError:
                 torn = lines.pop() + b"\n"  # a complete-looking line that is not JSON
-        tree = CompactRange()
-        prev_digest: bytes | None = None
+        offsets = array("Q")
+        pos = 0
         for line in lines:
-            prev_digest = line_hash(line)
-            tree.append(leaf_hash(line))
+            offsets.append(pos)
+            pos += len(line) + 1
+        tree = MerkleTree.from_leaf_hashes(b"".join(leaf_hash(line) for line in lines))
+        prev_digest = line_hash(lines[-1]) if lines else None
         good_bytes = len(data) - len(torn)
         n = len(lines)
         if n:
@@ -121,9 +129,9 @@ class AuditLog:
                                     f"seq {last.get('seq')}: lines are missing or duplicated; "
                                     "run `hsmca audit verify` and investigate")
         if checkpoint_path is not None and checkpoint_path.exists():
-            cls._check_against_checkpoint(path, checkpoint_path, lines, n, torn)
+            cls._check_against_checkpoint(path, checkpoint_path, tree, n)
         prev = prev_digest.hex() if prev_digest is not None else GENESIS
-        log = cls(path, fd, good_bytes, n, prev, tree)
+        log = cls(path, fd, good_bytes, n, prev, tree, offsets)
         if torn:
             os.ftruncate(fd, good_bytes)
             os.fsync(fd)
@@ -133,9 +141,8 @@ class AuditLog:
         return log
 
     @staticmethod
-    def _check_against_checkpoint(path: Path, checkpoint_path: Path, lines: list[bytes], n: int,
-                                  torn: bytes) -> None:
-        from ca.audit.merkle import MerkleTree
+    def _check_against_checkpoint(path: Path, checkpoint_path: Path, tree: MerkleTree,
+                                  n: int) -> None:
         from ca.audit.note import NoteError, parse_checkpoint
 
         try:
@@ -148,10 +155,7 @@ class AuditLog:
                 f"the audit log {path} has {n} complete lines but the last checkpoint covers "
                 f"{cp.size}: the log was truncated or replaced (tampering or loss). Refusing to "
                 "start; restore the log and run `hsmca audit verify`")
-        tree = MerkleTree()
-        for line in lines[:cp.size]:
-            tree.append(leaf_hash(line))
-        if tree.root() != cp.root:
+        if tree.root(cp.size) != cp.root:
             raise AuditLogError(
                 f"the first {cp.size} lines of the audit log {path} no longer match the last "
                 "checkpoint: the log was rewritten. Refusing to start; run `hsmca audit verify`")
@@ -218,14 +222,19 @@ class AuditLog:
             self._fail_batch(done, exc)
             return
         self.last_commit_s = time.perf_counter() - start
-        self._size_bytes += len(blob)
-        self._next_seq, self._prev = seq, prev
+        pos = self._size_bytes
         with self._tree_lock:
-            for leaf in leaves:
+            for leaf, chunk in zip(leaves, chunks, strict=True):
                 self._tree.append(leaf)
+                self._offsets.append(pos)
+                pos += len(chunk)
+            self._size_bytes = pos
+        self._next_seq, self._prev = seq, prev
         self._problem = None
         self.batches += 1
         self.lines_written += len(done)
+        if self.on_commit is not None:
+            self.on_commit(self.last_commit_s, len(done))
         for fut, s in done:
             fut.set_result(s)
 
@@ -256,6 +265,28 @@ class AuditLog:
         """(size, RFC 6962 root) of the durable lines, consistent with each other."""
         with self._tree_lock:
             return self._tree.size, self._tree.root()
+
+    def inclusion_proof(self, index: int, size: int) -> list[bytes]:
+        with self._tree_lock:
+            return self._tree.inclusion_proof(index, size)
+
+    def consistency_proof(self, old: int, size: int) -> list[bytes]:
+        with self._tree_lock:
+            return self._tree.consistency_proof(old, size)
+
+    def read_lines(self, start: int, limit: int) -> bytes:
+        """Durable lines [start, start+limit), byte for byte, each with its newline."""
+        with self._tree_lock:
+            end = min(self._tree.size, start + limit)
+            if start >= end:
+                return b""
+            lo = self._offsets[start]
+            hi = self._offsets[end] if end < len(self._offsets) else self._size_bytes
+        return os.pread(self._fd, hi - lo, lo)
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
 
     @property
     def healthy(self) -> bool:

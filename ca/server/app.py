@@ -3,32 +3,47 @@
 from __future__ import annotations
 
 import ssl
+import time
 import uuid
 from pathlib import Path
 
 import structlog
 from aiohttp import web
-from cryptography.hazmat.primitives import serialization
 
-from ca.audit.note import verifier_key
 from ca.authority import Authority
-from ca.server.common import AUTHORITY, authority
-from ca.server.problems import Handler, problem, problem_middleware
+from ca.metrics import Metrics
+from ca.server.audit_routes import routes as audit_routes
+from ca.server.common import AUTHORITY, CHECKPOINTER, METRICS, authority
+from ca.server.problems import Handler, problem_middleware
 from ca.server.ssh_routes import routes as ssh_routes
 from ca.server.x509_routes import routes as x509_routes
 
 MAX_BODY = 64 * 1024
-CHECKPOINTER = web.AppKey("checkpointer", object)
 log = structlog.get_logger("hsmca.http")
 
 
 @web.middleware
-async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A request id for the logs, the audit lines and the client; latency and status."""
     rid = uuid.uuid4().hex[:16]
     request["request_id"] = rid
-    resp = await handler(request)
-    resp.headers["X-Request-Id"] = rid
-    return resp
+    started = time.perf_counter()
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    status = 500
+    try:
+        resp = await handler(request)
+        status = resp.status
+        resp.headers["X-Request-Id"] = rid
+        return resp
+    finally:
+        elapsed = time.perf_counter() - started
+        metrics = request.app[METRICS]
+        metrics.requests.labels(route, str(status)).inc()
+        metrics.latency.labels(route).observe(elapsed)
+        if status >= 400:
+            log.info("request refused", request_id=rid, method=request.method, route=route,
+                     status=status, ms=round(elapsed * 1000, 2))
 
 
 routes = web.RouteTableDef()
@@ -38,40 +53,30 @@ routes = web.RouteTableDef()
 async def health(request: web.Request) -> web.Response:
     auth = authority(request)
     parts = {"hsm": "ok" if auth.hsm.healthy else f"unavailable: {auth.hsm.problem}",
-             "audit": "ok" if auth.audit.healthy else f"unavailable: {auth.audit.problem}"}
+             "audit": "ok" if auth.audit.healthy else f"unavailable: {auth.audit.problem}",
+             "store": "ok" if auth.store.healthy else "unavailable"}
     ok = all(v == "ok" for v in parts.values())
     return web.json_response({"status": "ok" if ok else "unavailable", **parts},
                              status=200 if ok else 503)
 
 
-@routes.get("/v1/audit/checkpoint")
-async def audit_checkpoint(request: web.Request) -> web.Response:
-    cp = request.app[CHECKPOINTER]
-    latest = getattr(cp, "latest", None)
-    if not latest:
-        return problem(404, "Not Found", "no checkpoint has been signed yet")
-    return web.Response(text=latest, content_type="text/plain", charset="utf-8")
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[METRICS].render(),
+                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
-@routes.get("/v1/audit/key")
-async def audit_key(request: web.Request) -> web.Response:
-    auth = authority(request)
-    pub = auth.keys["audit"].public_key()
-    pem = pub.public_bytes(serialization.Encoding.PEM,
-                           serialization.PublicFormat.SubjectPublicKeyInfo).decode()
-    origin = auth.config.audit_origin
-    return web.json_response({"pem": pem, "name": origin,
-                              "verifier_key": verifier_key(origin, pub)})  # type: ignore[arg-type]
-
-
-def build_app(auth: Authority, checkpointer: object) -> web.Application:
+def build_app(auth: Authority, checkpointer: object, metrics: Metrics | None = None
+              ) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY,
-                          middlewares=[request_id_middleware, problem_middleware])
+                          middlewares=[request_middleware, problem_middleware])
     app[AUTHORITY] = auth
     app[CHECKPOINTER] = checkpointer
-    app.add_routes(routes)
-    app.add_routes(x509_routes)
-    app.add_routes(ssh_routes)
+    m = metrics or Metrics()
+    m.watch(auth.hsm, auth.audit)
+    app[METRICS] = m
+    for table in (routes, x509_routes, ssh_routes, audit_routes):
+        app.add_routes(table)
     return app
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import ssl
 from dataclasses import dataclass
@@ -11,11 +12,15 @@ from typing import Any
 from aiohttp import web
 from cryptography import x509
 
+from ca.audit.checkpointer import Checkpointer
 from ca.authority import Authority
+from ca.metrics import Metrics
 from ca.server.problems import Problem
 from ca.store import CertRecord
 
 AUTHORITY = web.AppKey("authority", Authority)
+CHECKPOINTER = web.AppKey("checkpointer", Checkpointer)
+METRICS = web.AppKey("metrics", Metrics)
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,6 @@ def identity(request: web.Request, *roles: str) -> Identity:
         if dt.datetime.fromisoformat(rec.not_after) < dt.datetime.now(dt.UTC):
             raise Problem(403, "Forbidden", "the client certificate has expired",
                           "expired-certificate")
-        import hashlib
         cached = Identity(rec, der, hashlib.sha256(der).hexdigest())
         request["identity"] = cached
     if roles and cached.record.role not in roles:
