@@ -128,7 +128,7 @@ class Authority:
         profile = prof.LeafProfile(
             public_key=public_key, common_name=names[0][1], dns_names=by_kind["dns"],
             ip_addresses=by_kind["ip"], uris=by_kind["uri"], emails=by_kind["email"],
-            lifetime=dt.timedelta(seconds=lifetime_s), serial=x509.random_serial_number(),
+            lifetime=dt.timedelta(seconds=lifetime_s), serial=prof.random_serial(),
             crl_url=f"{url}/v1/x509/crl" if url else None,
             ocsp_url=f"{url}/v1/x509/ocsp" if url else None)
         now = prof.utcnow()

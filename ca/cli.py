@@ -21,6 +21,8 @@ examples:
       --token hsmca --pin-file var/pin
   hsmca serve --config var/ca/hsmca.toml --listen 127.0.0.1:8443
   hsmca audit verify --log var/ca/audit/log.jsonl --key var/ca/audit/audit_key.pem
+  hsmca audit verify --url https://ca.example:8443 --ca root.pem --client-cert a/cert.pem \
+      --client-key a/key.pem --key audit_key.pem --state audit-state.json
 
 Run `hsmca COMMAND --help` for the flags of one command.
 """
@@ -70,28 +72,48 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("audit", help="verify or read the operation log")
     asub = a.add_subparsers(dest="audit_command", metavar="SUBCOMMAND", required=True)
     v = asub.add_parser(
-        "verify", help="verify the log offline",
+        "verify", help="verify the log offline, or a running daemon's log incrementally",
         description="Recompute every line hash, the chain, intent/outcome pairing, the Merkle "
         "root of every checkpoint and its signature with the pinned audit key. With --state, "
-        "also prove the log still extends the checkpoint verified last time. Exit 0 only if "
-        "all holds; otherwise name the first bad line.")
-    v.add_argument("--log", type=Path, required=True, help="the log file (log.jsonl)")
+        "also prove the log still extends the checkpoint verified last time. With --url, "
+        "fetch the lines from the daemon (auditor or admin client certificate): after the "
+        "first run only the lines added since, checked with the daemon's consistency proof. "
+        "Exit 0 only if all holds; otherwise name the first bad line.")
+    source = v.add_mutually_exclusive_group(required=True)
+    source.add_argument("--log", type=Path, help="the log file (log.jsonl)")
+    source.add_argument("--url", help="the daemon's URL, to verify its log remotely "
+                        "(needs --state, --client-cert and --client-key)")
     v.add_argument("--key", type=Path, required=True,
                    help="the audit public key PEM (audit/audit_key.pem), pinned by the auditor")
     v.add_argument("--checkpoint", type=Path,
-                   help="latest checkpoint file (default: 'checkpoint' beside the log)")
+                   help="with --log: latest checkpoint file (default: 'checkpoint' beside the "
+                   "log)")
     v.add_argument("--origin", help="expected checkpoint origin (default: taken from the log)")
     v.add_argument("--state", type=Path,
-                   help="file remembering the last verified checkpoint; created if missing")
+                   help="file remembering the last verified checkpoint; created if missing "
+                   "(required with --url)")
+    _remote_flags(v)
     v.set_defaults(command_key="audit-verify")
     s = asub.add_parser("show", help="print the log in a human-readable form")
-    s.add_argument("--log", type=Path, help="the log file (default: from --config)")
+    where = s.add_mutually_exclusive_group()
+    where.add_argument("--log", type=Path, help="the log file (default: from --config)")
+    where.add_argument("--url", help="read the log from the daemon at this URL (needs "
+                       "--client-cert and --client-key)")
     s.add_argument("--config", type=Path, default=Path("hsmca.toml"),
                    help="config whose audit log to read (default ./hsmca.toml)")
     s.add_argument("--from", dest="start", type=int, default=0, help="first seq to show")
     s.add_argument("--follow", action="store_true", help="keep printing new lines")
+    _remote_flags(s)
     s.set_defaults(command_key="audit-show")
     return p
+
+
+def _remote_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--client-cert", type=Path,
+                   help="with --url: client certificate of role auditor or admin")
+    p.add_argument("--client-key", type=Path, help="with --url: its private key")
+    p.add_argument("--ca", type=Path,
+                   help="with --url: root.pem to trust for the daemon's TLS certificate")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

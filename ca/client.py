@@ -133,3 +133,34 @@ def check_private(path: Path) -> None:
     if mode:
         raise ClientError(f"{path} is readable by others (mode {oct(os.stat(path).st_mode)}); "
                           "chmod 600 it")
+
+
+async def get_bytes(session: aiohttp.ClientSession, url: str, ctx: ssl.SSLContext) -> bytes:
+    """GET `url` and return the body exactly as sent.
+
+    `call` decodes text, which is not byte for byte (and fails on bytes that are not
+    UTF-8); audit log lines must reach the verifier unchanged, tampered or not. The
+    caller owns `session`, so paging through a long log reuses one TLS connection.
+    """
+    try:
+        async with session.get(url, ssl=ctx) as r:
+            body = await r.read()
+            if r.status != 200:
+                detail = body.decode("utf-8", "replace").strip()[:300]
+                if r.content_type == "application/problem+json":
+                    try:
+                        detail = json.loads(body).get("detail", detail)
+                    except (ValueError, AttributeError):
+                        pass
+                raise ClientError(f"GET {url}: {r.status} {r.reason}: {detail}")
+            return body
+    except aiohttp.ClientConnectorCertificateError as exc:
+        raise ClientError(f"cannot connect to {url}: the server's certificate is not trusted "
+                          f"({exc.certificate_error}); pass --ca with the CA's root.pem") from None
+    except aiohttp.ClientConnectorError as exc:
+        raise ClientError(f"cannot connect to {url}: {exc.os_error.strerror or exc}; is "
+                          "`hsmca serve` running there?") from None
+    except aiohttp.ClientError as exc:
+        raise ClientError(f"GET {url} failed: {exc}") from None
+    except TimeoutError:
+        raise ClientError(f"GET {url}: no answer within {TIMEOUT.total:g} s") from None

@@ -12,7 +12,6 @@ writer). Bootstrap tokens are stored as the SHA-256 of the secret only.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures as cf
 import json
 import queue
@@ -22,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+
+from hsm.completion import Batch, Sink, async_sink, claim
 
 T = TypeVar("T")
 _STOP = object()
@@ -141,7 +142,9 @@ class Store:
 
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn(db)` in the writer's next transaction; return once it is committed."""
-        return await asyncio.wrap_future(self.write_future(fn))
+        fut, sink = async_sink()
+        self._queue.put((fn, sink))
+        return await fut  # type: ignore[no-any-return]
 
     def write_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return self.write_future(fn).result()
@@ -164,12 +167,15 @@ class Store:
 
     @staticmethod
     def _run_batch(db: sqlite3.Connection, jobs: list[Any]) -> None:
-        results: list[tuple[cf.Future[Any], bool, Any]] = []
+        results: list[tuple[Sink, bool, Any]] = []
+        claimed: list[Sink] = []
+        out = Batch()
         try:
             db.execute("BEGIN IMMEDIATE")
             for fn, fut in jobs:
-                if not fut.set_running_or_notify_cancel():
+                if not claim(fut):
                     continue
+                claimed.append(fut)
                 db.execute("SAVEPOINT job")
                 try:
                     value = fn(db)
@@ -184,17 +190,16 @@ class Store:
         except sqlite3.Error as exc:
             if db.in_transaction:
                 db.execute("ROLLBACK")
-            for fut, _, _ in results:
-                fut.set_exception(exc)
-            for _fn, fut in jobs:
-                if not fut.done():
-                    fut.set_exception(exc)
+            for fut in claimed:  # the whole transaction is gone: every job failed
+                out.fail(fut, exc)
+            out.flush()
             return
         for fut, ok, value in results:
             if ok:
-                fut.set_result(value)
+                out.ok(fut, value)
             else:
-                fut.set_exception(value)
+                out.fail(fut, value)
+        out.flush()
 
     # ---- reads --------------------------------------------------------------------------
 

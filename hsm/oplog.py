@@ -9,6 +9,7 @@ tests use a recording double.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from concurrent.futures import Future
 from typing import Any, Protocol
@@ -22,4 +23,9 @@ class OpLog(Protocol):
         `hsm.errors.AuditUnavailable` if the log cannot be written. Lines from one
         thread are written in the order that thread recorded them.
         """
+        ...
+
+    def record_async(self, event: str, fields: Mapping[str, Any]) -> asyncio.Future[int]:
+        """The same, for the event loop thread: an asyncio future settled with the
+        other results of its group commit in one wake-up."""
         ...

@@ -19,7 +19,6 @@ import os
 import queue
 import threading
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -30,7 +29,9 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from pkcs11 import Mechanism
 
 from hsm import keys
+from hsm.completion import Batch, Sink, async_sink, claim
 from hsm.errors import AuditUnavailable, HSMError, HSMUnavailable, SignatureCheckFailed
+from hsm.ids import IdSource
 from hsm.oplog import OpLog
 from hsm.signers import (
     HSMEd25519Key,
@@ -104,6 +105,7 @@ class HSMWorker:
         self._next_retry = 0.0
         self.reconnects = 0
         self.sign_count = 0
+        self._op_ids = IdSource()
         # Called on the HSM thread after each call with its duration in seconds.
         self.on_call: Callable[[float], None] | None = None
         # Called on the event loop after each audited signature: (purpose, result).
@@ -150,37 +152,51 @@ class HSMWorker:
         return fut
 
     def _loop(self) -> None:
+        batch = Batch()
         while True:
             timeout = None
             if self._broken is not None:
                 timeout = max(0.0, self._next_retry - time.monotonic())
             try:
-                item = self._queue.get(timeout=timeout)
+                items = [self._queue.get(timeout=timeout)]
             except queue.Empty:
                 self._reconnect()
                 continue
-            if item is _STOP:
-                self._close_session()
+            while True:  # everything queued meanwhile runs now; results go out together
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            for item in items:
+                if item is _STOP:
+                    batch.flush()
+                    self._close_session()
+                    return
+                self._run_one(*item, batch)
+            batch.flush()
+
+    def _run_one(self, fn: Callable[[Any], Any], sink: Sink, batch: Batch) -> None:
+        if not claim(sink):
+            return
+        if self._broken is not None and fn != self._open_session:
+            if time.monotonic() >= self._next_retry:
+                self._reconnect()
+            if self._broken is not None:
+                batch.fail(sink, HSMUnavailable(f"HSM unavailable: {self._broken}"))
                 return
-            fn, fut = item
-            if not fut.set_running_or_notify_cancel():
-                continue
-            if self._broken is not None and fn != self._open_session:
-                if time.monotonic() >= self._next_retry:
-                    self._reconnect()
-                if self._broken is not None:
-                    fut.set_exception(HSMUnavailable(f"HSM unavailable: {self._broken}"))
-                    continue
-            started = time.perf_counter()
-            try:
-                fut.set_result(fn(self._session))
-                if self.on_call is not None:
-                    self.on_call(time.perf_counter() - started)
-            except SESSION_ERRORS as exc:
-                self._mark_broken(exc)
-                fut.set_exception(HSMUnavailable(f"HSM unavailable: {type(exc).__name__}"))
-            except BaseException as exc:
-                fut.set_exception(exc)
+        started = time.perf_counter()
+        try:
+            result = fn(self._session)
+        except SESSION_ERRORS as exc:
+            self._mark_broken(exc)
+            batch.fail(sink, HSMUnavailable(f"HSM unavailable: {type(exc).__name__}"))
+            return
+        except BaseException as exc:
+            batch.fail(sink, exc)
+            return
+        if self.on_call is not None:
+            self.on_call(time.perf_counter() - started)
+        batch.ok(sink, result)
 
     def _mark_broken(self, exc: BaseException) -> None:
         self._broken = type(exc).__name__
@@ -302,7 +318,9 @@ class HSMWorker:
 
     async def run(self, fn: Callable[[Any], T]) -> T:
         """Run `fn(session)` on the HSM thread and await its result."""
-        return await asyncio.wrap_future(self._submit(fn))
+        fut, sink = async_sink()
+        self._queue.put((fn, sink))
+        return await fut  # type: ignore[no-any-return]
 
     def sign_raw(self, key: HSMKeyMixin, message: bytes, mechanism: Mechanism, data: bytes,
                  param: Any, check: Callable[[bytes], None]) -> bytes:
@@ -342,11 +360,11 @@ class HSMWorker:
         Raises AuditUnavailable (nothing was signed) if the intent cannot be written,
         HSMUnavailable if the session is broken.
         """
-        op_id = uuid.uuid4().hex
+        op_id = self._op_ids.next()
         intent = {"phase": "intent", "op_id": op_id, "key": key.uri,
                   "mechanism": key.mechanism_name(hash_name), "purpose": purpose,
                   "actor": actor, "request_id": request_id, **(details or {})}
-        await asyncio.wrap_future(self._oplog.record("hsm.sign", intent))
+        await self._oplog.record_async("hsm.sign", intent)
         outcome: dict[str, Any] = {"phase": "outcome", "op_id": op_id}
         try:
             out, sigs = await self.run(lambda _s: self._build(key, build))
@@ -362,7 +380,7 @@ class HSMWorker:
             if self.on_sign is not None:
                 self.on_sign(purpose, outcome["result"])
             try:
-                await asyncio.wrap_future(self._oplog.record("hsm.sign", outcome))
+                await self._oplog.record_async("hsm.sign", outcome)
             except AuditUnavailable:
                 pass  # the original error is the one to report
             raise
@@ -372,7 +390,7 @@ class HSMWorker:
             outcome.update(describe(out))
         if self.on_sign is not None:
             self.on_sign(purpose, "ok")
-        written = asyncio.wrap_future(self._oplog.record("hsm.sign", outcome))
+        written = self._oplog.record_async("hsm.sign", outcome)
         if also is None:
             await written
         else:

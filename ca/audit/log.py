@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ca.audit.merkle import MerkleTree, leaf_hash
+from hsm.completion import Batch, Sink, async_sink, claim
 from hsm.errors import AuditUnavailable
 
 GENESIS = "0" * 64
@@ -168,8 +169,14 @@ class AuditLog:
         self._queue.put((event, fields, fut))
         return fut
 
+    def record_async(self, event: str, fields: Mapping[str, Any]) -> asyncio.Future[int]:
+        """`record` for the event loop thread: settled with its whole group commit."""
+        fut, sink = async_sink()
+        self._queue.put((event, fields, sink))
+        return fut
+
     async def append(self, event: str, **fields: Any) -> int:
-        return await asyncio.wrap_future(self.record(event, fields))
+        return await self.record_async(event, fields)
 
     def _writer(self) -> None:
         while True:
@@ -187,19 +194,20 @@ class AuditLog:
             if stop:
                 return
 
-    def _commit(self, items: list[tuple[str, Mapping[str, Any], cf.Future[int]]]) -> None:
+    def _commit(self, items: list[tuple[str, Mapping[str, Any], Sink]]) -> None:
         seq, prev = self._next_seq, self._prev
         chunks: list[bytes] = []
         leaves: list[bytes] = []
-        done: list[tuple[cf.Future[int], int]] = []
+        done: list[tuple[Sink, int]] = []
         ts = utc_now()
+        results = Batch()
         for event, fields, fut in items:
-            if not fut.set_running_or_notify_cancel():
+            if not claim(fut):
                 continue
             try:
                 line = canonical({**fields, "seq": seq, "ts": ts, "event": event, "prev": prev})
             except (TypeError, ValueError) as exc:
-                fut.set_exception(exc)  # a caller's bug must not poison the others' lines
+                results.fail(fut, exc)  # a caller's bug must not poison the others' lines
                 continue
             digest = line_hash(line)
             chunks.append(line + b"\n")
@@ -208,6 +216,7 @@ class AuditLog:
             prev = digest.hex()
             seq += 1
         if not done:
+            results.flush()
             return
         blob = b"".join(chunks)
         start = time.perf_counter()
@@ -219,7 +228,7 @@ class AuditLog:
                 raise OSError(errno.ENOSPC, "short write")
             os.fdatasync(self._fd)
         except OSError as exc:
-            self._fail_batch(done, exc)
+            self._fail_batch(done, exc, results)
             return
         self.last_commit_s = time.perf_counter() - start
         pos = self._size_bytes
@@ -236,9 +245,10 @@ class AuditLog:
         if self.on_commit is not None:
             self.on_commit(self.last_commit_s, len(done))
         for fut, s in done:
-            fut.set_result(s)
+            results.ok(fut, s)
+        results.flush()
 
-    def _fail_batch(self, done: list[tuple[cf.Future[int], int]], exc: OSError) -> None:
+    def _fail_batch(self, done: list[tuple[Sink, int]], exc: OSError, results: Batch) -> None:
         reason = f"cannot write the audit log: {exc.strerror or exc}"
         try:  # cut whatever part of the batch reached the file, so the chain stays whole
             os.ftruncate(self._fd, self._size_bytes)
@@ -252,7 +262,8 @@ class AuditLog:
                              f"({exc2.strerror}): restart hsmca to recover the log")
         error = AuditUnavailable(self._problem)
         for fut, _ in done:
-            fut.set_exception(error)
+            results.fail(fut, error)
+        results.flush()
 
     # ---- state --------------------------------------------------------------------------
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import ssl
 import sys
 import time
 from pathlib import Path
@@ -41,7 +43,38 @@ def _origin(args: argparse.Namespace, latest: str | None, data: bytes,
     return None
 
 
+def _client_context(args: argparse.Namespace) -> ssl.SSLContext:
+    if args.client_cert is None or args.client_key is None:
+        raise CLIError("--url needs --client-cert and --client-key (a certificate of role "
+                       "auditor or admin)")
+    from ca.client import ssl_context
+    return ssl_context(args.ca, args.client_cert, args.client_key)
+
+
+def _verify_remote(args: argparse.Namespace) -> int:
+    if args.state is None:
+        raise CLIError("--url needs --state FILE: it remembers what was verified, so that the "
+                       "next run fetches only new lines and detects a rewrite")
+    if args.checkpoint is not None:
+        raise CLIError("--checkpoint is for --log; with --url the daemon serves the checkpoint")
+    from ca.audit.remote import verify_remote
+    ctx = _client_context(args)
+    key = _audit_key(args.key)
+    result = asyncio.run(verify_remote(args.url, ctx, key, args.state, origin=args.origin))
+    if not result.ok:
+        where = f"at seq {result.bad_seq}" if result.bad_seq is not None else "(no line)"
+        print(f"FAILED {where}: {result.reason}", file=sys.stderr)
+        return 1
+    print(f"OK: {result.lines} lines, {result.checkpoints} checkpoints verified "
+          f"(fetched {result.fetched} new lines)")
+    return 0
+
+
 def verify(args: argparse.Namespace) -> int:
+    if args.url is not None:
+        return _verify_remote(args)
+    if args.client_cert or args.client_key or args.ca:
+        raise CLIError("--client-cert, --client-key and --ca are for --url")
     key = _audit_key(args.key)
     try:
         data = args.log.read_bytes()
@@ -72,7 +105,32 @@ def _describe(obj: dict[str, Any]) -> str:
     return f"{obj.get('seq'):>7} {obj.get('ts')} {obj.get('event'):<14} {rest}"
 
 
+async def _show_remote(args: argparse.Namespace) -> int:
+    import aiohttp
+
+    from ca.client import TIMEOUT, get_bytes
+    ctx = _client_context(args)
+    url = args.url.rstrip("/")
+    seq = max(args.start, 0)
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+        while True:
+            page = await get_bytes(session, f"{url}/v1/audit/entries?start={seq}&limit=1000",
+                                   ctx)
+            lines = page.split(b"\n")[:-1]  # the daemon serves only complete (durable) lines
+            for line in lines:
+                print(_describe(json.loads(line)), flush=True)
+            seq += len(lines)
+            if lines:
+                continue
+            if not args.follow:
+                return 0
+            # Polling: the API has no push; one request a second is cheap for the daemon.
+            await asyncio.sleep(1)
+
+
 def show(args: argparse.Namespace) -> int:
+    if args.url is not None:
+        return int(asyncio.run(_show_remote(args)))
     path = args.log
     if path is None:
         from ca.config import load

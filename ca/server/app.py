@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ssl
 import time
-import uuid
 from pathlib import Path
 
 import structlog
@@ -13,19 +12,21 @@ from aiohttp import web
 from ca.authority import Authority
 from ca.metrics import Metrics
 from ca.server.audit_routes import routes as audit_routes
-from ca.server.common import AUTHORITY, CHECKPOINTER, METRICS, authority
+from ca.server.common import AUTHORITY, CHECKPOINTER, METRICS, authority, identity
 from ca.server.problems import Handler, problem_middleware
 from ca.server.ssh_routes import routes as ssh_routes
 from ca.server.x509_routes import routes as x509_routes
+from hsm.ids import IdSource
 
 MAX_BODY = 64 * 1024
 log = structlog.get_logger("hsmca.http")
+_request_ids = IdSource(4)
 
 
 @web.middleware
 async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """A request id for the logs, the audit lines and the client; latency and status."""
-    rid = uuid.uuid4().hex[:16]
+    rid = _request_ids.next()
     request["request_id"] = rid
     started = time.perf_counter()
     resource = request.match_info.route.resource
@@ -58,6 +59,14 @@ async def health(request: web.Request) -> web.Response:
     ok = all(v == "ok" for v in parts.values())
     return web.json_response({"status": "ok" if ok else "unavailable", **parts},
                              status=200 if ok else 503)
+
+
+@routes.get("/v1/whoami")
+async def whoami(request: web.Request) -> web.Response:
+    """What the CA knows of the presented client certificate (any role)."""
+    rec = identity(request).record
+    return web.json_response({"serial": rec.serial, "role": rec.role, "names": rec.names,
+                              "principals": rec.principals, "not_after": rec.not_after})
 
 
 @routes.get("/metrics")

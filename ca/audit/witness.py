@@ -1,0 +1,111 @@
+"""A file witness: holds the latest checkpoint it was shown, and only moves forward.
+
+The daemon pushes every new checkpoint to its witnesses (a config list of paths or
+URLs; a file is the first kind). A witness accepts a checkpoint only if it is
+signed by the pinned audit key and extends the one it holds: a larger tree with a
+consistency proof (RFC 9162 2.1.4.2) from the held (size, root), or the same tree.
+A root attacker on the CA host can make the daemon sign checkpoints over a
+rewritten log (the key is in the HSM, but the daemon will use it); a witness that
+lives elsewhere (another host, a mounted share) refuses them, and the refusal
+keeps the last honest checkpoint as evidence.
+
+The first checkpoint is trusted on first use. A held file that cannot be read or
+verified refuses everything: overwriting it would throw that evidence away.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from ca.audit.merkle import verify_consistency
+from ca.audit.note import Checkpoint, NoteError, verify_checkpoint
+from ca.fileutil import write_atomic
+
+
+class WitnessRefused(Exception):
+    """The witness kept the checkpoint it holds; `reason` says why the new one is refused."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class FileWitness:
+    def __init__(self, path: str | os.PathLike[str], public_key: Ed25519PublicKey,
+                 key_name: str) -> None:
+        self.path = Path(path)
+        self.public_key = public_key
+        self.key_name = key_name  # also the origin: the daemon names its key after it
+
+    def held(self) -> Checkpoint | None:
+        """The checkpoint held now (verified), None before the first; WitnessRefused if
+        the file is damaged."""
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise WitnessRefused(f"the held checkpoint {self.path} cannot be read ({exc}); "
+                                 "refusing every checkpoint until an operator looks") from None
+        try:
+            return verify_checkpoint(text, self.key_name, self.public_key, self.key_name)
+        except NoteError as exc:
+            raise WitnessRefused(f"the held checkpoint {self.path} does not verify ({exc}); "
+                                 "refusing every checkpoint until an operator looks") from None
+
+    def accept(self, checkpoint_text: str, consistency_proof: Sequence[bytes]) -> None:
+        """Hold `checkpoint_text` if it extends the held checkpoint, else raise WitnessRefused.
+
+        `consistency_proof` goes from the held checkpoint's size to the new one's (empty
+        when none is held yet or the sizes are equal); `push` asks for the right one.
+        """
+        self._extend(checkpoint_text, lambda _old, _size: consistency_proof)
+
+    def push(self, checkpoint_text: str,
+             prove: Callable[[int, int], Sequence[bytes]]) -> None:
+        """`accept`, with the proof from `prove(held size, new size)` (e.g. the daemon's
+        `AuditLog.consistency_proof`), asked under the lock so it matches what is held."""
+        self._extend(checkpoint_text, prove)
+
+    def _extend(self, text: str, prove: Callable[[int, int], Sequence[bytes]]) -> None:
+        try:
+            new = verify_checkpoint(text, self.key_name, self.public_key, self.key_name)
+        except NoteError as exc:
+            raise WitnessRefused(f"the checkpoint does not verify: {exc}") from None
+        with self._locked():  # two pushers must not both extend the same held checkpoint
+            held = self.held()
+            if held is not None:
+                if new.size < held.size:
+                    raise WitnessRefused(f"the checkpoint covers {new.size} lines, fewer than "
+                                         f"the {held.size} of the one held: the log was cut")
+                if new.size == held.size:
+                    if new.root != held.root:
+                        raise WitnessRefused(
+                            f"the checkpoint covers the same {new.size} lines as the one held "
+                            "with a different root: the log was rewritten")
+                    if new.signatures == held.signatures:
+                        return  # the very note held already: nothing to write
+                else:
+                    proof = list(prove(held.size, new.size)) if held.size else []
+                    if not verify_consistency(held.size, new.size, held.root, new.root, proof):
+                        raise WitnessRefused(
+                            f"the consistency proof from {held.size} to {new.size} lines does "
+                            "not verify: the new tree does not extend the one held (the log "
+                            "was rewritten)")
+            write_atomic(self.path, text)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        lock = self.path.with_name(f".{self.path.name}.lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock

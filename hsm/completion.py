@@ -1,0 +1,70 @@
+"""Handing results from a worker thread back to callers, one wake-up per batch.
+
+A worker thread (HSM, audit writer, inventory writer) finishes many jobs per
+round. Resolving each asyncio caller with its own `call_soon_threadsafe` costs a
+self-pipe write and an event-loop iteration per job; a `Batch` collects the
+round's results and settles all of one loop's futures in a single call. Callers
+on other threads get a `concurrent.futures.Future`, which is thread-safe as is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+from typing import Any
+
+# Where a result goes: a thread-safe future, or an asyncio future with its loop.
+Sink = cf.Future[Any] | tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]
+
+
+def async_sink() -> tuple[asyncio.Future[Any], Sink]:
+    """An asyncio future on the running loop and the sink that settles it."""
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+    return fut, (loop, fut)
+
+
+def claim(sink: Sink) -> bool:
+    """False if the caller gave up (cancelled) before the job ran."""
+    if isinstance(sink, cf.Future):
+        return sink.set_running_or_notify_cancel()
+    return not sink[1].done()
+
+
+def _settle(items: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for fut, ok, value in items:
+        if fut.done():
+            continue  # cancelled while the worker ran
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+
+
+class Batch:
+    def __init__(self) -> None:
+        self._loops: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+
+    def ok(self, sink: Sink, value: Any) -> None:
+        self._add(sink, True, value)
+
+    def fail(self, sink: Sink, exc: BaseException) -> None:
+        self._add(sink, False, exc)
+
+    def _add(self, sink: Sink, ok: bool, value: Any) -> None:
+        if isinstance(sink, cf.Future):
+            if ok:
+                sink.set_result(value)
+            else:
+                sink.set_exception(value)
+            return
+        loop, fut = sink
+        self._loops.setdefault(loop, []).append((fut, ok, value))
+
+    def flush(self) -> None:
+        loops, self._loops = self._loops, {}
+        for loop, items in loops.items():
+            try:
+                loop.call_soon_threadsafe(_settle, items)
+            except RuntimeError:
+                pass  # the loop is closed: nobody is waiting any more
