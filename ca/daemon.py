@@ -44,11 +44,18 @@ async def serve(config: Config, listen: str | None = None, ready: asyncio.Event 
     if config.softhsm_conf:
         os.environ["SOFTHSM2_CONF"] = config.softhsm_conf
     host, port = parse_listen(listen or config.listen)
+    _raise_fd_limit()
     audit = AuditLog.open(config.audit_log, config.checkpoint_path)
     worker = HSMWorker(config.hsm, audit)
     store: Store | None = None
     runner: web.AppRunner | None = None
     cp_task: asyncio.Task[None] | None = None
+    # Handlers first: a SIGTERM that arrives right after "listening on" must still
+    # stop the daemon gracefully (daemon.stop line, final checkpoint).
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     try:
         worker.start()
         keys: dict[str, HSMKey] = {}
@@ -84,10 +91,6 @@ async def serve(config: Config, listen: str | None = None, ready: asyncio.Event 
         log.info("listening", url=url)
         await checkpointer.checkpoint()
         cp_task = asyncio.create_task(checkpointer.run())
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         if ready is not None:
             ready.set()
         await stop.wait()
@@ -116,3 +119,11 @@ def main(config: Config, listen: str | None) -> int:
         return 130
     sys.stdout.flush()
     return 0
+
+
+def _raise_fd_limit() -> None:
+    """Many idle keep-alive clients are normal for a CA: allow the hard fd limit."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

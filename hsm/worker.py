@@ -178,7 +178,7 @@ class HSMWorker:
     def _run_one(self, fn: Callable[[Any], Any], sink: Sink, batch: Batch) -> None:
         if not claim(sink):
             return
-        if self._broken is not None and fn != self._open_session:
+        if self._broken is not None and not getattr(fn, "reconnects_itself", False):
             if time.monotonic() >= self._next_retry:
                 self._reconnect()
             if self._broken is not None:
@@ -221,6 +221,7 @@ class HSMWorker:
         self._broken = None
 
     def _open_session(self, _session: Any, reconnect: bool = False) -> None:
+        """Load the module, find the token, open a session and log in (HSM thread)."""
         cfg = self.config
         if self._lib is None:
             if not os.path.exists(cfg.module):
@@ -289,6 +290,24 @@ class HSMWorker:
         self._handles[label] = priv
         self._keys[label] = key
         return key
+
+    async def probe(self) -> None:
+        """A cheap PKCS#11 call that fails if the token or session went away (reading
+        an attribute of a key handle: SoftHSM answers ObjectHandleInvalid once its
+        token directory is gone, while signing state may still look fine)."""
+
+        def check(_s: Any) -> None:
+            if self._broken is not None:
+                self._reconnect()  # a health check may retry at once, backoff or not
+                if self._broken is not None:
+                    raise HSMUnavailable(f"HSM unavailable: {self._broken}")
+            for handle in self._handles.values():
+                handle[pkcs11.Attribute.LABEL]
+                return
+            self._lib.get_token(token_label=self.config.token)
+
+        check.reconnects_itself = True  # type: ignore[attr-defined]
+        await self.run(check)
 
     async def load_key(self, label: str) -> HSMKey:
         """Find a key, check it cannot be exported, and return a signer for it."""

@@ -67,11 +67,24 @@ class InitialisedCA:
     stdout: str
 
 
-def init_ca(tmp: Path, key_type: str = "ec-p256", dns_name: str = "localhost") -> InitialisedCA:
-    token = new_token()
+def init_ca(tmp: Path, key_type: str = "ec-p256", dns_name: str = "localhost",
+            private_hsm: bool = False) -> InitialisedCA:
+    """`hsmca init` on a fresh token. With private_hsm, the token lives in a SoftHSM
+    token directory of its own (for tests that take the token away)."""
+    env = None
+    if private_hsm:
+        conf = softhsm.write_config(tmp / "softhsm")
+        env = {**os.environ, "SOFTHSM2_CONF": str(conf)}
+        label = "private"
+        pin = tmp / "private.pin"
+        softhsm.init_token(conf, label, pin)
+        token = Token(label, pin, softhsm.module_path())
+    else:
+        token = new_token()
     state = tmp / "ca"
     proc = hsmca("init", "--state-dir", state, "--module", token.module, "--token", token.label,
-                 "--pin-file", token.pin_file, "--key-type", key_type, "--dns-name", dns_name)
+                 "--pin-file", token.pin_file, "--key-type", key_type, "--dns-name", dns_name,
+                 env=env)
     return InitialisedCA(state, token, proc.stdout)
 
 
@@ -143,12 +156,12 @@ class Daemon:
         return self.proc.returncode
 
 
-def start_daemon(state: Path, *extra: str) -> Daemon:
+def start_daemon(state: Path, *extra: str, env: dict[str, str] | None = None) -> Daemon:
     import threading
 
     proc = subprocess.Popen([*HSMCA, "serve", "--config", str(state / "hsmca.toml"),
                              "--listen", "127.0.0.1:0", *extra], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env=env)
     stderr: list[str] = []
 
     def drain() -> None:

@@ -267,7 +267,7 @@ async def _run(api: _API, public_key: Ed25519PublicKey, raw: dict[str, Any] | No
         return RemoteResult(False, old.size, 0, 0, None,
                             f"the daemon's latest checkpoint does not verify: {exc}", None)
 
-    verified = prior or old
+    verified = prior if prior is not None else old
     if latest.size < verified.size:
         return _failed((latest.size, _LINE, f"{CUT}: the daemon's latest checkpoint covers "
                         f"{latest.size} lines, the one verified last time {verified.size}"),

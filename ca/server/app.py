@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import time
 from pathlib import Path
@@ -12,10 +13,12 @@ from aiohttp import web
 from ca.authority import Authority
 from ca.metrics import Metrics
 from ca.server.audit_routes import routes as audit_routes
-from ca.server.common import AUTHORITY, CHECKPOINTER, METRICS, authority, identity
+from ca.server.common import AUTHORITY, CHECKPOINTER, LIMITER, METRICS, authority, identity
 from ca.server.problems import Handler, problem_middleware
+from ca.server.ratelimit import FailureLimiter
 from ca.server.ssh_routes import routes as ssh_routes
 from ca.server.x509_routes import routes as x509_routes
+from hsm.errors import HSMError
 from hsm.ids import IdSource
 
 MAX_BODY = 64 * 1024
@@ -53,7 +56,11 @@ routes = web.RouteTableDef()
 @routes.get("/health")
 async def health(request: web.Request) -> web.Response:
     auth = authority(request)
-    parts = {"hsm": "ok" if auth.hsm.healthy else f"unavailable: {auth.hsm.problem}",
+    try:  # ask the HSM itself: a removed token is otherwise noticed only at the next sign
+        await asyncio.wait_for(auth.hsm.probe(), timeout=1.0)
+    except (HSMError, TimeoutError):
+        pass  # the worker now knows; its state below says why
+    parts = {"hsm": "ok" if auth.hsm.healthy else f"unavailable: {auth.hsm.problem or 'busy'}",
              "audit": "ok" if auth.audit.healthy else f"unavailable: {auth.audit.problem}",
              "store": "ok" if auth.store.healthy else "unavailable"}
     ok = all(v == "ok" for v in parts.values())
@@ -84,6 +91,7 @@ def build_app(auth: Authority, checkpointer: object, metrics: Metrics | None = N
     m = metrics or Metrics()
     m.watch(auth.hsm, auth.audit)
     app[METRICS] = m
+    app[LIMITER] = FailureLimiter()
     for table in (routes, x509_routes, ssh_routes, audit_routes):
         app.add_routes(table)
     return app

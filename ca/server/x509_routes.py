@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 
 from ca import policy
 from ca.authority import Authority, Token
-from ca.server.common import authority, field, identity, json_body, parse_csr
+from ca.server.common import LIMITER, authority, field, identity, json_body, parse_csr
 from ca.server.problems import Problem
 from ca.x509 import pem, utcnow
 
@@ -49,14 +49,22 @@ async def create_token(request: web.Request) -> web.Response:
 
 
 def _bearer(request: web.Request) -> Token:
+    limiter = request.app[LIMITER]
+    client = request.remote or "-"
+    wait = limiter.retry_after(client)
+    if wait:
+        raise Problem(429, "Too Many Requests", f"too many failed bootstrap-token attempts "
+                      f"from {client}; retry in {wait} s", "rate-limited")
     header = request.headers.get("Authorization", "")
     scheme, _, secret = header.partition(" ")
     if scheme.lower() != "bearer" or not secret.strip():
+        limiter.failed(client)
         raise Problem(401, "Unauthorized", "send the bootstrap token as 'Authorization: Bearer "
                       "<token>'", "token-required")
     auth = authority(request)
-    token = auth.find_token(secret.strip())
+    token = auth.find_token(secret.strip()[:512])
     if token is None:
+        limiter.failed(client)
         raise Problem(401, "Unauthorized", "unknown bootstrap token", "bad-token")
     if token.used_at is not None:
         raise Problem(401, "Unauthorized", "this bootstrap token has already been used",

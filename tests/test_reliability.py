@@ -1,0 +1,280 @@
+"""What must hold when the process, the HSM, the disk or the clients misbehave
+(SPEC section 10): no lost record, no signature without one, no falling over."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import resource
+import signal
+import socket
+import sqlite3
+import ssl
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from cryptography import x509 as cx
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from ca import x509 as prof
+from tests.conftest import Daemon, hsmca, init_ca, start_daemon
+from tests.test_x509_e2e import http, new_token
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+async def enroll_service(d: Daemon, tmp: Path, name: str = "load.internal.example"
+                         ) -> tuple[Path, Path]:
+    token = await new_token(d, "service", [name])
+    out = tmp / f"cred-{name}"
+    hsmca("enroll", "--url", d.url, "--ca", d.root, "--token", token, "--name", name,
+          "--out", out)
+    return out / "cert.pem", out / "key.pem"
+
+
+def log_lines(state: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (state / "audit/log.jsonl").read_bytes().splitlines()]
+
+
+def assert_log_verifies(state: Path) -> None:
+    proc = hsmca("audit", "verify", "--log", state / "audit/log.jsonl", "--key",
+                 state / "audit/audit_key.pem", check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+async def test_kill9_under_issuance_load_loses_nothing(tmp_path: Path) -> None:
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state)
+    cert, key = await enroll_service(d, tmp_path)
+    received: list[dict[str, Any]] = []
+    rng = random.Random(7)
+    rounds = 5
+    goal = [0]
+    for _ in range(rounds):
+        ctx = d.ssl(cert, key)
+        target = rng.randint(20, 150)
+        enough = asyncio.Event()
+
+        async def renew_forever(s: aiohttp.ClientSession, url: str, ctx: ssl.SSLContext = ctx,
+                                enough: asyncio.Event = enough) -> None:
+            while True:
+                try:
+                    async with s.post(f"{url}/v1/x509/renew", json={}, ssl=ctx) as r:
+                        body = await r.read()
+                        if r.status == 201:
+                            received.append(json.loads(body))
+                            if len(received) >= goal[0]:
+                                enough.set()
+                except (TimeoutError, aiohttp.ClientError, ConnectionError):
+                    return  # the daemon is gone: this client's run is over
+
+        goal[0] = target + len(received)
+        async with aiohttp.ClientSession() as s:
+            tasks = [asyncio.create_task(renew_forever(s, d.url)) for _ in range(32)]
+            await asyncio.wait_for(enough.wait(), 120)
+            d.proc.send_signal(signal.SIGKILL)  # mid-load, requests in flight
+            d.proc.wait()
+            await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        d = start_daemon(ca.state)  # restart: torn-tail recovery, checkpoint check
+    assert d.stop() == 0
+    assert len(received) >= rounds * 20
+    assert_log_verifies(ca.state)
+
+    lines = log_lines(ca.state)
+    outcomes = {e["fingerprint"]: e for e in lines
+                if e.get("phase") == "outcome" and "fingerprint" in e}
+    intents = {e["op_id"] for e in lines if e.get("phase") == "intent"}
+    db = sqlite3.connect(ca.state / "hsmca.sqlite3")
+    for issued in received:
+        c = cx.load_pem_x509_certificate(issued["certificate"].encode())
+        fp = c.fingerprint(hashes.SHA256()).hex()
+        assert fp in outcomes, f"certificate {issued['serial']} has no outcome line"
+        assert outcomes[fp]["op_id"] in intents
+        row = db.execute("SELECT serial FROM certs WHERE fingerprint = ?", (fp,)).fetchone()
+        assert row == (issued["serial"],), f"certificate {issued['serial']} not in inventory"
+    total, distinct = db.execute("SELECT COUNT(*), COUNT(DISTINCT serial) FROM certs").fetchone()
+    assert total == distinct
+    serials = [e["serial"] for e in lines if e.get("phase") == "intent"
+               and e.get("purpose") == "x509"]
+    assert len(serials) == len(set(serials)), "a serial was signed twice"
+    assert sum(1 for e in lines if e["event"] == "daemon.start") == rounds + 1
+
+
+async def test_hsm_token_taken_away_then_back(tmp_path: Path) -> None:
+    ca = init_ca(tmp_path, private_hsm=True)
+    d = start_daemon(ca.state)
+    try:
+        cert, key = await enroll_service(d, tmp_path)
+        ctx = d.ssl(cert, key)
+        tokens = tmp_path / "softhsm" / "tokens"
+        away = tmp_path / "tokens.away"
+        tokens.rename(away)
+        status, _, body = await http("GET", f"{d.url}/health", d.ssl())
+        assert status == 503 and json.loads(body)["hsm"].startswith("unavailable")
+        status, ctype, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
+        assert status == 503 and ctype == "application/problem+json", body
+        assert "HSM" in json.loads(body)["detail"]
+        away.rename(tokens)
+        status, _, body = await http("GET", f"{d.url}/health", d.ssl())
+        assert status == 200, body  # the health probe re-opened the session
+        status, _, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
+        assert status == 201, body
+    finally:
+        assert d.stop() == 0
+    events = [e["event"] for e in log_lines(ca.state)]
+    assert "hsm.error" in events and "hsm.reconnect" in events
+    reconnects = [e for e in log_lines(ca.state) if e["event"] == "hsm.reconnect"]
+    assert reconnects[-1]["result"] == "ok"
+    assert_log_verifies(ca.state)
+
+
+def signatures(metrics_text: str) -> float:
+    for line in metrics_text.splitlines():
+        if line.startswith("hsmca_hsm_signatures_total "):
+            return float(line.split()[1])
+    raise AssertionError("no signature counter in /metrics")
+
+
+async def test_audit_log_that_cannot_grow_means_503_and_nothing_signed(tmp_path: Path) -> None:
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state)
+    try:
+        cert, key = await enroll_service(d, tmp_path)
+        ctx = d.ssl(cert, key)
+        _, _, before = await http("GET", f"{d.url}/metrics", d.ssl())
+        size = (ca.state / "audit/log.jsonl").stat().st_size
+        resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE, (size + 10, resource.RLIM_INFINITY))
+        for _ in range(3):
+            status, ctype, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
+            assert status == 503 and ctype == "application/problem+json", body
+            assert "audit log" in json.loads(body)["detail"]
+        status, _, body = await http("GET", f"{d.url}/health", d.ssl())
+        assert status == 503 and json.loads(body)["audit"].startswith("unavailable")
+        _, _, after = await http("GET", f"{d.url}/metrics", d.ssl())
+        assert signatures(after.decode()) == signatures(before.decode())
+        resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE,
+                         (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        status, _, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
+        assert status == 201, body
+        status, _, _ = await http("GET", f"{d.url}/health", d.ssl())
+        assert status == 200
+    finally:
+        assert d.stop() == 0
+    assert_log_verifies(ca.state)
+
+
+async def test_slow_and_idle_connections_do_not_block_others(daemon: Daemon,
+                                                             tmp_path: Path) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    host, port = daemon.url.removeprefix("https://").rsplit(":", 1)
+    idle: list[socket.socket] = []
+    slow: list[asyncio.StreamWriter] = []
+    try:
+        for _ in range(1000):  # connections that never even say hello
+            s = socket.create_connection((host, int(port)))
+            idle.append(s)
+        ctx = ssl.create_default_context(cafile=str(daemon.root))
+        for _ in range(50):  # slowloris: TLS up, then half a request, then silence
+            _, w = await asyncio.open_connection(host, int(port), ssl=ctx)
+            w.write(b"POST /v1/x509/enroll HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n")
+            await w.drain()
+            slow.append(w)
+        status, _, body = await asyncio.wait_for(
+            http("GET", f"{daemon.url}/v1/whoami", daemon.admin_ssl()), 30)
+        assert status == 200 and json.loads(body)["role"] == "admin"
+    finally:
+        for s in idle:
+            s.close()
+        for w in slow:
+            w.close()
+
+
+async def test_bad_token_attempts_are_rate_limited(tmp_path: Path) -> None:
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state)
+    try:
+        statuses = []
+        for i in range(25):
+            status, ctype, _ = await http("POST", f"{d.url}/v1/x509/enroll", d.ssl(),
+                                          body={"csr": "x"},
+                                          headers={"Authorization": f"Bearer forged-{i}"})
+            assert ctype == "application/problem+json"
+            statuses.append(status)
+        assert statuses[:20] == [401] * 20 and statuses[-1] == 429
+    finally:
+        assert d.stop() == 0
+
+
+async def test_tls_below_1_2_refused(daemon: Daemon) -> None:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(daemon.root)
+    ctx.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_1  # deprecated: that is the point
+    ctx.set_ciphers("ALL:@SECLEVEL=0")
+    with pytest.raises((aiohttp.ClientError, ssl.SSLError)):
+        await http("GET", f"{daemon.url}/health", ctx)
+    modern = ssl.create_default_context(cafile=str(daemon.root))
+    host, port = daemon.url.removeprefix("https://").rsplit(":", 1)
+    _, w = await asyncio.open_connection(host, int(port), ssl=modern)
+    assert w.get_extra_info("ssl_object").version() == "TLSv1.3"
+    w.close()
+
+
+async def test_expired_client_certificate_refused(daemon: Daemon, tmp_path: Path) -> None:
+    """A client certificate past notAfter fails the handshake, never reaches a route."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    (tmp_path / "k.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    # The daemon's issuing key signs an already-expired leaf, from a process of its
+    # own (SoftHSM is safe across processes, never across threads of one).
+    proc = subprocess.run([sys.executable, "-c", _EXPIRED_SCRIPT, daemon.state / "hsmca.toml",
+                           tmp_path / "k.pem", tmp_path / "c.pem", tmp_path / "scratch.jsonl"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    expired = cx.load_pem_x509_certificate((tmp_path / "c.pem").read_bytes())
+    issuing = cx.load_pem_x509_certificate((daemon.state / "x509/issuing.pem").read_bytes())
+    assert expired.not_valid_after_utc < prof.utcnow() - timedelta(minutes=1)
+    assert expired.issuer == issuing.subject
+    ctx = daemon.ssl(tmp_path / "c.pem", tmp_path / "k.pem")
+    with pytest.raises(aiohttp.ClientError):
+        await http("POST", f"{daemon.url}/v1/x509/renew", ctx, body={})
+
+
+_EXPIRED_SCRIPT = '''
+import asyncio, datetime as dt, sys
+from pathlib import Path
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from ca import x509 as prof
+from ca.audit.log import AuditLog
+from ca.config import load
+from hsm.worker import HSMWorker
+
+async def main():
+    cfg = load(Path(sys.argv[1]))
+    key = serialization.load_pem_private_key(Path(sys.argv[2]).read_bytes(), None)
+    issuing = x509.load_pem_x509_certificate(cfg.issuing_pem.read_bytes())
+    log = AuditLog.open(Path(sys.argv[4]))
+    w = HSMWorker(cfg.hsm, log)
+    w.start()
+    ca_key = await w.load_key(cfg.key_label("issuing"))
+    past = prof.utcnow() - dt.timedelta(days=2)
+    b = prof.leaf_builder(prof.LeafProfile(key.public_key(), "expired.internal.example",
+                                           ["expired.internal.example"],
+                                           lifetime=dt.timedelta(hours=1)), issuing, past)
+    cert = await w.sign(ca_key, lambda k: b.sign(k, hashes.SHA256()), purpose="x509",
+                        actor="test")
+    Path(sys.argv[3]).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    w.close(); log.close()
+
+asyncio.run(main())
+'''
