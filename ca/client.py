@@ -58,6 +58,8 @@ async def call(method: str, url: str, ctx: ssl.SSLContext, *, json_body: Any = N
     except aiohttp.ClientConnectorError as exc:
         raise ClientError(f"cannot connect to {url}: {exc.os_error.strerror or exc}; is "
                           "`hsmca serve` running there?") from None
+    except TimeoutError:
+        raise ClientError(f"{method} {url}: no answer within {TIMEOUT.total:.0f} s") from None
     except aiohttp.ClientError as exc:
         raise ClientError(f"{method} {url} failed: {exc}") from None
 

@@ -54,6 +54,7 @@ class Config:
     tls_key: Path
     audit_origin: str
     checkpoint_heartbeat_s: float
+    witnesses: tuple[Path, ...] = ()
     policy: Policy = field(default_factory=Policy)
 
     @property
@@ -196,6 +197,7 @@ def load(path: Path) -> Config:
         tls_key=rel(_get(server, "tls-key", str, where, "tls/server.key")),
         audit_origin=_get(audit, "origin", str, f"{path} [audit]"),
         checkpoint_heartbeat_s=_get(audit, "heartbeat-s", float, f"{path} [audit]", 60.0),
+        witnesses=tuple(rel(w) for w in _get(audit, "witnesses", list, f"{path} [audit]", [])),
         policy=policy,
     )
 
@@ -232,6 +234,9 @@ def render(*, module: str, token: str, pin_source: str, softhsm_conf: str | None
         "", "[audit]",
         f"origin = {_q(audit_origin)}  # the checkpoint origin line and signing key name",
         "heartbeat-s = 60",
+        "# Files to which every checkpoint is pushed; each refuses one that does not",
+        "# extend the checkpoint it holds (keep them off this host to make them count).",
+        "witnesses = []",
         "", "[policy]",
         "# Names a bootstrap token may grant: DNS patterns and CIDRs; empty allows any.",
         "allow = []",

@@ -17,10 +17,13 @@ import sys
 import structlog
 from aiohttp import web
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from ca import __version__
 from ca.audit.checkpointer import Checkpointer
 from ca.audit.log import AuditLog
+from ca.audit.witness import FileWitness
 from ca.authority import Authority
 from ca.config import KEY_LABELS, Config
 from ca.fileutil import write_atomic
@@ -45,7 +48,10 @@ async def serve(config: Config, listen: str | None = None, ready: asyncio.Event 
         os.environ["SOFTHSM2_CONF"] = config.softhsm_conf
     host, port = parse_listen(listen or config.listen)
     _raise_fd_limit()
-    audit = AuditLog.open(config.audit_log, config.checkpoint_path)
+    audit_key = load_pem_public_key(config.audit_key_pem.read_bytes())
+    if not isinstance(audit_key, Ed25519PublicKey):
+        raise ValueError(f"{config.audit_key_pem} is not an Ed25519 public key")
+    audit = AuditLog.open(config.audit_log, config.checkpoint_path, audit_key)
     worker = HSMWorker(config.hsm, audit)
     store: Store | None = None
     runner: web.AppRunner | None = None
@@ -67,18 +73,25 @@ async def serve(config: Config, listen: str | None = None, ready: asyncio.Event 
         issuing = x509.load_pem_x509_certificate(config.issuing_pem.read_bytes())
         if issuing.public_key() != keys["issuing"].public_key():
             raise ValueError(f"{config.issuing_pem} does not belong to the issuing key in the HSM")
+        if keys["audit"].public_key() != audit_key:
+            raise ValueError(f"{config.audit_key_pem} does not belong to the audit key in the HSM")
         await audit.append("daemon.start", version=__version__, pid=os.getpid(),
                            config_sha256=hashlib.sha256(config.path.read_bytes()).hexdigest())
         store = Store(config.db_path)
         auth = Authority(config, worker, store, audit, keys, root, issuing)
         checkpointer = Checkpointer(audit, worker, keys["audit"], config.audit_origin,
                                     config.checkpoint_path,
-                                    heartbeat=config.checkpoint_heartbeat_s)
+                                    heartbeat=config.checkpoint_heartbeat_s,
+                                    witnesses=[FileWitness(w, audit_key, config.audit_origin)
+                                               for w in config.witnesses])
         app = build_app(auth, checkpointer)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=10.0)
         await runner.setup()
         site = web.TCPSite(runner, host, port, ssl_context=tls_context(
             config.tls_cert, config.tls_key, config.chain_pem), backlog=1024)
+        # The daemon.start line gets a checkpoint before anyone can connect, so
+        # /v1/audit/checkpoint always has one to serve.
+        await checkpointer.checkpoint()
         await site.start()
         server = site._server
         bound = server.sockets[0].getsockname() if server and server.sockets else (host, port)
@@ -89,7 +102,6 @@ async def serve(config: Config, listen: str | None = None, ready: asyncio.Event 
         write_atomic(config.url_file, url + "\n")
         print(f"listening on {url}", flush=True)
         log.info("listening", url=url)
-        await checkpointer.checkpoint()
         cp_task = asyncio.create_task(checkpointer.run())
         if ready is not None:
             ready.set()

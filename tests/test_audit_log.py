@@ -224,3 +224,29 @@ def test_fail_closed_when_the_log_cannot_grow(ca: InitialisedCA, tmp_path: Path)
     result = verify_log(path.read_bytes(), ed25519.Ed25519PrivateKey.generate().public_key(),
                         "x")
     assert result.ok, result.reason
+
+
+def test_daemon_pushes_checkpoints_to_a_file_witness(tmp_path: Path) -> None:
+    ca = init_ca(tmp_path)
+    cfg = ca.state / "hsmca.toml"
+    witness = tmp_path / "witness" / "checkpoint"
+    witness.parent.mkdir()
+    cfg.write_text(cfg.read_text().replace("witnesses = []", f'witnesses = ["{witness}"]'))
+    d = start_daemon(ca.state)
+    assert d.stop() == 0
+    held = witness.read_text()
+    assert held == (ca.state / "audit/checkpoint").read_text()
+    size = int(held.splitlines()[1])
+    lines = (ca.state / "audit/log.jsonl").read_bytes().splitlines()
+    assert json.loads(lines[size - 1])["event"] == "daemon.stop"  # the last checkpoint covers it
+
+
+def test_missing_checkpoint_file_does_not_switch_the_start_check_off(tmp_path: Path) -> None:
+    ca = init_ca(tmp_path)
+    (ca.state / "audit/checkpoint").unlink()
+    log = ca.state / "audit/log.jsonl"
+    log.write_bytes(log.read_bytes().replace(b'"event":"init.start"', b'"event":"init.strat"',
+                                             1))
+    proc = hsmca("serve", "--config", ca.state / "hsmca.toml", "--listen", "127.0.0.1:0",
+                 check=False)
+    assert proc.returncode == 1 and "the checkpoint recorded at seq" in proc.stderr, proc.stderr

@@ -26,7 +26,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from ca.audit.merkle import MerkleTree, leaf_hash
+from ca.audit.note import NoteError, parse_checkpoint, verify_checkpoint
 from hsm.completion import Batch, Sink, async_sink, claim
 from hsm.errors import AuditUnavailable
 
@@ -80,9 +83,11 @@ class AuditLog:
     # ---- opening and recovery -----------------------------------------------------------
 
     @classmethod
-    def open(cls, path: Path, checkpoint_path: Path | None = None) -> AuditLog:
+    def open(cls, path: Path, checkpoint_path: Path | None = None,
+             audit_key: Ed25519PublicKey | None = None) -> AuditLog:
         """Lock the log, cut a torn tail (recorded as log.recover), check it still
-        extends the last checkpoint, and start the writer."""
+        extends the last checkpoint (its signature too, given the audit key), and
+        start the writer."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
@@ -96,13 +101,14 @@ class AuditLog:
                                     ) from None
             raise
         try:
-            return cls._recover(path, fd, checkpoint_path)
+            return cls._recover(path, fd, checkpoint_path, audit_key)
         except BaseException:
             os.close(fd)
             raise
 
     @classmethod
-    def _recover(cls, path: Path, fd: int, checkpoint_path: Path | None) -> AuditLog:
+    def _recover(cls, path: Path, fd: int, checkpoint_path: Path | None,
+                 audit_key: Ed25519PublicKey | None) -> AuditLog:
         data = _read_all(fd)
         lines = data.split(b"\n")
         tail = lines.pop()  # bytes after the last "\n": empty unless the last line is torn
@@ -129,8 +135,8 @@ class AuditLog:
                 raise AuditLogError(f"the audit log {path} has {n} lines but its last line says "
                                     f"seq {last.get('seq')}: lines are missing or duplicated; "
                                     "run `hsmca audit verify` and investigate")
-        if checkpoint_path is not None and checkpoint_path.exists():
-            cls._check_against_checkpoint(path, checkpoint_path, tree, n)
+        if checkpoint_path is not None:
+            cls._check_against_checkpoint(path, checkpoint_path, tree, lines, audit_key)
         prev = prev_digest.hex() if prev_digest is not None else GENESIS
         log = cls(path, fd, good_bytes, n, prev, tree, offsets)
         if torn:
@@ -143,23 +149,42 @@ class AuditLog:
 
     @staticmethod
     def _check_against_checkpoint(path: Path, checkpoint_path: Path, tree: MerkleTree,
-                                  n: int) -> None:
-        from ca.audit.note import NoteError, parse_checkpoint
-
+                                  lines: list[bytes], audit_key: Ed25519PublicKey | None
+                                  ) -> None:
+        """The log must still hold what the last checkpoint signed. That is the
+        checkpoint file, or, if it is gone, the last checkpoint recorded in the log
+        itself (deleting one file must not switch the check off)."""
+        n = len(lines)
+        if checkpoint_path.exists():
+            where = str(checkpoint_path)
+            try:
+                text = checkpoint_path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise AuditLogError(f"the last checkpoint {where} cannot be read ({exc}); "
+                                    "refusing to start: an operator must look") from None
+        else:
+            found = _last_logged_checkpoint(lines)
+            if found is None:
+                return  # a log that never had a checkpoint (a fresh or pre-init state)
+            text, seq = found
+            where = f"the checkpoint recorded at seq {seq} (the checkpoint file is missing)"
         try:
-            cp = parse_checkpoint(checkpoint_path.read_text(encoding="utf-8"))
-        except (NoteError, OSError, UnicodeDecodeError) as exc:
-            raise AuditLogError(f"the last checkpoint {checkpoint_path} cannot be read ({exc}); "
+            if audit_key is not None:
+                cp = verify_checkpoint(text, text.split("\n", 1)[0], audit_key)
+            else:
+                cp = parse_checkpoint(text)
+        except NoteError as exc:
+            raise AuditLogError(f"{where} is not a valid checkpoint of this CA ({exc}); "
                                 "refusing to start: an operator must look") from None
         if cp.size > n:
             raise AuditLogError(
-                f"the audit log {path} has {n} complete lines but the last checkpoint covers "
+                f"the audit log {path} has {n} complete lines but {where} covers "
                 f"{cp.size}: the log was truncated or replaced (tampering or loss). Refusing to "
                 "start; restore the log and run `hsmca audit verify`")
         if tree.root(cp.size) != cp.root:
             raise AuditLogError(
-                f"the first {cp.size} lines of the audit log {path} no longer match the last "
-                "checkpoint: the log was rewritten. Refusing to start; run `hsmca audit verify`")
+                f"the first {cp.size} lines of the audit log {path} no longer match {where}: "
+                "the log was rewritten. Refusing to start; run `hsmca audit verify`")
 
     # ---- appending ----------------------------------------------------------------------
 
@@ -315,6 +340,16 @@ class AuditLog:
             os.close(self._fd)  # releases the flock
         except OSError:
             pass
+
+
+def _last_logged_checkpoint(lines: list[bytes]) -> tuple[str, int] | None:
+    for seq in range(len(lines) - 1, -1, -1):
+        if b'"checkpoint":"' not in lines[seq]:
+            continue
+        obj = json.loads(lines[seq])
+        if obj.get("phase") == "outcome" and isinstance(obj.get("checkpoint"), str):
+            return obj["checkpoint"], seq
+    return None
 
 
 def _read_all(fd: int) -> bytes:

@@ -32,8 +32,8 @@ which of them changed; it then reports the later one.
 Speed: canonical form is proved without re-serialising most lines (see
 `_fast_parse`), each line is hashed twice (chain hash and leaf hash are SHA-256 of
 different inputs, so one cannot be derived from the other), and the Merkle levels
-are built in bulk. `verify_log(..., workers=N)` forks N-1 helper processes on
-POSIX for large logs.
+are built in bulk. Large logs are split between forked worker processes (see
+`verify_log`), each of which scans its chunk and builds that chunk's Merkle levels.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ import os
 import pickle
 import re
 import tempfile
+import threading
 from array import array
 from dataclasses import dataclass, field
 from datetime import date
@@ -174,8 +175,8 @@ def _slow_parse(text: str) -> dict[str, Any]:
 
 # ---- field checks ---------------------------------------------------------------------------
 
-_TS = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
-                 r"\.[0-9]{6}Z")
+_TS = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
+                 r"\.[0-9]{6}Z")  # [0-9], not \d: \d also matches non-ASCII digits
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _TS_EXAMPLE = "2026-11-23T17:28:05.123456Z"
 
@@ -448,13 +449,21 @@ def _scan_all(data: bytes, end: int, workers: int, public_key: Ed25519PublicKey,
 
 def verify_log(data: bytes, public_key: Ed25519PublicKey, key_name: str,
                origin: str | None = None, latest_checkpoint: str | None = None,
-               state: dict[str, Any] | None = None, *, workers: int = 1) -> VerifyResult:
+               state: dict[str, Any] | None = None, *,
+               workers: int | None = None) -> VerifyResult:
     """Verify a whole audit log; see the module docstring for what is checked.
 
-    `workers` > 1 forks helper processes (POSIX) to scan large logs in parallel;
-    keep the default inside a multi-threaded daemon. A malformed `state` raises
-    ValueError: it is the auditor's own file, not evidence about the log.
+    `key_name` is the audit key's name in the checkpoint signature lines and
+    `origin`, when given, the origin line every checkpoint must carry.
+
+    Logs of more than a few MB are scanned by `workers` processes forked from this
+    one (POSIX). By default that is one per CPU when the caller runs a single
+    thread (the CLI) and none otherwise, because forking a multi-threaded process
+    (the daemon) can deadlock the child. A malformed `state` raises ValueError: it
+    is the auditor's own file, not evidence about the log.
     """
+    if workers is None:
+        workers = (os.cpu_count() or 1) if threading.active_count() == 1 else 1
     prior = _check_state(state, public_key, key_name, origin) if state is not None else None
     was_enabled = gc.isenabled()
     gc.disable()  # millions of short-lived dicts; nothing here makes reference cycles

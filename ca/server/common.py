@@ -93,7 +93,7 @@ async def json_body(request: web.Request) -> dict[str, Any]:
         return {}
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # nesting bombs included
         raise Problem(400, "Bad Request", "the body is not valid JSON", "bad-json") from None
     if not isinstance(body, dict):
         raise Problem(400, "Bad Request", "the body must be a JSON object", "bad-json")

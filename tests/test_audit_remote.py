@@ -1,0 +1,588 @@
+"""Remote auditing against the real daemon: entries and Merkle proofs over mutual TLS,
+incremental `hsmca audit verify --url`, and the file witness.
+
+The proofs are checked with an RFC 9162 implementation written here from the RFC's
+text (section 2.1), not with ca/audit/merkle.py, so that a shared misreading of the
+RFC cannot make both sides agree.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from ca.audit.note import parse_checkpoint, sign_checkpoint
+from ca.audit.witness import FileWitness, WitnessRefused
+from ca.client import enroll
+from tests.conftest import Daemon, hsmca, init_ca, start_daemon
+from tests.test_x509_e2e import http, new_token
+
+REPO = Path(__file__).resolve().parents[1]
+
+# ---- RFC 9162 section 2.1, independently ------------------------------------------------
+
+
+def _h(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def _k(n: int) -> int:
+    """The largest power of two smaller than n (n > 1)."""
+    k = 1
+    while k * 2 < n:
+        k *= 2
+    return k
+
+
+def mth(d: Sequence[bytes]) -> bytes:
+    """2.1.1: MTH({}) = SHA-256(), MTH({d0}) = SHA-256(0x00 || d0), else split at k."""
+    n = len(d)
+    if n == 0:
+        return _h(b"")
+    if n == 1:
+        return _h(b"\x00" + d[0])
+    k = _k(n)
+    return _h(b"\x01" + mth(d[:k]) + mth(d[k:]))
+
+
+def path(m: int, d: Sequence[bytes]) -> list[bytes]:
+    """2.1.3.1: PATH(m, D[n])."""
+    n = len(d)
+    if n == 1:
+        return []
+    k = _k(n)
+    if m < k:
+        return [*path(m, d[:k]), mth(d[k:])]
+    return [*path(m - k, d[k:]), mth(d[:k])]
+
+
+def proof(m: int, d: Sequence[bytes]) -> list[bytes]:
+    """2.1.4.1: PROOF(m, D[n]) = SUBPROOF(m, D[n], true)."""
+    return _subproof(m, d, True)
+
+
+def _subproof(m: int, d: Sequence[bytes], b: bool) -> list[bytes]:
+    n = len(d)
+    if m == n:
+        return [] if b else [mth(d)]
+    k = _k(n)
+    if m <= k:
+        return [*_subproof(m, d[:k], b), mth(d[k:])]
+    return [*_subproof(m - k, d[k:], False), mth(d[:k])]
+
+
+def verify_inclusion(leaf_index: int, tree_size: int, leaf_hash: bytes,
+                     inclusion_path: Sequence[bytes], root_hash: bytes) -> bool:
+    """2.1.3.2, step by step."""
+    if leaf_index >= tree_size:
+        return False
+    fn, sn = leaf_index, tree_size - 1
+    r = leaf_hash
+    for p in inclusion_path:
+        if sn == 0:
+            return False
+        if fn & 1 or fn == sn:
+            r = _h(b"\x01" + p + r)
+            if not fn & 1:
+                while not (fn & 1 or fn == 0):
+                    fn >>= 1
+                    sn >>= 1
+        else:
+            r = _h(b"\x01" + r + p)
+        fn >>= 1
+        sn >>= 1
+    return sn == 0 and r == root_hash
+
+
+def verify_consistency(first: int, second: int, first_hash: bytes, second_hash: bytes,
+                       consistency_path: Sequence[bytes]) -> bool:
+    """2.1.4.2, step by step (for 0 < first < second, where a proof is non-empty)."""
+    if not consistency_path:
+        return False
+    path_ = list(consistency_path)
+    if first & (first - 1) == 0:
+        path_.insert(0, first_hash)
+    fn, sn = first - 1, second - 1
+    while fn & 1:
+        fn >>= 1
+        sn >>= 1
+    fr = sr = path_[0]
+    for c in path_[1:]:
+        if sn == 0:
+            return False
+        if fn & 1 or fn == sn:
+            fr = _h(b"\x01" + c + fr)
+            sr = _h(b"\x01" + c + sr)
+            if not fn & 1:
+                while not (fn & 1 or fn == 0):
+                    fn >>= 1
+                    sn >>= 1
+        else:
+            sr = _h(b"\x01" + sr + c)
+        fn >>= 1
+        sn >>= 1
+    return fr == first_hash and sr == second_hash and sn == 0
+
+
+def test_the_independent_rfc_code_agrees_with_itself() -> None:
+    """The test's own RFC code: every PATH and PROOF it makes verifies, and a wrong root
+    does not (so a daemon proof that passes it means something)."""
+    d = [f"entry {i}".encode() for i in range(13)]
+    for n in range(1, len(d) + 1):
+        root = mth(d[:n])
+        for m in range(n):
+            leaf = _h(b"\x00" + d[m])
+            assert verify_inclusion(m, n, leaf, path(m, d[:n]), root)
+            assert not verify_inclusion(m, n, leaf, path(m, d[:n]), _h(b"x"))
+        for m in range(1, n):
+            assert verify_consistency(m, n, mth(d[:m]), root, proof(m, d[:n]))
+            assert not verify_consistency(m, n, _h(b"x"), root, proof(m, d[:n]))
+
+
+# ---- helpers ----------------------------------------------------------------------------
+
+
+async def credential(d: Daemon, role: str, name: str, out: Path) -> tuple[Path, Path]:
+    """Enroll a client certificate of `role` (token from the admin, key made here)."""
+    token = await new_token(d, role, [name])
+    await enroll(d.url, token, [name], out, d.root)
+    return out / "cert.pem", out / "key.pem"
+
+
+async def get(d: Daemon, path_: str, cred: tuple[Path, Path] | None = None
+              ) -> tuple[int, str, bytes]:
+    return await http("GET", f"{d.url}{path_}", d.ssl(*cred) if cred else d.ssl())
+
+
+async def latest_checkpoint(d: Daemon) -> tuple[int, bytes, str]:
+    status, _, raw = await get(d, "/v1/audit/checkpoint")
+    assert status == 200, raw
+    cp = parse_checkpoint(raw.decode())
+    return cp.size, cp.root, raw.decode()
+
+
+async def fetched_lines(d: Daemon, cred: tuple[Path, Path], size: int) -> list[bytes]:
+    status, ctype, raw = await get(d, f"/v1/audit/entries?start=0&limit={size}", cred)
+    assert status == 200 and ctype == "application/jsonl", raw
+    lines = raw.split(b"\n")
+    assert lines.pop() == b"" and len(lines) == size
+    return lines
+
+
+def remote_verify(d: Daemon, cred: tuple[Path, Path], state: Path
+                  ) -> subprocess.CompletedProcess[str]:
+    return hsmca("audit", "verify", "--url", d.url, "--ca", d.root, "--client-cert", cred[0],
+                 "--client-key", cred[1], "--key", d.state / "audit" / "audit_key.pem",
+                 "--state", state, check=False)
+
+
+def ok_counts(proc: subprocess.CompletedProcess[str]) -> tuple[int, int]:
+    """(lines, fetched) from `OK: N lines, M checkpoints verified (fetched K new lines)`."""
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    m = re.fullmatch(r"OK: (\d+) lines, (\d+) checkpoints verified \(fetched (\d+) new lines\)\n",
+                     proc.stdout)
+    assert m, proc.stdout
+    return int(m[1]), int(m[3])
+
+
+# ---- (a) entries, byte for byte, for auditors only ---------------------------------------
+
+
+async def test_entries_are_the_stored_bytes_and_only_for_auditors(daemon: Daemon,
+                                                                  tmp_path: Path) -> None:
+    auditor = await credential(daemon, "auditor", "auditor@example.com", tmp_path / "aud")
+    service = await credential(daemon, "service", "svc.audit.example", tmp_path / "svc")
+
+    status, ctype, body = await get(daemon, "/v1/audit/entries?start=0&limit=1000", auditor)
+    assert status == 200 and ctype == "application/jsonl"
+    on_disk = (daemon.state / "audit" / "log.jsonl").read_bytes()  # read after: only grows
+    assert body and body.endswith(b"\n") and on_disk.startswith(body)
+    lines = body.split(b"\n")[:-1]
+    status, _, page = await get(daemon, "/v1/audit/entries?start=2&limit=3", auditor)
+    assert status == 200 and page == b"".join(line + b"\n" for line in lines[2:5])
+
+    for path_ in ("/v1/audit/entries?start=0&limit=10",
+                  "/v1/audit/proof/consistency?old=1&size=2",
+                  "/v1/audit/proof/inclusion?index=0&size=2"):
+        status, ctype, raw = await get(daemon, path_, service)
+        assert status == 403 and ctype == "application/problem+json", (path_, raw)
+        problem = json.loads(raw)
+        assert problem["status"] == 403 and "auditor" in problem["detail"]
+        status, ctype, _ = await get(daemon, path_)  # no client certificate at all
+        assert status == 401 and ctype == "application/problem+json"
+
+
+# ---- (b) the daemon's proofs, checked by the RFC's own algorithms -------------------------
+
+
+async def test_daemon_proofs_verify_with_an_independent_rfc9162(daemon: Daemon,
+                                                                tmp_path: Path) -> None:
+    auditor = await credential(daemon, "auditor", "auditor@example.com", tmp_path / "aud")
+    size, root, _ = await latest_checkpoint(daemon)
+    lines = await fetched_lines(daemon, auditor, size)
+    assert mth(lines) == root  # the signed root is RFC 9162's MTH of the lines as served
+
+    sizes = sorted({1, 2, 3, 4, 5, 7, 8, 9, size // 2, size - 1, size} - {0})
+    for n in sizes:
+        tree_root = mth(lines[:n])
+        for index in sorted({0, n // 2, n - 1}):
+            status, _, raw = await get(
+                daemon, f"/v1/audit/proof/inclusion?index={index}&size={n}", auditor)
+            assert status == 200, raw
+            got = json.loads(raw)
+            assert (got["index"], got["size"]) == (index, n)
+            hashes = [base64.b64decode(h) for h in got["proof"]]
+            leaf = _h(b"\x00" + lines[index])
+            assert verify_inclusion(index, n, leaf, hashes, tree_root), (index, n)
+            assert hashes == path(index, lines[:n])
+        for old in sorted({1, 2, 3, 4, n // 2, n - 1} - {0}):
+            if old >= n:
+                continue
+            status, _, raw = await get(
+                daemon, f"/v1/audit/proof/consistency?old={old}&size={n}", auditor)
+            assert status == 200, raw
+            got = json.loads(raw)
+            assert (got["old"], got["size"]) == (old, n)
+            hashes = [base64.b64decode(h) for h in got["proof"]]
+            assert verify_consistency(old, n, mth(lines[:old]), tree_root, hashes), (old, n)
+            assert hashes == proof(old, lines[:n])
+            # A proof of another old tree must not pass for this one.
+            assert not verify_consistency(old, n, mth(lines[1:old + 1]), tree_root, hashes)
+
+
+# ---- (c) incremental remote verification, and a rewrite on the CA host --------------------
+
+# What a root attacker on the CA host can do without the key leaving the HSM: run the
+# daemon's own code with the PIN file to sign a checkpoint over whatever log is there.
+_ATTACKER_SIGNS = """
+import asyncio, os, sys
+from pathlib import Path
+from ca.audit.checkpointer import Checkpointer
+from ca.audit.log import AuditLog
+from ca.config import load
+from hsm.worker import HSMWorker
+
+async def main() -> None:
+    cfg = load(Path(sys.argv[1]))
+    if cfg.softhsm_conf:
+        os.environ["SOFTHSM2_CONF"] = cfg.softhsm_conf
+    audit = AuditLog.open(cfg.audit_log)  # no checkpoint to check against: it was removed
+    worker = HSMWorker(cfg.hsm, audit)
+    worker.start()
+    try:
+        key = await worker.load_key(cfg.key_label("audit"))
+        await Checkpointer(audit, worker, key, cfg.audit_origin,
+                           cfg.checkpoint_path).checkpoint()
+    finally:
+        worker.close()
+        audit.close()
+
+asyncio.run(main())
+"""
+
+
+def rewrite_line(log: Path, seq: int, change: dict[str, Any]) -> None:
+    """Change line `seq` and re-chain every later line, keeping all of them canonical."""
+    objs = [json.loads(line) for line in log.read_bytes().splitlines()]
+    objs[seq].update(change)
+    out: list[bytes] = []
+    for obj in objs:
+        if out and obj["seq"] > seq:
+            obj["prev"] = hashlib.sha256(out[-1]).hexdigest()
+        out.append(json.dumps(obj, sort_keys=True, separators=(",", ":"),
+                              ensure_ascii=False).encode())
+    log.write_bytes(b"".join(line + b"\n" for line in out))
+
+
+async def test_remote_verify_is_incremental_and_catches_a_rewrite(tmp_path: Path) -> None:
+    ca = init_ca(tmp_path)
+    log = ca.state / "audit" / "log.jsonl"
+    state = tmp_path / "auditor-state.json"
+    daemons: list[Daemon] = []
+    try:
+        d = start_daemon(ca.state)
+        daemons.append(d)
+        auditor = await credential(d, "auditor", "auditor@example.com", tmp_path / "aud")
+
+        first_lines, fetched = ok_counts(remote_verify(d, auditor, state))
+        assert fetched == first_lines > 0  # the first run fetches everything
+        saved = json.loads(state.read_text())
+        assert saved["size"] == saved["next_seq"] == first_lines
+        assert saved["last_hash"] == hashlib.sha256(
+            log.read_bytes().splitlines()[first_lines - 1]).hexdigest()
+        first_checkpoint = saved["checkpoint"]
+
+        for i in range(3):
+            await credential(d, "service", f"svc{i}.audit.example", tmp_path / f"svc{i}")
+        # A graceful stop signs a final checkpoint covering the issuances; the restarted
+        # daemon serves it (or its own start-up checkpoint, which covers even more).
+        assert d.stop() == 0
+        d = start_daemon(ca.state)
+        daemons.append(d)
+
+        second_lines, fetched = ok_counts(remote_verify(d, auditor, state))
+        assert second_lines > first_lines
+        assert fetched == second_lines - first_lines  # only the new lines were fetched
+        saved = json.loads(state.read_text())
+        assert saved["size"] == second_lines
+        issued = [json.loads(line) for line in log.read_bytes().splitlines()[
+            first_lines:second_lines]]
+        intents = [e for e in issued if e.get("purpose") == "x509" and e["phase"] == "intent"
+                   and e["role"] == "service"]
+        assert len(intents) == 3  # the three service certificates are among the new lines
+
+        shown = hsmca("audit", "show", "--url", d.url, "--ca", d.root, "--client-cert",
+                      auditor[0], "--client-key", auditor[1], "--from", first_lines)
+        assert shown.stdout.splitlines()[0].split()[0] == str(first_lines)
+        assert "svc2.audit.example" in shown.stdout
+
+        # The file witness follows the honest log with the daemon's own proofs.
+        key = _audit_key(ca.state)
+        origin = first_checkpoint.split("\n", 1)[0]
+        witness = FileWitness(tmp_path / "witness", key, origin)
+        witness.accept(first_checkpoint, [])
+        status, _, raw = await get(
+            d, f"/v1/audit/proof/consistency?old={first_lines}&size={second_lines}", auditor)
+        assert status == 200
+        witness.accept(saved["checkpoint"],
+                       [base64.b64decode(h) for h in json.loads(raw)["proof"]])
+        assert d.stop() == 0
+        daemons.pop()
+
+        # The attacker hides one issuance: a line covered by the checkpoint verified last
+        # time, rewritten with every later prev re-chained, then a fresh checkpoint signed
+        # by the real HSM key over the result.
+        victim = intents[0]["seq"]
+        rewrite_line(log, victim, {"names": ["innocent.example"]})
+        (ca.state / "audit" / "checkpoint").unlink()
+        signer = subprocess.run([sys.executable, "-c", _ATTACKER_SIGNS,
+                                 ca.state / "hsmca.toml"], cwd=REPO, capture_output=True,
+                                text=True, timeout=60)
+        assert signer.returncode == 0, signer.stderr
+        d = start_daemon(ca.state)  # the daemon accepts the log: it matches "its" checkpoint
+        daemons.append(d)
+
+        before = state.read_bytes()
+        proc = remote_verify(d, auditor, state)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert proc.stderr.startswith(f"FAILED at seq {second_lines - 1}: "), proc.stderr
+        assert "the log was cut or rewritten after the checkpoint verified last time" in (
+            proc.stderr)
+        assert state.read_bytes() == before  # nothing is saved from a failed run
+
+        # The witness refuses the attacker's checkpoint and keeps the honest one.
+        size, _, text = await latest_checkpoint(d)
+        status, _, raw = await get(
+            d, f"/v1/audit/proof/consistency?old={second_lines}&size={size}", auditor)
+        assert status == 200
+        with pytest.raises(WitnessRefused, match="does not extend"):
+            witness.accept(text, [base64.b64decode(h) for h in json.loads(raw)["proof"]])
+        assert (tmp_path / "witness").read_text() == saved["checkpoint"]
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+
+
+def _audit_key(state: Path) -> ed25519.Ed25519PublicKey:
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+    key = load_pem_public_key((state / "audit" / "audit_key.pem").read_bytes())
+    assert isinstance(key, ed25519.Ed25519PublicKey)
+    return key
+
+
+def test_remote_verify_needs_a_state_and_a_client_certificate(tmp_path: Path) -> None:
+    key = tmp_path / "k.pem"
+    base = ("audit", "verify", "--url", "https://127.0.0.1:1", "--key", key)
+    proc = hsmca(*base, "--client-cert", key, "--client-key", key, check=False)
+    assert proc.returncode == 1 and "--url needs --state" in proc.stderr
+    proc = hsmca(*base, "--state", tmp_path / "s.json", check=False)
+    assert proc.returncode == 1 and "--client-cert and --client-key" in proc.stderr
+    proc = hsmca("audit", "verify", "--url", "u", "--log", key, "--key", key, check=False)
+    assert proc.returncode == 2 and "not allowed with argument" in proc.stderr
+
+
+# ---- (d) the file witness ------------------------------------------------------------------
+
+
+def test_file_witness_accepts_extensions_and_refuses_anything_else(tmp_path: Path) -> None:
+    origin = "witness.test/audit"
+    priv = ed25519.Ed25519PrivateKey.generate()
+    pub = priv.public_key()
+    entries = [f'{{"seq":{i}}}'.encode() for i in range(24)]
+    forked = [*entries[:3], b'{"seq":3,"hidden":true}', *entries[4:]]
+
+    def cp(d: Sequence[bytes], size: int, signer: ed25519.Ed25519PrivateKey = priv) -> str:
+        return sign_checkpoint(origin, size, mth(d[:size]), origin, signer.public_key(),
+                               signer.sign)
+
+    held = tmp_path / "witness" / "checkpoint"
+    held.parent.mkdir()
+    w = FileWitness(held, pub, origin)
+    assert w.held() is None
+    w.accept(cp(entries, 5), [])  # the first is trusted on first use
+    assert held.read_text() == cp(entries, 5)
+    w.accept(cp(entries, 5), [])  # the same tree again
+    w.accept(cp(entries, 12), proof(5, entries[:12]))
+    assert held.read_text() == cp(entries, 12)
+
+    refused = [
+        (cp(entries, 8), [], "fewer than"),
+        (cp(forked, 12), [], "different root"),
+        (cp(forked, 16), proof(12, forked[:16]), "does not extend"),
+        (cp(entries, 16), [], "does not extend"),  # a real extension needs its proof
+        (cp(entries, 16), proof(11, entries[:16]), "does not extend"),  # from the held size
+        (cp(entries, 16, ed25519.Ed25519PrivateKey.generate()), proof(12, entries[:16]),
+         "does not verify"),
+    ]
+    for text, hashes, why in refused:
+        with pytest.raises(WitnessRefused, match=why):
+            w.accept(text, hashes)
+        assert held.read_text() == cp(entries, 12)  # the held checkpoint is kept
+
+    # push asks for the proof from whatever size is held.
+    asked: list[tuple[int, int]] = []
+
+    def prove(old: int, size: int) -> list[bytes]:
+        asked.append((old, size))
+        return proof(old, entries[:size])
+
+    w.push(cp(entries, 24), prove)
+    assert asked == [(12, 24)] and held.read_text() == cp(entries, 24)
+
+    # A damaged held file is evidence: the witness refuses rather than overwrite it.
+    held.write_text(cp(entries, 24).replace("24", "25", 1))
+    with pytest.raises(WitnessRefused, match="does not verify"):
+        w.accept(cp(entries, 24), [])
+
+
+# ---- verify_remote's own checks, against a log server the test controls -----------------
+
+
+class ScriptedLog:
+    """A log signed with a software key, served by a plain aiohttp app that can lie: its
+    entries can differ from the tree its checkpoint and proofs come from."""
+
+    origin = "scripted.test/audit"
+
+    def __init__(self) -> None:
+        self.key = ed25519.Ed25519PrivateKey.generate()
+        self.lines: list[bytes] = []
+        self.served: list[bytes] | None = None  # None: serve `lines`
+        self.checkpoint = ""
+
+    def add(self, event: str, **fields: Any) -> None:
+        prev = hashlib.sha256(self.lines[-1]).hexdigest() if self.lines else "0" * 64
+        obj = {"seq": len(self.lines), "ts": "2026-01-02T03:04:05.000006Z", "event": event,
+               "prev": prev, **fields}
+        self.lines.append(json.dumps(obj, sort_keys=True, separators=(",", ":"),
+                                     ensure_ascii=False).encode())
+
+    def sign(self, size: int | None = None) -> None:
+        size = len(self.lines) if size is None else size
+        self.checkpoint = sign_checkpoint(self.origin, size, mth(self.lines[:size]),
+                                          self.origin, self.key.public_key(), self.key.sign)
+
+    def app(self) -> Any:
+        from aiohttp import web
+
+        async def checkpoint(_r: web.Request) -> web.Response:
+            return web.Response(text=self.checkpoint)
+
+        async def entries(r: web.Request) -> web.Response:
+            start, limit = int(r.query["start"]), int(r.query["limit"])
+            lines = (self.lines if self.served is None else self.served)[start:start + limit]
+            return web.Response(body=b"".join(line + b"\n" for line in lines),
+                                content_type="application/jsonl")
+
+        async def consistency(r: web.Request) -> web.Response:
+            old, size = int(r.query["old"]), int(r.query["size"])
+            hashes = proof(old, self.lines[:size])
+            return web.json_response({"old": old, "size": size,
+                                      "proof": [base64.b64encode(h).decode() for h in hashes]})
+
+        app = web.Application()
+        app.router.add_get("/v1/audit/checkpoint", checkpoint)
+        app.router.add_get("/v1/audit/entries", entries)
+        app.router.add_get("/v1/audit/proof/consistency", consistency)
+        return app
+
+
+async def test_verify_remote_carries_open_intents_and_catches_a_lying_server(
+        tmp_path: Path) -> None:
+    import ssl
+
+    from aiohttp import web
+
+    from ca.audit.remote import verify_remote
+    from ca.audit.verify import verify_log
+
+    log = ScriptedLog()
+    runner = web.AppRunner(log.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    pub, ctx, state = log.key.public_key(), ssl.create_default_context(), tmp_path / "s.json"
+    try:
+        # A checkpoint that falls between an intent and its outcome, as on a busy CA.
+        log.add("init.start")
+        log.add("hsm.sign", phase="intent", op_id="in-flight")
+        log.sign()
+        first = await verify_remote(url, ctx, pub, state)
+        assert first.ok and first.fetched == 2, first.reason
+        assert json.loads(state.read_text())["open_intents"] == {
+            "in-flight": {"seq": 1, "restarted": False}}
+
+        # Its outcome arrives later; a checkpoint logged in the new lines is checked too.
+        log.add("hsm.sign", phase="outcome", op_id="in-flight", result="ok")
+        log.sign()
+        log.add("hsm.sign", phase="intent", op_id="cp", purpose="checkpoint")
+        log.add("hsm.sign", phase="outcome", op_id="cp", result="ok", checkpoint=log.checkpoint)
+        log.add("hsm.sign", phase="intent", op_id="crashed")
+        log.add("daemon.start")
+        log.sign()
+        second = await verify_remote(url, ctx, pub, state)
+        assert second.ok and second.fetched == 5 and second.checkpoints == 2, second.reason
+        saved = state.read_bytes()
+        assert json.loads(saved)["open_intents"] == {"crashed": {"seq": 5, "restarted": True}}
+        # The state is the offline one extended: `audit verify --log` accepts it.
+        data = b"".join(line + b"\n" for line in log.lines)
+        assert verify_log(data, pub, log.origin, state=json.loads(saved)).ok
+
+        # A server whose entries are not what its checkpoint commits to.
+        log.add("cert.revoke", serial="01")
+        log.sign()
+        log.served = [*log.lines[:-1], log.lines[-1].replace(b'"01"', b'"02"')]
+        lied = await verify_remote(url, ctx, pub, state)
+        assert not lied.ok and lied.bad_seq == 7 and "not those its latest checkpoint" in (
+            lied.reason or "")
+        log.served = log.lines[:-1]
+        short = await verify_remote(url, ctx, pub, state)
+        assert not short.ok and short.bad_seq == 7 and "truncated" in (short.reason or "")
+        # An older checkpoint than the one verified: cut.
+        log.served = None
+        log.sign(5)
+        cut = await verify_remote(url, ctx, pub, state)
+        assert not cut.ok and cut.bad_seq == 5 and "cut or rewritten" in (cut.reason or "")
+        assert state.read_bytes() == saved  # no failed run touched the state
+
+        # A state written by the offline verifier is upgraded by a full pass.
+        log.sign()
+        offline = {k: json.loads(saved)[k] for k in ("size", "root", "checkpoint")}
+        legacy = tmp_path / "offline.json"
+        legacy.write_text(json.dumps(offline))
+        upgraded = await verify_remote(url, ctx, pub, legacy)
+        assert upgraded.ok and upgraded.fetched == 8, upgraded.reason
+        assert json.loads(legacy.read_text())["frontier"]
+    finally:
+        await runner.cleanup()

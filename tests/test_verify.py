@@ -1,0 +1,672 @@
+"""The offline audit verifier: valid logs pass, and any tampering is caught and named
+at the first line whose bytes or position changed.
+
+Logs are written here the way SPEC section 6 says the daemon writes them (canonical
+JSON lines, hash chain, intent/outcome pairs, signed checkpoints in outcome lines),
+with a software Ed25519 key standing in for the HSM's audit key.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import ca.audit.verify as verify_module
+from ca.audit.merkle import CompactRange, leaf_hash
+from ca.audit.note import sign_checkpoint
+from ca.audit.verify import (
+    GENESIS,
+    VerifyResult,
+    load_state,
+    save_state,
+    verify_log,
+)
+
+ORIGIN = "hsmca.example/audit"
+KEY = Ed25519PrivateKey.from_private_bytes(hashlib.sha256(b"test audit key").digest())
+PUB = KEY.public_key()
+T0 = datetime(2026, 1, 5, 23, 59, 59, 990000, tzinfo=UTC)  # crosses midnight, "-0" in dates
+
+
+def canonical(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False).encode("utf-8")
+
+
+def digest_hex(line: bytes) -> str:
+    return hashlib.sha256(line).hexdigest()
+
+
+class LogBuilder:
+    """Writes a log the way the daemon does, one canonical chained line at a time."""
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+        self._prev = GENESIS
+        self._tree = CompactRange()
+        self._ops = 0
+
+    @property
+    def size(self) -> int:
+        return len(self.lines)
+
+    def add(self, event: str, **fields: Any) -> int:
+        seq = len(self.lines)
+        # A group commit gives several lines the same ts: every third pair shares one.
+        ts = (T0 + timedelta(microseconds=(seq // 2) * 1013)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        line = canonical({**fields, "seq": seq, "ts": ts, "event": event, "prev": self._prev})
+        self.lines.append(line)
+        self._prev = digest_hex(line)
+        self._tree.append(leaf_hash(line))
+        return seq
+
+    def new_op(self) -> str:
+        self._ops += 1
+        return f"op-{self._ops}"
+
+    def intent(self, op_id: str, purpose: str = "x509", **fields: Any) -> int:
+        return self.add("hsm.sign", phase="intent", op_id=op_id, purpose=purpose,
+                        key="pkcs11:token=ca;object=issuing;type=private", mechanism="ECDSA",
+                        actor="local", request_id=f"req-{op_id}", **fields)
+
+    def outcome(self, op_id: str, result: str = "ok", **fields: Any) -> int:
+        return self.add("hsm.sign", phase="outcome", op_id=op_id, result=result,
+                        digest="ab" * 32, signature_digest="cd" * 32, **fields)
+
+    def note(self, key: Ed25519PrivateKey = KEY, origin: str = ORIGIN) -> str:
+        """A checkpoint of every line so far (what state-dir/audit/checkpoint holds)."""
+        return sign_checkpoint(origin, self.size, self._tree.root(), ORIGIN,
+                               key.public_key(), key.sign)
+
+    def checkpoint(self, key: Ed25519PrivateKey = KEY, origin: str = ORIGIN) -> int:
+        """Sign and log a checkpoint as the daemon does; returns the outcome's seq."""
+        op = self.new_op()
+        note = self.note(key, origin)
+        size, root = self.size, base64.b64encode(self._tree.root()).decode()
+        self.intent(op, purpose="checkpoint", size=size, root=root)
+        return self.outcome(op, checkpoint=note)
+
+    def data(self) -> bytes:
+        return b"".join(line + b"\n" for line in self.lines)
+
+
+def join(lines: list[bytes]) -> bytes:
+    return b"".join(line + b"\n" for line in lines)
+
+
+def rechain(lines: list[bytes], start: int) -> list[bytes]:
+    """Repair the hash chain from `start` on, as a careful forger would."""
+    out = list(lines[:start])
+    for line in lines[start:]:
+        obj = json.loads(line)
+        obj["prev"] = digest_hex(out[-1]) if out else GENESIS
+        out.append(canonical(obj))
+    return out
+
+
+def rewrite(line: bytes, **changes: Any) -> bytes:
+    return canonical({**json.loads(line), **changes})
+
+
+def check(data: bytes, **kw: Any) -> VerifyResult:
+    """verify_log, in one process and in forked workers: both must say the same."""
+    result = verify_log(data, PUB, ORIGIN, origin=ORIGIN, workers=1, **kw)
+    with small_chunks():
+        forked = verify_log(data, PUB, ORIGIN, origin=ORIGIN, workers=3, **kw)
+    assert (forked.ok, forked.bad_seq, forked.reason, forked.lines, forked.new_state) == (
+        result.ok, result.bad_seq, result.reason, result.lines, result.new_state)
+    return result
+
+
+@contextmanager
+def small_chunks() -> Iterator[None]:
+    """Let tiny logs use the forked workers: chunks of 4 lines, no minimum size."""
+    saved = verify_module._ALIGN, verify_module._MIN_BYTES
+    verify_module._ALIGN, verify_module._MIN_BYTES = 2, 0
+    try:
+        yield
+    finally:
+        verify_module._ALIGN, verify_module._MIN_BYTES = saved
+
+
+def simple_log() -> LogBuilder:
+    b = LogBuilder()
+    b.add("daemon.start", version="0.1.0", config_sha256="00" * 32)
+    b.add("hsm.login", slot=0)
+    for _ in range(3):
+        op = b.new_op()
+        b.intent(op, serial="01ab", names=["svc.example"])
+        b.outcome(op, fingerprint="ef" * 32)
+    b.checkpoint()
+    op = b.new_op()
+    b.intent(op, serial="02cd")
+    b.outcome(op)
+    return b
+
+
+# ---- random valid logs ----------------------------------------------------------------------
+
+json_scalars = (st.none() | st.booleans() | st.integers(-(2**70), 2**70)
+                | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12))
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                               max_size=3),
+    max_leaves=8)
+
+
+@st.composite
+def valid_logs(draw: st.DrawFn) -> LogBuilder:
+    """A log with interleaved operations, failures, crashes and checkpoints."""
+    b = LogBuilder()
+    b.add("daemon.start", version="0.1.0")
+    open_ops: list[str] = []
+    steps = draw(st.lists(st.sampled_from(
+        ["intent", "outcome", "outcome", "event", "checkpoint", "crash"]), min_size=3,
+        max_size=25))
+    for step in steps:
+        if step == "intent":
+            op = b.new_op()
+            b.intent(op, note=draw(st.text(max_size=10)))
+            open_ops.append(op)
+        elif step == "outcome" and open_ops:
+            op = open_ops.pop(draw(st.integers(0, len(open_ops) - 1)))
+            b.outcome(op, result=draw(st.sampled_from(["ok", "ok", "CKR_DEVICE_ERROR"])))
+        elif step == "event":
+            b.add(draw(st.sampled_from(["hsm.open", "cert.revoke", "token.create"])),
+                  detail=draw(json_values))
+        elif step == "checkpoint":
+            b.checkpoint()
+        elif step == "crash":
+            b.add("daemon.start", version="0.1.0")
+            open_ops.clear()  # interrupted operations: excused by the restart
+    for op in open_ops:
+        b.outcome(op)
+    return b
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(valid_logs())
+def test_random_valid_logs_verify(log: LogBuilder) -> None:
+    checkpoints = sum(b'"checkpoint":"' in line for line in log.lines)
+    result = check(log.data(), latest_checkpoint=log.note())
+    assert result.ok, result.reason
+    assert (result.lines, result.bad_seq, result.reason) == (log.size, None, None)
+    assert result.checkpoints == checkpoints + 1
+    assert result.new_state is not None and result.new_state["size"] == log.size
+
+
+# ---- random tampering -----------------------------------------------------------------------
+
+MUTATIONS = ["corrupt", "rewrite", "delete", "insert-copy", "insert-garbage", "swap"]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(valid_logs(), st.sampled_from(MUTATIONS), st.data())
+def test_tampering_is_caught_at_the_first_changed_line(log: LogBuilder, kind: str,
+                                                       data: st.DataObject) -> None:
+    """Apply one edit and check the verifier names the first line that changed.
+
+    "Changed" means its bytes differ, or the line at that position is not the one
+    that was there. The auditor holds the latest checkpoint file, which covers the
+    whole log, so even the last line is protected.
+    """
+    lines, n = list(log.lines), log.size
+    latest = log.note()
+    if kind == "corrupt":
+        # Not canonical or not JSON any more: the line itself fails.
+        k = data.draw(st.integers(0, n - 1))
+        how = data.draw(st.sampled_from(["space", "cut", "garbage", "reorder"]))
+        if how == "space":
+            lines[k] = lines[k].replace(b"{", b"{ ", 1)
+        elif how == "cut":
+            lines[k] = lines[k][:-1]
+        elif how == "garbage":
+            lines[k] = b"x" + data.draw(st.binary(max_size=20)).replace(b"\n", b"")
+        else:
+            obj = json.loads(lines[k])
+            lines[k] = json.dumps(dict(reversed(obj.items())), separators=(",", ":"),
+                                  ensure_ascii=False).encode()
+        expected = k
+    elif kind == "rewrite":
+        # Still a perfect line on its own: only the next line's prev (or, for the last
+        # line, the checkpoint) shows the change. For the second-to-last line the
+        # verifier cannot tell it from an edit of the last line's prev, and reports
+        # the last line.
+        k = data.draw(st.integers(0, n - 1))
+        lines[k] = rewrite(lines[k], tampered=True)
+        expected = n - 1 if k == n - 2 else k
+    elif kind == "delete":
+        k = data.draw(st.integers(0, n - 1))
+        del lines[k]
+        expected = k  # the next line moved up into k (or the log ends at k: truncated)
+    elif kind == "insert-copy":
+        k = data.draw(st.integers(0, n))
+        j = data.draw(st.integers(0, n - 1))
+        lines.insert(k, lines[j])
+        expected = k + 1 if j == k else k  # a copy of line k in front of itself is line k
+    elif kind == "insert-garbage":
+        k = data.draw(st.integers(0, n))
+        lines.insert(k, canonical({"seq": k, "event": "forged"}))
+        expected = k
+    else:
+        assume(n >= 2)
+        k = data.draw(st.integers(0, n - 2))
+        m = data.draw(st.integers(k + 1, n - 1))
+        lines[k], lines[m] = lines[m], lines[k]
+        expected = k
+    assume(lines != log.lines)
+    result = check(join(lines), latest_checkpoint=latest)
+    assert not result.ok
+    assert result.bad_seq == expected, (kind, result.reason)
+    assert result.reason
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(valid_logs(), st.data())
+def test_a_rewrite_with_a_repaired_chain_is_caught_by_the_next_checkpoint(
+        log: LogBuilder, data: st.DataObject) -> None:
+    checkpoint_lines = [i for i, line in enumerate(log.lines) if b'"checkpoint":"' in line]
+    assume(checkpoint_lines)
+    c = data.draw(st.sampled_from(checkpoint_lines))
+    size = json.loads(log.lines[c - 1])["size"]  # the intent logs what the note covers
+    assume(size > 0)
+    k = data.draw(st.integers(0, size - 1))
+    lines = rechain([*log.lines[:k], rewrite(log.lines[k], tampered=True),
+                     *log.lines[k + 1:]], k + 1)
+    result = check(join(lines))
+    # Every checkpoint that covers line k now fails; the first of them is reported.
+    first = min(i for i in checkpoint_lines
+                if json.loads(log.lines[i - 1])["size"] > k)
+    assert (result.ok, result.bad_seq) == (False, first)
+    assert "Merkle root" in (result.reason or "")
+
+
+# ---- canonical form, exactly ----------------------------------------------------------------
+
+NON_CANONICAL = {
+    "space after a colon": lambda s: s.replace('"event":', '"event": '),
+    "space before a comma": lambda s: s.replace('"n":0,', '"n":0 ,'),
+    "space in a list": lambda s: s.replace('[1,"two"', '[1, "two"'),
+    "tab outside strings": lambda s: s.replace('"event":', '"event":\t'),
+    "leading space": lambda s: " " + s,
+    "trailing space": lambda s: s + " ",
+    "carriage return": lambda s: s + "\r",
+    "unsorted keys": lambda s: '{"seq":0,' + s[1:].replace(',"seq":0', ""),
+    "duplicate key": lambda s: s.replace('{"', '{"event":"x","', 1),
+    "duplicate key, last kept": lambda s: s.replace('"n":0,', '"n":0,"n":0,'),
+    "negative zero": lambda s: s.replace('"n":0', '"n":-0'),
+    "exponent": lambda s: s.replace('"n":0', '"n":0e0'),
+    "float with a trailing zero": lambda s: s.replace('"pi":1.5', '"pi":1.50'),
+    "escaped non-ASCII": lambda s: s.replace("\u00e9", "\\u00e9"),
+    "escaped slash": lambda s: s.replace("a/b", "a\\/b"),
+    "uppercase hex escape": lambda s: s.replace("\\u001f", "\\u001F"),
+    "long escape for newline": lambda s: s.replace("\\n", "\\u000a"),
+    "NaN": lambda s: s.replace('"n":0', '"n":NaN'),
+    "Infinity": lambda s: s.replace('"n":0', '"n":Infinity'),
+    "nested unsorted keys": lambda s: s.replace('{"a":1,"b":2}', '{"b":2,"a":1}'),
+    "lone surrogate escape": lambda s: s.replace("\u00e9", "\\ud800"),
+}
+
+
+def tricky_line() -> str:
+    obj = {"seq": 0, "ts": "2026-01-05T00:00:00.000001Z", "event": "audit.test",
+           "prev": GENESIS, "n": 0, "text": "caf\u00e9 a/b \x1f\n \"q\" x-0, {", "pi": 1.5,
+           "nested": {"a": 1, "b": 2}, "list": [1, "two", [3], None, True]}
+    return canonical(obj).decode()
+
+
+def test_a_line_with_every_kind_of_value_is_accepted() -> None:
+    result = check(tricky_line().encode() + b"\n")
+    assert result.ok, result.reason
+
+
+@pytest.mark.parametrize("case", sorted(NON_CANONICAL))
+def test_non_canonical_lines_are_refused(case: str) -> None:
+    good = tricky_line()
+    bad = NON_CANONICAL[case](good)
+    assert bad != good
+    result = check(bad.encode("utf-8") + b"\n")
+    assert (result.ok, result.bad_seq) == (False, 0)
+    assert "canonical" in (result.reason or "") or "JSON" in (result.reason or "")
+
+
+def oracle_accepts(text: str) -> bool:
+    """What SPEC 6 says: a JSON object whose canonical serialisation is the text."""
+    def no_constants(name: str) -> Any:
+        raise ValueError(name)
+
+    try:
+        obj = json.loads(text, parse_constant=no_constants)
+    except (ValueError, RecursionError):
+        return False
+    if not isinstance(obj, dict) or json.dumps(obj, sort_keys=True, separators=(",", ":"),
+                                               ensure_ascii=False) != text:
+        return False  # (a lone surrogate escape parses, but its canonical form is no UTF-8)
+    ts, event = obj.get("ts"), obj.get("event")
+    try:
+        datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ")  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return (type(obj.get("seq")) is int and obj["seq"] == 0 and len(ts) == 27
+            and isinstance(event, str) and event != "" and obj.get("prev") == GENESIS)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(max_size=5).map(lambda k: "x" + k), json_values, max_size=4),
+       st.booleans(), st.booleans(), st.sampled_from([(",", ":"), (", ", ":"), (",", ": ")]),
+       st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(" \t\r\\\"{}[],:-0e.")),
+                max_size=2))
+def test_lines_are_accepted_exactly_when_canonical(extra: dict[str, Any], sort: bool,
+                                                   ascii_only: bool,
+                                                   separators: tuple[str, str],
+                                                   insertions: list[tuple[int, str]]) -> None:
+    obj = {"seq": 0, "ts": "2026-01-05T00:00:00.000001Z", "event": "audit.test",
+           "prev": GENESIS, **extra}
+    text = json.dumps(obj, sort_keys=sort, separators=separators, ensure_ascii=ascii_only)
+    for position, char in insertions:
+        position %= len(text) + 1
+        text = text[:position] + char + text[position:]
+    assume("\n" not in text)
+    data = text.encode("utf-8", "surrogatepass") + b"\n"
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        assume(False)  # a raw lone surrogate cannot be in a UTF-8 file at all
+    result = verify_log(data, PUB, ORIGIN)
+    assert result.ok == oracle_accepts(text), (text, result.reason)
+
+
+# ---- required fields ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("changes", "reason"), [
+    ({"seq": True}, "seq must be an integer"),
+    ({"seq": 5}, "seq is 5, expected 2"),
+    ({"ts": "2026-02-30T00:00:00.000000Z"}, "ts must be"),
+    ({"ts": "2026-01-05T00:00:00Z"}, "ts must be"),
+    ({"ts": "2026-01-05T00:00:00.000000+00:00"}, "ts must be"),
+    ({"ts": "2026-01-05T24:00:00.000000Z"}, "ts must be"),
+    ({"ts": "\u0662026-01-05T00:00:00.000000Z"}, "ts must be"),
+    ({"event": ""}, "event must be"),
+    ({"event": 7}, "event must be"),
+    ({"prev": "AB" * 32}, "prev must be 64 lowercase hex"),
+    ({"phase": "maybe"}, "phase must be"),
+    ({"op_id": ""}, "op_id"),
+])
+def test_bad_required_fields_are_refused_at_their_line(changes: dict[str, Any],
+                                                       reason: str) -> None:
+    b = simple_log()
+    lines = list(b.lines)
+    lines[2] = rewrite(lines[2], **changes)  # an intent line
+    result = check(join(lines))
+    assert (result.ok, result.bad_seq) == (False, 2)
+    assert reason in (result.reason or "")
+
+
+def test_missing_required_fields_are_refused() -> None:
+    b = simple_log()
+    for field in ("seq", "ts", "event", "prev"):
+        obj = json.loads(b.lines[1])
+        del obj[field]
+        result = check(join([b.lines[0], canonical(obj), *b.lines[2:]]))
+        assert (result.ok, result.bad_seq) == (False, 1), field
+
+
+def test_first_line_must_have_the_genesis_prev() -> None:
+    b = simple_log()
+    lines = rechain([rewrite(b.lines[0], prev="11" * 32), *b.lines[1:]], 1)
+    result = check(join(lines))
+    assert (result.ok, result.bad_seq) == (False, 0)
+    assert "64 zeros" in (result.reason or "")
+
+
+def test_invalid_utf8_is_refused() -> None:
+    b = simple_log()
+    lines = list(b.lines)
+    lines[2] = lines[2].replace(b'"local"', b'"loc\xffl"')
+    result = check(join(lines))
+    assert (result.ok, result.bad_seq) == (False, 2)
+    assert "UTF-8" in (result.reason or "")
+
+
+# ---- intents and outcomes -------------------------------------------------------------------
+
+
+def test_an_open_intent_followed_by_daemon_start_is_accepted() -> None:
+    b = simple_log()
+    b.intent("interrupted")
+    b.add("daemon.start", version="0.1.0")  # the process crashed mid-operation
+    b.add("hsm.login", slot=0)
+    result = check(b.data())
+    assert result.ok, result.reason
+
+
+def test_an_open_intent_without_a_restart_is_refused_at_the_intent() -> None:
+    b = simple_log()
+    seq = b.intent("never-finished")
+    b.add("hsm.login", slot=0)
+    result = check(b.data())
+    assert (result.ok, result.bad_seq) == (False, seq)
+    assert "intent without an outcome" in (result.reason or "")
+
+
+def test_an_intent_left_open_after_the_last_restart_is_refused() -> None:
+    b = simple_log()
+    b.intent("before-crash")
+    b.add("daemon.start", version="0.1.0")
+    seq = b.intent("after-crash")
+    result = check(b.data())
+    assert (result.ok, result.bad_seq) == (False, seq)
+
+
+def test_an_interrupted_operation_may_still_get_its_outcome() -> None:
+    b = simple_log()
+    b.intent("slow")
+    b.add("daemon.start", version="0.1.0")
+    b.outcome("slow", result="CKR_SESSION_HANDLE_INVALID")
+    assert check(b.data()).ok
+
+
+@pytest.mark.parametrize(("build", "reason"), [
+    (lambda b: (b.intent("a"), b.outcome("a"), b.intent("a"))[-1], "duplicate intent"),
+    (lambda b: (b.intent("a"), b.intent("a"))[-1], "duplicate intent"),
+    (lambda b: (b.intent("a"), b.outcome("a"), b.outcome("a"))[-1], "second outcome"),
+    (lambda b: b.outcome("nobody"), "outcome without an earlier intent"),
+])
+def test_pairing_errors_are_reported_where_they_happen(build: Any, reason: str) -> None:
+    b = simple_log()
+    seq = build(b)
+    b.add("hsm.login", slot=0)
+    result = check(b.data())
+    assert (result.ok, result.bad_seq) == (False, seq)
+    assert reason in (result.reason or "")
+
+
+def test_an_outcome_without_result_is_refused() -> None:
+    b = simple_log()
+    b.intent("a")
+    seq = b.add("hsm.sign", phase="outcome", op_id="a")
+    result = check(b.data())
+    assert (result.ok, result.bad_seq) == (False, seq)
+    assert "result" in (result.reason or "")
+
+
+# ---- checkpoints ----------------------------------------------------------------------------
+
+
+def test_checkpoints_in_the_log_are_verified() -> None:
+    b = simple_log()
+    b.checkpoint()
+    result = check(b.data())
+    assert result.ok and result.checkpoints == 2
+    assert result.new_state is not None
+    assert result.new_state["size"] == json.loads(b.lines[-2])["size"]
+
+
+@pytest.mark.parametrize(("make", "reason"), [
+    (lambda b: b.checkpoint(key=Ed25519PrivateKey.generate()), "no signature by"),
+    (lambda b: b.checkpoint(origin="other.example/log"), "origin"),
+])
+def test_a_checkpoint_by_another_key_or_log_is_refused(make: Any, reason: str) -> None:
+    b = simple_log()
+    seq = make(b)
+    result = check(b.data())
+    assert (result.ok, result.bad_seq) == (False, seq)
+    assert reason in (result.reason or "")
+
+
+def test_a_checkpoint_cannot_cover_its_own_line() -> None:
+    b = simple_log()
+    op = b.new_op()
+    b.intent(op, purpose="checkpoint")
+    future = sign_checkpoint(ORIGIN, b.size + 5, b"\x00" * 32, ORIGIN, PUB, KEY.sign)
+    seq = b.outcome(op, checkpoint=future)
+    result = check(b.data())
+    assert (result.ok, result.bad_seq) == (False, seq)
+    assert "earlier lines" in (result.reason or "")
+
+
+def test_a_failed_signing_is_not_a_checkpoint() -> None:
+    b = simple_log()
+    op = b.new_op()
+    b.intent(op, purpose="checkpoint")
+    b.outcome(op, result="CKR_DEVICE_ERROR", checkpoint="not a note")
+    assert check(b.data()).ok
+
+
+def test_a_malformed_checkpoint_note_is_refused() -> None:
+    b = simple_log()
+    op = b.new_op()
+    b.intent(op, purpose="checkpoint")
+    seq = b.outcome(op, checkpoint="not a note")
+    result = check(b.data())
+    assert (result.ok, result.bad_seq) == (False, seq)
+    assert "bad checkpoint" in (result.reason or "")
+
+
+# ---- the latest checkpoint file and the saved state -----------------------------------------
+
+
+def test_torn_final_line_is_refused() -> None:
+    b = simple_log()
+    data = b.data() + b.lines[1][:17]
+    result = check(data)
+    assert (result.ok, result.bad_seq, result.lines) == (False, b.size, b.size)
+    assert "torn line" in (result.reason or "")
+    result = check(b.data()[:-1])  # the final newline itself missing
+    assert (result.ok, result.bad_seq) == (False, b.size - 1)
+
+
+def test_latest_checkpoint_longer_than_the_log_means_truncation() -> None:
+    b = simple_log()
+    latest = b.note()
+    result = check(join(b.lines[:-2]), latest_checkpoint=latest)
+    assert (result.ok, result.bad_seq) == (False, b.size - 2)
+    assert "log is shorter than the checkpoint (truncated)" in (result.reason or "")
+
+
+def test_latest_checkpoint_that_does_not_verify_fails_without_a_seq() -> None:
+    b = simple_log()
+    forged = b.note(key=Ed25519PrivateKey.generate())
+    result = check(b.data(), latest_checkpoint=forged)
+    assert (result.ok, result.bad_seq) == (False, None)
+    assert "latest checkpoint does not verify" in (result.reason or "")
+
+
+def test_state_catches_truncation_and_rewrites(tmp_path: Path) -> None:
+    b = simple_log()
+    first = check(b.data(), latest_checkpoint=b.note())
+    assert first.ok and first.new_state is not None
+    path = tmp_path / "audit-state.json"
+    assert load_state(path) is None
+    save_state(path, first.new_state)
+    assert os.listdir(tmp_path) == ["audit-state.json"]  # no temp file left behind
+    state = load_state(path)
+    assert state == first.new_state and state["size"] == b.size
+
+    # The log grew: fine, and the state moves forward with the new checkpoint.
+    b.intent("later")
+    b.outcome("later")
+    grown = check(b.data(), state=state, latest_checkpoint=b.note())
+    assert grown.ok and grown.new_state is not None and grown.new_state["size"] == b.size
+    # Grew, but the auditor has no newer checkpoint: the old state is kept.
+    kept = check(b.data(), state=state)
+    assert kept.ok and kept.new_state == state
+
+    # Cut back below what was verified: truncation, at the new end of the log.
+    short = state["size"] - 3
+    result = check(join(b.lines[:short]), state=state)
+    assert (result.ok, result.bad_seq) == (False, short)
+    assert f"truncated: the log had {state['size']} lines" in (result.reason or "")
+
+    # A line verified last time rewritten after the log's own last checkpoint, chain
+    # repaired: only the state can tell.
+    k = state["size"] - 2
+    assert json.loads(b.lines[9])["checkpoint"] and k > 9
+    lines = rechain([*b.lines[:k], rewrite(b.lines[k], tampered=True), *b.lines[k + 1:]], k + 1)
+    result = check(join(lines), state=state)
+    assert (result.ok, result.bad_seq) == (False, state["size"] - 1)
+    assert "rewritten" in (result.reason or "")
+    # Covered by a checkpoint in the log as well: that one, earlier, is reported.
+    lines = rechain([*b.lines[:4], rewrite(b.lines[4], tampered=True), *b.lines[5:]], 5)
+    result = check(join(lines), state=state)
+    assert (result.ok, result.bad_seq) == (False, 9)
+
+
+def test_a_broken_state_file_is_an_error_not_a_verdict(tmp_path: Path) -> None:
+    b = simple_log()
+    state = check(b.data(), latest_checkpoint=b.note()).new_state
+    assert state is not None
+    with pytest.raises(ValueError):
+        verify_log(b.data(), PUB, ORIGIN, state={**state, "size": state["size"] - 1})
+    with pytest.raises(ValueError):
+        verify_log(b.data(), PUB, ORIGIN, state={"size": "3"})
+    (tmp_path / "s.json").write_text("[1]")
+    with pytest.raises(ValueError):
+        load_state(tmp_path / "s.json")
+
+
+def test_an_empty_log_is_valid_and_a_missing_one_after_a_checkpoint_is_not() -> None:
+    assert check(b"").ok
+    b = simple_log()
+    result = check(b"", latest_checkpoint=b.note())
+    assert (result.ok, result.bad_seq) == (False, 0)
+
+
+def test_big_log_in_parallel_workers_agrees_with_one_process() -> None:
+    # Enough lines for several real 4096-line chunks, with damage in the second chunk.
+    b = LogBuilder()
+    b.add("daemon.start", version="0.1.0")
+    while b.size < 3 * 4096:
+        op = b.new_op()
+        b.intent(op, serial=op)
+        b.outcome(op)
+        if b.size % 1000 < 2:
+            b.checkpoint()
+    data = b.data()
+    saved = verify_module._MIN_BYTES
+    verify_module._MIN_BYTES = 0
+    try:
+        good = verify_log(data, PUB, ORIGIN, workers=2)
+        assert good.ok and good.lines == b.size
+        assert good == verify_log(data, PUB, ORIGIN, workers=1)
+        k = 4096 + 17
+        lines = [*b.lines[:k], rewrite(b.lines[k], tampered=1), *b.lines[k + 1:]]
+        bad = verify_log(join(lines), PUB, ORIGIN, workers=3)
+        assert (bad.ok, bad.bad_seq) == (False, k)
+        assert bad == verify_log(join(lines), PUB, ORIGIN, workers=1)
+    finally:
+        verify_module._MIN_BYTES = saved
