@@ -1,0 +1,62 @@
+"""/metrics parses as Prometheus text and moves when certificates are issued; the
+benchmark still runs (tiny N: it is not a timing test)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import Daemon
+from tests.test_x509_e2e import csr_pem, http, new_token
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_metrics_move_when_certificates_are_issued(daemon: Daemon) -> None:
+    status, ctype, raw = await http("GET", f"{daemon.url}/metrics", daemon.ssl())
+    assert status == 200 and ctype == "text/plain"
+    before = samples(raw.decode())
+    issued_key = ("hsmca_issued_total", (("kind", "x509"), ("result", "ok")))
+    for _ in range(3):
+        token = await new_token(daemon, "service", ["metrics.internal.example"])
+        status, _, _ = await http("POST", f"{daemon.url}/v1/x509/enroll", daemon.ssl(),
+                                  body={"csr": csr_pem(["metrics.internal.example"])},
+                                  headers={"Authorization": f"Bearer {token}"})
+        assert status == 201
+    _, _, raw = await http("GET", f"{daemon.url}/metrics", daemon.ssl())
+    after = samples(raw.decode())
+    assert after[issued_key] - before.get(issued_key, 0) == 3
+    route = ("hsmca_http_request_seconds_count", (("route", "/v1/x509/enroll"),))
+    assert after[route] - before.get(route, 0) == 3
+    assert after[("hsmca_audit_commit_seconds_count", ())] > before[
+        ("hsmca_audit_commit_seconds_count", ())]
+    assert after[("hsmca_up", (("part", "hsm"),))] == 1
+    for name in ("hsmca_hsm_call_seconds_count", "hsmca_audit_batch_lines_count",
+                 "hsmca_hsm_reconnects_total"):
+        assert (name, ()) in after, name
+
+
+def test_benchmark_runs_and_reports_every_figure() -> None:
+    proc = subprocess.run([sys.executable, ROOT / "scripts" / "bench", "--n", "40",
+                           "--concurrency", "4", "--verify-lines", "2000"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    figures = json.loads(proc.stdout)
+    for key in ("hsm_sign_per_s", "x509_issue_per_s", "p50_ms", "p99_ms", "ssh_issue_per_s",
+                "issue_vs_hsm", "audit_verify_lines_per_s", "verify_vs_sha256",
+                "http_floor_per_s", "issue_vs_http_floor", "rss_mb"):
+        assert figures[key] > 0, key

@@ -1,0 +1,43 @@
+"""The README's five-minute tour, run exactly as written against a real daemon."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import init_ca, require, start_daemon
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tour_script() -> str:
+    text = (ROOT / "README.md").read_text()
+    m = re.search(r"<!-- tour -->\n```bash\n(.*?)```\n<!-- /tour -->", text, re.S)
+    assert m, "README.md lost its tour block"
+    return m.group(1)
+
+
+def test_readme_tour_runs_as_written(tmp_path: Path) -> None:
+    for tool in ("openssl", "curl", "ssh-keygen"):
+        require(tool)
+    work = tmp_path / "repo"
+    work.mkdir()
+    (work / ".venv").symlink_to(Path(sys.prefix))  # the README's .venv/bin/hsmca
+    ca = init_ca(work / "var")  # -> work/var/ca, as scripts/quickstart lays it out
+    d = start_daemon(ca.state)
+    try:
+        proc = subprocess.run(["bash", "-euo", "pipefail", "-c", tour_script()], cwd=work,
+                              capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PATH": f"{work / '.venv/bin'}:"
+                                   f"{os.environ['PATH']}"})
+    finally:
+        d.stop()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "svc.pem: OK" in out
+    assert "HostCertificate" in out
+    assert 'Key ID: "alice@example.com:' in out and "alice" in out
+    assert out.strip().splitlines()[-1].startswith("OK:")
