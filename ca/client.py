@@ -37,21 +37,25 @@ def ssl_context(ca: Path | None, cert: Path | None = None,
     return ctx
 
 
-async def call(method: str, url: str, ctx: ssl.SSLContext, *, json_body: Any = None,
-               headers: dict[str, str] | None = None, expect: int = 200) -> Any:
+async def _request(session: aiohttp.ClientSession, method: str, url: str,
+                   ctx: ssl.SSLContext, *, json_body: Any = None,
+                   headers: dict[str, str] | None = None, expect: int = 200
+                   ) -> tuple[str, bytes]:
+    """(content type, body bytes) of a response with status `expect`; every failure,
+    the daemon's problem+json detail included, becomes one ClientError line."""
     try:
-        async with aiohttp.ClientSession(timeout=TIMEOUT) as s, s.request(
-                method, url, json=json_body, headers=headers, ssl=ctx) as r:
-            text = await r.text()
+        async with session.request(method, url, json=json_body, headers=headers,
+                                   ssl=ctx) as r:
+            body = await r.read()
             if r.status != expect:
-                detail = text.strip()[:300]
+                detail = body.decode("utf-8", "replace").strip()[:300]
                 if r.content_type == "application/problem+json":
                     try:
-                        detail = json.loads(text).get("detail", detail)
-                    except ValueError:
+                        detail = json.loads(body).get("detail", detail)
+                    except (ValueError, AttributeError):
                         pass
                 raise ClientError(f"{method} {url}: {r.status} {r.reason}: {detail}")
-            return json.loads(text) if r.content_type.endswith("json") else text
+            return r.content_type, body
     except aiohttp.ClientConnectorCertificateError as exc:
         raise ClientError(f"cannot connect to {url}: the server's certificate is not trusted "
                           f"({exc.certificate_error}); pass --ca with the CA's root.pem") from None
@@ -62,6 +66,15 @@ async def call(method: str, url: str, ctx: ssl.SSLContext, *, json_body: Any = N
         raise ClientError(f"{method} {url}: no answer within {TIMEOUT.total:.0f} s") from None
     except aiohttp.ClientError as exc:
         raise ClientError(f"{method} {url} failed: {exc}") from None
+
+
+async def call(method: str, url: str, ctx: ssl.SSLContext, *, json_body: Any = None,
+               headers: dict[str, str] | None = None, expect: int = 200) -> Any:
+    """One request on a fresh session; JSON bodies decoded, others as text."""
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        ctype, body = await _request(s, method, url, ctx, json_body=json_body,
+                                     headers=headers, expect=expect)
+    return json.loads(body) if ctype.endswith("json") else body.decode("utf-8", "replace")
 
 
 def make_csr(names: list[str], key: Any) -> str:
@@ -140,29 +153,8 @@ def check_private(path: Path) -> None:
 async def get_bytes(session: aiohttp.ClientSession, url: str, ctx: ssl.SSLContext) -> bytes:
     """GET `url` and return the body exactly as sent.
 
-    `call` decodes text, which is not byte for byte (and fails on bytes that are not
-    UTF-8); audit log lines must reach the verifier unchanged, tampered or not. The
-    caller owns `session`, so paging through a long log reuses one TLS connection.
+    Audit log lines must reach the verifier unchanged, tampered or not, so nothing is
+    decoded. The caller owns `session`, so paging through a long log reuses one TLS
+    connection.
     """
-    try:
-        async with session.get(url, ssl=ctx) as r:
-            body = await r.read()
-            if r.status != 200:
-                detail = body.decode("utf-8", "replace").strip()[:300]
-                if r.content_type == "application/problem+json":
-                    try:
-                        detail = json.loads(body).get("detail", detail)
-                    except (ValueError, AttributeError):
-                        pass
-                raise ClientError(f"GET {url}: {r.status} {r.reason}: {detail}")
-            return body
-    except aiohttp.ClientConnectorCertificateError as exc:
-        raise ClientError(f"cannot connect to {url}: the server's certificate is not trusted "
-                          f"({exc.certificate_error}); pass --ca with the CA's root.pem") from None
-    except aiohttp.ClientConnectorError as exc:
-        raise ClientError(f"cannot connect to {url}: {exc.os_error.strerror or exc}; is "
-                          "`hsmca serve` running there?") from None
-    except aiohttp.ClientError as exc:
-        raise ClientError(f"GET {url} failed: {exc}") from None
-    except TimeoutError:
-        raise ClientError(f"GET {url}: no answer within {TIMEOUT.total:g} s") from None
+    return (await _request(session, "GET", url, ctx))[1]
