@@ -250,3 +250,59 @@ def test_missing_checkpoint_file_does_not_switch_the_start_check_off(tmp_path: P
     proc = hsmca("serve", "--config", ca.state / "hsmca.toml", "--listen", "127.0.0.1:0",
                  check=False)
     assert proc.returncode == 1 and "the checkpoint recorded at seq" in proc.stderr, proc.stderr
+
+
+OWED = textwrap.dedent("""
+    import asyncio, json, os, resource, signal, sys
+    from pathlib import Path
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from ca.audit.log import AuditLog
+    from hsm.errors import AuditUnavailable
+    from hsm.worker import HSMConfig, HSMWorker
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    path, module, token, pin = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+
+    async def main():
+        log = AuditLog.open(path)
+        worker = HSMWorker(HSMConfig(module, token, "file:" + pin), log)
+        worker.start()
+        key = await worker.load_key("issuing-ca")
+        sign = lambda: worker.sign(key, lambda k: k.sign(b"m", ec.ECDSA(hashes.SHA256())),
+                                   purpose="x509", actor="local")
+        await sign()
+        intent_len = len(path.read_bytes().splitlines()[-2]) + 1
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        # Room for the next intent, not for its outcome: the HSM signs, the outcome
+        # cannot be written, the signature must not be released.
+        resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(path) + intent_len + 20,
+                                                   hard))
+        before = worker.sign_count
+        try:
+            await sign()
+            outcome = "released"
+        except AuditUnavailable:
+            outcome = "withheld"
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        await sign()
+        print(json.dumps({"outcome": outcome, "signed": worker.sign_count - before}))
+        worker.close(); log.close()
+    asyncio.run(main())
+""")
+
+
+def test_outcome_owed_after_a_failed_write_is_written_first(ca: InitialisedCA,
+                                                            tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    proc = subprocess.run([sys.executable, "-c", OWED, str(path), ca.token.module,
+                           ca.token.label, str(ca.token.pin_file)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out == {"outcome": "withheld", "signed": 2}
+    result = verify_log(path.read_bytes(), ed25519.Ed25519PrivateKey.generate().public_key(),
+                        "x")
+    assert result.ok, result.reason  # no intent left open without a crash to excuse it
+    late = [json.loads(line) for line in path.read_bytes().splitlines()
+            if b'"released":false' in line]
+    assert len(late) == 1 and late[0]["phase"] == "outcome" and late[0]["result"] == "ok"

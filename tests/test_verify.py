@@ -213,7 +213,7 @@ def test_random_valid_logs_verify(log: LogBuilder) -> None:
 MUTATIONS = ["corrupt", "rewrite", "delete", "insert-copy", "insert-garbage", "swap"]
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(valid_logs(), st.sampled_from(MUTATIONS), st.data())
 def test_tampering_is_caught_at_the_first_changed_line(log: LogBuilder, kind: str,
                                                        data: st.DataObject) -> None:

@@ -42,8 +42,8 @@ class AuditLogError(Exception):
 
 
 def canonical(obj: Mapping[str, Any]) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=False).encode("utf-8")
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode("utf-8")  # NaN is not JSON
 
 
 def utc_now() -> str:
@@ -72,6 +72,10 @@ class AuditLog:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._problem: str | None = None
         self._poisoned = False
+        # Outcome lines whose batch failed: the HSM did sign (the result was never
+        # released), so the line is owed and goes first once the disk takes writes
+        # again; otherwise its intent would stay open with no crash to excuse it.
+        self._owed: list[tuple[str, Mapping[str, Any], Sink]] = []
         self.batches = 0
         self.lines_written = 0
         self.last_commit_s = 0.0
@@ -223,10 +227,11 @@ class AuditLog:
         seq, prev = self._next_seq, self._prev
         chunks: list[bytes] = []
         leaves: list[bytes] = []
-        done: list[tuple[Sink, int]] = []
+        done: list[tuple[Sink, int, str, Mapping[str, Any]]] = []
         ts = utc_now()
         results = Batch()
-        for event, fields, fut in items:
+        owed, self._owed = self._owed, []
+        for event, fields, fut in owed + items:
             if not claim(fut):
                 continue
             try:
@@ -237,7 +242,7 @@ class AuditLog:
             digest = line_hash(line)
             chunks.append(line + b"\n")
             leaves.append(leaf_hash(line))
-            done.append((fut, seq))
+            done.append((fut, seq, event, fields))
             prev = digest.hex()
             seq += 1
         if not done:
@@ -269,11 +274,12 @@ class AuditLog:
         self.lines_written += len(done)
         if self.on_commit is not None:
             self.on_commit(self.last_commit_s, len(done))
-        for fut, s in done:
+        for fut, s, _, _ in done:
             results.ok(fut, s)
         results.flush()
 
-    def _fail_batch(self, done: list[tuple[Sink, int]], exc: OSError, results: Batch) -> None:
+    def _fail_batch(self, done: list[tuple[Sink, int, str, Mapping[str, Any]]], exc: OSError,
+                    results: Batch) -> None:
         reason = f"cannot write the audit log: {exc.strerror or exc}"
         try:  # cut whatever part of the batch reached the file, so the chain stays whole
             os.ftruncate(self._fd, self._size_bytes)
@@ -286,7 +292,10 @@ class AuditLog:
             self._problem = (f"{reason}; cutting the failed batch off failed too "
                              f"({exc2.strerror}): restart hsmca to recover the log")
         error = AuditUnavailable(self._problem)
-        for fut, _ in done:
+        for fut, _, event, fields in done:
+            if event == "hsm.sign" and fields.get("phase") == "outcome":
+                owed: cf.Future[int] = cf.Future()
+                self._owed.append((event, {**fields, "released": False}, owed))
             results.fail(fut, error)
         results.flush()
 
