@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import hashlib
 import json
 import secrets
@@ -174,6 +175,10 @@ class Authority:
             self._identity_cache[fp] = rec
         return rec
 
+    def presented_key(self, der: bytes) -> Any:
+        """The public key of a presented client certificate (parsed once per cert)."""
+        return _public_key_of(der)
+
     def is_revoked(self, serial_hex: str) -> bool:
         return int(serial_hex, 16) in self.revoked
 
@@ -278,6 +283,11 @@ class Authority:
         if not req.extensions:
             self._ocsp_cache[serial] = (now, der)
         return der
+
+
+@functools.lru_cache(maxsize=4096)
+def _public_key_of(der: bytes) -> Any:
+    return x509.load_der_x509_certificate(der).public_key()
 
 
 def _next_crl_number(db: sqlite3.Connection) -> int:

@@ -6,6 +6,7 @@ which the server turns into a 4xx problem+json.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable, Sequence
@@ -88,6 +89,11 @@ def classify(name: str, allow_wildcards: bool = False) -> tuple[str, str]:
     """('dns'|'ip'|'uri'|'email', normalised value)."""
     if not isinstance(name, str):
         raise Refused("every name must be a string")
+    return _classify(name, allow_wildcards)
+
+
+@functools.lru_cache(maxsize=16384)  # renewals classify the same inventory names again
+def _classify(name: str, allow_wildcards: bool) -> tuple[str, str]:
     try:
         return "ip", str(ipaddress.ip_address(name))
     except ValueError:

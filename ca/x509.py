@@ -8,6 +8,7 @@ its public key is ever copied into a certificate.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import ipaddress
 import os
@@ -65,6 +66,7 @@ def fingerprint(cert: x509.Certificate) -> str:
     return cert.fingerprint(hashes.SHA256()).hex()
 
 
+@functools.lru_cache(maxsize=4096)
 def name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
@@ -116,6 +118,16 @@ class LeafProfile:
     ocsp_url: str | None = None
 
 
+# The parts of every leaf that never change, built once (issuance is a hot path).
+_LEAF_BC = x509.BasicConstraints(ca=False, path_length=None)
+_LEAF_KU, _LEAF_KU_RSA = (x509.KeyUsage(
+    digital_signature=True, key_encipherment=rsa_, content_commitment=False,
+    data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+    encipher_only=False, decipher_only=False) for rsa_ in (False, True))
+_LEAF_EKU = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                   ExtendedKeyUsageOID.CLIENT_AUTH])
+
+
 def leaf_builder(p: LeafProfile, issuer: x509.Certificate,
                  now: dt.datetime | None = None) -> x509.CertificateBuilder:
     now = now or utcnow()
@@ -130,13 +142,9 @@ def leaf_builder(p: LeafProfile, issuer: x509.Certificate,
          .public_key(p.public_key)  # type: ignore[arg-type]
          .serial_number(p.serial or random_serial())
          .not_valid_before(now - BACKDATE).not_valid_after(not_after)
-         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-         .add_extension(x509.KeyUsage(
-             digital_signature=True, key_encipherment=is_rsa, content_commitment=False,
-             data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
-             encipher_only=False, decipher_only=False), critical=True)
-         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                               ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+         .add_extension(_LEAF_BC, critical=True)
+         .add_extension(_LEAF_KU_RSA if is_rsa else _LEAF_KU, critical=True)
+         .add_extension(_LEAF_EKU, critical=False)
          .add_extension(x509.SubjectKeyIdentifier.from_public_key(p.public_key),  # type: ignore[arg-type]
                         critical=False)
          .add_extension(_aki(issuer), critical=False))
@@ -159,6 +167,7 @@ def _ca_key_usage() -> x509.KeyUsage:
                          decipher_only=False)
 
 
+@functools.lru_cache(maxsize=16)
 def _aki(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
     ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)

@@ -108,7 +108,7 @@ async def _renew(request: web.Request, csr: x509.CertificateSigningRequest | Non
         policy.check_csr(csr)
         public_key = csr.public_key()
     else:
-        public_key = x509.load_der_x509_certificate(who.der).public_key()
+        public_key = auth.presented_key(who.der)
     # Names come from the inventory record of the presented certificate: never widened.
     names = tuple(policy.classify(n, True) for n in rec.names)
     return await auth.issue_x509(
