@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import SSHCertificate
 from cryptography.x509 import ocsp
@@ -116,6 +117,16 @@ class Authority:
         if await self.store.write(consume) != 1:
             raise Refused("this bootstrap token has already been used", 401, "token")
 
+    async def give_back_token(self, token: Token) -> None:
+        """Issuance failed before anything was issued (HSM or log unavailable): the
+        token is usable again, so the service can retry once the CA recovers."""
+
+        def restore(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE tokens SET used_at = NULL WHERE id = ? AND used_serial IS NULL",
+                       (token.id,))
+
+        await self.store.write(restore)
+
     # ---- X.509 --------------------------------------------------------------------------
 
     async def issue_x509(self, *, public_key: Any, role: str, names: tuple[tuple[str, str], ...],
@@ -127,7 +138,8 @@ class Authority:
             by_kind[kind].append(value)
         url = self.config.public_url
         profile = prof.LeafProfile(
-            public_key=public_key, common_name=names[0][1], dns_names=by_kind["dns"],
+            public_key=public_key, common_name=prof.common_name_for([v for _, v in names]),
+            dns_names=by_kind["dns"],
             ip_addresses=by_kind["ip"], uris=by_kind["uri"], emails=by_kind["email"],
             lifetime=dt.timedelta(seconds=lifetime_s), serial=prof.random_serial(),
             crl_url=f"{url}/v1/x509/crl" if url else None,
@@ -186,7 +198,16 @@ class Authority:
                      request_id: str | None) -> dt.datetime:
         if reason is not None and reason not in REASONS:
             raise Refused(f"reason must be one of {', '.join(sorted(REASONS))}")
+        rec = self.store.cert(serial)
+        if rec is None:
+            raise Refused(f"no certificate with serial {serial:x} was issued by this CA",
+                          404, "not-found")
+        if rec.revoked_at is not None or serial in self.revoked:
+            raise Refused(f"certificate {serial:x} is already revoked", 409, "conflict")
         now = prof.utcnow()
+        # The record first: a revocation the log does not show never happened.
+        await self.audit.append("cert.revoke", serial=format(serial, "x"), reason=reason,
+                                actor=actor, request_id=request_id)
 
         def mark(db: sqlite3.Connection) -> int:
             return db.execute("UPDATE certs SET revoked_at = ?, reason = ? WHERE serial = ? "
@@ -194,14 +215,10 @@ class Authority:
                               (now.isoformat(), reason, format(serial, "x"))).rowcount
 
         if await self.store.write(mark) != 1:
-            if self.store.cert(serial) is None:
-                raise Refused(f"no certificate with serial {serial:x} was issued by this CA",
-                              404, "not-found")
             raise Refused(f"certificate {serial:x} is already revoked", 409, "conflict")
         self.revoked[serial] = (now, reason)
         self._ocsp_cache.pop(serial, None)
-        await self.audit.append("cert.revoke", serial=format(serial, "x"), reason=reason,
-                                actor=actor, request_id=request_id)
+        self._crl = None  # stale from now on: if re-signing fails, the next GET retries
         await self.refresh_crl(actor, request_id)
         return now
 
@@ -247,7 +264,10 @@ class Authority:
             req = ocsp.load_der_ocsp_request(request_der)
         except (ValueError, TypeError) as exc:
             return _unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST, exc)
-        issuer_key_hash = _key_hash(self.issuing, req.hash_algorithm)
+        try:
+            issuer_key_hash = _key_hash(self.issuing, req.hash_algorithm)
+        except (UnsupportedAlgorithm, ValueError) as exc:  # e.g. an MD5 CertID
+            return _unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST, exc)
         if req.issuer_key_hash != issuer_key_hash:
             return _unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED, None)
         serial = req.serial_number
@@ -326,6 +346,10 @@ class SSHRequest:
 
 async def issue_ssh(auth: Authority, req: SSHRequest, actor: str, request_id: str | None
                     ) -> SSHCertificate:
+    if auth.store.read("SELECT 1 FROM ssh_revoked_keys WHERE public_key = ?",
+                       (req.public_key.line,)):
+        raise Refused(f"the public key {req.public_key.sha256} has been revoked; make a new "
+                      "key", 403, "revoked-key")
     serial = 0
     while serial == 0:
         serial = secrets.randbits(64)

@@ -42,6 +42,12 @@ def _command(key: str) -> Callable[[argparse.Namespace], int]:
     return getattr(importlib.import_module(f"ca.commands.{module}"), func)  # type: ignore[no-any-return]
 
 
+def _non_negative(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, not {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hsmca", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -101,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "--client-cert and --client-key)")
     s.add_argument("--config", type=Path, default=Path("hsmca.toml"),
                    help="config whose audit log to read (default ./hsmca.toml)")
-    s.add_argument("--from", dest="start", type=int, default=0, help="first seq to show")
+    s.add_argument("--from", dest="start", type=_non_negative, default=0,
+                   help="first seq to show")
     s.add_argument("--follow", action="store_true", help="keep printing new lines")
     _remote_flags(s)
     s.set_defaults(command_key="audit-show")

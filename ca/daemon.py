@@ -71,6 +71,8 @@ async def serve(config: Config, listen: str | None = None, ready: asyncio.Event 
             raise ValueError("the audit key must be Ed25519 (C2SP signed notes)")
         root = x509.load_pem_x509_certificate(config.root_pem.read_bytes())
         issuing = x509.load_pem_x509_certificate(config.issuing_pem.read_bytes())
+        if root.public_key() != keys["root"].public_key():
+            raise ValueError(f"{config.root_pem} does not belong to the root key in the HSM")
         if issuing.public_key() != keys["issuing"].public_key():
             raise ValueError(f"{config.issuing_pem} does not belong to the issuing key in the HSM")
         if keys["audit"].public_key() != audit_key:
@@ -110,6 +112,8 @@ async def serve(config: Config, listen: str | None = None, ready: asyncio.Event 
         await runner.cleanup()  # stop accepting; in-flight requests finish
         runner = None
         cp_task.cancel()
+        await asyncio.gather(cp_task, return_exceptions=True)
+        await worker.drain()  # a signature under way finishes and gets its outcome line
         await audit.append("daemon.stop", pid=os.getpid())
         await checkpointer.checkpoint()
     finally:
@@ -118,6 +122,7 @@ async def serve(config: Config, listen: str | None = None, ready: asyncio.Event 
             cp_task.cancel()
         if runner is not None:
             await runner.cleanup()
+        await worker.drain()
         if store is not None:
             store.close()
         worker.close()

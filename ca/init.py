@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from ca.audit.checkpointer import Checkpointer
 from ca.audit.log import AuditLog
 from ca.config import KEY_LABELS, render
 from ca.fileutil import write_new
+from ca.policy import Refused, dns_name
 from ca.store import Store
 from hsm.keys import KEY_TYPES
 from hsm.signers import HSMKey
@@ -47,15 +50,23 @@ class InitOptions:
 
 
 async def run_init(opts: InitOptions) -> list[Path]:
-    """Create everything; return the files written, for the operator to see."""
+    """Create everything; return the files written, for the operator to see.
+
+    Every input is checked, and the token logged in to, before a key is made. The
+    state is built in a temporary directory beside the target and renamed into
+    place at the end, so a failed init leaves no half-made CA behind (and if it
+    failed after keys were generated, the record of that is kept and named)."""
     if opts.key_type not in KEY_TYPES:
         raise InitError(f"--key-type must be one of {', '.join(KEY_TYPES)}")
-    state = opts.state_dir.resolve()
-    if (state / "hsmca.toml").exists() or (state / "audit" / "log.jsonl").exists():
-        raise InitError(f"{state} already holds a CA (hsmca.toml or audit log present); "
+    check_dns_name(opts.dns_name)
+    final = opts.state_dir.resolve()
+    if final.exists() and (not final.is_dir() or any(final.iterdir())):
+        raise InitError(f"{final} already exists and is not empty (an existing CA?); "
                         "refusing to overwrite it")
     if not opts.pin_file.exists():
         raise InitError(f"PIN file not found: {opts.pin_file}")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    state = Path(tempfile.mkdtemp(prefix=f".{final.name}.init-", dir=final.parent))
     for sub in ("x509", "ssh", "audit", "admin", "tls"):
         (state / sub).mkdir(parents=True, exist_ok=True)
     os.chmod(state / "admin", 0o700)
@@ -65,8 +76,9 @@ async def run_init(opts: InitOptions) -> list[Path]:
     hsm_cfg = HSMConfig(opts.module, opts.token, "file:" + str(opts.pin_file.resolve()))
     worker = HSMWorker(hsm_cfg, audit)
     written: list[Path] = []
+    keys_made = False
     try:
-        await audit.append("init.start", state_dir=str(state), key_type=opts.key_type,
+        await audit.append("init.start", state_dir=str(final), key_type=opts.key_type,
                            module=opts.module)
         worker.start()
         # Check every label before generating any, so a refusal leaves the token untouched.
@@ -79,6 +91,7 @@ async def run_init(opts: InitOptions) -> list[Path]:
                             f"{', '.join(taken)}; refusing to overwrite them (use a fresh "
                             "token)")
         keys: dict[str, HSMKey] = {}
+        keys_made = True
         for purpose, label in KEY_LABELS.items():
             kt = "ed25519" if purpose == "audit" else opts.key_type
             keys[purpose] = await worker.generate_key(label, kt)
@@ -133,10 +146,32 @@ async def run_init(opts: InitOptions) -> list[Path]:
                           state / "audit" / "checkpoint")
         await cp.checkpoint()
         written.append(state / "audit" / "checkpoint")
-    finally:
+    except BaseException as exc:
         worker.close()
         audit.close()
-    return written
+        if not keys_made:
+            shutil.rmtree(state, ignore_errors=True)
+            raise
+        raise InitError(f"{exc} (keys were already generated in token {opts.token!r}; the "
+                        f"record of this attempt is kept in {state}; use a fresh token)"
+                        ) from exc
+    worker.close()
+    audit.close()
+    if final.exists():
+        final.rmdir()  # empty, checked above
+    os.rename(state, final)
+    return [final / p.relative_to(state) for p in written]
+
+
+def check_dns_name(name: str) -> None:
+    """--dns-name goes into a certificate CN/SAN and the audit key's note name."""
+    try:
+        dns_name(name)
+    except Refused as exc:
+        raise InitError(f"--dns-name: {exc.detail}") from None
+    if len(name) > 64:
+        raise InitError("--dns-name must be at most 64 characters (it is the TLS "
+                        "certificate's common name)")
 
 
 async def _sign_cert(worker: HSMWorker, key: HSMKey, builder: x509.CertificateBuilder,

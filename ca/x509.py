@@ -107,7 +107,7 @@ class LeafProfile:
     """A validated request for a leaf certificate (policy has already approved it)."""
 
     public_key: object
-    common_name: str
+    common_name: str | None  # None: an empty subject, the SAN carries the names
     dns_names: Sequence[str] = ()
     ip_addresses: Sequence[str] = ()
     uris: Sequence[str] = ()
@@ -128,6 +128,11 @@ _LEAF_EKU = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
                                    ExtendedKeyUsageOID.CLIENT_AUTH])
 
 
+def common_name_for(names: Sequence[str]) -> str | None:
+    """The first name that fits a CN (at most 64 characters, RFC 5280 ub-common-name)."""
+    return next((n for n in names if len(n) <= 64), None)
+
+
 def leaf_builder(p: LeafProfile, issuer: x509.Certificate,
                  now: dt.datetime | None = None) -> x509.CertificateBuilder:
     now = now or utcnow()
@@ -137,8 +142,9 @@ def leaf_builder(p: LeafProfile, issuer: x509.Certificate,
     sans += [x509.UniformResourceIdentifier(u) for u in p.uris]
     sans += [x509.RFC822Name(e) for e in p.emails]
     is_rsa = isinstance(p.public_key, rsa.RSAPublicKey)
+    subject = name(p.common_name) if p.common_name else x509.Name([])
     b = (x509.CertificateBuilder()
-         .subject_name(name(p.common_name)).issuer_name(issuer.subject)
+         .subject_name(subject).issuer_name(issuer.subject)
          .public_key(p.public_key)  # type: ignore[arg-type]
          .serial_number(p.serial or random_serial())
          .not_valid_before(now - BACKDATE).not_valid_after(not_after)
@@ -148,8 +154,8 @@ def leaf_builder(p: LeafProfile, issuer: x509.Certificate,
          .add_extension(x509.SubjectKeyIdentifier.from_public_key(p.public_key),  # type: ignore[arg-type]
                         critical=False)
          .add_extension(_aki(issuer), critical=False))
-    if sans:
-        b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    if sans:  # RFC 5280 4.2.1.6: critical when the subject is empty
+        b = b.add_extension(x509.SubjectAlternativeName(sans), critical=not p.common_name)
     if p.crl_url:
         b = b.add_extension(x509.CRLDistributionPoints([x509.DistributionPoint(
             [x509.UniformResourceIdentifier(p.crl_url)], None, None, None)]), critical=False)

@@ -53,6 +53,8 @@ class Batch:
 
     def _add(self, sink: Sink, ok: bool, value: Any) -> None:
         if isinstance(sink, cf.Future):
+            if sink.cancelled():
+                return  # nobody is waiting
             if ok:
                 sink.set_result(value)
             else:

@@ -34,6 +34,7 @@ REQUIRED_ATTRS: dict[str, tuple[Attribute, bool]] = {
     "extractable": (Attribute.EXTRACTABLE, False),
     "never_extractable": (Attribute.NEVER_EXTRACTABLE, True),
     "modifiable": (Attribute.MODIFIABLE, False),
+    "local": (Attribute.LOCAL, True),  # generated in this token, never imported
 }
 
 PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey

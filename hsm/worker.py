@@ -106,6 +106,7 @@ class HSMWorker:
         self.reconnects = 0
         self.sign_count = 0
         self._op_ids = IdSource()
+        self._inflight: set[asyncio.Future[Any]] = set()
         # Called on the HSM thread after each call with its duration in seconds.
         self.on_call: Callable[[float], None] | None = None
         # Called on the event loop after each audited signature: (purpose, result).
@@ -291,14 +292,25 @@ class HSMWorker:
         self._keys[label] = key
         return key
 
-    async def probe(self) -> None:
+    async def probe(self, max_wait: float = 1.0) -> None:
         """A cheap PKCS#11 call that fails if the token or session went away (reading
         an attribute of a key handle: SoftHSM answers ObjectHandleInvalid once its
-        token directory is gone, while signing state may still look fine)."""
+        token directory is gone, while signing state may still look fine).
+
+        When the session is broken, it waits for the next reconnect attempt if that is
+        due within `max_wait` and lets it run, so a health check sees a recovery at
+        once but never makes the worker retry faster than its backoff allows."""
+        if self._broken is not None:
+            wait = self._next_retry - time.monotonic()
+            if wait > max_wait:
+                raise HSMUnavailable(f"HSM unavailable: {self._broken}")
+            if wait > 0:
+                await asyncio.sleep(wait)
 
         def check(_s: Any) -> None:
             if self._broken is not None:
-                self._reconnect()  # a health check may retry at once, backoff or not
+                if time.monotonic() >= self._next_retry:
+                    self._reconnect()
                 if self._broken is not None:
                     raise HSMUnavailable(f"HSM unavailable: {self._broken}")
             for handle in self._handles.values():
@@ -379,6 +391,19 @@ class HSMWorker:
         Raises AuditUnavailable (nothing was signed) if the intent cannot be written,
         HSMUnavailable if the session is broken.
         """
+        # The operation runs as a task of its own and the caller awaits it shielded:
+        # a caller that is cancelled (client gone, shutdown) must not leave an intent
+        # without its outcome, nor a signature without its record.
+        task = asyncio.ensure_future(self._sign(key, build, purpose, actor, request_id,
+                                                details, hash_name, describe, also))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+        return await asyncio.shield(task)
+
+    async def _sign(self, key: HSMKey, build: Callable[[HSMKey], T], purpose: str, actor: str,
+                    request_id: str | None, details: Mapping[str, Any] | None, hash_name: str,
+                    describe: Callable[[T], Mapping[str, Any]] | None,
+                    also: Callable[[T], Awaitable[Any]] | None) -> T:
         op_id = self._op_ids.next()
         intent = {"phase": "intent", "op_id": op_id, "key": key.uri,
                   "mechanism": key.mechanism_name(hash_name), "purpose": purpose,
@@ -415,6 +440,11 @@ class HSMWorker:
         else:
             await asyncio.gather(written, also(out))
         return out
+
+    async def drain(self) -> None:
+        """Wait for every signing operation under way (before closing at shutdown)."""
+        while self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
 
 
 def _describe_source(source: str) -> str:

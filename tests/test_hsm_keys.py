@@ -207,3 +207,26 @@ async def test_session_closed_under_the_worker_recovers(worker: HSMWorker) -> No
     assert results[-1] is not None, "the worker did not recover"
     assert worker.reconnects == before + 1
     assert worker.healthy
+
+
+@pytest.mark.parametrize("attr, value, name", [
+    (Attribute.SENSITIVE, False, "sensitive"),
+    (Attribute.EXTRACTABLE, True, "extractable"),
+    (Attribute.MODIFIABLE, True, "modifiable"),
+])
+async def test_each_protective_attribute_alone_is_enforced(worker: HSMWorker, attr: Attribute,
+                                                           value: bool, name: str) -> None:
+    label = f"single-{name}"
+
+    def make(session: Any) -> None:
+        params = session.create_domain_parameters(
+            KeyType.EC, {Attribute.EC_PARAMS: pkcs11.util.ec.encode_named_curve_parameters(
+                "secp256r1")}, local=True)
+        template = {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                    Attribute.MODIFIABLE: False, attr: value}
+        params.generate_keypair(store=True, label=label, id=label.encode(),
+                                private_template=template)
+
+    await worker.run(make)
+    with pytest.raises(HSMError, match=f"has {name}="):
+        await worker.load_key(label)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -105,3 +106,45 @@ def test_ed25519_and_rsa_cas(tmp_path: Path) -> None:
                                ca.state / "admin/cert.pem"], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
     assert os.path.exists(tmp_path / "rsa-3072" / "ca" / "ssh" / "user_ca.pub")
+
+
+def test_a_failed_init_can_be_retried(tmp_path: Path) -> None:
+    """A wrong PIN or a bad --dns-name fails before any key is made: fix it, run again."""
+    token = new_token()
+    state = tmp_path / "ca"
+    bad_pin = tmp_path / "bad.pin"
+    bad_pin.write_text("wrong\n")
+    base = ["init", "--state-dir", state, "--module", token.module, "--token", token.label]
+    assert hsmca(*base, "--pin-file", bad_pin, check=False).returncode == 1
+    proc = hsmca(*base, "--pin-file", token.pin_file, "--dns-name", "bad name", check=False)
+    assert proc.returncode == 1 and "--dns-name" in proc.stderr, proc.stderr
+    proc = hsmca(*base, "--pin-file", token.pin_file, "--dns-name", "a" * 70 + ".example",
+                 check=False)
+    assert proc.returncode == 1 and "--dns-name" in proc.stderr, proc.stderr
+    assert not state.exists() or not any(state.iterdir())
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ca.init-")]
+    hsmca(*base, "--pin-file", token.pin_file, "--dns-name", "ca.internal.example")
+    assert (state / "hsmca.toml").is_file()
+
+
+def test_serve_refuses_a_key_that_could_be_exported(tmp_path: Path) -> None:
+    ca = init_ca(tmp_path, private_hsm=True)
+    script = '''
+import sys, pkcs11
+from pkcs11 import Attribute, KeyType, ObjectClass
+from pkcs11.util.ec import encode_named_curve_parameters
+lib = pkcs11.lib(sys.argv[1])
+s = lib.get_token(token_label=sys.argv[2]).open(rw=True, user_pin=open(sys.argv[3]).read().strip())
+s.get_key(object_class=ObjectClass.PRIVATE_KEY, label="issuing-ca").destroy()
+p = s.create_domain_parameters(KeyType.EC, {Attribute.EC_PARAMS:
+    encode_named_curve_parameters("secp256r1")}, local=True)
+p.generate_keypair(store=True, label="issuing-ca", id=b"weak",
+                   private_template={Attribute.EXTRACTABLE: True, Attribute.SENSITIVE: False})
+'''
+    env = {**os.environ, "SOFTHSM2_CONF": str(tmp_path / "softhsm" / "softhsm2.conf")}
+    subprocess.run([sys.executable, "-c", script, ca.token.module, ca.token.label,
+                    ca.token.pin_file], check=True, env=env, capture_output=True)
+    proc = hsmca("serve", "--config", ca.state / "hsmca.toml", "--listen", "127.0.0.1:0",
+                 check=False)
+    assert proc.returncode == 1
+    assert "could leave the HSM" in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr

@@ -225,3 +225,16 @@ async def test_ssh_refusals(daemon: Daemon, tmp_path: Path) -> None:
     status, _, raw = await http("POST", f"{daemon.url}/v1/ssh/user", user,
                                 body={"public_key": p384})
     assert status == 201, raw
+
+
+async def test_a_revoked_key_gets_no_new_certificate(daemon: Daemon, tmp_path: Path) -> None:
+    user_cert, user_key = await enrolled(daemon, tmp_path, "user", ["dave@example.com"],
+                                         ["dave"])
+    pub = keygen(tmp_path / "lost").read_text()
+    status, _, body = await http("POST", f"{daemon.url}/v1/ssh/revoke", daemon.admin_ssl(),
+                                 body={"public_key": pub})
+    assert status == 200, body
+    status, ctype, body = await http("POST", f"{daemon.url}/v1/ssh/user",
+                                     daemon.ssl(user_cert, user_key), body={"public_key": pub})
+    assert status == 403 and ctype == "application/problem+json"
+    assert "has been revoked" in json.loads(body)["detail"]

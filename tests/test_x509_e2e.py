@@ -304,3 +304,43 @@ async def test_bad_input_gets_problem_json_and_leaves_the_log_valid(tmp_path: Pa
     assert proc.stdout.startswith("OK:"), proc.stdout
     pin = ca.token.pin_file.read_text().strip()
     assert pin not in "".join(d.stderr)
+
+
+async def test_names_longer_than_a_common_name_still_enroll(daemon: Daemon,
+                                                            tmp_path: Path) -> None:
+    long_dns = "a" * 60 + ".long.internal.example"
+    uri = "spiffe://cluster.local/ns/default/sa/" + "b" * 50
+    token = await new_token(daemon, "service", [long_dns, uri])
+    key = ec.generate_private_key(ec.SECP256R1())
+    status, _, raw = await http("POST", f"{daemon.url}/v1/x509/enroll", daemon.ssl(),
+                                body={"csr": csr_pem([long_dns, uri], key)},
+                                headers={"Authorization": f"Bearer {token}"})
+    assert status == 201, raw
+    cert = x509.load_pem_x509_certificate(json.loads(raw)["certificate"].encode())
+    assert cert.subject == x509.Name([])  # no name fits a CN: the SAN carries them
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    assert san.critical and san.value.get_values_for_type(x509.DNSName) == [long_dns]
+    (tmp_path / "long.pem").write_text(json.loads(raw)["certificate"])
+    openssl_verify(daemon, tmp_path / "long.pem")
+
+
+async def test_ocsp_refuses_odd_requests_with_ocsp_errors(daemon: Daemon) -> None:
+    from cryptography.x509 import ocsp
+
+    def tlv(tag: int, content: bytes) -> bytes:  # short-form DER, enough for this request
+        return bytes([tag, len(content)]) + content
+
+    # A well-formed request whose CertID uses MD5, which cryptography will not hash with.
+    md5_alg = tlv(0x30, bytes.fromhex("06082a864886f70d0205") + b"\x05\x00")
+    cert_id = tlv(0x30, md5_alg + tlv(0x04, b"\x00" * 16) + tlv(0x04, b"\x00" * 16)
+                  + tlv(0x02, b"\x01"))
+    md5 = tlv(0x30, tlv(0x30, tlv(0x30, tlv(0x30, cert_id))))
+    for body in (b"garbage", b"", md5):
+        status, ctype, raw = await http("POST", f"{daemon.url}/v1/x509/ocsp", daemon.ssl(),
+                                        data=body,
+                                        headers={"Content-Type": "application/ocsp-request"})
+        assert status == 200 and ctype == "application/ocsp-response", (body[:20], status)
+        assert ocsp.load_der_ocsp_response(raw).response_status in (
+            ocsp.OCSPResponseStatus.MALFORMED_REQUEST, ocsp.OCSPResponseStatus.UNAUTHORIZED)
+    status, _, _ = await http("GET", f"{daemon.url}/health", daemon.ssl())
+    assert status == 200

@@ -232,8 +232,9 @@ class AuditLog:
         results = Batch()
         owed, self._owed = self._owed, []
         for event, fields, fut in owed + items:
-            if not claim(fut):
-                continue
+            # Even when the caller has given up (cancelled), the line is written: a
+            # record is never dropped, and an intent always gets its outcome.
+            claim(fut)
             try:
                 line = canonical({**fields, "seq": seq, "ts": ts, "event": event, "prev": prev})
             except (TypeError, ValueError) as exc:

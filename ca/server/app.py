@@ -57,7 +57,7 @@ routes = web.RouteTableDef()
 async def health(request: web.Request) -> web.Response:
     auth = authority(request)
     try:  # ask the HSM itself: a removed token is otherwise noticed only at the next sign
-        await asyncio.wait_for(auth.hsm.probe(), timeout=1.0)
+        await asyncio.wait_for(auth.hsm.probe(max_wait=1.0), timeout=2.0)
     except (HSMError, TimeoutError):
         pass  # the worker now knows; its state below says why
     parts = {"hsm": "ok" if auth.hsm.healthy else f"unavailable: {auth.hsm.problem or 'busy'}",

@@ -84,10 +84,17 @@ async def _enroll_with_token(request: web.Request, token: Token,
                                 auth.config.policy.allow_wildcards)
     lifetime = _lifetime(auth, body)
     await auth.consume_token(token)  # after every check, so a bad CSR does not burn it
-    return await auth.issue_x509(
-        public_key=csr.public_key(), role=token.role, names=names, principals=token.principals,
-        lifetime_s=lifetime, actor=f"bootstrap-token:{token.id}",
-        request_id=request.get("request_id"), token_id=token.id)
+    try:
+        return await auth.issue_x509(
+            public_key=csr.public_key(), role=token.role, names=names,
+            principals=token.principals, lifetime_s=lifetime,
+            actor=f"bootstrap-token:{token.id}", request_id=request.get("request_id"),
+            token_id=token.id)
+    except Exception:
+        # Nothing reached the inventory (used_serial is set in the same transaction
+        # as the certificate row), so the token may be used again.
+        await auth.give_back_token(token)
+        raise
 
 
 @routes.post("/v1/x509/enroll")
