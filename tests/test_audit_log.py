@@ -169,7 +169,9 @@ def test_sigkill_under_load_never_loses_a_durable_line(tmp_path: Path) -> None:
         assert obj["op_id"] == op and obj["phase"] == "outcome"
 
 
-FAIL_CLOSED = textwrap.dedent("""
+# A child process with its own audit log and HSM worker on the CA's token, which
+# has signed once; the scripts below continue its main() and play with RLIMIT_FSIZE.
+CHILD_SIGNER = textwrap.dedent("""
     import asyncio, json, os, resource, signal, sys
     from pathlib import Path
     from cryptography.hazmat.primitives import hashes
@@ -188,6 +190,8 @@ FAIL_CLOSED = textwrap.dedent("""
         sign = lambda: worker.sign(key, lambda k: k.sign(b"m", ec.ECDSA(hashes.SHA256())),
                                    purpose="x509", actor="local")
         await sign()
+""")
+FAIL_CLOSED = CHILD_SIGNER + textwrap.dedent("""
         size = os.path.getsize(path)
         soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
         resource.setrlimit(resource.RLIMIT_FSIZE, (size + 50, hard))
@@ -252,25 +256,7 @@ def test_missing_checkpoint_file_does_not_switch_the_start_check_off(tmp_path: P
     assert proc.returncode == 1 and "the checkpoint recorded at seq" in proc.stderr, proc.stderr
 
 
-OWED = textwrap.dedent("""
-    import asyncio, json, os, resource, signal, sys
-    from pathlib import Path
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from ca.audit.log import AuditLog
-    from hsm.errors import AuditUnavailable
-    from hsm.worker import HSMConfig, HSMWorker
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    path, module, token, pin = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-
-    async def main():
-        log = AuditLog.open(path)
-        worker = HSMWorker(HSMConfig(module, token, "file:" + pin), log)
-        worker.start()
-        key = await worker.load_key("issuing-ca")
-        sign = lambda: worker.sign(key, lambda k: k.sign(b"m", ec.ECDSA(hashes.SHA256())),
-                                   purpose="x509", actor="local")
-        await sign()
+OWED = CHILD_SIGNER + textwrap.dedent("""
         intent_len = len(path.read_bytes().splitlines()[-2]) + 1
         soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
         # Room for the next intent, not for its outcome: the HSM signs, the outcome
