@@ -55,6 +55,7 @@ class Config:
     audit_origin: str
     checkpoint_heartbeat_s: float
     witnesses: tuple[Path, ...] = ()
+    metrics_allow: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     policy: Policy = field(default_factory=Policy)
 
     @property
@@ -195,11 +196,21 @@ def load(path: Path) -> Config:
         public_url=_get(server, "public-url", str, where, None),
         tls_cert=rel(_get(server, "tls-cert", str, where, "tls/server.pem")),
         tls_key=rel(_get(server, "tls-key", str, where, "tls/server.key")),
+        metrics_allow=_networks(_get(server, "metrics-allow", list, where,
+                                     ["127.0.0.0/8", "::1/128"]), where),
         audit_origin=_get(audit, "origin", str, f"{path} [audit]"),
         checkpoint_heartbeat_s=_get(audit, "heartbeat-s", float, f"{path} [audit]", 60.0),
         witnesses=tuple(rel(w) for w in _get(audit, "witnesses", list, f"{path} [audit]", [])),
         policy=policy,
     )
+
+
+def _networks(values: list[Any], where: str) -> tuple[str, ...]:
+    import ipaddress
+    try:
+        return tuple(str(ipaddress.ip_network(v, strict=False)) for v in values)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{where}: metrics-allow: {exc}") from None
 
 
 def _q(value: str) -> str:
@@ -231,6 +242,8 @@ def render(*, module: str, token: str, pin_source: str, softhsm_conf: str | None
         "tls-cert = \"tls/server.pem\"",
         "tls-key = \"tls/server.key\"",
         "# public-url = \"https://ca.example:8443\"  # adds CRL DP and OCSP AIA to leaves",
+        "# Client networks that may read /metrics (default: loopback only).",
+        "metrics-allow = [\"127.0.0.0/8\", \"::1/128\"]",
         "", "[audit]",
         f"origin = {_q(audit_origin)}  # the checkpoint origin line and signing key name",
         "heartbeat-s = 60",

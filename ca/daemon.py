@@ -28,6 +28,7 @@ from ca.authority import Authority
 from ca.config import KEY_LABELS, Config
 from ca.fileutil import write_atomic
 from ca.server.app import build_app, tls_context
+from ca.server_cert import ensure_server_cert
 from ca.store import Store
 from hsm.signers import HSMEd25519Key, HSMKey
 from hsm.worker import HSMWorker
@@ -80,6 +81,7 @@ async def serve(config: Config, listen: str | None = None, ready: asyncio.Event 
         await audit.append("daemon.start", version=__version__, pid=os.getpid(),
                            config_sha256=hashlib.sha256(config.path.read_bytes()).hexdigest())
         store = Store(config.db_path)
+        await ensure_server_cert(config, worker, keys["issuing"], issuing, store)
         auth = Authority(config, worker, store, audit, keys, root, issuing)
         checkpointer = Checkpointer(audit, worker, keys["audit"], config.audit_origin,
                                     config.checkpoint_path,

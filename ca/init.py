@@ -107,11 +107,11 @@ async def run_init(opts: InitOptions) -> list[Path]:
 
         store = Store(state / "hsmca.sqlite3")
         try:
-            tls_pem, tls_key = await _software_leaf(
+            tls_pem, tls_key = await software_leaf(
                 worker, keys["issuing"], issuing, store, role="server", cn=opts.dns_name,
                 dns=[opts.dns_name, "localhost"] if opts.dns_name != "localhost" else
                 ["localhost"], ips=["127.0.0.1", "::1"], purpose="tls", days=TLS_DAYS)
-            admin_pem, admin_key = await _software_leaf(
+            admin_pem, admin_key = await software_leaf(
                 worker, keys["issuing"], issuing, store, role="admin", cn="hsmca-admin",
                 dns=[f"admin.{opts.dns_name}"], ips=[], purpose="x509", days=ADMIN_DAYS)
         finally:
@@ -205,7 +205,7 @@ def _hash_name(key: HSMKey) -> str:
     return h.name if h is not None else "none"
 
 
-async def _software_leaf(worker: HSMWorker, issuing_key: HSMKey, issuing: x509.Certificate,
+async def software_leaf(worker: HSMWorker, issuing_key: HSMKey, issuing: x509.Certificate,
                          store: Store, *, role: str, cn: str, dns: list[str], ips: list[str],
                          purpose: str, days: int) -> tuple[str, bytes]:
     """A leaf whose key is made here in software (the daemon's TLS key, the admin key)."""

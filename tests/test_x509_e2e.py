@@ -344,3 +344,32 @@ async def test_ocsp_refuses_odd_requests_with_ocsp_errors(daemon: Daemon) -> Non
             ocsp.OCSPResponseStatus.MALFORMED_REQUEST, ocsp.OCSPResponseStatus.UNAUTHORIZED)
     status, _, _ = await http("GET", f"{daemon.url}/health", daemon.ssl())
     assert status == 200
+
+
+async def test_daemon_repairs_its_tls_certificate_and_guards_metrics(tmp_path: Path) -> None:
+    ca = init_ca(tmp_path)
+    old = x509.load_pem_x509_certificates((ca.state / "tls/server.pem").read_bytes())[0]
+    # A crash between writing the new key and the new certificate leaves them unmatched.
+    (ca.state / "tls/server.key").write_bytes(ec.generate_private_key(ec.SECP256R1())
+                                              .private_bytes(serialization.Encoding.PEM,
+                                                             serialization.PrivateFormat.PKCS8,
+                                                             serialization.NoEncryption()))
+    cfg = ca.state / "hsmca.toml"
+    cfg.write_text(cfg.read_text().replace('metrics-allow = ["127.0.0.0/8", "::1/128"]',
+                                           'metrics-allow = ["10.0.0.0/8"]'))
+    d = start_daemon(ca.state)
+    try:
+        host, port = d.url.removeprefix("https://").rsplit(":", 1)
+        _, w = await asyncio.open_connection(host, int(port), ssl=d.ssl())
+        served = x509.load_der_x509_certificate(
+            w.get_extra_info("ssl_object").getpeercert(binary_form=True))
+        w.close()
+        assert served.serial_number != old.serial_number
+        status, ctype, raw = await http("GET", f"{d.url}/metrics", d.ssl())
+        assert status == 403 and ctype == "application/problem+json"
+        assert "metrics-allow" in json.loads(raw)["detail"]
+    finally:
+        assert d.stop() == 0
+    lines = [json.loads(x) for x in (ca.state / "audit/log.jsonl").read_text().splitlines()]
+    starts = [i for i, e in enumerate(lines) if e["event"] == "daemon.start"]
+    assert any(e.get("purpose") == "tls" for e in lines[starts[0]:])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import ssl
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from ca.authority import Authority
 from ca.metrics import Metrics
 from ca.server.audit_routes import routes as audit_routes
 from ca.server.common import AUTHORITY, CHECKPOINTER, LIMITER, METRICS, authority, identity
-from ca.server.problems import Handler, problem_middleware
+from ca.server.problems import Handler, Problem, problem_middleware
 from ca.server.ratelimit import FailureLimiter
 from ca.server.ssh_routes import routes as ssh_routes
 from ca.server.x509_routes import routes as x509_routes
@@ -22,6 +23,7 @@ from hsm.errors import HSMError
 from hsm.ids import IdSource
 
 MAX_BODY = 64 * 1024
+METRICS_NETS = web.AppKey("metrics_nets", tuple)
 log = structlog.get_logger("hsmca.http")
 _request_ids = IdSource(4)
 
@@ -78,6 +80,14 @@ async def whoami(request: web.Request) -> web.Response:
 
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
+    allowed = request.app[METRICS_NETS]
+    try:
+        remote = ipaddress.ip_address(request.remote or "")
+    except ValueError:
+        remote = None
+    if remote is None or not any(remote in net for net in allowed):
+        raise Problem(403, "Forbidden", f"/metrics is served to {', '.join(map(str, allowed))}"
+                      " only ([server] metrics-allow in hsmca.toml)", "metrics-forbidden")
     return web.Response(body=request.app[METRICS].render(),
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
@@ -92,6 +102,7 @@ def build_app(auth: Authority, checkpointer: object, metrics: Metrics | None = N
     m.watch(auth.hsm, auth.audit)
     app[METRICS] = m
     app[LIMITER] = FailureLimiter()
+    app[METRICS_NETS] = tuple(ipaddress.ip_network(n) for n in auth.config.metrics_allow)
     for table in (routes, x509_routes, ssh_routes, audit_routes):
         app.add_routes(table)
     return app
