@@ -230,7 +230,8 @@ class Authority:
         if (self._crl is None or self._crl_this_update is None
                 or now - self._crl_this_update > CRL_VALIDITY / 2):
             await self.refresh_crl("local", None)
-        assert self._crl is not None
+        if self._crl is None:  # refresh_crl raises when it cannot sign; never serve nothing
+            raise RuntimeError("no CRL after a successful refresh")
         return self._crl
 
     async def refresh_crl(self, actor: str, request_id: str | None) -> None:

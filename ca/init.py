@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ca import x509 as prof
@@ -188,7 +188,7 @@ def _cert_details(builder: x509.CertificateBuilder) -> dict[str, object]:
     """What is about to be signed, for the intent line. It is read back from a build
     with a throwaway software key, which also checks that the builder is complete
     before the HSM is used (the Boulder habit: lint before the real signature)."""
-    probe = builder.sign(ec.generate_private_key(ec.SECP256R1()), prof.hashes.SHA256())
+    probe = builder.sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256())
     try:
         san = probe.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         names = [str(n.value) for n in san]
