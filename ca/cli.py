@@ -10,7 +10,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from ca.errors import CLIError
 from hsm.errors import AuditUnavailable, HSMError
@@ -48,8 +48,15 @@ def _non_negative(text: str) -> int:
     return int(text)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr (SPEC section 4), pointing at --help."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="hsmca", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="A certificate authority whose keys never leave a PKCS#11 HSM.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -148,3 +148,12 @@ p.generate_keypair(store=True, label="issuing-ca", id=b"weak",
                  check=False)
     assert proc.returncode == 1
     assert "could leave the HSM" in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_usage_errors_are_one_line() -> None:
+    for args in (["init"], ["bogus"], ["token", "create", "--role", "x", "--name", "a"],
+                 ["audit", "show", "--from", "-5"]):
+        proc = hsmca(*args, check=False)
+        assert proc.returncode == 2, args
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "error:" in lines[0] and "--help" in lines[0], proc.stderr
