@@ -152,11 +152,16 @@ class Authority:
         serial_hex = format(profile.serial, "x")
         flat = [v for _, v in names]
         h = self._hash
+        fingerprint: list[str] = []  # computed once by describe(), which runs before also()
+
+        def describe(cert: x509.Certificate) -> dict[str, str]:
+            fingerprint.append(prof.fingerprint(cert))
+            return {"fingerprint": fingerprint[0]}
 
         async def record(cert: x509.Certificate) -> None:
             def insert(db: sqlite3.Connection) -> None:
                 Store.insert_cert(
-                    db, serial=cert.serial_number, fingerprint=prof.fingerprint(cert), role=role,
+                    db, serial=cert.serial_number, fingerprint=fingerprint[0], role=role,
                     subject=cert.subject.rfc4514_string(), names=flat,
                     principals=list(principals), spki_sha256=spki,
                     not_before=not_before.isoformat(), not_after=not_after.isoformat(),
@@ -172,11 +177,11 @@ class Authority:
             details={"serial": serial_hex, "role": role, "names": flat,
                      "principals": list(principals), "spki_sha256": spki,
                      "not_before": not_before.isoformat(), "not_after": not_after.isoformat()},
-            describe=lambda c: {"fingerprint": prof.fingerprint(c)}, also=record)
+            describe=describe, also=record)
 
-    def identity(self, der: bytes) -> CertRecord | None:
-        """The inventory record of a presented client certificate (cached by fingerprint)."""
-        fp = hashlib.sha256(der).hexdigest()
+    def identity(self, fp: str) -> CertRecord | None:
+        """The inventory record of a presented client certificate, by the SHA-256 of its
+        DER (cached)."""
         rec = self._identity_cache.get(fp)
         if rec is None:
             rec = self.store.cert_by_fingerprint(fp)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
 import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from ca.errors import CLIError
 from hsm.errors import AuditUnavailable, HSMError
@@ -157,10 +156,6 @@ def _expected(exc: BaseException) -> bool:
     from hsm.uri import URIError
     return isinstance(exc, CLIError | HSMError | AuditUnavailable | AuditLogError
                       | ConfigError | InitError | OSError | ClientError | URIError | ValueError)
-
-
-def run_async(coro: Any) -> Any:
-    return asyncio.run(coro)
 
 
 if __name__ == "__main__":

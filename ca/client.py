@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import ssl
 from pathlib import Path
 from typing import Any
@@ -141,13 +140,6 @@ async def renew(url: str, cert: Path, key: Path, ca: Path | None, rekey: bool
     write_atomic(cert, issued["certificate"])
     write_atomic(cert.parent / "chain.pem", issued["chain"])
     return issued
-
-
-def check_private(path: Path) -> None:
-    mode = os.stat(path).st_mode & 0o077
-    if mode:
-        raise ClientError(f"{path} is readable by others (mode {oct(os.stat(path).st_mode)}); "
-                          "chmod 600 it")
 
 
 async def get_bytes(session: aiohttp.ClientSession, url: str, ctx: ssl.SSLContext) -> bytes:

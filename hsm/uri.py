@@ -44,9 +44,6 @@ class PKCS11URI:
     def type(self) -> str | None:
         return self.path.get("type")
 
-    def with_type(self, type_: str) -> PKCS11URI:
-        return PKCS11URI({**self.path, "type": type_}, dict(self.query), self.key_id)
-
     def __str__(self) -> str:
         parts = []
         for k, v in self.path.items():

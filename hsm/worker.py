@@ -179,7 +179,7 @@ class HSMWorker:
     def _run_one(self, fn: Callable[[Any], Any], sink: Sink, batch: Batch) -> None:
         if not claim(sink):
             return
-        if self._broken is not None and not getattr(fn, "reconnects_itself", False):
+        if self._broken is not None:
             if time.monotonic() >= self._next_retry:
                 self._reconnect()
             if self._broken is not None:
@@ -308,17 +308,13 @@ class HSMWorker:
                 await asyncio.sleep(wait)
 
         def check(_s: Any) -> None:
-            if self._broken is not None:
-                if time.monotonic() >= self._next_retry:
-                    self._reconnect()
-                if self._broken is not None:
-                    raise HSMUnavailable(f"HSM unavailable: {self._broken}")
+            # Reached only with a working session: a broken one is retried (when due)
+            # or refused by _run_one before any job runs.
             for handle in self._handles.values():
                 handle[pkcs11.Attribute.LABEL]
                 return
             self._lib.get_token(token_label=self.config.token)
 
-        check.reconnects_itself = True  # type: ignore[attr-defined]
         await self.run(check)
 
     async def load_key(self, label: str) -> HSMKey:

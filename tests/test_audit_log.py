@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -215,13 +216,17 @@ FAIL_CLOSED = CHILD_SIGNER + textwrap.dedent("""
 """)
 
 
-def test_fail_closed_when_the_log_cannot_grow(ca: InitialisedCA, tmp_path: Path) -> None:
-    path = tmp_path / "log.jsonl"
-    proc = subprocess.run([sys.executable, "-c", FAIL_CLOSED, str(path), ca.token.module,
+def run_signer_child(script: str, ca: InitialisedCA, path: Path) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, "-c", script, str(path), ca.token.module,
                            ca.token.label, str(ca.token.pin_file)], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout)
+    return json.loads(proc.stdout)  # type: ignore[no-any-return]
+
+
+def test_fail_closed_when_the_log_cannot_grow(ca: InitialisedCA, tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    out = run_signer_child(FAIL_CLOSED, ca, path)
     assert out["results"] == ["refused"] * 3
     assert out["signed_while_full"] == 0, "the HSM signed while the log could not be written"
     assert out["healthy_while_full"] is False and out["healthy_after"] is True
@@ -280,11 +285,7 @@ OWED = CHILD_SIGNER + textwrap.dedent("""
 def test_outcome_owed_after_a_failed_write_is_written_first(ca: InitialisedCA,
                                                             tmp_path: Path) -> None:
     path = tmp_path / "log.jsonl"
-    proc = subprocess.run([sys.executable, "-c", OWED, str(path), ca.token.module,
-                           ca.token.label, str(ca.token.pin_file)], capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout)
+    out = run_signer_child(OWED, ca, path)
     assert out == {"outcome": "withheld", "signed": 2}
     result = verify_log(path.read_bytes(), ed25519.Ed25519PrivateKey.generate().public_key(),
                         "x")

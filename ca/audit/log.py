@@ -77,7 +77,6 @@ class AuditLog:
         # again; otherwise its intent would stay open with no crash to excuse it.
         self._owed: list[tuple[str, Mapping[str, Any], Sink]] = []
         self.batches = 0
-        self.lines_written = 0
         self.last_commit_s = 0.0
         # Called from the writer thread after each durable batch: (seconds, lines).
         self.on_commit: Callable[[float, int], None] | None = None
@@ -272,7 +271,6 @@ class AuditLog:
         self._next_seq, self._prev = seq, prev
         self._problem = None
         self.batches += 1
-        self.lines_written += len(done)
         if self.on_commit is not None:
             self.on_commit(self.last_commit_s, len(done))
         for fut, s, _, _ in done:

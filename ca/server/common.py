@@ -66,7 +66,8 @@ def identity(request: web.Request, *roles: str) -> Identity:
             raise Problem(401, "Unauthorized", "this endpoint needs a client certificate issued "
                           "by this CA (mutual TLS)", "client-certificate-required")
         auth = authority(request)
-        rec = auth.identity(der)
+        fingerprint = hashlib.sha256(der).hexdigest()
+        rec = auth.identity(fingerprint)
         if rec is None:
             raise Problem(403, "Forbidden", "the client certificate is not in this CA's "
                           "inventory", "unknown-certificate")
@@ -76,7 +77,7 @@ def identity(request: web.Request, *roles: str) -> Identity:
         if dt.datetime.fromisoformat(rec.not_after) < dt.datetime.now(dt.UTC):
             raise Problem(403, "Forbidden", "the client certificate has expired",
                           "expired-certificate")
-        cached = Identity(rec, der, hashlib.sha256(der).hexdigest())
+        cached = Identity(rec, der, fingerprint)
         request["identity"] = cached
     if roles and cached.record.role not in roles:
         raise Problem(403, "Forbidden", f"this endpoint is for role {' or '.join(roles)}; your "
