@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
 from ca import x509 as prof
 from ca.config import KEY_LABELS
-from hsm.errors import HSMError, HSMUnavailable
+from hsm.errors import HSMError, HSMUnavailable, SignatureCheckFailed
 from hsm.signers import HSMKey
 from hsm.worker import HSMWorker
 from tests.conftest import require
@@ -184,6 +185,26 @@ async def test_two_thousand_concurrent_signatures(worker: HSMWorker) -> None:
     for msg, sig in results:
         pub.verify(sig, msg, ec.ECDSA(hashes.SHA256()))
     assert len({sig for _, sig in results}) == 2000
+
+
+async def test_a_signature_that_does_not_verify_is_never_released(worker: HSMWorker) -> None:
+    """SPEC section 5: a faulty HSM (here: a key whose public half is not the token's)
+    gives SignatureCheckFailed, and the outcome line says so instead of "ok"."""
+    real = await worker.load_key("issuing-ca")
+    wrong_pub = ec.generate_private_key(ec.SECP256R1()).public_key()
+    faulty = type(real)(worker, real.label, real.uri, real.key_type, wrong_pub)
+    with pytest.raises(SignatureCheckFailed, match="does not verify with the public key"):
+        await worker.sign(faulty, lambda k: k.sign(b"m", ec.ECDSA(hashes.SHA256())),
+                          purpose="x509", actor="local", request_id="faulty-hsm")
+    lines = [json.loads(line) for line in worker._oplog.path.read_bytes().splitlines()]
+    intent = next(x for x in lines if x.get("request_id") == "faulty-hsm")
+    outcome = next(x for x in lines if x.get("op_id") == intent["op_id"]
+                   and x.get("phase") == "outcome")
+    assert outcome["result"] == "SignatureCheckFailed"
+    # The worker is still usable with the right key.
+    sig = await worker.sign(real, lambda k: k.sign(b"m", ec.ECDSA(hashes.SHA256())),
+                            purpose="x509", actor="local")
+    real.public_key().verify(sig, b"m", ec.ECDSA(hashes.SHA256()))
 
 
 async def test_session_closed_under_the_worker_recovers(worker: HSMWorker) -> None:
