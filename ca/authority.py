@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import functools
 import hashlib
 import json
 import secrets
 import sqlite3
 from dataclasses import dataclass, field
-from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -129,7 +127,8 @@ class Authority:
 
     # ---- X.509 --------------------------------------------------------------------------
 
-    async def issue_x509(self, *, public_key: Any, role: str, names: tuple[tuple[str, str], ...],
+    async def issue_x509(self, *, subject: prof.SubjectKey, role: str,
+                         names: tuple[tuple[str, str], ...],
                          principals: tuple[str, ...], lifetime_s: int, actor: str,
                          request_id: str | None, token_id: str | None = None,
                          ) -> x509.Certificate:
@@ -138,7 +137,8 @@ class Authority:
             by_kind[kind].append(value)
         url = self.config.public_url
         profile = prof.LeafProfile(
-            public_key=public_key, common_name=prof.common_name_for([v for _, v in names]),
+            public_key=subject.public_key, ski=subject.ski,
+            common_name=prof.common_name_for([v for _, v in names]),
             dns_names=by_kind["dns"],
             ip_addresses=by_kind["ip"], uris=by_kind["uri"], emails=by_kind["email"],
             lifetime=dt.timedelta(seconds=lifetime_s), serial=prof.random_serial(),
@@ -148,24 +148,27 @@ class Authority:
         builder = prof.leaf_builder(profile, self.issuing, now)
         not_before = now - prof.BACKDATE
         not_after = min(now + profile.lifetime, self.issuing.not_valid_after_utc)
-        spki = prof.spki_sha256(public_key)
+        spki = subject.spki_sha256
         serial_hex = format(profile.serial, "x")
         flat = [v for _, v in names]
         h = self._hash
-        fingerprint: list[str] = []  # computed once by describe(), which runs before also()
+        issued: list[tuple[bytes, str]] = []  # (DER, fingerprint): describe() runs first
 
         def describe(cert: x509.Certificate) -> dict[str, str]:
-            fingerprint.append(prof.fingerprint(cert))
-            return {"fingerprint": fingerprint[0]}
+            der = cert.public_bytes(serialization.Encoding.DER)
+            issued.append((der, hashlib.sha256(der).hexdigest()))
+            return {"fingerprint": issued[0][1]}
 
         async def record(cert: x509.Certificate) -> None:
+            der, fingerprint = issued[0]
+
             def insert(db: sqlite3.Connection) -> None:
                 Store.insert_cert(
-                    db, serial=cert.serial_number, fingerprint=fingerprint[0], role=role,
+                    db, serial=cert.serial_number, fingerprint=fingerprint, role=role,
                     subject=cert.subject.rfc4514_string(), names=flat,
                     principals=list(principals), spki_sha256=spki,
                     not_before=not_before.isoformat(), not_after=not_after.isoformat(),
-                    issued_at=now.isoformat(), der=cert.public_bytes(serialization.Encoding.DER))
+                    issued_at=now.isoformat(), der=der)
                 if token_id is not None:
                     db.execute("UPDATE tokens SET used_serial = ? WHERE id = ?",
                                (serial_hex, token_id))
@@ -191,10 +194,6 @@ class Authority:
                 self._identity_cache.clear()
             self._identity_cache[fp] = rec
         return rec
-
-    def presented_key(self, der: bytes) -> Any:
-        """The public key of a presented client certificate (parsed once per cert)."""
-        return _public_key_of(der)
 
     def is_revoked(self, serial_hex: str) -> bool:
         return int(serial_hex, 16) in self.revoked
@@ -309,11 +308,6 @@ class Authority:
         if not req.extensions:
             self._ocsp_cache[serial] = (now, der)
         return der
-
-
-@functools.lru_cache(maxsize=4096)
-def _public_key_of(der: bytes) -> Any:
-    return x509.load_der_x509_certificate(der).public_key()
 
 
 def _next_crl_number(db: sqlite3.Connection) -> int:

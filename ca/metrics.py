@@ -16,6 +16,7 @@ FAST_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         self.issued = Counter("hsmca_issued", "Certificates and signed objects issued",
                               ["kind", "result"], registry=r)
@@ -32,10 +33,19 @@ class Metrics:
                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
                                      registry=r)
 
+    def child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, looked up once: prometheus-client takes a lock and
+        validates the labels on every call, and these run on every request."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
     def watch(self, hsm: Any, audit: Any) -> None:
         """Hook the HSM worker and the audit log, and export their live state."""
         hsm.on_call = self.hsm_call.observe
-        hsm.on_sign = lambda purpose, result: self.issued.labels(purpose, result).inc()
+        hsm.on_sign = lambda purpose, result: self.child(self.issued, purpose, result).inc()
 
         def commit(seconds: float, lines: int) -> None:
             self.audit_commit.observe(seconds)

@@ -15,6 +15,7 @@ import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -60,6 +61,28 @@ def spki_sha256(public_key: object) -> str:
     der = public_key.public_bytes(  # type: ignore[attr-defined]
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(der).hexdigest()
+
+
+@dataclass(frozen=True)
+class SubjectKey:
+    """A subject public key with what every certificate for it needs: its SHA-256
+    fingerprint (audit and inventory) and its SubjectKeyIdentifier."""
+
+    public_key: Any
+    spki_sha256: str
+    ski: x509.SubjectKeyIdentifier
+
+
+def subject_key(public_key: Any) -> SubjectKey:
+    return SubjectKey(public_key, spki_sha256(public_key),
+                      x509.SubjectKeyIdentifier.from_public_key(public_key))
+
+
+@functools.lru_cache(maxsize=4096)
+def presented_subject_key(cert_der: bytes) -> SubjectKey:
+    """The key of a presented client certificate, worked out once per certificate
+    (a renewal that keeps its key presents the same certificate every time)."""
+    return subject_key(x509.load_der_x509_certificate(cert_der).public_key())
 
 
 def fingerprint(cert: x509.Certificate) -> str:
@@ -116,6 +139,7 @@ class LeafProfile:
     serial: int = 0
     crl_url: str | None = None
     ocsp_url: str | None = None
+    ski: x509.SubjectKeyIdentifier | None = None  # derived from public_key when not given
 
 
 # The parts of every leaf that never change, built once (issuance is a hot path).
@@ -151,8 +175,9 @@ def leaf_builder(p: LeafProfile, issuer: x509.Certificate,
          .add_extension(_LEAF_BC, critical=True)
          .add_extension(_LEAF_KU_RSA if is_rsa else _LEAF_KU, critical=True)
          .add_extension(_LEAF_EKU, critical=False)
-         .add_extension(x509.SubjectKeyIdentifier.from_public_key(p.public_key),  # type: ignore[arg-type]
-                        critical=False)
+         .add_extension(p.ski or x509.SubjectKeyIdentifier.from_public_key(
+             p.public_key),  # type: ignore[arg-type]
+             critical=False)
          .add_extension(_aki(issuer), critical=False))
     if sans:  # RFC 5280 4.2.1.6: critical when the subject is empty
         b = b.add_extension(x509.SubjectAlternativeName(sans), critical=not p.common_name)

@@ -106,7 +106,7 @@ class HSMEllipticCurveKey(HSMKeyMixin, ec.EllipticCurvePrivateKey):
         pub = self._pub
 
         def check(der: bytes) -> None:
-            pub.verify(der, digest, ec.ECDSA(utils.Prehashed(algorithm)))
+            pub.verify(der, digest, _prehashed_ecdsa(algorithm))
 
         return self._hsm_sign(data, Mechanism.ECDSA, digest, None, check)
 
@@ -191,3 +191,14 @@ class HSMRSAKey(HSMKeyMixin, rsa.RSAPrivateKey):
 
 
 HSMKey = HSMEllipticCurveKey | HSMEd25519Key | HSMRSAKey
+
+
+def _prehashed_ecdsa(algorithm: hashes.HashAlgorithm) -> ec.ECDSA:
+    """ECDSA over an already computed digest, built once per hash (every check needs one)."""
+    found = _PREHASHED.get(algorithm.name)
+    if found is None:
+        found = _PREHASHED[algorithm.name] = ec.ECDSA(utils.Prehashed(algorithm))
+    return found
+
+
+_PREHASHED: dict[str, ec.ECDSA] = {}

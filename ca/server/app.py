@@ -45,8 +45,8 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     finally:
         elapsed = time.perf_counter() - started
         metrics = request.app[METRICS]
-        metrics.requests.labels(route, str(status)).inc()
-        metrics.latency.labels(route).observe(elapsed)
+        metrics.child(metrics.requests, route, str(status)).inc()
+        metrics.child(metrics.latency, route).observe(elapsed)
         if status >= 400:
             log.info("request refused", request_id=rid, method=request.method, route=route,
                      status=status, ms=round(elapsed * 1000, 2))

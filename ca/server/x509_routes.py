@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 
 from ca import policy
+from ca import x509 as prof
 from ca.authority import Authority, Token
 from ca.server.common import LIMITER, authority, field, identity, json_body, parse_csr
 from ca.server.problems import Problem
@@ -86,7 +87,7 @@ async def _enroll_with_token(request: web.Request, token: Token,
     await auth.consume_token(token)  # after every check, so a bad CSR does not burn it
     try:
         return await auth.issue_x509(
-            public_key=csr.public_key(), role=token.role, names=names,
+            subject=prof.subject_key(csr.public_key()), role=token.role, names=names,
             principals=token.principals, lifetime_s=lifetime,
             actor=f"bootstrap-token:{token.id}", request_id=request.get("request_id"),
             token_id=token.id)
@@ -113,13 +114,13 @@ async def _renew(request: web.Request, csr: x509.CertificateSigningRequest | Non
     rec = who.record
     if csr is not None:
         policy.check_csr(csr)
-        public_key = csr.public_key()
+        subject = prof.subject_key(csr.public_key())
     else:
-        public_key = auth.presented_key(who.der)
+        subject = prof.presented_subject_key(who.der)
     # Names come from the inventory record of the presented certificate: never widened.
     names = tuple(policy.classify(n, True) for n in rec.names)
     return await auth.issue_x509(
-        public_key=public_key, role=rec.role, names=names, principals=tuple(rec.principals),
+        subject=subject, role=rec.role, names=names, principals=tuple(rec.principals),
         lifetime_s=_lifetime(auth, body), actor=who.actor, request_id=request.get("request_id"))
 
 
