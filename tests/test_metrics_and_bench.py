@@ -58,5 +58,6 @@ def test_benchmark_runs_and_reports_every_figure() -> None:
     figures = json.loads(proc.stdout)
     for key in ("hsm_sign_per_s", "x509_issue_per_s", "p50_ms", "p99_ms", "ssh_issue_per_s",
                 "issue_vs_hsm", "audit_verify_lines_per_s", "verify_vs_sha256",
-                "http_floor_per_s", "issue_vs_http_floor", "rss_mb"):
+                "http_floor_per_s", "issue_vs_http_floor", "rss_mb",
+                "x509_daemon_cpu_ms_per_issue", "x509_loadgen_cpu_ms_per_issue"):
         assert figures[key] > 0, key
