@@ -50,9 +50,10 @@ import sys
 import tempfile
 import threading
 from array import array
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date
-from itertools import compress
+from itertools import compress, repeat
 from json.decoder import JSONDecoder
 from operator import itemgetter, lt, not_
 from pathlib import Path
@@ -68,7 +69,7 @@ GENESIS = "0" * 64
 CHECKPOINT_FIELD = "checkpoint"
 _MIN_BYTES = 8 << 20  # per worker: below this, forking costs more than it saves
 _ALIGN = 10  # worker chunks start on multiples of 1024 lines
-_BLOCK = 1024  # lines checked in bulk at a time: ~0.5 MB, and few Python steps per line
+_BLOCK_BYTES = 1 << 19  # checked in bulk at a time: ~1000 lines, few Python steps each
 
 # Stages order failures that share a seq, in the order the checks run on a line.
 _LINE, _PAIRING, _CHECKPOINT, _CHECKPOINT_ROOT, _PREFIX = range(5)
@@ -114,7 +115,8 @@ _NEGATIVE_ZERO = re.compile(rb"-0[,\]}]")
 # msgspec parses a line about twice as fast as the stdlib (see `_parse_block`).
 _MSGSPEC_DECODE = msgspec.json.Decoder(float_hook=_refuse_float).decode
 _MSGSPEC_ENCODE = msgspec.json.Encoder(order="sorted").encode
-_REQUIRED = itemgetter("seq", "ts", "event", "prev")
+_SEQ, _TS_FIELD, _EVENT, _PREV = map(itemgetter, ("seq", "ts", "event", "prev"))
+_OP_ID, _PHASE, _RESULT = map(itemgetter, ("op_id", "phase", "result"))
 
 
 def _fast_parse(line: bytes, text: str) -> dict[str, Any]:
@@ -281,35 +283,46 @@ class _Chunk:
         return {**self.__dict__, "intents": None}
 
 
-def _scan(lines: list[bytes], base: int, lo: int, hi: int, public_key: Ed25519PublicKey,
-          key_name: str, origin: str | None, height: int | None) -> _Chunk:
-    """The per-line checks (1, 2, the local part of 3, and 4 except the root).
+def _scan(data: bytes, first: int, lo: int, hi: int, prevhex: str,
+          public_key: Ed25519PublicKey, key_name: str, origin: str | None,
+          height: int | None) -> _Chunk:
+    """The per-line checks (1, 2, the local part of 3, and 4 except the root) of the
+    complete lines in ``data[lo:hi]``, the first of which is line `first` and comes
+    after a line whose hash is `prevhex`.
 
-    ``lines[j]`` is line ``base + j``; lines ``lo <= j < hi`` are checked, the ones
-    around them are context (the previous line's hash, a look-ahead for blame).
     Also builds Merkle levels 0..`height` over the chunk's leaves, which line up
     with the whole tree's because chunks start on multiples of 2**height.
 
-    Lines go in blocks of `_BLOCK`: `_scan_block` proves a whole block valid with a
-    few bulk operations, and a block it cannot prove valid (one that fails, or an
-    unusual one) is checked again line by line by `_scan_lines`, which alone says
-    where and why a line fails.
+    Lines go in blocks of about `_BLOCK_BYTES`, each split on its own (so a worker
+    never holds more than a block of lines, and reuses their memory: fewer page
+    faults). `_scan_block` proves a whole block valid with a few bulk operations; a
+    block it cannot prove valid (one that fails, or an unusual one) is checked again
+    line by line by `_scan_lines`, which alone says where and why a line fails. The
+    line after a block goes with it as context, for `_chain_error`'s look-ahead.
     """
-    chunk = _Chunk(lines=hi - lo)
+    chunk = _Chunk()
     leaves: list[bytes] = []
-    prevhex = hashlib.sha256(lines[lo - 1]).hexdigest() if lo else GENESIS
     days: set[str] = set()  # the calendar days whose ts were checked
-    for start in range(lo, hi, _BLOCK):
-        stop = min(start + _BLOCK, hi)
-        found = _scan_block(chunk, lines, base, start, stop, prevhex, days, public_key,
+    seq, start = first, lo
+    while start < hi:
+        nl = data.find(b"\n", start + _BLOCK_BYTES - 1, hi)
+        stop = nl + 1 if nl >= 0 else hi
+        after = data.find(b"\n", stop)  # the end of the next line, if complete
+        lines = data[start:after + 1 if after >= 0 else stop].split(b"\n")
+        lines.pop()  # the empty piece after the final "\n"
+        count = len(lines) - (after >= 0)
+        found = _scan_block(chunk, lines, seq, 0, count, prevhex, days, public_key,
                             key_name, origin)
         if found is None:
-            found = _scan_lines(chunk, lines, base, start, stop, prevhex, public_key,
+            found = _scan_lines(chunk, lines, seq, 0, count, prevhex, public_key,
                                 key_name, origin)
         block_leaves, prevhex = found
         leaves.append(block_leaves)
+        seq, start = seq + count, stop
         if chunk.failure is not None:
+            seq += data.count(b"\n", start, hi)  # the lines not scanned still count
             break
+    chunk.lines = seq - first
     chunk.levels = build_levels(b"".join(leaves), height)
     if chunk.failure is None:
         _pair_chunk(chunk)
@@ -382,14 +395,17 @@ def _scan_block(chunk: _Chunk, lines: list[bytes], base: int, start: int, stop: 
     objs = _parse_block(block)
     if objs is None:
         return None
-    try:
-        seqs, stamps, events, prevs = zip(*map(_REQUIRED, objs), strict=True)
+    try:  # one map per field: cheaper than zip(*map(itemgetter(...)))
+        seqs = list(map(_SEQ, objs))
+        stamps = list(map(_TS_FIELD, objs))
+        events = list(map(_EVENT, objs))
+        prevs = list(map(_PREV, objs))
         distinct_ts = set(stamps)
         distinct_events = set(events)
     except (KeyError, TypeError):  # a field missing, or an unhashable ts or event
         return None
     # bool is an int subclass and True == 1: the type check is what refuses "seq":true.
-    if seqs != tuple(range(first, first + n)) or set(map(type, seqs)) != {int}:
+    if seqs != list(range(first, first + n)) or set(map(type, seqs)) != {int}:
         return None
     for event in distinct_events:
         if type(event) is not str or not event:
@@ -404,30 +420,39 @@ def _scan_block(chunk: _Chunk, lines: list[bytes], base: int, start: int, stop: 
     sha256 = hashlib.sha256
     # List comprehensions, not map(methodcaller(...)): faster on CPython 3.11.
     hexes = [sha256(line).hexdigest() for line in block]
-    if prevs[0] != prevhex or prevs[1:] != tuple(hexes[:-1]):
+    if prevs[0] != prevhex or prevs[1:] != hexes[:-1]:
         return None
     leaves = b"".join([sha256(b"\x00" + line).digest() for line in block])
 
-    sign_seqs: list[int] = []
+    sign_seqs: Iterable[int] = ()
     intents: list[bool] = []
     ops: list[Any] = []
     checkpoints: list[tuple[int, int, bytes, str]] = []
     if "hsm.sign" in distinct_events:
-        is_sign = [event == "hsm.sign" for event in events]
-        signs = list(compress(objs, is_sign))
-        sign_seqs = list(compress(range(first, first + n), is_sign))
-        ops = [obj.get("op_id") for obj in signs]
+        if len(distinct_events) == 1:  # as in most blocks
+            signs, sign_seqs = objs, range(first, first + n)
+        else:
+            is_sign = [event == "hsm.sign" for event in events]
+            signs = list(compress(objs, is_sign))
+            sign_seqs = list(compress(range(first, first + n), is_sign))
+        try:
+            ops = list(map(_OP_ID, signs))
+            phases = list(map(_PHASE, signs))
+        except KeyError:
+            return None
         if set(map(type, ops)) != {str} or "" in ops:
             return None
-        phases = [obj.get("phase") for obj in signs]
         intents = [phase == "intent" for phase in phases]
         outcome_count = phases.count("outcome")
-        if phases.count("intent") + outcome_count != len(phases):
+        if intents.count(True) + outcome_count != len(phases):
             return None
         if outcome_count:
             is_outcome = list(map(not_, intents))
             outcomes = list(compress(signs, is_outcome))
-            results = [obj.get("result") for obj in outcomes]
+            try:
+                results = list(map(_RESULT, outcomes))
+            except KeyError:
+                return None
             if set(map(type, results)) != {str} or "" in results:
                 return None
             has_checkpoint = [CHECKPOINT_FIELD in obj for obj in outcomes]
@@ -544,17 +569,15 @@ def _scan_range(data: bytes, first: int, lo: int, hi: int, public_key: Ed25519Pu
                 key_name: str, origin: str | None, height: int | None) -> _Chunk:
     """Scan the complete lines in ``data[lo:hi]``, the first of which is line `first`.
 
-    Splits only its own range (plus a line of context either side), so a forked
+    Reads only its own range (plus a line of context either side), so a forked
     worker never touches the parent's objects and copy-on-write copies nothing.
     """
-    context_lo = data.rfind(b"\n", 0, lo - 1) + 1 if first else lo  # the line before
-    following = data.find(b"\n", hi)  # the line after, if complete
-    context_hi = following + 1 if following >= 0 else hi
-    lines = data[context_lo:context_hi].split(b"\n")
-    lines.pop()  # the empty piece after the final "\n"
-    own = 1 if first else 0
-    count = len(lines) - own - (following >= 0)
-    return _scan(lines, first - own, own, own + count, public_key, key_name, origin, height)
+    if first:  # the line before `lo` is line first - 1
+        before = data.rfind(b"\n", 0, lo - 1) + 1
+        prevhex = hashlib.sha256(data[before:lo - 1]).hexdigest()
+    else:
+        prevhex = GENESIS
+    return _scan(data, first, lo, hi, prevhex, public_key, key_name, origin, height)
 
 
 def _cuts(data: bytes, end: int, workers: int) -> list[tuple[int, int]]:
@@ -775,15 +798,18 @@ def _pair_chunk(chunk: _Chunk) -> None:
     if len(intents) != len(intent_ops) or len(closed) != len(outcome_ops):
         return
     outcome_seqs = list(compress(seqs, is_outcome))
-    intent_seqs = [intents.get(op, -1) for op in outcome_ops]  # -1: in an earlier chunk
+    # -1: the intent is in an earlier chunk
+    intent_seqs = list(map(intents.get, outcome_ops, repeat(-1)))
     if not all(map(lt, intent_seqs, outcome_seqs)):
         return
     if -1 in intent_seqs:  # usually one or two, for the pairs a chunk boundary splits
         chunk.foreign = [(seq, op) for seq, op, at in zip(outcome_seqs, outcome_ops,
                                                           intent_seqs, strict=True) if at < 0]
-    # In log order (their seqs are), as `_pair` would leave them: usually none or a few.
-    still_open = sorted(intents.keys() - closed, key=intents.__getitem__)
-    chunk.still_open = {op: intents[op] for op in still_open}
+    chunk.still_open = {}
+    if len(intents) > len(outcome_ops) - len(chunk.foreign):  # some intents stay open
+        # In log order (their seqs are), as `_pair` would leave them: usually a few.
+        still_open = sorted(intents.keys() - closed, key=intents.__getitem__)
+        chunk.still_open = {op: intents[op] for op in still_open}
     chunk.intents = intents
 
 
