@@ -670,3 +670,179 @@ def test_big_log_in_parallel_workers_agrees_with_one_process() -> None:
         assert bad == verify_log(join(lines), PUB, ORIGIN, workers=1)
     finally:
         verify_module._MIN_BYTES = saved
+
+
+# ---- the bulk path and its fallback -----------------------------------------------------------
+#
+# verify_log checks blocks of lines with bulk operations (msgspec, columns of fields) and
+# checks a block line by line only when the bulk checks do not all pass. Each line below
+# sits inside an otherwise valid block, so the bulk path sees it first; the result must
+# be exactly what the line-by-line checks alone say.
+
+
+@contextmanager
+def line_by_line() -> Iterator[None]:
+    """Every block checked by the line-by-line code only: the reference."""
+    saved = verify_module._scan_block
+    verify_module._scan_block = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        verify_module._scan_block = saved
+
+
+def block_log(lines: int = 40) -> LogBuilder:
+    b = LogBuilder()
+    b.add("daemon.start", version="0.1.0")
+    while b.size < lines:
+        op = b.new_op()
+        b.intent(op, serial=op, names=["svc.example"])
+        b.outcome(op, fingerprint="ef" * 32)
+    return b
+
+
+def check_both_ways(data: bytes) -> VerifyResult:
+    result = check(data)
+    with line_by_line():
+        reference = verify_log(data, PUB, ORIGIN, origin=ORIGIN, workers=1)
+    assert (result.ok, result.bad_seq, result.reason, result.lines) == (
+        reference.ok, reference.bad_seq, reference.reason, reference.lines)
+    return result
+
+
+def test_a_valid_block_takes_the_bulk_path() -> None:
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a valid plain block was checked line by line")
+
+    saved = verify_module._scan_lines
+    verify_module._scan_lines = refuse
+    try:
+        b = block_log()
+        b.checkpoint()
+        result = verify_log(b.data(), PUB, ORIGIN, origin=ORIGIN, workers=1)
+    finally:
+        verify_module._scan_lines = saved
+    assert result.ok and result.checkpoints == 1, result.reason
+
+
+# (line content, whether the line is still valid, what the reason says when not)
+IN_A_BLOCK: dict[str, tuple[Any, bool, str]] = {
+    "float": ({"pi": 1.5}, True, ""),
+    "big int": ({"n": 2**70, "m": -(2**80)}, True, ""),
+    "escape": ({"text": "a\nb \"q\" \\ \u0001"}, True, ""),
+    "non-ASCII": ({"text": "caf\u00e9 \u2028 \U0001f600 \x7f"}, True, ""),
+    "nested object": ({"detail": {"a": [1, {"b": None}], "c": True}}, True, ""),
+    "nested lists": ({"deep": [[[[[[[[1]]]]]]]]}, True, ""),
+    "seq true": ({"seq": True}, False, "seq must be an integer"),
+    "seq float": ({"seq": 7.0}, False, "seq must be an integer"),
+    "ts empty": ({"ts": ""}, False, "ts must be"),
+    "event missing": ({"event": None}, False, "event must be"),
+    "op_id int": ({"op_id": 5}, False, "op_id"),
+    "phase list": ({"phase": ["intent"]}, False, "phase must be"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(IN_A_BLOCK))
+def test_unusual_lines_inside_a_block(case: str) -> None:
+    fields, valid, reason = IN_A_BLOCK[case]
+    b = block_log()
+    k = 17  # an intent line, in the middle of the block
+    lines = rechain([*b.lines[:k], rewrite(b.lines[k], **fields), *b.lines[k + 1:]], k + 1)
+    result = check_both_ways(join(lines))
+    if valid:
+        assert result.ok, result.reason
+    else:
+        assert (result.ok, result.bad_seq) == (False, k)
+        assert reason in (result.reason or "")
+
+
+# Byte-level damage (keeps the chain valid from the next line on, so only line k fails).
+RAW_IN_A_BLOCK: dict[str, tuple[Any, str]] = {
+    "raw control character": (lambda s: s.replace(b'"local"', b'"lo\x01al"'), "JSON"),
+    "raw tab in a string": (lambda s: s.replace(b'"local"', b'"lo\tal"'), "JSON"),
+    "invalid UTF-8": (lambda s: s.replace(b'"local"', b'"lo\xffal"'), "UTF-8 at byte"),
+    "overlong UTF-8": (lambda s: s.replace(b'"local"', b'"lo\xc0\xafal"'), "UTF-8 at byte"),
+    "encoded surrogate": (lambda s: s.replace(b'"local"', b'"lo\xed\xa0\x80al"'),
+                          "UTF-8 at byte"),
+    "duplicate key": (lambda s: s.replace(b'{"', b'{"actor":"x","', 1), "canonical"),
+    "duplicate key, same value": (lambda s: s.replace(b'"actor":"local",',
+                                                      b'"actor":"local","actor":"local",'),
+                                  "canonical"),
+    "unsorted keys": (lambda s: s.replace(b'"actor":"local",', b"", 1)[:-1]
+                      + b',"actor":"local"}', "canonical"),
+    "NaN": (lambda s: s[:-1] + b',"zz":NaN}', "JSON"),
+    "Infinity": (lambda s: s[:-1] + b',"zz":-Infinity}', "JSON"),
+    "negative zero": (lambda s: s[:-1] + b',"zz":-0}', "canonical"),
+    "negative zero in a list": (lambda s: s[:-1] + b',"zz":[1,-0]}', "canonical"),
+    "exponent": (lambda s: s[:-1] + b',"zz":1e2}', "canonical"),
+    "space": (lambda s: s.replace(b'"actor":', b'"actor": '), "canonical"),
+    "trailing space": (lambda s: s + b" ", "canonical"),
+    "trailing garbage": (lambda s: s + b"x", "JSON"),
+    "second object": (lambda s: s + b"{}", "JSON"),
+    "top-level array": (lambda s: b"[" + s + b"]", "JSON object"),
+    "byte order mark": (lambda s: b"\xef\xbb\xbf" + s, "JSON"),
+    "int too long for Python": (lambda s: s[:-1] + b',"zz":' + b"7" * 5000 + b"}", "JSON"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RAW_IN_A_BLOCK))
+def test_damaged_lines_inside_a_block(case: str) -> None:
+    damage, reason = RAW_IN_A_BLOCK[case]
+    b = block_log()
+    k = 17  # an intent line, with "actor":"local", in the middle of the block
+    lines = list(b.lines)
+    lines[k] = damage(lines[k])
+    assert lines[k] != b.lines[k]
+    lines = [*lines[:k + 1], *rechain(lines, k + 1)[k + 1:]]
+    result = check_both_ways(join(lines))
+    assert (result.ok, result.bad_seq) == (False, k), result.reason
+    assert reason in (result.reason or "")
+
+
+def test_chain_and_pairing_failures_inside_a_block_agree() -> None:
+    b = block_log(60)
+    for k in (1, 16, 17, 59):
+        lines = list(b.lines)
+        lines[k] = rewrite(lines[k], tampered=True)  # breaks the chain at k + 1
+        check_both_ways(join(lines))
+    b.outcome("op-3")  # a second outcome
+    check_both_ways(b.data())
+
+
+def test_deep_nesting_is_judged_as_the_stdlib_judges_it() -> None:
+    # Lines long enough to nest near the recursion limit go line by line.
+    b = block_log()
+    k = 17
+    for depth in (50, 400, 2000):
+        lines = list(b.lines)
+        lines[k] = lines[k][:-1] + b',"zz":' + b"[" * depth + b"]" * depth + b"}"
+        lines = [*lines[:k + 1], *rechain(lines, k + 1)[k + 1:]]
+        result = check_both_ways(join(lines))
+        assert result.ok == (depth < 1000), (depth, result.reason)
+
+
+def test_a_lying_seq_at_a_worker_boundary_changes_nothing() -> None:
+    # Workers start where the seq of a line says; a log whose seqs lie there is
+    # scanned again in one process, with the same verdict.
+    b = block_log(3 * 4096)
+    lines = [*b.lines[:100], *b.lines[101:]]  # every later seq is one too high
+    saved = verify_module._MIN_BYTES
+    verify_module._MIN_BYTES = 0
+    try:
+        forked = verify_log(join(lines), PUB, ORIGIN, workers=2)
+        single = verify_log(join(lines), PUB, ORIGIN, workers=1)
+    finally:
+        verify_module._MIN_BYTES = saved
+    assert forked == single
+    assert (forked.ok, forked.bad_seq) == (False, 100)
+
+
+def test_findings_too_big_for_shared_memory_go_through_the_pipe() -> None:
+    b = block_log(3 * 4096)
+    saved = verify_module._MIN_BYTES, verify_module._SHARED_PER_BYTE
+    verify_module._MIN_BYTES, verify_module._SHARED_PER_BYTE = 0, 0
+    try:
+        forked = verify_log(b.data(), PUB, ORIGIN, workers=2, latest_checkpoint=b.note())
+    finally:
+        verify_module._MIN_BYTES, verify_module._SHARED_PER_BYTE = saved
+    assert forked.ok and forked.lines == b.size and forked.checkpoints == 1
