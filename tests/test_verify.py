@@ -425,6 +425,17 @@ def test_missing_required_fields_are_refused() -> None:
         assert (result.ok, result.bad_seq) == (False, 1), field
 
 
+def test_an_empty_ts_is_refused_on_the_first_line_too() -> None:
+    # The ts check is skipped for a line with the same ts as the line before; the
+    # first line (of the log, or of a worker's chunk) has no line before it.
+    b = simple_log()
+    for k in (0, 4):
+        lines = rechain([*b.lines[:k], rewrite(b.lines[k], ts=""), *b.lines[k + 1:]], k + 1)
+        result = check(join(lines))
+        assert (result.ok, result.bad_seq) == (False, k)
+        assert "ts must be" in (result.reason or "")
+
+
 def test_first_line_must_have_the_genesis_prev() -> None:
     b = simple_log()
     lines = rechain([rewrite(b.lines[0], prev="11" * 32), *b.lines[1:]], 1)

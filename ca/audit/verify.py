@@ -520,7 +520,8 @@ def _scan_lines(chunk: _Chunk, lines: list[bytes], base: int, lo: int, hi: int, 
     fast_parse = _fast_parse
     seqs, intents, ops = chunk.sign_seqs, chunk.sign_intent, chunk.sign_ops
     leaves = bytearray()
-    day = last_ts = ""
+    day = ""
+    last_ts: Any = object()  # equal to no ts: a first line's ts ("", None, ...) is checked
     i = j = base + lo
     try:
         for j in range(lo, hi):
