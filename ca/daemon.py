@@ -9,6 +9,7 @@ the listener. SIGTERM stops accepting, lets in-flight requests finish, records
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import os
 import signal
@@ -104,6 +105,7 @@ async def serve(config: Config, listen: str | None = None, ready: asyncio.Event 
         # Local admin commands (`hsmca token create --config ...`) find the daemon here,
         # whatever --listen chose.
         write_atomic(config.url_file, url + "\n")
+        _settle_heap()
         print(f"listening on {url}", flush=True)
         log.info("listening", url=url)
         cp_task = asyncio.create_task(checkpointer.run())
@@ -129,6 +131,20 @@ async def serve(config: Config, listen: str | None = None, ready: asyncio.Event 
             store.close()
         worker.close()
         audit.close()
+
+
+def _settle_heap() -> None:
+    """Tune the cyclic garbage collector for a long-running server.
+
+    What exists once the daemon is ready (modules, keys, caches, the app) lives as
+    long as the process. Frozen, it is no longer walked by every full collection:
+    under load those took 30-70 ms each, with the lock held, stalling every request
+    in flight (the benchmark's p99). Almost everything a request allocates is freed
+    by reference counting, so collections can also run far less often.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
 
 
 def main(config: Config, listen: str | None) -> int:
