@@ -49,7 +49,8 @@ class Checkpointer:
             purpose="checkpoint", actor=actor,
             details={"size": size, "root": base64.b64encode(root).decode()},
             describe=lambda note: {"checkpoint": note})
-        write_atomic(self.path, text)
+        # Two fsyncs: off the event loop, which has requests in flight.
+        await asyncio.to_thread(write_atomic, self.path, text)
         self.latest = text
         for witness in self.witnesses:
             try:
