@@ -857,3 +857,37 @@ def test_findings_too_big_for_shared_memory_go_through_the_pipe() -> None:
     finally:
         verify_module._MIN_BYTES, verify_module._SHARED_PER_BYTE = saved
     assert forked.ok and forked.lines == b.size and forked.checkpoints == 1
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(valid_logs(), st.data())
+def test_bulk_and_line_by_line_agree_on_random_damage(log: LogBuilder,
+                                                      data: st.DataObject) -> None:
+    lines = list(log.lines)
+    for _ in range(data.draw(st.integers(1, 3))):
+        k = data.draw(st.integers(0, len(lines) - 1))
+        line = lines[k]
+        at = data.draw(st.integers(0, len(line)))
+        cut = data.draw(st.integers(0, 3))
+        insert = data.draw(st.sampled_from(
+            [b"", b" ", b"\t", b"\\", b'"', b"-0", b"-", b"0", b"1.5", b"e5", b",", b":",
+             b"{", b"}", b"[", b"]", b"\x00", b"\x7f", b"\xc3\xa9", b"\xff", b"\xed\xa0\x80",
+             b'"seq":1,', b'"x":1,', b"true", b"null", b"NaN"]))
+        lines[k] = line[:at] + insert + line[at + cut:]
+        if data.draw(st.booleans()):
+            lines = [*lines[:k + 1], *rechain_raw(lines, k + 1)]
+    check_both_ways(join(lines))
+
+
+def rechain_raw(lines: list[bytes], start: int) -> list[bytes]:
+    """Repair the chain after a damaged line, where the following lines still parse."""
+    out = list(lines[:start])
+    for line in lines[start:]:
+        try:
+            obj = json.loads(line)
+            obj["prev"] = digest_hex(out[-1])
+            line = canonical(obj)
+        except (ValueError, TypeError, KeyError):
+            pass
+        out.append(line)
+    return out[start:]
