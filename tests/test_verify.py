@@ -848,6 +848,17 @@ def test_a_lying_seq_at_a_worker_boundary_changes_nothing() -> None:
     assert (forked.ok, forked.bad_seq) == (False, 100)
 
 
+def test_a_seq_past_int64_at_a_worker_boundary_is_reported_not_raised() -> None:
+    # A worker's first line comes from a seq; one claiming 2**63 or more made the worker
+    # fail on its array("q") of hsm.sign seqs, so forked verification raised instead of
+    # reporting the line whose seq is wrong, as one process does.
+    b = block_log()
+    lines = [rewrite(line, seq=k + 2**63) if k >= 5 else line for k, line in enumerate(b.lines)]
+    result = check(join(rechain(lines, 5)))
+    assert (result.ok, result.bad_seq) == (False, 5)
+    assert "seq is" in (result.reason or "")
+
+
 def test_findings_too_big_for_shared_memory_go_through_the_pipe() -> None:
     b = block_log(3 * 4096)
     saved = verify_module._MIN_BYTES, verify_module._SHARED_PER_BYTE

@@ -628,7 +628,9 @@ def _cuts(data: bytes, end: int, workers: int) -> list[tuple[int, int]]:
         pos = max(end * k // workers, offset)
         start = data.rfind(b"\n", offset, pos) + 1 or offset  # of the line holding pos
         claimed = _seq_at(data, start, end)
-        line = claimed if claimed is not None and claimed > line else (
+        # A seq claiming more lines than there are bytes before it lies, and one past
+        # 2**63 would make a worker fail (its seqs go in array("q")) instead of report.
+        line = claimed if claimed is not None and line < claimed <= line + start - offset else (
             line + data.count(b"\n", offset, start))
         offset = start
         target = -(-(line + 1) >> _ALIGN) << _ALIGN
