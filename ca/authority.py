@@ -7,6 +7,7 @@ It decides nothing: callers pass requests that `ca.policy` has already approved.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures as cf
 import datetime as dt
 import hashlib
 import json
@@ -159,7 +160,7 @@ class Authority:
             issued.append((der, hashlib.sha256(der).hexdigest()))
             return {"fingerprint": issued[0][1]}
 
-        async def record(cert: x509.Certificate) -> None:
+        def record(cert: x509.Certificate) -> cf.Future[None]:
             der, fingerprint = issued[0]
 
             def insert(db: sqlite3.Connection) -> None:
@@ -172,7 +173,7 @@ class Authority:
                 if token_id is not None:
                     db.execute("UPDATE tokens SET used_serial = ? WHERE id = ?",
                                (serial_hex, token_id))
-            await self.store.write(insert)
+            return self.store.write_future(insert)
 
         return await self.hsm.sign(
             self.keys["issuing"], lambda k: builder.sign(k, h), purpose="x509", actor=actor,
@@ -372,7 +373,7 @@ async def issue_ssh(auth: Authority, req: SSHRequest, actor: str, request_id: st
     key = auth.keys["ssh_user" if user else "ssh_host"]
     issued_at = prof.utcnow().isoformat()
 
-    async def record(cert: SSHCertificate) -> None:
+    def record(cert: SSHCertificate) -> cf.Future[None]:
         def insert(db: sqlite3.Connection) -> None:
             db.execute(
                 "INSERT INTO ssh_certs (serial, key_id, cert_type, key_sha256, public_key, "
@@ -381,7 +382,7 @@ async def issue_ssh(auth: Authority, req: SSHRequest, actor: str, request_id: st
                 (str(serial), key_id, req.cert_type, req.public_key.sha256, req.public_key.line,
                  json.dumps(list(req.principals)), str(valid_after), str(valid_before),
                  req.owner_serial, issued_at))
-        await auth.store.write(insert)
+        return auth.store.write_future(insert)
 
     # RSA CA keys sign SSH certificates with rsa-sha2-512 (cryptography's choice).
     hash_name = "sha512" if key.key_type.startswith("rsa") else "sha256"

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from hsm.completion import Batch, Sink, async_sink, claim
+from hsm.completion import Batch, Coalescer, Sink, async_sink, claim, drain_queue
 
 T = TypeVar("T")
 _STOP = object()
@@ -119,6 +119,7 @@ class Store:
         self._reader = _connect(path)
         self._read_lock = threading.Lock()
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._coalescer = Coalescer(self._queue)
         self._thread = threading.Thread(target=self._write_loop, name="store-writer", daemon=True)
         self._thread.start()
 
@@ -143,7 +144,7 @@ class Store:
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn(db)` in the writer's next transaction; return once it is committed."""
         fut, sink = async_sink()
-        self._queue.put((fn, sink))
+        self._coalescer.put(sink[0], (fn, sink))
         return await fut  # type: ignore[no-any-return]
 
     def write_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -152,12 +153,7 @@ class Store:
     def _write_loop(self) -> None:
         db = self._writer_db
         while True:
-            batch = [self._queue.get()]
-            while True:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
+            batch = drain_queue(self._queue, self._queue.get())
             stop = _STOP in batch
             jobs = [j for j in batch if j is not _STOP]
             if jobs:

@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 from array import array
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ca.audit.merkle import MerkleTree, leaf_hash
 from ca.audit.note import NoteError, parse_checkpoint, verify_checkpoint
-from hsm.completion import Batch, Sink, async_sink, claim
+from hsm.completion import Batch, Coalescer, Sink, async_sink, claim, drain_queue
 from hsm.errors import AuditUnavailable
 
 GENESIS = "0" * 64
@@ -69,7 +69,11 @@ class AuditLog:
         self._tree = tree
         self._offsets = offsets
         self._tree_lock = threading.Lock()
+        # Held for each commit: by the writer thread, or by a worker thread appending
+        # its own lines (append_durable), so the chain has one order whoever writes.
+        self._write_lock = threading.Lock()
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._coalescer = Coalescer(self._queue)
         self._problem: str | None = None
         self._poisoned = False
         # Outcome lines whose batch failed: the HSM did sign (the result was never
@@ -200,25 +204,37 @@ class AuditLog:
     def record_async(self, event: str, fields: Mapping[str, Any]) -> asyncio.Future[int]:
         """`record` for the event loop thread: settled with its whole group commit."""
         fut, sink = async_sink()
-        self._queue.put((event, fields, sink))
+        self._coalescer.put(sink[0], (event, fields, sink))
         return fut
+
+    def append_durable(self, entries: Sequence[tuple[str, Mapping[str, Any]]]
+                       ) -> list[cf.Future[int]]:
+        """Append lines from a worker thread, on that thread, and return once they are
+        durable (one write and one fdatasync for all of them; OpLog).
+
+        The HSM thread writes its intents and outcomes this way: handing them to the
+        writer thread and waiting would cost two thread wake-ups per group. Each
+        returned future is already settled: its seq, or why that line failed.
+        """
+        futs: list[cf.Future[int]] = [cf.Future() for _ in entries]
+        items = [(event, fields, fut) for (event, fields), fut in zip(entries, futs,
+                                                                       strict=True)]
+        with self._write_lock:
+            self._commit(items)
+        return futs
 
     async def append(self, event: str, **fields: Any) -> int:
         return await self.record_async(event, fields)
 
     def _writer(self) -> None:
         while True:
-            first = self._queue.get()
-            batch = [first]
-            while True:  # everything that arrived while the last fdatasync ran
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
+            # Everything that arrived while the last fdatasync ran.
+            batch = drain_queue(self._queue, self._queue.get())
             stop = any(item is _STOP for item in batch)
             items = [item for item in batch if item is not _STOP]
             if items:
-                self._commit(items)
+                with self._write_lock:
+                    self._commit(items)
             if stop:
                 return
 
