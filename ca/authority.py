@@ -22,8 +22,9 @@ from cryptography.hazmat.primitives.serialization import SSHCertificate
 from cryptography.x509 import ocsp
 
 from ca import x509 as prof
-from ca.audit.log import AuditLog
+from ca.audit.link import AuditLink
 from ca.config import Config
+from ca.generations import Generations
 from ca.policy import Refused, TokenGrant
 from ca.ssh import RevokedCerts, SSHPublicKey, blob_of, build_krl, parse_public_key
 from ca.store import CertRecord, Store
@@ -51,21 +52,22 @@ class Authority:
     config: Config
     hsm: HSMWorker
     store: Store
-    audit: AuditLog
+    audit: AuditLink
     keys: dict[str, HSMKey]
     root: x509.Certificate
     issuing: x509.Certificate
+    generations: Generations
+    # Revocations made by any process of the daemon; reloaded whenever the shared
+    # revocation counter moves (sync_revocations), as is everything built from them.
     revoked: dict[int, tuple[dt.datetime, str | None]] = field(default_factory=dict)
-    _crl: bytes | None = None
-    _crl_this_update: dt.datetime | None = None
+    _revocation_gen: int = -1
     _crl_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    _ocsp_cache: dict[int, tuple[dt.datetime, bytes]] = field(default_factory=dict)
+    _ocsp_cache: dict[int, tuple[int, dt.datetime, bytes]] = field(default_factory=dict)
     _identity_cache: dict[str, CertRecord] = field(default_factory=dict)
-    krl_cache: bytes | None = None
+    krl_cache: tuple[int, bytes] | None = None
 
     def __post_init__(self) -> None:
-        for serial_hex, at, reason in self.store.revoked():
-            self.revoked[int(serial_hex, 16)] = (dt.datetime.fromisoformat(at), reason)
+        self.sync_revocations()
         der = self.issuing.public_bytes(serialization.Encoding.DER)
         self.chain_pem = prof.pem(self.issuing) + prof.pem(self.root)
         self.chain_der = [der, self.root.public_bytes(serialization.Encoding.DER)]
@@ -196,7 +198,18 @@ class Authority:
             self._identity_cache[fp] = rec
         return rec
 
+    def sync_revocations(self) -> int:
+        """Pick up revocations made by the other worker processes: a read of the shared
+        counter, and a reload from the inventory only when it moved. Returns it."""
+        gen = self.generations.get("revocations")
+        if gen != self._revocation_gen:
+            self.revoked = {int(serial_hex, 16): (dt.datetime.fromisoformat(at), reason)
+                            for serial_hex, at, reason in self.store.revoked()}
+            self._revocation_gen = gen
+        return gen
+
     def is_revoked(self, serial_hex: str) -> bool:
+        self.sync_revocations()
         return int(serial_hex, 16) in self.revoked
 
     async def revoke(self, serial: int, reason: str | None, actor: str,
@@ -207,7 +220,7 @@ class Authority:
         if rec is None:
             raise Refused(f"no certificate with serial {serial:x} was issued by this CA",
                           404, "not-found")
-        if rec.revoked_at is not None or serial in self.revoked:
+        if rec.revoked_at is not None:
             raise Refused(f"certificate {serial:x} is already revoked", 409, "conflict")
         now = prof.utcnow()
         # The record first: a revocation the log does not show never happened.
@@ -221,33 +234,44 @@ class Authority:
 
         if await self.store.write(mark) != 1:
             raise Refused(f"certificate {serial:x} is already revoked", 409, "conflict")
-        self.revoked[serial] = (now, reason)
-        self._ocsp_cache.pop(serial, None)
-        self._crl = None  # stale from now on: if re-signing fails, the next GET retries
+        self.generations.bump("revocations")  # committed: every process reloads
+        # The stored CRL is stale from now on (its generation is behind): if re-signing
+        # fails here, the next GET tries again.
         await self.refresh_crl(actor, request_id)
         return now
 
     # ---- CRL and OCSP -------------------------------------------------------------------
 
     async def crl(self) -> bytes:
-        """The current CRL, re-signed when half its validity has passed."""
-        now = prof.utcnow()
-        if (self._crl is None or self._crl_this_update is None
-                or now - self._crl_this_update > CRL_VALIDITY / 2):
+        """The newest CRL, re-signed when a revocation is missing from it or half its
+        validity has passed. Kept in the inventory, so every worker serves the same
+        one and CRL numbers only grow. (Revocations are never undone, so a CRL that
+        lists as many as the inventory holds lists them all.)"""
+        for _ in range(3):  # a revocation racing the refresh: sign again, with it
+            self.sync_revocations()
+            latest = self.store.latest_crl()
+            if latest is not None:
+                _, listed, this_update, der = latest
+                age = prof.utcnow() - dt.datetime.fromisoformat(this_update)
+                if listed >= len(self.revoked) and age <= CRL_VALIDITY / 2:
+                    return der
             await self.refresh_crl("local", None)
-        if self._crl is None:  # refresh_crl raises when it cannot sign; never serve nothing
+        latest = self.store.latest_crl()
+        if latest is None:  # refresh_crl raises when it cannot sign; never serve nothing
             raise RuntimeError("no CRL after a successful refresh")
-        return self._crl
+        return latest[3]
 
     async def refresh_crl(self, actor: str, request_id: str | None) -> None:
         async with self._crl_lock:
+            self.sync_revocations()
+            revoked = self.revoked
             number = await self.store.write(_next_crl_number)
             now = prof.utcnow()
             b = (x509.CertificateRevocationListBuilder().issuer_name(self.issuing.subject)
                  .last_update(now).next_update(now + CRL_VALIDITY)
                  .add_extension(x509.CRLNumber(number), critical=False)
                  .add_extension(prof._aki(self.issuing), critical=False))
-            for serial, (at, reason) in sorted(self.revoked.items()):
+            for serial, (at, reason) in sorted(revoked.items()):
                 rb = (x509.RevokedCertificateBuilder().serial_number(serial)
                       .revocation_date(at))
                 if reason:
@@ -257,13 +281,19 @@ class Authority:
             crl = await self.hsm.sign(
                 self.keys["issuing"], lambda k: b.sign(k, h), purpose="crl", actor=actor,
                 request_id=request_id, hash_name=self._hash_name,
-                details={"crl_number": number, "revoked": len(self.revoked),
+                details={"crl_number": number, "revoked": len(revoked),
                          "this_update": now.isoformat(),
                          "next_update": (now + CRL_VALIDITY).isoformat()},
                 describe=lambda c: {"fingerprint": hashlib.sha256(
                     c.public_bytes(serialization.Encoding.DER)).hexdigest()})
-            self._crl = crl.public_bytes(serialization.Encoding.DER)
-            self._crl_this_update = now
+            der = crl.public_bytes(serialization.Encoding.DER)
+
+            def keep(db: sqlite3.Connection) -> None:
+                db.execute("INSERT INTO crls (number, revoked, this_update, der) "
+                           "VALUES (?,?,?,?)", (number, len(revoked), now.isoformat(), der))
+                db.execute("DELETE FROM crls WHERE number < ?", (number - 16,))
+
+            await self.store.write(keep)
 
     async def ocsp(self, request_der: bytes, request_id: str | None) -> bytes:
         try:
@@ -278,9 +308,11 @@ class Authority:
             return _unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED, None)
         serial = req.serial_number
         now = prof.utcnow()
+        gen = self.sync_revocations()
         cached = self._ocsp_cache.get(serial)
-        if cached is not None and now - cached[0] < OCSP_VALIDITY / 2 and not req.extensions:
-            return cached[1]
+        if (cached is not None and cached[0] == gen and now - cached[1] < OCSP_VALIDITY / 2
+                and not req.extensions):
+            return cached[2]
         status, rev_time, rev_reason = ocsp.OCSPCertStatus.GOOD, None, None
         if serial in self.revoked:
             at, reason = self.revoked[serial]
@@ -307,7 +339,9 @@ class Authority:
             details={"serial": format(serial, "x"), "status": status.name})
         der = resp.public_bytes(serialization.Encoding.DER)
         if not req.extensions:
-            self._ocsp_cache[serial] = (now, der)
+            if len(self._ocsp_cache) > 10_000:
+                self._ocsp_cache.clear()
+            self._ocsp_cache[serial] = (gen, now, der)
         return der
 
 
@@ -416,10 +450,10 @@ async def revoke_ssh(auth: Authority, *, serial: str | None, key_id: str | None,
                           "AND revoked_at IS NULL", (now, arg)).rowcount
 
     hit = await auth.store.write(mark)
+    auth.generations.bump("ssh_revocations")  # committed: every process rebuilds its KRL
     if hit == 0 and public_key is None:
         what = f"serial {serial}" if serial is not None else f"key id {key_id!r}"
         raise Refused(f"no unrevoked SSH certificate with {what}", 404, "not-found")
-    auth.krl_cache = None
     await auth.audit.append("ssh.revoke", serial=serial, key_id=key_id,
                             public_key_sha256=public_key.sha256 if public_key else None,
                             certificates=hit, actor=actor, request_id=request_id)
@@ -427,8 +461,9 @@ async def revoke_ssh(auth: Authority, *, serial: str | None, key_id: str | None,
 
 
 def build_current_krl(auth: Authority) -> bytes:
-    if auth.krl_cache is not None:
-        return auth.krl_cache
+    gen = auth.generations.get("ssh_revocations")
+    if auth.krl_cache is not None and auth.krl_cache[0] == gen:
+        return auth.krl_cache[1]
     rows = auth.store.read("SELECT cert_type, serial FROM ssh_certs WHERE revoked_at IS NOT NULL")
     keys = [r[0] for r in auth.store.read("SELECT public_key FROM ssh_revoked_keys")]
     groups = []
@@ -437,5 +472,6 @@ def build_current_krl(auth: Authority) -> bytes:
         groups.append(RevokedCerts(blob_of(auth.keys[purpose].public_key()), serials, []))
     now = int(prof.utcnow().timestamp())
     blobs = [parse_public_key(k).blob for k in keys]
-    auth.krl_cache = build_krl(now, now, groups, blobs)
-    return auth.krl_cache
+    krl = build_krl(now, now, groups, blobs)
+    auth.krl_cache = (gen, krl)
+    return krl

@@ -7,6 +7,7 @@ names a file (`file:/path`) or an environment variable (`env:NAME`).
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,7 @@ class Config:
     checkpoint_heartbeat_s: float
     witnesses: tuple[Path, ...] = ()
     metrics_allow: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    workers: int = 0  # worker processes serving HTTPS; 0: one per CPU (at most 8)
     policy: Policy = field(default_factory=Policy)
 
     @property
@@ -81,6 +83,11 @@ class Config:
             return self.url_file.read_text().strip()
         except OSError:
             return f"https://{self.listen}"
+
+    @property
+    def generations_path(self) -> Path:
+        """Change counters the daemon's processes share while it runs."""
+        return self.state_dir / "run" / "generations"
 
     @property
     def db_path(self) -> Path:
@@ -198,11 +205,35 @@ def load(path: Path) -> Config:
         tls_key=rel(_get(server, "tls-key", str, where, "tls/server.key")),
         metrics_allow=_networks(_get(server, "metrics-allow", list, where,
                                      ["127.0.0.0/8", "::1/128"]), where),
+        workers=_workers(server.get("workers", "auto"), where),
         audit_origin=_get(audit, "origin", str, f"{path} [audit]"),
         checkpoint_heartbeat_s=_get(audit, "heartbeat-s", float, f"{path} [audit]", 60.0),
         witnesses=tuple(rel(w) for w in _get(audit, "witnesses", list, f"{path} [audit]", [])),
         policy=policy,
     )
+
+
+MAX_WORKERS = 64
+
+
+def _workers(value: Any, where: str) -> int:
+    if value == "auto":
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        raise ConfigError(f"{where}: 'workers' must be \"auto\" or a number from 1 to "
+                          f"{MAX_WORKERS}, not {value!r}")
+    return value
+
+
+def worker_count(configured: int) -> int:
+    """How many worker processes to run: as configured, or one per CPU (at most 8)."""
+    if configured:
+        return configured
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, 8))
 
 
 def _networks(values: list[Any], where: str) -> tuple[str, ...]:
@@ -244,6 +275,9 @@ def render(*, module: str, token: str, pin_source: str, softhsm_conf: str | None
         "# public-url = \"https://ca.example:8443\"  # adds CRL DP and OCSP AIA to leaves",
         "# Client networks that may read /metrics (default: loopback only).",
         "metrics-allow = [\"127.0.0.0/8\", \"::1/128\"]",
+        "# Worker processes serving HTTPS, each with its own HSM session (\"auto\": one",
+        "# per CPU, at most 8). The primary process alone writes the audit log.",
+        "workers = \"auto\"",
         "", "[audit]",
         f"origin = {_q(audit_origin)}  # the checkpoint origin line and signing key name",
         "heartbeat-s = 60",

@@ -1,9 +1,16 @@
-"""`hsmca serve`: start-up checks, the listener, and a graceful stop.
+"""`hsmca serve`: the primary process. Start-up checks, the workers, a graceful stop.
+
+The primary writes the audit log (it alone: SPEC section 6), signs its checkpoints,
+and supervises the worker processes that serve HTTPS (ca/serve_worker.py), each
+with its own HSM session (SPEC section 5: scale with processes, never threads).
 
 Start-up order matters: the audit log first (recovery, lock, checkpoint check), then
-the HSM (every key checked non-exportable, or no start), then `daemon.start`, then
-the listener. SIGTERM stops accepting, lets in-flight requests finish, records
-`daemon.stop`, signs a final checkpoint and logs out.
+the HSM (every key checked non-exportable, or no start), then `daemon.start`, the
+daemon's TLS certificate, a checkpoint, and only then the workers; the URL is
+printed once every worker is listening. A worker that dies is restarted (its
+signatures under way are closed in the log as `WorkerLost`, never released).
+SIGTERM stops the workers (in-flight requests finish), records `daemon.stop`, signs
+a final checkpoint and logs out.
 """
 
 from __future__ import annotations
@@ -13,28 +20,39 @@ import gc
 import hashlib
 import os
 import signal
+import socket
+import subprocess
 import sys
+import time
 
 import structlog
-from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from ca import __version__
+from ca import __version__, metrics
 from ca.audit.checkpointer import Checkpointer
 from ca.audit.log import AuditLog
+from ca.audit.recorder import Recorder
 from ca.audit.witness import FileWitness
-from ca.authority import Authority
-from ca.config import KEY_LABELS, Config
+from ca.config import KEY_LABELS, Config, worker_count
+from ca.errors import CLIError
 from ca.fileutil import write_atomic
-from ca.server.app import build_app, tls_context
+from ca.generations import Generations
 from ca.server_cert import ensure_server_cert
 from ca.store import Store
 from hsm.signers import HSMEd25519Key, HSMKey
 from hsm.worker import HSMWorker
 
 log = structlog.get_logger("hsmca.daemon")
+START_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 30.0
+MAX_RESTART_DELAY_S = 30.0
+
+
+class StartError(CLIError):
+    """The daemon cannot start; the message says why (a worker's own message is on
+    stderr above it)."""
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -44,19 +62,151 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-async def serve(config: Config, listen: str | None = None, ready: asyncio.Event | None = None,
-                ) -> None:
+def reserve_port(host: str, port: int) -> socket.socket:
+    """Bind (without listening) a SO_REUSEPORT socket to the address, so that port 0
+    becomes a real port the workers can all bind to; it receives no connections."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind(addr)
+    except OSError as exc:
+        sock.close()
+        raise StartError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    return sock
+
+
+class WorkerPool:
+    """Starts the worker processes, restarts one that dies, stops them all."""
+
+    def __init__(self, config: Config, address: str, count: int, audit: AuditLog) -> None:
+        self.config, self.address, self.count, self.audit = config, address, count, audit
+        self.generations = Generations.create(config.generations_path)
+        self.recorder = Recorder(audit, self._latest_checkpoint, self._ready)
+        self._procs: dict[int, asyncio.subprocess.Process] = {}
+        self._ready_events: dict[int, asyncio.Event] = {}
+        self._watchers: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self._loop = asyncio.get_running_loop()
+        self.checkpointer: Checkpointer | None = None
+
+    def _latest_checkpoint(self) -> str | None:
+        return self.checkpointer.latest if self.checkpointer is not None else None
+
+    def _ready(self, worker: int, _pid: int) -> None:  # on the recorder's thread
+        event = self._ready_events.get(worker)
+        if event is not None:
+            self._loop.call_soon_threadsafe(event.set)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs.values()]
+
+    async def start(self) -> None:
+        """Start every worker and wait until each listens, or raise StartError."""
+        await asyncio.gather(*(self._spawn(i) for i in range(self.count)))
+
+    async def _spawn(self, worker: int) -> None:
+        ours, theirs = zip(*(socket.socketpair() for _ in range(2)), strict=True)
+        ready = self._ready_events[worker] = asyncio.Event()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "ca.serve_worker", "--config", str(self.config.path),
+                "--listen", self.address, "--worker", str(worker), "--parent", str(os.getpid()),
+                "--channels", ",".join(str(s.fileno()) for s in theirs),
+                pass_fds=[s.fileno() for s in theirs], stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL)  # stdout's first line is the primary's URL
+        finally:
+            for s in theirs:
+                s.close()
+        self._procs[worker] = proc
+        self.recorder.attach(worker, list(ours))
+        exited = asyncio.ensure_future(proc.wait())
+        waiting = asyncio.ensure_future(ready.wait())
+        done, _ = await asyncio.wait({exited, waiting}, timeout=START_TIMEOUT_S,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+        if waiting not in done:
+            if exited not in done:
+                proc.kill()
+                await proc.wait()
+                raise StartError(f"worker {worker} did not start within {START_TIMEOUT_S:.0f} s")
+            raise StartError(f"worker {worker} exited with status {proc.returncode} while "
+                             "starting (its message is above)")
+        watcher = asyncio.create_task(self._watch(worker, proc, exited))
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
+
+    async def _watch(self, worker: int, proc: asyncio.subprocess.Process,
+                     exited: asyncio.Future[int]) -> None:
+        started = time.monotonic()
+        delay = 1.0
+        while True:
+            code = await exited
+            if self._stopping:
+                return
+            log.error("a worker exited; restarting it", worker=worker, pid=proc.pid,
+                      status=code)
+            metrics.process_exited(proc.pid)
+            # It may have died between committing a revocation and telling the others.
+            self.generations.bump()
+            try:
+                await self.audit.append("worker.exit", worker=worker, pid=proc.pid,
+                                        status=code)
+            except Exception as exc:  # the log is down: the restart is still right
+                log.error("cannot record the worker's exit", error=str(exc))
+            if time.monotonic() - started > 60:
+                delay = 1.0  # it ran a good while: this is not a crash loop
+            await asyncio.sleep(delay)  # a back-off, not synchronisation
+            delay = min(delay * 2, MAX_RESTART_DELAY_S)
+            if self._stopping:
+                return
+            try:
+                await self._spawn(worker)
+            except StartError as exc:
+                log.error("a worker failed to restart; retrying", worker=worker,
+                          error=str(exc))
+                continue
+            return  # the new process has a watcher of its own
+
+    async def stop(self) -> None:
+        """SIGTERM every worker (each finishes its requests), then wait for them."""
+        self._stopping = True
+        for task in list(self._watchers):
+            task.cancel()
+        for proc in self._procs.values():
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self._procs.values():
+            try:
+                await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+            metrics.process_exited(proc.pid)
+
+    def close(self) -> None:
+        self.recorder.close()
+        self.generations.close()
+
+
+async def serve(config: Config, listen: str | None = None, workers: int | None = None) -> None:
     if config.softhsm_conf:
         os.environ["SOFTHSM2_CONF"] = config.softhsm_conf
     host, port = parse_listen(listen or config.listen)
-    _raise_fd_limit()
+    count = worker_count(workers or config.workers)
+    raise_fd_limit()
     audit_key = load_pem_public_key(config.audit_key_pem.read_bytes())
     if not isinstance(audit_key, Ed25519PublicKey):
         raise ValueError(f"{config.audit_key_pem} is not an Ed25519 public key")
     audit = AuditLog.open(config.audit_log, config.checkpoint_path, audit_key)
+    from ca.metrics import AuditMetrics
+    AuditMetrics().watch(audit)
     worker = HSMWorker(config.hsm, audit)
     store: Store | None = None
-    runner: web.AppRunner | None = None
+    pool: WorkerPool | None = None
+    placeholder: socket.socket | None = None
     cp_task: asyncio.Task[None] | None = None
     # Handlers first: a SIGTERM that arrives right after "listening on" must still
     # stop the daemon gracefully (daemon.stop line, final checkpoint).
@@ -79,53 +229,51 @@ async def serve(config: Config, listen: str | None = None, ready: asyncio.Event 
             raise ValueError(f"{config.issuing_pem} does not belong to the issuing key in the HSM")
         if keys["audit"].public_key() != audit_key:
             raise ValueError(f"{config.audit_key_pem} does not belong to the audit key in the HSM")
-        await audit.append("daemon.start", version=__version__, pid=os.getpid(),
+        await audit.append("daemon.start", version=__version__, pid=os.getpid(), workers=count,
                            config_sha256=hashlib.sha256(config.path.read_bytes()).hexdigest())
         store = Store(config.db_path)
         await ensure_server_cert(config, worker, keys["issuing"], issuing, store)
-        auth = Authority(config, worker, store, audit, keys, root, issuing)
         checkpointer = Checkpointer(audit, worker, keys["audit"], config.audit_origin,
                                     config.checkpoint_path,
                                     heartbeat=config.checkpoint_heartbeat_s,
                                     witnesses=[FileWitness(w, audit_key, config.audit_origin)
                                                for w in config.witnesses])
-        app = build_app(auth, checkpointer)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=10.0)
-        await runner.setup()
-        site = web.TCPSite(runner, host, port, ssl_context=tls_context(
-            config.tls_cert, config.tls_key, config.chain_pem), backlog=1024)
         # The daemon.start line gets a checkpoint before anyone can connect, so
         # /v1/audit/checkpoint always has one to serve.
         await checkpointer.checkpoint()
-        await site.start()
-        server = site._server
-        bound = server.sockets[0].getsockname() if server and server.sockets else (host, port)
+        placeholder = reserve_port(host, port)
+        bound = placeholder.getsockname()
         shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+        pool = WorkerPool(config, f"{shown}:{bound[1]}", count, audit)
+        pool.checkpointer = checkpointer
+        await pool.start()
+        placeholder.close()
+        placeholder = None
         url = f"https://{shown}:{bound[1]}"
         # Local admin commands (`hsmca token create --config ...`) find the daemon here,
         # whatever --listen chose.
         write_atomic(config.url_file, url + "\n")
-        _settle_heap()
+        settle_heap()
         print(f"listening on {url}", flush=True)
-        log.info("listening", url=url)
+        log.info("listening", url=url, workers=count, pids=pool.pids)
         cp_task = asyncio.create_task(checkpointer.run())
-        if ready is not None:
-            ready.set()
         await stop.wait()
         log.info("stopping")
-        await runner.cleanup()  # stop accepting; in-flight requests finish
-        runner = None
+        await pool.stop()  # stop accepting; in-flight requests finish
         cp_task.cancel()
         await asyncio.gather(cp_task, return_exceptions=True)
-        await worker.drain()  # a signature under way finishes and gets its outcome line
+        await worker.drain()
         await audit.append("daemon.stop", pid=os.getpid())
         await checkpointer.checkpoint()
     finally:
         config.url_file.unlink(missing_ok=True)
+        if placeholder is not None:
+            placeholder.close()
         if cp_task is not None and not cp_task.done():
             cp_task.cancel()
-        if runner is not None:
-            await runner.cleanup()
+        if pool is not None:
+            await pool.stop()
+            pool.close()
         await worker.drain()
         if store is not None:
             store.close()
@@ -133,10 +281,10 @@ async def serve(config: Config, listen: str | None = None, ready: asyncio.Event 
         audit.close()
 
 
-def _settle_heap() -> None:
+def settle_heap() -> None:
     """Tune the cyclic garbage collector for a long-running server.
 
-    What exists once the daemon is ready (modules, keys, caches, the app) lives as
+    What exists once the process is ready (modules, keys, caches, the app) lives as
     long as the process. Frozen, it is no longer walked by every full collection:
     under load those took 30-70 ms each, with the lock held, stalling every request
     in flight (the benchmark's p99). Almost everything a request allocates is freed
@@ -147,16 +295,18 @@ def _settle_heap() -> None:
     gc.set_threshold(20_000, 20, 20)
 
 
-def main(config: Config, listen: str | None) -> int:
+def main(config: Config, listen: str | None, workers: int | None = None) -> int:
+    from ca import metrics
+    metrics.prepare(config.state_dir)  # before anything imports prometheus_client
     try:
-        asyncio.run(serve(config, listen))
+        asyncio.run(serve(config, listen, workers))
     except KeyboardInterrupt:
         return 130
     sys.stdout.flush()
     return 0
 
 
-def _raise_fd_limit() -> None:
+def raise_fd_limit() -> None:
     """Many idle keep-alive clients are normal for a CA: allow the hard fd limit."""
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

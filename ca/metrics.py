@@ -1,37 +1,85 @@
-"""Prometheus metrics, in a registry of the app's own (no process-global state)."""
+"""Prometheus metrics, summed over the daemon's processes.
+
+Every process (the primary and each worker) writes its counters and histograms to
+memory-mapped files in `state-dir/run/metrics` (prometheus-client's multiprocess
+mode); whichever worker answers `/metrics` reads them all, so a scrape sees the
+whole daemon, not the share of the worker it reached, and the totals survive a
+worker's restart. `prepare` must run before prometheus_client is first imported:
+it picks the storage of every metric at import.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
-
+ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 FAST_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25)
 
 
-class Metrics:
+def prepare(state_dir: Path) -> Path:
+    """An empty directory for this run's metric files (a new run starts from zero),
+    named in the environment that the workers inherit."""
+    directory = state_dir / "run" / "metrics"
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True, mode=0o700)
+    os.environ[ENV] = str(directory)
+    return directory
+
+
+def process_exited(pid: int) -> None:
+    """Drop the live gauges of a worker that exited (its counters are kept)."""
+    from prometheus_client import multiprocess
+    if os.environ.get(ENV):
+        multiprocess.mark_process_dead(pid)
+
+
+class AuditMetrics:
+    """What the primary measures: the audit log's group commits."""
+
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        from prometheus_client import Histogram
+        self.commit = Histogram("hsmca_audit_commit_seconds",
+                                "Audit group commit (write + fdatasync) latency",
+                                buckets=FAST_BUCKETS, registry=None)
+        self.batch = Histogram("hsmca_audit_batch_lines", "Lines per audit group commit",
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=None)
+
+    def watch(self, audit: Any) -> None:
+        def commit(seconds: float, lines: int) -> None:
+            self.commit.observe(seconds)
+            self.batch.observe(lines)
+
+        audit.on_commit = commit
+
+
+class Metrics:
+    """What a worker measures, and the /metrics page of the whole daemon."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
-        r = self.registry
         self.issued = Counter("hsmca_issued", "Certificates and signed objects issued",
-                              ["kind", "result"], registry=r)
+                              ["kind", "result"], registry=None)
         self.requests = Counter("hsmca_http_requests", "HTTP requests by route and status",
-                                ["route", "status"], registry=r)
+                                ["route", "status"], registry=None)
         self.latency = Histogram("hsmca_http_request_seconds", "HTTP request latency",
-                                 ["route"], buckets=LATENCY_BUCKETS, registry=r)
+                                 ["route"], buckets=LATENCY_BUCKETS, registry=None)
         self.hsm_call = Histogram("hsmca_hsm_call_seconds", "Time per call on the HSM thread",
-                                  buckets=FAST_BUCKETS, registry=r)
-        self.audit_commit = Histogram("hsmca_audit_commit_seconds",
-                                      "Audit group commit (write + fdatasync) latency",
-                                      buckets=FAST_BUCKETS, registry=r)
-        self.audit_batch = Histogram("hsmca_audit_batch_lines", "Lines per audit group commit",
-                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
-                                     registry=r)
+                                  buckets=FAST_BUCKETS, registry=None)
+        self.reconnects = Counter("hsmca_hsm_reconnects", "HSM session re-opens",
+                                  registry=None)
+        self.signatures = Counter("hsmca_hsm_signatures", "Signatures made by the HSM",
+                                  registry=None)
+        # Each worker's own HSM session: the lowest over the live workers is reported.
+        self.hsm_up = Gauge("hsmca_hsm_up", "1 if every worker's HSM session works",
+                            registry=None, multiprocess_mode="livemin")
+        self.hsm_queue = Gauge("hsmca_hsm_queue_depth", "Jobs waiting for the HSM threads",
+                               registry=None, multiprocess_mode="livesum")
 
     def child(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(*labels)`, looked up once: prometheus-client takes a lock and
@@ -42,41 +90,51 @@ class Metrics:
             found = self._children[key] = metric.labels(*labels)
         return found
 
-    def watch(self, hsm: Any, audit: Any) -> None:
-        """Hook the HSM worker and the audit log, and export their live state."""
+    def watch(self, hsm: Any) -> None:
+        """Hook this worker's HSM thread."""
         hsm.on_call = self.hsm_call.observe
-        hsm.on_sign = lambda purpose, result: self.child(self.issued, purpose, result).inc()
 
-        def commit(seconds: float, lines: int) -> None:
-            self.audit_commit.observe(seconds)
-            self.audit_batch.observe(lines)
+        def signed(purpose: str, result: str) -> None:
+            self.child(self.issued, purpose, result).inc()
+            if result == "ok":
+                self.signatures.inc()
 
-        audit.on_commit = commit
-        self.registry.register(_LiveState(hsm, audit))
+        def health(up: bool) -> None:
+            self.hsm_up.set(1 if up else 0)
+            if up:
+                self.reconnects.inc()
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+        hsm.on_sign = signed
+        hsm.on_health = health
+        self.hsm_up.set(1 if hsm.healthy else 0)
+        self.reconnects.inc(0)  # exported from the start, at zero
+
+    def render(self, hsm: Any, audit: dict[str, Any]) -> bytes:
+        """The whole daemon's metrics; `audit` is the primary's answer about its log."""
+        from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+        self.hsm_queue.set(hsm.queue_depth)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        registry.register(_AuditState(audit, hsm.healthy))
+        return generate_latest(registry)
 
 
-class _LiveState(Collector):
-    def __init__(self, hsm: Any, audit: Any) -> None:
-        self.hsm, self.audit = hsm, audit
+class _AuditState:
+    """The audit log's state, as the primary reported it for this scrape, and the
+    answering worker's HSM session."""
 
-    def collect(self) -> Iterator[Any]:
-        yield CounterMetricFamily("hsmca_hsm_reconnects", "HSM session re-opens",
-                                  value=self.hsm.reconnects)
-        yield CounterMetricFamily("hsmca_hsm_signatures", "Signatures made by the HSM",
-                                  value=self.hsm.sign_count)
-        q = GaugeMetricFamily("hsmca_queue_depth", "Work waiting", labels=["queue"])
-        q.add_metric(["hsm"], self.hsm.queue_depth)
-        q.add_metric(["audit"], self.audit.queue_depth)
-        yield q
-        yield GaugeMetricFamily("hsmca_audit_lines", "Durable audit log lines",
-                                value=self.audit.size)
-        up = GaugeMetricFamily("hsmca_up", "1 if the part is healthy", labels=["part"])
-        up.add_metric(["hsm"], 1 if self.hsm.healthy else 0)
-        up.add_metric(["audit"], 1 if self.audit.healthy else 0)
-        yield up
+    def __init__(self, audit: dict[str, Any], hsm_healthy: bool) -> None:
+        self.audit, self.hsm_healthy = audit, hsm_healthy
 
     def describe(self) -> Iterator[Any]:
         return iter(())
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+        yield GaugeMetricFamily("hsmca_audit_lines", "Durable audit log lines",
+                                value=self.audit.get("size", 0))
+        up = GaugeMetricFamily("hsmca_up", "1 if the part is healthy (hsm: the HSM session "
+                               "of the worker that answered)", labels=["part"])
+        up.add_metric(["hsm"], 1 if self.hsm_healthy else 0)
+        up.add_metric(["audit"], 1 if self.audit.get("healthy") else 0)
+        yield up

@@ -75,6 +75,12 @@ CREATE TABLE IF NOT EXISTS ssh_revoked_keys (
     revoked_at TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS crls (
+    number INTEGER PRIMARY KEY,       -- CRLNumber
+    revoked INTEGER NOT NULL,         -- how many revocations it lists
+    this_update TEXT NOT NULL,
+    der BLOB NOT NULL
+);
 """
 
 
@@ -202,6 +208,15 @@ class Store:
     def read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._read_lock:
             return self._reader.execute(sql, args).fetchall()
+
+    # ---- CRLs -------------------------------------------------------------------------
+
+    def latest_crl(self) -> tuple[int, int, str, bytes] | None:
+        """(number, revocations listed, this_update, DER) of the newest CRL any process
+        of the daemon signed."""
+        rows = self.read("SELECT number, revoked, this_update, der FROM crls "
+                         "ORDER BY number DESC LIMIT 1")
+        return (int(rows[0][0]), int(rows[0][1]), rows[0][2], rows[0][3]) if rows else None
 
     # ---- certificates -------------------------------------------------------------------
 

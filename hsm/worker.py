@@ -114,10 +114,13 @@ class HSMWorker:
         self.reconnects = 0
         self.sign_count = 0
         self._op_ids = IdSource()
+        self._pid = os.getpid()
         # Called on the HSM thread after each call with its duration in seconds.
         self.on_call: Callable[[float], None] | None = None
         # Called on the HSM thread after each audited signature: (purpose, result).
         self.on_sign: Callable[[str, str], None] | None = None
+        # Called on the HSM thread when the session breaks (False) or is back (True).
+        self.on_health: Callable[[bool], None] | None = None
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -149,7 +152,9 @@ class HSMWorker:
 
     def _event(self, event: str, **fields: Any) -> None:
         """Record a non-signing HSM event; ordering is kept, durability is not awaited."""
-        fut = self._oplog.record(event, {"token": self.config.token, **fields})
+        # The pid tells which process had the trouble (each worker has its own session).
+        fut = self._oplog.record(event, {"token": self.config.token, "pid": self._pid,
+                                         **fields})
         fut.add_done_callback(lambda f: f.exception())  # never leave an error unobserved
 
     # ---- thread ------------------------------------------------------------------------
@@ -215,6 +220,8 @@ class HSMWorker:
 
     def _mark_broken(self, exc: BaseException) -> None:
         self._broken = type(exc).__name__
+        if self.on_health is not None:
+            self.on_health(False)
         self._attempt = 0
         self._next_retry = time.monotonic()  # the first retry is immediate
         self._event("hsm.error", error=self._broken, action="reconnecting")
@@ -234,6 +241,8 @@ class HSMWorker:
         self._event("hsm.reconnect", attempt=self._attempt, result="ok")
         self.reconnects += 1
         self._broken = None
+        if self.on_health is not None:
+            self.on_health(True)
 
     def _open_session(self, _session: Any, reconnect: bool = False) -> None:
         """Load the module, find the token, open a session and log in (HSM thread)."""
@@ -314,12 +323,7 @@ class HSMWorker:
         When the session is broken, it waits for the next reconnect attempt if that is
         due within `max_wait` and lets it run, so a health check sees a recovery at
         once but never makes the worker retry faster than its backoff allows."""
-        if self._broken is not None:
-            wait = self._next_retry - time.monotonic()
-            if wait > max_wait:
-                raise HSMUnavailable(f"HSM unavailable: {self._broken}")
-            if wait > 0:
-                await asyncio.sleep(wait)
+        await self._await_retry(max_wait)
 
         def check(_s: Any) -> None:
             # Reached only with a working session: a broken one is retried (when due)
@@ -330,6 +334,19 @@ class HSMWorker:
             self._lib.get_token(token_label=self.config.token)
 
         await self.run(check)
+
+    async def _await_retry(self, max_wait: float = 1.0) -> None:
+        """With the session broken: refuse at once (HSMUnavailable) if the next
+        reconnect attempt is more than `max_wait` away, else wait for it to be due, so
+        a request sees a recovery at once without the worker retrying faster than its
+        backoff allows (and an outage still answers within a second)."""
+        if self._broken is None:
+            return
+        wait = self._next_retry - time.monotonic()
+        if wait > max_wait:
+            raise HSMUnavailable(f"HSM unavailable: {self._broken}")
+        if wait > 0:
+            await asyncio.sleep(wait)  # a back-off the worker set, not synchronisation
 
     async def load_key(self, label: str) -> HSMKey:
         """Find a key, check it cannot be exported, and return a signer for it."""
@@ -406,6 +423,7 @@ class HSMWorker:
         together (see _sign_group), so a caller that is cancelled (client gone,
         shutdown) after its intent was written cannot leave it without an outcome.
         """
+        await self._await_retry()
         intent = {"phase": "intent", "op_id": self._op_ids.next(), "key": key.uri,
                   "mechanism": key.mechanism_name(hash_name), "purpose": purpose,
                   "actor": actor, "request_id": request_id, **(details or {})}
@@ -476,7 +494,18 @@ class HSMWorker:
             return None, error, outcome
         started = time.perf_counter()
         try:
-            out, sigs = self._build(op.key, op.build)
+            try:
+                out, sigs = self._build(op.key, op.build)
+            except SESSION_ERRORS as exc:
+                # A session that went stale (the token came back, the HSM restarted) is
+                # found out here: re-open it at once (the first retry is immediate)
+                # and sign again, so this request does not fail for nothing.
+                self._mark_broken(exc)
+                self._reconnect()
+                if self._broken is not None:
+                    raise
+                started = time.perf_counter()
+                out, sigs = self._build(op.key, op.build)
             if len(sigs) != 1:
                 raise HSMError(f"expected one signature per operation, got {len(sigs)}")
             try:

@@ -109,7 +109,10 @@ async def test_kill9_under_issuance_load_loses_nothing(tmp_path: Path) -> None:
 
 async def test_hsm_token_taken_away_then_back(tmp_path: Path) -> None:
     ca = init_ca(tmp_path, private_hsm=True)
-    d = start_daemon(ca.state)
+    # One worker: each worker has its own session and recovers on its own, and this
+    # test follows one session through the outage (which worker a new connection
+    # reaches is the kernel's choice).
+    d = start_daemon(ca.state, "--workers", "1")
     try:
         cert, key = await enroll_service(d, tmp_path)
         ctx = d.ssl(cert, key)

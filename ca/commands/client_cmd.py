@@ -22,11 +22,18 @@ def _admin(args: argparse.Namespace) -> tuple[str, client.ssl.SSLContext]:
     return url.rstrip("/"), client.ssl_context(ca, cfg.admin_cert, cfg.admin_key)
 
 
+def _worker_count(text: str) -> int:
+    from ca.config import MAX_WORKERS
+    if not text.isdigit() or not 1 <= int(text) <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"must be a number from 1 to {MAX_WORKERS}")
+    return int(text)
+
+
 def serve(args: argparse.Namespace) -> int:
     from ca.daemon import main
     from ca.logs import configure
     configure()
-    return main(_config(args), args.listen)
+    return main(_config(args), args.listen, args.workers)
 
 
 def token_create(args: argparse.Namespace) -> int:
@@ -68,12 +75,17 @@ def revoke(args: argparse.Namespace) -> int:
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s = sub.add_parser("serve", help="run the daemon",
                        description="Run the CA daemon: one HTTPS listener (TLS 1.2+), mutual "
-                       "TLS for clients. The first line of stdout is 'listening on URL'.")
+                       "TLS for clients, served by worker processes that each hold their own "
+                       "HSM session; this (primary) process writes the audit log and the "
+                       "checkpoints. The first line of stdout is 'listening on URL'.")
     s.add_argument("--config", type=Path, default=Path("hsmca.toml"),
                    help="config file (default ./hsmca.toml; `hsmca init` writes "
                    "STATE_DIR/hsmca.toml)")
     s.add_argument("--listen", help="HOST:PORT to listen on (port 0 picks a free port); "
                    "default from the config")
+    s.add_argument("--workers", type=_worker_count, metavar="N",
+                   help="worker processes (default: [server] workers in the config, "
+                   "\"auto\" = one per CPU, at most 8)")
     s.set_defaults(command_key="serve")
 
     def admin_flags(p: argparse.ArgumentParser) -> None:

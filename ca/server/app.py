@@ -14,12 +14,11 @@ from aiohttp import web
 from ca.authority import Authority
 from ca.metrics import Metrics
 from ca.server.audit_routes import routes as audit_routes
-from ca.server.common import AUTHORITY, CHECKPOINTER, LIMITER, METRICS, authority, identity
+from ca.server.common import AUTHORITY, METRICS, authority, identity
 from ca.server.problems import Handler, Problem, problem_middleware
-from ca.server.ratelimit import FailureLimiter
 from ca.server.ssh_routes import routes as ssh_routes
 from ca.server.x509_routes import routes as x509_routes
-from hsm.errors import HSMError
+from hsm.errors import AuditUnavailable, HSMError
 from hsm.ids import IdSource
 
 MAX_BODY = 64 * 1024
@@ -62,9 +61,13 @@ async def health(request: web.Request) -> web.Response:
         await asyncio.wait_for(auth.hsm.probe(max_wait=1.0), timeout=2.0)
     except (HSMError, TimeoutError):
         pass  # the worker now knows; its state below says why
+    try:  # the primary process writes the log: ask it
+        state = await asyncio.wait_for(auth.audit.ask("health"), timeout=2.0)
+        audit = "ok" if state["healthy"] else f"unavailable: {state['problem']}"
+    except (AuditUnavailable, TimeoutError):
+        audit = f"unavailable: {auth.audit.problem or 'the primary process does not answer'}"
     parts = {"hsm": "ok" if auth.hsm.healthy else f"unavailable: {auth.hsm.problem or 'busy'}",
-             "audit": "ok" if auth.audit.healthy else f"unavailable: {auth.audit.problem}",
-             "store": "ok" if auth.store.healthy else "unavailable"}
+             "audit": audit, "store": "ok" if auth.store.healthy else "unavailable"}
     ok = all(v == "ok" for v in parts.values())
     return web.json_response({"status": "ok" if ok else "unavailable", **parts},
                              status=200 if ok else 503)
@@ -88,20 +91,22 @@ async def metrics(request: web.Request) -> web.Response:
     if remote is None or not any(remote in net for net in allowed):
         raise Problem(403, "Forbidden", f"/metrics is served to {', '.join(map(str, allowed))}"
                       " only ([server] metrics-allow in hsmca.toml)", "metrics-forbidden")
-    return web.Response(body=request.app[METRICS].render(),
+    auth = authority(request)
+    try:
+        audit = await asyncio.wait_for(auth.audit.ask("health"), timeout=2.0)
+    except (AuditUnavailable, TimeoutError):
+        audit = {"healthy": False}
+    return web.Response(body=request.app[METRICS].render(auth.hsm, audit),
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
-def build_app(auth: Authority, checkpointer: object, metrics: Metrics | None = None
-              ) -> web.Application:
+def build_app(auth: Authority, metrics: Metrics | None = None) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY,
                           middlewares=[request_middleware, problem_middleware])
     app[AUTHORITY] = auth
-    app[CHECKPOINTER] = checkpointer
     m = metrics or Metrics()
-    m.watch(auth.hsm, auth.audit)
+    m.watch(auth.hsm)
     app[METRICS] = m
-    app[LIMITER] = FailureLimiter()
     app[METRICS_NETS] = tuple(ipaddress.ip_network(n) for n in auth.config.metrics_allow)
     for table in (routes, x509_routes, ssh_routes, audit_routes):
         app.add_routes(table)

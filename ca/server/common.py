@@ -12,17 +12,13 @@ from typing import Any
 from aiohttp import web
 from cryptography import x509
 
-from ca.audit.checkpointer import Checkpointer
 from ca.authority import Authority
 from ca.metrics import Metrics
 from ca.server.problems import Problem
-from ca.server.ratelimit import FailureLimiter
 from ca.store import CertRecord
 
 AUTHORITY = web.AppKey("authority", Authority)
-CHECKPOINTER = web.AppKey("checkpointer", Checkpointer)
 METRICS = web.AppKey("metrics", Metrics)
-LIMITER = web.AppKey("limiter", FailureLimiter)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 from ca import policy
 from ca import x509 as prof
 from ca.authority import Authority, Token
-from ca.server.common import LIMITER, authority, field, identity, json_body, parse_csr
+from ca.server.common import authority, field, identity, json_body, parse_csr
 from ca.server.problems import Problem
 from ca.x509 import pem, utcnow
 
@@ -49,23 +49,25 @@ async def create_token(request: web.Request) -> web.Response:
     return web.json_response({"token": secret, "id": token_id, "expires": expires}, status=201)
 
 
-def _bearer(request: web.Request) -> Token:
-    limiter = request.app[LIMITER]
+async def _bearer(request: web.Request) -> Token:
+    # The failure counts are the primary's, so the limit holds for the whole daemon
+    # whichever worker a client's connections reach.
+    link = authority(request).audit
     client = request.remote or "-"
-    wait = limiter.retry_after(client)
+    wait = (await link.ask("limit", client=client))["retry_after"]
     if wait:
         raise Problem(429, "Too Many Requests", f"too many failed bootstrap-token attempts "
                       f"from {client}; retry in {wait} s", "rate-limited")
     header = request.headers.get("Authorization", "")
     scheme, _, secret = header.partition(" ")
     if scheme.lower() != "bearer" or not secret.strip():
-        limiter.failed(client)
+        await link.ask("limit", client=client, failed=True)
         raise Problem(401, "Unauthorized", "send the bootstrap token as 'Authorization: Bearer "
                       "<token>'", "token-required")
     auth = authority(request)
     token = auth.find_token(secret.strip()[:512])
     if token is None:
-        limiter.failed(client)
+        await link.ask("limit", client=client, failed=True)
         raise Problem(401, "Unauthorized", "unknown bootstrap token", "bad-token")
     if token.used_at is not None:
         raise Problem(401, "Unauthorized", "this bootstrap token has already been used",
@@ -100,7 +102,7 @@ async def _enroll_with_token(request: web.Request, token: Token,
 
 @routes.post("/v1/x509/enroll")
 async def enroll(request: web.Request) -> web.Response:
-    token = _bearer(request)
+    token = await _bearer(request)
     body = await json_body(request)
     csr = parse_csr(field(body, "csr", str))
     cert = await _enroll_with_token(request, token, csr, body)
@@ -220,7 +222,7 @@ async def est_cacerts(request: web.Request) -> web.Response:
 async def est_simpleenroll(request: web.Request) -> web.Response:
     csr = await _est_csr(request)
     if request.headers.get("Authorization"):
-        cert = await _enroll_with_token(request, _bearer(request), csr, {})
+        cert = await _enroll_with_token(request, await _bearer(request), csr, {})
     else:
         cert = await _renew(request, csr, {})
     return _pkcs7_b64([cert])

@@ -1,0 +1,220 @@
+"""The primary's end of the workers' audit channels.
+
+Worker processes do the HTTP, TLS and signing; the primary alone writes the audit
+log (SPEC section 6: one writer). A worker sends its lines here; this thread
+gathers what every worker sent while the last commit ran, writes it all in one
+group commit, and answers each worker with the seq (or the error) of each line.
+It also answers the auditor endpoints' questions about the log (entries, sizes,
+proofs, the latest checkpoint) for the workers that serve them.
+
+It keeps the open signatures of each worker: if a worker dies between an intent
+and its outcome, the outcome is written here (`WorkerLost`, never released), so
+the log still pairs every intent with an outcome.
+"""
+
+from __future__ import annotations
+
+import queue
+import selectors
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from ca import ipc
+from ca.audit.log import AuditLog
+from ca.ratelimit import FailureLimiter
+from hsm.errors import AuditUnavailable
+
+log = structlog.get_logger("hsmca.recorder")
+MAX_ENTRIES = 1000
+
+
+@dataclass
+class _Worker:
+    channels: int
+    open_ops: dict[str, None] = field(default_factory=dict)  # op_id -> None, in order
+
+
+@dataclass
+class _Channel:
+    sock: socket.socket
+    worker: int
+    reader: ipc.FrameReader = field(default_factory=ipc.FrameReader)
+
+
+class Recorder:
+    def __init__(self, audit: AuditLog, latest_checkpoint: Callable[[], str | None],
+                 on_ready: Callable[[int, int], None]) -> None:
+        self.audit = audit
+        self._latest_checkpoint = latest_checkpoint
+        self._on_ready = on_ready  # (worker id, pid), called on this thread
+        self.limiter = FailureLimiter()
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._todo: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._workers: dict[int, _Worker] = {}
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="recorder", daemon=True)
+        self._thread.start()
+
+    # ---- called from the event loop -----------------------------------------------------
+
+    def attach(self, worker: int, socks: list[socket.socket]) -> None:
+        """Serve a (new) worker's channels."""
+        self._todo.put(("attach", worker, socks))
+        self._wake_w.send(b"x")
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._todo.put(("stop",))
+            self._wake_w.send(b"x")
+            self._thread.join()
+        self._sel.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    # ---- the thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping:
+            appends: list[tuple[_Channel, int, list[Any]]] = []
+            for key, _ in self._sel.select():
+                if key.data is None:
+                    self._wake_r.recv(4096)
+                    self._do_todo()
+                    continue
+                self._read(key.data, appends)
+            if appends:
+                self._commit(appends)
+        for key in list(self._sel.get_map().values()):
+            if key.data is not None:
+                key.data.sock.close()
+
+    def _do_todo(self) -> None:
+        while True:
+            try:
+                item = self._todo.get_nowait()
+            except queue.Empty:
+                return
+            if item[0] == "stop":
+                self._stopping = True
+                continue
+            _, worker, socks = item
+            self._workers[worker] = _Worker(len(socks))
+            for sock in socks:
+                sock.setblocking(True)
+                sock.settimeout(30)  # a worker that stops reading must not stall the rest
+                self._sel.register(sock, selectors.EVENT_READ, _Channel(sock, worker))
+
+    def _read(self, chan: _Channel, appends: list[tuple[_Channel, int, list[Any]]]) -> None:
+        try:
+            data = chan.sock.recv(1 << 20)
+            messages = chan.reader.feed(data) if data else None
+        except (OSError, ipc.ChannelClosed):
+            messages = None
+        if messages is None:  # the worker closed its end: it exited
+            self._sel.unregister(chan.sock)
+            chan.sock.close()
+            self._channel_lost(chan.worker)
+            return
+        for msg in messages:
+            op = msg.get("op")
+            if op == "append":
+                appends.append((chan, msg["id"], msg["entries"]))
+            else:
+                self._reply(chan, {"id": msg.get("id"), **self._answer(chan, op, msg)})
+
+    def _answer(self, chan: _Channel, op: str | None, msg: dict[str, Any]) -> dict[str, Any]:
+        audit = self.audit
+        try:
+            if op == "ready":
+                self._on_ready(chan.worker, int(msg["pid"]))
+                return {}
+            if op == "limit":  # bootstrap-token failures, counted for the whole daemon
+                client = str(msg["client"])
+                if msg.get("failed"):
+                    self.limiter.failed(client)
+                return {"retry_after": self.limiter.retry_after(client)}
+            if op == "health":
+                return {"healthy": audit.healthy, "problem": audit.problem, "size": audit.size}
+            if op == "checkpoint":
+                return {"checkpoint": self._latest_checkpoint()}
+            if op == "read":
+                start, limit = int(msg["start"]), min(int(msg["limit"]), MAX_ENTRIES)
+                return {"data": audit.read_lines(start, limit)}
+            if op == "inclusion":
+                index, size = int(msg["index"]), int(msg["size"])
+                if not 0 <= index < size <= audit.size:
+                    return {"refused": f"need 0 <= index < size <= {audit.size} (the log's "
+                                       "current size)"}
+                return {"proof": audit.inclusion_proof(index, size)}
+            if op == "consistency":
+                old, size = int(msg["old"]), int(msg["size"])
+                if not 0 < old <= size <= audit.size:
+                    return {"refused": f"need 0 < old <= size <= {audit.size} (the log's "
+                                       "current size)"}
+                return {"proof": audit.consistency_proof(old, size)}
+        except (KeyError, TypeError, ValueError) as exc:
+            return {"refused": f"bad request to the recorder: {exc}"}
+        return {"refused": f"unknown recorder request {op!r}"}
+
+    def _commit(self, appends: list[tuple[_Channel, int, list[Any]]]) -> None:
+        """One group commit for every line the workers sent this round."""
+        entries = [(event, fields) for _, _, batch in appends for event, fields in batch]
+        futs = self.audit.append_durable(entries)
+        pos = 0
+        for chan, req_id, batch in appends:
+            seqs: list[int | None] = []
+            errors: list[str | None] = []
+            open_ops = self._workers[chan.worker].open_ops
+            for (event, fields), fut in zip(batch, futs[pos:pos + len(batch)], strict=True):
+                exc = fut.exception()
+                seqs.append(None if exc else fut.result())
+                errors.append(None if exc is None else (
+                    f"unavailable:{exc}" if isinstance(exc, AuditUnavailable)
+                    else f"invalid:{type(exc).__name__}: {exc}"))
+                if event == "hsm.sign" and isinstance(fields, dict):
+                    op_id = fields.get("op_id")
+                    if fields.get("phase") == "intent" and exc is None:
+                        open_ops[op_id] = None
+                    elif fields.get("phase") == "outcome":
+                        # Written, or owed by the log if the disk refused it: closed.
+                        open_ops.pop(op_id, None)
+            pos += len(batch)
+            self._reply(chan, {"id": req_id, "seqs": seqs, "errors": errors})
+
+    def _reply(self, chan: _Channel, message: dict[str, Any]) -> None:
+        try:
+            chan.sock.sendall(ipc.encode(message))
+        except OSError:
+            pass  # the worker is gone; its EOF is handled when the socket reads
+
+    def _channel_lost(self, worker: int) -> None:
+        state = self._workers.get(worker)
+        if state is None:
+            return
+        state.channels -= 1
+        if state.channels > 0:
+            return
+        del self._workers[worker]
+        if not state.open_ops:
+            return
+        # The worker died between intents and their outcomes. Whatever it signed was
+        # never released (a result leaves only after its outcome is durable), so the
+        # log says so, and verifies without a restart to excuse the open intents.
+        lost = [("hsm.sign", {"phase": "outcome", "op_id": op_id, "result": "WorkerLost",
+                              "released": False, "worker": worker})
+                for op_id in state.open_ops]
+        for fut in self.audit.append_durable(lost):
+            if fut.exception() is not None:
+                log.error("cannot record the outcomes of a lost worker", worker=worker,
+                          error=str(fut.exception()))
+                break
+        log.warning("a worker exited with signatures under way", worker=worker,
+                    closed=len(lost))
