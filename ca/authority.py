@@ -65,6 +65,7 @@ class Authority:
     _ocsp_cache: dict[int, tuple[int, dt.datetime, bytes]] = field(default_factory=dict)
     _identity_cache: dict[str, CertRecord] = field(default_factory=dict)
     krl_cache: tuple[int, bytes] | None = None
+    _ssh_keys: tuple[int, frozenset[str]] | None = None
 
     def __post_init__(self) -> None:
         self.sync_revocations()
@@ -207,6 +208,16 @@ class Authority:
                             for serial_hex, at, reason in self.store.revoked()}
             self._revocation_gen = gen
         return gen
+
+    def revoked_ssh_keys(self) -> frozenset[str]:
+        """Public keys revoked for SSH (by any worker), reloaded when the shared SSH
+        revocation counter moves: no inventory read per request."""
+        gen = self.generations.get("ssh_revocations")
+        if self._ssh_keys is None or self._ssh_keys[0] != gen:
+            keys = frozenset(r[0] for r in self.store.read(
+                "SELECT public_key FROM ssh_revoked_keys"))
+            self._ssh_keys = (gen, keys)
+        return self._ssh_keys[1]
 
     def is_revoked(self, serial_hex: str) -> bool:
         self.sync_revocations()
@@ -381,8 +392,7 @@ class SSHRequest:
 
 async def issue_ssh(auth: Authority, req: SSHRequest, actor: str, request_id: str | None
                     ) -> SSHCertificate:
-    if auth.store.read("SELECT 1 FROM ssh_revoked_keys WHERE public_key = ?",
-                       (req.public_key.line,)):
+    if req.public_key.line in auth.revoked_ssh_keys():
         raise Refused(f"the public key {req.public_key.sha256} has been revoked; make a new "
                       "key", 403, "revoked-key")
     serial = 0

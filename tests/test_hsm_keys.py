@@ -18,7 +18,7 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
 from ca import x509 as prof
 from ca.config import KEY_LABELS
-from hsm.errors import HSMError, HSMUnavailable, SignatureCheckFailed
+from hsm.errors import HSMError, SignatureCheckFailed
 from hsm.signers import HSMKey
 from hsm.worker import HSMWorker
 from tests.conftest import require

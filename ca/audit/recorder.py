@@ -48,10 +48,14 @@ class _Channel:
 
 class Recorder:
     def __init__(self, audit: AuditLog, latest_checkpoint: Callable[[], str | None],
-                 on_ready: Callable[[int, int], None]) -> None:
+                 on_ready: Callable[[int, int], None],
+                 on_lost: Callable[[int, int], None] | None = None) -> None:
         self.audit = audit
         self._latest_checkpoint = latest_checkpoint
-        self._on_ready = on_ready  # (worker id, pid), called on this thread
+        # Called on this thread: (worker id, pid) once a worker listens; (worker id,
+        # signatures closed as WorkerLost) once a worker's channels are all gone.
+        self._on_ready = on_ready
+        self._on_lost = on_lost
         self.limiter = FailureLimiter()
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -203,8 +207,12 @@ class Recorder:
         if state.channels > 0:
             return
         del self._workers[worker]
-        if not state.open_ops:
-            return
+        if state.open_ops:
+            self._close_open(worker, state)
+        if self._on_lost is not None:
+            self._on_lost(worker, len(state.open_ops))
+
+    def _close_open(self, worker: int, state: _Worker) -> None:
         # The worker died between intents and their outcomes. Whatever it signed was
         # never released (a result leaves only after its outcome is durable), so the
         # log says so, and verifies without a restart to excuse the open intents.

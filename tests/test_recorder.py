@@ -1,0 +1,130 @@
+"""The primary's recorder, driven over real socketpairs as a worker drives it: lines
+from several workers land in one valid log, a worker that dies between an intent and
+its outcome leaves a log that still verifies, and bad requests are refused."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from ca import ipc
+from ca.audit.log import AuditLog
+from ca.audit.recorder import Recorder
+from ca.audit.verify import verify_log
+
+WATCHDOG_S = 30
+
+
+class Harness:
+    def __init__(self, tmp: Path) -> None:
+        self.log = AuditLog.open(tmp / "log.jsonl")
+        self.lost: dict[int, int] = {}
+        self.lost_event = threading.Event()
+        self.recorder = Recorder(self.log, lambda: "a checkpoint", lambda w, p: None,
+                                 self._lost)
+
+    def _lost(self, worker: int, closed: int) -> None:
+        self.lost[worker] = closed
+        self.lost_event.set()
+
+    def worker(self, wid: int) -> tuple[socket.socket, socket.socket]:
+        pairs = [socket.socketpair() for _ in range(2)]
+        self.recorder.attach(wid, [ours for ours, _ in pairs])
+        return pairs[0][1], pairs[1][1]
+
+    def close(self) -> None:
+        self.recorder.close()
+        self.log.close()
+
+
+def ask(sock: socket.socket, message: dict[str, Any]) -> dict[str, Any]:
+    sock.settimeout(WATCHDOG_S)
+    ipc.send(sock, message)
+    reply: dict[str, Any] = ipc.recv(sock)
+    return reply
+
+
+def sign_line(phase: str, op_id: str) -> list[Any]:
+    fields: dict[str, Any] = {"phase": phase, "op_id": op_id}
+    if phase == "outcome":
+        fields["result"] = "ok"
+    return ["hsm.sign", fields]
+
+
+def test_a_worker_lost_mid_signature_leaves_a_log_that_verifies(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    try:
+        a_sign, a_chan = h.worker(1)
+        b_sign, _b_chan = h.worker(2)
+        reply = ask(a_sign, {"op": "append", "id": 1, "entries": [
+            sign_line("intent", "done"), sign_line("outcome", "done"),
+            sign_line("intent", "open-1"), sign_line("intent", "open-2")]})
+        assert reply["errors"] == [None] * 4 and reply["seqs"] == [0, 1, 2, 3]
+        reply = ask(b_sign, {"op": "append", "id": 1, "entries": [sign_line("intent", "b")]})
+        assert reply["seqs"] == [4]
+        a_sign.close()
+        a_chan.close()  # worker 1 dies with two signatures under way
+        assert h.lost_event.wait(WATCHDOG_S)
+        assert h.lost == {1: 2}
+        ask(b_sign, {"op": "append", "id": 2, "entries": [sign_line("outcome", "b")]})
+    finally:
+        h.close()
+    data = (tmp_path / "log.jsonl").read_bytes()
+    lines = [json.loads(line) for line in data.splitlines()]
+    lost = [e for e in lines if e.get("result") == "WorkerLost"]
+    assert [(e["op_id"], e["released"], e["worker"]) for e in lost] == [
+        ("open-1", False, 1), ("open-2", False, 1)]
+    key = ed25519.Ed25519PrivateKey.generate().public_key()
+    result = verify_log(data, key, "test")
+    assert result.ok, result.reason
+
+
+def test_an_open_intent_without_the_recorder_closing_it_fails_verification(
+        tmp_path: Path) -> None:
+    """The check above means something: the same log without the WorkerLost outcome
+    is refused by the verifier."""
+    log = AuditLog.open(tmp_path / "log.jsonl")
+    try:
+        for entry in (sign_line("intent", "open-1"),):
+            log.record(*entry).result()
+    finally:
+        log.close()
+    key = ed25519.Ed25519PrivateKey.generate().public_key()
+    result = verify_log((tmp_path / "log.jsonl").read_bytes(), key, "test")
+    assert not result.ok and "intent without an outcome" in (result.reason or "")
+
+
+def test_questions_and_bad_requests(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    try:
+        sign, chan = h.worker(1)
+        ask(sign, {"op": "append", "id": 1, "entries": [["test.line", {"i": i}]
+                                                         for i in range(5)]})
+        health = ask(chan, {"op": "health", "id": 7})
+        assert health == {"id": 7, "healthy": True, "problem": None, "size": 5}
+        page = ask(chan, {"op": "read", "id": 8, "start": 1, "limit": 2})["data"]
+        assert [json.loads(x)["i"] for x in page.splitlines()] == [1, 2]
+        assert ask(chan, {"op": "checkpoint", "id": 9})["checkpoint"] == "a checkpoint"
+        assert len(ask(chan, {"op": "inclusion", "id": 10, "index": 1, "size": 5})[
+            "proof"]) == 3
+        assert "size <= 5" in ask(chan, {"op": "consistency", "id": 11, "old": 2,
+                                         "size": 6})["refused"]
+        assert "bad request" in ask(chan, {"op": "read", "id": 12, "start": "x",
+                                           "limit": 1})["refused"]
+        assert "unknown recorder request" in ask(chan, {"op": "nope", "id": 13})["refused"]
+        # A line that is not JSON is refused alone; the others of its batch are written.
+        reply = ask(sign, {"op": "append", "id": 2, "entries": [
+            ["test.line", {"x": float("nan")}], ["test.line", {"i": 5}]]})
+        assert reply["seqs"] == [None, 5] and reply["errors"][0].startswith("invalid:")
+        # Failed bootstrap-token attempts are counted per client, for all workers.
+        for _ in range(20):
+            ask(chan, {"op": "limit", "id": 14, "client": "10.0.0.1", "failed": True})
+        assert ask(chan, {"op": "limit", "id": 15, "client": "10.0.0.1"})["retry_after"] > 0
+        assert ask(chan, {"op": "limit", "id": 16, "client": "10.0.0.2"})["retry_after"] == 0
+    finally:
+        h.close()

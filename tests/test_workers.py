@@ -1,0 +1,160 @@
+"""More than one worker process: what one worker does, every other one enforces at
+once, and a worker that dies costs nothing but the requests it had in flight.
+
+Which worker a new connection reaches is the kernel's choice (SO_REUSEPORT), so
+these tests open fresh connections until each worker has answered; a response's
+X-Request-Id starts with a prefix of its own per process, which tells them apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from cryptography import x509 as cx
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509 import ocsp
+
+from tests.conftest import Daemon, init_ca, start_daemon
+from tests.test_reliability import assert_log_verifies, enroll_service, log_lines
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+MAX_CONNECTIONS = 64  # fresh connections tried before a worker counts as unreachable
+
+
+def worker_pids(d: Daemon) -> list[int]:
+    pids = []
+    for task in Path(f"/proc/{d.proc.pid}/task").iterdir():
+        pids += [int(p) for p in (task / "children").read_text().split()]
+    return pids
+
+
+async def fresh(method: str, url: str, ctx: Any, **kw: Any) -> tuple[int, bytes, str]:
+    """One request on a new connection: (status, body, answering process)."""
+    async with aiohttp.ClientSession() as s, s.request(method, url, ssl=ctx, **kw) as r:
+        return r.status, await r.read(), r.headers["X-Request-Id"][:8]
+
+
+async def on_every_worker(workers: int, ask: Callable[[], Awaitable[tuple[int, bytes, str]]]
+                          ) -> dict[str, tuple[int, bytes]]:
+    seen: dict[str, tuple[int, bytes]] = {}
+    for _ in range(MAX_CONNECTIONS):
+        status, body, who = await ask()
+        seen.setdefault(who, (status, body))
+        if len(seen) == workers:
+            return seen
+    raise AssertionError(f"only {len(seen)} of {workers} workers answered "
+                         f"{MAX_CONNECTIONS} new connections")
+
+
+def ocsp_request(cert: cx.Certificate, issuer: cx.Certificate) -> bytes:
+    return (ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, hashes.SHA1()).build()
+            .public_bytes(serialization.Encoding.DER))
+
+
+async def test_a_revocation_is_enforced_by_every_worker_at_once(tmp_path: Path) -> None:
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state, "--workers", "2")
+    try:
+        assert len(worker_pids(d)) == 2
+        cert_path, key_path = await enroll_service(d, tmp_path, "rev.internal.example")
+        ctx = d.ssl(cert_path, key_path)
+        renewed = await on_every_worker(2, lambda: fresh(
+            "POST", f"{d.url}/v1/x509/renew", ctx, json={}))
+        assert {status for status, _ in renewed.values()} == {201}
+        cert = cx.load_pem_x509_certificate(cert_path.read_bytes())
+        issuing = cx.load_pem_x509_certificate((ca.state / "x509/issuing.pem").read_bytes())
+
+        status, body, _ = await fresh("POST", f"{d.url}/v1/x509/revoke", ctx,
+                                      json={"serial": format(cert.serial_number, "x")})
+        assert status == 200, body
+
+        # The very next request, whichever worker takes it, is refused.
+        refused = await on_every_worker(2, lambda: fresh(
+            "POST", f"{d.url}/v1/x509/renew", ctx, json={}))
+        for status, body in refused.values():
+            assert status == 403 and json.loads(body)["type"].endswith("revoked-certificate")
+        answers = await on_every_worker(2, lambda: fresh(
+            "POST", f"{d.url}/v1/x509/ocsp", d.ssl(), data=ocsp_request(cert, issuing),
+            headers={"Content-Type": "application/ocsp-request"}))
+        for status, body in answers.values():
+            assert status == 200
+            resp = ocsp.load_der_ocsp_response(body)
+            assert resp.certificate_status == ocsp.OCSPCertStatus.REVOKED
+        crls = await on_every_worker(2, lambda: fresh("GET", f"{d.url}/v1/x509/crl", d.ssl()))
+        served = {body for _, body in crls.values()}
+        assert len(served) == 1, "the workers serve different CRLs"
+        crl = cx.load_der_x509_crl(served.pop())
+        assert crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None
+        crl.is_signature_valid(issuing.public_key())
+    finally:
+        assert d.stop() == 0
+    assert_log_verifies(ca.state)
+
+
+async def test_a_killed_worker_is_replaced_and_loses_no_record(tmp_path: Path) -> None:
+    """SIGKILL one worker under load: the others keep serving, the primary closes
+    its signatures under way in the log (WorkerLost, never released), records the
+    exit and starts a new worker, and everything a client received is recorded."""
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state, "--workers", "2")
+    cert_path, key_path = await enroll_service(d, tmp_path)
+    ctx = d.ssl(cert_path, key_path)
+    victim = worker_pids(d)[0]
+    received: list[dict[str, Any]] = []
+    answered_by: set[str] = set()
+    before_kill: set[str] = set()
+    failures = 0
+    killed = asyncio.Event()
+    replaced = asyncio.Event()
+
+    async def renew_until_replaced() -> None:
+        nonlocal failures
+        while not replaced.is_set():
+            try:  # a new connection each time: the kernel spreads them over the workers
+                status, body, who = await fresh("POST", f"{d.url}/v1/x509/renew", ctx,
+                                                json={})
+            except (aiohttp.ClientError, ConnectionError):
+                failures += 1  # the killed worker's connections
+                continue
+            assert status == 201, body
+            received.append(json.loads(body))
+            answered_by.add(who)
+            if not killed.is_set():
+                before_kill.add(who)
+                if len(received) >= 40 and len(before_kill) == 2:
+                    os.kill(victim, signal.SIGKILL)
+                    killed.set()
+            elif who not in before_kill:
+                replaced.set()  # a process that did not exist before the kill answered
+
+    try:
+        await asyncio.wait_for(asyncio.gather(*(renew_until_replaced() for _ in range(12))),
+                               120)
+        assert victim not in worker_pids(d) and len(worker_pids(d)) == 2
+    finally:
+        assert d.stop() == 0
+    assert_log_verifies(ca.state)
+    lines = log_lines(ca.state)
+    exits = [e for e in lines if e["event"] == "worker.exit"]
+    assert [e["pid"] for e in exits] == [victim] and exits[0]["status"] == -signal.SIGKILL
+    intents = {e["op_id"] for e in lines if e.get("phase") == "intent"}
+    for lost in (e for e in lines if e.get("result") == "WorkerLost"):
+        assert lost["op_id"] in intents and lost["released"] is False
+    outcomes = {e["fingerprint"]: e for e in lines
+                if e.get("phase") == "outcome" and "fingerprint" in e}
+    db = sqlite3.connect(ca.state / "hsmca.sqlite3")
+    for issued in received:
+        c = cx.load_pem_x509_certificate(issued["certificate"].encode())
+        fp = c.fingerprint(hashes.SHA256()).hex()
+        assert outcomes[fp]["result"] == "ok" and outcomes[fp]["op_id"] in intents
+        assert db.execute("SELECT serial FROM certs WHERE fingerprint = ?",
+                          (fp,)).fetchone() == (issued["serial"],)
