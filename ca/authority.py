@@ -259,21 +259,30 @@ class Authority:
         one and CRL numbers only grow. (Revocations are never undone, so a CRL that
         lists as many as the inventory holds lists them all.)"""
         for _ in range(3):  # a revocation racing the refresh: sign again, with it
-            self.sync_revocations()
-            latest = self.store.latest_crl()
-            if latest is not None:
-                _, listed, this_update, der = latest
-                age = prof.utcnow() - dt.datetime.fromisoformat(this_update)
-                if listed >= len(self.revoked) and age <= CRL_VALIDITY / 2:
-                    return der
-            await self.refresh_crl("local", None)
+            der = self._current_crl()
+            if der is not None:
+                return der
+            await self.refresh_crl("local", None, only_if_stale=True)
         latest = self.store.latest_crl()
         if latest is None:  # refresh_crl raises when it cannot sign; never serve nothing
             raise RuntimeError("no CRL after a successful refresh")
         return latest[3]
 
-    async def refresh_crl(self, actor: str, request_id: str | None) -> None:
+    def _current_crl(self) -> bytes | None:
+        """The newest stored CRL if it lists every revocation and is fresh."""
+        self.sync_revocations()
+        latest = self.store.latest_crl()
+        if latest is None:
+            return None
+        _, listed, this_update, der = latest
+        age = prof.utcnow() - dt.datetime.fromisoformat(this_update)
+        return der if listed >= len(self.revoked) and age <= CRL_VALIDITY / 2 else None
+
+    async def refresh_crl(self, actor: str, request_id: str | None,
+                          only_if_stale: bool = False) -> None:
         async with self._crl_lock:
+            if only_if_stale and self._current_crl() is not None:
+                return  # another request re-signed it while this one waited
             self.sync_revocations()
             revoked = self.revoked
             number = await self.store.write(_next_crl_number)
@@ -445,15 +454,26 @@ async def revoke_ssh(auth: Authority, *, serial: str | None, key_id: str | None,
                      ) -> int:
     """Revoke by serial, key id or public key; returns how many certificates it hit."""
     now = prof.utcnow().isoformat()
+    if serial is not None:
+        where, arg = "serial = ?", serial
+    elif key_id is not None:
+        where, arg = "key_id = ?", key_id
+    elif public_key is not None:
+        where, arg = "key_sha256 = ?", public_key.sha256
+    else:
+        raise Refused("give a serial, a key id or a public key to revoke")
+    matching = len(auth.store.read(
+        f"SELECT 1 FROM ssh_certs WHERE {where} AND revoked_at IS NULL", (arg,)))
+    if matching == 0 and public_key is None:
+        what = f"serial {serial}" if serial is not None else f"key id {key_id!r}"
+        raise Refused(f"no unrevoked SSH certificate with {what}", 404, "not-found")
+    # The record first, as for X.509: a revocation the log does not show never happened.
+    await auth.audit.append("ssh.revoke", serial=serial, key_id=key_id,
+                            public_key_sha256=public_key.sha256 if public_key else None,
+                            certificates=matching, actor=actor, request_id=request_id)
 
     def mark(db: sqlite3.Connection) -> int:
-        if serial is not None:
-            where, arg = "serial = ?", serial
-        elif key_id is not None:
-            where, arg = "key_id = ?", key_id
-        else:
-            assert public_key is not None
-            where, arg = "key_sha256 = ?", public_key.sha256
+        if public_key is not None:
             db.execute("INSERT OR IGNORE INTO ssh_revoked_keys (public_key, revoked_at) "
                        "VALUES (?, ?)", (public_key.line, now))
         return db.execute(f"UPDATE ssh_certs SET revoked_at = ? WHERE {where} "
@@ -461,12 +481,6 @@ async def revoke_ssh(auth: Authority, *, serial: str | None, key_id: str | None,
 
     hit = await auth.store.write(mark)
     auth.generations.bump("ssh_revocations")  # committed: every process rebuilds its KRL
-    if hit == 0 and public_key is None:
-        what = f"serial {serial}" if serial is not None else f"key id {key_id!r}"
-        raise Refused(f"no unrevoked SSH certificate with {what}", 404, "not-found")
-    await auth.audit.append("ssh.revoke", serial=serial, key_id=key_id,
-                            public_key_sha256=public_key.sha256 if public_key else None,
-                            certificates=hit, actor=actor, request_id=request_id)
     return hit
 
 

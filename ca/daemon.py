@@ -64,8 +64,26 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 def reserve_port(host: str, port: int) -> socket.socket:
     """Bind (without listening) a SO_REUSEPORT socket to the address, so that port 0
-    becomes a real port the workers can all bind to; it receives no connections."""
-    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    becomes a real port the workers can all bind to; it receives no connections.
+
+    SO_REUSEPORT would also let this daemon share a port that another server of the
+    same user listens on, and the kernel would split the clients between them: so the
+    address is first bound without it, which fails if anyone listens there."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise StartError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    if port != 0:
+        probe = socket.socket(family, kind, proto)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(addr)
+        except OSError as exc:
+            raise StartError(f"cannot listen on {host}:{port}: {exc.strerror} (another hsmca, "
+                             "or another server, uses it?)") from None
+        finally:
+            probe.close()
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -86,7 +104,7 @@ class WorkerPool:
         self.recorder = Recorder(audit, self._latest_checkpoint, self._ready)
         self._procs: dict[int, asyncio.subprocess.Process] = {}
         self._ready_events: dict[int, asyncio.Event] = {}
-        self._watchers: set[asyncio.Task[None]] = set()
+        self._supervisors: list[asyncio.Task[None]] = []
         self._stopping = False
         self._loop = asyncio.get_running_loop()
         self.checkpointer: Checkpointer | None = None
@@ -94,87 +112,101 @@ class WorkerPool:
     def _latest_checkpoint(self) -> str | None:
         return self.checkpointer.latest if self.checkpointer is not None else None
 
-    def _ready(self, worker: int, _pid: int) -> None:  # on the recorder's thread
-        event = self._ready_events.get(worker)
+    def _ready(self, slot: int, _pid: int) -> None:  # on the recorder's thread
+        event = self._ready_events.get(slot)
         if event is not None:
             self._loop.call_soon_threadsafe(event.set)
 
     @property
     def pids(self) -> list[int]:
-        return [p.pid for p in self._procs.values()]
+        return [p.pid for p in self._procs.values() if p.returncode is None]
 
     async def start(self) -> None:
         """Start every worker and wait until each listens, or raise StartError."""
-        await asyncio.gather(*(self._spawn(i) for i in range(self.count)))
+        started = await asyncio.gather(*(self._start_one(i) for i in range(self.count)),
+                                       return_exceptions=True)
+        for result in started:
+            if isinstance(result, BaseException):
+                raise result
+        for slot, (proc, exited) in enumerate(started):  # type: ignore[misc]
+            self._supervisors.append(asyncio.create_task(self._supervise(slot, proc, exited)))
 
-    async def _spawn(self, worker: int) -> None:
+    async def _start_one(self, slot: int
+                         ) -> tuple[asyncio.subprocess.Process, asyncio.Future[int]]:
+        """A new worker in `slot`, listening; StartError (its process gone) if not."""
         ours, theirs = zip(*(socket.socketpair() for _ in range(2)), strict=True)
-        ready = self._ready_events[worker] = asyncio.Event()
+        ready = self._ready_events[slot] = asyncio.Event()
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "ca.serve_worker", "--config", str(self.config.path),
-                "--listen", self.address, "--worker", str(worker), "--parent", str(os.getpid()),
+                "--listen", self.address, "--worker", str(slot), "--parent", str(os.getpid()),
                 "--channels", ",".join(str(s.fileno()) for s in theirs),
                 pass_fds=[s.fileno() for s in theirs], stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL)  # stdout's first line is the primary's URL
+        except OSError as exc:
+            for s in ours:
+                s.close()
+            raise StartError(f"cannot start worker {slot}: {exc.strerror or exc}") from None
         finally:
             for s in theirs:
                 s.close()
-        self._procs[worker] = proc
-        self.recorder.attach(worker, list(ours))
+        self._procs[slot] = proc
+        self.recorder.attach(slot, list(ours))  # closed by the recorder once it exits
         exited = asyncio.ensure_future(proc.wait())
         waiting = asyncio.ensure_future(ready.wait())
         done, _ = await asyncio.wait({exited, waiting}, timeout=START_TIMEOUT_S,
                                      return_when=asyncio.FIRST_COMPLETED)
         waiting.cancel()
-        if waiting not in done:
-            if exited not in done:
-                proc.kill()
-                await proc.wait()
-                raise StartError(f"worker {worker} did not start within {START_TIMEOUT_S:.0f} s")
-            raise StartError(f"worker {worker} exited with status {proc.returncode} while "
-                             "starting (its message is above)")
-        watcher = asyncio.create_task(self._watch(worker, proc, exited))
-        self._watchers.add(watcher)
-        watcher.add_done_callback(self._watchers.discard)
+        if waiting in done:
+            return proc, exited
+        if exited not in done:
+            proc.kill()
+            await exited
+            raise StartError(f"worker {slot} did not start within {START_TIMEOUT_S:.0f} s")
+        raise StartError(f"worker {slot} exited with status {proc.returncode} while "
+                         "starting (its message is above)")
 
-    async def _watch(self, worker: int, proc: asyncio.subprocess.Process,
-                     exited: asyncio.Future[int]) -> None:
+    async def _supervise(self, slot: int, proc: asyncio.subprocess.Process,
+                         exited: asyncio.Future[int]) -> None:
+        """Restart the worker of `slot` whenever it exits, with a back-off that grows
+        while it keeps failing (a crash loop must not spin) and resets once a worker
+        has run a good while."""
+        delay = 0.5
         started = time.monotonic()
-        delay = 1.0
         while True:
             code = await exited
             if self._stopping:
                 return
-            log.error("a worker exited; restarting it", worker=worker, pid=proc.pid,
+            log.error("a worker exited; restarting it", worker=slot, pid=proc.pid,
                       status=code)
             metrics.process_exited(proc.pid)
             # It may have died between committing a revocation and telling the others.
             self.generations.bump()
             try:
-                await self.audit.append("worker.exit", worker=worker, pid=proc.pid,
-                                        status=code)
+                await self.audit.append("worker.exit", worker=slot, pid=proc.pid, status=code)
             except Exception as exc:  # the log is down: the restart is still right
                 log.error("cannot record the worker's exit", error=str(exc))
-            if time.monotonic() - started > 60:
-                delay = 1.0  # it ran a good while: this is not a crash loop
-            await asyncio.sleep(delay)  # a back-off, not synchronisation
-            delay = min(delay * 2, MAX_RESTART_DELAY_S)
-            if self._stopping:
-                return
-            try:
-                await self._spawn(worker)
-            except StartError as exc:
-                log.error("a worker failed to restart; retrying", worker=worker,
-                          error=str(exc))
-                continue
-            return  # the new process has a watcher of its own
+            delay = 1.0 if time.monotonic() - started > 60 else min(delay * 2,
+                                                                    MAX_RESTART_DELAY_S)
+            while True:
+                await asyncio.sleep(delay)  # a back-off, not synchronisation
+                if self._stopping:
+                    return
+                try:
+                    proc, exited = await self._start_one(slot)
+                    break
+                except StartError as exc:
+                    log.error("a worker failed to restart; retrying", worker=slot,
+                              error=str(exc), retry_in_s=min(delay * 2, MAX_RESTART_DELAY_S))
+                    delay = min(delay * 2, MAX_RESTART_DELAY_S)
+            started = time.monotonic()
 
     async def stop(self) -> None:
         """SIGTERM every worker (each finishes its requests), then wait for them."""
         self._stopping = True
-        for task in list(self._watchers):
+        for task in self._supervisors:
             task.cancel()
+        await asyncio.gather(*self._supervisors, return_exceptions=True)
         for proc in self._procs.values():
             if proc.returncode is None:
                 proc.send_signal(signal.SIGTERM)
@@ -201,12 +233,20 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
     if not isinstance(audit_key, Ed25519PublicKey):
         raise ValueError(f"{config.audit_key_pem} is not an Ed25519 public key")
     audit = AuditLog.open(config.audit_log, config.checkpoint_path, audit_key)
-    from ca.metrics import AuditMetrics
-    AuditMetrics().watch(audit)
+    try:
+        # After the log's lock: a second `serve` on this state directory must not
+        # wipe the running daemon's metric files. Before prometheus_client's import.
+        metrics.prepare(config.state_dir)
+        from ca.metrics import AuditMetrics
+        AuditMetrics().watch(audit)
+        # Before anything is logged: a port in use must fail the start at once.
+        placeholder = reserve_port(host, port)
+    except BaseException:
+        audit.close()
+        raise
     worker = HSMWorker(config.hsm, audit)
     store: Store | None = None
     pool: WorkerPool | None = None
-    placeholder: socket.socket | None = None
     cp_task: asyncio.Task[None] | None = None
     # Handlers first: a SIGTERM that arrives right after "listening on" must still
     # stop the daemon gracefully (daemon.stop line, final checkpoint).
@@ -241,14 +281,12 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         # The daemon.start line gets a checkpoint before anyone can connect, so
         # /v1/audit/checkpoint always has one to serve.
         await checkpointer.checkpoint()
-        placeholder = reserve_port(host, port)
         bound = placeholder.getsockname()
         shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
         pool = WorkerPool(config, f"{shown}:{bound[1]}", count, audit)
         pool.checkpointer = checkpointer
         await pool.start()
-        placeholder.close()
-        placeholder = None
+        placeholder.close()  # the workers hold the port now
         url = f"https://{shown}:{bound[1]}"
         # Local admin commands (`hsmca token create --config ...`) find the daemon here,
         # whatever --listen chose.
@@ -267,8 +305,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         await checkpointer.checkpoint()
     finally:
         config.url_file.unlink(missing_ok=True)
-        if placeholder is not None:
-            placeholder.close()
+        placeholder.close()
         if cp_task is not None and not cp_task.done():
             cp_task.cancel()
         if pool is not None:
@@ -296,8 +333,6 @@ def settle_heap() -> None:
 
 
 def main(config: Config, listen: str | None, workers: int | None = None) -> int:
-    from ca import metrics
-    metrics.prepare(config.state_dir)  # before anything imports prometheus_client
     try:
         asyncio.run(serve(config, listen, workers))
     except KeyboardInterrupt:

@@ -37,11 +37,15 @@ def send(sock: socket.socket, message: Any) -> None:
 
 
 def recv(sock: socket.socket) -> Any:
-    """One message from a blocking socket."""
+    """One message from a blocking socket; ChannelClosed if it is gone, silent past its
+    timeout, or sends something that is not a message."""
     (length,) = _LEN.unpack(_recv_exactly(sock, 4))
     if length > MAX_FRAME:
         raise ChannelClosed(f"a {length}-byte frame is more than any message can be")
-    return _decoder.decode(_recv_exactly(sock, length))
+    try:
+        return _decoder.decode(_recv_exactly(sock, length))
+    except msgspec.DecodeError as exc:
+        raise ChannelClosed(f"a frame that does not decode ({exc})") from None
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> bytes:
@@ -72,6 +76,9 @@ class FrameReader:
                 raise ChannelClosed(f"a {length}-byte frame is more than any message can be")
             if len(self._buf) < 4 + length:
                 break
-            out.append(_decoder.decode(bytes(self._buf[4:4 + length])))
+            try:
+                out.append(_decoder.decode(bytes(self._buf[4:4 + length])))
+            except msgspec.DecodeError as exc:
+                raise ChannelClosed(f"a frame that does not decode ({exc})") from None
             del self._buf[:4 + length]
         return out

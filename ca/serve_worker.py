@@ -18,6 +18,7 @@ import ctypes
 import os
 import signal
 import socket
+import sqlite3
 import sys
 
 import structlog
@@ -119,7 +120,7 @@ def main() -> int:
     try:
         config = load(args.config)
         asyncio.run(run(config, host.strip("[]"), int(port), args.worker, *socks))
-    except (ConfigError, HSMError, OSError, ValueError) as exc:
+    except (ConfigError, HSMError, OSError, ValueError, sqlite3.Error) as exc:
         print(f"hsmca: worker {args.worker}: {exc}", file=sys.stderr)
         return 1
     return 0

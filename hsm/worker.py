@@ -62,6 +62,9 @@ SESSION_ERRORS: tuple[type[pkcs11.PKCS11Error], ...] = (
     pkcs11.exceptions.GeneralError,
 )
 MAX_BACKOFF_S = 5.0
+# A session that breaks again this soon after a reconnect is flapping: its back-off
+# keeps growing, and a signature does not re-open it at once.
+FLAP_WINDOW_S = 10.0
 _STOP = object()
 
 
@@ -111,6 +114,11 @@ class HSMWorker:
         self._broken: str | None = None
         self._attempt = 0
         self._next_retry = 0.0
+        self._last_reconnect = -FLAP_WINDOW_S
+        # HSM events made on this thread, written in front of its next group commit
+        # (or on their own at the end of the round), so the log has them in the order
+        # they happened relative to the signatures.
+        self._pending_events: list[tuple[str, dict[str, Any]]] = []
         self.reconnects = 0
         self.sign_count = 0
         self._op_ids = IdSource()
@@ -153,9 +161,28 @@ class HSMWorker:
     def _event(self, event: str, **fields: Any) -> None:
         """Record a non-signing HSM event; ordering is kept, durability is not awaited."""
         # The pid tells which process had the trouble (each worker has its own session).
-        fut = self._oplog.record(event, {"token": self.config.token, "pid": self._pid,
-                                         **fields})
-        fut.add_done_callback(lambda f: f.exception())  # never leave an error unobserved
+        line = (event, {"token": self.config.token, "pid": self._pid, **fields})
+        if threading.current_thread() is self._thread:
+            self._pending_events.append(line)
+            return
+        self._record_events([line])
+
+    def _record_events(self, lines: list[tuple[str, dict[str, Any]]]) -> None:
+        for event, fields in lines:
+            fut = self._oplog.record(event, fields)
+            fut.add_done_callback(lambda f: f.exception())  # never leave it unobserved
+
+    def _flush_events(self) -> None:
+        if self._pending_events:
+            lines, self._pending_events = self._pending_events, []
+            self._record_events(lines)
+
+    def _append_durable(self, entries: list[tuple[str, Mapping[str, Any]]]
+                        ) -> list[cf.Future[int]]:
+        """The oplog's group commit, with this thread's pending events in front."""
+        events, self._pending_events = self._pending_events, []
+        written = self._oplog.append_durable([*events, *entries])
+        return written[len(events):]
 
     # ---- thread ------------------------------------------------------------------------
 
@@ -174,6 +201,7 @@ class HSMWorker:
                 first = self._queue.get(timeout=timeout)
             except queue.Empty:
                 self._reconnect()
+                self._flush_events()
                 continue
             # Everything queued meanwhile runs now and the results go out together;
             # signatures next to each other in the queue are signed as one group.
@@ -189,10 +217,12 @@ class HSMWorker:
                 if item is _STOP:
                     batch.flush()
                     self._close_session()
+                    self._flush_events()
                     return
                 self._run_one(*item, batch)
             if group:
                 self._sign_group(group, batch)
+            self._flush_events()
             batch.flush()
 
     def _run_one(self, fn: Callable[[Any], Any], sink: Sink, batch: Batch) -> None:
@@ -222,9 +252,17 @@ class HSMWorker:
         self._broken = type(exc).__name__
         if self.on_health is not None:
             self.on_health(False)
-        self._attempt = 0
-        self._next_retry = time.monotonic()  # the first retry is immediate
+        if self.flapping:  # broke again soon after a reconnect: keep backing off
+            self._next_retry = time.monotonic() + min(MAX_BACKOFF_S,
+                                                      0.1 * 2 ** self._attempt)
+        else:
+            self._attempt = 0
+            self._next_retry = time.monotonic()  # the first retry is immediate
         self._event("hsm.error", error=self._broken, action="reconnecting")
+
+    @property
+    def flapping(self) -> bool:
+        return time.monotonic() - self._last_reconnect < FLAP_WINDOW_S
 
     def _reconnect(self) -> None:
         self._attempt += 1
@@ -239,6 +277,7 @@ class HSMWorker:
                         retry_in_s=delay)
             return
         self._event("hsm.reconnect", attempt=self._attempt, result="ok")
+        self._last_reconnect = time.monotonic()
         self.reconnects += 1
         self._broken = None
         if self.on_health is not None:
@@ -444,7 +483,7 @@ class HSMWorker:
             for op in live:  # nothing was recorded or signed: nothing to log
                 batch.fail(op.sink, error)
             return
-        written = self._oplog.append_durable([("hsm.sign", op.intent) for op in live])
+        written = self._append_durable([("hsm.sign", op.intent) for op in live])
         ready: list[_SignOp] = []
         for op, fut in zip(live, written, strict=True):
             exc = fut.exception()
@@ -469,7 +508,7 @@ class HSMWorker:
                     error = exc
             done.append((op, out, error, extra))
             outcomes.append(("hsm.sign", outcome))
-        written = self._oplog.append_durable(outcomes)
+        written = self._append_durable(outcomes)
         for (op, out, error, extra), fut in zip(done, written, strict=True):
             if error is None:
                 error = fut.exception()
@@ -498,12 +537,16 @@ class HSMWorker:
                 out, sigs = self._build(op.key, op.build)
             except SESSION_ERRORS as exc:
                 # A session that went stale (the token came back, the HSM restarted) is
-                # found out here: re-open it at once (the first retry is immediate)
-                # and sign again, so this request does not fail for nothing.
+                # found out here: re-open it at once and sign again, so this request
+                # does not fail for nothing; unless it is flapping, when it backs off.
+                retry = not self.flapping
                 self._mark_broken(exc)
-                self._reconnect()
+                if retry:
+                    self._reconnect()
                 if self._broken is not None:
-                    raise
+                    error = HSMUnavailable(f"HSM unavailable: {self._broken}")
+                    outcome["result"] = type(error).__name__
+                    return None, error, outcome
                 started = time.perf_counter()
                 out, sigs = self._build(op.key, op.build)
             if len(sigs) != 1:

@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
+import yarl
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from hypothesis import HealthCheck, given, settings
@@ -182,6 +183,14 @@ def corpus() -> list[Case]:
         add(Case(f"path {path[:40]}", "GET", path, "none"))
     add(Case("delete chain", "DELETE", "/v1/x509/chain", "none"))
     add(Case("put health", "PUT", "/health", "none", {}))
+    # Wrong methods on every read-only endpoint.
+    for method, path in [("POST", "/metrics"), ("POST", "/v1/x509/roots"),
+                         ("PUT", "/v1/x509/crl"), ("POST", "/.well-known/est/cacerts"),
+                         ("POST", "/v1/ssh/ca"), ("DELETE", "/v1/ssh/krl"),
+                         ("POST", "/v1/audit/checkpoint"), ("DELETE", "/v1/audit/key"),
+                         ("GET", "/v1/x509/renew"), ("GET", "/v1/tokens"),
+                         ("PATCH", "/v1/x509/enroll"), ("GET", "/v1/ssh/user")]:
+        add(Case(f"{method.lower()} {path}", method, path, "none"))
     add(Case("whoami anonymous", "GET", "/v1/whoami", "none"))
     return c
 
@@ -235,14 +244,20 @@ async def test_bad_request_gets_a_problem(served: Served, case: Case) -> None:
     ctx = served.creds["none" if case.who == "token" else case.who]
     if case.who == "token":
         headers["Authorization"] = f"Bearer {next(served.tokens)}"
+    # encoded=True: the path goes out as written, "..", "%2e%2e" and all (yarl would
+    # otherwise tidy the tricks away before they reach the daemon).
+    url = yarl.URL(d.url + case.path, encoded=True)
     async with aiohttp.ClientSession() as s, s.request(
-            case.method, d.url + case.path, json=case.json_body, data=case.data,
+            case.method, url, json=case.json_body, data=case.data,
             headers=headers, ssl=ctx, skip_auto_headers=() if case.data is None else
             ("Content-Type",)) as r:
         body = await r.read()
         assert 400 <= r.status < 500, (case.what, r.status, body[:300])
+        # A rate limit would hide what the case is about.
+        assert r.status != 429, (case.what, body[:300])
         assert r.content_type == "application/problem+json", (case.what, body[:300])
         problem = json.loads(body)
+        assert set(problem) >= {"type", "title", "status", "detail"}, problem
         assert problem["status"] == r.status
         assert problem["detail"] and "Traceback" not in problem["detail"]
     async with aiohttp.ClientSession() as s, s.get(d.url + "/health", ssl=ctx) as r:

@@ -12,7 +12,9 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sqlite3
+import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from cryptography import x509 as cx
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
-from tests.conftest import Daemon, init_ca, start_daemon
+from tests.conftest import HSMCA, Daemon, init_ca, start_daemon
 from tests.test_reliability import assert_log_verifies, enroll_service, log_lines
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -158,3 +160,23 @@ async def test_a_killed_worker_is_replaced_and_loses_no_record(tmp_path: Path) -
         assert outcomes[fp]["result"] == "ok" and outcomes[fp]["op_id"] in intents
         assert db.execute("SELECT serial FROM certs WHERE fingerprint = ?",
                           (fp,)).fetchone() == (issued["serial"],)
+
+
+async def test_an_address_in_use_is_refused_in_one_line(tmp_path: Path) -> None:
+    """Workers share the port with SO_REUSEPORT, which must not let the daemon join a
+    port another server listens on (the kernel would split the clients)."""
+    ca = init_ca(tmp_path)
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # even one that shares
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        lines_before = len(log_lines(ca.state))
+        proc = subprocess.run([*HSMCA, "serve", "--config", str(ca.state / "hsmca.toml"),
+                               "--listen", f"127.0.0.1:{port}"], capture_output=True,
+                              text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        f"hsmca: error: cannot listen on 127.0.0.1:{port}: Address already in use (another "
+        "hsmca, or another server, uses it?)"], proc.stderr
+    assert len(log_lines(ca.state)) == lines_before  # refused before anything was logged

@@ -27,6 +27,7 @@ from hsm.completion import Batch, Coalescer, Sink, async_sink, claim, drain_queu
 from hsm.errors import AuditUnavailable
 
 _STOP = object()
+ANSWER_TIMEOUT_S = 60.0
 
 
 class RecorderRefused(ValueError):
@@ -36,6 +37,10 @@ class RecorderRefused(ValueError):
 class AuditLink:
     def __init__(self, sign_channel: socket.socket, channel: socket.socket,
                  on_lost: Callable[[str], None]) -> None:
+        # The recorder answers in milliseconds; one that has not in a minute is stuck,
+        # and waiting longer would only hang every signature of this worker.
+        for sock in (sign_channel, channel):
+            sock.settimeout(ANSWER_TIMEOUT_S)
         self._sign = sign_channel
         self._sign_lock = threading.Lock()
         self._chan = channel
@@ -55,7 +60,7 @@ class AuditLink:
             try:
                 ipc.send(self._sign, {"op": "append", "id": 0, "entries": list(entries)})
                 reply = ipc.recv(self._sign)
-            except ipc.ChannelClosed as exc:
+            except (ipc.ChannelClosed, ValueError) as exc:  # gone, stuck, or garbled
                 self._lost(str(exc))
                 raise AuditUnavailable("the audit log's writer (the primary process) is "
                                        "gone") from None
@@ -138,7 +143,7 @@ class AuditLink:
                         results.ok(sink, reply["seqs"][0])
                     else:
                         results.fail(sink, _error(err))
-            except (OSError, ipc.ChannelClosed) as exc:
+            except (OSError, ValueError, KeyError, TypeError) as exc:  # gone, or garbled
                 for _, sink in jobs.values():
                     results.fail(sink, AuditUnavailable("the audit log's writer (the primary "
                                                         "process) is gone"))

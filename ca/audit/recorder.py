@@ -14,6 +14,7 @@ the log still pairs every intent with an outcome.
 
 from __future__ import annotations
 
+import os
 import queue
 import selectors
 import socket
@@ -35,6 +36,11 @@ MAX_ENTRIES = 1000
 
 @dataclass
 class _Worker:
+    """One worker process, from its attach to the loss of its last channel. Keyed by
+    a number of its own, never by the slot: a restarted worker shares the slot of the
+    one it replaces, whose channels may not all be drained yet."""
+
+    slot: int
     channels: int
     open_ops: dict[str, None] = field(default_factory=dict)  # op_id -> None, in order
 
@@ -42,7 +48,7 @@ class _Worker:
 @dataclass
 class _Channel:
     sock: socket.socket
-    worker: int
+    worker: int  # key of _Worker
     reader: ipc.FrameReader = field(default_factory=ipc.FrameReader)
 
 
@@ -63,6 +69,7 @@ class Recorder:
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._todo: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._workers: dict[int, _Worker] = {}
+        self._attached = 0
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="recorder", daemon=True)
         self._thread.start()
@@ -86,16 +93,23 @@ class Recorder:
     # ---- the thread ---------------------------------------------------------------------
 
     def _run(self) -> None:
-        while not self._stopping:
-            appends: list[tuple[_Channel, int, list[Any]]] = []
-            for key, _ in self._sel.select():
-                if key.data is None:
-                    self._wake_r.recv(4096)
-                    self._do_todo()
-                    continue
-                self._read(key.data, appends)
-            if appends:
-                self._commit(appends)
+        try:
+            while not self._stopping:
+                appends: list[tuple[_Channel, int, list[Any]]] = []
+                for key, _ in self._sel.select():
+                    if key.data is None:
+                        self._wake_r.recv(4096)
+                        self._do_todo()
+                        continue
+                    self._read(key.data, appends)
+                if appends:
+                    self._commit(appends)
+        except BaseException:
+            # Without this thread no worker can record anything, and each would wait
+            # for an answer forever: stop the whole daemon (the workers die with the
+            # primary; the log is recovered at the next start).
+            log.exception("the recorder failed; stopping the daemon")
+            os._exit(70)
         for key in list(self._sel.get_map().values()):
             if key.data is not None:
                 key.data.sock.close()
@@ -109,36 +123,46 @@ class Recorder:
             if item[0] == "stop":
                 self._stopping = True
                 continue
-            _, worker, socks = item
-            self._workers[worker] = _Worker(len(socks))
+            _, slot, socks = item
+            self._attached += 1
+            self._workers[self._attached] = _Worker(slot, len(socks))
             for sock in socks:
                 sock.setblocking(True)
                 sock.settimeout(30)  # a worker that stops reading must not stall the rest
-                self._sel.register(sock, selectors.EVENT_READ, _Channel(sock, worker))
+                self._sel.register(sock, selectors.EVENT_READ,
+                                   _Channel(sock, self._attached))
 
     def _read(self, chan: _Channel, appends: list[tuple[_Channel, int, list[Any]]]) -> None:
         try:
             data = chan.sock.recv(1 << 20)
             messages = chan.reader.feed(data) if data else None
-        except (OSError, ipc.ChannelClosed):
+        except (OSError, ValueError):  # ChannelClosed, or a frame that does not decode
             messages = None
-        if messages is None:  # the worker closed its end: it exited
-            self._sel.unregister(chan.sock)
-            chan.sock.close()
-            self._channel_lost(chan.worker)
+        if messages is None:  # the worker closed its end (it exited), or talks nonsense
+            self._drop(chan)
             return
         for msg in messages:
-            op = msg.get("op")
-            if op == "append":
-                appends.append((chan, msg["id"], msg["entries"]))
+            op = msg.get("op") if isinstance(msg, dict) else None
+            if op == "append" and isinstance(msg.get("entries"), list):
+                appends.append((chan, msg.get("id"), msg["entries"]))
             else:
-                self._reply(chan, {"id": msg.get("id"), **self._answer(chan, op, msg)})
+                self._reply(chan, {"id": msg.get("id") if isinstance(msg, dict) else None,
+                                   **self._answer(chan, op, msg)})
 
-    def _answer(self, chan: _Channel, op: str | None, msg: dict[str, Any]) -> dict[str, Any]:
+    def _drop(self, chan: _Channel) -> None:
+        if chan.sock.fileno() < 0:
+            return  # dropped already
+        self._sel.unregister(chan.sock)
+        chan.sock.close()
+        self._channel_lost(chan.worker)
+
+    def _answer(self, chan: _Channel, op: str | None, msg: Any) -> dict[str, Any]:
         audit = self.audit
         try:
             if op == "ready":
-                self._on_ready(chan.worker, int(msg["pid"]))
+                state = self._workers.get(chan.worker)
+                if state is not None:
+                    self._on_ready(state.slot, int(msg["pid"]))
                 return {}
             if op == "limit":  # bootstrap-token failures, counted for the whole daemon
                 client = str(msg["client"])
@@ -170,14 +194,16 @@ class Recorder:
 
     def _commit(self, appends: list[tuple[_Channel, int, list[Any]]]) -> None:
         """One group commit for every line the workers sent this round."""
-        entries = [(event, fields) for _, _, batch in appends for event, fields in batch]
+        entries = [_entry(item) for _, _, batch in appends for item in batch]
         futs = self.audit.append_durable(entries)
         pos = 0
         for chan, req_id, batch in appends:
             seqs: list[int | None] = []
             errors: list[str | None] = []
-            open_ops = self._workers[chan.worker].open_ops
-            for (event, fields), fut in zip(batch, futs[pos:pos + len(batch)], strict=True):
+            state = self._workers.get(chan.worker)
+            open_ops = state.open_ops if state is not None else {}
+            for (event, fields), fut in zip(entries[pos:pos + len(batch)],
+                                            futs[pos:pos + len(batch)], strict=True):
                 exc = fut.exception()
                 seqs.append(None if exc else fut.result())
                 errors.append(None if exc is None else (
@@ -194,10 +220,16 @@ class Recorder:
             self._reply(chan, {"id": req_id, "seqs": seqs, "errors": errors})
 
     def _reply(self, chan: _Channel, message: dict[str, Any]) -> None:
+        if chan.sock.fileno() < 0:
+            return
         try:
             chan.sock.sendall(ipc.encode(message))
-        except OSError:
-            pass  # the worker is gone; its EOF is handled when the socket reads
+        except OSError as exc:
+            # Gone, or not reading for 30 s: part of a frame may have been sent, so the
+            # channel cannot be trusted again. The worker finds it closed and exits.
+            log.error("dropping a worker channel that does not take answers",
+                      error=str(exc))
+            self._drop(chan)
 
     def _channel_lost(self, worker: int) -> None:
         state = self._workers.get(worker)
@@ -208,21 +240,30 @@ class Recorder:
             return
         del self._workers[worker]
         if state.open_ops:
-            self._close_open(worker, state)
+            self._close_open(state)
         if self._on_lost is not None:
-            self._on_lost(worker, len(state.open_ops))
+            self._on_lost(state.slot, len(state.open_ops))
 
-    def _close_open(self, worker: int, state: _Worker) -> None:
+    def _close_open(self, state: _Worker) -> None:
         # The worker died between intents and their outcomes. Whatever it signed was
         # never released (a result leaves only after its outcome is durable), so the
         # log says so, and verifies without a restart to excuse the open intents.
         lost = [("hsm.sign", {"phase": "outcome", "op_id": op_id, "result": "WorkerLost",
-                              "released": False, "worker": worker})
+                              "released": False, "worker": state.slot})
                 for op_id in state.open_ops]
         for fut in self.audit.append_durable(lost):
-            if fut.exception() is not None:
-                log.error("cannot record the outcomes of a lost worker", worker=worker,
-                          error=str(fut.exception()))
+            if fut.exception() is not None:  # owed by the log, written once it can
+                log.error("cannot record the outcomes of a lost worker yet",
+                          worker=state.slot, error=str(fut.exception()))
                 break
-        log.warning("a worker exited with signatures under way", worker=worker,
+        log.warning("a worker exited with signatures under way", worker=state.slot,
                     closed=len(lost))
+
+
+def _entry(item: Any) -> tuple[str, Any]:
+    """A line as a worker sent it: [event, fields]; anything else becomes a line the
+    log refuses alone (it is not JSON), so a bad entry cannot spoil its batch."""
+    if isinstance(item, list | tuple) and len(item) == 2 and isinstance(item[0], str) \
+            and isinstance(item[1], dict):
+        return item[0], item[1]
+    return "invalid", {"entry": object()}
