@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa
 
 from ca.config import Policy
@@ -209,10 +210,14 @@ def check_csr(csr: x509.CertificateSigningRequest) -> None:
     """Signature valid, key acceptable, no CA:TRUE request."""
     try:
         key = csr.public_key()
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise Refused(f"the CSR's public key cannot be read: {exc}") from None
     check_subject_key(key)
-    if not csr.is_signature_valid:
+    try:
+        valid = csr.is_signature_valid
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # e.g. an unknown algorithm
+        raise Refused(f"the CSR's signature cannot be checked: {exc}") from None
+    if not valid:
         raise Refused("the CSR's signature does not verify (was it made with this key?)")
     try:
         bc = csr.extensions.get_extension_for_class(x509.BasicConstraints).value

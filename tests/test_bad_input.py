@@ -42,6 +42,19 @@ GOOD_SSH = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
 JSON = {"Content-Type": "application/json"}
 
 
+def unknown_key_algorithm_csr(pem: str) -> bytes:
+    """The CSR's DER with its key's algorithm OID (id-ecPublicKey, 1.2.840.10045.2.1)
+    made into one nobody knows (0.0.840.10045.2.1): it still parses."""
+    der = parse_csr(pem).public_bytes(serialization.Encoding.DER)
+    return der.replace(bytes.fromhex("06072a8648ce3d0201"),
+                       bytes.fromhex("0607008648ce3d0201"), 1)
+
+
+def der_to_pem(der: bytes) -> str:
+    return ("-----BEGIN CERTIFICATE REQUEST-----\n" + base64.encodebytes(der).decode()
+            + "-----END CERTIFICATE REQUEST-----\n")
+
+
 def corpus() -> list[Case]:
     c: list[Case] = []
     add = c.append
@@ -121,6 +134,16 @@ def corpus() -> list[Case]:
     # --- renew / revoke ---------------------------------------------------------------
     add(Case("renew unknown field", "POST", "/v1/x509/renew", "service", {"names": ["x"]}))
     add(Case("renew bad csr", "POST", "/v1/x509/renew", "service", {"csr": "x"}))
+    # Found by the mutation fuzz below: a key algorithm cryptography does not know
+    # raised UnsupportedAlgorithm, answered 500.
+    odd = unknown_key_algorithm_csr(good)
+    add(Case("enroll csr unknown key algorithm", "POST", "/v1/x509/enroll", "token",
+             {"csr": der_to_pem(odd)}))
+    add(Case("renew csr unknown key algorithm", "POST", "/v1/x509/renew", "service",
+             {"csr": der_to_pem(odd)}))
+    add(Case("est csr unknown key algorithm", "POST", "/.well-known/est/simplereenroll",
+             "service", data=base64.b64encode(odd),
+             headers={"Content-Type": "application/pkcs10"}))
     add(Case("renew no cert", "POST", "/v1/x509/renew", "none", {}))
     for serial in ["zz", "", "0", "-1", "1" * 60, 12]:
         add(Case(f"revoke serial {serial!r}", "POST", "/v1/x509/revoke", "admin",
@@ -324,8 +347,82 @@ def test_csr_parser_fuzz(data: bytes) -> None:
             pass
 
 
+VALID_CSR_DER = parse_csr(csr_pem(["ok.internal.example"])).public_bytes(
+    serialization.Encoding.DER)
+
+
+@settings(max_examples=300, deadline=None)
+@given(edits=st.lists(st.tuples(st.integers(0, len(VALID_CSR_DER) - 1), st.integers(0, 255)),
+                      min_size=1, max_size=4),
+       cut=st.integers(0, len(VALID_CSR_DER)))
+def test_mutated_csr_is_refused_or_checked(edits: list[tuple[int, int]], cut: int) -> None:
+    """Random bytes rarely parse as DER; a real CSR with a few bytes changed (or cut
+    short) gets past the parser often enough to exercise the checks behind it."""
+    der = bytearray(VALID_CSR_DER)
+    for at, value in edits:
+        der[at] = value
+    der = der[:max(cut, len(der) - 8)] if cut < len(der) // 2 else der
+    try:
+        csr = parse_csr(bytes(der), der=True)
+    except Problem as exc:
+        assert exc.status_code == 400
+        return
+    try:
+        policy.check_csr(csr)
+        names = policy.csr_names(csr)
+    except policy.Refused as exc:
+        assert 400 <= exc.status < 500 and exc.detail
+        return
+    assert all(isinstance(n, str) for n in names)
+
+
 def test_csr_round_trip_still_accepted() -> None:
     """The fuzz above must not be vacuous: a real CSR parses and passes."""
     csr = parse_csr(csr_pem(["ok.internal.example"], ec.generate_private_key(ec.SECP256R1())))
     policy.check_csr(csr)
     assert policy.csr_names(csr) == ["ok.internal.example"]
+
+
+# ---- hypothesis against the live daemon: the HTTP request parsers ----------------------
+
+LIVE_TARGETS = [  # (method, path, who): every parser that takes a body or a query
+    ("POST", "/v1/x509/renew", "service"), ("POST", "/v1/ssh/user", "user"),
+    ("POST", "/v1/ssh/host", "host"), ("POST", "/v1/tokens", "admin"),
+    ("POST", "/v1/x509/revoke", "service"), ("POST", "/v1/ssh/revoke", "admin"),
+]
+json_bodies = st.dictionaries(
+    st.sampled_from(["csr", "ttl", "public_key", "principals", "role", "names", "serial",
+                     "reason", "key_id", "source_address", "x"]), json_values, max_size=4)
+
+
+@pytest.mark.asyncio(loop_scope="session")
+@settings(max_examples=120, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(target=st.sampled_from(LIVE_TARGETS), body=json_bodies | json_values,
+       query=st.text(st.characters(codec="ascii"), max_size=30),
+       ocsp=st.binary(max_size=80), est=st.binary(max_size=200))
+async def test_live_parsers_never_fail_on_any_input(served: Served, target: tuple[str, str, str],
+                                                    body: Any, query: str, ocsp: bytes,
+                                                    est: bytes) -> None:
+    """Whatever a client sends, the daemon answers: a 2xx if it made sense, else a 4xx
+    problem+json, never a 5xx (OCSP answers in its own format, RFC 6960)."""
+    d = served.daemon
+    method, path, who = target
+    async with aiohttp.ClientSession() as s:
+        requests = [
+            s.request(method, d.url + path, data=json.dumps(body),
+                      headers={"Content-Type": "application/json"}, ssl=served.creds[who]),
+            s.get(yarl.URL(d.url + "/v1/audit/entries", encoded=False).with_query(
+                {"start": query, "limit": query[::-1]}), ssl=served.creds["admin"]),
+            s.post(d.url + "/.well-known/est/simplereenroll", data=base64.b64encode(est),
+                   headers={"Content-Type": "application/pkcs10"}, ssl=served.creds["service"]),
+            s.get(d.url + "/v1/x509/ocsp/" + base64.urlsafe_b64encode(ocsp).decode(),
+                  ssl=served.creds["none"]),
+        ]
+        for request in requests:
+            async with request as r:
+                raw = await r.read()
+                assert r.status < 500, (r.url, r.status, raw[:300])
+                if r.status >= 400:
+                    assert r.content_type == "application/problem+json", (r.url, raw[:300])
+                    assert set(json.loads(raw)) >= {"type", "title", "status", "detail"}
