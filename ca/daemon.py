@@ -21,6 +21,7 @@ import hashlib
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -271,8 +272,8 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
             raise ValueError(f"{config.audit_key_pem} does not belong to the audit key in the HSM")
         await audit.append("daemon.start", version=__version__, pid=os.getpid(), workers=count,
                            config_sha256=hashlib.sha256(config.path.read_bytes()).hexdigest())
-        store = Store(config.db_path)
-        await ensure_server_cert(config, worker, keys["issuing"], issuing, store)
+        store = inventory = Store(config.db_path)
+        await ensure_server_cert(config, worker, keys["issuing"], issuing, inventory)
         checkpointer = Checkpointer(audit, worker, keys["audit"], config.audit_origin,
                                     config.checkpoint_path,
                                     heartbeat=config.checkpoint_heartbeat_s,
@@ -295,7 +296,9 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         print(f"listening on {url}", flush=True)
         log.info("listening", url=url, workers=count, pids=pool.pids)
         cp_task = asyncio.create_task(checkpointer.run())
+        inventory_task = asyncio.create_task(_checkpoint_inventory(inventory))
         await stop.wait()
+        inventory_task.cancel()
         log.info("stopping")
         await pool.stop()  # stop accepting; in-flight requests finish
         cp_task.cancel()
@@ -316,6 +319,20 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
             store.close()
         worker.close()
         audit.close()
+
+
+INVENTORY_CHECKPOINT_S = 1.0
+
+
+async def _checkpoint_inventory(store: Store) -> None:
+    """The workers leave the inventory's WAL to the primary (see Store): copy it into
+    the database every second, in a thread, never in a worker's commit."""
+    while True:
+        await asyncio.sleep(INVENTORY_CHECKPOINT_S)  # periodic work, not synchronisation
+        try:
+            await asyncio.to_thread(store.wal_checkpoint)
+        except sqlite3.Error as exc:
+            log.warning("inventory checkpoint failed; retrying", error=str(exc))
 
 
 def settle_heap() -> None:

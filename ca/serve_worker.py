@@ -77,7 +77,7 @@ async def run(config: Config, host: str, port: int, worker: int, sign_channel: s
         if issuing.public_key() != keys["issuing"].public_key():  # the token was swapped
             raise ValueError(f"{config.issuing_pem} does not belong to the issuing key in "
                              "the HSM")
-        store = Store(config.db_path)
+        store = Store(config.db_path, autocheckpoint=False)  # the primary checkpoints
         auth = Authority(config, hsm, store, link, keys, root, issuing,
                          Generations(config.generations_path))
         runner = web.AppRunner(build_app(auth), access_log=None, shutdown_timeout=10.0)

@@ -116,10 +116,16 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 class Store:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, autocheckpoint: bool = True) -> None:
+        """`autocheckpoint=False` for the workers: the commit that fills the WAL would
+        otherwise copy it into the database there and then (hundreds of milliseconds
+        on a slow disk), stalling its worker's every signature behind it; the primary
+        checkpoints in the background instead (`wal_checkpoint`)."""
         self.path = path
         w = _connect(path)
         w.execute("PRAGMA journal_mode=WAL")
+        if not autocheckpoint:
+            w.execute("PRAGMA wal_autocheckpoint=0")
         w.executescript(SCHEMA)
         self._writer_db = w
         self._reader = _connect(path)
@@ -202,6 +208,15 @@ class Store:
             else:
                 out.fail(fut, value)
         out.flush()
+
+    def wal_checkpoint(self) -> None:
+        """Copy the WAL into the database without waiting for, or blocking, anyone
+        (PASSIVE); blocking, for a thread of its own."""
+        db = _connect(self.path)
+        try:
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        finally:
+            db.close()
 
     # ---- reads --------------------------------------------------------------------------
 
