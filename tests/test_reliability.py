@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ca import x509 as prof
-from tests.conftest import Daemon, hsmca, init_ca, start_daemon
+from tests.conftest import Daemon, hsmca, init_ca, require, start_daemon
 from tests.test_x509_e2e import http, new_token
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -186,6 +186,40 @@ async def test_audit_log_that_cannot_grow_means_503_and_nothing_signed(tmp_path:
         assert (intent_count(ca.state), cert_rows(ca.state)) == (intents, rows)
         resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE,
                          (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        status, _, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
+        assert status == 201, body
+        status, _, _ = await http("GET", f"{d.url}/health", d.ssl())
+        assert status == 200
+    finally:
+        assert d.stop() == 0
+    assert_log_verifies(ca.state)
+
+
+async def test_audit_log_made_read_only_means_503_until_writable(tmp_path: Path) -> None:
+    """The log file made unmodifiable under the running daemon (chattr +i: root
+    ignores file modes, not this): nothing is signed, /health says why, and once the
+    file is writable again the next request is served, without a restart."""
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state)
+    log_file = ca.state / "audit/log.jsonl"
+    try:
+        cert, key = await enroll_service(d, tmp_path)
+        ctx = d.ssl(cert, key)
+        chattr = require("chattr")
+        proc = subprocess.run([chattr, "+i", log_file], capture_output=True, text=True)
+        assert proc.returncode == 0, ("this test needs a filesystem with the immutable "
+                                      f"attribute (ext4, xfs) for {tmp_path}: {proc.stderr}")
+        try:
+            intents, rows = intent_count(ca.state), cert_rows(ca.state)
+            for _ in range(3):
+                status, ctype, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
+                assert status == 503 and ctype == "application/problem+json", body
+                assert "audit log" in json.loads(body)["detail"]
+            status, _, body = await http("GET", f"{d.url}/health", d.ssl())
+            assert status == 503 and "not permitted" in json.loads(body)["audit"], body
+            assert (intent_count(ca.state), cert_rows(ca.state)) == (intents, rows)
+        finally:
+            subprocess.run([chattr, "-i", log_file], check=True)
         status, _, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
         assert status == 201, body
         status, _, _ = await http("GET", f"{d.url}/health", d.ssl())

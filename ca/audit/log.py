@@ -297,8 +297,11 @@ class AuditLog:
                     results: Batch) -> None:
         reason = f"cannot write the audit log: {exc.strerror or exc}"
         try:  # cut whatever part of the batch reached the file, so the chain stays whole
-            os.ftruncate(self._fd, self._size_bytes)
-            os.fsync(self._fd)
+            if os.fstat(self._fd).st_size != self._size_bytes:
+                os.ftruncate(self._fd, self._size_bytes)
+                os.fsync(self._fd)
+            # Else nothing reached the file (a read-only or immutable file refuses the
+            # write whole), and there is nothing to cut: the next write may just work.
             self._problem = reason
         except OSError as exc2:
             # The file may now end in a partial line; only a restart (with torn-tail
