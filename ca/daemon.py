@@ -102,7 +102,10 @@ class WorkerPool:
     def __init__(self, config: Config, address: str, count: int, audit: AuditLog) -> None:
         self.config, self.address, self.count, self.audit = config, address, count, audit
         self.generations = Generations.create(config.generations_path)
-        self.recorder = Recorder(audit, self._latest_checkpoint, self._ready)
+        self.recorder = Recorder(audit, self._latest_checkpoint, self._ready, self._lost)
+        self._attached = 0  # workers whose channels the recorder still serves
+        self._all_detached = asyncio.Event()
+        self._all_detached.set()
         self._procs: dict[int, asyncio.subprocess.Process] = {}
         self._ready_events: dict[int, asyncio.Event] = {}
         self._supervisors: list[asyncio.Task[None]] = []
@@ -117,6 +120,14 @@ class WorkerPool:
         event = self._ready_events.get(slot)
         if event is not None:
             self._loop.call_soon_threadsafe(event.set)
+
+    def _lost(self, _slot: int, _closed: int) -> None:  # on the recorder's thread
+        self._loop.call_soon_threadsafe(self._detached)
+
+    def _detached(self) -> None:
+        self._attached -= 1
+        if self._attached == 0:
+            self._all_detached.set()
 
     @property
     def pids(self) -> list[int]:
@@ -152,6 +163,8 @@ class WorkerPool:
             for s in theirs:
                 s.close()
         self._procs[slot] = proc
+        self._attached += 1
+        self._all_detached.clear()
         self.recorder.attach(slot, list(ours))  # closed by the recorder once it exits
         exited = asyncio.ensure_future(proc.wait())
         waiting = asyncio.ensure_future(ready.wait())
@@ -218,6 +231,12 @@ class WorkerPool:
                 proc.kill()
                 await proc.wait()
             metrics.process_exited(proc.pid)
+        # The recorder has handled every worker's last lines and closed the
+        # signatures of one that had to be killed, before daemon.stop is written.
+        try:
+            await asyncio.wait_for(self._all_detached.wait(), STOP_TIMEOUT_S)
+        except TimeoutError:
+            log.error("the recorder did not see every worker go")
 
     def close(self) -> None:
         self.recorder.close()

@@ -45,9 +45,12 @@ JSON = {"Content-Type": "application/json"}
 def unknown_key_algorithm_csr(pem: str) -> bytes:
     """The CSR's DER with its key's algorithm OID (id-ecPublicKey, 1.2.840.10045.2.1)
     made into one nobody knows (0.0.840.10045.2.1): it still parses."""
-    der = parse_csr(pem).public_bytes(serialization.Encoding.DER)
-    return der.replace(bytes.fromhex("06072a8648ce3d0201"),
+    return pem_der(pem).replace(bytes.fromhex("06072a8648ce3d0201"),
                        bytes.fromhex("0607008648ce3d0201"), 1)
+
+
+def pem_der(pem: str) -> bytes:
+    return parse_csr(pem).public_bytes(serialization.Encoding.DER)
 
 
 def der_to_pem(der: bytes) -> str:
@@ -198,8 +201,13 @@ def corpus() -> list[Case]:
              data=base64.b64encode(b"junk"), headers={"Content-Type": "application/pkcs10"}))
     add(Case("est reenroll no cert", "POST", "/.well-known/est/simplereenroll", "none",
              data=b"", headers={"Content-Type": "application/pkcs10"}))
-    add(Case("est reenroll anon token", "POST", "/.well-known/est/simpleenroll", "none",
+    add(Case("est enroll no credentials", "POST", "/.well-known/est/simpleenroll", "none",
              data=b"", headers={"Content-Type": "application/pkcs10"}))
+    add(Case("est reenroll token only", "POST", "/.well-known/est/simplereenroll", "token",
+             data=base64.b64encode(pem_der(good)),
+             headers={"Content-Type": "application/pkcs10"}))
+    add(Case("est reenroll json", "POST", "/.well-known/est/simplereenroll", "service",
+             {"csr": good}))
     for path in ["/v1/nothing", "/v1/x509/../../etc/passwd", "/%2e%2e/%2e%2e/etc/passwd",
                  "/v1/x509/crl/extra", "/v1/ssh/krl/..", "/.well-known/est/nope",
                  "/v1/x509/ocsp/", "/" + "a" * 3000]:
