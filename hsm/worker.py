@@ -65,6 +65,7 @@ MAX_BACKOFF_S = 5.0
 # A session that breaks again this soon after a reconnect is flapping: its back-off
 # keeps growing, and a signature does not re-open it at once.
 FLAP_WINDOW_S = 10.0
+TOKEN_LOOKUP_RETRIES_S = (0.05, 0.2, 0.5)
 _STOP = object()
 
 
@@ -294,11 +295,8 @@ class HSMWorker:
             except Exception as exc:
                 raise HSMError(f"cannot load PKCS#11 module {cfg.module}: {exc}") from None
         try:
-            token = self._lib.get_token(token_label=cfg.token)
-        except pkcs11.exceptions.NoSuchToken:
-            labels = sorted({s.get_token().label for s in self._lib.get_slots(token_present=True)})
-            raise HSMError(f"no token labelled {cfg.token!r} in {cfg.module} (tokens present: "
-                           f"{', '.join(labels) or 'none'})") from None
+            # At a reconnect the back-off does the looking again.
+            token = self._find_token(retries=() if reconnect else TOKEN_LOOKUP_RETRIES_S)
         except pkcs11.exceptions.MultipleTokensReturned:
             raise HSMError(f"more than one token is labelled {cfg.token!r} in {cfg.module}; "
                            "token labels must be unique") from None
@@ -326,6 +324,24 @@ class HSMWorker:
             fresh = self._find(label)
             if fresh.public_key() != key.public_key():
                 raise HSMError(f"key {label!r} in the token changed since start-up")
+
+    def _find_token(self, retries: tuple[float, ...]) -> Any:
+        """The configured token. SoftHSM leaves out of its slot list a token whose files
+        another process is rewriting at that moment (seen when several workers start
+        at once), so at start a missing token is looked for again, a few times, before
+        it is reported missing."""
+        label = self.config.token
+        for delay in (*retries, None):
+            try:
+                return self._lib.get_token(token_label=label)
+            except pkcs11.exceptions.NoSuchToken:
+                if delay is None:
+                    break
+                time.sleep(delay)  # a back-off before looking again, on the HSM thread
+                self._lib.reinitialize()
+        labels = sorted({s.get_token().label for s in self._lib.get_slots(token_present=True)})
+        raise HSMError(f"no token labelled {label!r} in {self.config.module} (tokens present: "
+                       f"{', '.join(repr(lbl) for lbl in labels) or 'none'})") from None
 
     def _close_session(self, quiet: bool = False) -> None:
         if self._session is None:
