@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ssl
 from pathlib import Path
 
-from ca import client
 from ca.config import Config, load
 
 
@@ -14,8 +14,9 @@ def _config(args: argparse.Namespace) -> Config:
     return load(args.config)
 
 
-def _admin(args: argparse.Namespace) -> tuple[str, client.ssl.SSLContext]:
+def _admin(args: argparse.Namespace) -> tuple[str, ssl.SSLContext]:
     """URL and admin mTLS context from --config (the credential `hsmca init` made)."""
+    from ca import client  # aiohttp: not loaded by `serve`
     cfg = _config(args)
     url = args.url or cfg.local_url
     ca = args.ca or cfg.root_pem
@@ -37,6 +38,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def token_create(args: argparse.Namespace) -> int:
+    from ca import client  # aiohttp: not loaded by `serve`, which shares this module
     url, ctx = _admin(args)
     body = {"role": args.role, "names": args.name, "ttl": args.ttl}
     if args.principal:
@@ -47,6 +49,7 @@ def token_create(args: argparse.Namespace) -> int:
 
 
 def enroll(args: argparse.Namespace) -> int:
+    from ca import client  # aiohttp: not loaded by `serve`
     issued = asyncio.run(client.enroll(args.url.rstrip("/"), args.token, args.name, args.out,
                                        args.ca))
     print(f"enrolled: serial {issued['serial']}, valid until {issued['not_after']}; wrote "
@@ -55,6 +58,7 @@ def enroll(args: argparse.Namespace) -> int:
 
 
 def renew(args: argparse.Namespace) -> int:
+    from ca import client  # aiohttp: not loaded by `serve`
     issued = asyncio.run(client.renew(args.url.rstrip("/"), args.cert, args.key, args.ca,
                                       args.rekey))
     print(f"renewed: serial {issued['serial']}, valid until {issued['not_after']}"
@@ -63,6 +67,7 @@ def renew(args: argparse.Namespace) -> int:
 
 
 def revoke(args: argparse.Namespace) -> int:
+    from ca import client  # aiohttp: not loaded by `serve`
     url, ctx = _admin(args)
     body = {"serial": args.serial}
     if args.reason:

@@ -7,7 +7,6 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from ca import client
 from ca.errors import CLIError
 from ca.fileutil import write_atomic
 
@@ -19,6 +18,7 @@ def _cert_path(pubkey: Path) -> Path:
 
 async def _request(args: argparse.Namespace, path: str, body: dict[str, Any]
                    ) -> tuple[dict[str, Any], dict[str, Any]]:
+    from ca import client  # aiohttp: not loaded by `serve`, which builds this parser too
     try:
         body["public_key"] = args.pubkey.read_text().strip()
     except OSError as exc:
