@@ -144,6 +144,15 @@ def corpus() -> list[Case]:
              {"csr": der_to_pem(odd)}))
     add(Case("renew csr unknown key algorithm", "POST", "/v1/x509/renew", "service",
              {"csr": der_to_pem(odd)}))
+    # Also found by it: a CSR version other than v1 (0) raised InvalidVersion.
+    wrong_version = bytearray(pem_der(good))
+    # The first INTEGER 0 is the version inside CertificationRequestInfo.
+    wrong_version[wrong_version.index(b"\x02\x01\x00") + 2] = 1
+    add(Case("enroll csr version 2", "POST", "/v1/x509/enroll", "token",
+             {"csr": der_to_pem(bytes(wrong_version))}))
+    add(Case("est csr version 2", "POST", "/.well-known/est/simpleenroll", "token",
+             data=base64.b64encode(bytes(wrong_version)),
+             headers={"Content-Type": "application/pkcs10"}))
     add(Case("est csr unknown key algorithm", "POST", "/.well-known/est/simplereenroll",
              "service", data=base64.b64encode(odd),
              headers={"Content-Type": "application/pkcs10"}))
