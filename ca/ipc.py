@@ -30,8 +30,12 @@ def encode(message: Any) -> bytes:
 
 
 def send(sock: socket.socket, message: Any) -> None:
+    send_frame(sock, encode(message))
+
+
+def send_frame(sock: socket.socket, frame: bytes) -> None:
     try:
-        sock.sendall(encode(message))
+        sock.sendall(frame)
     except OSError as exc:
         raise ChannelClosed(f"the other process closed the channel ({exc})") from None
 

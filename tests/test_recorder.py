@@ -128,3 +128,31 @@ def test_questions_and_bad_requests(tmp_path: Path) -> None:
         assert ask(chan, {"op": "limit", "id": 16, "client": "10.0.0.2"})["retry_after"] == 0
     finally:
         h.close()
+
+
+def test_the_link_refuses_what_it_cannot_send_and_notices_the_primary_gone(
+        tmp_path: Path) -> None:
+    """The worker's end: a line that is not plain data is refused alone (the link
+    keeps working), and once the primary is gone every append fails as
+    AuditUnavailable, with the loss reported, instead of waiting forever."""
+    from ca.audit.link import AuditLink
+    from hsm.errors import AuditUnavailable
+
+    h = Harness(tmp_path)
+    lost: list[str] = []
+    try:
+        sign, chan = h.worker(1)
+        link = AuditLink(sign, chan, lost.append)
+        bad = link.append_durable([("test.line", {"huge": 2**70})])
+        assert isinstance(bad[0].exception(), OverflowError)
+        assert isinstance(link.record("test.line", {"x": object()}).exception(WATCHDOG_S),
+                          TypeError)
+        good = link.append_durable([("test.line", {"i": 1})])
+        assert good[0].result() == 0 and link.record("test.line", {"i": 2}).result(
+            WATCHDOG_S) == 1
+    finally:
+        h.close()  # the primary's end goes away
+    gone = link.append_durable([("test.line", {"i": 3})])
+    assert isinstance(gone[0].exception(), AuditUnavailable)
+    assert lost and "lost the primary process" in link.problem
+    link.close()

@@ -56,16 +56,20 @@ class AuditLink:
 
     def append_durable(self, entries: Sequence[tuple[str, Mapping[str, Any]]]
                        ) -> list[cf.Future[int]]:
+        try:
+            frame = ipc.encode({"op": "append", "id": 0, "entries": list(entries)})
+        except (TypeError, ValueError, OverflowError) as exc:  # a caller's bug: not plain data
+            return [self._failed(exc) for _ in entries]
         with self._sign_lock:
             try:
-                ipc.send(self._sign, {"op": "append", "id": 0, "entries": list(entries)})
+                ipc.send_frame(self._sign, frame)
                 reply = ipc.recv(self._sign)
-            except (ipc.ChannelClosed, ValueError) as exc:  # gone, stuck, or garbled
-                self._lost(str(exc))
-                raise AuditUnavailable("the audit log's writer (the primary process) is "
-                                       "gone") from None
-        return [self._settled(seq, err) for seq, err in zip(reply["seqs"], reply["errors"],
-                                                            strict=True)]
+                return [self._settled(seq, err) for seq, err in zip(
+                    reply["seqs"], reply["errors"], strict=True)]
+            except (ipc.ChannelClosed, ValueError, KeyError, TypeError) as exc:  # gone, stuck,
+                self._lost(str(exc))                                           # or garbled
+                gone = AuditUnavailable("the audit log's writer (the primary process) is gone")
+                return [self._failed(gone) for _ in entries]
 
     def record(self, event: str, fields: Mapping[str, Any]) -> cf.Future[int]:
         fut: cf.Future[int] = cf.Future()
@@ -105,6 +109,12 @@ class AuditLink:
 
     # ---- the link thread ----------------------------------------------------------------
 
+    @staticmethod
+    def _failed(exc: BaseException) -> cf.Future[int]:
+        fut: cf.Future[int] = cf.Future()
+        fut.set_exception(exc)
+        return fut
+
     def _settled(self, seq: int | None, error: str | None) -> cf.Future[int]:
         fut: cf.Future[int] = cf.Future()
         if error is None and seq is not None:
@@ -119,6 +129,7 @@ class AuditLink:
             stop = any(item is _STOP for item in items)
             jobs: dict[int, tuple[dict[str, Any], Sink]] = {}
             out = bytearray()
+            results = Batch()
             for item in items:
                 if item is _STOP:
                     continue
@@ -126,9 +137,12 @@ class AuditLink:
                 if not claim(sink):
                     continue
                 req_id = next(self._ids)
+                try:
+                    out += ipc.encode({**message, "id": req_id})
+                except (TypeError, ValueError, OverflowError) as exc:  # a caller's bug
+                    results.fail(sink, exc)  # not plain data: refused alone
+                    continue
                 jobs[req_id] = (message, sink)
-                out += ipc.encode({**message, "id": req_id})
-            results = Batch()
             try:
                 if out:
                     self._chan.sendall(out)
