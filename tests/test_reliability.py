@@ -164,6 +164,31 @@ def cert_rows(state: Path) -> int:
         return int(db.execute("SELECT COUNT(*) FROM certs").fetchone()[0])
 
 
+async def assert_nothing_signed(d: Daemon, ctx: Any, why: str) -> None:
+    """While the audit log cannot be written: three renewals refused with 503, /health
+    naming `why`, nothing signed, nothing recorded as signed, nothing in the inventory."""
+    _, _, before = await http("GET", f"{d.url}/metrics", d.ssl())
+    intents, rows = intent_count(d.state), cert_rows(d.state)
+    for _ in range(3):
+        status, ctype, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
+        assert status == 503 and ctype == "application/problem+json", body
+        assert "audit log" in json.loads(body)["detail"]
+    status, _, body = await http("GET", f"{d.url}/health", d.ssl())
+    audit = json.loads(body)["audit"]
+    assert status == 503 and audit.startswith("unavailable") and why in audit, body
+    _, _, after = await http("GET", f"{d.url}/metrics", d.ssl())
+    assert signatures(after.decode()) == signatures(before.decode())
+    assert (intent_count(d.state), cert_rows(d.state)) == (intents, rows)
+
+
+async def assert_served_again(d: Daemon, ctx: Any) -> None:
+    """Once the log can be written: served at once, healthy, no restart."""
+    status, _, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
+    assert status == 201, body
+    status, _, _ = await http("GET", f"{d.url}/health", d.ssl())
+    assert status == 200
+
+
 async def test_audit_log_that_cannot_grow_means_503_and_nothing_signed(tmp_path: Path) -> None:
     ca = init_ca(tmp_path)
     d = start_daemon(ca.state)
@@ -172,24 +197,10 @@ async def test_audit_log_that_cannot_grow_means_503_and_nothing_signed(tmp_path:
         ctx = d.ssl(cert, key)
         size = (ca.state / "audit/log.jsonl").stat().st_size
         resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE, (size + 10, resource.RLIM_INFINITY))
-        _, _, before = await http("GET", f"{d.url}/metrics", d.ssl())
-        intents, rows = intent_count(ca.state), cert_rows(ca.state)
-        for _ in range(3):
-            status, ctype, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
-            assert status == 503 and ctype == "application/problem+json", body
-            assert "audit log" in json.loads(body)["detail"]
-        status, _, body = await http("GET", f"{d.url}/health", d.ssl())
-        assert status == 503 and json.loads(body)["audit"].startswith("unavailable")
-        _, _, after = await http("GET", f"{d.url}/metrics", d.ssl())
-        # Nothing signed, nothing recorded as signed, nothing in the inventory.
-        assert signatures(after.decode()) == signatures(before.decode())
-        assert (intent_count(ca.state), cert_rows(ca.state)) == (intents, rows)
+        await assert_nothing_signed(d, ctx, "cannot write the audit log")
         resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE,
                          (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
-        status, _, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
-        assert status == 201, body
-        status, _, _ = await http("GET", f"{d.url}/health", d.ssl())
-        assert status == 200
+        await assert_served_again(d, ctx)
     finally:
         assert d.stop() == 0
     assert_log_verifies(ca.state)
@@ -210,20 +221,10 @@ async def test_audit_log_made_read_only_means_503_until_writable(tmp_path: Path)
         assert proc.returncode == 0, ("this test needs a filesystem with the immutable "
                                       f"attribute (ext4, xfs) for {tmp_path}: {proc.stderr}")
         try:
-            intents, rows = intent_count(ca.state), cert_rows(ca.state)
-            for _ in range(3):
-                status, ctype, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
-                assert status == 503 and ctype == "application/problem+json", body
-                assert "audit log" in json.loads(body)["detail"]
-            status, _, body = await http("GET", f"{d.url}/health", d.ssl())
-            assert status == 503 and "not permitted" in json.loads(body)["audit"], body
-            assert (intent_count(ca.state), cert_rows(ca.state)) == (intents, rows)
+            await assert_nothing_signed(d, ctx, "Operation not permitted")
         finally:
             subprocess.run([chattr, "-i", log_file], check=True)
-        status, _, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
-        assert status == 201, body
-        status, _, _ = await http("GET", f"{d.url}/health", d.ssl())
-        assert status == 200
+        await assert_served_again(d, ctx)
     finally:
         assert d.stop() == 0
     assert_log_verifies(ca.state)
