@@ -156,3 +156,31 @@ def test_the_link_refuses_what_it_cannot_send_and_notices_the_primary_gone(
     assert isinstance(gone[0].exception(), AuditUnavailable)
     assert lost and "lost the primary process" in link.problem
     link.close()
+
+
+def test_a_restarted_worker_is_not_taken_for_the_one_it_replaces(tmp_path: Path) -> None:
+    """A new worker may take its slot before the old one's channels are drained: the
+    old one's open signature is closed as lost, the new one's is left alone, and the
+    new one's outcome is its only one."""
+    h = Harness(tmp_path)
+    try:
+        old_sign, old_chan = h.worker(1)
+        ask(old_sign, {"op": "append", "id": 1, "entries": [sign_line("intent", "old")]})
+        new_sign, new_chan = h.worker(1)  # the same slot, old channels still open
+        ask(new_sign, {"op": "append", "id": 1, "entries": [sign_line("intent", "new")]})
+        old_sign.close()
+        old_chan.close()
+        assert h.lost_event.wait(WATCHDOG_S) and h.lost == {1: 1}
+        reply = ask(new_sign, {"op": "append", "id": 2, "entries": [sign_line("outcome",
+                                                                              "new")]})
+        assert reply["errors"] == [None]
+        assert ask(new_chan, {"op": "health", "id": 3})["healthy"]
+    finally:
+        h.close()
+    data = (tmp_path / "log.jsonl").read_bytes()
+    outcomes = [(e["op_id"], e["result"]) for e in map(json.loads, data.splitlines())
+                if e.get("phase") == "outcome"]
+    assert outcomes == [("old", "WorkerLost"), ("new", "ok")]
+    key = ed25519.Ed25519PrivateKey.generate().public_key()
+    result = verify_log(data, key, "test")
+    assert result.ok, result.reason
