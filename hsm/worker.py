@@ -115,7 +115,8 @@ class HSMWorker:
         self._broken: str | None = None
         self._attempt = 0
         self._next_retry = 0.0
-        self._last_reconnect = -FLAP_WINDOW_S
+        self._last_reconnect = float("-inf")
+        self.flap_window_s = FLAP_WINDOW_S
         # HSM events made on this thread, written in front of its next group commit
         # (or on their own at the end of the round), so the log has them in the order
         # they happened relative to the signatures.
@@ -263,7 +264,7 @@ class HSMWorker:
 
     @property
     def flapping(self) -> bool:
-        return time.monotonic() - self._last_reconnect < FLAP_WINDOW_S
+        return time.monotonic() - self._last_reconnect < self.flap_window_s
 
     def _reconnect(self) -> None:
         self._attempt += 1

@@ -18,7 +18,7 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
 from ca import x509 as prof
 from ca.config import KEY_LABELS
-from hsm.errors import HSMError, SignatureCheckFailed
+from hsm.errors import HSMError, HSMUnavailable, SignatureCheckFailed
 from hsm.signers import HSMKey
 from hsm.worker import HSMWorker
 from tests.conftest import require
@@ -228,9 +228,42 @@ async def test_session_closed_under_the_worker_recovers(worker: HSMWorker) -> No
               if e["event"] in ("hsm.error", "hsm.reconnect")]
     assert events[-2:] == [("hsm.error", None, "SessionHandleInvalid"),
                            ("hsm.reconnect", "ok", None)], events[-4:]
-    outcome = next(e for e in lines if e.get("phase") == "outcome" and e["op_id"] == next(
-        i["op_id"] for i in lines if i.get("request_id") == "after-close"))
-    assert outcome["result"] == "ok"
+    op_id = next(i["op_id"] for i in lines if i.get("request_id") == "after-close")
+    at = {(e["event"], e.get("phase"), e.get("result")): n for n, e in enumerate(lines)
+          if e.get("op_id", op_id) == op_id}
+    assert lines[at[("hsm.sign", "outcome", "ok")]]["op_id"] == op_id
+    # In the order it happened: intent, the error, the reconnect, then the outcome.
+    assert (at[("hsm.sign", "intent", None)] < at[("hsm.error", None, None)]
+            < at[("hsm.reconnect", None, "ok")] < at[("hsm.sign", "outcome", "ok")])
+
+
+async def test_a_flapping_session_backs_off_instead_of_reopening_at_once(
+        worker: HSMWorker) -> None:
+    """A session that breaks again right after it was re-opened is not re-opened on the
+    spot by every signature (each would log in twice and log six lines): the
+    signature gets HSMUnavailable, and the session comes back after its back-off."""
+    key = await worker.load_key("issuing-ca")
+
+    async def sign() -> bytes:
+        return await worker.sign(key, lambda k: k.sign(b"m", ec.ECDSA(hashes.SHA256())),
+                                 purpose="x509", actor="local")
+
+    default = worker.flap_window_s
+    try:
+        worker.flap_window_s = 0.0  # whatever the tests before did: nothing is flapping
+        await worker.run(lambda s: s.close())
+        await sign()  # re-opened at once
+        reopened = worker.reconnects
+        worker.flap_window_s = 3600.0  # and now it breaks again "right after"
+        await worker.run(lambda s: s.close())
+        with pytest.raises(HSMUnavailable):
+            await sign()
+        assert worker.reconnects == reopened and not worker.healthy
+        await worker.probe()  # waits for the back-off (well under a second), re-opens
+        assert worker.healthy and worker.reconnects == reopened + 1
+        await sign()
+    finally:
+        worker.flap_window_s = default
 
 
 @pytest.mark.parametrize("attr, value, name", [
