@@ -25,7 +25,7 @@ from ca import x509 as prof
 from ca.audit.link import AuditLink
 from ca.config import Config
 from ca.generations import Generations
-from ca.policy import Refused, TokenGrant
+from ca.policy import PARSE_ERRORS, Refused, TokenGrant
 from ca.ssh import RevokedCerts, SSHPublicKey, blob_of, build_krl, parse_public_key
 from ca.store import CertRecord, Store
 from hsm.signers import HSMKey
@@ -318,7 +318,9 @@ class Authority:
     async def ocsp(self, request_der: bytes, request_id: str | None) -> bytes:
         try:
             req = ocsp.load_der_ocsp_request(request_der)
-        except (ValueError, TypeError) as exc:
+            extensions = req.extensions  # parsed lazily: anything malformed shows here
+            nonce = _nonce(extensions)
+        except PARSE_ERRORS as exc:
             return _unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST, exc)
         try:
             issuer_key_hash = _key_hash(self.issuing, req.hash_algorithm)
@@ -331,7 +333,7 @@ class Authority:
         gen = self.sync_revocations()
         cached = self._ocsp_cache.get(serial)
         if (cached is not None and cached[0] == gen and now - cached[1] < OCSP_VALIDITY / 2
-                and not req.extensions):
+                and not extensions):
             return cached[2]
         status, rev_time, rev_reason = ocsp.OCSPCertStatus.GOOD, None, None
         if serial in self.revoked:
@@ -347,22 +349,26 @@ class Authority:
                  this_update=now, next_update=now + OCSP_VALIDITY, revocation_time=rev_time,
                  revocation_reason=rev_reason)
              .responder_id(ocsp.OCSPResponderEncoding.HASH, self.issuing))
-        try:
-            nonce = req.extensions.get_extension_for_class(x509.OCSPNonce)
-            b = b.add_extension(nonce.value, critical=False)
-        except x509.ExtensionNotFound:
-            pass
+        if nonce is not None:
+            b = b.add_extension(nonce, critical=False)
         h = self._hash
         resp = await self.hsm.sign(
             self.keys["issuing"], lambda k: b.sign(k, h), purpose="ocsp", actor="anonymous",
             request_id=request_id, hash_name=self._hash_name,
             details={"serial": format(serial, "x"), "status": status.name})
         der = resp.public_bytes(serialization.Encoding.DER)
-        if not req.extensions:
+        if not extensions:
             if len(self._ocsp_cache) > 10_000:
                 self._ocsp_cache.clear()
             self._ocsp_cache[serial] = (gen, now, der)
         return der
+
+
+def _nonce(extensions: x509.Extensions) -> x509.OCSPNonce | None:
+    try:
+        return extensions.get_extension_for_class(x509.OCSPNonce).value
+    except x509.ExtensionNotFound:
+        return None
 
 
 def _next_crl_number(db: sqlite3.Connection) -> int:

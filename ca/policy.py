@@ -206,16 +206,23 @@ def check_subject_key(key: object) -> str:
     raise Refused(f"key type {type(key).__name__} is not accepted")
 
 
+# What cryptography raises for DER it cannot make sense of, lazily, when a part of a
+# client's CSR (or OCSP request) is first read: none of these may become a 500.
+PARSE_ERRORS: tuple[type[Exception], ...] = (
+    ValueError, TypeError, UnsupportedAlgorithm, x509.DuplicateExtension,
+    x509.UnsupportedGeneralNameType, x509.InvalidVersion)
+
+
 def check_csr(csr: x509.CertificateSigningRequest) -> None:
     """Signature valid, key acceptable, no CA:TRUE request."""
     try:
         key = csr.public_key()
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+    except PARSE_ERRORS as exc:
         raise Refused(f"the CSR's public key cannot be read: {exc}") from None
     check_subject_key(key)
     try:
         valid = csr.is_signature_valid
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # e.g. an unknown algorithm
+    except PARSE_ERRORS as exc:  # e.g. an unknown algorithm
         raise Refused(f"the CSR's signature cannot be checked: {exc}") from None
     if not valid:
         raise Refused("the CSR's signature does not verify (was it made with this key?)")
@@ -223,7 +230,7 @@ def check_csr(csr: x509.CertificateSigningRequest) -> None:
         bc = csr.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
         return
-    except (ValueError, x509.DuplicateExtension) as exc:
+    except PARSE_ERRORS as exc:  # e.g. an x400Address in its SAN, validly signed
         raise Refused(f"the CSR's extensions cannot be parsed: {exc}") from None
     if bc.ca:
         raise Refused("the CSR asks for a CA certificate (BasicConstraints CA:TRUE); this CA "
@@ -236,7 +243,7 @@ def csr_names(csr: x509.CertificateSigningRequest) -> list[str]:
         san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return []
-    except (ValueError, x509.DuplicateExtension) as exc:
+    except PARSE_ERRORS as exc:
         raise Refused(f"the CSR's SAN extension cannot be parsed: {exc}") from None
     out: list[str] = []
     for gn in san:

@@ -53,6 +53,35 @@ def pem_der(pem: str) -> bytes:
     return parse_csr(pem).public_bytes(serialization.Encoding.DER)
 
 
+def x400_san_csr() -> str:
+    """A validly signed CSR whose SAN holds an x400Address, a name type cryptography
+    refuses to parse (UnsupportedGeneralNameType, answered 500 once). cryptography
+    will not build one, so its OtherName's tag is changed and the request re-signed."""
+    from cryptography import x509 as cx
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID, ObjectIdentifier
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (cx.CertificateSigningRequestBuilder()
+           .subject_name(cx.Name([cx.NameAttribute(NameOID.COMMON_NAME, "ok.internal.example")]))
+           .add_extension(cx.SubjectAlternativeName([cx.OtherName(
+               ObjectIdentifier("1.2.3.4"), b"\x05\x00")]), critical=False)
+           .sign(key, hashes.SHA256()))
+    tbs = csr.tbs_certrequest_bytes
+    at = tbs.index(b"\xa0", tbs.index(bytes.fromhex("0603551d11")))  # [0] otherName
+    tbs = tbs[:at] + b"\xa3" + tbs[at + 1:]  # [3] x400Address
+    sig = key.sign(tbs, ec.ECDSA(hashes.SHA256()))
+
+    def tlv(tag: int, body: bytes) -> bytes:  # DER: the shortest length form
+        n = len(body)
+        if n < 128:
+            return bytes([tag, n]) + body
+        size = n.to_bytes((n.bit_length() + 7) // 8, "big")
+        return bytes([tag, 0x80 | len(size)]) + size + body
+
+    alg = bytes.fromhex("300a06082a8648ce3d040302")  # ecdsa-with-SHA256
+    return der_to_pem(tlv(0x30, tbs + alg + tlv(0x03, b"\x00" + sig)))
+
+
 def der_to_pem(der: bytes) -> str:
     return ("-----BEGIN CERTIFICATE REQUEST-----\n" + base64.encodebytes(der).decode()
             + "-----END CERTIFICATE REQUEST-----\n")
@@ -144,6 +173,10 @@ def corpus() -> list[Case]:
              {"csr": der_to_pem(odd)}))
     add(Case("renew csr unknown key algorithm", "POST", "/v1/x509/renew", "service",
              {"csr": der_to_pem(odd)}))
+    # And a validly signed CSR with a name type cryptography does not parse.
+    x400 = x400_san_csr()
+    add(Case("enroll csr x400Address SAN", "POST", "/v1/x509/enroll", "token", {"csr": x400}))
+    add(Case("renew csr x400Address SAN", "POST", "/v1/x509/renew", "service", {"csr": x400}))
     # Also found by it: a CSR version other than v1 (0) raised InvalidVersion.
     wrong_version = bytearray(pem_der(good))
     # The first INTEGER 0 is the version inside CertificationRequestInfo.

@@ -14,6 +14,7 @@ from cryptography import x509
 
 from ca.authority import Authority
 from ca.metrics import Metrics
+from ca.policy import PARSE_ERRORS
 from ca.server.problems import Problem
 from ca.store import CertRecord
 
@@ -117,6 +118,6 @@ def parse_csr(data: str | bytes, der: bool = False) -> x509.CertificateSigningRe
         if b"-----BEGIN CERTIFICATE REQUEST-----" not in text:
             raise ValueError("no PEM CERTIFICATE REQUEST block")
         return x509.load_pem_x509_csr(text)
-    except (ValueError, TypeError, UnicodeError, x509.InvalidVersion) as exc:
+    except (*PARSE_ERRORS, UnicodeError) as exc:
         raise Problem(400, "Bad Request", f"the CSR cannot be parsed: {str(exc)[:200]}",
                       "bad-csr") from None
