@@ -24,7 +24,7 @@ from cryptography.x509 import ocsp
 from ca import x509 as prof
 from ca.audit.link import AuditLink
 from ca.config import Config
-from ca.generations import Generations
+from ca.generations import Generations, OnChange
 from ca.policy import PARSE_ERRORS, Refused, TokenGrant
 from ca.ssh import RevokedCerts, SSHPublicKey, blob_of, build_krl, parse_public_key
 from ca.store import CertRecord, Store
@@ -57,18 +57,22 @@ class Authority:
     root: x509.Certificate
     issuing: x509.Certificate
     generations: Generations
-    # Revocations made by any process of the daemon; reloaded whenever the shared
-    # revocation counter moves (sync_revocations), as is everything built from them.
-    revoked: dict[int, tuple[dt.datetime, str | None]] = field(default_factory=dict)
-    _revocation_gen: int = -1
     _crl_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _ocsp_cache: dict[int, tuple[int, dt.datetime, bytes]] = field(default_factory=dict)
     _identity_cache: dict[str, CertRecord] = field(default_factory=dict)
-    krl_cache: tuple[int, bytes] | None = None
-    _ssh_keys: tuple[int, frozenset[str]] | None = None
+    revocations: OnChange[dict[int, tuple[dt.datetime, str | None]]] = field(init=False)
+    revoked_ssh_keys: OnChange[frozenset[str]] = field(init=False)
+    krl: OnChange[bytes] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.sync_revocations()
+        # What revocations made by any process of the daemon come to here, rebuilt
+        # when the shared counters move (ca/generations.py).
+        self.revocations = OnChange(self.generations, "revocations", self._load_revoked)
+        self.revoked_ssh_keys = OnChange(
+            self.generations, "ssh_revocations",
+            lambda: frozenset(r[0] for r in self.store.read(
+                "SELECT public_key FROM ssh_revoked_keys")))
+        self.krl = OnChange(self.generations, "ssh_revocations", lambda: _build_krl(self))
         der = self.issuing.public_bytes(serialization.Encoding.DER)
         self.chain_pem = prof.pem(self.issuing) + prof.pem(self.root)
         self.chain_der = [der, self.root.public_bytes(serialization.Encoding.DER)]
@@ -199,29 +203,12 @@ class Authority:
             self._identity_cache[fp] = rec
         return rec
 
-    def sync_revocations(self) -> int:
-        """Pick up revocations made by the other worker processes: a read of the shared
-        counter, and a reload from the inventory only when it moved. Returns it."""
-        gen = self.generations.get("revocations")
-        if gen != self._revocation_gen:
-            self.revoked = {int(serial_hex, 16): (dt.datetime.fromisoformat(at), reason)
-                            for serial_hex, at, reason in self.store.revoked()}
-            self._revocation_gen = gen
-        return gen
-
-    def revoked_ssh_keys(self) -> frozenset[str]:
-        """Public keys revoked for SSH (by any worker), reloaded when the shared SSH
-        revocation counter moves: no inventory read per request."""
-        gen = self.generations.get("ssh_revocations")
-        if self._ssh_keys is None or self._ssh_keys[0] != gen:
-            keys = frozenset(r[0] for r in self.store.read(
-                "SELECT public_key FROM ssh_revoked_keys"))
-            self._ssh_keys = (gen, keys)
-        return self._ssh_keys[1]
+    def _load_revoked(self) -> dict[int, tuple[dt.datetime, str | None]]:
+        return {int(serial_hex, 16): (dt.datetime.fromisoformat(at), reason)
+                for serial_hex, at, reason in self.store.revoked()}
 
     def is_revoked(self, serial_hex: str) -> bool:
-        self.sync_revocations()
-        return int(serial_hex, 16) in self.revoked
+        return int(serial_hex, 16) in self.revocations.get()[1]
 
     async def revoke(self, serial: int, reason: str | None, actor: str,
                      request_id: str | None) -> dt.datetime:
@@ -270,21 +257,20 @@ class Authority:
 
     def _current_crl(self) -> bytes | None:
         """The newest stored CRL if it lists every revocation and is fresh."""
-        self.sync_revocations()
+        _, revoked = self.revocations.get()
         latest = self.store.latest_crl()
         if latest is None:
             return None
         _, listed, this_update, der = latest
         age = prof.utcnow() - dt.datetime.fromisoformat(this_update)
-        return der if listed >= len(self.revoked) and age <= CRL_VALIDITY / 2 else None
+        return der if listed >= len(revoked) and age <= CRL_VALIDITY / 2 else None
 
     async def refresh_crl(self, actor: str, request_id: str | None,
                           only_if_stale: bool = False) -> None:
         async with self._crl_lock:
             if only_if_stale and self._current_crl() is not None:
                 return  # another request re-signed it while this one waited
-            self.sync_revocations()
-            revoked = self.revoked
+            _, revoked = self.revocations.get()
             number = await self.store.write(_next_crl_number)
             now = prof.utcnow()
             b = (x509.CertificateRevocationListBuilder().issuer_name(self.issuing.subject)
@@ -330,14 +316,14 @@ class Authority:
             return _unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED, None)
         serial = req.serial_number
         now = prof.utcnow()
-        gen = self.sync_revocations()
+        gen, revoked = self.revocations.get()
         cached = self._ocsp_cache.get(serial)
         if (cached is not None and cached[0] == gen and now - cached[1] < OCSP_VALIDITY / 2
                 and not extensions):
             return cached[2]
         status, rev_time, rev_reason = ocsp.OCSPCertStatus.GOOD, None, None
-        if serial in self.revoked:
-            at, reason = self.revoked[serial]
+        if serial in revoked:
+            at, reason = revoked[serial]
             status, rev_time = ocsp.OCSPCertStatus.REVOKED, at
             rev_reason = REASONS[reason] if reason else None
         elif self.store.cert(serial) is None:
@@ -407,7 +393,7 @@ class SSHRequest:
 
 async def issue_ssh(auth: Authority, req: SSHRequest, actor: str, request_id: str | None
                     ) -> SSHCertificate:
-    if req.public_key.line in auth.revoked_ssh_keys():
+    if req.public_key.line in auth.revoked_ssh_keys.get()[1]:
         raise Refused(f"the public key {req.public_key.sha256} has been revoked; make a new "
                       "key", 403, "revoked-key")
     serial = 0
@@ -491,9 +477,10 @@ async def revoke_ssh(auth: Authority, *, serial: str | None, key_id: str | None,
 
 
 def build_current_krl(auth: Authority) -> bytes:
-    gen = auth.generations.get("ssh_revocations")
-    if auth.krl_cache is not None and auth.krl_cache[0] == gen:
-        return auth.krl_cache[1]
+    return auth.krl.get()[1]
+
+
+def _build_krl(auth: Authority) -> bytes:
     rows = auth.store.read("SELECT cert_type, serial FROM ssh_certs WHERE revoked_at IS NOT NULL")
     keys = [r[0] for r in auth.store.read("SELECT public_key FROM ssh_revoked_keys")]
     groups = []
@@ -502,6 +489,4 @@ def build_current_krl(auth: Authority) -> bytes:
         groups.append(RevokedCerts(blob_of(auth.keys[purpose].public_key()), serials, []))
     now = int(prof.utcnow().timestamp())
     blobs = [parse_public_key(k).blob for k in keys]
-    krl = build_krl(now, now, groups, blobs)
-    auth.krl_cache = (gen, krl)
-    return krl
+    return build_krl(now, now, groups, blobs)

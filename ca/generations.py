@@ -17,9 +17,12 @@ import fcntl
 import mmap
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Generic, TypeVar
 
 SLOTS = {"revocations": 0, "ssh_revocations": 1}
+T = TypeVar("T")
 _U64 = struct.Struct("<Q")
 SIZE = 4096
 
@@ -57,3 +60,25 @@ class Generations:
     def close(self) -> None:
         self._map.close()
         os.close(self._fd)
+
+
+class OnChange(Generic[T]):
+    """A value built from the inventory and rebuilt only when a shared counter has
+    moved since (in whichever process moved it): what a process keeps of revocations.
+
+    The counter is read before the value is built, so a change committed in between
+    is in the value and also makes the next `get` build again: never stale, at worst
+    built once too often."""
+
+    def __init__(self, generations: Generations, name: str, build: Callable[[], T]) -> None:
+        self._generations, self._name, self._build = generations, name, build
+        self._gen = -1  # counters start at 0: the first get builds
+        self._value: Any = None
+
+    def get(self) -> tuple[int, T]:
+        """(the counter, the value built at it)."""
+        gen = self._generations.get(self._name)
+        if gen != self._gen:
+            self._value = self._build()
+            self._gen = gen
+        return gen, self._value
