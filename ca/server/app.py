@@ -7,6 +7,7 @@ import ipaddress
 import ssl
 import time
 from pathlib import Path
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -54,6 +55,16 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
 routes = web.RouteTableDef()
 
 
+async def audit_state(auth: Authority) -> dict[str, Any]:
+    """The audit log's state ({healthy, problem, size}), from the primary process,
+    which writes it; unhealthy if the primary does not answer."""
+    try:
+        return await asyncio.wait_for(auth.audit.ask("health"), timeout=2.0)
+    except (AuditUnavailable, TimeoutError):
+        return {"healthy": False, "size": 0,
+                "problem": auth.audit.problem or "the primary process does not answer"}
+
+
 @routes.get("/health")
 async def health(request: web.Request) -> web.Response:
     auth = authority(request)
@@ -61,11 +72,8 @@ async def health(request: web.Request) -> web.Response:
         await asyncio.wait_for(auth.hsm.probe(max_wait=1.0), timeout=2.0)
     except (HSMError, TimeoutError):
         pass  # the worker now knows; its state below says why
-    try:  # the primary process writes the log: ask it
-        state = await asyncio.wait_for(auth.audit.ask("health"), timeout=2.0)
-        audit = "ok" if state["healthy"] else f"unavailable: {state['problem']}"
-    except (AuditUnavailable, TimeoutError):
-        audit = f"unavailable: {auth.audit.problem or 'the primary process does not answer'}"
+    state = await audit_state(auth)
+    audit = "ok" if state["healthy"] else f"unavailable: {state['problem']}"
     parts = {"hsm": "ok" if auth.hsm.healthy else f"unavailable: {auth.hsm.problem or 'busy'}",
              "audit": audit, "store": "ok" if auth.store.healthy else "unavailable"}
     ok = all(v == "ok" for v in parts.values())
@@ -92,11 +100,7 @@ async def metrics(request: web.Request) -> web.Response:
         raise Problem(403, "Forbidden", f"/metrics is served to {', '.join(map(str, allowed))}"
                       " only ([server] metrics-allow in hsmca.toml)", "metrics-forbidden")
     auth = authority(request)
-    try:
-        audit = await asyncio.wait_for(auth.audit.ask("health"), timeout=2.0)
-    except (AuditUnavailable, TimeoutError):
-        audit = {"healthy": False}
-    return web.Response(body=request.app[METRICS].render(auth.hsm, audit),
+    return web.Response(body=request.app[METRICS].render(auth.hsm, await audit_state(auth)),
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 

@@ -52,7 +52,8 @@ async def create_token(request: web.Request) -> web.Response:
 async def _bearer(request: web.Request) -> Token:
     # The failure counts are the primary's, so the limit holds for the whole daemon
     # whichever worker a client's connections reach.
-    link = authority(request).audit
+    auth = authority(request)
+    link = auth.audit
     client = request.remote or "-"
     wait = (await link.ask("limit", client=client))["retry_after"]
     if wait:
@@ -64,7 +65,6 @@ async def _bearer(request: web.Request) -> Token:
         await link.ask("limit", client=client, failed=True)
         raise Problem(401, "Unauthorized", "send the bootstrap token as 'Authorization: Bearer "
                       "<token>'", "token-required")
-    auth = authority(request)
     token = auth.find_token(secret.strip()[:512])
     if token is None:
         await link.ask("limit", client=client, failed=True)
