@@ -22,10 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from hsm.completion import Batch, Coalescer, Sink, async_sink, claim, drain_queue
+from hsm.completion import STOP, Batch, Coalescer, Sink, async_sink, claim, drain_queue, stop_thread
 
 T = TypeVar("T")
-_STOP = object()
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS certs (
@@ -140,9 +139,7 @@ class Store:
         return self._thread.is_alive()
 
     def close(self) -> None:
-        if self._thread.is_alive():
-            self._queue.put(_STOP)
-            self._thread.join()
+        stop_thread(self._thread, self._queue)
         self._writer_db.close()
         self._reader.close()
 
@@ -166,8 +163,8 @@ class Store:
         db = self._writer_db
         while True:
             batch = drain_queue(self._queue, self._queue.get())
-            stop = _STOP in batch
-            jobs = [j for j in batch if j is not _STOP]
+            stop = STOP in batch
+            jobs = [j for j in batch if j is not STOP]
             if jobs:
                 self._run_batch(db, jobs)
             if stop:

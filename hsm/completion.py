@@ -12,7 +12,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import queue
+import threading
 from typing import Any
+
+# Put on a worker thread's queue behind its last job: the thread ends after that job.
+STOP = object()
 
 # Where a result goes: a thread-safe future, or an asyncio future with its loop.
 Sink = cf.Future[Any] | tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]
@@ -111,3 +115,10 @@ def drain_queue(q: queue.SimpleQueue[Any], first: Any) -> list[Any]:
             items.extend(item)
         else:
             items.append(item)
+
+
+def stop_thread(thread: threading.Thread, q: queue.SimpleQueue[Any]) -> None:
+    """End a worker thread that reads `q`: the jobs queued before still run."""
+    if thread.is_alive():
+        q.put(STOP)
+        thread.join()

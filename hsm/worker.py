@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from pkcs11 import Mechanism
 
 from hsm import keys
-from hsm.completion import Batch, Coalescer, Sink, async_sink, claim, drain_queue
+from hsm.completion import STOP, Batch, Coalescer, Sink, async_sink, claim, drain_queue, stop_thread
 from hsm.errors import HSMError, HSMUnavailable, SignatureCheckFailed
 from hsm.ids import IdSource
 from hsm.oplog import OpLog
@@ -66,7 +66,6 @@ MAX_BACKOFF_S = 5.0
 # keeps growing, and a signature does not re-open it at once.
 FLAP_WINDOW_S = 10.0
 TOKEN_LOOKUP_RETRIES_S = (0.05, 0.2, 0.5)
-_STOP = object()
 
 
 @dataclass(frozen=True)
@@ -144,9 +143,7 @@ class HSMWorker:
             raise
 
     def close(self) -> None:
-        if self._thread.is_alive():
-            self._queue.put(_STOP)
-            self._thread.join()
+        stop_thread(self._thread, self._queue)
 
     @property
     def healthy(self) -> bool:
@@ -216,7 +213,7 @@ class HSMWorker:
                 if group:
                     self._sign_group(group, batch)
                     group = []
-                if item is _STOP:
+                if item is STOP:
                     batch.flush()
                     self._close_session()
                     self._flush_events()
@@ -230,12 +227,9 @@ class HSMWorker:
     def _run_one(self, fn: Callable[[Any], Any], sink: Sink, batch: Batch) -> None:
         if not claim(sink):
             return
-        if self._broken is not None:
-            if time.monotonic() >= self._next_retry:
-                self._reconnect()
-            if self._broken is not None:
-                batch.fail(sink, HSMUnavailable(f"HSM unavailable: {self._broken}"))
-                return
+        if not self._session_ready():
+            batch.fail(sink, HSMUnavailable(f"HSM unavailable: {self._broken}"))
+            return
         started = time.perf_counter()
         try:
             result = fn(self._session)
@@ -249,6 +243,12 @@ class HSMWorker:
         if self.on_call is not None:
             self.on_call(time.perf_counter() - started)
         batch.ok(sink, result)
+
+    def _session_ready(self) -> bool:
+        """Whether the session works, after a reconnect attempt if one is due."""
+        if self._broken is not None and time.monotonic() >= self._next_retry:
+            self._reconnect()
+        return self._broken is None
 
     def _mark_broken(self, exc: BaseException) -> None:
         self._broken = type(exc).__name__
@@ -493,9 +493,7 @@ class HSMWorker:
         live = [op for op in ops if claim(op.sink)]  # a caller gone before anything ran
         if not live:
             return
-        if self._broken is not None and time.monotonic() >= self._next_retry:
-            self._reconnect()
-        if self._broken is not None:
+        if not self._session_ready():
             error = HSMUnavailable(f"HSM unavailable: {self._broken}")
             for op in live:  # nothing was recorded or signed: nothing to log
                 batch.fail(op.sink, error)

@@ -23,10 +23,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ca import ipc
-from hsm.completion import Batch, Coalescer, Sink, async_sink, claim, drain_queue
+from hsm.completion import STOP, Batch, Coalescer, Sink, async_sink, claim, drain_queue, stop_thread
 from hsm.errors import AuditUnavailable
 
-_STOP = object()
 ANSWER_TIMEOUT_S = 60.0
 
 
@@ -101,9 +100,7 @@ class AuditLink:
         return self._thread.is_alive()
 
     def close(self) -> None:
-        if self._thread.is_alive():
-            self._queue.put(_STOP)
-            self._thread.join()
+        stop_thread(self._thread, self._queue)
         for sock in (self._sign, self._chan):
             sock.close()
 
@@ -126,12 +123,12 @@ class AuditLink:
     def _link(self) -> None:
         while True:
             items = drain_queue(self._queue, self._queue.get())
-            stop = any(item is _STOP for item in items)
+            stop = any(item is STOP for item in items)
             jobs: dict[int, tuple[dict[str, Any], Sink]] = {}
             out = bytearray()
             results = Batch()
             for item in items:
-                if item is _STOP:
+                if item is STOP:
                     continue
                 message, sink = item
                 if not claim(sink):

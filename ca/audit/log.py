@@ -30,11 +30,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ca.audit.merkle import MerkleTree, leaf_hash
 from ca.audit.note import NoteError, parse_checkpoint, verify_checkpoint
-from hsm.completion import Batch, Coalescer, Sink, async_sink, claim, drain_queue
+from hsm.completion import STOP, Batch, Coalescer, Sink, async_sink, claim, drain_queue, stop_thread
 from hsm.errors import AuditUnavailable
 
 GENESIS = "0" * 64
-_STOP = object()
 
 
 class AuditLogError(Exception):
@@ -230,8 +229,8 @@ class AuditLog:
         while True:
             # Everything that arrived while the last fdatasync ran.
             batch = drain_queue(self._queue, self._queue.get())
-            stop = any(item is _STOP for item in batch)
-            items = [item for item in batch if item is not _STOP]
+            stop = any(item is STOP for item in batch)
+            items = [item for item in batch if item is not STOP]
             if items:
                 with self._write_lock:
                     self._commit(items)
@@ -360,9 +359,7 @@ class AuditLog:
         return self._problem
 
     def close(self) -> None:
-        if self._thread.is_alive():
-            self._queue.put(_STOP)
-            self._thread.join()
+        stop_thread(self._thread, self._queue)
         try:
             os.close(self._fd)  # releases the flock
         except OSError:
