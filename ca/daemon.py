@@ -99,10 +99,11 @@ def reserve_port(host: str, port: int) -> socket.socket:
 class WorkerPool:
     """Starts the worker processes, restarts one that dies, stops them all."""
 
-    def __init__(self, config: Config, address: str, count: int, audit: AuditLog) -> None:
+    def __init__(self, config: Config, address: str, count: int, audit: AuditLog,
+                 checkpointer: Checkpointer) -> None:
         self.config, self.address, self.count, self.audit = config, address, count, audit
         self.generations = Generations.create(config.generations_path)
-        self.recorder = Recorder(audit, self._latest_checkpoint, self._ready, self._lost)
+        self.recorder = Recorder(audit, lambda: checkpointer.latest, self._ready, self._lost)
         self._attached = 0  # workers whose channels the recorder still serves
         self._all_detached = asyncio.Event()
         self._all_detached.set()
@@ -111,10 +112,6 @@ class WorkerPool:
         self._supervisors: list[asyncio.Task[None]] = []
         self._stopping = False
         self._loop = asyncio.get_running_loop()
-        self.checkpointer: Checkpointer | None = None
-
-    def _latest_checkpoint(self) -> str | None:
-        return self.checkpointer.latest if self.checkpointer is not None else None
 
     def _ready(self, slot: int, _pid: int) -> None:  # on the recorder's thread
         event = self._ready_events.get(slot)
@@ -267,7 +264,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
     worker = HSMWorker(config.hsm, audit)
     store: Store | None = None
     pool: WorkerPool | None = None
-    cp_task: asyncio.Task[None] | None = None
+    background: list[asyncio.Task[None]] = []  # checkpoints of the log and the inventory
     # Handlers first: a SIGTERM that arrives right after "listening on" must still
     # stop the daemon gracefully (daemon.stop line, final checkpoint).
     stop = asyncio.Event()
@@ -291,8 +288,9 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
             raise ValueError(f"{config.audit_key_pem} does not belong to the audit key in the HSM")
         await audit.append("daemon.start", version=__version__, pid=os.getpid(), workers=count,
                            config_sha256=hashlib.sha256(config.path.read_bytes()).hexdigest())
-        store = inventory = Store(config.db_path)
-        await ensure_server_cert(config, worker, keys["issuing"], issuing, inventory)
+        store = Store(config.db_path)
+        background.append(asyncio.create_task(_checkpoint_inventory(store)))
+        await ensure_server_cert(config, worker, keys["issuing"], issuing, store)
         checkpointer = Checkpointer(audit, worker, keys["audit"], config.audit_origin,
                                     config.checkpoint_path,
                                     heartbeat=config.checkpoint_heartbeat_s,
@@ -303,8 +301,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         await checkpointer.checkpoint()
         bound = placeholder.getsockname()
         shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
-        pool = WorkerPool(config, f"{shown}:{bound[1]}", count, audit)
-        pool.checkpointer = checkpointer
+        pool = WorkerPool(config, f"{shown}:{bound[1]}", count, audit, checkpointer)
         await pool.start()
         placeholder.close()  # the workers hold the port now
         url = f"https://{shown}:{bound[1]}"
@@ -314,22 +311,18 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         settle_heap()
         print(f"listening on {url}", flush=True)
         log.info("listening", url=url, workers=count, pids=pool.pids)
-        cp_task = asyncio.create_task(checkpointer.run())
-        inventory_task = asyncio.create_task(_checkpoint_inventory(inventory))
+        background.append(asyncio.create_task(checkpointer.run()))
         await stop.wait()
-        inventory_task.cancel()
         log.info("stopping")
         await pool.stop()  # stop accepting; in-flight requests finish
-        cp_task.cancel()
-        await asyncio.gather(cp_task, return_exceptions=True)
+        await _cancel(background)
         await worker.drain()
         await audit.append("daemon.stop", pid=os.getpid())
         await checkpointer.checkpoint()
     finally:
         config.url_file.unlink(missing_ok=True)
         placeholder.close()
-        if cp_task is not None and not cp_task.done():
-            cp_task.cancel()
+        await _cancel(background)
         if pool is not None:
             await pool.stop()
             pool.close()
@@ -341,6 +334,12 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
 
 
 INVENTORY_CHECKPOINT_S = 1.0
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _checkpoint_inventory(store: Store) -> None:

@@ -95,10 +95,6 @@ class AuditLink:
             raise RecorderRefused(reply["refused"])
         return reply
 
-    @property
-    def healthy(self) -> bool:
-        return self._thread.is_alive()
-
     def close(self) -> None:
         stop_thread(self._thread, self._queue)
         for sock in (self._sign, self._chan):

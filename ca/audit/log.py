@@ -347,10 +347,6 @@ class AuditLog:
         return os.pread(self._fd, hi - lo, lo)
 
     @property
-    def queue_depth(self) -> int:
-        return self._queue.qsize()
-
-    @property
     def healthy(self) -> bool:
         return self._problem is None and self._thread.is_alive()
 

@@ -31,7 +31,7 @@ from ca.ratelimit import FailureLimiter
 from hsm.errors import AuditUnavailable
 
 log = structlog.get_logger("hsmca.recorder")
-MAX_ENTRIES = 1000
+MAX_ENTRIES = 1000  # lines per page of /v1/audit/entries
 
 
 @dataclass

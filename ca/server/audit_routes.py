@@ -9,11 +9,11 @@ from cryptography.hazmat.primitives import serialization
 
 from ca.audit.link import RecorderRefused
 from ca.audit.note import verifier_key
+from ca.audit.recorder import MAX_ENTRIES
 from ca.server.common import authority, identity
 from ca.server.problems import Problem
 
 routes = web.RouteTableDef()
-MAX_ENTRIES = 1000
 
 
 def _int(request: web.Request, name: str, default: int | None = None) -> int:
