@@ -16,7 +16,6 @@ a final checkpoint and logs out.
 from __future__ import annotations
 
 import asyncio
-import gc
 import hashlib
 import os
 import signal
@@ -40,6 +39,7 @@ from ca.config import KEY_LABELS, Config, worker_count
 from ca.errors import CLIError
 from ca.fileutil import write_atomic
 from ca.generations import Generations
+from ca.process import raise_fd_limit, settle_heap
 from ca.server_cert import ensure_server_cert
 from ca.store import Store
 from hsm.signers import HSMEd25519Key, HSMKey
@@ -353,20 +353,6 @@ async def _checkpoint_inventory(store: Store) -> None:
             log.warning("inventory checkpoint failed; retrying", error=str(exc))
 
 
-def settle_heap() -> None:
-    """Tune the cyclic garbage collector for a long-running server.
-
-    What exists once the process is ready (modules, keys, caches, the app) lives as
-    long as the process. Frozen, it is no longer walked by every full collection:
-    under load those took 30-70 ms each, with the lock held, stalling every request
-    in flight (the benchmark's p99). Almost everything a request allocates is freed
-    by reference counting, so collections can also run far less often.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(20_000, 20, 20)
-
-
 def main(config: Config, listen: str | None, workers: int | None = None) -> int:
     try:
         asyncio.run(serve(config, listen, workers))
@@ -374,11 +360,3 @@ def main(config: Config, listen: str | None, workers: int | None = None) -> int:
         return 130
     sys.stdout.flush()
     return 0
-
-
-def raise_fd_limit() -> None:
-    """Many idle keep-alive clients are normal for a CA: allow the hard fd limit."""
-    import resource
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

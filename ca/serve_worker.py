@@ -28,9 +28,9 @@ from cryptography import x509
 from ca.audit.link import AuditLink
 from ca.authority import Authority
 from ca.config import KEY_LABELS, Config, ConfigError, load
-from ca.daemon import raise_fd_limit, settle_heap
 from ca.generations import Generations
 from ca.logs import configure
+from ca.process import raise_fd_limit, settle_heap
 from ca.server.app import build_app, tls_context
 from ca.store import Store
 from hsm.errors import HSMError
