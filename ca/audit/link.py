@@ -47,7 +47,7 @@ class AuditLink:
         self._ids = itertools.count(1)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._coalescer = Coalescer(self._queue)
-        self.problem: str | None = None  # the last error the recorder reported
+        self.problem: str | None = None  # why the link to the primary was lost, if it was
         self._thread = threading.Thread(target=self._link, name="audit-link", daemon=True)
         self._thread.start()
 
