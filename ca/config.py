@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ca.policy import Policy
+from hsm.session import HSMConfig
 from hsm.uri import URIError
 from hsm.uri import parse as parse_uri
-from hsm.worker import HSMConfig
 
 KEY_LABELS = {"root": "root-ca", "issuing": "issuing-ca", "ssh_user": "ssh-user-ca",
               "ssh_host": "ssh-host-ca", "audit": "audit"}
@@ -23,22 +24,6 @@ KEY_LABELS = {"root": "root-ca", "issuing": "issuing-ca", "ssh_user": "ssh-user-
 
 class ConfigError(ValueError):
     """The config cannot be used; the message names the file and the setting."""
-
-
-@dataclass(frozen=True)
-class Policy:
-    allow: tuple[str, ...] = ()  # DNS patterns ("*.internal.example", "example.com") and CIDRs
-    deny: tuple[str, ...] = ()
-    allow_wildcards: bool = False
-    x509_default_ttl_s: int = 24 * 3600
-    x509_max_ttl_s: int = 30 * 24 * 3600
-    ssh_user_default_ttl_s: int = 16 * 3600
-    ssh_user_max_ttl_s: int = 24 * 3600
-    ssh_host_ttl_s: int = 30 * 24 * 3600
-    ssh_user_extensions: tuple[str, ...] = (
-        "permit-X11-forwarding", "permit-agent-forwarding", "permit-port-forwarding",
-        "permit-pty", "permit-user-rc")
-    token_max_ttl_s: int = 7 * 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -180,8 +165,11 @@ def load(path: Path) -> Config:
     pol = raw.get("policy", {})
     wp = f"{path} [policy]"
     default = Policy()
+    dns_name = _get(server, "dns-name", str, where, "localhost")
+    public_url = _get(server, "public-url", str, where, None)
     policy = Policy(
         allow=tuple(_get(pol, "allow", list, wp, [])),
+        reserved=reserved_names(dns_name, public_url),
         deny=tuple(_get(pol, "deny", list, wp, [])),
         allow_wildcards=_get(pol, "allow-wildcards", bool, wp, False),
         x509_default_ttl_s=_get(pol, "x509-default-ttl-s", int, wp, default.x509_default_ttl_s),
@@ -199,8 +187,8 @@ def load(path: Path) -> Config:
         softhsm_conf=str(rel(softhsm_conf)) if softhsm_conf else None,
         keys=keys,
         listen=_get(server, "listen", str, where, "127.0.0.1:8443"),
-        dns_name=_get(server, "dns-name", str, where, "localhost"),
-        public_url=_get(server, "public-url", str, where, None),
+        dns_name=dns_name,
+        public_url=public_url,
         tls_cert=rel(_get(server, "tls-cert", str, where, "tls/server.pem")),
         tls_key=rel(_get(server, "tls-key", str, where, "tls/server.key")),
         metrics_allow=_networks(_get(server, "metrics-allow", list, where,
@@ -214,6 +202,21 @@ def load(path: Path) -> Config:
 
 
 MAX_WORKERS = 64
+_LOOPBACK = ("localhost", "127.0.0.1", "::1")
+
+
+def reserved_names(dns_name: str, public_url: str | None) -> tuple[str, ...]:
+    """The CA's own names, which no certificate it issues to anyone else may carry: its
+    DNS name and the host of its public URL. Loopback names are left out: a
+    certificate for them matters only to clients on the same machine, and hosts are
+    named `localhost` for SSH over loopback."""
+    from urllib.parse import urlsplit
+    names = {dns_name}
+    if public_url:
+        host = urlsplit(public_url).hostname
+        if host:
+            names.add(host)
+    return tuple(sorted(n for n in names if n not in _LOOPBACK and not n.endswith(".localhost")))
 
 
 def _workers(value: Any, where: str) -> int:

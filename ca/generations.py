@@ -17,7 +17,7 @@ import fcntl
 import mmap
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -70,15 +70,16 @@ class OnChange(Generic[T]):
     is in the value and also makes the next `get` build again: never stale, at worst
     built once too often."""
 
-    def __init__(self, generations: Generations, name: str, build: Callable[[], T]) -> None:
+    def __init__(self, generations: Generations, name: str,
+                 build: Callable[[], Awaitable[T]]) -> None:
         self._generations, self._name, self._build = generations, name, build
         self._gen = -1  # counters start at 0: the first get builds
         self._value: Any = None
 
-    def get(self) -> tuple[int, T]:
+    async def get(self) -> tuple[int, T]:
         """(the counter, the value built at it)."""
         gen = self._generations.get(self._name)
         if gen != self._gen:
-            self._value = self._build()
-            self._gen = gen
+            value = await self._build()
+            self._value, self._gen = value, gen
         return gen, self._value

@@ -7,7 +7,6 @@ a fresh state directory already verifies.
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import shutil
 import tempfile
@@ -18,20 +17,24 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ca import x509 as prof
 from ca.audit.checkpointer import Checkpointer
 from ca.audit.log import AuditLog
 from ca.config import KEY_LABELS, render
 from ca.fileutil import write_new
-from ca.policy import Refused, dns_name
-from ca.store import Store
-from hsm.keys import KEY_TYPES
-from hsm.signers import HSMKey
+from ca.issuance import issuers
+from ca.issuance import profiles as prof
+from ca.issuance.issue import Issuance
+from ca.issuance.pipeline import SigningPipeline
+from ca.local_certs import local_cert
+from ca.policy import Policy, Refused, dns_name
+from ca.server_cert import TLS_DAYS, server_names
+from ca.store.sqlite import SQLiteStore
+from ca.subject import spki_sha256
+from hsm.keys import KEY_TYPES, find_private
+from hsm.session import HSMConfig, KeyInfo
 from hsm.uri import key_uri
-from hsm.worker import HSMConfig, HSMWorker
 
 ADMIN_DAYS = 365
-TLS_DAYS = 365
 
 
 class InitError(Exception):
@@ -74,46 +77,44 @@ async def run_init(opts: InitOptions) -> list[Path]:
 
     audit = AuditLog.open(state / "audit" / "log.jsonl")
     hsm_cfg = HSMConfig(opts.module, opts.token, "file:" + str(opts.pin_file.resolve()))
-    worker = HSMWorker(hsm_cfg, audit)
+    pipeline = SigningPipeline(hsm_cfg, audit)
     written: list[Path] = []
     keys_made = False
     try:
         await audit.append("init.start", state_dir=str(final), key_type=opts.key_type,
                            module=opts.module)
-        worker.start()
+        pipeline.start()
         # Check every label before generating any, so a refusal leaves the token untouched.
-        def existing(session: object) -> list[str]:
-            from hsm.keys import find_private
-            return [lbl for lbl in KEY_LABELS.values() if find_private(session, lbl, False)]
-        taken = await worker.run(existing)  # type: ignore[arg-type]
+        taken = await pipeline.call(lambda hsm: hsm.session_call(lambda session: [
+            lbl for lbl in KEY_LABELS.values() if find_private(session, lbl, False)]))
         if taken:
             raise InitError(f"token {opts.token!r} already holds keys labelled "
                             f"{', '.join(taken)}; refusing to overwrite them (use a fresh "
                             "token)")
-        keys: dict[str, HSMKey] = {}
+        keys: dict[str, KeyInfo] = {}
         keys_made = True
         for purpose, label in KEY_LABELS.items():
             kt = "ed25519" if purpose == "audit" else opts.key_type
-            keys[purpose] = await worker.generate_key(label, kt)
+            keys[purpose] = await pipeline.generate_key(label, kt)
 
-        root = await _sign_cert(worker, keys["root"],
-                                prof.root_builder(keys["root"].public_key(), "hsmca Root CA"),
-                                "x509-ca", "root")
+        root = await _sign_cert(pipeline, keys["root"],
+                                prof.root_builder(keys["root"].public_key, "hsmca Root CA"),
+                                "root")
         issuing = await _sign_cert(
-            worker, keys["root"],
-            prof.intermediate_builder(keys["issuing"].public_key(), "hsmca Issuing CA", root),
-            "x509-ca", "issuing")
+            pipeline, keys["root"],
+            prof.intermediate_builder(keys["issuing"].public_key, "hsmca Issuing CA", root),
+            "issuing")
         chain = prof.pem(issuing) + prof.pem(root)
-
-        store = Store(state / "hsmca.sqlite3")
+        store = SQLiteStore(state / "hsmca.sqlite3")
         try:
-            tls_pem, tls_key = await software_leaf(
-                worker, keys["issuing"], issuing, store, role="server", cn=opts.dns_name,
-                dns=[opts.dns_name, "localhost"] if opts.dns_name != "localhost" else
-                ["localhost"], ips=["127.0.0.1", "::1"], purpose="tls", days=TLS_DAYS)
-            admin_pem, admin_key = await software_leaf(
-                worker, keys["issuing"], issuing, store, role="admin", cn="hsmca-admin",
-                dns=[f"admin.{opts.dns_name}"], ips=[], purpose="x509", days=ADMIN_DAYS)
+            issuance = Issuance(pipeline, store, issuers.from_certs(root, issuing, keys), None)
+            policy = Policy()
+            tls_pem, tls_key = await local_cert(issuance, policy, role="server",
+                                                names=server_names(opts.dns_name),
+                                                days=TLS_DAYS)
+            admin_pem, admin_key = await local_cert(issuance, policy, role="admin",
+                                                    names=[f"admin.{opts.dns_name}"],
+                                                    days=ADMIN_DAYS)
         finally:
             store.close()
 
@@ -142,12 +143,12 @@ async def run_init(opts: InitOptions) -> list[Path]:
         write_new(state / "hsmca.toml", config_text, 0o600)
         written.append(state / "hsmca.toml")
         await audit.append("init.done", files=[str(p.relative_to(state)) for p in written])
-        cp = Checkpointer(audit, worker, keys["audit"], origin,  # type: ignore[arg-type]
+        cp = Checkpointer(audit, pipeline, keys["audit"], origin,
                           state / "audit" / "checkpoint")
         await cp.checkpoint()
         written.append(state / "audit" / "checkpoint")
     except BaseException as exc:
-        worker.close()
+        pipeline.close()
         audit.close()
         if not keys_made:
             shutil.rmtree(state, ignore_errors=True)
@@ -155,7 +156,7 @@ async def run_init(opts: InitOptions) -> list[Path]:
         raise InitError(f"{exc} (keys were already generated in token {opts.token!r}; the "
                         f"record of this attempt is kept in {state}; use a fresh token)"
                         ) from exc
-    worker.close()
+    pipeline.close()
     audit.close()
     if final.exists():
         final.rmdir()  # empty, checked above
@@ -174,12 +175,14 @@ def check_dns_name(name: str) -> None:
                         "certificate's common name)")
 
 
-async def _sign_cert(worker: HSMWorker, key: HSMKey, builder: x509.CertificateBuilder,
-                     purpose: str, what: str, actor: str = "local") -> x509.Certificate:
+async def _sign_cert(pipeline: SigningPipeline, key: KeyInfo,
+                     builder: x509.CertificateBuilder, what: str) -> x509.Certificate:
+    """A CA certificate (the ceremony: the operator decided it by running init)."""
     details = _cert_details(builder)
-    cert: x509.Certificate = await worker.sign(
-        key, lambda k: builder.sign(k, prof.hash_for(k)), purpose=purpose, actor=actor,
-        details={"what": what, **details}, hash_name=_hash_name(key),
+    h = prof.hash_for(key.public_key)
+    cert: x509.Certificate = await pipeline.sign(
+        key.label, lambda k: builder.sign(k, h), purpose="x509-ca", actor="local",
+        details={"what": what, **details}, hash_name=prof.hash_name(key.public_key),
         describe=lambda c: {"fingerprint": prof.fingerprint(c)})
     return cert
 
@@ -195,43 +198,17 @@ def _cert_details(builder: x509.CertificateBuilder) -> dict[str, object]:
     except x509.ExtensionNotFound:
         names = []
     return {"serial": format(probe.serial_number, "x"), "subject": probe.subject.rfc4514_string(),
-            "names": names, "spki_sha256": prof.spki_sha256(probe.public_key()),
+            "names": names, "spki_sha256": spki_sha256(probe.public_key()),
             "not_before": probe.not_valid_before_utc.isoformat(),
             "not_after": probe.not_valid_after_utc.isoformat()}
 
 
-def _hash_name(key: HSMKey) -> str:
-    h = prof.hash_for(key)
-    return h.name if h is not None else "none"
-
-
-async def software_leaf(worker: HSMWorker, issuing_key: HSMKey, issuing: x509.Certificate,
-                         store: Store, *, role: str, cn: str, dns: list[str], ips: list[str],
-                         purpose: str, days: int) -> tuple[str, bytes]:
-    """A leaf whose key is made here in software (the daemon's TLS key, the admin key)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    profile = prof.LeafProfile(public_key=key.public_key(), common_name=cn, dns_names=dns,
-                               ip_addresses=ips, lifetime=dt.timedelta(days=days))
-    cert = await _sign_cert(worker, issuing_key, prof.leaf_builder(profile, issuing), purpose,
-                            role)
-    store.add_cert(serial=cert.serial_number, fingerprint=prof.fingerprint(cert), role=role,
-                   subject=cert.subject.rfc4514_string(), names=dns + ips, principals=[],
-                   spki_sha256=prof.spki_sha256(key.public_key()),
-                   not_before=cert.not_valid_before_utc.isoformat(),
-                   not_after=cert.not_valid_after_utc.isoformat(),
-                   issued_at=prof.utcnow().isoformat(), der=cert.public_bytes(
-                       serialization.Encoding.DER))
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    return prof.pem(cert), key_pem
-
-
-def _ssh_line(key: HSMKey, comment: str) -> str:
-    line = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+def _ssh_line(key: KeyInfo, comment: str) -> str:
+    line = key.public_key.public_bytes(serialization.Encoding.OpenSSH,
                                          serialization.PublicFormat.OpenSSH).decode()
     return f"{line} {comment}\n"
 
 
-def _pub_pem(key: HSMKey) -> bytes:
-    return key.public_key().public_bytes(serialization.Encoding.PEM,
+def _pub_pem(key: KeyInfo) -> bytes:
+    return key.public_key.public_bytes(serialization.Encoding.PEM,
                                          serialization.PublicFormat.SubjectPublicKeyInfo)

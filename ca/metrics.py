@@ -91,7 +91,7 @@ class Metrics:
         return found
 
     def watch(self, hsm: Any) -> None:
-        """Hook this worker's HSM thread."""
+        """Hook this process's signing thread (ca/issuance/pipeline.py)."""
         hsm.on_call = self.hsm_call.observe
 
         def signed(purpose: str, result: str) -> None:

@@ -1,23 +1,29 @@
-"""Who may get which names, keys and lifetimes. Pure functions, no I/O.
+"""The rules the registration authority (ca/ra.py) applies: names, keys, lifetimes,
+principals. Pure functions, no I/O.
 
-Every refusal is a `Refused` with a sentence that says what was refused and why,
-which the server turns into a 4xx problem+json.
+Every refusal is a `Refused` with a typed `Reason` (which the server maps to a
+status and a problem type) and a sentence that says what was refused and why.
+
+Name patterns (allow and deny lists, `[policy]` in hsmca.toml): `example.com`
+matches that name exactly; `*.example.com` matches every name below it. In a deny
+list, `*.example.com` also matches `example.com` itself (denying a subtree denies
+its apex: what is denied must not slip through on the bare domain); in an allow
+list it does not (allowing `*.example.com` grants the subtree, not its owner's
+name). A CIDR matches IP addresses; e-mail addresses and URIs match on their host.
 """
 
 from __future__ import annotations
 
+import enum
 import functools
 import ipaddress
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa
-
-from ca.config import Policy
 
 ROLES = ("service", "host", "user", "auditor", "admin")
 _LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
@@ -25,17 +31,67 @@ _TTL = re.compile(r"^([1-9][0-9]{0,7})([smhd])$")
 _TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _BAD_CHARS = re.compile(r"[\x00-\x20\x7f-\x9f,]")
 _PRINCIPAL = re.compile(r"^[\x21-\x2b\x2d-\x7e]{1,256}$")  # printable ASCII, no space or comma
+# RFC 3986 with no userinfo: scheme "://" host [":" port] path-abempty ["?" query] ["#" frag]
+_URI = re.compile(r"^(?P<scheme>[a-z][a-z0-9+.-]*)://(?P<host>\[[0-9a-f:.]+\]|[a-z0-9.-]+)"
+                  r"(?::(?P<port>[0-9]{1,5}))?(?P<rest>[/?#][\x21-\x7e]*)?$")
+_URI_REST_OK = re.compile(r"^[A-Za-z0-9\-._~!$&'()*+,;=:@/?#%\[\]]*$")
+MIN_RSA_EXPONENT = 65537
+
+
+class Reason(enum.Enum):
+    """Why a request is refused: (HTTP status, problem type)."""
+
+    MALFORMED = (400, "bad-request")
+    BAD_CSR = (400, "bad-csr")
+    BAD_KEY = (400, "bad-key")
+    BAD_NAME = (400, "bad-name")
+    LIFETIME = (400, "lifetime-too-long")
+    NAME_DENIED = (403, "name-denied")
+    NAME_NOT_ALLOWED = (403, "name-not-allowed")
+    NAME_RESERVED = (403, "name-reserved")
+    NAME_NOT_GRANTED = (403, "name-not-granted")
+    PRINCIPAL_NOT_GRANTED = (403, "principal-not-granted")
+    WRONG_ROLE = (403, "wrong-role")
+    REVOKED_KEY = (403, "revoked-key")
+    REASON_NOT_ALLOWED = (403, "revocation-reason-not-allowed")
+    NOT_FOUND = (404, "not-found")
+    CONFLICT = (409, "conflict")
+
+    @property
+    def status(self) -> int:
+        return self.value[0]
+
+    @property
+    def type(self) -> str:
+        return self.value[1]
 
 
 class Refused(ValueError):
     """A request asks for something the policy does not allow."""
 
-    def __init__(self, detail: str, status: int = 400, kind: str = "policy") -> None:
+    def __init__(self, detail: str, reason: Reason = Reason.MALFORMED) -> None:
         super().__init__(detail)
-        self.detail, self.status, self.kind = detail, status, kind
+        self.detail, self.reason = detail, reason
 
 
-def parse_ttl(text: str, what: str = "ttl") -> int:
+@dataclass(frozen=True)
+class Policy:
+    allow: tuple[str, ...] = ()  # DNS patterns ("*.internal.example", "example.com") and CIDRs
+    deny: tuple[str, ...] = ()
+    reserved: tuple[str, ...] = ()  # the CA's own names: never in a certificate it issues
+    allow_wildcards: bool = False
+    x509_default_ttl_s: int = 24 * 3600
+    x509_max_ttl_s: int = 30 * 24 * 3600
+    ssh_user_default_ttl_s: int = 16 * 3600
+    ssh_user_max_ttl_s: int = 24 * 3600
+    ssh_host_ttl_s: int = 30 * 24 * 3600
+    ssh_user_extensions: tuple[str, ...] = (
+        "permit-X11-forwarding", "permit-agent-forwarding", "permit-port-forwarding",
+        "permit-pty", "permit-user-rc")
+    token_max_ttl_s: int = 7 * 24 * 3600
+
+
+def parse_ttl(text: object, what: str = "ttl") -> int:
     """'90s', '15m', '8h', '30d' -> seconds."""
     m = _TTL.match(text.strip()) if isinstance(text, str) else None
     if not m:
@@ -49,161 +105,188 @@ def _show(name: str) -> str:
 
 def dns_name(name: str, allow_wildcards: bool = False) -> str:
     if not isinstance(name, str) or not name:
-        raise Refused("a DNS name must be a non-empty string")
+        raise Refused("a DNS name must be a non-empty string", Reason.BAD_NAME)
     if _BAD_CHARS.search(name):
-        raise Refused(f"name {_show(name)} contains spaces, commas or control characters")
+        raise Refused(f"name {_show(name)} contains spaces, commas or control characters",
+                      Reason.BAD_NAME)
     if not name.isascii():
         try:
             alabel = name.encode("idna").decode()
             hint = f"; use its A-label form {alabel!r}"
         except UnicodeError:
             hint = ""
-        raise Refused(f"name {_show(name)} is not ASCII{hint}")
+        raise Refused(f"name {_show(name)} is not ASCII{hint}", Reason.BAD_NAME)
     lowered = name.lower()
     if lowered != name:
-        raise Refused(f"name {_show(name)} must be lower case")
+        raise Refused(f"name {_show(name)} must be lower case", Reason.BAD_NAME)
     body = lowered
     if body.startswith("*."):
         if not allow_wildcards:
-            raise Refused(f"wildcard name {_show(name)} refused: wildcards are not enabled")
+            raise Refused(f"wildcard name {_show(name)} refused: wildcards are not enabled "
+                          "([policy] allow-wildcards)", Reason.BAD_NAME)
         body = body[2:]
     labels = body.split(".")
     if len(body) > 253 or not all(_LABEL.match(lbl) for lbl in labels):
         raise Refused(f"{_show(name)} is not a valid DNS name (labels of a-z, 0-9 and '-', "
-                      "at most 63 characters each, no trailing dot)")
+                      "at most 63 characters each, no trailing dot)", Reason.BAD_NAME)
     if all(lbl.isdigit() for lbl in labels):
-        raise Refused(f"{_show(name)} looks like an IP address; give it as an IP")
+        raise Refused(f"{_show(name)} looks like an IP address; give it as an IP",
+                      Reason.BAD_NAME)
     return lowered
 
 
 def email(addr: str) -> str:
     if not isinstance(addr, str) or addr.count("@") != 1:
-        raise Refused(f"{_show(str(addr))} is not an e-mail address (local@domain)")
+        raise Refused(f"{_show(str(addr))} is not an e-mail address (local@domain)",
+                      Reason.BAD_NAME)
     local, domain = addr.split("@")
     if not local or _BAD_CHARS.search(local) or not local.isascii() or len(local) > 64:
-        raise Refused(f"e-mail {_show(addr)} has an empty, non-ASCII or invalid local part")
+        raise Refused(f"e-mail {_show(addr)} has an empty, non-ASCII or invalid local part",
+                      Reason.BAD_NAME)
     dns_name(domain)
     return addr
+
+
+def uri(name: str) -> str:
+    """An RFC 3986 URI with a host and no userinfo: parsers that disagree about where
+    the host of `https://a\\@b/` ends must not make an allow list say yes."""
+    if _BAD_CHARS.search(name) or not name.isascii() or "\\" in name:
+        raise Refused(f"URI {_show(name)} contains spaces, commas, backslashes, control or "
+                      "non-ASCII characters", Reason.BAD_NAME)
+    m = _URI.match(name)
+    if m is None or not _URI_REST_OK.match(m.group("rest") or ""):
+        raise Refused(f"URI {_show(name)} is not scheme://host[:port][/path] (lower-case scheme "
+                      "and host, no user@ part)", Reason.BAD_NAME)
+    host = m.group("host")
+    if host.startswith("["):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise Refused(f"URI {_show(name)} has an invalid IPv6 host", Reason.BAD_NAME) from None
+    else:
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            dns_name(host)
+    if m.group("port") and not 0 < int(m.group("port")) < 65536:
+        raise Refused(f"URI {_show(name)} has an invalid port", Reason.BAD_NAME)
+    return name
+
+
+def uri_host(value: str) -> str:
+    m = _URI.match(value)
+    host = m.group("host") if m else ""
+    return host[1:-1] if host.startswith("[") else host
+
+
+def ip(name: str) -> str | None:
+    """The normalised address, None if `name` is not an IP address; a scoped IPv6
+    address (fe80::1%eth0) is refused: its zone means nothing to anyone else."""
+    try:
+        addr = ipaddress.ip_address(name)
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.scope_id is not None:
+        raise Refused(f"{_show(name)} is a scoped IPv6 address; give it without its %zone",
+                      Reason.BAD_NAME)
+    return str(addr)
 
 
 def classify(name: str, allow_wildcards: bool = False) -> tuple[str, str]:
     """('dns'|'ip'|'uri'|'email', normalised value)."""
     if not isinstance(name, str):
-        raise Refused("every name must be a string")
+        raise Refused("every name must be a string", Reason.BAD_NAME)
     return _classify(name, allow_wildcards)
 
 
 @functools.lru_cache(maxsize=16384)  # renewals classify the same inventory names again
 def _classify(name: str, allow_wildcards: bool) -> tuple[str, str]:
-    try:
-        return "ip", str(ipaddress.ip_address(name))
-    except ValueError:
-        pass
+    address = ip(name)
+    if address is not None:
+        return "ip", address
     if "://" in name:
-        if _BAD_CHARS.search(name) or not name.isascii():
-            raise Refused(f"URI {_show(name)} contains spaces, commas, control or non-ASCII "
-                          "characters")
-        parts = urlsplit(name)
-        if not parts.scheme or not (parts.netloc or parts.path):
-            raise Refused(f"URI {_show(name)} has no scheme or no authority")
-        return "uri", name
+        return "uri", uri(name)
     if "@" in name:
         return "email", email(name)
     return "dns", dns_name(name, allow_wildcards)
 
 
-def _matches(kind: str, value: str, pattern: str) -> bool:
-    if kind == "ip":
+def _host(kind: str, value: str) -> str:
+    if kind == "email":
+        return value.split("@", 1)[1]
+    if kind == "uri":
+        return uri_host(value)
+    return value
+
+
+def _matches(kind: str, value: str, pattern: str, apex: bool) -> bool:
+    """Whether a name matches a pattern; `apex`: `*.x` matches `x` too (deny lists)."""
+    host = _host(kind, value)
+    try:
+        network = ipaddress.ip_network(pattern, strict=False)
+    except ValueError:
+        network = None
+    if network is not None:
         try:
-            return ipaddress.ip_address(value) in ipaddress.ip_network(pattern, strict=False)
+            return ipaddress.ip_address(host) in network
         except ValueError:
             return False
-    host = value
-    if kind == "email":
-        host = value.split("@", 1)[1]
-    elif kind == "uri":
-        host = urlsplit(value).hostname or ""
     if pattern.startswith("*."):
-        return host.endswith(pattern[1:])
+        return host.endswith(pattern[1:]) or (apex and host == pattern[2:])
     return host == pattern
 
 
 def check_allowed(names: Iterable[tuple[str, str]], policy: Policy) -> None:
+    """Every name is outside the deny list and the CA's own names, and inside the allow
+    list when there is one; the refusal names the rule."""
     for kind, value in names:
-        if any(_matches(kind, value, p) for p in policy.deny):
-            raise Refused(f"name {_show(value)} is on the CA's deny list", 403)
-        if policy.allow and not any(_matches(kind, value, p) for p in policy.allow):
+        for p in policy.deny:
+            if _matches(kind, value, p, apex=True):
+                raise Refused(f"name {_show(value)} is denied by the rule {p!r} of the CA's "
+                              "deny list ([policy] deny)", Reason.NAME_DENIED)
+        for p in policy.reserved:
+            if _matches(kind, value, p, apex=False):
+                raise Refused(f"name {_show(value)} is one of the CA's own names; no "
+                              "certificate for it is issued to anyone else",
+                              Reason.NAME_RESERVED)
+        if policy.allow and not any(_matches(kind, value, p, apex=False) for p in policy.allow):
             raise Refused(f"name {_show(value)} is outside the CA's allow list "
-                          f"({', '.join(policy.allow)})", 403)
+                          f"([policy] allow = {', '.join(policy.allow)})",
+                          Reason.NAME_NOT_ALLOWED)
 
 
-def principal(p: str) -> str:
+def principal(p: object) -> str:
     if not isinstance(p, str) or not _PRINCIPAL.match(p):
         raise Refused(f"principal {_show(str(p))} must be 1-256 printable ASCII characters "
-                      "without spaces or commas")
+                      "without spaces or commas", Reason.BAD_NAME)
     return p
 
 
-@dataclass(frozen=True)
-class TokenGrant:
-    role: str
-    names: tuple[tuple[str, str], ...]  # (kind, value)
-    principals: tuple[str, ...]
-    ttl_s: int
-
-
-def token_request(body: object, policy: Policy) -> TokenGrant:
-    """Validate `{"role", "names", "principals"?, "ttl"}` for POST /v1/tokens."""
-    if not isinstance(body, dict):
-        raise Refused("the body must be a JSON object")
-    unknown = set(body) - {"role", "names", "principals", "ttl"}
-    if unknown:
-        raise Refused(f"unknown field(s): {', '.join(sorted(unknown))}")
-    role = body.get("role")
-    if role not in ROLES:
-        raise Refused(f"role must be one of {', '.join(ROLES)}")
-    raw_names = body.get("names")
-    if not isinstance(raw_names, list) or not raw_names or len(raw_names) > 100:
-        raise Refused("names must be a list of 1 to 100 names")
-    names = tuple(dict.fromkeys(classify(n, policy.allow_wildcards) for n in raw_names))
-    kinds = {k for k, _ in names}
-    if role in ("service", "host") and "email" in kinds:
-        raise Refused(f"a {role} certificate names DNS names, IP addresses or URIs, not e-mail")
-    if role == "host" and "dns" not in kinds:
-        raise Refused("a host needs at least one DNS name (its SSH principals)")
-    if role == "user" and kinds != {"email"}:
-        raise Refused("a user's names are e-mail addresses")
-    if role in ("auditor", "admin") and (len(names) != 1 or kinds - {"dns", "email"}):
-        raise Refused(f"an {role} has exactly one identity: a DNS name or an e-mail address")
-    raw_principals = body.get("principals", [])
-    if not isinstance(raw_principals, list) or len(raw_principals) > 100:
-        raise Refused("principals must be a list of at most 100 logins")
-    if raw_principals and role != "user":
-        raise Refused("principals are granted to role user only (a host's principals are its "
-                      "DNS names)")
-    principals = tuple(dict.fromkeys(principal(p) for p in raw_principals))
-    ttl = parse_ttl(body.get("ttl", "1h"), "ttl")
-    if ttl > policy.token_max_ttl_s:
-        raise Refused(f"token ttl {ttl}s exceeds the maximum {policy.token_max_ttl_s}s")
-    check_allowed(names, policy)
-    return TokenGrant(role, names, principals, ttl)
-
-
 def check_subject_key(key: object) -> str:
-    """Accept EC P-256/P-384, Ed25519, RSA 2048-8192; return a short description."""
+    """Accept EC P-256/P-384, Ed25519, RSA 2048-8192 with e >= 65537; return a short
+    description."""
     if isinstance(key, ec.EllipticCurvePublicKey):
         if isinstance(key.curve, ec.SECP256R1 | ec.SECP384R1):
             return f"ec-{key.curve.name}"
-        raise Refused(f"EC curve {key.curve.name} is not accepted (use P-256 or P-384)")
+        raise Refused(f"EC curve {key.curve.name} is not accepted (use P-256 or P-384)",
+                      Reason.BAD_KEY)
     if isinstance(key, ed25519.Ed25519PublicKey):
         return "ed25519"
     if isinstance(key, rsa.RSAPublicKey):
-        if not 2048 <= key.key_size <= 8192:
-            raise Refused(f"RSA key of {key.key_size} bits refused: use 2048 to 8192 bits")
+        check_rsa(key, 2048, 8192)
         return f"rsa-{key.key_size}"
     if isinstance(key, dsa.DSAPublicKey):
-        raise Refused("DSA keys are not accepted")
-    raise Refused(f"key type {type(key).__name__} is not accepted")
+        raise Refused("DSA keys are not accepted", Reason.BAD_KEY)
+    raise Refused(f"key type {type(key).__name__} is not accepted", Reason.BAD_KEY)
+
+
+def check_rsa(key: rsa.RSAPublicKey, min_bits: int, max_bits: int) -> None:
+    if not min_bits <= key.key_size <= max_bits:
+        raise Refused(f"RSA key of {key.key_size} bits refused: use {min_bits} to {max_bits} "
+                      "bits", Reason.BAD_KEY)
+    e = key.public_numbers().e
+    if e < MIN_RSA_EXPONENT:
+        raise Refused(f"RSA key with public exponent {e} refused: use 65537", Reason.BAD_KEY)
 
 
 # What cryptography raises for DER it cannot make sense of, lazily, when a part of a
@@ -218,23 +301,24 @@ def check_csr(csr: x509.CertificateSigningRequest) -> None:
     try:
         key = csr.public_key()
     except PARSE_ERRORS as exc:
-        raise Refused(f"the CSR's public key cannot be read: {exc}") from None
+        raise Refused(f"the CSR's public key cannot be read: {exc}", Reason.BAD_CSR) from None
     check_subject_key(key)
     try:
         valid = csr.is_signature_valid
     except PARSE_ERRORS as exc:  # e.g. an unknown algorithm
-        raise Refused(f"the CSR's signature cannot be checked: {exc}") from None
+        raise Refused(f"the CSR's signature cannot be checked: {exc}", Reason.BAD_CSR) from None
     if not valid:
-        raise Refused("the CSR's signature does not verify (was it made with this key?)")
+        raise Refused("the CSR's signature does not verify (was it made with this key?)",
+                      Reason.BAD_CSR)
     try:
         bc = csr.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
         return
     except PARSE_ERRORS as exc:  # e.g. an x400Address in its SAN, validly signed
-        raise Refused(f"the CSR's extensions cannot be parsed: {exc}") from None
+        raise Refused(f"the CSR's extensions cannot be parsed: {exc}", Reason.BAD_CSR) from None
     if bc.ca:
         raise Refused("the CSR asks for a CA certificate (BasicConstraints CA:TRUE); this CA "
-                      "issues leaf certificates only")
+                      "issues leaf certificates only", Reason.BAD_CSR)
 
 
 def csr_names(csr: x509.CertificateSigningRequest) -> list[str]:
@@ -244,7 +328,7 @@ def csr_names(csr: x509.CertificateSigningRequest) -> list[str]:
     except x509.ExtensionNotFound:
         return []
     except PARSE_ERRORS as exc:
-        raise Refused(f"the CSR's SAN extension cannot be parsed: {exc}") from None
+        raise Refused(f"the CSR's SAN extension cannot be parsed: {exc}", Reason.BAD_CSR) from None
     out: list[str] = []
     for gn in san:
         if isinstance(gn, x509.IPAddress):
@@ -253,7 +337,7 @@ def csr_names(csr: x509.CertificateSigningRequest) -> list[str]:
             out.append(gn.value)
         else:
             raise Refused(f"the CSR asks for a {type(gn).__name__} name, which this CA does "
-                          "not issue")
+                          "not issue", Reason.BAD_CSR)
     return out
 
 
@@ -268,6 +352,6 @@ def names_within(requested: Sequence[str], granted: Sequence[tuple[str, str]],
         c = classify(n, allow_wildcards)
         if c not in granted_set:
             raise Refused(f"name {_show(n)} is not among the names this credential may get "
-                          f"({', '.join(v for _, v in granted)})", 403)
+                          f"({', '.join(v for _, v in granted)})", Reason.NAME_NOT_GRANTED)
         out.append(c)
     return tuple(dict.fromkeys(out))

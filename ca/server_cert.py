@@ -2,7 +2,8 @@
 or no longer matches its key (e.g. a crash between the two file writes).
 
 The key is a software key (it must be usable by OpenSSL for every handshake); the
-certificate is signed by the issuing key in the HSM through the audited path.
+certificate is ordered by the registration authority and signed by the issuing key
+in the HSM through the audited path (ca/local_certs.py).
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from ca.config import Config
 from ca.fileutil import write_atomic
-from ca.init import TLS_DAYS, software_leaf
-from ca.store import Store
-from hsm.signers import HSMKey
-from hsm.worker import HSMWorker
+from ca.issuance.issue import Issuance
+from ca.local_certs import local_cert
+
+TLS_DAYS = 365
 
 RENEW_BEFORE = dt.timedelta(days=30)
 log = structlog.get_logger("hsmca.tls")
@@ -37,17 +38,20 @@ def _needs_renewal(config: Config, now: dt.datetime) -> str | None:
     return None
 
 
-async def ensure_server_cert(config: Config, worker: HSMWorker, issuing_key: HSMKey,
-                             issuing: x509.Certificate, store: Store) -> bool:
+def server_names(dns_name: str) -> list[str]:
+    """The listener's names: its DNS name, and loopback for clients on the CA host."""
+    return ([dns_name] + (["localhost"] if dns_name != "localhost" else [])
+            + ["127.0.0.1", "::1"])
+
+
+async def ensure_server_cert(config: Config, issuance: Issuance) -> bool:
     """Renew the listener's certificate if due; True if it was renewed."""
     why = _needs_renewal(config, dt.datetime.now(dt.UTC))
     if why is None:
         return False
     log.info("renewing the daemon's TLS certificate", reason=why)
-    dns = [config.dns_name] + (["localhost"] if config.dns_name != "localhost" else [])
-    cert_pem, key_pem = await software_leaf(
-        worker, issuing_key, issuing, store, role="server", cn=config.dns_name, dns=dns,
-        ips=["127.0.0.1", "::1"], purpose="tls", days=TLS_DAYS)
+    cert_pem, key_pem = await local_cert(issuance, config.policy, role="server",
+                                         names=server_names(config.dns_name), days=TLS_DAYS)
     chain = config.chain_pem.read_text()
     # Key first: a crash between the writes leaves a mismatch, which the next start
     # notices and repairs (above), never a certificate for a key that is gone.

@@ -20,7 +20,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from ca.policy import Refused
+from ca.policy import Reason, Refused, check_rsa
 
 SSH_CURVES = {"secp256r1", "secp384r1", "secp521r1"}
 
@@ -39,7 +39,8 @@ class SSHPublicKey:
 
 
 def parse_public_key(text: object) -> SSHPublicKey:
-    """An OpenSSH public key line; only the key types SPEC section 8 accepts."""
+    """An OpenSSH public key line of an accepted type (docs/ssh.md): Ed25519, ECDSA
+    P-256/384/521, RSA 2048-8192 bits with e >= 65537."""
     if not isinstance(text, str) or not text.strip():
         raise Refused("public_key must be an OpenSSH public key line, e.g. 'ssh-ed25519 AAAA...'")
     if len(text) > 16384 or "\n" in text.strip():
@@ -49,23 +50,22 @@ def parse_public_key(text: object) -> SSHPublicKey:
         raise Refused("public_key must be '<type> <base64> [comment]'")
     kind = fields[0]
     if kind == "ssh-dss":
-        raise Refused("DSA keys (ssh-dss) are not accepted; use ssh-ed25519")
+        raise Refused("DSA keys (ssh-dss) are not accepted; use ssh-ed25519", Reason.BAD_KEY)
     if "cert-v01" in kind:
         raise Refused("give the public key itself, not a certificate")
     if kind.startswith("sk-"):
-        raise Refused(f"{kind} (security key) public keys are not accepted yet")
+        raise Refused(f"{kind} (security key) public keys are not accepted yet", Reason.BAD_KEY)
     try:
         key = serialization.load_ssh_public_key(f"{fields[0]} {fields[1]}".encode())
     except (ValueError, UnsupportedAlgorithm) as exc:
-        raise Refused(f"public_key cannot be parsed: {exc}") from None
+        raise Refused(f"public_key cannot be parsed: {exc}", Reason.BAD_KEY) from None
     if isinstance(key, rsa.RSAPublicKey):
-        if key.key_size < 2048:
-            raise Refused(f"RSA key of {key.key_size} bits refused: use at least 2048 bits")
+        check_rsa(key, 2048, 8192)
     elif isinstance(key, ec.EllipticCurvePublicKey):
         if key.curve.name not in SSH_CURVES:
-            raise Refused(f"EC curve {key.curve.name} is not accepted")
+            raise Refused(f"EC curve {key.curve.name} is not accepted", Reason.BAD_KEY)
     elif not isinstance(key, ed25519.Ed25519PublicKey):
-        raise Refused(f"key type {kind} is not accepted")
+        raise Refused(f"key type {kind} is not accepted", Reason.BAD_KEY)
     line = key.public_bytes(serialization.Encoding.OpenSSH,
                             serialization.PublicFormat.OpenSSH).decode()
     return SSHPublicKey(key, base64.b64decode(line.split()[1]), line)

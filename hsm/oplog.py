@@ -1,39 +1,19 @@
-"""The operation log the HSM layer reports to.
+"""What the HSM layer needs of the operation log it reports to.
 
-The HSM worker cannot be built without one: every PKCS#11 operation (open, login,
-keygen, sign, errors, reconnects) is recorded. For a signature the worker writes an
-intent line and waits until it is durable *before* the PKCS#11 call, then an outcome
-line after it (SPEC section 6). The audit log implements this protocol;
-tests use a recording double.
+Every signature needs an intent line that is durable *before* the PKCS#11 call
+(the audit log's rules are in docs/audit-log.md). Whoever signs writes that line
+first and passes its seq; the HSM asks the log whether that line is durable and
+refuses to sign otherwise. The audit log, and a worker process's link to it,
+implement this protocol.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Mapping, Sequence
-from concurrent.futures import Future
-from typing import Any, Protocol
+from typing import Protocol
 
 
 class OpLog(Protocol):
-    def record(self, event: str, fields: Mapping[str, Any]) -> Future[int]:
-        """Append one line; callable from any thread, never blocks on the disk.
-
-        The future resolves to the line's seq once it is durable, or fails with
-        `hsm.errors.AuditUnavailable` if the log cannot be written. Lines from one
-        thread are written in the order that thread recorded them.
-        """
-        ...
-
-    def record_async(self, event: str, fields: Mapping[str, Any]) -> asyncio.Future[int]:
-        """The same, for the event loop thread: an asyncio future settled with the
-        other results of its group commit in one wake-up."""
-        ...
-
-    def append_durable(self, entries: Sequence[tuple[str, Mapping[str, Any]]]
-                       ) -> list[Future[int]]:
-        """Append (event, fields) lines on the calling thread and return once they are
-        durable, in one group commit. The HSM thread writes the intents and outcomes
-        of its signatures this way. Each future is already settled: the line's seq,
-        or AuditUnavailable (or the caller's bug, e.g. a field that is not JSON)."""
+    def durable_size(self) -> int:
+        """How many lines, from seq 0, are known to be durable: every seq below it is
+        on disk. Callable from any thread."""
         ...

@@ -4,62 +4,54 @@ cryptography's builders (X.509 certificates, CRLs, OCSP responses, SSH
 certificates) call `sign()` on whatever key object they are given, so these
 classes let the rest of the code sign without knowing where the key lives (the
 django-ca habit). Everything that would reveal the private key raises.
+
+A signer is made for one durable intent line and signs once: `HSM.sign` refuses a
+second signature for the same intent. It keeps what it signed (`signed`), so that
+the caller can write the outcome line with the digests of the exact bytes.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
-from pkcs11 import MGF, Mechanism
 
-if TYPE_CHECKING:
-    from hsm.worker import HSMWorker
+from hsm.session import HSM, KeyInfo, Scheme
 
 
 @dataclass(frozen=True)
-class Signature:
-    """One signature as the HSM produced it, kept so the caller can audit and check it."""
+class Signed:
+    """One signature as the HSM made it: SHA-256 of the message and of the signature."""
 
-    message: bytes
-    signature: bytes
-    check: Callable[[], None]  # raises InvalidSignature if the HSM returned garbage
-
-    @property
-    def digest(self) -> str:
-        return hashlib.sha256(self.message).hexdigest()
-
-    @property
-    def signature_digest(self) -> str:
-        return hashlib.sha256(self.signature).hexdigest()
+    digest: str
+    signature_digest: str
 
 
 def _refuse(*_: Any, **__: Any) -> NoReturn:
     raise TypeError("this key lives in the HSM and cannot be exported or used for that")
 
 
-class HSMKeyMixin:
-    """State shared by every HSM key class; the worker does the PKCS#11 work."""
+class _HSMSigner:
+    _hsm: HSM
+    _info: KeyInfo
+    _intent: int
+    signed: list[Signed]
 
-    label: str
-    uri: str
-    key_type: str
-    _worker: HSMWorker
+    def _bind(self, hsm: HSM, info: KeyInfo, intent_seq: int) -> None:
+        self._hsm, self._info, self._intent, self.signed = hsm, info, intent_seq, []
 
-    def _init(self, worker: HSMWorker, label: str, uri: str, key_type: str, pub: Any) -> None:
-        self._worker, self.label, self.uri, self.key_type, self._pub = (
-            worker, label, uri, key_type, pub)
+    @property
+    def info(self) -> KeyInfo:
+        return self._info
 
-    def mechanism_name(self, hash_name: str = "sha256") -> str:
-        raise NotImplementedError
-
-    def _hsm_sign(self, message: bytes, mechanism: Mechanism, data: bytes,
-                  param: Any, check: Callable[[bytes], None]) -> bytes:
-        return self._worker.sign_raw(self, message, mechanism, data, param, check)
+    def _sign(self, scheme: Scheme, message: bytes) -> bytes:
+        sig = self._hsm.sign(self._info.label, scheme, message, self._intent)
+        self.signed.append(Signed(hashlib.sha256(message).hexdigest(),
+                                  hashlib.sha256(sig).hexdigest()))
+        return sig
 
     def __copy__(self) -> Any:
         return self
@@ -71,121 +63,76 @@ class HSMKeyMixin:
     private_numbers = _refuse
 
 
-class HSMEllipticCurveKey(HSMKeyMixin, ec.EllipticCurvePrivateKey):
-    """SoftHSM offers raw CKM_ECDSA only: hash here, sign the digest there, DER-encode."""
+class HSMEllipticCurveKey(_HSMSigner, ec.EllipticCurvePrivateKey):
+    """SoftHSM offers raw CKM_ECDSA only: the HSM layer hashes, signs the digest and
+    DER-encodes the signature."""
 
-    def __init__(self, worker: HSMWorker, label: str, uri: str, key_type: str,
-                 pub: ec.EllipticCurvePublicKey) -> None:
-        self._init(worker, label, uri, key_type, pub)
-
-    def mechanism_name(self, hash_name: str = "sha256") -> str:
-        return "CKM_ECDSA"
+    def __init__(self, hsm: HSM, info: KeyInfo, intent_seq: int) -> None:
+        self._bind(hsm, info, intent_seq)
 
     @property
     def curve(self) -> ec.EllipticCurve:
-        return self._pub.curve
+        return self._info.public_key.curve  # type: ignore[union-attr]
 
     @property
     def key_size(self) -> int:
-        return self._pub.curve.key_size
+        return self.curve.key_size
 
     def public_key(self) -> ec.EllipticCurvePublicKey:
-        return self._pub
+        return self._info.public_key  # type: ignore[return-value]
 
     def sign(self, data: bytes, signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
         if not isinstance(signature_algorithm, ec.ECDSA):
             raise TypeError("only ECDSA is supported")
         algorithm = signature_algorithm.algorithm
         if isinstance(algorithm, utils.Prehashed):
-            digest = data
-            algorithm = algorithm._algorithm
-        else:
-            h = hashes.Hash(algorithm)
-            h.update(data)
-            digest = h.finalize()
-        pub = self._pub
-
-        def check(der: bytes) -> None:
-            pub.verify(der, digest, _prehashed_ecdsa(algorithm))
-
-        return self._hsm_sign(data, Mechanism.ECDSA, digest, None, check)
+            raise TypeError("pre-hashed ECDSA is not supported by the HSM signer")
+        return self._sign(Scheme("ecdsa", algorithm.name), data)
 
     exchange = _refuse
 
 
-class HSMEd25519Key(HSMKeyMixin, ed25519.Ed25519PrivateKey):
-    def __init__(self, worker: HSMWorker, label: str, uri: str, key_type: str,
-                 pub: ed25519.Ed25519PublicKey) -> None:
-        self._init(worker, label, uri, key_type, pub)
-
-    def mechanism_name(self, hash_name: str = "sha256") -> str:
-        return "CKM_EDDSA"
+class HSMEd25519Key(_HSMSigner, ed25519.Ed25519PrivateKey):
+    def __init__(self, hsm: HSM, info: KeyInfo, intent_seq: int) -> None:
+        self._bind(hsm, info, intent_seq)
 
     def public_key(self) -> ed25519.Ed25519PublicKey:
-        return self._pub
+        return self._info.public_key  # type: ignore[return-value]
 
     def sign(self, data: bytes) -> bytes:
-        pub = self._pub
-
-        def check(sig: bytes) -> None:
-            pub.verify(sig, data)
-
-        return self._hsm_sign(data, Mechanism.EDDSA, data, None, check)
+        return self._sign(Scheme("eddsa"), data)
 
     private_bytes_raw = _refuse
 
 
-_RSA_PKCS = {"sha256": Mechanism.SHA256_RSA_PKCS, "sha384": Mechanism.SHA384_RSA_PKCS,
-             "sha512": Mechanism.SHA512_RSA_PKCS}
-_RSA_PSS = {"sha256": (Mechanism.SHA256_RSA_PKCS_PSS, Mechanism.SHA256, MGF.SHA256),
-            "sha384": (Mechanism.SHA384_RSA_PKCS_PSS, Mechanism.SHA384, MGF.SHA384),
-            "sha512": (Mechanism.SHA512_RSA_PKCS_PSS, Mechanism.SHA512, MGF.SHA512)}
+class HSMRSAKey(_HSMSigner, rsa.RSAPrivateKey):
+    """RSA PKCS#1 v1.5 or PSS (salt length = digest length); the HSM hashes."""
 
-
-class HSMRSAKey(HSMKeyMixin, rsa.RSAPrivateKey):
-    """RSA PKCS#1 v1.5 or PSS; the HSM hashes (CKM_SHAxxx_RSA_PKCS[_PSS])."""
-
-    def __init__(self, worker: HSMWorker, label: str, uri: str, key_type: str,
-                 pub: rsa.RSAPublicKey) -> None:
-        self._init(worker, label, uri, key_type, pub)
-
-    def mechanism_name(self, hash_name: str = "sha256") -> str:
-        return f"CKM_{hash_name.upper()}_RSA_PKCS"
+    def __init__(self, hsm: HSM, info: KeyInfo, intent_seq: int) -> None:
+        self._bind(hsm, info, intent_seq)
 
     @property
     def key_size(self) -> int:
-        return self._pub.key_size
+        return self._info.public_key.key_size  # type: ignore[union-attr]
 
     def public_key(self) -> rsa.RSAPublicKey:
-        return self._pub
+        return self._info.public_key  # type: ignore[return-value]
 
     def sign(self, data: bytes, padding_: padding.AsymmetricPadding,
              algorithm: hashes.HashAlgorithm | utils.Prehashed) -> bytes:
         if isinstance(algorithm, utils.Prehashed):
             raise TypeError("pre-hashed RSA signing is not supported by the HSM signer")
-        name = algorithm.name
-        if name not in _RSA_PKCS:
-            raise TypeError(f"unsupported hash {name} for RSA")
-        pub = self._pub
+        if algorithm.name not in ("sha256", "sha384", "sha512"):
+            raise TypeError(f"unsupported hash {algorithm.name} for RSA")
         if isinstance(padding_, padding.PKCS1v15):
-            mech, param = _RSA_PKCS[name], None
-        elif isinstance(padding_, padding.PSS):
-            mech, hash_mech, mgf = _RSA_PSS[name]
+            return self._sign(Scheme("rsa-pkcs1", algorithm.name), data)
+        if isinstance(padding_, padding.PSS):
             # Salt length = digest length, the usual choice and what cryptography's
             # DIGEST_LENGTH means; anything else is refused rather than guessed.
-            salt = padding_._salt_length
-            if salt not in (padding.PSS.DIGEST_LENGTH, algorithm.digest_size):
+            if padding_._salt_length not in (padding.PSS.DIGEST_LENGTH, algorithm.digest_size):
                 raise TypeError("PSS with the HSM signer needs salt length = digest length")
-            param = (hash_mech, mgf, algorithm.digest_size)
-            padding_ = padding.PSS(padding.MGF1(algorithm), algorithm.digest_size)
-        else:
-            raise TypeError("RSA padding must be PKCS1v15 or PSS")
-        pad = padding_
-
-        def check(sig: bytes) -> None:
-            pub.verify(sig, data, pad, algorithm)
-
-        return self._hsm_sign(data, mech, data, param, check)
+            return self._sign(Scheme("rsa-pss", algorithm.name), data)
+        raise TypeError("RSA padding must be PKCS1v15 or PSS")
 
     decrypt = _refuse
 
@@ -193,12 +140,20 @@ class HSMRSAKey(HSMKeyMixin, rsa.RSAPrivateKey):
 HSMKey = HSMEllipticCurveKey | HSMEd25519Key | HSMRSAKey
 
 
-def _prehashed_ecdsa(algorithm: hashes.HashAlgorithm) -> ec.ECDSA:
-    """ECDSA over an already computed digest, built once per hash (every check needs one)."""
-    found = _PREHASHED.get(algorithm.name)
-    if found is None:
-        found = _PREHASHED[algorithm.name] = ec.ECDSA(utils.Prehashed(algorithm))
-    return found
+def signer(hsm: HSM, info: KeyInfo, intent_seq: int) -> HSMKey:
+    """A cryptography private key for `info` that signs once, for `intent_seq`."""
+    if info.key_type == "ed25519":
+        return HSMEd25519Key(hsm, info, intent_seq)
+    if info.key_type.startswith("rsa"):
+        return HSMRSAKey(hsm, info, intent_seq)
+    return HSMEllipticCurveKey(hsm, info, intent_seq)
 
 
-_PREHASHED: dict[str, ec.ECDSA] = {}
+def mechanism_name(info: KeyInfo, hash_name: str | None) -> str:
+    """The PKCS#11 mechanism a signature of `info` with `hash_name` uses (for the
+    intent line, written before the builder has asked for anything)."""
+    if info.key_type == "ed25519":
+        return Scheme("eddsa").mechanism_name
+    if info.key_type.startswith("rsa"):
+        return Scheme("rsa-pkcs1", hash_name).mechanism_name
+    return Scheme("ecdsa", hash_name).mechanism_name

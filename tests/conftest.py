@@ -108,17 +108,20 @@ def _cleanup() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def worker(ca: InitialisedCA, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    """The test process's one HSM worker, logged in to the CA's token.
+    """The test process's one signing thread (its HSM thread), logged in to the CA's
+    token.
 
-    One per process, on purpose: two threads inside SoftHSM crash it (SPEC section 5),
-    so every in-process PKCS#11 call of the suite goes through this worker. Its audit
+    One per process, on purpose: two threads inside SoftHSM crash it (docs/security.md),
+    so every in-process PKCS#11 call of the suite goes through this thread. Its audit
     log is a scratch log, not the CA's.
     """
     from ca.audit.log import AuditLog
-    from hsm.worker import HSMConfig, HSMWorker
+    from ca.issuance.pipeline import SigningPipeline
+    from hsm.session import HSMConfig
 
     log = AuditLog.open(tmp_path_factory.mktemp("worker-audit") / "log.jsonl")
-    w = HSMWorker(HSMConfig(ca.token.module, ca.token.label, f"file:{ca.token.pin_file}"), log)
+    w = SigningPipeline(HSMConfig(ca.token.module, ca.token.label, f"file:{ca.token.pin_file}"),
+                        log)
     w.start()
     yield w
     w.close()

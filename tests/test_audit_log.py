@@ -179,16 +179,17 @@ CHILD_SIGNER = textwrap.dedent("""
     from cryptography.hazmat.primitives.asymmetric import ec
     from ca.audit.log import AuditLog
     from hsm.errors import AuditUnavailable
-    from hsm.worker import HSMConfig, HSMWorker
+    from ca.issuance.pipeline import SigningPipeline
+    from hsm.session import HSMConfig
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     path, module, token, pin = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 
     async def main():
         log = AuditLog.open(path)
-        worker = HSMWorker(HSMConfig(module, token, "file:" + pin), log)
+        worker = SigningPipeline(HSMConfig(module, token, "file:" + pin), log)
         worker.start()
         key = await worker.load_key("issuing-ca")
-        sign = lambda: worker.sign(key, lambda k: k.sign(b"m", ec.ECDSA(hashes.SHA256())),
+        sign = lambda: worker.sign(key.label, lambda k: k.sign(b"m", ec.ECDSA(hashes.SHA256())),
                                    purpose="x509", actor="local")
         await sign()
 """)
@@ -196,7 +197,7 @@ FAIL_CLOSED = CHILD_SIGNER + textwrap.dedent("""
         size = os.path.getsize(path)
         soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
         resource.setrlimit(resource.RLIMIT_FSIZE, (size + 50, hard))
-        before = worker.sign_count
+        before = worker.hsm.sign_calls
         results = []
         for _ in range(3):
             try:
@@ -205,7 +206,7 @@ FAIL_CLOSED = CHILD_SIGNER + textwrap.dedent("""
             except AuditUnavailable as exc:
                 results.append("refused")
         refused_health = log.healthy
-        signed_while_full = worker.sign_count - before
+        signed_while_full = worker.hsm.sign_calls - before
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         await sign()
         print(json.dumps({"results": results, "signed_while_full": signed_while_full,
@@ -268,7 +269,7 @@ OWED = CHILD_SIGNER + textwrap.dedent("""
         # cannot be written, the signature must not be released.
         resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(path) + intent_len + 20,
                                                    hard))
-        before = worker.sign_count
+        before = worker.hsm.sign_calls
         try:
             await sign()
             outcome = "released"
@@ -276,7 +277,7 @@ OWED = CHILD_SIGNER + textwrap.dedent("""
             outcome = "withheld"
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         await sign()
-        print(json.dumps({"outcome": outcome, "signed": worker.sign_count - before}))
+        print(json.dumps({"outcome": outcome, "signed": worker.hsm.sign_calls - before}))
         worker.close(); log.close()
     asyncio.run(main())
 """)

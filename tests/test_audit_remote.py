@@ -270,14 +270,14 @@ from pathlib import Path
 from ca.audit.checkpointer import Checkpointer
 from ca.audit.log import AuditLog
 from ca.config import load
-from hsm.worker import HSMWorker
+from ca.issuance.pipeline import SigningPipeline
 
 async def main() -> None:
     cfg = load(Path(sys.argv[1]))
     if cfg.softhsm_conf:
         os.environ["SOFTHSM2_CONF"] = cfg.softhsm_conf
     audit = AuditLog.open(cfg.audit_log)  # no checkpoint to check against: it was removed
-    worker = HSMWorker(cfg.hsm, audit)
+    worker = SigningPipeline(cfg.hsm, audit)
     worker.start()
     try:
         key = await worker.load_key(cfg.key_label("audit"))

@@ -18,11 +18,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ca import policy, ssh
-from ca.config import Policy
+from ca import policy, ra, ssh
 from ca.server.common import parse_csr
 from ca.server.problems import Problem
 from tests.conftest import Daemon, hsmca, init_ca, start_daemon
+from tests.test_ra import admin, context
 from tests.test_x509_e2e import csr_pem, new_token
 
 
@@ -349,12 +349,14 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(m
 @given(body=st.dictionaries(st.sampled_from(["role", "names", "principals", "ttl", "x"]),
                             json_values, max_size=5))
 def test_token_request_parser_fuzz(body: dict[str, Any]) -> None:
-    try:
-        grant = policy.token_request(body, Policy())
-    except policy.Refused as exc:
-        assert exc.detail and 400 <= exc.status < 500
+    request = ra.TokenRequest(body.get("role"), body.get("names"), body.get("principals", []),
+                              body.get("ttl", "1h"))
+    decision = ra.decide(context(), admin(), request)
+    if isinstance(decision, ra.Refusal):
+        assert decision.detail and 400 <= decision.reason.status < 500
         return
-    assert grant.role in policy.ROLES and grant.names
+    assert isinstance(decision, ra.TokenGrant)
+    assert decision.role in policy.ROLES and decision.names
 
 
 @settings(max_examples=300, deadline=None)
@@ -421,7 +423,7 @@ def test_mutated_csr_is_refused_or_checked(edits: list[tuple[int, int]], cut: in
         policy.check_csr(csr)
         names = policy.csr_names(csr)
     except policy.Refused as exc:
-        assert 400 <= exc.status < 500 and exc.detail
+        assert 400 <= exc.reason.status < 500 and exc.detail
         return
     assert all(isinstance(n, str) for n in names)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import json
 import subprocess
@@ -13,17 +14,22 @@ import pkcs11
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
-from ca import x509 as prof
 from ca.config import KEY_LABELS
+from ca.issuance import profiles as prof
+from ca.issuance.pipeline import SigningPipeline
 from hsm.errors import HSMError, HSMUnavailable, SignatureCheckFailed
-from hsm.signers import HSMKey
-from hsm.worker import HSMWorker
+from hsm.session import HSM, KeyInfo, Scheme
 from tests.conftest import require
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+async def session(worker: SigningPipeline, fn: Any) -> Any:
+    """`fn(session)` on the signing thread, with raw PKCS#11 access."""
+    return await worker.call(lambda hsm: hsm.session_call(fn))
 
 
 def _find_private(session: Any, label: str) -> Any:
@@ -31,20 +37,20 @@ def _find_private(session: Any, label: str) -> Any:
 
 
 @pytest.mark.parametrize("label", list(KEY_LABELS.values()))
-async def test_init_keys_are_non_exportable(worker: HSMWorker, label: str) -> None:
+async def test_init_keys_are_non_exportable(worker: SigningPipeline, label: str) -> None:
     def attrs(session: Any) -> dict[str, bool]:
         key = _find_private(session, label)
         return {a.name: bool(key[a]) for a in (
             Attribute.TOKEN, Attribute.PRIVATE, Attribute.SENSITIVE, Attribute.ALWAYS_SENSITIVE,
             Attribute.EXTRACTABLE, Attribute.NEVER_EXTRACTABLE, Attribute.MODIFIABLE)}
 
-    got = await worker.run(attrs)
+    got = await session(worker, attrs)
     assert got == {"TOKEN": True, "PRIVATE": True, "SENSITIVE": True, "ALWAYS_SENSITIVE": True,
                    "EXTRACTABLE": False, "NEVER_EXTRACTABLE": True, "MODIFIABLE": False}
 
 
 @pytest.mark.parametrize("label", list(KEY_LABELS.values()))
-async def test_every_way_out_is_closed(worker: HSMWorker, label: str) -> None:
+async def test_every_way_out_is_closed(worker: SigningPipeline, label: str) -> None:
     """Reading the value, wrapping, flipping EXTRACTABLE, copying as extractable: all fail."""
 
     def attempts(session: Any) -> dict[str, str]:
@@ -75,13 +81,13 @@ async def test_every_way_out_is_closed(worker: HSMWorker, label: str) -> None:
             results["copy"] = type(exc).__name__
         return results
 
-    results = await worker.run(attempts)
+    results = await session(worker, attempts)
     assert "allowed" not in results.values(), results
     assert results["read"] == "AttributeSensitive"
     assert results["wrap"] == "KeyUnextractable"
 
 
-async def test_key_generated_without_protection_is_refused(worker: HSMWorker) -> None:
+async def test_key_generated_without_protection_is_refused(worker: SigningPipeline) -> None:
     """The start-up check: a key that could be exported is never used."""
 
     def weak(session: Any) -> None:
@@ -92,54 +98,58 @@ async def test_key_generated_without_protection_is_refused(worker: HSMWorker) ->
                                 private_template={Attribute.SENSITIVE: False,
                                                   Attribute.EXTRACTABLE: True})
 
-    await worker.run(weak)
+    await session(worker, weak)
     with pytest.raises(HSMError, match="could leave the HSM"):
         await worker.load_key("weak-key")
 
 
 @pytest.mark.parametrize("key_type", ["ec-p256", "ec-p384", "ed25519", "rsa-3072"])
-async def test_each_key_type_signs_certificates_that_verify(worker: HSMWorker,
+async def test_each_key_type_signs_certificates_that_verify(worker: SigningPipeline,
                                                             key_type: str) -> None:
     key = await worker.generate_key(f"lab-{key_type}", key_type)
-    builder = prof.root_builder(key.public_key(), f"lab {key_type}")
-    cert = await worker.sign(key, lambda k: builder.sign(k, prof.hash_for(k)), purpose="x509-ca",
-                             actor="local", describe=lambda c: {"fingerprint": prof.fingerprint(c)})
+    builder = prof.root_builder(key.public_key, f"lab {key_type}")
+    h = prof.hash_for(key.public_key)
+    cert = await worker.sign(key.label, lambda k: builder.sign(k, h), purpose="x509-ca",
+                             actor="local", hash_name=prof.hash_name(key.public_key),
+                             describe=lambda c: {"fingerprint": prof.fingerprint(c)})
     cert.verify_directly_issued_by(cert)
 
 
-async def test_rsa_pss_and_crl_and_ocsp_builders_sign_with_hsm_keys(worker: HSMWorker) -> None:
+async def test_rsa_pss_and_crl_and_ocsp_builders_sign_with_hsm_keys(
+        worker: SigningPipeline) -> None:
     rsa_key = await worker.generate_key("lab-pss", "rsa-3072")
     data = b"pss please"
-    sig = await worker.sign(rsa_key, lambda k: k.sign(data, padding.PSS(
+    sig = await worker.sign(rsa_key.label, lambda k: k.sign(data, padding.PSS(
         padding.MGF1(hashes.SHA256()), padding.PSS.DIGEST_LENGTH), hashes.SHA256()),
         purpose="x509", actor="local")
-    rsa_key.public_key().verify(sig, data, padding.PSS(padding.MGF1(hashes.SHA256()), 32),
+    rsa_key.public_key.verify(sig, data, padding.PSS(padding.MGF1(hashes.SHA256()), 32),
                                 hashes.SHA256())
 
     ec_key = await worker.generate_key("lab-crl", "ec-p256")
-    root = await worker.sign(ec_key, lambda k: prof.root_builder(k.public_key(), "crl").sign(
+    root = await worker.sign(ec_key.label, lambda k: prof.root_builder(k.public_key(), "crl").sign(
         k, hashes.SHA256()), purpose="x509-ca", actor="local")
     now = prof.utcnow()
     crl_builder = (x509.CertificateRevocationListBuilder().issuer_name(root.subject)
                    .last_update(now).next_update(now + dt.timedelta(hours=1)))
-    crl = await worker.sign(ec_key, lambda k: crl_builder.sign(k, hashes.SHA256()), purpose="crl",
-                            actor="local")
+    crl = await worker.sign(ec_key.label, lambda k: crl_builder.sign(k, hashes.SHA256()),
+                            purpose="crl", actor="local")
     assert crl.is_signature_valid(root.public_key())
 
     from cryptography.x509 import ocsp
     leaf_key = ec.generate_private_key(ec.SECP256R1())
-    leaf = prof.leaf_builder(prof.LeafProfile(leaf_key.public_key(), "leaf"), root).sign(
+    leaf = prof.leaf_builder(prof.LeafProfile(leaf_key.public_key(), "leaf"), root, now,
+                             now + dt.timedelta(hours=1)).sign(
         leaf_key, hashes.SHA256())  # signed in software: only its serial matters here
     resp_builder = ocsp.OCSPResponseBuilder().add_response(
         cert=leaf, issuer=root, algorithm=hashes.SHA1(), cert_status=ocsp.OCSPCertStatus.GOOD,
         this_update=now, next_update=now + dt.timedelta(hours=1), revocation_time=None,
         revocation_reason=None).responder_id(ocsp.OCSPResponderEncoding.HASH, root)
-    resp = await worker.sign(ec_key, lambda k: resp_builder.sign(k, hashes.SHA256()),
+    resp = await worker.sign(ec_key.label, lambda k: resp_builder.sign(k, hashes.SHA256()),
                              purpose="ocsp", actor="local")
     root.public_key().verify(resp.signature, resp.tbs_response_bytes, ec.ECDSA(hashes.SHA256()))
 
 
-async def test_ssh_certificate_from_hsm_key_passes_ssh_keygen(worker: HSMWorker,
+async def test_ssh_certificate_from_hsm_key_passes_ssh_keygen(worker: SigningPipeline,
                                                               tmp_path: Path) -> None:
     ssh_keygen = require("ssh-keygen")
     ca_key = await worker.load_key("ssh-user-ca")
@@ -150,7 +160,7 @@ async def test_ssh_certificate_from_hsm_key_passes_ssh_keygen(worker: HSMWorker,
                .type(serialization.SSHCertificateType.USER).key_id(b"alice:42")
                .valid_principals([b"alice"]).valid_after(now - 60).valid_before(now + 3600)
                .add_extension(b"permit-pty", b""))
-    cert = await worker.sign(ca_key, lambda k: builder.sign(k), purpose="ssh-user",
+    cert = await worker.sign(ca_key.label, lambda k: builder.sign(k), purpose="ssh-user",
                              actor="local")
     path = tmp_path / "id-cert.pub"
     path.write_bytes(cert.public_bytes())
@@ -158,72 +168,106 @@ async def test_ssh_certificate_from_hsm_key_passes_ssh_keygen(worker: HSMWorker,
                          check=True).stdout
     assert "Key ID: \"alice:42\"" in out
     assert "Serial: 42" in out
-    ca_fp = subprocess.run([ssh_keygen, "-l", "-f", "-"], input=ca_key.public_key().public_bytes(
+    ca_fp = subprocess.run([ssh_keygen, "-l", "-f", "-"], input=ca_key.public_key.public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode(),
         capture_output=True, text=True, check=True).stdout.split()[1]
     assert f"Signing CA: ECDSA {ca_fp}" in out
 
 
-async def test_keys_sign_only_through_the_audited_path(worker: HSMWorker) -> None:
-    key = await worker.load_key("issuing-ca")
-    with pytest.raises(HSMError, match=r"only inside HSMWorker\.sign"):
-        key.sign(b"x", ec.ECDSA(hashes.SHA256()))  # type: ignore[call-arg]
+async def test_the_hsm_signs_only_for_a_durable_intent_once(worker: SigningPipeline) -> None:
+    """The HSM's own rules, whoever calls it: an intent line that is not durable gets no
+    signature, a durable one gets exactly one, and no other thread gets in at all."""
+    await worker.load_key("issuing-ca")
+    scheme = Scheme("ecdsa", "sha256")
+    audit = worker._audit
+    beyond = audit.durable_size() + 1000
+    with pytest.raises(HSMError, match="is not durable"):
+        await worker.call(lambda hsm: hsm.sign("issuing-ca", scheme, b"x", beyond))
+    seq = await audit.append("test.intent")
+    sig = await worker.call(lambda hsm: hsm.sign("issuing-ca", scheme, b"x", seq))
+    assert sig
+    with pytest.raises(HSMError, match="signed for already"):
+        await worker.call(lambda hsm: hsm.sign("issuing-ca", scheme, b"y", seq))
+    with pytest.raises(HSMError, match="one thread per process"):
+        await asyncio.to_thread(worker.hsm.sign, "issuing-ca", scheme, b"z",
+                                await audit.append("test.intent"))
 
 
-async def test_two_thousand_concurrent_signatures(worker: HSMWorker) -> None:
+async def test_two_thousand_concurrent_signatures(worker: SigningPipeline) -> None:
     """What crashes SoftHSM without the single HSM thread: all must verify."""
-    key: HSMKey = await worker.load_key("issuing-ca")
+    key: KeyInfo = await worker.load_key("issuing-ca")
 
     async def one(i: int) -> tuple[bytes, bytes]:
         msg = f"message {i}".encode()
-        sig = await worker.sign(key, lambda k: k.sign(msg, ec.ECDSA(hashes.SHA256())),
+        sig = await worker.sign(key.label, lambda k: k.sign(msg, ec.ECDSA(hashes.SHA256())),
                                 purpose="x509", actor="local", request_id=str(i))
         return msg, sig
 
     results = await asyncio.gather(*(one(i) for i in range(2000)))
-    pub = key.public_key()
+    pub = key.public_key
     for msg, sig in results:
         pub.verify(sig, msg, ec.ECDSA(hashes.SHA256()))
     assert len({sig for _, sig in results}) == 2000
 
 
-async def test_a_signature_that_does_not_verify_is_never_released(worker: HSMWorker) -> None:
-    """SPEC section 5: a faulty HSM (here: a key whose public half is not the token's)
-    gives SignatureCheckFailed, and the outcome line says so instead of "ok"."""
-    real = await worker.load_key("issuing-ca")
-    wrong_pub = ec.generate_private_key(ec.SECP256R1()).public_key()
-    faulty = type(real)(worker, real.label, real.uri, real.key_type, wrong_pub)
-    with pytest.raises(SignatureCheckFailed, match="does not verify with the public key"):
-        await worker.sign(faulty, lambda k: k.sign(b"m", ec.ECDSA(hashes.SHA256())),
-                          purpose="x509", actor="local", request_id="faulty-hsm")
-    lines = [json.loads(line) for line in worker._oplog.path.read_bytes().splitlines()]
-    intent = next(x for x in lines if x.get("request_id") == "faulty-hsm")
+@pytest.mark.parametrize("key_type", ["ec-p256", "ed25519", "rsa-3072"])
+async def test_a_signature_that_does_not_verify_is_never_released(
+        worker: SigningPipeline, key_type: str) -> None:
+    """A faulty HSM (here: the token's key is not the public half the HSM layer checks
+    against) gives SignatureCheckFailed, and the outcome line says so instead of "ok"."""
+    label = f"lab-{key_type}"
+    try:
+        real = await worker.load_key(label)
+    except HSMError:
+        real = await worker.generate_key(label, key_type)
+    wrong = {"ec-p256": lambda: ec.generate_private_key(ec.SECP256R1()).public_key(),
+             "ed25519": lambda: ed25519.Ed25519PrivateKey.generate().public_key(),
+             "rsa-3072": lambda: rsa.generate_private_key(65537, 3072).public_key()}[key_type]()
+
+    def swap(hsm: HSM, pub: Any) -> None:
+        hsm._keys[label] = dataclasses.replace(real, public_key=pub)
+
+    def sign(k: Any) -> bytes:
+        if key_type == "ed25519":
+            return k.sign(b"m")  # type: ignore[no-any-return]
+        if key_type.startswith("rsa"):
+            return k.sign(b"m", padding.PKCS1v15(), hashes.SHA256())  # type: ignore[no-any-return]
+        return k.sign(b"m", ec.ECDSA(hashes.SHA256()))  # type: ignore[no-any-return]
+
+    await worker.call(lambda hsm: swap(hsm, wrong))
+    try:
+        with pytest.raises(SignatureCheckFailed, match="does not verify with the public key"):
+            await worker.sign(label, sign, purpose="x509", actor="local",
+                              request_id=f"faulty-hsm-{key_type}")
+    finally:
+        await worker.call(lambda hsm: swap(hsm, real.public_key))
+    lines = [json.loads(line) for line in worker._audit.path.read_bytes().splitlines()]
+    intent = next(x for x in lines if x.get("request_id") == f"faulty-hsm-{key_type}")
     outcome = next(x for x in lines if x.get("op_id") == intent["op_id"]
                    and x.get("phase") == "outcome")
     assert outcome["result"] == "SignatureCheckFailed"
-    # The worker is still usable with the right key.
-    sig = await worker.sign(real, lambda k: k.sign(b"m", ec.ECDSA(hashes.SHA256())),
-                            purpose="x509", actor="local")
-    real.public_key().verify(sig, b"m", ec.ECDSA(hashes.SHA256()))
+    assert "digest" not in outcome and "signature_digest" not in outcome
+    # The thread is still usable with the right key.
+    assert await worker.sign(label, sign, purpose="x509", actor="local")
 
 
-async def test_session_closed_under_the_worker_recovers(worker: HSMWorker) -> None:
+async def test_session_closed_under_the_worker_recovers(worker: SigningPipeline) -> None:
     """A session closed from under the worker is found out by the next signature,
     re-opened and logged in again at once, and that signature still succeeds (a
     request must not fail for a session the HSM gives back); the audit log shows the
     error and the reconnect."""
     key = await worker.load_key("issuing-ca")
-    before = worker.reconnects
-    await worker.run(lambda s: s.close())
-    sig = await worker.sign(key, lambda k: k.sign(b"m", ec.ECDSA(hashes.SHA256())),
+    before = worker.hsm.reconnects
+    await session(worker, lambda s: s.close())
+    sig = await worker.sign(key.label, lambda k: k.sign(b"m", ec.ECDSA(hashes.SHA256())),
                             purpose="x509", actor="local", request_id="after-close")
-    key.public_key().verify(sig, b"m", ec.ECDSA(hashes.SHA256()))
-    assert worker.reconnects == before + 1
+    key.public_key.verify(sig, b"m", ec.ECDSA(hashes.SHA256()))
+    assert worker.hsm.reconnects == before + 1
     assert worker.healthy
     # The HSM events go through the writer's queue: a line queued after them is on
     # disk only once they are.
-    await worker._oplog.append("test.barrier")
-    lines = [json.loads(line) for line in worker._oplog.path.read_bytes().splitlines()]
+    await worker._audit.append("test.barrier")
+    lines = [json.loads(line) for line in worker._audit.path.read_bytes().splitlines()]
     events = [(e["event"], e.get("result"), e.get("error")) for e in lines
               if e["event"] in ("hsm.error", "hsm.reconnect")]
     assert events[-2:] == [("hsm.error", None, "SessionHandleInvalid"),
@@ -238,32 +282,32 @@ async def test_session_closed_under_the_worker_recovers(worker: HSMWorker) -> No
 
 
 async def test_a_flapping_session_backs_off_instead_of_reopening_at_once(
-        worker: HSMWorker) -> None:
+        worker: SigningPipeline) -> None:
     """A session that breaks again right after it was re-opened is not re-opened on the
     spot by every signature (each would log in twice and log six lines): the
     signature gets HSMUnavailable, and the session comes back after its back-off."""
     key = await worker.load_key("issuing-ca")
 
     async def sign() -> bytes:
-        return await worker.sign(key, lambda k: k.sign(b"m", ec.ECDSA(hashes.SHA256())),
+        return await worker.sign(key.label, lambda k: k.sign(b"m", ec.ECDSA(hashes.SHA256())),
                                  purpose="x509", actor="local")
 
-    default = worker.flap_window_s
+    default = worker.hsm.flap_window_s
     try:
-        worker.flap_window_s = 0.0  # whatever the tests before did: nothing is flapping
-        await worker.run(lambda s: s.close())
+        worker.hsm.flap_window_s = 0.0  # whatever the tests before did: nothing is flapping
+        await session(worker, lambda s: s.close())
         await sign()  # re-opened at once
-        reopened = worker.reconnects
-        worker.flap_window_s = 3600.0  # and now it breaks again "right after"
-        await worker.run(lambda s: s.close())
+        reopened = worker.hsm.reconnects
+        worker.hsm.flap_window_s = 3600.0  # and now it breaks again "right after"
+        await session(worker, lambda s: s.close())
         with pytest.raises(HSMUnavailable):
             await sign()
-        assert worker.reconnects == reopened and not worker.healthy
+        assert worker.hsm.reconnects == reopened and not worker.healthy
         await worker.probe()  # waits for the back-off (well under a second), re-opens
-        assert worker.healthy and worker.reconnects == reopened + 1
+        assert worker.healthy and worker.hsm.reconnects == reopened + 1
         await sign()
     finally:
-        worker.flap_window_s = default
+        worker.hsm.flap_window_s = default
 
 
 @pytest.mark.parametrize("attr, value, name", [
@@ -271,7 +315,7 @@ async def test_a_flapping_session_backs_off_instead_of_reopening_at_once(
     (Attribute.EXTRACTABLE, True, "extractable"),
     (Attribute.MODIFIABLE, True, "modifiable"),
 ])
-async def test_each_protective_attribute_alone_is_enforced(worker: HSMWorker, attr: Attribute,
+async def test_each_protective_attribute_alone_is_enforced(worker: SigningPipeline, attr: Attribute,
                                                            value: bool, name: str) -> None:
     label = f"single-{name}"
 
@@ -284,6 +328,6 @@ async def test_each_protective_attribute_alone_is_enforced(worker: HSMWorker, at
         params.generate_keypair(store=True, label=label, id=label.encode(),
                                 private_template=template)
 
-    await worker.run(make)
+    await session(worker, make)
     with pytest.raises(HSMError, match=f"has {name}="):
         await worker.load_key(label)

@@ -13,6 +13,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from ca import ipc
+from ca.audit import wire
 from ca.audit.log import AuditLog
 from ca.audit.recorder import Recorder
 from ca.audit.verify import verify_log
@@ -25,8 +26,7 @@ class Harness:
         self.log = AuditLog.open(tmp / "log.jsonl")
         self.lost: dict[int, int] = {}
         self.lost_event = threading.Event()
-        self.recorder = Recorder(self.log, lambda: "a checkpoint", lambda w, p: None,
-                                 self._lost)
+        self.recorder = Recorder(self.log, lambda: "a checkpoint", self._lost)
 
     def _lost(self, worker: int, closed: int) -> None:
         self.lost[worker] = closed
@@ -42,18 +42,26 @@ class Harness:
         self.log.close()
 
 
-def ask(sock: socket.socket, message: dict[str, Any]) -> dict[str, Any]:
+_replies: ipc.Decoder[wire.Reply] = ipc.Decoder(wire.Reply)
+
+
+def ask(sock: socket.socket, message: Any) -> Any:
     sock.settimeout(WATCHDOG_S)
-    ipc.send(sock, message)
-    reply: dict[str, Any] = ipc.recv(sock)
+    ipc.send_frame(sock, ipc.encode(message))
+    return _replies.recv(sock)
+
+
+def append(sock: socket.socket, req_id: int, *lines: wire.Line) -> wire.Appended:
+    reply = ask(sock, wire.Append(req_id, list(lines)))
+    assert isinstance(reply, wire.Appended) and reply.id == req_id
     return reply
 
 
-def sign_line(phase: str, op_id: str) -> list[Any]:
+def sign_line(phase: str, op_id: str) -> wire.Line:
     fields: dict[str, Any] = {"phase": phase, "op_id": op_id}
     if phase == "outcome":
         fields["result"] = "ok"
-    return ["hsm.sign", fields]
+    return wire.Line("hsm.sign", fields)
 
 
 def test_a_worker_lost_mid_signature_leaves_a_log_that_verifies(tmp_path: Path) -> None:
@@ -61,17 +69,15 @@ def test_a_worker_lost_mid_signature_leaves_a_log_that_verifies(tmp_path: Path) 
     try:
         a_sign, a_chan = h.worker(1)
         b_sign, _b_chan = h.worker(2)
-        reply = ask(a_sign, {"op": "append", "id": 1, "entries": [
-            sign_line("intent", "done"), sign_line("outcome", "done"),
-            sign_line("intent", "open-1"), sign_line("intent", "open-2")]})
-        assert reply["errors"] == [None] * 4 and reply["seqs"] == [0, 1, 2, 3]
-        reply = ask(b_sign, {"op": "append", "id": 1, "entries": [sign_line("intent", "b")]})
-        assert reply["seqs"] == [4]
+        reply = append(a_sign, 1, sign_line("intent", "done"), sign_line("outcome", "done"),
+                       sign_line("intent", "open-1"), sign_line("intent", "open-2"))
+        assert reply.errors == [None] * 4 and reply.seqs == [0, 1, 2, 3]
+        assert append(b_sign, 1, sign_line("intent", "b")).seqs == [4]
         a_sign.close()
         a_chan.close()  # worker 1 dies with two signatures under way
         assert h.lost_event.wait(WATCHDOG_S)
         assert h.lost == {1: 2}
-        ask(b_sign, {"op": "append", "id": 2, "entries": [sign_line("outcome", "b")]})
+        append(b_sign, 2, sign_line("outcome", "b"))
     finally:
         h.close()
     data = (tmp_path / "log.jsonl").read_bytes()
@@ -90,8 +96,8 @@ def test_an_open_intent_without_the_recorder_closing_it_fails_verification(
     is refused by the verifier."""
     log = AuditLog.open(tmp_path / "log.jsonl")
     try:
-        for entry in (sign_line("intent", "open-1"),):
-            log.record(*entry).result()
+        line = sign_line("intent", "open-1")
+        log.record(line.event, line.fields).result()
     finally:
         log.close()
     key = ed25519.Ed25519PrivateKey.generate().public_key()
@@ -103,29 +109,21 @@ def test_questions_and_bad_requests(tmp_path: Path) -> None:
     h = Harness(tmp_path)
     try:
         sign, chan = h.worker(1)
-        ask(sign, {"op": "append", "id": 1, "entries": [["test.line", {"i": i}]
-                                                         for i in range(5)]})
-        health = ask(chan, {"op": "health", "id": 7})
-        assert health == {"id": 7, "healthy": True, "problem": None, "size": 5}
-        page = ask(chan, {"op": "read", "id": 8, "start": 1, "limit": 2})["data"]
+        append(sign, 1, *(wire.Line("test.line", {"i": i}) for i in range(5)))
+        assert ask(chan, wire.AskHealth(7)) == wire.Health(7, True, None, 5)
+        page = ask(chan, wire.ReadLines(8, 1, 2)).data
         assert [json.loads(x)["i"] for x in page.splitlines()] == [1, 2]
-        assert ask(chan, {"op": "checkpoint", "id": 9})["checkpoint"] == "a checkpoint"
-        assert len(ask(chan, {"op": "inclusion", "id": 10, "index": 1, "size": 5})[
-            "proof"]) == 3
-        assert "size <= 5" in ask(chan, {"op": "consistency", "id": 11, "old": 2,
-                                         "size": 6})["refused"]
-        assert "bad request" in ask(chan, {"op": "read", "id": 12, "start": "x",
-                                           "limit": 1})["refused"]
-        assert "unknown recorder request" in ask(chan, {"op": "nope", "id": 13})["refused"]
+        assert ask(chan, wire.AskCheckpoint(9)).text == "a checkpoint"
+        assert len(ask(chan, wire.InclusionProof(10, 1, 5)).hashes) == 3
+        assert "size <= 5" in ask(chan, wire.ConsistencyProof(11, 2, 6)).reason
         # A line that is not JSON is refused alone; the others of its batch are written.
-        reply = ask(sign, {"op": "append", "id": 2, "entries": [
-            ["test.line", {"x": float("nan")}], ["test.line", {"i": 5}]]})
-        assert reply["seqs"] == [None, 5] and reply["errors"][0].startswith("invalid:")
-        # Failed bootstrap-token attempts are counted per client, for all workers.
-        for _ in range(20):
-            ask(chan, {"op": "limit", "id": 14, "client": "10.0.0.1", "failed": True})
-        assert ask(chan, {"op": "limit", "id": 15, "client": "10.0.0.1"})["retry_after"] > 0
-        assert ask(chan, {"op": "limit", "id": 16, "client": "10.0.0.2"})["retry_after"] == 0
+        reply = append(sign, 2, wire.Line("test.line", {"x": float("nan")}),
+                       wire.Line("test.line", {"i": 5}))
+        assert reply.seqs == [None, 5] and reply.errors[0] is not None
+        assert reply.errors[0].kind == "invalid"
+        # Something that is not a message of the channel closes it: the worker is gone.
+        chan.sendall(ipc.encode({"op": "nope"}))
+        assert chan.recv(1) == b""
     finally:
         h.close()
 
@@ -165,16 +163,14 @@ def test_a_restarted_worker_is_not_taken_for_the_one_it_replaces(tmp_path: Path)
     h = Harness(tmp_path)
     try:
         old_sign, old_chan = h.worker(1)
-        ask(old_sign, {"op": "append", "id": 1, "entries": [sign_line("intent", "old")]})
+        append(old_sign, 1, sign_line("intent", "old"))
         new_sign, new_chan = h.worker(1)  # the same slot, old channels still open
-        ask(new_sign, {"op": "append", "id": 1, "entries": [sign_line("intent", "new")]})
+        append(new_sign, 1, sign_line("intent", "new"))
         old_sign.close()
         old_chan.close()
         assert h.lost_event.wait(WATCHDOG_S) and h.lost == {1: 1}
-        reply = ask(new_sign, {"op": "append", "id": 2, "entries": [sign_line("outcome",
-                                                                              "new")]})
-        assert reply["errors"] == [None]
-        assert ask(new_chan, {"op": "health", "id": 3})["healthy"]
+        assert append(new_sign, 2, sign_line("outcome", "new")).errors == [None]
+        assert ask(new_chan, wire.AskHealth(3)).healthy
     finally:
         h.close()
     data = (tmp_path / "log.jsonl").read_bytes()

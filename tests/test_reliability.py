@@ -23,7 +23,7 @@ from cryptography import x509 as cx
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ca import x509 as prof
+from ca.issuance import profiles as prof
 from tests.conftest import Daemon, hsmca, init_ca, require, start_daemon
 from tests.test_x509_e2e import http, new_token
 
@@ -282,6 +282,11 @@ async def test_bad_token_attempts_are_rate_limited(tmp_path: Path) -> None:
                 f"{d.url}/v1/x509/enroll", json={"csr": "x"}, ssl=d.ssl(),
                 headers={"Authorization": "Bearer forged-other"}) as r:
             assert r.status == 401 and json.loads(await r.read())["type"].endswith("bad-token")
+        # And a valid token is never refused for others' failures, not even from the
+        # address that failed (behind a NAT, that is everyone).
+        cert, _key = await enroll_service(d, tmp_path, "valid.internal.example")
+        assert cx.load_pem_x509_certificate(cert.read_bytes()).subject.rfc4514_string() == (
+            "CN=valid.internal.example")
     finally:
         assert d.stop() == 0
 
@@ -340,24 +345,24 @@ import asyncio, datetime as dt, sys
 from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from ca import x509 as prof
+from ca.issuance import profiles as prof
 from ca.audit.log import AuditLog
 from ca.config import load
-from hsm.worker import HSMWorker
+from ca.issuance.pipeline import SigningPipeline
 
 async def main():
     cfg = load(Path(sys.argv[1]))
     key = serialization.load_pem_private_key(Path(sys.argv[2]).read_bytes(), None)
     issuing = x509.load_pem_x509_certificate(cfg.issuing_pem.read_bytes())
     log = AuditLog.open(Path(sys.argv[4]))
-    w = HSMWorker(cfg.hsm, log)
+    w = SigningPipeline(cfg.hsm, log)
     w.start()
     ca_key = await w.load_key(cfg.key_label("issuing"))
     past = prof.utcnow() - dt.timedelta(days=2)
     b = prof.leaf_builder(prof.LeafProfile(key.public_key(), "expired.internal.example",
-                                           ["expired.internal.example"],
-                                           lifetime=dt.timedelta(hours=1)), issuing, past)
-    cert = await w.sign(ca_key, lambda k: b.sign(k, hashes.SHA256()), purpose="x509",
+                                           ["expired.internal.example"]), issuing,
+                          past, past + dt.timedelta(hours=1))
+    cert = await w.sign(ca_key.label, lambda k: b.sign(k, hashes.SHA256()), purpose="x509",
                         actor="test")
     Path(sys.argv[3]).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     w.close(); log.close()

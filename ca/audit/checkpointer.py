@@ -14,6 +14,7 @@ import base64
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -22,14 +23,16 @@ from ca.audit.note import sign_checkpoint
 from ca.audit.witness import FileWitness, WitnessRefused
 from ca.fileutil import write_atomic
 from hsm.errors import AuditUnavailable, HSMError
-from hsm.signers import HSMEd25519Key
-from hsm.worker import HSMWorker
+from hsm.session import KeyInfo
+
+if TYPE_CHECKING:
+    from ca.issuance.pipeline import SigningPipeline
 
 log = structlog.get_logger("hsmca.checkpoint")
 
 
 class Checkpointer:
-    def __init__(self, audit: AuditLog, hsm: HSMWorker, key: HSMEd25519Key, origin: str,
+    def __init__(self, audit: AuditLog, hsm: SigningPipeline, key: KeyInfo, origin: str,
                  path: Path, *, min_interval: float = 1.0, heartbeat: float = 60.0,
                  witnesses: Sequence[FileWitness] = ()) -> None:
         self.audit, self.hsm, self.key, self.origin, self.path = audit, hsm, key, origin, path
@@ -43,10 +46,10 @@ class Checkpointer:
         size, root = self.audit.root()
         key = self.key
         text = await self.hsm.sign(
-            key,
+            key.label,
             lambda k: sign_checkpoint(self.origin, size, root, self.origin, k.public_key(),
                                       k.sign),
-            purpose="checkpoint", actor=actor,
+            purpose="checkpoint", actor=actor, hash_name=None,
             details={"size": size, "root": base64.b64encode(root).decode()},
             describe=lambda note: {"checkpoint": note})
         # Two fsyncs: off the event loop, which has requests in flight.

@@ -1,11 +1,12 @@
 """The audit log as a worker process sees it: a link to the primary's recorder.
 
-It satisfies the HSM layer's OpLog. The HSM thread's intents and outcomes go over a
-channel of their own, synchronously (`append_durable`: send, wait for the seqs), so
-a group of signatures costs two round trips and no thread hand-off. Everything
-else (`record`, `record_async`, the auditor endpoints' questions) goes through a
-link thread on a second channel, which sends whatever was asked while its last
-round trip ran in one write.
+It is the worker's audit sink (ca/issuance/pipeline.py) and its HSM's operation
+log (hsm/oplog.py). The signing thread's intents and outcomes go over a channel of
+their own, synchronously (`append_durable`: send, wait for the seqs), so a group of
+signatures costs two round trips and no thread hand-off. Everything else (`record`,
+`append`, the auditor endpoints' questions) goes through a link thread on a second
+channel, which sends whatever was asked while its last round trip ran in one write.
+Messages are typed (ca/audit/wire.py).
 
 If the primary goes away, nothing can be recorded any more, so nothing may be
 signed: the worker process exits at once (`on_lost`).
@@ -13,20 +14,24 @@ signed: the worker process exits at once (`on_lost`).
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures as cf
 import itertools
 import queue
 import socket
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
+
+import msgspec
 
 from ca import ipc
-from hsm.completion import STOP, Batch, Coalescer, Sink, async_sink, claim, drain_queue, stop_thread
+from ca.audit import wire
+from ca.handoff import STOP, Batch, Coalescer, Sink, async_sink, claim, drain_queue, stop_thread
 from hsm.errors import AuditUnavailable
 
 ANSWER_TIMEOUT_S = 60.0
+R = TypeVar("R")
+_replies: ipc.Decoder[wire.Reply] = ipc.Decoder(wire.Reply)
 
 
 class RecorderRefused(ValueError):
@@ -45,54 +50,72 @@ class AuditLink:
         self._chan = channel
         self._on_lost = on_lost
         self._ids = itertools.count(1)
+        self._durable = 0
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._coalescer = Coalescer(self._queue)
         self.problem: str | None = None  # why the link to the primary was lost, if it was
         self._thread = threading.Thread(target=self._link, name="audit-link", daemon=True)
         self._thread.start()
 
-    # ---- OpLog --------------------------------------------------------------------------
+    # ---- the audit sink ---------------------------------------------------------------
+
+    def durable_size(self) -> int:
+        """The recorder hands out a seq only once its line is durable, and lines are
+        appended in seq order: everything below the highest seq seen is durable."""
+        return self._durable
 
     def append_durable(self, entries: Sequence[tuple[str, Mapping[str, Any]]]
                        ) -> list[cf.Future[int]]:
         try:
-            frame = ipc.encode({"op": "append", "id": 0, "entries": list(entries)})
+            frame = ipc.encode(wire.Append(0, [wire.Line(e, dict(f)) for e, f in entries]))
         except (TypeError, ValueError, OverflowError) as exc:  # a caller's bug: not plain data
-            return [self._failed(exc) for _ in entries]
+            return [_failed(exc) for _ in entries]
         with self._sign_lock:
             try:
                 ipc.send_frame(self._sign, frame)
-                reply = ipc.recv(self._sign)
-                return [self._settled(seq, err) for seq, err in zip(
-                    reply["seqs"], reply["errors"], strict=True)]
-            except (ipc.ChannelClosed, ValueError, KeyError, TypeError) as exc:  # gone, stuck,
-                self._lost(str(exc))                                           # or garbled
+                reply = _replies.recv(self._sign)
+                if not isinstance(reply, wire.Appended) or len(reply.seqs) != len(entries):
+                    raise ipc.ChannelClosed(f"an answer that does not fit: {type(reply)}")
+            except ipc.ChannelClosed as exc:  # gone, stuck, or garbled
+                self._lost(str(exc))
                 gone = AuditUnavailable("the audit log's writer (the primary process) is gone")
-                return [self._failed(gone) for _ in entries]
+                return [_failed(gone) for _ in entries]
+        return [self._settled(seq, err) for seq, err in zip(reply.seqs, reply.errors,
+                                                            strict=True)]
 
     def record(self, event: str, fields: Mapping[str, Any]) -> cf.Future[int]:
         fut: cf.Future[int] = cf.Future()
-        self._queue.put(({"op": "append", "entries": [(event, fields)]}, fut))
-        return fut
-
-    def record_async(self, event: str, fields: Mapping[str, Any]) -> asyncio.Future[int]:
-        fut, sink = async_sink()
-        self._coalescer.put(sink[0], ({"op": "append", "entries": [(event, fields)]}, sink))
+        self._queue.put((_append_of(event, fields), fut))
         return fut
 
     async def append(self, event: str, **fields: Any) -> int:
-        return await self.record_async(event, fields)
+        return await self._ask(_append_of(event, fields), int)
 
     # ---- questions for the recorder ------------------------------------------------------
 
-    async def ask(self, op: str, **args: Any) -> dict[str, Any]:
-        """One question to the recorder (read, inclusion, consistency, checkpoint,
-        health); RecorderRefused if it says no."""
+    async def read(self, start: int, limit: int) -> bytes:
+        return (await self._ask(wire.ReadLines(0, start, limit), wire.Lines)).data
+
+    async def inclusion_proof(self, index: int, size: int) -> list[bytes]:
+        return (await self._ask(wire.InclusionProof(0, index, size), wire.Proof)).hashes
+
+    async def consistency_proof(self, old: int, size: int) -> list[bytes]:
+        return (await self._ask(wire.ConsistencyProof(0, old, size), wire.Proof)).hashes
+
+    async def checkpoint(self) -> str | None:
+        return (await self._ask(wire.AskCheckpoint(0), wire.Checkpoint)).text
+
+    async def health(self) -> wire.Health:
+        return await self._ask(wire.AskHealth(0), wire.Health)
+
+    async def _ask(self, message: Any, kind: type[R]) -> R:
         fut, sink = async_sink()
-        self._coalescer.put(sink[0], ({"op": op, **args}, sink))
-        reply: dict[str, Any] = await fut
-        if reply.get("refused"):
-            raise RecorderRefused(reply["refused"])
+        self._coalescer.put(sink[0], (message, sink))
+        reply = await fut
+        if isinstance(reply, wire.Refused):
+            raise RecorderRefused(reply.reason)
+        if not isinstance(reply, kind):
+            raise AuditUnavailable(f"the recorder answered {type(reply).__name__}")
         return reply
 
     def close(self) -> None:
@@ -102,25 +125,24 @@ class AuditLink:
 
     # ---- the link thread ----------------------------------------------------------------
 
-    @staticmethod
-    def _failed(exc: BaseException) -> cf.Future[int]:
-        fut: cf.Future[int] = cf.Future()
-        fut.set_exception(exc)
-        return fut
+    def _seen(self, seq: int) -> None:
+        if seq >= self._durable:
+            self._durable = seq + 1
 
-    def _settled(self, seq: int | None, error: str | None) -> cf.Future[int]:
+    def _settled(self, seq: int | None, error: wire.Failure | None) -> cf.Future[int]:
         fut: cf.Future[int] = cf.Future()
         if error is None and seq is not None:
+            self._seen(seq)
             fut.set_result(seq)
         else:
-            fut.set_exception(_error(error or "unavailable:no seq"))
+            fut.set_exception(_error(error))
         return fut
 
     def _link(self) -> None:
         while True:
             items = drain_queue(self._queue, self._queue.get())
             stop = any(item is STOP for item in items)
-            jobs: dict[int, tuple[dict[str, Any], Sink]] = {}
+            jobs: dict[int, Sink] = {}
             out = bytearray()
             results = Batch()
             for item in items:
@@ -131,27 +153,27 @@ class AuditLink:
                     continue
                 req_id = next(self._ids)
                 try:
-                    out += ipc.encode({**message, "id": req_id})
+                    out += ipc.encode(msg_with_id(message, req_id))
                 except (TypeError, ValueError, OverflowError) as exc:  # a caller's bug
                     results.fail(sink, exc)  # not plain data: refused alone
                     continue
-                jobs[req_id] = (message, sink)
+                jobs[req_id] = sink
             try:
                 if out:
                     self._chan.sendall(out)
                 while jobs:
-                    reply = ipc.recv(self._chan)
-                    message, sink = jobs.pop(reply.get("id"))
-                    if message["op"] != "append":
+                    reply = _replies.recv(self._chan)
+                    sink = jobs.pop(reply.id)
+                    if not isinstance(reply, wire.Appended):
                         results.ok(sink, reply)
                         continue
-                    err = reply["errors"][0]
-                    if err is None:
-                        results.ok(sink, reply["seqs"][0])
+                    settled = self._settled(reply.seqs[0], reply.errors[0])
+                    if settled.exception() is None:
+                        results.ok(sink, settled.result())
                     else:
-                        results.fail(sink, _error(err))
-            except (OSError, ValueError, KeyError, TypeError) as exc:  # gone, or garbled
-                for _, sink in jobs.values():
+                        results.fail(sink, settled.exception())  # type: ignore[arg-type]
+            except (OSError, KeyError, IndexError) as exc:  # gone, or garbled
+                for sink in jobs.values():
                     results.fail(sink, AuditUnavailable("the audit log's writer (the primary "
                                                         "process) is gone"))
                 results.flush()
@@ -166,8 +188,24 @@ class AuditLink:
         self._on_lost(self.problem)
 
 
-def _error(text: str) -> Exception:
-    kind, _, detail = text.partition(":")
-    if kind == "unavailable":
-        return AuditUnavailable(detail)
-    return ValueError(detail)
+def _append_of(event: str, fields: Mapping[str, Any]) -> wire.Append:
+    return wire.Append(0, [wire.Line(event, dict(fields))])
+
+
+def msg_with_id(message: Any, req_id: int) -> Any:
+    """The message with its request id (they are frozen structs)."""
+    return msgspec.structs.replace(message, id=req_id)
+
+
+def _failed(exc: BaseException) -> cf.Future[int]:
+    fut: cf.Future[int] = cf.Future()
+    fut.set_exception(exc)
+    return fut
+
+
+def _error(failure: wire.Failure | None) -> Exception:
+    if failure is None:
+        return AuditUnavailable("the recorder gave no seq")
+    if failure.kind == "unavailable":
+        return AuditUnavailable(failure.detail)
+    return ValueError(failure.detail)

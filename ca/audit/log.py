@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ca.audit.merkle import MerkleTree, leaf_hash
 from ca.audit.note import NoteError, parse_checkpoint, verify_checkpoint
-from hsm.completion import STOP, Batch, Coalescer, Sink, async_sink, claim, drain_queue, stop_thread
+from ca.handoff import STOP, Batch, Coalescer, Sink, async_sink, claim, drain_queue, stop_thread
 from hsm.errors import AuditUnavailable
 
 GENESIS = "0" * 64
@@ -321,6 +321,10 @@ class AuditLog:
     @property
     def size(self) -> int:
         """Number of durable lines."""
+        return self._next_seq
+
+    def durable_size(self) -> int:
+        """The operation log's promise to the HSM (hsm/oplog.py): lines below are on disk."""
         return self._next_seq
 
     def root(self) -> tuple[int, bytes]:

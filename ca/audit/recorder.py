@@ -1,11 +1,12 @@
 """The primary's end of the workers' audit channels.
 
 Worker processes do the HTTP, TLS and signing; the primary alone writes the audit
-log (SPEC section 6: one writer). A worker sends its lines here; this thread
+log (one writer: docs/audit-log.md). A worker sends its lines here; this thread
 gathers what every worker sent while the last commit ran, writes it all in one
-group commit, and answers each worker with the seq (or the error) of each line.
-It also answers the auditor endpoints' questions about the log (entries, sizes,
-proofs, the latest checkpoint) for the workers that serve them.
+group commit, and answers each worker with the seq (or the typed failure) of each
+line. It also answers the auditor endpoints' questions about the log (entries,
+sizes, proofs, the latest checkpoint) for the workers that serve them. Messages
+are typed (ca/audit/wire.py).
 
 It keeps the open signatures of each worker: if a worker dies between an intent
 and its outcome, the outcome is written here (`WorkerLost`, never released), so
@@ -26,11 +27,12 @@ from typing import Any
 import structlog
 
 from ca import ipc
+from ca.audit import wire
 from ca.audit.log import AuditLog
-from ca.ratelimit import FailureLimiter
 from hsm.errors import AuditUnavailable
 
 log = structlog.get_logger("hsmca.recorder")
+_requests: ipc.Decoder[wire.Request] = ipc.Decoder(wire.Request)
 MAX_ENTRIES = 1000  # lines per page of /v1/audit/entries
 
 
@@ -49,20 +51,18 @@ class _Worker:
 class _Channel:
     sock: socket.socket
     worker: int  # key of _Worker
-    reader: ipc.FrameReader = field(default_factory=ipc.FrameReader)
+    reader: ipc.FrameReader[wire.Request] = field(
+        default_factory=lambda: ipc.FrameReader(_requests))
 
 
 class Recorder:
     def __init__(self, audit: AuditLog, latest_checkpoint: Callable[[], str | None],
-                 on_ready: Callable[[int, int], None],
                  on_lost: Callable[[int, int], None] | None = None) -> None:
         self.audit = audit
         self._latest_checkpoint = latest_checkpoint
-        # Called on this thread: (worker id, pid) once a worker listens; (worker id,
-        # signatures closed as WorkerLost) once a worker's channels are all gone.
-        self._on_ready = on_ready
+        # Called on this thread with (worker slot, signatures closed as WorkerLost)
+        # once a worker's channels are all gone.
         self._on_lost = on_lost
-        self.limiter = FailureLimiter()
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -95,7 +95,7 @@ class Recorder:
     def _run(self) -> None:
         try:
             while not self._stopping:
-                appends: list[tuple[_Channel, int, list[Any]]] = []
+                appends: list[tuple[_Channel, wire.Append]] = []
                 for key, _ in self._sel.select():
                     if key.data is None:
                         self._wake_r.recv(4096)
@@ -132,22 +132,20 @@ class Recorder:
                 self._sel.register(sock, selectors.EVENT_READ,
                                    _Channel(sock, self._attached))
 
-    def _read(self, chan: _Channel, appends: list[tuple[_Channel, int, list[Any]]]) -> None:
+    def _read(self, chan: _Channel, appends: list[tuple[_Channel, wire.Append]]) -> None:
         try:
             data = chan.sock.recv(1 << 20)
             messages = chan.reader.feed(data) if data else None
-        except (OSError, ValueError):  # ChannelClosed, or a frame that does not decode
+        except OSError:  # ChannelClosed, or a frame that is not a message
             messages = None
         if messages is None:  # the worker closed its end (it exited), or talks nonsense
             self._drop(chan)
             return
         for msg in messages:
-            op = msg.get("op") if isinstance(msg, dict) else None
-            if op == "append" and isinstance(msg.get("entries"), list):
-                appends.append((chan, msg.get("id"), msg["entries"]))
+            if isinstance(msg, wire.Append):
+                appends.append((chan, msg))
             else:
-                self._reply(chan, {"id": msg.get("id") if isinstance(msg, dict) else None,
-                                   **self._answer(chan, op, msg)})
+                self._reply(chan, self._answer(msg))
 
     def _drop(self, chan: _Channel) -> None:
         if chan.sock.fileno() < 0:
@@ -156,70 +154,55 @@ class Recorder:
         chan.sock.close()
         self._channel_lost(chan.worker)
 
-    def _answer(self, chan: _Channel, op: str | None, msg: Any) -> dict[str, Any]:
+    def _answer(self, msg: wire.Request) -> wire.Reply:
         audit = self.audit
-        try:
-            if op == "ready":
-                state = self._workers.get(chan.worker)
-                if state is not None:
-                    self._on_ready(state.slot, int(msg["pid"]))
-                return {}
-            if op == "limit":  # bootstrap-token failures, counted for the whole daemon
-                client = str(msg["client"])
-                if msg.get("failed"):
-                    self.limiter.failed(client)
-                return {"retry_after": self.limiter.retry_after(client)}
-            if op == "health":
-                return {"healthy": audit.healthy, "problem": audit.problem, "size": audit.size}
-            if op == "checkpoint":
-                return {"checkpoint": self._latest_checkpoint()}
-            if op == "read":
-                start, limit = int(msg["start"]), min(int(msg["limit"]), MAX_ENTRIES)
-                return {"data": audit.read_lines(start, limit)}
-            if op == "inclusion":
-                index, size = int(msg["index"]), int(msg["size"])
-                if not 0 <= index < size <= audit.size:
-                    return {"refused": f"need 0 <= index < size <= {audit.size} (the log's "
-                                       "current size)"}
-                return {"proof": audit.inclusion_proof(index, size)}
-            if op == "consistency":
-                old, size = int(msg["old"]), int(msg["size"])
-                if not 0 < old <= size <= audit.size:
-                    return {"refused": f"need 0 < old <= size <= {audit.size} (the log's "
-                                       "current size)"}
-                return {"proof": audit.consistency_proof(old, size)}
-        except (KeyError, TypeError, ValueError) as exc:
-            return {"refused": f"bad request to the recorder: {exc}"}
-        return {"refused": f"unknown recorder request {op!r}"}
+        if isinstance(msg, wire.AskHealth):
+            return wire.Health(msg.id, audit.healthy, audit.problem, audit.size)
+        if isinstance(msg, wire.AskCheckpoint):
+            return wire.Checkpoint(msg.id, self._latest_checkpoint())
+        if isinstance(msg, wire.ReadLines):
+            return wire.Lines(msg.id, audit.read_lines(msg.start, min(msg.limit, MAX_ENTRIES)))
+        if isinstance(msg, wire.InclusionProof):
+            if not 0 <= msg.index < msg.size <= audit.size:
+                return wire.Refused(msg.id, f"need 0 <= index < size <= {audit.size} (the "
+                                            "log's current size)")
+            return wire.Proof(msg.id, audit.inclusion_proof(msg.index, msg.size))
+        if isinstance(msg, wire.ConsistencyProof):
+            if not 0 < msg.old <= msg.size <= audit.size:
+                return wire.Refused(msg.id, f"need 0 < old <= size <= {audit.size} (the log's "
+                                            "current size)")
+            return wire.Proof(msg.id, audit.consistency_proof(msg.old, msg.size))
+        return wire.Refused(msg.id, f"unknown recorder request {type(msg).__name__}")
 
-    def _commit(self, appends: list[tuple[_Channel, int, list[Any]]]) -> None:
+    def _commit(self, appends: list[tuple[_Channel, wire.Append]]) -> None:
         """One group commit for every line the workers sent this round."""
-        entries = [_entry(item) for _, _, batch in appends for item in batch]
+        entries = [(line.event, line.fields) for _, msg in appends for line in msg.lines]
         futs = self.audit.append_durable(entries)
         pos = 0
-        for chan, req_id, batch in appends:
+        for chan, msg in appends:
+            n = len(msg.lines)
             seqs: list[int | None] = []
-            errors: list[str | None] = []
+            errors: list[wire.Failure | None] = []
             state = self._workers.get(chan.worker)
             open_ops = state.open_ops if state is not None else {}
-            for (event, fields), fut in zip(entries[pos:pos + len(batch)],
-                                            futs[pos:pos + len(batch)], strict=True):
+            for (event, fields), fut in zip(entries[pos:pos + n], futs[pos:pos + n],
+                                            strict=True):
                 exc = fut.exception()
                 seqs.append(None if exc else fut.result())
                 errors.append(None if exc is None else (
-                    f"unavailable:{exc}" if isinstance(exc, AuditUnavailable)
-                    else f"invalid:{type(exc).__name__}: {exc}"))
-                if event == "hsm.sign" and isinstance(fields, dict):
+                    wire.Failure("unavailable", str(exc)) if isinstance(exc, AuditUnavailable)
+                    else wire.Failure("invalid", f"{type(exc).__name__}: {exc}")))
+                if event == "hsm.sign":
                     op_id = fields.get("op_id")
                     if fields.get("phase") == "intent" and exc is None:
                         open_ops[op_id] = None
                     elif fields.get("phase") == "outcome":
                         # Written, or owed by the log if the disk refused it: closed.
                         open_ops.pop(op_id, None)
-            pos += len(batch)
-            self._reply(chan, {"id": req_id, "seqs": seqs, "errors": errors})
+            pos += n
+            self._reply(chan, wire.Appended(msg.id, seqs, errors))
 
-    def _reply(self, chan: _Channel, message: dict[str, Any]) -> None:
+    def _reply(self, chan: _Channel, message: wire.Reply) -> None:
         if chan.sock.fileno() < 0:
             return
         try:
@@ -258,12 +241,3 @@ class Recorder:
                 break
         log.warning("a worker exited with signatures under way", worker=state.slot,
                     closed=len(lost))
-
-
-def _entry(item: Any) -> tuple[str, Any]:
-    """A line as a worker sent it: [event, fields]; anything else becomes a line the
-    log refuses alone (it is not JSON), so a bad entry cannot spoil its batch."""
-    if isinstance(item, list | tuple) and len(item) == 2 and isinstance(item[0], str) \
-            and isinstance(item[1], dict):
-        return item[0], item[1]
-    return "invalid", {"entry": object()}

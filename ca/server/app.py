@@ -12,18 +12,37 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from ca.authority import Authority
+from ca.issuance.issue import Issuance
 from ca.metrics import Metrics
+from ca.revocation import Revocations
 from ca.server.audit_routes import routes as audit_routes
-from ca.server.common import AUTHORITY, METRICS, authority, identity
+from ca.server.common import (
+    AUDIT,
+    GATE,
+    HSM_HEALTH,
+    ISSUANCE,
+    LIMIT,
+    METRICS,
+    REVOCATIONS,
+    SETTINGS,
+    STORE,
+    TOKENS,
+    AuditReader,
+    Gate,
+    Health,
+    Settings,
+    TokenLimit,
+    identity,
+)
 from ca.server.problems import Handler, Problem, problem_middleware
 from ca.server.ssh_routes import routes as ssh_routes
 from ca.server.x509_routes import routes as x509_routes
+from ca.store import Store
+from ca.tokens import Tokens
 from hsm.errors import AuditUnavailable, HSMError
 from hsm.ids import IdSource
 
 MAX_BODY = 64 * 1024
-METRICS_NETS = web.AppKey("metrics_nets", tuple)
 log = structlog.get_logger("hsmca.http")
 _request_ids = IdSource(4)
 
@@ -55,27 +74,28 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
 routes = web.RouteTableDef()
 
 
-async def audit_state(auth: Authority) -> dict[str, Any]:
+async def audit_state(audit: AuditReader) -> dict[str, Any]:
     """The audit log's state ({healthy, problem, size}), from the primary process,
     which writes it; unhealthy if the primary does not answer."""
     try:
-        return await asyncio.wait_for(auth.audit.ask("health"), timeout=2.0)
+        h = await asyncio.wait_for(audit.health(), timeout=2.0)
+        return {"healthy": h.healthy, "problem": h.problem, "size": h.size}
     except (AuditUnavailable, TimeoutError):
         return {"healthy": False, "size": 0,
-                "problem": auth.audit.problem or "the primary process does not answer"}
+                "problem": audit.problem or "the primary process does not answer"}
 
 
 @routes.get("/health")
 async def health(request: web.Request) -> web.Response:
-    auth = authority(request)
+    hsm = request.app[HSM_HEALTH]
     try:  # ask the HSM itself: a removed token is otherwise noticed only at the next sign
-        await asyncio.wait_for(auth.hsm.probe(max_wait=1.0), timeout=2.0)
+        await asyncio.wait_for(hsm.probe(max_wait=1.0), timeout=2.0)
     except (HSMError, TimeoutError):
-        pass  # the worker now knows; its state below says why
-    state = await audit_state(auth)
+        pass  # the signing thread now knows; its state below says why
+    state = await audit_state(request.app[AUDIT])
     audit = "ok" if state["healthy"] else f"unavailable: {state['problem']}"
-    parts = {"hsm": "ok" if auth.hsm.healthy else f"unavailable: {auth.hsm.problem or 'busy'}",
-             "audit": audit, "store": "ok" if auth.store.healthy else "unavailable"}
+    parts = {"hsm": "ok" if hsm.healthy else f"unavailable: {hsm.problem or 'busy'}",
+             "audit": audit, "store": "ok" if request.app[STORE].healthy else "unavailable"}
     ok = all(v == "ok" for v in parts.values())
     return web.json_response({"status": "ok" if ok else "unavailable", **parts},
                              status=200 if ok else 503)
@@ -84,14 +104,16 @@ async def health(request: web.Request) -> web.Response:
 @routes.get("/v1/whoami")
 async def whoami(request: web.Request) -> web.Response:
     """What the CA knows of the presented client certificate (any role)."""
-    rec = identity(request).record
-    return web.json_response({"serial": rec.serial, "role": rec.role, "names": rec.names,
-                              "principals": rec.principals, "not_after": rec.not_after})
+    who = await identity(request)
+    rec = await request.app[GATE].record(who.fingerprint)
+    return web.json_response({"serial": who.serial, "role": who.role, "names": list(who.names),
+                              "principals": list(who.principals),
+                              "not_after": rec.not_after if rec else None})
 
 
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
-    allowed = request.app[METRICS_NETS]
+    allowed = request.app[SETTINGS].metrics_allow
     try:
         remote = ipaddress.ip_address(request.remote or "")
     except ValueError:
@@ -99,19 +121,21 @@ async def metrics(request: web.Request) -> web.Response:
     if remote is None or not any(remote in net for net in allowed):
         raise Problem(403, "Forbidden", f"/metrics is served to {', '.join(map(str, allowed))}"
                       " only ([server] metrics-allow in hsmca.toml)", "metrics-forbidden")
-    auth = authority(request)
-    return web.Response(body=request.app[METRICS].render(auth.hsm, await audit_state(auth)),
+    body = request.app[METRICS].render(request.app[HSM_HEALTH],
+                                       await audit_state(request.app[AUDIT]))
+    return web.Response(body=body,
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
-def build_app(auth: Authority, metrics: Metrics | None = None) -> web.Application:
+def build_app(*, gate: Gate, tokens: Tokens, issuance: Issuance, revocations: Revocations,
+              audit: AuditReader, limit: TokenLimit, hsm: Health, store: Store,
+              settings: Settings, metrics: Metrics | None = None) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY,
                           middlewares=[request_middleware, problem_middleware])
-    app[AUTHORITY] = auth
-    m = metrics or Metrics()
-    m.watch(auth.hsm)
-    app[METRICS] = m
-    app[METRICS_NETS] = tuple(ipaddress.ip_network(n) for n in auth.config.metrics_allow)
+    app[GATE], app[TOKENS], app[ISSUANCE], app[REVOCATIONS] = gate, tokens, issuance, revocations
+    app[AUDIT], app[LIMIT], app[HSM_HEALTH], app[STORE] = audit, limit, hsm, store
+    app[SETTINGS] = settings
+    app[METRICS] = metrics or Metrics()
     for table in (routes, x509_routes, ssh_routes, audit_routes):
         app.add_routes(table)
     return app
@@ -130,4 +154,6 @@ def tls_context(cert: Path, key: Path, client_ca: Path) -> ssl.SSLContext:
     ctx.load_verify_locations(cafile=str(client_ca))
     ctx.verify_mode = ssl.CERT_OPTIONAL
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    # TLS 1.2: forward-secret AEAD suites only (no CBC); TLS 1.3 has nothing else.
+    ctx.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20")
     return ctx

@@ -1,4 +1,5 @@
-"""Helpers every route uses: the caller's identity, JSON bodies, CSR parsing."""
+"""What every route uses: the app's parts (typed keys), the caller's identity, JSON
+bodies, CSR parsing. Routes parse and answer; the registration authority decides."""
 
 from __future__ import annotations
 
@@ -6,39 +7,100 @@ import datetime as dt
 import hashlib
 import json
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from cryptography import x509
 
-from ca.authority import Authority
+from ca import ra
+from ca.audit import wire
+from ca.issuance.issue import Issuance
+from ca.issuance.issuers import Issuers
 from ca.metrics import Metrics
-from ca.policy import PARSE_ERRORS
+from ca.policy import PARSE_ERRORS, Policy
+from ca.revocation import Revocations
 from ca.server.problems import Problem
-from ca.store import CertRecord
+from ca.store import CertRecord, Store
+from ca.tokens import Tokens
 
-AUTHORITY = web.AppKey("authority", Authority)
+
+class AuditReader(Protocol):
+    """The audit log as the routes see it (ca/audit/link.py in a worker)."""
+
+    problem: str | None
+
+    async def append(self, event: str, **fields: Any) -> int: ...
+    async def read(self, start: int, limit: int) -> bytes: ...
+    async def inclusion_proof(self, index: int, size: int) -> list[bytes]: ...
+    async def consistency_proof(self, old: int, size: int) -> list[bytes]: ...
+    async def checkpoint(self) -> str | None: ...
+    async def health(self) -> wire.Health: ...
+
+
+class TokenLimit(Protocol):
+    async def token_failed(self, client: str) -> int: ...
+
+
+class Health(Protocol):
+    """The signing thread's HSM session, as /health and /metrics see it."""
+
+    @property
+    def healthy(self) -> bool: ...
+    @property
+    def problem(self) -> str | None: ...
+    @property
+    def queue_depth(self) -> int: ...
+    async def probe(self, max_wait: float = 1.0) -> None: ...
+
+
+@dataclass
+class Settings:
+    policy: Policy
+    metrics_allow: tuple[Any, ...]
+    audit_origin: str
+
+
+class Gate:
+    """Who a client is (from the inventory) and the registration authority's context
+    as of now."""
+
+    def __init__(self, store: Store, revocations: Revocations, issuers: Issuers,
+                 policy: Callable[[], Policy]) -> None:
+        self.store, self.revocations, self.issuers, self._policy = (
+            store, revocations, issuers, policy)
+        self._cache: dict[str, CertRecord] = {}
+
+    async def record(self, fingerprint: str) -> CertRecord | None:
+        """The inventory record of a presented client certificate, by the SHA-256 of its
+        DER (cached: records never change but for revocation, checked apart)."""
+        rec = self._cache.get(fingerprint)
+        if rec is None:
+            rec = await self.store.cert_by_fingerprint(fingerprint)
+            if rec is None:
+                return None
+            if len(self._cache) > 10_000:
+                self._cache.clear()
+            self._cache[fingerprint] = rec
+        return rec
+
+    async def context(self) -> ra.Context:
+        _, revoked_keys = await self.revocations.revoked_ssh_keys.get()
+        return ra.Context(self._policy(), dt.datetime.now(dt.UTC).replace(microsecond=0),
+                          self.issuers, revoked_keys.__contains__)
+
+
+GATE = web.AppKey("gate", Gate)
+TOKENS = web.AppKey("tokens", Tokens)
+ISSUANCE = web.AppKey("issuance", Issuance)
+REVOCATIONS = web.AppKey("revocations", Revocations)
+AUDIT = web.AppKey("audit", AuditReader)
+LIMIT = web.AppKey("token_limit", TokenLimit)
+HSM_HEALTH = web.AppKey("hsm_health", Health)
+STORE = web.AppKey("store", Store)
+SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
-
-
-@dataclass(frozen=True)
-class Identity:
-    record: CertRecord
-    der: bytes
-    fingerprint: str
-
-    @property
-    def actor(self) -> str:
-        return f"cert:{self.fingerprint}:{self.record.subject}"
-
-    @property
-    def serial(self) -> int:
-        return int(self.record.serial, 16)
-
-
-def authority(request: web.Request) -> Authority:
-    return request.app[AUTHORITY]
 
 
 def peer_der(request: web.Request) -> bytes | None:
@@ -49,40 +111,47 @@ def peer_der(request: web.Request) -> bytes | None:
     return sslobj.getpeercert(binary_form=True)
 
 
-def identity(request: web.Request, *roles: str) -> Identity:
+async def identity(request: web.Request, *roles: str) -> ra.CertHolder:
     """The inventory record behind the client certificate; 401/403 otherwise.
 
     The TLS layer has already checked the chain to our CA and the validity period;
     here the certificate must also be one we issued (in the inventory), unrevoked,
-    and of one of `roles` (from the inventory, never from anything the client says).
+    unexpired, and (for the read-only endpoints that name them) of one of `roles`,
+    from the inventory, never from anything the client says.
     """
-    cached = request.get("identity")
+    cached: ra.CertHolder | None = request.get("identity")
     if cached is None:
         der = peer_der(request)
         if der is None:
             raise Problem(401, "Unauthorized", "this endpoint needs a client certificate issued "
                           "by this CA (mutual TLS)", "client-certificate-required")
-        auth = authority(request)
+        gate = request.app[GATE]
         fingerprint = hashlib.sha256(der).hexdigest()
-        rec = auth.identity(fingerprint)
+        rec = await gate.record(fingerprint)
         if rec is None:
             raise Problem(403, "Forbidden", "the client certificate is not in this CA's "
                           "inventory", "unknown-certificate")
-        if auth.is_revoked(rec.serial):
+        if await gate.revocations.is_revoked(rec.serial):
             raise Problem(403, "Forbidden", f"the client certificate {rec.serial} has been "
                           "revoked", "revoked-certificate")
         if dt.datetime.fromisoformat(rec.not_after) < dt.datetime.now(dt.UTC):
             raise Problem(403, "Forbidden", "the client certificate has expired",
                           "expired-certificate")
-        cached = Identity(rec, der, fingerprint)
+        cached = ra.CertHolder(rec.serial, fingerprint, rec.subject, rec.role, rec.names,
+                               rec.principals, der)
         request["identity"] = cached
-    if roles and cached.record.role not in roles:
+    if roles and cached.role not in roles:
         raise Problem(403, "Forbidden", f"this endpoint is for role {' or '.join(roles)}; your "
-                      f"certificate has role {cached.record.role}", "wrong-role")
+                      f"certificate has role {cached.role}", "wrong-role")
     return cached
 
 
-async def json_body(request: web.Request) -> dict[str, Any]:
+async def decide(request: web.Request, who: ra.Requester, req: ra.Request) -> Any:
+    """The registration authority's order for `req`, or its refusal raised."""
+    return ra.order(await request.app[GATE].context(), who, req)
+
+
+async def json_body(request: web.Request, allowed: set[str] | None = None) -> dict[str, Any]:
     if request.content_type != "application/json":
         raise Problem(415, "Unsupported Media Type", "send the body as JSON with "
                       "'Content-Type: application/json'")
@@ -95,6 +164,11 @@ async def json_body(request: web.Request) -> dict[str, Any]:
         raise Problem(400, "Bad Request", "the body is not valid JSON", "bad-json") from None
     if not isinstance(body, dict):
         raise Problem(400, "Bad Request", "the body must be a JSON object", "bad-json")
+    if allowed is not None:
+        extra = set(body) - allowed
+        if extra:
+            raise Problem(400, "Bad Request", f"unknown field(s): {', '.join(sorted(extra))}",
+                          "bad-field")
     return body
 
 
@@ -121,3 +195,6 @@ def parse_csr(data: str | bytes, der: bool = False) -> x509.CertificateSigningRe
     except (*PARSE_ERRORS, UnicodeError) as exc:
         raise Problem(400, "Bad Request", f"the CSR cannot be parsed: {str(exc)[:200]}",
                       "bad-csr") from None
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -49,7 +49,8 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     except Problem as p:
         return problem(p.status_code, p.title, p.detail, p.kind)
     except Refused as r:
-        return problem(r.status, TITLES.get(r.status, "Refused"), r.detail, r.kind)
+        status = r.reason.status
+        return problem(status, TITLES.get(status, "Refused"), r.detail, r.reason.type)
     except (AuditUnavailable, HSMUnavailable) as exc:
         part = "audit log" if isinstance(exc, AuditUnavailable) else "HSM"
         return problem(503, "Service Unavailable",

@@ -4,126 +4,89 @@ from __future__ import annotations
 
 from typing import Any
 
+import structlog
 from aiohttp import web
-from cryptography.hazmat.primitives import serialization
 
-from ca import policy, ssh
-from ca.authority import SSHRequest, build_current_krl, issue_ssh, revoke_ssh
-from ca.server.common import authority, field, identity, json_body
+from ca import ra, ssh
+from ca.issuance.issue import IssuedSSH
+from ca.server.common import ISSUANCE, REVOCATIONS, decide, field, identity, json_body
 from ca.server.problems import Problem
 
 routes = web.RouteTableDef()
+log = structlog.get_logger("hsmca.issue")
 
 
-def _ca_line(key: Any, comment: str) -> str:
-    line = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                         serialization.PublicFormat.OpenSSH).decode()
-    return f"{line} {comment}"
-
-
-def _principals(body: dict[str, Any], allowed: list[str], what: str) -> tuple[str, ...]:
-    asked = body.get("principals")
-    if asked is None:
-        if not allowed:
-            raise policy.Refused(f"no {what} were granted to this certificate", 403)
-        return tuple(allowed)
-    if not isinstance(asked, list) or not asked or len(asked) > 100:
-        raise Problem(400, "Bad Request", "principals must be a list of 1 to 100 strings",
-                      "bad-field")
-    out = tuple(dict.fromkeys(policy.principal(p) for p in asked))
-    outside = [p for p in out if p not in allowed]
-    if outside:
-        raise policy.Refused(f"principal(s) {', '.join(outside)} not granted; allowed: "
-                             f"{', '.join(allowed) or 'none'}", 403)
-    return out
-
-
-def _unknown(body: dict[str, Any], allowed: set[str]) -> None:
-    extra = set(body) - allowed
-    if extra:
-        raise Problem(400, "Bad Request", f"unknown field(s): {', '.join(sorted(extra))}",
-                      "bad-field")
-
-
-def _issued(cert: Any) -> dict[str, Any]:
-    return {"serial": str(cert.serial), "certificate": cert.public_bytes().decode(),
-            "valid_before": cert.valid_before}
+def _answer(request: web.Request, order: ra.SSHOrder, issued: IssuedSSH) -> web.Response:
+    cert = issued.cert
+    log.info("issued", kind=f"ssh-{order.cert_type}", serial=str(cert.serial),
+             key_id=issued.key_id, principals=list(order.principals), actor=order.actor,
+             request_id=request.get("request_id"), audit_seq=issued.outcome_seq)
+    return web.json_response({"serial": str(cert.serial),
+                              "certificate": cert.public_bytes().decode(),
+                              "valid_before": cert.valid_before}, status=201)
 
 
 @routes.get("/v1/ssh/ca")
 async def ssh_ca(request: web.Request) -> web.Response:
-    auth = authority(request)
-    return web.json_response({"user": _ca_line(auth.keys["ssh_user"], "hsmca-user-ca"),
-                              "host": _ca_line(auth.keys["ssh_host"], "hsmca-host-ca")})
+    issuers = request.app[ISSUANCE].issuers
+    return web.json_response({
+        "user": issuers.ssh[issuers.ssh_issuer("user")].authorized_key("hsmca-user-ca"),
+        "host": issuers.ssh[issuers.ssh_issuer("host")].authorized_key("hsmca-host-ca")})
 
 
 @routes.post("/v1/ssh/host")
 async def ssh_host(request: web.Request) -> web.Response:
-    who = identity(request, "host")
-    body = await json_body(request)
-    _unknown(body, {"public_key", "principals"})
+    who = await identity(request)
+    body = await json_body(request, {"public_key", "principals"})
     key = ssh.parse_public_key(field(body, "public_key", str))
-    dns = [n for n in who.record.names if policy.classify(n, True)[0] == "dns"]
-    principals = _principals(body, dns, "host names")
-    auth = authority(request)
-    req = SSHRequest("host", key, principals, auth.config.policy.ssh_host_ttl_s,
-                     identity=dns[0], owner_serial=who.record.serial)
-    cert = await issue_ssh(auth, req, who.actor, request.get("request_id"))
-    return web.json_response(_issued(cert), status=201)
+    order: ra.SSHOrder = await decide(request, who, ra.SSHHostRequest(
+        key, body.get("principals")))
+    return _answer(request, order, await request.app[ISSUANCE].ssh(
+        order, request.get("request_id")))
 
 
 @routes.post("/v1/ssh/user")
 async def ssh_user(request: web.Request) -> web.Response:
-    who = identity(request, "user")
-    body = await json_body(request)
-    _unknown(body, {"public_key", "principals", "ttl", "source_address"})
+    who = await identity(request)
+    body = await json_body(request, {"public_key", "principals", "ttl", "source_address"})
     key = ssh.parse_public_key(field(body, "public_key", str))
-    principals = _principals(body, who.record.principals, "logins")
-    auth = authority(request)
-    p = auth.config.policy
-    ttl = p.ssh_user_default_ttl_s
-    if body.get("ttl") is not None:
-        ttl = policy.parse_ttl(field(body, "ttl", str))
-        if ttl > p.ssh_user_max_ttl_s:
-            raise policy.Refused(f"ttl {body['ttl']} exceeds the maximum of "
-                                 f"{p.ssh_user_max_ttl_s // 3600}h for user certificates")
-    req = SSHRequest("user", key, principals, ttl, identity=who.record.names[0],
-                     owner_serial=who.record.serial, extensions=p.ssh_user_extensions,
-                     source_address=ssh.source_addresses(body.get("source_address")))
-    cert = await issue_ssh(auth, req, who.actor, request.get("request_id"))
-    return web.json_response(_issued(cert), status=201)
+    order: ra.SSHOrder = await decide(request, who, ra.SSHUserRequest(
+        key, body.get("principals"), body.get("ttl"),
+        ssh.source_addresses(body.get("source_address"))))
+    return _answer(request, order, await request.app[ISSUANCE].ssh(
+        order, request.get("request_id")))
 
 
 @routes.post("/v1/ssh/revoke")
 async def ssh_revoke(request: web.Request) -> web.Response:
-    who = identity(request, "admin")
-    body = await json_body(request)
-    _unknown(body, {"serial", "key_id", "public_key"})
+    who = await identity(request, "admin")
+    body = await json_body(request, {"serial", "key_id", "public_key"})
     given = [k for k in ("serial", "key_id", "public_key") if k in body]
     if len(given) != 1:
         raise Problem(400, "Bad Request", "give exactly one of serial, key_id, public_key",
                       "bad-field")
-    serial = key_id = None
+    serial: int | None = None
+    key_id: str | None = None
     public_key = None
     if "serial" in body:
-        raw = body["serial"]
+        raw: Any = body["serial"]
         if isinstance(raw, bool) or not isinstance(raw, int | str) or not str(raw).isdigit() \
                 or not 0 < int(raw) < 2**64:
             raise Problem(400, "Bad Request", "serial must be the decimal SSH certificate serial",
                           "bad-field")
-        serial = str(int(raw))
+        serial = int(raw)
     elif "key_id" in body:
         key_id = field(body, "key_id", str)
     else:
         public_key = ssh.parse_public_key(field(body, "public_key", str))
-    hit = await revoke_ssh(authority(request), serial=serial, key_id=key_id,
-                           public_key=public_key, actor=who.actor,
-                           request_id=request.get("request_id"))
+    hit = await request.app[REVOCATIONS].revoke_ssh(
+        serial=serial, key_id=key_id, public_key=public_key, actor=who.actor,
+        request_id=request.get("request_id"))
     return web.json_response({"revoked_certificates": hit,
                               "revoked_key": public_key.sha256 if public_key else None})
 
 
 @routes.get("/v1/ssh/krl")
 async def ssh_krl(request: web.Request) -> web.Response:
-    return web.Response(body=build_current_krl(authority(request)),
+    return web.Response(body=(await request.app[REVOCATIONS].krl.get())[1],
                         content_type="application/octet-stream")

@@ -6,166 +6,168 @@ import base64
 import binascii
 from typing import Any
 
+import structlog
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 
-from ca import policy
-from ca import x509 as prof
-from ca.authority import Authority, Token
-from ca.server.common import authority, field, identity, json_body, parse_csr
+from ca import ra
+from ca.issuance.issue import Issued
+from ca.issuance.profiles import pem, utcnow
+from ca.server.common import (
+    GATE,
+    ISSUANCE,
+    LIMIT,
+    REVOCATIONS,
+    TOKENS,
+    decide,
+    field,
+    identity,
+    json_body,
+    parse_csr,
+)
 from ca.server.problems import Problem
-from ca.x509 import pem, utcnow
 
 routes = web.RouteTableDef()
+log = structlog.get_logger("hsmca.issue")
 PKCS7_CERTS = "application/pkcs7-mime; smime-type=certs-only"
 
 
-def _issued(cert: x509.Certificate, auth: Authority) -> dict[str, Any]:
-    return {"serial": format(cert.serial_number, "x"), "certificate": pem(cert),
-            "chain": auth.chain_pem, "not_after": cert.not_valid_after_utc.isoformat()}
+def _answer(request: web.Request, issued: Issued) -> dict[str, Any]:
+    cert = issued.cert
+    issuer = request.app[ISSUANCE].issuers.x509[issued.issuer]
+    return {"serial": issued.serial_hex, "certificate": pem(cert), "chain": issuer.chain_pem,
+            "not_after": cert.not_valid_after_utc.isoformat()}
 
 
-def _lifetime(auth: Authority, body: dict[str, Any]) -> int:
-    p = auth.config.policy
-    ttl = body.get("ttl")
-    if ttl is None:
-        return p.x509_default_ttl_s
-    if not isinstance(ttl, str):
-        raise Problem(400, "Bad Request", "field 'ttl' must be a string like '24h'", "bad-field")
-    seconds = policy.parse_ttl(ttl)
-    if seconds > p.x509_max_ttl_s:
-        raise policy.Refused(f"ttl {ttl} exceeds the maximum of {p.x509_max_ttl_s}s")
-    return seconds
+def _logged(request: web.Request, order: ra.X509Order, issued: Issued) -> Issued:
+    log.info("issued", kind="x509", serial=issued.serial_hex, role=order.role,
+             names=[v for _, v in order.names], actor=order.actor,
+             request_id=request.get("request_id"), audit_seq=issued.outcome_seq)
+    return issued
 
 
 @routes.post("/v1/tokens")
 async def create_token(request: web.Request) -> web.Response:
-    who = identity(request, "admin")
-    auth = authority(request)
-    grant = policy.token_request(await json_body(request), auth.config.policy)
-    secret, token_id, expires = await auth.create_token(grant, who.actor)
-    return web.json_response({"token": secret, "id": token_id, "expires": expires}, status=201)
+    who = await identity(request)
+    body = await json_body(request, {"role", "names", "principals", "ttl"})
+    grant: ra.TokenGrant = await decide(request, who, ra.TokenRequest(
+        body.get("role"), body.get("names"), body.get("principals", []), body.get("ttl", "1h")))
+    made = await request.app[TOKENS].create(grant)
+    return web.json_response({"token": made.secret, "id": made.id, "expires": made.expires},
+                             status=201)
 
 
-async def _bearer(request: web.Request) -> Token:
-    # The failure counts are the primary's, so the limit holds for the whole daemon
-    # whichever worker a client's connections reach.
-    auth = authority(request)
-    link = auth.audit
+async def _token_failed(request: web.Request, why: str, detail: str) -> Problem:
+    """401 with the reason. A guess (no token, or one the CA never made) is counted for
+    the whole daemon, and once the client is over the limit it is told to wait
+    instead (429); a real token that is spent or expired is not a guess."""
     client = request.remote or "-"
-    wait = (await link.ask("limit", client=client))["retry_after"]
+    log.info("bootstrap token refused", reason=why, client=client,
+             request_id=request.get("request_id"))
+    wait = await request.app[LIMIT].token_failed(client) if why in ("missing", "unknown") \
+        else 0
     if wait:
-        raise Problem(429, "Too Many Requests", f"too many failed bootstrap-token attempts "
-                      f"from {client}; retry in {wait} s", "rate-limited")
+        return Problem(429, "Too Many Requests", f"too many failed bootstrap-token attempts "
+                       f"from {client}; retry in {wait} s", "rate-limited")
+    return Problem(401, "Unauthorized", detail, "bad-token")
+
+
+async def _bearer(request: web.Request) -> tuple[ra.TokenHolder, Any]:
     header = request.headers.get("Authorization", "")
     scheme, _, secret = header.partition(" ")
     if scheme.lower() != "bearer" or not secret.strip():
-        await link.ask("limit", client=client, failed=True)
-        raise Problem(401, "Unauthorized", "send the bootstrap token as 'Authorization: Bearer "
-                      "<token>'", "token-required")
-    token = auth.find_token(secret.strip()[:512])
+        raise await _token_failed(request, "missing", "send the bootstrap token as "
+                                  "'Authorization: Bearer <token>'")
+    token = await request.app[TOKENS].find(secret.strip()[:512])
     if token is None:
-        await link.ask("limit", client=client, failed=True)
-        raise Problem(401, "Unauthorized", "unknown bootstrap token", "bad-token")
+        raise await _token_failed(request, "unknown", "unknown bootstrap token")
     if token.used_at is not None:
-        raise Problem(401, "Unauthorized", "this bootstrap token has already been used",
-                      "bad-token")
+        raise await _token_failed(request, "used", "this bootstrap token has already been used")
     if token.expires < utcnow().isoformat():
-        raise Problem(401, "Unauthorized", f"this bootstrap token expired at {token.expires}",
-                      "bad-token")
-    return token
+        raise await _token_failed(request, "expired",
+                                  f"this bootstrap token expired at {token.expires}")
+    return ra.TokenHolder(token.id, token.role, token.names, token.principals), token
 
 
-async def _enroll_with_token(request: web.Request, token: Token,
-                             csr: x509.CertificateSigningRequest,
-                             body: dict[str, Any]) -> x509.Certificate:
-    auth = authority(request)
-    policy.check_csr(csr)
-    names = policy.names_within(policy.csr_names(csr), token.names,
-                                auth.config.policy.allow_wildcards)
-    lifetime = _lifetime(auth, body)
-    await auth.consume_token(token)  # after every check, so a bad CSR does not burn it
+async def _enroll(request: web.Request, bearer: tuple[ra.TokenHolder, Any],
+                  csr: x509.CertificateSigningRequest, ttl: object) -> Issued:
+    holder, token = bearer
+    order: ra.X509Order = await decide(request, holder, ra.EnrollRequest(csr, ttl))
+    tokens = request.app[TOKENS]
+    # Spent after the decision, so a refused CSR does not burn the token.
+    if not await tokens.spend(token):
+        raise await _token_failed(request, "used", "this bootstrap token has already been used")
     try:
-        return await auth.issue_x509(
-            subject=prof.subject_key(csr.public_key()), role=token.role, names=names,
-            principals=token.principals, lifetime_s=lifetime,
-            actor=f"bootstrap-token:{token.id}", request_id=request.get("request_id"),
-            token_id=token.id)
+        issued = await request.app[ISSUANCE].x509(order, request.get("request_id"))
     except Exception:
-        # Nothing reached the inventory (used_serial is set in the same transaction
-        # as the certificate row), so the token may be used again.
-        await auth.give_back_token(token)
+        # Nothing reached the inventory (the token is marked spent on the certificate in
+        # the same transaction as its row), so the token may be used again.
+        await tokens.give_back(token)
         raise
+    return _logged(request, order, issued)
+
+
+async def _renew(request: web.Request, csr: x509.CertificateSigningRequest | None,
+                 ttl: object) -> Issued:
+    who = await identity(request)
+    order: ra.X509Order = await decide(request, who, ra.RenewRequest(csr, ttl))
+    issued = await request.app[ISSUANCE].x509(order, request.get("request_id"))
+    return _logged(request, order, issued)
 
 
 @routes.post("/v1/x509/enroll")
 async def enroll(request: web.Request) -> web.Response:
-    token = await _bearer(request)
+    bearer = await _bearer(request)
     body = await json_body(request)
     csr = parse_csr(field(body, "csr", str))
-    cert = await _enroll_with_token(request, token, csr, body)
-    return web.json_response(_issued(cert, authority(request)), status=201)
-
-
-async def _renew(request: web.Request, csr: x509.CertificateSigningRequest | None,
-                 body: dict[str, Any]) -> x509.Certificate:
-    who = identity(request)
-    auth = authority(request)
-    rec = who.record
-    if csr is not None:
-        policy.check_csr(csr)
-        subject = prof.subject_key(csr.public_key())
-    else:
-        subject = prof.presented_subject_key(who.der)
-    # Names come from the inventory record of the presented certificate: never widened.
-    names = tuple(policy.classify(n, True) for n in rec.names)
-    return await auth.issue_x509(
-        subject=subject, role=rec.role, names=names, principals=tuple(rec.principals),
-        lifetime_s=_lifetime(auth, body), actor=who.actor, request_id=request.get("request_id"))
+    issued = await _enroll(request, bearer, csr, body.get("ttl"))
+    return web.json_response(_answer(request, issued), status=201)
 
 
 @routes.post("/v1/x509/renew")
 async def renew(request: web.Request) -> web.Response:
-    body = await json_body(request)
-    unknown = set(body) - {"csr", "ttl"}
-    if unknown:
-        raise Problem(400, "Bad Request", f"unknown field(s): {', '.join(sorted(unknown))}")
+    body = await json_body(request, {"csr", "ttl"})
     csr = parse_csr(field(body, "csr", str)) if "csr" in body else None
-    cert = await _renew(request, csr, body)
-    return web.json_response(_issued(cert, authority(request)), status=201)
+    issued = await _renew(request, csr, body.get("ttl"))
+    return web.json_response(_answer(request, issued), status=201)
 
 
-@routes.post("/v1/x509/revoke")
-async def revoke(request: web.Request) -> web.Response:
-    who = identity(request)
-    body = await json_body(request)
-    serial_text = field(body, "serial", str)
-    reason = field(body, "reason", str, required=False)
+def parse_serial(text: str) -> int:
     try:
-        serial = int(serial_text, 16)
-        if serial <= 0 or len(serial_text) > 40:
+        serial = int(text, 16)
+        if serial <= 0 or len(text) > 40:
             raise ValueError
     except ValueError:
         raise Problem(400, "Bad Request", "serial must be the certificate's serial number in "
                       "hex (as returned at issuance)", "bad-field") from None
-    if who.record.role != "admin" and serial != who.serial:
-        raise Problem(403, "Forbidden", "only an admin may revoke another certificate; you may "
-                      "revoke your own", "wrong-role")
-    at = await authority(request).revoke(serial, reason, who.actor, request.get("request_id"))
+    return serial
+
+
+@routes.post("/v1/x509/revoke")
+async def revoke(request: web.Request) -> web.Response:
+    who = await identity(request)
+    body = await json_body(request, {"serial", "reason"})
+    serial = parse_serial(field(body, "serial", str))
+    rec = await request.app[GATE].store.cert(serial)
+    order: ra.RevokeOrder = await decide(request, who, ra.RevokeRequest(
+        serial, body.get("reason"), found=rec is not None,
+        revoked=rec is not None and rec.revoked_at is not None))
+    at = await request.app[REVOCATIONS].revoke(order, request.get("request_id"))
     return web.json_response({"serial": format(serial, "x"), "revoked_at": at.isoformat()})
 
 
 @routes.get("/v1/x509/crl")
 async def crl(request: web.Request) -> web.Response:
-    return web.Response(body=await authority(request).crl(), content_type="application/pkix-crl")
+    return web.Response(body=await request.app[REVOCATIONS].crl(),
+                        content_type="application/pkix-crl")
 
 
 @routes.post("/v1/x509/ocsp")
 async def ocsp_post(request: web.Request) -> web.Response:
     der = await request.read()
-    resp = await authority(request).ocsp(der, request.get("request_id"))
+    resp = await request.app[REVOCATIONS].ocsp(der, request.get("request_id"))
     return web.Response(body=resp, content_type="application/ocsp-response")
 
 
@@ -177,18 +179,20 @@ async def ocsp_get(request: web.Request) -> web.Response:
                                if "-" in text or "_" in text else None, validate=False)
     except (binascii.Error, ValueError):
         der = b""
-    resp = await authority(request).ocsp(der, request.get("request_id"))
+    resp = await request.app[REVOCATIONS].ocsp(der, request.get("request_id"))
     return web.Response(body=resp, content_type="application/ocsp-response")
 
 
 @routes.get("/v1/x509/roots")
 async def roots(request: web.Request) -> web.Response:
-    return web.Response(text=pem(authority(request).root), content_type="application/x-pem-file")
+    return web.Response(text=pem(request.app[ISSUANCE].issuers.root),
+                        content_type="application/x-pem-file")
 
 
 @routes.get("/v1/x509/chain")
 async def chain(request: web.Request) -> web.Response:
-    return web.Response(text=authority(request).chain_pem, content_type="application/x-pem-file")
+    return web.Response(text=request.app[ISSUANCE].issuers.current.chain_pem,
+                        content_type="application/x-pem-file")
 
 
 # ---- EST (RFC 7030) ---------------------------------------------------------------------
@@ -214,21 +218,20 @@ async def _est_csr(request: web.Request) -> x509.CertificateSigningRequest:
 
 @routes.get("/.well-known/est/cacerts")
 async def est_cacerts(request: web.Request) -> web.Response:
-    auth = authority(request)
-    return _pkcs7_b64([auth.issuing, auth.root])
+    return _pkcs7_b64(list(request.app[ISSUANCE].issuers.current.chain))
 
 
 @routes.post("/.well-known/est/simpleenroll")
 async def est_simpleenroll(request: web.Request) -> web.Response:
     csr = await _est_csr(request)
     if request.headers.get("Authorization"):
-        cert = await _enroll_with_token(request, await _bearer(request), csr, {})
+        issued = await _enroll(request, await _bearer(request), csr, None)
     else:
-        cert = await _renew(request, csr, {})
-    return _pkcs7_b64([cert])
+        issued = await _renew(request, csr, None)
+    return _pkcs7_b64([issued.cert])
 
 
 @routes.post("/.well-known/est/simplereenroll")
 async def est_simplereenroll(request: web.Request) -> web.Response:
     csr = await _est_csr(request)
-    return _pkcs7_b64([await _renew(request, csr, {})])
+    return _pkcs7_b64([(await _renew(request, csr, None)).cert])

@@ -1,8 +1,9 @@
 """`hsmca serve`: the primary process. Start-up checks, the workers, a graceful stop.
 
-The primary writes the audit log (it alone: SPEC section 6), signs its checkpoints,
-and supervises the worker processes that serve HTTPS (ca/serve_worker.py), each
-with its own HSM session (SPEC section 5: scale with processes, never threads).
+The primary writes the audit log (it alone: docs/audit-log.md), signs its
+checkpoints, counts failed bootstrap-token attempts for the whole daemon, and
+supervises the worker processes that serve HTTPS (ca/daemon/worker.py), each with
+its own HSM session (scale with processes, never threads: docs/security.md).
 
 Start-up order matters: the audit log first (recovery, lock, checkpoint check), then
 the HSM (every key checked non-exportable, or no start), then `daemon.start`, the
@@ -26,7 +27,6 @@ import sys
 import time
 
 import structlog
-from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
@@ -35,15 +35,18 @@ from ca.audit.checkpointer import Checkpointer
 from ca.audit.log import AuditLog
 from ca.audit.recorder import Recorder
 from ca.audit.witness import FileWitness
-from ca.config import KEY_LABELS, Config, worker_count
+from ca.config import Config, worker_count
+from ca.daemon import control
+from ca.daemon.keys import load_issuers
+from ca.daemon.ratelimit import FailureLimiter
 from ca.errors import CLIError
 from ca.fileutil import write_atomic
 from ca.generations import Generations
+from ca.issuance.issue import Issuance
+from ca.issuance.pipeline import SigningPipeline
 from ca.process import raise_fd_limit, settle_heap
 from ca.server_cert import ensure_server_cert
-from ca.store import Store
-from hsm.signers import HSMEd25519Key, HSMKey
-from hsm.worker import HSMWorker
+from ca.store.sqlite import SQLiteStore
 
 log = structlog.get_logger("hsmca.daemon")
 START_TIMEOUT_S = 120.0
@@ -103,20 +106,17 @@ class WorkerPool:
                  checkpointer: Checkpointer) -> None:
         self.config, self.address, self.count, self.audit = config, address, count, audit
         self.generations = Generations.create(config.generations_path)
-        self.recorder = Recorder(audit, lambda: checkpointer.latest, self._ready, self._lost)
+        self.recorder = Recorder(audit, lambda: checkpointer.latest, self._lost)
+        # Failed bootstrap-token attempts, counted for the whole daemon.
+        self.limiter = FailureLimiter()
+        self._control: list[asyncio.Task[None]] = []
         self._attached = 0  # workers whose channels the recorder still serves
         self._all_detached = asyncio.Event()
         self._all_detached.set()
         self._procs: dict[int, asyncio.subprocess.Process] = {}
-        self._ready_events: dict[int, asyncio.Event] = {}
         self._supervisors: list[asyncio.Task[None]] = []
         self._stopping = False
         self._loop = asyncio.get_running_loop()
-
-    def _ready(self, slot: int, _pid: int) -> None:  # on the recorder's thread
-        event = self._ready_events.get(slot)
-        if event is not None:
-            self._loop.call_soon_threadsafe(event.set)
 
     def _lost(self, _slot: int, _closed: int) -> None:  # on the recorder's thread
         self._loop.call_soon_threadsafe(self._detached)
@@ -143,11 +143,12 @@ class WorkerPool:
     async def _start_one(self, slot: int
                          ) -> tuple[asyncio.subprocess.Process, asyncio.Future[int]]:
         """A new worker in `slot`, listening; StartError (its process gone) if not."""
-        ours, theirs = zip(*(socket.socketpair() for _ in range(2)), strict=True)
-        ready = self._ready_events[slot] = asyncio.Event()
+        # Two audit channels (signing, the rest) for the recorder, one control channel.
+        ours, theirs = zip(*(socket.socketpair() for _ in range(3)), strict=True)
+        ready = asyncio.Event()
         try:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "ca.serve_worker", "--config", str(self.config.path),
+                sys.executable, "-m", "ca.daemon.worker", "--config", str(self.config.path),
                 "--listen", self.address, "--worker", str(slot), "--parent", str(os.getpid()),
                 "--channels", ",".join(str(s.fileno()) for s in theirs),
                 pass_fds=[s.fileno() for s in theirs], stdin=subprocess.DEVNULL,
@@ -162,7 +163,9 @@ class WorkerPool:
         self._procs[slot] = proc
         self._attached += 1
         self._all_detached.clear()
-        self.recorder.attach(slot, list(ours))  # closed by the recorder once it exits
+        self.recorder.attach(slot, list(ours[:2]))  # closed by the recorder once it exits
+        self._control.append(asyncio.create_task(control.serve_worker(
+            ours[2], self.limiter, lambda _pid: ready.set())))
         exited = asyncio.ensure_future(proc.wait())
         waiting = asyncio.ensure_future(ready.wait())
         done, _ = await asyncio.wait({exited, waiting}, timeout=START_TIMEOUT_S,
@@ -234,6 +237,9 @@ class WorkerPool:
             await asyncio.wait_for(self._all_detached.wait(), STOP_TIMEOUT_S)
         except TimeoutError:
             log.error("the recorder did not see every worker go")
+        for task in self._control:
+            task.cancel()
+        await asyncio.gather(*self._control, return_exceptions=True)
 
     def close(self) -> None:
         self.recorder.close()
@@ -261,8 +267,8 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
     except BaseException:
         audit.close()
         raise
-    worker = HSMWorker(config.hsm, audit)
-    store: Store | None = None
+    pipeline = SigningPipeline(config.hsm, audit)
+    store: SQLiteStore | None = None
     pool: WorkerPool | None = None
     background: list[asyncio.Task[None]] = []  # checkpoints of the log and the inventory
     # Handlers first: a SIGTERM that arrives right after "listening on" must still
@@ -272,26 +278,14 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        worker.start()
-        keys: dict[str, HSMKey] = {}
-        for purpose in KEY_LABELS:
-            keys[purpose] = await worker.load_key(config.key_label(purpose))
-        if not isinstance(keys["audit"], HSMEd25519Key):
-            raise ValueError("the audit key must be Ed25519 (C2SP signed notes)")
-        root = x509.load_pem_x509_certificate(config.root_pem.read_bytes())
-        issuing = x509.load_pem_x509_certificate(config.issuing_pem.read_bytes())
-        if root.public_key() != keys["root"].public_key():
-            raise ValueError(f"{config.root_pem} does not belong to the root key in the HSM")
-        if issuing.public_key() != keys["issuing"].public_key():
-            raise ValueError(f"{config.issuing_pem} does not belong to the issuing key in the HSM")
-        if keys["audit"].public_key() != audit_key:
-            raise ValueError(f"{config.audit_key_pem} does not belong to the audit key in the HSM")
+        pipeline.start()
+        issuers = await load_issuers(config, pipeline)
         await audit.append("daemon.start", version=__version__, pid=os.getpid(), workers=count,
                            config_sha256=hashlib.sha256(config.path.read_bytes()).hexdigest())
-        store = Store(config.db_path)
+        store = SQLiteStore(config.db_path)
         background.append(asyncio.create_task(_checkpoint_inventory(store)))
-        await ensure_server_cert(config, worker, keys["issuing"], issuing, store)
-        checkpointer = Checkpointer(audit, worker, keys["audit"], config.audit_origin,
+        await ensure_server_cert(config, Issuance(pipeline, store, issuers, None))
+        checkpointer = Checkpointer(audit, pipeline, issuers.audit, config.audit_origin,
                                     config.checkpoint_path,
                                     heartbeat=config.checkpoint_heartbeat_s,
                                     witnesses=[FileWitness(w, audit_key, config.audit_origin)
@@ -313,12 +307,14 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         log.info("listening", url=url, workers=count, pids=pool.pids)
         background.append(asyncio.create_task(checkpointer.run()))
         await stop.wait()
-        log.info("stopping")
+        log.info("stopping: the workers finish their requests")
         await pool.stop()  # stop accepting; in-flight requests finish
         await _cancel(background)
-        await worker.drain()
+        await pipeline.drain()
+        log.info("stopping: the last checkpoint")
         await audit.append("daemon.stop", pid=os.getpid())
         await checkpointer.checkpoint()
+        log.info("stopped")
     finally:
         config.url_file.unlink(missing_ok=True)
         placeholder.close()
@@ -326,10 +322,10 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         if pool is not None:
             await pool.stop()
             pool.close()
-        await worker.drain()
+        await pipeline.drain()
         if store is not None:
             store.close()
-        worker.close()
+        pipeline.close()
         audit.close()
 
 
@@ -342,7 +338,7 @@ async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _checkpoint_inventory(store: Store) -> None:
+async def _checkpoint_inventory(store: SQLiteStore) -> None:
     """The workers leave the inventory's WAL to the primary (see Store): copy it into
     the database every second, in a thread, never in a worker's commit."""
     while True:

@@ -1,9 +1,10 @@
-"""One worker process of `hsmca serve`: HTTPS, policy, signing.
+"""One worker process of `hsmca serve`: HTTPS, decisions, signing.
 
-The primary process starts it with two inherited channels to its recorder (see
-ca/audit/link.py). The worker opens its own HSM session (its own C_Initialize:
-SPEC section 5 scales with processes, never threads), checks every key it will use
-cannot be exported, opens the inventory, and listens on the daemon's address with
+The primary process starts it with three inherited channels: two to its audit
+recorder (ca/audit/link.py) and a control channel (ca/daemon/control.py). The
+worker opens its own HSM session on its signing thread (its own C_Initialize:
+scale with processes, never threads), checks every key it will use cannot be
+exported, opens the inventory, and listens on the daemon's address with
 SO_REUSEPORT beside the other workers, so the kernel spreads connections over them.
 
 It records nothing itself: every audit line goes to the primary. If the primary
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import ipaddress
 import os
 import signal
 import socket
@@ -23,19 +25,23 @@ import sys
 
 import structlog
 from aiohttp import web
-from cryptography import x509
 
 from ca.audit.link import AuditLink
-from ca.authority import Authority
-from ca.config import KEY_LABELS, Config, ConfigError, load
+from ca.config import Config, ConfigError, load
+from ca.daemon.control import ControlClient
+from ca.daemon.keys import load_issuers
 from ca.generations import Generations
+from ca.issuance.issue import Issuance
+from ca.issuance.pipeline import SigningPipeline
 from ca.logs import configure
+from ca.metrics import Metrics
 from ca.process import raise_fd_limit, settle_heap
+from ca.revocation import Revocations
 from ca.server.app import build_app, tls_context
-from ca.store import Store
+from ca.server.common import Gate, Settings
+from ca.store import Store, open_store
+from ca.tokens import Tokens
 from hsm.errors import HSMError
-from hsm.signers import HSMKey
-from hsm.worker import HSMWorker
 
 log = structlog.get_logger("hsmca.worker")
 EXIT_PRIMARY_GONE = 70
@@ -56,49 +62,56 @@ def _primary_gone(why: str) -> None:
     os._exit(EXIT_PRIMARY_GONE)
 
 
-async def run(config: Config, host: str, port: int, worker: int, sign_channel: socket.socket,
-              channel: socket.socket) -> None:
+async def run(config: Config, host: str, port: int, slot: int, sign_channel: socket.socket,
+              audit_channel: socket.socket, control_channel: socket.socket) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     raise_fd_limit()
-    link = AuditLink(sign_channel, channel, _primary_gone)
-    hsm = HSMWorker(config.hsm, link)
+    link = AuditLink(sign_channel, audit_channel, _primary_gone)
+    pipeline = SigningPipeline(config.hsm, link)
+    control = ControlClient(control_channel)
     store: Store | None = None
     runner: web.AppRunner | None = None
     try:
-        hsm.start()
-        keys: dict[str, HSMKey] = {}
-        for purpose in KEY_LABELS:
-            keys[purpose] = await hsm.load_key(config.key_label(purpose))
-        root = x509.load_pem_x509_certificate(config.root_pem.read_bytes())
-        issuing = x509.load_pem_x509_certificate(config.issuing_pem.read_bytes())
-        if issuing.public_key() != keys["issuing"].public_key():  # the token was swapped
-            raise ValueError(f"{config.issuing_pem} does not belong to the issuing key in "
-                             "the HSM")
-        store = Store(config.db_path, autocheckpoint=False)  # the primary checkpoints
-        auth = Authority(config, hsm, store, link, keys, root, issuing,
-                         Generations(config.generations_path))
-        runner = web.AppRunner(build_app(auth), access_log=None, shutdown_timeout=10.0)
+        await control.start()
+        pipeline.start()
+        issuers = await load_issuers(config, pipeline)
+        store = open_store(config.db_path, autocheckpoint=False)  # the primary checkpoints
+        issuance = Issuance(pipeline, store, issuers, config.public_url)
+        gate: Gate
+        revocations = Revocations(store, link, issuance, Generations(config.generations_path),
+                                  lambda: gate.context())
+        gate = Gate(store, revocations, issuers, lambda: config.policy)
+        metrics = Metrics()
+        metrics.watch(pipeline)
+        app = build_app(
+            gate=gate, tokens=Tokens(store, link), issuance=issuance, revocations=revocations,
+            audit=link, limit=control, hsm=pipeline, store=store, metrics=metrics,
+            settings=Settings(config.policy, tuple(ipaddress.ip_network(n)
+                                                   for n in config.metrics_allow),
+                              config.audit_origin))
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=10.0)
         await runner.setup()
         site = web.TCPSite(runner, host, port, ssl_context=tls_context(
             config.tls_cert, config.tls_key, config.chain_pem), backlog=1024, reuse_port=True)
         await site.start()
         settle_heap()
-        await link.ask("ready", pid=os.getpid())
-        log.info("worker ready", worker=worker, pid=os.getpid())
+        await control.ready(os.getpid())
+        log.info("worker ready", worker=slot, pid=os.getpid())
         await stop.wait()
         await runner.cleanup()  # stop accepting; in-flight requests finish
         runner = None
-        await hsm.drain()  # a signature under way finishes and gets its outcome line
+        await pipeline.drain()  # a signature under way finishes and gets its outcome line
     finally:
         if runner is not None:
             await runner.cleanup()
-        await hsm.drain()
+        await pipeline.drain()
         if store is not None:
             store.close()
-        hsm.close()
+        pipeline.close()
+        await control.close()
         link.close()
 
 
@@ -108,14 +121,13 @@ def main() -> int:
     p.add_argument("--config", required=True)
     p.add_argument("--listen", required=True)
     p.add_argument("--worker", type=int, required=True)
-    p.add_argument("--channels", required=True, help="two inherited socket fds, a,b")
+    p.add_argument("--channels", required=True, help="three inherited socket fds, a,b,c")
     p.add_argument("--parent", type=int, required=True)
     args = p.parse_args()
     _die_with_parent(args.parent)
     configure()
     structlog.contextvars.bind_contextvars(worker=args.worker)
-    fds = [int(fd) for fd in args.channels.split(",")]
-    socks = [socket.socket(fileno=fd) for fd in fds]
+    socks = [socket.socket(fileno=int(fd)) for fd in args.channels.split(",")]
     host, _, port = args.listen.rpartition(":")
     try:
         config = load(args.config)

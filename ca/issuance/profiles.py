@@ -1,21 +1,19 @@
 """X.509 profiles: what a root, an issuing CA and a leaf certificate contain.
 
-Pure builders: they return an unsigned `CertificateBuilder`; the caller signs it
-through `HSMWorker.sign`, which audits the operation. Nothing from a CSR except
-its public key is ever copied into a certificate.
+Pure builders: they return an unsigned `CertificateBuilder`; the issuer signs it
+through the signing pipeline (ca/issuance/pipeline.py), which audits the operation.
+Nothing from a CSR except its public key is ever copied into a certificate.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import functools
-import hashlib
 import ipaddress
 import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -48,41 +46,18 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 
-def hash_for(key: object) -> hashes.HashAlgorithm | None:
-    """The signature hash cryptography wants for a CA key (None for EdDSA)."""
-    if isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
+def hash_for(public_key: object) -> hashes.HashAlgorithm | None:
+    """The signature hash for a CA key, by its public half (None for EdDSA)."""
+    if isinstance(public_key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
         return None
-    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size > 256:
+    if isinstance(public_key, ec.EllipticCurvePublicKey) and public_key.curve.key_size > 256:
         return hashes.SHA384()
     return hashes.SHA256()
 
 
-def spki_sha256(public_key: object) -> str:
-    der = public_key.public_bytes(  # type: ignore[attr-defined]
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return hashlib.sha256(der).hexdigest()
-
-
-@dataclass(frozen=True)
-class SubjectKey:
-    """A subject public key with what every certificate for it needs: its SHA-256
-    fingerprint (audit and inventory) and its SubjectKeyIdentifier."""
-
-    public_key: Any
-    spki_sha256: str
-    ski: x509.SubjectKeyIdentifier
-
-
-def subject_key(public_key: Any) -> SubjectKey:
-    return SubjectKey(public_key, spki_sha256(public_key),
-                      x509.SubjectKeyIdentifier.from_public_key(public_key))
-
-
-@functools.lru_cache(maxsize=4096)
-def presented_subject_key(cert_der: bytes) -> SubjectKey:
-    """The key of a presented client certificate, worked out once per certificate
-    (a renewal that keeps its key presents the same certificate every time)."""
-    return subject_key(x509.load_der_x509_certificate(cert_der).public_key())
+def hash_name(public_key: object) -> str | None:
+    h = hash_for(public_key)
+    return h.name if h is not None else None
 
 
 def fingerprint(cert: x509.Certificate) -> str:
@@ -122,12 +97,12 @@ def intermediate_builder(public_key: object, common_name: str, issuer: x509.Cert
             .add_extension(_ca_key_usage(), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key),  # type: ignore[arg-type]
                            critical=False)
-            .add_extension(_aki(issuer), critical=False))
+            .add_extension(aki(issuer), critical=False))
 
 
 @dataclass(frozen=True)
 class LeafProfile:
-    """A validated request for a leaf certificate (policy has already approved it)."""
+    """What goes into a leaf certificate (the registration authority has decided it)."""
 
     public_key: object
     common_name: str | None  # None: an empty subject, the SAN carries the names
@@ -135,7 +110,6 @@ class LeafProfile:
     ip_addresses: Sequence[str] = ()
     uris: Sequence[str] = ()
     emails: Sequence[str] = ()
-    lifetime: dt.timedelta = dt.timedelta(hours=24)
     serial: int = 0
     crl_url: str | None = None
     ocsp_url: str | None = None
@@ -157,10 +131,8 @@ def common_name_for(names: Sequence[str]) -> str | None:
     return next((n for n in names if len(n) <= 64), None)
 
 
-def leaf_builder(p: LeafProfile, issuer: x509.Certificate,
-                 now: dt.datetime | None = None) -> x509.CertificateBuilder:
-    now = now or utcnow()
-    not_after = min(now + p.lifetime, issuer.not_valid_after_utc)
+def leaf_builder(p: LeafProfile, issuer: x509.Certificate, not_before: dt.datetime,
+                 not_after: dt.datetime) -> x509.CertificateBuilder:
     sans: list[x509.GeneralName] = [x509.DNSName(n) for n in p.dns_names]
     sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in p.ip_addresses]
     sans += [x509.UniformResourceIdentifier(u) for u in p.uris]
@@ -171,14 +143,14 @@ def leaf_builder(p: LeafProfile, issuer: x509.Certificate,
          .subject_name(subject).issuer_name(issuer.subject)
          .public_key(p.public_key)  # type: ignore[arg-type]
          .serial_number(p.serial or random_serial())
-         .not_valid_before(now - BACKDATE).not_valid_after(not_after)
+         .not_valid_before(not_before).not_valid_after(not_after)
          .add_extension(_LEAF_BC, critical=True)
          .add_extension(_LEAF_KU_RSA if is_rsa else _LEAF_KU, critical=True)
          .add_extension(_LEAF_EKU, critical=False)
          .add_extension(p.ski or x509.SubjectKeyIdentifier.from_public_key(
              p.public_key),  # type: ignore[arg-type]
              critical=False)
-         .add_extension(_aki(issuer), critical=False))
+         .add_extension(aki(issuer), critical=False))
     if sans:  # RFC 5280 4.2.1.6: critical when the subject is empty
         b = b.add_extension(x509.SubjectAlternativeName(sans), critical=not p.common_name)
     if p.crl_url:
@@ -199,7 +171,7 @@ def _ca_key_usage() -> x509.KeyUsage:
 
 
 @functools.lru_cache(maxsize=16)
-def _aki(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+def aki(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
     ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
 

@@ -1,4 +1,4 @@
-"""Handing results from a worker thread back to callers, one wake-up per batch.
+"""Handing work to a thread and results back to callers, one wake-up per batch.
 
 A worker thread (HSM, audit writer, inventory writer) finishes many jobs per
 round. Resolving each asyncio caller with its own `call_soon_threadsafe` costs a

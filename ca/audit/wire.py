@@ -1,0 +1,101 @@
+"""The messages between a worker process and the primary's audit recorder.
+
+Typed (msgspec tagged structs, msgpack on the wire: no pickle, so a worker can send
+the primary nothing but plain data), and framed by ca/ipc.py. A worker sends
+`Request`s and gets one `Reply` per request, with the same `id`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+
+class Line(msgspec.Struct, array_like=True, frozen=True):
+    event: str
+    fields: dict[str, Any]
+
+
+class Failure(msgspec.Struct, frozen=True):
+    """Why one line was not written: the log is `unavailable` (fail closed), or the
+    line is `invalid` (a caller's bug, refused alone)."""
+
+    kind: Literal["unavailable", "invalid"]
+    detail: str
+
+
+# ---- worker -> recorder -------------------------------------------------------------------
+
+class Append(msgspec.Struct, tag="append", frozen=True):
+    id: int
+    lines: list[Line]
+
+
+class ReadLines(msgspec.Struct, tag="read", frozen=True):
+    id: int
+    start: int
+    limit: int
+
+
+class InclusionProof(msgspec.Struct, tag="inclusion", frozen=True):
+    id: int
+    index: int
+    size: int
+
+
+class ConsistencyProof(msgspec.Struct, tag="consistency", frozen=True):
+    id: int
+    old: int
+    size: int
+
+
+class AskHealth(msgspec.Struct, tag="health", frozen=True):
+    id: int
+
+
+class AskCheckpoint(msgspec.Struct, tag="checkpoint", frozen=True):
+    id: int
+
+
+Request = Append | ReadLines | InclusionProof | ConsistencyProof | AskHealth | AskCheckpoint
+
+
+# ---- recorder -> worker -------------------------------------------------------------------
+
+class Appended(msgspec.Struct, tag="appended", frozen=True):
+    id: int
+    seqs: list[int | None]
+    errors: list[Failure | None]
+
+
+class Lines(msgspec.Struct, tag="lines", frozen=True):
+    id: int
+    data: bytes
+
+
+class Proof(msgspec.Struct, tag="proof", frozen=True):
+    id: int
+    hashes: list[bytes]
+
+
+class Health(msgspec.Struct, tag="health-state", frozen=True):
+    id: int
+    healthy: bool
+    problem: str | None
+    size: int
+
+
+class Checkpoint(msgspec.Struct, tag="checkpoint-text", frozen=True):
+    id: int
+    text: str | None
+
+
+class Refused(msgspec.Struct, tag="refused", frozen=True):
+    """The recorder will not answer (e.g. a proof for a size the log has not got)."""
+
+    id: int
+    reason: str
+
+
+Reply = Appended | Lines | Proof | Health | Checkpoint | Refused

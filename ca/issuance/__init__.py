@@ -1,0 +1,1 @@
+"""The issuing side: the signing pipeline, the issuers, their profiles."""

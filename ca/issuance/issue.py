@@ -1,0 +1,176 @@
+"""Issuers at work: build what an order says, sign it through the pipeline, record it.
+
+They decide nothing: an order (ca/ra.py) fixes issuer, names, principals, key and
+validity; here only the serial is drawn and the object built with cryptography's
+builders. A certificate reaches its caller only after its outcome line and its
+inventory row are durable (the pipeline's rule).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import SSHCertificate
+from cryptography.x509 import ocsp
+
+from ca.issuance import profiles as prof
+from ca.issuance.issuers import Issuers
+from ca.issuance.pipeline import SigningJob, SigningPipeline, SignResult
+from ca.ra import CRLOrder, SSHOrder, X509Order
+from ca.store import NewCert, NewSSHCert, Store
+from ca.x509_reasons import REASON_FLAGS
+
+
+@dataclass(frozen=True)
+class Issued:
+    """A certificate as the client gets it, with where the audit log has it."""
+
+    cert: x509.Certificate
+    issuer: str
+    intent_seq: int
+    outcome_seq: int
+
+    @property
+    def serial_hex(self) -> str:
+        return format(self.cert.serial_number, "x")
+
+
+@dataclass(frozen=True)
+class IssuedSSH:
+    cert: SSHCertificate
+    key_id: str
+    intent_seq: int
+    outcome_seq: int
+
+
+class Issuance:
+    def __init__(self, pipeline: SigningPipeline, store: Store, issuers: Issuers,
+                 public_url: str | None) -> None:
+        self.pipeline, self.store, self.issuers = pipeline, store, issuers
+        self.public_url = public_url
+
+    async def x509(self, order: X509Order, request_id: str | None = None) -> Issued:
+        issuer = self.issuers.x509[order.issuer]
+        by_kind: dict[str, list[str]] = {"dns": [], "ip": [], "uri": [], "email": []}
+        for kind, value in order.names:
+            by_kind[kind].append(value)
+        url = self.public_url if order.role != "server" else None
+        flat = [v for _, v in order.names]
+        profile = prof.LeafProfile(
+            public_key=order.subject.public_key, ski=order.subject.ski,
+            common_name=prof.common_name_for(flat), dns_names=by_kind["dns"],
+            ip_addresses=by_kind["ip"], uris=by_kind["uri"], emails=by_kind["email"],
+            serial=prof.random_serial(),
+            crl_url=f"{url}/v1/x509/crl" if url else None,
+            ocsp_url=f"{url}/v1/x509/ocsp" if url else None)
+        builder = prof.leaf_builder(profile, issuer.cert, order.not_before, order.not_after)
+        serial_hex = format(profile.serial, "x")
+        issued_at = prof.utcnow().isoformat()
+        h = issuer.hash
+        kept: list[tuple[bytes, str]] = []  # (DER, fingerprint): describe() runs first
+
+        def describe(cert: x509.Certificate) -> dict[str, str]:
+            der = cert.public_bytes(serialization.Encoding.DER)
+            kept.append((der, hashlib.sha256(der).hexdigest()))
+            return {"fingerprint": kept[0][1]}
+
+        def record(cert: x509.Certificate) -> object:
+            der, fingerprint = kept[0]
+            return self.store.add_cert(NewCert(
+                serial=cert.serial_number, fingerprint=fingerprint, role=order.role,
+                subject=cert.subject.rfc4514_string(), names=tuple(flat),
+                principals=order.principals, spki_sha256=order.subject.spki_sha256,
+                not_before=order.not_before.isoformat(), not_after=order.not_after.isoformat(),
+                issued_at=issued_at, der=der, token_id=order.token_id))
+
+        job = SigningJob(
+            issuer.key.label, "tls" if order.role == "server" else "x509", order.actor,
+            lambda k: builder.sign(k, h), request_id=request_id, hash_name=issuer.hash_name,
+            details={"serial": serial_hex, "role": order.role, "names": flat,
+                     "principals": list(order.principals),
+                     "spki_sha256": order.subject.spki_sha256,
+                     "not_before": order.not_before.isoformat(),
+                     "not_after": order.not_after.isoformat()},
+            describe=describe, record=record)  # type: ignore[arg-type]
+        result = await self.pipeline.submit(job)
+        return Issued(result.value, issuer.id, result.intent_seq, result.outcome_seq)
+
+    async def ssh(self, order: SSHOrder, request_id: str | None = None) -> IssuedSSH:
+        issuer = self.issuers.ssh[order.issuer]
+        serial = 0
+        while serial == 0:
+            serial = secrets.randbits(64)
+        key_id = f"{order.identity}:{serial}"
+        b = (serialization.SSHCertificateBuilder()
+             .public_key(order.public_key.key)  # type: ignore[arg-type]
+             .serial(serial)
+             .type(serialization.SSHCertificateType.USER if order.cert_type == "user"
+                   else serialization.SSHCertificateType.HOST)
+             .key_id(key_id.encode())
+             .valid_principals([p.encode() for p in order.principals])
+             .valid_after(order.valid_after).valid_before(order.valid_before))
+        for ext in sorted(order.extensions):
+            b = b.add_extension(ext.encode(), b"")
+        if order.source_address:
+            b = b.add_critical_option(b"source-address", order.source_address.encode())
+        issued_at = prof.utcnow().isoformat()
+
+        def record(_cert: SSHCertificate) -> object:
+            return self.store.add_ssh_cert(NewSSHCert(
+                serial=serial, key_id=key_id, cert_type=order.cert_type,
+                key_sha256=order.public_key.sha256, public_key=order.public_key.line,
+                principals=order.principals, valid_after=order.valid_after,
+                valid_before=order.valid_before, owner_serial=order.owner_serial,
+                issued_at=issued_at))
+
+        job = SigningJob(
+            issuer.key.label, f"ssh-{order.cert_type}", order.actor, lambda k: b.sign(k),
+            request_id=request_id, hash_name=issuer.hash_name,
+            details={"serial": str(serial), "key_id": key_id,
+                     "principals": list(order.principals),
+                     "public_key_sha256": order.public_key.sha256,
+                     "valid_after": order.valid_after, "valid_before": order.valid_before,
+                     "source_address": order.source_address},
+            describe=lambda c: {"fingerprint": hashlib.sha256(c.public_bytes()).hexdigest()},
+            record=record)  # type: ignore[arg-type]
+        result: SignResult[SSHCertificate] = await self.pipeline.submit(job)
+        return IssuedSSH(result.value, key_id, result.intent_seq, result.outcome_seq)
+
+    async def crl(self, order: CRLOrder, number: int,
+                  revoked: Sequence[tuple[int, dt.datetime, str | None]],
+                  request_id: str | None = None) -> x509.CertificateRevocationList:
+        """A CRL of `order.issuer` listing `revoked` (serial, time, reason name)."""
+        issuer = self.issuers.x509[order.issuer]
+        b = (x509.CertificateRevocationListBuilder().issuer_name(issuer.cert.subject)
+             .last_update(order.this_update).next_update(order.next_update)
+             .add_extension(x509.CRLNumber(number), critical=False)
+             .add_extension(prof.aki(issuer.cert), critical=False))
+        for serial, at, reason in sorted(revoked):
+            rb = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(at)
+            if reason:
+                rb = rb.add_extension(x509.CRLReason(REASON_FLAGS[reason]), critical=False)
+            b = b.add_revoked_certificate(rb.build())
+        h = issuer.hash
+        return await self.pipeline.sign(
+            issuer.key.label, lambda k: b.sign(k, h), purpose="crl", actor=order.actor,
+            request_id=request_id, hash_name=issuer.hash_name,
+            details={"crl_number": number, "revoked": len(revoked),
+                     "this_update": order.this_update.isoformat(),
+                     "next_update": order.next_update.isoformat()},
+            describe=lambda c: {"fingerprint": hashlib.sha256(
+                c.public_bytes(serialization.Encoding.DER)).hexdigest()})
+
+    async def ocsp(self, issuer_id: str, builder: ocsp.OCSPResponseBuilder, *, serial: int,
+                   status: str, request_id: str | None = None) -> ocsp.OCSPResponse:
+        issuer = self.issuers.x509[issuer_id]
+        h = issuer.hash
+        return await self.pipeline.sign(
+            issuer.key.label, lambda k: builder.sign(k, h), purpose="ocsp", actor="anonymous",
+            request_id=request_id, hash_name=issuer.hash_name,
+            details={"serial": format(serial, "x"), "status": status})

@@ -1,0 +1,362 @@
+"""The signing thread: the process's one HSM thread, and the signing transaction.
+
+Every signature of the process is made here, in groups: the intents of every job
+that arrived together are made durable in one group commit, then each is signed
+(cryptography's builder calls the HSM signer's `sign()`, on this thread, which
+owns the process's `HSM`), then the inventory writes start, the outcomes are made
+durable in one more group commit, the inventory commits are awaited, and the
+results go back to the event loop in one wake-up. Nothing leaves before its
+outcome and its inventory row are durable. On a VM a thread wake-up costs tens of
+microseconds of CPU; passing each signature through the event loop between these
+steps cost about eight of them per certificate.
+
+The HSM executes plain signatures and keeps its own rules (a durable intent before
+C_Sign, one signature per intent, every signature verified); this module writes
+the intent and outcome lines around them and decides nothing: a `SigningJob` says
+what to sign, with which key, for whom, and what to record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
+
+from ca.handoff import STOP, Batch, Coalescer, Sink, async_sink, claim, drain_queue, stop_thread
+from hsm.errors import HSMError, HSMUnavailable
+from hsm.ids import IdSource
+from hsm.session import HSM, HSMConfig, KeyInfo
+from hsm.signers import HSMKey, mechanism_name, signer
+
+T = TypeVar("T")
+Entry = tuple[str, Mapping[str, Any]]
+
+
+class AuditSink(Protocol):
+    """What the pipeline needs of the audit log: the log itself in the primary
+    process, a link to it in a worker (both also satisfy hsm.oplog.OpLog)."""
+
+    def append_durable(self, entries: Sequence[Entry]) -> list[cf.Future[int]]:
+        """Append lines on the calling thread; return once they are durable, each
+        future settled with the line's seq or why it was not written."""
+        ...
+
+    def record(self, event: str, fields: Mapping[str, Any]) -> cf.Future[int]:
+        """Queue a line without waiting for it."""
+        ...
+
+    def durable_size(self) -> int:
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class SigningJob(Generic[T]):
+    """One signature to make: `sign(key)` is called with an HSM signer for `key` (a
+    label) once the intent line (the fields below and `details`) is durable;
+    `describe(result)` adds fields to the outcome line; `record(result)` starts the
+    inventory write (a future), committed before the result is released."""
+
+    key: str
+    purpose: str
+    actor: str
+    sign: Callable[[HSMKey], T]
+    details: Mapping[str, Any] = field(default_factory=dict)
+    request_id: str | None = None
+    hash_name: str | None = "sha256"
+    describe: Callable[[T], Mapping[str, Any]] | None = None
+    record: Callable[[T], cf.Future[Any]] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SignResult(Generic[T]):
+    value: T
+    intent_seq: int
+    outcome_seq: int
+
+
+@dataclass(slots=True)
+class _Op:
+    job: SigningJob[Any]
+    sink: Sink
+    intent: dict[str, Any] = field(default_factory=dict)
+
+
+class SigningPipeline:
+    """The signing thread of one process; `await submit(job)` or `await sign(...)`."""
+
+    def __init__(self, config: HSMConfig, audit: AuditSink) -> None:
+        self.hsm = HSM(config, audit)
+        self._audit = audit
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._coalescer = Coalescer(self._queue)
+        self._thread = threading.Thread(target=self._loop, name="hsm", daemon=True)
+        self._keys: dict[str, KeyInfo] = {}
+        self._op_ids = IdSource()
+        # Called on this thread: after each signature with its duration in seconds,
+        # and with (purpose, result) for each signing job.
+        self.on_call: Callable[[float], None] | None = None
+        self.on_sign: Callable[[str, str], None] | None = None
+        # Called on this thread when the session breaks (False) or is back (True).
+        self.on_health: Callable[[bool], None] | None = None
+        self._was_healthy = True
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the thread, open the session and log in; raise HSMError if that fails."""
+        self._thread.start()
+        fut: cf.Future[None] = cf.Future()
+        self._queue.put((lambda hsm: hsm.open(), fut))
+        try:
+            fut.result()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Stop the thread (jobs queued before still run) and log out."""
+        stop_thread(self._thread, self._queue)
+
+    @property
+    def healthy(self) -> bool:
+        return self.hsm.healthy and self._thread.is_alive()
+
+    @property
+    def problem(self) -> str | None:
+        return self.hsm.broken
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    # ---- calls -----------------------------------------------------------------------
+
+    async def submit(self, job: SigningJob[T]) -> SignResult[T]:
+        """Sign as `job` says; AuditUnavailable (nothing was signed) if the intent
+        cannot be written, HSMUnavailable if the session is broken.
+
+        The whole transaction runs on the signing thread, for every job that arrived
+        together, so a caller that is cancelled (client gone, shutdown) after its
+        intent was written cannot leave it without an outcome."""
+        await self._await_retry()
+        fut, sink = async_sink()
+        self._coalescer.put(sink[0], _Op(job, sink))
+        return await fut  # type: ignore[no-any-return]
+
+    async def sign(self, key: str, build: Callable[[HSMKey], T], *, purpose: str,
+                   actor: str, request_id: str | None = None,
+                   details: Mapping[str, Any] | None = None, hash_name: str | None = "sha256",
+                   describe: Callable[[T], Mapping[str, Any]] | None = None) -> T:
+        """`submit` for a one-off signature that records nothing in the inventory."""
+        job = SigningJob(key, purpose, actor, build, details or {}, request_id, hash_name,
+                         describe)
+        return (await self.submit(job)).value
+
+    async def call(self, fn: Callable[[HSM], T]) -> T:
+        """Run `fn(hsm)` on the signing thread (key look-up, generation, probes)."""
+        fut, sink = async_sink()
+        self._coalescer.put(sink[0], (fn, sink))
+        return await fut  # type: ignore[no-any-return]
+
+    async def load_key(self, label: str) -> KeyInfo:
+        """Find a key and check it cannot be exported."""
+        return await self.call(lambda hsm: self._key(hsm, label))
+
+    async def generate_key(self, label: str, key_type: str) -> KeyInfo:
+        def gen(hsm: HSM) -> KeyInfo:
+            info = hsm.generate(label, key_type)
+            self._keys[label] = info
+            return info
+        return await self.call(gen)
+
+    async def probe(self, max_wait: float = 1.0) -> None:
+        """Ask the token whether it is still there. With the session broken, wait for
+        the next reconnect attempt if that is due within `max_wait` and let it run,
+        so a health check sees a recovery at once but never makes the thread retry
+        faster than its back-off allows."""
+        await self._await_retry(max_wait)
+        await self.call(lambda hsm: hsm.probe())
+
+    async def drain(self) -> None:
+        """Wait for every job under way (before closing at shutdown): the thread
+        finishes a group before it takes the next job from its queue."""
+        if not self._thread.is_alive():
+            return
+        try:
+            await self.call(lambda _hsm: None)
+        except HSMError:
+            pass
+
+    async def _await_retry(self, max_wait: float = 1.0) -> None:
+        """With the session broken: refuse at once (HSMUnavailable) if the next
+        reconnect attempt is more than `max_wait` away, else wait for it to be due,
+        so a request sees a recovery at once without the thread retrying faster than
+        its back-off allows (and an outage still answers within a second)."""
+        wait = self.hsm.retry_in()
+        if wait is None:
+            return
+        if wait > max_wait:
+            raise HSMUnavailable(f"HSM unavailable: {self.hsm.broken}")
+        if wait > 0:
+            await asyncio.sleep(wait)  # a back-off the HSM set, not synchronisation
+
+    # ---- the thread ------------------------------------------------------------------
+
+    def _key(self, hsm: HSM, label: str) -> KeyInfo:
+        info = self._keys.get(label)
+        if info is None:
+            info = self._keys[label] = hsm.key(label)
+        return info
+
+    def _loop(self) -> None:
+        batch = Batch()
+        while True:
+            try:
+                first = self._queue.get(timeout=self.hsm.retry_in())
+            except queue.Empty:
+                self._tick()
+                continue
+            # Everything queued meanwhile runs now and the results go out together;
+            # signing jobs next to each other in the queue are signed as one group.
+            items = drain_queue(self._queue, first)
+            group: list[_Op] = []
+            for item in items:
+                if isinstance(item, _Op):
+                    group.append(item)
+                    continue
+                if group:
+                    self._sign_group(group, batch)
+                    group = []
+                if item is STOP:
+                    batch.flush()
+                    try:
+                        self.hsm.close()
+                    except HSMError:
+                        pass  # never opened: nothing to close
+                    self._flush_events()
+                    return
+                self._run_one(*item, batch)
+            if group:
+                self._sign_group(group, batch)
+            self._flush_events()
+            batch.flush()
+
+    def _tick(self) -> None:
+        try:
+            self.hsm.tick()
+        finally:
+            self._flush_events()
+
+    def _observe(self) -> None:
+        healthy = self.hsm.broken is None
+        if healthy != self._was_healthy:
+            self._was_healthy = healthy
+            if self.on_health is not None:
+                self.on_health(healthy)
+
+    def _run_one(self, fn: Callable[[HSM], Any], sink: Sink, batch: Batch) -> None:
+        if not claim(sink):
+            return
+        try:
+            result = fn(self.hsm)
+        except BaseException as exc:
+            batch.fail(sink, exc)
+            return
+        batch.ok(sink, result)
+
+    def _flush_events(self) -> None:
+        self._observe()
+        for event, fields in self.hsm.take_events():
+            fut = self._audit.record(event, fields)
+            fut.add_done_callback(lambda f: f.exception())  # never leave it unobserved
+
+    def _append(self, entries: list[Entry]) -> list[cf.Future[int]]:
+        """The audit group commit, with the HSM's pending events in front."""
+        events = self.hsm.take_events()
+        written = self._audit.append_durable([*events, *entries])
+        return written[len(events):]
+
+    def _sign_group(self, ops: list[_Op], batch: Batch) -> None:
+        live = [op for op in ops if claim(op.sink)]  # a caller gone before anything ran
+        if not live:
+            return
+        try:
+            self.hsm.tick()
+            if self.hsm.broken is not None:
+                raise HSMUnavailable(f"HSM unavailable: {self.hsm.broken}")
+            infos = [self._key(self.hsm, op.job.key) for op in live]
+        except HSMError as exc:  # nothing was recorded or signed: nothing to log
+            for op in live:
+                batch.fail(op.sink, exc)
+            return
+        for op, info in zip(live, infos, strict=True):
+            job = op.job
+            op.intent = {"phase": "intent", "op_id": self._op_ids.next(), "key": info.uri,
+                         "mechanism": mechanism_name(info, job.hash_name),
+                         "purpose": job.purpose, "actor": job.actor,
+                         "request_id": job.request_id, **job.details}
+        written = self._append([("hsm.sign", op.intent) for op in live])
+        ready: list[tuple[_Op, KeyInfo, int]] = []
+        for op, info, fut in zip(live, infos, written, strict=True):
+            exc = fut.exception()
+            if exc is None:
+                ready.append((op, info, fut.result()))
+            else:  # not on disk, so not signed (fail closed)
+                batch.fail(op.sink, exc)
+        if not ready:
+            return
+        signed = [(op, seq, *self._sign_one(op, info, seq)) for op, info, seq in ready]
+        # The inventory writes start together (one transaction for the group, which
+        # commits while the outcomes are written), after the signing: between
+        # signatures, the GIL released in C_Sign would let the store commit each alone.
+        done: list[tuple[_Op, int, Any, BaseException | None, cf.Future[Any] | None]] = []
+        outcomes: list[Entry] = []
+        for op, seq, out, error, outcome in signed:
+            extra: cf.Future[Any] | None = None
+            if error is None and op.job.record is not None:
+                try:
+                    extra = op.job.record(out)
+                except Exception as exc:
+                    error = exc
+            done.append((op, seq, out, error, extra))
+            outcomes.append(("hsm.sign", outcome))
+        written = self._append(outcomes)
+        for (op, seq, out, error, extra), fut in zip(done, written, strict=True):
+            if error is None:
+                error = fut.exception()
+            if error is None and extra is not None:
+                error = extra.exception()  # waits for the inventory's commit
+            if self.on_sign is not None:
+                self.on_sign(op.job.purpose, "ok" if error is None else type(error).__name__)
+            if error is None:
+                batch.ok(op.sink, SignResult(out, seq, fut.result()))
+            else:
+                batch.fail(op.sink, error)
+
+    def _sign_one(self, op: _Op, info: KeyInfo, seq: int
+                  ) -> tuple[Any, BaseException | None, dict[str, Any]]:
+        """Build and sign one job: (result, error, outcome fields). An error here is
+        written into the outcome line and raised to the caller; the result is never
+        released."""
+        outcome: dict[str, Any] = {"phase": "outcome", "op_id": op.intent["op_id"]}
+        started = time.perf_counter()
+        key = signer(self.hsm, info, seq)
+        try:
+            out = op.job.sign(key)
+            if len(key.signed) != 1:
+                raise HSMError(f"expected one signature per operation, got {len(key.signed)}")
+            outcome.update(result="ok", digest=key.signed[0].digest,
+                           signature_digest=key.signed[0].signature_digest)
+            if op.job.describe is not None:
+                outcome.update(op.job.describe(out))
+        except Exception as exc:
+            outcome["result"] = type(exc).__name__
+            return None, exc, outcome
+        if self.on_call is not None:
+            self.on_call(time.perf_counter() - started)
+        return out, None, outcome

@@ -1,0 +1,29 @@
+"""Certificates the CA makes for itself, with keys made here in software: the daemon's
+TLS listener (OpenSSL must use its key for every handshake) and the admin
+credential. Ordered by the registration authority like any other, signed and
+recorded by the issuers."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from ca import ra
+from ca.issuance.issue import Issuance
+from ca.issuance.profiles import pem
+from ca.policy import Policy
+
+
+async def local_cert(issuance: Issuance, policy: Policy, *, role: str, names: list[str],
+                     days: int) -> tuple[str, bytes]:
+    """(certificate PEM, PKCS#8 key PEM) of a new P-256 key for `role` (server|admin)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    ctx = ra.Context(policy, dt.datetime.now(dt.UTC).replace(microsecond=0), issuance.issuers)
+    order = ra.order(ctx, ra.Local(), ra.LocalCertRequest(
+        role, key.public_key(), tuple(names), dt.timedelta(days=days)))
+    issued = await issuance.x509(order)
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return pem(issued.cert), key_pem

@@ -1,0 +1,483 @@
+"""The registration authority: the one function that decides.
+
+Every path that ends in a signature asks `decide(context, who, request)`: bootstrap
+tokens, enrollment, renewal, EST, SSH host and user certificates, revocation,
+CRLs, and the CA's own certificates at `init` and start-up. It takes who asks (as
+the inventory knows them, never as they claim), what they ask for, and the policy
+in force *now* (so a name added to the deny list, a shorter maximum lifetime or a
+removed principal applies to the next renewal of an identity that was allowed
+yesterday), and returns either a `Refusal` (a typed reason and a sentence) or an
+immutable order that says everything the issuer needs: issuer, profile, names,
+principals, key, validity. Routes parse and answer; issuers build and sign; neither
+decides.
+
+Pure: no I/O, no clock (the context carries `now`), no HSM (the issuers it may
+choose from are named by a `Directory`), so it is tested without a daemon
+(tests/test_ra.py).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from cryptography import x509
+
+from ca import policy
+from ca.policy import Policy, Reason, Refused
+from ca.ssh import SSHPublicKey
+from ca.subject import SubjectKey, subject_key
+
+BACKDATE = dt.timedelta(minutes=1)
+CRL_VALIDITY = dt.timedelta(hours=24)
+LOCAL = "local"
+
+# RFC 5280 revocation reasons: the names, their snake-case spelling and their codes.
+REASON_CODES = {"unspecified": 0, "keyCompromise": 1, "cACompromise": 2,
+                "affiliationChanged": 3, "superseded": 4, "cessationOfOperation": 5,
+                "certificateHold": 6, "privilegeWithdrawn": 9, "aACompromise": 10}
+# What a certificate's holder may say about their own certificate; an admin may give
+# any reason but certificateHold, which this CA never offers (a hold cannot be lifted
+# here, so it would be a revocation that lies about itself).
+HOLDER_REASONS = frozenset({"unspecified", "keyCompromise", "superseded", "affiliationChanged",
+                            "cessationOfOperation"})
+
+
+class Directory(Protocol):
+    """The issuers the CA has now; the RA picks among them, by name."""
+
+    def x509_issuer(self) -> str:
+        """The issuer new X.509 leaves come from."""
+        ...
+
+    def x509_not_after(self, issuer: str) -> dt.datetime:
+        """When that issuer's certificate expires (no leaf outlives it)."""
+        ...
+
+    def ssh_issuer(self, cert_type: str) -> str:
+        """The SSH CA new `user` or `host` certificates come from."""
+        ...
+
+
+@dataclass(frozen=True)
+class Context:
+    policy: Policy
+    now: dt.datetime
+    issuers: Directory
+    ssh_key_revoked: Callable[[str], bool] = field(default=lambda _line: False)
+
+
+# ---- who asks ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TokenHolder:
+    """The holder of a bootstrap token (already found and unexpired)."""
+
+    token_id: str
+    role: str
+    names: tuple[tuple[str, str], ...]
+    principals: tuple[str, ...]
+
+    @property
+    def actor(self) -> str:
+        return f"bootstrap-token:{self.token_id}"
+
+
+@dataclass(frozen=True)
+class CertHolder:
+    """The holder of a client certificate this CA issued (from the inventory)."""
+
+    serial: str  # hex
+    fingerprint: str
+    subject: str
+    role: str
+    names: tuple[str, ...]
+    principals: tuple[str, ...]
+    der: bytes
+
+    @property
+    def actor(self) -> str:
+        return f"cert:{self.fingerprint}:{self.subject}"
+
+
+@dataclass(frozen=True)
+class Local:
+    """The CA itself: `init`, start-up, refreshes, an operator on the CA host."""
+
+    actor: str = LOCAL
+
+
+Requester = TokenHolder | CertHolder | Local
+
+
+# ---- what they ask for ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TokenRequest:
+    role: object
+    names: object
+    principals: object = ()
+    ttl: object = "1h"
+
+
+@dataclass(frozen=True)
+class EnrollRequest:
+    csr: x509.CertificateSigningRequest
+    ttl: object = None
+
+
+@dataclass(frozen=True)
+class RenewRequest:
+    csr: x509.CertificateSigningRequest | None = None  # None: keep the presented key
+    ttl: object = None
+
+
+@dataclass(frozen=True)
+class SSHHostRequest:
+    public_key: SSHPublicKey
+    principals: object = None
+
+
+@dataclass(frozen=True)
+class SSHUserRequest:
+    public_key: SSHPublicKey
+    principals: object = None
+    ttl: object = None
+    source_address: str | None = None
+
+
+@dataclass(frozen=True)
+class RevokeRequest:
+    serial: int
+    reason: object = None
+    found: bool = True  # whether the inventory has the certificate
+    revoked: bool = False  # whether it is revoked already
+
+
+@dataclass(frozen=True)
+class CRLRequest:
+    issuer: str | None = None
+
+
+@dataclass(frozen=True)
+class LocalCertRequest:
+    """A certificate the CA makes for itself: its TLS listener, the admin credential."""
+
+    role: str  # server | admin
+    public_key: Any
+    names: tuple[str, ...]
+    lifetime: dt.timedelta
+
+
+Request = (TokenRequest | EnrollRequest | RenewRequest | SSHHostRequest | SSHUserRequest
+           | RevokeRequest | CRLRequest | LocalCertRequest)
+
+
+# ---- what the RA hands on -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TokenGrant:
+    role: str
+    names: tuple[tuple[str, str], ...]  # (kind, value)
+    principals: tuple[str, ...]
+    ttl_s: int
+    actor: str
+
+
+@dataclass(frozen=True)
+class X509Order:
+    issuer: str
+    profile: str  # "leaf"
+    role: str
+    names: tuple[tuple[str, str], ...]
+    principals: tuple[str, ...]
+    subject: SubjectKey
+    not_before: dt.datetime
+    not_after: dt.datetime
+    actor: str
+    token_id: str | None = None
+
+
+@dataclass(frozen=True)
+class SSHOrder:
+    issuer: str
+    cert_type: str  # user | host
+    public_key: SSHPublicKey
+    principals: tuple[str, ...]
+    identity: str  # the key id is "<identity>:<serial>"
+    valid_after: int
+    valid_before: int
+    extensions: tuple[str, ...]
+    source_address: str | None
+    owner_serial: str  # the X.509 certificate it is issued on the strength of
+    actor: str
+
+
+@dataclass(frozen=True)
+class RevokeOrder:
+    serial: int
+    reason: str | None  # RFC 5280 name; None for unspecified
+    actor: str
+
+
+@dataclass(frozen=True)
+class CRLOrder:
+    issuer: str
+    this_update: dt.datetime
+    next_update: dt.datetime
+    actor: str
+
+
+Order = TokenGrant | X509Order | SSHOrder | RevokeOrder | CRLOrder
+
+
+@dataclass(frozen=True)
+class Refusal:
+    reason: Reason
+    detail: str
+
+    def raise_(self) -> Any:
+        raise Refused(self.detail, self.reason)
+
+
+def decide(ctx: Context, who: Requester, request: Request) -> Order | Refusal:
+    """The decision on one request (see the module docstring)."""
+    handler = _HANDLERS.get(type(request))
+    if handler is None:
+        return Refusal(Reason.MALFORMED, f"no rule for a {type(request).__name__}")
+    try:
+        return handler(ctx, who, request)  # type: ignore[no-any-return]
+    except Refused as r:
+        return Refusal(r.reason, r.detail)
+
+
+def order(ctx: Context, who: Requester, request: Request) -> Any:
+    """`decide`, raising the refusal (for callers that answer it as an error)."""
+    result = decide(ctx, who, request)
+    if isinstance(result, Refusal):
+        result.raise_()
+    return result
+
+
+# ---- the rules ------------------------------------------------------------------------------
+
+def _token(ctx: Context, who: Requester, req: TokenRequest) -> TokenGrant:
+    _need_role(who, "admin")
+    p = ctx.policy
+    if req.role not in policy.ROLES:
+        raise Refused(f"role must be one of {', '.join(policy.ROLES)}")
+    role = str(req.role)
+    raw_names = req.names
+    if not isinstance(raw_names, list | tuple) or not raw_names or len(raw_names) > 100:
+        raise Refused("names must be a list of 1 to 100 names")
+    names = tuple(dict.fromkeys(policy.classify(n, p.allow_wildcards) for n in raw_names))
+    kinds = {k for k, _ in names}
+    if role in ("service", "host") and "email" in kinds:
+        raise Refused(f"a {role} certificate names DNS names, IP addresses or URIs, not e-mail")
+    if role == "host" and "dns" not in kinds:
+        raise Refused("a host needs at least one DNS name (its SSH principals)")
+    if role == "user" and kinds != {"email"}:
+        raise Refused("a user's names are e-mail addresses")
+    if role in ("auditor", "admin") and (len(names) != 1 or kinds - {"dns", "email"}):
+        raise Refused(f"an {role} has exactly one identity: a DNS name or an e-mail address")
+    raw_principals = req.principals
+    if not isinstance(raw_principals, list | tuple) or len(raw_principals) > 100:
+        raise Refused("principals must be a list of at most 100 logins")
+    if raw_principals and role != "user":
+        raise Refused("principals are granted to role user only (a host's principals are its "
+                      "DNS names)")
+    principals = tuple(dict.fromkeys(policy.principal(x) for x in raw_principals))
+    ttl = policy.parse_ttl(req.ttl if req.ttl is not None else "1h", "ttl")
+    if ttl > p.token_max_ttl_s:
+        raise Refused(f"token ttl {ttl}s exceeds the maximum {p.token_max_ttl_s}s "
+                      "([policy] token-max-ttl-s)", Reason.LIFETIME)
+    policy.check_allowed(names, p)
+    return TokenGrant(role, names, principals, ttl, who.actor)
+
+
+def _lifetime(ctx: Context, ttl: object) -> dt.timedelta:
+    p = ctx.policy
+    if ttl is None:
+        return dt.timedelta(seconds=min(p.x509_default_ttl_s, p.x509_max_ttl_s))
+    seconds = policy.parse_ttl(ttl)
+    if seconds > p.x509_max_ttl_s:
+        raise Refused(f"ttl {ttl} exceeds the maximum of {p.x509_max_ttl_s}s "
+                      "([policy] x509-max-ttl-s)", Reason.LIFETIME)
+    return dt.timedelta(seconds=seconds)
+
+
+def _x509(ctx: Context, who: Requester, *, role: str, names: tuple[tuple[str, str], ...],
+          principals: tuple[str, ...], subject: SubjectKey, lifetime: dt.timedelta,
+          token_id: str | None = None, check_names: bool = True) -> X509Order:
+    if check_names:
+        policy.check_allowed(names, ctx.policy)
+    issuer = ctx.issuers.x509_issuer()
+    not_after = min(ctx.now + lifetime, ctx.issuers.x509_not_after(issuer))
+    return X509Order(issuer, "leaf", role, names, principals, subject, ctx.now - BACKDATE,
+                     not_after, who.actor, token_id)
+
+
+def _enroll(ctx: Context, who: Requester, req: EnrollRequest) -> X509Order:
+    if not isinstance(who, TokenHolder):
+        raise Refused("enrollment needs a bootstrap token", Reason.WRONG_ROLE)
+    policy.check_csr(req.csr)
+    names = policy.names_within(policy.csr_names(req.csr), who.names,
+                                ctx.policy.allow_wildcards)
+    return _x509(ctx, who, role=who.role, names=names, principals=who.principals,
+                 subject=subject_key(req.csr.public_key()), lifetime=_lifetime(ctx, req.ttl),
+                 token_id=who.token_id)
+
+
+def _renew(ctx: Context, who: Requester, req: RenewRequest) -> X509Order:
+    if not isinstance(who, CertHolder) or who.role not in policy.ROLES:
+        raise Refused("renewal needs a client certificate of a service, host, user, auditor "
+                      "or admin", Reason.WRONG_ROLE)
+    if req.csr is not None:
+        policy.check_csr(req.csr)
+        subject = subject_key(req.csr.public_key())
+    else:
+        subject = presented_subject_key(who.der)
+    # Names come from the inventory record of the presented certificate: never widened,
+    # and checked against the lists in force now.
+    names = tuple(policy.classify(n, True) for n in who.names)
+    return _x509(ctx, who, role=who.role, names=names, principals=who.principals,
+                 subject=subject, lifetime=_lifetime(ctx, req.ttl))
+
+
+def _principals(asked: object, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
+    if asked is None:
+        if not allowed:
+            raise Refused(f"no {what} were granted to this certificate",
+                          Reason.PRINCIPAL_NOT_GRANTED)
+        return allowed
+    if not isinstance(asked, list | tuple) or not asked or len(asked) > 100:
+        raise Refused("principals must be a list of 1 to 100 strings")
+    out = tuple(dict.fromkeys(policy.principal(x) for x in asked))
+    outside = [x for x in out if x not in allowed]
+    if outside:
+        raise Refused(f"principal(s) {', '.join(outside)} not granted; allowed: "
+                      f"{', '.join(allowed) or 'none'}", Reason.PRINCIPAL_NOT_GRANTED)
+    return out
+
+
+def _ssh_key(ctx: Context, key: SSHPublicKey) -> None:
+    if ctx.ssh_key_revoked(key.line):
+        raise Refused(f"the public key {key.sha256} has been revoked; make a new key",
+                      Reason.REVOKED_KEY)
+
+
+def _ssh_host(ctx: Context, who: Requester, req: SSHHostRequest) -> SSHOrder:
+    _need_role(who, "host")
+    assert isinstance(who, CertHolder)
+    dns = tuple(n for n in who.names if policy.classify(n, True)[0] == "dns")
+    principals = _principals(req.principals, dns, "host names")
+    policy.check_allowed([("dns", x) for x in principals], ctx.policy)
+    _ssh_key(ctx, req.public_key)
+    now = int(ctx.now.timestamp())
+    return SSHOrder(ctx.issuers.ssh_issuer("host"), "host", req.public_key, principals,
+                    dns[0], now - 60, now + ctx.policy.ssh_host_ttl_s, (), None, who.serial,
+                    who.actor)
+
+
+def _ssh_user(ctx: Context, who: Requester, req: SSHUserRequest) -> SSHOrder:
+    _need_role(who, "user")
+    assert isinstance(who, CertHolder)
+    p = ctx.policy
+    policy.check_allowed([policy.classify(n, True) for n in who.names], p)
+    principals = _principals(req.principals, who.principals, "logins")
+    ttl = p.ssh_user_default_ttl_s
+    if req.ttl is not None:
+        ttl = policy.parse_ttl(req.ttl)
+        if ttl > p.ssh_user_max_ttl_s:
+            raise Refused(f"ttl {req.ttl} exceeds the maximum of {p.ssh_user_max_ttl_s // 3600}h "
+                          "for user certificates ([policy] ssh-user-max-ttl-s)", Reason.LIFETIME)
+    ttl = min(ttl, p.ssh_user_max_ttl_s)
+    _ssh_key(ctx, req.public_key)
+    now = int(ctx.now.timestamp())
+    return SSHOrder(ctx.issuers.ssh_issuer("user"), "user", req.public_key, principals,
+                    who.names[0], now - 60, now + ttl, p.ssh_user_extensions,
+                    req.source_address, who.serial, who.actor)
+
+
+def revocation_reason(value: object) -> str | None:
+    """An RFC 5280 reason from its name (keyCompromise), snake case (key_compromise) or
+    code (1); None for unspecified."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise Refused("reason must be a reason name or code")
+    if isinstance(value, int):
+        for name, code in REASON_CODES.items():
+            if code == value:
+                return None if name == "unspecified" else name
+        raise Refused(f"reason code {value} is not an RFC 5280 revocation reason")
+    if isinstance(value, str):
+        wanted = value.replace("_", "").lower()
+        for name in REASON_CODES:
+            if name.lower() == wanted:
+                return None if name == "unspecified" else name
+    raise Refused(f"reason {value!r} is not one of {', '.join(REASON_CODES)} (snake case and "
+                  "the numeric codes work too)")
+
+
+def _revoke(ctx: Context, who: Requester, req: RevokeRequest) -> RevokeOrder:
+    reason = revocation_reason(req.reason)
+    admin = isinstance(who, Local) or (isinstance(who, CertHolder) and who.role == "admin")
+    if not admin:
+        if not isinstance(who, CertHolder) or req.serial != int(who.serial, 16):
+            raise Refused("only an admin may revoke another certificate; you may revoke your "
+                          "own", Reason.WRONG_ROLE)
+        if (reason or "unspecified") not in HOLDER_REASONS:
+            raise Refused(f"a certificate's holder may give the reasons "
+                          f"{', '.join(sorted(HOLDER_REASONS))}; {reason} is for an admin",
+                          Reason.REASON_NOT_ALLOWED)
+    if reason == "certificateHold":
+        raise Refused("certificateHold is not offered: a revocation here is final",
+                      Reason.REASON_NOT_ALLOWED)
+    if not req.found:
+        raise Refused(f"no certificate with serial {req.serial:x} was issued by this CA",
+                      Reason.NOT_FOUND)
+    if req.revoked:
+        raise Refused(f"certificate {req.serial:x} is already revoked", Reason.CONFLICT)
+    return RevokeOrder(req.serial, reason, who.actor)
+
+
+def _crl(ctx: Context, who: Requester, req: CRLRequest) -> CRLOrder:
+    if not isinstance(who, Local):
+        raise Refused("CRLs are signed by the CA itself", Reason.WRONG_ROLE)
+    issuer = req.issuer or ctx.issuers.x509_issuer()
+    return CRLOrder(issuer, ctx.now, ctx.now + CRL_VALIDITY, who.actor)
+
+
+def _local_cert(ctx: Context, who: Requester, req: LocalCertRequest) -> X509Order:
+    if not isinstance(who, Local):
+        raise Refused("only the CA itself makes its own certificates", Reason.WRONG_ROLE)
+    names = tuple(policy.classify(n, True) for n in req.names)
+    # The CA's own names: not subject to the lists that govern what others may get.
+    return _x509(ctx, who, role=req.role, names=names, principals=(),
+                 subject=subject_key(req.public_key), lifetime=req.lifetime,
+                 check_names=False)
+
+
+def _need_role(who: Requester, role: str) -> None:
+    have = who.role if isinstance(who, CertHolder) else (
+        "local" if isinstance(who, Local) else "bootstrap token")
+    if not isinstance(who, CertHolder) or who.role != role:
+        raise Refused(f"this needs a client certificate of role {role}; yours is {have}",
+                      Reason.WRONG_ROLE)
+
+
+@functools.lru_cache(maxsize=4096)  # a renewal that keeps its key shows the same cert
+def presented_subject_key(der: bytes) -> SubjectKey:
+    """The key of a presented client certificate (a renewal that keeps its key)."""
+    return subject_key(x509.load_der_x509_certificate(der).public_key())
+
+
+_HANDLERS: dict[type, Callable[[Context, Requester, Any], Order]] = {
+    TokenRequest: _token, EnrollRequest: _enroll, RenewRequest: _renew,
+    SSHHostRequest: _ssh_host, SSHUserRequest: _ssh_user, RevokeRequest: _revoke,
+    CRLRequest: _crl, LocalCertRequest: _local_cert,
+}

@@ -1,0 +1,106 @@
+"""The inventory behind one typed interface: every SQL statement of hsmca lives in
+an implementation of `Store` (ca/store/sqlite.py today; a PostgreSQL one runs the
+same test suite, tests/test_store.py).
+
+Methods are domain verbs, never CRUD. Reads and most writes are coroutines for the
+event loop. The writes of the signing transaction (`add_cert`, `add_ssh_cert`) are
+called on the signing thread and return a future that resolves once the row is
+committed: the signing pipeline releases nothing before that.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import datetime as dt
+from typing import Protocol
+
+from ca.store.records import (
+    CertRecord,
+    CRLRecord,
+    NewCert,
+    NewSSHCert,
+    NewToken,
+    SSHSelector,
+    TokenRecord,
+)
+
+__all__ = ["CRLRecord", "CertRecord", "NewCert", "NewSSHCert", "NewToken", "SSHSelector",
+           "Store", "TokenRecord", "open_store"]
+
+
+class Store(Protocol):
+    @property
+    def healthy(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+    # ---- bootstrap tokens (only the SHA-256 of a secret is ever stored) ------------------
+
+    async def add_token(self, token: NewToken) -> None: ...
+
+    async def token_by_secret(self, secret_sha256: str) -> TokenRecord | None: ...
+
+    async def consume_token(self, token_id: str, at: dt.datetime) -> bool:
+        """Mark the token used; True for exactly one of concurrent callers."""
+        ...
+
+    async def release_token(self, token_id: str) -> None:
+        """Make a used token usable again if nothing was issued with it."""
+        ...
+
+    # ---- X.509 certificates ------------------------------------------------------------
+
+    def add_cert(self, cert: NewCert) -> cf.Future[None]:
+        """Insert an issued certificate (and mark its token as spent on it), from any
+        thread; the future resolves once committed."""
+        ...
+
+    async def cert(self, serial: int) -> CertRecord | None: ...
+
+    async def cert_by_fingerprint(self, fingerprint: str) -> CertRecord | None: ...
+
+    async def revoked_certs(self) -> list[tuple[int, dt.datetime, str | None]]:
+        """(serial, revocation time, reason) of every revoked certificate."""
+        ...
+
+    async def revoke_cert(self, serial: int, at: dt.datetime, reason: str | None) -> bool:
+        """Revoke an unrevoked certificate; False if it was revoked already."""
+        ...
+
+    # ---- SSH certificates ----------------------------------------------------------------
+
+    def add_ssh_cert(self, cert: NewSSHCert) -> cf.Future[None]: ...
+
+    async def count_ssh_certs(self, which: SSHSelector) -> int:
+        """How many unrevoked SSH certificates `which` names."""
+        ...
+
+    async def revoke_ssh(self, which: SSHSelector, at: dt.datetime,
+                         revoke_key: str | None = None) -> int:
+        """Revoke the unrevoked SSH certificates `which` names and, with `revoke_key`
+        (an OpenSSH public key line), the key itself; how many certificates it hit."""
+        ...
+
+    async def revoked_ssh_certs(self) -> list[tuple[str, int]]:
+        """(cert type, serial) of every revoked SSH certificate."""
+        ...
+
+    async def revoked_ssh_keys(self) -> list[str]: ...
+
+    # ---- CRLs ------------------------------------------------------------------------------
+
+    async def next_crl_number(self) -> int:
+        """A CRL number larger than any handed out before."""
+        ...
+
+    async def add_crl(self, crl: CRLRecord) -> None: ...
+
+    async def latest_crl(self) -> CRLRecord | None: ...
+
+
+def open_store(path: object, *, autocheckpoint: bool = True) -> Store:
+    """The configured inventory (SQLite at `path`)."""
+    from pathlib import Path
+
+    from ca.store.sqlite import SQLiteStore
+    return SQLiteStore(Path(str(path)), autocheckpoint=autocheckpoint)

@@ -1,0 +1,89 @@
+"""What goes into the inventory and what comes out: frozen records, no SQL."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CertRecord:
+    serial: str  # hex, lower case
+    fingerprint: str  # SHA-256 of the DER certificate
+    role: str
+    subject: str
+    names: tuple[str, ...]
+    principals: tuple[str, ...]
+    spki_sha256: str
+    not_before: str  # ISO 8601
+    not_after: str
+    revoked_at: str | None
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class NewCert:
+    serial: int
+    fingerprint: str
+    role: str
+    subject: str
+    names: tuple[str, ...]
+    principals: tuple[str, ...]
+    spki_sha256: str
+    not_before: str
+    not_after: str
+    issued_at: str
+    der: bytes
+    token_id: str | None = None  # the bootstrap token spent on it
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    id: str
+    role: str
+    names: tuple[tuple[str, str], ...]  # (kind, value)
+    principals: tuple[str, ...]
+    expires: str
+    used_at: str | None
+
+
+@dataclass(frozen=True)
+class NewToken:
+    id: str
+    secret_sha256: str
+    role: str
+    names: tuple[tuple[str, str], ...]
+    principals: tuple[str, ...]
+    expires: str
+    created_at: str
+    created_by: str
+
+
+@dataclass(frozen=True)
+class NewSSHCert:
+    serial: int
+    key_id: str
+    cert_type: str  # user | host
+    key_sha256: str  # SHA256:... of the subject public key
+    public_key: str  # its OpenSSH line
+    principals: tuple[str, ...]
+    valid_after: int
+    valid_before: int
+    owner_serial: str  # the X.509 certificate (hex serial) that asked for it
+    issued_at: str
+
+
+@dataclass(frozen=True)
+class SSHSelector:
+    """SSH certificates by serial, by key id, or by subject key (SHA256:...)."""
+
+    serial: int | None = None
+    key_id: str | None = None
+    key_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class CRLRecord:
+    number: int
+    revoked: int  # how many revocations it lists
+    this_update: str
+    der: bytes

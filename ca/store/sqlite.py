@@ -1,0 +1,352 @@
+"""The inventory in SQLite: the embedded default implementation of `ca.store.Store`.
+
+Writes go through one thread that group-commits: every write that arrived while
+the previous COMMIT (an fsync, with synchronous=FULL) ran is applied in the next
+transaction, each in its own SAVEPOINT so one failing write cannot undo the others.
+A caller's future resolves only after the COMMIT, so a row the daemon acknowledged
+survives a crash. Reads use their own connection (WAL lets them run beside the
+writer).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import datetime as dt
+import json
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ca.handoff import STOP, Batch, Coalescer, Sink, async_sink, claim, drain_queue, stop_thread
+from ca.store.records import (
+    CertRecord,
+    CRLRecord,
+    NewCert,
+    NewSSHCert,
+    NewToken,
+    SSHSelector,
+    TokenRecord,
+)
+
+T = TypeVar("T")
+KEEP_CRLS = 16
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS certs (
+    serial TEXT PRIMARY KEY,          -- hex, lower case
+    fingerprint TEXT NOT NULL UNIQUE, -- SHA-256 of the DER certificate
+    role TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    names TEXT NOT NULL,              -- JSON list
+    principals TEXT NOT NULL,         -- JSON list
+    spki_sha256 TEXT NOT NULL,
+    not_before TEXT NOT NULL,
+    not_after TEXT NOT NULL,
+    issued_at TEXT NOT NULL,
+    revoked_at TEXT,
+    reason TEXT,
+    der BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    id TEXT PRIMARY KEY,
+    secret_sha256 TEXT NOT NULL UNIQUE,
+    role TEXT NOT NULL,
+    names TEXT NOT NULL,
+    principals TEXT NOT NULL,
+    expires TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    created_by TEXT NOT NULL,
+    used_at TEXT,
+    used_serial TEXT
+);
+CREATE TABLE IF NOT EXISTS ssh_certs (
+    serial TEXT PRIMARY KEY,          -- decimal uint64
+    key_id TEXT NOT NULL,
+    cert_type TEXT NOT NULL,          -- user | host
+    key_sha256 TEXT NOT NULL,         -- SHA-256 of the subject public key blob
+    public_key TEXT NOT NULL,
+    principals TEXT NOT NULL,
+    valid_after TEXT NOT NULL,
+    valid_before TEXT NOT NULL,
+    owner_serial TEXT NOT NULL,       -- the X.509 cert that asked for it
+    issued_at TEXT NOT NULL,
+    revoked_at TEXT
+);
+CREATE INDEX IF NOT EXISTS ssh_certs_key_id ON ssh_certs(key_id);
+CREATE INDEX IF NOT EXISTS ssh_certs_key ON ssh_certs(key_sha256);
+CREATE TABLE IF NOT EXISTS ssh_revoked_keys (
+    public_key TEXT PRIMARY KEY,
+    revoked_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS crls (
+    number INTEGER PRIMARY KEY,       -- CRLNumber
+    revoked INTEGER NOT NULL,         -- how many revocations it lists
+    this_update TEXT NOT NULL,
+    der BLOB NOT NULL
+);
+"""
+
+_CERT_COLS = ("serial, fingerprint, role, subject, names, principals, spki_sha256, not_before, "
+              "not_after, revoked_at, reason")
+
+
+def _cert(r: tuple[Any, ...]) -> CertRecord:
+    return CertRecord(r[0], r[1], r[2], r[3], tuple(json.loads(r[4])), tuple(json.loads(r[5])),
+                      r[6], r[7], r[8], r[9], r[10])
+
+
+def _where(which: SSHSelector) -> tuple[str, str]:
+    if which.serial is not None:
+        return "serial = ?", str(which.serial)
+    if which.key_id is not None:
+        return "key_id = ?", which.key_id
+    if which.key_sha256 is not None:
+        return "key_sha256 = ?", which.key_sha256
+    raise ValueError("an SSH selector names a serial, a key id or a key")
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    db.execute("PRAGMA busy_timeout=5000")
+    db.execute("PRAGMA synchronous=FULL")
+    return db
+
+
+class SQLiteStore:
+    def __init__(self, path: Path, autocheckpoint: bool = True) -> None:
+        """`autocheckpoint=False` for the workers: the commit that fills the WAL would
+        otherwise copy it into the database there and then (hundreds of milliseconds
+        on a slow disk), stalling its worker's every signature behind it; the primary
+        checkpoints in the background instead (`wal_checkpoint`)."""
+        self.path = path
+        w = _connect(path)
+        w.execute("PRAGMA journal_mode=WAL")
+        if not autocheckpoint:
+            w.execute("PRAGMA wal_autocheckpoint=0")
+        w.executescript(SCHEMA)
+        self._writer_db = w
+        self._reader = _connect(path)
+        self._read_lock = threading.Lock()
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._coalescer = Coalescer(self._queue)
+        self._thread = threading.Thread(target=self._write_loop, name="store-writer", daemon=True)
+        self._thread.start()
+
+    @property
+    def healthy(self) -> bool:
+        return self._thread.is_alive()
+
+    def close(self) -> None:
+        stop_thread(self._thread, self._queue)
+        self._writer_db.close()
+        self._reader.close()
+
+    # ---- the writer -----------------------------------------------------------------------
+
+    def _submit(self, fn: Callable[[sqlite3.Connection], T]) -> cf.Future[T]:
+        fut: cf.Future[T] = cf.Future()
+        self._queue.put((fn, fut))
+        return fut
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn(db)` in the writer's next transaction; return once it is committed."""
+        fut, sink = async_sink()
+        self._coalescer.put(sink[0], (fn, sink))
+        return await fut  # type: ignore[no-any-return]
+
+    def _write_loop(self) -> None:
+        db = self._writer_db
+        while True:
+            batch = drain_queue(self._queue, self._queue.get())
+            stop = STOP in batch
+            jobs = [j for j in batch if j is not STOP]
+            if jobs:
+                self._run_batch(db, jobs)
+            if stop:
+                return
+
+    @staticmethod
+    def _run_batch(db: sqlite3.Connection, jobs: list[Any]) -> None:
+        results: list[tuple[Sink, bool, Any]] = []
+        claimed: list[Sink] = []
+        out = Batch()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for fn, fut in jobs:
+                if not claim(fut):
+                    continue
+                claimed.append(fut)
+                db.execute("SAVEPOINT job")
+                try:
+                    value = fn(db)
+                except BaseException as exc:
+                    db.execute("ROLLBACK TO job")
+                    db.execute("RELEASE job")
+                    results.append((fut, False, exc))
+                    continue
+                db.execute("RELEASE job")
+                results.append((fut, True, value))
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            for fut in claimed:  # the whole transaction is gone: every job failed
+                out.fail(fut, exc)
+            out.flush()
+            return
+        for fut, ok, value in results:
+            if ok:
+                out.ok(fut, value)
+            else:
+                out.fail(fut, value)
+        out.flush()
+
+    def wal_checkpoint(self) -> None:
+        """Copy the WAL into the database without waiting for, or blocking, anyone
+        (PASSIVE); blocking, for a thread of its own."""
+        db = _connect(self.path)
+        try:
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        finally:
+            db.close()
+
+    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._read_lock:
+            return self._reader.execute(sql, args).fetchall()
+
+    # ---- tokens ------------------------------------------------------------------------------
+
+    async def add_token(self, token: NewToken) -> None:
+        def insert(db: sqlite3.Connection) -> None:
+            db.execute("INSERT INTO tokens (id, secret_sha256, role, names, principals, expires, "
+                       "created_at, created_by) VALUES (?,?,?,?,?,?,?,?)",
+                       (token.id, token.secret_sha256, token.role,
+                        json.dumps([list(n) for n in token.names]),
+                        json.dumps(list(token.principals)), token.expires, token.created_at,
+                        token.created_by))
+        await self._write(insert)
+
+    async def token_by_secret(self, secret_sha256: str) -> TokenRecord | None:
+        rows = self._read("SELECT id, role, names, principals, expires, used_at FROM tokens "
+                          "WHERE secret_sha256 = ?", (secret_sha256,))
+        if not rows:
+            return None
+        r = rows[0]
+        return TokenRecord(r[0], r[1], tuple((k, v) for k, v in json.loads(r[2])),
+                           tuple(json.loads(r[3])), r[4], r[5])
+
+    async def consume_token(self, token_id: str, at: dt.datetime) -> bool:
+        def consume(db: sqlite3.Connection) -> int:
+            return db.execute("UPDATE tokens SET used_at = ? WHERE id = ? AND used_at IS NULL",
+                              (at.isoformat(), token_id)).rowcount
+        return await self._write(consume) == 1
+
+    async def release_token(self, token_id: str) -> None:
+        def restore(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE tokens SET used_at = NULL WHERE id = ? AND used_serial IS NULL",
+                       (token_id,))
+        await self._write(restore)
+
+    # ---- X.509 certificates ---------------------------------------------------------------
+
+    def add_cert(self, cert: NewCert) -> cf.Future[None]:
+        def insert(db: sqlite3.Connection) -> None:
+            serial = format(cert.serial, "x")
+            db.execute(
+                "INSERT INTO certs (serial, fingerprint, role, subject, names, principals, "
+                "spki_sha256, not_before, not_after, issued_at, der) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (serial, cert.fingerprint, cert.role, cert.subject,
+                 json.dumps(list(cert.names)), json.dumps(list(cert.principals)),
+                 cert.spki_sha256, cert.not_before, cert.not_after, cert.issued_at, cert.der))
+            if cert.token_id is not None:
+                db.execute("UPDATE tokens SET used_serial = ? WHERE id = ?",
+                           (serial, cert.token_id))
+        return self._submit(insert)
+
+    async def cert(self, serial: int) -> CertRecord | None:
+        rows = self._read(f"SELECT {_CERT_COLS} FROM certs WHERE serial = ?",
+                          (format(serial, "x"),))
+        return _cert(rows[0]) if rows else None
+
+    async def cert_by_fingerprint(self, fingerprint: str) -> CertRecord | None:
+        rows = self._read(f"SELECT {_CERT_COLS} FROM certs WHERE fingerprint = ?",
+                          (fingerprint,))
+        return _cert(rows[0]) if rows else None
+
+    async def revoked_certs(self) -> list[tuple[int, dt.datetime, str | None]]:
+        return [(int(s, 16), dt.datetime.fromisoformat(at), reason) for s, at, reason in
+                self._read("SELECT serial, revoked_at, reason FROM certs "
+                           "WHERE revoked_at IS NOT NULL")]
+
+    async def revoke_cert(self, serial: int, at: dt.datetime, reason: str | None) -> bool:
+        def mark(db: sqlite3.Connection) -> int:
+            return db.execute("UPDATE certs SET revoked_at = ?, reason = ? WHERE serial = ? "
+                              "AND revoked_at IS NULL",
+                              (at.isoformat(), reason, format(serial, "x"))).rowcount
+        return await self._write(mark) == 1
+
+    # ---- SSH certificates -----------------------------------------------------------------
+
+    def add_ssh_cert(self, cert: NewSSHCert) -> cf.Future[None]:
+        def insert(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO ssh_certs (serial, key_id, cert_type, key_sha256, public_key, "
+                "principals, valid_after, valid_before, owner_serial, issued_at) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (str(cert.serial), cert.key_id, cert.cert_type, cert.key_sha256,
+                 cert.public_key, json.dumps(list(cert.principals)), str(cert.valid_after),
+                 str(cert.valid_before), cert.owner_serial, cert.issued_at))
+        return self._submit(insert)
+
+    async def count_ssh_certs(self, which: SSHSelector) -> int:
+        where, arg = _where(which)
+        return int(self._read(f"SELECT COUNT(*) FROM ssh_certs WHERE {where} "
+                              "AND revoked_at IS NULL", (arg,))[0][0])
+
+    async def revoke_ssh(self, which: SSHSelector, at: dt.datetime,
+                         revoke_key: str | None = None) -> int:
+        where, arg = _where(which)
+
+        def mark(db: sqlite3.Connection) -> int:
+            if revoke_key is not None:
+                db.execute("INSERT OR IGNORE INTO ssh_revoked_keys (public_key, revoked_at) "
+                           "VALUES (?, ?)", (revoke_key, at.isoformat()))
+            return db.execute(f"UPDATE ssh_certs SET revoked_at = ? WHERE {where} "
+                              "AND revoked_at IS NULL", (at.isoformat(), arg)).rowcount
+        return await self._write(mark)
+
+    async def revoked_ssh_certs(self) -> list[tuple[str, int]]:
+        return [(t, int(s)) for t, s in self._read(
+            "SELECT cert_type, serial FROM ssh_certs WHERE revoked_at IS NOT NULL")]
+
+    async def revoked_ssh_keys(self) -> list[str]:
+        return [r[0] for r in self._read("SELECT public_key FROM ssh_revoked_keys")]
+
+    # ---- CRLs ---------------------------------------------------------------------------------
+
+    async def next_crl_number(self) -> int:
+        def bump(db: sqlite3.Connection) -> int:
+            row = db.execute("SELECT v FROM meta WHERE k = 'crl_number'").fetchone()
+            number = int(row[0]) + 1 if row else 1
+            db.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('crl_number', ?)",
+                       (str(number),))
+            return number
+        return await self._write(bump)
+
+    async def add_crl(self, crl: CRLRecord) -> None:
+        def keep(db: sqlite3.Connection) -> None:
+            db.execute("INSERT INTO crls (number, revoked, this_update, der) VALUES (?,?,?,?)",
+                       (crl.number, crl.revoked, crl.this_update, crl.der))
+            db.execute("DELETE FROM crls WHERE number < ?", (crl.number - KEEP_CRLS,))
+        await self._write(keep)
+
+    async def latest_crl(self) -> CRLRecord | None:
+        rows = self._read("SELECT number, revoked, this_update, der FROM crls "
+                          "ORDER BY number DESC LIMIT 1")
+        return CRLRecord(int(rows[0][0]), int(rows[0][1]), rows[0][2], rows[0][3]) if rows \
+            else None

@@ -1,0 +1,310 @@
+"""The registration authority decides every request, by the policy in force now:
+one test per path and rule, without a daemon (ca/ra.py is pure)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import NameOID
+
+from ca import ra, ssh
+from ca.policy import Policy, Reason
+
+NOW = dt.datetime(2026, 12, 2, 12, 0, tzinfo=dt.UTC)
+ISSUER_EXPIRES = NOW + dt.timedelta(days=365)
+
+
+class Directory:
+    def x509_issuer(self) -> str:
+        return "issuing-ca"
+
+    def x509_not_after(self, issuer: str) -> dt.datetime:
+        assert issuer == "issuing-ca"
+        return ISSUER_EXPIRES
+
+    def ssh_issuer(self, cert_type: str) -> str:
+        return f"ssh-{cert_type}-ca"
+
+
+def context(policy: Policy | None = None, revoked_keys: frozenset[str] = frozenset()
+            ) -> ra.Context:
+    return ra.Context(policy or Policy(), NOW, Directory(), revoked_keys.__contains__)
+
+
+def holder(role: str, names: tuple[str, ...], principals: tuple[str, ...] = (),
+           key: Any = None) -> ra.CertHolder:
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ca")]))
+            .public_key(key.public_key()).serial_number(0x1234)
+            .not_valid_before(NOW).not_valid_after(NOW + dt.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    return ra.CertHolder("1234", "f" * 64, f"CN={names[0]}", role, names, principals,
+                         cert.public_bytes(serialization.Encoding.DER))
+
+
+def admin() -> ra.CertHolder:
+    return holder("admin", ("admin.localhost",))
+
+
+def token(role: str, names: tuple[tuple[str, str], ...],
+          principals: tuple[str, ...] = ()) -> ra.TokenHolder:
+    return ra.TokenHolder("t1", role, names, principals)
+
+
+def csr(*names: str, key: Any = None) -> x509.CertificateSigningRequest:
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    b = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+    if names:
+        b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]),
+                            critical=False)
+    return b.sign(key, hashes.SHA256())
+
+
+def ssh_key() -> ssh.SSHPublicKey:
+    line = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    return ssh.parse_public_key(line)
+
+
+def refused(decision: object, reason: Reason, *words: str) -> None:
+    assert isinstance(decision, ra.Refusal), decision
+    assert decision.reason is reason, decision
+    for w in words:
+        assert w in decision.detail, decision.detail
+
+
+ALLOW = Policy(allow=("*.internal.example", "10.0.0.0/8"))
+DENY = Policy(deny=("*.secret.internal.example", "bad.internal.example"))
+
+# ---- tokens ------------------------------------------------------------------------------------
+
+
+def test_a_token_grant_is_a_decision_with_every_name_normalised() -> None:
+    grant = ra.decide(context(ALLOW), admin(), ra.TokenRequest(
+        "service", ["svc.internal.example", "10.1.2.3"], [], "15m"))
+    assert isinstance(grant, ra.TokenGrant)
+    assert grant.names == (("dns", "svc.internal.example"), ("ip", "10.1.2.3"))
+    assert grant.ttl_s == 900 and grant.actor == admin().actor
+
+
+@pytest.mark.parametrize("name, reason, words", [
+    ("x.other.example", Reason.NAME_NOT_ALLOWED, ("allow list", "*.internal.example")),
+    ("internal.example", Reason.NAME_NOT_ALLOWED, ("allow list",)),  # the apex is not allowed
+    ("192.168.1.1", Reason.NAME_NOT_ALLOWED, ("allow list",)),
+    ("https://a.other.example/x", Reason.NAME_NOT_ALLOWED, ()),
+])
+def test_the_allow_list(name: str, reason: Reason, words: tuple[str, ...]) -> None:
+    refused(ra.decide(context(ALLOW), admin(), ra.TokenRequest("service", [name])),
+            reason, *words)
+
+
+@pytest.mark.parametrize("name", ["a.secret.internal.example", "secret.internal.example",
+                                  "bad.internal.example", "svc@secret.internal.example",
+                                  "spiffe://secret.internal.example/ns/x"])
+def test_the_deny_list_names_its_rule_and_covers_the_apex(name: str) -> None:
+    role = "user" if "@" in name else "service"
+    refused(ra.decide(context(DENY), admin(), ra.TokenRequest(role, [name])),
+            Reason.NAME_DENIED, "deny list", "rule")
+
+
+def test_names_beside_a_denied_subtree_are_fine() -> None:
+    assert isinstance(ra.decide(context(DENY), admin(), ra.TokenRequest(
+        "service", ["notsecret.internal.example", "good.internal.example"])), ra.TokenGrant)
+
+
+def test_wildcards_only_when_configured() -> None:
+    refused(ra.decide(context(), admin(), ra.TokenRequest("service", ["*.w.example"])),
+            Reason.BAD_NAME, "wildcards are not enabled")
+    ok = ra.decide(context(Policy(allow_wildcards=True)), admin(),
+                   ra.TokenRequest("service", ["*.w.example"]))
+    assert isinstance(ok, ra.TokenGrant) and ok.names == (("dns", "*.w.example"),)
+
+
+@pytest.mark.parametrize("name, words", [
+    ("https://evil.example\\@a.internal.example/", ("backslash",)),
+    ("https://user@a.internal.example/", ("user@",)),
+    ("fe80::1%eth0", ("scoped",)),
+    ("Svc.internal.example", ("lower case",)),
+    ("bücher.example", ("A-label", "xn--")),
+])
+def test_names_that_parsers_could_read_two_ways_are_refused(name: str,
+                                                            words: tuple[str, ...]) -> None:
+    refused(ra.decide(context(ALLOW), admin(), ra.TokenRequest("service", [name])),
+            Reason.BAD_NAME, *words)
+
+
+def test_the_cas_own_names_are_reserved() -> None:
+    pol = Policy(reserved=("ca.internal.example",))
+    refused(ra.decide(context(pol), admin(), ra.TokenRequest("service", ["ca.internal.example"])),
+            Reason.NAME_RESERVED)
+
+
+def test_only_an_admin_grants_tokens_and_only_for_so_long() -> None:
+    refused(ra.decide(context(), holder("service", ("s.example",)),
+                      ra.TokenRequest("service", ["x.example"])), Reason.WRONG_ROLE, "admin")
+    refused(ra.decide(context(Policy(token_max_ttl_s=3600)), admin(),
+                      ra.TokenRequest("service", ["x.example"], [], "2h")), Reason.LIFETIME)
+
+
+# ---- enrollment and renewal ------------------------------------------------------------------
+
+
+def test_enrollment_is_bounded_by_the_token_and_the_policy() -> None:
+    t = token("service", (("dns", "svc.internal.example"), ("dns", "b.internal.example")))
+    order = ra.decide(context(ALLOW), t, ra.EnrollRequest(csr("svc.internal.example")))
+    assert isinstance(order, ra.X509Order)
+    assert order.names == (("dns", "svc.internal.example"),) and order.token_id == "t1"
+    assert order.issuer == "issuing-ca" and order.not_before == NOW - ra.BACKDATE
+    assert order.not_after == NOW + dt.timedelta(hours=24)
+    refused(ra.decide(context(ALLOW), t, ra.EnrollRequest(csr("other.internal.example"))),
+            Reason.NAME_NOT_GRANTED)
+    # A name granted yesterday and denied today is refused at enrollment too.
+    refused(ra.decide(context(Policy(deny=("svc.internal.example",))), t,
+                      ra.EnrollRequest(csr("svc.internal.example"))), Reason.NAME_DENIED)
+
+
+def test_renewal_rechecks_the_names_against_the_lists_in_force_now() -> None:
+    svc = holder("service", ("svc.internal.example",))
+    assert isinstance(ra.decide(context(ALLOW), svc, ra.RenewRequest()), ra.X509Order)
+    refused(ra.decide(context(Policy(deny=("svc.internal.example",))), svc, ra.RenewRequest()),
+            Reason.NAME_DENIED, "svc.internal.example")
+    refused(ra.decide(context(Policy(allow=("*.elsewhere.example",))), svc, ra.RenewRequest()),
+            Reason.NAME_NOT_ALLOWED)
+
+
+def test_renewal_keeps_the_presented_key_unless_a_csr_brings_a_new_one() -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    svc = holder("service", ("svc.example",), key=key)
+    order = ra.decide(context(), svc, ra.RenewRequest())
+    assert isinstance(order, ra.X509Order) and order.subject.public_key == key.public_key()
+    new = ec.generate_private_key(ec.SECP256R1())
+    order = ra.decide(context(), svc, ra.RenewRequest(csr(key=new)))
+    assert isinstance(order, ra.X509Order) and order.subject.public_key == new.public_key()
+
+
+def test_lifetime_caps_apply_now() -> None:
+    svc = holder("service", ("svc.example",))
+    pol = Policy(x509_max_ttl_s=3600, x509_default_ttl_s=86400)
+    order = ra.decide(context(pol), svc, ra.RenewRequest())
+    assert isinstance(order, ra.X509Order) and order.not_after == NOW + dt.timedelta(hours=1)
+    refused(ra.decide(context(pol), svc, ra.RenewRequest(ttl="2h")), Reason.LIFETIME,
+            "x509-max-ttl-s")
+    # No leaf outlives its issuer.
+    long = Policy(x509_max_ttl_s=10 * 365 * 86400)
+    order = ra.decide(context(long), svc, ra.RenewRequest(ttl="3000d"))
+    assert isinstance(order, ra.X509Order) and order.not_after == ISSUER_EXPIRES
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda: rsa.generate_private_key(3, 2048), ("exponent 3",)),
+    (lambda: rsa.generate_private_key(65537, 1024), ("1024 bits",)),
+    (lambda: ec.generate_private_key(ec.SECP521R1()), ("secp521r1",)),
+])
+def test_key_policy(make: Any, words: tuple[str, ...]) -> None:
+    t = token("service", (("dns", "svc.example"),))
+    refused(ra.decide(context(), t, ra.EnrollRequest(csr("svc.example", key=make()))),
+            Reason.BAD_KEY, *words)
+
+
+def test_enrollment_needs_a_token_and_renewal_a_certificate() -> None:
+    refused(ra.decide(context(), holder("service", ("s.example",)), ra.EnrollRequest(csr())),
+            Reason.WRONG_ROLE)
+    refused(ra.decide(context(), token("service", (("dns", "s.example"),)), ra.RenewRequest()),
+            Reason.WRONG_ROLE)
+
+
+# ---- SSH --------------------------------------------------------------------------------------
+
+
+def test_ssh_host_principals_are_the_hosts_dns_names_checked_now() -> None:
+    host = holder("host", ("web1.internal.example", "10.0.0.5"))
+    order = ra.decide(context(ALLOW), host, ra.SSHHostRequest(ssh_key()))
+    assert isinstance(order, ra.SSHOrder)
+    assert order.principals == ("web1.internal.example",) and order.issuer == "ssh-host-ca"
+    refused(ra.decide(context(ALLOW), host,
+                      ra.SSHHostRequest(ssh_key(), ["web2.internal.example"])),
+            Reason.PRINCIPAL_NOT_GRANTED)
+    refused(ra.decide(context(Policy(deny=("web1.internal.example",))), host,
+                      ra.SSHHostRequest(ssh_key())), Reason.NAME_DENIED)
+    refused(ra.decide(context(), holder("service", ("s.example",)), ra.SSHHostRequest(ssh_key())),
+            Reason.WRONG_ROLE, "host")
+
+
+def test_ssh_user_principals_lifetime_and_revoked_keys() -> None:
+    alice = holder("user", ("alice@example.com",), ("alice", "deploy"))
+    pol = Policy(ssh_user_default_ttl_s=3600, ssh_user_max_ttl_s=7200)
+    order = ra.decide(context(pol), alice, ra.SSHUserRequest(ssh_key(), ["alice"]))
+    assert isinstance(order, ra.SSHOrder)
+    assert order.principals == ("alice",) and order.valid_before - order.valid_after == 3660
+    assert order.identity == "alice@example.com" and order.owner_serial == "1234"
+    refused(ra.decide(context(pol), alice, ra.SSHUserRequest(ssh_key(), ["root"])),
+            Reason.PRINCIPAL_NOT_GRANTED, "root")
+    refused(ra.decide(context(pol), alice, ra.SSHUserRequest(ssh_key(), None, "3h")),
+            Reason.LIFETIME)
+    # A login removed from the grant (here: a renewed record without it) is refused.
+    fewer = dataclasses.replace(alice, principals=("alice",))
+    refused(ra.decide(context(pol), fewer, ra.SSHUserRequest(ssh_key(), ["deploy"])),
+            Reason.PRINCIPAL_NOT_GRANTED)
+    key = ssh_key()
+    refused(ra.decide(context(pol, frozenset({key.line})), alice, ra.SSHUserRequest(key)),
+            Reason.REVOKED_KEY)
+    refused(ra.decide(context(Policy(deny=("example.com",))), alice, ra.SSHUserRequest(key)),
+            Reason.NAME_DENIED)
+
+
+# ---- revocation and CRLs ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("given, name", [
+    ("keyCompromise", "keyCompromise"), ("key_compromise", "keyCompromise"),
+    (1, "keyCompromise"), ("superseded", "superseded"), (0, None), ("unspecified", None),
+    (None, None),
+])
+def test_revocation_reasons_in_every_spelling(given: object, name: str | None) -> None:
+    svc = holder("service", ("s.example",))
+    order = ra.decide(context(), svc, ra.RevokeRequest(0x1234, given))
+    assert isinstance(order, ra.RevokeOrder) and order.reason == name
+
+
+@pytest.mark.parametrize("given", ["cACompromise", "ca_compromise", 2, "aACompromise",
+                                   "privilegeWithdrawn"])
+def test_a_holder_may_not_claim_what_only_an_admin_knows(given: object) -> None:
+    svc = holder("service", ("s.example",))
+    refused(ra.decide(context(), svc, ra.RevokeRequest(0x1234, given)),
+            Reason.REASON_NOT_ALLOWED)
+    assert isinstance(ra.decide(context(), admin(), ra.RevokeRequest(0x1234, given)),
+                      ra.RevokeOrder)
+
+
+def test_certificate_hold_is_never_offered_and_others_are_for_admins() -> None:
+    for who in (holder("service", ("s.example",)), admin()):
+        refused(ra.decide(context(), who, ra.RevokeRequest(0x1234, "certificateHold")),
+                Reason.REASON_NOT_ALLOWED, "certificateHold")
+    refused(ra.decide(context(), holder("service", ("s.example",)), ra.RevokeRequest(0x99)),
+            Reason.WRONG_ROLE)
+    refused(ra.decide(context(), admin(), ra.RevokeRequest(0x99, found=False)), Reason.NOT_FOUND)
+    refused(ra.decide(context(), admin(), ra.RevokeRequest(0x99, revoked=True)), Reason.CONFLICT)
+    refused(ra.decide(context(), admin(), ra.RevokeRequest(0x99, "nonsense")), Reason.MALFORMED)
+
+
+def test_crls_are_ordered_by_the_ca_itself() -> None:
+    order = ra.decide(context(), ra.Local(), ra.CRLRequest())
+    assert isinstance(order, ra.CRLOrder) and order.issuer == "issuing-ca"
+    assert order.next_update - order.this_update == ra.CRL_VALIDITY
+    refused(ra.decide(context(), admin(), ra.CRLRequest()), Reason.WRONG_ROLE)
+
+
+def test_the_cas_own_certificates_skip_the_lists_but_only_for_the_ca() -> None:
+    key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    request = ra.LocalCertRequest("server", key, ("localhost", "127.0.0.1"), dt.timedelta(days=1))
+    order = ra.decide(context(ALLOW), ra.Local(), request)
+    assert isinstance(order, ra.X509Order) and order.role == "server"
+    refused(ra.decide(context(), admin(), request), Reason.WRONG_ROLE)
