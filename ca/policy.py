@@ -10,6 +10,8 @@ list, `*.example.com` also matches `example.com` itself (denying a subtree denie
 its apex: what is denied must not slip through on the bare domain); in an allow
 list it does not (allowing `*.example.com` grants the subtree, not its owner's
 name). A CIDR matches IP addresses; e-mail addresses and URIs match on their host.
+The allow list bounds what the fleet gets (roles service, host and user); the deny
+list and the CA's own names bind every role, the operators' own too.
 """
 
 from __future__ import annotations
@@ -236,9 +238,14 @@ def _matches(kind: str, value: str, pattern: str, apex: bool) -> bool:
     return host == pattern
 
 
-def check_allowed(names: Iterable[tuple[str, str]], policy: Policy) -> None:
-    """Every name is outside the deny list and the CA's own names, and inside the allow
-    list when there is one; the refusal names the rule."""
+FLEET_ROLES = ("service", "host", "user")
+
+
+def check_allowed(names: Iterable[tuple[str, str]], policy: Policy,
+                  role: str = "service") -> None:
+    """Every name is outside the deny list and the CA's own names, and, for the fleet's
+    roles, inside the allow list when there is one; the refusal names the rule."""
+    fleet = role in FLEET_ROLES
     for kind, value in names:
         for p in policy.deny:
             if _matches(kind, value, p, apex=True):
@@ -249,7 +256,8 @@ def check_allowed(names: Iterable[tuple[str, str]], policy: Policy) -> None:
                 raise Refused(f"name {_show(value)} is one of the CA's own names; no "
                               "certificate for it is issued to anyone else",
                               Reason.NAME_RESERVED)
-        if policy.allow and not any(_matches(kind, value, p, apex=False) for p in policy.allow):
+        if fleet and policy.allow and not any(_matches(kind, value, p, apex=False)
+                                              for p in policy.allow):
             raise Refused(f"name {_show(value)} is outside the CA's allow list "
                           f"([policy] allow = {', '.join(policy.allow)})",
                           Reason.NAME_NOT_ALLOWED)

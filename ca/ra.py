@@ -294,7 +294,7 @@ def _token(ctx: Context, who: Requester, req: TokenRequest) -> TokenGrant:
     if ttl > p.token_max_ttl_s:
         raise Refused(f"token ttl {ttl}s exceeds the maximum {p.token_max_ttl_s}s "
                       "([policy] token-max-ttl-s)", Reason.LIFETIME)
-    policy.check_allowed(names, p)
+    policy.check_allowed(names, p, role)
     return TokenGrant(role, names, principals, ttl, who.actor)
 
 
@@ -313,7 +313,7 @@ def _x509(ctx: Context, who: Requester, *, role: str, names: tuple[tuple[str, st
           principals: tuple[str, ...], subject: SubjectKey, lifetime: dt.timedelta,
           token_id: str | None = None, check_names: bool = True) -> X509Order:
     if check_names:
-        policy.check_allowed(names, ctx.policy)
+        policy.check_allowed(names, ctx.policy, role)
     issuer = ctx.issuers.x509_issuer()
     not_after = min(ctx.now + lifetime, ctx.issuers.x509_not_after(issuer))
     return X509Order(issuer, "leaf", role, names, principals, subject, ctx.now - BACKDATE,
@@ -374,7 +374,7 @@ def _ssh_host(ctx: Context, who: Requester, req: SSHHostRequest) -> SSHOrder:
     assert isinstance(who, CertHolder)
     dns = tuple(n for n in who.names if policy.classify(n, True)[0] == "dns")
     principals = _principals(req.principals, dns, "host names")
-    policy.check_allowed([("dns", x) for x in principals], ctx.policy)
+    policy.check_allowed([("dns", x) for x in principals], ctx.policy, "host")
     _ssh_key(ctx, req.public_key)
     now = int(ctx.now.timestamp())
     return SSHOrder(ctx.issuers.ssh_issuer("host"), "host", req.public_key, principals,
@@ -386,7 +386,7 @@ def _ssh_user(ctx: Context, who: Requester, req: SSHUserRequest) -> SSHOrder:
     _need_role(who, "user")
     assert isinstance(who, CertHolder)
     p = ctx.policy
-    policy.check_allowed([policy.classify(n, True) for n in who.names], p)
+    policy.check_allowed([policy.classify(n, True) for n in who.names], p, "user")
     principals = _principals(req.principals, who.principals, "logins")
     ttl = p.ssh_user_default_ttl_s
     if req.ttl is not None:

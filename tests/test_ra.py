@@ -141,6 +141,16 @@ def test_names_that_parsers_could_read_two_ways_are_refused(name: str,
             Reason.BAD_NAME, *words)
 
 
+def test_the_allow_list_bounds_the_fleet_and_the_deny_list_everyone() -> None:
+    """An operator's own identity (admin, auditor) is not a fleet name: an allow list for
+    the services does not lock the admin out of renewing; a deny list does."""
+    for role in ("admin", "auditor"):
+        who = holder(role, (f"{role}.localhost",))
+        assert isinstance(ra.decide(context(ALLOW), who, ra.RenewRequest()), ra.X509Order)
+        refused(ra.decide(context(Policy(deny=(f"{role}.localhost",))), who,
+                          ra.RenewRequest()), Reason.NAME_DENIED)
+
+
 def test_the_cas_own_names_are_reserved() -> None:
     pol = Policy(reserved=("ca.internal.example",))
     refused(ra.decide(context(pol), admin(), ra.TokenRequest("service", ["ca.internal.example"])),

@@ -1,0 +1,89 @@
+"""The policy in force now decides: a name allowed yesterday and denied today gets
+nothing more, on every path, from a real daemon after a restart."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from ca.client import make_csr
+from tests.conftest import init_ca, require, start_daemon
+from tests.test_x509_e2e import http, new_token
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+def set_policy(config: Path, key: str, value: str) -> None:
+    text = config.read_text()
+    text, n = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
+    assert n == 1, f"{key} not in {config}"
+    config.write_text(text)
+
+
+async def test_a_name_denied_today_gets_no_renewal_and_no_ssh_host_certificate(
+        tmp_path: Path) -> None:
+    ca = init_ca(tmp_path)
+    config = ca.state / "hsmca.toml"
+    set_policy(config, "allow", '["*.internal.example"]')
+    d = start_daemon(ca.state)
+    creds: dict[str, tuple[Path, Path]] = {}
+    try:
+        for role, name in (("service", "svc.internal.example"), ("host", "web1.internal.example")):
+            token = await new_token(d, role, [name])
+            key = ec.generate_private_key(ec.SECP256R1())
+            status, _, raw = await http("POST", f"{d.url}/v1/x509/enroll", d.ssl(),
+                                        body={"csr": make_csr([name], key)},
+                                        headers={"Authorization": f"Bearer {token}"})
+            assert status == 201, raw
+            cert, key_path = tmp_path / f"{role}.pem", tmp_path / f"{role}.key"
+            cert.write_text(json.loads(raw)["certificate"])
+            key_path.write_bytes(key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption()))
+            creds[role] = cert, key_path
+        subprocess.run([require("ssh-keygen"), "-q", "-t", "ed25519", "-N", "", "-f",
+                        tmp_path / "hostkey"], check=True)
+        host_pub = (tmp_path / "hostkey.pub").read_text()
+        status, _, raw = await http("POST", f"{d.url}/v1/ssh/host", d.ssl(*creds["host"]),
+                                    body={"public_key": host_pub})
+        assert status == 201, raw
+        # Outside the allow list, a token is refused, naming the list.
+        status, _, raw = await http("POST", f"{d.url}/v1/tokens", d.admin_ssl(), body={
+            "role": "service", "names": ["x.other.example"], "ttl": "15m"})
+        assert status == 403 and json.loads(raw)["type"].endswith("name-not-allowed")
+    finally:
+        assert d.stop() == 0
+
+    set_policy(config, "deny", '["svc.internal.example", "web1.internal.example"]')
+    d = start_daemon(ca.state)
+    try:
+        status, _, raw = await http("POST", f"{d.url}/v1/x509/renew", d.ssl(*creds["service"]),
+                                    body={})
+        problem = json.loads(raw)
+        assert status == 403 and problem["type"].endswith("name-denied"), raw
+        assert "'svc.internal.example'" in problem["detail"] and "deny" in problem["detail"]
+        status, _, raw = await http("POST", f"{d.url}/v1/ssh/host", d.ssl(*creds["host"]),
+                                    body={"public_key": host_pub})
+        problem = json.loads(raw)
+        assert status == 403 and problem["type"].endswith("name-denied"), raw
+        assert "web1.internal.example" in problem["detail"]
+        der = x509.load_pem_x509_csr(make_csr(["svc.internal.example"],
+                                              ec.generate_private_key(ec.SECP256R1())).encode()
+                                     ).public_bytes(serialization.Encoding.DER)
+        status, _, raw = await http(
+            "POST", f"{d.url}/.well-known/est/simplereenroll", d.ssl(*creds["service"]),
+            data=base64.b64encode(der), headers={"Content-Type": "application/pkcs10"})
+        assert status == 403 and json.loads(raw)["type"].endswith("name-denied"), raw
+        # A name that was not denied still renews: the refusal is the rule, not the CA.
+        status, _, raw = await http("POST", f"{d.url}/v1/x509/renew", d.admin_ssl(), body={})
+        assert status == 201, raw
+    finally:
+        assert d.stop() == 0
