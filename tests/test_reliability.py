@@ -1,5 +1,5 @@
 """What must hold when the process, the HSM, the disk or the clients misbehave
-(SPEC section 10): no lost record, no signature without one, no falling over."""
+(docs/security.md): no lost record, no signature without one, no falling over."""
 
 from __future__ import annotations
 
