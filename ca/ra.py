@@ -158,6 +158,14 @@ class RevokeRequest:
 
 
 @dataclass(frozen=True)
+class RevokeIdentityRequest:
+    """Everything live issued to a name, with the lineages it belongs to."""
+
+    name: str
+    reason: object = None
+
+
+@dataclass(frozen=True)
 class CRLRequest:
     issuer: str | None = None
 
@@ -173,7 +181,7 @@ class LocalCertRequest:
 
 
 Request = (TokenRequest | EnrollRequest | RenewRequest | SSHHostRequest | SSHUserRequest
-           | RevokeRequest | CRLRequest | LocalCertRequest)
+           | RevokeRequest | RevokeIdentityRequest | CRLRequest | LocalCertRequest)
 
 
 # ---- what the RA hands on -----------------------------------------------------------------------
@@ -199,6 +207,7 @@ class X509Order:
     not_after: dt.datetime
     actor: str
     token_id: str | None = None
+    renewed_from: str | None = None  # hex serial of the certificate renewed
 
 
 @dataclass(frozen=True)
@@ -218,9 +227,16 @@ class SSHOrder:
 
 @dataclass(frozen=True)
 class RevokeOrder:
-    serial: int
+    """Revoke `serial`; with `lineage`, every live certificate connected to it by
+    renewals too; with `identity` (and no serial), everything live issued to that name
+    and their lineages. SSH certificates issued on the strength of any of them go
+    with them."""
+
+    serial: int | None
     reason: str | None  # RFC 5280 name; None for unspecified
     actor: str
+    lineage: bool = False
+    identity: str | None = None
 
 
 @dataclass(frozen=True)
@@ -311,13 +327,14 @@ def _lifetime(ctx: Context, ttl: object) -> dt.timedelta:
 
 def _x509(ctx: Context, who: Requester, *, role: str, names: tuple[tuple[str, str], ...],
           principals: tuple[str, ...], subject: SubjectKey, lifetime: dt.timedelta,
-          token_id: str | None = None, check_names: bool = True) -> X509Order:
+          token_id: str | None = None, check_names: bool = True,
+          renewed_from: str | None = None) -> X509Order:
     if check_names:
         policy.check_allowed(names, ctx.policy, role)
     issuer = ctx.issuers.x509_issuer()
     not_after = min(ctx.now + lifetime, ctx.issuers.x509_not_after(issuer))
     return X509Order(issuer, "leaf", role, names, principals, subject, ctx.now - BACKDATE,
-                     not_after, who.actor, token_id)
+                     not_after, who.actor, token_id, renewed_from)
 
 
 def _enroll(ctx: Context, who: Requester, req: EnrollRequest) -> X509Order:
@@ -344,7 +361,7 @@ def _renew(ctx: Context, who: Requester, req: RenewRequest) -> X509Order:
     # and checked against the lists in force now.
     names = tuple(policy.classify(n, True) for n in who.names)
     return _x509(ctx, who, role=who.role, names=names, principals=who.principals,
-                 subject=subject, lifetime=_lifetime(ctx, req.ttl))
+                 subject=subject, lifetime=_lifetime(ctx, req.ttl), renewed_from=who.serial)
 
 
 def _principals(asked: object, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
@@ -442,7 +459,20 @@ def _revoke(ctx: Context, who: Requester, req: RevokeRequest) -> RevokeOrder:
                       Reason.NOT_FOUND)
     if req.revoked:
         raise Refused(f"certificate {req.serial:x} is already revoked", Reason.CONFLICT)
-    return RevokeOrder(req.serial, reason, who.actor)
+    # A compromised key compromises what was renewed from it and what it renewed: a
+    # renewal with a new key proves only that the old key was held.
+    return RevokeOrder(req.serial, reason, who.actor, lineage=reason == "keyCompromise")
+
+
+def _revoke_identity(ctx: Context, who: Requester, req: RevokeIdentityRequest) -> RevokeOrder:
+    if not (isinstance(who, Local) or (isinstance(who, CertHolder) and who.role == "admin")):
+        raise Refused("only an admin may revoke everything issued to a name", Reason.WRONG_ROLE)
+    reason = revocation_reason(req.reason)
+    if reason == "certificateHold":
+        raise Refused("certificateHold is not offered: a revocation here is final",
+                      Reason.REASON_NOT_ALLOWED)
+    _kind, name = policy.classify(req.name, True)
+    return RevokeOrder(None, reason, who.actor, lineage=True, identity=name)
 
 
 def _crl(ctx: Context, who: Requester, req: CRLRequest) -> CRLOrder:
@@ -479,5 +509,6 @@ def presented_subject_key(der: bytes) -> SubjectKey:
 _HANDLERS: dict[type, Callable[[Context, Requester, Any], Order]] = {
     TokenRequest: _token, EnrollRequest: _enroll, RenewRequest: _renew,
     SSHHostRequest: _ssh_host, SSHUserRequest: _ssh_user, RevokeRequest: _revoke,
+    RevokeIdentityRequest: _revoke_identity,
     CRLRequest: _crl, LocalCertRequest: _local_cert,
 }

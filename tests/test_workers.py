@@ -90,13 +90,14 @@ async def test_a_revocation_is_enforced_by_every_worker_at_once(tmp_path: Path) 
         for status, body in answers.values():
             assert status == 200
             resp = ocsp.load_der_ocsp_response(body)
-            assert resp.certificate_status == ocsp.OCSPCertStatus.REVOKED
+            assert [r.certificate_status for r in resp.responses] == [
+                ocsp.OCSPCertStatus.REVOKED] * 2  # its SHA-1 and its SHA-256 CertID
         crls = await on_every_worker(2, lambda: fresh("GET", f"{d.url}/v1/x509/crl", d.ssl()))
         served = {body for _, body in crls.values()}
         assert len(served) == 1, "the workers serve different CRLs"
         crl = cx.load_der_x509_crl(served.pop())
         assert crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None
-        crl.is_signature_valid(issuing.public_key())
+        assert crl.is_signature_valid(issuing.public_key())
     finally:
         assert d.stop() == 0
     assert_log_verifies(ca.state)

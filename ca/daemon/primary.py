@@ -45,6 +45,7 @@ from ca.generations import Generations
 from ca.issuance.issue import Issuance
 from ca.issuance.pipeline import SigningPipeline
 from ca.process import raise_fd_limit, settle_heap
+from ca.revocation.ocsp import OCSPRefresher, OCSPSigner
 from ca.server_cert import ensure_server_cert
 from ca.store.sqlite import SQLiteStore
 
@@ -285,6 +286,10 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         store = SQLiteStore(config.db_path)
         background.append(asyncio.create_task(_checkpoint_inventory(store)))
         await ensure_server_cert(config, Issuance(pipeline, store, issuers, None))
+        # OCSP responses are signed ahead of time, by this process, off every request's
+        # path: new certificates within a second, every live one before nextUpdate.
+        background.append(asyncio.create_task(
+            OCSPRefresher(OCSPSigner(pipeline, store, issuers)).run()))
         checkpointer = Checkpointer(audit, pipeline, issuers.audit, config.audit_origin,
                                     config.checkpoint_path,
                                     heartbeat=config.checkpoint_heartbeat_s,

@@ -87,7 +87,8 @@ class Issuance:
                 subject=cert.subject.rfc4514_string(), names=tuple(flat),
                 principals=order.principals, spki_sha256=order.subject.spki_sha256,
                 not_before=order.not_before.isoformat(), not_after=order.not_after.isoformat(),
-                issued_at=issued_at, der=der, token_id=order.token_id))
+                issued_at=issued_at, der=der, issuer=issuer.id, token_id=order.token_id,
+                renewed_from=order.renewed_from))
 
         job = SigningJob(
             issuer.key.label, "tls" if order.role == "server" else "x509", order.actor,

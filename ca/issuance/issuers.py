@@ -74,6 +74,9 @@ class Issuers:
     ssh: dict[str, SSHIssuer]
     current_ssh: dict[str, str]  # cert type -> issuer id
     audit: KeyInfo  # signs the audit log's checkpoints
+    # The issuer of certificates whose inventory record names none (made before
+    # issuers were named): the issuing key `init` made.
+    first_x509: str
 
     def x509_issuer(self) -> str:
         return self.current_x509
@@ -108,4 +111,4 @@ def from_certs(root: x509.Certificate, issuing: x509.Certificate,
     user = SSHIssuer(keys["ssh_user"].label, keys["ssh_user"], "user")
     host = SSHIssuer(keys["ssh_host"].label, keys["ssh_host"], "host")
     return Issuers(root, {x.id: x}, x.id, {user.id: user, host.id: host},
-                   {"user": user.id, "host": host.id}, keys["audit"])
+                   {"user": user.id, "host": host.id}, keys["audit"], x.id)

@@ -46,6 +46,10 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 
+HASHES: dict[str, hashes.HashAlgorithm] = {
+    "sha256": hashes.SHA256(), "sha384": hashes.SHA384(), "sha512": hashes.SHA512()}
+
+
 def hash_for(public_key: object) -> hashes.HashAlgorithm | None:
     """The signature hash for a CA key, by its public half (None for EdDSA)."""
     if isinstance(public_key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):

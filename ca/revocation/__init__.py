@@ -1,8 +1,11 @@
-"""Revocation: what is revoked, the CRL, OCSP answers, and SSH revocations and KRL.
+"""Revocation: what is revoked, the CRL, OCSP (ocsp.py), SSH revocations and the KRL.
 
 What revocations made by any process of the daemon come to here is rebuilt when
 the shared counters move (ca/generations.py). A revocation is written to the audit
-log before the inventory: a revocation the log does not show never happened.
+log before the inventory: a revocation the log does not show never happened. It
+reaches everything issued on the strength of what it revokes: with keyCompromise
+the whole live lineage (each certificate records the one it was renewed from), and
+every SSH certificate any of them obtained; those show in the CRL, OCSP and the KRL.
 Every signature (CRL, OCSP) is ordered by the registration authority and made by
 the issuers.
 """
@@ -14,22 +17,18 @@ import datetime as dt
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.x509 import ocsp
+from cryptography.hazmat.primitives import serialization
 
 from ca import ra
 from ca.generations import Generations, OnChange
 from ca.issuance import profiles as prof
 from ca.issuance.issue import Issuance
-from ca.policy import PARSE_ERRORS, Reason, Refused
+from ca.policy import Reason, Refused
+from ca.revocation.ocsp import OCSPSigner
 from ca.ssh import RevokedCerts, SSHPublicKey, blob_of, build_krl, parse_public_key
-from ca.store import CRLRecord, SSHSelector, Store
-from ca.x509_reasons import REASON_FLAGS
+from ca.store import CRLRecord, OCSPDue, SSHSelector, Store
 
 CRL_VALIDITY = ra.CRL_VALIDITY
-OCSP_VALIDITY = dt.timedelta(hours=1)
 Revoked = dict[int, tuple[dt.datetime, str | None]]
 
 
@@ -45,7 +44,7 @@ class Revocations:
         self.generations = generations
         self._context = context  # the RA's context, as of now
         self._crl_lock = asyncio.Lock()
-        self._ocsp_cache: dict[int, tuple[int, dt.datetime, bytes]] = {}
+        self.ocsp = OCSPSigner(issuance.pipeline, store, issuance.issuers)
         self.revoked: OnChange[Revoked] = OnChange(generations, "revocations", self._load)
         self.revoked_ssh_keys: OnChange[frozenset[str]] = OnChange(
             generations, "ssh_revocations", self._load_ssh_keys)
@@ -62,18 +61,47 @@ class Revocations:
 
     # ---- X.509 ---------------------------------------------------------------------------
 
-    async def revoke(self, order: ra.RevokeOrder, request_id: str | None) -> dt.datetime:
+    async def revoke(self, order: ra.RevokeOrder, request_id: str | None
+                     ) -> tuple[dt.datetime, list[int], int]:
+        """(when, every serial revoked, SSH certificates revoked with them)."""
         now = prof.utcnow()
+        if order.identity is not None:
+            targets = await self.store.live_certs_named(order.identity, now)
+            if not targets:
+                raise Refused(f"nothing live was issued to {order.identity!r}",
+                              Reason.NOT_FOUND)
+        else:
+            assert order.serial is not None
+            targets = [order.serial]
+        if order.lineage:
+            family: set[int] = set(targets)
+            for serial in targets:
+                family.update(await self.store.lineage(serial, now))
+            targets = sorted(family)
         # The record first: a revocation the log does not show never happened.
-        await self.audit.append("cert.revoke", serial=format(order.serial, "x"),
-                                reason=order.reason, actor=order.actor, request_id=request_id)
-        if not await self.store.revoke_cert(order.serial, now, order.reason):
-            raise Refused(f"certificate {order.serial:x} is already revoked", Reason.CONFLICT)
+        await self.audit.append("cert.revoke", serial=None if order.serial is None else format(
+            order.serial, "x"), serials=[format(s, "x") for s in targets],
+            identity=order.identity, lineage=order.lineage, reason=order.reason,
+            actor=order.actor, request_id=request_id)
+        done = await self.store.revoke_certs(targets, now, order.reason)
+        if not done.serials:  # another request revoked it meanwhile
+            raise Refused("already revoked", Reason.CONFLICT)
         self.generations.bump("revocations")  # committed: every process reloads
-        # The stored CRL is stale from now on (it lists fewer than the inventory): if
-        # re-signing fails here, the next GET tries again.
+        if done.ssh_certs:
+            self.generations.bump("ssh_revocations")
+        # The revoked responses are signed now (the refresher would within seconds, but a
+        # relying party should not get a good one a moment longer than needed); the
+        # stored CRL is stale from now on, and if re-signing fails here the next GET
+        # tries again.
+        await self.ocsp.sign([OCSPDue(s, (await self._issuer_of(s)), now.isoformat(),
+                                      order.reason) for s in done.serials],
+                             order.actor, request_id)
         await self.refresh_crl(request_id)
-        return now
+        return now, list(done.serials), done.ssh_certs
+
+    async def _issuer_of(self, serial: int) -> str | None:
+        rec = await self.store.cert(serial)
+        return rec.issuer if rec is not None else None
 
     async def crl(self) -> bytes:
         """The newest CRL, re-signed when a revocation is missing from it or half its
@@ -111,52 +139,6 @@ class Revocations:
                                                order.this_update.isoformat(),
                                                crl.public_bytes(serialization.Encoding.DER)))
 
-    async def ocsp(self, request_der: bytes, request_id: str | None) -> bytes:
-        try:
-            req = ocsp.load_der_ocsp_request(request_der)
-            extensions = req.extensions  # parsed lazily: anything malformed shows here
-            nonce = _nonce(extensions)
-        except PARSE_ERRORS:
-            return _unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
-        issuer = self.issuance.issuers.current
-        try:
-            issuer_key_hash = _key_hash(issuer.cert, req.hash_algorithm)
-        except (UnsupportedAlgorithm, ValueError):  # e.g. an MD5 CertID
-            return _unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
-        if req.issuer_key_hash != issuer_key_hash:
-            return _unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED)
-        serial = req.serial_number
-        now = prof.utcnow()
-        gen, revoked = await self.revoked.get()
-        cached = self._ocsp_cache.get(serial)
-        if (cached is not None and cached[0] == gen and now - cached[1] < OCSP_VALIDITY / 2
-                and not extensions):
-            return cached[2]
-        status, rev_time, rev_reason = ocsp.OCSPCertStatus.GOOD, None, None
-        if serial in revoked:
-            at, reason = revoked[serial]
-            status, rev_time = ocsp.OCSPCertStatus.REVOKED, at
-            rev_reason = REASON_FLAGS[reason] if reason else None
-        elif await self.store.cert(serial) is None:
-            status = ocsp.OCSPCertStatus.UNKNOWN
-        b = (ocsp.OCSPResponseBuilder()
-             .add_response_by_hash(
-                 issuer_name_hash=req.issuer_name_hash, issuer_key_hash=req.issuer_key_hash,
-                 serial_number=serial, algorithm=req.hash_algorithm, cert_status=status,
-                 this_update=now, next_update=now + OCSP_VALIDITY, revocation_time=rev_time,
-                 revocation_reason=rev_reason)
-             .responder_id(ocsp.OCSPResponderEncoding.HASH, issuer.cert))
-        if nonce is not None:
-            b = b.add_extension(nonce, critical=False)
-        resp = await self.issuance.ocsp(issuer.id, b, serial=serial, status=status.name,
-                                        request_id=request_id)
-        der = resp.public_bytes(serialization.Encoding.DER)
-        if not extensions:
-            if len(self._ocsp_cache) > 10_000:
-                self._ocsp_cache.clear()
-            self._ocsp_cache[serial] = (gen, now, der)
-        return der
-
     # ---- SSH ---------------------------------------------------------------------------------
 
     async def revoke_ssh(self, *, serial: int | None, key_id: str | None,
@@ -188,21 +170,3 @@ class Revocations:
             groups.append(RevokedCerts(blob_of(issuer.key.public_key), serials, []))
         now = int(prof.utcnow().timestamp())
         return build_krl(now, now, groups, [parse_public_key(k).blob for k in keys])
-
-
-def _nonce(extensions: x509.Extensions) -> x509.OCSPNonce | None:
-    try:
-        return extensions.get_extension_for_class(x509.OCSPNonce).value
-    except x509.ExtensionNotFound:
-        return None
-
-
-def _key_hash(cert: x509.Certificate, algorithm: hashes.HashAlgorithm) -> bytes:
-    """RFC 6960 issuerKeyHash of `cert`, computed by cryptography's own request builder."""
-    req = ocsp.OCSPRequestBuilder().add_certificate(cert, cert, algorithm).build()
-    return req.issuer_key_hash
-
-
-def _unsuccessful(status: ocsp.OCSPResponseStatus) -> bytes:
-    return ocsp.OCSPResponseBuilder.build_unsuccessful(status).public_bytes(
-        serialization.Encoding.DER)

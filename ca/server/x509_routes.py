@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 from ca import ra
 from ca.issuance.issue import Issued
 from ca.issuance.profiles import pem, utcnow
+from ca.revocation import ocsp
 from ca.server.common import (
     GATE,
     ISSUANCE,
@@ -147,15 +148,32 @@ def parse_serial(text: str) -> int:
 
 @routes.post("/v1/x509/revoke")
 async def revoke(request: web.Request) -> web.Response:
+    """Body {"serial", "reason"?}, or, for an admin, {"identity", "reason"?}: everything
+    live issued to that name. keyCompromise reaches the whole lineage."""
     who = await identity(request)
-    body = await json_body(request, {"serial", "reason"})
-    serial = parse_serial(field(body, "serial", str))
-    rec = await request.app[GATE].store.cert(serial)
-    order: ra.RevokeOrder = await decide(request, who, ra.RevokeRequest(
-        serial, body.get("reason"), found=rec is not None,
-        revoked=rec is not None and rec.revoked_at is not None))
-    at = await request.app[REVOCATIONS].revoke(order, request.get("request_id"))
-    return web.json_response({"serial": format(serial, "x"), "revoked_at": at.isoformat()})
+    body = await json_body(request, {"serial", "reason", "identity"})
+    if ("serial" in body) == ("identity" in body):
+        raise Problem(400, "Bad Request", "give either serial (hex) or identity (a name)",
+                      "bad-field")
+    if "identity" in body:
+        order: ra.RevokeOrder = await decide(request, who, ra.RevokeIdentityRequest(
+            field(body, "identity", str), body.get("reason")))
+    else:
+        serial = parse_serial(field(body, "serial", str))
+        rec = await request.app[GATE].store.cert(serial)
+        order = await decide(request, who, ra.RevokeRequest(
+            serial, body.get("reason"), found=rec is not None,
+            revoked=rec is not None and rec.revoked_at is not None))
+    at, serials, ssh_certs = await request.app[REVOCATIONS].revoke(
+        order, request.get("request_id"))
+    log.info("revoked", serials=[format(s, "x") for s in serials], reason=order.reason,
+             ssh_certificates=ssh_certs, actor=order.actor, request_id=request.get("request_id"))
+    answer: dict[str, Any] = {"revoked_at": at.isoformat(),
+                              "revoked": [format(s, "x") for s in serials],
+                              "ssh_certificates": ssh_certs}
+    if order.serial is not None:
+        answer["serial"] = format(order.serial, "x")
+    return web.json_response(answer)
 
 
 @routes.get("/v1/x509/crl")
@@ -164,11 +182,18 @@ async def crl(request: web.Request) -> web.Response:
                         content_type="application/pkix-crl")
 
 
+def _ocsp_response(answer: ocsp.Answer) -> web.Response:
+    cache = f"max-age={answer.max_age}, public, no-transform, must-revalidate" \
+        if answer.max_age else "no-cache"
+    return web.Response(body=answer.der, content_type="application/ocsp-response",
+                        headers={"Cache-Control": cache})
+
+
 @routes.post("/v1/x509/ocsp")
 async def ocsp_post(request: web.Request) -> web.Response:
     der = await request.read()
-    resp = await request.app[REVOCATIONS].ocsp(der, request.get("request_id"))
-    return web.Response(body=resp, content_type="application/ocsp-response")
+    return _ocsp_response(await ocsp.answer(der, request.app[GATE].store,
+                                            request.app[ISSUANCE].issuers))
 
 
 @routes.get("/v1/x509/ocsp/{b64:.+}")
@@ -179,8 +204,8 @@ async def ocsp_get(request: web.Request) -> web.Response:
                                if "-" in text or "_" in text else None, validate=False)
     except (binascii.Error, ValueError):
         der = b""
-    resp = await request.app[REVOCATIONS].ocsp(der, request.get("request_id"))
-    return web.Response(body=resp, content_type="application/ocsp-response")
+    return _ocsp_response(await ocsp.answer(der, request.app[GATE].store,
+                                            request.app[ISSUANCE].issuers))
 
 
 @routes.get("/v1/x509/roots")

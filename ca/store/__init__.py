@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import datetime as dt
+from collections.abc import Sequence
 from typing import Protocol
 
 from ca.store.records import (
@@ -20,12 +21,15 @@ from ca.store.records import (
     NewCert,
     NewSSHCert,
     NewToken,
+    OCSPDue,
+    OCSPRecord,
+    Revoked,
     SSHSelector,
     TokenRecord,
 )
 
-__all__ = ["CRLRecord", "CertRecord", "NewCert", "NewSSHCert", "NewToken", "SSHSelector",
-           "Store", "TokenRecord", "open_store"]
+__all__ = ["CRLRecord", "CertRecord", "NewCert", "NewSSHCert", "NewToken", "OCSPDue",
+           "OCSPRecord", "Revoked", "SSHSelector", "Store", "TokenRecord", "open_store"]
 
 
 class Store(Protocol):
@@ -63,8 +67,19 @@ class Store(Protocol):
         """(serial, revocation time, reason) of every revoked certificate."""
         ...
 
-    async def revoke_cert(self, serial: int, at: dt.datetime, reason: str | None) -> bool:
-        """Revoke an unrevoked certificate; False if it was revoked already."""
+    async def lineage(self, serial: int, now: dt.datetime) -> list[int]:
+        """Every certificate connected to `serial` by renewals (its predecessors, its
+        successors, theirs), `serial` included, that is neither revoked nor expired."""
+        ...
+
+    async def live_certs_named(self, name: str, now: dt.datetime) -> list[int]:
+        """Every unrevoked, unexpired certificate that carries `name`."""
+        ...
+
+    async def revoke_certs(self, serials: Sequence[int], at: dt.datetime,
+                           reason: str | None) -> Revoked:
+        """Revoke those of `serials` that are not revoked yet, and every SSH certificate
+        issued on the strength of any of them, in one transaction."""
         ...
 
     # ---- SSH certificates ----------------------------------------------------------------
@@ -86,6 +101,18 @@ class Store(Protocol):
         ...
 
     async def revoked_ssh_keys(self) -> list[str]: ...
+
+    # ---- pre-signed OCSP responses ------------------------------------------------------
+
+    async def ocsp_due(self, now: dt.datetime, refresh_before: dt.datetime,
+                       limit: int) -> list[OCSPDue]:
+        """Live certificates whose response is missing, ends before `refresh_before`, or
+        still says good for a revoked certificate; revoked ones first."""
+        ...
+
+    async def put_ocsp(self, responses: Sequence[OCSPRecord]) -> None: ...
+
+    async def ocsp(self, serial: int) -> OCSPRecord | None: ...
 
     # ---- CRLs ------------------------------------------------------------------------------
 

@@ -18,6 +18,8 @@ class CertRecord:
     not_after: str
     revoked_at: str | None
     reason: str | None
+    issuer: str | None = None  # key label of its issuer; None: the first issuing key
+    renewed_from: str | None = None  # hex serial of the certificate it renewed
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,9 @@ class NewCert:
     not_after: str
     issued_at: str
     der: bytes
+    issuer: str
     token_id: str | None = None  # the bootstrap token spent on it
+    renewed_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -86,4 +90,33 @@ class CRLRecord:
     number: int
     revoked: int  # how many revocations it lists
     this_update: str
+    der: bytes
+
+
+@dataclass(frozen=True)
+class Revoked:
+    """What one revocation reached: the X.509 serials it revoked now, and how many SSH
+    certificates issued on the strength of any of them went with them."""
+
+    serials: tuple[int, ...]
+    ssh_certs: int
+
+
+@dataclass(frozen=True)
+class OCSPDue:
+    """A live certificate whose pre-signed OCSP response is missing, stale, or says
+    good while the certificate is revoked."""
+
+    serial: int
+    issuer: str | None
+    revoked_at: str | None
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class OCSPRecord:
+    serial: int
+    status: str  # good | revoked
+    this_update: str
+    next_update: str
     der: bytes

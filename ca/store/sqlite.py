@@ -16,7 +16,7 @@ import json
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,6 +27,9 @@ from ca.store.records import (
     NewCert,
     NewSSHCert,
     NewToken,
+    OCSPDue,
+    OCSPRecord,
+    Revoked,
     SSHSelector,
     TokenRecord,
 )
@@ -34,69 +37,88 @@ from ca.store.records import (
 T = TypeVar("T")
 KEEP_CRLS = 16
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS certs (
-    serial TEXT PRIMARY KEY,          -- hex, lower case
-    fingerprint TEXT NOT NULL UNIQUE, -- SHA-256 of the DER certificate
-    role TEXT NOT NULL,
-    subject TEXT NOT NULL,
-    names TEXT NOT NULL,              -- JSON list
-    principals TEXT NOT NULL,         -- JSON list
-    spki_sha256 TEXT NOT NULL,
-    not_before TEXT NOT NULL,
-    not_after TEXT NOT NULL,
-    issued_at TEXT NOT NULL,
-    revoked_at TEXT,
-    reason TEXT,
-    der BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS tokens (
-    id TEXT PRIMARY KEY,
-    secret_sha256 TEXT NOT NULL UNIQUE,
-    role TEXT NOT NULL,
-    names TEXT NOT NULL,
-    principals TEXT NOT NULL,
-    expires TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    created_by TEXT NOT NULL,
-    used_at TEXT,
-    used_serial TEXT
-);
-CREATE TABLE IF NOT EXISTS ssh_certs (
-    serial TEXT PRIMARY KEY,          -- decimal uint64
-    key_id TEXT NOT NULL,
-    cert_type TEXT NOT NULL,          -- user | host
-    key_sha256 TEXT NOT NULL,         -- SHA-256 of the subject public key blob
-    public_key TEXT NOT NULL,
-    principals TEXT NOT NULL,
-    valid_after TEXT NOT NULL,
-    valid_before TEXT NOT NULL,
-    owner_serial TEXT NOT NULL,       -- the X.509 cert that asked for it
-    issued_at TEXT NOT NULL,
-    revoked_at TEXT
-);
-CREATE INDEX IF NOT EXISTS ssh_certs_key_id ON ssh_certs(key_id);
-CREATE INDEX IF NOT EXISTS ssh_certs_key ON ssh_certs(key_sha256);
-CREATE TABLE IF NOT EXISTS ssh_revoked_keys (
-    public_key TEXT PRIMARY KEY,
-    revoked_at TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS crls (
-    number INTEGER PRIMARY KEY,       -- CRLNumber
-    revoked INTEGER NOT NULL,         -- how many revocations it lists
-    this_update TEXT NOT NULL,
-    der BLOB NOT NULL
-);
-"""
+# Numbered migrations: the database's PRAGMA user_version says how many have run. Each
+# runs in its own transaction at open; a database newer than this code is refused.
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the first schema (databases made before versioning have its tables already).
+    """
+    CREATE TABLE IF NOT EXISTS certs (
+        serial TEXT PRIMARY KEY,          -- hex, lower case
+        fingerprint TEXT NOT NULL UNIQUE, -- SHA-256 of the DER certificate
+        role TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        names TEXT NOT NULL,              -- JSON list
+        principals TEXT NOT NULL,         -- JSON list
+        spki_sha256 TEXT NOT NULL,
+        not_before TEXT NOT NULL,
+        not_after TEXT NOT NULL,
+        issued_at TEXT NOT NULL,
+        revoked_at TEXT,
+        reason TEXT,
+        der BLOB NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS tokens (
+        id TEXT PRIMARY KEY,
+        secret_sha256 TEXT NOT NULL UNIQUE,
+        role TEXT NOT NULL,
+        names TEXT NOT NULL,
+        principals TEXT NOT NULL,
+        expires TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        created_by TEXT NOT NULL,
+        used_at TEXT,
+        used_serial TEXT
+    );
+    CREATE TABLE IF NOT EXISTS ssh_certs (
+        serial TEXT PRIMARY KEY,          -- decimal uint64
+        key_id TEXT NOT NULL,
+        cert_type TEXT NOT NULL,          -- user | host
+        key_sha256 TEXT NOT NULL,         -- SHA-256 of the subject public key blob
+        public_key TEXT NOT NULL,
+        principals TEXT NOT NULL,
+        valid_after TEXT NOT NULL,
+        valid_before TEXT NOT NULL,
+        owner_serial TEXT NOT NULL,       -- the X.509 cert that asked for it
+        issued_at TEXT NOT NULL,
+        revoked_at TEXT
+    );
+    CREATE INDEX IF NOT EXISTS ssh_certs_key_id ON ssh_certs(key_id);
+    CREATE INDEX IF NOT EXISTS ssh_certs_key ON ssh_certs(key_sha256);
+    CREATE TABLE IF NOT EXISTS ssh_revoked_keys (
+        public_key TEXT PRIMARY KEY,
+        revoked_at TEXT NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+    CREATE TABLE IF NOT EXISTS crls (
+        number INTEGER PRIMARY KEY,       -- CRLNumber
+        revoked INTEGER NOT NULL,         -- how many revocations it lists
+        this_update TEXT NOT NULL,
+        der BLOB NOT NULL
+    );
+    """,
+    # 2: issuers by name, lineage (each certificate's predecessor), pre-signed OCSP.
+    """
+    ALTER TABLE certs ADD COLUMN issuer TEXT;        -- key label; NULL: the first issuing key
+    ALTER TABLE certs ADD COLUMN renewed_from TEXT;  -- serial (hex) presented at renewal
+    CREATE INDEX certs_renewed_from ON certs(renewed_from);
+    CREATE INDEX ssh_certs_owner ON ssh_certs(owner_serial);
+    CREATE TABLE ocsp_responses (
+        serial TEXT PRIMARY KEY,          -- hex, as in certs
+        status TEXT NOT NULL,             -- good | revoked
+        this_update TEXT NOT NULL,
+        next_update TEXT NOT NULL,
+        der BLOB NOT NULL
+    );
+    """,
+)
 
 _CERT_COLS = ("serial, fingerprint, role, subject, names, principals, spki_sha256, not_before, "
-              "not_after, revoked_at, reason")
+              "not_after, revoked_at, reason, issuer, renewed_from")
 
 
 def _cert(r: tuple[Any, ...]) -> CertRecord:
     return CertRecord(r[0], r[1], r[2], r[3], tuple(json.loads(r[4])), tuple(json.loads(r[5])),
-                      r[6], r[7], r[8], r[9], r[10])
+                      r[6], r[7], r[8], r[9], r[10], r[11], r[12])
 
 
 def _where(which: SSHSelector) -> tuple[str, str]:
@@ -116,6 +138,27 @@ def _connect(path: Path) -> sqlite3.Connection:
     return db
 
 
+class SchemaError(sqlite3.DatabaseError):
+    """The database was made by a newer hsmca: this code must not touch it."""
+
+
+def migrate(db: sqlite3.Connection, path: Path) -> None:
+    """Run the migrations the database has not had, each in one transaction."""
+    version = int(db.execute("PRAGMA user_version").fetchone()[0])
+    if version > len(MIGRATIONS):
+        raise SchemaError(f"the inventory {path} has schema version {version}, newer than this "
+                          f"hsmca knows ({len(MIGRATIONS)}): upgrade hsmca, or restore a "
+                          "backup made for this version")
+    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        try:
+            db.executescript(f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {number};\n"
+                             "COMMIT;")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+
 class SQLiteStore:
     def __init__(self, path: Path, autocheckpoint: bool = True) -> None:
         """`autocheckpoint=False` for the workers: the commit that fills the WAL would
@@ -127,7 +170,7 @@ class SQLiteStore:
         w.execute("PRAGMA journal_mode=WAL")
         if not autocheckpoint:
             w.execute("PRAGMA wal_autocheckpoint=0")
-        w.executescript(SCHEMA)
+        migrate(w, path)
         self._writer_db = w
         self._reader = _connect(path)
         self._read_lock = threading.Lock()
@@ -258,11 +301,12 @@ class SQLiteStore:
             serial = format(cert.serial, "x")
             db.execute(
                 "INSERT INTO certs (serial, fingerprint, role, subject, names, principals, "
-                "spki_sha256, not_before, not_after, issued_at, der) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                "spki_sha256, not_before, not_after, issued_at, der, issuer, renewed_from) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (serial, cert.fingerprint, cert.role, cert.subject,
                  json.dumps(list(cert.names)), json.dumps(list(cert.principals)),
-                 cert.spki_sha256, cert.not_before, cert.not_after, cert.issued_at, cert.der))
+                 cert.spki_sha256, cert.not_before, cert.not_after, cert.issued_at, cert.der,
+                 cert.issuer, cert.renewed_from))
             if cert.token_id is not None:
                 db.execute("UPDATE tokens SET used_serial = ? WHERE id = ?",
                            (serial, cert.token_id))
@@ -283,12 +327,41 @@ class SQLiteStore:
                 self._read("SELECT serial, revoked_at, reason FROM certs "
                            "WHERE revoked_at IS NOT NULL")]
 
-    async def revoke_cert(self, serial: int, at: dt.datetime, reason: str | None) -> bool:
-        def mark(db: sqlite3.Connection) -> int:
-            return db.execute("UPDATE certs SET revoked_at = ?, reason = ? WHERE serial = ? "
-                              "AND revoked_at IS NULL",
-                              (at.isoformat(), reason, format(serial, "x"))).rowcount
-        return await self._write(mark) == 1
+    async def lineage(self, serial: int, now: dt.datetime) -> list[int]:
+        rows = self._read(
+            "WITH RECURSIVE family(serial) AS (SELECT ? UNION "
+            "SELECT c.renewed_from FROM certs c JOIN family f ON c.serial = f.serial "
+            "WHERE c.renewed_from IS NOT NULL UNION "
+            "SELECT c.serial FROM certs c JOIN family f ON c.renewed_from = f.serial) "
+            "SELECT c.serial FROM certs c JOIN family f ON c.serial = f.serial "
+            "WHERE c.revoked_at IS NULL AND c.not_after > ?",
+            (format(serial, "x"), now.isoformat()))
+        return sorted(int(r[0], 16) for r in rows)
+
+    async def live_certs_named(self, name: str, now: dt.datetime) -> list[int]:
+        rows = self._read(
+            "SELECT serial FROM certs WHERE revoked_at IS NULL AND not_after > ? AND EXISTS "
+            "(SELECT 1 FROM json_each(certs.names) WHERE json_each.value = ?)",
+            (now.isoformat(), name))
+        return sorted(int(r[0], 16) for r in rows)
+
+    async def revoke_certs(self, serials: Sequence[int], at: dt.datetime,
+                           reason: str | None) -> Revoked:
+        hexes = [format(s, "x") for s in serials]
+
+        def mark(db: sqlite3.Connection) -> Revoked:
+            done: list[int] = []
+            ssh = 0
+            for h in hexes:
+                row = db.execute("UPDATE certs SET revoked_at = ?, reason = ? WHERE serial = ? "
+                                 "AND revoked_at IS NULL RETURNING serial",
+                                 (at.isoformat(), reason, h)).fetchone()
+                if row is not None:
+                    done.append(int(row[0], 16))
+                ssh += db.execute("UPDATE ssh_certs SET revoked_at = ? WHERE owner_serial = ? "
+                                  "AND revoked_at IS NULL", (at.isoformat(), h)).rowcount
+            return Revoked(tuple(done), ssh)
+        return await self._write(mark)
 
     # ---- SSH certificates -----------------------------------------------------------------
 
@@ -326,6 +399,35 @@ class SQLiteStore:
 
     async def revoked_ssh_keys(self) -> list[str]:
         return [r[0] for r in self._read("SELECT public_key FROM ssh_revoked_keys")]
+
+    # ---- pre-signed OCSP responses -----------------------------------------------------
+
+    async def ocsp_due(self, now: dt.datetime, refresh_before: dt.datetime,
+                       limit: int) -> list[OCSPDue]:
+        rows = self._read(
+            "SELECT c.serial, c.issuer, c.revoked_at, c.reason FROM certs c "
+            "LEFT JOIN ocsp_responses o ON o.serial = c.serial "
+            "WHERE c.not_after > ? AND (o.serial IS NULL OR o.next_update < ? "
+            "OR (c.revoked_at IS NOT NULL AND o.status = 'good')) "
+            "ORDER BY c.revoked_at IS NULL, o.next_update LIMIT ?",
+            (now.isoformat(), refresh_before.isoformat(), limit))
+        return [OCSPDue(int(r[0], 16), r[1], r[2], r[3]) for r in rows]
+
+    async def put_ocsp(self, responses: Sequence[OCSPRecord]) -> None:
+        def put(db: sqlite3.Connection) -> None:
+            db.executemany(
+                "INSERT INTO ocsp_responses (serial, status, this_update, next_update, der) "
+                "VALUES (?,?,?,?,?) ON CONFLICT (serial) DO UPDATE SET status = "
+                "excluded.status, this_update = excluded.this_update, next_update = "
+                "excluded.next_update, der = excluded.der",
+                [(format(r.serial, "x"), r.status, r.this_update, r.next_update, r.der)
+                 for r in responses])
+        await self._write(put)
+
+    async def ocsp(self, serial: int) -> OCSPRecord | None:
+        rows = self._read("SELECT status, this_update, next_update, der FROM ocsp_responses "
+                          "WHERE serial = ?", (format(serial, "x"),))
+        return OCSPRecord(serial, *rows[0]) if rows else None
 
     # ---- CRLs ---------------------------------------------------------------------------------
 
