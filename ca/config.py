@@ -278,6 +278,15 @@ def load(path: Path) -> Config:
     )
 
 
+def secret_files(cfg: Config) -> list[Path]:
+    """The files whose readers could sign or impersonate: the PIN file (when the PIN
+    comes from one), the daemon's TLS key and the admin key."""
+    files = [cfg.tls_key, cfg.admin_key]
+    if cfg.hsm.pin_source.startswith("file:"):
+        files.insert(0, Path(cfg.hsm.pin_source[5:]))
+    return files
+
+
 MAX_WORKERS = 64
 
 

@@ -31,10 +31,15 @@ def _worker_count(text: str) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
+    from ca.config import secret_files
     from ca.daemon import main
+    from ca.fileutil import check_private
     from ca.logs import configure
+    cfg = _config(args)
+    # Before anything is started: a readable PIN or key file is refused, by name.
+    check_private(secret_files(cfg))
     configure()
-    return main(_config(args), args.listen, args.workers)
+    return main(cfg, args.listen, args.workers)
 
 
 def token_create(args: argparse.Namespace) -> int:
