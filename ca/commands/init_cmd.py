@@ -8,6 +8,7 @@ import os
 
 from ca.fileutil import apply_modes
 from ca.init import InitOptions, run_init
+from hsm.errors import HSMError
 
 # The mode of everything `init` leaves, whatever the umask it ran under. Not listed
 # (the state directory itself, admin/, tls/, the inventory and its WAL files, the
@@ -33,6 +34,15 @@ def run(args: argparse.Namespace) -> int:
         written = asyncio.run(run_init(opts))
         state = args.state_dir.resolve()
         apply_modes(state, STATE_MODES)
+    except HSMError as exc:
+        if "no token labelled" not in str(exc) or "softhsm" not in args.module.lower():
+            raise
+        # SoftHSM finds tokens through SOFTHSM2_CONF; a shell without the variable the
+        # token was created under sees none of them, which is the usual cause.
+        where = (f"SOFTHSM2_CONF={softhsm_conf}" if softhsm_conf
+                 else "SOFTHSM2_CONF is unset, so /etc/softhsm/softhsm2.conf is read")
+        raise HSMError(f"{exc}; {where}: export SOFTHSM2_CONF=<the softhsm2.conf the token "
+                       "was created with> and run init again") from None
     finally:
         os.umask(old_umask)
     print(f"created a CA in {state} with keys generated inside token {args.token!r}:")
