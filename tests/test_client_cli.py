@@ -174,8 +174,29 @@ def test_renew_names_an_expired_certificate_or_one_from_another_ca(daemon: Daemo
     mine, mine_key = enroll(daemon, tmp_path, "service", [NAME])
     msg = one_line_error(hsmca(*base, "--cert", mine, "--key", key, check=False))
     assert f"--key {key} is not the private key of --cert {mine}" in msg
+    # The same checks guard the SSH commands.
+    msg = one_line_error(hsmca("ssh", "user", "--url", daemon.url, "--ca", daemon.root,
+                               "--cert", cert, "--key", key, "--pubkey",
+                               daemon.state / "ssh/user_ca.pub", check=False))
+    assert "was issued by 'CN=Other Root CA'" in msg
     assert one_line_error(hsmca(*base, "--cert", mine, "--key", mine_key, "--ca",
                                 tmp_path / "no.pem", check=False)).endswith("no such file")
+
+
+# ---- --pubkey never sends a private key (item 5) ---------------------------------------
+
+@pytest.mark.parametrize("command", ["user", "host"])
+def test_pubkey_holding_a_private_key_is_refused_before_any_request(tmp_path: Path,
+                                                                   command: str) -> None:
+    keygen = require("ssh-keygen")
+    private = tmp_path / "id_ed25519"
+    subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-f", private], check=True)
+    # Port 1: nothing listens; the refusal must come before any connection is tried.
+    proc = hsmca("ssh", command, "--url", "https://127.0.0.1:1", "--cert", tmp_path / "c.pem",
+                 "--key", tmp_path / "k.pem", "--pubkey", private, check=False)
+    msg = one_line_error(proc)
+    assert f"--pubkey {private} holds a private key" in msg and f"{private}.pub" in msg
+    assert "OPENSSH" not in proc.stderr + proc.stdout
 
 
 # ---- one pair of credential flags (item 8) ---------------------------------------------
@@ -191,7 +212,8 @@ def test_credential_flags_have_one_name_and_accept_the_other(daemon: Daemon,
     shown = hsmca("audit", "show", "--url", daemon.url, "--ca", daemon.root,
                   "--cert", admin / "cert.pem", "--key", admin / "key.pem")
     assert "init.start" in shown.stdout
-    for argv in (["renew"], ["audit", "show"], ["audit", "verify"]):
+    for argv in (["renew"], ["ssh", "user"], ["ssh", "host"], ["audit", "show"],
+                 ["audit", "verify"]):
         text = hsmca(*argv, "--help").stdout
         assert "--client-cert" in text and "--cert" in text and "same flag" in text, argv
 
@@ -214,7 +236,8 @@ def _subparser(path: list[str]) -> argparse.ArgumentParser:
     return p
 
 
-@pytest.mark.parametrize("path", [["renew"], ["audit", "show"], ["revoke"], ["enroll"]])
+@pytest.mark.parametrize("path", [["renew"], ["ssh", "user"], ["ssh", "host"],
+                                  ["audit", "show"], ["revoke"], ["enroll"]])
 def test_every_flag_has_help(path: list[str]) -> None:
     missing = [a.option_strings or a.dest for a in _subparser(path)._actions
                if not a.help]
