@@ -14,11 +14,16 @@ from typing import NoReturn
 from ca.errors import CLIError
 from hsm.errors import AuditUnavailable, HSMError
 
-EPILOG = """\
-examples:
-  hsmca init --state-dir var/ca --module /usr/lib/softhsm/libsofthsm2.so \\
+# Raw: a backslash at the end of an example line is the shell's line continuation and
+# must reach the reader (in a plain string it joined the two lines).
+EPILOG = r"""examples:
+  hsmca init --state-dir var/ca --module /usr/lib/softhsm/libsofthsm2.so \
       --token hsmca --pin-file var/pin
   hsmca serve --config var/ca/hsmca.toml --listen 127.0.0.1:8443
+  hsmca enroll --url https://ca.example:8443 --ca root.pem --token-file svc.token \
+      --name svc.internal.example --out svc
+  hsmca renew --daemon --url https://ca.example:8443 --ca root.pem \
+      --cert svc/cert.pem --key svc/key.pem --exec 'systemctl reload nginx'
   hsmca audit verify --log var/ca/audit/log.jsonl --key var/ca/audit/audit_key.pem
   hsmca audit verify --url https://ca.example:8443 --ca root.pem --client-cert a/cert.pem \
       --client-key a/key.pem --key audit_key.pem --state audit-state.json
@@ -58,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="hsmca", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="A certificate authority whose keys never leave a PKCS#11 HSM.")
+    p.add_argument("--version", action="version", version=f"hsmca {_version()}",
+                   help="print the version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     i = sub.add_parser("init", help="create the CA keys in the HSM and a state directory",
@@ -95,8 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--log", type=Path, help="the log file (log.jsonl)")
     source.add_argument("--url", help="the daemon's URL, to verify its log remotely "
                         "(needs --state, --client-cert and --client-key)")
-    v.add_argument("--key", type=Path, required=True,
-                   help="the audit public key PEM (audit/audit_key.pem), pinned by the auditor")
+    # --key names the pinned audit key here (as it always has), so the client key is
+    # --client-key only; --cert is accepted for --client-cert as in other commands.
+    v.add_argument("--key", "--audit-key", dest="key", type=Path, required=True,
+                   metavar="AUDIT_KEY",
+                   help="the audit public key PEM (audit/audit_key.pem), pinned by the "
+                   "auditor (--audit-key is the same flag)")
     v.add_argument("--checkpoint", type=Path,
                    help="with --log: latest checkpoint file (default: 'checkpoint' beside the "
                    "log)")
@@ -104,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--state", type=Path,
                    help="file remembering the last verified checkpoint; created if missing "
                    "(required with --url)")
-    _remote_flags(v)
+    _remote_flags(v, key_alias=False)
     v.set_defaults(command_key="audit-verify")
     s = asub.add_parser("show", help="print the log in a human-readable form")
     where = s.add_mutually_exclusive_group()
@@ -113,24 +124,50 @@ def build_parser() -> argparse.ArgumentParser:
                        "--client-cert and --client-key)")
     s.add_argument("--config", type=Path, default=Path("hsmca.toml"),
                    help="config whose audit log to read (default ./hsmca.toml)")
-    s.add_argument("--from", dest="start", type=_non_negative, default=0,
-                   help="first seq to show")
-    s.add_argument("--follow", action="store_true", help="keep printing new lines")
-    _remote_flags(s)
+    s.add_argument("--from", dest="start", type=_non_negative, default=0, metavar="SEQ",
+                   help="first seq to show (default 0, the first line)")
+    s.add_argument("--follow", action="store_true",
+                   help="keep printing new lines as they are written, until interrupted")
+    _remote_flags(s, key_alias=True)
     s.set_defaults(command_key="audit-show")
     return p
 
 
-def _remote_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--client-cert", type=Path,
-                   help="with --url: client certificate of role auditor or admin")
-    p.add_argument("--client-key", type=Path, help="with --url: its private key")
+def _remote_flags(p: argparse.ArgumentParser, key_alias: bool) -> None:
+    """The client credential for --url. Other commands call it --cert/--key; both
+    spellings work wherever they do not clash with another flag."""
+    p.add_argument("--client-cert", "--cert", dest="client_cert", type=Path, metavar="CERT",
+                   help="with --url: client certificate of role auditor or admin (--cert is "
+                   "the same flag)")
+    if key_alias:
+        p.add_argument("--client-key", "--key", dest="client_key", type=Path, metavar="KEY",
+                       help="with --url: its private key (--key is the same flag)")
+    else:
+        p.add_argument("--client-key", dest="client_key", type=Path, metavar="KEY",
+                       help="with --url: its private key (not --key: here that is the "
+                       "audit key)")
     p.add_argument("--ca", type=Path,
                    help="with --url: root.pem to trust for the daemon's TLS certificate")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("hsmca")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "url", None) is not None:
+        # Every --url is checked here, once, before a command can connect anywhere.
+        from ca.commands.args import check_url
+        try:
+            args.url = check_url(args.url)
+        except ValueError as exc:
+            print(f"hsmca: error: --url {exc}", file=sys.stderr)
+            return 2
     # A write past RLIMIT_FSIZE must fail with EFBIG (and the log fail closed), not kill us.
     if hasattr(signal, "SIGXFSZ"):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

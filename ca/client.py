@@ -1,39 +1,131 @@
-"""Client side of the CLI: enroll, renew, revoke, tokens, over (mutual) TLS."""
+"""Client side of the CLI: enroll, renew, revoke, tokens, over (mutual) TLS.
+
+Everything that can be checked locally is checked before the first request: the URL,
+the CA file, the client certificate's validity and key, where the results will be
+written. A one-time token or a renewal is never spent on a command that then cannot
+use its result.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 import json
+import os
+import shutil
 import ssl
+import stat
+import tempfile
+import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from ca.fileutil import write_atomic
+from ca.commands.args import check_url
 
 TIMEOUT = aiohttp.ClientTimeout(total=60)
 
 
 class ClientError(Exception):
-    """The daemon refused or could not be reached; the message says which and why."""
+    """The daemon refused or could not be reached, or a local check failed; the
+    message says which and why. `retryable`: trying again later may succeed (the CA
+    is away or overloaded), as opposed to a refusal or a local mistake."""
+
+    def __init__(self, message: str, *, status: int | None = None,
+                 retryable: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retryable = retryable
+
+
+def base_url(url: str, flag: str = "--url") -> str:
+    """The daemon's base URL without a trailing slash; see check_url."""
+    try:
+        return check_url(url)
+    except ValueError as exc:
+        raise ClientError(f"{flag} {exc}") from None
+
+
+def _read(path: Path, flag: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ClientError(f"{flag} {path}: no such file") from None
+    except IsADirectoryError:
+        raise ClientError(f"{flag} {path} is a directory, not a file") from None
+    except OSError as exc:
+        raise ClientError(f"{flag} {path}: cannot read it: {exc.strerror}") from None
+
+
+def load_certificates(path: Path, flag: str) -> list[x509.Certificate]:
+    try:
+        return x509.load_pem_x509_certificates(_read(path, flag))
+    except ValueError:
+        raise ClientError(f"{flag} {path} holds no PEM certificate") from None
+
+
+def load_private_key(path: Path, flag: str = "--key") -> Any:
+    data = _read(path, flag)
+    try:
+        return serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise ClientError(f"{flag} {path} is encrypted; hsmca needs the key unencrypted "
+                          "(protected by its file mode, 0600)") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise ClientError(f"{flag} {path} holds no PEM private key") from None
+
+
+@dataclass(frozen=True)
+class _ContextInfo:
+    ca: Path | None
+    cert: Path | None
+
+
+# What each context was made from, to explain a failed handshake in terms of the flags.
+_INFO: weakref.WeakKeyDictionary[ssl.SSLContext, _ContextInfo] = weakref.WeakKeyDictionary()
 
 
 def ssl_context(ca: Path | None, cert: Path | None = None,
                 key: Path | None = None) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=str(ca) if ca else None)
+    """TLS 1.2+ context trusting `ca` (else the system's CAs), presenting cert/key."""
+    cadata = None
+    if ca is not None:
+        cadata = "".join(c.public_bytes(serialization.Encoding.PEM).decode()
+                         for c in load_certificates(ca, "--ca"))
+    ctx = ssl.create_default_context(cadata=cadata)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if cert is not None:
+        _read(cert, "--cert")
+        if key is not None:
+            _read(key, "--key")
         try:
             ctx.load_cert_chain(cert, key)
         except (OSError, ssl.SSLError) as exc:
+            reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+            if reason == "KEY_VALUES_MISMATCH":
+                raise ClientError(f"--key {key} is not the private key of --cert {cert}"
+                                  ) from None
             raise ClientError(f"cannot load the client certificate {cert} / key {key}: "
-                              f"{getattr(exc, 'strerror', None) or exc}") from None
+                              f"{reason}") from None
+    _INFO[ctx] = _ContextInfo(ca, cert)
     return ctx
+
+
+def _problem_detail(body: bytes, content_type: str) -> str:
+    detail = body.decode("utf-8", "replace").strip()[:300]
+    if content_type == "application/problem+json":
+        try:
+            detail = json.loads(body).get("detail", detail)
+        except (ValueError, AttributeError):
+            pass
+    return " ".join(str(detail).split())  # one line, whatever the server sent
 
 
 async def _request(session: aiohttp.ClientSession, method: str, url: str,
@@ -42,29 +134,40 @@ async def _request(session: aiohttp.ClientSession, method: str, url: str,
                    ) -> tuple[str, bytes]:
     """(content type, body bytes) of a response with status `expect`; every failure,
     the daemon's problem+json detail included, becomes one ClientError line."""
+    info = _INFO.get(ctx, _ContextInfo(None, None))
     try:
         async with session.request(method, url, json=json_body, headers=headers,
                                    ssl=ctx) as r:
             body = await r.read()
             if r.status != expect:
-                detail = body.decode("utf-8", "replace").strip()[:300]
-                if r.content_type == "application/problem+json":
-                    try:
-                        detail = json.loads(body).get("detail", detail)
-                    except (ValueError, AttributeError):
-                        pass
-                raise ClientError(f"{method} {url}: {r.status} {r.reason}: {detail}")
+                raise ClientError(f"{method} {url}: {r.status} {r.reason}: "
+                                  f"{_problem_detail(body, r.content_type)}",
+                                  status=r.status,
+                                  retryable=r.status >= 500 or r.status == 429)
             return r.content_type, body
     except aiohttp.ClientConnectorCertificateError as exc:
+        reason = getattr(exc.certificate_error, "verify_message", None) or exc.certificate_error
+        if info.ca is not None:
+            raise ClientError(f"cannot connect to {url}: the server's certificate chain does "
+                              f"not verify against --ca {info.ca} ({reason}); is that file "
+                              "this CA's root.pem?") from None
         raise ClientError(f"cannot connect to {url}: the server's certificate is not trusted "
-                          f"({exc.certificate_error}); pass --ca with the CA's root.pem") from None
+                          f"({reason}); pass --ca with the CA's root.pem") from None
     except aiohttp.ClientConnectorError as exc:
         raise ClientError(f"cannot connect to {url}: {exc.os_error.strerror or exc}; is "
-                          "`hsmca serve` running there?") from None
+                          "`hsmca serve` running there?", retryable=True) from None
     except TimeoutError:
-        raise ClientError(f"{method} {url}: no answer within {TIMEOUT.total:.0f} s") from None
+        raise ClientError(f"{method} {url}: no answer within {TIMEOUT.total:.0f} s",
+                          retryable=True) from None
+    except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+        # The daemon ends the handshake when it refuses a client certificate; the local
+        # checks make that rare, but a restart of the daemon looks the same.
+        hint = (f"; if it persists, the daemon is refusing the client certificate "
+                f"{info.cert}" if info.cert is not None else "")
+        raise ClientError(f"{method} {url}: the connection was closed ({exc}){hint}",
+                          retryable=True) from None
     except aiohttp.ClientError as exc:
-        raise ClientError(f"{method} {url} failed: {exc}") from None
+        raise ClientError(f"{method} {url} failed: {exc}", retryable=True) from None
 
 
 async def call(method: str, url: str, ctx: ssl.SSLContext, *, json_body: Any = None,
@@ -74,6 +177,11 @@ async def call(method: str, url: str, ctx: ssl.SSLContext, *, json_body: Any = N
         ctype, body = await _request(s, method, url, ctx, json_body=json_body,
                                      headers=headers, expect=expect)
     return json.loads(body) if ctype.endswith("json") else body.decode("utf-8", "replace")
+
+
+async def get_raw(url: str, ctx: ssl.SSLContext) -> bytes:
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        return (await _request(s, "GET", url, ctx))[1]
 
 
 def make_csr(names: list[str], key: Any) -> str:
@@ -104,42 +212,282 @@ def key_pem(key: Any) -> bytes:
                              serialization.NoEncryption())
 
 
-def write_credential(out: Path, issued: dict[str, Any], key: Any | None,
-                     cert_name: str = "cert.pem", key_name: str = "key.pem") -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    if key is not None:
-        write_atomic(out / key_name, key_pem(key), 0o600)
-    write_atomic(out / cert_name, issued["certificate"])
-    write_atomic(out / "chain.pem", issued["chain"])
+# ---- local checks of a client credential --------------------------------------------
+
+def _spki(key: Any) -> bytes:
+    return bytes(key.public_bytes(serialization.Encoding.DER,
+                                  serialization.PublicFormat.SubjectPublicKeyInfo))
 
 
-async def enroll(url: str, token: str, names: list[str], out: Path, ca: Path | None
-                 ) -> dict[str, Any]:
-    key = new_key()
-    issued = await call("POST", f"{url}/v1/x509/enroll", ssl_context(ca),
-                        json_body={"csr": make_csr(names, key)},
-                        headers={"Authorization": f"Bearer {token}"}, expect=201)
-    write_credential(out, issued, key)
-    return issued
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):  # other key type, other signer
+        return False
+    return True
 
 
-async def renew(url: str, cert: Path, key: Path, ca: Path | None, rekey: bool
-                ) -> dict[str, Any]:
+def check_credential(cert: Path, key: Path, now: dt.datetime | None = None
+                     ) -> x509.Certificate:
+    """The client certificate as the daemon will judge it, judged here first: readable,
+    valid now, and `key` is its key. An expired certificate would otherwise end in
+    'Server disconnected' during the handshake."""
+    leaf = load_certificates(cert, "--cert")[0]
+    private = load_private_key(key, "--key")
+    now = now or dt.datetime.now(dt.UTC)
+    if now >= leaf.not_valid_after_utc:
+        raise ClientError(f"--cert {cert} expired at {leaf.not_valid_after_utc.isoformat()}; "
+                          "an expired certificate cannot authenticate to the CA: enroll "
+                          "again with a new bootstrap token")
+    if now < leaf.not_valid_before_utc:
+        raise ClientError(f"--cert {cert} is not valid before "
+                          f"{leaf.not_valid_before_utc.isoformat()}; is this host's clock "
+                          "right?")
+    if _spki(private.public_key()) != _spki(leaf.public_key()):
+        raise ClientError(f"--key {key} is not the private key of --cert {cert}")
+    return leaf
+
+
+async def check_issuer(url: str, anon: ssl.SSLContext, cert: Path,
+                       leaf: x509.Certificate) -> None:
+    """Ask the daemon for its issuing chain (anonymously) and check that it issued
+    `leaf`: a certificate from another CA is named here instead of failing the
+    handshake with a reset connection."""
+    text = await call("GET", f"{url}/v1/x509/chain", anon)
+    try:
+        chain = x509.load_pem_x509_certificates(text.encode())
+    except ValueError:
+        raise ClientError(f"GET {url}/v1/x509/chain: the daemon sent no PEM chain") from None
+    if not any(_issued_by(leaf, ca) for ca in chain):
+        raise ClientError(f"--cert {cert} was issued by '{leaf.issuer.rfc4514_string()}', "
+                          f"not by the CA at {url} (which issues as "
+                          f"'{chain[0].subject.rfc4514_string()}'); use a certificate this "
+                          "CA issued, or enroll with it")
+
+
+async def preflight(url: str, ca: Path | None, cert: Path, key: Path) -> ssl.SSLContext:
+    """Every check before a mutual-TLS request; returns the context to make it with."""
+    leaf = check_credential(cert, key)
     ctx = ssl_context(ca, cert, key)
-    body: dict[str, Any] = {}
-    new = None
-    if rekey:
-        current = x509.load_pem_x509_certificate(cert.read_bytes())
-        san = current.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        names = [str(n.value) for n in san]
-        new = new_key()
-        body["csr"] = make_csr(names, new)
-    issued = await call("POST", f"{url}/v1/x509/renew", ctx, json_body=body, expect=201)
-    if new is not None:
-        write_atomic(key, key_pem(new), 0o600)
-    write_atomic(cert, issued["certificate"])
-    write_atomic(cert.parent / "chain.pem", issued["chain"])
+    await check_issuer(url, ssl_context(ca), cert, leaf)
+    return ctx
+
+
+# ---- writing results: checked before the request, atomic after it -------------------
+
+def _keep_or(path: Path, default: int, private: bool) -> tuple[int, int, int]:
+    """(mode, uid, gid) for a replacement of `path`: the existing file's (an operator
+    may have given a certificate to a service's group), or `default` for a new one;
+    a private key never gets any bit for others."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return default, -1, -1
+    mode = stat.S_IMODE(st.st_mode)
+    if private:
+        mode &= 0o770
+    return mode, st.st_uid, st.st_gid
+
+
+@dataclass
+class Staged:
+    """Files to replace, each prepared as a temporary file beside it before anything
+    is spent: if a directory is not writable the command stops before the request.
+    `commit` writes, fsyncs and renames each into place; `abort` removes them."""
+
+    targets: dict[Path, tuple[int, bool]]  # path -> (mode for a new file, private)
+    _tmp: dict[Path, str] = field(default_factory=dict)
+
+    def prepare(self) -> Staged:
+        for path in self.targets:
+            if path.is_dir():
+                self.abort()
+                raise ClientError(f"{path} is a directory; it would be replaced by a file")
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+            except FileNotFoundError:
+                self.abort()
+                raise ClientError(f"cannot write {path}: {path.parent} does not exist"
+                                  ) from None
+            except OSError as exc:
+                self.abort()
+                raise ClientError(f"cannot write to {path.parent}: {exc.strerror} (checked "
+                                  "before contacting the CA: nothing was spent)") from None
+            os.close(fd)
+            self._tmp[path] = tmp
+        return self
+
+    def commit(self, data: dict[Path, bytes | str]) -> None:
+        for path, tmp in self._tmp.items():
+            mode, uid, gid = _keep_or(path, *self.targets[path])
+            payload = data[path]
+            fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
+            try:
+                os.fchmod(fd, mode)
+                if uid != -1 and (uid, gid) != (os.geteuid(), os.getegid()):
+                    try:
+                        os.fchown(fd, uid, gid)
+                    except PermissionError:
+                        pass  # not root: the file becomes ours, as any editor would do
+                os.write(fd, payload.encode() if isinstance(payload, str) else payload)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        # Renamed one after another: the key first, so that a reader who finds a new
+        # certificate also finds its key; the hook runs only after all are in place.
+        for path, tmp in self._tmp.items():
+            os.replace(tmp, path)
+        for parent in {p.parent for p in self._tmp}:
+            dfd = os.open(parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        self._tmp.clear()
+
+    def abort(self) -> None:
+        for tmp in self._tmp.values():
+            Path(tmp).unlink(missing_ok=True)
+        self._tmp.clear()
+
+
+CREDENTIAL_FILES = ("key.pem", "cert.pem", "chain.pem")
+
+
+@dataclass
+class OutputDir:
+    """Where `enroll` writes key.pem, cert.pem and chain.pem, checked before the token
+    is spent. A new directory is built beside its final place and renamed into it, so
+    it appears complete or not at all; an existing one must be empty, or --force."""
+
+    out: Path
+    force: bool = False
+    _staging: Path | None = None
+    _created: list[Path] = field(default_factory=list)
+    _files: Staged | None = None
+
+    def prepare(self) -> OutputDir:
+        out = self.out
+        if out.exists() or out.is_symlink():
+            if not out.is_dir():
+                raise ClientError(f"--out {out} exists and is not a directory")
+            if any(out.iterdir()) and not self.force:
+                raise ClientError(f"--out {out} already exists and is not empty; pass --force "
+                                  f"to replace {', '.join(CREDENTIAL_FILES)} in it")
+            self._files = Staged({out / n: (0o600 if n == "key.pem" else 0o644,
+                                            n == "key.pem") for n in CREDENTIAL_FILES})
+            self._files.prepare()
+            return self
+        missing = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
+        try:
+            for parent in reversed(missing):
+                parent.mkdir()
+                self._created.append(parent)
+            self._staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.enroll-",
+                                                  dir=out.parent))
+        except OSError as exc:
+            self.abort()
+            raise ClientError(f"cannot create --out {out}: {exc.strerror} in "
+                              f"{exc.filename or out.parent} (checked before the token was "
+                              "used: it is still valid)") from None
+        return self
+
+    def commit(self, files: dict[str, bytes | str]) -> None:
+        if self._files is not None:
+            self._files.commit({self.out / n: data for n, data in files.items()})
+            return
+        assert self._staging is not None
+        for name, data in files.items():
+            fd = os.open(self._staging / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                         0o600 if name == "key.pem" else 0o644)
+            with os.fdopen(fd, "wb") as fh:
+                os.fchmod(fh.fileno(), 0o600 if name == "key.pem" else 0o644)
+                fh.write(data.encode() if isinstance(data, str) else data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self._staging, 0o777 & ~umask)  # what mkdir would have made
+        os.rename(self._staging, self.out)
+        dfd = os.open(self.out.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        self._staging = None
+
+    def abort(self) -> None:
+        if self._files is not None:
+            self._files.abort()
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
+        for parent in reversed(self._created):
+            try:
+                parent.rmdir()
+            except OSError:
+                pass
+        self._created.clear()
+
+
+async def enroll(url: str, token: str, names: list[str], out: Path, ca: Path | None, *,
+                 force: bool = False, ttl: str | None = None) -> dict[str, Any]:
+    ctx = ssl_context(ca)
+    target = OutputDir(out, force).prepare()
+    try:
+        key = new_key()
+        body: dict[str, Any] = {"csr": make_csr(names, key)}
+        if ttl is not None:
+            body["ttl"] = ttl
+        issued = await call("POST", f"{url}/v1/x509/enroll", ctx, json_body=body,
+                            headers={"Authorization": f"Bearer {token}"}, expect=201)
+    except BaseException:
+        target.abort()
+        raise
+    target.commit({"key.pem": key_pem(key), "cert.pem": issued["certificate"],
+                   "chain.pem": issued["chain"]})
     return issued
+
+
+def _names(cert: x509.Certificate) -> list[str]:
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return [str(n.value) for n in san]
+
+
+async def renew(url: str, cert: Path, key: Path, ca: Path | None, rekey: bool, *,
+                ttl: str | None = None) -> dict[str, Any]:
+    """Renew `cert` over mutual TLS and replace cert (and, with `rekey`, key) and the
+    chain.pem beside the certificate, atomically, once the CA has answered."""
+    ctx = await preflight(url, ca, cert, key)
+    current = load_certificates(cert, "--cert")[0]
+    targets: dict[Path, tuple[int, bool]] = {}
+    if rekey:
+        targets[key] = (0o600, True)
+    targets[cert] = (0o644, False)
+    targets[cert.parent / "chain.pem"] = (0o644, False)
+    files = Staged(targets).prepare()
+    try:
+        body: dict[str, Any] = {}
+        new = None
+        if rekey:
+            new = new_key()
+            body["csr"] = make_csr(_names(current), new)
+        if ttl is not None:
+            body["ttl"] = ttl
+        issued = await call("POST", f"{url}/v1/x509/renew", ctx, json_body=body, expect=201)
+    except BaseException:
+        files.abort()
+        raise
+    data: dict[Path, bytes | str] = {cert: issued["certificate"],
+                                     cert.parent / "chain.pem": issued["chain"]}
+    if new is not None:
+        data[key] = key_pem(new)
+    files.commit(data)
+    return issued
+
+
+def serial_of(cert: Path) -> str:
+    return format(load_certificates(cert, "--cert")[0].serial_number, "x")
 
 
 async def get_bytes(session: aiohttp.ClientSession, url: str, ctx: ssl.SSLContext) -> bytes:

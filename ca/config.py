@@ -7,7 +7,9 @@ names a file (`file:/path`) or an environment variable (`env:NAME`).
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,65 @@ KEY_LABELS = {"root": "root-ca", "issuing": "issuing-ca", "ssh_user": "ssh-user-
 
 class ConfigError(ValueError):
     """The config cannot be used; the message names the file and the setting."""
+
+
+# Every setting `load` reads, by section. Anything else in the file is refused with its
+# line: a misspelt setting (`heartbeat_s` for `heartbeat-s`) must not silently fall back
+# to the default. docs/operator.md's reference lists exactly these (tests/test_docs.py).
+SCHEMA: dict[str, frozenset[str]] = {
+    "hsm": frozenset({"module", "token", "pin-source", "softhsm-conf"}),
+    "keys": frozenset(p.replace("_", "-") for p in KEY_LABELS),
+    "server": frozenset({"listen", "dns-name", "public-url", "tls-cert", "tls-key",
+                         "metrics-allow", "workers"}),
+    "audit": frozenset({"origin", "heartbeat-s", "witnesses"}),
+    "policy": frozenset({"allow", "deny", "allow-wildcards", "x509-default-ttl-s",
+                         "x509-max-ttl-s", "ssh-user-default-ttl-s", "ssh-user-max-ttl-s",
+                         "ssh-host-ttl-s", "ssh-user-extensions", "token-max-ttl-s"}),
+}
+_HEADER_LINE = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]\s*(#.*)?$")
+
+
+def _line_of(text: str, section: str | None, key: str) -> int | None:
+    """The line (1-based) where `key` is set in `section` (None: before any table), or
+    where the table `[section.key]` (or `[key]` at the top) starts. tomllib keeps no
+    positions, and an operator needs the line of a misspelt setting to fix it."""
+    table = f"{section}.{key}" if section else key
+    key_re = re.compile(rf"^\s*([\"']?){re.escape(key)}\1\s*[.=]")
+    current: str | None = None
+    for number, line in enumerate(text.splitlines(), 1):
+        header = _HEADER_LINE.match(line)
+        if header:
+            current = header.group(1).replace(" ", "").replace('"', "").replace("'", "")
+            if current == table:
+                return number
+            continue
+        if current == section and key_re.match(line):
+            return number
+    return None
+
+
+def _check_known(path: Path, text: str, raw: dict[str, Any]) -> None:
+    """Refuse the first setting or section `load` would not read, naming it and its line."""
+    def refuse(section: str | None, key: str, known: frozenset[str] | set[str]) -> None:
+        line = _line_of(text, section, key)
+        where = f"{path}:{line}" if line else str(path)
+        value = raw[section][key] if section else raw[key]
+        if section is None:
+            what = (f"section [{key}]" if isinstance(value, dict)
+                    else f"setting {key!r} outside any section")
+        else:
+            what = (f"table [{section}.{key}]" if isinstance(value, dict)
+                    else f"setting {key!r} in [{section}]")
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"{where}: unknown {what} ({hint}known: {', '.join(sorted(known))})")
+
+    for section, table in raw.items():
+        if section not in SCHEMA or not isinstance(table, dict):
+            refuse(None, section, set(SCHEMA))
+        for key in table:
+            if key not in SCHEMA[section] and not (section == "hsm" and key == "pin"):
+                refuse(section, key, SCHEMA[section])
 
 
 @dataclass(frozen=True)
@@ -120,12 +181,16 @@ def _get(table: dict[str, Any], key: str, kind: type, where: str, default: Any =
 def load(path: Path) -> Config:
     path = Path(path).resolve()
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        raw = tomllib.loads(text)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path} (run `hsmca init` first, or pass "
                           "--config)") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    _check_known(path, text, raw)
     base = path.parent
 
     def rel(p: str) -> Path:
@@ -201,6 +266,15 @@ def load(path: Path) -> Config:
     )
 
 
+def secret_files(cfg: Config) -> list[Path]:
+    """The files whose readers could sign or impersonate: the PIN file (when the PIN
+    comes from one), the daemon's TLS key and the admin key."""
+    files = [cfg.tls_key, cfg.admin_key]
+    if cfg.hsm.pin_source.startswith("file:"):
+        files.insert(0, Path(cfg.hsm.pin_source[5:]))
+    return files
+
+
 MAX_WORKERS = 64
 _LOOPBACK = ("localhost", "127.0.0.1", "::1")
 
@@ -247,56 +321,74 @@ def _networks(values: list[Any], where: str) -> tuple[str, ...]:
         raise ConfigError(f"{where}: metrics-allow: {exc}") from None
 
 
-def _q(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+# What `render` writes above each section: the settings it holds and what they do.
+# The full reference, defaults included, is docs/operator.md section 6.
+_HEADER = """\
+# hsmca configuration, written by `hsmca init`. Relative paths are relative to this
+# file's directory. An unknown section or setting is refused at start, with its line.
+# Every setting is described in docs/operator.md ("Configuration reference").
+"""
+_NOTES = {
+    "hsm": ["module: the PKCS#11 library; token: the token's label.",
+            "pin-source: the user PIN, never stored here: file:/path (mode 0600) or",
+            "env:NAME. softhsm-conf: SOFTHSM2_CONF for the daemon (SoftHSM only)."],
+    "keys": ["RFC 7512 URIs of the private keys, one per purpose."],
+    "server": ["listen: HOST:PORT. dns-name: the daemon's name in its TLS certificate.",
+               "tls-cert, tls-key: the listener's credential (the key must be mode 0600).",
+               "public-url = \"https://ca.example:8443\" (unset by default) adds the CRL",
+               "distribution point and OCSP address to issued certificates.",
+               "metrics-allow: client networks that may read /metrics.",
+               "workers: processes serving HTTPS, each with its own HSM session (\"auto\":",
+               "one per CPU, at most 8). The primary process alone writes the audit log."],
+    "audit": ["origin: the checkpoint origin line and signing key name.",
+              "heartbeat-s: seconds between checkpoints when the log is idle.",
+              "witnesses: files to which every checkpoint is pushed; each refuses one that",
+              "does not extend the checkpoint it holds (keep them off this host)."],
+    "policy": ["allow, deny: names a bootstrap token may grant (DNS patterns such as",
+               "\"*.internal.example\", and CIDRs); an empty allow list allows any name.",
+               "allow-wildcards: whether \"*.\" names may be granted.",
+               "Lifetimes in seconds: x509-default-ttl-s, x509-max-ttl-s (leaf certificates),",
+               "ssh-user-default-ttl-s, ssh-user-max-ttl-s, ssh-host-ttl-s, token-max-ttl-s.",
+               "ssh-user-extensions: the extensions SSH user certificates carry."],
+}
 
 
 def render(*, module: str, token: str, pin_source: str, softhsm_conf: str | None,
            keys: dict[str, str], dns_name: str, audit_origin: str,
            listen: str = "127.0.0.1:8443") -> str:
-    """The config `hsmca init` writes; every setting is commented for the operator."""
-    lines = [
-        "# hsmca configuration, written by `hsmca init`. Relative paths are relative to",
-        "# this file's directory. The PIN is never stored here: pin-source names a file",
-        "# (file:/path, mode 0600) or an environment variable (env:NAME).",
-        "",
-        "[hsm]",
-        f"module = {_q(module)}",
-        f"token = {_q(token)}",
-        f"pin-source = {_q(pin_source)}",
-    ]
+    """The config `hsmca init` writes, every value written by tomli_w (so that paths and
+    labels are always escaped correctly), each section under a comment that says what
+    its settings do. Defaults come from the dataclasses above, so they cannot drift."""
+    import tomli_w  # only init writes a config; `serve` never loads the writer
+
+    default = Policy()
+    hsm: dict[str, Any] = {"module": module, "token": token, "pin-source": pin_source}
     if softhsm_conf:
-        lines.append(f"softhsm-conf = {_q(softhsm_conf)}  # SOFTHSM2_CONF for the daemon")
-    lines += ["", "# RFC 7512 URIs of the private keys, one per purpose.", "[keys]"]
-    lines += [f"{purpose.replace('_', '-')} = {_q(uri)}" for purpose, uri in keys.items()]
-    lines += [
-        "", "[server]",
-        f"listen = {_q(listen)}",
-        f"dns-name = {_q(dns_name)}",
-        "tls-cert = \"tls/server.pem\"",
-        "tls-key = \"tls/server.key\"",
-        "# public-url = \"https://ca.example:8443\"  # adds CRL DP and OCSP AIA to leaves",
-        "# Client networks that may read /metrics (default: loopback only).",
-        "metrics-allow = [\"127.0.0.0/8\", \"::1/128\"]",
-        "# Worker processes serving HTTPS, each with its own HSM session (\"auto\": one",
-        "# per CPU, at most 8). The primary process alone writes the audit log.",
-        "workers = \"auto\"",
-        "", "[audit]",
-        f"origin = {_q(audit_origin)}  # the checkpoint origin line and signing key name",
-        "heartbeat-s = 60",
-        "# Files to which every checkpoint is pushed; each refuses one that does not",
-        "# extend the checkpoint it holds (keep them off this host to make them count).",
-        "witnesses = []",
-        "", "[policy]",
-        "# Names a bootstrap token may grant: DNS patterns and CIDRs; empty allows any.",
-        "allow = []",
-        "deny = []",
-        "allow-wildcards = false",
-        "x509-default-ttl-s = 86400",
-        "x509-max-ttl-s = 2592000",
-        "ssh-user-default-ttl-s = 57600",
-        "ssh-user-max-ttl-s = 86400",
-        "ssh-host-ttl-s = 2592000",
-        "",
-    ]
-    return "\n".join(lines)
+        hsm["softhsm-conf"] = softhsm_conf
+    doc: dict[str, dict[str, Any]] = {
+        "hsm": hsm,
+        "keys": {purpose.replace("_", "-"): uri for purpose, uri in keys.items()},
+        "server": {"listen": listen, "dns-name": dns_name, "tls-cert": "tls/server.pem",
+                   "tls-key": "tls/server.key", "metrics-allow": ["127.0.0.0/8", "::1/128"],
+                   "workers": "auto"},
+        "audit": {"origin": audit_origin, "heartbeat-s": 60, "witnesses": []},
+        "policy": {
+            "allow": list(default.allow), "deny": list(default.deny),
+            "allow-wildcards": default.allow_wildcards,
+            "x509-default-ttl-s": default.x509_default_ttl_s,
+            "x509-max-ttl-s": default.x509_max_ttl_s,
+            "ssh-user-default-ttl-s": default.ssh_user_default_ttl_s,
+            "ssh-user-max-ttl-s": default.ssh_user_max_ttl_s,
+            "ssh-host-ttl-s": default.ssh_host_ttl_s,
+            "token-max-ttl-s": default.token_max_ttl_s,
+            "ssh-user-extensions": list(default.ssh_user_extensions),
+        },
+    }
+    for section, table in doc.items():
+        unknown = set(table) - SCHEMA[section]
+        assert not unknown, f"render writes {unknown} that load would refuse"
+    parts = [_HEADER]
+    for section, table in doc.items():
+        parts.append("".join(f"# {line}\n" for line in _NOTES[section])
+                     + tomli_w.dumps({section: table}))
+    return "\n".join(parts)

@@ -1,10 +1,14 @@
-"""Small file helpers: atomic replacement and private files."""
+"""Small file helpers: atomic replacement, private files, explicit modes."""
 
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
+
+from ca.errors import CLIError
 
 
 def write_atomic(path: Path, data: bytes | str, mode: int = 0o644) -> None:
@@ -48,3 +52,37 @@ def _is_open(fd: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def check_private(paths: Iterable[Path]) -> None:
+    """Refuse a PIN or private key file that group or others may read or write.
+
+    Whoever can read the PIN can sign with every CA key while the token is attached,
+    and a readable TLS or admin key is a stolen identity, so the daemon does not start
+    on one; existing files only (a missing file is reported by whoever opens it)."""
+    for path in paths:
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except FileNotFoundError:
+            continue
+        if mode & 0o077:
+            raise CLIError(f"{path} has mode {mode:04o}: a PIN or private key file must not "
+                           f"be readable or writable by group or others; run chmod 600 {path}")
+
+
+def apply_modes(root: Path, modes: dict[str, int], *, default_file: int = 0o600,
+                default_dir: int = 0o700) -> None:
+    """Give every file and directory under `root` (and `root`, as "."), the mode named
+    for its relative path in `modes`, or the private default: the result does not
+    depend on the umask of whoever ran the command, and anything unforeseen stays
+    private rather than public."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        rel_dir = here.relative_to(root).as_posix()
+        os.chmod(here, modes.get(rel_dir, default_dir))
+        for name in filenames:
+            path = here / name
+            if path.is_symlink():
+                continue
+            os.chmod(path, modes.get(path.relative_to(root).as_posix(), default_file))
+        dirnames[:] = [d for d in dirnames if not (here / d).is_symlink()]

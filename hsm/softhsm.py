@@ -7,9 +7,13 @@ make a fresh token per session. A real HSM needs none of this.
 from __future__ import annotations
 
 import os
+import pty
+import re
 import secrets
+import select
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 MODULE_CANDIDATES = (
@@ -44,23 +48,73 @@ def write_config(directory: Path) -> Path:
     return conf
 
 
+# softhsm2-util asks for each PIN twice, in this order, when --so-pin/--pin are absent.
+_PROMPT = re.compile(rb"Please (?:re)?enter (SO|user) PIN: ")
+_DIALOGUE_S = 60
+
+
 def init_token(conf: Path, label: str, pin_file: Path) -> None:
-    """Initialise a token; the user PIN is generated and written to `pin_file` (0600)."""
+    """Initialise a token; the user PIN is generated and written to `pin_file` (0600).
+
+    softhsm2-util takes PINs either as --pin/--so-pin arguments, which every local user
+    can read in /proc/PID/cmdline while it runs, or typed at its prompts. It reads the
+    prompts only from a terminal, so it gets a pseudo-terminal here and the PINs are
+    typed into it: they never appear in any process's argv. (The transcript, shown on
+    failure, has any echoed PIN masked.)"""
     util = shutil.which("softhsm2-util")
     if util is None:
         raise SoftHSMMissing("softhsm2-util not found; install it with: apt-get install softhsm2")
-    pin = secrets.token_hex(16)
-    so_pin = secrets.token_hex(16)
+    pins = {b"user": secrets.token_hex(16).encode(),
+            b"SO": secrets.token_hex(16).encode()}  # the dev token needs no SO: not kept
     pin_file.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(pin_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
-        fh.write(pin + "\n")
+        fh.write(pins[b"user"].decode() + "\n")
     env = {**os.environ, "SOFTHSM2_CONF": str(conf)}
-    # The PINs go on the command line because softhsm2-util has no other way; they
-    # are never printed, and the SO PIN is thrown away (the dev token needs no SO).
-    proc = subprocess.run([util, "--init-token", "--free", "--label", label,
-                           "--pin", pin, "--so-pin", so_pin],
-                          env=env, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
+    status, transcript = _converse(
+        [util, "--init-token", "--free", "--label", label], env, pins)
+    if status != 0:
         raise RuntimeError(f"softhsm2-util could not create token {label!r}: "
-                           f"{proc.stderr.strip() or proc.stdout.strip()}")
+                           f"{transcript.strip()[-500:]}")
+
+
+def _converse(argv: list[str], env: dict[str, str], pins: dict[bytes, bytes]
+              ) -> tuple[int, str]:
+    """Run `argv` on a pseudo-terminal, answering each PIN prompt; (status, transcript)."""
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env,
+                                close_fds=True, start_new_session=True)
+    finally:
+        os.close(slave)
+    transcript = b""
+    answered = 0
+    deadline = time.monotonic() + _DIALOGUE_S
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                proc.kill()
+                transcript += b"\n(no answer within %d s)" % _DIALOGUE_S
+                break
+            ready, _, _ = select.select([master], [], [], left)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the child closed the terminal (it exited)
+                break
+            if not chunk:
+                break
+            transcript += chunk
+            prompts = _PROMPT.findall(transcript)
+            for who in prompts[answered:]:
+                os.write(master, pins[who] + b"\n")
+            answered = len(prompts)
+    finally:
+        os.close(master)
+        status = proc.wait()
+    # A PIN typed before the tool turned echo off would be echoed into the transcript.
+    for pin in pins.values():
+        transcript = transcript.replace(pin, b"<PIN>")
+    return status, transcript.decode("utf-8", "replace")

@@ -13,11 +13,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import tomli_w
 
 from hsm import softhsm
 
@@ -58,6 +60,17 @@ def hsmca(*args: str | Path, check: bool = True, **kw: object) -> subprocess.Com
     if check and proc.returncode != 0:
         raise AssertionError(f"hsmca {args[0]} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
+
+
+def set_config(state: Path, section: str, key: str, value: object) -> None:
+    """Change one setting of STATE/hsmca.toml, as an operator would with an editor
+    (the comments go: tests read values, not prose)."""
+    from ca.config import SCHEMA
+    assert key in SCHEMA[section], f"{section}.{key} is not a setting hsmca reads"
+    path = state / "hsmca.toml"
+    doc = tomllib.loads(path.read_text())
+    doc[section][key] = value
+    path.write_text(tomli_w.dumps(doc))
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,13 @@ def tour_script() -> str:
     return m.group(1)
 
 
+def files_outside_the_ca(work: Path) -> set[str]:
+    """The checkout's files, except the CA state the running daemon itself writes to."""
+    ca = work / "var" / "ca"
+    return {p.relative_to(work).as_posix() for p in work.rglob("*")
+            if ca not in p.parents and p != ca}
+
+
 def test_readme_tour_runs_as_written(tmp_path: Path) -> None:
     for tool in ("openssl", "curl", "ssh-keygen"):
         require(tool)
@@ -27,15 +34,23 @@ def test_readme_tour_runs_as_written(tmp_path: Path) -> None:
     work.mkdir()
     (work / ".venv").symlink_to(Path(sys.prefix))  # the README's .venv/bin/hsmca
     ca = init_ca(work / "var")  # -> work/var/ca, as scripts/quickstart lays it out
+    scratch = tmp_path / "tmp"  # where the tour's `mktemp -d` goes
+    scratch.mkdir()
+    before = files_outside_the_ca(work)
     d = start_daemon(ca.state)
     try:
         proc = subprocess.run(["bash", "-euo", "pipefail", "-c", tour_script()], cwd=work,
                               capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "PATH": f"{work / '.venv/bin'}:"
-                                   f"{os.environ['PATH']}"})
+                              env={**os.environ, "TMPDIR": str(scratch),
+                                   "PATH": f"{work / '.venv/bin'}:{os.environ['PATH']}"})
     finally:
         d.stop()
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # Nothing the tour made is in the checkout: it all went to its temporary directory.
+    assert files_outside_the_ca(work) == before
+    [tour_dir] = scratch.iterdir()
+    assert (tour_dir / "svc.pem").is_file() and (tour_dir / "alice/id_ed25519-cert.pub").is_file()
+    assert "--token " not in tour_script() and "Bearer $TOKEN" not in tour_script()
     out = proc.stdout
     assert "svc.pem: OK" in out
     assert "HostCertificate" in out

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from ca.client import make_csr
-from tests.conftest import Daemon, hsmca, init_ca, require, start_daemon
+from tests.conftest import Daemon, hsmca, init_ca, require, set_config, start_daemon
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -368,9 +368,7 @@ async def test_daemon_repairs_its_tls_certificate_and_guards_metrics(tmp_path: P
                                               .private_bytes(serialization.Encoding.PEM,
                                                              serialization.PrivateFormat.PKCS8,
                                                              serialization.NoEncryption()))
-    cfg = ca.state / "hsmca.toml"
-    cfg.write_text(cfg.read_text().replace('metrics-allow = ["127.0.0.0/8", "::1/128"]',
-                                           'metrics-allow = ["10.0.0.0/8"]'))
+    set_config(ca.state, "server", "metrics-allow", ["10.0.0.0/8"])
     d = start_daemon(ca.state)
     try:
         host, port = d.url.removeprefix("https://").rsplit(":", 1)

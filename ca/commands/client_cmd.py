@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
+import os
+import re
 import ssl
+import sys
 from pathlib import Path
+from typing import Any
 
 from ca.config import Config, load
+from ca.errors import CLIError
+
+TOKEN_ENV = "HSMCA_TOKEN"
+REASONS = ("unspecified", "key_compromise", "ca_compromise", "affiliation_changed",
+           "superseded", "cessation_of_operation", "certificate_hold", "privilege_withdrawn",
+           "aa_compromise")
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -18,9 +29,9 @@ def _admin(args: argparse.Namespace) -> tuple[str, ssl.SSLContext]:
     """URL and admin mTLS context from --config (the credential `hsmca init` made)."""
     from ca import client  # aiohttp: not loaded by `serve`
     cfg = _config(args)
-    url = args.url or cfg.local_url
+    url = client.base_url(args.url or cfg.local_url)
     ca = args.ca or cfg.root_pem
-    return url.rstrip("/"), client.ssl_context(ca, cfg.admin_cert, cfg.admin_key)
+    return url, client.ssl_context(ca, cfg.admin_cert, cfg.admin_key)
 
 
 def _worker_count(text: str) -> int:
@@ -31,10 +42,15 @@ def _worker_count(text: str) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
+    from ca.config import secret_files
     from ca.daemon import main
+    from ca.fileutil import check_private
     from ca.logs import configure
+    cfg = _config(args)
+    # Before anything is started: a readable PIN or key file is refused, by name.
+    check_private(secret_files(cfg))
     configure()
-    return main(_config(args), args.listen, args.workers)
+    return main(cfg, args.listen, args.workers)
 
 
 def token_create(args: argparse.Namespace) -> int:
@@ -48,28 +64,154 @@ def token_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_token(args: argparse.Namespace) -> str:
+    """The bootstrap token from --token-file (a file, or - for stdin), HSMCA_TOKEN, or
+    --token. A value in argv is readable by every local user in the process list for
+    as long as the command runs, so it still works but is warned about."""
+    if args.token is not None and args.token_file is not None:
+        raise CLIError("give the token once: --token-file or --token, not both")
+    if args.token_file is not None:
+        where = "stdin" if str(args.token_file) == "-" else str(args.token_file)
+        try:
+            text = sys.stdin.read() if where == "stdin" else args.token_file.read_text()
+        except OSError as exc:
+            raise CLIError(f"--token-file {where}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise CLIError(f"--token-file {where} is not text") from None
+        token = text.strip()
+        if not token or len(token.split()) != 1:
+            raise CLIError(f"--token-file {where} must hold the token and nothing else")
+        return token
+    if args.token is not None:
+        print("hsmca: warning: --token puts the token in the process list, where every "
+              "local user can read it; use --token-file FILE, --token-file - (stdin) or "
+              f"{TOKEN_ENV}", file=sys.stderr)
+        return str(args.token)
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if not token:
+        raise CLIError(f"no bootstrap token: pass --token-file FILE (- reads stdin) or set "
+                       f"{TOKEN_ENV}")
+    return token
+
+
 def enroll(args: argparse.Namespace) -> int:
     from ca import client  # aiohttp: not loaded by `serve`
-    issued = asyncio.run(client.enroll(args.url.rstrip("/"), args.token, args.name, args.out,
-                                       args.ca))
+    url = args.url
+    token = read_token(args)
+    issued = asyncio.run(client.enroll(url, token, args.name, args.out, args.ca,
+                                       force=args.force, ttl=args.ttl))
     print(f"enrolled: serial {issued['serial']}, valid until {issued['not_after']}; wrote "
           f"{args.out / 'key.pem'} (0600), {args.out / 'cert.pem'}, {args.out / 'chain.pem'}")
     return 0
 
 
+def _hook_env(cert: Path, key: Path) -> dict[str, str]:
+    """What a --exec command learns about the renewal (the files' absolute paths)."""
+    from ca.client import load_certificates
+    leaf = load_certificates(cert, "--cert")[0]
+    return {"HSMCA_CERT": str(cert.absolute()), "HSMCA_KEY": str(key.absolute()),
+            "HSMCA_SERIAL": format(leaf.serial_number, "x"),
+            "HSMCA_NOT_AFTER": leaf.not_valid_after_utc.isoformat()}
+
+
 def renew(args: argparse.Namespace) -> int:
     from ca import client  # aiohttp: not loaded by `serve`
-    issued = asyncio.run(client.renew(args.url.rstrip("/"), args.cert, args.key, args.ca,
-                                      args.rekey))
+    url = args.url
+    if args.daemon:
+        return _renew_daemon(args, url)
+    issued = asyncio.run(client.renew(url, args.cert, args.key, args.ca, args.rekey,
+                                      ttl=args.ttl))
     print(f"renewed: serial {issued['serial']}, valid until {issued['not_after']}"
-          f"{' (new key)' if args.rekey else ''}")
+          f"{' (new key)' if args.rekey else ''}", flush=True)
+    if args.exec:
+        from ca.commands.renewal import run_hook
+        status = asyncio.run(run_hook(args.exec, _hook_env(args.cert, args.key)))
+        if status != 0:
+            raise CLIError(f"renewed, but --exec {args.exec!r} exited with status {status}")
     return 0
+
+
+def _renew_daemon(args: argparse.Namespace, url: str) -> int:
+    """`renew --daemon`: renew at two thirds of each certificate's lifetime, forever."""
+    from ca import client
+    from ca.commands.renewal import Job, now, renew_time, run_forever
+
+    cert, key = args.cert, args.key
+    client.check_credential(cert, key)  # a first mistake fails at once, not in a log
+    schedule: dict[int, dt.datetime] = {}
+
+    def current() -> Any:
+        return client.load_certificates(cert, "--cert")[0]
+
+    def due() -> dt.datetime:
+        leaf = current()
+        # Drawn once per certificate: the jitter must not be re-rolled on every look.
+        if leaf.serial_number not in schedule:
+            schedule.clear()
+            schedule[leaf.serial_number] = renew_time(leaf.not_valid_before_utc,
+                                                      leaf.not_valid_after_utc)
+        return schedule[leaf.serial_number]
+
+    async def run() -> dict[str, Any]:
+        old = format(current().serial_number, "x")
+        issued = await client.renew(url, cert, key, args.ca, args.rekey, ttl=args.ttl)
+        return {"old_serial": old, "serial": issued["serial"],
+                "not_after": issued["not_after"], "rekey": args.rekey}
+
+    def remaining_s() -> float | None:
+        try:
+            return (current().not_valid_after_utc - now()).total_seconds()
+        except client.ClientError:
+            return None
+
+    job = Job("renew", due, run, remaining_s, hook=args.exec,
+              hook_env=lambda: _hook_env(cert, key))
+    return run_forever([job], command="renew", cert=str(cert.absolute()))
+
+
+def parse_serial(text: str) -> str:
+    """A serial number as people copy it: hex as hsmca prints it ('1a2b...'), with a
+    0x prefix, or in the colon form `openssl x509 -text` prints ('1a:2b:...');
+    returned as the lowercase hex without leading zeros the API takes."""
+    t = text.strip().lower()
+    t = t.removeprefix("0x")
+    if ":" in t:
+        if not re.fullmatch(r"[0-9a-f]{1,2}(:[0-9a-f]{1,2})+", t):
+            raise CLIError(f"serial {text!r}: the colon form is pairs of hex digits, "
+                           "like 1a:2b:3c")
+        t = t.replace(":", "")
+    if not re.fullmatch(r"[0-9a-f]{1,40}", t) or int(t, 16) == 0:
+        raise CLIError(f"serial {text!r} is not a certificate serial number in hex (as hsmca "
+                       "prints it, with 0x, or as 1a:2b:... from openssl x509 -text)")
+    return format(int(t, 16), "x")
+
+
+def _reason(text: str) -> str:
+    """RFC 5280 names (keyCompromise) and snake case (key_compromise) both work."""
+    snake = re.sub(r"(?<!^)(?=[A-Z])", "_", text.strip()).lower().replace("-", "_")
+    if snake not in REASONS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a revocation reason; one of: "
+                                         f"{', '.join(REASONS)}")
+    return snake
 
 
 def revoke(args: argparse.Namespace) -> int:
     from ca import client  # aiohttp: not loaded by `serve`
-    url, ctx = _admin(args)
-    body = {"serial": args.serial}
+    if args.cert is not None or args.key is not None:
+        # Self-revocation: a certificate holder revokes its own certificate over mutual
+        # TLS (the daemon allows a non-admin that serial only).
+        if args.cert is None or args.key is None or args.url is None:
+            raise CLIError("revoking with --cert needs --key and --url too")
+        url = args.url
+        ctx = asyncio.run(client.preflight(url, args.ca, args.cert, args.key))
+        serial = parse_serial(args.serial) if args.serial else client.serial_of(args.cert)
+    else:
+        if args.serial is None:
+            raise CLIError("give the SERIAL to revoke (or --cert and --key to revoke that "
+                           "certificate itself)")
+        serial = parse_serial(args.serial)
+        url, ctx = _admin(args)
+    body = {"serial": serial}
     if args.reason:
         body["reason"] = args.reason
     out = asyncio.run(client.call("POST", f"{url}/v1/x509/revoke", ctx, json_body=body))
@@ -77,12 +219,24 @@ def revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def credential_flags(p: argparse.ArgumentParser, what: str, required: bool = True) -> None:
+    """The client credential, named the same way in every command; the audit commands'
+    --client-cert/--client-key are accepted too."""
+    p.add_argument("--cert", "--client-cert", dest="cert", type=Path, required=required,
+                   metavar="CERT", help=f"{what} (PEM; --client-cert is the same flag)")
+    p.add_argument("--key", "--client-key", dest="key", type=Path, required=required,
+                   metavar="KEY", help="its private key, unencrypted PEM (--client-key is the "
+                   "same flag)")
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s = sub.add_parser("serve", help="run the daemon",
                        description="Run the CA daemon: one HTTPS listener (TLS 1.2+), mutual "
                        "TLS for clients, served by worker processes that each hold their own "
                        "HSM session; this (primary) process writes the audit log and the "
-                       "checkpoints. The first line of stdout is 'listening on URL'.")
+                       "checkpoints. The first line of stdout is 'listening on URL'. Refuses "
+                       "to start when the PIN file, the TLS key or the admin key can be read "
+                       "by group or others.")
     s.add_argument("--config", type=Path, default=Path("hsmca.toml"),
                    help="config file (default ./hsmca.toml; `hsmca init` writes "
                    "STATE_DIR/hsmca.toml)")
@@ -105,9 +259,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     tc = tsub.add_parser("create", help="print a one-time bootstrap token",
                          description="Ask the daemon for a one-time bootstrap token that lets "
                          "its holder enroll once for the given role and names. The secret is "
-                         "printed once and never stored by the CA.")
+                         "printed once and never stored by the CA: redirect it to a file "
+                         "(umask 077) and hand that over.")
     tc.add_argument("--role", required=True,
-                    choices=["service", "host", "user", "auditor", "admin"])
+                    choices=["service", "host", "user", "auditor", "admin"],
+                    help="what the certificate may do")
     tc.add_argument("--name", required=True, nargs="+",
                     help="names the certificate may carry (DNS, IP, URI; e-mail for users)")
     tc.add_argument("--principal", nargs="+", help="SSH logins a user may get (role user)")
@@ -117,30 +273,62 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 
     e = sub.add_parser("enroll", help="enroll with a bootstrap token",
                        description="Make a P-256 key locally, enroll with a bootstrap token, "
-                       "and write key.pem (0600), cert.pem and chain.pem to --out.")
+                       "and write key.pem (0600), cert.pem and chain.pem to --out. Everything "
+                       "is checked before the one-time token is used: --out must not exist, "
+                       "be an empty directory, or come with --force, and must be writable. A "
+                       f"new --out appears complete or not at all. The token comes from "
+                       f"--token-file, or the environment variable {TOKEN_ENV}.")
     e.add_argument("--url", required=True, help="daemon URL, e.g. https://ca.example:8443")
-    e.add_argument("--token", required=True, help="the bootstrap token")
+    e.add_argument("--token-file", type=Path, metavar="FILE",
+                   help="file holding the bootstrap token; - reads it from stdin")
+    e.add_argument("--token", metavar="TOKEN",
+                   help=f"the token itself (visible in the process list: prefer --token-file "
+                   f"or {TOKEN_ENV})")
     e.add_argument("--name", required=True, nargs="+", help="names to put in the certificate")
     e.add_argument("--out", required=True, type=Path, help="directory to write to")
+    e.add_argument("--force", action="store_true",
+                   help="replace key.pem, cert.pem and chain.pem in an existing --out")
+    e.add_argument("--ttl", help="lifetime to ask for, e.g. 24h or 90s (default: the CA's "
+                   "policy.x509-default-ttl-s)")
     e.add_argument("--ca", type=Path, help="root CA PEM to trust the daemon with")
     e.set_defaults(command_key="enroll")
 
     r = sub.add_parser("renew", help="renew a certificate over mutual TLS",
                        description="Renew CERT with the daemon, authenticating with CERT and "
-                       "KEY. The names are copied from the current certificate. --rekey makes "
-                       "a new key. Files are replaced atomically; safe to run from cron.")
-    r.add_argument("--url", required=True)
-    r.add_argument("--cert", required=True, type=Path)
-    r.add_argument("--key", required=True, type=Path)
-    r.add_argument("--ca", type=Path, help="root CA PEM to trust the daemon with")
-    r.add_argument("--rekey", action="store_true", help="generate a new key")
+                       "KEY. The names are copied from the current certificate. CERT, "
+                       "chain.pem beside it and (with --rekey) KEY are replaced atomically, "
+                       "keeping their modes. With --daemon, keep doing it: renew at two "
+                       "thirds of each certificate's lifetime (with jitter), retry with "
+                       "back-off while the CA is away, log each step as JSON on stderr, and "
+                       "run --exec after each renewal; SIGTERM stops it.")
+    r.add_argument("--url", required=True, help="daemon URL, e.g. https://ca.example:8443")
+    credential_flags(r, "the certificate to renew, also the client certificate")
+    r.add_argument("--ca", type=Path, help="root CA PEM to trust the daemon with (default: "
+                   "the system's CAs)")
+    r.add_argument("--rekey", action="store_true",
+                   help="generate a new key (written to KEY) instead of keeping the current one")
+    r.add_argument("--ttl", help="lifetime to ask for, e.g. 24h (default: the CA's "
+                   "policy.x509-default-ttl-s)")
+    r.add_argument("--daemon", action="store_true",
+                   help="keep running and renew whenever two thirds of the lifetime have "
+                   "passed")
+    r.add_argument("--exec", metavar="CMD",
+                   help="shell command to run after each renewal, e.g. 'systemctl reload "
+                   "nginx'; it gets HSMCA_CERT, HSMCA_KEY, HSMCA_SERIAL and HSMCA_NOT_AFTER")
     r.set_defaults(command_key="renew")
 
-    v = sub.add_parser("revoke", help="revoke a certificate (admin)")
-    v.add_argument("serial", help="serial number in hex")
-    v.add_argument("--reason", choices=["key_compromise", "ca_compromise", "affiliation_changed",
-                                        "superseded", "cessation_of_operation",
-                                        "certificate_hold", "privilege_withdrawn",
-                                        "aa_compromise"])
+    v = sub.add_parser("revoke", help="revoke a certificate (admin, or your own)",
+                       description="Revoke a certificate by serial with the admin credential "
+                       "of --config, or revoke your own certificate with --cert and --key "
+                       "(mutual TLS; SERIAL defaults to that certificate's). The CRL is "
+                       "re-signed at once and OCSP answers revoked.")
+    v.add_argument("serial", nargs="?", metavar="SERIAL",
+                   help="serial number in hex: 1a2b..., 0x1a2b... or 1a:2b:... (as "
+                   "openssl x509 -text prints it)")
+    v.add_argument("--reason", type=_reason, metavar="REASON",
+                   help="RFC 5280 reason, as keyCompromise or key_compromise: "
+                   f"{', '.join(REASONS)}")
     admin_flags(v)
+    credential_flags(v, "revoke your own certificate, authenticating with it (instead of "
+                     "the admin credential)", required=False)
     v.set_defaults(command_key="revoke")

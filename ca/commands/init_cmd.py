@@ -6,7 +6,20 @@ import argparse
 import asyncio
 import os
 
+from ca.fileutil import apply_modes
 from ca.init import InitOptions, run_init
+from hsm.errors import HSMError
+
+# The mode of everything `init` leaves, whatever the umask it ran under. Not listed
+# (the state directory itself, admin/, tls/, the inventory and its WAL files, the
+# config, the private keys): 0700 for directories, 0600 for files.
+STATE_MODES = {
+    "x509": 0o755, "ssh": 0o755, "audit": 0o755,
+    "x509/root.pem": 0o644, "x509/issuing.pem": 0o644, "x509/chain.pem": 0o644,
+    "ssh/user_ca.pub": 0o644, "ssh/host_ca.pub": 0o644,
+    "audit/audit_key.pem": 0o644, "audit/checkpoint": 0o644, "audit/log.jsonl": 0o640,
+    "tls/server.pem": 0o644, "admin/cert.pem": 0o644,
+}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -14,8 +27,24 @@ def run(args: argparse.Namespace) -> int:
     opts = InitOptions(state_dir=args.state_dir, module=args.module, token=args.token,
                        pin_file=args.pin_file, key_type=args.key_type, dns_name=args.dns_name,
                        softhsm_conf=os.path.abspath(softhsm_conf) if softhsm_conf else None)
-    written = asyncio.run(run_init(opts))
-    state = args.state_dir.resolve()
+    # Whatever init creates without naming a mode (directories, the SQLite inventory)
+    # starts private under this umask; apply_modes then sets every mode explicitly.
+    old_umask = os.umask(0o077)
+    try:
+        written = asyncio.run(run_init(opts))
+        state = args.state_dir.resolve()
+        apply_modes(state, STATE_MODES)
+    except HSMError as exc:
+        if "no token labelled" not in str(exc) or "softhsm" not in args.module.lower():
+            raise
+        # SoftHSM finds tokens through SOFTHSM2_CONF; a shell without the variable the
+        # token was created under sees none of them, which is the usual cause.
+        where = (f"SOFTHSM2_CONF={softhsm_conf}" if softhsm_conf
+                 else "SOFTHSM2_CONF is unset, so /etc/softhsm/softhsm2.conf is read")
+        raise HSMError(f"{exc}; {where}: export SOFTHSM2_CONF=<the softhsm2.conf the token "
+                       "was created with> and run init again") from None
+    finally:
+        os.umask(old_umask)
     print(f"created a CA in {state} with keys generated inside token {args.token!r}:")
     for path in written:
         print(f"  {path.relative_to(state)}")

@@ -1,14 +1,27 @@
-"""`hsmca ssh host` and `hsmca ssh user`: SSH certificates over mutual TLS."""
+"""`hsmca ssh host` and `hsmca ssh user`: SSH certificates over mutual TLS.
+
+`ssh user --agent` loads key and certificate into the running ssh-agent (asyncssh's
+agent client) for exactly the certificate's lifetime. `ssh host --install DIR` writes
+an sshd drop-in naming every file by its absolute path, and `--renew` keeps the host
+certificate, the trusted user CA and the KRL fresh.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
+import os
+import ssl
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ca.errors import CLIError
-from ca.fileutil import write_atomic
+
+DROP_IN = "hsmca.conf"
+USER_CA = "hsmca_user_ca.pub"
+KRL = "hsmca.krl"
 
 
 def _cert_path(pubkey: Path) -> Path:
@@ -16,67 +29,345 @@ def _cert_path(pubkey: Path) -> Path:
     return pubkey.with_name(f"{name}-cert.pub")
 
 
-async def _request(args: argparse.Namespace, path: str, body: dict[str, Any]
-                   ) -> tuple[dict[str, Any], dict[str, Any]]:
-    from ca import client  # aiohttp: not loaded by `serve`, which builds this parser too
+def _private_path(pubkey: Path) -> Path:
+    return pubkey.with_name(pubkey.name.removesuffix(".pub"))
+
+
+def read_public_key(path: Path) -> str:
+    """The OpenSSH public key line in `path`, checked here, before any request: a
+    private key (the .pub forgotten) must never be sent anywhere."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
     try:
-        body["public_key"] = args.pubkey.read_text().strip()
+        text = path.read_text(errors="replace")
     except OSError as exc:
-        raise CLIError(f"cannot read {args.pubkey}: {exc.strerror}") from None
-    ctx = client.ssl_context(args.ca, args.cert, args.key)
-    url = args.url.rstrip("/")
-    issued = await client.call("POST", f"{url}{path}", ctx, json_body=body, expect=201)
-    cas = await client.call("GET", f"{url}/v1/ssh/ca", ctx)
-    return issued, cas
+        raise CLIError(f"--pubkey {path}: {exc.strerror}") from None
+    if "PRIVATE KEY" in text or text.lstrip().startswith("-----BEGIN"):
+        pub = path.with_name(path.name + ".pub")
+        hint = f" ({pub})" if pub.exists() else ""
+        raise CLIError(f"--pubkey {path} holds a private key, which is never sent; give its "
+                       f".pub file{hint}")
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    fields = lines[0].split() if len(lines) == 1 else []
+    if len(fields) >= 2 and "-cert-v01@openssh.com" in fields[0]:
+        raise CLIError(f"--pubkey {path} is an SSH certificate; give the public key it "
+                       "certifies")
+    try:
+        if len(fields) < 2:
+            raise ValueError
+        serialization.load_ssh_public_key(f"{fields[0]} {fields[1]}".encode())
+    except (ValueError, UnsupportedAlgorithm):
+        raise CLIError(f"--pubkey {path} is not an OpenSSH public key (one line: "
+                       "'ssh-ed25519 AAAA... comment')") from None
+    return lines[0].strip()
 
 
-def host(args: argparse.Namespace) -> int:
-    body: dict[str, Any] = {}
-    if args.principal:
-        body["principals"] = args.principal
-    issued, cas = asyncio.run(_request(args, "/v1/ssh/host", body))
-    cert = _cert_path(args.pubkey)
-    write_atomic(cert, issued["certificate"] + "\n")
-    user_ca = args.pubkey.with_name("hsmca_user_ca.pub")
-    write_atomic(user_ca, cas["user"] + "\n")
-    key = args.pubkey.with_name(args.pubkey.name.removesuffix(".pub"))
-    print(f"wrote {cert} (serial {issued['serial']}) and {user_ca}. Add to sshd_config:\n"
-          f"  HostKey {key}\n  HostCertificate {cert}\n  TrustedUserCAKeys {user_ca}\n"
-          f"and to clients' known_hosts:\n  @cert-authority * {cas['host']}")
-    return 0
+def _ssh_cert_times(path: Path) -> tuple[dt.datetime, dt.datetime]:
+    from cryptography.hazmat.primitives import serialization
+    try:
+        cert = serialization.load_ssh_public_identity(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise CLIError(f"cannot read the SSH certificate {path}: {exc}") from None
+    if not isinstance(cert, serialization.SSHCertificate):
+        raise CLIError(f"{path} is not an SSH certificate")
+    return (dt.datetime.fromtimestamp(cert.valid_after, dt.UTC),
+            dt.datetime.fromtimestamp(cert.valid_before, dt.UTC))
+
+
+async def _issue(args: argparse.Namespace, ctx: ssl.SSLContext, path: str,
+                 body: dict[str, Any]) -> dict[str, Any]:
+    from ca import client  # aiohttp: not loaded by `serve`, which builds this parser too
+    body = {**body, "public_key": read_public_key(args.pubkey)}
+    issued: dict[str, Any] = await client.call("POST", f"{args.url}{path}", ctx,
+                                               json_body=body, expect=201)
+    return issued
+
+
+# ---- ssh user ------------------------------------------------------------------------
+
+def _agent_key(args: argparse.Namespace) -> Any:
+    """The private key to give the agent, loaded before any request (asyncssh reads
+    OpenSSH and PEM keys; a passphrase is asked for on the terminal)."""
+    import asyncssh
+    if not os.environ.get("SSH_AUTH_SOCK"):
+        raise CLIError("--agent: SSH_AUTH_SOCK is not set; start ssh-agent first "
+                       "(eval \"$(ssh-agent)\")")
+    private = _private_path(args.pubkey)
+    try:
+        return asyncssh.read_private_key(private)
+    except asyncssh.KeyImportError as exc:
+        if "passphrase" not in str(exc).lower():
+            raise CLIError(f"--agent: cannot read the private key {private}: {exc}") from None
+    except OSError as exc:
+        raise CLIError(f"--agent: cannot read the private key {private} (beside --pubkey): "
+                       f"{exc.strerror}") from None
+    import getpass
+    try:
+        phrase = getpass.getpass(f"passphrase for {private}: ")
+        return asyncssh.read_private_key(private, phrase)
+    except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError, EOFError) as exc:
+        raise CLIError(f"--agent: cannot decrypt {private}: {exc}") from None
+
+
+async def _add_to_agent(key: Any, cert_line: str, cert_path: Path) -> int:
+    """Add key and certificate to the agent until the certificate expires; the
+    lifetime in seconds is returned."""
+    import asyncssh
+    cert = asyncssh.import_certificate(cert_line)
+    _, valid_before = _ssh_cert_times(cert_path)
+    lifetime = int((valid_before - dt.datetime.now(dt.UTC)).total_seconds())
+    if lifetime <= 0:
+        raise CLIError("the certificate has already expired; nothing was added to the agent")
+    try:
+        agent = await asyncssh.connect_agent()
+    except OSError as exc:
+        raise CLIError(f"--agent: cannot reach ssh-agent at {os.environ.get('SSH_AUTH_SOCK')}: "
+                       f"{exc.strerror or exc}") from None
+    try:
+        await agent.add_keys([(key, cert)], lifetime=lifetime)
+    except ValueError as exc:
+        raise CLIError(f"--agent: ssh-agent refused the key: {exc}") from None
+    finally:
+        agent.close()
+        await agent.wait_closed()
+    return lifetime
 
 
 def user(args: argparse.Namespace) -> int:
-    body: dict[str, Any] = {"ttl": args.ttl}
+    from ca import client
+    read_public_key(args.pubkey)
+    key = _agent_key(args) if args.agent else None
+    cert = _cert_path(args.pubkey)
+    body: dict[str, Any] = {}
+    if args.ttl:
+        body["ttl"] = args.ttl
     if args.principal:
         body["principals"] = args.principal
-    issued, _ = asyncio.run(_request(args, "/v1/ssh/user", body))
-    cert = _cert_path(args.pubkey)
-    write_atomic(cert, issued["certificate"] + "\n")
-    print(f"wrote {cert} (serial {issued['serial']}); ssh uses it automatically with its key")
+
+    async def go() -> tuple[dict[str, Any], int | None]:
+        ctx = await client.preflight(args.url, args.ca, args.cert, args.key)
+        files = client.Staged({cert: (0o644, False)}).prepare()
+        try:
+            issued = await _issue(args, ctx, "/v1/ssh/user", body)
+        except BaseException:
+            files.abort()
+            raise
+        files.commit({cert: issued["certificate"] + "\n"})
+        lifetime = None
+        if key is not None:
+            lifetime = await _add_to_agent(key, issued["certificate"], cert)
+        return issued, lifetime
+
+    issued, lifetime = asyncio.run(go())
+    until = dt.datetime.fromtimestamp(int(issued["valid_before"]), dt.UTC).isoformat()
+    print(f"wrote {cert} (serial {issued['serial']}, valid until {until}); ssh uses it "
+          "automatically with its key")
+    if lifetime is not None:
+        print(f"added {_private_path(args.pubkey)} and its certificate to ssh-agent for "
+              f"{lifetime} s (until the certificate expires)")
     return 0
 
 
+# ---- ssh host ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HostFiles:
+    """Every file `ssh host` writes or names, by absolute path: sshd resolves a relative
+    path against / (it chdirs there), so `HostKey web1/ssh/key` would load nothing."""
+
+    host_key: Path
+    pubkey: Path
+    cert: Path
+    user_ca: Path
+    krl: Path
+    drop_in: Path | None
+
+    @classmethod
+    def of(cls, pubkey: Path, install: Path | None) -> HostFiles:
+        pub = pubkey.absolute()
+        return cls(host_key=_private_path(pub), pubkey=pub, cert=_cert_path(pub),
+                   user_ca=pub.with_name(USER_CA), krl=pub.with_name(KRL),
+                   drop_in=install.absolute() / DROP_IN if install is not None else None)
+
+    def sshd_lines(self) -> str:
+        return (f"HostKey {self.host_key}\nHostCertificate {self.cert}\n"
+                f"TrustedUserCAKeys {self.user_ca}\nRevokedKeys {self.krl}\n")
+
+
+async def _fetch_trust(url: str, anon: ssl.SSLContext) -> tuple[dict[str, Any], bytes]:
+    from ca import client
+    cas = await client.call("GET", f"{url}/v1/ssh/ca", anon)
+    krl = await client.get_raw(f"{url}/v1/ssh/krl", anon)
+    return cas, krl
+
+
+KRL_MAGIC = b"SSHKRL\n\0"
+
+
+def _meaning(data: bytes) -> bytes:
+    """What a file says, for deciding whether it changed: a KRL without its version and
+    generation time (bytes 12-28 of its header), which differ between two builds of the
+    same list, for example by two of the daemon's worker processes."""
+    if data.startswith(KRL_MAGIC) and len(data) >= 28:
+        return data[:12] + data[28:]
+    return data
+
+
+def _write_if_changed(files: dict[Path, bytes]) -> list[str]:
+    """Atomically replace the files whose content differs; the names of those."""
+    from ca.client import Staged
+    changed = {p: d for p, d in files.items()
+               if not p.exists() or _meaning(p.read_bytes()) != _meaning(d)}
+    if changed:
+        staged = Staged({p: (0o644, False) for p in changed}).prepare()
+        staged.commit(dict(changed))
+    return [str(p) for p in changed]
+
+
+def _check_host_paths(f: HostFiles) -> None:
+    if f.drop_in is not None:
+        if not f.drop_in.parent.is_dir():
+            raise CLIError(f"--install {f.drop_in.parent} is not a directory (sshd_config "
+                           "must Include it, e.g. /etc/ssh/sshd_config.d)")
+        if not f.host_key.is_file():
+            raise CLIError(f"the host's private key {f.host_key} is missing; the drop-in's "
+                           "HostKey must name it (give --pubkey beside its private key)")
+
+
+async def _host_once(args: argparse.Namespace, f: HostFiles) -> dict[str, Any]:
+    """Certify the host key and write certificate, user CA, KRL and drop-in."""
+    from ca import client
+    ctx = await client.preflight(args.url, args.ca, args.cert, args.key)
+    targets = [f.cert, f.user_ca, f.krl] + ([f.drop_in] if f.drop_in else [])
+    staged = client.Staged({p: (0o644, False) for p in targets}).prepare()
+    try:
+        body = {"principals": args.principal} if args.principal else {}
+        issued = await _issue(args, ctx, "/v1/ssh/host", body)
+        cas, krl = await _fetch_trust(args.url, client.ssl_context(args.ca))
+    except BaseException:
+        staged.abort()
+        raise
+    data: dict[Path, bytes | str] = {f.cert: issued["certificate"] + "\n",
+                                     f.user_ca: cas["user"] + "\n", f.krl: krl}
+    if f.drop_in is not None:
+        data[f.drop_in] = ("# Written by `hsmca ssh host --install`; rewritten on renewal.\n"
+                           + f.sshd_lines())
+    staged.commit(data)
+    return {"serial": issued["serial"], "host_ca": cas["host"],
+            "valid_before": int(issued["valid_before"])}
+
+
+def host(args: argparse.Namespace) -> int:
+    read_public_key(args.pubkey)
+    f = HostFiles.of(args.pubkey, args.install)
+    _check_host_paths(f)
+    if args.exec and not args.renew:
+        raise CLIError("--exec runs after each renewal: it needs --renew")
+    out = asyncio.run(_host_once(args, f))
+    wrote = [f.cert, f.user_ca, f.krl] + ([f.drop_in] if f.drop_in else [])
+    print(f"wrote {', '.join(map(str, wrote))} (serial {out['serial']}).")
+    if f.drop_in is not None:
+        print(f"{f.drop_in} holds these lines; sshd reads it if sshd_config has "
+              f"'Include {f.drop_in.parent}/*.conf' (check with sshd -t, then reload sshd):")
+    else:
+        print("Add to sshd_config:")
+    print("".join(f"  {line}\n" for line in f.sshd_lines().splitlines()), end="")
+    print(f"and to clients' known_hosts:\n  @cert-authority * {out['host_ca']}", flush=True)
+    if args.renew:
+        return _keep_host_fresh(args, f)
+    return 0
+
+
+def _keep_host_fresh(args: argparse.Namespace, f: HostFiles) -> int:
+    """--renew: the host certificate at two thirds of its lifetime; the user CA and the
+    KRL every --refresh (sshd reads both at each login, so no reload is needed for
+    them; --exec runs after a new host certificate, which sshd loads on reload)."""
+    from ca import client
+    from ca.commands.renewal import Job, now, renew_time, run_forever
+    schedule: dict[tuple[dt.datetime, dt.datetime], dt.datetime] = {}
+    next_refresh = [now() + dt.timedelta(seconds=args.refresh)]
+
+    def cert_due() -> dt.datetime:
+        span = _ssh_cert_times(f.cert)
+        if span not in schedule:
+            schedule.clear()
+            schedule[span] = renew_time(*span)
+        return schedule[span]
+
+    async def renew_cert() -> dict[str, Any]:
+        out = await _host_once(args, f)
+        return {"serial": out["serial"], "valid_before": out["valid_before"]}
+
+    def cert_left() -> float | None:
+        return (_ssh_cert_times(f.cert)[1] - now()).total_seconds()
+
+    async def refresh() -> dict[str, Any]:
+        cas, krl = await _fetch_trust(args.url, client.ssl_context(args.ca))
+        changed = _write_if_changed({f.user_ca: (cas["user"] + "\n").encode(), f.krl: krl})
+        next_refresh[0] = now() + dt.timedelta(seconds=args.refresh)
+        return {"changed": changed}
+
+    jobs = [Job("ssh.host.renew", cert_due, renew_cert, cert_left, hook=args.exec,
+                hook_env=lambda: {"HSMCA_SSH_CERT": str(f.cert)}),
+            Job("ssh.refresh", lambda: next_refresh[0], refresh, lambda: None)]
+    return run_forever(jobs, command="ssh host", cert=str(f.cert))
+
+
+def _duration(text: str) -> int:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    t = text.strip()
+    if len(t) < 2 or t[-1] not in units or not t[:-1].isdigit() or int(t[:-1]) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 5m or 1h")
+    return int(t[:-1]) * units[t[-1]]
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from ca.commands.client_cmd import credential_flags
     s = sub.add_parser("ssh", help="SSH host and user certificates")
     ssub = s.add_subparsers(dest="ssh_command", metavar="SUBCOMMAND", required=True)
 
     def common(p: argparse.ArgumentParser, default_pub: str) -> None:
-        p.add_argument("--url", required=True, help="daemon URL")
-        p.add_argument("--cert", required=True, type=Path, help="your hsmca client certificate")
-        p.add_argument("--key", required=True, type=Path, help="its private key")
-        p.add_argument("--ca", type=Path, help="root CA PEM to trust the daemon with")
+        p.add_argument("--url", required=True, help="daemon URL, e.g. https://ca.example:8443")
+        credential_flags(p, "your hsmca client certificate (from `hsmca enroll`)")
+        p.add_argument("--ca", type=Path, help="root CA PEM to trust the daemon with "
+                       "(default: the system's CAs)")
         p.add_argument("--pubkey", type=Path, default=Path(default_pub).expanduser(),
                        help=f"SSH public key to certify (default {default_pub}); the "
-                       "certificate is written beside it as <key>-cert.pub")
-        p.add_argument("--principal", nargs="+", help="principals (default: all you may get)")
+                       "certificate is written beside it as <key>-cert.pub. A private key "
+                       "is refused before anything is sent")
+        p.add_argument("--principal", nargs="+", metavar="PRINCIPAL",
+                       help="principals to ask for (default: all you may get)")
 
     h = ssub.add_parser("host", help="certify this host's SSH key (role host)",
                         description="Get an SSH host certificate for the host's enrolled DNS "
-                        "names and print the sshd_config lines to use it.")
+                        "names, the SSH user CA key and the KRL, write them beside the host "
+                        "key and print the sshd_config lines to use them, with absolute "
+                        "paths. --install writes those lines as an sshd drop-in; --renew "
+                        "then keeps running to keep all of it fresh.")
     common(h, "/etc/ssh/ssh_host_ed25519_key.pub")
+    h.add_argument("--install", type=Path, metavar="DIR",
+                   help=f"write the sshd_config lines to DIR/{DROP_IN} (e.g. "
+                   "/etc/ssh/sshd_config.d, which Debian's sshd_config includes)")
+    h.add_argument("--renew", action="store_true",
+                   help="keep running: renew the host certificate at two thirds of its "
+                   "lifetime and refresh the user CA key and the KRL every --refresh")
+    h.add_argument("--refresh", type=_duration, default=300, metavar="DURATION",
+                   help="with --renew: how often to fetch the KRL and the user CA key "
+                   "(default 5m)")
+    h.add_argument("--exec", metavar="CMD",
+                   help="with --renew: shell command after each new host certificate, e.g. "
+                   "'systemctl reload ssh'")
     h.set_defaults(command_key="ssh-host")
-    u = ssub.add_parser("user", help="get a short-lived SSH user certificate (role user)")
+    u = ssub.add_parser("user", help="get a short-lived SSH user certificate (role user)",
+                        description="Get an SSH user certificate for the key in --pubkey, "
+                        "for the logins granted to you, and write it beside the key. With "
+                        "--agent, also load key and certificate into ssh-agent until the "
+                        "certificate expires.")
     common(u, "~/.ssh/id_ed25519.pub")
-    u.add_argument("--ttl", default="8h", help="lifetime (default 8h, at most 24h)")
+    u.add_argument("--ttl", help="lifetime to ask for, e.g. 8h (default: the CA's "
+                   "policy.ssh-user-default-ttl-s, 16h unless configured; at most "
+                   "policy.ssh-user-max-ttl-s, 24h unless configured)")
+    u.add_argument("--agent", action="store_true",
+                   help="add the private key beside --pubkey and the new certificate to the "
+                   "running ssh-agent (SSH_AUTH_SOCK), for the certificate's lifetime")
     u.set_defaults(command_key="ssh-user")

@@ -1,0 +1,155 @@
+"""Keeping credentials fresh without a person: when to renew, how to back off, the hook.
+
+Used by `hsmca renew --daemon` (an X.509 credential) and `hsmca ssh host --renew` (the
+host certificate, the trusted user CA and the KRL). Each credential is a `Job`; each job
+runs in its own task that sleeps until the job is due, runs it, retries with back-off
+while the CA is away, and logs every step as one JSON line on stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import random
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from ca.client import ClientError
+
+RENEW_AT = 2 / 3   # of the lifetime, as step-ca and cert-manager do
+JITTER = 1 / 20    # +- of the lifetime, so that a fleet enrolled together spreads out
+MAX_BACKOFF_S = 300.0
+# Sleeps are cut into slices this long and the wall clock read again after each:
+# monotonic time stands still while a machine is suspended, a certificate's does not.
+SLICE_S = 60.0
+
+_rng = random.SystemRandom()
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def renew_time(not_before: dt.datetime, not_after: dt.datetime,
+               rng: random.Random = _rng) -> dt.datetime:
+    """Two thirds into the validity period, give or take a twentieth of it."""
+    life = not_after - not_before
+    return not_before + life * RENEW_AT + life * rng.uniform(-JITTER, JITTER)
+
+
+def backoff_s(attempt: int, remaining_s: float | None, rng: random.Random = _rng) -> float:
+    """Seconds before retry number `attempt` + 1: doubling from 1 s up to 5 min, never
+    more than a quarter of the time the credential has left (so there are still a few
+    tries before it expires), and randomised down to half so that clients that lost
+    the CA together do not come back together."""
+    delay = min(MAX_BACKOFF_S, 2.0 ** attempt)
+    if remaining_s is not None:
+        delay = min(delay, max(1.0, remaining_s / 4))
+    return delay * rng.uniform(0.5, 1.0)
+
+
+async def sleep_until(when: dt.datetime) -> None:
+    while True:
+        left = (when - now()).total_seconds()
+        if left <= 0:
+            return
+        await asyncio.sleep(min(left, SLICE_S))
+
+
+@dataclass
+class Job:
+    """One credential to keep fresh. `due` and `remaining_s` read the current files
+    every time, so a credential replaced by other means is picked up."""
+
+    event: str                                   # log event prefix, e.g. "renew"
+    due: Callable[[], dt.datetime]
+    run: Callable[[], Awaitable[dict[str, Any]]]  # raises ClientError; fields to log
+    remaining_s: Callable[[], float | None]
+    hook: str | None = None                       # shell command after each success
+    hook_env: Callable[[], dict[str, str]] | None = None
+
+
+async def run_hook(command: str, env: dict[str, str], log: Any = None,
+                   event: str = "renew") -> int:
+    """Run `command` with /bin/sh (so that `a && b` works as an operator expects) and log
+    its exit status; its own output goes where ours goes (the journal, under systemd)."""
+    if log is not None:
+        log.info(f"{event}.hook", command=command)
+    proc = await asyncio.create_subprocess_exec(
+        "/bin/sh", "-c", command, env={**os.environ, **env},
+        stdin=asyncio.subprocess.DEVNULL)
+    status = await proc.wait()
+    if log is None:
+        pass
+    elif status == 0:
+        log.info(f"{event}.hook.done", command=command, status=status)
+    else:
+        log.error(f"{event}.hook.failed", command=command, status=status)
+    return status
+
+
+async def keep(job: Job, log: Any) -> None:
+    """Run `job` whenever it is due, forever; raise ClientError on a failure that
+    retrying cannot fix (a refusal, an expired or foreign certificate)."""
+    while True:
+        at = job.due()
+        log.info(f"{job.event}.scheduled", at=at.isoformat(),
+                 in_s=round(max(0.0, (at - now()).total_seconds()), 1))
+        await sleep_until(at)
+        attempt = 0
+        while True:
+            log.info(f"{job.event}.start", attempt=attempt + 1)
+            try:
+                fields = await job.run()
+                break
+            except ClientError as exc:
+                if not exc.retryable:
+                    log.error(f"{job.event}.failed", error=str(exc))
+                    raise
+                delay = backoff_s(attempt, job.remaining_s())
+                attempt += 1
+                log.warning(f"{job.event}.retry", attempt=attempt, retry_in_s=round(delay, 1),
+                            error=str(exc))
+                await asyncio.sleep(delay)
+            except Exception as exc:  # a local failure (unwritable file, bad cert file)
+                log.error(f"{job.event}.failed", error=str(exc))
+                raise
+        log.info(f"{job.event}.done", **fields)
+        if job.hook:
+            await run_hook(job.hook, job.hook_env() if job.hook_env else {}, log, job.event)
+
+
+def run_forever(jobs: list[Job], **context: Any) -> int:
+    """Run the jobs until SIGTERM/SIGINT (exit 0) or a failure retrying cannot fix
+    (exit 1, after logging it; the one-line error is printed by the CLI)."""
+    from ca.logs import configure
+    configure()
+    log = structlog.get_logger().bind(**context)
+
+    async def main() -> None:
+        log.info("start", jobs=[job.event for job in jobs])
+        loop = asyncio.get_running_loop()
+        tasks = [asyncio.create_task(keep(job, log)) for job in jobs]
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            done, _ = await asyncio.wait([*tasks, stopper],
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in [*tasks, stopper]:
+                t.cancel()
+            await asyncio.gather(*tasks, stopper, return_exceptions=True)
+        for t in done:
+            if t is not stopper:
+                t.result()  # re-raises the job's ClientError
+        log.info("stop", reason="signal")
+
+    asyncio.run(main())
+    return 0

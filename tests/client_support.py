@@ -1,0 +1,179 @@
+"""Helpers for the client-side tests: tokens in files, a second CA made in software, and
+waiting on a long-running command's JSON log lines (events, not sleeps)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import socket
+import subprocess
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from tests.conftest import HSMCA, Daemon, hsmca
+
+
+def token_file(d: Daemon, tmp: Path, role: str, names: list[str],
+               principals: list[str] = (), ttl: str = "15m") -> Path:  # type: ignore[assignment]
+    """A one-time token from the admin CLI, in a 0600 file (how the docs hand it over)."""
+    args = ["token", "create", "--config", d.state / "hsmca.toml", "--url", d.url,
+            "--role", role, "--name", *names, "--ttl", ttl]
+    if principals:
+        args += ["--principal", *principals]
+    token = hsmca(*args).stdout.strip()
+    path = tmp / f"{role}-{names[0].replace('@', '_')}-{next(_n)}.token"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
+    return path
+
+
+_n = iter(range(1, 10**6))
+
+
+def enroll(d: Daemon, tmp: Path, role: str, names: list[str], principals: list[str] = (),
+           *extra: str) -> tuple[Path, Path]:  # type: ignore[assignment]
+    out = tmp / f"{role}-cred-{next(_n)}"
+    hsmca("enroll", "--url", d.url, "--ca", d.root, "--token-file",
+          token_file(d, tmp, role, names, principals), "--name", *names, "--out", out, *extra)
+    return out / "cert.pem", out / "key.pem"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cert_serial(path: Path) -> str:
+    return format(x509.load_pem_x509_certificate(path.read_bytes()).serial_number, "x")
+
+
+# ---- another CA, in software ---------------------------------------------------------
+
+@dataclass
+class OtherCA:
+    key: ec.EllipticCurvePrivateKey
+    cert: x509.Certificate
+    root_pem: Path
+
+    def leaf(self, tmp: Path, name: str, not_before: dt.datetime,
+             not_after: dt.datetime) -> tuple[Path, Path]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+                .issuer_name(self.cert.subject).public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(not_before).not_valid_after(not_after)
+                .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), False)
+                .sign(self.key, hashes.SHA256()))
+        cert_path, key_path = tmp / f"{name}.pem", tmp / f"{name}.key"
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                               serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+        key_path.chmod(0o600)
+        return cert_path, key_path
+
+
+def other_ca(tmp: Path, cn: str = "Other Root CA") -> OtherCA:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    root = tmp / "other-root.pem"
+    root.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return OtherCA(key, cert, root)
+
+
+# ---- a long-running command and its log ------------------------------------------------
+
+@dataclass
+class Running:
+    """A long-running hsmca command (renew --daemon, ssh host --renew). Its stderr is
+    JSON lines; `wait` blocks until a line with the event arrives, with a deadline."""
+
+    proc: subprocess.Popen[str]
+    lines: list[dict[str, Any]] = field(default_factory=list)
+    raw: list[str] = field(default_factory=list)
+    stdout: list[str] = field(default_factory=list)
+    cond: threading.Condition = field(default_factory=threading.Condition)
+
+    @classmethod
+    def start(cls, *args: str | Path, env: dict[str, str] | None = None,
+              cwd: Path | None = None) -> Running:
+        proc = subprocess.Popen([*HSMCA, *map(str, args)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
+        r = cls(proc)
+        threading.Thread(target=r._drain, daemon=True).start()
+        threading.Thread(target=r._drain_stdout, daemon=True).start()
+        return r
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self.cond:
+                self.raw.append(line)
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    obj = None
+                if isinstance(obj, dict):
+                    self.lines.append(obj)
+                self.cond.notify_all()
+        with self.cond:
+            self.cond.notify_all()
+
+    def _drain_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self.cond:
+                self.stdout.append(line)
+                self.cond.notify_all()
+
+    def events(self, event: str) -> list[dict[str, Any]]:
+        with self.cond:
+            return [e for e in self.lines if e.get("event") == event]
+
+    def mark(self) -> int:
+        """A position in the log, for `wait(since=...)`: only later lines count."""
+        with self.cond:
+            return len(self.lines)
+
+    def wait(self, event: str, count: int = 1, deadline_s: float = 150, since: int = 0,
+             **match: Any) -> dict[str, Any]:
+        def found() -> list[dict[str, Any]]:
+            return [e for e in self.lines[since:] if e.get("event") == event
+                    and all(e.get(k) == v for k, v in match.items())]
+
+        with self.cond:
+            ok = self.cond.wait_for(lambda: len(found()) >= count or self.proc.poll() is not None,
+                                    timeout=deadline_s)
+            if len(found()) >= count:
+                return found()[count - 1]
+        state = "exited" if self.proc.poll() is not None else "still running"
+        raise AssertionError(f"no {count}x {event} {match or ''} ({state}, "
+                             f"deadline {'not ' if ok else ''}reached):\n{''.join(self.raw)}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode

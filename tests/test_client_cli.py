@@ -1,0 +1,304 @@
+"""The client commands as a new user meets them: what they check before spending a
+token or connecting, how they take a token, and what their errors say."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from ca.cli import EPILOG, build_parser
+from ca.commands.client_cmd import parse_serial
+from tests.client_support import cert_serial, enroll, other_ca, token_file
+from tests.conftest import HSMCA, Daemon, InitialisedCA, hsmca, require
+
+NAME = "cli.internal.example"
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str], code: int = 1) -> str:
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]
+
+
+def enroll_cmd(d: Daemon, token: Path, out: Path, *extra: str | Path,
+               **kw: object) -> subprocess.CompletedProcess[str]:
+    return hsmca("enroll", "--url", d.url, "--ca", d.root, "--token-file", token,
+                 "--name", NAME, "--out", out, *extra, check=False, **kw)
+
+
+# ---- enroll checks everything before it spends the token (item 4) ---------------------
+
+def test_enroll_checks_the_output_before_spending_the_token(daemon: Daemon,
+                                                            tmp_path: Path) -> None:
+    token = token_file(daemon, tmp_path, "service", [NAME])
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory\n")
+    msg = one_line_error(enroll_cmd(daemon, token, a_file))
+    assert f"--out {a_file} exists and is not a directory" in msg
+
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "key.pem").write_text("an older key\n")
+    msg = one_line_error(enroll_cmd(daemon, token, full))
+    assert "already exists and is not empty; pass --force" in msg
+    assert (full / "key.pem").read_text() == "an older key\n"
+
+    # A directory nobody may write to, even root (the immutable attribute).
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    chattr = require("chattr")
+    proc = subprocess.run([chattr, "+i", locked], capture_output=True, text=True)
+    assert proc.returncode == 0, f"needs a filesystem with chattr +i: {proc.stderr}"
+    try:
+        msg = one_line_error(enroll_cmd(daemon, token, locked / "out"))
+    finally:
+        subprocess.run([chattr, "-i", locked], check=True)
+    assert f"cannot create --out {locked / 'out'}" in msg and "still valid" in msg
+
+    # The token was never spent: it enrolls now, into a directory made whole at once.
+    fresh = tmp_path / "deep" / "fresh"
+    proc = enroll_cmd(daemon, token, fresh)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in fresh.iterdir()) == ["cert.pem", "chain.pem", "key.pem"]
+    assert sorted(p.name for p in fresh.parent.iterdir()) == ["fresh"]  # no staging left
+    assert (fresh / "key.pem").stat().st_mode & 0o777 == 0o600
+
+    # --force replaces the credential in an existing directory.
+    again = token_file(daemon, tmp_path, "service", [NAME])
+    proc = enroll_cmd(daemon, again, full, "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert "PRIVATE KEY" in (full / "key.pem").read_text()
+    # The replaced file was 0644: its group keeps access (a service's group may read its
+    # key), others lose it.
+    assert (full / "key.pem").stat().st_mode & 0o777 == 0o640
+
+
+def test_enroll_into_an_existing_empty_directory(daemon: Daemon, tmp_path: Path) -> None:
+    out = tmp_path / "empty"
+    out.mkdir(mode=0o750)
+    proc = enroll_cmd(daemon, token_file(daemon, tmp_path, "service", [NAME]), out)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "cert.pem").is_file() and out.stat().st_mode & 0o777 == 0o750
+
+
+# ---- the token stays off argv (issue 13, item 5) ---------------------------------------
+
+def test_token_from_a_file_stdin_or_the_environment(daemon: Daemon, tmp_path: Path) -> None:
+    secret = token_file(daemon, tmp_path, "service", [NAME]).read_text().strip()
+    via_file = token_file(daemon, tmp_path, "service", [NAME])
+    proc = enroll_cmd(daemon, via_file, tmp_path / "f")
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+    via_stdin = token_file(daemon, tmp_path, "service", [NAME]).read_text()
+    proc = enroll_cmd(daemon, Path("-"), tmp_path / "s", input=via_stdin)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+    env = {**os.environ, "HSMCA_TOKEN": secret}
+    proc = hsmca("enroll", "--url", daemon.url, "--ca", daemon.root, "--name", NAME,
+                 "--out", tmp_path / "e", env=env, check=False)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    for proc_out in (proc.stdout, proc.stderr):
+        assert secret not in proc_out
+
+    # In argv it still works, with a warning that never repeats the token.
+    argv_token = token_file(daemon, tmp_path, "service", [NAME]).read_text().strip()
+    proc = hsmca("enroll", "--url", daemon.url, "--ca", daemon.root, "--token", argv_token,
+                 "--name", NAME, "--out", tmp_path / "a", check=False)
+    assert proc.returncode == 0
+    assert "warning: --token puts the token in the process list" in proc.stderr
+    assert argv_token not in proc.stderr + proc.stdout
+
+    env = {k: v for k, v in os.environ.items() if k != "HSMCA_TOKEN"}
+    msg = one_line_error(hsmca("enroll", "--url", daemon.url, "--name", NAME, "--out",
+                               tmp_path / "n", env=env, check=False))
+    assert "--token-file" in msg and "HSMCA_TOKEN" in msg
+    empty = tmp_path / "empty.token"
+    empty.write_text("\n")
+    assert "must hold the token" in one_line_error(enroll_cmd(daemon, empty, tmp_path / "x"))
+
+
+# ---- --url and --ca mistakes (item 7) ---------------------------------------------------
+
+def test_url_and_ca_mistakes_are_one_clear_line(daemon: Daemon, tmp_path: Path) -> None:
+    token = token_file(daemon, tmp_path, "service", [NAME])
+    plain = daemon.url.replace("https://", "http://")
+    msg = one_line_error(hsmca("enroll", "--url", plain, "--token-file", token, "--name", NAME,
+                               "--out", tmp_path / "o", check=False), code=2)
+    assert "serves HTTPS only; use https://" in msg
+    bare = daemon.url.removeprefix("https://")
+    msg = one_line_error(hsmca("enroll", "--url", bare, "--token-file", token, "--name", NAME,
+                               "--out", tmp_path / "o", check=False), code=2)
+    assert f"has no scheme; write https://{bare}" in msg
+
+    missing = tmp_path / "nowhere" / "root.pem"
+    msg = one_line_error(hsmca("enroll", "--url", daemon.url, "--ca", missing, "--token-file",
+                               token, "--name", NAME, "--out", tmp_path / "o", check=False))
+    assert f"--ca {missing}: no such file" in msg
+
+    other = other_ca(tmp_path)
+    msg = one_line_error(hsmca("enroll", "--url", daemon.url, "--ca", other.root_pem,
+                               "--token-file", token, "--name", NAME, "--out", tmp_path / "o",
+                               check=False))
+    assert f"does not verify against --ca {other.root_pem}" in msg
+    # None of these reached the daemon's enroll: the token still works.
+    assert enroll_cmd(daemon, token, tmp_path / "ok").returncode == 0
+
+
+# ---- credentials checked before the handshake (item 6) --------------------------------
+
+def test_renew_names_an_expired_certificate_or_one_from_another_ca(daemon: Daemon,
+                                                                   tmp_path: Path) -> None:
+    other = other_ca(tmp_path)
+    now = dt.datetime.now(dt.UTC)
+    base = ("renew", "--url", daemon.url, "--ca", daemon.root)
+    cert, key = other.leaf(tmp_path, "expired.example", now - dt.timedelta(days=2),
+                           now - dt.timedelta(days=1))
+    msg = one_line_error(hsmca(*base, "--cert", cert, "--key", key, check=False))
+    assert f"--cert {cert} expired at" in msg and "enroll again" in msg
+
+    cert, key = other.leaf(tmp_path, "foreign.example", now - dt.timedelta(hours=1),
+                           now + dt.timedelta(days=1))
+    msg = one_line_error(hsmca(*base, "--cert", cert, "--key", key, check=False))
+    assert "was issued by 'CN=Other Root CA', not by the CA at" in msg
+    assert "'CN=hsmca Issuing CA'" in msg
+
+    mine, mine_key = enroll(daemon, tmp_path, "service", [NAME])
+    msg = one_line_error(hsmca(*base, "--cert", mine, "--key", key, check=False))
+    assert f"--key {key} is not the private key of --cert {mine}" in msg
+    # The same checks guard the SSH commands.
+    msg = one_line_error(hsmca("ssh", "user", "--url", daemon.url, "--ca", daemon.root,
+                               "--cert", cert, "--key", key, "--pubkey",
+                               daemon.state / "ssh/user_ca.pub", check=False))
+    assert "was issued by 'CN=Other Root CA'" in msg
+    assert one_line_error(hsmca(*base, "--cert", mine, "--key", mine_key, "--ca",
+                                tmp_path / "no.pem", check=False)).endswith("no such file")
+
+
+# ---- --pubkey never sends a private key (item 5) ---------------------------------------
+
+@pytest.mark.parametrize("command", ["user", "host"])
+def test_pubkey_holding_a_private_key_is_refused_before_any_request(tmp_path: Path,
+                                                                   command: str) -> None:
+    keygen = require("ssh-keygen")
+    private = tmp_path / "id_ed25519"
+    subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-f", private], check=True)
+    # Port 1: nothing listens; the refusal must come before any connection is tried.
+    proc = hsmca("ssh", command, "--url", "https://127.0.0.1:1", "--cert", tmp_path / "c.pem",
+                 "--key", tmp_path / "k.pem", "--pubkey", private, check=False)
+    msg = one_line_error(proc)
+    assert f"--pubkey {private} holds a private key" in msg and f"{private}.pub" in msg
+    assert "OPENSSH" not in proc.stderr + proc.stdout
+
+
+# ---- one pair of credential flags (item 8) ---------------------------------------------
+
+def test_credential_flags_have_one_name_and_accept_the_other(daemon: Daemon,
+                                                             tmp_path: Path) -> None:
+    cert, key = enroll(daemon, tmp_path, "service", [NAME])
+    before = cert_serial(cert)
+    hsmca("renew", "--url", daemon.url, "--ca", daemon.root, "--client-cert", cert,
+          "--client-key", key)
+    assert cert_serial(cert) != before
+    admin = daemon.state / "admin"
+    shown = hsmca("audit", "show", "--url", daemon.url, "--ca", daemon.root,
+                  "--cert", admin / "cert.pem", "--key", admin / "key.pem")
+    assert "init.start" in shown.stdout
+    for argv in (["renew"], ["ssh", "user"], ["ssh", "host"], ["audit", "show"],
+                 ["audit", "verify"]):
+        text = hsmca(*argv, "--help").stdout
+        assert "--client-cert" in text and "--cert" in text and "same flag" in text, argv
+
+
+# ---- CLI polish (item 12) --------------------------------------------------------------
+
+def test_version_and_the_help_epilog() -> None:
+    assert hsmca("--version").stdout.strip().startswith("hsmca 0.")
+    out = hsmca("--help").stdout
+    # Every example line that continues ends with a backslash, kept in the output.
+    assert "--client-cert a/cert.pem \\\n      --client-key" in out
+    assert out.count("\\\n") == EPILOG.count("\\\n") >= 4
+
+
+def _subparser(path: list[str]) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = build_parser()
+    for name in path:
+        action = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+        p = action.choices[name]
+    return p
+
+
+@pytest.mark.parametrize("path", [["renew"], ["ssh", "user"], ["ssh", "host"],
+                                  ["audit", "show"], ["revoke"], ["enroll"]])
+def test_every_flag_has_help(path: list[str]) -> None:
+    missing = [a.option_strings or a.dest for a in _subparser(path)._actions
+               if not a.help]
+    assert not missing, missing
+
+
+@pytest.mark.parametrize(("given", "expected"), [
+    ("1A2B", "1a2b"), ("0x1a2b", "1a2b"), ("0X001A2B", "1a2b"),
+    ("1a:2b", "1a2b"), ("  00:9f:3c:0a  ", "9f3c0a"), ("7", "7")])
+def test_revoke_reads_serials_as_people_copy_them(given: str, expected: str) -> None:
+    assert parse_serial(given) == expected
+
+
+@pytest.mark.parametrize("bad", ["", "0", "xyz", "1a::2b", "1a:2b3", "0x", "12 34"])
+def test_revoke_refuses_what_is_not_a_serial(bad: str) -> None:
+    from ca.errors import CLIError
+    with pytest.raises(CLIError):
+        parse_serial(bad)
+
+
+def test_revoke_with_the_openssl_colon_form_and_self_revocation(daemon: Daemon,
+                                                                tmp_path: Path) -> None:
+    cert, _ = enroll(daemon, tmp_path, "service", [NAME])
+    text = subprocess.run([require("openssl"), "x509", "-in", cert, "-noout", "-serial"],
+                          capture_output=True, text=True, check=True).stdout
+    hexserial = text.strip().split("=", 1)[1].lower()
+    colon = ":".join(hexserial[i:i + 2] for i in range(0, len(hexserial), 2))
+    proc = hsmca("revoke", colon, "--reason", "keyCompromise", "--config",
+                 daemon.state / "hsmca.toml", "--url", daemon.url)
+    assert f"revoked {cert_serial(cert)}" in proc.stdout
+
+    # A service revokes its own certificate with its own credential, no serial needed.
+    own, own_key = enroll(daemon, tmp_path, "service", [NAME])
+    proc = hsmca("revoke", "--url", daemon.url, "--ca", daemon.root, "--cert", own,
+                 "--key", own_key, "--reason", "superseded")
+    assert f"revoked {cert_serial(own)}" in proc.stdout
+    serials = {c.serial_number for c in x509.load_der_x509_crl(
+        subprocess.run(["curl", "-sSf", "--cacert", daemon.root, f"{daemon.url}/v1/x509/crl"],
+                       capture_output=True, check=True).stdout)}
+    assert {int(cert_serial(cert), 16), int(cert_serial(own), 16)} <= serials
+
+
+def test_init_with_a_missing_token_hints_at_softhsm2_conf(tmp_path: Path,
+                                                          ca: InitialisedCA) -> None:
+    pin = tmp_path / "pin"
+    pin.write_text("1234\n")
+    pin.chmod(0o600)
+    env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
+    env["SOFTHSM2_CONF"] = str(tmp_path / "elsewhere.conf")
+    (tmp_path / "tokens").mkdir()
+    (tmp_path / "elsewhere.conf").write_text(f"directories.tokendir = {tmp_path / 'tokens'}\n")
+    proc = subprocess.run([*HSMCA, "init", "--state-dir", tmp_path / "s", "--module",
+                           ca.token.module, "--token", ca.token.label, "--pin-file", pin],
+                          capture_output=True, text=True, env=env, timeout=120)
+    msg = one_line_error(proc)
+    assert f"no token labelled {ca.token.label!r}" in msg
+    assert f"SOFTHSM2_CONF={tmp_path / 'elsewhere.conf'}" in msg and "export SOFTHSM2_CONF" in msg
+
+
+def test_hsmca_module_runs_without_an_installed_entry_point() -> None:
+    proc = subprocess.run([sys.executable, "-m", "ca.cli", "--version"], capture_output=True,
+                          text=True, check=True)
+    assert proc.stdout.startswith("hsmca ")
+

@@ -1,0 +1,83 @@
+"""`hsmca renew --daemon`: renewal without a person, against a real daemon that goes
+away and comes back. No sleeps: the test waits on the renewer's JSON log lines."""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+import subprocess
+from pathlib import Path
+
+from ca.commands.renewal import MAX_BACKOFF_S, backoff_s, renew_time
+from tests.client_support import Running, cert_serial, enroll, free_port
+from tests.conftest import init_ca, require, start_daemon
+
+
+def test_renew_time_is_two_thirds_of_the_lifetime_with_jitter() -> None:
+    nb = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+    na = nb + dt.timedelta(hours=24)
+    rng = random.Random(7)
+    times = [renew_time(nb, na, rng) for _ in range(200)]
+    assert all(nb + dt.timedelta(hours=16 - 1.2) <= t <= nb + dt.timedelta(hours=16 + 1.2)
+               for t in times)
+    assert len(set(times)) > 100  # spread, not one instant for a whole fleet
+
+
+def test_backoff_doubles_up_to_a_cap_and_leaves_time_before_expiry() -> None:
+    class Top(random.Random):
+        def uniform(self, a: float, b: float) -> float:
+            return b
+
+    rng = random.Random(3)
+    upper = [backoff_s(a, None, Top()) for a in range(12)]
+    assert upper[:5] == [1, 2, 4, 8, 16] and max(upper) == MAX_BACKOFF_S
+    assert all(0.5 <= backoff_s(0, None, rng) <= 1 for _ in range(50))
+    # With 40 s left, no wait longer than 10 s: a few more tries before the expiry.
+    assert all(backoff_s(a, 40, rng) <= 10 for a in range(12))
+
+
+def test_daemon_renews_a_60s_certificate_twice_retrying_while_the_ca_is_away(
+        tmp_path: Path) -> None:
+    openssl = require("openssl")
+    port = free_port()
+    ca = init_ca(tmp_path)
+    listen = ("--listen", f"127.0.0.1:{port}")
+    d = start_daemon(ca.state, *listen)
+    renewer = None
+    try:
+        cert, key = enroll(d, tmp_path, "service", ["renewed.internal.example"], [],
+                           "--ttl", "60s")
+        first = cert_serial(cert)
+        hook_log = tmp_path / "hook.log"
+        renewer = Running.start(
+            "renew", "--daemon", "--url", d.url, "--ca", d.root, "--cert", cert, "--key", key,
+            "--ttl", "60s", "--exec", f'echo "$HSMCA_SERIAL $HSMCA_CERT" >> {hook_log}')
+
+        done = renewer.wait("renew.done")
+        assert done["old_serial"] == first and done["serial"] == cert_serial(cert) != first
+        renewer.wait("renew.hook.done")
+        assert hook_log.read_text().split() == [done["serial"], str(cert)]
+        proc = subprocess.run([openssl, "verify", "-CAfile", d.root, "-untrusted",
+                               cert.parent / "chain.pem", cert], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+
+        # The CA goes away: the renewer retries with back-off until it is back.
+        assert d.stop() == 0
+        retry = renewer.wait("renew.retry", count=2)
+        assert retry["attempt"] == 2 and "cannot connect" in retry["error"]
+        d = start_daemon(ca.state, *listen)
+
+        second = renewer.wait("renew.done", count=2)
+        assert second["old_serial"] == done["serial"] and second["serial"] == cert_serial(cert)
+        renewer.wait("renew.hook.done", count=2)
+        assert hook_log.read_text().split()[::2] == [done["serial"], second["serial"]]
+        assert renewer.events("renew.scheduled")[0]["in_s"] <= 60
+        assert renewer.stop() == 0
+        renewer.wait("stop")
+    finally:
+        if renewer is not None:
+            renewer.stop()
+        d.stop()
+    # Nothing secret in what the renewer logged, and no traceback.
+    text = "".join(renewer.raw)
+    assert "PRIVATE KEY" not in text and "Traceback" not in text

@@ -1,0 +1,235 @@
+"""`hsmca ssh user --agent`, `hsmca ssh host --install DIR [--renew]`, against a real
+ssh-agent, a real sshd and a real daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from ca.config import Policy
+from tests.client_support import Running, enroll, free_port
+from tests.conftest import Daemon, hsmca, init_ca, require, set_config, start_daemon
+from tests.test_x509_e2e import http
+
+
+def keygen(path: Path) -> Path:
+    subprocess.run([require("ssh-keygen"), "-q", "-t", "ed25519", "-N", "", "-f", path],
+                   check=True)
+    return path.with_name(path.name + ".pub")
+
+
+def ssh_cert(path: Path) -> serialization.SSHCertificate:
+    cert = serialization.load_ssh_public_identity(path.read_bytes())
+    assert isinstance(cert, serialization.SSHCertificate)
+    return cert
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """A real ssh-agent in the foreground; it prints its socket once it listens."""
+    sock = tmp_path / "agent.sock"
+    proc = subprocess.Popen([require("ssh-agent"), "-D", "-a", str(sock)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    timer = threading.Timer(30, proc.kill)  # a watchdog, not a sleep
+    timer.start()
+    first = proc.stdout.readline()
+    timer.cancel()
+    assert f"SSH_AUTH_SOCK={sock}" in first, first
+    yield {**os.environ, "SSH_AUTH_SOCK": str(sock)}
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_ssh_user_agent_adds_key_and_certificate(daemon: Daemon, tmp_path: Path,
+                                                 agent: dict[str, str]) -> None:
+    cert, key = enroll(daemon, tmp_path, "user", ["ann@example.com"], ["ann"])
+    pub = keygen(tmp_path / "id_ed25519")
+    proc = hsmca("ssh", "user", "--url", daemon.url, "--ca", daemon.root, "--cert", cert,
+                 "--key", key, "--pubkey", pub, "--ttl", "1h", "--agent", env=agent)
+    assert "to ssh-agent for" in proc.stdout
+    listed = subprocess.run([require("ssh-add"), "-L"], env=agent, capture_output=True,
+                            text=True, check=True).stdout.splitlines()
+    cert_line = (tmp_path / "id_ed25519-cert.pub").read_text().split()[:2]
+    key_line = pub.read_text().split()[:2]
+    assert [ln.split()[:2] for ln in listed] == [cert_line, key_line]
+    # The lifetime given to the agent is the certificate's (printed, at most 1 h).
+    lifetime = int(proc.stdout.split("to ssh-agent for ")[1].split()[0])
+    c = ssh_cert(tmp_path / "id_ed25519-cert.pub")
+    assert 0 < lifetime <= c.valid_before - c.valid_after - 60
+
+
+def test_ssh_user_agent_needs_an_agent_before_any_request(tmp_path: Path) -> None:
+    pub = keygen(tmp_path / "id_ed25519")
+    env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
+    proc = hsmca("ssh", "user", "--url", "https://127.0.0.1:1", "--cert", tmp_path / "c",
+                 "--key", tmp_path / "k", "--pubkey", pub, "--agent", env=env, check=False)
+    assert proc.returncode == 1 and "SSH_AUTH_SOCK is not set" in proc.stderr
+
+
+def test_ssh_user_default_lifetime_is_the_servers(daemon: Daemon, tmp_path: Path) -> None:
+    cert, key = enroll(daemon, tmp_path, "user", ["bob@example.com"], ["bob"])
+    pub = keygen(tmp_path / "id_ed25519")
+    hsmca("ssh", "user", "--url", daemon.url, "--ca", daemon.root, "--cert", cert,
+          "--key", key, "--pubkey", pub)
+    c = ssh_cert(tmp_path / "id_ed25519-cert.pub")
+    backdate = 60
+    assert c.valid_before - c.valid_after - backdate == Policy().ssh_user_default_ttl_s
+
+
+class SSHD:
+    """sshd run from / with a main config that only includes the drop-in's directory and
+    sets what a test sshd needs; the host key, certificate, CA and KRL come from the
+    drop-in alone."""
+
+    def __init__(self, tmp: Path, drop_in_dir: Path) -> None:
+        self.port = free_port()
+        self.config = tmp / "sshd_config"
+        self.config.write_text(
+            f"Include {drop_in_dir}/*.conf\n"
+            f"Port {self.port}\nListenAddress 127.0.0.1\nPidFile {tmp / 'sshd.pid'}\n"
+            "UsePAM no\nStrictModes no\nAuthorizedKeysFile none\n"
+            "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+            "KbdInteractiveAuthentication no\nLogLevel VERBOSE\n")
+        self.proc: subprocess.Popen[str] | None = None
+
+    def check(self) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([require("sshd"), "-t", "-f", self.config], capture_output=True,
+                              text=True, cwd="/")
+
+    def start(self) -> None:
+        os.makedirs("/run/sshd", exist_ok=True)
+        self.proc = subprocess.Popen([require("sshd"), "-D", "-e", "-f", self.config],
+                                     stderr=subprocess.PIPE, text=True, cwd="/")
+        ready = threading.Event()
+        self.log: list[str] = []
+
+        def drain() -> None:
+            assert self.proc is not None and self.proc.stderr is not None
+            for line in self.proc.stderr:
+                self.log.append(line)
+                if "Server listening on" in line:
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=drain, daemon=True).start()
+        if not ready.wait(30) or self.proc.poll() is not None:
+            raise AssertionError("sshd did not start:\n" + "".join(self.log))
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
+def test_ssh_host_install_writes_an_absolute_drop_in_sshd_uses(daemon: Daemon,
+                                                               tmp_path: Path) -> None:
+    cert, key = enroll(daemon, tmp_path, "host", ["localhost"])
+    (tmp_path / "web1" / "ssh").mkdir(parents=True)
+    keygen(tmp_path / "web1" / "ssh" / "ssh_host_ed25519_key")
+    (tmp_path / "sshd_config.d").mkdir()
+    # Relative paths, run from tmp_path, as the README tour does.
+    proc = hsmca("ssh", "host", "--url", daemon.url, "--ca", daemon.root, "--cert", cert,
+                 "--key", key, "--pubkey", "web1/ssh/ssh_host_ed25519_key.pub",
+                 "--install", "sshd_config.d", cwd=tmp_path)
+    base = tmp_path / "web1" / "ssh"
+    expected = {"HostKey": base / "ssh_host_ed25519_key",
+                "HostCertificate": base / "ssh_host_ed25519_key-cert.pub",
+                "TrustedUserCAKeys": base / "hsmca_user_ca.pub",
+                "RevokedKeys": base / "hsmca.krl"}
+    drop_in = (tmp_path / "sshd_config.d" / "hsmca.conf").read_text()
+    for word, path in expected.items():
+        assert f"{word} {path}\n" in drop_in and f"  {word} {path}\n" in proc.stdout, word
+        assert path.is_file(), path
+    sshd = SSHD(tmp_path, tmp_path / "sshd_config.d")
+    checked = sshd.check()
+    assert checked.returncode == 0, checked.stderr
+
+    # And it works: a user certificate logs in to this sshd, whose host cert is trusted.
+    ucert, ukey = enroll(daemon, tmp_path, "user", ["root@example.com"], ["root"])
+    upub = keygen(tmp_path / "id_ed25519")
+    hsmca("ssh", "user", "--url", daemon.url, "--ca", daemon.root, "--cert", ucert, "--key",
+          ukey, "--pubkey", upub, "--ttl", "10m")
+    known = tmp_path / "known_hosts"
+    known.write_text("@cert-authority * "
+                     + proc.stdout.split("@cert-authority * ")[1].splitlines()[0] + "\n")
+    sshd.start()
+    try:
+        login = subprocess.run(
+            [require("ssh"), "-F", "/dev/null", "-p", str(sshd.port), "-o", "BatchMode=yes",
+             "-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes",
+             "-o", "IdentitiesOnly=yes", "-o", f"IdentityFile={tmp_path / 'id_ed25519'}",
+             "-o", f"CertificateFile={tmp_path / 'id_ed25519-cert.pub'}",
+             "root@localhost", "echo", "in-via-drop-in"],
+            capture_output=True, text=True, timeout=60)
+    finally:
+        sshd.stop()
+    assert "in-via-drop-in" in login.stdout, login.stderr + "".join(sshd.log)
+
+
+def test_ssh_host_install_refuses_a_missing_host_key_or_directory(tmp_path: Path) -> None:
+    pub = keygen(tmp_path / "k")
+    (tmp_path / "k").unlink()
+    (tmp_path / "d").mkdir()
+    base = ("ssh", "host", "--url", "https://127.0.0.1:1", "--cert", tmp_path / "c",
+            "--key", tmp_path / "k2", "--pubkey", pub)
+    proc = hsmca(*base, "--install", tmp_path / "d", check=False)
+    assert proc.returncode == 1 and f"private key {tmp_path / 'k'} is missing" in proc.stderr
+    proc = hsmca(*base, "--install", tmp_path / "none", check=False)
+    assert proc.returncode == 1 and "is not a directory" in proc.stderr
+
+
+def test_ssh_host_renew_keeps_certificate_user_ca_and_krl_fresh(tmp_path: Path) -> None:
+    ca = init_ca(tmp_path)
+    set_config(ca.state, "policy", "ssh-host-ttl-s", 60)  # renewed ~20 s after issue
+    d = start_daemon(ca.state)
+    runner = None
+    try:
+        cert, key = enroll(d, tmp_path, "host", ["localhost"])
+        (tmp_path / "keys").mkdir()
+        pub = keygen(tmp_path / "keys" / "ssh_host_ed25519_key")
+        (tmp_path / "dropin").mkdir()
+        hook = tmp_path / "hook.log"
+        runner = Running.start("ssh", "host", "--url", d.url, "--ca", d.root, "--cert", cert,
+                               "--key", key, "--pubkey", pub, "--install", tmp_path / "dropin",
+                               "--renew", "--refresh", "1s",
+                               "--exec", f'echo "$HSMCA_SSH_CERT" >> {hook}')
+        runner.wait("ssh.refresh.scheduled")
+        host_cert = tmp_path / "keys" / "ssh_host_ed25519_key-cert.pub"
+        krl = tmp_path / "keys" / "hsmca.krl"
+        first = ssh_cert(host_cert).serial
+
+        # A user certificate is revoked: the next refresh brings the KRL that lists it.
+        ucert, ukey = enroll(d, tmp_path, "user", ["eve@example.com"], ["eve"])
+        upub = keygen(tmp_path / "id_ed25519")
+        hsmca("ssh", "user", "--url", d.url, "--ca", d.root, "--cert", ucert, "--key", ukey,
+              "--pubkey", upub, "--ttl", "10m")
+        serial = ssh_cert(tmp_path / "id_ed25519-cert.pub").serial
+        mark = runner.mark()
+        status, _, raw = asyncio.run(http("POST", f"{d.url}/v1/ssh/revoke", d.admin_ssl(),
+                                          body={"serial": str(serial)}))
+        assert status == 200, raw
+        runner.wait("ssh.refresh.done", since=mark, changed=[str(krl)])
+        query = subprocess.run([require("ssh-keygen"), "-Q", "-f", krl,
+                                tmp_path / "id_ed25519-cert.pub"], capture_output=True,
+                               text=True)
+        assert "REVOKED" in query.stdout + query.stderr, query.stdout + query.stderr
+
+        done = runner.wait("ssh.host.renew.done")
+        assert int(done["serial"]) == ssh_cert(host_cert).serial != first
+        runner.wait("ssh.host.renew.hook.done")
+        assert hook.read_text() == f"{host_cert}\n"
+        assert runner.stop() == 0
+    finally:
+        if runner is not None:
+            runner.stop()
+        d.stop()
+    assert json.dumps(runner.lines).count("Traceback") == 0

@@ -1,0 +1,55 @@
+"""File modes: `init` sets them explicitly whatever the umask, and `serve` refuses a
+PIN or private key file that group or others can read."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from ca.commands.init_cmd import STATE_MODES
+from tests.conftest import hsmca, init_ca, new_token
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.lstat().st_mode)
+
+
+def test_init_under_umask_000_creates_everything_with_explicit_modes(tmp_path: Path) -> None:
+    token = new_token()
+    state = tmp_path / "ca"
+    hsmca("init", "--state-dir", state, "--module", token.module, "--token", token.label,
+          "--pin-file", token.pin_file, umask=0)
+    seen = {p.relative_to(state).as_posix(): mode(p) for p in state.rglob("*")}
+    assert mode(state) == 0o700
+    for rel, expected in STATE_MODES.items():
+        assert seen.pop(rel) == expected, rel
+    # Everything else (admin/, tls/, the keys, the config, the inventory) is private.
+    assert seen.pop("hsmca.sqlite3") == 0o600
+    for rel in ("admin", "tls"):
+        assert seen.pop(rel) == 0o700, rel
+    for rel in ("hsmca.toml", "tls/server.key", "admin/key.pem"):
+        assert seen.pop(rel) == 0o600, rel
+    assert all(m & 0o077 == 0 for m in seen.values()), seen
+
+
+@pytest.mark.parametrize(("which", "bad_mode"), [("pin", 0o644), ("tls/server.key", 0o640),
+                                                 ("admin/key.pem", 0o604),
+                                                 ("tls/server.key", 0o620)])
+def test_serve_refuses_a_pin_or_key_file_others_can_read(tmp_path: Path, which: str,
+                                                         bad_mode: int) -> None:
+    ca = init_ca(tmp_path)
+    path = ca.token.pin_file if which == "pin" else ca.state / which
+    good = mode(path)
+    os.chmod(path, bad_mode)
+    try:
+        proc = hsmca("serve", "--config", ca.state / "hsmca.toml", "--listen", "127.0.0.1:0",
+                     check=False)
+    finally:
+        os.chmod(path, good)
+    assert proc.returncode == 1 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0] and f"{bad_mode:04o}" in lines[0], lines
+    assert "chmod 600" in lines[0]
