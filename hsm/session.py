@@ -419,16 +419,20 @@ class HSM:
                 raise HSMError(f"key {label!r} in the token changed since start-up")
 
     def _find_token(self, retries: tuple[float, ...]) -> Any:
-        """The configured token. SoftHSM leaves out of its slot list a token whose files
-        another process is rewriting at that moment (seen when several workers start
-        at once), so at start a missing token is looked for again, a few times, before
-        it is reported missing."""
+        """The configured token. SoftHSM leaves out of its slot list, or answers
+        GeneralError for, a token whose files another process is rewriting at that
+        moment (seen when several workers start at once while the primary signs), so
+        at start a missing token is looked for again, a few times, before it is
+        reported missing."""
         label = self.config.token
         for delay in (*retries, None):
             try:
                 return self._lib.get_token(token_label=label)
-            except pkcs11.exceptions.NoSuchToken:
+            except (pkcs11.exceptions.NoSuchToken, pkcs11.exceptions.GeneralError) as exc:
                 if delay is None:
+                    if isinstance(exc, pkcs11.exceptions.GeneralError):
+                        raise HSMError(f"the token {label!r} in {self.config.module} cannot "
+                                       "be read (GeneralError)") from None
                     break
                 time.sleep(delay)  # a back-off before looking again, on the HSM thread
                 self._lib.reinitialize()
