@@ -61,7 +61,7 @@ def test_state_catches_truncation_and_rewrite(ca: InitialisedCA, tmp_path: Path)
     objs[3]["event"] = "hsm.tampered"
     import hashlib
 
-    from ca.audit.log import GENESIS, canonical
+    from ca.audit.line import GENESIS, canonical
     prev = GENESIS
     out = []
     for o in objs:

@@ -21,6 +21,7 @@ from ca.audit.merkle import (
     MerkleTree,
     build_levels,
     leaf_hash,
+    leaf_hashes,
     node_hash,
     verify_consistency,
     verify_inclusion,
@@ -108,6 +109,11 @@ def test_hashes_are_domain_separated_as_rfc6962_says() -> None:
     assert leaf_hash(b"abc") == hashlib.sha256(b"\x00abc").digest()
     assert node_hash(b"L" * 32, b"R" * 32) == hashlib.sha256(b"\x01" + b"L" * 32 + b"R" * 32
                                                              ).digest()
+
+
+def test_bulk_leaf_hashes_are_the_leaf_hashes() -> None:
+    assert leaf_hashes(LEAVES) == b"".join(leaf_hash(leaf) for leaf in LEAVES)
+    assert leaf_hashes([]) == b""
 
 
 def test_roots_match_the_reference_vectors_for_every_prefix() -> None:
