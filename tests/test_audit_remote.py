@@ -14,7 +14,7 @@ import json
 import re
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +150,16 @@ def test_the_independent_rfc_code_agrees_with_itself() -> None:
 
 
 # ---- helpers ----------------------------------------------------------------------------
+
+
+def no_proof(old: int, size: int) -> list[bytes]:
+    """For a witness push that needs no consistency proof (the first, or the same tree)."""
+    raise AssertionError(f"a proof from {old} to {size} lines was asked for")
+
+
+def given(hashes: list[bytes]) -> Callable[[int, int], list[bytes]]:
+    """A witness's `prove` that answers with `hashes`, whatever it is asked."""
+    return lambda _old, _size: hashes
 
 
 async def credential(d: Daemon, role: str, name: str, out: Path) -> tuple[Path, Path]:
@@ -350,12 +360,12 @@ async def test_remote_verify_is_incremental_and_catches_a_rewrite(tmp_path: Path
         key = _audit_key(ca.state)
         origin = first_checkpoint.split("\n", 1)[0]
         witness = FileWitness(tmp_path / "witness", key, origin)
-        witness.accept(first_checkpoint, [])
+        witness.push(first_checkpoint, no_proof)
         status, _, raw = await get(
             d, f"/v1/audit/proof/consistency?old={first_lines}&size={second_lines}", auditor)
         assert status == 200
-        witness.accept(saved["checkpoint"],
-                       [base64.b64decode(h) for h in json.loads(raw)["proof"]])
+        witness.push(saved["checkpoint"],
+                     given([base64.b64decode(h) for h in json.loads(raw)["proof"]]))
         assert d.stop() == 0
         daemons.pop()
 
@@ -386,7 +396,7 @@ async def test_remote_verify_is_incremental_and_catches_a_rewrite(tmp_path: Path
             d, f"/v1/audit/proof/consistency?old={second_lines}&size={size}", auditor)
         assert status == 200
         with pytest.raises(WitnessRefused, match="does not extend"):
-            witness.accept(text, [base64.b64decode(h) for h in json.loads(raw)["proof"]])
+            witness.push(text, given([base64.b64decode(h) for h in json.loads(raw)["proof"]]))
         assert (tmp_path / "witness").read_text() == saved["checkpoint"]
     finally:
         for daemon in daemons:
@@ -429,10 +439,10 @@ def test_file_witness_accepts_extensions_and_refuses_anything_else(tmp_path: Pat
     held.parent.mkdir()
     w = FileWitness(held, pub, origin)
     assert w.held() is None
-    w.accept(cp(entries, 5), [])  # the first is trusted on first use
+    w.push(cp(entries, 5), no_proof)  # the first is trusted on first use
     assert held.read_text() == cp(entries, 5)
-    w.accept(cp(entries, 5), [])  # the same tree again
-    w.accept(cp(entries, 12), proof(5, entries[:12]))
+    w.push(cp(entries, 5), no_proof)  # the same tree again
+    w.push(cp(entries, 12), given(proof(5, entries[:12])))
     assert held.read_text() == cp(entries, 12)
 
     refused = [
@@ -446,7 +456,7 @@ def test_file_witness_accepts_extensions_and_refuses_anything_else(tmp_path: Pat
     ]
     for text, hashes, why in refused:
         with pytest.raises(WitnessRefused, match=why):
-            w.accept(text, hashes)
+            w.push(text, given(hashes))
         assert held.read_text() == cp(entries, 12)  # the held checkpoint is kept
 
     # push asks for the proof from whatever size is held.
@@ -462,7 +472,7 @@ def test_file_witness_accepts_extensions_and_refuses_anything_else(tmp_path: Pat
     # A damaged held file is evidence: the witness refuses rather than overwrite it.
     held.write_text(cp(entries, 24).replace("24", "25", 1))
     with pytest.raises(WitnessRefused, match="does not verify"):
-        w.accept(cp(entries, 24), [])
+        w.push(cp(entries, 24), no_proof)
 
 
 # ---- verify_remote's own checks, against a log server the test controls -----------------

@@ -18,10 +18,14 @@ from hypothesis import strategies as st
 from ca.audit.merkle import (
     EMPTY_ROOT,
     CompactRange,
+    Growth,
     MerkleTree,
+    TreeHead,
     build_levels,
+    growth,
     leaf_hash,
     leaf_hashes,
+    needs_proof,
     node_hash,
     verify_consistency,
     verify_inclusion,
@@ -114,6 +118,28 @@ def test_hashes_are_domain_separated_as_rfc6962_says() -> None:
 def test_bulk_leaf_hashes_are_the_leaf_hashes() -> None:
     assert leaf_hashes(LEAVES) == b"".join(leaf_hash(leaf) for leaf in LEAVES)
     assert leaf_hashes([]) == b""
+
+
+def test_growth_says_how_a_newer_tree_relates_to_an_older_one() -> None:
+    """The one "extends" rule the writer, the verifiers and the witnesses share."""
+    tree = MerkleTree(leaf_hash(leaf) for leaf in LEAVES)
+    forked = MerkleTree(leaf_hash(leaf) for leaf in [*LEAVES[:3], b"forged", *LEAVES[4:]])
+    for old in range(len(LEAVES) + 1):
+        for new in range(len(LEAVES) + 1):
+            old_head, new_head = TreeHead(old, ROOTS[old]), TreeHead(new, ROOTS[new])
+            proof = tree.consistency_proof(old, new) if old <= new else []
+            assert needs_proof(old_head, new_head) == (0 < old < new)
+            want = (Growth.SHRANK if new < old else Growth.SAME if new == old
+                    else Growth.EXTENDS)
+            assert growth(old_head, new_head, proof) is want, (old, new)
+            if new >= old > 3:  # leaf 3 differs in the forked tree
+                fork = TreeHead(new, forked.root(new))
+                fork_proof = forked.consistency_proof(old, new)
+                assert growth(old_head, fork, fork_proof) is Growth.FORKED, (old, new)
+    # A proof is only taken when one is needed: the same tree needs none and gets none.
+    assert growth(TreeHead(5, ROOTS[5]), TreeHead(5, ROOTS[5]), [b"x" * 32]) is Growth.SAME
+    assert growth(TreeHead(5, ROOTS[5]), TreeHead(5, ROOTS[4]), []) is Growth.FORKED
+    assert growth(TreeHead(5, ROOTS[5]), TreeHead(7, ROOTS[7]), []) is Growth.FORKED  # no proof
 
 
 def test_roots_match_the_reference_vectors_for_every_prefix() -> None:

@@ -30,7 +30,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ca.audit.line import CHECKPOINT_FIELD, GENESIS, canonical, chain_hash
-from ca.audit.merkle import MerkleTree, leaf_hash, leaf_hashes
+from ca.audit.merkle import Growth, MerkleTree, TreeHead, growth, leaf_hash, leaf_hashes
 from ca.audit.note import NoteError, parse_checkpoint, verify_checkpoint
 from hsm.completion import STOP, Batch, Coalescer, Sink, async_sink, claim, drain_queue, stop_thread
 from hsm.errors import AuditUnavailable
@@ -172,12 +172,14 @@ class AuditLog:
         except NoteError as exc:
             raise AuditLogError(f"{where} is not a valid checkpoint of this CA ({exc}); "
                                 "refusing to start: an operator must look") from None
-        if cp.size > n:
+        old, now = TreeHead(cp.size, cp.root), TreeHead(n, tree.root())
+        verdict = growth(old, now, tree.consistency_proof(cp.size) if cp.size <= n else [])
+        if verdict is Growth.SHRANK:
             raise AuditLogError(
                 f"the audit log {path} has {n} complete lines but {where} covers "
                 f"{cp.size}: the log was truncated or replaced (tampering or loss). Refusing to "
                 "start; restore the log and run `hsmca audit verify`")
-        if tree.root(cp.size) != cp.root:
+        if verdict is Growth.FORKED:
             raise AuditLogError(
                 f"the first {cp.size} lines of the audit log {path} no longer match {where}: "
                 "the log was rewritten. Refusing to start; run `hsmca audit verify`")

@@ -20,8 +20,10 @@ nothing but their arguments, so an auditor can check proofs without a tree.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 HASH_SIZE = 32
 EMPTY_ROOT = hashlib.sha256(b"").digest()
@@ -373,6 +375,45 @@ def verify_consistency(old: int, size: int, old_root: bytes, new_root: bytes,
         fn >>= 1
         sn >>= 1
     return sn == 0 and fr == old_root and sr == new_root
+
+
+class TreeHead(NamedTuple):
+    """A tree as a checkpoint (or an auditor's state) names it: its size and root."""
+
+    size: int
+    root: bytes
+
+
+class Growth(enum.Enum):
+    """How a newer tree head relates to an older one (see `growth`)."""
+
+    SAME = "same"  # the same size and root
+    EXTENDS = "extends"  # more leaves, and the proof shows the old tree is their prefix
+    SHRANK = "shrank"  # fewer leaves: the log was cut
+    FORKED = "forked"  # the old tree is not a prefix of the new one: the log was rewritten
+
+
+def needs_proof(old: TreeHead, new: TreeHead) -> bool:
+    """Whether `growth(old, new, proof)` needs a consistency proof (else it takes [])."""
+    return 0 < old.size < new.size
+
+
+def growth(old: TreeHead, new: TreeHead, proof: Sequence[bytes]) -> Growth:
+    """The one "this checkpoint extends that one" rule, for every party that holds an
+    older tree head and is shown a newer one: the log's writer at start-up, the
+    verifiers, a witness.
+
+    `proof` is the RFC 9162 consistency proof from `old.size` to `new.size` when
+    `needs_proof` says so, and is ignored otherwise. A holder of the whole tree
+    passes its own `MerkleTree.consistency_proof`.
+    """
+    if new.size < old.size:
+        return Growth.SHRANK
+    if new.size == old.size:
+        return Growth.SAME if new.root == old.root else Growth.FORKED
+    ok = verify_consistency(old.size, new.size, old.root, new.root,
+                            proof if needs_proof(old, new) else [])
+    return Growth.EXTENDS if ok else Growth.FORKED
 
 
 def _all_hashes(*values: bytes) -> bool:
