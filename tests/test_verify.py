@@ -1,7 +1,7 @@
 """The offline audit verifier: valid logs pass, and any tampering is caught and named
 at the first line whose bytes or position changed.
 
-Logs are written here the way SPEC section 6 says the daemon writes them (canonical
+Logs are written here the way docs/audit-log.md says the daemon writes them (canonical
 JSON lines, hash chain, intent/outcome pairs, signed checkpoints in outcome lines),
 with a software Ed25519 key standing in for the HSM's audit key.
 """
@@ -23,26 +23,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-import ca.audit.verify as verify_module
+import ca.audit.verify.scan as scan_module
+from ca.audit.line import GENESIS, canonical
 from ca.audit.merkle import CompactRange, leaf_hash
 from ca.audit.note import sign_checkpoint
-from ca.audit.verify import (
-    GENESIS,
-    VerifyResult,
-    load_state,
-    save_state,
-    verify_log,
-)
+from ca.audit.verify import VerifyResult, load_state, save_state, verify_log
 
 ORIGIN = "hsmca.example/audit"
 KEY = Ed25519PrivateKey.from_private_bytes(hashlib.sha256(b"test audit key").digest())
 PUB = KEY.public_key()
 T0 = datetime(2026, 1, 5, 23, 59, 59, 990000, tzinfo=UTC)  # crosses midnight, "-0" in dates
-
-
-def canonical(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=False).encode("utf-8")
 
 
 def digest_hex(line: bytes) -> str:
@@ -133,12 +123,12 @@ def check(data: bytes, **kw: Any) -> VerifyResult:
 @contextmanager
 def small_chunks() -> Iterator[None]:
     """Let tiny logs use the forked workers: chunks of 4 lines, no minimum size."""
-    saved = verify_module._ALIGN, verify_module._MIN_BYTES
-    verify_module._ALIGN, verify_module._MIN_BYTES = 2, 0
+    saved = scan_module._ALIGN, scan_module._MIN_BYTES
+    scan_module._ALIGN, scan_module._MIN_BYTES = 2, 0
     try:
         yield
     finally:
-        verify_module._ALIGN, verify_module._MIN_BYTES = saved
+        scan_module._ALIGN, scan_module._MIN_BYTES = saved
 
 
 def simple_log() -> LogBuilder:
@@ -344,7 +334,7 @@ def test_non_canonical_lines_are_refused(case: str) -> None:
 
 
 def oracle_accepts(text: str) -> bool:
-    """What SPEC 6 says: a JSON object whose canonical serialisation is the text."""
+    """What docs/audit-log.md says: a JSON object whose canonical serialisation is the text."""
     def no_constants(name: str) -> Any:
         raise ValueError(name)
 
@@ -668,8 +658,8 @@ def test_big_log_in_parallel_workers_agrees_with_one_process() -> None:
         if b.size % 1000 < 2:
             b.checkpoint()
     data = b.data()
-    saved = verify_module._MIN_BYTES
-    verify_module._MIN_BYTES = 0
+    saved = scan_module._MIN_BYTES
+    scan_module._MIN_BYTES = 0
     try:
         good = verify_log(data, PUB, ORIGIN, workers=2)
         assert good.ok and good.lines == b.size
@@ -680,7 +670,7 @@ def test_big_log_in_parallel_workers_agrees_with_one_process() -> None:
         assert (bad.ok, bad.bad_seq) == (False, k)
         assert bad == verify_log(join(lines), PUB, ORIGIN, workers=1)
     finally:
-        verify_module._MIN_BYTES = saved
+        scan_module._MIN_BYTES = saved
 
 
 # ---- the bulk path and its fallback -----------------------------------------------------------
@@ -694,12 +684,12 @@ def test_big_log_in_parallel_workers_agrees_with_one_process() -> None:
 @contextmanager
 def line_by_line() -> Iterator[None]:
     """Every block checked by the line-by-line code only: the reference."""
-    saved = verify_module._scan_block
-    verify_module._scan_block = lambda *args, **kwargs: None
+    saved = scan_module._scan_block
+    scan_module._scan_block = lambda *args, **kwargs: None
     try:
         yield
     finally:
-        verify_module._scan_block = saved
+        scan_module._scan_block = saved
 
 
 def block_log(lines: int = 40) -> LogBuilder:
@@ -725,14 +715,14 @@ def test_a_valid_block_takes_the_bulk_path() -> None:
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("a valid plain block was checked line by line")
 
-    saved = verify_module._scan_lines
-    verify_module._scan_lines = refuse
+    saved = scan_module._scan_lines
+    scan_module._scan_lines = refuse
     try:
         b = block_log()
         b.checkpoint()
         result = verify_log(b.data(), PUB, ORIGIN, origin=ORIGIN, workers=1)
     finally:
-        verify_module._scan_lines = saved
+        scan_module._scan_lines = saved
     assert result.ok and result.checkpoints == 1, result.reason
 
 
@@ -837,13 +827,13 @@ def test_a_lying_seq_at_a_worker_boundary_changes_nothing() -> None:
     # scanned again in one process, with the same verdict.
     b = block_log(3 * 4096)
     lines = [*b.lines[:100], *b.lines[101:]]  # every later seq is one too high
-    saved = verify_module._MIN_BYTES
-    verify_module._MIN_BYTES = 0
+    saved = scan_module._MIN_BYTES
+    scan_module._MIN_BYTES = 0
     try:
         forked = verify_log(join(lines), PUB, ORIGIN, workers=2)
         single = verify_log(join(lines), PUB, ORIGIN, workers=1)
     finally:
-        verify_module._MIN_BYTES = saved
+        scan_module._MIN_BYTES = saved
     assert forked == single
     assert (forked.ok, forked.bad_seq) == (False, 100)
 
@@ -861,12 +851,12 @@ def test_a_seq_past_int64_at_a_worker_boundary_is_reported_not_raised() -> None:
 
 def test_findings_too_big_for_shared_memory_go_through_the_pipe() -> None:
     b = block_log(3 * 4096)
-    saved = verify_module._MIN_BYTES, verify_module._SHARED_PER_BYTE
-    verify_module._MIN_BYTES, verify_module._SHARED_PER_BYTE = 0, 0
+    saved = scan_module._MIN_BYTES, scan_module._SHARED_PER_BYTE
+    scan_module._MIN_BYTES, scan_module._SHARED_PER_BYTE = 0, 0
     try:
         forked = verify_log(b.data(), PUB, ORIGIN, workers=2, latest_checkpoint=b.note())
     finally:
-        verify_module._MIN_BYTES, verify_module._SHARED_PER_BYTE = saved
+        scan_module._MIN_BYTES, scan_module._SHARED_PER_BYTE = saved
     assert forked.ok and forked.lines == b.size and forked.checkpoints == 1
 
 
