@@ -702,13 +702,26 @@ def block_log(lines: int = 40) -> LogBuilder:
     return b
 
 
-def check_both_ways(data: bytes) -> VerifyResult:
-    result = check(data)
+def check_both_ways(data: bytes, **kw: Any) -> VerifyResult:
+    """The bulk path (in one process and in forked workers) and the line-by-line
+    reference give the same result, field for field."""
+    result = check(data, **kw)
     with line_by_line():
-        reference = verify_log(data, PUB, ORIGIN, origin=ORIGIN, workers=1)
-    assert (result.ok, result.bad_seq, result.reason, result.lines) == (
-        reference.ok, reference.bad_seq, reference.reason, reference.lines)
+        reference = verify_log(data, PUB, ORIGIN, origin=ORIGIN, workers=1, **kw)
+    assert result == reference
     return result
+
+
+@contextmanager
+def blocks_of(size: int) -> Iterator[None]:
+    """Bulk blocks of about `size` bytes: a few lines each in a small log, so that a
+    damaged block sits between blocks that pass in bulk."""
+    saved = scan_module._BLOCK_BYTES
+    scan_module._BLOCK_BYTES = size
+    try:
+        yield
+    finally:
+        scan_module._BLOCK_BYTES = saved
 
 
 def test_a_valid_block_takes_the_bulk_path() -> None:
@@ -860,12 +873,15 @@ def test_findings_too_big_for_shared_memory_go_through_the_pipe() -> None:
     assert forked.ok and forked.lines == b.size and forked.checkpoints == 1
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(valid_logs(), st.data())
-def test_bulk_and_line_by_line_agree_on_random_damage(log: LogBuilder,
-                                                      data: st.DataObject) -> None:
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(valid_logs(), st.sampled_from([1, 600, 4000, 1 << 19]), st.data())
+def test_bulk_and_line_by_line_agree_on_random_valid_and_damaged_logs(
+        log: LogBuilder, block_bytes: int, data: st.DataObject) -> None:
+    """The fast path and the reference path: same verdict, same first failing seq and
+    reason, same checkpoints and state, on valid logs and on randomly damaged ones."""
     lines = list(log.lines)
-    for _ in range(data.draw(st.integers(1, 3))):
+    damages = data.draw(st.integers(0, 3))
+    for _ in range(damages):
         k = data.draw(st.integers(0, len(lines) - 1))
         line = lines[k]
         at = data.draw(st.integers(0, len(line)))
@@ -877,7 +893,10 @@ def test_bulk_and_line_by_line_agree_on_random_damage(log: LogBuilder,
         lines[k] = line[:at] + insert + line[at + cut:]
         if data.draw(st.booleans()):
             lines = [*lines[:k + 1], *rechain_raw(lines, k + 1)]
-    check_both_ways(join(lines))
+    with blocks_of(block_bytes):
+        result = check_both_ways(join(lines), latest_checkpoint=log.note())
+    if not damages:
+        assert result.ok, result.reason
 
 
 def rechain_raw(lines: list[bytes], start: int) -> list[bytes]:
@@ -892,3 +911,59 @@ def rechain_raw(lines: list[bytes], start: int) -> list[bytes]:
             pass
         out.append(line)
     return out[start:]
+
+
+# ---- lines that continue a verified prefix (the remote verifier's check) ------------------
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(valid_logs(), st.data())
+def test_check_lines_continues_a_prefix_as_verify_log_reads_the_whole(
+        log: LogBuilder, data: st.DataObject) -> None:
+    """check_lines on lines [k, n) after a verified prefix [0, k): the same verdict,
+    failing seq and reason as verify_log on the whole log, and the same leaves."""
+    from ca.audit.verify import PinnedKey, check_lines
+    from ca.audit.verify.pairing import Signings, pair
+
+    lines = list(log.lines)
+    k = data.draw(st.integers(0, len(lines)))
+    if data.draw(st.booleans()) and k < len(lines):  # damage a line after the prefix
+        j = data.draw(st.integers(k, len(lines) - 1))
+        lines[j] = rewrite(lines[j], **data.draw(st.sampled_from(
+            [{"seq": 0}, {"prev": "ab" * 32}, {"phase": "maybe"}, {"tampered": True}])))
+    # What the prefix leaves open, as the remote verifier's state carries it.
+    open_intents: dict[str, int] = {}
+    signings = Signings()
+    for seq, line in enumerate(lines[:k]):
+        obj = json.loads(line)
+        if obj["event"] == "hsm.sign":
+            signings.seqs.append(seq)
+            signings.intent.append(obj["phase"] == "intent")
+            signings.ops.append(obj["op_id"])
+    assert pair([signings], None, open_intents) is None
+    prev = digest_hex(lines[k - 1]) if k else GENESIS
+
+    found = check_lines(join(lines[k:]), k, prev, open_intents, PinnedKey(PUB, ORIGIN, ORIGIN))
+    whole = verify_log(join(lines), PUB, ORIGIN, origin=ORIGIN, workers=1)
+    assert found.lines == len(lines) - k
+    assert found.leaves == b"".join(leaf_hash(line) for line in lines[k:k + found.good])
+    if found.failure is not None:
+        assert (whole.ok, whole.bad_seq, whole.reason) == (
+            False, found.failure.seq, found.failure.reason)
+    else:  # the roots and the intents left open at the end are the caller's to judge
+        assert whole.ok or any(why in (whole.reason or "") for why in (
+            "Merkle root", "intent without an outcome")), whole.reason
+
+
+def test_check_lines_blames_the_new_line_when_it_does_not_follow_the_verified_one() -> None:
+    # The line before `start` was verified before and is pinned by its hash: a first new
+    # line whose prev differs is the one that changed, even though the line after it
+    # still vouches for it (which, inside one log, blames the line before).
+    from ca.audit.verify import PinnedKey, Stage, check_lines
+
+    b = simple_log()
+    k = 4  # after the first intent and outcome: nothing open
+    found = check_lines(join(b.lines[k:]), k, "ab" * 32, {}, PinnedKey(PUB, ORIGIN, ORIGIN))
+    assert found.failure == (k, Stage.LINE, f"prev does not match the SHA-256 of line {k - 1} "
+                                            "as verified last time")
+    assert (found.good, found.leaves) == (0, b"")
