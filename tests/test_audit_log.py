@@ -74,6 +74,42 @@ def test_state_catches_truncation_and_rewrite(ca: InitialisedCA, tmp_path: Path)
     assert proc.returncode == 1 and "FAILED at seq" in proc.stderr
 
 
+def test_offline_verify_misses_no_line_of_a_stopped_daemons_log(tmp_path: Path) -> None:
+    """A stopped daemon's log ends with lines no checkpoint covers: the final
+    checkpoint's own intent and outcome, then the HSM logout. The state records them,
+    and cutting or altering them is caught (the state used to hold only the last
+    checkpoint, so they could be cut unnoticed)."""
+    ca = init_ca(tmp_path)
+    assert start_daemon(ca.state).stop() == 0
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    log = copy / "log.jsonl"
+    shutil.copy(ca.state / "audit/log.jsonl", log)
+    shutil.copy(ca.state / "audit/checkpoint", copy / "checkpoint")
+    lines = log.read_bytes().splitlines(keepends=True)
+    n = len(lines)
+    assert [json.loads(line)["event"] for line in lines[-4:]] == [
+        "daemon.stop", "hsm.sign", "hsm.sign", "hsm.logout"]
+    state = tmp_path / "auditor.state"
+
+    proc = verify(ca.state, "--state", state, log=log)
+    assert proc.returncode == 0 and proc.stdout.startswith(f"OK: {n} lines,"), proc.stderr
+    assert json.loads(state.read_text())["size"] == n
+
+    log.write_bytes(b"".join(lines[:-3]))  # the three lines after the final checkpoint cut
+    proc = verify(ca.state, "--state", state, log=log)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"FAILED at seq {n - 3}: truncated: the log had {n} lines at "
+                                  "the last verification, now it has"), proc.stderr
+    logout = lines[-1].replace(b'"result":"ok"', b'"result":"CKR_GENERAL_ERROR"')
+    assert logout != lines[-1]
+    log.write_bytes(b"".join([*lines[:-1], logout]))  # the last line altered
+    proc = verify(ca.state, "--state", state, log=log)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"FAILED at seq {n - 1}: rewritten: the first {n} lines no "
+                                  "longer match those verified last time"), proc.stderr
+
+
 def test_torn_tail_is_cut_and_recorded(tmp_path: Path) -> None:
     path = tmp_path / "log.jsonl"
     log = AuditLog.open(path)

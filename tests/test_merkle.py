@@ -298,6 +298,20 @@ def test_compact_range_root_equals_full_tree_root(size: int, salt: int) -> None:
     assert CompactRange.from_hashes(size, cr.hashes).root() == cr.root()
 
 
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 300), st.integers(0, 2**32))
+def test_a_trees_compact_range_is_the_one_built_leaf_by_leaf(size: int, salt: int) -> None:
+    leaves = [leaf_hash(f"{salt}:{i}".encode()) for i in range(size + 5)]
+    tree = MerkleTree.from_leaf_hashes(b"".join(leaves))
+    cr = CompactRange()
+    for leaf in leaves[:size]:
+        cr.append(leaf)
+    got = tree.compact_range(size)
+    assert (got.size, got.hashes, got.root()) == (size, cr.hashes, tree.root(size))
+    got.append(leaves[size])  # and it goes on growing as the tree does
+    assert got.root() == tree.root(size + 1)
+
+
 def test_compact_range_copy_is_independent() -> None:
     cr = CompactRange()
     for i in range(5):

@@ -513,8 +513,9 @@ def test_checkpoints_in_the_log_are_verified() -> None:
     b.checkpoint()
     result = check(b.data())
     assert result.ok and result.checkpoints == 2
-    assert result.new_state is not None
-    assert result.new_state["size"] == json.loads(b.lines[-2])["size"]
+    # The state records every line, the last checkpoint's own two as well.
+    assert json.loads(b.lines[-2])["size"] == b.size - 2
+    assert result.new_state is not None and result.new_state["size"] == b.size
 
 
 @pytest.mark.parametrize(("make", "reason"), [
@@ -603,9 +604,16 @@ def test_state_catches_truncation_and_rewrites(tmp_path: Path) -> None:
     b.outcome("later")
     grown = check(b.data(), state=state, latest_checkpoint=b.note())
     assert grown.ok and grown.new_state is not None and grown.new_state["size"] == b.size
-    # Grew, but the auditor has no newer checkpoint: the old state is kept.
-    kept = check(b.data(), state=state)
-    assert kept.ok and kept.new_state == state
+    # Grew, but no checkpoint covers the new lines yet: they are unsigned, and the state
+    # records them all the same, so that cutting the log back to the checkpoint verified
+    # last time is caught next time.
+    unsigned = check(b.data(), state=state)
+    assert unsigned.ok
+    assert unsigned.new_state is not None and unsigned.new_state["size"] == b.size
+    assert unsigned.new_state["checkpoint"] == state["checkpoint"]
+    cut = check(join(b.lines[:state["size"]]), state=unsigned.new_state)
+    assert (cut.ok, cut.bad_seq) == (False, state["size"])
+    assert f"truncated: the log had {b.size} lines" in (cut.reason or "")
 
     # Cut back below what was verified: truncation, at the new end of the log.
     short = state["size"] - 3
@@ -638,6 +646,122 @@ def test_a_broken_state_file_is_an_error_not_a_verdict(tmp_path: Path) -> None:
     (tmp_path / "s.json").write_text("[1]")
     with pytest.raises(ValueError):
         load_state(tmp_path / "s.json")
+
+
+def stopped_log() -> LogBuilder:
+    """A log as a daemon leaves it when it stops: daemon.stop, a final checkpoint over
+    everything up to it, then the HSM logout."""
+    b = simple_log()
+    b.add("daemon.stop", pid=42)
+    b.checkpoint()
+    b.add("hsm.logout", result="ok")
+    return b
+
+
+def test_the_state_records_every_line_seen_and_catches_a_cut_tail() -> None:
+    """The bug: the state held only the last checkpoint, so the lines after it (which a
+    log always has) could be removed unnoticed."""
+    b = stopped_log()
+    first = check(b.data())
+    assert first.ok and first.new_state is not None
+    state = first.new_state
+    assert (state["version"], state["size"]) == (2, b.size)
+    assert state["head"] == digest_hex(b.lines[-1])
+    assert base64.b64decode(state["root"]) == b._tree.root()
+    for cut in (1, 2, 3):  # the logout, then the final checkpoint's outcome and intent
+        result = check(join(b.lines[:-cut]), state=state)
+        assert (result.ok, result.bad_seq) == (False, b.size - cut), cut
+        assert f"truncated: the log had {b.size} lines" in (result.reason or "")
+    # The last line altered (nothing after it vouches for it), or the outcome altered and
+    # the logout re-chained after it.
+    altered = [*b.lines[:-1], rewrite(b.lines[-1], result="CKR_GENERAL_ERROR")]
+    rechained = rechain([*b.lines[:-2], rewrite(b.lines[-2], released=False), b.lines[-1]],
+                        b.size - 1)
+    for lines in (altered, rechained):
+        result = check(join(lines), state=state)
+        assert (result.ok, result.bad_seq) == (False, b.size - 1)
+        assert f"rewritten: the first {b.size} lines no longer match those verified last " \
+               "time" in (result.reason or "")
+    # Reordered: the outcome and the logout swapped.
+    swapped = [*b.lines[:-2], b.lines[-1], b.lines[-2]]
+    result = check(join(swapped), state=state)
+    assert (result.ok, result.bad_seq) == (False, b.size - 2)
+    # Grown as a restarted daemon grows it: fine, and the state moves on.
+    b.add("daemon.start", version="0.1.0")
+    b.checkpoint()
+    grown = check(b.data(), state=state)
+    assert grown.ok and grown.new_state is not None and grown.new_state["size"] == b.size
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(valid_logs(), st.sampled_from(["cut", "delete", "rewrite", "rechain", "swap"]),
+       st.data())
+def test_any_change_to_a_line_seen_before_is_caught_signed_or_not(
+        log: LogBuilder, kind: str, data: st.DataObject) -> None:
+    """With the state of a run that saw the whole log (checkpointed or not), removing,
+    altering or reordering any line is caught, and named at that line or after it."""
+    state = check(log.data()).new_state
+    assume(state is not None)  # a log without any checkpoint saves no state
+    assert state is not None and state["size"] == log.size
+    lines, n = list(log.lines), log.size
+    k = data.draw(st.integers(0, n - 1))
+    if kind == "cut":
+        lines = lines[:k]
+    elif kind == "delete":
+        del lines[k]
+    elif kind == "rewrite":
+        lines[k] = rewrite(lines[k], tampered=True)
+    elif kind == "rechain":
+        lines = rechain([*lines[:k], rewrite(lines[k], tampered=True), *lines[k + 1:]], k + 1)
+    else:
+        assume(k < n - 1)
+        m = data.draw(st.integers(k + 1, n - 1))
+        lines[k], lines[m] = lines[m], lines[k]
+    assume(lines != log.lines)
+    result = check(join(lines), state=state)
+    assert not result.ok
+    assert result.bad_seq is not None and k <= result.bad_seq <= n - 1, (kind, k, result)
+
+
+def test_states_of_the_first_version_are_read_and_saved_anew(tmp_path: Path) -> None:
+    b = stopped_log()
+    cp = b.lines[-2]  # the final checkpoint's outcome
+    note = json.loads(cp)["checkpoint"]
+    signed = b.size - 3
+    tree = CompactRange()
+    for line in b.lines[:signed]:
+        tree.append(leaf_hash(line))
+    root = base64.b64encode(tree.root()).decode()
+    offline = {"size": signed, "root": root, "checkpoint": note}
+    remote = {**offline, "frontier": [base64.b64encode(h).decode() for h in tree.hashes],
+              "last_hash": digest_hex(b.lines[signed - 1]),
+              "last_line": b.lines[signed - 1].decode(), "next_seq": signed,
+              "open_intents": {}}
+    for old in (offline, remote):
+        result = check(b.data(), state=old)
+        assert result.ok, result.reason
+        assert result.new_state is not None
+        assert (result.new_state["version"], result.new_state["size"]) == (2, b.size)
+        # The first version's checks still hold: the log must still have its lines.
+        cut = check(join(b.lines[:signed - 1]), state=old)
+        assert (cut.ok, cut.bad_seq) == (False, signed - 1)
+    with pytest.raises(ValueError, match="last_line"):
+        verify_log(b.data(), PUB, ORIGIN, state={**remote, "last_line": "{}"})
+    with pytest.raises(ValueError, match="version"):
+        verify_log(b.data(), PUB, ORIGIN, state={**offline, "version": 3})
+
+
+def test_a_damaged_state_of_the_new_version_is_an_error() -> None:
+    b = stopped_log()
+    state = check(b.data()).new_state
+    assert state is not None
+    other_root = base64.b64encode(b"\x07" * 32).decode()
+    for damage, why in [({"head": "AB" * 32}, "head"), ({"root": other_root}, "frontier"),
+                        ({"frontier": state["frontier"][1:]}, "frontier"),
+                        ({"size": 3}, "frontier"), ({"checkpoint": "x"}, "checkpoint"),
+                        ({"open_intents": {"op": {"seq": b.size}}}, "open intent")]:
+        with pytest.raises(ValueError, match=why):
+            verify_log(b.data(), PUB, ORIGIN, state={**state, **damage})
 
 
 def test_an_empty_log_is_valid_and_a_missing_one_after_a_checkpoint_is_not() -> None:

@@ -239,6 +239,18 @@ class MerkleTree:
         size = self._check_size(size)
         return self._mth(0, size) if size else EMPTY_ROOT
 
+    def compact_range(self, size: int | None = None) -> CompactRange:
+        """The compact range of the first `size` leaves (default: all of them): what
+        appending to that prefix needs, without the tree."""
+        size = self._check_size(size)
+        hashes: list[bytes] = []
+        lo = 0
+        for level in range(size.bit_length() - 1, -1, -1):  # the largest subtree first
+            if size >> level & 1:
+                hashes.append(self._node(level, lo >> level))
+                lo += 1 << level
+        return CompactRange.from_hashes(size, hashes)
+
     def inclusion_proof(self, index: int, size: int | None = None) -> list[bytes]:
         """RFC 6962 PATH(index, D[0:size]), leaf-side sibling first."""
         size = self._check_size(size)

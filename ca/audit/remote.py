@@ -2,25 +2,29 @@
 
 The offline verifier (`ca.audit.verify.verify_log`) reads the whole file. A remote
 auditor pulls the lines over HTTPS instead (the auditor endpoints of
-docs/audit-log.md) and, after the first run, fetches only the lines added since the
-checkpoint it verified last time:
+docs/audit-log.md) and, after the first run, fetches only the lines added since
+those it verified last time:
 
 1. ``GET /v1/audit/checkpoint``; its signature must verify with the pinned key.
-2. Against the state saved by the previous run: a smaller size, or the same size
+2. Against the state saved by the previous run (`ca.audit.verify.AuditorState`,
+   which `hsmca audit verify --log` writes and reads too): a checkpoint smaller
+   than the one verified last time, or one of the same size as the lines verified
    with another root, is a cut or a rewrite. A larger size needs the daemon's
    consistency proof from the saved root to the new one (RFC 9162 2.1.4.2): it
    proves that the lines verified before are still the first lines of the log the
-   daemon now signs, without fetching them again.
+   daemon now signs, without fetching them again (`ca.audit.merkle.growth`).
 3. ``GET /v1/audit/entries`` for the new lines only, [saved size, new size), and
    the offline verifier's checks on them (`ca.audit.verify.check_lines`: canonical
-   JSON, seq, ts, the prev chain continuing from the last verified line, intents
-   and outcomes continuing from the intents left open), extending the saved Merkle
+   JSON, seq, ts, the prev chain continuing from the saved head, intents and
+   outcomes continuing from the intents left open), extending the saved Merkle
    frontier leaf by leaf: every checkpoint logged among them must have the root of
    its prefix, and all of them together the root of the new checkpoint.
 
-Only then is the new state saved, atomically (`ca.audit.verify.AuditorState`,
-which `hsmca audit verify --log` reads too). The first run is the same with an
-empty state (all lines from 0).
+Only then is the new state saved, atomically. The first run is the same with an
+empty state (all lines from 0). A remote run verifies only lines a checkpoint
+covers; a state saved offline may hold more (lines after the last checkpoint of
+a copy of the log), and while the daemon's latest checkpoint covers fewer lines
+than that, the run checks that the daemon still has them, unchanged.
 
 Two deliberate differences from `verify_log`:
 
@@ -45,7 +49,8 @@ import aiohttp
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ca import client
-from ca.audit.merkle import EMPTY_ROOT, HASH_SIZE, CompactRange, verify_consistency
+from ca.audit.line import chain_hash
+from ca.audit.merkle import HASH_SIZE, Growth, TreeHead, growth, needs_proof
 from ca.audit.note import Checkpoint, NoteError, parse_checkpoint
 from ca.audit.verify import (
     AuditorState,
@@ -62,18 +67,19 @@ from ca.audit.verify import (
 )
 
 PAGE = 1000  # the most lines /v1/audit/entries returns per request
-CUT = "the log was cut or rewritten after the checkpoint verified last time"
+CUT = "the log was cut or rewritten since it was verified last time"
 
 
 @dataclass(frozen=True)
 class RemoteResult:
     ok: bool
-    lines: int  # lines covered by the checkpoint now verified (or examined, on failure)
+    lines: int  # lines verified, now or before (or examined, on failure)
     fetched: int  # lines this run fetched and checked
     checkpoints: int  # checkpoints whose signature and root were verified by this run
     bad_seq: int | None  # the first failing line; None if ok or the failure has no line
     reason: str | None
     new_state: dict[str, Any] | None  # saved by verify_remote when ok
+    note: str | None = None  # what an auditor should know about an ok result
 
 
 class _DaemonError(Exception):
@@ -157,20 +163,17 @@ def _load(raw: dict[str, Any], public_key: Ed25519PublicKey, origin: str | None
           ) -> tuple[str, AuditorState, SignedPrefix | None]:
     """(key name, what this run continues from, the signed prefix to check again).
 
-    A state written by the offline verifier has no frontier: the run then starts
-    from line 0 and checks that the old prefix still has its root.
+    A state written by the first version of the offline verifier recorded only a
+    checkpoint: the run then starts from line 0 and checks that the checkpoint's
+    lines still have its root.
     """
     name = state_origin(raw)  # the daemon names its key after the origin
     if name is None:
-        raise ValueError("state must have an integer size, a base64 root and a checkpoint")
+        raise ValueError("state must have a checkpoint (a signed note)")
     state = AuditorState.parse(raw, PinnedKey(public_key, name, origin))
-    if state.frontier is None:
-        return name, _empty(), state.prefix
+    if not state.continuable:
+        return name, AuditorState.empty(), state.signed
     return name, state, None
-
-
-def _empty() -> AuditorState:
-    return AuditorState(0, EMPTY_ROOT, "", CompactRange())
 
 
 # ---- the run --------------------------------------------------------------------------------
@@ -184,7 +187,7 @@ def _failed(failure: Failure, lines: int, fetched: int = 0, checkpoints: int = 0
 async def _run(api: _API, public_key: Ed25519PublicKey, raw: dict[str, Any] | None,
                origin: str | None) -> RemoteResult:
     if raw is None:
-        name, old, prior = origin, _empty(), None
+        name, old, prior = origin, AuditorState.empty(), None
     else:
         name, old, prior = _load(raw, public_key, origin)
     text = await api.checkpoint()
@@ -201,27 +204,60 @@ async def _run(api: _API, public_key: Ed25519PublicKey, raw: dict[str, Any] | No
         return RemoteResult(False, old.size, 0, 0, None,
                             f"the daemon's latest checkpoint does not verify: {exc}", None)
 
-    verified = prior if prior is not None else old
-    if latest.size < verified.size:
+    signed_before = prior.size if prior is not None else old.signed.size
+    if latest.size < signed_before:
         return _failed(Failure(latest.size, Stage.LINE, (
             f"{CUT}: the daemon's latest checkpoint covers {latest.size} lines, the one "
-            f"verified last time {verified.size}")), latest.size)
-    if latest.size == old.size:
-        if latest.root != old.root:
-            return _failed(Failure(max(old.size - 1, 0), Stage.PREFIX, (
-                f"{CUT}: the daemon's latest checkpoint covers the same {old.size} lines with "
-                "a different root")), old.size)
-        old.checkpoint = text
+            f"verified last time {signed_before}")), latest.size)
+    if latest.size < old.size:
+        return await _behind(api, old, latest, text)
+    now = TreeHead(latest.size, latest.root)
+    proof = await api.consistency(old.size, latest.size) if needs_proof(old.seen, now) else []
+    verdict = growth(old.seen, now, proof)
+    if verdict is Growth.FORKED and latest.size == old.size:
+        return _failed(Failure(max(old.size - 1, 0), Stage.PREFIX, (
+            f"{CUT}: the daemon's latest checkpoint covers the same {old.size} lines with a "
+            "different root")), old.size)
+    if verdict is Growth.FORKED:
+        return _failed(Failure(old.size - 1, Stage.PREFIX, (
+            f"{CUT}: the daemon's consistency proof from {old.size} to {latest.size} lines "
+            f"does not verify against the root verified last time, so the first {old.size} "
+            "lines are no longer those verified")), old.size)
+    if verdict is Growth.SAME:
+        old.checkpoint, old.signed = text, SignedPrefix(latest.size, latest.root, text)
         return RemoteResult(True, old.size, 0, 1, None, None, old.to_json())
-    if old.size > 0:
-        proof = await api.consistency(old.size, latest.size)
-        if not verify_consistency(old.size, latest.size, old.root, latest.root, proof):
-            return _failed(Failure(old.size - 1, Stage.PREFIX, (
-                f"{CUT}: the daemon's consistency proof from {old.size} to {latest.size} lines "
-                f"does not verify against the root verified last time, so the first "
-                f"{old.size} lines are no longer those verified")), old.size)
     data = await api.entries(old.size, latest.size)
     return await _check_new_lines(api, data, old, prior, latest, text, key)
+
+
+async def _behind(api: _API, old: AuditorState, latest: Checkpoint, text: str
+                  ) -> RemoteResult:
+    """The daemon's latest checkpoint covers fewer lines than were verified before.
+
+    That happens when the state was saved by the offline verifier from a copy of the
+    log whose last lines no checkpoint covered yet (the closing lines of a stopped
+    daemon, or lines accepted as unsigned). No signature covers them yet, but the
+    daemon must still have them: it serves them, and its consistency proof from its
+    latest checkpoint to them verifies against the root saved last time.
+    """
+    size, seen = latest.size, old.size
+    data = await api.entries(size, seen)
+    served = data.count(b"\n", 0, data.rfind(b"\n") + 1)
+    if served < seen - size:
+        return _failed(Failure(size + served, Stage.LINE, (
+            f"{CUT}: {seen} lines were verified last time, the daemon has only "
+            f"{size + served}")), size + served)
+    proof = await api.consistency(size, seen)
+    if growth(TreeHead(size, latest.root), old.seen, proof) is not Growth.EXTENDS:
+        return _failed(Failure(seen - 1, Stage.PREFIX, (
+            f"{CUT}: the daemon's consistency proof from its latest checkpoint ({size} lines) "
+            f"to the {seen} lines verified last time does not verify, so they are no longer "
+            "those verified")), seen)
+    if size > old.signed.size:
+        old.checkpoint, old.signed = text, SignedPrefix(size, latest.root, text)
+    return RemoteResult(True, seen, 0, 1, None, None, old.to_json(), note=(
+        f"the daemon's latest checkpoint covers {size} of the {seen} lines verified; the "
+        f"other {seen - size} are still there unchanged, but no checkpoint signs them yet"))
 
 
 async def _check_new_lines(api: _API, data: bytes, old: AuditorState,
@@ -231,7 +267,8 @@ async def _check_new_lines(api: _API, data: bytes, old: AuditorState,
     start = old.size
     end = data.rfind(b"\n") + 1  # complete lines; anything after is a torn line
     open_seqs = {op: seq for op, (seq, _) in old.open_intents.items()}
-    found = check_lines(data[:end], start, old.last_hash, open_seqs, key)
+    assert old.head is not None and old.frontier is not None  # `_load` saw to it
+    found = check_lines(data[:end], start, old.head, open_seqs, key)
     n, failure = found.lines, found.failure
 
     # Extend the frontier over the lines that passed, noting the root at every size a
@@ -239,7 +276,6 @@ async def _check_new_lines(api: _API, data: bytes, old: AuditorState,
     wanted = {cp.size for cp in found.checkpoints if cp.size > start}
     if prior is not None:
         wanted.add(prior.size)
-    assert old.frontier is not None  # `_load` gives a frontier to continue from
     frontier = old.frontier.copy()
     roots = {start: old.root}
     for k in range(found.good):
@@ -254,8 +290,9 @@ async def _check_new_lines(api: _API, data: bytes, old: AuditorState,
         else:  # logged late, covering fewer lines than were verified before: ask for a proof
             # (sizes above `start` are all in `roots`: a checkpoint covers only lines before
             # its own, and those passed)
-            proof = await api.consistency(cp.size, start) if cp.size else []
-            ok = verify_consistency(cp.size, start, cp.root, old.root, proof)
+            then = TreeHead(cp.size, cp.root)
+            proof = await api.consistency(cp.size, start) if needs_proof(then, old.seen) else []
+            ok = growth(then, old.seen, proof) in (Growth.SAME, Growth.EXTENDS)
         if not ok:
             failure = earliest(failure, root_mismatch(cp.seq, cp.size))
             break  # in log order: the first mismatch is the one to report
@@ -281,6 +318,7 @@ async def _check_new_lines(api: _API, data: bytes, old: AuditorState,
     # A daemon.start after an open intent excuses it (a crash).
     still_open = {op: (seq, old.open_intents.get(op, (seq, False))[1] or found.last_start > seq)
                   for op, seq in found.open_intents.items()}
-    last_line = data[:end - 1].rsplit(b"\n", 1)[-1] if n else old.last_line
-    new = AuditorState(latest.size, latest.root, text, frontier, last_line, still_open)
+    head = chain_hash(data[:end - 1].rsplit(b"\n", 1)[-1]) if n else old.head
+    new = AuditorState(latest.size, latest.root, head, frontier, text,
+                       SignedPrefix(latest.size, latest.root, text), still_open)
     return RemoteResult(True, latest.size, n, count + 1, None, None, new.to_json())

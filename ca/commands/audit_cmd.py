@@ -67,6 +67,8 @@ def _verify_remote(args: argparse.Namespace) -> int:
         return 1
     print(f"OK: {result.lines} lines, {result.checkpoints} checkpoints verified "
           f"(fetched {result.fetched} new lines)")
+    if result.note:
+        print(f"note: {result.note}")
     return 0
 
 

@@ -21,8 +21,9 @@ with its seq (line index) and a reason:
    root of that many first lines.
 
 Then, optionally, the latest checkpoint file (it may be newer than the log's last
-checkpoint line) and the state saved by the previous run: the log must still be
-at least as long as both and its prefix must still have their roots.
+checkpoint line) and the state saved by the previous run, which records every
+line that run verified, whether a checkpoint covered it or not: the log must still
+be at least as long as both and its prefix must still have their roots.
 
 When a line's ``prev`` does not match, the verifier looks one line ahead: if the
 next line's ``prev`` matches this line, this line is intact and the one before it

@@ -10,7 +10,6 @@ truncation, a torn final line, an intent left open with no crash to excuse it.
 
 from __future__ import annotations
 
-import base64
 import gc
 import os
 import threading
@@ -19,6 +18,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from ca.audit.line import GENESIS, chain_hash
 from ca.audit.merkle import MerkleTree, TreeHead
 from ca.audit.verify.checkpoint import (
     PinnedKey,
@@ -64,7 +64,7 @@ def verify_log(data: bytes, public_key: Ed25519PublicKey, key_name: str,
     if workers is None:
         workers = (os.cpu_count() or 1) if threading.active_count() == 1 else 1
     key = PinnedKey(public_key, key_name, origin)
-    prior = AuditorState.parse(state, key).prefix if state is not None else None
+    prior = AuditorState.parse(state, key) if state is not None else None
     was_enabled = gc.isenabled()
     gc.disable()  # millions of short-lived dicts; nothing here makes reference cycles
     try:
@@ -75,7 +75,7 @@ def verify_log(data: bytes, public_key: Ed25519PublicKey, key_name: str,
 
 
 def _verify(data: bytes, key: PinnedKey, latest_text: str | None,
-            prior: SignedPrefix | None, workers: int) -> VerifyResult:
+            prior: AuditorState | None, workers: int) -> VerifyResult:
     end = data.rfind(b"\n") + 1
     tail = data[end:]  # empty unless the final line is torn
     chunks = scan_all(data, end, workers, key)
@@ -90,17 +90,23 @@ def _verify(data: bytes, key: PinnedKey, latest_text: str | None,
 
     latest, latest_error = (None, None) if latest_text is None else check_latest(latest_text, key)
 
-    # Merkle roots: the log's own checkpoints, then the prefixes the state and the
-    # latest checkpoint vouch for (when the log is long enough to hold them).
+    # Merkle roots: the log's own checkpoints, then the prefixes vouched for from outside
+    # the log (when it is long enough to hold them): every line the previous run saw,
+    # the checkpoint it verified, and the latest checkpoint.
     checkpoints = usable((cp for c in chunks for cp in c.checkpoints), failure)
-    prefixes = [p for p in (prior, latest) if p is not None and 0 < p.size <= good]
-    merkle = tree(chunks) if checkpoints or prefixes else MerkleTree()
+    vouched: list[tuple[TreeHead, str]] = []
+    if prior is not None:
+        vouched.append((prior.seen, "those verified last time"))
+        if prior.signed.size < prior.size:
+            vouched.append((TreeHead(prior.signed.size, prior.signed.root),
+                            "the checkpoint verified last time"))
+    if latest is not None:
+        vouched.append((TreeHead(latest.size, latest.root), "the latest checkpoint"))
+    merkle = tree(chunks) if checkpoints or vouched else MerkleTree()
     verified, wrong_root = check_roots(merkle, checkpoints)
     failure = earliest(failure, wrong_root)
-    for prefix in prefixes:
-        if not still_extends(TreeHead(prefix.size, prefix.root), merkle, good):
-            what = "the checkpoint verified last time" if prefix is prior else (
-                "the latest checkpoint")
+    for prefix, what in vouched:
+        if 0 < prefix.size <= good and not still_extends(prefix, merkle, good):
             failure = earliest(failure, Failure(prefix.size - 1, Stage.PREFIX, (
                 f"rewritten: the first {prefix.size} lines no longer match {what}")))
     verified += latest is not None
@@ -112,16 +118,20 @@ def _verify(data: bytes, key: PinnedKey, latest_text: str | None,
     if latest_error is not None:  # the log is fine, but the checkpoint file is not
         return VerifyResult(False, n, None, latest_error, verified, None)
 
-    candidates = [p for p in (prior, latest) if p is not None]
+    candidates = [p for p in (prior.signed if prior else None, latest) if p is not None]
     candidates += [SignedPrefix(cp.size, cp.root, cp.text) for cp in checkpoints]
     best = max(candidates, key=lambda p: p.size, default=None)
-    new_state = None if best is None else {
-        "size": best.size, "root": base64.b64encode(best.root).decode("ascii"),
-        "checkpoint": best.text}
+    new_state = None
+    if best is not None:  # everything verified, so that the next run misses no line of it
+        head = chain_hash(_last_lines(data, end, 1)[0]) if n else GENESIS
+        # Every intent still open has a daemon.start after it (`_end_of_log` saw to it).
+        still_open = {op: (seq, True) for op, seq in open_intents.items()}
+        new_state = AuditorState(n, merkle.root(n), head, merkle.compact_range(n), best.text,
+                                 best, still_open).to_json()
     return VerifyResult(True, n, None, None, verified, new_state)
 
 
-def _end_of_log(n: int, tail: bytes, prior: SignedPrefix | None, latest: SignedPrefix | None,
+def _end_of_log(n: int, tail: bytes, prior: AuditorState | None, latest: SignedPrefix | None,
                 open_intents: dict[str, int], chunks: list[Chunk]) -> Failure | None:
     """Checks that need the whole log, once every complete line has passed.
 
@@ -138,3 +148,14 @@ def _end_of_log(n: int, tail: bytes, prior: SignedPrefix | None, latest: SignedP
         return Failure(n, Stage.LINE, "torn line: the final line has no newline (an "
                                       "interrupted write)")
     return unexcused(open_intents, max(c.last_start for c in chunks))
+
+
+def _last_lines(data: bytes, end: int, k: int) -> list[bytes]:
+    """The last `k` of the complete lines in ``data[:end]``, without their newlines."""
+    lines: list[bytes] = []
+    stop = end - 1
+    for _ in range(k):
+        start = data.rfind(b"\n", 0, stop) + 1
+        lines.append(data[start:stop])
+        stop = start - 1
+    return lines[::-1]
