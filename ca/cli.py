@@ -91,7 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint covered it or not. With --url, fetch the lines from the daemon (auditor "
         "or admin client certificate): after the first run only the lines added since, "
         "checked with the daemon's consistency proof. Exit 0 only if all holds; otherwise "
-        "name the first bad line.")
+        "name the first bad line. With --log, lines that no checkpoint covers are UNSIGNED "
+        "and exit 1 too, unless --allow-unsigned; except the final checkpoint's own intent "
+        "and outcome and the hsm.logout after them, with which every stopped daemon's log "
+        "ends (no checkpoint can cover its own signing).")
     source = v.add_mutually_exclusive_group(required=True)
     source.add_argument("--log", type=Path, help="the log file (log.jsonl)")
     source.add_argument("--url", help="the daemon's URL, to verify its log remotely "
@@ -106,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="file remembering every line verified (their number, Merkle root and "
                    "last hash) and the last verified checkpoint; created if missing, updated "
                    "when all holds (required with --url)")
+    v.add_argument("--allow-unsigned", action="store_true",
+                   help="with --log: accept lines no checkpoint covers yet (a copy of a "
+                   "running or crashed daemon's log), say how many on stderr, exit 0 and "
+                   "record them in --state")
     _remote_flags(v)
     v.set_defaults(command_key="audit-verify")
     s = asub.add_parser("show", help="print the log in a human-readable form")

@@ -466,6 +466,9 @@ def test_remote_verify_needs_a_state_and_a_client_certificate(tmp_path: Path) ->
     assert proc.returncode == 1 and "--client-cert and --client-key" in proc.stderr
     proc = hsmca("audit", "verify", "--url", "u", "--log", key, "--key", key, check=False)
     assert proc.returncode == 2 and "not allowed with argument" in proc.stderr
+    proc = hsmca(*base, "--state", tmp_path / "s.json", "--client-cert", key, "--client-key",
+                 key, "--allow-unsigned", check=False)
+    assert proc.returncode == 1 and "--allow-unsigned is for --log" in proc.stderr
 
 
 # ---- (d) the file witness ------------------------------------------------------------------
@@ -672,7 +675,7 @@ async def test_verify_remote_from_a_state_ahead_of_the_daemons_checkpoint(
         log.add("hsm.logout")
         offline = verify_log(b"".join(line + b"\n" for line in log.lines), pub, log.origin,
                              origin=log.origin, latest_checkpoint=log.checkpoint)
-        assert offline.ok, offline.reason
+        assert offline.ok and (offline.signed, offline.unsigned) == (2, 2), offline
         assert offline.new_state is not None
         save_state(state, offline.new_state)  # as `--allow-unsigned --state` records them
 

@@ -513,7 +513,8 @@ def test_checkpoints_in_the_log_are_verified() -> None:
     b.checkpoint()
     result = check(b.data())
     assert result.ok and result.checkpoints == 2
-    # The state records every line, the last checkpoint's own two as well.
+    # The last checkpoint covers every line but its own two: they close the log.
+    assert (result.signed, result.closing, result.unsigned) == (b.size - 2, 2, 0)
     assert json.loads(b.lines[-2])["size"] == b.size - 2
     assert result.new_state is not None and result.new_state["size"] == b.size
 
@@ -608,7 +609,8 @@ def test_state_catches_truncation_and_rewrites(tmp_path: Path) -> None:
     # records them all the same, so that cutting the log back to the checkpoint verified
     # last time is caught next time.
     unsigned = check(b.data(), state=state)
-    assert unsigned.ok
+    assert unsigned.ok and (unsigned.signed, unsigned.closing, unsigned.unsigned) == (
+        state["size"], 0, 2)
     assert unsigned.new_state is not None and unsigned.new_state["size"] == b.size
     assert unsigned.new_state["checkpoint"] == state["checkpoint"]
     cut = check(join(b.lines[:state["size"]]), state=unsigned.new_state)
@@ -656,6 +658,48 @@ def stopped_log() -> LogBuilder:
     b.checkpoint()
     b.add("hsm.logout", result="ok")
     return b
+
+
+def test_a_log_that_ends_as_a_daemon_closes_it_has_no_unsigned_line() -> None:
+    b = stopped_log()
+    result = check(b.data())
+    assert result.ok, result.reason
+    assert (result.signed, result.closing, result.unsigned) == (b.size - 3, 3, 0)
+    b.lines.pop()  # a daemon that checkpoints while running has not logged out
+    assert (check(b.data()).closing, check(b.data()).unsigned) == (2, 0)
+
+
+def test_lines_after_the_last_checkpoint_are_unsigned_unless_they_close_the_log() -> None:
+    def unsigned(build: Any) -> tuple[int, int, int]:
+        b = simple_log()
+        b.add("daemon.stop", pid=42)
+        build(b)
+        result = check(b.data())
+        assert result.ok, result.reason
+        assert result.signed + result.closing + result.unsigned == b.size
+        return result.signed, result.closing, result.unsigned
+
+    size = simple_log().size + 1  # with the daemon.stop line
+    covered = json.loads(simple_log().lines[8])["size"]  # simple_log's own checkpoint
+    # The final checkpoint's signing failed: nothing signs the lines after `covered`.
+    failed = "CKR_DEVICE_ERROR"
+    assert unsigned(lambda b: (b.intent("cp", purpose="checkpoint"),
+                               b.outcome("cp", result=failed), b.add("hsm.logout"))) == (
+        covered, 0, size + 3 - covered)
+    # Something other than a logout after the final checkpoint.
+    assert unsigned(lambda b: (b.checkpoint(), b.add("cert.revoke", serial="01"))) == (
+        size, 0, 3)
+    # Two logouts: a daemon logs out once.
+    assert unsigned(lambda b: (b.checkpoint(), b.add("hsm.logout"), b.add("hsm.logout"))) == (
+        size, 0, 4)
+    # An issuance between the checkpoint's intent and its outcome.
+    def interleaved(b: LogBuilder) -> None:
+        note = b.note()
+        b.intent("cp", purpose="checkpoint")
+        b.intent("x")
+        b.outcome("x")
+        b.outcome("cp", checkpoint=note)
+    assert unsigned(interleaved) == (size, 0, 4)
 
 
 def test_the_state_records_every_line_seen_and_catches_a_cut_tail() -> None:

@@ -25,6 +25,11 @@ checkpoint line) and the state saved by the previous run, which records every
 line that run verified, whether a checkpoint covered it or not: the log must still
 be at least as long as both and its prefix must still have their roots.
 
+Last, the lines after the largest verified checkpoint: the closing lines with
+which a daemon ends its log (that checkpoint's own intent and outcome, then at most
+an ``hsm.logout``), or lines that nothing signs yet (`VerifyResult.unsigned`),
+which the CLI refuses unless told to accept them.
+
 When a line's ``prev`` does not match, the verifier looks one line ahead: if the
 next line's ``prev`` matches this line, this line is intact and the one before it
 was altered, so that one is reported. Only for the last two lines can it not tell

@@ -10,6 +10,7 @@ that prefix is `ca.audit.merkle.growth`, the one rule every party uses.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
@@ -101,3 +102,24 @@ def check_latest(text: str, key: PinnedKey) -> tuple[SignedPrefix | None, str | 
     except NoteError as exc:
         return None, f"the latest checkpoint does not verify: {exc}"
     return SignedPrefix(cp.size, cp.root, text), None
+
+
+def closing_lines(tail: list[bytes], signed: int, checkpoints: list[LoggedCheckpoint]) -> bool:
+    """Whether `tail`, the lines after the first `signed` (which the largest verified
+    checkpoint covers), are the lines with which a daemon ends its log: the intent and
+    outcome that signed that very checkpoint, then at most an ``hsm.logout``.
+
+    No checkpoint can cover its own signing, and the daemon logs out of the HSM after
+    its final checkpoint: a log that ends normally always ends with these lines.
+    Anything else after `signed` is lines no checkpoint covers.
+    """
+    if len(tail) not in (2, 3):
+        return False
+    objs = [json.loads(line) for line in tail]  # they passed the scan: JSON objects
+    intent, outcome, rest = objs[0], objs[1], objs[2:]
+    return (intent.get("event") == "hsm.sign" and intent.get("phase") == "intent"
+            and intent.get("purpose") == "checkpoint"
+            and outcome.get("event") == "hsm.sign" and outcome.get("phase") == "outcome"
+            and outcome.get("op_id") == intent.get("op_id")
+            and any(cp.seq == signed + 1 and cp.size == signed for cp in checkpoints)
+            and all(obj.get("event") == "hsm.logout" for obj in rest))

@@ -25,6 +25,7 @@ from ca.audit.verify.checkpoint import (
     SignedPrefix,
     check_latest,
     check_roots,
+    closing_lines,
     still_extends,
     usable,
 )
@@ -42,6 +43,14 @@ class VerifyResult:
     reason: str | None
     checkpoints: int  # checkpoints whose signature and root were verified
     new_state: dict[str, Any] | None  # to save with save_state when ok (None: nothing to save)
+    # When ok, lines = signed + closing + unsigned: the first `signed` lines are covered
+    # by a verified checkpoint; then either `closing` lines, the final checkpoint's own
+    # signing and the HSM logout after it, which no checkpoint can cover; or `unsigned`
+    # lines that no checkpoint covers (yet: a log copied from a running or crashed
+    # daemon), which anyone who can write the log could have changed.
+    signed: int = 0
+    closing: int = 0
+    unsigned: int = 0
 
 
 def verify_log(data: bytes, public_key: Ed25519PublicKey, key_name: str,
@@ -121,6 +130,9 @@ def _verify(data: bytes, key: PinnedKey, latest_text: str | None,
     candidates = [p for p in (prior.signed if prior else None, latest) if p is not None]
     candidates += [SignedPrefix(cp.size, cp.root, cp.text) for cp in checkpoints]
     best = max(candidates, key=lambda p: p.size, default=None)
+    signed = best.size if best is not None else 0
+    after = _last_lines(data, end, n - signed) if n - signed <= 3 else []
+    closing = len(after) if closing_lines(after, signed, checkpoints) else 0
     new_state = None
     if best is not None:  # everything verified, so that the next run misses no line of it
         head = chain_hash(_last_lines(data, end, 1)[0]) if n else GENESIS
@@ -128,7 +140,8 @@ def _verify(data: bytes, key: PinnedKey, latest_text: str | None,
         still_open = {op: (seq, True) for op, seq in open_intents.items()}
         new_state = AuditorState(n, merkle.root(n), head, merkle.compact_range(n), best.text,
                                  best, still_open).to_json()
-    return VerifyResult(True, n, None, None, verified, new_state)
+    return VerifyResult(True, n, None, None, verified, new_state, signed, closing,
+                        n - signed - closing)
 
 
 def _end_of_log(n: int, tail: bytes, prior: AuditorState | None, latest: SignedPrefix | None,
