@@ -215,11 +215,6 @@ class MerkleTree:
     def size(self) -> int:
         return self._size
 
-    def leaf(self, index: int) -> bytes:
-        if not 0 <= index < self._size:
-            raise IndexError(f"leaf {index} is outside a tree of {self._size} leaves")
-        return self._node(0, index)
-
     def append(self, leaf: bytes) -> None:
         """Add one leaf hash and every subtree root it completes (O(1) amortised)."""
         levels = self._levels
