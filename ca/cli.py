@@ -94,10 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
         "verify", help="verify the log offline, or a running daemon's log incrementally",
         description="Recompute every line hash, the chain, intent/outcome pairing, the Merkle "
         "root of every checkpoint and its signature with the pinned audit key. With --state, "
-        "also prove the log still extends the checkpoint verified last time. With --url, "
-        "fetch the lines from the daemon (auditor or admin client certificate): after the "
-        "first run only the lines added since, checked with the daemon's consistency proof. "
-        "Exit 0 only if all holds; otherwise name the first bad line.")
+        "also prove the log still holds every line verified last time, unchanged, whether a "
+        "checkpoint covered it or not. With --url, fetch the lines from the daemon (auditor "
+        "or admin client certificate): after the first run only the lines added since, "
+        "checked with the daemon's consistency proof. Exit 0 only if all holds; otherwise "
+        "name the first bad line. With --log, lines that no checkpoint covers are UNSIGNED "
+        "and exit 1 too, unless --allow-unsigned; except the final checkpoint's own intent "
+        "and outcome and the hsm.logout after them, with which every stopped daemon's log "
+        "ends (no checkpoint can cover its own signing).")
     source = v.add_mutually_exclusive_group(required=True)
     source.add_argument("--log", type=Path, help="the log file (log.jsonl)")
     source.add_argument("--url", help="the daemon's URL, to verify its log remotely "
@@ -113,8 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "log)")
     v.add_argument("--origin", help="expected checkpoint origin (default: taken from the log)")
     v.add_argument("--state", type=Path,
-                   help="file remembering the last verified checkpoint; created if missing "
-                   "(required with --url)")
+                   help="file remembering every line verified (their number, Merkle root and "
+                   "last hash) and the last verified checkpoint; created if missing, updated "
+                   "when all holds (required with --url)")
+    v.add_argument("--allow-unsigned", action="store_true",
+                   help="with --log: accept lines no checkpoint covers yet (a copy of a "
+                   "running or crashed daemon's log), say how many on stderr, exit 0 and "
+                   "record them in --state")
     _remote_flags(v, key_alias=False)
     v.set_defaults(command_key="audit-verify")
     s = asub.add_parser("show", help="print the log in a human-readable form")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -61,7 +62,7 @@ def test_state_catches_truncation_and_rewrite(ca: InitialisedCA, tmp_path: Path)
     objs[3]["event"] = "hsm.tampered"
     import hashlib
 
-    from ca.audit.log import GENESIS, canonical
+    from ca.audit.line import GENESIS, canonical
     prev = GENESIS
     out = []
     for o in objs:
@@ -72,6 +73,67 @@ def test_state_catches_truncation_and_rewrite(ca: InitialisedCA, tmp_path: Path)
     log.write_bytes(b"".join(out))
     proc = verify(ca.state, "--state", state, "--checkpoint", tmp_path / "none", log=log)
     assert proc.returncode == 1 and "FAILED at seq" in proc.stderr
+
+
+def test_offline_verify_misses_no_line_of_a_stopped_daemons_log(tmp_path: Path) -> None:
+    """A stopped daemon's log ends with lines no checkpoint covers: the final
+    checkpoint's own intent and outcome, then the HSM logout. They pass as the lines
+    that close the log, the state records them, and cutting or altering them is caught
+    (the state used to hold only the last checkpoint, so they could be cut unnoticed).
+    Other lines no checkpoint covers are UNSIGNED: exit 1 unless --allow-unsigned."""
+    ca = init_ca(tmp_path)
+    assert start_daemon(ca.state).stop() == 0
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    log = copy / "log.jsonl"
+    shutil.copy(ca.state / "audit/log.jsonl", log)
+    shutil.copy(ca.state / "audit/checkpoint", copy / "checkpoint")
+    lines = log.read_bytes().splitlines(keepends=True)
+    n = len(lines)
+    assert [json.loads(line)["event"] for line in lines[-4:]] == [
+        "daemon.stop", "hsm.sign", "hsm.sign", "hsm.logout"]
+    state = tmp_path / "auditor.state"
+
+    proc = verify(ca.state, "--state", state, log=log)
+    assert proc.returncode == 0, proc.stderr
+    assert re.fullmatch(f"OK: {n} lines, [0-9]+ checkpoints verified; the last 3 lines are the "
+                        "last checkpoint's own signing and the HSM logout, which no "
+                        "checkpoint can cover\n", proc.stdout), proc.stdout
+    assert json.loads(state.read_text())["size"] == n
+
+    log.write_bytes(b"".join(lines[:-3]))  # the three closing lines cut
+    proc = verify(ca.state, "--state", state, log=log)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"FAILED at seq {n - 3}: truncated: the log had {n} lines at "
+                                  "the last verification, now it has"), proc.stderr
+    logout = lines[-1].replace(b'"result":"ok"', b'"result":"CKR_GENERAL_ERROR"')
+    assert logout != lines[-1]
+    log.write_bytes(b"".join([*lines[:-1], logout]))  # the last line altered
+    proc = verify(ca.state, "--state", state, log=log)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"FAILED at seq {n - 1}: rewritten: the first {n} lines no "
+                                  "longer match those verified last time"), proc.stderr
+
+    # A copy cut before the daemon.stop line's checkpoint, with no checkpoint file beside
+    # it: the checkpoint before covers neither its own signing nor the daemon.stop.
+    (copy / "checkpoint").unlink()
+    log.write_bytes(b"".join(lines[:-3]))
+    notes = [json.loads(line)["checkpoint"] for line in lines[:-3] if b'"checkpoint":"' in line]
+    signed = int(notes[-1].split("\n")[1])  # the size line of the last checkpoint logged
+    fresh = tmp_path / "fresh.state"
+    proc = verify(ca.state, "--state", fresh, log=log)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.startswith(f"UNSIGNED: {n - 3 - signed} lines, no checkpoint covers "
+                                  f"them (seq {signed} to {n - 4})"), proc.stderr
+    assert not fresh.exists()  # not accepted, not recorded
+    proc = verify(ca.state, "--state", fresh, "--allow-unsigned", log=log)
+    assert proc.returncode == 0 and proc.stdout.startswith(f"OK: {n - 3} lines"), proc.stderr
+    assert proc.stderr.startswith(f"UNSIGNED: {n - 3 - signed} lines, no checkpoint covers")
+    assert json.loads(fresh.read_text())["size"] == n - 3  # accepted: recorded
+    log.write_bytes(b"".join(lines[:-4]))
+    proc = verify(ca.state, "--state", fresh, "--allow-unsigned", log=log)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"FAILED at seq {n - 4}: truncated"), proc.stderr
 
 
 def test_torn_tail_is_cut_and_recorded(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import json
 import re
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +150,16 @@ def test_the_independent_rfc_code_agrees_with_itself() -> None:
 
 
 # ---- helpers ----------------------------------------------------------------------------
+
+
+def no_proof(old: int, size: int) -> list[bytes]:
+    """For a witness push that needs no consistency proof (the first, or the same tree)."""
+    raise AssertionError(f"a proof from {old} to {size} lines was asked for")
+
+
+def given(hashes: list[bytes]) -> Callable[[int, int], list[bytes]]:
+    """A witness's `prove` that answers with `hashes`, whatever it is asked."""
+    return lambda _old, _size: hashes
 
 
 async def credential(d: Daemon, role: str, name: str, out: Path) -> tuple[Path, Path]:
@@ -317,8 +327,8 @@ async def test_remote_verify_is_incremental_and_catches_a_rewrite(tmp_path: Path
         first_lines, fetched = ok_counts(remote_verify(d, auditor, state))
         assert fetched == first_lines > 0  # the first run fetches everything
         saved = json.loads(state.read_text())
-        assert saved["size"] == saved["next_seq"] == first_lines
-        assert saved["last_hash"] == hashlib.sha256(
+        assert (saved["version"], saved["size"]) == (2, first_lines)
+        assert saved["head"] == hashlib.sha256(
             log.read_bytes().splitlines()[first_lines - 1]).hexdigest()
         first_checkpoint = saved["checkpoint"]
 
@@ -350,12 +360,12 @@ async def test_remote_verify_is_incremental_and_catches_a_rewrite(tmp_path: Path
         key = _audit_key(ca.state)
         origin = first_checkpoint.split("\n", 1)[0]
         witness = FileWitness(tmp_path / "witness", key, origin)
-        witness.accept(first_checkpoint, [])
+        witness.push(first_checkpoint, no_proof)
         status, _, raw = await get(
             d, f"/v1/audit/proof/consistency?old={first_lines}&size={second_lines}", auditor)
         assert status == 200
-        witness.accept(saved["checkpoint"],
-                       [base64.b64decode(h) for h in json.loads(raw)["proof"]])
+        witness.push(saved["checkpoint"],
+                     given([base64.b64decode(h) for h in json.loads(raw)["proof"]]))
         assert d.stop() == 0
         daemons.pop()
 
@@ -376,8 +386,7 @@ async def test_remote_verify_is_incremental_and_catches_a_rewrite(tmp_path: Path
         proc = remote_verify(d, auditor, state)
         assert proc.returncode == 1, proc.stdout + proc.stderr
         assert proc.stderr.startswith(f"FAILED at seq {second_lines - 1}: "), proc.stderr
-        assert "the log was cut or rewritten after the checkpoint verified last time" in (
-            proc.stderr)
+        assert "the log was cut or rewritten since it was verified last time" in proc.stderr
         assert state.read_bytes() == before  # nothing is saved from a failed run
 
         # The witness refuses the attacker's checkpoint and keeps the honest one.
@@ -386,8 +395,56 @@ async def test_remote_verify_is_incremental_and_catches_a_rewrite(tmp_path: Path
             d, f"/v1/audit/proof/consistency?old={second_lines}&size={size}", auditor)
         assert status == 200
         with pytest.raises(WitnessRefused, match="does not extend"):
-            witness.accept(text, [base64.b64decode(h) for h in json.loads(raw)["proof"]])
+            witness.push(text, given([base64.b64decode(h) for h in json.loads(raw)["proof"]]))
         assert (tmp_path / "witness").read_text() == saved["checkpoint"]
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+
+
+async def test_remote_verify_continues_from_an_offline_state_and_misses_no_line(
+        tmp_path: Path) -> None:
+    """An offline run on a stopped daemon's log records every line, the closing lines
+    after its final checkpoint included. A remote run continues from that state; and
+    once those lines are cut on the CA host, the restarted daemon signs a log without
+    them, which the remote run refuses (the state used to hold only the checkpoint, so
+    the cut went unnoticed)."""
+    ca = init_ca(tmp_path)
+    log = ca.state / "audit" / "log.jsonl"
+    state = tmp_path / "auditor.state"
+
+    def offline() -> int:
+        proc = hsmca("audit", "verify", "--log", log, "--key",
+                     ca.state / "audit" / "audit_key.pem", "--state", state, check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        seen = json.loads(state.read_text())["size"]
+        assert seen == len(log.read_bytes().splitlines())
+        return int(seen)
+
+    daemons: list[Daemon] = []
+    try:
+        d = start_daemon(ca.state)
+        daemons.append(d)
+        auditor = await credential(d, "auditor", "auditor@example.com", tmp_path / "aud")
+        assert daemons.pop().stop() == 0
+        seen = offline()
+
+        d = start_daemon(ca.state)
+        daemons.append(d)
+        lines, fetched = ok_counts(remote_verify(d, auditor, state))
+        assert lines > seen and fetched == lines - seen  # on from the offline state
+        assert daemons.pop().stop() == 0
+        seen = offline()  # now up to the second stop's closing lines
+
+        log.write_bytes(b"".join(log.read_bytes().splitlines(keepends=True)[:-3]))
+        d = start_daemon(ca.state)  # its checkpoint file covers the lines before the cut
+        daemons.append(d)
+        before = state.read_bytes()
+        proc = remote_verify(d, auditor, state)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert proc.stderr.startswith(f"FAILED at seq {seen - 1}: the log was cut or rewritten "
+                                      "since it was verified last time"), proc.stderr
+        assert state.read_bytes() == before
     finally:
         for daemon in daemons:
             daemon.stop()
@@ -409,6 +466,9 @@ def test_remote_verify_needs_a_state_and_a_client_certificate(tmp_path: Path) ->
     assert proc.returncode == 1 and "--client-cert and --client-key" in proc.stderr
     proc = hsmca("audit", "verify", "--url", "u", "--log", key, "--key", key, check=False)
     assert proc.returncode == 2 and "not allowed with argument" in proc.stderr
+    proc = hsmca(*base, "--state", tmp_path / "s.json", "--client-cert", key, "--client-key",
+                 key, "--allow-unsigned", check=False)
+    assert proc.returncode == 1 and "--allow-unsigned is for --log" in proc.stderr
 
 
 # ---- (d) the file witness ------------------------------------------------------------------
@@ -429,10 +489,10 @@ def test_file_witness_accepts_extensions_and_refuses_anything_else(tmp_path: Pat
     held.parent.mkdir()
     w = FileWitness(held, pub, origin)
     assert w.held() is None
-    w.accept(cp(entries, 5), [])  # the first is trusted on first use
+    w.push(cp(entries, 5), no_proof)  # the first is trusted on first use
     assert held.read_text() == cp(entries, 5)
-    w.accept(cp(entries, 5), [])  # the same tree again
-    w.accept(cp(entries, 12), proof(5, entries[:12]))
+    w.push(cp(entries, 5), no_proof)  # the same tree again
+    w.push(cp(entries, 12), given(proof(5, entries[:12])))
     assert held.read_text() == cp(entries, 12)
 
     refused = [
@@ -446,7 +506,7 @@ def test_file_witness_accepts_extensions_and_refuses_anything_else(tmp_path: Pat
     ]
     for text, hashes, why in refused:
         with pytest.raises(WitnessRefused, match=why):
-            w.accept(text, hashes)
+            w.push(text, given(hashes))
         assert held.read_text() == cp(entries, 12)  # the held checkpoint is kept
 
     # push asks for the proof from whatever size is held.
@@ -462,7 +522,7 @@ def test_file_witness_accepts_extensions_and_refuses_anything_else(tmp_path: Pat
     # A damaged held file is evidence: the witness refuses rather than overwrite it.
     held.write_text(cp(entries, 24).replace("24", "25", 1))
     with pytest.raises(WitnessRefused, match="does not verify"):
-        w.accept(cp(entries, 24), [])
+        w.push(cp(entries, 24), no_proof)
 
 
 # ---- verify_remote's own checks, against a log server the test controls -----------------
@@ -584,5 +644,78 @@ async def test_verify_remote_carries_open_intents_and_catches_a_lying_server(
         upgraded = await verify_remote(url, ctx, pub, legacy)
         assert upgraded.ok and upgraded.fetched == 8, upgraded.reason
         assert json.loads(legacy.read_text())["frontier"]
+    finally:
+        await runner.cleanup()
+
+
+async def test_verify_remote_from_a_state_ahead_of_the_daemons_checkpoint(
+        tmp_path: Path) -> None:
+    """A state saved offline may hold lines no checkpoint covered yet. While the daemon's
+    latest checkpoint covers fewer lines, the remote run checks that the daemon still
+    has them unchanged; a state of the first version still continues."""
+    import ssl
+
+    from aiohttp import web
+
+    from ca.audit.remote import verify_remote
+    from ca.audit.verify import save_state, verify_log
+
+    log = ScriptedLog()
+    runner = web.AppRunner(log.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    pub, ctx, state = log.key.public_key(), ssl.create_default_context(), tmp_path / "s.json"
+    try:
+        log.add("init.start")
+        log.add("hsm.login")
+        log.sign()  # covers 2 lines; the next 2 only the auditor's copy of the log has seen
+        log.add("cert.revoke", serial="01")
+        log.add("hsm.logout")
+        offline = verify_log(b"".join(line + b"\n" for line in log.lines), pub, log.origin,
+                             origin=log.origin, latest_checkpoint=log.checkpoint)
+        assert offline.ok and (offline.signed, offline.unsigned) == (2, 2), offline
+        assert offline.new_state is not None
+        save_state(state, offline.new_state)  # as `--allow-unsigned --state` records them
+
+        behind = await verify_remote(url, ctx, pub, state)
+        assert behind.ok and (behind.lines, behind.fetched) == (4, 0), behind.reason
+        assert "covers 2 of the 4 lines verified" in (behind.note or "")
+        log.sign(3)
+        newer = await verify_remote(url, ctx, pub, state)
+        assert newer.ok, newer.reason
+        saved = state.read_bytes()
+        assert json.loads(saved)["size"] == 4  # no line forgotten,
+        assert json.loads(saved)["checkpoint"] == log.checkpoint  # and the newer checkpoint
+
+        log.served = log.lines[:3]  # the daemon lost the last line
+        cut = await verify_remote(url, ctx, pub, state)
+        assert (cut.ok, cut.bad_seq) == (False, 3) and "has only 3" in (cut.reason or "")
+        log.served = None
+        original, log.lines[3] = log.lines[3], log.lines[3].replace(b"logout", b"logon")
+        rewritten = await verify_remote(url, ctx, pub, state)
+        assert (rewritten.ok, rewritten.bad_seq) == (False, 3)
+        assert "cut or rewritten" in (rewritten.reason or "")
+        log.lines[3] = original
+        assert state.read_bytes() == saved  # no failed run touched the state
+
+        log.add("daemon.start")
+        log.sign()
+        on = await verify_remote(url, ctx, pub, state)
+        assert on.ok and on.fetched == 1, on.reason  # from line 4: the lines seen are kept
+
+        # The state the remote verifier of the first version saved goes on as well.
+        now = json.loads(state.read_text())
+        first_version = {"size": now["size"], "root": now["root"],
+                         "checkpoint": now["checkpoint"], "frontier": now["frontier"],
+                         "last_hash": now["head"], "last_line": log.lines[-1].decode(),
+                         "next_seq": now["size"], "open_intents": now["open_intents"]}
+        state.write_text(json.dumps(first_version))
+        log.add("cert.revoke", serial="02")
+        log.sign()
+        migrated = await verify_remote(url, ctx, pub, state)
+        assert migrated.ok and migrated.fetched == 1, migrated.reason
+        assert json.loads(state.read_text())["version"] == 2
     finally:
         await runner.cleanup()

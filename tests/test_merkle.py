@@ -18,9 +18,14 @@ from hypothesis import strategies as st
 from ca.audit.merkle import (
     EMPTY_ROOT,
     CompactRange,
+    Growth,
     MerkleTree,
+    TreeHead,
     build_levels,
+    growth,
     leaf_hash,
+    leaf_hashes,
+    needs_proof,
     node_hash,
     verify_consistency,
     verify_inclusion,
@@ -108,6 +113,33 @@ def test_hashes_are_domain_separated_as_rfc6962_says() -> None:
     assert leaf_hash(b"abc") == hashlib.sha256(b"\x00abc").digest()
     assert node_hash(b"L" * 32, b"R" * 32) == hashlib.sha256(b"\x01" + b"L" * 32 + b"R" * 32
                                                              ).digest()
+
+
+def test_bulk_leaf_hashes_are_the_leaf_hashes() -> None:
+    assert leaf_hashes(LEAVES) == b"".join(leaf_hash(leaf) for leaf in LEAVES)
+    assert leaf_hashes([]) == b""
+
+
+def test_growth_says_how_a_newer_tree_relates_to_an_older_one() -> None:
+    """The one "extends" rule the writer, the verifiers and the witnesses share."""
+    tree = MerkleTree(leaf_hash(leaf) for leaf in LEAVES)
+    forked = MerkleTree(leaf_hash(leaf) for leaf in [*LEAVES[:3], b"forged", *LEAVES[4:]])
+    for old in range(len(LEAVES) + 1):
+        for new in range(len(LEAVES) + 1):
+            old_head, new_head = TreeHead(old, ROOTS[old]), TreeHead(new, ROOTS[new])
+            proof = tree.consistency_proof(old, new) if old <= new else []
+            assert needs_proof(old_head, new_head) == (0 < old < new)
+            want = (Growth.SHRANK if new < old else Growth.SAME if new == old
+                    else Growth.EXTENDS)
+            assert growth(old_head, new_head, proof) is want, (old, new)
+            if new >= old > 3:  # leaf 3 differs in the forked tree
+                fork = TreeHead(new, forked.root(new))
+                fork_proof = forked.consistency_proof(old, new)
+                assert growth(old_head, fork, fork_proof) is Growth.FORKED, (old, new)
+    # A proof is only taken when one is needed: the same tree needs none and gets none.
+    assert growth(TreeHead(5, ROOTS[5]), TreeHead(5, ROOTS[5]), [b"x" * 32]) is Growth.SAME
+    assert growth(TreeHead(5, ROOTS[5]), TreeHead(5, ROOTS[4]), []) is Growth.FORKED
+    assert growth(TreeHead(5, ROOTS[5]), TreeHead(7, ROOTS[7]), []) is Growth.FORKED  # no proof
 
 
 def test_roots_match_the_reference_vectors_for_every_prefix() -> None:
@@ -266,6 +298,20 @@ def test_compact_range_root_equals_full_tree_root(size: int, salt: int) -> None:
     assert CompactRange.from_hashes(size, cr.hashes).root() == cr.root()
 
 
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 300), st.integers(0, 2**32))
+def test_a_trees_compact_range_is_the_one_built_leaf_by_leaf(size: int, salt: int) -> None:
+    leaves = [leaf_hash(f"{salt}:{i}".encode()) for i in range(size + 5)]
+    tree = MerkleTree.from_leaf_hashes(b"".join(leaves))
+    cr = CompactRange()
+    for leaf in leaves[:size]:
+        cr.append(leaf)
+    got = tree.compact_range(size)
+    assert (got.size, got.hashes, got.root()) == (size, cr.hashes, tree.root(size))
+    got.append(leaves[size])  # and it goes on growing as the tree does
+    assert got.root() == tree.root(size + 1)
+
+
 def test_compact_range_copy_is_independent() -> None:
     cr = CompactRange()
     for i in range(5):
@@ -315,6 +361,7 @@ def test_a_million_leaf_tree_gives_small_proofs() -> None:
     for index in (0, 1, 12345, n - 1):
         proof = tree.inclusion_proof(index)
         assert len(proof) == 20
-        assert verify_inclusion(tree.leaf(index), index, n, proof, root)
+        leaf = leaves[index * 32:(index + 1) * 32]
+        assert verify_inclusion(leaf, index, n, proof, root)
     old = 999_999
     assert verify_consistency(old, n, tree.root(old), root, tree.consistency_proof(old))

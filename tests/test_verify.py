@@ -1,7 +1,7 @@
 """The offline audit verifier: valid logs pass, and any tampering is caught and named
 at the first line whose bytes or position changed.
 
-Logs are written here the way SPEC section 6 says the daemon writes them (canonical
+Logs are written here the way docs/audit-log.md says the daemon writes them (canonical
 JSON lines, hash chain, intent/outcome pairs, signed checkpoints in outcome lines),
 with a software Ed25519 key standing in for the HSM's audit key.
 """
@@ -23,26 +23,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-import ca.audit.verify as verify_module
+import ca.audit.verify.scan as scan_module
+from ca.audit.line import GENESIS, canonical
 from ca.audit.merkle import CompactRange, leaf_hash
 from ca.audit.note import sign_checkpoint
-from ca.audit.verify import (
-    GENESIS,
-    VerifyResult,
-    load_state,
-    save_state,
-    verify_log,
-)
+from ca.audit.verify import VerifyResult, load_state, save_state, verify_log
 
 ORIGIN = "hsmca.example/audit"
 KEY = Ed25519PrivateKey.from_private_bytes(hashlib.sha256(b"test audit key").digest())
 PUB = KEY.public_key()
 T0 = datetime(2026, 1, 5, 23, 59, 59, 990000, tzinfo=UTC)  # crosses midnight, "-0" in dates
-
-
-def canonical(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=False).encode("utf-8")
 
 
 def digest_hex(line: bytes) -> str:
@@ -133,12 +123,12 @@ def check(data: bytes, **kw: Any) -> VerifyResult:
 @contextmanager
 def small_chunks() -> Iterator[None]:
     """Let tiny logs use the forked workers: chunks of 4 lines, no minimum size."""
-    saved = verify_module._ALIGN, verify_module._MIN_BYTES
-    verify_module._ALIGN, verify_module._MIN_BYTES = 2, 0
+    saved = scan_module._ALIGN, scan_module._MIN_BYTES
+    scan_module._ALIGN, scan_module._MIN_BYTES = 2, 0
     try:
         yield
     finally:
-        verify_module._ALIGN, verify_module._MIN_BYTES = saved
+        scan_module._ALIGN, scan_module._MIN_BYTES = saved
 
 
 def simple_log() -> LogBuilder:
@@ -344,7 +334,7 @@ def test_non_canonical_lines_are_refused(case: str) -> None:
 
 
 def oracle_accepts(text: str) -> bool:
-    """What SPEC 6 says: a JSON object whose canonical serialisation is the text."""
+    """What docs/audit-log.md says: a JSON object whose canonical serialisation is the text."""
     def no_constants(name: str) -> Any:
         raise ValueError(name)
 
@@ -523,8 +513,10 @@ def test_checkpoints_in_the_log_are_verified() -> None:
     b.checkpoint()
     result = check(b.data())
     assert result.ok and result.checkpoints == 2
-    assert result.new_state is not None
-    assert result.new_state["size"] == json.loads(b.lines[-2])["size"]
+    # The last checkpoint covers every line but its own two: they close the log.
+    assert (result.signed, result.closing, result.unsigned) == (b.size - 2, 2, 0)
+    assert json.loads(b.lines[-2])["size"] == b.size - 2
+    assert result.new_state is not None and result.new_state["size"] == b.size
 
 
 @pytest.mark.parametrize(("make", "reason"), [
@@ -613,9 +605,17 @@ def test_state_catches_truncation_and_rewrites(tmp_path: Path) -> None:
     b.outcome("later")
     grown = check(b.data(), state=state, latest_checkpoint=b.note())
     assert grown.ok and grown.new_state is not None and grown.new_state["size"] == b.size
-    # Grew, but the auditor has no newer checkpoint: the old state is kept.
-    kept = check(b.data(), state=state)
-    assert kept.ok and kept.new_state == state
+    # Grew, but no checkpoint covers the new lines yet: they are unsigned, and the state
+    # records them all the same, so that cutting the log back to the checkpoint verified
+    # last time is caught next time.
+    unsigned = check(b.data(), state=state)
+    assert unsigned.ok and (unsigned.signed, unsigned.closing, unsigned.unsigned) == (
+        state["size"], 0, 2)
+    assert unsigned.new_state is not None and unsigned.new_state["size"] == b.size
+    assert unsigned.new_state["checkpoint"] == state["checkpoint"]
+    cut = check(join(b.lines[:state["size"]]), state=unsigned.new_state)
+    assert (cut.ok, cut.bad_seq) == (False, state["size"])
+    assert f"truncated: the log had {b.size} lines" in (cut.reason or "")
 
     # Cut back below what was verified: truncation, at the new end of the log.
     short = state["size"] - 3
@@ -650,6 +650,164 @@ def test_a_broken_state_file_is_an_error_not_a_verdict(tmp_path: Path) -> None:
         load_state(tmp_path / "s.json")
 
 
+def stopped_log() -> LogBuilder:
+    """A log as a daemon leaves it when it stops: daemon.stop, a final checkpoint over
+    everything up to it, then the HSM logout."""
+    b = simple_log()
+    b.add("daemon.stop", pid=42)
+    b.checkpoint()
+    b.add("hsm.logout", result="ok")
+    return b
+
+
+def test_a_log_that_ends_as_a_daemon_closes_it_has_no_unsigned_line() -> None:
+    b = stopped_log()
+    result = check(b.data())
+    assert result.ok, result.reason
+    assert (result.signed, result.closing, result.unsigned) == (b.size - 3, 3, 0)
+    b.lines.pop()  # a daemon that checkpoints while running has not logged out
+    assert (check(b.data()).closing, check(b.data()).unsigned) == (2, 0)
+
+
+def test_lines_after_the_last_checkpoint_are_unsigned_unless_they_close_the_log() -> None:
+    def unsigned(build: Any) -> tuple[int, int, int]:
+        b = simple_log()
+        b.add("daemon.stop", pid=42)
+        build(b)
+        result = check(b.data())
+        assert result.ok, result.reason
+        assert result.signed + result.closing + result.unsigned == b.size
+        return result.signed, result.closing, result.unsigned
+
+    size = simple_log().size + 1  # with the daemon.stop line
+    covered = json.loads(simple_log().lines[8])["size"]  # simple_log's own checkpoint
+    # The final checkpoint's signing failed: nothing signs the lines after `covered`.
+    failed = "CKR_DEVICE_ERROR"
+    assert unsigned(lambda b: (b.intent("cp", purpose="checkpoint"),
+                               b.outcome("cp", result=failed), b.add("hsm.logout"))) == (
+        covered, 0, size + 3 - covered)
+    # Something other than a logout after the final checkpoint.
+    assert unsigned(lambda b: (b.checkpoint(), b.add("cert.revoke", serial="01"))) == (
+        size, 0, 3)
+    # Two logouts: a daemon logs out once.
+    assert unsigned(lambda b: (b.checkpoint(), b.add("hsm.logout"), b.add("hsm.logout"))) == (
+        size, 0, 4)
+    # An issuance between the checkpoint's intent and its outcome.
+    def interleaved(b: LogBuilder) -> None:
+        note = b.note()
+        b.intent("cp", purpose="checkpoint")
+        b.intent("x")
+        b.outcome("x")
+        b.outcome("cp", checkpoint=note)
+    assert unsigned(interleaved) == (size, 0, 4)
+
+
+def test_the_state_records_every_line_seen_and_catches_a_cut_tail() -> None:
+    """The bug: the state held only the last checkpoint, so the lines after it (which a
+    log always has) could be removed unnoticed."""
+    b = stopped_log()
+    first = check(b.data())
+    assert first.ok and first.new_state is not None
+    state = first.new_state
+    assert (state["version"], state["size"]) == (2, b.size)
+    assert state["head"] == digest_hex(b.lines[-1])
+    assert base64.b64decode(state["root"]) == b._tree.root()
+    for cut in (1, 2, 3):  # the logout, then the final checkpoint's outcome and intent
+        result = check(join(b.lines[:-cut]), state=state)
+        assert (result.ok, result.bad_seq) == (False, b.size - cut), cut
+        assert f"truncated: the log had {b.size} lines" in (result.reason or "")
+    # The last line altered (nothing after it vouches for it), or the outcome altered and
+    # the logout re-chained after it.
+    altered = [*b.lines[:-1], rewrite(b.lines[-1], result="CKR_GENERAL_ERROR")]
+    rechained = rechain([*b.lines[:-2], rewrite(b.lines[-2], released=False), b.lines[-1]],
+                        b.size - 1)
+    for lines in (altered, rechained):
+        result = check(join(lines), state=state)
+        assert (result.ok, result.bad_seq) == (False, b.size - 1)
+        assert f"rewritten: the first {b.size} lines no longer match those verified last " \
+               "time" in (result.reason or "")
+    # Reordered: the outcome and the logout swapped.
+    swapped = [*b.lines[:-2], b.lines[-1], b.lines[-2]]
+    result = check(join(swapped), state=state)
+    assert (result.ok, result.bad_seq) == (False, b.size - 2)
+    # Grown as a restarted daemon grows it: fine, and the state moves on.
+    b.add("daemon.start", version="0.1.0")
+    b.checkpoint()
+    grown = check(b.data(), state=state)
+    assert grown.ok and grown.new_state is not None and grown.new_state["size"] == b.size
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(valid_logs(), st.sampled_from(["cut", "delete", "rewrite", "rechain", "swap"]),
+       st.data())
+def test_any_change_to_a_line_seen_before_is_caught_signed_or_not(
+        log: LogBuilder, kind: str, data: st.DataObject) -> None:
+    """With the state of a run that saw the whole log (checkpointed or not), removing,
+    altering or reordering any line is caught, and named at that line or after it."""
+    state = check(log.data()).new_state
+    assume(state is not None)  # a log without any checkpoint saves no state
+    assert state is not None and state["size"] == log.size
+    lines, n = list(log.lines), log.size
+    k = data.draw(st.integers(0, n - 1))
+    if kind == "cut":
+        lines = lines[:k]
+    elif kind == "delete":
+        del lines[k]
+    elif kind == "rewrite":
+        lines[k] = rewrite(lines[k], tampered=True)
+    elif kind == "rechain":
+        lines = rechain([*lines[:k], rewrite(lines[k], tampered=True), *lines[k + 1:]], k + 1)
+    else:
+        assume(k < n - 1)
+        m = data.draw(st.integers(k + 1, n - 1))
+        lines[k], lines[m] = lines[m], lines[k]
+    assume(lines != log.lines)
+    result = check(join(lines), state=state)
+    assert not result.ok
+    assert result.bad_seq is not None and k <= result.bad_seq <= n - 1, (kind, k, result)
+
+
+def test_states_of_the_first_version_are_read_and_saved_anew(tmp_path: Path) -> None:
+    b = stopped_log()
+    cp = b.lines[-2]  # the final checkpoint's outcome
+    note = json.loads(cp)["checkpoint"]
+    signed = b.size - 3
+    tree = CompactRange()
+    for line in b.lines[:signed]:
+        tree.append(leaf_hash(line))
+    root = base64.b64encode(tree.root()).decode()
+    offline = {"size": signed, "root": root, "checkpoint": note}
+    remote = {**offline, "frontier": [base64.b64encode(h).decode() for h in tree.hashes],
+              "last_hash": digest_hex(b.lines[signed - 1]),
+              "last_line": b.lines[signed - 1].decode(), "next_seq": signed,
+              "open_intents": {}}
+    for old in (offline, remote):
+        result = check(b.data(), state=old)
+        assert result.ok, result.reason
+        assert result.new_state is not None
+        assert (result.new_state["version"], result.new_state["size"]) == (2, b.size)
+        # The first version's checks still hold: the log must still have its lines.
+        cut = check(join(b.lines[:signed - 1]), state=old)
+        assert (cut.ok, cut.bad_seq) == (False, signed - 1)
+    with pytest.raises(ValueError, match="last_line"):
+        verify_log(b.data(), PUB, ORIGIN, state={**remote, "last_line": "{}"})
+    with pytest.raises(ValueError, match="version"):
+        verify_log(b.data(), PUB, ORIGIN, state={**offline, "version": 3})
+
+
+def test_a_damaged_state_of_the_new_version_is_an_error() -> None:
+    b = stopped_log()
+    state = check(b.data()).new_state
+    assert state is not None
+    other_root = base64.b64encode(b"\x07" * 32).decode()
+    for damage, why in [({"head": "AB" * 32}, "head"), ({"root": other_root}, "frontier"),
+                        ({"frontier": state["frontier"][1:]}, "frontier"),
+                        ({"size": 3}, "frontier"), ({"checkpoint": "x"}, "checkpoint"),
+                        ({"open_intents": {"op": {"seq": b.size}}}, "open intent")]:
+        with pytest.raises(ValueError, match=why):
+            verify_log(b.data(), PUB, ORIGIN, state={**state, **damage})
+
+
 def test_an_empty_log_is_valid_and_a_missing_one_after_a_checkpoint_is_not() -> None:
     assert check(b"").ok
     b = simple_log()
@@ -668,8 +826,8 @@ def test_big_log_in_parallel_workers_agrees_with_one_process() -> None:
         if b.size % 1000 < 2:
             b.checkpoint()
     data = b.data()
-    saved = verify_module._MIN_BYTES
-    verify_module._MIN_BYTES = 0
+    saved = scan_module._MIN_BYTES
+    scan_module._MIN_BYTES = 0
     try:
         good = verify_log(data, PUB, ORIGIN, workers=2)
         assert good.ok and good.lines == b.size
@@ -680,7 +838,7 @@ def test_big_log_in_parallel_workers_agrees_with_one_process() -> None:
         assert (bad.ok, bad.bad_seq) == (False, k)
         assert bad == verify_log(join(lines), PUB, ORIGIN, workers=1)
     finally:
-        verify_module._MIN_BYTES = saved
+        scan_module._MIN_BYTES = saved
 
 
 # ---- the bulk path and its fallback -----------------------------------------------------------
@@ -694,12 +852,12 @@ def test_big_log_in_parallel_workers_agrees_with_one_process() -> None:
 @contextmanager
 def line_by_line() -> Iterator[None]:
     """Every block checked by the line-by-line code only: the reference."""
-    saved = verify_module._scan_block
-    verify_module._scan_block = lambda *args, **kwargs: None
+    saved = scan_module._scan_block
+    scan_module._scan_block = lambda *args, **kwargs: None
     try:
         yield
     finally:
-        verify_module._scan_block = saved
+        scan_module._scan_block = saved
 
 
 def block_log(lines: int = 40) -> LogBuilder:
@@ -712,27 +870,40 @@ def block_log(lines: int = 40) -> LogBuilder:
     return b
 
 
-def check_both_ways(data: bytes) -> VerifyResult:
-    result = check(data)
+def check_both_ways(data: bytes, **kw: Any) -> VerifyResult:
+    """The bulk path (in one process and in forked workers) and the line-by-line
+    reference give the same result, field for field."""
+    result = check(data, **kw)
     with line_by_line():
-        reference = verify_log(data, PUB, ORIGIN, origin=ORIGIN, workers=1)
-    assert (result.ok, result.bad_seq, result.reason, result.lines) == (
-        reference.ok, reference.bad_seq, reference.reason, reference.lines)
+        reference = verify_log(data, PUB, ORIGIN, origin=ORIGIN, workers=1, **kw)
+    assert result == reference
     return result
+
+
+@contextmanager
+def blocks_of(size: int) -> Iterator[None]:
+    """Bulk blocks of about `size` bytes: a few lines each in a small log, so that a
+    damaged block sits between blocks that pass in bulk."""
+    saved = scan_module._BLOCK_BYTES
+    scan_module._BLOCK_BYTES = size
+    try:
+        yield
+    finally:
+        scan_module._BLOCK_BYTES = saved
 
 
 def test_a_valid_block_takes_the_bulk_path() -> None:
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("a valid plain block was checked line by line")
 
-    saved = verify_module._scan_lines
-    verify_module._scan_lines = refuse
+    saved = scan_module._scan_lines
+    scan_module._scan_lines = refuse
     try:
         b = block_log()
         b.checkpoint()
         result = verify_log(b.data(), PUB, ORIGIN, origin=ORIGIN, workers=1)
     finally:
-        verify_module._scan_lines = saved
+        scan_module._scan_lines = saved
     assert result.ok and result.checkpoints == 1, result.reason
 
 
@@ -837,13 +1008,13 @@ def test_a_lying_seq_at_a_worker_boundary_changes_nothing() -> None:
     # scanned again in one process, with the same verdict.
     b = block_log(3 * 4096)
     lines = [*b.lines[:100], *b.lines[101:]]  # every later seq is one too high
-    saved = verify_module._MIN_BYTES
-    verify_module._MIN_BYTES = 0
+    saved = scan_module._MIN_BYTES
+    scan_module._MIN_BYTES = 0
     try:
         forked = verify_log(join(lines), PUB, ORIGIN, workers=2)
         single = verify_log(join(lines), PUB, ORIGIN, workers=1)
     finally:
-        verify_module._MIN_BYTES = saved
+        scan_module._MIN_BYTES = saved
     assert forked == single
     assert (forked.ok, forked.bad_seq) == (False, 100)
 
@@ -861,21 +1032,24 @@ def test_a_seq_past_int64_at_a_worker_boundary_is_reported_not_raised() -> None:
 
 def test_findings_too_big_for_shared_memory_go_through_the_pipe() -> None:
     b = block_log(3 * 4096)
-    saved = verify_module._MIN_BYTES, verify_module._SHARED_PER_BYTE
-    verify_module._MIN_BYTES, verify_module._SHARED_PER_BYTE = 0, 0
+    saved = scan_module._MIN_BYTES, scan_module._SHARED_PER_BYTE
+    scan_module._MIN_BYTES, scan_module._SHARED_PER_BYTE = 0, 0
     try:
         forked = verify_log(b.data(), PUB, ORIGIN, workers=2, latest_checkpoint=b.note())
     finally:
-        verify_module._MIN_BYTES, verify_module._SHARED_PER_BYTE = saved
+        scan_module._MIN_BYTES, scan_module._SHARED_PER_BYTE = saved
     assert forked.ok and forked.lines == b.size and forked.checkpoints == 1
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(valid_logs(), st.data())
-def test_bulk_and_line_by_line_agree_on_random_damage(log: LogBuilder,
-                                                      data: st.DataObject) -> None:
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(valid_logs(), st.sampled_from([1, 600, 4000, 1 << 19]), st.data())
+def test_bulk_and_line_by_line_agree_on_random_valid_and_damaged_logs(
+        log: LogBuilder, block_bytes: int, data: st.DataObject) -> None:
+    """The fast path and the reference path: same verdict, same first failing seq and
+    reason, same checkpoints and state, on valid logs and on randomly damaged ones."""
     lines = list(log.lines)
-    for _ in range(data.draw(st.integers(1, 3))):
+    damages = data.draw(st.integers(0, 3))
+    for _ in range(damages):
         k = data.draw(st.integers(0, len(lines) - 1))
         line = lines[k]
         at = data.draw(st.integers(0, len(line)))
@@ -887,7 +1061,10 @@ def test_bulk_and_line_by_line_agree_on_random_damage(log: LogBuilder,
         lines[k] = line[:at] + insert + line[at + cut:]
         if data.draw(st.booleans()):
             lines = [*lines[:k + 1], *rechain_raw(lines, k + 1)]
-    check_both_ways(join(lines))
+    with blocks_of(block_bytes):
+        result = check_both_ways(join(lines), latest_checkpoint=log.note())
+    if not damages:
+        assert result.ok, result.reason
 
 
 def rechain_raw(lines: list[bytes], start: int) -> list[bytes]:
@@ -902,3 +1079,59 @@ def rechain_raw(lines: list[bytes], start: int) -> list[bytes]:
             pass
         out.append(line)
     return out[start:]
+
+
+# ---- lines that continue a verified prefix (the remote verifier's check) ------------------
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(valid_logs(), st.data())
+def test_check_lines_continues_a_prefix_as_verify_log_reads_the_whole(
+        log: LogBuilder, data: st.DataObject) -> None:
+    """check_lines on lines [k, n) after a verified prefix [0, k): the same verdict,
+    failing seq and reason as verify_log on the whole log, and the same leaves."""
+    from ca.audit.verify import PinnedKey, check_lines
+    from ca.audit.verify.pairing import Signings, pair
+
+    lines = list(log.lines)
+    k = data.draw(st.integers(0, len(lines)))
+    if data.draw(st.booleans()) and k < len(lines):  # damage a line after the prefix
+        j = data.draw(st.integers(k, len(lines) - 1))
+        lines[j] = rewrite(lines[j], **data.draw(st.sampled_from(
+            [{"seq": 0}, {"prev": "ab" * 32}, {"phase": "maybe"}, {"tampered": True}])))
+    # What the prefix leaves open, as the remote verifier's state carries it.
+    open_intents: dict[str, int] = {}
+    signings = Signings()
+    for seq, line in enumerate(lines[:k]):
+        obj = json.loads(line)
+        if obj["event"] == "hsm.sign":
+            signings.seqs.append(seq)
+            signings.intent.append(obj["phase"] == "intent")
+            signings.ops.append(obj["op_id"])
+    assert pair([signings], None, open_intents) is None
+    prev = digest_hex(lines[k - 1]) if k else GENESIS
+
+    found = check_lines(join(lines[k:]), k, prev, open_intents, PinnedKey(PUB, ORIGIN, ORIGIN))
+    whole = verify_log(join(lines), PUB, ORIGIN, origin=ORIGIN, workers=1)
+    assert found.lines == len(lines) - k
+    assert found.leaves == b"".join(leaf_hash(line) for line in lines[k:k + found.good])
+    if found.failure is not None:
+        assert (whole.ok, whole.bad_seq, whole.reason) == (
+            False, found.failure.seq, found.failure.reason)
+    else:  # the roots and the intents left open at the end are the caller's to judge
+        assert whole.ok or any(why in (whole.reason or "") for why in (
+            "Merkle root", "intent without an outcome")), whole.reason
+
+
+def test_check_lines_blames_the_new_line_when_it_does_not_follow_the_verified_one() -> None:
+    # The line before `start` was verified before and is pinned by its hash: a first new
+    # line whose prev differs is the one that changed, even though the line after it
+    # still vouches for it (which, inside one log, blames the line before).
+    from ca.audit.verify import PinnedKey, Stage, check_lines
+
+    b = simple_log()
+    k = 4  # after the first intent and outcome: nothing open
+    found = check_lines(join(b.lines[k:]), k, "ab" * 32, {}, PinnedKey(PUB, ORIGIN, ORIGIN))
+    assert found.failure == (k, Stage.LINE, f"prev does not match the SHA-256 of line {k - 1} "
+                                            "as verified last time")
+    assert (found.good, found.leaves) == (0, b"")

@@ -1,11 +1,12 @@
 """The append-only operation log: one writer, canonical JSON lines, group commit.
 
-SPEC section 6 fixes the format. This module owns the file: it holds an exclusive
-lock, recovers a torn tail at open, refuses a log that no longer matches its last
-checkpoint, and appends through one writer thread that covers every line that
-arrived during the previous fdatasync with the next one (group commit). A caller's
-future resolves only once its line is durable; if the disk refuses, the batch is
-cut back off the file and every caller gets AuditUnavailable (fail closed).
+docs/audit-log.md fixes the format; ca/audit/line.py holds its rules. This module
+owns the file: it holds an exclusive lock, recovers a torn tail at open, refuses a
+log that no longer matches its last checkpoint, and appends through one writer
+thread that covers every line that arrived during the previous fdatasync with the
+next one (group commit). A caller's future resolves only once its line is durable;
+if the disk refuses, the batch is cut back off the file and every caller gets
+AuditUnavailable (fail closed).
 """
 
 from __future__ import annotations
@@ -28,29 +29,19 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from ca.audit.merkle import MerkleTree, leaf_hash
+from ca.audit.line import CHECKPOINT_FIELD, GENESIS, canonical, chain_hash
+from ca.audit.merkle import Growth, MerkleTree, TreeHead, growth, leaf_hash, leaf_hashes
 from ca.audit.note import NoteError, parse_checkpoint, verify_checkpoint
 from ca.handoff import STOP, Batch, Coalescer, Sink, async_sink, claim, drain_queue, stop_thread
 from hsm.errors import AuditUnavailable
-
-GENESIS = "0" * 64
 
 
 class AuditLogError(Exception):
     """The log cannot be opened safely; the message tells the operator what to look at."""
 
 
-def canonical(obj: Mapping[str, Any]) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False).encode("utf-8")  # NaN is not JSON
-
-
 def utc_now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def line_hash(line: bytes) -> bytes:
-    return hashlib.sha256(line).digest()
 
 
 class AuditLog:
@@ -131,8 +122,7 @@ class AuditLog:
         for line in lines:
             offsets.append(pos)
             pos += len(line) + 1
-        tree = MerkleTree.from_leaf_hashes(b"".join(leaf_hash(line) for line in lines))
-        prev_digest = line_hash(lines[-1]) if lines else None
+        tree = MerkleTree.from_leaf_hashes(leaf_hashes(lines))
         good_bytes = len(data) - len(torn)
         n = len(lines)
         if n:
@@ -143,7 +133,7 @@ class AuditLog:
                                     "run `hsmca audit verify` and investigate")
         if checkpoint_path is not None:
             cls._check_against_checkpoint(path, checkpoint_path, tree, lines, audit_key)
-        prev = prev_digest.hex() if prev_digest is not None else GENESIS
+        prev = chain_hash(lines[-1]) if lines else GENESIS
         log = cls(path, fd, good_bytes, n, prev, tree, offsets)
         if torn:
             os.ftruncate(fd, good_bytes)
@@ -182,12 +172,14 @@ class AuditLog:
         except NoteError as exc:
             raise AuditLogError(f"{where} is not a valid checkpoint of this CA ({exc}); "
                                 "refusing to start: an operator must look") from None
-        if cp.size > n:
+        old, now = TreeHead(cp.size, cp.root), TreeHead(n, tree.root())
+        verdict = growth(old, now, tree.consistency_proof(cp.size) if cp.size <= n else [])
+        if verdict is Growth.SHRANK:
             raise AuditLogError(
                 f"the audit log {path} has {n} complete lines but {where} covers "
                 f"{cp.size}: the log was truncated or replaced (tampering or loss). Refusing to "
                 "start; restore the log and run `hsmca audit verify`")
-        if tree.root(cp.size) != cp.root:
+        if verdict is Growth.FORKED:
             raise AuditLogError(
                 f"the first {cp.size} lines of the audit log {path} no longer match {where}: "
                 "the log was rewritten. Refusing to start; run `hsmca audit verify`")
@@ -254,11 +246,10 @@ class AuditLog:
             except (TypeError, ValueError) as exc:
                 results.fail(fut, exc)  # a caller's bug must not poison the others' lines
                 continue
-            digest = line_hash(line)
             chunks.append(line + b"\n")
             leaves.append(leaf_hash(line))
             done.append((fut, seq, event, fields))
-            prev = digest.hex()
+            prev = chain_hash(line)
             seq += 1
         if not done:
             results.flush()
@@ -367,12 +358,13 @@ class AuditLog:
 
 
 def _last_logged_checkpoint(lines: list[bytes]) -> tuple[str, int] | None:
+    marker = f'"{CHECKPOINT_FIELD}":"'.encode()
     for seq in range(len(lines) - 1, -1, -1):
-        if b'"checkpoint":"' not in lines[seq]:
+        if marker not in lines[seq]:
             continue
         obj = json.loads(lines[seq])
-        if obj.get("phase") == "outcome" and isinstance(obj.get("checkpoint"), str):
-            return obj["checkpoint"], seq
+        if obj.get("phase") == "outcome" and isinstance(obj.get(CHECKPOINT_FIELD), str):
+            return obj[CHECKPOINT_FIELD], seq
     return None
 
 

@@ -20,24 +20,47 @@ nothing but their arguments, so an auditor can check proofs without a tree.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 HASH_SIZE = 32
 EMPTY_ROOT = hashlib.sha256(b"").digest()
 
 _sha256 = hashlib.sha256
-_NODE_PREFIX = _sha256(b"\x01")  # RFC 6962 interior nodes hash 0x01 || left || right
+# RFC 6962 hashes a leaf as SHA-256(0x00 || leaf) and an interior node as
+# SHA-256(0x01 || left || right). Hashing goes on from a copy of these prefix
+# states, which spares building a concatenated bytes object per hash.
+_LEAF_PREFIX = _sha256(b"\x00")
+_NODE_PREFIX = _sha256(b"\x01")
 
 
 def leaf_hash(line: bytes) -> bytes:
     """The RFC 6962 hash of one leaf (for the audit log: a line without its newline)."""
-    return _sha256(b"\x00" + line).digest()
+    h = _LEAF_PREFIX.copy()
+    h.update(line)
+    return h.digest()
+
+
+def leaf_hashes(lines: Iterable[bytes]) -> bytes:
+    """`leaf_hash` of each line, concatenated (what `build_levels` takes)."""
+    new_leaf = _LEAF_PREFIX.copy
+    out: list[bytes] = []
+    append = out.append
+    for line in lines:
+        h = new_leaf()
+        h.update(line)
+        append(h.digest())
+    return b"".join(out)
 
 
 def node_hash(left: bytes, right: bytes) -> bytes:
     """The RFC 6962 hash of an interior node."""
-    return _sha256(b"\x01" + left + right).digest()
+    h = _NODE_PREFIX.copy()
+    h.update(left)
+    h.update(right)
+    return h.digest()
 
 
 def _check_hash(value: bytes, what: str = "leaf hash") -> bytes:
@@ -61,8 +84,7 @@ def build_levels(leaves: bytes, height: int | None = None) -> list[bytes]:
         raise ValueError(f"leaf hashes must be a multiple of {HASH_SIZE} bytes")
     levels = [leaves]
     level = leaves
-    # One step per node: copying a hash of the 0x01 prefix and feeding it the pair
-    # beats concatenating them, and a plain loop beats map() chains (CPython 3.11).
+    # A plain loop, a node per step: the pair is fed as one slice of the level.
     new_node = _NODE_PREFIX.copy
     while len(level) >= 2 * HASH_SIZE and (height is None or len(levels) <= height):
         pairs = len(level) // (2 * HASH_SIZE) * 2 * HASH_SIZE
@@ -193,11 +215,6 @@ class MerkleTree:
     def size(self) -> int:
         return self._size
 
-    def leaf(self, index: int) -> bytes:
-        if not 0 <= index < self._size:
-            raise IndexError(f"leaf {index} is outside a tree of {self._size} leaves")
-        return self._node(0, index)
-
     def append(self, leaf: bytes) -> None:
         """Add one leaf hash and every subtree root it completes (O(1) amortised)."""
         levels = self._levels
@@ -216,6 +233,18 @@ class MerkleTree:
         """Root of the first `size` leaves (default: all of them)."""
         size = self._check_size(size)
         return self._mth(0, size) if size else EMPTY_ROOT
+
+    def compact_range(self, size: int | None = None) -> CompactRange:
+        """The compact range of the first `size` leaves (default: all of them): what
+        appending to that prefix needs, without the tree."""
+        size = self._check_size(size)
+        hashes: list[bytes] = []
+        lo = 0
+        for level in range(size.bit_length() - 1, -1, -1):  # the largest subtree first
+            if size >> level & 1:
+                hashes.append(self._node(level, lo >> level))
+                lo += 1 << level
+        return CompactRange.from_hashes(size, hashes)
 
     def inclusion_proof(self, index: int, size: int | None = None) -> list[bytes]:
         """RFC 6962 PATH(index, D[0:size]), leaf-side sibling first."""
@@ -353,6 +382,45 @@ def verify_consistency(old: int, size: int, old_root: bytes, new_root: bytes,
         fn >>= 1
         sn >>= 1
     return sn == 0 and fr == old_root and sr == new_root
+
+
+class TreeHead(NamedTuple):
+    """A tree as a checkpoint (or an auditor's state) names it: its size and root."""
+
+    size: int
+    root: bytes
+
+
+class Growth(enum.Enum):
+    """How a newer tree head relates to an older one (see `growth`)."""
+
+    SAME = "same"  # the same size and root
+    EXTENDS = "extends"  # more leaves, and the proof shows the old tree is their prefix
+    SHRANK = "shrank"  # fewer leaves: the log was cut
+    FORKED = "forked"  # the old tree is not a prefix of the new one: the log was rewritten
+
+
+def needs_proof(old: TreeHead, new: TreeHead) -> bool:
+    """Whether `growth(old, new, proof)` needs a consistency proof (else it takes [])."""
+    return 0 < old.size < new.size
+
+
+def growth(old: TreeHead, new: TreeHead, proof: Sequence[bytes]) -> Growth:
+    """The one "this checkpoint extends that one" rule, for every party that holds an
+    older tree head and is shown a newer one: the log's writer at start-up, the
+    verifiers, a witness.
+
+    `proof` is the RFC 9162 consistency proof from `old.size` to `new.size` when
+    `needs_proof` says so, and is ignored otherwise. A holder of the whole tree
+    passes its own `MerkleTree.consistency_proof`.
+    """
+    if new.size < old.size:
+        return Growth.SHRANK
+    if new.size == old.size:
+        return Growth.SAME if new.root == old.root else Growth.FORKED
+    ok = verify_consistency(old.size, new.size, old.root, new.root,
+                            proof if needs_proof(old, new) else [])
+    return Growth.EXTENDS if ok else Growth.FORKED
 
 
 def _all_hashes(*values: bytes) -> bool:

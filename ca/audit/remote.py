@@ -1,28 +1,30 @@
 """Incremental verification of a running daemon's audit log over its auditor API.
 
-The offline verifier (`ca.audit.verify`) reads the whole file. A remote auditor
-pulls the lines over HTTPS instead (SPEC section 7) and, after the first run,
-fetches only the lines added since the checkpoint it verified last time:
+The offline verifier (`ca.audit.verify.verify_log`) reads the whole file. A remote
+auditor pulls the lines over HTTPS instead (the auditor endpoints of
+docs/audit-log.md) and, after the first run, fetches only the lines added since
+those it verified last time:
 
 1. ``GET /v1/audit/checkpoint``; its signature must verify with the pinned key.
-2. Against the state saved by the previous run: a smaller size, or the same size
+2. Against the state saved by the previous run (`ca.audit.verify.AuditorState`,
+   which `hsmca audit verify --log` writes and reads too): a checkpoint smaller
+   than the one verified last time, or one of the same size as the lines verified
    with another root, is a cut or a rewrite. A larger size needs the daemon's
    consistency proof from the saved root to the new one (RFC 9162 2.1.4.2): it
    proves that the lines verified before are still the first lines of the log the
-   daemon now signs, without fetching them again.
+   daemon now signs, without fetching them again (`ca.audit.merkle.growth`).
 3. ``GET /v1/audit/entries`` for the new lines only, [saved size, new size), and
-   the offline verifier's per-line checks on them (`_scan`: canonical JSON, seq,
-   ts, the prev chain continuing from the last verified line; `_pair`: intents and
+   the offline verifier's checks on them (`ca.audit.verify.check_lines`: canonical
+   JSON, seq, ts, the prev chain continuing from the saved head, intents and
    outcomes continuing from the intents left open), extending the saved Merkle
    frontier leaf by leaf: every checkpoint logged among them must have the root of
    its prefix, and all of them together the root of the new checkpoint.
 
 Only then is the new state saved, atomically. The first run is the same with an
-empty state (all lines from 0). The state holds the offline state's fields
-(``size``, ``root``, ``checkpoint``: `hsmca audit verify --log` accepts it too) plus
-``frontier`` (base64 CompactRange hashes), ``last_hash`` and ``last_line`` (the
-line at size-1, so the chain check of the next line runs unchanged), ``next_seq``
-and ``open_intents`` (op_id -> intent seq and whether a daemon.start followed).
+empty state (all lines from 0). A remote run verifies only lines a checkpoint
+covers; a state saved offline may hold more (lines after the last checkpoint of
+a copy of the log), and while the daemon's latest checkpoint covers fewer lines
+than that, the run checks that the daemon still has them, unchanged.
 
 Two deliberate differences from `verify_log`:
 
@@ -37,63 +39,51 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 import os
 import ssl
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ca import client
-from ca.audit.merkle import EMPTY_ROOT, HASH_SIZE, CompactRange, verify_consistency
-from ca.audit.note import Checkpoint, NoteError, parse_checkpoint, verify_checkpoint
+from ca.audit.line import chain_hash
+from ca.audit.merkle import HASH_SIZE, Growth, TreeHead, growth, needs_proof
+from ca.audit.note import Checkpoint, NoteError, parse_checkpoint
 from ca.audit.verify import (
-    _CHECKPOINT_ROOT,
-    _LINE,
-    _PREFIX,
-    GENESIS,
-    _check_state,
-    _earliest,
-    _Failure,
-    _pair,
-    _Prefix,
-    _scan_range,
+    AuditorState,
+    Failure,
+    PinnedKey,
+    SignedPrefix,
+    Stage,
+    check_lines,
+    earliest,
     load_state,
+    root_mismatch,
     save_state,
+    state_origin,
 )
 
 PAGE = 1000  # the most lines /v1/audit/entries returns per request
-CUT = "the log was cut or rewritten after the checkpoint verified last time"
+CUT = "the log was cut or rewritten since it was verified last time"
 
 
 @dataclass(frozen=True)
 class RemoteResult:
     ok: bool
-    lines: int  # lines covered by the checkpoint now verified (or examined, on failure)
+    lines: int  # lines verified, now or before (or examined, on failure)
     fetched: int  # lines this run fetched and checked
     checkpoints: int  # checkpoints whose signature and root were verified by this run
     bad_seq: int | None  # the first failing line; None if ok or the failure has no line
     reason: str | None
     new_state: dict[str, Any] | None  # saved by verify_remote when ok
+    note: str | None = None  # what an auditor should know about an ok result
 
 
 class _DaemonError(Exception):
     """The daemon answered something malformed (not a verdict about a line)."""
-
-
-@dataclass
-class _Verified:
-    """What the saved state vouches for: the first `size` lines, and what continuing needs."""
-
-    size: int = 0
-    root: bytes = EMPTY_ROOT
-    checkpoint: str = ""
-    frontier: CompactRange = field(default_factory=CompactRange)
-    last_line: bytes | None = None  # line size-1: context for the chain check; None at 0
-    open_intents: dict[str, tuple[int, bool]] = field(default_factory=dict)
 
 
 async def verify_remote(url: str, ssl_ctx: ssl.SSLContext, public_key: Ed25519PublicKey,
@@ -170,90 +160,36 @@ class _API:
 
 
 def _load(raw: dict[str, Any], public_key: Ed25519PublicKey, origin: str | None
-          ) -> tuple[str, _Verified | None, _Prefix]:
-    """(key name, what an incremental run continues from, the signed prefix).
+          ) -> tuple[str, AuditorState, SignedPrefix | None]:
+    """(key name, what this run continues from, the signed prefix to check again).
 
-    The middle item is None for a state written by the offline verifier (no
-    frontier): the run then starts from line 0 and checks the old prefix's root.
+    A state written by the first version of the offline verifier recorded only a
+    checkpoint: the run then starts from line 0 and checks that the checkpoint's
+    lines still have its root.
     """
-    text = raw.get("checkpoint")
-    if type(text) is not str:
-        raise ValueError("state must have an integer size, a base64 root and a checkpoint")
-    try:
-        name = parse_checkpoint(text).origin  # the daemon names its key after the origin
-    except NoteError as exc:
-        raise ValueError(f"the checkpoint in the state file is malformed: {exc}") from None
-    prefix = _check_state(raw, public_key, name, origin)
-    if "frontier" not in raw:
-        return name, None, prefix
-    frontier_b64, last_hash = raw.get("frontier"), raw.get("last_hash")
-    last_text, open_raw = raw.get("last_line"), raw.get("open_intents")
-    if not isinstance(frontier_b64, list) or not all(type(h) is str for h in frontier_b64):
-        raise ValueError("state frontier must be a list of base64 hashes")
-    try:
-        frontier = CompactRange.from_hashes(
-            prefix.size, [base64.b64decode(h, validate=True) for h in frontier_b64])
-    except (ValueError, binascii.Error) as exc:
-        raise ValueError(f"state frontier is malformed: {exc}") from None
-    if frontier.root() != prefix.root:
-        raise ValueError("the state's frontier does not give its root: the state file is "
-                         "damaged")
-    if raw.get("next_seq") != prefix.size:
-        raise ValueError("state next_seq must equal its size")
-    last_line = None
-    if prefix.size == 0:
-        if last_hash != GENESIS or last_text is not None:
-            raise ValueError("a state of 0 lines has last_hash 64 zeros and no last_line")
-    else:
-        if type(last_text) is not str:
-            raise ValueError("state last_line must be the text of line size-1")
-        last_line = last_text.encode("utf-8")
-        if hashlib.sha256(last_line).hexdigest() != last_hash:
-            raise ValueError("state last_line does not hash to last_hash: the state file is "
-                             "damaged")
-    if not isinstance(open_raw, dict):
-        raise ValueError("state open_intents must be an object")
-    open_intents: dict[str, tuple[int, bool]] = {}
-    for op_id, info in open_raw.items():
-        seq = info.get("seq") if isinstance(info, dict) else None
-        restarted = info.get("restarted") if isinstance(info, dict) else None
-        if type(seq) is not int or not 0 <= seq < prefix.size or type(restarted) is not bool:
-            raise ValueError(f"state open intent {op_id!r} needs a seq below size and a "
-                             "boolean restarted")
-        open_intents[op_id] = (seq, restarted)
-    return name, _Verified(prefix.size, prefix.root, prefix.text, frontier, last_line,
-                           open_intents), prefix
-
-
-def _state(v: _Verified) -> dict[str, Any]:
-    last_hash = hashlib.sha256(v.last_line).hexdigest() if v.last_line is not None else GENESIS
-    return {
-        "size": v.size, "root": base64.b64encode(v.root).decode("ascii"),
-        "checkpoint": v.checkpoint,
-        "frontier": [base64.b64encode(h).decode("ascii") for h in v.frontier.hashes],
-        "last_hash": last_hash,
-        "last_line": v.last_line.decode("utf-8") if v.last_line is not None else None,
-        "next_seq": v.size,
-        "open_intents": {op: {"seq": seq, "restarted": restarted}
-                         for op, (seq, restarted) in sorted(v.open_intents.items())},
-    }
+    name = state_origin(raw)  # the daemon names its key after the origin
+    if name is None:
+        raise ValueError("state must have a checkpoint (a signed note)")
+    state = AuditorState.parse(raw, PinnedKey(public_key, name, origin))
+    if not state.continuable:
+        return name, AuditorState.empty(), state.signed
+    return name, state, None
 
 
 # ---- the run --------------------------------------------------------------------------------
 
 
-def _failed(failure: _Failure, lines: int, fetched: int = 0, checkpoints: int = 0
+def _failed(failure: Failure, lines: int, fetched: int = 0, checkpoints: int = 0
             ) -> RemoteResult:
-    return RemoteResult(False, lines, fetched, checkpoints, failure[0], failure[2], None)
+    return RemoteResult(False, lines, fetched, checkpoints, failure.seq, failure.reason, None)
 
 
 async def _run(api: _API, public_key: Ed25519PublicKey, raw: dict[str, Any] | None,
                origin: str | None) -> RemoteResult:
     if raw is None:
-        name, old, prior = origin, _Verified(), None
+        name, old, prior = origin, AuditorState.empty(), None
     else:
-        name, loaded, prefix = _load(raw, public_key, origin)
-        old, prior = (loaded, None) if loaded is not None else (_Verified(), prefix)
+        name, old, prior = _load(raw, public_key, origin)
     text = await api.checkpoint()
     if name is None:  # first run, no --origin: the daemon's checkpoint names its key
         try:
@@ -261,107 +197,128 @@ async def _run(api: _API, public_key: Ed25519PublicKey, raw: dict[str, Any] | No
         except NoteError as exc:
             return RemoteResult(False, 0, 0, 0, None,
                                 f"the daemon's latest checkpoint is malformed: {exc}", None)
+    key = PinnedKey(public_key, name, name)
     try:
-        latest = verify_checkpoint(text, name, public_key, name)
+        latest = key.verify(text)
     except NoteError as exc:
         return RemoteResult(False, old.size, 0, 0, None,
                             f"the daemon's latest checkpoint does not verify: {exc}", None)
 
-    verified = prior if prior is not None else old
-    if latest.size < verified.size:
-        return _failed((latest.size, _LINE, f"{CUT}: the daemon's latest checkpoint covers "
-                        f"{latest.size} lines, the one verified last time {verified.size}"),
-                       latest.size)
-    if latest.size == old.size:
-        if latest.root != old.root:
-            return _failed((max(old.size - 1, 0), _PREFIX, f"{CUT}: the daemon's latest checkpoint "
-                            f"covers the same {old.size} lines with a different root"), old.size)
-        old.checkpoint = text
-        return RemoteResult(True, old.size, 0, 1, None, None, _state(old))
-    if old.size > 0:
-        proof = await api.consistency(old.size, latest.size)
-        if not verify_consistency(old.size, latest.size, old.root, latest.root, proof):
-            return _failed((old.size - 1, _PREFIX, (
-                f"{CUT}: the daemon's consistency proof from {old.size} to {latest.size} lines "
-                f"does not verify against the root verified last time, so the first "
-                f"{old.size} lines are no longer those verified")), old.size)
+    signed_before = prior.size if prior is not None else old.signed.size
+    if latest.size < signed_before:
+        return _failed(Failure(latest.size, Stage.LINE, (
+            f"{CUT}: the daemon's latest checkpoint covers {latest.size} lines, the one "
+            f"verified last time {signed_before}")), latest.size)
+    if latest.size < old.size:
+        return await _behind(api, old, latest, text)
+    now = TreeHead(latest.size, latest.root)
+    proof = await api.consistency(old.size, latest.size) if needs_proof(old.seen, now) else []
+    verdict = growth(old.seen, now, proof)
+    if verdict is Growth.FORKED and latest.size == old.size:
+        return _failed(Failure(max(old.size - 1, 0), Stage.PREFIX, (
+            f"{CUT}: the daemon's latest checkpoint covers the same {old.size} lines with a "
+            "different root")), old.size)
+    if verdict is Growth.FORKED:
+        return _failed(Failure(old.size - 1, Stage.PREFIX, (
+            f"{CUT}: the daemon's consistency proof from {old.size} to {latest.size} lines "
+            f"does not verify against the root verified last time, so the first {old.size} "
+            "lines are no longer those verified")), old.size)
+    if verdict is Growth.SAME:
+        old.checkpoint, old.signed = text, SignedPrefix(latest.size, latest.root, text)
+        return RemoteResult(True, old.size, 0, 1, None, None, old.to_json())
     data = await api.entries(old.size, latest.size)
-    return await _check_new_lines(api, data, old, prior, latest, text, public_key, name)
+    return await _check_new_lines(api, data, old, prior, latest, text, key)
 
 
-async def _check_new_lines(api: _API, data: bytes, old: _Verified, prior: _Prefix | None,
-                           latest: Checkpoint, text: str, public_key: Ed25519PublicKey,
-                           name: str) -> RemoteResult:
+async def _behind(api: _API, old: AuditorState, latest: Checkpoint, text: str
+                  ) -> RemoteResult:
+    """The daemon's latest checkpoint covers fewer lines than were verified before.
+
+    That happens when the state was saved by the offline verifier from a copy of the
+    log whose last lines no checkpoint covered yet (the closing lines of a stopped
+    daemon, or lines accepted as unsigned). No signature covers them yet, but the
+    daemon must still have them: it serves them, and its consistency proof from its
+    latest checkpoint to them verifies against the root saved last time.
+    """
+    size, seen = latest.size, old.size
+    data = await api.entries(size, seen)
+    served = data.count(b"\n", 0, data.rfind(b"\n") + 1)
+    if served < seen - size:
+        return _failed(Failure(size + served, Stage.LINE, (
+            f"{CUT}: {seen} lines were verified last time, the daemon has only "
+            f"{size + served}")), size + served)
+    proof = await api.consistency(size, seen)
+    if growth(TreeHead(size, latest.root), old.seen, proof) is not Growth.EXTENDS:
+        return _failed(Failure(seen - 1, Stage.PREFIX, (
+            f"{CUT}: the daemon's consistency proof from its latest checkpoint ({size} lines) "
+            f"to the {seen} lines verified last time does not verify, so they are no longer "
+            "those verified")), seen)
+    if size > old.signed.size:
+        old.checkpoint, old.signed = text, SignedPrefix(size, latest.root, text)
+    return RemoteResult(True, seen, 0, 1, None, None, old.to_json(), note=(
+        f"the daemon's latest checkpoint covers {size} of the {seen} lines verified; the "
+        f"other {seen - size} are still there unchanged, but no checkpoint signs them yet"))
+
+
+async def _check_new_lines(api: _API, data: bytes, old: AuditorState,
+                           prior: SignedPrefix | None, latest: Checkpoint, text: str,
+                           key: PinnedKey) -> RemoteResult:
     """Lines [old.size, latest.size) as served (`data`), continuing from `old`."""
     start = old.size
     end = data.rfind(b"\n") + 1  # complete lines; anything after is a torn line
-    n = data.count(b"\n", 0, end)
-    # The last verified line goes in front as context, so that `_scan` checks the
-    # first new line's prev against it exactly as it checks every other line's.
-    context = old.last_line + b"\n" if old.last_line is not None else b""
-    blob = context + data[:end]
-    chunk = _scan_range(blob, start, len(context), len(blob), public_key, name, name, 0)
-    failure = chunk.failure
-    if failure is not None and failure[0] < start:
-        # `_scan` blamed the context line (the next line vouches for the first new one),
-        # but the saved hash and the consistency proof pin that line: the new one is bad.
-        failure = (start, _LINE, f"prev does not match the SHA-256 of line {start - 1} as "
-                                 "verified last time")
     open_seqs = {op: seq for op, (seq, _) in old.open_intents.items()}
-    failure = _earliest(failure, _pair([chunk], failure, open_seqs))
-    good = failure[0] if failure is not None else start + n  # lines [start, good) passed
+    assert old.head is not None and old.frontier is not None  # `_load` saw to it
+    found = check_lines(data[:end], start, old.head, open_seqs, key)
+    n, failure = found.lines, found.failure
 
     # Extend the frontier over the lines that passed, noting the root at every size a
     # checkpoint among them (or a prefix saved by the offline verifier) vouches for.
-    checkpoints = [cp for cp in chunk.checkpoints
-                   if failure is None or (cp[0], _CHECKPOINT_ROOT) < failure[:2]]
-    wanted = {size for _seq, size, _root, _text in checkpoints if size > start}
+    wanted = {cp.size for cp in found.checkpoints if cp.size > start}
     if prior is not None:
         wanted.add(prior.size)
     frontier = old.frontier.copy()
     roots = {start: old.root}
-    leaves = chunk.levels[0]
-    for k in range(good - start):
-        frontier.append(leaves[k * HASH_SIZE:(k + 1) * HASH_SIZE])
+    for k in range(found.good):
+        frontier.append(found.leaves[k * HASH_SIZE:(k + 1) * HASH_SIZE])
         if frontier.size in wanted:
             roots[frontier.size] = frontier.root()
 
     count = 0
-    for seq, size, root, _text in checkpoints:
-        if size in roots:
-            ok = roots[size] == root
+    for cp in found.checkpoints:
+        if cp.size in roots:
+            ok = roots[cp.size] == cp.root
         else:  # logged late, covering fewer lines than were verified before: ask for a proof
             # (sizes above `start` are all in `roots`: a checkpoint covers only lines before
             # its own, and those passed)
-            proof = await api.consistency(size, start) if size else []
-            ok = verify_consistency(size, start, root, old.root, proof)
+            then = TreeHead(cp.size, cp.root)
+            proof = await api.consistency(cp.size, start) if needs_proof(then, old.seen) else []
+            ok = growth(then, old.seen, proof) in (Growth.SAME, Growth.EXTENDS)
         if not ok:
-            failure = _earliest(failure, (seq, _CHECKPOINT_ROOT, (
-                f"the checkpoint's root is not the Merkle root of the first {size} lines: "
-                "a line it covers was altered")))
+            failure = earliest(failure, root_mismatch(cp.seq, cp.size))
             break  # in log order: the first mismatch is the one to report
         count += 1
     if prior is not None and prior.size in roots and roots[prior.size] != prior.root:
-        failure = _earliest(failure, (prior.size - 1, _PREFIX, (
+        failure = earliest(failure, Failure(prior.size - 1, Stage.PREFIX, (
             f"rewritten: the first {prior.size} lines no longer match the checkpoint verified "
             "last time")))
 
     if failure is None and n < latest.size - start:
-        failure = (start + n, _LINE, (
+        failure = Failure(start + n, Stage.LINE, (
             "torn line: the daemon served a line without its newline" if data[end:] else
             f"truncated: the daemon's checkpoint covers {latest.size} lines but it served only "
             f"{start + n}"))
     if failure is None and frontier.root() != latest.root:
-        failure = (start, _PREFIX, (
+        failure = Failure(start, Stage.PREFIX, (
             f"the lines the daemon served from seq {start} to {latest.size - 1} are not those "
             f"its latest checkpoint commits to: with them the tree of {latest.size} lines does "
             "not have its root"))
     if failure is not None:
-        return _failed(failure, good, n, count)
+        return _failed(failure, start + found.good, n, count)
 
-    last_start = chunk.last_start  # a daemon.start after an open intent excuses it (a crash)
-    still_open = {op: (seq, old.open_intents.get(op, (seq, False))[1] or last_start > seq)
-                  for op, seq in open_seqs.items()}
-    last_line = data[:end - 1].rsplit(b"\n", 1)[-1] if n else old.last_line
-    new = _Verified(latest.size, latest.root, text, frontier, last_line, still_open)
-    return RemoteResult(True, latest.size, n, count + 1, None, None, _state(new))
+    # A daemon.start after an open intent excuses it (a crash).
+    still_open = {op: (seq, old.open_intents.get(op, (seq, False))[1] or found.last_start > seq)
+                  for op, seq in found.open_intents.items()}
+    head = chain_hash(data[:end - 1].rsplit(b"\n", 1)[-1]) if n else old.head
+    new = AuditorState(latest.size, latest.root, head, frontier, text,
+                       SignedPrefix(latest.size, latest.root, text), still_open)
+    return RemoteResult(True, latest.size, n, count + 1, None, None, new.to_json())

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from ca.audit.merkle import verify_consistency
+from ca.audit.merkle import Growth, TreeHead, growth, needs_proof
 from ca.audit.note import Checkpoint, NoteError, verify_checkpoint
 from ca.fileutil import write_atomic
 
@@ -59,46 +59,40 @@ class FileWitness:
             raise WitnessRefused(f"the held checkpoint {self.path} does not verify ({exc}); "
                                  "refusing every checkpoint until an operator looks") from None
 
-    def accept(self, checkpoint_text: str, consistency_proof: Sequence[bytes]) -> None:
-        """Hold `checkpoint_text` if it extends the held checkpoint, else raise WitnessRefused.
-
-        `consistency_proof` goes from the held checkpoint's size to the new one's (empty
-        when none is held yet or the sizes are equal); `push` asks for the right one.
-        """
-        self._extend(checkpoint_text, lambda _old, _size: consistency_proof)
-
     def push(self, checkpoint_text: str,
              prove: Callable[[int, int], Sequence[bytes]]) -> None:
-        """`accept`, with the proof from `prove(held size, new size)` (e.g. the daemon's
-        `AuditLog.consistency_proof`), asked under the lock so it matches what is held."""
-        self._extend(checkpoint_text, prove)
+        """Hold `checkpoint_text` if it extends the held checkpoint, else raise WitnessRefused.
 
-    def _extend(self, text: str, prove: Callable[[int, int], Sequence[bytes]]) -> None:
+        `prove(held size, new size)` gives the consistency proof between them (e.g. the
+        daemon's `AuditLog.consistency_proof`); it is asked under the lock, so that it
+        matches what is held, and only when a proof is needed.
+        """
         try:
-            new = verify_checkpoint(text, self.key_name, self.public_key, self.key_name)
+            new = verify_checkpoint(checkpoint_text, self.key_name, self.public_key,
+                                    self.key_name)
         except NoteError as exc:
             raise WitnessRefused(f"the checkpoint does not verify: {exc}") from None
         with self._locked():  # two pushers must not both extend the same held checkpoint
             held = self.held()
             if held is not None:
-                if new.size < held.size:
+                old, now = TreeHead(held.size, held.root), TreeHead(new.size, new.root)
+                verdict = growth(old, now, prove(held.size, new.size)
+                                 if needs_proof(old, now) else [])
+                if verdict is Growth.SHRANK:
                     raise WitnessRefused(f"the checkpoint covers {new.size} lines, fewer than "
                                          f"the {held.size} of the one held: the log was cut")
-                if new.size == held.size:
-                    if new.root != held.root:
-                        raise WitnessRefused(
-                            f"the checkpoint covers the same {new.size} lines as the one held "
-                            "with a different root: the log was rewritten")
-                    if new.signatures == held.signatures:
-                        return  # the very note held already: nothing to write
-                else:
-                    proof = list(prove(held.size, new.size)) if held.size else []
-                    if not verify_consistency(held.size, new.size, held.root, new.root, proof):
-                        raise WitnessRefused(
-                            f"the consistency proof from {held.size} to {new.size} lines does "
-                            "not verify: the new tree does not extend the one held (the log "
-                            "was rewritten)")
-            write_atomic(self.path, text)
+                if verdict is Growth.FORKED and new.size == held.size:
+                    raise WitnessRefused(
+                        f"the checkpoint covers the same {new.size} lines as the one held "
+                        "with a different root: the log was rewritten")
+                if verdict is Growth.FORKED:
+                    raise WitnessRefused(
+                        f"the consistency proof from {held.size} to {new.size} lines does "
+                        "not verify: the new tree does not extend the one held (the log "
+                        "was rewritten)")
+                if verdict is Growth.SAME and new.signatures == held.signatures:
+                    return  # the very note held already: nothing to write
+            write_atomic(self.path, checkpoint_text)
 
     @contextmanager
     def _locked(self) -> Iterator[None]:

@@ -57,6 +57,9 @@ def _verify_remote(args: argparse.Namespace) -> int:
                        "next run fetches only new lines and detects a rewrite")
     if args.checkpoint is not None:
         raise CLIError("--checkpoint is for --log; with --url the daemon serves the checkpoint")
+    if args.allow_unsigned:
+        raise CLIError("--allow-unsigned is for --log; with --url only lines a checkpoint "
+                       "covers are fetched")
     from ca.audit.remote import verify_remote
     ctx = _client_context(args)
     key = _audit_key(args.key)
@@ -67,6 +70,8 @@ def _verify_remote(args: argparse.Namespace) -> int:
         return 1
     print(f"OK: {result.lines} lines, {result.checkpoints} checkpoints verified "
           f"(fetched {result.fetched} new lines)")
+    if result.note:
+        print(f"note: {result.note}")
     return 0
 
 
@@ -91,10 +96,25 @@ def verify(args: argparse.Namespace) -> int:
     if not result.ok:
         print(f"FAILED at seq {result.bad_seq}: {result.reason}", file=sys.stderr)
         return 1
+    if result.unsigned:
+        unsigned = (f"UNSIGNED: {result.unsigned} lines, no checkpoint covers them (seq "
+                    f"{result.signed} to {result.lines - 1}): anyone who can write the log "
+                    "could have changed them")
+        if not args.allow_unsigned:
+            # Not saved either: the auditor has not accepted these lines.
+            print(f"{unsigned}. The {result.signed} lines before them and "
+                  f"{result.checkpoints} checkpoints verified. Verify again once the daemon "
+                  "has signed a checkpoint over them (a running daemon does within seconds), "
+                  "or accept them with --allow-unsigned.", file=sys.stderr)
+            return 1
+        print(f"{unsigned}; accepted (--allow-unsigned)", file=sys.stderr)
     if args.state and result.new_state is not None:
         save_state(args.state, result.new_state)
+    closing = (f"; the last {result.closing} lines are the last checkpoint's own signing"
+               f"{' and the HSM logout' if result.closing == 3 else ''}, which no checkpoint "
+               "can cover" if result.closing else "")
     print(f"OK: {result.lines} lines, {result.checkpoints} checkpoints verified"
-          f"{' (extends the state saved last time)' if state else ''}")
+          f"{' (extends the state saved last time)' if state else ''}{closing}")
     return 0
 
 

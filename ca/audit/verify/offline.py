@@ -1,0 +1,174 @@
+"""The offline verifier: a whole log file, as an auditor holds a copy of it.
+
+See `ca.audit.verify` for what is checked. `verify_log` scans every line
+(`ca.audit.verify.scan`, in forked workers for a large log), pairs intents and
+outcomes (`ca.audit.verify.pairing`), checks every checkpoint's root and the
+prefixes the latest checkpoint file and the saved state vouch for
+(`ca.audit.verify.checkpoint`), then what only the end of the log can tell:
+truncation, a torn final line, an intent left open with no crash to excuse it.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from ca.audit.line import GENESIS, chain_hash
+from ca.audit.merkle import MerkleTree, TreeHead
+from ca.audit.verify.checkpoint import (
+    PinnedKey,
+    SignedPrefix,
+    check_latest,
+    check_roots,
+    closing_lines,
+    still_extends,
+    usable,
+)
+from ca.audit.verify.failure import Failure, Stage, earliest
+from ca.audit.verify.pairing import pair, unexcused
+from ca.audit.verify.scan import Chunk, scan_all, tree
+from ca.audit.verify.state import AuditorState
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    ok: bool
+    lines: int  # complete (newline-terminated) lines in the log
+    bad_seq: int | None  # the first failing line; None if ok or the failure has no line
+    reason: str | None
+    checkpoints: int  # checkpoints whose signature and root were verified
+    new_state: dict[str, Any] | None  # to save with save_state when ok (None: nothing to save)
+    # When ok, lines = signed + closing + unsigned: the first `signed` lines are covered
+    # by a verified checkpoint; then either `closing` lines, the final checkpoint's own
+    # signing and the HSM logout after it, which no checkpoint can cover; or `unsigned`
+    # lines that no checkpoint covers (yet: a log copied from a running or crashed
+    # daemon), which anyone who can write the log could have changed.
+    signed: int = 0
+    closing: int = 0
+    unsigned: int = 0
+
+
+def verify_log(data: bytes, public_key: Ed25519PublicKey, key_name: str,
+               origin: str | None = None, latest_checkpoint: str | None = None,
+               state: dict[str, Any] | None = None, *,
+               workers: int | None = None) -> VerifyResult:
+    """Verify a whole audit log, given as the file's bytes exactly as stored.
+
+    `key_name` is the audit key's name in the checkpoint signature lines and
+    `origin`, when given, the origin line every checkpoint must carry.
+    `latest_checkpoint` is the latest checkpoint file's text, and `state` the state
+    saved by the previous run (`load_state`), if the auditor has them.
+
+    Logs of more than a few MB are scanned by `workers` processes forked from this
+    one (POSIX). By default that is one per CPU when the caller runs a single
+    thread (the CLI) and none otherwise, because forking a multi-threaded process
+    (the daemon) can deadlock the child. A malformed `state` raises ValueError: it
+    is the auditor's own file, not evidence about the log.
+    """
+    if workers is None:
+        workers = (os.cpu_count() or 1) if threading.active_count() == 1 else 1
+    key = PinnedKey(public_key, key_name, origin)
+    prior = AuditorState.parse(state, key) if state is not None else None
+    was_enabled = gc.isenabled()
+    gc.disable()  # millions of short-lived dicts; nothing here makes reference cycles
+    try:
+        return _verify(data, key, latest_checkpoint, prior, workers)
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _verify(data: bytes, key: PinnedKey, latest_text: str | None,
+            prior: AuditorState | None, workers: int) -> VerifyResult:
+    end = data.rfind(b"\n") + 1
+    tail = data[end:]  # empty unless the final line is torn
+    chunks = scan_all(data, end, workers, key)
+    n = sum(c.lines for c in chunks)
+
+    # The per-line scan's first failure is the first failing chunk's; pairing runs on the
+    # lines before it and may find an earlier one.
+    failure = next((c.failure for c in chunks if c.failure is not None), None)
+    open_intents: dict[str, int] = {}
+    failure = earliest(failure, pair([c.signings for c in chunks], failure, open_intents))
+    good = failure.seq if failure else n  # lines [0, good) passed every per-line check
+
+    latest, latest_error = (None, None) if latest_text is None else check_latest(latest_text, key)
+
+    # Merkle roots: the log's own checkpoints, then the prefixes vouched for from outside
+    # the log (when it is long enough to hold them): every line the previous run saw,
+    # the checkpoint it verified, and the latest checkpoint.
+    checkpoints = usable((cp for c in chunks for cp in c.checkpoints), failure)
+    vouched: list[tuple[TreeHead, str]] = []
+    if prior is not None:
+        vouched.append((prior.seen, "those verified last time"))
+        if prior.signed.size < prior.size:
+            vouched.append((TreeHead(prior.signed.size, prior.signed.root),
+                            "the checkpoint verified last time"))
+    if latest is not None:
+        vouched.append((TreeHead(latest.size, latest.root), "the latest checkpoint"))
+    merkle = tree(chunks) if checkpoints or vouched else MerkleTree()
+    verified, wrong_root = check_roots(merkle, checkpoints)
+    failure = earliest(failure, wrong_root)
+    for prefix, what in vouched:
+        if 0 < prefix.size <= good and not still_extends(prefix, merkle, good):
+            failure = earliest(failure, Failure(prefix.size - 1, Stage.PREFIX, (
+                f"rewritten: the first {prefix.size} lines no longer match {what}")))
+    verified += latest is not None
+
+    if failure is None:
+        failure = _end_of_log(n, tail, prior, latest, open_intents, chunks)
+    if failure is not None:
+        return VerifyResult(False, n, failure.seq, failure.reason, verified, None)
+    if latest_error is not None:  # the log is fine, but the checkpoint file is not
+        return VerifyResult(False, n, None, latest_error, verified, None)
+
+    candidates = [p for p in (prior.signed if prior else None, latest) if p is not None]
+    candidates += [SignedPrefix(cp.size, cp.root, cp.text) for cp in checkpoints]
+    best = max(candidates, key=lambda p: p.size, default=None)
+    signed = best.size if best is not None else 0
+    after = _last_lines(data, end, n - signed) if n - signed <= 3 else []
+    closing = len(after) if closing_lines(after, signed, checkpoints) else 0
+    new_state = None
+    if best is not None:  # everything verified, so that the next run misses no line of it
+        head = chain_hash(_last_lines(data, end, 1)[0]) if n else GENESIS
+        # Every intent still open has a daemon.start after it (`_end_of_log` saw to it).
+        still_open = {op: (seq, True) for op, seq in open_intents.items()}
+        new_state = AuditorState(n, merkle.root(n), head, merkle.compact_range(n), best.text,
+                                 best, still_open).to_json()
+    return VerifyResult(True, n, None, None, verified, new_state, signed, closing,
+                        n - signed - closing)
+
+
+def _end_of_log(n: int, tail: bytes, prior: AuditorState | None, latest: SignedPrefix | None,
+                open_intents: dict[str, int], chunks: list[Chunk]) -> Failure | None:
+    """Checks that need the whole log, once every complete line has passed.
+
+    A missing tail explains open intents, so truncation and a torn line come first.
+    """
+    if prior is not None and prior.size > n:
+        return Failure(n, Stage.LINE, f"truncated: the log had {prior.size} lines at the last "
+                                      f"verification, now it has {n}")
+    if latest is not None and latest.size > n:
+        return Failure(n, Stage.LINE, f"log is shorter than the checkpoint (truncated): the "
+                                      f"latest checkpoint covers {latest.size} lines, the log "
+                                      f"has {n}")
+    if tail:
+        return Failure(n, Stage.LINE, "torn line: the final line has no newline (an "
+                                      "interrupted write)")
+    return unexcused(open_intents, max(c.last_start for c in chunks))
+
+
+def _last_lines(data: bytes, end: int, k: int) -> list[bytes]:
+    """The last `k` of the complete lines in ``data[:end]``, without their newlines."""
+    lines: list[bytes] = []
+    stop = end - 1
+    for _ in range(k):
+        start = data.rfind(b"\n", 0, stop) + 1
+        lines.append(data[start:stop])
+        stop = start - 1
+    return lines[::-1]
