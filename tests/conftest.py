@@ -46,7 +46,7 @@ class Token:
 _counter = iter(range(1, 10**6))
 
 
-def new_token(prefix: str = "t") -> Token:
+def new_softhsm_token(prefix: str = "t") -> Token:
     """A fresh, empty token with its own PIN file."""
     label = f"{prefix}{next(_counter)}"
     pin = _SESSION_DIR / f"{label}.pin"
@@ -93,7 +93,7 @@ def init_ca(tmp: Path, key_type: str = "ec-p256", dns_name: str = "localhost",
         softhsm.init_token(conf, label, pin)
         token = Token(label, pin, softhsm.module_path())
     else:
-        token = new_token()
+        token = new_softhsm_token()
     state = tmp / "ca"
     proc = hsmca("init", "--state-dir", state, "--module", token.module, "--token", token.label,
                  "--pin-file", token.pin_file, "--key-type", key_type, "--dns-name", dns_name,

@@ -25,7 +25,7 @@ from ca.audit.note import parse_checkpoint, sign_checkpoint
 from ca.audit.witness import FileWitness, WitnessRefused
 from ca.client import enroll
 from tests.conftest import Daemon, hsmca, init_ca, start_daemon
-from tests.test_x509_e2e import http, new_token
+from tests.helpers import bootstrap_token, http
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -164,7 +164,7 @@ def given(hashes: list[bytes]) -> Callable[[int, int], list[bytes]]:
 
 async def credential(d: Daemon, role: str, name: str, out: Path) -> tuple[Path, Path]:
     """Enroll a client certificate of `role` (token from the admin, key made here)."""
-    token = await new_token(d, role, [name])
+    token = await bootstrap_token(d, role, [name])
     await enroll(d.url, token, [name], out, d.root)
     return out / "cert.pem", out / "key.pem"
 

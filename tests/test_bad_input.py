@@ -22,8 +22,8 @@ from ca import policy, ra, ssh
 from ca.server.common import parse_csr
 from ca.server.problems import Problem
 from tests.conftest import Daemon, hsmca, init_ca, start_daemon
+from tests.helpers import bootstrap_token, csr_pem
 from tests.test_ra import admin, context
-from tests.test_x509_e2e import csr_pem, new_token
 
 
 @dataclass(frozen=True)
@@ -287,14 +287,14 @@ async def served(tmp_path_factory: pytest.TempPathFactory) -> Any:
     for role, names, principals in [("service", ["svc.internal.example"], []),
                                     ("user", ["ann@example.com"], ["ann"]),
                                     ("host", ["h1.internal.example"], [])]:
-        token = await new_token(d, role, names, principals)
+        token = await bootstrap_token(d, role, names, principals)
         out = tmp / role
         hsmca("enroll", "--url", d.url, "--ca", d.root, "--token", token, "--name", *names,
               "--out", out)
         creds[role] = d.ssl(out / "cert.pem", out / "key.pem")
 
     async def token_source() -> list[str]:
-        return [await new_token(d, "service", ["ok.internal.example"]) for _ in range(40)]
+        return [await bootstrap_token(d, "service", ["ok.internal.example"]) for _ in range(40)]
 
     tokens = iter(await token_source())
     yield Served(d, creds, tokens)

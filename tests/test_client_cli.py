@@ -15,8 +15,8 @@ from cryptography import x509
 
 from ca.cli import EPILOG, build_parser
 from ca.commands.client_cmd import parse_serial
-from tests.client_support import cert_serial, enroll, other_ca, token_file
 from tests.conftest import HSMCA, Daemon, InitialisedCA, hsmca, require
+from tests.helpers import cert_serial, enroll, other_ca, token_file
 
 NAME = "cli.internal.example"
 

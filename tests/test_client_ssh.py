@@ -15,9 +15,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from ca.config import Policy
-from tests.client_support import Running, enroll, free_port
 from tests.conftest import Daemon, hsmca, init_ca, require, set_config, start_daemon
-from tests.test_x509_e2e import http
+from tests.helpers import Running, enroll, free_port, http
 
 
 def keygen(path: Path) -> Path:

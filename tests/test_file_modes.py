@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ca.commands.init_cmd import STATE_MODES
-from tests.conftest import hsmca, init_ca, new_token
+from tests.conftest import hsmca, init_ca, new_softhsm_token
 
 
 def mode(path: Path) -> int:
@@ -18,7 +18,7 @@ def mode(path: Path) -> int:
 
 
 def test_init_under_umask_000_creates_everything_with_explicit_modes(tmp_path: Path) -> None:
-    token = new_token()
+    token = new_softhsm_token()
     state = tmp_path / "ca"
     hsmca("init", "--state-dir", state, "--module", token.module, "--token", token.label,
           "--pin-file", token.pin_file, umask=0)

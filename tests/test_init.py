@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from tests.conftest import InitialisedCA, hsmca, init_ca, new_token, require
+from tests.conftest import InitialisedCA, hsmca, init_ca, new_softhsm_token, require
 
 
 def test_init_lays_out_the_state_directory(ca: InitialisedCA) -> None:
@@ -76,7 +76,7 @@ def test_existing_keys_in_token_refused(ca: InitialisedCA, tmp_path: Path) -> No
 
 
 def test_wrong_pin_missing_module_missing_token(tmp_path: Path) -> None:
-    token = new_token()
+    token = new_softhsm_token()
     bad_pin = tmp_path / "bad.pin"
     bad_pin.write_text("not-the-pin\n")
     cases = {
@@ -110,7 +110,7 @@ def test_ed25519_and_rsa_cas(tmp_path: Path) -> None:
 
 def test_a_failed_init_can_be_retried(tmp_path: Path) -> None:
     """A wrong PIN or a bad --dns-name fails before any key is made: fix it, run again."""
-    token = new_token()
+    token = new_softhsm_token()
     state = tmp_path / "ca"
     bad_pin = tmp_path / "bad.pin"
     bad_pin.write_text("wrong\n")

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Daemon
-from tests.test_x509_e2e import csr_pem, http, new_token
+from tests.helpers import bootstrap_token, csr_pem, http
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,7 +32,7 @@ async def test_metrics_move_when_certificates_are_issued(daemon: Daemon) -> None
     before = samples(raw.decode())
     issued_key = ("hsmca_issued_total", (("kind", "x509"), ("result", "ok")))
     for _ in range(3):
-        token = await new_token(daemon, "service", ["metrics.internal.example"])
+        token = await bootstrap_token(daemon, "service", ["metrics.internal.example"])
         status, _, _ = await http("POST", f"{daemon.url}/v1/x509/enroll", daemon.ssl(),
                                   body={"csr": csr_pem(["metrics.internal.example"])},
                                   headers={"Authorization": f"Bearer {token}"})

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from ca.client import make_csr
 from tests.conftest import init_ca, require, start_daemon
-from tests.test_x509_e2e import http, new_token
+from tests.helpers import bootstrap_token, http
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -37,7 +37,7 @@ async def test_a_name_denied_today_gets_no_renewal_and_no_ssh_host_certificate(
     creds: dict[str, tuple[Path, Path]] = {}
     try:
         for role, name in (("service", "svc.internal.example"), ("host", "web1.internal.example")):
-            token = await new_token(d, role, [name])
+            token = await bootstrap_token(d, role, [name])
             key = ec.generate_private_key(ec.SECP256R1())
             status, _, raw = await http("POST", f"{d.url}/v1/x509/enroll", d.ssl(),
                                         body={"csr": make_csr([name], key)},

@@ -25,14 +25,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from ca.issuance import profiles as prof
 from tests.conftest import Daemon, hsmca, init_ca, require, start_daemon
-from tests.test_x509_e2e import http, new_token
+from tests.helpers import bootstrap_token, http
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
 async def enroll_service(d: Daemon, tmp: Path, name: str = "load.internal.example"
                          ) -> tuple[Path, Path]:
-    token = await new_token(d, "service", [name])
+    token = await bootstrap_token(d, "service", [name])
     out = tmp / f"cred-{name}"
     hsmca("enroll", "--url", d.url, "--ca", d.root, "--token", token, "--name", name,
           "--out", out)

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from tests.conftest import Daemon, hsmca, require
-from tests.test_x509_e2e import http, new_token
+from tests.helpers import bootstrap_token, http
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -29,7 +29,7 @@ def keygen(path: Path) -> Path:
 
 async def enrolled(d: Daemon, tmp: Path, role: str, names: list[str],
                    principals: list[str] = ()) -> tuple[Path, Path]:
-    token = await new_token(d, role, names, list(principals))
+    token = await bootstrap_token(d, role, names, list(principals))
     out = tmp / f"{role}-cred"
     hsmca("enroll", "--url", d.url, "--ca", d.root, "--token", token, "--name", *names,
           "--out", out)

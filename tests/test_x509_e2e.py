@@ -21,36 +21,9 @@ from cryptography.x509.oid import NameOID
 
 from ca.client import make_csr
 from tests.conftest import Daemon, hsmca, init_ca, require, set_config, start_daemon
+from tests.helpers import bootstrap_token, csr_pem, http, openssl_verify
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-
-async def http(method: str, url: str, ctx: Any, *, body: Any = None, data: bytes | None = None,
-               headers: dict[str, str] | None = None) -> tuple[int, str, bytes]:
-    async with aiohttp.ClientSession() as s, s.request(
-            method, url, json=body, data=data, headers=headers, ssl=ctx) as r:
-        return r.status, r.content_type, await r.read()
-
-
-async def new_token(d: Daemon, role: str, names: list[str], principals: list[str] = (),
-                    ttl: str = "15m") -> str:
-    body: dict[str, Any] = {"role": role, "names": names, "ttl": ttl}
-    if principals:
-        body["principals"] = list(principals)
-    status, _, raw = await http("POST", f"{d.url}/v1/tokens", d.admin_ssl(), body=body)
-    assert status == 201, raw
-    return json.loads(raw)["token"]
-
-
-def csr_pem(names: list[str], key: Any = None, **kw: Any) -> str:
-    return make_csr(names, key or ec.generate_private_key(ec.SECP256R1()))
-
-
-def openssl_verify(d: Daemon, cert: Path) -> None:
-    proc = subprocess.run([require("openssl"), "verify", "-CAfile", d.root, "-untrusted",
-                           d.state / "x509" / "issuing.pem", cert], capture_output=True,
-                          text=True)
-    assert proc.returncode == 0 and ": OK" in proc.stdout, proc.stdout + proc.stderr
 
 
 async def test_health(daemon: Daemon) -> None:
@@ -98,7 +71,7 @@ async def test_enroll_renew_rekey_with_the_cli(daemon: Daemon, tmp_path: Path) -
 
 
 async def test_renewal_never_widens_names(daemon: Daemon, tmp_path: Path) -> None:
-    token = await new_token(daemon, "service", ["narrow.internal.example"])
+    token = await bootstrap_token(daemon, "service", ["narrow.internal.example"])
     out = tmp_path / "n"
     hsmca("enroll", "--url", daemon.url, "--ca", daemon.root, "--token", token, "--name",
           "narrow.internal.example", "--out", out)
@@ -114,7 +87,7 @@ async def test_renewal_never_widens_names(daemon: Daemon, tmp_path: Path) -> Non
 async def test_revocation_shows_in_crl_and_ocsp_and_blocks_the_cert(daemon: Daemon,
                                                                     tmp_path: Path) -> None:
     openssl = require("openssl")
-    token = await new_token(daemon, "service", ["doomed.internal.example"])
+    token = await bootstrap_token(daemon, "service", ["doomed.internal.example"])
     out = tmp_path / "d"
     hsmca("enroll", "--url", daemon.url, "--ca", daemon.root, "--token", token, "--name",
           "doomed.internal.example", "--out", out)
@@ -173,7 +146,7 @@ async def test_est_round_trip(daemon: Daemon, tmp_path: Path) -> None:
                            "-noout"], capture_output=True, text=True, check=True).stdout
     assert "hsmca Issuing CA" in text and "hsmca Root CA" in text
 
-    token = await new_token(daemon, "service", ["est.internal.example"])
+    token = await bootstrap_token(daemon, "service", ["est.internal.example"])
     key = ec.generate_private_key(ec.SECP256R1())
     csr = x509.load_pem_x509_csr(csr_pem(["est.internal.example"], key).encode())
     b64 = base64.encodebytes(csr.public_bytes(serialization.Encoding.DER))
@@ -203,7 +176,7 @@ async def test_est_round_trip(daemon: Daemon, tmp_path: Path) -> None:
 
 
 async def test_one_token_fifty_concurrent_enrollments(daemon: Daemon) -> None:
-    token = await new_token(daemon, "service", ["race.internal.example"])
+    token = await bootstrap_token(daemon, "service", ["race.internal.example"])
     csr = csr_pem(["race.internal.example"])
     ctx = daemon.ssl()
     async with aiohttp.ClientSession() as s:
@@ -253,7 +226,7 @@ async def test_bad_input_gets_problem_json_and_leaves_the_log_valid(tmp_path: Pa
             ("missing csr", "missing field 'csr'", {}),
         ]
         for what, message, body in cases:
-            token = await new_token(d, "service", ["ok.internal.example"])
+            token = await bootstrap_token(d, "service", ["ok.internal.example"])
             status, ctype, raw = await http("POST", f"{d.url}/v1/x509/enroll", d.ssl(),
                                             body=body,
                                             headers={"Authorization": f"Bearer {token}"})
@@ -262,7 +235,7 @@ async def test_bad_input_gets_problem_json_and_leaves_the_log_valid(tmp_path: Pa
             assert message in problem["detail"], (what, problem)
             assert set(problem) == {"type", "title", "status", "detail"}
 
-        token = await new_token(d, "service", ["ok.internal.example"])
+        token = await bootstrap_token(d, "service", ["ok.internal.example"])
         auth = {"Authorization": f"Bearer {token}"}
         raw_cases: list[tuple[str, int, dict[str, Any]]] = [
             ("oversized body", 413, {"data": b"{" + b" " * 70000 + b"}",
@@ -317,7 +290,7 @@ async def test_names_longer_than_a_common_name_still_enroll(daemon: Daemon,
                                                             tmp_path: Path) -> None:
     long_dns = "a" * 60 + ".long.internal.example"
     uri = "spiffe://cluster.local/ns/default/sa/" + "b" * 50
-    token = await new_token(daemon, "service", [long_dns, uri])
+    token = await bootstrap_token(daemon, "service", [long_dns, uri])
     key = ec.generate_private_key(ec.SECP256R1())
     status, _, raw = await http("POST", f"{daemon.url}/v1/x509/enroll", daemon.ssl(),
                                 body={"csr": csr_pem([long_dns, uri], key)},

@@ -1,5 +1,6 @@
-"""Helpers for the client-side tests: tokens in files, a second CA made in software, and
-waiting on a long-running command's JSON log lines (events, not sleeps)."""
+"""What the tests share: HTTP calls as a client makes them, bootstrap tokens (by the API
+and in files, the way the docs hand them over), enrollment, a second CA made in
+software, and waiting on a long-running command's JSON log lines (events, not sleeps)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,42 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.conftest import HSMCA, Daemon, hsmca
+from ca.client import make_csr
+from tests.conftest import HSMCA, Daemon, hsmca, require
+
+
+async def http(method: str, url: str, ctx: Any, *, body: Any = None, data: bytes | None = None,
+               headers: dict[str, str] | None = None) -> tuple[int, str, bytes]:
+    async with aiohttp.ClientSession() as s, s.request(
+            method, url, json=body, data=data, headers=headers, ssl=ctx) as r:
+        return r.status, r.content_type, await r.read()
+
+
+async def bootstrap_token(d: Daemon, role: str, names: list[str], principals: list[str] = (),
+                    ttl: str = "15m") -> str:
+    body: dict[str, Any] = {"role": role, "names": names, "ttl": ttl}
+    if principals:
+        body["principals"] = list(principals)
+    status, _, raw = await http("POST", f"{d.url}/v1/tokens", d.admin_ssl(), body=body)
+    assert status == 201, raw
+    return json.loads(raw)["token"]
+
+
+def csr_pem(names: list[str], key: Any = None, **kw: Any) -> str:
+    return make_csr(names, key or ec.generate_private_key(ec.SECP256R1()))
+
+
+def openssl_verify(d: Daemon, cert: Path) -> None:
+    proc = subprocess.run([require("openssl"), "verify", "-CAfile", d.root, "-untrusted",
+                           d.state / "x509" / "issuing.pem", cert], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0 and ": OK" in proc.stdout, proc.stdout + proc.stderr
 
 
 def token_file(d: Daemon, tmp: Path, role: str, names: list[str],
