@@ -53,7 +53,7 @@ def _non_negative(text: str) -> int:
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """Usage errors as one line on stderr (SPEC section 4), pointing at --help."""
+    """Usage errors as one line on stderr (docs/operator.md), pointing at --help."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")

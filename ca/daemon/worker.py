@@ -37,7 +37,7 @@ from ca.logs import configure
 from ca.metrics import Metrics
 from ca.process import raise_fd_limit, settle_heap
 from ca.revocation import Revocations
-from ca.server.app import build_app, tls_context
+from ca.server.app import REFUSALS, build_app, tls_context
 from ca.server.common import Gate, Settings
 from ca.store import Store, open_store
 from ca.tokens import Tokens
@@ -86,6 +86,7 @@ async def run(config: Config, host: str, port: int, slot: int, sign_channel: soc
         gate = Gate(store, revocations, issuers, lambda: config.policy)
         metrics = Metrics()
         metrics.watch(pipeline)
+        REFUSALS.on_refused = lambda reason: metrics.child(metrics.tls_refused, reason).inc()
         app = build_app(
             gate=gate, tokens=Tokens(store, link), issuance=issuance, revocations=revocations,
             audit=link, limit=control, hsm=pipeline, store=store, metrics=metrics,

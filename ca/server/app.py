@@ -6,6 +6,7 @@ import asyncio
 import ipaddress
 import ssl
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,55 @@ def build_app(*, gate: Gate, tokens: Tokens, issuance: Issuance, revocations: Re
     return app
 
 
+class _Refusals:
+    """Refused TLS handshakes, logged once per reason per interval with how many there
+    were: a client with an expired certificate retries in a loop, and the log must not
+    become its echo."""
+
+    interval_s = 10.0
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+        self._since: dict[str, int] = {}
+        self.count: dict[str, int] = {}
+        self.on_refused: Callable[[str], None] | None = None  # a metric, per reason
+
+    def note(self, reason: str) -> None:
+        self.count[reason] = self.count.get(reason, 0) + 1
+        self._since[reason] = self._since.get(reason, 0) + 1
+        if self.on_refused is not None:
+            self.on_refused(reason)
+        now = time.monotonic()
+        if now - self._last.get(reason, float("-inf")) >= self.interval_s:
+            log.warning("refused a TLS handshake", reason=reason,
+                        refused_since_last_line=self._since[reason])
+            self._last[reason], self._since[reason] = now, 0
+
+
+REFUSALS = _Refusals()
+
+
+class _CheckedSSLObject(ssl.SSLObject):
+    """asyncio drops a failed server handshake without a word (it is an OSError, logged
+    only in debug mode), so a client whose certificate is expired or from another CA
+    sees 'connection reset' and the operator sees nothing. This says why."""
+
+    def do_handshake(self) -> None:
+        try:
+            super().do_handshake()
+        except ssl.SSLWantReadError:
+            raise
+        except ssl.SSLError as exc:
+            REFUSALS.note(_reason(exc))
+            raise
+
+
+def _reason(exc: ssl.SSLError) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"client certificate: {exc.verify_message}"
+    return (exc.reason or type(exc).__name__).lower().replace("_", " ")
+
+
 def tls_context(cert: Path, key: Path, client_ca: Path) -> ssl.SSLContext:
     """TLS 1.2+ (1.3 preferred by OpenSSL), asking for, not requiring, a client cert.
 
@@ -156,4 +206,5 @@ def tls_context(cert: Path, key: Path, client_ca: Path) -> ssl.SSLContext:
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     # TLS 1.2: forward-secret AEAD suites only (no CBC); TLS 1.3 has nothing else.
     ctx.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20")
+    ctx.sslobject_class = _CheckedSSLObject
     return ctx

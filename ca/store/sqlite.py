@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import datetime as dt
 import json
+import os
 import queue
 import sqlite3
 import threading
@@ -166,6 +167,9 @@ class SQLiteStore:
         on a slow disk), stalling its worker's every signature behind it; the primary
         checkpoints in the background instead (`wal_checkpoint`)."""
         self.path = path
+        # Made 0600 before SQLite makes it (its WAL and SHM files take its mode): the
+        # inventory names every client, and holds tokens' hashes.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
         w = _connect(path)
         w.execute("PRAGMA journal_mode=WAL")
         if not autocheckpoint:
