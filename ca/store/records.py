@@ -115,8 +115,12 @@ class OCSPDue:
 
 @dataclass(frozen=True)
 class OCSPRecord:
+    """A certificate's pre-signed responses: one for a SHA-1 CertID, one for SHA-256
+    (one SingleResponse each: clients, cryptography's among them, expect one)."""
+
     serial: int
     status: str  # good | revoked
     this_update: str
     next_update: str
-    der: bytes
+    der_sha1: bytes
+    der_sha256: bytes

@@ -108,7 +108,8 @@ MIGRATIONS: tuple[str, ...] = (
         status TEXT NOT NULL,             -- good | revoked
         this_update TEXT NOT NULL,
         next_update TEXT NOT NULL,
-        der BLOB NOT NULL
+        der_sha1 BLOB NOT NULL,           -- the response to a SHA-1 CertID
+        der_sha256 BLOB NOT NULL          -- and to a SHA-256 one
     );
     """,
 )
@@ -420,16 +421,18 @@ class SQLiteStore:
     async def put_ocsp(self, responses: Sequence[OCSPRecord]) -> None:
         def put(db: sqlite3.Connection) -> None:
             db.executemany(
-                "INSERT INTO ocsp_responses (serial, status, this_update, next_update, der) "
-                "VALUES (?,?,?,?,?) ON CONFLICT (serial) DO UPDATE SET status = "
+                "INSERT INTO ocsp_responses (serial, status, this_update, next_update, der_sha1, "
+                "der_sha256) VALUES (?,?,?,?,?,?) ON CONFLICT (serial) DO UPDATE SET status = "
                 "excluded.status, this_update = excluded.this_update, next_update = "
-                "excluded.next_update, der = excluded.der",
-                [(format(r.serial, "x"), r.status, r.this_update, r.next_update, r.der)
-                 for r in responses])
+                "excluded.next_update, der_sha1 = excluded.der_sha1, der_sha256 = "
+                "excluded.der_sha256",
+                [(format(r.serial, "x"), r.status, r.this_update, r.next_update, r.der_sha1,
+                  r.der_sha256) for r in responses])
         await self._write(put)
 
     async def ocsp(self, serial: int) -> OCSPRecord | None:
-        rows = self._read("SELECT status, this_update, next_update, der FROM ocsp_responses "
+        rows = self._read("SELECT status, this_update, next_update, der_sha1, der_sha256 "
+                          "FROM ocsp_responses "
                           "WHERE serial = ?", (format(serial, "x"),))
         return OCSPRecord(serial, *rows[0]) if rows else None
 
