@@ -31,8 +31,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
 
 from ca.issuance import profiles as prof
+from ca.issuance.issue import Issuance
 from ca.issuance.issuers import Issuers, X509Issuer
-from ca.issuance.pipeline import SigningJob, SigningPipeline
+from ca.issuance.pipeline import SigningJob
 from ca.policy import PARSE_ERRORS
 from ca.store import OCSPDue, OCSPRecord, Store
 from ca.x509_reasons import REASON_FLAGS
@@ -80,20 +81,27 @@ def cert_ids(issuer: x509.Certificate) -> dict[str, tuple[bytes, bytes]]:
 
 
 class OCSPSigner:
-    def __init__(self, pipeline: SigningPipeline, store: Store, issuers: Issuers) -> None:
-        self.pipeline, self.store, self.issuers = pipeline, store, issuers
+    def __init__(self, issuance: Issuance) -> None:
+        self.issuance = issuance
+        self.pipeline, self.store = issuance.pipeline, issuance.store
 
-    def _issuer(self, label: str | None) -> X509Issuer:
-        return self.issuers.x509[label or self.issuers.first_x509]
+    def _issuer(self, label: str | None) -> X509Issuer | None:
+        """The issuer that signs for a certificate; None once it is retired (a retired
+        key signs nothing: its certificates' responses age out)."""
+        issuers = self.issuance.issuers
+        return issuers.x509.get(issuers.x509_of(label))
 
     async def sign(self, due: Sequence[OCSPDue], actor: str = "local",
                    request_id: str | None = None) -> int:
-        """Sign and store the responses of each; how many certificates got theirs. The
-        jobs go in together, so the pipeline signs them as one group."""
+        """Sign and store the responses of each; how many could not be signed (a
+        retired issuer's certificates are passed over, not failed). The jobs go in
+        together, so the pipeline signs them as one group."""
         now = prof.utcnow()
         jobs = []
+        due = [d for d in due if self._issuer(d.issuer) is not None]
         for d in due:
             issuer = self._issuer(d.issuer)
+            assert issuer is not None
             at = dt.datetime.fromisoformat(d.revoked_at) if d.revoked_at else None
             for name, (name_hash, key_hash) in cert_ids(issuer.cert).items():
                 b = (ocsp.OCSPResponseBuilder()
@@ -129,7 +137,7 @@ class OCSPSigner:
                                       sha256))
         if records:
             await self.store.put_ocsp(records)
-        return len(records)
+        return len(due) - len(records)
 
 
 class OCSPRefresher:
@@ -139,17 +147,14 @@ class OCSPRefresher:
     def __init__(self, signer: OCSPSigner, interval: float = 1.0) -> None:
         self.signer, self.interval = signer, interval
 
-    async def round(self) -> int:
+    async def round(self) -> None:
+        issuers = await self.signer.issuance.keys.refresh()
         now = prof.utcnow()
-        done = 0
         while True:
-            due = await self.signer.store.ocsp_due(now, now + REFRESH_BEFORE, BATCH)
-            if not due:
-                return done
-            signed = await self.signer.sign(due)
-            done += signed
-            if signed < len(due):  # the HSM or the log is away: try again next round
-                return done
+            due = await self.signer.store.ocsp_due(now, now + REFRESH_BEFORE, BATCH,
+                                                   list(issuers.x509))
+            if not due or await self.signer.sign(due):  # failures: the HSM or the log is
+                return                                  # away; next round
 
     async def run(self) -> None:
         while True:
@@ -160,13 +165,14 @@ class OCSPRefresher:
             await asyncio.sleep(self.interval)  # periodic work, not synchronisation
 
 
-def issuer_of(request: ocsp.OCSPRequest, issuers: Issuers) -> X509Issuer | None:
-    """The issuer whose name and key hash the request's CertID carries."""
+def issuer_of(request: ocsp.OCSPRequest, issuers: Issuers) -> x509.Certificate | None:
+    """The issuer whose name and key hash the request's CertID carries (retired ones
+    too: their last responses are served until they age out)."""
     name = request.hash_algorithm.name
-    for issuer in issuers.x509.values():
-        ids = cert_ids(issuer.cert).get(name)
+    for cert in [*(i.cert for i in issuers.x509.values()), *issuers.past.values()]:
+        ids = cert_ids(cert).get(name)
         if ids == (request.issuer_name_hash, request.issuer_key_hash):
-            return issuer
+            return cert
     return None
 
 
