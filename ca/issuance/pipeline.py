@@ -238,36 +238,36 @@ class SigningPipeline:
 
     def _loop(self) -> None:
         batch = Batch()
+        items: list[Any] = []
         while True:
-            try:
-                first = self._queue.get(timeout=self.hsm.retry_in())
-            except queue.Empty:
-                self._tick()
-                continue
-            # Everything queued meanwhile runs now and the results go out together;
-            # signing jobs next to each other in the queue are signed as one group.
-            items = drain_queue(self._queue, first)
-            group: list[_Op] = []
-            for item in items:
-                if isinstance(item, _Op):
-                    group.append(item)
+            if not items:
+                try:
+                    first = self._queue.get(timeout=self.hsm.retry_in())
+                except queue.Empty:
+                    self._tick()
                     continue
-                if group:
-                    self._sign_group(group, batch)
-                    group = []
-                if item is STOP:
-                    batch.flush()
-                    try:
-                        self.hsm.close()
-                    except HSMError:
-                        pass  # never opened: nothing to close
-                    self._flush_events()
-                    return
+                # Everything queued meanwhile runs now and the results go out together;
+                # signing jobs next to each other in the queue are signed as one group.
+                items = drain_queue(self._queue, first)
+            item = items.pop(0)
+            if isinstance(item, _Op):
+                group = [item]
+                while items and isinstance(items[0], _Op):
+                    group.append(items.pop(0))
+                items = self._sign_groups(group, batch, items)
+            elif item is STOP:
+                batch.flush()
+                try:
+                    self.hsm.close()
+                except HSMError:
+                    pass  # never opened: nothing to close
+                self._flush_events()
+                return
+            else:
                 self._run_one(*item, batch)
-            if group:
-                self._sign_group(group, batch)
-            self._flush_events()
-            batch.flush()
+            if not items:
+                self._flush_events()
+                batch.flush()
 
     def _tick(self) -> None:
         try:
@@ -304,62 +304,90 @@ class SigningPipeline:
         written = self._audit.append_durable([*events, *entries])
         return written[len(events):]
 
-    def _sign_group(self, ops: list[_Op], batch: Batch) -> None:
-        live = [op for op in ops if claim(op.sink)]  # a caller gone before anything ran
+    def _start(self, ops: list[_Op], batch: Batch) -> list[tuple[_Op, KeyInfo]]:
+        """The jobs of a group that can be signed, each with its intent line made; the
+        others failed (a caller gone, the HSM away: nothing recorded, nothing to log)."""
+        live = [op for op in ops if claim(op.sink)]
         if not live:
-            return
+            return []
         try:
             self.hsm.tick()
             if self.hsm.broken is not None:
                 raise HSMUnavailable(f"HSM unavailable: {self.hsm.broken}")
             infos = [self._key(self.hsm, op.job.key) for op in live]
-        except HSMError as exc:  # nothing was recorded or signed: nothing to log
+        except HSMError as exc:
             for op in live:
                 batch.fail(op.sink, exc)
-            return
+            return []
         for op, info in zip(live, infos, strict=True):
             job = op.job
             op.intent = {"phase": "intent", "op_id": self._op_ids.next(), "key": info.uri,
                          "mechanism": mechanism_name(info, job.hash_name),
                          "purpose": job.purpose, "actor": job.actor,
                          "request_id": job.request_id, **job.details}
-        written = self._append([("hsm.sign", op.intent) for op in live])
-        ready: list[tuple[_Op, KeyInfo, int]] = []
-        for op, info, fut in zip(live, infos, written, strict=True):
+        return list(zip(live, infos, strict=True))
+
+    def _durable(self, started: list[tuple[_Op, KeyInfo]], written: list[cf.Future[int]],
+                 batch: Batch) -> list[tuple[_Op, KeyInfo, int]]:
+        """The jobs whose intent is on disk; the others failed (fail closed)."""
+        ready = []
+        for (op, info), fut in zip(started, written, strict=True):
             exc = fut.exception()
             if exc is None:
                 ready.append((op, info, fut.result()))
-            else:  # not on disk, so not signed (fail closed)
-                batch.fail(op.sink, exc)
-        if not ready:
-            return
-        signed = [(op, seq, *self._sign_one(op, info, seq)) for op, info, seq in ready]
-        # The inventory writes start together (one transaction for the group, which
-        # commits while the outcomes are written), after the signing: between
-        # signatures, the GIL released in C_Sign would let the store commit each alone.
-        done: list[tuple[_Op, int, Any, BaseException | None, cf.Future[Any] | None]] = []
-        outcomes: list[Entry] = []
-        for op, seq, out, error, outcome in signed:
-            extra: cf.Future[Any] | None = None
-            if error is None and op.job.record is not None:
-                try:
-                    extra = op.job.record(out)
-                except Exception as exc:
-                    error = exc
-            done.append((op, seq, out, error, extra))
-            outcomes.append(("hsm.sign", outcome))
-        written = self._append(outcomes)
-        for (op, seq, out, error, extra), fut in zip(done, written, strict=True):
-            if error is None:
-                error = fut.exception()
-            if error is None and extra is not None:
-                error = extra.exception()  # waits for the inventory's commit
-            if self.on_sign is not None:
-                self.on_sign(op.job.purpose, "ok" if error is None else type(error).__name__)
-            if error is None:
-                batch.ok(op.sink, SignResult(out, seq, fut.result()))
             else:
-                batch.fail(op.sink, error)
+                batch.fail(op.sink, exc)
+        return ready
+
+    def _sign_groups(self, ops: list[_Op], batch: Batch, rest: list[Any]) -> list[Any]:
+        """Sign a group, and the groups that queued up meanwhile, pipelined: the
+        outcomes of one group and the intents of the next are made durable by one
+        group commit. Returns the items taken from the queue that are not signing
+        jobs (they run next, in their order)."""
+        started = self._start(ops, batch)
+        ready = self._durable(started, self._append(
+            [("hsm.sign", op.intent) for op, _ in started]), batch) if started else []
+        while ready:
+            signed = [(op, seq, *self._sign_one(op, info, seq)) for op, info, seq in ready]
+            # The inventory writes start together (one transaction for the group, which
+            # commits while the outcomes are written), after the signing: between
+            # signatures, the GIL released in C_Sign would let the store commit each alone.
+            done: list[tuple[_Op, int, Any, BaseException | None, cf.Future[Any] | None]] = []
+            outcomes: list[Entry] = []
+            for op, seq, out, error, outcome in signed:
+                extra: cf.Future[Any] | None = None
+                if error is None and op.job.record is not None:
+                    try:
+                        extra = op.job.record(out)
+                    except Exception as exc:
+                        error = exc
+                done.append((op, seq, out, error, extra))
+                outcomes.append(("hsm.sign", outcome))
+            # The next group, if jobs queued up while this one was signed: its intents
+            # go into the same group commit as these outcomes.
+            if not rest:
+                rest = drain_queue(self._queue, []) if not self._queue.empty() else []
+            following: list[_Op] = []
+            while rest and isinstance(rest[0], _Op):
+                following.append(rest.pop(0))
+            started = self._start(following, batch) if following else []
+            written = self._append(outcomes + [("hsm.sign", op.intent) for op, _ in started])
+            for (op, seq, out, error, extra), fut in zip(done, written[:len(outcomes)],
+                                                          strict=True):
+                if error is None:
+                    error = fut.exception()
+                if error is None and extra is not None:
+                    error = extra.exception()  # waits for the inventory's commit
+                if self.on_sign is not None:
+                    self.on_sign(op.job.purpose, "ok" if error is None
+                                 else type(error).__name__)
+                if error is None:
+                    batch.ok(op.sink, SignResult(out, seq, fut.result()))
+                else:
+                    batch.fail(op.sink, error)
+            batch.flush()  # released before the next group is signed
+            ready = self._durable(started, written[len(outcomes):], batch)
+        return rest
 
     def _sign_one(self, op: _Op, info: KeyInfo, seq: int
                   ) -> tuple[Any, BaseException | None, dict[str, Any]]:
