@@ -40,6 +40,11 @@ SCHEMA: dict[str, frozenset[str]] = {
     "policy": frozenset({"allow", "deny", "allow-wildcards", "x509-default-ttl-s",
                          "x509-max-ttl-s", "ssh-user-default-ttl-s", "ssh-user-max-ttl-s",
                          "ssh-host-ttl-s", "ssh-user-extensions", "token-max-ttl-s"}),
+    # ACME is on whenever the section exists (docs/acme.md); [acme.hosts] is its table
+    # of name = address.
+    "acme": frozenset({"eab-required", "http-01-port", "tls-alpn-01-port", "resolver",
+                       "hosts", "validation-timeout-s", "max-validations",
+                       "orders-per-hour", "failed-validations-per-hour"}),
 }
 _HEADER_LINE = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]\s*(#.*)?$")
 
@@ -88,6 +93,24 @@ def _check_known(path: Path, text: str, raw: dict[str, Any]) -> None:
 
 
 @dataclass(frozen=True)
+class AcmeConfig:
+    """[acme]: the ACME server (docs/acme.md)."""
+
+    eab_required: bool = True
+    http01_port: int = 80
+    tls_alpn01_port: int = 443
+    resolver: tuple[str, int] | None = None  # (address, port) for dns-01 and lookups
+    hosts: tuple[tuple[str, str], ...] = ()  # name -> address, consulted before DNS
+    validation_timeout_s: float = 10.0
+    max_validations: int = 16  # validations under way at once, per worker
+    orders_per_hour: int = 300  # new orders, per account and per client address
+    failed_validations_per_hour: int = 60  # per account and per client address
+
+    def host(self, name: str) -> str | None:
+        return dict(self.hosts).get(name)
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     state_dir: Path
@@ -105,6 +128,7 @@ class Config:
     metrics_allow: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     workers: int = 0  # worker processes serving HTTPS; 0: one per CPU (at most 8)
     policy: Policy = field(default_factory=Policy)
+    acme: AcmeConfig | None = None  # None: no [acme] section, no ACME server
 
     @property
     def audit_log(self) -> Path:
@@ -263,7 +287,63 @@ def load(path: Path) -> Config:
         checkpoint_heartbeat_s=_get(audit, "heartbeat-s", float, f"{path} [audit]", 60.0),
         witnesses=tuple(rel(w) for w in _get(audit, "witnesses", list, f"{path} [audit]", [])),
         policy=policy,
+        acme=_acme(raw["acme"], f"{path} [acme]") if "acme" in raw else None,
     )
+
+
+def _port(table: dict[str, Any], key: str, where: str, default: int) -> int:
+    value = _get(table, key, int, where, default)
+    if not 1 <= value <= 65535:
+        raise ConfigError(f"{where}: {key!r} must be a port from 1 to 65535, not {value}")
+    return int(value)
+
+
+def _positive(table: dict[str, Any], key: str, kind: type, where: str, default: Any) -> Any:
+    value = _get(table, key, kind, where, default)
+    if value <= 0:
+        raise ConfigError(f"{where}: {key!r} must be greater than 0, not {value}")
+    return value
+
+
+def _acme(table: dict[str, Any], where: str) -> AcmeConfig:
+    import ipaddress
+    default = AcmeConfig()
+    resolver = None
+    text = _get(table, "resolver", str, where, None)
+    if text is not None:
+        host, port = text, 53
+        if text.count(":") == 1 or text.startswith("["):  # a.b.c.d:port, [v6]:port
+            host, _, p = text.rpartition(":")
+            if not p.isdigit() or not 1 <= int(p) <= 65535:
+                raise ConfigError(f"{where}: resolver {text!r}: the port is not a number "
+                                  "from 1 to 65535")
+            port = int(p)
+        try:
+            resolver = (str(ipaddress.ip_address(host.strip("[]"))), port)
+        except ValueError:
+            raise ConfigError(f"{where}: resolver must be an IP address with an optional "
+                              f":port (like \"10.0.0.53\" or \"10.0.0.53:5353\"), not "
+                              f"{text!r}") from None
+    hosts = _get(table, "hosts", dict, where, {})
+    for name, address in hosts.items():
+        try:
+            ipaddress.ip_address(address if isinstance(address, str) else "")
+        except ValueError:
+            raise ConfigError(f"{where}.hosts: {name!r} must map to an IP address, not "
+                              f"{address!r}") from None
+    return AcmeConfig(
+        eab_required=_get(table, "eab-required", bool, where, default.eab_required),
+        http01_port=_port(table, "http-01-port", where, default.http01_port),
+        tls_alpn01_port=_port(table, "tls-alpn-01-port", where, default.tls_alpn01_port),
+        resolver=resolver,
+        hosts=tuple(sorted((str(k).lower(), str(v)) for k, v in hosts.items())),
+        validation_timeout_s=_positive(table, "validation-timeout-s", float, where,
+                                       default.validation_timeout_s),
+        max_validations=_positive(table, "max-validations", int, where,
+                                  default.max_validations),
+        orders_per_hour=_positive(table, "orders-per-hour", int, where, default.orders_per_hour),
+        failed_validations_per_hour=_positive(table, "failed-validations-per-hour", int, where,
+                                              default.failed_validations_per_hour))
 
 
 def secret_files(cfg: Config) -> list[Path]:

@@ -91,7 +91,8 @@ async def run(config: Config, host: str, port: int, slot: int, sign_channel: soc
             audit=link, limit=control, hsm=pipeline, store=store, metrics=metrics,
             settings=Settings(config.policy, tuple(ipaddress.ip_network(n)
                                                    for n in config.metrics_allow),
-                              config.audit_origin))
+                              config.audit_origin),
+            acme=config.acme)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=10.0)
         await runner.setup()
         site = web.TCPSite(runner, host, port, ssl_context=tls_context(

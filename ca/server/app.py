@@ -12,6 +12,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from ca.config import AcmeConfig
 from ca.issuance.issue import Issuance
 from ca.metrics import Metrics
 from ca.revocation import Revocations
@@ -129,7 +130,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 def build_app(*, gate: Gate, tokens: Tokens, issuance: Issuance, revocations: Revocations,
               audit: AuditReader, limit: TokenLimit, hsm: Health, store: Store,
-              settings: Settings, metrics: Metrics | None = None) -> web.Application:
+              settings: Settings, metrics: Metrics | None = None,
+              acme: AcmeConfig | None = None) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY,
                           middlewares=[request_middleware, problem_middleware])
     app[GATE], app[TOKENS], app[ISSUANCE], app[REVOCATIONS] = gate, tokens, issuance, revocations
@@ -138,6 +140,9 @@ def build_app(*, gate: Gate, tokens: Tokens, issuance: Issuance, revocations: Re
     app[METRICS] = metrics or Metrics()
     for table in (routes, x509_routes, ssh_routes, audit_routes):
         app.add_routes(table)
+    if acme is not None:  # ACME is on whenever the config has an [acme] section
+        from ca.acme.server import install
+        install(app, acme)
     return app
 
 
