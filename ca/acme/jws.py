@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -63,8 +64,11 @@ class Verified:
         return obj
 
 
+_B64URL = re.compile(r"^[A-Za-z0-9_-]*$")
+
+
 def b64decode(text: object, what: str) -> bytes:
-    if not isinstance(text, str) or not text.isascii() or "=" in text:
+    if not isinstance(text, str) or not _B64URL.match(text) or len(text) % 4 == 1:
         raise AcmeProblem("malformed", f"{what} must be base64url without padding")
     try:
         return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
@@ -243,7 +247,7 @@ def verify_eab(eab: object, account_jwk: jose.JWK, new_account_url: str
         raise AcmeProblem("malformed", "the EAB's protected header has alg, kid and url, no "
                           "nonce")
     if protected.get("url") != new_account_url:
-        raise AcmeProblem("unauthorized", "the EAB's url must be the newAccount URL")
+        raise AcmeProblem("unauthorized", "the EAB's url must be the newAccount URL", 403)
     kid = protected.get("kid")
     if not isinstance(kid, str) or not 0 < len(kid) <= 100:
         raise AcmeProblem("malformed", "the EAB kid must be a string")
@@ -254,7 +258,7 @@ def verify_eab(eab: object, account_jwk: jose.JWK, new_account_url: str
     except Exception:
         raise AcmeProblem("malformed", "the EAB cannot be parsed") from None
     if thumbprint(bound) != thumbprint(account_jwk):
-        raise AcmeProblem("unauthorized", "the EAB binds another key than the account's")
+        raise AcmeProblem("unauthorized", "the EAB binds another key than the account's", 403)
 
     def check(mac_key: bytes) -> bool:
         try:
