@@ -287,19 +287,17 @@ def load(path: Path) -> Config:
         checkpoint_heartbeat_s=_get(audit, "heartbeat-s", float, f"{path} [audit]", 60.0),
         witnesses=tuple(rel(w) for w in _get(audit, "witnesses", list, f"{path} [audit]", [])),
         policy=policy,
-        acme=_acme(raw["acme"], f"{path} [acme]") if "acme" in raw else None,
+        acme=_acme(acme, f"{path} [acme]") if (acme := raw.get("acme")) is not None else None,
     )
 
 
-def _port(table: dict[str, Any], key: str, where: str, default: int) -> int:
-    value = _get(table, key, int, where, default)
+def _port(value: int, key: str, where: str) -> int:
     if not 1 <= value <= 65535:
         raise ConfigError(f"{where}: {key!r} must be a port from 1 to 65535, not {value}")
-    return int(value)
+    return value
 
 
-def _positive(table: dict[str, Any], key: str, kind: type, where: str, default: Any) -> Any:
-    value = _get(table, key, kind, where, default)
+def _positive(value: Any, key: str, where: str) -> Any:
     if value <= 0:
         raise ConfigError(f"{where}: {key!r} must be greater than 0, not {value}")
     return value
@@ -333,17 +331,22 @@ def _acme(table: dict[str, Any], where: str) -> AcmeConfig:
                               f"{address!r}") from None
     return AcmeConfig(
         eab_required=_get(table, "eab-required", bool, where, default.eab_required),
-        http01_port=_port(table, "http-01-port", where, default.http01_port),
-        tls_alpn01_port=_port(table, "tls-alpn-01-port", where, default.tls_alpn01_port),
+        http01_port=_port(_get(table, "http-01-port", int, where, default.http01_port),
+                          "http-01-port", where),
+        tls_alpn01_port=_port(_get(table, "tls-alpn-01-port", int, where,
+                                   default.tls_alpn01_port), "tls-alpn-01-port", where),
         resolver=resolver,
         hosts=tuple(sorted((str(k).lower(), str(v)) for k, v in hosts.items())),
-        validation_timeout_s=_positive(table, "validation-timeout-s", float, where,
-                                       default.validation_timeout_s),
-        max_validations=_positive(table, "max-validations", int, where,
-                                  default.max_validations),
-        orders_per_hour=_positive(table, "orders-per-hour", int, where, default.orders_per_hour),
-        failed_validations_per_hour=_positive(table, "failed-validations-per-hour", int, where,
-                                              default.failed_validations_per_hour))
+        validation_timeout_s=_positive(_get(table, "validation-timeout-s", float, where,
+                                            default.validation_timeout_s),
+                                       "validation-timeout-s", where),
+        max_validations=_positive(_get(table, "max-validations", int, where,
+                                       default.max_validations), "max-validations", where),
+        orders_per_hour=_positive(_get(table, "orders-per-hour", int, where,
+                                       default.orders_per_hour), "orders-per-hour", where),
+        failed_validations_per_hour=_positive(_get(
+            table, "failed-validations-per-hour", int, where,
+            default.failed_validations_per_hour), "failed-validations-per-hour", where))
 
 
 def secret_files(cfg: Config) -> list[Path]:
@@ -471,4 +474,18 @@ def render(*, module: str, token: str, pin_source: str, softhsm_conf: str | None
     for section, table in doc.items():
         parts.append("".join(f"# {line}\n" for line in _NOTES[section])
                      + tomli_w.dumps({section: table}))
+    parts.append(_ACME_EXAMPLE)
     return "\n".join(parts)
+
+
+# ACME is on whenever the section exists, so init writes it commented out.
+_ACME_EXAMPLE = """\
+# ACME (docs/acme.md): uncomment to serve /acme/directory. Every setting is optional.
+# [acme]
+# eab-required = true          # accounts need `hsmca acme eab create`
+# http-01-port = 80
+# tls-alpn-01-port = 443
+# resolver = "10.0.0.53"       # dns-01 and lookups; unset: no dns-01, the system's
+# [acme.hosts]                 # name = address, consulted before DNS
+# "web.internal.example" = "10.0.0.7"
+"""
