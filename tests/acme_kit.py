@@ -93,11 +93,17 @@ class Responder:
 
     def __init__(self, port: int) -> None:
         self.answers: dict[str, bytes] = {}
-        answers = self.answers
+        self.redirects: dict[str, str] = {}  # token -> Location of a 302
+        answers, redirects = self.answers, self.redirects
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 token = self.path.rsplit("/", 1)[-1]
+                if token in redirects:
+                    self.send_response(302)
+                    self.send_header("Location", redirects[token])
+                    self.end_headers()
+                    return
                 body = answers.get(token)
                 self.send_response(200 if body is not None else 404)
                 self.end_headers()
@@ -212,6 +218,27 @@ class Client:
 
     def key_authorization(self, token: str) -> str:
         return f"{token}.{thumbprint(self.key)}"
+
+    def answer(self, order: Reply, kind: str) -> list[dict[str, Any]]:
+        """Tell the CA the client is ready for the `kind` challenge of every authorization
+        (after setting up the answers); the challenges as the CA returned them."""
+        out = []
+        for authz_url in order.json["authorizations"]:
+            authz = self.post(authz_url).json
+            ch = next(c for c in authz["challenges"] if c["type"] == kind)
+            out.append({**ch, "identifier": authz["identifier"]["value"]})
+        return out
+
+    def wait_authz(self, authz_url: str, deadline_s: float = 30) -> dict[str, Any]:
+        """Poll an authorization until it is no longer pending (with a deadline)."""
+        import time
+        deadline = time.monotonic() + deadline_s
+        while time.monotonic() < deadline:
+            authz = self.post(authz_url).json
+            if authz["status"] != "pending":
+                return dict(authz)
+            time.sleep(0.05)  # polling, as ACME clients do (deadline above)
+        raise AssertionError(f"{authz_url} still pending after {deadline_s} s")
 
     def validate_http01(self, order: Reply, responder: Responder) -> None:
         """Answer every authorization of the order over http-01 and wait (polling with a
