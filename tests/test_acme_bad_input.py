@@ -115,6 +115,17 @@ def get_on_a_post_resource(w: World) -> Reply:
     return Reply(r.status_code, r.headers, r.content)
 
 
+@case(405, "malformed")
+def get_on_an_order(w: World) -> Reply:
+    r = w.a.session.get(w.pending.headers["Location"])
+    return Reply(r.status_code, r.headers, r.content)
+
+
+@case(405, "malformed")
+def post_to_the_directory(w: World) -> Reply:
+    return w.a.raw(url(w, "newNonce").replace("new-nonce", "directory"), b"{}")
+
+
 @case(404, "malformed")
 def unknown_acme_path(w: World) -> Reply:
     r = w.a.session.post(f"{w.ca.url}/acme/nothing-here", data=b"{}")

@@ -152,11 +152,13 @@ def _json(body: object, status: int = 200, location: str | None = None,
 async def _unknown(request: web.Request) -> web.StreamResponse:
     @acme_route
     async def answer(request: web.Request) -> web.Response:
-        known = {r.resource.canonical for r in request.app.router.routes()
-                 if r.resource is not None}
-        if request.path in known:
-            raise AcmeProblem("malformed", f"{request.method} is not allowed on "
-                              f"{request.path}", 405)
+        for resource in request.app.router.resources():
+            if resource.canonical == "/acme/{tail}":
+                continue
+            _match, allowed = await resource.resolve(request)
+            if allowed:  # the path is an ACME resource, the method is not one it takes
+                raise AcmeProblem("malformed", f"{request.method} is not allowed on "
+                                  f"{request.path[:200]}", 405)
         raise AcmeProblem("malformed", f"no such ACME resource: {request.path[:200]}", 404)
     return await answer(request)
 

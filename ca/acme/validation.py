@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import ipaddress
 import socket
 import ssl
 from dataclasses import dataclass
@@ -118,9 +117,7 @@ class Validator:
                 shown = f"[{addr}]" if ":" in addr else addr
                 url = f"{scheme}://{shown}:{port}{path}"
                 try:
-                    async with s.get(url, headers={"Host": host if port in (80, 443) else
-                                                   f"{host}:{port}",
-                                                   "Accept": "*/*"},
+                    async with s.get(url, headers={"Host": host, "Accept": "*/*"},
                                      allow_redirects=False,
                                      ssl=False if scheme == "https" else None,
                                      server_hostname=host if scheme == "https" else None) as r:
@@ -166,10 +163,6 @@ class Validator:
             raise Failed("connection", f"redirect to {location[:100]!r}: {u.scheme} is followed "
                          f"only to port {allowed}")
         path = (u.path or "/") + (f"?{u.query}" if u.query else "")
-        try:
-            ipaddress.ip_address(u.hostname)
-        except ValueError:
-            pass
         return u.scheme, u.hostname, allowed, path
 
     # ---- tls-alpn-01 -----------------------------------------------------------------------
