@@ -592,10 +592,17 @@ async def certificate(request: web.Request) -> web.Response:
         raise AcmeProblem("malformed", "no such certificate", 404)
     if rec.account_id != v.account.id:
         raise AcmeProblem("unauthorized", "this certificate was issued to another account", 403)
-    issuers = request.app[ISSUANCE].issuers
-    issuer = issuers.x509.get(rec.issuer or issuers.first_x509, issuers.current)
+    issuer = _issuer_cert(request, rec.issuer)
     leaf = x509.load_der_x509_certificate(bytes(rec.der))
-    return web.Response(text=pem(leaf) + pem(issuer.cert), content_type=PEM_CHAIN)
+    return web.Response(text=pem(leaf) + (pem(issuer) if issuer is not None else ""),
+                        content_type=PEM_CHAIN)
+
+
+def _issuer_cert(request: web.Request, label: str | None) -> x509.Certificate | None:
+    """The certificate of the issuing key a record names: in use, or retired since."""
+    issuers = request.app[ISSUANCE].issuers
+    label = issuers.x509_of(label)
+    return issuers.x509[label].cert if label in issuers.x509 else issuers.past.get(label)
 
 
 @routes.post("/acme/revoke-cert")
@@ -646,9 +653,8 @@ async def renewal_info(request: web.Request) -> web.Response:
     if not raw_serial or len(raw_serial) > 21 or raw_serial[0] & 0x80:
         raise AcmeProblem("malformed", "the serial part is not a positive DER integer")
     rec = await store.cert(int.from_bytes(raw_serial, "big"))
-    issuers = request.app[ISSUANCE].issuers
-    issuer = issuers.x509.get(rec.issuer or issuers.first_x509) if rec else None
-    if rec is None or issuer is None or _ski(issuer.cert) != aki:
+    issuer = _issuer_cert(request, rec.issuer) if rec else None
+    if rec is None or issuer is None or _ski(issuer) != aki:
         raise AcmeProblem("malformed", "no certificate with this CertID", 404)
     now = utcnow()
     if rec.revoked_at is not None:  # renew at once: the window is already open
