@@ -521,8 +521,8 @@ def another_accounts_authorization(w: World) -> Reply:
 
 
 @case(400, "malformed")
-def deactivating_an_authorization(w: World) -> Reply:
-    return w.a.post(w.pending.json["authorizations"][0], {"status": "deactivated"})
+def changing_an_authorization_other_than_deactivating_it(w: World) -> Reply:
+    return w.a.post(w.pending.json["authorizations"][0], {"status": "valid"})
 
 
 @case(404, "malformed")

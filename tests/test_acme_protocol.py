@@ -141,6 +141,20 @@ def test_a_deactivated_account_orders_nothing_more(world: World) -> None:
     assert r.status == 403 and r.problem == "unauthorized"
 
 
+def test_a_deactivated_authorization_ends_its_order(world: World) -> None:
+    c = Client(world.ca)
+    assert c.register(world.ca.eab("*.test")).status == 201
+    order = c.order("a.test", "b.test")
+    authz_url = order.json["authorizations"][0]
+    r = c.post(authz_url, {"status": "deactivated"})
+    assert r.status == 200 and r.json["status"] == "deactivated"
+    assert c.post(order.headers["Location"]).json["status"] == "invalid"
+    again = c.post(authz_url, {"status": "deactivated"})
+    assert again.status == 400 and again.problem == "malformed"
+    assert c.post(c.answer(order, "http-01")[0]["url"], {}).status == 200  # nothing to do
+    assert c.post(authz_url).json["status"] == "deactivated"
+
+
 def test_dns01_and_a_wildcard_through_the_resolver(world: World) -> None:
     c = Client(world.ca)
     assert c.register(world.ca.eab("*.test")).status == 201

@@ -164,6 +164,15 @@ def test_one_finalizer_and_the_certificate_row_makes_the_order_valid(store: Stor
     assert run(store.acme_cert(0xabd)) is None
 
 
+def test_a_deactivated_authorization_ends_its_order(store: Store) -> None:
+    authzs = order_with(store, "o1", ("a.test", "b.test"))
+    assert run(store.deactivate_acme_authz(authzs[0].id)) is True
+    assert run(store.deactivate_acme_authz(authzs[0].id)) is False
+    order = run(store.acme_order("o1"))
+    assert isinstance(order, AcmeOrder) and order.status == "invalid"
+    assert run(store.start_acme_challenge(authzs[0].challenges[0].id)) is False
+
+
 def test_a_nonce_is_used_once(store: Store) -> None:
     assert run(store.redeem_acme_nonce("n1", NOW + dt.timedelta(minutes=30), NOW)) is True
     assert run(store.redeem_acme_nonce("n1", NOW + dt.timedelta(minutes=30), NOW)) is False

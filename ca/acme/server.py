@@ -510,10 +510,18 @@ async def _own_authz(request: web.Request, account: AcmeAccount, authz_id: str) 
 async def get_authz(request: web.Request) -> web.Response:
     v = await _verified(request)
     assert v.account is not None
-    if v.json(empty_ok=True):
-        raise AcmeProblem("malformed", "authorizations are read with POST-as-GET here; "
-                          "deactivating one is not offered")
+    body = v.json(empty_ok=True)
     authz = await _own_authz(request, v.account, request.match_info["id"])
+    if body is not None:  # RFC 8555 7.5.2: the only change a client may make
+        if body != {"status": "deactivated"}:
+            raise AcmeProblem("malformed", 'an authorization can only be deactivated: '
+                              '{"status": "deactivated"}')
+        if not await request.app[ACME].store.deactivate_acme_authz(authz.id):
+            raise AcmeProblem("malformed", f"the authorization is {authz.status}; only a "
+                              "pending or valid one can be deactivated")
+        fresh = await request.app[ACME].store.acme_authz(authz.id)
+        assert fresh is not None
+        authz = fresh
     return _json(_authz_obj(request, authz))
 
 

@@ -199,6 +199,11 @@ class Store(Protocol):
 
     async def acme_challenge(self, challenge_id: str) -> AcmeChallenge | None: ...
 
+    async def deactivate_acme_authz(self, authz_id: str) -> bool:
+        """A client gives up a pending or valid authorization (RFC 8555 7.5.2); its order,
+        if not finalized yet, can no longer be. False if it was neither."""
+        ...
+
     async def start_acme_challenge(self, challenge_id: str) -> bool:
         """pending -> processing, if its authorization is still pending: True for exactly
         one of concurrent callers."""

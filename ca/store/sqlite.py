@@ -751,6 +751,18 @@ class SQLiteStore:
                           (challenge_id,))
         return AcmeChallenge(*rows[0]) if rows else None
 
+    async def deactivate_acme_authz(self, authz_id: str) -> bool:
+        def deactivate(db: sqlite3.Connection) -> bool:
+            row = db.execute("UPDATE acme_authzs SET status = 'deactivated' WHERE id = ? AND "
+                             "status IN ('pending', 'valid') RETURNING order_id",
+                             (authz_id,)).fetchone()
+            if row is None:
+                return False
+            db.execute("UPDATE acme_orders SET status = 'invalid' WHERE id = ? AND status IN "
+                       "('pending', 'ready')", (row[0],))
+            return True
+        return await self._write(deactivate)
+
     async def start_acme_challenge(self, challenge_id: str) -> bool:
         def start(db: sqlite3.Connection) -> bool:
             return db.execute(
