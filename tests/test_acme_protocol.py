@@ -11,6 +11,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import dns.message
 import dns.rdatatype
@@ -76,7 +77,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     server = DNSServer()
     tmp = tmp_path_factory.mktemp("acme-protocol")
     ca = start_acme_ca(tmp, NAMES, resolver=f"127.0.0.1:{server.port}",
-                       **{"orders-per-hour": 20, "failed-validations-per-hour": 4})
+                       **{"orders-per-hour": 20, "failed-validations-per-hour": 8})
     responder = Responder(ca.http_port)
     try:
         yield World(ca, responder, server)
@@ -231,12 +232,90 @@ def test_renewal_info_suggests_a_window_inside_the_validity(world: World) -> Non
     assert cert.not_valid_before_utc < start < end < cert.not_valid_after_utc
 
 
+class TLSServer:
+    """Answers TLS handshakes on 127.0.0.1:port with one certificate, offering `alpn`."""
+
+    def __init__(self, port: int, tmp: Path, name: str, acme_ext: bytes | None,
+                 alpn: str | None) -> None:
+        import datetime as dt
+        import ssl
+
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = dt.datetime.now(dt.UTC)
+        b = (x509.CertificateBuilder().subject_name(x509.Name([])).issuer_name(x509.Name([]))
+             .public_key(key.public_key()).serial_number(1).not_valid_before(now)
+             .not_valid_after(now + dt.timedelta(hours=1))
+             .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), True))
+        if acme_ext is not None:
+            b = b.add_extension(x509.UnrecognizedExtension(
+                x509.ObjectIdentifier("1.3.6.1.5.5.7.1.31"), acme_ext), critical=True)
+        cert, keyfile = tmp / "alpn.pem", tmp / "alpn.key"
+        cert.write_bytes(b.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+        keyfile.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                              serialization.PrivateFormat.PKCS8,
+                                              serialization.NoEncryption()))
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(cert, keyfile)
+        if alpn:
+            ctx.set_alpn_protocols([alpn])
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.listen()
+        self.ctx = ctx
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                with self.ctx.wrap_socket(conn, server_side=True) as tls:
+                    tls.recv(1)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        # shutdown wakes the thread blocked in accept(), so the port is free at once
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+
+@pytest.mark.parametrize("good_digest, alpn, kind, words", [
+    (False, "acme-tls/1", "incorrectResponse", "wrong digest"),
+    (True, None, "tls", "did not negotiate acme-tls/1"),
+])
+def test_tls_alpn01_checks_the_protocol_and_the_digest(
+        world: World, tmp_path: Path, good_digest: bool, alpn: str | None, kind: str,
+        words: str) -> None:
+    import hashlib
+    c = Client(world.ca)
+    assert c.register(world.ca.eab("*.test")).status == 201
+    order = c.order("b.test")
+    ch = c.answer(order, "tls-alpn-01")[0]
+    digest = hashlib.sha256(c.key_authorization(ch["token"]).encode()).digest()
+    ext = b"\x04\x20" + (digest if good_digest else bytes(32))
+    server = TLSServer(world.ca.tls_port, tmp_path, "b.test", ext, alpn)
+    try:
+        assert c.post(ch["url"], {}).status == 200
+        authz = c.wait_authz(order.json["authorizations"][0])
+    finally:
+        server.close()
+    assert authz["status"] == "invalid"
+    failed = next(x for x in authz["challenges"] if x["type"] == "tls-alpn-01")
+    assert failed["error"]["type"].endswith(f":{kind}") and words in failed["error"]["detail"]
+
+
 def test_failed_validations_and_new_orders_are_rate_limited(world: World) -> None:
     c = Client(world.ca)
     assert c.register(world.ca.eab("*.test")).status == 201
     # Nobody answers for nobody.test: each validation fails, and from this address
-    # (every test's) at most 4 an hour may fail; the redirect tests' failures count too.
-    for _ in range(5):
+    # (every test's) at most 8 an hour may fail; the other tests' failures count too.
+    for _ in range(9):
         order = c.order("nobody.test")
         ch = c.answer(order, "http-01")[0]
         r = c.post(ch["url"], {})
