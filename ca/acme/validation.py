@@ -125,7 +125,7 @@ class Validator:
                             scheme, host, port, path = self._redirect(
                                 r.headers.get("Location", ""), scheme, host)
                             continue
-                        body = await r.content.read(MAX_BODY + 1)
+                        body = await _read_at_most(r.content, MAX_BODY + 1)
                         status = r.status
                 except aiohttp.ClientError as exc:
                     raise Failed("connection", f"http-01 for {name}: fetching {scheme}://"
@@ -227,3 +227,14 @@ class Validator:
         if expected not in texts:
             raise Failed("incorrectResponse", f"dns-01 for {name}: no TXT record at {record} "
                          "holds the expected value")
+
+
+async def _read_at_most(stream: aiohttp.StreamReader, limit: int) -> bytes:
+    """Up to `limit` bytes of a body (read() may return less than is on its way)."""
+    body = b""
+    while len(body) < limit:
+        chunk = await stream.read(limit - len(body))
+        if not chunk:
+            break
+        body += chunk
+    return body
