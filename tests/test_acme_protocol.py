@@ -156,6 +156,28 @@ def test_a_deactivated_authorization_ends_its_order(world: World) -> None:
     assert c.post(authz_url).json["status"] == "deactivated"
 
 
+def test_a_validation_left_by_a_worker_that_went_away_runs_again(world: World) -> None:
+    """What a worker killed mid-validation leaves: a challenge processing since long
+    ago. The client, polling its authorization, gets it validated anyway."""
+    import asyncio
+    import datetime as dt
+
+    from ca.store.sqlite import SQLiteStore
+    c = Client(world.ca)
+    assert c.register(world.ca.eab("*.test")).status == 201
+    order = c.order("a.test")
+    ch = c.answer(order, "http-01")[0]
+    world.responder.answers[ch["token"]] = c.key_authorization(ch["token"]).encode()
+    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=10)
+    store = SQLiteStore(world.ca.daemon.state / "hsmca.sqlite3")
+    try:
+        assert asyncio.run(store.start_acme_challenge(ch["url"].rsplit("/", 1)[1], long_ago,
+                                                      long_ago))
+    finally:
+        store.close()
+    assert c.wait_authz(order.json["authorizations"][0])["status"] == "valid"
+
+
 def test_dns01_and_a_wildcard_through_the_resolver(world: World) -> None:
     c = Client(world.ca)
     assert c.register(world.ca.eab("*.test")).status == 201

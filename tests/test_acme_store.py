@@ -26,6 +26,7 @@ from ca.store.sqlite import SQLiteStore
 
 NOW = dt.datetime(2026, 12, 2, 12, 0, tzinfo=dt.UTC)
 LATER = (NOW + dt.timedelta(hours=1)).isoformat()
+EARLIER = NOW - dt.timedelta(minutes=1)
 
 
 @pytest.fixture
@@ -115,25 +116,37 @@ def test_orders_keep_their_authorizations_and_challenges_in_order(store: Store) 
 def test_the_order_is_ready_once_every_authorization_is_valid(store: Store) -> None:
     authzs = order_with(store, "o1", ("a.test", "b.test"))
     first, second = (a.challenges[0].id for a in authzs)
-    assert run(store.start_acme_challenge(first)) is True
-    assert run(store.start_acme_challenge(first)) is False  # once
+    assert run(store.start_acme_challenge(first, NOW, EARLIER)) is True
+    assert run(store.start_acme_challenge(first, NOW, EARLIER)) is False  # once
     run(store.finish_acme_challenge(first, True, None, NOW))
     order = run(store.acme_order("o1"))
     assert isinstance(order, AcmeOrder) and order.status == "pending"
-    assert run(store.start_acme_challenge(second)) is True
+    assert run(store.start_acme_challenge(second, NOW, EARLIER)) is True
     run(store.finish_acme_challenge(second, True, None, NOW))
     order = run(store.acme_order("o1"))
     assert isinstance(order, AcmeOrder) and order.status == "ready"
     ch = run(store.acme_challenge(first))
     assert isinstance(ch, AcmeChallenge) and ch.status == "valid" and ch.validated
     # an authorization that is valid takes no more validations
-    assert run(store.start_acme_challenge(authzs[0].challenges[1].id)) is False
+    assert run(store.start_acme_challenge(authzs[0].challenges[1].id, NOW, EARLIER)) is False
+
+
+def test_a_validation_whose_worker_went_away_starts_again(store: Store) -> None:
+    authzs = order_with(store, "o1", ("a.test",))
+    ch = authzs[0].challenges[0].id
+    assert run(store.start_acme_challenge(ch, NOW, EARLIER)) is True
+    later = NOW + dt.timedelta(seconds=10)
+    # under way since NOW: not stale for a caller who counts from before NOW
+    assert run(store.start_acme_challenge(ch, later, EARLIER)) is False
+    assert run(store.start_acme_challenge(ch, later, NOW + dt.timedelta(seconds=1))) is True
+    again = run(store.acme_challenge(ch))
+    assert isinstance(again, AcmeChallenge) and again.started == later.isoformat()
 
 
 def test_one_failed_challenge_makes_the_order_invalid(store: Store) -> None:
     authzs = order_with(store, "o1", ("a.test", "b.test"))
     ch = authzs[0].challenges[0].id
-    run(store.start_acme_challenge(ch))
+    run(store.start_acme_challenge(ch, NOW, EARLIER))
     run(store.finish_acme_challenge(ch, False, '{"type": "x"}', NOW))
     order = run(store.acme_order("o1"))
     assert isinstance(order, AcmeOrder) and order.status == "invalid"
@@ -145,7 +158,7 @@ def test_one_failed_challenge_makes_the_order_invalid(store: Store) -> None:
 def test_one_finalizer_and_the_certificate_row_makes_the_order_valid(store: Store) -> None:
     authzs = order_with(store, "o1", ("a.test",))
     ch = authzs[0].challenges[0].id
-    run(store.start_acme_challenge(ch))
+    run(store.start_acme_challenge(ch, NOW, EARLIER))
     run(store.finish_acme_challenge(ch, True, None, NOW))
     assert run(store.begin_acme_finalize("o1")) is True
     assert run(store.begin_acme_finalize("o1")) is False
@@ -170,7 +183,7 @@ def test_a_deactivated_authorization_ends_its_order(store: Store) -> None:
     assert run(store.deactivate_acme_authz(authzs[0].id)) is False
     order = run(store.acme_order("o1"))
     assert isinstance(order, AcmeOrder) and order.status == "invalid"
-    assert run(store.start_acme_challenge(authzs[0].challenges[0].id)) is False
+    assert run(store.start_acme_challenge(authzs[0].challenges[0].id, NOW, EARLIER)) is False
 
 
 def test_a_nonce_is_used_once(store: Store) -> None:

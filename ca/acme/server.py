@@ -43,6 +43,8 @@ log = structlog.get_logger("hsmca.acme")
 ORDER_LIFETIME = dt.timedelta(days=7)
 RATE_WINDOW = dt.timedelta(hours=1)
 ARI_RETRY_AFTER_S = 6 * 3600
+# A validation still processing this long after its deadline lost its worker.
+STALE_GRACE = dt.timedelta(seconds=30)
 PEM_CHAIN = "application/pem-certificate-chain"
 
 routes = web.RouteTableDef()
@@ -522,6 +524,8 @@ async def get_authz(request: web.Request) -> web.Response:
         fresh = await request.app[ACME].store.acme_authz(authz.id)
         assert fresh is not None
         authz = fresh
+    else:
+        authz = await _restart_stale(request, authz, v)
     return _json(_authz_obj(request, authz))
 
 
@@ -543,13 +547,40 @@ async def challenge(request: web.Request) -> web.Response:
         if ch.status == "pending":
             await _rate(request, "failed-validation", v.account.id,
                         server.cfg.failed_validations_per_hour, take=False)
-            if await server.store.start_acme_challenge(ch.id):
-                server.spawn(_validate(server, ch, authz, v.jwk, v.account.id,
-                                       _client(request)))
+            await _start(request, ch, authz, v)
         fresh = await server.store.acme_challenge(ch.id)
         assert fresh is not None
         ch = fresh
     return _json(_challenge_obj(request, ch), links=(up,))
+
+
+async def _start(request: web.Request, ch: AcmeChallenge, authz: AcmeAuthz,
+                 v: acme_jws.Verified) -> None:
+    """Validate `ch` in the background if this request is the one to: it was pending, or
+    its validation began so long ago that the worker running it must have gone away."""
+    server = request.app[ACME]
+    assert v.account is not None
+    now = utcnow()
+    stale = now - dt.timedelta(seconds=server.cfg.validation_timeout_s) - STALE_GRACE
+    if await server.store.start_acme_challenge(ch.id, now, stale):
+        server.spawn(_validate(server, ch, authz, v.jwk, v.account.id, _client(request)))
+
+
+async def _restart_stale(request: web.Request, authz: AcmeAuthz,
+                         v: acme_jws.Verified) -> AcmeAuthz:
+    """Clients poll the authorization: a validation orphaned by a worker that went away
+    (still processing long after its deadline) starts again here."""
+    server = request.app[ACME]
+    limit = (utcnow() - dt.timedelta(seconds=server.cfg.validation_timeout_s)
+             - STALE_GRACE).isoformat()
+    stale = [c for c in authz.challenges if c.status == "processing"
+             and c.started is not None and c.started < limit]
+    if authz.status != "pending" or not stale:
+        return authz
+    for ch in stale:
+        await _start(request, ch, authz, v)
+    fresh = await server.store.acme_authz(authz.id)
+    return fresh if fresh is not None else authz
 
 
 async def _validate(server: AcmeServer, ch: AcmeChallenge, authz: AcmeAuthz, jwk: jose.JWK,

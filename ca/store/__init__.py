@@ -204,9 +204,11 @@ class Store(Protocol):
         if not finalized yet, can no longer be. False if it was neither."""
         ...
 
-    async def start_acme_challenge(self, challenge_id: str) -> bool:
-        """pending -> processing, if its authorization is still pending: True for exactly
-        one of concurrent callers."""
+    async def start_acme_challenge(self, challenge_id: str, at: dt.datetime,
+                                   stale_before: dt.datetime) -> bool:
+        """pending -> processing, if its authorization is still pending; or processing
+        again when its validation began before `stale_before` (the worker running it went
+        away). True for exactly one of concurrent callers: it validates."""
         ...
 
     async def finish_acme_challenge(self, challenge_id: str, valid: bool, error: str | None,

@@ -184,6 +184,7 @@ class AcmeChallenge:
     status: str  # pending | processing | valid | invalid
     validated: str | None = None
     error: str | None = None  # the problem document, JSON
+    started: str | None = None  # when its validation last began (processing)
 
 
 @dataclass(frozen=True)

@@ -188,7 +188,8 @@ MIGRATIONS: tuple[str, ...] = (
         status TEXT NOT NULL,
         validated TEXT,
         error TEXT,
-        position INTEGER NOT NULL
+        position INTEGER NOT NULL,
+        started TEXT                      -- when its validation last began
     );
     CREATE INDEX acme_challenges_authz ON acme_challenges(authz_id);
     CREATE TABLE acme_certs (
@@ -733,7 +734,7 @@ class SQLiteStore:
         return AcmeOrder(r[0], r[1], r[2], tuple(json.loads(r[3])), r[4], r[5],
                          tuple(a[0] for a in authzs), r[6], r[7])
 
-    _CHALLENGE_COLS = "id, authz_id, type, token, status, validated, error"
+    _CHALLENGE_COLS = "id, authz_id, type, token, status, validated, error, started"
 
     async def acme_authz(self, authz_id: str) -> AcmeAuthz | None:
         rows = self._read("SELECT id, order_id, account_id, name, wildcard, status, expires "
@@ -763,12 +764,14 @@ class SQLiteStore:
             return True
         return await self._write(deactivate)
 
-    async def start_acme_challenge(self, challenge_id: str) -> bool:
+    async def start_acme_challenge(self, challenge_id: str, at: dt.datetime,
+                                   stale_before: dt.datetime) -> bool:
         def start(db: sqlite3.Connection) -> bool:
             return db.execute(
-                "UPDATE acme_challenges SET status = 'processing' WHERE id = ? AND status = "
-                "'pending' AND (SELECT status FROM acme_authzs a WHERE a.id = authz_id) = "
-                "'pending'", (challenge_id,)).rowcount == 1
+                "UPDATE acme_challenges SET status = 'processing', started = ? WHERE id = ? "
+                "AND (status = 'pending' OR (status = 'processing' AND started < ?)) AND "
+                "(SELECT status FROM acme_authzs a WHERE a.id = authz_id) = 'pending'",
+                (at.isoformat(), challenge_id, stale_before.isoformat())).rowcount == 1
         return await self._write(start)
 
     async def finish_acme_challenge(self, challenge_id: str, valid: bool, error: str | None,
