@@ -38,6 +38,7 @@ COMMANDS = {
     "serve": "client_cmd:serve", "token-create": "client_cmd:token_create",
     "enroll": "client_cmd:enroll", "renew": "client_cmd:renew", "revoke": "client_cmd:revoke",
     "ssh-host": "ssh_cmd:host", "ssh-user": "ssh_cmd:user", "key": "key_cmd:run",
+    "acme-eab-create": "acme_cmd:eab_create",
 }
 
 
@@ -84,10 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DNS name of the daemon, in its TLS certificate (default localhost)")
     i.set_defaults(command_key="init")
 
-    from ca.commands import client_cmd, key_cmd, ssh_cmd
+    from ca.commands import acme_cmd, client_cmd, key_cmd, ssh_cmd
     client_cmd.add_parsers(sub)
     ssh_cmd.add_parsers(sub)
     key_cmd.add_parsers(sub)
+    acme_cmd.add_parsers(sub)
 
     a = sub.add_parser("audit", help="verify or read the operation log")
     asub = a.add_subparsers(dest="audit_command", metavar="SUBCOMMAND", required=True)

@@ -40,6 +40,11 @@ SCHEMA: dict[str, frozenset[str]] = {
     "policy": frozenset({"allow", "deny", "allow-wildcards", "x509-default-ttl-s",
                          "x509-max-ttl-s", "ssh-user-default-ttl-s", "ssh-user-max-ttl-s",
                          "ssh-host-ttl-s", "ssh-user-extensions", "token-max-ttl-s"}),
+    # ACME is on whenever the section exists (docs/acme.md); [acme.hosts] is its table
+    # of name = address.
+    "acme": frozenset({"eab-required", "http-01-port", "tls-alpn-01-port", "resolver",
+                       "hosts", "validation-timeout-s", "max-validations",
+                       "orders-per-hour", "failed-validations-per-hour"}),
 }
 _HEADER_LINE = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]\s*(#.*)?$")
 
@@ -88,6 +93,24 @@ def _check_known(path: Path, text: str, raw: dict[str, Any]) -> None:
 
 
 @dataclass(frozen=True)
+class AcmeConfig:
+    """[acme]: the ACME server (docs/acme.md)."""
+
+    eab_required: bool = True
+    http01_port: int = 80
+    tls_alpn01_port: int = 443
+    resolver: tuple[str, int] | None = None  # (address, port) for dns-01 and lookups
+    hosts: tuple[tuple[str, str], ...] = ()  # name -> address, consulted before DNS
+    validation_timeout_s: float = 10.0
+    max_validations: int = 16  # validations under way at once, per worker
+    orders_per_hour: int = 300  # new orders, per account and per client address
+    failed_validations_per_hour: int = 60  # per account and per client address
+
+    def host(self, name: str) -> str | None:
+        return dict(self.hosts).get(name)
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     state_dir: Path
@@ -105,6 +128,7 @@ class Config:
     metrics_allow: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     workers: int = 0  # worker processes serving HTTPS; 0: one per CPU (at most 8)
     policy: Policy = field(default_factory=Policy)
+    acme: AcmeConfig | None = None  # None: no [acme] section, no ACME server
 
     @property
     def audit_log(self) -> Path:
@@ -269,7 +293,66 @@ def load(path: Path) -> Config:
         checkpoint_heartbeat_s=_get(audit, "heartbeat-s", float, f"{path} [audit]", 60.0),
         witnesses=tuple(rel(w) for w in _get(audit, "witnesses", list, f"{path} [audit]", [])),
         policy=policy,
+        acme=_acme(acme, f"{path} [acme]") if (acme := raw.get("acme")) is not None else None,
     )
+
+
+def _port(value: int, key: str, where: str) -> int:
+    if not 1 <= value <= 65535:
+        raise ConfigError(f"{where}: {key!r} must be a port from 1 to 65535, not {value}")
+    return value
+
+
+def _positive(value: Any, key: str, where: str) -> Any:
+    if value <= 0:
+        raise ConfigError(f"{where}: {key!r} must be greater than 0, not {value}")
+    return value
+
+
+def _acme(table: dict[str, Any], where: str) -> AcmeConfig:
+    import ipaddress
+    default = AcmeConfig()
+    resolver = None
+    text = _get(table, "resolver", str, where, None)
+    if text is not None:
+        host, port = text, 53
+        if text.count(":") == 1 or text.startswith("["):  # a.b.c.d:port, [v6]:port
+            host, _, p = text.rpartition(":")
+            if not p.isdigit() or not 1 <= int(p) <= 65535:
+                raise ConfigError(f"{where}: resolver {text!r}: the port is not a number "
+                                  "from 1 to 65535")
+            port = int(p)
+        try:
+            resolver = (str(ipaddress.ip_address(host.strip("[]"))), port)
+        except ValueError:
+            raise ConfigError(f"{where}: resolver must be an IP address with an optional "
+                              f":port (like \"10.0.0.53\" or \"10.0.0.53:5353\"), not "
+                              f"{text!r}") from None
+    hosts = _get(table, "hosts", dict, where, {})
+    for name, address in hosts.items():
+        try:
+            ipaddress.ip_address(address if isinstance(address, str) else "")
+        except ValueError:
+            raise ConfigError(f"{where}.hosts: {name!r} must map to an IP address, not "
+                              f"{address!r}") from None
+    return AcmeConfig(
+        eab_required=_get(table, "eab-required", bool, where, default.eab_required),
+        http01_port=_port(_get(table, "http-01-port", int, where, default.http01_port),
+                          "http-01-port", where),
+        tls_alpn01_port=_port(_get(table, "tls-alpn-01-port", int, where,
+                                   default.tls_alpn01_port), "tls-alpn-01-port", where),
+        resolver=resolver,
+        hosts=tuple(sorted((str(k).lower(), str(v)) for k, v in hosts.items())),
+        validation_timeout_s=_positive(_get(table, "validation-timeout-s", float, where,
+                                            default.validation_timeout_s),
+                                       "validation-timeout-s", where),
+        max_validations=_positive(_get(table, "max-validations", int, where,
+                                       default.max_validations), "max-validations", where),
+        orders_per_hour=_positive(_get(table, "orders-per-hour", int, where,
+                                       default.orders_per_hour), "orders-per-hour", where),
+        failed_validations_per_hour=_positive(_get(
+            table, "failed-validations-per-hour", int, where,
+            default.failed_validations_per_hour), "failed-validations-per-hour", where))
 
 
 def secret_files(cfg: Config) -> list[Path]:
@@ -397,4 +480,18 @@ def render(*, module: str, token: str, pin_source: str, softhsm_conf: str | None
     for section, table in doc.items():
         parts.append("".join(f"# {line}\n" for line in _NOTES[section])
                      + tomli_w.dumps({section: table}))
+    parts.append(_ACME_EXAMPLE)
     return "\n".join(parts)
+
+
+# ACME is on whenever the section exists, so init writes it commented out.
+_ACME_EXAMPLE = """\
+# ACME (docs/acme.md): uncomment to serve /acme/directory. Every setting is optional.
+# [acme]
+# eab-required = true          # accounts need `hsmca acme eab create`
+# http-01-port = 80
+# tls-alpn-01-port = 443
+# resolver = "10.0.0.53"       # dns-01 and lookups; unset: no dns-01, the system's
+# [acme.hosts]                 # name = address, consulted before DNS
+# "web.internal.example" = "10.0.0.7"
+"""

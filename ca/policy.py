@@ -58,6 +58,11 @@ class Reason(enum.Enum):
     REASON_NOT_ALLOWED = (403, "revocation-reason-not-allowed")
     NOT_FOUND = (404, "not-found")
     CONFLICT = (409, "conflict")
+    # ACME's own kinds of refusal (mapped to urn:ietf:params:acme:error:* at the edge)
+    UNSUPPORTED_IDENTIFIER = (400, "unsupported-identifier")
+    ORDER_NOT_READY = (403, "order-not-ready")
+    UNAUTHORIZED = (403, "unauthorized")
+    ALREADY_REVOKED = (400, "already-revoked")
 
     @property
     def status(self) -> int:
@@ -239,6 +244,12 @@ def _matches(kind: str, value: str, pattern: str, apex: bool) -> bool:
 
 
 FLEET_ROLES = ("service", "host", "user")
+
+
+def matches_any(name: str, patterns: Iterable[str]) -> bool:
+    """Whether a DNS name matches one of `patterns` as an allow list reads them
+    (`*.x` matches the names below x, not x itself)."""
+    return any(_matches("dns", name, p, apex=False) for p in patterns)
 
 
 def check_allowed(names: Iterable[tuple[str, str]], policy: Policy,

@@ -18,6 +18,7 @@ choose from are named by a `Directory`), so it is tested without a daemon
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import functools
 from collections.abc import Callable
@@ -117,7 +118,33 @@ class Local:
     actor: str = LOCAL
 
 
-Requester = TokenHolder | CertHolder | Local
+@dataclass(frozen=True)
+class AcmeAccountHolder:
+    """An ACME account (from the inventory) whose key signed the request."""
+
+    account_id: str
+    status: str  # valid | deactivated | revoked
+    names: tuple[str, ...]  # the patterns of the EAB key it was bound with
+    eab_bound: bool  # False: registered without EAB ([acme] eab-required = false)
+    key_spki_sha256: str  # its account key, which a certificate must not reuse
+
+    @property
+    def actor(self) -> str:
+        return f"acme-account:{self.account_id}"
+
+
+@dataclass(frozen=True)
+class CertKeyHolder:
+    """Whoever signed an ACME revocation with a certificate's own private key."""
+
+    spki_sha256: str
+
+    @property
+    def actor(self) -> str:
+        return f"cert-key:{self.spki_sha256}"
+
+
+Requester = TokenHolder | CertHolder | Local | AcmeAccountHolder | CertKeyHolder
 
 
 # ---- what they ask for ------------------------------------------------------------------------
@@ -207,9 +234,51 @@ class LocalCertRequest:
     lifetime: dt.timedelta
 
 
+@dataclass(frozen=True)
+class AcmeEABRequest:
+    """An admin asks for an ACME external account binding key for these patterns."""
+
+    names: object
+    ttl: object = "24h"
+
+
+@dataclass(frozen=True)
+class AcmeOrderRequest:
+    """newOrder: the identifiers as the client sent them (RFC 8555 7.4)."""
+
+    identifiers: object
+    dns01_available: bool = False  # a wildcard can be validated only over dns-01
+
+
+@dataclass(frozen=True)
+class AcmeFinalizeRequest:
+    """finalize: everything is decided again (Boulder's validateFinalizeRequest)."""
+
+    order_id: str
+    order_account: str
+    order_status: str
+    order_names: tuple[str, ...]
+    authz_statuses: tuple[str, ...]
+    csr: x509.CertificateSigningRequest
+
+
+@dataclass(frozen=True)
+class AcmeRevokeRequest:
+    """revokeCert, signed by the account the certificate was issued to or by the
+    certificate's own key."""
+
+    serial: int
+    reason: object = None
+    found: bool = True
+    revoked: bool = False
+    owner_account: str | None = None  # the ACME account it was issued to, if any
+    spki_sha256: str | None = None  # its subject key
+
+
 Request = (TokenRequest | EnrollRequest | RenewRequest | SSHHostRequest | SSHUserRequest
            | RevokeRequest | RevokeIdentityRequest | CRLRequest | LocalCertRequest | KeyRequest
-           | IntermediateRequest)
+           | IntermediateRequest | AcmeEABRequest | AcmeOrderRequest | AcmeFinalizeRequest
+           | AcmeRevokeRequest)
 
 
 # ---- what the RA hands on -----------------------------------------------------------------------
@@ -236,6 +305,24 @@ class X509Order:
     actor: str
     token_id: str | None = None
     renewed_from: str | None = None  # hex serial of the certificate renewed
+    acme_account: str | None = None  # ACME: the account and order it is issued for
+    acme_order: str | None = None
+
+
+@dataclass(frozen=True)
+class AcmeEABGrant:
+    names: tuple[str, ...]  # patterns the bound account may order
+    ttl_s: int
+    actor: str
+
+
+@dataclass(frozen=True)
+class AcmeOrderGrant:
+    """A new ACME order for these DNS names ("*.x" for a wildcard)."""
+
+    account_id: str
+    names: tuple[str, ...]
+    actor: str
 
 
 @dataclass(frozen=True)
@@ -294,7 +381,7 @@ class IntermediateOrder:
 
 
 Order = (TokenGrant | X509Order | SSHOrder | RevokeOrder | CRLOrder | KeyOrder
-         | IntermediateOrder)
+         | IntermediateOrder | AcmeEABGrant | AcmeOrderGrant)
 
 
 @dataclass(frozen=True)
@@ -595,10 +682,139 @@ def presented_subject_key(der: bytes) -> SubjectKey:
     return subject_key(x509.load_der_x509_certificate(der).public_key())
 
 
+# ---- ACME (RFC 8555) -------------------------------------------------------------------------
+
+ACME_MAX_IDENTIFIERS = 100
+ACME_EAB_MAX_TTL_S = 30 * 24 * 3600
+
+
+def _eab_pattern(p: object) -> str:
+    """An EAB name pattern: a DNS name, or "*.name" for every name below it."""
+    if not isinstance(p, str):
+        raise Refused("every name pattern must be a string", Reason.BAD_NAME)
+    return policy.dns_name(p, allow_wildcards=True)
+
+
+def _acme_eab(ctx: Context, who: Requester, req: AcmeEABRequest) -> AcmeEABGrant:
+    _need_role(who, "admin")
+    if not isinstance(req.names, list | tuple) or not req.names or len(req.names) > 100:
+        raise Refused("names must be a list of 1 to 100 DNS name patterns")
+    names = tuple(dict.fromkeys(_eab_pattern(p) for p in req.names))
+    ttl = policy.parse_ttl(req.ttl if req.ttl is not None else "24h", "ttl")
+    if ttl > ACME_EAB_MAX_TTL_S:
+        raise Refused(f"an EAB key lives at most {ACME_EAB_MAX_TTL_S // 86400}d, not "
+                      f"{req.ttl}", Reason.LIFETIME)
+    return AcmeEABGrant(names, ttl, who.actor)
+
+
+def _acme_names(ctx: Context, who: AcmeAccountHolder, names: list[str]) -> None:
+    """The names are inside the account's EAB patterns and the CA's lists, now."""
+    if who.eab_bound:
+        outside = [n for n in names
+                   if not policy.matches_any(n.removeprefix("*."), who.names)
+                   or (n.startswith("*.") and not policy.matches_any(n, who.names))]
+        if outside:
+            raise Refused(f"name {outside[0]!r} is outside the names this ACME account may "
+                          f"order ({', '.join(who.names)})", Reason.NAME_NOT_GRANTED)
+    policy.check_allowed([("dns", n) for n in names], ctx.policy, "service")
+
+
+def _acme_account(who: Requester) -> AcmeAccountHolder:
+    if not isinstance(who, AcmeAccountHolder):
+        raise Refused("this needs an ACME account", Reason.WRONG_ROLE)
+    if who.status != "valid":
+        raise Refused(f"the ACME account is {who.status}", Reason.WRONG_ROLE)
+    return who
+
+
+def _acme_order(ctx: Context, who: Requester, req: AcmeOrderRequest) -> AcmeOrderGrant:
+    account = _acme_account(who)
+    raw = req.identifiers
+    if not isinstance(raw, list | tuple) or not raw or len(raw) > ACME_MAX_IDENTIFIERS:
+        raise Refused(f"identifiers must be a list of 1 to {ACME_MAX_IDENTIFIERS} "
+                      "identifiers")
+    names: list[str] = []
+    for ident in raw:
+        if not isinstance(ident, dict) or set(ident) - {"type", "value"} \
+                or not isinstance(ident.get("value"), str):
+            raise Refused('each identifier is {"type": "dns", "value": NAME}')
+        if ident.get("type") != "dns":
+            raise Refused(f"identifier type {str(ident.get('type'))[:20]!r} is not supported "
+                          "(only dns)", Reason.UNSUPPORTED_IDENTIFIER)
+        name = policy.dns_name(ident["value"], ctx.policy.allow_wildcards)
+        if name.startswith("*.") and not req.dns01_available:
+            raise Refused(f"wildcard name {name!r} needs dns-01 validation, which needs "
+                          "[acme] resolver", Reason.BAD_NAME)
+        names.append(name)
+    unique = list(dict.fromkeys(names))
+    _acme_names(ctx, account, unique)
+    return AcmeOrderGrant(account.account_id, tuple(unique), account.actor)
+
+
+def _acme_finalize(ctx: Context, who: Requester, req: AcmeFinalizeRequest) -> X509Order:
+    account = _acme_account(who)
+    if req.order_account != account.account_id:
+        raise Refused("this order belongs to another account", Reason.NOT_FOUND)
+    if req.order_status != "ready":
+        raise Refused(f"the order is {req.order_status}, not ready", Reason.ORDER_NOT_READY)
+    if not req.authz_statuses or any(s != "valid" for s in req.authz_statuses):
+        raise Refused("not every authorization of the order is valid", Reason.ORDER_NOT_READY)
+    policy.check_csr(req.csr)
+    subject = subject_key(req.csr.public_key())
+    if subject.spki_sha256 == account.key_spki_sha256:
+        raise Refused("the certificate's key must not be the ACME account's key",
+                      Reason.BAD_CSR)
+    asked = [policy.classify(n, ctx.policy.allow_wildcards) for n in policy.csr_names(req.csr)]
+    try:
+        cns = [a.value for a in req.csr.subject.get_attributes_for_oid(
+            x509.NameOID.COMMON_NAME)]
+    except policy.PARSE_ERRORS:
+        raise Refused("the CSR's subject cannot be read", Reason.BAD_CSR) from None
+    names = {v for _, v in asked}
+    if any(k != "dns" for k, _ in asked) or names != set(req.order_names) \
+            or any(cn not in names for cn in cns):
+        raise Refused("the CSR must name exactly the order's identifiers "
+                      f"({', '.join(req.order_names)}) as DNS names, and nothing else",
+                      Reason.BAD_CSR)
+    # The account's patterns and the lists in force now: a name denied since the order
+    # was placed is refused here.
+    _acme_names(ctx, account, list(req.order_names))
+    order = _x509(ctx, who, role="service", names=tuple(("dns", n) for n in req.order_names),
+                  principals=(), subject=subject, lifetime=_lifetime(ctx, None),
+                  check_names=False)
+    return dataclasses.replace(order, acme_account=account.account_id,
+                               acme_order=req.order_id)
+
+
+def _acme_revoke(ctx: Context, who: Requester, req: AcmeRevokeRequest) -> RevokeOrder:
+    reason = revocation_reason(req.reason)
+    if isinstance(who, AcmeAccountHolder):
+        _acme_account(who)
+        if not req.found or req.owner_account != who.account_id:
+            # Not "not found": whether a serial exists is none of another account's business.
+            raise Refused("this account may revoke only certificates issued to it",
+                          Reason.UNAUTHORIZED)
+    elif isinstance(who, CertKeyHolder):
+        if not req.found or req.spki_sha256 != who.spki_sha256:
+            raise Refused("the request is not signed by the certificate's key",
+                          Reason.UNAUTHORIZED)
+    else:
+        raise Refused("revokeCert is signed by an ACME account or the certificate's key",
+                      Reason.WRONG_ROLE)
+    if (reason or "unspecified") not in HOLDER_REASONS:
+        raise Refused(f"the reasons accepted are {', '.join(sorted(HOLDER_REASONS))}",
+                      Reason.REASON_NOT_ALLOWED)
+    if req.revoked:
+        raise Refused(f"certificate {req.serial:x} is already revoked", Reason.ALREADY_REVOKED)
+    return RevokeOrder(req.serial, reason, who.actor, lineage=reason == "keyCompromise")
+
+
 _HANDLERS: dict[type, Callable[[Context, Requester, Any], Order]] = {
     TokenRequest: _token, EnrollRequest: _enroll, RenewRequest: _renew,
     SSHHostRequest: _ssh_host, SSHUserRequest: _ssh_user, RevokeRequest: _revoke,
     RevokeIdentityRequest: _revoke_identity, KeyRequest: _key,
     IntermediateRequest: _intermediate,
     CRLRequest: _crl, LocalCertRequest: _local_cert,
+    AcmeEABRequest: _acme_eab, AcmeOrderRequest: _acme_order,
+    AcmeFinalizeRequest: _acme_finalize, AcmeRevokeRequest: _acme_revoke,
 }

@@ -35,9 +35,12 @@ def test_rendered_config_loads_and_holds_every_setting_with_comments(tmp_path: P
     # Every setting the loader knows is in the file init writes, except the optional
     # public-url (documented in a comment instead).
     for section, keys in SCHEMA.items():
+        if section == "acme":  # on when present, so written commented out
+            continue
         missing = keys - set(raw[section]) - {"public-url"}
         assert not missing, (section, missing)
     text = path.read_text()
+    assert "# [acme]" in text and "acme" not in raw
     assert "public-url" in text and text.count("\n# ") >= 10  # explanations kept
 
 
@@ -86,3 +89,37 @@ def test_serve_exits_with_one_line_naming_the_unknown_setting(ca: InitialisedCA,
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert "heartbeat_s" in lines[0] and f"{cfg}:" in lines[0] and "Traceback" not in lines[0]
+
+
+def test_acme_is_off_without_its_section_and_on_with_it(tmp_path: Path) -> None:
+    from ca.config import AcmeConfig
+    path = rendered(tmp_path)
+    assert load(path).acme is None
+    path.write_text(path.read_text() + "[acme]\n")
+    assert load(path).acme == AcmeConfig()
+    path.write_text(path.read_text() + 'http-01-port = 8080\nresolver = "10.0.0.53:5353"\n'
+                    '[acme.hosts]\n"web.internal.example" = "10.0.0.7"\n')
+    acme = load(path).acme
+    assert acme is not None and acme.http01_port == 8080 and acme.eab_required
+    assert acme.resolver == ("10.0.0.53", 5353)
+    assert acme.host("web.internal.example") == "10.0.0.7" and acme.host("x") is None
+
+
+@pytest.mark.parametrize(("setting", "words"), [
+    ("http-01-port = 0", "port from 1 to 65535"),
+    ("tls-alpn-01-port = 70000", "port from 1 to 65535"),
+    ('resolver = "dns.example"', "resolver must be an IP address"),
+    ('resolver = "10.0.0.53:x"', "the port is not a number"),
+    ("eab-required = 1", "'eab-required' must be a bool"),
+    ("max-validations = 0", "greater than 0"),
+    ("orders-per-hour = -5", "greater than 0"),
+    ("validation-timeout = 3", "unknown setting 'validation-timeout' in [acme]"),
+    ('hosts = { "a.test" = "not an address" }', "must map to an IP address"),
+])
+def test_bad_acme_settings_are_refused_by_name(tmp_path: Path, setting: str,
+                                               words: str) -> None:
+    path = rendered(tmp_path)
+    path.write_text(path.read_text() + f"[acme]\n{setting}\n")
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    assert words in str(err.value) and "[acme]" in str(err.value)

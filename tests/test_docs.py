@@ -29,9 +29,11 @@ def keys_read_by_load() -> set[str]:
     """Every string `ca.config.load` passes as a key to `_get(table, KEY, ...)` or
     `table.get(KEY)`: what the code reads, found in the code itself."""
     tree = ast.parse((ROOT / "ca" / "config.py").read_text())
-    load = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "load")
+    # load, and _acme, which reads the [acme] section for it
+    readers = [n for n in tree.body if isinstance(n, ast.FunctionDef)
+               and n.name in ("load", "_acme")]
     keys: set[str] = set()
-    for node in ast.walk(load):
+    for node in (n for reader in readers for n in ast.walk(reader)):
         if not isinstance(node, ast.Call):
             continue
         func = node.func

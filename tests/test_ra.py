@@ -318,3 +318,156 @@ def test_the_cas_own_certificates_skip_the_lists_but_only_for_the_ca() -> None:
     order = ra.decide(context(ALLOW), ra.Local(), request)
     assert isinstance(order, ra.X509Order) and order.role == "server"
     refused(ra.decide(context(), admin(), request), Reason.WRONG_ROLE)
+
+
+# ---- ACME ---------------------------------------------------------------------------------
+
+def acme_account(names: tuple[str, ...] = ("*.test",), status: str = "valid",
+                 eab: bool = True, key_spki: str = "a" * 64) -> ra.AcmeAccountHolder:
+    return ra.AcmeAccountHolder("acct1", status, names, eab, key_spki)
+
+
+def dns_ids(*names: str) -> list[dict[str, str]]:
+    return [{"type": "dns", "value": n} for n in names]
+
+
+def acme_csr(names: list[str], key: Any = None,
+             cn: str | None = None) -> x509.CertificateSigningRequest:
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)] if cn else [])
+    return (x509.CertificateSigningRequestBuilder().subject_name(subject)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), False)
+            .sign(key, hashes.SHA256()))
+
+
+def finalize(csr: x509.CertificateSigningRequest, names: tuple[str, ...] = ("a.test",),
+             status: str = "ready", authz: tuple[str, ...] = ("valid",),
+             account: str = "acct1") -> ra.AcmeFinalizeRequest:
+    return ra.AcmeFinalizeRequest("o1", account, status, names, authz, csr)
+
+
+def test_only_an_admin_makes_eab_keys_for_valid_patterns() -> None:
+    grant = ra.decide(context(), admin(), ra.AcmeEABRequest(["*.test", "web.example"], "2h"))
+    assert isinstance(grant, ra.AcmeEABGrant)
+    assert grant.names == ("*.test", "web.example") and grant.ttl_s == 7200
+    refused = ra.decide(context(), holder("service", ("a.test",)), ra.AcmeEABRequest(["*.test"]))
+    assert isinstance(refused, ra.Refusal) and refused.reason is Reason.WRONG_ROLE
+    for bad in ([], ["Bad Name"], ["*.*.test"], "a.test", [7]):
+        r = ra.decide(context(), admin(), ra.AcmeEABRequest(bad))
+        assert isinstance(r, ra.Refusal), bad
+    long = ra.decide(context(), admin(), ra.AcmeEABRequest(["*.test"], "90d"))
+    assert isinstance(long, ra.Refusal) and long.reason is Reason.LIFETIME
+
+
+def test_an_acme_order_is_bounded_by_the_eab_patterns_and_the_lists() -> None:
+    grant = ra.decide(context(), acme_account(), ra.AcmeOrderRequest(dns_ids("a.test",
+                                                                             "a.test")))
+    assert isinstance(grant, ra.AcmeOrderGrant) and grant.names == ("a.test",)
+    assert grant.actor == "acme-account:acct1"
+    outside = ra.decide(context(), acme_account(), ra.AcmeOrderRequest(dns_ids("evil.example")))
+    assert isinstance(outside, ra.Refusal) and outside.reason is Reason.NAME_NOT_GRANTED
+    # "*.test" grants the names below test, not test itself
+    apex = ra.decide(context(), acme_account(), ra.AcmeOrderRequest(dns_ids("test")))
+    assert isinstance(apex, ra.Refusal)
+    denied = ra.decide(context(Policy(deny=("*.bad.test",))), acme_account(),
+                       ra.AcmeOrderRequest(dns_ids("x.bad.test")))
+    assert isinstance(denied, ra.Refusal) and denied.reason is Reason.NAME_DENIED
+    not_allowed = ra.decide(context(Policy(allow=("*.ok.test",))), acme_account(),
+                            ra.AcmeOrderRequest(dns_ids("x.other.test")))
+    assert isinstance(not_allowed, ra.Refusal) and not_allowed.reason is Reason.NAME_NOT_ALLOWED
+    # without EAB the lists alone bound the account
+    free = ra.decide(context(), acme_account((), eab=False),
+                     ra.AcmeOrderRequest(dns_ids("evil.example")))
+    assert isinstance(free, ra.AcmeOrderGrant)
+
+
+@pytest.mark.parametrize("identifiers, reason", [
+    ([], Reason.MALFORMED), ("a.test", Reason.MALFORMED), (None, Reason.MALFORMED),
+    ([{"type": "ip", "value": "10.0.0.1"}], Reason.UNSUPPORTED_IDENTIFIER),
+    ([{"type": "dns"}], Reason.MALFORMED), ([{"type": "dns", "value": 5}], Reason.MALFORMED),
+    ([{"type": "dns", "value": "a.test", "x": 1}], Reason.MALFORMED),
+    ([{"type": "dns", "value": "A.TEST"}], Reason.BAD_NAME),
+    ([{"type": "dns", "value": "a..test"}], Reason.BAD_NAME),
+    ([{"type": "dns", "value": "*.test"}], Reason.BAD_NAME),
+    (dns_ids(*[f"n{i}.test" for i in range(101)]), Reason.MALFORMED),
+])
+def test_bad_acme_identifiers(identifiers: object, reason: Reason) -> None:
+    r = ra.decide(context(), acme_account(), ra.AcmeOrderRequest(identifiers))
+    assert isinstance(r, ra.Refusal) and r.reason is reason, r
+
+
+def test_wildcards_need_the_policy_and_dns01() -> None:
+    p = Policy(allow_wildcards=True)
+    no_dns = ra.decide(context(p), acme_account(), ra.AcmeOrderRequest(dns_ids("*.a.test")))
+    assert isinstance(no_dns, ra.Refusal) and "dns-01" in no_dns.detail
+    ok = ra.decide(context(p), acme_account(), ra.AcmeOrderRequest(dns_ids("*.a.test"), True))
+    assert isinstance(ok, ra.AcmeOrderGrant)
+    exact = ra.decide(context(p), acme_account(("a.test",)),
+                      ra.AcmeOrderRequest(dns_ids("*.a.test"), True))
+    assert isinstance(exact, ra.Refusal) and exact.reason is Reason.NAME_NOT_GRANTED
+
+
+def test_a_deactivated_account_and_other_requesters_order_nothing() -> None:
+    r = ra.decide(context(), acme_account(status="deactivated"),
+                  ra.AcmeOrderRequest(dns_ids("a.test")))
+    assert isinstance(r, ra.Refusal) and r.reason is Reason.WRONG_ROLE
+    r = ra.decide(context(), admin(), ra.AcmeOrderRequest(dns_ids("a.test")))
+    assert isinstance(r, ra.Refusal) and r.reason is Reason.WRONG_ROLE
+
+
+def test_finalize_decides_everything_again_and_names_the_account() -> None:
+    order = ra.decide(context(), acme_account(), finalize(acme_csr(["a.test"], cn="a.test")))
+    assert isinstance(order, ra.X509Order), order
+    assert order.names == (("dns", "a.test"),) and order.role == "service"
+    assert (order.acme_account, order.acme_order) == ("acct1", "o1")
+    assert order.not_after == NOW + dt.timedelta(days=1)
+    # a name denied since the order was placed
+    r = ra.decide(context(Policy(deny=("a.test",))), acme_account(),
+                  finalize(acme_csr(["a.test"])))
+    assert isinstance(r, ra.Refusal) and r.reason is Reason.NAME_DENIED
+
+
+@pytest.mark.parametrize("req, reason", [
+    (finalize(acme_csr(["a.test"]), status="pending"), Reason.ORDER_NOT_READY),
+    (finalize(acme_csr(["a.test"]), authz=("valid", "pending"), names=("a.test", "b.test")),
+     Reason.ORDER_NOT_READY),
+    (finalize(acme_csr(["a.test", "b.test"])), Reason.BAD_CSR),
+    (finalize(acme_csr(["b.test"])), Reason.BAD_CSR),
+    (finalize(acme_csr(["a.test"], cn="other.test")), Reason.BAD_CSR),
+    (finalize(acme_csr(["a.test"]), account="acct2"), Reason.NOT_FOUND),
+    (finalize(acme_csr(["a.test"], key=ec.generate_private_key(ec.SECP224R1()))),
+     Reason.BAD_KEY),
+])
+def test_finalize_refusals(req: ra.AcmeFinalizeRequest, reason: Reason) -> None:
+    r = ra.decide(context(), acme_account(), req)
+    assert isinstance(r, ra.Refusal) and r.reason is reason, r
+
+
+def test_the_certificate_key_is_not_the_account_key() -> None:
+    from ca.subject import spki_sha256
+    key = ec.generate_private_key(ec.SECP256R1())
+    r = ra.decide(context(), acme_account(key_spki=spki_sha256(key.public_key())),
+                  finalize(acme_csr(["a.test"], key=key)))
+    assert isinstance(r, ra.Refusal) and r.reason is Reason.BAD_CSR
+
+
+def test_acme_revocation_by_the_account_or_the_certificate_key_only() -> None:
+    mine = ra.AcmeRevokeRequest(0xabc, 1, owner_account="acct1", spki_sha256="b" * 64)
+    order = ra.decide(context(), acme_account(), mine)
+    assert isinstance(order, ra.RevokeOrder) and order.reason == "keyCompromise"
+    assert order.lineage and order.actor == "acme-account:acct1"
+    theirs = dataclasses.replace(mine, owner_account="acct2")
+    r = ra.decide(context(), acme_account(), theirs)
+    assert isinstance(r, ra.Refusal) and r.reason is Reason.UNAUTHORIZED
+    by_key = ra.decide(context(), ra.CertKeyHolder("b" * 64), theirs)
+    assert isinstance(by_key, ra.RevokeOrder)
+    wrong_key = ra.decide(context(), ra.CertKeyHolder("c" * 64), theirs)
+    assert isinstance(wrong_key, ra.Refusal) and wrong_key.reason is Reason.UNAUTHORIZED
+    for reason, why in ((6, Reason.REASON_NOT_ALLOWED), (9, Reason.REASON_NOT_ALLOWED),
+                        (99, Reason.MALFORMED)):
+        r = ra.decide(context(), acme_account(), dataclasses.replace(mine, reason=reason))
+        assert isinstance(r, ra.Refusal) and r.reason is why, reason
+    again = ra.decide(context(), acme_account(), dataclasses.replace(mine, revoked=True))
+    assert isinstance(again, ra.Refusal) and again.reason is Reason.ALREADY_REVOKED
+    unknown = ra.decide(context(), acme_account(), dataclasses.replace(mine, found=False))
+    assert isinstance(unknown, ra.Refusal) and unknown.reason is Reason.UNAUTHORIZED

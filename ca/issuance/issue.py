@@ -102,12 +102,15 @@ class Issuance:
                 principals=order.principals, spki_sha256=order.subject.spki_sha256,
                 not_before=order.not_before.isoformat(), not_after=order.not_after.isoformat(),
                 issued_at=issued_at, der=der, issuer=issuer.id, token_id=order.token_id,
-                renewed_from=order.renewed_from))
+                renewed_from=order.renewed_from, acme_account=order.acme_account,
+                acme_order=order.acme_order))
 
         job = SigningJob(
             issuer.key.label, "tls" if order.role == "server" else "x509", order.actor,
             lambda k: builder.sign(k, h), request_id=request_id, hash_name=issuer.hash_name,
             details={"serial": serial_hex, "role": order.role, "names": flat,
+                     **({"acme_account": order.acme_account, "acme_order": order.acme_order}
+                        if order.acme_order else {}),
                      "principals": list(order.principals),
                      "spki_sha256": order.subject.spki_sha256,
                      "not_before": order.not_before.isoformat(),

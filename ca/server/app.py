@@ -13,6 +13,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from ca.config import AcmeConfig
 from ca.generations import Generations
 from ca.issuance.issue import Issuance
 from ca.lifecycle import KeyLifecycle
@@ -135,7 +136,8 @@ async def metrics(request: web.Request) -> web.Response:
 def build_app(*, gate: Gate, tokens: Tokens, issuance: Issuance, revocations: Revocations,
               audit: AuditReader, limit: TokenLimit, hsm: Health, store: Store,
               settings: Settings, lifecycle: KeyLifecycle,
-              metrics: Metrics | None = None) -> web.Application:
+              metrics: Metrics | None = None,
+              acme: AcmeConfig | None = None) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY,
                           middlewares=[request_middleware, problem_middleware])
     app[GATE], app[TOKENS], app[ISSUANCE], app[REVOCATIONS] = gate, tokens, issuance, revocations
@@ -144,6 +146,9 @@ def build_app(*, gate: Gate, tokens: Tokens, issuance: Issuance, revocations: Re
     app[METRICS] = metrics or Metrics()
     for table in (routes, x509_routes, ssh_routes, audit_routes, key_routes):
         app.add_routes(table)
+    if acme is not None:  # ACME is on whenever the config has an [acme] section
+        from ca.acme.server import install
+        install(app, acme)
     return app
 
 

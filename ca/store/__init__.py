@@ -16,6 +16,12 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from ca.store.records import (
+    AcmeAccount,
+    AcmeAuthz,
+    AcmeCert,
+    AcmeChallenge,
+    AcmeEAB,
+    AcmeOrder,
     CertRecord,
     CRLRecord,
     KeyRecord,
@@ -29,7 +35,8 @@ from ca.store.records import (
     TokenRecord,
 )
 
-__all__ = ["CRLRecord", "CertRecord", "KeyRecord", "NewCert", "NewSSHCert", "NewToken", "OCSPDue",
+__all__ = ["AcmeAccount", "AcmeAuthz", "AcmeCert", "AcmeChallenge", "AcmeEAB", "AcmeOrder",
+           "CRLRecord", "CertRecord", "KeyRecord", "NewCert", "NewSSHCert", "NewToken", "OCSPDue",
            "OCSPRecord", "Revoked", "SSHSelector", "Store", "TokenRecord", "open_store"]
 
 
@@ -150,6 +157,96 @@ class Store(Protocol):
         ...
 
     async def signed_by(self) -> dict[str | None, int]: ...
+
+    # ---- ACME (RFC 8555): accounts, orders, authorizations, challenges -------------------
+    # An ACME certificate itself goes in with `add_cert` (NewCert.acme_account and
+    # .acme_order), which links it to its account and makes its order valid in the same
+    # transaction.
+
+    async def add_acme_eab(self, eab: AcmeEAB) -> None: ...
+
+    async def acme_eab(self, kid: str) -> AcmeEAB | None: ...
+
+    async def add_acme_account(self, account: AcmeAccount, at: dt.datetime) -> bool:
+        """Insert the account and, when it names an EAB key, spend that key (erasing
+        its MAC key) in the same transaction; False if the key is spent or expired, or
+        another account has this JWK."""
+        ...
+
+    async def acme_account(self, account_id: str) -> AcmeAccount | None: ...
+
+    async def acme_account_by_thumbprint(self, thumbprint: str) -> AcmeAccount | None: ...
+
+    async def set_acme_contact(self, account_id: str, contact: Sequence[str]) -> None: ...
+
+    async def deactivate_acme_account(self, account_id: str) -> None:
+        """Deactivate the account and its pending authorizations (RFC 8555 7.3.6)."""
+        ...
+
+    async def change_acme_key(self, account_id: str, old_thumbprint: str, thumbprint: str,
+                              jwk: str) -> bool:
+        """Replace the account's key if it is still `old_thumbprint`; False if it is not,
+        or another account has the new key."""
+        ...
+
+    async def add_acme_order(self, order: AcmeOrder, authzs: Sequence[AcmeAuthz]) -> None:
+        """Insert an order with its authorizations and their challenges."""
+        ...
+
+    async def acme_order(self, order_id: str) -> AcmeOrder | None: ...
+
+    async def acme_authz(self, authz_id: str) -> AcmeAuthz | None: ...
+
+    async def acme_challenge(self, challenge_id: str) -> AcmeChallenge | None: ...
+
+    async def deactivate_acme_authz(self, authz_id: str) -> bool:
+        """A client gives up a pending or valid authorization (RFC 8555 7.5.2); its order,
+        if not finalized yet, can no longer be. False if it was neither."""
+        ...
+
+    async def start_acme_challenge(self, challenge_id: str, at: dt.datetime,
+                                   stale_before: dt.datetime) -> bool:
+        """pending -> processing, if its authorization is still pending; or processing
+        again when its validation began before `stale_before` (the worker running it went
+        away). True for exactly one of concurrent callers: it validates."""
+        ...
+
+    async def finish_acme_challenge(self, challenge_id: str, valid: bool, error: str | None,
+                                    at: dt.datetime) -> None:
+        """Record a validation's result: the challenge, its authorization and, once
+        every authorization is valid (or one is invalid), its order."""
+        ...
+
+    async def begin_acme_finalize(self, order_id: str) -> bool:
+        """ready -> processing: True for exactly one of concurrent callers."""
+        ...
+
+    async def fail_acme_finalize(self, order_id: str, status: str, error: str | None) -> None:
+        """A finalization that issued nothing: the order goes back to `status`."""
+        ...
+
+    async def acme_cert(self, serial: int) -> AcmeCert | None: ...
+
+    async def acme_secret(self, name: str, make: bytes) -> bytes:
+        """The secret called `name` every process of the daemon shares (`make` is stored
+        if there is none yet)."""
+        ...
+
+    async def redeem_acme_nonce(self, nonce_id: str, expires: dt.datetime,
+                                at: dt.datetime) -> bool:
+        """Mark a nonce used; False if it was used before (every worker sees it)."""
+        ...
+
+    async def acme_rate_take(self, kind: str, keys: Sequence[str], at: dt.datetime,
+                             since: dt.datetime, limit: int | None) -> str | None:
+        """Count one `kind` event for each key, unless a key already has `limit` of them
+        since `since`: then count nothing and return that key. limit None: just count."""
+        ...
+
+    async def acme_rate_over(self, kind: str, keys: Sequence[str], since: dt.datetime,
+                             limit: int) -> str | None:
+        """The first key with `limit` or more `kind` events since `since`, if any."""
+        ...
 
 
 def open_store(path: object, *, autocheckpoint: bool = True) -> Store:

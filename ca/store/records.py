@@ -38,6 +38,9 @@ class NewCert:
     issuer: str
     token_id: str | None = None  # the bootstrap token spent on it
     renewed_from: str | None = None
+    # ACME: the account and order it is issued to; the order turns valid with this row.
+    acme_account: str | None = None
+    acme_order: str | None = None
 
 
 @dataclass(frozen=True)
@@ -141,3 +144,84 @@ class OCSPRecord:
     next_update: str
     der_sha1: bytes
     der_sha256: bytes
+
+
+# ---- ACME (RFC 8555) ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AcmeEAB:
+    """An external account binding key. `mac_key` is the HMAC key the client signs
+    with (it must be kept to verify that MAC); it is erased when the key is used."""
+
+    kid: str
+    mac_key: bytes | None
+    names: tuple[str, ...]  # the patterns the bound account may order
+    expires: str
+    created_at: str
+    created_by: str
+    used_at: str | None = None
+    account_id: str | None = None
+
+
+@dataclass(frozen=True)
+class AcmeAccount:
+    id: str
+    thumbprint: str  # RFC 7638 SHA-256 thumbprint of its JWK, base64url
+    jwk: str  # the public JWK, JSON
+    status: str  # valid | deactivated | revoked
+    contact: tuple[str, ...]
+    names: tuple[str, ...]  # patterns from its EAB key; () when bound to none
+    eab_kid: str | None
+    created_at: str
+
+
+@dataclass(frozen=True)
+class AcmeChallenge:
+    id: str
+    authz_id: str
+    type: str  # http-01 | tls-alpn-01 | dns-01
+    token: str
+    status: str  # pending | processing | valid | invalid
+    validated: str | None = None
+    error: str | None = None  # the problem document, JSON
+    started: str | None = None  # when its validation last began (processing)
+
+
+@dataclass(frozen=True)
+class AcmeAuthz:
+    id: str
+    order_id: str
+    account_id: str
+    name: str  # the DNS name validated (without the "*." of a wildcard order)
+    wildcard: bool
+    status: str  # pending | valid | invalid | deactivated | expired
+    expires: str
+    challenges: tuple[AcmeChallenge, ...] = ()
+
+
+@dataclass(frozen=True)
+class AcmeOrder:
+    id: str
+    account_id: str
+    status: str  # pending | ready | processing | valid | invalid
+    names: tuple[str, ...]
+    expires: str
+    created_at: str
+    authz_ids: tuple[str, ...] = ()
+    cert_serial: str | None = None  # hex, once valid
+    error: str | None = None  # the problem document, JSON
+
+
+@dataclass(frozen=True)
+class AcmeCert:
+    """A certificate issued through ACME, with the account and order it went to."""
+
+    serial: str  # hex
+    account_id: str
+    order_id: str
+    der: bytes
+    issuer: str | None
+    not_before: str
+    not_after: str
+    revoked_at: str | None
+    spki_sha256: str

@@ -23,6 +23,12 @@ from typing import Any, TypeVar
 
 from ca.handoff import STOP, Batch, Coalescer, Sink, async_sink, claim, drain_queue, stop_thread
 from ca.store.records import (
+    AcmeAccount,
+    AcmeAuthz,
+    AcmeCert,
+    AcmeChallenge,
+    AcmeEAB,
+    AcmeOrder,
     CertRecord,
     CRLRecord,
     KeyRecord,
@@ -128,6 +134,82 @@ MIGRATIONS: tuple[str, ...] = (
     );
     ALTER TABLE ssh_certs ADD COLUMN issuer TEXT;  -- NULL: the first key of its type
     ALTER TABLE crls ADD COLUMN issuer TEXT;       -- NULL: the first issuing key
+    """,
+    # 4: ACME (RFC 8555): EAB keys, accounts, orders, authorizations, challenges, the
+    # certificate -> account link, redeemed nonces, rate-limit events, shared secrets.
+    """
+    CREATE TABLE acme_eab (
+        kid TEXT PRIMARY KEY,
+        mac_key BLOB,                     -- erased (NULL) once the key is used
+        names TEXT NOT NULL,              -- JSON list of patterns
+        expires TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        created_by TEXT NOT NULL,
+        used_at TEXT,
+        account_id TEXT
+    );
+    CREATE TABLE acme_accounts (
+        id TEXT PRIMARY KEY,
+        thumbprint TEXT NOT NULL UNIQUE,  -- RFC 7638, base64url
+        jwk TEXT NOT NULL,
+        status TEXT NOT NULL,
+        contact TEXT NOT NULL,            -- JSON list
+        names TEXT NOT NULL,              -- JSON list of patterns (from the EAB key)
+        eab_kid TEXT,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE acme_orders (
+        id TEXT PRIMARY KEY,
+        account_id TEXT NOT NULL,
+        status TEXT NOT NULL,
+        names TEXT NOT NULL,              -- JSON list
+        expires TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        cert_serial TEXT,
+        error TEXT
+    );
+    CREATE INDEX acme_orders_account ON acme_orders(account_id);
+    CREATE TABLE acme_authzs (
+        id TEXT PRIMARY KEY,
+        order_id TEXT NOT NULL,
+        account_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        wildcard INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        expires TEXT NOT NULL,
+        position INTEGER NOT NULL         -- its place in the order's list
+    );
+    CREATE INDEX acme_authzs_order ON acme_authzs(order_id);
+    CREATE TABLE acme_challenges (
+        id TEXT PRIMARY KEY,
+        authz_id TEXT NOT NULL,
+        type TEXT NOT NULL,
+        token TEXT NOT NULL,
+        status TEXT NOT NULL,
+        validated TEXT,
+        error TEXT,
+        position INTEGER NOT NULL,
+        started TEXT                      -- when its validation last began
+    );
+    CREATE INDEX acme_challenges_authz ON acme_challenges(authz_id);
+    CREATE TABLE acme_certs (
+        serial TEXT PRIMARY KEY,          -- hex, as in certs
+        account_id TEXT NOT NULL,
+        order_id TEXT NOT NULL
+    );
+    CREATE INDEX acme_certs_account ON acme_certs(account_id);
+    CREATE TABLE acme_nonces (
+        id TEXT PRIMARY KEY,              -- redeemed nonces, until they would expire
+        expires TEXT NOT NULL
+    );
+    CREATE INDEX acme_nonces_expires ON acme_nonces(expires);
+    CREATE TABLE acme_rate (
+        kind TEXT NOT NULL,
+        key TEXT NOT NULL,
+        at TEXT NOT NULL
+    );
+    CREATE INDEX acme_rate_key ON acme_rate(kind, key, at);
+    CREATE TABLE acme_secrets (name TEXT PRIMARY KEY, value BLOB NOT NULL);
     """,
 )
 
@@ -332,6 +414,11 @@ class SQLiteStore:
             if cert.token_id is not None:
                 db.execute("UPDATE tokens SET used_serial = ? WHERE id = ?",
                            (serial, cert.token_id))
+            if cert.acme_account is not None and cert.acme_order is not None:
+                db.execute("INSERT INTO acme_certs (serial, account_id, order_id) "
+                           "VALUES (?,?,?)", (serial, cert.acme_account, cert.acme_order))
+                db.execute("UPDATE acme_orders SET status = 'valid', cert_serial = ?, "
+                           "error = NULL WHERE id = ?", (serial, cert.acme_order))
         return self._submit(insert)
 
     async def cert(self, serial: int) -> CertRecord | None:
@@ -535,3 +622,260 @@ class SQLiteStore:
             key = issuer if issuer is not None else f"ssh-{kind}"
             counts[key] = counts.get(key, 0) + int(n)
         return counts
+
+    # ---- ACME -----------------------------------------------------------------------------
+
+    async def add_acme_eab(self, eab: AcmeEAB) -> None:
+        def insert(db: sqlite3.Connection) -> None:
+            db.execute("INSERT INTO acme_eab (kid, mac_key, names, expires, created_at, "
+                       "created_by) VALUES (?,?,?,?,?,?)",
+                       (eab.kid, eab.mac_key, json.dumps(list(eab.names)), eab.expires,
+                        eab.created_at, eab.created_by))
+        await self._write(insert)
+
+    async def acme_eab(self, kid: str) -> AcmeEAB | None:
+        rows = self._read("SELECT kid, mac_key, names, expires, created_at, created_by, "
+                          "used_at, account_id FROM acme_eab WHERE kid = ?", (kid,))
+        if not rows:
+            return None
+        r = rows[0]
+        return AcmeEAB(r[0], r[1], tuple(json.loads(r[2])), r[3], r[4], r[5], r[6], r[7])
+
+    async def add_acme_account(self, account: AcmeAccount, at: dt.datetime) -> bool:
+        def insert(db: sqlite3.Connection) -> bool:
+            if account.eab_kid is not None:
+                spent = db.execute(
+                    "UPDATE acme_eab SET used_at = ?, account_id = ?, mac_key = NULL "
+                    "WHERE kid = ? AND used_at IS NULL AND expires > ?",
+                    (at.isoformat(), account.id, account.eab_kid, at.isoformat())).rowcount
+                if spent != 1:
+                    return False
+            try:
+                db.execute("INSERT INTO acme_accounts (id, thumbprint, jwk, status, contact, "
+                           "names, eab_kid, created_at) VALUES (?,?,?,?,?,?,?,?)",
+                           (account.id, account.thumbprint, account.jwk, account.status,
+                            json.dumps(list(account.contact)), json.dumps(list(account.names)),
+                            account.eab_kid, account.created_at))
+            except sqlite3.IntegrityError:
+                raise _Undo(False) from None
+            return True
+        try:
+            return await self._write(insert)
+        except _Undo as u:
+            return bool(u.value)
+
+    _ACCOUNT_COLS = "id, thumbprint, jwk, status, contact, names, eab_kid, created_at"
+
+    @staticmethod
+    def _account(r: tuple[Any, ...]) -> AcmeAccount:
+        return AcmeAccount(r[0], r[1], r[2], r[3], tuple(json.loads(r[4])),
+                           tuple(json.loads(r[5])), r[6], r[7])
+
+    async def acme_account(self, account_id: str) -> AcmeAccount | None:
+        rows = self._read(f"SELECT {self._ACCOUNT_COLS} FROM acme_accounts WHERE id = ?",
+                          (account_id,))
+        return self._account(rows[0]) if rows else None
+
+    async def acme_account_by_thumbprint(self, thumbprint: str) -> AcmeAccount | None:
+        rows = self._read(f"SELECT {self._ACCOUNT_COLS} FROM acme_accounts "
+                          "WHERE thumbprint = ?", (thumbprint,))
+        return self._account(rows[0]) if rows else None
+
+    async def set_acme_contact(self, account_id: str, contact: Sequence[str]) -> None:
+        def update(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE acme_accounts SET contact = ? WHERE id = ?",
+                       (json.dumps(list(contact)), account_id))
+        await self._write(update)
+
+    async def deactivate_acme_account(self, account_id: str) -> None:
+        def update(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE acme_accounts SET status = 'deactivated' WHERE id = ?",
+                       (account_id,))
+            db.execute("UPDATE acme_authzs SET status = 'deactivated' WHERE account_id = ? "
+                       "AND status = 'pending'", (account_id,))
+        await self._write(update)
+
+    async def change_acme_key(self, account_id: str, old_thumbprint: str, thumbprint: str,
+                              jwk: str) -> bool:
+        def update(db: sqlite3.Connection) -> bool:
+            try:
+                return db.execute("UPDATE acme_accounts SET thumbprint = ?, jwk = ? WHERE id = ? "
+                                  "AND thumbprint = ?",
+                                  (thumbprint, jwk, account_id, old_thumbprint)).rowcount == 1
+            except sqlite3.IntegrityError:  # another account has that key
+                return False
+        return await self._write(update)
+
+    async def add_acme_order(self, order: AcmeOrder, authzs: Sequence[AcmeAuthz]) -> None:
+        def insert(db: sqlite3.Connection) -> None:
+            db.execute("INSERT INTO acme_orders (id, account_id, status, names, expires, "
+                       "created_at) VALUES (?,?,?,?,?,?)",
+                       (order.id, order.account_id, order.status, json.dumps(list(order.names)),
+                        order.expires, order.created_at))
+            for i, a in enumerate(authzs):
+                db.execute("INSERT INTO acme_authzs (id, order_id, account_id, name, wildcard, "
+                           "status, expires, position) VALUES (?,?,?,?,?,?,?,?)",
+                           (a.id, order.id, a.account_id, a.name, int(a.wildcard), a.status,
+                            a.expires, i))
+                db.executemany("INSERT INTO acme_challenges (id, authz_id, type, token, "
+                               "status, position) VALUES (?,?,?,?,?,?)",
+                               [(c.id, a.id, c.type, c.token, c.status, j)
+                                for j, c in enumerate(a.challenges)])
+        await self._write(insert)
+
+    async def acme_order(self, order_id: str) -> AcmeOrder | None:
+        rows = self._read("SELECT id, account_id, status, names, expires, created_at, "
+                          "cert_serial, error FROM acme_orders WHERE id = ?", (order_id,))
+        if not rows:
+            return None
+        r = rows[0]
+        authzs = self._read("SELECT id FROM acme_authzs WHERE order_id = ? ORDER BY position",
+                            (order_id,))
+        return AcmeOrder(r[0], r[1], r[2], tuple(json.loads(r[3])), r[4], r[5],
+                         tuple(a[0] for a in authzs), r[6], r[7])
+
+    _CHALLENGE_COLS = "id, authz_id, type, token, status, validated, error, started"
+
+    async def acme_authz(self, authz_id: str) -> AcmeAuthz | None:
+        rows = self._read("SELECT id, order_id, account_id, name, wildcard, status, expires "
+                          "FROM acme_authzs WHERE id = ?", (authz_id,))
+        if not rows:
+            return None
+        r = rows[0]
+        challenges = self._read(f"SELECT {self._CHALLENGE_COLS} FROM acme_challenges "
+                                "WHERE authz_id = ? ORDER BY position", (authz_id,))
+        return AcmeAuthz(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6],
+                         tuple(AcmeChallenge(*c) for c in challenges))
+
+    async def acme_challenge(self, challenge_id: str) -> AcmeChallenge | None:
+        rows = self._read(f"SELECT {self._CHALLENGE_COLS} FROM acme_challenges WHERE id = ?",
+                          (challenge_id,))
+        return AcmeChallenge(*rows[0]) if rows else None
+
+    async def deactivate_acme_authz(self, authz_id: str) -> bool:
+        def deactivate(db: sqlite3.Connection) -> bool:
+            row = db.execute("UPDATE acme_authzs SET status = 'deactivated' WHERE id = ? AND "
+                             "status IN ('pending', 'valid') RETURNING order_id",
+                             (authz_id,)).fetchone()
+            if row is None:
+                return False
+            db.execute("UPDATE acme_orders SET status = 'invalid' WHERE id = ? AND status IN "
+                       "('pending', 'ready')", (row[0],))
+            return True
+        return await self._write(deactivate)
+
+    async def start_acme_challenge(self, challenge_id: str, at: dt.datetime,
+                                   stale_before: dt.datetime) -> bool:
+        def start(db: sqlite3.Connection) -> bool:
+            return db.execute(
+                "UPDATE acme_challenges SET status = 'processing', started = ? WHERE id = ? "
+                "AND (status = 'pending' OR (status = 'processing' AND started < ?)) AND "
+                "(SELECT status FROM acme_authzs a WHERE a.id = authz_id) = 'pending'",
+                (at.isoformat(), challenge_id, stale_before.isoformat())).rowcount == 1
+        return await self._write(start)
+
+    async def finish_acme_challenge(self, challenge_id: str, valid: bool, error: str | None,
+                                    at: dt.datetime) -> None:
+        status = "valid" if valid else "invalid"
+
+        def finish(db: sqlite3.Connection) -> None:
+            row = db.execute("UPDATE acme_challenges SET status = ?, validated = ?, error = ? "
+                             "WHERE id = ? AND status = 'processing' RETURNING authz_id",
+                             (status, at.isoformat() if valid else None, error,
+                              challenge_id)).fetchone()
+            if row is None:
+                return
+            order = db.execute("UPDATE acme_authzs SET status = ? WHERE id = ? AND status = "
+                               "'pending' RETURNING order_id", (status, row[0])).fetchone()
+            if order is None:
+                return
+            if not valid:
+                db.execute("UPDATE acme_orders SET status = 'invalid', error = ? WHERE id = ? "
+                           "AND status = 'pending'", (error, order[0]))
+                return
+            left = db.execute("SELECT COUNT(*) FROM acme_authzs WHERE order_id = ? AND "
+                              "status != 'valid'", (order[0],)).fetchone()[0]
+            if left == 0:
+                db.execute("UPDATE acme_orders SET status = 'ready' WHERE id = ? AND "
+                           "status = 'pending'", (order[0],))
+        await self._write(finish)
+
+    async def begin_acme_finalize(self, order_id: str) -> bool:
+        def begin(db: sqlite3.Connection) -> bool:
+            return db.execute("UPDATE acme_orders SET status = 'processing' WHERE id = ? AND "
+                              "status = 'ready'", (order_id,)).rowcount == 1
+        return await self._write(begin)
+
+    async def fail_acme_finalize(self, order_id: str, status: str, error: str | None) -> None:
+        def fail(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE acme_orders SET status = ?, error = ? WHERE id = ? AND "
+                       "status = 'processing'", (status, error, order_id))
+        await self._write(fail)
+
+    async def acme_cert(self, serial: int) -> AcmeCert | None:
+        rows = self._read(
+            "SELECT c.serial, a.account_id, a.order_id, c.der, c.issuer, c.not_before, "
+            "c.not_after, c.revoked_at, c.spki_sha256 FROM acme_certs a JOIN certs c ON "
+            "c.serial = a.serial WHERE a.serial = ?", (format(serial, "x"),))
+        return AcmeCert(*rows[0]) if rows else None
+
+    async def acme_secret(self, name: str, make: bytes) -> bytes:
+        rows = self._read("SELECT value FROM acme_secrets WHERE name = ?", (name,))
+        if rows:
+            return bytes(rows[0][0])
+
+        def keep(db: sqlite3.Connection) -> bytes:
+            db.execute("INSERT OR IGNORE INTO acme_secrets (name, value) VALUES (?, ?)",
+                       (name, make))
+            return bytes(db.execute("SELECT value FROM acme_secrets WHERE name = ?",
+                                    (name,)).fetchone()[0])
+        return await self._write(keep)
+
+    async def redeem_acme_nonce(self, nonce_id: str, expires: dt.datetime,
+                                at: dt.datetime) -> bool:
+        def redeem(db: sqlite3.Connection) -> bool:
+            # Nonces past their expiry are refused by their own timestamp, so their rows
+            # can go; a few at a time, on the way.
+            db.execute("DELETE FROM acme_nonces WHERE rowid IN (SELECT rowid FROM acme_nonces "
+                       "WHERE expires < ? LIMIT 64)", (at.isoformat(),))
+            return db.execute("INSERT OR IGNORE INTO acme_nonces (id, expires) VALUES (?, ?)",
+                              (nonce_id, expires.isoformat())).rowcount == 1
+        return await self._write(redeem)
+
+    async def acme_rate_take(self, kind: str, keys: Sequence[str], at: dt.datetime,
+                             since: dt.datetime, limit: int | None) -> str | None:
+        def take(db: sqlite3.Connection) -> str | None:
+            db.execute("DELETE FROM acme_rate WHERE rowid IN (SELECT rowid FROM acme_rate "
+                       "WHERE kind = ? AND at < ? LIMIT 64)", (kind, since.isoformat()))
+            if limit is not None:
+                over = _rate_over(db, kind, keys, since, limit)
+                if over is not None:
+                    return over
+            db.executemany("INSERT INTO acme_rate (kind, key, at) VALUES (?,?,?)",
+                           [(kind, k, at.isoformat()) for k in keys])
+            return None
+        return await self._write(take)
+
+    async def acme_rate_over(self, kind: str, keys: Sequence[str], since: dt.datetime,
+                             limit: int) -> str | None:
+        with self._read_lock:
+            return _rate_over(self._reader, kind, keys, since, limit)
+
+
+def _rate_over(db: sqlite3.Connection, kind: str, keys: Sequence[str], since: dt.datetime,
+               limit: int) -> str | None:
+    for key in keys:
+        n = db.execute("SELECT COUNT(*) FROM (SELECT 1 FROM acme_rate WHERE kind = ? AND "
+                       "key = ? AND at >= ? LIMIT ?)",
+                       (kind, key, since.isoformat(), limit)).fetchone()[0]
+        if n >= limit:
+            return key
+    return None
+
+
+class _Undo(Exception):
+    """Raised inside a write to roll its savepoint back and hand `value` to the caller."""
+
+    def __init__(self, value: object) -> None:
+        super().__init__("undone")
+        self.value = value

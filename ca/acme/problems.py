@@ -1,0 +1,58 @@
+"""ACME problem documents (RFC 8555 6.7): urn:ietf:params:acme:error:* types, and the
+registration authority's refusals mapped onto them at the edge."""
+
+from __future__ import annotations
+
+import json
+
+from acme import messages
+
+from ca.policy import Reason
+
+PREFIX = messages.ERROR_PREFIX  # urn:ietf:params:acme:error:
+
+
+class AcmeProblem(Exception):
+    """Raise from an ACME route to answer with a problem document."""
+
+    def __init__(self, kind: str, detail: str, status: int = 400,
+                 headers: dict[str, str] | None = None) -> None:
+        assert kind in messages.ERROR_CODES, kind
+        super().__init__(detail)
+        self.kind, self.detail, self.status = kind, detail, status
+        self.headers = headers or {}
+
+    def document(self) -> dict[str, object]:
+        return {"type": PREFIX + self.kind, "detail": self.detail, "status": self.status}
+
+    def body(self) -> str:
+        return json.dumps(self.document())
+
+
+# The RA's reasons as ACME error types (and statuses, as Boulder answers them).
+_FROM_REASON: dict[Reason, tuple[str, int]] = {
+    Reason.MALFORMED: ("malformed", 400),
+    Reason.BAD_CSR: ("badCSR", 400),
+    Reason.BAD_KEY: ("badCSR", 400),
+    Reason.BAD_NAME: ("rejectedIdentifier", 400),
+    Reason.LIFETIME: ("malformed", 400),
+    Reason.NAME_DENIED: ("rejectedIdentifier", 400),
+    Reason.NAME_NOT_ALLOWED: ("rejectedIdentifier", 400),
+    Reason.NAME_RESERVED: ("rejectedIdentifier", 400),
+    Reason.NAME_NOT_GRANTED: ("rejectedIdentifier", 400),
+    Reason.PRINCIPAL_NOT_GRANTED: ("unauthorized", 403),
+    Reason.WRONG_ROLE: ("unauthorized", 403),
+    Reason.REVOKED_KEY: ("badPublicKey", 400),
+    Reason.REASON_NOT_ALLOWED: ("badRevocationReason", 400),
+    Reason.NOT_FOUND: ("malformed", 404),
+    Reason.CONFLICT: ("malformed", 409),
+    Reason.UNSUPPORTED_IDENTIFIER: ("unsupportedIdentifier", 400),
+    Reason.ORDER_NOT_READY: ("orderNotReady", 403),
+    Reason.UNAUTHORIZED: ("unauthorized", 403),
+    Reason.ALREADY_REVOKED: ("alreadyRevoked", 400),
+}
+
+
+def from_refusal(reason: Reason, detail: str) -> AcmeProblem:
+    kind, status = _FROM_REASON.get(reason, ("malformed", 400))
+    return AcmeProblem(kind, detail, status)

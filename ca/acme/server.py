@@ -1,0 +1,735 @@
+"""The ACME server's routes (RFC 8555, RFC 8737, RFC 9773): parse, ask the registration
+authority, answer. Registered by `ca.server.app.build_app` only when the config has an
+[acme] section.
+
+Every answer carries a fresh Replay-Nonce and a Link to the directory; every error is
+an ACME problem document (urn:ietf:params:acme:error:*), never a stack trace. What
+workers must agree on (accounts, orders, authorizations, challenges, nonces, rate
+limits) is in the inventory, so a client's requests may reach any worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import functools
+import hashlib
+import json
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import josepy as jose
+import structlog
+from aiohttp import web
+from cryptography import x509
+
+from ca import ra
+from ca.acme import jws as acme_jws
+from ca.acme.nonces import Nonces
+from ca.acme.problems import PREFIX, AcmeProblem, from_refusal
+from ca.acme.validation import Failed, Validator
+from ca.config import AcmeConfig
+from ca.issuance.profiles import pem, utcnow
+from ca.policy import PARSE_ERRORS, Refused
+from ca.server.common import AUDIT, ISSUANCE, REVOCATIONS, STORE, decide, identity
+from ca.server.common import json_body as admin_json_body
+from ca.store import AcmeAccount, AcmeAuthz, AcmeChallenge, AcmeEAB, AcmeOrder, Store
+from ca.subject import spki_sha256
+from hsm.errors import AuditUnavailable, HSMUnavailable
+
+log = structlog.get_logger("hsmca.acme")
+ORDER_LIFETIME = dt.timedelta(days=7)
+RATE_WINDOW = dt.timedelta(hours=1)
+ARI_RETRY_AFTER_S = 6 * 3600
+# A validation still processing this long after its deadline lost its worker.
+STALE_GRACE = dt.timedelta(seconds=30)
+PEM_CHAIN = "application/pem-certificate-chain"
+
+routes = web.RouteTableDef()
+
+
+class AcmeServer:
+    """What the ACME routes of one worker share."""
+
+    def __init__(self, cfg: AcmeConfig, store: Store) -> None:
+        self.cfg, self.store = cfg, store
+        self.nonces = Nonces(store)
+        self.validator = Validator(cfg)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self, _app: web.Application) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+ACME = web.AppKey("acme", AcmeServer)
+
+
+def install(app: web.Application, cfg: AcmeConfig) -> None:
+    server = AcmeServer(cfg, app[STORE])
+    app[ACME] = server
+    app.add_routes(routes)
+    # Last: whatever else reaches /acme/ (an unknown path, a wrong method) gets an ACME
+    # problem document too, not the API's own problem type.
+    app.router.add_route("*", "/acme/{tail:.*}", _unknown)
+    app.on_cleanup.append(server.close)
+
+
+# ---- URLs -------------------------------------------------------------------------------------
+
+def base(request: web.Request) -> str:
+    """The origin the client used: URLs in answers and the JWS url check agree with it."""
+    return f"{request.scheme}://{request.host}"
+
+
+def url_of(request: web.Request, path: str) -> str:
+    return f"{base(request)}/acme/{path}"
+
+
+# ---- answers and errors ---------------------------------------------------------------------
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _problem_response(p: AcmeProblem) -> web.Response:
+    return web.Response(status=p.status, text=p.body(), content_type="application/problem+json",
+                        headers=p.headers)
+
+
+def acme_route(fn: Handler) -> Handler:
+    """Every answer an ACME answer: problems as documents, a nonce, the index link."""
+
+    @functools.wraps(fn)
+    async def wrapper(request: web.Request) -> web.StreamResponse:
+        try:
+            resp = await fn(request)
+        except AcmeProblem as p:
+            resp = _problem_response(p)
+        except Refused as r:
+            resp = _problem_response(from_refusal(r.reason, r.detail))
+        except (AuditUnavailable, HSMUnavailable) as exc:
+            part = "audit log" if isinstance(exc, AuditUnavailable) else "HSM"
+            resp = _problem_response(AcmeProblem(
+                "serverInternal", f"the {part} is unavailable, so nothing can be signed now; "
+                "retry later", 503, {"Retry-After": "1"}))
+        except web.HTTPException as exc:
+            if exc.status_code < 400:
+                raise
+            detail = ("request bodies are limited to 64 KiB" if exc.status_code == 413
+                      else exc.reason)
+            resp = _problem_response(AcmeProblem("malformed", detail, exc.status_code))
+        except Exception:
+            rid = request.get("request_id", "-")
+            log.exception("unhandled error", request_id=rid, path=request.path)
+            resp = _problem_response(AcmeProblem(
+                "serverInternal", f"an unexpected error occurred; the operator can find it "
+                f"in the logs under request id {rid}", 500))
+        try:
+            resp.headers["Replay-Nonce"] = await request.app[ACME].nonces.new()
+        except Exception as exc:  # the inventory is away: the answer still goes out
+            log.warning("no nonce for the answer", error=str(exc))
+        resp.headers.add("Link", f'<{url_of(request, "directory")}>;rel="index"')
+        return resp
+    return wrapper
+
+
+def _json(body: object, status: int = 200, location: str | None = None,
+          links: tuple[str, ...] = ()) -> web.Response:
+    resp = web.json_response(body, status=status)
+    if location:
+        resp.headers["Location"] = location
+    for link in links:
+        resp.headers.add("Link", link)
+    return resp
+
+
+async def _unknown(request: web.Request) -> web.StreamResponse:
+    @acme_route
+    async def answer(request: web.Request) -> web.Response:
+        for resource in request.app.router.resources():
+            if resource.canonical == "/acme/{tail}":
+                continue
+            _match, allowed = await resource.resolve(request)
+            if allowed:  # the path is an ACME resource, the method is not one it takes
+                raise AcmeProblem("malformed", f"{request.method} is not allowed on "
+                                  f"{request.path[:200]}", 405)
+        raise AcmeProblem("malformed", f"no such ACME resource: {request.path[:200]}", 404)
+    return await answer(request)
+
+
+# ---- verifying a request --------------------------------------------------------------------
+
+async def _verified(request: web.Request, want: str = "kid") -> acme_jws.Verified:
+    server = request.app[ACME]
+    raw = await request.read()
+    return await acme_jws.verify(
+        raw, request.content_type, f"{base(request)}{request.path_qs}", server.nonces,
+        want=want, account_of=server.store.acme_account,
+        account_prefix=url_of(request, "acct/"))
+
+
+def _holder(account: AcmeAccount) -> ra.AcmeAccountHolder:
+    return ra.AcmeAccountHolder(account.id, account.status, account.names,
+                                account.eab_kid is not None,
+                                spki_sha256(acme_jws.crypto_key(jose.JWK.json_loads(account.jwk))))
+
+
+def _account_obj(account: AcmeAccount) -> dict[str, Any]:
+    return {"status": account.status, "contact": list(account.contact)}
+
+
+def _new_id() -> str:
+    return secrets.token_urlsafe(12)
+
+
+def _client(request: web.Request) -> str:
+    return request.remote or "-"
+
+
+# ---- directory and nonces ---------------------------------------------------------------
+
+@routes.get("/acme/directory")
+@acme_route
+async def directory(request: web.Request) -> web.Response:
+    cfg = request.app[ACME].cfg
+    return _json({
+        "newNonce": url_of(request, "new-nonce"), "newAccount": url_of(request, "new-account"),
+        "newOrder": url_of(request, "new-order"), "revokeCert": url_of(request, "revoke-cert"),
+        "keyChange": url_of(request, "key-change"),
+        "renewalInfo": url_of(request, "renewal-info"),
+        "meta": {"externalAccountRequired": cfg.eab_required},
+    })
+
+
+@routes.get("/acme/new-nonce")  # HEAD too (aiohttp adds it)
+@acme_route
+async def new_nonce(request: web.Request) -> web.Response:
+    return web.Response(status=200 if request.method == "HEAD" else 204,
+                        headers={"Cache-Control": "no-store"})
+
+
+# ---- accounts --------------------------------------------------------------------------------
+
+def _contact(value: object) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > 10:
+        raise AcmeProblem("invalidContact", "contact must be a list of at most 10 mailto: URLs")
+    out = []
+    for c in value:
+        if not isinstance(c, str) or len(c) > 254:
+            raise AcmeProblem("invalidContact", "each contact is a mailto: URL")
+        if not c.startswith("mailto:"):
+            raise AcmeProblem("unsupportedContact", "only mailto: contacts are supported")
+        addr = c[len("mailto:"):]
+        if addr.count("@") != 1 or any(ch in addr for ch in ",; \t\r\n<>") \
+                or not addr.isascii():
+            raise AcmeProblem("invalidContact", f"{c[:80]!r} is not one e-mail address")
+        out.append(c)
+    return tuple(out)
+
+
+@routes.post("/acme/new-account")
+@acme_route
+async def new_account(request: web.Request) -> web.Response:
+    server = request.app[ACME]
+    v = await _verified(request, want="jwk")
+    body = v.json()
+    assert body is not None
+    thumb = acme_jws.thumbprint(v.jwk)
+    existing = await server.store.acme_account_by_thumbprint(thumb)
+    if existing is not None:
+        return _json(_account_obj(existing), 200, url_of(request, f"acct/{existing.id}"))
+    if body.get("onlyReturnExisting") is True:
+        raise AcmeProblem("accountDoesNotExist", "no account has this key")
+    contact = _contact(body.get("contact"))
+    now = utcnow()
+    kid: str | None = None
+    names: tuple[str, ...] = ()
+    if body.get("externalAccountBinding") is not None:
+        kid, check = acme_jws.verify_eab(body["externalAccountBinding"], v.jwk,
+                                         url_of(request, "new-account"))
+        eab = await server.store.acme_eab(kid)
+        if eab is None or eab.mac_key is None or eab.used_at is not None \
+                or eab.expires <= now.isoformat() or not check(bytes(eab.mac_key)):
+            raise AcmeProblem("unauthorized", "the external account binding is unknown, "
+                              "used, expired or wrongly MACed", 403)
+        names = eab.names
+    elif server.cfg.eab_required:
+        raise AcmeProblem("externalAccountRequired", "this CA requires an external account "
+                          "binding (ask its operator: hsmca acme eab create)", 403)
+    account = AcmeAccount(_new_id(), thumb, v.jwk.json_dumps(), "valid", contact, names, kid,
+                          now.isoformat())
+    if not await server.store.add_acme_account(account, now):
+        again = await server.store.acme_account_by_thumbprint(thumb)
+        if again is not None and kid is None:  # the same key registered meanwhile
+            return _json(_account_obj(again), 200, url_of(request, f"acct/{again.id}"))
+        raise AcmeProblem("unauthorized", "the external account binding was used meanwhile",
+                          403)
+    await request.app[AUDIT].append(
+        "acme.account.create", account=account.id, thumbprint=thumb, eab_kid=kid,
+        names=list(names), request_id=request.get("request_id"))
+    log.info("acme account created", account=account.id, eab_kid=kid,
+             request_id=request.get("request_id"))
+    return _json(_account_obj(account), 201, url_of(request, f"acct/{account.id}"))
+
+
+@routes.post("/acme/acct/{id}")
+@acme_route
+async def account(request: web.Request) -> web.Response:
+    server = request.app[ACME]
+    v = await _verified(request)
+    assert v.account is not None
+    if v.account.id != request.match_info["id"]:
+        raise AcmeProblem("unauthorized", "a request about an account is signed by it", 403)
+    body = v.json(empty_ok=True) or {}
+    acct = v.account
+    if "contact" in body:
+        await server.store.set_acme_contact(acct.id, _contact(body["contact"]))
+    if "status" in body:
+        if body["status"] != "deactivated":
+            raise AcmeProblem("malformed", "an account's status can only be set to deactivated")
+        await server.store.deactivate_acme_account(acct.id)
+        await request.app[AUDIT].append("acme.account.deactivate", account=acct.id,
+                                        request_id=request.get("request_id"))
+    fresh = await server.store.acme_account(acct.id)
+    assert fresh is not None
+    return _json(_account_obj(fresh), 200, url_of(request, f"acct/{acct.id}"))
+
+
+@routes.post("/acme/key-change")
+@acme_route
+async def key_change(request: web.Request) -> web.Response:
+    server = request.app[ACME]
+    v = await _verified(request)
+    assert v.account is not None
+    try:
+        outer = json.loads(v.payload)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise AcmeProblem("malformed", "the payload is not JSON") from None
+    new_jwk, inner = acme_jws.verify_inner(outer, v.url)
+    acct_url = url_of(request, f"acct/{v.account.id}")
+    if inner.get("account") != acct_url:
+        raise AcmeProblem("malformed", "the inner payload's account is not the signer's")
+    try:
+        old = jose.JWK.from_json(inner.get("oldKey"))
+    except Exception:
+        raise AcmeProblem("malformed", "oldKey is not a JWK") from None
+    if acme_jws.thumbprint(old) != v.account.thumbprint:
+        raise AcmeProblem("malformed", "oldKey is not the account's current key")
+    new_thumb = acme_jws.thumbprint(new_jwk)
+    other = await server.store.acme_account_by_thumbprint(new_thumb)
+    if other is not None:
+        raise AcmeProblem("malformed", "another account has the new key", 409,
+                          {"Location": url_of(request, f"acct/{other.id}")})
+    if not await server.store.change_acme_key(v.account.id, v.account.thumbprint, new_thumb,
+                                              new_jwk.json_dumps()):
+        raise AcmeProblem("malformed", "the account's key changed meanwhile, or another "
+                          "account has the new key", 409)
+    await request.app[AUDIT].append("acme.account.key-change", account=v.account.id,
+                                    old_thumbprint=v.account.thumbprint,
+                                    thumbprint=new_thumb, request_id=request.get("request_id"))
+    fresh = await server.store.acme_account(v.account.id)
+    assert fresh is not None
+    return _json(_account_obj(fresh), 200, acct_url)
+
+
+# ---- orders ------------------------------------------------------------------------------------
+
+def _status(order: AcmeOrder, now: str) -> str:
+    if order.status in ("pending", "ready") and order.expires <= now:
+        return "invalid"
+    return order.status
+
+
+def _order_obj(request: web.Request, order: AcmeOrder) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "status": _status(order, utcnow().isoformat()),
+        "expires": order.expires,
+        "identifiers": [{"type": "dns", "value": n} for n in order.names],
+        "authorizations": [url_of(request, f"authz/{a}") for a in order.authz_ids],
+        "finalize": url_of(request, f"order/{order.id}/finalize"),
+    }
+    if order.cert_serial:
+        out["certificate"] = url_of(request, f"cert/{order.cert_serial}")
+    if order.error:
+        out["error"] = json.loads(order.error)
+    return out
+
+
+async def _rate(request: web.Request, kind: str, account_id: str, limit: int,
+                take: bool) -> None:
+    store = request.app[ACME].store
+    now = utcnow()
+    keys = [f"account:{account_id}", f"ip:{_client(request)}"]
+    if take:
+        over = await store.acme_rate_take(kind, keys, now, now - RATE_WINDOW, limit)
+    else:
+        over = await store.acme_rate_over(kind, keys, now - RATE_WINDOW, limit)
+    if over is not None:
+        what = "this account" if over.startswith("account:") else f"{_client(request)}"
+        raise AcmeProblem("rateLimited", f"{kind}: {limit} per hour for {what} reached "
+                          "([acme] limits); retry later", 429, {"Retry-After": "60"})
+
+
+@routes.post("/acme/new-order")
+@acme_route
+async def new_order(request: web.Request) -> web.Response:
+    server = request.app[ACME]
+    v = await _verified(request)
+    assert v.account is not None
+    body = v.json()
+    assert body is not None
+    extra = set(body) - {"identifiers", "replaces", "profile"}
+    if extra:
+        raise AcmeProblem("malformed", f"unsupported newOrder field(s): "
+                          f"{', '.join(sorted(extra))[:100]} (notBefore and notAfter are not "
+                          "offered: the CA's policy sets the lifetime)")
+    if "profile" in body:
+        raise AcmeProblem("malformed", "this CA offers no profiles")
+    dns01 = server.cfg.resolver is not None
+    grant: ra.AcmeOrderGrant = await decide(request, _holder(v.account), ra.AcmeOrderRequest(
+        body.get("identifiers"), dns01_available=dns01))
+    await _rate(request, "new-order", v.account.id, server.cfg.orders_per_hour, take=True)
+    now = utcnow()
+    expires = (now + ORDER_LIFETIME).isoformat()
+    order_id = _new_id()
+    authzs = []
+    for name in grant.names:
+        wildcard = name.startswith("*.")
+        kinds = ["dns-01"] if wildcard else ["http-01", "tls-alpn-01"] + (
+            ["dns-01"] if dns01 else [])
+        authz_id = _new_id()
+        authzs.append(AcmeAuthz(authz_id, order_id, v.account.id, name.removeprefix("*."),
+                                wildcard, "pending", expires, tuple(
+            AcmeChallenge(_new_id(), authz_id, k, secrets.token_urlsafe(32), "pending")
+            for k in kinds)))
+    order = AcmeOrder(order_id, v.account.id, "pending", grant.names, expires, now.isoformat(),
+                      tuple(a.id for a in authzs))
+    await server.store.add_acme_order(order, authzs)
+    return _json(_order_obj(request, order), 201, url_of(request, f"order/{order_id}"))
+
+
+async def _own_order(request: web.Request, account: AcmeAccount, order_id: str) -> AcmeOrder:
+    order = await request.app[ACME].store.acme_order(order_id)
+    if order is None or order.account_id != account.id:
+        raise AcmeProblem("malformed", "no such order for this account", 404)
+    return order
+
+
+@routes.post("/acme/order/{id}")
+@acme_route
+async def get_order(request: web.Request) -> web.Response:
+    v = await _verified(request)
+    assert v.account is not None
+    v.json(empty_ok=True)
+    order = await _own_order(request, v.account, request.match_info["id"])
+    return _json(_order_obj(request, order), 200, url_of(request, f"order/{order.id}"))
+
+
+def _csr(body: dict[str, Any]) -> x509.CertificateSigningRequest:
+    der = acme_jws.b64decode(body.get("csr"), "csr")
+    try:
+        return x509.load_der_x509_csr(der)
+    except PARSE_ERRORS as exc:
+        raise AcmeProblem("badCSR", f"the CSR cannot be parsed: {str(exc)[:120]}") from None
+
+
+@routes.post("/acme/order/{id}/finalize")
+@acme_route
+async def finalize(request: web.Request) -> web.Response:
+    server = request.app[ACME]
+    v = await _verified(request)
+    assert v.account is not None
+    body = v.json()
+    assert body is not None
+    order = await _own_order(request, v.account, request.match_info["id"])
+    csr = _csr(body)
+    statuses = []
+    for authz_id in order.authz_ids:
+        authz = await server.store.acme_authz(authz_id)
+        statuses.append(authz.status if authz is not None else "missing")
+    x509_order: ra.X509Order = await decide(request, _holder(v.account), ra.AcmeFinalizeRequest(
+        order.id, order.account_id, _status(order, utcnow().isoformat()), order.names,
+        tuple(statuses), csr))
+    if not await server.store.begin_acme_finalize(order.id):
+        raise AcmeProblem("orderNotReady", "the order is being finalized or was already", 403)
+    try:
+        issued = await request.app[ISSUANCE].x509(x509_order, request.get("request_id"))
+    except BaseException:
+        # Nothing was issued: the client may finalize again once the CA recovers.
+        await asyncio.shield(server.store.fail_acme_finalize(order.id, "ready", None))
+        raise
+    log.info("issued", kind="acme", serial=issued.serial_hex, account=v.account.id,
+             order=order.id, names=list(order.names), request_id=request.get("request_id"),
+             audit_seq=issued.outcome_seq)
+    done = await server.store.acme_order(order.id)
+    assert done is not None
+    return _json(_order_obj(request, done), 200, url_of(request, f"order/{order.id}"))
+
+
+# ---- authorizations and challenges ---------------------------------------------------------
+
+def _challenge_obj(request: web.Request, c: AcmeChallenge) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": c.type, "url": url_of(request, f"chall/{c.id}"),
+                           "token": c.token, "status": c.status}
+    if c.validated:
+        out["validated"] = c.validated
+    if c.error:
+        out["error"] = json.loads(c.error)
+    return out
+
+
+def _authz_obj(request: web.Request, a: AcmeAuthz) -> dict[str, Any]:
+    status = a.status
+    if status == "pending" and a.expires <= utcnow().isoformat():
+        status = "expired"
+    out: dict[str, Any] = {"identifier": {"type": "dns", "value": a.name}, "status": status,
+                           "expires": a.expires,
+                           "challenges": [_challenge_obj(request, c) for c in a.challenges]}
+    if a.wildcard:
+        out["wildcard"] = True
+    return out
+
+
+async def _own_authz(request: web.Request, account: AcmeAccount, authz_id: str) -> AcmeAuthz:
+    authz = await request.app[ACME].store.acme_authz(authz_id)
+    if authz is None or authz.account_id != account.id:
+        raise AcmeProblem("malformed", "no such authorization for this account", 404)
+    return authz
+
+
+@routes.post("/acme/authz/{id}")
+@acme_route
+async def get_authz(request: web.Request) -> web.Response:
+    v = await _verified(request)
+    assert v.account is not None
+    body = v.json(empty_ok=True)
+    authz = await _own_authz(request, v.account, request.match_info["id"])
+    if body is not None:  # RFC 8555 7.5.2: the only change a client may make
+        if body != {"status": "deactivated"}:
+            raise AcmeProblem("malformed", 'an authorization can only be deactivated: '
+                              '{"status": "deactivated"}')
+        if not await request.app[ACME].store.deactivate_acme_authz(authz.id):
+            raise AcmeProblem("malformed", f"the authorization is {authz.status}; only a "
+                              "pending or valid one can be deactivated")
+        fresh = await request.app[ACME].store.acme_authz(authz.id)
+        assert fresh is not None
+        authz = fresh
+    else:
+        authz = await _restart_stale(request, authz, v)
+    return _json(_authz_obj(request, authz))
+
+
+@routes.post("/acme/chall/{id}")
+@acme_route
+async def challenge(request: web.Request) -> web.Response:
+    server = request.app[ACME]
+    v = await _verified(request)
+    assert v.account is not None
+    body = v.json(empty_ok=True)
+    ch = await server.store.acme_challenge(request.match_info["id"])
+    if ch is None:
+        raise AcmeProblem("malformed", "no such challenge for this account", 404)
+    authz = await _own_authz(request, v.account, ch.authz_id)
+    up = f'<{url_of(request, f"authz/{authz.id}")}>;rel="up"'
+    if body is not None:  # {}: the client is ready, validate now
+        if authz.status == "pending" and authz.expires <= utcnow().isoformat():
+            raise AcmeProblem("malformed", "the authorization has expired")
+        if ch.status == "pending":
+            await _rate(request, "failed-validation", v.account.id,
+                        server.cfg.failed_validations_per_hour, take=False)
+            await _start(request, ch, authz, v)
+        fresh = await server.store.acme_challenge(ch.id)
+        assert fresh is not None
+        ch = fresh
+    return _json(_challenge_obj(request, ch), links=(up,))
+
+
+async def _start(request: web.Request, ch: AcmeChallenge, authz: AcmeAuthz,
+                 v: acme_jws.Verified) -> None:
+    """Validate `ch` in the background if this request is the one to: it was pending, or
+    its validation began so long ago that the worker running it must have gone away."""
+    server = request.app[ACME]
+    assert v.account is not None
+    now = utcnow()
+    stale = now - dt.timedelta(seconds=server.cfg.validation_timeout_s) - STALE_GRACE
+    if await server.store.start_acme_challenge(ch.id, now, stale):
+        server.spawn(_validate(server, ch, authz, v.jwk, v.account.id, _client(request)))
+
+
+async def _restart_stale(request: web.Request, authz: AcmeAuthz,
+                         v: acme_jws.Verified) -> AcmeAuthz:
+    """Clients poll the authorization: a validation orphaned by a worker that went away
+    (still processing long after its deadline) starts again here."""
+    server = request.app[ACME]
+    limit = (utcnow() - dt.timedelta(seconds=server.cfg.validation_timeout_s)
+             - STALE_GRACE).isoformat()
+    stale = [c for c in authz.challenges if c.status == "processing"
+             and c.started is not None and c.started < limit]
+    if authz.status != "pending" or not stale:
+        return authz
+    for ch in stale:
+        await _start(request, ch, authz, v)
+    fresh = await server.store.acme_authz(authz.id)
+    return fresh if fresh is not None else authz
+
+
+async def _validate(server: AcmeServer, ch: AcmeChallenge, authz: AcmeAuthz, jwk: jose.JWK,
+                    account_id: str, client: str) -> None:
+    """In the background (the client polls): validate, record the result."""
+    error: str | None = None
+    try:
+        await server.validator.validate(ch.type, authz.name, ch.token, jwk)
+    except Failed as f:
+        error = json.dumps({"type": PREFIX + f.kind, "detail": f.detail, "status": 400})
+    except Exception as exc:
+        log.exception("validation error", challenge=ch.id)
+        error = json.dumps({"type": PREFIX + "serverInternal",
+                            "detail": f"validation failed: {str(exc)[:100]}", "status": 500})
+    now = utcnow()
+    try:
+        await server.store.finish_acme_challenge(ch.id, error is None, error, now)
+        if error is not None:
+            await server.store.acme_rate_take("failed-validation", [
+                f"account:{account_id}", f"ip:{client}"], now, now - RATE_WINDOW, None)
+    except Exception:
+        log.exception("cannot record a validation", challenge=ch.id)
+    log.info("acme validation", challenge=ch.id, type=ch.type, name=authz.name,
+             valid=error is None, error=json.loads(error)["detail"] if error else None)
+
+
+# ---- certificates -----------------------------------------------------------------------------
+
+def _serial(text: str) -> int:
+    try:
+        serial = int(text, 16)
+        if serial <= 0 or len(text) > 40:
+            raise ValueError
+    except ValueError:
+        raise AcmeProblem("malformed", "no such certificate", 404) from None
+    return serial
+
+
+@routes.post("/acme/cert/{serial}")
+@acme_route
+async def certificate(request: web.Request) -> web.Response:
+    server = request.app[ACME]
+    v = await _verified(request)
+    assert v.account is not None
+    v.json(empty_ok=True)
+    rec = await server.store.acme_cert(_serial(request.match_info["serial"]))
+    if rec is None:
+        raise AcmeProblem("malformed", "no such certificate", 404)
+    if rec.account_id != v.account.id:
+        raise AcmeProblem("unauthorized", "this certificate was issued to another account", 403)
+    issuer = _issuer_cert(request, rec.issuer)
+    leaf = x509.load_der_x509_certificate(bytes(rec.der))
+    return web.Response(text=pem(leaf) + (pem(issuer) if issuer is not None else ""),
+                        content_type=PEM_CHAIN)
+
+
+def _issuer_cert(request: web.Request, label: str | None) -> x509.Certificate | None:
+    """The certificate of the issuing key a record names: in use, or retired since."""
+    issuers = request.app[ISSUANCE].issuers
+    label = issuers.x509_of(label)
+    return issuers.x509[label].cert if label in issuers.x509 else issuers.past.get(label)
+
+
+@routes.post("/acme/revoke-cert")
+@acme_route
+async def revoke_cert(request: web.Request) -> web.Response:
+    server = request.app[ACME]
+    v = await _verified(request, want="either")
+    body = v.json()
+    assert body is not None
+    der = acme_jws.b64decode(body.get("certificate"), "certificate")
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        serial = cert.serial_number
+    except PARSE_ERRORS:
+        raise AcmeProblem("malformed", "certificate is not a DER certificate") from None
+    reason = body.get("reason")
+    if reason is not None and (not isinstance(reason, int) or isinstance(reason, bool)):
+        raise AcmeProblem("badRevocationReason", "reason is an RFC 5280 reason code")
+    rec = await server.store.cert(serial) if 0 < serial < 2 ** 160 else None
+    link = await server.store.acme_cert(serial) if rec is not None else None
+    # The certificate sent must be the one this CA issued, byte for byte.
+    found = rec is not None and rec.fingerprint == hashlib.sha256(der).hexdigest()
+    who: ra.Requester = (_holder(v.account) if v.account is not None
+                         else ra.CertKeyHolder(spki_sha256(acme_jws.crypto_key(v.jwk))))
+    order: ra.RevokeOrder = await decide(request, who, ra.AcmeRevokeRequest(
+        serial, reason, found=found, revoked=rec is not None and rec.revoked_at is not None,
+        owner_account=link.account_id if link else None,
+        spki_sha256=rec.spki_sha256 if rec else None))
+    await request.app[REVOCATIONS].revoke(order, request.get("request_id"))
+    log.info("revoked", kind="acme", serial=format(serial, "x"), reason=order.reason,
+             actor=order.actor, request_id=request.get("request_id"))
+    return web.Response(status=200)
+
+
+# ---- ACME Renewal Information (RFC 9773) --------------------------------------------------
+
+@routes.get("/acme/renewal-info/{cert_id}")
+@acme_route
+async def renewal_info(request: web.Request) -> web.Response:
+    store = request.app[ACME].store
+    text = request.match_info["cert_id"]
+    aki_text, dot, serial_text = text.partition(".")
+    if not dot:
+        raise AcmeProblem("malformed", "the CertID is base64url(AKI keyIdentifier) \".\" "
+                          "base64url(serial)")
+    aki = acme_jws.b64decode(aki_text, "the AKI part")
+    raw_serial = acme_jws.b64decode(serial_text, "the serial part")
+    if not raw_serial or len(raw_serial) > 21 or raw_serial[0] & 0x80:
+        raise AcmeProblem("malformed", "the serial part is not a positive DER integer")
+    rec = await store.cert(int.from_bytes(raw_serial, "big"))
+    issuer = _issuer_cert(request, rec.issuer) if rec else None
+    if rec is None or issuer is None or _ski(issuer) != aki:
+        raise AcmeProblem("malformed", "no certificate with this CertID", 404)
+    now = utcnow()
+    if rec.revoked_at is not None:  # renew at once: the window is already open
+        start, end = now - dt.timedelta(hours=1), now
+    else:
+        nb = dt.datetime.fromisoformat(rec.not_before)
+        life = dt.datetime.fromisoformat(rec.not_after) - nb
+        start, end = nb + life * 2 / 3, nb + life * 5 / 6
+    z = lambda t: t.replace(microsecond=0).isoformat().replace("+00:00", "Z")  # noqa: E731
+    resp = _json({"suggestedWindow": {"start": z(start), "end": z(end)}})
+    resp.headers["Retry-After"] = str(ARI_RETRY_AFTER_S)
+    return resp
+
+
+def _ski(cert: x509.Certificate) -> bytes:
+    return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+
+
+# ---- the admin side: EAB keys ------------------------------------------------------------
+
+@routes.post("/v1/acme/eab")
+async def create_eab(request: web.Request) -> web.Response:
+    """An EAB key for `names` (admin, mutual TLS): {kid, hmac, expires}; the HMAC key is
+    shown once and erased from the inventory when an account binds it."""
+    who = await identity(request)
+    body = await admin_json_body(request, {"names", "ttl"})
+    grant: ra.AcmeEABGrant = await decide(request, who, ra.AcmeEABRequest(
+        body.get("names"), body.get("ttl", "24h")))
+    now = utcnow()
+    kid = f"eab-{secrets.token_hex(8)}"
+    mac_key = secrets.token_bytes(32)
+    expires = (now + dt.timedelta(seconds=grant.ttl_s)).isoformat()
+    await request.app[ACME].store.add_acme_eab(AcmeEAB(
+        kid, mac_key, grant.names, expires, now.isoformat(), grant.actor))
+    await request.app[AUDIT].append("acme.eab.create", kid=kid, names=list(grant.names),
+                                    expires=expires, actor=grant.actor,
+                                    request_id=request.get("request_id"))
+    return web.json_response({"kid": kid, "hmac": base64.urlsafe_b64encode(mac_key).rstrip(
+        b"=").decode(), "expires": expires, "names": list(grant.names)}, status=201)

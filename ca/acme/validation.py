@@ -1,0 +1,240 @@
+"""Challenge validation: http-01 (RFC 8555 8.3), tls-alpn-01 (RFC 8737) and dns-01
+(RFC 8555 8.4), with timeouts and a bound on how many run at once.
+
+Where a name is reached: its address in [acme.hosts] if listed, else from the
+[acme] resolver (or the system's, without one); http-01 on [acme] http-01-port with
+`Host: name`, tls-alpn-01 on tls-alpn-01-port with SNI `name`. http-01 follows at
+most a few redirects, and only to http on the http-01 port or https on the
+tls-alpn-01 port; it reads at most MAX_BODY bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import ssl
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import aiohttp
+import josepy as jose
+from acme import challenges
+from cryptography import x509
+
+from ca.config import AcmeConfig
+
+MAX_BODY = 4096
+MAX_REDIRECTS = 5
+ALPN = "acme-tls/1"
+ID_PE_ACME_IDENTIFIER = x509.ObjectIdentifier("1.3.6.1.5.5.7.1.31")
+
+
+@dataclass
+class Failed(Exception):
+    """A validation failed: the ACME error type and what the client should fix."""
+
+    kind: str  # connection | incorrectResponse | tls | dns | unknownHost
+    detail: str
+
+    def __str__(self) -> str:
+        return self.detail
+
+
+def key_authorization(token: str, jwk: jose.JWK) -> str:
+    """token "." base64url(thumbprint): the acme package's definition, shared by the
+    three challenge types."""
+    return challenges.HTTP01(token=jose.decode_b64jose(token)).key_authorization(jwk)
+
+
+class Validator:
+    def __init__(self, cfg: AcmeConfig) -> None:
+        self.cfg = cfg
+        self._slots = asyncio.Semaphore(cfg.max_validations)
+
+    async def validate(self, kind: str, name: str, token: str, jwk: jose.JWK) -> None:
+        """Return if the challenge is met; raise Failed otherwise (or on timeout)."""
+        key_authz = key_authorization(token, jwk)
+        async with self._slots:
+            try:
+                async with asyncio.timeout(self.cfg.validation_timeout_s):
+                    if kind == "http-01":
+                        await self._http01(name, token, key_authz)
+                    elif kind == "tls-alpn-01":
+                        await self._tls_alpn01(name, key_authz)
+                    elif kind == "dns-01":
+                        await self._dns01(name, key_authz)
+                    else:
+                        raise Failed("malformed", f"unknown challenge type {kind}")
+            except TimeoutError:
+                raise Failed("connection", f"{kind} for {name}: no answer within "
+                             f"{self.cfg.validation_timeout_s:g} s") from None
+
+    # ---- where a name is ------------------------------------------------------------------
+
+    def _resolver(self) -> object:
+        import dns.asyncresolver
+        assert self.cfg.resolver is not None
+        r = dns.asyncresolver.Resolver(configure=False)
+        r.nameservers = [self.cfg.resolver[0]]
+        r.port = self.cfg.resolver[1]
+        return r
+
+    async def address(self, name: str) -> str:
+        mapped = self.cfg.host(name)
+        if mapped is not None:
+            return mapped
+        if self.cfg.resolver is not None:
+            import dns.exception
+            import dns.resolver
+            r = self._resolver()
+            for rdtype in ("A", "AAAA"):
+                try:
+                    answer = await r.resolve(name, rdtype)  # type: ignore[attr-defined]
+                except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+                    continue
+                except dns.exception.DNSException as exc:
+                    raise Failed("dns", f"looking up {name}: {exc}") from None
+                for rr in answer:
+                    return str(rr.address)
+            raise Failed("unknownHost", f"{name} has no A or AAAA record")
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(name, None,
+                                                                  type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise Failed("unknownHost", f"cannot resolve {name}: {exc.strerror}") from None
+        return str(infos[0][4][0])
+
+    # ---- http-01 -------------------------------------------------------------------------
+
+    async def _http01(self, name: str, token: str, key_authz: str) -> None:
+        scheme, host, port = "http", name, self.cfg.http01_port
+        path = f"/.well-known/acme-challenge/{token}"
+        timeout = aiohttp.ClientTimeout(total=self.cfg.validation_timeout_s)
+        async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as s:
+            for _ in range(MAX_REDIRECTS + 1):
+                addr = await self.address(host)
+                shown = f"[{addr}]" if ":" in addr else addr
+                url = f"{scheme}://{shown}:{port}{path}"
+                try:
+                    async with s.get(url, headers={"Host": host, "Accept": "*/*"},
+                                     allow_redirects=False,
+                                     ssl=False if scheme == "https" else None,
+                                     server_hostname=host if scheme == "https" else None) as r:
+                        if r.status in (301, 302, 303, 307, 308):
+                            scheme, host, port, path = self._redirect(
+                                r.headers.get("Location", ""), scheme, host)
+                            continue
+                        body = await _read_at_most(r.content, MAX_BODY + 1)
+                        status = r.status
+                except aiohttp.ClientError as exc:
+                    raise Failed("connection", f"http-01 for {name}: fetching {scheme}://"
+                                 f"{host}:{port}{path}: {str(exc)[:200]}") from None
+                if status != 200:
+                    raise Failed("incorrectResponse", f"http-01 for {name}: {scheme}://{host}:"
+                                 f"{port}{path} answered {status}")
+                if len(body) > MAX_BODY:
+                    raise Failed("incorrectResponse", f"http-01 for {name}: the answer is "
+                                 f"longer than {MAX_BODY} bytes")
+                if body.strip().decode(errors="replace") != key_authz:
+                    raise Failed("incorrectResponse", f"http-01 for {name}: the answer is not "
+                                 "the key authorization")
+                return
+        raise Failed("connection", f"http-01 for {name}: more than {MAX_REDIRECTS} redirects")
+
+    def _redirect(self, location: str, scheme: str, host: str) -> tuple[str, str, int, str]:
+        """Where a redirect may lead: http on the http-01 port, https on the tls-alpn-01
+        port (the configured "HTTPS port"), to a DNS name or an address."""
+        try:
+            u = urlsplit(location)
+            port = u.port
+        except ValueError:
+            raise Failed("connection", f"redirect to an invalid URL {location[:100]!r}") \
+                from None
+        if not u.scheme and not u.netloc:  # relative: same scheme, host and port
+            port = self.cfg.http01_port if scheme == "http" else self.cfg.tls_alpn01_port
+            return scheme, host, port, u.path or "/"
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise Failed("connection", f"redirect to {location[:100]!r}: only http(s) URLs "
+                         "are followed")
+        allowed = self.cfg.http01_port if u.scheme == "http" else self.cfg.tls_alpn01_port
+        wanted = port if port is not None else (80 if u.scheme == "http" else 443)
+        if wanted != allowed:
+            raise Failed("connection", f"redirect to {location[:100]!r}: {u.scheme} is followed "
+                         f"only to port {allowed}")
+        path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+        return u.scheme, u.hostname, allowed, path
+
+    # ---- tls-alpn-01 -----------------------------------------------------------------------
+
+    async def _tls_alpn01(self, name: str, key_authz: str) -> None:
+        addr = await self.address(name)
+        port = self.cfg.tls_alpn01_port
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE  # the certificate is self-signed by design
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_alpn_protocols([ALPN])
+        try:
+            _reader, writer = await asyncio.open_connection(addr, port, ssl=ctx,
+                                                             server_hostname=name)
+        except (OSError, ssl.SSLError) as exc:
+            raise Failed("tls" if isinstance(exc, ssl.SSLError) else "connection",
+                         f"tls-alpn-01 for {name}: {addr}:{port}: {exc}") from None
+        try:
+            sslobj = writer.get_extra_info("ssl_object")
+            alpn = sslobj.selected_alpn_protocol() if sslobj else None
+            der = sslobj.getpeercert(binary_form=True) if sslobj else None
+        finally:
+            writer.close()
+        if alpn != ALPN:
+            raise Failed("tls", f"tls-alpn-01 for {name}: the server did not negotiate {ALPN}")
+        if not der:
+            raise Failed("tls", f"tls-alpn-01 for {name}: no certificate")
+        try:
+            cert = x509.load_der_x509_certificate(der)
+            sans = cert.extensions.get_extension_for_class(
+                x509.SubjectAlternativeName).value
+            ext = cert.extensions.get_extension_for_oid(ID_PE_ACME_IDENTIFIER)
+        except (ValueError, x509.ExtensionNotFound) as exc:
+            raise Failed("incorrectResponse", f"tls-alpn-01 for {name}: the certificate lacks "
+                         f"a SAN or the acmeIdentifier extension ({exc})") from None
+        if list(sans) != [x509.DNSName(name)]:
+            raise Failed("incorrectResponse", f"tls-alpn-01 for {name}: the certificate must "
+                         f"name exactly {name}")
+        digest = hashlib.sha256(key_authz.encode()).digest()
+        value = ext.value.value if isinstance(ext.value, x509.UnrecognizedExtension) else b""
+        if not ext.critical or value != b"\x04\x20" + digest:
+            raise Failed("incorrectResponse", f"tls-alpn-01 for {name}: the acmeIdentifier "
+                         "extension is not critical or holds the wrong digest")
+
+    # ---- dns-01 ----------------------------------------------------------------------------
+
+    async def _dns01(self, name: str, key_authz: str) -> None:
+        import dns.exception
+        import dns.resolver
+        if self.cfg.resolver is None:
+            raise Failed("dns", "dns-01 needs [acme] resolver")
+        expected = jose.b64encode(hashlib.sha256(key_authz.encode()).digest()).decode()
+        record = f"_acme-challenge.{name}"
+        try:
+            answer = await self._resolver().resolve(record, "TXT")  # type: ignore[attr-defined]
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            raise Failed("dns", f"dns-01 for {name}: no TXT record at {record}") from None
+        except dns.exception.DNSException as exc:
+            raise Failed("dns", f"dns-01 for {name}: looking up {record}: {exc}") from None
+        texts = {b"".join(rr.strings).decode(errors="replace") for rr in answer}
+        if expected not in texts:
+            raise Failed("incorrectResponse", f"dns-01 for {name}: no TXT record at {record} "
+                         "holds the expected value")
+
+
+async def _read_at_most(stream: aiohttp.StreamReader, limit: int) -> bytes:
+    """Up to `limit` bytes of a body (read() may return less than is on its way)."""
+    body = b""
+    while len(body) < limit:
+        chunk = await stream.read(limit - len(body))
+        if not chunk:
+            break
+        body += chunk
+    return body

@@ -1,0 +1,363 @@
+"""The ACME server beyond what certbot and lego exercise, against a real daemon with two
+workers: nonces good on every worker and only once, key change, account deactivation,
+rate limits, dns-01 (and a wildcard) through the configured resolver, http-01 redirect
+rules, failed validations, EAB keys audited without their secret, ACME off without
+[acme]."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import dns.message
+import dns.rdatatype
+import dns.rrset
+import pytest
+import requests
+from cryptography import x509
+
+from tests.acme_kit import (
+    AcmeCA,
+    Client,
+    Responder,
+    audit_lines,
+    b64,
+    new_key,
+    sign,
+    start_acme_ca,
+)
+from tests.conftest import Daemon, hsmca
+
+NAMES = ("a.test", "b.test", "c.test", "d.test", "redirect.test", "nobody.test")
+
+
+class DNSServer:
+    """A small authoritative DNS server on 127.0.0.1 (UDP) answering from `records`."""
+
+    def __init__(self) -> None:
+        self.records: dict[tuple[str, str], list[str]] = {}
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                wire, peer = self.sock.recvfrom(4096)
+            except OSError:
+                return
+            query = dns.message.from_wire(wire)
+            reply = dns.message.make_response(query)
+            q = query.question[0]
+            name, kind = q.name.to_text().rstrip(".").lower(), dns.rdatatype.to_text(q.rdtype)
+            values = self.records.get((name, kind), [])
+            if values:
+                texts = [json.dumps(v) if kind == "TXT" else v for v in values]
+                reply.answer.append(dns.rrset.from_text_list(q.name, 60, "IN", kind, texts))
+            self.sock.sendto(reply.to_wire(), peer)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@dataclass
+class World:
+    ca: AcmeCA
+    responder: Responder
+    dns: DNSServer
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    server = DNSServer()
+    tmp = tmp_path_factory.mktemp("acme-protocol")
+    ca = start_acme_ca(tmp, NAMES, resolver=f"127.0.0.1:{server.port}",
+                       **{"orders-per-hour": 20, "failed-validations-per-hour": 8})
+    responder = Responder(ca.http_port)
+    try:
+        yield World(ca, responder, server)
+    finally:
+        responder.close()
+        server.close()
+        ca.daemon.stop()
+
+
+def worker_of(r: requests.Response) -> str:
+    return r.headers["X-Request-Id"][:8]  # the answering process
+
+
+def test_a_nonce_from_one_worker_is_good_once_on_another(world: World) -> None:
+    c = Client(world.ca)
+    assert c.register(world.ca.eab("*.test")).status == 201
+    minted = requests.head(c.dir["newNonce"], verify=str(world.ca.daemon.root))
+    nonce = minted.headers["Replay-Nonce"]
+    for _ in range(64):  # new connections until another worker answers
+        body = json.dumps(c.jws(c.kid, None, nonce=nonce))
+        r = requests.post(c.kid, data=body, verify=str(world.ca.daemon.root),
+                          headers={"Content-Type": "application/jose+json"})
+        if worker_of(r) != worker_of(minted):
+            break
+        assert r.status_code == 200, r.text  # first use, on the same worker
+        nonce = r.headers["Replay-Nonce"]
+        minted = r
+    else:
+        raise AssertionError("64 new connections all reached one worker")
+    assert r.status_code == 200, r.text
+    again = requests.post(c.kid, data=body, verify=str(world.ca.daemon.root),
+                          headers={"Content-Type": "application/jose+json"})
+    assert again.status_code == 400 and again.json()["type"].endswith(":badNonce")
+
+
+def test_key_change_moves_the_account_to_the_new_key(world: World) -> None:
+    c = Client(world.ca)
+    assert c.register(world.ca.eab("*.test")).status == 201
+    old = c.key
+    new = new_key()
+    url = c.dir["keyChange"]
+    inner_head = {"alg": "ES256", "jwk": new.public_key().to_partial_json(), "url": url}
+    inner = sign(new, json.dumps({"account": c.kid, "oldKey": old.public_key()
+                                  .to_partial_json()}).encode(), inner_head)
+    r = c.post(url, inner)
+    assert r.status == 200, r.body
+    # the old key no longer speaks for the account; the new one does
+    assert c.post(c.kid).status == 400
+    c.key = new
+    assert c.post(c.kid).json["status"] == "valid"
+    assert Client(world.ca, key=new).register(None, onlyReturnExisting=True).headers[
+        "Location"] == c.kid
+    assert any(line.get("event") == "acme.account.key-change" for line in audit_lines(world.ca))
+
+
+def test_a_deactivated_account_orders_nothing_more(world: World) -> None:
+    c = Client(world.ca)
+    assert c.register(world.ca.eab("*.test")).status == 201
+    r = c.post(c.kid, {"status": "deactivated"})
+    assert r.status == 200 and r.json["status"] == "deactivated"
+    r = c.order("a.test")
+    assert r.status == 403 and r.problem == "unauthorized"
+
+
+def test_a_deactivated_authorization_ends_its_order(world: World) -> None:
+    c = Client(world.ca)
+    assert c.register(world.ca.eab("*.test")).status == 201
+    order = c.order("a.test", "b.test")
+    authz_url = order.json["authorizations"][0]
+    r = c.post(authz_url, {"status": "deactivated"})
+    assert r.status == 200 and r.json["status"] == "deactivated"
+    assert c.post(order.headers["Location"]).json["status"] == "invalid"
+    again = c.post(authz_url, {"status": "deactivated"})
+    assert again.status == 400 and again.problem == "malformed"
+    assert c.post(c.answer(order, "http-01")[0]["url"], {}).status == 200  # nothing to do
+    assert c.post(authz_url).json["status"] == "deactivated"
+
+
+def test_a_validation_left_by_a_worker_that_went_away_runs_again(world: World) -> None:
+    """What a worker killed mid-validation leaves: a challenge processing since long
+    ago. The client, polling its authorization, gets it validated anyway."""
+    import asyncio
+    import datetime as dt
+
+    from ca.store.sqlite import SQLiteStore
+    c = Client(world.ca)
+    assert c.register(world.ca.eab("*.test")).status == 201
+    order = c.order("a.test")
+    ch = c.answer(order, "http-01")[0]
+    world.responder.answers[ch["token"]] = c.key_authorization(ch["token"]).encode()
+    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=10)
+    store = SQLiteStore(world.ca.daemon.state / "hsmca.sqlite3")
+    try:
+        assert asyncio.run(store.start_acme_challenge(ch["url"].rsplit("/", 1)[1], long_ago,
+                                                      long_ago))
+    finally:
+        store.close()
+    assert c.wait_authz(order.json["authorizations"][0])["status"] == "valid"
+
+
+def test_dns01_and_a_wildcard_through_the_resolver(world: World) -> None:
+    c = Client(world.ca)
+    assert c.register(world.ca.eab("*.test")).status == 201
+    # the name is not in [acme.hosts]: its address comes from the resolver too
+    world.dns.records[("dnsonly.test", "A")] = ["127.0.0.1"]
+    order = c.order("dnsonly.test")
+    assert order.status == 201, order.body
+    for ch in c.answer(order, "dns-01"):
+        import hashlib
+        digest = hashlib.sha256(c.key_authorization(ch["token"]).encode()).digest()
+        world.dns.records[(f"_acme-challenge.{ch['identifier']}", "TXT")] = [b64(digest)]
+        assert c.post(ch["url"], {}).status == 200
+    for authz_url in order.json["authorizations"]:
+        assert c.wait_authz(authz_url)["status"] == "valid"
+    done = c.finalize(order, ["dnsonly.test"])
+    assert done.json["status"] == "valid", done.body
+    # a wildcard is refused while the policy has no wildcards
+    assert c.order("*.wild.test").problem == "rejectedIdentifier"
+
+
+@pytest.mark.parametrize("redirect, answer, kind, words", [
+    ("http://redirect.test:1/x", None, "connection", "only to port"),
+    ("ftp://redirect.test/x", None, "connection", "only http(s)"),
+    (None, b"x" * 5000, "incorrectResponse", "longer than 4096 bytes"),
+])
+def test_http01_follows_no_odd_redirect_and_reads_a_few_kb(
+        world: World, redirect: str | None, answer: bytes | None, kind: str,
+        words: str) -> None:
+    c = Client(world.ca)
+    assert c.register(world.ca.eab("*.test")).status == 201
+    order = c.order("redirect.test")
+    ch = c.answer(order, "http-01")[0]
+    if redirect:
+        world.responder.redirects[ch["token"]] = redirect
+    else:
+        world.responder.answers[ch["token"]] = answer or b""
+    assert c.post(ch["url"], {}).status == 200
+    authz = c.wait_authz(order.json["authorizations"][0])
+    assert authz["status"] == "invalid"
+    failed = next(x for x in authz["challenges"] if x["type"] == "http-01")
+    assert failed["error"]["type"].endswith(f":{kind}")
+    assert words in failed["error"]["detail"]
+    assert c.post(order.headers["Location"]).json["status"] == "invalid"
+
+
+def test_eab_keys_are_audited_without_their_secret(world: World) -> None:
+    kid, hmac = world.ca.eab("web.test", "*.svc.test", ttl="2h")
+    line = next(x for x in audit_lines(world.ca)
+                if x.get("event") == "acme.eab.create" and x.get("kid") == kid)
+    assert line["names"] == ["web.test", "*.svc.test"] and line["actor"].startswith("cert:")
+    # bare bools: a failure must not print the key itself
+    in_log = hmac in (world.ca.daemon.state / "audit" / "log.jsonl").read_text()
+    in_stderr = hmac in "".join(world.ca.daemon.stderr)
+    assert not in_log, "the audit log holds an EAB HMAC key"
+    assert not in_stderr, "the daemon logged an EAB HMAC key"
+    bad = hsmca("acme", "eab", "create", "--config", world.ca.config, "--names", "Bad Name",
+                check=False)
+    assert bad.returncode == 1 and "Bad Name" in bad.stderr
+
+
+def test_renewal_info_suggests_a_window_inside_the_validity(world: World) -> None:
+    c = Client(world.ca)
+    assert c.register(world.ca.eab("*.test")).status == 201
+    order = c.order("c.test")
+    c.validate_http01(order, world.responder)
+    done = c.finalize(order, ["c.test"])
+    cert = x509.load_pem_x509_certificates(c.post(done.json["certificate"]).body)[0]
+    from tests.acme_kit import cert_id
+    r = c.session.get(f"{c.dir['renewalInfo']}/{cert_id(cert)}")
+    assert r.status_code == 200 and r.headers["Retry-After"]
+    import datetime as dt
+    w = r.json()["suggestedWindow"]
+    start, end = (dt.datetime.fromisoformat(w[k]) for k in ("start", "end"))
+    assert cert.not_valid_before_utc < start < end < cert.not_valid_after_utc
+
+
+class TLSServer:
+    """Answers TLS handshakes on 127.0.0.1:port with one certificate, offering `alpn`."""
+
+    def __init__(self, port: int, tmp: Path, name: str, acme_ext: bytes | None,
+                 alpn: str | None) -> None:
+        import datetime as dt
+        import ssl
+
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = dt.datetime.now(dt.UTC)
+        b = (x509.CertificateBuilder().subject_name(x509.Name([])).issuer_name(x509.Name([]))
+             .public_key(key.public_key()).serial_number(1).not_valid_before(now)
+             .not_valid_after(now + dt.timedelta(hours=1))
+             .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), True))
+        if acme_ext is not None:
+            b = b.add_extension(x509.UnrecognizedExtension(
+                x509.ObjectIdentifier("1.3.6.1.5.5.7.1.31"), acme_ext), critical=True)
+        cert, keyfile = tmp / "alpn.pem", tmp / "alpn.key"
+        cert.write_bytes(b.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+        keyfile.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                              serialization.PrivateFormat.PKCS8,
+                                              serialization.NoEncryption()))
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(cert, keyfile)
+        if alpn:
+            ctx.set_alpn_protocols([alpn])
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.listen()
+        self.ctx = ctx
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                with self.ctx.wrap_socket(conn, server_side=True) as tls:
+                    tls.recv(1)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        # shutdown wakes the thread blocked in accept(), so the port is free at once
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+
+@pytest.mark.parametrize("good_digest, alpn, kind, words", [
+    (False, "acme-tls/1", "incorrectResponse", "wrong digest"),
+    (True, None, "tls", "did not negotiate acme-tls/1"),
+])
+def test_tls_alpn01_checks_the_protocol_and_the_digest(
+        world: World, tmp_path: Path, good_digest: bool, alpn: str | None, kind: str,
+        words: str) -> None:
+    import hashlib
+    c = Client(world.ca)
+    assert c.register(world.ca.eab("*.test")).status == 201
+    order = c.order("b.test")
+    ch = c.answer(order, "tls-alpn-01")[0]
+    digest = hashlib.sha256(c.key_authorization(ch["token"]).encode()).digest()
+    ext = b"\x04\x20" + (digest if good_digest else bytes(32))
+    server = TLSServer(world.ca.tls_port, tmp_path, "b.test", ext, alpn)
+    try:
+        assert c.post(ch["url"], {}).status == 200
+        authz = c.wait_authz(order.json["authorizations"][0])
+    finally:
+        server.close()
+    assert authz["status"] == "invalid"
+    failed = next(x for x in authz["challenges"] if x["type"] == "tls-alpn-01")
+    assert failed["error"]["type"].endswith(f":{kind}") and words in failed["error"]["detail"]
+
+
+def test_failed_validations_and_new_orders_are_rate_limited(world: World) -> None:
+    c = Client(world.ca)
+    assert c.register(world.ca.eab("*.test")).status == 201
+    # Nobody answers for nobody.test: each validation fails, and from this address
+    # (every test's) at most 8 an hour may fail; the other tests' failures count too.
+    for _ in range(9):
+        order = c.order("nobody.test")
+        ch = c.answer(order, "http-01")[0]
+        r = c.post(ch["url"], {})
+        if r.status == 429:
+            break
+        assert r.status == 200, r.body
+        assert c.wait_authz(order.json["authorizations"][0])["status"] == "invalid"
+    assert r.status == 429 and r.problem == "rateLimited" and r.headers["Retry-After"]
+    # new orders: 20 an hour per account and per address; this address placed some above
+    for _ in range(30):
+        r = c.order("d.test")
+        if r.status == 429:
+            break
+        assert r.status == 201
+    assert r.problem == "rateLimited"
+
+
+def test_no_acme_without_the_section(daemon: Daemon) -> None:
+    r = requests.get(f"{daemon.url}/acme/directory", verify=str(daemon.root))
+    assert r.status_code == 404
+    p = hsmca("acme", "eab", "create", "--config", daemon.state / "hsmca.toml", "--url",
+              daemon.url, "--names", "*.test", check=False)
+    assert p.returncode == 1 and "[acme]" in p.stderr

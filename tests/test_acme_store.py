@@ -1,0 +1,208 @@
+"""The Store's ACME verbs, as any implementation must keep them (SQLite here; the
+`store` fixture is where another implementation adds its factory): EAB keys spent
+once and erased, accounts unique by key, the challenge -> authorization -> order
+cascade, one finalizer, the certificate linked to its account, nonces used once,
+rate counts, shared secrets."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ca.store import (
+    AcmeAccount,
+    AcmeAuthz,
+    AcmeChallenge,
+    AcmeEAB,
+    AcmeOrder,
+    NewCert,
+    Store,
+)
+from ca.store.sqlite import SQLiteStore
+
+NOW = dt.datetime(2026, 12, 2, 12, 0, tzinfo=dt.UTC)
+LATER = (NOW + dt.timedelta(hours=1)).isoformat()
+EARLIER = NOW - dt.timedelta(minutes=1)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = SQLiteStore(tmp_path / "inventory.sqlite3")
+    yield s
+    s.close()
+
+
+def run(coro: object) -> object:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def account(id_: str, thumb: str, eab: str | None = None) -> AcmeAccount:
+    return AcmeAccount(id_, thumb, "{}", "valid", ("mailto:a@b.test",), ("*.test",), eab,
+                       NOW.isoformat())
+
+
+def order_with(store: Store, order_id: str, names: tuple[str, ...],
+               account_id: str = "acc") -> list[AcmeAuthz]:
+    authzs = [AcmeAuthz(f"{order_id}-{i}", order_id, account_id, n, False, "pending", LATER,
+                        (AcmeChallenge(f"{order_id}-{i}-h", f"{order_id}-{i}", "http-01", "tok",
+                                       "pending"),
+                         AcmeChallenge(f"{order_id}-{i}-t", f"{order_id}-{i}", "tls-alpn-01",
+                                       "tok", "pending")))
+              for i, n in enumerate(names)]
+    run(store.add_acme_order(AcmeOrder(order_id, account_id, "pending", names, LATER,
+                                       NOW.isoformat()), authzs))
+    return authzs
+
+
+def test_an_eab_key_binds_one_account_and_is_erased(store: Store) -> None:
+    run(store.add_acme_eab(AcmeEAB("k1", b"secret", ("*.test",), LATER, NOW.isoformat(), "me")))
+    got = run(store.acme_eab("k1"))
+    assert isinstance(got, AcmeEAB) and got.mac_key == b"secret" and got.used_at is None
+    assert run(store.add_acme_account(account("a1", "t1", "k1"), NOW)) is True
+    assert run(store.add_acme_account(account("a2", "t2", "k1"), NOW)) is False
+    spent = run(store.acme_eab("k1"))
+    assert isinstance(spent, AcmeEAB)
+    assert spent.mac_key is None and spent.account_id == "a1" and spent.used_at
+    assert run(store.acme_account("a2")) is None
+
+
+def test_an_expired_eab_key_binds_nothing(store: Store) -> None:
+    run(store.add_acme_eab(AcmeEAB("k2", b"s", (), NOW.isoformat(), NOW.isoformat(), "me")))
+    assert run(store.add_acme_account(account("a1", "t1", "k2"), NOW)) is False
+
+
+def test_one_account_per_key_and_a_refused_account_leaves_its_eab_key_unspent(
+        store: Store) -> None:
+    assert run(store.add_acme_account(account("a1", "t1"), NOW)) is True
+    run(store.add_acme_eab(AcmeEAB("k3", b"s", (), LATER, NOW.isoformat(), "me")))
+    assert run(store.add_acme_account(account("a2", "t1", "k3"), NOW)) is False
+    eab = run(store.acme_eab("k3"))
+    assert isinstance(eab, AcmeEAB) and eab.used_at is None and eab.mac_key == b"s"
+    found = run(store.acme_account_by_thumbprint("t1"))
+    assert isinstance(found, AcmeAccount) and found.id == "a1"
+
+
+def test_key_change_contact_and_deactivation(store: Store) -> None:
+    run(store.add_acme_account(account("a1", "t1"), NOW))
+    run(store.add_acme_account(account("a2", "t2"), NOW))
+    assert run(store.change_acme_key("a1", "t1", "t2", "{}")) is False  # a2's key
+    assert run(store.change_acme_key("a1", "tX", "t3", "{}")) is False  # not its key now
+    assert run(store.change_acme_key("a1", "t1", "t3", '{"k": 1}')) is True
+    run(store.set_acme_contact("a1", ["mailto:x@y.test"]))
+    authzs = order_with(store, "o1", ("a.test",), "a1")
+    run(store.deactivate_acme_account("a1"))
+    a1 = run(store.acme_account_by_thumbprint("t3"))
+    assert isinstance(a1, AcmeAccount)
+    assert (a1.status, a1.contact, a1.jwk) == ("deactivated", ("mailto:x@y.test",), '{"k": 1}')
+    authz = run(store.acme_authz(authzs[0].id))
+    assert isinstance(authz, AcmeAuthz) and authz.status == "deactivated"
+
+
+def test_orders_keep_their_authorizations_and_challenges_in_order(store: Store) -> None:
+    authzs = order_with(store, "o1", ("a.test", "b.test"))
+    order = run(store.acme_order("o1"))
+    assert isinstance(order, AcmeOrder)
+    assert order.authz_ids == tuple(a.id for a in authzs) and order.names == ("a.test", "b.test")
+    authz = run(store.acme_authz(authzs[1].id))
+    assert isinstance(authz, AcmeAuthz) and authz.name == "b.test"
+    assert [c.type for c in authz.challenges] == ["http-01", "tls-alpn-01"]
+    assert run(store.acme_order("nope")) is None and run(store.acme_authz("nope")) is None
+
+
+def test_the_order_is_ready_once_every_authorization_is_valid(store: Store) -> None:
+    authzs = order_with(store, "o1", ("a.test", "b.test"))
+    first, second = (a.challenges[0].id for a in authzs)
+    assert run(store.start_acme_challenge(first, NOW, EARLIER)) is True
+    assert run(store.start_acme_challenge(first, NOW, EARLIER)) is False  # once
+    run(store.finish_acme_challenge(first, True, None, NOW))
+    order = run(store.acme_order("o1"))
+    assert isinstance(order, AcmeOrder) and order.status == "pending"
+    assert run(store.start_acme_challenge(second, NOW, EARLIER)) is True
+    run(store.finish_acme_challenge(second, True, None, NOW))
+    order = run(store.acme_order("o1"))
+    assert isinstance(order, AcmeOrder) and order.status == "ready"
+    ch = run(store.acme_challenge(first))
+    assert isinstance(ch, AcmeChallenge) and ch.status == "valid" and ch.validated
+    # an authorization that is valid takes no more validations
+    assert run(store.start_acme_challenge(authzs[0].challenges[1].id, NOW, EARLIER)) is False
+
+
+def test_a_validation_whose_worker_went_away_starts_again(store: Store) -> None:
+    authzs = order_with(store, "o1", ("a.test",))
+    ch = authzs[0].challenges[0].id
+    assert run(store.start_acme_challenge(ch, NOW, EARLIER)) is True
+    later = NOW + dt.timedelta(seconds=10)
+    # under way since NOW: not stale for a caller who counts from before NOW
+    assert run(store.start_acme_challenge(ch, later, EARLIER)) is False
+    assert run(store.start_acme_challenge(ch, later, NOW + dt.timedelta(seconds=1))) is True
+    again = run(store.acme_challenge(ch))
+    assert isinstance(again, AcmeChallenge) and again.started == later.isoformat()
+
+
+def test_one_failed_challenge_makes_the_order_invalid(store: Store) -> None:
+    authzs = order_with(store, "o1", ("a.test", "b.test"))
+    ch = authzs[0].challenges[0].id
+    run(store.start_acme_challenge(ch, NOW, EARLIER))
+    run(store.finish_acme_challenge(ch, False, '{"type": "x"}', NOW))
+    order = run(store.acme_order("o1"))
+    assert isinstance(order, AcmeOrder) and order.status == "invalid"
+    assert order.error == '{"type": "x"}'
+    authz = run(store.acme_authz(authzs[0].id))
+    assert isinstance(authz, AcmeAuthz) and authz.status == "invalid"
+
+
+def test_one_finalizer_and_the_certificate_row_makes_the_order_valid(store: Store) -> None:
+    authzs = order_with(store, "o1", ("a.test",))
+    ch = authzs[0].challenges[0].id
+    run(store.start_acme_challenge(ch, NOW, EARLIER))
+    run(store.finish_acme_challenge(ch, True, None, NOW))
+    assert run(store.begin_acme_finalize("o1")) is True
+    assert run(store.begin_acme_finalize("o1")) is False
+    run(store.fail_acme_finalize("o1", "ready", None))  # nothing issued: ready again
+    assert run(store.begin_acme_finalize("o1")) is True
+    store.add_cert(NewCert(
+        serial=0xabc, fingerprint="f" * 64, role="service", subject="", names=("a.test",),
+        principals=(), spki_sha256="e" * 64, not_before=NOW.isoformat(), not_after=LATER,
+        issued_at=NOW.isoformat(), der=b"DER", issuer="issuing-ca", acme_account="acc",
+        acme_order="o1")).result(timeout=10)
+    order = run(store.acme_order("o1"))
+    assert isinstance(order, AcmeOrder) and (order.status, order.cert_serial) == ("valid", "abc")
+    cert = run(store.acme_cert(0xabc))
+    assert cert is not None and (cert.account_id, cert.order_id, bytes(cert.der)) == (
+        "acc", "o1", b"DER")
+    assert run(store.acme_cert(0xabd)) is None
+
+
+def test_a_deactivated_authorization_ends_its_order(store: Store) -> None:
+    authzs = order_with(store, "o1", ("a.test", "b.test"))
+    assert run(store.deactivate_acme_authz(authzs[0].id)) is True
+    assert run(store.deactivate_acme_authz(authzs[0].id)) is False
+    order = run(store.acme_order("o1"))
+    assert isinstance(order, AcmeOrder) and order.status == "invalid"
+    assert run(store.start_acme_challenge(authzs[0].challenges[0].id, NOW, EARLIER)) is False
+
+
+def test_a_nonce_is_used_once(store: Store) -> None:
+    assert run(store.redeem_acme_nonce("n1", NOW + dt.timedelta(minutes=30), NOW)) is True
+    assert run(store.redeem_acme_nonce("n1", NOW + dt.timedelta(minutes=30), NOW)) is False
+
+
+def test_rate_counts_per_key_within_the_window(store: Store) -> None:
+    since = NOW - dt.timedelta(hours=1)
+    keys = ["account:a", "ip:1"]
+    assert run(store.acme_rate_take("k", keys, NOW, since, 2)) is None
+    assert run(store.acme_rate_take("k", keys, NOW, since, 2)) is None
+    assert run(store.acme_rate_take("k", keys, NOW, since, 2)) == "account:a"
+    assert run(store.acme_rate_over("k", ["ip:1"], since, 2)) == "ip:1"
+    assert run(store.acme_rate_over("k", ["ip:2"], since, 2)) is None
+    assert run(store.acme_rate_over("k", keys, NOW + dt.timedelta(seconds=1), 1)) is None
+    assert run(store.acme_rate_take("other", ["ip:1"], NOW, since, None)) is None
+
+
+def test_a_shared_secret_is_made_once(store: Store) -> None:
+    first = run(store.acme_secret("nonce-mac", b"a" * 32))
+    assert first == b"a" * 32 and run(store.acme_secret("nonce-mac", b"b" * 32)) == first
