@@ -1,10 +1,12 @@
 """What the tests share: HTTP calls as a client makes them, bootstrap tokens (by the API
-and in files, the way the docs hand them over), enrollment, a second CA made in
-software, and waiting on a long-running command's JSON log lines (events, not sleeps)."""
+and in files, the way the docs hand them over), enrollment, the audit log (its lines,
+`hsmca audit verify`, a forger's re-chaining), a second CA made in software, and
+waiting on a long-running command's JSON log lines (events, not sleeps)."""
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import socket
@@ -20,6 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from ca.audit.line import canonical
 from ca.client import make_csr
 from tests.conftest import HSMCA, Daemon, hsmca, require
 
@@ -72,10 +75,53 @@ _n = iter(range(1, 10**6))
 
 def enroll(d: Daemon, tmp: Path, role: str, names: list[str], principals: list[str] = (),
            *extra: str) -> tuple[Path, Path]:  # type: ignore[assignment]
+    """A client credential of `role` as a new machine or person gets one: a token from
+    the admin CLI, then `hsmca enroll`. (cert.pem, key.pem)."""
     out = tmp / f"{role}-cred-{next(_n)}"
     hsmca("enroll", "--url", d.url, "--ca", d.root, "--token-file",
           token_file(d, tmp, role, names, principals), "--name", *names, "--out", out, *extra)
     return out / "cert.pem", out / "key.pem"
+
+
+# ---- the audit log ---------------------------------------------------------------------
+
+def log_lines(state: Path) -> list[dict[str, Any]]:
+    """The durable lines of a CA's audit log, parsed."""
+    return [json.loads(line) for line in (state / "audit/log.jsonl").read_bytes().splitlines()]
+
+
+def audit_verify(state: Path, *extra: str | Path, log: Path | None = None,
+                 served: tuple[Daemon, tuple[Path, Path]] | None = None,
+                 ok: bool = False) -> subprocess.CompletedProcess[str]:
+    """`hsmca audit verify` with the audit key of the CA in `state`: offline on `log`
+    (default: the CA's own log), or, with `served` (a daemon and a client credential
+    of an auditor or admin), over the daemon's API. With `ok`, it must say OK."""
+    key = state / "audit" / "audit_key.pem"
+    if served is None:
+        args: list[str | Path] = ["--log", log or state / "audit" / "log.jsonl"]
+    else:
+        d, (cert, cred_key) = served
+        args = ["--url", d.url, "--ca", d.root, "--client-cert", cert, "--client-key", cred_key]
+    proc = hsmca("audit", "verify", *args, "--key", key, *extra, check=False)
+    if ok:
+        assert proc.returncode == 0 and proc.stdout.startswith("OK:"), proc.stdout + proc.stderr
+    return proc
+
+
+def rechain(lines: list[bytes], start: int) -> list[bytes]:
+    """The lines with the hash chain repaired from `start` on, each line that parses
+    re-serialised canonically, as a careful forger would; a line that does not parse
+    is left as it is (nothing can repair it)."""
+    out = list(lines[:start])
+    for line in lines[start:]:
+        try:
+            obj = json.loads(line)
+            obj["prev"] = hashlib.sha256(out[-1]).hexdigest() if out else "0" * 64
+            line = canonical(obj)
+        except (ValueError, TypeError, KeyError):
+            pass
+        out.append(line)
+    return out
 
 
 def free_port() -> int:

@@ -25,7 +25,7 @@ from ca.audit.note import parse_checkpoint, sign_checkpoint
 from ca.audit.witness import FileWitness, WitnessRefused
 from ca.client import enroll
 from tests.conftest import Daemon, hsmca, init_ca, start_daemon
-from tests.helpers import bootstrap_token, http
+from tests.helpers import audit_verify, bootstrap_token, http, rechain
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -191,9 +191,7 @@ async def fetched_lines(d: Daemon, cred: tuple[Path, Path], size: int) -> list[b
 
 def remote_verify(d: Daemon, cred: tuple[Path, Path], state: Path
                   ) -> subprocess.CompletedProcess[str]:
-    return hsmca("audit", "verify", "--url", d.url, "--ca", d.root, "--client-cert", cred[0],
-                 "--client-key", cred[1], "--key", d.state / "audit" / "audit_key.pem",
-                 "--state", state, check=False)
+    return audit_verify(d.state, "--state", state, served=(d, cred))
 
 
 def ok_counts(proc: subprocess.CompletedProcess[str]) -> tuple[int, int]:
@@ -303,15 +301,9 @@ asyncio.run(main())
 
 def rewrite_line(log: Path, seq: int, change: dict[str, Any]) -> None:
     """Change line `seq` and re-chain every later line, keeping all of them canonical."""
-    objs = [json.loads(line) for line in log.read_bytes().splitlines()]
-    objs[seq].update(change)
-    out: list[bytes] = []
-    for obj in objs:
-        if out and obj["seq"] > seq:
-            obj["prev"] = hashlib.sha256(out[-1]).hexdigest()
-        out.append(json.dumps(obj, sort_keys=True, separators=(",", ":"),
-                              ensure_ascii=False).encode())
-    log.write_bytes(b"".join(line + b"\n" for line in out))
+    lines = log.read_bytes().splitlines()
+    lines[seq] = json.dumps({**json.loads(lines[seq]), **change}).encode()
+    log.write_bytes(b"".join(line + b"\n" for line in rechain(lines, seq)))
 
 
 async def test_remote_verify_is_incremental_and_catches_a_rewrite(tmp_path: Path) -> None:
@@ -414,9 +406,7 @@ async def test_remote_verify_continues_from_an_offline_state_and_misses_no_line(
     state = tmp_path / "auditor.state"
 
     def offline() -> int:
-        proc = hsmca("audit", "verify", "--log", log, "--key",
-                     ca.state / "audit" / "audit_key.pem", "--state", state, check=False)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
+        audit_verify(ca.state, "--state", state, ok=True)
         seen = json.loads(state.read_text())["size"]
         assert seen == len(log.read_bytes().splitlines())
         return int(seen)

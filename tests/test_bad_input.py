@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from ca import policy, ra, ssh
 from ca.server.common import parse_csr
 from ca.server.problems import Problem
-from tests.conftest import Daemon, hsmca, init_ca, start_daemon
-from tests.helpers import bootstrap_token, csr_pem
+from tests.conftest import Daemon, init_ca, start_daemon
+from tests.helpers import audit_verify, bootstrap_token, csr_pem, enroll
 from tests.test_ra import admin, context
 
 
@@ -287,11 +287,7 @@ async def served(tmp_path_factory: pytest.TempPathFactory) -> Any:
     for role, names, principals in [("service", ["svc.internal.example"], []),
                                     ("user", ["ann@example.com"], ["ann"]),
                                     ("host", ["h1.internal.example"], [])]:
-        token = await bootstrap_token(d, role, names, principals)
-        out = tmp / role
-        hsmca("enroll", "--url", d.url, "--ca", d.root, "--token", token, "--name", *names,
-              "--out", out)
-        creds[role] = d.ssl(out / "cert.pem", out / "key.pem")
+        creds[role] = d.ssl(*enroll(d, tmp, role, names, principals))
 
     async def token_source() -> list[str]:
         return [await bootstrap_token(d, "service", ["ok.internal.example"]) for _ in range(40)]
@@ -299,9 +295,7 @@ async def served(tmp_path_factory: pytest.TempPathFactory) -> Any:
     tokens = iter(await token_source())
     yield Served(d, creds, tokens)
     assert d.stop() == 0
-    proc = hsmca("audit", "verify", "--log", ca.state / "audit/log.jsonl", "--key",
-                 ca.state / "audit/audit_key.pem", check=False)
-    assert proc.returncode == 0, proc.stderr
+    audit_verify(ca.state, ok=True)
 
 
 def test_corpus_is_large_enough() -> None:

@@ -24,45 +24,24 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ca.issuance import profiles as prof
-from tests.conftest import Daemon, hsmca, init_ca, require, start_daemon
-from tests.helpers import bootstrap_token, http
+from tests.conftest import Daemon, init_ca, require, start_daemon
+from tests.helpers import audit_verify, enroll, http, log_lines
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-
-async def enroll_service(d: Daemon, tmp: Path, name: str = "load.internal.example"
-                         ) -> tuple[Path, Path]:
-    token = await bootstrap_token(d, "service", [name])
-    out = tmp / f"cred-{name}"
-    hsmca("enroll", "--url", d.url, "--ca", d.root, "--token", token, "--name", name,
-          "--out", out)
-    return out / "cert.pem", out / "key.pem"
-
-
-def log_lines(state: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (state / "audit/log.jsonl").read_bytes().splitlines()]
-
-
-def assert_log_verifies(state: Path) -> None:
-    proc = hsmca("audit", "verify", "--log", state / "audit/log.jsonl", "--key",
-                 state / "audit/audit_key.pem", check=False)
-    assert proc.returncode == 0, proc.stderr
+LOAD_NAME = "load.internal.example"
 
 
 def assert_served_log_verifies(d: Daemon, auditor_state: Path) -> None:
     """What an auditor sees of a running daemon: its durable lines verify, and still
     extend what the same auditor verified before (nothing cut or rewritten)."""
-    proc = hsmca("audit", "verify", "--url", d.url, "--ca", d.root, "--client-cert",
-                 d.state / "admin/cert.pem", "--client-key", d.state / "admin/key.pem",
-                 "--key", d.state / "audit/audit_key.pem", "--state", auditor_state,
-                 check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    admin = (d.state / "admin/cert.pem", d.state / "admin/key.pem")
+    audit_verify(d.state, "--state", auditor_state, served=(d, admin), ok=True)
 
 
 async def test_kill9_under_issuance_load_loses_nothing(tmp_path: Path) -> None:
     ca = init_ca(tmp_path)
     d = start_daemon(ca.state)
-    cert, key = await enroll_service(d, tmp_path)
+    cert, key = enroll(d, tmp_path, "service", [LOAD_NAME])
     received: list[dict[str, Any]] = []
     rng = random.Random(7)
     rounds = 5
@@ -96,7 +75,7 @@ async def test_kill9_under_issuance_load_loses_nothing(tmp_path: Path) -> None:
         assert_served_log_verifies(d, tmp_path / "auditor.state")
     assert d.stop() == 0
     assert len(received) >= rounds * 20
-    assert_log_verifies(ca.state)
+    audit_verify(ca.state, ok=True)
 
     lines = log_lines(ca.state)
     outcomes = {e["fingerprint"]: e for e in lines
@@ -124,7 +103,7 @@ async def test_hsm_token_taken_away_then_back(tmp_path: Path) -> None:
     # reaches is the kernel's choice).
     d = start_daemon(ca.state, "--workers", "1")
     try:
-        cert, key = await enroll_service(d, tmp_path)
+        cert, key = enroll(d, tmp_path, "service", [LOAD_NAME])
         ctx = d.ssl(cert, key)
         tokens = tmp_path / "softhsm" / "tokens"
         away = tmp_path / "tokens.away"
@@ -145,7 +124,7 @@ async def test_hsm_token_taken_away_then_back(tmp_path: Path) -> None:
     assert "hsm.error" in events and "hsm.reconnect" in events
     reconnects = [e for e in log_lines(ca.state) if e["event"] == "hsm.reconnect"]
     assert reconnects[-1]["result"] == "ok"
-    assert_log_verifies(ca.state)
+    audit_verify(ca.state, ok=True)
 
 
 def signatures(metrics_text: str) -> float:
@@ -193,7 +172,7 @@ async def test_audit_log_that_cannot_grow_means_503_and_nothing_signed(tmp_path:
     ca = init_ca(tmp_path)
     d = start_daemon(ca.state)
     try:
-        cert, key = await enroll_service(d, tmp_path)
+        cert, key = enroll(d, tmp_path, "service", [LOAD_NAME])
         ctx = d.ssl(cert, key)
         size = (ca.state / "audit/log.jsonl").stat().st_size
         resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE, (size + 10, resource.RLIM_INFINITY))
@@ -203,7 +182,7 @@ async def test_audit_log_that_cannot_grow_means_503_and_nothing_signed(tmp_path:
         await assert_served_again(d, ctx)
     finally:
         assert d.stop() == 0
-    assert_log_verifies(ca.state)
+    audit_verify(ca.state, ok=True)
 
 
 async def test_audit_log_made_read_only_means_503_until_writable(tmp_path: Path) -> None:
@@ -214,7 +193,7 @@ async def test_audit_log_made_read_only_means_503_until_writable(tmp_path: Path)
     d = start_daemon(ca.state)
     log_file = ca.state / "audit/log.jsonl"
     try:
-        cert, key = await enroll_service(d, tmp_path)
+        cert, key = enroll(d, tmp_path, "service", [LOAD_NAME])
         ctx = d.ssl(cert, key)
         chattr = require("chattr")
         proc = subprocess.run([chattr, "+i", log_file], capture_output=True, text=True)
@@ -227,7 +206,7 @@ async def test_audit_log_made_read_only_means_503_until_writable(tmp_path: Path)
         await assert_served_again(d, ctx)
     finally:
         assert d.stop() == 0
-    assert_log_verifies(ca.state)
+    audit_verify(ca.state, ok=True)
 
 
 async def test_slow_and_idle_connections_do_not_block_others(daemon: Daemon,
@@ -284,7 +263,7 @@ async def test_bad_token_attempts_are_rate_limited(tmp_path: Path) -> None:
             assert r.status == 401 and json.loads(await r.read())["type"].endswith("bad-token")
         # And a valid token is never refused for others' failures, not even from the
         # address that failed (behind a NAT, that is everyone).
-        cert, _key = await enroll_service(d, tmp_path, "valid.internal.example")
+        cert, _key = enroll(d, tmp_path, "service", ["valid.internal.example"])
         assert cx.load_pem_x509_certificate(cert.read_bytes()).subject.rfc4514_string() == (
             "CN=valid.internal.example")
     finally:
@@ -375,7 +354,7 @@ async def test_sigterm_under_load_stops_cleanly_and_the_log_verifies(tmp_path: P
     """In-flight signatures (and a checkpoint) finish and get their outcome lines."""
     ca = init_ca(tmp_path)
     d = start_daemon(ca.state)
-    cert, key = await enroll_service(d, tmp_path)
+    cert, key = enroll(d, tmp_path, "service", [LOAD_NAME])
     ctx = d.ssl(cert, key)
     ok = 0
     started = asyncio.Event()
@@ -402,4 +381,4 @@ async def test_sigterm_under_load_stops_cleanly_and_the_log_verifies(tmp_path: P
     lines = log_lines(ca.state)
     assert [e["event"] for e in lines][-4:] == ["daemon.stop", "hsm.sign", "hsm.sign",
                                                "hsm.logout"]
-    assert_log_verifies(ca.state)  # no intent left open, though nothing restarted
+    audit_verify(ca.state, ok=True)  # no intent left open, though nothing restarted

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from tests.conftest import Daemon, hsmca, require
-from tests.helpers import bootstrap_token, http
+from tests.helpers import enroll, free_port, http
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -25,21 +24,6 @@ def keygen(path: Path) -> Path:
     subprocess.run([require("ssh-keygen"), "-q", "-t", "ed25519", "-N", "", "-f", path],
                    check=True)
     return path.with_name(path.name + ".pub")
-
-
-async def enrolled(d: Daemon, tmp: Path, role: str, names: list[str],
-                   principals: list[str] = ()) -> tuple[Path, Path]:
-    token = await bootstrap_token(d, role, names, list(principals))
-    out = tmp / f"{role}-cred"
-    hsmca("enroll", "--url", d.url, "--ca", d.root, "--token", token, "--name", *names,
-          "--out", out)
-    return out / "cert.pem", out / "key.pem"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class SSHD:
@@ -99,7 +83,7 @@ def ssh_login(port: int, known_hosts: Path, identity: Path,
 async def test_host_and_user_certificates_with_real_openssh(
         daemon: Daemon, tmp_path: Path, sshd_factory: list[SSHD]) -> None:
     # The host enrolls, then certifies its SSH host key with the CLI.
-    host_cert, host_key = await enrolled(daemon, tmp_path, "host", ["localhost"])
+    host_cert, host_key = enroll(daemon, tmp_path, "host", ["localhost"])
     host_pub = keygen(tmp_path / "ssh_host_ed25519_key")
     proc = hsmca("ssh", "host", "--url", daemon.url, "--ca", daemon.root, "--cert", host_cert,
                  "--key", host_key, "--pubkey", host_pub)
@@ -110,7 +94,7 @@ async def test_host_and_user_certificates_with_real_openssh(
     assert "host certificate" in listing and "localhost" in listing
 
     # A person enrolls with the logins they may use and gets a short-lived certificate.
-    user_cert, user_key = await enrolled(daemon, tmp_path, "user", ["alice@example.com"],
+    user_cert, user_key = enroll(daemon, tmp_path, "user", ["alice@example.com"],
                                          ["root"])
     user_pub = keygen(tmp_path / "id_ed25519")
     hsmca("ssh", "user", "--url", daemon.url, "--ca", daemon.root, "--cert", user_cert,
@@ -152,7 +136,7 @@ async def test_host_and_user_certificates_with_real_openssh(
 
 
 async def test_revocation_by_key_id_and_public_key(daemon: Daemon, tmp_path: Path) -> None:
-    user_cert, user_key = await enrolled(daemon, tmp_path, "user", ["bob@example.com"], ["bob"])
+    user_cert, user_key = enroll(daemon, tmp_path, "user", ["bob@example.com"], ["bob"])
     ctx = daemon.ssl(user_cert, user_key)
     pubs = []
     for i in range(2):
@@ -185,10 +169,10 @@ def _line(key: Any) -> str:
 
 
 async def test_ssh_refusals(daemon: Daemon, tmp_path: Path) -> None:
-    host_cert, host_key = await enrolled(daemon, tmp_path, "host", ["web1.internal.example"])
-    user_cert, user_key = await enrolled(daemon, tmp_path, "user", ["carol@example.com"],
+    host_cert, host_key = enroll(daemon, tmp_path, "host", ["web1.internal.example"])
+    user_cert, user_key = enroll(daemon, tmp_path, "user", ["carol@example.com"],
                                          ["carol"])
-    svc_cert, svc_key = await enrolled(daemon, tmp_path, "service", ["svc9.internal.example"])
+    svc_cert, svc_key = enroll(daemon, tmp_path, "service", ["svc9.internal.example"])
     good = _line(ed25519.Ed25519PrivateKey.generate().public_key())
     weak = _line(rsa.generate_private_key(65537, 1024).public_key())
     host = daemon.ssl(host_cert, host_key)
@@ -228,7 +212,7 @@ async def test_ssh_refusals(daemon: Daemon, tmp_path: Path) -> None:
 
 
 async def test_a_revoked_key_gets_no_new_certificate(daemon: Daemon, tmp_path: Path) -> None:
-    user_cert, user_key = await enrolled(daemon, tmp_path, "user", ["dave@example.com"],
+    user_cert, user_key = enroll(daemon, tmp_path, "user", ["dave@example.com"],
                                          ["dave"])
     pub = keygen(tmp_path / "lost").read_text()
     status, _, body = await http("POST", f"{daemon.url}/v1/ssh/revoke", daemon.admin_ssl(),

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
 from tests.conftest import HSMCA, Daemon, init_ca, start_daemon
-from tests.test_reliability import assert_log_verifies, enroll_service, log_lines
+from tests.helpers import audit_verify, enroll, log_lines
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 MAX_CONNECTIONS = 64  # fresh connections tried before a worker counts as unreachable
@@ -67,7 +67,7 @@ async def test_a_revocation_is_enforced_by_every_worker_at_once(tmp_path: Path) 
     d = start_daemon(ca.state, "--workers", "2")
     try:
         assert len(worker_pids(d)) == 2
-        cert_path, key_path = await enroll_service(d, tmp_path, "rev.internal.example")
+        cert_path, key_path = enroll(d, tmp_path, "service", ["rev.internal.example"])
         ctx = d.ssl(cert_path, key_path)
         renewed = await on_every_worker(2, lambda: fresh(
             "POST", f"{d.url}/v1/x509/renew", ctx, json={}))
@@ -100,7 +100,7 @@ async def test_a_revocation_is_enforced_by_every_worker_at_once(tmp_path: Path) 
         assert crl.is_signature_valid(issuing.public_key())
     finally:
         assert d.stop() == 0
-    assert_log_verifies(ca.state)
+    audit_verify(ca.state, ok=True)
 
 
 async def test_a_killed_worker_is_replaced_and_loses_no_record(tmp_path: Path) -> None:
@@ -109,7 +109,7 @@ async def test_a_killed_worker_is_replaced_and_loses_no_record(tmp_path: Path) -
     exit and starts a new worker, and everything a client received is recorded."""
     ca = init_ca(tmp_path)
     d = start_daemon(ca.state, "--workers", "2")
-    cert_path, key_path = await enroll_service(d, tmp_path)
+    cert_path, key_path = enroll(d, tmp_path, "service", ["load.internal.example"])
     ctx = d.ssl(cert_path, key_path)
     victim = worker_pids(d)[0]
     received: list[dict[str, Any]] = []
@@ -145,7 +145,7 @@ async def test_a_killed_worker_is_replaced_and_loses_no_record(tmp_path: Path) -
         assert victim not in worker_pids(d) and len(worker_pids(d)) == 2
     finally:
         assert d.stop() == 0
-    assert_log_verifies(ca.state)
+    audit_verify(ca.state, ok=True)
     lines = log_lines(ca.state)
     exits = [e for e in lines if e["event"] == "worker.exit"]
     assert [e["pid"] for e in exits] == [victim] and exits[0]["status"] == -signal.SIGKILL
