@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from ca.issuance import profiles as prof
 from tests.conftest import Daemon, init_ca, require, start_daemon
-from tests.helpers import audit_verify, enroll, http, log_lines
+from tests.helpers import audit_verify, enroll, http, log_lines, metric_samples
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 LOAD_NAME = "load.internal.example"
@@ -127,11 +127,16 @@ async def test_hsm_token_taken_away_then_back(tmp_path: Path) -> None:
     audit_verify(ca.state, ok=True)
 
 
-def signatures(metrics_text: str) -> float:
-    for line in metrics_text.splitlines():
-        if line.startswith("hsmca_hsm_signatures_total "):
-            return float(line.split()[1])
-    raise AssertionError("no signature counter in /metrics")
+async def signing_metrics(d: Daemon) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """What /metrics says of signing: the HSM's own count of C_Sign calls, signatures
+    that verified, and issued objects under every result label."""
+    status, _, raw = await http("GET", f"{d.url}/metrics", d.ssl())
+    assert status == 200, raw
+    found = {k: v for k, v in metric_samples(raw.decode()).items()
+             if k[0] in ("hsmca_hsm_sign_calls_total", "hsmca_hsm_signatures_total",
+                         "hsmca_issued_total")}
+    assert ("hsmca_hsm_sign_calls_total", ()) in found, found
+    return found
 
 
 def intent_count(state: Path) -> int:
@@ -146,7 +151,7 @@ def cert_rows(state: Path) -> int:
 async def assert_nothing_signed(d: Daemon, ctx: Any, why: str) -> None:
     """While the audit log cannot be written: three renewals refused with 503, /health
     naming `why`, nothing signed, nothing recorded as signed, nothing in the inventory."""
-    _, _, before = await http("GET", f"{d.url}/metrics", d.ssl())
+    before = await signing_metrics(d)
     intents, rows = intent_count(d.state), cert_rows(d.state)
     for _ in range(3):
         status, ctype, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
@@ -155,8 +160,8 @@ async def assert_nothing_signed(d: Daemon, ctx: Any, why: str) -> None:
     status, _, body = await http("GET", f"{d.url}/health", d.ssl())
     audit = json.loads(body)["audit"]
     assert status == 503 and audit.startswith("unavailable") and why in audit, body
-    _, _, after = await http("GET", f"{d.url}/metrics", d.ssl())
-    assert signatures(after.decode()) == signatures(before.decode())
+    # Not one C_Sign (the HSM's own count), nor any issued object, whatever its result.
+    assert await signing_metrics(d) == before
     assert (intent_count(d.state), cert_rows(d.state)) == (intents, rows)
 
 
