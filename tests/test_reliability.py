@@ -43,34 +43,46 @@ async def test_kill9_under_issuance_load_loses_nothing(tmp_path: Path) -> None:
     d = start_daemon(ca.state)
     cert, key = enroll(d, tmp_path, "service", [LOAD_NAME])
     received: list[dict[str, Any]] = []
+    refused: list[tuple[int, bytes]] = []  # any answer but 201: there must be none
     rng = random.Random(7)
     rounds = 5
+    clients = 32
     goal = [0]
     for _ in range(rounds):
         ctx = d.ssl(cert, key)
         target = rng.randint(20, 150)
         enough = asyncio.Event()
+        killed = asyncio.Event()
+        ended: list[bool] = []  # per client: did its run end after the kill?
 
         async def renew_forever(s: aiohttp.ClientSession, url: str, ctx: ssl.SSLContext = ctx,
-                                enough: asyncio.Event = enough) -> None:
+                                enough: asyncio.Event = enough, killed: asyncio.Event = killed,
+                                ended: list[bool] = ended) -> None:
             while True:
                 try:
                     async with s.post(f"{url}/v1/x509/renew", json={}, ssl=ctx) as r:
                         body = await r.read()
-                        if r.status == 201:
-                            received.append(json.loads(body))
-                            if len(received) >= goal[0]:
-                                enough.set()
+                        if r.status != 201:
+                            refused.append((r.status, body[:300]))
+                            continue
+                        received.append(json.loads(body))
+                        if len(received) >= goal[0]:
+                            enough.set()
                 except (TimeoutError, aiohttp.ClientError, ConnectionError):
+                    ended.append(killed.is_set())
                     return  # the daemon is gone: this client's run is over
 
         goal[0] = target + len(received)
         async with aiohttp.ClientSession() as s:
-            tasks = [asyncio.create_task(renew_forever(s, d.url)) for _ in range(32)]
+            tasks = [asyncio.create_task(renew_forever(s, d.url)) for _ in range(clients)]
             await asyncio.wait_for(enough.wait(), 120)
             d.proc.send_signal(signal.SIGKILL)  # mid-load, requests in flight
+            killed.set()
             d.proc.wait()
             await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        assert not refused, refused
+        # Each client failed once, on the kill: none lost its connection before it.
+        assert ended == [True] * clients, ended
         d = start_daemon(ca.state)  # restart: torn-tail recovery, checkpoint check
         assert_served_log_verifies(d, tmp_path / "auditor.state")
     assert d.stop() == 0
@@ -82,11 +94,13 @@ async def test_kill9_under_issuance_load_loses_nothing(tmp_path: Path) -> None:
                 if e.get("phase") == "outcome" and "fingerprint" in e}
     intents = {e["op_id"] for e in lines if e.get("phase") == "intent"}
     db = sqlite3.connect(ca.state / "hsmca.sqlite3")
+    issuing = cx.load_pem_x509_certificate((ca.state / "x509/issuing.pem").read_bytes())
     for issued in received:
         c = cx.load_pem_x509_certificate(issued["certificate"].encode())
+        c.verify_directly_issued_by(issuing)  # no answer carries a signature that fails
         fp = c.fingerprint(hashes.SHA256()).hex()
         assert fp in outcomes, f"certificate {issued['serial']} has no outcome line"
-        assert outcomes[fp]["op_id"] in intents
+        assert outcomes[fp]["result"] == "ok" and outcomes[fp]["op_id"] in intents
         row = db.execute("SELECT serial FROM certs WHERE fingerprint = ?", (fp,)).fetchone()
         assert row == (issued["serial"],), f"certificate {issued['serial']} not in inventory"
     assert len({r["serial"] for r in received}) == len(received), "a serial was issued twice"
@@ -361,28 +375,43 @@ async def test_sigterm_under_load_stops_cleanly_and_the_log_verifies(tmp_path: P
     d = start_daemon(ca.state)
     cert, key = enroll(d, tmp_path, "service", [LOAD_NAME])
     ctx = d.ssl(cert, key)
-    ok = 0
+    received: list[bytes] = []
+    refused: list[tuple[int, bytes]] = []  # any answer but 201: there must be none
+    ended: list[bool] = []  # per client: did its run end after the SIGTERM?
     started = asyncio.Event()
+    stopping = asyncio.Event()
 
     async def renew_forever(s: aiohttp.ClientSession) -> None:
-        nonlocal ok
         while True:
             try:
                 async with s.post(f"{d.url}/v1/x509/renew", json={}, ssl=ctx) as r:
-                    await r.read()
-                    if r.status == 201:
-                        ok += 1
-                        if ok >= 50:
-                            started.set()
+                    body = await r.read()
+                    if r.status != 201:
+                        refused.append((r.status, body[:300]))
+                        continue
+                    received.append(body)
+                    if len(received) >= 50:
+                        started.set()
             except (TimeoutError, aiohttp.ClientError, ConnectionError):
+                ended.append(stopping.is_set())
                 return
 
     async with aiohttp.ClientSession() as s:
         tasks = [asyncio.create_task(renew_forever(s)) for _ in range(32)]
         await asyncio.wait_for(started.wait(), 120)
         d.proc.send_signal(signal.SIGTERM)
+        stopping.set()
         await asyncio.wait_for(asyncio.gather(*tasks), 120)
     assert d.proc.wait(timeout=60) == 0
+    # Requests under way at the SIGTERM were answered, never refused; a client's run
+    # ended only once the daemon stopped taking connections.
+    assert not refused, refused
+    assert ended == [True] * 32, ended
+    fingerprints = {e.get("fingerprint") for e in log_lines(ca.state)
+                    if e.get("phase") == "outcome" and e.get("result") == "ok"}
+    for body in received:  # everything a client got is recorded as signed
+        c = cx.load_pem_x509_certificate(json.loads(body)["certificate"].encode())
+        assert c.fingerprint(hashes.SHA256()).hex() in fingerprints
     lines = log_lines(ca.state)
     assert [e["event"] for e in lines][-4:] == ["daemon.stop", "hsm.sign", "hsm.sign",
                                                "hsm.logout"]
