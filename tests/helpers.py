@@ -10,7 +10,9 @@ import hashlib
 import json
 import os
 import socket
+import ssl
 import subprocess
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +134,83 @@ def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
         for s in family.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out
+
+
+def tls_exchange(d: Daemon, ctx: ssl.SSLContext, method: str, path: str,
+                 body: bytes = b"") -> tuple[int, bytes] | str:
+    """One HTTP/1.1 request over TLS 1.2 on a connection of its own (blocking: run it
+    in a thread): (status, body) of the answer, or, if the handshake failed, the
+    reason OpenSSL gave the client. TLS 1.2, because there the server judges the
+    client's certificate inside the handshake (TLS 1.3 finishes the client's side of
+    the handshake first, and a refusal then looks like any closed connection)."""
+    host, port = d.url.removeprefix("https://").rsplit(":", 1)
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    request = (f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n"
+               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+               ).encode() + body
+    with socket.create_connection((host, int(port)), timeout=30) as raw:
+        try:
+            s = ctx.wrap_socket(raw, server_hostname=host)
+        except ssl.SSLError as exc:
+            return str(exc.reason)
+        with s:
+            s.sendall(request)
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+    head, _, answer = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 "), data[:200]
+    return int(head.split(b" ", 2)[1]), answer
+
+
+def leaf_from_issuing_key(d: Daemon, tmp: Path, name: str, not_before: dt.datetime,
+                          not_after: dt.datetime) -> tuple[Path, Path]:
+    """A client certificate for `name` signed by the daemon's own issuing key (in the
+    HSM) but never issued by it: nothing in its inventory or its audit log. Made by
+    a process of its own (SoftHSM is safe across processes, never across threads of
+    one), which records its signature in a scratch log. (cert.pem, key.pem)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    key_path, cert_path = tmp / f"{name}.key", tmp / f"{name}.pem"
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    proc = subprocess.run([sys.executable, "-c", _LEAF_SCRIPT, d.state / "hsmca.toml", key_path,
+                           cert_path, tmp / f"{name}-scratch.jsonl", name,
+                           not_before.isoformat(), not_after.isoformat()],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return cert_path, key_path
+
+
+_LEAF_SCRIPT = """
+import asyncio, datetime as dt, sys
+from pathlib import Path
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from ca.issuance import profiles as prof
+from ca.audit.log import AuditLog
+from ca.config import load
+from ca.issuance.pipeline import SigningPipeline
+
+async def main():
+    config, key_file, out, scratch, name, not_before, not_after = sys.argv[1:]
+    cfg = load(Path(config))
+    key = serialization.load_pem_private_key(Path(key_file).read_bytes(), None)
+    issuing = x509.load_pem_x509_certificate(cfg.issuing_pem.read_bytes())
+    log = AuditLog.open(Path(scratch))
+    w = SigningPipeline(cfg.hsm, log)
+    w.start()
+    ca_key = await w.load_key(cfg.key_label("issuing"))
+    b = prof.leaf_builder(prof.LeafProfile(key.public_key(), name, [name]), issuing,
+                          dt.datetime.fromisoformat(not_before),
+                          dt.datetime.fromisoformat(not_after))
+    cert = await w.sign(ca_key.label, lambda k: b.sign(k, hashes.SHA256()), purpose="x509",
+                        actor="test")
+    Path(out).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    w.close(); log.close()
+
+asyncio.run(main())
+"""
 
 
 def free_port() -> int:

@@ -12,18 +12,14 @@ import socket
 import sqlite3
 import ssl
 import subprocess
-import sys
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from cryptography import x509 as cx
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import hashes
 
-from ca.issuance import profiles as prof
 from tests.conftest import Daemon, init_ca, require, start_daemon
 from tests.helpers import audit_verify, enroll, http, log_lines, metric_samples
 
@@ -315,58 +311,6 @@ async def test_tls_below_1_2_refused(daemon: Daemon) -> None:
         assert await asyncio.to_thread(handshake, ok) == name
     modern = ssl.create_default_context(cafile=str(daemon.root))
     assert await asyncio.to_thread(handshake, modern) == "TLSv1.3"  # preferred
-
-
-async def test_expired_client_certificate_refused(daemon: Daemon, tmp_path: Path) -> None:
-    """A client certificate past notAfter fails the handshake, never reaches a route."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    (tmp_path / "k.pem").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
-    # The daemon's issuing key signs an already-expired leaf, from a process of its
-    # own (SoftHSM is safe across processes, never across threads of one).
-    proc = subprocess.run([sys.executable, "-c", _EXPIRED_SCRIPT, daemon.state / "hsmca.toml",
-                           tmp_path / "k.pem", tmp_path / "c.pem", tmp_path / "scratch.jsonl"],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    expired = cx.load_pem_x509_certificate((tmp_path / "c.pem").read_bytes())
-    issuing = cx.load_pem_x509_certificate((daemon.state / "x509/issuing.pem").read_bytes())
-    assert expired.not_valid_after_utc < prof.utcnow() - timedelta(minutes=1)
-    assert expired.issuer == issuing.subject
-    ctx = daemon.ssl(tmp_path / "c.pem", tmp_path / "k.pem")
-    with pytest.raises(aiohttp.ClientError):
-        await http("POST", f"{daemon.url}/v1/x509/renew", ctx, body={})
-
-
-_EXPIRED_SCRIPT = '''
-import asyncio, datetime as dt, sys
-from pathlib import Path
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from ca.issuance import profiles as prof
-from ca.audit.log import AuditLog
-from ca.config import load
-from ca.issuance.pipeline import SigningPipeline
-
-async def main():
-    cfg = load(Path(sys.argv[1]))
-    key = serialization.load_pem_private_key(Path(sys.argv[2]).read_bytes(), None)
-    issuing = x509.load_pem_x509_certificate(cfg.issuing_pem.read_bytes())
-    log = AuditLog.open(Path(sys.argv[4]))
-    w = SigningPipeline(cfg.hsm, log)
-    w.start()
-    ca_key = await w.load_key(cfg.key_label("issuing"))
-    past = prof.utcnow() - dt.timedelta(days=2)
-    b = prof.leaf_builder(prof.LeafProfile(key.public_key(), "expired.internal.example",
-                                           ["expired.internal.example"]), issuing,
-                          past, past + dt.timedelta(hours=1))
-    cert = await w.sign(ca_key.label, lambda k: b.sign(k, hashes.SHA256()), purpose="x509",
-                        actor="test")
-    Path(sys.argv[3]).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    w.close(); log.close()
-
-asyncio.run(main())
-'''
 
 
 async def test_sigterm_under_load_stops_cleanly_and_the_log_verifies(tmp_path: Path) -> None:
