@@ -212,3 +212,13 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     d = start_daemon(ca.state)
     yield d
     d.stop()
+
+
+@pytest.fixture
+def own_daemon(tmp_path: Path) -> Iterator[Daemon]:
+    """A CA of the test's own, served: for tests that change what a CA holds
+    (revocations, keys), which the tests sharing the session's `daemon` must not see."""
+    ca = init_ca(tmp_path / "own")
+    d = start_daemon(ca.state)
+    yield d
+    assert d.stop() == 0

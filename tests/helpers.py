@@ -14,6 +14,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,10 @@ def token_file(d: Daemon, tmp: Path, role: str, names: list[str],
             "--role", role, "--name", *names, "--ttl", ttl]
     if principals:
         args += ["--principal", *principals]
-    token = hsmca(*args).stdout.strip()
+    return _secret_file(tmp, role, names, hsmca(*args).stdout.strip())
+
+
+def _secret_file(tmp: Path, role: str, names: list[str], token: str) -> Path:
     path = tmp / f"{role}-{names[0].replace('@', '_')}-{next(_n)}.token"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
@@ -78,10 +82,19 @@ _n = iter(range(1, 10**6))
 def enroll(d: Daemon, tmp: Path, role: str, names: list[str], principals: list[str] = (),
            *extra: str) -> tuple[Path, Path]:  # type: ignore[assignment]
     """A client credential of `role` as a new machine or person gets one: a token from
-    the admin CLI, then `hsmca enroll`. (cert.pem, key.pem)."""
+    the admin (by the API: `token_file` tests the admin CLI), handed over in a file,
+    then `hsmca enroll`. (cert.pem, key.pem)."""
+    body = {"role": role, "names": names, "ttl": "15m"}
+    if principals:
+        body["principals"] = list(principals)
+    request = urllib.request.Request(f"{d.url}/v1/tokens", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, context=d.admin_ssl(), timeout=60) as answer:
+        assert answer.status == 201
+        token = json.loads(answer.read())["token"]
     out = tmp / f"{role}-cred-{next(_n)}"
     hsmca("enroll", "--url", d.url, "--ca", d.root, "--token-file",
-          token_file(d, tmp, role, names, principals), "--name", *names, "--out", out, *extra)
+          _secret_file(tmp, role, names, token), "--name", *names, "--out", out, *extra)
     return out / "cert.pem", out / "key.pem"
 
 

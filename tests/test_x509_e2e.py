@@ -96,13 +96,12 @@ async def test_renewal_never_widens_names(daemon: Daemon, tmp_path: Path) -> Non
     assert names.get_values_for_type(x509.DNSName) == ["narrow.internal.example"]
 
 
-async def test_revocation_shows_in_crl_and_ocsp_and_blocks_the_cert(daemon: Daemon,
+async def test_revocation_shows_in_crl_and_ocsp_and_blocks_the_cert(own_daemon: Daemon,
                                                                     tmp_path: Path) -> None:
+    daemon = own_daemon  # it revokes a certificate
     openssl = require("openssl")
-    token = await bootstrap_token(daemon, "service", ["doomed.internal.example"])
-    out = tmp_path / "d"
-    hsmca("enroll", "--url", daemon.url, "--ca", daemon.root, "--token", token, "--name",
-          "doomed.internal.example", "--out", out)
+    cert_path, _ = enroll(daemon, tmp_path, "service", ["doomed.internal.example"])
+    out = cert_path.parent
     cert = x509.load_pem_x509_certificate((out / "cert.pem").read_bytes())
     serial = format(cert.serial_number, "x")
     issuing = daemon.state / "x509" / "issuing.pem"
@@ -138,6 +137,7 @@ async def test_revocation_shows_in_crl_and_ocsp_and_blocks_the_cert(daemon: Daem
     crl = x509.load_der_x509_crl(der)
     issuing_cert = x509.load_pem_x509_certificate(issuing.read_bytes())
     assert crl.is_signature_valid(issuing_cert.public_key())
+    assert [r.serial_number for r in crl] == [cert.serial_number]  # and nothing else
 
     assert "revoked" in ocsp_status()
 
