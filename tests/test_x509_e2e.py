@@ -6,6 +6,7 @@ import asyncio
 import base64
 import datetime as dt
 import json
+import sqlite3
 import stat
 import subprocess
 import time
@@ -17,6 +18,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import NameOID
 
 from ca.client import make_csr
@@ -29,6 +31,7 @@ from tests.helpers import (
     enroll,
     http,
     leaf_from_issuing_key,
+    log_lines,
     openssl_verify,
     other_ca,
     tls_exchange,
@@ -179,12 +182,20 @@ async def test_est_round_trip(daemon: Daemon, tmp_path: Path) -> None:
         serialization.NoEncryption()))
     new_key = ec.generate_private_key(ec.SECP256R1())
     csr2 = x509.load_pem_x509_csr(csr_pem(["est.internal.example"], new_key).encode())
-    status, _, body = await http(
+    status, ctype, body = await http(
         "POST", f"{daemon.url}/.well-known/est/simplereenroll",
         daemon.ssl(tmp_path / "c.pem", tmp_path / "k.pem"),
         data=base64.encodebytes(csr2.public_bytes(serialization.Encoding.DER)),
         headers={"Content-Type": "application/pkcs10"})
-    assert status == 200, body
+    assert status == 200 and ctype == "application/pkcs7-mime", body
+    [reissued] = pkcs7.load_der_pkcs7_certificates(base64.b64decode(body))
+    assert reissued.public_key() == new_key.public_key()
+    assert reissued.serial_number != issued.serial_number
+    san = reissued.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["est.internal.example"]
+    assert list(san) == [x509.DNSName("est.internal.example")]
+    (tmp_path / "reissued.pem").write_bytes(reissued.public_bytes(serialization.Encoding.PEM))
+    openssl_verify(daemon, tmp_path / "reissued.pem")
 
 
 async def test_one_token_fifty_concurrent_enrollments(daemon: Daemon) -> None:
@@ -200,6 +211,18 @@ async def test_one_token_fifty_concurrent_enrollments(daemon: Daemon) -> None:
         statuses = await asyncio.gather(*(one() for _ in range(50)))
     assert statuses.count(201) == 1, statuses
     assert set(statuses) == {201, 401}
+    # One certificate for that name in the inventory, one signature in the log.
+    with sqlite3.connect(daemon.state / "hsmca.sqlite3") as db:
+        rows = [serial for serial, names in db.execute("SELECT serial, names FROM certs")
+                if json.loads(names) == ["race.internal.example"]]
+    assert len(rows) == 1, rows
+    lines = log_lines(daemon.state)
+    intents = [e for e in lines if e.get("phase") == "intent"
+               and e.get("names") == ["race.internal.example"]]
+    assert [e["serial"] for e in intents] == rows
+    outcomes = [e for e in lines if e.get("phase") == "outcome"
+                and e["op_id"] == intents[0]["op_id"]]
+    assert [e["result"] for e in outcomes] == ["ok"]
 
 
 def _bad_signature_csr() -> str:
