@@ -249,58 +249,67 @@ async def test_bad_input_gets_problem_json_and_leaves_the_log_valid(tmp_path: Pa
         good = csr_pem(["ok.internal.example"])
         weak_rsa = make_csr(["ok.internal.example"], rsa.generate_private_key(65537, 1024))
         truncated = good[: len(good) // 2]
-        cases: list[tuple[str, str, dict[str, Any]]] = [
-            ("garbage CSR", "cannot be parsed", {"csr": "hello"}),
-            ("truncated CSR", "cannot be parsed", {"csr": truncated}),
-            ("bad CSR signature", "signature does not verify", {"csr": _bad_signature_csr()}),
-            ("RSA 1024", "RSA key of 1024 bits refused", {"csr": weak_rsa}),
-            ("CA:TRUE", "asks for a CA certificate", {"csr": _ca_true_csr()}),
-            ("names outside token", "not among the names",
+        cases: list[tuple[str, int, str, str, dict[str, Any]]] = [
+            ("garbage CSR", 400, "bad-csr", "cannot be parsed", {"csr": "hello"}),
+            ("truncated CSR", 400, "bad-csr", "cannot be parsed", {"csr": truncated}),
+            ("bad CSR signature", 400, "bad-csr", "signature does not verify",
+             {"csr": _bad_signature_csr()}),
+            ("RSA 1024", 400, "bad-key", "RSA key of 1024 bits refused", {"csr": weak_rsa}),
+            ("CA:TRUE", 400, "bad-csr", "asks for a CA certificate", {"csr": _ca_true_csr()}),
+            ("names outside token", 403, "name-not-granted", "not among the names",
              {"csr": csr_pem(["evil.example.com"])}),
-            ("csr not a string", "must be a str", {"csr": 42}),
-            ("missing csr", "missing field 'csr'", {}),
+            ("csr not a string", 400, "bad-field", "must be a str", {"csr": 42}),
+            ("missing csr", 400, "bad-field", "missing field 'csr'", {}),
         ]
-        for what, message, body in cases:
+        for what, want, kind, message, body in cases:
             token = await bootstrap_token(d, "service", ["ok.internal.example"])
             status, ctype, raw = await http("POST", f"{d.url}/v1/x509/enroll", d.ssl(),
                                             body=body,
                                             headers={"Authorization": f"Bearer {token}"})
-            assert 400 <= status < 500 and ctype == "application/problem+json", (what, status)
+            assert ctype == "application/problem+json", (what, status, raw)
             problem = json.loads(raw)
+            assert (status, problem["type"]) == (want, TYPES + kind), (what, problem)
             assert message in problem["detail"], (what, problem)
             assert set(problem) == {"type", "title", "status", "detail"}
 
         token = await bootstrap_token(d, "service", ["ok.internal.example"])
         auth = {"Authorization": f"Bearer {token}"}
-        raw_cases: list[tuple[str, int, dict[str, Any]]] = [
-            ("oversized body", 413, {"data": b"{" + b" " * 70000 + b"}",
-                                     "headers": {**auth, "Content-Type": "application/json"}}),
-            ("not JSON", 400, {"data": b"{nope", "headers": {**auth,
-                                                             "Content-Type": "application/json"}}),
-            ("JSON array", 400, {"body": [1, 2], "headers": auth}),
-            ("wrong content type", 415, {"data": b"csr=x", "headers": {
+        raw_cases: list[tuple[str, int, str, dict[str, Any]]] = [
+            ("oversized body", 413, "request-entity-too-large", {
+                "data": b"{" + b" " * 70000 + b"}",
+                "headers": {**auth, "Content-Type": "application/json"}}),
+            ("not JSON", 400, "bad-json", {"data": b"{nope", "headers": {
+                **auth, "Content-Type": "application/json"}}),
+            ("JSON array", 400, "bad-json", {"body": [1, 2], "headers": auth}),
+            ("wrong content type", 415, "unsupported-media-type", {"data": b"csr=x", "headers": {
                 **auth, "Content-Type": "application/x-www-form-urlencoded"}}),
-            ("no token", 401, {"body": {"csr": good}}),
-            ("forged token", 401, {"body": {"csr": good},
-                                   "headers": {"Authorization": "Bearer hsmca-0000-forged"}}),
-            ("renew without client cert", 401, {"body": {}, "path": "/v1/x509/renew"}),
-            ("tokens without admin cert", 401, {"body": {"role": "service"},
-                                                "path": "/v1/tokens"}),
-            ("unknown path", 404, {"path": "/v1/nope", "method": "GET"}),
-            ("wrong method", 405, {"path": "/v1/x509/enroll", "method": "GET"}),
+            ("no token", 401, "bad-token", {"body": {"csr": good}}),
+            ("forged token", 401, "bad-token", {
+                "body": {"csr": good}, "headers": {"Authorization": "Bearer hsmca-0000-forged"}}),
+            ("renew without client cert", 401, "client-certificate-required",
+             {"body": {}, "path": "/v1/x509/renew"}),
+            ("tokens without admin cert", 401, "client-certificate-required",
+             {"body": {"role": "service"}, "path": "/v1/tokens"}),
+            ("unknown path", 404, "not-found", {"path": "/v1/nope", "method": "GET"}),
+            ("wrong method", 405, "method-not-allowed",
+             {"path": "/v1/x509/enroll", "method": "GET"}),
         ]
-        for what, want, kw in raw_cases:
+        for what, want, kind, kw in raw_cases:
             status, ctype, raw = await http(kw.get("method", "POST"),
                                             f"{d.url}{kw.get('path', '/v1/x509/enroll')}",
                                             d.ssl(), body=kw.get("body"), data=kw.get("data"),
                                             headers=kw.get("headers"))
-            assert status == want and ctype == "application/problem+json", (what, status, raw)
-            assert json.loads(raw)["status"] == want
+            assert ctype == "application/problem+json", (what, status, raw)
+            problem = json.loads(raw)
+            assert (status, problem["status"], problem["type"]) == (want, want, TYPES + kind), (
+                what, problem)
 
         # Admin asking for a token with names that are not names.
         status, ctype, raw = await http("POST", f"{d.url}/v1/tokens", d.admin_ssl(), body={
             "role": "service", "names": ["bad name,with comma"], "ttl": "5m"})
-        assert status == 400 and "spaces, commas" in json.loads(raw)["detail"]
+        problem = json.loads(raw)
+        assert (status, problem["type"]) == (400, TYPES + "bad-name"), problem
+        assert "spaces, commas" in problem["detail"]
 
         status, _, raw = await http("GET", f"{d.url}/health", d.ssl())
         assert status == 200, raw
