@@ -12,13 +12,15 @@ import socket
 import sqlite3
 import ssl
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from cryptography import x509 as cx
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from tests.conftest import Daemon, init_ca, require, start_daemon
 from tests.helpers import audit_verify, enroll, http, log_lines, metric_samples
@@ -360,3 +362,75 @@ async def test_sigterm_under_load_stops_cleanly_and_the_log_verifies(tmp_path: P
     assert [e["event"] for e in lines][-4:] == ["daemon.stop", "hsm.sign", "hsm.sign",
                                                "hsm.logout"]
     audit_verify(ca.state, ok=True)  # no intent left open, though nothing restarted
+
+
+_SWAP_PUBLIC_SCRIPT = '''
+import sys
+import pkcs11
+from pkcs11 import Attribute, KeyType, ObjectClass
+from pkcs11.util.ec import encode_named_curve_parameters
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+module, token_label, pin_file, label = sys.argv[1:]
+token = pkcs11.lib(module).get_token(token_label=token_label)
+with token.open(rw=True, user_pin=open(pin_file).read().strip()) as session:
+    [public] = session.get_objects({Attribute.CLASS: ObjectClass.PUBLIC_KEY,
+                                    Attribute.LABEL: label})
+    public.destroy()
+    point = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        Encoding.X962, PublicFormat.UncompressedPoint)
+    session.create_object({
+        Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.KEY_TYPE: KeyType.EC,
+        Attribute.TOKEN: True, Attribute.LABEL: label, Attribute.ID: label.encode(),
+        Attribute.VERIFY: True,
+        Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1"),
+        Attribute.EC_POINT: bytes([0x04, len(point)]) + point})
+'''
+
+
+async def test_a_signature_the_hsm_gets_wrong_is_never_released(tmp_path: Path) -> None:
+    """A faulty HSM, as the real daemon meets it: the token's public object for the SSH
+    user CA is not the public half of its private key (swapped in the token before
+    the daemon starts; nothing checks that key against a file), so every SSH user
+    signature it makes fails the HSM layer's check. The client gets a 500 and no
+    certificate, the audit log says SignatureCheckFailed, the inventory has nothing,
+    the HSM's C_Sign count moved and no signature counted; X.509 still works."""
+    ca = init_ca(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", _SWAP_PUBLIC_SCRIPT, ca.token.module,
+                           ca.token.label, ca.token.pin_file, "ssh-user-ca"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    d = start_daemon(ca.state)
+    try:
+        cert, key = enroll(d, tmp_path, "user", ["eve@example.com"], ["eve"])
+        ctx = d.ssl(cert, key)
+        before = await signing_metrics(d)
+        user_key = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+        status, ctype, body = await http("POST", f"{d.url}/v1/ssh/user", ctx,
+                                         body={"public_key": user_key})
+        assert (status, ctype) == (500, "application/problem+json"), body
+        assert json.loads(body)["type"].endswith("/internal") and b"ssh-" not in body
+        after = await signing_metrics(d)
+        # The control: the daemon's other keys still sign, and what they sign verifies.
+        status, _, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
+        assert status == 201, body
+        issuing = cx.load_pem_x509_certificate((ca.state / "x509/issuing.pem").read_bytes())
+        cx.load_pem_x509_certificate(json.loads(body)["certificate"].encode()
+                                     ).verify_directly_issued_by(issuing)
+    finally:
+        assert d.stop() == 0
+    calls, ok = ("hsmca_hsm_sign_calls_total", ()), ("hsmca_hsm_signatures_total", ())
+    assert after[calls] - before[calls] >= 1 and after[ok] == before[ok], (before, after)
+    failed = ("hsmca_issued_total", (("kind", "ssh-user"), ("result", "SignatureCheckFailed")))
+    assert after.get(failed, 0) - before.get(failed, 0) == 1, after
+    lines = log_lines(ca.state)
+    [intent] = [e for e in lines if e.get("phase") == "intent" and e["purpose"] == "ssh-user"]
+    [outcome] = [e for e in lines if e.get("phase") == "outcome"
+                 and e["op_id"] == intent["op_id"]]
+    assert outcome["result"] == "SignatureCheckFailed"
+    assert "digest" not in outcome and "signature_digest" not in outcome
+    with sqlite3.connect(ca.state / "hsmca.sqlite3") as db:
+        assert db.execute("SELECT COUNT(*) FROM ssh_certs").fetchone() == (0,)
+    audit_verify(ca.state, ok=True)  # a failed signature is a closed one
