@@ -86,11 +86,7 @@ async def test_enroll_renew_rekey_with_the_cli(daemon: Daemon, tmp_path: Path) -
 
 
 async def test_renewal_never_widens_names(daemon: Daemon, tmp_path: Path) -> None:
-    token = await bootstrap_token(daemon, "service", ["narrow.internal.example"])
-    out = tmp_path / "n"
-    hsmca("enroll", "--url", daemon.url, "--ca", daemon.root, "--token", token, "--name",
-          "narrow.internal.example", "--out", out)
-    ctx = daemon.ssl(out / "cert.pem", out / "key.pem")
+    ctx = daemon.ssl(*enroll(daemon, tmp_path, "service", ["narrow.internal.example"]))
     status, _, raw = await http("POST", f"{daemon.url}/v1/x509/renew", ctx, body={
         "csr": csr_pem(["narrow.internal.example", "wide.example.com"])})
     assert status == 201
