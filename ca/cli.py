@@ -37,7 +37,7 @@ COMMANDS = {
     "init": "init_cmd:run", "audit-verify": "audit_cmd:verify", "audit-show": "audit_cmd:show",
     "serve": "client_cmd:serve", "token-create": "client_cmd:token_create",
     "enroll": "client_cmd:enroll", "renew": "client_cmd:renew", "revoke": "client_cmd:revoke",
-    "ssh-host": "ssh_cmd:host", "ssh-user": "ssh_cmd:user",
+    "ssh-host": "ssh_cmd:host", "ssh-user": "ssh_cmd:user", "key": "key_cmd:run",
 }
 
 
@@ -53,7 +53,7 @@ def _non_negative(text: str) -> int:
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """Usage errors as one line on stderr (SPEC section 4), pointing at --help."""
+    """Usage errors as one line on stderr (docs/operator.md), pointing at --help."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
@@ -84,9 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DNS name of the daemon, in its TLS certificate (default localhost)")
     i.set_defaults(command_key="init")
 
-    from ca.commands import client_cmd, ssh_cmd
+    from ca.commands import client_cmd, key_cmd, ssh_cmd
     client_cmd.add_parsers(sub)
     ssh_cmd.add_parsers(sub)
+    key_cmd.add_parsers(sub)
 
     a = sub.add_parser("audit", help="verify or read the operation log")
     asub = a.add_subparsers(dest="audit_command", metavar="SUBCOMMAND", required=True)

@@ -250,14 +250,15 @@ def check_credential(cert: Path, key: Path, now: dt.datetime | None = None
 
 async def check_issuer(url: str, anon: ssl.SSLContext, cert: Path,
                        leaf: x509.Certificate) -> None:
-    """Ask the daemon for its issuing chain (anonymously) and check that it issued
-    `leaf`: a certificate from another CA is named here instead of failing the
-    handshake with a reset connection."""
-    text = await call("GET", f"{url}/v1/x509/chain", anon)
+    """Ask the daemon for its issuing CAs (anonymously; every one still in use, so a
+    certificate from before a key rotation counts) and check that one issued `leaf`: a
+    certificate from another CA is named here instead of failing the handshake with a
+    reset connection."""
+    text = await call("GET", f"{url}/v1/x509/bundle", anon)
     try:
         chain = x509.load_pem_x509_certificates(text.encode())
     except ValueError:
-        raise ClientError(f"GET {url}/v1/x509/chain: the daemon sent no PEM chain") from None
+        raise ClientError(f"GET {url}/v1/x509/bundle: the daemon sent no PEM") from None
     if not any(_issued_by(leaf, ca) for ca in chain):
         raise ClientError(f"--cert {cert} was issued by '{leaf.issuer.rfc4514_string()}', "
                           f"not by the CA at {url} (which issues as "

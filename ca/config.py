@@ -144,6 +144,12 @@ class Config:
         return self.state_dir / "x509" / "root.pem"
 
     @property
+    def bundle_pem(self) -> Path:
+        """Every issuing CA certificate and the root: what the TLS layer trusts for
+        client certificates (rewritten at every key rotation)."""
+        return self.state_dir / "x509" / "bundle.pem"
+
+    @property
     def chain_pem(self) -> Path:
         return self.state_dir / "x509" / "chain.pem"
 

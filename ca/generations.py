@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-SLOTS = {"revocations": 0, "ssh_revocations": 1}
+SLOTS = {"revocations": 0, "ssh_revocations": 1, "keys": 2}
 T = TypeVar("T")
 _U64 = struct.Struct("<Q")
 SIZE = 4096

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from ca.audit.checkpointer import Checkpointer
 from ca.audit.log import AuditLog
 from ca.config import KEY_LABELS, render
+from ca.daemon.keys import record_init_keys
 from ca.fileutil import write_new
 from ca.issuance import issuers
 from ca.issuance import profiles as prof
@@ -107,7 +108,9 @@ async def run_init(opts: InitOptions) -> list[Path]:
         chain = prof.pem(issuing) + prof.pem(root)
         store = SQLiteStore(state / "hsmca.sqlite3")
         try:
-            issuance = Issuance(pipeline, store, issuers.from_certs(root, issuing, keys), None)
+            await record_init_keys(store, keys, root, issuing)
+            issuance = Issuance(pipeline, store, issuers.Fixed(
+                issuers.from_certs(root, issuing, keys)), None)
             policy = Policy()
             tls_pem, tls_key = await local_cert(issuance, policy, role="server",
                                                 names=server_names(opts.dns_name),

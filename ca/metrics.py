@@ -90,6 +90,9 @@ class Metrics:
         # Each worker's own HSM session: the lowest over the live workers is reported.
         self.hsm_up = Gauge("hsmca_hsm_up", "1 if every worker's HSM session works",
                             registry=None, multiprocess_mode="livemin")
+        self.tls_refused = Counter("hsmca_tls_handshakes_refused",
+                                   "TLS handshakes refused, by reason (e.g. an expired or "
+                                   "foreign client certificate)", ["reason"], registry=None)
         self.hsm_queue = Gauge("hsmca_hsm_queue_depth", "Jobs waiting for the HSM threads",
                                registry=None, multiprocess_mode="livesum")
 

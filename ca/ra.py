@@ -61,6 +61,13 @@ class Directory(Protocol):
         """The SSH CA new `user` or `host` certificates come from."""
         ...
 
+    def root_issuer(self) -> str:
+        """The root key's label: it signs issuing CA certificates."""
+        ...
+
+    @property
+    def root(self) -> x509.Certificate: ...
+
 
 @dataclass(frozen=True)
 class Context:
@@ -171,6 +178,26 @@ class CRLRequest:
 
 
 @dataclass(frozen=True)
+class KeyRequest:
+    """rotate a kind of key, or retire or destroy a key (by label, in `state` now)."""
+
+    action: str  # rotate | retire | destroy
+    kind: str
+    label: str | None = None
+    state: str | None = None
+    confirmed: bool = False
+
+
+@dataclass(frozen=True)
+class IntermediateRequest:
+    """A new issuing CA certificate for a key the CA has just made."""
+
+    public_key: Any
+    common_name: str
+    lifetime: dt.timedelta
+
+
+@dataclass(frozen=True)
 class LocalCertRequest:
     """A certificate the CA makes for itself: its TLS listener, the admin credential."""
 
@@ -181,7 +208,8 @@ class LocalCertRequest:
 
 
 Request = (TokenRequest | EnrollRequest | RenewRequest | SSHHostRequest | SSHUserRequest
-           | RevokeRequest | RevokeIdentityRequest | CRLRequest | LocalCertRequest)
+           | RevokeRequest | RevokeIdentityRequest | CRLRequest | LocalCertRequest | KeyRequest
+           | IntermediateRequest)
 
 
 # ---- what the RA hands on -----------------------------------------------------------------------
@@ -247,7 +275,26 @@ class CRLOrder:
     actor: str
 
 
-Order = TokenGrant | X509Order | SSHOrder | RevokeOrder | CRLOrder
+@dataclass(frozen=True)
+class KeyOrder:
+    action: str
+    kind: str
+    label: str | None
+    actor: str
+
+
+@dataclass(frozen=True)
+class IntermediateOrder:
+    issuer: str  # the root key's label
+    public_key: Any
+    common_name: str
+    not_before: dt.datetime
+    not_after: dt.datetime
+    actor: str
+
+
+Order = (TokenGrant | X509Order | SSHOrder | RevokeOrder | CRLOrder | KeyOrder
+         | IntermediateOrder)
 
 
 @dataclass(frozen=True)
@@ -492,6 +539,48 @@ def _local_cert(ctx: Context, who: Requester, req: LocalCertRequest) -> X509Orde
                  check_names=False)
 
 
+ROTATABLE = ("issuing", "ssh-user", "ssh-host")
+
+
+def _key(ctx: Context, who: Requester, req: KeyRequest) -> KeyOrder:
+    if not (isinstance(who, Local) or (isinstance(who, CertHolder) and who.role == "admin")):
+        raise Refused("only an admin manages the CA's keys", Reason.WRONG_ROLE)
+    if req.action == "rotate":
+        if req.kind == "root":
+            raise Refused("the root is rotated offline, with the daemon stopped: a new root "
+                          "and its cross-certificates are a ceremony (docs/keys.md)",
+                          Reason.MALFORMED)
+        if req.kind not in ROTATABLE:
+            raise Refused(f"rotate one of {', '.join(ROTATABLE)}, not {req.kind!r}")
+        return KeyOrder("rotate", req.kind, None, who.actor)
+    if req.state is None:
+        raise Refused(f"the CA has no key labelled {req.label!r}", Reason.NOT_FOUND)
+    if req.action == "retire":
+        if req.state == "active":
+            raise Refused(f"{req.label!r} is the active {req.kind} key: rotate first, then "
+                          "retire the previous one", Reason.CONFLICT)
+        if req.state != "previous":
+            raise Refused(f"{req.label!r} is {req.state} already", Reason.CONFLICT)
+        return KeyOrder("retire", req.kind, req.label, who.actor)
+    if req.action == "destroy":
+        if req.state != "retired":
+            raise Refused(f"only a retired key is destroyed; {req.label!r} is {req.state}",
+                          Reason.CONFLICT)
+        if not req.confirmed:
+            raise Refused("destroying a key cannot be undone: confirm it (--yes, or "
+                          "\"confirm\": true)")
+        return KeyOrder("destroy", req.kind, req.label, who.actor)
+    raise Refused(f"no key action {req.action!r}")
+
+
+def _intermediate(ctx: Context, who: Requester, req: IntermediateRequest) -> IntermediateOrder:
+    if not isinstance(who, Local):
+        raise Refused("only the CA itself certifies its own keys", Reason.WRONG_ROLE)
+    not_after = min(ctx.now + req.lifetime, ctx.issuers.root.not_valid_after_utc)
+    return IntermediateOrder(ctx.issuers.root_issuer(), req.public_key, req.common_name,
+                             ctx.now - BACKDATE, not_after, who.actor)
+
+
 def _need_role(who: Requester, role: str) -> None:
     have = who.role if isinstance(who, CertHolder) else (
         "local" if isinstance(who, Local) else "bootstrap token")
@@ -509,6 +598,7 @@ def presented_subject_key(der: bytes) -> SubjectKey:
 _HANDLERS: dict[type, Callable[[Context, Requester, Any], Order]] = {
     TokenRequest: _token, EnrollRequest: _enroll, RenewRequest: _renew,
     SSHHostRequest: _ssh_host, SSHUserRequest: _ssh_user, RevokeRequest: _revoke,
-    RevokeIdentityRequest: _revoke_identity,
+    RevokeIdentityRequest: _revoke_identity, KeyRequest: _key,
+    IntermediateRequest: _intermediate,
     CRLRequest: _crl, LocalCertRequest: _local_cert,
 }

@@ -234,6 +234,24 @@ class HSM:
                      public_key_sha256=info.spki_sha256)
         return info
 
+    def destroy(self, label: str, intent_seq: int) -> None:
+        """C_DestroyObject on the key pair `label`, for the durable intent line
+        `intent_seq` (a destruction is recorded like a signature)."""
+        self._claim()
+        self._check_intent(intent_seq)
+        self._ready()
+        try:
+            private = keys.find_private(self._session, label)
+            public = keys.find_public(self._session, label)
+            self._last_signed = True  # the intent is spent whatever happens next
+            private.destroy()
+            public.destroy()
+        except SESSION_ERRORS as exc:
+            self._mark_broken(exc)
+            raise HSMUnavailable(f"HSM unavailable: {self.broken}") from None
+        self._handles.pop(label, None)
+        self._keys.pop(label, None)
+
     def probe(self) -> None:
         """A cheap call that fails if the token or session went away (reading an
         attribute of a key handle: SoftHSM answers ObjectHandleInvalid once its token

@@ -49,7 +49,8 @@ def test_state_catches_truncation_and_rewrite(ca: InitialisedCA, tmp_path: Path)
     log.write_bytes(b"".join(lines[:-5]))
     proc = audit_verify(ca.state, "--state", state, "--checkpoint", tmp_path / "none", log=log)
     assert proc.returncode == 1
-    assert f"FAILED at seq {len(lines) - 5}" in proc.stderr, proc.stderr
+    bad = len(lines) - 5
+    assert f"FAILED at seq {bad} (line {bad + 1} of the file)" in proc.stderr, proc.stderr
 
     # A rewrite that keeps the chain intact (rehash everything after a change) is caught
     # by the signed checkpoints and the saved state.
@@ -89,14 +90,16 @@ def test_offline_verify_misses_no_line_of_a_stopped_daemons_log(tmp_path: Path) 
     log.write_bytes(b"".join(lines[:-3]))  # the three closing lines cut
     proc = audit_verify(ca.state, "--state", state, log=log)
     assert proc.returncode == 1
-    assert proc.stderr.startswith(f"FAILED at seq {n - 3}: truncated: the log had {n} lines at "
+    assert proc.stderr.startswith(f"FAILED at seq {n - 3} (line {n - 2} of the file): "
+                                  f"truncated: the log had {n} lines at "
                                   "the last verification, now it has"), proc.stderr
     logout = lines[-1].replace(b'"result":"ok"', b'"result":"CKR_GENERAL_ERROR"')
     assert logout != lines[-1]
     log.write_bytes(b"".join([*lines[:-1], logout]))  # the last line altered
     proc = audit_verify(ca.state, "--state", state, log=log)
     assert proc.returncode == 1
-    assert proc.stderr.startswith(f"FAILED at seq {n - 1}: rewritten: the first {n} lines no "
+    assert proc.stderr.startswith(f"FAILED at seq {n - 1} (line {n} of the file): "
+                                  f"rewritten: the first {n} lines no "
                                   "longer match those verified last time"), proc.stderr
 
     # A copy cut before the daemon.stop line's checkpoint, with no checkpoint file beside
@@ -118,7 +121,8 @@ def test_offline_verify_misses_no_line_of_a_stopped_daemons_log(tmp_path: Path) 
     log.write_bytes(b"".join(lines[:-4]))
     proc = audit_verify(ca.state, "--state", fresh, "--allow-unsigned", log=log)
     assert proc.returncode == 1
-    assert proc.stderr.startswith(f"FAILED at seq {n - 4}: truncated"), proc.stderr
+    assert proc.stderr.startswith(f"FAILED at seq {n - 4} (line {n - 3} of the file): "
+                                  "truncated"), proc.stderr
 
 
 def test_torn_tail_is_cut_and_recorded(tmp_path: Path) -> None:

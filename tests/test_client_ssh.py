@@ -182,8 +182,9 @@ def test_ssh_host_install_refuses_a_missing_host_key_or_directory(tmp_path: Path
             "--key", tmp_path / "k2", "--pubkey", pub)
     proc = hsmca(*base, "--install", tmp_path / "d", check=False)
     assert proc.returncode == 1 and f"private key {tmp_path / 'k'} is missing" in proc.stderr
-    proc = hsmca(*base, "--install", tmp_path / "none", check=False)
+    proc = hsmca(*base, "--install", tmp_path / "none" / "deeper", check=False)
     assert proc.returncode == 1 and "is not a directory" in proc.stderr
+    assert not (tmp_path / "none").exists()  # nothing made on the way to a refusal
 
 
 def test_ssh_host_renew_keeps_certificate_user_ca_and_krl_fresh(tmp_path: Path) -> None:

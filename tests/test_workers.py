@@ -94,8 +94,7 @@ async def test_a_revocation_is_enforced_by_every_worker_at_once(tmp_path: Path) 
         for status, body in answers:
             assert status == 200
             resp = ocsp.load_der_ocsp_response(body)
-            assert [r.certificate_status for r in resp.responses] == [
-                ocsp.OCSPCertStatus.REVOKED] * 2  # its SHA-1 and its SHA-256 CertID
+            assert resp.certificate_status == ocsp.OCSPCertStatus.REVOKED
         crls = await on_every_worker(2, lambda: fresh("GET", f"{d.url}/v1/x509/crl", d.ssl()))
         assert {status for status, _ in crls} == {200}, crls
         served = {body for _, body in crls}

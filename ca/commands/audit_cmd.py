@@ -94,7 +94,9 @@ def verify(args: argparse.Namespace) -> int:
                        "checked against the audit key")
     result = verify_log(data, key, origin, origin=origin, latest_checkpoint=latest, state=state)
     if not result.ok:
-        print(f"FAILED at seq {result.bad_seq}: {result.reason}", file=sys.stderr)
+        where = "(no line)" if result.bad_seq is None else (
+            f"at seq {result.bad_seq} (line {result.bad_seq + 1} of the file)")
+        print(f"FAILED {where}: {result.reason}", file=sys.stderr)
         return 1
     if result.unsigned:
         unsigned = (f"UNSIGNED: {result.unsigned} lines, no checkpoint covers them (seq "

@@ -16,9 +16,8 @@ from ca.config import Config, load
 from ca.errors import CLIError
 
 TOKEN_ENV = "HSMCA_TOKEN"
-REASONS = ("unspecified", "key_compromise", "ca_compromise", "affiliation_changed",
-           "superseded", "cessation_of_operation", "certificate_hold", "privilege_withdrawn",
-           "aa_compromise")
+REASONS = ("unspecified", "keyCompromise", "cACompromise", "affiliationChanged", "superseded",
+           "cessationOfOperation", "privilegeWithdrawn", "aACompromise")
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -187,12 +186,17 @@ def parse_serial(text: str) -> str:
 
 
 def _reason(text: str) -> str:
-    """RFC 5280 names (keyCompromise) and snake case (key_compromise) both work."""
-    snake = re.sub(r"(?<!^)(?=[A-Z])", "_", text.strip()).lower().replace("-", "_")
-    if snake not in REASONS:
+    """RFC 5280 names (keyCompromise), snake case (key_compromise) and the numeric codes
+    all work; the daemon gets the RFC name."""
+    from ca.policy import Refused
+    from ca.ra import revocation_reason
+    try:
+        name = revocation_reason(int(text) if text.strip().isdigit() else text)
+    except Refused:
         raise argparse.ArgumentTypeError(f"{text!r} is not a revocation reason; one of: "
-                                         f"{', '.join(REASONS)}")
-    return snake
+                                         f"{', '.join(REASONS)} (or key_compromise, or 1)"
+                                         ) from None
+    return name or "unspecified"
 
 
 def revoke(args: argparse.Namespace) -> int:
@@ -206,16 +210,22 @@ def revoke(args: argparse.Namespace) -> int:
         ctx = asyncio.run(client.preflight(url, args.ca, args.cert, args.key))
         serial = parse_serial(args.serial) if args.serial else client.serial_of(args.cert)
     else:
-        if args.serial is None:
-            raise CLIError("give the SERIAL to revoke (or --cert and --key to revoke that "
-                           "certificate itself)")
-        serial = parse_serial(args.serial)
+        if (args.serial is None) == (args.identity is None):
+            raise CLIError("give the SERIAL to revoke, or --identity NAME (or --cert and --key "
+                           "to revoke that certificate itself)")
+        serial = parse_serial(args.serial) if args.serial else None
         url, ctx = _admin(args)
-    body = {"serial": serial}
+    body: dict[str, str] = {"identity": args.identity} if args.identity else {"serial": serial}
     if args.reason:
         body["reason"] = args.reason
     out = asyncio.run(client.call("POST", f"{url}/v1/x509/revoke", ctx, json_body=body))
-    print(f"revoked {out['serial']} at {out['revoked_at']}")
+    also = [s for s in out["revoked"] if s != out.get("serial")]
+    first = f"revoked {out['serial']}" if "serial" in out else (
+        f"revoked {len(out['revoked'])} certificate(s) issued to {args.identity}")
+    print(f"{first} at {out['revoked_at']}"
+          + (f"; with it its lineage: {', '.join(also)}" if also and "serial" in out else "")
+          + (f"; and {out['ssh_certificates']} SSH certificate(s) issued on their strength"
+             if out["ssh_certificates"] else ""))
     return 0
 
 
@@ -320,14 +330,22 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     v = sub.add_parser("revoke", help="revoke a certificate (admin, or your own)",
                        description="Revoke a certificate by serial with the admin credential "
                        "of --config, or revoke your own certificate with --cert and --key "
-                       "(mutual TLS; SERIAL defaults to that certificate's). The CRL is "
-                       "re-signed at once and OCSP answers revoked.")
+                       "(mutual TLS; SERIAL defaults to that certificate's), or, as admin, "
+                       "everything live issued to a name with --identity. keyCompromise "
+                       "revokes the whole lineage (the certificates renewed from it and "
+                       "those it was renewed from). SSH certificates obtained with a revoked "
+                       "certificate are revoked with it (the KRL lists them). The CRL is "
+                       "re-signed and the OCSP response re-signed at once.")
     v.add_argument("serial", nargs="?", metavar="SERIAL",
                    help="serial number in hex: 1a2b..., 0x1a2b... or 1a:2b:... (as "
                    "openssl x509 -text prints it)")
+    v.add_argument("--identity", metavar="NAME",
+                   help="revoke everything live issued to this name (a DNS name, IP, URI or "
+                   "e-mail), with their lineages (admin)")
     v.add_argument("--reason", type=_reason, metavar="REASON",
-                   help="RFC 5280 reason, as keyCompromise or key_compromise: "
-                   f"{', '.join(REASONS)}")
+                   help="RFC 5280 reason, as keyCompromise, key_compromise or its code: "
+                   f"{', '.join(REASONS)}; a certificate's holder may give unspecified, "
+                   "keyCompromise, superseded, affiliationChanged, cessationOfOperation")
     admin_flags(v)
     credential_flags(v, "revoke your own certificate, authenticating with it (instead of "
                      "the admin credential)", required=False)

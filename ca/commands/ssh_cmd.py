@@ -226,12 +226,16 @@ def _write_if_changed(files: dict[Path, bytes]) -> list[str]:
 
 def _check_host_paths(f: HostFiles) -> None:
     if f.drop_in is not None:
-        if not f.drop_in.parent.is_dir():
-            raise CLIError(f"--install {f.drop_in.parent} is not a directory (sshd_config "
+        directory = f.drop_in.parent
+        if not (directory.is_dir() or (not directory.exists() and directory.parent.is_dir())):
+            raise CLIError(f"--install {directory} is not a directory (sshd_config "
                            "must Include it, e.g. /etc/ssh/sshd_config.d)")
         if not f.host_key.is_file():
             raise CLIError(f"the host's private key {f.host_key} is missing; the drop-in's "
                            "HostKey must name it (give --pubkey beside its private key)")
+        # A new drop-in directory, in an existing one (sshd_config Includes it): made
+        # writable by its owner only, as sshd expects.
+        directory.mkdir(mode=0o755, exist_ok=True)
 
 
 async def _host_once(args: argparse.Namespace, f: HostFiles) -> dict[str, Any]:

@@ -1,21 +1,77 @@
-"""The keys and issuers a process of the daemon signs with, checked against the state
-directory at start (a swapped token or state directory is refused)."""
+"""The CA's keys in a process of the daemon: recorded in the inventory, loaded from the
+token, turned into issuers, and rebuilt when any process rotates, retires or
+destroys one (the shared `keys` counter moves; ca/generations.py).
+
+At the first start of a state directory made before keys were recorded, the keys the
+config names are recorded (every certificate checked against its key first: a
+swapped token or state directory is refused), and records made before issuers were
+named get the keys `init` made.
+"""
 
 from __future__ import annotations
 
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from ca.config import KEY_LABELS, Config
-from ca.issuance import issuers
+from ca.generations import Generations, OnChange
+from ca.issuance import issuers as iss
 from ca.issuance.pipeline import SigningPipeline
+from ca.issuance.profiles import utcnow
+from ca.store import Store
 
 
-async def load_issuers(config: Config, pipeline: SigningPipeline) -> issuers.Issuers:
-    """Every key found and checked non-exportable, every certificate matched to its key."""
+class Keyring:
+    """The issuers of this process, as of the last `refresh`."""
+
+    def __init__(self, store: Store, pipeline: SigningPipeline,
+                 generations: Generations) -> None:
+        self.store, self.pipeline = store, pipeline
+        self._on = OnChange(generations, "keys", self._build)
+        self.issuers: iss.Issuers
+
+    async def refresh(self) -> iss.Issuers:
+        _, self.issuers = await self._on.get()
+        return self.issuers
+
+    async def _build(self) -> iss.Issuers:
+        records = await self.store.keys()
+        infos = {r.label: await self.pipeline.load_key(r.label) for r in records
+                 if r.state in ("active", "previous")}
+        return iss.build(records, infos)
+
+
+async def seed(config: Config, store: Store, pipeline: SigningPipeline) -> None:
+    """Record the config's keys if the inventory has none yet (a state directory made
+    before keys were recorded), each certificate checked against its key."""
+    if await store.keys():
+        return
     keys = {purpose: await pipeline.load_key(config.key_label(purpose))
             for purpose in KEY_LABELS}
-    if keys["audit"].key_type != "ed25519":
+    root = x509.load_pem_x509_certificate(config.root_pem.read_bytes())
+    issuing = x509.load_pem_x509_certificate(config.issuing_pem.read_bytes())
+    if root.public_key() != keys["root"].public_key:
+        raise ValueError(f"{config.root_pem} does not belong to the root key in the HSM")
+    if issuing.public_key() != keys["issuing"].public_key:
+        raise ValueError(f"{config.issuing_pem} does not belong to the issuing key in the HSM")
+    await record_init_keys(store, keys, root, issuing)
+
+
+async def record_init_keys(store: Store, keys: dict[str, iss.KeyInfo],
+                           root: x509.Certificate, issuing: x509.Certificate) -> None:
+    await store.add_keys(iss.seed_records(keys, root, issuing, utcnow().isoformat()))
+    await store.name_first_issuers(keys["issuing"].label, {
+        "user": keys["ssh_user"].label, "host": keys["ssh_host"].label})
+
+
+async def open_keyring(config: Config, store: Store, pipeline: SigningPipeline,
+                       generations: Generations) -> Keyring:
+    """The keyring of a process: every key found and checked non-exportable, every
+    certificate matched to its key, the audit key matched to the state directory's."""
+    ring = Keyring(store, pipeline, generations)
+    issuers = await ring.refresh()
+    if issuers.audit.key_type != "ed25519":
         raise ValueError("the audit key must be Ed25519 (C2SP signed notes)")
-    if load_pem_public_key(config.audit_key_pem.read_bytes()) != keys["audit"].public_key:
+    if load_pem_public_key(config.audit_key_pem.read_bytes()) != issuers.audit.public_key:
         raise ValueError(f"{config.audit_key_pem} does not belong to the audit key in the HSM")
-    return issuers.load(config.root_pem, config.issuing_pem, keys)
+    return ring

@@ -37,13 +37,14 @@ from ca.audit.recorder import Recorder
 from ca.audit.witness import FileWitness
 from ca.config import Config, worker_count
 from ca.daemon import control
-from ca.daemon.keys import load_issuers
+from ca.daemon.keys import open_keyring, seed
 from ca.daemon.ratelimit import FailureLimiter
 from ca.errors import CLIError
 from ca.fileutil import write_atomic
 from ca.generations import Generations
 from ca.issuance.issue import Issuance
 from ca.issuance.pipeline import SigningPipeline
+from ca.lifecycle import write_bundle
 from ca.process import raise_fd_limit, settle_heap
 from ca.revocation.ocsp import OCSPRefresher, OCSPSigner
 from ca.server_cert import ensure_server_cert
@@ -104,9 +105,9 @@ class WorkerPool:
     """Starts the worker processes, restarts one that dies, stops them all."""
 
     def __init__(self, config: Config, address: str, count: int, audit: AuditLog,
-                 checkpointer: Checkpointer) -> None:
+                 checkpointer: Checkpointer, generations: Generations) -> None:
         self.config, self.address, self.count, self.audit = config, address, count, audit
-        self.generations = Generations.create(config.generations_path)
+        self.generations = generations
         self.recorder = Recorder(audit, lambda: checkpointer.latest, self._lost)
         # Failed bootstrap-token attempts, counted for the whole daemon.
         self.limiter = FailureLimiter()
@@ -244,7 +245,6 @@ class WorkerPool:
 
     def close(self) -> None:
         self.recorder.close()
-        self.generations.close()
 
 
 async def serve(config: Config, listen: str | None = None, workers: int | None = None) -> None:
@@ -270,6 +270,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         raise
     pipeline = SigningPipeline(config.hsm, audit)
     metrics.count_sign_calls(pipeline)  # its checkpoints, OCSP responses, TLS certificate
+    generations = Generations.create(config.generations_path)
     store: SQLiteStore | None = None
     pool: WorkerPool | None = None
     background: list[asyncio.Task[None]] = []  # checkpoints of the log and the inventory
@@ -281,17 +282,19 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         loop.add_signal_handler(sig, stop.set)
     try:
         pipeline.start()
-        issuers = await load_issuers(config, pipeline)
+        store = SQLiteStore(config.db_path)
+        await seed(config, store, pipeline)
+        keys = await open_keyring(config, store, pipeline, generations)
+        await write_bundle(config.bundle_pem, store)  # what the workers' TLS layer trusts
         await audit.append("daemon.start", version=__version__, pid=os.getpid(), workers=count,
                            config_sha256=hashlib.sha256(config.path.read_bytes()).hexdigest())
-        store = SQLiteStore(config.db_path)
         background.append(asyncio.create_task(_checkpoint_inventory(store)))
-        await ensure_server_cert(config, Issuance(pipeline, store, issuers, None))
+        issuance = Issuance(pipeline, store, keys, None)
+        await ensure_server_cert(config, issuance)
         # OCSP responses are signed ahead of time, by this process, off every request's
         # path: new certificates within a second, every live one before nextUpdate.
-        background.append(asyncio.create_task(
-            OCSPRefresher(OCSPSigner(pipeline, store, issuers)).run()))
-        checkpointer = Checkpointer(audit, pipeline, issuers.audit, config.audit_origin,
+        background.append(asyncio.create_task(OCSPRefresher(OCSPSigner(issuance)).run()))
+        checkpointer = Checkpointer(audit, pipeline, keys.issuers.audit, config.audit_origin,
                                     config.checkpoint_path,
                                     heartbeat=config.checkpoint_heartbeat_s,
                                     witnesses=[FileWitness(w, audit_key, config.audit_origin)
@@ -301,7 +304,8 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         await checkpointer.checkpoint()
         bound = placeholder.getsockname()
         shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
-        pool = WorkerPool(config, f"{shown}:{bound[1]}", count, audit, checkpointer)
+        pool = WorkerPool(config, f"{shown}:{bound[1]}", count, audit, checkpointer,
+                          generations)
         await pool.start()
         placeholder.close()  # the workers hold the port now
         url = f"https://{shown}:{bound[1]}"
@@ -332,6 +336,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         if store is not None:
             store.close()
         pipeline.close()
+        generations.close()
         audit.close()
 
 

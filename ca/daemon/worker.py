@@ -29,15 +29,16 @@ from aiohttp import web
 from ca.audit.link import AuditLink
 from ca.config import Config, ConfigError, load
 from ca.daemon.control import ControlClient
-from ca.daemon.keys import load_issuers
+from ca.daemon.keys import open_keyring
 from ca.generations import Generations
 from ca.issuance.issue import Issuance
 from ca.issuance.pipeline import SigningPipeline
+from ca.lifecycle import KeyLifecycle
 from ca.logs import configure
 from ca.metrics import Metrics
 from ca.process import raise_fd_limit, settle_heap
 from ca.revocation import Revocations
-from ca.server.app import build_app, tls_context
+from ca.server.app import REFUSALS, TRUST, build_app, tls_context
 from ca.server.common import Gate, Settings
 from ca.store import Store, open_store
 from ca.tokens import Tokens
@@ -77,25 +78,28 @@ async def run(config: Config, host: str, port: int, slot: int, sign_channel: soc
     try:
         await control.start()
         pipeline.start()
-        issuers = await load_issuers(config, pipeline)
         store = open_store(config.db_path, autocheckpoint=False)  # the primary checkpoints
-        issuance = Issuance(pipeline, store, issuers, config.public_url)
+        generations = Generations(config.generations_path)
+        keys = await open_keyring(config, store, pipeline, generations)
+        issuance = Issuance(pipeline, store, keys, config.public_url)
         gate: Gate
-        revocations = Revocations(store, link, issuance, Generations(config.generations_path),
-                                  lambda: gate.context())
-        gate = Gate(store, revocations, issuers, lambda: config.policy)
+        revocations = Revocations(store, link, issuance, generations, lambda: gate.context())
+        gate = Gate(store, revocations, keys, lambda: config.policy)
         metrics = Metrics()
         metrics.watch(pipeline)
+        REFUSALS.on_refused = lambda reason: metrics.child(metrics.tls_refused, reason).inc()
         app = build_app(
             gate=gate, tokens=Tokens(store, link), issuance=issuance, revocations=revocations,
             audit=link, limit=control, hsm=pipeline, store=store, metrics=metrics,
+            lifecycle=KeyLifecycle(issuance, store, link, generations, config.bundle_pem),
             settings=Settings(config.policy, tuple(ipaddress.ip_network(n)
                                                    for n in config.metrics_allow),
                               config.audit_origin))
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=10.0)
         await runner.setup()
+        TRUST.generations, TRUST.bundle = generations, config.bundle_pem
         site = web.TCPSite(runner, host, port, ssl_context=tls_context(
-            config.tls_cert, config.tls_key, config.chain_pem), backlog=1024, reuse_port=True)
+            config.tls_cert, config.tls_key, config.bundle_pem), backlog=1024, reuse_port=True)
         await site.start()
         settle_heap()
         await control.ready(os.getpid())

@@ -13,6 +13,7 @@ import hashlib
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -22,8 +23,9 @@ from cryptography.x509 import ocsp
 from ca.issuance import profiles as prof
 from ca.issuance.issuers import Issuers
 from ca.issuance.pipeline import SigningJob, SigningPipeline, SignResult
-from ca.ra import CRLOrder, SSHOrder, X509Order
+from ca.ra import CRLOrder, IntermediateOrder, SSHOrder, X509Order
 from ca.store import NewCert, NewSSHCert, Store
+from ca.subject import spki_sha256
 from ca.x509_reasons import REASON_FLAGS
 
 
@@ -49,11 +51,23 @@ class IssuedSSH:
     outcome_seq: int
 
 
+class IssuerSource(Protocol):
+    """The issuers in force (a daemon's rotate: ca/daemon/keys.py `Keyring`)."""
+
+    issuers: Issuers
+
+    async def refresh(self) -> Issuers: ...
+
+
 class Issuance:
-    def __init__(self, pipeline: SigningPipeline, store: Store, issuers: Issuers,
+    def __init__(self, pipeline: SigningPipeline, store: Store, keys: IssuerSource,
                  public_url: str | None) -> None:
-        self.pipeline, self.store, self.issuers = pipeline, store, issuers
+        self.pipeline, self.store, self.keys = pipeline, store, keys
         self.public_url = public_url
+
+    @property
+    def issuers(self) -> Issuers:
+        return self.keys.issuers
 
     async def x509(self, order: X509Order, request_id: str | None = None) -> Issued:
         issuer = self.issuers.x509[order.issuer]
@@ -67,7 +81,7 @@ class Issuance:
             common_name=prof.common_name_for(flat), dns_names=by_kind["dns"],
             ip_addresses=by_kind["ip"], uris=by_kind["uri"], emails=by_kind["email"],
             serial=prof.random_serial(),
-            crl_url=f"{url}/v1/x509/crl" if url else None,
+            crl_url=f"{url}/v1/x509/crl/{issuer.id}" if url else None,
             ocsp_url=f"{url}/v1/x509/ocsp" if url else None)
         builder = prof.leaf_builder(profile, issuer.cert, order.not_before, order.not_after)
         serial_hex = format(profile.serial, "x")
@@ -128,7 +142,7 @@ class Issuance:
                 key_sha256=order.public_key.sha256, public_key=order.public_key.line,
                 principals=order.principals, valid_after=order.valid_after,
                 valid_before=order.valid_before, owner_serial=order.owner_serial,
-                issued_at=issued_at))
+                issued_at=issued_at, issuer=issuer.id))
 
         job = SigningJob(
             issuer.key.label, f"ssh-{order.cert_type}", order.actor, lambda k: b.sign(k),
@@ -166,6 +180,23 @@ class Issuance:
                      "next_update": order.next_update.isoformat()},
             describe=lambda c: {"fingerprint": hashlib.sha256(
                 c.public_bytes(serialization.Encoding.DER)).hexdigest()})
+
+    async def intermediate(self, order: IntermediateOrder,
+                           request_id: str | None = None) -> x509.Certificate:
+        """An issuing CA certificate, signed by the root."""
+        root = self.issuers.root
+        key = self.issuers.root_key
+        b = prof.intermediate_builder(order.public_key, order.common_name, root,
+                                      not_before=order.not_before, not_after=order.not_after)
+        h = prof.hash_for(key.public_key)
+        return await self.pipeline.sign(
+            key.label, lambda k: b.sign(k, h), purpose="x509-ca", actor=order.actor,
+            request_id=request_id, hash_name=prof.hash_name(key.public_key),
+            details={"what": "issuing", "subject": f"CN={order.common_name}",
+                     "spki_sha256": spki_sha256(order.public_key),
+                     "not_before": order.not_before.isoformat(),
+                     "not_after": order.not_after.isoformat()},
+            describe=lambda c: {"fingerprint": prof.fingerprint(c)})
 
     async def ocsp(self, issuer_id: str, builder: ocsp.OCSPResponseBuilder, *, serial: int,
                    status: str, request_id: str | None = None) -> ocsp.OCSPResponse:

@@ -9,13 +9,13 @@ An issuer is known by its key's label in the token.
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from ca.issuance import profiles as prof
+from ca.store.records import KeyRecord
 from hsm.session import KeyInfo
 
 
@@ -66,17 +66,25 @@ class SSHIssuer:
 
 @dataclass(frozen=True)
 class Issuers:
-    """What the process may sign with; implements `ca.ra.Directory`."""
+    """What the process may sign with now; implements `ca.ra.Directory`.
+
+    `x509` and `ssh` hold the issuers that still sign (the active one of each kind and
+    the previous ones, which keep signing CRLs and OCSP for what they issued); `past`
+    the certificates of retired and destroyed issuing keys, which still anchor the
+    client certificates they issued until those expire."""
 
     root: x509.Certificate
+    root_key: KeyInfo
     x509: dict[str, X509Issuer]
     current_x509: str
     ssh: dict[str, SSHIssuer]
     current_ssh: dict[str, str]  # cert type -> issuer id
     audit: KeyInfo  # signs the audit log's checkpoints
-    # The issuer of certificates whose inventory record names none (made before
-    # issuers were named): the issuing key `init` made.
+    # The issuers of records that name none (made before issuers were named): the
+    # keys `init` made.
     first_x509: str
+    first_ssh: dict[str, str] = field(default_factory=dict)
+    past: dict[str, x509.Certificate] = field(default_factory=dict)
 
     def x509_issuer(self) -> str:
         return self.current_x509
@@ -87,28 +95,113 @@ class Issuers:
     def ssh_issuer(self, cert_type: str) -> str:
         return self.current_ssh[cert_type]
 
+    def root_issuer(self) -> str:
+        return self.root_key.label
+
     @property
     def current(self) -> X509Issuer:
         return self.x509[self.current_x509]
 
+    def x509_of(self, label: str | None) -> str:
+        """The issuer label a record names (None: the first issuing key)."""
+        return label or self.first_x509
 
-def load(root_pem: Path, issuing_pem: Path, keys: dict[str, KeyInfo]) -> Issuers:
-    """The issuers of a state directory, from its certificates and the keys the token
-    holds (`keys`: root, issuing, ssh_user, ssh_host); refused if a certificate does
-    not belong to its key (a swapped token or state directory)."""
-    root = x509.load_pem_x509_certificate(root_pem.read_bytes())
-    issuing = x509.load_pem_x509_certificate(issuing_pem.read_bytes())
-    if root.public_key() != keys["root"].public_key:
-        raise IssuerError(f"{root_pem} does not belong to the root key in the HSM")
-    if issuing.public_key() != keys["issuing"].public_key:
-        raise IssuerError(f"{issuing_pem} does not belong to the issuing key in the HSM")
-    return from_certs(root, issuing, keys)
+    def ssh_of(self, label: str | None, cert_type: str) -> str:
+        return label or self.first_ssh.get(cert_type) or self.current_ssh[cert_type]
+
+    def intermediates(self) -> list[x509.Certificate]:
+        """Every issuing CA certificate still anchoring a client certificate, newest
+        first: the current chain's, the previous ones, the retired ones."""
+        live = [self.current.cert] + [i.cert for k, i in self.x509.items()
+                                      if k != self.current_x509]
+        return live + list(self.past.values())
+
+    def ssh_lines(self, cert_type: str, comment: str) -> list[str]:
+        """authorized_keys lines of every SSH CA of a type still trusted, newest first."""
+        current = self.current_ssh[cert_type]
+        ordered = [current] + [k for k, i in reversed(self.ssh.items())
+                               if i.cert_type == cert_type and k != current]
+        return [self.ssh[k].authorized_key(comment) for k in ordered]
+
+
+KINDS = ("root", "issuing", "ssh-user", "ssh-host", "audit")
+# The config's [keys] purposes by kind.
+PURPOSES = {"root": "root", "issuing": "issuing", "ssh-user": "ssh_user",
+            "ssh-host": "ssh_host", "audit": "audit"}
+
+
+def build(records: list[KeyRecord], infos: dict[str, KeyInfo]) -> Issuers:
+    """The issuers the key records say are in use, with the keys the token holds
+    (`infos`, by label, for every record that is neither retired nor destroyed);
+    refused if a certificate does not belong to its key."""
+    by_kind: dict[str, list[KeyRecord]] = {k: [] for k in KINDS}
+    for r in records:
+        by_kind.setdefault(r.kind, []).append(r)
+
+    def active(kind: str) -> KeyRecord:
+        found = [r for r in by_kind[kind] if r.state == "active"]
+        if len(found) != 1:
+            raise IssuerError(f"the inventory records {len(found)} active {kind} keys, not one")
+        return found[0]
+
+    def cert_of(r: KeyRecord) -> x509.Certificate:
+        if r.cert is None:
+            raise IssuerError(f"the inventory has no certificate for the {r.kind} key "
+                              f"{r.label!r}")
+        cert = x509.load_der_x509_certificate(r.cert)
+        info = infos.get(r.label)
+        if info is not None and cert.public_key() != info.public_key:
+            raise IssuerError(f"the certificate of {r.label!r} does not belong to the key "
+                              "the HSM holds under that label (a swapped token?)")
+        return cert
+
+    root_record = active("root")
+    root = cert_of(root_record)
+    signing = [r for r in by_kind["issuing"] if r.state in ("active", "previous")]
+    x = {r.label: X509Issuer(r.label, infos[r.label], cert_of(r), root) for r in signing}
+    past = {r.label: cert_of(r) for r in by_kind["issuing"] if r.state in ("retired",
+                                                                           "destroyed")}
+    ssh: dict[str, SSHIssuer] = {}
+    current_ssh: dict[str, str] = {}
+    first_ssh: dict[str, str] = {}
+    for kind, cert_type in (("ssh-user", "user"), ("ssh-host", "host")):
+        first_ssh[cert_type] = by_kind[kind][0].label if by_kind[kind] else ""
+        for r in by_kind[kind]:
+            if r.state in ("active", "previous"):
+                ssh[r.label] = SSHIssuer(r.label, infos[r.label], cert_type)
+        current_ssh[cert_type] = active(kind).label
+    first = by_kind["issuing"][0].label
+    return Issuers(root, infos[root_record.label], x, active("issuing").label, ssh,
+                   current_ssh, infos[active("audit").label], first, first_ssh, past)
+
+
+def seed_records(keys: dict[str, KeyInfo], root: x509.Certificate,
+                 issuing: x509.Certificate, at: str) -> list[KeyRecord]:
+    """The key records of a CA as `init` made it (every key active)."""
+    certs = {"root": root, "issuing": issuing}
+    out = []
+    for kind in KINDS:
+        info = keys[PURPOSES[kind]]
+        cert = certs.get(kind)
+        out.append(KeyRecord(info.label, kind, "active", info.key_type, at, info.spki_sha256,
+                             info.uri, cert.public_bytes(serialization.Encoding.DER)
+                             if cert is not None else None, at))
+    return out
 
 
 def from_certs(root: x509.Certificate, issuing: x509.Certificate,
                keys: dict[str, KeyInfo]) -> Issuers:
-    x = X509Issuer(keys["issuing"].label, keys["issuing"], issuing, root)
-    user = SSHIssuer(keys["ssh_user"].label, keys["ssh_user"], "user")
-    host = SSHIssuer(keys["ssh_host"].label, keys["ssh_host"], "host")
-    return Issuers(root, {x.id: x}, x.id, {user.id: user, host.id: host},
-                   {"user": user.id, "host": host.id}, keys["audit"], x.id)
+    """The issuers of a CA as `init` made it (before anything is recorded)."""
+    records = seed_records(keys, root, issuing, "")
+    return build(records, {r.label: keys[PURPOSES[r.kind]] for r in records})
+
+
+class Fixed:
+    """Issuers that do not change (init's ceremony, a test); what a `Keyring` is for
+    the daemon, whose keys rotate."""
+
+    def __init__(self, issuers: Issuers) -> None:
+        self.issuers = issuers
+
+    async def refresh(self) -> Issuers:
+        return self.issuers

@@ -174,6 +174,29 @@ class SigningPipeline:
             return info
         return await self.call(gen)
 
+    async def destroy_key(self, label: str, actor: str, request_id: str | None = None) -> int:
+        """Destroy a key pair in the token, recorded like a signature: an `hsm.destroy`
+        intent durable before C_DestroyObject, an outcome after it; the outcome's seq."""
+        def destroy(hsm: HSM) -> int:
+            info = self._key(hsm, label)
+            op_id = self._op_ids.next()
+            intent = {"phase": "intent", "op_id": op_id, "key": info.uri, "label": label,
+                      "operation": "destroy", "actor": actor, "request_id": request_id,
+                      "public_key_sha256": info.spki_sha256}
+            [written] = self._append([("hsm.destroy", intent)])
+            seq = written.result()  # raises AuditUnavailable: nothing destroyed
+            outcome: dict[str, Any] = {"phase": "outcome", "op_id": op_id, "label": label}
+            try:
+                hsm.destroy(label, seq)
+                outcome["result"] = "ok"
+            except Exception as exc:
+                outcome["result"] = type(exc).__name__
+                self._append([("hsm.destroy", outcome)])[0].result()
+                raise
+            self._keys.pop(label, None)
+            return self._append([("hsm.destroy", outcome)])[0].result()
+        return await self.call(destroy)
+
     async def probe(self, max_wait: float = 1.0) -> None:
         """Ask the token whether it is still there. With the session broken, wait for
         the next reconnect attempt if that is due within `max_wait` and let it run,

@@ -89,14 +89,16 @@ def root_builder(public_key: object, common_name: str, days: int = 3650) -> x509
 
 
 def intermediate_builder(public_key: object, common_name: str, issuer: x509.Certificate,
-                         days: int = 1825) -> x509.CertificateBuilder:
+                         days: int = 1825, not_before: dt.datetime | None = None,
+                         not_after: dt.datetime | None = None) -> x509.CertificateBuilder:
     now = utcnow()
-    not_after = min(now + dt.timedelta(days=days), issuer.not_valid_after_utc)
+    not_before = not_before or now - BACKDATE
+    not_after = min(not_after or now + dt.timedelta(days=days), issuer.not_valid_after_utc)
     return (x509.CertificateBuilder()
             .subject_name(name(common_name)).issuer_name(issuer.subject)
             .public_key(public_key)  # type: ignore[arg-type]
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - BACKDATE).not_valid_after(not_after)
+            .not_valid_before(not_before).not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(_ca_key_usage(), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key),  # type: ignore[arg-type]

@@ -29,7 +29,7 @@ from ca.ssh import RevokedCerts, SSHPublicKey, blob_of, build_krl, parse_public_
 from ca.store import CRLRecord, OCSPDue, SSHSelector, Store
 
 CRL_VALIDITY = ra.CRL_VALIDITY
-Revoked = dict[int, tuple[dt.datetime, str | None]]
+Revoked = dict[int, tuple[dt.datetime, str | None, str | None]]  # serial -> (at, reason, issuer)
 
 
 class AuditAppend(Protocol):
@@ -43,15 +43,16 @@ class Revocations:
         self.store, self.audit, self.issuance = store, audit, issuance
         self.generations = generations
         self._context = context  # the RA's context, as of now
-        self._crl_lock = asyncio.Lock()
-        self.ocsp = OCSPSigner(issuance.pipeline, store, issuance.issuers)
+        self._crl_locks: dict[str, asyncio.Lock] = {}
+        self.ocsp = OCSPSigner(issuance)
         self.revoked: OnChange[Revoked] = OnChange(generations, "revocations", self._load)
         self.revoked_ssh_keys: OnChange[frozenset[str]] = OnChange(
             generations, "ssh_revocations", self._load_ssh_keys)
         self.krl: OnChange[bytes] = OnChange(generations, "ssh_revocations", self._build_krl)
 
     async def _load(self) -> Revoked:
-        return {serial: (at, reason) for serial, at, reason in await self.store.revoked_certs()}
+        return {serial: (at, reason, issuer)
+                for serial, at, reason, issuer in await self.store.revoked_certs()}
 
     async def _load_ssh_keys(self) -> frozenset[str]:
         return frozenset(await self.store.revoked_ssh_keys())
@@ -93,51 +94,72 @@ class Revocations:
         # relying party should not get a good one a moment longer than needed); the
         # stored CRL is stale from now on, and if re-signing fails here the next GET
         # tries again.
-        await self.ocsp.sign([OCSPDue(s, (await self._issuer_of(s)), now.isoformat(),
-                                      order.reason) for s in done.serials],
-                             order.actor, request_id)
-        await self.refresh_crl(request_id)
+        issuers = self.issuance.issuers
+        of = {s: issuers.x509_of(await self._issuer_of(s)) for s in done.serials}
+        await self.ocsp.sign([OCSPDue(s, of[s], now.isoformat(), order.reason)
+                              for s in done.serials], order.actor, request_id)
+        for label in sorted(set(of.values()) & set(issuers.x509)):
+            await self.refresh_crl(request_id, label)
         return now, list(done.serials), done.ssh_certs
 
     async def _issuer_of(self, serial: int) -> str | None:
         rec = await self.store.cert(serial)
         return rec.issuer if rec is not None else None
 
-    async def crl(self) -> bytes:
-        """The newest CRL, re-signed when a revocation is missing from it or half its
-        validity has passed. Kept in the inventory, so every worker serves the same
-        one and CRL numbers only grow. (Revocations are never undone, so a CRL that
-        lists as many as the inventory holds lists them all.)"""
+    async def crl(self, issuer: str | None = None) -> bytes:
+        """The newest CRL of `issuer` (the current one by default), re-signed when a
+        revocation is missing from it or half its validity has passed. Kept in the
+        inventory, so every worker serves the same one and CRL numbers only grow.
+        (Revocations are never undone, so a CRL that lists as many as the inventory
+        holds lists them all.) A retired issuer signs nothing: its last CRL is served
+        as it is."""
+        issuers = await self.issuance.keys.refresh()
+        label = issuer or issuers.current_x509
+        if label not in issuers.x509:
+            latest = await self.store.latest_crl(label) if label in issuers.past else None
+            if latest is None:
+                raise Refused(f"no CRL of an issuer {label!r}", Reason.NOT_FOUND)
+            return latest.der
         for _ in range(3):  # a revocation racing the refresh: sign again, with it
-            der = await self._current_crl()
+            der = await self._current_crl(label)
             if der is not None:
                 return der
-            await self.refresh_crl(None, only_if_stale=True)
-        latest = await self.store.latest_crl()
+            await self.refresh_crl(None, label, only_if_stale=True)
+        latest = await self.store.latest_crl(label)
         if latest is None:  # refresh_crl raises when it cannot sign; never serve nothing
             raise RuntimeError("no CRL after a successful refresh")
         return latest.der
 
-    async def _current_crl(self) -> bytes | None:
+    async def _revoked_by(self, label: str) -> dict[int, tuple[dt.datetime, str | None]]:
         _, revoked = await self.revoked.get()
-        latest = await self.store.latest_crl()
+        return {s: (at, reason) for s, (at, reason, issuer) in revoked.items()
+                if self.issuance.issuers.x509_of(issuer) == label}
+
+    async def _current_crl(self, label: str) -> bytes | None:
+        revoked = await self._revoked_by(label)
+        latest = await self.store.latest_crl(label)
         if latest is None:
             return None
         age = prof.utcnow() - dt.datetime.fromisoformat(latest.this_update)
         return latest.der if latest.revoked >= len(revoked) and age <= CRL_VALIDITY / 2 else None
 
-    async def refresh_crl(self, request_id: str | None, only_if_stale: bool = False) -> None:
-        async with self._crl_lock:
-            if only_if_stale and await self._current_crl() is not None:
-                return  # another request re-signed it while this one waited
-            order = ra.order(await self._context(), ra.Local(), ra.CRLRequest())
-            _, revoked = await self.revoked.get()
-            number = await self.store.next_crl_number()
-            crl = await self.issuance.crl(
-                order, number, [(s, at, r) for s, (at, r) in revoked.items()], request_id)
-            await self.store.add_crl(CRLRecord(number, len(revoked),
-                                               order.this_update.isoformat(),
-                                               crl.public_bytes(serialization.Encoding.DER)))
+    async def refresh_crl(self, request_id: str | None, issuer: str | None = None,
+                          only_if_stale: bool = False) -> None:
+        """Sign a new CRL for `issuer` (every issuer that still signs, by default)."""
+        issuers = await self.issuance.keys.refresh()
+        for label in [issuer] if issuer else list(issuers.x509):
+            lock = self._crl_locks.setdefault(label, asyncio.Lock())
+            async with lock:
+                if only_if_stale and await self._current_crl(label) is not None:
+                    continue  # another request re-signed it while this one waited
+                order = ra.order(await self._context(), ra.Local(), ra.CRLRequest(label))
+                revoked = await self._revoked_by(label)
+                number = await self.store.next_crl_number()
+                crl = await self.issuance.crl(
+                    order, number, [(s, at, r) for s, (at, r) in revoked.items()], request_id)
+                await self.store.add_crl(CRLRecord(
+                    number, len(revoked), order.this_update.isoformat(),
+                    crl.public_bytes(serialization.Encoding.DER), label))
 
     # ---- SSH ---------------------------------------------------------------------------------
 
@@ -165,8 +187,10 @@ class Revocations:
         certs = await self.store.revoked_ssh_certs()
         keys = await self.store.revoked_ssh_keys()
         groups = []
-        for issuer in self.issuance.issuers.ssh.values():
-            serials = [s for t, s in certs if t == issuer.cert_type]
+        issuers = self.issuance.issuers
+        for issuer in issuers.ssh.values():
+            serials = [s for t, s, label in certs
+                       if t == issuer.cert_type and issuers.ssh_of(label, t) == issuer.id]
             groups.append(RevokedCerts(blob_of(issuer.key.public_key), serials, []))
         now = int(prof.utcnow().timestamp())
         return build_krl(now, now, groups, [parse_public_key(k).blob for k in keys])

@@ -1,38 +1,42 @@
 """OCSP on the RFC 5019 lightweight profile: responses are signed ahead of time and
 served from storage, so asking costs nothing but a database read.
 
-- `OCSPSigner` signs one response per certificate, carrying its status for a SHA-1
-  and a SHA-256 CertID (ocsp_der.py), each signature ordered like any other and
-  audited by the signing pipeline. It signs at revocation (the revoked response,
-  at once) and, through `OCSPRefresher`, for new certificates within seconds and
-  for every live certificate before its response's nextUpdate, in batches.
-- `answer` serves a request from storage: the stored response if one of its
-  CertIDs is exactly the one asked (hash algorithm, issuer name hash, issuer key
-  hash, serial); unsigned `unauthorized` for another issuer or a serial this CA
-  never issued; unsigned `tryLater` for a certificate whose response is not signed
-  yet; unsigned `malformedRequest` for what does not parse. Nonces are ignored. No
-  request causes a signature or an audit line.
+- `OCSPSigner` signs two responses per certificate, one for a SHA-1 CertID (what
+  most clients send) and one for SHA-256, each with one SingleResponse (clients,
+  cryptography's among them, expect one), each signature audited by the signing
+  pipeline. It signs at revocation (the revoked responses, at once) and, through
+  `OCSPRefresher`, for new certificates within seconds and for every live
+  certificate before its responses' nextUpdate, in batches (one group commit for a
+  batch's intents, one for its outcomes).
+- `answer` serves a request from storage: the stored response for the request's
+  hash algorithm if its CertID is exactly the one asked (hash algorithm, issuer name
+  hash, issuer key hash, serial); unsigned `unauthorized` for another issuer or a
+  serial this CA never issued; unsigned `tryLater` for a certificate whose response
+  is not signed yet; unsigned `malformedRequest` for what does not parse. Nonces are
+  ignored. No request causes a signature or an audit line.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import structlog
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
 
 from ca.issuance import profiles as prof
+from ca.issuance.issue import Issuance
 from ca.issuance.issuers import Issuers, X509Issuer
-from ca.issuance.pipeline import SigningJob, SigningPipeline
+from ca.issuance.pipeline import SigningJob
 from ca.policy import PARSE_ERRORS
-from ca.revocation import ocsp_der
 from ca.store import OCSPDue, OCSPRecord, Store
+from ca.x509_reasons import REASON_FLAGS
 
 log = structlog.get_logger("hsmca.ocsp")
 VALIDITY = dt.timedelta(days=1)
@@ -54,61 +58,86 @@ def _unsigned(status: ocsp.OCSPResponseStatus) -> Answer:
         serialization.Encoding.DER), 0, status.name.lower())
 
 
-def _sign_with(key: object, hash_name: str | None, tbs: bytes) -> bytes:
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        return key.sign(tbs, ec.ECDSA(prof.HASHES[hash_name or "sha256"]))
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        return key.sign(tbs)
-    if isinstance(key, rsa.RSAPrivateKey):
-        return key.sign(tbs, padding.PKCS1v15(), prof.HASHES[hash_name or "sha256"])
-    raise TypeError(f"cannot sign OCSP with {type(key).__name__}")
+CERT_ID_HASHES: dict[str, hashes.HashAlgorithm] = {"sha1": hashes.SHA1(),
+                                                   "sha256": hashes.SHA256()}
+
+
+@functools.lru_cache(maxsize=16)
+def cert_ids(issuer: x509.Certificate) -> dict[str, tuple[bytes, bytes]]:
+    """(issuerNameHash, issuerKeyHash) of `issuer` by CertID hash, as cryptography's own
+    request builder makes them for a certificate it issued (a throwaway one: only its
+    issuer name counts)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    probe = (x509.CertificateBuilder().subject_name(issuer.subject)
+             .issuer_name(issuer.subject).public_key(key.public_key()).serial_number(1)
+             .not_valid_before(now).not_valid_after(now + dt.timedelta(minutes=1))
+             .sign(key, hashes.SHA256()))
+    out = {}
+    for name, algorithm in CERT_ID_HASHES.items():
+        req = ocsp.OCSPRequestBuilder().add_certificate(probe, issuer, algorithm).build()
+        out[name] = (req.issuer_name_hash, req.issuer_key_hash)
+    return out
 
 
 class OCSPSigner:
-    def __init__(self, pipeline: SigningPipeline, store: Store, issuers: Issuers) -> None:
-        self.pipeline, self.store, self.issuers = pipeline, store, issuers
+    def __init__(self, issuance: Issuance) -> None:
+        self.issuance = issuance
+        self.pipeline, self.store = issuance.pipeline, issuance.store
 
-    def _issuer(self, label: str | None) -> X509Issuer:
-        return self.issuers.x509[label or self.issuers.first_x509]
+    def _issuer(self, label: str | None) -> X509Issuer | None:
+        """The issuer that signs for a certificate; None once it is retired (a retired
+        key signs nothing: its certificates' responses age out)."""
+        issuers = self.issuance.issuers
+        return issuers.x509.get(issuers.x509_of(label))
 
     async def sign(self, due: Sequence[OCSPDue], actor: str = "local",
                    request_id: str | None = None) -> int:
-        """Sign and store a response for each; how many were signed. The jobs go in
-        together, so the pipeline signs them as one group (two group commits)."""
+        """Sign and store the responses of each; how many could not be signed (a
+        retired issuer's certificates are passed over, not failed). The jobs go in
+        together, so the pipeline signs them as one group."""
         now = prof.utcnow()
         jobs = []
+        due = [d for d in due if self._issuer(d.issuer) is not None]
         for d in due:
             issuer = self._issuer(d.issuer)
-            status = ocsp_der.CertStatus(
-                dt.datetime.fromisoformat(d.revoked_at) if d.revoked_at else None, d.reason)
-            tbs = ocsp_der.response_data(issuer.cert, d.serial, status, now, now + VALIDITY)
-            algorithm = ocsp_der.signature_algorithm(issuer.key.public_key, issuer.hash_name)
-            h = issuer.hash_name
-
-            def build(k: object, tbs: bytes = tbs, algorithm: bytes = algorithm,
-                      h: str | None = h) -> ocsp.OCSPResponse:
-                return ocsp_der.sign_response(tbs, algorithm, lambda b: _sign_with(k, h, b))
-
-            jobs.append(self.pipeline.submit(SigningJob(
-                issuer.key.label, "ocsp", actor, build, request_id=request_id, hash_name=h,
-                details={"serial": format(d.serial, "x"),
-                         "status": "revoked" if d.revoked_at else "good",
-                         "this_update": now.isoformat(),
-                         "next_update": (now + VALIDITY).isoformat()})))
+            assert issuer is not None
+            at = dt.datetime.fromisoformat(d.revoked_at) if d.revoked_at else None
+            for name, (name_hash, key_hash) in cert_ids(issuer.cert).items():
+                b = (ocsp.OCSPResponseBuilder()
+                     .add_response_by_hash(
+                         issuer_name_hash=name_hash, issuer_key_hash=key_hash,
+                         serial_number=d.serial, algorithm=CERT_ID_HASHES[name],
+                         cert_status=ocsp.OCSPCertStatus.REVOKED if at
+                         else ocsp.OCSPCertStatus.GOOD,
+                         this_update=now, next_update=now + VALIDITY, revocation_time=at,
+                         revocation_reason=REASON_FLAGS[d.reason] if at and d.reason else None)
+                     .responder_id(ocsp.OCSPResponderEncoding.HASH, issuer.cert))
+                h = issuer.hash
+                jobs.append(self.pipeline.submit(SigningJob(
+                    issuer.key.label, "ocsp", actor, lambda k, b=b, h=h: b.sign(k, h),
+                    request_id=request_id, hash_name=issuer.hash_name,
+                    details={"serial": format(d.serial, "x"), "cert_id": name,
+                             "status": "revoked" if at else "good",
+                             "this_update": now.isoformat(),
+                             "next_update": (now + VALIDITY).isoformat()})))
         results = await asyncio.gather(*jobs, return_exceptions=True)
         records = []
-        for d, result in zip(due, results, strict=True):
-            if isinstance(result, BaseException):
-                log.warning("OCSP response not signed", serial=format(d.serial, "x"),
-                            error=str(result))
+        for i, d in enumerate(due):
+            pair = results[2 * i:2 * i + 2]
+            failed = [r for r in pair if isinstance(r, BaseException)]
+            if failed:
+                log.warning("OCSP responses not signed", serial=format(d.serial, "x"),
+                            error=str(failed[0]))
                 continue
-            records.append(OCSPRecord(
-                d.serial, "revoked" if d.revoked_at else "good", now.isoformat(),
-                (now + VALIDITY).isoformat(),
-                result.value.public_bytes(serialization.Encoding.DER)))
+            sha1, sha256 = (r.value.public_bytes(serialization.Encoding.DER)  # type: ignore[union-attr]
+                            for r in pair)
+            records.append(OCSPRecord(d.serial, "revoked" if d.revoked_at else "good",
+                                      now.isoformat(), (now + VALIDITY).isoformat(), sha1,
+                                      sha256))
         if records:
             await self.store.put_ocsp(records)
-        return len(records)
+        return len(due) - len(records)
 
 
 class OCSPRefresher:
@@ -118,17 +147,14 @@ class OCSPRefresher:
     def __init__(self, signer: OCSPSigner, interval: float = 1.0) -> None:
         self.signer, self.interval = signer, interval
 
-    async def round(self) -> int:
+    async def round(self) -> None:
+        issuers = await self.signer.issuance.keys.refresh()
         now = prof.utcnow()
-        done = 0
         while True:
-            due = await self.signer.store.ocsp_due(now, now + REFRESH_BEFORE, BATCH)
-            if not due:
-                return done
-            signed = await self.signer.sign(due)
-            done += signed
-            if signed < len(due):  # the HSM or the log is away: try again next round
-                return done
+            due = await self.signer.store.ocsp_due(now, now + REFRESH_BEFORE, BATCH,
+                                                   list(issuers.x509))
+            if not due or await self.signer.sign(due):  # failures: the HSM or the log is
+                return                                  # away; next round
 
     async def run(self) -> None:
         while True:
@@ -139,13 +165,14 @@ class OCSPRefresher:
             await asyncio.sleep(self.interval)  # periodic work, not synchronisation
 
 
-def issuer_of(request: ocsp.OCSPRequest, issuers: Issuers) -> X509Issuer | None:
-    """The issuer whose name and key hash the request's CertID carries."""
+def issuer_of(request: ocsp.OCSPRequest, issuers: Issuers) -> x509.Certificate | None:
+    """The issuer whose name and key hash the request's CertID carries (retired ones
+    too: their last responses are served until they age out)."""
     name = request.hash_algorithm.name
-    for issuer in issuers.x509.values():
-        ids = ocsp_der.cert_ids(issuer.cert).get(name)
+    for cert in [*(i.cert for i in issuers.x509.values()), *issuers.past.values()]:
+        ids = cert_ids(cert).get(name)
         if ids == (request.issuer_name_hash, request.issuer_key_hash):
-            return issuer
+            return cert
     return None
 
 
@@ -162,25 +189,19 @@ async def answer(request_der: bytes, store: Store, issuers: Issuers) -> Answer:
     now = prof.utcnow()
     stored = await store.ocsp(serial)
     if stored is not None and dt.datetime.fromisoformat(stored.next_update) > now:
-        resp = ocsp.load_der_ocsp_response(stored.der)
-        if not any(_same_cert_id(single, req) for single in resp.responses):
+        der = stored.der_sha1 if algorithm == "sha1" else stored.der_sha256
+        if not _same_cert_id(ocsp.load_der_ocsp_response(der), req):
             return _unsigned(ocsp.OCSPResponseStatus.UNAUTHORIZED)  # another issuer's
         left = (dt.datetime.fromisoformat(stored.next_update) - now).total_seconds()
-        return Answer(stored.der, max(0, min(MAX_AGE_S, int(left))))
+        return Answer(der, max(0, min(MAX_AGE_S, int(left))))
     cert = await store.cert(serial)
     if cert is None or dt.datetime.fromisoformat(cert.not_after) <= now:
         return _unsigned(ocsp.OCSPResponseStatus.UNAUTHORIZED)
     return _unsigned(ocsp.OCSPResponseStatus.TRY_LATER)
 
 
-def _same_cert_id(single: ocsp.OCSPSingleResponse, req: ocsp.OCSPRequest) -> bool:
+def _same_cert_id(single: ocsp.OCSPResponse, req: ocsp.OCSPRequest) -> bool:
     return (single.hash_algorithm.name == req.hash_algorithm.name
             and single.issuer_name_hash == req.issuer_name_hash
             and single.issuer_key_hash == req.issuer_key_hash
             and single.serial_number == req.serial_number)
-
-
-def responses_of(der: bytes) -> list[tuple[str, x509.ReasonFlags | None]]:
-    """(status, reason) of each SingleResponse (for the tests and the CLI)."""
-    return [(s.certificate_status.name.lower(), s.revocation_reason)
-            for s in ocsp.load_der_ocsp_response(der).responses]

@@ -6,13 +6,16 @@ import asyncio
 import ipaddress
 import ssl
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import structlog
 from aiohttp import web
 
+from ca.generations import Generations
 from ca.issuance.issue import Issuance
+from ca.lifecycle import KeyLifecycle
 from ca.metrics import Metrics
 from ca.revocation import Revocations
 from ca.server.audit_routes import routes as audit_routes
@@ -21,6 +24,7 @@ from ca.server.common import (
     GATE,
     HSM_HEALTH,
     ISSUANCE,
+    LIFECYCLE,
     LIMIT,
     METRICS,
     REVOCATIONS,
@@ -34,6 +38,7 @@ from ca.server.common import (
     TokenLimit,
     identity,
 )
+from ca.server.key_routes import routes as key_routes
 from ca.server.problems import Handler, Problem, problem_middleware
 from ca.server.ssh_routes import routes as ssh_routes
 from ca.server.x509_routes import routes as x509_routes
@@ -129,16 +134,94 @@ async def metrics(request: web.Request) -> web.Response:
 
 def build_app(*, gate: Gate, tokens: Tokens, issuance: Issuance, revocations: Revocations,
               audit: AuditReader, limit: TokenLimit, hsm: Health, store: Store,
-              settings: Settings, metrics: Metrics | None = None) -> web.Application:
+              settings: Settings, lifecycle: KeyLifecycle,
+              metrics: Metrics | None = None) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY,
                           middlewares=[request_middleware, problem_middleware])
     app[GATE], app[TOKENS], app[ISSUANCE], app[REVOCATIONS] = gate, tokens, issuance, revocations
     app[AUDIT], app[LIMIT], app[HSM_HEALTH], app[STORE] = audit, limit, hsm, store
-    app[SETTINGS] = settings
+    app[SETTINGS], app[LIFECYCLE] = settings, lifecycle
     app[METRICS] = metrics or Metrics()
-    for table in (routes, x509_routes, ssh_routes, audit_routes):
+    for table in (routes, x509_routes, ssh_routes, audit_routes, key_routes):
         app.add_routes(table)
     return app
+
+
+class _Refusals:
+    """Refused TLS handshakes, logged once per reason per interval with how many there
+    were: a client with an expired certificate retries in a loop, and the log must not
+    become its echo."""
+
+    interval_s = 10.0
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+        self._since: dict[str, int] = {}
+        self.count: dict[str, int] = {}
+        self.on_refused: Callable[[str], None] | None = None  # a metric, per reason
+
+    def note(self, reason: str) -> None:
+        self.count[reason] = self.count.get(reason, 0) + 1
+        self._since[reason] = self._since.get(reason, 0) + 1
+        if self.on_refused is not None:
+            self.on_refused(reason)
+        now = time.monotonic()
+        if now - self._last.get(reason, float("-inf")) >= self.interval_s:
+            log.warning("refused a TLS handshake", reason=reason,
+                        refused_since_last_line=self._since[reason])
+            self._last[reason], self._since[reason] = now, 0
+
+
+REFUSALS = _Refusals()
+
+
+class _Trust:
+    """The intermediates the TLS layer trusts for client certificates, reloaded in a
+    handshake's first step when a key rotation (in any process) moved the shared
+    `keys` counter: a certificate from a new intermediate, handed out by another
+    worker a moment ago, is accepted by this one at once."""
+
+    def __init__(self) -> None:
+        self.generations: Generations | None = None
+        self.bundle: Path | None = None
+        self._seen = -1
+
+    def check(self, context: ssl.SSLContext) -> None:
+        if self.generations is None or self.bundle is None:
+            return
+        gen = self.generations.get("keys")
+        if gen != self._seen:
+            self._seen = gen
+            try:
+                context.load_verify_locations(cafile=str(self.bundle))
+            except (OSError, ssl.SSLError) as exc:
+                log.error("cannot load the CA bundle for client certificates",
+                          bundle=str(self.bundle), error=str(exc))
+
+
+TRUST = _Trust()
+
+
+class _CheckedSSLObject(ssl.SSLObject):
+    """asyncio drops a failed server handshake without a word (it is an OSError, logged
+    only in debug mode), so a client whose certificate is expired or from another CA
+    sees 'connection reset' and the operator sees nothing. This says why."""
+
+    def do_handshake(self) -> None:
+        TRUST.check(self.context)
+        try:
+            super().do_handshake()
+        except ssl.SSLWantReadError:
+            raise
+        except ssl.SSLError as exc:
+            REFUSALS.note(_reason(exc))
+            raise
+
+
+def _reason(exc: ssl.SSLError) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"client certificate: {exc.verify_message}"
+    return (exc.reason or type(exc).__name__).lower().replace("_", " ")
 
 
 def tls_context(cert: Path, key: Path, client_ca: Path) -> ssl.SSLContext:
@@ -156,4 +239,5 @@ def tls_context(cert: Path, key: Path, client_ca: Path) -> ssl.SSLContext:
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     # TLS 1.2: forward-secret AEAD suites only (no CBC); TLS 1.3 has nothing else.
     ctx.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20")
+    ctx.sslobject_class = _CheckedSSLObject
     return ctx

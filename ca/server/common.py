@@ -16,8 +16,8 @@ from cryptography import x509
 
 from ca import ra
 from ca.audit import wire
-from ca.issuance.issue import Issuance
-from ca.issuance.issuers import Issuers
+from ca.issuance.issue import Issuance, IssuerSource
+from ca.lifecycle import KeyLifecycle
 from ca.metrics import Metrics
 from ca.policy import PARSE_ERRORS, Policy
 from ca.revocation import Revocations
@@ -66,10 +66,10 @@ class Gate:
     """Who a client is (from the inventory) and the registration authority's context
     as of now."""
 
-    def __init__(self, store: Store, revocations: Revocations, issuers: Issuers,
+    def __init__(self, store: Store, revocations: Revocations, keys: IssuerSource,
                  policy: Callable[[], Policy]) -> None:
-        self.store, self.revocations, self.issuers, self._policy = (
-            store, revocations, issuers, policy)
+        self.store, self.revocations, self.keys, self._policy = (
+            store, revocations, keys, policy)
         self._cache: dict[str, CertRecord] = {}
 
     async def record(self, fingerprint: str) -> CertRecord | None:
@@ -88,7 +88,7 @@ class Gate:
     async def context(self) -> ra.Context:
         _, revoked_keys = await self.revocations.revoked_ssh_keys.get()
         return ra.Context(self._policy(), dt.datetime.now(dt.UTC).replace(microsecond=0),
-                          self.issuers, revoked_keys.__contains__)
+                          await self.keys.refresh(), revoked_keys.__contains__)
 
 
 GATE = web.AppKey("gate", Gate)
@@ -101,6 +101,7 @@ HSM_HEALTH = web.AppKey("hsm_health", Health)
 STORE = web.AppKey("store", Store)
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
+LIFECYCLE = web.AppKey("lifecycle", KeyLifecycle)
 
 
 def peer_der(request: web.Request) -> bytes | None:

@@ -28,10 +28,12 @@ def _answer(request: web.Request, order: ra.SSHOrder, issued: IssuedSSH) -> web.
 
 @routes.get("/v1/ssh/ca")
 async def ssh_ca(request: web.Request) -> web.Response:
-    issuers = request.app[ISSUANCE].issuers
+    """Every CA key still trusted, one authorized_keys line each, newest first: during a
+    rotation both, so TrustedUserCAKeys and @cert-authority lines carry both."""
+    issuers = await request.app[ISSUANCE].keys.refresh()
     return web.json_response({
-        "user": issuers.ssh[issuers.ssh_issuer("user")].authorized_key("hsmca-user-ca"),
-        "host": issuers.ssh[issuers.ssh_issuer("host")].authorized_key("hsmca-host-ca")})
+        "user": "\n".join(issuers.ssh_lines("user", "hsmca-user-ca")),
+        "host": "\n".join(issuers.ssh_lines("host", "hsmca-host-ca"))})
 
 
 @routes.post("/v1/ssh/host")

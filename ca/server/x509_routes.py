@@ -178,7 +178,15 @@ async def revoke(request: web.Request) -> web.Response:
 
 @routes.get("/v1/x509/crl")
 async def crl(request: web.Request) -> web.Response:
+    """The current issuer's CRL."""
     return web.Response(body=await request.app[REVOCATIONS].crl(),
+                        content_type="application/pkix-crl")
+
+
+@routes.get("/v1/x509/crl/{issuer}")
+async def issuer_crl(request: web.Request) -> web.Response:
+    """An issuer's CRL, by its key's label (the CRL distribution point of its leaves)."""
+    return web.Response(body=await request.app[REVOCATIONS].crl(request.match_info["issuer"]),
                         content_type="application/pkix-crl")
 
 
@@ -216,8 +224,18 @@ async def roots(request: web.Request) -> web.Response:
 
 @routes.get("/v1/x509/chain")
 async def chain(request: web.Request) -> web.Response:
-    return web.Response(text=request.app[ISSUANCE].issuers.current.chain_pem,
-                        content_type="application/x-pem-file")
+    """The current issuing CA, then the root."""
+    issuers = await request.app[ISSUANCE].keys.refresh()
+    return web.Response(text=issuers.current.chain_pem, content_type="application/x-pem-file")
+
+
+@routes.get("/v1/x509/bundle")
+async def bundle(request: web.Request) -> web.Response:
+    """Every issuing CA certificate still anchoring a certificate, newest first (during
+    a rotation, the previous ones too), then the root."""
+    issuers = await request.app[ISSUANCE].keys.refresh()
+    return web.Response(text="".join(pem(c) for c in issuers.intermediates()) + pem(
+        issuers.root), content_type="application/x-pem-file")
 
 
 # ---- EST (RFC 7030) ---------------------------------------------------------------------
@@ -243,7 +261,8 @@ async def _est_csr(request: web.Request) -> x509.CertificateSigningRequest:
 
 @routes.get("/.well-known/est/cacerts")
 async def est_cacerts(request: web.Request) -> web.Response:
-    return _pkcs7_b64(list(request.app[ISSUANCE].issuers.current.chain))
+    issuers = await request.app[ISSUANCE].keys.refresh()
+    return _pkcs7_b64(list(issuers.current.chain))
 
 
 @routes.post("/.well-known/est/simpleenroll")

@@ -18,6 +18,7 @@ from typing import Protocol
 from ca.store.records import (
     CertRecord,
     CRLRecord,
+    KeyRecord,
     NewCert,
     NewSSHCert,
     NewToken,
@@ -28,7 +29,7 @@ from ca.store.records import (
     TokenRecord,
 )
 
-__all__ = ["CRLRecord", "CertRecord", "NewCert", "NewSSHCert", "NewToken", "OCSPDue",
+__all__ = ["CRLRecord", "CertRecord", "KeyRecord", "NewCert", "NewSSHCert", "NewToken", "OCSPDue",
            "OCSPRecord", "Revoked", "SSHSelector", "Store", "TokenRecord", "open_store"]
 
 
@@ -63,8 +64,8 @@ class Store(Protocol):
 
     async def cert_by_fingerprint(self, fingerprint: str) -> CertRecord | None: ...
 
-    async def revoked_certs(self) -> list[tuple[int, dt.datetime, str | None]]:
-        """(serial, revocation time, reason) of every revoked certificate."""
+    async def revoked_certs(self) -> list[tuple[int, dt.datetime, str | None, str | None]]:
+        """(serial, revocation time, reason, issuer label) of every revoked certificate."""
         ...
 
     async def lineage(self, serial: int, now: dt.datetime) -> list[int]:
@@ -96,18 +97,18 @@ class Store(Protocol):
         (an OpenSSH public key line), the key itself; how many certificates it hit."""
         ...
 
-    async def revoked_ssh_certs(self) -> list[tuple[str, int]]:
-        """(cert type, serial) of every revoked SSH certificate."""
+    async def revoked_ssh_certs(self) -> list[tuple[str, int, str | None]]:
+        """(cert type, serial, issuer label) of every revoked SSH certificate."""
         ...
 
     async def revoked_ssh_keys(self) -> list[str]: ...
 
     # ---- pre-signed OCSP responses ------------------------------------------------------
 
-    async def ocsp_due(self, now: dt.datetime, refresh_before: dt.datetime,
-                       limit: int) -> list[OCSPDue]:
-        """Live certificates whose response is missing, ends before `refresh_before`, or
-        still says good for a revoked certificate; revoked ones first."""
+    async def ocsp_due(self, now: dt.datetime, refresh_before: dt.datetime, limit: int,
+                       issuers: Sequence[str]) -> list[OCSPDue]:
+        """Live certificates of `issuers` whose response is missing, ends before
+        `refresh_before`, or still says good for a revoked certificate; revoked first."""
         ...
 
     async def put_ocsp(self, responses: Sequence[OCSPRecord]) -> None: ...
@@ -122,7 +123,33 @@ class Store(Protocol):
 
     async def add_crl(self, crl: CRLRecord) -> None: ...
 
-    async def latest_crl(self) -> CRLRecord | None: ...
+    async def latest_crl(self, issuer: str | None) -> CRLRecord | None:
+        """The newest CRL of an issuer (None: the first issuing key's)."""
+        ...
+
+    # ---- the CA's keys --------------------------------------------------------------------
+
+    async def keys(self) -> list[KeyRecord]: ...
+
+    async def add_keys(self, records: Sequence[KeyRecord]) -> None:
+        """Record keys (those already recorded are left alone)."""
+        ...
+
+    async def rotate_key(self, new: KeyRecord) -> list[str]:
+        """Make `new` its kind's active key and the one active before it previous, in one
+        transaction; the labels that became previous."""
+        ...
+
+    async def set_key_state(self, label: str, state: str, at: dt.datetime,
+                            expect: str) -> bool:
+        """Move a key from state `expect` to `state`; False if it was not in `expect`."""
+        ...
+
+    async def name_first_issuers(self, x509_label: str, ssh: dict[str, str]) -> None:
+        """Records made before issuers were named get the keys `init` made."""
+        ...
+
+    async def signed_by(self) -> dict[str | None, int]: ...
 
 
 def open_store(path: object, *, autocheckpoint: bool = True) -> Store:

@@ -74,6 +74,7 @@ class NewSSHCert:
     valid_before: int
     owner_serial: str  # the X.509 certificate (hex serial) that asked for it
     issued_at: str
+    issuer: str | None = None  # the SSH CA key's label
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,22 @@ class CRLRecord:
     revoked: int  # how many revocations it lists
     this_update: str
     der: bytes
+    issuer: str | None = None  # its issuer's key label (None: the first issuing key)
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """One of the CA's keys in the token, and where it is in its life."""
+
+    label: str
+    kind: str  # root | issuing | ssh-user | ssh-host | audit
+    state: str  # active | previous | retired | destroyed
+    algorithm: str
+    created_at: str
+    fingerprint: str  # SHA-256 of its SubjectPublicKeyInfo
+    uri: str
+    cert: bytes | None  # the CA certificate (DER) of a root or issuing key
+    changed_at: str
 
 
 @dataclass(frozen=True)
@@ -115,8 +132,12 @@ class OCSPDue:
 
 @dataclass(frozen=True)
 class OCSPRecord:
+    """A certificate's pre-signed responses: one for a SHA-1 CertID, one for SHA-256
+    (one SingleResponse each: clients, cryptography's among them, expect one)."""
+
     serial: int
     status: str  # good | revoked
     this_update: str
     next_update: str
-    der: bytes
+    der_sha1: bytes
+    der_sha256: bytes

@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import datetime as dt
 import json
+import os
 import queue
 import sqlite3
 import threading
@@ -24,6 +25,7 @@ from ca.handoff import STOP, Batch, Coalescer, Sink, async_sink, claim, drain_qu
 from ca.store.records import (
     CertRecord,
     CRLRecord,
+    KeyRecord,
     NewCert,
     NewSSHCert,
     NewToken,
@@ -107,8 +109,25 @@ MIGRATIONS: tuple[str, ...] = (
         status TEXT NOT NULL,             -- good | revoked
         this_update TEXT NOT NULL,
         next_update TEXT NOT NULL,
-        der BLOB NOT NULL
+        der_sha1 BLOB NOT NULL,           -- the response to a SHA-1 CertID
+        der_sha256 BLOB NOT NULL          -- and to a SHA-256 one
     );
+    """,
+    # 3: the CA's keys and their lifecycle; SSH certificates and CRLs name their issuer.
+    """
+    CREATE TABLE ca_keys (
+        label TEXT PRIMARY KEY,           -- the key's label in the token
+        kind TEXT NOT NULL,               -- root | issuing | ssh-user | ssh-host | audit
+        state TEXT NOT NULL,              -- active | previous | retired | destroyed
+        algorithm TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,        -- SHA-256 of the public key (SPKI)
+        uri TEXT NOT NULL,                -- RFC 7512
+        cert BLOB,                        -- issuing and root: its CA certificate (DER)
+        changed_at TEXT NOT NULL
+    );
+    ALTER TABLE ssh_certs ADD COLUMN issuer TEXT;  -- NULL: the first key of its type
+    ALTER TABLE crls ADD COLUMN issuer TEXT;       -- NULL: the first issuing key
     """,
 )
 
@@ -166,6 +185,9 @@ class SQLiteStore:
         on a slow disk), stalling its worker's every signature behind it; the primary
         checkpoints in the background instead (`wal_checkpoint`)."""
         self.path = path
+        # Made 0600 before SQLite makes it (its WAL and SHM files take its mode): the
+        # inventory names every client, and holds tokens' hashes.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
         w = _connect(path)
         w.execute("PRAGMA journal_mode=WAL")
         if not autocheckpoint:
@@ -322,10 +344,11 @@ class SQLiteStore:
                           (fingerprint,))
         return _cert(rows[0]) if rows else None
 
-    async def revoked_certs(self) -> list[tuple[int, dt.datetime, str | None]]:
-        return [(int(s, 16), dt.datetime.fromisoformat(at), reason) for s, at, reason in
-                self._read("SELECT serial, revoked_at, reason FROM certs "
-                           "WHERE revoked_at IS NOT NULL")]
+    async def revoked_certs(self) -> list[tuple[int, dt.datetime, str | None, str | None]]:
+        return [(int(s, 16), dt.datetime.fromisoformat(at), reason, issuer)
+                for s, at, reason, issuer in self._read(
+                    "SELECT serial, revoked_at, reason, issuer FROM certs "
+                    "WHERE revoked_at IS NOT NULL")]
 
     async def lineage(self, serial: int, now: dt.datetime) -> list[int]:
         rows = self._read(
@@ -369,11 +392,11 @@ class SQLiteStore:
         def insert(db: sqlite3.Connection) -> None:
             db.execute(
                 "INSERT INTO ssh_certs (serial, key_id, cert_type, key_sha256, public_key, "
-                "principals, valid_after, valid_before, owner_serial, issued_at) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?)",
+                "principals, valid_after, valid_before, owner_serial, issued_at, issuer) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (str(cert.serial), cert.key_id, cert.cert_type, cert.key_sha256,
                  cert.public_key, json.dumps(list(cert.principals)), str(cert.valid_after),
-                 str(cert.valid_before), cert.owner_serial, cert.issued_at))
+                 str(cert.valid_before), cert.owner_serial, cert.issued_at, cert.issuer))
         return self._submit(insert)
 
     async def count_ssh_certs(self, which: SSHSelector) -> int:
@@ -393,39 +416,42 @@ class SQLiteStore:
                               "AND revoked_at IS NULL", (at.isoformat(), arg)).rowcount
         return await self._write(mark)
 
-    async def revoked_ssh_certs(self) -> list[tuple[str, int]]:
-        return [(t, int(s)) for t, s in self._read(
-            "SELECT cert_type, serial FROM ssh_certs WHERE revoked_at IS NOT NULL")]
+    async def revoked_ssh_certs(self) -> list[tuple[str, int, str | None]]:
+        return [(t, int(s), issuer) for t, s, issuer in self._read(
+            "SELECT cert_type, serial, issuer FROM ssh_certs WHERE revoked_at IS NOT NULL")]
 
     async def revoked_ssh_keys(self) -> list[str]:
         return [r[0] for r in self._read("SELECT public_key FROM ssh_revoked_keys")]
 
     # ---- pre-signed OCSP responses -----------------------------------------------------
 
-    async def ocsp_due(self, now: dt.datetime, refresh_before: dt.datetime,
-                       limit: int) -> list[OCSPDue]:
+    async def ocsp_due(self, now: dt.datetime, refresh_before: dt.datetime, limit: int,
+                       issuers: Sequence[str]) -> list[OCSPDue]:
+        marks = ",".join("?" * len(issuers))
         rows = self._read(
             "SELECT c.serial, c.issuer, c.revoked_at, c.reason FROM certs c "
             "LEFT JOIN ocsp_responses o ON o.serial = c.serial "
-            "WHERE c.not_after > ? AND (o.serial IS NULL OR o.next_update < ? "
-            "OR (c.revoked_at IS NOT NULL AND o.status = 'good')) "
+            f"WHERE c.not_after > ? AND c.issuer IN ({marks}) AND (o.serial IS NULL "
+            "OR o.next_update < ? OR (c.revoked_at IS NOT NULL AND o.status = 'good')) "
             "ORDER BY c.revoked_at IS NULL, o.next_update LIMIT ?",
-            (now.isoformat(), refresh_before.isoformat(), limit))
+            (now.isoformat(), *issuers, refresh_before.isoformat(), limit))
         return [OCSPDue(int(r[0], 16), r[1], r[2], r[3]) for r in rows]
 
     async def put_ocsp(self, responses: Sequence[OCSPRecord]) -> None:
         def put(db: sqlite3.Connection) -> None:
             db.executemany(
-                "INSERT INTO ocsp_responses (serial, status, this_update, next_update, der) "
-                "VALUES (?,?,?,?,?) ON CONFLICT (serial) DO UPDATE SET status = "
+                "INSERT INTO ocsp_responses (serial, status, this_update, next_update, der_sha1, "
+                "der_sha256) VALUES (?,?,?,?,?,?) ON CONFLICT (serial) DO UPDATE SET status = "
                 "excluded.status, this_update = excluded.this_update, next_update = "
-                "excluded.next_update, der = excluded.der",
-                [(format(r.serial, "x"), r.status, r.this_update, r.next_update, r.der)
-                 for r in responses])
+                "excluded.next_update, der_sha1 = excluded.der_sha1, der_sha256 = "
+                "excluded.der_sha256",
+                [(format(r.serial, "x"), r.status, r.this_update, r.next_update, r.der_sha1,
+                  r.der_sha256) for r in responses])
         await self._write(put)
 
     async def ocsp(self, serial: int) -> OCSPRecord | None:
-        rows = self._read("SELECT status, this_update, next_update, der FROM ocsp_responses "
+        rows = self._read("SELECT status, this_update, next_update, der_sha1, der_sha256 "
+                          "FROM ocsp_responses "
                           "WHERE serial = ?", (format(serial, "x"),))
         return OCSPRecord(serial, *rows[0]) if rows else None
 
@@ -442,13 +468,70 @@ class SQLiteStore:
 
     async def add_crl(self, crl: CRLRecord) -> None:
         def keep(db: sqlite3.Connection) -> None:
-            db.execute("INSERT INTO crls (number, revoked, this_update, der) VALUES (?,?,?,?)",
-                       (crl.number, crl.revoked, crl.this_update, crl.der))
-            db.execute("DELETE FROM crls WHERE number < ?", (crl.number - KEEP_CRLS,))
+            db.execute("INSERT INTO crls (number, revoked, this_update, der, issuer) "
+                       "VALUES (?,?,?,?,?)",
+                       (crl.number, crl.revoked, crl.this_update, crl.der, crl.issuer))
+            db.execute("DELETE FROM crls WHERE number < ? AND issuer IS ?",
+                       (crl.number - KEEP_CRLS, crl.issuer))
         await self._write(keep)
 
-    async def latest_crl(self) -> CRLRecord | None:
-        rows = self._read("SELECT number, revoked, this_update, der FROM crls "
-                          "ORDER BY number DESC LIMIT 1")
-        return CRLRecord(int(rows[0][0]), int(rows[0][1]), rows[0][2], rows[0][3]) if rows \
-            else None
+    async def latest_crl(self, issuer: str | None) -> CRLRecord | None:
+        rows = self._read("SELECT number, revoked, this_update, der, issuer FROM crls "
+                          "WHERE issuer IS ? ORDER BY number DESC LIMIT 1", (issuer,))
+        return CRLRecord(int(rows[0][0]), int(rows[0][1]), rows[0][2], rows[0][3],
+                         rows[0][4]) if rows else None
+
+    # ---- the CA's keys ----------------------------------------------------------------------
+
+    async def keys(self) -> list[KeyRecord]:
+        return [KeyRecord(*r) for r in self._read(
+            "SELECT label, kind, state, algorithm, created_at, fingerprint, uri, cert, "
+            "changed_at FROM ca_keys ORDER BY created_at, label")]
+
+    async def add_keys(self, records: Sequence[KeyRecord]) -> None:
+        def insert(db: sqlite3.Connection) -> None:
+            db.executemany(
+                "INSERT INTO ca_keys (label, kind, state, algorithm, created_at, fingerprint, "
+                "uri, cert, changed_at) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+                [(r.label, r.kind, r.state, r.algorithm, r.created_at, r.fingerprint, r.uri,
+                  r.cert, r.changed_at) for r in records])
+        await self._write(insert)
+
+    async def rotate_key(self, new: KeyRecord) -> list[str]:
+        def rotate(db: sqlite3.Connection) -> list[str]:
+            old = [r[0] for r in db.execute(
+                "UPDATE ca_keys SET state = 'previous', changed_at = ? WHERE kind = ? "
+                "AND state = 'active' RETURNING label", (new.changed_at, new.kind))]
+            db.execute("INSERT INTO ca_keys (label, kind, state, algorithm, created_at, "
+                       "fingerprint, uri, cert, changed_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                       (new.label, new.kind, "active", new.algorithm, new.created_at,
+                        new.fingerprint, new.uri, new.cert, new.changed_at))
+            return old
+        return await self._write(rotate)
+
+    async def set_key_state(self, label: str, state: str, at: dt.datetime,
+                            expect: str) -> bool:
+        def change(db: sqlite3.Connection) -> int:
+            return db.execute("UPDATE ca_keys SET state = ?, changed_at = ? WHERE label = ? "
+                              "AND state = ?", (state, at.isoformat(), label, expect)).rowcount
+        return await self._write(change) == 1
+
+    async def name_first_issuers(self, x509_label: str, ssh: dict[str, str]) -> None:
+        def name(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE certs SET issuer = ? WHERE issuer IS NULL", (x509_label,))
+            for cert_type, label in ssh.items():
+                db.execute("UPDATE ssh_certs SET issuer = ? WHERE issuer IS NULL AND "
+                           "cert_type = ?", (label, cert_type))
+            db.execute("UPDATE crls SET issuer = ? WHERE issuer IS NULL", (x509_label,))
+        await self._write(name)
+
+    async def signed_by(self) -> dict[str | None, int]:
+        """How many certificates each issuer label signed (None: before labels were kept)."""
+        counts: dict[str | None, int] = {}
+        for issuer, n in self._read("SELECT issuer, COUNT(*) FROM certs GROUP BY issuer"):
+            counts[issuer] = counts.get(issuer, 0) + int(n)
+        for issuer, kind, n in self._read("SELECT issuer, cert_type, COUNT(*) FROM ssh_certs "
+                                          "GROUP BY issuer, cert_type"):
+            key = issuer if issuer is not None else f"ssh-{kind}"
+            counts[key] = counts.get(key, 0) + int(n)
+        return counts

@@ -224,7 +224,7 @@ def prev_error(obj: dict[str, Any], lines: list[bytes], j: int, seq: int) -> Lin
     if type(prev) is not str or not _HEX64.fullmatch(prev):
         return LineError(Stage.LINE, f"prev must be 64 lowercase hex digits, not {prev!r}")
     if seq == 0:
-        return LineError(Stage.LINE, "prev of line 0 must be 64 zeros")
+        return LineError(Stage.LINE, "prev of seq 0 must be 64 zeros")
     return _chain_error(lines, j, seq)
 
 
@@ -238,7 +238,7 @@ def _chain_error(lines: list[bytes], j: int, seq: int) -> LineError:
         if isinstance(following, dict) and following.get("prev") == chain_hash(lines[j]):
             # The next line still vouches for this one, so this one is intact and the
             # line before it no longer has the bytes this one vouched for.
-            return LineError(Stage.LINE, f"line {seq - 1} was altered: its SHA-256 no longer "
-                                         f"matches the prev recorded in line {seq}", seq - 1)
-    return LineError(Stage.LINE, f"prev does not match the SHA-256 of line {seq - 1} "
-                                 f"(line {seq - 1} or line {seq} was altered)")
+            return LineError(Stage.LINE, f"seq {seq - 1} was altered: its SHA-256 no longer "
+                                         f"matches the prev recorded in seq {seq}", seq - 1)
+    return LineError(Stage.LINE, f"prev does not match the SHA-256 of seq {seq - 1} "
+                                 f"(seq {seq - 1} or seq {seq} was altered)")

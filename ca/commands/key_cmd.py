@@ -1,0 +1,111 @@
+"""`hsmca key list|rotate|retire|destroy`: the CA's keys, with the admin credential,
+against the running daemon (every step decided, audited and picked up by every
+process there; docs/keys.md)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+from ca.errors import CLIError
+
+KINDS = ("issuing", "ssh-user", "ssh-host")
+
+
+def _context(args: argparse.Namespace) -> tuple[str, Any]:
+    from ca import client
+    from ca.commands.client_cmd import _admin
+    if args.cert is not None or args.key is not None:
+        if args.cert is None or args.key is None or args.url is None:
+            raise CLIError("--cert needs --key and --url too (or use --config's admin "
+                           "credential)")
+        url = client.base_url(args.url)
+        return url, asyncio.run(client.preflight(url, args.ca, args.cert, args.key))
+    return _admin(args)
+
+
+def _call(args: argparse.Namespace, method: str, path: str, body: Any = None,
+          expect: int = 200) -> Any:
+    from ca import client
+    url, ctx = _context(args)
+    return asyncio.run(client.call(method, f"{url}{path}", ctx, json_body=body,
+                                   expect=expect))
+
+
+def run(args: argparse.Namespace) -> int:
+    action = args.key_command
+    if action == "list":
+        keys = _call(args, "GET", "/v1/keys")["keys"]
+        print(f"{'LABEL':<36} {'KIND':<9} {'STATE':<10} {'ALGORITHM':<10} {'SIGNED':>7}  "
+              "CREATED")
+        for k in keys:
+            print(f"{k['label']:<36} {k['kind']:<9} {k['state']:<10} {k['algorithm']:<10} "
+                  f"{k['signed']:>7}  {k['created_at']}")
+            print(f"    {k['uri']}  sha256:{k['fingerprint']}")
+        return 0
+    if action == "rotate":
+        out = _call(args, "POST", "/v1/keys/rotate", {"kind": args.kind}, expect=201)
+        print(f"rotated {out['kind']}: {out['label']} is active, {out['previous']} is "
+              "previous (it keeps signing CRLs and OCSP, or stays trusted for SSH, until "
+              "you retire it)")
+        return 0
+    if action == "retire":
+        out = _call(args, "POST", "/v1/keys/retire", {"label": args.label})
+        print(f"retired {out['label']}: it signs nothing any more")
+        return 0
+    confirmed = args.yes
+    if not confirmed:
+        sys.stderr.write(f"Destroy {args.label} in the HSM? This cannot be undone. "
+                         "Type yes: ")
+        sys.stderr.flush()
+        confirmed = sys.stdin.readline().strip().lower() == "yes"
+        if not confirmed:
+            raise CLIError("not destroyed (confirm with yes, or pass --yes)")
+    out = _call(args, "POST", "/v1/keys/destroy", {"label": args.label, "confirm": True})
+    print(f"destroyed {out['label']} (C_DestroyObject; the audit log records it)")
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from ca.commands.client_cmd import credential_flags
+    k = sub.add_parser("key", help="the CA's keys: list, rotate, retire, destroy (admin)",
+                       description="Manage the CA's keys in the HSM while the daemon runs: "
+                       "no step needs a restart or interrupts issuance. Uses the admin "
+                       "credential of --config, or --url/--ca/--cert/--key.")
+    ksub = k.add_subparsers(dest="key_command", metavar="SUBCOMMAND", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", type=Path, default=Path("hsmca.toml"),
+                       help="config whose admin credential to use (default ./hsmca.toml)")
+        p.add_argument("--url", help="daemon URL (default: the one the daemon of --config "
+                       "wrote to STATE_DIR/serve.url)")
+        p.add_argument("--ca", type=Path, help="root CA PEM (default from --config)")
+        credential_flags(p, "an admin client certificate (default: --config's)",
+                         required=False)
+        p.set_defaults(command_key="key")
+
+    common(ksub.add_parser("list", help="every key: label, kind, state, algorithm, "
+                           "fingerprint, PKCS#11 URI, what it signed"))
+    r = ksub.add_parser("rotate", help="a new key of a kind; the old one becomes previous",
+                        description="Generate a new non-exportable key in the HSM; for "
+                        "issuing, the root certifies it. New certificates use it at once; "
+                        "the previous key keeps signing CRLs and OCSP for what it issued "
+                        "(issuing), or stays trusted (SSH: /v1/ssh/ca lists both), until "
+                        "retired. The root is rotated offline (docs/keys.md).")
+    r.add_argument("kind", choices=KINDS, help="which key")
+    common(r)
+    t = ksub.add_parser("retire", help="stop every use of a previous key",
+                        description="A retired key signs nothing any more; the certificates "
+                        "it issued stay trusted as client certificates until they expire or "
+                        "are revoked.")
+    t.add_argument("label", help="the key's label (hsmca key list)")
+    common(t)
+    d = ksub.add_parser("destroy", help="C_DestroyObject on a retired key",
+                        description="Destroy a retired key in the HSM, recorded in the audit "
+                        "log like a signature (intent, then outcome). Cannot be undone.")
+    d.add_argument("label", help="the key's label (hsmca key list)")
+    d.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    common(d)

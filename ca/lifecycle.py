@@ -1,0 +1,128 @@
+"""The CA's keys over their life: rotate, retire, destroy; every step decided by the
+registration authority, done in the HSM through the audited path, recorded in the
+inventory, and picked up by every process at once (the shared `keys` counter).
+
+- rotate: a new non-exportable key of the same type in the token (`hsm.keygen`); for
+  an issuing key, the root signs its CA certificate. The new key is active, the one
+  it replaces previous: a previous issuing key keeps signing CRLs and OCSP for what it
+  issued; a previous SSH CA key stays trusted (listed by /v1/ssh/ca, covered by the
+  KRL).
+- retire: no use of any kind any more; the certificates it issued stay trusted as
+  client certificates until they expire or are revoked.
+- destroy: C_DestroyObject on a retired key, with an intent and an outcome in the
+  audit log like a signature.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+from pathlib import Path
+from typing import Any, Protocol
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from ca import ra
+from ca.fileutil import write_atomic
+from ca.generations import Generations
+from ca.issuance.issue import Issuance
+from ca.issuance.profiles import pem, utcnow
+from ca.policy import Reason, Refused
+from ca.store import KeyRecord, Store
+
+INTERMEDIATE_LIFETIME = dt.timedelta(days=1825)
+LABEL_PREFIX = {"issuing": "issuing-ca", "ssh-user": "ssh-user-ca", "ssh-host": "ssh-host-ca",
+                "audit": "audit"}
+
+
+class AuditAppend(Protocol):
+    async def append(self, event: str, **fields: Any) -> int: ...
+
+
+class KeyLifecycle:
+    def __init__(self, issuance: Issuance, store: Store, audit: AuditAppend,
+                 generations: Generations, bundle_path: Path) -> None:
+        self.issuance, self.store, self.audit = issuance, store, audit
+        self.generations, self.bundle_path = generations, bundle_path
+
+    async def listing(self) -> list[dict[str, Any]]:
+        records = await self.store.keys()
+        counts = await self.store.signed_by()
+        return [{"label": r.label, "kind": r.kind, "state": r.state, "algorithm": r.algorithm,
+                 "created_at": r.created_at, "changed_at": r.changed_at,
+                 "fingerprint": r.fingerprint, "uri": r.uri,
+                 "signed": counts.get(r.label, 0)} for r in records]
+
+    async def request(self, action: str, kind: str | None, label: str | None,
+                      confirmed: bool = False) -> ra.KeyRequest:
+        """The RA's request, with what the inventory says of the key named."""
+        if label is None:
+            return ra.KeyRequest(action, kind or "")
+        record = next((r for r in await self.store.keys() if r.label == label), None)
+        return ra.KeyRequest(action, record.kind if record else "", label,
+                             record.state if record else None, confirmed)
+
+    async def carry_out(self, order: ra.KeyOrder, context: ra.Context,
+                        request_id: str | None) -> dict[str, Any]:
+        if order.action == "rotate":
+            return await self._rotate(order, context, request_id)
+        assert order.label is not None
+        if order.action == "retire":
+            await self.audit.append("key.retire", label=order.label, kind=order.kind,
+                                    actor=order.actor, request_id=request_id)
+            if not await self.store.set_key_state(order.label, "retired", utcnow(),
+                                                  expect="previous"):
+                raise Refused(f"{order.label!r} changed meanwhile", Reason.CONFLICT)
+        else:
+            await self.issuance.pipeline.destroy_key(order.label, order.actor, request_id)
+            await self.store.set_key_state(order.label, "destroyed", utcnow(),
+                                           expect="retired")
+        await self._published()
+        return {"label": order.label, "state": "retired" if order.action == "retire"
+                else "destroyed"}
+
+    async def _rotate(self, order: ra.KeyOrder, context: ra.Context,
+                      request_id: str | None) -> dict[str, Any]:
+        issuers = self.issuance.issuers
+        current = {"issuing": issuers.current.key,
+                   "ssh-user": issuers.ssh[issuers.current_ssh["user"]].key,
+                   "ssh-host": issuers.ssh[issuers.current_ssh["host"]].key,
+                   "audit": issuers.audit}[order.kind]
+        now = utcnow()
+        label = f"{LABEL_PREFIX[order.kind]}-{now:%Y%m%d%H%M%S}-{secrets.token_hex(2)}"
+        info = await self.issuance.pipeline.generate_key(label, current.key_type)
+        cert_der = None
+        if order.kind == "issuing":
+            made = ra.order(context, ra.Local(order.actor), ra.IntermediateRequest(
+                info.public_key, f"hsmca Issuing CA {label}", INTERMEDIATE_LIFETIME))
+            cert = await self.issuance.intermediate(made, request_id)
+            cert_der = cert.public_bytes(serialization.Encoding.DER)
+        record = KeyRecord(label, order.kind, "active", info.key_type, now.isoformat(),
+                           info.spki_sha256, info.uri, cert_der, now.isoformat())
+        await self.audit.append("key.rotate", kind=order.kind, label=label,
+                                previous=current.label, fingerprint=info.spki_sha256,
+                                actor=order.actor, request_id=request_id)
+        await self.store.rotate_key(record)
+        await self._published()
+        return {"label": label, "kind": order.kind, "previous": current.label,
+                "fingerprint": info.spki_sha256}
+
+    async def _published(self) -> None:
+        """Every process picks the change up: this one now, the others at their next
+        request or handshake. The bundle the TLS layer trusts is written before the
+        counter moves, so a handshake that sees the move finds the new intermediate."""
+        await write_bundle(self.bundle_path, self.store)
+        self.generations.bump("keys")
+        await self.issuance.keys.refresh()
+
+
+async def write_bundle(path: Path, store: Store) -> None:
+    """Every issuing CA certificate ever made, newest first, then the root: what the
+    TLS layer trusts for client certificates (destroyed keys' certificates included:
+    what they issued stays valid until it expires or is revoked)."""
+    records = await store.keys()
+    issuing = [r.cert for r in reversed(records) if r.kind == "issuing" and r.cert]
+    roots = [r.cert for r in records if r.kind == "root" and r.state == "active" and r.cert]
+    write_atomic(path, "".join(pem(x509.load_der_x509_certificate(der))
+                               for der in issuing + roots))

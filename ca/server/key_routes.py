@@ -1,0 +1,51 @@
+"""The CA's keys: list (admin or auditor), rotate, retire, destroy (admin)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from ca import ra
+from ca.server.common import GATE, LIFECYCLE, decide, field, identity, json_body
+from ca.server.problems import Problem
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/v1/keys")
+async def listing(request: web.Request) -> web.Response:
+    await identity(request, "admin", "auditor")
+    return web.json_response({"keys": await request.app[LIFECYCLE].listing()})
+
+
+async def _act(request: web.Request, action: str) -> web.Response:
+    who = await identity(request)
+    lifecycle = request.app[LIFECYCLE]
+    if action == "rotate":
+        body = await json_body(request, {"kind"})
+        req = await lifecycle.request(action, field(body, "kind", str), None)
+    else:
+        body = await json_body(request, {"label", "confirm"})
+        confirm = body.get("confirm", False)
+        if not isinstance(confirm, bool):
+            raise Problem(400, "Bad Request", "field 'confirm' must be true or false",
+                          "bad-field")
+        req = await lifecycle.request(action, None, field(body, "label", str), confirm)
+    order: ra.KeyOrder = await decide(request, who, req)
+    context = await request.app[GATE].context()
+    done = await lifecycle.carry_out(order, context, request.get("request_id"))
+    return web.json_response(done, status=201 if action == "rotate" else 200)
+
+
+@routes.post("/v1/keys/rotate")
+async def rotate(request: web.Request) -> web.Response:
+    return await _act(request, "rotate")
+
+
+@routes.post("/v1/keys/retire")
+async def retire(request: web.Request) -> web.Response:
+    return await _act(request, "retire")
+
+
+@routes.post("/v1/keys/destroy")
+async def destroy(request: web.Request) -> web.Response:
+    return await _act(request, "destroy")

@@ -1,0 +1,91 @@
+"""What the operator reads: one line per issuance, why a token or a TLS handshake was
+refused (without the secret), and the metric that counts refused handshakes."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import ssl
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Daemon, init_ca, start_daemon
+from tests.helpers import bootstrap_token, csr_pem, enroll, http, other_ca
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    ca = init_ca(tmp_path_factory.mktemp("oplogs"))
+    d = start_daemon(ca.state)
+    yield d
+    assert d.stop() == 0
+
+
+def events(d: Daemon, name: str) -> list[dict[str, Any]]:
+    out = []
+    for line in list(d.stderr):
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        if obj.get("event") == name:
+            out.append(obj)
+    return out
+
+
+def refused_handshake(d: Daemon, cert: Path, key: Path) -> str:
+    ctx = ssl.create_default_context(cafile=str(d.root))
+    ctx.load_cert_chain(cert, key)
+    try:
+        urllib.request.urlopen(f"{d.url}/v1/whoami", context=ctx, timeout=30).read()
+    except (urllib.error.URLError, ConnectionError, ssl.SSLError) as exc:
+        return type(exc).__name__
+    return "accepted"
+
+
+async def test_each_issuance_is_one_line_with_the_audit_seq(served: Daemon,
+                                                            tmp_path: Path) -> None:
+    enroll(served, tmp_path, "service", ["logged.internal.example"])
+    line = next(e for e in events(served, "issued") if e.get("names") ==
+                ["logged.internal.example"])
+    assert line["kind"] == "x509" and line["role"] == "service"
+    assert line["actor"].startswith("bootstrap-token:") and isinstance(line["audit_seq"], int)
+    audit = (served.state / "audit/log.jsonl").read_bytes().splitlines()
+    outcome = json.loads(audit[line["audit_seq"]])
+    assert outcome["phase"] == "outcome" and outcome["result"] == "ok"
+
+
+async def test_a_refused_token_says_why_and_never_shows_the_secret(served: Daemon) -> None:
+    token = await bootstrap_token(served, "service", ["once.internal.example"])
+    for _ in range(2):  # the second use is refused as used
+        await http("POST", f"{served.url}/v1/x509/enroll", served.ssl(),
+                   body={"csr": csr_pem(["once.internal.example"])},
+                   headers={"Authorization": f"Bearer {token}"})
+    await http("POST", f"{served.url}/v1/x509/enroll", served.ssl(), body={"csr": "x"},
+               headers={"Authorization": "Bearer hsmca-not-a-token"})
+    reasons = [e["reason"] for e in events(served, "bootstrap token refused")]
+    assert "used" in reasons and "unknown" in reasons
+    assert not any(token in line for line in served.stderr)
+
+
+async def test_refused_tls_handshakes_are_logged_with_the_reason(served: Daemon,
+                                                                 tmp_path: Path) -> None:
+    now = dt.datetime.now(dt.UTC)
+    foreign = other_ca(tmp_path).leaf(tmp_path, "f.example", now - dt.timedelta(hours=1),
+                                      now + dt.timedelta(hours=1))
+    assert refused_handshake(served, *foreign) != "accepted"
+    reasons = [e["reason"] for e in events(served, "refused a TLS handshake")]
+    assert any("unable to get local issuer certificate" in r for r in reasons), reasons
+    # The control: our own certificate on the same request is accepted.
+    assert refused_handshake(served, *enroll(served, tmp_path, "service",
+                                             ["ok.internal.example"])) == "accepted"
+    status, _, raw = await http("GET", f"{served.url}/metrics", served.ssl())
+    assert status == 200
+    assert b'hsmca_tls_handshakes_refused_total{reason="client certificate: unable to get ' \
+        b'local issuer certificate"}' in raw

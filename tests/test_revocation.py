@@ -1,0 +1,338 @@
+"""Revocation reaches everything issued on the strength of what it revokes, OCSP costs
+an anonymous client nothing, and the security review's findings stay fixed
+(issue 13): each test here failed on the code before."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import ssl
+import struct
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509 import ocsp
+
+from ca import ssh
+from ca.policy import Refused
+from tests.conftest import Daemon, hsmca, init_ca, require, start_daemon
+from tests.helpers import csr_pem, enroll, http
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+@pytest.fixture(scope="module")
+def ca_daemon(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A CA of its own: these tests revoke."""
+    ca = init_ca(tmp_path_factory.mktemp("revocation"))
+    d = start_daemon(ca.state)
+    yield d
+    assert d.stop() == 0
+    proc = hsmca("audit", "verify", "--log", ca.state / "audit/log.jsonl", "--key",
+                 ca.state / "audit/audit_key.pem", check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def issuing(d: Daemon) -> x509.Certificate:
+    return x509.load_pem_x509_certificate((d.state / "x509/issuing.pem").read_bytes())
+
+
+def load(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def request_for(cert: x509.Certificate, issuer: x509.Certificate,
+                algorithm: hashes.HashAlgorithm | None = None, nonce: bool = False) -> bytes:
+    b = ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, algorithm or hashes.SHA1())
+    if nonce:
+        b = b.add_extension(x509.OCSPNonce(os.urandom(16)), critical=False)
+    return b.build().public_bytes(serialization.Encoding.DER)
+
+
+async def ask(d: Daemon, der: bytes, get: bool = False) -> tuple[ocsp.OCSPResponse, Any]:
+    if get:
+        url = f"{d.url}/v1/x509/ocsp/{base64.urlsafe_b64encode(der).decode()}"
+        status, ctype, raw, headers = await _get(url, d)
+    else:
+        status, ctype, raw = await http("POST", f"{d.url}/v1/x509/ocsp", d.ssl(), data=der,
+                                        headers={"Content-Type": "application/ocsp-request"})
+        headers = {}
+    assert status == 200 and ctype == "application/ocsp-response"
+    return ocsp.load_der_ocsp_response(raw), headers
+
+
+async def _get(url: str, d: Daemon) -> tuple[int, str, bytes, Any]:
+    import aiohttp
+    async with aiohttp.ClientSession() as s, s.get(url, ssl=d.ssl()) as r:
+        return r.status, r.content_type, await r.read(), r.headers
+
+
+async def signed(d: Daemon, cert: x509.Certificate, want: ocsp.OCSPCertStatus
+                 ) -> ocsp.OCSPResponse:
+    """The OCSP answer once the daemon has pre-signed `want` (polling with a deadline:
+    a new or just revoked certificate is signed by the daemon within seconds)."""
+    deadline = time.monotonic() + 30
+    while True:
+        resp, _ = await ask(d, request_for(cert, issuing(d)))
+        if resp.response_status == ocsp.OCSPResponseStatus.SUCCESSFUL and \
+                resp.certificate_status == want:
+            return resp
+        assert time.monotonic() < deadline, (resp.response_status, want)
+
+
+def ocsp_lines(d: Daemon) -> int:
+    """Audit lines of OCSP signatures so far."""
+    return sum(1 for line in (d.state / "audit/log.jsonl").read_bytes().splitlines()
+               if b'"purpose":"ocsp"' in line)
+
+
+# ---- OCSP ---------------------------------------------------------------------------------
+
+
+async def test_ocsp_answers_the_cert_id_it_was_asked_and_nothing_else(
+        ca_daemon: Daemon, tmp_path: Path) -> None:
+    d = ca_daemon
+    cert_path, _ = enroll(d, tmp_path, "service", ["ocsp1.internal.example"])
+    cert = load(cert_path)
+    resp = await signed(d, cert, ocsp.OCSPCertStatus.GOOD)
+    ca = issuing(d)
+    ca.public_key().verify(resp.signature, resp.tbs_response_bytes, ec.ECDSA(hashes.SHA256()))
+    # Each CertID gets the response that echoes it, exactly.
+    for algorithm in (hashes.SHA1(), hashes.SHA256()):
+        asked = ocsp.load_der_ocsp_request(request_for(cert, ca, algorithm))
+        got, _ = await ask(d, request_for(cert, ca, algorithm))
+        assert (got.hash_algorithm.name, got.issuer_name_hash, got.issuer_key_hash,
+                got.serial_number) == (asked.hash_algorithm.name, asked.issuer_name_hash,
+                                       asked.issuer_key_hash, asked.serial_number)
+    # SHA-1 first, then SHA-256 for the same certificate: openssl finds its own CertID.
+    openssl = require("openssl")
+    for digest in ("-sha1", "-sha256"):
+        proc = subprocess.run([openssl, "ocsp", digest, "-issuer", d.state / "x509/issuing.pem",
+                               "-cert", cert_path, "-url", f"{d.url}/v1/x509/ocsp", "-CAfile",
+                               d.root, "-verify_other", d.state / "x509/issuing.pem"],
+                              capture_output=True, text=True, timeout=60)
+        assert f"{cert_path}: good" in proc.stdout, proc.stdout + proc.stderr
+        assert "Response verify OK" in proc.stderr, proc.stderr
+    # The right issuer key hash with a bogus issuer name hash is not our question.
+    real = ocsp.load_der_ocsp_request(request_for(cert, ca))
+    bogus = ocsp.OCSPRequestBuilder().add_certificate_by_hash(
+        b"\x00" * 20, real.issuer_key_hash, cert.serial_number, hashes.SHA1()).build()
+    resp, _ = await ask(d, bogus.public_bytes(serialization.Encoding.DER))
+    assert resp.response_status == ocsp.OCSPResponseStatus.UNAUTHORIZED
+
+
+async def test_anonymous_ocsp_costs_no_signature_and_no_audit_line(
+        ca_daemon: Daemon, tmp_path: Path) -> None:
+    d = ca_daemon
+    cert = load(enroll(d, tmp_path, "service", ["ocsp2.internal.example"])[0])
+    await signed(d, cert, ocsp.OCSPCertStatus.GOOD)  # the daemon's own signing is done
+    before = ocsp_lines(d)
+    ca = issuing(d)
+    real = ocsp.load_der_ocsp_request(request_for(cert, ca))
+    for i in range(100):
+        if i % 2:  # a nonce: ignored, the pre-signed response is served
+            resp, _ = await ask(d, request_for(cert, ca, nonce=True))
+            assert resp.response_status == ocsp.OCSPResponseStatus.SUCCESSFUL
+            assert not list(resp.extensions)  # no nonce echoed: nothing signed for it
+        else:  # an unknown serial of our issuer: unsigned unauthorized
+            unknown = ocsp.OCSPRequestBuilder().add_certificate_by_hash(
+                real.issuer_name_hash, real.issuer_key_hash, 10**30 + i, hashes.SHA1()).build()
+            resp, _ = await ask(d, unknown.public_bytes(serialization.Encoding.DER))
+            assert resp.response_status == ocsp.OCSPResponseStatus.UNAUTHORIZED
+    assert ocsp_lines(d) == before
+    # GET too, cacheable until (at most an hour before) its nextUpdate.
+    resp, headers = await ask(d, request_for(cert, ca), get=True)
+    assert resp.response_status == ocsp.OCSPResponseStatus.SUCCESSFUL
+    max_age = int(headers["Cache-Control"].split("max-age=")[1].split(",")[0])
+    assert 0 < max_age <= 3600
+
+
+# ---- revocation reaches the lineage and SSH ---------------------------------------------
+
+
+def ssh_user_cert(d: Daemon, tmp: Path, cred: tuple[Path, Path], name: str) -> Path:
+    subprocess.run([require("ssh-keygen"), "-q", "-t", "ed25519", "-N", "", "-f", tmp / name],
+                   check=True)
+    hsmca("ssh", "user", "--url", d.url, "--ca", d.root, "--cert", cred[0], "--key", cred[1],
+          "--pubkey", tmp / f"{name}.pub")
+    return tmp / f"{name}-cert.pub"
+
+
+def krl_says(d: Daemon, tmp: Path, cert: Path) -> str:
+    krl = tmp / "krl"
+    krl.write_bytes(_fetch(d, "/v1/ssh/krl"))
+    proc = subprocess.run([require("ssh-keygen"), "-Q", "-f", krl, cert], capture_output=True,
+                          text=True)
+    return "REVOKED" if "REVOKED" in proc.stdout else ("ok" if ": ok" in proc.stdout
+                                                       else proc.stdout + proc.stderr)
+
+
+def _fetch(d: Daemon, path: str) -> bytes:
+    ctx = ssl.create_default_context(cafile=str(d.root))
+    import urllib.request
+    with urllib.request.urlopen(f"{d.url}{path}", context=ctx, timeout=30) as r:
+        return r.read()  # type: ignore[no-any-return]
+
+
+async def test_key_compromise_revokes_the_lineage_and_its_ssh_certificates(
+        ca_daemon: Daemon, tmp_path: Path) -> None:
+    d = ca_daemon
+    a = enroll(d, tmp_path, "user", ["alice@example.com"], ["alice"])
+    ssh_a = ssh_user_cert(d, tmp_path, a, "id_a")
+    # B: A renewed with a new key.
+    key_b = ec.generate_private_key(ec.SECP256R1())
+    status, _, raw = await http("POST", f"{d.url}/v1/x509/renew", d.ssl(*a),
+                                body={"csr": csr_pem(["alice@example.com"], key_b)})
+    assert status == 201, raw
+    b = tmp_path / "b.pem", tmp_path / "b.key"
+    b[0].write_text(json.loads(raw)["certificate"])
+    b[1].write_bytes(key_b.private_bytes(serialization.Encoding.PEM,
+                                         serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption()))
+    ssh_b = ssh_user_cert(d, tmp_path, b, "id_b")
+    # A control that must stay good: another user and their SSH certificate.
+    bob = enroll(d, tmp_path, "user", ["bob@example.com"], ["bob"])
+    ssh_bob = ssh_user_cert(d, tmp_path, bob, "id_bob")
+
+    serial_a = format(load(a[0]).serial_number, "x")
+    status, _, raw = await http("POST", f"{d.url}/v1/x509/revoke", d.ssl(*a),
+                                body={"serial": serial_a, "reason": "keyCompromise"})
+    assert status == 200, raw
+    answer = json.loads(raw)
+    serial_b = format(load(b[0]).serial_number, "x")
+    assert sorted(answer["revoked"]) == sorted([serial_a, serial_b])
+    assert answer["ssh_certificates"] == 2
+
+    status, _, raw = await http("POST", f"{d.url}/v1/x509/renew", d.ssl(*b), body={})
+    assert status == 403 and json.loads(raw)["type"].endswith("revoked-certificate")
+    crl = x509.load_der_x509_crl(_fetch(d, "/v1/x509/crl"))
+    for cert in (load(a[0]), load(b[0])):
+        entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
+        assert entry is not None
+        assert entry.extensions.get_extension_for_class(x509.CRLReason).value.reason == (
+            x509.ReasonFlags.key_compromise)
+    assert crl.get_revoked_certificate_by_serial_number(load(bob[0]).serial_number) is None
+    await signed(d, load(b[0]), ocsp.OCSPCertStatus.REVOKED)
+    assert krl_says(d, tmp_path, ssh_a) == "REVOKED"
+    assert krl_says(d, tmp_path, ssh_b) == "REVOKED"
+    assert krl_says(d, tmp_path, ssh_bob) == "ok"
+    status, _, _ = await http("POST", f"{d.url}/v1/x509/renew", d.ssl(*bob), body={})
+    assert status == 201
+
+
+async def test_a_plain_revocation_takes_the_ssh_certificates_but_not_the_lineage(
+        ca_daemon: Daemon, tmp_path: Path) -> None:
+    d = ca_daemon
+    a = enroll(d, tmp_path, "host", ["h1.internal.example"])
+    status, _, raw = await http("POST", f"{d.url}/v1/x509/renew", d.ssl(*a), body={})
+    assert status == 201
+    renewed = x509.load_pem_x509_certificate(json.loads(raw)["certificate"].encode())
+    subprocess.run([require("ssh-keygen"), "-q", "-t", "ed25519", "-N", "", "-f",
+                    tmp_path / "hk"], check=True)
+    hsmca("ssh", "host", "--url", d.url, "--ca", d.root, "--cert", a[0], "--key", a[1],
+          "--pubkey", tmp_path / "hk.pub")
+    serial_a = format(load(a[0]).serial_number, "x")
+    status, _, raw = await http("POST", f"{d.url}/v1/x509/revoke", d.admin_ssl(),
+                                body={"serial": serial_a, "reason": "superseded"})
+    assert status == 200 and json.loads(raw)["revoked"] == [serial_a], raw
+    assert json.loads(raw)["ssh_certificates"] == 1
+    assert krl_says(d, tmp_path, tmp_path / "hk-cert.pub") == "REVOKED"
+    await signed(d, renewed, ocsp.OCSPCertStatus.GOOD)
+
+
+async def test_revoke_identity_takes_everything_issued_to_a_name(
+        ca_daemon: Daemon, tmp_path: Path) -> None:
+    d = ca_daemon
+    first = enroll(d, tmp_path, "service", ["gone.internal.example"])
+    second = enroll(d, tmp_path, "service", ["gone.internal.example", "x.internal.example"])
+    other = enroll(d, tmp_path, "service", ["stays.internal.example"])
+    proc = hsmca("revoke", "--identity", "gone.internal.example", "--reason",
+                 "cessationOfOperation", "--config", d.state / "hsmca.toml", "--url", d.url)
+    assert "revoked 2 certificate(s) issued to gone.internal.example" in proc.stdout
+    for cred in (first, second):
+        status, _, raw = await http("POST", f"{d.url}/v1/x509/renew", d.ssl(*cred), body={})
+        assert status == 403 and json.loads(raw)["type"].endswith("revoked-certificate")
+    status, _, _ = await http("POST", f"{d.url}/v1/x509/renew", d.ssl(*other), body={})
+    assert status == 201
+    # Only an admin may; and what is gone is gone.
+    status, _, raw = await http("POST", f"{d.url}/v1/x509/revoke", d.ssl(*other),
+                                body={"identity": "stays.internal.example"})
+    assert status == 403 and json.loads(raw)["type"].endswith("wrong-role")
+    status, _, raw = await http("POST", f"{d.url}/v1/x509/revoke", d.admin_ssl(),
+                                body={"identity": "gone.internal.example"})
+    assert status == 404, raw
+
+
+@pytest.mark.parametrize("reason, status, problem", [
+    ("cACompromise", 403, "revocation-reason-not-allowed"),
+    ("ca_compromise", 403, "revocation-reason-not-allowed"),
+    ("certificateHold", 403, "revocation-reason-not-allowed"),
+    ("aACompromise", 403, "revocation-reason-not-allowed"),
+    (1, 200, None), ("keyCompromise", 200, None), ("key_compromise", 200, None),
+    ("superseded", 200, None), (4, 200, None), ("nonsense", 400, "bad-request"),
+])
+async def test_what_a_holder_may_say_about_their_own_certificate(
+        ca_daemon: Daemon, tmp_path: Path, reason: object, status: int,
+        problem: str | None) -> None:
+    d = ca_daemon
+    cred = enroll(d, tmp_path, "service", ["self.internal.example"])
+    serial = format(load(cred[0]).serial_number, "x")
+    got, _, raw = await http("POST", f"{d.url}/v1/x509/revoke", d.ssl(*cred),
+                             body={"serial": serial, "reason": reason})
+    assert got == status, raw
+    if problem:
+        assert json.loads(raw)["type"].endswith(problem)
+
+
+# ---- keys and TLS ---------------------------------------------------------------------------
+
+
+def _ssh_rsa(e: int, bits: int) -> str:
+    def string(b: bytes) -> bytes:
+        return struct.pack(">I", len(b)) + b
+
+    def mpint(n: int) -> bytes:
+        return string(n.to_bytes(n.bit_length() // 8 + 1, "big"))
+
+    n = (1 << (bits - 1)) | int.from_bytes(os.urandom(bits // 8), "big") | 1
+    n &= (1 << bits) - 1
+    blob = string(b"ssh-rsa") + mpint(e) + mpint(n)
+    return "ssh-rsa " + base64.b64encode(blob).decode()
+
+
+@pytest.mark.parametrize("e, bits, words", [(3, 2048, "exponent 3"),
+                                            (65537, 8200, "8200 bits")])
+async def test_ssh_rsa_keys_need_a_real_exponent_and_a_sane_size(e: int, bits: int,
+                                                                 words: str) -> None:
+    with pytest.raises(Refused, match=words):
+        ssh.parse_public_key(_ssh_rsa(e, bits))
+    line = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    assert ssh.parse_public_key(line).line == line  # the control
+
+
+async def test_tls_1_2_offers_no_cbc_suite(ca_daemon: Daemon) -> None:
+    host, port = ca_daemon.url.removeprefix("https://").rsplit(":", 1)
+
+    def handshake(ciphers: str) -> str | None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(ca_daemon.root)
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_ciphers(ciphers)
+        try:
+            with ctx.wrap_socket(socket.create_connection((host, int(port)), timeout=30),
+                                 server_hostname=host) as s:
+                return s.cipher()[0]  # type: ignore[index]
+        except ssl.SSLError as exc:
+            return f"refused: {exc.reason}"
+
+    assert handshake("ECDHE-ECDSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA384").startswith("refused")
+    assert handshake("ECDHE-ECDSA-AES128-GCM-SHA256") == "ECDHE-ECDSA-AES128-GCM-SHA256"

@@ -1,0 +1,207 @@
+"""Key lifecycle against a real daemon: rotate the issuing and the SSH user CA key
+while renewals run, retire and destroy the old ones, and every step is audited
+(issue 17; docs/keys.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509 import ocsp
+
+from tests.conftest import Daemon, hsmca, init_ca, require, start_daemon
+from tests.helpers import enroll, http
+from tests.test_revocation import request_for
+from tests.test_ssh_e2e import SSHD, ssh_login
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+def aki(cert: x509.Certificate) -> bytes:
+    return cert.extensions.get_extension_for_class(
+        x509.AuthorityKeyIdentifier).value.key_identifier  # type: ignore[return-value]
+
+
+def load(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def key_cmd(d: Daemon, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return hsmca("key", *args, "--config", d.state / "hsmca.toml", "--url", d.url,
+                 check=check)
+
+
+def token_labels(ca_state: Path, token: Any) -> list[str]:
+    out = subprocess.run([require("pkcs11-tool"), "--module", token.module, "--token-label",
+                          token.label, "--login", "--pin",
+                          token.pin_file.read_text().strip(), "--list-objects", "--type",
+                          "privkey"], capture_output=True, text=True, check=True).stdout
+    return re.findall(r"label:\s+(\S+)", out)
+
+
+def openssl_verify(root: Path, untrusted: Path, leaf: Path) -> bool:
+    return subprocess.run([require("openssl"), "verify", "-CAfile", root, "-untrusted",
+                           untrusted, leaf], capture_output=True, text=True).returncode == 0
+
+
+async def test_rotate_issuing_and_ssh_keys_retire_and_destroy_while_renewals_run(
+        tmp_path: Path) -> None:
+    ca = init_ca(tmp_path)
+    config = ca.state / "hsmca.toml"
+    config.write_text(config.read_text().replace(
+        "[server]\n", '[server]\npublic-url = "https://ca.test"\n', 1))
+    d = start_daemon(ca.state)
+    try:
+        before = enroll(d, tmp_path, "service", ["old.internal.example"])
+        looped = enroll(d, tmp_path, "service", ["loop.internal.example"])
+        user = enroll(d, tmp_path, "user", ["alice@example.com"], ["root"])
+        host = enroll(d, tmp_path, "host", ["localhost"])
+        listing = key_cmd(d, "list").stdout
+        old_label = re.search(r"^(\S+)\s+issuing\s+active", listing, re.M)
+        assert old_label, listing
+        old_label_text = old_label.group(1)
+
+        results: list[int] = []
+        stop = asyncio.Event()
+
+        async def renew_loop() -> None:
+            cert_pem, key_path = looped[0].read_text(), looped[1]
+            current = tmp_path / "loop-current.pem"
+            while not stop.is_set():
+                current.write_text(cert_pem)
+                status, _, raw = await http("POST", f"{d.url}/v1/x509/renew",
+                                            d.ssl(current, key_path), body={})
+                results.append(status)
+                if status == 201:
+                    cert_pem = json.loads(raw)["certificate"]
+
+        loop = asyncio.create_task(renew_loop())
+        out = key_cmd(d, "rotate", "issuing").stdout
+        assert "rotated issuing" in out and old_label_text in out
+        after = enroll(d, tmp_path, "service", ["new.internal.example"])
+        assert aki(load(after[0])) != aki(load(before[0]))
+        bundle = tmp_path / "bundle.pem"
+        bundle.write_bytes((await http("GET", f"{d.url}/v1/x509/bundle", d.ssl()))[2])
+        chain = tmp_path / "chain.pem"
+        chain.write_bytes((await http("GET", f"{d.url}/v1/x509/chain", d.ssl()))[2])
+        assert openssl_verify(d.root, bundle, before[0])  # the old leaf, with the bundle
+        assert openssl_verify(d.root, chain, after[0])
+        assert not openssl_verify(d.root, chain, before[0])  # the chain is the new one's
+
+        # The previous key still signs the CRL and OCSP of what it issued.
+        old_cert = load(before[0])
+        status, _, raw = await http("POST", f"{d.url}/v1/x509/revoke", d.admin_ssl(),
+                                    body={"serial": format(old_cert.serial_number, "x")})
+        assert status == 200, raw
+        dp = old_cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+        path = str(dp[0].full_name[0].value).removeprefix("https://ca.test")  # type: ignore[index]
+        assert path == f"/v1/x509/crl/{old_label_text}"
+        crl = x509.load_der_x509_crl((await http("GET", f"{d.url}{path}", d.ssl()))[2])
+        old_inter = next(c for c in x509.load_pem_x509_certificates(bundle.read_bytes())
+                         if c.subject == old_cert.issuer)
+        assert crl.is_signature_valid(old_inter.public_key())
+        assert crl.get_revoked_certificate_by_serial_number(old_cert.serial_number) is not None
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:
+            status, _, raw = await http(
+                "POST", f"{d.url}/v1/x509/ocsp", d.ssl(), data=request_for(old_cert, old_inter),
+                headers={"Content-Type": "application/ocsp-request"})
+            resp = ocsp.load_der_ocsp_response(raw)
+            if resp.response_status == ocsp.OCSPResponseStatus.SUCCESSFUL and \
+                    resp.certificate_status == ocsp.OCSPCertStatus.REVOKED:
+                break
+            assert asyncio.get_running_loop().time() < deadline
+        old_inter.public_key().verify(resp.signature, resp.tbs_response_bytes,
+                                      ec.ECDSA(resp.signature_hash_algorithm))
+
+        # SSH: both user CA keys are trusted during the overlap, newest first.
+        keygen = require("ssh-keygen")
+        for name in ("id_before", "id_after", "hostkey"):
+            subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-f", tmp_path / name],
+                           check=True)
+        hsmca("ssh", "user", "--url", d.url, "--ca", d.root, "--cert", user[0], "--key",
+              user[1], "--pubkey", tmp_path / "id_before.pub")
+        key_cmd(d, "rotate", "ssh-user")
+        hsmca("ssh", "user", "--url", d.url, "--ca", d.root, "--cert", user[0], "--key",
+              user[1], "--pubkey", tmp_path / "id_after.pub")
+        hsmca("ssh", "host", "--url", d.url, "--ca", d.root, "--cert", host[0], "--key",
+              host[1], "--pubkey", tmp_path / "hostkey.pub")
+        cas = json.loads((await http("GET", f"{d.url}/v1/ssh/ca", d.ssl()))[2])
+        users = cas["user"].splitlines()
+        signer = subprocess.run([keygen, "-L", "-f", tmp_path / "id_after-cert.pub"],
+                                capture_output=True, text=True, check=True).stdout
+        newest_fp = subprocess.run([keygen, "-l", "-f", "-"], input=users[0] + "\n",
+                                   capture_output=True, text=True, check=True).stdout.split()[1]
+        assert len(users) == 2 and newest_fp in signer
+        (tmp_path / "user_cas.pub").write_text(cas["user"] + "\n")
+        (tmp_path / "krl").write_bytes((await http("GET", f"{d.url}/v1/ssh/krl", d.ssl()))[2])
+        known = tmp_path / "known_hosts"
+        sshd = SSHD(tmp_path, tmp_path / "hostkey", tmp_path / "hostkey-cert.pub",
+                    tmp_path / "user_cas.pub", tmp_path / "krl")
+        try:
+            known.write_text(f"@cert-authority [localhost]:{sshd.port} "
+                             f"{cas['host'].splitlines()[0]}\n")
+            for who in ("id_before", "id_after"):
+                proc = ssh_login(sshd.port, known, tmp_path / who,
+                                 tmp_path / f"{who}-cert.pub")
+                assert "logged-in-with-cert" in proc.stdout, proc.stderr
+        finally:
+            sshd.stop()
+
+        # Retire, then destroy the old issuing key: issuance goes on with the new one.
+        assert "signs nothing" in key_cmd(d, "retire", old_label_text).stdout
+        later = enroll(d, tmp_path, "service", ["later.internal.example"])
+        assert aki(load(later[0])) == aki(load(after[0]))
+        refused = key_cmd(d, "destroy", "not-a-key", "--yes", check=False)
+        assert refused.returncode == 1 and "no key labelled" in refused.stderr
+        assert old_label_text in token_labels(ca.state, ca.token)
+        key_cmd(d, "destroy", old_label_text, "--yes")
+        assert old_label_text not in token_labels(ca.state, ca.token)
+        assert "destroyed" in key_cmd(d, "list").stdout
+        stop.set()
+        await loop
+        assert results and set(results) == {201}, results
+    finally:
+        assert d.stop() == 0
+    lines = [json.loads(x) for x in (ca.state / "audit/log.jsonl").read_bytes().splitlines()]
+    destroy = [x for x in lines if x["event"] == "hsm.destroy"]
+    assert [x["phase"] for x in destroy] == ["intent", "outcome"]
+    assert destroy[0]["op_id"] == destroy[1]["op_id"] and destroy[1]["result"] == "ok"
+    assert destroy[0]["label"] == old_label_text
+    assert [x["event"] for x in lines if x["event"].startswith("key.")] == [
+        "key.rotate", "key.rotate", "key.retire"]
+    proc = hsmca("audit", "verify", "--log", ca.state / "audit/log.jsonl", "--key",
+                 ca.state / "audit/audit_key.pem", check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+async def test_what_the_ra_refuses_about_keys(tmp_path: Path) -> None:
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state)
+    try:
+        svc = enroll(d, tmp_path, "service", ["s.internal.example"])
+        cases: list[tuple[str, dict[str, Any], Any, int, str]] = [
+            ("rotate", {"kind": "issuing"}, d.ssl(*svc), 403, "wrong-role"),
+            ("rotate", {"kind": "root"}, d.admin_ssl(), 400, "bad-request"),
+            ("rotate", {"kind": "nonsense"}, d.admin_ssl(), 400, "bad-request"),
+            ("retire", {"label": "issuing-ca"}, d.admin_ssl(), 409, "conflict"),
+            ("destroy", {"label": "issuing-ca", "confirm": True}, d.admin_ssl(), 409,
+             "conflict"),
+            ("retire", {"label": "nope"}, d.admin_ssl(), 404, "not-found"),
+        ]
+        for action, body, ctx, status, kind in cases:
+            got, _, raw = await http("POST", f"{d.url}/v1/keys/{action}", ctx, body=body)
+            assert got == status and json.loads(raw)["type"].endswith(kind), (action, raw)
+        async with aiohttp.ClientSession() as s, s.get(f"{d.url}/v1/keys",
+                                                       ssl=d.ssl(*svc)) as r:
+            assert r.status == 403
+    finally:
+        assert d.stop() == 0
