@@ -32,6 +32,7 @@ from tests.helpers import (
     http,
     leaf_from_issuing_key,
     log_lines,
+    metric_samples,
     openssl_verify,
     other_ca,
     tls_exchange,
@@ -425,12 +426,26 @@ async def test_client_certificates_not_issued_here_or_expired_are_refused(
         return await asyncio.to_thread(tls_exchange, daemon, daemon.ssl(*cred), "POST",
                                        "/v1/x509/renew", b"{}")
 
+    async def refusals() -> dict[str, float]:
+        """The daemon's count of refused handshakes, by its reason."""
+        status, _, raw = await http("GET", f"{daemon.url}/metrics", daemon.ssl())
+        assert status == 200, raw
+        return {dict(labels)["reason"]: value for (name, labels), value
+                in metric_samples(raw.decode()).items()
+                if name == "hsmca_tls_handshakes_refused_total"}
+
     answer = await renew(issued)
     assert isinstance(answer, tuple) and answer[0] == 201, answer
     # The server ends the handshake without a TLS alert (asyncio drops the alert
-    # OpenSSL makes for a failed handshake), so the client sees the handshake cut off.
-    assert await renew(expired) == "UNEXPECTED_EOF_WHILE_READING"
-    assert await renew(foreign) == "UNEXPECTED_EOF_WHILE_READING"
+    # OpenSSL makes for a failed handshake), so the client sees it cut off; the
+    # daemon's count of refused handshakes says why, one reason per certificate.
+    for cred, reason in ((expired, "certificate has expired"),
+                         (foreign, "unable to get local issuer certificate")):
+        before = await refusals()
+        assert await renew(cred) == "UNEXPECTED_EOF_WHILE_READING"
+        after = await refusals()
+        moved = {r: after[r] - before.get(r, 0) for r in after if after[r] != before.get(r, 0)}
+        assert moved == {f"client certificate: {reason}": 1}, moved
     answer = await renew(unknown)
     assert isinstance(answer, tuple) and answer[0] == 403, answer
     assert json.loads(answer[1])["type"] == TYPES + "unknown-certificate", answer
