@@ -38,6 +38,18 @@ def process_exited(pid: int) -> None:
         multiprocess.mark_process_dead(pid)
 
 
+def count_sign_calls(pipeline: Any) -> None:
+    """Export the HSM's own count of C_Sign calls (whatever their result: a signature
+    that failed its check, or whose outcome could not be written, counts too) as
+    hsmca_hsm_sign_calls_total, summed over the processes that sign. The counter moves
+    at each call, on the signing thread, so a scrape sees every C_Sign made before it."""
+    from prometheus_client import Counter
+    counter = Counter("hsmca_hsm_sign_calls", "C_Sign calls the HSM sessions made, whatever "
+                      "their result (the HSM's own count)", registry=None)
+    counter.inc(pipeline.hsm.sign_calls)  # exported from the start
+    pipeline.hsm.on_sign_call = counter.inc
+
+
 class AuditMetrics:
     """What the primary measures: the audit log's group commits."""
 
@@ -109,6 +121,7 @@ class Metrics:
 
         hsm.on_sign = signed
         hsm.on_health = health
+        count_sign_calls(hsm)
         self.hsm_up.set(1 if hsm.healthy else 0)
         self.reconnects.inc(0)  # exported from the start, at zero
 

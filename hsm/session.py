@@ -26,6 +26,7 @@ import hashlib
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,6 +157,7 @@ class HSM:
         self.flap_window_s = FLAP_WINDOW_S
         self.reconnects = 0
         self.sign_calls = 0  # every C_Sign made, whatever its result
+        self.on_sign_call: Callable[[], None] | None = None  # called after each count
         self.signatures = 0  # signatures that verified and were returned
 
     # ---- state, readable from any thread --------------------------------------------------
@@ -331,6 +333,8 @@ class HSM:
             self._find(label)
             handle = self._handles[label]
         self.sign_calls += 1
+        if self.on_sign_call is not None:
+            self.on_sign_call()
         if scheme.kind == "ecdsa":
             h = hashes.Hash(_HASHES[scheme.hash or "sha256"])
             h.update(message)

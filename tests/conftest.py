@@ -1,9 +1,11 @@
 """Shared fixtures: a real SoftHSM per test session, a CA made by the real CLI.
 
 SoftHSM reads SOFTHSM2_CONF when the library is initialised, so the private config
-is put in the environment before anything loads the module; child processes (the
-CLI, the daemon) inherit it. Nothing here skips: if SoftHSM, openssl or OpenSSH is
-missing, the fixtures fail with a message that says what to install.
+is put in the environment by the first fixture of the session, before any test loads
+the module; child processes (the CLI, the daemon) inherit it. Importing this file
+makes nothing: `pytest --collect-only` leaves no directory behind. Nothing here
+skips: if SoftHSM, openssl or OpenSSH is missing, the fixtures fail with a message
+that says what to install.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,8 +24,7 @@ import tomli_w
 
 from hsm import softhsm
 
-_SESSION_DIR = Path(tempfile.mkdtemp(prefix="hsmca-tests-"))
-os.environ["SOFTHSM2_CONF"] = str(softhsm.write_config(_SESSION_DIR / "softhsm"))
+_SESSION_DIR: Path | None = None  # set by the `session_dir` fixture, first of the session
 HSMCA = [sys.executable, "-m", "ca.cli"]
 
 
@@ -48,6 +48,7 @@ _counter = iter(range(1, 10**6))
 
 def new_softhsm_token(prefix: str = "t") -> Token:
     """A fresh, empty token with its own PIN file."""
+    assert _SESSION_DIR is not None, "SoftHSM tokens are made inside tests, not at import"
     label = f"{prefix}{next(_counter)}"
     pin = _SESSION_DIR / f"{label}.pin"
     softhsm.init_token(Path(os.environ["SOFTHSM2_CONF"]), label, pin)
@@ -101,9 +102,16 @@ def init_ca(tmp: Path, key_type: str = "ec-p256", dns_name: str = "localhost",
     return InitialisedCA(state, token, proc.stdout)
 
 
-@pytest.fixture(scope="session")
-def session_dir() -> Path:
-    return _SESSION_DIR
+@pytest.fixture(scope="session", autouse=True)
+def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The session's SoftHSM token directory and PIN files, named in SOFTHSM2_CONF
+    before any test runs; removed at the end."""
+    global _SESSION_DIR
+    directory = tmp_path_factory.mktemp("hsmca-tests")
+    os.environ["SOFTHSM2_CONF"] = str(softhsm.write_config(directory / "softhsm"))
+    _SESSION_DIR = directory
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -113,16 +121,11 @@ def ca(tmp_path_factory: pytest.TempPathFactory) -> InitialisedCA:
     return init_ca(tmp_path_factory.mktemp("ca"))
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _cleanup() -> Iterator[None]:
-    yield
-    shutil.rmtree(_SESSION_DIR, ignore_errors=True)
-
-
 @pytest.fixture(scope="session")
-def worker(ca: InitialisedCA, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    """The test process's one signing thread (its HSM thread), logged in to the CA's
-    token.
+def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """The test process's one signing thread (its HSM thread), logged in to the token
+    of a CA of its own: the tests that use it add keys to that token, and the shared
+    `ca` stays as `hsmca init` made it.
 
     One per process, on purpose: two threads inside SoftHSM crash it (docs/security.md),
     so every in-process PKCS#11 call of the suite goes through this thread. Its audit
@@ -132,6 +135,7 @@ def worker(ca: InitialisedCA, tmp_path_factory: pytest.TempPathFactory) -> Itera
     from ca.issuance.pipeline import SigningPipeline
     from hsm.session import HSMConfig
 
+    ca = init_ca(tmp_path_factory.mktemp("worker-ca"))
     log = AuditLog.open(tmp_path_factory.mktemp("worker-audit") / "log.jsonl")
     w = SigningPipeline(HSMConfig(ca.token.module, ca.token.label, f"file:{ca.token.pin_file}"),
                         log)
@@ -208,3 +212,13 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     d = start_daemon(ca.state)
     yield d
     d.stop()
+
+
+@pytest.fixture
+def own_daemon(tmp_path: Path) -> Iterator[Daemon]:
+    """A CA of the test's own, served: for tests that change what a CA holds
+    (revocations, keys), which the tests sharing the session's `daemon` must not see."""
+    ca = init_ca(tmp_path / "own")
+    d = start_daemon(ca.state)
+    yield d
+    assert d.stop() == 0

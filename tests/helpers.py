@@ -1,15 +1,20 @@
 """What the tests share: HTTP calls as a client makes them, bootstrap tokens (by the API
-and in files, the way the docs hand them over), enrollment, a second CA made in
-software, and waiting on a long-running command's JSON log lines (events, not sleeps)."""
+and in files, the way the docs hand them over), enrollment, the audit log (its lines,
+`hsmca audit verify`, a forger's re-chaining), a second CA made in software, and
+waiting on a long-running command's JSON log lines (events, not sleeps)."""
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import socket
+import ssl
 import subprocess
+import sys
 import threading
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from ca.audit.line import canonical
 from ca.client import make_csr
 from tests.conftest import HSMCA, Daemon, hsmca, require
 
@@ -59,7 +65,10 @@ def token_file(d: Daemon, tmp: Path, role: str, names: list[str],
             "--role", role, "--name", *names, "--ttl", ttl]
     if principals:
         args += ["--principal", *principals]
-    token = hsmca(*args).stdout.strip()
+    return _secret_file(tmp, role, names, hsmca(*args).stdout.strip())
+
+
+def _secret_file(tmp: Path, role: str, names: list[str], token: str) -> Path:
     path = tmp / f"{role}-{names[0].replace('@', '_')}-{next(_n)}.token"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
@@ -72,10 +81,149 @@ _n = iter(range(1, 10**6))
 
 def enroll(d: Daemon, tmp: Path, role: str, names: list[str], principals: list[str] = (),
            *extra: str) -> tuple[Path, Path]:  # type: ignore[assignment]
+    """A client credential of `role` as a new machine or person gets one: a token from
+    the admin (by the API: `token_file` tests the admin CLI), handed over in a file,
+    then `hsmca enroll`. (cert.pem, key.pem)."""
+    body = {"role": role, "names": names, "ttl": "15m"}
+    if principals:
+        body["principals"] = list(principals)
+    request = urllib.request.Request(f"{d.url}/v1/tokens", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, context=d.admin_ssl(), timeout=60) as answer:
+        assert answer.status == 201
+        token = json.loads(answer.read())["token"]
     out = tmp / f"{role}-cred-{next(_n)}"
     hsmca("enroll", "--url", d.url, "--ca", d.root, "--token-file",
-          token_file(d, tmp, role, names, principals), "--name", *names, "--out", out, *extra)
+          _secret_file(tmp, role, names, token), "--name", *names, "--out", out, *extra)
     return out / "cert.pem", out / "key.pem"
+
+
+# ---- the audit log ---------------------------------------------------------------------
+
+def log_lines(state: Path) -> list[dict[str, Any]]:
+    """The durable lines of a CA's audit log, parsed."""
+    return [json.loads(line) for line in (state / "audit/log.jsonl").read_bytes().splitlines()]
+
+
+def audit_verify(state: Path, *extra: str | Path, log: Path | None = None,
+                 served: tuple[Daemon, tuple[Path, Path]] | None = None,
+                 ok: bool = False) -> subprocess.CompletedProcess[str]:
+    """`hsmca audit verify` with the audit key of the CA in `state`: offline on `log`
+    (default: the CA's own log), or, with `served` (a daemon and a client credential
+    of an auditor or admin), over the daemon's API. With `ok`, it must say OK."""
+    key = state / "audit" / "audit_key.pem"
+    if served is None:
+        args: list[str | Path] = ["--log", log or state / "audit" / "log.jsonl"]
+    else:
+        d, (cert, cred_key) = served
+        args = ["--url", d.url, "--ca", d.root, "--client-cert", cert, "--client-key", cred_key]
+    proc = hsmca("audit", "verify", *args, "--key", key, *extra, check=False)
+    if ok:
+        assert proc.returncode == 0 and proc.stdout.startswith("OK:"), proc.stdout + proc.stderr
+    return proc
+
+
+def rechain(lines: list[bytes], start: int) -> list[bytes]:
+    """The lines with the hash chain repaired from `start` on, each line that parses
+    re-serialised canonically, as a careful forger would; a line that does not parse
+    is left as it is (nothing can repair it)."""
+    out = list(lines[:start])
+    for line in lines[start:]:
+        try:
+            obj = json.loads(line)
+            obj["prev"] = hashlib.sha256(out[-1]).hexdigest() if out else "0" * 64
+            line = canonical(obj)
+        except (ValueError, TypeError, KeyError):
+            pass
+        out.append(line)
+    return out
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """A /metrics page: (sample name, sorted labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def tls_exchange(d: Daemon, ctx: ssl.SSLContext, method: str, path: str,
+                 body: bytes = b"") -> tuple[int, bytes] | str:
+    """One HTTP/1.1 request over TLS 1.2 on a connection of its own (blocking: run it
+    in a thread): (status, body) of the answer, or, if the handshake failed, the
+    reason OpenSSL gave the client. TLS 1.2, because there the server judges the
+    client's certificate inside the handshake (TLS 1.3 finishes the client's side of
+    the handshake first, and a refusal then looks like any closed connection)."""
+    host, port = d.url.removeprefix("https://").rsplit(":", 1)
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    request = (f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n"
+               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+               ).encode() + body
+    with socket.create_connection((host, int(port)), timeout=30) as raw:
+        try:
+            s = ctx.wrap_socket(raw, server_hostname=host)
+        except ssl.SSLError as exc:
+            return str(exc.reason)
+        with s:
+            s.sendall(request)
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+    head, _, answer = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 "), data[:200]
+    return int(head.split(b" ", 2)[1]), answer
+
+
+def leaf_from_issuing_key(d: Daemon, tmp: Path, name: str, not_before: dt.datetime,
+                          not_after: dt.datetime) -> tuple[Path, Path]:
+    """A client certificate for `name` signed by the daemon's own issuing key (in the
+    HSM) but never issued by it: nothing in its inventory or its audit log. Made by
+    a process of its own (SoftHSM is safe across processes, never across threads of
+    one), which records its signature in a scratch log. (cert.pem, key.pem)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    key_path, cert_path = tmp / f"{name}.key", tmp / f"{name}.pem"
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    proc = subprocess.run([sys.executable, "-c", _LEAF_SCRIPT, d.state / "hsmca.toml", key_path,
+                           cert_path, tmp / f"{name}-scratch.jsonl", name,
+                           not_before.isoformat(), not_after.isoformat()],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return cert_path, key_path
+
+
+_LEAF_SCRIPT = """
+import asyncio, datetime as dt, sys
+from pathlib import Path
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from ca.issuance import profiles as prof
+from ca.audit.log import AuditLog
+from ca.config import load
+from ca.issuance.pipeline import SigningPipeline
+
+async def main():
+    config, key_file, out, scratch, name, not_before, not_after = sys.argv[1:]
+    cfg = load(Path(config))
+    key = serialization.load_pem_private_key(Path(key_file).read_bytes(), None)
+    issuing = x509.load_pem_x509_certificate(cfg.issuing_pem.read_bytes())
+    log = AuditLog.open(Path(scratch))
+    w = SigningPipeline(cfg.hsm, log)
+    w.start()
+    ca_key = await w.load_key(cfg.key_label("issuing"))
+    b = prof.leaf_builder(prof.LeafProfile(key.public_key(), name, [name]), issuing,
+                          dt.datetime.fromisoformat(not_before),
+                          dt.datetime.fromisoformat(not_after))
+    cert = await w.sign(ca_key.label, lambda k: b.sign(k, hashes.SHA256()), purpose="x509",
+                        actor="test")
+    Path(out).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    w.close(); log.close()
+
+asyncio.run(main())
+"""
 
 
 def free_port() -> int:

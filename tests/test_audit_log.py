@@ -19,16 +19,11 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from ca.audit.log import AuditLog
 from ca.audit.verify import verify_log
 from tests.conftest import InitialisedCA, hsmca, init_ca, start_daemon
-
-
-def verify(state: Path, *extra: str | Path, log: Path | None = None,
-           ) -> subprocess.CompletedProcess[str]:
-    return hsmca("audit", "verify", "--log", log or state / "audit" / "log.jsonl", "--key",
-                 state / "audit" / "audit_key.pem", *extra, check=False)
+from tests.helpers import audit_verify, rechain
 
 
 def test_fresh_ca_log_verifies_and_records_the_ceremony(ca: InitialisedCA) -> None:
-    proc = verify(ca.state)
+    proc = audit_verify(ca.state)
     assert proc.returncode == 0 and proc.stdout.startswith("OK:"), proc.stdout + proc.stderr
     events = [json.loads(line) for line in (ca.state / "audit/log.jsonl").read_text().splitlines()]
     kinds = [e["event"] for e in events]
@@ -47,32 +42,22 @@ def test_state_catches_truncation_and_rewrite(ca: InitialisedCA, tmp_path: Path)
     shutil.copy(ca.state / "audit/log.jsonl", log)
     state = tmp_path / "state.json"
     cp = ["--checkpoint", ca.state / "audit/checkpoint"]
-    assert verify(ca.state, "--state", state, *cp, log=log).returncode == 0
+    assert audit_verify(ca.state, "--state", state, *cp, log=log).returncode == 0
     assert state.exists()
 
     lines = log.read_bytes().splitlines(keepends=True)
     log.write_bytes(b"".join(lines[:-5]))
-    proc = verify(ca.state, "--state", state, "--checkpoint", tmp_path / "none", log=log)
+    proc = audit_verify(ca.state, "--state", state, "--checkpoint", tmp_path / "none", log=log)
     assert proc.returncode == 1
     bad = len(lines) - 5
     assert f"FAILED at seq {bad} (line {bad + 1} of the file)" in proc.stderr, proc.stderr
 
     # A rewrite that keeps the chain intact (rehash everything after a change) is caught
     # by the signed checkpoints and the saved state.
-    objs = [json.loads(line) for line in lines]
-    objs[3]["event"] = "hsm.tampered"
-    import hashlib
-
-    from ca.audit.line import GENESIS, canonical
-    prev = GENESIS
-    out = []
-    for o in objs:
-        o["prev"] = prev
-        b = canonical(o)
-        prev = hashlib.sha256(b).hexdigest()
-        out.append(b + b"\n")
-    log.write_bytes(b"".join(out))
-    proc = verify(ca.state, "--state", state, "--checkpoint", tmp_path / "none", log=log)
+    raw = [line.rstrip(b"\n") for line in lines]
+    raw[3] = json.dumps({**json.loads(raw[3]), "event": "hsm.tampered"}).encode()
+    log.write_bytes(b"".join(line + b"\n" for line in rechain(raw, 3)))
+    proc = audit_verify(ca.state, "--state", state, "--checkpoint", tmp_path / "none", log=log)
     assert proc.returncode == 1 and "FAILED at seq" in proc.stderr
 
 
@@ -95,7 +80,7 @@ def test_offline_verify_misses_no_line_of_a_stopped_daemons_log(tmp_path: Path) 
         "daemon.stop", "hsm.sign", "hsm.sign", "hsm.logout"]
     state = tmp_path / "auditor.state"
 
-    proc = verify(ca.state, "--state", state, log=log)
+    proc = audit_verify(ca.state, "--state", state, log=log)
     assert proc.returncode == 0, proc.stderr
     assert re.fullmatch(f"OK: {n} lines, [0-9]+ checkpoints verified; the last 3 lines are the "
                         "last checkpoint's own signing and the HSM logout, which no "
@@ -103,7 +88,7 @@ def test_offline_verify_misses_no_line_of_a_stopped_daemons_log(tmp_path: Path) 
     assert json.loads(state.read_text())["size"] == n
 
     log.write_bytes(b"".join(lines[:-3]))  # the three closing lines cut
-    proc = verify(ca.state, "--state", state, log=log)
+    proc = audit_verify(ca.state, "--state", state, log=log)
     assert proc.returncode == 1
     assert proc.stderr.startswith(f"FAILED at seq {n - 3} (line {n - 2} of the file): "
                                   f"truncated: the log had {n} lines at "
@@ -111,7 +96,7 @@ def test_offline_verify_misses_no_line_of_a_stopped_daemons_log(tmp_path: Path) 
     logout = lines[-1].replace(b'"result":"ok"', b'"result":"CKR_GENERAL_ERROR"')
     assert logout != lines[-1]
     log.write_bytes(b"".join([*lines[:-1], logout]))  # the last line altered
-    proc = verify(ca.state, "--state", state, log=log)
+    proc = audit_verify(ca.state, "--state", state, log=log)
     assert proc.returncode == 1
     assert proc.stderr.startswith(f"FAILED at seq {n - 1} (line {n} of the file): "
                                   f"rewritten: the first {n} lines no "
@@ -124,17 +109,17 @@ def test_offline_verify_misses_no_line_of_a_stopped_daemons_log(tmp_path: Path) 
     notes = [json.loads(line)["checkpoint"] for line in lines[:-3] if b'"checkpoint":"' in line]
     signed = int(notes[-1].split("\n")[1])  # the size line of the last checkpoint logged
     fresh = tmp_path / "fresh.state"
-    proc = verify(ca.state, "--state", fresh, log=log)
+    proc = audit_verify(ca.state, "--state", fresh, log=log)
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.startswith(f"UNSIGNED: {n - 3 - signed} lines, no checkpoint covers "
                                   f"them (seq {signed} to {n - 4})"), proc.stderr
     assert not fresh.exists()  # not accepted, not recorded
-    proc = verify(ca.state, "--state", fresh, "--allow-unsigned", log=log)
+    proc = audit_verify(ca.state, "--state", fresh, "--allow-unsigned", log=log)
     assert proc.returncode == 0 and proc.stdout.startswith(f"OK: {n - 3} lines"), proc.stderr
     assert proc.stderr.startswith(f"UNSIGNED: {n - 3 - signed} lines, no checkpoint covers")
     assert json.loads(fresh.read_text())["size"] == n - 3  # accepted: recorded
     log.write_bytes(b"".join(lines[:-4]))
-    proc = verify(ca.state, "--state", fresh, "--allow-unsigned", log=log)
+    proc = audit_verify(ca.state, "--state", fresh, "--allow-unsigned", log=log)
     assert proc.returncode == 1
     assert proc.stderr.startswith(f"FAILED at seq {n - 4} (line {n - 3} of the file): "
                                   "truncated"), proc.stderr
@@ -183,7 +168,7 @@ def test_one_writer_only_and_refusal_of_a_shorter_or_rewritten_log(tmp_path: Pat
                  check=False)
     assert proc.returncode == 1 and "rewritten" in proc.stderr, proc.stderr
     log.write_bytes(original)
-    assert verify(ca.state).returncode == 0
+    assert audit_verify(ca.state).returncode == 0
 
 
 CHILD = textwrap.dedent("""

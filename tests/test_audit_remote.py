@@ -23,9 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from ca.audit.note import parse_checkpoint, sign_checkpoint
 from ca.audit.witness import FileWitness, WitnessRefused
-from ca.client import enroll
 from tests.conftest import Daemon, hsmca, init_ca, start_daemon
-from tests.helpers import bootstrap_token, http
+from tests.helpers import audit_verify, enroll, http, rechain
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -162,13 +161,6 @@ def given(hashes: list[bytes]) -> Callable[[int, int], list[bytes]]:
     return lambda _old, _size: hashes
 
 
-async def credential(d: Daemon, role: str, name: str, out: Path) -> tuple[Path, Path]:
-    """Enroll a client certificate of `role` (token from the admin, key made here)."""
-    token = await bootstrap_token(d, role, [name])
-    await enroll(d.url, token, [name], out, d.root)
-    return out / "cert.pem", out / "key.pem"
-
-
 async def get(d: Daemon, path_: str, cred: tuple[Path, Path] | None = None
               ) -> tuple[int, str, bytes]:
     return await http("GET", f"{d.url}{path_}", d.ssl(*cred) if cred else d.ssl())
@@ -191,9 +183,7 @@ async def fetched_lines(d: Daemon, cred: tuple[Path, Path], size: int) -> list[b
 
 def remote_verify(d: Daemon, cred: tuple[Path, Path], state: Path
                   ) -> subprocess.CompletedProcess[str]:
-    return hsmca("audit", "verify", "--url", d.url, "--ca", d.root, "--client-cert", cred[0],
-                 "--client-key", cred[1], "--key", d.state / "audit" / "audit_key.pem",
-                 "--state", state, check=False)
+    return audit_verify(d.state, "--state", state, served=(d, cred))
 
 
 def ok_counts(proc: subprocess.CompletedProcess[str]) -> tuple[int, int]:
@@ -210,8 +200,8 @@ def ok_counts(proc: subprocess.CompletedProcess[str]) -> tuple[int, int]:
 
 async def test_entries_are_the_stored_bytes_and_only_for_auditors(daemon: Daemon,
                                                                   tmp_path: Path) -> None:
-    auditor = await credential(daemon, "auditor", "auditor@example.com", tmp_path / "aud")
-    service = await credential(daemon, "service", "svc.audit.example", tmp_path / "svc")
+    auditor = enroll(daemon, tmp_path, "auditor", ["auditor@example.com"])
+    service = enroll(daemon, tmp_path, "service", ["svc.audit.example"])
 
     status, ctype, body = await get(daemon, "/v1/audit/entries?start=0&limit=1000", auditor)
     assert status == 200 and ctype == "application/jsonl"
@@ -237,7 +227,7 @@ async def test_entries_are_the_stored_bytes_and_only_for_auditors(daemon: Daemon
 
 async def test_daemon_proofs_verify_with_an_independent_rfc9162(daemon: Daemon,
                                                                 tmp_path: Path) -> None:
-    auditor = await credential(daemon, "auditor", "auditor@example.com", tmp_path / "aud")
+    auditor = enroll(daemon, tmp_path, "auditor", ["auditor@example.com"])
     size, root, _ = await latest_checkpoint(daemon)
     lines = await fetched_lines(daemon, auditor, size)
     assert mth(lines) == root  # the signed root is RFC 9162's MTH of the lines as served
@@ -303,15 +293,9 @@ asyncio.run(main())
 
 def rewrite_line(log: Path, seq: int, change: dict[str, Any]) -> None:
     """Change line `seq` and re-chain every later line, keeping all of them canonical."""
-    objs = [json.loads(line) for line in log.read_bytes().splitlines()]
-    objs[seq].update(change)
-    out: list[bytes] = []
-    for obj in objs:
-        if out and obj["seq"] > seq:
-            obj["prev"] = hashlib.sha256(out[-1]).hexdigest()
-        out.append(json.dumps(obj, sort_keys=True, separators=(",", ":"),
-                              ensure_ascii=False).encode())
-    log.write_bytes(b"".join(line + b"\n" for line in out))
+    lines = log.read_bytes().splitlines()
+    lines[seq] = json.dumps({**json.loads(lines[seq]), **change}).encode()
+    log.write_bytes(b"".join(line + b"\n" for line in rechain(lines, seq)))
 
 
 async def test_remote_verify_is_incremental_and_catches_a_rewrite(tmp_path: Path) -> None:
@@ -322,7 +306,7 @@ async def test_remote_verify_is_incremental_and_catches_a_rewrite(tmp_path: Path
     try:
         d = start_daemon(ca.state)
         daemons.append(d)
-        auditor = await credential(d, "auditor", "auditor@example.com", tmp_path / "aud")
+        auditor = enroll(d, tmp_path, "auditor", ["auditor@example.com"])
 
         first_lines, fetched = ok_counts(remote_verify(d, auditor, state))
         assert fetched == first_lines > 0  # the first run fetches everything
@@ -333,7 +317,7 @@ async def test_remote_verify_is_incremental_and_catches_a_rewrite(tmp_path: Path
         first_checkpoint = saved["checkpoint"]
 
         for i in range(3):
-            await credential(d, "service", f"svc{i}.audit.example", tmp_path / f"svc{i}")
+            enroll(d, tmp_path, "service", [f"svc{i}.audit.example"])
         # A graceful stop signs a final checkpoint covering the issuances; the restarted
         # daemon serves it (or its own start-up checkpoint, which covers even more).
         assert d.stop() == 0
@@ -414,9 +398,7 @@ async def test_remote_verify_continues_from_an_offline_state_and_misses_no_line(
     state = tmp_path / "auditor.state"
 
     def offline() -> int:
-        proc = hsmca("audit", "verify", "--log", log, "--key",
-                     ca.state / "audit" / "audit_key.pem", "--state", state, check=False)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
+        audit_verify(ca.state, "--state", state, ok=True)
         seen = json.loads(state.read_text())["size"]
         assert seen == len(log.read_bytes().splitlines())
         return int(seen)
@@ -425,7 +407,7 @@ async def test_remote_verify_continues_from_an_offline_state_and_misses_no_line(
     try:
         d = start_daemon(ca.state)
         daemons.append(d)
-        auditor = await credential(d, "auditor", "auditor@example.com", tmp_path / "aud")
+        auditor = enroll(d, tmp_path, "auditor", ["auditor@example.com"])
         assert daemons.pop().stop() == 0
         seen = offline()
 

@@ -9,27 +9,18 @@ import sys
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Daemon
-from tests.helpers import bootstrap_token, csr_pem, http
+from tests.helpers import bootstrap_token, csr_pem, http, metric_samples
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
 
 
 @pytest.mark.asyncio(loop_scope="session")
 async def test_metrics_move_when_certificates_are_issued(daemon: Daemon) -> None:
     status, ctype, raw = await http("GET", f"{daemon.url}/metrics", daemon.ssl())
     assert status == 200 and ctype == "text/plain"
-    before = samples(raw.decode())
+    before = metric_samples(raw.decode())
     issued_key = ("hsmca_issued_total", (("kind", "x509"), ("result", "ok")))
     for _ in range(3):
         token = await bootstrap_token(daemon, "service", ["metrics.internal.example"])
@@ -38,13 +29,17 @@ async def test_metrics_move_when_certificates_are_issued(daemon: Daemon) -> None
                                   headers={"Authorization": f"Bearer {token}"})
         assert status == 201
     _, _, raw = await http("GET", f"{daemon.url}/metrics", daemon.ssl())
-    after = samples(raw.decode())
+    after = metric_samples(raw.decode())
     assert after[issued_key] - before.get(issued_key, 0) == 3
     route = ("hsmca_http_request_seconds_count", (("route", "/v1/x509/enroll"),))
     assert after[route] - before.get(route, 0) == 3
     assert after[("hsmca_audit_commit_seconds_count", ())] > before[
         ("hsmca_audit_commit_seconds_count", ())]
     assert after[("hsmca_up", (("part", "hsm"),))] == 1
+    # The HSM's own count of C_Sign calls: one per certificate, and the daemon's own
+    # signatures (OCSP responses for the new certificates, checkpoints) on top.
+    calls = ("hsmca_hsm_sign_calls_total", ())
+    assert after[calls] - before[calls] >= 3
     for name in ("hsmca_hsm_call_seconds_count", "hsmca_audit_batch_lines_count",
                  "hsmca_hsm_reconnects_total"):
         assert (name, ()) in after, name

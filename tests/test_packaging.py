@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -32,3 +33,17 @@ def test_editable_build_gives_no_warning_about_the_package_names(tmp_path: Path)
     # (here the generic `ca` and `hsm`) may shadow them; a flat layout declared as such
     # gets a plain .pth entry instead.
     assert "Please be careful with folders" not in out
+
+
+def test_collecting_the_suite_leaves_nothing_behind(tmp_path: Path) -> None:
+    """Importing the suite's conftest (as `--collect-only` does) makes no SoftHSM
+    directory: tokens are made by the session's first fixture, and removed with it."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
+                           "-p", "no:cacheprovider", "tests/test_uri.py"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TMPDIR": str(scratch)})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "test_uri.py" in proc.stdout
+    assert list(scratch.iterdir()) == []

@@ -13,7 +13,6 @@ import sqlite3
 import ssl
 import subprocess
 import sys
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,93 +20,85 @@ import aiohttp
 import pytest
 from cryptography import x509 as cx
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from ca.issuance import profiles as prof
-from tests.conftest import Daemon, hsmca, init_ca, require, start_daemon
-from tests.helpers import bootstrap_token, http
+from tests.conftest import Daemon, init_ca, require, start_daemon
+from tests.helpers import audit_verify, enroll, http, log_lines, metric_samples
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-
-async def enroll_service(d: Daemon, tmp: Path, name: str = "load.internal.example"
-                         ) -> tuple[Path, Path]:
-    token = await bootstrap_token(d, "service", [name])
-    out = tmp / f"cred-{name}"
-    hsmca("enroll", "--url", d.url, "--ca", d.root, "--token", token, "--name", name,
-          "--out", out)
-    return out / "cert.pem", out / "key.pem"
-
-
-def log_lines(state: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (state / "audit/log.jsonl").read_bytes().splitlines()]
-
-
-def assert_log_verifies(state: Path) -> None:
-    proc = hsmca("audit", "verify", "--log", state / "audit/log.jsonl", "--key",
-                 state / "audit/audit_key.pem", check=False)
-    assert proc.returncode == 0, proc.stderr
+LOAD_NAME = "load.internal.example"
 
 
 def assert_served_log_verifies(d: Daemon, auditor_state: Path) -> None:
     """What an auditor sees of a running daemon: its durable lines verify, and still
     extend what the same auditor verified before (nothing cut or rewritten)."""
-    proc = hsmca("audit", "verify", "--url", d.url, "--ca", d.root, "--client-cert",
-                 d.state / "admin/cert.pem", "--client-key", d.state / "admin/key.pem",
-                 "--key", d.state / "audit/audit_key.pem", "--state", auditor_state,
-                 check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    admin = (d.state / "admin/cert.pem", d.state / "admin/key.pem")
+    audit_verify(d.state, "--state", auditor_state, served=(d, admin), ok=True)
 
 
 async def test_kill9_under_issuance_load_loses_nothing(tmp_path: Path) -> None:
     ca = init_ca(tmp_path)
     d = start_daemon(ca.state)
-    cert, key = await enroll_service(d, tmp_path)
+    cert, key = enroll(d, tmp_path, "service", [LOAD_NAME])
     received: list[dict[str, Any]] = []
+    refused: list[tuple[int, bytes]] = []  # any answer but 201: there must be none
     rng = random.Random(7)
     rounds = 5
+    clients = 32
     goal = [0]
     for _ in range(rounds):
         ctx = d.ssl(cert, key)
         target = rng.randint(20, 150)
         enough = asyncio.Event()
+        killed = asyncio.Event()
+        ended: list[bool] = []  # per client: did its run end after the kill?
 
         async def renew_forever(s: aiohttp.ClientSession, url: str, ctx: ssl.SSLContext = ctx,
-                                enough: asyncio.Event = enough) -> None:
+                                enough: asyncio.Event = enough, killed: asyncio.Event = killed,
+                                ended: list[bool] = ended) -> None:
             while True:
                 try:
                     async with s.post(f"{url}/v1/x509/renew", json={}, ssl=ctx) as r:
                         body = await r.read()
-                        if r.status == 201:
-                            received.append(json.loads(body))
-                            if len(received) >= goal[0]:
-                                enough.set()
+                        if r.status != 201:
+                            refused.append((r.status, body[:300]))
+                            continue
+                        received.append(json.loads(body))
+                        if len(received) >= goal[0]:
+                            enough.set()
                 except (TimeoutError, aiohttp.ClientError, ConnectionError):
+                    ended.append(killed.is_set())
                     return  # the daemon is gone: this client's run is over
 
         goal[0] = target + len(received)
         async with aiohttp.ClientSession() as s:
-            tasks = [asyncio.create_task(renew_forever(s, d.url)) for _ in range(32)]
+            tasks = [asyncio.create_task(renew_forever(s, d.url)) for _ in range(clients)]
             await asyncio.wait_for(enough.wait(), 120)
             d.proc.send_signal(signal.SIGKILL)  # mid-load, requests in flight
+            killed.set()
             d.proc.wait()
             await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        assert not refused, refused
+        # Each client failed once, on the kill: none lost its connection before it.
+        assert ended == [True] * clients, ended
         d = start_daemon(ca.state)  # restart: torn-tail recovery, checkpoint check
         assert_served_log_verifies(d, tmp_path / "auditor.state")
     assert d.stop() == 0
     assert len(received) >= rounds * 20
-    assert_log_verifies(ca.state)
+    audit_verify(ca.state, ok=True)
 
     lines = log_lines(ca.state)
     outcomes = {e["fingerprint"]: e for e in lines
                 if e.get("phase") == "outcome" and "fingerprint" in e}
     intents = {e["op_id"] for e in lines if e.get("phase") == "intent"}
     db = sqlite3.connect(ca.state / "hsmca.sqlite3")
+    issuing = cx.load_pem_x509_certificate((ca.state / "x509/issuing.pem").read_bytes())
     for issued in received:
         c = cx.load_pem_x509_certificate(issued["certificate"].encode())
+        c.verify_directly_issued_by(issuing)  # no answer carries a signature that fails
         fp = c.fingerprint(hashes.SHA256()).hex()
         assert fp in outcomes, f"certificate {issued['serial']} has no outcome line"
-        assert outcomes[fp]["op_id"] in intents
+        assert outcomes[fp]["result"] == "ok" and outcomes[fp]["op_id"] in intents
         row = db.execute("SELECT serial FROM certs WHERE fingerprint = ?", (fp,)).fetchone()
         assert row == (issued["serial"],), f"certificate {issued['serial']} not in inventory"
     assert len({r["serial"] for r in received}) == len(received), "a serial was issued twice"
@@ -124,7 +115,7 @@ async def test_hsm_token_taken_away_then_back(tmp_path: Path) -> None:
     # reaches is the kernel's choice).
     d = start_daemon(ca.state, "--workers", "1")
     try:
-        cert, key = await enroll_service(d, tmp_path)
+        cert, key = enroll(d, tmp_path, "service", [LOAD_NAME])
         ctx = d.ssl(cert, key)
         tokens = tmp_path / "softhsm" / "tokens"
         away = tmp_path / "tokens.away"
@@ -151,14 +142,19 @@ async def test_hsm_token_taken_away_then_back(tmp_path: Path) -> None:
     assert "hsm.error" in events and "hsm.reconnect" in events
     reconnects = [e for e in log_lines(ca.state) if e["event"] == "hsm.reconnect"]
     assert reconnects[-1]["result"] == "ok"
-    assert_log_verifies(ca.state)
+    audit_verify(ca.state, ok=True)
 
 
-def signatures(metrics_text: str) -> float:
-    for line in metrics_text.splitlines():
-        if line.startswith("hsmca_hsm_signatures_total "):
-            return float(line.split()[1])
-    raise AssertionError("no signature counter in /metrics")
+async def signing_metrics(d: Daemon) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """What /metrics says of signing: the HSM's own count of C_Sign calls, signatures
+    that verified, and issued objects under every result label."""
+    status, _, raw = await http("GET", f"{d.url}/metrics", d.ssl())
+    assert status == 200, raw
+    found = {k: v for k, v in metric_samples(raw.decode()).items()
+             if k[0] in ("hsmca_hsm_sign_calls_total", "hsmca_hsm_signatures_total",
+                         "hsmca_issued_total")}
+    assert ("hsmca_hsm_sign_calls_total", ()) in found, found
+    return found
 
 
 def intent_count(state: Path) -> int:
@@ -173,7 +169,7 @@ def cert_rows(state: Path) -> int:
 async def assert_nothing_signed(d: Daemon, ctx: Any, why: str) -> None:
     """While the audit log cannot be written: three renewals refused with 503, /health
     naming `why`, nothing signed, nothing recorded as signed, nothing in the inventory."""
-    _, _, before = await http("GET", f"{d.url}/metrics", d.ssl())
+    before = await signing_metrics(d)
     intents, rows = intent_count(d.state), cert_rows(d.state)
     for _ in range(3):
         status, ctype, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
@@ -182,8 +178,8 @@ async def assert_nothing_signed(d: Daemon, ctx: Any, why: str) -> None:
     status, _, body = await http("GET", f"{d.url}/health", d.ssl())
     audit = json.loads(body)["audit"]
     assert status == 503 and audit.startswith("unavailable") and why in audit, body
-    _, _, after = await http("GET", f"{d.url}/metrics", d.ssl())
-    assert signatures(after.decode()) == signatures(before.decode())
+    # Not one C_Sign (the HSM's own count), nor any issued object, whatever its result.
+    assert await signing_metrics(d) == before
     assert (intent_count(d.state), cert_rows(d.state)) == (intents, rows)
 
 
@@ -199,7 +195,7 @@ async def test_audit_log_that_cannot_grow_means_503_and_nothing_signed(tmp_path:
     ca = init_ca(tmp_path)
     d = start_daemon(ca.state)
     try:
-        cert, key = await enroll_service(d, tmp_path)
+        cert, key = enroll(d, tmp_path, "service", [LOAD_NAME])
         ctx = d.ssl(cert, key)
         size = (ca.state / "audit/log.jsonl").stat().st_size
         resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE, (size + 10, resource.RLIM_INFINITY))
@@ -209,7 +205,7 @@ async def test_audit_log_that_cannot_grow_means_503_and_nothing_signed(tmp_path:
         await assert_served_again(d, ctx)
     finally:
         assert d.stop() == 0
-    assert_log_verifies(ca.state)
+    audit_verify(ca.state, ok=True)
 
 
 async def test_audit_log_made_read_only_means_503_until_writable(tmp_path: Path) -> None:
@@ -220,7 +216,7 @@ async def test_audit_log_made_read_only_means_503_until_writable(tmp_path: Path)
     d = start_daemon(ca.state)
     log_file = ca.state / "audit/log.jsonl"
     try:
-        cert, key = await enroll_service(d, tmp_path)
+        cert, key = enroll(d, tmp_path, "service", [LOAD_NAME])
         ctx = d.ssl(cert, key)
         chattr = require("chattr")
         proc = subprocess.run([chattr, "+i", log_file], capture_output=True, text=True)
@@ -233,7 +229,7 @@ async def test_audit_log_made_read_only_means_503_until_writable(tmp_path: Path)
         await assert_served_again(d, ctx)
     finally:
         assert d.stop() == 0
-    assert_log_verifies(ca.state)
+    audit_verify(ca.state, ok=True)
 
 
 async def test_slow_and_idle_connections_do_not_block_others(daemon: Daemon,
@@ -290,7 +286,7 @@ async def test_bad_token_attempts_are_rate_limited(tmp_path: Path) -> None:
             assert r.status == 401 and json.loads(await r.read())["type"].endswith("bad-token")
         # And a valid token is never refused for others' failures, not even from the
         # address that failed (behind a NAT, that is everyone).
-        cert, _key = await enroll_service(d, tmp_path, "valid.internal.example")
+        cert, _key = enroll(d, tmp_path, "service", ["valid.internal.example"])
         assert cx.load_pem_x509_certificate(cert.read_bytes()).subject.rfc4514_string() == (
             "CN=valid.internal.example")
     finally:
@@ -325,87 +321,122 @@ async def test_tls_below_1_2_refused(daemon: Daemon) -> None:
     assert await asyncio.to_thread(handshake, modern) == "TLSv1.3"  # preferred
 
 
-async def test_expired_client_certificate_refused(daemon: Daemon, tmp_path: Path) -> None:
-    """A client certificate past notAfter fails the handshake, never reaches a route."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    (tmp_path / "k.pem").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
-    # The daemon's issuing key signs an already-expired leaf, from a process of its
-    # own (SoftHSM is safe across processes, never across threads of one).
-    proc = subprocess.run([sys.executable, "-c", _EXPIRED_SCRIPT, daemon.state / "hsmca.toml",
-                           tmp_path / "k.pem", tmp_path / "c.pem", tmp_path / "scratch.jsonl"],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    expired = cx.load_pem_x509_certificate((tmp_path / "c.pem").read_bytes())
-    issuing = cx.load_pem_x509_certificate((daemon.state / "x509/issuing.pem").read_bytes())
-    assert expired.not_valid_after_utc < prof.utcnow() - timedelta(minutes=1)
-    assert expired.issuer == issuing.subject
-    ctx = daemon.ssl(tmp_path / "c.pem", tmp_path / "k.pem")
-    with pytest.raises(aiohttp.ClientError):
-        await http("POST", f"{daemon.url}/v1/x509/renew", ctx, body={})
-
-
-_EXPIRED_SCRIPT = '''
-import asyncio, datetime as dt, sys
-from pathlib import Path
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from ca.issuance import profiles as prof
-from ca.audit.log import AuditLog
-from ca.config import load
-from ca.issuance.pipeline import SigningPipeline
-
-async def main():
-    cfg = load(Path(sys.argv[1]))
-    key = serialization.load_pem_private_key(Path(sys.argv[2]).read_bytes(), None)
-    issuing = x509.load_pem_x509_certificate(cfg.issuing_pem.read_bytes())
-    log = AuditLog.open(Path(sys.argv[4]))
-    w = SigningPipeline(cfg.hsm, log)
-    w.start()
-    ca_key = await w.load_key(cfg.key_label("issuing"))
-    past = prof.utcnow() - dt.timedelta(days=2)
-    b = prof.leaf_builder(prof.LeafProfile(key.public_key(), "expired.internal.example",
-                                           ["expired.internal.example"]), issuing,
-                          past, past + dt.timedelta(hours=1))
-    cert = await w.sign(ca_key.label, lambda k: b.sign(k, hashes.SHA256()), purpose="x509",
-                        actor="test")
-    Path(sys.argv[3]).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    w.close(); log.close()
-
-asyncio.run(main())
-'''
-
-
 async def test_sigterm_under_load_stops_cleanly_and_the_log_verifies(tmp_path: Path) -> None:
     """In-flight signatures (and a checkpoint) finish and get their outcome lines."""
     ca = init_ca(tmp_path)
     d = start_daemon(ca.state)
-    cert, key = await enroll_service(d, tmp_path)
+    cert, key = enroll(d, tmp_path, "service", [LOAD_NAME])
     ctx = d.ssl(cert, key)
-    ok = 0
+    received: list[bytes] = []
+    refused: list[tuple[int, bytes]] = []  # any answer but 201: there must be none
+    ended: list[bool] = []  # per client: did its run end after the SIGTERM?
     started = asyncio.Event()
+    stopping = asyncio.Event()
 
     async def renew_forever(s: aiohttp.ClientSession) -> None:
-        nonlocal ok
         while True:
             try:
                 async with s.post(f"{d.url}/v1/x509/renew", json={}, ssl=ctx) as r:
-                    await r.read()
-                    if r.status == 201:
-                        ok += 1
-                        if ok >= 50:
-                            started.set()
+                    body = await r.read()
+                    if r.status != 201:
+                        refused.append((r.status, body[:300]))
+                        continue
+                    received.append(body)
+                    if len(received) >= 50:
+                        started.set()
             except (TimeoutError, aiohttp.ClientError, ConnectionError):
+                ended.append(stopping.is_set())
                 return
 
     async with aiohttp.ClientSession() as s:
         tasks = [asyncio.create_task(renew_forever(s)) for _ in range(32)]
         await asyncio.wait_for(started.wait(), 120)
         d.proc.send_signal(signal.SIGTERM)
+        stopping.set()
         await asyncio.wait_for(asyncio.gather(*tasks), 120)
     assert d.proc.wait(timeout=60) == 0
+    # Requests under way at the SIGTERM were answered, never refused; a client's run
+    # ended only once the daemon stopped taking connections.
+    assert not refused, refused
+    assert ended == [True] * 32, ended
+    fingerprints = {e.get("fingerprint") for e in log_lines(ca.state)
+                    if e.get("phase") == "outcome" and e.get("result") == "ok"}
+    for body in received:  # everything a client got is recorded as signed
+        c = cx.load_pem_x509_certificate(json.loads(body)["certificate"].encode())
+        assert c.fingerprint(hashes.SHA256()).hex() in fingerprints
     lines = log_lines(ca.state)
     assert [e["event"] for e in lines][-4:] == ["daemon.stop", "hsm.sign", "hsm.sign",
                                                "hsm.logout"]
-    assert_log_verifies(ca.state)  # no intent left open, though nothing restarted
+    audit_verify(ca.state, ok=True)  # no intent left open, though nothing restarted
+
+
+_SWAP_PUBLIC_SCRIPT = '''
+import sys
+import pkcs11
+from pkcs11 import Attribute, KeyType, ObjectClass
+from pkcs11.util.ec import encode_named_curve_parameters
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+module, token_label, pin_file, label = sys.argv[1:]
+token = pkcs11.lib(module).get_token(token_label=token_label)
+with token.open(rw=True, user_pin=open(pin_file).read().strip()) as session:
+    [public] = session.get_objects({Attribute.CLASS: ObjectClass.PUBLIC_KEY,
+                                    Attribute.LABEL: label})
+    public.destroy()
+    point = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        Encoding.X962, PublicFormat.UncompressedPoint)
+    session.create_object({
+        Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.KEY_TYPE: KeyType.EC,
+        Attribute.TOKEN: True, Attribute.LABEL: label, Attribute.ID: label.encode(),
+        Attribute.VERIFY: True,
+        Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1"),
+        Attribute.EC_POINT: bytes([0x04, len(point)]) + point})
+'''
+
+
+async def test_a_signature_the_hsm_gets_wrong_is_never_released(tmp_path: Path) -> None:
+    """A faulty HSM, as the real daemon meets it: the token's public object for the SSH
+    user CA is not the public half of its private key (swapped in the token before
+    the daemon starts; nothing checks that key against a file), so every SSH user
+    signature it makes fails the HSM layer's check. The client gets a 500 and no
+    certificate, the audit log says SignatureCheckFailed, the inventory has nothing,
+    the HSM's C_Sign count moved and no signature counted; X.509 still works."""
+    ca = init_ca(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", _SWAP_PUBLIC_SCRIPT, ca.token.module,
+                           ca.token.label, ca.token.pin_file, "ssh-user-ca"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    d = start_daemon(ca.state)
+    try:
+        cert, key = enroll(d, tmp_path, "user", ["eve@example.com"], ["eve"])
+        ctx = d.ssl(cert, key)
+        before = await signing_metrics(d)
+        user_key = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+        status, ctype, body = await http("POST", f"{d.url}/v1/ssh/user", ctx,
+                                         body={"public_key": user_key})
+        assert (status, ctype) == (500, "application/problem+json"), body
+        assert json.loads(body)["type"].endswith("/internal") and b"ssh-" not in body
+        after = await signing_metrics(d)
+        # The control: the daemon's other keys still sign, and what they sign verifies.
+        status, _, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
+        assert status == 201, body
+        issuing = cx.load_pem_x509_certificate((ca.state / "x509/issuing.pem").read_bytes())
+        cx.load_pem_x509_certificate(json.loads(body)["certificate"].encode()
+                                     ).verify_directly_issued_by(issuing)
+    finally:
+        assert d.stop() == 0
+    calls, ok = ("hsmca_hsm_sign_calls_total", ()), ("hsmca_hsm_signatures_total", ())
+    assert after[calls] - before[calls] >= 1 and after[ok] == before[ok], (before, after)
+    failed = ("hsmca_issued_total", (("kind", "ssh-user"), ("result", "SignatureCheckFailed")))
+    assert after.get(failed, 0) - before.get(failed, 0) == 1, after
+    lines = log_lines(ca.state)
+    [intent] = [e for e in lines if e.get("phase") == "intent" and e["purpose"] == "ssh-user"]
+    [outcome] = [e for e in lines if e.get("phase") == "outcome"
+                 and e["op_id"] == intent["op_id"]]
+    assert outcome["result"] == "SignatureCheckFailed"
+    assert "digest" not in outcome and "signature_digest" not in outcome
+    with sqlite3.connect(ca.state / "hsmca.sqlite3") as db:
+        assert db.execute("SELECT COUNT(*) FROM ssh_certs").fetchone() == (0,)
+    audit_verify(ca.state, ok=True)  # a failed signature is a closed one

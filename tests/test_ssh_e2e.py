@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from tests.conftest import Daemon, hsmca, require
-from tests.helpers import bootstrap_token, http
+from tests.helpers import enroll, free_port, http
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -25,21 +24,6 @@ def keygen(path: Path) -> Path:
     subprocess.run([require("ssh-keygen"), "-q", "-t", "ed25519", "-N", "", "-f", path],
                    check=True)
     return path.with_name(path.name + ".pub")
-
-
-async def enrolled(d: Daemon, tmp: Path, role: str, names: list[str],
-                   principals: list[str] = ()) -> tuple[Path, Path]:
-    token = await bootstrap_token(d, role, names, list(principals))
-    out = tmp / f"{role}-cred"
-    hsmca("enroll", "--url", d.url, "--ca", d.root, "--token", token, "--name", *names,
-          "--out", out)
-    return out / "cert.pem", out / "key.pem"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class SSHD:
@@ -96,10 +80,24 @@ def ssh_login(port: int, known_hosts: Path, identity: Path,
         capture_output=True, text=True, timeout=60)
 
 
+def krl_check(krl: Path, *files: Path) -> dict[Path, str]:
+    """What `ssh-keygen -Q` says of each certificate or key: "ok" or "REVOKED"."""
+    proc = subprocess.run([require("ssh-keygen"), "-Q", "-f", krl, *files],
+                          capture_output=True, text=True)
+    lines = proc.stdout.splitlines()  # "<file>[ (<comment>)]: <verdict>", one per file
+    assert len(lines) == len(files), proc.stdout + proc.stderr
+    verdicts = {}
+    for f, line in zip(files, lines, strict=True):
+        assert line.startswith((f"{f}: ", f"{f} (")), (f, line)
+        verdicts[f] = line.rsplit(": ", 1)[1]
+    return verdicts
+
+
 async def test_host_and_user_certificates_with_real_openssh(
-        daemon: Daemon, tmp_path: Path, sshd_factory: list[SSHD]) -> None:
+        own_daemon: Daemon, tmp_path: Path, sshd_factory: list[SSHD]) -> None:
+    daemon = own_daemon  # it revokes a certificate
     # The host enrolls, then certifies its SSH host key with the CLI.
-    host_cert, host_key = await enrolled(daemon, tmp_path, "host", ["localhost"])
+    host_cert, host_key = enroll(daemon, tmp_path, "host", ["localhost"])
     host_pub = keygen(tmp_path / "ssh_host_ed25519_key")
     proc = hsmca("ssh", "host", "--url", daemon.url, "--ca", daemon.root, "--cert", host_cert,
                  "--key", host_key, "--pubkey", host_pub)
@@ -110,16 +108,21 @@ async def test_host_and_user_certificates_with_real_openssh(
     assert "host certificate" in listing and "localhost" in listing
 
     # A person enrolls with the logins they may use and gets a short-lived certificate.
-    user_cert, user_key = await enrolled(daemon, tmp_path, "user", ["alice@example.com"],
+    user_cert, user_key = enroll(daemon, tmp_path, "user", ["alice@example.com"],
                                          ["root"])
-    user_pub = keygen(tmp_path / "id_ed25519")
-    hsmca("ssh", "user", "--url", daemon.url, "--ca", daemon.root, "--cert", user_cert,
-          "--key", user_key, "--pubkey", user_pub, "--ttl", "1h")
+    serials = []
+    for name in ("id_ed25519", "other_ed25519"):  # the second is never revoked: a control
+        pub = keygen(tmp_path / name)
+        hsmca("ssh", "user", "--url", daemon.url, "--ca", daemon.root, "--cert", user_cert,
+              "--key", user_key, "--pubkey", pub, "--ttl", "1h")
+        listing = subprocess.run([require("ssh-keygen"), "-L", "-f",
+                                  tmp_path / f"{name}-cert.pub"],
+                                 capture_output=True, text=True, check=True).stdout
+        assert 'Key ID: "alice@example.com:' in listing
+        serials.append(listing.split("Serial: ")[1].split()[0])
+    serial = serials[0]
     ssh_user_cert = tmp_path / "id_ed25519-cert.pub"
-    listing = subprocess.run([require("ssh-keygen"), "-L", "-f", ssh_user_cert],
-                             capture_output=True, text=True, check=True).stdout
-    assert 'Key ID: "alice@example.com:' in listing
-    serial = listing.split("Serial: ")[1].split()[0]
+    other_cert = tmp_path / "other_ed25519-cert.pub"
 
     krl = tmp_path / "revoked.krl"
     status, _, body = await http("GET", f"{daemon.url}/v1/ssh/krl", daemon.ssl())
@@ -133,6 +136,8 @@ async def test_host_and_user_certificates_with_real_openssh(
     sshd_factory.append(sshd)
     known_hosts.write_text(f"@cert-authority [localhost]:{sshd.port} {cas['host']}\n")
 
+    assert krl_check(krl, ssh_user_cert, other_cert) == {ssh_user_cert: "ok",
+                                                         other_cert: "ok"}
     login = ssh_login(sshd.port, known_hosts, tmp_path / "id_ed25519", ssh_user_cert)
     assert login.returncode == 0 and "logged-in-with-cert" in login.stdout, (
         login.stderr + "".join(sshd.log))
@@ -144,18 +149,22 @@ async def test_host_and_user_certificates_with_real_openssh(
     assert status == 200 and json.loads(body)["revoked_certificates"] == 1
     status, _, body = await http("GET", f"{daemon.url}/v1/ssh/krl", daemon.ssl())
     krl.write_bytes(body)
-    check = subprocess.run([require("ssh-keygen"), "-Q", "-f", krl, ssh_user_cert],
-                           capture_output=True, text=True)
-    assert "REVOKED" in check.stdout, check.stdout + check.stderr
+    assert krl_check(krl, ssh_user_cert, other_cert) == {ssh_user_cert: "REVOKED",
+                                                         other_cert: "ok"}
     login = ssh_login(sshd.port, known_hosts, tmp_path / "id_ed25519", ssh_user_cert)
     assert login.returncode == 255 and "Permission denied" in login.stderr, login.stderr
+    # The same sshd, with the same KRL, still lets the certificate that was not revoked in.
+    login = ssh_login(sshd.port, known_hosts, tmp_path / "other_ed25519", other_cert)
+    assert login.returncode == 0 and "logged-in-with-cert" in login.stdout, (
+        login.stderr + "".join(sshd.log))
 
 
-async def test_revocation_by_key_id_and_public_key(daemon: Daemon, tmp_path: Path) -> None:
-    user_cert, user_key = await enrolled(daemon, tmp_path, "user", ["bob@example.com"], ["bob"])
+async def test_revocation_by_key_id_and_public_key(own_daemon: Daemon, tmp_path: Path) -> None:
+    daemon = own_daemon  # it revokes certificates and a key
+    user_cert, user_key = enroll(daemon, tmp_path, "user", ["bob@example.com"], ["bob"])
     ctx = daemon.ssl(user_cert, user_key)
     pubs = []
-    for i in range(2):
+    for i in range(3):  # k0 revoked by key id, k1 by public key, k2 not at all
         pub = keygen(tmp_path / f"k{i}").read_text()
         status, _, body = await http("POST", f"{daemon.url}/v1/ssh/user", ctx,
                                      body={"public_key": pub})
@@ -166,17 +175,17 @@ async def test_revocation_by_key_id_and_public_key(daemon: Daemon, tmp_path: Pat
     key_id = f"bob@example.com:{pubs[0][1]['serial']}"
     status, _, body = await http("POST", f"{daemon.url}/v1/ssh/revoke", daemon.admin_ssl(),
                                  body={"key_id": key_id})
-    assert status == 200, body
+    assert status == 200 and json.loads(body)["revoked_certificates"] == 1, body
     status, _, body = await http("POST", f"{daemon.url}/v1/ssh/revoke", daemon.admin_ssl(),
                                  body={"public_key": pubs[1][0]})
     assert status == 200, body
     status, _, krl = await http("GET", f"{daemon.url}/v1/ssh/krl", daemon.ssl())
     (tmp_path / "krl").write_bytes(krl)
-    for i in range(2):
-        check = subprocess.run([require("ssh-keygen"), "-Q", "-f", tmp_path / "krl",
-                                tmp_path / f"k{i}-cert.pub", tmp_path / f"k{i}.pub"],
-                               capture_output=True, text=True)
-        assert "REVOKED" in check.stdout, (i, check.stdout, check.stderr)
+    cert, key = (lambda i: tmp_path / f"k{i}-cert.pub"), (lambda i: tmp_path / f"k{i}.pub")
+    assert krl_check(tmp_path / "krl", *(f(i) for i in range(3) for f in (cert, key))) == {
+        cert(0): "REVOKED", key(0): "ok",  # by key id: the certificate, not its key
+        cert(1): "REVOKED", key(1): "REVOKED",  # by key: the key and all it certifies
+        cert(2): "ok", key(2): "ok"}
 
 
 def _line(key: Any) -> str:
@@ -185,10 +194,10 @@ def _line(key: Any) -> str:
 
 
 async def test_ssh_refusals(daemon: Daemon, tmp_path: Path) -> None:
-    host_cert, host_key = await enrolled(daemon, tmp_path, "host", ["web1.internal.example"])
-    user_cert, user_key = await enrolled(daemon, tmp_path, "user", ["carol@example.com"],
+    host_cert, host_key = enroll(daemon, tmp_path, "host", ["web1.internal.example"])
+    user_cert, user_key = enroll(daemon, tmp_path, "user", ["carol@example.com"],
                                          ["carol"])
-    svc_cert, svc_key = await enrolled(daemon, tmp_path, "service", ["svc9.internal.example"])
+    svc_cert, svc_key = enroll(daemon, tmp_path, "service", ["svc9.internal.example"])
     good = _line(ed25519.Ed25519PrivateKey.generate().public_key())
     weak = _line(rsa.generate_private_key(65537, 1024).public_key())
     host = daemon.ssl(host_cert, host_key)
@@ -227,8 +236,10 @@ async def test_ssh_refusals(daemon: Daemon, tmp_path: Path) -> None:
     assert status == 201, raw
 
 
-async def test_a_revoked_key_gets_no_new_certificate(daemon: Daemon, tmp_path: Path) -> None:
-    user_cert, user_key = await enrolled(daemon, tmp_path, "user", ["dave@example.com"],
+async def test_a_revoked_key_gets_no_new_certificate(own_daemon: Daemon,
+                                                      tmp_path: Path) -> None:
+    daemon = own_daemon  # it revokes a key
+    user_cert, user_key = enroll(daemon, tmp_path, "user", ["dave@example.com"],
                                          ["dave"])
     pub = keygen(tmp_path / "lost").read_text()
     status, _, body = await http("POST", f"{daemon.url}/v1/ssh/revoke", daemon.admin_ssl(),

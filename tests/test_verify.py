@@ -28,6 +28,7 @@ from ca.audit.line import GENESIS, canonical
 from ca.audit.merkle import CompactRange, leaf_hash
 from ca.audit.note import sign_checkpoint
 from ca.audit.verify import VerifyResult, load_state, save_state, verify_log
+from tests.helpers import rechain
 
 ORIGIN = "hsmca.example/audit"
 KEY = Ed25519PrivateKey.from_private_bytes(hashlib.sha256(b"test audit key").digest())
@@ -94,16 +95,6 @@ class LogBuilder:
 
 def join(lines: list[bytes]) -> bytes:
     return b"".join(line + b"\n" for line in lines)
-
-
-def rechain(lines: list[bytes], start: int) -> list[bytes]:
-    """Repair the hash chain from `start` on, as a careful forger would."""
-    out = list(lines[:start])
-    for line in lines[start:]:
-        obj = json.loads(line)
-        obj["prev"] = digest_hex(out[-1]) if out else GENESIS
-        out.append(canonical(obj))
-    return out
 
 
 def rewrite(line: bytes, **changes: Any) -> bytes:
@@ -975,7 +966,7 @@ def test_damaged_lines_inside_a_block(case: str) -> None:
     lines = list(b.lines)
     lines[k] = damage(lines[k])
     assert lines[k] != b.lines[k]
-    lines = [*lines[:k + 1], *rechain(lines, k + 1)[k + 1:]]
+    lines = rechain(lines, k + 1)
     result = check_both_ways(join(lines))
     assert (result.ok, result.bad_seq) == (False, k), result.reason
     assert reason in (result.reason or "")
@@ -998,7 +989,7 @@ def test_deep_nesting_is_judged_as_the_stdlib_judges_it() -> None:
     for depth in (50, 400, 2000):
         lines = list(b.lines)
         lines[k] = lines[k][:-1] + b',"zz":' + b"[" * depth + b"]" * depth + b"}"
-        lines = [*lines[:k + 1], *rechain(lines, k + 1)[k + 1:]]
+        lines = rechain(lines, k + 1)
         result = check_both_ways(join(lines))
         assert result.ok == (depth < 1000), (depth, result.reason)
 
@@ -1060,25 +1051,11 @@ def test_bulk_and_line_by_line_agree_on_random_valid_and_damaged_logs(
              b'"seq":1,', b'"x":1,', b"true", b"null", b"NaN"]))
         lines[k] = line[:at] + insert + line[at + cut:]
         if data.draw(st.booleans()):
-            lines = [*lines[:k + 1], *rechain_raw(lines, k + 1)]
+            lines = rechain(lines, k + 1)
     with blocks_of(block_bytes):
         result = check_both_ways(join(lines), latest_checkpoint=log.note())
     if not damages:
         assert result.ok, result.reason
-
-
-def rechain_raw(lines: list[bytes], start: int) -> list[bytes]:
-    """Repair the chain after a damaged line, where the following lines still parse."""
-    out = list(lines[:start])
-    for line in lines[start:]:
-        try:
-            obj = json.loads(line)
-            obj["prev"] = digest_hex(out[-1])
-            line = canonical(obj)
-        except (ValueError, TypeError, KeyError):
-            pass
-        out.append(line)
-    return out[start:]
 
 
 # ---- lines that continue a verified prefix (the remote verifier's check) ------------------

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime as dt
 import json
-import ssl
+import sqlite3
 import stat
 import subprocess
 import time
@@ -17,13 +18,28 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import NameOID
 
 from ca.client import make_csr
+from ca.issuance import profiles as prof
 from tests.conftest import Daemon, hsmca, init_ca, require, set_config, start_daemon
-from tests.helpers import bootstrap_token, csr_pem, http, openssl_verify
+from tests.helpers import (
+    audit_verify,
+    bootstrap_token,
+    csr_pem,
+    enroll,
+    http,
+    leaf_from_issuing_key,
+    log_lines,
+    metric_samples,
+    openssl_verify,
+    other_ca,
+    tls_exchange,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
+TYPES = "https://hsmca.dev/problems/"
 
 
 async def test_health(daemon: Daemon) -> None:
@@ -71,11 +87,7 @@ async def test_enroll_renew_rekey_with_the_cli(daemon: Daemon, tmp_path: Path) -
 
 
 async def test_renewal_never_widens_names(daemon: Daemon, tmp_path: Path) -> None:
-    token = await bootstrap_token(daemon, "service", ["narrow.internal.example"])
-    out = tmp_path / "n"
-    hsmca("enroll", "--url", daemon.url, "--ca", daemon.root, "--token", token, "--name",
-          "narrow.internal.example", "--out", out)
-    ctx = daemon.ssl(out / "cert.pem", out / "key.pem")
+    ctx = daemon.ssl(*enroll(daemon, tmp_path, "service", ["narrow.internal.example"]))
     status, _, raw = await http("POST", f"{daemon.url}/v1/x509/renew", ctx, body={
         "csr": csr_pem(["narrow.internal.example", "wide.example.com"])})
     assert status == 201
@@ -84,13 +96,12 @@ async def test_renewal_never_widens_names(daemon: Daemon, tmp_path: Path) -> Non
     assert names.get_values_for_type(x509.DNSName) == ["narrow.internal.example"]
 
 
-async def test_revocation_shows_in_crl_and_ocsp_and_blocks_the_cert(daemon: Daemon,
+async def test_revocation_shows_in_crl_and_ocsp_and_blocks_the_cert(own_daemon: Daemon,
                                                                     tmp_path: Path) -> None:
+    daemon = own_daemon  # it revokes a certificate
     openssl = require("openssl")
-    token = await bootstrap_token(daemon, "service", ["doomed.internal.example"])
-    out = tmp_path / "d"
-    hsmca("enroll", "--url", daemon.url, "--ca", daemon.root, "--token", token, "--name",
-          "doomed.internal.example", "--out", out)
+    cert_path, _ = enroll(daemon, tmp_path, "service", ["doomed.internal.example"])
+    out = cert_path.parent
     cert = x509.load_pem_x509_certificate((out / "cert.pem").read_bytes())
     serial = format(cert.serial_number, "x")
     issuing = daemon.state / "x509" / "issuing.pem"
@@ -126,6 +137,7 @@ async def test_revocation_shows_in_crl_and_ocsp_and_blocks_the_cert(daemon: Daem
     crl = x509.load_der_x509_crl(der)
     issuing_cert = x509.load_pem_x509_certificate(issuing.read_bytes())
     assert crl.is_signature_valid(issuing_cert.public_key())
+    assert [r.serial_number for r in crl] == [cert.serial_number]  # and nothing else
 
     assert "revoked" in ocsp_status()
 
@@ -167,12 +179,20 @@ async def test_est_round_trip(daemon: Daemon, tmp_path: Path) -> None:
         serialization.NoEncryption()))
     new_key = ec.generate_private_key(ec.SECP256R1())
     csr2 = x509.load_pem_x509_csr(csr_pem(["est.internal.example"], new_key).encode())
-    status, _, body = await http(
+    status, ctype, body = await http(
         "POST", f"{daemon.url}/.well-known/est/simplereenroll",
         daemon.ssl(tmp_path / "c.pem", tmp_path / "k.pem"),
         data=base64.encodebytes(csr2.public_bytes(serialization.Encoding.DER)),
         headers={"Content-Type": "application/pkcs10"})
-    assert status == 200, body
+    assert status == 200 and ctype == "application/pkcs7-mime", body
+    [reissued] = pkcs7.load_der_pkcs7_certificates(base64.b64decode(body))
+    assert reissued.public_key() == new_key.public_key()
+    assert reissued.serial_number != issued.serial_number
+    san = reissued.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["est.internal.example"]
+    assert list(san) == [x509.DNSName("est.internal.example")]
+    (tmp_path / "reissued.pem").write_bytes(reissued.public_bytes(serialization.Encoding.PEM))
+    openssl_verify(daemon, tmp_path / "reissued.pem")
 
 
 async def test_one_token_fifty_concurrent_enrollments(daemon: Daemon) -> None:
@@ -188,6 +208,18 @@ async def test_one_token_fifty_concurrent_enrollments(daemon: Daemon) -> None:
         statuses = await asyncio.gather(*(one() for _ in range(50)))
     assert statuses.count(201) == 1, statuses
     assert set(statuses) == {201, 401}
+    # One certificate for that name in the inventory, one signature in the log.
+    with sqlite3.connect(daemon.state / "hsmca.sqlite3") as db:
+        rows = [serial for serial, names in db.execute("SELECT serial, names FROM certs")
+                if json.loads(names) == ["race.internal.example"]]
+    assert len(rows) == 1, rows
+    lines = log_lines(daemon.state)
+    intents = [e for e in lines if e.get("phase") == "intent"
+               and e.get("names") == ["race.internal.example"]]
+    assert [e["serial"] for e in intents] == rows
+    outcomes = [e for e in lines if e.get("phase") == "outcome"
+                and e["op_id"] == intents[0]["op_id"]]
+    assert [e["result"] for e in outcomes] == ["ok"]
 
 
 def _bad_signature_csr() -> str:
@@ -214,74 +246,73 @@ async def test_bad_input_gets_problem_json_and_leaves_the_log_valid(tmp_path: Pa
         good = csr_pem(["ok.internal.example"])
         weak_rsa = make_csr(["ok.internal.example"], rsa.generate_private_key(65537, 1024))
         truncated = good[: len(good) // 2]
-        cases: list[tuple[str, str, dict[str, Any]]] = [
-            ("garbage CSR", "cannot be parsed", {"csr": "hello"}),
-            ("truncated CSR", "cannot be parsed", {"csr": truncated}),
-            ("bad CSR signature", "signature does not verify", {"csr": _bad_signature_csr()}),
-            ("RSA 1024", "RSA key of 1024 bits refused", {"csr": weak_rsa}),
-            ("CA:TRUE", "asks for a CA certificate", {"csr": _ca_true_csr()}),
-            ("names outside token", "not among the names",
+        cases: list[tuple[str, int, str, str, dict[str, Any]]] = [
+            ("garbage CSR", 400, "bad-csr", "cannot be parsed", {"csr": "hello"}),
+            ("truncated CSR", 400, "bad-csr", "cannot be parsed", {"csr": truncated}),
+            ("bad CSR signature", 400, "bad-csr", "signature does not verify",
+             {"csr": _bad_signature_csr()}),
+            ("RSA 1024", 400, "bad-key", "RSA key of 1024 bits refused", {"csr": weak_rsa}),
+            ("CA:TRUE", 400, "bad-csr", "asks for a CA certificate", {"csr": _ca_true_csr()}),
+            ("names outside token", 403, "name-not-granted", "not among the names",
              {"csr": csr_pem(["evil.example.com"])}),
-            ("csr not a string", "must be a str", {"csr": 42}),
-            ("missing csr", "missing field 'csr'", {}),
+            ("csr not a string", 400, "bad-field", "must be a str", {"csr": 42}),
+            ("missing csr", 400, "bad-field", "missing field 'csr'", {}),
         ]
-        for what, message, body in cases:
+        for what, want, kind, message, body in cases:
             token = await bootstrap_token(d, "service", ["ok.internal.example"])
             status, ctype, raw = await http("POST", f"{d.url}/v1/x509/enroll", d.ssl(),
                                             body=body,
                                             headers={"Authorization": f"Bearer {token}"})
-            assert 400 <= status < 500 and ctype == "application/problem+json", (what, status)
+            assert ctype == "application/problem+json", (what, status, raw)
             problem = json.loads(raw)
+            assert (status, problem["type"]) == (want, TYPES + kind), (what, problem)
             assert message in problem["detail"], (what, problem)
             assert set(problem) == {"type", "title", "status", "detail"}
 
         token = await bootstrap_token(d, "service", ["ok.internal.example"])
         auth = {"Authorization": f"Bearer {token}"}
-        raw_cases: list[tuple[str, int, dict[str, Any]]] = [
-            ("oversized body", 413, {"data": b"{" + b" " * 70000 + b"}",
-                                     "headers": {**auth, "Content-Type": "application/json"}}),
-            ("not JSON", 400, {"data": b"{nope", "headers": {**auth,
-                                                             "Content-Type": "application/json"}}),
-            ("JSON array", 400, {"body": [1, 2], "headers": auth}),
-            ("wrong content type", 415, {"data": b"csr=x", "headers": {
+        raw_cases: list[tuple[str, int, str, dict[str, Any]]] = [
+            ("oversized body", 413, "request-entity-too-large", {
+                "data": b"{" + b" " * 70000 + b"}",
+                "headers": {**auth, "Content-Type": "application/json"}}),
+            ("not JSON", 400, "bad-json", {"data": b"{nope", "headers": {
+                **auth, "Content-Type": "application/json"}}),
+            ("JSON array", 400, "bad-json", {"body": [1, 2], "headers": auth}),
+            ("wrong content type", 415, "unsupported-media-type", {"data": b"csr=x", "headers": {
                 **auth, "Content-Type": "application/x-www-form-urlencoded"}}),
-            ("no token", 401, {"body": {"csr": good}}),
-            ("forged token", 401, {"body": {"csr": good},
-                                   "headers": {"Authorization": "Bearer hsmca-0000-forged"}}),
-            ("renew without client cert", 401, {"body": {}, "path": "/v1/x509/renew"}),
-            ("tokens without admin cert", 401, {"body": {"role": "service"},
-                                                "path": "/v1/tokens"}),
-            ("unknown path", 404, {"path": "/v1/nope", "method": "GET"}),
-            ("wrong method", 405, {"path": "/v1/x509/enroll", "method": "GET"}),
+            ("no token", 401, "bad-token", {"body": {"csr": good}}),
+            ("forged token", 401, "bad-token", {
+                "body": {"csr": good}, "headers": {"Authorization": "Bearer hsmca-0000-forged"}}),
+            ("renew without client cert", 401, "client-certificate-required",
+             {"body": {}, "path": "/v1/x509/renew"}),
+            ("tokens without admin cert", 401, "client-certificate-required",
+             {"body": {"role": "service"}, "path": "/v1/tokens"}),
+            ("unknown path", 404, "not-found", {"path": "/v1/nope", "method": "GET"}),
+            ("wrong method", 405, "method-not-allowed",
+             {"path": "/v1/x509/enroll", "method": "GET"}),
         ]
-        for what, want, kw in raw_cases:
+        for what, want, kind, kw in raw_cases:
             status, ctype, raw = await http(kw.get("method", "POST"),
                                             f"{d.url}{kw.get('path', '/v1/x509/enroll')}",
                                             d.ssl(), body=kw.get("body"), data=kw.get("data"),
                                             headers=kw.get("headers"))
-            assert status == want and ctype == "application/problem+json", (what, status, raw)
-            assert json.loads(raw)["status"] == want
+            assert ctype == "application/problem+json", (what, status, raw)
+            problem = json.loads(raw)
+            assert (status, problem["status"], problem["type"]) == (want, want, TYPES + kind), (
+                what, problem)
 
         # Admin asking for a token with names that are not names.
         status, ctype, raw = await http("POST", f"{d.url}/v1/tokens", d.admin_ssl(), body={
             "role": "service", "names": ["bad name,with comma"], "ttl": "5m"})
-        assert status == 400 and "spaces, commas" in json.loads(raw)["detail"]
-
-        # A certificate from another CA does not get past the TLS handshake.
-        other = init_ca(tmp_path / "other")
-        foreign = ssl.create_default_context(cafile=str(d.root))
-        foreign.load_cert_chain(other.state / "admin" / "cert.pem",
-                                other.state / "admin" / "key.pem")
-        with pytest.raises(aiohttp.ClientError):
-            await http("POST", f"{d.url}/v1/x509/renew", foreign, body={})
+        problem = json.loads(raw)
+        assert (status, problem["type"]) == (400, TYPES + "bad-name"), problem
+        assert "spaces, commas" in problem["detail"]
 
         status, _, raw = await http("GET", f"{d.url}/health", d.ssl())
         assert status == 200, raw
     finally:
         assert d.stop() == 0
-    proc = hsmca("audit", "verify", "--log", ca.state / "audit" / "log.jsonl", "--key",
-                 ca.state / "audit" / "audit_key.pem")
-    assert proc.stdout.startswith("OK:"), proc.stdout
+    audit_verify(ca.state, ok=True)
     pin = ca.token.pin_file.read_text().strip()
     assert pin not in "".join(d.stderr)
 
@@ -358,3 +389,67 @@ async def test_daemon_repairs_its_tls_certificate_and_guards_metrics(tmp_path: P
     lines = [json.loads(x) for x in (ca.state / "audit/log.jsonl").read_text().splitlines()]
     starts = [i for i, e in enumerate(lines) if e["event"] == "daemon.start"]
     assert any(e.get("purpose") == "tls" for e in lines[starts[0]:])
+
+
+async def test_client_certificates_not_issued_here_or_expired_are_refused(
+        daemon: Daemon, tmp_path: Path) -> None:
+    """The same renewal, on a connection of its own, with each client certificate: one
+    this CA issued is served; one past notAfter, or from another CA, ends the TLS
+    handshake (the server judges it there, before any route); one made with this CA's
+    issuing key but never issued (not in the inventory) gets past TLS and is refused
+    by the route."""
+    openssl = require("openssl")
+    now = prof.utcnow()
+    issued = enroll(daemon, tmp_path, "service", ["valid.internal.example"])
+    expired = leaf_from_issuing_key(daemon, tmp_path, "expired.internal.example",
+                                    now - dt.timedelta(days=2), now - dt.timedelta(days=1))
+    unknown = leaf_from_issuing_key(daemon, tmp_path, "unknown.internal.example",
+                                    now - dt.timedelta(minutes=5), now + dt.timedelta(hours=1))
+    foreign = other_ca(tmp_path).leaf(tmp_path, "foreign.internal.example",
+                                      now - dt.timedelta(minutes=5), now + dt.timedelta(hours=1))
+
+    def verify(cert: Path, *extra: str) -> str:
+        """What `openssl verify` says of a certificate against this CA's chain."""
+        proc = subprocess.run([openssl, "verify", "-CAfile", daemon.root, "-untrusted",
+                               daemon.state / "x509/issuing.pem", *extra, cert],
+                              capture_output=True, text=True)
+        return proc.stdout + proc.stderr
+
+    # Each certificate has exactly the defect it is named for: the expired one chains
+    # to this CA and passes but for the time; the foreign one does not chain.
+    assert "certificate has expired" in verify(expired[0])
+    assert f"{expired[0]}: OK" in verify(expired[0], "-no_check_time")
+    assert "unable to get local issuer certificate" in verify(foreign[0])
+    assert f"{unknown[0]}: OK" in verify(unknown[0])
+
+    async def renew(cred: tuple[Path, Path]) -> tuple[int, bytes] | str:
+        return await asyncio.to_thread(tls_exchange, daemon, daemon.ssl(*cred), "POST",
+                                       "/v1/x509/renew", b"{}")
+
+    async def refusals() -> dict[str, float]:
+        """The daemon's count of refused handshakes, by its reason."""
+        status, _, raw = await http("GET", f"{daemon.url}/metrics", daemon.ssl())
+        assert status == 200, raw
+        return {dict(labels)["reason"]: value for (name, labels), value
+                in metric_samples(raw.decode()).items()
+                if name == "hsmca_tls_handshakes_refused_total"}
+
+    answer = await renew(issued)
+    assert isinstance(answer, tuple) and answer[0] == 201, answer
+    # The server ends the handshake without a TLS alert (asyncio drops the alert
+    # OpenSSL makes for a failed handshake), so the client sees it cut off; the
+    # daemon's count of refused handshakes says why, one reason per certificate.
+    for cred, reason in ((expired, "certificate has expired"),
+                         (foreign, "unable to get local issuer certificate")):
+        before = await refusals()
+        assert await renew(cred) == "UNEXPECTED_EOF_WHILE_READING"
+        after = await refusals()
+        moved = {r: after[r] - before.get(r, 0) for r in after if after[r] != before.get(r, 0)}
+        assert moved == {f"client certificate: {reason}": 1}, moved
+    answer = await renew(unknown)
+    assert isinstance(answer, tuple) and answer[0] == 403, answer
+    assert json.loads(answer[1])["type"] == TYPES + "unknown-certificate", answer
+    status, _, raw = await http("GET", f"{daemon.url}/v1/whoami", daemon.ssl(*unknown))
+    assert status == 403 and json.loads(raw)["type"] == TYPES + "unknown-certificate", raw
+    status, _, raw = await http("GET", f"{daemon.url}/v1/whoami", daemon.ssl(*issued))
+    assert status == 200 and json.loads(raw)["names"] == ["valid.internal.example"], raw

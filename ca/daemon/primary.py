@@ -269,6 +269,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         audit.close()
         raise
     pipeline = SigningPipeline(config.hsm, audit)
+    metrics.count_sign_calls(pipeline)  # its checkpoints, OCSP responses, TLS certificate
     generations = Generations.create(config.generations_path)
     store: SQLiteStore | None = None
     pool: WorkerPool | None = None
