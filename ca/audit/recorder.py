@@ -160,10 +160,10 @@ class Recorder:
     def _answer(self, msg: wire.Request) -> wire.Reply:
         try:
             return self._answer_from_log(msg)
-        except TileDamaged as exc:
-            # The tiles changed under the running daemon (it checked them at start):
-            # say so to the asker, and keep serving the others.
-            log.error("cannot answer from the audit log's tiles", error=str(exc))
+        except (TileDamaged, OSError) as exc:
+            # The tiles changed under the running daemon (it checked them at start), or
+            # the disk failed a read: say so to the asker, and keep serving the others.
+            log.error("cannot answer from the audit log", error=str(exc))
             return wire.Broken(msg.id, str(exc))
 
     def _answer_from_log(self, msg: wire.Request) -> wire.Reply:
