@@ -251,12 +251,14 @@ class FileTileStore:
             self._count += len(ends)
 
     def close(self) -> None:
-        for fd in [self._fd, *self._levels.values()]:
+        fds = [self._fd, *self._levels.values()] if self._fd >= 0 else []
+        self._fd = -1  # closing twice must not close a descriptor reused meanwhile
+        self._levels.clear()
+        for fd in fds:
             try:
                 os.close(fd)
             except OSError:
                 pass
-        self._levels.clear()
 
     def _path(self, level: int) -> Path:
         return self.dir / f"level-{level}"
