@@ -38,7 +38,7 @@ COMMANDS = {
     "serve": "client_cmd:serve", "token-create": "client_cmd:token_create",
     "enroll": "client_cmd:enroll", "renew": "client_cmd:renew", "revoke": "client_cmd:revoke",
     "ssh-host": "ssh_cmd:host", "ssh-user": "ssh_cmd:user", "key": "key_cmd:run",
-    "acme-eab-create": "acme_cmd:eab_create",
+    "acme-eab-create": "acme_cmd:eab_create", "witness-serve": "witness_cmd:serve",
 }
 
 
@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep printing new lines as they are written, until interrupted")
     _remote_flags(s, key_alias=True)
     s.set_defaults(command_key="audit-show")
+
+    from ca.commands import witness_cmd
+    witness_cmd.add_parsers(sub)
     return p
 
 

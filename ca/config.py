@@ -36,7 +36,7 @@ SCHEMA: dict[str, frozenset[str]] = {
     "keys": frozenset(p.replace("_", "-") for p in KEY_LABELS),
     "server": frozenset({"listen", "dns-name", "public-url", "tls-cert", "tls-key",
                          "metrics-allow", "workers"}),
-    "audit": frozenset({"origin", "heartbeat-s", "witnesses"}),
+    "audit": frozenset({"origin", "heartbeat-s", "witnesses", "witness-keys"}),
     "policy": frozenset({"allow", "deny", "allow-wildcards", "x509-default-ttl-s",
                          "x509-max-ttl-s", "ssh-user-default-ttl-s", "ssh-user-max-ttl-s",
                          "ssh-host-ttl-s", "ssh-user-extensions", "token-max-ttl-s"}),
@@ -124,7 +124,9 @@ class Config:
     tls_key: Path
     audit_origin: str
     checkpoint_heartbeat_s: float
-    witnesses: tuple[Path, ...] = ()
+    witnesses: tuple[Path, ...] = ()  # file witnesses
+    witness_urls: tuple[str, ...] = ()  # C2SP tlog-witness submission prefixes
+    witness_keys: tuple[str, ...] = ()  # their cosignature verifier keys (vkeys)
     metrics_allow: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     workers: int = 0  # worker processes serving HTTPS; 0: one per CPU (at most 8)
     policy: Policy = field(default_factory=Policy)
@@ -137,6 +139,11 @@ class Config:
     @property
     def checkpoint_path(self) -> Path:
         return self.state_dir / "audit" / "checkpoint"
+
+    @property
+    def cosigned_checkpoint_path(self) -> Path:
+        """The latest checkpoint with the witnesses' cosignatures."""
+        return self.state_dir / "audit" / "checkpoint.cosigned"
 
     @property
     def audit_key_pem(self) -> Path:
@@ -291,7 +298,9 @@ def load(path: Path) -> Config:
         workers=_workers(server.get("workers", "auto"), where),
         audit_origin=_get(audit, "origin", str, f"{path} [audit]"),
         checkpoint_heartbeat_s=_get(audit, "heartbeat-s", float, f"{path} [audit]", 60.0),
-        witnesses=tuple(rel(w) for w in _get(audit, "witnesses", list, f"{path} [audit]", [])),
+        **_witnesses(_get(audit, "witnesses", list, f"{path} [audit]", []),
+                     _get(audit, "witness-keys", list, f"{path} [audit]", []), rel,
+                     f"{path} [audit]"),
         policy=policy,
         acme=_acme(acme, f"{path} [acme]") if (acme := raw.get("acme")) is not None else None,
     )
@@ -353,6 +362,38 @@ def _acme(table: dict[str, Any], where: str) -> AcmeConfig:
         failed_validations_per_hour=_positive(_get(
             table, "failed-validations-per-hour", int, where,
             default.failed_validations_per_hour), "failed-validations-per-hour", where))
+
+
+def _witnesses(entries: list[Any], keys: list[Any], rel: Any, where: str) -> dict[str, Any]:
+    """`witnesses`: file paths, or http(s) URLs of C2SP tlog-witnesses; `witness-keys`:
+    the verifier keys whose cosignatures are kept (one or more per URL witness)."""
+    from ca.audit.cosignature import ALG_COSIGNATURE, parse_verifier_key
+    files: list[Path] = []
+    urls: list[str] = []
+    for entry in entries:
+        if not isinstance(entry, str) or not entry:
+            raise ConfigError(f"{where}: each of 'witnesses' is a file path or a URL, not "
+                              f"{entry!r}")
+        if re.match(r"^[a-z][a-z0-9+.-]*://", entry, re.IGNORECASE):
+            if not re.match(r"^https?://[^/\s]+", entry, re.IGNORECASE):
+                raise ConfigError(f"{where}: witness {entry!r}: only http:// and https:// "
+                                  "witnesses are known")
+            urls.append(entry)
+        else:
+            files.append(rel(entry))
+    for key in keys:
+        if not isinstance(key, str):
+            raise ConfigError(f"{where}: each of 'witness-keys' is a verifier key string, not "
+                              f"{key!r}")
+        try:
+            parse_verifier_key(key, ALG_COSIGNATURE)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: witness-keys: {exc}") from None
+    if urls and not keys:
+        raise ConfigError(f"{where}: 'witnesses' has URLs but 'witness-keys' is empty: give "
+                          "each witness's verifier key (`hsmca witness serve` prints it)")
+    return {"witnesses": tuple(files), "witness_urls": tuple(urls),
+            "witness_keys": tuple(str(k).strip() for k in keys)}
 
 
 def secret_files(cfg: Config) -> list[Path]:
@@ -431,8 +472,10 @@ _NOTES = {
                "one per CPU, at most 8). The primary process alone writes the audit log."],
     "audit": ["origin: the checkpoint origin line and signing key name.",
               "heartbeat-s: seconds between checkpoints when the log is idle.",
-              "witnesses: files to which every checkpoint is pushed; each refuses one that",
-              "does not extend the checkpoint it holds (keep them off this host)."],
+              "witnesses: files, or URLs of C2SP witnesses (`hsmca witness serve`), to which",
+              "every checkpoint is pushed; each refuses one that does not extend the",
+              "checkpoint it holds (keep them off this host). witness-keys: the verifier",
+              "keys of the URL witnesses, whose cosignatures are published."],
     "policy": ["allow, deny: names a bootstrap token may grant (DNS patterns such as",
                "\"*.internal.example\", and CIDRs); an empty allow list allows any name.",
                "allow-wildcards: whether \"*.\" names may be granted.",
@@ -460,7 +503,8 @@ def render(*, module: str, token: str, pin_source: str, softhsm_conf: str | None
         "server": {"listen": listen, "dns-name": dns_name, "tls-cert": "tls/server.pem",
                    "tls-key": "tls/server.key", "metrics-allow": ["127.0.0.0/8", "::1/128"],
                    "workers": "auto"},
-        "audit": {"origin": audit_origin, "heartbeat-s": 60, "witnesses": []},
+        "audit": {"origin": audit_origin, "heartbeat-s": 60, "witnesses": [],
+                  "witness-keys": []},
         "policy": {
             "allow": list(default.allow), "deny": list(default.deny),
             "allow-wildcards": default.allow_wildcards,

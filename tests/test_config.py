@@ -123,3 +123,33 @@ def test_bad_acme_settings_are_refused_by_name(tmp_path: Path, setting: str,
     with pytest.raises(ConfigError) as err:
         load(path)
     assert words in str(err.value) and "[acme]" in str(err.value)
+
+
+def test_witnesses_are_files_or_urls_and_url_witnesses_need_their_keys(tmp_path: Path) -> None:
+    import tomli_w
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from ca.audit.cosignature import cosigner_key
+    from ca.audit.note import verifier_key
+    vkey = str(cosigner_key("w.example/w1", Ed25519PrivateKey.generate().public_key()))
+    note_vkey = verifier_key("w.example/w1", Ed25519PrivateKey.generate().public_key())
+    path = rendered(tmp_path)
+
+    def with_audit(**values: object) -> Path:
+        doc = tomllib.loads(path.read_text())
+        doc["audit"].update(values)
+        out = tmp_path / "witnessed.toml"
+        out.write_text(tomli_w.dumps(doc))
+        return out
+
+    cfg = load(with_audit(witnesses=["https://w.example/w1", "share/checkpoint"],
+                          **{"witness-keys": [vkey]}))
+    assert cfg.witness_urls == ("https://w.example/w1",) and cfg.witness_keys == (vkey,)
+    assert cfg.witnesses == (tmp_path / "share" / "checkpoint",)
+    for audit, why in [({"witnesses": ["http://w.example"]}, "'witness-keys' is empty"),
+                       ({"witnesses": ["ftp://w.example"]}, "only http:// and https://"),
+                       ({"witness-keys": ["w+00000000+AQ=="]}, "witness-keys: "),
+                       # a log's note key (type 0x01) is not a witness's cosignature key
+                       ({"witness-keys": [note_vkey]}, "has type 0x01; expected a witness")]:
+        with pytest.raises(ConfigError, match=why):
+            load(with_audit(**audit))

@@ -3,8 +3,9 @@
 At most once a second while the log grows, and every `heartbeat` seconds anyway so
 that silence is visible. A checkpoint is itself an HSM operation, so it is logged
 (intent with size and root, outcome carrying the signed note) and covered by the
-next one. The latest note is kept in `state-dir/audit/checkpoint` and pushed to
-any configured witnesses, which refuse a checkpoint that does not extend theirs.
+next one. The latest note is kept in `state-dir/audit/checkpoint` and handed to
+the configured witnesses (ca/audit/witnessing.py), which refuse a checkpoint that
+does not extend theirs; signing never waits for them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,7 +20,7 @@ import structlog
 
 from ca.audit.log import AuditLog
 from ca.audit.note import sign_checkpoint
-from ca.audit.witness import FileWitness, WitnessRefused
+from ca.audit.witnessing import Witnessing
 from ca.fileutil import write_atomic
 from hsm.errors import AuditUnavailable, HSMError
 from hsm.session import KeyInfo
@@ -34,9 +34,9 @@ log = structlog.get_logger("hsmca.checkpoint")
 class Checkpointer:
     def __init__(self, audit: AuditLog, hsm: SigningPipeline, key: KeyInfo, origin: str,
                  path: Path, *, min_interval: float = 1.0, heartbeat: float = 60.0,
-                 witnesses: Sequence[FileWitness] = ()) -> None:
+                 witnesses: Witnessing | None = None) -> None:
         self.audit, self.hsm, self.key, self.origin, self.path = audit, hsm, key, origin, path
-        self.witnesses = list(witnesses)
+        self.witnesses = witnesses
         self.min_interval, self.heartbeat = min_interval, heartbeat
         self._covered = -1  # log size at which nothing new needs a checkpoint
         self._last = 0.0
@@ -55,14 +55,8 @@ class Checkpointer:
         # Two fsyncs: off the event loop, which has requests in flight.
         await asyncio.to_thread(write_atomic, self.path, text)
         self.latest = text
-        for witness in self.witnesses:
-            try:
-                # File I/O under a lock: off the event loop. The witness asks for the
-                # consistency proof from whatever size it holds.
-                await asyncio.to_thread(witness.push, text, self.audit.consistency_proof)
-            except WitnessRefused as exc:
-                log.error("witness refused the checkpoint", witness=str(witness.path),
-                          size=size, reason=exc.reason)
+        if self.witnesses:
+            self.witnesses.submit(text, size)
         self._covered = size + 2  # its own intent and outcome lines need no new checkpoint
         self._last = time.monotonic()
         return text

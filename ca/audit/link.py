@@ -102,8 +102,14 @@ class AuditLink:
     async def consistency_proof(self, old: int, size: int) -> list[bytes]:
         return (await self._ask(wire.ConsistencyProof(0, old, size), wire.Proof)).hashes
 
-    async def checkpoint(self) -> str | None:
-        return (await self._ask(wire.AskCheckpoint(0), wire.Checkpoint)).text
+    async def tile(self, level: int, index: int, width: int) -> bytes | None:
+        return (await self._ask(wire.ReadTile(0, level, index, width), wire.Blob)).data
+
+    async def entries(self, index: int, width: int) -> bytes | None:
+        return (await self._ask(wire.ReadEntries(0, index, width), wire.Blob)).data
+
+    async def checkpoint(self, cosigned: bool = False) -> str | None:
+        return (await self._ask(wire.AskCheckpoint(0, cosigned), wire.Checkpoint)).text
 
     async def health(self) -> wire.Health:
         return await self._ask(wire.AskHealth(0), wire.Health)
@@ -114,6 +120,8 @@ class AuditLink:
         reply = await fut
         if isinstance(reply, wire.Refused):
             raise RecorderRefused(reply.reason)
+        if isinstance(reply, wire.Broken):
+            raise AuditUnavailable(reply.reason)
         if not isinstance(reply, kind):
             raise AuditUnavailable(f"the recorder answered {type(reply).__name__}")
         return reply

@@ -2,11 +2,18 @@
 
 docs/audit-log.md fixes the format; ca/audit/line.py holds its rules. This module
 owns the file: it holds an exclusive lock, recovers a torn tail at open, refuses a
-log that no longer matches its last checkpoint, and appends through one writer
-thread that covers every line that arrived during the previous fdatasync with the
-next one (group commit). A caller's future resolves only once its line is durable;
-if the disk refuses, the batch is cut back off the file and every caller gets
-AuditUnavailable (fail closed).
+log that no longer matches its tiles or its last checkpoint, and appends through
+one writer thread that covers every line that arrived during the previous
+fdatasync with the next one (group commit). A caller's future resolves only once
+its line is durable; if the disk refuses, the batch is cut back off the file and
+every caller gets AuditUnavailable (fail closed).
+
+The Merkle tree over the lines is kept as C2SP tiles beside the log
+(ca/audit/tiles.py, `state-dir/audit/tiles/`), extended with each group commit, so
+that opening the log reads only what the tiles do not cover (under 256 lines after
+a clean stop) and memory does not grow with the log. Proofs, tiles and entry
+bundles are served from them. What opening checks, and what a damaged or missing
+tile directory means, is `AuditLog.open`'s docstring.
 """
 
 from __future__ import annotations
@@ -19,21 +26,35 @@ import hashlib
 import json
 import os
 import queue
+import shutil
 import threading
 import time
-from array import array
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ca.audit.line import CHECKPOINT_FIELD, GENESIS, canonical, chain_hash
-from ca.audit.merkle import Growth, MerkleTree, TreeHead, growth, leaf_hash, leaf_hashes
+from ca.audit.merkle import Growth, TreeHead, growth, leaf_hash, leaf_hashes
 from ca.audit.note import NoteError, parse_checkpoint, verify_checkpoint
+from ca.audit.tiles import (
+    MAX_ENTRY_BYTES,
+    TILE_WIDTH,
+    FileTileStore,
+    TileDamaged,
+    TiledTree,
+    TileStore,
+    entry_bundle,
+)
 from ca.handoff import STOP, Batch, Coalescer, Sink, async_sink, claim, drain_queue, stop_thread
 from hsm.errors import AuditUnavailable
+
+log = structlog.get_logger("hsmca.audit")
+TILES_DIR = "tiles"  # beside the log
+_READ_BLOCK = 4 << 20  # bytes read at a time when a whole log is read (building tiles)
 
 
 class AuditLogError(Exception):
@@ -47,17 +68,24 @@ def utc_now() -> str:
 class AuditLog:
     """Open with `AuditLog.open(path)`; append with `record()` or `await append()`."""
 
-    def __init__(self, path: Path, fd: int, size_bytes: int, next_seq: int, prev: str,
-                 tree: MerkleTree, offsets: array[int]) -> None:
+    def __init__(self, path: Path, fd: int, store: TileStore, tree: TiledTree,
+                 size_bytes: int, prev: str, edge_offsets: list[int],
+                 pending_ends: list[int]) -> None:
         self.path = path
         self._fd = fd
         self._size_bytes = size_bytes
-        self._next_seq = next_seq
+        self._next_seq = tree.size
         self._prev = prev
-        # Every leaf hash and complete subtree (proofs in O(log n)) and every line's
-        # start offset (paging entries without scanning): 40 bytes a line.
+        # The Merkle tree: its right-hand edge in memory, the rest in `store` (tiles).
         self._tree = tree
-        self._offsets = offsets
+        self._store = store
+        # Where the lines of the bundle at the right-hand edge start (fewer than 256),
+        # and where the full bundles the store does not hold yet end: with the
+        # store's bundle index, where any line starts, without an offset per line.
+        self._edge_offsets = edge_offsets
+        self._pending_ends = pending_ends
+        self._stored_bundles = store.committed()
+        # Guards the tree, the offsets and the sizes for readers on other threads.
         self._tree_lock = threading.Lock()
         # Held for each commit: by the writer thread, or by a worker thread appending
         # its own lines (append_durable), so the chain has one order whoever writes.
@@ -81,10 +109,31 @@ class AuditLog:
 
     @classmethod
     def open(cls, path: Path, checkpoint_path: Path | None = None,
-             audit_key: Ed25519PublicKey | None = None) -> AuditLog:
-        """Lock the log, cut a torn tail (recorded as log.recover), check it still
-        extends the last checkpoint (its signature too, given the audit key), and
-        start the writer."""
+             audit_key: Ed25519PublicKey | None = None, *,
+             tiles: Path | None = None) -> AuditLog:
+        """Lock the log, cut a torn tail (recorded as log.recover), check it against its
+        tiles and its last checkpoint (the signature too, given the audit key), and
+        start the writer.
+
+        Opening reads only the lines after the last full bundle of 256 (those the
+        tiles do not hold), and the last full bundle again. It refuses to open
+        (AuditLogError, saying what to look at):
+
+        * a log shorter than its tiles, or whose last full bundle no longer has the
+          leaf hashes of its tile: the log was cut, replaced or rewritten;
+        * a damaged tile directory (a tile or the bundle index missing, short or
+          unreadable): tiles are never repaired silently, since a log rewritten
+          behind the daemon's back looks the same to them. If the log verifies
+          (`hsmca audit verify`), moving the directory aside rebuilds it;
+        * a log that does not extend its last checkpoint (computed from the tiles).
+
+        A missing tile directory (the first start of a version with tiles, or one
+        moved aside) is built from the whole log, once: then the whole log is read
+        and checked against the checkpoint, as every start did before tiles.
+        Lines rewritten before the last full bundle are not read at start; the
+        auditors' verification (`hsmca audit verify`, the witnesses) is what finds
+        them, as it finds a rewrite of log and tiles together.
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
@@ -98,59 +147,111 @@ class AuditLog:
                                     ) from None
             raise
         try:
-            return cls._recover(path, fd, checkpoint_path, audit_key)
+            return cls._recover(path, fd, Path(tiles) if tiles else path.parent / TILES_DIR,
+                                checkpoint_path, audit_key)
         except BaseException:
             os.close(fd)
             raise
 
     @classmethod
-    def _recover(cls, path: Path, fd: int, checkpoint_path: Path | None,
+    def _recover(cls, path: Path, fd: int, tiles: Path, checkpoint_path: Path | None,
                  audit_key: Ed25519PublicKey | None) -> AuditLog:
-        data = _read_all(fd)
-        lines = data.split(b"\n")
-        tail = lines.pop()  # bytes after the last "\n": empty unless the last line is torn
-        torn: bytes = tail
-        if lines and not tail:
+        if not tiles.exists():
+            _build_tiles(path, fd, tiles)
+        try:
+            store = FileTileStore(tiles)
+        except TileDamaged as exc:
+            raise _damaged(tiles, str(exc)) from None
+        try:
+            return cls._resume(path, fd, store, tiles, checkpoint_path, audit_key)
+        except TileDamaged as exc:
+            store.close()
+            raise _damaged(tiles, str(exc)) from None
+        except BaseException:
+            store.close()
+            raise
+
+    @classmethod
+    def _resume(cls, path: Path, fd: int, store: FileTileStore, tiles: Path,
+                checkpoint_path: Path | None, audit_key: Ed25519PublicKey | None
+                ) -> AuditLog:
+        bundles = store.committed()
+        covered = bundles * TILE_WIDTH  # lines the tiles hold
+        base = store.bundle_end(bundles - 1) if bundles else 0  # bytes they cover
+        file_size = os.fstat(fd).st_size
+        if file_size < base:
+            raise AuditLogError(
+                f"the audit log {path} has {file_size} bytes but its tiles ({tiles}) cover "
+                f"its first {covered} lines, {base} bytes: the log was truncated or replaced "
+                "(tampering or loss). Refusing to start; restore the log and run `hsmca "
+                "audit verify`")
+        # The last full bundle again, to check the log against the tiles where they
+        # meet, then everything after it.
+        start = store.bundle_end(bundles - 2) if bundles >= 2 else 0
+        data = os.pread(fd, file_size - start, start)
+        if bundles:
+            last = data[:base - start].split(b"\n")
+            if last.pop() != b"" or len(last) != TILE_WIDTH or (
+                    leaf_hashes(last) != store.read_tile(0, bundles - 1)):
+                raise AuditLogError(
+                    f"lines {covered - TILE_WIDTH} to {covered - 1} of the audit log {path} no "
+                    f"longer match its tiles ({tiles}): the log was rewritten, or the tiles "
+                    "damaged. Refusing to start; run `hsmca audit verify` on the log")
+            before = last[-1]
+        else:
+            before = None
+        tail = data[base - start:]
+        lines = tail.split(b"\n")
+        torn = lines.pop()  # bytes after the last "\n": empty unless the last line is torn
+        if lines and not torn:
             try:
-                last = json.loads(lines[-1])
-                if not isinstance(last, dict):
+                obj = json.loads(lines[-1])
+                if not isinstance(obj, dict):
                     raise ValueError
             except ValueError:
                 torn = lines.pop() + b"\n"  # a complete-looking line that is not JSON
-        offsets = array("Q")
-        pos = 0
-        for line in lines:
-            offsets.append(pos)
-            pos += len(line) + 1
-        tree = MerkleTree.from_leaf_hashes(leaf_hashes(lines))
-        good_bytes = len(data) - len(torn)
-        n = len(lines)
-        if n:
-            last = json.loads(lines[-1])
-            if last.get("seq") != n - 1:
+        n = covered + len(lines)
+        final = lines[-1] if lines else before
+        if final is not None:
+            seq = json.loads(final).get("seq")
+            if seq != n - 1:
                 raise AuditLogError(f"the audit log {path} has {n} lines but its last line says "
-                                    f"seq {last.get('seq')}: lines are missing or duplicated; "
+                                    f"seq {seq}: lines are missing or duplicated; "
                                     "run `hsmca audit verify` and investigate")
+        tree = TiledTree(store)
+        edge: list[int] = []
+        ends: list[int] = []
+        pos = base
+        for line, leaf in zip(lines, _leaves(lines), strict=True):
+            tree.append(leaf)
+            edge.append(pos)
+            pos += len(line) + 1
+            if len(edge) == TILE_WIDTH:  # a bundle written before a crash, not yet tiled
+                ends.append(pos)
+                edge = []
         if checkpoint_path is not None:
-            cls._check_against_checkpoint(path, checkpoint_path, tree, lines, audit_key)
-        prev = chain_hash(lines[-1]) if lines else GENESIS
-        log = cls(path, fd, good_bytes, n, prev, tree, offsets)
+            cls._check_against_checkpoint(path, checkpoint_path, tree, fd, pos, audit_key)
+        prev = chain_hash(final) if final is not None else GENESIS
+        audit = cls(path, fd, store, tree, pos, prev, edge, ends)
         if torn:
-            os.ftruncate(fd, good_bytes)
+            os.ftruncate(fd, pos)
             os.fsync(fd)
-            log.record("log.recover", {"cut_bytes": len(torn),
-                                       "cut_sha256": hashlib.sha256(torn).hexdigest(),
-                                       "reason": "torn final line"}).result()
-        return log
+            audit.record("log.recover", {"cut_bytes": len(torn),
+                                         "cut_sha256": hashlib.sha256(torn).hexdigest(),
+                                         "reason": "torn final line"}).result()
+        elif ends:
+            with audit._write_lock:
+                audit._store_tiles()
+        return audit
 
     @staticmethod
-    def _check_against_checkpoint(path: Path, checkpoint_path: Path, tree: MerkleTree,
-                                  lines: list[bytes], audit_key: Ed25519PublicKey | None
+    def _check_against_checkpoint(path: Path, checkpoint_path: Path, tree: TiledTree,
+                                  fd: int, size_bytes: int, audit_key: Ed25519PublicKey | None
                                   ) -> None:
         """The log must still hold what the last checkpoint signed. That is the
         checkpoint file, or, if it is gone, the last checkpoint recorded in the log
         itself (deleting one file must not switch the check off)."""
-        n = len(lines)
+        n = tree.size
         if checkpoint_path.exists():
             where = str(checkpoint_path)
             try:
@@ -159,7 +260,7 @@ class AuditLog:
                 raise AuditLogError(f"the last checkpoint {where} cannot be read ({exc}); "
                                     "refusing to start: an operator must look") from None
         else:
-            found = _last_logged_checkpoint(lines)
+            found = _last_logged_checkpoint(fd, size_bytes)
             if found is None:
                 return  # a log that never had a checkpoint (a fresh or pre-init state)
             text, seq = found
@@ -246,6 +347,10 @@ class AuditLog:
             except (TypeError, ValueError) as exc:
                 results.fail(fut, exc)  # a caller's bug must not poison the others' lines
                 continue
+            if len(line) > MAX_ENTRY_BYTES:  # a C2SP entry bundle gives it a uint16 length
+                results.fail(fut, ValueError(f"an audit line of {len(line)} bytes is longer "
+                                             f"than the {MAX_ENTRY_BYTES} a line may have"))
+                continue
             chunks.append(line + b"\n")
             leaves.append(leaf_hash(line))
             done.append((fut, seq, event, fields))
@@ -259,6 +364,9 @@ class AuditLog:
         try:
             if self._poisoned:
                 raise OSError(errno.EIO, "the log tail is in an unknown state")
+            # Tiles an earlier batch could not store go first: the tiles never fall
+            # more than one batch behind the log, so a start never reads more.
+            self._store_tiles()
             written = os.write(self._fd, blob)
             if written != len(blob):
                 raise OSError(errno.ENOSPC, "short write")
@@ -271,10 +379,13 @@ class AuditLog:
         with self._tree_lock:
             for leaf, chunk in zip(leaves, chunks, strict=True):
                 self._tree.append(leaf)
-                self._offsets.append(pos)
+                self._edge_offsets.append(pos)
                 pos += len(chunk)
+                if len(self._edge_offsets) == TILE_WIDTH:  # this line ends a bundle
+                    self._pending_ends.append(pos)
+                    self._edge_offsets = []
             self._size_bytes = pos
-        self._next_seq, self._prev = seq, prev
+            self._next_seq, self._prev = seq, prev
         self._problem = None
         self.batches += 1
         if self.on_commit is not None:
@@ -282,6 +393,26 @@ class AuditLog:
         for fut, s, _, _ in done:
             results.ok(fut, s)
         results.flush()
+        # After the callers have their answers: the lines are durable, and the tiles
+        # can be built again from them. Every 256 lines this stores a tile or two.
+        try:
+            self._store_tiles()
+        except OSError as exc:  # the next batch tries again first, and fails closed
+            self._problem = f"cannot write the audit log's tiles: {exc.strerror or exc}"
+
+    def _store_tiles(self) -> None:
+        """Store the tiles and bundle ends the tree has and the store has not (under
+        the write lock: nothing appends meanwhile)."""
+        with self._tree_lock:
+            tiles = self._tree.pending()
+            ends = list(self._pending_ends)
+        if not tiles and not ends:
+            return
+        self._store.commit(tiles, ends)
+        with self._tree_lock:
+            self._tree.stored(tiles)
+            del self._pending_ends[:len(ends)]
+            self._stored_bundles += len(ends)
 
     def _fail_batch(self, done: list[tuple[Sink, int, str, Mapping[str, Any]]], exc: OSError,
                     results: Batch) -> None:
@@ -331,15 +462,56 @@ class AuditLog:
         with self._tree_lock:
             return self._tree.consistency_proof(old, size)
 
+    def read_tile(self, level: int, index: int, width: int) -> bytes | None:
+        """C2SP tile `level`/`index`, `width` hashes of it; None if the log has not got them."""
+        with self._tree_lock:
+            return self._tree.read_tile(level, index, width)
+
+    def read_entries(self, index: int, width: int) -> bytes | None:
+        """C2SP entry bundle `index`, its first `width` entries (the durable lines, without
+        their newlines, each after its uint16 length); None if the log has not got them."""
+        with self._tree_lock:
+            size = self._tree.size
+            first = index * TILE_WIDTH
+            if not 1 <= width <= min(TILE_WIDTH, size - first):
+                return None
+            lo, hi = self._line_offset(first), self._line_offset(first + width)
+            # The lines below the durable size never change: read outside the lock.
+        return entry_bundle(os.pread(self._fd, hi - lo, lo).split(b"\n")[:width])
+
     def read_lines(self, start: int, limit: int) -> bytes:
         """Durable lines [start, start+limit), byte for byte, each with its newline."""
         with self._tree_lock:
             end = min(self._tree.size, start + limit)
             if start >= end:
                 return b""
-            lo = self._offsets[start]
-            hi = self._offsets[end] if end < len(self._offsets) else self._size_bytes
+            lo, hi = self._line_offset(start), self._line_offset(end)
         return os.pread(self._fd, hi - lo, lo)
+
+    def _line_offset(self, n: int) -> int:
+        """Where line n starts (n up to the size), under the tree lock: a look-up in the
+        bundle index, and for a line inside a full bundle a read of that bundle."""
+        size = self._tree.size
+        if n == size:
+            return self._size_bytes
+        bundle, k = divmod(n, TILE_WIDTH)
+        if bundle == size // TILE_WIDTH:
+            return self._edge_offsets[k]
+        start = self._bundle_start(bundle)
+        if k == 0:
+            return start
+        data = os.pread(self._fd, self._bundle_start(bundle + 1) - start, start)
+        at = -1
+        for _ in range(k):
+            at = data.index(b"\n", at + 1)
+        return start + at + 1
+
+    def _bundle_start(self, bundle: int) -> int:
+        if bundle == 0:
+            return 0
+        if bundle - 1 < self._stored_bundles:
+            return self._store.bundle_end(bundle - 1)
+        return self._pending_ends[bundle - 1 - self._stored_bundles]
 
     @property
     def healthy(self) -> bool:
@@ -351,29 +523,110 @@ class AuditLog:
 
     def close(self) -> None:
         stop_thread(self._thread, self._queue)
+        with self._write_lock:
+            try:
+                self._store_tiles()
+            except OSError:
+                pass  # the next start builds them from the log again
+        self._store.close()
         try:
             os.close(self._fd)  # releases the flock
         except OSError:
             pass
 
 
-def _last_logged_checkpoint(lines: list[bytes]) -> tuple[str, int] | None:
+def _leaves(lines: list[bytes]) -> list[bytes]:
+    blob = leaf_hashes(lines)
+    return [blob[i:i + 32] for i in range(0, len(blob), 32)]
+
+
+def _damaged(tiles: Path, what: str) -> AuditLogError:
+    return AuditLogError(
+        f"the audit log's tile directory {tiles} is damaged: {what}. Refusing to start: "
+        "tiles are never repaired silently. If `hsmca audit verify` passes on the log, move "
+        f"{tiles} aside and start again; hsmca builds it again from the whole log and checks "
+        "that against the last checkpoint")
+
+
+def _build_tiles(path: Path, fd: int, tiles: Path) -> None:
+    """Make the tile directory from the whole log, reading it a block at a time.
+
+    The last complete line is left to the normal start (it may be the torn line
+    that start cuts), and so is everything after the last full bundle. Written into
+    a directory of its own and renamed into place once whole, so a crash here only
+    means building again.
+    """
+    size = os.fstat(fd).st_size
+    work = tiles.with_name(tiles.name + ".new")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(mode=0o750, parents=True)
+    if size:
+        log.warning("building the audit log's tiles from the whole log (first start with "
+                    "tiles, or the tile directory was moved aside)", log=str(path),
+                    bytes=size, tiles=str(tiles))
+    store = FileTileStore(work, create=True, sync=False)
+    try:
+        tree = TiledTree(store)
+        # Up to the start of the last complete line, as said above.
+        end = _last_newline(fd, _last_newline(fd, size)) + 1
+        ends: list[int] = []
+        pos, carry = 0, b""
+        while pos < end:
+            block = carry + os.pread(fd, min(_READ_BLOCK, end - pos), pos)
+            pos += len(block) - len(carry)
+            lines = block.split(b"\n")
+            carry = lines.pop()
+            offset = pos - len(block)
+            for line, leaf in zip(lines, _leaves(lines), strict=True):
+                tree.append(leaf)
+                offset += len(line) + 1
+                if tree.size % TILE_WIDTH == 0:
+                    ends.append(offset)
+            pending = tree.pending()
+            store.commit(pending, ends)
+            tree.stored(pending)
+            ends = []
+    finally:
+        store.close()
+    os.sync()  # one flush for every file written above
+    os.rename(work, tiles)
+    dfd = os.open(tiles.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _last_newline(fd: int, before: int) -> int:
+    """The offset of the last "\\n" before `before`, or -1."""
+    hi = before
+    while hi > 0:
+        lo = max(0, hi - 65536)
+        at = os.pread(fd, hi - lo, lo).rfind(b"\n")
+        if at >= 0:
+            return lo + at
+        hi = lo
+    return -1
+
+
+def _last_logged_checkpoint(fd: int, size: int) -> tuple[str, int] | None:
+    """The last checkpoint recorded in the log (its note and seq), read backwards a
+    block at a time: it is within a minute's lines of the end on a running log."""
     marker = f'"{CHECKPOINT_FIELD}":"'.encode()
-    for seq in range(len(lines) - 1, -1, -1):
-        if marker not in lines[seq]:
-            continue
-        obj = json.loads(lines[seq])
-        if obj.get("phase") == "outcome" and isinstance(obj.get(CHECKPOINT_FIELD), str):
-            return obj[CHECKPOINT_FIELD], seq
-    return None
-
-
-def _read_all(fd: int) -> bytes:
-    os.lseek(fd, 0, os.SEEK_SET)
-    chunks = []
-    while True:
-        chunk = os.read(fd, 1 << 20)
-        if not chunk:
+    hi = size
+    while hi > 0:
+        lo = max(0, hi - (1 << 20))
+        block = os.pread(fd, hi - lo, lo)
+        if lo:  # only whole lines: the first one may have started before the block
+            cut = block.index(b"\n") + 1 if b"\n" in block else len(block)
+            block, lo = block[cut:], lo + cut
+        for line in reversed(block.split(b"\n")):
+            if marker not in line:
+                continue
+            obj = json.loads(line)
+            if obj.get("phase") == "outcome" and isinstance(obj.get(CHECKPOINT_FIELD), str):
+                return obj[CHECKPOINT_FIELD], obj.get("seq")
+        if lo == hi:  # a line longer than a block: lines are at most 64 KiB
             break
-        chunks.append(chunk)
-    return b"".join(chunks)
+        hi = lo
+    return None

@@ -12,7 +12,10 @@ Two shapes are kept in memory:
 * `MerkleTree` keeps every complete subtree root, level by level, so the root of
   any prefix and any inclusion or consistency proof costs O(log n) hashes. Each
   level is one flat bytearray (32 bytes per node): a million leaves cost about
-  64 MB instead of the ~150 MB a list of bytes objects would.
+  64 MB instead of the ~150 MB a list of bytes objects would. The auditor's
+  verifier uses it.
+* `SubtreeHashes`, its base, computes roots and proofs from any source of subtree
+  roots; `ca.audit.tiles.TiledTree` is the log writer's, read from C2SP tiles.
 
 The verification functions follow RFC 9162 sections 2.1.3.2 and 2.1.4.2 and use
 nothing but their arguments, so an auditor can check proofs without a tree.
@@ -164,7 +167,104 @@ class CompactRange:
         return f"CompactRange(size={self._size})"
 
 
-class MerkleTree:
+class SubtreeHashes:
+    """Roots, compact ranges and RFC 6962 proofs of a tree whose complete subtrees a
+    subclass can look up (`_node`). RFC 6962's recursion only ever asks for ranges
+    that start at a multiple of the smallest power of two >= their width, so every
+    left part is a perfect subtree and only the right border needs hashing: each
+    answer costs O(log n) look-ups.
+
+    `MerkleTree` holds every subtree root in memory; `ca.audit.tiles.TiledTree` reads
+    them from C2SP tiles, so the log writer needs no more memory for a large log.
+    """
+
+    __slots__ = ()
+
+    @property
+    def size(self) -> int:
+        raise NotImplementedError
+
+    def _node(self, level: int, index: int) -> bytes:
+        """The root of the perfect subtree of 2**level leaves starting at index << level."""
+        raise NotImplementedError
+
+    def root(self, size: int | None = None) -> bytes:
+        """Root of the first `size` leaves (default: all of them)."""
+        size = self._check_size(size)
+        return self._mth(0, size) if size else EMPTY_ROOT
+
+    def compact_range(self, size: int | None = None) -> CompactRange:
+        """The compact range of the first `size` leaves (default: all of them): what
+        appending to that prefix needs, without the tree."""
+        size = self._check_size(size)
+        hashes: list[bytes] = []
+        lo = 0
+        for level in range(size.bit_length() - 1, -1, -1):  # the largest subtree first
+            if size >> level & 1:
+                hashes.append(self._node(level, lo >> level))
+                lo += 1 << level
+        return CompactRange.from_hashes(size, hashes)
+
+    def inclusion_proof(self, index: int, size: int | None = None) -> list[bytes]:
+        """RFC 6962 PATH(index, D[0:size]), leaf-side sibling first."""
+        size = self._check_size(size)
+        if not 0 <= index < size:
+            raise ValueError(f"leaf index {index} is outside a tree of {size} leaves")
+        proof: list[bytes] = []
+        lo, hi = 0, size
+        while hi - lo > 1:
+            k = _split(hi - lo)
+            if index < lo + k:
+                proof.append(self._mth(lo + k, hi))
+                hi = lo + k
+            else:
+                proof.append(self._mth(lo, lo + k))
+                lo += k
+        proof.reverse()
+        return proof
+
+    def consistency_proof(self, old: int, size: int | None = None) -> list[bytes]:
+        """RFC 6962 PROOF(old, D[0:size]); empty when old is 0 or equals size."""
+        size = self._check_size(size)
+        if not 0 <= old <= size:
+            raise ValueError(f"old size {old} is not between 0 and {size}")
+        if old in (0, size):
+            return []
+        proof: list[bytes] = []
+        lo, hi, m, whole = 0, size, old, True  # whole: SUBPROOF's b flag
+        while m != hi - lo:
+            k = _split(hi - lo)
+            if m <= k:
+                proof.append(self._mth(lo + k, hi))
+                hi = lo + k
+            else:
+                proof.append(self._mth(lo, lo + k))
+                lo += k
+                m -= k
+                whole = False
+        if not whole:
+            proof.append(self._mth(lo, hi))
+        proof.reverse()
+        return proof
+
+    def _check_size(self, size: int | None) -> int:
+        if size is None:
+            return self.size
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= self.size:
+            raise ValueError(f"size {size!r} is not between 0 and {self.size}")
+        return size
+
+    def _mth(self, lo: int, hi: int) -> bytes:
+        """MTH(D[lo:hi]) for the ranges RFC 6962 recursion produces (see the class)."""
+        n = hi - lo
+        if n & (n - 1) == 0:
+            level = n.bit_length() - 1
+            return self._node(level, lo >> level)
+        k = _split(n)
+        return node_hash(self._mth(lo, lo + k), self._mth(lo + k, hi))
+
+
+class MerkleTree(SubtreeHashes):
     """Every leaf hash plus every complete subtree root, for prefix roots and proofs.
 
     ``_levels[k]`` concatenates the roots of the aligned perfect subtrees of 2**k
@@ -229,91 +329,9 @@ class MerkleTree:
                 levels.append(bytearray())
             levels[k] += parent
 
-    def root(self, size: int | None = None) -> bytes:
-        """Root of the first `size` leaves (default: all of them)."""
-        size = self._check_size(size)
-        return self._mth(0, size) if size else EMPTY_ROOT
-
-    def compact_range(self, size: int | None = None) -> CompactRange:
-        """The compact range of the first `size` leaves (default: all of them): what
-        appending to that prefix needs, without the tree."""
-        size = self._check_size(size)
-        hashes: list[bytes] = []
-        lo = 0
-        for level in range(size.bit_length() - 1, -1, -1):  # the largest subtree first
-            if size >> level & 1:
-                hashes.append(self._node(level, lo >> level))
-                lo += 1 << level
-        return CompactRange.from_hashes(size, hashes)
-
-    def inclusion_proof(self, index: int, size: int | None = None) -> list[bytes]:
-        """RFC 6962 PATH(index, D[0:size]), leaf-side sibling first."""
-        size = self._check_size(size)
-        if not 0 <= index < size:
-            raise ValueError(f"leaf index {index} is outside a tree of {size} leaves")
-        proof: list[bytes] = []
-        lo, hi = 0, size
-        while hi - lo > 1:
-            k = _split(hi - lo)
-            if index < lo + k:
-                proof.append(self._mth(lo + k, hi))
-                hi = lo + k
-            else:
-                proof.append(self._mth(lo, lo + k))
-                lo += k
-        proof.reverse()
-        return proof
-
-    def consistency_proof(self, old: int, size: int | None = None) -> list[bytes]:
-        """RFC 6962 PROOF(old, D[0:size]); empty when old is 0 or equals size."""
-        size = self._check_size(size)
-        if not 0 <= old <= size:
-            raise ValueError(f"old size {old} is not between 0 and {size}")
-        if old in (0, size):
-            return []
-        proof: list[bytes] = []
-        lo, hi, m, whole = 0, size, old, True  # whole: SUBPROOF's b flag
-        while m != hi - lo:
-            k = _split(hi - lo)
-            if m <= k:
-                proof.append(self._mth(lo + k, hi))
-                hi = lo + k
-            else:
-                proof.append(self._mth(lo, lo + k))
-                lo += k
-                m -= k
-                whole = False
-        if not whole:
-            proof.append(self._mth(lo, hi))
-        proof.reverse()
-        return proof
-
-    # ---- internals ------------------------------------------------------------------------
-
-    def _check_size(self, size: int | None) -> int:
-        if size is None:
-            return self._size
-        if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= self._size:
-            raise ValueError(f"size {size!r} is not between 0 and {self._size}")
-        return size
-
     def _node(self, level: int, index: int) -> bytes:
         start = index * HASH_SIZE
         return bytes(self._levels[level][start:start + HASH_SIZE])
-
-    def _mth(self, lo: int, hi: int) -> bytes:
-        """MTH(D[lo:hi]) for the ranges RFC 6962 recursion produces.
-
-        Those ranges start at a multiple of the smallest power of two >= their
-        width, so every left part is a cached perfect subtree and only the right
-        border needs hashing: O(log n) work.
-        """
-        n = hi - lo
-        if n & (n - 1) == 0:
-            level = n.bit_length() - 1
-            return self._node(level, lo >> level)
-        k = _split(n)
-        return node_hash(self._mth(lo, lo + k), self._mth(lo + k, hi))
 
     def __repr__(self) -> str:
         return f"MerkleTree(size={self._size})"

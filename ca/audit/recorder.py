@@ -5,8 +5,8 @@ log (one writer: docs/audit-log.md). A worker sends its lines here; this thread
 gathers what every worker sent while the last commit ran, writes it all in one
 group commit, and answers each worker with the seq (or the typed failure) of each
 line. It also answers the auditor endpoints' questions about the log (entries,
-sizes, proofs, the latest checkpoint) for the workers that serve them. Messages
-are typed (ca/audit/wire.py).
+sizes, proofs, C2SP tiles and entry bundles, the latest checkpoint) for the
+workers that serve them. Messages are typed (ca/audit/wire.py).
 
 It keeps the open signatures of each worker: if a worker dies between an intent
 and its outcome, the outcome is written here (`WorkerLost`, never released), so
@@ -29,6 +29,7 @@ import structlog
 from ca import ipc
 from ca.audit import wire
 from ca.audit.log import AuditLog
+from ca.audit.tiles import TileDamaged
 from hsm.errors import AuditUnavailable
 
 log = structlog.get_logger("hsmca.recorder")
@@ -57,9 +58,11 @@ class _Channel:
 
 class Recorder:
     def __init__(self, audit: AuditLog, latest_checkpoint: Callable[[], str | None],
-                 on_lost: Callable[[int, int], None] | None = None) -> None:
+                 on_lost: Callable[[int, int], None] | None = None, *,
+                 latest_cosigned: Callable[[], str | None] = lambda: None) -> None:
         self.audit = audit
         self._latest_checkpoint = latest_checkpoint
+        self._latest_cosigned = latest_cosigned
         # Called on this thread with (worker slot, signatures closed as WorkerLost)
         # once a worker's channels are all gone.
         self._on_lost = on_lost
@@ -155,11 +158,21 @@ class Recorder:
         self._channel_lost(chan.worker)
 
     def _answer(self, msg: wire.Request) -> wire.Reply:
+        try:
+            return self._answer_from_log(msg)
+        except (TileDamaged, OSError) as exc:
+            # The tiles changed under the running daemon (it checked them at start), or
+            # the disk failed a read: say so to the asker, and keep serving the others.
+            log.error("cannot answer from the audit log", error=str(exc))
+            return wire.Broken(msg.id, str(exc))
+
+    def _answer_from_log(self, msg: wire.Request) -> wire.Reply:
         audit = self.audit
         if isinstance(msg, wire.AskHealth):
             return wire.Health(msg.id, audit.healthy, audit.problem, audit.size)
         if isinstance(msg, wire.AskCheckpoint):
-            return wire.Checkpoint(msg.id, self._latest_checkpoint())
+            return wire.Checkpoint(msg.id, self._latest_cosigned() if msg.cosigned
+                                   else self._latest_checkpoint())
         if isinstance(msg, wire.ReadLines):
             return wire.Lines(msg.id, audit.read_lines(msg.start, min(msg.limit, MAX_ENTRIES)))
         if isinstance(msg, wire.InclusionProof):
@@ -172,6 +185,10 @@ class Recorder:
                 return wire.Refused(msg.id, f"need 0 < old <= size <= {audit.size} (the log's "
                                             "current size)")
             return wire.Proof(msg.id, audit.consistency_proof(msg.old, msg.size))
+        if isinstance(msg, wire.ReadTile):
+            return wire.Blob(msg.id, audit.read_tile(msg.level, msg.index, msg.width))
+        if isinstance(msg, wire.ReadEntries):
+            return wire.Blob(msg.id, audit.read_entries(msg.index, msg.width))
         return wire.Refused(msg.id, f"unknown recorder request {type(msg).__name__}")
 
     def _commit(self, appends: list[tuple[_Channel, wire.Append]]) -> None:

@@ -50,15 +50,37 @@ class ConsistencyProof(msgspec.Struct, tag="consistency", frozen=True):
     size: int
 
 
+class ReadTile(msgspec.Struct, tag="tile", frozen=True):
+    """C2SP tile `level`/`index`, its first `width` hashes (256: the full tile)."""
+
+    id: int
+    level: int
+    index: int
+    width: int
+
+
+class ReadEntries(msgspec.Struct, tag="entries", frozen=True):
+    """C2SP entry bundle `index`, its first `width` entries."""
+
+    id: int
+    index: int
+    width: int
+
+
 class AskHealth(msgspec.Struct, tag="health", frozen=True):
     id: int
 
 
 class AskCheckpoint(msgspec.Struct, tag="checkpoint", frozen=True):
+    """The latest checkpoint; with `cosigned`, the latest one witnesses cosigned (the
+    log's note with their cosignature lines), which may be older."""
+
     id: int
+    cosigned: bool = False
 
 
-Request = Append | ReadLines | InclusionProof | ConsistencyProof | AskHealth | AskCheckpoint
+Request = (Append | ReadLines | InclusionProof | ConsistencyProof | ReadTile | ReadEntries
+           | AskHealth | AskCheckpoint)
 
 
 # ---- recorder -> worker -------------------------------------------------------------------
@@ -77,6 +99,13 @@ class Lines(msgspec.Struct, tag="lines", frozen=True):
 class Proof(msgspec.Struct, tag="proof", frozen=True):
     id: int
     hashes: list[bytes]
+
+
+class Blob(msgspec.Struct, tag="blob", frozen=True):
+    """A tile or an entry bundle; None if the log has not got it (yet)."""
+
+    id: int
+    data: bytes | None
 
 
 class Health(msgspec.Struct, tag="health-state", frozen=True):
@@ -98,4 +127,11 @@ class Refused(msgspec.Struct, tag="refused", frozen=True):
     reason: str
 
 
-Reply = Appended | Lines | Proof | Health | Checkpoint | Refused
+class Broken(msgspec.Struct, tag="broken", frozen=True):
+    """The recorder cannot answer: what it would read from is damaged (a tile)."""
+
+    id: int
+    reason: str
+
+
+Reply = Appended | Lines | Proof | Blob | Health | Checkpoint | Refused | Broken

@@ -32,9 +32,11 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from ca import __version__, metrics
 from ca.audit.checkpointer import Checkpointer
+from ca.audit.cosignature import ALG_COSIGNATURE, parse_verifier_key
 from ca.audit.log import AuditLog
 from ca.audit.recorder import Recorder
 from ca.audit.witness import FileWitness
+from ca.audit.witnessing import HTTPWitness, Witnessing
 from ca.config import Config, worker_count
 from ca.daemon import control
 from ca.daemon.keys import open_keyring, seed
@@ -53,6 +55,7 @@ from ca.store.sqlite import SQLiteStore
 log = structlog.get_logger("hsmca.daemon")
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
+WITNESS_DRAIN_S = 10.0
 MAX_RESTART_DELAY_S = 30.0
 
 
@@ -108,7 +111,9 @@ class WorkerPool:
                  checkpointer: Checkpointer, generations: Generations) -> None:
         self.config, self.address, self.count, self.audit = config, address, count, audit
         self.generations = generations
-        self.recorder = Recorder(audit, lambda: checkpointer.latest, self._lost)
+        witnesses = checkpointer.witnesses
+        self.recorder = Recorder(audit, lambda: checkpointer.latest, self._lost,
+                                 latest_cosigned=lambda: witnesses.cosigned if witnesses else None)
         # Failed bootstrap-token attempts, counted for the whole daemon.
         self.limiter = FailureLimiter()
         self._control: list[asyncio.Task[None]] = []
@@ -271,6 +276,11 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
     pipeline = SigningPipeline(config.hsm, audit)
     metrics.count_sign_calls(pipeline)  # its checkpoints, OCSP responses, TLS certificate
     generations = Generations.create(config.generations_path)
+    witnessing = Witnessing(
+        [*(FileWitness(w, audit_key, config.audit_origin) for w in config.witnesses),
+         *(HTTPWitness(url) for url in config.witness_urls)],
+        [parse_verifier_key(k, ALG_COSIGNATURE) for k in config.witness_keys],
+        audit.consistency_proof, config.cosigned_checkpoint_path)
     store: SQLiteStore | None = None
     pool: WorkerPool | None = None
     background: list[asyncio.Task[None]] = []  # checkpoints of the log and the inventory
@@ -297,8 +307,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         checkpointer = Checkpointer(audit, pipeline, keys.issuers.audit, config.audit_origin,
                                     config.checkpoint_path,
                                     heartbeat=config.checkpoint_heartbeat_s,
-                                    witnesses=[FileWitness(w, audit_key, config.audit_origin)
-                                               for w in config.witnesses])
+                                    witnesses=witnessing)
         # The daemon.start line gets a checkpoint before anyone can connect, so
         # /v1/audit/checkpoint always has one to serve.
         await checkpointer.checkpoint()
@@ -324,6 +333,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         log.info("stopping: the last checkpoint")
         await audit.append("daemon.stop", pid=os.getpid())
         await checkpointer.checkpoint()
+        await witnessing.drain(WITNESS_DRAIN_S)  # the final checkpoint, if they answer soon
         log.info("stopped")
     finally:
         config.url_file.unlink(missing_ok=True)
@@ -335,6 +345,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         await pipeline.drain()
         if store is not None:
             store.close()
+        await witnessing.close()
         pipeline.close()
         generations.close()
         audit.close()

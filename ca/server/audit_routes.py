@@ -1,4 +1,8 @@
-"""Auditor endpoints: entries byte for byte, checkpoints, the key, Merkle proofs."""
+"""Auditor endpoints: entries byte for byte, checkpoints, the key, Merkle proofs, and
+the log as C2SP tlog-tiles (c2sp.org/tlog-tiles) under the prefix /v1/audit/:
+`checkpoint`, `tile/<L>/<N>[.p/<W>]` and `tile/entries/<N>[.p/<W>]`, so that
+standard tlog tooling can follow it. Tiles and entries are what proofs and entries
+are: for auditors and admins only."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from ca.audit.link import RecorderRefused
 from ca.audit.note import verifier_key
 from ca.audit.recorder import MAX_ENTRIES
+from ca.audit.tiles import parse_tile_path
 from ca.server.common import AUDIT, ISSUANCE, SETTINGS, identity
 from ca.server.problems import Problem
 
@@ -41,12 +46,52 @@ async def entries(request: web.Request) -> web.Response:
     return web.Response(body=data, content_type="application/jsonl")
 
 
+# C2SP: the checkpoint changes, so no caching beyond a few seconds; a tile or a
+# bundle of a given width never changes (and goes only to an authenticated auditor).
+_MUTABLE = {"Cache-Control": "no-cache"}
+_IMMUTABLE = {"Cache-Control": "private, max-age=31536000, immutable"}
+
+
 @routes.get("/v1/audit/checkpoint")
 async def checkpoint(request: web.Request) -> web.Response:
     latest = await request.app[AUDIT].checkpoint()
     if not latest:
         raise Problem(404, "Not Found", "no checkpoint has been signed yet")
-    return web.Response(text=latest, content_type="text/plain", charset="utf-8")
+    return web.Response(text=latest, content_type="text/plain", charset="utf-8",
+                        headers=_MUTABLE)
+
+
+@routes.get("/v1/audit/checkpoint.cosigned")
+async def cosigned_checkpoint(request: web.Request) -> web.Response:
+    """The latest checkpoint the witnesses cosigned: the log's note with their
+    cosignature lines (c2sp.org/tlog-cosignature). It may be older than the latest."""
+    latest = await request.app[AUDIT].checkpoint(cosigned=True)
+    if not latest:
+        raise Problem(404, "Not Found", "no witness has cosigned a checkpoint yet")
+    return web.Response(text=latest, content_type="text/plain", charset="utf-8",
+                        headers=_MUTABLE)
+
+
+@routes.get("/v1/audit/tile/{path:.+}")
+async def tile(request: web.Request) -> web.Response:
+    await identity(request, "auditor", "admin")
+    try:
+        level, index, width = parse_tile_path(request.match_info["path"])
+    except ValueError as exc:
+        raise Problem(400, "Bad Request", f"not a C2SP tile path: {exc}", "bad-query") from None
+    audit = request.app[AUDIT]
+    if level is None:
+        data = await audit.entries(index, width)
+    else:
+        data = await audit.tile(level, index, width)
+    if data is None:
+        raise Problem(404, "Not Found", "the log has no such tile (yet): fetch the checkpoint, "
+                                        "and only the tiles its size needs")
+    response = web.Response(body=data, content_type="application/octet-stream",
+                            headers=_IMMUTABLE)
+    if level is None:
+        response.enable_compression()  # C2SP: bundles SHOULD be compressed (gzip if asked)
+    return response
 
 
 @routes.get("/v1/audit/key")
@@ -76,7 +121,7 @@ async def consistency(request: web.Request) -> web.Response:
 
 
 async def _proof(request: web.Request, kind: str, **args: int) -> list[bytes]:
-    """A proof from the primary process, which holds the Merkle tree."""
+    """A proof from the primary process, which computes it from the tiles."""
     audit = request.app[AUDIT]
     try:
         if kind == "inclusion":

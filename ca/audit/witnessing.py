@@ -1,0 +1,204 @@
+"""Pushing each new checkpoint to the witnesses, and publishing what they cosign.
+
+Two kinds of witness, in `[audit] witnesses`: a file (`ca.audit.witness.FileWitness`)
+and a URL, a C2SP tlog-witness (c2sp.org/tlog-witness), such as `hsmca witness
+serve` run by an auditor. To a URL the daemon POSTs `add-checkpoint`: the size it
+believes the witness holds, a consistency proof from that size (computed from the
+tiles), a blank line and the checkpoint. The witness answers with its cosignature,
+or 409 with the size it really holds (the daemon retries from that size, as the
+transparency-dev witness client does), or refuses: 409 without a size (it holds
+another tree of the same size) or 422 (the proof does not verify). A refusal means
+the log the daemon signs does not extend what the witness saw: it was cut or
+rewritten. It is logged as an error; nothing else can be done about it here.
+
+Signing never waits for a witness: `submit` hands the checkpoint to a task per
+witness and returns. A witness still busy with an older checkpoint gets only the
+latest one next. A stopping daemon gives them a few seconds (`drain`) for its
+final checkpoint.
+
+The cosignatures that verify with a configured witness key (`[audit]
+witness-keys`) are added to the checkpoint's note and published beside it:
+`state-dir/audit/checkpoint.cosigned` and `GET /v1/audit/checkpoint.cosigned`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+import aiohttp
+import structlog
+
+from ca.audit.cosignature import VerifierKey, valid_cosignatures
+from ca.audit.tiles import TileDamaged
+from ca.audit.witness import FileWitness, WitnessRefused
+from ca.fileutil import write_atomic
+
+log = structlog.get_logger("hsmca.witness")
+TIMEOUT_S = 10.0
+MAX_PROOF = 63  # C2SP: at most 63 consistency proof lines
+_RETRIES = 3  # 409s with a size in a row, before giving up on this checkpoint
+
+
+class WitnessError(Exception):
+    """The witness could not be asked, or answered something else than a verdict."""
+
+
+Prove = Callable[[int, int], Sequence[bytes]]
+
+
+class HTTPWitness:
+    """A C2SP tlog-witness at `url` (its submission prefix)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        # The size the witness holds, as far as the daemon knows: learned from its 409s
+        # and its cosignatures. 0 at start; the first answer says.
+        self.old_size = 0
+
+    def __str__(self) -> str:
+        return self.url
+
+    async def add_checkpoint(self, session: aiohttp.ClientSession, text: str, size: int,
+                             prove: Callable[[int, int], Awaitable[Sequence[bytes]]]) -> str:
+        """POST the checkpoint (of `size` lines); its cosignature lines, or WitnessRefused
+        / WitnessError. `prove(old, size)` is awaited for the consistency proof."""
+        for _ in range(_RETRIES):
+            old = self.old_size
+            proof = await prove(old, size) if 0 < old < size else []
+            if len(proof) > MAX_PROOF:
+                raise WitnessError(f"a consistency proof of {len(proof)} hashes is longer than "
+                                   f"the {MAX_PROOF} a witness takes")
+            body = f"old {old}\n" + "".join(base64.b64encode(h).decode() + "\n"
+                                             for h in proof) + "\n" + text
+            try:
+                async with session.post(f"{self.url}/add-checkpoint", data=body.encode(),
+                                        allow_redirects=False) as resp:
+                    answer = await resp.text(errors="replace")
+                    status, ctype = resp.status, resp.content_type
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise WitnessError(f"cannot reach the witness: {exc or type(exc).__name__}"
+                                   ) from None
+            if status == 200:
+                self.old_size = size
+                return answer
+            if status == 409 and ctype == "text/x.tlog.size":
+                try:
+                    held = int(answer.strip())
+                except ValueError:
+                    raise WitnessError(f"the witness answered 409 with a size that is not a "
+                                       f"number: {answer[:80]!r}") from None
+                if held > size:
+                    raise WitnessRefused(
+                        f"the witness holds a checkpoint of {held} lines, more than the {size} "
+                        "of this one: the log was cut (or replaced) since it saw it")
+                self.old_size = held
+                continue  # again, from the size it holds
+            if status == 409:
+                raise WitnessRefused(
+                    f"the witness holds another checkpoint of the same {old} lines (a different "
+                    "root): the log was rewritten since it saw it")
+            if status == 422:
+                raise WitnessRefused(
+                    f"the consistency proof from the {old} lines the witness holds to {size} "
+                    "does not verify: the log does not extend what the witness saw (it was "
+                    "rewritten)")
+            if status == 403:
+                raise WitnessError("the witness does not trust the audit key (give it the "
+                                   "log's verifier key, GET /v1/audit/key)")
+            if status == 404:
+                raise WitnessError("the witness does not know this log's origin")
+            raise WitnessError(f"the witness answered {status}: {answer.strip()[:200]}")
+        raise WitnessError(f"the witness answered 409 (its size changed) {_RETRIES} times "
+                           "in a row")
+
+
+class Witnessing:
+    """The daemon's witnesses: `submit` each new checkpoint, read `cosigned`."""
+
+    def __init__(self, witnesses: Sequence[FileWitness | HTTPWitness],
+                 keys: Sequence[VerifierKey], prove: Prove, cosigned_path: Path) -> None:
+        self.witnesses = list(witnesses)
+        self.keys = list(keys)
+        self._prove = prove  # AuditLog.consistency_proof: reads tiles, so off the loop
+        self.cosigned_path = cosigned_path
+        self.cosigned: str | None = (cosigned_path.read_text("utf-8")
+                                     if cosigned_path.exists() else None)
+        self._latest: dict[int, tuple[str, int]] = {}  # witness -> checkpoint still to push
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._published: tuple[int, str] | None = None  # (size, note) with cosignatures
+        self._cosigs: list[str] = []
+        self._writing = asyncio.Lock()  # one write of the cosigned file at a time, the latest
+
+    def __bool__(self) -> bool:
+        return bool(self.witnesses)
+
+    def submit(self, text: str, size: int) -> None:
+        """Push `text` to every witness in the background (from the event loop)."""
+        for i in range(len(self.witnesses)):
+            self._latest[i] = (text, size)
+            task = self._tasks.get(i)
+            if task is None or task.done():
+                self._tasks[i] = asyncio.create_task(self._run(i))
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (at most `timeout` s) until every witness has been offered the latest."""
+        tasks = [t for t in self._tasks.values() if not t.done()]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
+            if pending:
+                log.warning("witnesses still busy at stop", witnesses=[
+                    str(self.witnesses[i]) for i, t in self._tasks.items() if t in pending])
+
+    async def close(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+
+    async def _run(self, i: int) -> None:
+        witness = self.witnesses[i]
+        while i in self._latest:
+            text, size = self._latest.pop(i)
+            try:
+                if isinstance(witness, FileWitness):
+                    # File I/O under a lock, maybe on a share: off the event loop.
+                    await asyncio.to_thread(witness.push, text, self._prove)
+                    continue
+                answer = await witness.add_checkpoint(self._http(), text, size, self._proof)
+                await self._cosigned(witness, text, size, answer)
+            except WitnessRefused as exc:
+                log.error("witness refused the checkpoint", witness=str(witness), size=size,
+                          reason=exc.reason)
+            except (WitnessError, TileDamaged, OSError, ValueError) as exc:
+                log.warning("witness not updated", witness=str(witness), size=size,
+                            error=str(exc))
+
+    async def _proof(self, old: int, size: int) -> Sequence[bytes]:
+        return await asyncio.to_thread(self._prove, old, size)
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT_S))
+        return self._session
+
+    async def _cosigned(self, witness: HTTPWitness, text: str, size: int, answer: str) -> None:
+        """Keep the cosignatures of the newest checkpoint any witness cosigned."""
+        lines = valid_cosignatures(text + answer, self.keys)
+        if not lines:
+            log.error("the witness answered without a cosignature by a configured witness key",
+                      witness=str(witness), size=size)
+            return
+        log.info("witness cosigned the checkpoint", witness=str(witness), size=size)
+        if self._published is None or self._published[1] != text:
+            if self._published is not None and self._published[0] > size:
+                return  # a newer checkpoint is published already
+            self._published, self._cosigs = (size, text), []
+        self._cosigs += [line for line in lines if line not in self._cosigs]
+        self.cosigned = text + "".join(self._cosigs)
+        async with self._writing:
+            await asyncio.to_thread(write_atomic, self.cosigned_path, self.cosigned)

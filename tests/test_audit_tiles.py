@@ -1,0 +1,396 @@
+"""The audit log's Merkle tree as C2SP tiles (c2sp.org/tlog-tiles): kept beside the log
+through batches, restarts and crashes; checked at start (a damaged or disagreeing
+tile directory refuses the start, a missing one is built again); served by a real
+daemon, where tile 0/000 is the RFC 6962 leaf hashes of the first 256 lines and a
+tile client written here from the specification proves an entry's inclusion from
+tiles alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+import shutil
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from ca.audit.log import AuditLog, AuditLogError
+from ca.audit.merkle import MerkleTree, leaf_hash
+from ca.audit.note import verify_checkpoint
+from ca.audit.tiles import (
+    FileTileStore,
+    TiledTree,
+    entry_bundle,
+    index_path,
+    parse_tile_path,
+    tile_path,
+)
+from tests.conftest import Daemon, init_ca, start_daemon
+from tests.helpers import http
+from tests.test_audit_remote import _audit_key, credential, get, path, verify_inclusion
+
+# ---- paths and shapes ------------------------------------------------------------------
+
+
+def test_tile_paths_are_those_of_the_specification() -> None:
+    assert index_path(1234067) == "x001/x234/067"
+    assert tile_path(0, 0) == "tile/0/000"
+    assert tile_path(2, 1234067, 112) == "tile/2/x001/x234/067.p/112"
+    assert parse_tile_path("0/x001/x234/067.p/5") == (0, 1234067, 5)
+    assert parse_tile_path("entries/000") == (None, 0, 256)
+    assert parse_tile_path("63/999.p/255") == (63, 999, 255)
+    for bad in ("0/00", "0/0000", "0/x000/001", "64/000", "01/000", "0/000.p/0",
+                "0/000.p/256", "0/000.p/07", "0/001/002", "x/000", "entries", "0/000.p"):
+        with pytest.raises(ValueError):
+            parse_tile_path(bad)
+
+
+def test_a_tree_of_70000_leaves_has_the_tiles_the_specification_lists(tmp_path: Path) -> None:
+    """c2sp.org/tlog-tiles: "273 full level 0 tiles, one partial level 0 tile of width
+    112, one full level 1 tile, one partial level 1 tile of width 17, and one partial
+    level 2 tile of width 1"."""
+    store = FileTileStore(tmp_path, create=True)
+    tree = TiledTree(store)
+    for i in range(70000):
+        tree.append(leaf_hash(b"%d" % i))
+    assert tree.read_tile(0, 272) is not None and tree.read_tile(0, 273) is None
+    assert tree.read_tile(0, 273, 112) is not None and tree.read_tile(0, 273, 113) is None
+    assert tree.read_tile(1, 0) is not None and tree.read_tile(1, 1) is None
+    assert tree.read_tile(1, 1, 17) is not None and tree.read_tile(1, 1, 18) is None
+    assert tree.read_tile(2, 0, 1) is not None and tree.read_tile(2, 0, 2) is None
+    assert tree.read_tile(3, 0, 1) is None
+
+
+# ---- the writer's tiles ---------------------------------------------------------------------
+
+
+def fill(log: AuditLog, rng: random.Random, lines: int) -> None:
+    """Appends in group commits of random sizes, lines of random lengths."""
+    done = 0
+    while done < lines:
+        n = min(rng.randint(1, 90), lines - done)
+        futs = log.append_durable([("test.line", {"n": done + k, "pad": "x" * rng.randint(0, 80)})
+                                   for k in range(n)])
+        assert all(f.exception() is None for f in futs)
+        done += n
+
+
+def lines_of(path: Path) -> list[bytes]:
+    return path.read_bytes().split(b"\n")[:-1]
+
+
+def agrees(log: AuditLog, lines: list[bytes], rng: random.Random) -> None:
+    """Root, proofs, tiles, entries and pages of lines, as the whole tree would give them."""
+    ref = MerkleTree(leaf_hash(line) for line in lines)
+    n = len(lines)
+    assert log.root() == (n, ref.root())
+    for size in sorted({1, 255, 256, 257, 511, 512, 513, n, *rng.sample(range(1, n + 1), 6)}):
+        if size > n:
+            continue
+        assert log.root() == (n, ref.root())
+        index = rng.randrange(size)
+        assert log.inclusion_proof(index, size) == ref.inclusion_proof(index, size)
+        old = rng.randint(1, size)
+        assert log.consistency_proof(old, size) == ref.consistency_proof(old, size)
+    for start in (0, 1, 255, 256, 300, n - 2, rng.randrange(n)):
+        assert log.read_lines(start, 70) == b"".join(line + b"\n"
+                                                     for line in lines[start:start + 70])
+    leaves = [leaf_hash(line) for line in lines]
+    for index in range(n // 256 + 1):
+        for width in (1, 17, 255, 256):
+            first = index * 256
+            if first + width > n:
+                assert log.read_entries(index, width) is None
+                assert log.read_tile(0, index, width) is None
+                continue
+            assert log.read_entries(index, width) == entry_bundle(lines[first:first + width])
+            assert log.read_tile(0, index, width) == b"".join(leaves[first:first + width])
+
+
+def test_the_log_and_its_tiles_agree_through_batches_and_restarts(tmp_path: Path) -> None:
+    rng = random.Random(19)
+    path_ = tmp_path / "log.jsonl"
+    for _ in range(3):
+        log = AuditLog.open(path_)
+        fill(log, rng, 400)
+        agrees(log, lines_of(path_), rng)
+        log.close()
+    log = AuditLog.open(path_)
+    try:
+        agrees(log, lines_of(path_), rng)
+    finally:
+        log.close()
+    bundles = (tmp_path / "tiles" / "bundles").read_bytes()
+    ends = [int.from_bytes(bundles[i:i + 8], "big") for i in range(0, len(bundles), 8)]
+    data = path_.read_bytes()
+    assert ends == [len(b"".join(line + b"\n" for line in lines_of(path_)[:256 * (k + 1)]))
+                    for k in range(len(ends))]
+    assert len(ends) == 1200 // 256 and all(data[end - 1:end] == b"\n" for end in ends)
+
+
+def test_start_reads_only_what_the_tiles_do_not_hold(tmp_path: Path) -> None:
+    """Lines under full tiles, except the last bundle, are not read at start (the
+    auditors' verification reads them): here one is made unparseable, and the log
+    still opens. Damage at the edge, which start does read, is refused."""
+    path_ = tmp_path / "log.jsonl"
+    log = AuditLog.open(path_)
+    fill(log, random.Random(1), 900)
+    log.close()
+    data = path_.read_bytes()
+    lines = lines_of(path_)
+    early = data.index(lines[10])
+    path_.write_bytes(data[:early] + b"#" * len(lines[10]) + data[early + len(lines[10]):])
+    AuditLog.open(path_).close()
+    edge = data.index(lines[700])  # in the last full bundle (512..767)
+    path_.write_bytes(data[:edge] + b"#" + data[edge + 1:])
+    with pytest.raises(AuditLogError, match=r"lines 512 to 767 .* no longer match its tiles"):
+        AuditLog.open(path_)
+
+
+def test_a_crash_before_the_commit_point_is_tiled_again_at_start(tmp_path: Path) -> None:
+    """The lines of a batch are durable, the tiles it completed are not recorded: the
+    tile directory is as it was before the batch (its new tile maybe written), the
+    bundle index's last append torn, and the log ends in a torn line."""
+    path_ = tmp_path / "log.jsonl"
+    tiles = tmp_path / "tiles"
+    log = AuditLog.open(path_)
+    fill(log, random.Random(2), 500)
+    log.close()
+    before = tmp_path / "tiles-before"
+    shutil.copytree(tiles, before)
+    log = AuditLog.open(path_)
+    fill(log, random.Random(3), 200)  # completes bundle 1 (lines 256..511)
+    log.close()
+    level0 = (tiles / "level-0").read_bytes()
+    whole = (tiles / "bundles").read_bytes()
+    shutil.rmtree(tiles)
+    before.rename(tiles)
+    (tiles / "level-0").write_bytes(level0)  # the tile made it, its end did not
+    (tiles / "bundles").write_bytes(whole[:8] + whole[8:12])
+    with open(path_, "ab") as fh:
+        fh.write(b'{"event":"test.li')
+    log = AuditLog.open(path_)
+    try:
+        lines = lines_of(path_)
+        assert json.loads(lines[-1])["event"] == "log.recover"
+        agrees(log, lines, random.Random(4))
+    finally:
+        log.close()
+    assert (tiles / "bundles").read_bytes() == whole  # the same end, recorded again
+    assert (tiles / "level-0").read_bytes()[8192:16384] == b"".join(
+        leaf_hash(line) for line in lines[256:512])
+
+
+def cut(path_: Path, size: int) -> None:
+    with open(path_, "r+b") as fh:
+        fh.truncate(size)
+
+
+@pytest.mark.parametrize(("damage", "why"), [
+    (lambda t: cut(t / "level-0", 3 * 8192 - 32), r"level-0 hold 24544 bytes, the bundle "
+                                                   r"index says 24576"),
+    (lambda t: (t / "level-1").unlink(), r"the tiles .*level-1 are missing"),
+    (lambda t: (t / "bundles").unlink(), r"the bundle index .* is missing"),
+])
+def test_a_damaged_tile_directory_refuses_the_start(tmp_path: Path,
+                                                    damage: Callable[[Path], None],
+                                                    why: str) -> None:
+    path_ = tmp_path / "log.jsonl"
+    log = AuditLog.open(path_)
+    fill(log, random.Random(4), 800)
+    log.close()
+    damage(tmp_path / "tiles")
+    with pytest.raises(AuditLogError, match=why) as refused:
+        AuditLog.open(path_)
+    assert "is damaged" in str(refused.value) and "move" in str(refused.value)
+
+
+def test_a_log_cut_below_its_tiles_is_refused(tmp_path: Path) -> None:
+    path_ = tmp_path / "log.jsonl"
+    log = AuditLog.open(path_)
+    fill(log, random.Random(5), 600)
+    log.close()
+    lines = lines_of(path_)
+    path_.write_bytes(b"".join(line + b"\n" for line in lines[:500]))
+    with pytest.raises(AuditLogError, match=r"cover its first 512 lines.*truncated or replaced"):
+        AuditLog.open(path_)
+
+
+def test_a_missing_tile_directory_is_built_from_the_whole_log_and_checked(
+        tmp_path: Path) -> None:
+    """The first start with tiles, or a directory moved aside: the whole log is read,
+    and a line rewritten anywhere is found against the checkpoint, as before tiles."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from ca.audit.note import sign_checkpoint
+    path_ = tmp_path / "log.jsonl"
+    log = AuditLog.open(path_)
+    fill(log, random.Random(6), 1000)
+    log.close()
+    key = ed25519.Ed25519PrivateKey.generate()
+    lines = lines_of(path_)
+    checkpoint = tmp_path / "checkpoint"
+    root = MerkleTree(leaf_hash(line) for line in lines).root()
+    checkpoint.write_text(sign_checkpoint("t.example/audit", len(lines), root,
+                                          "t.example/audit", key.public_key(), key.sign))
+    shutil.rmtree(tmp_path / "tiles")
+    log = AuditLog.open(path_, checkpoint, key.public_key())
+    try:
+        agrees(log, lines, random.Random(7))
+    finally:
+        log.close()
+
+    shutil.rmtree(tmp_path / "tiles")
+    data = path_.read_bytes()
+    at = data.index(lines[3])
+    path_.write_bytes(data[:at] + lines[3].replace(b'"test.line"', b'"test.lime"')
+                      + data[at + len(lines[3]):])
+    with pytest.raises(AuditLogError, match=r"no longer match .*the log was rewritten"):
+        AuditLog.open(path_, checkpoint, key.public_key())
+
+
+def test_a_line_too_long_for_an_entry_bundle_is_refused_alone(tmp_path: Path) -> None:
+    log = AuditLog.open(tmp_path / "log.jsonl")
+    try:
+        long, short = log.append_durable([("test.line", {"pad": "x" * 70000}),
+                                          ("test.line", {"pad": "x"})])
+        with pytest.raises(ValueError, match="longer than the 65535"):
+            long.result()
+        assert short.result() == 0
+    finally:
+        log.close()
+
+
+# ---- over HTTP, with a tile client written from the specification ---------------------------
+
+
+class TileClient:
+    """Fetches only tiles and entry bundles for a checkpoint's size: c2sp.org/tlog-tiles
+    and RFC 6962 section 2.1, nothing of hsmca's."""
+
+    def __init__(self, fetch: Callable[[str], Awaitable[bytes]], size: int) -> None:
+        self.fetch, self.size = fetch, size
+        self.tiles: dict[tuple[int, int], bytes] = {}
+
+    @staticmethod
+    def index(n: int) -> str:
+        digits = f"{n:03d}"
+        digits = "0" * (-len(digits) % 3) + digits
+        groups = [digits[i:i + 3] for i in range(0, len(digits), 3)]
+        return "/".join(["x" + g for g in groups[:-1]] + groups[-1:])
+
+    def _suffix(self, width: int) -> str:
+        return "" if width == 256 else f".p/{width}"
+
+    async def tile(self, level: int, n: int) -> bytes:
+        """Tile n at `level` for this tree size: partial if the tree ends inside it."""
+        if (level, n) not in self.tiles:
+            width = min(256, self.size // 256 ** level - n * 256)
+            data = await self.fetch(f"tile/{level}/{self.index(n)}{self._suffix(width)}")
+            assert len(data) == 32 * width
+            self.tiles[(level, n)] = data
+        return self.tiles[(level, n)]
+
+    async def entries(self, n: int) -> list[bytes]:
+        width = min(256, self.size - n * 256)
+        data = await self.fetch(f"tile/entries/{self.index(n)}{self._suffix(width)}")
+        out = []
+        while data:
+            length = int.from_bytes(data[:2], "big")
+            out.append(data[2:2 + length])
+            data = data[2 + length:]
+        assert len(out) == width
+        return out
+
+    async def mth(self, lo: int, hi: int) -> bytes:
+        """MTH(D[lo:hi]) for the ranges RFC 6962's recursion produces."""
+        n = hi - lo
+        if n & (n - 1) == 0:  # a perfect, aligned subtree: a run of one tile's hashes
+            level, j = divmod(n.bit_length() - 1, 8)
+            first = lo // 256 ** level
+            data = await self.tile(level, first // 256)
+            run = [data[32 * k:32 * k + 32] for k in range(first % 256, first % 256 + 2 ** j)]
+            while len(run) > 1:
+                run = [hashlib.sha256(b"\x01" + run[k] + run[k + 1]).digest()
+                       for k in range(0, len(run), 2)]
+            return run[0]
+        k = 1
+        while k * 2 < n:
+            k *= 2
+        left, right = await self.mth(lo, lo + k), await self.mth(lo + k, hi)
+        return hashlib.sha256(b"\x01" + left + right).digest()
+
+    async def inclusion_path(self, m: int, lo: int, hi: int) -> list[bytes]:
+        """RFC 6962 PATH(m, D[lo:hi]), m counted from lo."""
+        n = hi - lo
+        if n == 1:
+            return []
+        k = 1
+        while k * 2 < n:
+            k *= 2
+        if m < k:
+            return [*await self.inclusion_path(m, lo, lo + k), await self.mth(lo + k, hi)]
+        return [*await self.inclusion_path(m - k, lo + k, hi), await self.mth(lo, lo + k)]
+
+
+async def test_tiles_over_http_match_the_lines_and_prove_inclusion(tmp_path: Path) -> None:
+    ca = init_ca(tmp_path)
+    log = ca.state / "audit" / "log.jsonl"
+    daemons: list[Daemon] = []
+    try:
+        d = start_daemon(ca.state)
+        daemons.append(d)
+        svc = await credential(d, "service", "svc.tiles.example", tmp_path / "svc")
+        while len(lines_of(log)) < 600:  # renewals: intent, outcome, and OCSP's
+            await asyncio.gather(*(http("POST", f"{d.url}/v1/x509/renew", d.ssl(*svc),
+                                        body={}) for _ in range(8)))
+        assert daemons.pop().stop() == 0  # its final checkpoint covers all of them
+        d = start_daemon(ca.state)
+        daemons.append(d)
+        auditor = await credential(d, "auditor", "auditor@example.com", tmp_path / "aud")
+        status, ctype, raw = await get(d, "/v1/audit/checkpoint")
+        assert status == 200 and ctype == "text/plain"
+        key = _audit_key(ca.state)
+        cp = verify_checkpoint(raw.decode(), raw.decode().split("\n")[0], key)
+        lines = lines_of(log)
+        assert cp.size >= 600
+
+        status, ctype, tile0 = await get(d, "/v1/audit/tile/0/000", auditor)
+        assert status == 200 and ctype == "application/octet-stream"
+        assert tile0 == b"".join(hashlib.sha256(b"\x00" + line).digest() for line in lines[:256])
+        status, _, bundle0 = await get(d, "/v1/audit/tile/entries/000", auditor)
+        assert status == 200
+        assert bundle0 == b"".join(len(line).to_bytes(2, "big") + line for line in lines[:256])
+        for path_ in ("/v1/audit/tile/0/000", "/v1/audit/tile/entries/000"):
+            assert (await get(d, path_))[0] == 401
+            assert (await get(d, path_, svc))[0] == 403
+        assert (await get(d, "/v1/audit/tile/0/x000/000", auditor))[0] == 400
+        assert (await get(d, f"/v1/audit/tile/0/{TileClient.index(len(lines) // 256 + 1)}",
+                          auditor))[0] == 404
+
+        fetched: list[str] = []
+
+        async def fetch(p: str) -> bytes:
+            status, _, body = await get(d, f"/v1/audit/{p}", auditor)
+            assert status == 200, (p, body)
+            fetched.append(p)
+            return body
+
+        client = TileClient(fetch, cp.size)
+        root = await client.mth(0, cp.size)
+        index = cp.size - 5
+        entry = (await client.entries(index // 256))[index % 256]
+        hashes = await client.inclusion_path(index, 0, cp.size)
+        assert root == cp.root  # the tiles reproduce the signed root
+        assert entry == lines[index]
+        assert verify_inclusion(index, cp.size, hashlib.sha256(b"\x00" + entry).digest(),
+                                hashes, cp.root)
+        assert hashes == path(index, lines[:cp.size])
+        assert any(".p/" in p for p in fetched) and any("tile/1/" in p for p in fetched)
+    finally:
+        for daemon in daemons:
+            daemon.stop()

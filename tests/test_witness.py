@@ -1,0 +1,227 @@
+"""Witnesses over HTTP (C2SP tlog-witness): `hsmca witness serve` as an auditor runs
+it, answered request by request; and two of them following a real daemon, which
+publishes their cosignatures, until the log is rewritten on the CA host and
+re-signed with the real key, which both refuse.
+
+Cosignatures are checked here from c2sp.org/tlog-cosignature's text, not with
+ca/audit/cosignature.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from ca.audit.note import parse_checkpoint, sign_checkpoint, verifier_key
+from tests.conftest import Daemon, hsmca, init_ca, set_config
+from tests.helpers import Running
+from tests.test_audit_remote import (
+    _ATTACKER_SIGNS,
+    REPO,
+    credential,
+    mth,
+    proof,
+    rewrite_line,
+)
+
+# ---- from the specifications, independently ------------------------------------------------
+
+
+def cosigner_key_id(name: str, pub: bytes) -> bytes:
+    """tlog-cosignature: SHA-256(<name> || "\\n" || 0x04 || 32-byte public key)[:4]."""
+    return hashlib.sha256(name.encode() + b"\n\x04" + pub).digest()[:4]
+
+
+def cosignatures_by(note: str, name: str, pub: bytes) -> list[int]:
+    """The timestamps of the valid Ed25519 cosignatures by (name, pub) on `note`."""
+    body = note[:note.index("\n\n") + 1]
+    found = []
+    for line in note[note.index("\n\n") + 2:].splitlines():
+        dash, signer, blob = line.split(" ")
+        raw = base64.b64decode(blob)
+        if dash != "\u2014" or signer != name or raw[:4] != cosigner_key_id(name, pub):
+            continue
+        timestamp = int.from_bytes(raw[4:12], "big")
+        message = f"cosignature/v1\ntime {timestamp}\n{body}".encode()
+        ed25519.Ed25519PublicKey.from_public_bytes(pub).verify(raw[12:], message)
+        found.append(timestamp)
+    return found
+
+
+# ---- a witness process -----------------------------------------------------------------------
+
+
+class WitnessProcess:
+    def __init__(self, tmp: Path, name: str, logs: dict[str, str]) -> None:
+        self.name = name
+        self.dir = tmp / name.replace("/", "_")
+        self.dir.mkdir()
+        self.key = ed25519.Ed25519PrivateKey.generate()
+        self.pub = self.key.public_key().public_bytes(serialization.Encoding.Raw,
+                                                      serialization.PublicFormat.Raw)
+        key_file = self.dir / "witness.key"
+        key_file.write_bytes(self.key.private_bytes(serialization.Encoding.PEM,
+                                                    serialization.PrivateFormat.PKCS8,
+                                                    serialization.NoEncryption()))
+        key_file.chmod(0o600)
+        self.args = ["witness", "serve", "--key-file", key_file, "--name", name,
+                     "--listen", "127.0.0.1:0"]
+        for origin, vkey in logs.items():
+            self.args += ["--log", f"{origin}={vkey}"]
+        self.start()
+
+    def start(self) -> None:
+        self.run = Running.start(*self.args)
+        with self.run.cond:
+            self.run.cond.wait_for(lambda: len(self.run.stdout) >= 2
+                                   or self.run.proc.poll() is not None, timeout=60)
+        assert len(self.run.stdout) >= 2, "".join(self.run.raw)
+        listening, vkey = self.run.stdout[:2]
+        assert listening.startswith("listening on http://127.0.0.1:"), listening
+        self.url = listening.split()[-1]
+        assert vkey.startswith("verifier key: ")
+        self.vkey = vkey.split()[-1]
+        # The vkey is name + key id + base64(0x04 || key): what a CA configures.
+        assert self.vkey == (f"{self.name}+{cosigner_key_id(self.name, self.pub).hex()}+"
+                             + base64.b64encode(b"\x04" + self.pub).decode())
+
+    @property
+    def state(self) -> dict[str, int]:
+        doc = json.loads((self.dir / "witness-state.json").read_text())
+        return {origin: held["size"] for origin, held in doc["logs"].items()}
+
+    def add(self, old: int, hashes: list[bytes], checkpoint: str) -> tuple[int, str, str]:
+        body = f"old {old}\n" + "".join(base64.b64encode(h).decode() + "\n"
+                                         for h in hashes) + "\n" + checkpoint
+        request = urllib.request.Request(f"{self.url}/add-checkpoint", data=body.encode(),
+                                         method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as resp:
+                return resp.status, resp.headers.get_content_type(), resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.headers.get_content_type(), exc.read().decode()
+
+
+def test_witness_answers_as_c2sp_says_and_keeps_its_state(tmp_path: Path) -> None:
+    origin = "witness.test/audit"
+    log_key = ed25519.Ed25519PrivateKey.generate()
+    lines = [f'{{"seq":{i}}}'.encode() for i in range(40)]
+    forked = [*lines[:5], b'{"seq":5,"hidden":true}', *lines[6:]]
+
+    def cp(d: list[bytes], size: int, key: ed25519.Ed25519PrivateKey = log_key) -> str:
+        return sign_checkpoint(origin, size, mth(d[:size]), origin, key.public_key(), key.sign)
+
+    w = WitnessProcess(tmp_path, "witness.test/w1",
+                       {origin: verifier_key(origin, log_key.public_key())})
+    try:
+        status, _, body = w.add(0, [], cp(lines, 10))  # trusted on first use
+        assert status == 200, body
+        assert cosignatures_by(cp(lines, 10) + body, w.name, w.pub)
+        assert w.state == {origin: 10}
+
+        assert w.add(0, [], cp(lines, 20)) == (409, "text/x.tlog.size", "10\n")
+        assert w.add(12, proof(12, lines[:20]), cp(lines, 20))[:2] == (
+            409, "text/x.tlog.size")
+        status, ctype, _ = w.add(10, [], cp(forked, 10))  # same size, another root
+        assert status == 409 and ctype != "text/x.tlog.size"
+        assert w.add(10, proof(10, forked[:20]), cp(forked, 20))[0] == 422
+        assert w.add(10, proof(10, lines[:20])[1:], cp(lines, 20))[0] == 422
+        assert w.add(30, [], cp(lines, 20))[0] == 400  # old above the new size
+        assert w.add(10, [b"\x00" * 5], cp(lines, 20))[0] == 400
+        other = ed25519.Ed25519PrivateKey.generate()
+        assert w.add(10, proof(10, lines[:20]), cp(lines, 20, other))[0] == 403
+        stranger = sign_checkpoint("other.test/log", 3, mth(lines[:3]), "other.test/log",
+                                   other.public_key(), other.sign)
+        assert w.add(0, [], stranger)[0] == 404
+        assert w.state == {origin: 10}  # nothing refused moved it
+        assert len(w.run.events("refused")) == 4  # 409 root, 422 twice, 403: evidence
+
+        status, _, body = w.add(10, proof(10, lines[:20]), cp(lines, 20))
+        assert status == 200 and cosignatures_by(cp(lines, 20) + body, w.name, w.pub)
+        assert w.state == {origin: 20}
+        assert w.add(20, [], cp(lines, 20))[0] == 200  # the same tree again
+
+        # Durable: a restarted witness remembers what it cosigned.
+        assert w.run.stop() == 0
+        w.start()
+        assert w.add(0, [], cp(lines, 40)) == (409, "text/x.tlog.size", "20\n")
+        second = hsmca(*w.args, check=False)  # one process per state file
+        assert second.returncode == 1 and "in use by another witness" in second.stderr
+    finally:
+        w.run.stop()
+
+
+def test_daemon_feeds_two_witnesses_which_refuse_a_rewritten_re_signed_log(
+        tmp_path: Path) -> None:
+    ca = init_ca(tmp_path)
+    cfg = ca.state / "hsmca.toml"
+    origin = parse_checkpoint((ca.state / "audit" / "checkpoint").read_text()).origin
+    pem = (ca.state / "audit" / "audit_key.pem").read_bytes()
+    audit_pub = serialization.load_pem_public_key(pem)
+    assert isinstance(audit_pub, ed25519.Ed25519PublicKey)
+    log_vkey = verifier_key(origin, audit_pub)
+    witnesses = [WitnessProcess(tmp_path, f"w{i}.test/witness", {origin: log_vkey})
+                 for i in (1, 2)]
+    set_config(ca.state, "audit", "witnesses", [w.url for w in witnesses])
+    set_config(ca.state, "audit", "witness-keys", [w.vkey for w in witnesses])
+    daemons: list[Running] = []
+
+    def serve() -> tuple[Running, str]:
+        d = Running.start("serve", "--config", cfg, "--listen", "127.0.0.1:0")
+        daemons.append(d)
+        with d.cond:
+            d.cond.wait_for(lambda: d.stdout or d.proc.poll() is not None, timeout=90)
+        assert d.stdout and d.stdout[0].startswith("listening on "), "".join(d.raw)
+        return d, d.stdout[0].split()[-1]
+
+    try:
+        d, url = serve()
+        for w in witnesses:
+            w.run.wait("cosigned")  # the checkpoint signed at start
+        handle = Daemon(url, d.proc, ca.state, [])
+        asyncio.run(credential(handle, "service", "svc.witness.example", tmp_path / "svc"))
+        assert d.stop() == 0
+        final = (ca.state / "audit" / "checkpoint").read_text()
+        size = parse_checkpoint(final).size
+        for w in witnesses:  # the final checkpoint reached both before the daemon exited
+            assert w.state == {origin: size}
+        cosigned = (ca.state / "audit" / "checkpoint.cosigned").read_text()
+        assert cosigned.startswith(final)
+        for w in witnesses:
+            assert len(cosignatures_by(cosigned, w.name, w.pub)) == 1
+
+        # The attacker, root on the CA host, hides a line both witnesses have seen and
+        # signs a checkpoint over the result with the real key in the HSM.
+        log = ca.state / "audit" / "log.jsonl"
+        victim = next(i for i, line in enumerate(log.read_bytes().splitlines())
+                      if b'"svc.witness.example"' in line)
+        rewrite_line(log, victim, {"names": ["innocent.example"]})
+        (ca.state / "audit" / "checkpoint").unlink()
+        signer = subprocess.run([sys.executable, "-c", _ATTACKER_SIGNS, cfg], cwd=REPO,
+                                capture_output=True, text=True, timeout=60)
+        assert signer.returncode == 0, signer.stderr
+
+        d, url = serve()  # the daemon takes the forged log: it matches "its" checkpoint
+        for w in witnesses:
+            refused = w.run.wait("refused")
+            assert refused["status"] == 422 and refused["held"] == size, refused
+            assert w.state == {origin: size}  # still the honest checkpoint
+        refusals = d.wait("witness refused the checkpoint", count=2)
+        assert "does not extend" in refusals["reason"]
+        # What was cosigned stays published: the honest checkpoint.
+        assert (ca.state / "audit" / "checkpoint.cosigned").read_text() == cosigned
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+        for w in witnesses:
+            w.run.stop()
