@@ -30,8 +30,8 @@ from ca.audit.tiles import (
     tile_path,
 )
 from tests.conftest import Daemon, init_ca, start_daemon
-from tests.helpers import http
-from tests.test_audit_remote import _audit_key, credential, get, path, verify_inclusion
+from tests.helpers import enroll, http
+from tests.test_audit_remote import _audit_key, get, path, verify_inclusion
 
 # ---- paths and shapes ------------------------------------------------------------------
 
@@ -344,14 +344,14 @@ async def test_tiles_over_http_match_the_lines_and_prove_inclusion(tmp_path: Pat
     try:
         d = start_daemon(ca.state)
         daemons.append(d)
-        svc = await credential(d, "service", "svc.tiles.example", tmp_path / "svc")
+        svc = enroll(d, tmp_path, "service", ["svc.tiles.example"])
         while len(lines_of(log)) < 600:  # renewals: intent, outcome, and OCSP's
             await asyncio.gather(*(http("POST", f"{d.url}/v1/x509/renew", d.ssl(*svc),
                                         body={}) for _ in range(8)))
         assert daemons.pop().stop() == 0  # its final checkpoint covers all of them
         d = start_daemon(ca.state)
         daemons.append(d)
-        auditor = await credential(d, "auditor", "auditor@example.com", tmp_path / "aud")
+        auditor = enroll(d, tmp_path, "auditor", ["auditor@example.com"])
         status, ctype, raw = await get(d, "/v1/audit/checkpoint")
         assert status == 200 and ctype == "text/plain"
         key = _audit_key(ca.state)

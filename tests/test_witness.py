@@ -9,7 +9,6 @@ ca/audit/cosignature.py.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import json
@@ -24,11 +23,10 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from ca.audit.note import parse_checkpoint, sign_checkpoint, verifier_key
 from tests.conftest import Daemon, hsmca, init_ca, set_config
-from tests.helpers import Running
+from tests.helpers import Running, enroll
 from tests.test_audit_remote import (
     _ATTACKER_SIGNS,
     REPO,
-    credential,
     mth,
     proof,
     rewrite_line,
@@ -189,7 +187,7 @@ def test_daemon_feeds_two_witnesses_which_refuse_a_rewritten_re_signed_log(
         for w in witnesses:
             w.run.wait("cosigned")  # the checkpoint signed at start
         handle = Daemon(url, d.proc, ca.state, [])
-        asyncio.run(credential(handle, "service", "svc.witness.example", tmp_path / "svc"))
+        enroll(handle, tmp_path, "service", ["svc.witness.example"])
         assert d.stop() == 0
         final = (ca.state / "audit" / "checkpoint").read_text()
         size = parse_checkpoint(final).size
