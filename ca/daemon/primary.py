@@ -330,7 +330,11 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         await pool.stop()  # stop accepting; in-flight requests finish
         await _cancel(background)
         await pipeline.drain()
-        log.info("stopping: the last checkpoint")
+        log.info("stopping: the last checkpoints")
+        # Everything served is signed over before the stop is recorded, so that an
+        # auditor can tell a log cut back into the serving from one that merely lost
+        # the stop's own lines: a checkpoint cannot cover its own signing.
+        await checkpointer.checkpoint()
         await audit.append("daemon.stop", pid=os.getpid())
         await checkpointer.checkpoint()
         await witnessing.drain(WITNESS_DRAIN_S)  # the final checkpoint, if they answer soon
