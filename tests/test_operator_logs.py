@@ -89,3 +89,17 @@ async def test_refused_tls_handshakes_are_logged_with_the_reason(served: Daemon,
     assert status == 200
     assert b'hsmca_tls_handshakes_refused_total{reason="client certificate: unable to get ' \
         b'local issuer certificate"}' in raw
+
+
+async def test_a_torn_line_repaired_at_start_is_said_on_stderr(tmp_path: Path) -> None:
+    ca = init_ca(tmp_path)
+    with open(ca.state / "audit/log.jsonl", "ab") as fh:
+        fh.write(b'{"event":"hsm.sign","phase":"int')  # a crash mid-write
+    d = start_daemon(ca.state)
+    try:
+        said = [json.loads(line) for line in d.stderr if "torn final line" in line]
+        assert said and said[0]["cut_bytes"] == len(b'{"event":"hsm.sign","phase":"int')
+        audit = (ca.state / "audit/log.jsonl").read_bytes().splitlines()
+        assert json.loads(audit[said[0]["recorded_at_seq"]])["event"] == "log.recover"
+    finally:
+        assert d.stop() == 0

@@ -236,9 +236,13 @@ class AuditLog:
         if torn:
             os.ftruncate(fd, pos)
             os.fsync(fd)
-            audit.record("log.recover", {"cut_bytes": len(torn),
-                                         "cut_sha256": hashlib.sha256(torn).hexdigest(),
-                                         "reason": "torn final line"}).result()
+            seq = audit.record("log.recover", {"cut_bytes": len(torn),
+                                               "cut_sha256": hashlib.sha256(torn).hexdigest(),
+                                               "reason": "torn final line"}).result()
+            # An operator reads stderr, not the log: a repair at start must be seen.
+            log.warning("cut a torn final line off the audit log (a crash mid-write); "
+                        "the repair is recorded in the log", log=str(path),
+                        cut_bytes=len(torn), recorded_at_seq=seq)
         elif ends:
             with audit._write_lock:
                 audit._store_tiles()
