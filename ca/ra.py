@@ -626,7 +626,7 @@ def _local_cert(ctx: Context, who: Requester, req: LocalCertRequest) -> X509Orde
                  check_names=False)
 
 
-ROTATABLE = ("issuing", "ssh-user", "ssh-host")
+ROTATABLE = ("issuing", "ssh-user", "ssh-host", "audit")
 
 
 def _key(ctx: Context, who: Requester, req: KeyRequest) -> KeyOrder:

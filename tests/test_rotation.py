@@ -203,3 +203,61 @@ async def test_what_the_ra_refuses_about_keys(tmp_path: Path) -> None:
             assert r.status == 403
     finally:
         assert d.stop() == 0
+
+
+async def test_rotate_the_audit_key_and_verifiers_pinned_to_the_old_one_follow(
+        tmp_path: Path) -> None:
+    ca = init_ca(tmp_path)
+    old_key = tmp_path / "old_audit_key.pem"
+    old_key.write_bytes((ca.state / "audit/audit_key.pem").read_bytes())
+    d = start_daemon(ca.state)
+    remote_state, offline_state = tmp_path / "remote.state", tmp_path / "offline.state"
+
+    def remote() -> subprocess.CompletedProcess[str]:
+        return hsmca("audit", "verify", "--url", d.url, "--ca", d.root, "--client-cert",
+                     d.state / "admin/cert.pem", "--client-key", d.state / "admin/key.pem",
+                     "--key", old_key, "--state", remote_state, check=False)
+
+    async def settled() -> None:
+        """Issue something, then wait for a checkpoint that covers it."""
+        enroll(d, tmp_path, "service", [f"a{len(list(tmp_path.iterdir()))}.internal.example"])
+        size = len((ca.state / "audit/log.jsonl").read_bytes().splitlines())
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:
+            cp = (await http("GET", f"{d.url}/v1/audit/checkpoint", d.ssl()))[2].decode()
+            if int(cp.split("\n")[1]) >= size:
+                return
+            assert asyncio.get_running_loop().time() < deadline
+
+    try:
+        await settled()
+        assert remote().returncode == 0
+        listing = key_cmd(d, "list").stdout
+        old_label = re.search(r"^(\S+)\s+audit\s+active", listing, re.M).group(1)  # type: ignore[union-attr]
+        out = key_cmd(d, "rotate", "audit").stdout
+        assert "rotated audit" in out
+        await settled()  # a checkpoint signed by both, naming the new key
+        proc = remote()
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        key_cmd(d, "retire", old_label)
+        await settled()  # checkpoints of the new key alone
+        proc = remote()
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert json.loads(remote_state.read_text())["successors"]
+        assert (ca.state / "audit/audit_key.pem").read_bytes() != old_key.read_bytes()
+    finally:
+        assert d.stop() == 0
+    # Offline, pinned to the old key, the whole log verifies across the hand-over.
+    proc = hsmca("audit", "verify", "--log", ca.state / "audit/log.jsonl", "--key", old_key,
+                 "--state", offline_state, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # The daemon starts again on its rotated key, and its last checkpoint checks out.
+    d = start_daemon(ca.state)
+    try:
+        await settled()
+        assert remote().returncode == 0
+    finally:
+        assert d.stop() == 0
+    lines = [json.loads(x) for x in (ca.state / "audit/log.jsonl").read_bytes().splitlines()]
+    assert [x["kind"] for x in lines if x["event"] == "key.rotate"] == ["audit"]
+    assert any(x.get("co_signer") for x in lines if x.get("phase") == "intent")

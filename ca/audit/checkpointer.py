@@ -3,7 +3,14 @@
 At most once a second while the log grows, and every `heartbeat` seconds anyway so
 that silence is visible. A checkpoint is itself an HSM operation, so it is logged
 (intent with size and root, outcome carrying the signed note) and covered by the
-next one. The latest note is kept in `state-dir/audit/checkpoint` and handed to
+next one.
+
+While the audit key rotates (docs/keys.md), every checkpoint is signed by the keys
+still in use, the previous ones first and the active one last (one intent and
+outcome each; the last outcome carries the note), and names the active key in an
+extension line: a verifier pinned to a previous key learns from it to trust the new
+one. Once the previous key is retired, checkpoints carry the new key's signature
+alone. The latest note is kept in `state-dir/audit/checkpoint` and handed to
 the configured witnesses (ca/audit/witnessing.py), which refuse a checkpoint that
 does not extend theirs; signing never waits for them.
 """
@@ -13,13 +20,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from ca.audit.log import AuditLog
-from ca.audit.note import sign_checkpoint
+from ca.audit.note import NEXT_KEY, checkpoint_body, signed_note, verifier_key
 from ca.audit.witnessing import Witnessing
 from ca.fileutil import write_atomic
 from hsm.errors import AuditUnavailable, HSMError
@@ -31,11 +39,26 @@ if TYPE_CHECKING:
 log = structlog.get_logger("hsmca.checkpoint")
 
 
+def _fixed(key: KeyInfo) -> Keys:
+    async def keys() -> list[KeyInfo]:
+        return [key]
+    return keys
+
+
+Keys = Callable[[], Awaitable[list[KeyInfo]]]
+
+
 class Checkpointer:
-    def __init__(self, audit: AuditLog, hsm: SigningPipeline, key: KeyInfo, origin: str,
-                 path: Path, *, min_interval: float = 1.0, heartbeat: float = 60.0,
-                 witnesses: Witnessing | None = None) -> None:
-        self.audit, self.hsm, self.key, self.origin, self.path = audit, hsm, key, origin, path
+    def __init__(self, audit: AuditLog, hsm: SigningPipeline, keys: KeyInfo | Keys,
+                 origin: str, path: Path, *, min_interval: float = 1.0,
+                 heartbeat: float = 60.0, witnesses: Witnessing | None = None,
+                 on_handover: Callable[[KeyInfo], None] | None = None) -> None:
+        """`keys`: the audit key, or what gives the keys in use now (the active one
+        first); `on_handover` is called with the active key after each checkpoint that
+        named it (the daemon publishes it as the state directory's audit key)."""
+        self.audit, self.hsm, self.origin, self.path = audit, hsm, origin, path
+        self._keys: Keys = keys if callable(keys) else _fixed(keys)
+        self._on_handover = on_handover
         self.witnesses = witnesses
         self.min_interval, self.heartbeat = min_interval, heartbeat
         self._covered = -1  # log size at which nothing new needs a checkpoint
@@ -43,22 +66,36 @@ class Checkpointer:
         self.latest: str | None = path.read_text("utf-8") if path.exists() else None
 
     async def checkpoint(self, actor: str = "local") -> str:
+        active, *previous = await self._keys()
         size, root = self.audit.root()
-        key = self.key
-        text = await self.hsm.sign(
-            key.label,
-            lambda k: sign_checkpoint(self.origin, size, root, self.origin, k.public_key(),
-                                      k.sign),
-            purpose="checkpoint", actor=actor, hash_name=None,
-            details={"size": size, "root": base64.b64encode(root).decode()},
-            describe=lambda note: {"checkpoint": note})
+        handover = (f"{NEXT_KEY}{verifier_key(self.origin, active.public_key)}",) \
+            if previous else ()
+        body = checkpoint_body(self.origin, size, root, handover)
+        details = {"size": size, "root": base64.b64encode(root).decode()}
+        signatures: list[tuple[str, Any, bytes]] = []
+        for key in previous:  # each audited like any signature; the note comes last
+            sig = await self.hsm.sign(key.label, lambda k: k.sign(body.encode()),
+                                      purpose="checkpoint", actor=actor, hash_name=None,
+                                      details={**details, "co_signer": True})
+            signatures.append((self.origin, key.public_key, sig))
+
+        def note(k: Any) -> str:
+            return signed_note(body, [*signatures,
+                                      (self.origin, active.public_key, k.sign(body.encode()))])
+
+        text = await self.hsm.sign(active.label, note, purpose="checkpoint", actor=actor,
+                                   hash_name=None, details=details,
+                                   describe=lambda n: {"checkpoint": n})
         # Two fsyncs: off the event loop, which has requests in flight.
         await asyncio.to_thread(write_atomic, self.path, text)
         self.latest = text
         if self.witnesses:
             self.witnesses.submit(text, size)
-        self._covered = size + 2  # its own intent and outcome lines need no new checkpoint
+        # Its own intent and outcome lines need no new checkpoint.
+        self._covered = size + 2 * (1 + len(previous))
         self._last = time.monotonic()
+        if previous and self._on_handover is not None:
+            self._on_handover(active)
         return text
 
     async def run(self) -> None:

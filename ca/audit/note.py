@@ -64,6 +64,20 @@ class Checkpoint:
     root: bytes
     body: str
     signatures: tuple[NoteSignature, ...]
+    extensions: tuple[str, ...] = ()  # lines after the root (C2SP tlog-checkpoint)
+
+    def announced_key(self) -> str | None:
+        """The verifier key a rotation of the audit key names (docs/keys.md), if any."""
+        for line in self.extensions:
+            if line.startswith(NEXT_KEY):
+                return line[len(NEXT_KEY):]
+        return None
+
+
+# An extension line of the checkpoint with which the audit key rotates: the verifier key
+# of the key that takes over. The checkpoint is signed by the key in force and by that
+# key, which is how a verifier pinned to the first learns to trust the second.
+NEXT_KEY = "hsmca-audit-key "
 
 
 # ---- keys ---------------------------------------------------------------------------------
@@ -118,6 +132,26 @@ def sign_note(body: str, key_name: str, public_key: Ed25519PublicKey,
                         f"{key_name!r}: wrong key or faulty signer") from None
     blob = base64.b64encode(key_id(key_name, public_key) + sig).decode("ascii")
     return f"{body}\n{SIG_PREFIX}{key_name} {blob}\n"
+
+
+def signed_note(body: str, signatures: list[tuple[str, Ed25519PublicKey, bytes]]) -> str:
+    """`body` with one signature line per (key name, public key, signature), each
+    checked before it is written (a faulty signer publishes nothing)."""
+    _check_body(body)
+    message = body.encode("utf-8")
+    lines = []
+    for key_name, public_key, sig in signatures:
+        if not isinstance(sig, bytes) or len(sig) != ED25519_SIG_SIZE:
+            raise NoteError(f"a signature of {key_name!r} is not a {ED25519_SIG_SIZE}-byte "
+                            "Ed25519 signature")
+        try:
+            public_key.verify(sig, message)
+        except InvalidSignature:
+            raise NoteError(f"the signer's signature does not verify with the public key of "
+                            f"{key_name!r}: wrong key or faulty signer") from None
+        blob = base64.b64encode(key_id(key_name, public_key) + sig).decode("ascii")
+        lines.append(f"{SIG_PREFIX}{key_name} {blob}\n")
+    return f"{body}\n" + "".join(lines)
 
 
 def parse_note(text: str) -> Note:
@@ -201,15 +235,19 @@ def verify_note(text: str, key_name: str, public_key: Ed25519PublicKey) -> Note:
 # ---- checkpoints --------------------------------------------------------------------------
 
 
-def checkpoint_body(origin: str, size: int, root: bytes) -> str:
-    """The three-line checkpoint text: origin, decimal size, base64 root."""
+def checkpoint_body(origin: str, size: int, root: bytes, extensions: tuple[str, ...] = ()) -> str:
+    """The checkpoint text: origin, decimal size, base64 root, then extension lines."""
     if not isinstance(origin, str) or not origin or "\n" in origin or _CONTROL.search(origin):
         raise NoteError("the origin must be a non-empty single line without control characters")
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
         raise NoteError(f"the tree size must be a non-negative integer, not {size!r}")
     if not isinstance(root, bytes) or len(root) != ROOT_SIZE:
         raise NoteError(f"the root hash must be {ROOT_SIZE} bytes")
-    return f"{origin}\n{size}\n{base64.b64encode(root).decode('ascii')}\n"
+    for line in extensions:
+        if not line or "\n" in line or _CONTROL.search(line):
+            raise NoteError("an extension line must be a non-empty single line")
+    return f"{origin}\n{size}\n{base64.b64encode(root).decode('ascii')}\n" + "".join(
+        f"{line}\n" for line in extensions)
 
 
 def sign_checkpoint(origin: str, size: int, root: bytes, key_name: str,
@@ -222,10 +260,13 @@ def parse_checkpoint(text: str) -> Checkpoint:
     """Parse a checkpoint note strictly (signatures not verified: see verify_checkpoint)."""
     note = parse_note(text)
     lines = note.body[:-1].split("\n")
-    if len(lines) != 3:
-        raise NoteError(f"a checkpoint text has exactly 3 lines (origin, size, root), "
+    if len(lines) < 3:
+        raise NoteError(f"a checkpoint text has at least 3 lines (origin, size, root), "
                         f"this one has {len(lines)}")
-    origin, size_text, root_text = lines
+    origin, size_text, root_text = lines[:3]
+    extensions = tuple(lines[3:])
+    if any(not line for line in extensions):
+        raise NoteError("a checkpoint's extension lines must not be empty")
     if not origin:
         raise NoteError("the checkpoint origin line is empty")
     if len(size_text) > _MAX_SIZE_DIGITS or not _DECIMAL.fullmatch(size_text):
@@ -234,7 +275,7 @@ def parse_checkpoint(text: str) -> Checkpoint:
     root = _b64decode(root_text, "the checkpoint root")
     if len(root) != ROOT_SIZE:
         raise NoteError(f"the checkpoint root is {len(root)} bytes, not {ROOT_SIZE}")
-    return Checkpoint(origin, int(size_text), root, note.body, note.signatures)
+    return Checkpoint(origin, int(size_text), root, note.body, note.signatures, extensions)
 
 
 def verify_checkpoint(text: str, key_name: str, public_key: Ed25519PublicKey,

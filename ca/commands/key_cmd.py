@@ -12,7 +12,7 @@ from typing import Any
 
 from ca.errors import CLIError
 
-KINDS = ("issuing", "ssh-user", "ssh-host")
+KINDS = ("issuing", "ssh-user", "ssh-host", "audit")
 
 
 def _context(args: argparse.Namespace) -> tuple[str, Any]:

@@ -72,6 +72,7 @@ async def open_keyring(config: Config, store: Store, pipeline: SigningPipeline,
     issuers = await ring.refresh()
     if issuers.audit.key_type != "ed25519":
         raise ValueError("the audit key must be Ed25519 (C2SP signed notes)")
-    if load_pem_public_key(config.audit_key_pem.read_bytes()) != issuers.audit.public_key:
-        raise ValueError(f"{config.audit_key_pem} does not belong to the audit key in the HSM")
+    published = load_pem_public_key(config.audit_key_pem.read_bytes())
+    if all(published != k.public_key for k in (issuers.audit, *issuers.audit_previous)):
+        raise ValueError(f"{config.audit_key_pem} does not belong to an audit key in the HSM")
     return ring

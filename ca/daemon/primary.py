@@ -28,7 +28,11 @@ import time
 
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_pem_public_key,
+)
 
 from ca import __version__, metrics
 from ca.audit.checkpointer import Checkpointer
@@ -51,6 +55,7 @@ from ca.process import raise_fd_limit, settle_heap
 from ca.revocation.ocsp import OCSPRefresher, OCSPSigner
 from ca.server_cert import ensure_server_cert
 from ca.store.sqlite import SQLiteStore
+from hsm.session import KeyInfo
 
 log = structlog.get_logger("hsmca.daemon")
 START_TIMEOUT_S = 120.0
@@ -304,10 +309,21 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         # OCSP responses are signed ahead of time, by this process, off every request's
         # path: new certificates within a second, every live one before nextUpdate.
         background.append(asyncio.create_task(OCSPRefresher(OCSPSigner(issuance)).run()))
-        checkpointer = Checkpointer(audit, pipeline, keys.issuers.audit, config.audit_origin,
+
+        async def audit_keys() -> list[KeyInfo]:
+            issuers = await keys.refresh()  # a rotation in a worker shows here
+            return [issuers.audit, *issuers.audit_previous]
+
+        def handed_over(key: KeyInfo) -> None:
+            # The state directory's audit key is the one in force: what the next start
+            # checks the last checkpoint with, and what a new auditor pins.
+            write_atomic(config.audit_key_pem, key.public_key.public_bytes(
+                Encoding.PEM, PublicFormat.SubjectPublicKeyInfo), 0o644)
+
+        checkpointer = Checkpointer(audit, pipeline, audit_keys, config.audit_origin,
                                     config.checkpoint_path,
                                     heartbeat=config.checkpoint_heartbeat_s,
-                                    witnesses=witnessing)
+                                    witnesses=witnessing, on_handover=handed_over)
         # The daemon.start line gets a checkpoint before anyone can connect, so
         # /v1/audit/checkpoint always has one to serve.
         await checkpointer.checkpoint()

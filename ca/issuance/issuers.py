@@ -85,6 +85,8 @@ class Issuers:
     first_x509: str
     first_ssh: dict[str, str] = field(default_factory=dict)
     past: dict[str, x509.Certificate] = field(default_factory=dict)
+    # Audit keys rotated out but not retired: they co-sign checkpoints (docs/keys.md).
+    audit_previous: tuple[KeyInfo, ...] = ()
 
     def x509_issuer(self) -> str:
         return self.current_x509
@@ -171,8 +173,11 @@ def build(records: list[KeyRecord], infos: dict[str, KeyInfo]) -> Issuers:
                 ssh[r.label] = SSHIssuer(r.label, infos[r.label], cert_type)
         current_ssh[cert_type] = active(kind).label
     first = by_kind["issuing"][0].label
+    audit_previous = tuple(infos[r.label] for r in reversed(by_kind["audit"])
+                           if r.state == "previous")
     return Issuers(root, infos[root_record.label], x, active("issuing").label, ssh,
-                   current_ssh, infos[active("audit").label], first, first_ssh, past)
+                   current_ssh, infos[active("audit").label], first, first_ssh, past,
+                   audit_previous)
 
 
 def seed_records(keys: dict[str, KeyInfo], root: x509.Certificate,

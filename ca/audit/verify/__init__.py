@@ -46,7 +46,13 @@ from ca.audit.verify.checkpoint import LoggedCheckpoint, PinnedKey, SignedPrefix
 from ca.audit.verify.failure import Failure, Stage, earliest
 from ca.audit.verify.offline import VerifyResult, verify_log
 from ca.audit.verify.scan import LineCheck, check_lines
-from ca.audit.verify.state import AuditorState, load_state, save_state, state_origin
+from ca.audit.verify.state import (
+    AuditorState,
+    followed,
+    load_state,
+    save_state,
+    state_origin,
+)
 
 __all__ = [
     "AuditorState",
@@ -59,6 +65,7 @@ __all__ = [
     "VerifyResult",
     "check_lines",
     "earliest",
+    "followed",
     "load_state",
     "root_mismatch",
     "save_state",

@@ -16,22 +16,93 @@ from typing import Any, NamedTuple
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from ca.audit.cosignature import ALG_NOTE, parse_verifier_key
 from ca.audit.merkle import Growth, MerkleTree, TreeHead, growth
-from ca.audit.note import Checkpoint, NoteError, verify_checkpoint
+from ca.audit.note import NEXT_KEY, Checkpoint, NoteError, key_id, parse_checkpoint, verify_note
 from ca.audit.verify.failure import Failure, LineError, Stage, before
 
 
 class PinnedKey(NamedTuple):
     """What a checkpoint must be signed with: the auditor's pinned audit key, its name
-    in the signature lines, and the origin every checkpoint must carry (if given)."""
+    in the signature lines, and the origin every checkpoint must carry (if given).
+
+    The audit key rotates (docs/keys.md): a checkpoint signed by a trusted key that
+    names another key in an extension line, and is signed by that key too, makes it
+    trusted for the checkpoints after it. `successors` are those keys with the seq of
+    the line that introduced each; a checkpoint is checked with the keys trusted at
+    its seq (all of them for one from outside the log)."""
 
     public_key: Ed25519PublicKey
     name: str
     origin: str | None = None
+    successors: tuple[tuple[int, Ed25519PublicKey], ...] = ()
 
-    def verify(self, text: str) -> Checkpoint:
-        """The checkpoint in `text`, if its note verifies; else NoteError."""
-        return verify_checkpoint(text, self.name, self.public_key, self.origin)
+    def trusted(self, seq: int | None = None) -> list[Ed25519PublicKey]:
+        return [self.public_key] + [k for at, k in self.successors if seq is None or at < seq]
+
+    def verify(self, text: str, seq: int | None = None) -> Checkpoint:
+        """The checkpoint in `text` (logged at `seq`), if its note verifies with a key
+        trusted there, and with the key it announces if it announces one; else
+        NoteError."""
+        cp = parse_checkpoint(text)
+        signed_by = {(sig.name, sig.key_id) for sig in cp.signatures}
+        by = [k for k in self.trusted(seq) if (self.name, key_id(self.name, k)) in signed_by]
+        if not by:
+            raise NoteError(f"the note has no signature by {self.name!r} with a trusted key "
+                            f"(key id {key_id(self.name, self.public_key).hex()}"
+                            + (f" or one of {len(self.successors)} it handed over to"
+                               if self.successors else "") + ")")
+        for k in by:  # every line of a trusted key must verify
+            verify_note(text, self.name, k)
+        announced = cp.announced_key()
+        if announced is not None:
+            try:
+                named = parse_verifier_key(announced, ALG_NOTE)
+            except ValueError as exc:
+                raise NoteError(f"the key this checkpoint hands over to is malformed: "
+                                f"{exc}") from None
+            if named.name != self.name:
+                raise NoteError(f"the checkpoint hands over to a key named {named.name!r}, "
+                                f"not {self.name!r}")
+            verify_note(text, self.name, named.public_key)  # the new key signs its own arrival
+        if self.origin is not None and cp.origin != self.origin:
+            raise NoteError(f"the checkpoint origin is {cp.origin!r}, expected {self.origin!r}")
+        return cp
+
+    def follow(self, text: str, seq: int) -> PinnedKey:
+        """This key, trusting also the key the checkpoint at `seq` hands over to (which
+        must verify: NoteError otherwise)."""
+        cp = self.verify(text, seq)
+        announced = cp.announced_key()
+        if announced is None:
+            return self
+        new = parse_verifier_key(announced, ALG_NOTE).public_key
+        if any(new == k for k in self.trusted()):
+            return self
+        return self._replace(successors=(*self.successors, (seq, new)))
+
+    def discover(self, data: bytes, first: int = 0) -> PinnedKey:
+        """This key, following every hand-over logged in `data` (complete log lines from
+        seq `first`), in order. A hand-over that does not verify is left to the scan,
+        which reports it at its seq."""
+        key = self
+        marker = NEXT_KEY.encode()
+        at = data.find(marker)
+        while at >= 0:
+            start = data.rfind(b"\n", 0, at) + 1
+            end = data.find(b"\n", at)
+            end = len(data) if end < 0 else end
+            seq = first + data.count(b"\n", 0, start)
+            try:
+                obj = json.loads(data[start:end])
+                text = obj.get("checkpoint") if obj.get("event") == "hsm.sign" and \
+                    obj.get("result") == "ok" else None
+                if isinstance(text, str):
+                    key = key.follow(text, seq)
+            except (ValueError, NoteError, AttributeError):
+                pass
+            at = data.find(marker, end)
+        return key
 
 
 class LoggedCheckpoint(NamedTuple):
@@ -56,7 +127,7 @@ def check_logged(text: Any, seq: int, key: PinnedKey) -> LoggedCheckpoint:
     if type(text) is not str:
         raise LineError(Stage.CHECKPOINT, "the checkpoint field must be a string (a signed note)")
     try:
-        cp = key.verify(text)
+        cp = key.verify(text, seq)
     except NoteError as exc:
         raise LineError(Stage.CHECKPOINT, f"bad checkpoint: {exc}") from None
     if cp.size > seq:
@@ -104,22 +175,28 @@ def check_latest(text: str, key: PinnedKey) -> tuple[SignedPrefix | None, str | 
     return SignedPrefix(cp.size, cp.root, text), None
 
 
+MAX_SIGNERS = 2  # audit keys signing one checkpoint: two while the key rotates
+
+
 def closing_lines(tail: list[bytes], signed: int, checkpoints: list[LoggedCheckpoint]) -> bool:
     """Whether `tail`, the lines after the first `signed` (which the largest verified
-    checkpoint covers), are the lines with which a daemon ends its log: the intent and
-    outcome that signed that very checkpoint, then at most an ``hsm.logout``.
+    checkpoint covers), are the lines with which a daemon ends its log: the intents
+    and outcomes that signed that very checkpoint (one pair per audit key signing it:
+    two while the key rotates), then at most an ``hsm.logout``.
 
     No checkpoint can cover its own signing, and the daemon logs out of the HSM after
     its final checkpoint: a log that ends normally always ends with these lines.
     Anything else after `signed` is lines no checkpoint covers.
     """
-    if len(tail) not in (2, 3):
+    if len(tail) < 2 or len(tail) > 2 * MAX_SIGNERS + 1:
         return False
     objs = [json.loads(line) for line in tail]  # they passed the scan: JSON objects
-    intent, outcome, rest = objs[0], objs[1], objs[2:]
-    return (intent.get("event") == "hsm.sign" and intent.get("phase") == "intent"
-            and intent.get("purpose") == "checkpoint"
-            and outcome.get("event") == "hsm.sign" and outcome.get("phase") == "outcome"
-            and outcome.get("op_id") == intent.get("op_id")
-            and any(cp.seq == signed + 1 and cp.size == signed for cp in checkpoints)
+    rest = objs[2 * (len(objs) // 2):]
+    pairs = [(objs[i], objs[i + 1]) for i in range(0, len(objs) - len(rest), 2)]
+    return (all(intent.get("event") == "hsm.sign" and intent.get("phase") == "intent"
+                and intent.get("purpose") == "checkpoint"
+                and outcome.get("event") == "hsm.sign" and outcome.get("phase") == "outcome"
+                and outcome.get("op_id") == intent.get("op_id") for intent, outcome in pairs)
+            and any(cp.seq == signed + len(objs) - len(rest) - 1 and cp.size == signed
+                    for cp in checkpoints)
             and all(obj.get("event") == "hsm.logout" for obj in rest))

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ca.audit.line import GENESIS, chain_hash
 from ca.audit.merkle import MerkleTree, TreeHead
+from ca.audit.note import verifier_key
 from ca.audit.verify.checkpoint import (
     PinnedKey,
     SignedPrefix,
@@ -32,7 +33,7 @@ from ca.audit.verify.checkpoint import (
 from ca.audit.verify.failure import Failure, Stage, earliest
 from ca.audit.verify.pairing import pair, unexcused
 from ca.audit.verify.scan import Chunk, scan_all, tree
-from ca.audit.verify.state import AuditorState
+from ca.audit.verify.state import AuditorState, followed
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,11 @@ def verify_log(data: bytes, public_key: Ed25519PublicKey, key_name: str,
     if workers is None:
         workers = (os.cpu_count() or 1) if threading.active_count() == 1 else 1
     key = PinnedKey(public_key, key_name, origin)
+    if state is not None:
+        key = followed(state, key)
+    # The hand-overs of the audit key the log records, followed in log order (a bad
+    # one is not followed, and the scan names it).
+    key = key.discover(data)
     prior = AuditorState.parse(state, key) if state is not None else None
     was_enabled = gc.isenabled()
     gc.disable()  # millions of short-lived dicts; nothing here makes reference cycles
@@ -139,9 +145,13 @@ def _verify(data: bytes, key: PinnedKey, latest_text: str | None,
         # Every intent still open has a daemon.start after it (`_end_of_log` saw to it).
         still_open = {op: (seq, True) for op, seq in open_intents.items()}
         new_state = AuditorState(n, merkle.root(n), head, merkle.compact_range(n), best.text,
-                                 best, still_open).to_json()
+                                 best, still_open, _successors(key)).to_json()
     return VerifyResult(True, n, None, None, verified, new_state, signed, closing,
                         n - signed - closing)
+
+
+def _successors(key: PinnedKey) -> tuple[tuple[int, str], ...]:
+    return tuple((seq, verifier_key(key.name, k)) for seq, k in key.successors)
 
 
 def _end_of_log(n: int, tail: bytes, prior: AuditorState | None, latest: SignedPrefix | None,

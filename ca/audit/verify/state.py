@@ -31,9 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ca.audit.cosignature import ALG_NOTE, parse_verifier_key
 from ca.audit.line import GENESIS, chain_hash
 from ca.audit.merkle import EMPTY_ROOT, HASH_SIZE, CompactRange, TreeHead
-from ca.audit.note import NoteError, parse_checkpoint
+from ca.audit.note import NoteError, parse_checkpoint, verifier_key
 from ca.audit.verify.checkpoint import PinnedKey, SignedPrefix
 from ca.fileutil import write_atomic
 
@@ -52,6 +53,8 @@ class AuditorState:
     checkpoint: str  # the largest checkpoint verified ("" before the first)
     signed: SignedPrefix  # what `checkpoint` signs: its size is at most `size`
     open_intents: dict[str, tuple[int, bool]] = field(default_factory=dict)  # seq, restarted
+    # The audit keys the log handed over to, with the seq of each hand-over (docs/keys.md).
+    successors: tuple[tuple[int, str], ...] = ()
 
     @property
     def seen(self) -> TreeHead:
@@ -70,9 +73,17 @@ class AuditorState:
 
     @classmethod
     def parse(cls, raw: Any, key: PinnedKey) -> AuditorState:
-        """Check a loaded state file against the pinned key; ValueError if malformed."""
+        """Check a loaded state file against the pinned key (and the keys it handed over
+        to, as the state recorded them); ValueError if malformed."""
         if not isinstance(raw, dict):
             raise ValueError("state must be a JSON object")
+        key = followed(raw, key)
+        state = cls._parse(raw, key)
+        state.successors = _vkeys(key)
+        return state
+
+    @classmethod
+    def _parse(cls, raw: dict[str, Any], key: PinnedKey) -> AuditorState:
         version = raw.get("version", 1)
         if version == 1:
             return cls._parse_first_version(raw, key)
@@ -136,6 +147,7 @@ class AuditorState:
             "checkpoint": self.checkpoint,
             "open_intents": {op: {"seq": seq, "restarted": restarted}
                              for op, (seq, restarted) in sorted(self.open_intents.items())},
+            "successors": [{"seq": seq, "key": vkey} for seq, vkey in self.successors],
         }
 
 
@@ -161,6 +173,29 @@ def _frontier(hashes: Any, size: int, root: bytes) -> CompactRange:
         raise ValueError("the state's frontier does not give its root: the state file is "
                          "damaged")
     return frontier
+
+
+def followed(raw: Any, key: PinnedKey) -> PinnedKey:
+    """`key`, trusting the keys the log handed over to as a saved state records them
+    (each was checked when the hand-over was verified; the log still holds it)."""
+    items = raw.get("successors", []) if isinstance(raw, dict) else []
+    if not isinstance(items, list):
+        raise ValueError("state successors must be a list")
+    successors = list(key.successors)
+    for item in items:
+        seq = item.get("seq") if isinstance(item, dict) else None
+        text = item.get("key") if isinstance(item, dict) else None
+        if type(seq) is not int or seq < 0 or type(text) is not str:
+            raise ValueError("each state successor needs a seq and a verifier key")
+        try:
+            successors.append((seq, parse_verifier_key(text, ALG_NOTE).public_key))
+        except ValueError as exc:
+            raise ValueError(f"state successor at seq {seq}: {exc}") from None
+    return key._replace(successors=tuple(successors))
+
+
+def _vkeys(key: PinnedKey) -> tuple[tuple[int, str], ...]:
+    return tuple((seq, verifier_key(key.name, k)) for seq, k in key.successors)
 
 
 def _signed(text: Any, key: PinnedKey) -> SignedPrefix:
