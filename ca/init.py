@@ -98,10 +98,10 @@ async def run_init(opts: InitOptions) -> list[Path]:
             kt = "ed25519" if purpose == "audit" else opts.key_type
             keys[purpose] = await pipeline.generate_key(label, kt)
 
-        root = await _sign_cert(pipeline, keys["root"],
+        root = await sign_ca_cert(pipeline, keys["root"],
                                 prof.root_builder(keys["root"].public_key, "hsmca Root CA"),
                                 "root")
-        issuing = await _sign_cert(
+        issuing = await sign_ca_cert(
             pipeline, keys["root"],
             prof.intermediate_builder(keys["issuing"].public_key, "hsmca Issuing CA", root),
             "issuing")
@@ -178,9 +178,10 @@ def check_dns_name(name: str) -> None:
                         "certificate's common name)")
 
 
-async def _sign_cert(pipeline: SigningPipeline, key: KeyInfo,
+async def sign_ca_cert(pipeline: SigningPipeline, key: KeyInfo,
                      builder: x509.CertificateBuilder, what: str) -> x509.Certificate:
-    """A CA certificate (the ceremony: the operator decided it by running init)."""
+    """A CA certificate of a ceremony (the operator decided it by running init, or a
+    root rotation)."""
     details = _cert_details(builder)
     h = prof.hash_for(key.public_key)
     cert: x509.Certificate = await pipeline.sign(

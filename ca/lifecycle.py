@@ -27,6 +27,7 @@ from ca import ra
 from ca.fileutil import write_atomic
 from ca.generations import Generations
 from ca.issuance.issue import Issuance
+from ca.issuance.issuers import Issuers
 from ca.issuance.profiles import pem, utcnow
 from ca.policy import Reason, Refused
 from ca.store import KeyRecord, Store
@@ -114,15 +115,25 @@ class KeyLifecycle:
         counter moves, so a handshake that sees the move finds the new intermediate."""
         await write_bundle(self.bundle_path, self.store)
         self.generations.bump("keys")
-        await self.issuance.keys.refresh()
+        write_chain_files(self.bundle_path.parent, await self.issuance.keys.refresh())
+
+
+def write_chain_files(x509_dir: Path, issuers: Issuers) -> None:
+    """The state directory's issuing.pem and chain.pem: the issuer new certificates
+    come from, and its chain (what the daemon's own TLS certificate is served with)."""
+    current = issuers.current
+    write_atomic(x509_dir / "issuing.pem", pem(current.cert))
+    write_atomic(x509_dir / "chain.pem", current.chain_pem)
 
 
 async def write_bundle(path: Path, store: Store) -> None:
-    """Every issuing CA certificate ever made, newest first, then the root: what the
+    """Every issuing CA certificate ever made, newest first, then every root: what the
     TLS layer trusts for client certificates (destroyed keys' certificates included:
-    what they issued stays valid until it expires or is revoked)."""
+    what they issued stays valid until it expires or is revoked). Not the roots'
+    cross-certificates: among trust anchors, two roots of one name that certify each
+    other make a loop OpenSSL follows until the chain is too long."""
     records = await store.keys()
     issuing = [r.cert for r in reversed(records) if r.kind == "issuing" and r.cert]
-    roots = [r.cert for r in records if r.kind == "root" and r.state == "active" and r.cert]
+    roots = [r.cert for r in reversed(records) if r.kind == "root" and r.cert]
     write_atomic(path, "".join(pem(x509.load_der_x509_certificate(der))
                                for der in issuing + roots))

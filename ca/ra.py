@@ -635,8 +635,8 @@ def _key(ctx: Context, who: Requester, req: KeyRequest) -> KeyOrder:
     if req.action == "rotate":
         if req.kind == "root":
             raise Refused("the root is rotated offline, with the daemon stopped: a new root "
-                          "and its cross-certificates are a ceremony (docs/keys.md)",
-                          Reason.MALFORMED)
+                          "and its cross-certificates are a ceremony (hsmca key rotate-root "
+                          "--config FILE; docs/keys.md)", Reason.MALFORMED)
         if req.kind not in ROTATABLE:
             raise Refused(f"rotate one of {', '.join(ROTATABLE)}, not {req.kind!r}")
         return KeyOrder("rotate", req.kind, None, who.actor)

@@ -52,7 +52,8 @@ async def ensure_server_cert(config: Config, issuance: Issuance) -> bool:
     log.info("renewing the daemon's TLS certificate", reason=why)
     cert_pem, key_pem = await local_cert(issuance, config.policy, role="server",
                                          names=server_names(config.dns_name), days=TLS_DAYS)
-    chain = config.chain_pem.read_text()
+    # The issuer's chain as the inventory has it now (after a rotation, the new one).
+    chain = (await issuance.keys.refresh()).current.chain_pem
     # Key first: a crash between the writes leaves a mismatch, which the next start
     # notices and repairs (above), never a certificate for a key that is gone.
     write_atomic(config.tls_key, key_pem, 0o600)

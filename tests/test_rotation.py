@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
 
 from tests.conftest import Daemon, hsmca, init_ca, require, start_daemon
-from tests.helpers import audit_verify, enroll, http, log_lines
+from tests.helpers import audit_verify, enroll, http, log_lines, token_file
 from tests.test_revocation import request_for
 from tests.test_ssh_e2e import SSHD, ssh_login
 
@@ -261,3 +261,73 @@ async def test_rotate_the_audit_key_and_verifiers_pinned_to_the_old_one_follow(
     lines = [json.loads(x) for x in (ca.state / "audit/log.jsonl").read_bytes().splitlines()]
     assert [x["kind"] for x in lines if x["event"] == "key.rotate"] == ["audit"]
     assert any(x.get("co_signer") for x in lines if x.get("phase") == "intent")
+
+
+def pems(path: Path) -> list[x509.Certificate]:
+    return x509.load_pem_x509_certificates(path.read_bytes())
+
+
+async def test_rotate_the_root_offline_and_relying_parties_of_either_root_follow(
+        tmp_path: Path) -> None:
+    ca = init_ca(tmp_path)
+    config = ca.state / "hsmca.toml"
+    old_root = tmp_path / "old-root.pem"
+    old_root.write_bytes((ca.state / "x509/root.pem").read_bytes())
+    d = start_daemon(ca.state)
+    try:
+        old_cert, old_key = enroll(d, tmp_path, "service", ["old.internal.example"])
+        proc = key_cmd(d, "rotate", "root", check=False)
+        assert proc.returncode == 1 and "hsmca key rotate-root" in proc.stderr
+        # Beside a running daemon the ceremony cannot start: the log is locked.
+        proc = hsmca("key", "rotate-root", "--config", config, "--yes", check=False)
+        assert proc.returncode == 1 and "locked" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+    finally:
+        assert d.stop() == 0
+
+    out = hsmca("key", "rotate-root", "--config", config, "--yes").stdout
+    new_root = load(ca.state / "x509/root.pem")
+    assert new_root != load(old_root) and new_root.subject == load(old_root).subject
+    assert "hsmca key retire root-ca" in out
+    assert len(pems(ca.state / "x509/roots.pem")) == 2
+    assert len(pems(ca.state / "x509/cross.pem")) == 2
+    assert sum(label.startswith("root-ca") for label in token_labels(ca.state, ca.token)) == 2
+
+    d = start_daemon(ca.state)
+    try:
+        listing = key_cmd(d, "list").stdout
+        assert re.search(r"^root-ca-\S+\s+root\s+active", listing, re.M), listing
+        assert re.search(r"^root-ca\s+root\s+previous", listing, re.M), listing
+        # A relying party that still trusts only the old root enrolls: the daemon's
+        # chain carries the new root certified by the old one.
+        tok = token_file(d, tmp_path, "service", ["new.internal.example"])
+        out_dir = tmp_path / "new-cred"
+        hsmca("enroll", "--url", d.url, "--ca", old_root, "--token-file", tok, "--name",
+              "new.internal.example", "--out", out_dir)
+        new_cert, chain = out_dir / "cert.pem", out_dir / "chain.pem"
+        assert aki(load(new_cert)) != aki(load(old_cert))  # from the new issuing key
+        assert openssl_verify(old_root, chain, new_cert)
+        assert openssl_verify(ca.state / "x509/root.pem", chain, new_cert)
+        # What the old root anchors, a relying party of the new root alone accepts too.
+        joined = tmp_path / "old-issuing+cross.pem"
+        joined.write_bytes((old_cert.parent / "chain.pem").read_bytes().split(
+            b"-----END CERTIFICATE-----")[0] + b"-----END CERTIFICATE-----\n"
+            + (ca.state / "x509/cross.pem").read_bytes())
+        assert openssl_verify(ca.state / "x509/root.pem", joined, old_cert)
+        # The credential from before renews over mutual TLS, into the new chain.
+        hsmca("renew", "--url", d.url, "--ca", old_root, "--cert", old_cert, "--key", old_key)
+        assert aki(load(old_cert)) == aki(load(new_cert))
+        bundle = x509.load_pem_x509_certificates(
+            (await http("GET", f"{d.url}/v1/x509/bundle", d.ssl()))[2])
+        assert new_root in bundle and load(old_root) in bundle
+        # Once relying parties trust the new root: retire the old one, and chains end
+        # at the new root alone.
+        key_cmd(d, "retire", "root-ca")
+        served = x509.load_pem_x509_certificates(
+            (await http("GET", f"{d.url}/v1/x509/chain", d.ssl()))[2])
+        assert served[-1] == new_root and len(served) == 2
+    finally:
+        assert d.stop() == 0
+    events = [x["event"] for x in log_lines(ca.state)]
+    assert events.count("key.ceremony") == 2
+    assert audit_verify(ca.state).returncode == 0

@@ -13,6 +13,8 @@ from typing import Any
 from ca.errors import CLIError
 
 KINDS = ("issuing", "ssh-user", "ssh-host", "audit")
+ROOT_OFFLINE = ("the root is rotated offline, with the daemon stopped: hsmca key rotate-root "
+                "--config FILE (docs/keys.md)")
 
 
 def _context(args: argparse.Namespace) -> tuple[str, Any]:
@@ -46,7 +48,11 @@ def run(args: argparse.Namespace) -> int:
                   f"{k['signed']:>7}  {k['created_at']}")
             print(f"    {k['uri']}  sha256:{k['fingerprint']}")
         return 0
+    if action == "rotate-root":
+        return _rotate_root(args)
     if action == "rotate":
+        if args.kind == "root":
+            raise CLIError(ROOT_OFFLINE)
         out = _call(args, "POST", "/v1/keys/rotate", {"kind": args.kind}, expect=201)
         print(f"rotated {out['kind']}: {out['label']} is active, {out['previous']} is "
               "previous (it keeps signing CRLs and OCSP, or stays trusted for SSH, until "
@@ -66,6 +72,30 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError("not destroyed (confirm with yes, or pass --yes)")
     out = _call(args, "POST", "/v1/keys/destroy", {"label": args.label, "confirm": True})
     print(f"destroyed {out['label']} (C_DestroyObject; the audit log records it)")
+    return 0
+
+
+def _rotate_root(args: argparse.Namespace) -> int:
+    from ca.commands.client_cmd import _config
+    from ca.root_rotation import rotate_root
+    config = _config(args)
+    if not args.yes:
+        sys.stderr.write(
+            f"Make a new root for the CA in {config.state_dir}? Relying parties must be given "
+            "the new root (x509/root.pem) before you retire the old one. Type yes: ")
+        sys.stderr.flush()
+        if sys.stdin.readline().strip().lower() != "yes":
+            raise CLIError("no new root made (confirm with yes, or pass --yes)")
+    done = asyncio.run(rotate_root(config))
+    x509_dir = config.root_pem.parent
+    print(f"new root {done.root} (the active root; {done.previous} is previous), new issuing "
+          f"key {done.issuing}\n"
+          f"  {x509_dir / 'root.pem'}: the new root, for relying parties\n"
+          f"  {x509_dir / 'roots.pem'}: every root, to trust both during the overlap\n"
+          f"  {x509_dir / 'cross.pem'}: each root certified by the other\n"
+          f"Start the daemon: new certificates chain to the new root, served with the old "
+          f"root's certificate for it. Once every relying party trusts the new root: "
+          f"hsmca key retire {done.previous}")
     return 0
 
 
@@ -95,8 +125,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                         "the previous key keeps signing CRLs and OCSP for what it issued "
                         "(issuing), or stays trusted (SSH: /v1/ssh/ca lists both), until "
                         "retired. The root is rotated offline (docs/keys.md).")
-    r.add_argument("kind", choices=KINDS, help="which key")
+    r.add_argument("kind", choices=(*KINDS, "root"), help="which key (root: see rotate-root)")
     common(r)
+    rr = ksub.add_parser(
+        "rotate-root", help="a new root, with the daemon stopped (a ceremony)",
+        description="With the daemon stopped, on the CA host: generate a new root key in "
+        "the HSM, self-sign it under the old root's name, certify each root with the other "
+        "(RFC 4210 root key update), make a new issuing key under the new root, and record "
+        "it all in the inventory and the audit log. Relying parties that trust either root "
+        "accept what the CA issues next. docs/keys.md has the whole ceremony.")
+    rr.add_argument("--config", type=Path, default=Path("hsmca.toml"),
+                    help="the CA's config (default ./hsmca.toml)")
+    rr.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    rr.set_defaults(command_key="key")
     t = ksub.add_parser("retire", help="stop every use of a previous key",
                         description="A retired key signs nothing any more; the certificates "
                         "it issued stay trusted as client certificates until they expire or "

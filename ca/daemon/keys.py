@@ -35,10 +35,15 @@ class Keyring:
         return self.issuers
 
     async def _build(self) -> iss.Issuers:
-        records = await self.store.keys()
-        infos = {r.label: await self.pipeline.load_key(r.label) for r in records
-                 if r.state in ("active", "previous")}
-        return iss.build(records, infos)
+        return await load_issuers(self.store, self.pipeline)
+
+
+async def load_issuers(store: Store, pipeline: SigningPipeline) -> iss.Issuers:
+    """The issuers the inventory records, every key in use found in the token."""
+    records = await store.keys()
+    infos = {r.label: await pipeline.load_key(r.label) for r in records
+             if r.state in ("active", "previous")}
+    return iss.build(records, infos, await store.cross_certs())
 
 
 async def seed(config: Config, store: Store, pipeline: SigningPipeline) -> None:

@@ -9,13 +9,15 @@ An issuer is known by its key's label in the token.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 
 from ca.issuance import profiles as prof
-from ca.store.records import KeyRecord
+from ca.store.records import CrossCert, KeyRecord
 from hsm.session import KeyInfo
 
 
@@ -28,7 +30,10 @@ class X509Issuer:
     id: str
     key: KeyInfo
     cert: x509.Certificate
-    root: x509.Certificate
+    root: x509.Certificate  # the root that certified it
+    # While the root rotates (docs/keys.md): the new root certified by the previous one,
+    # then the previous root; a relying party that trusts either builds a path.
+    links: tuple[x509.Certificate, ...] = ()
 
     @property
     def hash(self) -> hashes.HashAlgorithm | None:
@@ -40,11 +45,11 @@ class X509Issuer:
 
     @property
     def chain(self) -> tuple[x509.Certificate, ...]:
-        return (self.cert, self.root)
+        return (self.cert, *self.links) if self.links else (self.cert, self.root)
 
     @property
     def chain_pem(self) -> str:
-        return prof.pem(self.cert) + prof.pem(self.root)
+        return "".join(prof.pem(c) for c in self.chain)
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,8 @@ class Issuers:
     past: dict[str, x509.Certificate] = field(default_factory=dict)
     # Audit keys rotated out but not retired: they co-sign checkpoints (docs/keys.md).
     audit_previous: tuple[KeyInfo, ...] = ()
+    # Every root ever made, the active one first (a rotation makes a second one).
+    roots: tuple[x509.Certificate, ...] = ()
 
     def x509_issuer(self) -> str:
         return self.current_x509
@@ -132,10 +139,11 @@ PURPOSES = {"root": "root", "issuing": "issuing", "ssh-user": "ssh_user",
             "ssh-host": "ssh_host", "audit": "audit"}
 
 
-def build(records: list[KeyRecord], infos: dict[str, KeyInfo]) -> Issuers:
+def build(records: list[KeyRecord], infos: dict[str, KeyInfo],
+          cross: Sequence[CrossCert] = ()) -> Issuers:
     """The issuers the key records say are in use, with the keys the token holds
-    (`infos`, by label, for every record that is neither retired nor destroyed);
-    refused if a certificate does not belong to its key."""
+    (`infos`, by label, for every record that is neither retired nor destroyed) and the
+    roots' cross-certificates; refused if a certificate does not belong to its key."""
     by_kind: dict[str, list[KeyRecord]] = {k: [] for k in KINDS}
     for r in records:
         by_kind.setdefault(r.kind, []).append(r)
@@ -158,9 +166,18 @@ def build(records: list[KeyRecord], infos: dict[str, KeyInfo]) -> Issuers:
         return cert
 
     root_record = active("root")
-    root = cert_of(root_record)
+    roots = {r.label: cert_of(r) for r in by_kind["root"]}
+    root = roots[root_record.label]
+    links = _links(root_record, by_kind["root"], roots, cross)
+
+    def issuer(r: KeyRecord) -> X509Issuer:
+        cert = cert_of(r)
+        own = _root_of(cert, roots) or root
+        return X509Issuer(r.label, infos[r.label], cert, own,
+                          links if own is root else ())
+
     signing = [r for r in by_kind["issuing"] if r.state in ("active", "previous")]
-    x = {r.label: X509Issuer(r.label, infos[r.label], cert_of(r), root) for r in signing}
+    x = {r.label: issuer(r) for r in signing}
     past = {r.label: cert_of(r) for r in by_kind["issuing"] if r.state in ("retired",
                                                                            "destroyed")}
     ssh: dict[str, SSHIssuer] = {}
@@ -177,7 +194,33 @@ def build(records: list[KeyRecord], infos: dict[str, KeyInfo]) -> Issuers:
                            if r.state == "previous")
     return Issuers(root, infos[root_record.label], x, active("issuing").label, ssh,
                    current_ssh, infos[active("audit").label], first, first_ssh, past,
-                   audit_previous)
+                   audit_previous,
+                   roots=(root, *(c for label, c in reversed(roots.items())
+                                  if label != root_record.label)))
+
+
+def _root_of(cert: x509.Certificate, roots: dict[str, x509.Certificate]
+             ) -> x509.Certificate | None:
+    """The root that signed `cert` (roots made by a rotation share their name: the
+    signature tells them apart)."""
+    for candidate in roots.values():
+        try:
+            cert.verify_directly_issued_by(candidate)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return candidate
+    return None
+
+
+def _links(active: KeyRecord, records: list[KeyRecord], roots: dict[str, x509.Certificate],
+           cross: Sequence[CrossCert]) -> tuple[x509.Certificate, ...]:
+    """What joins the active root to the newest previous root, while there is one: the
+    active root's certificate from that root, and that root."""
+    previous = [r.label for r in records if r.state == "previous"]
+    for c in reversed(cross):
+        if c.subject_label == active.label and c.issuer_label in previous:
+            return (x509.load_der_x509_certificate(c.der), roots[c.issuer_label])
+    return ()
 
 
 def seed_records(keys: dict[str, KeyInfo], root: x509.Certificate,

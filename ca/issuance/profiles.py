@@ -73,9 +73,10 @@ def name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def root_builder(public_key: object, common_name: str, days: int = 3650) -> x509.CertificateBuilder:
+def root_builder(public_key: object, common_name: str | x509.Name,
+                 days: int = 3650) -> x509.CertificateBuilder:
     now = utcnow()
-    subject = name(common_name)
+    subject = name(common_name) if isinstance(common_name, str) else common_name
     ski = x509.SubjectKeyIdentifier.from_public_key(public_key)  # type: ignore[arg-type]
     return (x509.CertificateBuilder()
             .subject_name(subject).issuer_name(subject)
@@ -86,6 +87,27 @@ def root_builder(public_key: object, common_name: str, days: int = 3650) -> x509
             .add_extension(_ca_key_usage(), critical=True)
             .add_extension(ski, critical=False)
             .add_extension(x509.AuthorityKeyIdentifier(ski.digest, None, None), critical=False))
+
+
+def cross_builder(public_key: object, issuer: x509.Certificate,
+                  not_after: dt.datetime | None = None) -> x509.CertificateBuilder:
+    """A root key certified by another root of the same name (RFC 4210 section 4.4, the
+    root key update's NewWithOld and OldWithNew certificates): self-issued, so it does
+    not count against the roots' path length, and told apart from the root of the same
+    name by its key identifiers."""
+    now = utcnow()
+    return (x509.CertificateBuilder()
+            .subject_name(issuer.subject).issuer_name(issuer.subject)
+            .public_key(public_key)  # type: ignore[arg-type]
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - BACKDATE)
+            .not_valid_after(min(not_after or issuer.not_valid_after_utc,
+                                 issuer.not_valid_after_utc))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+            .add_extension(_ca_key_usage(), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key),  # type: ignore[arg-type]
+                           critical=False)
+            .add_extension(aki(issuer), critical=False))
 
 
 def intermediate_builder(public_key: object, common_name: str, issuer: x509.Certificate,

@@ -232,10 +232,12 @@ async def chain(request: web.Request) -> web.Response:
 @routes.get("/v1/x509/bundle")
 async def bundle(request: web.Request) -> web.Response:
     """Every issuing CA certificate still anchoring a certificate, newest first (during
-    a rotation, the previous ones too), then the root."""
+    a rotation, the previous ones too), then every root, the active one first (not the
+    roots' cross-certificates: as trust anchors they make a loop; x509/cross.pem)."""
     issuers = await request.app[ISSUANCE].keys.refresh()
-    return web.Response(text="".join(pem(c) for c in issuers.intermediates()) + pem(
-        issuers.root), content_type="application/x-pem-file")
+    return web.Response(text="".join(pem(c) for c in [
+        *issuers.intermediates(), *(issuers.roots or (issuers.root,))]),
+        content_type="application/x-pem-file")
 
 
 # ---- EST (RFC 7030) ---------------------------------------------------------------------

@@ -24,6 +24,7 @@ from ca.store.records import (
     AcmeOrder,
     CertRecord,
     CRLRecord,
+    CrossCert,
     KeyRecord,
     NewCert,
     NewSSHCert,
@@ -36,8 +37,9 @@ from ca.store.records import (
 )
 
 __all__ = ["AcmeAccount", "AcmeAuthz", "AcmeCert", "AcmeChallenge", "AcmeEAB", "AcmeOrder",
-           "CRLRecord", "CertRecord", "KeyRecord", "NewCert", "NewSSHCert", "NewToken", "OCSPDue",
-           "OCSPRecord", "Revoked", "SSHSelector", "Store", "TokenRecord", "open_store"]
+           "CRLRecord", "CertRecord", "CrossCert", "KeyRecord", "NewCert", "NewSSHCert",
+           "NewToken", "OCSPDue", "OCSPRecord", "Revoked", "SSHSelector", "Store", "TokenRecord",
+           "open_store"]
 
 
 class Store(Protocol):
@@ -157,6 +159,12 @@ class Store(Protocol):
         ...
 
     async def signed_by(self) -> dict[str | None, int]: ...
+
+    async def cross_certs(self) -> list[CrossCert]:
+        """Every certificate one root key made for another, oldest first."""
+        ...
+
+    async def add_cross_certs(self, certs: Sequence[CrossCert]) -> None: ...
 
     # ---- ACME (RFC 8555): accounts, orders, authorizations, challenges -------------------
     # An ACME certificate itself goes in with `add_cert` (NewCert.acme_account and

@@ -114,6 +114,17 @@ class KeyRecord:
 
 
 @dataclass(frozen=True)
+class CrossCert:
+    """A certificate one root key made for another root key (docs/keys.md, the root):
+    with it, a relying party that trusts either root accepts what the other anchors."""
+
+    subject_label: str  # the root key it certifies
+    issuer_label: str  # the root key that signed it
+    der: bytes
+    made_at: str
+
+
+@dataclass(frozen=True)
 class Revoked:
     """What one revocation reached: the X.509 serials it revoked now, and how many SSH
     certificates issued on the strength of any of them went with them."""

@@ -31,6 +31,7 @@ from ca.store.records import (
     AcmeOrder,
     CertRecord,
     CRLRecord,
+    CrossCert,
     KeyRecord,
     NewCert,
     NewSSHCert,
@@ -210,6 +211,15 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX acme_rate_key ON acme_rate(kind, key, at);
     CREATE TABLE acme_secrets (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+    """,
+    # 5: the certificates the roots made for each other when the root was rotated.
+    """
+    CREATE TABLE cross_certs (
+        der BLOB PRIMARY KEY,
+        subject_label TEXT NOT NULL,      -- the root key it certifies
+        issuer_label TEXT NOT NULL,       -- the root key that signed it
+        made_at TEXT NOT NULL
+    );
     """,
 )
 
@@ -611,6 +621,18 @@ class SQLiteStore:
                            "cert_type = ?", (label, cert_type))
             db.execute("UPDATE crls SET issuer = ? WHERE issuer IS NULL", (x509_label,))
         await self._write(name)
+
+    async def cross_certs(self) -> list[CrossCert]:
+        return [CrossCert(*r) for r in self._read(
+            "SELECT subject_label, issuer_label, der, made_at FROM cross_certs "
+            "ORDER BY made_at, rowid")]
+
+    async def add_cross_certs(self, certs: Sequence[CrossCert]) -> None:
+        def insert(db: sqlite3.Connection) -> None:
+            db.executemany("INSERT INTO cross_certs (der, subject_label, issuer_label, made_at) "
+                           "VALUES (?,?,?,?) ON CONFLICT DO NOTHING",
+                           [(c.der, c.subject_label, c.issuer_label, c.made_at) for c in certs])
+        await self._write(insert)
 
     async def signed_by(self) -> dict[str | None, int]:
         """How many certificates each issuer label signed (None: before labels were kept)."""

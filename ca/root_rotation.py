@@ -1,0 +1,161 @@
+"""`hsmca key rotate-root`: a new root, with the daemon stopped (docs/keys.md, the root).
+
+A new root changes what every relying party trusts, so it is a ceremony the operator
+runs on the CA host, never an API call: a daemon that could mint a root on request is
+one whose compromise mints roots. It holds the audit log's lock, so it cannot run
+beside the daemon, and every step is in the log like init's:
+
+1. a new root key in the token (`hsm.keygen`), of the old root's type, and its
+   self-signed certificate, with the old root's name;
+2. the two certificates that join the roots (RFC 4210 section 4.4): the new key
+   certified by the old root (NewWithOld: a relying party that trusts only the old
+   root accepts what the new one anchors) and the old key by the new root
+   (OldWithNew: the other way round). Both roots have the same name, so these are
+   self-issued and do not count against the roots' path length of one;
+3. a new issuing key certified by the new root: certificates issued from the next
+   start chain to it, served with NewWithOld and the old root;
+4. the inventory: the new root and issuing keys active, the old ones previous (the old
+   issuing key keeps signing CRLs and OCSP for what it issued), the cross-certificates
+   recorded; the state directory's certificate files, a new TLS certificate for the
+   daemon, and a checkpoint over it all.
+
+Once every relying party trusts the new root, `hsmca key retire` the old root: chains
+end at the new root alone.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_pem_public_key,
+)
+
+from ca.audit.checkpointer import Checkpointer
+from ca.audit.log import AuditLog
+from ca.config import Config
+from ca.daemon.keys import load_issuers, seed
+from ca.fileutil import write_atomic
+from ca.init import sign_ca_cert
+from ca.issuance import issuers as iss
+from ca.issuance import profiles as prof
+from ca.issuance.issue import Issuance
+from ca.issuance.pipeline import SigningPipeline
+from ca.lifecycle import INTERMEDIATE_LIFETIME, write_bundle, write_chain_files
+from ca.local_certs import local_cert
+from ca.server_cert import TLS_DAYS, server_names
+from ca.store import CrossCert, KeyRecord, Store, open_store
+from hsm.session import KeyInfo
+
+
+@dataclass(frozen=True)
+class RootRotated:
+    root: str  # the new root key's label
+    previous: str
+    issuing: str  # the new issuing key's label
+    files: tuple[Path, ...]
+
+
+async def rotate_root(config: Config) -> RootRotated:
+    """Run the ceremony on `config`'s state directory; the daemon must be stopped
+    (AuditLogError naming the lock otherwise)."""
+    if config.softhsm_conf:
+        os.environ["SOFTHSM2_CONF"] = config.softhsm_conf
+    audit_key = load_pem_public_key(config.audit_key_pem.read_bytes())
+    if not isinstance(audit_key, Ed25519PublicKey):
+        raise ValueError(f"{config.audit_key_pem} is not an Ed25519 public key")
+    audit = AuditLog.open(config.audit_log, config.checkpoint_path, audit_key)
+    pipeline = SigningPipeline(config.hsm, audit)
+    store: Store | None = None
+    try:
+        pipeline.start()
+        store = open_store(config.db_path)
+        await seed(config, store, pipeline)
+        before = await load_issuers(store, pipeline)
+        await audit.append("key.ceremony", what="root rotation", phase="start",
+                           previous=before.root_key.label)
+        done = await _ceremony(config, store, pipeline, before)
+        await audit.append("key.ceremony", what="root rotation", phase="done",
+                           root=done.root, previous=done.previous, issuing=done.issuing,
+                           files=[str(p.relative_to(config.state_dir)) for p in done.files])
+        after = await load_issuers(store, pipeline)
+
+        def handed_over(key: KeyInfo) -> None:  # as the daemon does (docs/keys.md)
+            write_atomic(config.audit_key_pem, key.public_key.public_bytes(
+                Encoding.PEM, PublicFormat.SubjectPublicKeyInfo), 0o644)
+
+        async def audit_keys() -> list[KeyInfo]:
+            return [after.audit, *after.audit_previous]
+
+        await Checkpointer(audit, pipeline, audit_keys, config.audit_origin,
+                           config.checkpoint_path, on_handover=handed_over).checkpoint()
+        return done
+    finally:
+        if store is not None:
+            store.close()
+        pipeline.close()
+        audit.close()
+
+
+async def _ceremony(config: Config, store: Store, pipeline: SigningPipeline,
+                    before: iss.Issuers) -> RootRotated:
+    old_key, old_root = before.root_key, before.root
+    now = prof.utcnow()
+    suffix = f"{now:%Y%m%d%H%M%S}-{secrets.token_hex(2)}"
+    # Every signature first, every record after: a failure half-way leaves the
+    # inventory as it was (and the log says which keys were made).
+    new_key = await pipeline.generate_key(f"root-ca-{suffix}", old_key.key_type)
+    root = await sign_ca_cert(pipeline, new_key,
+                              prof.root_builder(new_key.public_key, old_root.subject), "root")
+    new_with_old = await sign_ca_cert(pipeline, old_key,
+                                      prof.cross_builder(new_key.public_key, old_root),
+                                      "cross: the new root, certified by the previous one")
+    old_with_new = await sign_ca_cert(pipeline, new_key,
+                                      prof.cross_builder(old_key.public_key, root,
+                                                         old_root.not_valid_after_utc),
+                                      "cross: the previous root, certified by the new one")
+    issuing_key = await pipeline.generate_key(f"issuing-ca-{suffix}",
+                                              before.current.key.key_type)
+    issuing = await sign_ca_cert(pipeline, new_key, prof.intermediate_builder(
+        issuing_key.public_key, f"hsmca Issuing CA issuing-ca-{suffix}", root,
+        days=INTERMEDIATE_LIFETIME.days), "issuing")
+
+    at = prof.utcnow().isoformat()
+
+    def record(info: KeyInfo, kind: str, cert: x509.Certificate) -> KeyRecord:
+        return KeyRecord(info.label, kind, "active", info.key_type, at, info.spki_sha256,
+                         info.uri, cert.public_bytes(Encoding.DER), at)
+
+    await store.rotate_key(record(new_key, "root", root))
+    await store.add_cross_certs([
+        CrossCert(new_key.label, old_key.label, new_with_old.public_bytes(Encoding.DER), at),
+        CrossCert(old_key.label, new_key.label, old_with_new.public_bytes(Encoding.DER), at)])
+    await store.rotate_key(record(issuing_key, "issuing", issuing))
+
+    after = await load_issuers(store, pipeline)
+    x509_dir = config.root_pem.parent
+    files = {config.root_pem: prof.pem(root),
+             x509_dir / "roots.pem": "".join(prof.pem(c) for c in after.roots),
+             x509_dir / "cross.pem": prof.pem(new_with_old) + prof.pem(old_with_new)}
+    for path, text in files.items():
+        write_atomic(path, text)
+    write_chain_files(x509_dir, after)
+    await write_bundle(config.bundle_pem, store)
+    # The daemon's TLS certificate from the new issuer, served with the chain that
+    # both roots' relying parties can follow.
+    issuance = Issuance(pipeline, store, iss.Fixed(after), None)
+    tls_pem, tls_key = await local_cert(issuance, config.policy, role="server",
+                                        names=server_names(config.dns_name), days=TLS_DAYS)
+    write_atomic(config.tls_key, tls_key, 0o600)
+    write_atomic(config.tls_cert, tls_pem + after.current.chain_pem)
+    written = [*files, x509_dir / "issuing.pem", x509_dir / "chain.pem", config.bundle_pem,
+               config.tls_cert, config.tls_key]
+    return RootRotated(new_key.label, old_key.label, issuing_key.label, tuple(written))
+
