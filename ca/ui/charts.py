@@ -13,7 +13,7 @@ from ca.ui.metrics import Latency
 
 # The kinds the issue names first, in this order; other X.509 roles follow.
 MAIN_KINDS = ("x509-service", "ssh-host", "ssh-user", "acme")
-PALETTE = 8  # CSS classes k0..k7
+PALETTE = 12  # CSS classes k0..k11
 
 
 def kind_label(kind: str) -> str:
@@ -61,14 +61,15 @@ class Chart:
     legend: list[tuple[str, str, int]] = field(default_factory=list)  # label, class, total
     label: str = ""  # what the chart shows, for screen readers
     empty: bool = False
+    latest_right: bool = False  # a time axis: narrow screens show its right (recent) end
 
 
 def _nice(top: float) -> float:
-    """The top of a count axis with four whole steps of 1, 2 or 5 times a power of ten,
-    the smallest that reaches `top`."""
+    """The top of a count axis in four equal whole steps (1, 2, 3, 4, 5, 6 or 8 times a
+    power of ten), the smallest that reaches `top`."""
     need = max(top, 1) / 4
     power = 10 ** max(0, math.floor(math.log10(need)))
-    for step in (1, 2, 5, 10):
+    for step in (1, 2, 3, 4, 5, 6, 8, 10):
         if step * power >= need:
             return float(4 * step * power)
     return float(40 * power)
@@ -109,6 +110,7 @@ def issuance(counts: list[tuple[str, str, int]], since: dt.datetime, hours: int)
         c.yticks.append(Tick(round(c.bottom - plot_h * j / 4, 2), label))
     c.legend = [(kind_label(k), classes[k], totals[k]) for k in kinds]
     c.empty = not counts
+    c.latest_right = True
     return c
 
 
