@@ -86,6 +86,8 @@ class Verdict:
         if self.status == "failed":
             where = f" at seq {self.bad_seq}" if self.bad_seq is not None else ""
             return f"FAILED{where}: {self.reason}"
+        if self.status == "ok" and self.tree is not None and self.tree.size == 0:
+            return "verified: the log has no line yet"
         if self.status == "ok" and self.tree is not None:
             k = self.witnessed.count
             size = self.checkpoint.size if self.checkpoint else 0
