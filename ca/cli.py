@@ -27,6 +27,8 @@ EPILOG = r"""examples:
   hsmca audit verify --log var/ca/audit/log.jsonl --key var/ca/audit/audit_key.pem
   hsmca audit verify --url https://ca.example:8443 --ca root.pem --client-cert a/cert.pem \
       --client-key a/key.pem --key audit_key.pem --state audit-state.json
+  hsmca ui --url https://ca.example:8443 --ca root.pem --cert a/cert.pem --key a/key.pem \
+      --audit-key audit_key.pem --state audit-state.json --listen 127.0.0.1:8480
 
 Run `hsmca COMMAND --help` for the flags of one command.
 """
@@ -39,6 +41,7 @@ COMMANDS = {
     "enroll": "client_cmd:enroll", "renew": "client_cmd:renew", "revoke": "client_cmd:revoke",
     "ssh-host": "ssh_cmd:host", "ssh-user": "ssh_cmd:user", "key": "key_cmd:run",
     "acme-eab-create": "acme_cmd:eab_create", "witness-serve": "witness_cmd:serve",
+    "ui": "ui_cmd:run",
 }
 
 
@@ -143,8 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     _remote_flags(s, key_alias=True)
     s.set_defaults(command_key="audit-show")
 
-    from ca.commands import witness_cmd
+    from ca.commands import ui_cmd, witness_cmd
     witness_cmd.add_parsers(sub)
+    ui_cmd.add_parsers(sub)
     return p
 
 

@@ -47,6 +47,11 @@ class _HSMSigner:
     def info(self) -> KeyInfo:
         return self._info
 
+    @property
+    def intent_seq(self) -> int:
+        """The seq of the intent line this signer signs for."""
+        return self._intent
+
     def _sign(self, scheme: Scheme, message: bytes) -> bytes:
         sig = self._hsm.sign(self._info.label, scheme, message, self._intent)
         self.signed.append(Signed(hashlib.sha256(message).hexdigest(),

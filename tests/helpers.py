@@ -9,6 +9,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 import socket
 import ssl
 import subprocess
@@ -69,7 +70,8 @@ def token_file(d: Daemon, tmp: Path, role: str, names: list[str],
 
 
 def _secret_file(tmp: Path, role: str, names: list[str], token: str) -> Path:
-    path = tmp / f"{role}-{names[0].replace('@', '_')}-{next(_n)}.token"
+    safe = re.sub(r"[^A-Za-z0-9.-]", "_", names[0])  # a name may hold '/' (<script>...)
+    path = tmp / f"{role}-{safe}-{next(_n)}.token"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(token + "\n")

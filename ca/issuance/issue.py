@@ -27,6 +27,7 @@ from ca.ra import CRLOrder, IntermediateOrder, SSHOrder, X509Order
 from ca.store import NewCert, NewSSHCert, Store
 from ca.subject import spki_sha256
 from ca.x509_reasons import REASON_FLAGS
+from hsm.signers import HSMKey
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,11 @@ class Issuance:
         issued_at = prof.utcnow().isoformat()
         h = issuer.hash
         kept: list[tuple[bytes, str]] = []  # (DER, fingerprint): describe() runs first
+        intents: list[int] = []  # the intent's seq, kept in the inventory for auditors
+
+        def sign(key: HSMKey) -> x509.Certificate:
+            intents.append(key.intent_seq)
+            return builder.sign(key, h)
 
         def describe(cert: x509.Certificate) -> dict[str, str]:
             der = cert.public_bytes(serialization.Encoding.DER)
@@ -103,11 +109,11 @@ class Issuance:
                 not_before=order.not_before.isoformat(), not_after=order.not_after.isoformat(),
                 issued_at=issued_at, der=der, issuer=issuer.id, token_id=order.token_id,
                 renewed_from=order.renewed_from, acme_account=order.acme_account,
-                acme_order=order.acme_order))
+                acme_order=order.acme_order, audit_seq=intents[0]))
 
         job = SigningJob(
             issuer.key.label, "tls" if order.role == "server" else "x509", order.actor,
-            lambda k: builder.sign(k, h), request_id=request_id, hash_name=issuer.hash_name,
+            sign, request_id=request_id, hash_name=issuer.hash_name,
             details={"serial": serial_hex, "role": order.role, "names": flat,
                      **({"acme_account": order.acme_account, "acme_order": order.acme_order}
                         if order.acme_order else {}),

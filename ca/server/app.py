@@ -39,6 +39,7 @@ from ca.server.common import (
     TokenLimit,
     identity,
 )
+from ca.server.inventory_routes import routes as inventory_routes
 from ca.server.key_routes import routes as key_routes
 from ca.server.problems import Handler, Problem, problem_middleware
 from ca.server.ssh_routes import routes as ssh_routes
@@ -144,7 +145,7 @@ def build_app(*, gate: Gate, tokens: Tokens, issuance: Issuance, revocations: Re
     app[AUDIT], app[LIMIT], app[HSM_HEALTH], app[STORE] = audit, limit, hsm, store
     app[SETTINGS], app[LIFECYCLE] = settings, lifecycle
     app[METRICS] = metrics or Metrics()
-    for table in (routes, x509_routes, ssh_routes, audit_routes, key_routes):
+    for table in (routes, x509_routes, ssh_routes, audit_routes, key_routes, inventory_routes):
         app.add_routes(table)
     if acme is not None:  # ACME is on whenever the config has an [acme] section
         from ca.acme.server import install

@@ -22,9 +22,13 @@ from ca.store.records import (
     AcmeChallenge,
     AcmeEAB,
     AcmeOrder,
+    CertPage,
+    CertQuery,
     CertRecord,
     CRLRecord,
     CrossCert,
+    IssuanceCount,
+    IssuedCert,
     KeyRecord,
     NewCert,
     NewSSHCert,
@@ -37,9 +41,9 @@ from ca.store.records import (
 )
 
 __all__ = ["AcmeAccount", "AcmeAuthz", "AcmeCert", "AcmeChallenge", "AcmeEAB", "AcmeOrder",
-           "CRLRecord", "CertRecord", "CrossCert", "KeyRecord", "NewCert", "NewSSHCert",
-           "NewToken", "OCSPDue", "OCSPRecord", "Revoked", "SSHSelector", "Store", "TokenRecord",
-           "open_store"]
+           "CRLRecord", "CertPage", "CertQuery", "CertRecord", "CrossCert", "IssuanceCount",
+           "IssuedCert", "KeyRecord", "NewCert", "NewSSHCert", "NewToken", "OCSPDue",
+           "OCSPRecord", "Revoked", "SSHSelector", "Store", "TokenRecord", "open_store"]
 
 
 class Store(Protocol):
@@ -90,6 +94,29 @@ class Store(Protocol):
                            reason: str | None) -> Revoked:
         """Revoke those of `serials` that are not revoked yet, and every SSH certificate
         issued on the strength of any of them, in one transaction."""
+        ...
+
+    # ---- reading the inventory (auditors and operators: the read API, `hsmca ui`) -------
+    # The records these return carry issued_at, audit_seq and acme_order.
+
+    async def find_certs(self, query: CertQuery, now: dt.datetime,
+                         soon: dt.datetime) -> CertPage:
+        """The X.509 certificates `query` matches, one page of them, as of `now`; those
+        live but ending before `soon` are "expiring" (see CertQuery)."""
+        ...
+
+    async def issued_cert(self, serial: int) -> IssuedCert | None:
+        """A certificate's record and DER."""
+        ...
+
+    async def renewal_family(self, serial: int) -> list[CertRecord]:
+        """Every certificate connected to `serial` by renewals (its predecessors, its
+        successors, theirs), `serial` included, whatever their state, oldest first."""
+        ...
+
+    async def issuance_counts(self, since: dt.datetime, until: dt.datetime
+                              ) -> list[IssuanceCount]:
+        """Certificates issued in [since, until), X.509 and SSH, by kind and hour."""
         ...
 
     # ---- SSH certificates ----------------------------------------------------------------

@@ -20,6 +20,10 @@ class CertRecord:
     reason: str | None
     issuer: str | None = None  # key label of its issuer; None: the first issuing key
     renewed_from: str | None = None  # hex serial of the certificate it renewed
+    # Filled by the inventory reads (`find_certs`, `issued_cert`, `renewal_family`) only:
+    issued_at: str | None = None
+    audit_seq: int | None = None  # the seq of its hsm.sign intent line; None: not recorded
+    acme_order: str | None = None  # the ACME order it was issued to, if any
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,62 @@ class NewCert:
     # ACME: the account and order it is issued to; the order turns valid with this row.
     acme_account: str | None = None
     acme_order: str | None = None
+    audit_seq: int | None = None  # the seq of its hsm.sign intent line
+
+
+CERT_STATUSES = ("valid", "expiring", "expired", "revoked")
+CERT_SORTS = ("issued", "expires", "serial", "subject", "role")
+
+
+@dataclass(frozen=True)
+class CertQuery:
+    """A search of the X.509 inventory, for auditors and operators (`find_certs`).
+
+    `text` matches a certificate whose names, principals or subject contain it (ASCII
+    case-insensitive), whose hex serial starts with it (colons and leading zeros
+    ignored), or whose role is exactly it. `status` is one of CERT_STATUSES, each
+    disjoint from the others: revoked; expired (not revoked, past not_after);
+    expiring (live, ending before the `soon` given to the search); valid (live after
+    that). `kind` is "acme" (issued through ACME) or "x509" (the others). Sorted by
+    one of CERT_SORTS, ties broken by serial."""
+
+    text: str | None = None
+    status: str | None = None
+    role: str | None = None
+    kind: str | None = None
+    sort: str = "issued"
+    descending: bool = True
+    limit: int = 50
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class CertPage:
+    """One page of a search: how many certificates match in all, and this page's."""
+
+    total: int
+    certs: tuple[CertRecord, ...]
+
+
+@dataclass(frozen=True)
+class IssuedCert:
+    """A certificate of the inventory with its DER."""
+
+    record: CertRecord
+    der: bytes
+
+
+@dataclass(frozen=True)
+class IssuanceCount:
+    """How many certificates of a kind were issued in one hour (UTC).
+
+    kind: "x509-<role>" for an X.509 certificate not issued through ACME, "acme",
+    "ssh-host" or "ssh-user"; hour: "YYYY-MM-DDTHH", the first 13 characters of
+    the ISO 8601 issuance times the inventory keeps."""
+
+    kind: str
+    hour: str
+    count: int
 
 
 @dataclass(frozen=True)

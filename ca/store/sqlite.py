@@ -29,9 +29,13 @@ from ca.store.records import (
     AcmeChallenge,
     AcmeEAB,
     AcmeOrder,
+    CertPage,
+    CertQuery,
     CertRecord,
     CRLRecord,
     CrossCert,
+    IssuanceCount,
+    IssuedCert,
     KeyRecord,
     NewCert,
     NewSSHCert,
@@ -212,7 +216,15 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX acme_rate_key ON acme_rate(kind, key, at);
     CREATE TABLE acme_secrets (name TEXT PRIMARY KEY, value BLOB NOT NULL);
     """,
-    # 5: the certificates the roots made for each other when the root was rotated.
+    # 5: reading the inventory (auditors, `hsmca ui`): where each certificate's intent is
+    # in the audit log, and indexes for counts by hour and searches by expiry.
+    """
+    ALTER TABLE certs ADD COLUMN audit_seq INTEGER;  -- seq of its hsm.sign intent line
+    CREATE INDEX certs_issued_at ON certs(issued_at);
+    CREATE INDEX certs_not_after ON certs(not_after);
+    CREATE INDEX ssh_certs_issued_at ON ssh_certs(issued_at);
+    """,
+    # 6: the certificates the roots made for each other when the root was rotated.
     """
     CREATE TABLE cross_certs (
         der BLOB PRIMARY KEY,
@@ -230,6 +242,67 @@ _CERT_COLS = ("serial, fingerprint, role, subject, names, principals, spki_sha25
 def _cert(r: tuple[Any, ...]) -> CertRecord:
     return CertRecord(r[0], r[1], r[2], r[3], tuple(json.loads(r[4])), tuple(json.loads(r[5])),
                       r[6], r[7], r[8], r[9], r[10], r[11], r[12])
+
+
+# The inventory reads: the columns above (of `certs c`), then issued_at, audit_seq and the
+# ACME order (of `acme_certs a`, joined).
+_READ_COLS = ", ".join(f"c.{c.strip()}" for c in _CERT_COLS.split(",")) + (
+    ", c.issued_at, c.audit_seq, a.order_id")
+_READ_FROM = "certs c LEFT JOIN acme_certs a ON a.serial = c.serial"
+_SORTS = {"issued": "c.issued_at", "expires": "c.not_after", "subject": "c.subject",
+          "role": "c.role", "serial": "length(c.serial), c.serial"}
+
+
+def _read_cert(r: tuple[Any, ...]) -> CertRecord:
+    return CertRecord(r[0], r[1], r[2], r[3], tuple(json.loads(r[4])), tuple(json.loads(r[5])),
+                      r[6], r[7], r[8], r[9], r[10], r[11], r[12], r[13], r[14], r[15])
+
+
+def _like(text: str) -> str:
+    """A LIKE pattern (ESCAPE '\\') for values containing `text`."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+def _cert_filter(query: CertQuery, now: str, soon: str) -> tuple[str, list[Any]]:
+    """The WHERE clause of a CertQuery, and its arguments (dialect-neutral SQL)."""
+    where: list[str] = []
+    args: list[Any] = []
+    text = (query.text or "").strip()
+    if text:
+        # Names and principals are JSON lists: match the text as JSON writes it.
+        pattern = _like(json.dumps(text.lower())[1:-1])
+        alts = ["lower(c.names) LIKE ? ESCAPE '\\'", "lower(c.principals) LIKE ? ESCAPE '\\'",
+                "lower(c.subject) LIKE ? ESCAPE '\\'", "c.role = ?"]
+        args += [pattern, pattern, _like(text.lower()), text]
+        serial = text.lower().replace(":", "").replace(" ", "").lstrip("0")
+        if serial and all(ch in "0123456789abcdef" for ch in serial):
+            alts.append("c.serial LIKE ?")
+            args.append(serial + "%")
+        where.append("(" + " OR ".join(alts) + ")")
+    if query.status == "revoked":
+        where.append("c.revoked_at IS NOT NULL")
+    elif query.status == "expired":
+        where.append("c.revoked_at IS NULL AND c.not_after <= ?")
+        args.append(now)
+    elif query.status == "expiring":
+        where.append("c.revoked_at IS NULL AND c.not_after > ? AND c.not_after <= ?")
+        args += [now, soon]
+    elif query.status == "valid":
+        where.append("c.revoked_at IS NULL AND c.not_after > ?")
+        args.append(soon)
+    elif query.status is not None:
+        raise ValueError(f"unknown certificate status {query.status!r}")
+    if query.role:
+        where.append("c.role = ?")
+        args.append(query.role)
+    if query.kind == "acme":
+        where.append("a.serial IS NOT NULL")
+    elif query.kind == "x509":
+        where.append("a.serial IS NULL")
+    elif query.kind is not None:
+        raise ValueError(f"unknown certificate kind {query.kind!r}")
+    return (" WHERE " + " AND ".join(where)) if where else "", args
 
 
 def _where(which: SSHSelector) -> tuple[str, str]:
@@ -415,12 +488,12 @@ class SQLiteStore:
             serial = format(cert.serial, "x")
             db.execute(
                 "INSERT INTO certs (serial, fingerprint, role, subject, names, principals, "
-                "spki_sha256, not_before, not_after, issued_at, der, issuer, renewed_from) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "spki_sha256, not_before, not_after, issued_at, der, issuer, renewed_from, "
+                "audit_seq) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (serial, cert.fingerprint, cert.role, cert.subject,
                  json.dumps(list(cert.names)), json.dumps(list(cert.principals)),
                  cert.spki_sha256, cert.not_before, cert.not_after, cert.issued_at, cert.der,
-                 cert.issuer, cert.renewed_from))
+                 cert.issuer, cert.renewed_from, cert.audit_seq))
             if cert.token_id is not None:
                 db.execute("UPDATE tokens SET used_serial = ? WHERE id = ?",
                            (serial, cert.token_id))
@@ -482,6 +555,48 @@ class SQLiteStore:
                                   "AND revoked_at IS NULL", (at.isoformat(), h)).rowcount
             return Revoked(tuple(done), ssh)
         return await self._write(mark)
+
+    # ---- reading the inventory --------------------------------------------------------------
+
+    async def find_certs(self, query: CertQuery, now: dt.datetime,
+                         soon: dt.datetime) -> CertPage:
+        if query.sort not in _SORTS:
+            raise ValueError(f"unknown sort {query.sort!r}")
+        where, args = _cert_filter(query, now.isoformat(), soon.isoformat())
+        order = " DESC" if query.descending else ""
+        columns = ", ".join(f"{c}{order}" for c in _SORTS[query.sort].split(", "))
+        tie = "" if query.sort == "serial" else f", length(c.serial){order}, c.serial{order}"
+        total = int(self._read(f"SELECT COUNT(*) FROM {_READ_FROM}{where}", tuple(args))[0][0])
+        rows = self._read(f"SELECT {_READ_COLS} FROM {_READ_FROM}{where} ORDER BY {columns}{tie} "
+                          "LIMIT ? OFFSET ?", (*args, query.limit, query.offset))
+        return CertPage(total, tuple(_read_cert(r) for r in rows))
+
+    async def issued_cert(self, serial: int) -> IssuedCert | None:
+        rows = self._read(f"SELECT {_READ_COLS}, c.der FROM {_READ_FROM} WHERE c.serial = ?",
+                          (format(serial, "x"),))
+        return IssuedCert(_read_cert(rows[0]), bytes(rows[0][-1])) if rows else None
+
+    async def renewal_family(self, serial: int) -> list[CertRecord]:
+        rows = self._read(
+            "WITH RECURSIVE family(serial) AS (SELECT ? UNION "
+            "SELECT c.renewed_from FROM certs c JOIN family f ON c.serial = f.serial "
+            "WHERE c.renewed_from IS NOT NULL UNION "
+            "SELECT c.serial FROM certs c JOIN family f ON c.renewed_from = f.serial) "
+            f"SELECT {_READ_COLS} FROM {_READ_FROM} JOIN family f ON c.serial = f.serial "
+            "ORDER BY c.issued_at, length(c.serial), c.serial", (format(serial, "x"),))
+        return [_read_cert(r) for r in rows]
+
+    async def issuance_counts(self, since: dt.datetime, until: dt.datetime
+                              ) -> list[IssuanceCount]:
+        window = (since.isoformat(), until.isoformat())
+        rows = self._read(
+            "SELECT CASE WHEN a.serial IS NULL THEN 'x509-' || c.role ELSE 'acme' END, "
+            f"substr(c.issued_at, 1, 13), COUNT(*) FROM {_READ_FROM} "
+            "WHERE c.issued_at >= ? AND c.issued_at < ? GROUP BY 1, 2 UNION ALL "
+            "SELECT 'ssh-' || cert_type, substr(issued_at, 1, 13), COUNT(*) FROM ssh_certs "
+            "WHERE issued_at >= ? AND issued_at < ? GROUP BY 1, 2 ORDER BY 2, 1",
+            (*window, *window))
+        return [IssuanceCount(kind, hour, int(n)) for kind, hour, n in rows]
 
     # ---- SSH certificates -----------------------------------------------------------------
 

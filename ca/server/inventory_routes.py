@@ -1,0 +1,128 @@
+"""The inventory for auditors and admins, read-only: certificates by name, serial,
+principal, role or status, a page at a time; one certificate with its DER, its renewal
+family and where its intent is in the audit log; and how many certificates of each
+kind were issued per hour. Counts come from the store, not from the log (the log says
+what was signed; these say what the inventory holds, and `hsmca ui` shows both).
+
+    GET /v1/inventory/certificates?q=&status=&role=&kind=&sort=&order=&limit=&offset=
+    GET /v1/inventory/certificates/{serial hex}
+    GET /v1/inventory/issuance?hours=
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from ca.server.common import STORE, identity
+from ca.server.problems import Problem
+from ca.server.x509_routes import parse_serial
+from ca.store import CertQuery, CertRecord
+from ca.store.records import CERT_SORTS, CERT_STATUSES
+
+routes = web.RouteTableDef()
+ROLES = ("auditor", "admin")
+EXPIRING = dt.timedelta(days=7)  # a live certificate ending sooner is "expiring"
+MAX_PAGE = 500
+MAX_HOURS = 24 * 31
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+def status(rec: CertRecord, now: dt.datetime) -> str:
+    """valid | expiring | expired | revoked, as CertQuery defines them."""
+    if rec.revoked_at is not None:
+        return "revoked"
+    end = dt.datetime.fromisoformat(rec.not_after)
+    if end <= now:
+        return "expired"
+    return "expiring" if end <= now + EXPIRING else "valid"
+
+
+def record_json(rec: CertRecord, now: dt.datetime) -> dict[str, Any]:
+    return {"serial": rec.serial, "fingerprint": rec.fingerprint, "role": rec.role,
+            "subject": rec.subject, "names": list(rec.names), "principals": list(rec.principals),
+            "not_before": rec.not_before, "not_after": rec.not_after,
+            "issued_at": rec.issued_at, "revoked_at": rec.revoked_at, "reason": rec.reason,
+            "issuer": rec.issuer, "renewed_from": rec.renewed_from,
+            "audit_seq": rec.audit_seq, "acme_order": rec.acme_order,
+            "kind": "acme" if rec.acme_order else "x509", "status": status(rec, now)}
+
+
+def _choice(request: web.Request, name: str, allowed: tuple[str, ...]) -> str | None:
+    value = request.query.get(name) or None
+    if value is not None and value not in allowed:
+        raise Problem(400, "Bad Request", f"{name} must be one of {', '.join(allowed)}",
+                      "bad-query")
+    return value
+
+
+def _number(request: web.Request, name: str, default: int, most: int) -> int:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit() or len(raw) > 9 or int(raw) > most:
+        raise Problem(400, "Bad Request", f"{name} must be a whole number from 0 to {most}",
+                      "bad-query")
+    return int(raw)
+
+
+@routes.get("/v1/inventory/certificates")
+async def certificates(request: web.Request) -> web.Response:
+    await identity(request, *ROLES)
+    text = request.query.get("q", "")
+    if len(text) > 256:
+        raise Problem(400, "Bad Request", "q is at most 256 characters", "bad-query")
+    role = request.query.get("role") or None
+    if role is not None and len(role) > 64:
+        raise Problem(400, "Bad Request", "role is at most 64 characters", "bad-query")
+    query = CertQuery(
+        text=text or None, status=_choice(request, "status", CERT_STATUSES), role=role,
+        kind=_choice(request, "kind", ("acme", "x509")),
+        sort=_choice(request, "sort", CERT_SORTS) or "issued",
+        descending=(_choice(request, "order", ("asc", "desc")) or "desc") == "desc",
+        limit=max(1, _number(request, "limit", 50, MAX_PAGE)),
+        offset=_number(request, "offset", 0, 10**9))
+    now = _now()
+    page = await request.app[STORE].find_certs(query, now, now + EXPIRING)
+    return web.json_response({"total": page.total, "offset": query.offset,
+                              "limit": query.limit, "as_of": now.isoformat(),
+                              "certificates": [record_json(r, now) for r in page.certs]})
+
+
+@routes.get("/v1/inventory/certificates/{serial}")
+async def certificate(request: web.Request) -> web.Response:
+    await identity(request, *ROLES)
+    serial = parse_serial(request.match_info["serial"])
+    store = request.app[STORE]
+    found = await store.issued_cert(serial)
+    if found is None:
+        raise Problem(404, "Not Found", "this CA's inventory has no certificate with that "
+                      "serial", "unknown-certificate")
+    now = _now()
+    pem = x509.load_der_x509_certificate(found.der).public_bytes(
+        serialization.Encoding.PEM).decode()
+    family = await store.renewal_family(serial)
+    return web.json_response({**record_json(found.record, now), "pem": pem,
+                              "as_of": now.isoformat(),
+                              "family": [record_json(r, now) for r in family]})
+
+
+@routes.get("/v1/inventory/issuance")
+async def issuance(request: web.Request) -> web.Response:
+    """Certificates issued per kind and hour, over the last `hours` hours (default 168),
+    the current hour included."""
+    await identity(request, *ROLES)
+    hours = max(1, _number(request, "hours", 168, MAX_HOURS))
+    until = _now().replace(minute=0, second=0) + dt.timedelta(hours=1)
+    since = until - dt.timedelta(hours=hours)
+    counts = await request.app[STORE].issuance_counts(since, until)
+    return web.json_response({"since": since.isoformat(), "until": until.isoformat(),
+                              "counts": [{"kind": c.kind, "hour": c.hour, "count": c.count}
+                                         for c in counts]})

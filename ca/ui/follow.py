@@ -1,0 +1,249 @@
+"""The verdict every page shows: the daemon's audit log followed with the auditor's
+saved state by `ca.audit.remote.verify_remote` (what `hsmca audit verify --url` runs),
+and the witnesses' cosignatures on a checkpoint consistent with what it verified.
+
+A run is started by a page that finds the verdict older than a few seconds (and once
+at start-up); concurrent pages wait for the same run. A failure is kept for the life
+of the process: a log that was once seen rewritten stays red here even if it is put
+back, and the saved state, which a failed run never changes, makes every later run
+(and every later `hsmca ui` or `hsmca audit verify` with it) fail the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from ca.audit.cosignature import VerifierKey, valid_cosignatures
+from ca.audit.merkle import Growth, TreeHead, growth, needs_proof
+from ca.audit.note import (
+    SIG_PREFIX,
+    Checkpoint,
+    NoteError,
+    key_id,
+    parse_checkpoint,
+    parse_note,
+)
+from ca.audit.remote import verify_remote
+from ca.audit.verify import AuditorState, PinnedKey, load_state, state_origin
+from ca.client import ClientError
+from ca.ui.ca_api import CA
+
+log = structlog.get_logger("hsmca.ui")
+
+
+@dataclass(frozen=True)
+class Cosigner:
+    """A signature line on the cosigned checkpoint other than the log's own."""
+
+    name: str
+    key_id: str  # hex
+    at: dt.datetime | None  # the time the witness put in its cosignature
+    verified: bool  # it verifies with a witness key the auditor pinned (--witness-key)
+
+
+@dataclass(frozen=True)
+class Witnessed:
+    """What the witnesses vouch for: the latest checkpoint they cosigned."""
+
+    size: int | None = None  # its tree size; None: no cosigned checkpoint
+    consistent: bool | None = None  # with the verified tree (None: not checked)
+    cosigners: tuple[Cosigner, ...] = ()
+    problem: str | None = None
+    text: str = ""
+
+    @property
+    def count(self) -> int:
+        """Witnesses that count: pinned, verified, on a checkpoint consistent with the
+        verified tree."""
+        return sum(1 for c in self.cosigners if c.verified) if self.consistent else 0
+
+
+@dataclass(frozen=True)
+class Verdict:
+    status: str  # "ok" | "failed" | "unknown" (nothing verified yet, or cannot say)
+    tree: TreeHead | None  # the lines the auditor verified (now or before): proofs go here
+    checkpoint: Checkpoint | None  # the largest checkpoint verified
+    checkpoint_text: str
+    checked_at: dt.datetime
+    bad_seq: int | None = None
+    reason: str | None = None
+    problem: str | None = None  # why the daemon could not be asked (not a verdict)
+    note: str | None = None
+    fetched: int = 0
+    witnessed: Witnessed = Witnessed()
+    under_way: bool = False  # a run is still going (this is the previous verdict)
+
+    @property
+    def banner(self) -> str:
+        if self.status == "failed":
+            where = f" at seq {self.bad_seq}" if self.bad_seq is not None else ""
+            return f"FAILED{where}: {self.reason}"
+        if self.status == "ok" and self.tree is not None and self.tree.size == 0:
+            return "verified: the log has no line yet"
+        if self.status == "ok" and self.tree is not None:
+            k = self.witnessed.count
+            size = self.checkpoint.size if self.checkpoint else 0
+            return (f"verified up to seq {self.tree.size - 1}, checkpoint {size}, "
+                    f"{k} witness{'' if k == 1 else 'es'}")
+        return f"not verified yet: {self.problem or 'the first verification is under way'}"
+
+    @property
+    def detail(self) -> str:
+        """A second line: how fresh the verdict is and what else to know."""
+        parts = [f"checked {self.checked_at.strftime('%Y-%m-%d %H:%M:%S')} UTC"]
+        if self.status == "ok":
+            parts.append(f"{self.fetched} new lines fetched and checked"
+                         if self.fetched else "no new lines")
+        if self.problem and self.status != "unknown":
+            parts.append(f"the daemon could not be asked again: {self.problem}")
+        if self.note:
+            parts.append(self.note)
+        if self.under_way:
+            parts.append("a newer verification is under way")
+        return "; ".join(parts)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+class Follower:
+    def __init__(self, ca: CA, key: Ed25519PublicKey, state: Path, origin: str | None,
+                 witness_keys: list[VerifierKey], fresh_s: float = 5.0) -> None:
+        self.ca, self.key, self.state, self.origin = ca, key, state, origin
+        self.witness_keys = witness_keys
+        self.fresh_s = fresh_s
+        self.latest = Verdict("unknown", None, None, "", _now())
+        self._at = float("-inf")  # monotonic time of the latest run's end
+        self._run_task: asyncio.Task[Verdict] | None = None
+
+    def start(self) -> None:
+        """The first run, at once, so the first page does not wait for all of it."""
+        self._spawn()
+
+    def _spawn(self) -> asyncio.Task[Verdict]:
+        if self._run_task is None or self._run_task.done():
+            self._run_task = asyncio.create_task(self._run())
+        return self._run_task
+
+    async def verdict(self, wait_s: float = 20.0) -> Verdict:
+        """The verdict, refreshed if older than `fresh_s`; if a run takes longer than
+        `wait_s` (a long log's first run), the previous one, marked as such."""
+        if time.monotonic() - self._at < self.fresh_s and self._run_task is not None \
+                and self._run_task.done():
+            return self.latest
+        task = self._spawn()
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), wait_s)
+        except TimeoutError:
+            return replace(self.latest, under_way=True)
+
+    async def close(self) -> None:
+        if self._run_task is not None and not self._run_task.done():
+            self._run_task.cancel()
+            try:
+                await self._run_task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    async def _run(self) -> Verdict:
+        try:
+            verdict = await self._verify()
+        except Exception as exc:  # a bug must show on the page, never as green
+            log.exception("verification crashed")
+            verdict = replace(self.latest, status="failed" if self.latest.status == "failed"
+                              else "unknown", problem=f"the verification crashed: {exc!r}",
+                              checked_at=_now())
+        if self.latest.status == "failed" and verdict.status != "failed":
+            # Sticky: see the module's docstring.
+            verdict = replace(self.latest, checked_at=verdict.checked_at,
+                              note="a later check passed, but this failure stands")
+        elif verdict.status == "failed" and self.latest.status != "failed":
+            log.error("audit log verification FAILED", seq=verdict.bad_seq,
+                      reason=verdict.reason)
+        self.latest, self._at = verdict, time.monotonic()
+        return verdict
+
+    def _saved(self) -> tuple[TreeHead | None, Checkpoint | None, str, str | None]:
+        """The verified tree, checkpoint and key name from the state file."""
+        raw = load_state(self.state)
+        if raw is None:
+            return None, None, "", self.origin
+        name = state_origin(raw) or self.origin
+        if name is None:
+            return None, None, "", None
+        st = AuditorState.parse(raw, PinnedKey(self.key, name, self.origin))
+        cp = parse_checkpoint(st.checkpoint) if st.checkpoint else None
+        return st.seen, cp, st.checkpoint, name
+
+    async def _verify(self) -> Verdict:
+        now = _now()
+        try:
+            result = await verify_remote(self.ca.url, self.ca.ctx, self.key, self.state,
+                                         origin=self.origin)
+        except ClientError as exc:
+            tree, cp, text, _ = self._saved()
+            keep = self.latest
+            return replace(keep, problem=str(exc), checked_at=now,
+                           tree=keep.tree or tree, checkpoint=keep.checkpoint or cp,
+                           checkpoint_text=keep.checkpoint_text or text)
+        except ValueError as exc:  # the auditor's own state file
+            return Verdict("unknown", None, None, "", now,
+                           problem=f"the state file {self.state} cannot be used: {exc}")
+        tree, cp, text, name = self._saved()
+        if not result.ok:
+            return Verdict("failed", tree, cp, text, now, result.bad_seq, result.reason,
+                           fetched=result.fetched)
+        witnessed = await self._witnessed(tree, name) if tree is not None and name else \
+            Witnessed()
+        return Verdict("ok", tree, cp, text, now, note=result.note, fetched=result.fetched,
+                       witnessed=witnessed)
+
+    async def _witnessed(self, tree: TreeHead, name: str) -> Witnessed:
+        try:
+            text = await self.ca.cosigned()
+        except ClientError as exc:
+            return Witnessed(problem=str(exc))
+        if text is None:
+            return Witnessed()
+        try:
+            cp = PinnedKey(self.key, name, self.origin).verify(text)
+            note = parse_note(text)
+        except NoteError as exc:
+            return Witnessed(problem=f"the cosigned checkpoint does not verify with the "
+                             f"pinned audit key: {exc}", text=text)
+        head = TreeHead(cp.size, cp.root)
+        consistent: bool | None = None
+        problem = None
+        if cp.size > tree.size:
+            problem = (f"it covers {cp.size} lines, more than the {tree.size} verified: "
+                       "checked next time")
+        else:
+            try:
+                proof = await self.ca.consistency(cp.size, tree.size) \
+                    if needs_proof(head, tree) else []
+                consistent = growth(head, tree, proof) in (Growth.SAME, Growth.EXTENDS)
+            except ClientError as exc:
+                problem = str(exc)
+            if consistent is False:
+                problem = ("it is not consistent with the verified tree: the witnesses saw "
+                           "another log")
+        valid = set(valid_cosignatures(text, self.witness_keys))
+        own = key_id(name, self.key)
+        cosigners = []
+        for sig in note.signatures:
+            if sig.name == name and sig.key_id == own:
+                continue  # the log's own signature
+            line = f"{SIG_PREFIX}{sig.name} {base64.b64encode(sig.key_id + sig.sig).decode()}\n"
+            at = dt.datetime.fromtimestamp(int.from_bytes(sig.sig[:8], "big"), dt.UTC) \
+                if len(sig.sig) == 72 and int.from_bytes(sig.sig[:8], "big") < 1 << 40 else None
+            cosigners.append(Cosigner(sig.name, sig.key_id.hex(), at, line in valid))
+        return Witnessed(cp.size, consistent, tuple(cosigners), problem, text)

@@ -1,0 +1,577 @@
+"""The pages: each asks the follower for the verdict first (every page shows it at the
+top), then asks the daemon for what it shows, concurrently, and renders a template.
+Nothing here writes to the daemon: every call is a GET, but OCSP's POST, which only
+reads a pre-signed response."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import datetime as dt
+import hashlib
+import io
+import json
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import urlencode
+
+import jinja2
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from ca.audit.cosignature import VerifierKey
+from ca.audit.merkle import TreeHead
+from ca.audit.note import NoteError
+from ca.audit.verify import PinnedKey
+from ca.client import ClientError
+from ca.ui import certs, charts, proofs
+from ca.ui import metrics as prom
+from ca.ui.ca_api import CA
+from ca.ui.follow import Follower, Verdict
+
+T = TypeVar("T")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+PAGE_SIZE = 50
+CSV_MAX = 10_000
+SCAN_LINES = 20_000  # the most lines one audit page reads to find matches for its filters
+_SERIAL = re.compile(r"[0-9a-fA-F]{1,40}")
+_HASH = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass
+class UI:
+    """Everything the pages share."""
+
+    ca: CA
+    follower: Follower
+    root: x509.Certificate  # the root the auditor pinned (--ca)
+    audit_key: Ed25519PublicKey
+    witness_keys: list[VerifierKey]
+    env: jinja2.Environment
+    allowed_hosts: set[str] | None = None  # None: any Host header (--listen-public)
+    whoami: dict[str, Any] | None = field(default=None)
+
+
+UI_KEY = web.AppKey("ui", UI)
+
+
+def environment() -> jinja2.Environment:
+    """Templates from the package, every value escaped (log lines and names are
+    attacker-influenced), a missing value an error rather than an empty string."""
+    env = jinja2.Environment(loader=jinja2.PackageLoader("ca.ui", "templates"),
+                             autoescape=True, undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, lstrip_blocks=True)
+    env.filters["hex"] = lambda b: b.hex() if isinstance(b, bytes) else ""
+    env.filters["ago"] = ago
+    env.globals["kind_label"] = charts.kind_label
+    return env
+
+
+def ago(when: str | dt.datetime | None) -> str:
+    if when is None:
+        return "-"
+    try:
+        moment = when if isinstance(when, dt.datetime) else dt.datetime.fromisoformat(
+            when.replace("Z", "+00:00"))
+    except ValueError:
+        return "-"
+    seconds = int((dt.datetime.now(dt.UTC) - moment).total_seconds())
+    future = seconds < 0
+    seconds = abs(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            text = f"{seconds // size} {unit}"
+            break
+    else:
+        text = f"{seconds} s"
+    return f"in {text}" if future else f"{text} ago"
+
+
+async def _try(call: Awaitable[T]) -> tuple[T | None, str | None]:
+    """(result, None), or (None, why) when the daemon could not answer."""
+    try:
+        return await call, None
+    except ClientError as exc:
+        return None, str(exc)
+
+
+def _render(request: web.Request, template: str, verdict: Verdict, status: int = 200,
+            **context: Any) -> web.Response:
+    ui = request.app[UI_KEY]
+    html = ui.env.get_template(template).render(
+        verdict=verdict, ca_url=ui.ca.url, path=request.path, whoami=ui.whoami, **context)
+    return web.Response(text=html, content_type="text/html", charset="utf-8", status=status)
+
+
+async def _verdict(request: web.Request) -> Verdict:
+    ui = request.app[UI_KEY]
+    if ui.whoami is None:
+        ui.whoami, _ = await _try(ui.ca.json("/v1/whoami"))
+    return await ui.follower.verdict()
+
+
+def not_found(request: web.Request, verdict: Verdict, what: str) -> web.Response:
+    return _render(request, "missing.html", verdict, status=404, title="Not found", what=what)
+
+
+# ---- / -------------------------------------------------------------------------------------
+
+
+async def overview(request: web.Request) -> web.Response:
+    ui = request.app[UI_KEY]
+    verdict = await _verdict(request)
+    tree = verdict.tree
+    (health, health_err), (scrape_text, metrics_err), (issued, issued_err), last = \
+        await asyncio.gather(_try(ui.ca.health()), _try(ui.ca.metrics()),
+                             _try(ui.ca.json("/v1/inventory/issuance", hours=168)),
+                             _try(proofs.line(ui.ca, tree, tree.size - 1)) if tree and tree.size
+                             else _none())
+    scrape = prom.parse(scrape_text) if scrape_text else None
+    issuance_chart = None
+    by_kind: list[tuple[str, int]] = []
+    if issued is not None:
+        counts = [(c["kind"], c["hour"], int(c["count"])) for c in issued["counts"]]
+        since = dt.datetime.fromisoformat(issued["since"])
+        until = dt.datetime.fromisoformat(issued["until"])
+        issuance_chart = charts.issuance(counts, since, 168)
+        day = (until - dt.timedelta(hours=24)).isoformat()[:13]
+        kinds = charts.kind_order({k for k, _, _ in counts})
+        by_kind = [(k, sum(n for kk, h, n in counts if kk == k and h >= day)) for k in kinds]
+    latency_chart = charts.latency(scrape.latency) if scrape and scrape.latency else None
+    last_line = last[0][0] if last and last[0] else None
+    return _render(request, "overview.html", verdict, title="Overview", health=health,
+                   health_err=health_err, scrape=scrape, metrics_err=metrics_err,
+                   issuance_chart=issuance_chart, issued_err=issued_err, by_kind=by_kind,
+                   latency_chart=latency_chart, last_line=last_line)
+
+
+async def _none() -> tuple[None, None]:
+    return None, None
+
+
+# ---- /certificates ---------------------------------------------------------------------------
+
+CERT_PARAMS = ("q", "status", "role", "kind", "sort", "order")
+
+
+def _cert_query(request: web.Request) -> dict[str, str]:
+    """The search's parameters as given (the daemon checks them and says what is
+    wrong), only those that are set."""
+    return {k: request.query[k][:256] for k in CERT_PARAMS if request.query.get(k)}
+
+
+def _page(request: web.Request) -> int:
+    raw = request.query.get("page", "1")
+    return int(raw) if raw.isdigit() and 0 < int(raw) < 10**6 else 1
+
+
+async def certificates(request: web.Request) -> web.Response:
+    ui = request.app[UI_KEY]
+    verdict = await _verdict(request)
+    query = _cert_query(request)
+    page = _page(request)
+    found, error = await _try(ui.ca.json("/v1/inventory/certificates", **query,
+                                         limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE))
+    total = found["total"] if found else 0
+    pages = max(1, -(-total // PAGE_SIZE))
+
+    def link(**change: Any) -> str:
+        params = {**query, "page": str(page), **{k: str(v) for k, v in change.items()}}
+        params = {k: v for k, v in params.items() if v and not (k == "page" and v == "1")}
+        return f"/certificates?{urlencode(params)}" if params else "/certificates"
+
+    def sort_link(column: str) -> str:
+        same = query.get("sort", "issued") == column
+        order = "asc" if same and query.get("order", "desc") == "desc" else "desc"
+        return link(sort=column, order=order, page=1)
+
+    csv_link = "/certificates.csv" + (f"?{urlencode(query)}" if query else "")
+    return _render(request, "certificates.html", verdict, title="Certificates", query=query,
+                   found=found, error=error, page=page, pages=pages, total=total, link=link,
+                   sort_link=sort_link, csv_link=csv_link)
+
+
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: Any) -> str:
+    """A CSV cell that a spreadsheet will not run: names are attacker-influenced."""
+    if value is None:
+        return ""
+    text = "; ".join(map(str, value)) if isinstance(value, list) else str(value)
+    return "'" + text if text.startswith(_FORMULA) else text
+
+
+CSV_COLUMNS = ("serial", "status", "reason", "kind", "role", "subject", "names", "principals",
+               "not_before", "not_after", "issued_at", "revoked_at", "issuer", "renewed_from",
+               "audit_seq", "fingerprint")
+
+
+async def certificates_csv(request: web.Request) -> web.Response:
+    ui = request.app[UI_KEY]
+    query = _cert_query(request)
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(CSV_COLUMNS)
+    offset = 0
+    while offset < CSV_MAX:
+        try:
+            found = await ui.ca.json("/v1/inventory/certificates", **query, limit=500,
+                                     offset=offset)
+        except ClientError as exc:
+            raise web.HTTPBadGateway(text=f"the daemon could not be asked: {exc}\n") from None
+        for rec in found["certificates"]:
+            writer.writerow([_cell(rec.get(c)) for c in CSV_COLUMNS])
+        offset += len(found["certificates"])
+        if not found["certificates"] or offset >= found["total"]:
+            break
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    return web.Response(text=out.getvalue(), content_type="text/csv", charset="utf-8",
+                        headers={"Content-Disposition":
+                                 f'attachment; filename="certificates-{stamp}.csv"'})
+
+
+async def certificate(request: web.Request) -> web.Response:
+    ui = request.app[UI_KEY]
+    verdict = await _verdict(request)
+    serial = request.match_info["serial"].lower()
+    if not _SERIAL.fullmatch(serial):
+        return not_found(request, verdict, "a certificate serial is up to 40 hex digits")
+    try:
+        rec = await ui.ca.json(f"/v1/inventory/certificates/{serial}")
+    except ClientError as exc:
+        if exc.status == 404:
+            return not_found(request, verdict, f"the inventory has no certificate {serial}")
+        return _render(request, "certificate.html", verdict, title=f"Certificate {serial}",
+                       rec=None, error=str(exc))
+    cert = x509.load_pem_x509_certificate(rec["pem"].encode())
+    der_ok = certs.fingerprint(cert) == rec["fingerprint"]
+    bundle_text, bundle_err = await _try(ui.ca.get("/v1/x509/bundle"))
+    bundle = x509.load_pem_x509_certificates(bundle_text) if bundle_text else []
+    links, issuer = certs.chain(cert, bundle, ui.root)
+    crl, ocsp, audit = await asyncio.gather(
+        certs.crl_status(ui.ca, cert, issuer, rec.get("issuer")),
+        certs.ocsp_status(ui.ca, cert, issuer),
+        certs.audit_evidence(ui.ca, verdict.tree, rec.get("audit_seq"), cert))
+    return _render(request, "certificate.html", verdict, title=f"Certificate {serial}",
+                   rec=rec, error=None, der_ok=der_ok, fields=certs.describe(cert),
+                   pem=rec["pem"], links=links, bundle_err=bundle_err, crl=crl, ocsp=ocsp,
+                   audit=audit, summary=_summary)
+
+
+# ---- /audit ----------------------------------------------------------------------------------
+
+
+def _summary(line: proofs.Line) -> list[tuple[str, str]]:
+    """The fields of a line worth a glance, as (name, text)."""
+    if line.obj is None:
+        return [("unparsable", line.text[:200])]
+    skip = {"seq", "ts", "event", "prev", "checkpoint", "actor", "phase"}
+    out = []
+    for k in sorted(line.obj):
+        if k in skip:
+            continue
+        v = line.obj[k]
+        text = v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+        if _HASH.fullmatch(text):
+            text = text[:12] + "…"  # digests: the line's own page shows them whole
+        out.append((k, text if len(text) <= 120 else text[:117] + "..."))
+    # What a reader looks for first, then the rest in name order.
+    first = ("purpose", "result", "serial", "names", "principals", "role", "reason", "size")
+    return sorted(out, key=lambda kv: (first.index(kv[0]) if kv[0] in first else len(first),
+                                       kv[0]))
+
+
+@dataclass(frozen=True)
+class Filters:
+    event: str = ""
+    actor: str = ""
+    since: dt.datetime | None = None
+    until: dt.datetime | None = None
+
+    @property
+    def any(self) -> bool:
+        return bool(self.event or self.actor or self.since or self.until)
+
+    def matches(self, line: proofs.Line) -> bool:
+        if self.event:
+            event = line.get("event")
+            if self.event == "checkpoint":
+                if not (event == "hsm.sign" and line.get("checkpoint")):
+                    return False
+            elif not (isinstance(event, str) and event.startswith(self.event)):
+                return False
+        if self.actor:
+            actor = line.get("actor")
+            if not (isinstance(actor, str) and self.actor.lower() in actor.lower()):
+                return False
+        ts = _ts(line)
+        if self.since and (ts is None or ts < self.since):
+            return False
+        return not (self.until and (ts is None or ts > self.until))
+
+    def query(self) -> dict[str, str]:
+        q = {"event": self.event, "actor": self.actor,
+             "since": self.since.strftime("%Y-%m-%dT%H:%M") if self.since else "",
+             "until": self.until.strftime("%Y-%m-%dT%H:%M") if self.until else ""}
+        return {k: v for k, v in q.items() if v}
+
+
+def _ts(line: proofs.Line) -> dt.datetime | None:
+    ts = line.get("ts")
+    if not isinstance(ts, str):
+        return None
+    try:
+        return dt.datetime.fromisoformat(ts.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _when_param(raw: str | None) -> dt.datetime | None:
+    """A datetime-local field's value (or a full ISO 8601 time), read as UTC."""
+    if not raw:
+        return None
+    try:
+        t = dt.datetime.fromisoformat(raw.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return t.replace(tzinfo=dt.UTC) if t.tzinfo is None else t.astimezone(dt.UTC)
+
+
+def _seq_param(request: web.Request, name: str) -> int | None:
+    raw = request.query.get(name, "")
+    return int(raw) if raw.isdigit() and len(raw) < 19 else None
+
+
+async def _log_end(ca: CA, tree: TreeHead | None) -> int:
+    """How many lines the daemon serves now (those verified and those after)."""
+    start = tree.size if tree else 0
+    while True:
+        got = await ca.entries(start, 1000)
+        start += len(got)
+        if len(got) < 1000:
+            return start
+
+
+async def _first_after(ca: CA, end: int, moment: dt.datetime) -> int:
+    """The first seq whose ts is after `moment` (end if none), by bisection: the lines'
+    times do not go backwards (one writer), so a time is a place in the log."""
+    lo, hi = 0, end
+    while lo < hi:
+        mid = (lo + hi) // 2
+        got = await ca.entries(mid, 1)
+        ts = _ts(proofs.Line(mid, got[0], proofs.parse(got[0]), False, "")) if got else None
+        if ts is not None and ts <= moment:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+async def audit_log(request: web.Request) -> web.Response:
+    ui = request.app[UI_KEY]
+    verdict = await _verdict(request)
+    tree = verdict.tree
+    filters = Filters(request.query.get("event", "")[:64].strip(),
+                      request.query.get("actor", "")[:256].strip(),
+                      _when_param(request.query.get("since")),
+                      _when_param(request.query.get("until")))
+    before, after = _seq_param(request, "before"), _seq_param(request, "after")
+    shown: list[proofs.Line] = []
+    error = None
+    lowest = highest = end = 0
+    try:
+        end = await _log_end(ui.ca, tree)
+        if after is not None:
+            start, forward = after + 1, True
+        else:
+            if before is None:
+                before = end
+                if filters.until is not None:
+                    before = await _first_after(ui.ca, end, filters.until)
+            start, forward = min(before, end), False
+        shown, lowest, highest = await _scan(ui.ca, tree, filters, start, end, forward)
+    except ClientError as exc:
+        error = str(exc)
+    key = _pinned(ui, verdict)
+    checkpoints = {line.seq: _checkpoint_of(line, key) for line in shown
+                   if line.get("checkpoint")}
+    base = filters.query()
+    older = f"/audit?{urlencode({**base, 'before': lowest})}" if shown and lowest > 0 else None
+    newer = f"/audit?{urlencode({**base, 'after': highest})}" \
+        if shown and highest < end - 1 else None
+    return _render(request, "audit.html", verdict, title="Audit log", lines=shown,
+                   filters=filters, error=error, older=older, newer=newer, end=end,
+                   checkpoints=checkpoints, summary=_summary, witnessed=verdict.witnessed,
+                   latest_checkpoint=_checkpoint_text(verdict, key))
+
+
+async def _scan(ca: CA, tree: TreeHead | None, filters: Filters, start: int, end: int,
+                forward: bool) -> tuple[list[proofs.Line], int, int]:
+    """Up to PAGE_SIZE lines matching `filters`, read from `start` on (forward) or down
+    from just before it, a verified window at a time; newest first. Also the lowest and
+    highest seq read, where the next page starts."""
+    found: list[proofs.Line] = []
+    read = 0
+    lowest, highest = start, start - 1
+    while len(found) < PAGE_SIZE and read < SCAN_LINES:
+        if forward:
+            lo, hi = start + read, min(end, start + read + 1000)
+        else:
+            lo, hi = max(0, start - read - 1000), start - read
+        if lo >= hi:
+            break
+        raws = await ca.entries(lo, hi - lo)
+        if not raws:
+            break
+        window = await proofs.window(ca, tree, lo, raws)
+        read += len(raws)
+        ordered = window if forward else list(reversed(window))
+        for line in ordered:
+            if filters.matches(line):
+                found.append(line)
+                if len(found) == PAGE_SIZE:
+                    break
+            lowest, highest = min(lowest, line.seq), max(highest, line.seq)
+            if len(found) == PAGE_SIZE:
+                break
+        if (not forward and filters.since and window and (_ts(window[0]) or filters.since)
+                < filters.since):
+            break  # older lines are all before `since`
+        if forward and filters.until and window and (_ts(window[-1]) or filters.until) \
+                > filters.until:
+            break
+    found.sort(key=lambda line: -line.seq)
+    if found:
+        lowest = min(lowest, found[-1].seq)
+        highest = max(highest, found[0].seq)
+    return found, lowest, highest
+
+
+def _pinned(ui: UI, verdict: Verdict) -> PinnedKey | None:
+    name = verdict.checkpoint.origin if verdict.checkpoint else None
+    return PinnedKey(ui.audit_key, name, name) if name else None
+
+
+@dataclass(frozen=True)
+class CheckpointView:
+    text: str
+    size: int | None
+    root: str
+    signatures: tuple[tuple[str, str], ...]  # (key name, key id hex)
+    verified: bool
+    problem: str | None
+
+
+def _checkpoint_view(text: str, key: PinnedKey | None) -> CheckpointView:
+    from ca.audit.note import parse_checkpoint
+    try:
+        cp = parse_checkpoint(text)
+    except NoteError as exc:
+        return CheckpointView(text, None, "", (), False, f"malformed: {exc}")
+    sigs = tuple((s.name, s.key_id.hex()) for s in cp.signatures)
+    root = cp.root.hex()
+    if key is None:
+        return CheckpointView(text, cp.size, root, sigs, False, "no verified checkpoint names "
+                              "the audit key yet")
+    try:
+        key.verify(text)
+    except NoteError as exc:
+        return CheckpointView(text, cp.size, root, sigs, False, str(exc))
+    return CheckpointView(text, cp.size, root, sigs, True, None)
+
+
+def _checkpoint_of(line: proofs.Line, key: PinnedKey | None) -> CheckpointView:
+    text = line.get("checkpoint")
+    return _checkpoint_view(text if isinstance(text, str) else "", key)
+
+
+def _checkpoint_text(verdict: Verdict, key: PinnedKey | None) -> CheckpointView | None:
+    return _checkpoint_view(verdict.checkpoint_text, key) if verdict.checkpoint_text else None
+
+
+async def audit_line(request: web.Request) -> web.Response:
+    ui = request.app[UI_KEY]
+    verdict = await _verdict(request)
+    raw_seq = request.match_info["seq"]
+    if not raw_seq.isdigit() or len(raw_seq) > 18:
+        return not_found(request, verdict, "a seq is a line number: 0, 1, 2, ...")
+    seq = int(raw_seq)
+    try:
+        got = await proofs.line(ui.ca, verdict.tree, seq)
+    except ClientError as exc:
+        return _render(request, "line.html", verdict, title=f"Audit line {seq}", seq=seq,
+                       line=None, proof=None, error=str(exc))
+    if got is None:
+        return not_found(request, verdict, f"the log has no line {seq} (yet)")
+    line, proof = got
+    related: tuple[str, int] | None = None
+    try:
+        if line.get("phase") == "intent":
+            at = await proofs.find_outcome(ui.ca, line)
+            related = ("its outcome", at[0]) if at else None
+        elif line.get("phase") == "outcome":
+            at = await proofs.find_intent(ui.ca, line)
+            related = ("its intent", at[0]) if at else None
+    except ClientError:
+        related = None
+    serial = line.get("serial")
+    cert_link = f"/certificates/{serial}" if line.get("purpose") in ("x509", "tls") and \
+        isinstance(serial, str) and _SERIAL.fullmatch(serial) else None
+    pretty = json.dumps(line.obj, indent=2, sort_keys=True, ensure_ascii=False) \
+        if line.obj is not None else None
+    key = _pinned(ui, verdict)
+    checkpoint = _checkpoint_of(line, key) if line.get("checkpoint") else None
+    return _render(request, "line.html", verdict, title=f"Audit line {seq}", seq=seq,
+                   line=line, proof=proof, error=None, related=related, cert_link=cert_link,
+                   pretty=pretty, checkpoint=checkpoint)
+
+
+async def go_to_line(request: web.Request) -> web.Response:
+    """The "open a seq" form, which works without JavaScript."""
+    seq = _seq_param(request, "seq")
+    raise web.HTTPSeeOther("/audit" if seq is None else f"/audit/{seq}")
+
+
+# ---- /keys -----------------------------------------------------------------------------------
+
+
+def _spki_sha256(key: Any) -> str:
+    return hashlib.sha256(key.public_bytes(serialization.Encoding.DER,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo)
+                          ).hexdigest()
+
+
+async def keys(request: web.Request) -> web.Response:
+    ui = request.app[UI_KEY]
+    verdict = await _verdict(request)
+    found, error = await _try(ui.ca.json("/v1/keys"))
+    pinned = {_spki_sha256(ui.audit_key): "the audit key you pinned (--audit-key)",
+              _spki_sha256(ui.root.public_key()): "the root you pinned (--ca)"}
+    return _render(request, "keys.html", verdict, title="Keys",
+                   keys=found["keys"] if found else [], error=error, pinned=pinned)
+
+
+# ---- /status.json (the banner's refresh) ---------------------------------------------------------
+
+
+async def status(request: web.Request) -> web.Response:
+    verdict = await request.app[UI_KEY].follower.verdict()
+    return web.json_response({"status": verdict.status, "banner": verdict.banner,
+                              "detail": verdict.detail})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/", overview)
+    app.router.add_get("/certificates", certificates)
+    app.router.add_get("/certificates.csv", certificates_csv)
+    app.router.add_get("/certificates/{serial}", certificate)
+    app.router.add_get("/audit", audit_log)
+    app.router.add_get("/audit/go", go_to_line)
+    app.router.add_get("/audit/{seq}", audit_line)
+    app.router.add_get("/keys", keys)
+    app.router.add_get("/status.json", status)

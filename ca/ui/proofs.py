@@ -1,0 +1,169 @@
+"""Lines of the log, each checked against the tree the auditor verified before it is
+shown as verified.
+
+The daemon serves the lines again for every page, so what the follower verified says
+nothing about the bytes a page receives. A line is verified here when:
+
+- the daemon's inclusion proof for it, in the tree of the size the auditor verified,
+  leads from its leaf hash (SHA-256(0x00 || line)) to the verified root
+  (`ca.audit.merkle.verify_inclusion`, RFC 9162 2.1.3.2); or
+- the line after it is verified and its `prev` is this line's SHA-256
+  (`ca.audit.line.chain_hash`): the verified log's hash chain vouches for it.
+
+So a page of consecutive lines needs one proof, for its last verified line. Lines at
+or beyond the verified size are never marked verified: no checkpoint the auditor
+verified covers them yet.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from ca.audit.line import chain_hash
+from ca.audit.merkle import TreeHead, leaf_hash, verify_inclusion
+from ca.client import ClientError
+from ca.ui.ca_api import CA
+
+NOT_COVERED = "not verified: no checkpoint the auditor verified covers it yet"
+
+
+@dataclass(frozen=True)
+class Line:
+    seq: int
+    raw: bytes
+    obj: dict[str, Any] | None  # parsed, if it is a JSON object
+    verified: bool
+    why: str  # how it was verified, or why not
+
+    @property
+    def text(self) -> str:
+        return self.raw.decode("utf-8", "replace")
+
+    @property
+    def pending(self) -> bool:
+        """Not verified only because no verified checkpoint covers it yet."""
+        return not self.verified and self.why == NOT_COVERED
+
+    def get(self, name: str) -> Any:
+        return self.obj.get(name) if self.obj is not None else None
+
+
+@dataclass(frozen=True)
+class Proof:
+    """An inclusion proof as checked: the leaf, the path, and the root it must reach."""
+
+    seq: int
+    size: int
+    leaf: bytes
+    path: tuple[bytes, ...]
+    root: bytes
+    ok: bool
+    problem: str | None = None
+
+
+def parse(raw: bytes) -> dict[str, Any] | None:
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+async def prove(ca: CA, tree: TreeHead | None, seq: int, raw: bytes) -> Proof | None:
+    """The inclusion proof of line `seq` (its bytes `raw`) in the verified tree; None if
+    that tree does not cover it."""
+    if tree is None or seq >= tree.size:
+        return None
+    leaf = leaf_hash(raw)
+    try:
+        path = await ca.inclusion(seq, tree.size)
+    except ClientError as exc:
+        return Proof(seq, tree.size, leaf, (), tree.root, False, str(exc))
+    ok = verify_inclusion(leaf, seq, tree.size, path, tree.root)
+    return Proof(seq, tree.size, leaf, tuple(path), tree.root, ok,
+                 None if ok else "the proof does not lead to the verified root: this line is "
+                 "not the one the auditor verified at this seq")
+
+
+async def window(ca: CA, tree: TreeHead | None, start: int, raws: list[bytes]) -> list[Line]:
+    """Consecutive lines from seq `start`, each checked (one proof, then the chain)."""
+    n = len(raws)
+    objs = [parse(r) for r in raws]
+    verified = [False] * n
+    why = [NOT_COVERED] * n
+    covered = 0 if tree is None else max(0, min(n, tree.size - start))
+    if covered:
+        top = covered - 1
+        proof = await prove(ca, tree, start + top, raws[top])
+        assert proof is not None
+        if proof.ok:
+            verified[top] = True
+            why[top] = f"inclusion proof in the verified tree of {proof.size} lines"
+            for k in range(top - 1, -1, -1):
+                after = objs[k + 1]
+                if after is None or after.get("prev") != chain_hash(raws[k]):
+                    break
+                verified[k] = True
+                why[k] = f"hash chain from seq {start + top}, proven in the verified tree"
+            for k in range(top):
+                if not verified[k]:
+                    why[k] = "not verified: the hash chain down from a proven line breaks"
+        else:
+            for k in range(covered):
+                why[k] = f"not verified: {proof.problem}"
+    return [Line(start + k, raws[k], objs[k], verified[k], why[k]) for k in range(n)]
+
+
+async def proven(ca: CA, tree: TreeHead | None, seq: int, raw: bytes
+                 ) -> tuple[Line, Proof | None]:
+    """One line checked by its own inclusion proof, and the proof (to show it)."""
+    proof = await prove(ca, tree, seq, raw)
+    if proof is None:
+        return Line(seq, raw, parse(raw), False, NOT_COVERED), None
+    why = (f"inclusion proof in the verified tree of {proof.size} lines" if proof.ok
+           else f"not verified: {proof.problem}")
+    return Line(seq, raw, parse(raw), proof.ok, why), proof
+
+
+async def line(ca: CA, tree: TreeHead | None, seq: int) -> tuple[Line, Proof | None] | None:
+    """Line `seq`, fetched and checked by its own proof; None if the daemon has none."""
+    found = await ca.entries(seq, 1)
+    return await proven(ca, tree, seq, found[0]) if found else None
+
+
+async def find_outcome(ca: CA, intent: Line, reach: int = 4000) -> tuple[int, bytes] | None:
+    """(seq, bytes) of an intent's outcome line (same op_id), searched in the `reach`
+    lines after it (outcomes follow within a group commit or two)."""
+    op_id = intent.get("op_id")
+    if not isinstance(op_id, str):
+        return None
+    start = intent.seq + 1
+    while start < intent.seq + 1 + reach:
+        found = await ca.entries(start, 1000)
+        if not found:
+            return None
+        for k, raw in enumerate(found):
+            obj = parse(raw)
+            if obj is not None and obj.get("op_id") == op_id and obj.get("phase") == "outcome":
+                return start + k, raw
+        start += len(found)
+    return None
+
+
+async def find_intent(ca: CA, outcome: Line, reach: int = 4000) -> tuple[int, bytes] | None:
+    """(seq, bytes) of an outcome's intent line, searched in the `reach` lines before it."""
+    op_id = outcome.get("op_id")
+    if not isinstance(op_id, str):
+        return None
+    end = outcome.seq
+    while end > max(0, outcome.seq - reach):
+        start = max(0, end - 1000)
+        found = await ca.entries(start, end - start)
+        for k in range(len(found) - 1, -1, -1):
+            obj = parse(found[k])
+            if obj is not None and obj.get("op_id") == op_id and obj.get("phase") == "intent":
+                return start + k, found[k]
+        end = start
+    return None

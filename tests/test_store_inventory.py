@@ -1,0 +1,149 @@
+"""The Store's read verbs for auditors and operators, as any implementation must keep
+them (SQLite here; the `store` fixture is where another implementation adds its
+factory): search by name, principal, subject, serial or role, with disjoint statuses,
+kinds, sorting and paging; one certificate with its DER; the renewal family whatever
+its state; counts by kind and hour."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ca.store import CertPage, CertQuery, IssuedCert, NewCert, NewSSHCert, Store
+from ca.store.sqlite import SQLiteStore
+
+NOW = dt.datetime(2026, 12, 2, 12, 0, tzinfo=dt.UTC)
+SOON = NOW + dt.timedelta(days=7)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = SQLiteStore(tmp_path / "inventory.sqlite3")
+    yield s
+    s.close()
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def add(store: Store, serial: int, names: tuple[str, ...], *, role: str = "service",
+        issued: dt.datetime = NOW, ends: dt.timedelta = dt.timedelta(days=30),
+        principals: tuple[str, ...] = (), renewed_from: int | None = None,
+        audit_seq: int | None = None, acme: str | None = None) -> None:
+    store.add_cert(NewCert(
+        serial=serial, fingerprint=f"{serial:064x}", role=role, subject=f"CN={names[0]}",
+        names=names, principals=principals, spki_sha256="e" * 64,
+        not_before=issued.isoformat(), not_after=(issued + ends).isoformat(),
+        issued_at=issued.isoformat(), der=f"DER{serial}".encode(), issuer="issuing-ca",
+        renewed_from=format(renewed_from, "x") if renewed_from else None,
+        acme_account="acc" if acme else None, acme_order=acme,
+        audit_seq=audit_seq)).result(timeout=10)
+
+
+def serials(page: CertPage) -> list[str]:
+    return [c.serial for c in page.certs]
+
+
+def find(store: Store, **kw: Any) -> CertPage:
+    page = run(store.find_certs(CertQuery(**kw), NOW, SOON))
+    assert isinstance(page, CertPage)
+    return page
+
+
+def test_text_matches_names_principals_subjects_serials_and_roles(store: Store) -> None:
+    add(store, 0xa1, ("web.example", "api.example"))
+    add(store, 0xa2, ("alice@example.com",), role="user", principals=("alice", "ops"))
+    add(store, 0xb3, ("100%_under\\score.example",))
+    add(store, 0x0c4, ("<script>alert(1)</script>.example",))
+    assert serials(find(store, text="API.EXAMPLE")) == ["a1"]  # ASCII case-insensitive
+    assert serials(find(store, text="ops")) == ["a2"]  # a principal
+    assert serials(find(store, text="user")) == ["a2"]  # a role, exactly
+    assert serials(find(store, text="CN=web")) == ["a1"]  # the subject
+    assert sorted(serials(find(store, text="b"))) == ["a1", "b3"]  # "web"; a serial prefix
+    assert serials(find(store, text="0c")) == ["c4"]  # leading zeros ignored
+    assert serials(find(store, text="00:A1")) == ["a1"]  # as openssl prints it
+    assert serials(find(store, text="%_under\\")) == ["b3"]  # LIKE's wildcards are literal
+    assert serials(find(store, text="_")) == ["b3"]
+    assert serials(find(store, text="<script>")) == ["c4"]
+    assert find(store, text="nothing.example").total == 0
+
+
+def test_statuses_are_disjoint_and_kinds_split_acme(store: Store) -> None:
+    add(store, 1, ("live.example",))
+    add(store, 2, ("soon.example",), ends=dt.timedelta(days=3))
+    add(store, 3, ("old.example",), issued=NOW - dt.timedelta(days=40))
+    add(store, 4, ("gone.example",), acme="order-1")
+    run(store.revoke_certs([4], NOW, "superseded"))
+    assert [serials(find(store, status=s)) for s in ("valid", "expiring", "expired", "revoked")
+            ] == [["1"], ["2"], ["3"], ["4"]]
+    assert serials(find(store, kind="acme")) == ["4"]
+    assert sorted(serials(find(store, kind="x509"))) == ["1", "2", "3"]
+    [revoked] = find(store, status="revoked").certs
+    assert (revoked.reason, revoked.acme_order) == ("superseded", "order-1")
+    with pytest.raises(ValueError):
+        find(store, status="sideways")
+
+
+def test_sorting_and_paging(store: Store) -> None:
+    for i in range(1, 8):
+        add(store, 0x10 * i, (f"n{i}.example",), issued=NOW - dt.timedelta(hours=i),
+            role="service" if i % 2 else "host")
+    newest = find(store, limit=3)
+    assert (newest.total, serials(newest)) == (7, ["10", "20", "30"])
+    assert serials(find(store, limit=3, offset=3)) == ["40", "50", "60"]
+    assert serials(find(store, limit=3, offset=6)) == ["70"]
+    assert serials(find(store, sort="issued", descending=False, limit=2)) == ["70", "60"]
+    assert serials(find(store, sort="serial", descending=True, limit=2)) == ["70", "60"]
+    hosts = find(store, role="host", sort="subject", descending=False)
+    assert (hosts.total, serials(hosts)) == (3, ["20", "40", "60"])
+    add(store, 0x100, ("wide.example",))
+    assert serials(find(store, sort="serial", descending=True, limit=1)) == ["100"]  # numeric
+
+
+def test_one_certificate_with_its_der_and_audit_seq(store: Store) -> None:
+    add(store, 0xabc, ("one.example",), audit_seq=41)
+    found = run(store.issued_cert(0xabc))
+    assert isinstance(found, IssuedCert)
+    assert (found.der, found.record.audit_seq, found.record.issued_at) == (
+        b"DER2748", 41, NOW.isoformat())
+    assert run(store.issued_cert(0xabd)) is None
+
+
+def test_the_renewal_family_keeps_revoked_and_expired_members(store: Store) -> None:
+    add(store, 1, ("f.example",), issued=NOW - dt.timedelta(days=60))
+    add(store, 2, ("f.example",), issued=NOW - dt.timedelta(days=20), renewed_from=1)
+    add(store, 3, ("f.example",), issued=NOW - dt.timedelta(days=1), renewed_from=2)
+    add(store, 4, ("f.example",), issued=NOW, renewed_from=3)
+    add(store, 5, ("other.example",))
+    run(store.revoke_certs([2], NOW, "superseded"))
+    for member in (1, 2, 3, 4):
+        assert [r.serial for r in run(store.renewal_family(member))] == ["1", "2", "3", "4"]
+    assert [r.serial for r in run(store.renewal_family(5))] == ["5"]
+    assert run(store.renewal_family(99)) == []
+    assert run(store.lineage(3, NOW)) == [3, 4]  # the live lineage is unchanged
+
+
+def test_issuance_counts_by_kind_and_hour(store: Store) -> None:
+    hour = NOW.replace(minute=0)
+    add(store, 1, ("a.example",), issued=hour + dt.timedelta(minutes=5))
+    add(store, 2, ("b.example",), issued=hour + dt.timedelta(minutes=50))
+    add(store, 3, ("c.example",), issued=hour - dt.timedelta(minutes=10), role="host")
+    add(store, 4, ("d.example",), issued=hour + dt.timedelta(minutes=1), acme="o")
+    add(store, 5, ("e.example",), issued=hour - dt.timedelta(days=9))  # outside the window
+    for serial, kind in ((11, "host"), (12, "user"), (13, "user")):
+        store.add_ssh_cert(NewSSHCert(
+            serial=serial, key_id=f"k{serial}", cert_type=kind, key_sha256="SHA256:x",
+            public_key="ssh-ed25519 AAAA", principals=("p",), valid_after=0,
+            valid_before=1, owner_serial="1",
+            issued_at=(hour + dt.timedelta(minutes=serial)).isoformat())).result(timeout=10)
+    counts = run(store.issuance_counts(hour - dt.timedelta(days=7), hour + dt.timedelta(hours=1)))
+    got = {(c.kind, c.hour): c.count for c in counts}
+    this, before = hour.isoformat()[:13], (hour - dt.timedelta(hours=1)).isoformat()[:13]
+    assert got == {("x509-service", this): 2, ("x509-host", before): 1, ("acme", this): 1,
+                   ("ssh-host", this): 1, ("ssh-user", this): 2}

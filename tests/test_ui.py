@@ -1,0 +1,79 @@
+"""What `hsmca ui` stands on, without a browser: the daemon's inventory read API (for
+auditors and admins only, as the audit API), and the command's refusal to serve beyond
+this machine unless told to, over TLS. The pages themselves are tested in a real
+browser (tests/test_ui_browser.py)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+from ca.ui.metrics import Latency
+from tests.conftest import Daemon, hsmca
+from tests.helpers import cert_serial, enroll, http, log_lines
+
+
+async def test_the_inventory_api_is_for_auditors_and_admins(daemon: Daemon,
+                                                            tmp_path: Path) -> None:
+    cert, key = enroll(daemon, tmp_path, "service", ["inventory.api.example"])
+    serial = cert_serial(cert)
+    auditor = enroll(daemon, tmp_path, "auditor", ["inventory-auditor@example.com"])
+    base = f"{daemon.url}/v1/inventory"
+    for ctx in (daemon.ssl(), daemon.ssl(cert, key)):  # nobody, a service
+        for path in ("/certificates", f"/certificates/{serial}", "/issuance"):
+            status, _, _ = await http("GET", base + path, ctx)
+            assert status in (401, 403), path
+
+    status, _, raw = await http("GET", f"{base}/certificates?q=inventory.api.example",
+                                daemon.ssl(*auditor))
+    assert status == 200, raw
+    found = json.loads(raw)
+    assert found["total"] == 1 and found["certificates"][0]["serial"] == serial
+    rec = found["certificates"][0]
+    assert (rec["status"], rec["kind"], rec["role"]) == ("expiring", "x509", "service")
+    # The inventory says where the certificate's signature is in the log: its intent.
+    intent = log_lines(daemon.state)[rec["audit_seq"]]
+    assert (intent["serial"], intent["phase"]) == (serial, "intent")
+
+    status, _, raw = await http("GET", f"{base}/certificates/{serial}", daemon.admin_ssl())
+    assert status == 200, raw
+    one = json.loads(raw)
+    assert one["pem"] == cert.read_text() and [f["serial"] for f in one["family"]] == [serial]
+
+    status, _, raw = await http("GET", f"{base}/issuance?hours=2", daemon.ssl(*auditor))
+    assert status == 200, raw
+    hour = dt.datetime.now(dt.UTC).isoformat()[:13]
+    assert any(c["kind"] == "x509-service" and c["hour"] == hour and c["count"] >= 1
+               for c in json.loads(raw)["counts"])
+
+    for bad in ("/certificates?status=sideways", "/certificates?limit=100000",
+                "/certificates?sort=names", "/certificates/zz", "/issuance?hours=-1"):
+        status, _, raw = await http("GET", base + bad, daemon.ssl(*auditor))
+        assert status == 400, (bad, raw)
+    status, _, _ = await http("GET", f"{base}/certificates/abcdef12", daemon.ssl(*auditor))
+    assert status == 404
+
+
+def test_ui_serves_beyond_loopback_only_when_told_to_and_over_tls(tmp_path: Path) -> None:
+    common = ["ui", "--url", "https://127.0.0.1:1", "--ca", tmp_path / "root.pem", "--cert",
+              tmp_path / "c.pem", "--key", tmp_path / "k.pem", "--audit-key",
+              tmp_path / "audit.pem"]
+    refused = hsmca(*common, "--listen", "0.0.0.0:8480", check=False)
+    assert refused.returncode == 1 and "not a loopback address" in refused.stderr
+    assert "--listen-public" in refused.stderr
+    plain = hsmca(*common, "--listen", "0.0.0.0:8480", "--listen-public", check=False)
+    assert plain.returncode == 1 and "needs --tls-cert and --tls-key" in plain.stderr
+    # Loopback passes that check and goes on to the credential, which is missing here.
+    local = hsmca(*common, "--listen", "[::1]:0", check=False)
+    assert local.returncode == 1 and "c.pem" in local.stderr
+
+
+def test_latency_quantiles_interpolate_as_prometheus_does() -> None:
+    # 10 requests: 4 at most 1 ms, 5 more at most 5 ms, 1 over 5 s.
+    hist = Latency("/r", ((0.001, 4), (0.005, 9), (5.0, 9), (float("inf"), 10)), 10)
+    assert hist.quantile(0.2) == 0.0005  # halfway into the first bucket
+    assert abs((hist.quantile(0.5) or 0) - 0.0018) < 1e-12  # a fifth into the second
+    assert hist.quantile(0.99) == 5.0  # in +Inf: the largest finite bound
+    assert Latency("/r", ((0.001, 0), (float("inf"), 0)), 0).quantile(0.5) is None
+    assert [n for _, _, n in hist.per_bucket()] == [4, 5, 0, 1]

@@ -1,0 +1,352 @@
+"""`hsmca ui` in a real browser: Debian's chromium, driven by Selenium through
+chromium-driver, against a real daemon (its own CA and SoftHSM token) and the real
+`hsmca ui` process.
+
+One daemon, one UI and one browser for the module, in order: every page on a good log
+(green banner, no console error, screenshots), a search by name down to a verified
+inclusion proof, a revoked certificate's reason, a `<script>` name shown as text, the
+headers and the Host check; last, the log rewritten on the CA host and re-signed with
+the real key, which turns the banner red at the seq the auditor's saved state names.
+
+With HSMCA_UI_SCREENSHOTS=DIR the pages' screenshots are written to DIR too (that is
+how docs/ui/ is made: `HSMCA_UI_SCREENSHOTS=docs/ui .venv/bin/python -m pytest
+tests/test_ui_browser.py`).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from selenium import webdriver
+from selenium.common.exceptions import NoAlertPresentException
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.ui import WebDriverWait
+
+from ca.audit.note import parse_checkpoint, verifier_key
+from tests.conftest import Daemon, hsmca, init_ca, require, set_config, start_daemon
+from tests.helpers import Running, cert_serial, enroll, log_lines
+from tests.test_audit_remote import _ATTACKER_SIGNS, REPO, rewrite_line
+from tests.test_witness import WitnessProcess
+
+SCRIPT_NAME = "<script>alert(1)</script>@example.com"
+FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync")
+
+
+@dataclass
+class World:
+    ca_state: Path
+    daemon: Daemon
+    port: int  # the daemon's, kept across its restart
+    ui: Running
+    witness: WitnessProcess
+    base: str
+    state: Path  # the auditor's saved state
+    auditor: tuple[Path, Path]
+    web: str  # serial of web.ui.example, renewed once
+    renewed: str
+    gone: str  # revoked, keyCompromise
+    script: str  # the <script> user's certificate
+    shots: Path
+    driver: WebDriver
+
+
+def _admin_post(d: Daemon, path: str, body: dict[str, Any]) -> Any:
+    request = urllib.request.Request(f"{d.url}{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, context=d.admin_ssl(), timeout=60) as answer:
+        return json.loads(answer.read())
+
+
+def _listening(ui: Running, deadline_s: float = 60) -> str:
+    """The URL `hsmca ui` prints once it serves (its first line on stdout)."""
+    with ui.cond:
+        ui.cond.wait_for(lambda: bool(ui.stdout) or ui.proc.poll() is not None,
+                         timeout=deadline_s)
+        if not ui.stdout:
+            raise AssertionError(f"hsmca ui did not start:\n{''.join(ui.raw)}")
+        first = ui.stdout[0].strip()
+    assert first.startswith("listening on http://127.0.0.1:"), first
+    return first.split()[-1]
+
+
+def _browser(profile: Path) -> WebDriver:
+    chromium, driver = require("chromium"), require("chromedriver")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for flag in (*FLAGS, f"--user-data-dir={profile}", "--window-size=1280,900"):
+        opts.add_argument(flag)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(options=opts, service=Service(driver))
+
+
+def _ssh_pubkey(path: Path) -> Path:
+    key = ed25519.Ed25519PrivateKey.generate().public_key()
+    path.write_bytes(key.public_bytes(serialization.Encoding.OpenSSH,
+                                      serialization.PublicFormat.OpenSSH) + b"\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    tmp = tmp_path_factory.mktemp("ui")
+    ca = init_ca(tmp)
+    # A witness the CA feeds, whose key the auditor pins too.
+    origin = parse_checkpoint((ca.state / "audit" / "checkpoint").read_text()).origin
+    audit_pub = serialization.load_pem_public_key(
+        (ca.state / "audit" / "audit_key.pem").read_bytes())
+    assert isinstance(audit_pub, ed25519.Ed25519PublicKey)
+    witness = WitnessProcess(tmp, "w1.ui.example/witness",
+                             {origin: verifier_key(origin, audit_pub)})
+    set_config(ca.state, "audit", "witnesses", [witness.url])
+    set_config(ca.state, "audit", "witness-keys", [witness.vkey])
+    d = start_daemon(ca.state)
+    port = int(d.url.rsplit(":", 1)[1])
+    daemons = [d]
+    ui = None
+    driver = None
+    try:
+        auditor = enroll(d, tmp, "auditor", ["auditor@ui.example"])
+        web_cert, web_key = enroll(d, tmp, "service", ["web.ui.example"])
+        web = cert_serial(web_cert)
+        hsmca("renew", "--url", d.url, "--ca", d.root, "--cert", web_cert, "--key", web_key)
+        renewed = cert_serial(web_cert)
+        gone = cert_serial(enroll(d, tmp, "service", ["gone.ui.example"])[0])
+        _admin_post(d, "/v1/x509/revoke", {"serial": gone, "reason": "keyCompromise"})
+        # A user whose name is markup, who then acts (a renewal: its subject is in the
+        # actor of the audit line).
+        script_cert, script_key = enroll(d, tmp, "user", [SCRIPT_NAME])
+        hsmca("renew", "--url", d.url, "--ca", d.root, "--cert", script_cert, "--key",
+              script_key)
+        script = cert_serial(script_cert)
+        # SSH certificates, for the counts by kind.
+        host = enroll(d, tmp, "host", ["web1.ui.example"])
+        hsmca("ssh", "host", "--url", d.url, "--ca", d.root, "--cert", host[0], "--key",
+              host[1], "--pubkey", _ssh_pubkey(tmp / "host_key.pub"))
+        alice = enroll(d, tmp, "user", ["alice@ui.example"], ["alice"])
+        hsmca("ssh", "user", "--url", d.url, "--ca", d.root, "--cert", alice[0], "--key",
+              alice[1], "--pubkey", _ssh_pubkey(tmp / "alice.pub"), "--ttl", "1h")
+        state = tmp / "auditor.state"
+        ui = Running.start("ui", "--url", d.url, "--ca", d.root, "--cert", auditor[0],
+                           "--key", auditor[1], "--audit-key",
+                           ca.state / "audit" / "audit_key.pem", "--state", state,
+                           "--witness-key", witness.vkey, "--listen", "127.0.0.1:0")
+        base = _listening(ui)
+        driver = _browser(tmp / "profile")
+        shots = tmp / "shots"
+        shots.mkdir()
+        yield World(ca.state, d, port, ui, witness, base, state, auditor, web, renewed, gone,
+                    script, shots, driver)
+    finally:
+        if driver is not None:
+            driver.quit()
+        if ui is not None:
+            ui.stop()
+        for daemon in daemons:
+            daemon.stop()
+        for daemon in world_daemon:
+            daemon.stop()
+        world_daemon.clear()
+        witness.run.stop()
+
+
+world_daemon: list[Daemon] = []  # a daemon the last test restarts, stopped by the fixture
+
+
+def page(w: World, path: str) -> None:
+    w.driver.get(w.base + path)
+    WebDriverWait(w.driver, 60).until(
+        lambda drv: drv.execute_script("return document.readyState") == "complete")
+
+
+def banner(w: World) -> tuple[str, str]:
+    box = w.driver.find_element(By.ID, "verdict")
+    return box.get_attribute("data-status") or "", w.driver.find_element(
+        By.ID, "verdict-banner").text
+
+
+def console_errors(w: World) -> list[str]:
+    return [e["message"] for e in w.driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def screenshot(w: World, name: str, width: int = 1280) -> Path:
+    """The whole page at `width` CSS pixels, also kept in $HSMCA_UI_SCREENSHOTS."""
+    drv = w.driver
+    drv.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+        "width": width, "height": 900, "deviceScaleFactor": 1, "mobile": width < 600})
+    try:
+        height = int(drv.execute_script("return document.documentElement.scrollHeight"))
+        shot = drv.execute_cdp_cmd("Page.captureScreenshot", {
+            "format": "png", "captureBeyondViewport": True,
+            "clip": {"x": 0, "y": 0, "width": width, "height": min(height, 3200), "scale": 1}})
+    finally:
+        drv.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    path = w.shots / f"{name}.png"
+    path.write_bytes(base64.b64decode(shot["data"]))
+    keep = os.environ.get("HSMCA_UI_SCREENSHOTS")
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, Path(keep) / path.name)
+    return path
+
+
+def test_every_page_is_green_on_a_good_log_without_console_errors(world: World) -> None:
+    w = world
+    intent = next(e for e in log_lines(w.ca_state) if e.get("serial") == w.gone
+                  and e.get("phase") == "intent")
+    # The witness cosigns each checkpoint the daemon pushes, in the background: wait until
+    # the UI counts its cosignature (on a checkpoint consistent with what it verified).
+    w.witness.run.wait("cosigned")
+
+    def witnessed(drv: WebDriver) -> bool:
+        page(w, "/")
+        return banner(w)[1].endswith(", 1 witness")
+
+    WebDriverWait(w.driver, 60, poll_frequency=0.5).until(witnessed)
+    pages = [("overview", "/"), ("certificates", "/certificates"),
+             ("certificate", f"/certificates/{w.renewed}"), ("audit", "/audit"),
+             ("audit-line", f"/audit/{intent['seq']}"), ("keys", "/keys")]
+    for name, path in pages:
+        page(w, path)
+        status, text = banner(w)
+        assert status == "ok" and text.startswith("verified up to seq "), (path, text)
+        assert ", checkpoint " in text and text.endswith(" witness"), text
+        assert console_errors(w) == [], path
+        assert screenshot(w, name).stat().st_size > 15_000, f"{path} looks blank"
+    for name, path in pages:  # at phone width, nothing runs off the side of any page
+        page(w, path)
+        if name in ("overview", "certificate", "audit"):
+            screenshot(w, f"{name}-390", 390)
+        w.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+            "width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True})
+        try:
+            wide = w.driver.execute_script("return document.documentElement.scrollWidth")
+        finally:
+            w.driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+        assert wide <= 390, (path, wide)
+    assert console_errors(w) == []
+
+
+def test_a_certificate_found_by_name_shows_its_verified_inclusion_proof(world: World) -> None:
+    w = world
+    page(w, "/certificates")
+    w.driver.find_element(By.NAME, "q").send_keys("web.ui.example" + Keys.RETURN)
+    WebDriverWait(w.driver, 60).until(lambda drv: "q=web.ui.example" in drv.current_url)
+    serials = [a.text for a in w.driver.find_elements(
+        By.CSS_SELECTOR, "table.list td[data-label='Serial'] a.serial")]
+    assert sorted(serials) == sorted([w.web, w.renewed])
+    lineage = w.driver.find_elements(By.CSS_SELECTOR, "td[data-label='Lineage'] a")
+    # The renewal names what it renewed.
+    assert [a.get_attribute("title") for a in lineage] == [w.web]
+    assert lineage[0].find_element(By.XPATH, "..").text.startswith("renews ")
+    w.driver.find_element(By.CSS_SELECTOR, f"a.serial[href='/certificates/{w.renewed}']").click()
+    WebDriverWait(w.driver, 60).until(lambda drv: drv.current_url.endswith(w.renewed))
+    audit = w.driver.find_element(By.XPATH, "//h2[.='In the audit log']/..").text
+    assert "✓ the intent and outcome of this certificate's signature are lines of the log " \
+           "you verified" in audit
+    assert f"is an hsm.sign intent for serial {w.renewed}" in audit
+    assert "✓ the outcome's fingerprint is this certificate's SHA-256" in audit
+    proof = w.driver.find_element(By.CSS_SELECTOR, "details[open] dl.kv").text
+    assert "✓ verified: leaf " in proof and " of the tree of " in proof
+    chain = w.driver.find_element(By.CSS_SELECTOR, "ol.chain").text
+    assert chain.count("✓") == 3 and "the root you pinned (--ca)" in chain
+    assert console_errors(w) == []
+
+
+def test_a_revoked_certificate_shows_its_reason_everywhere(world: World) -> None:
+    w = world
+    page(w, f"/certificates/{w.gone}")
+    text = w.driver.find_element(By.TAG_NAME, "main").text
+    assert text.count("keyCompromise") >= 3, text  # the inventory, the CRL and OCSP
+    assert "CRL: revoked" in text and "OCSP: revoked" in text
+    assert text.count("✓ signed by the certificate's issuer") == 2
+    page(w, "/certificates?status=revoked")
+    reasons = [r.text for r in w.driver.find_elements(By.CSS_SELECTOR, "td .reason")]
+    assert reasons == ["keyCompromise"]
+    screenshot(w, "revoked")
+
+
+def test_a_script_name_is_shown_as_text(world: World) -> None:
+    w = world
+    for path in ("/certificates?q=script", f"/certificates/{w.script}", "/audit?actor=script"):
+        page(w, path)
+        assert SCRIPT_NAME in w.driver.find_element(By.TAG_NAME, "main").text, path
+        with pytest.raises(NoAlertPresentException):
+            _ = w.driver.switch_to.alert.text
+        # The page's only script is the packaged one; the name added none.
+        sources = w.driver.execute_script(
+            "return Array.from(document.scripts).map(s => s.getAttribute('src'))")
+        assert sources == ["/static/ui.js"], path
+        assert console_errors(w) == [], path
+
+
+def test_strict_headers_and_only_loopback_host_names(world: World) -> None:
+    with urllib.request.urlopen(world.base + "/", timeout=60) as answer:
+        csp = answer.headers["Content-Security-Policy"]
+        assert answer.headers["Cache-Control"] == "no-store"
+    assert "default-src 'none'" in csp and "script-src 'self'" in csp
+    assert "unsafe-inline" not in csp and "frame-ancestors 'none'" in csp
+    rebound = urllib.request.Request(world.base + "/", headers={"Host": "evil.example"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(rebound, timeout=60)
+    assert refused.value.code == 421
+    with urllib.request.urlopen(world.base + "/certificates.csv?q=script", timeout=60) as csv:
+        rows = csv.read().decode().splitlines()
+    assert rows[0].startswith("serial,status,reason") and len(rows) == 3  # it and its renewal
+    assert all(SCRIPT_NAME in row for row in rows[1:])
+
+
+def test_a_rewritten_log_turns_the_banner_red_at_the_seq_the_state_names(world: World) -> None:
+    w = world
+    assert w.daemon.stop() == 0
+    page(w, "/")  # the UI cannot reach the daemon: its state stays as it was
+    saved = json.loads(w.state.read_text())
+    victim = next(e for e in log_lines(w.ca_state) if e.get("serial") == w.web
+                  and e.get("phase") == "intent")
+    assert victim["seq"] < saved["size"]  # the auditor verified it
+    rewrite_line(w.ca_state / "audit" / "log.jsonl", victim["seq"],
+                 {"names": ["innocent.ui.example"]})
+    (w.ca_state / "audit" / "checkpoint").unlink()
+    signer = subprocess.run([sys.executable, "-c", _ATTACKER_SIGNS,
+                             w.ca_state / "hsmca.toml"], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    assert signer.returncode == 0, signer.stderr
+    # The daemon comes back where the UI looks for it, and accepts "its" log.
+    world_daemon.append(start_daemon(w.ca_state, "--listen", f"127.0.0.1:{w.port}"))
+
+    def red(drv: WebDriver) -> bool:
+        page(w, "/")
+        return banner(w)[0] == "failed"
+
+    WebDriverWait(w.driver, 120, poll_frequency=1).until(red)
+    _, text = banner(w)
+    assert text.startswith(f"FAILED at seq {saved['size'] - 1}: the log was cut or rewritten "
+                           "since it was verified last time"), text
+    assert json.loads(w.state.read_text()) == saved  # a failed run saves nothing
+    screenshot(w, "failed")
+    # Nothing the daemon now serves is shown as verified: its proofs no longer lead to
+    # the root the auditor verified.
+    page(w, "/audit")
+    marks = [e.text for e in w.driver.find_elements(By.CSS_SELECTOR, "table.log td:last-child")]
+    assert marks and not any("✓" in m for m in marks)
+    page(w, f"/certificates/{w.renewed}")
+    assert banner(w)[0] == "failed"
+    audit = w.driver.find_element(By.XPATH, "//h2[.='In the audit log']/..").text
+    assert "✗ not fully verified" in audit
