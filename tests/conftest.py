@@ -222,3 +222,26 @@ def own_daemon(tmp_path: Path) -> Iterator[Daemon]:
     d = start_daemon(ca.state)
     yield d
     assert d.stop() == 0
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[object]:
+    """A real PostgreSQL server for the session (tests/pgserver.py), started on first
+    use; each test that needs a database makes a fresh one on it."""
+    from tests.pgserver import PostgresServer
+    server = PostgresServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[object]:
+    """Each implementation of the Store, empty: the store tests run against both."""
+    if request.param == "sqlite":
+        from ca.store.sqlite import SQLiteStore
+        s: object = SQLiteStore(tmp_path / "inventory.sqlite3")
+    else:
+        from ca.store.postgres import PostgresStore
+        s = PostgresStore(request.getfixturevalue("postgres_server").new_database())
+    yield s
+    s.close()  # type: ignore[attr-defined]

@@ -1,5 +1,5 @@
-"""The Store's ACME verbs, as any implementation must keep them (SQLite here; the
-`store` fixture is where another implementation adds its factory): EAB keys spent
+"""The Store's ACME verbs, as any implementation must keep them (the `store`
+fixture of tests/conftest.py runs each against SQLite and a real PostgreSQL): EAB keys spent
 once and erased, accounts unique by key, the challenge -> authorization -> order
 cascade, one finalizer, the certificate linked to its account, nonces used once,
 rate counts, shared secrets."""
@@ -8,10 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 
 from ca.store import (
     AcmeAccount,
@@ -22,18 +18,10 @@ from ca.store import (
     NewCert,
     Store,
 )
-from ca.store.sqlite import SQLiteStore
 
 NOW = dt.datetime(2026, 12, 2, 12, 0, tzinfo=dt.UTC)
 LATER = (NOW + dt.timedelta(hours=1)).isoformat()
 EARLIER = NOW - dt.timedelta(minutes=1)
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = SQLiteStore(tmp_path / "inventory.sqlite3")
-    yield s
-    s.close()
 
 
 def run(coro: object) -> object:

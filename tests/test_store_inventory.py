@@ -1,6 +1,6 @@
 """The Store's read verbs for auditors and operators, as any implementation must keep
-them (SQLite here; the `store` fixture is where another implementation adds its
-factory): search by name, principal, subject, serial or role, with disjoint statuses,
+them (the `store` fixture of tests/conftest.py runs each against SQLite and a real
+PostgreSQL): search by name, principal, subject, serial or role, with disjoint statuses,
 kinds, sorting and paging; one certificate with its DER; the renewal family whatever
 its state; counts by kind and hour."""
 
@@ -8,24 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ca.store import CertPage, CertQuery, IssuedCert, NewCert, NewSSHCert, Store
-from ca.store.sqlite import SQLiteStore
 
 NOW = dt.datetime(2026, 12, 2, 12, 0, tzinfo=dt.UTC)
 SOON = NOW + dt.timedelta(days=7)
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = SQLiteStore(tmp_path / "inventory.sqlite3")
-    yield s
-    s.close()
 
 
 def run(coro: Any) -> Any:

@@ -284,9 +284,17 @@ class Store(Protocol):
         ...
 
 
-def open_store(path: object, *, autocheckpoint: bool = True) -> Store:
-    """The configured inventory (SQLite at `path`)."""
+def is_postgres(location: object) -> bool:
+    return str(location).startswith(("postgresql://", "postgres://"))
+
+
+def open_store(location: object, *, autocheckpoint: bool = True) -> Store:
+    """The configured inventory: a `postgresql://` URL ([store] url, several nodes:
+    docs/cluster.md), else the SQLite file at `location` (the embedded default)."""
+    if is_postgres(location):
+        from ca.store.postgres import PostgresStore
+        return PostgresStore(str(location))
     from pathlib import Path
 
     from ca.store.sqlite import SQLiteStore
-    return SQLiteStore(Path(str(path)), autocheckpoint=autocheckpoint)
+    return SQLiteStore(Path(str(location)), autocheckpoint=autocheckpoint)

@@ -1,0 +1,13 @@
+"""Errors of the inventory that callers (routes, the CLI, start-up) answer alike,
+whichever implementation raised them."""
+
+from __future__ import annotations
+
+
+class StoreUnavailable(Exception):
+    """The inventory cannot be reached (PostgreSQL down, or the network to it): nothing
+    is decided or signed, and callers answer 503 until it is back."""
+
+
+class SchemaTooNew(Exception):
+    """The inventory was made by a newer hsmca: this code must not touch it."""

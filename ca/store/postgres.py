@@ -1,0 +1,1044 @@
+"""The inventory in PostgreSQL: `ca.store.Store` for several nodes (docs/cluster.md).
+
+psycopg 3 with its async connection pool, on an event loop of the store's own (one
+thread per process): the store's callers live on other loops (each worker's, the
+primary's, a test's `asyncio.run`) and on the signing thread (`add_cert`), and a
+slow or absent server must never stall the loop that serves HTTPS. Every verb is
+one transaction on a pooled connection; PostgreSQL's own group commit covers
+concurrent commits. An unreachable server raises StoreUnavailable (callers answer
+503) and the pool reconnects by itself when it is back.
+
+The schema is SQLite's, migration for migration (the same numbers, the same tables,
+translated by `_pg`), plus what several nodes share: the nodes' audit lines and
+checkpoints, change counters (revocations, keys) that every node watches with
+LISTEN/NOTIFY and a poll, and a sequence of CRL numbers. Migrations run at start
+under an advisory lock, so nodes starting together apply each exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import datetime as dt
+import json
+import re
+import threading
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, TypeVar
+
+import psycopg
+import structlog
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from ca.store.errors import SchemaTooNew, StoreUnavailable
+from ca.store.records import (
+    AcmeAccount,
+    AcmeAuthz,
+    AcmeCert,
+    AcmeChallenge,
+    AcmeEAB,
+    AcmeOrder,
+    CertPage,
+    CertQuery,
+    CertRecord,
+    CRLRecord,
+    CrossCert,
+    IssuanceCount,
+    IssuedCert,
+    KeyRecord,
+    NewCert,
+    NewSSHCert,
+    NewToken,
+    OCSPDue,
+    OCSPRecord,
+    Revoked,
+    SSHSelector,
+    TokenRecord,
+)
+from ca.store.sqlite import (
+    _CERT_COLS,
+    _READ_COLS,
+    _READ_FROM,
+    _SORTS,
+    KEEP_CRLS,
+    MIGRATIONS,
+    _cert,
+    _cert_filter,
+    _read_cert,
+)
+
+T = TypeVar("T")
+Conn = psycopg.AsyncConnection[Any]
+log = structlog.get_logger("hsmca.store")
+
+CHANNEL = "hsmca_changes"  # NOTIFY payload: the name of the counter that moved
+MIGRATION_LOCK = 0x6873_6D63_6100_0001  # pg_advisory_lock key: "hsmca" + 1
+CONNECT_TIMEOUT_S = 3  # a node answers 503 quickly rather than hang on a dead server
+POLL_S = 0.25  # the fallback poll of the change counters (NOTIFY is the fast path)
+
+
+def _pg(script: str) -> str:
+    """A SQLite migration in PostgreSQL's dialect. Text compares byte for byte (COLLATE
+    "C"), as in SQLite: timestamps and hex serials are compared and sorted as text,
+    and a database created with a natural-language collation would reorder them."""
+    script = re.sub(r"\bBLOB\b", "BYTEA", script)
+    script = re.sub(r"\bINTEGER\b", "BIGINT", script)
+    return re.sub(r"\bTEXT\b", 'TEXT COLLATE "C"', script)
+
+
+# What PostgreSQL needs beyond SQLite's migration of the same number.
+_EXTRA: dict[int, str] = {
+    1: """
+    CREATE SEQUENCE crl_numbers;
+    -- Change counters: a transaction that revokes (or changes keys) moves its counter and
+    -- NOTIFYs; every node's primary watches them and tells its processes (generations).
+    CREATE TABLE changes (name TEXT COLLATE "C" PRIMARY KEY, n BIGINT NOT NULL);
+    INSERT INTO changes (name, n) VALUES ('revocations', 0), ('ssh_revocations', 0),
+        ('keys', 0);
+    -- Each node's audit log, line for line: the group commit is this table's commit.
+    CREATE TABLE audit_lines (
+        node TEXT COLLATE "C" NOT NULL,
+        seq BIGINT NOT NULL,
+        line BYTEA NOT NULL,              -- the canonical JSON line, without its newline
+        PRIMARY KEY (node, seq)
+    );
+    CREATE TABLE audit_checkpoints (
+        node TEXT COLLATE "C" PRIMARY KEY,
+        size BIGINT NOT NULL,
+        note TEXT COLLATE "C" NOT NULL,   -- the latest signed checkpoint of the node's log
+        at TEXT COLLATE "C" NOT NULL
+    );
+    """,
+    # cross_certs are listed in insertion order (SQLite's rowid).
+    6: "ALTER TABLE cross_certs ADD COLUMN ord BIGSERIAL;",
+}
+PG_MIGRATIONS: tuple[str, ...] = tuple(
+    _pg(script) + _EXTRA.get(number, "") for number, script in enumerate(MIGRATIONS, start=1))
+
+
+def _q(sql: str) -> str:
+    """SQLite's `?` placeholders as psycopg's `%s` (for SQL shared with sqlite.py)."""
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+class _Undo(Exception):
+    """Raised inside a transaction to roll it back and hand `value` to the caller."""
+
+    def __init__(self, value: object) -> None:
+        super().__init__("undone")
+        self.value = value
+
+
+class PostgresStore:
+    def __init__(self, url: str, *, max_size: int = 8) -> None:
+        self.url = url
+        self._down: str | None = None
+        self._closed = False
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="store-pg",
+                                        daemon=True)
+        self._thread.start()
+        self._pool: AsyncConnectionPool[Any] | None = None
+        self._watchers: list[asyncio.Task[None]] = []
+        try:
+            self._call(self._open(max_size))
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- the store's own loop -------------------------------------------------------------
+
+    def _spawn(self, coro: Coroutine[Any, Any, T]) -> cf.Future[T]:
+        return asyncio.run_coroutine_threadsafe(self._guard(coro), self._loop)
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self._spawn(coro).result()
+
+    async def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return await asyncio.wrap_future(self._spawn(coro))
+
+    async def _guard(self, coro: Awaitable[T]) -> T:
+        try:
+            value = await coro
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            self._down = _why(exc)
+            raise StoreUnavailable(f"the inventory (PostgreSQL) is unavailable: "
+                                   f"{self._down}") from None
+        self._down = None
+        return value
+
+    async def _open(self, max_size: int) -> None:
+        conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True,
+                                                     connect_timeout=CONNECT_TIMEOUT_S)
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+        self._pool = AsyncConnectionPool(
+            self.url, min_size=1, max_size=max_size, open=False, timeout=CONNECT_TIMEOUT_S,
+            kwargs={"connect_timeout": CONNECT_TIMEOUT_S},
+            # A connection the server dropped (a restart) is found out before use.
+            check=AsyncConnectionPool.check_connection,)
+        await self._pool.open(wait=True, timeout=CONNECT_TIMEOUT_S * 2)
+
+    @property
+    def pool(self) -> AsyncConnectionPool[Any]:
+        assert self._pool is not None
+        return self._pool
+
+    @property
+    def healthy(self) -> bool:
+        return self._down is None and self._thread.is_alive()
+
+    @property
+    def problem(self) -> str | None:
+        return self._down
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+
+        async def shut() -> None:
+            for task in self._watchers:
+                task.cancel()
+            await asyncio.gather(*self._watchers, return_exceptions=True)
+            if self._pool is not None:
+                await self._pool.close(timeout=5)
+        if self._thread.is_alive():
+            try:
+                asyncio.run_coroutine_threadsafe(shut(), self._loop).result(timeout=15)
+            except Exception as exc:  # closing: nothing left to protect
+                log.warning("closing the PostgreSQL pool failed", error=str(exc))
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+        if not self._loop.is_running():
+            self._loop.close()
+
+    async def _rows(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        async def read() -> list[tuple[Any, ...]]:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(sql, args)
+                return await cur.fetchall()
+        return await self._run(read())
+
+    async def _tx(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
+        """`fn(conn)` in one transaction, committed before this returns; _Undo rolls it
+        back and returns its value."""
+        async def run() -> T:
+            async with self.pool.connection() as conn:
+                try:
+                    async with conn.transaction():
+                        return await fn(conn)
+                except _Undo as undo:
+                    return undo.value  # type: ignore[return-value]
+        return await self._run(run())
+
+    def _tx_future(self, fn: Callable[[Conn], Awaitable[T]]) -> cf.Future[T]:
+        """`_tx` for a caller on any thread (the signing thread)."""
+        async def run() -> T:
+            async with self.pool.connection() as conn, conn.transaction():
+                return await fn(conn)
+        return self._spawn(run())
+
+    # ---- tokens -------------------------------------------------------------------------
+
+    async def add_token(self, token: NewToken) -> None:
+        async def insert(db: Conn) -> None:
+            await db.execute(
+                "INSERT INTO tokens (id, secret_sha256, role, names, principals, expires, "
+                "created_at, created_by) VALUES (%s,%s,%s,%s,%s,%s,%s,%s)",
+                (token.id, token.secret_sha256, token.role,
+                 json.dumps([list(n) for n in token.names]), json.dumps(list(token.principals)),
+                 token.expires, token.created_at, token.created_by))
+        await self._tx(insert)
+
+    async def token_by_secret(self, secret_sha256: str) -> TokenRecord | None:
+        rows = await self._rows("SELECT id, role, names, principals, expires, used_at FROM "
+                                "tokens WHERE secret_sha256 = %s", (secret_sha256,))
+        if not rows:
+            return None
+        r = rows[0]
+        return TokenRecord(r[0], r[1], tuple((k, v) for k, v in json.loads(r[2])),
+                           tuple(json.loads(r[3])), r[4], r[5])
+
+    async def consume_token(self, token_id: str, at: dt.datetime) -> bool:
+        # READ COMMITTED: of concurrent UPDATEs (on any node), the second waits for the
+        # first's row lock, re-reads the row and finds used_at set: exactly one wins.
+        async def consume(db: Conn) -> int:
+            cur = await db.execute("UPDATE tokens SET used_at = %s WHERE id = %s AND used_at "
+                                   "IS NULL", (at.isoformat(), token_id))
+            return cur.rowcount
+        return await self._tx(consume) == 1
+
+    async def release_token(self, token_id: str) -> None:
+        async def restore(db: Conn) -> None:
+            await db.execute("UPDATE tokens SET used_at = NULL WHERE id = %s AND used_serial "
+                             "IS NULL", (token_id,))
+        await self._tx(restore)
+
+    # ---- X.509 certificates -------------------------------------------------------------
+
+    def add_cert(self, cert: NewCert) -> cf.Future[None]:
+        serial = format(cert.serial, "x")
+
+        async def insert(db: Conn) -> None:
+            await db.execute(
+                "INSERT INTO certs (serial, fingerprint, role, subject, names, principals, "
+                "spki_sha256, not_before, not_after, issued_at, der, issuer, renewed_from, "
+                "audit_seq) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+                (serial, cert.fingerprint, cert.role, cert.subject,
+                 json.dumps(list(cert.names)), json.dumps(list(cert.principals)),
+                 cert.spki_sha256, cert.not_before, cert.not_after, cert.issued_at, cert.der,
+                 cert.issuer, cert.renewed_from, cert.audit_seq))
+            if cert.token_id is not None:
+                await db.execute("UPDATE tokens SET used_serial = %s WHERE id = %s",
+                                 (serial, cert.token_id))
+            if cert.acme_account is not None and cert.acme_order is not None:
+                await db.execute("INSERT INTO acme_certs (serial, account_id, order_id) "
+                                 "VALUES (%s,%s,%s)", (serial, cert.acme_account,
+                                                       cert.acme_order))
+                await db.execute("UPDATE acme_orders SET status = 'valid', cert_serial = %s, "
+                                 "error = NULL WHERE id = %s", (serial, cert.acme_order))
+        return self._tx_future(insert)
+
+    async def cert(self, serial: int) -> CertRecord | None:
+        rows = await self._rows(f"SELECT {_CERT_COLS} FROM certs WHERE serial = %s",
+                                (format(serial, "x"),))
+        return _cert(rows[0]) if rows else None
+
+    async def cert_by_fingerprint(self, fingerprint: str) -> CertRecord | None:
+        rows = await self._rows(f"SELECT {_CERT_COLS} FROM certs WHERE fingerprint = %s",
+                                (fingerprint,))
+        return _cert(rows[0]) if rows else None
+
+    async def revoked_certs(self) -> list[tuple[int, dt.datetime, str | None, str | None]]:
+        return [(int(s, 16), dt.datetime.fromisoformat(at), reason, issuer)
+                for s, at, reason, issuer in await self._rows(
+                    "SELECT serial, revoked_at, reason, issuer FROM certs "
+                    "WHERE revoked_at IS NOT NULL")]
+
+    # PostgreSQL allows one recursive term: each step goes back (a certificate's
+    # predecessor) and forward (its successors) in one join.
+    _FAMILY = (
+        "WITH RECURSIVE family(serial) AS (SELECT %s::text COLLATE \"C\" UNION "
+        "SELECT CASE WHEN c.serial = f.serial THEN c.renewed_from ELSE c.serial END "
+        "FROM certs c JOIN family f ON (c.serial = f.serial AND c.renewed_from IS NOT NULL) "
+        "OR c.renewed_from = f.serial) ")
+
+    async def lineage(self, serial: int, now: dt.datetime) -> list[int]:
+        rows = await self._rows(
+            self._FAMILY + "SELECT c.serial FROM certs c JOIN family f ON c.serial = f.serial "
+            "WHERE c.revoked_at IS NULL AND c.not_after > %s",
+            (format(serial, "x"), now.isoformat()))
+        return sorted(int(r[0], 16) for r in rows)
+
+    async def live_certs_named(self, name: str, now: dt.datetime) -> list[int]:
+        rows = await self._rows(
+            "SELECT serial FROM certs WHERE revoked_at IS NULL AND not_after > %s AND "
+            "names::jsonb ? %s", (now.isoformat(), name))
+        return sorted(int(r[0], 16) for r in rows)
+
+    async def revoke_certs(self, serials: Sequence[int], at: dt.datetime,
+                           reason: str | None) -> Revoked:
+        hexes = [format(s, "x") for s in serials]
+
+        async def mark(db: Conn) -> Revoked:
+            done: list[int] = []
+            ssh = 0
+            for h in hexes:
+                cur = await db.execute("UPDATE certs SET revoked_at = %s, reason = %s WHERE "
+                                       "serial = %s AND revoked_at IS NULL RETURNING serial",
+                                       (at.isoformat(), reason, h))
+                row = await cur.fetchone()
+                if row is not None:
+                    done.append(int(row[0], 16))
+                cur = await db.execute("UPDATE ssh_certs SET revoked_at = %s WHERE "
+                                       "owner_serial = %s AND revoked_at IS NULL",
+                                       (at.isoformat(), h))
+                ssh += cur.rowcount
+            if done:
+                await _changed(db, "revocations")
+            if ssh:
+                await _changed(db, "ssh_revocations")
+            return Revoked(tuple(done), ssh)
+        return await self._tx(mark)
+
+    # ---- reading the inventory ------------------------------------------------------------
+
+    async def find_certs(self, query: CertQuery, now: dt.datetime,
+                         soon: dt.datetime) -> CertPage:
+        if query.sort not in _SORTS:
+            raise ValueError(f"unknown sort {query.sort!r}")
+        where, args = _cert_filter(query, now.isoformat(), soon.isoformat())
+        where = _q(where)
+        order = " DESC" if query.descending else ""
+        columns = ", ".join(f"{c}{order}" for c in _SORTS[query.sort].split(", "))
+        tie = "" if query.sort == "serial" else f", length(c.serial){order}, c.serial{order}"
+        total = int((await self._rows(f"SELECT COUNT(*) FROM {_READ_FROM}{where}", args))[0][0])
+        rows = await self._rows(f"SELECT {_READ_COLS} FROM {_READ_FROM}{where} ORDER BY "
+                                f"{columns}{tie} LIMIT %s OFFSET %s",
+                                (*args, query.limit, query.offset))
+        return CertPage(total, tuple(_read_cert(r) for r in rows))
+
+    async def issued_cert(self, serial: int) -> IssuedCert | None:
+        rows = await self._rows(f"SELECT {_READ_COLS}, c.der FROM {_READ_FROM} WHERE "
+                                "c.serial = %s", (format(serial, "x"),))
+        return IssuedCert(_read_cert(rows[0]), bytes(rows[0][-1])) if rows else None
+
+    async def renewal_family(self, serial: int) -> list[CertRecord]:
+        rows = await self._rows(
+            self._FAMILY + f"SELECT {_READ_COLS} FROM {_READ_FROM} JOIN family f ON "
+            "c.serial = f.serial ORDER BY c.issued_at, length(c.serial), c.serial",
+            (format(serial, "x"),))
+        return [_read_cert(r) for r in rows]
+
+    async def issuance_counts(self, since: dt.datetime, until: dt.datetime
+                              ) -> list[IssuanceCount]:
+        window = (since.isoformat(), until.isoformat())
+        rows = await self._rows(
+            "SELECT CASE WHEN a.serial IS NULL THEN 'x509-' || c.role ELSE 'acme' END, "
+            f"substr(c.issued_at, 1, 13), COUNT(*) FROM {_READ_FROM} "
+            "WHERE c.issued_at >= %s AND c.issued_at < %s GROUP BY 1, 2 UNION ALL "
+            "SELECT 'ssh-' || cert_type, substr(issued_at, 1, 13), COUNT(*) FROM ssh_certs "
+            "WHERE issued_at >= %s AND issued_at < %s GROUP BY 1, 2 ORDER BY 2, 1",
+            (*window, *window))
+        return [IssuanceCount(kind, hour, int(n)) for kind, hour, n in rows]
+
+    # ---- SSH certificates ---------------------------------------------------------------
+
+    def add_ssh_cert(self, cert: NewSSHCert) -> cf.Future[None]:
+        async def insert(db: Conn) -> None:
+            await db.execute(
+                "INSERT INTO ssh_certs (serial, key_id, cert_type, key_sha256, public_key, "
+                "principals, valid_after, valid_before, owner_serial, issued_at, issuer) "
+                "VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+                (str(cert.serial), cert.key_id, cert.cert_type, cert.key_sha256,
+                 cert.public_key, json.dumps(list(cert.principals)), str(cert.valid_after),
+                 str(cert.valid_before), cert.owner_serial, cert.issued_at, cert.issuer))
+        return self._tx_future(insert)
+
+    async def count_ssh_certs(self, which: SSHSelector) -> int:
+        where, arg = _ssh_where(which)
+        return int((await self._rows(f"SELECT COUNT(*) FROM ssh_certs WHERE {where} "
+                                     "AND revoked_at IS NULL", (arg,)))[0][0])
+
+    async def revoke_ssh(self, which: SSHSelector, at: dt.datetime,
+                         revoke_key: str | None = None) -> int:
+        where, arg = _ssh_where(which)
+
+        async def mark(db: Conn) -> int:
+            if revoke_key is not None:
+                await db.execute("INSERT INTO ssh_revoked_keys (public_key, revoked_at) VALUES "
+                                 "(%s, %s) ON CONFLICT DO NOTHING", (revoke_key, at.isoformat()))
+            cur = await db.execute(f"UPDATE ssh_certs SET revoked_at = %s WHERE {where} "
+                                   "AND revoked_at IS NULL", (at.isoformat(), arg))
+            if cur.rowcount or revoke_key is not None:
+                await _changed(db, "ssh_revocations")
+            return cur.rowcount
+        return await self._tx(mark)
+
+    async def revoked_ssh_certs(self) -> list[tuple[str, int, str | None]]:
+        return [(t, int(s), issuer) for t, s, issuer in await self._rows(
+            "SELECT cert_type, serial, issuer FROM ssh_certs WHERE revoked_at IS NOT NULL")]
+
+    async def revoked_ssh_keys(self) -> list[str]:
+        return [r[0] for r in await self._rows("SELECT public_key FROM ssh_revoked_keys")]
+
+    # ---- pre-signed OCSP responses ------------------------------------------------------
+
+    async def ocsp_due(self, now: dt.datetime, refresh_before: dt.datetime, limit: int,
+                       issuers: Sequence[str]) -> list[OCSPDue]:
+        rows = await self._rows(
+            "SELECT c.serial, c.issuer, c.revoked_at, c.reason FROM certs c "
+            "LEFT JOIN ocsp_responses o ON o.serial = c.serial "
+            "WHERE c.not_after > %s AND c.issuer = ANY(%s) AND (o.serial IS NULL "
+            "OR o.next_update < %s OR (c.revoked_at IS NOT NULL AND o.status = 'good')) "
+            "ORDER BY c.revoked_at IS NULL, o.next_update NULLS FIRST LIMIT %s",
+            (now.isoformat(), list(issuers), refresh_before.isoformat(), limit))
+        return [OCSPDue(int(r[0], 16), r[1], r[2], r[3]) for r in rows]
+
+    async def put_ocsp(self, responses: Sequence[OCSPRecord]) -> None:
+        async def put(db: Conn) -> None:
+            async with db.cursor() as cur:
+                await cur.executemany(
+                    "INSERT INTO ocsp_responses (serial, status, this_update, next_update, "
+                    "der_sha1, der_sha256) VALUES (%s,%s,%s,%s,%s,%s) ON CONFLICT (serial) DO "
+                    "UPDATE SET status = excluded.status, this_update = excluded.this_update, "
+                    "next_update = excluded.next_update, der_sha1 = excluded.der_sha1, "
+                    "der_sha256 = excluded.der_sha256",
+                    [(format(r.serial, "x"), r.status, r.this_update, r.next_update, r.der_sha1,
+                      r.der_sha256) for r in responses])
+        await self._tx(put)
+
+    async def ocsp(self, serial: int) -> OCSPRecord | None:
+        rows = await self._rows("SELECT status, this_update, next_update, der_sha1, der_sha256 "
+                                "FROM ocsp_responses WHERE serial = %s", (format(serial, "x"),))
+        return OCSPRecord(serial, *(bytes(v) if isinstance(v, memoryview) else v
+                                    for v in rows[0])) if rows else None
+
+    # ---- CRLs -----------------------------------------------------------------------------
+
+    async def next_crl_number(self) -> int:
+        # A sequence: numbers only grow, whichever node asks, and none is handed out twice.
+        return int((await self._rows("SELECT nextval('crl_numbers')"))[0][0])
+
+    async def add_crl(self, crl: CRLRecord) -> None:
+        async def keep(db: Conn) -> None:
+            await db.execute("INSERT INTO crls (number, revoked, this_update, der, issuer) "
+                             "VALUES (%s,%s,%s,%s,%s)",
+                             (crl.number, crl.revoked, crl.this_update, crl.der, crl.issuer))
+            await db.execute("DELETE FROM crls WHERE number < %s AND issuer IS NOT DISTINCT "
+                             "FROM %s", (crl.number - KEEP_CRLS, crl.issuer))
+        await self._tx(keep)
+
+    async def latest_crl(self, issuer: str | None) -> CRLRecord | None:
+        rows = await self._rows("SELECT number, revoked, this_update, der, issuer FROM crls "
+                                "WHERE issuer IS NOT DISTINCT FROM %s ORDER BY number DESC "
+                                "LIMIT 1", (issuer,))
+        return CRLRecord(int(rows[0][0]), int(rows[0][1]), rows[0][2], bytes(rows[0][3]),
+                         rows[0][4]) if rows else None
+
+    # ---- the CA's keys ----------------------------------------------------------------------
+
+    async def keys(self) -> list[KeyRecord]:
+        return [KeyRecord(*r[:7], bytes(r[7]) if r[7] is not None else None, r[8])
+                for r in await self._rows(
+                    "SELECT label, kind, state, algorithm, created_at, fingerprint, uri, cert, "
+                    "changed_at FROM ca_keys ORDER BY created_at, label")]
+
+    async def add_keys(self, records: Sequence[KeyRecord]) -> None:
+        async def insert(db: Conn) -> None:
+            async with db.cursor() as cur:
+                await cur.executemany(
+                    "INSERT INTO ca_keys (label, kind, state, algorithm, created_at, "
+                    "fingerprint, uri, cert, changed_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s) "
+                    "ON CONFLICT DO NOTHING",
+                    [(r.label, r.kind, r.state, r.algorithm, r.created_at, r.fingerprint,
+                      r.uri, r.cert, r.changed_at) for r in records])
+            await _changed(db, "keys")
+        await self._tx(insert)
+
+    async def rotate_key(self, new: KeyRecord) -> list[str]:
+        async def rotate(db: Conn) -> list[str]:
+            cur = await db.execute(
+                "UPDATE ca_keys SET state = 'previous', changed_at = %s WHERE kind = %s "
+                "AND state = 'active' RETURNING label", (new.changed_at, new.kind))
+            old = [r[0] for r in await cur.fetchall()]
+            await db.execute("INSERT INTO ca_keys (label, kind, state, algorithm, created_at, "
+                             "fingerprint, uri, cert, changed_at) VALUES "
+                             "(%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+                             (new.label, new.kind, "active", new.algorithm, new.created_at,
+                              new.fingerprint, new.uri, new.cert, new.changed_at))
+            await _changed(db, "keys")
+            return old
+        return await self._tx(rotate)
+
+    async def set_key_state(self, label: str, state: str, at: dt.datetime,
+                            expect: str) -> bool:
+        async def change(db: Conn) -> int:
+            cur = await db.execute("UPDATE ca_keys SET state = %s, changed_at = %s WHERE "
+                                   "label = %s AND state = %s",
+                                   (state, at.isoformat(), label, expect))
+            if cur.rowcount:
+                await _changed(db, "keys")
+            return cur.rowcount
+        return await self._tx(change) == 1
+
+    async def name_first_issuers(self, x509_label: str, ssh: dict[str, str]) -> None:
+        async def name(db: Conn) -> None:
+            await db.execute("UPDATE certs SET issuer = %s WHERE issuer IS NULL", (x509_label,))
+            for cert_type, label in ssh.items():
+                await db.execute("UPDATE ssh_certs SET issuer = %s WHERE issuer IS NULL AND "
+                                 "cert_type = %s", (label, cert_type))
+            await db.execute("UPDATE crls SET issuer = %s WHERE issuer IS NULL", (x509_label,))
+        await self._tx(name)
+
+    async def cross_certs(self) -> list[CrossCert]:
+        return [CrossCert(r[0], r[1], bytes(r[2]), r[3]) for r in await self._rows(
+            "SELECT subject_label, issuer_label, der, made_at FROM cross_certs "
+            "ORDER BY made_at, ord")]
+
+    async def add_cross_certs(self, certs: Sequence[CrossCert]) -> None:
+        async def insert(db: Conn) -> None:
+            for c in certs:
+                await db.execute("INSERT INTO cross_certs (der, subject_label, issuer_label, "
+                                 "made_at) VALUES (%s,%s,%s,%s) ON CONFLICT DO NOTHING",
+                                 (c.der, c.subject_label, c.issuer_label, c.made_at))
+        await self._tx(insert)
+
+    async def signed_by(self) -> dict[str | None, int]:
+        counts: dict[str | None, int] = {}
+        for issuer, n in await self._rows("SELECT issuer, COUNT(*) FROM certs GROUP BY issuer"):
+            counts[issuer] = counts.get(issuer, 0) + int(n)
+        for issuer, kind, n in await self._rows("SELECT issuer, cert_type, COUNT(*) FROM "
+                                                "ssh_certs GROUP BY issuer, cert_type"):
+            key = issuer if issuer is not None else f"ssh-{kind}"
+            counts[key] = counts.get(key, 0) + int(n)
+        return counts
+
+    # ---- ACME -------------------------------------------------------------------------------
+
+    async def add_acme_eab(self, eab: AcmeEAB) -> None:
+        async def insert(db: Conn) -> None:
+            await db.execute("INSERT INTO acme_eab (kid, mac_key, names, expires, created_at, "
+                             "created_by) VALUES (%s,%s,%s,%s,%s,%s)",
+                             (eab.kid, eab.mac_key, json.dumps(list(eab.names)), eab.expires,
+                              eab.created_at, eab.created_by))
+        await self._tx(insert)
+
+    async def acme_eab(self, kid: str) -> AcmeEAB | None:
+        rows = await self._rows("SELECT kid, mac_key, names, expires, created_at, created_by, "
+                                "used_at, account_id FROM acme_eab WHERE kid = %s", (kid,))
+        if not rows:
+            return None
+        r = rows[0]
+        return AcmeEAB(r[0], bytes(r[1]) if r[1] is not None else None,
+                       tuple(json.loads(r[2])), r[3], r[4], r[5], r[6], r[7])
+
+    async def add_acme_account(self, account: AcmeAccount, at: dt.datetime) -> bool:
+        async def insert(db: Conn) -> bool:
+            if account.eab_kid is not None:
+                cur = await db.execute(
+                    "UPDATE acme_eab SET used_at = %s, account_id = %s, mac_key = NULL "
+                    "WHERE kid = %s AND used_at IS NULL AND expires > %s",
+                    (at.isoformat(), account.id, account.eab_kid, at.isoformat()))
+                if cur.rowcount != 1:
+                    return False
+            cur = await db.execute(
+                "INSERT INTO acme_accounts (id, thumbprint, jwk, status, contact, names, "
+                "eab_kid, created_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING",
+                (account.id, account.thumbprint, account.jwk, account.status,
+                 json.dumps(list(account.contact)), json.dumps(list(account.names)),
+                 account.eab_kid, account.created_at))
+            if cur.rowcount != 1:  # another account has this key: the EAB stays unspent
+                raise _Undo(False)
+            return True
+        return await self._tx(insert)
+
+    _ACCOUNT_COLS = "id, thumbprint, jwk, status, contact, names, eab_kid, created_at"
+
+    @staticmethod
+    def _account(r: tuple[Any, ...]) -> AcmeAccount:
+        return AcmeAccount(r[0], r[1], r[2], r[3], tuple(json.loads(r[4])),
+                           tuple(json.loads(r[5])), r[6], r[7])
+
+    async def acme_account(self, account_id: str) -> AcmeAccount | None:
+        rows = await self._rows(f"SELECT {self._ACCOUNT_COLS} FROM acme_accounts WHERE "
+                                "id = %s", (account_id,))
+        return self._account(rows[0]) if rows else None
+
+    async def acme_account_by_thumbprint(self, thumbprint: str) -> AcmeAccount | None:
+        rows = await self._rows(f"SELECT {self._ACCOUNT_COLS} FROM acme_accounts WHERE "
+                                "thumbprint = %s", (thumbprint,))
+        return self._account(rows[0]) if rows else None
+
+    async def set_acme_contact(self, account_id: str, contact: Sequence[str]) -> None:
+        async def update(db: Conn) -> None:
+            await db.execute("UPDATE acme_accounts SET contact = %s WHERE id = %s",
+                             (json.dumps(list(contact)), account_id))
+        await self._tx(update)
+
+    async def deactivate_acme_account(self, account_id: str) -> None:
+        async def update(db: Conn) -> None:
+            await db.execute("UPDATE acme_accounts SET status = 'deactivated' WHERE id = %s",
+                             (account_id,))
+            await db.execute("UPDATE acme_authzs SET status = 'deactivated' WHERE "
+                             "account_id = %s AND status = 'pending'", (account_id,))
+        await self._tx(update)
+
+    async def change_acme_key(self, account_id: str, old_thumbprint: str, thumbprint: str,
+                              jwk: str) -> bool:
+        async def update(db: Conn) -> bool:
+            try:
+                async with db.transaction():  # a savepoint: the conflict undoes only it
+                    cur = await db.execute(
+                        "UPDATE acme_accounts SET thumbprint = %s, jwk = %s WHERE id = %s "
+                        "AND thumbprint = %s", (thumbprint, jwk, account_id, old_thumbprint))
+                    return cur.rowcount == 1
+            except psycopg.errors.UniqueViolation:  # another account has that key
+                return False
+        return await self._tx(update)
+
+    async def add_acme_order(self, order: AcmeOrder, authzs: Sequence[AcmeAuthz]) -> None:
+        async def insert(db: Conn) -> None:
+            await db.execute("INSERT INTO acme_orders (id, account_id, status, names, expires, "
+                             "created_at) VALUES (%s,%s,%s,%s,%s,%s)",
+                             (order.id, order.account_id, order.status,
+                              json.dumps(list(order.names)), order.expires, order.created_at))
+            for i, a in enumerate(authzs):
+                await db.execute("INSERT INTO acme_authzs (id, order_id, account_id, name, "
+                                 "wildcard, status, expires, position) VALUES "
+                                 "(%s,%s,%s,%s,%s,%s,%s,%s)",
+                                 (a.id, order.id, a.account_id, a.name, int(a.wildcard),
+                                  a.status, a.expires, i))
+                for j, c in enumerate(a.challenges):
+                    await db.execute("INSERT INTO acme_challenges (id, authz_id, type, token, "
+                                     "status, position) VALUES (%s,%s,%s,%s,%s,%s)",
+                                     (c.id, a.id, c.type, c.token, c.status, j))
+        await self._tx(insert)
+
+    async def acme_order(self, order_id: str) -> AcmeOrder | None:
+        rows = await self._rows("SELECT id, account_id, status, names, expires, created_at, "
+                                "cert_serial, error FROM acme_orders WHERE id = %s", (order_id,))
+        if not rows:
+            return None
+        r = rows[0]
+        authzs = await self._rows("SELECT id FROM acme_authzs WHERE order_id = %s ORDER BY "
+                                  "position", (order_id,))
+        return AcmeOrder(r[0], r[1], r[2], tuple(json.loads(r[3])), r[4], r[5],
+                         tuple(a[0] for a in authzs), r[6], r[7])
+
+    _CHALLENGE_COLS = "id, authz_id, type, token, status, validated, error, started"
+
+    async def acme_authz(self, authz_id: str) -> AcmeAuthz | None:
+        rows = await self._rows("SELECT id, order_id, account_id, name, wildcard, status, "
+                                "expires FROM acme_authzs WHERE id = %s", (authz_id,))
+        if not rows:
+            return None
+        r = rows[0]
+        challenges = await self._rows(f"SELECT {self._CHALLENGE_COLS} FROM acme_challenges "
+                                      "WHERE authz_id = %s ORDER BY position", (authz_id,))
+        return AcmeAuthz(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6],
+                         tuple(AcmeChallenge(*c) for c in challenges))
+
+    async def acme_challenge(self, challenge_id: str) -> AcmeChallenge | None:
+        rows = await self._rows(f"SELECT {self._CHALLENGE_COLS} FROM acme_challenges WHERE "
+                                "id = %s", (challenge_id,))
+        return AcmeChallenge(*rows[0]) if rows else None
+
+    async def deactivate_acme_authz(self, authz_id: str) -> bool:
+        async def deactivate(db: Conn) -> bool:
+            cur = await db.execute("UPDATE acme_authzs SET status = 'deactivated' WHERE id = %s "
+                                   "AND status IN ('pending', 'valid') RETURNING order_id",
+                                   (authz_id,))
+            row = await cur.fetchone()
+            if row is None:
+                return False
+            await db.execute("UPDATE acme_orders SET status = 'invalid' WHERE id = %s AND "
+                             "status IN ('pending', 'ready')", (row[0],))
+            return True
+        return await self._tx(deactivate)
+
+    async def start_acme_challenge(self, challenge_id: str, at: dt.datetime,
+                                   stale_before: dt.datetime) -> bool:
+        async def start(db: Conn) -> bool:
+            cur = await db.execute(
+                "UPDATE acme_challenges SET status = 'processing', started = %s WHERE id = %s "
+                "AND (status = 'pending' OR (status = 'processing' AND started < %s)) AND "
+                "(SELECT status FROM acme_authzs a WHERE a.id = authz_id) = 'pending'",
+                (at.isoformat(), challenge_id, stale_before.isoformat()))
+            return cur.rowcount == 1
+        return await self._tx(start)
+
+    async def finish_acme_challenge(self, challenge_id: str, valid: bool, error: str | None,
+                                    at: dt.datetime) -> None:
+        status = "valid" if valid else "invalid"
+
+        async def finish(db: Conn) -> None:
+            cur = await db.execute("UPDATE acme_challenges SET status = %s, validated = %s, "
+                                   "error = %s WHERE id = %s AND status = 'processing' "
+                                   "RETURNING authz_id",
+                                   (status, at.isoformat() if valid else None, error,
+                                    challenge_id))
+            row = await cur.fetchone()
+            if row is None:
+                return
+            cur = await db.execute("UPDATE acme_authzs SET status = %s WHERE id = %s AND "
+                                   "status = 'pending' RETURNING order_id", (status, row[0]))
+            order = await cur.fetchone()
+            if order is None:
+                return
+            if not valid:
+                await db.execute("UPDATE acme_orders SET status = 'invalid', error = %s WHERE "
+                                 "id = %s AND status = 'pending'", (error, order[0]))
+                return
+            # The order's row is locked first, so that two authorizations of one order
+            # finishing on two nodes at once cannot both count the other as pending.
+            await db.execute("SELECT 1 FROM acme_orders WHERE id = %s FOR UPDATE", (order[0],))
+            cur = await db.execute("SELECT COUNT(*) FROM acme_authzs WHERE order_id = %s AND "
+                                   "status != 'valid'", (order[0],))
+            left = (await cur.fetchone() or (1,))[0]
+            if left == 0:
+                await db.execute("UPDATE acme_orders SET status = 'ready' WHERE id = %s AND "
+                                 "status = 'pending'", (order[0],))
+        await self._tx(finish)
+
+    async def begin_acme_finalize(self, order_id: str) -> bool:
+        async def begin(db: Conn) -> bool:
+            cur = await db.execute("UPDATE acme_orders SET status = 'processing' WHERE id = %s "
+                                   "AND status = 'ready'", (order_id,))
+            return cur.rowcount == 1
+        return await self._tx(begin)
+
+    async def fail_acme_finalize(self, order_id: str, status: str, error: str | None) -> None:
+        async def fail(db: Conn) -> None:
+            await db.execute("UPDATE acme_orders SET status = %s, error = %s WHERE id = %s AND "
+                             "status = 'processing'", (status, error, order_id))
+        await self._tx(fail)
+
+    async def acme_cert(self, serial: int) -> AcmeCert | None:
+        rows = await self._rows(
+            "SELECT c.serial, a.account_id, a.order_id, c.der, c.issuer, c.not_before, "
+            "c.not_after, c.revoked_at, c.spki_sha256 FROM acme_certs a JOIN certs c ON "
+            "c.serial = a.serial WHERE a.serial = %s", (format(serial, "x"),))
+        if not rows:
+            return None
+        r = rows[0]
+        return AcmeCert(r[0], r[1], r[2], bytes(r[3]), *r[4:])
+
+    async def acme_secret(self, name: str, make: bytes) -> bytes:
+        async def keep(db: Conn) -> bytes:
+            await db.execute("INSERT INTO acme_secrets (name, value) VALUES (%s, %s) "
+                             "ON CONFLICT DO NOTHING", (name, make))
+            cur = await db.execute("SELECT value FROM acme_secrets WHERE name = %s", (name,))
+            row = await cur.fetchone()
+            assert row is not None
+            return bytes(row[0])
+        return await self._tx(keep)
+
+    async def redeem_acme_nonce(self, nonce_id: str, expires: dt.datetime,
+                                at: dt.datetime) -> bool:
+        async def redeem(db: Conn) -> bool:
+            await db.execute("DELETE FROM acme_nonces WHERE id IN (SELECT id FROM acme_nonces "
+                             "WHERE expires < %s LIMIT 64)", (at.isoformat(),))
+            cur = await db.execute("INSERT INTO acme_nonces (id, expires) VALUES (%s, %s) "
+                                   "ON CONFLICT DO NOTHING", (nonce_id, expires.isoformat()))
+            return cur.rowcount == 1
+        return await self._tx(redeem)
+
+    async def acme_rate_take(self, kind: str, keys: Sequence[str], at: dt.datetime,
+                             since: dt.datetime, limit: int | None) -> str | None:
+        async def take(db: Conn) -> str | None:
+            # Count-then-insert must not interleave with another node's: one kind at a time.
+            await db.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("acme_rate:" + kind,))
+            await db.execute("DELETE FROM acme_rate WHERE ctid IN (SELECT ctid FROM acme_rate "
+                             "WHERE kind = %s AND at < %s LIMIT 64)", (kind, since.isoformat()))
+            if limit is not None:
+                over = await _rate_over(db, kind, keys, since, limit)
+                if over is not None:
+                    return over
+            async with db.cursor() as cur:
+                await cur.executemany("INSERT INTO acme_rate (kind, key, at) VALUES (%s,%s,%s)",
+                                      [(kind, k, at.isoformat()) for k in keys])
+            return None
+        return await self._tx(take)
+
+    async def acme_rate_over(self, kind: str, keys: Sequence[str], since: dt.datetime,
+                             limit: int) -> str | None:
+        async def read() -> str | None:
+            async with self.pool.connection() as conn:
+                return await _rate_over(conn, kind, keys, since, limit)
+        return await self._run(read())
+
+    # ---- several nodes: change counters ------------------------------------------------------
+
+    async def change_counters(self) -> dict[str, int]:
+        return {name: int(n) for name, n in await self._rows("SELECT name, n FROM changes")}
+
+    def watch_changes(self, moved: Callable[[str], None]) -> None:
+        """Call `moved(name)` (on the store's thread) whenever a change counter moves, on
+        any node: at once by NOTIFY, within POLL_S by the poll if a notification is
+        lost (a connection broken while the server restarts)."""
+        def start() -> None:
+            self._watchers.append(self._loop.create_task(self._watch(moved)))
+        self._loop.call_soon_threadsafe(start)
+
+    async def _watch(self, moved: Callable[[str], None]) -> None:
+        seen: dict[str, int] | None = None
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(
+                    self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
+                try:
+                    await conn.execute(f"LISTEN {CHANNEL}")
+                    while True:
+                        cur = await conn.execute("SELECT name, n FROM changes")
+                        now = {name: int(n) for name, n in await cur.fetchall()}
+                        if seen is not None:
+                            for name, n in now.items():
+                                if seen.get(name) != n:
+                                    moved(name)
+                        seen = now
+                        self._down = None
+                        # Whatever NOTIFY says, the counters are read again right after.
+                        async for _ in conn.notifies(timeout=POLL_S, stop_after=1):
+                            pass
+                finally:
+                    await conn.close()
+            except asyncio.CancelledError:
+                raise
+            except psycopg.Error as exc:
+                self._down = _why(exc)
+                # While the server is away, everything may have moved: make every
+                # process reload when it is back (seen=None would miss nothing either,
+                # but a revocation committed just before the outage must not be lost).
+                seen = None
+                for name in ("revocations", "ssh_revocations", "keys"):
+                    moved(name)
+                await asyncio.sleep(POLL_S)  # a retry pace, not synchronisation
+
+    # ---- several nodes: the leases of background work -----------------------------------
+
+    def lease(self, name: str) -> Lease:
+        """An advisory lock held on a connection of its own: one node at a time does the
+        work `name` (refreshing OCSP); another takes it over if the holder dies."""
+        return Lease(self, name)
+
+    # ---- several nodes: the audit logs -------------------------------------------------------
+
+    def append_audit(self, node: str, first_seq: int, lines: Sequence[bytes]
+                     ) -> cf.Future[None]:
+        """Make a group of `node`'s audit lines durable: one transaction. Rows from
+        `first_seq` on are replaced, so the table always ends where the node's log does
+        (a group whose commit failed, and was cut from the local file, leaves nothing
+        behind even if the commit had in fact gone through)."""
+        async def put(db: Conn) -> None:
+            await db.execute("DELETE FROM audit_lines WHERE node = %s AND seq >= %s",
+                             (node, first_seq))
+            async with db.cursor() as cur:
+                await cur.executemany("INSERT INTO audit_lines (node, seq, line) VALUES "
+                                      "(%s, %s, %s)",
+                                      [(node, first_seq + i, line)
+                                       for i, line in enumerate(lines)])
+        return self._tx_future(put)
+
+    def audit_size_sync(self, node: str) -> int:
+        """How many lines of `node`'s log PostgreSQL holds (for a start, off any loop)."""
+        async def size() -> int:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute("SELECT COALESCE(MAX(seq) + 1, 0) FROM audit_lines "
+                                         "WHERE node = %s", (node,))
+                row = await cur.fetchone()
+                return int(row[0]) if row else 0
+        return self._call(size())
+
+    def audit_lines_sync(self, node: str, start: int, limit: int) -> list[bytes]:
+        async def read() -> list[bytes]:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute("SELECT line FROM audit_lines WHERE node = %s AND "
+                                         "seq >= %s ORDER BY seq LIMIT %s", (node, start, limit))
+                return [bytes(r[0]) for r in await cur.fetchall()]
+        return self._call(read())
+
+    async def audit_lines(self, node: str, start: int, limit: int) -> list[bytes]:
+        rows = await self._rows("SELECT line FROM audit_lines WHERE node = %s AND seq >= %s "
+                                "ORDER BY seq LIMIT %s", (node, start, limit))
+        return [bytes(r[0]) for r in rows]
+
+    async def put_audit_checkpoint(self, node: str, size: int, note: str,
+                                   at: dt.datetime) -> None:
+        async def put(db: Conn) -> None:
+            await db.execute("INSERT INTO audit_checkpoints (node, size, note, at) VALUES "
+                             "(%s,%s,%s,%s) ON CONFLICT (node) DO UPDATE SET size = "
+                             "excluded.size, note = excluded.note, at = excluded.at WHERE "
+                             "audit_checkpoints.size <= excluded.size",
+                             (node, size, note, at.isoformat()))
+        await self._tx(put)
+
+    async def audit_logs(self) -> list[tuple[str, int, str | None]]:
+        """Every node's log: (node, lines held, its latest checkpoint)."""
+        rows = await self._rows(
+            "SELECT n.node, n.size, c.note FROM (SELECT node, MAX(seq) + 1 AS size FROM "
+            "audit_lines GROUP BY node) n LEFT JOIN audit_checkpoints c ON c.node = n.node "
+            "ORDER BY n.node")
+        return [(r[0], int(r[1]), r[2]) for r in rows]
+
+    async def audit_checkpoint(self, node: str) -> str | None:
+        rows = await self._rows("SELECT note FROM audit_checkpoints WHERE node = %s", (node,))
+        return rows[0][0] if rows else None
+
+
+class Lease:
+    """`await lease.try_take()` is True on the one node that holds the lease named
+    `name`: a session advisory lock, held on a connection of its own for as long as
+    that connection lives, so a dead node's lease goes with its connection."""
+
+    def __init__(self, store: PostgresStore, name: str) -> None:
+        self.store, self.name = store, name
+        self._conn: Conn | None = None
+        self._held = False
+
+    async def try_take(self) -> bool:
+        async def take() -> bool:
+            if self._conn is not None and not self._conn.closed and self._held:
+                await self._conn.execute("SELECT 1")  # still connected: still held
+                return True
+            if self._conn is None or self._conn.closed:
+                self._held = False
+                self._conn = await psycopg.AsyncConnection.connect(
+                    self.store.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
+            cur = await self._conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))",
+                                           ("lease:" + self.name,))
+            row = await cur.fetchone()
+            self._held = bool(row and row[0])
+            return self._held
+
+        try:
+            return await self.store._run(take())
+        except StoreUnavailable:
+            self._held = False
+            return False
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and not self.store._closed:
+            self.store._spawn(conn.close())
+
+
+async def _changed(db: Conn, name: str) -> None:
+    """Move a change counter and tell every node, both at this transaction's commit."""
+    await db.execute("UPDATE changes SET n = n + 1 WHERE name = %s", (name,))
+    await db.execute("SELECT pg_notify(%s, %s)", (CHANNEL, name))
+
+
+async def _rate_over(db: Conn, kind: str, keys: Sequence[str], since: dt.datetime,
+                     limit: int) -> str | None:
+    for key in keys:
+        cur = await db.execute("SELECT COUNT(*) FROM (SELECT 1 FROM acme_rate WHERE kind = %s "
+                               "AND key = %s AND at >= %s LIMIT %s) t",
+                               (kind, key, since.isoformat(), limit))
+        row = await cur.fetchone()
+        if row is not None and row[0] >= limit:
+            return key
+    return None
+
+
+def _ssh_where(which: SSHSelector) -> tuple[str, str]:
+    if which.serial is not None:
+        return "serial = %s", str(which.serial)
+    if which.key_id is not None:
+        return "key_id = %s", which.key_id
+    if which.key_sha256 is not None:
+        return "key_sha256 = %s", which.key_sha256
+    raise ValueError("an SSH selector names a serial, a key id or a key")
+
+
+def _why(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+async def migrate(conn: Conn) -> None:
+    """Run the migrations the database has not had, each in one transaction, under an
+    advisory lock (so that nodes starting at once apply each exactly once); refuse a
+    database whose schema is newer than this code."""
+    await conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+    try:
+        await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
+        cur = await conn.execute("SELECT version FROM schema_version")
+        row = await cur.fetchone()
+        version = int(row[0]) if row else 0
+        if row is None:
+            await conn.execute("INSERT INTO schema_version (version) VALUES (0)")
+        if version > len(PG_MIGRATIONS):
+            raise SchemaTooNew(
+                f"the inventory (PostgreSQL) has schema version {version}, newer than this "
+                f"hsmca knows ({len(PG_MIGRATIONS)}): upgrade hsmca on this node")
+        for number, script in enumerate(PG_MIGRATIONS[version:], start=version + 1):
+            async with conn.transaction():
+                await conn.execute(script.encode())  # several statements: no parameters
+                await conn.execute("UPDATE schema_version SET version = %s", (number,))
+            log.info("inventory migrated", version=number)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))

@@ -1,0 +1,90 @@
+"""A throwaway PostgreSQL server from Debian's `postgresql` package, for the tests:
+initdb into a temporary directory (as the `postgres` user when run as root, since
+initdb refuses root), trust authentication, listening on 127.0.0.1 on a free port and
+on a unix socket in that directory only. Never skipped: without the package the
+tests that need it fail, saying what to install."""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_dbs = itertools.count(1)
+
+
+def bindir() -> Path:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+                   key=lambda p: int(p.split("/")[4]))
+    if not found:
+        pytest.fail("PostgreSQL is not installed; run scripts/setup (apt-get install "
+                    "postgresql)")
+    return Path(found[-1]).parent
+
+
+class PostgresServer:
+    def __init__(self) -> None:
+        self.bin = bindir()
+        self.dir = Path(tempfile.mkdtemp(prefix="hsmca-pg-"))
+        self.as_pg: list[str] = []
+        if os.geteuid() == 0:
+            pw = pwd.getpwnam("postgres")
+            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
+            self.as_pg = ["runuser", "-u", "postgres", "--"]
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.data = self.dir / "data"
+        self._run(self.bin / "initdb", "-D", self.data, "-U", "postgres", "-A", "trust",
+                  "-E", "UTF8", "--no-sync")
+        self.start()
+
+    def _run(self, *args: object) -> str:
+        proc = subprocess.run([*self.as_pg, *map(str, args)], capture_output=True, text=True,
+                              timeout=120)
+        if proc.returncode:
+            raise AssertionError(f"{args[0]} failed: {proc.stderr or proc.stdout}")
+        return proc.stdout
+
+    def start(self) -> None:
+        """Start (or start again, on the same port and data) and wait until it answers."""
+        opts = (f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories="
+                f"{self.dir} -c max_connections=300 -c fsync=off")
+        self._run(self.bin / "pg_ctl", "-D", self.data, "-l", self.dir / "server.log", "-o",
+                  opts, "-w", "-t", "60", "start")
+
+    def stop(self) -> None:
+        self._run(self.bin / "pg_ctl", "-D", self.data, "-m", "fast", "-w", "-t", "60",
+                  "stop")
+
+    def psql(self, sql: str, db: str = "postgres") -> str:
+        proc = subprocess.run([str(self.bin / "psql"), "-h", "127.0.0.1", "-p",
+                               str(self.port), "-U", "postgres", "-d", db, "-v",
+                               "ON_ERROR_STOP=1", "-Atqc", sql], capture_output=True,
+                              text=True, timeout=60)
+        if proc.returncode:
+            raise AssertionError(f"psql {sql!r}: {proc.stderr}")
+        return proc.stdout.strip()
+
+    def new_database(self) -> str:
+        """A fresh, empty database owned by an ordinary role; its URL."""
+        name = f"t{next(_dbs)}"
+        if name == "t1":
+            self.psql("CREATE ROLE hsmca LOGIN")
+        self.psql(f"CREATE DATABASE {name} OWNER hsmca")
+        return f"postgresql://hsmca@127.0.0.1:{self.port}/{name}"
+
+    def close(self) -> None:
+        try:
+            self.stop()
+        except AssertionError:
+            pass
+        shutil.rmtree(self.dir, ignore_errors=True)
