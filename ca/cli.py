@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="type of the CA keys (the audit key is always Ed25519)")
     i.add_argument("--dns-name", default="localhost",
                    help="DNS name of the daemon, in its TLS certificate (default localhost)")
+    i.add_argument("--store-url", metavar="URL",
+                   help="a postgresql:// URL: the inventory is that database, shared by "
+                   "several nodes (docs/cluster.md), and goes into the config as [store] url "
+                   "(default: SQLite in the state directory)")
     i.set_defaults(command_key="init")
 
     from ca.commands import acme_cmd, client_cmd, key_cmd, ssh_cmd
@@ -209,9 +213,11 @@ def _expected(exc: BaseException) -> bool:
     from ca.client import ClientError
     from ca.config import ConfigError
     from ca.init import InitError
+    from ca.store.errors import SchemaTooNew, StoreUnavailable
     from hsm.uri import URIError
     return isinstance(exc, CLIError | HSMError | AuditUnavailable | AuditLogError
-                      | ConfigError | InitError | OSError | ClientError | URIError | ValueError)
+                      | ConfigError | InitError | OSError | ClientError | URIError | ValueError
+                      | StoreUnavailable | SchemaTooNew)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ SCHEMA: dict[str, frozenset[str]] = {
     "server": frozenset({"listen", "dns-name", "public-url", "tls-cert", "tls-key",
                          "metrics-allow", "workers"}),
     "audit": frozenset({"origin", "heartbeat-s", "witnesses", "witness-keys"}),
+    # Several nodes on PostgreSQL (docs/cluster.md); no section: the embedded SQLite file.
+    "store": frozenset({"url"}),
     "policy": frozenset({"allow", "deny", "allow-wildcards", "x509-default-ttl-s",
                          "x509-max-ttl-s", "ssh-user-default-ttl-s", "ssh-user-max-ttl-s",
                          "ssh-host-ttl-s", "ssh-user-extensions", "token-max-ttl-s"}),
@@ -131,19 +133,47 @@ class Config:
     workers: int = 0  # worker processes serving HTTPS; 0: one per CPU (at most 8)
     policy: Policy = field(default_factory=Policy)
     acme: AcmeConfig | None = None  # None: no [acme] section, no ACME server
+    store_url: str | None = None  # [store] url: PostgreSQL, several nodes; None: SQLite
+    node: str | None = None  # the node's name (`serve --node`), in cluster mode only
+
+    @property
+    def cluster(self) -> bool:
+        """Several nodes share a PostgreSQL store: what a node keeps locally is named by
+        its node name (nodes may share one state directory)."""
+        return self.store_url is not None
+
+    def for_node(self, node: str) -> Config:
+        """This config as node `node` runs it. In cluster mode its audit log, run files
+        and URL file are its own, and its checkpoints' origin names it; on SQLite there
+        is one node, and everything keeps its single-node name."""
+        from dataclasses import replace
+        if not self.cluster:
+            return self
+        check_node_name(node)
+        return replace(self, node=node, audit_origin=f"{self.audit_origin}/{node}")
+
+    @property
+    def local_dir(self) -> Path:
+        """Where this node keeps its own files (the state directory on SQLite)."""
+        return self.state_dir / "nodes" / self.node if self.node else self.state_dir
+
+    @property
+    def store_location(self) -> str:
+        """What `open_store` opens: the PostgreSQL URL, or the SQLite file."""
+        return self.store_url or str(self.db_path)
 
     @property
     def audit_log(self) -> Path:
-        return self.state_dir / "audit" / "log.jsonl"
+        return self.local_dir / "audit" / "log.jsonl"
 
     @property
     def checkpoint_path(self) -> Path:
-        return self.state_dir / "audit" / "checkpoint"
+        return self.local_dir / "audit" / "checkpoint"
 
     @property
     def cosigned_checkpoint_path(self) -> Path:
         """The latest checkpoint with the witnesses' cosignatures."""
-        return self.state_dir / "audit" / "checkpoint.cosigned"
+        return self.local_dir / "audit" / "checkpoint.cosigned"
 
     @property
     def audit_key_pem(self) -> Path:
@@ -152,19 +182,26 @@ class Config:
     @property
     def url_file(self) -> Path:
         """Where a running daemon writes the URL it listens on."""
-        return self.state_dir / "serve.url"
+        return self.local_dir / "serve.url"
 
     @property
     def local_url(self) -> str:
         try:
             return self.url_file.read_text().strip()
         except OSError:
-            return f"https://{self.listen}"
+            pass
+        # Cluster mode, a command without a node: any node running on this state dir.
+        for other in sorted((self.state_dir / "nodes").glob("*/serve.url")):
+            try:
+                return other.read_text().strip()
+            except OSError:
+                continue
+        return f"https://{self.listen}"
 
     @property
     def generations_path(self) -> Path:
         """Change counters the daemon's processes share while it runs."""
-        return self.state_dir / "run" / "generations"
+        return self.local_dir / "run" / "generations"
 
     @property
     def db_path(self) -> Path:
@@ -303,7 +340,28 @@ def load(path: Path) -> Config:
                      f"{path} [audit]"),
         policy=policy,
         acme=_acme(acme, f"{path} [acme]") if (acme := raw.get("acme")) is not None else None,
+        store_url=_store_url(raw.get("store", {}), f"{path} [store]"),
     )
+
+
+def _store_url(table: dict[str, Any], where: str) -> str | None:
+    url = _get(table, "url", str, where, None)
+    if url is not None and not url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(f"{where}: url must be a postgresql:// URL (without [store], the "
+                          "inventory is the state directory's SQLite file)")
+    return url
+
+
+_NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+def check_node_name(node: str) -> str:
+    """A node name names files and directories, and goes into checkpoint origins and
+    ?log= queries: letters, digits, '.', '_' and '-' only."""
+    if not _NODE_NAME.match(node):
+        raise ConfigError(f"--node {node!r}: a node name is 1 to 63 letters, digits, '.', "
+                          "'_' or '-', starting with a letter or digit")
+    return node
 
 
 def _port(value: int, key: str, where: str) -> int:
@@ -476,6 +534,8 @@ _NOTES = {
               "every checkpoint is pushed; each refuses one that does not extend the",
               "checkpoint it holds (keep them off this host). witness-keys: the verifier",
               "keys of the URL witnesses, whose cosignatures are published."],
+    "store": ["url: the PostgreSQL database that several nodes share (docs/cluster.md);",
+              "without this section the inventory is the state directory's SQLite file."],
     "policy": ["allow, deny: names a bootstrap token may grant (DNS patterns such as",
                "\"*.internal.example\", and CIDRs); an empty allow list allows any name.",
                "allow-wildcards: whether \"*.\" names may be granted.",
@@ -487,7 +547,7 @@ _NOTES = {
 
 def render(*, module: str, token: str, pin_source: str, softhsm_conf: str | None,
            keys: dict[str, str], dns_name: str, audit_origin: str,
-           listen: str = "127.0.0.1:8443") -> str:
+           listen: str = "127.0.0.1:8443", store_url: str | None = None) -> str:
     """The config `hsmca init` writes, every value written by tomli_w (so that paths and
     labels are always escaped correctly), each section under a comment that says what
     its settings do. Defaults come from the dataclasses above, so they cannot drift."""
@@ -517,6 +577,8 @@ def render(*, module: str, token: str, pin_source: str, softhsm_conf: str | None
             "ssh-user-extensions": list(default.ssh_user_extensions),
         },
     }
+    if store_url is not None:
+        doc["store"] = {"url": store_url}
     for section, table in doc.items():
         unknown = set(table) - SCHEMA[section]
         assert not unknown, f"render writes {unknown} that load would refuse"

@@ -29,7 +29,7 @@ from ca.issuance.pipeline import SigningPipeline
 from ca.local_certs import local_cert
 from ca.policy import Policy, Refused, dns_name
 from ca.server_cert import TLS_DAYS, server_names
-from ca.store.sqlite import SQLiteStore
+from ca.store import open_store
 from ca.subject import spki_sha256
 from hsm.keys import KEY_TYPES, find_private
 from hsm.session import HSMConfig, KeyInfo
@@ -51,6 +51,7 @@ class InitOptions:
     key_type: str = "ec-p256"
     dns_name: str = "localhost"
     softhsm_conf: str | None = None
+    store_url: str | None = None  # PostgreSQL, several nodes; None: the state dir's SQLite
 
 
 async def run_init(opts: InitOptions) -> list[Path]:
@@ -106,7 +107,9 @@ async def run_init(opts: InitOptions) -> list[Path]:
             prof.intermediate_builder(keys["issuing"].public_key, "hsmca Issuing CA", root),
             "issuing")
         chain = prof.pem(issuing) + prof.pem(root)
-        store = SQLiteStore(state / "hsmca.sqlite3")
+        # The records made here (keys, CA certificates, the admin and TLS certificates)
+        # go where the nodes will find them: PostgreSQL with --store-url.
+        store = open_store(opts.store_url or state / "hsmca.sqlite3")
         try:
             await record_init_keys(store, keys, root, issuing)
             issuance = Issuance(pipeline, store, issuers.Fixed(
@@ -142,7 +145,7 @@ async def run_init(opts: InitOptions) -> list[Path]:
             pin_source="file:" + str(opts.pin_file.resolve()),
             softhsm_conf=opts.softhsm_conf,
             keys={p: str(key_uri(opts.token, lbl)) for p, lbl in KEY_LABELS.items()},
-            dns_name=opts.dns_name, audit_origin=origin)
+            dns_name=opts.dns_name, audit_origin=origin, store_url=opts.store_url)
         write_new(state / "hsmca.toml", config_text, 0o600)
         written.append(state / "hsmca.toml")
         await audit.append("init.done", files=[str(p.relative_to(state)) for p in written])

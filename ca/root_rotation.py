@@ -76,7 +76,7 @@ async def rotate_root(config: Config) -> RootRotated:
     store: Store | None = None
     try:
         pipeline.start()
-        store = open_store(config.db_path)
+        store = open_store(config.store_location)
         await seed(config, store, pipeline)
         before = await load_issuers(store, pipeline)
         await audit.append("key.ceremony", what="root rotation", phase="start",

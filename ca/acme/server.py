@@ -36,6 +36,7 @@ from ca.policy import PARSE_ERRORS, Refused
 from ca.server.common import AUDIT, ISSUANCE, REVOCATIONS, STORE, decide, identity
 from ca.server.common import json_body as admin_json_body
 from ca.store import AcmeAccount, AcmeAuthz, AcmeChallenge, AcmeEAB, AcmeOrder, Store
+from ca.store.errors import StoreUnavailable
 from ca.subject import spki_sha256
 from hsm.errors import AuditUnavailable, HSMUnavailable
 
@@ -115,8 +116,9 @@ def acme_route(fn: Handler) -> Handler:
             resp = _problem_response(p)
         except Refused as r:
             resp = _problem_response(from_refusal(r.reason, r.detail))
-        except (AuditUnavailable, HSMUnavailable) as exc:
-            part = "audit log" if isinstance(exc, AuditUnavailable) else "HSM"
+        except (AuditUnavailable, HSMUnavailable, StoreUnavailable) as exc:
+            part = ("audit log" if isinstance(exc, AuditUnavailable) else "HSM"
+                    if isinstance(exc, HSMUnavailable) else "inventory (database)")
             resp = _problem_response(AcmeProblem(
                 "serverInternal", f"the {part} is unavailable, so nothing can be signed now; "
                 "retry later", 503, {"Retry-After": "1"}))

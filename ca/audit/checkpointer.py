@@ -52,13 +52,16 @@ class Checkpointer:
     def __init__(self, audit: AuditLog, hsm: SigningPipeline, keys: KeyInfo | Keys,
                  origin: str, path: Path, *, min_interval: float = 1.0,
                  heartbeat: float = 60.0, witnesses: Witnessing | None = None,
-                 on_handover: Callable[[KeyInfo], None] | None = None) -> None:
+                 on_handover: Callable[[KeyInfo], None] | None = None,
+                 on_checkpoint: Callable[[int, str], Awaitable[None]] | None = None) -> None:
         """`keys`: the audit key, or what gives the keys in use now (the active one
         first); `on_handover` is called with the active key after each checkpoint that
         named it (the daemon publishes it as the state directory's audit key)."""
         self.audit, self.hsm, self.origin, self.path = audit, hsm, origin, path
         self._keys: Keys = keys if callable(keys) else _fixed(keys)
         self._on_handover = on_handover
+        # Cluster mode: the checkpoint is published where every node serves it from.
+        self._on_checkpoint = on_checkpoint
         self.witnesses = witnesses
         self.min_interval, self.heartbeat = min_interval, heartbeat
         self._covered = -1  # log size at which nothing new needs a checkpoint
@@ -89,6 +92,8 @@ class Checkpointer:
         # Two fsyncs: off the event loop, which has requests in flight.
         await asyncio.to_thread(write_atomic, self.path, text)
         self.latest = text
+        if self._on_checkpoint is not None:
+            await self._on_checkpoint(size, text)
         if self.witnesses:
             self.witnesses.submit(text, size)
         # Its own intent and outcome lines need no new checkpoint.

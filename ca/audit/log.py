@@ -57,6 +57,11 @@ TILES_DIR = "tiles"  # beside the log
 _READ_BLOCK = 4 << 20  # bytes read at a time when a whole log is read (building tiles)
 
 
+# Makes a group of lines (first seq, lines without their newlines) durable elsewhere too,
+# or raises OSError: then the group is cut off the file and fails like a disk error.
+Mirror = Callable[[int, list[bytes]], None]
+
+
 class AuditLogError(Exception):
     """The log cannot be opened safely; the message tells the operator what to look at."""
 
@@ -70,8 +75,11 @@ class AuditLog:
 
     def __init__(self, path: Path, fd: int, store: TileStore, tree: TiledTree,
                  size_bytes: int, prev: str, edge_offsets: list[int],
-                 pending_ends: list[int]) -> None:
+                 pending_ends: list[int], mirror: Mirror | None = None) -> None:
         self.path = path
+        # Cluster mode: where each group commit is also made durable (PostgreSQL), after
+        # the file's fdatasync and before any caller hears of it (docs/cluster.md).
+        self._mirror = mirror
         self._fd = fd
         self._size_bytes = size_bytes
         self._next_seq = tree.size
@@ -110,7 +118,7 @@ class AuditLog:
     @classmethod
     def open(cls, path: Path, checkpoint_path: Path | None = None,
              audit_key: Ed25519PublicKey | None = None, *,
-             tiles: Path | None = None) -> AuditLog:
+             tiles: Path | None = None, mirror: Mirror | None = None) -> AuditLog:
         """Lock the log, cut a torn tail (recorded as log.recover), check it against its
         tiles and its last checkpoint (the signature too, given the audit key), and
         start the writer.
@@ -148,14 +156,14 @@ class AuditLog:
             raise
         try:
             return cls._recover(path, fd, Path(tiles) if tiles else path.parent / TILES_DIR,
-                                checkpoint_path, audit_key)
+                                checkpoint_path, audit_key, mirror)
         except BaseException:
             os.close(fd)
             raise
 
     @classmethod
     def _recover(cls, path: Path, fd: int, tiles: Path, checkpoint_path: Path | None,
-                 audit_key: Ed25519PublicKey | None) -> AuditLog:
+                 audit_key: Ed25519PublicKey | None, mirror: Mirror | None) -> AuditLog:
         if not tiles.exists():
             _build_tiles(path, fd, tiles)
         try:
@@ -163,7 +171,7 @@ class AuditLog:
         except TileDamaged as exc:
             raise _damaged(tiles, str(exc)) from None
         try:
-            return cls._resume(path, fd, store, tiles, checkpoint_path, audit_key)
+            return cls._resume(path, fd, store, tiles, checkpoint_path, audit_key, mirror)
         except TileDamaged as exc:
             store.close()
             raise _damaged(tiles, str(exc)) from None
@@ -173,8 +181,8 @@ class AuditLog:
 
     @classmethod
     def _resume(cls, path: Path, fd: int, store: FileTileStore, tiles: Path,
-                checkpoint_path: Path | None, audit_key: Ed25519PublicKey | None
-                ) -> AuditLog:
+                checkpoint_path: Path | None, audit_key: Ed25519PublicKey | None,
+                mirror: Mirror | None) -> AuditLog:
         bundles = store.committed()
         covered = bundles * TILE_WIDTH  # lines the tiles hold
         base = store.bundle_end(bundles - 1) if bundles else 0  # bytes they cover
@@ -232,7 +240,7 @@ class AuditLog:
         if checkpoint_path is not None:
             cls._check_against_checkpoint(path, checkpoint_path, tree, fd, pos, audit_key)
         prev = chain_hash(final) if final is not None else GENESIS
-        audit = cls(path, fd, store, tree, pos, prev, edge, ends)
+        audit = cls(path, fd, store, tree, pos, prev, edge, ends, mirror)
         if torn:
             os.ftruncate(fd, pos)
             os.fsync(fd)
@@ -375,6 +383,8 @@ class AuditLog:
             if written != len(blob):
                 raise OSError(errno.ENOSPC, "short write")
             os.fdatasync(self._fd)
+            if self._mirror is not None:
+                self._mirror(self._next_seq, [c[:-1] for c in chunks])
         except OSError as exc:
             self._fail_batch(done, exc, results)
             return

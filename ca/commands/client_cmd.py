@@ -41,11 +41,13 @@ def _worker_count(text: str) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
+    import socket
+
     from ca.config import secret_files
     from ca.daemon import main
     from ca.fileutil import check_private
     from ca.logs import configure
-    cfg = _config(args)
+    cfg = _config(args).for_node(args.node or socket.gethostname())
     # Before anything is started: a readable PIN or key file is refused, by name.
     check_private(secret_files(cfg))
     configure()
@@ -252,6 +254,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                    "STATE_DIR/hsmca.toml)")
     s.add_argument("--listen", help="HOST:PORT to listen on (port 0 picks a free port); "
                    "default from the config")
+    s.add_argument("--node", metavar="NAME",
+                   help="this node's name (default: the host name); with a PostgreSQL "
+                   "store, several nodes share the database and the HSM, and what a node "
+                   "keeps locally (audit log, run files) is named by it (docs/cluster.md)")
     s.add_argument("--workers", type=_worker_count, metavar="N",
                    help="worker processes (default: [server] workers in the config, "
                    "\"auto\" = one per CPU, at most 8)")

@@ -17,6 +17,7 @@ a final checkpoint and logs out.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 import os
 import signal
@@ -25,6 +26,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -54,6 +56,9 @@ from ca.lifecycle import write_bundle
 from ca.process import raise_fd_limit, settle_heap
 from ca.revocation.ocsp import OCSPRefresher, OCSPSigner
 from ca.server_cert import ensure_server_cert
+from ca.store import Store, open_store
+from ca.store.errors import StoreUnavailable
+from ca.store.postgres import PostgresStore
 from ca.store.sqlite import SQLiteStore
 from hsm.session import KeyInfo
 
@@ -162,6 +167,7 @@ class WorkerPool:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "ca.daemon.worker", "--config", str(self.config.path),
                 "--listen", self.address, "--worker", str(slot), "--parent", str(os.getpid()),
+                *(["--node", self.config.node] if self.config.node else []),
                 "--channels", ",".join(str(s.fileno()) for s in theirs),
                 pass_fds=[s.fileno() for s in theirs], stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL)  # stdout's first line is the primary's URL
@@ -266,11 +272,18 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
     audit_key = load_pem_public_key(config.audit_key_pem.read_bytes())
     if not isinstance(audit_key, Ed25519PublicKey):
         raise ValueError(f"{config.audit_key_pem} is not an Ed25519 public key")
-    audit = AuditLog.open(config.audit_log, config.checkpoint_path, audit_key)
+    # Cluster mode: the store first, since the audit log is made durable in it too.
+    store: Store | None = open_store(config.store_location) if config.cluster else None
+    try:
+        audit = _open_audit(config, audit_key, store)
+    except BaseException:
+        if store is not None:
+            store.close()
+        raise
     try:
         # After the log's lock: a second `serve` on this state directory must not
         # wipe the running daemon's metric files. Before prometheus_client's import.
-        metrics.prepare(config.state_dir)
+        metrics.prepare(config.local_dir)
         from ca.metrics import AuditMetrics
         AuditMetrics().watch(audit)
         # Before anything is logged: a port in use must fail the start at once.
@@ -286,7 +299,6 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
          *(HTTPWitness(url) for url in config.witness_urls)],
         [parse_verifier_key(k, ALG_COSIGNATURE) for k in config.witness_keys],
         audit.consistency_proof, config.cosigned_checkpoint_path)
-    store: SQLiteStore | None = None
     pool: WorkerPool | None = None
     background: list[asyncio.Task[None]] = []  # checkpoints of the log and the inventory
     # Handlers first: a SIGTERM that arrives right after "listening on" must still
@@ -297,18 +309,24 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         loop.add_signal_handler(sig, stop.set)
     try:
         pipeline.start()
-        store = SQLiteStore(config.db_path)
+        if store is None:
+            store = open_store(config.store_location)
         await seed(config, store, pipeline)
         keys = await open_keyring(config, store, pipeline, generations)
         await write_bundle(config.bundle_pem, store)  # what the workers' TLS layer trusts
         await audit.append("daemon.start", version=__version__, pid=os.getpid(), workers=count,
                            config_sha256=hashlib.sha256(config.path.read_bytes()).hexdigest())
-        background.append(asyncio.create_task(_checkpoint_inventory(store)))
+        if isinstance(store, SQLiteStore):
+            background.append(asyncio.create_task(_checkpoint_inventory(store)))
+        if isinstance(store, PostgresStore):
+            # A revocation or key change committed by any node reaches this node's
+            # processes: NOTIFY at once, a poll if a notification is lost.
+            store.watch_changes(lambda name: generations.bump(name))
         issuance = Issuance(pipeline, store, keys, None)
         await ensure_server_cert(config, issuance)
         # OCSP responses are signed ahead of time, by this process, off every request's
         # path: new certificates within a second, every live one before nextUpdate.
-        background.append(asyncio.create_task(OCSPRefresher(OCSPSigner(issuance)).run()))
+        background.append(asyncio.create_task(_refresh_ocsp(issuance, store)))
 
         async def audit_keys() -> list[KeyInfo]:
             issuers = await keys.refresh()  # a rotation in a worker shows here
@@ -323,7 +341,8 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         checkpointer = Checkpointer(audit, pipeline, audit_keys, config.audit_origin,
                                     config.checkpoint_path,
                                     heartbeat=config.checkpoint_heartbeat_s,
-                                    witnesses=witnessing, on_handover=handed_over)
+                                    witnesses=witnessing, on_handover=handed_over,
+                                    on_checkpoint=_publisher(config, store))
         # The daemon.start line gets a checkpoint before anyone can connect, so
         # /v1/audit/checkpoint always has one to serve.
         await checkpointer.checkpoint()
@@ -363,12 +382,12 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
             await pool.stop()
             pool.close()
         await pipeline.drain()
-        if store is not None:
-            store.close()
         await witnessing.close()
         pipeline.close()
         generations.close()
         audit.close()
+        if store is not None:
+            store.close()
 
 
 INVENTORY_CHECKPOINT_S = 1.0
@@ -378,6 +397,60 @@ async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _open_audit(config: Config, audit_key: Ed25519PublicKey, store: Store | None
+                ) -> AuditLog:
+    """The node's audit log; in cluster mode level with PostgreSQL first, and each
+    group commit made durable there too (ca/audit/cluster.py)."""
+    if not isinstance(store, PostgresStore):
+        return AuditLog.open(config.audit_log, config.checkpoint_path, audit_key)
+    from ca.audit import cluster
+    assert config.node is not None
+    cluster.sync_local_log(config.audit_log, config.checkpoint_path, store, config.node)
+    return AuditLog.open(config.audit_log, config.checkpoint_path, audit_key,
+                         mirror=cluster.mirror(store, config.node))
+
+
+def _publisher(config: Config, store: Store | None
+               ) -> Callable[[int, str], Awaitable[None]] | None:
+    """Cluster mode: each checkpoint goes to PostgreSQL, whence every node serves it."""
+    if not isinstance(store, PostgresStore) or config.node is None:
+        return None
+    node = config.node
+
+    async def publish(size: int, text: str) -> None:
+        try:
+            await store.put_audit_checkpoint(node, size, text, dt.datetime.now(dt.UTC))
+        except StoreUnavailable as exc:  # the next checkpoint publishes again
+            log.warning("cannot publish the checkpoint to PostgreSQL", error=str(exc))
+    return publish
+
+
+OCSP_LEASE_S = 1.0
+
+
+async def _refresh_ocsp(issuance: Issuance, store: Store) -> None:
+    """Pre-sign OCSP responses. In cluster mode one node at a time does it: the one
+    holding the lease (an advisory lock that dies with its holder's connection)."""
+    refresher = OCSPRefresher(OCSPSigner(issuance))
+    if not isinstance(store, PostgresStore):
+        await refresher.run()
+        return
+    lease = store.lease("ocsp-refresh")
+    try:
+        while True:
+            if await lease.try_take():
+                task = asyncio.create_task(refresher.run())
+                try:
+                    while await lease.try_take():
+                        await asyncio.sleep(OCSP_LEASE_S)  # periodic check, not sync
+                finally:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+            await asyncio.sleep(OCSP_LEASE_S)  # another node holds it: ask again later
+    finally:
+        lease.close()
 
 
 async def _checkpoint_inventory(store: SQLiteStore) -> None:

@@ -41,6 +41,7 @@ from ca.revocation import Revocations
 from ca.server.app import REFUSALS, TRUST, build_app, tls_context
 from ca.server.common import Gate, Settings
 from ca.store import Store, open_store
+from ca.store.errors import SchemaTooNew, StoreUnavailable
 from ca.tokens import Tokens
 from hsm.errors import HSMError
 
@@ -78,7 +79,8 @@ async def run(config: Config, host: str, port: int, slot: int, sign_channel: soc
     try:
         await control.start()
         pipeline.start()
-        store = open_store(config.db_path, autocheckpoint=False)  # the primary checkpoints
+        # SQLite: the primary checkpoints the WAL; PostgreSQL: a pool of this process's.
+        store = open_store(config.store_location, autocheckpoint=False)
         generations = Generations(config.generations_path)
         keys = await open_keyring(config, store, pipeline, generations)
         issuance = Issuance(pipeline, store, keys, config.public_url)
@@ -128,6 +130,7 @@ def main() -> int:
     p.add_argument("--worker", type=int, required=True)
     p.add_argument("--channels", required=True, help="three inherited socket fds, a,b,c")
     p.add_argument("--parent", type=int, required=True)
+    p.add_argument("--node", help="the node's name (cluster mode)")
     args = p.parse_args()
     _die_with_parent(args.parent)
     configure()
@@ -136,8 +139,11 @@ def main() -> int:
     host, _, port = args.listen.rpartition(":")
     try:
         config = load(args.config)
+        if args.node:
+            config = config.for_node(args.node)
         asyncio.run(run(config, host.strip("[]"), int(port), args.worker, *socks))
-    except (ConfigError, HSMError, OSError, ValueError, sqlite3.Error) as exc:
+    except (ConfigError, HSMError, OSError, ValueError, sqlite3.Error, StoreUnavailable,
+            SchemaTooNew) as exc:
         print(f"hsmca: worker {args.worker}: {exc}", file=sys.stderr)
         return 1
     return 0

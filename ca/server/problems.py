@@ -13,6 +13,7 @@ import structlog
 from aiohttp import web
 
 from ca.policy import Refused
+from ca.store.errors import StoreUnavailable
 from hsm.errors import AuditUnavailable, HSMUnavailable
 
 log = structlog.get_logger("hsmca.http")
@@ -51,8 +52,9 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     except Refused as r:
         status = r.reason.status
         return problem(status, TITLES.get(status, "Refused"), r.detail, r.reason.type)
-    except (AuditUnavailable, HSMUnavailable) as exc:
-        part = "audit log" if isinstance(exc, AuditUnavailable) else "HSM"
+    except (AuditUnavailable, HSMUnavailable, StoreUnavailable) as exc:
+        part = ("audit log" if isinstance(exc, AuditUnavailable) else "HSM"
+                if isinstance(exc, HSMUnavailable) else "inventory (database)")
         return problem(503, "Service Unavailable",
                        f"the {part} is unavailable, so nothing can be signed right now; "
                        "retry later", "unavailable", headers={"Retry-After": "1"})

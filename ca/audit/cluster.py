@@ -1,0 +1,127 @@
+"""A node's audit log in cluster mode: its lines made durable in PostgreSQL.
+
+The local file stays the node's working copy (tiles, proofs and recovery work on it
+as on a single node), but a group of lines is acknowledged only once PostgreSQL
+has committed it too: the group commit is a transaction commit, so no record lives
+only on one node's disk. At start the two are brought level before the log is
+opened: lines PostgreSQL lacks (a crash between the file's fdatasync and the
+commit: never acknowledged) are sent up, and lines the file lacks (a node rebuilt
+on a new disk) are written back from PostgreSQL, which is the record.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+import structlog
+
+from ca.audit.log import TILES_DIR, AuditLogError, Mirror
+from ca.store.errors import StoreUnavailable
+from ca.store.postgres import PostgresStore
+
+log = structlog.get_logger("hsmca.audit")
+COMMIT_TIMEOUT_S = 10.0
+_PAGE = 5000
+
+
+def mirror(store: PostgresStore, node: str) -> Mirror:
+    def commit(first_seq: int, lines: list[bytes]) -> None:
+        try:
+            store.append_audit(node, first_seq, lines).result(timeout=COMMIT_TIMEOUT_S)
+        except StoreUnavailable as exc:
+            raise OSError(errno.EIO, str(exc)) from None
+        except TimeoutError:
+            raise OSError(errno.ETIMEDOUT, "PostgreSQL did not commit the audit lines "
+                          f"within {COMMIT_TIMEOUT_S:.0f} s") from None
+        except Exception as exc:  # any refusal: the lines are not durable there
+            raise OSError(errno.EIO, f"PostgreSQL refused the audit lines: {exc}") from None
+    return commit
+
+
+def _complete_lines(path: Path) -> tuple[int, bytes | None, int]:
+    """(lines in the file, its last complete line, bytes up to its end), reading from
+    the end only: start-up must not read the whole log."""
+    if not path.exists():
+        return 0, None, 0
+    with open(path, "rb") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        end = size
+        block = b""
+        while end > 0:
+            lo = max(0, end - 65536)
+            fh.seek(lo)
+            block = fh.read(end - lo) + block
+            cut = block.rfind(b"\n")
+            if cut < 0:
+                end = lo
+                continue
+            # The last complete line ends at `cut`; find where it starts.
+            start = block.rfind(b"\n", 0, cut)
+            while start < 0 and lo > 0:
+                lo2 = max(0, lo - 65536)
+                fh.seek(lo2)
+                block = fh.read(lo - lo2) + block
+                cut += lo - lo2
+                lo = lo2
+                start = block.rfind(b"\n", 0, cut)
+            line = block[start + 1:cut]
+            try:
+                seq = json.loads(line)["seq"]
+            except (ValueError, KeyError, TypeError):
+                return -1, None, 0  # a torn or strange tail: the log's own recovery decides
+            return int(seq) + 1, line, lo + cut + 1
+    return 0, None, 0
+
+
+def sync_local_log(path: Path, checkpoint: Path, store: PostgresStore, node: str) -> None:
+    """Bring the node's file and PostgreSQL level (see the module's docstring)."""
+    held = store.audit_size_sync(node)
+    have, last, end = _complete_lines(path)
+    if have < 0:
+        return
+    if have > held:
+        # Complete lines on disk that never reached PostgreSQL: a crash between the two.
+        with open(path, "rb") as fh:
+            lines = fh.read(end).split(b"\n")[:-1]
+        extra = lines[held:] if len(lines) == have else []
+        if extra:
+            store.append_audit(node, held, extra).result(timeout=COMMIT_TIMEOUT_S)
+            log.warning("sent audit lines PostgreSQL lacked (a crash between the file and "
+                        "the commit)", node=node, first_seq=held, lines=len(extra))
+        return
+    if have == held:
+        return
+    if have > 0:
+        # The file must be a prefix of what PostgreSQL holds.
+        theirs = store.audit_lines_sync(node, have - 1, 1)
+        if theirs != [last]:
+            raise AuditLogError(
+                f"the audit log {path} of node {node!r} ends at seq {have - 1} with a line that "
+                "differs from PostgreSQL's: one of them was rewritten. Refusing to start; "
+                "run `hsmca audit verify` on both")
+    else:
+        # A node on a new disk: its log comes back from PostgreSQL; tiles and the
+        # checkpoint are rebuilt from it (the checkpoint is checked against the log).
+        shutil.rmtree(path.parent / TILES_DIR, ignore_errors=True)
+        checkpoint.unlink(missing_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+    try:
+        if have > 0:
+            os.ftruncate(fd, end)
+        seq = have
+        while seq < held:
+            page = store.audit_lines_sync(node, seq, _PAGE)
+            if not page:
+                break
+            os.write(fd, b"".join(line + b"\n" for line in page))
+            seq += len(page)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    log.warning("restored audit lines of this node from PostgreSQL", node=node,
+                from_seq=have, lines=held - have)
