@@ -44,6 +44,7 @@ import os
 import ssl
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -89,17 +90,18 @@ class _DaemonError(Exception):
 
 async def verify_remote(url: str, ssl_ctx: ssl.SSLContext, public_key: Ed25519PublicKey,
                         state_path: str | os.PathLike[str], *,
-                        origin: str | None = None) -> RemoteResult:
+                        origin: str | None = None, log: str | None = None) -> RemoteResult:
     """Verify the daemon at `url` from the state in `state_path` (created if missing).
 
     `ssl_ctx` carries an auditor or admin client certificate. The state is replaced
     only when everything verified. Raises `ca.client.ClientError` when the daemon
     cannot be asked (unreachable, 403, ...) and ValueError for a malformed state
-    file (the auditor's own file, not evidence about the log).
+    file (the auditor's own file, not evidence about the log). `log`: the node whose
+    log to verify, on a cluster (any node serves every node's log).
     """
     raw = load_state(state_path)
     async with aiohttp.ClientSession(timeout=client.TIMEOUT) as session:
-        api = _API(session, url.rstrip("/"), ssl_ctx)
+        api = _API(session, url.rstrip("/"), ssl_ctx, log)
         try:
             result = await _run(api, public_key, raw, origin)
         except _DaemonError as exc:
@@ -107,6 +109,25 @@ async def verify_remote(url: str, ssl_ctx: ssl.SSLContext, public_key: Ed25519Pu
     if result.ok and result.new_state is not None:
         save_state(state_path, result.new_state)
     return result
+
+
+async def list_logs(url: str, ssl_ctx: ssl.SSLContext) -> list[str | None]:
+    """The logs the daemon serves: every node's name on a cluster, [None] for a daemon
+    with one log (or one that predates `GET /v1/audit/logs`)."""
+    async with aiohttp.ClientSession(timeout=client.TIMEOUT) as session:
+        try:
+            raw = await client.get_bytes(session, url.rstrip("/") + "/v1/audit/logs", ssl_ctx)
+        except client.ClientError as exc:
+            if exc.status == 404:
+                return [None]
+            raise
+    try:
+        names = [entry["name"] for entry in json.loads(raw)["logs"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise client.ClientError(f"the daemon's list of logs is malformed: {exc}") from None
+    if not all(n is None or isinstance(n, str) for n in names) or not names:
+        raise client.ClientError("the daemon's list of logs is malformed")
+    return names
 
 
 # ---- talking to the daemon ------------------------------------------------------------------
@@ -117,8 +138,11 @@ class _API:
     session: aiohttp.ClientSession
     base: str
     ctx: ssl.SSLContext
+    log: str | None = None  # a cluster node's log (?log=); None: the daemon's own
 
     async def get(self, path: str) -> bytes:
+        if self.log is not None:
+            path += ("&" if "?" in path else "?") + "log=" + quote(self.log, safe="")
         return await client.get_bytes(self.session, self.base + path, self.ctx)
 
     async def checkpoint(self) -> str:

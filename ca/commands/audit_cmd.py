@@ -60,18 +60,32 @@ def _verify_remote(args: argparse.Namespace) -> int:
     if args.allow_unsigned:
         raise CLIError("--allow-unsigned is for --log; with --url only lines a checkpoint "
                        "covers are fetched")
-    from ca.audit.remote import verify_remote
+    from ca.audit.remote import list_logs, verify_remote
     ctx = _client_context(args)
     key = _audit_key(args.key)
-    result = asyncio.run(verify_remote(args.url, ctx, key, args.state, origin=args.origin))
+    names = asyncio.run(list_logs(args.url, ctx))
+    if names == [None]:
+        return _report(asyncio.run(verify_remote(args.url, ctx, key, args.state,
+                                                 origin=args.origin)), "")
+    # A cluster: every node's log, each with a state of its own beside --state.
+    failed = 0
+    for name in names:
+        assert name is not None
+        state = args.state.with_name(f"{args.state.stem}.{name}{args.state.suffix}")
+        result = asyncio.run(verify_remote(args.url, ctx, key, state, log=name))
+        failed += _report(result, f"log {name}: ")
+    return 1 if failed else 0
+
+
+def _report(result: Any, prefix: str) -> int:
     if not result.ok:
         where = f"at seq {result.bad_seq}" if result.bad_seq is not None else "(no line)"
-        print(f"FAILED {where}: {result.reason}", file=sys.stderr)
+        print(f"{prefix}FAILED {where}: {result.reason}", file=sys.stderr)
         return 1
-    print(f"OK: {result.lines} lines, {result.checkpoints} checkpoints verified "
+    print(f"{prefix}OK: {result.lines} lines, {result.checkpoints} checkpoints verified "
           f"(fetched {result.fetched} new lines)")
     if result.note:
-        print(f"note: {result.note}")
+        print(f"{prefix}note: {result.note}")
     return 0
 
 

@@ -96,7 +96,7 @@ async def run(config: Config, host: str, port: int, slot: int, sign_channel: soc
             lifecycle=KeyLifecycle(issuance, store, link, generations, config.bundle_pem),
             settings=Settings(config.policy, tuple(ipaddress.ip_network(n)
                                                    for n in config.metrics_allow),
-                              config.audit_origin),
+                              config.audit_origin, config.node),
             acme=config.acme)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=10.0)
         await runner.setup()

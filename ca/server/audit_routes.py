@@ -2,7 +2,12 @@
 the log as C2SP tlog-tiles (c2sp.org/tlog-tiles) under the prefix /v1/audit/:
 `checkpoint`, `tile/<L>/<N>[.p/<W>]` and `tile/entries/<N>[.p/<W>]`, so that
 standard tlog tooling can follow it. Tiles and entries are what proofs and entries
-are: for auditors and admins only."""
+are: for auditors and admins only.
+
+In cluster mode every node keeps its own log, and any node serves all of them:
+`GET /v1/audit/logs` lists them with their latest checkpoints, and `?log=NODE` on
+the checkpoint, entries and proof endpoints reads another node's log from
+PostgreSQL (ca/server/other_logs.py), so an auditor follows a dead node's log too."""
 
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from ca.audit.note import verifier_key
 from ca.audit.recorder import MAX_ENTRIES
 from ca.audit.tiles import parse_tile_path
 from ca.server.common import AUDIT, ISSUANCE, SETTINGS, identity
+from ca.server.other_logs import other_log, other_logs
 from ca.server.problems import Problem
 
 routes = web.RouteTableDef()
@@ -37,11 +43,28 @@ def _b64(hashes: list[bytes]) -> list[str]:
     return [base64.b64encode(h).decode() for h in hashes]
 
 
+@routes.get("/v1/audit/logs")
+async def logs(request: web.Request) -> web.Response:
+    """Every node's log with its latest checkpoint (one log, unnamed, on SQLite)."""
+    other = other_logs(request)
+    if other is None:
+        return web.json_response({"logs": [{"name": request.app[SETTINGS].node,
+                                             "checkpoint": await request.app[AUDIT].checkpoint(),
+                                             "self": True}]})
+    return web.json_response({"logs": [
+        {"name": name, "size": size, "checkpoint": note,
+         "self": name == request.app[SETTINGS].node}
+        for name, size, note in await other.logs()]})
+
+
 @routes.get("/v1/audit/entries")
 async def entries(request: web.Request) -> web.Response:
     await identity(request, "auditor", "admin")
     start = _int(request, "start", 0)
     limit = min(_int(request, "limit", 100), MAX_ENTRIES)
+    other = other_log(request)
+    if other is not None:
+        return web.Response(body=await other.read(start, limit), content_type="application/jsonl")
     data = await request.app[AUDIT].read(start, limit)
     return web.Response(body=data, content_type="application/jsonl")
 
@@ -54,7 +77,8 @@ _IMMUTABLE = {"Cache-Control": "private, max-age=31536000, immutable"}
 
 @routes.get("/v1/audit/checkpoint")
 async def checkpoint(request: web.Request) -> web.Response:
-    latest = await request.app[AUDIT].checkpoint()
+    other = other_log(request)
+    latest = await (other.checkpoint() if other is not None else request.app[AUDIT].checkpoint())
     if not latest:
         raise Problem(404, "Not Found", "no checkpoint has been signed yet")
     return web.Response(text=latest, content_type="text/plain", charset="utf-8",
@@ -75,6 +99,9 @@ async def cosigned_checkpoint(request: web.Request) -> web.Response:
 @routes.get("/v1/audit/tile/{path:.+}")
 async def tile(request: web.Request) -> web.Response:
     await identity(request, "auditor", "admin")
+    if other_log(request) is not None:
+        raise Problem(404, "Not Found", "tiles are served by the node whose log it is; "
+                      "another node's log is served as entries and proofs (?log=)")
     try:
         level, index, width = parse_tile_path(request.match_info["path"])
     except ValueError as exc:
@@ -122,10 +149,11 @@ async def consistency(request: web.Request) -> web.Response:
 
 async def _proof(request: web.Request, kind: str, **args: int) -> list[bytes]:
     """A proof from the primary process, which computes it from the tiles."""
-    audit = request.app[AUDIT]
+    other = other_log(request)
+    audit = other if other is not None else request.app[AUDIT]
     try:
         if kind == "inclusion":
             return await audit.inclusion_proof(args["index"], args["size"])
         return await audit.consistency_proof(args["old"], args["size"])
-    except RecorderRefused as exc:
+    except (RecorderRefused, ValueError) as exc:
         raise Problem(400, "Bad Request", str(exc), "bad-query") from None

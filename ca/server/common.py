@@ -62,6 +62,7 @@ class Settings:
     policy: Policy
     metrics_allow: tuple[Any, ...]
     audit_origin: str
+    node: str | None = None  # cluster mode: this node's name, which names its log
 
 
 class Gate:
