@@ -1,0 +1,160 @@
+"""The Store's core verbs, as any implementation must keep them (the `store` fixture of
+tests/conftest.py runs each against SQLite and a real PostgreSQL): a token spent
+once, certificates found by serial and fingerprint, revocation reaching SSH
+certificates, CRL numbers that only grow, pre-signed OCSP, the CA's keys. And what
+only PostgreSQL promises, with two stores on one database as two nodes have them:
+exactly one of concurrent token uses wins, migrations run once when nodes start
+together, and a schema newer than the code is refused."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from ca.store import (
+    CRLRecord,
+    KeyRecord,
+    NewCert,
+    NewSSHCert,
+    NewToken,
+    OCSPRecord,
+    SSHSelector,
+    Store,
+)
+
+NOW = dt.datetime(2026, 12, 2, 12, 0, tzinfo=dt.UTC)
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def token(tid: str = "tok1") -> NewToken:
+    return NewToken(id=tid, secret_sha256=f"{tid:0>64}", role="service",
+                    names=(("dns", "a.test"),), principals=(), expires=(
+                        NOW + dt.timedelta(minutes=15)).isoformat(),
+                    created_at=NOW.isoformat(), created_by="admin")
+
+
+def cert(serial: int, token_id: str | None = None, renewed_from: int | None = None) -> NewCert:
+    return NewCert(serial=serial, fingerprint=f"{serial:064x}", role="service",
+                   subject="CN=a.test", names=("a.test",), principals=(), spki_sha256="e" * 64,
+                   not_before=NOW.isoformat(),
+                   not_after=(NOW + dt.timedelta(days=1)).isoformat(),
+                   issued_at=NOW.isoformat(), der=b"DER%d" % serial, issuer="issuing-ca",
+                   token_id=token_id,
+                   renewed_from=format(renewed_from, "x") if renewed_from else None)
+
+
+def test_a_token_is_spent_once_and_released_only_if_nothing_was_issued(store: Store) -> None:
+    run(store.add_token(token()))
+    rec = run(store.token_by_secret("tok1".rjust(64, "0")))
+    assert rec is not None and rec.used_at is None and rec.names == (("dns", "a.test"),)
+    assert run(store.consume_token("tok1", NOW)) is True
+    assert run(store.consume_token("tok1", NOW)) is False
+    run(store.release_token("tok1"))  # nothing issued: usable again
+    assert run(store.consume_token("tok1", NOW)) is True
+    store.add_cert(cert(0x10, token_id="tok1")).result(timeout=10)
+    run(store.release_token("tok1"))  # a certificate was issued with it: stays spent
+    assert run(store.consume_token("tok1", NOW)) is False
+
+
+def test_certificates_are_found_and_revocation_reaches_their_ssh_certificates(
+        store: Store) -> None:
+    store.add_cert(cert(0xa)).result(timeout=10)
+    store.add_cert(cert(0xb, renewed_from=0xa)).result(timeout=10)
+    store.add_ssh_cert(NewSSHCert(serial=7, key_id="a.test:7", cert_type="host",
+                                  key_sha256="k" * 64, public_key="ssh-ed25519 AAAA",
+                                  principals=("a.test",), valid_after=0, valid_before=2**40,
+                                  owner_serial="a", issued_at=NOW.isoformat(),
+                                  issuer="ssh-host-ca")).result(timeout=10)
+    assert run(store.cert(0xa)).names == ("a.test",)
+    assert run(store.cert_by_fingerprint(f"{0xb:064x}")).renewed_from == "a"
+    assert run(store.lineage(0xb, NOW)) == [0xa, 0xb]
+    assert run(store.live_certs_named("a.test", NOW)) == [0xa, 0xb]
+    assert run(store.count_ssh_certs(SSHSelector(key_id="a.test:7"))) == 1
+    done = run(store.revoke_certs([0xa], NOW, "keyCompromise"))
+    assert done.serials == (0xa,) and done.ssh_certs == 1
+    assert run(store.revoke_certs([0xa], NOW, "keyCompromise")).serials == ()
+    assert [(s, r) for s, _, r, _ in run(store.revoked_certs())] == [(0xa, "keyCompromise")]
+    assert run(store.revoked_ssh_certs()) == [("host", 7, "ssh-host-ca")]
+    assert run(store.lineage(0xb, NOW)) == [0xb]
+    assert run(store.revoke_ssh(SSHSelector(key_sha256="z" * 64), NOW,
+                                revoke_key="ssh-ed25519 BBBB")) == 0
+    assert run(store.revoked_ssh_keys()) == ["ssh-ed25519 BBBB"]
+
+
+def test_crl_numbers_only_grow_and_the_latest_crl_is_served(store: Store) -> None:
+    numbers = [run(store.next_crl_number()) for _ in range(3)]
+    assert numbers == sorted(set(numbers)) and numbers[0] >= 1
+    for n in numbers:
+        run(store.add_crl(CRLRecord(n, 0, NOW.isoformat(), b"CRL%d" % n, "issuing-ca")))
+    latest = run(store.latest_crl("issuing-ca"))
+    assert latest.number == numbers[-1] and latest.der == b"CRL%d" % numbers[-1]
+    assert run(store.latest_crl(None)) is None
+
+
+def test_presigned_ocsp_is_due_until_stored_and_again_once_revoked(store: Store) -> None:
+    store.add_cert(cert(0xc)).result(timeout=10)
+    due = run(store.ocsp_due(NOW, NOW + dt.timedelta(hours=1), 10, ["issuing-ca"]))
+    assert [d.serial for d in due] == [0xc]
+    run(store.put_ocsp([OCSPRecord(0xc, "good", NOW.isoformat(),
+                                   (NOW + dt.timedelta(days=1)).isoformat(), b"s1", b"s256")]))
+    assert run(store.ocsp_due(NOW, NOW + dt.timedelta(hours=1), 10, ["issuing-ca"])) == []
+    assert run(store.ocsp(0xc)).der_sha256 == b"s256"
+    run(store.revoke_certs([0xc], NOW, None))
+    due = run(store.ocsp_due(NOW, NOW + dt.timedelta(hours=1), 10, ["issuing-ca"]))
+    assert [(d.serial, d.revoked_at is not None) for d in due] == [(0xc, True)]
+
+
+def test_keys_rotate_and_change_state_once(store: Store) -> None:
+    def key(label: str, state: str = "active") -> KeyRecord:
+        return KeyRecord(label, "issuing", state, "ec-p256", NOW.isoformat(), "f" * 64,
+                         f"pkcs11:object={label}", b"CERT", NOW.isoformat())
+    run(store.add_keys([key("issuing-ca")]))
+    run(store.add_keys([key("issuing-ca")]))  # already recorded: left alone
+    assert run(store.rotate_key(key("issuing-2"))) == ["issuing-ca"]
+    states = {k.label: k.state for k in run(store.keys())}
+    assert states == {"issuing-ca": "previous", "issuing-2": "active"}
+    assert run(store.set_key_state("issuing-ca", "retired", NOW, "previous")) is True
+    assert run(store.set_key_state("issuing-ca", "retired", NOW, "previous")) is False
+
+
+# ---- PostgreSQL: several nodes on one database ---------------------------------------------
+
+
+def test_two_nodes_racing_for_one_token_issue_exactly_once(postgres_server: Any) -> None:
+    from ca.store.postgres import PostgresStore
+    url = postgres_server.new_database()
+    # Two stores start at once on a new database: each migration runs exactly once.
+    with ThreadPoolExecutor(2) as pool:
+        nodes = list(pool.map(lambda _: PostgresStore(url), range(2)))
+    try:
+        run(nodes[0].add_token(token()))
+
+        async def race() -> list[bool]:
+            return await asyncio.gather(*(nodes[i % 2].consume_token("tok1", NOW)
+                                          for i in range(40)))
+        assert sorted(run(race())) == [False] * 39 + [True]
+        # A number handed out on one node is never handed out on the other.
+        numbers = [run(nodes[i % 2].next_crl_number()) for i in range(6)]
+        assert numbers == sorted(set(numbers))
+    finally:
+        for n in nodes:
+            n.close()
+
+
+def test_a_database_newer_than_the_code_is_refused_in_one_line(postgres_server: Any) -> None:
+    from ca.store.errors import SchemaTooNew
+    from ca.store.postgres import PG_MIGRATIONS, PostgresStore
+    url = postgres_server.new_database()
+    PostgresStore(url).close()
+    postgres_server.psql(f"UPDATE schema_version SET version = {len(PG_MIGRATIONS) + 1}",
+                         db=url.rsplit("/", 1)[1])
+    with pytest.raises(SchemaTooNew, match="newer than this hsmca knows") as info:
+        PostgresStore(url)
+    assert "\n" not in str(info.value)
