@@ -95,16 +95,14 @@ class Revocations:
         # stored CRL is stale from now on, and if re-signing fails here the next GET
         # tries again.
         issuers = self.issuance.issuers
-        of = {s: issuers.x509_of(await self._issuer_of(s)) for s in done.serials}
-        await self.ocsp.sign([OCSPDue(s, of[s], now.isoformat(), order.reason)
-                              for s in done.serials], order.actor, request_id)
+        records = {s: await self.store.cert(s) for s in done.serials}
+        of = {s: issuers.x509_of(r.issuer if r else None) for s, r in records.items()}
+        await self.ocsp.sign([OCSPDue(s, of[s], now.isoformat(), order.reason, r.not_after)
+                              for s, r in records.items() if r is not None],
+                             order.actor, request_id)
         for label in sorted(set(of.values()) & set(issuers.x509)):
             await self.refresh_crl(request_id, label)
         return now, list(done.serials), done.ssh_certs
-
-    async def _issuer_of(self, serial: int) -> str | None:
-        rec = await self.store.cert(serial)
-        return rec.issuer if rec is not None else None
 
     async def crl(self, issuer: str | None = None) -> bytes:
         """The newest CRL of `issuer` (the current one by default), re-signed when a

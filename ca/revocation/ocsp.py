@@ -134,10 +134,17 @@ class OCSPSigner:
                             for r in pair)
             records.append(OCSPRecord(d.serial, "revoked" if d.revoked_at else "good",
                                       now.isoformat(), (now + VALIDITY).isoformat(), sha1,
-                                      sha256))
+                                      sha256, _refresh_at(now, d.not_after)))
         if records:
             await self.store.put_ocsp(records)
         return len(due) - len(records)
+
+
+def _refresh_at(signed: dt.datetime, not_after: str) -> str | None:
+    """When responses signed at `signed` are due again: REFRESH_BEFORE ahead of their
+    nextUpdate; never if the certificate expires first (its last responses outlive it)."""
+    at = signed + VALIDITY - REFRESH_BEFORE
+    return at.isoformat() if at < dt.datetime.fromisoformat(not_after) else None
 
 
 class OCSPRefresher:
@@ -150,9 +157,9 @@ class OCSPRefresher:
     async def round(self) -> None:
         issuers = await self.signer.issuance.keys.refresh()
         now = prof.utcnow()
+        await self.signer.store.ocsp_settle(now, list(issuers.x509))
         while True:
-            due = await self.signer.store.ocsp_due(now, now + REFRESH_BEFORE, BATCH,
-                                                   list(issuers.x509))
+            due = await self.signer.store.ocsp_due(now, BATCH, list(issuers.x509))
             if not due or await self.signer.sign(due):  # failures: the HSM or the log is
                 return                                  # away; next round
 

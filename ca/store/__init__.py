@@ -141,15 +141,27 @@ class Store(Protocol):
 
     # ---- pre-signed OCSP responses ------------------------------------------------------
 
-    async def ocsp_due(self, now: dt.datetime, refresh_before: dt.datetime, limit: int,
-                       issuers: Sequence[str]) -> list[OCSPDue]:
-        """Live certificates of `issuers` whose response is missing, ends before
-        `refresh_before`, or still says good for a revoked certificate; revoked first."""
+    async def ocsp_settle(self, now: dt.datetime, issuers: Sequence[str]) -> int:
+        """Takes certificates that expired, or whose issuer is no longer among `issuers`
+        (retired), off the due list for good; how many."""
         ...
 
-    async def put_ocsp(self, responses: Sequence[OCSPRecord]) -> None: ...
+    async def ocsp_due(self, now: dt.datetime, limit: int,
+                       issuers: Sequence[str]) -> list[OCSPDue]:
+        """Live certificates of `issuers` whose responses are due by `now`: new ones (a
+        'pending' row is recorded with the certificate), revoked ones (revoke_certs makes
+        them due), and those whose stored responses reach their refresh time; the
+        longest-due first. Reads an index of what is due, not every certificate."""
+        ...
 
-    async def ocsp(self, serial: int) -> OCSPRecord | None: ...
+    async def put_ocsp(self, responses: Sequence[OCSPRecord]) -> None:
+        """Stores each certificate's responses and when they are next due; a 'good'
+        response never replaces the row of a certificate revoked meanwhile."""
+        ...
+
+    async def ocsp(self, serial: int) -> OCSPRecord | None:
+        """The signed responses of a certificate (None until its first are signed)."""
+        ...
 
     # ---- CRLs ------------------------------------------------------------------------------
 

@@ -202,6 +202,7 @@ class OCSPDue:
     issuer: str | None
     revoked_at: str | None
     reason: str | None
+    not_after: str
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,7 @@ class OCSPRecord:
     next_update: str
     der_sha1: bytes
     der_sha256: bytes
+    refresh_at: str | None = None  # when they are next due ('' now, None never)
 
 
 # ---- ACME (RFC 8555) ------------------------------------------------------------------------

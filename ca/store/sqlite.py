@@ -233,6 +233,22 @@ MIGRATIONS: tuple[str, ...] = (
         made_at TEXT NOT NULL
     );
     """,
+    # 7: when each certificate's OCSP responses are next due ('' now, NULL never), so the
+    # refresher reads an index of what is due instead of scanning every live certificate
+    # each second. New certificates get a 'pending' row (due now) as they are recorded.
+    # Existing rows are due half their validity (12 h) before their nextUpdate.
+    """
+    ALTER TABLE ocsp_responses ADD COLUMN refresh_at TEXT;
+    UPDATE ocsp_responses SET refresh_at = CASE
+        WHEN serial IN (SELECT serial FROM certs WHERE revoked_at IS NOT NULL)
+             AND status = 'good' THEN ''
+        ELSE strftime('%Y-%m-%dT%H:%M:%f+00:00', next_update, '-12 hours') END;
+    INSERT INTO ocsp_responses (serial, status, this_update, next_update, der_sha1,
+                                der_sha256, refresh_at)
+        SELECT serial, 'pending', '', '', x'', x'', '' FROM certs
+        WHERE serial NOT IN (SELECT serial FROM ocsp_responses);
+    CREATE INDEX ocsp_responses_refresh_at ON ocsp_responses(refresh_at);
+    """,
 )
 
 _CERT_COLS = ("serial, fingerprint, role, subject, names, principals, spki_sha256, not_before, "
@@ -494,6 +510,9 @@ class SQLiteStore:
                  json.dumps(list(cert.names)), json.dumps(list(cert.principals)),
                  cert.spki_sha256, cert.not_before, cert.not_after, cert.issued_at, cert.der,
                  cert.issuer, cert.renewed_from, cert.audit_seq))
+            db.execute("INSERT INTO ocsp_responses (serial, status, this_update, next_update, "
+                       "der_sha1, der_sha256, refresh_at) VALUES (?, 'pending', '', '', "
+                       "x'', x'', '')", (serial,))
             if cert.token_id is not None:
                 db.execute("UPDATE tokens SET used_serial = ? WHERE id = ?",
                            (serial, cert.token_id))
@@ -551,6 +570,8 @@ class SQLiteStore:
                                  (at.isoformat(), reason, h)).fetchone()
                 if row is not None:
                     done.append(int(row[0], 16))
+                    db.execute("UPDATE ocsp_responses SET refresh_at = '' WHERE serial = ?",
+                               (h,))
                 ssh += db.execute("UPDATE ssh_certs SET revoked_at = ? WHERE owner_serial = ? "
                                   "AND revoked_at IS NULL", (at.isoformat(), h)).rowcount
             return Revoked(tuple(done), ssh)
@@ -637,34 +658,47 @@ class SQLiteStore:
 
     # ---- pre-signed OCSP responses -----------------------------------------------------
 
-    async def ocsp_due(self, now: dt.datetime, refresh_before: dt.datetime, limit: int,
+    async def ocsp_settle(self, now: dt.datetime, issuers: Sequence[str]) -> int:
+        def settle(db: sqlite3.Connection) -> int:
+            marks = ",".join("?" * len(issuers))
+            return db.execute(
+                "UPDATE ocsp_responses SET refresh_at = NULL WHERE refresh_at <= ? AND serial "
+                "IN (SELECT c.serial FROM ocsp_responses o JOIN certs c ON c.serial = o.serial "
+                f"WHERE o.refresh_at <= ? AND (c.not_after <= ? OR c.issuer NOT IN ({marks})))",
+                (now.isoformat(), now.isoformat(), now.isoformat(), *issuers)).rowcount
+        return await self._write(settle)
+
+    async def ocsp_due(self, now: dt.datetime, limit: int,
                        issuers: Sequence[str]) -> list[OCSPDue]:
         marks = ",".join("?" * len(issuers))
         rows = self._read(
-            "SELECT c.serial, c.issuer, c.revoked_at, c.reason FROM certs c "
-            "LEFT JOIN ocsp_responses o ON o.serial = c.serial "
-            f"WHERE c.not_after > ? AND c.issuer IN ({marks}) AND (o.serial IS NULL "
-            "OR o.next_update < ? OR (c.revoked_at IS NOT NULL AND o.status = 'good')) "
-            "ORDER BY c.revoked_at IS NULL, o.next_update LIMIT ?",
-            (now.isoformat(), *issuers, refresh_before.isoformat(), limit))
-        return [OCSPDue(int(r[0], 16), r[1], r[2], r[3]) for r in rows]
+            "SELECT c.serial, c.issuer, c.revoked_at, c.reason, c.not_after "
+            "FROM ocsp_responses o JOIN certs c ON c.serial = o.serial "
+            f"WHERE o.refresh_at <= ? AND c.not_after > ? AND c.issuer IN ({marks}) "
+            "ORDER BY o.refresh_at, c.revoked_at IS NULL LIMIT ?",
+            (now.isoformat(), now.isoformat(), *issuers, limit))
+        return [OCSPDue(int(r[0], 16), r[1], r[2], r[3], r[4]) for r in rows]
 
     async def put_ocsp(self, responses: Sequence[OCSPRecord]) -> None:
         def put(db: sqlite3.Connection) -> None:
+            # A 'good' response signed before a revocation landed must not replace the
+            # revoked row: the revocation set the row due, and its own signing follows.
             db.executemany(
                 "INSERT INTO ocsp_responses (serial, status, this_update, next_update, der_sha1, "
-                "der_sha256) VALUES (?,?,?,?,?,?) ON CONFLICT (serial) DO UPDATE SET status = "
-                "excluded.status, this_update = excluded.this_update, next_update = "
-                "excluded.next_update, der_sha1 = excluded.der_sha1, der_sha256 = "
-                "excluded.der_sha256",
+                "der_sha256, refresh_at) VALUES (?,?,?,?,?,?,?) ON CONFLICT (serial) DO UPDATE "
+                "SET status = excluded.status, this_update = excluded.this_update, "
+                "next_update = excluded.next_update, der_sha1 = excluded.der_sha1, "
+                "der_sha256 = excluded.der_sha256, refresh_at = excluded.refresh_at "
+                "WHERE excluded.status = 'revoked' OR NOT EXISTS (SELECT 1 FROM certs "
+                "WHERE serial = excluded.serial AND revoked_at IS NOT NULL)",
                 [(format(r.serial, "x"), r.status, r.this_update, r.next_update, r.der_sha1,
-                  r.der_sha256) for r in responses])
+                  r.der_sha256, r.refresh_at) for r in responses])
         await self._write(put)
 
     async def ocsp(self, serial: int) -> OCSPRecord | None:
-        rows = self._read("SELECT status, this_update, next_update, der_sha1, der_sha256 "
-                          "FROM ocsp_responses "
-                          "WHERE serial = ?", (format(serial, "x"),))
+        rows = self._read("SELECT status, this_update, next_update, der_sha1, der_sha256, "
+                          "refresh_at FROM ocsp_responses "
+                          "WHERE serial = ? AND status != 'pending'", (format(serial, "x"),))
         return OCSPRecord(serial, *rows[0]) if rows else None
 
     # ---- CRLs ---------------------------------------------------------------------------------
