@@ -1,10 +1,10 @@
 """The Store's core verbs, as any implementation must keep them (the `store` fixture of
 tests/conftest.py runs each against SQLite and a real PostgreSQL): a token spent
 once, certificates found by serial and fingerprint, revocation reaching SSH
-certificates, CRL numbers that only grow, pre-signed OCSP, the CA's keys. And what
-only PostgreSQL promises, with two stores on one database as two nodes have them:
-exactly one of concurrent token uses wins, migrations run once when nodes start
-together, and a schema newer than the code is refused."""
+certificates, CRL numbers that only grow, the CA's keys (pre-signed OCSP:
+tests/test_store_ocsp.py). And what only PostgreSQL promises, with two stores on one
+database as two nodes have them: exactly one of concurrent token uses wins, migrations
+run once when nodes start together, and a schema newer than the code is refused."""
 
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ from ca.store import (
     NewCert,
     NewSSHCert,
     NewToken,
-    OCSPRecord,
     SSHSelector,
     Store,
 )
@@ -96,19 +95,6 @@ def test_crl_numbers_only_grow_and_the_latest_crl_is_served(store: Store) -> Non
     latest = run(store.latest_crl("issuing-ca"))
     assert latest.number == numbers[-1] and latest.der == b"CRL%d" % numbers[-1]
     assert run(store.latest_crl(None)) is None
-
-
-def test_presigned_ocsp_is_due_until_stored_and_again_once_revoked(store: Store) -> None:
-    store.add_cert(cert(0xc)).result(timeout=10)
-    due = run(store.ocsp_due(NOW, NOW + dt.timedelta(hours=1), 10, ["issuing-ca"]))
-    assert [d.serial for d in due] == [0xc]
-    run(store.put_ocsp([OCSPRecord(0xc, "good", NOW.isoformat(),
-                                   (NOW + dt.timedelta(days=1)).isoformat(), b"s1", b"s256")]))
-    assert run(store.ocsp_due(NOW, NOW + dt.timedelta(hours=1), 10, ["issuing-ca"])) == []
-    assert run(store.ocsp(0xc)).der_sha256 == b"s256"
-    run(store.revoke_certs([0xc], NOW, None))
-    due = run(store.ocsp_due(NOW, NOW + dt.timedelta(hours=1), 10, ["issuing-ca"]))
-    assert [(d.serial, d.revoked_at is not None) for d in due] == [(0xc, True)]
 
 
 def test_keys_rotate_and_change_state_once(store: Store) -> None:

@@ -8,24 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
-
 from ca.store import NewCert, OCSPRecord, Store
-from ca.store.sqlite import SQLiteStore
 
 NOW = dt.datetime(2026, 12, 2, 12, 0, tzinfo=dt.UTC)
 HOUR = dt.timedelta(hours=1)
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = SQLiteStore(tmp_path / "inventory.sqlite3")
-    yield s
-    s.close()
 
 
 def run(coro: Any) -> Any:

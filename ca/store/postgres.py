@@ -112,8 +112,25 @@ _EXTRA: dict[int, str] = {
     # cross_certs are listed in insertion order (SQLite's rowid).
     6: "ALTER TABLE cross_certs ADD COLUMN ord BIGSERIAL;",
 }
+# Migrations whose SQLite text uses SQLite's own functions, written anew for PostgreSQL.
+_OWN: dict[int, str] = {
+    7: """
+    ALTER TABLE ocsp_responses ADD COLUMN refresh_at TEXT COLLATE "C";
+    UPDATE ocsp_responses SET refresh_at = CASE
+        WHEN serial IN (SELECT serial FROM certs WHERE revoked_at IS NOT NULL)
+             AND status = 'good' THEN ''
+        ELSE to_char((next_update::timestamptz - interval '12 hours') AT TIME ZONE 'UTC',
+                     'YYYY-MM-DD"T"HH24:MI:SS.MS"+00:00"') END;
+    INSERT INTO ocsp_responses (serial, status, this_update, next_update, der_sha1,
+                                der_sha256, refresh_at)
+        SELECT serial, 'pending', '', '', '\\x'::bytea, '\\x'::bytea, '' FROM certs
+        WHERE serial NOT IN (SELECT serial FROM ocsp_responses);
+    CREATE INDEX ocsp_responses_refresh_at ON ocsp_responses(refresh_at);
+    """,
+}
 PG_MIGRATIONS: tuple[str, ...] = tuple(
-    _pg(script) + _EXTRA.get(number, "") for number, script in enumerate(MIGRATIONS, start=1))
+    _OWN.get(number, _pg(script)) + _EXTRA.get(number, "")
+    for number, script in enumerate(MIGRATIONS, start=1))
 
 
 def _q(sql: str) -> str:
@@ -291,6 +308,10 @@ class PostgresStore:
                  json.dumps(list(cert.names)), json.dumps(list(cert.principals)),
                  cert.spki_sha256, cert.not_before, cert.not_after, cert.issued_at, cert.der,
                  cert.issuer, cert.renewed_from, cert.audit_seq))
+            # Due for its first OCSP responses at once (the refresher's index).
+            await db.execute("INSERT INTO ocsp_responses (serial, status, this_update, "
+                             "next_update, der_sha1, der_sha256, refresh_at) VALUES "
+                             "(%s, 'pending', '', '', '', '', '')", (serial,))
             if cert.token_id is not None:
                 await db.execute("UPDATE tokens SET used_serial = %s WHERE id = %s",
                                  (serial, cert.token_id))
@@ -353,6 +374,8 @@ class PostgresStore:
                 row = await cur.fetchone()
                 if row is not None:
                     done.append(int(row[0], 16))
+                    await db.execute("UPDATE ocsp_responses SET refresh_at = '' WHERE "
+                                     "serial = %s", (h,))
                 cur = await db.execute("UPDATE ssh_certs SET revoked_at = %s WHERE "
                                        "owner_serial = %s AND revoked_at IS NULL",
                                        (at.isoformat(), h))
@@ -447,35 +470,52 @@ class PostgresStore:
 
     # ---- pre-signed OCSP responses ------------------------------------------------------
 
-    async def ocsp_due(self, now: dt.datetime, refresh_before: dt.datetime, limit: int,
+    async def ocsp_settle(self, now: dt.datetime, issuers: Sequence[str]) -> int:
+        async def settle(db: Conn) -> int:
+            cur = await db.execute(
+                "UPDATE ocsp_responses o SET refresh_at = NULL FROM certs c WHERE "
+                "c.serial = o.serial AND o.refresh_at <= %s AND (c.not_after <= %s OR "
+                "NOT (c.issuer = ANY(%s)))",
+                (now.isoformat(), now.isoformat(), list(issuers)))
+            return cur.rowcount
+        return await self._tx(settle)
+
+    async def ocsp_due(self, now: dt.datetime, limit: int,
                        issuers: Sequence[str]) -> list[OCSPDue]:
         rows = await self._rows(
-            "SELECT c.serial, c.issuer, c.revoked_at, c.reason FROM certs c "
-            "LEFT JOIN ocsp_responses o ON o.serial = c.serial "
-            "WHERE c.not_after > %s AND c.issuer = ANY(%s) AND (o.serial IS NULL "
-            "OR o.next_update < %s OR (c.revoked_at IS NOT NULL AND o.status = 'good')) "
-            "ORDER BY c.revoked_at IS NULL, o.next_update NULLS FIRST LIMIT %s",
-            (now.isoformat(), list(issuers), refresh_before.isoformat(), limit))
-        return [OCSPDue(int(r[0], 16), r[1], r[2], r[3]) for r in rows]
+            "SELECT c.serial, c.issuer, c.revoked_at, c.reason, c.not_after "
+            "FROM ocsp_responses o JOIN certs c ON c.serial = o.serial "
+            "WHERE o.refresh_at <= %s AND c.not_after > %s AND c.issuer = ANY(%s) "
+            "ORDER BY o.refresh_at, c.revoked_at IS NULL LIMIT %s",
+            (now.isoformat(), now.isoformat(), list(issuers), limit))
+        return [OCSPDue(int(r[0], 16), r[1], r[2], r[3], r[4]) for r in rows]
 
     async def put_ocsp(self, responses: Sequence[OCSPRecord]) -> None:
         async def put(db: Conn) -> None:
+            # A 'good' response signed before a revocation landed must not replace the
+            # revoked row: the revocation set the row due, and its own signing follows.
             async with db.cursor() as cur:
                 await cur.executemany(
-                    "INSERT INTO ocsp_responses (serial, status, this_update, next_update, "
-                    "der_sha1, der_sha256) VALUES (%s,%s,%s,%s,%s,%s) ON CONFLICT (serial) DO "
-                    "UPDATE SET status = excluded.status, this_update = excluded.this_update, "
-                    "next_update = excluded.next_update, der_sha1 = excluded.der_sha1, "
-                    "der_sha256 = excluded.der_sha256",
+                    "INSERT INTO ocsp_responses AS o (serial, status, this_update, next_update, "
+                    "der_sha1, der_sha256, refresh_at) VALUES (%s,%s,%s,%s,%s,%s,%s) "
+                    "ON CONFLICT (serial) DO UPDATE SET status = excluded.status, "
+                    "this_update = excluded.this_update, next_update = excluded.next_update, "
+                    "der_sha1 = excluded.der_sha1, der_sha256 = excluded.der_sha256, "
+                    "refresh_at = excluded.refresh_at WHERE excluded.status = 'revoked' OR "
+                    "NOT EXISTS (SELECT 1 FROM certs WHERE serial = excluded.serial AND "
+                    "revoked_at IS NOT NULL)",
                     [(format(r.serial, "x"), r.status, r.this_update, r.next_update, r.der_sha1,
-                      r.der_sha256) for r in responses])
+                      r.der_sha256, r.refresh_at) for r in responses])
         await self._tx(put)
 
     async def ocsp(self, serial: int) -> OCSPRecord | None:
-        rows = await self._rows("SELECT status, this_update, next_update, der_sha1, der_sha256 "
-                                "FROM ocsp_responses WHERE serial = %s", (format(serial, "x"),))
-        return OCSPRecord(serial, *(bytes(v) if isinstance(v, memoryview) else v
-                                    for v in rows[0])) if rows else None
+        rows = await self._rows("SELECT status, this_update, next_update, der_sha1, der_sha256, "
+                                "refresh_at FROM ocsp_responses WHERE serial = %s AND "
+                                "status != 'pending'", (format(serial, "x"),))
+        if not rows:
+            return None
+        r = rows[0]
+        return OCSPRecord(serial, r[0], r[1], r[2], bytes(r[3]), bytes(r[4]), r[5])
 
     # ---- CRLs -----------------------------------------------------------------------------
 
