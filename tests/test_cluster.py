@@ -1,0 +1,162 @@
+"""Several nodes on PostgreSQL (docs/cluster.md), as operators run them: `hsmca init
+--store-url` on a real PostgreSQL, three `hsmca serve --node` on one config and one
+SoftHSM token, on 127.0.0.1 ephemeral ports, talked to by real clients. A token
+spread over the nodes issues one certificate; a revocation through node 1 is refused
+by nodes 2 and 3; every node serves every node's log and `hsmca audit verify --url`
+verifies them all through one node. (Faults, kill -9 and PostgreSQL stopped:
+tests/test_cluster_faults.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.cluster_kit import Cluster, call, make_cluster
+from tests.conftest import HSMCA, hsmca
+from tests.helpers import bootstrap_token, csr_pem, enroll
+
+NODES = ("node-1", "node-2", "node-3")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, postgres_server: Any
+            ) -> Iterator[Cluster]:
+    c = make_cluster(tmp_path_factory.mktemp("cluster"), postgres_server.new_database())
+    try:
+        for name in NODES:
+            c.start(name)
+        yield c
+    finally:
+        c.stop()
+
+
+def test_init_puts_the_ca_in_postgresql_and_each_node_keeps_its_own_files(
+        cluster: Cluster, postgres_server: Any) -> None:
+    db = cluster.url.rsplit("/", 1)[1]
+    assert 'url = "postgresql://' in (cluster.state / "hsmca.toml").read_text()
+    # What init made is in the database: the admin and TLS certificates, the keys.
+    assert int(postgres_server.psql("SELECT count(*) FROM certs", db=db)) >= 2
+    assert int(postgres_server.psql("SELECT count(*) FROM ca_keys", db=db)) == 5
+    assert not (cluster.state / "hsmca.sqlite3").exists()
+    for name in NODES:
+        local = cluster.state / "nodes" / name
+        assert (local / "audit" / "log.jsonl").stat().st_size > 0
+        assert (local / "audit" / "checkpoint").read_text().split("\n")[0].endswith("/" + name)
+        assert (local / "serve.url").read_text().strip() == cluster.nodes[name].url
+
+
+async def test_one_token_spread_over_three_nodes_issues_one_certificate(
+        cluster: Cluster) -> None:
+    n1 = cluster.nodes["node-1"]
+    token = await bootstrap_token(n1, "service", ["race.test"])
+    csr = csr_pem(["race.test"])
+    nodes = [cluster.nodes[n] for n in NODES]
+    answers = await asyncio.gather(*(_enroll(nodes[i % 3], token, csr) for i in range(24)))
+    statuses = [status for status, _, _ in answers]
+    assert statuses.count(201) == 1, statuses
+    assert all(400 <= s < 500 for s in statuses if s != 201), statuses
+
+
+async def _enroll(node: Any, token: str, csr: str) -> tuple[int, str, bytes]:
+    import aiohttp
+    async with aiohttp.ClientSession() as s, s.post(
+            f"{node.url}/v1/x509/enroll", json={"csr": csr}, ssl=node.ssl(),
+            headers={"Authorization": f"Bearer {token}"}) as r:
+        return r.status, r.content_type, await r.read()
+
+
+async def test_a_revocation_through_node_1_is_refused_by_nodes_2_and_3(
+        cluster: Cluster, tmp_path: Path) -> None:
+    n1, n2, n3 = (cluster.nodes[n] for n in NODES)
+    cert, key = await asyncio.to_thread(enroll, n1, tmp_path, "service", ["rev.test"])
+    for node in (n2, n3):  # known and good everywhere first
+        status, _, body = await call("POST", f"{node.url}/v1/x509/renew",
+                                     node.ssl(cert, key), {})
+        assert status in (200, 201), body
+    serial = _serial(cert)
+    status, _, body = await call("POST", f"{n1.url}/v1/x509/revoke", n1.admin_ssl(),
+                                 {"serial": serial, "reason": "superseded"})
+    assert status == 200, body
+    for node in (n2, n3):
+        status, ctype, body = await _until_refused(node, cert, key)
+        assert status == 403 and ctype == "application/problem+json", body
+        assert json.loads(body)["type"].endswith("revoked-certificate")
+
+
+def _serial(cert: Path) -> str:
+    from cryptography import x509
+    return format(x509.load_pem_x509_certificate(cert.read_bytes()).serial_number, "x")
+
+
+async def _until_refused(node: Any, cert: Path, key: Path) -> tuple[int, str, bytes]:
+    """Renew until the node refuses: the revocation reaches it by NOTIFY within
+    milliseconds; the deadline is a timeout for a broken notification path, not a
+    measurement (docs/cluster.md gives the figure)."""
+    deadline = time.monotonic() + 10
+    while True:
+        answer = await call("POST", f"{node.url}/v1/x509/renew", node.ssl(cert, key), {})
+        if answer[0] not in (200, 201) or time.monotonic() > deadline:
+            return answer
+
+
+async def test_every_node_serves_every_log_and_one_node_verifies_them_all(
+        cluster: Cluster, tmp_path: Path) -> None:
+    n3 = cluster.nodes["node-3"]
+    status, _, body = await call("GET", f"{n3.url}/v1/audit/logs", n3.ssl())
+    assert status == 200
+    logs = {entry["name"]: entry for entry in json.loads(body)["logs"]}
+    assert set(NODES) <= set(logs)
+    assert logs["node-3"]["self"] and not logs["node-2"]["self"]
+    # Node 2's checkpoint and lines, served by node 3, are node 2's own, byte for byte.
+    status, _, note = await call("GET", f"{n3.url}/v1/audit/checkpoint?log=node-2", n3.ssl())
+    assert status == 200 and note.decode().split("\n")[0].endswith("/node-2")
+    size = int(note.decode().split("\n")[1])
+    status, ctype, lines = await call("GET", f"{n3.url}/v1/audit/entries?log=node-2&start=0"
+                                      f"&limit={size}", n3.admin_ssl())
+    assert status == 200 and ctype == "application/jsonl"
+    local = (cluster.state / "nodes" / "node-2" / "audit" / "log.jsonl").read_bytes()
+    assert local.startswith(lines) and lines.count(b"\n") == size
+    status, ctype, _ = await call("GET", f"{n3.url}/v1/audit/checkpoint?log=no-such-node",
+                                  n3.ssl())
+    assert status == 404 and ctype == "application/problem+json"
+    status, ctype, _ = await call("GET", f"{n3.url}/v1/audit/checkpoint?log=../x", n3.ssl())
+    assert status == 400 and ctype == "application/problem+json"
+    # An auditor verifies all three logs through node 1, keeping one state per log,
+    # and a second run continues from those states (consistency proofs, for node 2's
+    # and 3's logs computed by node 1 from PostgreSQL).
+    n1 = cluster.nodes["node-1"]
+    admin_cert, admin_key = cluster.admin
+    args = ["audit", "verify", "--url", n1.url, "--ca", n1.root, "--client-cert", admin_cert,
+            "--client-key", admin_key, "--key", cluster.state / "audit" / "audit_key.pem",
+            "--state", tmp_path / "auditor.json"]
+    for _ in range(2):
+        proc = await asyncio.to_thread(hsmca, *args, check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        for name in NODES:
+            assert f"log {name}: OK:" in proc.stdout
+            assert (tmp_path / f"auditor.{name}.json").exists()
+        await call("POST", f"{n1.url}/v1/tokens", n1.admin_ssl(),  # more lines for run 2
+                   {"role": "service", "names": ["more.test"], "ttl": "5m"})
+
+
+def test_a_node_refuses_a_database_newer_than_its_code_in_one_line(
+        tmp_path: Path, postgres_server: Any) -> None:
+    import subprocess
+
+    from ca.store.postgres import PG_MIGRATIONS
+    c = make_cluster(tmp_path, postgres_server.new_database())
+    postgres_server.psql(f"UPDATE schema_version SET version = {len(PG_MIGRATIONS) + 1}",
+                         db=c.url.rsplit("/", 1)[1])
+    proc = subprocess.run([*HSMCA, "serve", "--config", str(c.state / "hsmca.toml"),
+                           "--listen", "127.0.0.1:0", "--node", "late"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0 and proc.stdout == ""
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("hsmca: error:")]
+    assert len(errors) == 1 and "newer than this hsmca knows" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
