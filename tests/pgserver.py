@@ -43,6 +43,7 @@ class PostgresServer:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.data = self.dir / "data"
+        self._role = False
         self._run(self.bin / "initdb", "-D", self.data, "-U", "postgres", "-A", "trust",
                   "-E", "UTF8", "--no-sync")
         self.start()
@@ -77,8 +78,9 @@ class PostgresServer:
     def new_database(self) -> str:
         """A fresh, empty database owned by an ordinary role; its URL."""
         name = f"t{next(_dbs)}"
-        if name == "t1":
+        if not self._role:
             self.psql("CREATE ROLE hsmca LOGIN")
+            self._role = True
         self.psql(f"CREATE DATABASE {name} OWNER hsmca")
         return f"postgresql://hsmca@127.0.0.1:{self.port}/{name}"
 

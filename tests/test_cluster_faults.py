@@ -1,0 +1,176 @@
+"""Faults of a cluster, against real processes (docs/cluster.md "What each failure
+means"): kill -9 of a node under load loses nothing, and PostgreSQL stopped under
+load means 503 from every node and nothing signed, then recovery without a restart.
+
+Load is counted, not timed: each phase runs until clients have received a number of
+certificates, so a slow machine only makes the test longer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from cryptography import x509
+
+from tests.cluster_kit import Cluster, call, make_cluster, signed_records
+from tests.helpers import enroll
+
+
+class Load:
+    """Clients renewing their certificates over keep-alive connections, one per node,
+    until told to stop; what each got back is kept."""
+
+    def __init__(self, creds: dict[str, tuple[Any, Path, Path]]) -> None:
+        self.creds = creds
+        self.received: list[tuple[str, bytes]] = []  # (node, certificate PEM)
+        self.statuses: list[tuple[str, int]] = []
+        self.errors: list[tuple[str, str]] = []
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        for name, (node, cert, key) in self.creds.items():
+            self._tasks.append(asyncio.create_task(self._client(name, node, cert, key)))
+
+    async def _client(self, name: str, node: Any, cert: Path, key: Path) -> None:
+        ctx = node.ssl(cert, key)
+        while not self._stop.is_set():
+            try:
+                async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
+                    while not self._stop.is_set():
+                        async with s.post(f"{node.url}/v1/x509/renew", json={}, ssl=ctx) as r:
+                            body = await r.read()
+                            self.statuses.append((name, r.status))
+                            if r.status in (200, 201):
+                                self.received.append((name, json.loads(body)["certificate"]
+                                                      .encode()))
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                self.errors.append((name, type(exc).__name__))
+                if self._stop.is_set():
+                    return
+                await asyncio.sleep(0.05)  # a client's retry pace, not synchronisation
+
+    async def until(self, count: int, *nodes: str) -> None:
+        """Until `count` more certificates came back from `nodes` (any, if none named)."""
+        def got() -> int:
+            return sum(1 for n, _ in self.received if not nodes or n in nodes)
+        target = got() + count
+        while got() < target:
+            await asyncio.sleep(0.02)  # polling a counter the clients move
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+@pytest.fixture
+def two_or_three(tmp_path: Path, postgres_server: Any) -> Iterator[Cluster]:
+    c = make_cluster(tmp_path, postgres_server.new_database())
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+async def test_kill_9_of_a_node_under_load_loses_nothing(two_or_three: Cluster,
+                                                          tmp_path: Path) -> None:
+    c = two_or_three
+    nodes = [c.start(name) for name in ("k1", "k2", "k3")]
+    creds = {}
+    for i, node in enumerate(nodes):
+        cert, key = await asyncio.to_thread(enroll, node, tmp_path, "service", [f"l{i}.test"])
+        creds[f"k{i + 1}"] = (node, cert, key)
+    load = Load(creds)
+    load.start()
+    try:
+        await load.until(15)
+        nodes[1].proc.send_signal(signal.SIGKILL)  # the primary; its workers follow it
+        await asyncio.to_thread(nodes[1].proc.wait)
+        killed_at = len(load.statuses)
+        # The others keep issuing, and answer no 5xx.
+        await load.until(20, "k1", "k3")
+    finally:
+        await load.stop()
+    after = [(n, s) for n, s in load.statuses[killed_at:] if n != "k2"]
+    assert after and all(s in (200, 201) for _, s in after), after
+    # Every certificate any client received has its intent and outcome in some node's
+    # log (in PostgreSQL) and its row in the inventory (asked of node 1).
+    records = await asyncio.to_thread(signed_records, c.url)
+    serials = [x509.load_pem_x509_certificate(pem).serial_number for _, pem in load.received]
+    assert len(set(serials)) == len(serials)
+    n1 = nodes[0]
+    for serial in serials:
+        intent, outcome = records[format(serial, "x")]
+        assert outcome is not None and outcome["result"] == "ok", intent
+        status, _, body = await call("GET", f"{n1.url}/v1/inventory/certificates/"
+                                     f"{serial:x}", n1.admin_ssl())
+        assert status == 200, body
+    # The killed node's log is still served and verifies, through a survivor.
+    proc = await asyncio.to_thread(_verify, c, nodes[2], tmp_path / "state.json")
+    assert proc.returncode == 0 and "log k2: OK:" in proc.stdout, proc.stdout + proc.stderr
+
+
+def _verify(c: Cluster, node: Any, state: Path) -> Any:
+    from tests.conftest import hsmca
+    cert, key = c.admin
+    return hsmca("audit", "verify", "--url", node.url, "--ca", node.root, "--client-cert",
+                 cert, "--client-key", key, "--key", c.state / "audit" / "audit_key.pem",
+                 "--state", state, check=False)
+
+
+async def test_postgresql_stopped_means_503_and_nothing_signed_then_recovery(
+        tmp_path: Path) -> None:
+    from tests.pgserver import PostgresServer
+    server = await asyncio.to_thread(PostgresServer)  # its own: this test stops it
+    c = make_cluster(tmp_path, server.new_database())
+    try:
+        nodes = [c.start(name) for name in ("p1", "p2")]
+        creds = {}
+        for i, node in enumerate(nodes):
+            cert, key = await asyncio.to_thread(enroll, node, tmp_path, "service",
+                                                [f"p{i}.test"])
+            creds[f"p{i + 1}"] = (node, cert, key)
+        await asyncio.to_thread(server.stop)
+        signed_before = {n: _signatures(c, n) for n in ("p1", "p2")}
+        for name, (node, cert, key) in creds.items():
+            status, ctype, body = await call("POST", f"{node.url}/v1/x509/renew",
+                                             node.ssl(cert, key), {})
+            assert status == 503 and ctype == "application/problem+json", (name, body)
+            status, _, body = await call("GET", f"{node.url}/health", node.ssl())
+            assert status == 503, body
+        # Nothing was signed while the record could not be made.
+        assert {n: _signatures(c, n) for n in ("p1", "p2")} == signed_before
+        await asyncio.to_thread(server.start)
+        for name, (node, cert, key) in creds.items():
+            status, body = await _until_served(node, cert, key)
+            assert status in (200, 201), (name, body)
+            status, _, body = await call("GET", f"{node.url}/health", node.ssl())
+            assert status == 200, body
+    finally:
+        c.stop()
+        await asyncio.to_thread(server.close)
+
+
+def _signatures(c: Cluster, node: str) -> int:
+    log = c.state / "nodes" / node / "audit" / "log.jsonl"
+    return sum(1 for line in log.read_bytes().splitlines()
+               if b'"hsm.sign"' in line and b'"purpose":"x509"' in line)
+
+
+async def _until_served(node: Any, cert: Path, key: Path) -> tuple[int, bytes]:
+    """Renew until the node serves again: the pool reconnects on its own once the
+    server is back; the deadline only bounds a node that never recovers."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    while True:
+        status, _, body = await call("POST", f"{node.url}/v1/x509/renew",
+                                     node.ssl(cert, key), {})
+        if status in (200, 201) or loop.time() > deadline:
+            return status, body
+        await asyncio.sleep(0.1)  # a client's retry pace
