@@ -160,3 +160,15 @@ def test_a_node_refuses_a_database_newer_than_its_code_in_one_line(
     errors = [line for line in proc.stderr.splitlines() if line.startswith("hsmca: error:")]
     assert len(errors) == 1 and "newer than this hsmca knows" in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+async def test_token_guessing_is_limited_for_the_whole_cluster(cluster: Cluster) -> None:
+    """Twenty wrong tokens from one client, spread over the three nodes, use up its
+    budget on all of them: a load balancer does not multiply it."""
+    nodes = [cluster.nodes[n] for n in NODES]
+    csr = csr_pem(["guess.test"])
+    statuses = [(await _enroll(nodes[i % 3], f"guess-{i}", csr))[0] for i in range(20)]
+    assert statuses == [401] * 20
+    for node in nodes:
+        status, ctype, body = await _enroll(node, "guess-more", csr)
+        assert status == 429 and ctype == "application/problem+json", body

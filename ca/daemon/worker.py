@@ -28,6 +28,7 @@ from aiohttp import web
 
 from ca.audit.link import AuditLink
 from ca.config import Config, ConfigError, load
+from ca.daemon.cluster_limit import ClusterTokenLimit
 from ca.daemon.control import ControlClient
 from ca.daemon.keys import open_keyring
 from ca.generations import Generations
@@ -92,7 +93,8 @@ async def run(config: Config, host: str, port: int, slot: int, sign_channel: soc
         REFUSALS.on_refused = lambda reason: metrics.child(metrics.tls_refused, reason).inc()
         app = build_app(
             gate=gate, tokens=Tokens(store, link), issuance=issuance, revocations=revocations,
-            audit=link, limit=control, hsm=pipeline, store=store, metrics=metrics,
+            audit=link, limit=ClusterTokenLimit(store) if config.cluster else control,
+            hsm=pipeline, store=store, metrics=metrics,
             lifecycle=KeyLifecycle(issuance, store, link, generations, config.bundle_pem),
             settings=Settings(config.policy, tuple(ipaddress.ip_network(n)
                                                    for n in config.metrics_allow),
