@@ -358,6 +358,9 @@ _NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 def check_node_name(node: str) -> str:
     """A node name names files and directories, and goes into checkpoint origins and
     ?log= queries: letters, digits, '.', '_' and '-' only."""
+    if node == "init":
+        raise ConfigError("--node init: that name is the log of the offline ceremonies "
+                          "(hsmca init); give the node another name")
     if not _NODE_NAME.match(node):
         raise ConfigError(f"--node {node!r}: a node name is 1 to 63 letters, digits, '.', "
                           "'_' or '-', starting with a letter or digit")
@@ -586,9 +589,20 @@ def render(*, module: str, token: str, pin_source: str, softhsm_conf: str | None
     for section, table in doc.items():
         parts.append("".join(f"# {line}\n" for line in _NOTES[section])
                      + tomli_w.dumps({section: table}))
+    if store_url is None:
+        parts.append(_STORE_EXAMPLE)
     parts.append(_ACME_EXAMPLE)
     return "\n".join(parts)
 
+
+# Without [store], the inventory is the state directory's SQLite file.
+_STORE_EXAMPLE = """\
+# Several nodes on PostgreSQL (docs/cluster.md): `hsmca init --store-url` writes this
+# for a new CA (an existing SQLite inventory is not copied over); run each node with
+# `hsmca serve --node NAME`.
+# [store]
+# url = "postgresql://hsmca@db.internal.example/hsmca"
+"""
 
 # ACME is on whenever the section exists, so init writes it commented out.
 _ACME_EXAMPLE = """\

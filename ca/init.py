@@ -12,11 +12,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from ca.audit import cluster
 from ca.audit.checkpointer import Checkpointer
 from ca.audit.log import AuditLog
 from ca.config import KEY_LABELS, render
@@ -34,6 +36,9 @@ from ca.subject import spki_sha256
 from hsm.keys import KEY_TYPES, find_private
 from hsm.session import HSMConfig, KeyInfo
 from hsm.uri import key_uri
+
+if TYPE_CHECKING:
+    from ca.store.postgres import PostgresStore
 
 ADMIN_DAYS = 365
 
@@ -77,7 +82,15 @@ async def run_init(opts: InitOptions) -> list[Path]:
     os.chmod(state / "admin", 0o700)
     os.chmod(state / "tls", 0o700)
 
-    audit = AuditLog.open(state / "audit" / "log.jsonl")
+    cluster_store = await _cluster_store(opts.store_url)  # checked before any key is made
+    try:
+        audit = AuditLog.open(state / "audit" / "log.jsonl", mirror=None if cluster_store is None
+                              else cluster.mirror(cluster_store, cluster.CEREMONIES))
+    except BaseException:
+        if cluster_store is not None:
+            cluster_store.close()
+        shutil.rmtree(state, ignore_errors=True)
+        raise
     hsm_cfg = HSMConfig(opts.module, opts.token, "file:" + str(opts.pin_file.resolve()))
     pipeline = SigningPipeline(hsm_cfg, audit)
     written: list[Path] = []
@@ -109,7 +122,7 @@ async def run_init(opts: InitOptions) -> list[Path]:
         chain = prof.pem(issuing) + prof.pem(root)
         # The records made here (keys, CA certificates, the admin and TLS certificates)
         # go where the nodes will find them: PostgreSQL with --store-url.
-        store = open_store(opts.store_url or state / "hsmca.sqlite3")
+        store = cluster_store or open_store(state / "hsmca.sqlite3")
         try:
             await record_init_keys(store, keys, root, issuing)
             issuance = Issuance(pipeline, store, issuers.Fixed(
@@ -122,7 +135,8 @@ async def run_init(opts: InitOptions) -> list[Path]:
                                                     names=[f"admin.{opts.dns_name}"],
                                                     days=ADMIN_DAYS)
         finally:
-            store.close()
+            if cluster_store is None:
+                store.close()
 
         files: dict[Path, tuple[bytes | str, int]] = {
             state / "x509" / "root.pem": (prof.pem(root), 0o644),
@@ -150,12 +164,16 @@ async def run_init(opts: InitOptions) -> list[Path]:
         written.append(state / "hsmca.toml")
         await audit.append("init.done", files=[str(p.relative_to(state)) for p in written])
         cp = Checkpointer(audit, pipeline, keys["audit"], origin,
-                          state / "audit" / "checkpoint")
+                          state / "audit" / "checkpoint",
+                          on_checkpoint=None if cluster_store is None else
+                          cluster.publisher(cluster_store, cluster.CEREMONIES))
         await cp.checkpoint()
         written.append(state / "audit" / "checkpoint")
     except BaseException as exc:
         pipeline.close()
         audit.close()
+        if cluster_store is not None:
+            cluster_store.close()
         if not keys_made:
             shutil.rmtree(state, ignore_errors=True)
             raise
@@ -164,10 +182,29 @@ async def run_init(opts: InitOptions) -> list[Path]:
                         ) from exc
     pipeline.close()
     audit.close()
+    if cluster_store is not None:
+        cluster_store.close()
     if final.exists():
         final.rmdir()  # empty, checked above
     os.rename(state, final)
     return [final / p.relative_to(state) for p in written]
+
+
+async def _cluster_store(url: str | None) -> PostgresStore | None:
+    """With --store-url, the database the nodes will share: reachable, and holding no
+    CA yet (init's audit log would otherwise replace another CA's ceremony log)."""
+    if url is None:
+        return None
+    from ca.store.postgres import PostgresStore
+    store = PostgresStore(url)
+    try:
+        if await store.audit_logs() or await store.keys():
+            raise InitError("the database of --store-url already holds a CA (keys and a "
+                            "ceremony log); use an empty database")
+    except BaseException:
+        store.close()
+        raise
+    return store
 
 
 def check_dns_name(name: str) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,12 +72,19 @@ async def rotate_root(config: Config) -> RootRotated:
     audit_key = load_pem_public_key(config.audit_key_pem.read_bytes())
     if not isinstance(audit_key, Ed25519PublicKey):
         raise ValueError(f"{config.audit_key_pem} is not an Ed25519 public key")
-    audit = AuditLog.open(config.audit_log, config.checkpoint_path, audit_key)
+    # Cluster mode: the ceremony's lines go on init's log in PostgreSQL too.
+    store: Store | None = open_store(config.store_location) if config.cluster else None
+    try:
+        audit = _ceremony_log(config, audit_key, store)
+    except BaseException:
+        if store is not None:
+            store.close()
+        raise
     pipeline = SigningPipeline(config.hsm, audit)
-    store: Store | None = None
     try:
         pipeline.start()
-        store = open_store(config.store_location)
+        if store is None:
+            store = open_store(config.store_location)
         await seed(config, store, pipeline)
         before = await load_issuers(store, pipeline)
         await audit.append("key.ceremony", what="root rotation", phase="start",
@@ -95,13 +103,35 @@ async def rotate_root(config: Config) -> RootRotated:
             return [after.audit, *after.audit_previous]
 
         await Checkpointer(audit, pipeline, audit_keys, config.audit_origin,
-                           config.checkpoint_path, on_handover=handed_over).checkpoint()
+                           config.checkpoint_path, on_handover=handed_over,
+                           on_checkpoint=_publisher(store)).checkpoint()
         return done
     finally:
         if store is not None:
             store.close()
         pipeline.close()
         audit.close()
+
+
+def _ceremony_log(config: Config, audit_key: Ed25519PublicKey, store: Store | None
+                  ) -> AuditLog:
+    if store is None:
+        return AuditLog.open(config.audit_log, config.checkpoint_path, audit_key)
+    from ca.audit import cluster
+    from ca.store.postgres import PostgresStore
+    assert isinstance(store, PostgresStore)
+    cluster.sync_local_log(config.audit_log, config.checkpoint_path, store,
+                           cluster.CEREMONIES)
+    return AuditLog.open(config.audit_log, config.checkpoint_path, audit_key,
+                         mirror=cluster.mirror(store, cluster.CEREMONIES))
+
+
+def _publisher(store: Store) -> Callable[[int, str], Awaitable[None]] | None:
+    from ca.audit import cluster
+    from ca.store.postgres import PostgresStore
+    if not isinstance(store, PostgresStore):
+        return None
+    return cluster.publisher(store, cluster.CEREMONIES)
 
 
 async def _ceremony(config: Config, store: Store, pipeline: SigningPipeline,

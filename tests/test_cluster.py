@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.cluster_kit import Cluster, call, make_cluster
-from tests.conftest import HSMCA, hsmca
+from tests.conftest import HSMCA, hsmca, new_softhsm_token
 from tests.helpers import bootstrap_token, csr_pem, enroll
 
 NODES = ("node-1", "node-2", "node-3")
@@ -44,6 +44,13 @@ def test_init_puts_the_ca_in_postgresql_and_each_node_keeps_its_own_files(
     assert int(postgres_server.psql("SELECT count(*) FROM certs", db=db)) >= 2
     assert int(postgres_server.psql("SELECT count(*) FROM ca_keys", db=db)) == 5
     assert not (cluster.state / "hsmca.sqlite3").exists()
+    # A second CA on the same database is refused before it makes any key.
+    token = new_softhsm_token("again")
+    proc = hsmca("init", "--state-dir", cluster.state.parent / "again", "--module",
+                 token.module, "--token", token.label, "--pin-file", token.pin_file,
+                 "--store-url", cluster.url, check=False)
+    assert proc.returncode == 1 and "already holds a CA" in proc.stderr, proc.stderr
+    assert not (cluster.state.parent / "again").exists()
     for name in NODES:
         local = cluster.state / "nodes" / name
         assert (local / "audit" / "log.jsonl").stat().st_size > 0
@@ -111,7 +118,7 @@ async def test_every_node_serves_every_log_and_one_node_verifies_them_all(
     status, _, body = await call("GET", f"{n3.url}/v1/audit/logs", n3.ssl())
     assert status == 200
     logs = {entry["name"]: entry for entry in json.loads(body)["logs"]}
-    assert set(NODES) <= set(logs)
+    assert set(logs) == {*NODES, "init"}  # init's own log: the key ceremony
     assert logs["node-3"]["self"] and not logs["node-2"]["self"]
     # Node 2's checkpoint and lines, served by node 3, are node 2's own, byte for byte.
     status, _, note = await call("GET", f"{n3.url}/v1/audit/checkpoint?log=node-2", n3.ssl())
@@ -138,7 +145,7 @@ async def test_every_node_serves_every_log_and_one_node_verifies_them_all(
     for _ in range(2):
         proc = await asyncio.to_thread(hsmca, *args, check=False)
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        for name in NODES:
+        for name in (*NODES, "init"):
             assert f"log {name}: OK:" in proc.stdout
             assert (tmp_path / f"auditor.{name}.json").exists()
         await call("POST", f"{n1.url}/v1/tokens", n1.admin_ssl(),  # more lines for run 2

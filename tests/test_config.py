@@ -35,12 +35,13 @@ def test_rendered_config_loads_and_holds_every_setting_with_comments(tmp_path: P
     # Every setting the loader knows is in the file init writes, except the optional
     # public-url (documented in a comment instead).
     for section, keys in SCHEMA.items():
-        if section == "acme":  # on when present, so written commented out
+        if section in ("acme", "store"):  # on when present, so written commented out
             continue
         missing = keys - set(raw[section]) - {"public-url"}
         assert not missing, (section, missing)
     text = path.read_text()
     assert "# [acme]" in text and "acme" not in raw
+    assert "# [store]" in text and "store" not in raw  # SQLite unless a cluster is asked
     assert "public-url" in text and text.count("\n# ") >= 10  # explanations kept
 
 

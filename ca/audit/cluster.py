@@ -11,19 +11,28 @@ on a new disk) are written back from PostgreSQL, which is the record.
 
 from __future__ import annotations
 
+import datetime as dt
 import errno
 import json
 import os
 import shutil
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
 from ca.audit.log import TILES_DIR, AuditLogError, Mirror
 from ca.store.errors import StoreUnavailable
-from ca.store.postgres import PostgresStore
+
+if TYPE_CHECKING:  # psycopg is loaded only where a cluster runs
+    from ca.store.postgres import PostgresStore
 
 log = structlog.get_logger("hsmca.audit")
+# The log of the offline ceremonies (`hsmca init`, the root's rotation): kept in the
+# state directory's audit/log.jsonl, and in PostgreSQL under this name. No node may
+# take it (`--node init` is refused).
+CEREMONIES = "init"
 COMMIT_TIMEOUT_S = 10.0
 _PAGE = 5000
 
@@ -40,6 +49,16 @@ def mirror(store: PostgresStore, node: str) -> Mirror:
         except Exception as exc:  # any refusal: the lines are not durable there
             raise OSError(errno.EIO, f"PostgreSQL refused the audit lines: {exc}") from None
     return commit
+
+
+def publisher(store: PostgresStore, node: str) -> Callable[[int, str], Awaitable[None]]:
+    """Publish each checkpoint of `node`'s log where every node serves it from."""
+    async def publish(size: int, text: str) -> None:
+        try:
+            await store.put_audit_checkpoint(node, size, text, dt.datetime.now(dt.UTC))
+        except StoreUnavailable as exc:  # the next checkpoint publishes again
+            log.warning("cannot publish the checkpoint to PostgreSQL", error=str(exc))
+    return publish
 
 
 def _complete_lines(path: Path) -> tuple[int, bytes | None, int]:

@@ -17,7 +17,6 @@ a final checkpoint and logs out.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import hashlib
 import os
 import signal
@@ -57,7 +56,6 @@ from ca.process import raise_fd_limit, settle_heap
 from ca.revocation.ocsp import OCSPRefresher, OCSPSigner
 from ca.server_cert import ensure_server_cert
 from ca.store import Store, open_store
-from ca.store.errors import StoreUnavailable
 from ca.store.postgres import PostgresStore
 from ca.store.sqlite import SQLiteStore
 from hsm.session import KeyInfo
@@ -417,14 +415,8 @@ def _publisher(config: Config, store: Store | None
     """Cluster mode: each checkpoint goes to PostgreSQL, whence every node serves it."""
     if not isinstance(store, PostgresStore) or config.node is None:
         return None
-    node = config.node
-
-    async def publish(size: int, text: str) -> None:
-        try:
-            await store.put_audit_checkpoint(node, size, text, dt.datetime.now(dt.UTC))
-        except StoreUnavailable as exc:  # the next checkpoint publishes again
-            log.warning("cannot publish the checkpoint to PostgreSQL", error=str(exc))
-    return publish
+    from ca.audit import cluster
+    return cluster.publisher(store, config.node)
 
 
 OCSP_LEASE_S = 1.0
