@@ -29,9 +29,9 @@ def keys_read_by_load() -> set[str]:
     """Every string `ca.config.load` passes as a key to `_get(table, KEY, ...)` or
     `table.get(KEY)`: what the code reads, found in the code itself."""
     tree = ast.parse((ROOT / "ca" / "config.py").read_text())
-    # load, and _acme, which reads the [acme] section for it
+    # load, and _acme and _store_url, which read the [acme] and [store] sections for it
     readers = [n for n in tree.body if isinstance(n, ast.FunctionDef)
-               and n.name in ("load", "_acme")]
+               and n.name in ("load", "_acme", "_store_url")]
     keys: set[str] = set()
     for node in (n for reader in readers for n in ast.walk(reader)):
         if not isinstance(node, ast.Call):
