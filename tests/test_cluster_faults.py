@@ -147,11 +147,14 @@ async def test_postgresql_stopped_means_503_and_nothing_signed_then_recovery(
         # Nothing was signed while the record could not be made.
         assert {n: _signatures(c, n) for n in ("p1", "p2")} == signed_before
         await asyncio.to_thread(server.start)
+        # /health says so first (a load balancer sends nothing else to a node it
+        # marked down), then the node serves again, without a restart.
         for name, (node, cert, key) in creds.items():
-            status, body = await _until_served(node, cert, key)
+            status, body = await _until(node, "GET", "/health", node.ssl(), None)
+            assert status == 200, (name, body)
+            status, body = await _until(node, "POST", "/v1/x509/renew", node.ssl(cert, key),
+                                        {})
             assert status in (200, 201), (name, body)
-            status, _, body = await call("GET", f"{node.url}/health", node.ssl())
-            assert status == 200, body
     finally:
         c.stop()
         await asyncio.to_thread(server.close)
@@ -163,14 +166,14 @@ def _signatures(c: Cluster, node: str) -> int:
                if b'"hsm.sign"' in line and b'"purpose":"x509"' in line)
 
 
-async def _until_served(node: Any, cert: Path, key: Path) -> tuple[int, bytes]:
-    """Renew until the node serves again: the pool reconnects on its own once the
-    server is back; the deadline only bounds a node that never recovers."""
+async def _until(node: Any, method: str, path: str, ctx: Any, body: Any
+                 ) -> tuple[int, bytes]:
+    """Ask until the node answers 2xx: the pool reconnects on its own once the server
+    is back; the deadline only bounds a node that never recovers."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 60
     while True:
-        status, _, body = await call("POST", f"{node.url}/v1/x509/renew",
-                                     node.ssl(cert, key), {})
-        if status in (200, 201) or loop.time() > deadline:
-            return status, body
+        status, _, answer = await call(method, f"{node.url}{path}", ctx, body)
+        if 200 <= status < 300 or loop.time() > deadline:
+            return status, answer
         await asyncio.sleep(0.1)  # a client's retry pace

@@ -45,6 +45,7 @@ from ca.server.problems import Handler, Problem, problem_middleware
 from ca.server.ssh_routes import routes as ssh_routes
 from ca.server.x509_routes import routes as x509_routes
 from ca.store import Store
+from ca.store.errors import StoreUnavailable
 from ca.tokens import Tokens
 from hsm.errors import AuditUnavailable, HSMError
 from hsm.ids import IdSource
@@ -99,6 +100,12 @@ async def health(request: web.Request) -> web.Response:
         await asyncio.wait_for(hsm.probe(max_wait=1.0), timeout=2.0)
     except (HSMError, TimeoutError):
         pass  # the signing thread now knows; its state below says why
+    probe = getattr(request.app[STORE], "probe", None)  # PostgreSQL: ask the server
+    if probe is not None:
+        try:
+            await asyncio.wait_for(probe(), timeout=2.0)
+        except (StoreUnavailable, TimeoutError):
+            pass  # `healthy` below says so
     state = await audit_state(request.app[AUDIT])
     audit = "ok" if state["healthy"] else f"unavailable: {state['problem']}"
     parts = {"hsm": "ok" if hsm.healthy else f"unavailable: {hsm.problem or 'busy'}",

@@ -211,6 +211,12 @@ class PostgresStore:
     def problem(self) -> str | None:
         return self._down
 
+    async def probe(self) -> None:
+        """Ask the server (for /health): `healthy` follows the answer, so a node whose
+        database came back is healthy again before any other request reaches it (a
+        load balancer sends none to a node its health check marked down)."""
+        await self._rows("SELECT 1")
+
     def close(self) -> None:
         if self._closed:
             return
