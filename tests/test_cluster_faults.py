@@ -136,14 +136,34 @@ async def test_postgresql_stopped_means_503_and_nothing_signed_then_recovery(
             cert, key = await asyncio.to_thread(enroll, node, tmp_path, "service",
                                                 [f"p{i}.test"])
             creds[f"p{i + 1}"] = (node, cert, key)
-        await asyncio.to_thread(server.stop)
-        signed_before = {n: _signatures(c, n) for n in ("p1", "p2")}
+        # Under load: clients renew on both nodes while the database goes away.
+        load = Load(creds)
+        load.start()
+        try:
+            await load.until(10)
+            await asyncio.to_thread(server.stop)
+            stopped = len(load.statuses)
+            # Every client has had two answers since (the first may have been in
+            # flight at the stop): from then on, each is a 503.
+            while not all(sum(1 for n, _ in load.statuses[stopped:] if n == name) >= 2
+                          for name in creds):
+                await asyncio.sleep(0.02)  # polling a counter the clients move
+            settled = len(load.statuses)
+            signed_before = {n: _signatures(c, n) for n in ("p1", "p2")}
+            while not all(sum(1 for n, _ in load.statuses[settled:] if n == name) >= 3
+                          for name in creds):
+                await asyncio.sleep(0.02)
+            answered = load.statuses[settled:]
+        finally:
+            await load.stop()
+        assert answered and all(status == 503 for _, status in answered), answered
         for name, (node, cert, key) in creds.items():
             status, ctype, body = await call("POST", f"{node.url}/v1/x509/renew",
                                              node.ssl(cert, key), {})
             assert status == 503 and ctype == "application/problem+json", (name, body)
+            assert json.loads(body)["status"] == 503
             status, _, body = await call("GET", f"{node.url}/health", node.ssl())
-            assert status == 503, body
+            assert status == 503 and b"unavailable" in body, body
         # Nothing was signed while the record could not be made.
         assert {n: _signatures(c, n) for n in ("p1", "p2")} == signed_before
         await asyncio.to_thread(server.start)

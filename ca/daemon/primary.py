@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, TypeGuard
 
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -56,9 +57,11 @@ from ca.process import raise_fd_limit, settle_heap
 from ca.revocation.ocsp import OCSPRefresher, OCSPSigner
 from ca.server_cert import ensure_server_cert
 from ca.store import Store, open_store
-from ca.store.postgres import PostgresStore
 from ca.store.sqlite import SQLiteStore
 from hsm.session import KeyInfo
+
+if TYPE_CHECKING:
+    from ca.store.postgres import PostgresStore
 
 log = structlog.get_logger("hsmca.daemon")
 START_TIMEOUT_S = 120.0
@@ -316,7 +319,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
                            config_sha256=hashlib.sha256(config.path.read_bytes()).hexdigest())
         if isinstance(store, SQLiteStore):
             background.append(asyncio.create_task(_checkpoint_inventory(store)))
-        if isinstance(store, PostgresStore):
+        if _cluster(store):
             # A revocation or key change committed by any node reaches this node's
             # processes: NOTIFY at once, a poll if a notification is lost.
             store.watch_changes(lambda name: generations.bump(name))
@@ -397,11 +400,17 @@ async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def _cluster(store: Store | None) -> TypeGuard[PostgresStore]:
+    """A PostgreSQL store (several nodes). Told apart without importing psycopg, which
+    a single node never loads."""
+    return store is not None and type(store).__name__ == "PostgresStore"
+
+
 def _open_audit(config: Config, audit_key: Ed25519PublicKey, store: Store | None
                 ) -> AuditLog:
     """The node's audit log; in cluster mode level with PostgreSQL first, and each
     group commit made durable there too (ca/audit/cluster.py)."""
-    if not isinstance(store, PostgresStore):
+    if not _cluster(store):
         return AuditLog.open(config.audit_log, config.checkpoint_path, audit_key)
     from ca.audit import cluster
     assert config.node is not None
@@ -413,7 +422,7 @@ def _open_audit(config: Config, audit_key: Ed25519PublicKey, store: Store | None
 def _publisher(config: Config, store: Store | None
                ) -> Callable[[int, str], Awaitable[None]] | None:
     """Cluster mode: each checkpoint goes to PostgreSQL, whence every node serves it."""
-    if not isinstance(store, PostgresStore) or config.node is None:
+    if not _cluster(store) or config.node is None:
         return None
     from ca.audit import cluster
     return cluster.publisher(store, config.node)
@@ -426,7 +435,7 @@ async def _refresh_ocsp(issuance: Issuance, store: Store) -> None:
     """Pre-sign OCSP responses. In cluster mode one node at a time does it: the one
     holding the lease (an advisory lock that dies with its holder's connection)."""
     refresher = OCSPRefresher(OCSPSigner(issuance))
-    if not isinstance(store, PostgresStore):
+    if not _cluster(store):
         await refresher.run()
         return
     lease = store.lease("ocsp-refresh")
