@@ -322,7 +322,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         if _cluster(store):
             # A revocation or key change committed by any node reaches this node's
             # processes: NOTIFY at once, a poll if a notification is lost.
-            store.watch_changes(lambda name: generations.bump(name))
+            store.watch_changes(_on_change(config, store, generations))
         issuance = Issuance(pipeline, store, keys, None)
         await ensure_server_cert(config, issuance)
         # OCSP responses are signed ahead of time, by this process, off every request's
@@ -404,6 +404,32 @@ def _cluster(store: Store | None) -> TypeGuard[PostgresStore]:
     """A PostgreSQL store (several nodes). Told apart without importing psycopg, which
     a single node never loads."""
     return store is not None and type(store).__name__ == "PostgresStore"
+
+
+def _on_change(config: Config, store: PostgresStore, generations: Generations
+               ) -> Callable[[str], None]:
+    """What a change another node committed means here (called on the store's thread):
+    a revocation, this node's processes reload; a key change, the trust bundle of this
+    host (another host's node rotated) is rewritten from the inventory first."""
+    loop = asyncio.get_running_loop()
+    pending: set[asyncio.Task[None]] = set()
+
+    async def keys_moved() -> None:
+        try:
+            await write_bundle(config.bundle_pem, store)
+        except Exception as exc:  # the processes reload anyway; the bundle next time
+            log.warning("cannot rewrite the trust bundle after a key change", error=str(exc))
+        generations.bump("keys")
+
+    def on_loop(name: str) -> None:
+        if name != "keys":
+            generations.bump(name)
+            return
+        task = loop.create_task(keys_moved())
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    return lambda name: loop.call_soon_threadsafe(on_loop, name)
 
 
 def _open_audit(config: Config, audit_key: Ed25519PublicKey, store: Store | None
