@@ -169,6 +169,53 @@ def test_a_node_refuses_a_database_newer_than_its_code_in_one_line(
     assert "Traceback" not in proc.stderr
 
 
+async def test_ocsp_and_a_key_rotation_reach_every_node(cluster: Cluster,
+                                                         tmp_path: Path) -> None:
+    """A certificate issued on node 1 gets its pre-signed OCSP response from whichever
+    node holds the refresher's lease, and node 3 serves it; an issuing key rotated
+    through node 1 issues on node 2, and node 3 accepts its certificates."""
+    from cryptography import x509
+    from cryptography.x509 import ocsp
+
+    from tests.test_revocation import request_for
+    n1, n2, n3 = (cluster.nodes[n] for n in NODES)
+    cert, _ = await asyncio.to_thread(enroll, n1, tmp_path, "service", ["ocsp.test"])
+    leaf = x509.load_pem_x509_certificate(cert.read_bytes())
+    issuer = x509.load_pem_x509_certificate((cluster.state / "x509" / "issuing.pem")
+                                            .read_bytes())
+    deadline = time.monotonic() + 30  # the refresher signs within seconds
+    while True:
+        status, _, raw = await _post(n3, "/v1/x509/ocsp", request_for(leaf, issuer))
+        answer = ocsp.load_der_ocsp_response(raw)
+        if answer.response_status == ocsp.OCSPResponseStatus.SUCCESSFUL or \
+                time.monotonic() > deadline:
+            break
+    assert answer.certificate_status == ocsp.OCSPCertStatus.GOOD
+    proc = await asyncio.to_thread(hsmca, "key", "rotate", "issuing", "--config",
+                                   cluster.state / "hsmca.toml", "--url", n1.url)
+    assert "rotated issuing" in proc.stdout
+    new_cert, new_key = await asyncio.to_thread(enroll, n2, tmp_path, "service", ["new.test"])
+    new_leaf = x509.load_pem_x509_certificate(new_cert.read_bytes())
+    assert _aki(new_leaf) != _aki(leaf)  # issued on node 2 by the key node 1 made
+    status, _, body = await call("POST", f"{n3.url}/v1/x509/renew", n3.ssl(new_cert, new_key),
+                                 {})
+    assert status in (200, 201), body
+
+
+def _aki(cert: Any) -> bytes:
+    from cryptography import x509
+    return cert.extensions.get_extension_for_class(  # type: ignore[no-any-return]
+        x509.AuthorityKeyIdentifier).value.key_identifier
+
+
+async def _post(node: Any, path: str, der: bytes) -> tuple[int, str, bytes]:
+    import aiohttp
+    async with aiohttp.ClientSession() as s, s.post(
+            f"{node.url}{path}", data=der, ssl=node.ssl(),
+            headers={"Content-Type": "application/ocsp-request"}) as r:
+        return r.status, r.content_type, await r.read()
+
+
 async def test_token_guessing_is_limited_for_the_whole_cluster(cluster: Cluster) -> None:
     """Twenty wrong tokens from one client, spread over the three nodes, use up its
     budget on all of them: a load balancer does not multiply it."""
