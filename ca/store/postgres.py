@@ -177,7 +177,7 @@ class PostgresStore:
     async def _guard(self, coro: Awaitable[T]) -> T:
         try:
             value = await coro
-        except (psycopg.OperationalError, PoolTimeout) as exc:
+        except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
             self._down = _why(exc)
             raise StoreUnavailable(f"the inventory (PostgreSQL) is unavailable: "
                                    f"{self._down}") from None
@@ -1022,8 +1022,11 @@ class Lease:
 
         try:
             return await self.store._run(take())
-        except StoreUnavailable:
+        except (StoreUnavailable, psycopg.Error):  # not held: a new connection next time
             self._held = False
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                self.store._spawn(conn.close())
             return False
 
     def close(self) -> None:
