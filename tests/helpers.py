@@ -5,6 +5,7 @@ waiting on a long-running command's JSON log lines (events, not sleeps)."""
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import hashlib
 import json
@@ -15,6 +16,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,7 @@ import aiohttp
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509 import ocsp
 from cryptography.x509.oid import NameOID
 
 from ca.audit.line import canonical
@@ -358,3 +361,52 @@ class Running:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+# ---- OCSP ------------------------------------------------------------------------------
+
+def issuing(d: Daemon) -> x509.Certificate:
+    return x509.load_pem_x509_certificate((d.state / "x509/issuing.pem").read_bytes())
+
+
+def load(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def request_for(cert: x509.Certificate, issuer: x509.Certificate,
+                algorithm: hashes.HashAlgorithm | None = None, nonce: bool = False) -> bytes:
+    b = ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, algorithm or hashes.SHA1())
+    if nonce:
+        b = b.add_extension(x509.OCSPNonce(os.urandom(16)), critical=False)
+    return b.build().public_bytes(serialization.Encoding.DER)
+
+
+async def ask_ocsp(d: Daemon, der: bytes, get: bool = False) -> tuple[ocsp.OCSPResponse, Any]:
+    if get:
+        url = f"{d.url}/v1/x509/ocsp/{base64.urlsafe_b64encode(der).decode()}"
+        status, ctype, raw, headers = await _get(url, d)
+    else:
+        status, ctype, raw = await http("POST", f"{d.url}/v1/x509/ocsp", d.ssl(), data=der,
+                                        headers={"Content-Type": "application/ocsp-request"})
+        headers = {}
+    assert status == 200 and ctype == "application/ocsp-response"
+    return ocsp.load_der_ocsp_response(raw), headers
+
+
+async def _get(url: str, d: Daemon) -> tuple[int, str, bytes, Any]:
+    import aiohttp
+    async with aiohttp.ClientSession() as s, s.get(url, ssl=d.ssl()) as r:
+        return r.status, r.content_type, await r.read(), r.headers
+
+
+async def signed(d: Daemon, cert: x509.Certificate, want: ocsp.OCSPCertStatus
+                 ) -> ocsp.OCSPResponse:
+    """The OCSP answer once the daemon has pre-signed `want` (polling with a deadline:
+    a new or just revoked certificate is signed by the daemon within seconds)."""
+    deadline = time.monotonic() + 30
+    while True:
+        resp, _ = await ask_ocsp(d, request_for(cert, issuing(d)))
+        if resp.response_status == ocsp.OCSPResponseStatus.SUCCESSFUL and \
+                resp.certificate_status == want:
+            return resp
+        assert time.monotonic() < deadline, (resp.response_status, want)

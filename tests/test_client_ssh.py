@@ -101,6 +101,9 @@ class SSHD:
         self.proc: subprocess.Popen[str] | None = None
 
     def check(self) -> subprocess.CompletedProcess[str]:
+        # sshd -t wants its privilege separation directory too; on a fresh machine
+        # nothing has made it yet (systemd's tmpfiles would, at boot)
+        os.makedirs("/run/sshd", exist_ok=True)
         return subprocess.run([require("sshd"), "-t", "-f", self.config], capture_output=True,
                               text=True, cwd="/")
 

@@ -11,7 +11,6 @@ import socket
 import ssl
 import struct
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,19 @@ from cryptography.x509 import ocsp
 from ca import ssh
 from ca.policy import Refused
 from tests.conftest import Daemon, hsmca, init_ca, require, start_daemon
-from tests.helpers import audit_verify, csr_pem, enroll, http
+from tests.helpers import (
+    ask_ocsp as ask,
+)
+from tests.helpers import (
+    audit_verify,
+    csr_pem,
+    enroll,
+    http,
+    issuing,
+    load,
+    request_for,
+    signed,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -37,53 +48,6 @@ def ca_daemon(tmp_path_factory: pytest.TempPathFactory) -> Any:
     yield d
     assert d.stop() == 0
     audit_verify(ca.state, ok=True)
-
-
-def issuing(d: Daemon) -> x509.Certificate:
-    return x509.load_pem_x509_certificate((d.state / "x509/issuing.pem").read_bytes())
-
-
-def load(path: Path) -> x509.Certificate:
-    return x509.load_pem_x509_certificate(path.read_bytes())
-
-
-def request_for(cert: x509.Certificate, issuer: x509.Certificate,
-                algorithm: hashes.HashAlgorithm | None = None, nonce: bool = False) -> bytes:
-    b = ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, algorithm or hashes.SHA1())
-    if nonce:
-        b = b.add_extension(x509.OCSPNonce(os.urandom(16)), critical=False)
-    return b.build().public_bytes(serialization.Encoding.DER)
-
-
-async def ask(d: Daemon, der: bytes, get: bool = False) -> tuple[ocsp.OCSPResponse, Any]:
-    if get:
-        url = f"{d.url}/v1/x509/ocsp/{base64.urlsafe_b64encode(der).decode()}"
-        status, ctype, raw, headers = await _get(url, d)
-    else:
-        status, ctype, raw = await http("POST", f"{d.url}/v1/x509/ocsp", d.ssl(), data=der,
-                                        headers={"Content-Type": "application/ocsp-request"})
-        headers = {}
-    assert status == 200 and ctype == "application/ocsp-response"
-    return ocsp.load_der_ocsp_response(raw), headers
-
-
-async def _get(url: str, d: Daemon) -> tuple[int, str, bytes, Any]:
-    import aiohttp
-    async with aiohttp.ClientSession() as s, s.get(url, ssl=d.ssl()) as r:
-        return r.status, r.content_type, await r.read(), r.headers
-
-
-async def signed(d: Daemon, cert: x509.Certificate, want: ocsp.OCSPCertStatus
-                 ) -> ocsp.OCSPResponse:
-    """The OCSP answer once the daemon has pre-signed `want` (polling with a deadline:
-    a new or just revoked certificate is signed by the daemon within seconds)."""
-    deadline = time.monotonic() + 30
-    while True:
-        resp, _ = await ask(d, request_for(cert, issuing(d)))
-        if resp.response_status == ocsp.OCSPResponseStatus.SUCCESSFUL and \
-                resp.certificate_status == want:
-            return resp
-        assert time.monotonic() < deadline, (resp.response_status, want)
 
 
 def ocsp_lines(d: Daemon) -> int:

@@ -18,8 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
 
 from tests.conftest import Daemon, hsmca, init_ca, require, start_daemon
-from tests.helpers import audit_verify, enroll, http, log_lines, token_file
-from tests.test_revocation import request_for
+from tests.helpers import audit_verify, enroll, http, log_lines, request_for, token_file
 from tests.test_ssh_e2e import SSHD, ssh_login
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

@@ -81,11 +81,6 @@ def tile_path(level: int, index: int, width: int = TILE_WIDTH) -> str:
     return f"tile/{level}/{index_path(index)}" + (f".p/{width}" if width < TILE_WIDTH else "")
 
 
-def entries_path(index: int, width: int = TILE_WIDTH) -> str:
-    """``tile/entries/<N>[.p/<W>]``"""
-    return f"tile/entries/{index_path(index)}" + (f".p/{width}" if width < TILE_WIDTH else "")
-
-
 _GROUP = re.compile(r"x[0-9]{3}")
 _LAST = re.compile(r"[0-9]{3}")
 _DECIMAL = re.compile(r"0|[1-9][0-9]{0,2}")
