@@ -175,6 +175,10 @@ async def test_postgresql_stopped_means_503_and_nothing_signed_then_recovery(
             status, body = await _until(node, "POST", "/v1/x509/renew", node.ssl(cert, key),
                                         {})
             assert status in (200, 201), (name, body)
+        # The logs of both nodes, outage and all, verify.
+        proc = await asyncio.to_thread(_verify, c, nodes[0], tmp_path / "state.json")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "log p1: OK:" in proc.stdout and "log p2: OK:" in proc.stdout
     finally:
         c.stop()
         await asyncio.to_thread(server.close)

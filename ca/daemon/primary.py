@@ -328,6 +328,8 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         # OCSP responses are signed ahead of time, by this process, off every request's
         # path: new certificates within a second, every live one before nextUpdate.
         background.append(asyncio.create_task(_refresh_ocsp(issuance, store)))
+        if _cluster(store):
+            background.append(asyncio.create_task(_resume_log(audit)))
 
         async def audit_keys() -> list[KeyInfo]:
             issuers = await keys.refresh()  # a rotation in a worker shows here
@@ -452,6 +454,25 @@ def _publisher(config: Config, store: Store | None
         return None
     from ca.audit import cluster
     return cluster.publisher(store, config.node)
+
+
+LOG_RETRY_S = 1.0
+
+
+async def _resume_log(audit: AuditLog) -> None:
+    """Cluster mode: while the log cannot be committed (PostgreSQL away), try again
+    every second with a `log.resume` line, so the node is healthy again (and the
+    outcome lines owed from failed commits are written) as soon as the database is
+    back, not only when the next request or heartbeat happens to write."""
+    while True:
+        await asyncio.sleep(LOG_RETRY_S)  # a retry pace, not synchronisation
+        problem = audit.problem
+        if problem is None:
+            continue
+        try:
+            await audit.append("log.resume", after=problem)
+        except Exception as exc:  # still away: the next try in a second
+            log.debug("the audit log still cannot be committed", error=str(exc))
 
 
 OCSP_LEASE_S = 1.0
