@@ -201,3 +201,35 @@ async def _until(node: Any, method: str, path: str, ctx: Any, body: Any
         if 200 <= status < 300 or loop.time() > deadline:
             return status, answer
         await asyncio.sleep(0.1)  # a client's retry pace
+
+
+async def test_a_node_on_a_new_disk_gets_its_log_back_from_postgresql(
+        two_or_three: Cluster, tmp_path: Path) -> None:
+    """PostgreSQL is the record: a node whose local files are lost starts again with
+    its whole log, and a local log that disagrees with PostgreSQL stops the start."""
+    import shutil
+    import subprocess
+
+    from tests.conftest import HSMCA
+    c = two_or_three
+    node = c.start("disk-1")
+    await asyncio.to_thread(enroll, node, tmp_path, "service", ["disk.test"])
+    assert node.stop() == 0
+    log = c.state / "nodes" / "disk-1" / "audit" / "log.jsonl"
+    before = log.read_bytes()
+    shutil.rmtree(c.state / "nodes" / "disk-1")  # the disk is gone
+    node = c.start("disk-1")
+    assert log.read_bytes().startswith(before)  # every line back, then the new start's
+    proc = await asyncio.to_thread(_verify, c, node, tmp_path / "state.json")
+    assert proc.returncode == 0 and "log disk-1: OK:" in proc.stdout, proc.stdout + proc.stderr
+    assert node.stop() == 0
+    # A line rewritten on the node's disk: PostgreSQL's copy says otherwise.
+    lines = log.read_bytes().splitlines(keepends=True)
+    lines[-1] = lines[-1].replace(b'"event":"', b'"event":"x')
+    log.write_bytes(b"".join(lines))
+    proc = await asyncio.to_thread(
+        subprocess.run, [*HSMCA, "serve", "--config", str(c.state / "hsmca.toml"), "--listen",
+                         "127.0.0.1:0", "--node", "disk-1"], capture_output=True, text=True,
+        timeout=120)
+    assert proc.returncode != 0 and "differs from PostgreSQL's" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -102,27 +102,30 @@ def sync_local_log(path: Path, checkpoint: Path, store: PostgresStore, node: str
     have, last, end = _complete_lines(path)
     if have < 0:
         return
-    if have > held:
-        # Complete lines on disk that never reached PostgreSQL: a crash between the two.
+    lines: list[bytes] | None = None
+    if have > held:  # the whole file is read only in this rare case (a crash)
         with open(path, "rb") as fh:
             lines = fh.read(end).split(b"\n")[:-1]
-        extra = lines[held:] if len(lines) == have else []
-        if extra:
-            store.append_audit(node, held, extra).result(timeout=COMMIT_TIMEOUT_S)
-            log.warning("sent audit lines PostgreSQL lacked (a crash between the file and "
-                        "the commit)", node=node, first_seq=held, lines=len(extra))
+        if len(lines) != have:
+            return  # seqs that do not count lines: the log's own checks refuse it
+    # Where both have lines, the last line both hold must be the same line.
+    common = min(have, held)
+    if common:
+        ours = last if lines is None else lines[common - 1]
+        if store.audit_lines_sync(node, common - 1, 1) != [ours]:
+            raise AuditLogError(
+                f"the audit log {path} of node {node!r} has a line at seq {common - 1} that "
+                "differs from PostgreSQL's: one of them was rewritten. Refusing to start; "
+                "run `hsmca audit verify` on both")
+    if lines is not None:
+        # Complete lines on disk that never reached PostgreSQL: a crash between the two.
+        store.append_audit(node, held, lines[held:]).result(timeout=COMMIT_TIMEOUT_S)
+        log.warning("sent audit lines PostgreSQL lacked (a crash between the file and "
+                    "the commit)", node=node, first_seq=held, lines=have - held)
         return
     if have == held:
         return
-    if have > 0:
-        # The file must be a prefix of what PostgreSQL holds.
-        theirs = store.audit_lines_sync(node, have - 1, 1)
-        if theirs != [last]:
-            raise AuditLogError(
-                f"the audit log {path} of node {node!r} ends at seq {have - 1} with a line that "
-                "differs from PostgreSQL's: one of them was rewritten. Refusing to start; "
-                "run `hsmca audit verify` on both")
-    else:
+    if have == 0:
         # A node on a new disk: its log comes back from PostgreSQL; tiles and the
         # checkpoint are rebuilt from it (the checkpoint is checked against the log).
         shutil.rmtree(path.parent / TILES_DIR, ignore_errors=True)
