@@ -15,7 +15,15 @@ from typing import Any
 import pytest
 
 from tests.conftest import Daemon, init_ca, start_daemon
-from tests.helpers import bootstrap_token, csr_pem, enroll, http, other_ca
+from tests.helpers import (
+    audit_verify,
+    bootstrap_token,
+    cert_serial,
+    csr_pem,
+    enroll,
+    http,
+    other_ca,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -63,10 +71,11 @@ def refused_handshake(d: Daemon, cert: Path, key: Path) -> str:
 
 async def test_each_issuance_is_one_line_with_the_audit_seq(served: Daemon,
                                                             tmp_path: Path) -> None:
-    enroll(served, tmp_path, "service", ["logged.internal.example"])
+    cert, _ = enroll(served, tmp_path, "service", ["logged.internal.example"])
     [line] = await said(served, "issued",
                         lambda e: e.get("names") == ["logged.internal.example"])
     assert line["kind"] == "x509" and line["role"] == "service"
+    assert line["serial"] == cert_serial(cert)
     assert line["actor"].startswith("bootstrap-token:") and isinstance(line["audit_seq"], int)
     audit = (served.state / "audit/log.jsonl").read_bytes().splitlines()
     outcome = json.loads(audit[line["audit_seq"]])
@@ -118,3 +127,18 @@ async def test_a_torn_line_repaired_at_start_is_said_on_stderr(tmp_path: Path) -
         assert json.loads(audit[said[0]["recorded_at_seq"]])["event"] == "log.recover"
     finally:
         assert d.stop() == 0
+
+
+async def test_a_stop_says_each_step_in_order(tmp_path: Path) -> None:
+    """SIGTERM: the operator sees the workers finish, the last checkpoints, then the
+    end, in that order, and the log the daemon leaves verifies."""
+    d = start_daemon(init_ca(tmp_path).state)
+    enroll(d, tmp_path, "service", ["stop.internal.example"])
+    assert d.stop() == 0
+    assert await said(d, "stopped", lambda e: True)
+    steps = [e["event"] for e in (json.loads(line) for line in list(d.stderr)
+                                  if line.startswith("{"))
+             if e["event"].startswith("stop")]
+    assert steps == ["stopping: the workers finish their requests",
+                     "stopping: the last checkpoints", "stopped"]
+    audit_verify(d.state, ok=True)
