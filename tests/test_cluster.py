@@ -152,6 +152,24 @@ async def test_every_node_serves_every_log_and_one_node_verifies_them_all(
                    {"role": "service", "names": ["more.test"], "ttl": "5m"})
 
 
+def test_a_second_node_of_the_same_name_is_refused_in_one_line(cluster: Cluster) -> None:
+    """Two nodes of one name would write one log from two places (two hosts whose
+    host names are alike, say): the second is refused, and the first goes on."""
+    import subprocess
+    log = cluster.state / "nodes" / "node-1" / "audit" / "log.jsonl"
+    before = log.read_bytes()
+    proc = subprocess.run([*HSMCA, "serve", "--config", str(cluster.state / "hsmca.toml"),
+                           "--listen", "127.0.0.1:0", "--node", "node-1"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0 and proc.stdout == ""
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("hsmca: error:")]
+    assert len(errors) == 1 and "already running" in errors[0], proc.stderr
+    assert log.read_bytes().startswith(before)
+    status, _, _ = asyncio.run(call("GET", f"{cluster.nodes['node-1'].url}/health",
+                                    cluster.nodes["node-1"].ssl()))
+    assert status == 200
+
+
 def test_a_node_refuses_a_database_newer_than_its_code_in_one_line(
         tmp_path: Path, postgres_server: Any) -> None:
     import subprocess

@@ -61,7 +61,7 @@ from ca.store.sqlite import SQLiteStore
 from hsm.session import KeyInfo
 
 if TYPE_CHECKING:
-    from ca.store.postgres import PostgresStore
+    from ca.store.postgres import Lease, PostgresStore
 
 log = structlog.get_logger("hsmca.daemon")
 START_TIMEOUT_S = 120.0
@@ -276,6 +276,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
     # Cluster mode: the store first, since the audit log is made durable in it too.
     store: Store | None = open_store(config.store_location) if config.cluster else None
     try:
+        name_held = await _hold_node_name(config, store)
         audit = _open_audit(config, audit_key, store)
     except BaseException:
         if store is not None:
@@ -389,6 +390,8 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         pipeline.close()
         generations.close()
         audit.close()
+        if name_held is not None:
+            name_held.close()
         if store is not None:
             store.close()
 
@@ -432,6 +435,21 @@ def _on_change(config: Config, store: PostgresStore, generations: Generations
         task.add_done_callback(pending.discard)
 
     return lambda name: loop.call_soon_threadsafe(on_loop, name)
+
+
+async def _hold_node_name(config: Config, store: Store | None) -> Lease | None:
+    """Cluster mode: the node's name, held in PostgreSQL for the life of this process
+    (an advisory lock that goes with its connection). Two nodes of one name would
+    write one log from two places; the second is refused before it writes a line."""
+    if not _cluster(store):
+        return None
+    lease = store.lease(f"node:{config.node}")
+    if not await lease.try_take():
+        lease.close()
+        raise StartError(f"node {config.node!r} is already running (another `hsmca serve "
+                         f"--node {config.node}` holds its name in PostgreSQL): give each "
+                         "node its own name")
+    return lease
 
 
 def _open_audit(config: Config, audit_key: Ed25519PublicKey, store: Store | None
