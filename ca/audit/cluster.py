@@ -37,8 +37,14 @@ COMMIT_TIMEOUT_S = 10.0
 _PAGE = 5000
 
 
-def mirror(store: PostgresStore, node: str) -> Mirror:
+def mirror(store: PostgresStore, node: str,
+           refuse: Callable[[], str | None] = lambda: None) -> Mirror:
+    """`refuse()`: why this process may not write `node`'s log now (its name was taken
+    by another process while the database was away), or None."""
     def commit(first_seq: int, lines: list[bytes]) -> None:
+        why = refuse()
+        if why is not None:
+            raise OSError(errno.EPERM, why)
         try:
             store.append_audit(node, first_seq, lines).result(timeout=COMMIT_TIMEOUT_S)
         except StoreUnavailable as exc:

@@ -277,7 +277,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
     store: Store | None = open_store(config.store_location) if config.cluster else None
     try:
         name_held = await _hold_node_name(config, store)
-        audit = _open_audit(config, audit_key, store)
+        audit = _open_audit(config, audit_key, store, name_held)
     except BaseException:
         if store is not None:
             store.close()
@@ -331,6 +331,8 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         background.append(asyncio.create_task(_refresh_ocsp(issuance, store)))
         if _cluster(store):
             background.append(asyncio.create_task(_resume_log(audit)))
+            assert name_held is not None
+            background.append(asyncio.create_task(_keep_node_name(name_held, store)))
 
         async def audit_keys() -> list[KeyInfo]:
             issuers = await keys.refresh()  # a rotation in a worker shows here
@@ -452,8 +454,8 @@ async def _hold_node_name(config: Config, store: Store | None) -> Lease | None:
     return lease
 
 
-def _open_audit(config: Config, audit_key: Ed25519PublicKey, store: Store | None
-                ) -> AuditLog:
+def _open_audit(config: Config, audit_key: Ed25519PublicKey, store: Store | None,
+                name: Lease | None = None) -> AuditLog:
     """The node's audit log; in cluster mode level with PostgreSQL first, and each
     group commit made durable there too (ca/audit/cluster.py)."""
     if not _cluster(store):
@@ -462,7 +464,8 @@ def _open_audit(config: Config, audit_key: Ed25519PublicKey, store: Store | None
     assert config.node is not None
     cluster.sync_local_log(config.audit_log, config.checkpoint_path, store, config.node)
     return AuditLog.open(config.audit_log, config.checkpoint_path, audit_key,
-                         mirror=cluster.mirror(store, config.node))
+                         mirror=cluster.mirror(store, config.node,
+                                               (lambda: name.lost) if name else lambda: None))
 
 
 def _publisher(config: Config, store: Store | None
@@ -475,6 +478,26 @@ def _publisher(config: Config, store: Store | None
 
 
 LOG_RETRY_S = 1.0
+
+
+NAME_CHECK_S = 1.0
+
+
+async def _keep_node_name(name: Lease, store: PostgresStore) -> None:
+    """The node's name lock goes with its connection, so a restart of PostgreSQL drops
+    it: take it again once the database is back. If another process took it
+    meanwhile, this node writes nothing more to the log (the mirror refuses, so it
+    signs nothing and answers 503) until it has its name back."""
+    while True:
+        await asyncio.sleep(NAME_CHECK_S)  # a check pace, not synchronisation
+        if await name.try_take():
+            if name.lost:
+                log.warning("this node has its name back", node=name.name)
+            name.lost = None
+        elif store.healthy and name.lost is None:
+            name.lost = (f"another process took this node's name ({name.name}) while "
+                         "PostgreSQL was away; nothing is written or signed until it is back")
+            log.error("another process holds this node's name", node=name.name)
 
 
 async def _resume_log(audit: AuditLog) -> None:

@@ -1004,6 +1004,7 @@ class Lease:
         self.store, self.name = store, name
         self._conn: Conn | None = None
         self._held = False
+        self.lost: str | None = None  # why its holder must stop (set by its holder)
 
     async def try_take(self) -> bool:
         async def take() -> bool:
