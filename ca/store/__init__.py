@@ -1,6 +1,7 @@
 """The inventory behind one typed interface: every SQL statement of hsmca lives in
-an implementation of `Store` (ca/store/sqlite.py today; a PostgreSQL one runs the
-same test suite, tests/test_store.py).
+an implementation of `Store`: ca/store/sqlite.py, the embedded default, and
+ca/store/postgres.py for several nodes (docs/cluster.md). One suite of store tests
+(tests/test_store_*.py, tests/test_acme_store.py) runs against both.
 
 Methods are domain verbs, never CRUD. Reads and most writes are coroutines for the
 event loop. The writes of the signing transaction (`add_cert`, `add_ssh_cert`) are
