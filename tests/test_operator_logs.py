@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import json
 import ssl
 import urllib.error
@@ -93,6 +94,32 @@ async def test_a_refused_token_says_why_and_never_shows_the_secret(served: Daemo
     assert await said(served, "bootstrap token refused", lambda e: e["reason"] == "used")
     assert await said(served, "bootstrap token refused", lambda e: e["reason"] == "unknown")
     assert not any(token in line for line in served.stderr)
+
+
+async def test_an_expired_token_is_refused_as_expired(served: Daemon) -> None:
+    """A token made yesterday for an hour, as the inventory would hold it (written there
+    directly: the API makes no token that is born expired, and waiting for one to
+    expire would be a sleep)."""
+    from ca.store import NewToken
+    from ca.store.sqlite import SQLiteStore
+    secret = "hsmca-0123456789abcdef-yesterdays-token-with-a-one-hour-ttl"
+    made = dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
+    store = SQLiteStore(served.state / "hsmca.sqlite3")
+    try:
+        await store.add_token(NewToken(
+            "0123456789abcdef", hashlib.sha256(secret.encode()).hexdigest(), "service",
+            (("dns", "late.internal.example"),), (),
+            (made + dt.timedelta(hours=1)).isoformat(), made.isoformat(), "admin"))
+    finally:
+        store.close()
+    status, ctype, raw = await http("POST", f"{served.url}/v1/x509/enroll", served.ssl(),
+                                    body={"csr": csr_pem(["late.internal.example"])},
+                                    headers={"Authorization": f"Bearer {secret}"})
+    problem = json.loads(raw)
+    assert (status, ctype) == (401, "application/problem+json"), raw
+    assert "expired" in problem["detail"], problem
+    assert await said(served, "bootstrap token refused", lambda e: e["reason"] == "expired")
+    assert not any(secret in line for line in served.stderr)
 
 
 async def test_refused_tls_handshakes_are_logged_with_the_reason(served: Daemon,
