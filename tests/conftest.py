@@ -14,9 +14,10 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import tomllib
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -153,6 +154,13 @@ class Daemon:
     proc: subprocess.Popen[str]
     state: Path
     stderr: list[str]
+    # Notified by the reader of the daemon's stderr at every line (and at its end).
+    stderr_changed: threading.Condition = field(default_factory=threading.Condition)
+
+    def wait_stderr(self, done: Callable[[], bool], within: float = 10.0) -> bool:
+        """Whether `done()` came to hold within `within` seconds, woken by each line."""
+        with self.stderr_changed:
+            return self.stderr_changed.wait_for(done, within)
 
     @property
     def root(self) -> Path:
@@ -177,17 +185,20 @@ class Daemon:
 
 
 def start_daemon(state: Path, *extra: str, env: dict[str, str] | None = None) -> Daemon:
-    import threading
-
     proc = subprocess.Popen([*HSMCA, "serve", "--config", str(state / "hsmca.toml"),
                              "--listen", "127.0.0.1:0", *extra], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     stderr: list[str] = []
+    changed = threading.Condition()
 
     def drain() -> None:
         assert proc.stderr is not None
         for line in proc.stderr:
-            stderr.append(line)
+            with changed:
+                stderr.append(line)
+                changed.notify_all()
+        with changed:
+            changed.notify_all()
 
     threading.Thread(target=drain, daemon=True).start()
     # A watchdog instead of a sleep: if the daemon neither prints nor exits, kill it.
@@ -202,7 +213,7 @@ def start_daemon(state: Path, *extra: str, env: dict[str, str] | None = None) ->
         raise AssertionError(f"daemon did not start: {first!r}\n{''.join(stderr)}")
     threading.Thread(target=lambda: proc.stdout.read() if proc.stdout else None,
                      daemon=True).start()
-    return Daemon(first.split()[-1], proc, state, stderr)
+    return Daemon(first.split()[-1], proc, state, stderr, changed)
 
 
 @pytest.fixture(scope="session")

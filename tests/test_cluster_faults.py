@@ -32,6 +32,7 @@ class Load:
         self.statuses: list[tuple[str, int]] = []
         self.errors: list[tuple[str, str]] = []
         self._stop = asyncio.Event()
+        self._changed = asyncio.Condition()  # notified at every answer
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -39,6 +40,8 @@ class Load:
             self._tasks.append(asyncio.create_task(self._client(name, node, cert, key)))
 
     async def _client(self, name: str, node: Any, cert: Path, key: Path) -> None:
+        """Renews until stopped. A connection lost mid-request is opened again at once; a
+        node that refuses connections is gone (killed), and its client ends there."""
         ctx = node.ssl(cert, key)
         while not self._stop.is_set():
             try:
@@ -46,23 +49,34 @@ class Load:
                     while not self._stop.is_set():
                         async with s.post(f"{node.url}/v1/x509/renew", json={}, ssl=ctx) as r:
                             body = await r.read()
-                            self.statuses.append((name, r.status))
-                            if r.status in (200, 201):
-                                self.received.append((name, json.loads(body)["certificate"]
-                                                      .encode()))
+                            async with self._changed:
+                                self.statuses.append((name, r.status))
+                                if r.status in (200, 201):
+                                    self.received.append(
+                                        (name, json.loads(body)["certificate"].encode()))
+                                self._changed.notify_all()
+            except aiohttp.ClientConnectorError as exc:
+                self.errors.append((name, type(exc).__name__))
+                return
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 self.errors.append((name, type(exc).__name__))
-                if self._stop.is_set():
-                    return
-                await asyncio.sleep(0.05)  # a client's retry pace, not synchronisation
+
+    async def wait_for(self, done: Any, what: str, within: float = 120) -> None:
+        """Until `done()` holds, woken by each answer (a deadline, so that a hang fails
+        with what was awaited)."""
+        try:
+            async with asyncio.timeout(within), self._changed:
+                await self._changed.wait_for(done)
+        except TimeoutError:
+            raise AssertionError(f"waited {within} s for {what}: {self.statuses[-10:]}, "
+                                 f"errors {self.errors[-5:]}") from None
 
     async def until(self, count: int, *nodes: str) -> None:
         """Until `count` more certificates came back from `nodes` (any, if none named)."""
         def got() -> int:
             return sum(1 for n, _ in self.received if not nodes or n in nodes)
         target = got() + count
-        while got() < target:
-            await asyncio.sleep(0.02)  # polling a counter the clients move
+        await self.wait_for(lambda: got() >= target, f"{count} certificates from {nodes}")
 
     async def stop(self) -> None:
         self._stop.set()
@@ -145,14 +159,14 @@ async def test_postgresql_stopped_means_503_and_nothing_signed_then_recovery(
             stopped = len(load.statuses)
             # Every client has had two answers since (the first may have been in
             # flight at the stop): from then on, each is a 503.
-            while not all(sum(1 for n, _ in load.statuses[stopped:] if n == name) >= 2
-                          for name in creds):
-                await asyncio.sleep(0.02)  # polling a counter the clients move
+            await load.wait_for(lambda: all(
+                sum(1 for n, _ in load.statuses[stopped:] if n == name) >= 2
+                for name in creds), "two answers per client after the stop")
             settled = len(load.statuses)
             signed_before = {n: _signatures(c, n) for n in ("p1", "p2")}
-            while not all(sum(1 for n, _ in load.statuses[settled:] if n == name) >= 3
-                          for name in creds):
-                await asyncio.sleep(0.02)
+            await load.wait_for(lambda: all(
+                sum(1 for n, _ in load.statuses[settled:] if n == name) >= 3
+                for name in creds), "three more answers per client")
             answered = load.statuses[settled:]
         finally:
             await load.stop()
@@ -193,14 +207,14 @@ def _signatures(c: Cluster, node: str) -> int:
 async def _until(node: Any, method: str, path: str, ctx: Any, body: Any
                  ) -> tuple[int, bytes]:
     """Ask until the node answers 2xx: the pool reconnects on its own once the server
-    is back; the deadline only bounds a node that never recovers."""
+    is back; the deadline only bounds a node that never recovers. Each request's round
+    trip paces the asking."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 60
     while True:
         status, _, answer = await call(method, f"{node.url}{path}", ctx, body)
         if 200 <= status < 300 or loop.time() > deadline:
             return status, answer
-        await asyncio.sleep(0.1)  # a client's retry pace
 
 
 async def test_a_node_on_a_new_disk_gets_its_log_back_from_postgresql(

@@ -51,12 +51,14 @@ def events(d: Daemon, name: str) -> list[dict[str, Any]]:
 
 async def said(d: Daemon, name: str, match: Any, within: float = 10.0) -> list[dict[str, Any]]:
     """The daemon's log lines `name` that `match`, once one has arrived (or none, after
-    `within` seconds)."""
-    deadline = asyncio.get_running_loop().time() + within
-    while not (found := [e for e in events(d, name) if match(e)]):
-        if asyncio.get_running_loop().time() > deadline:
-            break
-        await asyncio.sleep(0.05)  # polling the reader thread's list for a line
+    `within` seconds): the stderr reader wakes the wait at every line."""
+    found: list[dict[str, Any]] = []
+
+    def arrived() -> bool:
+        found[:] = [e for e in events(d, name) if match(e)]
+        return bool(found)
+
+    await asyncio.to_thread(d.wait_stderr, arrived, within)
     return found
 
 
