@@ -408,9 +408,12 @@ async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
 
 
 def _cluster(store: Store | None) -> TypeGuard[PostgresStore]:
-    """A PostgreSQL store (several nodes). Told apart without importing psycopg, which
-    a single node never loads."""
-    return store is not None and type(store).__name__ == "PostgresStore"
+    """A PostgreSQL store (several nodes). A single node never loads psycopg: if the
+    module is not loaded, no store can be of its class."""
+    if store is None or "ca.store.postgres" not in sys.modules:
+        return False
+    from ca.store.postgres import PostgresStore
+    return isinstance(store, PostgresStore)
 
 
 def _on_change(config: Config, store: PostgresStore, generations: Generations

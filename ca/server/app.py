@@ -100,12 +100,10 @@ async def health(request: web.Request) -> web.Response:
         await asyncio.wait_for(hsm.probe(max_wait=1.0), timeout=2.0)
     except (HSMError, TimeoutError):
         pass  # the signing thread now knows; its state below says why
-    probe = getattr(request.app[STORE], "probe", None)  # PostgreSQL: ask the server
-    if probe is not None:
-        try:
-            await asyncio.wait_for(probe(), timeout=2.0)
-        except (StoreUnavailable, TimeoutError):
-            pass  # `healthy` below says so
+    try:
+        await asyncio.wait_for(request.app[STORE].probe(), timeout=2.0)
+    except (StoreUnavailable, TimeoutError):
+        pass  # `healthy` below says so
     state = await audit_state(request.app[AUDIT])
     audit = "ok" if state["healthy"] else f"unavailable: {state['problem']}"
     parts = {"hsm": "ok" if hsm.healthy else f"unavailable: {hsm.problem or 'busy'}",

@@ -51,6 +51,11 @@ class Store(Protocol):
     @property
     def healthy(self) -> bool: ...
 
+    async def probe(self) -> None:
+        """Ask the back-end whether it answers (for /health), so that `healthy` follows
+        it; raises StoreUnavailable when it does not."""
+        ...
+
     def close(self) -> None: ...
 
     # ---- bootstrap tokens (only the SHA-256 of a secret is ever stored) ------------------
