@@ -9,6 +9,7 @@ An issuer is known by its key's label in the token.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -47,8 +48,10 @@ class X509Issuer:
     def chain(self) -> tuple[x509.Certificate, ...]:
         return (self.cert, *self.links) if self.links else (self.cert, self.root)
 
-    @property
+    @functools.cached_property
     def chain_pem(self) -> str:
+        """Sent with every certificate issued: encoded once (an issuer never changes;
+        a rotation makes a new one)."""
         return "".join(prof.pem(c) for c in self.chain)
 
 

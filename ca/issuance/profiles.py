@@ -165,30 +165,48 @@ def leaf_builder(p: LeafProfile, issuer: x509.Certificate, not_before: dt.dateti
     sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in p.ip_addresses]
     sans += [x509.UniformResourceIdentifier(u) for u in p.uris]
     sans += [x509.RFC822Name(e) for e in p.emails]
-    is_rsa = isinstance(p.public_key, rsa.RSAPublicKey)
-    subject = name(p.common_name) if p.common_name else x509.Name([])
-    b = (x509.CertificateBuilder()
-         .subject_name(subject).issuer_name(issuer.subject)
-         .public_key(p.public_key)  # type: ignore[arg-type]
-         .serial_number(p.serial or random_serial())
-         .not_valid_before(not_before).not_valid_after(not_after)
-         .add_extension(_LEAF_BC, critical=True)
-         .add_extension(_LEAF_KU_RSA if is_rsa else _LEAF_KU, critical=True)
-         .add_extension(_LEAF_EKU, critical=False)
-         .add_extension(p.ski or x509.SubjectKeyIdentifier.from_public_key(
-             p.public_key),  # type: ignore[arg-type]
-             critical=False)
-         .add_extension(aki(issuer), critical=False))
+    head, aki_, tail = _leaf_extensions(issuer, isinstance(p.public_key, rsa.RSAPublicKey),
+                                        p.crl_url, p.ocsp_url)
+    ski = p.ski or x509.SubjectKeyIdentifier.from_public_key(p.public_key)  # type: ignore[arg-type]
+    extensions = [*head, x509.Extension(ski.oid, False, ski), aki_]
     if sans:  # RFC 5280 4.2.1.6: critical when the subject is empty
-        b = b.add_extension(x509.SubjectAlternativeName(sans), critical=not p.common_name)
-    if p.crl_url:
-        b = b.add_extension(x509.CRLDistributionPoints([x509.DistributionPoint(
-            [x509.UniformResourceIdentifier(p.crl_url)], None, None, None)]), critical=False)
-    if p.ocsp_url:
-        b = b.add_extension(x509.AuthorityInformationAccess([x509.AccessDescription(
+        san = x509.SubjectAlternativeName(sans)
+        extensions.append(x509.Extension(san.oid, not p.common_name, san))
+    extensions += tail
+    # The extensions go in whole: add_extension would copy the builder and look for a
+    # duplicate at each call, and the fixed ones are built once per issuer and URL.
+    return (x509.CertificateBuilder(extensions=extensions)
+            .subject_name(name(p.common_name) if p.common_name else x509.Name([]))
+            .issuer_name(issuer.subject)
+            .public_key(p.public_key)  # type: ignore[arg-type]
+            .serial_number(p.serial or random_serial())
+            .not_valid_before(not_before).not_valid_after(not_after))
+
+
+@functools.lru_cache(maxsize=64)
+def _leaf_extensions(issuer: x509.Certificate, rsa_key: bool, crl_url: str | None,
+                     ocsp_url: str | None
+                     ) -> tuple[tuple[x509.Extension[x509.ExtensionType], ...],
+                                x509.Extension[x509.ExtensionType],
+                                tuple[x509.Extension[x509.ExtensionType], ...]]:
+    """The extensions every leaf of `issuer` with these URLs carries, in their order:
+    (those before the subject key identifier, the authority key identifier, those after
+    the subject alternative name)."""
+    def ext(value: x509.ExtensionType, critical: bool = False
+            ) -> x509.Extension[x509.ExtensionType]:
+        return x509.Extension(value.oid, critical, value)
+
+    head = (ext(_LEAF_BC, True), ext(_LEAF_KU_RSA if rsa_key else _LEAF_KU, True),
+            ext(_LEAF_EKU))
+    tail = []
+    if crl_url:
+        tail.append(ext(x509.CRLDistributionPoints([x509.DistributionPoint(
+            [x509.UniformResourceIdentifier(crl_url)], None, None, None)])))
+    if ocsp_url:
+        tail.append(ext(x509.AuthorityInformationAccess([x509.AccessDescription(
             x509.AuthorityInformationAccessOID.OCSP,
-            x509.UniformResourceIdentifier(p.ocsp_url))]), critical=False)
-    return b
+            x509.UniformResourceIdentifier(ocsp_url))])))
+    return head, ext(aki(issuer)), tuple(tail)
 
 
 def _ca_key_usage() -> x509.KeyUsage:
