@@ -13,13 +13,50 @@ import asyncio
 import concurrent.futures as cf
 import queue
 import threading
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 # Put on a worker thread's queue behind its last job: the thread ends after that job.
 STOP = object()
 
-# Where a result goes: a thread-safe future, or an asyncio future with its loop.
-Sink = cf.Future[Any] | tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]
+T = TypeVar("T")
+
+
+class Settled(Generic[T]):
+    """The result of work done on the caller's own thread: read like a settled
+    concurrent.futures.Future (`result()`, `exception()`), without the lock and the
+    condition each of those makes. The audit log's synchronous appends return one per
+    line, a few per certificate."""
+
+    __slots__ = ("_error", "_value")
+
+    def __init__(self) -> None:
+        self._value: T | None = None
+        self._error: BaseException | None = None
+
+    @classmethod
+    def of(cls, value: T) -> Settled[T]:
+        s: Settled[T] = cls()
+        s._value = value
+        return s
+
+    @classmethod
+    def failed(cls, error: BaseException) -> Settled[T]:
+        s: Settled[T] = cls()
+        s._error = error
+        return s
+
+    def result(self) -> T:
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
+
+    def exception(self) -> BaseException | None:
+        return self._error
+
+
+# Where a result goes: a thread-safe future, one settled on the caller's thread, or an
+# asyncio future with its loop.
+Sink = cf.Future[Any] | Settled[Any] | tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]
 
 
 def async_sink() -> tuple[asyncio.Future[Any], Sink]:
@@ -31,9 +68,11 @@ def async_sink() -> tuple[asyncio.Future[Any], Sink]:
 
 def claim(sink: Sink) -> bool:
     """False if the caller gave up (cancelled) before the job ran."""
-    if isinstance(sink, cf.Future):
-        return sink.set_running_or_notify_cancel()
-    return not sink[1].done()
+    if isinstance(sink, tuple):
+        return not sink[1].done()
+    if isinstance(sink, Settled):
+        return True
+    return sink.set_running_or_notify_cancel()
 
 
 def _settle(items: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
@@ -57,6 +96,12 @@ class Batch:
         self._add(sink, False, exc)
 
     def _add(self, sink: Sink, ok: bool, value: Any) -> None:
+        if isinstance(sink, Settled):
+            if ok:
+                sink._value = value
+            else:
+                sink._error = value
+            return
         if isinstance(sink, cf.Future):
             if sink.cancelled():
                 return  # nobody is waiting

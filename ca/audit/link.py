@@ -26,7 +26,17 @@ import msgspec
 
 from ca import ipc
 from ca.audit import wire
-from ca.handoff import STOP, Batch, Coalescer, Sink, async_sink, claim, drain_queue, stop_thread
+from ca.handoff import (
+    STOP,
+    Batch,
+    Coalescer,
+    Settled,
+    Sink,
+    async_sink,
+    claim,
+    drain_queue,
+    stop_thread,
+)
 from hsm.errors import AuditUnavailable
 
 ANSWER_TIMEOUT_S = 60.0
@@ -65,7 +75,7 @@ class AuditLink:
         return self._durable
 
     def append_durable(self, entries: Sequence[tuple[str, Mapping[str, Any]]]
-                       ) -> list[cf.Future[int]]:
+                       ) -> list[Settled[int]]:
         try:
             frame = ipc.encode(wire.Append(0, [wire.Line(e, dict(f)) for e, f in entries]))
         except (TypeError, ValueError, OverflowError) as exc:  # a caller's bug: not plain data
@@ -137,14 +147,11 @@ class AuditLink:
         if seq >= self._durable:
             self._durable = seq + 1
 
-    def _settled(self, seq: int | None, error: wire.Failure | None) -> cf.Future[int]:
-        fut: cf.Future[int] = cf.Future()
+    def _settled(self, seq: int | None, error: wire.Failure | None) -> Settled[int]:
         if error is None and seq is not None:
             self._seen(seq)
-            fut.set_result(seq)
-        else:
-            fut.set_exception(_error(error))
-        return fut
+            return Settled.of(seq)
+        return Settled.failed(_error(error))
 
     def _link(self) -> None:
         while True:
@@ -205,10 +212,8 @@ def msg_with_id(message: Any, req_id: int) -> Any:
     return msgspec.structs.replace(message, id=req_id)
 
 
-def _failed(exc: BaseException) -> cf.Future[int]:
-    fut: cf.Future[int] = cf.Future()
-    fut.set_exception(exc)
-    return fut
+def _failed(exc: BaseException) -> Settled[int]:
+    return Settled.failed(exc)
 
 
 def _error(failure: wire.Failure | None) -> Exception:

@@ -49,7 +49,17 @@ from ca.audit.tiles import (
     TileStore,
     entry_bundle,
 )
-from ca.handoff import STOP, Batch, Coalescer, Sink, async_sink, claim, drain_queue, stop_thread
+from ca.handoff import (
+    STOP,
+    Batch,
+    Coalescer,
+    Settled,
+    Sink,
+    async_sink,
+    claim,
+    drain_queue,
+    stop_thread,
+)
 from hsm.errors import AuditUnavailable
 
 log = structlog.get_logger("hsmca.audit")
@@ -312,15 +322,15 @@ class AuditLog:
         return fut
 
     def append_durable(self, entries: Sequence[tuple[str, Mapping[str, Any]]]
-                       ) -> list[cf.Future[int]]:
+                       ) -> list[Settled[int]]:
         """Append lines from a worker thread, on that thread, and return once they are
         durable (one write and one fdatasync for all of them; OpLog).
 
         The HSM thread writes its intents and outcomes this way: handing them to the
         writer thread and waiting would cost two thread wake-ups per group. Each
-        returned future is already settled: its seq, or why that line failed.
+        returned result is already settled: its seq, or why that line failed.
         """
-        futs: list[cf.Future[int]] = [cf.Future() for _ in entries]
+        futs: list[Settled[int]] = [Settled() for _ in entries]
         items = [(event, fields, fut) for (event, fields), fut in zip(entries, futs,
                                                                        strict=True)]
         with self._write_lock:

@@ -27,7 +27,17 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
-from ca.handoff import STOP, Batch, Coalescer, Sink, async_sink, claim, drain_queue, stop_thread
+from ca.handoff import (
+    STOP,
+    Batch,
+    Coalescer,
+    Settled,
+    Sink,
+    async_sink,
+    claim,
+    drain_queue,
+    stop_thread,
+)
 from hsm.errors import HSMError, HSMUnavailable
 from hsm.ids import IdSource
 from hsm.session import HSM, HSMConfig, KeyInfo
@@ -41,7 +51,7 @@ class AuditSink(Protocol):
     """What the pipeline needs of the audit log: the log itself in the primary
     process, a link to it in a worker (both also satisfy hsm.oplog.OpLog)."""
 
-    def append_durable(self, entries: Sequence[Entry]) -> list[cf.Future[int]]:
+    def append_durable(self, entries: Sequence[Entry]) -> list[Settled[int]]:
         """Append lines on the calling thread; return once they are durable, each
         future settled with the line's seq or why it was not written."""
         ...
@@ -298,7 +308,7 @@ class SigningPipeline:
             fut = self._audit.record(event, fields)
             fut.add_done_callback(lambda f: f.exception())  # never leave it unobserved
 
-    def _append(self, entries: list[Entry]) -> list[cf.Future[int]]:
+    def _append(self, entries: list[Entry]) -> list[Settled[int]]:
         """The audit group commit, with the HSM's pending events in front."""
         events = self.hsm.take_events()
         written = self._audit.append_durable([*events, *entries])
@@ -327,7 +337,7 @@ class SigningPipeline:
                          "request_id": job.request_id, **job.details}
         return list(zip(live, infos, strict=True))
 
-    def _durable(self, started: list[tuple[_Op, KeyInfo]], written: list[cf.Future[int]],
+    def _durable(self, started: list[tuple[_Op, KeyInfo]], written: list[Settled[int]],
                  batch: Batch) -> list[tuple[_Op, KeyInfo, int]]:
         """The jobs whose intent is on disk; the others failed (fail closed)."""
         ready = []
