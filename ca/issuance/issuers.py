@@ -36,11 +36,12 @@ class X509Issuer:
     # then the previous root; a relying party that trusts either builds a path.
     links: tuple[x509.Certificate, ...] = ()
 
-    @property
+    # Asked at every signature; an issuer never changes (a rotation makes a new one).
+    @functools.cached_property
     def hash(self) -> hashes.HashAlgorithm | None:
         return prof.hash_for(self.key.public_key)
 
-    @property
+    @functools.cached_property
     def hash_name(self) -> str | None:
         return prof.hash_name(self.key.public_key)
 

@@ -158,6 +158,22 @@ class SigningPipeline:
         self._coalescer.put(sink[0], _Op(job, sink))
         return await fut  # type: ignore[no-any-return]
 
+    async def submit_all(self, jobs: Sequence[SigningJob[T]]
+                         ) -> list[SignResult[T] | BaseException]:
+        """`submit` for many jobs at once (a refresher's batch): signed as one group,
+        each job's result or why it failed, in order. One future per job and no task:
+        a batch of hundreds would otherwise cost a task and its steps for each."""
+        try:
+            await self._await_retry()
+        except HSMUnavailable as exc:
+            return [exc for _ in jobs]
+        futures = []
+        for job in jobs:
+            fut, sink = async_sink()
+            self._coalescer.put(sink[0], _Op(job, sink))
+            futures.append(fut)
+        return await asyncio.gather(*futures, return_exceptions=True)
+
     async def sign(self, key: str, build: Callable[[HSMKey], T], *, purpose: str,
                    actor: str, request_id: str | None = None,
                    details: Mapping[str, Any] | None = None, hash_name: str | None = "sha256",

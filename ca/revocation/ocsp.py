@@ -97,12 +97,15 @@ class OCSPSigner:
         retired issuer's certificates are passed over, not failed). The jobs go in
         together, so the pipeline signs them as one group."""
         now = prof.utcnow()
-        jobs = []
+        next_update = now + VALIDITY
+        times = {"this_update": now.isoformat(), "next_update": next_update.isoformat()}
+        jobs: list[SigningJob[ocsp.OCSPResponse]] = []
         due = [d for d in due if self._issuer(d.issuer) is not None]
         for d in due:
             issuer = self._issuer(d.issuer)
             assert issuer is not None
             at = dt.datetime.fromisoformat(d.revoked_at) if d.revoked_at else None
+            serial_hex = format(d.serial, "x")
             for name, (name_hash, key_hash) in cert_ids(issuer.cert).items():
                 b = (ocsp.OCSPResponseBuilder()
                      .add_response_by_hash(
@@ -110,18 +113,16 @@ class OCSPSigner:
                          serial_number=d.serial, algorithm=CERT_ID_HASHES[name],
                          cert_status=ocsp.OCSPCertStatus.REVOKED if at
                          else ocsp.OCSPCertStatus.GOOD,
-                         this_update=now, next_update=now + VALIDITY, revocation_time=at,
+                         this_update=now, next_update=next_update, revocation_time=at,
                          revocation_reason=REASON_FLAGS[d.reason] if at and d.reason else None)
                      .responder_id(ocsp.OCSPResponderEncoding.HASH, issuer.cert))
                 h = issuer.hash
-                jobs.append(self.pipeline.submit(SigningJob(
+                jobs.append(SigningJob(
                     issuer.key.label, "ocsp", actor, lambda k, b=b, h=h: b.sign(k, h),
                     request_id=request_id, hash_name=issuer.hash_name,
-                    details={"serial": format(d.serial, "x"), "cert_id": name,
-                             "status": "revoked" if at else "good",
-                             "this_update": now.isoformat(),
-                             "next_update": (now + VALIDITY).isoformat()})))
-        results = await asyncio.gather(*jobs, return_exceptions=True)
+                    details={"serial": serial_hex, "cert_id": name,
+                             "status": "revoked" if at else "good", **times}))
+        results = await self.pipeline.submit_all(jobs)
         records = []
         for i, d in enumerate(due):
             pair = results[2 * i:2 * i + 2]
