@@ -19,7 +19,7 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
 from ca.config import KEY_LABELS
 from ca.issuance import profiles as prof
-from ca.issuance.pipeline import SigningPipeline
+from ca.issuance.pipeline import SigningJob, SigningPipeline, SignResult
 from hsm.errors import HSMError, HSMUnavailable, SignatureCheckFailed
 from hsm.session import HSM, KeyInfo, Scheme
 from tests.conftest import require
@@ -191,6 +191,36 @@ async def test_the_hsm_signs_only_for_a_durable_intent_once(worker: SigningPipel
     with pytest.raises(HSMError, match="one thread per process"):
         await asyncio.to_thread(worker.hsm.sign, "issuing-ca", scheme, b"z",
                                 await audit.append("test.intent"))
+
+
+async def test_a_batch_is_signed_together_and_a_failure_stays_its_own(
+        worker: SigningPipeline) -> None:
+    """How the OCSP refresher signs (submit_all): each job gets its own result, in order.
+    A job whose build fails gets its error, and an outcome line that says so; the jobs
+    beside it are signed, audited and verify."""
+    key: KeyInfo = await worker.load_key("issuing-ca")
+
+    def good(msg: bytes) -> Any:
+        return lambda k: k.sign(msg, ec.ECDSA(hashes.SHA256()))
+
+    def broken(_k: Any) -> bytes:
+        raise ValueError("a template that does not build")
+
+    jobs = [SigningJob(key.label, "ocsp", "local", good(b"first"), {"n": 1}),
+            SigningJob(key.label, "ocsp", "local", broken, {"n": 2}),
+            SigningJob(key.label, "ocsp", "local", good(b"third"), {"n": 3})]
+    first, failed, third = await worker.submit_all(jobs)
+    assert isinstance(failed, ValueError) and "does not build" in str(failed)
+    assert isinstance(first, SignResult) and isinstance(third, SignResult)
+    key.public_key.verify(first.value, b"first", ec.ECDSA(hashes.SHA256()))
+    key.public_key.verify(third.value, b"third", ec.ECDSA(hashes.SHA256()))
+    start = min(first.intent_seq, third.intent_seq)
+    lines = [json.loads(line) for line in worker._audit.read_lines(  # type: ignore[attr-defined]
+        start, max(first.outcome_seq, third.outcome_seq) - start + 1).splitlines()]
+    intents = {line["op_id"]: line["n"] for line in lines if line.get("phase") == "intent"}
+    results = {intents[line["op_id"]]: line["result"] for line in lines
+               if line.get("phase") == "outcome" and line["op_id"] in intents}
+    assert results == {1: "ok", 2: "ValueError", 3: "ok"}
 
 
 async def test_two_thousand_concurrent_signatures(worker: SigningPipeline) -> None:
