@@ -6,6 +6,7 @@ rules, failed validations, EAB keys audited without their secret, ACME off witho
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import threading
@@ -20,6 +21,7 @@ import pytest
 import requests
 from cryptography import x509
 
+from ca.acme.server import new_eab_key
 from tests.acme_kit import (
     AcmeCA,
     Client,
@@ -236,6 +238,15 @@ def test_eab_keys_are_audited_without_their_secret(world: World) -> None:
     bad = hsmca("acme", "eab", "create", "--config", world.ca.config, "--names", "Bad Name",
                 check=False)
     assert bad.returncode == 1 and "Bad Name" in bad.stderr
+
+
+def test_eab_keys_can_follow_a_client_flag() -> None:
+    """certbot and lego take `--eab-hmac-key KEY`; a KEY starting with '-' is read as
+    an option ("expected one argument"), which happened to one key in 64."""
+    for _ in range(4096):
+        key, text = new_eab_key()
+        assert not text.startswith("-"), text
+        assert base64.urlsafe_b64decode(text + "=") == key and len(key) == 32
 
 
 def test_renewal_info_suggests_a_window_inside_the_validity(world: World) -> None:
