@@ -36,14 +36,21 @@ class Settled(Generic[T]):
     @classmethod
     def of(cls, value: T) -> Settled[T]:
         s: Settled[T] = cls()
-        s._value = value
+        s.settle(True, value)
         return s
 
     @classmethod
     def failed(cls, error: BaseException) -> Settled[T]:
         s: Settled[T] = cls()
-        s._error = error
+        s.settle(False, error)
         return s
+
+    def settle(self, ok: bool, value: Any) -> None:
+        """`value` is the result if `ok`, else the exception `result()` raises."""
+        if ok:
+            self._value = value
+        else:
+            self._error = value
 
     def result(self) -> T:
         if self._error is not None:
@@ -97,10 +104,7 @@ class Batch:
 
     def _add(self, sink: Sink, ok: bool, value: Any) -> None:
         if isinstance(sink, Settled):
-            if ok:
-                sink._value = value
-            else:
-                sink._error = value
+            sink.settle(ok, value)
             return
         if isinstance(sink, cf.Future):
             if sink.cancelled():

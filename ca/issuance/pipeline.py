@@ -154,9 +154,7 @@ class SigningPipeline:
         together, so a caller that is cancelled (client gone, shutdown) after its
         intent was written cannot leave it without an outcome."""
         await self._await_retry()
-        fut, sink = async_sink()
-        self._coalescer.put(sink[0], _Op(job, sink))
-        return await fut  # type: ignore[no-any-return]
+        return await self._enqueue(job)  # type: ignore[no-any-return]
 
     async def submit_all(self, jobs: Sequence[SigningJob[T]]
                          ) -> list[SignResult[T] | BaseException]:
@@ -167,12 +165,14 @@ class SigningPipeline:
             await self._await_retry()
         except HSMUnavailable as exc:
             return [exc for _ in jobs]
-        futures = []
-        for job in jobs:
-            fut, sink = async_sink()
-            self._coalescer.put(sink[0], _Op(job, sink))
-            futures.append(fut)
-        return await asyncio.gather(*futures, return_exceptions=True)
+        return await asyncio.gather(*(self._enqueue(job) for job in jobs),
+                                    return_exceptions=True)
+
+    def _enqueue(self, job: SigningJob[T]) -> asyncio.Future[Any]:
+        """Hand `job` to the signing thread; the future settles with its SignResult."""
+        fut, sink = async_sink()
+        self._coalescer.put(sink[0], _Op(job, sink))
+        return fut
 
     async def sign(self, key: str, build: Callable[[HSMKey], T], *, purpose: str,
                    actor: str, request_id: str | None = None,
