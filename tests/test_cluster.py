@@ -152,18 +152,26 @@ async def test_every_node_serves_every_log_and_one_node_verifies_them_all(
                    {"role": "service", "names": ["more.test"], "ttl": "5m"})
 
 
-def test_a_second_node_of_the_same_name_is_refused_in_one_line(cluster: Cluster) -> None:
-    """Two nodes of one name would write one log from two places (two hosts whose
-    host names are alike, say): the second is refused, and the first goes on."""
+def refused_start(state: Path, node: str) -> tuple[str, str]:
+    """`hsmca serve --node NODE` that must refuse to start: its one error line, and its
+    whole stderr."""
     import subprocess
-    log = cluster.state / "nodes" / "node-1" / "audit" / "log.jsonl"
-    before = log.read_bytes()
-    proc = subprocess.run([*HSMCA, "serve", "--config", str(cluster.state / "hsmca.toml"),
-                           "--listen", "127.0.0.1:0", "--node", "node-1"], capture_output=True,
+    proc = subprocess.run([*HSMCA, "serve", "--config", str(state / "hsmca.toml"),
+                           "--listen", "127.0.0.1:0", "--node", node], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode != 0 and proc.stdout == ""
     errors = [line for line in proc.stderr.splitlines() if line.startswith("hsmca: error:")]
-    assert len(errors) == 1 and "already running" in errors[0], proc.stderr
+    assert len(errors) == 1, proc.stderr
+    return errors[0], proc.stderr
+
+
+def test_a_second_node_of_the_same_name_is_refused_in_one_line(cluster: Cluster) -> None:
+    """Two nodes of one name would write one log from two places (two hosts whose
+    host names are alike, say): the second is refused, and the first goes on."""
+    log = cluster.state / "nodes" / "node-1" / "audit" / "log.jsonl"
+    before = log.read_bytes()
+    error, _ = refused_start(cluster.state, "node-1")
+    assert "already running" in error
     assert log.read_bytes().startswith(before)
     status, _, _ = asyncio.run(call("GET", f"{cluster.nodes['node-1'].url}/health",
                                     cluster.nodes["node-1"].ssl()))
@@ -172,19 +180,13 @@ def test_a_second_node_of_the_same_name_is_refused_in_one_line(cluster: Cluster)
 
 def test_a_node_refuses_a_database_newer_than_its_code_in_one_line(
         tmp_path: Path, postgres_server: Any) -> None:
-    import subprocess
-
     from ca.store.postgres import PG_MIGRATIONS
     c = make_cluster(tmp_path, postgres_server.new_database())
     postgres_server.psql(f"UPDATE schema_version SET version = {len(PG_MIGRATIONS) + 1}",
                          db=c.url.rsplit("/", 1)[1])
-    proc = subprocess.run([*HSMCA, "serve", "--config", str(c.state / "hsmca.toml"),
-                           "--listen", "127.0.0.1:0", "--node", "late"], capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode != 0 and proc.stdout == ""
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("hsmca: error:")]
-    assert len(errors) == 1 and "newer than this hsmca knows" in errors[0], proc.stderr
-    assert "Traceback" not in proc.stderr
+    error, stderr = refused_start(c.state, "late")
+    assert "newer than this hsmca knows" in error
+    assert "Traceback" not in stderr
 
 
 async def test_ocsp_and_a_key_rotation_reach_every_node(cluster: Cluster,
