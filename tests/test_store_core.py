@@ -4,7 +4,9 @@ once, certificates found by serial and fingerprint, revocation reaching SSH
 certificates, CRL numbers that only grow, the CA's keys (pre-signed OCSP:
 tests/test_store_ocsp.py). And what only PostgreSQL promises, with two stores on one
 database as two nodes have them: exactly one of concurrent token uses wins, migrations
-run once when nodes start together, and a schema newer than the code is refused."""
+run once when nodes start together, a schema newer than the code is refused, and a
+node's group of audit lines that timed out never lands after the group that replaced
+it."""
 
 from __future__ import annotations
 
@@ -144,3 +146,35 @@ def test_a_database_newer_than_the_code_is_refused_in_one_line(postgres_server: 
     with pytest.raises(SchemaTooNew, match="newer than this hsmca knows") as info:
         PostgresStore(url)
     assert "\n" not in str(info.value)
+
+
+def test_an_audit_group_that_timed_out_never_lands_after_the_next_one(
+        postgres_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node that waited too long for PostgreSQL cuts the group from its file and
+    writes the next group at the same seqs. Had the late group's transaction gone on
+    (a connection that hung, then woke), its DELETE would remove the next group's
+    acknowledged lines: so once its node gave up on it, it writes nothing."""
+    import psycopg
+
+    from ca.audit import cluster
+    from ca.store.postgres import AUDIT_LOCK_PREFIX, PostgresStore
+    url = postgres_server.new_database()
+    store = PostgresStore(url)
+    lock = "SELECT pg_advisory_xact_lock(hashtext(%s))"
+    try:
+        cluster.commit_group(store, "n1", 0, [b"line 0"])
+        monkeypatch.setattr(cluster, "COMMIT_TIMEOUT_S", 1.0)
+        with psycopg.connect(url) as other:
+            other.execute(lock, (AUDIT_LOCK_PREFIX + "n1",))  # holds the late group up
+            with pytest.raises(OSError, match="did not commit the audit lines within"):
+                cluster.commit_group(store, "n1", 1, [b"late 1", b"late 2"])
+            other.commit()  # lets it go on
+            # Once this has the lock again, the late group (waiting before it) is over.
+            other.execute(lock, (AUDIT_LOCK_PREFIX + "n1",))
+            assert store.audit_lines_sync("n1", 0, 10) == [b"line 0"]
+            other.commit()
+        monkeypatch.setattr(cluster, "COMMIT_TIMEOUT_S", 60.0)
+        cluster.commit_group(store, "n1", 1, [b"next 1"])
+        assert store.audit_lines_sync("n1", 0, 10) == [b"line 0", b"next 1"]
+    finally:
+        store.close()

@@ -16,6 +16,7 @@ import errno
 import json
 import os
 import shutil
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,16 +46,26 @@ def mirror(store: PostgresStore, node: str,
         why = refuse()
         if why is not None:
             raise OSError(errno.EPERM, why)
-        try:
-            store.append_audit(node, first_seq, lines).result(timeout=COMMIT_TIMEOUT_S)
-        except StoreUnavailable as exc:
-            raise OSError(errno.EIO, str(exc)) from None
-        except TimeoutError:
-            raise OSError(errno.ETIMEDOUT, "PostgreSQL did not commit the audit lines "
-                          f"within {COMMIT_TIMEOUT_S:.0f} s") from None
-        except Exception as exc:  # any refusal: the lines are not durable there
-            raise OSError(errno.EIO, f"PostgreSQL refused the audit lines: {exc}") from None
+        commit_group(store, node, first_seq, lines)
     return commit
+
+
+def commit_group(store: PostgresStore, node: str, first_seq: int, lines: list[bytes]) -> None:
+    """Commit a group of `node`'s lines in PostgreSQL, or raise OSError. A group not
+    committed in time is abandoned before the caller hears of it (and cuts it from its
+    file), so it can never land after the group that replaces it
+    (PostgresStore.append_audit)."""
+    abandoned = threading.Event()
+    try:
+        store.append_audit(node, first_seq, lines, abandoned).result(timeout=COMMIT_TIMEOUT_S)
+    except StoreUnavailable as exc:
+        raise OSError(errno.EIO, str(exc)) from None
+    except TimeoutError:
+        abandoned.set()
+        raise OSError(errno.ETIMEDOUT, "PostgreSQL did not commit the audit lines "
+                      f"within {COMMIT_TIMEOUT_S:.0f} s") from None
+    except Exception as exc:  # any refusal: the lines are not durable there
+        raise OSError(errno.EIO, f"PostgreSQL refused the audit lines: {exc}") from None
 
 
 def publisher(store: PostgresStore, node: str) -> Callable[[int, str], Awaitable[None]]:
@@ -125,7 +136,7 @@ def sync_local_log(path: Path, checkpoint: Path, store: PostgresStore, node: str
                 "run `hsmca audit verify` on both")
     if lines is not None:
         # Complete lines on disk that never reached PostgreSQL: a crash between the two.
-        store.append_audit(node, held, lines[held:]).result(timeout=COMMIT_TIMEOUT_S)
+        commit_group(store, node, held, lines[held:])
         log.warning("sent audit lines PostgreSQL lacked (a crash between the file and "
                     "the commit)", node=node, first_seq=held, lines=have - held)
         return

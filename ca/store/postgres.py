@@ -73,6 +73,7 @@ log = structlog.get_logger("hsmca.store")
 
 CHANNEL = "hsmca_changes"  # NOTIFY payload: the name of the counter that moved
 MIGRATION_LOCK = 0x6873_6D63_6100_0001  # pg_advisory_lock key: "hsmca" + 1
+AUDIT_LOCK_PREFIX = "audit:"  # + node: the transaction lock a node's audit groups take
 CONNECT_TIMEOUT_S = 3  # a node answers 503 quickly rather than hang on a dead server
 POLL_S = 0.25  # the fallback poll of the change counters (NOTIFY is the fast path)
 
@@ -136,6 +137,10 @@ PG_MIGRATIONS: tuple[str, ...] = tuple(
 def _q(sql: str) -> str:
     """SQLite's `?` placeholders as psycopg's `%s` (for SQL shared with sqlite.py)."""
     return sql.replace("%", "%%").replace("?", "%s")
+
+
+class AuditGroupAbandoned(Exception):
+    """A group of audit lines whose committer gave up before it reached PostgreSQL."""
 
 
 class _Undo(Exception):
@@ -933,13 +938,26 @@ class PostgresStore:
 
     # ---- several nodes: the audit logs -------------------------------------------------------
 
-    def append_audit(self, node: str, first_seq: int, lines: Sequence[bytes]
-                     ) -> cf.Future[None]:
+    def append_audit(self, node: str, first_seq: int, lines: Sequence[bytes],
+                     abandoned: threading.Event | None = None) -> cf.Future[None]:
         """Make a group of `node`'s audit lines durable: one transaction. Rows from
         `first_seq` on are replaced, so the table always ends where the node's log does
         (a group whose commit failed, and was cut from the local file, leaves nothing
-        behind even if the commit had in fact gone through)."""
+        behind even if the commit had in fact gone through).
+
+        `abandoned` is set by a committer that stopped waiting (it timed out and cut the
+        group from its file). Such a group must never land later: reaching PostgreSQL
+        after the node's next group (a connection that hung, then woke), its DELETE
+        would remove that group's acknowledged lines. So a group first takes the
+        node's lock, then looks: a late one finds `abandoned` set and writes nothing
+        (AuditGroupAbandoned); one already past the look holds the lock until it
+        commits, and the next group, waiting for the lock, replaces its lines."""
         async def put(db: Conn) -> None:
+            await db.execute("SELECT pg_advisory_xact_lock(hashtext(%s))",
+                             (AUDIT_LOCK_PREFIX + node,))
+            if abandoned is not None and abandoned.is_set():
+                raise AuditGroupAbandoned(f"a group of {len(lines)} audit lines of node "
+                                          f"{node!r} from seq {first_seq} came too late")
             await db.execute("DELETE FROM audit_lines WHERE node = %s AND seq >= %s",
                              (node, first_seq))
             async with db.cursor() as cur:
