@@ -148,33 +148,62 @@ def test_a_database_newer_than_the_code_is_refused_in_one_line(postgres_server: 
     assert "\n" not in str(info.value)
 
 
-def test_an_audit_group_that_timed_out_never_lands_after_the_next_one(
-        postgres_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+
+def test_an_audit_group_its_node_gave_up_on_writes_nothing_when_it_comes(
+        postgres_server: Any) -> None:
     """A node that waited too long for PostgreSQL cuts the group from its file and
     writes the next group at the same seqs. Had the late group's transaction gone on
     (a connection that hung, then woke), its DELETE would remove the next group's
     acknowledged lines: so once its node gave up on it, it writes nothing."""
+    import threading
+
+    import psycopg
+
+    from ca.store.postgres import AUDIT_LOCK_CLASS, AuditGroupAbandoned, PostgresStore
+    url = postgres_server.new_database()
+    store = PostgresStore(url)
+    try:
+        store.append_audit("n1", 0, [b"line 0"]).result(timeout=60)
+        gave_up = threading.Event()
+        with psycopg.connect(url) as other:
+            # The late group is held up before it may write (it waits for its node's
+            # lock), and its node gives up meanwhile.
+            other.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
+                          (AUDIT_LOCK_CLASS, "n1"))
+            late = store.append_audit("n1", 1, [b"late 1", b"late 2"], gave_up, wait_s=60)
+            gave_up.set()
+        with pytest.raises(AuditGroupAbandoned, match="came too late"):
+            late.result(timeout=60)
+        assert store.audit_lines_sync("n1", 0, 10) == [b"line 0"]
+        store.append_audit("n1", 1, [b"next 1"]).result(timeout=60)
+        assert store.audit_lines_sync("n1", 0, 10) == [b"line 0", b"next 1"]
+    finally:
+        store.close()
+
+
+def test_an_audit_group_not_committed_in_time_fails_in_one_line_and_is_given_up(
+        postgres_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The node's side: a group PostgreSQL does not commit within the commit timeout
+    fails (the log then cuts it), with one line saying so, and is given up: it does
+    not land when PostgreSQL lets it go on a moment later."""
     import psycopg
 
     from ca.audit import cluster
-    from ca.store.postgres import AUDIT_LOCK_PREFIX, PostgresStore
+    from ca.store.postgres import AUDIT_LOCK_CLASS, PostgresStore
     url = postgres_server.new_database()
     store = PostgresStore(url)
-    lock = "SELECT pg_advisory_xact_lock(hashtext(%s))"
+    lock = "SELECT pg_advisory_xact_lock(%s, hashtext(%s))"
     try:
         cluster.commit_group(store, "n1", 0, [b"line 0"])
         monkeypatch.setattr(cluster, "COMMIT_TIMEOUT_S", 1.0)
         with psycopg.connect(url) as other:
-            other.execute(lock, (AUDIT_LOCK_PREFIX + "n1",))  # holds the late group up
-            with pytest.raises(OSError, match="did not commit the audit lines within"):
+            other.execute(lock, (AUDIT_LOCK_CLASS, "n1"))  # holds the group up
+            with pytest.raises(OSError) as info:
                 cluster.commit_group(store, "n1", 1, [b"late 1", b"late 2"])
-            other.commit()  # lets it go on
-            # Once this has the lock again, the late group (waiting before it) is over.
-            other.execute(lock, (AUDIT_LOCK_PREFIX + "n1",))
+            assert str(info.value) == "PostgreSQL did not commit the audit lines within 1 s"
+            other.commit()  # lets it go on (it waits for the lock up to twice as long)
+            # Once this has the lock again, the late group, waiting before it, is over.
+            other.execute(lock, (AUDIT_LOCK_CLASS, "n1"))
             assert store.audit_lines_sync("n1", 0, 10) == [b"line 0"]
-            other.commit()
-        monkeypatch.setattr(cluster, "COMMIT_TIMEOUT_S", 60.0)
-        cluster.commit_group(store, "n1", 1, [b"next 1"])
-        assert store.audit_lines_sync("n1", 0, 10) == [b"line 0", b"next 1"]
     finally:
         store.close()

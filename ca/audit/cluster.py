@@ -45,27 +45,37 @@ def mirror(store: PostgresStore, node: str,
     def commit(first_seq: int, lines: list[bytes]) -> None:
         why = refuse()
         if why is not None:
-            raise OSError(errno.EPERM, why)
+            raise NotCommitted(errno.EPERM, why)
         commit_group(store, node, first_seq, lines)
     return commit
 
 
+class NotCommitted(OSError):
+    """PostgreSQL did not make a group of lines durable: the log fails the group closed
+    (an OSError, as a disk's refusal is), and says why in one line."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
 def commit_group(store: PostgresStore, node: str, first_seq: int, lines: list[bytes]) -> None:
-    """Commit a group of `node`'s lines in PostgreSQL, or raise OSError. A group not
-    committed in time is abandoned before the caller hears of it (and cuts it from its
-    file), so it can never land after the group that replaces it
+    """Commit a group of `node`'s lines in PostgreSQL, or raise NotCommitted. A group
+    not committed in time is abandoned before the caller hears of it (and cuts it from
+    its file), so it can never land after the group that replaces it
     (PostgresStore.append_audit)."""
     abandoned = threading.Event()
     try:
-        store.append_audit(node, first_seq, lines, abandoned).result(timeout=COMMIT_TIMEOUT_S)
+        store.append_audit(node, first_seq, lines, abandoned, COMMIT_TIMEOUT_S
+                           ).result(timeout=COMMIT_TIMEOUT_S)
     except StoreUnavailable as exc:
-        raise OSError(errno.EIO, str(exc)) from None
+        raise NotCommitted(errno.EIO, str(exc)) from None
     except TimeoutError:
         abandoned.set()
-        raise OSError(errno.ETIMEDOUT, "PostgreSQL did not commit the audit lines "
-                      f"within {COMMIT_TIMEOUT_S:.0f} s") from None
+        raise NotCommitted(errno.ETIMEDOUT, "PostgreSQL did not commit the audit lines "
+                           f"within {COMMIT_TIMEOUT_S:.0f} s") from None
     except Exception as exc:  # any refusal: the lines are not durable there
-        raise OSError(errno.EIO, f"PostgreSQL refused the audit lines: {exc}") from None
+        why = " ".join(str(exc).split())  # psycopg puts DETAIL on a line of its own
+        raise NotCommitted(errno.EIO, f"PostgreSQL refused the audit lines: {why}") from None
 
 
 def publisher(store: PostgresStore, node: str) -> Callable[[int, str], Awaitable[None]]:

@@ -73,7 +73,9 @@ log = structlog.get_logger("hsmca.store")
 
 CHANNEL = "hsmca_changes"  # NOTIFY payload: the name of the counter that moved
 MIGRATION_LOCK = 0x6873_6D63_6100_0001  # pg_advisory_lock key: "hsmca" + 1
-AUDIT_LOCK_PREFIX = "audit:"  # + node: the transaction lock a node's audit groups take
+# pg_advisory_xact_lock(AUDIT_LOCK_CLASS, hashtext(node)): the lock a node's audit groups
+# take. The two-key form: its keys never meet the one-key locks (migrations, leases).
+AUDIT_LOCK_CLASS = 0x6873_6D63  # "hsmc"
 CONNECT_TIMEOUT_S = 3  # a node answers 503 quickly rather than hang on a dead server
 POLL_S = 0.25  # the fallback poll of the change counters (NOTIFY is the fast path)
 
@@ -939,23 +941,36 @@ class PostgresStore:
     # ---- several nodes: the audit logs -------------------------------------------------------
 
     def append_audit(self, node: str, first_seq: int, lines: Sequence[bytes],
-                     abandoned: threading.Event | None = None) -> cf.Future[None]:
+                     abandoned: threading.Event | None = None, wait_s: float = 10.0
+                     ) -> cf.Future[None]:
         """Make a group of `node`'s audit lines durable: one transaction. Rows from
         `first_seq` on are replaced, so the table always ends where the node's log does
         (a group whose commit failed, and was cut from the local file, leaves nothing
         behind even if the commit had in fact gone through).
 
-        `abandoned` is set by a committer that stopped waiting (it timed out and cut the
-        group from its file). Such a group must never land later: reaching PostgreSQL
-        after the node's next group (a connection that hung, then woke), its DELETE
-        would remove that group's acknowledged lines. So a group first takes the
+        `abandoned` is set by a committer that stopped waiting (after `wait_s`: it cut
+        the group from its file). Such a group must never land later: reaching
+        PostgreSQL after the node's next group (a connection that hung, then woke), its
+        DELETE would remove that group's acknowledged lines. So a group first takes the
         node's lock, then looks: a late one finds `abandoned` set and writes nothing
         (AuditGroupAbandoned); one already past the look holds the lock until it
-        commits, and the next group, waiting for the lock, replaces its lines."""
+        commits, and the next group, waiting for the lock, replaces its lines.
+
+        A session gone quiet inside the transaction (a hung connection holding the
+        lock) is ended by PostgreSQL after `wait_s`, and a wait for the lock gives up
+        after twice that, so one hung connection holds a node's log up, and its
+        groups' connections, for seconds, not until TCP notices."""
+        quiet, waiting = (f"{max(1, round(s * 1000))}ms" for s in (wait_s, 2 * wait_s))
+
         async def put(db: Conn) -> None:
-            await db.execute("SELECT pg_advisory_xact_lock(hashtext(%s))",
-                             (AUDIT_LOCK_PREFIX + node,))
+            await db.execute("SELECT set_config('idle_in_transaction_session_timeout', %s, "
+                             "true), set_config('lock_timeout', %s, true)", (quiet, waiting))
+            await db.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
+                             (AUDIT_LOCK_CLASS, node))
             if abandoned is not None and abandoned.is_set():
+                log.warning("a group of audit lines came to PostgreSQL after its node gave "
+                            "up on it; not written", node=node, first_seq=first_seq,
+                            lines=len(lines))
                 raise AuditGroupAbandoned(f"a group of {len(lines)} audit lines of node "
                                           f"{node!r} from seq {first_seq} came too late")
             await db.execute("DELETE FROM audit_lines WHERE node = %s AND seq >= %s",
