@@ -152,6 +152,58 @@ async def test_every_node_serves_every_log_and_one_node_verifies_them_all(
                    {"role": "service", "names": ["more.test"], "ttl": "5m"})
 
 
+
+async def _tiles_of_node_2(node: Any, size: int, query: str = "") -> list[tuple[int, bytes]]:
+    """What an auditor's tlog tooling reads of node 2's log at `size` lines (> 512):
+    full and partial tiles, an entry bundle, and a consistency proof."""
+    paths = ["tile/0/000", "tile/0/001", f"tile/0/002.p/{size - 512}", "tile/1/000.p/2",
+             "tile/entries/001", f"proof/consistency?old=300&size={size}"]
+    got = []
+    for path in paths:
+        sep = "&" if "?" in path and query else "?" if query else ""
+        status, _, body = await call("GET", f"{node.url}/v1/audit/{path}{sep}{query}",
+                                     node.admin_ssl())
+        got.append((status, body))
+    return got
+
+
+async def test_any_node_serves_another_nodes_tiles_and_proofs_from_the_tiles_it_copied(
+        cluster: Cluster, postgres_server: Any) -> None:
+    """C2SP tiles, entry bundles and proofs of node 2's log, through node 3
+    (?log=node-2), are node 2's own, byte for byte, with node 2 gone too. Node 2
+    copied its tiles to PostgreSQL, so node 3 reads a few rows, not the whole log; a
+    node that finds PostgreSQL without them (an earlier version) copies them at start."""
+    import aiohttp
+    n2, n3 = cluster.nodes["node-2"], cluster.nodes["node-3"]
+
+    async def size_of_node_2() -> int:
+        _, _, body = await call("GET", f"{n3.url}/v1/audit/logs", n3.ssl())
+        return int(next(e["size"] for e in json.loads(body)["logs"] if e["name"] == "node-2"))
+    async with aiohttp.ClientSession() as s:  # one audit line per token: to ~640 lines
+        for _ in range(640 - await size_of_node_2()):
+            async with s.post(f"{n2.url}/v1/tokens", ssl=n2.admin_ssl(), json={
+                    "role": "service", "names": ["tiles.test"], "ttl": "5m"}) as r:
+                assert r.status == 201
+    size = await size_of_node_2()
+    assert 600 < size < 768  # three entry bundles, the third partial
+    own = await _tiles_of_node_2(n2, size)
+    assert [status for status, _ in own] == [200] * 6
+    assert await _tiles_of_node_2(n3, size, "log=node-2") == own
+    db = cluster.url.rsplit("/", 1)[1]
+    heads = "SELECT bundles FROM audit_tile_heads WHERE node = 'node-2'"
+    assert n2.stop() == 0  # a clean stop waits for the last tiles' copy
+    assert int(postgres_server.psql(heads, db=db)) == size // 256
+    assert await _tiles_of_node_2(n3, size, "log=node-2") == own
+    # PostgreSQL without node 2's tiles: node 3 proves from its lines, and node 2,
+    # started again, copies its tiles before it serves.
+    postgres_server.psql("DELETE FROM audit_tiles WHERE node = 'node-2'; "
+                         "DELETE FROM audit_tile_heads WHERE node = 'node-2'", db=db)
+    assert await _tiles_of_node_2(n3, size, "log=node-2") == own
+    cluster.start("node-2")
+    assert int(postgres_server.psql(heads, db=db)) >= size // 256
+    assert await _tiles_of_node_2(n3, size, "log=node-2") == own
+
+
 def refused_start(state: Path, node: str) -> tuple[str, str]:
     """`hsmca serve --node NODE` that must refuse to start: its one error line, and its
     whole stderr."""

@@ -29,7 +29,7 @@ import queue
 import shutil
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -42,12 +42,15 @@ from ca.audit.merkle import Growth, TreeHead, growth, leaf_hash, leaf_hashes
 from ca.audit.note import NoteError, parse_checkpoint, verify_checkpoint
 from ca.audit.tiles import (
     MAX_ENTRY_BYTES,
+    TILE_HEIGHT,
     TILE_WIDTH,
     FileTileStore,
+    Tile,
     TileDamaged,
     TiledTree,
     TileStore,
     entry_bundle,
+    partial_tiles,
 )
 from ca.handoff import (
     STOP,
@@ -120,6 +123,9 @@ class AuditLog:
         self.last_commit_s = 0.0
         # Called from the writer thread after each durable batch: (seconds, lines).
         self.on_commit: Callable[[float, int], None] | None = None
+        # Called under the write lock once the tile store holds new tiles: (the tiles,
+        # how many full bundles the store covers now). Cluster mode copies them.
+        self.on_tiles: Callable[[Sequence[Tile], int], None] | None = None
         self._thread = threading.Thread(target=self._writer, name="audit-writer", daemon=True)
         self._thread.start()
 
@@ -437,6 +443,23 @@ class AuditLog:
             self._tree.stored(tiles)
             del self._pending_ends[:len(ends)]
             self._stored_bundles += len(ends)
+        if self.on_tiles is not None:
+            self.on_tiles(tiles, self._store.committed())
+
+    def stored_tiles(self, since: int, page: int = 256) -> Iterator[tuple[list[Tile], int]]:
+        """The tiles the store holds for the bundles from `since` on, in pages: the full
+        tiles of every level, then each level's partial tile; with how many bundles the
+        store covers. For a copy elsewhere to catch up (cluster mode, at start: nothing
+        else writes meanwhile)."""
+        with self._write_lock:
+            bundles = self._store.committed()
+            wanted = [(level, index, TILE_WIDTH) for level, first, count in
+                      _full_tile_ranges(since * TILE_WIDTH, bundles * TILE_WIDTH)
+                      for index in range(first, count)]
+            wanted += partial_tiles(bundles * TILE_WIDTH)
+            for lo in range(0, len(wanted), page):
+                yield [Tile(level, index, width, self._store.read_tile(level, index, width))
+                       for level, index, width in wanted[lo:lo + page]], bundles
 
     def _fail_batch(self, done: list[tuple[Sink, int, str, Mapping[str, Any]]], exc: OSError,
                     results: Batch) -> None:
@@ -557,6 +580,17 @@ class AuditLog:
             os.close(self._fd)  # releases the flock
         except OSError:
             pass
+
+
+def _full_tile_ranges(since: int, size: int) -> list[tuple[int, int, int]]:
+    """(level, first index, end index) of the full tiles a tree of `size` leaves has
+    and one of `since` leaves had not."""
+    ranges, level = [], 0
+    while size >> (TILE_HEIGHT * (level + 1)):
+        ranges.append((level, since >> (TILE_HEIGHT * (level + 1)),
+                       size >> (TILE_HEIGHT * (level + 1))))
+        level += 1
+    return ranges
 
 
 def _leaves(lines: list[bytes]) -> list[bytes]:

@@ -113,6 +113,18 @@ def parse_tile_path(path: str) -> tuple[int | None, int, int]:
     return int(head), index, width
 
 
+def partial_tiles(size: int) -> list[tuple[int, int, int]]:
+    """(level, index, width) of the partial tile of each level above 0 in a tree of
+    `size` leaves (a whole number of bundles): what a store holds beside full tiles."""
+    found, level = [], 1
+    while size >> (TILE_HEIGHT * level):
+        width = (size >> (TILE_HEIGHT * level)) & (TILE_WIDTH - 1)
+        if width:
+            found.append((level, size >> (TILE_HEIGHT * (level + 1)), width))
+        level += 1
+    return found
+
+
 def entry_bundle(lines: Iterable[bytes]) -> bytes:
     """Lines (without their newlines) as a C2SP entry bundle."""
     return b"".join(len(line).to_bytes(2, "big") + line for line in lines)

@@ -38,6 +38,8 @@ from cryptography.hazmat.primitives.serialization import (
 
 from ca import __version__, metrics
 from ca.audit.checkpointer import Checkpointer
+from ca.audit.cluster_tiles import TileCopy
+from ca.audit.cluster_tiles import catch_up as catch_up_tiles
 from ca.audit.cosignature import ALG_COSIGNATURE, parse_verifier_key
 from ca.audit.log import AuditLog
 from ca.audit.recorder import Recorder
@@ -392,6 +394,10 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         pipeline.close()
         generations.close()
         audit.close()
+        copy = audit.on_tiles
+        if isinstance(copy, TileCopy) and not await asyncio.to_thread(copy.wait, TILE_COPY_S):
+            # The next start copies what PostgreSQL lacks (ca/audit/cluster_tiles.py).
+            log.warning("stopping before the audit log's last tiles reached PostgreSQL")
         if name_held is not None:
             name_held.close()
         if store is not None:
@@ -399,6 +405,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
 
 
 INVENTORY_CHECKPOINT_S = 1.0
+TILE_COPY_S = 10.0  # how long a stop waits for the last tiles' copy to PostgreSQL
 
 
 async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
@@ -466,9 +473,16 @@ def _open_audit(config: Config, audit_key: Ed25519PublicKey, store: Store | None
     from ca.audit import cluster
     assert config.node is not None
     cluster.sync_local_log(config.audit_log, config.checkpoint_path, store, config.node)
-    return AuditLog.open(config.audit_log, config.checkpoint_path, audit_key,
-                         mirror=cluster.mirror(store, config.node,
-                                               (lambda: name.lost) if name else lambda: None))
+    audit = AuditLog.open(config.audit_log, config.checkpoint_path, audit_key,
+                          mirror=cluster.mirror(store, config.node,
+                                                (lambda: name.lost) if name else lambda: None))
+    try:
+        catch_up_tiles(audit, store, config.node)
+    except BaseException:
+        audit.close()
+        raise
+    audit.on_tiles = TileCopy(store, config.node)
+    return audit
 
 
 def _publisher(config: Config, store: Store | None

@@ -6,7 +6,7 @@ are: for auditors and admins only.
 
 In cluster mode every node keeps its own log, and any node serves all of them:
 `GET /v1/audit/logs` lists them with their latest checkpoints, and `?log=NODE` on
-the checkpoint, entries and proof endpoints reads another node's log from
+the checkpoint, entries, proof and tile endpoints reads another node's log from
 PostgreSQL (ca/server/other_logs.py), so an auditor follows a dead node's log too."""
 
 from __future__ import annotations
@@ -99,14 +99,12 @@ async def cosigned_checkpoint(request: web.Request) -> web.Response:
 @routes.get("/v1/audit/tile/{path:.+}")
 async def tile(request: web.Request) -> web.Response:
     await identity(request, "auditor", "admin")
-    if other_log(request) is not None:
-        raise Problem(404, "Not Found", "tiles are served by the node whose log it is; "
-                      "another node's log is served as entries and proofs (?log=)")
+    other = other_log(request)
     try:
         level, index, width = parse_tile_path(request.match_info["path"])
     except ValueError as exc:
         raise Problem(400, "Bad Request", f"not a C2SP tile path: {exc}", "bad-query") from None
-    audit = request.app[AUDIT]
+    audit = other if other is not None else request.app[AUDIT]
     if level is None:
         data = await audit.entries(index, width)
     else:

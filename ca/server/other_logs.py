@@ -2,21 +2,23 @@
 serves on the audit endpoints when NODE is not this node.
 
 The lines are the ones each node committed there with its group commits, byte for
-byte. Proofs are computed from those lines (a Merkle tree built for the request: the
-node whose log it is serves them from its tiles, and is the fast path)."""
+byte; tiles and proofs come from the tiles each node copies there, and the few
+lines after the last bundle they cover (ca/audit/cluster_tiles.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 from aiohttp import web
 
-from ca.audit.merkle import MerkleTree, leaf_hash
+from ca.audit.cluster_tiles import tree_at
+from ca.audit.tiles import TILE_HEIGHT, TILE_WIDTH, TileDamaged, TiledTree, entry_bundle
 from ca.server.common import SETTINGS, STORE
 from ca.server.problems import Problem
+from hsm.errors import AuditUnavailable
 
 _NODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-PAGE = 5000
 
 
 class OtherLog:
@@ -30,17 +32,12 @@ class OtherLog:
     async def checkpoint(self) -> str | None:
         return await self.store.audit_checkpoint(self.node)  # type: ignore[attr-defined,no-any-return]
 
-    async def _tree(self, size: int) -> MerkleTree:
-        tree = MerkleTree()
-        while tree.size < size:
-            lines = await self.store.audit_lines(  # type: ignore[attr-defined]
-                self.node, tree.size, min(PAGE, size - tree.size))
-            if not lines:
-                raise ValueError(f"the log of node {self.node!r} has only {tree.size} lines, "
-                                 f"not {size}")
-            for line in lines:
-                tree.append(leaf_hash(line))
-        return tree
+    async def _tree(self, size: int) -> TiledTree:
+        # Blocking reads of PostgreSQL (ca/audit/cluster_tiles.py): off the event loop.
+        try:
+            return await asyncio.to_thread(tree_at, self.store, self.node, size)  # type: ignore[arg-type]
+        except TileDamaged as exc:
+            raise AuditUnavailable(str(exc)) from None
 
     async def inclusion_proof(self, index: int, size: int) -> list[bytes]:
         if not 0 <= index < size:
@@ -51,6 +48,23 @@ class OtherLog:
         if not 0 <= old <= size:
             raise ValueError(f"old size {old} is larger than size {size}")
         return (await self._tree(size)).consistency_proof(old, size)
+
+    async def tile(self, level: int, index: int, width: int) -> bytes | None:
+        """C2SP tile `level`/`index`, `width` hashes of it, if the log has them."""
+        size = await self.store.audit_size(self.node)  # type: ignore[attr-defined]
+        if (index * TILE_WIDTH + width) << (TILE_HEIGHT * level) > size:
+            return None
+        tree = await self._tree(size)
+        try:
+            return await asyncio.to_thread(tree.read_tile, level, index, width)
+        except TileDamaged as exc:
+            raise AuditUnavailable(str(exc)) from None
+
+    async def entries(self, index: int, width: int) -> bytes | None:
+        """C2SP entry bundle `index`, its first `width` lines, if the log has them."""
+        lines = await self.store.audit_lines(  # type: ignore[attr-defined]
+            self.node, index * TILE_WIDTH, width)
+        return entry_bundle(lines) if len(lines) == width else None
 
 
 class AllLogs:

@@ -30,6 +30,7 @@ import psycopg
 import structlog
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from ca.audit.tiles import HASH_SIZE, TILE_WIDTH, Tile, partial_tiles
 from ca.store.errors import SchemaTooNew, StoreUnavailable
 from ca.store.records import (
     AcmeAccount,
@@ -114,6 +115,22 @@ _EXTRA: dict[int, str] = {
     """,
     # cross_certs are listed in insertion order (SQLite's rowid).
     6: "ALTER TABLE cross_certs ADD COLUMN ord BIGSERIAL;",
+    # Each node's tiles (C2SP tlog-tiles, 32-byte hashes): full ones, and the partial
+    # tile of each level above 0, as the node's FileTileStore holds them; `bundles` is
+    # how many full entry bundles they cover, set in the same transaction.
+    8: """
+    CREATE TABLE audit_tiles (
+        node TEXT COLLATE "C" NOT NULL,
+        level INTEGER NOT NULL,
+        idx BIGINT NOT NULL,
+        data BYTEA NOT NULL,
+        PRIMARY KEY (node, level, idx)
+    );
+    CREATE TABLE audit_tile_heads (
+        node TEXT COLLATE "C" PRIMARY KEY,
+        bundles BIGINT NOT NULL
+    );
+    """,
 }
 # Migrations whose SQLite text uses SQLite's own functions, written anew for PostgreSQL.
 _OWN: dict[int, str] = {
@@ -982,6 +999,59 @@ class PostgresStore:
                                        for i, line in enumerate(lines)])
         return self._tx_future(put)
 
+    def put_audit_tiles(self, node: str, tiles: Sequence[Tile], bundles: int
+                        ) -> cf.Future[None]:
+        """Store tiles of `node`'s log and how many full entry bundles the stored tiles
+        now cover, in one transaction (a snapshot never sees one without the other). A
+        tile is only ever replaced by a longer one (a partial tile grows)."""
+        async def put(db: Conn) -> None:
+            async with db.cursor() as cur:
+                await cur.executemany(
+                    "INSERT INTO audit_tiles (node, level, idx, data) VALUES (%s, %s, %s, %s) "
+                    "ON CONFLICT (node, level, idx) DO UPDATE SET data = EXCLUDED.data "
+                    "WHERE length(EXCLUDED.data) > length(audit_tiles.data)",
+                    [(node, t.level, t.index, t.data) for t in tiles])
+            await db.execute("INSERT INTO audit_tile_heads (node, bundles) VALUES (%s, %s) "
+                             "ON CONFLICT (node) DO UPDATE SET bundles = GREATEST("
+                             "audit_tile_heads.bundles, EXCLUDED.bundles)", (node, bundles))
+        return self._tx_future(put)
+
+    def audit_tile_head_sync(self, node: str) -> tuple[int, dict[int, bytes]]:
+        """(full entry bundles `node`'s stored tiles cover, and at that size the partial
+        tile of each level above 0, by level), read in one snapshot; (0, {}) if the
+        node has stored none. Off any event loop: it waits for PostgreSQL."""
+        async def head() -> tuple[int, dict[int, bytes]]:
+            async with self.pool.connection() as conn:
+                await conn.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)
+                try:
+                    async with conn.transaction():
+                        cur = await conn.execute("SELECT bundles FROM audit_tile_heads "
+                                                 "WHERE node = %s", (node,))
+                        row = await cur.fetchone()
+                        bundles = int(row[0]) if row else 0
+                        edges: dict[int, bytes] = {}
+                        for level, index, width in partial_tiles(bundles * TILE_WIDTH):
+                            cur = await conn.execute(
+                                "SELECT data FROM audit_tiles WHERE node = %s AND level = %s "
+                                "AND idx = %s", (node, level, index))
+                            found = await cur.fetchone()
+                            edges[level] = bytes(found[0])[:width * HASH_SIZE] if found \
+                                else b""
+                        return bundles, edges
+                finally:
+                    await conn.set_isolation_level(None)
+        return self._call(head())
+
+    def audit_tile_sync(self, node: str, level: int, index: int) -> bytes | None:
+        """A stored tile of `node`'s log, as stored (full, or the latest partial)."""
+        async def read() -> bytes | None:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute("SELECT data FROM audit_tiles WHERE node = %s AND "
+                                         "level = %s AND idx = %s", (node, level, index))
+                row = await cur.fetchone()
+                return bytes(row[0]) if row else None
+        return self._call(read())
+
     def audit_size_sync(self, node: str) -> int:
         """How many lines of `node`'s log PostgreSQL holds (for a start, off any loop)."""
         async def size() -> int:
@@ -1004,6 +1074,12 @@ class PostgresStore:
         rows = await self._rows("SELECT line FROM audit_lines WHERE node = %s AND seq >= %s "
                                 "ORDER BY seq LIMIT %s", (node, start, limit))
         return [bytes(r[0]) for r in rows]
+
+    async def audit_size(self, node: str) -> int:
+        """How many lines of `node`'s log PostgreSQL holds."""
+        rows = await self._rows("SELECT COALESCE(MAX(seq) + 1, 0) FROM audit_lines WHERE "
+                                "node = %s", (node,))
+        return int(rows[0][0]) if rows else 0
 
     async def put_audit_checkpoint(self, node: str, size: int, note: str,
                                    at: dt.datetime) -> None:

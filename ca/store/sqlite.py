@@ -249,6 +249,11 @@ MIGRATIONS: tuple[str, ...] = (
         WHERE serial NOT IN (SELECT serial FROM ocsp_responses);
     CREATE INDEX ocsp_responses_refresh_at ON ocsp_responses(refresh_at);
     """,
+    # 8: cluster mode only (PostgreSQL): each node's Merkle tiles, from which every node
+    # serves the others' tiles and proofs. A single node keeps its tiles in files.
+    """
+    SELECT 1;
+    """,
 )
 
 _CERT_COLS = ("serial, fingerprint, role, subject, names, principals, spki_sha256, not_before, "

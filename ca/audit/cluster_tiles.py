@@ -1,0 +1,156 @@
+"""A node's Merkle tiles in PostgreSQL (cluster mode), so that any node serves any
+node's log as tiles and proves it from tiles, the dead ones' too.
+
+The node whose log it is copies each tile its store commits (`TileCopy`, after the
+file's commit, off the commit path: tiles are made from durable lines and can always
+be made again) and catches up at start with whatever PostgreSQL lacks
+(`catch_up`). Another node reads them (`tree_at`): the tiles up to the last bundle
+they cover, and the few lines after it from `audit_lines`, so a proof costs a handful
+of rows, not the whole log. Where PostgreSQL holds no tiles yet (a node of an earlier
+version), the lines stand in for them, as they did before.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import structlog
+
+from ca.audit.log import AuditLog
+from ca.audit.merkle import HASH_SIZE, leaf_hash
+from ca.audit.tiles import TILE_HEIGHT, TILE_WIDTH, Tile, TileDamaged, TiledTree
+
+if TYPE_CHECKING:  # psycopg is loaded only where a cluster runs
+    from ca.store.postgres import PostgresStore
+
+log = structlog.get_logger("hsmca.audit")
+CATCH_UP_TIMEOUT_S = 60.0
+_PAGE = 5000
+
+
+class TileCopy:
+    """`AuditLog.on_tiles` in cluster mode: copies the tiles to PostgreSQL, one
+    transaction at a time, in order. What a failed copy did not store waits for the
+    next commit of tiles, with it; the log never waits for the copy."""
+
+    def __init__(self, store: PostgresStore, node: str) -> None:
+        self.store, self.node = store, node
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # notified when a copy ends
+        self._owed: dict[tuple[int, int], bytes] = {}  # (level, index) -> latest data
+        self._bundles = 0
+        self._busy = False
+        self.failures = 0
+
+    def __call__(self, tiles: Sequence[Tile], bundles: int) -> None:
+        with self._lock:
+            for tile in tiles:
+                self._owed[(tile.level, tile.index)] = tile.data
+            self._bundles = max(self._bundles, bundles)
+            if self._busy:
+                return
+            self._busy = True
+        self._send()
+
+    def _send(self) -> None:
+        with self._lock:
+            sent = dict(self._owed)
+            bundles = self._bundles
+        tiles = [Tile(level, index, len(data) // HASH_SIZE, data)
+                 for (level, index), data in sorted(sent.items())]
+        try:
+            fut = self.store.put_audit_tiles(self.node, tiles, bundles)
+        except RuntimeError as exc:  # the store is closing
+            self._done(sent, exc)
+            return
+        fut.add_done_callback(lambda f: self._done(sent, f.exception()))
+
+    def _done(self, sent: dict[tuple[int, int], bytes], error: BaseException | None) -> None:
+        with self._lock:
+            if error is None:
+                for key, data in sent.items():
+                    if self._owed.get(key) is data:  # not replaced by a longer one since
+                        del self._owed[key]
+            again = error is None and bool(self._owed)
+            self._busy = again
+            self._idle.notify_all()
+        if error is not None:
+            self.failures += 1
+            log.warning("cannot copy the audit log's tiles to PostgreSQL yet; the next "
+                        "tiles take them along", node=self.node, error=str(error))
+        if again:
+            self._send()
+
+    def wait(self, timeout: float) -> bool:
+        """Whether every tile given so far got stored within `timeout` seconds (a clean
+        stop waits for it)."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._busy, timeout) and not self._owed
+
+
+def catch_up(audit: AuditLog, store: PostgresStore, node: str) -> int:
+    """Store the tiles of `audit` that PostgreSQL lacks (a node of an earlier version,
+    or a crash between the file's tiles and the copy); how many. At start, before the
+    node writes."""
+    held, _ = store.audit_tile_head_sync(node)
+    count = 0
+    for tiles, bundles in audit.stored_tiles(held):
+        try:
+            store.put_audit_tiles(node, tiles, bundles).result(timeout=CATCH_UP_TIMEOUT_S)
+        except TimeoutError:
+            raise TimeoutError(f"PostgreSQL did not store the audit log's tiles within "
+                               f"{CATCH_UP_TIMEOUT_S:.0f} s") from None
+        count += len(tiles)
+    if count:
+        log.info("copied the audit log's tiles to PostgreSQL", node=node, tiles=count)
+    return count
+
+
+class _StoredTiles:
+    """The TileStore a reader's TiledTree starts from: one snapshot of the head (the
+    bundles covered and the partial tiles there), full tiles read as needed."""
+
+    def __init__(self, store: PostgresStore, node: str) -> None:
+        self.store, self.node = store, node
+        self._bundles, self._edges = store.audit_tile_head_sync(node)
+
+    def committed(self) -> int:
+        return self._bundles
+
+    def bundle_end(self, index: int) -> int:
+        raise NotImplementedError("another node's lines are read by seq, not by offset")
+
+    def read_tile(self, level: int, index: int, width: int = TILE_WIDTH) -> bytes:
+        edge = self._edges.get(level)
+        if edge is not None and index == (self._bundles * TILE_WIDTH) >> (
+                TILE_HEIGHT * (level + 1)):
+            data: bytes | None = edge
+        else:
+            data = self.store.audit_tile_sync(self.node, level, index)
+        if data is None or len(data) < width * HASH_SIZE:
+            raise TileDamaged(f"PostgreSQL lacks tile {level}/{index} of node {self.node!r}")
+        return data[:width * HASH_SIZE]
+
+    def commit(self, tiles: Sequence[Tile], ends: Sequence[int]) -> None:
+        raise NotImplementedError("another node's tiles are read, never written here")
+
+    def close(self) -> None:
+        pass
+
+
+def tree_at(store: PostgresStore, node: str, size: int) -> TiledTree:
+    """`node`'s Merkle tree with at least `size` leaves, from its tiles and the lines
+    after them (all its lines where it stored no tiles): a tree larger than `size`
+    proves and serves everything a tree of `size` does. Blocking: run it off the event
+    loop."""
+    tree = TiledTree(_StoredTiles(store, node))
+    while tree.size < size:
+        lines = store.audit_lines_sync(node, tree.size, min(_PAGE, size - tree.size))
+        if not lines:
+            raise ValueError(f"the log of node {node!r} has only {tree.size} lines, "
+                             f"not {size}")
+        for line in lines:
+            tree.append(leaf_hash(line))
+    return tree
