@@ -9,6 +9,8 @@ tests/test_cluster_faults.py.)"""
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import time
 from collections.abc import Iterator
@@ -153,55 +155,82 @@ async def test_every_node_serves_every_log_and_one_node_verifies_them_all(
 
 
 
-async def _tiles_of_node_2(node: Any, size: int, query: str = "") -> list[tuple[int, bytes]]:
-    """What an auditor's tlog tooling reads of node 2's log at `size` lines (> 512):
-    full and partial tiles, an entry bundle, and a consistency proof."""
-    paths = ["tile/0/000", "tile/0/001", f"tile/0/002.p/{size - 512}", "tile/1/000.p/2",
-             "tile/entries/001", f"proof/consistency?old=300&size={size}"]
-    got = []
+
+def _expected_tiles(lines: list[bytes], size: int) -> dict[str, bytes]:
+    """C2SP tiles and an entry bundle of a log of `size` lines (512 < size < 768), worked
+    out here from the lines (RFC 6962 hashes), not by the daemon's code."""
+    def leaf(line: bytes) -> bytes:
+        return hashlib.sha256(b"\x00" + line).digest()
+
+    def root(hashes: list[bytes]) -> bytes:  # of a power of two
+        while len(hashes) > 1:
+            hashes = [hashlib.sha256(b"\x01" + a + b).digest()
+                      for a, b in zip(hashes[::2], hashes[1::2], strict=True)]
+        return hashes[0]
+    leaves = [leaf(line) for line in lines[:size]]
+    return {"tile/0/000": b"".join(leaves[:256]), "tile/0/001": b"".join(leaves[256:512]),
+            f"tile/0/002.p/{size - 512}": b"".join(leaves[512:size]),
+            "tile/1/000.p/2": root(leaves[:256]) + root(leaves[256:512]),
+            f"tile/entries/002.p/{size - 512}": b"".join(
+                len(line).to_bytes(2, "big") + line for line in lines[512:size])}
+
+
+async def _served(node: Any, paths: Any, log: str) -> dict[str, bytes | int]:
+    got: dict[str, bytes | int] = {}
     for path in paths:
-        sep = "&" if "?" in path and query else "?" if query else ""
-        status, _, body = await call("GET", f"{node.url}/v1/audit/{path}{sep}{query}",
+        status, _, body = await call("GET", f"{node.url}/v1/audit/{path}?log={log}",
                                      node.admin_ssl())
-        got.append((status, body))
+        got[path] = body if status == 200 else status
     return got
 
 
 async def test_any_node_serves_another_nodes_tiles_and_proofs_from_the_tiles_it_copied(
         cluster: Cluster, postgres_server: Any) -> None:
-    """C2SP tiles, entry bundles and proofs of node 2's log, through node 3
-    (?log=node-2), are node 2's own, byte for byte, with node 2 gone too. Node 2
-    copied its tiles to PostgreSQL, so node 3 reads a few rows, not the whole log; a
-    node that finds PostgreSQL without them (an earlier version) copies them at start."""
+    """C2SP tiles, entry bundles and proofs of node 2's log, through node 3 (?log=),
+    with node 2 stopped, are those of node 2's lines. Node 2 copied its tiles to
+    PostgreSQL (so node 3 reads a few rows, not the whole log); without them node 3
+    works from the lines, and node 2, started again, copies them before it serves."""
     import aiohttp
-    n2, n3 = cluster.nodes["node-2"], cluster.nodes["node-3"]
 
-    async def size_of_node_2() -> int:
-        _, _, body = await call("GET", f"{n3.url}/v1/audit/logs", n3.ssl())
-        return int(next(e["size"] for e in json.loads(body)["logs"] if e["name"] == "node-2"))
-    async with aiohttp.ClientSession() as s:  # one audit line per token: to ~640 lines
-        for _ in range(640 - await size_of_node_2()):
+    from ca.audit.merkle import MerkleTree, leaf_hash
+    n2, n3 = cluster.nodes["node-2"], cluster.nodes["node-3"]
+    _, _, body = await call("GET", f"{n3.url}/v1/audit/logs", n3.ssl())
+    size = next(e["size"] for e in json.loads(body)["logs"] if e["name"] == "node-2")
+    async with aiohttp.ClientSession() as s:  # one audit line per token: to ~560 lines
+        for _ in range(560 - size):
             async with s.post(f"{n2.url}/v1/tokens", ssl=n2.admin_ssl(), json={
                     "role": "service", "names": ["tiles.test"], "ttl": "5m"}) as r:
                 assert r.status == 201
-    size = await size_of_node_2()
-    assert 600 < size < 768  # three entry bundles, the third partial
-    own = await _tiles_of_node_2(n2, size)
-    assert [status for status, _ in own] == [200] * 6
-    assert await _tiles_of_node_2(n3, size, "log=node-2") == own
     db = cluster.url.rsplit("/", 1)[1]
     heads = "SELECT bundles FROM audit_tile_heads WHERE node = 'node-2'"
-    assert n2.stop() == 0  # a clean stop waits for the last tiles' copy
-    assert int(postgres_server.psql(heads, db=db)) == size // 256
-    assert await _tiles_of_node_2(n3, size, "log=node-2") == own
-    # PostgreSQL without node 2's tiles: node 3 proves from its lines, and node 2,
-    # started again, copies its tiles before it serves.
-    postgres_server.psql("DELETE FROM audit_tiles WHERE node = 'node-2'; "
-                         "DELETE FROM audit_tile_heads WHERE node = 'node-2'", db=db)
-    assert await _tiles_of_node_2(n3, size, "log=node-2") == own
-    cluster.start("node-2")
-    assert int(postgres_server.psql(heads, db=db)) >= size // 256
-    assert await _tiles_of_node_2(n3, size, "log=node-2") == own
+    assert n2.stop() == 0  # a last checkpoint; the stop waits for the tiles' copy
+    try:
+        _, _, note = await call("GET", f"{n3.url}/v1/audit/checkpoint?log=node-2", n3.ssl())
+        size = int(note.decode().split("\n")[1])
+        assert 512 < size < 768  # two full entry bundles and a partial one
+        lines = (cluster.state / "nodes" / "node-2" / "audit" / "log.jsonl"
+                 ).read_bytes().split(b"\n")
+        expected = _expected_tiles(lines, size)
+        assert await _served(n3, expected, "node-2") == expected
+        assert int(postgres_server.psql(heads, db=db)) >= size // 256  # copied
+        tree = MerkleTree()
+        for line in lines[:size]:
+            tree.append(leaf_hash(line))
+        status, _, body = await call(
+            "GET", f"{n3.url}/v1/audit/proof/consistency?old=300&size={size}&log=node-2",
+            n3.admin_ssl())
+        assert status == 200 and json.loads(body)["proof"] == [
+            base64.b64encode(h).decode() for h in tree.consistency_proof(300, size)]
+        # Nothing past the checkpoint: its lines are not signed for yet.
+        past = f"tile/0/002.p/{size - 511}"
+        assert await _served(n3, [past], "node-2") == {past: 404}
+        postgres_server.psql("DELETE FROM audit_tiles WHERE node = 'node-2'; "
+                             "DELETE FROM audit_tile_heads WHERE node = 'node-2'", db=db)
+        assert await _served(n3, expected, "node-2") == expected  # from the lines
+    finally:
+        cluster.start("node-2")
+    assert int(postgres_server.psql(heads, db=db)) >= size // 256  # copied at start
+    assert await _served(n3, expected, "node-2") == expected
 
 
 def refused_start(state: Path, node: str) -> tuple[str, str]:

@@ -13,14 +13,16 @@ version), the lines stand in for them, as they did before.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import structlog
 
-from ca.audit.log import AuditLog
+from ca.audit.log import AuditLog, AuditLogError
 from ca.audit.merkle import HASH_SIZE, leaf_hash
 from ca.audit.tiles import TILE_HEIGHT, TILE_WIDTH, Tile, TileDamaged, TiledTree
+from ca.store.errors import StoreUnavailable
 
 if TYPE_CHECKING:  # psycopg is loaded only where a cluster runs
     from ca.store.postgres import PostgresStore
@@ -32,8 +34,12 @@ _PAGE = 5000
 
 class TileCopy:
     """`AuditLog.on_tiles` in cluster mode: copies the tiles to PostgreSQL, one
-    transaction at a time, in order. What a failed copy did not store waits for the
-    next commit of tiles, with it; the log never waits for the copy."""
+    transaction at a time. What a failed copy did not store goes with the next tiles,
+    or at the stop (`flush`); the log never waits for the copy. Copies may land out of
+    order without harm (a stored tile is only replaced by a longer one, the head only
+    grows), so a copy that hangs is passed by the next after STUCK_S."""
+
+    STUCK_S = 30.0
 
     def __init__(self, store: PostgresStore, node: str) -> None:
         self.store, self.node = store, node
@@ -41,7 +47,8 @@ class TileCopy:
         self._idle = threading.Condition(self._lock)  # notified when a copy ends
         self._owed: dict[tuple[int, int], bytes] = {}  # (level, index) -> latest data
         self._bundles = 0
-        self._busy = False
+        self._copy = 0  # the number of the copy under way (or the last one)
+        self._started: float | None = None  # when the copy under way began; None: none is
         self.failures = 0
 
     def __call__(self, tiles: Sequence[Tile], bundles: int) -> None:
@@ -49,32 +56,36 @@ class TileCopy:
             for tile in tiles:
                 self._owed[(tile.level, tile.index)] = tile.data
             self._bundles = max(self._bundles, bundles)
-            if self._busy:
-                return
-            self._busy = True
+            if self._started is not None and time.monotonic() - self._started < self.STUCK_S:
+                return  # the copy under way takes these along when it ends
         self._send()
 
     def _send(self) -> None:
         with self._lock:
-            sent = dict(self._owed)
-            bundles = self._bundles
+            self._copy += 1
+            copy, sent, bundles = self._copy, dict(self._owed), self._bundles
+            self._started = time.monotonic()
         tiles = [Tile(level, index, len(data) // HASH_SIZE, data)
                  for (level, index), data in sorted(sent.items())]
         try:
             fut = self.store.put_audit_tiles(self.node, tiles, bundles)
-        except RuntimeError as exc:  # the store is closing
-            self._done(sent, exc)
+        except RuntimeError as exc:  # the store is closed
+            self._done(copy, sent, exc)
             return
-        fut.add_done_callback(lambda f: self._done(sent, f.exception()))
+        fut.add_done_callback(lambda f: self._done(
+            copy, sent, StoreUnavailable("cancelled") if f.cancelled() else f.exception()))
 
-    def _done(self, sent: dict[tuple[int, int], bytes], error: BaseException | None) -> None:
+    def _done(self, copy: int, sent: dict[tuple[int, int], bytes],
+              error: BaseException | None) -> None:
         with self._lock:
             if error is None:
                 for key, data in sent.items():
                     if self._owed.get(key) is data:  # not replaced by a longer one since
                         del self._owed[key]
-            again = error is None and bool(self._owed)
-            self._busy = again
+            current = copy == self._copy
+            if current:
+                self._started = None
+            again = current and error is None and bool(self._owed)
             self._idle.notify_all()
         if error is not None:
             self.failures += 1
@@ -83,26 +94,41 @@ class TileCopy:
         if again:
             self._send()
 
-    def wait(self, timeout: float) -> bool:
-        """Whether every tile given so far got stored within `timeout` seconds (a clean
-        stop waits for it)."""
+    def flush(self, timeout: float) -> bool:
+        """Copy what is owed and wait: whether every tile given so far is stored after
+        at most `timeout` seconds (a clean stop; the next start copies the rest)."""
+        with self._lock:
+            idle = self._started is None
+            owed = bool(self._owed)
+        if idle and owed:
+            self._send()
         with self._idle:
-            return self._idle.wait_for(lambda: not self._busy, timeout) and not self._owed
+            return self._idle.wait_for(lambda: self._started is None, timeout) \
+                and not self._owed
 
 
 def catch_up(audit: AuditLog, store: PostgresStore, node: str) -> int:
     """Store the tiles of `audit` that PostgreSQL lacks (a node of an earlier version,
     or a crash between the file's tiles and the copy); how many. At start, before the
-    node writes."""
+    node writes. The head moves only with the last page, so a catch-up cut short
+    leaves a head whose tiles are all there, and the next start resumes from it."""
     held, _ = store.audit_tile_head_sync(node)
     count = 0
-    for tiles, bundles in audit.stored_tiles(held):
-        try:
-            store.put_audit_tiles(node, tiles, bundles).result(timeout=CATCH_UP_TIMEOUT_S)
-        except TimeoutError:
-            raise TimeoutError(f"PostgreSQL did not store the audit log's tiles within "
-                               f"{CATCH_UP_TIMEOUT_S:.0f} s") from None
-        count += len(tiles)
+    try:
+        pages = audit.stored_tiles(held)
+        page = next(pages, None)
+        while page is not None:
+            tiles, bundles = page
+            following = next(pages, None)
+            store.put_audit_tiles(node, tiles, bundles if following is None else held
+                                  ).result(timeout=CATCH_UP_TIMEOUT_S)
+            count += len(tiles)
+            page = following
+    except TimeoutError:
+        raise TimeoutError(f"PostgreSQL did not store the audit log's tiles within "
+                           f"{CATCH_UP_TIMEOUT_S:.0f} s") from None
+    except TileDamaged as exc:
+        raise AuditLogError(f"cannot copy the audit log's tiles to PostgreSQL: {exc}") from None
     if count:
         log.info("copied the audit log's tiles to PostgreSQL", node=node, tiles=count)
     return count

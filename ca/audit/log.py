@@ -444,7 +444,10 @@ class AuditLog:
             del self._pending_ends[:len(ends)]
             self._stored_bundles += len(ends)
         if self.on_tiles is not None:
-            self.on_tiles(tiles, self._store.committed())
+            try:
+                self.on_tiles(tiles, self._store.committed())
+            except Exception:  # a copy of derived data: never the log's failure
+                log.exception("the audit log's tiles could not be handed on")
 
     def stored_tiles(self, since: int, page: int = 256) -> Iterator[tuple[list[Tile], int]]:
         """The tiles the store holds for the bundles from `since` on, in pages: the full

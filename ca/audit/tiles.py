@@ -13,8 +13,9 @@ What the writer keeps in memory is the right-hand edge (a partial tile per level
 under 8 KiB each) and a compact range for the root: the same whatever the log's
 size. Full tiles it reads back when a proof needs them, through a small cache.
 
-Where tiles live is a `TileStore`: files beside the log now (`FileTileStore`), the
-inventory's database in cluster mode later. A store holds the full tiles, the
+Where tiles live is a `TileStore`: files beside the log (`FileTileStore`); in cluster
+mode a node also copies them to PostgreSQL, whence the other nodes read them
+(ca/audit/cluster_tiles.py). A store holds the full tiles, the
 partial tiles of levels 1 and up, and where in the log each full entry bundle ends
 (so that the log's lines can be served as bundles, and the writer knows how much
 of the log the tiles cover). Level 0's partial tile is not stored: it changes with
@@ -140,7 +141,8 @@ def tile_root(data: bytes) -> bytes:
 
 
 class TileStore(Protocol):
-    """Where the tiles and the bundle index live. Files now; the store in cluster mode."""
+    """Where the tiles and the bundle index live (files; another node's, read from
+    PostgreSQL, in ca/audit/cluster_tiles.py)."""
 
     def committed(self) -> int:
         """How many full entry bundles the tiles cover (256 lines each)."""

@@ -395,7 +395,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         generations.close()
         audit.close()
         copy = audit.on_tiles
-        if isinstance(copy, TileCopy) and not await asyncio.to_thread(copy.wait, TILE_COPY_S):
+        if isinstance(copy, TileCopy) and not await asyncio.to_thread(copy.flush, TILE_COPY_S):
             # The next start copies what PostgreSQL lacks (ca/audit/cluster_tiles.py).
             log.warning("stopping before the audit log's last tiles reached PostgreSQL")
         if name_held is not None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable
+from typing import TypeVar
 
 from aiohttp import web
 
@@ -18,6 +20,7 @@ from ca.server.common import SETTINGS, STORE
 from ca.server.problems import Problem
 from hsm.errors import AuditUnavailable
 
+T = TypeVar("T")
 _NODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
@@ -32,36 +35,44 @@ class OtherLog:
     async def checkpoint(self) -> str | None:
         return await self.store.audit_checkpoint(self.node)  # type: ignore[attr-defined,no-any-return]
 
-    async def _tree(self, size: int) -> TiledTree:
-        # Blocking reads of PostgreSQL (ca/audit/cluster_tiles.py): off the event loop.
+    async def _from_tree(self, size: int, ask: Callable[[TiledTree], T]) -> T:
+        """`ask(tree)` on the log's tree of at least `size` leaves. The tree's tiles are
+        read from PostgreSQL as `ask` needs them, blocking: both off the event loop."""
+        def run() -> T:
+            return ask(tree_at(self.store, self.node, size))  # type: ignore[arg-type]
         try:
-            return await asyncio.to_thread(tree_at, self.store, self.node, size)  # type: ignore[arg-type]
+            return await asyncio.to_thread(run)
         except TileDamaged as exc:
             raise AuditUnavailable(str(exc)) from None
 
     async def inclusion_proof(self, index: int, size: int) -> list[bytes]:
         if not 0 <= index < size:
             raise ValueError(f"index {index} is not below size {size}")
-        return (await self._tree(size)).inclusion_proof(index, size)
+        return await self._from_tree(size, lambda t: t.inclusion_proof(index, size))
 
     async def consistency_proof(self, old: int, size: int) -> list[bytes]:
         if not 0 <= old <= size:
             raise ValueError(f"old size {old} is larger than size {size}")
-        return (await self._tree(size)).consistency_proof(old, size)
+        return await self._from_tree(size, lambda t: t.consistency_proof(old, size))
+
+    async def _signed_size(self) -> int:
+        """The size of the node's latest checkpoint: tiles and bundles are served up to
+        it, never beyond (lines past it may belong to a group the node gave up on and
+        replaced, and tiles are served as immutable)."""
+        note = await self.checkpoint()
+        return int(note.split("\n")[1]) if note else 0
 
     async def tile(self, level: int, index: int, width: int) -> bytes | None:
         """C2SP tile `level`/`index`, `width` hashes of it, if the log has them."""
-        size = await self.store.audit_size(self.node)  # type: ignore[attr-defined]
+        size = await self._signed_size()
         if (index * TILE_WIDTH + width) << (TILE_HEIGHT * level) > size:
             return None
-        tree = await self._tree(size)
-        try:
-            return await asyncio.to_thread(tree.read_tile, level, index, width)
-        except TileDamaged as exc:
-            raise AuditUnavailable(str(exc)) from None
+        return await self._from_tree(size, lambda t: t.read_tile(level, index, width))
 
     async def entries(self, index: int, width: int) -> bytes | None:
         """C2SP entry bundle `index`, its first `width` lines, if the log has them."""
+        if index * TILE_WIDTH + width > await self._signed_size():
+            return None
         lines = await self.store.audit_lines(  # type: ignore[attr-defined]
             self.node, index * TILE_WIDTH, width)
         return entry_bundle(lines) if len(lines) == width else None

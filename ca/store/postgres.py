@@ -1005,6 +1005,9 @@ class PostgresStore:
         now cover, in one transaction (a snapshot never sees one without the other). A
         tile is only ever replaced by a longer one (a partial tile grows)."""
         async def put(db: Conn) -> None:
+            # A copy that hangs is passed by the next (TileCopy): PostgreSQL ends it.
+            await db.execute("SELECT set_config('statement_timeout', '30s', true), "
+                             "set_config('idle_in_transaction_session_timeout', '30s', true)")
             async with db.cursor() as cur:
                 await cur.executemany(
                     "INSERT INTO audit_tiles (node, level, idx, data) VALUES (%s, %s, %s, %s) "
@@ -1074,12 +1077,6 @@ class PostgresStore:
         rows = await self._rows("SELECT line FROM audit_lines WHERE node = %s AND seq >= %s "
                                 "ORDER BY seq LIMIT %s", (node, start, limit))
         return [bytes(r[0]) for r in rows]
-
-    async def audit_size(self, node: str) -> int:
-        """How many lines of `node`'s log PostgreSQL holds."""
-        rows = await self._rows("SELECT COALESCE(MAX(seq) + 1, 0) FROM audit_lines WHERE "
-                                "node = %s", (node,))
-        return int(rows[0][0]) if rows else 0
 
     async def put_audit_checkpoint(self, node: str, size: int, note: str,
                                    at: dt.datetime) -> None:
