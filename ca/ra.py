@@ -34,6 +34,7 @@ from ca.subject import SubjectKey, subject_key
 
 BACKDATE = dt.timedelta(minutes=1)
 CRL_VALIDITY = dt.timedelta(hours=24)
+OCSP_VALIDITY = dt.timedelta(days=1)  # a pre-signed response's thisUpdate to nextUpdate
 LOCAL = "local"
 
 # RFC 5280 revocation reasons: the names, their snake-case spelling and their codes.
@@ -64,6 +65,11 @@ class Directory(Protocol):
 
     def root_issuer(self) -> str:
         """The root key's label: it signs issuing CA certificates."""
+        ...
+
+    def x509_signs_for(self, issuer: str | None) -> str | None:
+        """The issuer that signs CRLs and OCSP for the certificates an inventory record
+        says `issuer` issued (None: the first issuing key); None once it is retired."""
         ...
 
     @property
@@ -205,6 +211,14 @@ class CRLRequest:
 
 
 @dataclass(frozen=True)
+class OCSPRequest:
+    """Pre-signed OCSP responses for certificates that `issuer` issued (the label their
+    inventory records carry; None: the first issuing key)."""
+
+    issuer: str | None = None
+
+
+@dataclass(frozen=True)
 class KeyRequest:
     """rotate a kind of key, or retire or destroy a key (by label, in `state` now)."""
 
@@ -276,9 +290,9 @@ class AcmeRevokeRequest:
 
 
 Request = (TokenRequest | EnrollRequest | RenewRequest | SSHHostRequest | SSHUserRequest
-           | RevokeRequest | RevokeIdentityRequest | CRLRequest | LocalCertRequest | KeyRequest
-           | IntermediateRequest | AcmeEABRequest | AcmeOrderRequest | AcmeFinalizeRequest
-           | AcmeRevokeRequest)
+           | RevokeRequest | RevokeIdentityRequest | CRLRequest | OCSPRequest | LocalCertRequest
+           | KeyRequest | IntermediateRequest | AcmeEABRequest | AcmeOrderRequest
+           | AcmeFinalizeRequest | AcmeRevokeRequest)
 
 
 # ---- what the RA hands on -----------------------------------------------------------------------
@@ -363,6 +377,16 @@ class CRLOrder:
 
 
 @dataclass(frozen=True)
+class OCSPOrder:
+    """Sign responses with `issuer`'s key, valid from `this_update` to `next_update`."""
+
+    issuer: str
+    this_update: dt.datetime
+    next_update: dt.datetime
+    actor: str
+
+
+@dataclass(frozen=True)
 class KeyOrder:
     action: str
     kind: str
@@ -380,7 +404,7 @@ class IntermediateOrder:
     actor: str
 
 
-Order = (TokenGrant | X509Order | SSHOrder | RevokeOrder | CRLOrder | KeyOrder
+Order = (TokenGrant | X509Order | SSHOrder | RevokeOrder | CRLOrder | OCSPOrder | KeyOrder
          | IntermediateOrder | AcmeEABGrant | AcmeOrderGrant)
 
 
@@ -616,6 +640,18 @@ def _crl(ctx: Context, who: Requester, req: CRLRequest) -> CRLOrder:
     return CRLOrder(issuer, ctx.now, ctx.now + CRL_VALIDITY, who.actor)
 
 
+def _ocsp(ctx: Context, who: Requester, req: OCSPRequest) -> OCSPOrder:
+    if not isinstance(who, Local):
+        raise Refused("OCSP responses are signed by the CA itself, ahead of time",
+                      Reason.WRONG_ROLE)
+    issuer = ctx.issuers.x509_signs_for(req.issuer)
+    if issuer is None:
+        # A retired key signs nothing: its certificates' last responses age out.
+        raise Refused(f"the issuer {req.issuer!r} is retired and signs no OCSP responses",
+                      Reason.NOT_FOUND)
+    return OCSPOrder(issuer, ctx.now, ctx.now + OCSP_VALIDITY, who.actor)
+
+
 def _local_cert(ctx: Context, who: Requester, req: LocalCertRequest) -> X509Order:
     if not isinstance(who, Local):
         raise Refused("only the CA itself makes its own certificates", Reason.WRONG_ROLE)
@@ -814,7 +850,7 @@ _HANDLERS: dict[type, Callable[[Context, Requester, Any], Order]] = {
     SSHHostRequest: _ssh_host, SSHUserRequest: _ssh_user, RevokeRequest: _revoke,
     RevokeIdentityRequest: _revoke_identity, KeyRequest: _key,
     IntermediateRequest: _intermediate,
-    CRLRequest: _crl, LocalCertRequest: _local_cert,
+    CRLRequest: _crl, OCSPRequest: _ocsp, LocalCertRequest: _local_cert,
     AcmeEABRequest: _acme_eab, AcmeOrderRequest: _acme_order,
     AcmeFinalizeRequest: _acme_finalize, AcmeRevokeRequest: _acme_revoke,
 }

@@ -31,6 +31,11 @@ class Directory:
     def ssh_issuer(self, cert_type: str) -> str:
         return f"ssh-{cert_type}-ca"
 
+    def x509_signs_for(self, issuer: str | None) -> str | None:
+        # "issuing-ca" and an older "issuing-ca-1" still sign; "issuing-ca-0" is retired.
+        return {None: "issuing-ca", "issuing-ca": "issuing-ca",
+                "issuing-ca-1": "issuing-ca-1"}.get(issuer)
+
 
 def context(policy: Policy | None = None, revoked_keys: frozenset[str] = frozenset()
             ) -> ra.Context:
@@ -310,6 +315,18 @@ def test_crls_are_ordered_by_the_ca_itself() -> None:
     assert isinstance(order, ra.CRLOrder) and order.issuer == "issuing-ca"
     assert order.next_update - order.this_update == ra.CRL_VALIDITY
     refused(ra.decide(context(), admin(), ra.CRLRequest()), Reason.WRONG_ROLE)
+
+
+def test_ocsp_responses_are_ordered_by_the_ca_itself_from_the_issuer_that_still_signs(
+        ) -> None:
+    order = ra.decide(context(), ra.Local(), ra.OCSPRequest("issuing-ca-1"))
+    assert isinstance(order, ra.OCSPOrder) and order.issuer == "issuing-ca-1"
+    assert order.this_update == NOW and order.next_update - NOW == ra.OCSP_VALIDITY
+    order = ra.decide(context(), ra.Local(), ra.OCSPRequest(None))  # a record from before
+    assert isinstance(order, ra.OCSPOrder) and order.issuer == "issuing-ca"
+    refused(ra.decide(context(), ra.Local(), ra.OCSPRequest("issuing-ca-0")), Reason.NOT_FOUND,
+            "retired")
+    refused(ra.decide(context(), admin(), ra.OCSPRequest("issuing-ca")), Reason.WRONG_ROLE)
 
 
 def test_the_cas_own_certificates_skip_the_lists_but_only_for_the_ca() -> None:

@@ -17,6 +17,7 @@ a final checkpoint and logs out.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 import os
 import signal
@@ -36,7 +37,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_public_key,
 )
 
-from ca import __version__, metrics
+from ca import __version__, metrics, ra
 from ca.audit.checkpointer import Checkpointer
 from ca.audit.cluster_tiles import TileCopy
 from ca.audit.cluster_tiles import catch_up as catch_up_tiles
@@ -330,7 +331,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         await ensure_server_cert(config, issuance)
         # OCSP responses are signed ahead of time, by this process, off every request's
         # path: new certificates within a second, every live one before nextUpdate.
-        background.append(asyncio.create_task(_refresh_ocsp(issuance, store)))
+        background.append(asyncio.create_task(_refresh_ocsp(issuance, store, config)))
         if _cluster(store):
             background.append(asyncio.create_task(_resume_log(audit)))
             assert name_held is not None
@@ -536,10 +537,14 @@ async def _resume_log(audit: AuditLog) -> None:
 OCSP_LEASE_S = 1.0
 
 
-async def _refresh_ocsp(issuance: Issuance, store: Store) -> None:
-    """Pre-sign OCSP responses. In cluster mode one node at a time does it: the one
-    holding the lease (an advisory lock that dies with its holder's connection)."""
-    refresher = OCSPRefresher(OCSPSigner(issuance))
+async def _refresh_ocsp(issuance: Issuance, store: Store, config: Config) -> None:
+    """Pre-sign OCSP responses, as the registration authority orders them. In cluster
+    mode one node at a time does it: the one holding the lease (an advisory lock that
+    dies with its holder's connection)."""
+    async def context() -> ra.Context:
+        return ra.Context(config.policy, dt.datetime.now(dt.UTC).replace(microsecond=0),
+                          await issuance.keys.refresh())
+    refresher = OCSPRefresher(OCSPSigner(issuance, context))
     if not _cluster(store):
         await refresher.run()
         return

@@ -119,6 +119,10 @@ class Issuers:
         """The issuer label a record names (None: the first issuing key)."""
         return label or self.first_x509
 
+    def x509_signs_for(self, label: str | None) -> str | None:
+        issuer = self.x509_of(label)
+        return issuer if issuer in self.x509 else None
+
     def ssh_of(self, label: str | None, cert_type: str) -> str:
         return label or self.first_ssh.get(cert_type) or self.current_ssh[cert_type]
 

@@ -44,7 +44,7 @@ class Revocations:
         self.generations = generations
         self._context = context  # the RA's context, as of now
         self._crl_locks: dict[str, asyncio.Lock] = {}
-        self.ocsp = OCSPSigner(issuance)
+        self.ocsp = OCSPSigner(issuance, context)
         self.revoked: OnChange[Revoked] = OnChange(generations, "revocations", self._load)
         self.revoked_ssh_keys: OnChange[frozenset[str]] = OnChange(
             generations, "ssh_revocations", self._load_ssh_keys)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import functools
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -30,17 +30,17 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
 
+from ca import ra
 from ca.issuance import profiles as prof
 from ca.issuance.issue import Issuance
-from ca.issuance.issuers import Issuers, X509Issuer
+from ca.issuance.issuers import Issuers
 from ca.issuance.pipeline import SigningJob
 from ca.policy import PARSE_ERRORS
 from ca.store import OCSPDue, OCSPRecord, Store
 from ca.x509_reasons import REASON_FLAGS
 
 log = structlog.get_logger("hsmca.ocsp")
-VALIDITY = dt.timedelta(days=1)
-REFRESH_BEFORE = VALIDITY / 2  # re-signed when less than this is left
+REFRESH_BEFORE = ra.OCSP_VALIDITY / 2  # re-signed when less than this is left
 MAX_AGE_S = 3600  # what HTTP caches may keep a response for, at most
 BATCH = 256
 UNKNOWN_ISSUER = "unknown issuer"
@@ -81,31 +81,39 @@ def cert_ids(issuer: x509.Certificate) -> dict[str, tuple[bytes, bytes]]:
 
 
 class OCSPSigner:
-    def __init__(self, issuance: Issuance) -> None:
-        self.issuance = issuance
+    """Signs what the registration authority orders: for each issuer of a batch one
+    `ra.OCSPRequest`, whose order names the key and the validity (a retired issuer's
+    certificates are refused, and passed over)."""
+
+    def __init__(self, issuance: Issuance, context: Callable[[], Awaitable[ra.Context]]
+                 ) -> None:
+        self.issuance, self._context = issuance, context
         self.pipeline, self.store = issuance.pipeline, issuance.store
 
-    def _issuer(self, label: str | None) -> X509Issuer | None:
-        """The issuer that signs for a certificate; None once it is retired (a retired
-        key signs nothing: its certificates' responses age out)."""
-        issuers = self.issuance.issuers
-        return issuers.x509.get(issuers.x509_of(label))
+    async def _orders(self, due: Sequence[OCSPDue]) -> dict[str | None, ra.OCSPOrder]:
+        ctx = await self._context()
+        orders = {}
+        for label in {d.issuer for d in due}:
+            order = ra.decide(ctx, ra.Local(), ra.OCSPRequest(label))
+            if isinstance(order, ra.OCSPOrder):
+                orders[label] = order
+        return orders
 
     async def sign(self, due: Sequence[OCSPDue], actor: str = "local",
                    request_id: str | None = None) -> int:
         """Sign and store the responses of each; how many could not be signed (a
         retired issuer's certificates are passed over, not failed). The jobs go in
         together, so the pipeline signs them as one group."""
-        now = prof.utcnow()
-        next_update = now + VALIDITY
-        times = {"this_update": now.isoformat(), "next_update": next_update.isoformat()}
+        orders = await self._orders(due)
         jobs: list[SigningJob[ocsp.OCSPResponse]] = []
-        due = [d for d in due if self._issuer(d.issuer) is not None]
+        due = [d for d in due if d.issuer in orders]
         for d in due:
-            issuer = self._issuer(d.issuer)
-            assert issuer is not None
+            order = orders[d.issuer]
+            issuer = self.issuance.issuers.x509[order.issuer]
             at = dt.datetime.fromisoformat(d.revoked_at) if d.revoked_at else None
             serial_hex = format(d.serial, "x")
+            times = {"this_update": order.this_update.isoformat(),
+                     "next_update": order.next_update.isoformat()}
             for name, (name_hash, key_hash) in cert_ids(issuer.cert).items():
                 b = (ocsp.OCSPResponseBuilder()
                      .add_response_by_hash(
@@ -113,7 +121,8 @@ class OCSPSigner:
                          serial_number=d.serial, algorithm=CERT_ID_HASHES[name],
                          cert_status=ocsp.OCSPCertStatus.REVOKED if at
                          else ocsp.OCSPCertStatus.GOOD,
-                         this_update=now, next_update=next_update, revocation_time=at,
+                         this_update=order.this_update, next_update=order.next_update,
+                         revocation_time=at,
                          revocation_reason=REASON_FLAGS[d.reason] if at and d.reason else None)
                      .responder_id(ocsp.OCSPResponderEncoding.HASH, issuer.cert))
                 h = issuer.hash
@@ -133,18 +142,20 @@ class OCSPSigner:
                 continue
             sha1, sha256 = (r.value.public_bytes(serialization.Encoding.DER)  # type: ignore[union-attr]
                             for r in pair)
+            order = orders[d.issuer]
             records.append(OCSPRecord(d.serial, "revoked" if d.revoked_at else "good",
-                                      now.isoformat(), (now + VALIDITY).isoformat(), sha1,
-                                      sha256, _refresh_at(now, d.not_after)))
+                                      order.this_update.isoformat(),
+                                      order.next_update.isoformat(), sha1, sha256,
+                                      _refresh_at(order.next_update, d.not_after)))
         if records:
             await self.store.put_ocsp(records)
         return len(due) - len(records)
 
 
-def _refresh_at(signed: dt.datetime, not_after: str) -> str | None:
-    """When responses signed at `signed` are due again: REFRESH_BEFORE ahead of their
-    nextUpdate; never if the certificate expires first (its last responses outlive it)."""
-    at = signed + VALIDITY - REFRESH_BEFORE
+def _refresh_at(next_update: dt.datetime, not_after: str) -> str | None:
+    """When responses valid until `next_update` are due again: REFRESH_BEFORE ahead of
+    it; never if the certificate expires first (its last responses outlive it)."""
+    at = next_update - REFRESH_BEFORE
     return at.isoformat() if at < dt.datetime.fromisoformat(not_after) else None
 
 
