@@ -231,6 +231,24 @@ async def test_any_node_serves_another_nodes_tiles_and_proofs_from_the_tiles_it_
         cluster.start("node-2")
     assert int(postgres_server.psql(heads, db=db)) >= size // 256  # copied at start
     assert await _served(n3, expected, "node-2") == expected
+    # Node 3 works from the tiles: with the lines of the full bundles gone from
+    # PostgreSQL, it still serves the same tiles and proof (and then they come back).
+    import psycopg
+    with psycopg.connect(cluster.url) as conn:
+        conn.execute("DELETE FROM audit_lines WHERE node = 'node-2' AND seq < 512")
+        conn.commit()
+        try:
+            full = {p: v for p, v in expected.items() if not p.startswith("tile/entries")}
+            assert await _served(n3, full, "node-2") == full
+            status, _, again = await call(
+                "GET", f"{n3.url}/v1/audit/proof/consistency?old=300&size={size}&log=node-2",
+                n3.admin_ssl())
+            assert status == 200 and again == body
+        finally:
+            with conn.cursor() as cur:
+                cur.executemany("INSERT INTO audit_lines (node, seq, line) VALUES "
+                                "('node-2', %s, %s)", list(enumerate(lines[:512])))
+            conn.commit()
 
 
 def refused_start(state: Path, node: str) -> tuple[str, str]:

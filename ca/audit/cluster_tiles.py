@@ -12,6 +12,7 @@ version), the lines stand in for them, as they did before.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Sequence
@@ -177,6 +178,20 @@ def tree_at(store: PostgresStore, node: str, size: int) -> TiledTree:
         if not lines:
             raise ValueError(f"the log of node {node!r} has only {tree.size} lines, "
                              f"not {size}")
+        # The rows are read by seq order: a missing row would shift every leaf after
+        # it. Each line names its seq; the first and last of a page pin the page.
+        first, last = (_seq(line) for line in (lines[0], lines[-1]))
+        if (first, last) != (tree.size, tree.size + len(lines) - 1):
+            raise TileDamaged(f"PostgreSQL lacks lines of node {node!r}'s log from seq "
+                              f"{tree.size} (it has seq {first} there)")
         for line in lines:
             tree.append(leaf_hash(line))
     return tree
+
+
+def _seq(line: bytes) -> int | None:
+    try:
+        seq = json.loads(line)["seq"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return seq if isinstance(seq, int) else None
