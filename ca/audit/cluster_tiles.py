@@ -50,7 +50,6 @@ class TileCopy:
         self._bundles = 0
         self._copy = 0  # the number of the copy under way (or the last one)
         self._started: float | None = None  # when the copy under way began; None: none is
-        self.failures = 0
 
     def __call__(self, tiles: Sequence[Tile], bundles: int) -> None:
         with self._lock:
@@ -89,7 +88,6 @@ class TileCopy:
             again = current and error is None and bool(self._owed)
             self._idle.notify_all()
         if error is not None:
-            self.failures += 1
             log.warning("cannot copy the audit log's tiles to PostgreSQL yet; the next "
                         "tiles take them along", node=self.node, error=str(error))
         if again:

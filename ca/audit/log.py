@@ -42,7 +42,6 @@ from ca.audit.merkle import Growth, TreeHead, growth, leaf_hash, leaf_hashes
 from ca.audit.note import NoteError, parse_checkpoint, verify_checkpoint
 from ca.audit.tiles import (
     MAX_ENTRY_BYTES,
-    TILE_HEIGHT,
     TILE_WIDTH,
     FileTileStore,
     Tile,
@@ -50,6 +49,7 @@ from ca.audit.tiles import (
     TiledTree,
     TileStore,
     entry_bundle,
+    full_tiles,
     partial_tiles,
 )
 from ca.handoff import (
@@ -452,17 +452,18 @@ class AuditLog:
     def stored_tiles(self, since: int, page: int = 256) -> Iterator[tuple[list[Tile], int]]:
         """The tiles the store holds for the bundles from `since` on, in pages: the full
         tiles of every level, then each level's partial tile; with how many bundles the
-        store covers. For a copy elsewhere to catch up (cluster mode, at start: nothing
-        else writes meanwhile)."""
-        with self._write_lock:
+        store covers. For a copy elsewhere to catch up (cluster mode, at start)."""
+        with self._write_lock:  # the partial tiles change with each bundle
             bundles = self._store.committed()
-            wanted = [(level, index, TILE_WIDTH) for level, first, count in
-                      _full_tile_ranges(since * TILE_WIDTH, bundles * TILE_WIDTH)
-                      for index in range(first, count)]
-            wanted += partial_tiles(bundles * TILE_WIDTH)
-            for lo in range(0, len(wanted), page):
-                yield [Tile(level, index, width, self._store.read_tile(level, index, width))
-                       for level, index, width in wanted[lo:lo + page]], bundles
+            partial = [Tile(level, index, width, self._store.read_tile(level, index, width))
+                       for level, index, width in partial_tiles(bundles * TILE_WIDTH)]
+        # Full tiles below `bundles` never change: read without holding up the writer.
+        wanted = full_tiles(since * TILE_WIDTH, bundles * TILE_WIDTH)
+        for lo in range(0, len(wanted), page):
+            yield [Tile(level, index, TILE_WIDTH, self._store.read_tile(level, index))
+                   for level, index in wanted[lo:lo + page]], bundles
+        if partial:
+            yield partial, bundles
 
     def _fail_batch(self, done: list[tuple[Sink, int, str, Mapping[str, Any]]], exc: OSError,
                     results: Batch) -> None:
@@ -583,17 +584,6 @@ class AuditLog:
             os.close(self._fd)  # releases the flock
         except OSError:
             pass
-
-
-def _full_tile_ranges(since: int, size: int) -> list[tuple[int, int, int]]:
-    """(level, first index, end index) of the full tiles a tree of `size` leaves has
-    and one of `since` leaves had not."""
-    ranges, level = [], 0
-    while size >> (TILE_HEIGHT * (level + 1)):
-        ranges.append((level, since >> (TILE_HEIGHT * (level + 1)),
-                       size >> (TILE_HEIGHT * (level + 1))))
-        level += 1
-    return ranges
 
 
 def _leaves(lines: list[bytes]) -> list[bytes]:

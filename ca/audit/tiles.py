@@ -114,6 +114,17 @@ def parse_tile_path(path: str) -> tuple[int | None, int, int]:
     return int(head), index, width
 
 
+def full_tiles(since: int, size: int) -> list[tuple[int, int]]:
+    """(level, index) of the full tiles a tree of `size` leaves has and one of `since`
+    leaves had not, level by level."""
+    found, level = [], 0
+    while size >> (TILE_HEIGHT * (level + 1)):
+        shift = TILE_HEIGHT * (level + 1)
+        found += [(level, index) for index in range(since >> shift, size >> shift)]
+        level += 1
+    return found
+
+
 def partial_tiles(size: int) -> list[tuple[int, int, int]]:
     """(level, index, width) of the partial tile of each level above 0 in a tree of
     `size` leaves (a whole number of bundles): what a store holds beside full tiles."""

@@ -15,6 +15,7 @@ from typing import TypeVar
 from aiohttp import web
 
 from ca.audit.cluster_tiles import tree_at
+from ca.audit.note import parse_checkpoint
 from ca.audit.tiles import TILE_HEIGHT, TILE_WIDTH, TileDamaged, TiledTree, entry_bundle
 from ca.server.common import SETTINGS, STORE
 from ca.server.problems import Problem
@@ -60,7 +61,7 @@ class OtherLog:
         it, never beyond (lines past it may belong to a group the node gave up on and
         replaced, and tiles are served as immutable)."""
         note = await self.checkpoint()
-        return int(note.split("\n")[1]) if note else 0
+        return parse_checkpoint(note).size if note else 0
 
     async def tile(self, level: int, index: int, width: int) -> bytes | None:
         """C2SP tile `level`/`index`, `width` hashes of it, if the log has them."""
