@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ca import ra
-from ca.issuance.issue import Issuance
+from ca.issuance.issue import Issuance, decision_context
 from ca.issuance.profiles import pem
 from ca.policy import Policy
 
@@ -20,7 +20,7 @@ async def local_cert(issuance: Issuance, policy: Policy, *, role: str, names: li
                      days: int) -> tuple[str, bytes]:
     """(certificate PEM, PKCS#8 key PEM) of a new P-256 key for `role` (server|admin)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    ctx = ra.Context(policy, dt.datetime.now(dt.UTC).replace(microsecond=0), issuance.issuers)
+    ctx = decision_context(policy, issuance.issuers)
     order = ra.order(ctx, ra.Local(), ra.LocalCertRequest(
         role, key.public_key(), tuple(names), dt.timedelta(days=days)))
     issued = await issuance.x509(order)

@@ -17,7 +17,6 @@ a final checkpoint and logs out.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import hashlib
 import os
 import signal
@@ -53,7 +52,7 @@ from ca.daemon.ratelimit import FailureLimiter
 from ca.errors import CLIError
 from ca.fileutil import write_atomic
 from ca.generations import Generations
-from ca.issuance.issue import Issuance
+from ca.issuance.issue import Issuance, decision_context
 from ca.issuance.pipeline import SigningPipeline
 from ca.lifecycle import write_bundle
 from ca.process import raise_fd_limit, settle_heap
@@ -542,8 +541,7 @@ async def _refresh_ocsp(issuance: Issuance, store: Store, config: Config) -> Non
     mode one node at a time does it: the one holding the lease (an advisory lock that
     dies with its holder's connection)."""
     async def context() -> ra.Context:
-        return ra.Context(config.policy, dt.datetime.now(dt.UTC).replace(microsecond=0),
-                          await issuance.keys.refresh())
+        return decision_context(config.policy, await issuance.keys.refresh())
     refresher = OCSPRefresher(OCSPSigner(issuance, context))
     if not _cluster(store):
         await refresher.run()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,7 +23,8 @@ from cryptography.x509 import ocsp
 from ca.issuance import profiles as prof
 from ca.issuance.issuers import Issuers
 from ca.issuance.pipeline import SigningJob, SigningPipeline, SignResult
-from ca.ra import CRLOrder, IntermediateOrder, SSHOrder, X509Order
+from ca.policy import Policy
+from ca.ra import Context, CRLOrder, Directory, IntermediateOrder, SSHOrder, X509Order
 from ca.store import NewCert, NewSSHCert, Store
 from ca.subject import spki_sha256
 from ca.x509_reasons import REASON_FLAGS
@@ -50,6 +51,14 @@ class IssuedSSH:
     key_id: str
     intent_seq: int
     outcome_seq: int
+
+
+def decision_context(policy: Policy, issuers: Directory,
+                     ssh_key_revoked: Callable[[str], bool] = lambda _line: False) -> Context:
+    """The registration authority's context as of now (to the second): the policy and
+    the issuers in force."""
+    return Context(policy, dt.datetime.now(dt.UTC).replace(microsecond=0), issuers,
+                   ssh_key_revoked)
 
 
 class IssuerSource(Protocol):

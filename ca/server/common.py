@@ -16,7 +16,7 @@ from cryptography import x509
 
 from ca import ra
 from ca.audit import wire
-from ca.issuance.issue import Issuance, IssuerSource
+from ca.issuance.issue import Issuance, IssuerSource, decision_context
 from ca.lifecycle import KeyLifecycle
 from ca.metrics import Metrics
 from ca.policy import PARSE_ERRORS, Policy
@@ -90,8 +90,8 @@ class Gate:
 
     async def context(self) -> ra.Context:
         _, revoked_keys = await self.revocations.revoked_ssh_keys.get()
-        return ra.Context(self._policy(), dt.datetime.now(dt.UTC).replace(microsecond=0),
-                          await self.keys.refresh(), revoked_keys.__contains__)
+        return decision_context(self._policy(), await self.keys.refresh(),
+                                revoked_keys.__contains__)
 
 
 GATE = web.AppKey("gate", Gate)
