@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import serialization
 
+from ca import ra
 from ca.audit import cluster
 from ca.audit.checkpointer import Checkpointer
 from ca.audit.log import AuditLog
@@ -26,13 +25,12 @@ from ca.daemon.keys import record_init_keys
 from ca.fileutil import write_new
 from ca.issuance import issuers
 from ca.issuance import profiles as prof
-from ca.issuance.issue import Issuance
+from ca.issuance.issue import Issuance, decision_context, sign_ca_cert
 from ca.issuance.pipeline import SigningPipeline
 from ca.local_certs import local_cert
 from ca.policy import Policy, Refused, dns_name
 from ca.server_cert import TLS_DAYS, server_names
 from ca.store import open_store
-from ca.subject import spki_sha256
 from hsm.keys import KEY_TYPES, find_private
 from hsm.session import HSMConfig, KeyInfo
 from hsm.uri import key_uri
@@ -112,13 +110,16 @@ async def run_init(opts: InitOptions) -> list[Path]:
             kt = "ed25519" if purpose == "audit" else opts.key_type
             keys[purpose] = await pipeline.generate_key(label, kt)
 
-        root = await sign_ca_cert(pipeline, keys["root"],
-                                prof.root_builder(keys["root"].public_key, "hsmca Root CA"),
-                                "root")
-        issuing = await sign_ca_cert(
-            pipeline, keys["root"],
-            prof.intermediate_builder(keys["issuing"].public_key, "hsmca Issuing CA", root),
-            "issuing")
+        # The operator decided these by running init; the registration authority
+        # still turns them into orders, as it does every other certificate.
+        ctx = decision_context(Policy(), ra.NoIssuers())
+        root_key = keys["root"]
+        root = await sign_ca_cert(pipeline, root_key, ra.order(ctx, ra.Local(), ra.RootRequest(
+            root_key.label, root_key.public_key, prof.name("hsmca Root CA"))))
+        issuing = await sign_ca_cert(pipeline, root_key, ra.order(
+            ctx, ra.Local(), ra.IntermediateRequest(keys["issuing"].public_key,
+                                                    "hsmca Issuing CA",
+                                                    signer=root_key.label, issuer=root)))
         chain = prof.pem(issuing) + prof.pem(root)
         # The records made here (keys, CA certificates, the admin and TLS certificates)
         # go where the nodes will find them: PostgreSQL with --store-url.
@@ -216,35 +217,6 @@ def check_dns_name(name: str) -> None:
     if len(name) > 64:
         raise InitError("--dns-name must be at most 64 characters (it is the TLS "
                         "certificate's common name)")
-
-
-async def sign_ca_cert(pipeline: SigningPipeline, key: KeyInfo,
-                     builder: x509.CertificateBuilder, what: str) -> x509.Certificate:
-    """A CA certificate of a ceremony (the operator decided it by running init, or a
-    root rotation)."""
-    details = _cert_details(builder)
-    h = prof.hash_for(key.public_key)
-    cert: x509.Certificate = await pipeline.sign(
-        key.label, lambda k: builder.sign(k, h), purpose="x509-ca", actor="local",
-        details={"what": what, **details}, hash_name=prof.hash_name(key.public_key),
-        describe=lambda c: {"fingerprint": prof.fingerprint(c)})
-    return cert
-
-
-def _cert_details(builder: x509.CertificateBuilder) -> dict[str, object]:
-    """What is about to be signed, for the intent line. It is read back from a build
-    with a throwaway software key, which also checks that the builder is complete
-    before the HSM is used (the Boulder habit: lint before the real signature)."""
-    probe = builder.sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256())
-    try:
-        san = probe.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        names = [str(n.value) for n in san]
-    except x509.ExtensionNotFound:
-        names = []
-    return {"serial": format(probe.serial_number, "x"), "subject": probe.subject.rfc4514_string(),
-            "names": names, "spki_sha256": spki_sha256(probe.public_key()),
-            "not_before": probe.not_valid_before_utc.isoformat(),
-            "not_after": probe.not_valid_after_utc.isoformat()}
 
 
 def _ssh_line(key: KeyInfo, comment: str) -> str:

@@ -15,7 +15,6 @@ inventory, and picked up by every process at once (the shared `keys` counter).
 
 from __future__ import annotations
 
-import datetime as dt
 import secrets
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,13 +25,12 @@ from cryptography.hazmat.primitives import serialization
 from ca import ra
 from ca.fileutil import write_atomic
 from ca.generations import Generations
-from ca.issuance.issue import Issuance
+from ca.issuance.issue import Issuance, sign_ca_cert
 from ca.issuance.issuers import Issuers
 from ca.issuance.profiles import pem, utcnow
 from ca.policy import Reason, Refused
 from ca.store import KeyRecord, Store
 
-INTERMEDIATE_LIFETIME = dt.timedelta(days=1825)
 LABEL_PREFIX = {"issuing": "issuing-ca", "ssh-user": "ssh-user-ca", "ssh-host": "ssh-host-ca",
                 "audit": "audit"}
 
@@ -96,8 +94,9 @@ class KeyLifecycle:
         cert_der = None
         if order.kind == "issuing":
             made = ra.order(context, ra.Local(order.actor), ra.IntermediateRequest(
-                info.public_key, f"hsmca Issuing CA {label}", INTERMEDIATE_LIFETIME))
-            cert = await self.issuance.intermediate(made, request_id)
+                info.public_key, f"hsmca Issuing CA {label}"))
+            cert = await sign_ca_cert(self.issuance.pipeline, issuers.root_key, made,
+                                      request_id)
             cert_der = cert.public_bytes(serialization.Encoding.DER)
         record = KeyRecord(label, order.kind, "active", info.key_type, now.isoformat(),
                            info.spki_sha256, info.uri, cert_der, now.isoformat())

@@ -1,8 +1,9 @@
 """The registration authority: the one function that decides.
 
 Every path that ends in a signature asks `decide(context, who, request)`: bootstrap
-tokens, enrollment, renewal, EST, SSH host and user certificates, revocation,
-CRLs, and the CA's own certificates at `init` and start-up. It takes who asks (as
+tokens, enrollment, renewal, EST, SSH host and user certificates, revocation, CRLs,
+OCSP, and the CA's own certificates: its roots, cross-certificates and issuing CAs
+(`init`, key and root rotation) and its TLS and admin certificates. It takes who asks (as
 the inventory knows them, never as they claim), what they ask for, and the policy
 in force *now* (so a name added to the deny list, a shorter maximum lifetime or a
 removed principal applies to the next renewal of an identity that was allowed
@@ -35,6 +36,8 @@ from ca.subject import SubjectKey, subject_key
 BACKDATE = dt.timedelta(minutes=1)
 CRL_VALIDITY = dt.timedelta(hours=24)
 OCSP_VALIDITY = dt.timedelta(days=1)  # a pre-signed response's thisUpdate to nextUpdate
+ROOT_LIFETIME = dt.timedelta(days=3650)
+INTERMEDIATE_LIFETIME = dt.timedelta(days=1825)
 LOCAL = "local"
 
 # RFC 5280 revocation reasons: the names, their snake-case spelling and their codes.
@@ -74,6 +77,20 @@ class Directory(Protocol):
 
     @property
     def root(self) -> x509.Certificate: ...
+
+
+class NoIssuers:
+    """The directory of a CA being made (`init`): no issuers yet, so only requests that
+    name their signer can be ordered."""
+
+    def _none(self, *_: object) -> Any:
+        raise Refused("the CA has no issuers yet", Reason.CONFLICT)
+
+    x509_issuer = x509_not_after = ssh_issuer = root_issuer = x509_signs_for = _none
+
+    @property
+    def root(self) -> x509.Certificate:
+        return self._none()  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)
@@ -230,12 +247,37 @@ class KeyRequest:
 
 
 @dataclass(frozen=True)
+class RootRequest:
+    """A self-signed root for a key the operator's ceremony has just made (init, a
+    root rotation); `signer` is that key's label."""
+
+    signer: str
+    public_key: Any
+    subject: x509.Name
+    lifetime: dt.timedelta = ROOT_LIFETIME
+
+
+@dataclass(frozen=True)
+class CrossRequest:
+    """The root `certified` certified by the root `issuer`, whose key is `signer` (a
+    root rotation's NewWithOld and OldWithNew, RFC 4210 section 4.4)."""
+
+    signer: str
+    issuer: x509.Certificate
+    certified: x509.Certificate
+
+
+@dataclass(frozen=True)
 class IntermediateRequest:
-    """A new issuing CA certificate for a key the CA has just made."""
+    """A new issuing CA certificate for a key the CA has just made: certified by the
+    directory's root (a running CA's key rotation), or by the root `issuer` whose key is
+    `signer` (a ceremony, whose root is not in the directory yet)."""
 
     public_key: Any
     common_name: str
-    lifetime: dt.timedelta
+    lifetime: dt.timedelta = INTERMEDIATE_LIFETIME
+    signer: str | None = None
+    issuer: x509.Certificate | None = None
 
 
 @dataclass(frozen=True)
@@ -291,8 +333,8 @@ class AcmeRevokeRequest:
 
 Request = (TokenRequest | EnrollRequest | RenewRequest | SSHHostRequest | SSHUserRequest
            | RevokeRequest | RevokeIdentityRequest | CRLRequest | OCSPRequest | LocalCertRequest
-           | KeyRequest | IntermediateRequest | AcmeEABRequest | AcmeOrderRequest
-           | AcmeFinalizeRequest | AcmeRevokeRequest)
+           | KeyRequest | RootRequest | CrossRequest | IntermediateRequest | AcmeEABRequest
+           | AcmeOrderRequest | AcmeFinalizeRequest | AcmeRevokeRequest)
 
 
 # ---- what the RA hands on -----------------------------------------------------------------------
@@ -395,17 +437,23 @@ class KeyOrder:
 
 
 @dataclass(frozen=True)
-class IntermediateOrder:
-    issuer: str  # the root key's label
+class CACertOrder:
+    """A CA certificate, fully specified: the issuer builds exactly this."""
+
+    kind: str  # root | cross | issuing
+    signer: str  # the label of the key that signs
     public_key: Any
-    common_name: str
+    subject: x509.Name
+    issuer_name: x509.Name
+    issuer_key_id: bytes  # the signer's key identifier, for the AKI
+    path_length: int  # 1 for roots and their cross-certificates, 0 for issuing CAs
     not_before: dt.datetime
     not_after: dt.datetime
     actor: str
 
 
 Order = (TokenGrant | X509Order | SSHOrder | RevokeOrder | CRLOrder | OCSPOrder | KeyOrder
-         | IntermediateOrder | AcmeEABGrant | AcmeOrderGrant)
+         | CACertOrder | AcmeEABGrant | AcmeOrderGrant)
 
 
 @dataclass(frozen=True)
@@ -696,12 +744,83 @@ def _key(ctx: Context, who: Requester, req: KeyRequest) -> KeyOrder:
     raise Refused(f"no key action {req.action!r}")
 
 
-def _intermediate(ctx: Context, who: Requester, req: IntermediateRequest) -> IntermediateOrder:
+def _ceremony(who: Requester, what: str) -> None:
     if not isinstance(who, Local):
-        raise Refused("only the CA itself certifies its own keys", Reason.WRONG_ROLE)
-    not_after = min(ctx.now + req.lifetime, ctx.issuers.root.not_valid_after_utc)
-    return IntermediateOrder(ctx.issuers.root_issuer(), req.public_key, req.common_name,
-                             ctx.now - BACKDATE, not_after, who.actor)
+        raise Refused(f"only the CA itself makes {what}: the operator's ceremony on the CA "
+                      "host (hsmca init, hsmca key rotate-root) or its key rotation",
+                      Reason.WRONG_ROLE)
+
+
+def _key_id(public_key: Any) -> bytes:
+    return x509.SubjectKeyIdentifier.from_public_key(public_key).digest
+
+
+def _root_ca(ctx: Context, issuer: x509.Certificate, what: str) -> bytes:
+    """The key identifier of `issuer`, a root that may still certify: a CA certificate
+    that names itself and has not expired."""
+    try:
+        bc = issuer.extensions.get_extension_for_class(x509.BasicConstraints).value
+        ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    except x509.ExtensionNotFound as exc:
+        raise Refused(f"{what}: the issuer's certificate has no {exc.oid._name}") from None
+    if not bc.ca or issuer.subject != issuer.issuer:
+        raise Refused(f"{what}: the issuer {issuer.subject.rfc4514_string()} is not a root CA")
+    if issuer.not_valid_after_utc <= ctx.now:
+        raise Refused(f"{what}: the root {issuer.subject.rfc4514_string()} expired at "
+                      f"{issuer.not_valid_after_utc:%Y-%m-%d %H:%M} UTC", Reason.CONFLICT)
+    return ski.digest
+
+
+def _root(ctx: Context, who: Requester, req: RootRequest) -> CACertOrder:
+    _ceremony(who, "root certificates")
+    if not req.subject.rdns:
+        raise Refused("a root needs a subject name")
+    if not dt.timedelta(days=1) <= req.lifetime <= ROOT_LIFETIME:
+        raise Refused(f"a root lives from a day to {ROOT_LIFETIME.days} days, not "
+                      f"{req.lifetime.days}")
+    return CACertOrder("root", req.signer, req.public_key, req.subject, req.subject,
+                       _key_id(req.public_key), 1, ctx.now - BACKDATE,
+                       ctx.now + req.lifetime, who.actor)
+
+
+def _cross(ctx: Context, who: Requester, req: CrossRequest) -> CACertOrder:
+    _ceremony(who, "cross-certificates")
+    key_id = _root_ca(ctx, req.issuer, "cross-certificate")
+    if req.certified.subject != req.issuer.subject:
+        # Self-issued (the same name) or it would count against the roots' path length.
+        raise Refused("a cross-certificate joins two roots of the same name: "
+                      f"{req.certified.subject.rfc4514_string()} is not "
+                      f"{req.issuer.subject.rfc4514_string()}")
+    if _key_id(req.certified.public_key()) == key_id:
+        raise Refused("a cross-certificate joins two different root keys")
+    # Neither root's relying parties get a path that outlives what they trust.
+    not_after = min(req.certified.not_valid_after_utc, req.issuer.not_valid_after_utc)
+    return CACertOrder("cross", req.signer, req.certified.public_key(), req.issuer.subject,
+                       req.issuer.subject, key_id, 1, ctx.now - BACKDATE, not_after,
+                       who.actor)
+
+
+def _intermediate(ctx: Context, who: Requester, req: IntermediateRequest) -> CACertOrder:
+    _ceremony(who, "issuing CA certificates")
+    if (req.issuer is None) != (req.signer is None):
+        raise Refused("name both the root's certificate and its key, or neither")
+    if req.issuer is None or req.signer is None:
+        signer, issuer = ctx.issuers.root_issuer(), ctx.issuers.root
+    else:
+        signer, issuer = req.signer, req.issuer
+    key_id = _root_ca(ctx, issuer, "issuing CA")
+    if _key_id(req.public_key) == key_id:
+        raise Refused("an issuing CA needs a key of its own, not the root's")
+    if not dt.timedelta(days=1) <= req.lifetime <= INTERMEDIATE_LIFETIME:
+        raise Refused(f"an issuing CA lives from a day to {INTERMEDIATE_LIFETIME.days} days, "
+                      f"not {req.lifetime.days}")
+    if not req.common_name:
+        raise Refused("an issuing CA needs a common name")
+    not_after = min(ctx.now + req.lifetime, issuer.not_valid_after_utc)
+    return CACertOrder("issuing", signer, req.public_key,
+                       x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME,
+                                                     req.common_name)]),
+                       issuer.subject, key_id, 0, ctx.now - BACKDATE, not_after, who.actor)
 
 
 def _need_role(who: Requester, role: str) -> None:
@@ -849,7 +968,7 @@ _HANDLERS: dict[type, Callable[[Context, Requester, Any], Order]] = {
     TokenRequest: _token, EnrollRequest: _enroll, RenewRequest: _renew,
     SSHHostRequest: _ssh_host, SSHUserRequest: _ssh_user, RevokeRequest: _revoke,
     RevokeIdentityRequest: _revoke_identity, KeyRequest: _key,
-    IntermediateRequest: _intermediate,
+    RootRequest: _root, CrossRequest: _cross, IntermediateRequest: _intermediate,
     CRLRequest: _crl, OCSPRequest: _ocsp, LocalCertRequest: _local_cert,
     AcmeEABRequest: _acme_eab, AcmeOrderRequest: _acme_order,
     AcmeFinalizeRequest: _acme_finalize, AcmeRevokeRequest: _acme_revoke,

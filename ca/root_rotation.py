@@ -39,17 +39,17 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_public_key,
 )
 
+from ca import ra
 from ca.audit.checkpointer import Checkpointer
 from ca.audit.log import AuditLog
 from ca.config import Config
 from ca.daemon.keys import load_issuers, seed
 from ca.fileutil import write_atomic
-from ca.init import sign_ca_cert
 from ca.issuance import issuers as iss
 from ca.issuance import profiles as prof
-from ca.issuance.issue import Issuance
+from ca.issuance.issue import Issuance, decision_context, sign_ca_cert
 from ca.issuance.pipeline import SigningPipeline
-from ca.lifecycle import INTERMEDIATE_LIFETIME, write_bundle, write_chain_files
+from ca.lifecycle import write_bundle, write_chain_files
 from ca.local_certs import local_cert
 from ca.server_cert import TLS_DAYS, server_names
 from ca.store import CrossCert, KeyRecord, Store, open_store
@@ -142,20 +142,22 @@ async def _ceremony(config: Config, store: Store, pipeline: SigningPipeline,
     # Every signature first, every record after: a failure half-way leaves the
     # inventory as it was (and the log says which keys were made).
     new_key = await pipeline.generate_key(f"root-ca-{suffix}", old_key.key_type)
-    root = await sign_ca_cert(pipeline, new_key,
-                              prof.root_builder(new_key.public_key, old_root.subject), "root")
-    new_with_old = await sign_ca_cert(pipeline, old_key,
-                                      prof.cross_builder(new_key.public_key, old_root),
-                                      "cross: the new root, certified by the previous one")
-    old_with_new = await sign_ca_cert(pipeline, new_key,
-                                      prof.cross_builder(old_key.public_key, root,
-                                                         old_root.not_valid_after_utc),
-                                      "cross: the previous root, certified by the new one")
     issuing_key = await pipeline.generate_key(f"issuing-ca-{suffix}",
                                               before.current.key.key_type)
-    issuing = await sign_ca_cert(pipeline, new_key, prof.intermediate_builder(
-        issuing_key.public_key, f"hsmca Issuing CA issuing-ca-{suffix}", root,
-        days=INTERMEDIATE_LIFETIME.days), "issuing")
+    # The operator decided the ceremony; the registration authority still orders each
+    # certificate of it (SPEC 11), and refuses what would not chain.
+    ctx = decision_context(config.policy, before)
+
+    async def make(signer: KeyInfo, request: ra.Request) -> x509.Certificate:
+        return await sign_ca_cert(pipeline, signer, ra.order(ctx, ra.Local(), request))
+
+    root = await make(new_key, ra.RootRequest(new_key.label, new_key.public_key,
+                                              old_root.subject))
+    new_with_old = await make(old_key, ra.CrossRequest(old_key.label, old_root, root))
+    old_with_new = await make(new_key, ra.CrossRequest(new_key.label, root, old_root))
+    issuing = await make(new_key, ra.IntermediateRequest(
+        issuing_key.public_key, f"hsmca Issuing CA issuing-ca-{suffix}",
+        signer=new_key.label, issuer=root))
 
     at = prof.utcnow().isoformat()
 

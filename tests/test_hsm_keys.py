@@ -17,9 +17,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
+from ca import ra
 from ca.config import KEY_LABELS
 from ca.issuance import profiles as prof
+from ca.issuance.issue import decision_context, sign_ca_cert
 from ca.issuance.pipeline import SigningJob, SigningPipeline, SignResult
+from ca.policy import Policy
 from hsm.errors import HSMError, HSMUnavailable, SignatureCheckFailed
 from hsm.session import HSM, KeyInfo, Scheme
 from tests.conftest import require
@@ -103,16 +106,20 @@ async def test_key_generated_without_protection_is_refused(worker: SigningPipeli
         await worker.load_key("weak-key")
 
 
+def root_order(key: KeyInfo, name: str) -> ra.CACertOrder:
+    ctx = decision_context(Policy(), ra.NoIssuers())
+    order: ra.CACertOrder = ra.order(ctx, ra.Local(), ra.RootRequest(
+        key.label, key.public_key, prof.name(name)))
+    return order
+
+
 @pytest.mark.parametrize("key_type", ["ec-p256", "ec-p384", "ed25519", "rsa-3072"])
 async def test_each_key_type_signs_certificates_that_verify(worker: SigningPipeline,
                                                             key_type: str) -> None:
     key = await worker.generate_key(f"lab-{key_type}", key_type)
-    builder = prof.root_builder(key.public_key, f"lab {key_type}")
-    h = prof.hash_for(key.public_key)
-    cert = await worker.sign(key.label, lambda k: builder.sign(k, h), purpose="x509-ca",
-                             actor="local", hash_name=prof.hash_name(key.public_key),
-                             describe=lambda c: {"fingerprint": prof.fingerprint(c)})
+    cert = await sign_ca_cert(worker, key, root_order(key, f"lab {key_type}"))
     cert.verify_directly_issued_by(cert)
+    assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
 
 
 async def test_rsa_pss_and_crl_and_ocsp_builders_sign_with_hsm_keys(
@@ -126,8 +133,7 @@ async def test_rsa_pss_and_crl_and_ocsp_builders_sign_with_hsm_keys(
                                 hashes.SHA256())
 
     ec_key = await worker.generate_key("lab-crl", "ec-p256")
-    root = await worker.sign(ec_key.label, lambda k: prof.root_builder(k.public_key(), "crl").sign(
-        k, hashes.SHA256()), purpose="x509-ca", actor="local")
+    root = await sign_ca_cert(worker, ec_key, root_order(ec_key, "crl"))
     now = prof.utcnow()
     crl_builder = (x509.CertificateRevocationListBuilder().issuer_name(root.subject)
                    .last_update(now).next_update(now + dt.timedelta(hours=1)))

@@ -488,3 +488,84 @@ def test_acme_revocation_by_the_account_or_the_certificate_key_only() -> None:
     assert isinstance(again, ra.Refusal) and again.reason is Reason.ALREADY_REVOKED
     unknown = ra.decide(context(), acme_account(), dataclasses.replace(mine, found=False))
     assert isinstance(unknown, ra.Refusal) and unknown.reason is Reason.UNAUTHORIZED
+
+
+# ---- the CA's own CA certificates (init, key and root rotation) ----------------------------
+
+def root_cert(key: Any, cn: str = "hsmca Root CA", days: int = 3650,
+              not_after: dt.datetime | None = None) -> x509.Certificate:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    return (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1)
+            .not_valid_before(NOW - dt.timedelta(days=1))
+            .not_valid_after(not_after or NOW + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+            .add_extension(ski, critical=False)
+            .sign(key, hashes.SHA256()))
+
+
+def ceremony() -> ra.Context:
+    return ra.Context(Policy(), NOW, ra.NoIssuers())
+
+
+def test_init_orders_a_root_and_its_issuing_ca_and_nobody_else_may() -> None:
+    root_key, issuing_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(2))
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hsmca Root CA")])
+    order = ra.decide(ceremony(), ra.Local(), ra.RootRequest("root-ca", root_key.public_key(),
+                                                              name))
+    assert isinstance(order, ra.CACertOrder)
+    assert (order.kind, order.signer, order.subject, order.issuer_name, order.path_length) == (
+        "root", "root-ca", name, name, 1)
+    assert order.not_after == NOW + ra.ROOT_LIFETIME
+    root = root_cert(root_key, days=100)
+    issuing = ra.decide(ceremony(), ra.Local(), ra.IntermediateRequest(
+        issuing_key.public_key(), "hsmca Issuing CA", signer="root-ca", issuer=root))
+    assert isinstance(issuing, ra.CACertOrder) and issuing.path_length == 0
+    assert issuing.issuer_name == root.subject and issuing.signer == "root-ca"
+    assert issuing.not_after == root.not_valid_after_utc  # never outlives its root
+    for who in (admin(), token("admin", ())):
+        refused(ra.decide(ceremony(), who, ra.RootRequest("root-ca", root_key.public_key(),
+                                                          name)),
+                Reason.WRONG_ROLE, "hsmca init")
+
+
+def test_ca_certificates_that_would_not_chain_are_refused() -> None:
+    old_key, new_key, other_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    old, new = root_cert(old_key), root_cert(new_key)
+    other = root_cert(other_key, cn="another root")
+    expired = root_cert(old_key, not_after=NOW - dt.timedelta(seconds=1))
+    leafish = holder("service", ("a.example",))
+    leaf_cert = x509.load_der_x509_certificate(leafish.der)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")])
+    cases: list[tuple[Any, Reason, str]] = [
+        (ra.RootRequest("r", new_key.public_key(), x509.Name([])), Reason.MALFORMED, "subject"),
+        (ra.RootRequest("r", new_key.public_key(), name, dt.timedelta(days=4000)),
+         Reason.MALFORMED, "3650 days"),
+        (ra.CrossRequest("old", old, other), Reason.MALFORMED, "same name"),
+        (ra.CrossRequest("old", old, old), Reason.MALFORMED, "different root keys"),
+        (ra.CrossRequest("old", expired, new), Reason.CONFLICT, "expired"),
+        (ra.CrossRequest("leaf", leaf_cert, new), Reason.MALFORMED, "no basicConstraints"),
+        (ra.IntermediateRequest(old_key.public_key(), "hsmca Issuing CA", signer="old",
+                                issuer=old), Reason.MALFORMED, "a key of its own"),
+        (ra.IntermediateRequest(other_key.public_key(), "hsmca Issuing CA", signer="old"),
+         Reason.MALFORMED, "or neither"),
+        (ra.IntermediateRequest(other_key.public_key(), "hsmca Issuing CA"),
+         Reason.CONFLICT, "no issuers yet"),
+    ]
+    for request, reason, words in cases:
+        refused(ra.decide(ceremony(), ra.Local(), request), reason, words)
+
+
+def test_a_root_rotations_cross_certificates_outlive_neither_root() -> None:
+    old_key, new_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(2))
+    old, new = root_cert(old_key, days=200), root_cert(new_key, days=3650)
+    new_with_old = ra.decide(ceremony(), ra.Local(), ra.CrossRequest("old", old, new))
+    old_with_new = ra.decide(ceremony(), ra.Local(), ra.CrossRequest("new", new, old))
+    assert isinstance(new_with_old, ra.CACertOrder) and isinstance(old_with_new, ra.CACertOrder)
+    assert new_with_old.signer == "old" and old_with_new.signer == "new"
+    assert new_with_old.not_after == old_with_new.not_after == old.not_valid_after_utc
+    assert new_with_old.subject == new_with_old.issuer_name == old.subject  # self-issued
+    ski = x509.SubjectKeyIdentifier.from_public_key
+    assert new_with_old.issuer_key_id == ski(old_key.public_key()).digest
+    assert old_with_new.issuer_key_id == ski(new_key.public_key()).digest

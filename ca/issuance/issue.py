@@ -24,10 +24,11 @@ from ca.issuance import profiles as prof
 from ca.issuance.issuers import Issuers
 from ca.issuance.pipeline import SigningJob, SigningPipeline, SignResult
 from ca.policy import Policy
-from ca.ra import Context, CRLOrder, Directory, IntermediateOrder, SSHOrder, X509Order
+from ca.ra import CACertOrder, Context, CRLOrder, Directory, SSHOrder, X509Order
 from ca.store import NewCert, NewSSHCert, Store
 from ca.subject import spki_sha256
 from ca.x509_reasons import REASON_FLAGS
+from hsm.session import KeyInfo
 from hsm.signers import HSMKey
 
 
@@ -59,6 +60,28 @@ def decision_context(policy: Policy, issuers: Directory,
     the issuers in force."""
     return Context(policy, dt.datetime.now(dt.UTC).replace(microsecond=0), issuers,
                    ssh_key_revoked)
+
+
+async def sign_ca_cert(pipeline: SigningPipeline, signer: KeyInfo, order: CACertOrder,
+                       request_id: str | None = None) -> x509.Certificate:
+    """A CA certificate as the registration authority ordered it, signed by `signer`
+    (the key its order names: a ceremony's new root is not in any directory yet)."""
+    if signer.label != order.signer:
+        raise ValueError(f"the order is for {order.signer}'s signature, not {signer.label}'s")
+    serial = prof.random_serial()
+    builder = prof.ca_builder(order, serial)
+    h = prof.hash_for(signer.public_key)
+    cert: x509.Certificate = await pipeline.sign(
+        signer.label, lambda k: builder.sign(k, h), purpose="x509-ca", actor=order.actor,
+        request_id=request_id, hash_name=prof.hash_name(signer.public_key),
+        details={"what": order.kind, "serial": format(serial, "x"),
+                 "subject": order.subject.rfc4514_string(),
+                 "issuer": order.issuer_name.rfc4514_string(),
+                 "spki_sha256": spki_sha256(order.public_key),
+                 "not_before": order.not_before.isoformat(),
+                 "not_after": order.not_after.isoformat()},
+        describe=lambda c: {"fingerprint": prof.fingerprint(c)})
+    return cert
 
 
 class IssuerSource(Protocol):
@@ -198,23 +221,6 @@ class Issuance:
                      "next_update": order.next_update.isoformat()},
             describe=lambda c: {"fingerprint": hashlib.sha256(
                 c.public_bytes(serialization.Encoding.DER)).hexdigest()})
-
-    async def intermediate(self, order: IntermediateOrder,
-                           request_id: str | None = None) -> x509.Certificate:
-        """An issuing CA certificate, signed by the root."""
-        root = self.issuers.root
-        key = self.issuers.root_key
-        b = prof.intermediate_builder(order.public_key, order.common_name, root,
-                                      not_before=order.not_before, not_after=order.not_after)
-        h = prof.hash_for(key.public_key)
-        return await self.pipeline.sign(
-            key.label, lambda k: b.sign(k, h), purpose="x509-ca", actor=order.actor,
-            request_id=request_id, hash_name=prof.hash_name(key.public_key),
-            details={"what": "issuing", "subject": f"CN={order.common_name}",
-                     "spki_sha256": spki_sha256(order.public_key),
-                     "not_before": order.not_before.isoformat(),
-                     "not_after": order.not_after.isoformat()},
-            describe=lambda c: {"fingerprint": prof.fingerprint(c)})
 
     async def ocsp(self, issuer_id: str, builder: ocsp.OCSPResponseBuilder, *, serial: int,
                    status: str, request_id: str | None = None) -> ocsp.OCSPResponse:

@@ -14,11 +14,15 @@ import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+if TYPE_CHECKING:
+    from ca.ra import CACertOrder
 
 BACKDATE = dt.timedelta(minutes=1)
 
@@ -73,59 +77,23 @@ def name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def root_builder(public_key: object, common_name: str | x509.Name,
-                 days: int = 3650) -> x509.CertificateBuilder:
-    now = utcnow()
-    subject = name(common_name) if isinstance(common_name, str) else common_name
-    ski = x509.SubjectKeyIdentifier.from_public_key(public_key)  # type: ignore[arg-type]
+def ca_builder(order: CACertOrder, serial: int) -> x509.CertificateBuilder:
+    """A CA certificate exactly as the registration authority ordered it: a root, a
+    cross-certificate between two roots of the same name (self-issued, so it does not
+    count against the roots' path length, and told apart from the root of that name by
+    its key identifiers), or an issuing CA."""
     return (x509.CertificateBuilder()
-            .subject_name(subject).issuer_name(subject)
-            .public_key(public_key)  # type: ignore[arg-type]
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - BACKDATE).not_valid_after(now + dt.timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+            .subject_name(order.subject).issuer_name(order.issuer_name)
+            .public_key(order.public_key)
+            .serial_number(serial)
+            .not_valid_before(order.not_before).not_valid_after(order.not_after)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=order.path_length),
+                           critical=True)
             .add_extension(_ca_key_usage(), critical=True)
-            .add_extension(ski, critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier(ski.digest, None, None), critical=False))
-
-
-def cross_builder(public_key: object, issuer: x509.Certificate,
-                  not_after: dt.datetime | None = None) -> x509.CertificateBuilder:
-    """A root key certified by another root of the same name (RFC 4210 section 4.4, the
-    root key update's NewWithOld and OldWithNew certificates): self-issued, so it does
-    not count against the roots' path length, and told apart from the root of the same
-    name by its key identifiers."""
-    now = utcnow()
-    return (x509.CertificateBuilder()
-            .subject_name(issuer.subject).issuer_name(issuer.subject)
-            .public_key(public_key)  # type: ignore[arg-type]
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - BACKDATE)
-            .not_valid_after(min(not_after or issuer.not_valid_after_utc,
-                                 issuer.not_valid_after_utc))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
-            .add_extension(_ca_key_usage(), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key),  # type: ignore[arg-type]
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(order.public_key),
                            critical=False)
-            .add_extension(aki(issuer), critical=False))
-
-
-def intermediate_builder(public_key: object, common_name: str, issuer: x509.Certificate,
-                         days: int = 1825, not_before: dt.datetime | None = None,
-                         not_after: dt.datetime | None = None) -> x509.CertificateBuilder:
-    now = utcnow()
-    not_before = not_before or now - BACKDATE
-    not_after = min(not_after or now + dt.timedelta(days=days), issuer.not_valid_after_utc)
-    return (x509.CertificateBuilder()
-            .subject_name(name(common_name)).issuer_name(issuer.subject)
-            .public_key(public_key)  # type: ignore[arg-type]
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(not_before).not_valid_after(not_after)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(_ca_key_usage(), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key),  # type: ignore[arg-type]
-                           critical=False)
-            .add_extension(aki(issuer), critical=False))
+            .add_extension(x509.AuthorityKeyIdentifier(order.issuer_key_id, None, None),
+                           critical=False))
 
 
 @dataclass(frozen=True)
