@@ -18,7 +18,6 @@ from typing import Protocol
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import SSHCertificate
-from cryptography.x509 import ocsp
 
 from ca.issuance import profiles as prof
 from ca.issuance.issuers import Issuers
@@ -221,12 +220,3 @@ class Issuance:
                      "next_update": order.next_update.isoformat()},
             describe=lambda c: {"fingerprint": hashlib.sha256(
                 c.public_bytes(serialization.Encoding.DER)).hexdigest()})
-
-    async def ocsp(self, issuer_id: str, builder: ocsp.OCSPResponseBuilder, *, serial: int,
-                   status: str, request_id: str | None = None) -> ocsp.OCSPResponse:
-        issuer = self.issuers.x509[issuer_id]
-        h = issuer.hash
-        return await self.pipeline.sign(
-            issuer.key.label, lambda k: builder.sign(k, h), purpose="ocsp", actor="anonymous",
-            request_id=request_id, hash_name=issuer.hash_name,
-            details={"serial": format(serial, "x"), "status": status})
