@@ -136,6 +136,13 @@ async def test_every_node_serves_every_log_and_one_node_verifies_them_all(
     assert status == 404 and ctype == "application/problem+json"
     status, ctype, _ = await call("GET", f"{n3.url}/v1/audit/checkpoint?log=../x", n3.ssl())
     assert status == 400 and ctype == "application/problem+json"
+    # The same checkpoint under the prefix URL tlog tooling takes; a path and a query
+    # that name two logs are refused.
+    status, _, same = await call("GET", f"{n3.url}/v1/audit/logs/node-2/checkpoint", n3.ssl())
+    assert status == 200 and same == note
+    status, ctype, body = await call(
+        "GET", f"{n3.url}/v1/audit/logs/node-2/checkpoint?log=node-1", n3.ssl())
+    assert status == 400 and b"name one" in body
     # An auditor verifies all three logs through node 1, keeping one state per log,
     # and a second run continues from those states (consistency proofs, for node 2's
     # and 3's logs computed by node 1 from PostgreSQL).
@@ -175,11 +182,14 @@ def _expected_tiles(lines: list[bytes], size: int) -> dict[str, bytes]:
                 len(line).to_bytes(2, "big") + line for line in lines[512:size])}
 
 
-async def _served(node: Any, paths: Any, log: str) -> dict[str, bytes | int]:
+async def _served(node: Any, paths: Any, log: str, prefix: bool = False
+                  ) -> dict[str, bytes | int]:
+    """Tiles of `log` as `node` serves them: by `?log=`, or under the log's prefix URL."""
     got: dict[str, bytes | int] = {}
     for path in paths:
-        status, _, body = await call("GET", f"{node.url}/v1/audit/{path}?log={log}",
-                                     node.admin_ssl())
+        url = (f"{node.url}/v1/audit/logs/{log}/{path}" if prefix
+               else f"{node.url}/v1/audit/{path}?log={log}")
+        status, _, body = await call("GET", url, node.admin_ssl())
         got[path] = body if status == 200 else status
     return got
 
@@ -212,6 +222,7 @@ async def test_any_node_serves_another_nodes_tiles_and_proofs_from_the_tiles_it_
                  ).read_bytes().split(b"\n")
         expected = _expected_tiles(lines, size)
         assert await _served(n3, expected, "node-2") == expected
+        assert await _served(n3, expected, "node-2", prefix=True) == expected
         assert int(postgres_server.psql(heads, db=db)) >= size // 256  # copied
         tree = MerkleTree()
         for line in lines[:size]:

@@ -7,7 +7,9 @@ are: for auditors and admins only.
 In cluster mode every node keeps its own log, and any node serves all of them:
 `GET /v1/audit/logs` lists them with their latest checkpoints, and `?log=NODE` on
 the checkpoint, entries, proof and tile endpoints reads another node's log from
-PostgreSQL (ca/server/other_logs.py), so an auditor follows a dead node's log too."""
+PostgreSQL (ca/server/other_logs.py), so an auditor follows a dead node's log too.
+Tlog tooling takes a prefix URL, not a query: `/v1/audit/logs/NODE/` is one, with
+that node's `checkpoint` and `tile/...` under it."""
 
 from __future__ import annotations
 
@@ -76,6 +78,7 @@ _IMMUTABLE = {"Cache-Control": "private, max-age=31536000, immutable"}
 
 
 @routes.get("/v1/audit/checkpoint")
+@routes.get("/v1/audit/logs/{log}/checkpoint")
 async def checkpoint(request: web.Request) -> web.Response:
     other = other_log(request)
     latest = await (other.checkpoint() if other is not None else request.app[AUDIT].checkpoint())
@@ -97,6 +100,7 @@ async def cosigned_checkpoint(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/audit/tile/{path:.+}")
+@routes.get("/v1/audit/logs/{log}/tile/{path:.+}")
 async def tile(request: web.Request) -> web.Response:
     await identity(request, "auditor", "admin")
     other = other_log(request)

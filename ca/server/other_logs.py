@@ -98,8 +98,13 @@ def other_logs(request: web.Request) -> AllLogs | None:
 
 
 def other_log(request: web.Request) -> OtherLog | None:
-    """The log `?log=` names if it is another node's; None for this node's own."""
-    name = request.query.get("log")
+    """The log `?log=` (or the path's `/v1/audit/logs/NODE/`) names if it is another
+    node's; None for this node's own."""
+    name, asked = request.match_info.get("log"), request.query.get("log")
+    if name is not None and asked not in (None, name):
+        raise Problem(400, "Bad Request", f"the path names log {name!r} and ?log= {asked!r}: "
+                      "name one", "bad-query")
+    name = name if name is not None else asked
     if name is None or name == request.app[SETTINGS].node:
         return None
     if not _NODE.match(name):
