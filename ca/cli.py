@@ -41,7 +41,7 @@ COMMANDS = {
     "enroll": "client_cmd:enroll", "renew": "client_cmd:renew", "revoke": "client_cmd:revoke",
     "ssh-host": "ssh_cmd:host", "ssh-user": "ssh_cmd:user", "key": "key_cmd:run",
     "acme-eab-create": "acme_cmd:eab_create", "witness-serve": "witness_cmd:serve",
-    "ui": "ui_cmd:run",
+    "ui": "ui_cmd:run", "store-move": "store_cmd:move",
 }
 
 
@@ -150,9 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     _remote_flags(s, key_alias=True)
     s.set_defaults(command_key="audit-show")
 
-    from ca.commands import ui_cmd, witness_cmd
+    from ca.commands import store_cmd, ui_cmd, witness_cmd
     witness_cmd.add_parsers(sub)
     ui_cmd.add_parsers(sub)
+    store_cmd.add_parsers(sub)
     return p
 
 
@@ -213,11 +214,11 @@ def _expected(exc: BaseException) -> bool:
     from ca.client import ClientError
     from ca.config import ConfigError
     from ca.init import InitError
-    from ca.store.errors import SchemaTooNew, StoreUnavailable
+    from ca.store.errors import CAExists, SchemaTooNew, StoreUnavailable
     from hsm.uri import URIError
     return isinstance(exc, CLIError | HSMError | AuditUnavailable | AuditLogError
                       | ConfigError | InitError | OSError | ClientError | URIError | ValueError
-                      | StoreUnavailable | SchemaTooNew)
+                      | StoreUnavailable | SchemaTooNew | CAExists)
 
 
 if __name__ == "__main__":

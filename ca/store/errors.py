@@ -11,3 +11,7 @@ class StoreUnavailable(Exception):
 
 class SchemaTooNew(Exception):
     """The inventory was made by a newer hsmca: this code must not touch it."""
+
+
+class CAExists(Exception):
+    """A CA cannot be made or moved into an inventory that holds one already."""

@@ -23,15 +23,16 @@ import datetime as dt
 import json
 import re
 import threading
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
 
 import psycopg
 import structlog
+from psycopg import sql as pgsql
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from ca.audit.tiles import HASH_SIZE, TILE_WIDTH, Tile, partial_tiles
-from ca.store.errors import SchemaTooNew, StoreUnavailable
+from ca.store.errors import CAExists, SchemaTooNew, StoreUnavailable
 from ca.store.records import (
     AcmeAccount,
     AcmeAuthz,
@@ -63,6 +64,7 @@ from ca.store.sqlite import (
     _SORTS,
     KEEP_CRLS,
     MIGRATIONS,
+    Table,
     _cert,
     _cert_filter,
     _read_cert,
@@ -1099,6 +1101,61 @@ class PostgresStore:
     async def audit_checkpoint(self, node: str) -> str | None:
         rows = await self._rows("SELECT note FROM audit_checkpoints WHERE node = %s", (node,))
         return rows[0][0] if rows else None
+
+
+    def import_ca(self, tables: Iterable[Table], node: str, lines: Iterable[bytes],
+                  checkpoint: tuple[int, str] | None) -> dict[str, int]:
+        """A single node's CA moved in (`hsmca store move`), in one transaction: every
+        inventory table row for row, the CRL numbers carried on, and its audit log as
+        `node`'s lines with its latest checkpoint. Rows copied, by table (and
+        `audit_lines`). Raises CAExists into a database that holds a CA already, and
+        ValueError for a table this schema has no place for (nothing is written)."""
+        async def put(db: Conn) -> dict[str, int]:
+            # One move at a time, and none beside a node's first start (its migrations).
+            await db.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            cur = await db.execute("SELECT EXISTS (SELECT 1 FROM ca_keys) OR "
+                                   "EXISTS (SELECT 1 FROM audit_lines)")
+            row = await cur.fetchone()
+            if row is not None and row[0]:
+                raise CAExists("the database already holds a CA (keys or audit lines): "
+                               "move into an empty database")
+            cur = await db.execute("SELECT table_name, column_name FROM "
+                                   "information_schema.columns WHERE table_schema = "
+                                   "current_schema()")
+            ours: dict[str, set[str]] = {}
+            for table, column in await cur.fetchall():
+                ours.setdefault(table, set()).add(column)
+            counts: dict[str, int] = {}
+            for name, cols, rows in tables:
+                if not set(cols) <= ours.get(name, set()):
+                    raise ValueError(f"the SQLite inventory's table {name} ({', '.join(cols)}) "
+                                     "has no match in PostgreSQL's schema: are both made by "
+                                     "this hsmca?")
+                copy_sql = pgsql.SQL("COPY {} ({}) FROM STDIN").format(
+                    pgsql.Identifier(name), pgsql.SQL(", ").join(map(pgsql.Identifier, cols)))
+                n = 0
+                async with db.cursor().copy(copy_sql) as copy:
+                    for r in rows:
+                        await copy.write_row(r)
+                        n += 1
+                counts[name] = n
+            # The next CRL's number follows the last one SQLite gave (RFC 5280: CRL
+            # numbers only increase).
+            cur = await db.execute("SELECT v FROM meta WHERE k = 'crl_number'")
+            row = await cur.fetchone()
+            if row is not None:
+                await db.execute("SELECT setval('crl_numbers', %s)", (int(row[0]),))
+            n = 0
+            async with db.cursor().copy("COPY audit_lines (node, seq, line) FROM STDIN") as copy:
+                for n, line in enumerate(lines, start=1):
+                    await copy.write_row((node, n - 1, line))
+            counts["audit_lines"] = n
+            if checkpoint is not None:
+                await db.execute("INSERT INTO audit_checkpoints (node, size, note, at) VALUES "
+                                 "(%s, %s, %s, %s)", (node, checkpoint[0], checkpoint[1],
+                                                      dt.datetime.now(dt.UTC).isoformat()))
+            return counts
+        return self._call(self._tx(put))
 
 
 class Lease:

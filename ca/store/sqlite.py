@@ -17,7 +17,7 @@ import os
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -362,6 +362,30 @@ def migrate(db: sqlite3.Connection, path: Path) -> None:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
+
+
+Table = tuple[str, tuple[str, ...], Iterator[tuple[Any, ...]]]
+
+
+def export_inventory(path: Path) -> Iterator[Table]:
+    """Every table of the inventory at `path` (brought to this code's schema first):
+    its name, its columns and its rows in the order they were written, for `hsmca store
+    move`. One read transaction, so every table is of the same moment; iterate on one
+    thread, each table's rows before the next table."""
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("PRAGMA busy_timeout=5000")
+        migrate(db, path)
+        db.execute("BEGIN")
+        names = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
+                                          "AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+        for name in names:
+            cols = tuple(r[1] for r in db.execute(f'PRAGMA table_info("{name}")'))
+            quoted = ", ".join(f'"{c}"' for c in cols)
+            yield name, cols, iter(db.execute(f'SELECT {quoted} FROM "{name}" ORDER BY rowid'))
+        db.execute("COMMIT")
+    finally:
+        db.close()
 
 
 class SQLiteStore:

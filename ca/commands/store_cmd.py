@@ -1,0 +1,66 @@
+"""`hsmca store move`: a single node's CA into PostgreSQL (ca/store_move.py)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from ca.errors import CLIError
+
+URL_ENV = "HSMCA_STORE_URL"
+
+
+def move(args: argparse.Namespace) -> int:
+    from ca.config import load
+    from ca.store_move import MoveError, move
+    url = args.store_url or os.environ.get(URL_ENV)
+    if not url:
+        raise CLIError(f"name the PostgreSQL database: --store-url URL, or {URL_ENV} (which "
+                       "keeps a password off the command line)")
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise CLIError("--store-url must be a postgresql:// URL")
+    config = load(args.config)
+    if not args.yes:
+        sys.stderr.write(f"Move the CA of {config.path} into PostgreSQL? The daemon must be "
+                         "stopped; afterwards every node runs with `--node NAME`. Type yes: ")
+        sys.stderr.flush()
+        if sys.stdin.readline().strip().lower() != "yes":
+            raise CLIError("nothing moved (confirm with yes, or pass --yes)")
+    try:
+        done = asyncio.run(move(config, url))
+    except MoveError as exc:
+        raise CLIError(str(exc)) from None
+    rows = ", ".join(f"{table} {n}" for table, n in sorted(done.rows.items()) if n)
+    print(f"moved into {done.database}: {rows}")
+    print(f"  the audit log so far is the CA's `init` log there ({done.rows['audit_lines']} "
+          "lines, with its checkpoint); each node keeps a log of its own from now on")
+    print(f"  the SQLite inventory is kept as {done.kept}; nothing opens it again")
+    if done.config_updated:
+        print(f"  {config.path} has [store] url")
+    else:
+        print(f"  could not write {config.path}: add [store] url = \"...\" to it yourself")
+    print(f"Start each node: hsmca serve --config {config.path} --node NAME (docs/cluster.md)")
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    s = sub.add_parser("store", help="the inventory: move a single node's CA into PostgreSQL")
+    ssub = s.add_subparsers(dest="store_command", metavar="SUBCOMMAND", required=True)
+    m = ssub.add_parser(
+        "move", help="a single node's CA into PostgreSQL, so more nodes can run it",
+        description="With the daemon stopped: record the move in the audit log and sign a "
+        "checkpoint over it, then copy, in one PostgreSQL transaction, every inventory table "
+        "and the audit log so far (as the CA's `init` log, byte for byte with its "
+        "checkpoint) into an empty database; add [store] url to the config and keep the "
+        "SQLite file under a new name. Then start each node with `hsmca serve --node NAME` "
+        "(docs/cluster.md, \"Growing from one node\").")
+    m.add_argument("--config", type=Path, default=Path("hsmca.toml"),
+                   help="the CA's config (default ./hsmca.toml)")
+    m.add_argument("--store-url", metavar="URL",
+                   help=f"the empty PostgreSQL database, postgresql://... (or {URL_ENV}); it "
+                   "goes into the config as [store] url")
+    m.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    m.set_defaults(command_key="store-move")

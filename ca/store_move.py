@@ -1,0 +1,172 @@
+"""`hsmca store move`: a single node's CA into PostgreSQL, so that more nodes can run
+it (docs/cluster.md, "Growing from one node").
+
+With the daemon stopped (the audit log's lock says so, as for a root rotation):
+
+1. the move is recorded in the audit log (`store.move`, naming the database without
+   its credentials), and a checkpoint signed by the audit key covers it;
+2. in one PostgreSQL transaction: every inventory table row for row (PostgreSQL's
+   schema is SQLite's migrations in its dialect), the CRL numbers carried on, and the
+   audit log so far, byte for byte with that checkpoint, as the CA's ceremony log
+   (`init`, the log `hsmca init --store-url` starts): every line the node ever wrote
+   stays verifiable, through any node;
+3. the config gains `[store] url`, and the SQLite file is renamed, kept but never
+   opened again. Each node started with `hsmca serve --node NAME` then keeps a log of
+   its own.
+
+A failure before the commit leaves PostgreSQL empty and the node as it was (its log
+then says that a move was tried).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import tomli_w
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_pem_public_key,
+)
+
+from ca.audit.checkpointer import Checkpointer
+from ca.audit.cluster import CEREMONIES
+from ca.audit.log import AuditLog
+from ca.config import Config
+from ca.daemon.keys import load_issuers
+from ca.fileutil import write_atomic
+from ca.issuance.pipeline import SigningPipeline
+from ca.store import open_store
+from ca.store.errors import CAExists
+from ca.store.sqlite import export_inventory
+from hsm.session import KeyInfo
+
+MOVED_SUFFIX = ".moved-to-postgresql"
+
+
+class MoveError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Moved:
+    rows: dict[str, int]  # by table, and the audit lines
+    database: str  # the URL without its credentials
+    kept: Path  # the SQLite file, renamed
+    config_updated: bool
+
+
+def database_name(url: str) -> str:
+    """`url` as it may be written in a log or shown: no user, no password, no options."""
+    parts = urlsplit(url)
+    host = parts.hostname or "localhost"
+    port = f":{parts.port}" if parts.port else ""
+    return f"postgresql://{host}{port}{parts.path}"
+
+
+async def move(config: Config, url: str) -> Moved:
+    """Move `config`'s CA into the empty PostgreSQL database at `url`."""
+    if config.cluster:
+        raise MoveError(f"the inventory of {config.path} is PostgreSQL already ([store] url)")
+    if not config.db_path.exists():
+        raise MoveError(f"no SQLite inventory at {config.db_path}")
+    if config.softhsm_conf:
+        os.environ["SOFTHSM2_CONF"] = config.softhsm_conf
+    audit_key = load_pem_public_key(config.audit_key_pem.read_bytes())
+    if not isinstance(audit_key, Ed25519PublicKey):
+        raise MoveError(f"{config.audit_key_pem} is not an Ed25519 public key")
+    from ca.store.postgres import PostgresStore
+    target = PostgresStore(url)  # reachable, and at this code's schema
+    try:
+        if await target.keys() or await target.audit_logs():
+            raise CAExists("the database of --store-url already holds a CA (keys or audit "
+                           "lines): move into an empty database")
+        # Opening the log takes its lock (the daemon must be stopped) and checks it.
+        audit = AuditLog.open(config.audit_log, config.checkpoint_path, audit_key)
+        pipeline = SigningPipeline(config.hsm, audit)
+        try:
+            pipeline.start()
+            store = open_store(config.store_location)
+            try:
+                issuers = await load_issuers(store, pipeline)
+            finally:
+                store.close()
+            await audit.append("store.move", to=database_name(url))
+
+            async def audit_keys() -> list[KeyInfo]:
+                return [issuers.audit, *issuers.audit_previous]
+
+            def handed_over(key: KeyInfo) -> None:  # as the daemon does (docs/keys.md)
+                write_atomic(config.audit_key_pem, key.public_key.public_bytes(
+                    Encoding.PEM, PublicFormat.SubjectPublicKeyInfo), 0o644)
+
+            await Checkpointer(audit, pipeline, audit_keys, config.audit_origin,
+                               config.checkpoint_path, on_handover=handed_over).checkpoint()
+            note = config.checkpoint_path.read_text()
+        finally:
+            pipeline.close()  # its logout goes into the log too
+            audit.close()
+        # The log's lock again, until PostgreSQL has it all: no daemon may start on
+        # SQLite meanwhile. Every line goes, the logout after the checkpoint included.
+        with _locked(config.audit_log):
+            rows = target.import_ca(export_inventory(config.db_path), CEREMONIES,
+                                    _lines(config.audit_log), (int(note.split("\n")[1]), note))
+            # The config first: a daemon that starts from here on runs on PostgreSQL.
+            updated = _add_store_url(config.path, url)
+            kept = _set_aside(config.db_path)
+    finally:
+        target.close()
+    return Moved(rows, database_name(url), kept, updated)
+
+
+def _lines(path: Path) -> Iterator[bytes]:
+    """The log's lines, without their newlines."""
+    with open(path, "rb") as fh:
+        for line in fh:
+            if not line.endswith(b"\n"):
+                return  # a torn last line is no line (the log's recovery cuts it)
+            yield line[:-1]
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """The audit log's lock (the flock `AuditLog.open` takes), held for the block."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise MoveError(f"the audit log {path} was locked again (a daemon started?): "
+                            "nothing was moved; stop it and move again") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _set_aside(db: Path) -> Path:
+    """Rename the SQLite inventory (with its WAL, if any), so nothing opens it again."""
+    for suffix in ("-wal", "-shm", ""):
+        src = db.with_name(db.name + suffix)
+        if src.exists():
+            src.rename(db.with_name(db.name + MOVED_SUFFIX + suffix))
+    return db.with_name(db.name + MOVED_SUFFIX)
+
+
+def _add_store_url(path: Path, url: str) -> bool:
+    """Append `[store] url` to the config, keeping everything the operator wrote; False
+    if the file cannot be written (the caller says what to add)."""
+    try:
+        text = path.read_text()
+        section = "\n# The inventory the nodes share (added by `hsmca store move`).\n" + \
+            tomli_w.dumps({"store": {"url": url}})
+        write_atomic(path, text.rstrip("\n") + "\n" + section, 0o600)
+    except OSError:
+        return False
+    return True

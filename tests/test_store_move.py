@@ -1,0 +1,132 @@
+"""`hsmca store move`: a single node's CA, with what it issued and revoked and its
+audit log, moves into PostgreSQL, and two nodes carry on from it (docs/cluster.md,
+"Growing from one node"). A real PostgreSQL server, real daemons, the real CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.x509 import ocsp
+
+from tests.cluster_kit import call
+from tests.conftest import hsmca, init_ca, start_daemon
+from tests.helpers import ask_ocsp, enroll, issuing, load, request_for, signed
+
+
+def _serial(cert: Path) -> str:
+    return format(load(cert).serial_number, "x")
+
+
+async def _crl(d: Any) -> x509.CertificateRevocationList:
+    status, _, body = await call("GET", f"{d.url}/v1/x509/crl", d.ssl())
+    assert status == 200
+    return x509.load_der_x509_crl(body)
+
+
+def _crl_number(crl: x509.CertificateRevocationList) -> int:
+    return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+
+
+async def test_a_single_node_ca_moves_into_postgresql_and_two_nodes_carry_on(
+        tmp_path: Path, postgres_server: Any) -> None:
+    ca = init_ca(tmp_path)
+    config = ca.state / "hsmca.toml"
+    url = postgres_server.new_database()
+    move = ("store", "move", "--config", config, "--yes")
+    d = start_daemon(ca.state)
+    try:
+        kept, kept_key = await asyncio.to_thread(enroll, d, tmp_path, "service", ["kept.test"])
+        gone, _ = await asyncio.to_thread(enroll, d, tmp_path, "service", ["gone.test"])
+        status, _, body = await call("POST", f"{d.url}/v1/x509/revoke", d.admin_ssl(),
+                                     {"serial": _serial(gone), "reason": "superseded"})
+        assert status == 200, body
+        await signed(d, load(gone), ocsp.OCSPCertStatus.REVOKED)
+        before = _crl_number(await _crl(d))
+        # Not beside the running daemon: the audit log's lock says so, in one line.
+        running = await asyncio.to_thread(hsmca, *move, "--store-url", url, check=False)
+        assert running.returncode == 1 and running.stderr.count("\n") == 1, running.stderr
+        assert "lock" in running.stderr and "Traceback" not in running.stderr
+    finally:
+        assert d.stop() == 0
+    history = (ca.state / "audit" / "log.jsonl").read_bytes().count(b"\n")
+
+    # The URL from the environment keeps a password off the command line.
+    out = (await asyncio.to_thread(hsmca, *move, env={**os.environ, "HSMCA_STORE_URL": url})
+           ).stdout
+    assert "certs 4" in out  # the two services', and init's admin and TLS certificates
+    moved = (ca.state / "audit" / "log.jsonl").read_bytes().split(b"\n")[:-1]
+    assert f"({len(moved)} lines" in out
+    # The log records the move (the database, not who logs in), under a checkpoint.
+    [line] = [json.loads(raw) for raw in moved[history:] if b'"store.move"' in raw]
+    assert line["to"] == url.replace("hsmca@", "")
+    assert f'url = "{url}"' in config.read_text()
+    assert not (ca.state / "hsmca.sqlite3").exists()
+    assert (ca.state / "hsmca.sqlite3.moved-to-postgresql").exists()
+
+    n1 = start_daemon(ca.state, "--node", "ca-1")
+    n2 = start_daemon(ca.state, "--node", "ca-2")
+    try:
+        # What the single node issued is known to every node: its certificate renews.
+        status, _, body = await call("POST", f"{n2.url}/v1/x509/renew",
+                                     n2.ssl(kept, kept_key), {})
+        assert status in (200, 201), body
+        # What it revoked stays revoked: OCSP answers from the responses it had signed,
+        # and the CRL lists it, its number following the single node's last.
+        resp, _ = await ask_ocsp(n2, request_for(load(gone), issuing(n2)))
+        assert resp.certificate_status == ocsp.OCSPCertStatus.REVOKED
+        crl = await _crl(n1)
+        assert _crl_number(crl) == before  # nothing revoked since: the same CRL
+        assert crl.get_revoked_certificate_by_serial_number(load(gone).serial_number)
+        # A revocation now makes a new CRL whose number follows the single node's last
+        # (RFC 5280: CRL numbers only grow).
+        renewed = json.loads(body)["serial"]
+        status, _, answer = await call("POST", f"{n1.url}/v1/x509/revoke", n1.admin_ssl(),
+                                       {"serial": renewed, "reason": "superseded"})
+        assert status == 200, answer
+        crl = await _crl(n1)
+        assert _crl_number(crl) > before
+        for serial in (load(gone).serial_number, int(renewed, 16)):
+            assert crl.get_revoked_certificate_by_serial_number(serial)
+        # Its audit log is the CA's `init` log, ending with the move, and an auditor
+        # verifies it and both nodes' logs through either node.
+        status, _, body = await call("GET", f"{n1.url}/v1/audit/logs", n1.ssl())
+        logs = {e["name"]: e for e in json.loads(body)["logs"]}
+        assert set(logs) == {"init", "ca-1", "ca-2"} and logs["init"]["size"] == len(moved)
+        status, _, served = await call("GET", f"{n2.url}/v1/audit/entries?log=init&start=0"
+                                       f"&limit={len(moved)}", n2.admin_ssl())
+        assert status == 200 and served.split(b"\n")[:-1] == moved  # byte for byte
+        proc = await asyncio.to_thread(
+            hsmca, "audit", "verify", "--url", n2.url, "--ca", n2.root, "--client-cert",
+            ca.state / "admin" / "cert.pem", "--client-key", ca.state / "admin" / "key.pem",
+            "--key", ca.state / "audit" / "audit_key.pem", "--state", tmp_path / "a.json",
+            check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        for name in ("init", "ca-1", "ca-2"):
+            assert f"log {name}: OK:" in proc.stdout
+    finally:
+        assert n1.stop() == 0 and n2.stop() == 0
+    # Moved once: a second move is refused, in one line, without touching anything.
+    again = await asyncio.to_thread(hsmca, *move, "--store-url", url, check=False)
+    assert again.returncode == 1 and "PostgreSQL already" in again.stderr, again.stderr
+
+
+def test_the_log_and_the_output_name_the_database_without_credentials() -> None:
+    from ca.store_move import database_name
+    assert database_name("postgresql://hsmca:s3cret@db.example:5433/hsmca?sslmode=verify-full"
+                         ) == "postgresql://db.example:5433/hsmca"
+
+
+def test_a_move_without_a_database_or_to_another_kind_says_what_to_give(
+        tmp_path: Path) -> None:
+    config = tmp_path / "hsmca.toml"  # never read: the URL is checked first
+    for extra, words in (((), "HSMCA_STORE_URL"),
+                         (("--store-url", "mysql://db/ca"), "postgresql://")):
+        env = {k: v for k, v in os.environ.items() if k != "HSMCA_STORE_URL"}
+        proc = hsmca("store", "move", "--config", config, "--yes", *extra, check=False, env=env)
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+        assert words in proc.stderr
