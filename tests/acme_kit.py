@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import socket
 import threading
 import tomllib
 from collections.abc import Iterator
@@ -25,18 +24,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.conftest import Daemon, hsmca, init_ca, start_daemon
+from tests.ports import free_port
 
 JOSE = "application/jose+json"
 
 
 def b64(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def new_key(curve: ec.EllipticCurve | None = None) -> jose.JWKEC:

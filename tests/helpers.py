@@ -231,12 +231,6 @@ asyncio.run(main())
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def cert_serial(path: Path) -> str:
     return format(x509.load_pem_x509_certificate(path.read_bytes()).serial_number, "x")
 

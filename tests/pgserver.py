@@ -11,12 +11,13 @@ import itertools
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
+
+from tests.ports import free_port
 
 _dbs = itertools.count(1)
 
@@ -39,9 +40,7 @@ class PostgresServer:
             pw = pwd.getpwnam("postgres")
             os.chown(self.dir, pw.pw_uid, pw.pw_gid)
             self.as_pg = ["runuser", "-u", "postgres", "--"]
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.data = self.dir / "data"
         self._role = False
         self._run(self.bin / "initdb", "-D", self.data, "-U", "postgres", "-A", "trust",
