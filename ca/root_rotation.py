@@ -142,8 +142,6 @@ async def _ceremony(config: Config, store: Store, pipeline: SigningPipeline,
     # Every signature first, every record after: a failure half-way leaves the
     # inventory as it was (and the log says which keys were made).
     new_key = await pipeline.generate_key(f"root-ca-{suffix}", old_key.key_type)
-    issuing_key = await pipeline.generate_key(f"issuing-ca-{suffix}",
-                                              before.current.key.key_type)
     # The operator decided the ceremony; the registration authority still orders each
     # certificate of it (SPEC 11), and refuses what would not chain.
     ctx = decision_context(config.policy, before)
@@ -155,6 +153,9 @@ async def _ceremony(config: Config, store: Store, pipeline: SigningPipeline,
                                               old_root.subject))
     new_with_old = await make(old_key, ra.CrossRequest(old_key.label, old_root, root))
     old_with_new = await make(new_key, ra.CrossRequest(new_key.label, root, old_root))
+    # The issuing key once the roots are joined: a refusal above leaves one key behind.
+    issuing_key = await pipeline.generate_key(f"issuing-ca-{suffix}",
+                                              before.current.key.key_type)
     issuing = await make(new_key, ra.IntermediateRequest(
         issuing_key.public_key, f"hsmca Issuing CA issuing-ca-{suffix}",
         signer=new_key.label, issuer=root))

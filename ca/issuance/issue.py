@@ -65,8 +65,10 @@ async def sign_ca_cert(pipeline: SigningPipeline, signer: KeyInfo, order: CACert
                        request_id: str | None = None) -> x509.Certificate:
     """A CA certificate as the registration authority ordered it, signed by `signer`
     (the key its order names: a ceremony's new root is not in any directory yet)."""
-    if signer.label != order.signer:
-        raise ValueError(f"the order is for {order.signer}'s signature, not {signer.label}'s")
+    if signer.label != order.signer or x509.SubjectKeyIdentifier.from_public_key(
+            signer.public_key).digest != order.issuer_key_id:  # type: ignore[arg-type]
+        raise ValueError(f"the order is for the signature of {order.signer}, whose key "
+                         f"identifier it names; {signer.label} is not that key")
     serial = prof.random_serial()
     builder = prof.ca_builder(order, serial)
     h = prof.hash_for(signer.public_key)
