@@ -26,8 +26,10 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+import structlog
 import tomli_w
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import (
@@ -38,17 +40,23 @@ from cryptography.hazmat.primitives.serialization import (
 
 from ca.audit.checkpointer import Checkpointer
 from ca.audit.cluster import CEREMONIES
-from ca.audit.log import AuditLog
+from ca.audit.cluster_tiles import copy_tiles
+from ca.audit.log import TILES_DIR, AuditLog, AuditLogError
+from ca.audit.tiles import FileTileStore, TileDamaged, stored_tiles
 from ca.config import Config
 from ca.daemon.keys import load_issuers
 from ca.fileutil import write_atomic
 from ca.issuance.pipeline import SigningPipeline
 from ca.store import open_store
-from ca.store.errors import CAExists
+from ca.store.errors import CAExists, StoreUnavailable
 from ca.store.sqlite import export_inventory
 from hsm.session import KeyInfo
 
+if TYPE_CHECKING:
+    from ca.store.postgres import PostgresStore
+
 MOVED_SUFFIX = ".moved-to-postgresql"
+log = structlog.get_logger("hsmca.store")
 
 
 class MoveError(Exception):
@@ -118,12 +126,32 @@ async def move(config: Config, url: str) -> Moved:
         with _locked(config.audit_log):
             rows = target.import_ca(export_inventory(config.db_path), CEREMONIES,
                                     _lines(config.audit_log), (int(note.split("\n")[1]), note))
+            tiles = _copy_tiles(config.audit_log.parent / TILES_DIR, target)
             # The config first: a daemon that starts from here on runs on PostgreSQL.
             updated = _add_store_url(config.path, url)
             kept = _set_aside(config.db_path)
     finally:
         target.close()
-    return Moved(rows, database_name(url), kept, updated)
+    return Moved({**rows, "audit_tiles": tiles}, database_name(url), kept, updated)
+
+
+def _copy_tiles(directory: Path, target: PostgresStore) -> int:
+    """The log's Merkle tiles to PostgreSQL, as a node copies its own, so that any node
+    proves the `init` log from a handful of rows rather than from all its lines. They
+    are made from the lines and can be made again: a failure here costs speed, not
+    the move (0 tiles)."""
+    try:
+        store = FileTileStore(directory)
+    except TileDamaged as exc:
+        log.warning("the audit log's tiles were not copied", error=str(exc))
+        return 0
+    try:
+        return copy_tiles(lambda since: stored_tiles(store, since), target, CEREMONIES)
+    except (TileDamaged, AuditLogError, TimeoutError, StoreUnavailable) as exc:
+        log.warning("the audit log's tiles were not copied", error=str(exc))
+        return 0
+    finally:
+        store.close()
 
 
 def _lines(path: Path) -> Iterator[bytes]:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from ca.commands.renewal import MAX_BACKOFF_S, backoff_s, renew_time
 from tests.conftest import init_ca, require, start_daemon
-from tests.helpers import Running, cert_serial, enroll, free_port
+from tests.helpers import Running, cert_serial, enroll
+from tests.ports import free_port
 
 
 def test_renew_time_is_two_thirds_of_the_lifetime_with_jitter() -> None:

@@ -16,7 +16,8 @@ from cryptography.hazmat.primitives import serialization
 
 from ca.config import Policy
 from tests.conftest import Daemon, hsmca, init_ca, require, set_config, start_daemon
-from tests.helpers import Running, enroll, free_port, http
+from tests.helpers import Running, enroll, http
+from tests.ports import free_port
 
 
 def keygen(path: Path) -> Path:

@@ -5,11 +5,13 @@ audit log, moves into PostgreSQL, and two nodes carry on from it (docs/cluster.m
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from cryptography import x509
 from cryptography.x509 import ocsp
 
@@ -47,6 +49,11 @@ async def test_a_single_node_ca_moves_into_postgresql_and_two_nodes_carry_on(
         assert status == 200, body
         await signed(d, load(gone), ocsp.OCSPCertStatus.REVOKED)
         before = _crl_number(await _crl(d))
+        async with aiohttp.ClientSession() as s:  # a line per token: past one tile's 256
+            for _ in range(260):
+                async with s.post(f"{d.url}/v1/tokens", ssl=d.admin_ssl(), json={
+                        "role": "service", "names": ["more.test"], "ttl": "5m"}) as r:
+                    assert r.status == 201
         # Not beside the running daemon: the audit log's lock says so, in one line.
         running = await asyncio.to_thread(hsmca, *move, "--store-url", url, check=False)
         assert running.returncode == 1 and running.stderr.count("\n") == 1, running.stderr
@@ -100,6 +107,14 @@ async def test_a_single_node_ca_moves_into_postgresql_and_two_nodes_carry_on(
         status, _, served = await call("GET", f"{n2.url}/v1/audit/entries?log=init&start=0"
                                        f"&limit={len(moved)}", n2.admin_ssl())
         assert status == 200 and served.split(b"\n")[:-1] == moved  # byte for byte
+        # Its Merkle tiles went along: nodes prove it from them, not from all its lines.
+        db = url.rsplit("/", 1)[1]
+        heads = "SELECT bundles FROM audit_tile_heads WHERE node = 'init'"
+        assert int(postgres_server.psql(heads, db=db)) == len(moved) // 256 >= 1
+        status, _, tile = await call("GET", f"{n1.url}/v1/audit/logs/init/tile/0/000",
+                                     n1.admin_ssl())
+        assert status == 200 and tile == b"".join(
+            hashlib.sha256(b"\x00" + line).digest() for line in moved[:256])
         proc = await asyncio.to_thread(
             hsmca, "audit", "verify", "--url", n2.url, "--ca", n2.root, "--client-cert",
             ca.state / "admin" / "cert.pem", "--client-key", ca.state / "admin" / "key.pem",

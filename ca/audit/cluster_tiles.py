@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import structlog
@@ -109,12 +109,19 @@ class TileCopy:
 def catch_up(audit: AuditLog, store: PostgresStore, node: str) -> int:
     """Store the tiles of `audit` that PostgreSQL lacks (a node of an earlier version,
     or a crash between the file's tiles and the copy); how many. At start, before the
-    node writes. The head moves only with the last page, so a catch-up cut short
-    leaves a head whose tiles are all there, and the next start resumes from it."""
+    node writes."""
+    return copy_tiles(audit.stored_tiles, store, node)
+
+
+def copy_tiles(source: Callable[[int], Iterator[tuple[list[Tile], int]]],
+               store: PostgresStore, node: str) -> int:
+    """Store the tiles `source(since)` gives from the bundles PostgreSQL's head for
+    `node` covers on; how many. The head moves only with the last page, so a copy cut
+    short leaves a head whose tiles are all there, and the next copy resumes from it."""
     held, _ = store.audit_tile_head_sync(node)
     count = 0
     try:
-        pages = audit.stored_tiles(held)
+        pages = source(held)
         page = next(pages, None)
         while page is not None:
             tiles, bundles = page

@@ -49,8 +49,7 @@ from ca.audit.tiles import (
     TiledTree,
     TileStore,
     entry_bundle,
-    full_tiles,
-    partial_tiles,
+    stored_tiles,
 )
 from ca.handoff import (
     STOP,
@@ -450,20 +449,9 @@ class AuditLog:
                 log.exception("the audit log's tiles could not be handed on")
 
     def stored_tiles(self, since: int, page: int = 256) -> Iterator[tuple[list[Tile], int]]:
-        """The tiles the store holds for the bundles from `since` on, in pages: the full
-        tiles of every level, then each level's partial tile; with how many bundles the
-        store covers. For a copy elsewhere to catch up (cluster mode, at start)."""
-        with self._write_lock:  # the partial tiles change with each bundle
-            bundles = self._store.committed()
-            partial = [Tile(level, index, width, self._store.read_tile(level, index, width))
-                       for level, index, width in partial_tiles(bundles * TILE_WIDTH)]
-        # Full tiles below `bundles` never change: read without holding up the writer.
-        wanted = full_tiles(since * TILE_WIDTH, bundles * TILE_WIDTH)
-        for lo in range(0, len(wanted), page):
-            yield [Tile(level, index, TILE_WIDTH, self._store.read_tile(level, index))
-                   for level, index in wanted[lo:lo + page]], bundles
-        if partial:
-            yield partial, bundles
+        """tiles.stored_tiles of this log's store, its partial tiles read under the
+        write lock (they change with each bundle)."""
+        return stored_tiles(self._store, since, page, self._write_lock)
 
     def _fail_batch(self, done: list[tuple[Sink, int, str, Mapping[str, Any]]], exc: OSError,
                     results: Batch) -> None:

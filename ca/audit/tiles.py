@@ -30,12 +30,14 @@ simply written again; nothing refers to a tile before it is durable.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
 import struct
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -146,6 +148,26 @@ def tile_root(data: bytes) -> bytes:
     """The root of the perfect subtree under a full tile's 256 hashes: its hash in
     the tile one level up."""
     return build_levels(data)[-1]
+
+
+def stored_tiles(store: TileStore, since: int, page: int = 256,
+                 lock: AbstractContextManager[object] | None = None
+                 ) -> Iterator[tuple[list[Tile], int]]:
+    """The tiles `store` holds for the bundles from `since` on, in pages: the full tiles
+    of every level, then each level's partial tile; with how many bundles the store
+    covers. For a copy elsewhere to catch up (cluster mode). `lock`: held while the
+    partial tiles are read, if a writer may change them meanwhile."""
+    with lock or contextlib.nullcontext():
+        bundles = store.committed()
+        partial = [Tile(level, index, width, store.read_tile(level, index, width))
+                   for level, index, width in partial_tiles(bundles * TILE_WIDTH)]
+    # Full tiles below `bundles` never change: read without holding up a writer.
+    wanted = full_tiles(since * TILE_WIDTH, bundles * TILE_WIDTH)
+    for lo in range(0, len(wanted), page):
+        yield [Tile(level, index, TILE_WIDTH, store.read_tile(level, index))
+               for level, index in wanted[lo:lo + page]], bundles
+    if partial:
+        yield partial, bundles
 
 
 # ---- storage ------------------------------------------------------------------------------
