@@ -208,6 +208,12 @@ class Config:
         return self.state_dir / "hsmca.sqlite3"
 
     @property
+    def moved_db_path(self) -> Path:
+        """The SQLite inventory once `hsmca store move` put the CA into PostgreSQL: kept
+        for the operator's records, never opened again."""
+        return self.state_dir / "hsmca.sqlite3.moved-to-postgresql"
+
+    @property
     def root_pem(self) -> Path:
         return self.state_dir / "x509" / "root.pem"
 
@@ -598,7 +604,7 @@ def render(*, module: str, token: str, pin_source: str, softhsm_conf: str | None
 # Without [store], the inventory is the state directory's SQLite file.
 _STORE_EXAMPLE = """\
 # Several nodes on PostgreSQL (docs/cluster.md): `hsmca init --store-url` writes this
-# for a new CA (an existing SQLite inventory is not copied over); run each node with
+# for a new CA, `hsmca store move` when it moves this one there; run each node with
 # `hsmca serve --node NAME`.
 # [store]
 # url = "postgresql://hsmca@db.internal.example/hsmca"

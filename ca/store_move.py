@@ -23,11 +23,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import stat
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 import structlog
 import tomli_w
@@ -55,7 +56,6 @@ from hsm.session import KeyInfo
 if TYPE_CHECKING:
     from ca.store.postgres import PostgresStore
 
-MOVED_SUFFIX = ".moved-to-postgresql"
 log = structlog.get_logger("hsmca.store")
 
 
@@ -65,74 +65,151 @@ class MoveError(Exception):
 
 @dataclass(frozen=True)
 class Moved:
-    rows: dict[str, int]  # by table, and the audit lines
+    rows: dict[str, int]  # by table, and the audit lines and tiles; empty: finished only
     database: str  # the URL without its credentials
     kept: Path  # the SQLite file, renamed
-    config_updated: bool
 
 
 def database_name(url: str) -> str:
-    """`url` as it may be written in a log or shown: no user, no password, no options."""
-    parts = urlsplit(url)
-    host = parts.hostname or "localhost"
-    port = f":{parts.port}" if parts.port else ""
-    return f"postgresql://{host}{port}{parts.path}"
+    """`url` as it may be written in a log or shown: its hosts, ports and database, as
+    libpq reads them (no user, no password, no options). MoveError for what libpq
+    cannot read, without quoting any of it."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+    try:
+        parts = conninfo_to_dict(url)
+    except psycopg.Error:
+        raise MoveError("--store-url is not a connection URL libpq can read: percent-encode "
+                        "any '#', '?', '@', ':' or '/' inside its user name or password"
+                        ) from None
+    port = f":{parts['port']}" if parts.get("port") else ""
+    return f"postgresql://{parts.get('host') or 'localhost'}{port}/{parts.get('dbname', '')}"
 
 
 async def move(config: Config, url: str) -> Moved:
-    """Move `config`'s CA into the empty PostgreSQL database at `url`."""
+    """Move `config`'s CA into the empty PostgreSQL database at `url`, or finish a move
+    into it that stopped after PostgreSQL committed it."""
     if config.cluster:
         raise MoveError(f"the inventory of {config.path} is PostgreSQL already ([store] url)")
-    if not config.db_path.exists():
+    name = database_name(url)
+    new_config = _config_with_store(config.path, url)  # checked before anything moves
+    if not config.db_path.exists() and not config.moved_db_path.exists():
         raise MoveError(f"no SQLite inventory at {config.db_path}")
     if config.softhsm_conf:
         os.environ["SOFTHSM2_CONF"] = config.softhsm_conf
     audit_key = load_pem_public_key(config.audit_key_pem.read_bytes())
     if not isinstance(audit_key, Ed25519PublicKey):
         raise MoveError(f"{config.audit_key_pem} is not an Ed25519 public key")
+    import psycopg
+
     from ca.store.postgres import PostgresStore
     target = PostgresStore(url)  # reachable, and at this code's schema
     try:
         if await target.keys() or await target.audit_logs():
-            raise CAExists("the database of --store-url already holds a CA (keys or audit "
-                           "lines): move into an empty database")
-        # Opening the log takes its lock (the daemon must be stopped) and checks it.
-        audit = AuditLog.open(config.audit_log, config.checkpoint_path, audit_key)
-        pipeline = SigningPipeline(config.hsm, audit)
-        try:
-            pipeline.start()
-            store = open_store(config.store_location)
-            try:
-                issuers = await load_issuers(store, pipeline)
-            finally:
-                store.close()
-            await audit.append("store.move", to=database_name(url))
-
-            async def audit_keys() -> list[KeyInfo]:
-                return [issuers.audit, *issuers.audit_previous]
-
-            def handed_over(key: KeyInfo) -> None:  # as the daemon does (docs/keys.md)
-                write_atomic(config.audit_key_pem, key.public_key.public_bytes(
-                    Encoding.PEM, PublicFormat.SubjectPublicKeyInfo), 0o644)
-
-            await Checkpointer(audit, pipeline, audit_keys, config.audit_origin,
-                               config.checkpoint_path, on_handover=handed_over).checkpoint()
-            note = config.checkpoint_path.read_text()
-        finally:
-            pipeline.close()  # its logout goes into the log too
-            audit.close()
+            with _locked(config.audit_log):
+                if not _moved_there(target, config.audit_log):
+                    raise CAExists("the database of --store-url already holds a CA (keys or "
+                                   "audit lines): move into an empty database")
+                # This move committed, then stopped: finish it.
+                return Moved({}, name, _finish(config, new_config))
+        if not config.db_path.exists():
+            raise MoveError(f"no SQLite inventory at {config.db_path} (it was moved to "
+                            f"{config.moved_db_path}, but not into {name})")
+        note = await _record_move(config, audit_key, name)
         # The log's lock again, until PostgreSQL has it all: no daemon may start on
         # SQLite meanwhile. Every line goes, the logout after the checkpoint included.
         with _locked(config.audit_log):
-            rows = target.import_ca(export_inventory(config.db_path), CEREMONIES,
-                                    _lines(config.audit_log), (int(note.split("\n")[1]), note))
-            tiles = _copy_tiles(config.audit_log.parent / TILES_DIR, target)
-            # The config first: a daemon that starts from here on runs on PostgreSQL.
-            updated = _add_store_url(config.path, url)
-            kept = _set_aside(config.db_path)
+            try:
+                rows = target.import_ca(export_inventory(config.db_path), CEREMONIES,
+                                        _lines(config.audit_log),
+                                        (int(note.split("\n")[1]), note))
+            except psycopg.Error as exc:  # a refusal: the transaction left nothing
+                raise MoveError("PostgreSQL refused the move, which left it as it was: "
+                                + " ".join(str(exc).split())) from None
+            kept = _finish(config, new_config)
+        # Last: tiles are made from lines and can be made again; a stop here costs
+        # speed, not the move.
+        rows["audit_tiles"] = _copy_tiles(config.audit_log.parent / TILES_DIR, target)
     finally:
         target.close()
-    return Moved({**rows, "audit_tiles": tiles}, database_name(url), kept, updated)
+    return Moved(rows, name, kept)
+
+
+async def _record_move(config: Config, audit_key: Ed25519PublicKey, name: str) -> str:
+    """The `store.move` line and a checkpoint over it, signed with the audit key in the
+    HSM; the checkpoint's note. Opening the log takes its lock (the daemon must be
+    stopped) and checks it."""
+    audit = AuditLog.open(config.audit_log, config.checkpoint_path, audit_key)
+    pipeline = SigningPipeline(config.hsm, audit)
+    try:
+        pipeline.start()
+        store = open_store(config.store_location)
+        try:
+            issuers = await load_issuers(store, pipeline)
+        finally:
+            store.close()
+        await audit.append("store.move", to=name)
+
+        async def audit_keys() -> list[KeyInfo]:
+            return [issuers.audit, *issuers.audit_previous]
+
+        def handed_over(key: KeyInfo) -> None:  # as the daemon does (docs/keys.md)
+            write_atomic(config.audit_key_pem, key.public_key.public_bytes(
+                Encoding.PEM, PublicFormat.SubjectPublicKeyInfo), 0o644)
+
+        await Checkpointer(audit, pipeline, audit_keys, config.audit_origin,
+                           config.checkpoint_path, on_handover=handed_over).checkpoint()
+        return config.checkpoint_path.read_text()
+    finally:
+        pipeline.close()  # its logout goes into the log too
+        audit.close()
+
+
+def _moved_there(target: PostgresStore, log_path: Path) -> bool:
+    """Whether PostgreSQL's `init` log is this node's log as a move left it: as many
+    lines, the last one the same (a move that committed and then stopped)."""
+    lines, last = 0, b""
+    for lines, last in enumerate(_lines(log_path), start=1):  # noqa: B007
+        pass
+    return bool(lines) and target.audit_size_sync(CEREMONIES) == lines and \
+        target.audit_lines_sync(CEREMONIES, lines - 1, 1) == [last]
+
+
+def _finish(config: Config, new_config: str) -> Path:
+    """After the commit: the SQLite inventory set aside first (a daemon started now
+    refuses to start on SQLite rather than make an empty one), then the config."""
+    kept = _set_aside(config)
+    try:
+        _write_config(config.path, new_config)
+    except OSError as exc:
+        raise MoveError(f"the CA is in PostgreSQL, but {config.path} could not be written "
+                        f"({exc.strerror}): run `hsmca store move` again to finish, or add "
+                        "its [store] url yourself") from None
+    return kept
+
+
+def _config_with_store(path: Path, url: str) -> str:
+    """The config's text with `[store] url` appended, everything the operator wrote kept;
+    MoveError if that would not read back as this URL."""
+    text = path.read_text()
+    new = (text.rstrip("\n") + "\n\n# The inventory the nodes share (added by `hsmca store "
+           "move`).\n" + tomli_w.dumps({"store": {"url": url}}))
+    try:
+        stored = tomllib.loads(new).get("store", {}).get("url")
+    except tomllib.TOMLDecodeError:
+        stored = None
+    if stored != url:
+        raise MoveError(f"{path} has a [store] table already: remove it, then move again")
+    return new
+
+
+def _write_config(path: Path, text: str) -> None:
+    """Replace the config, keeping its mode and owner (a move run as root must leave
+    it readable by the daemon's user)."""
+    st = path.stat()
+    write_atomic(path, text, stat.S_IMODE(st.st_mode))
+    if os.geteuid() == 0:
+        os.chown(path, st.st_uid, st.st_gid)
 
 
 def _copy_tiles(directory: Path, target: PostgresStore) -> int:
@@ -178,23 +255,13 @@ def _locked(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _set_aside(db: Path) -> Path:
+def _set_aside(config: Config) -> Path:
     """Rename the SQLite inventory (with its WAL, if any), so nothing opens it again."""
+    moved = config.moved_db_path
     for suffix in ("-wal", "-shm", ""):
-        src = db.with_name(db.name + suffix)
+        src = config.db_path.with_name(config.db_path.name + suffix)
         if src.exists():
-            src.rename(db.with_name(db.name + MOVED_SUFFIX + suffix))
-    return db.with_name(db.name + MOVED_SUFFIX)
+            src.rename(moved.with_name(moved.name + suffix))
+    return moved
 
 
-def _add_store_url(path: Path, url: str) -> bool:
-    """Append `[store] url` to the config, keeping everything the operator wrote; False
-    if the file cannot be written (the caller says what to add)."""
-    try:
-        text = path.read_text()
-        section = "\n# The inventory the nodes share (added by `hsmca store move`).\n" + \
-            tomli_w.dumps({"store": {"url": url}})
-        write_atomic(path, text.rstrip("\n") + "\n" + section, 0o600)
-    except OSError:
-        return False
-    return True

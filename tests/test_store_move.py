@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import json
 import os
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -62,18 +63,36 @@ async def test_a_single_node_ca_moves_into_postgresql_and_two_nodes_carry_on(
         assert d.stop() == 0
     history = (ca.state / "audit" / "log.jsonl").read_bytes().count(b"\n")
 
-    # The URL from the environment keeps a password off the command line.
-    out = (await asyncio.to_thread(hsmca, *move, env={**os.environ, "HSMCA_STORE_URL": url})
-           ).stdout
-    assert "certs 4" in out  # the two services', and init's admin and TLS certificates
+    # The URL from the environment keeps a password off the command line (the server
+    # trusts loopback, so any password does); a '#' in it is libpq's to read.
+    secret = "n0t#a-secret"
+    with_password = url.replace("hsmca@", f"hsmca:{secret}@")
+    original = config.read_text()
+    proc = await asyncio.to_thread(hsmca, *move, env={**os.environ,
+                                                      "HSMCA_STORE_URL": with_password})
+    out = proc.stdout
+    assert "n0t" not in out + proc.stderr and "Traceback" not in proc.stderr
+    # Every row of every table, as SQLite held it and as PostgreSQL has it now.
+    counts = dict(item.rsplit(" ", 1) for item in out.split("\n")[0].split(": ", 1)[1]
+                  .split(", "))
+    sqlite_file = ca.state / "hsmca.sqlite3.moved-to-postgresql"
+    assert not (ca.state / "hsmca.sqlite3").exists() and sqlite_file.exists()
+    db = url.rsplit("/", 1)[1]
+    with sqlite3.connect(sqlite_file) as lite:
+        tables = [r[0] for r in lite.execute("SELECT name FROM sqlite_master WHERE type = "
+                                             "'table' AND name NOT LIKE 'sqlite_%'")]
+        for table in tables:
+            n = lite.execute(f'SELECT COUNT(*) FROM "{table}"').fetchone()[0]
+            assert int(counts.get(table, 0)) == n == int(postgres_server.psql(
+                f'SELECT COUNT(*) FROM "{table}"', db=db)), table
+    assert int(counts["certs"]) == 4  # the two services', init's admin and TLS certificates
     moved = (ca.state / "audit" / "log.jsonl").read_bytes().split(b"\n")[:-1]
-    assert f"({len(moved)} lines" in out
+    assert f"({len(moved)} lines" in out and int(counts["audit_lines"]) == len(moved)
     # The log records the move (the database, not who logs in), under a checkpoint.
     [line] = [json.loads(raw) for raw in moved[history:] if b'"store.move"' in raw]
     assert line["to"] == url.replace("hsmca@", "")
-    assert f'url = "{url}"' in config.read_text()
-    assert not (ca.state / "hsmca.sqlite3").exists()
-    assert (ca.state / "hsmca.sqlite3.moved-to-postgresql").exists()
+    assert not any(b"n0t" in raw for raw in moved)
+    assert 'url = "' in config.read_text() and config.read_text().startswith(original)
 
     n1 = start_daemon(ca.state, "--node", "ca-1")
     n2 = start_daemon(ca.state, "--node", "ca-2")
@@ -125,6 +144,17 @@ async def test_a_single_node_ca_moves_into_postgresql_and_two_nodes_carry_on(
             assert f"log {name}: OK:" in proc.stdout
     finally:
         assert n1.stop() == 0 and n2.stop() == 0
+    # A move that stopped after PostgreSQL committed, before the config was written:
+    # the daemon refuses to start on SQLite (it would begin an empty inventory and
+    # forget the revocations), and running the move again finishes it.
+    config.write_text(original)
+    refused = await asyncio.to_thread(hsmca, "serve", "--config", config, "--listen",
+                                      "127.0.0.1:0", check=False)
+    assert refused.returncode == 1 and "store move" in refused.stderr, refused.stderr
+    assert refused.stderr.count("\n") == 1 and not (ca.state / "hsmca.sqlite3").exists()
+    finished = await asyncio.to_thread(hsmca, *move, "--store-url", url)
+    assert "finished the move" in finished.stdout
+    assert f'url = "{url}"' in config.read_text()
     # Moved once: a second move is refused, in one line, without touching anything.
     again = await asyncio.to_thread(hsmca, *move, "--store-url", url, check=False)
     assert again.returncode == 1 and "PostgreSQL already" in again.stderr, again.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 from pathlib import Path
@@ -15,33 +16,41 @@ URL_ENV = "HSMCA_STORE_URL"
 
 def move(args: argparse.Namespace) -> int:
     from ca.config import load
-    from ca.store_move import MoveError, move
+    from ca.logs import configure
+    from ca.store_move import MoveError, database_name, move
     url = args.store_url or os.environ.get(URL_ENV)
     if not url:
         raise CLIError(f"name the PostgreSQL database: --store-url URL, or {URL_ENV} (which "
                        "keeps a password off the command line)")
     if not url.startswith(("postgresql://", "postgres://")):
         raise CLIError("--store-url must be a postgresql:// URL")
-    config = load(args.config)
-    if not args.yes:
-        sys.stderr.write(f"Move the CA of {config.path} into PostgreSQL? The daemon must be "
-                         "stopped; afterwards every node runs with `--node NAME`. Type yes: ")
-        sys.stderr.flush()
-        if sys.stdin.readline().strip().lower() != "yes":
-            raise CLIError("nothing moved (confirm with yes, or pass --yes)")
+    # Warnings (tiles not copied) go to stderr, not into the summary; the schema's
+    # set-up in the new database is no news.
+    configure(logging.WARNING)
     try:
+        name = database_name(url)
+        config = load(args.config)
+        if not args.yes:
+            sys.stderr.write(f"Move the CA of {config.path} into {name}? The daemon must be "
+                             "stopped; afterwards every node runs with `--node NAME`. Type "
+                             "yes: ")
+            sys.stderr.flush()
+            if sys.stdin.readline().strip().lower() != "yes":
+                raise CLIError("nothing moved (confirm with yes, or pass --yes)")
         done = asyncio.run(move(config, url))
     except MoveError as exc:
         raise CLIError(str(exc)) from None
-    rows = ", ".join(f"{table} {n}" for table, n in sorted(done.rows.items()) if n)
-    print(f"moved into {done.database}: {rows}")
-    print(f"  the audit log so far is the CA's `init` log there ({done.rows['audit_lines']} "
-          "lines, with its checkpoint); each node keeps a log of its own from now on")
-    print(f"  the SQLite inventory is kept as {done.kept}; nothing opens it again")
-    if done.config_updated:
-        print(f"  {config.path} has [store] url")
+    if not done.rows:
+        print(f"finished the move into {done.database}, which had committed before it "
+              f"stopped: {config.path} has [store] url, the SQLite inventory is kept as "
+              f"{done.kept}")
     else:
-        print(f"  could not write {config.path}: add [store] url = \"...\" to it yourself")
+        rows = ", ".join(f"{table} {n}" for table, n in sorted(done.rows.items()) if n)
+        print(f"moved into {done.database}: {rows}")
+        print(f"  the audit log so far is the CA's `init` log there ({done.rows['audit_lines']} "
+              "lines, with its checkpoint); each node keeps a log of its own from now on")
+        print(f"  the SQLite inventory is kept as {done.kept}; nothing opens it again")
+        print(f"  {config.path} has [store] url")
     print(f"Start each node: hsmca serve --config {config.path} --node NAME (docs/cluster.md)")
     return 0
 

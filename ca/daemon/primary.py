@@ -275,6 +275,11 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
     audit_key = load_pem_public_key(config.audit_key_pem.read_bytes())
     if not isinstance(audit_key, Ed25519PublicKey):
         raise ValueError(f"{config.audit_key_pem} is not an Ed25519 public key")
+    if not config.cluster and not config.db_path.exists() and config.moved_db_path.exists():
+        # SQLite would start an empty inventory, and the CA forget what it revoked.
+        raise StartError(f"this CA was moved into PostgreSQL (`hsmca store move`), but "
+                         f"{config.path} has no [store] url: run `hsmca store move --config "
+                         f"{config.path}` again to finish the move")
     # Cluster mode: the store first, since the audit log is made durable in it too.
     store: Store | None = open_store(config.store_location) if config.cluster else None
     try:

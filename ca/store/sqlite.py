@@ -372,7 +372,9 @@ def export_inventory(path: Path) -> Iterator[Table]:
     its name, its columns and its rows in the order they were written, for `hsmca store
     move`. One read transaction, so every table is of the same moment; iterate on one
     thread, each table's rows before the next table."""
-    db = sqlite3.connect(path, isolation_level=None)
+    # Any thread may close it: a consumer that fails part-way leaves the generator to
+    # be finalised wherever the garbage collector runs.
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
         db.execute("PRAGMA busy_timeout=5000")
         migrate(db, path)
