@@ -98,6 +98,42 @@ async def test_a_revocation_through_node_1_is_refused_by_nodes_2_and_3(
         assert json.loads(body)["type"].endswith("revoked-certificate")
 
 
+async def test_a_certificate_names_the_log_its_signature_is_in(cluster: Cluster,
+                                                              tmp_path: Path) -> None:
+    """Each node keeps a log of its own: the inventory records whose log holds a
+    certificate's intent line, so any node points an auditor at it, and the web view's
+    evidence check, talking to another node, says where it is rather than failing."""
+    from cryptography import x509
+
+    from ca.ui import certs
+    from ca.ui.ca_api import CA
+    n2, n3 = cluster.nodes["node-2"], cluster.nodes["node-3"]
+    cert, _ = await asyncio.to_thread(enroll, n2, tmp_path, "service", ["where.test"])
+    serial = _serial(cert)
+    status, _, body = await call("GET", f"{n3.url}/v1/inventory/certificates/{serial}",
+                                 n3.admin_ssl())
+    rec = json.loads(body)
+    assert status == 200 and rec["audit_log"] == "node-2"
+    status, _, line = await call("GET", f"{n3.url}/v1/audit/entries?log=node-2&start="
+                                 f"{rec['audit_seq']}&limit=1", n3.admin_ssl())
+    intent = json.loads(line)
+    assert (intent["event"], intent["phase"], intent["serial"]) == ("hsm.sign", "intent", serial)
+    issued = x509.load_pem_x509_certificate(cert.read_bytes())
+    for node, found in ((n2, True), (n3, False)):
+        ca = CA(node.url, node.admin_ssl())  # type: ignore[arg-type]
+        try:
+            evidence = await certs.audit_evidence(ca, None, rec["audit_seq"], issued,
+                                                  rec["audit_log"])
+        finally:
+            await ca.close()
+        if found:
+            assert evidence.problem is None and evidence.checks
+            assert all(passed for _, passed in evidence.checks), evidence.checks
+        else:
+            assert evidence.problem is not None and evidence.intent is None
+            assert "log of node-2" in evidence.problem and "node-3" in evidence.problem
+
+
 def _serial(cert: Path) -> str:
     from cryptography import x509
     return format(x509.load_pem_x509_certificate(cert.read_bytes()).serial_number, "x")

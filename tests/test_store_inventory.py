@@ -25,7 +25,8 @@ def run(coro: Any) -> Any:
 def add(store: Store, serial: int, names: tuple[str, ...], *, role: str = "service",
         issued: dt.datetime = NOW, ends: dt.timedelta = dt.timedelta(days=30),
         principals: tuple[str, ...] = (), renewed_from: int | None = None,
-        audit_seq: int | None = None, acme: str | None = None) -> None:
+        audit_seq: int | None = None, acme: str | None = None,
+        audit_log: str | None = None) -> None:
     store.add_cert(NewCert(
         serial=serial, fingerprint=f"{serial:064x}", role=role, subject=f"CN={names[0]}",
         names=names, principals=principals, spki_sha256="e" * 64,
@@ -33,7 +34,7 @@ def add(store: Store, serial: int, names: tuple[str, ...], *, role: str = "servi
         issued_at=issued.isoformat(), der=f"DER{serial}".encode(), issuer="issuing-ca",
         renewed_from=format(renewed_from, "x") if renewed_from else None,
         acme_account="acc" if acme else None, acme_order=acme,
-        audit_seq=audit_seq)).result(timeout=10)
+        audit_seq=audit_seq, audit_log=audit_log)).result(timeout=10)
 
 
 def serials(page: CertPage) -> list[str]:
@@ -103,6 +104,11 @@ def test_one_certificate_with_its_der_and_audit_seq(store: Store) -> None:
     assert (found.der, found.record.audit_seq, found.record.issued_at) == (
         b"DER2748", 41, NOW.isoformat())
     assert run(store.issued_cert(0xabd)) is None
+    # In cluster mode the seq is in the issuing node's log, which the record names.
+    add(store, 0xabe, ("two.example",), audit_seq=7, audit_log="ca-2")
+    two = run(store.issued_cert(0xabe))
+    assert (two.record.audit_seq, two.record.audit_log) == (7, "ca-2")
+    assert found.record.audit_log is None
 
 
 def test_the_renewal_family_keeps_revoked_and_expired_members(store: Store) -> None:

@@ -126,6 +126,13 @@ async def test_a_single_node_ca_moves_into_postgresql_and_two_nodes_carry_on(
         status, _, served = await call("GET", f"{n2.url}/v1/audit/entries?log=init&start=0"
                                        f"&limit={len(moved)}", n2.admin_ssl())
         assert status == 200 and served.split(b"\n")[:-1] == moved  # byte for byte
+        # The single node's certificates point auditors at that log.
+        status, _, body = await call("GET", f"{n2.url}/v1/inventory/certificates/"
+                                     f"{_serial(kept)}", n2.admin_ssl())
+        rec = json.loads(body)
+        assert rec["audit_log"] == "init"
+        intent = json.loads(moved[rec["audit_seq"]])
+        assert (intent["phase"], intent["serial"]) == ("intent", _serial(kept))
         # Its Merkle tiles went along: nodes prove it from them, not from all its lines.
         db = url.rsplit("/", 1)[1]
         heads = "SELECT bundles FROM audit_tile_heads WHERE node = 'init'"

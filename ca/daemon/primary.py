@@ -331,7 +331,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
             # A revocation or key change committed by any node reaches this node's
             # processes: NOTIFY at once, a poll if a notification is lost.
             store.watch_changes(_on_change(config, store, generations))
-        issuance = Issuance(pipeline, store, keys, None)
+        issuance = Issuance(pipeline, store, keys, None, config.node)
         await ensure_server_cert(config, issuance)
         # OCSP responses are signed ahead of time, by this process, off every request's
         # path: new certificates within a second, every live one before nextUpdate.

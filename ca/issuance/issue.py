@@ -95,9 +95,12 @@ class IssuerSource(Protocol):
 
 class Issuance:
     def __init__(self, pipeline: SigningPipeline, store: Store, keys: IssuerSource,
-                 public_url: str | None) -> None:
+                 public_url: str | None, audit_log: str | None = None) -> None:
+        """`audit_log`: the name of the log this process's signatures go to (cluster
+        mode: the node's), recorded with each certificate; None: the CA's one log."""
         self.pipeline, self.store, self.keys = pipeline, store, keys
         self.public_url = public_url
+        self.audit_log = audit_log
 
     @property
     def issuers(self) -> Issuers:
@@ -142,7 +145,8 @@ class Issuance:
                 not_before=order.not_before.isoformat(), not_after=order.not_after.isoformat(),
                 issued_at=issued_at, der=der, issuer=issuer.id, token_id=order.token_id,
                 renewed_from=order.renewed_from, acme_account=order.acme_account,
-                acme_order=order.acme_order, audit_seq=intents[0]))
+                acme_order=order.acme_order, audit_seq=intents[0],
+                audit_log=self.audit_log))
 
         job = SigningJob(
             issuer.key.label, "tls" if order.role == "server" else "x509", order.actor,

@@ -51,7 +51,8 @@ def record_json(rec: CertRecord, now: dt.datetime) -> dict[str, Any]:
             "not_before": rec.not_before, "not_after": rec.not_after,
             "issued_at": rec.issued_at, "revoked_at": rec.revoked_at, "reason": rec.reason,
             "issuer": rec.issuer, "renewed_from": rec.renewed_from,
-            "audit_seq": rec.audit_seq, "acme_order": rec.acme_order,
+            "audit_seq": rec.audit_seq, "audit_log": rec.audit_log,
+            "acme_order": rec.acme_order,
             "kind": "acme" if rec.acme_order else "x509", "status": status(rec, now)}
 
 

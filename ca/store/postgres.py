@@ -335,11 +335,11 @@ class PostgresStore:
             await db.execute(
                 "INSERT INTO certs (serial, fingerprint, role, subject, names, principals, "
                 "spki_sha256, not_before, not_after, issued_at, der, issuer, renewed_from, "
-                "audit_seq) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+                "audit_seq, audit_log) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
                 (serial, cert.fingerprint, cert.role, cert.subject,
                  json.dumps(list(cert.names)), json.dumps(list(cert.principals)),
                  cert.spki_sha256, cert.not_before, cert.not_after, cert.issued_at, cert.der,
-                 cert.issuer, cert.renewed_from, cert.audit_seq))
+                 cert.issuer, cert.renewed_from, cert.audit_seq, cert.audit_log))
             # Due for its first OCSP responses at once (the refresher's index).
             await db.execute("INSERT INTO ocsp_responses (serial, status, this_update, "
                              "next_update, der_sha1, der_sha256, refresh_at) VALUES "
@@ -1139,6 +1139,9 @@ class PostgresStore:
                         await copy.write_row(r)
                         n += 1
                 counts[name] = n
+            # The single node's intent lines are the init log's now.
+            await db.execute("UPDATE certs SET audit_log = %s WHERE audit_seq IS NOT NULL "
+                             "AND audit_log IS NULL", (node,))
             # The next CRL's number follows the last one SQLite gave (RFC 5280: CRL
             # numbers only increase).
             cur = await db.execute("SELECT v FROM meta WHERE k = 'crl_number'")

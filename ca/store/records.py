@@ -24,6 +24,7 @@ class CertRecord:
     issued_at: str | None = None
     audit_seq: int | None = None  # the seq of its hsm.sign intent line; None: not recorded
     acme_order: str | None = None  # the ACME order it was issued to, if any
+    audit_log: str | None = None  # whose log audit_seq is in (cluster); None: the CA's one
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class NewCert:
     acme_account: str | None = None
     acme_order: str | None = None
     audit_seq: int | None = None  # the seq of its hsm.sign intent line
+    audit_log: str | None = None  # cluster mode: the issuing node, whose log that is in
 
 
 CERT_STATUSES = ("valid", "expiring", "expired", "revoked")

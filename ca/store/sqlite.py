@@ -254,6 +254,11 @@ MIGRATIONS: tuple[str, ...] = (
     """
     SELECT 1;
     """,
+    # 9: which audit log holds a certificate's intent line, at audit_seq: in cluster mode
+    # the issuing node's; NULL: the CA's one log (a single node).
+    """
+    ALTER TABLE certs ADD COLUMN audit_log TEXT;
+    """,
 )
 
 _CERT_COLS = ("serial, fingerprint, role, subject, names, principals, spki_sha256, not_before, "
@@ -268,7 +273,7 @@ def _cert(r: tuple[Any, ...]) -> CertRecord:
 # The inventory reads: the columns above (of `certs c`), then issued_at, audit_seq and the
 # ACME order (of `acme_certs a`, joined).
 _READ_COLS = ", ".join(f"c.{c.strip()}" for c in _CERT_COLS.split(",")) + (
-    ", c.issued_at, c.audit_seq, a.order_id")
+    ", c.issued_at, c.audit_seq, a.order_id, c.audit_log")
 _READ_FROM = "certs c LEFT JOIN acme_certs a ON a.serial = c.serial"
 _SORTS = {"issued": "c.issued_at", "expires": "c.not_after", "subject": "c.subject",
           "role": "c.role", "serial": "length(c.serial), c.serial"}
@@ -276,7 +281,7 @@ _SORTS = {"issued": "c.issued_at", "expires": "c.not_after", "subject": "c.subje
 
 def _read_cert(r: tuple[Any, ...]) -> CertRecord:
     return CertRecord(r[0], r[1], r[2], r[3], tuple(json.loads(r[4])), tuple(json.loads(r[5])),
-                      r[6], r[7], r[8], r[9], r[10], r[11], r[12], r[13], r[14], r[15])
+                      r[6], r[7], r[8], r[9], r[10], r[11], r[12], r[13], r[14], r[15], r[16])
 
 
 def _like(text: str) -> str:
@@ -539,11 +544,11 @@ class SQLiteStore:
             db.execute(
                 "INSERT INTO certs (serial, fingerprint, role, subject, names, principals, "
                 "spki_sha256, not_before, not_after, issued_at, der, issuer, renewed_from, "
-                "audit_seq) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "audit_seq, audit_log) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (serial, cert.fingerprint, cert.role, cert.subject,
                  json.dumps(list(cert.names)), json.dumps(list(cert.principals)),
                  cert.spki_sha256, cert.not_before, cert.not_after, cert.issued_at, cert.der,
-                 cert.issuer, cert.renewed_from, cert.audit_seq))
+                 cert.issuer, cert.renewed_from, cert.audit_seq, cert.audit_log))
             db.execute("INSERT INTO ocsp_responses (serial, status, this_update, next_update, "
                        "der_sha1, der_sha256, refresh_at) VALUES (?, 'pending', '', '', "
                        "x'', x'', '')", (serial,))

@@ -254,16 +254,26 @@ async def ocsp_status(ca: CA, cert: x509.Certificate, issuer: x509.Certificate |
 
 
 async def audit_evidence(ca: CA, tree: TreeHead | None, seq: int | None,
-                         cert: x509.Certificate) -> AuditEvidence:
-    """The intent (at the seq the inventory names) and outcome lines of this
-    certificate's signature, each proven in the verified tree, and that they are about
-    this certificate."""
+                         cert: x509.Certificate, log: str | None = None) -> AuditEvidence:
+    """The intent (at the seq the inventory names, in the log it names: `log`, None for
+    the CA's one log) and outcome lines of this certificate's signature, each proven in
+    the verified tree, and that they are about this certificate."""
     found = AuditEvidence()
     if seq is None:
         found.problem = ("the inventory does not say where its signature is in the log (it "
                          "was issued before hsmca recorded that)")
         return found
     try:
+        if log is not None:
+            # Cluster mode: each node keeps a log of its own, and this view verifies the
+            # one of the node it talks to; a line of another log is no evidence here.
+            logs = (await ca.json("/v1/audit/logs"))["logs"]
+            mine = next((e["name"] for e in logs if e.get("self")), None)
+            if log != mine:
+                found.problem = (f"its signature is recorded in the log of {log}, line {seq}; "
+                                 f"this view verifies the log of {mine}. `hsmca audit verify "
+                                 "--url` verifies every log")
+                return found
         got = await proofs.line(ca, tree, seq)
         if got is None:
             found.problem = f"the daemon serves no line {seq}"

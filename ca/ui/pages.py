@@ -256,7 +256,8 @@ async def certificate(request: web.Request) -> web.Response:
     crl, ocsp, audit = await asyncio.gather(
         certs.crl_status(ui.ca, cert, issuer, rec.get("issuer")),
         certs.ocsp_status(ui.ca, cert, issuer),
-        certs.audit_evidence(ui.ca, verdict.tree, rec.get("audit_seq"), cert))
+        certs.audit_evidence(ui.ca, verdict.tree, rec.get("audit_seq"), cert,
+                             rec.get("audit_log")))
     return _render(request, "certificate.html", verdict, title=f"Certificate {serial}",
                    rec=rec, error=None, der_ok=der_ok, fields=certs.describe(cert),
                    pem=rec["pem"], links=links, bundle_err=bundle_err, crl=crl, ocsp=ocsp,
