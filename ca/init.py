@@ -126,8 +126,11 @@ async def run_init(opts: InitOptions) -> list[Path]:
         store = cluster_store or open_store(state / "hsmca.sqlite3")
         try:
             await record_init_keys(store, keys, root, issuing)
+            # With --store-url this log is the cluster's `init` log: the certificates
+            # made here say so, for auditors to find their lines.
             issuance = Issuance(pipeline, store, issuers.Fixed(
-                issuers.from_certs(root, issuing, keys)), None)
+                issuers.from_certs(root, issuing, keys)), None,
+                None if cluster_store is None else cluster.CEREMONIES)
             policy = Policy()
             tls_pem, tls_key = await local_cert(issuance, policy, role="server",
                                                 names=server_names(opts.dns_name),

@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.serialization import (
 
 from ca import ra
 from ca.audit.checkpointer import Checkpointer
+from ca.audit.cluster import CEREMONIES
 from ca.audit.log import AuditLog
 from ca.config import Config
 from ca.daemon.keys import load_issuers, seed
@@ -183,7 +184,8 @@ async def _ceremony(config: Config, store: Store, pipeline: SigningPipeline,
     await write_bundle(config.bundle_pem, store)
     # The daemon's TLS certificate from the new issuer, served with the chain that
     # both roots' relying parties can follow.
-    issuance = Issuance(pipeline, store, iss.Fixed(after), None)
+    issuance = Issuance(pipeline, store, iss.Fixed(after), None,
+                        CEREMONIES if config.cluster else None)  # the log it signs in
     tls_pem, tls_key = await local_cert(issuance, config.policy, role="server",
                                         names=server_names(config.dns_name), days=TLS_DAYS)
     write_atomic(config.tls_key, tls_key, 0o600)

@@ -118,6 +118,10 @@ async def test_a_certificate_names_the_log_its_signature_is_in(cluster: Cluster,
                                  f"{rec['audit_seq']}&limit=1", n3.admin_ssl())
     intent = json.loads(line)
     assert (intent["event"], intent["phase"], intent["serial"]) == ("hsm.sign", "intent", serial)
+    # What `init --store-url` issued (the admin credential) is in its ceremony log.
+    status, _, body = await call("GET", f"{n3.url}/v1/inventory/certificates/"
+                                 f"{_serial(cluster.admin[0])}", n3.admin_ssl())
+    assert status == 200 and json.loads(body)["audit_log"] == "init"
     issued = x509.load_pem_x509_certificate(cert.read_bytes())
     for node, found in ((n2, True), (n3, False)):
         ca = CA(node.url, node.admin_ssl())  # type: ignore[arg-type]
