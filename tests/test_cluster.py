@@ -136,6 +136,14 @@ async def test_a_certificate_names_the_log_its_signature_is_in(cluster: Cluster,
         else:
             assert evidence.problem is not None and evidence.intent is None
             assert "log of node-2" in evidence.problem and "node-3" in evidence.problem
+    # A record that does not name its log (made before hsmca kept it): the view says so
+    # rather than take another log's line at that seq for evidence.
+    ca = CA(n2.url, n2.admin_ssl())  # type: ignore[arg-type]
+    try:
+        unnamed = await certs.audit_evidence(ca, None, rec["audit_seq"], issued, None)
+    finally:
+        await ca.close()
+    assert unnamed.problem is not None and "does not say which node's log" in unnamed.problem
 
 
 def _serial(cert: Path) -> str:

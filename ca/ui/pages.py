@@ -208,7 +208,7 @@ def _cell(value: Any) -> str:
 
 CSV_COLUMNS = ("serial", "status", "reason", "kind", "role", "subject", "names", "principals",
                "not_before", "not_after", "issued_at", "revoked_at", "issuer", "renewed_from",
-               "audit_seq", "fingerprint")
+               "audit_seq", "audit_log", "fingerprint")
 
 
 async def certificates_csv(request: web.Request) -> web.Response:
