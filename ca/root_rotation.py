@@ -35,12 +35,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import (
     Encoding,
-    PublicFormat,
     load_pem_public_key,
 )
 
 from ca import ra
-from ca.audit.checkpointer import Checkpointer
+from ca.audit.checkpointer import Checkpointer, publish_key
 from ca.audit.cluster import CEREMONIES
 from ca.audit.log import AuditLog
 from ca.config import Config
@@ -95,16 +94,9 @@ async def rotate_root(config: Config) -> RootRotated:
                            root=done.root, previous=done.previous, issuing=done.issuing,
                            files=[str(p.relative_to(config.state_dir)) for p in done.files])
         after = await load_issuers(store, pipeline)
-
-        def handed_over(key: KeyInfo) -> None:  # as the daemon does (docs/keys.md)
-            write_atomic(config.audit_key_pem, key.public_key.public_bytes(
-                Encoding.PEM, PublicFormat.SubjectPublicKeyInfo), 0o644)
-
-        async def audit_keys() -> list[KeyInfo]:
-            return [after.audit, *after.audit_previous]
-
-        await Checkpointer(audit, pipeline, audit_keys, config.audit_origin,
-                           config.checkpoint_path, on_handover=handed_over,
+        await Checkpointer(audit, pipeline, [after.audit, *after.audit_previous],
+                           config.audit_origin, config.checkpoint_path,
+                           on_handover=publish_key(config.audit_key_pem),
                            on_checkpoint=_publisher(store)).checkpoint()
         return done
     finally:

@@ -34,12 +34,10 @@ import structlog
 import tomli_w
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import (
-    Encoding,
-    PublicFormat,
     load_pem_public_key,
 )
 
-from ca.audit.checkpointer import Checkpointer
+from ca.audit.checkpointer import Checkpointer, publish_key
 from ca.audit.cluster import CEREMONIES
 from ca.audit.cluster_tiles import copy_tiles
 from ca.audit.log import TILES_DIR, AuditLog, AuditLogError
@@ -51,7 +49,6 @@ from ca.issuance.pipeline import SigningPipeline
 from ca.store import open_store
 from ca.store.errors import CAExists, StoreUnavailable
 from ca.store.sqlite import export_inventory
-from hsm.session import KeyInfo
 
 if TYPE_CHECKING:
     from ca.store.postgres import PostgresStore
@@ -149,16 +146,9 @@ async def _record_move(config: Config, audit_key: Ed25519PublicKey, name: str) -
         finally:
             store.close()
         await audit.append("store.move", to=name)
-
-        async def audit_keys() -> list[KeyInfo]:
-            return [issuers.audit, *issuers.audit_previous]
-
-        def handed_over(key: KeyInfo) -> None:  # as the daemon does (docs/keys.md)
-            write_atomic(config.audit_key_pem, key.public_key.public_bytes(
-                Encoding.PEM, PublicFormat.SubjectPublicKeyInfo), 0o644)
-
-        await Checkpointer(audit, pipeline, audit_keys, config.audit_origin,
-                           config.checkpoint_path, on_handover=handed_over).checkpoint()
+        await Checkpointer(audit, pipeline, [issuers.audit, *issuers.audit_previous],
+                           config.audit_origin, config.checkpoint_path,
+                           on_handover=publish_key(config.audit_key_pem)).checkpoint()
         return config.checkpoint_path.read_text()
     finally:
         pipeline.close()  # its logout goes into the log too
@@ -224,7 +214,7 @@ def _copy_tiles(directory: Path, target: PostgresStore) -> int:
         return 0
     try:
         return copy_tiles(lambda since: stored_tiles(store, since), target, CEREMONIES)
-    except (TileDamaged, AuditLogError, TimeoutError, StoreUnavailable) as exc:
+    except (AuditLogError, TimeoutError, StoreUnavailable) as exc:  # copy_tiles' refusals
         log.warning("the audit log's tiles were not copied", error=str(exc))
         return 0
     finally:

@@ -20,11 +20,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from ca.audit.log import AuditLog
 from ca.audit.note import NEXT_KEY, checkpoint_body, signed_note, verifier_key
@@ -39,24 +40,37 @@ if TYPE_CHECKING:
 log = structlog.get_logger("hsmca.checkpoint")
 
 
-def _fixed(key: KeyInfo) -> Keys:
+def _fixed(given: KeyInfo | Sequence[KeyInfo]) -> Keys:
+    fixed = [given] if isinstance(given, KeyInfo) else list(given)
+
     async def keys() -> list[KeyInfo]:
-        return [key]
+        return fixed
     return keys
+
+
+def publish_key(path: Path) -> Callable[[KeyInfo], None]:
+    """An `on_handover` that makes `path`, the state directory's audit key, the key in
+    force: what the next start checks the last checkpoint with, and what a new auditor
+    pins (docs/keys.md)."""
+    def handed_over(key: KeyInfo) -> None:
+        write_atomic(path, key.public_key.public_bytes(
+            Encoding.PEM, PublicFormat.SubjectPublicKeyInfo), 0o644)
+    return handed_over
 
 
 Keys = Callable[[], Awaitable[list[KeyInfo]]]
 
 
 class Checkpointer:
-    def __init__(self, audit: AuditLog, hsm: SigningPipeline, keys: KeyInfo | Keys,
+    def __init__(self, audit: AuditLog, hsm: SigningPipeline,
+                 keys: KeyInfo | Sequence[KeyInfo] | Keys,
                  origin: str, path: Path, *, min_interval: float = 1.0,
                  heartbeat: float = 60.0, witnesses: Witnessing | None = None,
                  on_handover: Callable[[KeyInfo], None] | None = None,
                  on_checkpoint: Callable[[int, str], Awaitable[None]] | None = None) -> None:
-        """`keys`: the audit key, or what gives the keys in use now (the active one
-        first); `on_handover` is called with the active key after each checkpoint that
-        named it (the daemon publishes it as the state directory's audit key)."""
+        """`keys`: the audit key, or the keys in use (the active one first), or what
+        gives the keys in use now; `on_handover` is called with the active key after
+        each checkpoint that named it (`publish_key`)."""
         self.audit, self.hsm, self.origin, self.path = audit, hsm, origin, path
         self._keys: Keys = keys if callable(keys) else _fixed(keys)
         self._on_handover = on_handover

@@ -31,13 +31,11 @@ from typing import TYPE_CHECKING, TypeGuard
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import (
-    Encoding,
-    PublicFormat,
     load_pem_public_key,
 )
 
 from ca import __version__, metrics, ra
-from ca.audit.checkpointer import Checkpointer
+from ca.audit.checkpointer import Checkpointer, publish_key
 from ca.audit.cluster_tiles import TileCopy
 from ca.audit.cluster_tiles import catch_up as catch_up_tiles
 from ca.audit.cosignature import ALG_COSIGNATURE, parse_verifier_key
@@ -345,16 +343,11 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
             issuers = await keys.refresh()  # a rotation in a worker shows here
             return [issuers.audit, *issuers.audit_previous]
 
-        def handed_over(key: KeyInfo) -> None:
-            # The state directory's audit key is the one in force: what the next start
-            # checks the last checkpoint with, and what a new auditor pins.
-            write_atomic(config.audit_key_pem, key.public_key.public_bytes(
-                Encoding.PEM, PublicFormat.SubjectPublicKeyInfo), 0o644)
-
         checkpointer = Checkpointer(audit, pipeline, audit_keys, config.audit_origin,
                                     config.checkpoint_path,
                                     heartbeat=config.checkpoint_heartbeat_s,
-                                    witnesses=witnessing, on_handover=handed_over,
+                                    witnesses=witnessing,
+                                    on_handover=publish_key(config.audit_key_pem),
                                     on_checkpoint=_publisher(config, store))
         # The daemon.start line gets a checkpoint before anyone can connect, so
         # /v1/audit/checkpoint always has one to serve.
