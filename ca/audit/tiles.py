@@ -37,7 +37,6 @@ import re
 import struct
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -151,7 +150,7 @@ def tile_root(data: bytes) -> bytes:
 
 
 def stored_tiles(store: TileStore, since: int, page: int = 256,
-                 lock: AbstractContextManager[object] | None = None
+                 lock: contextlib.AbstractContextManager[object] | None = None
                  ) -> Iterator[tuple[list[Tile], int]]:
     """The tiles `store` holds for the bundles from `since` on, in pages: the full tiles
     of every level, then each level's partial tile; with how many bundles the store

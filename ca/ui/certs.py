@@ -279,12 +279,11 @@ async def audit_evidence(ca: CA, tree: TreeHead | None, seq: int | None,
         # node's one log has no name.)
         mine = await _own_log(ca)
         if mine is not None and log != mine:
-            found.problem = (f"its signature is recorded in the log of {log}, line {seq}; "
-                             f"this view verifies the log of {mine}. `hsmca audit verify "
-                             "--url` verifies every log" if log is not None else
-                             f"the inventory does not say which node's log holds its line "
-                             f"{seq} (it was issued before hsmca recorded that); `hsmca "
-                             "audit verify --url` verifies every log")
+            where = (f"its signature is recorded in the log of {log}, line {seq}; this view "
+                     f"verifies the log of {mine}" if log is not None else
+                     "the inventory does not say which node's log holds its line "
+                     f"{seq} (it was issued before hsmca recorded that)")
+            found.problem = f"{where}. `hsmca audit verify --url` verifies every log"
             return found
         got = await proofs.line(ca, tree, seq)
         if got is None:
