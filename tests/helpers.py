@@ -326,6 +326,19 @@ class Running:
         with self.cond:
             return [e for e in self.lines if e.get("event") == event]
 
+    def listening_url(self, deadline_s: float = 60) -> str:
+        """The URL a server command (`hsmca ui`) prints once it serves: its first line on
+        stdout."""
+        with self.cond:
+            self.cond.wait_for(lambda: bool(self.stdout) or self.proc.poll() is not None,
+                               timeout=deadline_s)
+            if not self.stdout:
+                raise AssertionError(f"{self.proc.args[len(HSMCA)]} did not start:\n"
+                                     f"{''.join(self.raw)}")
+            first = self.stdout[0].strip()
+        assert first.startswith("listening on http://127.0.0.1:"), first
+        return first.split()[-1]
+
     def mark(self) -> int:
         """A position in the log, for `wait(since=...)`: only later lines count."""
         with self.cond:

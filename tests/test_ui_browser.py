@@ -75,18 +75,6 @@ def _admin_post(d: Daemon, path: str, body: dict[str, Any]) -> Any:
         return json.loads(answer.read())
 
 
-def _listening(ui: Running, deadline_s: float = 60) -> str:
-    """The URL `hsmca ui` prints once it serves (its first line on stdout)."""
-    with ui.cond:
-        ui.cond.wait_for(lambda: bool(ui.stdout) or ui.proc.poll() is not None,
-                         timeout=deadline_s)
-        if not ui.stdout:
-            raise AssertionError(f"hsmca ui did not start:\n{''.join(ui.raw)}")
-        first = ui.stdout[0].strip()
-    assert first.startswith("listening on http://127.0.0.1:"), first
-    return first.split()[-1]
-
-
 def _browser(profile: Path) -> WebDriver:
     chromium, driver = require("chromium"), require("chromedriver")
     opts = webdriver.ChromeOptions()
@@ -148,7 +136,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                            "--key", auditor[1], "--audit-key",
                            ca.state / "audit" / "audit_key.pem", "--state", state,
                            "--witness-key", witness.vkey, "--listen", "127.0.0.1:0")
-        base = _listening(ui)
+        base = ui.listening_url()
         driver = _browser(tmp / "profile")
         shots = tmp / "shots"
         shots.mkdir()

@@ -43,6 +43,7 @@ import json
 import os
 import ssl
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -128,6 +129,13 @@ async def list_logs(url: str, ssl_ctx: ssl.SSLContext) -> list[str | None]:
     if not all(n is None or isinstance(n, str) for n in names) or not names:
         raise client.ClientError("the daemon's list of logs is malformed")
     return names
+
+
+def log_state_path(state: Path, log: str | None) -> Path:
+    """Where the auditor's state for `log` is kept: `state` itself for a single node's
+    one log; on a cluster one file per node's log beside it (auditor.NODE.state), so
+    `hsmca audit verify --url` and `hsmca ui` continue each other's."""
+    return state if log is None else state.with_name(f"{state.stem}.{log}{state.suffix}")
 
 
 # ---- talking to the daemon ------------------------------------------------------------------

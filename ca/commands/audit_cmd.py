@@ -60,7 +60,7 @@ def _verify_remote(args: argparse.Namespace) -> int:
     if args.allow_unsigned:
         raise CLIError("--allow-unsigned is for --log; with --url only lines a checkpoint "
                        "covers are fetched")
-    from ca.audit.remote import list_logs, verify_remote
+    from ca.audit.remote import list_logs, log_state_path, verify_remote
     ctx = _client_context(args)
     key = _audit_key(args.key)
     names = asyncio.run(list_logs(args.url, ctx))
@@ -71,8 +71,8 @@ def _verify_remote(args: argparse.Namespace) -> int:
     failed = 0
     for name in names:
         assert name is not None
-        state = args.state.with_name(f"{args.state.stem}.{name}{args.state.suffix}")
-        result = asyncio.run(verify_remote(args.url, ctx, key, state, log=name))
+        result = asyncio.run(verify_remote(args.url, ctx, key, log_state_path(args.state, name),
+                                           log=name))
         failed += _report(result, f"log {name}: ")
     return 1 if failed else 0
 

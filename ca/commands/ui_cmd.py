@@ -46,7 +46,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     u.add_argument("--state", type=Path,
                    help="your auditor state (as for `hsmca audit verify --url --state`): what "
                    "was verified before, so a rewrite since is caught; updated as the log is "
-                   "verified. Without it, a temporary one for this run only")
+                   "verified. On a cluster, one file per node's log beside it "
+                   "(auditor.NODE.state, as `hsmca audit verify --url` keeps them). Without "
+                   "it, a temporary one for this run only")
     u.add_argument("--origin", help="expected checkpoint origin (default: from the state or "
                    "the daemon's checkpoint)")
     u.add_argument("--witness-key", dest="witness_keys", action="append", default=[],
@@ -132,12 +134,12 @@ async def _serve(url: str, ctx: ssl.SSLContext, root: x509.Certificate,
 
     from ca.ui.app import build_app
     from ca.ui.ca_api import CA
-    from ca.ui.follow import Follower
+    from ca.ui.follow import Logs
     from ca.ui.pages import UI, environment
 
     ca = CA(url, ctx)
-    follower = Follower(ca, audit_key, state, origin, witness_keys)
-    ui = UI(ca, follower, root, audit_key, witness_keys, environment())
+    logs = Logs(ca, audit_key, state, origin, witness_keys)
+    ui = UI(ca, logs, root, audit_key, witness_keys, environment())
     runner = web.AppRunner(build_app(ui), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=tls)
@@ -152,7 +154,7 @@ async def _serve(url: str, ctx: ssl.SSLContext, root: x509.Certificate,
         # Only the names this server is reached by on this machine (DNS rebinding).
         ui.allowed_hosts = {f"{name}:{bound[1]}" for name in (shown, "localhost", "127.0.0.1",
                                                               "[::1]")}
-    follower.start()
+    logs.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -71,7 +71,7 @@ def build_app(ui: UI) -> web.Application:
     app.router.add_get("/favicon.ico", favicon)
 
     async def close(_app: web.Application) -> None:
-        await ui.follower.close()
+        await ui.logs.close()
         await ui.ca.close()
 
     app.on_cleanup.append(close)

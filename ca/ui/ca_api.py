@@ -20,19 +20,30 @@ PAGE = 1000  # the most lines /v1/audit/entries returns per request
 
 
 class CA:
-    def __init__(self, url: str, ctx: ssl.SSLContext) -> None:
-        self.url, self.ctx = url.rstrip("/"), ctx
+    """`log`: on a cluster, the node whose audit log the audit calls read (any node
+    serves every node's log, `?log=`); None for the daemon's own, a single node's one."""
+
+    def __init__(self, url: str, ctx: ssl.SSLContext, log: str | None = None) -> None:
+        self.url, self.ctx, self.log = url.rstrip("/"), ctx, log
         self._session: aiohttp.ClientSession | None = None
+        self._shared = self  # whose session this one uses (for_log's views share it)
+
+    def for_log(self, log: str | None) -> CA:
+        """The same daemon and session, reading `log`'s audit lines and proofs."""
+        view = CA(self.url, self.ctx, log)
+        view._shared = self._shared
+        return view
 
     @property
     def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=client.TIMEOUT)
-        return self._session
+        owner = self._shared
+        if owner._session is None or owner._session.closed:
+            owner._session = aiohttp.ClientSession(timeout=client.TIMEOUT)
+        return owner._session
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        if self._shared._session is not None:
+            await self._shared._session.close()
 
     async def get(self, path: str, **query: Any) -> bytes:
         q = {k: v for k, v in query.items() if v is not None and v != ""}
@@ -68,7 +79,7 @@ class CA:
         out: list[bytes] = []
         while limit > 0:
             n = min(PAGE, limit)
-            page = await self.get("/v1/audit/entries", start=start, limit=n)
+            page = await self.get("/v1/audit/entries", start=start, limit=n, log=self.log)
             lines = page.split(b"\n")[:-1]  # complete lines only
             out += lines[:n]
             if len(lines) < n:
@@ -77,15 +88,18 @@ class CA:
         return out
 
     async def inclusion(self, index: int, size: int) -> list[bytes]:
-        return _hashes(await self.json("/v1/audit/proof/inclusion", index=index, size=size),
+        return _hashes(await self.json("/v1/audit/proof/inclusion", index=index, size=size,
+                                         log=self.log),
                        "inclusion")
 
     async def consistency(self, old: int, size: int) -> list[bytes]:
-        return _hashes(await self.json("/v1/audit/proof/consistency", old=old, size=size),
+        return _hashes(await self.json("/v1/audit/proof/consistency", old=old, size=size,
+                                         log=self.log),
                        "consistency")
 
     async def cosigned(self) -> str | None:
-        """The latest checkpoint witnesses cosigned; None before any did."""
+        """The latest checkpoint witnesses cosigned; None before any did. A node serves
+        only its own log's (whatever `log` is)."""
         try:
             return (await self.get("/v1/audit/checkpoint.cosigned")).decode("utf-8", "replace")
         except ClientError as exc:

@@ -253,38 +253,17 @@ async def ocsp_status(ca: CA, cert: x509.Certificate, issuer: x509.Certificate |
                       "certificate's issuer")
 
 
-async def _own_log(ca: CA) -> str | None:
-    """The name of the log the daemon answering keeps (cluster mode); None for a
-    single node's one log."""
-    try:
-        logs = (await ca.json("/v1/audit/logs"))["logs"]
-        return next((str(e["name"]) for e in logs if e.get("self") and e.get("name")), None)
-    except (KeyError, TypeError) as exc:
-        raise ClientError(f"the daemon's list of audit logs cannot be read ({exc!r})") from None
-
-
 async def audit_evidence(ca: CA, tree: TreeHead | None, seq: int | None,
-                         cert: x509.Certificate, log: str | None = None) -> AuditEvidence:
-    """The intent (at the seq the inventory names, in the log it names: `log`, None for
-    the CA's one log) and outcome lines of this certificate's signature, each proven in
-    the verified tree, and that they are about this certificate."""
+                         cert: x509.Certificate) -> AuditEvidence:
+    """The intent (at the seq the inventory names, in the log `ca` reads: the one the
+    inventory names) and outcome lines of this certificate's signature, each proven in
+    `tree`, what was verified of that log, and that they are about this certificate."""
     found = AuditEvidence()
     if seq is None:
         found.problem = ("the inventory does not say where its signature is in the log (it "
                          "was issued before hsmca recorded that)")
         return found
     try:
-        # Cluster mode: each node keeps a log of its own, and this view verifies the one
-        # of the node it talks to; a line of another log is no evidence here. (A single
-        # node's one log has no name.)
-        mine = await _own_log(ca)
-        if mine is not None and log != mine:
-            where = (f"its signature is recorded in the log of {log}, line {seq}; this view "
-                     f"verifies the log of {mine}" if log is not None else
-                     "the inventory does not say which node's log holds its line "
-                     f"{seq} (it was issued before hsmca recorded that)")
-            found.problem = f"{where}. `hsmca audit verify --url` verifies every log"
-            return found
         got = await proofs.line(ca, tree, seq)
         if got is None:
             found.problem = f"the daemon serves no line {seq}"

@@ -2,6 +2,11 @@
 saved state by `ca.audit.remote.verify_remote` (what `hsmca audit verify --url` runs),
 and the witnesses' cosignatures on a checkpoint consistent with what it verified.
 
+On a cluster every node keeps a log of its own and any node serves them all: `Logs`
+follows each with a state file of its own, as `hsmca audit verify --url` does (never
+"the log of whichever node answers", which a load balancer changes from one request
+to the next), and a page about one log also says how the others stand.
+
 A run is started by a page that finds the verdict older than a few seconds (and once
 at start-up); concurrent pages wait for the same run. A failure is kept for the life
 of the process: a log that was once seen rewritten stays red here even if it is put
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime as dt
 import time
 from dataclasses import dataclass, replace
@@ -31,7 +37,7 @@ from ca.audit.note import (
     parse_checkpoint,
     parse_note,
 )
-from ca.audit.remote import verify_remote
+from ca.audit.remote import list_logs, log_state_path, verify_remote
 from ca.audit.verify import AuditorState, PinnedKey, load_state, state_origin
 from ca.client import ClientError
 from ca.ui.ca_api import CA
@@ -80,25 +86,43 @@ class Verdict:
     fetched: int = 0
     witnessed: Witnessed = Witnessed()
     under_way: bool = False  # a run is still going (this is the previous verdict)
+    log: str | None = None  # the node whose log (cluster); None: a single node's one log
+    others: tuple[Verdict, ...] = ()  # the other logs' verdicts (cluster)
+
+    @property
+    def overall(self) -> str:
+        """The page's colour: red if any log failed, not only the one shown."""
+        return "failed" if any(v.status == "failed" for v in (self, *self.others)) \
+            else self.status
 
     @property
     def banner(self) -> str:
+        failed = "".join(f"; {o.own_banner}" for o in self.others if o.status == "failed")
+        return self.own_banner + failed
+
+    @property
+    def own_banner(self) -> str:
+        prefix = f"log {self.log}: " if self.log is not None else ""
         if self.status == "failed":
             where = f" at seq {self.bad_seq}" if self.bad_seq is not None else ""
-            return f"FAILED{where}: {self.reason}"
+            return f"{prefix}FAILED{where}: {self.reason}"
         if self.status == "ok" and self.tree is not None and self.tree.size == 0:
-            return "verified: the log has no line yet"
+            return f"{prefix}verified: the log has no line yet"
         if self.status == "ok" and self.tree is not None:
             k = self.witnessed.count
             size = self.checkpoint.size if self.checkpoint else 0
-            return (f"verified up to seq {self.tree.size - 1}, checkpoint {size}, "
+            return (f"{prefix}verified up to seq {self.tree.size - 1}, checkpoint {size}, "
                     f"{k} witness{'' if k == 1 else 'es'}")
-        return f"not verified yet: {self.problem or 'the first verification is under way'}"
+        return (f"{prefix}not verified yet: "
+                f"{self.problem or 'the first verification is under way'}")
 
     @property
     def detail(self) -> str:
         """A second line: how fresh the verdict is and what else to know."""
         parts = [f"checked {self.checked_at.strftime('%Y-%m-%d %H:%M:%S')} UTC"]
+        if self.others:
+            parts.append("other logs: " + ", ".join(
+                f"{o.log} {_short(o)}" for o in self.others))
         if self.status == "ok":
             parts.append(f"{self.fetched} new lines fetched and checked"
                          if self.fetched else "no new lines")
@@ -111,17 +135,29 @@ class Verdict:
         return "; ".join(parts)
 
 
+def _short(v: Verdict) -> str:
+    if v.status == "failed":
+        return "FAILED" + (f" at seq {v.bad_seq}" if v.bad_seq is not None else "")
+    if v.status == "ok" and v.tree is not None:
+        return f"verified up to seq {v.tree.size - 1}" if v.tree.size else "verified (empty)"
+    return "not verified yet"
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 
 class Follower:
+    """One log followed with one state file: `log` names a cluster node's log (`ca`
+    reads it), None a single node's one log."""
+
     def __init__(self, ca: CA, key: Ed25519PublicKey, state: Path, origin: str | None,
-                 witness_keys: list[VerifierKey], fresh_s: float = 5.0) -> None:
+                 witness_keys: list[VerifierKey], fresh_s: float = 5.0,
+                 log: str | None = None) -> None:
         self.ca, self.key, self.state, self.origin = ca, key, state, origin
         self.witness_keys = witness_keys
-        self.fresh_s = fresh_s
-        self.latest = Verdict("unknown", None, None, "", _now())
+        self.fresh_s, self.log = fresh_s, log
+        self.latest = Verdict("unknown", None, None, "", _now(), log=log)
         self._at = float("-inf")  # monotonic time of the latest run's end
         self._run_task: asyncio.Task[Verdict] | None = None
 
@@ -188,7 +224,7 @@ class Follower:
         now = _now()
         try:
             result = await verify_remote(self.ca.url, self.ca.ctx, self.key, self.state,
-                                         origin=self.origin)
+                                         origin=self.origin, log=self.log)
         except ClientError as exc:
             tree, cp, text, _ = self._saved()
             keep = self.latest
@@ -196,16 +232,16 @@ class Follower:
                            tree=keep.tree or tree, checkpoint=keep.checkpoint or cp,
                            checkpoint_text=keep.checkpoint_text or text)
         except ValueError as exc:  # the auditor's own state file
-            return Verdict("unknown", None, None, "", now,
+            return Verdict("unknown", None, None, "", now, log=self.log,
                            problem=f"the state file {self.state} cannot be used: {exc}")
         tree, cp, text, name = self._saved()
         if not result.ok:
             return Verdict("failed", tree, cp, text, now, result.bad_seq, result.reason,
-                           fetched=result.fetched)
+                           fetched=result.fetched, log=self.log)
         witnessed = await self._witnessed(tree, name) if tree is not None and name else \
             Witnessed()
         return Verdict("ok", tree, cp, text, now, note=result.note, fetched=result.fetched,
-                       witnessed=witnessed)
+                       witnessed=witnessed, log=self.log)
 
     async def _witnessed(self, tree: TreeHead, name: str) -> Witnessed:
         try:
@@ -214,6 +250,11 @@ class Follower:
             return Witnessed(problem=str(exc))
         if text is None:
             return Witnessed()
+        served = text.split("\n", 1)[0]
+        if self.log is not None and served != name:
+            # Each node keeps its witnesses' cosignatures of its own log.
+            return Witnessed(problem=f"the node that answered serves the witnesses' "
+                             f"cosignatures of its own log ({served}) only: ask {self.log}")
         try:
             cp = PinnedKey(self.key, name, self.origin).verify(text)
             note = parse_note(text)
@@ -247,3 +288,80 @@ class Follower:
                 if len(sig.sig) == 72 and int.from_bytes(sig.sig[:8], "big") < 1 << 40 else None
             cosigners.append(Cosigner(sig.name, sig.key_id.hex(), at, line in valid))
         return Witnessed(cp.size, consistent, tuple(cosigners), problem, text)
+
+
+class Logs:
+    """Every log the daemon serves, each followed by a Follower of its own: one unnamed
+    log on a single node; on a cluster, one per node, each with its own state file
+    beside `state` (`log_state_path`). The list is asked again at most every
+    `fresh_s` (a node that joins is followed from then on)."""
+
+    def __init__(self, ca: CA, key: Ed25519PublicKey, state: Path, origin: str | None,
+                 witness_keys: list[VerifierKey], fresh_s: float = 5.0) -> None:
+        self.ca, self.key, self.state, self.origin = ca, key, state, origin
+        self.witness_keys, self.fresh_s = witness_keys, fresh_s
+        self.names: list[str | None] = []  # none known yet
+        self.problem: str | None = None  # why the list could not be asked
+        self._followers: dict[str | None, Follower] = {}
+        self._listed_at = float("-inf")
+        self._listing: asyncio.Task[list[str | None]] | None = None
+        self._starting: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """The first runs, at once, so the first page does not wait for all of them."""
+        self._starting = asyncio.create_task(self._start())
+
+    async def _start(self) -> None:
+        for name in await self.list():
+            self.follower(name).start()
+
+    async def list(self) -> list[str | None]:
+        """The logs the daemon serves (the last known when it cannot be asked now: then
+        `problem` says why)."""
+        if time.monotonic() - self._listed_at >= self.fresh_s:
+            if self._listing is None or self._listing.done():
+                self._listing = asyncio.create_task(self._list())
+            await asyncio.shield(self._listing)
+        return self.names
+
+    async def _list(self) -> list[str | None]:
+        try:
+            names = await list_logs(self.ca.url, self.ca.ctx)
+        except ClientError as exc:
+            self.problem = str(exc)
+        else:
+            self.names, self.problem = names, None
+        self._listed_at = time.monotonic()
+        return self.names
+
+    @property
+    def cluster(self) -> bool:
+        """Whether the daemon serves the logs of several nodes (False until it said)."""
+        return bool(self.names) and self.names != [None]
+
+    def follower(self, name: str | None) -> Follower:
+        if name not in self._followers:
+            # A node's log is pinned to its own checkpoints' origin (ORIGIN/NODE): --origin
+            # names a single node's.
+            self._followers[name] = Follower(
+                self.ca.for_log(name), self.key, log_state_path(self.state, name),
+                self.origin if name is None else None, self.witness_keys, self.fresh_s, name)
+        return self._followers[name]
+
+    async def verdict(self, name: str | None) -> Verdict:
+        """`name`'s verdict, with every other log's beside it."""
+        names = await self.list()
+        if not names:
+            return Verdict("unknown", None, None, "", _now(), problem=self.problem)
+        wanted = [name, *(n for n in names if n != name)]
+        mine, *others = await asyncio.gather(*(self.follower(n).verdict() for n in wanted))
+        return replace(mine, others=tuple(others))
+
+    async def close(self) -> None:
+        for task in (self._starting, self._listing):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        for follower in self._followers.values():
+            await follower.close()

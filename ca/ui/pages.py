@@ -23,6 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from ca.audit.cluster import CEREMONIES
 from ca.audit.cosignature import VerifierKey
 from ca.audit.merkle import TreeHead
 from ca.audit.note import NoteError
@@ -31,7 +32,7 @@ from ca.client import ClientError
 from ca.ui import certs, charts, proofs
 from ca.ui import metrics as prom
 from ca.ui.ca_api import CA
-from ca.ui.follow import Follower, Verdict
+from ca.ui.follow import Logs, Verdict
 
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -47,7 +48,7 @@ class UI:
     """Everything the pages share."""
 
     ca: CA
-    follower: Follower
+    logs: Logs
     root: x509.Certificate  # the root the auditor pinned (--ca)
     audit_key: Ed25519PublicKey
     witness_keys: list[VerifierKey]
@@ -99,19 +100,49 @@ async def _try(call: Awaitable[T]) -> tuple[T | None, str | None]:
         return None, str(exc)
 
 
+def _html(request: web.Request, template: str, verdict: Verdict, **context: Any) -> str:
+    ui = request.app[UI_KEY]
+    return ui.env.get_template(template).render(
+        verdict=verdict, ca_url=ui.ca.url, path=request.path, whoami=ui.whoami,
+        logs=ui.logs.names if ui.logs.cluster else [], log_q=log_query(verdict.log),
+        **context)
+
+
 def _render(request: web.Request, template: str, verdict: Verdict, status: int = 200,
             **context: Any) -> web.Response:
-    ui = request.app[UI_KEY]
-    html = ui.env.get_template(template).render(
-        verdict=verdict, ca_url=ui.ca.url, path=request.path, whoami=ui.whoami, **context)
-    return web.Response(text=html, content_type="text/html", charset="utf-8", status=status)
+    return web.Response(text=_html(request, template, verdict, **context),
+                        content_type="text/html", charset="utf-8", status=status)
+
+
+def log_query(log: str | None) -> str:
+    """What a link to another audit page adds to stay in the same log."""
+    return f"?{urlencode({'log': log})}" if log is not None else ""
+
+
+def default_log(names: list[str | None]) -> str | None:
+    """The log a page shows when it names none: a single node's one log; on a cluster
+    the first node's (the ceremonies' log only if there is no other)."""
+    nodes = [n for n in names if n != CEREMONIES]
+    return (nodes or names or [None])[0]
 
 
 async def _verdict(request: web.Request) -> Verdict:
+    """The verdict on the log the page is about (`?log=NODE` on a cluster), with the
+    other logs' beside it; 404 for a log the daemon does not serve."""
     ui = request.app[UI_KEY]
     if ui.whoami is None:
         ui.whoami, _ = await _try(ui.ca.json("/v1/whoami"))
-    return await ui.follower.verdict()
+    names = await ui.logs.list()
+    asked = request.query.get("log") or None
+    known = asked is None or asked in names or not names
+    verdict = await ui.logs.verdict(asked if asked in names else default_log(names))
+    if not known:
+        served = ", ".join(str(n) for n in names if n is not None) or "one unnamed log"
+        raise web.HTTPNotFound(text=_html(
+            request, "missing.html", verdict, title="Not found",
+            what=f"the daemon serves no audit log named {asked[:64]!r} (it serves "
+            f"{served})"), content_type="text/html")
+    return verdict
 
 
 def not_found(request: web.Request, verdict: Verdict, what: str) -> web.Response:
@@ -128,8 +159,8 @@ async def overview(request: web.Request) -> web.Response:
     (health, health_err), (scrape_text, metrics_err), (issued, issued_err), last = \
         await asyncio.gather(_try(ui.ca.health()), _try(ui.ca.metrics()),
                              _try(ui.ca.json("/v1/inventory/issuance", hours=168)),
-                             _try(proofs.line(ui.ca, tree, tree.size - 1)) if tree and tree.size
-                             else _none())
+                             _try(proofs.line(ui.ca.for_log(verdict.log), tree, tree.size - 1))
+                             if tree and tree.size else _none())
     scrape = prom.parse(scrape_text) if scrape_text else None
     issuance_chart = None
     by_kind: list[tuple[str, int]] = []
@@ -253,15 +284,37 @@ async def certificate(request: web.Request) -> web.Response:
     bundle_text, bundle_err = await _try(ui.ca.get("/v1/x509/bundle"))
     bundle = x509.load_pem_x509_certificates(bundle_text) if bundle_text else []
     links, issuer = certs.chain(cert, bundle, ui.root)
-    crl, ocsp, audit = await asyncio.gather(
+    crl, ocsp, (audit, audit_log) = await asyncio.gather(
         certs.crl_status(ui.ca, cert, issuer, rec.get("issuer")),
         certs.ocsp_status(ui.ca, cert, issuer),
-        certs.audit_evidence(ui.ca, verdict.tree, rec.get("audit_seq"), cert,
-                             rec.get("audit_log")))
+        _evidence(ui, verdict, rec, cert))
     return _render(request, "certificate.html", verdict, title=f"Certificate {serial}",
                    rec=rec, error=None, der_ok=der_ok, fields=certs.describe(cert),
                    pem=rec["pem"], links=links, bundle_err=bundle_err, crl=crl, ocsp=ocsp,
-                   audit=audit, summary=_summary)
+                   audit=audit, audit_log_q=log_query(audit_log), summary=_summary)
+
+
+async def _evidence(ui: UI, verdict: Verdict, rec: dict[str, Any], cert: x509.Certificate
+                    ) -> tuple[certs.AuditEvidence, str | None]:
+    """The audit evidence of a certificate, checked in the log its record names, against
+    what was verified of that log; and that log."""
+    log = rec.get("audit_log")
+    seq = rec.get("audit_seq")
+    if not ui.logs.names:
+        found = certs.AuditEvidence()
+        found.problem = f"the daemon's audit logs are not known yet: {ui.logs.problem}"
+        return found, None
+    if not ui.logs.cluster:
+        return await certs.audit_evidence(ui.ca, verdict.tree, seq, cert), None
+    if seq is not None and log not in ui.logs.names:
+        found = certs.AuditEvidence()
+        found.problem = (f"its signature is recorded in the log of {log}, line {seq}, which the "
+                         "daemon does not serve" if isinstance(log, str) else
+                         "the inventory does not say which node's log holds its line "
+                         f"{seq} (it was issued before hsmca recorded that)")
+        return found, None
+    tree = next((v.tree for v in (verdict, *verdict.others) if v.log == log), None)
+    return await certs.audit_evidence(ui.ca.for_log(log), tree, seq, cert), log
 
 
 # ---- /audit ----------------------------------------------------------------------------------
@@ -376,6 +429,7 @@ async def _first_after(ca: CA, end: int, moment: dt.datetime) -> int:
 async def audit_log(request: web.Request) -> web.Response:
     ui = request.app[UI_KEY]
     verdict = await _verdict(request)
+    ca = ui.ca.for_log(verdict.log)
     tree = verdict.tree
     filters = Filters(request.query.get("event", "")[:64].strip(),
                       request.query.get("actor", "")[:256].strip(),
@@ -386,22 +440,22 @@ async def audit_log(request: web.Request) -> web.Response:
     error = None
     lowest = highest = end = 0
     try:
-        end = await _log_end(ui.ca, tree)
+        end = await _log_end(ca, tree)
         if after is not None:
             start, forward = after + 1, True
         else:
             if before is None:
                 before = end
                 if filters.until is not None:
-                    before = await _first_after(ui.ca, end, filters.until)
+                    before = await _first_after(ca, end, filters.until)
             start, forward = min(before, end), False
-        shown, lowest, highest = await _scan(ui.ca, tree, filters, start, end, forward)
+        shown, lowest, highest = await _scan(ca, tree, filters, start, end, forward)
     except ClientError as exc:
         error = str(exc)
     key = _pinned(ui, verdict)
     checkpoints = {line.seq: _checkpoint_of(line, key) for line in shown
                    if line.get("checkpoint")}
-    base = filters.query()
+    base = {**filters.query(), **({"log": verdict.log} if verdict.log is not None else {})}
     older = f"/audit?{urlencode({**base, 'before': lowest})}" if shown and lowest > 0 else None
     newer = f"/audit?{urlencode({**base, 'after': highest})}" \
         if shown and highest < end - 1 else None
@@ -502,8 +556,9 @@ async def audit_line(request: web.Request) -> web.Response:
     if not raw_seq.isdigit() or len(raw_seq) > 18:
         return not_found(request, verdict, "a seq is a line number: 0, 1, 2, ...")
     seq = int(raw_seq)
+    ca = ui.ca.for_log(verdict.log)
     try:
-        got = await proofs.line(ui.ca, verdict.tree, seq)
+        got = await proofs.line(ca, verdict.tree, seq)
     except ClientError as exc:
         return _render(request, "line.html", verdict, title=f"Audit line {seq}", seq=seq,
                        line=None, proof=None, error=str(exc))
@@ -513,10 +568,10 @@ async def audit_line(request: web.Request) -> web.Response:
     related: tuple[str, int] | None = None
     try:
         if line.get("phase") == "intent":
-            at = await proofs.find_outcome(ui.ca, line)
+            at = await proofs.find_outcome(ca, line)
             related = ("its outcome", at[0]) if at else None
         elif line.get("phase") == "outcome":
-            at = await proofs.find_intent(ui.ca, line)
+            at = await proofs.find_intent(ca, line)
             related = ("its intent", at[0]) if at else None
     except ClientError:
         related = None
@@ -535,7 +590,8 @@ async def audit_line(request: web.Request) -> web.Response:
 async def go_to_line(request: web.Request) -> web.Response:
     """The "open a seq" form, which works without JavaScript."""
     seq = _seq_param(request, "seq")
-    raise web.HTTPSeeOther("/audit" if seq is None else f"/audit/{seq}")
+    stay = log_query(request.query.get("log") or None)
+    raise web.HTTPSeeOther(("/audit" if seq is None else f"/audit/{seq}") + stay)
 
 
 # ---- /keys -----------------------------------------------------------------------------------
@@ -561,8 +617,9 @@ async def keys(request: web.Request) -> web.Response:
 
 
 async def status(request: web.Request) -> web.Response:
-    verdict = await request.app[UI_KEY].follower.verdict()
-    return web.json_response({"status": verdict.status, "banner": verdict.banner,
+    """The banner of a page (`?log=` as the page has it)."""
+    verdict = await _verdict(request)
+    return web.json_response({"status": verdict.overall, "banner": verdict.banner,
                               "detail": verdict.detail})
 
 

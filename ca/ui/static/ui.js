@@ -8,7 +8,8 @@
   var banner = document.getElementById("verdict-banner");
   var detail = document.getElementById("verdict-detail");
   function refresh() {
-    fetch("/status.json", { credentials: "same-origin", cache: "no-store" })
+    // The page's own query: on a cluster its ?log= picks the log the banner is about.
+    fetch("/status.json" + window.location.search, { credentials: "same-origin", cache: "no-store" })
       .then(function (r) { return r.ok ? r.json() : null; })
       .then(function (v) {
         if (!v) { return; }
