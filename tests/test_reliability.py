@@ -21,9 +21,20 @@ import pytest
 from cryptography import x509 as cx
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.x509 import ocsp
 
 from tests.conftest import Daemon, init_ca, require, start_daemon
-from tests.helpers import audit_verify, enroll, http, log_lines, metric_samples
+from tests.helpers import (
+    ask_ocsp,
+    audit_verify,
+    enroll,
+    http,
+    issuing,
+    log_lines,
+    metric_samples,
+    request_for,
+    signed,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 LOAD_NAME = "load.internal.example"
@@ -117,6 +128,9 @@ async def test_hsm_token_taken_away_then_back(tmp_path: Path) -> None:
     try:
         cert, key = enroll(d, tmp_path, "service", [LOAD_NAME])
         ctx = d.ssl(cert, key)
+        gone = cx.load_pem_x509_certificate(
+            enroll(d, tmp_path, "service", ["gone." + LOAD_NAME])[0].read_bytes())
+        await signed(d, gone, ocsp.OCSPCertStatus.GOOD)
         tokens = tmp_path / "softhsm" / "tokens"
         away = tmp_path / "tokens.away"
         tokens.rename(away)
@@ -125,6 +139,16 @@ async def test_hsm_token_taken_away_then_back(tmp_path: Path) -> None:
         status, ctype, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
         assert status == 503 and ctype == "application/problem+json", body
         assert "HSM" in json.loads(body)["detail"]
+        # A revocation needs no signature to stand: it is recorded and committed, and
+        # the client hears so (not "retry", which would then be refused as a conflict).
+        # OCSP stops saying good at once; the revoked response follows the HSM back.
+        status, _, body = await http("POST", f"{d.url}/v1/x509/revoke", d.admin_ssl(),
+                                     body={"serial": format(gone.serial_number, "x")})
+        answer = json.loads(body)
+        assert status == 200 and answer["published"] is False, body
+        assert "not re-signed yet" in answer["warnings"][0]
+        resp, _ = await ask_ocsp(d, request_for(gone, issuing(d)))
+        assert resp.response_status == ocsp.OCSPResponseStatus.TRY_LATER
         away.rename(tokens)
         # The session comes back without a restart: at the next reconnect attempt its
         # back-off allows (it grew while the token was away; a probe waits up to 1 s).
@@ -136,6 +160,7 @@ async def test_hsm_token_taken_away_then_back(tmp_path: Path) -> None:
         assert status == 200, body
         status, _, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
         assert status == 201, body
+        await signed(d, gone, ocsp.OCSPCertStatus.REVOKED)
     finally:
         assert d.stop() == 0
     events = [e["event"] for e in log_lines(ca.state)]

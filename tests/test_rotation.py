@@ -18,7 +18,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
 
 from tests.conftest import Daemon, hsmca, init_ca, require, start_daemon
-from tests.helpers import audit_verify, enroll, http, log_lines, request_for, token_file
+from tests.helpers import (
+    ask_ocsp,
+    audit_verify,
+    enroll,
+    http,
+    log_lines,
+    request_for,
+    token_file,
+)
 from tests.test_ssh_e2e import SSHD, ssh_login
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -156,7 +164,22 @@ async def test_rotate_issuing_and_ssh_keys_retire_and_destroy_while_renewals_run
             sshd.stop()
 
         # Retire, then destroy the old issuing key: issuance goes on with the new one.
+        host_cert = load(host[0])
+        host_ocsp = request_for(host_cert, old_inter)
+        deadline = asyncio.get_running_loop().time() + 30
+        while (resp := (await ask_ocsp(d, host_ocsp))[0]).response_status != \
+                ocsp.OCSPResponseStatus.SUCCESSFUL:  # pre-signed within seconds
+            assert asyncio.get_running_loop().time() < deadline
+        assert resp.certificate_status == ocsp.OCSPCertStatus.GOOD
         assert "signs nothing" in key_cmd(d, "retire", old_label_text).stdout
+        # A certificate of the retired key, revoked now: no CRL or OCSP response can say
+        # so any more. OCSP stops saying good, and the operator is told.
+        proc = hsmca("revoke", format(host_cert.serial_number, "x"), "--config",
+                     d.state / "hsmca.toml", "--url", d.url)
+        assert "revoked" in proc.stdout
+        assert "retired key" in proc.stderr and old_label_text in proc.stderr, proc.stderr
+        resp, _ = await ask_ocsp(d, host_ocsp)
+        assert resp.response_status == ocsp.OCSPResponseStatus.UNAUTHORIZED
         later = enroll(d, tmp_path, "service", ["later.internal.example"])
         assert aki(load(later[0])) == aki(load(after[0]))
         refused = key_cmd(d, "destroy", "not-a-key", "--yes", check=False)

@@ -228,6 +228,8 @@ def revoke(args: argparse.Namespace) -> int:
           + (f"; with it its lineage: {', '.join(also)}" if also and "serial" in out else "")
           + (f"; and {out['ssh_certificates']} SSH certificate(s) issued on their strength"
              if out["ssh_certificates"] else ""))
+    for warning in out.get("warnings", []):
+        print(f"hsmca: warning: {warning}", file=sys.stderr)
     return 0
 
 

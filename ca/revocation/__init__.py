@@ -15,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
+import structlog
 from cryptography.hazmat.primitives import serialization
 
 from ca import ra
@@ -27,9 +29,27 @@ from ca.policy import Reason, Refused
 from ca.revocation.ocsp import OCSPSigner
 from ca.ssh import RevokedCerts, SSHPublicKey, blob_of, build_krl, parse_public_key
 from ca.store import CRLRecord, OCSPDue, SSHSelector, Store
+from ca.store.errors import StoreUnavailable
+from hsm.errors import AuditUnavailable, HSMUnavailable
 
 CRL_VALIDITY = ra.CRL_VALIDITY
 Revoked = dict[int, tuple[dt.datetime, str | None, str | None]]  # serial -> (at, reason, issuer)
+log = structlog.get_logger("hsmca.revocation")
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """What a revocation did, once it is recorded and committed."""
+
+    at: dt.datetime
+    serials: list[int]  # every certificate revoked
+    ssh_certs: int  # SSH certificates revoked with them
+    # Serials whose issuer is retired: it signs nothing, so their CRL and OCSP cannot
+    # say they are revoked (the daemon itself refuses them).
+    unpublished: dict[int, str]
+    # Why their CRL and OCSP responses are not re-signed yet (the HSM or the log is
+    # away; the refresher and the next CRL request sign them when it is back), or None.
+    pending: str | None = None
 
 
 class AuditAppend(Protocol):
@@ -62,9 +82,10 @@ class Revocations:
 
     # ---- X.509 ---------------------------------------------------------------------------
 
-    async def revoke(self, order: ra.RevokeOrder, request_id: str | None
-                     ) -> tuple[dt.datetime, list[int], int]:
-        """(when, every serial revoked, SSH certificates revoked with them)."""
+    async def revoke(self, order: ra.RevokeOrder, request_id: str | None) -> Revocation:
+        """Record and commit the revocation, then sign what says so. Once committed it
+        stands: a failure to sign then is reported (`pending`), not raised, so the
+        client does not retry what is done."""
         now = prof.utcnow()
         if order.identity is not None:
             targets = await self.store.live_certs_named(order.identity, now)
@@ -93,16 +114,28 @@ class Revocations:
         # The revoked responses are signed now (the refresher would within seconds, but a
         # relying party should not get a good one a moment longer than needed); the
         # stored CRL is stale from now on, and if re-signing fails here the next GET
-        # tries again.
+        # tries again. Meanwhile OCSP serves no 'good' response for them (tryLater).
         issuers = self.issuance.issuers
         records = {s: await self.store.cert(s) for s in done.serials}
         of = {s: issuers.x509_of(r.issuer if r else None) for s, r in records.items()}
-        await self.ocsp.sign([OCSPDue(s, of[s], now.isoformat(), order.reason, r.not_after)
-                              for s, r in records.items() if r is not None],
-                             order.actor, request_id)
-        for label in sorted(set(of.values()) & set(issuers.x509)):
-            await self.refresh_crl(request_id, label)
-        return now, list(done.serials), done.ssh_certs
+        unpublished = {s: label for s, label in of.items() if label not in issuers.x509}
+        pending = None
+        try:
+            await self.ocsp.sign([OCSPDue(s, of[s], now.isoformat(), order.reason, r.not_after)
+                                  for s, r in records.items() if r is not None],
+                                 order.actor, request_id)
+            for label in sorted(set(of.values()) & set(issuers.x509)):
+                await self.refresh_crl(request_id, label)
+        except (AuditUnavailable, HSMUnavailable, StoreUnavailable) as exc:
+            pending = str(exc) or type(exc).__name__
+            log.warning("revoked, but the CRL and OCSP responses are not re-signed yet",
+                        serials=[format(s, "x") for s in done.serials], error=pending,
+                        request_id=request_id)
+        if unpublished:
+            log.warning("revoked certificates of a retired issuer: their CRL and OCSP cannot "
+                        "say so", serials=[format(s, "x") for s in unpublished],
+                        issuers=sorted(set(unpublished.values())), request_id=request_id)
+        return Revocation(now, list(done.serials), done.ssh_certs, unpublished, pending)
 
     async def crl(self, issuer: str | None = None) -> bytes:
         """The newest CRL of `issuer` (the current one by default), re-signed when a

@@ -12,8 +12,10 @@ served from storage, so asking costs nothing but a database read.
   hash algorithm if its CertID is exactly the one asked (hash algorithm, issuer name
   hash, issuer key hash, serial); unsigned `unauthorized` for another issuer or a
   serial this CA never issued; unsigned `tryLater` for a certificate whose response
-  is not signed yet; unsigned `malformedRequest` for what does not parse. Nonces are
-  ignored. No request causes a signature or an audit line.
+  is not signed yet, or whose stored response says good although it was revoked
+  since (`unauthorized` if its issuer is retired: none will ever be signed); unsigned
+  `malformedRequest` for what does not parse. Nonces are ignored. No request causes a
+  signature or an audit line.
 """
 
 from __future__ import annotations
@@ -215,6 +217,10 @@ async def answer(request_der: bytes, store: Store, issuers: Issuers) -> Answer:
         return Answer(der, max(0, min(MAX_AGE_S, int(left))))
     cert = await store.cert(serial)
     if cert is None or dt.datetime.fromisoformat(cert.not_after) <= now:
+        return _unsigned(ocsp.OCSPResponseStatus.UNAUTHORIZED)
+    if cert.revoked_at is not None and issuers.x509_of(cert.issuer) not in issuers.x509:
+        # Revoked after its issuer retired: no response will ever say so, and this
+        # responder will not say 'good'.
         return _unsigned(ocsp.OCSPResponseStatus.UNAUTHORIZED)
     return _unsigned(ocsp.OCSPResponseStatus.TRY_LATER)
 

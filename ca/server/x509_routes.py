@@ -164,15 +164,32 @@ async def revoke(request: web.Request) -> web.Response:
         order = await decide(request, who, ra.RevokeRequest(
             serial, body.get("reason"), found=rec is not None,
             revoked=rec is not None and rec.revoked_at is not None))
-    at, serials, ssh_certs = await request.app[REVOCATIONS].revoke(
-        order, request.get("request_id"))
-    log.info("revoked", serials=[format(s, "x") for s in serials], reason=order.reason,
-             ssh_certificates=ssh_certs, actor=order.actor, request_id=request.get("request_id"))
-    answer: dict[str, Any] = {"revoked_at": at.isoformat(),
-                              "revoked": [format(s, "x") for s in serials],
-                              "ssh_certificates": ssh_certs}
+    done = await request.app[REVOCATIONS].revoke(order, request.get("request_id"))
+    log.info("revoked", serials=[format(s, "x") for s in done.serials], reason=order.reason,
+             ssh_certificates=done.ssh_certs, actor=order.actor,
+             request_id=request.get("request_id"))
+    answer: dict[str, Any] = {"revoked_at": done.at.isoformat(),
+                              "revoked": [format(s, "x") for s in done.serials],
+                              "ssh_certificates": done.ssh_certs}
     if order.serial is not None:
         answer["serial"] = format(order.serial, "x")
+    warnings = []
+    if done.unpublished:
+        labels = ", ".join(sorted(set(done.unpublished.values())))
+        listed = ", ".join(format(s, "x") for s in done.unpublished)
+        warnings.append(
+            f"{len(done.unpublished)} of them ({listed}) were issued by a retired key "
+            f"({labels}), which signs nothing: their CRL and "
+            "OCSP cannot say they are revoked, so relying parties that check only those "
+            "trust them until they expire. hsmca itself refuses them")
+        answer["unpublished"] = [format(s, "x") for s in done.unpublished]
+    if done.pending is not None:
+        warnings.append(f"the CRL and OCSP responses are not re-signed yet ({done.pending}): "
+                        "they will be when the HSM and the audit log are back, without "
+                        "another request; meanwhile OCSP answers tryLater for them")
+        answer["published"] = False
+    if warnings:
+        answer["warnings"] = warnings
     return web.json_response(answer)
 
 

@@ -541,9 +541,12 @@ class PostgresStore:
         await self._tx(put)
 
     async def ocsp(self, serial: int) -> OCSPRecord | None:
-        rows = await self._rows("SELECT status, this_update, next_update, der_sha1, der_sha256, "
-                                "refresh_at FROM ocsp_responses WHERE serial = %s AND "
-                                "status != 'pending'", (format(serial, "x"),))
+        # As SQLite's: never a 'good' response of a certificate revoked since.
+        rows = await self._rows("SELECT o.status, o.this_update, o.next_update, o.der_sha1, "
+                                "o.der_sha256, o.refresh_at FROM ocsp_responses o JOIN certs c "
+                                "ON c.serial = o.serial WHERE o.serial = %s AND o.status != "
+                                "'pending' AND NOT (o.status = 'good' AND c.revoked_at IS NOT "
+                                "NULL)", (format(serial, "x"),))
         if not rows:
             return None
         r = rows[0]

@@ -735,9 +735,13 @@ class SQLiteStore:
         await self._write(put)
 
     async def ocsp(self, serial: int) -> OCSPRecord | None:
-        rows = self._read("SELECT status, this_update, next_update, der_sha1, der_sha256, "
-                          "refresh_at FROM ocsp_responses "
-                          "WHERE serial = ? AND status != 'pending'", (format(serial, "x"),))
+        # A 'good' response of a certificate revoked since is never served, even before
+        # its revoked one is signed (or ever, its issuer retired).
+        rows = self._read("SELECT o.status, o.this_update, o.next_update, o.der_sha1, "
+                          "o.der_sha256, o.refresh_at FROM ocsp_responses o JOIN certs c ON "
+                          "c.serial = o.serial WHERE o.serial = ? AND o.status != 'pending' "
+                          "AND NOT (o.status = 'good' AND c.revoked_at IS NOT NULL)",
+                          (format(serial, "x"),))
         return OCSPRecord(serial, *rows[0]) if rows else None
 
     # ---- CRLs ---------------------------------------------------------------------------------
