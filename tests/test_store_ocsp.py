@@ -1,7 +1,8 @@
 """The Store's OCSP due list, as any implementation must keep it: a new certificate is
 due at once, a signed one when its refresh time comes, a revoked one at once again; an
 expired certificate or a retired issuer's leaves the list for good; a 'good' response
-signed before a revocation never replaces the revoked row. The refresher reads this
+signed before a revocation never replaces the revoked row, and is not served once the
+certificate is revoked. The refresher reads this
 list every second, so it is an index of what is due, not a scan of the inventory."""
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def test_revocation_makes_a_signed_certificate_due_and_good_cannot_overwrite_it(
     add(store, 2)
     run(store.put_ocsp([signed(1), signed(2)]))
     run(store.revoke_certs([1], NOW, "keyCompromise"))
+    assert run(store.ocsp(1)) is None  # its 'good' is never served again
+    assert run(store.ocsp(2)).status == "good"
     [d] = run(store.ocsp_due(NOW, 100, ["issuing-ca"]))
     assert (d.serial, d.reason) == (1, "keyCompromise") and d.revoked_at
     # the refresher's 'good', signed before the revocation, arrives late: refused
