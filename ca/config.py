@@ -266,6 +266,9 @@ def load(path: Path) -> Config:
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path} (run `hsmca init` first, or pass "
                           "--config)") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--config {path} is a directory: give the config file in it "
+                          f"(--config {path / 'hsmca.toml'})") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
@@ -461,6 +464,20 @@ def _witnesses(entries: list[Any], keys: list[Any], rel: Any, where: str) -> dic
                           "each witness's verifier key (`hsmca witness serve` prints it)")
     return {"witnesses": tuple(files), "witness_urls": tuple(urls),
             "witness_keys": tuple(str(k).strip() for k in keys)}
+
+
+def check_state(cfg: Config) -> None:
+    """What the daemon needs before it starts, beyond the config's own text: the CA's
+    state in the config's directory, and the SoftHSM config it names (without which
+    SoftHSM fails to load with no reason given)."""
+    if not cfg.audit_key_pem.exists():
+        raise ConfigError(
+            f"{cfg.state_dir} holds no CA ({cfg.audit_key_pem} is missing): hsmca reads the "
+            f"CA's files from the directory its config is in, so keep {cfg.path.name} in "
+            "the state directory `hsmca init` made, and pass --config there")
+    if cfg.softhsm_conf and not Path(cfg.softhsm_conf).is_file():
+        raise ConfigError(f"{cfg.path} [hsm] softhsm-conf: {cfg.softhsm_conf} is not a file "
+                          "(the softhsm2.conf the token was created with)")
 
 
 def secret_files(cfg: Config) -> list[Path]:

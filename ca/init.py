@@ -22,7 +22,7 @@ from ca.audit.checkpointer import Checkpointer
 from ca.audit.log import AuditLog
 from ca.config import KEY_LABELS, render
 from ca.daemon.keys import record_init_keys
-from ca.fileutil import write_new
+from ca.fileutil import check_private, write_new
 from ca.issuance import issuers
 from ca.issuance import profiles as prof
 from ca.issuance.issue import Issuance, decision_context, sign_ca_cert
@@ -73,6 +73,7 @@ async def run_init(opts: InitOptions) -> list[Path]:
                         "refusing to overwrite it")
     if not opts.pin_file.exists():
         raise InitError(f"PIN file not found: {opts.pin_file}")
+    check_private([opts.pin_file])  # `serve` refuses it too: better said before the keys
     final.parent.mkdir(parents=True, exist_ok=True)
     state = Path(tempfile.mkdtemp(prefix=f".{final.name}.init-", dir=final.parent))
     for sub in ("x509", "ssh", "audit", "admin", "tls"):

@@ -92,6 +92,31 @@ def test_serve_exits_with_one_line_naming_the_unknown_setting(ca: InitialisedCA,
     assert "heartbeat_s" in lines[0] and f"{cfg}:" in lines[0] and "Traceback" not in lines[0]
 
 
+def test_serve_says_what_is_wrong_with_where_its_config_points(ca: InitialisedCA,
+                                                                tmp_path: Path) -> None:
+    """The CA's files are read from the config's directory: a config copied elsewhere, a
+    directory given as --config and a softhsm-conf that is gone each get one line that
+    says what to do, not an errno."""
+    text = (ca.state / "hsmca.toml").read_text()
+    assert "softhsm-conf" in text
+    moved = tmp_path / "elsewhere.toml"
+    moved.write_text(text)
+    gone = ca.state / "gone-softhsm.toml"
+    gone.write_text(re.sub(r'softhsm-conf = ".*"', 'softhsm-conf = "nowhere/softhsm2.conf"',
+                           text))
+    try:
+        for cfg, says in ((moved, "keep elsewhere.toml in the state directory"),
+                          (ca.state, f"is a directory: give the config file in it (--config "
+                                     f"{ca.state.resolve() / 'hsmca.toml'})"),
+                          (gone, "nowhere/softhsm2.conf is not a file")):
+            proc = hsmca("serve", "--config", cfg, "--listen", "127.0.0.1:0", check=False)
+            lines = proc.stderr.strip().splitlines()
+            assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+            assert says in lines[0] and "Errno" not in lines[0], lines[0]
+    finally:
+        gone.unlink()
+
+
 def test_acme_is_off_without_its_section_and_on_with_it(tmp_path: Path) -> None:
     from ca.config import AcmeConfig
     path = rendered(tmp_path)

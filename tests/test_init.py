@@ -79,6 +79,10 @@ def test_wrong_pin_missing_module_missing_token(tmp_path: Path) -> None:
     token = new_softhsm_token()
     bad_pin = tmp_path / "bad.pin"
     bad_pin.write_text("not-the-pin\n")
+    bad_pin.chmod(0o600)
+    shared_pin = tmp_path / "shared.pin"
+    shared_pin.write_text(token.pin_file.read_text())
+    shared_pin.chmod(0o644)
     cases = {
         "wrong PIN": (["--module", token.module, "--token", token.label, "--pin-file", bad_pin],
                       f"wrong PIN for token '{token.label}'"),
@@ -88,6 +92,9 @@ def test_wrong_pin_missing_module_missing_token(tmp_path: Path) -> None:
                       token.pin_file], "no token labelled 'nosuchtoken'"),
         "no pin file": (["--module", token.module, "--token", token.label, "--pin-file",
                          tmp_path / "missing.pin"], "PIN file not found"),
+        # `serve` would refuse it: init says so before it makes any key.
+        "readable PIN file": (["--module", token.module, "--token", token.label, "--pin-file",
+                               shared_pin], f"{shared_pin} has mode 0644"),
     }
     for i, (what, (args, message)) in enumerate(cases.items()):
         proc = hsmca("init", "--state-dir", tmp_path / f"s{i}", *args, check=False)
@@ -95,6 +102,7 @@ def test_wrong_pin_missing_module_missing_token(tmp_path: Path) -> None:
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], (what, proc.stderr)
         assert "not-the-pin" not in proc.stderr
+        assert not (tmp_path / f"s{i}").exists(), what
 
 
 def test_ed25519_and_rsa_cas(tmp_path: Path) -> None:

@@ -43,13 +43,14 @@ def _worker_count(text: str) -> int:
 def serve(args: argparse.Namespace) -> int:
     import socket
 
-    from ca.config import secret_files
+    from ca.config import check_state, secret_files
     from ca.daemon import main
     from ca.fileutil import check_private
     from ca.logs import configure
     cfg = _config(args).for_node(args.node or socket.gethostname())
     # Before anything is started: a readable PIN or key file is refused, by name.
     check_private(secret_files(cfg))
+    check_state(cfg)
     configure()
     return main(cfg, args.listen, args.workers)
 
