@@ -15,6 +15,7 @@ inventory, and picked up by every process at once (the shared `keys` counter).
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from pathlib import Path
 from typing import Any, Protocol
@@ -77,9 +78,20 @@ class KeyLifecycle:
             await self.issuance.pipeline.destroy_key(order.label, order.actor, request_id)
             await self.store.set_key_state(order.label, "destroyed", utcnow(),
                                            expect="retired")
+        live, until = await self.live(order.label)
         await self._published()
         return {"label": order.label, "state": "retired" if order.action == "retire"
-                else "destroyed"}
+                else "destroyed", "live": live, "live_until": until}
+
+    async def live(self, label: str) -> tuple[int, str | None]:
+        """How many certificates `label` signed are still valid, and until when the last:
+        once it is retired, a revocation of one reaches no CRL or OCSP response."""
+        now = utcnow()
+        count, until = await self.store.live_signed_by(label, now)
+        if label == self.issuance.issuers.first_x509:  # recorded before labels were kept
+            more, later = await self.store.live_signed_by(None, now)
+            count, until = count + more, max(filter(None, (until, later)), default=None)
+        return count, until
 
     async def _rotate(self, order: ra.KeyOrder, context: ra.Context,
                       request_id: str | None) -> dict[str, Any]:
@@ -114,7 +126,8 @@ class KeyLifecycle:
         counter moves, so a handshake that sees the move finds the new intermediate."""
         await write_bundle(self.bundle_path, self.store)
         self.generations.bump("keys")
-        write_chain_files(self.bundle_path.parent, await self.issuance.keys.refresh())
+        await asyncio.to_thread(write_chain_files, self.bundle_path.parent,
+                                await self.issuance.keys.refresh())
 
 
 def write_chain_files(x509_dir: Path, issuers: Issuers) -> None:
@@ -134,5 +147,5 @@ async def write_bundle(path: Path, store: Store) -> None:
     records = await store.keys()
     issuing = [r.cert for r in reversed(records) if r.kind == "issuing" and r.cert]
     roots = [r.cert for r in reversed(records) if r.kind == "root" and r.cert]
-    write_atomic(path, "".join(pem(x509.load_der_x509_certificate(der))
-                               for der in issuing + roots))
+    text = "".join(pem(x509.load_der_x509_certificate(der)) for der in issuing + roots)
+    await asyncio.to_thread(write_atomic, path, text)  # fsyncs: off the event loop

@@ -109,7 +109,9 @@ def test_serve_says_what_is_wrong_with_where_its_config_points(ca: InitialisedCA
                           (ca.state, f"is a directory: give the config file in it (--config "
                                      f"{ca.state.resolve() / 'hsmca.toml'})"),
                           (gone, "nowhere/softhsm2.conf is not a file")):
-            proc = hsmca("serve", "--config", cfg, "--listen", "127.0.0.1:0", check=False)
+            # (--workers takes "auto" as the config's workers does)
+            proc = hsmca("serve", "--config", cfg, "--listen", "127.0.0.1:0", "--workers",
+                         "auto", check=False)
             lines = proc.stderr.strip().splitlines()
             assert proc.returncode == 1 and len(lines) == 1, proc.stderr
             assert says in lines[0] and "Errno" not in lines[0], lines[0]

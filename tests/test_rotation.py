@@ -171,7 +171,12 @@ async def test_rotate_issuing_and_ssh_keys_retire_and_destroy_while_renewals_run
                 ocsp.OCSPResponseStatus.SUCCESSFUL:  # pre-signed within seconds
             assert asyncio.get_running_loop().time() < deadline
         assert resp.certificate_status == ocsp.OCSPCertStatus.GOOD
-        assert "signs nothing" in key_cmd(d, "retire", old_label_text).stdout
+        retired = key_cmd(d, "retire", old_label_text)
+        assert "signs nothing" in retired.stdout
+        # It still has live certificates (the user's, the host's): the operator is told
+        # what retiring now means for them.
+        assert "certificate(s) it signed are still valid" in retired.stderr, retired.stderr
+        assert "reaches no CRL or OCSP" in retired.stderr
         # A certificate of the retired key, revoked now: no CRL or OCSP response can say
         # so any more. OCSP stops saying good, and the operator is told.
         proc = hsmca("revoke", format(host_cert.serial_number, "x"), "--config",

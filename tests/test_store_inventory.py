@@ -143,3 +143,16 @@ def test_issuance_counts_by_kind_and_hour(store: Store) -> None:
     this, before = hour.isoformat()[:13], (hour - dt.timedelta(hours=1)).isoformat()[:13]
     assert got == {("x509-service", this): 2, ("x509-host", before): 1, ("acme", this): 1,
                    ("ssh-host", this): 1, ("ssh-user", this): 2}
+
+
+def test_what_an_issuer_signed_that_is_still_live(store: Store) -> None:
+    """What retiring a key leaves behind: its certificates neither expired nor revoked,
+    and when the last of them ends."""
+    add(store, 0x501, ("live.example",), ends=dt.timedelta(days=3))
+    add(store, 0x502, ("later.example",), ends=dt.timedelta(days=9))
+    add(store, 0x503, ("gone.example",), ends=dt.timedelta(days=20))
+    add(store, 0x504, ("old.example",), issued=NOW - dt.timedelta(days=40))
+    run(store.revoke_certs([0x503], NOW, None))
+    count, until = run(store.live_signed_by("issuing-ca", NOW))
+    assert count == 2 and until == (NOW + dt.timedelta(days=9)).isoformat()
+    assert run(store.live_signed_by("another-ca", NOW)) == (0, None)

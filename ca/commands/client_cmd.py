@@ -34,9 +34,13 @@ def _admin(args: argparse.Namespace) -> tuple[str, ssl.SSLContext]:
 
 
 def _worker_count(text: str) -> int:
+    """A number of workers, or "auto" (0: one per CPU), as the config's `workers`."""
     from ca.config import MAX_WORKERS
+    if text == "auto":
+        return 0
     if not text.isdigit() or not 1 <= int(text) <= MAX_WORKERS:
-        raise argparse.ArgumentTypeError(f"must be a number from 1 to {MAX_WORKERS}")
+        raise argparse.ArgumentTypeError(f"must be \"auto\" or a number from 1 to "
+                                         f"{MAX_WORKERS}")
     return int(text)
 
 
@@ -261,9 +265,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                    help="this node's name (default: the host name); with a PostgreSQL "
                    "store, several nodes share the database and the HSM, and what a node "
                    "keeps locally (audit log, run files) is named by it (docs/cluster.md)")
-    s.add_argument("--workers", type=_worker_count, metavar="N",
-                   help="worker processes (default: [server] workers in the config, "
-                   "\"auto\" = one per CPU, at most 8)")
+    s.add_argument("--workers", type=_worker_count, metavar="N|auto",
+                   help="worker processes: a number, or \"auto\" for one per CPU, at most 8 "
+                   "(default: [server] workers in the config, itself \"auto\" by default)")
     s.set_defaults(command_key="serve")
 
     def admin_flags(p: argparse.ArgumentParser) -> None:

@@ -37,11 +37,20 @@ def _call(args: argparse.Namespace, method: str, path: str, body: Any = None,
                                    expect=expect))
 
 
+# What a previous key still does, by kind, until it is retired.
+PREVIOUS_DOES = {
+    "issuing": "it keeps signing the CRL and OCSP responses of what it issued",
+    "ssh-user": "it stays trusted: /v1/ssh/ca lists both keys",
+    "ssh-host": "it stays trusted: /v1/ssh/ca lists both keys",
+    "audit": "it signs every checkpoint beside the new key, so verifiers pinned to it follow",
+}
+
+
 def run(args: argparse.Namespace) -> int:
     action = args.key_command
     if action == "list":
         keys = _call(args, "GET", "/v1/keys")["keys"]
-        print(f"{'LABEL':<36} {'KIND':<9} {'STATE':<10} {'ALGORITHM':<10} {'SIGNED':>7}  "
+        print(f"{'LABEL':<36} {'KIND':<9} {'STATE':<10} {'ALGORITHM':<10} {'ISSUED':>7}  "
               "CREATED")
         for k in keys:
             print(f"{k['label']:<36} {k['kind']:<9} {k['state']:<10} {k['algorithm']:<10} "
@@ -55,12 +64,17 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(ROOT_OFFLINE)
         out = _call(args, "POST", "/v1/keys/rotate", {"kind": args.kind}, expect=201)
         print(f"rotated {out['kind']}: {out['label']} is active, {out['previous']} is "
-              "previous (it keeps signing CRLs and OCSP, or stays trusted for SSH, until "
-              "you retire it)")
+              f"previous ({PREVIOUS_DOES[out['kind']]} until you retire it)")
         return 0
     if action == "retire":
         out = _call(args, "POST", "/v1/keys/retire", {"label": args.label})
         print(f"retired {out['label']}: it signs nothing any more")
+        if out.get("live"):
+            print(f"hsmca: warning: {out['live']} certificate(s) it signed are still valid "
+                  f"(the last until {out['live_until']}). hsmca still accepts its X.509 "
+                  "client certificates, but a revocation of one from now on reaches no CRL "
+                  "or OCSP response; hosts that refresh their SSH CA keys from /v1/ssh/ca "
+                  "stop accepting its SSH certificates", file=sys.stderr)
         return 0
     confirmed = args.yes
     if not confirmed:
@@ -117,14 +131,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                          required=False)
         p.set_defaults(command_key="key")
 
-    common(ksub.add_parser("list", help="every key: label, kind, state, algorithm, "
-                           "fingerprint, PKCS#11 URI, what it signed"))
+    common(ksub.add_parser(
+        "list", help="every key: label, kind, state, algorithm, fingerprint, PKCS#11 URI",
+        description="Every key of the CA, newest first: its label, kind, state (active, "
+        "previous, retired, destroyed), algorithm, creation time, PKCS#11 URI and "
+        "SHA-256 fingerprint, and ISSUED: how many certificates in the inventory it "
+        "issued (X.509 and SSH; CA certificates, CRLs, OCSP responses and checkpoints are "
+        "not counted: the audit log has every signature)."))
     r = ksub.add_parser("rotate", help="a new key of a kind; the old one becomes previous",
                         description="Generate a new non-exportable key in the HSM; for "
-                        "issuing, the root certifies it. New certificates use it at once; "
-                        "the previous key keeps signing CRLs and OCSP for what it issued "
-                        "(issuing), or stays trusted (SSH: /v1/ssh/ca lists both), until "
-                        "retired. The root is rotated offline (docs/keys.md).")
+                        "issuing, the root certifies it. New certificates (and checkpoints) "
+                        "use it at once; until it is retired the previous key keeps signing "
+                        "CRLs and OCSP for what it issued (issuing), stays trusted (SSH: "
+                        "/v1/ssh/ca lists both), or signs each checkpoint beside the new one "
+                        "(audit). The root is rotated offline (docs/keys.md).")
     r.add_argument("kind", choices=(*KINDS, "root"), help="which key (root: see rotate-root)")
     common(r)
     rr = ksub.add_parser(
@@ -141,7 +161,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     t = ksub.add_parser("retire", help="stop every use of a previous key",
                         description="A retired key signs nothing any more; the certificates "
                         "it issued stay trusted as client certificates until they expire or "
-                        "are revoked.")
+                        "are revoked, but a revocation of one reaches no CRL or OCSP "
+                        "response (it signs none), so retire a previous issuing key once its "
+                        "certificates have expired. Says how many are still valid.")
     t.add_argument("label", help="the key's label (hsmca key list)")
     common(t)
     d = ksub.add_parser("destroy", help="C_DestroyObject on a retired key",

@@ -268,7 +268,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
     if config.softhsm_conf:
         os.environ["SOFTHSM2_CONF"] = config.softhsm_conf
     host, port = parse_listen(listen or config.listen)
-    count = worker_count(workers or config.workers)
+    count = worker_count(config.workers if workers is None else workers)
     raise_fd_limit()
     audit_key = load_pem_public_key(config.audit_key_pem.read_bytes())
     if not isinstance(audit_key, Ed25519PublicKey):

@@ -205,6 +205,13 @@ class Store(Protocol):
 
     async def signed_by(self) -> dict[str | None, int]: ...
 
+    async def live_signed_by(self, issuer: str | None, now: dt.datetime
+                             ) -> tuple[int, str | None]:
+        """(certificates, X.509 and SSH, that `issuer` signed and that are neither
+        expired nor revoked at `now`, the latest notAfter among them). None: those
+        recorded before issuers were named (the first issuing key's)."""
+        ...
+
     async def cross_certs(self) -> list[CrossCert]:
         """Every certificate one root key made for another, oldest first."""
         ...

@@ -652,6 +652,18 @@ class PostgresStore:
             counts[key] = counts.get(key, 0) + int(n)
         return counts
 
+    async def live_signed_by(self, issuer: str | None, now: dt.datetime
+                             ) -> tuple[int, str | None]:
+        at = now.isoformat()
+        count, last = 0, None
+        for table, end in (("certs", "not_after"), ("ssh_certs", "valid_before")):
+            rows = await self._rows(f"SELECT COUNT(*), MAX({end}) FROM {table} WHERE issuer "
+                                    f"IS NOT DISTINCT FROM %s AND {end} > %s AND revoked_at IS "
+                                    "NULL", (issuer, at))
+            count += int(rows[0][0])
+            last = max(filter(None, (last, rows[0][1])), default=None)
+        return count, last
+
     # ---- ACME -------------------------------------------------------------------------------
 
     async def add_acme_eab(self, eab: AcmeEAB) -> None:

@@ -837,6 +837,17 @@ class SQLiteStore:
             counts[key] = counts.get(key, 0) + int(n)
         return counts
 
+    async def live_signed_by(self, issuer: str | None, now: dt.datetime
+                             ) -> tuple[int, str | None]:
+        at = now.isoformat()
+        count, last = 0, None
+        for table, end in (("certs", "not_after"), ("ssh_certs", "valid_before")):
+            n, until = self._read(f"SELECT COUNT(*), MAX({end}) FROM {table} WHERE issuer IS "
+                                  f"? AND {end} > ? AND revoked_at IS NULL", (issuer, at))[0]
+            count += int(n)
+            last = max(filter(None, (last, until)), default=None)
+        return count, last
+
     # ---- ACME -----------------------------------------------------------------------------
 
     async def add_acme_eab(self, eab: AcmeEAB) -> None:
