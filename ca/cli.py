@@ -136,7 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "record them in --state")
     _remote_flags(v, key_alias=False)
     v.set_defaults(command_key="audit-verify")
-    s = asub.add_parser("show", help="print the log in a human-readable form")
+    s = asub.add_parser(
+        "show", help="print the log in a human-readable form",
+        description="Print the audit log one line per entry (seq, time, event, actor, the "
+        "fields that matter), from the file of --config or --log, or from the daemon at "
+        "--url with an auditor or admin certificate; --follow keeps printing new lines. "
+        "It shows, it does not verify: `hsmca audit verify` does.")
     where = s.add_mutually_exclusive_group()
     where.add_argument("--log", type=Path, help="the log file (default: from --config)")
     where.add_argument("--url", help="read the log from the daemon at this URL (needs "

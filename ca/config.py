@@ -330,6 +330,14 @@ def load(path: Path) -> Config:
                                        list(default.ssh_user_extensions))),
         token_max_ttl_s=_get(pol, "token-max-ttl-s", int, wp, default.token_max_ttl_s),
     )
+    for lifetime in ("x509", "ssh-user"):
+        name = lifetime.replace("-", "_")
+        short, long_ = (getattr(policy, f"{name}_{k}_ttl_s") for k in ("default", "max"))
+        # A default written above the maximum would be cut to it silently: say so. (The
+        # built-in default follows a maximum lowered below it.)
+        if f"{lifetime}-default-ttl-s" in pol and not 0 < short <= long_:
+            raise ConfigError(f"{wp}: {lifetime}-default-ttl-s ({short}) must be positive "
+                              f"and at most {lifetime}-max-ttl-s ({long_})")
     return Config(
         path=path, state_dir=base, hsm=hsm_cfg,
         softhsm_conf=str(rel(softhsm_conf)) if softhsm_conf else None,

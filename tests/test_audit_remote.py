@@ -446,6 +446,9 @@ def test_remote_verify_needs_a_state_and_a_client_certificate(tmp_path: Path) ->
     assert proc.returncode == 1 and "--url needs --state" in proc.stderr
     proc = hsmca(*base, "--state", tmp_path / "s.json", check=False)
     assert proc.returncode == 1 and "--client-cert and --client-key" in proc.stderr
+    # The usual slip: the client key given as --key, which is the audit key here.
+    proc = hsmca(*base, "--state", tmp_path / "s.json", "--cert", key, check=False)
+    assert proc.returncode == 1 and "goes in --client-key" in proc.stderr
     proc = hsmca("audit", "verify", "--url", "u", "--log", key, "--key", key, check=False)
     assert proc.returncode == 2 and "not allowed with argument" in proc.stderr
     proc = hsmca(*base, "--state", tmp_path / "s.json", "--client-cert", key, "--client-key",

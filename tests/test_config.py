@@ -57,6 +57,25 @@ def test_an_unknown_setting_is_refused_with_its_name_and_line(tmp_path: Path) ->
     assert "did you mean 'heartbeat-s'" in msg and "\n" not in msg
 
 
+def test_a_default_lifetime_above_its_maximum_is_refused_not_cut(tmp_path: Path) -> None:
+    path = rendered(tmp_path)
+    text = path.read_text()
+    assert "x509-default-ttl-s = 86400\n" in text and "x509-max-ttl-s = 2592000\n" in text
+    path.write_text(text.replace("x509-default-ttl-s = 86400", "x509-default-ttl-s = 9999999"))
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    assert "x509-default-ttl-s (9999999) must be positive and at most x509-max-ttl-s " \
+        "(2592000)" in str(err.value)
+    # A maximum lowered below the default written beside it: the same, named.
+    path.write_text(text.replace("x509-max-ttl-s = 2592000", "x509-max-ttl-s = 3600"))
+    with pytest.raises(ConfigError, match=r"x509-default-ttl-s \(86400\)"):
+        load(path)
+    # Without a default written, the built-in one follows a lower maximum.
+    path.write_text(text.replace("x509-default-ttl-s = 86400\n", "").replace(
+        "x509-max-ttl-s = 2592000", "x509-max-ttl-s = 3600"))
+    assert load(path).policy.x509_max_ttl_s == 3600
+
+
 @pytest.mark.parametrize(("extra", "needle"), [
     ("[bogus]\nx = 1\n", "section [bogus]"),
     ("[server.tls]\nx = 1\n", "table [server.tls]"),

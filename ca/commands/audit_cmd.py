@@ -20,7 +20,14 @@ from ca.errors import CLIError
 
 def _audit_key(path: Path) -> ed25519.Ed25519PublicKey:
     try:
-        key = load_pem_public_key(path.read_bytes())
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CLIError(f"cannot read the audit key {path}: {exc.strerror}") from None
+    if b"PRIVATE KEY" in data:
+        raise CLIError(f"{path} is a private key: the audit key to pin is the CA's audit "
+                       "public key (audit/audit_key.pem); a client key goes in --client-key")
+    try:
+        key = load_pem_public_key(data)
     except ValueError:
         raise CLIError(f"{path} is not a PEM public key") from None
     if not isinstance(key, ed25519.Ed25519PublicKey):
@@ -45,8 +52,12 @@ def _origin(args: argparse.Namespace, latest: str | None, data: bytes,
 
 def _client_context(args: argparse.Namespace) -> ssl.SSLContext:
     if args.client_cert is None or args.client_key is None:
+        # In `audit verify`, --key is the pinned audit key: a client key given as --key
+        # lands there, and the missing one is --client-key.
+        clash = (" (here --key is the pinned audit public key, so the client's private key "
+                 "goes in --client-key)" if args.command_key == "audit-verify" else "")
         raise CLIError("--url needs --client-cert and --client-key (a certificate of role "
-                       "auditor or admin)")
+                       f"auditor or admin){clash}")
     from ca.client import ssl_context
     return ssl_context(args.ca, args.client_cert, args.client_key)
 
