@@ -139,6 +139,13 @@ def dns_name(name: str, allow_wildcards: bool = False) -> str:
     if all(lbl.isdigit() for lbl in labels):
         raise Refused(f"{_show(name)} looks like an IP address; give it as an IP",
                       Reason.BAD_NAME)
+    for lbl in labels:
+        if lbl.startswith("xn--"):
+            try:  # an A-label must decode (the standard library's IDNA codec)
+                lbl.encode().decode("idna")
+            except UnicodeError:
+                raise Refused(f"{_show(name)}: {lbl!r} is not a valid A-label (punycode of "
+                              "an internationalised name)", Reason.BAD_NAME) from None
     return lowered
 
 

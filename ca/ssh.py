@@ -80,9 +80,12 @@ def source_addresses(value: object) -> str | None:
     out = []
     for item in value:
         try:
+            if not isinstance(item, str):  # ip_network reads an integer as an address
+                raise TypeError
             out.append(str(ipaddress.ip_network(item, strict=False)))
         except (ValueError, TypeError):
-            raise Refused(f"source_address entry {item!r} is not an address or CIDR") from None
+            raise Refused(f"source_address entry {item!r} is not an address or CIDR (a "
+                          "string such as \"10.0.0.0/8\")") from None
     return ",".join(out)
 
 

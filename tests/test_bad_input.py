@@ -158,6 +158,8 @@ def corpus() -> list[Case]:
             ({"role": "admin", "names": ["a.example", "b.example"]}, 400, "bad-request"),
             ({"role": "service", "names": ["ok.example"], "extra": True}, 400, "bad-field"),
             ({"role": "service", "names": ["ftp://"]}, 400, "bad-name"),
+            # An A-label that is not punycode of anything (SPEC 8: IDNs in A-label form).
+            ({"role": "service", "names": ["xn--zz.internal.example"]}, 400, "bad-name"),
             ({"role": "service", "names": ["ok.example"] * 101}, 400, "bad-request")]:
         add(Case(f"token {json.dumps(body)[:90]}", "POST", "/v1/tokens", status, kind, "admin",
                  body))
@@ -218,7 +220,8 @@ def corpus() -> list[Case]:
              "bad-csr", "service", data=base64.b64encode(odd), headers=PKCS10))
     add(Case("renew no cert", "POST", "/v1/x509/renew", 401, "client-certificate-required",
              "none", {}))
-    for serial in ["zz", "", "0", "-1", "1" * 60, 12]:
+    # int(text, 16) alone would take " 1_0" as 0x10 and "0x1" as 1.
+    for serial in ["zz", "", "0", "-1", "1" * 60, 12, " 1_0", "0x1a", "1a "]:
         add(Case(f"revoke serial {serial!r}", "POST", "/v1/x509/revoke", 400, "bad-field",
                  "admin", {"serial": serial}))
     add(Case("revoke someone else's", "POST", "/v1/x509/revoke", 403, "wrong-role", "service",
@@ -249,6 +252,7 @@ def corpus() -> list[Case]:
             ("ttl over", {"ttl": "25h"}, 400, "lifetime-too-long"),
             ("ttl junk", {"ttl": "soon"}, 400, "bad-request"),
             ("source bad", {"source_address": ["not-an-ip"]}, 400, "bad-request"),
+            ("source number", {"source_address": ["10.0.0.0/8", 5]}, 400, "bad-request"),
             ("source not list", {"source_address": "10.0.0.0/8"}, 400, "bad-request"),
             ("unknown field", {"force": True}, 400, "bad-field")]:
         add(Case(f"ssh user {what}", "POST", "/v1/ssh/user", status, kind, "user",

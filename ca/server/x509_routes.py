@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from typing import Any
 
 import structlog
@@ -135,10 +136,16 @@ async def renew(request: web.Request) -> web.Response:
     return web.json_response(_answer(request, issued), status=201)
 
 
+_HEX_SERIAL = re.compile(r"[0-9a-fA-F]{1,40}")
+
+
 def parse_serial(text: str) -> int:
     try:
+        # Hex digits only: int() would also take spaces, '_' and a 0x prefix.
+        if not _HEX_SERIAL.fullmatch(text):
+            raise ValueError
         serial = int(text, 16)
-        if serial <= 0 or len(text) > 40:
+        if serial <= 0:
             raise ValueError
     except ValueError:
         raise Problem(400, "Bad Request", "serial must be the certificate's serial number in "
