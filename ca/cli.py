@@ -75,12 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate non-exportable keys inside the HSM (root CA, "
                        "issuing CA, SSH user CA, SSH host CA, audit key), sign the CA "
                        "certificates, and write the state directory. Refuses to overwrite "
-                       "existing keys or state.")
+                       "existing keys or state. With SoftHSM, the token is found through "
+                       "SOFTHSM2_CONF as exported now (the config records it for serve). "
+                       "The PIN file must be mode 0600 (serve refuses anything looser); the "
+                       "daemon reads its state from the directory its config is in.")
     i.add_argument("--state-dir", required=True, type=Path, help="directory to create the CA in")
     i.add_argument("--module", required=True, help="path of the PKCS#11 module (.so)")
     i.add_argument("--token", required=True, help="label of the (initialised) token")
     i.add_argument("--pin-file", required=True, type=Path,
-                   help="file holding the token's user PIN (kept outside the config)")
+                   help="file holding the token's user PIN, mode 0600 (the config records "
+                   "its path, never the PIN)")
     i.add_argument("--key-type", default="ec-p256",
                    choices=["ec-p256", "ec-p384", "ed25519", "rsa-3072"],
                    help="type of the CA keys (the audit key is always Ed25519)")

@@ -300,7 +300,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                        "is checked before the one-time token is used: --out must not exist, "
                        "be an empty directory, or come with --force, and must be writable. A "
                        f"new --out appears complete or not at all. The token comes from "
-                       f"--token-file, or the environment variable {TOKEN_ENV}.")
+                       f"--token-file, or the environment variable {TOKEN_ENV}. The "
+                       "certificate names what --name asks that the token allows (its "
+                       "subject is the first name); nothing else is taken from the request.")
     e.add_argument("--url", required=True, help="daemon URL, e.g. https://ca.example:8443")
     e.add_argument("--token-file", type=Path, metavar="FILE",
                    help="file holding the bootstrap token; - reads it from stdin")
@@ -313,7 +315,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                    help="replace key.pem, cert.pem and chain.pem in an existing --out")
     e.add_argument("--ttl", help="lifetime to ask for, e.g. 24h or 90s (default: the CA's "
                    "policy.x509-default-ttl-s)")
-    e.add_argument("--ca", type=Path, help="root CA PEM to trust the daemon with")
+    e.add_argument("--ca", type=Path, help="root CA PEM to trust the daemon with (default: "
+                   "the system's CAs)")
     e.set_defaults(command_key="enroll")
 
     r = sub.add_parser("renew", help="renew a certificate over mutual TLS",
