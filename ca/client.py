@@ -260,7 +260,14 @@ async def check_issuer(url: str, anon: ssl.SSLContext, cert: Path,
     except ValueError:
         raise ClientError(f"GET {url}/v1/x509/bundle: the daemon sent no PEM") from None
     if not any(_issued_by(leaf, ca) for ca in chain):
-        raise ClientError(f"--cert {cert} was issued by '{leaf.issuer.rfc4514_string()}', "
+        issuer = leaf.issuer.rfc4514_string()
+        if any(ca.subject == leaf.issuer for ca in chain):
+            # Same name, other key: another CA (staging and production, say), not this one.
+            raise ClientError(f"--cert {cert} was issued by a CA named '{issuer}' whose key is "
+                              f"not one of the CA at {url}, which has that name too: it "
+                              "comes from another CA (another hsmca instance?); use a "
+                              "certificate this CA issued, or enroll with it")
+        raise ClientError(f"--cert {cert} was issued by '{issuer}', "
                           f"not by the CA at {url} (which issues as "
                           f"'{chain[0].subject.rfc4514_string()}'); use a certificate this "
                           "CA issued, or enroll with it")

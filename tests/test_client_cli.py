@@ -170,6 +170,14 @@ def test_renew_names_an_expired_certificate_or_one_from_another_ca(daemon: Daemo
     msg = one_line_error(hsmca(*base, "--cert", cert, "--key", key, check=False))
     assert "was issued by 'CN=Other Root CA', not by the CA at" in msg
     assert "'CN=hsmca Issuing CA'" in msg
+    # Another CA of the very same name (another hsmca: staging, say): said so, rather
+    # than "issued by X, not by the CA that issues as X".
+    (tmp_path / "twin").mkdir()
+    twin = other_ca(tmp_path / "twin", cn="hsmca Issuing CA")
+    twin_cert, twin_key = twin.leaf(tmp_path / "twin", "twin.example",
+                                    now - dt.timedelta(hours=1), now + dt.timedelta(days=1))
+    msg = one_line_error(hsmca(*base, "--cert", twin_cert, "--key", twin_key, check=False))
+    assert "whose key is not one of the CA at" in msg and "has that name too" in msg
 
     mine, mine_key = enroll(daemon, tmp_path, "service", [NAME])
     msg = one_line_error(hsmca(*base, "--cert", mine, "--key", key, check=False))
