@@ -50,6 +50,15 @@ def _command(key: str) -> Callable[[argparse.Namespace], int]:
     return getattr(importlib.import_module(f"ca.commands.{module}"), func)  # type: ignore[no-any-return]
 
 
+def _ca_name(text: str) -> str:
+    """A CA name for the certificates' common names: printable, 1 to 40 characters."""
+    text = text.strip()
+    if not 0 < len(text) <= 40 or not text.isprintable() or "," in text:
+        raise argparse.ArgumentTypeError("must be 1 to 40 printable characters, without "
+                                         "commas, e.g. \"Example Corp staging\"")
+    return text
+
+
 def _non_negative(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"must be a whole number >= 0, not {text!r}")
@@ -88,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--key-type", default="ec-p256",
                    choices=["ec-p256", "ec-p384", "ed25519", "rsa-3072"],
                    help="type of the CA keys (the audit key is always Ed25519)")
+    i.add_argument("--name", type=_ca_name, default="hsmca", metavar="NAME",
+                   help="the CA's name: its certificates are 'NAME Root CA' and 'NAME "
+                   "Issuing CA', so relying parties and errors tell this CA from another "
+                   "(staging from production); default hsmca")
     i.add_argument("--dns-name", default="localhost",
                    help="DNS name of the daemon, in its TLS certificate (default localhost)")
     i.add_argument("--store-url", metavar="URL",

@@ -55,6 +55,7 @@ class InitOptions:
     dns_name: str = "localhost"
     softhsm_conf: str | None = None
     store_url: str | None = None  # PostgreSQL, several nodes; None: the state dir's SQLite
+    name: str = prof.DEFAULT_CA_NAME  # the CA certificates are 'NAME Root CA', 'NAME Issuing CA'
 
 
 async def run_init(opts: InitOptions) -> list[Path]:
@@ -116,10 +117,10 @@ async def run_init(opts: InitOptions) -> list[Path]:
         ctx = decision_context(Policy(), ra.NoIssuers())
         root_key = keys["root"]
         root = await sign_ca_cert(pipeline, root_key, ra.order(ctx, ra.Local(), ra.RootRequest(
-            root_key.label, root_key.public_key, prof.name("hsmca Root CA"))))
+            root_key.label, root_key.public_key, prof.name(opts.name + prof.ROOT_SUFFIX))))
         issuing = await sign_ca_cert(pipeline, root_key, ra.order(
             ctx, ra.Local(), ra.IntermediateRequest(keys["issuing"].public_key,
-                                                    "hsmca Issuing CA",
+                                                    opts.name + prof.ISSUING_SUFFIX,
                                                     signer=root_key.label, issuer=root)))
         chain = prof.pem(issuing) + prof.pem(root)
         # The records made here (keys, CA certificates, the admin and TLS certificates)

@@ -28,7 +28,7 @@ from ca.fileutil import write_atomic
 from ca.generations import Generations
 from ca.issuance.issue import Issuance, sign_ca_cert
 from ca.issuance.issuers import Issuers
-from ca.issuance.profiles import pem, utcnow
+from ca.issuance.profiles import ISSUING_SUFFIX, ca_name, pem, utcnow
 from ca.policy import Reason, Refused
 from ca.store import KeyRecord, Store
 
@@ -106,7 +106,7 @@ class KeyLifecycle:
         cert_der = None
         if order.kind == "issuing":
             made = ra.order(context, ra.Local(order.actor), ra.IntermediateRequest(
-                info.public_key, f"hsmca Issuing CA {label}"))
+                info.public_key, f"{ca_name(issuers.root)}{ISSUING_SUFFIX} {label}"))
             cert = await sign_ca_cert(self.issuance.pipeline, issuers.root_key, made,
                                       request_id)
             cert_der = cert.public_bytes(serialization.Encoding.DER)

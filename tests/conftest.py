@@ -83,7 +83,7 @@ class InitialisedCA:
 
 
 def init_ca(tmp: Path, key_type: str = "ec-p256", dns_name: str = "localhost",
-            private_hsm: bool = False) -> InitialisedCA:
+            private_hsm: bool = False, name: str | None = None) -> InitialisedCA:
     """`hsmca init` on a fresh token. With private_hsm, the token lives in a SoftHSM
     token directory of its own (for tests that take the token away)."""
     env = None
@@ -99,7 +99,7 @@ def init_ca(tmp: Path, key_type: str = "ec-p256", dns_name: str = "localhost",
     state = tmp / "ca"
     proc = hsmca("init", "--state-dir", state, "--module", token.module, "--token", token.label,
                  "--pin-file", token.pin_file, "--key-type", key_type, "--dns-name", dns_name,
-                 env=env)
+                 *(["--name", name] if name else []), env=env)
     return InitialisedCA(state, token, proc.stdout)
 
 

@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     opts = InitOptions(state_dir=args.state_dir, module=args.module, token=args.token,
                        pin_file=args.pin_file, key_type=args.key_type, dns_name=args.dns_name,
                        softhsm_conf=os.path.abspath(softhsm_conf) if softhsm_conf else None,
-                       store_url=args.store_url)
+                       store_url=args.store_url, name=args.name)
     if args.store_url is not None and not args.store_url.startswith(("postgresql://",
                                                                      "postgres://")):
         raise ValueError(f"--store-url must be a postgresql:// URL, not {args.store_url!r}")

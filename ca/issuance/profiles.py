@@ -77,6 +77,18 @@ def name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
+DEFAULT_CA_NAME = "hsmca"
+ROOT_SUFFIX, ISSUING_SUFFIX = " Root CA", " Issuing CA"
+
+
+def ca_name(root: x509.Certificate) -> str:
+    """The name `hsmca init --name` gave the CA, read back from its root's common name
+    ('NAME Root CA'; a rotated root keeps its name), for the CA certificates made later."""
+    cns = root.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    cn = str(cns[0].value) if cns else DEFAULT_CA_NAME
+    return cn.removesuffix(ROOT_SUFFIX) or DEFAULT_CA_NAME
+
+
 def ca_builder(order: CACertOrder, serial: int) -> x509.CertificateBuilder:
     """A CA certificate exactly as the registration authority ordered it: a root, a
     cross-certificate between two roots of the same name (self-issued, so it does not
