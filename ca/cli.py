@@ -39,7 +39,8 @@ COMMANDS = {
     "init": "init_cmd:run", "audit-verify": "audit_cmd:verify", "audit-show": "audit_cmd:show",
     "serve": "client_cmd:serve", "token-create": "client_cmd:token_create",
     "enroll": "client_cmd:enroll", "renew": "client_cmd:renew", "revoke": "client_cmd:revoke",
-    "ssh-host": "ssh_cmd:host", "ssh-user": "ssh_cmd:user", "key": "key_cmd:run",
+    "ssh-host": "ssh_cmd:host", "ssh-user": "ssh_cmd:user", "ssh-revoke": "ssh_cmd:revoke",
+    "key": "key_cmd:run",
     "acme-eab-create": "acme_cmd:eab_create", "witness-serve": "witness_cmd:serve",
     "ui": "ui_cmd:run", "store-move": "store_cmd:move",
 }

@@ -173,13 +173,15 @@ async def test_revocation_by_key_id_and_public_key(own_daemon: Daemon, tmp_path:
         issued = json.loads(body)
         (tmp_path / f"k{i}-cert.pub").write_text(issued["certificate"])
         pubs.append((pub, issued))
+    # As an operator does it: `hsmca ssh revoke` with the admin credential.
     key_id = f"bob@example.com:{pubs[0][1]['serial']}"
-    status, _, body = await http("POST", f"{daemon.url}/v1/ssh/revoke", daemon.admin_ssl(),
-                                 body={"key_id": key_id})
-    assert status == 200 and json.loads(body)["revoked_certificates"] == 1, body
-    status, _, body = await http("POST", f"{daemon.url}/v1/ssh/revoke", daemon.admin_ssl(),
-                                 body={"public_key": pubs[1][0]})
-    assert status == 200, body
+    admin = ("--config", daemon.state / "hsmca.toml", "--url", daemon.url)
+    proc = hsmca("ssh", "revoke", "--key-id", key_id, *admin)
+    assert proc.stdout.startswith("revoked 1 SSH certificate(s)"), proc.stdout
+    proc = hsmca("ssh", "revoke", "--pubkey", tmp_path / "k1.pub", *admin)
+    assert "is refused from now on" in proc.stdout, proc.stdout
+    refused = hsmca("ssh", "revoke", "--pubkey", tmp_path / "k1", *admin, check=False)
+    assert refused.returncode == 1 and "holds a private key" in refused.stderr
     status, _, krl = await http("GET", f"{daemon.url}/v1/ssh/krl", daemon.ssl())
     (tmp_path / "krl").write_bytes(krl)
     cert, key = (lambda i: tmp_path / f"k{i}-cert.pub"), (lambda i: tmp_path / f"k{i}.pub")

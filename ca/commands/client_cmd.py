@@ -238,6 +238,15 @@ def revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def admin_flags(p: argparse.ArgumentParser) -> None:
+    """Where an admin command finds the daemon and the admin credential `init` made."""
+    p.add_argument("--config", type=Path, default=Path("hsmca.toml"),
+                   help="config whose admin credential to use (default ./hsmca.toml)")
+    p.add_argument("--url", help="daemon URL (default: the URL the daemon serving this "
+                   "config wrote to STATE_DIR/serve.url, else https://<listen from config>)")
+    p.add_argument("--ca", type=Path, help="root CA PEM (default from config)")
+
+
 def credential_flags(p: argparse.ArgumentParser, what: str, required: bool = True) -> None:
     """The client credential, named the same way in every command; the audit commands'
     --client-cert/--client-key are accepted too."""
@@ -269,13 +278,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                    help="worker processes: a number, or \"auto\" for one per CPU, at most 8 "
                    "(default: [server] workers in the config, itself \"auto\" by default)")
     s.set_defaults(command_key="serve")
-
-    def admin_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", type=Path, default=Path("hsmca.toml"),
-                       help="config whose admin credential to use (default ./hsmca.toml)")
-        p.add_argument("--url", help="daemon URL (default: the URL the daemon serving this "
-                       "config wrote to STATE_DIR/serve.url, else https://<listen from config>)")
-        p.add_argument("--ca", type=Path, help="root CA PEM (default from config)")
 
     t = sub.add_parser("token", help="bootstrap tokens (admin)")
     tsub = t.add_subparsers(dest="token_command", metavar="SUBCOMMAND", required=True)
@@ -351,7 +353,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                        "revokes the whole lineage (the certificates renewed from it and "
                        "those it was renewed from). SSH certificates obtained with a revoked "
                        "certificate are revoked with it (the KRL lists them). The CRL is "
-                       "re-signed and the OCSP response re-signed at once.")
+                       "re-signed and the OCSP response re-signed at once. An SSH "
+                       "certificate by itself: `hsmca ssh revoke`.")
     v.add_argument("serial", nargs="?", metavar="SERIAL",
                    help="serial number in hex: 1a2b..., 0x1a2b... or 1a:2b:... (as "
                    "openssl x509 -text prints it)")

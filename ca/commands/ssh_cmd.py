@@ -13,6 +13,7 @@ import asyncio
 import datetime as dt
 import os
 import ssl
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -233,9 +234,14 @@ def _check_host_paths(f: HostFiles) -> None:
         if not f.host_key.is_file():
             raise CLIError(f"the host's private key {f.host_key} is missing; the drop-in's "
                            "HostKey must name it (give --pubkey beside its private key)")
-        # A new drop-in directory, in an existing one (sshd_config Includes it): made
-        # writable by its owner only, as sshd expects.
-        directory.mkdir(mode=0o755, exist_ok=True)
+        # A new drop-in directory, in an existing one: made writable by its owner only,
+        # as sshd expects. sshd reads it only if sshd_config Includes it: say so, since a
+        # mistyped path would otherwise pass unnoticed.
+        if not directory.exists():
+            directory.mkdir(mode=0o755)
+            print(f"hsmca: made {directory}: sshd reads it only if sshd_config has "
+                  f"`Include {directory}/*.conf` (Debian's includes /etc/ssh/sshd_config.d)",
+                  file=sys.stderr)
 
 
 async def _host_once(args: argparse.Namespace, f: HostFiles) -> dict[str, Any]:
@@ -259,6 +265,26 @@ async def _host_once(args: argparse.Namespace, f: HostFiles) -> dict[str, Any]:
     staged.commit(data)
     return {"serial": issued["serial"], "host_ca": cas["host"],
             "valid_before": int(issued["valid_before"])}
+
+
+def revoke(args: argparse.Namespace) -> int:
+    """`hsmca ssh revoke`: POST /v1/ssh/revoke with the admin credential."""
+    from ca import client
+    from ca.commands.client_cmd import _admin
+    if args.serial is not None and not 0 < args.serial < 2**64:
+        raise CLIError(f"--serial {args.serial} is not an SSH certificate serial (1 to 2^64-1)")
+    body: dict[str, Any] = (
+        {"serial": args.serial} if args.serial is not None else
+        {"key_id": args.key_id} if args.key_id is not None else
+        {"public_key": read_public_key(args.pubkey)})
+    url, ctx = _admin(args)
+    out = asyncio.run(client.call("POST", f"{url}/v1/ssh/revoke", ctx, json_body=body))
+    hit = out["revoked_certificates"]
+    print(f"revoked {hit} SSH certificate(s)"
+          + (f"; the key {out['revoked_key']} (SHA-256) is refused from now on"
+             if out.get("revoked_key") else "")
+          + "; the KRL lists them now")
+    return 0
 
 
 def host(args: argparse.Namespace) -> int:
@@ -326,7 +352,7 @@ def _duration(text: str) -> int:
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from ca.commands.client_cmd import credential_flags
+    from ca.commands.client_cmd import admin_flags, credential_flags
     s = sub.add_parser("ssh", help="SSH host and user certificates")
     ssub = s.add_subparsers(dest="ssh_command", metavar="SUBCOMMAND", required=True)
 
@@ -375,3 +401,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                    help="add the private key beside --pubkey and the new certificate to the "
                    "running ssh-agent (SSH_AUTH_SOCK), for the certificate's lifetime")
     u.set_defaults(command_key="ssh-user")
+    v = ssub.add_parser("revoke", help="revoke SSH certificates (admin)",
+                        description="Revoke SSH certificates with the admin credential of "
+                        "--config: one by its serial, every one with a key id, or every one "
+                        "for a public key (that key is then refused in every later "
+                        "certificate too). The KRL (/v1/ssh/krl) lists them at once; hosts "
+                        "that run `hsmca ssh host --renew` fetch it every --refresh.")
+    which = v.add_mutually_exclusive_group(required=True)
+    which.add_argument("--serial", type=int, metavar="N",
+                       help="the certificate's serial (decimal, as ssh-keygen -L prints it)")
+    which.add_argument("--key-id", metavar="ID",
+                       help="its key id (<identity>:<serial of the X.509 certificate>, as "
+                       "ssh-keygen -L and sshd's log print it)")
+    which.add_argument("--pubkey", type=Path, metavar="FILE",
+                       help="an SSH public key: every certificate for it, and any later one")
+    admin_flags(v)
+    v.set_defaults(command_key="ssh-revoke")
