@@ -11,6 +11,35 @@ import sys
 import structlog
 
 
+class _HTTPServerErrors(logging.Handler):
+    """Where aiohttp's server logs what it could not handle: a request that does not
+    parse (a header line over 8 KiB, not HTTP at all) becomes one JSON line naming the
+    error's type and the peer, never the error's text, which quotes the request's bytes
+    (an Authorization header's, say). Anything else keeps its traceback."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from aiohttp.http_exceptions import HttpProcessingError
+        exc = record.exc_info[1] if record.exc_info else None
+        peer = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        log = structlog.get_logger("hsmca.http")
+        if isinstance(exc, HttpProcessingError):
+            log.warning("refused a request that is not valid HTTP", peer=str(peer),
+                        error=type(exc).__name__, status=exc.code)
+        else:
+            log.error("HTTP server error", peer=str(peer), message=record.getMessage(),
+                      exc_info=record.exc_info)
+
+
+def http_server_logger() -> logging.Logger:
+    """The logger to give aiohttp's server (`AppRunner(logger=...)`)."""
+    logger = logging.getLogger("hsmca.http.server")
+    if not logger.handlers:
+        logger.addHandler(_HTTPServerErrors())
+        logger.setLevel(logging.WARNING)  # aiohttp's debug-level noise stays out
+        logger.propagate = False
+    return logger
+
+
 def configure(level: int = logging.INFO) -> None:
     renderer: structlog.types.Processor = (
         structlog.dev.ConsoleRenderer() if sys.stderr.isatty()

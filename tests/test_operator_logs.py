@@ -98,6 +98,41 @@ async def test_a_refused_token_says_why_and_never_shows_the_secret(served: Daemo
     assert not any(token in line for line in served.stderr)
 
 
+def _send_raw(d: Daemon, request: bytes) -> bytes:
+    """One request as bytes over TLS, whatever they are; the answer until close."""
+    import socket
+    host, port = d.url.removeprefix("https://").rsplit(":", 1)
+    ctx = ssl.create_default_context(cafile=str(d.root))
+    with socket.create_connection((host, int(port)), timeout=30) as raw, \
+            ctx.wrap_socket(raw, server_hostname="localhost") as s:
+        s.sendall(request)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    return answer
+
+
+async def test_a_request_that_is_not_http_is_one_json_line_without_its_bytes(
+        served: Daemon) -> None:
+    """aiohttp's parser quotes the offending bytes in its error: an oversized
+    Authorization header's would reach the log, as a bare traceback. It is one JSON line
+    with the error's type instead, and the daemon serves on."""
+    secret = "hsmca-0123-mistakenly-pasted-twice"
+    before = len(served.stderr)
+    answer = await asyncio.to_thread(
+        _send_raw, served, b"GET /health HTTP/1.1\r\nHost: localhost\r\nAuthorization: "
+        b"Bearer " + secret.encode() + b"x" * 9000 + b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.0 400") or answer.startswith(b"HTTP/1.1 400"), answer[:80]
+    [line] = await said(served, "refused a request that is not valid HTTP",
+                        lambda e: e.get("error") == "LineTooLong")
+    assert line["status"] == 400 and line["peer"] == "127.0.0.1"
+    new = served.stderr[before:]
+    assert not any(secret in text for text in new), new
+    assert all(json.loads(text) for text in new)  # JSON lines only, no bare traceback
+    status, _, _ = await http("GET", f"{served.url}/health", served.ssl())
+    assert status == 200
+
+
 async def test_an_expired_token_is_refused_as_expired(served: Daemon) -> None:
     """A token made yesterday for an hour, as the inventory would hold it (written there
     directly: the API makes no token that is born expired, and waiting for one to
