@@ -114,7 +114,7 @@ def _rotate_root(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from ca.commands.client_cmd import credential_flags
+    from ca.commands.client_cmd import admin_flags, credential_flags
     k = sub.add_parser("key", help="the CA's keys: list, rotate, retire, destroy (admin)",
                        description="Manage the CA's keys in the HSM while the daemon runs: "
                        "no step needs a restart or interrupts issuance. Uses the admin "
@@ -122,11 +122,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     ksub = k.add_subparsers(dest="key_command", metavar="SUBCOMMAND", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", type=Path, default=Path("hsmca.toml"),
-                       help="config whose admin credential to use (default ./hsmca.toml)")
-        p.add_argument("--url", help="daemon URL (default: the one the daemon of --config "
-                       "wrote to STATE_DIR/serve.url)")
-        p.add_argument("--ca", type=Path, help="root CA PEM (default from --config)")
+        admin_flags(p)
         credential_flags(p, "an admin client certificate (default: --config's)",
                          required=False)
         p.set_defaults(command_key="key")
