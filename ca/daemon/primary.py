@@ -334,8 +334,8 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         # OCSP responses are signed ahead of time, by this process, off every request's
         # path: new certificates within a second, every live one before nextUpdate.
         background.append(asyncio.create_task(_refresh_ocsp(issuance, store, config)))
+        background.append(asyncio.create_task(_resume_log(audit)))
         if _cluster(store):
-            background.append(asyncio.create_task(_resume_log(audit)))
             assert name_held is not None
             background.append(asyncio.create_task(_keep_node_name(name_held, store)))
 
@@ -516,10 +516,11 @@ async def _keep_node_name(name: Lease, store: PostgresStore) -> None:
 
 
 async def _resume_log(audit: AuditLog) -> None:
-    """Cluster mode: while the log cannot be committed (PostgreSQL away), try again
-    every second with a `log.resume` line, so the node is healthy again (and the
-    outcome lines owed from failed commits are written) as soon as the database is
-    back, not only when the next request or heartbeat happens to write."""
+    """While the log cannot be written or committed (a full or read-only disk,
+    PostgreSQL away), try again every second with a `log.resume` line, so the daemon
+    is healthy again (and the outcome lines owed from failed writes are written) as
+    soon as it can be, not only when the next request or heartbeat happens to write:
+    a load balancer that took the node out on /health would otherwise send it none."""
     while True:
         await asyncio.sleep(LOG_RETRY_S)  # a retry pace, not synchronisation
         problem = audit.problem
