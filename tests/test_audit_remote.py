@@ -524,6 +524,7 @@ class ScriptedLog:
         self.lines: list[bytes] = []
         self.served: list[bytes] | None = None  # None: serve `lines`
         self.checkpoint = ""
+        self.logs: list[Any] = [None]  # what GET /v1/audit/logs names
 
     def add(self, event: str, **fields: Any) -> None:
         prev = hashlib.sha256(self.lines[-1]).hexdigest() if self.lines else "0" * 64
@@ -555,11 +556,44 @@ class ScriptedLog:
             return web.json_response({"old": old, "size": size,
                                       "proof": [base64.b64encode(h).decode() for h in hashes]})
 
+        async def logs(_r: web.Request) -> web.Response:
+            return web.json_response({"logs": [{"name": n} for n in self.logs]})
+
         app = web.Application()
+        app.router.add_get("/v1/audit/logs", logs)
         app.router.add_get("/v1/audit/checkpoint", checkpoint)
         app.router.add_get("/v1/audit/entries", entries)
         app.router.add_get("/v1/audit/proof/consistency", consistency)
         return app
+
+
+async def test_a_log_name_that_is_not_a_node_name_is_refused(tmp_path: Path) -> None:
+    """Each log's state file is named after it (auditor.NODE.state): a daemon that
+    names a log with a path in it is refused before any file is named."""
+    import ssl
+
+    from aiohttp import web
+
+    from ca.audit.remote import list_logs, log_state_path
+    from ca.client import ClientError
+
+    log = ScriptedLog()
+    runner = web.AppRunner(log.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    ctx = ssl.create_default_context()
+    try:
+        log.logs = ["node-1", "init"]
+        assert await list_logs(url, ctx) == ["node-1", "init"]
+        assert log_state_path(tmp_path / "a.state", "node-1") == tmp_path / "a.node-1.state"
+        for bad in ("../../etc/cron.d/x", "a/b", ".hidden", ""):
+            log.logs = ["node-1", bad]
+            with pytest.raises(ClientError, match="not a node name"):
+                await list_logs(url, ctx)
+    finally:
+        await runner.cleanup()
 
 
 async def test_verify_remote_carries_open_intents_and_catches_a_lying_server(

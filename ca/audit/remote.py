@@ -68,6 +68,7 @@ from ca.audit.verify import (
     save_state,
     state_origin,
 )
+from ca.config import NODE_NAME
 
 PAGE = 1000  # the most lines /v1/audit/entries returns per request
 CUT = "the log was cut or rewritten since it was verified last time"
@@ -128,6 +129,11 @@ async def list_logs(url: str, ssl_ctx: ssl.SSLContext) -> list[str | None]:
         raise client.ClientError(f"the daemon's list of logs is malformed: {exc}") from None
     if not all(n is None or isinstance(n, str) for n in names) or not names:
         raise client.ClientError("the daemon's list of logs is malformed")
+    for name in names:
+        # A name becomes part of a state file's name (log_state_path): never a path.
+        if name is not None and name != "init" and not NODE_NAME.match(name):
+            raise client.ClientError(f"the daemon's list of logs names {name[:64]!r}, which "
+                                     "is not a node name")
     return names
 
 
