@@ -52,11 +52,13 @@ def _command(key: str) -> Callable[[argparse.Namespace], int]:
 
 
 def _ca_name(text: str) -> str:
-    """A CA name for the certificates' common names: printable, 1 to 40 characters."""
+    """A CA name for the certificates' common names: printable, short enough that a
+    rotated issuing key's name still fits in a common name."""
+    from ca.issuance.profiles import MAX_CA_NAME
     text = text.strip()
-    if not 0 < len(text) <= 40 or not text.isprintable() or "," in text:
-        raise argparse.ArgumentTypeError("must be 1 to 40 printable characters, without "
-                                         "commas, e.g. \"Example Corp staging\"")
+    if not 0 < len(text) <= MAX_CA_NAME or not text.isprintable() or "," in text:
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_CA_NAME} printable characters, "
+                                         "without commas, e.g. \"Example Corp staging\"")
     return text
 
 

@@ -369,7 +369,7 @@ def _store_url(table: dict[str, Any], where: str) -> str | None:
     return url
 
 
-NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # fullmatch: '$' takes a '\n' too
 
 
 def check_node_name(node: str) -> str:
@@ -378,7 +378,7 @@ def check_node_name(node: str) -> str:
     if node == "init":
         raise ConfigError("--node init: that name is the log of the offline ceremonies "
                           "(hsmca init); give the node another name")
-    if not NODE_NAME.match(node):
+    if not NODE_NAME.fullmatch(node):
         raise ConfigError(f"--node {node!r}: a node name is 1 to 63 letters, digits, '.', "
                           "'_' or '-', starting with a letter or digit")
     return node

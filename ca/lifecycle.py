@@ -28,9 +28,10 @@ from ca.fileutil import write_atomic
 from ca.generations import Generations
 from ca.issuance.issue import Issuance, sign_ca_cert
 from ca.issuance.issuers import Issuers
-from ca.issuance.profiles import ISSUING_SUFFIX, ca_name, pem, utcnow
+from ca.issuance.profiles import ca_name, issuing_ca_name, pem, utcnow
 from ca.policy import Reason, Refused
 from ca.store import KeyRecord, Store
+from ca.store.errors import StoreUnavailable
 
 LABEL_PREFIX = {"issuing": "issuing-ca", "ssh-user": "ssh-user-ca", "ssh-host": "ssh-host-ca",
                 "audit": "audit"}
@@ -78,19 +79,23 @@ class KeyLifecycle:
             await self.issuance.pipeline.destroy_key(order.label, order.actor, request_id)
             await self.store.set_key_state(order.label, "destroyed", utcnow(),
                                            expect="retired")
+        await self._published()  # first: every process must stop using it
         live, until = await self.live(order.label)
-        await self._published()
         return {"label": order.label, "state": "retired" if order.action == "retire"
                 else "destroyed", "live": live, "live_until": until}
 
-    async def live(self, label: str) -> tuple[int, str | None]:
+    async def live(self, label: str) -> tuple[int | None, str | None]:
         """How many certificates `label` signed are still valid, and until when the last:
-        once it is retired, a revocation of one reaches no CRL or OCSP response."""
+        once it is retired, a revocation of one reaches no CRL or OCSP response. (None
+        when the inventory cannot say now: the step itself is done.)"""
         now = utcnow()
-        count, until = await self.store.live_signed_by(label, now)
-        if label == self.issuance.issuers.first_x509:  # recorded before labels were kept
-            more, later = await self.store.live_signed_by(None, now)
-            count, until = count + more, max(filter(None, (until, later)), default=None)
+        try:
+            count, until = await self.store.live_signed_by(label, now)
+            if label == self.issuance.issuers.first_x509:  # recorded before labels were kept
+                more, later = await self.store.live_signed_by(None, now)
+                count, until = count + more, max(filter(None, (until, later)), default=None)
+        except StoreUnavailable:
+            return None, None
         return count, until
 
     async def _rotate(self, order: ra.KeyOrder, context: ra.Context,
@@ -101,12 +106,13 @@ class KeyLifecycle:
                    "ssh-host": issuers.ssh[issuers.current_ssh["host"]].key,
                    "audit": issuers.audit}[order.kind]
         now = utcnow()
-        label = f"{LABEL_PREFIX[order.kind]}-{now:%Y%m%d%H%M%S}-{secrets.token_hex(2)}"
+        stamp = f"{now:%Y%m%d%H%M%S}-{secrets.token_hex(2)}"
+        label = f"{LABEL_PREFIX[order.kind]}-{stamp}"
         info = await self.issuance.pipeline.generate_key(label, current.key_type)
         cert_der = None
         if order.kind == "issuing":
             made = ra.order(context, ra.Local(order.actor), ra.IntermediateRequest(
-                info.public_key, f"{ca_name(issuers.root)}{ISSUING_SUFFIX} {label}"))
+                info.public_key, issuing_ca_name(ca_name(issuers.root), stamp)))
             cert = await sign_ca_cert(self.issuance.pipeline, issuers.root_key, made,
                                       request_id)
             cert_der = cert.public_bytes(serialization.Encoding.DER)

@@ -150,8 +150,7 @@ async def _ceremony(config: Config, store: Store, pipeline: SigningPipeline,
     issuing_key = await pipeline.generate_key(f"issuing-ca-{suffix}",
                                               before.current.key.key_type)
     issuing = await make(new_key, ra.IntermediateRequest(
-        issuing_key.public_key,
-        f"{prof.ca_name(old_root)}{prof.ISSUING_SUFFIX} issuing-ca-{suffix}",
+        issuing_key.public_key, prof.issuing_ca_name(prof.ca_name(old_root), suffix),
         signer=new_key.label, issuer=root))
 
     at = prof.utcnow().isoformat()

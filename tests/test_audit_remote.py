@@ -588,10 +588,13 @@ async def test_a_log_name_that_is_not_a_node_name_is_refused(tmp_path: Path) -> 
         log.logs = ["node-1", "init"]
         assert await list_logs(url, ctx) == ["node-1", "init"]
         assert log_state_path(tmp_path / "a.state", "node-1") == tmp_path / "a.node-1.state"
-        for bad in ("../../etc/cron.d/x", "a/b", ".hidden", ""):
+        for bad in ("../../etc/cron.d/x", "a/b", ".hidden", "", "node-2\n"):
             log.logs = ["node-1", bad]
             with pytest.raises(ClientError, match="not a node name"):
                 await list_logs(url, ctx)
+        log.logs = [None, "node-1"]
+        with pytest.raises(ClientError, match="mixes an unnamed log"):
+            await list_logs(url, ctx)
     finally:
         await runner.cleanup()
 

@@ -61,7 +61,7 @@ def openssl_verify(root: Path, untrusted: Path, leaf: Path) -> bool:
 
 async def test_rotate_issuing_and_ssh_keys_retire_and_destroy_while_renewals_run(
         tmp_path: Path) -> None:
-    ca = init_ca(tmp_path, name="Example staging")  # its CA certificates carry the name
+    ca = init_ca(tmp_path, name="Example Corporation staging east")  # the longest name: 32
     config = ca.state / "hsmca.toml"
     config.write_text(config.read_text().replace(
         "[server]\n", '[server]\npublic-url = "https://ca.test"\n', 1))
@@ -95,10 +95,11 @@ async def test_rotate_issuing_and_ssh_keys_retire_and_destroy_while_renewals_run
         assert "rotated issuing" in out and old_label_text in out
         after = enroll(d, tmp_path, "service", ["new.internal.example"])
         assert aki(load(after[0])) != aki(load(before[0]))
-        assert load(before[0]).issuer.rfc4514_string() == "CN=Example staging Issuing CA"
-        assert load(after[0]).issuer.rfc4514_string().startswith(
-            "CN=Example staging Issuing CA issuing-ca-")
-        assert load(d.root).subject.rfc4514_string() == "CN=Example staging Root CA"
+        named = "CN=Example Corporation staging east"
+        assert load(before[0]).issuer.rfc4514_string() == f"{named} Issuing CA"
+        assert re.fullmatch(rf"{named} Issuing CA \d{{14}}-[0-9a-f]{{4}}",
+                            load(after[0]).issuer.rfc4514_string())
+        assert load(d.root).subject.rfc4514_string() == f"{named} Root CA"
         bundle = tmp_path / "bundle.pem"
         bundle.write_bytes((await http("GET", f"{d.url}/v1/x509/bundle", d.ssl()))[2])
         chain = tmp_path / "chain.pem"

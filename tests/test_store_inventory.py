@@ -156,3 +156,14 @@ def test_what_an_issuer_signed_that_is_still_live(store: Store) -> None:
     count, until = run(store.live_signed_by("issuing-ca", NOW))
     assert count == 2 and until == (NOW + dt.timedelta(days=9)).isoformat()
     assert run(store.live_signed_by("another-ca", NOW)) == (0, None)
+    # SSH certificates count too (their validBefore is Unix seconds): one live, the
+    # later end; one expired.
+    for serial, ends in ((11, dt.timedelta(days=12)), (12, -dt.timedelta(hours=1))):
+        store.add_ssh_cert(NewSSHCert(
+            serial=serial, key_id=f"k{serial}", cert_type="user", key_sha256=f"SHA256:{serial}",
+            public_key="ssh-ed25519 AAAA", principals=("alice",),
+            valid_after=int((NOW - dt.timedelta(days=1)).timestamp()),
+            valid_before=int((NOW + ends).timestamp()), owner_serial="501",
+            issued_at=NOW.isoformat(), issuer="ssh-user-ca")).result(timeout=10)
+    assert run(store.live_signed_by("ssh-user-ca", NOW)) == (
+        1, (NOW + dt.timedelta(days=12)).isoformat())

@@ -77,3 +77,35 @@ def test_latency_quantiles_interpolate_as_prometheus_does() -> None:
     assert hist.quantile(0.99) == 5.0  # in +Inf: the largest finite bound
     assert Latency("/r", ((0.001, 0), (float("inf"), 0)), 0).quantile(0.5) is None
     assert [n for _, _, n in hist.per_bucket()] == [4, 5, 0, 1]
+
+
+async def test_on_a_cluster_a_record_without_a_served_log_is_said_so(tmp_path: Path) -> None:
+    """The certificate page proves its lines in the log its record names; a record
+    that names none (made before hsmca kept it) or a log the daemon does not serve is
+    said so, never checked against another log's line at that seq. No daemon is asked:
+    the list of logs is what it last said."""
+    import ssl
+
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from ca.ui.ca_api import CA
+    from ca.ui.follow import Logs, Verdict
+    from ca.ui.pages import UI, _evidence, environment
+    from tests.helpers import other_ca
+
+    other = other_ca(tmp_path)
+    cert = other.cert
+    key = ed25519.Ed25519PrivateKey.generate().public_key()
+    ca = CA("https://127.0.0.1:1", ssl.create_default_context())
+    logs = Logs(ca, key, tmp_path / "auditor.state", None, [])
+    logs.names = ["node-1", "node-2", "init"]
+    ui = UI(ca, logs, cert, key, [], environment())
+    verdict = Verdict("ok", None, None, "", dt.datetime.now(dt.UTC), log="node-1")
+    try:
+        found, log = await _evidence(ui, verdict, {"audit_seq": 5, "audit_log": None}, cert)
+        assert log is None and found.intent is None
+        assert "does not say which node's log holds its line 5" in (found.problem or "")
+        found, log = await _evidence(ui, verdict, {"audit_seq": 5, "audit_log": "node-9"}, cert)
+        assert "log of node-9, line 5, which the daemon does not serve" in (found.problem or "")
+    finally:
+        await ca.close()

@@ -129,9 +129,12 @@ async def list_logs(url: str, ssl_ctx: ssl.SSLContext) -> list[str | None]:
         raise client.ClientError(f"the daemon's list of logs is malformed: {exc}") from None
     if not all(n is None or isinstance(n, str) for n in names) or not names:
         raise client.ClientError("the daemon's list of logs is malformed")
+    if None in names and len(names) > 1:
+        raise client.ClientError("the daemon's list of logs mixes an unnamed log with named "
+                                 "ones")
     for name in names:
         # A name becomes part of a state file's name (log_state_path): never a path.
-        if name is not None and name != "init" and not NODE_NAME.match(name):
+        if name is not None and name != "init" and not NODE_NAME.fullmatch(name):
             raise client.ClientError(f"the daemon's list of logs names {name[:64]!r}, which "
                                      "is not a node name")
     return names

@@ -79,6 +79,15 @@ def name(common_name: str) -> x509.Name:
 
 DEFAULT_CA_NAME = "hsmca"
 ROOT_SUFFIX, ISSUING_SUFFIX = " Root CA", " Issuing CA"
+# A common name holds 64 characters: NAME, " Issuing CA " and a rotated key's stamp
+# (YYYYmmddHHMMSS-xxxx, 19 characters) must fit in one.
+MAX_CA_NAME = 32
+assert MAX_CA_NAME + len(ISSUING_SUFFIX) + 1 + 19 <= 64
+
+
+def issuing_ca_name(base: str, stamp: str) -> str:
+    """The common name of an issuing CA made by a rotation, `stamp` its key's."""
+    return f"{base}{ISSUING_SUFFIX} {stamp}"
 
 
 def ca_name(root: x509.Certificate) -> str:

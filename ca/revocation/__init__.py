@@ -115,18 +115,21 @@ class Revocations:
         # relying party should not get a good one a moment longer than needed); the
         # stored CRL is stale from now on, and if re-signing fails here the next GET
         # tries again. Meanwhile OCSP serves no 'good' response for them (tryLater).
-        issuers = self.issuance.issuers
-        records = {s: await self.store.cert(s) for s in done.serials}
-        of = {s: issuers.x509_of(r.issuer if r else None) for s, r in records.items()}
-        unpublished = {s: label for s, label in of.items() if label not in issuers.x509}
+        unpublished: dict[int, str] = {}
         pending = None
         try:
+            issuers = await self.issuance.keys.refresh()  # a key retired meanwhile counts
+            records = {s: await self.store.cert(s) for s in done.serials}
+            of = {s: issuers.x509_of(r.issuer if r else None) for s, r in records.items()}
+            unpublished = {s: label for s, label in of.items() if label not in issuers.x509}
             await self.ocsp.sign([OCSPDue(s, of[s], now.isoformat(), order.reason, r.not_after)
                                   for s, r in records.items() if r is not None],
                                  order.actor, request_id)
             for label in sorted(set(of.values()) & set(issuers.x509)):
                 await self.refresh_crl(request_id, label)
-        except (AuditUnavailable, HSMUnavailable, StoreUnavailable) as exc:
+        except (AuditUnavailable, HSMUnavailable, StoreUnavailable, Refused) as exc:
+            # Committed, so it stands: what says so follows (the refresher, the next CRL
+            # request), and the client must not retry what is done.
             pending = str(exc) or type(exc).__name__
             log.warning("revoked, but the CRL and OCSP responses are not re-signed yet",
                         serials=[format(s, "x") for s in done.serials], error=pending,

@@ -224,8 +224,7 @@ def _ocsp_response(answer: ocsp.Answer) -> web.Response:
 @routes.post("/v1/x509/ocsp")
 async def ocsp_post(request: web.Request) -> web.Response:
     der = await request.read()
-    return _ocsp_response(await ocsp.answer(der, request.app[GATE].store,
-                                            request.app[ISSUANCE].issuers))
+    return _ocsp_response(await _ocsp_answer(request, der))
 
 
 @routes.get("/v1/x509/ocsp/{b64:.+}")
@@ -236,8 +235,14 @@ async def ocsp_get(request: web.Request) -> web.Response:
                                if "-" in text or "_" in text else None, validate=False)
     except (binascii.Error, ValueError):
         der = b""
-    return _ocsp_response(await ocsp.answer(der, request.app[GATE].store,
-                                            request.app[ISSUANCE].issuers))
+    return _ocsp_response(await _ocsp_answer(request, der))
+
+
+async def _ocsp_answer(request: web.Request, der: bytes) -> ocsp.Answer:
+    # The issuers as of now: a key another process retired a moment ago counts (a
+    # counter read; rebuilt only when a key changed).
+    issuers = await request.app[ISSUANCE].keys.refresh()
+    return await ocsp.answer(der, request.app[GATE].store, issuers)
 
 
 @routes.get("/v1/x509/roots")

@@ -67,6 +67,7 @@ from ca.store.sqlite import (
     Table,
     _cert,
     _cert_filter,
+    _latest,
     _read_cert,
 )
 
@@ -654,15 +655,15 @@ class PostgresStore:
 
     async def live_signed_by(self, issuer: str | None, now: dt.datetime
                              ) -> tuple[int, str | None]:
-        at = now.isoformat()
-        count, last = 0, None
-        for table, end in (("certs", "not_after"), ("ssh_certs", "valid_before")):
-            rows = await self._rows(f"SELECT COUNT(*), MAX({end}) FROM {table} WHERE issuer "
-                                    f"IS NOT DISTINCT FROM %s AND {end} > %s AND revoked_at IS "
-                                    "NULL", (issuer, at))
-            count += int(rows[0][0])
-            last = max(filter(None, (last, rows[0][1])), default=None)
-        return count, last
+        [(n, until)] = await self._rows(
+            "SELECT COUNT(*), MAX(not_after) FROM certs WHERE issuer IS NOT DISTINCT FROM %s "
+            "AND not_after > %s AND revoked_at IS NULL", (issuer, now.isoformat()))
+        # An SSH certificate's validBefore is kept as Unix seconds.
+        [(m, before)] = await self._rows(
+            "SELECT COUNT(*), MAX(CAST(valid_before AS BIGINT)) FROM ssh_certs WHERE issuer IS "
+            "NOT DISTINCT FROM %s AND CAST(valid_before AS BIGINT) > %s AND revoked_at IS NULL",
+            (issuer, int(now.timestamp())))
+        return int(n) + int(m), _latest(until, before)
 
     # ---- ACME -------------------------------------------------------------------------------
 

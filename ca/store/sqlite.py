@@ -50,6 +50,14 @@ from ca.store.records import (
 T = TypeVar("T")
 KEEP_CRLS = 16
 
+def _latest(not_after: str | None, valid_before: int | None) -> str | None:
+    """The later of an X.509 notAfter (ISO 8601) and an SSH validBefore (Unix seconds),
+    as ISO 8601; None if neither."""
+    ssh = dt.datetime.fromtimestamp(int(valid_before), dt.UTC).isoformat() \
+        if valid_before is not None else None
+    return max(filter(None, (not_after, ssh)), default=None)
+
+
 # Numbered migrations: the database's PRAGMA user_version says how many have run. Each
 # runs in its own transaction at open; a database newer than this code is refused.
 MIGRATIONS: tuple[str, ...] = (
@@ -839,14 +847,15 @@ class SQLiteStore:
 
     async def live_signed_by(self, issuer: str | None, now: dt.datetime
                              ) -> tuple[int, str | None]:
-        at = now.isoformat()
-        count, last = 0, None
-        for table, end in (("certs", "not_after"), ("ssh_certs", "valid_before")):
-            n, until = self._read(f"SELECT COUNT(*), MAX({end}) FROM {table} WHERE issuer IS "
-                                  f"? AND {end} > ? AND revoked_at IS NULL", (issuer, at))[0]
-            count += int(n)
-            last = max(filter(None, (last, until)), default=None)
-        return count, last
+        n, until = self._read("SELECT COUNT(*), MAX(not_after) FROM certs WHERE issuer IS ? "
+                              "AND not_after > ? AND revoked_at IS NULL",
+                              (issuer, now.isoformat()))[0]
+        # An SSH certificate's validBefore is kept as Unix seconds.
+        m, before = self._read("SELECT COUNT(*), MAX(CAST(valid_before AS INTEGER)) FROM "
+                               "ssh_certs WHERE issuer IS ? AND CAST(valid_before AS INTEGER) "
+                               "> ? AND revoked_at IS NULL",
+                               (issuer, int(now.timestamp())))[0]
+        return int(n) + int(m), _latest(until, before)
 
     # ---- ACME -----------------------------------------------------------------------------
 
