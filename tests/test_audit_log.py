@@ -3,6 +3,7 @@ crashes, and failing closed when the disk refuses."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import re
@@ -14,10 +15,12 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from ca.audit.log import AuditLog
 from ca.audit.verify import verify_log
+from ca.issuance.pipeline import SigningPipeline
 from tests.conftest import InitialisedCA, hsmca, init_ca, start_daemon
 from tests.helpers import audit_verify, rechain
 
@@ -347,3 +350,40 @@ def test_outcome_owed_after_a_failed_write_is_written_first(ca: InitialisedCA,
     late = [json.loads(line) for line in path.read_bytes().splitlines()
             if b'"released":false' in line]
     assert len(late) == 1 and late[0]["phase"] == "outcome" and late[0]["result"] == "ok"
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_the_checkpointer_outlives_a_failure_it_did_not_expect(
+        worker: SigningPipeline, tmp_path: Path) -> None:
+    """A failure that is neither the HSM's nor the log's (the inventory the audit keys
+    are read from, busy for a moment) is logged and tried again at the next tick: the
+    log keeps getting checkpoints. (Before, the task died with it, silently, and the
+    log went without checkpoints until a restart.)"""
+    from ca.audit.checkpointer import Checkpointer
+    audit = worker._audit
+    key = await worker.load_key("audit")
+    asked: list[int] = []
+
+    async def keys() -> list[Any]:
+        asked.append(1)
+        if len(asked) == 1:
+            raise RuntimeError("database is locked")
+        return [key]
+
+    written = asyncio.Event()
+
+    async def on_checkpoint(_size: int, _text: str) -> None:
+        written.set()
+
+    checkpointer = Checkpointer(audit, worker, keys, "test.example/audit",  # type: ignore[arg-type]
+                                tmp_path / "checkpoint", min_interval=0.01,
+                                on_checkpoint=on_checkpoint)
+    task = asyncio.create_task(checkpointer.run())
+    try:
+        await audit.append("test.line")  # something to checkpoint
+        await asyncio.wait_for(written.wait(), 30)
+        alive = not task.done()
+    finally:
+        task.cancel()
+    assert alive and len(asked) >= 2  # the first try failed, a later one signed
+    assert (tmp_path / "checkpoint").read_text().startswith("test.example/audit\n")

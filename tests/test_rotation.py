@@ -259,7 +259,9 @@ async def test_rotate_the_audit_key_and_verifiers_pinned_to_the_old_one_follow(
             cp = (await http("GET", f"{d.url}/v1/audit/checkpoint", d.ssl()))[2].decode()
             if int(cp.split("\n")[1]) >= size:
                 return
-            assert asyncio.get_running_loop().time() < deadline
+            assert asyncio.get_running_loop().time() < deadline, (
+                f"no checkpoint covers {size} lines within 30 s; the daemon said:\n"
+                + "".join(d.stderr[-30:]))
 
     try:
         await settled()

@@ -127,3 +127,8 @@ class Checkpointer:
                     await self.checkpoint()
                 except (AuditUnavailable, HSMError) as exc:
                     log.warning("checkpoint failed", error=str(exc))
+                except Exception:  # anything else: said, and tried again
+                    # A task that died here would leave the log without checkpoints
+                    # until a restart, silently (the inventory read the audit keys come
+                    # from, busy or away for a moment, was enough).
+                    log.exception("checkpoint failed; trying again")
