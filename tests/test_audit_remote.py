@@ -538,6 +538,16 @@ class ScriptedLog:
         self.checkpoint = sign_checkpoint(self.origin, size, mth(self.lines[:size]),
                                           self.origin, self.key.public_key(), self.key.sign)
 
+    async def serve(self) -> tuple[Any, str]:
+        """This log served over plain HTTP on a loopback port: (its runner, its URL)."""
+        from aiohttp import web
+        runner = web.AppRunner(self.app())
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return runner, f"http://127.0.0.1:{port}"
+
     def app(self) -> Any:
         from aiohttp import web
 
@@ -572,17 +582,11 @@ async def test_a_log_name_that_is_not_a_node_name_is_refused(tmp_path: Path) -> 
     names a log with a path in it is refused before any file is named."""
     import ssl
 
-    from aiohttp import web
-
     from ca.audit.remote import list_logs, log_state_path
     from ca.client import ClientError
 
     log = ScriptedLog()
-    runner = web.AppRunner(log.app())
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    runner, url = await log.serve()
     ctx = ssl.create_default_context()
     try:
         log.logs = ["node-1", "init"]
@@ -603,17 +607,11 @@ async def test_verify_remote_carries_open_intents_and_catches_a_lying_server(
         tmp_path: Path) -> None:
     import ssl
 
-    from aiohttp import web
-
     from ca.audit.remote import verify_remote
     from ca.audit.verify import verify_log
 
     log = ScriptedLog()
-    runner = web.AppRunner(log.app())
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    runner, url = await log.serve()
     pub, ctx, state = log.key.public_key(), ssl.create_default_context(), tmp_path / "s.json"
     try:
         # A checkpoint that falls between an intent and its outcome, as on a busy CA.
@@ -677,17 +675,11 @@ async def test_verify_remote_from_a_state_ahead_of_the_daemons_checkpoint(
     has them unchanged; a state of the first version still continues."""
     import ssl
 
-    from aiohttp import web
-
     from ca.audit.remote import verify_remote
     from ca.audit.verify import save_state, verify_log
 
     log = ScriptedLog()
-    runner = web.AppRunner(log.app())
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    runner, url = await log.serve()
     pub, ctx, state = log.key.public_key(), ssl.create_default_context(), tmp_path / "s.json"
     try:
         log.add("init.start")
