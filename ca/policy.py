@@ -28,15 +28,16 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa
 
 ROLES = ("service", "host", "user", "auditor", "admin")
-_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
-_TTL = re.compile(r"^([1-9][0-9]{0,7})([smhd])$")
+_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
+_TTL = re.compile(r"^([1-9][0-9]{0,7})([smhd])\Z")
 _TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _BAD_CHARS = re.compile(r"[\x00-\x20\x7f-\x9f,]")
-_PRINCIPAL = re.compile(r"^[\x21-\x2b\x2d-\x7e]{1,256}$")  # printable ASCII, no space or comma
+# \Z, not $: "$" also matches before a final newline, and "alice\n" is no principal.
+_PRINCIPAL = re.compile(r"^[\x21-\x2b\x2d-\x7e]{1,256}\Z")  # printable ASCII, no space or comma
 # RFC 3986 with no userinfo: scheme "://" host [":" port] path-abempty ["?" query] ["#" frag]
 _URI = re.compile(r"^(?P<scheme>[a-z][a-z0-9+.-]*)://(?P<host>\[[0-9a-f:.]+\]|[a-z0-9.-]+)"
                   r"(?::(?P<port>[0-9]{1,5}))?(?P<rest>[/?#][\x21-\x7e]*)?$")
-_URI_REST_OK = re.compile(r"^[A-Za-z0-9\-._~!$&'()*+,;=:@/?#%\[\]]*$")
+_URI_REST_OK = re.compile(r"^[A-Za-z0-9\-._~!$&'()*+,;=:@/?#%\[\]]*\Z")
 MIN_RSA_EXPONENT = 65537
 
 

@@ -148,6 +148,8 @@ def corpus() -> list[Case]:
             ({"role": "service", "names": ["alice@example.com"]}, 400, "bad-request"),
             ({"role": "user", "names": ["alice@example.com"], "principals": ["a,b"]}, 400,
              "bad-name"),
+            ({"role": "user", "names": ["alice@example.com"], "principals": ["alice\n"]},
+             400, "bad-name"),
             ({"role": "user", "names": ["alice@example.com"], "principals": [""]}, 400,
              "bad-name"),
             ({"role": "user", "names": ["alice@example.com"], "principals": ["x" * 300]}, 400,
@@ -450,6 +452,7 @@ def test_token_request_parser_fuzz(body: dict[str, Any]) -> None:
 @example(text="svc.internal.example")
 @example(text="alice@example.com")
 @example(text="15m")
+@example(text="0\n")  # found by this test: '$' let a final newline into a principal
 @given(text=st.sampled_from([*NAMES, "15m", " 8h ", "0m", "007h", "alice"]) | st.text(max_size=200))
 def test_name_and_principal_parsers_fuzz(text: str) -> None:
     try:

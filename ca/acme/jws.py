@@ -64,7 +64,7 @@ class Verified:
         return obj
 
 
-_B64URL = re.compile(r"^[A-Za-z0-9_-]*$")
+_B64URL = re.compile(r"^[A-Za-z0-9_-]*\Z")
 
 
 def b64decode(text: object, what: str) -> bytes:

@@ -22,7 +22,7 @@ from ca.server.problems import Problem
 from hsm.errors import AuditUnavailable
 
 T = TypeVar("T")
-_NODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_NODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
 
 
 class OtherLog:
