@@ -419,7 +419,8 @@ class HSM:
         self._record("hsm.open", module=cfg.module, reconnect=reconnect)
         pin = read_pin(cfg.pin_source)
         try:
-            session = token.open(rw=True, user_pin=pin)
+            session = self._login(token, pin, retries=() if reconnect else
+                                  TOKEN_LOOKUP_RETRIES_S)
         except pkcs11.exceptions.PinIncorrect:
             self._record("hsm.login", result="PinIncorrect")
             raise HSMError(f"wrong PIN for token {cfg.token!r} (PIN from "
@@ -439,6 +440,23 @@ class HSM:
         for label, info in old.items():
             if self._find(label).public_key != info.public_key:
                 raise HSMError(f"key {label!r} in the token changed since start-up")
+
+    def _login(self, token: Any, pin: str, retries: tuple[float, ...]) -> Any:
+        """A logged-in session. SoftHSM answers GeneralError here too while another
+        process rewrites the token's files (seen at a start right after a kill -9 under
+        load), so at start the login is tried again a few times, as the lookup is."""
+        for delay in retries:
+            try:
+                return token.open(rw=True, user_pin=pin)
+            except pkcs11.exceptions.GeneralError:
+                time.sleep(delay)  # a back-off before trying again, on the HSM thread
+        try:
+            return token.open(rw=True, user_pin=pin)
+        except pkcs11.exceptions.GeneralError:
+            if not retries:
+                raise  # a reconnect: its back-off tries again, and records this as it is
+            raise HSMError(f"the token {self.config.token!r} in {self.config.module} cannot "
+                           "be opened (GeneralError)") from None
 
     def _find_token(self, retries: tuple[float, ...]) -> Any:
         """The configured token. SoftHSM leaves out of its slot list, or answers
