@@ -8,7 +8,6 @@ lines after the last bundle they cover (ca/audit/cluster_tiles.py)."""
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -17,12 +16,12 @@ from aiohttp import web
 from ca.audit.cluster_tiles import tree_at
 from ca.audit.note import parse_checkpoint
 from ca.audit.tiles import TILE_HEIGHT, TILE_WIDTH, TileDamaged, TiledTree, entry_bundle
+from ca.config import NODE_NAME
 from ca.server.common import SETTINGS, STORE
 from ca.server.problems import Problem
 from hsm.errors import AuditUnavailable
 
 T = TypeVar("T")
-_NODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
 
 
 class OtherLog:
@@ -107,7 +106,7 @@ def other_log(request: web.Request) -> OtherLog | None:
     name = name if name is not None else asked
     if name is None or name == request.app[SETTINGS].node:
         return None
-    if not _NODE.match(name):
+    if not NODE_NAME.fullmatch(name):  # the names `serve --node` accepts
         raise Problem(400, "Bad Request", "log must be a node name (letters, digits, '.', "
                       "'_', '-')", "bad-query")
     store = _cluster_store(request)
