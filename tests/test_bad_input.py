@@ -421,6 +421,7 @@ def token_bodies() -> Any:
 @example(body={"role": "service", "names": ["a.example", "10.0.0.1", "a.example"],
                "ttl": "8h"})
 @example(body={"role": "user", "names": ["alice@example.com"], "principals": ["alice"]})
+@example(body={"role": "service", "names": ["a.example"], "ttl": None})  # found by it
 @given(body=token_bodies())
 def test_token_request_parser_fuzz(body: dict[str, Any]) -> None:
     request = ra.TokenRequest(body.get("role"), body.get("names"), body.get("principals", []),
@@ -444,7 +445,9 @@ def test_token_request_parser_fuzz(body: dict[str, Any]) -> None:
     assert not decision.principals or decision.role == "user"
     for p in decision.principals:
         assert policy.principal(p) == p
-    assert decision.ttl_s == policy.parse_ttl(body.get("ttl", "1h"))
+    # JSON null is no ttl: the registration authority's default, as for an absent one.
+    asked = body.get("ttl")
+    assert decision.ttl_s == policy.parse_ttl("1h" if asked is None else asked)
     assert 0 < decision.ttl_s <= Policy().token_max_ttl_s
 
 
