@@ -115,14 +115,20 @@ def _send_raw(d: Daemon, request: bytes) -> bytes:
 async def test_a_request_that_is_not_http_is_one_json_line_without_its_bytes(
         served: Daemon) -> None:
     """aiohttp's parser quotes the offending bytes in its error: an oversized
-    Authorization header's would reach the log, as a bare traceback. It is one JSON line
-    with the error's type instead, and the daemon serves on."""
+    Authorization header's would reach the log, as a bare traceback, and the client's
+    text/plain answer. It is one JSON line with the error's type instead, the answer a
+    problem saying what is wrong, and the daemon serves on."""
     secret = "hsmca-0123-mistakenly-pasted-twice"
     before = len(served.stderr)
     answer = await asyncio.to_thread(
         _send_raw, served, b"GET /health HTTP/1.1\r\nHost: localhost\r\nAuthorization: "
         b"Bearer " + secret.encode() + b"x" * 9000 + b"\r\n\r\n")
     assert answer.startswith(b"HTTP/1.0 400") or answer.startswith(b"HTTP/1.1 400"), answer[:80]
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"content-type: application/problem+json" in head.lower(), head
+    assert json.loads(body)["detail"] == (
+        "a request line or header line is longer than 8 KiB; nothing was done")
+    assert secret.encode() not in answer
     [line] = await said(served, "refused a request that is not valid HTTP",
                         lambda e: e.get("error") == "LineTooLong")
     assert line["status"] == 400 and line["peer"] == "127.0.0.1"
@@ -131,6 +137,11 @@ async def test_a_request_that_is_not_http_is_one_json_line_without_its_bytes(
     assert all(json.loads(text) for text in new)  # JSON lines only, no bare traceback
     status, _, _ = await http("GET", f"{served.url}/health", served.ssl())
     assert status == 200
+    # A client speaking something else than HTTP inside the TLS connection:
+    answer = await asyncio.to_thread(_send_raw, served, b"\x16\x03\x01\x02\x00 / HTTP/1.1\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 400") or head.startswith(b"HTTP/1.1 400"), head
+    assert json.loads(body)["detail"].startswith("the request method is not valid HTTP")
 
 
 async def test_an_expired_token_is_refused_as_expired(served: Daemon) -> None:

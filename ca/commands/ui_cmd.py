@@ -140,8 +140,8 @@ async def _serve(url: str, ctx: ssl.SSLContext, root: x509.Certificate,
     ca = CA(url, ctx)
     logs = Logs(ca, audit_key, state, origin, witness_keys)
     ui = UI(ca, logs, root, audit_key, witness_keys, environment())
-    from ca.logs import http_server_logger
-    runner = web.AppRunner(build_app(ui), access_log=None, logger=http_server_logger())
+    from ca.http_server import app_runner
+    runner = app_runner(build_app(ui))
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=tls)
     try:

@@ -97,8 +97,8 @@ async def _serve(witness: Witness, host: str, port: int) -> None:
     from aiohttp import web
 
     from ca.audit.witness_server import application
-    from ca.logs import http_server_logger
-    runner = web.AppRunner(application(witness), access_log=None, logger=http_server_logger())
+    from ca.http_server import app_runner
+    runner = app_runner(application(witness))
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:

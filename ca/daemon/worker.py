@@ -32,10 +32,11 @@ from ca.daemon.cluster_limit import ClusterTokenLimit
 from ca.daemon.control import ControlClient
 from ca.daemon.keys import open_keyring
 from ca.generations import Generations
+from ca.http_server import app_runner
 from ca.issuance.issue import Issuance
 from ca.issuance.pipeline import SigningPipeline
 from ca.lifecycle import KeyLifecycle
-from ca.logs import configure, http_server_logger
+from ca.logs import configure
 from ca.metrics import Metrics
 from ca.process import raise_fd_limit, settle_heap
 from ca.revocation import Revocations
@@ -100,8 +101,7 @@ async def run(config: Config, host: str, port: int, slot: int, sign_channel: soc
                                                    for n in config.metrics_allow),
                               config.audit_origin, config.node),
             acme=config.acme)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=10.0,
-                               logger=http_server_logger())
+        runner = app_runner(app, shutdown_timeout=10.0)
         await runner.setup()
         TRUST.generations, TRUST.bundle = generations, config.bundle_pem
         site = web.TCPSite(runner, host, port, ssl_context=tls_context(
