@@ -84,8 +84,9 @@ async def run_init(opts: InitOptions) -> list[Path]:
 
     cluster_store = await _cluster_store(opts.store_url)  # checked before any key is made
     try:
-        audit = AuditLog.open(state / "audit" / "log.jsonl", mirror=None if cluster_store is None
-                              else cluster.mirror(cluster_store, cluster.CEREMONIES))
+        log_path = state / "audit" / "log.jsonl"
+        audit = AuditLog.open(log_path, mirror=None if cluster_store is None
+                              else cluster.mirror(cluster_store, cluster.CEREMONIES, log_path))
     except BaseException:
         if cluster_store is not None:
             cluster_store.close()

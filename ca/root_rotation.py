@@ -113,10 +113,10 @@ def _ceremony_log(config: Config, audit_key: Ed25519PublicKey, store: Store | No
     from ca.audit import cluster
     from ca.store.postgres import PostgresStore
     assert isinstance(store, PostgresStore)
-    cluster.sync_local_log(config.audit_log, config.checkpoint_path, store,
-                           cluster.CEREMONIES)
-    return AuditLog.open(config.audit_log, config.checkpoint_path, audit_key,
-                         mirror=cluster.mirror(store, cluster.CEREMONIES))
+    owed = cluster.sync_local_log(config.audit_log, config.checkpoint_path, store,
+                                  cluster.CEREMONIES)
+    return AuditLog.open(config.audit_log, config.checkpoint_path, audit_key, owed=owed,
+                         mirror=cluster.mirror(store, cluster.CEREMONIES, config.audit_log))
 
 
 def _publisher(store: Store) -> Callable[[int, str], Awaitable[None]] | None:

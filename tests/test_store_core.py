@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -205,5 +207,54 @@ def test_an_audit_group_not_committed_in_time_fails_in_one_line_and_is_given_up(
             # Once this has the lock again, the late group, waiting before it, is over.
             other.execute(lock, (AUDIT_LOCK_CLASS, "n1"))
             assert store.audit_lines_sync("n1", 0, 10) == [b"line 0"]
+    finally:
+        store.close()
+
+
+def test_a_group_committed_after_its_node_cut_it_comes_back_as_never_released(
+        postgres_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A group whose commit the node gave up on, already writing, commits late; the
+    node stops before its next group would have replaced it. At the next start that
+    group is not written back into the file as if acknowledged: the outcome comes
+    back marked never released, exactly as the next group would have written it, and
+    file and PostgreSQL agree."""
+    import psycopg
+
+    from ca.audit import cluster
+    from ca.audit.log import AuditLog
+    from ca.store.postgres import AUDIT_LOCK_CLASS, PostgresStore
+    url = postgres_server.new_database()
+    store = PostgresStore(url)
+    path = tmp_path / "audit" / "log.jsonl"
+    monkeypatch.setattr(cluster, "COMMIT_TIMEOUT_S", 1.0)
+    outcome = {"phase": "outcome", "op_id": "0a", "result": "ok", "fingerprint": "ff"}
+    try:
+        audit = AuditLog.open(path, mirror=cluster.mirror(store, "n1", path))
+        [intent] = audit.append_durable([("hsm.sign", {"phase": "intent", "op_id": "0a"})])
+        assert intent.result() == 0
+        with psycopg.connect(url) as other:
+            # An uncommitted row at the outcome's seq: the group, past its look at
+            # whether it was given up, waits in its INSERT until the node gives up.
+            other.execute("INSERT INTO audit_lines (node, seq, line) VALUES ('n1', 1, 'x')")
+            [failed] = audit.append_durable([("hsm.sign", outcome)])
+            assert "did not commit the audit lines within 1 s" in str(failed.exception())
+            other.rollback()  # the late group goes on and commits
+            other.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
+                          (AUDIT_LOCK_CLASS, "n1"))  # held until that commit is over
+        assert store.audit_size_sync("n1") == 2
+        audit.close()  # the node stops before its next group
+
+        owed = cluster.sync_local_log(path, tmp_path / "checkpoint", store, "n1")
+        audit = AuditLog.open(path, mirror=cluster.mirror(store, "n1", path), owed=owed)
+        audit.append_durable([("daemon.start", {})])
+        audit.close()
+        lines = path.read_bytes().splitlines()
+        said = [json.loads(line) for line in lines]
+        assert [(e["event"], e.get("phase"), e.get("released")) for e in said] == [
+            ("hsm.sign", "intent", None), ("hsm.sign", "outcome", False),
+            ("daemon.start", None, None)]
+        assert {k: said[1][k] for k in outcome} == outcome
+        assert store.audit_lines_sync("n1", 0, 10) == lines
+        assert not (tmp_path / "audit" / "log.jsonl.uncommitted").exists()
     finally:
         store.close()

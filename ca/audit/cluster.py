@@ -6,24 +6,28 @@ has committed it too: the group commit is a transaction commit, so no record liv
 only on one node's disk. At start the two are brought level before the log is
 opened: lines PostgreSQL lacks (a crash between the file's fdatasync and the
 commit: never acknowledged) are sent up, and lines the file lacks (a node rebuilt
-on a new disk) are written back from PostgreSQL, which is the record.
+on a new disk) are written back from PostgreSQL, which is the record; except a group
+the node cut from its file because its commit failed, which PostgreSQL committed all
+the same: that one is dropped (see mirror).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import errno
+import hashlib
 import json
 import os
 import shutil
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from ca.audit.log import TILES_DIR, AuditLogError, Mirror
+from ca.audit.log import ENVELOPE, TILES_DIR, AuditLogError, Mirror
+from ca.fileutil import write_atomic
 from ca.store.errors import StoreUnavailable
 
 if TYPE_CHECKING:  # psycopg is loaded only where a cluster runs
@@ -38,16 +42,72 @@ COMMIT_TIMEOUT_S = 10.0
 _PAGE = 5000
 
 
-def mirror(store: PostgresStore, node: str,
+def mirror(store: PostgresStore, node: str, path: Path,
            refuse: Callable[[], str | None] = lambda: None) -> Mirror:
-    """`refuse()`: why this process may not write `node`'s log now (its name was taken
-    by another process while the database was away), or None."""
+    """The group commit of `node`'s log in file `path`. `refuse()`: why this process may
+    not write `node`'s log now (its name was taken by another process while the
+    database was away), or None.
+
+    A group that fails is cut from the file, but PostgreSQL may have committed it all
+    the same (a commit given up on after COMMIT_TIMEOUT_S that went through later, or a
+    connection lost after the COMMIT was sent). The node's next group replaces it
+    there; should the node stop before that, the group would come back into its file
+    at the next start (sync_local_log) as if it had been acknowledged, its outcomes
+    claiming signatures that were never released. So the group is remembered on disk
+    first, and the next start drops it from PostgreSQL instead."""
     def commit(first_seq: int, lines: list[bytes]) -> None:
         why = refuse()
         if why is not None:
             raise NotCommitted(errno.EPERM, why)
-        commit_group(store, node, first_seq, lines)
+        try:
+            commit_group(store, node, first_seq, lines)
+        except NotCommitted:
+            _remember_cut(path, node, first_seq, lines)
+            raise
     return commit
+
+
+def _cut_marker(path: Path) -> Path:
+    return path.with_name(path.name + ".uncommitted")
+
+
+def _digest(lines: list[bytes]) -> str:
+    return hashlib.sha256(b"".join(line + b"\n" for line in lines)).hexdigest()
+
+
+def _remember_cut(path: Path, node: str, first_seq: int, lines: list[bytes]) -> None:
+    """Write, durably, which group of `node`'s lines the file is about to lose."""
+    marker = _cut_marker(path)
+    record = {"node": node, "first_seq": first_seq, "lines": len(lines),
+              "sha256": _digest(lines)}
+    try:
+        write_atomic(marker, json.dumps(record).encode() + b"\n", 0o640)
+    except OSError as exc:  # the group still fails closed; only the restart case is open
+        log.error("cannot remember the audit group PostgreSQL did not commit",
+                  file=str(marker), error=exc.strerror or str(exc))
+
+
+def _committed_after_cut(path: Path, store: PostgresStore, node: str, have: int,
+                         held: int) -> list[dict[str, Any]] | None:
+    """PostgreSQL's lines past the file's `have`, parsed, if they are exactly the group
+    this node cut from its file because their commit failed (see mirror); else None."""
+    try:
+        record = json.loads(_cut_marker(path).read_bytes())
+    except (FileNotFoundError, ValueError):  # none, or torn by a crash: restore
+        return None
+    if (not isinstance(record, dict) or record.get("node") != node
+            or record.get("first_seq") != have or record.get("lines") != held - have):
+        return None  # a later group went through: the marker is stale
+    lines = store.audit_lines_sync(node, have, held - have)
+    if _digest(lines) != record.get("sha256"):
+        return None
+    return [json.loads(line) for line in lines]
+
+
+def owed_outcome(line: Mapping[str, Any]) -> dict[str, Any]:
+    """A cut outcome line's fields, as the line the log owes for it: the same
+    outcome, said never released (AuditLog._fail_batch does the same)."""
+    return {**{k: v for k, v in line.items() if k not in ENVELOPE}, "released": False}
 
 
 class NotCommitted(OSError):
@@ -123,18 +183,21 @@ def _complete_lines(path: Path) -> tuple[int, bytes | None, int]:
     return 0, None, 0
 
 
-def sync_local_log(path: Path, checkpoint: Path, store: PostgresStore, node: str) -> None:
-    """Bring the node's file and PostgreSQL level (see the module's docstring)."""
+def sync_local_log(path: Path, checkpoint: Path, store: PostgresStore, node: str
+                   ) -> list[dict[str, Any]]:
+    """Bring the node's file and PostgreSQL level (see the module's docstring). Returns
+    the outcome lines owed for a group dropped from PostgreSQL (see mirror), for
+    AuditLog.open to write first."""
     held = store.audit_size_sync(node)
     have, last, end = _complete_lines(path)
     if have < 0:
-        return
+        return []
     lines: list[bytes] | None = None
     if have > held:  # the whole file is read only in this rare case (a crash)
         with open(path, "rb") as fh:
             lines = fh.read(end).split(b"\n")[:-1]
         if len(lines) != have:
-            return  # seqs that do not count lines: the log's own checks refuse it
+            return []  # seqs that do not count lines: the log's own checks refuse it
     # Where both have lines, the last line both hold must be the same line.
     common = min(have, held)
     if common:
@@ -149,9 +212,23 @@ def sync_local_log(path: Path, checkpoint: Path, store: PostgresStore, node: str
         commit_group(store, node, held, lines[held:])
         log.warning("sent audit lines PostgreSQL lacked (a crash between the file and "
                     "the commit)", node=node, first_seq=held, lines=have - held)
-        return
+        return []
     if have == held:
-        return
+        _cut_marker(path).unlink(missing_ok=True)
+        return []
+    cut = _committed_after_cut(path, store, node, have, held)
+    if cut is not None:
+        # Never acknowledged to anyone: the group is dropped from PostgreSQL and its
+        # outcomes are owed, marked never released, as the node's next group would
+        # have done had it gone on. Its intents were never signed.
+        store.append_audit(node, have, []).result()
+        _cut_marker(path).unlink()
+        log.warning("dropped audit lines PostgreSQL committed after this node had cut "
+                    "them from its file; their outcomes are written again, as never "
+                    "released", node=node, first_seq=have, lines=held - have)
+        return [owed_outcome(line) for line in cut
+                if line.get("event") == "hsm.sign" and line.get("phase") == "outcome"]
+    _cut_marker(path).unlink(missing_ok=True)
     if have == 0:
         # A node on a new disk: its log comes back from PostgreSQL; tiles and the
         # checkpoint are rebuilt from it (the checkpoint is checked against the log).
@@ -174,3 +251,4 @@ def sync_local_log(path: Path, checkpoint: Path, store: PostgresStore, node: str
         os.close(fd)
     log.warning("restored audit lines of this node from PostgreSQL", node=node,
                 from_seq=have, lines=held - have)
+    return []

@@ -74,6 +74,9 @@ _READ_BLOCK = 4 << 20  # bytes read at a time when a whole log is read (building
 Mirror = Callable[[int, list[bytes]], None]
 
 
+# The fields the log adds to every line's own (see _commit).
+ENVELOPE = frozenset({"seq", "ts", "event", "prev"})
+
 class AuditLogError(Exception):
     """The log cannot be opened safely; the message tells the operator what to look at."""
 
@@ -133,10 +136,12 @@ class AuditLog:
     @classmethod
     def open(cls, path: Path, checkpoint_path: Path | None = None,
              audit_key: Ed25519PublicKey | None = None, *,
-             tiles: Path | None = None, mirror: Mirror | None = None) -> AuditLog:
+             tiles: Path | None = None, mirror: Mirror | None = None,
+             owed: Sequence[Mapping[str, Any]] = ()) -> AuditLog:
         """Lock the log, cut a torn tail (recorded as log.recover), check it against its
         tiles and its last checkpoint (the signature too, given the audit key), and
-        start the writer.
+        start the writer. `owed`: hsm.sign outcome lines that failed before this start
+        (cluster.sync_local_log), written first, as a failed batch's are.
 
         Opening reads only the lines after the last full bundle of 256 (those the
         tiles do not hold), and the last full bundle again. It refuses to open
@@ -170,11 +175,13 @@ class AuditLog:
                                     ) from None
             raise
         try:
-            return cls._recover(path, fd, Path(tiles) if tiles else path.parent / TILES_DIR,
-                                checkpoint_path, audit_key, mirror)
+            audit = cls._recover(path, fd, Path(tiles) if tiles else path.parent / TILES_DIR,
+                                 checkpoint_path, audit_key, mirror)
         except BaseException:
             os.close(fd)
             raise
+        audit._owed = [("hsm.sign", fields, cf.Future()) for fields in owed]
+        return audit
 
     @classmethod
     def _recover(cls, path: Path, fd: int, tiles: Path, checkpoint_path: Path | None,
