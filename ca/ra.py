@@ -564,8 +564,9 @@ def _renew(ctx: Context, who: Requester, req: RenewRequest) -> X509Order:
     else:
         subject = presented_subject_key(who.der)
     # Names come from the inventory record of the presented certificate: never widened,
-    # and checked against the lists in force now.
-    names = tuple(policy.classify(n, True) for n in who.names)
+    # and checked against the policy in force now (a wildcard too, once wildcards are
+    # turned off).
+    names = tuple(policy.classify(n, ctx.policy.allow_wildcards) for n in who.names)
     return _x509(ctx, who, role=who.role, names=names, principals=who.principals,
                  subject=subject, lifetime=_lifetime(ctx, req.ttl), renewed_from=who.serial)
 
@@ -596,7 +597,11 @@ def _ssh_host(ctx: Context, who: Requester, req: SSHHostRequest) -> SSHOrder:
     _need_role(who, "host")
     assert isinstance(who, CertHolder)
     dns = tuple(n for n in who.names if policy.classify(n, True)[0] == "dns")
+    if req.principals is None:  # by default, the names the policy in force still allows
+        dns = tuple(n for n in dns if ctx.policy.allow_wildcards or not n.startswith("*."))
     principals = _principals(req.principals, dns, "host names")
+    for name in principals:
+        policy.dns_name(name, ctx.policy.allow_wildcards)  # an asked-for wildcard is refused
     policy.check_allowed([("dns", x) for x in principals], ctx.policy, "host")
     _ssh_key(ctx, req.public_key)
     now = int(ctx.now.timestamp())

@@ -195,6 +195,25 @@ def test_renewal_rechecks_the_names_against_the_lists_in_force_now() -> None:
             Reason.NAME_NOT_ALLOWED)
 
 
+def test_wildcards_turned_off_reach_renewals_and_ssh_host_certificates() -> None:
+    """A wildcard granted while wildcards were on does not renew, nor become an SSH host
+    principal, once they are off."""
+    svc = holder("service", ("*.w.example", "svc.w.example"))
+    on = context(Policy(allow_wildcards=True))
+    order = ra.decide(on, svc, ra.RenewRequest())
+    assert isinstance(order, ra.X509Order) and ("dns", "*.w.example") in order.names
+    refused(ra.decide(context(), svc, ra.RenewRequest()), Reason.BAD_NAME,
+            "*.w.example", "wildcards are not enabled")
+    host = holder("host", ("*.w.example", "web.w.example"))
+    order = ra.decide(on, host, ra.SSHHostRequest(ssh_key()))
+    assert isinstance(order, ra.SSHOrder) and order.principals == ("*.w.example",
+                                                                    "web.w.example")
+    order = ra.decide(context(), host, ra.SSHHostRequest(ssh_key()))
+    assert isinstance(order, ra.SSHOrder) and order.principals == ("web.w.example",)
+    refused(ra.decide(context(), host, ra.SSHHostRequest(ssh_key(), ["*.w.example"])),
+            Reason.BAD_NAME, "wildcards are not enabled")
+
+
 def test_renewal_keeps_the_presented_key_unless_a_csr_brings_a_new_one() -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     svc = holder("service", ("svc.example",), key=key)
