@@ -22,6 +22,7 @@ from hsm.uri import parse as parse_uri
 
 KEY_LABELS = {"root": "root-ca", "issuing": "issuing-ca", "ssh_user": "ssh-user-ca",
               "ssh_host": "ssh-host-ca", "audit": "audit"}
+SSH_USER_TTL_CEILING_S = 24 * 3600  # SPEC 8: SSH user certificates live at most a day
 
 
 class ConfigError(ValueError):
@@ -338,6 +339,11 @@ def load(path: Path) -> Config:
         if f"{lifetime}-default-ttl-s" in pol and not 0 < short <= long_:
             raise ConfigError(f"{wp}: {lifetime}-default-ttl-s ({short}) must be positive "
                               f"and at most {lifetime}-max-ttl-s ({long_})")
+    if not 0 < policy.ssh_user_max_ttl_s <= SSH_USER_TTL_CEILING_S:
+        # A person's SSH certificate is short-lived by design: nothing revokes it on the
+        # servers until their KRL is fetched again.
+        raise ConfigError(f"{wp}: ssh-user-max-ttl-s ({policy.ssh_user_max_ttl_s}) must be "
+                          f"positive and at most {SSH_USER_TTL_CEILING_S} (24 h)")
     return Config(
         path=path, state_dir=base, hsm=hsm_cfg,
         softhsm_conf=str(rel(softhsm_conf)) if softhsm_conf else None,

@@ -77,6 +77,19 @@ def test_a_default_lifetime_above_its_maximum_is_refused_not_cut(tmp_path: Path)
     assert load(path).policy.x509_max_ttl_s == 3600
 
 
+def test_ssh_user_certificates_live_at_most_a_day(tmp_path: Path) -> None:
+    path = rendered(tmp_path)
+    text = path.read_text()
+    assert "ssh-user-max-ttl-s = 86400\n" in text
+    path.write_text(text.replace("ssh-user-max-ttl-s = 86400", "ssh-user-max-ttl-s = 2592000"))
+    with pytest.raises(ConfigError, match=r"ssh-user-max-ttl-s \(2592000\) must be positive "
+                       r"and at most 86400 \(24 h\)"):
+        load(path)
+    path.write_text(text.replace("ssh-user-max-ttl-s = 86400", "ssh-user-max-ttl-s = 43200"
+                                 ).replace("ssh-user-default-ttl-s = 57600\n", ""))
+    assert load(path).policy.ssh_user_max_ttl_s == 43200
+
+
 @pytest.mark.parametrize(("extra", "needle"), [
     ("[bogus]\nx = 1\n", "section [bogus]"),
     ("[server.tls]\nx = 1\n", "table [server.tls]"),
