@@ -141,7 +141,7 @@ def test_a_deactivated_account_orders_nothing_more(world: World) -> None:
     r = c.post(c.kid, {"status": "deactivated"})
     assert r.status == 200 and r.json["status"] == "deactivated"
     r = c.order("a.test")
-    assert r.status == 403 and r.problem == "unauthorized"
+    assert r.status == 401 and r.problem == "unauthorized"  # RFC 8555 7.3.6
 
 
 def test_a_deactivated_authorization_ends_its_order(world: World) -> None:

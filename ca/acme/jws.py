@@ -194,7 +194,8 @@ async def verify(raw: bytes, content_type: str, url: str, nonces: Nonces, *,
         raise AcmeProblem("unauthorized", f"the JWS url header is not this request's URL "
                           f"({url})", 401)
     if account is not None and account.status != "valid":
-        raise AcmeProblem("unauthorized", f"the account is {account.status}", 403)
+        # RFC 8555 7.3.6: a deactivated account's requests get 401 unauthorized.
+        raise AcmeProblem("unauthorized", f"the account is {account.status}", 401)
     return Verified(jws.payload, jwk, account, url)
 
 
