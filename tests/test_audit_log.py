@@ -170,6 +170,18 @@ def test_one_writer_only_and_refusal_of_a_shorter_or_rewritten_log(tmp_path: Pat
     proc = hsmca("serve", "--config", ca.state / "hsmca.toml", "--listen", "127.0.0.1:0",
                  check=False)
     assert proc.returncode == 1 and "rewritten" in proc.stderr, proc.stderr
+    # A line past the last checkpoint (the intent of the checkpoint that closes the
+    # log: it cannot cover itself), altered: start-up reads it, and refuses too.
+    at = max(i for i, line in enumerate(lines)
+             if b'"purpose":"checkpoint"' in line and b'"phase":"intent"' in line)
+    assert b'"actor":"local"' in lines[at]
+    altered = list(lines)
+    altered[at] = lines[at].replace(b'"actor":"local"', b'"actor":"lokal"')
+    log.write_bytes(b"".join(altered))
+    proc = hsmca("serve", "--config", ca.state / "hsmca.toml", "--listen", "127.0.0.1:0",
+                 check=False)
+    assert proc.returncode == 1 and "was rewritten: the prev recorded in line seq " \
+        f"{at + 1} is not the SHA-256 of the line before it" in proc.stderr, proc.stderr
     log.write_bytes(original)
     assert audit_verify(ca.state).returncode == 0
 
@@ -347,9 +359,15 @@ def test_outcome_owed_after_a_failed_write_is_written_first(ca: InitialisedCA,
     result = verify_log(path.read_bytes(), ed25519.Ed25519PrivateKey.generate().public_key(),
                         "x")
     assert result.ok, result.reason  # no intent left open without a crash to excuse it
-    late = [json.loads(line) for line in path.read_bytes().splitlines()
-            if b'"released":false' in line]
-    assert len(late) == 1 and late[0]["phase"] == "outcome" and late[0]["result"] == "ok"
+    lines = [json.loads(line) for line in path.read_bytes().splitlines()]
+    late = [i for i, e in enumerate(lines) if e.get("released") is False]
+    assert len(late) == 1 and lines[late[0]]["phase"] == "outcome"
+    assert lines[late[0]]["result"] == "ok"
+    # The first batch written again begins with log.resume, saying why writes failed,
+    # though nothing but the next signature wrote it.
+    resume = lines[late[0] - 1]
+    assert resume["event"] == "log.resume", resume
+    assert resume["after"].startswith("cannot write the audit log: "), resume
 
 
 @pytest.mark.asyncio(loop_scope="session")

@@ -260,6 +260,46 @@ async def test_audit_log_made_read_only_means_503_until_writable(tmp_path: Path)
     audit_verify(ca.state, ok=True)
 
 
+async def test_audit_log_moved_or_cut_under_the_daemon_means_503_until_it_is_back(
+        tmp_path: Path) -> None:
+    """The log file moved away (or deleted) under the running daemon: lines written to
+    the open file would vanish with it, so nothing is signed and /health says so. The
+    same for a log cut short: lines after the cut would not chain. Once the file is
+    back as hsmca wrote it, the next request is served, without a restart."""
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state)
+    log_file = ca.state / "audit/log.jsonl"
+    aside = log_file.with_name("moved-away.jsonl")
+    try:
+        cert, key = enroll(d, tmp_path, "service", [LOAD_NAME])
+        ctx = d.ssl(cert, key)
+        log_file.rename(aside)
+        try:
+            before = await signing_metrics(d)
+            for _ in range(2):
+                status, _, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
+                assert status == 503 and "audit log" in json.loads(body)["detail"]
+            status, _, body = await http("GET", f"{d.url}/health", d.ssl())
+            assert status == 503 and "was moved or deleted while hsmca ran; put it back" in (
+                json.loads(body)["audit"]), body
+            assert await signing_metrics(d) == before
+        finally:
+            aside.rename(log_file)
+        await assert_served_again(d, ctx)
+        whole = log_file.read_bytes()
+        with open(log_file, "r+b") as fh:
+            fh.truncate(whole.rindex(b"\n", 0, len(whole) - 1) + 1)  # the last line cut off
+        try:
+            await assert_nothing_signed(d, ctx, "was cut or written to by something other")
+        finally:
+            with open(log_file, "r+b") as fh:
+                fh.write(whole)
+        await assert_served_again(d, ctx)
+    finally:
+        assert d.stop() == 0
+    audit_verify(ca.state, ok=True)
+
+
 async def test_slow_and_idle_connections_do_not_block_others(daemon: Daemon,
                                                              tmp_path: Path) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

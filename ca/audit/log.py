@@ -74,6 +74,10 @@ _READ_BLOCK = 4 << 20  # bytes read at a time when a whole log is read (building
 Mirror = Callable[[int, list[bytes]], None]
 
 
+class _NotTheLog(OSError):
+    """The open file is no longer the log at its path, as hsmca wrote it."""
+
+
 # The fields the log adds to every line's own (see _commit).
 ENVELOPE = frozenset({"seq", "ts", "event", "prev"})
 
@@ -116,6 +120,7 @@ class AuditLog:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._coalescer = Coalescer(self._queue)
         self._problem: str | None = None
+        self._failed: str | None = None  # why the last batch failed, until one goes through
         self._poisoned = False
         # Outcome lines whose batch failed: the HSM did sign (the result was never
         # released), so the line is owed and goes first once the disk takes writes
@@ -241,6 +246,7 @@ class AuditLog:
             except ValueError:
                 torn = lines.pop() + b"\n"  # a complete-looking line that is not JSON
         n = covered + len(lines)
+        _check_chain(path, before, lines, covered)
         final = lines[-1] if lines else before
         if final is not None:
             seq = json.loads(final).get("seq")
@@ -372,6 +378,14 @@ class AuditLog:
         ts = utc_now()
         results = Batch()
         owed, self._owed = self._owed, []
+        if self._failed is not None:
+            # Whatever batch is the first to go through after a failed one begins with
+            # log.resume, so the outage shows in the log (the daemon's own retry writes
+            # one every second, but a checkpoint or a request may come first).
+            if items and items[0][0] == "log.resume":
+                owed.insert(0, items.pop(0))
+            else:
+                owed.insert(0, ("log.resume", {"after": self._failed}, cf.Future()))
         for event, fields, fut in owed + items:
             # Even when the caller has given up (cancelled), the line is written: a
             # record is never dropped, and an intent always gets its outcome.
@@ -401,9 +415,10 @@ class AuditLog:
             # Tiles an earlier batch could not store go first: the tiles never fall
             # more than one batch behind the log, so a start never reads more.
             self._store_tiles()
+            self._check_file()
             written = os.write(self._fd, blob)
-            if written != len(blob):
-                raise OSError(errno.ENOSPC, "short write")
+            while written < len(blob):  # the next write says why the disk took less
+                written += os.write(self._fd, blob[written:])
             os.fdatasync(self._fd)
             if self._mirror is not None:
                 self._mirror(self._next_seq, [c[:-1] for c in chunks])
@@ -422,7 +437,7 @@ class AuditLog:
                     self._edge_offsets = []
             self._size_bytes = pos
             self._next_seq, self._prev = seq, prev
-        self._problem = None
+        self._problem = self._failed = None
         self.batches += 1
         if self.on_commit is not None:
             self.on_commit(self.last_commit_s, len(done))
@@ -460,11 +475,34 @@ class AuditLog:
         write lock (they change with each bundle)."""
         return stored_tiles(self._store, since, page, self._write_lock)
 
+    def _check_file(self) -> None:
+        """Refuse to write to a file that is no longer the log: moved or deleted (lines
+        written to it would vanish with the file), replaced, or cut or written to by
+        something else (lines after it would not chain). Nothing is signed while so;
+        once the log is back as it was, writing goes on."""
+        mine = os.fstat(self._fd)
+        try:
+            named = os.stat(self.path)
+        except FileNotFoundError:
+            named = None
+        if named is None or mine.st_nlink == 0:
+            why = "was moved or deleted while hsmca ran; put it back"
+        elif (named.st_dev, named.st_ino) != (mine.st_dev, mine.st_ino):
+            why = "was replaced by another file while hsmca ran; put the log back"
+        elif mine.st_size != self._size_bytes:
+            why = (f"was cut or written to by something other than hsmca (it has "
+                   f"{mine.st_size} bytes, hsmca wrote {self._size_bytes}); restore it")
+        else:
+            return
+        raise _NotTheLog(errno.ESTALE, f"{self.path} {why}")
+
     def _fail_batch(self, done: list[tuple[Sink, int, str, Mapping[str, Any]]], exc: OSError,
                     results: Batch) -> None:
         reason = f"cannot write the audit log: {exc.strerror or exc}"
         try:  # cut whatever part of the batch reached the file, so the chain stays whole
-            if os.fstat(self._fd).st_size != self._size_bytes:
+            if isinstance(exc, _NotTheLog):
+                pass  # nothing was written, and the file is not the log's to cut
+            elif os.fstat(self._fd).st_size != self._size_bytes:
                 os.ftruncate(self._fd, self._size_bytes)
                 os.fsync(self._fd)
             # Else nothing reached the file (a read-only or immutable file refuses the
@@ -476,6 +514,7 @@ class AuditLog:
             self._poisoned = True
             self._problem = (f"{reason}; cutting the failed batch off failed too "
                              f"({exc2.strerror}): restart hsmca to recover the log")
+        self._failed = self._problem
         error = AuditUnavailable(self._problem)
         for fut, _, event, fields in done:
             if event == "hsm.sign" and fields.get("phase") == "outcome":
@@ -579,6 +618,25 @@ class AuditLog:
             os.close(self._fd)  # releases the flock
         except OSError:
             pass
+
+
+def _check_chain(path: Path, before: bytes | None, lines: list[bytes], first: int) -> None:
+    """The lines start reads past the tiles (`first` is the seq of the first) chain to
+    the line before them and to each other; else start-up would sign checkpoints over
+    a log that can never verify again."""
+    prev = chain_hash(before) if before is not None else GENESIS
+    for i, line in enumerate(lines):
+        try:
+            said = json.loads(line).get("prev")
+        except (ValueError, AttributeError):
+            said = None
+        if said != prev:
+            raise AuditLogError(
+                f"the audit log {path} was rewritten: the prev recorded in line seq "
+                f"{first + i} is not the SHA-256 of the line before it (that line was "
+                "altered, or a line removed or inserted). Refusing to start; run `hsmca "
+                "audit verify` on the log")
+        prev = chain_hash(line)
 
 
 def _leaves(lines: list[bytes]) -> list[bytes]:
