@@ -198,6 +198,46 @@ async def test_postgresql_stopped_means_503_and_nothing_signed_then_recovery(
         await asyncio.to_thread(server.close)
 
 
+async def test_postgresql_that_hangs_makes_health_say_so(tmp_path: Path) -> None:
+    """A database that takes connections but answers nothing (frozen, a network that
+    drops packets) is as unavailable as a stopped one: /health says so within its
+    own time limit, for the load balancer to take the node out, and says ok again once
+    the database answers."""
+    import os
+
+    from tests.pgserver import PostgresServer
+    server = await asyncio.to_thread(PostgresServer)  # its own: this test freezes it
+    c = make_cluster(tmp_path, server.new_database())
+    try:
+        node = c.start("h1")
+        status, _, body = await call("GET", f"{node.url}/health", node.ssl())
+        assert status == 200, body
+        main = int((server.data / "postmaster.pid").read_text().split()[0])
+        frozen = [main] + [int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit()
+                           and _parent(d) == main]
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            status, _, body = await call("GET", f"{node.url}/health", node.ssl())
+            assert status == 503, body
+            assert json.loads(body)["store"] == "unavailable: no answer within 2 s", body
+        finally:
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
+        status, body = await _until(node, "GET", "/health", node.ssl(), None)
+        assert status == 200, body
+    finally:
+        c.stop()
+        await asyncio.to_thread(server.close)
+
+
+def _parent(proc: Path) -> int | None:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _signatures(c: Cluster, node: str) -> int:
     log = c.state / "nodes" / node / "audit" / "log.jsonl"
     return sum(1 for line in log.read_bytes().splitlines()

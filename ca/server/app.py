@@ -100,14 +100,19 @@ async def health(request: web.Request) -> web.Response:
         await asyncio.wait_for(hsm.probe(max_wait=1.0), timeout=2.0)
     except (HSMError, TimeoutError):
         pass  # the signing thread now knows; its state below says why
+    store = "ok"
     try:
         await asyncio.wait_for(request.app[STORE].probe(), timeout=2.0)
-    except (StoreUnavailable, TimeoutError):
+    except StoreUnavailable:
         pass  # `healthy` below says so
+    except TimeoutError:  # a database that hangs takes requests' time as well
+        store = "unavailable: no answer within 2 s"
+    if store == "ok" and not request.app[STORE].healthy:
+        store = "unavailable"
     state = await audit_state(request.app[AUDIT])
     audit = "ok" if state["healthy"] else f"unavailable: {state['problem']}"
     parts = {"hsm": "ok" if hsm.healthy else f"unavailable: {hsm.problem or 'busy'}",
-             "audit": audit, "store": "ok" if request.app[STORE].healthy else "unavailable"}
+             "audit": audit, "store": store}
     ok = all(v == "ok" for v in parts.values())
     return web.json_response({"status": "ok" if ok else "unavailable", **parts},
                              status=200 if ok else 503)
