@@ -492,6 +492,12 @@ def check_state(cfg: Config) -> None:
     if cfg.softhsm_conf and not Path(cfg.softhsm_conf).is_file():
         raise ConfigError(f"{cfg.path} [hsm] softhsm-conf: {cfg.softhsm_conf} is not a file "
                           "(the softhsm2.conf the token was created with)")
+    if not cfg.cluster and (cfg.state_dir / "nodes").is_dir():
+        # An old copy of the config, from before `hsmca store move`: it would start an
+        # empty CA on SQLite beside the cluster, refusing every client.
+        raise ConfigError(
+            f"{cfg.state_dir} belongs to a CA on PostgreSQL (it has nodes/), but {cfg.path} "
+            "has no [store] section: use the config that names the cluster's database")
 
 
 def secret_files(cfg: Config) -> list[Path]:

@@ -137,19 +137,32 @@ def test_serve_says_what_is_wrong_with_where_its_config_points(ca: InitialisedCA
     gone = ca.state / "gone-softhsm.toml"
     gone.write_text(re.sub(r'softhsm-conf = ".*"', 'softhsm-conf = "nowhere/softhsm2.conf"',
                            text))
+    config = ca.state / "hsmca.toml"
     try:
-        for cfg, says in ((moved, "keep elsewhere.toml in the state directory"),
-                          (ca.state, f"is a directory: give the config file in it (--config "
-                                     f"{ca.state.resolve() / 'hsmca.toml'})"),
-                          (gone, "nowhere/softhsm2.conf is not a file")):
+        for cfg, extra, says in (
+                (moved, (), "keep elsewhere.toml in the state directory"),
+                (ca.state, (), f"is a directory: give the config file in it (--config "
+                               f"{ca.state.resolve() / 'hsmca.toml'})"),
+                (gone, (), "nowhere/softhsm2.conf is not a file"),
+                # A node's name given to a CA on SQLite, which has one unnamed node.
+                (config, ("--node", "ca-3"), "has no [store] section (one node on SQLite, "
+                                             "which has no name): leave --node out")):
             # (--workers takes "auto" as the config's workers does)
             proc = hsmca("serve", "--config", cfg, "--listen", "127.0.0.1:0", "--workers",
-                         "auto", check=False)
+                         "auto", *extra, check=False)
             lines = proc.stderr.strip().splitlines()
             assert proc.returncode == 1 and len(lines) == 1, proc.stderr
             assert says in lines[0] and "Errno" not in lines[0], lines[0]
+        # An old copy of the config (no [store]) in a state directory moved to
+        # PostgreSQL would start an empty CA beside the cluster.
+        (ca.state / "nodes").mkdir()
+        proc = hsmca("serve", "--config", config, "--listen", "127.0.0.1:0", check=False)
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+        assert "belongs to a CA on PostgreSQL (it has nodes/), but" in proc.stderr
     finally:
         gone.unlink()
+        if (ca.state / "nodes").exists():
+            (ca.state / "nodes").rmdir()
 
 
 def test_acme_is_off_without_its_section_and_on_with_it(tmp_path: Path) -> None:

@@ -51,7 +51,12 @@ def serve(args: argparse.Namespace) -> int:
     from ca.daemon import main
     from ca.fileutil import check_private
     from ca.logs import configure
-    cfg = _config(args).for_node(args.node or socket.gethostname())
+    cfg = _config(args)
+    if args.node and not cfg.cluster:
+        raise CLIError(f"--node names a node of a CA on PostgreSQL, but {cfg.path} has no "
+                       "[store] section (one node on SQLite, which has no name): leave "
+                       "--node out")
+    cfg = cfg.for_node(args.node or socket.gethostname())
     # Before anything is started: a readable PIN or key file is refused, by name.
     check_private(secret_files(cfg))
     check_state(cfg)
