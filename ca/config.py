@@ -492,9 +492,11 @@ def check_state(cfg: Config) -> None:
     if cfg.softhsm_conf and not Path(cfg.softhsm_conf).is_file():
         raise ConfigError(f"{cfg.path} [hsm] softhsm-conf: {cfg.softhsm_conf} is not a file "
                           "(the softhsm2.conf the token was created with)")
-    if not cfg.cluster and (cfg.state_dir / "nodes").is_dir():
-        # An old copy of the config, from before `hsmca store move`: it would start an
-        # empty CA on SQLite beside the cluster, refusing every client.
+    if (not cfg.cluster and (cfg.state_dir / "nodes").is_dir()
+            and not cfg.moved_db_path.exists()):
+        # An old copy of the config, from before the cluster: it would start an empty CA
+        # on SQLite beside it, refusing every client. (After `hsmca store move`, the
+        # daemon's own check says more: finish the move.)
         raise ConfigError(
             f"{cfg.state_dir} belongs to a CA on PostgreSQL (it has nodes/), but {cfg.path} "
             "has no [store] section: use the config that names the cluster's database")

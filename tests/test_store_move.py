@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,11 @@ async def test_a_single_node_ca_moves_into_postgresql_and_two_nodes_carry_on(
     finally:
         assert d.stop() == 0
     history = (ca.state / "audit" / "log.jsonl").read_bytes().count(b"\n")
+    # An auditor verified the single node's log and keeps the state of what they saw.
+    seen = await asyncio.to_thread(
+        hsmca, "audit", "verify", "--log", ca.state / "audit" / "log.jsonl", "--key",
+        ca.state / "audit" / "audit_key.pem", "--state", tmp_path / "a.json", check=False)
+    assert seen.returncode == 0, seen.stdout + seen.stderr
 
     # The URL from the environment keeps a password off the command line (the server
     # trusts loopback, so any password does); a '#' in it is libpq's to read.
@@ -149,6 +155,12 @@ async def test_a_single_node_ca_moves_into_postgresql_and_two_nodes_carry_on(
         assert proc.returncode == 0, proc.stdout + proc.stderr
         for name in ("init", "ca-1", "ca-2"):
             assert f"log {name}: OK:" in proc.stdout
+        # What the auditor saw before the move is what the init log is checked against:
+        # only the lines since are fetched.
+        assert f"{tmp_path / 'a.json'} is the state of a single log: log init" in proc.stdout
+        [(lines, fetched)] = re.findall(r"log init: OK: (\d+) lines, \d+ checkpoints "
+                                        r"verified \(fetched (\d+) new lines\)", proc.stdout)
+        assert int(lines) - int(fetched) > 256, proc.stdout  # without it, all would be
     finally:
         assert n1.stop() == 0 and n2.stop() == 0
     # A move that stopped after PostgreSQL committed, before the config was written:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import ssl
 import sys
 import time
@@ -79,6 +80,7 @@ def _verify_remote(args: argparse.Namespace) -> int:
         return _report(asyncio.run(verify_remote(args.url, ctx, key, args.state,
                                                  origin=args.origin)), "")
     # A cluster: every node's log, each with a state of its own beside --state.
+    _carry_single_state(args.state, names)
     failed = 0
     for name in names:
         assert name is not None
@@ -86,6 +88,25 @@ def _verify_remote(args: argparse.Namespace) -> int:
                                            log=name))
         failed += _report(result, f"log {name}: ")
     return 1 if failed else 0
+
+
+def _carry_single_state(state: Path, names: list[str | None]) -> None:
+    """--state itself is a single log's state (a single node's, verified before `hsmca
+    store move`): on a cluster it would be read by nothing, and what it remembers
+    checked by nothing. That log is the cluster's `init` log now, so its state goes on
+    as init's; if init has a state of its own already, say that --state is not read."""
+    from ca.audit.cluster import CEREMONIES
+    from ca.audit.remote import log_state_path
+    if not state.is_file():
+        return
+    init = log_state_path(state, CEREMONIES)
+    if CEREMONIES in names and not init.exists():
+        shutil.copy2(state, init)
+        print(f"note: {state} is the state of a single log: log {CEREMONIES}, which a single "
+              f"node's log becomes in PostgreSQL, continues it ({init})")
+    else:
+        print(f"note: {state} itself is not read on a CA of several nodes: each log's state "
+              f"is a file beside it ({log_state_path(state, 'NODE')})", file=sys.stderr)
 
 
 def _report(result: Any, prefix: str) -> int:
