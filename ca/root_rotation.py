@@ -30,6 +30,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -44,6 +45,7 @@ from ca.audit.cluster import CEREMONIES
 from ca.audit.log import AuditLog
 from ca.config import Config
 from ca.daemon.keys import load_issuers, seed
+from ca.errors import CLIError
 from ca.fileutil import write_atomic
 from ca.issuance import issuers as iss
 from ca.issuance import profiles as prof
@@ -54,6 +56,9 @@ from ca.local_certs import local_cert
 from ca.server_cert import TLS_DAYS, server_names
 from ca.store import CrossCert, KeyRecord, Store, open_store
 from hsm.session import KeyInfo
+
+if TYPE_CHECKING:  # psycopg is loaded only where a cluster runs
+    from ca.store.postgres import Lease
 
 
 @dataclass(frozen=True)
@@ -81,7 +86,10 @@ async def rotate_root(config: Config) -> RootRotated:
             store.close()
         raise
     pipeline = SigningPipeline(config.hsm, audit)
+    nodes: list[Lease] = []
     try:
+        if store is not None:
+            nodes = await _hold_every_node(store)
         pipeline.start()
         if store is None:
             store = open_store(config.store_location)
@@ -100,10 +108,38 @@ async def rotate_root(config: Config) -> RootRotated:
                            on_checkpoint=_publisher(store)).checkpoint()
         return done
     finally:
-        if store is not None:
-            store.close()
+        # The HSM's logout lines are the log's last: written (and, on a cluster,
+        # committed in PostgreSQL) before the log and then the store close.
         pipeline.close()
         audit.close()
+        for lease in nodes:
+            lease.close()
+        if store is not None:
+            store.close()
+
+
+async def _hold_every_node(store: Store) -> list[Lease]:
+    """Cluster mode: the ceremony's lock is init's log, which no node holds; so take
+    every node's name as well (the lock a running node holds, docs/cluster.md). A node
+    that serves is refused by name; one that is stopped cannot start until the
+    ceremony is over, since its TLS chain and trust bundle change under it."""
+    from ca.store.postgres import PostgresStore
+    assert isinstance(store, PostgresStore)
+    held: list[Lease] = []
+    try:
+        for node, _, _ in await store.audit_logs():
+            if node == CEREMONIES:
+                continue
+            lease = store.lease(f"node:{node}")
+            held.append(lease)
+            if not await lease.try_take():
+                raise CLIError(f"node {node!r} is running: stop every node before the "
+                                    "root's rotation (docs/keys.md), then start them again")
+    except BaseException:
+        for lease in held:
+            lease.close()
+        raise
+    return held
 
 
 def _ceremony_log(config: Config, audit_key: Ed25519PublicKey, store: Store | None

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 
 from tests.cluster_kit import Cluster, call, make_cluster
 from tests.conftest import HSMCA, hsmca, new_softhsm_token
@@ -434,3 +435,40 @@ async def test_token_guessing_is_limited_for_the_whole_cluster(cluster: Cluster)
     for node in nodes:
         status, ctype, body = await _enroll(node, "guess-more", csr)
         assert status == 429 and ctype == "application/problem+json", body
+
+
+def test_the_roots_rotation_waits_for_every_node_to_stop(tmp_path: Path,
+                                                         postgres_server: Any) -> None:
+    """The ceremony's lock on a single node is the audit log the daemon holds; on a
+    cluster no node holds init's log, so the ceremony takes every node's name: a node
+    that serves is named in one line and nothing is made; once the nodes are stopped
+    it runs, and a node started afterwards serves the new chain."""
+    c = make_cluster(tmp_path, postgres_server.new_database())
+    config = c.state / "hsmca.toml"
+    try:
+        c.start("r1")
+        c.start("r2")
+        c.nodes["r2"].stop()
+        before = (c.state / "x509" / "root.pem").read_bytes()
+        proc = hsmca("key", "rotate-root", "--config", config, "--yes", check=False)
+        assert proc.returncode == 1 and proc.stderr == (
+            "hsmca: error: node 'r1' is running: stop every node before the root's rotation "
+            "(docs/keys.md), then start them again\n"), proc.stderr
+        assert (c.state / "x509" / "root.pem").read_bytes() == before
+        c.nodes["r1"].stop()
+        proc = hsmca("key", "rotate-root", "--config", config, "--yes", check=False)
+        assert proc.returncode == 0 and "new root" in proc.stdout, proc.stderr
+        assert "Warning" not in proc.stderr, proc.stderr
+        # Every line of the ceremony, the HSM's logout last, is in PostgreSQL too.
+        lines = (c.state / "audit" / "log.jsonl").read_bytes().splitlines()
+        assert b'"hsm.logout"' in lines[-1]
+        held = postgres_server.psql("SELECT COUNT(*) FROM audit_lines WHERE node = 'init'",
+                                    db=c.url.rsplit("/", 1)[1])
+        assert int(held) == len(lines)
+        new_root = x509.load_pem_x509_certificate((c.state / "x509" / "root.pem").read_bytes())
+        node = c.start("r1")
+        status, _, body = asyncio.run(call("GET", f"{node.url}/v1/x509/chain", node.ssl()))
+        chain = x509.load_pem_x509_certificates(body)
+        assert status == 200 and chain[-1].issuer == new_root.subject
+    finally:
+        c.stop()
