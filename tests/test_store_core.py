@@ -258,3 +258,24 @@ def test_a_group_committed_after_its_node_cut_it_comes_back_as_never_released(
         assert not (tmp_path / "audit" / "log.jsonl.uncommitted").exists()
     finally:
         store.close()
+
+
+def test_node_names_whose_32_bit_hashes_collide_each_hold_their_own_lease(
+        postgres_server: Any) -> None:
+    """hashtext('lease:node:ca-84979') = hashtext('lease:node:ca-86405'): with a 32-bit
+    lock key the second node would be told the name is already running."""
+    from ca.store.postgres import PostgresStore
+    url = postgres_server.new_database()
+    store = PostgresStore(url)
+    a, b = store.lease("node:ca-84979"), store.lease("node:ca-86405")
+    try:
+        assert postgres_server.psql("SELECT hashtext('lease:node:ca-84979') = "
+                                    "hashtext('lease:node:ca-86405')") == "t"
+
+        async def take() -> tuple[bool, bool]:
+            return await a.try_take(), await b.try_take()
+        assert asyncio.run(take()) == (True, True)
+    finally:
+        a.close()
+        b.close()
+        store.close()

@@ -1197,8 +1197,10 @@ class Lease:
                 self._held = False
                 self._conn = await psycopg.AsyncConnection.connect(
                     self.store.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
-            cur = await self._conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))",
-                                           ("lease:" + self.name,))
+            # A 64-bit hash of the name: with hashtext's 32 bits, two node names in
+            # some tens of thousands collide, and the second node could not start.
+            cur = await self._conn.execute(
+                "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", ("lease:" + self.name,))
             row = await cur.fetchone()
             self._held = bool(row and row[0])
             return self._held
