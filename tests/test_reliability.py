@@ -300,6 +300,57 @@ async def test_audit_log_moved_or_cut_under_the_daemon_means_503_until_it_is_bac
     audit_verify(ca.state, ok=True)
 
 
+async def test_an_inventory_that_cannot_be_written_means_503_and_no_more_signing(
+        tmp_path: Path) -> None:
+    """The inventory's file refuses writes under the running daemon (its WAL made
+    immutable, as a full disk would): the renewal whose row cannot be written is
+    answered 503, not 500; /health says why; the next requests are refused before any
+    signature, and once the file takes writes again the node serves, no restart."""
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state, "--workers", "1")  # one worker: one inventory writer
+    wal = ca.state / "hsmca.sqlite3-wal"
+    try:
+        cert, key = enroll(d, tmp_path, "service", [LOAD_NAME])
+        ctx = d.ssl(cert, key)
+        assert wal.exists()
+        chattr = require("chattr")
+        proc = subprocess.run([chattr, "+i", wal], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        try:
+            status, ctype, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
+            assert status == 503 and ctype == "application/problem+json", body
+            assert "inventory" in json.loads(body)["detail"]
+            before = await signing_metrics(d)
+            for _ in range(2):
+                status, _, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
+                assert status == 503 and "inventory" in json.loads(body)["detail"], body
+            assert await signing_metrics(d) == before  # refused before the HSM
+            status, _, body = await http("GET", f"{d.url}/health", d.ssl())
+            store = json.loads(body)["store"]
+            assert status == 503 and store.startswith("unavailable: cannot write the "
+                                                      "inventory"), body
+        finally:
+            subprocess.run([chattr, "-i", wal], check=True)
+        status, _, body = await http("GET", f"{d.url}/health", d.ssl())
+        assert status == 200, body
+        status, _, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
+        assert status == 201, body
+    finally:
+        assert d.stop() == 0
+    audit_verify(ca.state, ok=True)
+    # The one certificate signed whose row could not be written is said, in the log, to
+    # have never left the daemon.
+    lines = [json.loads(raw) for raw in (ca.state / "audit/log.jsonl").read_bytes().split(
+        b"\n")[:-1]]
+    [withheld] = [e for e in lines if e["event"] == "sign.withheld"]
+    assert withheld["released"] is False and "inventory" in withheld["reason"], withheld
+    [intent] = [e for e in lines if e.get("phase") == "intent"
+                and e["op_id"] == withheld["op_id"]]
+    [outcome] = [e for e in lines if e.get("phase") == "outcome"
+                 and e["op_id"] == withheld["op_id"]]
+    assert intent["purpose"] == "x509" and outcome["result"] == "ok"
+
+
 async def test_slow_and_idle_connections_do_not_block_others(daemon: Daemon,
                                                              tmp_path: Path) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

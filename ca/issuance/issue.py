@@ -25,6 +25,7 @@ from ca.issuance.pipeline import SigningJob, SigningPipeline, SignResult
 from ca.policy import Policy
 from ca.ra import CACertOrder, Context, CRLOrder, Directory, SSHOrder, X509Order
 from ca.store import NewCert, NewSSHCert, Store
+from ca.store.errors import StoreUnavailable
 from ca.subject import spki_sha256
 from ca.x509_reasons import REASON_FLAGS
 from hsm.session import KeyInfo
@@ -106,7 +107,17 @@ class Issuance:
     def issuers(self) -> Issuers:
         return self.keys.issuers
 
+    async def _can_record(self) -> None:
+        """Nothing is signed that the inventory could not record: while its last write
+        failed (a full disk), each request first tries it again, and is refused with
+        StoreUnavailable (503) until it goes through."""
+        if not self.store.healthy:
+            await self.store.probe()
+            if not self.store.healthy:
+                raise StoreUnavailable("the inventory cannot be written")
+
     async def x509(self, order: X509Order, request_id: str | None = None) -> Issued:
+        await self._can_record()
         issuer = self.issuers.x509[order.issuer]
         by_kind: dict[str, list[str]] = {"dns": [], "ip": [], "uri": [], "email": []}
         for kind, value in order.names:
@@ -163,6 +174,7 @@ class Issuance:
         return Issued(result.value, issuer.id, result.intent_seq, result.outcome_seq)
 
     async def ssh(self, order: SSHOrder, request_id: str | None = None) -> IssuedSSH:
+        await self._can_record()
         issuer = self.issuers.ssh[order.issuer]
         serial = 0
         while serial == 0:

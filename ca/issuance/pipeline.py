@@ -398,12 +398,17 @@ class SigningPipeline:
                 following.append(rest.pop(0))
             started = self._start(following, batch) if following else []
             written = self._append(outcomes + [("hsm.sign", op.intent) for op, _ in started])
+            withheld: list[Entry] = []
             for (op, seq, out, error, extra), fut in zip(done, written[:len(outcomes)],
                                                           strict=True):
                 if error is None:
                     error = fut.exception()
                 if error is None and extra is not None:
                     error = extra.exception()  # waits for the inventory's commit
+                    if error is not None:  # signed and logged "ok", but never released
+                        withheld.append(("sign.withheld", {
+                            "op_id": op.intent["op_id"], "released": False,
+                            "reason": f"{type(error).__name__}: {error}"[:500]}))
                 if self.on_sign is not None:
                     self.on_sign(op.job.purpose, "ok" if error is None
                                  else type(error).__name__)
@@ -411,6 +416,8 @@ class SigningPipeline:
                     batch.ok(op.sink, SignResult(out, seq, fut.result()))
                 else:
                     batch.fail(op.sink, error)
+            if withheld:  # said before the callers hear; its own failure fails nothing
+                self._append(withheld)
             batch.flush()  # released before the next group is signed
             ready = self._durable(started, written[len(outcomes):], batch)
         return rest

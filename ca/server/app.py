@@ -108,7 +108,7 @@ async def health(request: web.Request) -> web.Response:
     except TimeoutError:  # a database that hangs takes requests' time as well
         store = "unavailable: no answer within 2 s"
     if store == "ok" and not request.app[STORE].healthy:
-        store = "unavailable"
+        store = f"unavailable: {request.app[STORE].problem or 'not answering'}"
     state = await audit_state(request.app[AUDIT])
     audit = "ok" if state["healthy"] else f"unavailable: {state['problem']}"
     parts = {"hsm": "ok" if hsm.healthy else f"unavailable: {hsm.problem or 'busy'}",

@@ -51,6 +51,11 @@ class Store(Protocol):
     @property
     def healthy(self) -> bool: ...
 
+    @property
+    def problem(self) -> str | None:
+        """Why it is not healthy, in words for /health; None while it is."""
+        ...
+
     async def probe(self) -> None:
         """Ask the back-end whether it answers (for /health), so that `healthy` follows
         it; raises StoreUnavailable when it does not."""

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ca.handoff import STOP, Batch, Coalescer, Sink, async_sink, claim, drain_queue, stop_thread
+from ca.store.errors import StoreUnavailable
 from ca.store.records import (
     AcmeAccount,
     AcmeAuthz,
@@ -423,15 +424,31 @@ class SQLiteStore:
         self._read_lock = threading.Lock()
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._coalescer = Coalescer(self._queue)
+        self._problem: str | None = None  # why the last transaction failed, if it did
         self._thread = threading.Thread(target=self._write_loop, name="store-writer", daemon=True)
         self._thread.start()
 
     @property
     def healthy(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread.is_alive() and self._problem is None
+
+    @property
+    def problem(self) -> str | None:
+        return self._problem
 
     async def probe(self) -> None:
-        """A file in this process: `healthy` already says whether its writer runs."""
+        """A file in this process: `healthy` says whether its writer runs and its last
+        transaction committed. After one that failed, a transaction that writes (and
+        leaves nothing behind) tries again, so a disk with room again is noticed
+        without a request that writes: a load balancer sends none to a node it took
+        out."""
+        if self._problem is None:
+            return
+
+        def touch(db: sqlite3.Connection) -> None:
+            db.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('probe', '1')")
+            db.execute("DELETE FROM meta WHERE k = 'probe'")
+        await self._write(touch)
 
     def close(self) -> None:
         stop_thread(self._thread, self._queue)
@@ -462,8 +479,7 @@ class SQLiteStore:
             if stop:
                 return
 
-    @staticmethod
-    def _run_batch(db: sqlite3.Connection, jobs: list[Any]) -> None:
+    def _run_batch(self, db: sqlite3.Connection, jobs: list[Any]) -> None:
         results: list[tuple[Sink, bool, Any]] = []
         claimed: list[Sink] = []
         out = Batch()
@@ -476,6 +492,8 @@ class SQLiteStore:
                 db.execute("SAVEPOINT job")
                 try:
                     value = fn(db)
+                except sqlite3.OperationalError:
+                    raise  # the disk's or the file's, not the job's: the batch fails
                 except BaseException as exc:
                     db.execute("ROLLBACK TO job")
                     db.execute("RELEASE job")
@@ -485,12 +503,22 @@ class SQLiteStore:
                 results.append((fut, True, value))
             db.execute("COMMIT")
         except sqlite3.Error as exc:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
+            try:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # SQLite has rolled back itself (a full disk, an I/O error)
+            error: BaseException = exc
+            if isinstance(exc, sqlite3.OperationalError):
+                # A full disk, an I/O error, a lock held too long: 503 and retry, and
+                # /health says so, rather than a 500 per request.
+                self._problem = f"cannot write the inventory {self.path}: {exc}"
+                error = StoreUnavailable(f"the inventory (SQLite) is unavailable: {exc}")
             for fut in claimed:  # the whole transaction is gone: every job failed
-                out.fail(fut, exc)
+                out.fail(fut, error)
             out.flush()
             return
+        self._problem = None
         for fut, ok, value in results:
             if ok:
                 out.ok(fut, value)
