@@ -405,3 +405,37 @@ async def test_the_checkpointer_outlives_a_failure_it_did_not_expect(
         task.cancel()
     assert alive and len(asked) >= 2  # the first try failed, a later one signed
     assert (tmp_path / "checkpoint").read_text().startswith("test.example/audit\n")
+
+
+def test_a_log_cut_with_its_tiles_and_checkpoint_is_refused_by_the_inventory(
+        tmp_path: Path) -> None:
+    """Cut the log and remove what start-up checks it against (tiles, checkpoint), and
+    the log alone looks whole: the inventory's certificates still name the lines they
+    were signed at, and the start refuses a log shorter than that."""
+    from tests.helpers import enroll
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state)
+    try:
+        enroll(d, tmp_path, "service", ["cut.test"])
+    finally:
+        assert d.stop() == 0
+    log = ca.state / "audit/log.jsonl"
+    original = log.read_bytes()
+    lines = original.splitlines(keepends=True)
+    signed = max(i for i, line in enumerate(lines)
+                 if b'"purpose":"x509"' in line and b'"phase":"intent"' in line)
+    log.write_bytes(b"".join(lines[:signed]))
+    shutil.move(ca.state / "audit/tiles", tmp_path / "tiles")
+    shutil.move(ca.state / "audit/checkpoint", tmp_path / "checkpoint")
+    proc = hsmca("serve", "--config", ca.state / "hsmca.toml", "--listen", "127.0.0.1:0",
+                 check=False)
+    assert proc.returncode == 1 and proc.stderr.endswith(
+        f"hsmca: error: the audit log {log} has {signed} lines, but the inventory "
+        f"({ca.state / 'hsmca.sqlite3'}) records a certificate whose intent is line "
+        f"{signed}: the log was cut or replaced (tampering or loss). Refusing to start; "
+        "restore the log and run `hsmca audit verify`\n"), proc.stderr
+    log.write_bytes(original)
+    shutil.rmtree(ca.state / "audit/tiles")  # made from the cut log by that start
+    shutil.move(tmp_path / "tiles", ca.state / "audit/tiles")
+    shutil.move(tmp_path / "checkpoint", ca.state / "audit/checkpoint")
+    assert audit_verify(ca.state).returncode == 0

@@ -447,6 +447,23 @@ def _on_change(config: Config, store: PostgresStore, generations: Generations
     return lambda name: loop.call_soon_threadsafe(on_loop, name)
 
 
+def _check_against_inventory(audit: AuditLog, config: Config) -> None:
+    """A log shorter than the lines the inventory's certificates name was cut or
+    replaced, even when its tiles and checkpoint went with it (the start's own checks
+    compare the log with those): refuse to start on it, as on a log shorter than its
+    checkpoint. (On a cluster, PostgreSQL is the record, and the file is made level
+    with it first.)"""
+    from ca.store.sqlite import latest_audit_seq
+    seq = latest_audit_seq(config.db_path)
+    if seq is not None and seq >= audit.size:
+        audit.close()
+        raise StartError(
+            f"the audit log {config.audit_log} has {audit.size} lines, but the inventory "
+            f"({config.db_path}) records a certificate whose intent is line {seq}: the log "
+            "was cut or replaced (tampering or loss). Refusing to start; restore the log "
+            "and run `hsmca audit verify`")
+
+
 async def _hold_node_name(config: Config, store: Store | None) -> Lease | None:
     """Cluster mode: the node's name, held in PostgreSQL for the life of this process
     (an advisory lock that goes with its connection). Two nodes of one name would
@@ -467,7 +484,9 @@ def _open_audit(config: Config, audit_key: Ed25519PublicKey, store: Store | None
     """The node's audit log; in cluster mode level with PostgreSQL first, and each
     group commit made durable there too (ca/audit/cluster.py)."""
     if not _cluster(store):
-        return AuditLog.open(config.audit_log, config.checkpoint_path, audit_key)
+        audit = AuditLog.open(config.audit_log, config.checkpoint_path, audit_key)
+        _check_against_inventory(audit, config)
+        return audit
     from ca.audit import cluster
     assert config.node is not None
     owed = cluster.sync_local_log(config.audit_log, config.checkpoint_path, store,

@@ -357,6 +357,25 @@ def _connect(path: Path) -> sqlite3.Connection:
     return db
 
 
+def latest_audit_seq(path: Path, recent: int = 1000) -> int | None:
+    """The highest audit line a certificate of the inventory at `path` names (the seq
+    of its intent), among the last `recent` written: evidence of how long the CA's
+    log was, for a start-up that finds it shorter. None: no such certificate (or no
+    inventory yet, or one from before certificates named their lines)."""
+    if not path.exists():
+        return None
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        db.execute("PRAGMA busy_timeout=5000")
+        row = db.execute("SELECT MAX(audit_seq) FROM certs WHERE rowid > "
+                         "(SELECT COALESCE(MAX(rowid), 0) FROM certs) - ?", (recent,)).fetchone()
+    except sqlite3.OperationalError:  # no audit_seq yet: migrated by the daemon's open
+        return None
+    finally:
+        db.close()
+    return int(row[0]) if row and row[0] is not None else None
+
+
 class SchemaError(sqlite3.DatabaseError):
     """The database was made by a newer hsmca: this code must not touch it."""
 
