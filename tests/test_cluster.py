@@ -222,6 +222,18 @@ async def test_every_node_serves_every_log_and_one_node_verifies_them_all(
     status, ctype, body = await call(
         "GET", f"{n3.url}/v1/audit/logs/node-2/checkpoint?log=node-1", n3.ssl())
     assert status == 400 and b"name one" in body
+    # Node 2's verifier key, asked of node 3, is the one node 2 gives: one audit key,
+    # named after node 2's origin (a witness of node 2's log needs it). The witnesses'
+    # cosignatures of node 2's log are node 2's to give, and node 3 says so.
+    status, _, own = await call("GET", f"{cluster.nodes['node-2'].url}/v1/audit/key",
+                                n3.ssl())
+    for url in (f"{n3.url}/v1/audit/key?log=node-2", f"{n3.url}/v1/audit/logs/node-2/key"):
+        status, _, body = await call("GET", url, n3.ssl())
+        assert status == 200 and json.loads(body) == json.loads(own), body
+    assert json.loads(own)["name"].endswith("/node-2")
+    status, _, body = await call("GET", f"{n3.url}/v1/audit/checkpoint.cosigned?log=node-2",
+                                 n3.ssl())
+    assert status == 404 and b"kept by node node-2 only" in body, body
     # An auditor verifies all three logs through node 1, keeping one state per log,
     # and a second run continues from those states (consistency proofs, for node 2's
     # and 3's logs computed by node 1 from PostgreSQL).

@@ -18,6 +18,7 @@ import base64
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 
+from ca.audit.cluster import CEREMONIES
 from ca.audit.link import RecorderRefused
 from ca.audit.note import verifier_key
 from ca.audit.recorder import MAX_ENTRIES
@@ -89,9 +90,15 @@ async def checkpoint(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/audit/checkpoint.cosigned")
+@routes.get("/v1/audit/logs/{log}/checkpoint.cosigned")
 async def cosigned_checkpoint(request: web.Request) -> web.Response:
     """The latest checkpoint the witnesses cosigned: the log's note with their
     cosignature lines (c2sp.org/tlog-cosignature). It may be older than the latest."""
+    other = other_log(request)
+    if other is not None:  # each node keeps what the witnesses answered it
+        raise Problem(404, "Not Found", f"the witnesses' cosignatures of log {other.node!r} "
+                      f"are kept by node {other.node} only: ask that node for "
+                      "/v1/audit/checkpoint.cosigned")
     latest = await request.app[AUDIT].checkpoint(cosigned=True)
     if not latest:
         raise Problem(404, "Not Found", "no witness has cosigned a checkpoint yet")
@@ -124,11 +131,21 @@ async def tile(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/audit/key")
+@routes.get("/v1/audit/logs/{log}/key")
 async def key(request: web.Request) -> web.Response:
     pub = request.app[ISSUANCE].issuers.audit.public_key
     pem = pub.public_bytes(serialization.Encoding.PEM,
                            serialization.PublicFormat.SubjectPublicKeyInfo).decode()
-    origin = request.app[SETTINGS].audit_origin
+    settings = request.app[SETTINGS]
+    origin = settings.audit_origin
+    other = other_log(request)
+    if other is not None:
+        # One audit key signs every node's log; the key's name is the log's origin:
+        # its checkpoints say it, and until one exists, the node's is `<base>/<node>`.
+        note = await other.checkpoint()
+        base = origin.removesuffix(f"/{settings.node}") if settings.node else origin
+        origin = (note.split("\n", 1)[0] if note else
+                  base if other.node == CEREMONIES else f"{base}/{other.node}")
     return web.json_response({"pem": pem, "name": origin,
                               "verifier_key": verifier_key(origin, pub)})  # type: ignore[arg-type]
 
