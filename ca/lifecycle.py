@@ -22,8 +22,11 @@ from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ca import ra
+from ca.audit.cluster import CEREMONIES
+from ca.audit.note import NoteError, verify_note
 from ca.fileutil import write_atomic
 from ca.generations import Generations
 from ca.issuance.issue import Issuance, sign_ca_cert
@@ -39,6 +42,8 @@ LABEL_PREFIX = {"issuing": "issuing-ca", "ssh-user": "ssh-user-ca", "ssh-host": 
 
 class AuditAppend(Protocol):
     async def append(self, event: str, **fields: Any) -> int: ...
+
+    async def checkpoint(self, cosigned: bool = False) -> str | None: ...
 
 
 class KeyLifecycle:
@@ -70,6 +75,8 @@ class KeyLifecycle:
             return await self._rotate(order, context, request_id)
         assert order.label is not None
         if order.action == "retire":
+            if order.kind == "audit":
+                await self._handed_over(order.label)
             await self.audit.append("key.retire", label=order.label, kind=order.kind,
                                     actor=order.actor, request_id=request_id)
             if not await self.store.set_key_state(order.label, "retired", utcnow(),
@@ -83,6 +90,37 @@ class KeyLifecycle:
         live, until = await self.live(order.label)
         return {"label": order.label, "state": "retired" if order.action == "retire"
                 else "destroyed", "live": live, "live_until": until}
+
+    async def _handed_over(self, label: str) -> None:
+        """An audit key is retired only once every log of the CA has handed over from
+        it: a log whose latest checkpoint the active key has not signed too would
+        verify with neither key once the old one is gone. A node hands over at its
+        first checkpoint after the rotation; the `init` log of a CA of several nodes,
+        which no node writes, at the root's next rotation."""
+        active = self.issuance.issuers.audit.public_key
+        assert isinstance(active, Ed25519PublicKey)
+        logs: list[tuple[str, str | None]]
+        cluster_logs = getattr(self.store, "audit_logs", None)  # PostgreSQL: every log
+        if cluster_logs is not None:
+            logs = [(node, note) for node, _, note in await cluster_logs()]
+        else:
+            logs = [("this CA's", await self.audit.checkpoint())]
+        behind = []
+        for name, note in logs:
+            if note is None:
+                continue  # its first checkpoint will be the active key's
+            try:
+                verify_note(note, note.split("\n", 1)[0], active)
+            except NoteError:
+                behind.append(name)
+        if behind:
+            init = " (the init log hands over at the root's next rotation, `hsmca key " \
+                   "rotate-root`)" if CEREMONIES in behind else " (a node hands over at its " \
+                   "next checkpoint: start it, or wait for its heartbeat)"
+            raise Refused(f"{label!r} still signs the latest checkpoint of log(s) "
+                          f"{', '.join(behind)}, which the active audit key has not signed "
+                          f"yet: retired now, they would verify with neither key{init}",
+                          Reason.CONFLICT)
 
     async def live(self, label: str) -> tuple[int | None, str | None]:
         """How many certificates `label` signed are still valid, and until when the last:

@@ -484,3 +484,30 @@ def test_the_roots_rotation_waits_for_every_node_to_stop(tmp_path: Path,
         assert status == 200 and chain[-1].issuer == new_root.subject
     finally:
         c.stop()
+
+
+def test_the_old_audit_key_is_not_retired_while_a_log_has_not_handed_over(
+        tmp_path: Path, postgres_server: Any) -> None:
+    """Rotated on a cluster, the audit key signs each node's next checkpoint with the
+    old one; the init log, which no node writes, hands over only at a root ceremony.
+    Retired before that, the old key would leave init's log verifiable with neither:
+    the retirement is refused, naming the log and what hands it over."""
+    import re
+    c = make_cluster(tmp_path, postgres_server.new_database())
+    config = c.state / "hsmca.toml"
+    try:
+        node = c.start("k1")
+        listing = hsmca("key", "list", "--config", config, "--url", node.url).stdout
+        old = re.search(r"^(\S+)\s+audit\s+active", listing, re.M)
+        assert old, listing
+        out = hsmca("key", "rotate", "audit", "--config", config, "--url", node.url).stdout
+        assert "rotated audit" in out
+        proc = hsmca("key", "retire", old.group(1), "--config", config, "--url", node.url,
+                     check=False)
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+        assert f"{old.group(1)!r} still signs the latest checkpoint of log(s)" in proc.stderr
+        assert "init" in proc.stderr and "hsmca key rotate-root" in proc.stderr, proc.stderr
+        listing = hsmca("key", "list", "--config", config, "--url", node.url).stdout
+        assert re.search(rf"^{re.escape(old.group(1))}\s+audit\s+previous", listing, re.M)
+    finally:
+        c.stop()
