@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 
 from tests.conftest import Daemon, init_ca, start_daemon
 from tests.helpers import (
@@ -217,3 +218,29 @@ async def test_a_stop_says_each_step_in_order(tmp_path: Path) -> None:
     assert steps == ["stopping: the workers finish their requests",
                      "stopping: the last checkpoints", "stopped"]
     audit_verify(d.state, ok=True)
+
+
+async def test_a_key_the_ca_never_had_in_keys_is_named_at_start(tmp_path: Path) -> None:
+    """After the first start the inventory says which keys are in use (a rotation
+    changes them there, not in the config), so [keys] is not what signs: a label in it
+    the CA never had (a typo, another CA's config) is named at start, and the CA goes
+    on with its own keys."""
+    ca = init_ca(tmp_path)
+    config = ca.state / "hsmca.toml"
+    d = start_daemon(ca.state)  # the first start records the keys
+    assert d.stop() == 0
+    text = config.read_text()
+    assert "object=issuing-ca;" in text
+    config.write_text(text.replace("object=issuing-ca;", "object=no-such-key;"))
+    d = start_daemon(ca.state)
+    try:
+        [line] = await said(d, "the config's [keys] names a key this CA does not have; the "
+                               "keys in use are the inventory's (hsmca key list), so it is "
+                               "ignored", lambda e: True)
+        assert (line["purpose"], line["label"]) == ("issuing", "no-such-key")
+        cert, _ = await asyncio.to_thread(enroll, d, tmp_path, "service", ["keys.test"])
+        leaf = x509.load_pem_x509_certificate(cert.read_bytes())
+        own = x509.load_pem_x509_certificate((ca.state / "x509/issuing.pem").read_bytes())
+        leaf.verify_directly_issued_by(own)  # by the CA's own issuing key
+    finally:
+        assert d.stop() == 0

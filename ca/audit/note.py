@@ -5,10 +5,10 @@ A signed note is a text ending in a newline, a blank line, then one or more line
 signature covers the text including its final newline. For Ed25519 the key id is
 ``SHA-256(key name || 0x0A || 0x01 || 32-byte public key)[:4]``.
 
-A checkpoint is a note whose text is exactly three lines: origin, tree size in
-decimal, base64 RFC 6962 root. C2SP allows optional extension lines after those;
-hsmca never writes them and, being an auditor's format, rejects them rather than
-accept text nobody checks.
+A checkpoint is a note whose text is three lines: origin, tree size in decimal,
+base64 RFC 6962 root; C2SP allows extension lines after those. hsmca writes one only
+while its audit key is handed over (`hsmca-audit-key <verifier key>`, docs/keys.md),
+and the verifier reads that one.
 
 Parsing is strict, in the manner of Go's golang.org/x/mod/sumdb/note (at most 100
 signatures, no control characters, canonical base64), and every failure is a

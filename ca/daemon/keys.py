@@ -10,6 +10,7 @@ named get the keys `init` made.
 
 from __future__ import annotations
 
+import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
@@ -19,6 +20,8 @@ from ca.issuance import issuers as iss
 from ca.issuance.pipeline import SigningPipeline
 from ca.issuance.profiles import utcnow
 from ca.store import Store
+
+log = structlog.get_logger("hsmca.keys")
 
 
 class Keyring:
@@ -48,8 +51,18 @@ async def load_issuers(store: Store, pipeline: SigningPipeline) -> iss.Issuers:
 
 async def seed(config: Config, store: Store, pipeline: SigningPipeline) -> None:
     """Record the config's keys if the inventory has none yet (a state directory made
-    before keys were recorded), each certificate checked against its key."""
-    if await store.keys():
+    before keys were recorded), each certificate checked against its key. Once it has
+    them, the inventory says which keys are in use (rotations change them there), and
+    [keys] is only checked for labels the CA never had: a typo, or another CA's."""
+    records = await store.keys()
+    if records:
+        known = {r.label for r in records}
+        for purpose in KEY_LABELS:
+            label = config.key_label(purpose)
+            if label not in known:
+                log.warning("the config's [keys] names a key this CA does not have; the "
+                            "keys in use are the inventory's (hsmca key list), so it is "
+                            "ignored", purpose=purpose, label=label, config=str(config.path))
         return
     keys = {purpose: await pipeline.load_key(config.key_label(purpose))
             for purpose in KEY_LABELS}
