@@ -390,6 +390,26 @@ def test_a_node_refuses_a_database_newer_than_its_code_in_one_line(
     assert "Traceback" not in stderr
 
 
+def test_a_node_pointed_at_a_database_without_the_ca_is_refused_and_writes_nothing(
+        tmp_path: Path, postgres_server: Any) -> None:
+    """A [store] url naming another, empty database (a typo in its name): the node
+    says so in one line before it writes anything there, so that database can still
+    take `hsmca init --store-url`."""
+    c = make_cluster(tmp_path, postgres_server.new_database())
+    config = c.state / "hsmca.toml"
+    other = postgres_server.new_database()
+    config.write_text(config.read_text().replace(c.url, other))
+    error, _ = refused_start(c.state, "typo")
+    from ca.store_move import database_name
+    other_name = other.rsplit("/", 1)[1]
+    assert "hsmca@" in other and "hsmca@" not in database_name(other)  # no user shown
+    assert error == (f"hsmca: error: the database {database_name(other)} holds no CA (no "
+                     "keys): is "
+                     f"[store] url in {config} the database `hsmca init --store-url` made "
+                     "the CA in?")
+    assert postgres_server.psql("SELECT COUNT(*) FROM audit_lines", db=other_name) == "0"
+
+
 async def test_ocsp_and_a_key_rotation_reach_every_node(cluster: Cluster,
                                                          tmp_path: Path) -> None:
     """A certificate issued on node 1 gets its pre-signed OCSP response from whichever

@@ -281,6 +281,13 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
     # Cluster mode: the store first, since the audit log is made durable in it too.
     store: Store | None = open_store(config.store_location) if config.cluster else None
     try:
+        if store is not None and not await store.keys():
+            # Before this node writes a line there: a URL naming another (empty)
+            # database would otherwise get this node's log, and look taken to `init`.
+            from ca.store_move import database_name
+            raise StartError(f"the database {database_name(config.store_location)} holds no "
+                             f"CA (no keys): is [store] url in {config.path} the database "
+                             "`hsmca init --store-url` made the CA in?")
         name_held = await _hold_node_name(config, store)
         audit = _open_audit(config, audit_key, store, name_held)
     except BaseException:
