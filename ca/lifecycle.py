@@ -175,11 +175,18 @@ class KeyLifecycle:
 
 
 def write_chain_files(x509_dir: Path, issuers: Issuers) -> None:
-    """The state directory's issuing.pem and chain.pem: the issuer new certificates
-    come from, and its chain (what the daemon's own TLS certificate is served with)."""
+    """The state directory's public files of the keys in use, as the inventory has
+    them: x509/issuing.pem and chain.pem (the issuer new certificates come from, and
+    its chain, what the daemon's own TLS certificate is served with), and
+    ssh/user_ca.pub and host_ca.pub (every SSH CA key still trusted, newest first, as
+    /v1/ssh/ca serves them: what sshd's TrustedUserCAKeys and known_hosts take)."""
     current = issuers.current
     write_atomic(x509_dir / "issuing.pem", pem(current.cert))
     write_atomic(x509_dir / "chain.pem", current.chain_pem)
+    ssh_dir = x509_dir.parent / "ssh"
+    for cert_type in ("user", "host"):
+        lines = issuers.ssh_lines(cert_type, f"hsmca-{cert_type}-ca")
+        write_atomic(ssh_dir / f"{cert_type}_ca.pub", "".join(f"{line}\n" for line in lines))
 
 
 async def write_bundle(path: Path, store: Store) -> None:

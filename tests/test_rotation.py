@@ -153,6 +153,9 @@ async def test_rotate_issuing_and_ssh_keys_retire_and_destroy_while_renewals_run
         newest_fp = subprocess.run([keygen, "-l", "-f", "-"], input=users[0] + "\n",
                                    capture_output=True, text=True, check=True).stdout.split()[1]
         assert len(users) == 2 and newest_fp in signer
+        # The state directory's copy (what docs/ssh.md gives sshd) says the same.
+        assert (ca.state / "ssh/user_ca.pub").read_text() == cas["user"] + "\n"
+        assert (ca.state / "ssh/host_ca.pub").read_text() == cas["host"] + "\n"
         (tmp_path / "user_cas.pub").write_text(cas["user"] + "\n")
         (tmp_path / "krl").write_bytes((await http("GET", f"{d.url}/v1/ssh/krl", d.ssl()))[2])
         known = tmp_path / "known_hosts"

@@ -45,14 +45,14 @@ from ca.audit.witness import FileWitness
 from ca.audit.witnessing import HTTPWitness, Witnessing
 from ca.config import Config, worker_count
 from ca.daemon import control
-from ca.daemon.keys import open_keyring, seed
+from ca.daemon.keys import Keyring, open_keyring, seed
 from ca.daemon.ratelimit import FailureLimiter
 from ca.errors import CLIError
 from ca.fileutil import write_atomic
 from ca.generations import Generations
 from ca.issuance.issue import Issuance, decision_context
 from ca.issuance.pipeline import SigningPipeline
-from ca.lifecycle import write_bundle
+from ca.lifecycle import write_bundle, write_chain_files
 from ca.process import raise_fd_limit, settle_heap
 from ca.revocation.ocsp import OCSPRefresher, OCSPSigner
 from ca.server_cert import ensure_server_cert
@@ -328,6 +328,9 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         await seed(config, store, pipeline)
         keys = await open_keyring(config, store, pipeline, generations)
         await write_bundle(config.bundle_pem, store)  # what the workers' TLS layer trusts
+        # This host's copies of the public files follow the inventory: a key rotated
+        # through another node, or while this host was away.
+        await asyncio.to_thread(write_chain_files, config.root_pem.parent, keys.issuers)
         await audit.append("daemon.start", version=__version__, pid=os.getpid(), workers=count,
                            config_sha256=hashlib.sha256(config.path.read_bytes()).hexdigest())
         if isinstance(store, SQLiteStore):
@@ -335,7 +338,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         if _cluster(store):
             # A revocation or key change committed by any node reaches this node's
             # processes: NOTIFY at once, a poll if a notification is lost.
-            store.watch_changes(_on_change(config, store, generations))
+            store.watch_changes(_on_change(config, store, generations, keys))
         issuance = Issuance(pipeline, store, keys, None, config.node)
         await ensure_server_cert(config, issuance)
         # OCSP responses are signed ahead of time, by this process, off every request's
@@ -428,20 +431,35 @@ def _cluster(store: Store | None) -> TypeGuard[PostgresStore]:
     return isinstance(store, PostgresStore)
 
 
-def _on_change(config: Config, store: PostgresStore, generations: Generations
-               ) -> Callable[[str], None]:
+def _on_change(config: Config, store: PostgresStore, generations: Generations,
+               keys: Keyring) -> Callable[[str], None]:
     """What a change another node committed means here (called on the store's thread):
     a revocation, this node's processes reload; a key change, the trust bundle of this
-    host (another host's node rotated) is rewritten from the inventory first."""
+    host (another host's node rotated) is rewritten from the inventory first, and the
+    public files of the keys in use after it."""
     loop = asyncio.get_running_loop()
     pending: set[asyncio.Task[None]] = set()
+    failing = False  # said once per outage: the store marks keys moved at every retry
 
     async def keys_moved() -> None:
+        nonlocal failing
         try:
             await write_bundle(config.bundle_pem, store)
         except Exception as exc:  # the processes reload anyway; the bundle next time
-            log.warning("cannot rewrite the trust bundle after a key change", error=str(exc))
+            if not failing:
+                log.warning("cannot rewrite the trust bundle after a key change",
+                            error=str(exc))
+            failing = True
+        else:
+            failing = False
         generations.bump("keys")
+        try:
+            await asyncio.to_thread(write_chain_files, config.root_pem.parent,
+                                    await keys.refresh())
+        except Exception as exc:  # the next change, or the next start, writes them
+            if not failing:
+                log.warning("cannot rewrite the public key files after a key change",
+                            error=str(exc))
 
     def on_loop(name: str) -> None:
         if name != "keys":
