@@ -439,3 +439,13 @@ def test_a_log_cut_with_its_tiles_and_checkpoint_is_refused_by_the_inventory(
     shutil.move(tmp_path / "tiles", ca.state / "audit/tiles")
     shutil.move(tmp_path / "checkpoint", ca.state / "audit/checkpoint")
     assert audit_verify(ca.state).returncode == 0
+
+
+def test_a_state_file_in_a_directory_that_does_not_exist_is_named(ca: InitialisedCA,
+                                                                   tmp_path: Path) -> None:
+    state = tmp_path / "no-such-dir" / "auditor.json"
+    proc = hsmca("audit", "verify", "--log", ca.state / "audit/log.jsonl", "--key",
+                 ca.state / "audit/audit_key.pem", "--state", state, check=False)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr == (f"hsmca: error: --state {state}: the directory {state.parent} "
+                           "does not exist\n"), proc.stderr

@@ -210,9 +210,10 @@ async def test_every_node_serves_every_log_and_one_node_verifies_them_all(
     assert status == 200 and ctype == "application/jsonl"
     local = (cluster.state / "nodes" / "node-2" / "audit" / "log.jsonl").read_bytes()
     assert local.startswith(lines) and lines.count(b"\n") == size
-    status, ctype, _ = await call("GET", f"{n3.url}/v1/audit/checkpoint?log=no-such-node",
-                                  n3.ssl())
+    status, ctype, body = await call("GET", f"{n3.url}/v1/audit/checkpoint?log=no-such-node",
+                                     n3.ssl())
     assert status == 404 and ctype == "application/problem+json"
+    assert b"this CA has no log named 'no-such-node'" in body, body
     status, ctype, _ = await call("GET", f"{n3.url}/v1/audit/checkpoint?log=../x", n3.ssl())
     assert status == 400 and ctype == "application/problem+json"
     # The same checkpoint under the prefix URL tlog tooling takes; a path and a query

@@ -122,6 +122,10 @@ def _report(result: Any, prefix: str) -> int:
 
 
 def verify(args: argparse.Namespace) -> int:
+    if args.state is not None and not args.state.parent.is_dir():
+        # Said before any work: saving would fail at the end, naming a temporary file.
+        raise CLIError(f"--state {args.state}: the directory {args.state.parent} does not "
+                       "exist")
     if args.url is not None:
         return _verify_remote(args)
     if args.client_cert or args.client_key or args.ca:

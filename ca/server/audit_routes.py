@@ -84,6 +84,9 @@ async def checkpoint(request: web.Request) -> web.Response:
     other = other_log(request)
     latest = await (other.checkpoint() if other is not None else request.app[AUDIT].checkpoint())
     if not latest:
+        if other is not None and not await other.exists():
+            raise Problem(404, "Not Found", f"this CA has no log named {other.node!r} "
+                          "(GET /v1/audit/logs lists them)")
         raise Problem(404, "Not Found", "no checkpoint has been signed yet")
     return web.Response(text=latest, content_type="text/plain", charset="utf-8",
                         headers=_MUTABLE)

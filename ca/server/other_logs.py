@@ -35,6 +35,11 @@ class OtherLog:
     async def checkpoint(self) -> str | None:
         return await self.store.audit_checkpoint(self.node)  # type: ignore[attr-defined,no-any-return]
 
+    async def exists(self) -> bool:
+        """Whether PostgreSQL holds any line of this log (asked only when there is no
+        checkpoint to serve, to tell a name with no log from a log not signed yet)."""
+        return bool(await self.store.audit_lines(self.node, 0, 1))  # type: ignore[attr-defined]
+
     async def _from_tree(self, size: int, ask: Callable[[TiledTree], T]) -> T:
         """`ask(tree)` on the log's tree of at least `size` leaves. The tree's tiles are
         read from PostgreSQL as `ask` needs them, blocking: both off the event loop."""
