@@ -115,6 +115,25 @@ def test_a_nonce_from_one_worker_is_good_once_on_another(world: World) -> None:
     assert again.status_code == 400 and again.json()["type"].endswith(":badNonce")
 
 
+def test_an_account_lists_its_orders(world: World) -> None:
+    """RFC 8555 7.1.2: the account object's `orders` URL, fetched by the account with
+    POST-as-GET, lists its orders (not another account's)."""
+    c, other = Client(world.ca), Client(world.ca)
+    assert c.register(world.ca.eab("*.test")).status == 201
+    assert other.register(world.ca.eab("*.test")).status == 201
+    first, second = c.order("a.test"), c.order("b.test")
+    assert first.status == second.status == 201
+    other.order("c.test")
+    orders = c.post(c.kid).json["orders"]
+    assert orders == c.kid + "/orders"
+    r = c.post(orders)
+    assert r.status == 200, r.body
+    assert sorted(r.json["orders"]) == sorted([second.headers["Location"],
+                                               first.headers["Location"]]), r.json
+    refused = other.post(orders)
+    assert refused.status == 403 and refused.problem == "unauthorized"
+
+
 def test_key_change_moves_the_account_to_the_new_key(world: World) -> None:
     c = Client(world.ca)
     assert c.register(world.ca.eab("*.test")).status == 201

@@ -194,3 +194,15 @@ def test_rate_counts_per_key_within_the_window(store: Store) -> None:
 def test_a_shared_secret_is_made_once(store: Store) -> None:
     first = run(store.acme_secret("nonce-mac", b"a" * 32))
     assert first == b"a" * 32 and run(store.acme_secret("nonce-mac", b"b" * 32)) == first
+
+
+def test_an_accounts_order_list_leaves_out_invalid_and_expired_orders(store: Store) -> None:
+    order_with(store, "live", ("a.test",))
+    failed = order_with(store, "failed", ("b.test",))
+    order_with(store, "elsewhere", ("c.test",), account_id="other")
+    run(store.start_acme_challenge(failed[0].challenges[0].id, NOW, EARLIER))
+    run(store.finish_acme_challenge(failed[0].challenges[0].id, False, "{}", NOW))
+    assert run(store.acme_order_ids("acc", NOW.isoformat(), 10)) == ["live"]
+    # Past its expiry a pending order is invalid too, and drops out.
+    assert run(store.acme_order_ids("acc", LATER, 10)) == []
+    assert run(store.acme_order_ids("other", NOW.isoformat(), 10)) == ["elsewhere"]

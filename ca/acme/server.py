@@ -184,8 +184,9 @@ def _holder(account: AcmeAccount) -> ra.AcmeAccountHolder:
                                 spki_sha256(acme_jws.crypto_key(jose.JWK.json_loads(account.jwk))))
 
 
-def _account_obj(account: AcmeAccount) -> dict[str, Any]:
-    return {"status": account.status, "contact": list(account.contact)}
+def _account_obj(request: web.Request, account: AcmeAccount) -> dict[str, Any]:
+    return {"status": account.status, "contact": list(account.contact),
+            "orders": url_of(request, f"acct/{account.id}/orders")}  # RFC 8555 7.1.2: required
 
 
 def _new_id() -> str:
@@ -249,7 +250,7 @@ async def new_account(request: web.Request) -> web.Response:
     thumb = acme_jws.thumbprint(v.jwk)
     existing = await server.store.acme_account_by_thumbprint(thumb)
     if existing is not None:
-        return _json(_account_obj(existing), 200, url_of(request, f"acct/{existing.id}"))
+        return _json(_account_obj(request, existing), 200, url_of(request, f"acct/{existing.id}"))
     if body.get("onlyReturnExisting") is True:
         raise AcmeProblem("accountDoesNotExist", "no account has this key")
     contact = _contact(body.get("contact"))
@@ -273,7 +274,7 @@ async def new_account(request: web.Request) -> web.Response:
     if not await server.store.add_acme_account(account, now):
         again = await server.store.acme_account_by_thumbprint(thumb)
         if again is not None and kid is None:  # the same key registered meanwhile
-            return _json(_account_obj(again), 200, url_of(request, f"acct/{again.id}"))
+            return _json(_account_obj(request, again), 200, url_of(request, f"acct/{again.id}"))
         raise AcmeProblem("unauthorized", "the external account binding was used meanwhile",
                           403)
     await request.app[AUDIT].append(
@@ -281,7 +282,7 @@ async def new_account(request: web.Request) -> web.Response:
         names=list(names), request_id=request.get("request_id"))
     log.info("acme account created", account=account.id, eab_kid=kid,
              request_id=request.get("request_id"))
-    return _json(_account_obj(account), 201, url_of(request, f"acct/{account.id}"))
+    return _json(_account_obj(request, account), 201, url_of(request, f"acct/{account.id}"))
 
 
 @routes.post("/acme/acct/{id}")
@@ -304,7 +305,27 @@ async def account(request: web.Request) -> web.Response:
                                         request_id=request.get("request_id"))
     fresh = await server.store.acme_account(acct.id)
     assert fresh is not None
-    return _json(_account_obj(fresh), 200, url_of(request, f"acct/{acct.id}"))
+    return _json(_account_obj(request, fresh), 200, url_of(request, f"acct/{acct.id}"))
+
+
+ORDERS_LISTED = 1000
+
+
+@routes.post("/acme/acct/{id}/orders")
+@acme_route
+async def account_orders(request: web.Request) -> web.Response:
+    """RFC 8555 7.1.2.1: the account's orders that are not invalid, newest first (the
+    latest ORDERS_LISTED: an account's old valid orders are of little use to it)."""
+    server = request.app[ACME]
+    v = await _verified(request)
+    assert v.account is not None
+    if v.account.id != request.match_info["id"]:
+        raise AcmeProblem("unauthorized", "an account's orders are asked for by it", 403)
+    if v.json(empty_ok=True) is not None:
+        raise AcmeProblem("malformed", "the orders list is fetched with POST-as-GET (an "
+                          "empty payload)")
+    ids = await server.store.acme_order_ids(v.account.id, utcnow().isoformat(), ORDERS_LISTED)
+    return _json({"orders": [url_of(request, f"order/{i}") for i in ids]})
 
 
 @routes.post("/acme/key-change")
@@ -341,7 +362,7 @@ async def key_change(request: web.Request) -> web.Response:
                                     thumbprint=new_thumb, request_id=request.get("request_id"))
     fresh = await server.store.acme_account(v.account.id)
     assert fresh is not None
-    return _json(_account_obj(fresh), 200, acct_url)
+    return _json(_account_obj(request, fresh), 200, acct_url)
 
 
 # ---- orders ------------------------------------------------------------------------------------

@@ -766,6 +766,13 @@ class PostgresStore:
                                      (c.id, a.id, c.type, c.token, c.status, j))
         await self._tx(insert)
 
+    async def acme_order_ids(self, account_id: str, now: str, limit: int) -> list[str]:
+        rows = await self._rows(
+            "SELECT id FROM acme_orders WHERE account_id = %s AND status <> 'invalid' "
+            "AND (status = 'valid' OR expires > %s) ORDER BY created_at DESC, id LIMIT %s",
+            (account_id, now, limit))
+        return [r[0] for r in rows]
+
     async def acme_order(self, order_id: str) -> AcmeOrder | None:
         rows = await self._rows("SELECT id, account_id, status, names, expires, created_at, "
                                 "cert_serial, error FROM acme_orders WHERE id = %s", (order_id,))

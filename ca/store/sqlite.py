@@ -1004,6 +1004,13 @@ class SQLiteStore:
                                 for j, c in enumerate(a.challenges)])
         await self._write(insert)
 
+    async def acme_order_ids(self, account_id: str, now: str, limit: int) -> list[str]:
+        rows = self._read(
+            "SELECT id FROM acme_orders WHERE account_id = ? AND status <> 'invalid' "
+            "AND (status = 'valid' OR expires > ?) ORDER BY created_at DESC, id LIMIT ?",
+            (account_id, now, limit))
+        return [r[0] for r in rows]
+
     async def acme_order(self, order_id: str) -> AcmeOrder | None:
         rows = self._read("SELECT id, account_id, status, names, expires, created_at, "
                           "cert_serial, error FROM acme_orders WHERE id = ?", (order_id,))
