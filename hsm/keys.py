@@ -96,6 +96,12 @@ def find_private(session: pkcs11.Session, label: str, required: bool = True) -> 
     return found[0]
 
 
+def private_labels(session: pkcs11.Session) -> list[str]:
+    """The label of every private key in the token (a key without one: '')."""
+    return sorted(str(k.label or "") for k in session.get_objects(
+        {Attribute.CLASS: ObjectClass.PRIVATE_KEY}))
+
+
 def find_public(session: pkcs11.Session, label: str) -> Any:
     found = list(session.get_objects({Attribute.CLASS: ObjectClass.PUBLIC_KEY,
                                       Attribute.LABEL: label}))

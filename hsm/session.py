@@ -252,6 +252,17 @@ class HSM:
         self._handles.pop(label, None)
         self._keys.pop(label, None)
 
+    def private_labels(self) -> list[str]:
+        """The labels of the token's private keys (for the start's check that the CA
+        knows every key in it)."""
+        self._claim()
+        self._ready()
+        try:
+            return keys.private_labels(self._session)
+        except SESSION_ERRORS as exc:
+            self._mark_broken(exc)
+            raise HSMUnavailable(f"HSM unavailable: {self.broken}") from None
+
     def probe(self) -> None:
         """A cheap call that fails if the token or session went away (reading an
         attribute of a key handle: SoftHSM answers ObjectHandleInvalid once its token

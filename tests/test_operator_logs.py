@@ -244,3 +244,29 @@ async def test_a_key_the_ca_never_had_in_keys_is_named_at_start(tmp_path: Path) 
         leaf.verify_directly_issued_by(own)  # by the CA's own issuing key
     finally:
         assert d.stop() == 0
+
+
+async def test_a_key_in_the_token_the_ca_does_not_know_is_named_at_start(
+        tmp_path: Path) -> None:
+    """A rotation killed between its key generation and its inventory row leaves a key
+    in the token that hsmca neither uses nor can retire: the start names it (made here
+    by the HSM's own tool, as that crash would leave it)."""
+    import subprocess
+
+    from tests.conftest import require
+    ca = init_ca(tmp_path)
+    t = ca.token
+    subprocess.run([require("pkcs11-tool"), "--module", t.module, "--token-label", t.label,
+                    "--login", "--pin", t.pin_file.read_text().strip(), "--keypairgen",
+                    "--key-type", "EC:prime256v1", "--label", "issuing-ca-orphan"],
+                   capture_output=True, check=True)
+    d = start_daemon(ca.state)
+    try:
+        found = await said(d, "the token holds a private key this CA does not know (a "
+                              "rotation interrupted after its hsm.keygen line, or another "
+                              "application's key); hsmca never uses it, and it can be "
+                              "removed with the HSM's own tools once you are sure whose it "
+                              "is", lambda e: True)
+        assert [e["label"] for e in found] == ["issuing-ca-orphan"], found
+    finally:
+        assert d.stop() == 0

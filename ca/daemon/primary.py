@@ -327,6 +327,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
             store = open_store(config.store_location)
         await seed(config, store, pipeline)
         keys = await open_keyring(config, store, pipeline, generations)
+        await _name_unknown_keys(store, pipeline)
         await write_bundle(config.bundle_pem, store)  # what the workers' TLS layer trusts
         # This host's copies of the public files follow the inventory: a key rotated
         # through another node, or while this host was away.
@@ -470,6 +471,20 @@ def _on_change(config: Config, store: PostgresStore, generations: Generations,
         task.add_done_callback(pending.discard)
 
     return lambda name: loop.call_soon_threadsafe(on_loop, name)
+
+
+async def _name_unknown_keys(store: Store, pipeline: SigningPipeline) -> None:
+    """A private key in the token that the inventory does not know is named at start:
+    a rotation that died between its hsm.keygen line and its inventory row leaves one
+    (hsmca never uses it, nor can it retire or destroy it), and so would a key put there
+    by something else."""
+    known = {r.label for r in await store.keys() if r.state != "destroyed"}
+    for label in await pipeline.call(lambda hsm: hsm.private_labels()):
+        if label not in known:
+            log.warning("the token holds a private key this CA does not know (a rotation "
+                        "interrupted after its hsm.keygen line, or another application's "
+                        "key); hsmca never uses it, and it can be removed with the HSM's "
+                        "own tools once you are sure whose it is", label=label)
 
 
 def _check_against_inventory(audit: AuditLog, config: Config) -> None:
