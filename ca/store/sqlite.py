@@ -364,7 +364,7 @@ def latest_audit_seq(path: Path, recent: int = 1000) -> int | None:
     inventory yet, or one from before certificates named their lines)."""
     if not path.exists():
         return None
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)  # quoted: '#', '?'...
     try:
         db.execute("PRAGMA busy_timeout=5000")
         row = db.execute("SELECT MAX(audit_seq) FROM certs WHERE rowid > "
