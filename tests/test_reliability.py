@@ -351,6 +351,32 @@ async def test_an_inventory_that_cannot_be_written_means_503_and_no_more_signing
     assert intent["purpose"] == "x509" and outcome["result"] == "ok"
 
 
+async def test_an_inventory_locked_past_its_busy_timeout_means_503_not_a_hang(
+        tmp_path: Path) -> None:
+    """Someone holds the inventory's write lock (a VACUUM, a write in the sqlite3 shell)
+    longer than SQLite waits for it: the renewal whose row cannot be written is answered
+    503, not left hanging with its worker's signing stalled behind it, and once the lock
+    is let go the worker serves again."""
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state, "--workers", "1")
+    try:
+        cert, key = enroll(d, tmp_path, "service", [LOAD_NAME])
+        ctx = d.ssl(cert, key)
+        holder = sqlite3.connect(ca.state / "hsmca.sqlite3", isolation_level=None)
+        try:
+            holder.execute("BEGIN IMMEDIATE")  # the write lock, held
+            status, _, body = await asyncio.wait_for(
+                http("POST", f"{d.url}/v1/x509/renew", ctx, body={}), 60)
+            assert status == 503 and "inventory" in json.loads(body)["detail"], body
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        await assert_served_again(d, ctx)
+    finally:
+        assert d.stop() == 0
+    audit_verify(ca.state, ok=True)
+
+
 async def test_slow_and_idle_connections_do_not_block_others(daemon: Daemon,
                                                              tmp_path: Path) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -533,8 +533,11 @@ class SQLiteStore:
                 # /health says so, rather than a 500 per request.
                 self._problem = f"cannot write the inventory {self.path}: {exc}"
                 error = StoreUnavailable(f"the inventory (SQLite) is unavailable: {exc}")
-            for fut in claimed:  # the whole transaction is gone: every job failed
-                out.fail(fut, error)
+            # The whole transaction is gone: every job failed, those not reached yet
+            # too (BEGIN itself may be what failed: a lock held past the busy timeout).
+            for _, fut in jobs:
+                if fut in claimed or claim(fut):
+                    out.fail(fut, error)
             out.flush()
             return
         self._problem = None
