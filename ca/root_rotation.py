@@ -149,9 +149,9 @@ def _ceremony_log(config: Config, audit_key: Ed25519PublicKey, store: Store | No
     from ca.audit import cluster
     from ca.store.postgres import PostgresStore
     assert isinstance(store, PostgresStore)
-    owed = cluster.sync_local_log(config.audit_log, config.checkpoint_path, store,
-                                  cluster.CEREMONIES)
-    return AuditLog.open(config.audit_log, config.checkpoint_path, audit_key, owed=owed,
+    cluster.sync_local_log(config.audit_log, config.checkpoint_path, store,
+                           cluster.CEREMONIES)
+    return AuditLog.open(config.audit_log, config.checkpoint_path, audit_key,
                          mirror=cluster.mirror(store, cluster.CEREMONIES, config.audit_log))
 
 

@@ -8,7 +8,7 @@ opened: lines PostgreSQL lacks (a crash between the file's fdatasync and the
 commit: never acknowledged) are sent up, and lines the file lacks (a node rebuilt
 on a new disk) are written back from PostgreSQL, which is the record; except a group
 the node cut from its file because its commit failed, which PostgreSQL committed all
-the same: that one is dropped (see mirror).
+the same: that one is replaced by the outcomes it owes (see mirror).
 """
 
 from __future__ import annotations
@@ -20,13 +20,14 @@ import json
 import os
 import shutil
 import threading
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from ca.audit.log import ENVELOPE, TILES_DIR, AuditLogError, Mirror
+from ca.audit.line import GENESIS, canonical, chain_hash
+from ca.audit.log import ENVELOPE, TILES_DIR, AuditLogError, Mirror, utc_now
 from ca.fileutil import write_atomic
 from ca.store.errors import StoreUnavailable
 
@@ -53,8 +54,9 @@ def mirror(store: PostgresStore, node: str, path: Path,
     connection lost after the COMMIT was sent). The node's next group replaces it
     there; should the node stop before that, the group would come back into its file
     at the next start (sync_local_log) as if it had been acknowledged, its outcomes
-    claiming signatures that were never released. So the group is remembered on disk
-    first, and the next start drops it from PostgreSQL instead."""
+    not saying that their results were never released. So the group is remembered on
+    disk first, and the next start replaces it with what the next group would have
+    begun with: its outcomes, marked never released."""
     def commit(first_seq: int, lines: list[bytes]) -> None:
         why = refuse()
         if why is not None:
@@ -104,10 +106,22 @@ def _committed_after_cut(path: Path, store: PostgresStore, node: str, have: int,
     return [json.loads(line) for line in lines]
 
 
-def owed_outcome(line: Mapping[str, Any]) -> dict[str, Any]:
-    """A cut outcome line's fields, as the line the log owes for it: the same
-    outcome, said never released (AuditLog._fail_batch does the same)."""
-    return {**{k: v for k, v in line.items() if k not in ENVELOPE}, "released": False}
+def _owed_lines(last: bytes | None, first_seq: int, cut: list[dict[str, Any]]) -> list[bytes]:
+    """The hsm.sign outcomes of a cut group as the lines the log owes for them, from
+    `first_seq` on, chained to `last`: the same outcome, said never released
+    (AuditLog._fail_batch owes the same)."""
+    prev = chain_hash(last) if last is not None else GENESIS
+    ts = utc_now()
+    out: list[bytes] = []
+    for line in cut:
+        if line.get("event") != "hsm.sign" or line.get("phase") != "outcome":
+            continue  # an intent never signed, or any other line of the failed group
+        fields = {k: v for k, v in line.items() if k not in ENVELOPE}
+        raw = canonical({**fields, "released": False, "seq": first_seq + len(out), "ts": ts,
+                         "event": "hsm.sign", "prev": prev})
+        out.append(raw)
+        prev = chain_hash(raw)
+    return out
 
 
 class NotCommitted(OSError):
@@ -183,21 +197,18 @@ def _complete_lines(path: Path) -> tuple[int, bytes | None, int]:
     return 0, None, 0
 
 
-def sync_local_log(path: Path, checkpoint: Path, store: PostgresStore, node: str
-                   ) -> list[dict[str, Any]]:
-    """Bring the node's file and PostgreSQL level (see the module's docstring). Returns
-    the outcome lines owed for a group dropped from PostgreSQL (see mirror), for
-    AuditLog.open to write first."""
+def sync_local_log(path: Path, checkpoint: Path, store: PostgresStore, node: str) -> None:
+    """Bring the node's file and PostgreSQL level (see the module's docstring)."""
     held = store.audit_size_sync(node)
     have, last, end = _complete_lines(path)
     if have < 0:
-        return []
+        return
     lines: list[bytes] | None = None
     if have > held:  # the whole file is read only in this rare case (a crash)
         with open(path, "rb") as fh:
             lines = fh.read(end).split(b"\n")[:-1]
         if len(lines) != have:
-            return []  # seqs that do not count lines: the log's own checks refuse it
+            return  # seqs that do not count lines: the log's own checks refuse it
     # Where both have lines, the last line both hold must be the same line.
     common = min(have, held)
     if common:
@@ -212,23 +223,24 @@ def sync_local_log(path: Path, checkpoint: Path, store: PostgresStore, node: str
         commit_group(store, node, held, lines[held:])
         log.warning("sent audit lines PostgreSQL lacked (a crash between the file and "
                     "the commit)", node=node, first_seq=held, lines=have - held)
-        return []
-    if have == held:
-        _cut_marker(path).unlink(missing_ok=True)
-        return []
-    cut = _committed_after_cut(path, store, node, have, held)
+        return
+    cut = _committed_after_cut(path, store, node, have, held) if have < held else None
     if cut is not None:
-        # Never acknowledged to anyone: the group is dropped from PostgreSQL and its
-        # outcomes are owed, marked never released, as the node's next group would
-        # have done had it gone on. Its intents were never signed.
-        store.append_audit(node, have, []).result()
-        _cut_marker(path).unlink()
-        log.warning("dropped audit lines PostgreSQL committed after this node had cut "
+        # Never acknowledged to anyone: replaced in PostgreSQL, in one transaction, by
+        # the lines the node's next group would have begun with, each outcome again
+        # marked never released (its intents were never signed); they come into the
+        # file below, as any line the file lacks. A crash in between leaves PostgreSQL
+        # with lines the marker does not describe: the next start restores them.
+        owed = _owed_lines(last, have, cut)
+        store.append_audit(node, have, owed).result()
+        log.warning("replaced audit lines PostgreSQL committed after this node had cut "
                     "them from its file; their outcomes are written again, as never "
-                    "released", node=node, first_seq=have, lines=held - have)
-        return [owed_outcome(line) for line in cut
-                if line.get("event") == "hsm.sign" and line.get("phase") == "outcome"]
+                    "released", node=node, first_seq=have, lines=held - have,
+                    outcomes=len(owed))
+        held = have + len(owed)
     _cut_marker(path).unlink(missing_ok=True)
+    if have == held:
+        return
     if have == 0:
         # A node on a new disk: its log comes back from PostgreSQL; tiles and the
         # checkpoint are rebuilt from it (the checkpoint is checked against the log).
@@ -251,4 +263,3 @@ def sync_local_log(path: Path, checkpoint: Path, store: PostgresStore, node: str
         os.close(fd)
     log.warning("restored audit lines of this node from PostgreSQL", node=node,
                 from_seq=have, lines=held - have)
-    return []

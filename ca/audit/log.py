@@ -141,12 +141,10 @@ class AuditLog:
     @classmethod
     def open(cls, path: Path, checkpoint_path: Path | None = None,
              audit_key: Ed25519PublicKey | None = None, *,
-             tiles: Path | None = None, mirror: Mirror | None = None,
-             owed: Sequence[Mapping[str, Any]] = ()) -> AuditLog:
+             tiles: Path | None = None, mirror: Mirror | None = None) -> AuditLog:
         """Lock the log, cut a torn tail (recorded as log.recover), check it against its
         tiles and its last checkpoint (the signature too, given the audit key), and
-        start the writer. `owed`: hsm.sign outcome lines that failed before this start
-        (cluster.sync_local_log), written first, as a failed batch's are.
+        start the writer.
 
         Opening reads only the lines after the last full bundle of 256 (those the
         tiles do not hold), and the last full bundle again. It refuses to open
@@ -180,13 +178,11 @@ class AuditLog:
                                     ) from None
             raise
         try:
-            audit = cls._recover(path, fd, Path(tiles) if tiles else path.parent / TILES_DIR,
-                                 checkpoint_path, audit_key, mirror)
+            return cls._recover(path, fd, Path(tiles) if tiles else path.parent / TILES_DIR,
+                                checkpoint_path, audit_key, mirror)
         except BaseException:
             os.close(fd)
             raise
-        audit._owed = [("hsm.sign", fields, cf.Future()) for fields in owed]
-        return audit
 
     @classmethod
     def _recover(cls, path: Path, fd: int, tiles: Path, checkpoint_path: Path | None,
