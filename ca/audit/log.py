@@ -374,14 +374,23 @@ class AuditLog:
         ts = utc_now()
         results = Batch()
         owed, self._owed = self._owed, []
+        # Whatever batch is the first to go through after a failed one begins with
+        # log.resume, saying why writes failed, so the outage shows in the log (the
+        # daemon's own retry asks for one every second, but a checkpoint or a request
+        # may come first). A retry's own line becomes that line; one that comes once the
+        # log is well again is answered by the line already written. (While only the
+        # tiles cannot be stored, a retry's line is written: its commit retries them.)
+        retries: list[tuple[str, Mapping[str, Any], Sink]] = []
+        if self._failed is not None or self._problem is None:
+            retries = [item for item in items if item[0] == "log.resume"]
+            if retries:
+                items = [item for item in items if item[0] != "log.resume"]
         if self._failed is not None:
-            # Whatever batch is the first to go through after a failed one begins with
-            # log.resume, so the outage shows in the log (the daemon's own retry writes
-            # one every second, but a checkpoint or a request may come first).
-            if items and items[0][0] == "log.resume":
-                owed.insert(0, items.pop(0))
-            else:
-                owed.insert(0, ("log.resume", {"after": self._failed}, cf.Future()))
+            owed.insert(0, ("log.resume", {"after": self._failed},
+                            retries.pop(0)[2] if retries else cf.Future()))
+        for _, _, fut in retries:
+            if claim(fut):
+                results.ok(fut, self._next_seq - 1)
         for event, fields, fut in owed + items:
             # Even when the caller has given up (cancelled), the line is written: a
             # record is never dropped, and an intent always gets its outcome.
@@ -516,6 +525,8 @@ class AuditLog:
             if event == "hsm.sign" and fields.get("phase") == "outcome":
                 owed: cf.Future[int] = cf.Future()
                 self._owed.append((event, {**fields, "released": False}, owed))
+            elif event == "sign.withheld":  # what it says of an "ok" outcome is owed too
+                self._owed.append((event, fields, cf.Future()))
             results.fail(fut, error)
         results.flush()
 
