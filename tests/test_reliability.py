@@ -306,6 +306,10 @@ async def test_audit_log_moved_or_cut_under_the_daemon_means_503_until_it_is_bac
     finally:
         assert d.stop() == 0
     audit_verify(ca.state, ok=True)
+    # Each outage is said once, with why, in the first line written after it.
+    resumed = [e["after"] for e in log_lines(ca.state) if e["event"] == "log.resume"]
+    assert len(resumed) == 2, resumed
+    assert "was moved or deleted" in resumed[0] and "was cut" in resumed[1], resumed
 
 
 async def test_an_inventory_that_cannot_be_written_means_503_and_no_more_signing(
