@@ -162,7 +162,7 @@ def publisher(store: PostgresStore, node: str) -> Callable[[int, str], Awaitable
     return publish
 
 
-def _complete_lines(path: Path) -> tuple[int, bytes | None, int]:
+def complete_lines(path: Path) -> tuple[int, bytes | None, int]:
     """(lines in the file, its last complete line, bytes up to its end), reading from
     the end only: start-up must not read the whole log."""
     if not path.exists():
@@ -200,7 +200,7 @@ def _complete_lines(path: Path) -> tuple[int, bytes | None, int]:
 def sync_local_log(path: Path, checkpoint: Path, store: PostgresStore, node: str) -> None:
     """Bring the node's file and PostgreSQL level (see the module's docstring)."""
     held = store.audit_size_sync(node)
-    have, last, end = _complete_lines(path)
+    have, last, end = complete_lines(path)
     if have < 0:
         return
     lines: list[bytes] | None = None

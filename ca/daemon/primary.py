@@ -487,18 +487,18 @@ async def _name_unknown_keys(store: Store, pipeline: SigningPipeline) -> None:
                         "own tools once you are sure whose it is", label=label)
 
 
-def _check_against_inventory(audit: AuditLog, config: Config) -> None:
+def _check_against_inventory(config: Config, lines: int) -> None:
     """A log shorter than the lines the inventory's certificates name was cut or
     replaced, even when its tiles and checkpoint went with it (the start's own checks
     compare the log with those): refuse to start on it, as on a log shorter than its
-    checkpoint. (On a cluster, PostgreSQL is the record, and the file is made level
-    with it first.)"""
+    checkpoint, and before opening it builds anything from it. (On a cluster,
+    PostgreSQL is the record, and the file is made level with it first.) `lines`: the
+    log's count, or below 0 when its tail cannot say (opening it will)."""
     from ca.store.sqlite import latest_audit_seq
-    seq = latest_audit_seq(config.db_path)
-    if seq is not None and seq >= audit.size:
-        audit.close()
+    seq = latest_audit_seq(config.db_path) if lines >= 0 else None
+    if seq is not None and seq >= lines:
         raise StartError(
-            f"the audit log {config.audit_log} has {audit.size} lines, but the inventory "
+            f"the audit log {config.audit_log} has {lines} lines, but the inventory "
             f"({config.db_path}) records a certificate whose intent is line {seq}: the log "
             "was cut or replaced (tampering or loss). Refusing to start; restore the log "
             "and run `hsmca audit verify`")
@@ -524,8 +524,14 @@ def _open_audit(config: Config, audit_key: Ed25519PublicKey, store: Store | None
     """The node's audit log; in cluster mode level with PostgreSQL first, and each
     group commit made durable there too (ca/audit/cluster.py)."""
     if not _cluster(store):
+        from ca.audit.cluster import complete_lines
+        _check_against_inventory(config, complete_lines(config.audit_log)[0])  # before open
         audit = AuditLog.open(config.audit_log, config.checkpoint_path, audit_key)
-        _check_against_inventory(audit, config)
+        try:
+            _check_against_inventory(config, audit.size)  # a torn tail cut, too
+        except BaseException:
+            audit.close()
+            raise
         return audit
     from ca.audit import cluster
     assert config.node is not None
