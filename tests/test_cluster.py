@@ -235,6 +235,19 @@ async def test_every_node_serves_every_log_and_one_node_verifies_them_all(
     status, _, body = await call("GET", f"{n3.url}/v1/audit/checkpoint.cosigned?log=node-2",
                                  n3.ssl())
     assert status == 404 and b"kept by node node-2 only" in body, body
+    # `audit show` through node 3 names the log it shows: node 3's own by default,
+    # node 2's with --node, and a name that is no log is refused in one line.
+    admin_cert, admin_key = cluster.admin
+    show = ["audit", "show", "--url", n3.url, "--ca", n3.root, "--client-cert", admin_cert,
+            "--client-key", admin_key]
+    proc = await asyncio.to_thread(hsmca, *show, "--node", "node-2")
+    assert proc.stderr == "hsmca: log of node node-2\n", proc.stderr
+    assert len(proc.stdout.splitlines()) >= size
+    proc = await asyncio.to_thread(hsmca, *show)
+    assert proc.stderr == "hsmca: log of node node-3\n", proc.stderr
+    proc = await asyncio.to_thread(hsmca, *show, "--node", "nope", check=False)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1
+    assert "--node nope: the CA at" in proc.stderr and "has no such log" in proc.stderr
     # An auditor verifies all three logs through node 1, keeping one state per log,
     # and a second run continues from those states (consistency proofs, for node 2's
     # and 3's logs computed by node 1 from PostgreSQL).

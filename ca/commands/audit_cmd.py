@@ -185,9 +185,18 @@ async def _show_remote(args: argparse.Namespace) -> int:
     url = args.url.rstrip("/")
     seq = max(args.start, 0)
     async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+        listed = json.loads(await get_bytes(session, f"{url}/v1/audit/logs", ctx))["logs"]
+        names = [entry["name"] for entry in listed if entry["name"] is not None]
+        if args.node is not None and args.node not in names:
+            raise CLIError(f"--node {args.node}: the CA at {url} has no such log (its logs: "
+                           f"{', '.join(names) or 'one, unnamed: leave --node out'})")
+        name = args.node or next((e["name"] for e in listed if e.get("self")), None)
+        if name is not None:  # several logs: say whose this is
+            print(f"hsmca: log of node {name}", file=sys.stderr, flush=True)
+        query = f"&log={name}" if name is not None else ""
         while True:
-            page = await get_bytes(session, f"{url}/v1/audit/entries?start={seq}&limit=1000",
-                                   ctx)
+            page = await get_bytes(
+                session, f"{url}/v1/audit/entries?start={seq}&limit=1000{query}", ctx)
             lines = page.split(b"\n")[:-1]  # the daemon serves only complete (durable) lines
             for line in lines:
                 print(_describe(json.loads(line)), flush=True)
@@ -201,6 +210,8 @@ async def _show_remote(args: argparse.Namespace) -> int:
 
 
 def show(args: argparse.Namespace) -> int:
+    if args.node is not None and args.url is None:
+        raise CLIError("--node is for --url (a file holds one node's log: give it with --log)")
     if args.url is not None:
         return int(asyncio.run(_show_remote(args)))
     path = args.log
