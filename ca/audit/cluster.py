@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from ca.audit.line import GENESIS, canonical, chain_hash
-from ca.audit.log import ENVELOPE, TILES_DIR, AuditLogError, Mirror, utc_now
+from ca.audit.line import ENVELOPE, GENESIS, chain_hash, line_bytes
+from ca.audit.log import TILES_DIR, AuditLogError, Mirror, utc_now
 from ca.fileutil import write_atomic
 from ca.store.errors import StoreUnavailable
 
@@ -117,8 +117,8 @@ def _owed_lines(last: bytes | None, first_seq: int, cut: list[dict[str, Any]]) -
         if line.get("event") != "hsm.sign" or line.get("phase") != "outcome":
             continue  # an intent never signed, or any other line of the failed group
         fields = {k: v for k, v in line.items() if k not in ENVELOPE}
-        raw = canonical({**fields, "released": False, "seq": first_seq + len(out), "ts": ts,
-                         "event": "hsm.sign", "prev": prev})
+        raw = line_bytes("hsm.sign", {**fields, "released": False}, first_seq + len(out), ts,
+                         prev)
         out.append(raw)
         prev = chain_hash(raw)
     return out

@@ -34,6 +34,17 @@ def canonical(obj: Mapping[str, Any]) -> bytes:
     return _ENCODER.encode(obj).encode("utf-8")
 
 
+# The fields the log adds to every line's own.
+ENVELOPE = frozenset({"seq", "ts", "event", "prev"})
+
+
+def line_bytes(event: str, fields: Mapping[str, Any], seq: int, ts: str, prev: str) -> bytes:
+    """The line of `event` with `fields`, as the log writes it at `seq` after the line
+    whose chain hash is `prev`; ValueError or TypeError if the fields have no
+    canonical form."""
+    return canonical({**fields, "seq": seq, "ts": ts, "event": event, "prev": prev})
+
+
 def chain_hash(line: bytes) -> str:
     """What the next line's `prev` holds: the hex SHA-256 of `line` (no newline)."""
     return hashlib.sha256(line).hexdigest()

@@ -37,7 +37,7 @@ from typing import Any
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from ca.audit.line import CHECKPOINT_FIELD, GENESIS, canonical, chain_hash
+from ca.audit.line import CHECKPOINT_FIELD, GENESIS, chain_hash, line_bytes
 from ca.audit.merkle import Growth, TreeHead, growth, leaf_hash, leaf_hashes
 from ca.audit.note import NoteError, parse_checkpoint, verify_checkpoint
 from ca.audit.tiles import (
@@ -77,9 +77,6 @@ Mirror = Callable[[int, list[bytes]], None]
 class _NotTheLog(OSError):
     """The open file is no longer the log at its path, as hsmca wrote it."""
 
-
-# The fields the log adds to every line's own (see _commit).
-ENVELOPE = frozenset({"seq", "ts", "event", "prev"})
 
 class AuditLogError(Exception):
     """The log cannot be opened safely; the message tells the operator what to look at."""
@@ -396,7 +393,7 @@ class AuditLog:
             # record is never dropped, and an intent always gets its outcome.
             claim(fut)
             try:
-                line = canonical({**fields, "seq": seq, "ts": ts, "event": event, "prev": prev})
+                line = line_bytes(event, fields, seq, ts, prev)
             except (TypeError, ValueError) as exc:
                 results.fail(fut, exc)  # a caller's bug must not poison the others' lines
                 continue
