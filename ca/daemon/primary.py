@@ -525,13 +525,15 @@ def _open_audit(config: Config, audit_key: Ed25519PublicKey, store: Store | None
     group commit made durable there too (ca/audit/cluster.py)."""
     if not _cluster(store):
         from ca.audit.cluster import complete_lines
-        _check_against_inventory(config, complete_lines(config.audit_log)[0])  # before open
+        counted = complete_lines(config.audit_log)[0]
+        _check_against_inventory(config, counted)  # before opening builds anything
         audit = AuditLog.open(config.audit_log, config.checkpoint_path, audit_key)
-        try:
-            _check_against_inventory(config, audit.size)  # a torn tail cut, too
-        except BaseException:
-            audit.close()
-            raise
+        if counted < 0:  # a torn tail could not be counted: once opening has cut it
+            try:
+                _check_against_inventory(config, audit.size)
+            except BaseException:
+                audit.close()
+                raise
         return audit
     from ca.audit import cluster
     assert config.node is not None
