@@ -25,7 +25,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ca import ra
-from ca.audit.cluster import CEREMONIES
 from ca.audit.note import NoteError, verify_note
 from ca.fileutil import write_atomic
 from ca.generations import Generations
@@ -66,8 +65,10 @@ class KeyLifecycle:
         if label is None:
             return ra.KeyRequest(action, kind or "")
         record = next((r for r in await self.store.keys() if r.label == label), None)
+        behind = (await self._not_handed_over() if action == "retire" and record is not None
+                  and record.kind == "audit" else ())
         return ra.KeyRequest(action, record.kind if record else "", label,
-                             record.state if record else None, confirmed)
+                             record.state if record else None, confirmed, behind)
 
     async def carry_out(self, order: ra.KeyOrder, context: ra.Context,
                         request_id: str | None) -> dict[str, Any]:
@@ -75,8 +76,6 @@ class KeyLifecycle:
             return await self._rotate(order, context, request_id)
         assert order.label is not None
         if order.action == "retire":
-            if order.kind == "audit":
-                await self._handed_over(order.label)
             await self.audit.append("key.retire", label=order.label, kind=order.kind,
                                     actor=order.actor, request_id=request_id)
             if not await self.store.set_key_state(order.label, "retired", utcnow(),
@@ -91,12 +90,11 @@ class KeyLifecycle:
         return {"label": order.label, "state": "retired" if order.action == "retire"
                 else "destroyed", "live": live, "live_until": until}
 
-    async def _handed_over(self, label: str) -> None:
-        """An audit key is retired only once every log of the CA has handed over from
-        it: a log whose latest checkpoint the active key has not signed too would
-        verify with neither key once the old one is gone. A node hands over at its
-        first checkpoint after the rotation; the `init` log of a CA of several nodes,
-        which no node writes, at the root's next rotation."""
+    async def _not_handed_over(self) -> tuple[str, ...]:
+        """The logs whose latest checkpoint the active audit key has not signed yet (a
+        node hands over at its first checkpoint after the rotation; the `init` log of a
+        CA of several nodes, which no node writes, at the root's next rotation): the
+        registration authority keeps the previous key until there are none."""
         active = self.issuance.issuers.audit.public_key
         assert isinstance(active, Ed25519PublicKey)
         logs: list[tuple[str, str | None]]
@@ -113,14 +111,7 @@ class KeyLifecycle:
                 verify_note(note, note.split("\n", 1)[0], active)
             except NoteError:
                 behind.append(name)
-        if behind:
-            init = " (the init log hands over at the root's next rotation, `hsmca key " \
-                   "rotate-root`)" if CEREMONIES in behind else " (a node hands over at its " \
-                   "next checkpoint: start it, or wait for its heartbeat)"
-            raise Refused(f"{label!r} still signs the latest checkpoint of log(s) "
-                          f"{', '.join(behind)}, which the active audit key has not signed "
-                          f"yet: retired now, they would verify with neither key{init}",
-                          Reason.CONFLICT)
+        return tuple(behind)
 
     async def live(self, label: str) -> tuple[int | None, str | None]:
         """How many certificates `label` signed are still valid, and until when the last:

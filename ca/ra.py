@@ -244,6 +244,8 @@ class KeyRequest:
     label: str | None = None
     state: str | None = None
     confirmed: bool = False
+    # An audit key's retirement: the logs whose latest checkpoint only it still signs.
+    not_handed_over: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -716,6 +718,7 @@ def _local_cert(ctx: Context, who: Requester, req: LocalCertRequest) -> X509Orde
 
 
 ROTATABLE = ("issuing", "ssh-user", "ssh-host", "audit")
+CEREMONY_LOG = "init"  # ca.audit.cluster.CEREMONIES: the decisions load no audit code
 
 
 def _key(ctx: Context, who: Requester, req: KeyRequest) -> KeyOrder:
@@ -737,6 +740,14 @@ def _key(ctx: Context, who: Requester, req: KeyRequest) -> KeyOrder:
                           "retire the previous one", Reason.CONFLICT)
         if req.state != "previous":
             raise Refused(f"{req.label!r} is {req.state} already", Reason.CONFLICT)
+        if req.not_handed_over:  # retired now, those logs would verify with neither key
+            how = (" (the init log hands over at the root's next rotation, `hsmca key "
+                   "rotate-root`)" if CEREMONY_LOG in req.not_handed_over else " (a node hands "
+                   "over at its next checkpoint: start it, or wait for its heartbeat)")
+            raise Refused(f"{req.label!r} still signs the latest checkpoint of log(s) "
+                          f"{', '.join(req.not_handed_over)}, which the active audit key has "
+                          f"not signed yet: retired now, they would verify with neither "
+                          f"key{how}", Reason.CONFLICT)
         return KeyOrder("retire", req.kind, req.label, who.actor)
     if req.action == "destroy":
         if req.state != "retired":

@@ -588,3 +588,16 @@ def test_a_root_rotations_cross_certificates_outlive_neither_root() -> None:
     ski = x509.SubjectKeyIdentifier.from_public_key
     assert new_with_old.issuer_key_id == ski(old_key.public_key()).digest
     assert old_with_new.issuer_key_id == ski(new_key.public_key()).digest
+
+
+def test_an_audit_key_is_retired_only_once_every_log_has_handed_over() -> None:
+    """Retired while a log's latest checkpoint is signed by it alone, the log would
+    verify with neither key: refused, naming the logs and what hands each over."""
+    req = ra.KeyRequest("retire", "audit", "audit-old", "previous")
+    assert isinstance(ra.decide(context(), admin(), req), ra.KeyOrder)
+    refused(ra.decide(context(), admin(), dataclasses.replace(req, not_handed_over=("ca-2",))),
+            Reason.CONFLICT, "'audit-old' still signs the latest checkpoint of log(s) ca-2",
+            "start it")
+    refused(ra.decide(context(), admin(), dataclasses.replace(
+        req, not_handed_over=("ca-2", "init"))), Reason.CONFLICT, "ca-2, init",
+        "hsmca key rotate-root")
