@@ -223,6 +223,17 @@ class RevokeIdentityRequest:
 
 
 @dataclass(frozen=True)
+class SSHRevokeRequest:
+    """SSH certificates by exactly one of serial, key id or subject key; a key is also
+    listed in the KRL itself, so it needs no certificate to match."""
+
+    serial: int | None = None
+    key_id: str | None = None
+    public_key: SSHPublicKey | None = None
+    matching: int = 0  # unrevoked SSH certificates the selector matches now
+
+
+@dataclass(frozen=True)
 class CRLRequest:
     issuer: str | None = None
 
@@ -334,7 +345,8 @@ class AcmeRevokeRequest:
 
 
 Request = (TokenRequest | EnrollRequest | RenewRequest | SSHHostRequest | SSHUserRequest
-           | RevokeRequest | RevokeIdentityRequest | CRLRequest | OCSPRequest | LocalCertRequest
+           | RevokeRequest | RevokeIdentityRequest | SSHRevokeRequest | CRLRequest | OCSPRequest
+           | LocalCertRequest
            | KeyRequest | RootRequest | CrossRequest | IntermediateRequest | AcmeEABRequest
            | AcmeOrderRequest | AcmeFinalizeRequest | AcmeRevokeRequest)
 
@@ -413,6 +425,14 @@ class RevokeOrder:
 
 
 @dataclass(frozen=True)
+class SSHRevokeOrder:
+    serial: int | None
+    key_id: str | None
+    public_key: SSHPublicKey | None
+    actor: str
+
+
+@dataclass(frozen=True)
 class CRLOrder:
     issuer: str
     this_update: dt.datetime
@@ -454,7 +474,8 @@ class CACertOrder:
     actor: str
 
 
-Order = (TokenGrant | X509Order | SSHOrder | RevokeOrder | CRLOrder | OCSPOrder | KeyOrder
+Order = (TokenGrant | X509Order | SSHOrder | RevokeOrder | SSHRevokeOrder | CRLOrder | OCSPOrder
+         | KeyOrder
          | CACertOrder | AcmeEABGrant | AcmeOrderGrant)
 
 
@@ -686,6 +707,16 @@ def _revoke_identity(ctx: Context, who: Requester, req: RevokeIdentityRequest) -
                       Reason.REASON_NOT_ALLOWED)
     _kind, name = policy.classify(req.name, True)
     return RevokeOrder(None, reason, who.actor, lineage=True, identity=name)
+
+
+def _ssh_revoke(ctx: Context, who: Requester, req: SSHRevokeRequest) -> SSHRevokeOrder:
+    if not (isinstance(who, Local) or (isinstance(who, CertHolder) and who.role == "admin")):
+        raise Refused("only an admin may revoke SSH certificates; a holder revokes the X.509 "
+                      "certificate they were issued on, and they go with it", Reason.WRONG_ROLE)
+    if req.matching == 0 and req.public_key is None:
+        what = f"serial {req.serial}" if req.serial is not None else f"key id {req.key_id!r}"
+        raise Refused(f"no unrevoked SSH certificate with {what}", Reason.NOT_FOUND)
+    return SSHRevokeOrder(req.serial, req.key_id, req.public_key, who.actor)
 
 
 def _crl(ctx: Context, who: Requester, req: CRLRequest) -> CRLOrder:
@@ -983,7 +1014,7 @@ def _acme_revoke(ctx: Context, who: Requester, req: AcmeRevokeRequest) -> Revoke
 _HANDLERS: dict[type, Callable[[Context, Requester, Any], Order]] = {
     TokenRequest: _token, EnrollRequest: _enroll, RenewRequest: _renew,
     SSHHostRequest: _ssh_host, SSHUserRequest: _ssh_user, RevokeRequest: _revoke,
-    RevokeIdentityRequest: _revoke_identity, KeyRequest: _key,
+    RevokeIdentityRequest: _revoke_identity, SSHRevokeRequest: _ssh_revoke, KeyRequest: _key,
     RootRequest: _root, CrossRequest: _cross, IntermediateRequest: _intermediate,
     CRLRequest: _crl, OCSPRequest: _ocsp, LocalCertRequest: _local_cert,
     AcmeEABRequest: _acme_eab, AcmeOrderRequest: _acme_order,

@@ -329,6 +329,22 @@ def test_certificate_hold_is_never_offered_and_others_are_for_admins() -> None:
     refused(ra.decide(context(), admin(), ra.RevokeRequest(0x99, "nonsense")), Reason.MALFORMED)
 
 
+def test_ssh_revocation_is_for_admins_and_needs_a_match_unless_it_bans_a_key() -> None:
+    for role, principals in (("user", ("alice",)), ("host", ())):
+        refused(ra.decide(context(), holder(role, ("h.example",), principals),
+                          ra.SSHRevokeRequest(serial=7, matching=1)), Reason.WRONG_ROLE, "admin")
+    refused(ra.decide(context(), admin(), ra.SSHRevokeRequest(serial=7)), Reason.NOT_FOUND,
+            "serial 7")
+    refused(ra.decide(context(), admin(), ra.SSHRevokeRequest(key_id="bob:1")), Reason.NOT_FOUND,
+            "'bob:1'")
+    order = ra.decide(context(), admin(), ra.SSHRevokeRequest(key_id="bob:1", matching=2))
+    assert order == ra.SSHRevokeOrder(None, "bob:1", None, admin().actor)
+    # A key is banned in the KRL itself, whether or not a certificate was issued for it.
+    key = ssh_key()
+    order = ra.decide(context(), ra.Local(), ra.SSHRevokeRequest(public_key=key))
+    assert isinstance(order, ra.SSHRevokeOrder) and order.public_key == key
+
+
 def test_crls_are_ordered_by_the_ca_itself() -> None:
     order = ra.decide(context(), ra.Local(), ra.CRLRequest())
     assert isinstance(order, ra.CRLOrder) and order.issuer == "issuing-ca"

@@ -197,23 +197,22 @@ class Revocations:
 
     # ---- SSH ---------------------------------------------------------------------------------
 
-    async def revoke_ssh(self, *, serial: int | None, key_id: str | None,
-                         public_key: SSHPublicKey | None, actor: str,
-                         request_id: str | None) -> int:
-        """Revoke by serial, key id or public key; how many certificates it hit."""
-        which = SSHSelector(serial=serial, key_id=key_id,
-                            key_sha256=public_key.sha256 if public_key else None)
-        matching = await self.store.count_ssh_certs(which)
-        if matching == 0 and public_key is None:
-            what = f"serial {serial}" if serial is not None else f"key id {key_id!r}"
-            raise Refused(f"no unrevoked SSH certificate with {what}", Reason.NOT_FOUND)
+    async def count_ssh(self, serial: int | None, key_id: str | None,
+                        public_key: SSHPublicKey | None) -> int:
+        """How many unrevoked SSH certificates the selector matches: the RA's evidence."""
+        return await self.store.count_ssh_certs(_selector(serial, key_id, public_key))
+
+    async def revoke_ssh(self, order: ra.SSHRevokeOrder, request_id: str | None) -> int:
+        """Carry out the registration authority's order; how many certificates it hit."""
+        which = _selector(order.serial, order.key_id, order.public_key)
+        key = order.public_key
         # The record first, as for X.509: a revocation the log does not show never happened.
-        await self.audit.append("ssh.revoke", serial=None if serial is None else str(serial),
-                                key_id=key_id,
-                                public_key_sha256=public_key.sha256 if public_key else None,
-                                certificates=matching, actor=actor, request_id=request_id)
-        hit = await self.store.revoke_ssh(which, prof.utcnow(),
-                                          public_key.line if public_key else None)
+        await self.audit.append("ssh.revoke", serial=None if order.serial is None
+                                else str(order.serial), key_id=order.key_id,
+                                public_key_sha256=key.sha256 if key else None,
+                                certificates=await self.store.count_ssh_certs(which),
+                                actor=order.actor, request_id=request_id)
+        hit = await self.store.revoke_ssh(which, prof.utcnow(), key.line if key else None)
         self.generations.bump("ssh_revocations")  # committed: every process rebuilds its KRL
         return hit
 
@@ -228,3 +227,9 @@ class Revocations:
             groups.append(RevokedCerts(blob_of(issuer.key.public_key), serials, []))
         now = int(prof.utcnow().timestamp())
         return build_krl(now, now, groups, [parse_public_key(k).blob for k in keys])
+
+
+def _selector(serial: int | None, key_id: str | None,
+              public_key: SSHPublicKey | None) -> SSHSelector:
+    return SSHSelector(serial=serial, key_id=key_id,
+                       key_sha256=public_key.sha256 if public_key else None)

@@ -61,7 +61,7 @@ async def ssh_user(request: web.Request) -> web.Response:
 
 @routes.post("/v1/ssh/revoke")
 async def ssh_revoke(request: web.Request) -> web.Response:
-    who = await identity(request, "admin")
+    who = await identity(request)
     body = await json_body(request, {"serial", "key_id", "public_key"})
     given = [k for k in ("serial", "key_id", "public_key") if k in body]
     if len(given) != 1:
@@ -81,9 +81,10 @@ async def ssh_revoke(request: web.Request) -> web.Response:
         key_id = field(body, "key_id", str)
     else:
         public_key = ssh.parse_public_key(field(body, "public_key", str))
-    hit = await request.app[REVOCATIONS].revoke_ssh(
-        serial=serial, key_id=key_id, public_key=public_key, actor=who.actor,
-        request_id=request.get("request_id"))
+    revocations = request.app[REVOCATIONS]
+    order: ra.SSHRevokeOrder = await decide(request, who, ra.SSHRevokeRequest(
+        serial, key_id, public_key, await revocations.count_ssh(serial, key_id, public_key)))
+    hit = await revocations.revoke_ssh(order, request.get("request_id"))
     return web.json_response({"revoked_certificates": hit,
                               "revoked_key": public_key.sha256 if public_key else None})
 
