@@ -1,11 +1,13 @@
 """The policy in force now decides: a name allowed yesterday and denied today gets
-nothing more, on every path, from a real daemon after a restart."""
+nothing more, on every path, from a real daemon after a restart or a SIGHUP."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
+import signal
 import subprocess
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from ca.client import make_csr
 from tests.conftest import init_ca, require, start_daemon
-from tests.helpers import bootstrap_token, http
+from tests.helpers import audit_verify, bootstrap_token, http
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -87,3 +89,59 @@ async def test_a_name_denied_today_gets_no_renewal_and_no_ssh_host_certificate(
         assert status == 201, raw
     finally:
         assert d.stop() == 0
+
+
+async def test_sighup_puts_a_new_policy_in_force_in_every_worker_and_refuses_a_broken_file(
+        tmp_path: Path) -> None:
+    ca = init_ca(tmp_path)
+    config = ca.state / "hsmca.toml"
+    set_policy(config, "allow", '["*.internal.example"]')
+    d = start_daemon(ca.state, "--workers", "2")
+    try:
+        name = "svc.internal.example"
+        token = await bootstrap_token(d, "service", [name])
+        key = ec.generate_private_key(ec.SECP256R1())
+        status, _, raw = await http("POST", f"{d.url}/v1/x509/enroll", d.ssl(),
+                                    body={"csr": make_csr([name], key)},
+                                    headers={"Authorization": f"Bearer {token}"})
+        assert status == 201, raw
+        cert, key_path = tmp_path / "svc.pem", tmp_path / "svc.key"
+        cert.write_text(json.loads(raw)["certificate"])
+        key_path.write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+
+        # Denied in the file, and a setting that only a restart changes.
+        set_policy(config, "deny", f'["{name}"]')
+        set_policy(config, "workers", "3")
+        d.proc.send_signal(signal.SIGHUP)
+        assert d.wait_stderr(lambda: any("in force in every process" in x for x in d.stderr)), \
+            "".join(d.stderr)
+        told = "".join(d.stderr)
+        assert "next start" in told and "workers" in told
+        # Every worker decides by it: each renewal on a connection of its own.
+        for _ in range(6):
+            status, _, raw = await http("POST", f"{d.url}/v1/x509/renew", d.ssl(cert, key_path),
+                                        body={})
+            problem = json.loads(raw)
+            assert status == 403 and problem["type"].endswith("name-denied"), raw
+        lines = [json.loads(x) for x in (ca.state / "audit/log.jsonl").read_text().splitlines()]
+        [reload] = [x for x in lines if x["event"] == "policy.reload"]
+        assert reload["changed"] == {"deny": [name]}
+        assert reload["config_sha256"] == hashlib.sha256(config.read_bytes()).hexdigest()
+
+        # A file that does not load changes nothing, and says where it is wrong.
+        config.write_text(config.read_text().replace("[policy]", "[policy]\ndeny = [", 1))
+        seen = len(d.stderr)
+        d.proc.send_signal(signal.SIGHUP)
+        assert d.wait_stderr(lambda: any("reload refused" in x for x in d.stderr[seen:])), \
+            "".join(d.stderr[seen:])
+        assert str(config) in "".join(d.stderr[seen:])
+        status, _, raw = await http("POST", f"{d.url}/v1/x509/renew", d.ssl(cert, key_path),
+                                    body={})
+        assert status == 403, raw
+        status, _, _ = await http("GET", f"{d.url}/health", d.ssl())
+        assert status == 200
+    finally:
+        assert d.stop() == 0
+    audit_verify(ca.state, ok=True)

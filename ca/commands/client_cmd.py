@@ -269,7 +269,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                        "HSM session; this (primary) process writes the audit log and the "
                        "checkpoints. The first line of stdout is 'listening on URL'. Refuses "
                        "to start when the PIN file, the TLS key or the admin key can be read "
-                       "by group or others.")
+                       "by group or others. SIGTERM stops it gracefully (in-flight requests "
+                       "finish); SIGHUP reloads [policy] from the config without a restart "
+                       "(other settings need a restart, and the reload names them).")
     s.add_argument("--config", type=Path, default=Path("hsmca.toml"),
                    help="config file (default ./hsmca.toml; `hsmca init` writes "
                    "STATE_DIR/hsmca.toml)")

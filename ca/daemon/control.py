@@ -6,6 +6,10 @@ attempt (`TokenFailed`); the primary counts those failures for the whole daemon,
 whichever worker a client's connections reach, and answers how long that client
 must wait (`Limit`). A valid token never asks: it is never refused because of
 someone else's failures (behind a NAT, "someone else" is everyone).
+
+The policy in force is the primary's: it sends it first on every channel and again
+whenever a reload changes it (`NewPolicy`), so every worker, a restarted one too,
+decides by the same policy, whatever the file on disk says by then.
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ import struct
 from collections.abc import Callable
 
 import msgspec
+import structlog
 
 from ca import ipc
 from ca.daemon.ratelimit import FailureLimiter
+from ca.policy import Policy
 
 _LEN = struct.Struct(">I")
 
@@ -38,9 +44,60 @@ class Limit(msgspec.Struct, tag="limit", frozen=True):
     retry_after: int
 
 
-ToPrimary = Ready | TokenFailed
+class NewPolicy(msgspec.Struct, tag="policy", frozen=True):
+    version: int
+    policy: Policy
+
+
+class PolicyTaken(msgspec.Struct, tag="policy-taken", frozen=True):
+    version: int
+
+
+ToPrimary = Ready | TokenFailed | PolicyTaken
+ToWorker = Limit | NewPolicy
 _to_primary: ipc.Decoder[ToPrimary] = ipc.Decoder(ToPrimary)
-_to_worker: ipc.Decoder[Limit] = ipc.Decoder(Limit)
+_to_worker: ipc.Decoder[ToWorker] = ipc.Decoder(ToWorker)
+log = structlog.get_logger("hsmca.control")
+
+
+class PolicyFeed:
+    """The policy in force in the primary, sent to every worker's channel; `publish`
+    returns once every worker has taken it."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.current, self.version = policy, 0
+        self._taken: dict[asyncio.StreamWriter, int] = {}  # writer -> version it holds
+        self._changed = asyncio.Condition()
+
+    async def publish(self, policy: Policy, within: float) -> int:
+        """Send `policy` to every worker; how many had not taken it within `within`
+        seconds (0: every process decides by it)."""
+        self.current, self.version = policy, self.version + 1
+        frame = ipc.encode(NewPolicy(self.version, policy))
+        for writer in self._taken:
+            writer.write(frame)
+
+        def lagging() -> int:
+            return sum(v < self.version for v in self._taken.values())
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(lambda: lagging() == 0), within)
+            except TimeoutError:
+                pass
+            return lagging()
+
+    def _join(self, writer: asyncio.StreamWriter) -> None:
+        writer.write(ipc.encode(NewPolicy(self.version, self.current)))
+        self._taken[writer] = -1
+
+    async def _note(self, writer: asyncio.StreamWriter, version: int | None) -> None:
+        """A worker took `version`; None: it is gone."""
+        async with self._changed:
+            if version is None:
+                self._taken.pop(writer, None)
+            elif writer in self._taken:
+                self._taken[writer] = version
+            self._changed.notify_all()
 
 
 async def _messages(reader: asyncio.StreamReader, decoder: ipc.Decoder[object]
@@ -57,9 +114,10 @@ async def _messages(reader: asyncio.StreamReader, decoder: ipc.Decoder[object]
 
 
 async def serve_worker(sock: socket.socket, limiter: FailureLimiter,
-                       on_ready: Callable[[int], None]) -> None:
+                       on_ready: Callable[[int], None], policies: PolicyFeed) -> None:
     """The primary's side of one worker's control channel, until the worker is gone."""
     reader, writer = await asyncio.open_connection(sock=sock)
+    policies._join(writer)
     try:
         while True:
             msg = await _messages(reader, _to_primary)  # type: ignore[arg-type]
@@ -67,6 +125,8 @@ async def serve_worker(sock: socket.socket, limiter: FailureLimiter,
                 return
             if isinstance(msg, Ready):
                 on_ready(msg.pid)
+            elif isinstance(msg, PolicyTaken):
+                await policies._note(writer, msg.version)
             elif isinstance(msg, TokenFailed):
                 # Whether the client was over the limit before this attempt: its first
                 # max_failures failures are told why, the ones after to wait.
@@ -74,31 +134,49 @@ async def serve_worker(sock: socket.socket, limiter: FailureLimiter,
                 limiter.failed(msg.client)
                 writer.write(ipc.encode(Limit(msg.id, wait)))
     finally:
+        await policies._note(writer, None)
         writer.close()
 
 
 class ControlClient:
-    """A worker's side: `ready()`, `token_failed(client)`."""
+    """A worker's side: `ready()`, `token_failed(client)`, and `policy`, the policy in
+    force (from `start()` on)."""
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
+        self._first_policy: asyncio.Future[Policy] | None = None
+        self.policy: Policy
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[int]] = {}
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        """Connect, and wait for the policy in force: the primary's first message."""
         reader, self._writer = await asyncio.open_connection(sock=self._sock)
+        self._first_policy = asyncio.get_running_loop().create_future()
         self._task = asyncio.create_task(self._read(reader))
+        self.policy = await self._first_policy
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         while True:
             msg = await _messages(reader, _to_worker)  # type: ignore[arg-type]
+            if isinstance(msg, NewPolicy):
+                if self._first_policy is not None and not self._first_policy.done():
+                    self._first_policy.set_result(msg.policy)
+                elif msg.policy != self.policy:
+                    self.policy = msg.policy
+                    log.info("the primary reloaded the policy; this worker decides by it now")
+                if self._writer is not None:
+                    self._writer.write(ipc.encode(PolicyTaken(msg.version)))
+                continue
             if not isinstance(msg, Limit):
                 break
             fut = self._waiting.pop(msg.id, None)
             if fut is not None and not fut.done():
                 fut.set_result(msg.retry_after)
+        if self._first_policy is not None and not self._first_policy.done():
+            self._first_policy.set_exception(ConnectionError("the primary process is gone"))
         for fut in self._waiting.values():
             if not fut.done():
                 fut.set_exception(ConnectionError("the primary process is gone"))

@@ -47,6 +47,7 @@ from ca.config import Config, worker_count
 from ca.daemon import control
 from ca.daemon.keys import Keyring, open_keyring, seed
 from ca.daemon.ratelimit import FailureLimiter
+from ca.daemon.reload import reload_policy
 from ca.errors import CLIError
 from ca.fileutil import write_atomic
 from ca.generations import Generations
@@ -119,9 +120,10 @@ class WorkerPool:
     """Starts the worker processes, restarts one that dies, stops them all."""
 
     def __init__(self, config: Config, address: str, count: int, audit: AuditLog,
-                 checkpointer: Checkpointer, generations: Generations) -> None:
+                 checkpointer: Checkpointer, generations: Generations,
+                 policies: control.PolicyFeed) -> None:
         self.config, self.address, self.count, self.audit = config, address, count, audit
-        self.generations = generations
+        self.generations, self.policies = generations, policies
         witnesses = checkpointer.witnesses
         self.recorder = Recorder(audit, lambda: checkpointer.latest, self._lost,
                                  latest_cosigned=lambda: witnesses.cosigned if witnesses else None)
@@ -184,7 +186,7 @@ class WorkerPool:
         self._all_detached.clear()
         self.recorder.attach(slot, list(ours[:2]))  # closed by the recorder once it exits
         self._control.append(asyncio.create_task(control.serve_worker(
-            ours[2], self.limiter, lambda _pid: ready.set())))
+            ours[2], self.limiter, lambda _pid: ready.set(), self.policies)))
         exited = asyncio.ensure_future(proc.wait())
         waiting = asyncio.ensure_future(ready.wait())
         done, _ = await asyncio.wait({exited, waiting}, timeout=START_TIMEOUT_S,
@@ -321,6 +323,15 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # SIGHUP puts a changed [policy] in force in every process (ca/daemon/reload.py).
+    policies = control.PolicyFeed(config.policy)
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def reload() -> None:
+        task = loop.create_task(reload_policy(config, policies, audit))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+    loop.add_signal_handler(signal.SIGHUP, reload)
     try:
         pipeline.start()
         if store is None:
@@ -344,7 +355,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         await ensure_server_cert(config, issuance)
         # OCSP responses are signed ahead of time, by this process, off every request's
         # path: new certificates within a second, every live one before nextUpdate.
-        background.append(asyncio.create_task(_refresh_ocsp(issuance, store, config)))
+        background.append(asyncio.create_task(_refresh_ocsp(issuance, store, policies)))
         background.append(asyncio.create_task(_resume_log(audit)))
         if _cluster(store):
             assert name_held is not None
@@ -366,7 +377,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         bound = placeholder.getsockname()
         shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
         pool = WorkerPool(config, f"{shown}:{bound[1]}", count, audit, checkpointer,
-                          generations)
+                          generations, policies)
         await pool.start()
         placeholder.close()  # the workers hold the port now
         url = f"https://{shown}:{bound[1]}"
@@ -602,12 +613,13 @@ async def _resume_log(audit: AuditLog) -> None:
 OCSP_LEASE_S = 1.0
 
 
-async def _refresh_ocsp(issuance: Issuance, store: Store, config: Config) -> None:
+async def _refresh_ocsp(issuance: Issuance, store: Store, policies: control.PolicyFeed
+                        ) -> None:
     """Pre-sign OCSP responses, as the registration authority orders them. In cluster
     mode one node at a time does it: the one holding the lease (an advisory lock that
     dies with its holder's connection)."""
     async def context() -> ra.Context:
-        return decision_context(config.policy, await issuance.keys.refresh())
+        return decision_context(policies.current, await issuance.keys.refresh())
     refresher = OCSPRefresher(OCSPSigner(issuance, context))
     if not _cluster(store):
         await refresher.run()

@@ -72,6 +72,9 @@ async def run(config: Config, host: str, port: int, slot: int, sign_channel: soc
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # A reload is the primary's to do (`pkill -HUP hsmca` reaches us too): it reads the
+    # config and sends the policy to every worker.
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)
     raise_fd_limit()
     link = AuditLink(sign_channel, audit_channel, _primary_gone)
     pipeline = SigningPipeline(config.hsm, link)
@@ -88,7 +91,7 @@ async def run(config: Config, host: str, port: int, slot: int, sign_channel: soc
         issuance = Issuance(pipeline, store, keys, config.public_url, config.node)
         gate: Gate
         revocations = Revocations(store, link, issuance, generations, lambda: gate.context())
-        gate = Gate(store, revocations, keys, lambda: config.policy)
+        gate = Gate(store, revocations, keys, lambda: control.policy)  # the primary's
         metrics = Metrics()
         metrics.watch(pipeline)
         REFUSALS.on_refused = lambda reason: metrics.child(metrics.tls_refused, reason).inc()
@@ -97,8 +100,7 @@ async def run(config: Config, host: str, port: int, slot: int, sign_channel: soc
             audit=link, limit=ClusterTokenLimit(store) if config.cluster else control,
             hsm=pipeline, store=store, metrics=metrics,
             lifecycle=KeyLifecycle(issuance, store, link, generations, config.bundle_pem),
-            settings=Settings(config.policy, tuple(ipaddress.ip_network(n)
-                                                   for n in config.metrics_allow),
+            settings=Settings(tuple(ipaddress.ip_network(n) for n in config.metrics_allow),
                               config.audit_origin, config.node),
             acme=config.acme)
         runner = app_runner(app, shutdown_timeout=10.0)

@@ -59,7 +59,6 @@ class Health(Protocol):
 
 @dataclass
 class Settings:
-    policy: Policy
     metrics_allow: tuple[Any, ...]
     audit_origin: str
     node: str | None = None  # cluster mode: this node's name, which names its log

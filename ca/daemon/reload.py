@@ -1,0 +1,89 @@
+"""SIGHUP: the daemon takes a new `[policy]` without a restart.
+
+A name added to the deny list, a shorter maximum lifetime or a principal taken away
+applies to the next request (SPEC 11), so an operator should not have to drop every
+connection to say so. The primary reads the config file again, strictly, as at start:
+- a file that does not load changes nothing, and the error says why (the policy in
+  force stays; the daemon never runs on half a file);
+- a changed `[policy]` is recorded first (`policy.reload`, with the config's digest
+  and each setting that changed), then sent to every worker (ca/daemon/control.py);
+  a reload the audit log cannot record is not applied;
+- other settings (the listen address, keys, the store ...) need a restart, and the
+  reload names them, so an operator is not left believing they took effect.
+The CA's reserved names follow `[server]`, which only a restart changes, so they stay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+from typing import Any, Protocol
+
+import structlog
+
+from ca.config import Config, ConfigError, load
+from ca.daemon.control import PolicyFeed
+from ca.policy import Policy
+
+log = structlog.get_logger("hsmca.reload")
+WORKER_WAIT_S = 5.0
+
+
+class Recorder(Protocol):
+    """What records the reload: the audit log's `append`."""
+
+    async def append(self, event: str, **fields: Any) -> Any: ...
+
+
+def changed_settings(old: Policy, new: Policy) -> dict[str, Any]:
+    """The policy settings that differ, by their names in the config file."""
+    return {f.name.replace("_", "-"): _plain(getattr(new, f.name))
+            for f in dataclasses.fields(Policy)
+            if f.name != "reserved" and getattr(old, f.name) != getattr(new, f.name)}
+
+
+def needs_restart(old: Config, new: Config) -> list[str]:
+    """The settings outside [policy] that differ: they take effect at the next start."""
+    return sorted(f.name.replace("_", "-") for f in dataclasses.fields(Config)
+                  if f.name != "policy" and getattr(old, f.name) != getattr(new, f.name))
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+async def reload_policy(config: Config, policies: PolicyFeed, audit: Recorder) -> bool:
+    """Read the config again and put its [policy] in force; whether the policy changed."""
+    try:
+        raw = await asyncio.to_thread(config.path.read_bytes)
+        fresh = await asyncio.to_thread(load, config.path)
+        if config.node:
+            fresh = fresh.for_node(config.node)
+    except (ConfigError, OSError) as exc:
+        log.error("reload refused: the policy in force is unchanged", error=str(exc))
+        return False
+    later = needs_restart(config, fresh)
+    if later:
+        log.warning("reload: these settings changed but take effect only at the next start "
+                    "(`systemctl restart hsmca`)", settings=later)
+    policy = dataclasses.replace(fresh.policy, reserved=policies.current.reserved)
+    changed = changed_settings(policies.current, policy)
+    if not changed:
+        log.info("reloaded: the policy is unchanged")
+        return False
+    try:
+        await audit.append("policy.reload", config_sha256=hashlib.sha256(raw).hexdigest(),
+                           changed=changed)
+    except Exception as exc:  # the log is away: a decision rule it does not show is not made
+        log.error("reload not applied: the audit log cannot record it; send SIGHUP again "
+                  "once /health is ok", error=str(exc))
+        return False
+    lagging = await policies.publish(policy, WORKER_WAIT_S)
+    if lagging:  # busy or stuck: it takes it when it reads its channel, or dies
+        log.warning("reloaded, but not every worker has taken the new policy yet",
+                    workers_lagging=lagging, changed=sorted(changed))
+    else:
+        log.info("reloaded: the new policy is in force in every process",
+                 changed=sorted(changed))
+    return True
