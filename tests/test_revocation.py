@@ -83,6 +83,15 @@ async def test_ocsp_answers_the_cert_id_it_was_asked_and_nothing_else(
                               capture_output=True, text=True, timeout=60)
         assert f"{cert_path}: good" in proc.stdout, proc.stdout + proc.stderr
         assert "Response verify OK" in proc.stderr, proc.stderr
+    # Two certificates in one request (RFC 5019 2.1.1 has clients ask for one): an OCSP
+    # malformedRequest, which openssl shows, not an HTTP error.
+    (tmp_path / "other").mkdir()
+    other, _ = enroll(d, tmp_path / "other", "service", ["ocsp2.internal.example"])
+    proc = subprocess.run([openssl, "ocsp", "-issuer", d.state / "x509/issuing.pem", "-cert",
+                           cert_path, "-cert", other, "-url", f"{d.url}/v1/x509/ocsp",
+                           "-CAfile", d.root], capture_output=True, text=True, timeout=60)
+    assert "Responder Error: malformedrequest" in proc.stdout + proc.stderr, \
+        proc.stdout + proc.stderr
     # The right issuer key hash with a bogus issuer name hash is not our question.
     real = ocsp.load_der_ocsp_request(request_for(cert, ca))
     bogus = ocsp.OCSPRequestBuilder().add_certificate_by_hash(

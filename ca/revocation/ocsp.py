@@ -203,7 +203,10 @@ async def answer(request_der: bytes, store: Store, issuers: Issuers) -> Answer:
         req.extensions  # parsed lazily: anything malformed shows here  # noqa: B018
         serial = req.serial_number
         algorithm = req.hash_algorithm.name
-    except PARSE_ERRORS:
+    except (*PARSE_ERRORS, NotImplementedError):
+        # NotImplementedError: several CertIDs in one request. RFC 5019 2.1.1 has
+        # clients send one; each response here is signed ahead of time for one
+        # certificate, and a combined one would mean signing on demand.
         return _unsigned(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
     if algorithm not in ("sha1", "sha256") or issuer_of(req, issuers) is None:
         return _unsigned(ocsp.OCSPResponseStatus.UNAUTHORIZED)
