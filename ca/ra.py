@@ -989,7 +989,10 @@ def _acme_finalize(ctx: Context, who: Requester, req: AcmeFinalizeRequest) -> X5
 
 
 def _acme_revoke(ctx: Context, who: Requester, req: AcmeRevokeRequest) -> RevokeOrder:
-    reason = revocation_reason(req.reason)
+    try:
+        reason = revocation_reason(req.reason)
+    except Refused as exc:  # RFC 8555 7.6: badRevocationReason, whatever is wrong with it
+        raise Refused(exc.detail, Reason.REASON_NOT_ALLOWED) from None
     if isinstance(who, AcmeAccountHolder):
         _acme_account(who)
         if not req.found or req.owner_account != who.account_id:

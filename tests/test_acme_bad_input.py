@@ -359,6 +359,22 @@ def nonce_of_the_wrong_length(w: World) -> Reply:
     return w.a.post(url(w, "newOrder"), {}, nonce=b64(b"short"))
 
 
+@case(400, "malformed")
+def nonce_not_base64url(w: World) -> Reply:  # RFC 8555 6.5.2: malformed, not badNonce
+    return w.a.post(url(w, "newOrder"), {}, nonce="ab+/cd==")
+
+
+@case(400, "malformed")
+def kid_with_a_lone_surrogate(w: World) -> Reply:
+    return w.a.post(url(w, "newOrder"), {}, kid=f"{w.a.kid}\ud800")
+
+
+@case(400, "malformed")
+def identifier_with_a_lone_surrogate(w: World) -> Reply:
+    return w.a.post(url(w, "newOrder"), b'{"identifiers": [{"type": "dns", '
+                    b'"value": "\\udce9.test"}]}')
+
+
 # ---- step 6: the URL -------------------------------------------------------------------------
 
 @case(401, "unauthorized")
@@ -436,6 +452,14 @@ def posting_to_another_account(w: World) -> Reply:
     return w.b.post(w.a.kid, {"contact": []})
 
 
+@case(401, "unauthorized")
+def new_account_with_a_deactivated_accounts_key(w: World) -> Reply:
+    c = Client(w.ca)
+    assert c.register(w.ca.eab("*.test")).status == 201
+    assert c.post(c.kid, {"status": "deactivated"}).status == 200
+    return c.post(c.dir["newAccount"], {"onlyReturnExisting": True}, use_jwk=True)
+
+
 @case(400, "malformed")
 def account_status_other_than_deactivated(w: World) -> Reply:
     return w.a.post(w.a.kid, {"status": "valid"})
@@ -467,6 +491,16 @@ def order_without_identifiers(w: World) -> Reply:
 @case(400, "malformed")
 def order_payload_not_json(w: World) -> Reply:
     return w.a.post(url(w, "newOrder"), b"{{")
+
+
+@case(400, "malformed")
+def order_read_with_a_payload(w: World) -> Reply:  # RFC 8555 6.3: the payload is empty
+    return w.a.post(w.pending.headers["Location"], {})
+
+
+@case(400, "malformed")
+def certificate_read_with_a_payload(w: World) -> Reply:
+    return w.a.post(f"{w.ca.url}/acme/cert/{w.cert.serial_number:x}", {})
 
 
 @case(400, "malformed")
@@ -606,6 +640,11 @@ def revoke_with_certificate_hold(w: World) -> Reply:
 
 
 @case(400, "badRevocationReason")
+def revoke_with_a_reason_code_rfc_5280_does_not_have(w: World) -> Reply:
+    return w.a.post(url(w, "revokeCert"), {"certificate": der_b64(w.cert), "reason": 7})
+
+
+@case(400, "badRevocationReason")
 def revoke_with_a_reason_that_is_not_a_number(w: World) -> Reply:
     return w.a.post(url(w, "revokeCert"), {"certificate": der_b64(w.cert), "reason": "x"})
 
@@ -640,6 +679,10 @@ def test_bad_input(world: World, name: str, make: Case, status: int, kind: str) 
     r = make(world)
     assert (r.status, r.problem) == (status, kind), (name, r.status, r.body[:300])
     assert "Replay-Nonce" in r.headers  # a client can retry with a fresh nonce
+    if kind == "badSignatureAlgorithm":  # RFC 8555 6.2: which algorithms to use instead
+        assert "ES256" in r.json["algorithms"], r.json
+    if status == 405:  # RFC 9110 15.5.6
+        assert r.headers.get("Allow"), r.headers
 
 
 # ---- fuzz ---------------------------------------------------------------------------------

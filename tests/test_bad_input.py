@@ -116,6 +116,8 @@ def corpus() -> list[Case]:
                  data=b'{"x":"' + b"A" * 70_000 + b'"}', headers=JSON))
         add(Case(f"{path} invalid UTF-8", "POST", path, 400, "bad-json", who,
                  data=b'{"x":"\xff\xfe"}', headers=JSON))
+        add(Case(f"{path} lone surrogate", "POST", path, 400, "bad-json", who,
+                 data=b'{"names":["\\ud800.example"],"key_id":"\\udce9"}', headers=JSON))
         add(Case(f"{path} wrong method", "GET", path, 405, "method-not-allowed", who))
         add(Case(f"{path} deep nesting", "POST", path, 400, "bad-json", who,
                  data=b"[" * 5000 + b"]" * 5000, headers=JSON))
@@ -189,7 +191,7 @@ def corpus() -> list[Case]:
             ("no csr", {}, 400, "bad-field")]:
         add(Case(f"enroll {what}", "POST", "/v1/x509/enroll", status, kind, "token", body))
     for auth in ["", "Bearer", "Bearer ", "Basic abc", "Bearer " + "x" * 5000,
-                 "Bearer hsmca-ffff-forged", "Bearer \u00e9t\u00e9"]:
+                 "Bearer hsmca-ffff-forged", "Bearer \u00e9t\u00e9", "Bearer \udce9"]:
         add(Case(f"enroll auth {auth[:20]!r}", "POST", "/v1/x509/enroll", 401, "bad-token",
                  "none", {"csr": good}, headers={"Authorization": auth} if auth else {}))
     # --- renew / revoke ---------------------------------------------------------------
@@ -378,6 +380,8 @@ async def test_bad_request_gets_a_problem(served: Served, case: Case) -> None:
         assert (r.status, problem["type"]) == (case.status, TYPES + case.kind), problem
         assert set(problem) == {"type", "title", "status", "detail"}, problem
         assert problem["status"] == r.status
+        if r.status == 405:  # which methods do work (RFC 9110 15.5.6)
+            assert case.method not in r.headers.get("Allow", case.method), r.headers
         assert problem["detail"] and "Traceback" not in problem["detail"]
     async with aiohttp.ClientSession() as s, s.get(d.url + "/health", ssl=ctx) as r:
         assert r.status == 200, "the daemon is unhealthy after: " + case.what

@@ -27,8 +27,9 @@ import josepy as jose
 from acme import jws as acme_jws
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from ca import strict_json
 from ca.acme.nonces import Nonces
-from ca.acme.problems import AcmeProblem
+from ca.acme.problems import AcmeProblem, bad_algorithm
 from ca.store import AcmeAccount
 
 # RS256 and the ECDSA algorithms (RFC 8555 6.2: RS256 MUST, ES256 SHOULD); no HS*
@@ -49,6 +50,12 @@ class Verified:
     account: AcmeAccount | None  # None when the JWS carried its own jwk
     url: str
 
+    def post_as_get(self, what: str) -> None:
+        """RFC 8555 6.3: a resource is read with an empty payload, not even {}."""
+        if self.payload != b"":
+            raise AcmeProblem("malformed", f"{what} is fetched with POST-as-GET: a JWS "
+                              "with an empty payload")
+
     def json(self, empty_ok: bool = False) -> dict[str, Any] | None:
         """The payload as a JSON object; None for POST-as-GET's empty payload."""
         if self.payload == b"":
@@ -56,7 +63,9 @@ class Verified:
                 return None
             raise AcmeProblem("malformed", "this request needs a JSON object as its payload")
         try:
-            obj = json.loads(self.payload)
+            obj = strict_json.loads(self.payload)
+        except strict_json.NotUnicode as exc:
+            raise AcmeProblem("malformed", f"the JWS payload {exc}") from None
         except (ValueError, UnicodeDecodeError, RecursionError):
             raise AcmeProblem("malformed", "the JWS payload is not JSON") from None
         if not isinstance(obj, dict):
@@ -79,7 +88,9 @@ def b64decode(text: object, what: str) -> bytes:
 def parse_flat(raw: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
     """Step 1: (the JWS object, its decoded protected header)."""
     try:
-        obj = json.loads(raw)
+        obj = strict_json.loads(raw)
+    except strict_json.NotUnicode as exc:
+        raise AcmeProblem("malformed", f"the body {exc}") from None
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise AcmeProblem("malformed", "the body is not JSON") from None
     if not isinstance(obj, dict):
@@ -94,7 +105,9 @@ def parse_flat(raw: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
     if not all(isinstance(obj[k], str) for k in obj):
         raise AcmeProblem("malformed", "protected, payload and signature are strings")
     try:
-        protected = json.loads(b64decode(obj["protected"], "protected"))
+        protected = strict_json.loads(b64decode(obj["protected"], "protected"))
+    except strict_json.NotUnicode as exc:
+        raise AcmeProblem("malformed", f"the protected header {exc}") from None
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise AcmeProblem("malformed", "the protected header is not JSON") from None
     if not isinstance(protected, dict):
@@ -115,13 +128,13 @@ def check_key(jwk: jose.JWK, alg_name: str) -> None:
     """Step 2's second half and the key policy for a new key."""
     _, kty = ALGORITHMS[alg_name]
     if not isinstance(jwk, kty):
-        raise AcmeProblem("badSignatureAlgorithm", f"{alg_name} does not fit a "
-                          f"{type(jwk).__name__[3:]} key")
+        raise bad_algorithm(f"{alg_name} does not fit a {type(jwk).__name__[3:]} key",
+                            ALGORITHMS)
     key = crypto_key(jwk)
     if isinstance(key, ec.EllipticCurvePublicKey | ec.EllipticCurvePrivateKey):
         if not isinstance(key.curve, _CURVE_OF[alg_name]):
-            raise AcmeProblem("badSignatureAlgorithm", f"{alg_name} does not fit a key on "
-                              f"{key.curve.name}")
+            raise bad_algorithm(f"{alg_name} does not fit a key on {key.curve.name}",
+                                ALGORITHMS)
         if isinstance(key, ec.EllipticCurvePrivateKey):
             raise AcmeProblem("badPublicKey", "the jwk is a private key")
     elif isinstance(key, rsa.RSAPublicKey):
@@ -146,8 +159,13 @@ async def verify(raw: bytes, content_type: str, url: str, nonces: Nonces, *,
     obj, protected = parse_flat(raw)
     alg_name = protected.get("alg")
     if not isinstance(alg_name, str) or alg_name not in ALGORITHMS:
-        raise AcmeProblem("badSignatureAlgorithm", f"the algorithm must be one of "
-                          f"{', '.join(ALGORITHMS)}, not {str(alg_name)[:20]!r}")
+        raise bad_algorithm(f"the algorithm must be one of {', '.join(ALGORITHMS)}, not "
+                            f"{str(alg_name)[:20]!r}", ALGORITHMS)
+    nonce_text = protected.get("nonce")
+    if nonce_text is not None and (not isinstance(nonce_text, str)
+                                   or not _B64URL.match(nonce_text)):
+        # RFC 8555 6.5.2: a nonce that is not base64url is malformed, not a bad nonce.
+        raise AcmeProblem("malformed", "the nonce header must be base64url without padding")
     has_jwk, has_kid = "jwk" in protected, "kid" in protected
     if has_jwk == has_kid:
         raise AcmeProblem("malformed", "the protected header has exactly one of jwk and kid")
@@ -207,7 +225,7 @@ def verify_inner(obj: object, outer_url: str) -> tuple[jose.JWK, dict[str, Any]]
     obj, protected = parse_flat(json.dumps(obj).encode())
     alg_name = protected.get("alg")
     if not isinstance(alg_name, str) or alg_name not in ALGORITHMS:
-        raise AcmeProblem("badSignatureAlgorithm", "the inner JWS's algorithm is not allowed")
+        raise bad_algorithm("the inner JWS's algorithm is not allowed", ALGORITHMS)
     if "jwk" not in protected or "kid" in protected or "nonce" in protected:
         raise AcmeProblem("malformed", "the inner JWS carries the new jwk, no kid, no nonce")
     try:
@@ -226,7 +244,9 @@ def verify_inner(obj: object, outer_url: str) -> tuple[jose.JWK, dict[str, Any]]
     if header.url != outer_url:
         raise AcmeProblem("malformed", "the inner JWS url must be the outer one's")
     try:
-        payload = json.loads(jws.payload)
+        payload = strict_json.loads(jws.payload)
+    except strict_json.NotUnicode as exc:
+        raise AcmeProblem("malformed", f"the inner JWS payload {exc}") from None
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise AcmeProblem("malformed", "the inner JWS payload is not JSON") from None
     if not isinstance(payload, dict):
@@ -242,8 +262,8 @@ def verify_eab(eab: object, account_jwk: jose.JWK, new_account_url: str
         raise AcmeProblem("malformed", "externalAccountBinding must be a flattened JWS")
     obj, protected = parse_flat(json.dumps(eab).encode())
     if protected.get("alg") not in ("HS256", "HS384", "HS512"):
-        raise AcmeProblem("badSignatureAlgorithm", "the EAB is MACed with HS256, HS384 or "
-                          "HS512")
+        raise bad_algorithm("the EAB is MACed with HS256, HS384 or HS512",
+                            ("HS256", "HS384", "HS512"))
     if set(protected) != {"alg", "kid", "url"}:
         raise AcmeProblem("malformed", "the EAB's protected header has alg, kid and url, no "
                           "nonce")

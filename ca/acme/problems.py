@@ -4,6 +4,7 @@ registration authority's refusals mapped onto them at the edge."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 
 from acme import messages
 
@@ -16,14 +17,17 @@ class AcmeProblem(Exception):
     """Raise from an ACME route to answer with a problem document."""
 
     def __init__(self, kind: str, detail: str, status: int = 400,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None,
+                 members: dict[str, object] | None = None) -> None:
         assert kind in messages.ERROR_CODES, kind
         super().__init__(detail)
         self.kind, self.detail, self.status = kind, detail, status
         self.headers = headers or {}
+        self.members = members or {}  # RFC 9457 extension members, e.g. `algorithms`
 
     def document(self) -> dict[str, object]:
-        return {"type": PREFIX + self.kind, "detail": self.detail, "status": self.status}
+        return {"type": PREFIX + self.kind, "detail": self.detail, "status": self.status,
+                **self.members}
 
     def body(self) -> str:
         return json.dumps(self.document())
@@ -51,6 +55,11 @@ _FROM_REASON: dict[Reason, tuple[str, int]] = {
     Reason.UNAUTHORIZED: ("unauthorized", 403),
     Reason.ALREADY_REVOKED: ("alreadyRevoked", 400),
 }
+
+
+def bad_algorithm(detail: str, algorithms: Iterable[str]) -> AcmeProblem:
+    """RFC 8555 6.2: the problem MUST list the algorithms the server accepts."""
+    return AcmeProblem("badSignatureAlgorithm", detail, members={"algorithms": list(algorithms)})
 
 
 def from_refusal(reason: Reason, detail: str) -> AcmeProblem:

@@ -25,7 +25,7 @@ import structlog
 from aiohttp import web
 from cryptography import x509
 
-from ca import ra
+from ca import ra, strict_json
 from ca.acme import jws as acme_jws
 from ca.acme.nonces import Nonces
 from ca.acme.problems import PREFIX, AcmeProblem, from_refusal
@@ -35,6 +35,7 @@ from ca.issuance.profiles import pem, utcnow
 from ca.policy import PARSE_ERRORS, Refused
 from ca.server.common import AUDIT, ISSUANCE, REVOCATIONS, STORE, decide, identity
 from ca.server.common import json_body as admin_json_body
+from ca.server.problems import NOT_UNICODE
 from ca.store import AcmeAccount, AcmeAuthz, AcmeChallenge, AcmeEAB, AcmeOrder, Store
 from ca.store.errors import StoreUnavailable
 from ca.subject import spki_sha256
@@ -127,7 +128,11 @@ def acme_route(fn: Handler) -> Handler:
                 raise
             detail = ("request bodies are limited to 64 KiB" if exc.status_code == 413
                       else exc.reason)
-            resp = _problem_response(AcmeProblem("malformed", detail, exc.status_code))
+            resp = _problem_response(AcmeProblem(
+                "malformed", detail, exc.status_code,
+                {k: v for k, v in exc.headers.items() if k == "Allow"}))
+        except UnicodeError:  # a client's text that no encoder takes
+            resp = _problem_response(AcmeProblem("malformed", NOT_UNICODE))
         except Exception:
             rid = request.get("request_id", "-")
             log.exception("unhandled error", request_id=rid, path=request.path)
@@ -162,7 +167,8 @@ async def _unknown(request: web.Request) -> web.StreamResponse:
             _match, allowed = await resource.resolve(request)
             if allowed:  # the path is an ACME resource, the method is not one it takes
                 raise AcmeProblem("malformed", f"{request.method} is not allowed on "
-                                  f"{request.path[:200]}", 405)
+                                  f"{request.path[:200]}", 405,
+                                  {"Allow": ", ".join(sorted(allowed))})
         raise AcmeProblem("malformed", f"no such ACME resource: {request.path[:200]}", 404)
     return await answer(request)
 
@@ -250,6 +256,9 @@ async def new_account(request: web.Request) -> web.Response:
     thumb = acme_jws.thumbprint(v.jwk)
     existing = await server.store.acme_account_by_thumbprint(thumb)
     if existing is not None:
+        if existing.status != "valid":  # RFC 8555 7.3.6: the account no longer acts
+            raise AcmeProblem("unauthorized", f"the account of this key is {existing.status}",
+                              401)
         return _json(_account_obj(request, existing), 200, url_of(request, f"acct/{existing.id}"))
     if body.get("onlyReturnExisting") is True:
         raise AcmeProblem("accountDoesNotExist", "no account has this key")
@@ -321,9 +330,7 @@ async def account_orders(request: web.Request) -> web.Response:
     assert v.account is not None
     if v.account.id != request.match_info["id"]:
         raise AcmeProblem("unauthorized", "an account's orders are asked for by it", 403)
-    if v.json(empty_ok=True) is not None:
-        raise AcmeProblem("malformed", "the orders list is fetched with POST-as-GET (an "
-                          "empty payload)")
+    v.post_as_get("the orders list")
     ids = await server.store.acme_order_ids(v.account.id, utcnow().isoformat(), ORDERS_LISTED)
     return _json({"orders": [url_of(request, f"order/{i}") for i in ids]})
 
@@ -335,7 +342,9 @@ async def key_change(request: web.Request) -> web.Response:
     v = await _verified(request)
     assert v.account is not None
     try:
-        outer = json.loads(v.payload)
+        outer = strict_json.loads(v.payload)
+    except strict_json.NotUnicode as exc:
+        raise AcmeProblem("malformed", f"the payload {exc}") from None
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise AcmeProblem("malformed", "the payload is not JSON") from None
     new_jwk, inner = acme_jws.verify_inner(outer, v.url)
@@ -453,7 +462,7 @@ async def _own_order(request: web.Request, account: AcmeAccount, order_id: str) 
 async def get_order(request: web.Request) -> web.Response:
     v = await _verified(request)
     assert v.account is not None
-    v.json(empty_ok=True)
+    v.post_as_get("an order")
     order = await _own_order(request, v.account, request.match_info["id"])
     return _json(_order_obj(request, order), 200, url_of(request, f"order/{order.id}"))
 
@@ -648,7 +657,7 @@ async def certificate(request: web.Request) -> web.Response:
     server = request.app[ACME]
     v = await _verified(request)
     assert v.account is not None
-    v.json(empty_ok=True)
+    v.post_as_get("a certificate")
     rec = await server.store.acme_cert(_serial(request.match_info["serial"]))
     if rec is None:
         raise AcmeProblem("malformed", "no such certificate", 404)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ from typing import Any, Protocol
 from aiohttp import web
 from cryptography import x509
 
-from ca import ra
+from ca import ra, strict_json
 from ca.audit import wire
 from ca.issuance.issue import Issuance, IssuerSource, decision_context
 from ca.lifecycle import KeyLifecycle
@@ -162,7 +161,9 @@ async def json_body(request: web.Request, allowed: set[str] | None = None) -> di
     if not raw:
         return {}
     try:
-        body = json.loads(raw)
+        body = strict_json.loads(raw)
+    except strict_json.NotUnicode as exc:
+        raise Problem(400, "Bad Request", f"the body {exc}", "bad-json") from None
     except (ValueError, UnicodeDecodeError, RecursionError):  # nesting bombs included
         raise Problem(400, "Bad Request", "the body is not valid JSON", "bad-json") from None
     if not isinstance(body, dict):

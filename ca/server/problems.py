@@ -43,6 +43,10 @@ TITLES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not F
           415: "Unsupported Media Type", 429: "Too Many Requests", 503: "Service Unavailable"}
 
 
+NOT_UNICODE = ("the request holds text that is not Unicode (bytes that are not UTF-8, or a "
+               "lone UTF-16 surrogate)")
+
+
 @web.middleware
 async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
@@ -69,7 +73,12 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             detail = f"{request.method} is not allowed on {request.path}"
         elif exc.status_code == 404:
             detail = f"no such endpoint: {request.path[:200]}"
-        return problem(exc.status_code, TITLES.get(exc.status_code, exc.reason), detail)
+        # A 405 names the methods that work (Allow: RFC 9110 15.5.6), a 401 its scheme.
+        kept = {k: v for k, v in exc.headers.items() if k in ("Allow", "WWW-Authenticate")}
+        return problem(exc.status_code, TITLES.get(exc.status_code, exc.reason), detail,
+                       headers=kept or None)
+    except UnicodeError:  # a client's text that no encoder takes, past every parser's check
+        return problem(400, "Bad Request", NOT_UNICODE, "bad-request")
     except Exception:
         rid = request.get("request_id", "-")
         log.exception("unhandled error", request_id=rid, path=request.path)

@@ -82,7 +82,9 @@ async def _bearer(request: web.Request) -> tuple[ra.TokenHolder, Any]:
     if scheme.lower() != "bearer" or not secret.strip():
         raise await _token_failed(request, "missing", "send the bootstrap token as "
                                   "'Authorization: Bearer <token>'")
-    token = await request.app[TOKENS].find(secret.strip()[:512])
+    # A token is ASCII; a header with other bytes (aiohttp keeps them as surrogates) is
+    # simply not one of ours.
+    token = await request.app[TOKENS].find(secret.strip()[:512]) if secret.isascii() else None
     if token is None:
         raise await _token_failed(request, "unknown", "unknown bootstrap token")
     if token.used_at is not None:

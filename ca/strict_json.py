@@ -1,0 +1,31 @@
+"""JSON from clients, as text hsmca can store and sign: valid Unicode only.
+
+`json.loads` turns an escaped lone UTF-16 surrogate ("\\ud800") into a str that no
+encoder accepts, so it would fail later, in SQLite or a hash, as a 500. Such text is
+refused where it comes in. A surrogate pair ("\\ud83d\\ude00") is one character and fine.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+class NotUnicode(ValueError):
+    """Text with a lone surrogate, or bytes that are not UTF-8."""
+
+
+def loads(raw: bytes | str) -> Any:
+    """`json.loads`, refusing text that is not Unicode (NotUnicode, a ValueError)."""
+    obj = json.loads(raw)
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    if _SURROGATE_ESCAPE.search(data):  # rare: the check below walks the whole object
+        try:
+            json.dumps(obj, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise NotUnicode("holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is "
+                             "not a Unicode character") from None
+    return obj
