@@ -515,8 +515,9 @@ def test_acme_revocation_by_the_account_or_the_certificate_key_only() -> None:
     assert isinstance(by_key, ra.RevokeOrder)
     wrong_key = ra.decide(context(), ra.CertKeyHolder("c" * 64), theirs)
     assert isinstance(wrong_key, ra.Refusal) and wrong_key.reason is Reason.UNAUTHORIZED
+    # RFC 8555 7.6: a code RFC 5280 lacks is as unsupported as one not offered.
     for reason, why in ((6, Reason.REASON_NOT_ALLOWED), (9, Reason.REASON_NOT_ALLOWED),
-                        (99, Reason.MALFORMED)):
+                        (7, Reason.REASON_NOT_ALLOWED), (99, Reason.REASON_NOT_ALLOWED)):
         r = ra.decide(context(), acme_account(), dataclasses.replace(mine, reason=reason))
         assert isinstance(r, ra.Refusal) and r.reason is why, reason
     again = ra.decide(context(), acme_account(), dataclasses.replace(mine, revoked=True))
