@@ -128,6 +128,39 @@ def test_offline_verify_misses_no_line_of_a_stopped_daemons_log(tmp_path: Path) 
                                   "truncated"), proc.stderr
 
 
+@pytest.mark.parametrize("line, change", [
+    (-3, {"size": 5}), (-3, {"root": "AAAA"}), (-3, {"actor": "cert:ab:CN=x"}),
+    (-2, {"note": "forged"}), (-2, {"digest": "00" * 32}), (-1, {"note": "forged"})])
+def test_closing_lines_are_only_what_the_daemon_writes(
+        stopped_log: tuple[InitialisedCA, list[bytes]], tmp_path: Path, line: int,
+        change: dict[str, Any]) -> None:
+    """The closing lines pass unsigned only as the daemon writes them: the intent names
+    the checkpoint it signs, the outcome its digest, and no line says more. Anything
+    else, hash chain and all, is lines that no checkpoint covers."""
+    ca, lines = stopped_log
+    raw = [x.rstrip(b"\n") for x in lines]
+    raw[line] = json.dumps({**json.loads(raw[line]), **change}, separators=(",", ":"),
+                           sort_keys=True).encode()
+    log = tmp_path / "log.jsonl"
+    log.write_bytes(b"".join(x + b"\n" for x in rechain(raw, len(raw) + line)))
+    proc = audit_verify(ca.state, "--checkpoint", tmp_path / "none", log=log)
+    assert proc.returncode == 1, proc.stdout
+    assert proc.stderr.startswith(f"UNSIGNED: 3 lines, no checkpoint covers them (seq "
+                                  f"{len(raw) - 3} to {len(raw) - 1})"), proc.stderr
+
+
+@pytest.fixture(scope="module")
+def stopped_log(tmp_path_factory: pytest.TempPathFactory) -> tuple[InitialisedCA, list[bytes]]:
+    ca = init_ca(tmp_path_factory.mktemp("stopped"))
+    assert start_daemon(ca.state).stop() == 0
+    lines = (ca.state / "audit/log.jsonl").read_bytes().splitlines(keepends=True)
+    proc = audit_verify(ca.state, "--checkpoint", ca.state / "none", log=ca.state /
+                        "audit/log.jsonl")
+    assert proc.returncode == 0 and "the last 3 lines are the last checkpoint's own signing " \
+        "and the HSM logout" in proc.stdout, proc.stdout + proc.stderr
+    return ca, lines
+
+
 def test_torn_tail_is_cut_and_recorded(tmp_path: Path) -> None:
     path = tmp_path / "log.jsonl"
     log = AuditLog.open(path)

@@ -10,6 +10,8 @@ that prefix is `ca.audit.merkle.growth`, the one rule every party uses.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 from collections.abc import Iterable
 from typing import Any, NamedTuple
@@ -178,25 +180,53 @@ def check_latest(text: str, key: PinnedKey) -> tuple[SignedPrefix | None, str | 
 MAX_SIGNERS = 2  # audit keys signing one checkpoint: two while the key rotates
 
 
+# The closing lines exactly as the daemon writes them: nothing signs them, so nothing
+# beyond what the checkpoint's own signing and the logout say may be there.
+_INTENT = frozenset({"actor", "event", "key", "mechanism", "op_id", "phase", "prev", "purpose",
+                     "request_id", "root", "seq", "size", "ts"})
+_OUTCOME = frozenset({"digest", "event", "op_id", "phase", "prev", "result", "seq",
+                      "signature_digest", "ts"})
+_LOGOUT = frozenset({"event", "pid", "prev", "result", "seq", "token", "ts"})
+
+
 def closing_lines(tail: list[bytes], signed: int, checkpoints: list[LoggedCheckpoint]) -> bool:
     """Whether `tail`, the lines after the first `signed` (which the largest verified
     checkpoint covers), are the lines with which a daemon ends its log: the intents
     and outcomes that signed that very checkpoint (one pair per audit key signing it:
-    two while the key rotates), then at most an ``hsm.logout``.
+    two while the key rotates; the last outcome carries the note), then at most an
+    ``hsm.logout``.
 
     No checkpoint can cover its own signing, and the daemon logs out of the HSM after
-    its final checkpoint: a log that ends normally always ends with these lines.
-    Anything else after `signed` is lines no checkpoint covers.
+    its final checkpoint: a log that ends normally always ends with these lines. Each
+    intent must name that checkpoint's size and root, each outcome the digest of its
+    body, and no line may carry anything else: otherwise they are lines no checkpoint
+    covers, which `--allow-unsigned` alone accepts.
     """
     if len(tail) < 2 or len(tail) > 2 * MAX_SIGNERS + 1:
         return False
     objs = [json.loads(line) for line in tail]  # they passed the scan: JSON objects
     rest = objs[2 * (len(objs) // 2):]
     pairs = [(objs[i], objs[i + 1]) for i in range(0, len(objs) - len(rest), 2)]
-    return (all(intent.get("event") == "hsm.sign" and intent.get("phase") == "intent"
-                and intent.get("purpose") == "checkpoint"
-                and outcome.get("event") == "hsm.sign" and outcome.get("phase") == "outcome"
-                and outcome.get("op_id") == intent.get("op_id") for intent, outcome in pairs)
-            and any(cp.seq == signed + len(objs) - len(rest) - 1 and cp.size == signed
-                    for cp in checkpoints)
-            and all(obj.get("event") == "hsm.logout" for obj in rest))
+    last = signed + 2 * len(pairs) - 1  # the seq of the outcome that carries the note
+    cp = next((c for c in checkpoints if c.seq == last and c.size == signed), None)
+    if cp is None:
+        return False
+    body = cp.text[:cp.text.index("\n\n") + 1]  # what each audit key signed
+    digest = hashlib.sha256(body.encode()).hexdigest()
+    root = base64.b64encode(cp.root).decode()
+    for i, (intent, outcome) in enumerate(pairs):
+        final = i == len(pairs) - 1
+        if (set(intent) != (_INTENT if final else _INTENT | {"co_signer"})
+                or intent["event"] != "hsm.sign" or intent["phase"] != "intent"
+                or intent["purpose"] != "checkpoint" or intent["size"] != signed
+                or intent["actor"] != "local" or intent["mechanism"] != "CKM_EDDSA"
+                or intent["request_id"] is not None
+                or intent["root"] != root or intent.get("co_signer", True) is not True):
+            return False
+        if (set(outcome) != (_OUTCOME | {"checkpoint"} if final else _OUTCOME)
+                or outcome["event"] != "hsm.sign" or outcome["phase"] != "outcome"
+                or outcome["op_id"] != intent["op_id"] or outcome["result"] != "ok"
+                or outcome["digest"] != digest
+                or (final and outcome["checkpoint"] != cp.text)):
+            return False
+    return all(set(obj) == _LOGOUT and obj["event"] == "hsm.logout" for obj in rest)
