@@ -86,8 +86,13 @@ class LogBuilder:
         op = self.new_op()
         note = self.note(key, origin)
         size, root = self.size, base64.b64encode(self._tree.root()).decode()
-        self.intent(op, purpose="checkpoint", size=size, root=root)
-        return self.outcome(op, checkpoint=note)
+        self.add("hsm.sign", phase="intent", op_id=op, purpose="checkpoint",
+                 key="pkcs11:token=ca;object=audit;type=private", mechanism="CKM_EDDSA",
+                 actor="local", request_id=None, size=size, root=root)
+        body = note[:note.index("\n\n") + 1]  # what the audit key signs
+        return self.add("hsm.sign", phase="outcome", op_id=op, result="ok",
+                        digest=hashlib.sha256(body.encode()).hexdigest(),
+                        signature_digest="cd" * 32, checkpoint=note)
 
     def data(self) -> bytes:
         return b"".join(line + b"\n" for line in self.lines)
@@ -647,7 +652,7 @@ def stopped_log() -> LogBuilder:
     b = simple_log()
     b.add("daemon.stop", pid=42)
     b.checkpoint()
-    b.add("hsm.logout", result="ok")
+    b.add("hsm.logout", token="ca", pid=42, result="ok")
     return b
 
 
