@@ -8,6 +8,7 @@ import base64
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from ca.audit.cosignature import cosign, cosigner_key, valid_cosignatures
 from ca.audit.note import (
     Checkpoint,
     NoteError,
@@ -223,3 +224,25 @@ def test_checkpoint_arguments_are_checked() -> None:
         checkpoint_body(ORIGIN, 1, ROOT[:31])
     with pytest.raises(NoteError):
         key_id("bad name", go_key().public_key())
+
+
+def test_a_witness_counts_once_and_only_at_a_time_it_could_have_signed(
+        key: Ed25519PrivateKey) -> None:
+    """tlog-cosignature: one statement per (name, key); a timestamp is below 2^63, and
+    one from the future says nothing yet."""
+    text = checkpoint(key)
+    body = checkpoint_body(ORIGIN, 42, ROOT)
+    witness = Ed25519PrivateKey.generate()
+    vkey = cosigner_key("witness.example", witness.public_key())
+
+    def line(ts: int) -> str:  # as a witness (or a hostile one) writes it
+        sig = witness.sign(f"cosignature/v1\ntime {ts}\n{body}".encode())
+        blob = base64.b64encode(vkey.key_id + ts.to_bytes(8, "big") + sig).decode()
+        return f"\u2014 witness.example {blob}\n"
+
+    assert line(1_700_000_000) == cosign(body, "witness.example", witness, 1_700_000_000)
+    twice = text + line(1_700_000_000) + line(1_700_000_000) + line(1_700_000_001)
+    assert valid_cosignatures(twice, [vkey]) == [line(1_700_000_000)]
+    assert valid_cosignatures(text + line(2**63), [vkey]) == []
+    assert valid_cosignatures(text + line(2**63 - 1), [vkey]) == [line(2**63 - 1)]
+    assert valid_cosignatures(text + line(2**63 - 1), [vkey], not_after=1_800_000_000) == []

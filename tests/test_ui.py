@@ -109,3 +109,13 @@ async def test_on_a_cluster_a_record_without_a_served_log_is_said_so(tmp_path: P
         assert "log of node-9, line 5, which the daemon does not serve" in (found.problem or "")
     finally:
         await ca.close()
+
+
+def test_the_banner_counts_witnesses_not_their_lines() -> None:
+    """A witness that sends its cosignature twice (or a daemon that kept both) is one
+    witness; an unpinned or unverified one is none."""
+    from ca.ui.follow import Cosigner, Witnessed
+    twice = Cosigner("w.example", "ab12cd34", None, True)
+    other = Cosigner("x.example", "ef56ab78", None, False)
+    assert Witnessed(10, True, (twice, twice, other)).count == 1
+    assert Witnessed(10, False, (twice,)).count == 0  # on a log the view did not verify

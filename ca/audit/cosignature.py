@@ -108,28 +108,40 @@ def cosign(body: str, name: str, private_key: Ed25519PrivateKey, timestamp: int)
     return f"{SIG_PREFIX}{name} {blob}\n"
 
 
-def valid_cosignatures(note_text: str, keys: list[VerifierKey]) -> list[str]:
+def valid_cosignatures(note_text: str, keys: list[VerifierKey],
+                       not_after: int | None = None) -> list[str]:
     """The signature lines of `note_text` that are cosignatures by one of `keys` and
-    verify (lines by other keys are ignored, as C2SP asks), each with its newline."""
+    verify (lines by other keys are ignored, as C2SP asks), each with its newline: one
+    per key, the first, so that one witness never counts twice. With `not_after`, a
+    cosignature dated later than that POSIX time does not count (a witness's clock,
+    or a witness, that is wrong)."""
     try:
         note = parse_note(note_text)
     except NoteError:
         return []
-    found: list[str] = []
+    found: dict[tuple[str, bytes], str] = {}
     for sig in note.signatures:
         for key in keys:
-            if sig.name == key.name and sig.key_id == key.key_id and _verifies(
-                    note.body, sig, key):
+            if (sig.name == key.name and sig.key_id == key.key_id
+                    and (key.name, key.key_id) not in found and _verifies(note.body, sig, key)
+                    and (not_after is None or timestamp_of(sig.sig) <= not_after)):
                 blob = base64.b64encode(sig.key_id + sig.sig).decode("ascii")
-                found.append(f"{SIG_PREFIX}{sig.name} {blob}\n")
+                found[key.name, key.key_id] = f"{SIG_PREFIX}{sig.name} {blob}\n"
                 break
-    return found
+    return list(found.values())
+
+
+def timestamp_of(sig: bytes) -> int:
+    """The POSIX time a cosignature (timestamp || signature) says it was made."""
+    return int.from_bytes(sig[:8], "big")
 
 
 def _verifies(body: str, sig: NoteSignature, key: VerifierKey) -> bool:
     if len(sig.sig) != 8 + 64:
         return False
-    timestamp = int.from_bytes(sig.sig[:8], "big")
+    timestamp = timestamp_of(sig.sig)
+    if timestamp >= 1 << 63:  # C2SP tlog-cosignature: MUST NOT exceed 2^63 - 1
+        return False
     try:
         key.public_key.verify(sig.sig[8:], _message(body, timestamp))
     except InvalidSignature:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from ca.fileutil import write_atomic
 
 log = structlog.get_logger("hsmca.witness")
 TIMEOUT_S = 10.0
+CLOCK_SKEW_S = 3600  # a cosignature dated later than this from now does not count
 MAX_PROOF = 63  # C2SP: at most 63 consistency proof lines
 _RETRIES = 3  # 409s with a size in a row, before giving up on this checkpoint
 
@@ -130,7 +132,7 @@ class Witnessing:
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._session: aiohttp.ClientSession | None = None
         self._published: tuple[int, str] | None = None  # (size, note) with cosignatures
-        self._cosigs: list[str] = []
+        self._cosigs: dict[tuple[str, bytes], str] = {}  # (witness, key id) -> cosignature
         self._writing = asyncio.Lock()  # one write of the cosigned file at a time, the latest
 
     def __bool__(self) -> bool:
@@ -188,17 +190,20 @@ class Witnessing:
 
     async def _cosigned(self, witness: HTTPWitness, text: str, size: int, answer: str) -> None:
         """Keep the cosignatures of the newest checkpoint any witness cosigned."""
-        lines = valid_cosignatures(text + answer, self.keys)
+        lines = valid_cosignatures(text + answer, self.keys,
+                                   not_after=int(time.time()) + CLOCK_SKEW_S)
         if not lines:
-            log.error("the witness answered without a cosignature by a configured witness key",
-                      witness=str(witness), size=size)
+            log.error("the witness answered without a cosignature by a configured witness "
+                      "key, dated no later than now", witness=str(witness), size=size)
             return
         log.info("witness cosigned the checkpoint", witness=str(witness), size=size)
         if self._published is None or self._published[1] != text:
             if self._published is not None and self._published[0] > size:
                 return  # a newer checkpoint is published already
-            self._published, self._cosigs = (size, text), []
-        self._cosigs += [line for line in lines if line not in self._cosigs]
-        self.cosigned = text + "".join(self._cosigs)
+            self._published, self._cosigs = (size, text), {}
+        for line in lines:  # one per witness key: a second answer replaces the first
+            _, name, blob = line.split(" ", 2)
+            self._cosigs[name, base64.b64decode(blob)[:4]] = line
+        self.cosigned = text + "".join(self._cosigs.values())
         async with self._writing:
             await asyncio.to_thread(write_atomic, self.cosigned_path, self.cosigned)

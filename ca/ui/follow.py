@@ -69,7 +69,8 @@ class Witnessed:
     def count(self) -> int:
         """Witnesses that count: pinned, verified, on a checkpoint consistent with the
         verified tree."""
-        return sum(1 for c in self.cosigners if c.verified) if self.consistent else 0
+        return len({(c.name, c.key_id) for c in self.cosigners if c.verified}) \
+            if self.consistent else 0
 
 
 @dataclass(frozen=True)
