@@ -42,6 +42,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from ca.audit.note import parse_checkpoint, verifier_key
 from tests.conftest import Daemon, hsmca, init_ca, require, set_config, start_daemon
 from tests.helpers import Running, cert_serial, enroll, log_lines
+from tests.lying_front import LyingFront
 from tests.test_audit_remote import _ATTACKER_SIGNS, REPO, rewrite_line
 from tests.test_witness import WitnessProcess
 
@@ -162,6 +163,14 @@ def page(w: World, path: str) -> None:
     w.driver.get(w.base + path)
     WebDriverWait(w.driver, 60).until(
         lambda drv: drv.execute_script("return document.readyState") == "complete")
+
+
+def shown_at(w: World, url: str) -> tuple[str, str]:
+    """The banner of the page at `url` (of any UI), once loaded."""
+    w.driver.get(url)
+    WebDriverWait(w.driver, 60).until(
+        lambda drv: drv.execute_script("return document.readyState") == "complete")
+    return banner(w)
 
 
 def banner(w: World) -> tuple[str, str]:
@@ -299,6 +308,46 @@ def test_strict_headers_and_only_loopback_host_names(world: World) -> None:
         rows = csv.read().decode().splitlines()
     assert rows[0].startswith("serial,status,reason") and len(rows) == 3  # it and its renewal
     assert all(SCRIPT_NAME in row for row in rows[1:])
+
+
+def test_a_line_withheld_or_changed_inside_the_verified_log_turns_the_banner_red(
+        world: World, tmp_path: Path) -> None:
+    """The daemon (here a lying front before it) serves the log the auditor verified,
+    then, page by page, leaves a line out of a list or changes the one a page shows:
+    a page never says "no such line" or quietly marks rows unverified under a green
+    banner; the view fails, at that seq, for good."""
+    w = world
+    victim = next(e["seq"] for e in log_lines(w.ca_state) if e.get("serial") == w.web
+                  and e.get("phase") == "intent")
+    cert, key = enroll(w.daemon, tmp_path, "service", ["127.0.0.1"])
+    chain = tmp_path / "front.pem"  # the leaf, then the issuing CA the UI does not hold
+    chain.write_text(cert.read_text() + (w.ca_state / "x509" / "issuing.pem").read_text())
+    front = LyingFront(w.daemon.url, w.daemon.root, w.auditor, (chain, key))
+    try:
+        for lie, path in (("drop", f"/audit?event=hsm.sign&before={victim + 5}"),
+                          ("drop", f"/audit/{victim}"), ("alter", f"/audit/{victim}")):
+            front.drop = front.alter = None
+            ui = Running.start("ui", "--url", front.url, "--ca", w.daemon.root, "--cert",
+                               w.auditor[0], "--key", w.auditor[1], "--audit-key",
+                               w.ca_state / "audit" / "audit_key.pem", "--state",
+                               tmp_path / f"{lie}-{len(path)}.state", "--listen", "127.0.0.1:0")
+            try:
+                base = ui.listening_url()
+                WebDriverWait(w.driver, 60, poll_frequency=0.5).until(
+                    lambda drv, base=base: shown_at(w, base + "/")[0] == "ok")
+                setattr(front, lie, victim)
+                status, text = shown_at(w, base + path)
+                assert status == "failed", (lie, path, text)
+                assert text.startswith(f"FAILED at seq {victim}: "), text
+                if path.startswith("/audit/") and lie == "drop":  # not "no line (yet)"
+                    said = w.driver.find_element(By.TAG_NAME, "main").text
+                    assert "it is withholding a line of its log" in said, said
+                front.drop = front.alter = None  # honest again: the failure stands
+                assert shown_at(w, base + "/")[0] == "failed"
+            finally:
+                ui.stop()
+    finally:
+        front.close()
 
 
 def test_a_rewritten_log_turns_the_banner_red_at_the_seq_the_state_names(world: World) -> None:

@@ -183,6 +183,15 @@ class Follower:
         except TimeoutError:
             return replace(self.latest, under_way=True)
 
+    def caught(self, seq: int, reason: str) -> None:
+        """A page found the daemon serving line `seq` against the verified log: a
+        failure, as if the verification had found it (and as sticky)."""
+        if self.latest.status == "failed":
+            return
+        log.error("audit log verification FAILED", seq=seq, reason=reason)
+        self.latest = replace(self.latest, status="failed", bad_seq=seq, reason=reason,
+                              checked_at=_now())
+
     async def close(self) -> None:
         if self._run_task is not None and not self._run_task.done():
             self._run_task.cancel()

@@ -145,6 +145,18 @@ async def _verdict(request: web.Request) -> Verdict:
     return verdict
 
 
+async def _report(request: web.Request, verdict: Verdict, log: str | None,
+                  *lines: proofs.Line | None) -> Verdict:
+    """A line the daemon served against what the auditor verified of `log` turns that
+    log's verdict red for the life of the process (the follower's failures are sticky);
+    the page that found it shows it so at once."""
+    line = next((x for x in lines if x is not None and x.contradiction), None)
+    if line is None or line.contradiction is None:
+        return verdict
+    request.app[UI_KEY].logs.follower(log).caught(line.seq, line.contradiction)
+    return await _verdict(request)
+
+
 def not_found(request: web.Request, verdict: Verdict, what: str) -> web.Response:
     return _render(request, "missing.html", verdict, status=404, title="Not found", what=what)
 
@@ -174,6 +186,7 @@ async def overview(request: web.Request) -> web.Response:
         by_kind = [(k, sum(n for kk, h, n in counts if kk == k and h >= day)) for k in kinds]
     latency_chart = charts.latency(scrape.latency) if scrape and scrape.latency else None
     last_line = last[0][0] if last and last[0] else None
+    verdict = await _report(request, verdict, verdict.log, last_line)
     return _render(request, "overview.html", verdict, title="Overview", health=health,
                    health_err=health_err, scrape=scrape, metrics_err=metrics_err,
                    issuance_chart=issuance_chart, issued_err=issued_err, by_kind=by_kind,
@@ -288,6 +301,7 @@ async def certificate(request: web.Request) -> web.Response:
         certs.crl_status(ui.ca, cert, issuer, rec.get("issuer")),
         certs.ocsp_status(ui.ca, cert, issuer),
         _evidence(ui, verdict, rec, cert))
+    verdict = await _report(request, verdict, audit_log, audit.intent, audit.outcome)
     return _render(request, "certificate.html", verdict, title=f"Certificate {serial}",
                    rec=rec, error=None, der_ok=der_ok, fields=certs.describe(cert),
                    pem=rec["pem"], links=links, bundle_err=bundle_err, crl=crl, ocsp=ocsp,
@@ -449,7 +463,8 @@ async def audit_log(request: web.Request) -> web.Response:
                 if filters.until is not None:
                     before = await _first_after(ca, end, filters.until)
             start, forward = min(before, end), False
-        shown, lowest, highest = await _scan(ca, tree, filters, start, end, forward)
+        shown, lowest, highest, lie = await _scan(ca, tree, filters, start, end, forward)
+        verdict = await _report(request, verdict, verdict.log, lie)
     except ClientError as exc:
         error = str(exc)
     key = _pinned(ui, verdict)
@@ -466,11 +481,13 @@ async def audit_log(request: web.Request) -> web.Response:
 
 
 async def _scan(ca: CA, tree: TreeHead | None, filters: Filters, start: int, end: int,
-                forward: bool) -> tuple[list[proofs.Line], int, int]:
+                forward: bool) -> tuple[list[proofs.Line], int, int, proofs.Line | None]:
     """Up to PAGE_SIZE lines matching `filters`, read from `start` on (forward) or down
     from just before it, a verified window at a time; newest first. Also the lowest and
-    highest seq read, where the next page starts."""
+    highest seq read, where the next page starts, and the first line read, matching or
+    not, that contradicts the verified log."""
     found: list[proofs.Line] = []
+    lie: proofs.Line | None = None
     read = 0
     lowest, highest = start, start - 1
     while len(found) < PAGE_SIZE and read < SCAN_LINES:
@@ -481,9 +498,16 @@ async def _scan(ca: CA, tree: TreeHead | None, filters: Filters, start: int, end
         if lo >= hi:
             break
         raws = await ca.entries(lo, hi - lo)
+        window = await proofs.window(ca, tree, lo, raws) if raws else []
+        # A line left out shows where the seqs stop matching; one missing at the end only
+        # in the count.
+        lie = lie or next((line for line in window if line.contradiction), None)
+        if tree is not None and lie is None and len(raws) < min(hi, tree.size) - lo:
+            seq = lo + len(raws)
+            lie = proofs.Line(seq, b"", None, False, "", f"the daemon served no line {seq}, "
+                              f"which the {tree.size} lines verified include")
         if not raws:
             break
-        window = await proofs.window(ca, tree, lo, raws)
         read += len(raws)
         ordered = window if forward else list(reversed(window))
         for line in ordered:
@@ -504,7 +528,7 @@ async def _scan(ca: CA, tree: TreeHead | None, filters: Filters, start: int, end
     if found:
         lowest = min(lowest, found[-1].seq)
         highest = max(highest, found[0].seq)
-    return found, lowest, highest
+    return found, lowest, highest, lie
 
 
 def _pinned(ui: UI, verdict: Verdict) -> PinnedKey | None:
@@ -563,8 +587,15 @@ async def audit_line(request: web.Request) -> web.Response:
         return _render(request, "line.html", verdict, title=f"Audit line {seq}", seq=seq,
                        line=None, proof=None, error=str(exc))
     if got is None:
-        return not_found(request, verdict, f"the log has no line {seq} (yet)")
+        tree = verdict.tree
+        if tree is None or seq >= tree.size:
+            return not_found(request, verdict, f"the log has no line {seq} (yet)")
+        why = f"the daemon served no line {seq}, which the {tree.size} lines verified include"
+        verdict = await _report(request, verdict, verdict.log,
+                                proofs.Line(seq, b"", None, False, "", why))
+        return not_found(request, verdict, f"{why}: it is withholding a line of its log")
     line, proof = got
+    verdict = await _report(request, verdict, verdict.log, line)
     related: tuple[str, int] | None = None
     try:
         if line.get("phase") == "intent":

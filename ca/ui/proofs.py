@@ -13,6 +13,11 @@ nothing about the bytes a page receives. A line is verified here when:
 So a page of consecutive lines needs one proof, for its last verified line. Lines at
 or beyond the verified size are never marked verified: no checkpoint the auditor
 verified covers them yet.
+
+Inside the verified tree there is nothing left to doubt, so a line that fails there
+(its proof leads elsewhere, the chain down from a proven line breaks, a line is
+missing or out of place) is the daemon contradicting the log it proved: the line
+carries a `contradiction`, and the page turns the verdict red for good.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class Line:
     obj: dict[str, Any] | None  # parsed, if it is a JSON object
     verified: bool
     why: str  # how it was verified, or why not
+    contradiction: str | None = None  # inside the verified tree, yet not the verified line
 
     @property
     def text(self) -> str:
@@ -61,6 +67,7 @@ class Proof:
     root: bytes
     ok: bool
     problem: str | None = None
+    contradicts: bool = False  # the daemon answered, and its answer is not the verified log
 
 
 def parse(raw: bytes) -> dict[str, Any] | None:
@@ -83,8 +90,9 @@ async def prove(ca: CA, tree: TreeHead | None, seq: int, raw: bytes) -> Proof | 
         return Proof(seq, tree.size, leaf, (), tree.root, False, str(exc))
     ok = verify_inclusion(leaf, seq, tree.size, path, tree.root)
     return Proof(seq, tree.size, leaf, tuple(path), tree.root, ok,
-                 None if ok else "the proof does not lead to the verified root: this line is "
-                 "not the one the auditor verified at this seq")
+                 None if ok else "this line and its inclusion proof, as the daemon served "
+                 "them, do not lead to the verified root: one of them is not the verified "
+                 "log's", contradicts=not ok)
 
 
 async def window(ca: CA, tree: TreeHead | None, start: int, raws: list[bytes]) -> list[Line]:
@@ -93,7 +101,14 @@ async def window(ca: CA, tree: TreeHead | None, start: int, raws: list[bytes]) -
     objs = [parse(r) for r in raws]
     verified = [False] * n
     why = [NOT_COVERED] * n
+    lie: list[str | None] = [None] * n
     covered = 0 if tree is None else max(0, min(n, tree.size - start))
+    for k in range(covered):
+        said = objs[k].get("seq") if objs[k] is not None else None
+        if said != start + k:  # the verified log holds every seq once, in order
+            lie[k] = (f"the daemon served a line saying seq {said} where line {start + k} of "
+                      "the verified log belongs: a line was left out, added or moved")
+            why[k] = f"not verified: {lie[k]}"
     if covered:
         top = covered - 1
         proof = await prove(ca, tree, start + top, raws[top])
@@ -104,6 +119,8 @@ async def window(ca: CA, tree: TreeHead | None, start: int, raws: list[bytes]) -
             for k in range(top - 1, -1, -1):
                 after = objs[k + 1]
                 if after is None or after.get("prev") != chain_hash(raws[k]):
+                    lie[k] = lie[k] or (f"line {start + k} is not the one whose hash line "
+                                        f"{start + k + 1} chains to, inside the verified tree")
                     break
                 verified[k] = True
                 why[k] = f"hash chain from seq {start + top}, proven in the verified tree"
@@ -113,7 +130,9 @@ async def window(ca: CA, tree: TreeHead | None, start: int, raws: list[bytes]) -
         else:
             for k in range(covered):
                 why[k] = f"not verified: {proof.problem}"
-    return [Line(start + k, raws[k], objs[k], verified[k], why[k]) for k in range(n)]
+            if proof.contradicts:
+                lie[top] = lie[top] or proof.problem
+    return [Line(start + k, raws[k], objs[k], verified[k], why[k], lie[k]) for k in range(n)]
 
 
 async def proven(ca: CA, tree: TreeHead | None, seq: int, raw: bytes
@@ -124,7 +143,8 @@ async def proven(ca: CA, tree: TreeHead | None, seq: int, raw: bytes
         return Line(seq, raw, parse(raw), False, NOT_COVERED), None
     why = (f"inclusion proof in the verified tree of {proof.size} lines" if proof.ok
            else f"not verified: {proof.problem}")
-    return Line(seq, raw, parse(raw), proof.ok, why), proof
+    return Line(seq, raw, parse(raw), proof.ok, why,
+                proof.problem if proof.contradicts else None), proof
 
 
 async def line(ca: CA, tree: TreeHead | None, seq: int) -> tuple[Line, Proof | None] | None:
