@@ -297,29 +297,42 @@ def _keep_or(path: Path, default: int, private: bool) -> tuple[int, int, int]:
     return mode, st.st_uid, st.st_gid
 
 
+PREVIOUS = ".hsmca-previous"  # what a file held while a replacement is under way
+
+
+def previous_of(path: Path) -> Path:
+    """Where `Staged.commit` keeps the file `path` held until every file is replaced."""
+    return path.parent / f".{path.name}{PREVIOUS}"
+
+
 @dataclass
 class Staged:
     """Files to replace, each prepared as a temporary file beside it before anything
     is spent: if a directory is not writable the command stops before the request.
-    `commit` writes, fsyncs and renames each into place; `abort` removes them."""
+    `commit` writes, fsyncs and renames each into place, all or none: what each file
+    held is kept beside it (`previous_of`, a hard link) until every rename is done, put
+    back if one fails, and found by `restore_interrupted` after a crash between them.
+    A symlink is followed: the file it points to is replaced, the link stays. `abort`
+    removes the temporary files."""
 
     targets: dict[Path, tuple[int, bool]]  # path -> (mode for a new file, private)
     _tmp: dict[Path, str] = field(default_factory=dict)
 
     def prepare(self) -> Staged:
         for path in self.targets:
-            if path.is_dir():
+            real = path.resolve() if path.is_symlink() else path
+            if real.is_dir():
                 self.abort()
                 raise ClientError(f"{path} is a directory; it would be replaced by a file")
             try:
-                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+                fd, tmp = tempfile.mkstemp(prefix=f".{real.name}.", dir=real.parent)
             except FileNotFoundError:
                 self.abort()
-                raise ClientError(f"cannot write {path}: {path.parent} does not exist"
+                raise ClientError(f"cannot write {path}: {real.parent} does not exist"
                                   ) from None
             except OSError as exc:
                 self.abort()
-                raise ClientError(f"cannot write to {path.parent}: {exc.strerror} (checked "
+                raise ClientError(f"cannot write to {real.parent}: {exc.strerror} (checked "
                                   "before contacting the CA: nothing was spent)") from None
             os.close(fd)
             self._tmp[path] = tmp
@@ -341,22 +354,74 @@ class Staged:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        # Renamed one after another: the key first, so that a reader who finds a new
-        # certificate also finds its key; the hook runs only after all are in place.
-        for path, tmp in self._tmp.items():
-            os.replace(tmp, path)
-        for parent in {p.parent for p in self._tmp}:
-            dfd = os.open(parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+        real = {path: path.resolve() if path.is_symlink() else path for path in self._tmp}
+        kept: dict[Path, Path] = {}
+        done: list[Path] = []
+        try:
+            for path in self._tmp:
+                if real[path].exists():
+                    kept[path] = previous_of(real[path])
+                    kept[path].unlink(missing_ok=True)
+                    os.link(real[path], kept[path])
+            _fsync_dirs(real.values())  # what to go back to is durable before any rename
+            # The key first, so that a reader who finds a new certificate also finds
+            # its key; the hook runs only after all are in place.
+            for path, tmp in self._tmp.items():
+                os.replace(tmp, real[path])
+                done.append(path)
+        except OSError as exc:
+            for path in reversed(done):
+                if path in kept:
+                    os.replace(kept.pop(path), real[path])
+            for backup in kept.values():
+                backup.unlink(missing_ok=True)
+            self.abort()
+            failed = next((p for p in self._tmp if p not in done), None) if done else None
+            raise ClientError(
+                f"cannot replace {failed or next(iter(real))}: {exc.strerror or exc}; every "
+                "file is as it was before (the new certificate was issued but not "
+                "installed: renew again once the file can be replaced)") from None
+        _fsync_dirs(real.values())
+        for backup in kept.values():
+            backup.unlink(missing_ok=True)
         self._tmp.clear()
 
     def abort(self) -> None:
         for tmp in self._tmp.values():
             Path(tmp).unlink(missing_ok=True)
         self._tmp.clear()
+
+
+def _fsync_dirs(paths: Any) -> None:
+    for parent in {p.parent for p in paths}:
+        dfd = os.open(parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def restore_interrupted(paths: list[Path], consistent: Any) -> bool:
+    """After a replacement that died between its renames (kill -9, power loss), put
+    back what every file held before it, unless what is in place is `consistent()` (the
+    renames were all done). Whether anything was put back."""
+    real = [p.resolve() if p.is_symlink() else p for p in paths]
+    kept = [previous_of(p) for p in real if previous_of(p).exists()]
+    if not kept:
+        return False
+    try:
+        whole = consistent()
+    except ClientError:
+        whole = False
+    if not whole:
+        for path in real:
+            if previous_of(path).exists():
+                os.replace(previous_of(path), path)
+        _fsync_dirs(real)
+        return True
+    for backup in kept:
+        backup.unlink(missing_ok=True)
+    return False
 
 
 CREDENTIAL_FILES = ("key.pem", "cert.pem", "chain.pem")
@@ -463,15 +528,23 @@ def _names(cert: x509.Certificate) -> list[str]:
 
 
 async def renew(url: str, cert: Path, key: Path, ca: Path | None, rekey: bool, *,
-                ttl: str | None = None) -> dict[str, Any]:
+                ttl: str | None = None, warn: Any = None) -> dict[str, Any]:
     """Renew `cert` over mutual TLS and replace cert (and, with `rekey`, key) and the
-    chain.pem beside the certificate, atomically, once the CA has answered."""
+    chain.pem beside the certificate, all or none, once the CA has answered. The files
+    keep their shape: a certificate file that held the chain after the leaf gets the new
+    chain, and one file holding both certificate and key (haproxy's) keeps both."""
+    if restore_interrupted([key, cert, cert.parent / "chain.pem"],
+                           lambda: check_credential(cert, key)) and warn is not None:
+        warn(f"a renewal of {cert} was interrupted between replacing its files; they are "
+             "back as they were before it")
     ctx = await preflight(url, ca, cert, key)
-    current = load_certificates(cert, "--cert")[0]
+    held = load_certificates(cert, "--cert")
+    current = held[0]
+    combined = cert.resolve() == key.resolve()
     targets: dict[Path, tuple[int, bool]] = {}
-    if rekey:
+    if rekey and not combined:
         targets[key] = (0o600, True)
-    targets[cert] = (0o644, False)
+    targets[cert] = (0o600, True) if combined else (0o644, False)
     targets[cert.parent / "chain.pem"] = (0o644, False)
     files = Staged(targets).prepare()
     try:
@@ -486,12 +559,28 @@ async def renew(url: str, cert: Path, key: Path, ca: Path | None, rekey: bool, *
     except BaseException:
         files.abort()
         raise
-    data: dict[Path, bytes | str] = {cert: issued["certificate"],
-                                     cert.parent / "chain.pem": issued["chain"]}
-    if new is not None:
-        data[key] = key_pem(new)
+    chain = x509.load_pem_x509_certificates(issued["chain"].encode())
+    leaf = issued["certificate"] + "".join(  # as many CA certificates as it held before
+        c.public_bytes(serialization.Encoding.PEM).decode() for c in chain[:len(held) - 1])
+    data: dict[Path, bytes | str] = {cert.parent / "chain.pem": issued["chain"]}
+    if combined:
+        data[cert] = leaf + (key_pem(new).decode() if new is not None else _key_block(key))
+    else:
+        data[cert] = leaf
+        if new is not None:
+            data[key] = key_pem(new)
     files.commit(data)
     return issued
+
+
+def _key_block(path: Path) -> str:
+    """The PEM private key in a file that holds certificates too."""
+    text = _read(path, "--key").decode()
+    start = text.index("-----BEGIN ")
+    while "PRIVATE KEY-----" not in text[start:text.index("\n", start)]:
+        start = text.index("-----BEGIN ", start + 1)
+    end = text.index("-----END ", start)
+    return text[start:text.index("\n", end) + 1]
 
 
 def serial_of(cert: Path) -> str:

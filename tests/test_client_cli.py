@@ -313,3 +313,85 @@ def test_hsmca_module_runs_without_an_installed_entry_point() -> None:
                           text=True, check=True)
     assert proc.stdout.startswith("hsmca ")
 
+
+
+# ---- renew keeps the files as the service has them, all replaced or none -----------------
+
+def _renew(d: Daemon, cert: Path, key: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return hsmca("renew", "--url", d.url, "--ca", d.root, "--cert", cert, "--key", key,
+                 *extra, check=False)
+
+
+def _pem_blocks(path: Path) -> list[str]:
+    return [line.removeprefix("-----BEGIN ").removesuffix("-----")
+            for line in path.read_text().splitlines() if line.startswith("-----BEGIN ")]
+
+
+def _pair(cert: Path, key: Path) -> bool:
+    from ca.client import check_credential
+    check_credential(cert, key)  # raises if the key is not the certificate's
+    return True
+
+
+def test_renew_keeps_a_combined_file_a_full_chain_and_a_symlink(daemon: Daemon,
+                                                                tmp_path: Path) -> None:
+    cert, key = enroll(daemon, tmp_path, "service", [NAME])
+    # haproxy's one file: certificate, then key. Renewed, and renewed with a new key.
+    both = tmp_path / "haproxy.pem"
+    both.write_text(cert.read_text() + key.read_text())
+    both.chmod(0o600)
+    for extra in ((), ("--rekey",), ()):
+        before = cert_serial(both)
+        proc = _renew(daemon, both, both, *extra)
+        assert proc.returncode == 0, proc.stderr
+        assert _pem_blocks(both) == ["CERTIFICATE", "PRIVATE KEY"] and _pair(both, both)
+        assert cert_serial(both) != before and both.stat().st_mode & 0o777 == 0o600
+    # A full chain stays a full chain: the leaf, then the issuing CA.
+    full = tmp_path / "fullchain.pem"
+    full.write_text(cert.read_text() + (daemon.state / "x509/issuing.pem").read_text())
+    assert _renew(daemon, full, key).returncode == 0
+    assert _pem_blocks(full) == ["CERTIFICATE", "CERTIFICATE"]
+    issuing = x509.load_pem_x509_certificate((daemon.state / "x509/issuing.pem").read_bytes())
+    assert x509.load_pem_x509_certificates(full.read_bytes())[1] == issuing
+    # certbot's layout: live/ links to archive/; the link stays, its target is renewed.
+    (tmp_path / "archive").mkdir()
+    (tmp_path / "live").mkdir()
+    real = tmp_path / "archive" / "cert1.pem"
+    real.write_text(cert.read_text())
+    link = tmp_path / "live" / "cert.pem"
+    link.symlink_to(real)
+    before = cert_serial(real)
+    assert _renew(daemon, link, key).returncode == 0, "renewal through a symlink"
+    assert link.is_symlink() and cert_serial(real) != before
+
+
+def test_renew_replaces_all_files_or_none_and_mends_one_cut_short(daemon: Daemon,
+                                                                  tmp_path: Path) -> None:
+    cert, key = enroll(daemon, tmp_path, "service", [NAME])
+    # A certificate file that cannot be replaced (immutable, as a bind-mounted file
+    # would be): a new key is not left beside the old certificate, nor any debris.
+    files = {p: p.read_bytes() for p in (cert, key)}
+    subprocess.run(["chattr", "+i", cert], check=True)
+    try:
+        msg = one_line_error(_renew(daemon, cert, key, "--rekey"))
+    finally:
+        subprocess.run(["chattr", "-i", cert], check=True)
+    assert f"cannot replace {cert}" in msg or "every file is as it was" in msg, msg
+    assert {p: p.read_bytes() for p in (cert, key)} == files
+    assert sorted(p.name for p in cert.parent.iterdir()) == ["cert.pem", "chain.pem",
+                                                              "key.pem"]
+    # A renewal killed between its renames: the new key is in place, the certificate
+    # still the old one, and what each held before kept beside it (as commit leaves
+    # them). The next run puts the pair back together, then renews.
+    os.link(key, key.parent / ".key.pem.hsmca-previous")
+    os.link(cert, cert.parent / ".cert.pem.hsmca-previous")
+    other = tmp_path / "other"
+    other.mkdir()
+    _, stray = enroll(daemon, other, "service", [NAME])
+    key.unlink()
+    key.write_bytes(stray.read_bytes())
+    proc = _renew(daemon, cert, key)
+    assert proc.returncode == 0, proc.stderr
+    assert "was interrupted between replacing its files" in proc.stderr
+    assert _pair(cert, key) and key.read_bytes() == files[key]
+    assert not list(cert.parent.glob(".*"))

@@ -131,7 +131,7 @@ def renew(args: argparse.Namespace) -> int:
     if args.daemon:
         return _renew_daemon(args, url)
     issued = asyncio.run(client.renew(url, args.cert, args.key, args.ca, args.rekey,
-                                      ttl=args.ttl))
+                                      ttl=args.ttl, warn=_warn))
     print(f"renewed: serial {issued['serial']}, valid until {issued['not_after']}"
           f"{' (new key)' if args.rekey else ''}", flush=True)
     if args.exec:
@@ -142,9 +142,16 @@ def renew(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warn(text: str) -> None:
+    print(f"hsmca: warning: {text}", file=sys.stderr)
+
+
 def _renew_daemon(args: argparse.Namespace, url: str) -> int:
     """`renew --daemon`: renew at two thirds of each certificate's lifetime, forever."""
+    import structlog
+
     from ca import client
+    log = structlog.get_logger("hsmca.renew")
     from ca.commands.renewal import Job, now, renew_time, run_forever
 
     cert, key = args.cert, args.key
@@ -165,7 +172,8 @@ def _renew_daemon(args: argparse.Namespace, url: str) -> int:
 
     async def run() -> dict[str, Any]:
         old = format(current().serial_number, "x")
-        issued = await client.renew(url, cert, key, args.ca, args.rekey, ttl=args.ttl)
+        issued = await client.renew(url, cert, key, args.ca, args.rekey, ttl=args.ttl,
+                                    warn=lambda text: log.warning("renew.restored", detail=text))
         return {"old_serial": old, "serial": issued["serial"],
                 "not_after": issued["not_after"], "rekey": args.rekey}
 
@@ -239,7 +247,7 @@ def revoke(args: argparse.Namespace) -> int:
           + (f"; and {out['ssh_certificates']} SSH certificate(s) issued on their strength"
              if out["ssh_certificates"] else ""))
     for warning in out.get("warnings", []):
-        print(f"hsmca: warning: {warning}", file=sys.stderr)
+        _warn(warning)
     return 0
 
 
@@ -331,8 +339,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     r = sub.add_parser("renew", help="renew a certificate over mutual TLS",
                        description="Renew CERT with the daemon, authenticating with CERT and "
                        "KEY. The names are copied from the current certificate. CERT, "
-                       "chain.pem beside it and (with --rekey) KEY are replaced atomically, "
-                       "keeping their modes. With --daemon, keep doing it: renew at two "
+                       "chain.pem beside it and (with --rekey) KEY are replaced all or none, "
+                       "keeping their modes and shape (one file with certificate and key: "
+                       "give it as both; a full chain stays one; a symlink stays one). "
+                       "With --daemon, keep doing it: renew at two "
                        "thirds of each certificate's lifetime (with jitter), retry with "
                        "back-off while the CA is away, log each step as JSON on stderr, and "
                        "run --exec after each renewal; SIGTERM stops it.")
