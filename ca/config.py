@@ -502,6 +502,19 @@ def check_state(cfg: Config) -> None:
             "has no [store] section: use the config that names the cluster's database")
 
 
+def trusted_paths(cfg: Config) -> list[Path]:
+    """What the daemon runs on and records into, which nobody else may write: the
+    config, the state directory and this node's, the audit log and its directory, the
+    inventory, the SoftHSM config and the PKCS#11 module."""
+    paths = [cfg.path, cfg.state_dir, cfg.local_dir, cfg.audit_log.parent, cfg.audit_log,
+             Path(cfg.hsm.module)]
+    if not cfg.cluster:
+        paths.append(cfg.db_path)
+    if cfg.softhsm_conf:
+        paths.append(Path(cfg.softhsm_conf))
+    return paths
+
+
 def secret_files(cfg: Config) -> list[Path]:
     """The files whose readers could sign or impersonate: the PIN file (when the PIN
     comes from one), the daemon's TLS key and the admin key."""

@@ -70,6 +70,25 @@ def check_private(paths: Iterable[Path]) -> None:
                            f"be readable or writable by group or others; run chmod 600 {path}")
 
 
+def check_not_writable(paths: Iterable[Path]) -> None:
+    """Refuse a file or directory the daemon trusts that group or others may write.
+
+    Whoever can write the config names the PKCS#11 module the daemon loads and then
+    hands the PIN to; whoever can write the state directory, the audit log or the
+    inventory can change what the CA records or replace its files: as bad as a readable
+    PIN. Existing paths only; a symlink is judged by what it names."""
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            continue
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o022:
+            what = "directory" if stat.S_ISDIR(st.st_mode) else "file"
+            raise CLIError(f"{path} has mode {mode:04o}: a {what} the daemon trusts must not "
+                           f"be writable by group or others; run chmod go-w {path}")
+
+
 def apply_modes(root: Path, modes: dict[str, int], *, default_file: int = 0o600,
                 default_dir: int = 0o700) -> None:
     """Give every file and directory under `root` (and `root`, as "."), the mode named

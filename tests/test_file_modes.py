@@ -53,3 +53,25 @@ def test_serve_refuses_a_pin_or_key_file_others_can_read(tmp_path: Path, which: 
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and str(path) in lines[0] and f"{bad_mode:04o}" in lines[0], lines
     assert "chmod 600" in lines[0]
+
+
+@pytest.mark.parametrize(("which", "bad_mode"), [
+    ("hsmca.toml", 0o666), (".", 0o777), ("audit", 0o775), ("audit/log.jsonl", 0o664),
+    ("hsmca.sqlite3", 0o646)])
+def test_serve_refuses_a_config_state_or_log_others_can_write(tmp_path: Path, which: str,
+                                                              bad_mode: int) -> None:
+    """Whoever can write the config picks the PKCS#11 module the daemon hands its PIN
+    to; whoever can write the state, the log or the inventory rewrites what it records."""
+    ca = init_ca(tmp_path)
+    path = ca.state / which if which != "." else ca.state
+    good = mode(path)
+    os.chmod(path, bad_mode)
+    try:
+        proc = hsmca("serve", "--config", ca.state / "hsmca.toml", "--listen", "127.0.0.1:0",
+                     check=False)
+    finally:
+        os.chmod(path, good)
+    assert proc.returncode == 1 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0] and f"{bad_mode:04o}" in lines[0], lines
+    assert "writable by group or others" in lines[0] and "chmod go-w" in lines[0]

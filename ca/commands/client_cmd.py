@@ -47,9 +47,9 @@ def _worker_count(text: str) -> int:
 def serve(args: argparse.Namespace) -> int:
     import socket
 
-    from ca.config import check_state, secret_files
+    from ca.config import check_state, secret_files, trusted_paths
     from ca.daemon import main
-    from ca.fileutil import check_private
+    from ca.fileutil import check_not_writable, check_private
     from ca.logs import configure
     cfg = _config(args)
     if args.node and not cfg.cluster:
@@ -57,8 +57,10 @@ def serve(args: argparse.Namespace) -> int:
                        "[store] section (one node on SQLite, which has no name): leave "
                        "--node out")
     cfg = cfg.for_node(args.node or socket.gethostname())
-    # Before anything is started: a readable PIN or key file is refused, by name.
+    # Before anything is started: a readable PIN or key file is refused, by name, and
+    # so is a config, state or log that others could write.
     check_private(secret_files(cfg))
+    check_not_writable(trusted_paths(cfg))
     check_state(cfg)
     configure()
     return main(cfg, args.listen, args.workers)
