@@ -420,7 +420,9 @@ class HSM:
             try:
                 self._lib = pkcs11.lib(cfg.module)
             except Exception as exc:
-                raise HSMError(f"cannot load PKCS#11 module {cfg.module}: {exc}") from None
+                from hsm.softhsm import why_not_loaded
+                why = why_not_loaded(cfg.module) or str(exc) or type(exc).__name__
+                raise HSMError(f"cannot load PKCS#11 module {cfg.module}: {why}") from None
         try:
             # At a reconnect the back-off does the looking again.
             token = self._find_token(retries=() if reconnect else TOKEN_LOOKUP_RETRIES_S)
@@ -487,9 +489,14 @@ class HSM:
                     break
                 time.sleep(delay)  # a back-off before looking again, on the HSM thread
                 self._lib.reinitialize()
-        labels = sorted({s.get_token().label for s in self._lib.get_slots(token_present=True)})
+        # An empty label is a free slot SoftHSM keeps for the next token: not a token.
+        labels = sorted({s.get_token().label for s in self._lib.get_slots(token_present=True)}
+                        - {""})
+        from hsm.softhsm import config_in_use
+        conf = config_in_use(self.config.module)
         raise HSMError(f"no token labelled {label!r} in {self.config.module} (tokens present: "
-                       f"{', '.join(repr(lbl) for lbl in labels) or 'none'})") from None
+                       f"{', '.join(repr(lbl) for lbl in labels) or 'none'}"
+                       f"{f'; SoftHSM reads {conf}' if conf else ''})") from None
 
     def _close_session(self, quiet: bool) -> None:
         if self._session is None:

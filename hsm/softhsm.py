@@ -36,6 +36,37 @@ def module_path() -> str:
                          "install it with: apt-get install softhsm2")
 
 
+def config_in_use(module: str) -> Path | None:
+    """The softhsm2.conf a SoftHSM module reads in this process; None for other modules."""
+    if "softhsm" not in Path(module).name.lower():
+        return None
+    return Path(os.environ.get("SOFTHSM2_CONF", "/etc/softhsm/softhsm2.conf"))
+
+
+def why_not_loaded(module: str) -> str | None:
+    """For SoftHSM, why it cannot start, as far as its config tells (it says nothing
+    itself): the config file SOFTHSM2_CONF names, or the token directory in it, missing
+    or unreadable. None when that is not it, or the module is not SoftHSM."""
+    conf = config_in_use(module)
+    if conf is None:
+        return None
+    try:
+        text = conf.read_text()
+    except OSError as exc:
+        return f"its config {conf} (SOFTHSM2_CONF) cannot be read: {exc.strerror}"
+    for line in text.splitlines():
+        name, _, value = line.partition("=")
+        if name.strip() == "directories.tokendir":
+            tokens = Path(value.strip())
+            if not tokens.is_dir():
+                return (f"its token directory {tokens} (directories.tokendir in {conf}) "
+                        "does not exist")
+            if not os.access(tokens, os.R_OK | os.X_OK):
+                return f"its token directory {tokens} (in {conf}) cannot be read by this user"
+            return None
+    return f"{conf} (SOFTHSM2_CONF) names no directories.tokendir"
+
+
 def write_config(directory: Path) -> Path:
     """A SoftHSM config whose tokens live in `directory/tokens`."""
     tokens = directory / "tokens"

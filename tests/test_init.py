@@ -176,3 +176,25 @@ def test_usage_errors_are_one_line() -> None:
         assert proc.returncode == 2, args
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and "error:" in lines[0] and "--help" in lines[0], proc.stderr
+
+
+def test_serve_names_a_missing_token_directory_and_the_softhsm_config(tmp_path: Path) -> None:
+    """SoftHSM says nothing when its token directory is gone: hsmca names it, and when
+    the directory is there but empty, which config SoftHSM read."""
+    ca = init_ca(tmp_path, private_hsm=True)
+    conf = tmp_path / "softhsm" / "softhsm2.conf"
+    tokens = tmp_path / "softhsm" / "tokens"
+    serve = ("serve", "--config", ca.state / "hsmca.toml", "--listen", "127.0.0.1:0")
+    tokens.rename(tmp_path / "tokens.away")
+    try:
+        proc = hsmca(*serve, check=False)
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+        assert f"its token directory {tokens.resolve()} (directories.tokendir in {conf}) " \
+               "does not exist" in proc.stderr, proc.stderr
+        tokens.mkdir()
+        proc = hsmca(*serve, check=False)
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+        assert f"(tokens present: none; SoftHSM reads {conf})" in proc.stderr, proc.stderr
+    finally:
+        tokens.rmdir() if tokens.exists() else None
+        (tmp_path / "tokens.away").rename(tokens)
