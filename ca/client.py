@@ -281,6 +281,13 @@ async def preflight(url: str, ca: Path | None, cert: Path, key: Path) -> ssl.SSL
     return ctx
 
 
+async def check_standing(url: str, ca: Path | None, cert: Path, key: Path) -> None:
+    """`preflight`, then whether the CA still answers to this certificate (not revoked,
+    still in its inventory): what a long-running renewer checks when it starts."""
+    ctx = await preflight(url, ca, cert, key)
+    await call("GET", f"{url}/v1/whoami", ctx)
+
+
 # ---- writing results: checked before the request, atomic after it -------------------
 
 def _keep_or(path: Path, default: int, private: bool) -> tuple[int, int, int]:
@@ -330,30 +337,24 @@ class Staged:
                 self.abort()
                 raise ClientError(f"cannot write {path}: {real.parent} does not exist"
                                   ) from None
-            except OSError as exc:
+            except OSError as exc:  # a full or read-only disk may be fixed: retryable
                 self.abort()
                 raise ClientError(f"cannot write to {real.parent}: {exc.strerror} (checked "
-                                  "before contacting the CA: nothing was spent)") from None
+                                  "before contacting the CA: nothing was spent)",
+                                  retryable=True) from None
             os.close(fd)
             self._tmp[path] = tmp
         return self
 
     def commit(self, data: dict[Path, bytes | str]) -> None:
-        for path, tmp in self._tmp.items():
-            mode, uid, gid = _keep_or(path, *self.targets[path])
-            payload = data[path]
-            fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
-            try:
-                os.fchmod(fd, mode)
-                if uid != -1 and (uid, gid) != (os.geteuid(), os.getegid()):
-                    try:
-                        os.fchown(fd, uid, gid)
-                    except PermissionError:
-                        pass  # not root: the file becomes ours, as any editor would do
-                os.write(fd, payload.encode() if isinstance(payload, str) else payload)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        try:
+            for path, tmp in self._tmp.items():
+                self._write(path, tmp, data[path])
+        except OSError as exc:  # a full disk: nothing is replaced, and it may pass
+            self.abort()
+            raise ClientError(f"cannot write the new files beside {next(iter(data))}: "
+                              f"{exc.strerror or exc}; every file is as it was before",
+                              retryable=True) from None
         real = {path: path.resolve() if path.is_symlink() else path for path in self._tmp}
         kept: dict[Path, Path] = {}
         done: list[Path] = []
@@ -380,11 +381,27 @@ class Staged:
             raise ClientError(
                 f"cannot replace {failed or next(iter(real))}: {exc.strerror or exc}; every "
                 "file is as it was before (the new certificate was issued but not "
-                "installed: renew again once the file can be replaced)") from None
+                "installed: renew again once the file can be replaced)",
+                retryable=True) from None
         _fsync_dirs(real.values())
         for backup in kept.values():
             backup.unlink(missing_ok=True)
         self._tmp.clear()
+
+    def _write(self, path: Path, tmp: str, payload: bytes | str) -> None:
+        mode, uid, gid = _keep_or(path, *self.targets[path])
+        fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
+        try:
+            os.fchmod(fd, mode)
+            if uid != -1 and (uid, gid) != (os.geteuid(), os.getegid()):
+                try:
+                    os.fchown(fd, uid, gid)
+                except PermissionError:
+                    pass  # not root: the file becomes ours, as any editor would do
+            os.write(fd, payload.encode() if isinstance(payload, str) else payload)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def abort(self) -> None:
         for tmp in self._tmp.values():

@@ -395,3 +395,29 @@ def test_renew_replaces_all_files_or_none_and_mends_one_cut_short(daemon: Daemon
     assert "was interrupted between replacing its files" in proc.stderr
     assert _pair(cert, key) and key.read_bytes() == files[key]
     assert not list(cert.parent.glob(".*"))
+
+
+def test_a_hook_that_hangs_is_killed_and_said(daemon: Daemon, tmp_path: Path) -> None:
+    cert, key = enroll(daemon, tmp_path, "service", [NAME])
+    mark = tmp_path / "hook-child-ran"
+    proc = subprocess.run(
+        [*HSMCA, "renew", "--url", daemon.url, "--ca", daemon.root, "--cert", cert, "--key",
+         key, "--exec", f"sleep 600; touch {mark}", "--exec-timeout", "1s"],
+        capture_output=True, text=True, timeout=120)
+    msg = one_line_error(proc)
+    assert msg.startswith("hsmca: error: renewed, but --exec") and "-9" in msg, msg
+    assert proc.stdout.startswith("renewed: serial ")
+    assert not mark.exists()
+
+
+def test_renew_daemon_names_a_wrong_ca_or_a_revoked_certificate_at_start(
+        own_daemon: Daemon, tmp_path: Path) -> None:
+    d = own_daemon
+    cert, key = enroll(d, tmp_path, "service", [NAME])
+    other = other_ca(tmp_path)
+    base = ("renew", "--daemon", "--url", d.url, "--cert", cert, "--key", key)
+    msg = one_line_error(hsmca(*base, "--ca", other.root_pem, check=False))
+    assert "does not verify against --ca" in msg, msg
+    hsmca("revoke", "--config", d.state / "hsmca.toml", cert_serial(cert))
+    msg = one_line_error(hsmca(*base, "--ca", d.root, check=False))
+    assert "has been revoked" in msg, msg

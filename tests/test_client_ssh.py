@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 
 from ca.config import Policy
 from tests.conftest import Daemon, hsmca, init_ca, require, set_config, start_daemon
-from tests.helpers import Running, enroll, http
+from tests.helpers import Running, cert_serial, enroll, http
 from tests.ports import free_port
 
 
@@ -238,3 +238,36 @@ def test_ssh_host_renew_keeps_certificate_user_ca_and_krl_fresh(tmp_path: Path) 
             runner.stop()
         d.stop()
     assert json.dumps(runner.lines).count("Traceback") == 0
+
+
+def test_ssh_host_renew_keeps_the_krl_fresh_when_its_credential_no_longer_works(
+        own_daemon: Daemon, tmp_path: Path) -> None:
+    """A host whose X.509 credential the CA no longer takes (expired over a long
+    weekend; here revoked) still has a good SSH certificate: `--renew` starts, says why
+    it cannot renew, and keeps sshd's KRL coming, rather than failing every minute."""
+    d = own_daemon
+    cert, key = enroll(d, tmp_path, "host", ["localhost"])
+    (tmp_path / "keys").mkdir()
+    pub = keygen(tmp_path / "keys" / "ssh_host_ed25519_key")
+    args = ("ssh", "host", "--url", d.url, "--ca", d.root, "--cert", cert, "--key", key,
+            "--pubkey", pub)
+    hsmca(*args)
+    krl = tmp_path / "keys" / "hsmca.krl"
+    krl.unlink()
+    status, _, raw = asyncio.run(http("POST", f"{d.url}/v1/x509/revoke", d.admin_ssl(),
+                                      body={"serial": cert_serial(cert)}))
+    assert status == 200, raw
+    runner = Running.start(*args, "--renew", "--refresh", "1s")
+    try:
+        runner.wait("ssh.refresh.done")
+        assert krl.exists()
+        told = "".join(runner.raw)
+        assert "has been revoked" in told and "keeping the KRL and the user CA fresh" in told
+        # The KRL it fetched lists the host certificate, revoked with its credential.
+        query = subprocess.run([require("ssh-keygen"), "-Q", "-f", krl,
+                                tmp_path / "keys" / "ssh_host_ed25519_key-cert.pub"],
+                               capture_output=True, text=True)
+        assert "REVOKED" in query.stdout + query.stderr, query.stdout + query.stderr
+        assert runner.proc.poll() is None
+    finally:
+        runner.stop()

@@ -3,6 +3,7 @@ built for every command, `serve` included)."""
 
 from __future__ import annotations
 
+import argparse
 from urllib.parse import urlsplit
 
 
@@ -28,3 +29,18 @@ def check_url(url: str) -> str:
     if parts.query or parts.fragment or parts.username or parts.password:
         raise ValueError(f"{url}: give only https://HOST[:PORT][/PATH]")
     return text.rstrip("/")
+
+
+def duration(text: str) -> int:
+    """A duration flag like 90s, 5m, 1h or 2d, in seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    t = text.strip()
+    if len(t) < 2 or t[-1] not in units or not t[:-1].isdigit() or int(t[:-1]) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 5m or 1h")
+    return int(t[:-1]) * units[t[-1]]
+
+
+def exec_timeout_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--exec-timeout", type=duration, default=300, metavar="DURATION",
+                        help="kill --exec (and what it started) if it runs longer than this, "
+                        "so that a hung reload never stops renewals (default 5m)")

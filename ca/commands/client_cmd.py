@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ca.commands.args import exec_timeout_flag
 from ca.config import Config, load
 from ca.errors import CLIError
 
@@ -138,7 +139,8 @@ def renew(args: argparse.Namespace) -> int:
           f"{' (new key)' if args.rekey else ''}", flush=True)
     if args.exec:
         from ca.commands.renewal import run_hook
-        status = asyncio.run(run_hook(args.exec, _hook_env(args.cert, args.key)))
+        status = asyncio.run(run_hook(args.exec, _hook_env(args.cert, args.key),
+                                      timeout_s=args.exec_timeout))
         if status != 0:
             raise CLIError(f"renewed, but --exec {args.exec!r} exited with status {status}")
     return 0
@@ -157,7 +159,15 @@ def _renew_daemon(args: argparse.Namespace, url: str) -> int:
     from ca.commands.renewal import Job, now, renew_time, run_forever
 
     cert, key = args.cert, args.key
-    client.check_credential(cert, key)  # a first mistake fails at once, not in a log
+    # A first mistake fails at once, not in a log hours later: the credential, a wrong
+    # --ca or --url, a certificate the CA did not issue or has revoked. A CA that is
+    # away is said, and waited for.
+    try:
+        asyncio.run(client.check_standing(url, args.ca, cert, key))
+    except client.ClientError as exc:
+        if not exc.retryable:
+            raise
+        _warn(f"{exc}; renewing when due all the same")
     schedule: dict[int, dt.datetime] = {}
 
     def current() -> Any:
@@ -186,7 +196,7 @@ def _renew_daemon(args: argparse.Namespace, url: str) -> int:
             return None
 
     job = Job("renew", due, run, remaining_s, hook=args.exec,
-              hook_env=lambda: _hook_env(cert, key))
+              hook_env=lambda: _hook_env(cert, key), hook_timeout_s=args.exec_timeout)
     return run_forever([job], command="renew", cert=str(cert.absolute()))
 
 
@@ -362,6 +372,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     r.add_argument("--exec", metavar="CMD",
                    help="shell command to run after each renewal, e.g. 'systemctl reload "
                    "nginx'; it gets HSMCA_CERT, HSMCA_KEY, HSMCA_SERIAL and HSMCA_NOT_AFTER")
+    exec_timeout_flag(r)
     r.set_defaults(command_key="renew")
 
     v = sub.add_parser("revoke", help="revoke a certificate (admin, or your own)",

@@ -9,6 +9,7 @@ while the CA is away, and logs every step as one JSON line on stderr.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import os
 import random
@@ -72,18 +73,36 @@ class Job:
     remaining_s: Callable[[], float | None]
     hook: str | None = None                       # shell command after each success
     hook_env: Callable[[], dict[str, str]] | None = None
+    hook_timeout_s: float = 300.0                 # a hook that hangs must not stop renewals
+    # A failure retrying cannot fix ends the process, unless the other jobs must go on
+    # without this one (an SSH host's KRL while its X.509 credential is expired): then it
+    # is said every STUCK_RETRY_S, and tried again then, in case a person fixed it.
+    keeps_going: bool = False
+
+
+STUCK_RETRY_S = 600.0
 
 
 async def run_hook(command: str, env: dict[str, str], log: Any = None,
-                   event: str = "renew") -> int:
+                   event: str = "renew", timeout_s: float | None = None) -> int:
     """Run `command` with /bin/sh (so that `a && b` works as an operator expects) and log
-    its exit status; its own output goes where ours goes (the journal, under systemd)."""
+    its exit status; its own output goes where ours goes (the journal, under systemd).
+    One still running after `timeout_s` is killed, with whatever it started (its own
+    process group), and counts as failed (status -9)."""
     if log is not None:
         log.info(f"{event}.hook", command=command)
     proc = await asyncio.create_subprocess_exec(
         "/bin/sh", "-c", command, env={**os.environ, **env},
-        stdin=asyncio.subprocess.DEVNULL)
-    status = await proc.wait()
+        stdin=asyncio.subprocess.DEVNULL, start_new_session=True)
+    try:
+        status = await asyncio.wait_for(proc.wait(), timeout_s)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        status = await proc.wait()
+        if log is not None:
+            log.error(f"{event}.hook.timeout", command=command, after_s=timeout_s)
+        return status
     if log is None:
         pass
     elif status == 0:
@@ -110,7 +129,12 @@ async def keep(job: Job, log: Any) -> None:
             except ClientError as exc:
                 if not exc.retryable:
                     log.error(f"{job.event}.failed", error=str(exc))
-                    raise
+                    if not job.keeps_going:
+                        raise
+                    log.error(f"{job.event}.stuck", retry_in_s=STUCK_RETRY_S,
+                              detail="the other jobs go on; this one is tried again then")
+                    await asyncio.sleep(STUCK_RETRY_S)  # periodic: a person may fix it
+                    continue
                 delay = backoff_s(attempt, job.remaining_s())
                 attempt += 1
                 log.warning(f"{job.event}.retry", attempt=attempt, retry_in_s=round(delay, 1),
@@ -121,7 +145,8 @@ async def keep(job: Job, log: Any) -> None:
                 raise
         log.info(f"{job.event}.done", **fields)
         if job.hook:
-            await run_hook(job.hook, job.hook_env() if job.hook_env else {}, log, job.event)
+            await run_hook(job.hook, job.hook_env() if job.hook_env else {}, log, job.event,
+                           job.hook_timeout_s)
 
 
 def run_forever(jobs: list[Job], **context: Any) -> int:

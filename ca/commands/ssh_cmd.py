@@ -293,7 +293,19 @@ def host(args: argparse.Namespace) -> int:
     _check_host_paths(f)
     if args.exec and not args.renew:
         raise CLIError("--exec runs after each renewal: it needs --renew")
-    out = asyncio.run(_host_once(args, f))
+    from ca.client import ClientError
+    try:
+        out = asyncio.run(_host_once(args, f))
+    except ClientError as exc:
+        # --renew on a host whose X.509 credential expired (off for a weekend): its SSH
+        # certificate may still be good for weeks, and sshd must keep getting the KRL.
+        valid_before = _ssh_cert_times(f.cert)[1] if args.renew and f.cert.exists() else None
+        if valid_before is None or valid_before <= dt.datetime.now(dt.UTC):
+            raise
+        print(f"hsmca: warning: {exc}; {f.cert} is valid until {valid_before.isoformat()}: "
+              "keeping the KRL and the user CA fresh, and trying the certificate again "
+              "every 10 minutes", file=sys.stderr, flush=True)
+        return _keep_host_fresh(args, f, refresh_now=True)
     wrote = [f.cert, f.user_ca, f.krl] + ([f.drop_in] if f.drop_in else [])
     print(f"wrote {', '.join(map(str, wrote))} (serial {out['serial']}).")
     if f.drop_in is not None:
@@ -308,14 +320,15 @@ def host(args: argparse.Namespace) -> int:
     return 0
 
 
-def _keep_host_fresh(args: argparse.Namespace, f: HostFiles) -> int:
+def _keep_host_fresh(args: argparse.Namespace, f: HostFiles, refresh_now: bool = False
+                     ) -> int:
     """--renew: the host certificate at two thirds of its lifetime; the user CA and the
     KRL every --refresh (sshd reads both at each login, so no reload is needed for
     them; --exec runs after a new host certificate, which sshd loads on reload)."""
     from ca import client
     from ca.commands.renewal import Job, now, renew_time, run_forever
     schedule: dict[tuple[dt.datetime, dt.datetime], dt.datetime] = {}
-    next_refresh = [now() + dt.timedelta(seconds=args.refresh)]
+    next_refresh = [now() + dt.timedelta(seconds=0 if refresh_now else args.refresh)]
 
     def cert_due() -> dt.datetime:
         span = _ssh_cert_times(f.cert)
@@ -337,21 +350,17 @@ def _keep_host_fresh(args: argparse.Namespace, f: HostFiles) -> int:
         next_refresh[0] = now() + dt.timedelta(seconds=args.refresh)
         return {"changed": changed}
 
+    # The host certificate's job keeps going when it cannot renew (an expired X.509
+    # credential needs a person): the KRL and the user CA must still come.
     jobs = [Job("ssh.host.renew", cert_due, renew_cert, cert_left, hook=args.exec,
-                hook_env=lambda: {"HSMCA_SSH_CERT": str(f.cert)}),
+                hook_env=lambda: {"HSMCA_SSH_CERT": str(f.cert)},
+                hook_timeout_s=args.exec_timeout, keeps_going=True),
             Job("ssh.refresh", lambda: next_refresh[0], refresh, lambda: None)]
     return run_forever(jobs, command="ssh host", cert=str(f.cert))
 
 
-def _duration(text: str) -> int:
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    t = text.strip()
-    if len(t) < 2 or t[-1] not in units or not t[:-1].isdigit() or int(t[:-1]) == 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 5m or 1h")
-    return int(t[:-1]) * units[t[-1]]
-
-
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from ca.commands.args import duration, exec_timeout_flag
     from ca.commands.client_cmd import admin_flags, credential_flags
     s = sub.add_parser("ssh", help="SSH host and user certificates")
     ssub = s.add_subparsers(dest="ssh_command", metavar="SUBCOMMAND", required=True)
@@ -381,12 +390,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     h.add_argument("--renew", action="store_true",
                    help="keep running: renew the host certificate at two thirds of its "
                    "lifetime and refresh the user CA key and the KRL every --refresh")
-    h.add_argument("--refresh", type=_duration, default=300, metavar="DURATION",
+    h.add_argument("--refresh", type=duration, default=300, metavar="DURATION",
                    help="with --renew: how often to fetch the KRL and the user CA key "
                    "(default 5m)")
     h.add_argument("--exec", metavar="CMD",
                    help="with --renew: shell command after each new host certificate, e.g. "
                    "'systemctl reload ssh'")
+    exec_timeout_flag(h)
     h.set_defaults(command_key="ssh-host")
     u = ssub.add_parser("user", help="get a short-lived SSH user certificate (role user)",
                         description="Get an SSH user certificate for the key in --pubkey, "
