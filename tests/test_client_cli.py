@@ -138,6 +138,10 @@ def test_url_and_ca_mistakes_are_one_clear_line(daemon: Daemon, tmp_path: Path) 
     msg = one_line_error(hsmca("enroll", "--url", bare, "--token-file", token, "--name", NAME,
                                "--out", tmp_path / "o", check=False), code=2)
     assert f"has no scheme; write https://{bare}" in msg
+    msg = one_line_error(hsmca("enroll", "--url", "https://127.0.0.1:99999", "--token-file",
+                               token, "--name", NAME, "--out", tmp_path / "o", check=False),
+                         code=2)
+    assert "the port 99999 is not between 1 and 65535" in msg
 
     missing = tmp_path / "nowhere" / "root.pem"
     msg = one_line_error(hsmca("enroll", "--url", daemon.url, "--ca", missing, "--token-file",

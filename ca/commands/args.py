@@ -21,9 +21,11 @@ def check_url(url: str) -> str:
     if parts.scheme.lower() != "https":
         raise ValueError(f"{url}: the scheme must be https, not {parts.scheme!r}")
     try:
-        parts.port  # noqa: B018 - raises on a port that is not a number
+        parts.port  # noqa: B018 - raises on a port that is not a number, or out of range
     except ValueError:
-        raise ValueError(f"{url}: the port is not a number") from None
+        port = parts.netloc.rpartition(":")[2]
+        raise ValueError(f"{url}: the port {port} is not between 1 and 65535" if port.isdigit()
+                         else f"{url}: the port is not a number") from None
     if not parts.hostname:
         raise ValueError(f"{url} names no host")
     if parts.query or parts.fragment or parts.username or parts.password:

@@ -161,8 +161,12 @@ def user(args: argparse.Namespace) -> int:
 
     issued, lifetime = asyncio.run(go())
     until = dt.datetime.fromtimestamp(int(issued["valid_before"]), dt.UTC).isoformat()
-    print(f"wrote {cert} (serial {issued['serial']}, valid until {until}); ssh uses it "
-          "automatically with its key")
+    # ssh finds NAME-cert.pub beside the key it tries, but tries only its default key
+    # names (id_ed25519, ...) unless told: say which case this is.
+    private = _private_path(args.pubkey)
+    how = ("ssh uses it automatically with its key" if private.name in _DEFAULT_KEYS else
+           f"use it with: ssh -i {private} (ssh finds the certificate beside the key)")
+    print(f"wrote {cert} (serial {issued['serial']}, valid until {until}); {how}")
     if lifetime is not None:
         print(f"added {_private_path(args.pubkey)} and its certificate to ssh-agent for "
               f"{lifetime} s (until the certificate expires)")
@@ -314,10 +318,27 @@ def host(args: argparse.Namespace) -> int:
     else:
         print("Add to sshd_config:")
     print("".join(f"  {line}\n" for line in f.sshd_lines().splitlines()), end="")
-    print(f"and to clients' known_hosts:\n  @cert-authority * {out['host_ca']}", flush=True)
+    print(f"and to clients' known_hosts (the host CA vouches only for the names it "
+          f"certifies, but a pattern as narrow as your hosts' keeps it so):\n"
+          f"  @cert-authority {_known_hosts_pattern(f.cert)} {out['host_ca']}", flush=True)
     if args.renew:
         return _keep_host_fresh(args, f)
     return 0
+
+
+# The keys ssh tries without -i or IdentityFile (ssh(1), -i).
+_DEFAULT_KEYS = frozenset({"id_rsa", "id_ecdsa", "id_ecdsa_sk", "id_ed25519", "id_ed25519_sk",
+                           "id_dsa", "id_xmss"})
+
+
+def _known_hosts_pattern(cert_path: Path) -> str:
+    """The known_hosts pattern for the host CA from this host's names: *.example.com
+    for web1.example.com, the name itself for a single-label one (localhost)."""
+    from cryptography.hazmat.primitives import serialization
+    cert = serialization.load_ssh_public_identity(cert_path.read_bytes())
+    names = [p.decode() for p in getattr(cert, "valid_principals", [])]
+    return ",".join(sorted({f"*.{n.split('.', 1)[1]}" if "." in n else n for n in names})) \
+        or "*"
 
 
 def _keep_host_fresh(args: argparse.Namespace, f: HostFiles, refresh_now: bool = False
@@ -421,8 +442,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     which.add_argument("--serial", type=int, metavar="N",
                        help="the certificate's serial (decimal, as ssh-keygen -L prints it)")
     which.add_argument("--key-id", metavar="ID",
-                       help="its key id (<identity>:<serial of the X.509 certificate>, as "
-                       "ssh-keygen -L and sshd's log print it)")
+                       help="its key id (<identity>:<its serial>, as ssh-keygen -L and "
+                       "sshd's log print it)")
     which.add_argument("--pubkey", type=Path, metavar="FILE",
                        help="an SSH public key: every certificate for it, and any later one")
     admin_flags(v)
