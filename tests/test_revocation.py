@@ -7,10 +7,12 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import socket
 import ssl
 import struct
 import subprocess
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +126,10 @@ async def test_anonymous_ocsp_costs_no_signature_and_no_audit_line(
     assert resp.response_status == ocsp.OCSPResponseStatus.SUCCESSFUL
     max_age = int(headers["Cache-Control"].split("max-age=")[1].split(",")[0])
     assert 0 < max_age <= 3600
+    # RFC 5019 6.2: the response's own times, and a tag to ask again with.
+    assert parsedate_to_datetime(headers["Last-Modified"]) == resp.this_update_utc
+    assert parsedate_to_datetime(headers["Expires"]) == resp.next_update_utc
+    assert re.fullmatch(r'"[0-9a-f]{32}"', headers["ETag"]), headers["ETag"]
 
 
 # ---- revocation reaches the lineage and SSH ---------------------------------------------

@@ -53,6 +53,8 @@ class Answer:
     der: bytes
     max_age: int = 0  # seconds a cache may keep it (0: no-cache)
     status: str = "successful"
+    this_update: dt.datetime | None = None  # a signed response's, for caches (RFC 5019 6.2)
+    next_update: dt.datetime | None = None
 
 
 def _unsigned(status: ocsp.OCSPResponseStatus) -> Answer:
@@ -217,7 +219,9 @@ async def answer(request_der: bytes, store: Store, issuers: Issuers) -> Answer:
         if not _same_cert_id(ocsp.load_der_ocsp_response(der), req):
             return _unsigned(ocsp.OCSPResponseStatus.UNAUTHORIZED)  # another issuer's
         left = (dt.datetime.fromisoformat(stored.next_update) - now).total_seconds()
-        return Answer(der, max(0, min(MAX_AGE_S, int(left))))
+        return Answer(der, max(0, min(MAX_AGE_S, int(left))), "successful",
+                      dt.datetime.fromisoformat(stored.this_update),
+                      dt.datetime.fromisoformat(stored.next_update))
     cert = await store.cert(serial)
     if cert is None or dt.datetime.fromisoformat(cert.not_after) <= now:
         return _unsigned(ocsp.OCSPResponseStatus.UNAUTHORIZED)

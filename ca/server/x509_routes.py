@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime as dt
+import email.utils
+import hashlib
 import re
 from typing import Any
 
@@ -219,8 +222,19 @@ async def issuer_crl(request: web.Request) -> web.Response:
 def _ocsp_response(answer: ocsp.Answer) -> web.Response:
     cache = f"max-age={answer.max_age}, public, no-transform, must-revalidate" \
         if answer.max_age else "no-cache"
+    headers = {"Cache-Control": cache}
+    if answer.this_update is not None and answer.next_update is not None:
+        # RFC 5019 6.2: what a cache needs to keep a response and to ask again cheaply.
+        headers.update({
+            "Last-Modified": http_date(answer.this_update),
+            "Expires": http_date(answer.next_update),
+            "ETag": f'"{hashlib.sha256(answer.der).hexdigest()[:32]}"'})
     return web.Response(body=answer.der, content_type="application/ocsp-response",
-                        headers={"Cache-Control": cache})
+                        headers=headers)
+
+
+def http_date(when: dt.datetime) -> str:
+    return email.utils.format_datetime(when.astimezone(dt.UTC), usegmt=True)
 
 
 @routes.post("/v1/x509/ocsp")
