@@ -583,6 +583,7 @@ def _renew(ctx: Context, who: Requester, req: RenewRequest) -> X509Order:
                       "or admin", Reason.WRONG_ROLE)
     if req.csr is not None:
         policy.check_csr(req.csr)
+        _same_names(req.csr, who.names)
         subject = subject_key(req.csr.public_key())
     else:
         subject = presented_subject_key(who.der)
@@ -592,6 +593,18 @@ def _renew(ctx: Context, who: Requester, req: RenewRequest) -> X509Order:
     names = tuple(policy.classify(n, ctx.policy.allow_wildcards) for n in who.names)
     return _x509(ctx, who, role=who.role, names=names, principals=who.principals,
                  subject=subject, lifetime=_lifetime(ctx, req.ttl), renewed_from=who.serial)
+
+
+def _same_names(csr: x509.CertificateSigningRequest, names: tuple[str, ...]) -> None:
+    """A re-key's CSR asks for the certificate's own names or none (RFC 7030 4.2.2: the
+    renewed certificate's SAN): one asking for others is refused rather than quietly
+    given the old ones. Its subject is not read: a certificate's subject comes from its
+    names here, as at enrollment."""
+    asked = policy.csr_names(csr)
+    if asked and {n.lower() for n in asked} != {n.lower() for n in names}:
+        raise Refused(f"the CSR names {', '.join(asked)[:300]}, but a renewal keeps the "
+                      f"certificate's names ({', '.join(names)[:300]}): leave names out of "
+                      "the CSR, or enroll with a token for other names", Reason.BAD_CSR)
 
 
 def _principals(asked: object, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:

@@ -224,6 +224,16 @@ def test_renewal_keeps_the_presented_key_unless_a_csr_brings_a_new_one() -> None
     assert isinstance(order, ra.X509Order) and order.subject.public_key == new.public_key()
 
 
+def test_a_rekey_csr_names_the_certificates_names_or_none() -> None:
+    svc = holder("service", ("svc.example", "10.0.0.7"))
+    for names in (("svc.example", "10.0.0.7"), ("10.0.0.7", "SVC.example"), ()):
+        assert isinstance(ra.decide(context(), svc, ra.RenewRequest(csr(*names))),
+                          ra.X509Order), names
+    refused(ra.decide(context(), svc, ra.RenewRequest(csr("svc.example", "more.example"))),
+            Reason.BAD_CSR, "a renewal keeps the certificate's names (svc.example, 10.0.0.7)")
+    refused(ra.decide(context(), svc, ra.RenewRequest(csr("svc.example"))), Reason.BAD_CSR)
+
+
 def test_lifetime_caps_apply_now() -> None:
     svc = holder("service", ("svc.example",))
     pol = Policy(x509_max_ttl_s=3600, x509_default_ttl_s=86400)

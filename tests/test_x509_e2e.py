@@ -87,13 +87,26 @@ async def test_enroll_renew_rekey_with_the_cli(daemon: Daemon, tmp_path: Path) -
 
 
 async def test_renewal_never_widens_names(daemon: Daemon, tmp_path: Path) -> None:
+    """A re-key's CSR that asks for more (or other) names is refused, saying so, rather
+    than answered with a certificate for fewer names than it asked (RFC 7030 4.2.2)."""
     ctx = daemon.ssl(*enroll(daemon, tmp_path, "service", ["narrow.internal.example"]))
     status, _, raw = await http("POST", f"{daemon.url}/v1/x509/renew", ctx, body={
         "csr": csr_pem(["narrow.internal.example", "wide.example.com"])})
-    assert status == 201
-    cert = x509.load_pem_x509_certificate(json.loads(raw)["certificate"].encode())
-    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert names.get_values_for_type(x509.DNSName) == ["narrow.internal.example"]
+    problem = json.loads(raw)
+    assert status == 400 and problem["type"].endswith("/bad-csr"), raw
+    assert "a renewal keeps the certificate's names (narrow.internal.example)" in \
+        problem["detail"]
+    # The same names, or none (a bare key, as some EST clients send), re-key as before.
+    bare = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(
+        ec.generate_private_key(ec.SECP256R1()), hashes.SHA256())
+    for csr in (csr_pem(["narrow.internal.example"]),
+                bare.public_bytes(serialization.Encoding.PEM).decode()):
+        status, _, raw = await http("POST", f"{daemon.url}/v1/x509/renew", ctx, body={
+            "csr": csr})
+        assert status == 201, raw
+        cert = x509.load_pem_x509_certificate(json.loads(raw)["certificate"].encode())
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert sans.get_values_for_type(x509.DNSName) == ["narrow.internal.example"]
 
 
 async def test_revocation_shows_in_crl_and_ocsp_and_blocks_the_cert(own_daemon: Daemon,
