@@ -382,6 +382,8 @@ async def test_bad_request_gets_a_problem(served: Served, case: Case) -> None:
         assert problem["status"] == r.status
         if r.status == 405:  # which methods do work (RFC 9110 15.5.6)
             assert case.method not in r.headers.get("Allow", case.method), r.headers
+        if case.kind == "bad-token":  # which scheme would do (RFC 9110 11.6.1)
+            assert r.headers.get("WWW-Authenticate") == 'Bearer realm="hsmca"', r.headers
         assert problem["detail"] and "Traceback" not in problem["detail"]
     async with aiohttp.ClientSession() as s, s.get(d.url + "/health", ssl=ctx) as r:
         assert r.status == 200, "the daemon is unhealthy after: " + case.what

@@ -32,10 +32,12 @@ def problem(status: int, title: str, detail: str, kind: str | None = None,
 class Problem(web.HTTPException):
     """Raise from a handler to answer with a problem+json."""
 
-    def __init__(self, status: int, title: str, detail: str, kind: str | None = None) -> None:
+    def __init__(self, status: int, title: str, detail: str, kind: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         self.status_code = status
         super().__init__(reason=title)
         self.title, self.detail, self.kind = title, detail, kind
+        self.extra = headers
 
 
 TITLES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
@@ -52,7 +54,7 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     try:
         return await handler(request)
     except Problem as p:
-        return problem(p.status_code, p.title, p.detail, p.kind)
+        return problem(p.status_code, p.title, p.detail, p.kind, p.extra)
     except Refused as r:
         status = r.reason.status
         return problem(status, TITLES.get(status, "Refused"), r.detail, r.reason.type)

@@ -76,7 +76,9 @@ async def _token_failed(request: web.Request, why: str, detail: str) -> Problem:
     if wait:
         return Problem(429, "Too Many Requests", f"too many failed bootstrap-token attempts "
                        f"from {client}; retry in {wait} s", "rate-limited")
-    return Problem(401, "Unauthorized", detail, "bad-token")
+    # RFC 9110 11.6.1: a 401 names the scheme that would do (RFC 6750's Bearer).
+    return Problem(401, "Unauthorized", detail, "bad-token",
+                   {"WWW-Authenticate": 'Bearer realm="hsmca"'})
 
 
 async def _bearer(request: web.Request) -> tuple[ra.TokenHolder, Any]:
