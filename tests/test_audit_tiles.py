@@ -16,6 +16,7 @@ import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from ca.audit.log import AuditLog, AuditLogError
@@ -365,6 +366,13 @@ async def test_tiles_over_http_match_the_lines_and_prove_inclusion(tmp_path: Pat
         status, _, bundle0 = await get(d, "/v1/audit/tile/entries/000", auditor)
         assert status == 200
         assert bundle0 == b"".join(len(line).to_bytes(2, "big") + line for line in lines[:256])
+        # Kept a year by caches, compressed when asked: cached apart by encoding.
+        async with aiohttp.ClientSession() as s, s.get(
+                f"{d.url}/v1/audit/tile/entries/000", ssl=d.ssl(*auditor),
+                headers={"Accept-Encoding": "gzip"}) as r:
+            assert r.headers.get("Content-Encoding") == "gzip"
+            assert r.headers.get("Vary") == "Accept-Encoding", r.headers
+            assert await r.read() == bundle0
         for path_ in ("/v1/audit/tile/0/000", "/v1/audit/tile/entries/000"):
             assert (await get(d, path_))[0] == 401
             assert (await get(d, path_, svc))[0] == 403

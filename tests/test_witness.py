@@ -142,7 +142,11 @@ def test_witness_answers_as_c2sp_says_and_keeps_its_state(tmp_path: Path) -> Non
                                    other.public_key(), other.sign)
         assert w.add(0, [], stranger)[0] == 404
         assert w.state == {origin: 10}  # nothing refused moved it
-        assert len(w.run.events("refused")) == 4  # 409 root, 422 twice, 403: evidence
+        # 409 root, 422 twice: evidence, with the checkpoint; the 403 (signed by another
+        # key: anyone could send it) is no evidence, and its body is not logged.
+        assert len(w.run.events("refused")) == 3
+        stranger_said = w.run.wait("not signed by the log's key")
+        assert "checkpoint" not in stranger_said and stranger_said["origin"] == origin
 
         status, _, body = w.add(10, proof(10, lines[:20]), cp(lines, 20))
         assert status == 200 and cosignatures_by(cp(lines, 20) + body, w.name, w.pub)

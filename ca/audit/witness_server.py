@@ -21,8 +21,9 @@ The first checkpoint of a log is trusted on first use. Checking a request agains
 the held checkpoint and recording the new one happen with no await between them,
 on the one event loop, so two requests cannot both extend the same checkpoint
 (C2SP's rollback race); the state file is replaced atomically and flushed before
-the answer. A refusal is logged (event ``refused``) with the checkpoint: it is
-evidence that the log misbehaved.
+the answer. A refusal of a checkpoint the log signed is logged (event ``refused``)
+with the checkpoint: it is evidence that the log misbehaved. One the log did not sign
+is no evidence (anyone can send it): one short line, without the body.
 """
 
 from __future__ import annotations
@@ -156,7 +157,11 @@ class Witness:
         try:
             cp = verify_checkpoint(note, key.name, key.public_key, origin)
         except NoteError as exc:
-            return self._refuse(403, origin, None, note, str(exc))
+            # Not the log's word, so no evidence against it: anyone may send this. Said
+            # in one line without the body, which a stranger could make as big as a
+            # request may be, to fill this witness's log.
+            log.warning("not signed by the log's key", origin=origin, reason=str(exc)[:200])
+            return Answer(403, f"{exc}\n")
         if old > cp.size:
             return Answer(400, f"old size {old} is above the checkpoint's {cp.size}\n")
         held = self.state.logs.get(origin)

@@ -130,6 +130,8 @@ async def tile(request: web.Request) -> web.Response:
                             headers=_IMMUTABLE)
     if level is None:
         response.enable_compression()  # C2SP: bundles SHOULD be compressed (gzip if asked)
+        # Cached for a year, gzip'd or not: a shared cache must key on the encoding.
+        response.headers["Vary"] = "Accept-Encoding"
     return response
 
 
