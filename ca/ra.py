@@ -736,6 +736,11 @@ def _crl(ctx: Context, who: Requester, req: CRLRequest) -> CRLOrder:
     if not isinstance(who, Local):
         raise Refused("CRLs are signed by the CA itself", Reason.WRONG_ROLE)
     issuer = req.issuer or ctx.issuers.x509_issuer()
+    # An issuing CA that still signs, for what it issued; or the root, for the CA
+    # certificates it issued (an empty list: issuing CAs end by retiring).
+    if issuer != ctx.issuers.root_issuer() and ctx.issuers.x509_signs_for(issuer) != issuer:
+        raise Refused(f"no CRL of an issuer {issuer!r}: it signs nothing now",
+                      Reason.NOT_FOUND)
     return CRLOrder(issuer, ctx.now, ctx.now + CRL_VALIDITY, who.actor)
 
 

@@ -31,6 +31,9 @@ class Directory:
     def ssh_issuer(self, cert_type: str) -> str:
         return f"ssh-{cert_type}-ca"
 
+    def root_issuer(self) -> str:
+        return "root-ca"
+
     def x509_signs_for(self, issuer: str | None) -> str | None:
         # "issuing-ca" and an older "issuing-ca-1" still sign; "issuing-ca-0" is retired.
         return {None: "issuing-ca", "issuing-ca": "issuing-ca",
@@ -360,6 +363,10 @@ def test_crls_are_ordered_by_the_ca_itself() -> None:
     assert isinstance(order, ra.CRLOrder) and order.issuer == "issuing-ca"
     assert order.next_update - order.this_update == ra.CRL_VALIDITY
     refused(ra.decide(context(), admin(), ra.CRLRequest()), Reason.WRONG_ROLE)
+    # The root signs one for the CA certificates it issued; a retired issuer, none.
+    order = ra.decide(context(), ra.Local(), ra.CRLRequest("root-ca"))
+    assert isinstance(order, ra.CRLOrder) and order.issuer == "root-ca"
+    refused(ra.decide(context(), ra.Local(), ra.CRLRequest("issuing-ca-0")), Reason.NOT_FOUND)
 
 
 def test_ocsp_responses_are_ordered_by_the_ca_itself_from_the_issuer_that_still_signs(

@@ -198,6 +198,19 @@ async def test_key_compromise_revokes_the_lineage_and_its_ssh_certificates(
             x509.ReasonFlags.key_compromise)
     assert crl.get_revoked_certificate_by_serial_number(load(bob[0]).serial_number) is None
     await signed(d, load(b[0]), ocsp.OCSPCertStatus.REVOKED)
+    # Whoever checks every link of the chain (openssl -crl_check_all) finds the root's
+    # CRL too, signed by the root: the issuing CA is not revoked, the leaf is.
+    root = x509.load_pem_x509_certificate(d.root.read_bytes())
+    root_crl = x509.load_der_x509_crl(_fetch(d, "/v1/x509/crl/root-ca"))
+    assert root_crl.issuer == root.subject and root_crl.is_signature_valid(root.public_key())
+    crls = tmp_path / "crls.pem"
+    crls.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM)
+                              for c in (crl, root_crl)))
+    for cred, said in ((bob, ": OK"), (a, "certificate revoked")):
+        proc = subprocess.run([require("openssl"), "verify", "-crl_check_all", "-CAfile", d.root,
+                               "-untrusted", d.state / "x509/issuing.pem", "-CRLfile", crls,
+                               cred[0]], capture_output=True, text=True)
+        assert said in proc.stdout + proc.stderr, proc.stdout + proc.stderr
     assert krl_says(d, tmp_path, ssh_a) == "REVOKED"
     assert krl_says(d, tmp_path, ssh_b) == "REVOKED"
     assert krl_says(d, tmp_path, ssh_bob) == "ok"

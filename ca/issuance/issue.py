@@ -219,7 +219,8 @@ class Issuance:
                   revoked: Sequence[tuple[int, dt.datetime, str | None]],
                   request_id: str | None = None) -> x509.CertificateRevocationList:
         """A CRL of `order.issuer` listing `revoked` (serial, time, reason name)."""
-        issuer = self.issuers.x509[order.issuer]
+        issuer = self.issuers.crl_signer(order.issuer)
+        assert issuer is not None, order.issuer  # the RA names only an issuer that signs
         b = (x509.CertificateRevocationListBuilder().issuer_name(issuer.cert.subject)
              .last_update(order.this_update).next_update(order.next_update)
              .add_extension(x509.CRLNumber(number), critical=False)

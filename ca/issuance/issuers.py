@@ -111,6 +111,17 @@ class Issuers:
     def root_issuer(self) -> str:
         return self.root_key.label
 
+    def crl_signer(self, label: str) -> X509Issuer | None:
+        """Who signs the CRL named `label`: an issuing CA that still signs, or the root
+        (its CRL lists the CA certificates it revoked: none, as an issuing CA ends by
+        retiring; relying parties that check every link of the chain need it all the
+        same)."""
+        if label in self.x509:
+            return self.x509[label]
+        if label == self.root_key.label:
+            return X509Issuer(label, self.root_key, self.root, self.root)
+        return None
+
     @property
     def current(self) -> X509Issuer:
         return self.x509[self.current_x509]

@@ -149,7 +149,7 @@ class Revocations:
         as it is."""
         issuers = await self.issuance.keys.refresh()
         label = issuer or issuers.current_x509
-        if label not in issuers.x509:
+        if issuers.crl_signer(label) is None:
             latest = await self.store.latest_crl(label) if label in issuers.past else None
             if latest is None:
                 raise Refused(f"no CRL of an issuer {label!r}", Reason.NOT_FOUND)
