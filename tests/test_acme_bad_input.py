@@ -503,6 +503,39 @@ def certificate_read_with_a_payload(w: World) -> Reply:
     return w.a.post(f"{w.ca.url}/acme/cert/{w.cert.serial_number:x}", {})
 
 
+def _order_replacing(c: Client, name: str, replaces: str) -> Reply:
+    return c.post(c.dir["newOrder"], {"identifiers": [{"type": "dns", "value": name}],
+                                      "replaces": replaces})
+
+
+@case(400, "malformed")
+def replaces_something_not_a_cert_id(w: World) -> Reply:
+    return _order_replacing(w.a, "acme3.test", "garbage")
+
+
+@case(400, "malformed")
+def replaces_no_certificate(w: World) -> Reply:
+    aki, _ = cert_id(w.cert).split(".")
+    return _order_replacing(w.a, "acme3.test", f"{aki}.{b64(bytes([1, 2, 3]))}")
+
+
+@case(403, "unauthorized")
+def replaces_another_accounts_certificate(w: World) -> Reply:
+    return _order_replacing(w.b, "acme3.test", cert_id(w.cert))
+
+
+@case(400, "malformed")
+def replaces_a_certificate_for_other_names(w: World) -> Reply:
+    return _order_replacing(w.a, "acme1.test", cert_id(w.cert))
+
+
+@case(409, "alreadyReplaced")
+def replaces_what_another_order_replaces(w: World) -> Reply:
+    first = _order_replacing(w.a, "acme3.test", cert_id(w.cert))
+    assert first.status == 201 and first.json["replaces"] == cert_id(w.cert), first.body
+    return _order_replacing(w.a, "acme3.test", cert_id(w.cert))
+
+
 @case(400, "malformed")
 def order_as_post_as_get(w: World) -> Reply:
     return w.a.post(url(w, "newOrder"), None)

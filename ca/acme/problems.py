@@ -11,6 +11,8 @@ from acme import messages
 from ca.policy import Reason
 
 PREFIX = messages.ERROR_PREFIX  # urn:ietf:params:acme:error:
+# RFC 8555's types (as certbot's acme knows them) and RFC 9773's.
+KINDS = frozenset(messages.ERROR_CODES) | {"alreadyReplaced"}
 
 
 class AcmeProblem(Exception):
@@ -19,7 +21,7 @@ class AcmeProblem(Exception):
     def __init__(self, kind: str, detail: str, status: int = 400,
                  headers: dict[str, str] | None = None,
                  members: dict[str, object] | None = None) -> None:
-        assert kind in messages.ERROR_CODES, kind
+        assert kind in KINDS, kind
         super().__init__(detail)
         self.kind, self.detail, self.status = kind, detail, status
         self.headers = headers or {}

@@ -36,7 +36,15 @@ from ca.policy import PARSE_ERRORS, Refused
 from ca.server.common import AUDIT, ISSUANCE, REVOCATIONS, STORE, decide, identity
 from ca.server.common import json_body as admin_json_body
 from ca.server.problems import NOT_UNICODE
-from ca.store import AcmeAccount, AcmeAuthz, AcmeChallenge, AcmeEAB, AcmeOrder, Store
+from ca.store import (
+    AcmeAccount,
+    AcmeAuthz,
+    AcmeChallenge,
+    AcmeEAB,
+    AcmeOrder,
+    CertRecord,
+    Store,
+)
 from ca.store.errors import StoreUnavailable
 from ca.subject import spki_sha256
 from hsm.errors import AuditUnavailable, HSMUnavailable
@@ -394,6 +402,8 @@ def _order_obj(request: web.Request, order: AcmeOrder) -> dict[str, Any]:
         out["certificate"] = url_of(request, f"cert/{order.cert_serial}")
     if order.error:
         out["error"] = json.loads(order.error)
+    if order.replaces:
+        out["replaces"] = order.replaces
     return out
 
 
@@ -430,6 +440,8 @@ async def new_order(request: web.Request) -> web.Response:
     dns01 = server.cfg.resolver is not None
     grant: ra.AcmeOrderGrant = await decide(request, _holder(v.account), ra.AcmeOrderRequest(
         body.get("identifiers"), dns01_available=dns01))
+    replaces = await _replaced(request, v.account, body["replaces"], grant.names) \
+        if "replaces" in body else None
     await _rate(request, "new-order", v.account.id, server.cfg.orders_per_hour, take=True)
     now = utcnow()
     expires = (now + ORDER_LIFETIME).isoformat()
@@ -445,9 +457,40 @@ async def new_order(request: web.Request) -> web.Response:
             AcmeChallenge(_new_id(), authz_id, k, secrets.token_urlsafe(32), "pending")
             for k in kinds)))
     order = AcmeOrder(order_id, v.account.id, "pending", grant.names, expires, now.isoformat(),
-                      tuple(a.id for a in authzs))
-    await server.store.add_acme_order(order, authzs)
+                      tuple(a.id for a in authzs), replaces=replaces)
+    if not await server.store.add_acme_order(order, authzs):
+        raise AcmeProblem("alreadyReplaced", f"the certificate {replaces} is already being "
+                          "replaced by another order of this account", 409)
     return _json(_order_obj(request, order), 201, url_of(request, f"order/{order_id}"))
+
+
+async def _replaced(request: web.Request, account: AcmeAccount, text: object,
+                    names: tuple[str, ...]) -> str:
+    """RFC 9773 5: the certificate `replaces` names exists, was issued to this account,
+    and shares a name with the new order; its canonical CertID (the same certificate
+    always gives the same text, so one order at a time can replace it)."""
+    if not isinstance(text, str):
+        raise AcmeProblem("malformed", "replaces is a CertID string: base64url(AKI) \".\" "
+                          "base64url(serial)")
+    rec, issuer = await _cert_of_id(request, text, 400)
+    issued = await request.app[ACME].store.acme_cert(int(rec.serial, 16))
+    if issued is None or issued.account_id != account.id:
+        raise AcmeProblem("unauthorized", "replaces names a certificate not issued to this "
+                          "account", 403)
+    if not {n.lower() for n in rec.names} & {n.lower() for n in names}:
+        raise AcmeProblem("malformed", "the new order shares no identifier with the "
+                          "certificate it replaces")
+    return cert_id(_ski(issuer), int(rec.serial, 16))
+
+
+def cert_id(aki: bytes, serial: int) -> str:
+    """The RFC 9773 CertID of a certificate, in its one canonical spelling."""
+    der = serial.to_bytes(serial.bit_length() // 8 + 1, "big")  # DER: a leading 0 if needed
+    return f"{_b64(aki)}.{_b64(der)}"
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
 async def _own_order(request: web.Request, account: AcmeAccount, order_id: str) -> AcmeOrder:
@@ -713,20 +756,7 @@ async def revoke_cert(request: web.Request) -> web.Response:
 @routes.get("/acme/renewal-info/{cert_id}")
 @acme_route
 async def renewal_info(request: web.Request) -> web.Response:
-    store = request.app[ACME].store
-    text = request.match_info["cert_id"]
-    aki_text, dot, serial_text = text.partition(".")
-    if not dot:
-        raise AcmeProblem("malformed", "the CertID is base64url(AKI keyIdentifier) \".\" "
-                          "base64url(serial)")
-    aki = acme_jws.b64decode(aki_text, "the AKI part")
-    raw_serial = acme_jws.b64decode(serial_text, "the serial part")
-    if not raw_serial or len(raw_serial) > 21 or raw_serial[0] & 0x80:
-        raise AcmeProblem("malformed", "the serial part is not a positive DER integer")
-    rec = await store.cert(int.from_bytes(raw_serial, "big"))
-    issuer = _issuer_cert(request, rec.issuer) if rec else None
-    if rec is None or issuer is None or _ski(issuer) != aki:
-        raise AcmeProblem("malformed", "no certificate with this CertID", 404)
+    rec, _ = await _cert_of_id(request, request.match_info["cert_id"], 404)
     now = utcnow()
     if rec.revoked_at is not None:  # renew at once: the window is already open
         start, end = now - dt.timedelta(hours=1), now
@@ -738,6 +768,25 @@ async def renewal_info(request: web.Request) -> web.Response:
     resp = _json({"suggestedWindow": {"start": z(start), "end": z(end)}})
     resp.headers["Retry-After"] = str(ARI_RETRY_AFTER_S)
     return resp
+
+
+async def _cert_of_id(request: web.Request, text: str, missing: int
+                      ) -> tuple[CertRecord, x509.Certificate]:
+    """The certificate an RFC 9773 CertID names, with its issuer; AcmeProblem
+    `malformed` if it names none (with status `missing`)."""
+    aki_text, dot, serial_text = text.partition(".")
+    if not dot:
+        raise AcmeProblem("malformed", "the CertID is base64url(AKI keyIdentifier) \".\" "
+                          "base64url(serial)")
+    aki = acme_jws.b64decode(aki_text, "the AKI part")
+    raw_serial = acme_jws.b64decode(serial_text, "the serial part")
+    if not raw_serial or len(raw_serial) > 21 or raw_serial[0] & 0x80:
+        raise AcmeProblem("malformed", "the serial part is not a positive DER integer")
+    rec = await request.app[ACME].store.cert(int.from_bytes(raw_serial, "big"))
+    issuer = _issuer_cert(request, rec.issuer) if rec else None
+    if rec is None or issuer is None or _ski(issuer) != aki:
+        raise AcmeProblem("malformed", "no certificate with this CertID", missing)
+    return rec, issuer
 
 
 def _ski(cert: x509.Certificate) -> bytes:

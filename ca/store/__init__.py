@@ -254,8 +254,10 @@ class Store(Protocol):
         or another account has the new key."""
         ...
 
-    async def add_acme_order(self, order: AcmeOrder, authzs: Sequence[AcmeAuthz]) -> None:
-        """Insert an order with its authorizations and their challenges."""
+    async def add_acme_order(self, order: AcmeOrder, authzs: Sequence[AcmeAuthz]) -> bool:
+        """Insert an order with its authorizations and their challenges; False (and
+        nothing inserted) if the certificate it `replaces` is replaced by another order
+        already, one that has not failed (RFC 9773 5)."""
         ...
 
     async def acme_order(self, order_id: str) -> AcmeOrder | None: ...

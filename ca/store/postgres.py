@@ -748,12 +748,19 @@ class PostgresStore:
                 return False
         return await self._tx(update)
 
-    async def add_acme_order(self, order: AcmeOrder, authzs: Sequence[AcmeAuthz]) -> None:
-        async def insert(db: Conn) -> None:
-            await db.execute("INSERT INTO acme_orders (id, account_id, status, names, expires, "
-                             "created_at) VALUES (%s,%s,%s,%s,%s,%s)",
-                             (order.id, order.account_id, order.status,
-                              json.dumps(list(order.names)), order.expires, order.created_at))
+    async def add_acme_order(self, order: AcmeOrder, authzs: Sequence[AcmeAuthz]) -> bool:
+        async def insert(db: Conn) -> bool:
+            if order.replaces is not None:  # an order that expired unfinished replaces nothing
+                await db.execute("UPDATE acme_orders SET status = 'invalid' WHERE replaces = %s "
+                                 "AND status IN ('pending', 'ready') AND expires <= %s",
+                                 (order.replaces, order.created_at))
+            cur = await db.execute(
+                "INSERT INTO acme_orders (id, account_id, status, names, expires, created_at, "
+                "replaces) VALUES (%s,%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING",
+                (order.id, order.account_id, order.status, json.dumps(list(order.names)),
+                 order.expires, order.created_at, order.replaces))
+            if cur.rowcount != 1:
+                return False  # another live order replaces that certificate
             for i, a in enumerate(authzs):
                 await db.execute("INSERT INTO acme_authzs (id, order_id, account_id, name, "
                                  "wildcard, status, expires, position) VALUES "
@@ -764,7 +771,8 @@ class PostgresStore:
                     await db.execute("INSERT INTO acme_challenges (id, authz_id, type, token, "
                                      "status, position) VALUES (%s,%s,%s,%s,%s,%s)",
                                      (c.id, a.id, c.type, c.token, c.status, j))
-        await self._tx(insert)
+            return True
+        return await self._tx(insert)
 
     async def acme_order_ids(self, account_id: str, now: str, limit: int) -> list[str]:
         rows = await self._rows(
@@ -775,14 +783,15 @@ class PostgresStore:
 
     async def acme_order(self, order_id: str) -> AcmeOrder | None:
         rows = await self._rows("SELECT id, account_id, status, names, expires, created_at, "
-                                "cert_serial, error FROM acme_orders WHERE id = %s", (order_id,))
+                                "cert_serial, error, replaces FROM acme_orders WHERE id = %s",
+                                (order_id,))
         if not rows:
             return None
         r = rows[0]
         authzs = await self._rows("SELECT id FROM acme_authzs WHERE order_id = %s ORDER BY "
                                   "position", (order_id,))
         return AcmeOrder(r[0], r[1], r[2], tuple(json.loads(r[3])), r[4], r[5],
-                         tuple(a[0] for a in authzs), r[6], r[7])
+                         tuple(a[0] for a in authzs), r[6], r[7], r[8])
 
     _CHALLENGE_COLS = "id, authz_id, type, token, status, validated, error, started"
 

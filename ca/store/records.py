@@ -285,6 +285,7 @@ class AcmeOrder:
     authz_ids: tuple[str, ...] = ()
     cert_serial: str | None = None  # hex, once valid
     error: str | None = None  # the problem document, JSON
+    replaces: str | None = None  # the CertID (RFC 9773) of the certificate it replaces
 
 
 @dataclass(frozen=True)

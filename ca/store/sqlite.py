@@ -268,6 +268,13 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE certs ADD COLUMN audit_log TEXT;
     """,
+    # 10: the certificate an ACME order replaces (RFC 9773 5), as its canonical CertID:
+    # one order at a time may replace it, unless that order failed.
+    """
+    ALTER TABLE acme_orders ADD COLUMN replaces TEXT;
+    CREATE UNIQUE INDEX acme_orders_replaces ON acme_orders(replaces)
+        WHERE replaces IS NOT NULL AND status <> 'invalid';
+    """,
 )
 
 _CERT_COLS = ("serial, fingerprint, role, subject, names, principals, spki_sha256, not_before, "
@@ -990,12 +997,18 @@ class SQLiteStore:
                 return False
         return await self._write(update)
 
-    async def add_acme_order(self, order: AcmeOrder, authzs: Sequence[AcmeAuthz]) -> None:
-        def insert(db: sqlite3.Connection) -> None:
-            db.execute("INSERT INTO acme_orders (id, account_id, status, names, expires, "
-                       "created_at) VALUES (?,?,?,?,?,?)",
-                       (order.id, order.account_id, order.status, json.dumps(list(order.names)),
-                        order.expires, order.created_at))
+    async def add_acme_order(self, order: AcmeOrder, authzs: Sequence[AcmeAuthz]) -> bool:
+        def insert(db: sqlite3.Connection) -> bool:
+            if order.replaces is not None:  # an order that expired unfinished replaces nothing
+                db.execute("UPDATE acme_orders SET status = 'invalid' WHERE replaces = ? AND "
+                           "status IN ('pending', 'ready') AND expires <= ?",
+                           (order.replaces, order.created_at))
+            if db.execute("INSERT INTO acme_orders (id, account_id, status, names, expires, "
+                          "created_at, replaces) VALUES (?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+                          (order.id, order.account_id, order.status,
+                           json.dumps(list(order.names)), order.expires, order.created_at,
+                           order.replaces)).rowcount != 1:
+                return False  # another live order replaces that certificate
             for i, a in enumerate(authzs):
                 db.execute("INSERT INTO acme_authzs (id, order_id, account_id, name, wildcard, "
                            "status, expires, position) VALUES (?,?,?,?,?,?,?,?)",
@@ -1005,7 +1018,8 @@ class SQLiteStore:
                                "status, position) VALUES (?,?,?,?,?,?)",
                                [(c.id, a.id, c.type, c.token, c.status, j)
                                 for j, c in enumerate(a.challenges)])
-        await self._write(insert)
+            return True
+        return await self._write(insert)
 
     async def acme_order_ids(self, account_id: str, now: str, limit: int) -> list[str]:
         rows = self._read(
@@ -1016,14 +1030,15 @@ class SQLiteStore:
 
     async def acme_order(self, order_id: str) -> AcmeOrder | None:
         rows = self._read("SELECT id, account_id, status, names, expires, created_at, "
-                          "cert_serial, error FROM acme_orders WHERE id = ?", (order_id,))
+                          "cert_serial, error, replaces FROM acme_orders WHERE id = ?",
+                          (order_id,))
         if not rows:
             return None
         r = rows[0]
         authzs = self._read("SELECT id FROM acme_authzs WHERE order_id = ? ORDER BY position",
                             (order_id,))
         return AcmeOrder(r[0], r[1], r[2], tuple(json.loads(r[3])), r[4], r[5],
-                         tuple(a[0] for a in authzs), r[6], r[7])
+                         tuple(a[0] for a in authzs), r[6], r[7], r[8])
 
     _CHALLENGE_COLS = "id, authz_id, type, token, status, validated, error, started"
 
