@@ -1117,3 +1117,23 @@ def test_check_lines_blames_the_new_line_when_it_does_not_follow_the_verified_on
     assert found.failure == (k, Stage.LINE, f"prev does not match the SHA-256 of line {k - 1} "
                                             "as verified last time")
     assert (found.good, found.leaves) == (0, b"")
+
+
+def test_a_line_altered_and_rechained_is_placed_between_two_checkpoints() -> None:
+    """Without the original, the verifier cannot name the altered line, but it names
+    the span: after the lines an earlier checkpoint vouches for, before the first
+    checkpoint that fails."""
+    b = simple_log()  # its checkpoint (intent at seq 8) covers lines 0-7
+    first = json.loads(b.lines[8])["size"]
+    for _ in range(2):
+        op = b.new_op()
+        b.intent(op, serial="03ef")
+        b.outcome(op)
+    b.checkpoint()
+    size = json.loads(b.lines[-2])["size"]
+    lines = list(b.lines)
+    lines[11] = rewrite(lines[11], serial="ffff")
+    result = check(join(rechain(lines, 11)))
+    assert not result.ok and result.bad_seq == len(lines) - 1, result
+    assert f"a line it covers was altered, one from seq {first} to {size - 1}" in (
+        result.reason or ""), result.reason

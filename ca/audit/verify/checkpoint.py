@@ -139,11 +139,16 @@ def check_logged(text: Any, seq: int, key: PinnedKey) -> LoggedCheckpoint:
     return LoggedCheckpoint(seq, cp.size, cp.root, text)
 
 
-def root_mismatch(seq: int, size: int) -> Failure:
-    """The failure of the checkpoint at `seq` whose root is not that of its `size` lines."""
+def root_mismatch(seq: int, size: int, good: int = 0) -> Failure:
+    """The failure of the checkpoint at `seq` whose root is not that of its `size` lines;
+    `good`: the size of the largest checkpoint before it whose root did verify, so the
+    altered line is at or after it (the failure names the checkpoint: the line itself
+    cannot be told without the original)."""
+    where = (f"one from seq {good} to {size - 1} (the {good} lines before them match an "
+             "earlier checkpoint)" if 0 < good < size else "one of them")
     return Failure(seq, Stage.CHECKPOINT_ROOT, (
         f"the checkpoint's root is not the Merkle root of the first {size} lines: a line it "
-        "covers was altered"))
+        f"covers was altered, {where}"))
 
 
 def usable(checkpoints: Iterable[LoggedCheckpoint], failure: Failure | None
@@ -155,9 +160,11 @@ def usable(checkpoints: Iterable[LoggedCheckpoint], failure: Failure | None
 def check_roots(tree: MerkleTree, checkpoints: list[LoggedCheckpoint]
                 ) -> tuple[int, Failure | None]:
     """(how many verified, the first that does not) for checkpoints in log order."""
+    good = 0
     for verified, cp in enumerate(checkpoints):
         if tree.root(cp.size) != cp.root:
-            return verified, root_mismatch(cp.seq, cp.size)
+            return verified, root_mismatch(cp.seq, cp.size, good)
+        good = max(good, cp.size)
     return len(checkpoints), None
 
 
