@@ -16,6 +16,7 @@ import shutil
 import ssl
 import stat
 import tempfile
+import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -328,6 +329,7 @@ class Staged:
     def prepare(self) -> Staged:
         for path in self.targets:
             real = path.resolve() if path.is_symlink() else path
+            _sweep(real.parent, f".{real.name}.", files=True)
             if real.is_dir():
                 self.abort()
                 raise ClientError(f"{path} is a directory; it would be replaced by a file")
@@ -409,6 +411,31 @@ class Staged:
         self._tmp.clear()
 
 
+STALE_S = 600  # a temporary file this old is a run that was killed, not one under way
+
+
+def _sweep(parent: Path, prefix: str, files: bool) -> None:
+    """Remove what a killed run left beside a target: its temporary files (named by
+    mkstemp: the prefix and 8 characters), or its empty staging directories."""
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return
+    now = time.time()
+    for entry in entries:
+        rest = entry.name.removeprefix(prefix)
+        if rest == entry.name or PREVIOUS in rest:
+            continue
+        try:
+            if files and len(rest) == 8 and entry.is_file() and not entry.is_symlink() \
+                    and now - entry.stat().st_mtime > STALE_S:
+                entry.unlink()
+            elif not files and rest.startswith("enroll-") and entry.is_dir():
+                entry.rmdir()  # only if empty: a staging directory never filled
+        except OSError:
+            pass
+
+
 def _fsync_dirs(paths: Any) -> None:
     for parent in {p.parent for p in paths}:
         dfd = os.open(parent, os.O_RDONLY)
@@ -468,6 +495,7 @@ class OutputDir:
                                             n == "key.pem") for n in CREDENTIAL_FILES})
             self._files.prepare()
             return self
+        _sweep(out.parent, f".{out.name}.", files=False)
         missing = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
         try:
             for parent in reversed(missing):

@@ -425,3 +425,17 @@ def test_renew_daemon_names_a_wrong_ca_or_a_revoked_certificate_at_start(
     hsmca("revoke", "--config", d.state / "hsmca.toml", cert_serial(cert))
     msg = one_line_error(hsmca(*base, "--ca", d.root, check=False))
     assert "has been revoked" in msg, msg
+
+
+def test_what_a_killed_run_left_is_swept_by_the_next(daemon: Daemon, tmp_path: Path) -> None:
+    cert, key = enroll(daemon, tmp_path, "service", [NAME])
+    old, fresh = cert.parent / ".cert.pem.k1ll3d00", cert.parent / ".cert.pem.runn1ng0"
+    for leftover in (old, fresh):
+        leftover.write_text("half a certificate")
+    os.utime(old, (0, 0))  # long ago: no run is still writing it
+    assert _renew(daemon, cert, key).returncode == 0
+    assert not old.exists() and fresh.exists()  # a run under way keeps its file
+    (tmp_path / ".out.enroll-deadbeef").mkdir()  # a killed enroll's empty staging directory
+    token = token_file(daemon, tmp_path, "service", [NAME])
+    assert enroll_cmd(daemon, token, tmp_path / "out").returncode == 0
+    assert not (tmp_path / ".out.enroll-deadbeef").exists()
