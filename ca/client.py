@@ -364,8 +364,7 @@ class Staged:
             for path in self._tmp:
                 if real[path].exists():
                     kept[path] = previous_of(real[path])
-                    kept[path].unlink(missing_ok=True)
-                    os.link(real[path], kept[path])
+                    _keep_copy(real[path], kept[path])
             _fsync_dirs(real.values())  # what to go back to is durable before any rename
             # The key first, so that a reader who finds a new certificate also finds
             # its key; the hook runs only after all are in place.
@@ -373,18 +372,19 @@ class Staged:
                 os.replace(tmp, real[path])
                 done.append(path)
         except OSError as exc:
+            failed = next((p for p in self._tmp if p not in done), next(iter(real)))
             for path in reversed(done):
                 if path in kept:
                     os.replace(kept.pop(path), real[path])
+                else:  # it did not exist before
+                    real[path].unlink(missing_ok=True)
             for backup in kept.values():
                 backup.unlink(missing_ok=True)
             self.abort()
-            failed = next((p for p in self._tmp if p not in done), None) if done else None
             raise ClientError(
-                f"cannot replace {failed or next(iter(real))}: {exc.strerror or exc}; every "
-                "file is as it was before (the new certificate was issued but not "
-                "installed: renew again once the file can be replaced)",
-                retryable=True) from None
+                f"cannot replace {failed}: {exc.strerror or exc}; every file is as it was "
+                "before (the new certificate was issued but not installed: renew again "
+                "once the file can be replaced)", retryable=True) from None
         _fsync_dirs(real.values())
         for backup in kept.values():
             backup.unlink(missing_ok=True)
@@ -409,6 +409,25 @@ class Staged:
         for tmp in self._tmp.values():
             Path(tmp).unlink(missing_ok=True)
         self._tmp.clear()
+
+
+def _keep_copy(path: Path, backup: Path) -> None:
+    """What `path` holds now, kept at `backup`: a hard link, or, where the kernel allows
+    none (a file owned by another user, under fs.protected_hardlinks; another file
+    system), a copy, flushed."""
+    backup.unlink(missing_ok=True)
+    try:
+        os.link(path, backup)
+        return
+    except OSError:
+        pass
+    fd = os.open(backup, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, path.read_bytes())
+        os.fchmod(fd, stat.S_IMODE(path.stat().st_mode))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 STALE_S = 600  # a temporary file this old is a run that was killed, not one under way
@@ -578,11 +597,17 @@ async def renew(url: str, cert: Path, key: Path, ca: Path | None, rekey: bool, *
     chain.pem beside the certificate, all or none, once the CA has answered. The files
     keep their shape: a certificate file that held the chain after the leaf gets the new
     chain, and one file holding both certificate and key (haproxy's) keeps both."""
-    if restore_interrupted([key, cert, cert.parent / "chain.pem"],
-                           lambda: check_credential(cert, key)) and warn is not None:
-        warn(f"a renewal of {cert} was interrupted between replacing its files; they are "
-             "back as they were before it")
+    mend(cert, key, warn)
     ctx = await preflight(url, ca, cert, key)
+    waiting = _UNINSTALLED.pop((cert, key), None)
+    if waiting is not None and load_certificates(cert, "--cert")[0].serial_number == \
+            waiting[1]:
+        # The CA answered last time, but the files could not be replaced: install that
+        # answer rather than ask for (and have the HSM sign) another.
+        issued, held_serial, data, targets = waiting
+        files = Staged(targets).prepare()
+        _commit_or_keep(files, data, cert, key, issued, held_serial, targets)
+        return issued
     held = load_certificates(cert, "--cert")
     current = held[0]
     combined = cert.resolve() == key.resolve()
@@ -614,8 +639,34 @@ async def renew(url: str, cert: Path, key: Path, ca: Path | None, rekey: bool, *
         data[cert] = leaf
         if new is not None:
             data[key] = key_pem(new)
-    files.commit(data)
+    _commit_or_keep(files, data, cert, key, issued, current.serial_number, targets)
     return issued
+
+
+# Answers of the CA that could not be installed (a file that cannot be replaced), by
+# (cert, key): `renew --daemon` retries installing them, not the CA (each ask would be
+# another signature). (issued, serial of the certificate it replaces, files, targets.)
+_UNINSTALLED: dict[tuple[Path, Path], tuple[dict[str, Any], int, dict[Path, bytes | str],
+                                            dict[Path, tuple[int, bool]]]] = {}
+
+
+def _commit_or_keep(files: Staged, data: dict[Path, bytes | str], cert: Path, key: Path,
+                    issued: dict[str, Any], held_serial: int,
+                    targets: dict[Path, tuple[int, bool]]) -> None:
+    try:
+        files.commit(data)
+    except ClientError:
+        _UNINSTALLED[cert, key] = (issued, held_serial, data, targets)
+        raise
+
+
+def mend(cert: Path, key: Path, warn: Any = None) -> None:
+    """Put back a renewal of `cert` that died between replacing its files (the next
+    renewal does it; so does `renew --daemon` at start, before it checks anything)."""
+    if restore_interrupted([key, cert, cert.parent / "chain.pem"],
+                           lambda: check_credential(cert, key)) and warn is not None:
+        warn(f"a renewal of {cert} was interrupted between replacing its files; they are "
+             "back as they were before it")
 
 
 def _key_block(path: Path) -> str:

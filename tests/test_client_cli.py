@@ -16,7 +16,7 @@ from cryptography import x509
 from ca.cli import EPILOG, build_parser
 from ca.commands.client_cmd import parse_serial
 from tests.conftest import HSMCA, Daemon, InitialisedCA, hsmca, require
-from tests.helpers import cert_serial, enroll, other_ca, token_file
+from tests.helpers import Running, cert_serial, enroll, other_ca, token_file
 
 NAME = "cli.internal.example"
 
@@ -380,7 +380,9 @@ def test_renew_replaces_all_files_or_none_and_mends_one_cut_short(daemon: Daemon
         msg = one_line_error(_renew(daemon, cert, key, "--rekey"))
     finally:
         subprocess.run(["chattr", "-i", cert], check=True)
-    assert f"cannot replace {cert}" in msg or "every file is as it was" in msg, msg
+    # The new key was renamed into place, then the certificate could not be: the key
+    # is put back (what it held was kept beside it), and the message names the file.
+    assert f"cannot replace {cert}: Operation not permitted; every file is as it was" in msg
     assert {p: p.read_bytes() for p in (cert, key)} == files
     assert sorted(p.name for p in cert.parent.iterdir()) == ["cert.pem", "chain.pem",
                                                               "key.pem"]
@@ -399,19 +401,35 @@ def test_renew_replaces_all_files_or_none_and_mends_one_cut_short(daemon: Daemon
     assert "was interrupted between replacing its files" in proc.stderr
     assert _pair(cert, key) and key.read_bytes() == files[key]
     assert not list(cert.parent.glob(".*"))
+    # `renew --daemon`, which a unit restarts after such a crash, mends it before it
+    # judges the pair (else it would refuse it, at every restart).
+    os.link(key, key.parent / ".key.pem.hsmca-previous")
+    os.link(cert, cert.parent / ".cert.pem.hsmca-previous")
+    kept = key.read_bytes()
+    key.unlink()
+    key.write_bytes(stray.read_bytes())
+    runner = Running.start("renew", "--daemon", "--url", daemon.url, "--ca", daemon.root,
+                           "--cert", cert, "--key", key)
+    try:
+        runner.wait("renew.scheduled")
+        assert key.read_bytes() == kept and _pair(cert, key)
+    finally:
+        assert runner.stop() == 0
 
 
 def test_a_hook_that_hangs_is_killed_and_said(daemon: Daemon, tmp_path: Path) -> None:
     cert, key = enroll(daemon, tmp_path, "service", [NAME])
-    mark = tmp_path / "hook-child-ran"
+    child = tmp_path / "hook-child.pid"
     proc = subprocess.run(
         [*HSMCA, "renew", "--url", daemon.url, "--ca", daemon.root, "--cert", cert, "--key",
-         key, "--exec", f"sleep 600; touch {mark}", "--exec-timeout", "1s"],
+         key, "--exec", f"sleep 600 & echo $! > {child}; wait", "--exec-timeout", "1s"],
         capture_output=True, text=True, timeout=120)
     msg = one_line_error(proc)
     assert msg.startswith("hsmca: error: renewed, but --exec") and "-9" in msg, msg
     assert proc.stdout.startswith("renewed: serial ")
-    assert not mark.exists()
+    # What the hook started went with it (its process group), not only the shell.
+    stat_file = Path(f"/proc/{child.read_text().strip()}/stat")
+    assert not stat_file.exists() or stat_file.read_text().split(") ")[1][0] == "Z"
 
 
 def test_renew_daemon_names_a_wrong_ca_or_a_revoked_certificate_at_start(

@@ -42,17 +42,22 @@ def test_serve_refuses_a_pin_or_key_file_others_can_read(tmp_path: Path, which: 
                                                          bad_mode: int) -> None:
     ca = init_ca(tmp_path)
     path = ca.token.pin_file if which == "pin" else ca.state / which
+    assert "chmod 600" in serve_refused(ca.state, path, bad_mode)
+
+
+def serve_refused(state: Path, path: Path, bad_mode: int) -> str:
+    """`serve`'s one line when `path` has `bad_mode`: it names the file and the mode."""
     good = mode(path)
     os.chmod(path, bad_mode)
     try:
-        proc = hsmca("serve", "--config", ca.state / "hsmca.toml", "--listen", "127.0.0.1:0",
+        proc = hsmca("serve", "--config", state / "hsmca.toml", "--listen", "127.0.0.1:0",
                      check=False)
     finally:
         os.chmod(path, good)
     assert proc.returncode == 1 and proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and str(path) in lines[0] and f"{bad_mode:04o}" in lines[0], lines
-    assert "chmod 600" in lines[0]
+    return lines[0]
 
 
 @pytest.mark.parametrize(("which", "bad_mode"), [
@@ -63,15 +68,5 @@ def test_serve_refuses_a_config_state_or_log_others_can_write(tmp_path: Path, wh
     """Whoever can write the config picks the PKCS#11 module the daemon hands its PIN
     to; whoever can write the state, the log or the inventory rewrites what it records."""
     ca = init_ca(tmp_path)
-    path = ca.state / which if which != "." else ca.state
-    good = mode(path)
-    os.chmod(path, bad_mode)
-    try:
-        proc = hsmca("serve", "--config", ca.state / "hsmca.toml", "--listen", "127.0.0.1:0",
-                     check=False)
-    finally:
-        os.chmod(path, good)
-    assert proc.returncode == 1 and proc.stdout == ""
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and str(path) in lines[0] and f"{bad_mode:04o}" in lines[0], lines
-    assert "writable by group or others" in lines[0] and "chmod go-w" in lines[0]
+    line = serve_refused(ca.state, ca.state / which if which != "." else ca.state, bad_mode)
+    assert "writable by group or others" in line and "chmod go-w" in line
