@@ -368,3 +368,25 @@ async def test_rotate_the_root_offline_and_relying_parties_of_either_root_follow
     events = [x["event"] for x in log_lines(ca.state)]
     assert events.count("key.ceremony") == 2
     assert audit_verify(ca.state).returncode == 0
+
+
+def test_a_log_stopped_while_two_audit_keys_sign_ends_with_their_signings(
+        tmp_path: Path) -> None:
+    """Stopped mid-rotation (the old audit key not retired yet), the final checkpoint is
+    signed by both keys: its two signings and the logout close the log, unsigned by
+    nature, and verify as such rather than as UNSIGNED lines."""
+    ca = init_ca(tmp_path)
+    old_key = tmp_path / "old-audit.pem"
+    old_key.write_bytes((ca.state / "audit/audit_key.pem").read_bytes())
+    d = start_daemon(ca.state)
+    try:
+        assert "rotated audit" in key_cmd(d, "rotate", "audit").stdout
+    finally:
+        assert d.stop() == 0
+    tail = [json.loads(x) for x in (ca.state / "audit/log.jsonl").read_bytes().splitlines()[-5:]]
+    assert [x.get("co_signer") for x in tail[:4:2]] == [True, None], tail
+    proc = hsmca("audit", "verify", "--log", ca.state / "audit/log.jsonl", "--key", old_key,
+                 check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "the last 5 lines are the last checkpoint's own signing and the HSM logout" in \
+        proc.stdout, proc.stdout

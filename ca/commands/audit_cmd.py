@@ -163,7 +163,7 @@ def verify(args: argparse.Namespace) -> int:
     if args.state and result.new_state is not None:
         save_state(args.state, result.new_state)
     closing = (f"; the last {result.closing} lines are the last checkpoint's own signing"
-               f"{' and the HSM logout' if result.closing == 3 else ''}, which no checkpoint "
+               f"{' and the HSM logout' if result.closing % 2 else ''}, which no checkpoint "
                "can cover" if result.closing else "")
     print(f"OK: {result.lines} lines, {result.checkpoints} checkpoints verified"
           f"{' (extends the state saved last time)' if state else ''}{closing}")

@@ -185,6 +185,7 @@ def check_latest(text: str, key: PinnedKey) -> tuple[SignedPrefix | None, str | 
 
 
 MAX_SIGNERS = 2  # audit keys signing one checkpoint: two while the key rotates
+CLOSING_MAX = 2 * MAX_SIGNERS + 1  # their intents and outcomes, then the logout
 
 
 # The closing lines exactly as the daemon writes them: nothing signs them, so nothing
@@ -209,7 +210,7 @@ def closing_lines(tail: list[bytes], signed: int, checkpoints: list[LoggedCheckp
     body, and no line may carry anything else: otherwise they are lines no checkpoint
     covers, which `--allow-unsigned` alone accepts.
     """
-    if len(tail) < 2 or len(tail) > 2 * MAX_SIGNERS + 1:
+    if len(tail) < 2 or len(tail) > CLOSING_MAX:
         return False
     objs = [json.loads(line) for line in tail]  # they passed the scan: JSON objects
     rest = objs[2 * (len(objs) // 2):]

@@ -22,6 +22,7 @@ from ca.audit.line import GENESIS, chain_hash
 from ca.audit.merkle import MerkleTree, TreeHead
 from ca.audit.note import verifier_key
 from ca.audit.verify.checkpoint import (
+    CLOSING_MAX,
     PinnedKey,
     SignedPrefix,
     check_latest,
@@ -137,7 +138,8 @@ def _verify(data: bytes, key: PinnedKey, latest_text: str | None,
     candidates += [SignedPrefix(cp.size, cp.root, cp.text) for cp in checkpoints]
     best = max(candidates, key=lambda p: p.size, default=None)
     signed = best.size if best is not None else 0
-    after = _last_lines(data, end, n - signed) if n - signed <= 3 else []
+    # At most a pair per audit key signing the last checkpoint, and the logout.
+    after = _last_lines(data, end, n - signed) if n - signed <= CLOSING_MAX else []
     closing = len(after) if closing_lines(after, signed, checkpoints) else 0
     new_state = None
     if best is not None:  # everything verified, so that the next run misses no line of it
