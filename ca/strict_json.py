@@ -19,9 +19,16 @@ class NotUnicode(ValueError):
 
 
 def loads(raw: bytes | str) -> Any:
-    """`json.loads`, refusing text that is not Unicode (NotUnicode, a ValueError)."""
+    """`json.loads`, refusing text that is not Unicode (NotUnicode, a ValueError). Bytes
+    are UTF-8 (RFC 8259 8.1), decoded strictly: `json.loads` would guess UTF-16 too, and
+    let an encoded surrogate through."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise NotUnicode("is not UTF-8") from None
     obj = json.loads(raw)
-    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    data = raw.encode("utf-8", "surrogatepass")
     if _SURROGATE_ESCAPE.search(data):  # rare: the check below walks the whole object
         try:
             json.dumps(obj, ensure_ascii=False).encode()

@@ -118,6 +118,9 @@ def corpus() -> list[Case]:
                  data=b'{"x":"\xff\xfe"}', headers=JSON))
         add(Case(f"{path} lone surrogate", "POST", path, 400, "bad-json", who,
                  data=b'{"names":["\\ud800.example"],"key_id":"\\udce9"}', headers=JSON))
+        add(Case(f"{path} encoded surrogate", "POST", path, 400, "bad-json", who,
+                 data=b'{"key_id":"\xed\xa0\x80","names":["\xed\xa0\x80.x"]}',
+                 headers=JSON))
         add(Case(f"{path} wrong method", "GET", path, 405, "method-not-allowed", who))
         add(Case(f"{path} deep nesting", "POST", path, 400, "bad-json", who,
                  data=b"[" * 5000 + b"]" * 5000, headers=JSON))

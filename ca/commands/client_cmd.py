@@ -62,6 +62,9 @@ def serve(args: argparse.Namespace) -> int:
     # so is a config, state or log that others could write.
     check_private(secret_files(cfg))
     check_not_writable(trusted_paths(cfg))
+    # What the daemon creates (a node's directories, run files) is never writable by
+    # others, whatever the umask it was started with: its next start would refuse them.
+    os.umask(os.umask(0) | 0o022)
     check_state(cfg)
     configure()
     return main(cfg, args.listen, args.workers)

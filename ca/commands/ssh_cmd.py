@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import ipaddress
 import os
 import ssl
 import sys
@@ -337,8 +338,18 @@ def _known_hosts_pattern(cert_path: Path) -> str:
     from cryptography.hazmat.primitives import serialization
     cert = serialization.load_ssh_public_identity(cert_path.read_bytes())
     names = [p.decode() for p in getattr(cert, "valid_principals", [])]
-    return ",".join(sorted({f"*.{n.split('.', 1)[1]}" if "." in n else n for n in names})) \
-        or "*"
+    return ",".join(sorted({_pattern(n) for n in names})) or "*"
+
+
+def _pattern(name: str) -> str:
+    """web1.example.com -> *.example.com; a name of one or two labels, or an address,
+    stays itself (*.com would trust the host CA for a whole top-level domain)."""
+    try:
+        ipaddress.ip_address(name)
+        return name
+    except ValueError:
+        pass
+    return f"*.{name.split('.', 1)[1]}" if name.count(".") >= 2 else name
 
 
 def _keep_host_fresh(args: argparse.Namespace, f: HostFiles, refresh_now: bool = False

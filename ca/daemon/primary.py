@@ -331,7 +331,10 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         task = loop.create_task(reload_policy(config, policies, audit))
         reloads.add(task)
         task.add_done_callback(reloads.discard)
-    loop.add_signal_handler(signal.SIGHUP, reload)
+
+    def not_now() -> None:  # before daemon.start, or stopping: nothing to put in force
+        log.warning("SIGHUP while the daemon starts or stops: nothing reloaded")
+    loop.add_signal_handler(signal.SIGHUP, not_now)  # the default would end the process
     try:
         pipeline.start()
         if store is None:
@@ -388,7 +391,11 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         print(f"listening on {url}", flush=True)
         log.info("listening", url=url, workers=count, pids=pool.pids)
         background.append(asyncio.create_task(checkpointer.run()))
+        loop.add_signal_handler(signal.SIGHUP, reload)  # daemon.start is in the log
         await stop.wait()
+        loop.add_signal_handler(signal.SIGHUP, not_now)
+        # A reload under way is recorded before the last checkpoints, never after them.
+        await asyncio.gather(*reloads, return_exceptions=True)
         log.info("stopping: the workers finish their requests")
         await pool.stop()  # stop accepting; in-flight requests finish
         await _cancel(background)

@@ -79,7 +79,9 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         kept = {k: v for k, v in exc.headers.items() if k in ("Allow", "WWW-Authenticate")}
         return problem(exc.status_code, TITLES.get(exc.status_code, exc.reason), detail,
                        headers=kept or None)
-    except UnicodeError:  # a client's text that no encoder takes, past every parser's check
+    except UnicodeError as exc:  # a client's text no encoder takes, past every parser's check
+        log.warning("text that is not Unicode", request_id=request.get("request_id", "-"),
+                    path=request.path[:200], error=str(exc)[:200])
         return problem(400, "Bad Request", NOT_UNICODE, "bad-request")
     except Exception:
         rid = request.get("request_id", "-")
