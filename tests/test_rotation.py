@@ -370,7 +370,7 @@ async def test_rotate_the_root_offline_and_relying_parties_of_either_root_follow
     assert audit_verify(ca.state).returncode == 0
 
 
-def test_a_log_stopped_while_two_audit_keys_sign_ends_with_their_signings(
+async def test_a_log_stopped_while_two_audit_keys_sign_ends_with_their_signings(
         tmp_path: Path) -> None:
     """Stopped mid-rotation (the old audit key not retired yet), the final checkpoint is
     signed by both keys: its two signings and the logout close the log, unsigned by
