@@ -8,7 +8,9 @@ use its result.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import ipaddress
 import json
 import os
@@ -18,6 +20,7 @@ import stat
 import tempfile
 import time
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -597,6 +600,32 @@ async def renew(url: str, cert: Path, key: Path, ca: Path | None, rekey: bool, *
     chain.pem beside the certificate, all or none, once the CA has answered. The files
     keep their shape: a certificate file that held the chain after the leaf gets the new
     chain, and one file holding both certificate and key (haproxy's) keeps both."""
+    with _renewing(cert):
+        return await _renew(url, cert, key, ca, rekey, ttl, warn)
+
+
+@contextlib.contextmanager
+def _renewing(cert: Path) -> Iterator[None]:
+    """One renewal at a time in the certificate's directory (a timer and a daemon, say):
+    another one's mend could otherwise undo this one's renames half-way."""
+    real = cert.resolve() if cert.is_symlink() else cert
+    try:
+        fd = os.open(real.parent, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise ClientError(f"cannot open {real.parent}: {exc.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ClientError(f"another renewal in {real.parent} is under way; this one "
+                              "waits for it", retryable=True) from None
+        yield
+    finally:
+        os.close(fd)  # and the lock with it
+
+
+async def _renew(url: str, cert: Path, key: Path, ca: Path | None, rekey: bool,
+                 ttl: str | None, warn: Any) -> dict[str, Any]:
     mend(cert, key, warn)
     ctx = await preflight(url, ca, cert, key)
     waiting = _UNINSTALLED.pop((cert, key), None)

@@ -457,3 +457,18 @@ def test_what_a_killed_run_left_is_swept_by_the_next(daemon: Daemon, tmp_path: P
     token = token_file(daemon, tmp_path, "service", [NAME])
     assert enroll_cmd(daemon, token, tmp_path / "out").returncode == 0
     assert not (tmp_path / ".out.enroll-deadbeef").exists()
+
+
+def test_one_renewal_at_a_time_in_a_directory(daemon: Daemon, tmp_path: Path) -> None:
+    """A timer's renew and a daemon's, at once: the second waits its turn rather than
+    mend the first's files half-way through its renames."""
+    import fcntl
+    cert, key = enroll(daemon, tmp_path, "service", [NAME])
+    fd = os.open(cert.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as a renewal under way holds it
+        msg = one_line_error(_renew(daemon, cert, key))
+        assert f"another renewal in {cert.parent} is under way" in msg, msg
+    finally:
+        os.close(fd)
+    assert _renew(daemon, cert, key).returncode == 0
