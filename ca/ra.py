@@ -689,6 +689,9 @@ def revocation_reason(value: object) -> str | None:
 
 def _revoke(ctx: Context, who: Requester, req: RevokeRequest) -> RevokeOrder:
     reason = revocation_reason(req.reason)
+    if reason == "certificateHold":  # for anyone: not "for an admin", who gets it neither
+        raise Refused("certificateHold is not offered: a revocation here is final",
+                      Reason.REASON_NOT_ALLOWED)
     admin = isinstance(who, Local) or (isinstance(who, CertHolder) and who.role == "admin")
     if not admin:
         if not isinstance(who, CertHolder) or req.serial != int(who.serial, 16):
@@ -698,9 +701,6 @@ def _revoke(ctx: Context, who: Requester, req: RevokeRequest) -> RevokeOrder:
             raise Refused(f"a certificate's holder may give the reasons "
                           f"{', '.join(sorted(HOLDER_REASONS))}; {reason} is for an admin",
                           Reason.REASON_NOT_ALLOWED)
-    if reason == "certificateHold":
-        raise Refused("certificateHold is not offered: a revocation here is final",
-                      Reason.REASON_NOT_ALLOWED)
     if not req.found:
         raise Refused(f"no certificate with serial {req.serial:x} was issued by this CA",
                       Reason.NOT_FOUND)

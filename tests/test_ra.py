@@ -334,7 +334,7 @@ def test_a_holder_may_not_claim_what_only_an_admin_knows(given: object) -> None:
 def test_certificate_hold_is_never_offered_and_others_are_for_admins() -> None:
     for who in (holder("service", ("s.example",)), admin()):
         refused(ra.decide(context(), who, ra.RevokeRequest(0x1234, "certificateHold")),
-                Reason.REASON_NOT_ALLOWED, "certificateHold")
+                Reason.REASON_NOT_ALLOWED, "certificateHold is not offered")
     refused(ra.decide(context(), holder("service", ("s.example",)), ra.RevokeRequest(0x99)),
             Reason.WRONG_ROLE)
     refused(ra.decide(context(), admin(), ra.RevokeRequest(0x99, found=False)), Reason.NOT_FOUND)
