@@ -131,6 +131,8 @@ async def test_hsm_token_taken_away_then_back(tmp_path: Path) -> None:
         gone = cx.load_pem_x509_certificate(
             enroll(d, tmp_path, "service", ["gone." + LOAD_NAME])[0].read_bytes())
         await signed(d, gone, ocsp.OCSPCertStatus.GOOD)
+        status, _, before = await http("GET", f"{d.url}/v1/x509/crl", d.ssl())
+        assert status == 200
         tokens = tmp_path / "softhsm" / "tokens"
         away = tmp_path / "tokens.away"
         tokens.rename(away)
@@ -149,6 +151,10 @@ async def test_hsm_token_taken_away_then_back(tmp_path: Path) -> None:
         assert "not re-signed yet" in answer["warnings"][0]
         resp, _ = await ask_ocsp(d, request_for(gone, issuing(d)))
         assert resp.response_status == ocsp.OCSPResponseStatus.TRY_LATER
+        # The CRL cannot be re-signed with it, but the last one stands until its
+        # nextUpdate: relying parties still get a valid CRL, not a 503.
+        status, ctype, crl = await http("GET", f"{d.url}/v1/x509/crl", d.ssl())
+        assert (status, ctype, crl) == (200, "application/pkix-crl", before), crl[:200]
         away.rename(tokens)
         # The session comes back without a restart: at the next reconnect attempt its
         # back-off allows (it grew while the token was away; a probe waits up to 1 s).
@@ -161,6 +167,10 @@ async def test_hsm_token_taken_away_then_back(tmp_path: Path) -> None:
         status, _, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
         assert status == 201, body
         await signed(d, gone, ocsp.OCSPCertStatus.REVOKED)
+        status, _, crl = await http("GET", f"{d.url}/v1/x509/crl", d.ssl())
+        listed = cx.load_der_x509_crl(crl).get_revoked_certificate_by_serial_number(
+            gone.serial_number)
+        assert status == 200 and listed is not None
     finally:
         assert d.stop() == 0
     events = [e["event"] for e in log_lines(ca.state)]

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ca import ra
@@ -158,7 +159,17 @@ class Revocations:
             der = await self._current_crl(label)
             if der is not None:
                 return der
-            await self.refresh_crl(None, label, only_if_stale=True)
+            try:
+                await self.refresh_crl(None, label, only_if_stale=True)
+            except (AuditUnavailable, HSMUnavailable) as exc:
+                # The HSM or the log is away: the last CRL stands until its nextUpdate
+                # (a revocation since is published when they are back: `revoke` says so).
+                still = await self._still_valid_crl(label)
+                if still is None:
+                    raise
+                log.warning("serving the last CRL: it cannot be re-signed now",
+                            issuer=label, error=str(exc) or type(exc).__name__)
+                return still
         latest = await self.store.latest_crl(label)
         if latest is None:  # refresh_crl raises when it cannot sign; never serve nothing
             raise RuntimeError("no CRL after a successful refresh")
@@ -168,6 +179,14 @@ class Revocations:
         _, revoked = await self.revoked.get()
         return {s: (at, reason) for s, (at, reason, issuer) in revoked.items()
                 if self.issuance.issuers.x509_of(issuer) == label}
+
+    async def _still_valid_crl(self, label: str) -> bytes | None:
+        latest = await self.store.latest_crl(label)
+        if latest is None:
+            return None
+        crl = x509.load_der_x509_crl(latest.der)
+        nxt = crl.next_update_utc
+        return latest.der if nxt is not None and nxt > prof.utcnow() else None
 
     async def _current_crl(self, label: str) -> bytes | None:
         revoked = await self._revoked_by(label)
