@@ -12,6 +12,7 @@ import socket
 import ssl
 import struct
 import subprocess
+import time
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from tests.helpers import (
     http,
     issuing,
     load,
+    log_lines,
     request_for,
     signed,
 )
@@ -130,6 +132,25 @@ async def test_anonymous_ocsp_costs_no_signature_and_no_audit_line(
     assert parsedate_to_datetime(headers["Last-Modified"]) == resp.this_update_utc
     assert parsedate_to_datetime(headers["Expires"]) == resp.next_update_utc
     assert re.fullmatch(r'"[0-9a-f]{32}"', headers["ETag"]), headers["ETag"]
+
+
+async def test_crls_are_signed_ahead_and_an_anonymous_get_signs_nothing(
+        own_daemon: Daemon) -> None:
+    """The CA re-signs every CRL that still signs (the issuing CA's, the root's) before
+    half its life, by itself: a relying party's GET is served from the inventory."""
+    d = own_daemon  # nobody has asked it for a CRL
+
+    def crl_signings() -> list[dict[str, Any]]:
+        return [e for e in log_lines(d.state) if e.get("purpose") == "crl"
+                and e.get("phase") == "intent"]
+
+    deadline = time.monotonic() + 60
+    while len({e["key"] for e in crl_signings()}) < 2:  # signed at start, without a GET
+        assert time.monotonic() < deadline, crl_signings()
+    before = len(crl_signings())
+    for path in ("/v1/x509/crl", "/v1/x509/crl/root-ca"):
+        assert x509.load_der_x509_crl(_fetch(d, path)).next_update_utc is not None
+    assert len(crl_signings()) == before
 
 
 # ---- revocation reaches the lineage and SSH ---------------------------------------------

@@ -359,6 +359,8 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         # OCSP responses are signed ahead of time, by this process, off every request's
         # path: new certificates within a second, every live one before nextUpdate.
         background.append(asyncio.create_task(_refresh_ocsp(issuance, store, policies)))
+        background.append(asyncio.create_task(_refresh_crls(issuance, store, audit,
+                                                            generations, policies)))
         background.append(asyncio.create_task(_resume_log(audit)))
         if _cluster(store):
             assert name_held is not None
@@ -618,6 +620,31 @@ async def _resume_log(audit: AuditLog) -> None:
 
 
 OCSP_LEASE_S = 1.0
+CRL_REFRESH_S = 300.0
+
+
+async def _refresh_crls(issuance: Issuance, store: Store, audit: AuditLog,
+                        generations: Generations, policies: control.PolicyFeed) -> None:
+    """Every CRL that still signs (each issuing CA's, the root's) re-signed by the CA
+    itself before half its validity has passed, so a relying party's GET is served from
+    the inventory, never waits for a signature, and never causes one (SPEC 7: re-signed
+    before nextUpdate, whether anyone asks or not). A revocation re-signs at once, as
+    before; a GET that finds its CRL stale all the same (this task behind, or the HSM
+    away) still re-signs it, or serves the last one while it is valid."""
+    from ca.revocation import Revocations
+
+    async def context() -> ra.Context:
+        return decision_context(policies.current, await issuance.keys.refresh())
+    revocations = Revocations(store, audit, issuance, generations, context)
+    while True:
+        issuers = await issuance.keys.refresh()
+        for label in [*issuers.x509, issuers.root_issuer()]:
+            try:
+                await revocations.refresh_crl(None, label, only_if_stale=True)
+            except Exception as exc:  # the HSM or the log away: the next round, or a GET
+                log.warning("cannot re-sign a CRL now", issuer=label,
+                            error=str(exc) or type(exc).__name__)
+        await asyncio.sleep(CRL_REFRESH_S)  # periodic work, not synchronisation
 
 
 async def _refresh_ocsp(issuance: Issuance, store: Store, policies: control.PolicyFeed
