@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from ca.commands.args import check_url
+from ca.fileutil import fsync_dir, write_new
 
 TIMEOUT = aiohttp.ClientTimeout(total=60)
 
@@ -421,16 +422,8 @@ def _keep_copy(path: Path, backup: Path) -> None:
     backup.unlink(missing_ok=True)
     try:
         os.link(path, backup)
-        return
     except OSError:
-        pass
-    fd = os.open(backup, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, path.read_bytes())
-        os.fchmod(fd, stat.S_IMODE(path.stat().st_mode))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        write_new(backup, path.read_bytes(), stat.S_IMODE(path.stat().st_mode))
 
 
 STALE_S = 600  # a temporary file this old is a run that was killed, not one under way
@@ -460,11 +453,7 @@ def _sweep(parent: Path, prefix: str, files: bool) -> None:
 
 def _fsync_dirs(paths: Any) -> None:
     for parent in {p.parent for p in paths}:
-        dfd = os.open(parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(parent)
 
 
 def restore_interrupted(paths: list[Path], consistent: Any) -> bool:
@@ -549,11 +538,7 @@ class OutputDir:
         os.umask(umask)
         os.chmod(self._staging, 0o777 & ~umask)  # what mkdir would have made
         os.rename(self._staging, self.out)
-        dfd = os.open(self.out.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(self.out.parent)
         self._staging = None
 
     def abort(self) -> None:

@@ -51,6 +51,7 @@ from ca.audit.tiles import (
     entry_bundle,
     stored_tiles,
 )
+from ca.fileutil import fsync_dir
 from ca.handoff import (
     STOP,
     Batch,
@@ -698,11 +699,7 @@ def _build_tiles(path: Path, fd: int, tiles: Path) -> None:
         store.close()
     os.sync()  # one flush for every file written above
     os.rename(work, tiles)
-    dfd = os.open(tiles.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(tiles.parent)
 
 
 def _last_newline(fd: int, before: int) -> int:

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import NamedTuple, Protocol
 
 from ca.audit.merkle import HASH_SIZE, CompactRange, SubtreeHashes, build_levels
+from ca.fileutil import fsync_dir
 
 TILE_HEIGHT = 8
 TILE_WIDTH = 1 << TILE_HEIGHT  # hashes in a full tile, entries in a full bundle
@@ -315,17 +316,11 @@ class FileTileStore:
                     raise TileDamaged(f"the tiles {path} are missing") from None
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
                 if self._sync:  # its name must survive a crash as long as what it holds
-                    _fsync_dir(self.dir)
+                    fsync_dir(self.dir)
             self._levels[level] = fd
         return fd
 
 
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---- the tree -----------------------------------------------------------------------------
