@@ -62,12 +62,7 @@ class Verified:
             if empty_ok:
                 return None
             raise AcmeProblem("malformed", "this request needs a JSON object as its payload")
-        try:
-            obj = strict_json.loads(self.payload)
-        except strict_json.NotUnicode as exc:
-            raise AcmeProblem("malformed", f"the JWS payload {exc}") from None
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            raise AcmeProblem("malformed", "the JWS payload is not JSON") from None
+        obj = loads(self.payload, "JWS payload")
         if not isinstance(obj, dict):
             raise AcmeProblem("malformed", "the JWS payload must be a JSON object")
         return obj
@@ -85,14 +80,19 @@ def b64decode(text: object, what: str) -> bytes:
         raise AcmeProblem("malformed", f"{what} is not base64url") from None
 
 
+def loads(raw: bytes, what: str) -> Any:
+    """JSON from the client, as Unicode text (ca/strict_json.py); `malformed` if not."""
+    try:
+        return strict_json.loads(raw)
+    except strict_json.NotUnicode as exc:
+        raise AcmeProblem("malformed", f"the {what} {exc}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError):  # nesting bombs included
+        raise AcmeProblem("malformed", f"the {what} is not JSON") from None
+
+
 def parse_flat(raw: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
     """Step 1: (the JWS object, its decoded protected header)."""
-    try:
-        obj = strict_json.loads(raw)
-    except strict_json.NotUnicode as exc:
-        raise AcmeProblem("malformed", f"the body {exc}") from None
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise AcmeProblem("malformed", "the body is not JSON") from None
+    obj = loads(raw, "body")
     if not isinstance(obj, dict):
         raise AcmeProblem("malformed", "the body must be a flattened JWS object")
     if "header" in obj:
@@ -104,12 +104,7 @@ def parse_flat(raw: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
                           "signature")
     if not all(isinstance(obj[k], str) for k in obj):
         raise AcmeProblem("malformed", "protected, payload and signature are strings")
-    try:
-        protected = strict_json.loads(b64decode(obj["protected"], "protected"))
-    except strict_json.NotUnicode as exc:
-        raise AcmeProblem("malformed", f"the protected header {exc}") from None
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise AcmeProblem("malformed", "the protected header is not JSON") from None
+    protected = loads(b64decode(obj["protected"], "protected"), "protected header")
     if not isinstance(protected, dict):
         raise AcmeProblem("malformed", "the protected header must be a JSON object")
     extra = set(protected) - PROTECTED_FIELDS
@@ -243,12 +238,7 @@ def verify_inner(obj: object, outer_url: str) -> tuple[jose.JWK, dict[str, Any]]
     check_key(jwk, alg_name)
     if header.url != outer_url:
         raise AcmeProblem("malformed", "the inner JWS url must be the outer one's")
-    try:
-        payload = strict_json.loads(jws.payload)
-    except strict_json.NotUnicode as exc:
-        raise AcmeProblem("malformed", f"the inner JWS payload {exc}") from None
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise AcmeProblem("malformed", "the inner JWS payload is not JSON") from None
+    payload = loads(jws.payload, "inner JWS payload")
     if not isinstance(payload, dict):
         raise AcmeProblem("malformed", "the inner JWS payload must be a JSON object")
     return jwk, payload

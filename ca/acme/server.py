@@ -25,7 +25,7 @@ import structlog
 from aiohttp import web
 from cryptography import x509
 
-from ca import ra, strict_json
+from ca import ra
 from ca.acme import jws as acme_jws
 from ca.acme.nonces import Nonces
 from ca.acme.problems import PREFIX, AcmeProblem, from_refusal
@@ -349,12 +349,7 @@ async def key_change(request: web.Request) -> web.Response:
     server = request.app[ACME]
     v = await _verified(request)
     assert v.account is not None
-    try:
-        outer = strict_json.loads(v.payload)
-    except strict_json.NotUnicode as exc:
-        raise AcmeProblem("malformed", f"the payload {exc}") from None
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise AcmeProblem("malformed", "the payload is not JSON") from None
+    outer = acme_jws.loads(v.payload, "payload")
     new_jwk, inner = acme_jws.verify_inner(outer, v.url)
     acct_url = url_of(request, f"acct/{v.account.id}")
     if inner.get("account") != acct_url:

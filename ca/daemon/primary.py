@@ -623,6 +623,15 @@ OCSP_LEASE_S = 1.0
 CRL_REFRESH_S = 300.0
 
 
+def _context_now(issuance: Issuance, policies: control.PolicyFeed
+                 ) -> Callable[[], Awaitable[ra.Context]]:
+    """The registration authority's context as of each call: the policy in force, the
+    keys the inventory holds."""
+    async def context() -> ra.Context:
+        return decision_context(policies.current, await issuance.keys.refresh())
+    return context
+
+
 async def _refresh_crls(issuance: Issuance, store: Store, audit: AuditLog,
                         generations: Generations, policies: control.PolicyFeed) -> None:
     """Every CRL that still signs (each issuing CA's, the root's) re-signed by the CA
@@ -632,10 +641,8 @@ async def _refresh_crls(issuance: Issuance, store: Store, audit: AuditLog,
     before; a GET that finds its CRL stale all the same (this task behind, or the HSM
     away) still re-signs it, or serves the last one while it is valid."""
     from ca.revocation import Revocations
-
-    async def context() -> ra.Context:
-        return decision_context(policies.current, await issuance.keys.refresh())
-    revocations = Revocations(store, audit, issuance, generations, context)
+    revocations = Revocations(store, audit, issuance, generations,
+                              _context_now(issuance, policies))
     while True:
         issuers = await issuance.keys.refresh()
         for label in [*issuers.x509, issuers.root_issuer()]:
@@ -652,9 +659,7 @@ async def _refresh_ocsp(issuance: Issuance, store: Store, policies: control.Poli
     """Pre-sign OCSP responses, as the registration authority orders them. In cluster
     mode one node at a time does it: the one holding the lease (an advisory lock that
     dies with its holder's connection)."""
-    async def context() -> ra.Context:
-        return decision_context(policies.current, await issuance.keys.refresh())
-    refresher = OCSPRefresher(OCSPSigner(issuance, context))
+    refresher = OCSPRefresher(OCSPSigner(issuance, _context_now(issuance, policies)))
     if not _cluster(store):
         await refresher.run()
         return
