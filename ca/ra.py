@@ -312,11 +312,21 @@ class AcmeEABRequest:
 
 
 @dataclass(frozen=True)
+class ReplacedCert:
+    """The certificate a newOrder says it replaces (RFC 9773 5), as the inventory has it."""
+
+    cert_id: str  # its canonical CertID
+    account_id: str | None  # the ACME account it was issued to; None: not through ACME
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class AcmeOrderRequest:
     """newOrder: the identifiers as the client sent them (RFC 8555 7.4)."""
 
     identifiers: object
     dns01_available: bool = False  # a wildcard can be validated only over dns-01
+    replaces: ReplacedCert | None = None
 
 
 @dataclass(frozen=True)
@@ -393,6 +403,7 @@ class AcmeOrderGrant:
     account_id: str
     names: tuple[str, ...]
     actor: str
+    replaces: str | None = None  # the CertID of the certificate it replaces
 
 
 @dataclass(frozen=True)
@@ -968,7 +979,16 @@ def _acme_order(ctx: Context, who: Requester, req: AcmeOrderRequest) -> AcmeOrde
         names.append(name)
     unique = list(dict.fromkeys(names))
     _acme_names(ctx, account, unique)
-    return AcmeOrderGrant(account.account_id, tuple(unique), account.actor)
+    old = req.replaces
+    if old is not None:  # RFC 9773 5: the account's own certificate, for a name it had
+        if old.account_id != account.account_id:
+            raise Refused("replaces names a certificate not issued to this account",
+                          Reason.UNAUTHORIZED)
+        if not {n.lower() for n in old.names} & {n.lower() for n in unique}:
+            raise Refused("the new order shares no identifier with the certificate it "
+                          "replaces")
+    return AcmeOrderGrant(account.account_id, tuple(unique), account.actor,
+                          old.cert_id if old is not None else None)
 
 
 def _acme_finalize(ctx: Context, who: Requester, req: AcmeFinalizeRequest) -> X509Order:

@@ -465,6 +465,19 @@ def test_bad_acme_identifiers(identifiers: object, reason: Reason) -> None:
     assert isinstance(r, ra.Refusal) and r.reason is reason, r
 
 
+def test_an_order_replaces_only_the_accounts_own_certificate_for_a_name_it_had() -> None:
+    def order(replaced: ra.ReplacedCert) -> object:
+        return ra.decide(context(), acme_account(), ra.AcmeOrderRequest(
+            dns_ids("a.test"), replaces=replaced))
+    grant = order(ra.ReplacedCert("aki.01", "acct1", ("A.test", "b.test")))
+    assert isinstance(grant, ra.AcmeOrderGrant) and grant.replaces == "aki.01"
+    refused(order(ra.ReplacedCert("aki.01", "acct2", ("a.test",))), Reason.UNAUTHORIZED,
+            "not issued to this account")
+    refused(order(ra.ReplacedCert("aki.01", None, ("a.test",))), Reason.UNAUTHORIZED)
+    refused(order(ra.ReplacedCert("aki.01", "acct1", ("c.test",))), Reason.MALFORMED,
+            "shares no identifier")
+
+
 def test_wildcards_need_the_policy_and_dns01() -> None:
     p = Policy(allow_wildcards=True)
     no_dns = ra.decide(context(p), acme_account(), ra.AcmeOrderRequest(dns_ids("*.a.test")))

@@ -433,10 +433,9 @@ async def new_order(request: web.Request) -> web.Response:
     if "profile" in body:
         raise AcmeProblem("malformed", "this CA offers no profiles")
     dns01 = server.cfg.resolver is not None
+    replaces = await _replaced(request, body["replaces"]) if "replaces" in body else None
     grant: ra.AcmeOrderGrant = await decide(request, _holder(v.account), ra.AcmeOrderRequest(
-        body.get("identifiers"), dns01_available=dns01))
-    replaces = await _replaced(request, v.account, body["replaces"], grant.names) \
-        if "replaces" in body else None
+        body.get("identifiers"), dns01_available=dns01, replaces=replaces))
     await _rate(request, "new-order", v.account.id, server.cfg.orders_per_hour, take=True)
     now = utcnow()
     expires = (now + ORDER_LIFETIME).isoformat()
@@ -452,30 +451,24 @@ async def new_order(request: web.Request) -> web.Response:
             AcmeChallenge(_new_id(), authz_id, k, secrets.token_urlsafe(32), "pending")
             for k in kinds)))
     order = AcmeOrder(order_id, v.account.id, "pending", grant.names, expires, now.isoformat(),
-                      tuple(a.id for a in authzs), replaces=replaces)
+                      tuple(a.id for a in authzs), replaces=grant.replaces)
     if not await server.store.add_acme_order(order, authzs):
-        raise AcmeProblem("alreadyReplaced", f"the certificate {replaces} is already being "
-                          "replaced by another order of this account", 409)
+        raise AcmeProblem("alreadyReplaced", f"the certificate {grant.replaces} is already "
+                          "being replaced by another order of this account", 409)
     return _json(_order_obj(request, order), 201, url_of(request, f"order/{order_id}"))
 
 
-async def _replaced(request: web.Request, account: AcmeAccount, text: object,
-                    names: tuple[str, ...]) -> str:
-    """RFC 9773 5: the certificate `replaces` names exists, was issued to this account,
-    and shares a name with the new order; its canonical CertID (the same certificate
-    always gives the same text, so one order at a time can replace it)."""
+async def _replaced(request: web.Request, text: object) -> ra.ReplacedCert:
+    """What the inventory says of the certificate a newOrder's `replaces` names (RFC 9773
+    5), for the registration authority to judge; its canonical CertID (the same
+    certificate always gives the same text, so one order at a time can replace it)."""
     if not isinstance(text, str):
         raise AcmeProblem("malformed", "replaces is a CertID string: base64url(AKI) \".\" "
                           "base64url(serial)")
     rec, issuer = await _cert_of_id(request, text, 400)
     issued = await request.app[ACME].store.acme_cert(int(rec.serial, 16))
-    if issued is None or issued.account_id != account.id:
-        raise AcmeProblem("unauthorized", "replaces names a certificate not issued to this "
-                          "account", 403)
-    if not {n.lower() for n in rec.names} & {n.lower() for n in names}:
-        raise AcmeProblem("malformed", "the new order shares no identifier with the "
-                          "certificate it replaces")
-    return cert_id(_ski(issuer), int(rec.serial, 16))
+    return ra.ReplacedCert(cert_id(_ski(issuer), int(rec.serial, 16)),
+                           issued.account_id if issued is not None else None, rec.names)
 
 
 def cert_id(aki: bytes, serial: int) -> str:
