@@ -221,16 +221,18 @@ class Revocations:
         """How many unrevoked SSH certificates the selector matches: the RA's evidence."""
         return await self.store.count_ssh_certs(_selector(serial, key_id, public_key))
 
-    async def revoke_ssh(self, order: ra.SSHRevokeOrder, request_id: str | None) -> int:
-        """Carry out the registration authority's order; how many certificates it hit."""
+    async def revoke_ssh(self, order: ra.SSHRevokeOrder, matching: int,
+                         request_id: str | None) -> int:
+        """Carry out the registration authority's order, decided when `matching`
+        certificates matched (`count_ssh`); how many it hit."""
         which = _selector(order.serial, order.key_id, order.public_key)
         key = order.public_key
         # The record first, as for X.509: a revocation the log does not show never happened.
         await self.audit.append("ssh.revoke", serial=None if order.serial is None
                                 else str(order.serial), key_id=order.key_id,
                                 public_key_sha256=key.sha256 if key else None,
-                                certificates=await self.store.count_ssh_certs(which),
-                                actor=order.actor, request_id=request_id)
+                                certificates=matching, actor=order.actor,
+                                request_id=request_id)
         hit = await self.store.revoke_ssh(which, prof.utcnow(), key.line if key else None)
         self.generations.bump("ssh_revocations")  # committed: every process rebuilds its KRL
         return hit

@@ -82,9 +82,10 @@ async def ssh_revoke(request: web.Request) -> web.Response:
     else:
         public_key = ssh.parse_public_key(field(body, "public_key", str))
     revocations = request.app[REVOCATIONS]
+    matching = await revocations.count_ssh(serial, key_id, public_key)
     order: ra.SSHRevokeOrder = await decide(request, who, ra.SSHRevokeRequest(
-        serial, key_id, public_key, await revocations.count_ssh(serial, key_id, public_key)))
-    hit = await revocations.revoke_ssh(order, request.get("request_id"))
+        serial, key_id, public_key, matching))
+    hit = await revocations.revoke_ssh(order, matching, request.get("request_id"))
     return web.json_response({"revoked_certificates": hit,
                               "revoked_key": public_key.sha256 if public_key else None})
 
