@@ -23,12 +23,14 @@ def loads(raw: bytes | str) -> Any:
     are UTF-8 (RFC 8259 8.1), decoded strictly: `json.loads` would guess UTF-16 too, and
     let an encoded surrogate through."""
     if isinstance(raw, bytes):
+        data = raw
         try:
-            raw = raw.decode("utf-8")
+            text = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise NotUnicode("is not UTF-8") from None
-    obj = json.loads(raw)
-    data = raw.encode("utf-8", "surrogatepass")
+    else:
+        text, data = raw, raw.encode("utf-8", "surrogatepass")
+    obj = json.loads(text)
     if _SURROGATE_ESCAPE.search(data):  # rare: the check below walks the whole object
         try:
             json.dumps(obj, ensure_ascii=False).encode()
