@@ -56,6 +56,7 @@ class Reason(enum.Enum):
     PRINCIPAL_NOT_GRANTED = (403, "principal-not-granted")
     WRONG_ROLE = (403, "wrong-role")
     REVOKED_KEY = (403, "revoked-key")
+    REVOKED = (403, "revoked-certificate")
     REASON_NOT_ALLOWED = (403, "revocation-reason-not-allowed")
     NOT_FOUND = (404, "not-found")
     CONFLICT = (409, "conflict")

@@ -354,9 +354,23 @@ class AcmeRevokeRequest:
     spki_sha256: str | None = None  # its subject key
 
 
+@dataclass(frozen=True)
+class RevokedMeanwhile:
+    """A certificate just recorded on the strength of `parent` (an X.509 renewal,
+    `child`, or an SSH certificate, `ssh_serial`), whose parent turned out revoked once
+    it was: a revocation that ran while the request was signed. Asked by the CA itself,
+    after the recording, so that the revocation reaches what it raced (the revocation
+    sweeps once more after its own commit: between them nothing escapes)."""
+
+    parent: int
+    parent_reason: str | None
+    child: int | None = None
+    ssh_serial: int | None = None
+
+
 Request = (TokenRequest | EnrollRequest | RenewRequest | SSHHostRequest | SSHUserRequest
            | RevokeRequest | RevokeIdentityRequest | SSHRevokeRequest | CRLRequest | OCSPRequest
-           | LocalCertRequest
+           | LocalCertRequest | RevokedMeanwhile
            | KeyRequest | RootRequest | CrossRequest | IntermediateRequest | AcmeEABRequest
            | AcmeOrderRequest | AcmeFinalizeRequest | AcmeRevokeRequest)
 
@@ -433,6 +447,7 @@ class RevokeOrder:
     actor: str
     lineage: bool = False
     identity: str | None = None
+    follows: int | None = None  # the revoked certificate it was renewed from, if it raced
 
 
 @dataclass(frozen=True)
@@ -741,6 +756,21 @@ def _ssh_revoke(ctx: Context, who: Requester, req: SSHRevokeRequest) -> SSHRevok
         what = f"serial {req.serial}" if req.serial is not None else f"key id {req.key_id!r}"
         raise Refused(f"no unrevoked SSH certificate with {what}", Reason.NOT_FOUND)
     return SSHRevokeOrder(req.serial, req.key_id, req.public_key, who.actor)
+
+
+def _revoked_meanwhile(ctx: Context, who: Requester,
+                       req: RevokedMeanwhile) -> RevokeOrder | SSHRevokeOrder:
+    if not isinstance(who, Local):
+        raise Refused("only the CA itself carries a revocation over to what raced it",
+                      Reason.WRONG_ROLE)
+    if req.ssh_serial is not None:  # every revocation reaches the SSH certificates
+        return SSHRevokeOrder(req.ssh_serial, None, None, who.actor)
+    assert req.child is not None
+    # The child inherits the revocation whatever its reason: it was recorded after its
+    # parent stopped being good, so nothing vouches for it. keyCompromise takes what
+    # was renewed from it too, as for any revocation for that reason.
+    return RevokeOrder(req.child, req.parent_reason, who.actor,
+                       lineage=req.parent_reason == "keyCompromise", follows=req.parent)
 
 
 def _crl(ctx: Context, who: Requester, req: CRLRequest) -> CRLOrder:
@@ -1058,6 +1088,7 @@ _HANDLERS: dict[type, Callable[[Context, Requester, Any], Order]] = {
     RevokeIdentityRequest: _revoke_identity, SSHRevokeRequest: _ssh_revoke, KeyRequest: _key,
     RootRequest: _root, CrossRequest: _cross, IntermediateRequest: _intermediate,
     CRLRequest: _crl, OCSPRequest: _ocsp, LocalCertRequest: _local_cert,
+    RevokedMeanwhile: _revoked_meanwhile,
     AcmeEABRequest: _acme_eab, AcmeOrderRequest: _acme_order,
     AcmeFinalizeRequest: _acme_finalize, AcmeRevokeRequest: _acme_revoke,
 }

@@ -31,6 +31,7 @@ from ca.revocation.ocsp import OCSPSigner
 from ca.ssh import RevokedCerts, SSHPublicKey, blob_of, build_krl, parse_public_key
 from ca.store import CRLRecord, OCSPDue, SSHSelector, Store
 from ca.store.errors import StoreUnavailable
+from ca.store.records import Revoked as Reached
 from hsm.errors import AuditUnavailable, HSMUnavailable
 
 CRL_VALIDITY = ra.CRL_VALIDITY
@@ -102,16 +103,14 @@ class Revocations:
                 family.update(await self.store.lineage(serial, now))
             targets = sorted(family)
         # The record first: a revocation the log does not show never happened.
-        await self.audit.append("cert.revoke", serial=None if order.serial is None else format(
-            order.serial, "x"), serials=[format(s, "x") for s in targets],
-            identity=order.identity, lineage=order.lineage, reason=order.reason,
-            actor=order.actor, request_id=request_id)
+        await self._record(order, targets, request_id)
         done = await self.store.revoke_certs(targets, now, order.reason)
         if not done.serials:  # another request revoked it meanwhile
             raise Refused("already revoked", Reason.CONFLICT)
         self.generations.bump("revocations")  # committed: every process reloads
         if done.ssh_certs:
             self.generations.bump("ssh_revocations")
+        done = await self._sweep(order, targets, done, now, request_id)
         # The revoked responses are signed now (the refresher would within seconds, but a
         # relying party should not get a good one a moment longer than needed); the
         # stored CRL is stale from now on, and if re-signing fails here the next GET
@@ -140,6 +139,71 @@ class Revocations:
                         "say so", serials=[format(s, "x") for s in unpublished],
                         issuers=sorted(set(unpublished.values())), request_id=request_id)
         return Revocation(now, list(done.serials), done.ssh_certs, unpublished, pending)
+
+    async def _record(self, order: ra.RevokeOrder, serials: list[int],
+                      request_id: str | None) -> None:
+        await self.audit.append("cert.revoke", serial=None if order.serial is None else format(
+            order.serial, "x"), serials=[format(s, "x") for s in serials],
+            identity=order.identity, lineage=order.lineage, reason=order.reason,
+            actor=order.actor, request_id=request_id,
+            **({} if order.follows is None else {"follows": format(order.follows, "x")}))
+
+    async def _sweep(self, order: ra.RevokeOrder, targets: list[int], done: Reached,
+                     now: dt.datetime, request_id: str | None) -> Reached:
+        """Once more, now that the revocation is committed. A request signed while it
+        ran may have recorded a renewal of one of these certificates, or an SSH
+        certificate on the strength of one, after the lineage above was read (or, on
+        PostgreSQL, after the SSH certificates were marked) and checked its parent
+        before this commit: such a request found nothing to inherit, so this finds it
+        (`settle` covers the other order; between them nothing escapes)."""
+        serials, ssh = set(done.serials), done.ssh_certs
+        while True:
+            new: list[int] = []
+            if order.lineage:
+                family: set[int] = set()
+                for serial in targets:  # the walk passes through revoked members too
+                    family.update(await self.store.lineage(serial, now))
+                new = sorted(family - serials)
+                if new:
+                    await self._record(order, new, request_id)
+            again = await self.store.revoke_certs([*sorted(serials), *new], now, order.reason)
+            if again.serials:
+                self.generations.bump("revocations")
+            if again.ssh_certs:
+                self.generations.bump("ssh_revocations")
+            serials.update(again.serials)
+            ssh += again.ssh_certs
+            if not new:
+                return Reached(tuple(sorted(serials)), ssh)
+
+    async def settle(self, parent_hex: str, request_id: str | None, *,
+                     child: int | None = None, ssh_serial: int | None = None) -> None:
+        """After a certificate was recorded on the strength of `parent_hex` (a renewal,
+        `child`, or an SSH certificate): if that certificate was revoked meanwhile (a
+        revocation ran while this request was signed, after its check at the start),
+        what was just recorded is revoked with it, and the request is refused rather
+        than answered with it. Read from the inventory itself, not from this process's
+        cache of revocations, which follows a commit only after it."""
+        parent = await self.store.cert(int(parent_hex, 16))
+        if parent is None or parent.revoked_at is None:
+            return
+        order = ra.order(await self._context(), ra.Local(), ra.RevokedMeanwhile(
+            int(parent_hex, 16), parent.reason, child, ssh_serial))
+        if isinstance(order, ra.SSHRevokeOrder):
+            await self.revoke_ssh(order, 1, request_id)
+            what = f"SSH certificate {ssh_serial} is revoked with it (in the KRL)"
+        else:
+            try:
+                await self.revoke(order, request_id)
+            except Refused as exc:
+                if exc.reason is not Reason.CONFLICT:  # the revocation's sweep got there first
+                    raise
+            what = f"the new certificate {child:x} is revoked with it"
+        log.warning("a revocation raced this request: what it got is revoked too",
+                    revoked_parent=parent_hex, child=None if child is None else format(child, "x"),
+                    ssh_serial=ssh_serial, request_id=request_id)
+        raise Refused(f"the client certificate {parent_hex} was revoked while this request "
+                      f"was being signed; {what}", Reason.REVOKED)
 
     async def crl(self, issuer: str | None = None) -> bytes:
         """The newest CRL of `issuer` (the current one by default), re-signed when a

@@ -16,8 +16,11 @@ routes = web.RouteTableDef()
 log = structlog.get_logger("hsmca.issue")
 
 
-def _answer(request: web.Request, order: ra.SSHOrder, issued: IssuedSSH) -> web.Response:
+async def _answer(request: web.Request, order: ra.SSHOrder, issued: IssuedSSH) -> web.Response:
     cert = issued.cert
+    # A revocation of the X.509 certificate it rests on may have run while it was signed.
+    await request.app[REVOCATIONS].settle(order.owner_serial, request.get("request_id"),
+                                          ssh_serial=cert.serial)
     log.info("issued", kind=f"ssh-{order.cert_type}", serial=str(cert.serial),
              key_id=issued.key_id, principals=list(order.principals), actor=order.actor,
              request_id=request.get("request_id"), audit_seq=issued.outcome_seq)
@@ -43,7 +46,7 @@ async def ssh_host(request: web.Request) -> web.Response:
     key = ssh.parse_public_key(field(body, "public_key", str))
     order: ra.SSHOrder = await decide(request, who, ra.SSHHostRequest(
         key, body.get("principals")))
-    return _answer(request, order, await request.app[ISSUANCE].ssh(
+    return await _answer(request, order, await request.app[ISSUANCE].ssh(
         order, request.get("request_id")))
 
 
@@ -55,7 +58,7 @@ async def ssh_user(request: web.Request) -> web.Response:
     order: ra.SSHOrder = await decide(request, who, ra.SSHUserRequest(
         key, body.get("principals"), body.get("ttl"),
         ssh.source_addresses(body.get("source_address"))))
-    return _answer(request, order, await request.app[ISSUANCE].ssh(
+    return await _answer(request, order, await request.app[ISSUANCE].ssh(
         order, request.get("request_id")))
 
 

@@ -123,6 +123,10 @@ async def _renew(request: web.Request, csr: x509.CertificateSigningRequest | Non
     who = await identity(request)
     order: ra.X509Order = await decide(request, who, ra.RenewRequest(csr, ttl))
     issued = await request.app[ISSUANCE].x509(order, request.get("request_id"))
+    assert order.renewed_from is not None
+    # A revocation of the presented certificate may have run while this was signed.
+    await request.app[REVOCATIONS].settle(order.renewed_from, request.get("request_id"),
+                                          child=issued.cert.serial_number)
     return _logged(request, order, issued)
 
 
