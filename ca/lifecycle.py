@@ -75,6 +75,7 @@ class KeyLifecycle:
         if order.action == "rotate":
             return await self._rotate(order, context, request_id)
         assert order.label is not None
+        absent = False  # a destroy that found the key gone from the token already
         if order.action == "retire":
             await self.audit.append("key.retire", label=order.label, kind=order.kind,
                                     actor=order.actor, request_id=request_id)
@@ -82,13 +83,27 @@ class KeyLifecycle:
                                                   expect="previous"):
                 raise Refused(f"{order.label!r} changed meanwhile", Reason.CONFLICT)
         else:
-            await self.issuance.pipeline.destroy_key(order.label, order.actor, request_id)
+            seq = await self.issuance.pipeline.destroy_key(order.label, order.actor, request_id)
+            absent = seq is None
+            if absent:
+                # The token no longer holds it: a destroy cut short after C_DestroyObject
+                # (its hsm.destroy lines are in the log), or a removal outside hsmca.
+                # Either way it is gone; the inventory says so now, and the log why.
+                await self.audit.append("key.destroy", label=order.label, kind=order.kind,
+                                        result="absent-from-token", actor=order.actor,
+                                        request_id=request_id)
             await self.store.set_key_state(order.label, "destroyed", utcnow(),
                                            expect="retired")
         await self._published()  # first: every process must stop using it
         live, until = await self.live(order.label)
-        return {"label": order.label, "state": "retired" if order.action == "retire"
-                else "destroyed", "live": live, "live_until": until}
+        done: dict[str, Any] = {"label": order.label, "state": "retired"
+                                if order.action == "retire" else "destroyed",
+                                "live": live, "live_until": until}
+        if absent:
+            done["warnings"] = [f"the token no longer held {order.label!r} (an earlier destroy "
+                                "cut short, or a removal outside hsmca); it is recorded as "
+                                "destroyed"]
+        return done
 
     async def _not_handed_over(self) -> tuple[str, ...]:
         """The logs whose latest checkpoint the active audit key has not signed yet (a

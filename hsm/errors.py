@@ -14,6 +14,10 @@ class HSMUnavailable(HSMError):
     """The session is broken; the worker is reconnecting. Callers answer 503."""
 
 
+class KeyNotFound(HSMError):
+    """The token holds no key by that label (once a fresh session agrees)."""
+
+
 class KeyExportable(HSMError):
     """A key's attributes would let it leave the HSM; the daemon refuses to use it."""
 

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from pkcs11 import Attribute, KeyType, ObjectClass
 from pkcs11.util.ec import encode_named_curve_parameters
 
-from hsm.errors import HSMError, KeyExportable
+from hsm.errors import HSMError, KeyExportable, KeyNotFound
 
 KEY_TYPES = ("ec-p256", "ec-p384", "ed25519", "rsa-3072")
 _CURVES: dict[str, tuple[str, ec.EllipticCurve]] = {
@@ -90,7 +90,7 @@ def find_private(session: pkcs11.Session, label: str, required: bool = True) -> 
                        "labels must be unique")
     if not found:
         if required:
-            raise HSMError(f"no private key labelled {label!r} in the token "
+            raise KeyNotFound(f"no private key labelled {label!r} in the token "
                            "(was `hsmca init` run against this token?)")
         return None
     return found[0]
@@ -105,7 +105,9 @@ def private_labels(session: pkcs11.Session) -> list[str]:
 def find_public(session: pkcs11.Session, label: str) -> Any:
     found = list(session.get_objects({Attribute.CLASS: ObjectClass.PUBLIC_KEY,
                                       Attribute.LABEL: label}))
-    if len(found) != 1:
+    if not found:
+        raise KeyNotFound(f"no public key labelled {label!r} in the token")
+    if len(found) > 1:
         raise HSMError(f"expected one public key labelled {label!r} in the token, "
                        f"found {len(found)}")
     return found[0]

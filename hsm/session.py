@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa,
 from pkcs11 import MGF, Mechanism
 
 from hsm import keys
-from hsm.errors import HSMError, HSMUnavailable, SignatureCheckFailed
+from hsm.errors import HSMError, HSMUnavailable, KeyNotFound, SignatureCheckFailed
 from hsm.oplog import OpLog
 from hsm.uri import key_uri
 
@@ -201,18 +201,32 @@ class HSM:
 
     # ---- keys --------------------------------------------------------------------------
 
-    def key(self, label: str) -> KeyInfo:
-        """The key `label`, checked non-exportable (KeyExportable otherwise)."""
+    def key(self, label: str, fresh: bool = False) -> KeyInfo:
+        """The key `label`, checked non-exportable (KeyExportable otherwise); with
+        `fresh`, looked up in the token even if this session knows it (another process
+        may have destroyed it)."""
         self._claim()
         self._ready()
         found = self._keys.get(label)
-        if found is not None and label in self._handles:
+        if found is not None and label in self._handles and not fresh:
             return found
         try:
             return self._find(label)
         except SESSION_ERRORS as exc:
             self._mark_broken(exc)
             raise HSMUnavailable(f"HSM unavailable: {self.broken}") from None
+        except KeyNotFound as exc:
+            # SoftHSM finds nothing, rather than failing, while its token directory is
+            # away, and a session that looked then goes on finding nothing once it is
+            # back (a key made by another process meanwhile: a rotation). Ask a fresh
+            # session before calling the key missing, unless one was opened just now.
+            if self.flapping:
+                raise
+            self._mark_broken(exc)
+            self._reconnect()
+            if self.broken is not None:
+                raise HSMUnavailable(f"HSM unavailable: {self.broken}") from None
+        return self._find(label)  # still missing on a fresh session: it is
 
     def generate(self, label: str, key_type: str) -> KeyInfo:
         """Generate a non-exportable key pair in the token; logged as hsm.keygen."""
@@ -451,7 +465,15 @@ class HSM:
         old = dict(self._keys)
         self._handles.clear()
         for label, info in old.items():
-            if self._find(label).public_key != info.public_key:
+            try:
+                found = self._find(label)
+            except KeyNotFound:
+                # Destroyed meanwhile (`hsmca key destroy`, run by another process):
+                # forgotten here too; asked for again, it is missing, and says so.
+                self._keys.pop(label, None)
+                self._record("hsm.error", error="KeyNotFound", key=info.uri, action="forgotten")
+                continue
+            if found.public_key != info.public_key:
                 raise HSMError(f"key {label!r} in the token changed since start-up")
 
     def _login(self, token: Any, pin: str, retries: tuple[float, ...]) -> Any:

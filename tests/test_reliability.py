@@ -322,6 +322,42 @@ async def test_audit_log_moved_or_cut_under_the_daemon_means_503_until_it_is_bac
     assert "was moved or deleted" in resumed[0] and "was cut" in resumed[1], resumed
 
 
+async def test_checkpoints_that_keep_failing_show_in_health(tmp_path: Path) -> None:
+    """A daemon that signs but cannot checkpoint grows a log no auditor can trust yet:
+    /health said ok all along (the fault review saw it for minutes). Here the checkpoint
+    cannot be replaced: its path is taken by a directory."""
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state, "--workers", "1")
+    checkpoint = ca.state / "audit" / "checkpoint"
+    saved = checkpoint.read_bytes()
+    try:
+        cert, key = enroll(d, tmp_path, "service", [LOAD_NAME])
+        checkpoint.unlink()
+        (checkpoint / "in-the-way").mkdir(parents=True)
+        status, _, body = await http("POST", f"{d.url}/v1/x509/renew", d.ssl(cert, key),
+                                     body={})
+        assert status == 201, body  # issuance goes on: the lines are durable
+        deadline = asyncio.get_running_loop().time() + 60
+        while True:
+            status, _, body = await http("GET", f"{d.url}/health", d.ssl())
+            if status == 503 or asyncio.get_running_loop().time() > deadline:
+                break
+        assert status == 503, body
+        assert json.loads(body)["audit"].startswith("unavailable: no checkpoint signed for")
+        (checkpoint / "in-the-way").rmdir()
+        checkpoint.rmdir()
+        deadline = asyncio.get_running_loop().time() + 60
+        while True:
+            status, _, body = await http("GET", f"{d.url}/health", d.ssl())
+            if status == 200 or asyncio.get_running_loop().time() > deadline:
+                break
+        assert status == 200, body
+        assert checkpoint.read_bytes() != saved  # signed again, over the lines since
+    finally:
+        assert d.stop() == 0
+    audit_verify(ca.state, ok=True)
+
+
 async def test_an_inventory_that_cannot_be_written_means_503_and_no_more_signing(
         tmp_path: Path) -> None:
     """The inventory's file refuses writes under the running daemon (its WAL made

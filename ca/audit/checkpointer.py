@@ -59,6 +59,8 @@ def publish_key(path: Path) -> Callable[[KeyInfo], None]:
 
 
 Keys = Callable[[], Awaitable[list[KeyInfo]]]
+# Checkpoints failing for this long make /health say so.
+CHECKPOINT_GRACE_S = 5.0
 
 
 class Checkpointer:
@@ -80,6 +82,7 @@ class Checkpointer:
         self.min_interval, self.heartbeat = min_interval, heartbeat
         self._covered = -1  # log size at which nothing new needs a checkpoint
         self._last = 0.0
+        self._failing: tuple[float, str] | None = None  # (since, last error)
         self.latest: str | None = path.read_text("utf-8") if path.exists() else None
 
     async def checkpoint(self, actor: str = "local") -> str:
@@ -125,10 +128,30 @@ class Checkpointer:
             if self.audit.size > self._covered or due:
                 try:
                     await self.checkpoint()
+                    self._failing = None
                 except (AuditUnavailable, HSMError) as exc:
                     log.warning("checkpoint failed", error=str(exc))
-                except Exception:  # anything else: said, and tried again
+                    self._failed(str(exc) or type(exc).__name__)
+                except Exception as exc:  # anything else: said, and tried again
                     # A task that died here would leave the log without checkpoints
                     # until a restart, silently (the inventory read the audit keys come
                     # from, busy or away for a moment, was enough).
                     log.exception("checkpoint failed; trying again")
+                    self._failed(str(exc) or type(exc).__name__)
+
+    def _failed(self, error: str) -> None:
+        since = self._failing[0] if self._failing else time.monotonic()
+        self._failing = (since, error)
+
+    def trouble(self) -> str | None:
+        """Why no checkpoint has been signed for a while, or None: /health says so, since
+        lines no checkpoint covers are lines no auditor can trust yet (a moment's
+        failure, the HSM busy or away, is not trouble yet)."""
+        failing = self._failing
+        if failing is None:
+            return None
+        since, error = failing
+        seconds = time.monotonic() - since
+        if seconds < CHECKPOINT_GRACE_S:
+            return None
+        return f"no checkpoint signed for {seconds:.0f} s: {error}"

@@ -59,8 +59,10 @@ class _Channel:
 class Recorder:
     def __init__(self, audit: AuditLog, latest_checkpoint: Callable[[], str | None],
                  on_lost: Callable[[int, int], None] | None = None, *,
-                 latest_cosigned: Callable[[], str | None] = lambda: None) -> None:
+                 latest_cosigned: Callable[[], str | None] = lambda: None,
+                 checkpoint_trouble: Callable[[], str | None] = lambda: None) -> None:
         self.audit = audit
+        self._checkpoint_trouble = checkpoint_trouble
         self._latest_checkpoint = latest_checkpoint
         self._latest_cosigned = latest_cosigned
         # Called on this thread with (worker slot, signatures closed as WorkerLost)
@@ -169,7 +171,9 @@ class Recorder:
     def _answer_from_log(self, msg: wire.Request) -> wire.Reply:
         audit = self.audit
         if isinstance(msg, wire.AskHealth):
-            return wire.Health(msg.id, audit.healthy, audit.problem, audit.size)
+            trouble = self._checkpoint_trouble()
+            return wire.Health(msg.id, audit.healthy and trouble is None,
+                               audit.problem or trouble, audit.size)
         if isinstance(msg, wire.AskCheckpoint):
             return wire.Checkpoint(msg.id, self._latest_cosigned() if msg.cosigned
                                    else self._latest_checkpoint())

@@ -86,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError("not destroyed (confirm with yes, or pass --yes)")
     out = _call(args, "POST", "/v1/keys/destroy", {"label": args.label, "confirm": True})
     print(f"destroyed {out['label']} (C_DestroyObject; the audit log records it)")
+    for warning in out.get("warnings", []):
+        print(f"hsmca: warning: {warning}", file=sys.stderr)
     return 0
 
 

@@ -126,7 +126,8 @@ class WorkerPool:
         self.generations, self.policies = generations, policies
         witnesses = checkpointer.witnesses
         self.recorder = Recorder(audit, lambda: checkpointer.latest, self._lost,
-                                 latest_cosigned=lambda: witnesses.cosigned if witnesses else None)
+                                 latest_cosigned=lambda: witnesses.cosigned if witnesses else None,
+                                 checkpoint_trouble=checkpointer.trouble)
         # Failed bootstrap-token attempts, counted for the whole daemon.
         self.limiter = FailureLimiter()
         self._control: list[asyncio.Task[None]] = []

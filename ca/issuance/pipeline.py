@@ -38,7 +38,7 @@ from ca.handoff import (
     drain_queue,
     stop_thread,
 )
-from hsm.errors import HSMError, HSMUnavailable
+from hsm.errors import HSMError, HSMUnavailable, KeyNotFound
 from hsm.ids import IdSource
 from hsm.session import HSM, HSMConfig, KeyInfo
 from hsm.signers import HSMKey, mechanism_name, signer
@@ -200,11 +200,18 @@ class SigningPipeline:
             return info
         return await self.call(gen)
 
-    async def destroy_key(self, label: str, actor: str, request_id: str | None = None) -> int:
+    async def destroy_key(self, label: str, actor: str,
+                          request_id: str | None = None) -> int | None:
         """Destroy a key pair in the token, recorded like a signature: an `hsm.destroy`
-        intent durable before C_DestroyObject, an outcome after it; the outcome's seq."""
-        def destroy(hsm: HSM) -> int:
-            info = self._key(hsm, label)
+        intent durable before C_DestroyObject, an outcome after it; the outcome's seq.
+        None when the token holds no such key (a destroy cut short after
+        C_DestroyObject, before the inventory said so): nothing to do in the HSM."""
+        def destroy(hsm: HSM) -> int | None:
+            try:
+                info = hsm.key(label, fresh=True)  # the token's word, not a memory of it
+            except KeyNotFound:
+                self._keys.pop(label, None)
+                return None
             op_id = self._op_ids.next()
             intent = {"phase": "intent", "op_id": op_id, "key": info.uri, "label": label,
                       "operation": "destroy", "actor": actor, "request_id": request_id,
