@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from ca.decimal_text import is_decimal
 from ca.errors import CLIError
 from hsm.errors import AuditUnavailable, HSMError
 
@@ -63,7 +64,7 @@ def _ca_name(text: str) -> str:
 
 
 def _non_negative(text: str) -> int:
-    if not text.isdigit():
+    if not is_decimal(text):
         raise argparse.ArgumentTypeError(f"must be a whole number >= 0, not {text!r}")
     return int(text)
 

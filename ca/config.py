@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ca.decimal_text import is_decimal
 from ca.policy import Policy
 from hsm.session import HSMConfig
 from hsm.uri import URIError
@@ -411,7 +412,7 @@ def _acme(table: dict[str, Any], where: str) -> AcmeConfig:
         host, port = text, 53
         if text.count(":") == 1 or text.startswith("["):  # a.b.c.d:port, [v6]:port
             host, _, p = text.rpartition(":")
-            if not p.isdigit() or not 1 <= int(p) <= 65535:
+            if not is_decimal(p) or not 1 <= int(p) <= 65535:
                 raise ConfigError(f"{where}: resolver {text!r}: the port is not a number "
                                   "from 1 to 65535")
             port = int(p)

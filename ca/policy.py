@@ -27,6 +27,8 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa
 
+from ca.decimal_text import is_decimal
+
 ROLES = ("service", "host", "user", "auditor", "admin")
 _LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
 _TTL = re.compile(r"^([1-9][0-9]{0,7})([smhd])\Z")
@@ -138,7 +140,7 @@ def dns_name(name: str, allow_wildcards: bool = False) -> str:
     if len(body) > 253 or not all(_LABEL.match(lbl) for lbl in labels):
         raise Refused(f"{_show(name)} is not a valid DNS name (labels of a-z, 0-9 and '-', "
                       "at most 63 characters each, no trailing dot)", Reason.BAD_NAME)
-    if all(lbl.isdigit() for lbl in labels):
+    if all(is_decimal(lbl) for lbl in labels):
         raise Refused(f"{_show(name)} looks like an IP address; give it as an IP",
                       Reason.BAD_NAME)
     for lbl in labels:
@@ -176,9 +178,10 @@ def uri(name: str) -> str:
     host = m.group("host")
     if host.startswith("["):
         try:
-            ipaddress.IPv6Address(host[1:-1])
+            address = ipaddress.IPv6Address(host[1:-1])
         except ValueError:
             raise Refused(f"URI {_show(name)} has an invalid IPv6 host", Reason.BAD_NAME) from None
+        _not_mapped(address, name)
     else:
         try:
             ipaddress.IPv4Address(host)
@@ -202,10 +205,20 @@ def ip(name: str) -> str | None:
         addr = ipaddress.ip_address(name)
     except ValueError:
         return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.scope_id is not None:
-        raise Refused(f"{_show(name)} is a scoped IPv6 address; give it without its %zone",
-                      Reason.BAD_NAME)
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.scope_id is not None:
+            raise Refused(f"{_show(name)} is a scoped IPv6 address; give it without its %zone",
+                          Reason.BAD_NAME)
+        _not_mapped(addr, name)
     return str(addr)
+
+
+def _not_mapped(addr: ipaddress.IPv6Address, name: str) -> None:
+    """An IPv4-mapped IPv6 address (::ffff:10.9.9.9) is refused: Go and others match it
+    to the IPv4 address it maps, which an IPv4 allow or deny list never saw."""
+    if addr.ipv4_mapped is not None:
+        raise Refused(f"{_show(name)} is an IPv4-mapped IPv6 address; give the IPv4 address "
+                      f"({addr.ipv4_mapped}) itself", Reason.BAD_NAME)
 
 
 def classify(name: str, allow_wildcards: bool = False) -> tuple[str, str]:

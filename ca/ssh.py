@@ -82,6 +82,8 @@ def source_addresses(value: object) -> str | None:
         try:
             if not isinstance(item, str):  # ip_network reads an integer as an address
                 raise TypeError
+            if "%" in item:  # a scoped address: sshd matches no zone, the cert is useless
+                raise ValueError
             out.append(str(ipaddress.ip_network(item, strict=False)))
         except (ValueError, TypeError):
             raise Refused(f"source_address entry {item!r} is not an address or CIDR (a "

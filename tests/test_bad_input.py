@@ -259,6 +259,7 @@ def corpus() -> list[Case]:
             ("ttl over", {"ttl": "25h"}, 400, "lifetime-too-long"),
             ("ttl junk", {"ttl": "soon"}, 400, "bad-request"),
             ("source bad", {"source_address": ["not-an-ip"]}, 400, "bad-request"),
+            ("source scoped", {"source_address": ["fe80::1%eth0"]}, 400, "bad-request"),
             ("source number", {"source_address": ["10.0.0.0/8", 5]}, 400, "bad-request"),
             ("source not list", {"source_address": "10.0.0.0/8"}, 400, "bad-request"),
             ("unknown field", {"force": True}, 400, "bad-field")]:
@@ -276,22 +277,34 @@ def corpus() -> list[Case]:
             ({}, 400, "bad-field"), ({"serial": "1", "key_id": "x"}, 400, "bad-field"),
             ({"serial": "abc"}, 400, "bad-field"), ({"serial": True}, 400, "bad-field"),
             ({"serial": "99999999999999999999999"}, 400, "bad-field"),
+            # digits to str.isdigit() that int() refuses or reads as another number
+            ({"serial": "\u00b9"}, 400, "bad-field"), ({"serial": "\uff15"}, 400, "bad-field"),
             ({"key_id": "nobody:1"}, 404, "not-found"),
             ({"public_key": "junk"}, 400, "bad-request")]:
         add(Case(f"ssh revoke {json.dumps(body)[:40]}", "POST", "/v1/ssh/revoke", status, kind,
                  "admin", body))
     # --- audit --------------------------------------------------------------------------
-    for q in ["start=-1", "start=abc", "limit=1e9", "start=99999999999999999999"]:
+    for q in ["start=-1", "start=abc", "limit=1e9", "start=99999999999999999999",
+              "start=%C2%B2", "start=%EF%BC%95", "limit=%D9%A3"]:
         add(Case(f"entries {q}", "GET", f"/v1/audit/entries?{q}", 400, "bad-query", "admin"))
     add(Case("entries as service", "GET", "/v1/audit/entries", 403, "wrong-role", "service"))
     add(Case("entries anonymous", "GET", "/v1/audit/entries", 401,
              "client-certificate-required", "none"))
-    for q in ["", "index=5", "index=5&size=2", "index=0&size=99999999", "index=x&size=1"]:
+    for q in ["", "index=5", "index=5&size=2", "index=0&size=99999999", "index=x&size=1",
+              "index=%C2%B2&size=3"]:
         add(Case(f"inclusion {q!r}", "GET", f"/v1/audit/proof/inclusion?{q}", 400, "bad-query",
                  "admin"))
-    for q in ["old=0&size=1", "old=5&size=2", "old=1&size=99999999", "old=&size="]:
+    for q in ["old=0&size=1", "old=5&size=2", "old=1&size=99999999", "old=&size=",
+              "old=1&size=%C2%B2"]:
         add(Case(f"consistency {q!r}", "GET", f"/v1/audit/proof/consistency?{q}", 400,
                  "bad-query", "admin"))
+    for tile in ["0/x999/x999/x999/x999/x999/x999/999", "entries/x999/x999/x999/x999/x999/999"]:
+        add(Case(f"tile {tile}", "GET", f"/v1/audit/tile/{tile}", 400, "bad-query", "admin"))
+    for q in ["limit=%C2%B2", "limit=%EF%BC%95"]:
+        add(Case(f"inventory {q}", "GET", f"/v1/inventory/certificates?{q}", 400, "bad-query",
+                 "admin"))
+    add(Case("issuance hours=%C2%B2", "GET", "/v1/inventory/issuance?hours=%C2%B2", 400,
+             "bad-query", "admin"))
     # --- EST, OCSP, paths ---------------------------------------------------------------
     good_b64 = base64.b64encode(pem_der(good))
     add(Case("est json", "POST", "/.well-known/est/simpleenroll", 415,

@@ -140,6 +140,11 @@ def test_wildcards_only_when_configured() -> None:
     ("https://evil.example\\@a.internal.example/", ("backslash",)),
     ("https://user@a.internal.example/", ("user@",)),
     ("fe80::1%eth0", ("scoped",)),
+    # Go's VerifyHostname("10.9.9.9") accepts a certificate for ::ffff:10.9.9.9: an IPv4
+    # deny list must not be stepped around by the mapped form (security review).
+    ("::ffff:10.9.9.9", ("IPv4-mapped", "10.9.9.9")),
+    ("::ffff:0a09:0909", ("IPv4-mapped", "10.9.9.9")),
+    ("https://[::ffff:10.9.9.9]/", ("IPv4-mapped",)),
     ("Svc.internal.example", ("lower case",)),
     ("bücher.example", ("A-label", "xn--")),
 ])

@@ -304,6 +304,12 @@ def test_strict_headers_and_only_loopback_host_names(world: World) -> None:
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(rebound, timeout=60)
     assert refused.value.code == 421
+    # A digit only to str.isdigit() is not a line number (it was a 500).
+    with pytest.raises(urllib.error.HTTPError) as superscript:
+        urllib.request.urlopen(world.base + "/audit/%C2%B2", timeout=60)
+    assert superscript.value.code == 404
+    with urllib.request.urlopen(world.base + "/audit/go?seq=%C2%B2", timeout=60) as went:
+        assert went.status == 200
     with urllib.request.urlopen(world.base + "/certificates.csv?q=script", timeout=60) as csv:
         rows = csv.read().decode().splitlines()
     assert rows[0].startswith("serial,status,reason") and len(rows) == 3  # it and its renewal

@@ -98,7 +98,7 @@ class WitnessProcess:
         doc = json.loads((self.dir / "witness-state.json").read_text())
         return {origin: held["size"] for origin, held in doc["logs"].items()}
 
-    def add(self, old: int, hashes: list[bytes], checkpoint: str) -> tuple[int, str, str]:
+    def add(self, old: int | str, hashes: list[bytes], checkpoint: str) -> tuple[int, str, str]:
         body = f"old {old}\n" + "".join(base64.b64encode(h).decode() + "\n"
                                          for h in hashes) + "\n" + checkpoint
         request = urllib.request.Request(f"{self.url}/add-checkpoint", data=body.encode(),
@@ -135,6 +135,7 @@ def test_witness_answers_as_c2sp_says_and_keeps_its_state(tmp_path: Path) -> Non
         assert w.add(10, proof(10, forked[:20]), cp(forked, 20))[0] == 422
         assert w.add(10, proof(10, lines[:20])[1:], cp(lines, 20))[0] == 422
         assert w.add(30, [], cp(lines, 20))[0] == 400  # old above the new size
+        assert w.add("\u00b2", [], cp(lines, 20))[0] == 400  # a digit only to isdigit()
         assert w.add(10, [b"\x00" * 5], cp(lines, 20))[0] == 400
         other = ed25519.Ed25519PrivateKey.generate()
         assert w.add(10, proof(10, lines[:20]), cp(lines, 20, other))[0] == 403

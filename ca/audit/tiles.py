@@ -109,6 +109,8 @@ def parse_tile_path(path: str) -> tuple[int | None, int, int]:
     if len(parts) > 1 and parts[0] == "x000":
         raise ValueError("a tile index has no leading zero elements")
     index = int("".join(p.lstrip("x") for p in parts))
+    if index >= 1 << 56:  # beyond any log (2^64 leaves at most); keeps it an int64 on the wire
+        raise ValueError("no log has a tile of that index")
     if head == "entries":
         return None, index, width
     if not _DECIMAL.fullmatch(head) or int(head) > MAX_LEVEL:

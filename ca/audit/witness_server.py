@@ -46,6 +46,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from ca.audit.cosignature import VerifierKey, cosign, cosigner_key
 from ca.audit.merkle import HASH_SIZE, verify_consistency
 from ca.audit.note import NoteError, parse_checkpoint, verify_checkpoint
+from ca.decimal_text import is_decimal
 from ca.fileutil import write_atomic
 
 log = structlog.get_logger("hsmca.witness")
@@ -134,7 +135,7 @@ class Witness:
         if not sep or not lines[0].startswith("old "):
             return Answer(400, "expected 'old <size>', proof lines, a blank line, a checkpoint\n")
         size_text = lines[0][4:]
-        if not size_text.isdigit() or (len(size_text) > 1 and size_text[0] == "0") or len(
+        if not is_decimal(size_text) or (len(size_text) > 1 and size_text[0] == "0") or len(
                 size_text) > 20:
             return Answer(400, "the old size is a decimal without leading zeros\n")
         old = int(size_text)

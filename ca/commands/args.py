@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from urllib.parse import urlsplit
 
+from ca.decimal_text import is_decimal
+
 
 def check_url(url: str) -> str:
     """The daemon's base URL without a trailing slash, or ValueError saying what is
@@ -24,7 +26,7 @@ def check_url(url: str) -> str:
         parts.port  # noqa: B018 - raises on a port that is not a number, or out of range
     except ValueError:
         port = parts.netloc.rpartition(":")[2]
-        raise ValueError(f"{url}: the port {port} is not between 1 and 65535" if port.isdigit()
+        raise ValueError(f"{url}: the port {port} is not between 1 and 65535" if is_decimal(port)
                          else f"{url}: the port is not a number") from None
     if not parts.hostname:
         raise ValueError(f"{url} names no host")
@@ -37,7 +39,7 @@ def duration(text: str) -> int:
     """A duration flag like 90s, 5m, 1h or 2d, in seconds."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     t = text.strip()
-    if len(t) < 2 or t[-1] not in units or not t[:-1].isdigit() or int(t[:-1]) == 0:
+    if len(t) < 2 or t[-1] not in units or not is_decimal(t[:-1]) or int(t[:-1]) == 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 5m or 1h")
     return int(t[:-1]) * units[t[-1]]
 

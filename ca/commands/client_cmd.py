@@ -14,6 +14,7 @@ from typing import Any
 
 from ca.commands.args import exec_timeout_flag
 from ca.config import Config, load
+from ca.decimal_text import is_decimal
 from ca.errors import CLIError
 
 TOKEN_ENV = "HSMCA_TOKEN"
@@ -39,7 +40,7 @@ def _worker_count(text: str) -> int:
     from ca.config import MAX_WORKERS
     if text == "auto":
         return 0
-    if not text.isdigit() or not 1 <= int(text) <= MAX_WORKERS:
+    if not is_decimal(text) or not 1 <= int(text) <= MAX_WORKERS:
         raise argparse.ArgumentTypeError(f"must be \"auto\" or a number from 1 to "
                                          f"{MAX_WORKERS}")
     return int(text)
@@ -227,7 +228,7 @@ def _reason(text: str) -> str:
     from ca.policy import Refused
     from ca.ra import revocation_reason
     try:
-        name = revocation_reason(int(text) if text.strip().isdigit() else text)
+        name = revocation_reason(int(text) if is_decimal(text.strip()) else text)
     except Refused:
         raise argparse.ArgumentTypeError(f"{text!r} is not a revocation reason; one of: "
                                          f"{', '.join(REASONS)} (or key_compromise, or 1)"

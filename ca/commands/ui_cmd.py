@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ca.decimal_text import is_decimal
 from ca.errors import CLIError
 
 if TYPE_CHECKING:
@@ -69,7 +70,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 def _listen(args: argparse.Namespace) -> tuple[str, int]:
     host, _, port = args.listen.rpartition(":")
     host = host.strip("[]")
-    if not host or not port.isdigit() or int(port) > 65535:
+    if not host or not is_decimal(port) or int(port) > 65535:
         raise CLIError(f"--listen must be HOST:PORT, not {args.listen!r}")
     loopback = host == "localhost"
     if not loopback:

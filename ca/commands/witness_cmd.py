@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ca.decimal_text import is_decimal
 from ca.errors import CLIError
 
 if TYPE_CHECKING:
@@ -73,7 +74,7 @@ def serve(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise CLIError(f"--log {origin}: {exc}") from None
     host, _, port = args.listen.rpartition(":")
-    if not host or not port.isdigit() or int(port) > 65535:
+    if not host or not is_decimal(port) or int(port) > 65535:
         raise CLIError(f"--listen must be HOST:PORT, not {args.listen!r}")
     name = args.name or f"{socket.getfqdn()}/hsmca-witness"
     try:

@@ -48,6 +48,7 @@ from ca.daemon import control
 from ca.daemon.keys import Keyring, open_keyring, seed
 from ca.daemon.ratelimit import FailureLimiter
 from ca.daemon.reload import reload_policy
+from ca.decimal_text import is_decimal
 from ca.errors import CLIError
 from ca.fileutil import write_atomic
 from ca.generations import Generations
@@ -78,7 +79,7 @@ class StartError(CLIError):
 
 def parse_listen(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not is_decimal(port) or not 0 <= int(port) <= 65535:
         raise ValueError(f"--listen must be HOST:PORT, not {text!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
 

@@ -23,6 +23,7 @@ from ca.audit.link import RecorderRefused
 from ca.audit.note import verifier_key
 from ca.audit.recorder import MAX_ENTRIES
 from ca.audit.tiles import parse_tile_path
+from ca.decimal_text import is_decimal
 from ca.server.common import AUDIT, ISSUANCE, SETTINGS, identity
 from ca.server.other_logs import other_log, other_logs
 from ca.server.problems import Problem
@@ -37,7 +38,7 @@ def _int(request: web.Request, name: str, default: int | None = None) -> int:
             raise Problem(400, "Bad Request", f"query parameter {name!r} is required",
                           "bad-query")
         return default
-    if not raw.isdigit() or len(raw) > 18:
+    if not is_decimal(raw) or len(raw) > 18:
         raise Problem(400, "Bad Request", f"{name} must be a non-negative integer", "bad-query")
     return int(raw)
 

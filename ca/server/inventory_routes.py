@@ -18,6 +18,7 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from ca.decimal_text import is_decimal
 from ca.server.common import STORE, identity
 from ca.server.problems import Problem
 from ca.server.x509_routes import parse_serial
@@ -68,7 +69,7 @@ def _number(request: web.Request, name: str, default: int, most: int) -> int:
     raw = request.query.get(name)
     if raw is None or raw == "":
         return default
-    if not raw.isdigit() or len(raw) > 9 or int(raw) > most:
+    if not is_decimal(raw) or len(raw) > 9 or int(raw) > most:
         raise Problem(400, "Bad Request", f"{name} must be a whole number from 0 to {most}",
                       "bad-query")
     return int(raw)

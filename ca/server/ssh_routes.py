@@ -8,6 +8,7 @@ import structlog
 from aiohttp import web
 
 from ca import ra, ssh
+from ca.decimal_text import is_decimal
 from ca.issuance.issue import IssuedSSH
 from ca.server.common import ISSUANCE, REVOCATIONS, decide, field, identity, json_body
 from ca.server.problems import Problem
@@ -75,7 +76,7 @@ async def ssh_revoke(request: web.Request) -> web.Response:
     public_key = None
     if "serial" in body:
         raw: Any = body["serial"]
-        if isinstance(raw, bool) or not isinstance(raw, int | str) or not str(raw).isdigit() \
+        if isinstance(raw, bool) or not isinstance(raw, int | str) or not is_decimal(str(raw)) \
                 or not 0 < int(raw) < 2**64:
             raise Problem(400, "Bad Request", "serial must be the decimal SSH certificate serial",
                           "bad-field")

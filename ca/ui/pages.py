@@ -29,6 +29,7 @@ from ca.audit.merkle import TreeHead
 from ca.audit.note import NoteError
 from ca.audit.verify import PinnedKey
 from ca.client import ClientError
+from ca.decimal_text import is_decimal
 from ca.ui import certs, charts, proofs
 from ca.ui import metrics as prom
 from ca.ui.ca_api import CA
@@ -210,7 +211,7 @@ def _cert_query(request: web.Request) -> dict[str, str]:
 
 def _page(request: web.Request) -> int:
     raw = request.query.get("page", "1")
-    return int(raw) if raw.isdigit() and 0 < int(raw) < 10**6 else 1
+    return int(raw) if is_decimal(raw) and 0 < int(raw) < 10**6 else 1
 
 
 async def certificates(request: web.Request) -> web.Response:
@@ -412,7 +413,7 @@ def _when_param(raw: str | None) -> dt.datetime | None:
 
 def _seq_param(request: web.Request, name: str) -> int | None:
     raw = request.query.get(name, "")
-    return int(raw) if raw.isdigit() and len(raw) < 19 else None
+    return int(raw) if is_decimal(raw) and len(raw) < 19 else None
 
 
 async def _log_end(ca: CA, tree: TreeHead | None) -> int:
@@ -577,7 +578,7 @@ async def audit_line(request: web.Request) -> web.Response:
     ui = request.app[UI_KEY]
     verdict = await _verdict(request)
     raw_seq = request.match_info["seq"]
-    if not raw_seq.isdigit() or len(raw_seq) > 18:
+    if not is_decimal(raw_seq) or len(raw_seq) > 18:
         return not_found(request, verdict, "a seq is a line number: 0, 1, 2, ...")
     seq = int(raw_seq)
     ca = ui.ca.for_log(verdict.log)
