@@ -821,6 +821,14 @@ def _key(ctx: Context, who: Requester, req: KeyRequest) -> KeyOrder:
                           "--config FILE; docs/keys.md)", Reason.MALFORMED)
         if req.kind not in ROTATABLE:
             raise Refused(f"rotate one of {', '.join(ROTATABLE)}, not {req.kind!r}")
+        if req.kind == "audit" and ctx.issuers.audit_previous:
+            # Every audit key still in use signs each checkpoint; a third would make the
+            # closing lines of a log more than an auditor's verify allows, and a chain
+            # of hand-overs no one can follow at a glance.
+            previous = ctx.issuers.audit_previous[0].label
+            raise Refused(f"the previous audit key {previous!r} still signs checkpoints: "
+                          f"retire it first (hsmca key retire {previous}), then rotate again",
+                          Reason.CONFLICT)
         return KeyOrder("rotate", req.kind, None, who.actor)
     if req.state is None:
         raise Refused(f"the CA has no key labelled {req.label!r}", Reason.NOT_FOUND)

@@ -276,6 +276,11 @@ async def test_rotate_the_audit_key_and_verifiers_pinned_to_the_old_one_follow(
         await settled()  # a checkpoint signed by both, naming the new key
         proc = remote()
         assert proc.returncode == 0, proc.stdout + proc.stderr
+        # A third key while two sign would give every checkpoint three signatures, and
+        # a log stopped then closing lines no verify accepts (fault review): refused.
+        again = key_cmd(d, "rotate", "audit", check=False)
+        assert again.returncode != 0 and f"retire it first (hsmca key retire {old_label})" \
+            in again.stderr, again.stderr
         key_cmd(d, "retire", old_label)
         await settled()  # checkpoints of the new key alone
         proc = remote()
