@@ -70,8 +70,14 @@ async def run_init(opts: InitOptions) -> list[Path]:
     check_dns_name(opts.dns_name)
     final = opts.state_dir.resolve()
     if final.exists() and (not final.is_dir() or any(final.iterdir())):
-        raise InitError(f"{final} already exists and is not empty (an existing CA?); "
-                        "refusing to overwrite it")
+        held = sorted(p.name for p in final.iterdir()) if final.is_dir() else []
+        if "hsmca.toml" in held or not held:
+            raise InitError(f"{final} already exists and is not empty (an existing CA?); "
+                            "refusing to overwrite it")
+        shown = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "")
+        raise InitError(f"--state-dir {final} is not empty (it holds {shown}): init writes "
+                        f"a state directory of its own; give a new one, e.g. --state-dir "
+                        f"{final / 'ca'}")
     if not opts.pin_file.exists():
         raise InitError(f"PIN file not found: {opts.pin_file}")
     check_private([opts.pin_file])  # `serve` refuses it too: better said before the keys

@@ -21,7 +21,14 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from ca.audit.note import parse_checkpoint, sign_checkpoint
+from ca.audit.note import (
+    NEXT_KEY,
+    checkpoint_body,
+    parse_checkpoint,
+    sign_checkpoint,
+    signed_note,
+    verifier_key,
+)
 from ca.audit.witness import FileWitness, WitnessRefused
 from tests.conftest import Daemon, hsmca, init_ca, start_daemon
 from tests.helpers import audit_verify, enroll, http, rechain
@@ -508,6 +515,37 @@ def test_file_witness_accepts_extensions_and_refuses_anything_else(tmp_path: Pat
     held.write_text(cp(entries, 24).replace("24", "25", 1))
     with pytest.raises(WitnessRefused, match="does not verify"):
         w.push(cp(entries, 24), no_proof)
+
+
+def test_file_witness_follows_a_rotation_of_the_audit_key(tmp_path: Path) -> None:
+    """After `key rotate audit` and `key retire`, the file witness refused every
+    checkpoint until a restart: it was pinned to the key of the daemon's start (docs
+    review). It follows a hand-over as a verifier does, and no other key."""
+    origin = "witness.test/audit"
+    old, new = ed25519.Ed25519PrivateKey.generate(), ed25519.Ed25519PrivateKey.generate()
+    entries = [f'{{"seq":{i}}}'.encode() for i in range(40)]
+
+    def cp(size: int, *signers: ed25519.Ed25519PrivateKey, names: Any = None) -> str:
+        extensions = (f"{NEXT_KEY}{verifier_key(origin, names.public_key())}",) if names \
+            else ()
+        body = checkpoint_body(origin, size, mth(entries[:size]), extensions)
+        return signed_note(body, [(origin, k.public_key(), k.sign(body.encode()))
+                                  for k in signers])
+
+    w = FileWitness(tmp_path / "checkpoint", old.public_key(), origin)
+    w.push(cp(5, old), no_proof)
+    with pytest.raises(WitnessRefused, match="does not verify"):  # not handed over yet
+        w.push(cp(8, new), given(proof(5, entries[:8])))
+    w.push(cp(10, old, new, names=new), given(proof(5, entries[:10])))  # the hand-over
+    w.push(cp(20, new), given(proof(10, entries[:20])))  # the old key retired
+    assert str(w) == str(tmp_path / "checkpoint")  # how the daemon's log lines name it
+    stranger = ed25519.Ed25519PrivateKey.generate()
+    with pytest.raises(WitnessRefused, match="does not verify"):
+        w.push(cp(30, stranger), given(proof(20, entries[:30])))
+    # After a restart the daemon pins the key in force (audit_key.pem), and the held
+    # checkpoint verifies with it.
+    again = FileWitness(tmp_path / "checkpoint", new.public_key(), origin)
+    again.push(cp(30, new), given(proof(20, entries[:30])))
 
 
 # ---- verify_remote's own checks, against a log server the test controls -----------------

@@ -67,6 +67,22 @@ def test_second_init_on_same_state_refused(ca: InitialisedCA) -> None:
     assert (ca.state / "audit/log.jsonl").read_bytes() == before
 
 
+def test_a_state_dir_holding_the_pin_file_is_not_called_an_existing_ca(
+        ca: InitialisedCA, tmp_path: Path) -> None:
+    """The docs' layout keeps the PIN file beside the state directory; an operator who
+    gave the PIN's directory as --state-dir was told "an existing CA?" (docs review)."""
+    home = tmp_path / "srv"
+    home.mkdir()
+    pin = home / "pin"
+    pin.write_text(ca.token.pin_file.read_text())
+    pin.chmod(0o600)
+    proc = hsmca("init", "--state-dir", home, "--module", ca.token.module, "--token",
+                 ca.token.label, "--pin-file", pin, check=False)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "holds pin" in proc.stderr and f"--state-dir {home / 'ca'}" in proc.stderr
+    assert "existing CA" not in proc.stderr
+
+
 def test_existing_keys_in_token_refused(ca: InitialisedCA, tmp_path: Path) -> None:
     proc = hsmca("init", "--state-dir", tmp_path / "other", "--module", ca.token.module,
                  "--token", ca.token.label, "--pin-file", ca.token.pin_file, check=False)
@@ -88,8 +104,11 @@ def test_wrong_pin_missing_module_missing_token(tmp_path: Path) -> None:
                       f"wrong PIN for token '{token.label}'"),
         "no module": (["--module", "/nonexistent/libx.so", "--token", token.label, "--pin-file",
                        token.pin_file], "PKCS#11 module not found: /nonexistent/libx.so"),
+        # Other tokens are there: the label is what to check, not SOFTHSM2_CONF.
         "no token": (["--module", token.module, "--token", "nosuchtoken", "--pin-file",
                       token.pin_file], "no token labelled 'nosuchtoken'"),
+        "label off": (["--module", token.module, "--token", "nosuchtoken", "--pin-file",
+                       token.pin_file], "check --token (labels are case-sensitive)"),
         "no pin file": (["--module", token.module, "--token", token.label, "--pin-file",
                          tmp_path / "missing.pin"], "PIN file not found"),
         # `serve` would refuse it: init says so before it makes any key.

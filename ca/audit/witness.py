@@ -10,7 +10,10 @@ lives elsewhere (another host, a mounted share) refuses them, and the refusal
 keeps the last honest checkpoint as evidence.
 
 The first checkpoint is trusted on first use. A held file that cannot be read or
-verified refuses everything: overwriting it would throw that evidence away.
+verified refuses everything: overwriting it would throw that evidence away. The
+pinned key follows a rotation of the audit key as an auditor's verify does: a
+checkpoint signed by a trusted key that names a new one, signed by that one too,
+makes it trusted (docs/keys.md).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ca.audit.merkle import Growth, TreeHead, growth, needs_proof
-from ca.audit.note import Checkpoint, NoteError, verify_checkpoint
+from ca.audit.note import Checkpoint, NoteError
+from ca.audit.verify.checkpoint import PinnedKey
 from ca.fileutil import write_atomic
 
 
@@ -40,8 +44,12 @@ class FileWitness:
     def __init__(self, path: str | os.PathLike[str], public_key: Ed25519PublicKey,
                  key_name: str) -> None:
         self.path = Path(path)
-        self.public_key = public_key
-        self.key_name = key_name  # also the origin: the daemon names its key after it
+        # The key name is also the origin: the daemon names its key after it.
+        self._pinned = PinnedKey(public_key, key_name, key_name)
+        self._shown = 0  # checkpoints held since start: the "seq" a followed key is trusted from
+
+    def __str__(self) -> str:
+        return str(self.path)
 
     def held(self) -> Checkpoint | None:
         """The checkpoint held now (verified), None before the first; WitnessRefused if
@@ -54,7 +62,7 @@ class FileWitness:
             raise WitnessRefused(f"the held checkpoint {self.path} cannot be read ({exc}); "
                                  "refusing every checkpoint until an operator looks") from None
         try:
-            return verify_checkpoint(text, self.key_name, self.public_key, self.key_name)
+            return self._pinned.verify(text)
         except NoteError as exc:
             raise WitnessRefused(f"the held checkpoint {self.path} does not verify ({exc}); "
                                  "refusing every checkpoint until an operator looks") from None
@@ -68,8 +76,7 @@ class FileWitness:
         matches what is held, and only when a proof is needed.
         """
         try:
-            new = verify_checkpoint(checkpoint_text, self.key_name, self.public_key,
-                                    self.key_name)
+            new = self._pinned.verify(checkpoint_text)
         except NoteError as exc:
             raise WitnessRefused(f"the checkpoint does not verify: {exc}") from None
         with self._locked():  # two pushers must not both extend the same held checkpoint
@@ -93,6 +100,9 @@ class FileWitness:
                 if verdict is Growth.SAME and new.signatures == held.signatures:
                     return  # the very note held already: nothing to write
             write_atomic(self.path, checkpoint_text)
+            # Held: a key it hands over to signs the next ones (it verified above).
+            self._shown += 1
+            self._pinned = self._pinned.follow(checkpoint_text, self._shown)
 
     @contextmanager
     def _locked(self) -> Iterator[None]:

@@ -41,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
     except HSMError as exc:
         if "no token labelled" not in str(exc) or "softhsm" not in args.module.lower():
             raise
+        if "tokens present: none" not in str(exc):  # it sees tokens: the label is off
+            raise HSMError(f"{exc}: check --token (labels are case-sensitive)") from None
         # SoftHSM finds tokens through SOFTHSM2_CONF; a shell without the variable the
         # token was created under sees none of them, which is the usual cause.
         where = (f"SOFTHSM2_CONF={softhsm_conf}" if softhsm_conf
