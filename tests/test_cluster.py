@@ -367,12 +367,12 @@ async def test_any_node_serves_another_nodes_tiles_and_proofs_from_the_tiles_it_
             conn.commit()
 
 
-def refused_start(state: Path, node: str) -> tuple[str, str]:
+def refused_start(state: Path, node: str, listen: str = "127.0.0.1:0") -> tuple[str, str]:
     """`hsmca serve --node NODE` that must refuse to start: its one error line, and its
     whole stderr."""
     import subprocess
     proc = subprocess.run([*HSMCA, "serve", "--config", str(state / "hsmca.toml"),
-                           "--listen", "127.0.0.1:0", "--node", node], capture_output=True,
+                           "--listen", listen, "--node", node], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode != 0 and proc.stdout == ""
     errors = [line for line in proc.stderr.splitlines() if line.startswith("hsmca: error:")]
@@ -391,6 +391,21 @@ def test_a_second_node_of_the_same_name_is_refused_in_one_line(cluster: Cluster)
     status, _, _ = asyncio.run(call("GET", f"{cluster.nodes['node-1'].url}/health",
                                     cluster.nodes["node-1"].ssl()))
     assert status == 200
+
+
+def test_a_node_whose_port_is_taken_says_so_in_one_line_and_nothing_else(
+        cluster: Cluster) -> None:
+    """The PostgreSQL pool's tasks outlived a start refused after the log was opened:
+    three "Task was destroyed but it is pending!" blocks followed the error line, and
+    `2>&1 | tail -1` showed only them (docs review)."""
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        error, stderr = refused_start(cluster.state, "busy", f"127.0.0.1:{port}")
+    assert "cannot listen on" in error
+    assert stderr.strip() == error, stderr
 
 
 def test_a_node_refuses_a_database_newer_than_its_code_in_one_line(

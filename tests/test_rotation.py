@@ -293,6 +293,11 @@ async def test_rotate_the_audit_key_and_verifiers_pinned_to_the_old_one_follow(
     proc = hsmca("audit", "verify", "--log", ca.state / "audit/log.jsonl", "--key", old_key,
                  "--state", offline_state, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # Pinned to the current key, the log's beginning does not, and it says what to pin.
+    proc = hsmca("audit", "verify", "--log", ca.state / "audit/log.jsonl", "--key",
+                 ca.state / "audit/audit_key.pem", check=False)
+    assert proc.returncode == 1
+    assert "pin the key the log began with" in proc.stdout + proc.stderr, proc.stdout
     # The daemon starts again on its rotated key, and its last checkpoint checks out.
     d = start_daemon(ca.state)
     try:

@@ -284,6 +284,13 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
                          f"{config.path}` again to finish the move")
     # Cluster mode: the store first, since the audit log is made durable in it too.
     store: Store | None = open_store(config.store_location) if config.cluster else None
+    name_held: Lease | None = None
+
+    def let_go() -> None:  # a start that fails: no pool task or lock outlives it
+        if name_held is not None:
+            name_held.close()
+        if store is not None:
+            store.close()
     try:
         if store is not None and not await store.keys():
             # Before this node writes a line there: a URL naming another (empty)
@@ -295,8 +302,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         name_held = await _hold_node_name(config, store)
         audit = _open_audit(config, audit_key, store, name_held)
     except BaseException:
-        if store is not None:
-            store.close()
+        let_go()
         raise
     try:
         # After the log's lock: a second `serve` on this state directory must not
@@ -308,6 +314,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         placeholder = reserve_port(host, port)
     except BaseException:
         audit.close()
+        let_go()
         raise
     pipeline = SigningPipeline(config.hsm, audit)
     metrics.count_sign_calls(pipeline)  # its checkpoints, OCSP responses, TLS certificate

@@ -50,10 +50,15 @@ class PinnedKey(NamedTuple):
         signed_by = {(sig.name, sig.key_id) for sig in cp.signatures}
         by = [k for k in self.trusted(seq) if (self.name, key_id(self.name, k)) in signed_by]
         if not by:
+            others = sorted({sig.key_id.hex() for sig in cp.signatures if sig.name == self.name})
+            hint = (f"; it is signed by key id {', '.join(others)}: if the audit key was "
+                    "rotated, pin the key the log began with (a copy of the first "
+                    "audit_key.pem), which follows every hand-over, not the current one "
+                    "(docs/keys.md)") if others else ""
             raise NoteError(f"the note has no signature by {self.name!r} with a trusted key "
                             f"(key id {key_id(self.name, self.public_key).hex()}"
                             + (f" or one of {len(self.successors)} it handed over to"
-                               if self.successors else "") + ")")
+                               if self.successors else "") + ")" + hint)
         for k in by:  # every line of a trusted key must verify
             verify_note(text, self.name, k)
         announced = cp.announced_key()
