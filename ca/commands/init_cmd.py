@@ -54,5 +54,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"created a CA in {state} with keys generated inside token {args.token!r}:")
     for path in written:
         print(f"  {path.relative_to(state)}")
-    print(f"next: hsmca serve --config {state / 'hsmca.toml'}")
+    node = " --node NAME  (on each node; NAME defaults to the host name)" \
+        if args.store_url else ""
+    print(f"next: hsmca serve --config {state / 'hsmca.toml'}{node}")
     return 0
