@@ -38,7 +38,11 @@ class Generations:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            os.ftruncate(fd, SIZE)
+            # Blocks allocated now: a full disk is an error here (ENOSPC), not a SIGBUS
+            # at the first write through the map.
+            os.posix_fallocate(fd, 0, SIZE)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
         finally:
             os.close(fd)
         return cls(path)

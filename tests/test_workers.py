@@ -189,3 +189,18 @@ async def test_an_address_in_use_is_refused_in_one_line(tmp_path: Path) -> None:
         f"hsmca: error: cannot listen on 127.0.0.1:{port}: Address already in use (another "
         "hsmca, or another server, uses it?)"], proc.stderr
     assert len(log_lines(ca.state)) == lines_before  # refused before anything was logged
+
+
+async def test_a_worker_killed_while_starting_is_said_by_its_signal(tmp_path: Path) -> None:
+    """A restart on a full disk: the worker died of SIGBUS writing a memory-mapped file,
+    and the daemon said only "exited with status -7 ... (its message is above)" above
+    nothing (fault review)."""
+    import signal
+
+    from ca.daemon.primary import _worker_died
+    said = _worker_died(0, -signal.SIGBUS, tmp_path)
+    assert "SIGBUS" in said and str(tmp_path) in said and "disk full" in said
+    assert "KiB free there" in said
+    assert _worker_died(1, -signal.SIGKILL, tmp_path) == \
+        "worker 1 was killed by SIGKILL while starting"
+    assert "its message is above" in _worker_died(0, 3, tmp_path)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, TypeGuard
 
 import structlog
@@ -200,8 +202,7 @@ class WorkerPool:
             proc.kill()
             await exited
             raise StartError(f"worker {slot} did not start within {START_TIMEOUT_S:.0f} s")
-        raise StartError(f"worker {slot} exited with status {proc.returncode} while "
-                         "starting (its message is above)")
+        raise StartError(_worker_died(slot, proc.returncode, self.config.local_dir))
 
     async def _supervise(self, slot: int, proc: asyncio.subprocess.Process,
                          exited: asyncio.Future[int]) -> None:
@@ -531,6 +532,22 @@ def _check_against_inventory(config: Config, lines: int) -> None:
             f"({config.db_path}) records a certificate whose intent is line {seq}: the log "
             "was cut or replaced (tampering or loss). Refusing to start; restore the log "
             "and run `hsmca audit verify`")
+
+
+def _worker_died(slot: int, status: int | None, local_dir: Path) -> str:
+    """Why a worker that exited while starting did, as far as its status tells."""
+    if status is None or status >= 0:
+        return f"worker {slot} exited with status {status} while starting (its message is above)"
+    try:
+        name = signal.Signals(-status).name
+    except ValueError:
+        name = f"signal {-status}"
+    if -status == signal.SIGBUS:  # a page of a memory-mapped file the disk had no room for
+        free = shutil.disk_usage(local_dir).free if local_dir.exists() else None
+        room = f" ({free // 1024} KiB free there)" if free is not None else ""
+        return (f"worker {slot} was killed by SIGBUS while starting: it could not write a "
+                f"memory-mapped file under {local_dir}; is that disk full{room}?")
+    return f"worker {slot} was killed by {name} while starting"
 
 
 async def _hold_node_name(config: Config, store: Store | None) -> Lease | None:
