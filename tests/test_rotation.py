@@ -329,6 +329,10 @@ async def test_rotate_the_root_offline_and_relying_parties_of_either_root_follow
         proc = hsmca("key", "rotate-root", "--config", config, "--yes", check=False)
         assert proc.returncode == 1 and "locked" in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
+        # And it says so before asking for a "yes" it would not use (docs review).
+        proc = hsmca("key", "rotate-root", "--config", config, check=False, input="yes\n")
+        assert proc.returncode == 1 and "locked" in proc.stderr, proc.stderr
+        assert "Type yes" not in proc.stderr
     finally:
         assert d.stop() == 0
 

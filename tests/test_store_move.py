@@ -60,6 +60,9 @@ async def test_a_single_node_ca_moves_into_postgresql_and_two_nodes_carry_on(
         running = await asyncio.to_thread(hsmca, *move, "--store-url", url, check=False)
         assert running.returncode == 1 and running.stderr.count("\n") == 1, running.stderr
         assert "lock" in running.stderr and "Traceback" not in running.stderr
+        asked = await asyncio.to_thread(hsmca, *move[:-1], "--store-url", url, check=False,
+                                        input="yes\n")  # said before asking for a yes
+        assert "lock" in asked.stderr and "Type yes" not in asked.stderr, asked.stderr
     finally:
         assert d.stop() == 0
     history = (ca.state / "audit" / "log.jsonl").read_bytes().count(b"\n")

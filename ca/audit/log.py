@@ -166,15 +166,7 @@ class AuditLog:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise AuditLogError(f"the audit log {path} is locked by another process "
-                                    "(is another hsmca running on this state directory?)"
-                                    ) from None
-            raise
+        _lock(fd, path)
         try:
             return cls._recover(path, fd, Path(tiles) if tiles else path.parent / TILES_DIR,
                                 checkpoint_path, audit_key, mirror)
@@ -623,6 +615,30 @@ class AuditLog:
             os.close(self._fd)  # releases the flock
         except OSError:
             pass
+
+
+def _lock(fd: int, path: Path) -> None:
+    """The log's exclusive lock, or AuditLogError naming who may hold it (fd closed)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise AuditLogError(f"the audit log {path} is locked by another process "
+                                "(is another hsmca running on this state directory?)"
+                                ) from None
+        raise
+
+
+def ensure_unlocked(path: Path) -> None:
+    """AuditLogError now if a running daemon holds the log `path`: for a command that
+    needs it to itself, before it asks its operator anything."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    _lock(fd, path)
+    os.close(fd)
 
 
 def _check_chain(path: Path, before: bytes | None, lines: list[bytes], first: int) -> None:

@@ -95,6 +95,8 @@ def _rotate_root(args: argparse.Namespace) -> int:
     from ca.commands.client_cmd import _config
     from ca.root_rotation import rotate_root
     config = _config(args)
+    from ca.audit.log import ensure_unlocked
+    ensure_unlocked(config.audit_log)  # a running daemon: said before the question
     if not args.yes:
         sys.stderr.write(
             f"Make a new root for the CA in {config.state_dir}? Relying parties must be given "

@@ -30,6 +30,8 @@ def move(args: argparse.Namespace) -> int:
     try:
         name = database_name(url)
         config = load(args.config)
+        from ca.audit.log import ensure_unlocked
+        ensure_unlocked(config.audit_log)  # a running daemon: said before the question
         if not args.yes:
             sys.stderr.write(f"Move the CA of {config.path} into {name}? The daemon must be "
                              "stopped; afterwards every node runs with `--node NAME`. Type "
