@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import pytest
 from cryptography import x509
 
 from tests.conftest import Daemon, init_ca, require, start_daemon
-from tests.helpers import audit_verify, enroll, http, load, log_lines
+from tests.helpers import audit_verify, enroll, http, load
 from tests.test_revocation import _fetch, krl_says
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -26,13 +27,30 @@ CONNECTIONS = 8  # renewals in flight at once when the revocation runs
 PER_CONNECTION = 40
 
 
-@pytest.fixture(scope="module")
-def ca_daemon(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    ca = init_ca(tmp_path_factory.mktemp("revocation-race"))
-    d = start_daemon(ca.state)  # the default workers: revocation and renewals in different ones
-    yield d
+@dataclass
+class Node:
+    d: Daemon
+    log: Path  # its audit log
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def ca_daemon(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Two workers, so that the revocation and the renewals race in different processes;
+    on PostgreSQL too, where a statement sees what committed before it began, not
+    before its transaction did."""
+    tmp = tmp_path_factory.mktemp("revocation-race")
+    if request.param == "sqlite":
+        ca = init_ca(tmp)
+        d = start_daemon(ca.state, "--workers", "2")
+        yield Node(d, ca.state / "audit" / "log.jsonl")
+        assert d.stop() == 0
+        audit_verify(ca.state, ok=True)
+        return
+    from tests.cluster_kit import make_cluster
+    cluster = make_cluster(tmp, request.getfixturevalue("postgres_server").new_database())
+    d = cluster.start("node-1", workers=2)
+    yield Node(d, cluster.state / "nodes" / "node-1" / "audit" / "log.jsonl")
     assert d.stop() == 0
-    audit_verify(ca.state, ok=True)
 
 
 async def _storm(d: Daemon, cred: tuple[Path, Path], path: str, body: Any,
@@ -65,16 +83,16 @@ async def _storm(d: Daemon, cred: tuple[Path, Path], path: str, body: Any,
     return got, refused
 
 
-def _signed_serials(d: Daemon, purpose: str, field: str, value: str) -> set[str]:
+def _signed_serials(log: Path, purpose: str, field: str, value: str) -> set[str]:
     """The serials of every signature of `purpose` whose intent names `value`."""
-    return {line["serial"] for line in log_lines(d.state)
+    return {line["serial"] for line in map(json.loads, log.read_bytes().splitlines())
             if line.get("event") == "hsm.sign" and line.get("phase") == "intent"
             and line.get("purpose") == purpose and value in line.get(field, [])}
 
 
 async def test_key_compromise_reaches_renewals_signed_while_it_ran(
-        ca_daemon: Daemon, tmp_path: Path) -> None:
-    d = ca_daemon
+        ca_daemon: Node, tmp_path: Path) -> None:
+    d = ca_daemon.d
     name = "race.internal.example"
     cred = enroll(d, tmp_path, "service", [name])
     serial = format(load(cred[0]).serial_number, "x")
@@ -86,7 +104,7 @@ async def test_key_compromise_reaches_renewals_signed_while_it_ran(
     # clients got, and the ones signed but refused because their parent was revoked
     # meanwhile (the audit log has every signature).
     crl = x509.load_der_x509_crl(_fetch(d, "/v1/x509/crl"))
-    lineage = _signed_serials(d, "x509", "names", name)
+    lineage = _signed_serials(ca_daemon.log, "x509", "names", name)
     assert {format(load(cred[0]).serial_number, "x")} | {r["serial"] for r in got} <= lineage
     escaped = sorted(s for s in lineage
                      if crl.get_revoked_certificate_by_serial_number(int(s, 16)) is None)
@@ -101,8 +119,8 @@ async def test_key_compromise_reaches_renewals_signed_while_it_ran(
 
 
 async def test_a_revocation_reaches_ssh_certificates_signed_while_it_ran(
-        ca_daemon: Daemon, tmp_path: Path) -> None:
-    d = ca_daemon
+        ca_daemon: Node, tmp_path: Path) -> None:
+    d = ca_daemon.d
     name = "sshrace.internal.example"
     cred = enroll(d, tmp_path, "host", [name])
     subprocess.run([require("ssh-keygen"), "-q", "-t", "ed25519", "-N", "", "-f",
