@@ -119,6 +119,17 @@ async def test_kill9_under_issuance_load_loses_nothing(tmp_path: Path) -> None:
     assert sum(1 for e in lines if e["event"] == "daemon.start") == rounds + 1
 
 
+async def health_becomes(d: Daemon, want: int, within: float) -> bytes:
+    """GET /health until it answers `want` (the daemon notices on its own schedule: a
+    reconnect's back-off, a checkpoint's interval), failing after `within` seconds."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        status, _, body = await http("GET", f"{d.url}/health", d.ssl())
+        if status == want:
+            return body
+        assert asyncio.get_running_loop().time() < deadline, (status, body)
+
+
 async def test_hsm_token_taken_away_then_back(tmp_path: Path) -> None:
     ca = init_ca(tmp_path, private_hsm=True)
     # One worker: each worker has its own session and recovers on its own, and this
@@ -158,12 +169,7 @@ async def test_hsm_token_taken_away_then_back(tmp_path: Path) -> None:
         away.rename(tokens)
         # The session comes back without a restart: at the next reconnect attempt its
         # back-off allows (it grew while the token was away; a probe waits up to 1 s).
-        deadline = asyncio.get_running_loop().time() + 30
-        while True:
-            status, _, body = await http("GET", f"{d.url}/health", d.ssl())
-            if status == 200 or asyncio.get_running_loop().time() > deadline:
-                break
-        assert status == 200, body
+        await health_becomes(d, 200, within=30)
         status, _, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
         assert status == 201, body
         await signed(d, gone, ocsp.OCSPCertStatus.REVOKED)
@@ -337,21 +343,11 @@ async def test_checkpoints_that_keep_failing_show_in_health(tmp_path: Path) -> N
         status, _, body = await http("POST", f"{d.url}/v1/x509/renew", d.ssl(cert, key),
                                      body={})
         assert status == 201, body  # issuance goes on: the lines are durable
-        deadline = asyncio.get_running_loop().time() + 60
-        while True:
-            status, _, body = await http("GET", f"{d.url}/health", d.ssl())
-            if status == 503 or asyncio.get_running_loop().time() > deadline:
-                break
-        assert status == 503, body
+        body = await health_becomes(d, 503, within=60)
         assert json.loads(body)["audit"].startswith("unavailable: no checkpoint signed for")
         (checkpoint / "in-the-way").rmdir()
         checkpoint.rmdir()
-        deadline = asyncio.get_running_loop().time() + 60
-        while True:
-            status, _, body = await http("GET", f"{d.url}/health", d.ssl())
-            if status == 200 or asyncio.get_running_loop().time() > deadline:
-                break
-        assert status == 200, body
+        await health_becomes(d, 200, within=60)
         assert checkpoint.read_bytes() != saved  # signed again, over the lines since
     finally:
         assert d.stop() == 0
