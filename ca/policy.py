@@ -228,6 +228,29 @@ def classify(name: str, allow_wildcards: bool = False) -> tuple[str, str]:
     return _classify(name, allow_wildcards)
 
 
+def lookup(name: str) -> tuple[str, str]:
+    """`classify`, for finding what was issued to a name (`revoke --identity`): an
+    IPv4-mapped IPv6 address is refused for new certificates, but ones issued before
+    that carry it must still be found, by the form they were stored in."""
+    try:
+        return classify(name, True)
+    except Refused:
+        mapped = _mapped_address(name)
+        if mapped is None:
+            raise
+        return "ip", mapped
+
+
+def _mapped_address(name: str) -> str | None:
+    try:
+        addr = ipaddress.ip_address(name)
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr)
+    return None
+
+
 @functools.lru_cache(maxsize=16384)  # renewals classify the same inventory names again
 def _classify(name: str, allow_wildcards: bool) -> tuple[str, str]:
     address = ip(name)

@@ -658,7 +658,7 @@ def _ssh_key(ctx: Context, key: SSHPublicKey) -> None:
 def _ssh_host(ctx: Context, who: Requester, req: SSHHostRequest) -> SSHOrder:
     _need_role(who, "host")
     assert isinstance(who, CertHolder)
-    dns = tuple(n for n in who.names if policy.classify(n, True)[0] == "dns")
+    dns = tuple(n for n in who.names if policy.lookup(n)[0] == "dns")
     if req.principals is None:  # by default, the names the policy in force still allows
         dns = tuple(n for n in dns if ctx.policy.allow_wildcards or not n.startswith("*."))
     principals = _principals(req.principals, dns, "host names")
@@ -744,7 +744,7 @@ def _revoke_identity(ctx: Context, who: Requester, req: RevokeIdentityRequest) -
     if reason == "certificateHold":
         raise Refused("certificateHold is not offered: a revocation here is final",
                       Reason.REASON_NOT_ALLOWED)
-    _kind, name = policy.classify(req.name, True)
+    _kind, name = policy.lookup(req.name)
     return RevokeOrder(None, reason, who.actor, lineage=True, identity=name)
 
 

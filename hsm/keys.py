@@ -102,9 +102,15 @@ def private_labels(session: pkcs11.Session) -> list[str]:
         {Attribute.CLASS: ObjectClass.PRIVATE_KEY}))
 
 
+def find_objects(session: pkcs11.Session, label: str, public: bool) -> list[Any]:
+    """Every public (or private) key object labelled `label`."""
+    return list(session.get_objects({
+        Attribute.CLASS: ObjectClass.PUBLIC_KEY if public else ObjectClass.PRIVATE_KEY,
+        Attribute.LABEL: label}))
+
+
 def find_public(session: pkcs11.Session, label: str) -> Any:
-    found = list(session.get_objects({Attribute.CLASS: ObjectClass.PUBLIC_KEY,
-                                      Attribute.LABEL: label}))
+    found = find_objects(session, label, public=True)
     if not found:
         raise KeyNotFound(f"no public key labelled {label!r} in the token")
     if len(found) > 1:

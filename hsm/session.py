@@ -226,7 +226,28 @@ class HSM:
             self._reconnect()
             if self.broken is not None:
                 raise HSMUnavailable(f"HSM unavailable: {self.broken}") from None
-        return self._find(label)  # still missing on a fresh session: it is
+        try:
+            return self._find(label)  # still missing on a fresh session: it is
+        except SESSION_ERRORS as exc:
+            self._mark_broken(exc)
+            raise HSMUnavailable(f"HSM unavailable: {self.broken}") from None
+
+    def remnants(self, label: str) -> tuple[bool, bool]:
+        """Whether the token holds the private and the public key `label`, asked of a
+        fresh session (a destroy must not take SoftHSM's "nothing" from a session that
+        looked while the token was away for "gone")."""
+        self._claim()
+        self._ready()
+        self._reconnect()  # recorded as hsm.reconnect, with its result
+        if self._session is None:  # it failed: broken, retried as its back-off allows
+            self.broken = self.broken or "reconnect failed"
+            raise HSMUnavailable(f"HSM unavailable: {self.broken}")
+        try:
+            return (keys.find_private(self._session, label, required=False) is not None,
+                    bool(keys.find_objects(self._session, label, public=True)))
+        except SESSION_ERRORS as exc:
+            self._mark_broken(exc)
+            raise HSMUnavailable(f"HSM unavailable: {self.broken}") from None
 
     def generate(self, label: str, key_type: str) -> KeyInfo:
         """Generate a non-exportable key pair in the token; logged as hsm.keygen."""
@@ -255,11 +276,14 @@ class HSM:
         self._check_intent(intent_seq)
         self._ready()
         try:
-            private = keys.find_private(self._session, label)
-            public = keys.find_public(self._session, label)
+            # Either half may be gone already (a destroy cut short between the two).
+            found = [*filter(None, [keys.find_private(self._session, label, required=False)]),
+                     *keys.find_objects(self._session, label, public=True)]
+            if not found:
+                raise KeyNotFound(f"no key labelled {label!r} in the token")
             self._last_signed = True  # the intent is spent whatever happens next
-            private.destroy()
-            public.destroy()
+            for obj in found:
+                obj.destroy()
         except SESSION_ERRORS as exc:
             self._mark_broken(exc)
             raise HSMUnavailable(f"HSM unavailable: {self.broken}") from None

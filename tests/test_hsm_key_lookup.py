@@ -35,6 +35,12 @@ for line in sys.stdin:
             hsm.destroy(label, 1)
         elif verb == "probe":
             hsm.probe()
+        elif verb == "drop-public":  # half a destroy: what a kill between the two leaves
+            from hsm import keys
+            hsm.session_call(lambda s: [o.destroy() for o in keys.find_objects(
+                s, label, public=True)])
+        elif verb == "remnants":
+            print(*hsm.remnants(label), flush=True)
         else:
             hsm.key(label)
         print("ok", flush=True)
@@ -144,6 +150,19 @@ def test_a_destroy_cut_short_after_the_hsm_call_can_be_finished(tmp_path: Path) 
         assert re.search(r"^ssh-host-ca\s+\S+\s+destroyed", listed, re.M), listed
         assert [line for line in log_lines(ca.state) if line["event"] == "key.destroy"
                 and line["label"] == "ssh-host-ca" and line["result"] == "absent-from-token"]
+        # Cut short between the halves: the private key is still there, and goes now
+        # (it is not "absent": review of the change).
+        key_cmd(d, "rotate", "ssh-user")
+        key_cmd(d, "retire", "ssh-user-ca")
+        half = Session(ca, dict(os.environ))
+        assert half.ask("drop-public", "ssh-user-ca") == "ok"
+        proc = key_cmd(d, "destroy", "ssh-user-ca", "--yes", check=False)
+        assert proc.returncode == 0 and "no longer held" not in proc.stderr, proc.stderr
+        assert half.ask("remnants", "ssh-user-ca") == "False False"
+        half.close()
+        intent = [line for line in log_lines(ca.state) if line["event"] == "hsm.destroy"
+                  and line.get("label") == "ssh-user-ca" and line["phase"] == "intent"]
+        assert len(intent) == 1 and intent[0]["remaining"] == "private"
     finally:
         assert d.stop() == 0
     audit_verify(ca.state, ok=True)

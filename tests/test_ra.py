@@ -290,6 +290,19 @@ def test_ssh_host_principals_are_the_hosts_dns_names_checked_now() -> None:
             Reason.WRONG_ROLE, "host")
 
 
+def test_a_certificate_issued_with_a_mapped_address_is_still_found_and_its_host_served(
+        ) -> None:
+    """IPv4-mapped IPv6 names are refused from now on; one issued before must still be
+    revocable by its identity, and its host still get SSH certificates for its DNS
+    names (review of the change that refused them)."""
+    old = holder("host", ("web1.internal.example", "::ffff:a09:909"))
+    order = ra.decide(context(), old, ra.SSHHostRequest(ssh_key()))
+    assert isinstance(order, ra.SSHOrder) and order.principals == ("web1.internal.example",)
+    revoke = ra.decide(context(), admin(), ra.RevokeIdentityRequest("::ffff:10.9.9.9"))
+    assert isinstance(revoke, ra.RevokeOrder) and revoke.identity == "::ffff:a09:909"
+    refused(ra.decide(context(), old, ra.RenewRequest()), Reason.BAD_NAME, "IPv4-mapped")
+
+
 def test_ssh_user_principals_lifetime_and_revoked_keys() -> None:
     alice = holder("user", ("alice@example.com",), ("alice", "deploy"))
     pol = Policy(ssh_user_default_ttl_s=3600, ssh_user_max_ttl_s=7200)

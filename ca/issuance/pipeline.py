@@ -38,10 +38,11 @@ from ca.handoff import (
     drain_queue,
     stop_thread,
 )
-from hsm.errors import HSMError, HSMUnavailable, KeyNotFound
+from hsm.errors import HSMError, HSMUnavailable
 from hsm.ids import IdSource
 from hsm.session import HSM, HSMConfig, KeyInfo
 from hsm.signers import HSMKey, mechanism_name, signer
+from hsm.uri import key_uri
 
 T = TypeVar("T")
 Entry = tuple[str, Mapping[str, Any]]
@@ -207,15 +208,19 @@ class SigningPipeline:
         None when the token holds no such key (a destroy cut short after
         C_DestroyObject, before the inventory said so): nothing to do in the HSM."""
         def destroy(hsm: HSM) -> int | None:
-            try:
-                info = hsm.key(label, fresh=True)  # the token's word, not a memory of it
-            except KeyNotFound:
+            private, public = hsm.remnants(label)  # the token's word, not a memory of it
+            if not private and not public:
                 self._keys.pop(label, None)
                 return None
+            # A destroy cut short between the two halves leaves one: it goes too.
+            info = self._keys.get(label) or (hsm.key(label) if private and public else None)
             op_id = self._op_ids.next()
-            intent = {"phase": "intent", "op_id": op_id, "key": info.uri, "label": label,
+            intent = {"phase": "intent", "op_id": op_id, "label": label,
+                      "key": info.uri if info else str(key_uri(hsm.config.token, label)),
                       "operation": "destroy", "actor": actor, "request_id": request_id,
-                      "public_key_sha256": info.spki_sha256}
+                      "public_key_sha256": info.spki_sha256 if info else None,
+                      **({} if private and public else
+                         {"remaining": "private" if private else "public"})}
             [written] = self._append([("hsm.destroy", intent)])
             seq = written.result()  # raises AuditUnavailable: nothing destroyed
             outcome: dict[str, Any] = {"phase": "outcome", "op_id": op_id, "label": label}

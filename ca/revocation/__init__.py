@@ -141,12 +141,15 @@ class Revocations:
         return Revocation(now, list(done.serials), done.ssh_certs, unpublished, pending)
 
     async def _record(self, order: ra.RevokeOrder, serials: list[int],
-                      request_id: str | None) -> None:
+                      request_id: str | None, swept: bool = False) -> None:
+        """The audit line; `swept` for the certificates a revocation's second look found
+        (`serials` are those alone: the first line named the rest)."""
         await self.audit.append("cert.revoke", serial=None if order.serial is None else format(
             order.serial, "x"), serials=[format(s, "x") for s in serials],
             identity=order.identity, lineage=order.lineage, reason=order.reason,
             actor=order.actor, request_id=request_id,
-            **({} if order.follows is None else {"follows": format(order.follows, "x")}))
+            **({} if order.follows is None else {"follows": format(order.follows, "x")}),
+            **({"swept": True} if swept else {}))
 
     async def _sweep(self, order: ra.RevokeOrder, targets: list[int], done: Reached,
                      now: dt.datetime, request_id: str | None) -> Reached:
@@ -165,7 +168,7 @@ class Revocations:
                     family.update(await self.store.lineage(serial, now))
                 new = sorted(family - serials)
                 if new:
-                    await self._record(order, new, request_id)
+                    await self._record(order, new, request_id, swept=True)
             again = await self.store.revoke_certs([*sorted(serials), *new], now, order.reason)
             if again.serials:
                 self.generations.bump("revocations")
@@ -189,15 +192,21 @@ class Revocations:
             return
         order = ra.order(await self._context(), ra.Local(), ra.RevokedMeanwhile(
             int(parent_hex, 16), parent.reason, child, ssh_serial))
+        # The revocation's own sweep may have got there first: then nothing is logged
+        # twice, and the answer is the same.
         if isinstance(order, ra.SSHRevokeOrder):
-            await self.revoke_ssh(order, 1, request_id)
+            if matching := await self.count_ssh(ssh_serial, None, None):
+                await self.revoke_ssh(order, matching, request_id)
             what = f"SSH certificate {ssh_serial} is revoked with it (in the KRL)"
         else:
-            try:
-                await self.revoke(order, request_id)
-            except Refused as exc:
-                if exc.reason is not Reason.CONFLICT:  # the revocation's sweep got there first
-                    raise
+            assert child is not None
+            record = await self.store.cert(child)
+            if record is not None and record.revoked_at is None:
+                try:
+                    await self.revoke(order, request_id)
+                except Refused as exc:
+                    if exc.reason is not Reason.CONFLICT:  # the sweep, just now
+                        raise
             what = f"the new certificate {child:x} is revoked with it"
         log.warning("a revocation raced this request: what it got is revoked too",
                     revoked_parent=parent_hex, child=None if child is None else format(child, "x"),
