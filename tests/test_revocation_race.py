@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,3 +140,86 @@ async def test_a_revocation_reaches_ssh_certificates_signed_while_it_ran(
         if (said := krl_says(d, tmp_path, cert)) != "REVOKED":
             escaped.append((answer["serial"], said))
     assert not escaped, f"{len(escaped)} of {len(got)} SSH certificates escaped: {escaped}"
+
+
+# ---- each half of the fix, in the order that needs it (tests/gates) --------------------
+
+GATES = Path(__file__).resolve().parent / "gates"
+
+
+@pytest.fixture(scope="module")
+def gated(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A daemon whose renewals of `gate-renew.*` and whose revocations can be held at a
+    gate (tests/gates/sitecustomize.py): the two orders chance rarely gives."""
+    tmp = tmp_path_factory.mktemp("revocation-gates")
+    gates = tmp / "gates"
+    gates.mkdir()
+    ca = init_ca(tmp)
+    path = os.pathsep.join(p for p in (str(GATES), os.environ.get("PYTHONPATH")) if p)
+    d = start_daemon(ca.state, env={**os.environ, "PYTHONPATH": path,
+                                    "HSMCA_TEST_GATES": str(gates)})
+    yield d, gates
+    assert d.stop() == 0
+    audit_verify(ca.state, ok=True)
+
+
+async def _at_gate(gates: Path, gate: str) -> None:
+    deadline = asyncio.get_running_loop().time() + 30
+    while not (gates / f"{gate}-waiting").exists():
+        assert asyncio.get_running_loop().time() < deadline, f"nothing reached the {gate} gate"
+        await asyncio.sleep(0.01)  # polling a file the daemon writes, with a deadline
+    (gates / f"{gate}-waiting").unlink()
+
+
+async def test_a_renewal_recorded_after_the_whole_revocation_is_refused_and_revoked(
+        gated: tuple[Daemon, Path], tmp_path: Path) -> None:
+    """The renewal passed its checks, then the revocation ran to its end (its second
+    look included) before the renewal was recorded: only the renewal's own look after
+    recording can catch it."""
+    d, gates = gated
+    cred = enroll(d, tmp_path, "service", ["gate-renew.internal.example"])
+    renewal = asyncio.ensure_future(http("POST", f"{d.url}/v1/x509/renew", d.ssl(*cred),
+                                         body={}))
+    await _at_gate(gates, "renew")
+    serial = format(load(cred[0]).serial_number, "x")
+    status, _, raw = await http("POST", f"{d.url}/v1/x509/revoke", d.ssl(*cred),
+                                body={"serial": serial, "reason": "keyCompromise"})
+    assert status == 200 and json.loads(raw)["revoked"] == [serial], raw
+    (gates / "release-renew").touch()
+    status, _, raw = await renewal
+    assert status == 403 and json.loads(raw)["type"].endswith("revoked-certificate"), raw
+    assert "revoked while this request was being signed" in json.loads(raw)["detail"]
+    crl = x509.load_der_x509_crl(_fetch(d, "/v1/x509/crl"))
+    signed = _signed_serials(d.state / "audit" / "log.jsonl", "x509", "names",
+                             "gate-renew.internal.example")
+    assert len(signed) == 2  # the enrolment and the refused renewal
+    assert all(crl.get_revoked_certificate_by_serial_number(int(s, 16)) for s in signed)
+
+
+async def test_a_renewal_recorded_before_the_revocation_commits_is_swept(
+        gated: tuple[Daemon, Path], tmp_path: Path) -> None:
+    """The revocation read the lineage, then a renewal was recorded and looked at its
+    parent before the revocation committed: only the revocation's second look, after
+    its commit, can catch it."""
+    d, gates = gated
+    cred = enroll(d, tmp_path, "service", ["gate-sweep.internal.example"])
+    serial = format(load(cred[0]).serial_number, "x")
+    (gates / "hold-revoke").touch()
+    revocation = asyncio.ensure_future(http(
+        "POST", f"{d.url}/v1/x509/revoke", d.ssl(*cred),
+        body={"serial": serial, "reason": "keyCompromise"}))
+    await _at_gate(gates, "revoke")
+    status, _, raw = await http("POST", f"{d.url}/v1/x509/renew", d.ssl(*cred), body={})
+    assert status == 201, raw  # its parent is not revoked yet
+    child = json.loads(raw)
+    (gates / "hold-revoke").unlink()
+    (gates / "release-revoke").touch()
+    status, _, raw = await revocation
+    assert status == 200 and sorted(json.loads(raw)["revoked"]) == sorted(
+        [serial, child["serial"]]), raw
+    crl = x509.load_der_x509_crl(_fetch(d, "/v1/x509/crl"))
+    assert crl.get_revoked_certificate_by_serial_number(int(child["serial"], 16))
+    pem = tmp_path / "child.pem"
+    pem.write_text(child["certificate"])
+    status, _, raw = await http("POST", f"{d.url}/v1/x509/renew", d.ssl(pem, cred[1]), body={})
+    assert status == 403 and json.loads(raw)["type"].endswith("revoked-certificate"), raw

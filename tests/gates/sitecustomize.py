@@ -1,0 +1,59 @@
+"""Gates that hold a daemon under test at one point of a request, so that a test can
+put two requests in an order chance would rarely give (tests/test_revocation_race.py).
+Loaded by Python at start-up when this directory is on PYTHONPATH and HSMCA_TEST_GATES
+names a directory; the daemon's decisions are unchanged, only when it takes a step.
+
+    renew   a renewal of a certificate naming `gate-renew.*` stops before it is signed
+    revoke  a revocation stops after its audit line (the lineage read), before its
+            commit, while the file `hold-revoke` exists
+
+At a gate the process writes `<gate>-waiting` and goes on once `release-<gate>`
+exists (each release lets one request through: the file is removed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+_GATES = os.environ.get("HSMCA_TEST_GATES")
+
+
+async def _wait(gates: Path, gate: str) -> None:
+    (gates / f"{gate}-waiting").touch()
+    release = gates / f"release-{gate}"
+    while True:  # a test gate: released by a file the test writes
+        try:
+            release.unlink()
+            return
+        except FileNotFoundError:
+            await asyncio.sleep(0.01)
+
+
+def _install(gates: Path) -> None:
+    from ca.issuance.issue import Issuance
+    from ca.revocation import Revocations
+
+    real_x509 = Issuance.x509
+
+    async def x509(self: Any, order: Any, request_id: str | None = None) -> Any:
+        if order.renewed_from and any(v.startswith("gate-renew.") for _, v in order.names):
+            await _wait(gates, "renew")
+        return await real_x509(self, order, request_id)
+
+    Issuance.x509 = x509  # type: ignore[method-assign]
+    real_record = Revocations._record
+
+    async def record(self: Any, order: Any, serials: Any, request_id: Any,
+                     swept: bool = False) -> None:
+        await real_record(self, order, serials, request_id, swept)
+        if not swept and (gates / "hold-revoke").exists():
+            await _wait(gates, "revoke")
+
+    Revocations._record = record  # type: ignore[method-assign]
+
+
+if _GATES:
+    _install(Path(_GATES))
