@@ -143,6 +143,22 @@ def test_one_failed_challenge_makes_the_order_invalid(store: Store) -> None:
     assert isinstance(authz, AcmeAuthz) and authz.status == "invalid"
 
 
+def test_finalizes_cut_short_are_ready_again(store: Store) -> None:
+    """A kill while finalizing left orders `processing` for ever, and their `replaces`
+    taken (fault review): a single node's start puts them back to `ready`."""
+    for order_id in ("o1", "o2"):
+        authzs = order_with(store, order_id, ("a.test",))
+        ch = authzs[0].challenges[0].id
+        run(store.start_acme_challenge(ch, NOW, EARLIER))
+        run(store.finish_acme_challenge(ch, True, None, NOW))
+    assert run(store.begin_acme_finalize("o1")) is True
+    assert run(store.reopen_acme_finalizes()) == 1
+    statuses = {o: run(store.acme_order(o)).status for o in ("o1", "o2")}  # type: ignore[union-attr]
+    assert statuses == {"o1": "ready", "o2": "ready"}
+    assert run(store.begin_acme_finalize("o1")) is True  # its client finalizes again
+    assert run(store.reopen_acme_finalizes()) == 1
+
+
 def test_one_finalizer_and_the_certificate_row_makes_the_order_valid(store: Store) -> None:
     authzs = order_with(store, "o1", ("a.test",))
     ch = authzs[0].challenges[0].id

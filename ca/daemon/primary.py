@@ -350,6 +350,12 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         if store is None:
             store = open_store(config.store_location)
         await seed(config, store, pipeline)
+        # One node: no finalize is under way before its start, so an order still
+        # `processing` was cut short by a kill (nothing was released for it); its client
+        # finalizes again. (Several nodes: another may be finalizing it.)
+        if not _cluster(store) and (reopened := await store.reopen_acme_finalizes()):
+            log.warning("ACME orders cut short while finalizing are ready again",
+                        orders=reopened)
         keys = await open_keyring(config, store, pipeline, generations)
         await _name_unknown_keys(store, pipeline)
         await write_bundle(config.bundle_pem, store)  # what the workers' TLS layer trusts

@@ -297,6 +297,11 @@ class Store(Protocol):
         """A finalization that issued nothing: the order goes back to `status`."""
         ...
 
+    async def reopen_acme_finalizes(self) -> int:
+        """Every order left `processing` goes back to `ready` (a start after the CA was
+        killed while finalizing them: nothing was released for them); how many."""
+        ...
+
     async def acme_cert(self, serial: int) -> AcmeCert | None: ...
 
     async def acme_secret(self, name: str, make: bytes) -> bytes:

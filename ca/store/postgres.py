@@ -881,6 +881,13 @@ class PostgresStore:
                              "status = 'processing'", (status, error, order_id))
         await self._tx(fail)
 
+    async def reopen_acme_finalizes(self) -> int:
+        async def reopen(db: Conn) -> int:
+            cur = await db.execute("UPDATE acme_orders SET status = 'ready' WHERE "
+                                   "status = 'processing'")
+            return cur.rowcount
+        return await self._tx(reopen)
+
     async def acme_cert(self, serial: int) -> AcmeCert | None:
         rows = await self._rows(
             "SELECT c.serial, a.account_id, a.order_id, c.der, c.issuer, c.not_before, "

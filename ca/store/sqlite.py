@@ -1118,6 +1118,12 @@ class SQLiteStore:
                        "status = 'processing'", (status, error, order_id))
         await self._write(fail)
 
+    async def reopen_acme_finalizes(self) -> int:
+        def reopen(db: sqlite3.Connection) -> int:
+            return db.execute("UPDATE acme_orders SET status = 'ready' WHERE "
+                              "status = 'processing'").rowcount
+        return await self._write(reopen)
+
     async def acme_cert(self, serial: int) -> AcmeCert | None:
         rows = self._read(
             "SELECT c.serial, a.account_id, a.order_id, c.der, c.issuer, c.not_before, "
