@@ -22,6 +22,7 @@ import josepy as jose
 from acme import challenges
 from cryptography import x509
 
+from ca import policy
 from ca.config import AcmeConfig
 
 MAX_BODY = 4096
@@ -144,7 +145,7 @@ class Validator:
 
     def _redirect(self, location: str, scheme: str, host: str) -> tuple[str, str, int, str]:
         """Where a redirect may lead: http on the http-01 port, https on the tls-alpn-01
-        port (the configured "HTTPS port"), to a DNS name or an address."""
+        port (the configured "HTTPS port"), to a DNS name."""
         try:
             u = urlsplit(location)
             port = u.port
@@ -157,6 +158,16 @@ class Validator:
         if u.scheme not in ("http", "https") or not u.hostname:
             raise Failed("connection", f"redirect to {location[:100]!r}: only http(s) URLs "
                          "are followed")
+        # A DNS name with a dot, as Let's Encrypt's validator asks: an address literal
+        # (127.0.0.2, [::1], 2130706434) or a single label (localhost) would let an
+        # account point the CA at any host it can reach, and read its answers' status.
+        try:
+            kind, _ = policy.classify(u.hostname)
+        except policy.Refused:
+            kind = "invalid"
+        if kind != "dns" or "." not in u.hostname:
+            raise Failed("connection", f"redirect to {location[:100]!r}: redirects are followed "
+                         "only to DNS names (with a dot), not to addresses")
         allowed = self.cfg.http01_port if u.scheme == "http" else self.cfg.tls_alpn01_port
         wanted = port if port is not None else (80 if u.scheme == "http" else 443)
         if wanted != allowed:
