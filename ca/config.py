@@ -216,6 +216,13 @@ class Config:
         return self.state_dir / "hsmca.sqlite3.moved-to-postgresql"
 
     @property
+    def move_marker(self) -> Path:
+        """Written by `hsmca store move` before PostgreSQL commits, removed once the move
+        is finished: while it exists, no daemon starts on SQLite (the move may have
+        committed, and an SQLite daemon would leave PostgreSQL behind)."""
+        return self.state_dir / "store-move-under-way"
+
+    @property
     def root_pem(self) -> Path:
         return self.state_dir / "x509" / "root.pem"
 

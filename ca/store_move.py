@@ -116,11 +116,13 @@ async def move(config: Config, url: str) -> Moved:
         # The log's lock again, until PostgreSQL has it all: no daemon may start on
         # SQLite meanwhile. Every line goes, the logout after the checkpoint included.
         with _locked(config.audit_log):
+            write_atomic(config.move_marker, f"{name}\n")
             try:
                 rows = target.import_ca(export_inventory(config.db_path), CEREMONIES,
                                         _lines(config.audit_log),
                                         (int(note.split("\n")[1]), note))
             except psycopg.Error as exc:  # a refusal: the transaction left nothing
+                config.move_marker.unlink(missing_ok=True)
                 raise MoveError("PostgreSQL refused the move, which left it as it was: "
                                 + " ".join(str(exc).split())) from None
             kept = _finish(config, new_config)
@@ -175,6 +177,7 @@ def _finish(config: Config, new_config: str) -> Path:
         raise MoveError(f"the CA is in PostgreSQL, but {config.path} could not be written "
                         f"({exc.strerror}): run `hsmca store move` again to finish, or add "
                         "its [store] url yourself") from None
+    config.move_marker.unlink(missing_ok=True)  # finished
     return kept
 
 

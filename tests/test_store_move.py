@@ -197,3 +197,26 @@ def test_a_move_without_a_database_or_to_another_kind_says_what_to_give(
         proc = hsmca("store", "move", "--config", config, "--yes", *extra, check=False, env=env)
         assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
         assert words in proc.stderr
+
+
+async def test_a_move_cut_short_keeps_the_daemon_off_sqlite_until_it_is_finished(
+        tmp_path: Path, postgres_server: Any) -> None:
+    """Killed after PostgreSQL committed and before the SQLite inventory was set aside,
+    a move left a CA whose `serve` started on SQLite, issued there, and left the
+    database behind for good (fault review). The move leaves a marker until it is done;
+    `serve` refuses while it is there, and the move run again finishes."""
+    ca = init_ca(tmp_path)
+    config = ca.state / "hsmca.toml"
+    url = postgres_server.new_database()
+    marker = ca.state / "store-move-under-way"
+    marker.write_text("hsmca@somewhere/db\n")  # what a move killed mid-way leaves
+    proc = await asyncio.to_thread(
+        hsmca, "serve", "--config", config, "--listen", "127.0.0.1:0", check=False)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "was cut short: run it again to finish" in proc.stderr
+    assert str(marker) in proc.stderr  # and how to stay on SQLite instead
+    moved = await asyncio.to_thread(hsmca, "store", "move", "--config", config, "--yes",
+                                    "--store-url", url)
+    assert "moved into" in moved.stdout and not marker.exists()
+    d = start_daemon(ca.state, "--node", "after")
+    assert d.stop() == 0

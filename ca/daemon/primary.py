@@ -278,6 +278,13 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
     audit_key = load_pem_public_key(config.audit_key_pem.read_bytes())
     if not isinstance(audit_key, Ed25519PublicKey):
         raise ValueError(f"{config.audit_key_pem} is not an Ed25519 public key")
+    if not config.cluster and config.move_marker.exists():
+        # The move may have committed: a daemon on SQLite now would leave PostgreSQL
+        # behind, and the next move would find it holding "another" CA.
+        into = config.move_marker.read_text(errors="replace").strip()
+        raise StartError(f"`hsmca store move` into {into} was cut short: run it again to "
+                         f"finish (it also moves again if nothing was committed); to stay "
+                         f"on SQLite instead, delete {config.move_marker}")
     if not config.cluster and not config.db_path.exists() and config.moved_db_path.exists():
         # SQLite would start an empty inventory, and the CA forget what it revoked.
         raise StartError(f"this CA was moved into PostgreSQL (`hsmca store move`), but "
