@@ -174,9 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--follow", action="store_true",
                    help="keep printing new lines as they are written, until interrupted")
     s.add_argument("--node", metavar="NAME",
-                   help="with --url on a CA of several nodes: whose log to show (default: "
-                   "the answering node's own, named on stderr; GET /v1/audit/logs lists "
-                   "them)")
+                   help="on a CA of several nodes: whose log to show; with --url the "
+                   "default is the answering node's own, named on stderr (GET "
+                   "/v1/audit/logs lists them), with --config the log of init's "
+                   "ceremonies")
     _remote_flags(s, key_alias=True)
     s.set_defaults(command_key="audit-show")
 

@@ -248,6 +248,13 @@ async def test_every_node_serves_every_log_and_one_node_verifies_them_all(
     proc = await asyncio.to_thread(hsmca, *show, "--node", "nope", check=False)
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1
     assert "--node nope: the CA at" in proc.stderr and "has no such log" in proc.stderr
+    # On the CA host, from the files: --config alone is init's log, and says so (the
+    # docs review read it as a node's); --node picks a node's.
+    local = ["audit", "show", "--config", cluster.state / "hsmca.toml"]
+    proc = await asyncio.to_thread(hsmca, *local)
+    assert "log of init's ceremonies" in proc.stderr and "node-2" in proc.stderr
+    proc = await asyncio.to_thread(hsmca, *local, "--node", "node-2")
+    assert proc.stderr == "" and len(proc.stdout.splitlines()) >= size
     # An auditor verifies all three logs through node 1, keeping one state per log,
     # and a second run continues from those states (consistency proofs, for node 2's
     # and 3's logs computed by node 1 from PostgreSQL).

@@ -210,14 +210,25 @@ async def _show_remote(args: argparse.Namespace) -> int:
 
 
 def show(args: argparse.Namespace) -> int:
-    if args.node is not None and args.url is None:
-        raise CLIError("--node is for --url (a file holds one node's log: give it with --log)")
+    if args.node is not None and args.log is not None:
+        raise CLIError("--node is for --url or --config (a file holds one node's log: --log "
+                       "names it)")
     if args.url is not None:
         return int(asyncio.run(_show_remote(args)))
     path = args.log
     if path is None:
         from ca.config import load
-        path = load(args.config).audit_log
+        config = load(args.config)
+        if args.node is not None:
+            if not config.cluster:
+                raise CLIError(f"{config.path} is a single node's CA: it has no --node")
+            config = config.for_node(args.node)
+        elif config.cluster:  # the CA's own log, which no node writes: say whose it is
+            nodes = sorted(p.parent.parent.name
+                           for p in (config.state_dir / "nodes").glob("*/audit/log.jsonl"))
+            print("hsmca: this is the log of init's ceremonies; a node's own: --node NAME"
+                  + (f" ({', '.join(nodes)} here)" if nodes else ""), file=sys.stderr)
+        path = config.audit_log
     try:
         fh = open(path, "rb")  # noqa: SIM115 - kept open for --follow
     except OSError as exc:
