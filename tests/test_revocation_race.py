@@ -163,12 +163,36 @@ def gated(tmp_path_factory: pytest.TempPathFactory) -> Any:
     audit_verify(ca.state, ok=True)
 
 
-async def _at_gate(gates: Path, gate: str) -> None:
-    deadline = asyncio.get_running_loop().time() + 30
-    while not (gates / f"{gate}-waiting").exists():
-        assert asyncio.get_running_loop().time() < deadline, f"nothing reached the {gate} gate"
-        await asyncio.sleep(0.01)  # polling a file the daemon writes, with a deadline
-    (gates / f"{gate}-waiting").unlink()
+class Gate:
+    """The test's end of the gates: a Unix socket the held request connects to, saying
+    which gate it is at; it goes on when released. Events both ways, no polling."""
+
+    def __init__(self, gates: Path) -> None:
+        self.path = gates / "gate.sock"
+        self.held: asyncio.Queue[tuple[str, asyncio.StreamWriter]] = asyncio.Queue()
+
+    async def __aenter__(self) -> Gate:
+        self.server = await asyncio.start_unix_server(self._arrived, path=str(self.path))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+        self.path.unlink(missing_ok=True)
+
+    async def _arrived(self, reader: asyncio.StreamReader,
+                       writer: asyncio.StreamWriter) -> None:
+        await self.held.put(((await reader.readline()).decode().strip(), writer))
+
+    async def reached(self, gate: str) -> asyncio.StreamWriter:
+        name, writer = await asyncio.wait_for(self.held.get(), timeout=30)
+        assert name == gate, f"held at {name}, not {gate}"
+        return writer
+
+    @staticmethod
+    async def release(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"go\n")
+        await writer.drain()
+        writer.close()
 
 
 async def test_a_renewal_recorded_after_the_whole_revocation_is_refused_and_revoked(
@@ -178,15 +202,16 @@ async def test_a_renewal_recorded_after_the_whole_revocation_is_refused_and_revo
     recording can catch it."""
     d, gates = gated
     cred = enroll(d, tmp_path, "service", ["gate-renew.internal.example"])
-    renewal = asyncio.ensure_future(http("POST", f"{d.url}/v1/x509/renew", d.ssl(*cred),
-                                         body={}))
-    await _at_gate(gates, "renew")
-    serial = format(load(cred[0]).serial_number, "x")
-    status, _, raw = await http("POST", f"{d.url}/v1/x509/revoke", d.ssl(*cred),
-                                body={"serial": serial, "reason": "keyCompromise"})
-    assert status == 200 and json.loads(raw)["revoked"] == [serial], raw
-    (gates / "release-renew").touch()
-    status, _, raw = await renewal
+    async with Gate(gates) as gate:
+        renewal = asyncio.ensure_future(http("POST", f"{d.url}/v1/x509/renew",
+                                             d.ssl(*cred), body={}))
+        held = await gate.reached("renew")
+        serial = format(load(cred[0]).serial_number, "x")
+        status, _, raw = await http("POST", f"{d.url}/v1/x509/revoke", d.ssl(*cred),
+                                    body={"serial": serial, "reason": "keyCompromise"})
+        assert status == 200 and json.loads(raw)["revoked"] == [serial], raw
+        await gate.release(held)
+        status, _, raw = await renewal
     assert status == 403 and json.loads(raw)["type"].endswith("revoked-certificate"), raw
     assert "revoked while this request was being signed" in json.loads(raw)["detail"]
     crl = x509.load_der_x509_crl(_fetch(d, "/v1/x509/crl"))
@@ -205,16 +230,17 @@ async def test_a_renewal_recorded_before_the_revocation_commits_is_swept(
     cred = enroll(d, tmp_path, "service", ["gate-sweep.internal.example"])
     serial = format(load(cred[0]).serial_number, "x")
     (gates / "hold-revoke").touch()
-    revocation = asyncio.ensure_future(http(
-        "POST", f"{d.url}/v1/x509/revoke", d.ssl(*cred),
-        body={"serial": serial, "reason": "keyCompromise"}))
-    await _at_gate(gates, "revoke")
-    status, _, raw = await http("POST", f"{d.url}/v1/x509/renew", d.ssl(*cred), body={})
-    assert status == 201, raw  # its parent is not revoked yet
-    child = json.loads(raw)
-    (gates / "hold-revoke").unlink()
-    (gates / "release-revoke").touch()
-    status, _, raw = await revocation
+    async with Gate(gates) as gate:
+        revocation = asyncio.ensure_future(http(
+            "POST", f"{d.url}/v1/x509/revoke", d.ssl(*cred),
+            body={"serial": serial, "reason": "keyCompromise"}))
+        held = await gate.reached("revoke")
+        status, _, raw = await http("POST", f"{d.url}/v1/x509/renew", d.ssl(*cred), body={})
+        assert status == 201, raw  # its parent is not revoked yet
+        child = json.loads(raw)
+        (gates / "hold-revoke").unlink()
+        await gate.release(held)
+        status, _, raw = await revocation
     assert status == 200 and sorted(json.loads(raw)["revoked"]) == sorted(
         [serial, child["serial"]]), raw
     crl = x509.load_der_x509_crl(_fetch(d, "/v1/x509/crl"))

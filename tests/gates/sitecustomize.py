@@ -7,8 +7,8 @@ names a directory; the daemon's decisions are unchanged, only when it takes a st
     revoke  a revocation stops after its audit line (the lineage read), before its
             commit, while the file `hold-revoke` exists
 
-At a gate the process writes `<gate>-waiting` and goes on once `release-<gate>`
-exists (each release lets one request through: the file is removed).
+At a gate the process connects to the test's Unix socket `gate.sock`, says the gate's
+name on a line, and goes on when the test answers: no polling on either side.
 """
 
 from __future__ import annotations
@@ -22,14 +22,13 @@ _GATES = os.environ.get("HSMCA_TEST_GATES")
 
 
 async def _wait(gates: Path, gate: str) -> None:
-    (gates / f"{gate}-waiting").touch()
-    release = gates / f"release-{gate}"
-    while True:  # a test gate: released by a file the test writes
-        try:
-            release.unlink()
-            return
-        except FileNotFoundError:
-            await asyncio.sleep(0.01)
+    reader, writer = await asyncio.open_unix_connection(str(gates / "gate.sock"))
+    try:
+        writer.write(f"{gate}\n".encode())
+        await writer.drain()
+        await reader.readline()  # the test's release
+    finally:
+        writer.close()
 
 
 def _install(gates: Path) -> None:
