@@ -201,14 +201,12 @@ class HSM:
 
     # ---- keys --------------------------------------------------------------------------
 
-    def key(self, label: str, fresh: bool = False) -> KeyInfo:
-        """The key `label`, checked non-exportable (KeyExportable otherwise); with
-        `fresh`, looked up in the token even if this session knows it (another process
-        may have destroyed it)."""
+    def key(self, label: str) -> KeyInfo:
+        """The key `label`, checked non-exportable (KeyExportable otherwise)."""
         self._claim()
         self._ready()
         found = self._keys.get(label)
-        if found is not None and label in self._handles and not fresh:
+        if found is not None and label in self._handles:
             return found
         try:
             return self._find(label)
