@@ -674,9 +674,20 @@ def _commit_or_keep(files: Staged, data: dict[Path, bytes | str], cert: Path, ke
         raise
 
 
+def mend_alone(cert: Path, key: Path, warn: Any = None) -> None:
+    """`mend`, under the directory's renewal lock (`renew --daemon` at start): a
+    renewal under way in another process is not undone half-way; it mends its own."""
+    try:
+        with _renewing(cert):
+            mend(cert, key, warn)
+    except ClientError as exc:
+        if warn is not None:
+            warn(str(exc))
+
+
 def mend(cert: Path, key: Path, warn: Any = None) -> None:
     """Put back a renewal of `cert` that died between replacing its files (the next
-    renewal does it; so does `renew --daemon` at start, before it checks anything)."""
+    renewal does it, under the lock it holds)."""
     if restore_interrupted([key, cert, cert.parent / "chain.pem"],
                            lambda: check_credential(cert, key)) and warn is not None:
         warn(f"a renewal of {cert} was interrupted between replacing its files; they are "

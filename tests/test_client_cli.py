@@ -415,6 +415,26 @@ def test_renew_replaces_all_files_or_none_and_mends_one_cut_short(daemon: Daemon
         assert key.read_bytes() == kept and _pair(cert, key)
     finally:
         assert runner.stop() == 0
+    # But not while another renewal holds the directory (a timer's, half-way through
+    # its renames): mending then would undo that one's work (review of the change).
+    for left in cert.parent.glob(".*.hsmca-previous"):
+        left.unlink()
+    os.link(key, key.parent / ".key.pem.hsmca-previous")
+    os.link(cert, cert.parent / ".cert.pem.hsmca-previous")
+    key.unlink()
+    key.write_bytes(stray.read_bytes())
+    busy = os.open(cert.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        import fcntl
+        fcntl.flock(busy, fcntl.LOCK_EX)
+        proc = hsmca("renew", "--daemon", "--url", daemon.url, "--ca", daemon.root,
+                     "--cert", cert, "--key", key, check=False)
+    finally:
+        os.close(busy)
+    assert f"another renewal in {cert.parent} is under way" in proc.stderr, proc.stderr
+    assert key.read_bytes() == stray.read_bytes()  # left to the renewal under way
+    assert (key.parent / ".key.pem.hsmca-previous").exists()
+    assert _renew(daemon, cert, key).returncode == 0 and _pair(cert, key)
 
 
 def test_a_hook_that_hangs_is_killed_and_said(daemon: Daemon, tmp_path: Path) -> None:

@@ -166,7 +166,7 @@ def _renew_daemon(args: argparse.Namespace, url: str) -> int:
     # A first mistake fails at once, not in a log hours later: the credential, a wrong
     # --ca or --url, a certificate the CA did not issue or has revoked. A CA that is
     # away is said, and waited for.
-    client.mend(cert, key, _warn)  # a renewal cut short, before the pair is judged
+    client.mend_alone(cert, key, _warn)  # a renewal cut short, before the pair is judged
     try:
         asyncio.run(client.check_standing(url, args.ca, cert, key))
     except client.ClientError as exc:
