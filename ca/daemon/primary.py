@@ -675,10 +675,10 @@ async def _refresh_crls(issuance: Issuance, store: Store, audit: AuditLog,
                         generations: Generations, policies: control.PolicyFeed) -> None:
     """Every CRL that still signs (each issuing CA's, the root's) re-signed by the CA
     itself before half its validity has passed, so a relying party's GET is served from
-    the inventory, never waits for a signature, and never causes one (SPEC 7: re-signed
-    before nextUpdate, whether anyone asks or not). A revocation re-signs at once, as
-    before; a GET that finds its CRL stale all the same (this task behind, or the HSM
-    away) still re-signs it, or serves the last one while it is valid."""
+    the inventory without a signature (SPEC 7: re-signed before nextUpdate, whether
+    anyone asks or not). A revocation re-signs at once, as before; only a GET that
+    finds its CRL stale all the same (this task behind, or a re-signing that failed
+    while the HSM was away) re-signs it, or serves the last one while it is valid."""
     from ca.revocation import Revocations
     revocations = Revocations(store, audit, issuance, generations,
                               _context_now(issuance, policies))
