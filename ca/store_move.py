@@ -21,7 +21,6 @@ then says that a move was tried).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import stat
 import tomllib
@@ -40,7 +39,7 @@ from cryptography.hazmat.primitives.serialization import (
 from ca.audit.checkpointer import Checkpointer, publish_key
 from ca.audit.cluster import CEREMONIES
 from ca.audit.cluster_tiles import copy_tiles
-from ca.audit.log import TILES_DIR, AuditLog, AuditLogError
+from ca.audit.log import TILES_DIR, AuditLog, AuditLogError, held
 from ca.audit.tiles import FileTileStore, TileDamaged, stored_tiles
 from ca.config import Config
 from ca.daemon.keys import load_issuers
@@ -233,19 +232,10 @@ def _lines(path: Path) -> Iterator[bytes]:
             yield line[:-1]
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """The audit log's lock (the flock `AuditLog.open` takes), held for the block."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise MoveError(f"the audit log {path} was locked again (a daemon started?): "
-                            "nothing was moved; stop it and move again") from None
-        yield
-    finally:
-        os.close(fd)
+def _locked(path: Path) -> contextlib.AbstractContextManager[None]:
+    """The audit log's lock (the one `AuditLog.open` takes), held for the block."""
+    return held(path, MoveError(f"the audit log {path} was locked again (a daemon "
+                                "started?): nothing was moved; stop it and move again"))
 
 
 def _set_aside(config: Config) -> Path:

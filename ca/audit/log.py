@@ -30,6 +30,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -617,28 +618,38 @@ class AuditLog:
             pass
 
 
-def _lock(fd: int, path: Path) -> None:
-    """The log's exclusive lock, or AuditLogError naming who may hold it (fd closed)."""
+def _lock(fd: int, path: Path, busy: Exception | None = None) -> None:
+    """The log's exclusive lock, or `busy` (by default AuditLogError naming who may
+    hold it) if another process has it (fd closed)."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
         os.close(fd)
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise AuditLogError(f"the audit log {path} is locked by another process "
-                                "(is another hsmca running on this state directory?)"
-                                ) from None
+            raise busy or AuditLogError(
+                f"the audit log {path} is locked by another process (is another hsmca "
+                "running on this state directory?)") from None
         raise
 
 
-def ensure_unlocked(path: Path) -> None:
-    """AuditLogError now if a running daemon holds the log `path`: for a command that
-    needs it to itself, before it asks its operator anything."""
+@contextmanager
+def held(path: Path, busy: Exception | None = None) -> Iterator[None]:
+    """The log's lock (the one `AuditLog.open` takes) for the block, or `busy`
+    (AuditLogError) if a running daemon holds it: for a command that needs the log."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    _lock(fd, path, busy)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return
-    _lock(fd, path)
-    os.close(fd)
+        yield
+    finally:
+        os.close(fd)  # and the lock with it
+
+
+def ensure_unlocked(path: Path) -> None:
+    """AuditLogError now if a running daemon holds the log `path` (before a command
+    asks its operator anything)."""
+    if path.exists():
+        with held(path):
+            pass
 
 
 def _check_chain(path: Path, before: bytes | None, lines: list[bytes], first: int) -> None:
