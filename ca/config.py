@@ -33,11 +33,14 @@ class ConfigError(ValueError):
 # Every setting `load` reads, by section. Anything else in the file is refused with its
 # line: a misspelt setting (`heartbeat_s` for `heartbeat-s`) must not silently fall back
 # to the default. docs/operator.md's reference lists exactly these (tests/test_docs.py).
+# How long a client may take to send a whole request, and to finish its TLS handshake
+# (ca/http_server.py). Go's servers are usually given 10-30 s; nginx allows 60.
+REQUEST_TIMEOUT_S = 15.0
 SCHEMA: dict[str, frozenset[str]] = {
     "hsm": frozenset({"module", "token", "pin-source", "softhsm-conf"}),
     "keys": frozenset(p.replace("_", "-") for p in KEY_LABELS),
     "server": frozenset({"listen", "dns-name", "public-url", "tls-cert", "tls-key",
-                         "metrics-allow", "workers"}),
+                         "metrics-allow", "workers", "request-timeout-s"}),
     "audit": frozenset({"origin", "heartbeat-s", "witnesses", "witness-keys"}),
     # Several nodes on PostgreSQL (docs/cluster.md); no section: the embedded SQLite file.
     "store": frozenset({"url"}),
@@ -133,6 +136,7 @@ class Config:
     witness_keys: tuple[str, ...] = ()  # their cosignature verifier keys (vkeys)
     metrics_allow: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     workers: int = 0  # worker processes serving HTTPS; 0: one per CPU (at most 8)
+    request_timeout_s: float = REQUEST_TIMEOUT_S
     policy: Policy = field(default_factory=Policy)
     acme: AcmeConfig | None = None  # None: no [acme] section, no ACME server
     store_url: str | None = None  # [store] url: PostgreSQL, several nodes; None: SQLite
@@ -364,6 +368,8 @@ def load(path: Path) -> Config:
         metrics_allow=_networks(_get(server, "metrics-allow", list, where,
                                      ["127.0.0.0/8", "::1/128"]), where),
         workers=_workers(server.get("workers", "auto"), where),
+        request_timeout_s=_request_timeout(_get(server, "request-timeout-s", float, where,
+                                                REQUEST_TIMEOUT_S), where),
         audit_origin=_get(audit, "origin", str, f"{path} [audit]"),
         checkpoint_heartbeat_s=_get(audit, "heartbeat-s", float, f"{path} [audit]", 60.0),
         **_witnesses(_get(audit, "witnesses", list, f"{path} [audit]", []),
@@ -550,6 +556,13 @@ def reserved_names(dns_name: str, public_url: str | None) -> tuple[str, ...]:
     return tuple(sorted(n for n in names if n not in _LOOPBACK and not n.endswith(".localhost")))
 
 
+def _request_timeout(value: float, where: str) -> float:
+    if not 0 < value <= 300:
+        raise ConfigError(f"{where}: request-timeout-s ({value:g}) must be more than 0 and at "
+                          "most 300 seconds (how long a client may take to send a request)")
+    return float(value)
+
+
 def _workers(value: Any, where: str) -> int:
     if value == "auto":
         return 0
@@ -596,7 +609,9 @@ _NOTES = {
                "distribution point and OCSP address to issued certificates.",
                "metrics-allow: client networks that may read /metrics.",
                "workers: processes serving HTTPS, each with its own HSM session (\"auto\":",
-               "one per CPU, at most 8). The primary process alone writes the audit log."],
+               "one per CPU, at most 8). The primary process alone writes the audit log.",
+               "request-timeout-s: how long a client may take over its TLS handshake, and",
+               "over each request from its first byte (slower ones get a 408)."],
     "audit": ["origin: the checkpoint origin line and signing key name.",
               "heartbeat-s: seconds between checkpoints when the log is idle.",
               "witnesses: files, or URLs of C2SP witnesses (`hsmca witness serve`), to which",
@@ -631,7 +646,7 @@ def render(*, module: str, token: str, pin_source: str, softhsm_conf: str | None
         "keys": {purpose.replace("_", "-"): uri for purpose, uri in keys.items()},
         "server": {"listen": listen, "dns-name": dns_name, "tls-cert": "tls/server.pem",
                    "tls-key": "tls/server.key", "metrics-allow": ["127.0.0.0/8", "::1/128"],
-                   "workers": "auto"},
+                   "workers": "auto", "request-timeout-s": REQUEST_TIMEOUT_S},
         "audit": {"origin": audit_origin, "heartbeat-s": 60, "witnesses": [],
                   "witness-keys": []},
         "policy": {

@@ -6,16 +6,31 @@ aiohttp answers such a request itself, before any route or middleware runs, with
 text/plain body that quotes the offending bytes (a pasted Authorization header's,
 say). Its one hook is `RequestHandler.handle_error`, so the runner's server makes
 handlers of a subclass that answers with a problem instead.
+
+The same handlers bound how long a client may take to send a request. aiohttp reads
+a head or a body for as long as the client trickles it, and keeps a connection that
+sent nothing for an hour: a few thousand such connections from anyone who can reach
+the port would hold the daemon's memory and descriptors. Here a request must arrive
+whole within the request timeout of its first byte (a new connection: of the end of
+its TLS handshake, which has the same bound), or its client gets a 408 and the
+connection closes; an idle kept-alive connection closes after `KEEPALIVE_S`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import ssl
 from typing import Any
 
 from aiohttp import http_exceptions, web
+from aiohttp.streams import StreamReader
 
+from ca.config import REQUEST_TIMEOUT_S
 from ca.logs import http_server_logger
-from ca.server.problems import problem
+from ca.server.problems import TYPE_BASE, problem
+
+KEEPALIVE_S = 75.0  # nginx's default; aiohttp's (3630 s) is for sitting behind a balancer
 
 # What a client did wrong, by the parser's error type; the error's own text is not
 # used because it quotes the request.
@@ -39,8 +54,92 @@ def _what(exc: BaseException | None) -> str:
     return "the request is not valid HTTP/1.1"
 
 
+def _late_detail(timeout: float, what: str) -> str:
+    return (f"the request's {what} did not arrive within {timeout:g} s of its first byte; "
+            "nothing was done (send the whole request at once)")
+
+
+class RequestTooSlow(web.HTTPRequestTimeout):
+    """What reading a body that missed its deadline raises in the handler: a 408."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(text=_late_detail(timeout, "body"))
+
+
+def _head_timeout_answer(timeout: float) -> bytes:
+    """A whole 408 response, written by hand: a head that never finished has no request
+    for aiohttp to answer."""
+    body = json.dumps({"type": TYPE_BASE + "request-timeout", "title": "Request Timeout",
+                       "status": 408, "detail": _late_detail(timeout, "head")}).encode()
+    return (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/problem+json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)) + body
+
+
 class _ProblemRequestHandler(web.RequestHandler):
-    __slots__ = ()
+    __slots__ = ("_began", "_body", "_deadline")
+
+    def __init__(self, manager: web.Server, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._deadline: asyncio.TimerHandle | None = None
+        self._body: StreamReader | None = None  # the latest request's, while it arrives
+        self._began = False  # whether the request the deadline is for sent a byte
+
+    @property
+    def _timeout(self) -> float:
+        return getattr(self._manager, "request_timeout", REQUEST_TIMEOUT_S)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._arm(began=False)  # a connection that never asks is closed as well
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        body_was_open = self._body is not None and not self._body.is_eof()
+        count = self._request_count
+        super().data_received(data)
+        if self._request_count > count and self._messages:
+            self._body = self._messages[-1][1]
+        if self._body is not None and not self._body.is_eof():
+            self._arm(began=True)  # a body still arriving
+        elif self._request_count > count or body_was_open:
+            self._disarm()  # this data finished a request
+        elif data:
+            self._arm(began=True)  # the first bytes of a head
+
+    def _arm(self, *, began: bool) -> None:
+        if self._deadline is None:
+            self._began = began
+            self._deadline = self._loop.call_later(self._timeout, self._late)
+        elif began:
+            self._began = True
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _late(self) -> None:
+        self._deadline = None
+        if self._force_close or self.transport is None:
+            return
+        body = self._body
+        if body is not None and not body.is_eof():
+            if not self._request_in_progress:
+                self.force_close()  # a body nobody reads: its answer has gone already
+                return
+            # The handler waits in request.read(): it answers the 408 (through the
+            # problem middleware), and the connection closes once it has, without
+            # aiohttp's lingering to read the rest.
+            body.set_exception(RequestTooSlow(self._timeout))
+            self._lingering_time = 0.0
+            self.close()
+        elif not self._request_in_progress and not self._messages:
+            if self._began:
+                self.transport.write(_head_timeout_answer(self._timeout))
+            self.force_close()
 
     def handle_error(self, request: web.BaseRequest, status: int = 500,
                      exc: BaseException | None = None,
@@ -60,20 +159,55 @@ class _ProblemRequestHandler(web.RequestHandler):
 
 
 class _ProblemServer(web.Server):
+    request_timeout = REQUEST_TIMEOUT_S
+
     def __call__(self) -> web.RequestHandler:
         return _ProblemRequestHandler(self, loop=self._loop, **self._kwargs)
 
 
 class _ProblemAppRunner(web.AppRunner):
+    def __init__(self, app: web.Application, request_timeout: float,
+                 **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.request_timeout = request_timeout
+
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         # The application builds a plain Server with its own request factory; only
         # the handler class it makes changes.
         server.__class__ = _ProblemServer
+        server.request_timeout = self.request_timeout
         return server
 
 
-def app_runner(app: web.Application, **kwargs: Any) -> web.AppRunner:
-    """An AppRunner for `app` with hsmca's server logger and problem answers to
-    requests that are not HTTP; `kwargs` go to aiohttp's AppRunner."""
-    return _ProblemAppRunner(app, access_log=None, logger=http_server_logger(), **kwargs)
+def app_runner(app: web.Application, request_timeout: float = REQUEST_TIMEOUT_S,
+               **kwargs: Any) -> web.AppRunner:
+    """An AppRunner for `app` with hsmca's server logger, problem answers to requests
+    that are not HTTP, and `request_timeout` seconds for each request to arrive whole;
+    `kwargs` go to aiohttp's AppRunner."""
+    return _ProblemAppRunner(app, request_timeout, access_log=None,
+                             logger=http_server_logger(), keepalive_timeout=KEEPALIVE_S,
+                             **kwargs)
+
+
+class _BoundedTCPSite(web.TCPSite):
+    """aiohttp's TCPSite with the runner's request timeout on the TLS handshake too
+    (asyncio's own bound is 60 s, and TCPSite offers no way to pass another)."""
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # what TCPSite.start does first, then its server
+        server = self._runner.server
+        assert server is not None
+        timeout = getattr(self._runner, "request_timeout", REQUEST_TIMEOUT_S)
+        self._server = await asyncio.get_running_loop().create_server(
+            server, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
+            reuse_address=self._reuse_address, reuse_port=self._reuse_port,
+            ssl_handshake_timeout=timeout if self._ssl_context else None)
+        self._bound_port = (self._server.sockets[0].getsockname()[1] if self._server.sockets
+                            else self._port)
+
+
+def tcp_site(runner: web.AppRunner, host: str, port: int,
+             ssl_context: ssl.SSLContext | None = None, **kwargs: Any) -> web.TCPSite:
+    """A TCPSite for `runner` whose TLS handshakes have the request timeout as well."""
+    return _BoundedTCPSite(runner, host, port, ssl_context=ssl_context, **kwargs)

@@ -227,3 +227,18 @@ def test_witnesses_are_files_or_urls_and_url_witnesses_need_their_keys(tmp_path:
                        ({"witness-keys": [note_vkey]}, "has type 0x01; expected a witness")]:
         with pytest.raises(ConfigError, match=why):
             load(with_audit(**audit))
+
+
+def test_the_request_timeout_is_a_sane_number_of_seconds(tmp_path: Path) -> None:
+    path = rendered(tmp_path)
+    text = path.read_text()
+    assert load(path).request_timeout_s == 15.0  # init writes the default
+    for bad in ("0", "-1", "301", '"10s"'):
+        path.write_text(text.replace("request-timeout-s = 15.0", f"request-timeout-s = {bad}"))
+        with pytest.raises(ConfigError) as err:
+            load(path)
+        assert "[server]" in str(err.value) and "request-timeout-s" in str(err.value)
+        if bad != '"10s"':
+            assert "must be more than 0 and at most 300 seconds" in str(err.value)
+    path.write_text(text.replace("request-timeout-s = 15.0", "request-timeout-s = 2"))
+    assert load(path).request_timeout_s == 2.0

@@ -131,7 +131,6 @@ async def _serve(url: str, ctx: ssl.SSLContext, root: x509.Certificate,
                  audit_key: Ed25519PublicKey, state: Path, origin: str | None,
                  witness_keys: list[VerifierKey], host: str, port: int,
                  tls: ssl.SSLContext | None, public: bool) -> None:
-    from aiohttp import web
 
     from ca.ui.app import build_app
     from ca.ui.ca_api import CA
@@ -141,10 +140,10 @@ async def _serve(url: str, ctx: ssl.SSLContext, root: x509.Certificate,
     ca = CA(url, ctx)
     logs = Logs(ca, audit_key, state, origin, witness_keys)
     ui = UI(ca, logs, root, audit_key, witness_keys, environment())
-    from ca.http_server import app_runner
+    from ca.http_server import app_runner, tcp_site
     runner = app_runner(build_app(ui))
     await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=tls)
+    site = tcp_site(runner, host, port, ssl_context=tls)
     try:
         await site.start()
     except OSError as exc:

@@ -95,13 +95,12 @@ def serve(args: argparse.Namespace) -> int:
 
 
 async def _serve(witness: Witness, host: str, port: int) -> None:
-    from aiohttp import web
 
     from ca.audit.witness_server import application
-    from ca.http_server import app_runner
+    from ca.http_server import app_runner, tcp_site
     runner = app_runner(application(witness))
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = tcp_site(runner, host, port)
     try:
         await site.start()
     except OSError as exc:

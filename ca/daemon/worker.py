@@ -32,7 +32,7 @@ from ca.daemon.cluster_limit import ClusterTokenLimit
 from ca.daemon.control import ControlClient
 from ca.daemon.keys import open_keyring
 from ca.generations import Generations
-from ca.http_server import app_runner
+from ca.http_server import app_runner, tcp_site
 from ca.issuance.issue import Issuance
 from ca.issuance.pipeline import SigningPipeline
 from ca.lifecycle import KeyLifecycle
@@ -103,10 +103,10 @@ async def run(config: Config, host: str, port: int, slot: int, sign_channel: soc
             settings=Settings(tuple(ipaddress.ip_network(n) for n in config.metrics_allow),
                               config.audit_origin, config.node),
             acme=config.acme)
-        runner = app_runner(app, shutdown_timeout=10.0)
+        runner = app_runner(app, config.request_timeout_s, shutdown_timeout=10.0)
         await runner.setup()
         TRUST.generations, TRUST.bundle = generations, config.bundle_pem
-        site = web.TCPSite(runner, host, port, ssl_context=tls_context(
+        site = tcp_site(runner, host, port, ssl_context=tls_context(
             config.tls_cert, config.tls_key, config.bundle_pem), backlog=1024, reuse_port=True)
         await site.start()
         settle_heap()
