@@ -1,0 +1,126 @@
+"""A CA set up and run by the first release keeps working under this one.
+
+tests/fixtures/wave1 is a CA made and run by hsmca at dc1a63b (its README says how):
+its SoftHSM token, state directory, audit log, an auditor's saved state, and the
+credentials its clients hold. An operator who upgrades starts the new daemon on it
+as it is. Their clients must go on renewing, a revocation made before the upgrade
+must still show in the CRL and OCSP, and the auditor's next run must find the old
+log extended, not replaced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.x509 import ocsp
+
+from hsm import softhsm
+from tests.conftest import Daemon, hsmca, require, start_daemon
+from tests.helpers import _get, audit_verify, cert_serial, load, log_lines, signed
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "wave1"
+
+
+@pytest.fixture(scope="module")
+def upgraded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, Path]]:
+    root = tmp_path_factory.mktemp("upgrade") / "wave1"
+    shutil.copytree(FIXTURE, root)
+    (root / "softhsm2.conf").write_text(
+        f"directories.tokendir = {root / 'tokens'}\nobjectstore.backend = file\n"
+        "log.level = ERROR\nslots.removable = false\n")
+    config = root / "ca" / "hsmca.toml"
+    text = config.read_text().replace("@WAVE1@", str(root))
+    config.write_text(text.replace('"/usr/lib/softhsm/libsofthsm2.so"',
+                                   f'"{softhsm.module_path()}"'))
+    for path in [root, *root.rglob("*")]:  # as init left them: git keeps no modes
+        path.chmod(path.stat().st_mode & 0o700)
+    d = start_daemon(root / "ca")
+    yield d, root
+    assert d.stop() == 0
+
+
+def client(root: Path, name: str) -> tuple[Path, Path]:
+    return root / "clients" / name / "cert.pem", root / "clients" / name / "key.pem"
+
+
+def test_a_renewal_chain_begun_before_the_upgrade_goes_on(
+        upgraded: tuple[Daemon, Path]) -> None:
+    d, root = upgraded
+    cert, key = client(root, "svc")
+    before = cert_serial(cert)
+    out = hsmca("renew", "--url", d.url, "--ca", d.root, "--cert", cert, "--key", key).stdout
+    assert out.startswith("renewed: serial ") and cert_serial(cert) != before
+    proc = hsmca("renew", "--url", d.url, "--ca", d.root, "--cert", cert, "--key", key)
+    assert proc.stdout.startswith("renewed: serial ")
+
+
+def test_a_revocation_made_before_the_upgrade_still_holds(
+        upgraded: tuple[Daemon, Path]) -> None:
+    d, root = upgraded
+    cert, key = client(root, "gone")
+    proc = hsmca("renew", "--url", d.url, "--ca", d.root, "--cert", cert, "--key", key,
+                 check=False)
+    assert proc.returncode == 1 and "has been revoked" in proc.stderr
+    status, _, der, _ = asyncio.run(_get(f"{d.url}/v1/x509/crl", d))
+    assert status == 200
+    listed = x509.load_der_x509_crl(der).get_revoked_certificate_by_serial_number(
+        load(cert).serial_number)
+    assert listed is not None
+    revoked = asyncio.run(signed(d, load(cert), ocsp.OCSPCertStatus.REVOKED))
+    assert revoked.revocation_reason is not None
+    assert revoked.revocation_reason.name == "key_compromise"
+    good = asyncio.run(signed(d, load(client(root, "web1")[0]), ocsp.OCSPCertStatus.GOOD))
+    assert good.serial_number == load(client(root, "web1")[0]).serial_number
+
+
+def test_ssh_certificates_are_signed_on_credentials_from_before(
+        upgraded: tuple[Daemon, Path]) -> None:
+    d, root = upgraded
+    cert, key = client(root, "alice")
+    pub = root / "clients" / "alice" / "id_ed25519.pub"
+    out = hsmca("ssh", "user", "--url", d.url, "--ca", d.root, "--cert", cert, "--key", key,
+                "--pubkey", pub, "--ttl", "1h").stdout
+    assert out.startswith("wrote ")
+    shown = ssh_keygen_list(root / "clients" / "alice" / "id_ed25519-cert.pub")
+    assert "alice" in shown and "ecdsa-sha2-nistp256" in shown
+    cert, key = client(root, "web1")
+    pub = root / "clients" / "web1" / "ssh_host_ed25519_key.pub"
+    out = hsmca("ssh", "host", "--url", d.url, "--ca", d.root, "--cert", cert, "--key", key,
+                "--pubkey", pub).stdout
+    assert "web1.internal.example" in ssh_keygen_list(
+        root / "clients" / "web1" / "ssh_host_ed25519_key-cert.pub")
+
+
+def ssh_keygen_list(path: Path) -> str:
+    return subprocess.run([require("ssh-keygen"), "-L", "-f", str(path)], check=True,
+                          capture_output=True, text=True).stdout
+
+
+def test_the_auditor_finds_the_old_log_extended_after_a_stop(
+        upgraded: tuple[Daemon, Path], tmp_path: Path) -> None:
+    d, root = upgraded
+    hsmca("renew", "--url", d.url, "--ca", d.root, *_flags(client(root, "svc")))
+    old = sum(1 for _ in (FIXTURE / "ca" / "audit" / "log.jsonl").open("rb"))
+    state = tmp_path / "auditor.state"
+    shutil.copy(root / "auditor.state", state)
+    assert d.stop() == 0  # the last test of the file: the module's daemon stops here
+    lines = log_lines(d.state)
+    assert len(lines) > old and lines[old - 1]["seq"] == old - 1
+    proc = audit_verify(d.state, "--state", state, ok=True)
+    assert "extends the state saved last time" in proc.stdout
+    d2 = start_daemon(d.state)  # and it starts again on what it wrote itself
+    try:
+        out = hsmca("renew", "--url", d2.url, "--ca", d2.root, *_flags(client(root, "svc")))
+        assert out.stdout.startswith("renewed: serial ")
+    finally:
+        assert d2.stop() == 0
+
+
+def _flags(cred: tuple[Path, Path]) -> list[str | Path]:
+    return ["--cert", cred[0], "--key", cred[1]]
