@@ -7,6 +7,7 @@ key. Each test here failed on the code before the fix (4 to 7 escapes a run)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import subprocess
@@ -249,3 +250,52 @@ async def test_a_renewal_recorded_before_the_revocation_commits_is_swept(
     pem.write_text(child["certificate"])
     status, _, raw = await http("POST", f"{d.url}/v1/x509/renew", d.ssl(pem, cred[1]), body={})
     assert status == 403 and json.loads(raw)["type"].endswith("revoked-certificate"), raw
+
+
+async def test_a_crl_numbered_after_a_revocation_lists_it(
+        postgres_server: Any, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Two nodes. Node A revokes Y and, refreshing its CRL, is held as it takes its CRL
+    number; meanwhile node B revokes X and signs its own CRL; then A goes on. A's CRL is
+    numbered after B's, and a relying party takes the higher number as superseding
+    (RFC 5280 5.2.3), so it must list X as well. (A refresh that read what was revoked
+    before it took its number signed a CRL that forgot X.)"""
+    from tests.cluster_kit import make_cluster
+    tmp = tmp_path_factory.mktemp("crl-numbers")
+    db = postgres_server.new_database()
+    cluster = make_cluster(tmp, db)
+    gates = tmp / "gates"
+    gates.mkdir()
+    path = os.pathsep.join(p for p in (str(GATES), os.environ.get("PYTHONPATH")) if p)
+    a = start_daemon(cluster.state, "--node", "node-a", "--workers", "1",
+                     env={**os.environ, "PYTHONPATH": path, "HSMCA_TEST_GATES": str(gates)})
+    b = start_daemon(cluster.state, "--node", "node-b", "--workers", "1")
+    try:
+        y = enroll(a, tmp, "service", ["crl-y.internal.example"])
+        x = enroll(b, tmp, "service", ["crl-x.internal.example"])
+        serials = {name: format(load(cred[0]).serial_number, "x") for name, cred in
+                   (("y", y), ("x", x))}
+        (gates / "hold-crl").touch()
+        async with Gate(gates) as gate:
+            first = asyncio.ensure_future(http(
+                "POST", f"{a.url}/v1/x509/revoke", a.ssl(*y),
+                body={"serial": serials["y"], "reason": "keyCompromise"}))
+            held = await gate.reached("crl")
+            (gates / "hold-crl").unlink()
+            status, _, raw = await http("POST", f"{b.url}/v1/x509/revoke", b.ssl(*x),
+                                        body={"serial": serials["x"],
+                                              "reason": "keyCompromise"})
+            assert status == 200, raw
+            await gate.release(held)
+            status, _, raw = await first
+            assert status == 200, raw
+    finally:
+        assert a.stop() == 0 and b.stop() == 0
+    import psycopg
+    with psycopg.connect(db) as conn:
+        rows = conn.execute("SELECT number, der FROM crls WHERE issuer = 'issuing-ca' "
+                            "ORDER BY number").fetchall()
+    listed = [(number, {format(r.serial_number, "x") for r in x509.load_der_x509_crl(der)})
+              for number, der in rows]
+    assert len(listed) >= 2 and set(serials.values()) <= listed[-1][1], listed
+    for (before, older), (after, newer) in itertools.pairwise(listed):
+        assert older <= newer, f"CRL {after} forgot what CRL {before} listed: {older - newer}"

@@ -248,8 +248,12 @@ class Revocations:
             raise RuntimeError("no CRL after a successful refresh")
         return latest.der
 
-    async def _revoked_by(self, label: str) -> dict[int, tuple[dt.datetime, str | None]]:
-        _, revoked = await self.revoked.get()
+    async def _revoked_by(self, label: str, fresh: bool = False
+                          ) -> dict[int, tuple[dt.datetime, str | None]]:
+        """What `label` has revoked: as this process knows it, or with `fresh` as the
+        inventory holds it now (another node's revocation reaches the process a
+        moment after its commit)."""
+        revoked = await self._load() if fresh else (await self.revoked.get())[1]
         return {s: (at, reason) for s, (at, reason, issuer) in revoked.items()
                 if self.issuance.issuers.x509_of(issuer) == label}
 
@@ -279,8 +283,14 @@ class Revocations:
                 if only_if_stale and await self._current_crl(label) is not None:
                     continue  # another request re-signed it while this one waited
                 order = ra.order(await self._context(), ra.Local(), ra.CRLRequest(label))
-                revoked = await self._revoked_by(label)
+                # The number first, then what is revoked, from the inventory itself: a
+                # revocation committed before a number was taken is then in every CRL
+                # numbered after it. Read the other way round, a refresh in another
+                # process or node that read before a revocation and took its number
+                # after the revocation's own CRL signed a higher number that forgot it,
+                # and a relying party takes the higher number as superseding.
                 number = await self.store.next_crl_number()
+                revoked = await self._revoked_by(label, fresh=True)
                 crl = await self.issuance.crl(
                     order, number, [(s, at, r) for s, (at, r) in revoked.items()], request_id)
                 await self.store.add_crl(CRLRecord(

@@ -6,6 +6,8 @@ names a directory; the daemon's decisions are unchanged, only when it takes a st
     renew   a renewal of a certificate naming `gate-renew.*` stops before it is signed
     revoke  a revocation stops after its audit line (the lineage read), before its
             commit, while the file `hold-revoke` exists
+    crl     a CRL refresh stops as it asks for its CRL number, while the file
+            `hold-crl` exists
 
 At a gate the process connects to the test's Unix socket `gate.sock`, says the gate's
 name on a line, and goes on when the test answers: no polling on either side.
@@ -52,6 +54,18 @@ def _install(gates: Path) -> None:
             await _wait(gates, "revoke")
 
     Revocations._record = record  # type: ignore[method-assign]
+    from ca.store.postgres import PostgresStore
+    from ca.store.sqlite import SQLiteStore
+
+    for store in (PostgresStore, SQLiteStore):
+        def numbered(real: Any) -> Any:
+            async def next_crl_number(self: Any) -> int:
+                if (gates / "hold-crl").exists():
+                    await _wait(gates, "crl")
+                return int(await real(self))
+            return next_crl_number
+
+        store.next_crl_number = numbered(store.next_crl_number)  # type: ignore[method-assign]
 
 
 if _GATES:
