@@ -43,7 +43,7 @@ COMMANDS = {
     "ssh-host": "ssh_cmd:host", "ssh-user": "ssh_cmd:user", "ssh-revoke": "ssh_cmd:revoke",
     "key": "key_cmd:run",
     "acme-eab-create": "acme_cmd:eab_create", "witness-serve": "witness_cmd:serve",
-    "ui": "ui_cmd:run", "store-move": "store_cmd:move",
+    "ui": "ui_cmd:run", "store-move": "store_cmd:move", "backup": "backup_cmd:run",
 }
 
 
@@ -181,10 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     _remote_flags(s, key_alias=True)
     s.set_defaults(command_key="audit-show")
 
-    from ca.commands import store_cmd, ui_cmd, witness_cmd
+    from ca.commands import backup_cmd, store_cmd, ui_cmd, witness_cmd
     witness_cmd.add_parsers(sub)
     ui_cmd.add_parsers(sub)
     store_cmd.add_parsers(sub)
+    backup_cmd.add_parsers(sub)
     return p
 
 

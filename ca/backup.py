@@ -1,0 +1,162 @@
+"""`hsmca backup`: a consistent copy of a single node's CA, taken while it runs or not.
+
+What the copy holds, in the order it is taken, and why that order:
+
+1. the inventory, through SQLite's online backup (a snapshot of one moment, whatever
+   the daemon commits meanwhile);
+2. the latest checkpoint (and its cosigned form), then the audit log up to its last
+   whole line. The log only grows, and a certificate's outcome line is durable before
+   its inventory row commits, so the copied log holds every line the copied
+   inventory names, and extends the copied checkpoint;
+3. everything else in the state directory the CA needs to start: the config, the
+   certificates, the admin and TLS credentials, the audit public key. Left out:
+   what the daemon rebuilds (`run/`, `serve.url`, the audit log's tiles).
+
+The copy's log is then verified as an auditor would (chain, pairing, checkpoint
+signatures with the audit key); a copy that does not verify is reported, not kept
+quietly.
+
+Not in it: the keys, which never leave the HSM (back the token up by the HSM's own
+means), and the PIN, wherever `pin-source` keeps it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from ca.config import Config
+
+CHUNK = 1 << 20
+# Rebuilt by the daemon, or copied below in their own order.
+_REBUILT = ("run", "serve.url", "audit/tiles")
+
+
+class BackupError(Exception):
+    """Why no usable backup was made: one line for the operator."""
+
+
+@dataclass(frozen=True)
+class Backup:
+    out: Path
+    certificates: int
+    lines: int  # whole lines of the copied audit log
+    signed: int  # of them, covered by the copied checkpoint's signature
+    files: int  # the other files copied
+
+
+def backup(config: Config, out: Path) -> Backup:
+    if config.cluster:
+        raise BackupError("this CA keeps its inventory and every node's audit log in "
+                          "PostgreSQL: back that database up (pg_dump, or your PostgreSQL's "
+                          "own backups) and each node's state directory; `hsmca backup` "
+                          "copies a single node's SQLite CA")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise BackupError(f"--out {out} exists and is not an empty directory; name a new one "
+                          "(a backup never overwrites another)")
+    state = config.state_dir
+    if not config.db_path.is_file():
+        raise BackupError(f"{config.db_path} is missing: is {config.path} the config of a "
+                          "CA that has started once?")
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(out, 0o700)
+    certificates = _inventory(config.db_path, out / config.db_path.name)
+    audit = out / config.audit_log.relative_to(state).parent
+    audit.mkdir(parents=True, exist_ok=True)
+    for checkpoint in (config.checkpoint_path, config.cosigned_checkpoint_path):
+        if checkpoint.exists():
+            shutil.copy2(checkpoint, audit / checkpoint.name)
+    size = _log(config.audit_log, audit / config.audit_log.name)
+    skip = {config.db_path, config.audit_log, config.checkpoint_path,
+            config.cosigned_checkpoint_path, *(state / p for p in _REBUILT)}
+    files = _the_rest(state, out, skip, config.db_path.name)
+    lines, signed = _verify(config, out, audit / config.audit_log.name, size)
+    return Backup(out, certificates, lines, signed, files)
+
+
+def _inventory(db: Path, target: Path) -> int:
+    source = sqlite3.connect(db, timeout=30)
+    try:
+        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        copy = sqlite3.connect(target)
+        try:
+            source.backup(copy)  # one consistent snapshot, page by page
+            copy.execute("PRAGMA journal_mode = DELETE")  # one self-contained file
+            return int(copy.execute("SELECT count(*) FROM certs").fetchone()[0])
+        finally:
+            copy.close()
+    except sqlite3.Error as exc:
+        target.unlink(missing_ok=True)
+        raise BackupError(f"cannot copy the inventory {db}: {exc}") from None
+    finally:
+        source.close()
+
+
+def _log(log: Path, target: Path) -> int:
+    """Copy the log's whole lines as they are now; the bytes copied."""
+    with log.open("rb") as src:
+        end = os.fstat(src.fileno()).st_size
+        # A line being appended right now is left for the next backup.
+        while end > 0:
+            src.seek(max(0, end - CHUNK))
+            block = src.read(end - max(0, end - CHUNK))
+            cut = block.rfind(b"\n")
+            if cut >= 0:
+                end = end - len(block) + cut + 1
+                break
+            end -= len(block)
+        src.seek(0)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as dst:
+            left = end
+            while left:
+                chunk = src.read(min(CHUNK, left))
+                if not chunk:
+                    raise BackupError(f"{log} became shorter while it was copied: was it cut "
+                                      "or replaced?")
+                dst.write(chunk)
+                left -= len(chunk)
+            dst.flush()
+            os.fsync(dst.fileno())
+    return end
+
+
+def _the_rest(state: Path, out: Path, skip: set[Path], db_name: str) -> int:
+    copied = 0
+    for root, dirs, names in os.walk(state):
+        here = Path(root)
+        dirs[:] = sorted(d for d in dirs if here / d not in skip)
+        (out / here.relative_to(state)).mkdir(exist_ok=True)
+        shutil.copystat(here, out / here.relative_to(state))
+        for name in sorted(names):
+            path = here / name
+            # The inventory's journal files belong to the live database, not the copy.
+            if path in skip or (here == state and name.startswith(db_name + "-")):
+                continue
+            shutil.copy2(path, out / path.relative_to(state), follow_symlinks=False)
+            copied += 1
+    return copied
+
+
+def _verify(config: Config, out: Path, log: Path, size: int) -> tuple[int, int]:
+    from ca.audit.verify import verify_log
+    key_pem = config.audit_key_pem
+    try:
+        key = load_pem_public_key(key_pem.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise BackupError(f"cannot read the audit public key {key_pem}: {exc}") from None
+    checkpoint = log.parent / config.checkpoint_path.name
+    latest = checkpoint.read_text("utf-8") if checkpoint.exists() else None
+    result = verify_log(log.read_bytes(), key, config.audit_origin,  # type: ignore[arg-type]
+                        origin=config.audit_origin, latest_checkpoint=latest, workers=1)
+    if not result.ok:
+        where = "" if result.bad_seq is None else f" at seq {result.bad_seq}"
+        raise BackupError(f"the copy of the audit log does not verify{where}: "
+                          f"{result.reason}; the copy is in {out}, the CA's own log is "
+                          f"untouched: run `hsmca audit verify` on {config.audit_log}")
+    return result.lines, result.signed

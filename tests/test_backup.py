@@ -1,0 +1,94 @@
+"""`hsmca backup`: a copy of a running CA that starts as that CA.
+
+An operator backs the CA up while it serves, loses the state directory, and starts
+the daemon on the copy: the clients enrolled before the backup go on renewing, the
+audit log goes on from where the copy ends and verifies, and what the CA did after
+the backup is missing, as the command said it would be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import stat
+from pathlib import Path
+
+from tests.conftest import Daemon, hsmca, init_ca, start_daemon
+from tests.helpers import audit_verify, enroll, http, log_lines
+
+
+async def _renewals(d: Daemon, cred: tuple[Path, Path], count: int) -> list[int]:
+    """`count` renewals on the same credential, four at a time."""
+    gate = asyncio.Semaphore(4)
+
+    async def one() -> int:
+        async with gate:
+            status, _, _ = await http("POST", f"{d.url}/v1/x509/renew", d.ssl(*cred), body={})
+            return status
+    return list(await asyncio.gather(*(one() for _ in range(count))))
+
+
+async def test_a_backup_taken_while_the_ca_signs_restores_to_a_ca_that_serves(
+        own_daemon: Daemon, tmp_path: Path) -> None:
+    d = own_daemon
+    kept = enroll(d, tmp_path, "service", ["kept.internal.example"])
+    busy = enroll(d, tmp_path, "service", ["busy.internal.example"])
+    out = tmp_path / "backup"
+    # Renewals are signed and recorded while the copy is taken.
+    load = asyncio.ensure_future(_renewals(d, busy, 40))
+    done = await asyncio.to_thread(hsmca, "backup", "--config", d.state / "hsmca.toml",
+                                   "--out", out)
+    assert set(await load) == {201}
+    lost = enroll(d, tmp_path, "service", ["lost.internal.example"])  # after the backup
+    assert d.stop() == 0
+
+    said = done.stdout
+    assert said.startswith(f"backed up the CA of {d.state / 'hsmca.toml'} to {out}:")
+    assert "not in it:" in said and "the keys, which never leave the HSM" in said
+    assert "the PIN (file:" in said and "SoftHSM: copy " in said
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+    assert stat.S_IMODE((out / "admin" / "key.pem").stat().st_mode) == 0o600
+    assert not (out / "run").exists() and not (out / "audit" / "tiles").exists()
+    copied = log_lines(out)
+    assert 0 < len(copied) < len(log_lines(d.state))
+
+    # The state directory is gone; the copy takes its place.
+    shutil.rmtree(d.state)
+    shutil.copytree(out, d.state)
+    restored = start_daemon(d.state)
+    try:
+        for cred in (kept, busy):
+            proc = hsmca("renew", "--url", restored.url, "--ca", restored.root,
+                         "--cert", cred[0], "--key", cred[1], check=False)
+            if cred is busy and proc.returncode:
+                # Its latest renewal may have come after the copy: then its holder
+                # enrolls again, as the restore's note says.
+                assert "not in this CA's inventory" in proc.stderr, proc.stderr
+            else:
+                assert proc.stdout.startswith("renewed: serial "), proc.stderr
+        proc = hsmca("renew", "--url", restored.url, "--ca", restored.root,
+                     "--cert", lost[0], "--key", lost[1], check=False)
+        assert proc.returncode == 1 and "not in this CA's inventory" in proc.stderr
+    finally:
+        assert restored.stop() == 0
+    lines = log_lines(d.state)
+    assert lines[:len(copied)] == copied  # the log goes on where the copy ended
+    audit_verify(d.state, ok=True)
+
+
+def test_a_backup_never_overwrites_and_says_what_it_cannot_copy(tmp_path: Path) -> None:
+    ca = init_ca(tmp_path / "ca")
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "earlier").write_text("a backup made before\n")
+    proc = hsmca("backup", "--config", ca.state / "hsmca.toml", "--out", out, check=False)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.strip().endswith(f"--out {out} exists and is not an empty directory; "
+                                        "name a new one (a backup never overwrites another)")
+    assert (out / "earlier").read_text() == "a backup made before\n"
+    config = ca.state / "hsmca.toml"
+    config.write_text(config.read_text() + '\n[store]\nurl = "postgresql://db.example/ca"\n')
+    proc = hsmca("backup", "--config", config, "--out", tmp_path / "new", check=False)
+    assert proc.returncode == 1 and "back that database up (pg_dump" in proc.stderr
+    assert not (tmp_path / "new").exists()
+
