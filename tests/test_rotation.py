@@ -283,6 +283,11 @@ async def test_rotate_the_audit_key_and_verifiers_pinned_to_the_old_one_follow(
             in again.stderr, again.stderr
         key_cmd(d, "retire", old_label)
         await settled()  # checkpoints of the new key alone
+        # A backup checks its copy with the key in force: the log it copies began
+        # under the old one.
+        backup = hsmca("backup", "--config", d.state / "hsmca.toml", "--out",
+                       tmp_path / "backup", check=False)
+        assert backup.returncode == 0, backup.stderr
         proc = remote()
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert json.loads(remote_state.read_text())["successors"]

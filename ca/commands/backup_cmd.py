@@ -22,8 +22,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"backed up the CA of {config.path} to {done.out}:")
     print(f"  inventory: {done.certificates} certificates, as of one moment "
           f"({config.db_path.name})")
-    print(f"  audit log: {done.lines} lines, verified with {config.audit_key_pem.name}; the "
-          f"copied checkpoint signs the first {done.signed}")
+    print(f"  audit log: {done.lines} lines, each chained to the one before; the copied "
+          f"checkpoint, signed by the audit key in force, covers the first {done.signed}")
     print(f"  {done.files} more files: the config, the CA certificates, the admin and TLS "
           "credentials")
     print("not in it:")
@@ -53,12 +53,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         "backup", help="copy a single node's CA, consistently, while it runs or not",
         description="Copy the CA's inventory (an SQLite snapshot of one moment), its audit "
         "log up to its last whole line with the latest checkpoint, and the config, "
-        "certificates and credentials it needs to start, into a new directory; then verify "
-        "the copied log as an auditor would. The daemon may be running: nothing it does "
-        "waits for the backup. The keys stay in the HSM and the PIN where pin-source keeps "
-        "it: back those up by their own means. Restore by putting the directory where the "
-        "state directory was and starting `hsmca serve` (docs/operator.md, \"Backup and "
-        "restore\"). Several nodes on PostgreSQL: back up the database instead.")
+        "certificates and credentials it needs to start, into a new directory. The daemon "
+        "may be running: nothing it does waits for the backup. The copied log is checked: "
+        "every line chains to the one before, and the copied checkpoint, signed by the "
+        "audit key in force, covers its first lines. The keys stay in the HSM and the PIN "
+        "where pin-source keeps it: back those up by their own means. Restore by putting "
+        "the directory where the state directory was and starting `hsmca serve` "
+        "(docs/operator.md, \"Backup and restore\"). Several nodes on PostgreSQL: back up "
+        "the database instead.")
     b.add_argument("--config", type=Path, default=Path("hsmca.toml"),
                    help="the CA's config (default ./hsmca.toml)")
     b.add_argument("--out", type=Path, required=True, metavar="DIR",
