@@ -40,7 +40,9 @@ _PRINCIPAL = re.compile(r"^[\x21-\x2b\x2d-\x7e]{1,256}\Z")  # printable ASCII, n
 _URI = re.compile(r"^(?P<scheme>[a-z][a-z0-9+.-]*)://(?P<host>\[[0-9a-f:.]+\]|[a-z0-9.-]+)"
                   r"(?::(?P<port>[0-9]{1,5}))?(?P<rest>[/?#][\x21-\x7e]*)?$")
 _URI_REST_OK = re.compile(r"^[A-Za-z0-9\-._~!$&'()*+,;=:@/?#%\[\]]*\Z")
-MIN_RSA_EXPONENT = 65537
+# The one RSA public exponent accepted (as Boulder does): a huge exponent makes every
+# check of a signature by the key cost up to 150 times more (a cheap denial of service).
+RSA_EXPONENT = 65537
 
 
 class Reason(enum.Enum):
@@ -327,7 +329,7 @@ def principal(p: object) -> str:
 
 
 def check_subject_key(key: object) -> str:
-    """Accept EC P-256/P-384, Ed25519, RSA 2048-8192 with e >= 65537; return a short
+    """Accept EC P-256/P-384, Ed25519, RSA 2048-8192 with e = 65537; return a short
     description."""
     if isinstance(key, ec.EllipticCurvePublicKey):
         if isinstance(key.curve, ec.SECP256R1 | ec.SECP384R1):
@@ -349,8 +351,10 @@ def check_rsa(key: rsa.RSAPublicKey, min_bits: int, max_bits: int) -> None:
         raise Refused(f"RSA key of {key.key_size} bits refused: use {min_bits} to {max_bits} "
                       "bits", Reason.BAD_KEY)
     e = key.public_numbers().e
-    if e < MIN_RSA_EXPONENT:
-        raise Refused(f"RSA key with public exponent {e} refused: use 65537", Reason.BAD_KEY)
+    if e != RSA_EXPONENT:
+        shown = e if e.bit_length() <= 64 else f"of {e.bit_length()} bits"
+        raise Refused(f"RSA key with public exponent {shown} refused: use 65537 (what every "
+                      "key generator makes)", Reason.BAD_KEY)
 
 
 # What cryptography raises for DER it cannot make sense of, lazily, when a part of a

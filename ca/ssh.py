@@ -40,7 +40,7 @@ class SSHPublicKey:
 
 def parse_public_key(text: object) -> SSHPublicKey:
     """An OpenSSH public key line of an accepted type (docs/ssh.md): Ed25519, ECDSA
-    P-256/384/521, RSA 2048-8192 bits with e >= 65537."""
+    P-256/384/521, RSA 2048-8192 bits with e = 65537."""
     if not isinstance(text, str) or not text.strip():
         raise Refused("public_key must be an OpenSSH public key line, e.g. 'ssh-ed25519 AAAA...'")
     if len(text) > 16384 or "\n" in text.strip():

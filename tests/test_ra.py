@@ -255,8 +255,24 @@ def test_lifetime_caps_apply_now() -> None:
     assert isinstance(order, ra.X509Order) and order.not_after == ISSUER_EXPIRES
 
 
+def rsa_with_exponent(e: int) -> rsa.RSAPrivateKey:
+    """A 2048-bit RSA key with public exponent `e` (cryptography generates only 3 and
+    65537): the primes of a fresh key, with `e` where it is invertible."""
+    while True:
+        numbers = rsa.generate_private_key(65537, 2048).private_numbers()
+        p, q = numbers.p, numbers.q
+        try:
+            d = pow(e, -1, (p - 1) * (q - 1))
+        except ValueError:  # e shares a factor with (p-1)(q-1): other primes
+            continue
+        return rsa.RSAPrivateNumbers(p, q, d, d % (p - 1), d % (q - 1), pow(q, -1, p),
+                                     rsa.RSAPublicNumbers(e, p * q)).private_key()
+
+
 @pytest.mark.parametrize("make, words", [
     (lambda: rsa.generate_private_key(3, 2048), ("exponent 3",)),
+    # Above 65537 too: a 2047-bit e made every signature check 40 times as costly.
+    (lambda: rsa_with_exponent(65539), ("exponent 65539", "use 65537")),
     (lambda: rsa.generate_private_key(65537, 1024), ("1024 bits",)),
     (lambda: ec.generate_private_key(ec.SECP521R1()), ("secp521r1",)),
 ])

@@ -320,7 +320,9 @@ def _ssh_rsa(e: int, bits: int) -> str:
 
 
 @pytest.mark.parametrize("e, bits, words", [(3, 2048, "exponent 3"),
-                                            (65537, 8200, "8200 bits")])
+                                            ((1 << 2046) + 1, 2048, "exponent of 2047 bits"),
+                                            (65537, 8200, "8200 bits")],
+                         ids=["e-3", "e-of-2047-bits", "8200-bits"])
 async def test_ssh_rsa_keys_need_a_real_exponent_and_a_sane_size(e: int, bits: int,
                                                                  words: str) -> None:
     with pytest.raises(Refused, match=words):

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from ca import strict_json
 from ca.acme.nonces import Nonces
 from ca.acme.problems import AcmeProblem, bad_algorithm
+from ca.policy import RSA_EXPONENT
 from ca.store import AcmeAccount
 
 # RS256 and the ECDSA algorithms (RFC 8555 6.2: RS256 MUST, ES256 SHOULD); no HS*
@@ -133,9 +134,10 @@ def check_key(jwk: jose.JWK, alg_name: str) -> None:
         if isinstance(key, ec.EllipticCurvePrivateKey):
             raise AcmeProblem("badPublicKey", "the jwk is a private key")
     elif isinstance(key, rsa.RSAPublicKey):
-        if not 2048 <= key.key_size <= 4096 or key.public_numbers().e < 65537:
+        if not 2048 <= key.key_size <= 4096 or key.public_numbers().e != RSA_EXPONENT:
+            # Before any signature is checked: a huge e makes each check costly.
             raise AcmeProblem("badPublicKey", "RSA account keys are 2048 to 4096 bits, "
-                              "e >= 65537")
+                              "with e = 65537")
     else:
         raise AcmeProblem("badPublicKey", "account keys are ECDSA or RSA public keys")
 
