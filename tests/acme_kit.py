@@ -68,11 +68,14 @@ class AcmeCA:
         return lines["kid"], lines["hmac"]
 
 
-def start_acme_ca(tmp: Path, hosts: tuple[str, ...], **acme: Any) -> AcmeCA:
+def start_acme_ca(tmp: Path, hosts: tuple[str, ...], *, workers: int | None = None,
+                  **acme: Any) -> AcmeCA:
     ca = init_ca(tmp)
     http_port, tls_port = free_port(), free_port()
     path = ca.state / "hsmca.toml"
     doc = tomllib.loads(path.read_text())
+    if workers is not None:
+        doc["server"]["workers"] = workers
     doc["acme"] = {"http-01-port": http_port, "tls-alpn-01-port": tls_port,
                    "validation-timeout-s": 5, **acme,
                    "hosts": {h: "127.0.0.1" for h in hosts}}

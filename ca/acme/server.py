@@ -29,7 +29,7 @@ from ca import ra
 from ca.acme import jws as acme_jws
 from ca.acme.nonces import Nonces
 from ca.acme.problems import PREFIX, AcmeProblem, from_refusal
-from ca.acme.validation import Failed, Validator
+from ca.acme.validation import Failed, Validator, longest_s
 from ca.config import AcmeConfig
 from ca.issuance.profiles import pem, utcnow
 from ca.policy import PARSE_ERRORS, Refused
@@ -624,7 +624,7 @@ async def _start(request: web.Request, ch: AcmeChallenge, authz: AcmeAuthz,
     server = request.app[ACME]
     assert v.account is not None
     now = utcnow()
-    stale = now - dt.timedelta(seconds=server.cfg.validation_timeout_s) - STALE_GRACE
+    stale = now - dt.timedelta(seconds=longest_s(server.cfg)) - STALE_GRACE
     if await server.store.start_acme_challenge(ch.id, now, stale):
         server.spawn(_validate(server, ch, authz, v.jwk, v.account.id, _client(request)))
 
@@ -634,8 +634,7 @@ async def _restart_stale(request: web.Request, authz: AcmeAuthz,
     """Clients poll the authorization: a validation orphaned by a worker that went away
     (still processing long after its deadline) starts again here."""
     server = request.app[ACME]
-    limit = (utcnow() - dt.timedelta(seconds=server.cfg.validation_timeout_s)
-             - STALE_GRACE).isoformat()
+    limit = (utcnow() - dt.timedelta(seconds=longest_s(server.cfg)) - STALE_GRACE).isoformat()
     stale = [c for c in authz.challenges if c.status == "processing"
              and c.started is not None and c.started < limit]
     if authz.status != "pending" or not stale:
@@ -651,7 +650,7 @@ async def _validate(server: AcmeServer, ch: AcmeChallenge, authz: AcmeAuthz, jwk
     """In the background (the client polls): validate, record the result."""
     error: str | None = None
     try:
-        await server.validator.validate(ch.type, authz.name, ch.token, jwk)
+        await server.validator.validate(ch.type, authz.name, ch.token, jwk, account_id)
     except Failed as f:
         error = json.dumps({"type": PREFIX + f.kind, "detail": f.detail, "status": 400})
     except Exception as exc:

@@ -1,6 +1,12 @@
 """Challenge validation: http-01 (RFC 8555 8.3), tls-alpn-01 (RFC 8737) and dns-01
 (RFC 8555 8.4), with timeouts and a bound on how many run at once.
 
+The slots are shared fairly: one account holds at most a quarter of a worker's slots
+at once, and what it asks beyond waits in its own lane, so an account that sends
+hundreds of challenges to a host that never answers delays its own validations, not
+everyone's. A validation that has not started within QUEUE_FACTOR timeouts fails
+(rateLimited), and counts against its account's failed-validation limit.
+
 Where a name is reached: its address in [acme.hosts] if listed, else from the
 [acme] resolver (or the system's, without one); http-01 on [acme] http-01-port with
 `Host: name`, tls-alpn-01 on tls-alpn-01-port with SNI `name`. http-01 follows at
@@ -11,9 +17,11 @@ tls-alpn-01 port; it reads at most MAX_BODY bytes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import socket
 import ssl
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -29,13 +37,21 @@ MAX_BODY = 4096
 MAX_REDIRECTS = 5
 ALPN = "acme-tls/1"
 ID_PE_ACME_IDENTIFIER = x509.ObjectIdentifier("1.3.6.1.5.5.7.1.31")
+QUEUE_FACTOR = 3  # validation timeouts a validation may wait for a slot
+
+
+def longest_s(cfg: AcmeConfig) -> float:
+    """The longest a validation runs, from the challenge's POST: its wait, then its
+    work. A validation still processing long after that was orphaned (its worker
+    went away)."""
+    return cfg.validation_timeout_s * (QUEUE_FACTOR + 1)
 
 
 @dataclass
 class Failed(Exception):
     """A validation failed: the ACME error type and what the client should fix."""
 
-    kind: str  # connection | incorrectResponse | tls | dns | unknownHost
+    kind: str  # connection | incorrectResponse | tls | dns | unknownHost | rateLimited
     detail: str
 
     def __str__(self) -> str:
@@ -52,11 +68,37 @@ class Validator:
     def __init__(self, cfg: AcmeConfig) -> None:
         self.cfg = cfg
         self._slots = asyncio.Semaphore(cfg.max_validations)
+        self._per_account = max(1, cfg.max_validations // 4)
+        self._lanes: dict[str, tuple[asyncio.Semaphore, int]] = {}  # account: (lane, users)
 
-    async def validate(self, kind: str, name: str, token: str, jwk: jose.JWK) -> None:
+    @contextlib.asynccontextmanager
+    async def _lane(self, account: str) -> AsyncIterator[None]:
+        lane, users = self._lanes.get(account) or (asyncio.Semaphore(self._per_account), 0)
+        self._lanes[account] = (lane, users + 1)
+        try:
+            async with lane:
+                yield
+        finally:
+            lane, users = self._lanes[account]
+            if users == 1:
+                del self._lanes[account]
+            else:
+                self._lanes[account] = (lane, users - 1)
+
+    async def validate(self, kind: str, name: str, token: str, jwk: jose.JWK,
+                       account: str = "") -> None:
         """Return if the challenge is met; raise Failed otherwise (or on timeout)."""
         key_authz = key_authorization(token, jwk)
-        async with self._slots:
+        waited = self.cfg.validation_timeout_s * QUEUE_FACTOR
+        async with contextlib.AsyncExitStack() as held:
+            try:
+                async with asyncio.timeout(waited):
+                    await held.enter_async_context(self._lane(account))
+                    await held.enter_async_context(self._slots)
+            except TimeoutError:
+                raise Failed("rateLimited", f"{kind} for {name} did not start within "
+                             f"{waited:g} s: this account's validations under way took "
+                             "every slot it may use; retry when they have finished") from None
             try:
                 async with asyncio.timeout(self.cfg.validation_timeout_s):
                     if kind == "http-01":

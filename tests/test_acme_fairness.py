@@ -1,0 +1,78 @@
+"""One ACME account cannot hold up everyone's validations.
+
+An account that asks for many validations against a host that accepts connections
+and never answers used to fill every validation slot of a worker, and every other
+account's validation waited behind all of them (190 s in a resource review, for a
+validation that fails in a millisecond). Now each account has a lane of its own.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.acme_kit import Client, start_acme_ca
+
+ATTACKER = tuple(f"slow{i}.test" for i in range(12))
+
+
+class Tarpit:
+    """Accepts connections on `port` and never answers (until closed)."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_server(("127.0.0.1", port))
+        self.held: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def crowded(tmp_path: Path) -> Iterator[tuple[object, Tarpit]]:
+    # One worker, so both accounts meet at the same slots; two slots, two seconds.
+    ca = start_acme_ca(tmp_path, (*ATTACKER, "victim.test"), workers=1,
+                       **{"max-validations": 2, "validation-timeout-s": 2})
+    tarpit = Tarpit(ca.http_port)
+    yield ca, tarpit
+    tarpit.close()
+    assert ca.daemon.stop() == 0
+
+
+def test_an_account_flooding_a_tarpit_does_not_delay_another_accounts_validation(
+        crowded: tuple[object, Tarpit]) -> None:
+    ca, _ = crowded
+    attacker = Client(ca)  # type: ignore[arg-type]
+    assert attacker.register(ca.eab("*.test")).status == 201  # type: ignore[attr-defined]
+    order = attacker.order(*ATTACKER)
+    for ch in attacker.answer(order, "http-01"):
+        assert attacker.post(ch["url"], {}).status == 200
+    victim = Client(ca)  # type: ignore[arg-type]
+    assert victim.register(ca.eab("victim.test")).status == 201  # type: ignore[attr-defined]
+    mine = victim.order("victim.test")
+    # Nothing listens on the tls-alpn-01 port: the victim's validation fails at once,
+    # once it runs; when it has, the attacker's are still waiting their turn.
+    ch = victim.answer(mine, "tls-alpn-01")[0]
+    assert victim.post(ch["url"], {}).status == 200
+    authz = victim.wait_authz(mine.json["authorizations"][0])
+    assert authz["status"] == "invalid"
+    failed = next(c for c in authz["challenges"] if c["type"] == "tls-alpn-01")
+    assert failed["error"]["type"].endswith(":connection"), failed
+    waiting = [attacker.post(url).json["status"] for url in order.json["authorizations"]]
+    assert waiting.count("pending") >= len(ATTACKER) // 2, waiting
