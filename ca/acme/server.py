@@ -134,13 +134,17 @@ def acme_route(fn: Handler) -> Handler:
         except web.HTTPException as exc:
             if exc.status_code < 400:
                 raise
+            own = exc.text if exc.text and not exc.text.startswith(f"{exc.status_code}:") \
+                else None  # a text of hsmca's own (a body too slow), not aiohttp's default
             detail = ("request bodies are limited to 64 KiB" if exc.status_code == 413
-                      else exc.reason)
+                      else own or exc.reason)
             resp = _problem_response(AcmeProblem(
                 "malformed", detail, exc.status_code,
                 {k: v for k, v in exc.headers.items() if k == "Allow"}))
         except UnicodeError:  # a client's text that no encoder takes
             resp = _problem_response(AcmeProblem("malformed", NOT_UNICODE))
+        except ConnectionResetError:
+            raise  # the client left: the problem middleware notes it
         except Exception:
             rid = request.get("request_id", "-")
             log.exception("unhandled error", request_id=rid, path=request.path)

@@ -79,6 +79,13 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         kept = {k: v for k, v in exc.headers.items() if k in ("Allow", "WWW-Authenticate")}
         return problem(exc.status_code, TITLES.get(exc.status_code, exc.reason), detail,
                        headers=kept or None)
+    except ConnectionResetError:
+        # The client went away while its body was read: its doing, not a fault, and the
+        # answer reaches nobody.
+        log.info("the client closed the connection before its request arrived whole",
+                 request_id=request.get("request_id", "-"), path=request.path[:200])
+        return problem(400, "Bad Request", "the connection closed before the request "
+                       "arrived whole", "incomplete-request")
     except UnicodeError as exc:  # a client's text no encoder takes, past every parser's check
         log.warning("text that is not Unicode", request_id=request.get("request_id", "-"),
                     path=request.path[:200], error=str(exc)[:200])
