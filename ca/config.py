@@ -51,7 +51,8 @@ SCHEMA: dict[str, frozenset[str]] = {
     # of name = address.
     "acme": frozenset({"eab-required", "http-01-port", "tls-alpn-01-port", "resolver",
                        "hosts", "validation-timeout-s", "max-validations",
-                       "orders-per-hour", "failed-validations-per-hour"}),
+                       "orders-per-hour", "failed-validations-per-hour",
+                       "accounts-per-hour"}),
 }
 _HEADER_LINE = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]\s*(#.*)?$")
 
@@ -112,6 +113,7 @@ class AcmeConfig:
     max_validations: int = 16  # validations under way at once, per worker
     orders_per_hour: int = 300  # new orders, per account and per client address
     failed_validations_per_hour: int = 60  # per account and per client address
+    accounts_per_hour: int = 20  # without a binding, per client address
 
     def host(self, name: str) -> str | None:
         return dict(self.hosts).get(name)
@@ -459,7 +461,10 @@ def _acme(table: dict[str, Any], where: str) -> AcmeConfig:
                                        default.orders_per_hour), "orders-per-hour", where),
         failed_validations_per_hour=_positive(_get(
             table, "failed-validations-per-hour", int, where,
-            default.failed_validations_per_hour), "failed-validations-per-hour", where))
+            default.failed_validations_per_hour), "failed-validations-per-hour", where),
+        accounts_per_hour=_positive(_get(table, "accounts-per-hour", int, where,
+                                         default.accounts_per_hour), "accounts-per-hour",
+                                    where))
 
 
 def _witnesses(entries: list[Any], keys: list[Any], rel: Any, where: str) -> dict[str, Any]:

@@ -1,9 +1,10 @@
-"""One ACME account cannot hold up everyone's validations.
+"""One ACME client cannot crowd out the others.
 
 An account that asks for many validations against a host that accepts connections
 and never answers used to fill every validation slot of a worker, and every other
 account's validation waited behind all of them (190 s in a resource review, for a
 validation that fails in a millisecond). Now each account has a lane of its own.
+And where accounts need no binding, one address cannot make them without end.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import socket
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -44,11 +44,12 @@ class Tarpit:
         self.thread.join(timeout=10)
 
 
-@pytest.fixture
-def crowded(tmp_path: Path) -> Iterator[tuple[object, Tarpit]]:
+@pytest.fixture(scope="module")
+def crowded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[object, Tarpit]]:
     # One worker, so both accounts meet at the same slots; two slots, two seconds.
-    ca = start_acme_ca(tmp_path, (*ATTACKER, "victim.test"), workers=1,
-                       **{"max-validations": 2, "validation-timeout-s": 2})
+    ca = start_acme_ca(tmp_path_factory.mktemp("crowded"), (*ATTACKER, "victim.test"),
+                       workers=1, **{"max-validations": 2, "validation-timeout-s": 2,
+                                     "eab-required": False, "accounts-per-hour": 3})
     tarpit = Tarpit(ca.http_port)
     yield ca, tarpit
     tarpit.close()
@@ -76,3 +77,16 @@ def test_an_account_flooding_a_tarpit_does_not_delay_another_accounts_validation
     assert failed["error"]["type"].endswith(":connection"), failed
     waiting = [attacker.post(url).json["status"] for url in order.json["authorizations"]]
     assert waiting.count("pending") >= len(ATTACKER) // 2, waiting
+
+
+def test_without_bindings_one_address_makes_so_many_accounts_an_hour(
+        crowded: tuple[object, Tarpit]) -> None:
+    ca, _ = crowded
+    for _ in range(3):
+        assert Client(ca).register(None).status == 201  # type: ignore[arg-type]
+    again = Client(ca).register(None)  # type: ignore[arg-type]
+    assert again.status == 429 and again.problem == "rateLimited", again.body
+    assert "3 per hour" in again.json["detail"] and again.headers["Retry-After"]
+    # An account the operator bound is theirs to hand out: not counted.
+    bound = Client(ca)  # type: ignore[arg-type]
+    assert bound.register(ca.eab("x.test")).status == 201  # type: ignore[attr-defined]

@@ -290,6 +290,15 @@ async def new_account(request: web.Request) -> web.Response:
     elif server.cfg.eab_required:
         raise AcmeProblem("externalAccountRequired", "this CA requires an external account "
                           "binding (ask its operator: hsmca acme eab create)", 403)
+    else:
+        # Without a binding anyone may register, and each account is a row and an audit
+        # line: so many an hour per address (a binding is the operator's own limit).
+        limit = server.cfg.accounts_per_hour
+        if await server.store.acme_rate_take("new-account", [f"ip:{_client(request)}"], now,
+                                             now - RATE_WINDOW, limit) is not None:
+            raise AcmeProblem("rateLimited", f"new accounts: {limit} per hour for "
+                              f"{_client(request)} reached ([acme] accounts-per-hour); "
+                              "retry later", 429, {"Retry-After": "60"})
     account = AcmeAccount(_new_id(), thumb, v.jwk.json_dumps(), "valid", contact, names, kid,
                           now.isoformat())
     if not await server.store.add_acme_account(account, now):
