@@ -92,3 +92,16 @@ def test_a_backup_never_overwrites_and_says_what_it_cannot_copy(tmp_path: Path) 
     assert proc.returncode == 1 and "back that database up (pg_dump" in proc.stderr
     assert not (tmp_path / "new").exists()
 
+
+
+def test_a_backup_says_so_when_it_holds_the_pin(tmp_path: Path) -> None:
+    ca = init_ca(tmp_path / "ca")
+    inside = ca.state / "pin"
+    inside.write_bytes(ca.token.pin_file.read_bytes())
+    inside.chmod(0o600)
+    config = ca.state / "hsmca.toml"
+    text = config.read_text()
+    config.write_text(text.replace(f'"file:{ca.token.pin_file}"', '"file:pin"'))
+    out = hsmca("backup", "--config", config, "--out", tmp_path / "b").stdout
+    assert f"its file {inside} is inside the state directory, so the copy holds it" in out
+    assert (tmp_path / "b" / "pin").read_bytes() == inside.read_bytes()

@@ -29,7 +29,14 @@ def run(args: argparse.Namespace) -> int:
     print("not in it:")
     print(f"  the keys, which never leave the HSM: back up token {config.hsm.token!r} by the "
           f"HSM's own means{_softhsm_hint(config.softhsm_conf)}")
-    print(f"  the PIN ({config.hsm.pin_source})")
+    pin = config.hsm.pin_source
+    inside = pin.startswith("file:") and Path(pin[5:]).resolve().is_relative_to(
+        config.state_dir.resolve())
+    if inside:
+        print(f"  the PIN: except that its file {pin[5:]} is inside the state directory, so "
+              "the copy holds it: keep the backup as secret as the PIN, or move the file out")
+    else:
+        print(f"  the PIN ({pin})")
     print(f"to restore: put {done.out} where the state directory was and run hsmca serve "
           f"--config <there>/{config.path.name}; what the CA did after this backup is not in "
           "it (docs/operator.md, \"Backup and restore\")")
