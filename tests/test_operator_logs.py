@@ -270,3 +270,37 @@ async def test_a_key_in_the_token_the_ca_does_not_know_is_named_at_start(
         assert [e["label"] for e in found] == ["issuing-ca-orphan"], found
     finally:
         assert d.stop() == 0
+
+
+async def test_a_flood_of_bad_requests_does_not_flood_the_log(served: Daemon) -> None:
+    """Anyone can send thousands of bad requests: each is counted, and the log says
+    how many went unlogged instead of growing with them."""
+    import aiohttp
+
+    def lines(status: int) -> int:
+        return sum(1 for e in events(served, "request refused") if e["status"] == status)
+
+    before = lines(404)
+    async with aiohttp.ClientSession() as session:
+        async def ask() -> None:
+            async with session.get(f"{served.url}/no/such/page", ssl=served.ssl()) as r:
+                assert r.status == 404
+        for _ in range(30):
+            await asyncio.gather(*(ask() for _ in range(10)))  # 300 in all
+        # At most a burst of 50 per worker and interval were logged one by one (each
+        # line is written before its answer goes)...
+        assert lines(404) - before <= 2 * 50 + 2, lines(404) - before
+        # ... and once an interval has passed, the next refusal's worker says how many
+        # it did not log (requests keep coming, paced by their round trips).
+        deadline = asyncio.get_running_loop().time() + 40
+        while not [e for e in events(served, "requests refused and not logged one by one")
+                   if e["status"] == 404]:
+            assert asyncio.get_running_loop().time() < deadline, "no summary line"
+            await ask()
+    summary = [e for e in events(served, "requests refused and not logged one by one")
+               if e["status"] == 404]
+    assert summary[0]["unlogged"] > 0 and summary[0]["burst"] == 50
+    _, _, raw = await http("GET", f"{served.url}/metrics", served.ssl())
+    counted = sum(float(line.rsplit(" ", 1)[1]) for line in raw.decode().splitlines()
+                  if line.startswith("hsmca_http_requests_total{") and 'status="404"' in line)
+    assert counted >= 300  # every one counted

@@ -74,11 +74,39 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         metrics = request.app[METRICS]
         metrics.child(metrics.requests, route, str(status)).inc()
         metrics.child(metrics.latency, route).observe(elapsed)
-        if status >= 400:
+        if status >= 400 and REFUSED_REQUESTS.one_by_one(status):
             log.info("request refused", request_id=rid, method=request.method, route=route,
                      status=status, ms=round(elapsed * 1000, 2))
 
 
+class _RefusedRequests:
+    """Refused requests are logged one by one, up to `burst` per status per interval;
+    beyond that they are counted, and the next line of that status says how many went
+    unlogged. Anyone can send thousands of bad requests a second: the log must not
+    grow with them (the metrics count every one)."""
+
+    interval_s = 10.0
+    burst = 50
+
+    def __init__(self) -> None:
+        self._window: dict[int, tuple[float, int, int]] = {}  # status: (start, logged, quiet)
+
+    def one_by_one(self, status: int) -> bool:
+        now = time.monotonic()
+        start, logged, quiet = self._window.get(status, (float("-inf"), 0, 0))
+        if now - start >= self.interval_s:
+            if quiet:
+                log.warning("requests refused and not logged one by one", status=status,
+                            unlogged=quiet, interval_s=self.interval_s, burst=self.burst)
+            start, logged, quiet = now, 0, 0
+        if logged < self.burst:
+            self._window[status] = (start, logged + 1, quiet)
+            return True
+        self._window[status] = (start, logged, quiet + 1)
+        return False
+
+
+REFUSED_REQUESTS = _RefusedRequests()
 routes = web.RouteTableDef()
 
 
