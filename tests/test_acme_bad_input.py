@@ -306,19 +306,31 @@ def rsa_1024_account_key(w: World) -> Reply:
     return c.post(url(w, "newAccount"), {}, use_jwk=True, alg=jose.RS256)
 
 
-@case(400, "badPublicKey")
-def rsa_account_key_with_a_huge_exponent(w: World) -> Reply:
-    """Refused before its signature is checked: with a 2047-bit e, each check costs 40
-    times as much (a cheap flood that slowed everyone's renewals 25-fold)."""
+def huge_exponent_jws(target: str, payload: bytes, nonce: str | None) -> dict[str, str]:
+    """A JWS by an RSA key whose e has 2047 bits, with a random signature: each check of
+    it would cost 40 times an ordinary one (a cheap flood that slowed everyone's
+    renewals 25-fold), so it must be refused before its signature is checked."""
     n = rsa.generate_private_key(65537, 2048).public_key().public_numbers().n
 
     def uint(x: int) -> str:
         return b64(x.to_bytes((x.bit_length() + 7) // 8, "big"))
     head = {"alg": "RS256", "jwk": {"kty": "RSA", "n": uint(n), "e": uint((1 << 2046) + 1)},
-            "nonce": w.a.nonce(), "url": url(w, "newAccount")}
-    body = {"protected": b64(json.dumps(head).encode()), "payload": b64(b"{}"),
+            "url": target, **({"nonce": nonce} if nonce else {})}
+    return {"protected": b64(json.dumps(head).encode()), "payload": b64(payload),
             "signature": b64(os.urandom(256))}
-    return w.a.raw(url(w, "newAccount"), json.dumps(body))
+
+
+@case(400, "badPublicKey")
+def rsa_account_key_with_a_huge_exponent(w: World) -> Reply:
+    jws = huge_exponent_jws(url(w, "newAccount"), b"{}", w.a.nonce())
+    return w.a.raw(url(w, "newAccount"), json.dumps(jws))
+
+
+@case(400, "badPublicKey")
+def key_change_to_a_key_with_a_huge_exponent(w: World) -> Reply:
+    payload = json.dumps({"account": w.a.kid,
+                          "oldKey": w.a.key.public_key().to_partial_json()}).encode()
+    return w.a.post(url(w, "keyChange"), huge_exponent_jws(url(w, "keyChange"), payload, None))
 
 
 @case(400, "badSignatureAlgorithm")

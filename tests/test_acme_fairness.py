@@ -46,9 +46,11 @@ class Tarpit:
 
 @pytest.fixture(scope="module")
 def crowded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[object, Tarpit]]:
-    # One worker, so both accounts meet at the same slots; two slots, two seconds.
+    # One worker, so both accounts meet at the same slots; two slots. The victim's
+    # whole flow must be over while the attacker's validations still wait: 5 s each,
+    # and 15 s before a waiting one gives up, leave a loaded machine room.
     ca = start_acme_ca(tmp_path_factory.mktemp("crowded"), (*ATTACKER, "victim.test"),
-                       workers=1, **{"max-validations": 2, "validation-timeout-s": 2,
+                       workers=1, **{"max-validations": 2, "validation-timeout-s": 5,
                                      "eab-required": False, "accounts-per-hour": 3})
     tarpit = Tarpit(ca.http_port)
     yield ca, tarpit

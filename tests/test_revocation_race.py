@@ -252,13 +252,16 @@ async def test_a_renewal_recorded_before_the_revocation_commits_is_swept(
     assert status == 403 and json.loads(raw)["type"].endswith("revoked-certificate"), raw
 
 
-async def test_a_crl_numbered_after_a_revocation_lists_it(
-        postgres_server: Any, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Two nodes. Node A revokes Y and, refreshing its CRL, is held as it takes its CRL
-    number; meanwhile node B revokes X and signs its own CRL; then A goes on. A's CRL is
-    numbered after B's, and a relying party takes the higher number as superseding
-    (RFC 5280 5.2.3), so it must list X as well. (A refresh that read what was revoked
-    before it took its number signed a CRL that forgot X.)"""
+@pytest.mark.parametrize("gate", ["crl", "crl-numbered"])
+async def test_a_crl_numbered_after_another_lists_all_it_did(
+        postgres_server: Any, tmp_path_factory: pytest.TempPathFactory, gate: str) -> None:
+    """Two nodes. Node A revokes Y and, refreshing its CRL, is held as it asks for its CRL
+    number (or just after it got it); meanwhile node B revokes X, then R, each signing
+    its own CRL; then A goes on. A relying party takes a higher number as superseding
+    (RFC 5280 5.2.3), so every CRL must list all that a lower-numbered one did. (A
+    refresh that read what was revoked before taking its number forgot X in a CRL
+    numbered after B's; one that read only after listed R in a CRL numbered before
+    B's second, which did not.)"""
     from tests.cluster_kit import make_cluster
     tmp = tmp_path_factory.mktemp("crl-numbers")
     db = postgres_server.new_database()
@@ -270,22 +273,24 @@ async def test_a_crl_numbered_after_a_revocation_lists_it(
                      env={**os.environ, "PYTHONPATH": path, "HSMCA_TEST_GATES": str(gates)})
     b = start_daemon(cluster.state, "--node", "node-b", "--workers", "1")
     try:
-        y = enroll(a, tmp, "service", ["crl-y.internal.example"])
-        x = enroll(b, tmp, "service", ["crl-x.internal.example"])
-        serials = {name: format(load(cred[0]).serial_number, "x") for name, cred in
-                   (("y", y), ("x", x))}
-        (gates / "hold-crl").touch()
-        async with Gate(gates) as gate:
-            first = asyncio.ensure_future(http(
-                "POST", f"{a.url}/v1/x509/revoke", a.ssl(*y),
-                body={"serial": serials["y"], "reason": "keyCompromise"}))
-            held = await gate.reached("crl")
-            (gates / "hold-crl").unlink()
-            status, _, raw = await http("POST", f"{b.url}/v1/x509/revoke", b.ssl(*x),
-                                        body={"serial": serials["x"],
-                                              "reason": "keyCompromise"})
-            assert status == 200, raw
-            await gate.release(held)
+        creds = {"y": enroll(a, tmp, "service", ["crl-y.internal.example"]),
+                 **{k: enroll(b, tmp, "service", [f"crl-{k}.internal.example"])
+                    for k in ("x", "r")}}
+        serials = {k: format(load(cred[0]).serial_number, "x") for k, cred in creds.items()}
+
+        async def revoke(node: Daemon, k: str) -> tuple[int, str, bytes]:
+            return await http("POST", f"{node.url}/v1/x509/revoke", node.ssl(*creds[k]),
+                              body={"serial": serials[k], "reason": "keyCompromise"})
+        hold = gates / f"hold-{gate}"
+        hold.touch()
+        async with Gate(gates) as held_at:
+            first = asyncio.ensure_future(revoke(a, "y"))
+            held = await held_at.reached(gate)
+            hold.unlink()
+            for k in ("x", "r"):
+                status, _, raw = await revoke(b, k)
+                assert status == 200, raw
+            await held_at.release(held)
             status, _, raw = await first
             assert status == 200, raw
     finally:
@@ -296,6 +301,6 @@ async def test_a_crl_numbered_after_a_revocation_lists_it(
                             "ORDER BY number").fetchall()
     listed = [(number, {format(r.serial_number, "x") for r in x509.load_der_x509_crl(der)})
               for number, der in rows]
-    assert len(listed) >= 2 and set(serials.values()) <= listed[-1][1], listed
+    assert len(listed) >= 3 and set(serials.values()) <= listed[-1][1], listed
     for (before, older), (after, newer) in itertools.pairwise(listed):
         assert older <= newer, f"CRL {after} forgot what CRL {before} listed: {older - newer}"

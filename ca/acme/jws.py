@@ -230,6 +230,8 @@ def verify_inner(obj: object, outer_url: str) -> tuple[jose.JWK, dict[str, Any]]
         sig = jws.signature
         header = acme_jws.Header.json_loads(sig.protected)
         jwk = header.jwk
+        if isinstance(jwk, jose.JWK):
+            check_key(jwk, alg_name)  # before the signature: a huge e makes it costly
         good = isinstance(jwk, jose.JWK) and sig.verify(jws.payload, jwk)
     except AcmeProblem:
         raise
@@ -237,7 +239,6 @@ def verify_inner(obj: object, outer_url: str) -> tuple[jose.JWK, dict[str, Any]]
         good, jwk = False, None
     if not good or jwk is None:
         raise AcmeProblem("malformed", "the inner JWS signature does not verify")
-    check_key(jwk, alg_name)
     if header.url != outer_url:
         raise AcmeProblem("malformed", "the inner JWS url must be the outer one's")
     payload = loads(jws.payload, "inner JWS payload")

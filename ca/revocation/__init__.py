@@ -35,6 +35,7 @@ from ca.store.records import Revoked as Reached
 from hsm.errors import AuditUnavailable, HSMUnavailable
 
 CRL_VALIDITY = ra.CRL_VALIDITY
+CRL_NUMBER_TRIES = 5  # numbers a refresh takes at most while revocations land meanwhile
 Revoked = dict[int, tuple[dt.datetime, str | None, str | None]]  # serial -> (at, reason, issuer)
 log = structlog.get_logger("hsmca.revocation")
 
@@ -273,6 +274,27 @@ class Revocations:
         age = prof.utcnow() - dt.datetime.fromisoformat(latest.this_update)
         return latest.der if latest.revoked >= len(revoked) and age <= CRL_VALIDITY / 2 else None
 
+    async def _numbered(self, label: str) -> tuple[int, dict[int, tuple[dt.datetime,
+                                                                   str | None]]]:
+        """A CRL number and what `label` had revoked when it was taken. A relying party
+        takes a higher number as superseding (RFC 5280 5.2.3), so a CRL must list what
+        every lower-numbered one did, across processes and nodes. What is revoked is
+        read from the inventory itself (another node's revocation reaches this
+        process's cache a moment after its commit), before the number is taken and
+        after: when the two reads agree, the CRL lists exactly what was revoked when its
+        number was taken, and numbers are taken in order. (Reading only before let
+        another refresh, numbered later, miss a revocation this one listed; reading
+        only after, the other way round.) A revocation between the reads costs a
+        number; after a few, the last reads are taken (the next CRL mends them)."""
+        revoked = await self._revoked_by(label, fresh=True)
+        for _ in range(CRL_NUMBER_TRIES):
+            number = await self.store.next_crl_number()
+            after = await self._revoked_by(label, fresh=True)
+            if after == revoked:
+                break
+            revoked = after
+        return number, after
+
     async def refresh_crl(self, request_id: str | None, issuer: str | None = None,
                           only_if_stale: bool = False) -> None:
         """Sign a new CRL for `issuer` (every issuer that still signs, by default)."""
@@ -283,14 +305,7 @@ class Revocations:
                 if only_if_stale and await self._current_crl(label) is not None:
                     continue  # another request re-signed it while this one waited
                 order = ra.order(await self._context(), ra.Local(), ra.CRLRequest(label))
-                # The number first, then what is revoked, from the inventory itself: a
-                # revocation committed before a number was taken is then in every CRL
-                # numbered after it. Read the other way round, a refresh in another
-                # process or node that read before a revocation and took its number
-                # after the revocation's own CRL signed a higher number that forgot it,
-                # and a relying party takes the higher number as superseding.
-                number = await self.store.next_crl_number()
-                revoked = await self._revoked_by(label, fresh=True)
+                number, revoked = await self._numbered(label)
                 crl = await self.issuance.crl(
                     order, number, [(s, at, r) for s, (at, r) in revoked.items()], request_id)
                 await self.store.add_crl(CRLRecord(

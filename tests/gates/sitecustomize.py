@@ -8,6 +8,8 @@ names a directory; the daemon's decisions are unchanged, only when it takes a st
             commit, while the file `hold-revoke` exists
     crl     a CRL refresh stops as it asks for its CRL number, while the file
             `hold-crl` exists
+    crl-numbered  the same, just after it got its number, while `hold-crl-numbered`
+            exists
 
 At a gate the process connects to the test's Unix socket `gate.sock`, says the gate's
 name on a line, and goes on when the test answers: no polling on either side.
@@ -62,7 +64,10 @@ def _install(gates: Path) -> None:
             async def next_crl_number(self: Any) -> int:
                 if (gates / "hold-crl").exists():
                     await _wait(gates, "crl")
-                return int(await real(self))
+                number = int(await real(self))
+                if (gates / "hold-crl-numbered").exists():
+                    await _wait(gates, "crl-numbered")
+                return number
             return next_crl_number
 
         store.next_crl_number = numbered(store.next_crl_number)  # type: ignore[method-assign]
