@@ -12,9 +12,16 @@ What the copy holds, in the order it is taken, and why that order:
    certificates, the admin and TLS credentials, the audit public key. Left out:
    what the daemon rebuilds (`run/`, `serve.url`, the audit log's tiles).
 
-The copy's log is then checked: every line chains to the one before, and the copied
-checkpoint, signed by the audit key in force, covers its first lines. A copy that
-does not check out is reported, not kept quietly.
+A revocation writes its audit line before it commits, and a key rotation changes the
+inventory and the files apart: when either lands while the copy is taken (the copied
+log says so, or a file changed), the copy is taken again, so that a restore neither
+undoes a revocation its own log records nor holds an audit key its inventory does
+not know.
+
+The copy is then checked: every line of its log chains to the one before, the copied
+checkpoint, signed by the copied audit key, covers its first lines, and that key is
+one the copied inventory knows. A copy that does not check out is reported, not kept
+quietly.
 
 Not in it: the keys, which never leave the HSM (back the token up by the HSM's own
 means), and the PIN, wherever `pin-source` keeps it.
@@ -22,21 +29,34 @@ means), and the PIN, wherever `pin-source` keeps it.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import re
 import shutil
 import sqlite3
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_pem_public_key,
+)
 
 from ca.audit.line import GENESIS, chain_hash
 from ca.audit.merkle import CompactRange, leaf_hash
 from ca.audit.note import Checkpoint, NoteError, verify_checkpoint
 from ca.config import Config
+from ca.fileutil import fsync_dir
 
 CHUNK = 1 << 20
+TRIES = 5
+# Audit events after which the inventory and the files may disagree for a moment.
+_CHANGING = re.compile(rb'"event":"(cert\.revoke|ssh\.revoke|key\.[a-z]+|hsm\.keygen|'
+                       rb'hsm\.destroy)"')
 # Rebuilt by the daemon, or copied below in their own order.
 _REBUILT = ("run", "serve.url", "audit/tiles")
 
@@ -64,23 +84,73 @@ def backup(config: Config, out: Path) -> Backup:
         raise BackupError(f"--out {out} exists and is not an empty directory; name a new one "
                           "(a backup never overwrites another)")
     state = config.state_dir
+    if out.resolve().is_relative_to(state.resolve()):
+        raise BackupError(f"--out {out} is inside the state directory {state}: put backups "
+                          "elsewhere (each would copy the ones before it)")
     if not config.db_path.is_file():
         raise BackupError(f"{config.db_path} is missing: is {config.path} the config of a "
                           "CA that has started once?")
     out.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(out, 0o700)
-    certificates = _inventory(config.db_path, out / config.db_path.name)
-    audit = out / config.audit_log.relative_to(state).parent
+    for attempt in range(TRIES):
+        work = out / f".partial-{attempt}"
+        taken = _take(config, work)
+        if taken is not None:
+            break
+        shutil.rmtree(work)
+    else:
+        raise BackupError(f"the CA's keys, files or revocations changed during each of {TRIES} "
+                          "attempts to copy it; try again when no rotation or revocation is "
+                          "under way")
+    for entry in work.iterdir():
+        entry.rename(out / entry.name)
+    work.rmdir()
+    fsync_dir(out)
+    return Backup(out, *taken)
+
+
+def _take(config: Config, work: Path) -> tuple[int, int, int, int] | None:
+    """One attempt at a copy into `work`: (certificates, lines, signed, files), or None
+    when the CA changed in a way the copy may have caught half of."""
+    state = config.state_dir
+    work.mkdir(mode=0o700)
+    skip = {config.db_path, config.audit_log, config.checkpoint_path,
+            config.cosigned_checkpoint_path, *(state / p for p in _REBUILT)}
+    files_before = _marks(state, skip, config.db_path.name)
+    log_before = config.audit_log.stat().st_size
+    certificates = _inventory(config.db_path, work / config.db_path.name)
+    audit = work / config.audit_log.relative_to(state).parent
     audit.mkdir(parents=True, exist_ok=True)
     for checkpoint in (config.checkpoint_path, config.cosigned_checkpoint_path):
         if checkpoint.exists():
             shutil.copy2(checkpoint, audit / checkpoint.name)
-    size = _log(config.audit_log, audit / config.audit_log.name)
-    skip = {config.db_path, config.audit_log, config.checkpoint_path,
-            config.cosigned_checkpoint_path, *(state / p for p in _REBUILT)}
-    files = _the_rest(state, out, skip, config.db_path.name)
-    lines, signed = _verify(config, out, audit / config.audit_log.name, size)
-    return Backup(out, certificates, lines, signed, files)
+    log = audit / config.audit_log.name
+    _log(config.audit_log, log)
+    files = _the_rest(state, work, skip, config.db_path.name)
+    # A revocation writes its line before its commit, and a key rotation changes the
+    # inventory and the files apart: either one under way while the inventory was
+    # copied may be half in the copy (a restore would undo the revocation, or not
+    # start), so the copy is taken again.
+    if _marks(state, skip, config.db_path.name) != files_before or _changed(log, log_before):
+        return None
+    lines, signed = _verify(config, work, log)
+    return certificates, lines, signed, files
+
+
+def _marks(state: Path, skip: set[Path], db_name: str) -> dict[str, tuple[int, int]]:
+    """Size and modification time of every file `_the_rest` copies."""
+    marks = {}
+    for path in _files(state, skip, db_name):
+        st = path.lstat()
+        marks[str(path)] = (st.st_size, st.st_mtime_ns)
+    return marks
+
+
+def _changed(log: Path, since: int) -> bool:
+    """Whether the copied log's lines from byte `since` on revoke or change a key."""
+    with log.open("rb") as fh:
+        fh.seek(since)
+        return any(_CHANGING.search(line) for line in fh)
 
 
 def _inventory(db: Path, target: Path) -> int:
@@ -130,34 +200,52 @@ def _log(log: Path, target: Path) -> int:
     return end
 
 
-def _the_rest(state: Path, out: Path, skip: set[Path], db_name: str) -> int:
-    copied = 0
+def _files(state: Path, skip: set[Path], db_name: str) -> Iterator[Path]:
     for root, dirs, names in os.walk(state):
         here = Path(root)
         dirs[:] = sorted(d for d in dirs if here / d not in skip)
-        (out / here.relative_to(state)).mkdir(exist_ok=True)
-        shutil.copystat(here, out / here.relative_to(state))
         for name in sorted(names):
             path = here / name
             # The inventory's journal files belong to the live database, not the copy.
-            if path in skip or (here == state and name.startswith(db_name + "-")):
-                continue
-            shutil.copy2(path, out / path.relative_to(state), follow_symlinks=False)
-            copied += 1
+            if path not in skip and not (here == state and name.startswith(db_name + "-")):
+                yield path
+
+
+def _the_rest(state: Path, out: Path, skip: set[Path], db_name: str) -> int:
+    copied = 0
+    for path in _files(state, skip, db_name):
+        target = out / path.relative_to(state)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target, follow_symlinks=False)
+        if not target.is_symlink():
+            with target.open("rb") as fh:
+                os.fsync(fh.fileno())
+        copied += 1
+    for directory in sorted({p for p in out.rglob("*") if p.is_dir()}):
+        shutil.copystat(state / directory.relative_to(out), directory)
+        fsync_dir(directory)
     return copied
 
 
-def _verify(config: Config, out: Path, log: Path, size: int) -> tuple[int, int]:
+def _verify(config: Config, out: Path, log: Path) -> tuple[int, int]:
     """Check the copy as the daemon started on it would, and more: every line chains to
     the one before it (the whole log, not only the tail start reads), and the copied
     checkpoint, signed by the audit key in force, covers the copy's first lines.
     Auditors pin the key the log began with; after a rotation that is not the key in
     the state directory, so this checks the copy, not the CA's whole history."""
-    key_pem = config.audit_key_pem
+    key_pem = out / config.audit_key_pem.relative_to(config.state_dir)
     try:
         key = load_pem_public_key(key_pem.read_bytes())
     except (OSError, ValueError) as exc:
-        raise BackupError(f"cannot read the audit public key {key_pem}: {exc}") from None
+        raise BackupError(f"cannot read the copied audit public key {key_pem}: {exc}") from None
+    # What the daemon's start checks first: the key is one the copied inventory knows.
+    spki = key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    with contextlib.closing(sqlite3.connect(out / config.db_path.name)) as db:
+        known = {row[0] for row in db.execute(
+            "SELECT fingerprint FROM ca_keys WHERE kind = 'audit' AND state != 'destroyed'")}
+    if known and hashlib.sha256(spki).hexdigest() not in known:
+        raise BackupError(f"the copied audit key {key_pem} is not one the copied inventory "
+                          "knows: was the audit key rotated during the backup? try again")
     checkpoint = log.parent / config.checkpoint_path.name
     signed: Checkpoint | None = None
     if checkpoint.exists():

@@ -13,6 +13,9 @@ import shutil
 import stat
 from pathlib import Path
 
+import pytest
+from cryptography import x509
+
 from tests.conftest import Daemon, hsmca, init_ca, start_daemon
 from tests.helpers import audit_verify, enroll, http, log_lines
 
@@ -105,3 +108,36 @@ def test_a_backup_says_so_when_it_holds_the_pin(tmp_path: Path) -> None:
     out = hsmca("backup", "--config", config, "--out", tmp_path / "b").stdout
     assert f"its file {inside} is inside the state directory, so the copy holds it" in out
     assert (tmp_path / "b" / "pin").read_bytes() == inside.read_bytes()
+
+
+def test_a_revocation_that_lands_while_the_copy_is_taken_is_in_the_copy(
+        own_daemon: Daemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A revocation logs its line before it commits: one landing just after the
+    inventory was copied would be in the copied log and not in the copied inventory,
+    and a restore would serve the certificate as good. The backup takes the copy
+    again. (The revocation is made at that moment by wrapping the inventory copy.)"""
+    import sqlite3
+
+    from ca import backup
+    from ca.config import load
+    d = own_daemon
+    cert, _ = enroll(d, tmp_path, "service", ["late.internal.example"])
+    serial = format(x509.load_pem_x509_certificate(cert.read_bytes()).serial_number, "x")
+    real, copies = backup._inventory, []
+
+    def inventory(db: Path, target: Path) -> int:
+        copies.append(target)
+        n = real(db, target)
+        if len(copies) == 1:  # just after the first snapshot
+            hsmca("revoke", "--config", d.state / "hsmca.toml", "--url", d.url,
+                  "--reason", "keyCompromise", serial)
+        return n
+    monkeypatch.setattr(backup, "_inventory", inventory)
+    out = tmp_path / "copy"
+    done = backup.backup(load(d.state / "hsmca.toml"), out)
+    assert len(copies) == 2 and done.out == out
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    with sqlite3.connect(out / "hsmca.sqlite3") as db:
+        (revoked_at,) = db.execute("SELECT revoked_at FROM certs WHERE serial = ?",
+                                   (serial,)).fetchone()
+    assert revoked_at is not None
