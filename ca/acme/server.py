@@ -662,10 +662,12 @@ async def _validate(server: AcmeServer, ch: AcmeChallenge, authz: AcmeAuthz, jwk
                     account_id: str, client: str) -> None:
     """In the background (the client polls): validate, record the result."""
     error: str | None = None
+    busy = False  # it never ran: not the client's failure, so not counted as one
     try:
         await server.validator.validate(ch.type, authz.name, ch.token, jwk, account_id)
     except Failed as f:
         error = json.dumps({"type": PREFIX + f.kind, "detail": f.detail, "status": 400})
+        busy = f.kind == "rateLimited"
     except Exception as exc:
         log.exception("validation error", challenge=ch.id)
         error = json.dumps({"type": PREFIX + "serverInternal",
@@ -673,7 +675,7 @@ async def _validate(server: AcmeServer, ch: AcmeChallenge, authz: AcmeAuthz, jwk
     now = utcnow()
     try:
         await server.store.finish_acme_challenge(ch.id, error is None, error, now)
-        if error is not None:
+        if error is not None and not busy:
             await server.store.acme_rate_take("failed-validation", [
                 f"account:{account_id}", f"ip:{client}"], now, now - RATE_WINDOW, None)
     except Exception:

@@ -1,11 +1,13 @@
 """Challenge validation: http-01 (RFC 8555 8.3), tls-alpn-01 (RFC 8737) and dns-01
 (RFC 8555 8.4), with timeouts and a bound on how many run at once.
 
-The slots are shared fairly: one account holds at most a quarter of a worker's slots
-at once, and what it asks beyond waits in its own lane, so an account that sends
-hundreds of challenges to a host that never answers delays its own validations, not
-everyone's. A validation that has not started within QUEUE_FACTOR timeouts fails
-(rateLimited), and counts against its account's failed-validation limit.
+The slots are shared: one account holds at most a quarter of a worker's slots at once,
+and what it asks beyond waits in its own lane, so an account that sends hundreds of
+challenges to a host that never answers delays its own validations far more than
+anyone else's (others wait at most for its quarter). Several such accounts together
+can still fill every slot. A validation that has not started within QUEUE_FACTOR
+timeouts fails (rateLimited); it never ran, so it does not count as a failed
+validation.
 
 Where a name is reached: its address in [acme.hosts] if listed, else from the
 [acme] resolver (or the system's, without one); http-01 on [acme] http-01-port with
@@ -97,8 +99,8 @@ class Validator:
                     await held.enter_async_context(self._slots)
             except TimeoutError:
                 raise Failed("rateLimited", f"{kind} for {name} did not start within "
-                             f"{waited:g} s: this account's validations under way took "
-                             "every slot it may use; retry when they have finished") from None
+                             f"{waited:g} s: the CA's validation slots were all taken (by "
+                             "this account's own, or by others'); ask again later") from None
             try:
                 async with asyncio.timeout(self.cfg.validation_timeout_s):
                     if kind == "http-01":

@@ -79,20 +79,25 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         kept = {k: v for k, v in exc.headers.items() if k in ("Allow", "WWW-Authenticate")}
         return problem(exc.status_code, TITLES.get(exc.status_code, exc.reason), detail,
                        headers=kept or None)
-    except ConnectionResetError:
-        # The client went away while its body was read: its doing, not a fault, and the
-        # answer reaches nobody.
-        log.info("the client closed the connection before its request arrived whole",
-                 request_id=request.get("request_id", "-"), path=request.path[:200])
-        return problem(400, "Bad Request", "the connection closed before the request "
-                       "arrived whole", "incomplete-request")
     except UnicodeError as exc:  # a client's text no encoder takes, past every parser's check
         log.warning("text that is not Unicode", request_id=request.get("request_id", "-"),
                     path=request.path[:200], error=str(exc)[:200])
         return problem(400, "Bad Request", NOT_UNICODE, "bad-request")
-    except Exception:
+    except Exception as exc:
         rid = request.get("request_id", "-")
+        if isinstance(exc, ConnectionResetError) and _client_left(request):
+            # Its doing, not a fault (its body stopped halfway); the answer reaches nobody.
+            log.info("the client closed the connection before its request arrived whole",
+                     request_id=rid, path=request.path[:200])
+            return problem(400, "Bad Request", "the connection closed before the request "
+                           "arrived whole", "incomplete-request")
         log.exception("unhandled error", request_id=rid, path=request.path)
         return problem(500, "Internal Server Error",
                        f"an unexpected error occurred; the operator can find it in the logs "
                        f"under request id {rid}", "internal")
+
+
+def _client_left(request: web.Request) -> bool:
+    """Whether the client's connection is gone (not some other connection reset)."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
