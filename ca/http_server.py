@@ -138,13 +138,18 @@ class _ProblemRequestHandler(web.RequestHandler):
             if not self._request_in_progress:
                 self.force_close()  # a body nobody reads: its answer has gone already
                 return
-            # The handler waits in request.read(): it answers the 408 (through the
-            # problem middleware), and the connection closes once it has, without
-            # aiohttp's lingering to read the rest.
+            # The handler reading it (this one, or the next one's when it was sent
+            # behind another) gets the 408 from request.read(), through the problem
+            # middleware; the connection closes once the handler in progress has
+            # answered, without aiohttp's lingering to read the rest.
             body.set_exception(RequestTooSlow(self._timeout))
             self._lingering_time = 0.0
             self.close()
-        elif not self._request_in_progress and not self._messages:
+        elif self._request_in_progress or self._messages:
+            # A head begun behind a request still being handled: timed again from now,
+            # so that it is closed once the connection is idle and it is still not whole.
+            self._arm(began=self._began)
+        else:
             if self._began:
                 self.transport.write(_head_timeout_answer(self._timeout))
             self.force_close()
