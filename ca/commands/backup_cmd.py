@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"  inventory: {done.certificates} certificates, as of one moment "
           f"({config.db_path.name})")
     print(f"  audit log: {done.lines} lines, each chained to the one before; the copied "
-          f"checkpoint, signed by the audit key in force, covers the first {done.signed}")
+          f"checkpoint, signed by the copied audit key, covers the first {done.signed}")
     print(f"  {done.files} more files: the config, the CA certificates, the admin and TLS "
           "credentials")
     print("not in it:")
@@ -61,9 +61,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         description="Copy the CA's inventory (an SQLite snapshot of one moment), its audit "
         "log up to its last whole line with the latest checkpoint, and the config, "
         "certificates and credentials it needs to start, into a new directory. The daemon "
-        "may be running: nothing it does waits for the backup. The copied log is checked: "
-        "every line chains to the one before, and the copied checkpoint, signed by the "
-        "audit key in force, covers its first lines. The keys stay in the HSM and the PIN "
+        "may be running: nothing it does waits for the backup, and a revocation or key "
+        "rotation that lands meanwhile makes it copy again. The copy is checked: every line "
+        "of its log chains to the one before, and its checkpoint, signed by its audit key "
+        "(one its inventory knows), covers its first lines. The keys stay in the HSM and the PIN "
         "where pin-source keeps it: back those up by their own means. Restore by putting "
         "the directory where the state directory was and starting `hsmca serve` "
         "(docs/operator.md, \"Backup and restore\"). Several nodes on PostgreSQL: back up "
