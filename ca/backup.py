@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from ca.audit.line import GENESIS, chain_hash
+from ca.audit.log import last_newline
 from ca.audit.merkle import CompactRange, leaf_hash
 from ca.audit.note import Checkpoint, NoteError, verify_checkpoint
 from ca.config import Config
@@ -171,20 +172,11 @@ def _inventory(db: Path, target: Path) -> int:
         source.close()
 
 
-def _log(log: Path, target: Path) -> int:
-    """Copy the log's whole lines as they are now; the bytes copied."""
+def _log(log: Path, target: Path) -> None:
+    """Copy the log's whole lines as they are now (a line being appended right now is
+    left for the next backup)."""
     with log.open("rb") as src:
-        end = os.fstat(src.fileno()).st_size
-        # A line being appended right now is left for the next backup.
-        while end > 0:
-            src.seek(max(0, end - CHUNK))
-            block = src.read(end - max(0, end - CHUNK))
-            cut = block.rfind(b"\n")
-            if cut >= 0:
-                end = end - len(block) + cut + 1
-                break
-            end -= len(block)
-        src.seek(0)
+        end = last_newline(src.fileno(), os.fstat(src.fileno()).st_size) + 1
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as dst:
             left = end
@@ -197,7 +189,6 @@ def _log(log: Path, target: Path) -> int:
                 left -= len(chunk)
             dst.flush()
             os.fsync(dst.fileno())
-    return end
 
 
 def _files(state: Path, skip: set[Path], db_name: str) -> Iterator[Path]:
@@ -230,7 +221,7 @@ def _the_rest(state: Path, out: Path, skip: set[Path], db_name: str) -> int:
 def _verify(config: Config, out: Path, log: Path) -> tuple[int, int]:
     """Check the copy as the daemon started on it would, and more: every line chains to
     the one before it (the whole log, not only the tail start reads), and the copied
-    checkpoint, signed by the audit key in force, covers the copy's first lines.
+    checkpoint, signed by the copied audit key, covers the copy's first lines.
     Auditors pin the key the log began with; after a rotation that is not the key in
     the state directory, so this checks the copy, not the CA's whole history."""
     key_pem = out / config.audit_key_pem.relative_to(config.state_dir)

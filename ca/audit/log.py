@@ -704,7 +704,7 @@ def _build_tiles(path: Path, fd: int, tiles: Path) -> None:
     try:
         tree = TiledTree(store)
         # Up to the start of the last complete line, as said above.
-        end = _last_newline(fd, _last_newline(fd, size)) + 1
+        end = last_newline(fd, last_newline(fd, size)) + 1
         ends: list[int] = []
         pos, carry = 0, b""
         while pos < end:
@@ -729,7 +729,7 @@ def _build_tiles(path: Path, fd: int, tiles: Path) -> None:
     fsync_dir(tiles.parent)
 
 
-def _last_newline(fd: int, before: int) -> int:
+def last_newline(fd: int, before: int) -> int:
     """The offset of the last "\\n" before `before`, or -1."""
     hi = before
     while hi > 0:

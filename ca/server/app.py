@@ -74,39 +74,42 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         metrics = request.app[METRICS]
         metrics.child(metrics.requests, route, str(status)).inc()
         metrics.child(metrics.latency, route).observe(elapsed)
-        if status >= 400 and REFUSED_REQUESTS.one_by_one(status):
+        if status >= 400 and (unlogged := REFUSED_REQUESTS.allow(status)) is not None:
+            if unlogged:
+                log.warning("requests refused and not logged one by one", status=status,
+                            unlogged=unlogged, interval_s=REFUSED_REQUESTS.interval_s,
+                            burst=REFUSED_REQUESTS.burst)
             log.info("request refused", request_id=rid, method=request.method, route=route,
                      status=status, ms=round(elapsed * 1000, 2))
 
 
-class _RefusedRequests:
-    """Refused requests are logged one by one, up to `burst` per status per interval;
-    beyond that they are counted, and the next line of that status says how many went
-    unlogged. Anyone can send thousands of bad requests a second: the log must not
-    grow with them (the metrics count every one)."""
+class _Throttle:
+    """At most `burst` log lines per key (a refusal's reason or status) per interval;
+    the rest are counted, and the next line let through says how many were not logged.
+    Anyone can send thousands of bad requests or handshakes a second: the log must not
+    become their echo (the metrics count every one)."""
 
     interval_s = 10.0
-    burst = 50
 
-    def __init__(self) -> None:
-        self._window: dict[int, tuple[float, int, int]] = {}  # status: (start, logged, quiet)
+    def __init__(self, burst: int) -> None:
+        self.burst = burst
+        self._window: dict[object, tuple[float, int, int]] = {}  # key: (start, logged, quiet)
 
-    def one_by_one(self, status: int) -> bool:
+    def allow(self, key: object) -> int | None:
+        """None: do not log this one; else how many before it went unlogged."""
         now = time.monotonic()
-        start, logged, quiet = self._window.get(status, (float("-inf"), 0, 0))
+        start, logged, quiet = self._window.get(key, (float("-inf"), 0, 0))
+        unlogged = 0
         if now - start >= self.interval_s:
-            if quiet:
-                log.warning("requests refused and not logged one by one", status=status,
-                            unlogged=quiet, interval_s=self.interval_s, burst=self.burst)
-            start, logged, quiet = now, 0, 0
+            start, logged, quiet, unlogged = now, 0, 0, quiet
         if logged < self.burst:
-            self._window[status] = (start, logged + 1, quiet)
-            return True
-        self._window[status] = (start, logged, quiet + 1)
-        return False
+            self._window[key] = (start, logged + 1, quiet)
+            return unlogged
+        self._window[key] = (start, logged, quiet + 1)
+        return None
 
 
-REFUSED_REQUESTS = _RefusedRequests()
+REFUSED_REQUESTS = _Throttle(burst=50)  # per status
 routes = web.RouteTableDef()
 
 
@@ -193,27 +196,18 @@ def build_app(*, gate: Gate, tokens: Tokens, issuance: Issuance, revocations: Re
 
 class _Refusals:
     """Refused TLS handshakes, logged once per reason per interval with how many there
-    were: a client with an expired certificate retries in a loop, and the log must not
-    become its echo."""
-
-    interval_s = 10.0
+    were: a client with an expired certificate retries in a loop."""
 
     def __init__(self) -> None:
-        self._last: dict[str, float] = {}
-        self._since: dict[str, int] = {}
-        self.count: dict[str, int] = {}
+        self._throttle = _Throttle(burst=1)
         self.on_refused: Callable[[str], None] | None = None  # a metric, per reason
 
     def note(self, reason: str) -> None:
-        self.count[reason] = self.count.get(reason, 0) + 1
-        self._since[reason] = self._since.get(reason, 0) + 1
         if self.on_refused is not None:
             self.on_refused(reason)
-        now = time.monotonic()
-        if now - self._last.get(reason, float("-inf")) >= self.interval_s:
+        if (unlogged := self._throttle.allow(reason)) is not None:
             log.warning("refused a TLS handshake", reason=reason,
-                        refused_since_last_line=self._since[reason])
-            self._last[reason], self._since[reason] = now, 0
+                        refused_since_last_line=unlogged + 1)
 
 
 REFUSALS = _Refusals()
