@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import base64
 import json
+import resource
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,7 @@ from pathlib import Path
 import dns.message
 import dns.rdatatype
 import dns.rrset
+import josepy as jose
 import pytest
 import requests
 from cryptography import x509
@@ -25,6 +28,7 @@ from ca.acme.server import new_eab_key
 from tests.acme_kit import (
     AcmeCA,
     Client,
+    Reply,
     Responder,
     audit_lines,
     b64,
@@ -33,6 +37,7 @@ from tests.acme_kit import (
     start_acme_ca,
 )
 from tests.conftest import Daemon, hsmca
+from tests.helpers import audit_verify
 
 NAMES = ("a.test", "b.test", "c.test", "d.test", "redirect.test", "nobody.test")
 
@@ -134,16 +139,18 @@ def test_an_account_lists_its_orders(world: World) -> None:
     assert refused.status == 403 and refused.problem == "unauthorized"
 
 
+def key_change(c: Client, new: jose.JWK) -> Reply:
+    url = c.dir["keyChange"]
+    inner_head = {"alg": "ES256", "jwk": new.public_key().to_partial_json(), "url": url}
+    return c.post(url, sign(new, json.dumps({"account": c.kid, "oldKey": c.key.public_key()
+                                             .to_partial_json()}).encode(), inner_head))
+
+
 def test_key_change_moves_the_account_to_the_new_key(world: World) -> None:
     c = Client(world.ca)
     assert c.register(world.ca.eab("*.test")).status == 201
-    old = c.key
     new = new_key()
-    url = c.dir["keyChange"]
-    inner_head = {"alg": "ES256", "jwk": new.public_key().to_partial_json(), "url": url}
-    inner = sign(new, json.dumps({"account": c.kid, "oldKey": old.public_key()
-                                  .to_partial_json()}).encode(), inner_head)
-    r = c.post(url, inner)
+    r = key_change(c, new)
     assert r.status == 200, r.body
     # the old key no longer speaks for the account; the new one does
     assert c.post(c.kid).status == 400
@@ -152,6 +159,50 @@ def test_key_change_moves_the_account_to_the_new_key(world: World) -> None:
     assert Client(world.ca, key=new).register(None, onlyReturnExisting=True).headers[
         "Location"] == c.kid
     assert any(line.get("event") == "acme.account.key-change" for line in audit_lines(world.ca))
+
+
+def test_account_changes_the_log_cannot_record_do_not_happen(tmp_path: Path) -> None:
+    """While the audit log cannot grow, a new account, a key change and a deactivation
+    are refused with 503 and change nothing: the client's old key still works and its
+    retry, once the log is back, does what it asked, each with its audit line."""
+    ca = start_acme_ca(tmp_path, ("a.test",))
+    try:
+        c = Client(ca)
+        assert c.register(ca.eab("*.test")).status == 201
+        newcomer = Client(ca)
+        eab = ca.eab("*.test")
+        size = (ca.daemon.state / "audit/log.jsonl").stat().st_size
+        resource.prlimit(ca.daemon.proc.pid, resource.RLIMIT_FSIZE,
+                         (size + 10, resource.RLIM_INFINITY))
+        try:
+            new = new_key()
+            for r in (newcomer.register(eab), key_change(c, new),
+                      c.post(c.kid, {"status": "deactivated"})):
+                assert r.status == 503 and r.problem == "serverInternal", r.body
+                assert "audit log" in r.json["detail"]
+        finally:
+            resource.prlimit(ca.daemon.proc.pid, resource.RLIMIT_FSIZE,
+                             (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        assert newcomer.kid is None
+        # the log retries on its own within a second or two; the account is as it was
+        deadline = time.monotonic() + 10
+        while (r := c.post(c.kid)).status == 503:
+            assert time.monotonic() < deadline, r.body
+        assert r.status == 200 and r.json["status"] == "valid", r.body
+        r = newcomer.register(eab)
+        assert r.status == 201, r.body
+        assert key_change(c, new).status == 200
+        c.key = new
+        assert c.post(c.kid, {"status": "deactivated"}).json["status"] == "deactivated"
+        account = {c.kid.rsplit("/", 1)[1], newcomer.kid.rsplit("/", 1)[1]}
+        events = [(x["event"], x["account"]) for x in audit_lines(ca)
+                  if x.get("event", "").startswith("acme.account.")]
+        assert sorted(e for e, a in events if a in account) == [
+            "acme.account.create", "acme.account.create", "acme.account.deactivate",
+            "acme.account.key-change"], events
+    finally:
+        ca.daemon.stop()
+    audit_verify(ca.daemon.state, ok=True)
 
 
 def test_a_deactivated_account_orders_nothing_more(world: World) -> None:

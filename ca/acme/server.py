@@ -301,15 +301,17 @@ async def new_account(request: web.Request) -> web.Response:
                               "retry later", 429, {"Retry-After": "60"})
     account = AcmeAccount(_new_id(), thumb, v.jwk.json_dumps(), "valid", contact, names, kid,
                           now.isoformat())
+    # The record first, as for a revocation: an account the log does not show never
+    # came to be (a log that cannot be written leaves no row for a retry to find).
+    await request.app[AUDIT].append(
+        "acme.account.create", account=account.id, thumbprint=thumb, eab_kid=kid,
+        names=list(names), request_id=request.get("request_id"))
     if not await server.store.add_acme_account(account, now):
         again = await server.store.acme_account_by_thumbprint(thumb)
         if again is not None and kid is None:  # the same key registered meanwhile
             return _json(_account_obj(request, again), 200, url_of(request, f"acct/{again.id}"))
         raise AcmeProblem("unauthorized", "the external account binding was used meanwhile",
                           403)
-    await request.app[AUDIT].append(
-        "acme.account.create", account=account.id, thumbprint=thumb, eab_kid=kid,
-        names=list(names), request_id=request.get("request_id"))
     log.info("acme account created", account=account.id, eab_kid=kid,
              request_id=request.get("request_id"))
     return _json(_account_obj(request, account), 201, url_of(request, f"acct/{account.id}"))
@@ -330,9 +332,9 @@ async def account(request: web.Request) -> web.Response:
     if "status" in body:
         if body["status"] != "deactivated":
             raise AcmeProblem("malformed", "an account's status can only be set to deactivated")
-        await server.store.deactivate_acme_account(acct.id)
         await request.app[AUDIT].append("acme.account.deactivate", account=acct.id,
                                         request_id=request.get("request_id"))
+        await server.store.deactivate_acme_account(acct.id)
     fresh = await server.store.acme_account(acct.id)
     assert fresh is not None
     return _json(_account_obj(request, fresh), 200, url_of(request, f"acct/{acct.id}"))
@@ -378,13 +380,15 @@ async def key_change(request: web.Request) -> web.Response:
     if other is not None:
         raise AcmeProblem("malformed", "another account has the new key", 409,
                           {"Location": url_of(request, f"acct/{other.id}")})
+    # Recorded before it is committed: a change the log cannot show must not lock the
+    # client out of its account with the key it still believes current.
+    await request.app[AUDIT].append("acme.account.key-change", account=v.account.id,
+                                    old_thumbprint=v.account.thumbprint,
+                                    thumbprint=new_thumb, request_id=request.get("request_id"))
     if not await server.store.change_acme_key(v.account.id, v.account.thumbprint, new_thumb,
                                               new_jwk.json_dumps()):
         raise AcmeProblem("malformed", "the account's key changed meanwhile, or another "
                           "account has the new key", 409)
-    await request.app[AUDIT].append("acme.account.key-change", account=v.account.id,
-                                    old_thumbprint=v.account.thumbprint,
-                                    thumbprint=new_thumb, request_id=request.get("request_id"))
     fresh = await server.store.acme_account(v.account.id)
     assert fresh is not None
     return _json(_account_obj(request, fresh), 200, acct_url)
