@@ -49,5 +49,8 @@ def configure(level: int = logging.INFO) -> None:
                     structlog.processors.TimeStamper(fmt="iso", utc=True),
                     structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        # One write per line, newline included: the worker processes share stderr,
+        # and print() writes the newline apart, so two workers' lines could merge
+        # into one that no JSON reader takes (a pipe keeps a write of up to 4 KiB whole).
+        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True)

@@ -76,23 +76,24 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         metrics.child(metrics.latency, route).observe(elapsed)
         if status >= 400 and (unlogged := REFUSED_REQUESTS.allow(status)) is not None:
             if unlogged:
-                log.warning("requests refused and not logged one by one", status=status,
-                            unlogged=unlogged, interval_s=REFUSED_REQUESTS.interval_s,
-                            burst=REFUSED_REQUESTS.burst)
+                _refused_requests_unlogged(status, unlogged)
             log.info("request refused", request_id=rid, method=request.method, route=route,
                      status=status, ms=round(elapsed * 1000, 2))
 
 
 class _Throttle:
     """At most `burst` log lines per key (a refusal's reason or status) per interval;
-    the rest are counted, and the next line let through says how many were not logged.
+    the rest are counted. How many went unlogged is said by the next line let through,
+    or, when none comes (the flood stopped), by `on_quiet` once the interval is over.
     Anyone can send thousands of bad requests or handshakes a second: the log must not
     become their echo (the metrics count every one)."""
 
     interval_s = 10.0
 
-    def __init__(self, burst: int) -> None:
+    def __init__(self, burst: int,
+                 on_quiet: Callable[[object, int], None] | None = None) -> None:
         self.burst = burst
+        self.on_quiet = on_quiet
         self._window: dict[object, tuple[float, int, int]] = {}  # key: (start, logged, quiet)
 
     def allow(self, key: object) -> int | None:
@@ -106,10 +107,33 @@ class _Throttle:
             self._window[key] = (start, logged + 1, quiet)
             return unlogged
         self._window[key] = (start, logged, quiet + 1)
+        if quiet == 0 and self.on_quiet is not None:
+            # The first one left out in this window: say at its end how many were,
+            # whether or not another refusal comes to carry it.
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                pass  # no loop to wait on: the next line let through says it
+            else:
+                loop.call_later(start + self.interval_s - now, self._flush, key, start)
         return None
 
+    def _flush(self, key: object, start: float) -> None:
+        window = self._window.get(key)
+        if window is None or window[0] != start or not window[2]:
+            return  # a later window began, and its first line said it
+        self._window[key] = (start, window[1], 0)
+        assert self.on_quiet is not None
+        self.on_quiet(key, window[2])
 
-REFUSED_REQUESTS = _Throttle(burst=50)  # per status
+
+def _refused_requests_unlogged(status: object, unlogged: int) -> None:
+    log.warning("requests refused and not logged one by one", status=status,
+                unlogged=unlogged, interval_s=REFUSED_REQUESTS.interval_s,
+                burst=REFUSED_REQUESTS.burst)
+
+
+REFUSED_REQUESTS = _Throttle(burst=50, on_quiet=_refused_requests_unlogged)  # per status
 routes = web.RouteTableDef()
 
 
@@ -199,7 +223,7 @@ class _Refusals:
     were: a client with an expired certificate retries in a loop."""
 
     def __init__(self) -> None:
-        self._throttle = _Throttle(burst=1)
+        self._throttle = _Throttle(burst=1, on_quiet=self._unlogged)
         self.on_refused: Callable[[str], None] | None = None  # a metric, per reason
 
     def note(self, reason: str) -> None:
@@ -208,6 +232,11 @@ class _Refusals:
         if (unlogged := self._throttle.allow(reason)) is not None:
             log.warning("refused a TLS handshake", reason=reason,
                         refused_since_last_line=unlogged + 1)
+
+    @staticmethod
+    def _unlogged(reason: object, count: int) -> None:
+        log.warning("refused TLS handshakes not logged one by one", reason=reason,
+                    refused_since_last_line=count)
 
 
 REFUSALS = _Refusals()
