@@ -11,12 +11,13 @@ import difflib
 import os
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ca.decimal_text import is_decimal
-from ca.policy import Policy
+from ca.policy import Policy, Refused, name_pattern, ssh_extension
 from hsm.session import HSMConfig
 from hsm.uri import URIError
 from hsm.uri import parse as parse_uri
@@ -330,20 +331,43 @@ def load(path: Path) -> Config:
     default = Policy()
     dns_name = _get(server, "dns-name", str, where, "localhost")
     public_url = _get(server, "public-url", str, where, None)
+    def at(key: str) -> str:  # where a [policy] setting is, to the line
+        line = _line_of(text, "policy", key)
+        return f"{path}:{line} [policy]" if line else wp
+
+    def ttl(key: str, default_s: int) -> int:
+        value = _get(pol, key, int, at(key), default_s)
+        if value <= 0:
+            raise ConfigError(f"{at(key)}: {key} must be a number of seconds greater than 0, "
+                              f"not {value}")
+        return value
+
+    def entries(key: str, check: Callable[[str], str], default: list[str]
+                ) -> tuple[str, ...]:
+        out = []
+        for value in _get(pol, key, list, at(key), default):
+            if not isinstance(value, str):
+                raise ConfigError(f"{at(key)}: {key} holds strings in quotes, not {value!r}")
+            try:
+                out.append(check(value))
+            except Refused as exc:
+                raise ConfigError(f"{at(key)}: {key}: {exc.detail}") from None
+        return tuple(out)
+
     policy = Policy(
-        allow=tuple(_get(pol, "allow", list, wp, [])),
+        allow=entries("allow", name_pattern, []),
         reserved=reserved_names(dns_name, public_url),
-        deny=tuple(_get(pol, "deny", list, wp, [])),
+        deny=entries("deny", name_pattern, []),
         allow_wildcards=_get(pol, "allow-wildcards", bool, wp, False),
         x509_default_ttl_s=_get(pol, "x509-default-ttl-s", int, wp, default.x509_default_ttl_s),
-        x509_max_ttl_s=_get(pol, "x509-max-ttl-s", int, wp, default.x509_max_ttl_s),
+        x509_max_ttl_s=ttl("x509-max-ttl-s", default.x509_max_ttl_s),
         ssh_user_default_ttl_s=_get(pol, "ssh-user-default-ttl-s", int, wp,
                                     default.ssh_user_default_ttl_s),
         ssh_user_max_ttl_s=_get(pol, "ssh-user-max-ttl-s", int, wp, default.ssh_user_max_ttl_s),
-        ssh_host_ttl_s=_get(pol, "ssh-host-ttl-s", int, wp, default.ssh_host_ttl_s),
-        ssh_user_extensions=tuple(_get(pol, "ssh-user-extensions", list, wp,
-                                       list(default.ssh_user_extensions))),
-        token_max_ttl_s=_get(pol, "token-max-ttl-s", int, wp, default.token_max_ttl_s),
+        ssh_host_ttl_s=ttl("ssh-host-ttl-s", default.ssh_host_ttl_s),
+        ssh_user_extensions=entries("ssh-user-extensions", ssh_extension,
+                                    list(default.ssh_user_extensions)),
+        token_max_ttl_s=ttl("token-max-ttl-s", default.token_max_ttl_s),
     )
     for lifetime in ("x509", "ssh-user"):
         name = lifetime.replace("-", "_")
@@ -373,7 +397,8 @@ def load(path: Path) -> Config:
         request_timeout_s=_request_timeout(_get(server, "request-timeout-s", float, where,
                                                 REQUEST_TIMEOUT_S), where),
         audit_origin=_get(audit, "origin", str, f"{path} [audit]"),
-        checkpoint_heartbeat_s=_get(audit, "heartbeat-s", float, f"{path} [audit]", 60.0),
+        checkpoint_heartbeat_s=_heartbeat(_get(audit, "heartbeat-s", float, f"{path} [audit]",
+                                               60.0), f"{path} [audit]"),
         **_witnesses(_get(audit, "witnesses", list, f"{path} [audit]", []),
                      _get(audit, "witness-keys", list, f"{path} [audit]", []), rel,
                      f"{path} [audit]"),
@@ -559,6 +584,13 @@ def reserved_names(dns_name: str, public_url: str | None) -> tuple[str, ...]:
         if host:
             names.add(host)
     return tuple(sorted(n for n in names if n not in _LOOPBACK and not n.endswith(".localhost")))
+
+
+def _heartbeat(value: float, where: str) -> float:
+    if not 1 <= value <= 86400:
+        raise ConfigError(f"{where}: heartbeat-s ({value:g}) must be from 1 to 86400 seconds "
+                          "(each checkpoint is a signature in the HSM and a line in the log)")
+    return value
 
 
 def _request_timeout(value: float, where: str) -> float:

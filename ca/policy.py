@@ -16,6 +16,7 @@ list and the CA's own names bind every role, the operators' own too.
 
 from __future__ import annotations
 
+import difflib
 import enum
 import functools
 import ipaddress
@@ -102,6 +103,38 @@ class Policy:
         "permit-X11-forwarding", "permit-agent-forwarding", "permit-port-forwarding",
         "permit-pty", "permit-user-rc")
     token_max_ttl_s: int = 7 * 24 * 3600
+
+
+# The extensions OpenSSH knows (PROTOCOL.certkeys); any other must be name@domain, a
+# vendor's own, which sshd ignores: a misspelt one would quietly take a right away.
+SSH_USER_EXTENSIONS = frozenset({
+    "no-touch-required", "permit-X11-forwarding", "permit-agent-forwarding",
+    "permit-port-forwarding", "permit-pty", "permit-user-rc"})
+
+
+def name_pattern(text: str) -> str:
+    """An allow or deny list entry as the config gives it: a CIDR or an IP address, or
+    a DNS name with an optional leading `*.`; Refused says what is wrong with it."""
+    try:
+        ipaddress.ip_network(text, strict=False)
+        return text
+    except ValueError:
+        pass
+    if "/" in text:  # no DNS name has one
+        raise Refused(f"{_show(text)} is not a CIDR (like 10.0.0.0/8 or fd00::/8)",
+                      Reason.BAD_NAME)
+    return dns_name(text, allow_wildcards=True)
+
+
+def ssh_extension(name: str) -> str:
+    if name in SSH_USER_EXTENSIONS or (
+            "@" in name and _PRINCIPAL.match(name) and not name.startswith("@")):
+        return name
+    close = difflib.get_close_matches(name, sorted(SSH_USER_EXTENSIONS), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise Refused(f"{_show(name)} is not an SSH certificate extension OpenSSH knows ({hint}"
+                  f"known: {', '.join(sorted(SSH_USER_EXTENSIONS))}; a vendor's own is "
+                  "name@domain)", Reason.BAD_NAME)
 
 
 def parse_ttl(text: object, what: str = "ttl") -> int:

@@ -242,3 +242,54 @@ def test_the_request_timeout_is_a_sane_number_of_seconds(tmp_path: Path) -> None
             assert "must be more than 0 and at most 300 seconds" in str(err.value)
     path.write_text(text.replace("request-timeout-s = 15.0", "request-timeout-s = 2"))
     assert load(path).request_timeout_s == 2.0
+
+
+@pytest.mark.parametrize(("key", "value", "said"), [
+    ("allow", "[1]", "allow holds strings in quotes, not 1"),
+    ("allow", '["*.internal.example "]', "contains spaces"),
+    ("allow", '["10.0.0.0/8x"]', "'10.0.0.0/8x' is not a CIDR"),
+    ("deny", '["foo bar"]', "contains spaces"),
+    ("deny", '["Example.com"]', "must be lower case"),
+    ("allow", '["1.2.3"]', "looks like an IP address"),
+    ("ssh-host-ttl-s", "0", "ssh-host-ttl-s must be a number of seconds greater than 0"),
+    ("token-max-ttl-s", "-1", "token-max-ttl-s must be a number of seconds greater than 0"),
+    ("x509-max-ttl-s", "0", "x509-max-ttl-s must be a number of seconds greater than 0"),
+    ("ssh-user-extensions", '["permit-ptyy"]', "did you mean 'permit-pty'?"),
+    ("ssh-user-extensions", '["permit-pty", 7]', "holds strings in quotes"),
+])
+def test_a_policy_no_request_could_meet_is_refused_with_its_line(
+        tmp_path: Path, key: str, value: str, said: str) -> None:
+    """Entries and numbers that load as TOML but make no sense as policy (each once
+    started a daemon that then refused the whole fleet, or issued host certificates
+    that were never valid) are refused at start and at a reload, with the line."""
+    path = rendered(tmp_path)
+    text, n = re.subn(rf"(?m)^{key} = (\[[^\]]*\]|.*)$", f"{key} = {value}", path.read_text())
+    assert n == 1
+    path.write_text(text)
+    line = next(i for i, x in enumerate(text.splitlines(), 1) if x.startswith(f"{key} = "))
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}:{line} [policy]: {key}") and said in msg, msg
+
+
+def test_policy_entries_a_careful_operator_writes_are_taken(tmp_path: Path) -> None:
+    path = rendered(tmp_path)
+    text = path.read_text()
+    text = re.sub(r"(?m)^allow = .*$", 'allow = ["*.internal.example", "example.com", '
+                  '"10.0.0.0/8", "192.0.2.7", "fd00::/8"]', text)
+    text = re.sub(r"(?ms)^ssh-user-extensions = \[.*?\]",
+                  'ssh-user-extensions = ["permit-pty", "login@github.com"]', text)
+    path.write_text(text)
+    policy = load(path).policy
+    assert policy.allow == ("*.internal.example", "example.com", "10.0.0.0/8", "192.0.2.7",
+                            "fd00::/8")
+    assert policy.ssh_user_extensions == ("permit-pty", "login@github.com")
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "0.5", "100000"])
+def test_a_checkpoint_heartbeat_out_of_range_is_refused(tmp_path: Path, value: str) -> None:
+    path = rendered(tmp_path)
+    path.write_text(path.read_text().replace("heartbeat-s = 60", f"heartbeat-s = {value}"))
+    with pytest.raises(ConfigError, match=r"heartbeat-s \(.*\) must be from 1 to 86400"):
+        load(path)

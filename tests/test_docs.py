@@ -26,8 +26,9 @@ def reference() -> str:
 
 
 def keys_read_by_load() -> set[str]:
-    """Every string `ca.config.load` passes as a key to `_get(table, KEY, ...)` or
-    `table.get(KEY)`: what the code reads, found in the code itself."""
+    """Every string `ca.config.load` passes as a key to `_get(table, KEY, ...)`,
+    `table.get(KEY)`, `ttl(KEY, ...)` or `entries(KEY, ...)`: what the code reads, found
+    in the code itself."""
     tree = ast.parse((ROOT / "ca" / "config.py").read_text())
     # load, and _acme and _store_url, which read the [acme] and [store] sections for it
     readers = [n for n in tree.body if isinstance(n, ast.FunctionDef)
@@ -41,6 +42,8 @@ def keys_read_by_load() -> set[str]:
             arg = node.args[1]
         elif isinstance(func, ast.Attribute) and func.attr == "get" and node.args:
             arg = node.args[0]
+        elif isinstance(func, ast.Name) and func.id in ("ttl", "entries") and node.args:
+            arg = node.args[0]  # load's own readers of [policy], which check values too
         else:
             continue
         if isinstance(arg, ast.Constant) and isinstance(arg.value, str):

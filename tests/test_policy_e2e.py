@@ -25,7 +25,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 def set_policy(config: Path, key: str, value: str) -> None:
     text = config.read_text()
-    text, n = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
+    text, n = re.subn(rf"(?m)^{key} = (\[[^\]]*\]|.*)$", f"{key} = {value}", text)
     assert n == 1, f"{key} not in {config}"
     config.write_text(text)
 
@@ -142,6 +142,34 @@ async def test_sighup_puts_a_new_policy_in_force_in_every_worker_and_refuses_a_b
         assert status == 403, raw
         status, _, _ = await http("GET", f"{d.url}/health", d.ssl())
         assert status == 200
+
+        # A file that loads but holds what no policy can be: refused the same way,
+        # naming the line. (Sent to the workers, it once broke their channel: every
+        # later reload was recorded but reached none of them.)
+        config.write_text(config.read_text().replace("[policy]\ndeny = [", "[policy]", 1))
+        for key, value in (("allow", "[1]"), ("allow", '["*.internal.example "]'),
+                           ("ssh-user-extensions", '["permit-ptyy"]')):
+            before = config.read_text()
+            set_policy(config, key, value)
+            line = next(n for n, x in enumerate(config.read_text().splitlines(), 1)
+                        if x.startswith(f"{key} = "))
+            seen = len(d.stderr)
+            d.proc.send_signal(signal.SIGHUP)
+            assert d.wait_stderr(lambda seen=seen: any(  # type: ignore[misc]
+                "reload refused" in x for x in d.stderr[seen:])), "".join(d.stderr[seen:])
+            assert f"{config}:{line} [policy]: {key}" in "".join(d.stderr[seen:])
+            config.write_text(before)
+        # The name allowed again: every worker takes it, and renews.
+        set_policy(config, "deny", "[]")
+        seen = len(d.stderr)
+        d.proc.send_signal(signal.SIGHUP)
+        assert d.wait_stderr(lambda: any("in force in every process" in x
+                                         for x in d.stderr[seen:])), "".join(d.stderr[seen:])
+        for _ in range(6):
+            status, _, raw = await http("POST", f"{d.url}/v1/x509/renew", d.ssl(cert, key_path),
+                                        body={})
+            assert status == 201, raw
+            cert.write_text(json.loads(raw)["certificate"])
     finally:
         assert d.stop() == 0
     audit_verify(ca.state, ok=True)

@@ -142,8 +142,10 @@ class ControlClient:
     """A worker's side: `ready()`, `token_failed(client)`, and `policy`, the policy in
     force (from `start()` on)."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket,
+                 on_unreadable: Callable[[], None] | None = None) -> None:
         self._sock = sock
+        self.on_unreadable = on_unreadable  # a policy came that cannot be read: stop
         self._first_policy: asyncio.Future[Policy] | None = None
         self.policy: Policy
         self._ids = itertools.count(1)
@@ -160,7 +162,19 @@ class ControlClient:
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         while True:
-            msg = await _messages(reader, _to_worker)  # type: ignore[arg-type]
+            try:
+                msg = await _messages(reader, _to_worker)  # type: ignore[arg-type]
+            except ipc.ChannelClosed as exc:
+                # A policy this worker cannot read (the primary's config checks should
+                # make this impossible): it must not go on deciding by the one before,
+                # which the audit log no longer shows in force.
+                problem = f"cannot read the policy the primary sent ({exc})"
+                log.error("this worker stops: " + problem)
+                if self._first_policy is not None and not self._first_policy.done():
+                    self._first_policy.set_exception(ConnectionError(problem))
+                elif self.on_unreadable is not None:
+                    self.on_unreadable()
+                break
             if isinstance(msg, NewPolicy):
                 if self._first_policy is not None and not self._first_policy.done():
                     self._first_policy.set_result(msg.policy)

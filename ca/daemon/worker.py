@@ -78,7 +78,7 @@ async def run(config: Config, host: str, port: int, slot: int, sign_channel: soc
     raise_fd_limit()
     link = AuditLink(sign_channel, audit_channel, _primary_gone)
     pipeline = SigningPipeline(config.hsm, link)
-    control = ControlClient(control_channel)
+    control = ControlClient(control_channel, on_unreadable=stop.set)
     store: Store | None = None
     runner: web.AppRunner | None = None
     try:
