@@ -386,7 +386,7 @@ def load(path: Path) -> Config:
         path=path, state_dir=base, hsm=hsm_cfg,
         softhsm_conf=str(rel(softhsm_conf)) if softhsm_conf else None,
         keys=keys,
-        listen=_get(server, "listen", str, where, "127.0.0.1:8443"),
+        listen=_listen(_get(server, "listen", str, where, "127.0.0.1:8443"), where),
         dns_name=dns_name,
         public_url=public_url,
         tls_cert=rel(_get(server, "tls-cert", str, where, "tls/server.pem")),
@@ -584,6 +584,14 @@ def reserved_names(dns_name: str, public_url: str | None) -> tuple[str, ...]:
         if host:
             names.add(host)
     return tuple(sorted(n for n in names if n not in _LOOPBACK and not n.endswith(".localhost")))
+
+
+def _listen(value: str, where: str) -> str:
+    _, sep, port = value.rpartition(":")
+    if not sep or not is_decimal(port) or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{where}: listen must be HOST:PORT (like \"127.0.0.1:8443\" or "
+                          f"\"[::]:8443\"), not {value!r}")
+    return value
 
 
 def _heartbeat(value: float, where: str) -> float:

@@ -397,17 +397,35 @@ PARSE_ERRORS: tuple[type[Exception], ...] = (
     x509.UnsupportedGeneralNameType, x509.InvalidVersion)
 
 
+_ASN1_ERROR = re.compile(r"error parsing asn1 value: ParseError \{ kind: (\w+)")
+
+
+def parse_error(exc: Exception) -> str:
+    """Why cryptography could not read a client's DER or PEM, in words: its ASN.1 errors
+    come as Rust debug text (`ParseError { kind: UnexpectedTag { actual: Tag {...`)."""
+    text = str(exc)
+    m = _ASN1_ERROR.match(text)
+    if m:
+        kind = re.sub(r"(?<!^)([A-Z])", r" \1", m.group(1)).lower()
+        return f"its DER is not valid ASN.1 ({kind})"
+    if text.startswith("Unable to load PEM file"):
+        return "its PEM block does not hold valid base64 DER"
+    return text[:200]
+
+
 def check_csr(csr: x509.CertificateSigningRequest) -> None:
     """Signature valid, key acceptable, no CA:TRUE request."""
     try:
         key = csr.public_key()
     except PARSE_ERRORS as exc:
-        raise Refused(f"the CSR's public key cannot be read: {exc}", Reason.BAD_CSR) from None
+        raise Refused(f"the CSR's public key cannot be read: {parse_error(exc)}",
+                      Reason.BAD_CSR) from None
     check_subject_key(key)
     try:
         valid = csr.is_signature_valid
     except PARSE_ERRORS as exc:  # e.g. an unknown algorithm
-        raise Refused(f"the CSR's signature cannot be checked: {exc}", Reason.BAD_CSR) from None
+        raise Refused(f"the CSR's signature cannot be checked: {parse_error(exc)}",
+                      Reason.BAD_CSR) from None
     if not valid:
         raise Refused("the CSR's signature does not verify (was it made with this key?)",
                       Reason.BAD_CSR)
@@ -416,7 +434,8 @@ def check_csr(csr: x509.CertificateSigningRequest) -> None:
     except x509.ExtensionNotFound:
         return
     except PARSE_ERRORS as exc:  # e.g. an x400Address in its SAN, validly signed
-        raise Refused(f"the CSR's extensions cannot be parsed: {exc}", Reason.BAD_CSR) from None
+        raise Refused(f"the CSR's extensions cannot be parsed: {parse_error(exc)}",
+                      Reason.BAD_CSR) from None
     if bc.ca:
         raise Refused("the CSR asks for a CA certificate (BasicConstraints CA:TRUE); this CA "
                       "issues leaf certificates only", Reason.BAD_CSR)
@@ -429,7 +448,8 @@ def csr_names(csr: x509.CertificateSigningRequest) -> list[str]:
     except x509.ExtensionNotFound:
         return []
     except PARSE_ERRORS as exc:
-        raise Refused(f"the CSR's SAN extension cannot be parsed: {exc}", Reason.BAD_CSR) from None
+        raise Refused(f"the CSR's SAN extension cannot be parsed: {parse_error(exc)}",
+                      Reason.BAD_CSR) from None
     out: list[str] = []
     for gn in san:
         if isinstance(gn, x509.IPAddress):

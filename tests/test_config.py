@@ -293,3 +293,12 @@ def test_a_checkpoint_heartbeat_out_of_range_is_refused(tmp_path: Path, value: s
     path.write_text(path.read_text().replace("heartbeat-s = 60", f"heartbeat-s = {value}"))
     with pytest.raises(ConfigError, match=r"heartbeat-s \(.*\) must be from 1 to 86400"):
         load(path)
+
+
+def test_a_listen_address_without_a_port_is_refused_as_the_files(tmp_path: Path) -> None:
+    path = rendered(tmp_path)
+    path.write_text(path.read_text().replace('listen = "127.0.0.1:8443"',
+                                             'listen = "127.0.0.1"'))
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    assert str(err.value).startswith(f"{path} [server]: listen must be HOST:PORT"), err.value

@@ -54,6 +54,16 @@ async def test_the_inventory_api_is_for_auditors_and_admins(daemon: Daemon,
     status, _, _ = await http("GET", f"{base}/certificates/abcdef12", daemon.ssl(*auditor))
     assert status == 404
 
+    # `hsmca ui` with the service's certificate: refused at once, saying which role it
+    # needs, instead of a view whose every page is a 403.
+    ui = hsmca("ui", "--url", daemon.url, "--ca", daemon.root, "--cert", cert, "--key", key,
+               "--audit-key", daemon.state / "audit/audit_key.pem", "--listen", "127.0.0.1:0",
+               "--state", tmp_path / "ui.state",
+               check=False)
+    assert ui.returncode == 1 and "role service" in ui.stderr and "auditor" in ui.stderr, \
+        ui.stderr
+    assert len(ui.stderr.strip().splitlines()) == 1 and "Traceback" not in ui.stderr
+
 
 def test_ui_serves_beyond_loopback_only_when_told_to_and_over_tls(tmp_path: Path) -> None:
     common = ["ui", "--url", "https://127.0.0.1:1", "--ca", tmp_path / "root.pem", "--cert",

@@ -32,7 +32,7 @@ from ca.acme.problems import PREFIX, AcmeProblem, from_refusal
 from ca.acme.validation import Failed, Validator, longest_s
 from ca.config import AcmeConfig
 from ca.issuance.profiles import pem, utcnow
-from ca.policy import PARSE_ERRORS, Refused
+from ca.policy import PARSE_ERRORS, Refused, parse_error
 from ca.server.common import AUDIT, ISSUANCE, REVOCATIONS, STORE, decide, identity
 from ca.server.common import json_body as admin_json_body
 from ca.server.problems import NOT_UNICODE
@@ -520,7 +520,7 @@ def _csr(body: dict[str, Any]) -> x509.CertificateSigningRequest:
     try:
         return x509.load_der_x509_csr(der)
     except PARSE_ERRORS as exc:
-        raise AcmeProblem("badCSR", f"the CSR cannot be parsed: {str(exc)[:120]}") from None
+        raise AcmeProblem("badCSR", f"the CSR cannot be parsed: {parse_error(exc)}") from None
 
 
 @routes.post("/acme/order/{id}/finalize")

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
     from ca.audit.cosignature import VerifierKey
+    from ca.ui.ca_api import CA
 
 DEFAULT_LISTEN = "127.0.0.1:8480"
 
@@ -127,6 +128,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _check_role(ca: CA) -> None:
+    """A certificate the daemon knows under another role would get a 403 on every page:
+    say so now. A daemon that cannot be reached yet is the view's to show and retry."""
+    from ca.client import ClientError
+    try:
+        role = (await ca.json("/v1/whoami")).get("role")
+    except ClientError:
+        return
+    if role not in ("auditor", "admin"):
+        await ca.close()
+        raise CLIError(f"--cert has role {role}: the web view reads the audit log and the "
+                       "inventory, which need role auditor or admin (hsmca token create "
+                       "--role auditor, then hsmca enroll)")
+
+
 async def _serve(url: str, ctx: ssl.SSLContext, root: x509.Certificate,
                  audit_key: Ed25519PublicKey, state: Path, origin: str | None,
                  witness_keys: list[VerifierKey], host: str, port: int,
@@ -138,6 +154,7 @@ async def _serve(url: str, ctx: ssl.SSLContext, root: x509.Certificate,
     from ca.ui.pages import UI, environment
 
     ca = CA(url, ctx)
+    await _check_role(ca)
     logs = Logs(ca, audit_key, state, origin, witness_keys)
     ui = UI(ca, logs, root, audit_key, witness_keys, environment())
     from ca.http_server import app_runner, tcp_site

@@ -18,7 +18,7 @@ from ca.audit import wire
 from ca.issuance.issue import Issuance, IssuerSource, decision_context
 from ca.lifecycle import KeyLifecycle
 from ca.metrics import Metrics
-from ca.policy import PARSE_ERRORS, Policy
+from ca.policy import PARSE_ERRORS, Policy, parse_error
 from ca.revocation import Revocations
 from ca.server.problems import Problem
 from ca.store import CertRecord, Store
@@ -197,7 +197,7 @@ def parse_csr(data: str | bytes, der: bool = False) -> x509.CertificateSigningRe
             raise ValueError("no PEM CERTIFICATE REQUEST block")
         return x509.load_pem_x509_csr(text)
     except (*PARSE_ERRORS, UnicodeError) as exc:
-        raise Problem(400, "Bad Request", f"the CSR cannot be parsed: {str(exc)[:200]}",
+        raise Problem(400, "Bad Request", f"the CSR cannot be parsed: {parse_error(exc)}",
                       "bad-csr") from None
 
 
