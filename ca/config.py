@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ca.decimal_text import is_decimal
-from ca.policy import Policy, Refused, name_pattern, ssh_extension
+from ca.policy import Policy, Refused, dns_name, name_pattern, ssh_extension, uri
 from hsm.session import HSMConfig
 from hsm.uri import URIError
 from hsm.uri import parse as parse_uri
@@ -329,8 +329,8 @@ def load(path: Path) -> Config:
     pol = raw.get("policy", {})
     wp = f"{path} [policy]"
     default = Policy()
-    dns_name = _get(server, "dns-name", str, where, "localhost")
-    public_url = _get(server, "public-url", str, where, None)
+    dns_name = _server_name(_get(server, "dns-name", str, where, "localhost"), where)
+    public_url = _public_url(_get(server, "public-url", str, where, None), where)
     def at(key: str) -> str:  # where a [policy] setting is, to the line
         line = _line_of(text, "policy", key)
         return f"{path}:{line} [policy]" if line else wp
@@ -396,7 +396,7 @@ def load(path: Path) -> Config:
         workers=_workers(server.get("workers", "auto"), where),
         request_timeout_s=_request_timeout(_get(server, "request-timeout-s", float, where,
                                                 REQUEST_TIMEOUT_S), where),
-        audit_origin=_get(audit, "origin", str, f"{path} [audit]"),
+        audit_origin=_origin(_get(audit, "origin", str, f"{path} [audit]"), f"{path} [audit]"),
         checkpoint_heartbeat_s=_heartbeat(_get(audit, "heartbeat-s", float, f"{path} [audit]",
                                                60.0), f"{path} [audit]"),
         **_witnesses(_get(audit, "witnesses", list, f"{path} [audit]", []),
@@ -584,6 +584,39 @@ def reserved_names(dns_name: str, public_url: str | None) -> tuple[str, ...]:
         if host:
             names.add(host)
     return tuple(sorted(n for n in names if n not in _LOOPBACK and not n.endswith(".localhost")))
+
+
+def _server_name(value: str, where: str) -> str:
+    """The daemon's name in its TLS certificate (as `hsmca init --dns-name` takes it)."""
+    try:
+        return dns_name(value)
+    except Refused as exc:
+        raise ConfigError(f"{where}: dns-name: {exc.detail}") from None
+
+
+def _public_url(value: str | None, where: str) -> str | None:
+    """The base of the CRL and OCSP addresses written into every certificate: a
+    wrong one cannot be taken back from what was issued."""
+    if value is None:
+        return None
+    try:
+        uri(value)
+        if value.split("://", 1)[0] not in ("http", "https") or "?" in value or "#" in value:
+            raise Refused("")
+    except Refused:
+        raise ConfigError(f"{where}: public-url must be an http:// or https:// URL like "
+                          f"\"https://ca.example:8443\" (it goes into every certificate's CRL "
+                          f"and OCSP addresses), not {value!r}") from None
+    return value.rstrip("/")
+
+
+def _origin(value: str, where: str) -> str:
+    """The checkpoint origin, also the audit key's name in signed notes (c2sp.org/
+    signed-note): non-empty, no spaces, no '+'."""
+    if not value or "+" in value or not value.isprintable() or any(c.isspace() for c in value):
+        raise ConfigError(f"{where}: origin must be a non-empty name without spaces, '+' or "
+                          f"control characters (like \"ca.example/hsmca-audit\"), not {value!r}")
+    return value
 
 
 def _listen(value: str, where: str) -> str:

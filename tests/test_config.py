@@ -302,3 +302,31 @@ def test_a_listen_address_without_a_port_is_refused_as_the_files(tmp_path: Path)
     with pytest.raises(ConfigError) as err:
         load(path)
     assert str(err.value).startswith(f"{path} [server]: listen must be HOST:PORT"), err.value
+
+
+@pytest.mark.parametrize(("old", "new", "said"), [
+    ('dns-name = "ca.example"', 'dns-name = "Bad Name"', "[server]: dns-name: name 'Bad Name'"),
+    ('origin = "ca.example/hsmca-audit"', 'origin = ""', "[audit]: origin must be"),
+    ('origin = "ca.example/hsmca-audit"', 'origin = "ca example"', "[audit]: origin must be"),
+    ("[server]\n", '[server]\npublic-url = "ftp://ca.example"\n', "[server]: public-url must"),
+    ("[server]\n", '[server]\npublic-url = "ca.example:8443"\n', "[server]: public-url must"),
+    ("[server]\n", '[server]\npublic-url = "https://ca.example/?x=1"\n', "public-url must"),
+])
+def test_names_that_go_into_certificates_and_checkpoints_are_checked(
+        tmp_path: Path, old: str, new: str, said: str) -> None:
+    """What the daemon writes into every certificate (the CRL and OCSP addresses) or
+    every checkpoint (the origin) cannot be taken back once issued: a bad one is refused
+    at start, not discovered in the fleet's certificates."""
+    path = rendered(tmp_path)
+    assert old in path.read_text()
+    path.write_text(path.read_text().replace(old, new, 1))
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    assert said in str(err.value), err.value
+
+
+def test_a_public_url_with_a_trailing_slash_makes_no_double_slash(tmp_path: Path) -> None:
+    path = rendered(tmp_path)
+    path.write_text(path.read_text().replace(
+        "[server]\n", '[server]\npublic-url = "https://ca.example:8443/"\n', 1))
+    assert load(path).public_url == "https://ca.example:8443"
