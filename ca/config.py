@@ -410,10 +410,28 @@ def load(path: Path) -> Config:
 
 def _store_url(table: dict[str, Any], where: str) -> str | None:
     url = _get(table, "url", str, where, None)
-    if url is not None and not url.startswith(("postgresql://", "postgres://")):
-        raise ConfigError(f"{where}: url must be a postgresql:// URL (without [store], the "
-                          "inventory is the state directory's SQLite file)")
+    if url is not None:
+        try:
+            check_store_url(url)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: url {exc} (without [store], the inventory is the "
+                              "state directory's SQLite file)") from None
     return url
+
+
+def check_store_url(url: str) -> dict[str, Any]:
+    """A PostgreSQL URL libpq takes, as its parts; ValueError says what is wrong with it
+    (after "url", "--store-url" or the variable that gave it)."""
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise ValueError("must be a postgresql:// URL")
+    from psycopg import Error
+    from psycopg.conninfo import conninfo_to_dict
+    try:
+        return conninfo_to_dict(url)
+    except Error as exc:  # a misspelt parameter, an unclosed [
+        # libpq quotes the URL whole, a password in it too
+        why = str(exc).strip().replace(f' in URI: "{url}"', "").replace(url, "(the URL)")
+        raise ValueError(f"is not a URL PostgreSQL takes: {why}") from None
 
 
 NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # fullmatch: '$' takes a '\n' too
@@ -507,6 +525,12 @@ def _witnesses(entries: list[Any], keys: list[Any], rel: Any, where: str) -> dic
                 raise ConfigError(f"{where}: witness {entry!r}: only http:// and https:// "
                                   "witnesses are known")
             urls.append(entry)
+        elif re.match(r"^([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):\d+(/|$)", entry):
+            # It would be a file of that name in the state directory, which every node
+            # of a cluster shares: not the witness server it names.
+            raise ConfigError(f"{where}: witness {entry!r} reads as host:port: write "
+                              f"\"http://{entry}\" for a witness server, or a path such as "
+                              f"\"./{entry}\" for a file")
         else:
             files.append(rel(entry))
     for key in keys:

@@ -125,22 +125,23 @@ class Metrics:
         self.hsm_up.set(1 if hsm.healthy else 0)
         self.reconnects.inc(0)  # exported from the start, at zero
 
-    def render(self, hsm: Any, audit: dict[str, Any]) -> bytes:
-        """The whole daemon's metrics; `audit` is the primary's answer about its log."""
+    def render(self, hsm: Any, audit: dict[str, Any], store_healthy: bool) -> bytes:
+        """The whole daemon's metrics; `audit` is the primary's answer about its log,
+        `store_healthy` whether the inventory answered this scrape."""
         from prometheus_client import CollectorRegistry, generate_latest, multiprocess
         self.hsm_queue.set(hsm.queue_depth)
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        registry.register(_AuditState(audit, hsm.healthy))
+        registry.register(_AuditState(audit, hsm.healthy, store_healthy))
         return generate_latest(registry)
 
 
 class _AuditState:
     """The audit log's state, as the primary reported it for this scrape, and the
-    answering worker's HSM session."""
+    answering worker's HSM session and inventory."""
 
-    def __init__(self, audit: dict[str, Any], hsm_healthy: bool) -> None:
-        self.audit, self.hsm_healthy = audit, hsm_healthy
+    def __init__(self, audit: dict[str, Any], hsm_healthy: bool, store_healthy: bool) -> None:
+        self.audit, self.hsm_healthy, self.store_healthy = audit, hsm_healthy, store_healthy
 
     def describe(self) -> Iterator[Any]:
         return iter(())
@@ -150,7 +151,9 @@ class _AuditState:
         yield GaugeMetricFamily("hsmca_audit_lines", "Durable audit log lines",
                                 value=self.audit.get("size", 0))
         up = GaugeMetricFamily("hsmca_up", "1 if the part is healthy (hsm: the HSM session "
-                               "of the worker that answered)", labels=["part"])
+                               "of the worker that answered; store: the inventory, SQLite or "
+                               "PostgreSQL)", labels=["part"])
         up.add_metric(["hsm"], 1 if self.hsm_healthy else 0)
         up.add_metric(["audit"], 1 if self.audit.get("healthy") else 0)
+        up.add_metric(["store"], 1 if self.store_healthy else 0)
         yield up

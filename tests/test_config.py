@@ -222,6 +222,9 @@ def test_witnesses_are_files_or_urls_and_url_witnesses_need_their_keys(tmp_path:
     assert cfg.witnesses == (tmp_path / "share" / "checkpoint",)
     for audit, why in [({"witnesses": ["http://w.example"]}, "'witness-keys' is empty"),
                        ({"witnesses": ["ftp://w.example"]}, "only http:// and https://"),
+                       # not a file named so in the state directory that nodes share
+                       ({"witnesses": ["127.0.0.1:36069"]}, 'write "http://127.0.0.1:36069"'),
+                       ({"witnesses": ["w.example:443/w1"]}, "reads as host:port"),
                        ({"witness-keys": ["w+00000000+AQ=="]}, "witness-keys: "),
                        # a log's note key (type 0x01) is not a witness's cosignature key
                        ({"witness-keys": [note_vkey]}, "has type 0x01; expected a witness")]:
@@ -330,3 +333,24 @@ def test_a_public_url_with_a_trailing_slash_makes_no_double_slash(tmp_path: Path
     path.write_text(path.read_text().replace(
         "[server]\n", '[server]\npublic-url = "https://ca.example:8443/"\n', 1))
     assert load(path).public_url == "https://ca.example:8443"
+
+
+@pytest.mark.parametrize(("url", "said"), [
+    ("mysql://ca@db/hsmca", "must be a postgresql:// URL"),
+    ("postgresql://ca:s3cret@db/hsmca?sslmod=require", 'invalid URI query parameter: "sslmod"'),
+    ("postgresql://ca:s3cret@[::1:5432/hsmca", "IPv6 host address"),
+])
+def test_a_store_url_postgresql_would_refuse_is_one_line_without_its_password(
+        tmp_path: Path, url: str, said: str) -> None:
+    """As libpq reads it, before anything connects: a misspelt parameter once came out
+    of `hsmca serve` and `hsmca init` as a 50-line traceback quoting the URL whole."""
+    path = rendered(tmp_path)
+    path.write_text(path.read_text() + f'\n[store]\nurl = "{url}"\n')
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    assert said in str(err.value) and "s3cret" not in str(err.value), err.value
+    init = hsmca("init", "--state-dir", tmp_path / "new", "--module", "/nonexistent.so",
+                 "--token", "t", "--pin-file", tmp_path / "pin", "--store-url", url,
+                 check=False)
+    assert init.returncode == 1 and said in init.stderr, init.stderr
+    assert len(init.stderr.splitlines()) == 1 and "s3cret" not in init.stderr

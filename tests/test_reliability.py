@@ -386,6 +386,11 @@ async def test_an_inventory_that_cannot_be_written_means_503_and_no_more_signing
             store = json.loads(body)["store"]
             assert status == 503 and store.startswith("unavailable: cannot write the "
                                                       "inventory"), body
+            # and what a monitoring system alerts on says it too
+            _, _, raw = await http("GET", f"{d.url}/metrics", d.ssl())
+            up = metric_samples(raw.decode())
+            assert up[("hsmca_up", (("part", "store"),))] == 0
+            assert up[("hsmca_up", (("part", "audit"),))] == 1
         finally:
             subprocess.run([chattr, "-i", wal], check=True)
         status, _, body = await http("GET", f"{d.url}/health", d.ssl())

@@ -110,8 +110,11 @@ class HTTPWitness:
             if status == 403:
                 raise WitnessError("the witness does not trust the audit key (give it the "
                                    "log's verifier key, GET /v1/audit/key)")
-            if status == 404:
-                raise WitnessError("the witness does not know this log's origin")
+            if status == 404:  # the witness's answer to an unknown origin, or no witness
+                raise WitnessError(f"{self.url}/add-checkpoint answered 404: the witness does "
+                                   "not know this log's origin (give it the log: `hsmca "
+                                   "witness serve --log ORIGIN=KEY`), or the URL's path is not "
+                                   "where it serves (`hsmca witness serve` serves at its root)")
             raise WitnessError(f"the witness answered {status}: {answer.strip()[:200]}")
         raise WitnessError(f"the witness answered 409 (its size changed) {_RETRIES} times "
                            "in a row")

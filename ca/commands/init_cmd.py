@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sys
 
+from ca.config import check_store_url
 from ca.fileutil import apply_modes
 from ca.init import InitOptions, run_init
 from hsm.errors import HSMError
@@ -28,9 +30,15 @@ def run(args: argparse.Namespace) -> int:
                        pin_file=args.pin_file, key_type=args.key_type, dns_name=args.dns_name,
                        softhsm_conf=os.path.abspath(softhsm_conf) if softhsm_conf else None,
                        store_url=args.store_url, name=args.name)
-    if args.store_url is not None and not args.store_url.startswith(("postgresql://",
-                                                                     "postgres://")):
-        raise ValueError(f"--store-url must be a postgresql:// URL, not {args.store_url!r}")
+    if args.store_url is not None:
+        try:
+            parts = check_store_url(args.store_url)
+        except ValueError as exc:
+            raise ValueError(f"--store-url {exc}") from None
+        if parts.get("password"):
+            print("hsmca init: warning: the database password in --store-url goes into "
+                  "hsmca.toml (mode 0600) and every node's copy of it; libpq can read it "
+                  "from ~/.pgpass or PGPASSWORD instead (docs/cluster.md)", file=sys.stderr)
     # Whatever init creates without naming a mode (directories, the SQLite inventory)
     # starts private under this umask; apply_modes then sets every mode explicitly.
     old_umask = os.umask(0o077)

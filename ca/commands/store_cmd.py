@@ -15,15 +15,17 @@ URL_ENV = "HSMCA_STORE_URL"
 
 
 def move(args: argparse.Namespace) -> int:
-    from ca.config import load
+    from ca.config import check_store_url, load
     from ca.logs import configure
     from ca.store_move import MoveError, database_name, move
     url = args.store_url or os.environ.get(URL_ENV)
     if not url:
         raise CLIError(f"name the PostgreSQL database: --store-url URL, or {URL_ENV} (which "
                        "keeps a password off the command line)")
-    if not url.startswith(("postgresql://", "postgres://")):
-        raise CLIError("--store-url must be a postgresql:// URL")
+    try:
+        check_store_url(url)
+    except ValueError as exc:
+        raise CLIError(f"{'--store-url' if args.store_url else URL_ENV} {exc}") from None
     # Warnings (tiles not copied) go to stderr, not into the summary; the schema's
     # set-up in the new database is no news.
     configure(logging.WARNING)

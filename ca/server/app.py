@@ -148,6 +148,21 @@ async def audit_state(audit: AuditReader) -> dict[str, Any]:
                 "problem": audit.problem or "the primary process does not answer"}
 
 
+async def store_state(store: Store) -> str:
+    """"ok", or "unavailable: why", asking the inventory itself (within 2 s)."""
+    try:
+        await asyncio.wait_for(store.probe(), timeout=2.0)
+    except StoreUnavailable:
+        pass  # `healthy` below says so
+    except TimeoutError:  # a database that hangs takes requests' time as well
+        return "unavailable: no answer within 2 s"
+    return "ok" if store.healthy else f"unavailable: {store.problem or 'not answering'}"
+
+
+async def store_up(store: Store) -> bool:
+    return await store_state(store) == "ok"
+
+
 @routes.get("/health")
 async def health(request: web.Request) -> web.Response:
     hsm = request.app[HSM_HEALTH]
@@ -155,15 +170,7 @@ async def health(request: web.Request) -> web.Response:
         await asyncio.wait_for(hsm.probe(max_wait=1.0), timeout=2.0)
     except (HSMError, TimeoutError):
         pass  # the signing thread now knows; its state below says why
-    store = "ok"
-    try:
-        await asyncio.wait_for(request.app[STORE].probe(), timeout=2.0)
-    except StoreUnavailable:
-        pass  # `healthy` below says so
-    except TimeoutError:  # a database that hangs takes requests' time as well
-        store = "unavailable: no answer within 2 s"
-    if store == "ok" and not request.app[STORE].healthy:
-        store = f"unavailable: {request.app[STORE].problem or 'not answering'}"
+    store = await store_state(request.app[STORE])
     state = await audit_state(request.app[AUDIT])
     audit = "ok" if state["healthy"] else f"unavailable: {state['problem']}"
     parts = {"hsm": "ok" if hsm.healthy else f"unavailable: {hsm.problem or 'busy'}",
@@ -194,7 +201,8 @@ async def metrics(request: web.Request) -> web.Response:
         raise Problem(403, "Forbidden", f"/metrics is served to {', '.join(map(str, allowed))}"
                       " only ([server] metrics-allow in hsmca.toml)", "metrics-forbidden")
     body = request.app[METRICS].render(request.app[HSM_HEALTH],
-                                       await audit_state(request.app[AUDIT]))
+                                       await audit_state(request.app[AUDIT]),
+                                       await store_up(request.app[STORE]))
     return web.Response(body=body,
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
