@@ -40,6 +40,17 @@ def http_server_logger() -> logging.Logger:
     return logger
 
 
+class _Libraries(logging.Handler):
+    """What libraries log through the standard `logging` (psycopg's pool, say) as the
+    daemon's own JSON lines: Python's last-resort handler would write their bare text,
+    over several lines, between them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        structlog.get_logger(record.name).log(
+            record.levelno, record.getMessage(), logger=record.name,
+            exc_info=record.exc_info or False)
+
+
 def configure(level: int = logging.INFO) -> None:
     renderer: structlog.types.Processor = (
         structlog.dev.ConsoleRenderer() if sys.stderr.isatty()
@@ -54,3 +65,10 @@ def configure(level: int = logging.INFO) -> None:
         # into one that no JSON reader takes (a pipe keeps a write of up to 4 KiB whole).
         logger_factory=structlog.WriteLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True)
+    root = logging.getLogger()
+    if not any(isinstance(h, _Libraries) for h in root.handlers):
+        root.addHandler(_Libraries())
+    root.setLevel(logging.WARNING)
+    # The pool says it at every attempt to reconnect; the daemon's own lines (/health,
+    # the refused requests, the checkpoints) say once that the database is away.
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)

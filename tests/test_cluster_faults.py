@@ -189,6 +189,13 @@ async def test_postgresql_stopped_means_503_and_nothing_signed_then_recovery(
             status, body = await _until(node, "POST", "/v1/x509/renew", node.ssl(cert, key),
                                         {})
             assert status in (200, 201), (name, body)
+        # What the nodes said meanwhile is their own JSON lines, no library's bare text
+        # (psycopg's pool wrote two lines at each attempt to reconnect) and no
+        # traceback for a database that is away (the checkpointer's, every second).
+        for node in nodes:
+            torn = [line for line in node.stderr if not line.startswith("{")]
+            assert not torn, torn[:3]
+            assert not any("Traceback" in line for line in node.stderr)
         # The logs of both nodes, outage and all, verify.
         proc = await asyncio.to_thread(_verify, c, nodes[0], tmp_path / "state.json")
         assert proc.returncode == 0, proc.stdout + proc.stderr

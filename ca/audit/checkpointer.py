@@ -31,6 +31,7 @@ from ca.audit.log import AuditLog
 from ca.audit.note import NEXT_KEY, checkpoint_body, signed_note, verifier_key
 from ca.audit.witnessing import Witnessing
 from ca.fileutil import write_atomic
+from ca.store.errors import StoreUnavailable
 from hsm.errors import AuditUnavailable, HSMError
 from hsm.session import KeyInfo
 
@@ -128,20 +129,30 @@ class Checkpointer:
             if self.audit.size > self._covered or due:
                 try:
                     await self.checkpoint()
-                    self._failing = None
-                except (AuditUnavailable, HSMError) as exc:
-                    log.warning("checkpoint failed", error=str(exc))
-                    self._failed(str(exc) or type(exc).__name__)
+                except (AuditUnavailable, HSMError, StoreUnavailable) as exc:
+                    # Tried again every second: said once, and again when the reason
+                    # changes (a database away for minutes is not hundreds of lines).
+                    if self._failed(str(exc) or type(exc).__name__):
+                        log.warning("checkpoint failed; trying again every second",
+                                    error=str(exc))
                 except Exception as exc:  # anything else: said, and tried again
                     # A task that died here would leave the log without checkpoints
                     # until a restart, silently (the inventory read the audit keys come
                     # from, busy or away for a moment, was enough).
-                    log.exception("checkpoint failed; trying again")
-                    self._failed(str(exc) or type(exc).__name__)
+                    if self._failed(str(exc) or type(exc).__name__):
+                        log.exception("checkpoint failed; trying again every second")
+                else:
+                    if self._failing is not None:
+                        log.info("checkpoints are signed again", failed_for_s=round(
+                            time.monotonic() - self._failing[0], 1))
+                    self._failing = None
 
-    def _failed(self, error: str) -> None:
+    def _failed(self, error: str) -> bool:
+        """Note a failure; whether it is news (the first, or another reason)."""
         since = self._failing[0] if self._failing else time.monotonic()
+        news = self._failing is None or self._failing[1] != error
         self._failing = (since, error)
+        return news
 
     def trouble(self) -> str | None:
         """Why no checkpoint has been signed for a while, or None: /health says so, since

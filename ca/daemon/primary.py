@@ -491,8 +491,9 @@ def _on_change(config: Config, store: PostgresStore, generations: Generations,
             await write_bundle(config.bundle_pem, store)
         except Exception as exc:  # the processes reload anyway; the bundle next time
             if not failing:
-                log.warning("cannot rewrite the trust bundle after a key change",
-                            error=str(exc))
+                # (also after a reconnection: a key change may have come meanwhile)
+                log.warning("cannot rewrite the trust bundle from the inventory; the next "
+                            "key change or reconnection tries again", error=str(exc))
             failing = True
         else:
             failing = False

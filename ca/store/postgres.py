@@ -81,6 +81,7 @@ MIGRATION_LOCK = 0x6873_6D63_6100_0001  # pg_advisory_lock key: "hsmca" + 1
 # take. The two-key form: its keys never meet the one-key locks (migrations, leases).
 AUDIT_LOCK_CLASS = 0x6873_6D63  # "hsmc"
 CONNECT_TIMEOUT_S = 3  # a node answers 503 quickly rather than hang on a dead server
+RECONNECT_TIMEOUT_S = 5.0
 POLL_S = 0.25  # the fallback poll of the change counters (NOTIFY is the fast path)
 
 
@@ -222,7 +223,12 @@ class PostgresStore:
             self.url, min_size=1, max_size=max_size, open=False, timeout=CONNECT_TIMEOUT_S,
             kwargs={"connect_timeout": CONNECT_TIMEOUT_S},
             # A connection the server dropped (a restart) is found out before use.
-            check=AsyncConnectionPool.check_connection,)
+            check=AsyncConnectionPool.check_connection,
+            # The pool's own attempts to reconnect back off exponentially (1, 2, 4 ...
+            # 64 s): after a minute's outage a node stayed down for most of another.
+            # Given up after a few seconds instead, the next request that wants a
+            # connection (every second, the probe that brings /health back) tries anew.
+            reconnect_timeout=RECONNECT_TIMEOUT_S)
         await self._pool.open(wait=True, timeout=CONNECT_TIMEOUT_S * 2)
 
     @property
