@@ -17,9 +17,11 @@ from typing import Any
 import aiohttp
 import pytest
 from cryptography import x509
+from cryptography.x509 import ocsp
 
 from tests.cluster_kit import Cluster, call, make_cluster, signed_records
-from tests.helpers import enroll
+from tests.helpers import ask_ocsp, enroll, issuing, request_for, signed
+from tests.helpers import load as load_cert
 
 
 class Load:
@@ -150,6 +152,11 @@ async def test_postgresql_stopped_means_503_and_nothing_signed_then_recovery(
             cert, key = await asyncio.to_thread(enroll, node, tmp_path, "service",
                                                 [f"p{i}.test"])
             creds[f"p{i + 1}"] = (node, cert, key)
+        # What relying parties asked of p1 before the outage: OCSP, and the CRL.
+        p1, first = nodes[0], load_cert(creds["p1"][1])
+        await signed(p1, first, ocsp.OCSPCertStatus.GOOD)
+        status, _, crl_before = await call("GET", f"{p1.url}/v1/x509/crl", p1.ssl(), None)
+        assert status == 200
         # Under load: clients renew on both nodes while the database goes away.
         load = Load(creds)
         load.start()
@@ -180,6 +187,12 @@ async def test_postgresql_stopped_means_503_and_nothing_signed_then_recovery(
             assert status == 503 and b"unavailable" in body, body
         # Nothing was signed while the record could not be made.
         assert {n: _signatures(c, n) for n in ("p1", "p2")} == signed_before
+        # Relying parties get the last CRL p1 served, valid until its nextUpdate as any
+        # CRL is; OCSP answers its own "try later", not an HTTP error.
+        status, _, crl_now = await call("GET", f"{p1.url}/v1/x509/crl", p1.ssl(), None)
+        assert status == 200 and crl_now == crl_before
+        resp, _ = await ask_ocsp(p1, request_for(first, issuing(p1)))
+        assert resp.response_status == ocsp.OCSPResponseStatus.TRY_LATER
         await asyncio.to_thread(server.start)
         # /health says so first (a load balancer sends nothing else to a node it
         # marked down), then the node serves again, without a restart.

@@ -68,6 +68,8 @@ class Revocations:
         self._context = context  # the RA's context, as of now
         self._crl_locks: dict[str, asyncio.Lock] = {}
         self.ocsp = OCSPSigner(issuance, context)
+        self._served_crls: dict[str, tuple[bytes, dt.datetime]] = {}  # label: (DER, next)
+        self._served_crls_while_away: str | None = None  # said once per outage
         self.revoked: OnChange[Revoked] = OnChange(generations, "revocations", self._load)
         self.revoked_ssh_keys: OnChange[frozenset[str]] = OnChange(
             generations, "ssh_revocations", self._load_ssh_keys)
@@ -221,7 +223,30 @@ class Revocations:
         inventory, so every worker serves the same one and CRL numbers only grow.
         (Revocations are never undone, so a CRL that lists as many as the inventory
         holds lists them all.) A retired issuer signs nothing: its last CRL is served
-        as it is."""
+        as it is. With the inventory away, the last one this process served, while
+        it is valid: nothing can be revoked meanwhile, the revocation's commit needing
+        that same inventory."""
+        label = issuer or self.issuance.issuers.current_x509
+        try:
+            der = await self._crl(issuer)
+        except StoreUnavailable as exc:
+            kept = self._served_crls.get(label)
+            if kept is None or kept[1] <= prof.utcnow():
+                raise
+            if self._served_crls_while_away != label:
+                log.warning("serving the last CRL this process served: the inventory is "
+                            "away", issuer=label, error=str(exc))
+                self._served_crls_while_away = label
+            return kept[0]
+        self._served_crls_while_away = None
+        kept = self._served_crls.get(label)
+        if kept is None or kept[0] != der:
+            crl = x509.load_der_x509_crl(der)
+            if crl.next_update_utc is not None:
+                self._served_crls[label] = (der, crl.next_update_utc)
+        return der
+
+    async def _crl(self, issuer: str | None) -> bytes:
         issuers = await self.issuance.keys.refresh()
         label = issuer or issuers.current_x509
         if issuers.crl_signer(label) is None:

@@ -39,6 +39,7 @@ from ca.issuance.issuers import Issuers
 from ca.issuance.pipeline import SigningJob
 from ca.policy import PARSE_ERRORS
 from ca.store import OCSPDue, OCSPRecord, Store
+from ca.store.errors import StoreUnavailable
 from ca.x509_reasons import REASON_FLAGS
 
 log = structlog.get_logger("hsmca.ocsp")
@@ -200,6 +201,11 @@ def issuer_of(request: ocsp.OCSPRequest, issuers: Issuers) -> x509.Certificate |
 
 
 async def answer(request_der: bytes, store: Store, issuers: Issuers) -> Answer:
+    """The response to an OCSP request; with the inventory away, the unsigned tryLater
+    (RFC 6960 2.3), an OCSP answer rather than an HTTP error. (Not a response this
+    process served before: a revocation committed on another node just before the
+    database went away may not have reached this one, and a revoked certificate must
+    never get its old 'good'.)"""
     try:
         req = ocsp.load_der_ocsp_request(request_der)
         req.extensions  # parsed lazily: anything malformed shows here  # noqa: B018
@@ -213,6 +219,14 @@ async def answer(request_der: bytes, store: Store, issuers: Issuers) -> Answer:
     if algorithm not in ("sha1", "sha256") or issuer_of(req, issuers) is None:
         return _unsigned(ocsp.OCSPResponseStatus.UNAUTHORIZED)
     now = prof.utcnow()
+    try:
+        return await _from_store(req, algorithm, serial, store, issuers, now)
+    except StoreUnavailable:
+        return _unsigned(ocsp.OCSPResponseStatus.TRY_LATER)
+
+
+async def _from_store(req: ocsp.OCSPRequest, algorithm: str, serial: int, store: Store,
+                      issuers: Issuers, now: dt.datetime) -> Answer:
     stored = await store.ocsp(serial)
     if stored is not None and dt.datetime.fromisoformat(stored.next_update) > now:
         der = stored.der_sha1 if algorithm == "sha1" else stored.der_sha256
