@@ -246,11 +246,11 @@ def _expected(exc: BaseException) -> bool:
     from ca.client import ClientError
     from ca.config import ConfigError
     from ca.init import InitError
-    from ca.store.errors import CAExists, SchemaTooNew, StoreUnavailable
+    from ca.store.errors import CAExists, NoInventory, SchemaTooNew, StoreUnavailable
     from hsm.uri import URIError
     return isinstance(exc, CLIError | HSMError | AuditUnavailable | AuditLogError
                       | ConfigError | InitError | OSError | ClientError | URIError | ValueError
-                      | StoreUnavailable | SchemaTooNew | CAExists)
+                      | StoreUnavailable | SchemaTooNew | CAExists | NoInventory)
 
 
 if __name__ == "__main__":

@@ -439,6 +439,16 @@ def test_a_node_pointed_at_a_database_without_the_ca_is_refused_and_writes_nothi
     from ca.store_move import database_name
     other_name = other.rsplit("/", 1)[1]
     assert "hsmca@" in other and "hsmca@" not in database_name(other)  # no user shown
+    assert error == (f"hsmca: error: the database {database_name(other)} holds no hsmca "
+                     "inventory: is it the one `hsmca init --store-url` made the CA in? "
+                     "(nothing was written to it)")
+    # Not even the schema: the typo'd database is as it was.
+    assert postgres_server.psql("SELECT COUNT(*) FROM pg_tables WHERE schemaname = 'public'",
+                                db=other_name) == "0"
+    # One that has the schema but no CA (an init cut short) is refused as before.
+    from ca.store.postgres import PostgresStore
+    PostgresStore(other).close()
+    error, _ = refused_start(c.state, "typo")
     assert error == (f"hsmca: error: the database {database_name(other)} holds no CA (no "
                      "keys): is "
                      f"[store] url in {config} the database `hsmca init --store-url` made "

@@ -43,7 +43,7 @@ from ca.revocation import Revocations
 from ca.server.app import REFUSALS, TRUST, build_app, tls_context
 from ca.server.common import Gate, Settings
 from ca.store import Store, open_store
-from ca.store.errors import SchemaTooNew, StoreUnavailable
+from ca.store.errors import NoInventory, SchemaTooNew, StoreUnavailable
 from ca.tokens import Tokens
 from hsm.errors import HSMError
 
@@ -148,7 +148,7 @@ def main() -> int:
             config = config.for_node(args.node)
         asyncio.run(run(config, host.strip("[]"), int(port), args.worker, *socks))
     except (ConfigError, HSMError, OSError, ValueError, sqlite3.Error, StoreUnavailable,
-            SchemaTooNew) as exc:
+            SchemaTooNew, NoInventory) as exc:
         print(f"hsmca: worker {args.worker}: {exc}", file=sys.stderr)
         return 1
     return 0

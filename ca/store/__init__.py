@@ -335,7 +335,7 @@ def open_store(location: object, *, autocheckpoint: bool = True) -> Store:
     docs/cluster.md), else the SQLite file at `location` (the embedded default)."""
     if is_postgres(location):
         from ca.store.postgres import PostgresStore
-        return PostgresStore(str(location))
+        return PostgresStore(str(location), existing=True)
     from pathlib import Path
 
     from ca.store.sqlite import SQLiteStore

@@ -15,3 +15,8 @@ class SchemaTooNew(Exception):
 
 class CAExists(Exception):
     """A CA cannot be made or moved into an inventory that holds one already."""
+
+
+class NoInventory(Exception):
+    """The database named holds no hsmca inventory at all: a wrong URL, which must not
+    be given one (and this node's log) on the way to the refusal."""

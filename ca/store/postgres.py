@@ -32,7 +32,7 @@ from psycopg import sql as pgsql
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from ca.audit.tiles import HASH_SIZE, TILE_WIDTH, Tile, partial_tiles
-from ca.store.errors import CAExists, SchemaTooNew, StoreUnavailable
+from ca.store.errors import CAExists, NoInventory, SchemaTooNew, StoreUnavailable
 from ca.store.records import (
     AcmeAccount,
     AcmeAuthz,
@@ -175,8 +175,12 @@ class _Undo(Exception):
 
 
 class PostgresStore:
-    def __init__(self, url: str, *, max_size: int = 8) -> None:
+    def __init__(self, url: str, *, max_size: int = 8, existing: bool = False) -> None:
+        """`existing`: the database must hold an inventory already (a node's start),
+        else it is refused untouched; without, an empty one gets the schema (init, a
+        move)."""
         self.url = url
+        self._existing = existing
         self._down: str | None = None
         self._closed = False
         self._loop = asyncio.new_event_loop()
@@ -216,6 +220,14 @@ class PostgresStore:
         conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True,
                                                      connect_timeout=CONNECT_TIMEOUT_S)
         try:
+            if self._existing:
+                cur = await conn.execute("SELECT to_regclass('schema_version')")
+                row = await cur.fetchone()
+                if row is None or row[0] is None:
+                    from ca.store_move import database_name
+                    raise NoInventory(f"the database {database_name(self.url)} holds no hsmca "
+                                      "inventory: is it the one `hsmca init --store-url` "
+                                      "made the CA in? (nothing was written to it)")
             await migrate(conn)
         finally:
             await conn.close()
