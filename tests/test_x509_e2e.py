@@ -173,15 +173,21 @@ async def test_est_round_trip(daemon: Daemon, tmp_path: Path) -> None:
 
     token = await bootstrap_token(daemon, "service", ["est.internal.example"])
     key = ec.generate_private_key(ec.SECP256R1())
-    csr = x509.load_pem_x509_csr(csr_pem(["est.internal.example"], key).encode())
-    b64 = base64.encodebytes(csr.public_bytes(serialization.Encoding.DER))
-    status, ctype, body = await http(
-        "POST", f"{daemon.url}/.well-known/est/simpleenroll", daemon.ssl(), data=b64,
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/pkcs10"})
-    assert status == 200, body
-    p7.write_bytes(base64.b64decode(body))
-    pem = subprocess.run([openssl, "pkcs7", "-inform", "DER", "-in", p7, "-print_certs"],
-                         capture_output=True, text=True, check=True).stdout
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    (tmp_path / "header-file").write_text(f"Authorization: Bearer {token}\n")
+    # simpleenroll with openssl, base64 and curl, as docs/operator.md shows it
+    recipe = f"""set -euo pipefail
+    openssl req -new -key key.pem -subj /CN=est.internal.example \\
+        -addext subjectAltName=DNS:est.internal.example -outform DER | base64 > csr.b64
+    curl -sf --cacert {daemon.root} -H @header-file -H 'Content-Type: application/pkcs10' \\
+        --data-binary @csr.b64 {daemon.url}/.well-known/est/simpleenroll \\
+        | base64 -d | openssl pkcs7 -inform DER -print_certs > cert.pem"""
+    proc = await asyncio.to_thread(subprocess.run, [require("bash"), "-c", recipe],
+                                   cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    pem = (tmp_path / "cert.pem").read_text()
     issued = x509.load_pem_x509_certificate(pem.encode())
     assert issued.public_key() == key.public_key()
 

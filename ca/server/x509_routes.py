@@ -31,6 +31,7 @@ from ca.server.common import (
     identity,
     json_body,
     parse_csr,
+    peer_der,
 )
 from ca.server.problems import Problem
 
@@ -305,10 +306,15 @@ async def _est_csr(request: web.Request) -> x509.CertificateSigningRequest:
         raise Problem(415, "Unsupported Media Type", "EST enrollment takes a base64 DER PKCS#10 "
                       "body with 'Content-Type: application/pkcs10'")
     raw = await request.read()
+    if raw.lstrip().startswith(b"-----BEGIN"):
+        raise Problem(400, "Bad Request", "EST takes the CSR as base64 DER without PEM "
+                      "armour (RFC 7030 4.2.1): send the lines between the BEGIN and END "
+                      "lines, or `openssl req -outform DER | base64`", "bad-csr")
     try:
         der = base64.b64decode(b"".join(raw.split()), validate=True)
     except (binascii.Error, ValueError):
-        raise Problem(400, "Bad Request", "the body is not base64", "bad-csr") from None
+        raise Problem(400, "Bad Request", "the body is not base64 (EST takes the CSR as "
+                      "base64 DER, RFC 7030 4.2.1)", "bad-csr") from None
     return parse_csr(der, der=True)
 
 
@@ -323,6 +329,11 @@ async def est_simpleenroll(request: web.Request) -> web.Response:
     csr = await _est_csr(request)
     if request.headers.get("Authorization"):
         issued = await _enroll(request, await _bearer(request), csr, None)
+    elif peer_der(request) is None:  # neither way in: say both (RFC 7030 3.2.3)
+        raise Problem(401, "Unauthorized", "EST enrollment needs a bootstrap token "
+                      "('Authorization: Bearer <token>') or a client certificate issued by "
+                      "this CA (mutual TLS)", "client-certificate-required",
+                      {"WWW-Authenticate": 'Bearer realm="hsmca"'})
     else:
         issued = await _renew(request, csr, None)
     return _pkcs7_b64([issued.cert])
