@@ -228,3 +228,32 @@ def test_daemon_feeds_two_witnesses_which_refuse_a_rewritten_re_signed_log(
             daemon.stop()
         for w in witnesses:
             w.run.stop()
+
+
+def test_a_witness_key_that_is_not_the_witnesss_is_named_beside_the_one_it_used(
+        tmp_path: Path) -> None:
+    """[audit] witness-keys holding another witness's key (a copy-paste slip): the
+    daemon's error names the key the witness signed with and the keys it expected, so
+    the operator sees which one to fix."""
+    ca = init_ca(tmp_path)
+    origin = parse_checkpoint((ca.state / "audit" / "checkpoint").read_text()).origin
+    audit_pub = serialization.load_pem_public_key(
+        (ca.state / "audit" / "audit_key.pem").read_bytes())
+    assert isinstance(audit_pub, ed25519.Ed25519PublicKey)
+    witness = WitnessProcess(tmp_path, "w1.test/witness",
+                             {origin: verifier_key(origin, audit_pub)})
+    other = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    wrong = (f"w9.test/witness+{cosigner_key_id('w9.test/witness', other).hex()}+"
+             + base64.b64encode(b"\x04" + other).decode())
+    set_config(ca.state, "audit", "witnesses", [witness.url])
+    set_config(ca.state, "audit", "witness-keys", [wrong])
+    d = Running.start("serve", "--config", ca.state / "hsmca.toml", "--listen", "127.0.0.1:0")
+    try:
+        said = d.wait("the witness answered without a cosignature by a configured witness "
+                      "key, dated no later than now")
+        assert said["signed_as"] == [witness.vkey.rsplit("+", 1)[0]], said
+        assert said["configured"] == [wrong.rsplit("+", 1)[0]], said
+    finally:
+        d.stop()
+        witness.run.stop()

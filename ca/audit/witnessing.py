@@ -120,6 +120,20 @@ class HTTPWitness:
                            "in a row")
 
 
+def _signers(answer: str) -> list[str]:
+    """The `name+keyid` of each signature line of a witness's answer, to set beside the
+    configured keys when none of them verifies."""
+    out = []
+    for line in answer.splitlines():
+        parts = line.split(" ")
+        if len(parts) == 3 and parts[0] == "\u2014":
+            try:
+                out.append(f"{parts[1]}+{base64.b64decode(parts[2])[:4].hex()}")
+            except ValueError:
+                out.append(f"{parts[1]}+?")
+    return out
+
+
 class Witnessing:
     """The daemon's witnesses: `submit` each new checkpoint, read `cosigned`."""
 
@@ -197,7 +211,9 @@ class Witnessing:
                                    not_after=int(time.time()) + CLOCK_SKEW_S)
         if not lines:
             log.error("the witness answered without a cosignature by a configured witness "
-                      "key, dated no later than now", witness=str(witness), size=size)
+                      "key, dated no later than now", witness=str(witness), size=size,
+                      signed_as=_signers(answer),
+                      configured=[f"{k.name}+{k.key_id.hex()}" for k in self.keys])
             return
         log.info("witness cosigned the checkpoint", witness=str(witness), size=size)
         if self._published is None or self._published[1] != text:
