@@ -421,17 +421,25 @@ def _store_url(table: dict[str, Any], where: str) -> str | None:
 
 def check_store_url(url: str) -> dict[str, Any]:
     """A PostgreSQL URL libpq takes, as its parts; ValueError says what is wrong with it
-    (after "url", "--store-url" or the variable that gave it)."""
+    (after "url", "--store-url" or the variable that gave it), never quoting it: a
+    part libpq could not read may be the password."""
     if not url.startswith(("postgresql://", "postgres://")):
         raise ValueError("must be a postgresql:// URL")
     from psycopg import Error
     from psycopg.conninfo import conninfo_to_dict
+    hint = ("percent-encode any '%', '@', ':', '/', '?' or '#' inside the user name or "
+            "password")
     try:
-        return conninfo_to_dict(url)
-    except Error as exc:  # a misspelt parameter, an unclosed [
-        # libpq quotes the URL whole, a password in it too
-        why = str(exc).strip().replace(f' in URI: "{url}"', "").replace(url, "(the URL)")
-        raise ValueError(f"is not a URL PostgreSQL takes: {why}") from None
+        parts = conninfo_to_dict(url)
+    except Error as exc:  # a misspelt parameter, an unclosed [, a bare %
+        # libpq quotes what it could not read; only a parameter's name is shown again
+        names = {kv.split("=", 1)[0] for kv in url.partition("?")[2].split("&")}
+        why = re.sub(r'"([^"]*)"', lambda m: m.group(0) if m.group(1) in names else "...",
+                     str(exc).strip().splitlines()[0])
+        raise ValueError(f"is not a URL PostgreSQL takes ({why}): {hint}") from None
+    if "@" in str(parts.get("host", "")):
+        raise ValueError(f"has an '@' after its user name and password: {hint}")
+    return parts
 
 
 NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # fullmatch: '$' takes a '\n' too
@@ -611,11 +619,14 @@ def reserved_names(dns_name: str, public_url: str | None) -> tuple[str, ...]:
 
 
 def _server_name(value: str, where: str) -> str:
-    """The daemon's name in its TLS certificate (as `hsmca init --dns-name` takes it)."""
+    """The daemon's name in its TLS certificate (as `hsmca init --dns-name` takes it;
+    DNS names know no case, so an edited `CA.Example.com` is taken as lower case)."""
+    taken = value.lower().removesuffix(".") if value.isascii() else value
     try:
-        return dns_name(value)
-    except Refused as exc:
-        raise ConfigError(f"{where}: dns-name: {exc.detail}") from None
+        return dns_name(taken)
+    except Refused as exc:  # said of the value as written
+        raise ConfigError(f"{where}: dns-name: {exc.detail.replace(repr(taken), repr(value))}"
+                          ) from None
 
 
 def _public_url(value: str | None, where: str) -> str | None:
@@ -623,6 +634,10 @@ def _public_url(value: str | None, where: str) -> str | None:
     wrong one cannot be taken back from what was issued."""
     if value is None:
         return None
+    scheme, sep, rest = value.partition("://")
+    if sep:  # scheme and host know no case: `HTTPS://CA.Example.com/pki` is taken
+        host, slash, path = rest.partition("/")
+        value = f"{scheme.lower()}://{host.lower()}{slash}{path}"
     try:
         uri(value)
         if value.split("://", 1)[0] not in ("http", "https") or "?" in value or "#" in value:

@@ -80,6 +80,13 @@ class OnChange(Generic[T]):
         self._gen = -1  # counters start at 0: the first get builds
         self._value: Any = None
 
+    def known(self) -> T | None:
+        """The value, if it was built at the counter as it is now (no change since it
+        was read); None if it may be stale, or was never built. No I/O."""
+        if self._gen == -1 or self._gen != self._generations.get(self._name):
+            return None
+        return self._value  # type: ignore[no-any-return]
+
     async def get(self) -> tuple[int, T]:
         """(the counter, the value built at it)."""
         gen = self._generations.get(self._name)

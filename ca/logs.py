@@ -46,9 +46,20 @@ class _Libraries(logging.Handler):
     over several lines, between them."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        structlog.get_logger(record.name).log(
-            record.levelno, record.getMessage(), logger=record.name,
-            exc_info=record.exc_info or False)
+        try:
+            # structlog knows the standard levels only: a library's own (35, say)
+            # is written at the standard level below it
+            level = max(lvl for lvl in (logging.DEBUG, logging.INFO, logging.WARNING,
+                                        logging.ERROR, logging.CRITICAL)
+                        if lvl <= max(record.levelno, logging.DEBUG))
+            structlog.get_logger(record.name).log(
+                level, record.getMessage(), logger=record.name,
+                exc_info=record.exc_info or False)
+        except Exception as exc:  # a record that does not format: never the library's
+            # problem, nor a traceback in the middle of the JSON lines
+            structlog.get_logger(record.name).warning(
+                "a library's log record did not format", logger=record.name,
+                record=str(record.msg)[:200], error=type(exc).__name__)
 
 
 def configure(level: int = logging.INFO) -> None:

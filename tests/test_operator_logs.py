@@ -328,3 +328,25 @@ async def test_a_flood_of_bad_requests_does_not_flood_the_log(served: Daemon) ->
     counted = sum(float(line.rsplit(" ", 1)[1]) for line in raw.decode().splitlines()
                   if line.startswith("hsmca_http_requests_total{") and 'status="404"' in line)
     assert counted >= 300  # every one counted
+
+
+async def test_what_libraries_log_is_json_lines_too() -> None:
+    """psycopg's pool and other libraries log through the standard `logging`: their
+    records, a level of their own and one that does not format included, come out as
+    the daemon's own JSON lines, and no library call fails because of them."""
+    import subprocess
+    import sys
+    code = ("import logging\nfrom ca.logs import configure\nconfigure()\n"
+            "logging.getLogger('lib').log(35, 'custom level %s', 'x')\n"
+            "logging.getLogger('lib').warning('bad args %s %s', 'one')\n"
+            "logging.getLogger('lib').error('two\\nlines')\n"
+            "logging.getLogger('psycopg.pool').warning('error connecting in pool')\n"
+            "print('alive')\n")
+    proc = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", code], capture_output=True, text=True,
+        timeout=60, env={"PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert proc.stdout == "alive\n", proc.stderr
+    lines = [json.loads(line) for line in proc.stderr.splitlines()]
+    assert [(e["event"], e["level"]) for e in lines] == [
+        ("custom level x", "warning"), ("a library's log record did not format", "warning"),
+        ("two\nlines", "error")], lines

@@ -102,15 +102,17 @@ class PolicyFeed:
 
 async def _messages(reader: asyncio.StreamReader, decoder: ipc.Decoder[object]
                     ) -> object | None:
-    """The next message, or None at the end of the channel."""
+    """The next message, or None at the end of the channel; ipc.ChannelClosed for a
+    frame that is not a message of this channel (the caller says what that means)."""
     try:
         head = await reader.readexactly(4)
         (length,) = _LEN.unpack(head)
         if length > ipc.MAX_FRAME:
             return None
-        return decoder.decode(await reader.readexactly(length))
+        body = await reader.readexactly(length)
     except (asyncio.IncompleteReadError, ConnectionError):
         return None
+    return decoder.decode(body)
 
 
 async def serve_worker(sock: socket.socket, limiter: FailureLimiter,
@@ -120,7 +122,12 @@ async def serve_worker(sock: socket.socket, limiter: FailureLimiter,
     policies._join(writer)
     try:
         while True:
-            msg = await _messages(reader, _to_primary)  # type: ignore[arg-type]
+            try:
+                msg = await _messages(reader, _to_primary)  # type: ignore[arg-type]
+            except ipc.ChannelClosed as exc:  # not this channel's: the worker is not ours
+                log.error("a worker's control channel sent what it cannot, and is closed",
+                          error=str(exc))
+                return
             if msg is None:
                 return
             if isinstance(msg, Ready):

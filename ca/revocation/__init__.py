@@ -68,7 +68,8 @@ class Revocations:
         self._context = context  # the RA's context, as of now
         self._crl_locks: dict[str, asyncio.Lock] = {}
         self.ocsp = OCSPSigner(issuance, context)
-        self._served_crls: dict[str, tuple[bytes, dt.datetime]] = {}  # label: (DER, next)
+        # label: (DER, nextUpdate, serials), the last CRL served, for an inventory outage
+        self._served_crls: dict[str, tuple[bytes, dt.datetime, frozenset[int]]] = {}
         self._served_crls_while_away: str | None = None  # said once per outage
         self.revoked: OnChange[Revoked] = OnChange(generations, "revocations", self._load)
         self.revoked_ssh_keys: OnChange[frozenset[str]] = OnChange(
@@ -223,15 +224,19 @@ class Revocations:
         inventory, so every worker serves the same one and CRL numbers only grow.
         (Revocations are never undone, so a CRL that lists as many as the inventory
         holds lists them all.) A retired issuer signs nothing: its last CRL is served
-        as it is. With the inventory away, the last one this process served, while
-        it is valid: nothing can be revoked meanwhile, the revocation's commit needing
-        that same inventory."""
-        label = issuer or self.issuance.issuers.current_x509
+        as it is. With the inventory away, the last one this process served, while it
+        is valid and lists every revocation this process knows of, its knowledge
+        current (no change it has not read): nothing can be revoked meanwhile, the
+        revocation's commit needing that same inventory."""
         try:
-            der = await self._crl(issuer)
+            label, der = await self._crl(issuer)
         except StoreUnavailable as exc:
+            label = issuer or self.issuance.issuers.current_x509
             kept = self._served_crls.get(label)
-            if kept is None or kept[1] <= prof.utcnow():
+            known = self.revoked.known()
+            if kept is None or kept[1] <= prof.utcnow() or known is None or not {
+                    s for s, (_, _, by) in known.items()
+                    if self.issuance.issuers.x509_of(by) == label} <= kept[2]:
                 raise
             if self._served_crls_while_away != label:
                 log.warning("serving the last CRL this process served: the inventory is "
@@ -243,21 +248,23 @@ class Revocations:
         if kept is None or kept[0] != der:
             crl = x509.load_der_x509_crl(der)
             if crl.next_update_utc is not None:
-                self._served_crls[label] = (der, crl.next_update_utc)
+                self._served_crls[label] = (der, crl.next_update_utc,
+                                            frozenset(r.serial_number for r in crl))
         return der
 
-    async def _crl(self, issuer: str | None) -> bytes:
+    async def _crl(self, issuer: str | None) -> tuple[str, bytes]:
+        """(the issuer's label, as it was resolved, and its CRL)."""
         issuers = await self.issuance.keys.refresh()
         label = issuer or issuers.current_x509
         if issuers.crl_signer(label) is None:
             latest = await self.store.latest_crl(label) if label in issuers.past else None
             if latest is None:
                 raise Refused(f"no CRL of an issuer {label!r}", Reason.NOT_FOUND)
-            return latest.der
+            return label, latest.der
         for _ in range(3):  # a revocation racing the refresh: sign again, with it
             der = await self._current_crl(label)
             if der is not None:
-                return der
+                return label, der
             try:
                 await self.refresh_crl(None, label, only_if_stale=True)
             except (AuditUnavailable, HSMUnavailable) as exc:
@@ -268,11 +275,11 @@ class Revocations:
                     raise
                 log.warning("serving the last CRL: it cannot be re-signed now",
                             issuer=label, error=str(exc) or type(exc).__name__)
-                return still
+                return label, still
         latest = await self.store.latest_crl(label)
         if latest is None:  # refresh_crl raises when it cannot sign; never serve nothing
             raise RuntimeError("no CRL after a successful refresh")
-        return latest.der
+        return label, latest.der
 
     async def _revoked_by(self, label: str, fresh: bool = False
                           ) -> dict[int, tuple[dt.datetime, str | None]]:

@@ -975,6 +975,7 @@ class PostgresStore:
 
     async def _watch(self, moved: Callable[[str], None]) -> None:
         seen: dict[str, int] | None = None
+        lost = False  # the connection broke: a notification may have been missed
         while True:
             try:
                 conn = await psycopg.AsyncConnection.connect(
@@ -988,6 +989,12 @@ class PostgresStore:
                             for name, n in now.items():
                                 if seen.get(name) != n:
                                     moved(name)
+                        elif lost:
+                            # Back: whatever moved meanwhile (or just before the outage,
+                            # its notice lost with the connection), every process reloads.
+                            for name in ("revocations", "ssh_revocations", "keys"):
+                                moved(name)
+                            lost = False
                         seen = now
                         self._down = None
                         # Whatever NOTIFY says, the counters are read again right after.
@@ -999,12 +1006,10 @@ class PostgresStore:
                 raise
             except psycopg.Error as exc:
                 self._down = _why(exc)
-                # While the server is away, everything may have moved: make every
-                # process reload when it is back (seen=None would miss nothing either,
-                # but a revocation committed just before the outage must not be lost).
-                seen = None
-                for name in ("revocations", "ssh_revocations", "keys"):
-                    moved(name)
+                # While the server is away, everything may have moved: every process
+                # reloads once it is back (above). Not at every retry meanwhile: what
+                # a process knows stays what it knew, and says so (a CRL it served).
+                seen, lost = None, True
                 await asyncio.sleep(POLL_S)  # a retry pace, not synchronisation
 
     # ---- several nodes: the leases of background work -----------------------------------
