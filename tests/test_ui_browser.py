@@ -39,12 +39,11 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
-from ca.audit.note import parse_checkpoint, verifier_key
 from tests.conftest import Daemon, hsmca, init_ca, require, set_config, start_daemon
 from tests.helpers import Running, cert_serial, enroll, log_lines
 from tests.lying_front import LyingFront
 from tests.test_audit_remote import _ATTACKER_SIGNS, REPO, rewrite_line
-from tests.test_witness import WitnessProcess
+from tests.test_witness import WitnessProcess, log_key
 
 SCRIPT_NAME = "<script>alert(1)</script>@example.com"
 FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -98,12 +97,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     tmp = tmp_path_factory.mktemp("ui")
     ca = init_ca(tmp)
     # A witness the CA feeds, whose key the auditor pins too.
-    origin = parse_checkpoint((ca.state / "audit" / "checkpoint").read_text()).origin
-    audit_pub = serialization.load_pem_public_key(
-        (ca.state / "audit" / "audit_key.pem").read_bytes())
-    assert isinstance(audit_pub, ed25519.Ed25519PublicKey)
-    witness = WitnessProcess(tmp, "w1.ui.example/witness",
-                             {origin: verifier_key(origin, audit_pub)})
+    origin, log_vkey = log_key(ca.state)
+    witness = WitnessProcess(tmp, "w1.ui.example/witness", {origin: log_vkey})
     set_config(ca.state, "audit", "witnesses", [witness.url])
     set_config(ca.state, "audit", "witness-keys", [witness.vkey])
     d = start_daemon(ca.state)

@@ -110,6 +110,15 @@ class WitnessProcess:
             return exc.code, exc.headers.get_content_type(), exc.read().decode()
 
 
+def log_key(state: Path) -> tuple[str, str]:
+    """The CA's checkpoint origin and its log's verifier key: what a witness is given."""
+    origin = parse_checkpoint((state / "audit" / "checkpoint").read_text()).origin
+    audit_pub = serialization.load_pem_public_key((state / "audit" / "audit_key.pem")
+                                                  .read_bytes())
+    assert isinstance(audit_pub, ed25519.Ed25519PublicKey)
+    return origin, verifier_key(origin, audit_pub)
+
+
 def test_witness_answers_as_c2sp_says_and_keeps_its_state(tmp_path: Path) -> None:
     origin = "witness.test/audit"
     log_key = ed25519.Ed25519PrivateKey.generate()
@@ -168,11 +177,7 @@ def test_daemon_feeds_two_witnesses_which_refuse_a_rewritten_re_signed_log(
         tmp_path: Path) -> None:
     ca = init_ca(tmp_path)
     cfg = ca.state / "hsmca.toml"
-    origin = parse_checkpoint((ca.state / "audit" / "checkpoint").read_text()).origin
-    pem = (ca.state / "audit" / "audit_key.pem").read_bytes()
-    audit_pub = serialization.load_pem_public_key(pem)
-    assert isinstance(audit_pub, ed25519.Ed25519PublicKey)
-    log_vkey = verifier_key(origin, audit_pub)
+    origin, log_vkey = log_key(ca.state)
     witnesses = [WitnessProcess(tmp_path, f"w{i}.test/witness", {origin: log_vkey})
                  for i in (1, 2)]
     set_config(ca.state, "audit", "witnesses", [w.url for w in witnesses])
@@ -236,12 +241,8 @@ def test_a_witness_key_that_is_not_the_witnesss_is_named_beside_the_one_it_used(
     daemon's error names the key the witness signed with and the keys it expected, so
     the operator sees which one to fix."""
     ca = init_ca(tmp_path)
-    origin = parse_checkpoint((ca.state / "audit" / "checkpoint").read_text()).origin
-    audit_pub = serialization.load_pem_public_key(
-        (ca.state / "audit" / "audit_key.pem").read_bytes())
-    assert isinstance(audit_pub, ed25519.Ed25519PublicKey)
-    witness = WitnessProcess(tmp_path, "w1.test/witness",
-                             {origin: verifier_key(origin, audit_pub)})
+    origin, log_vkey = log_key(ca.state)
+    witness = WitnessProcess(tmp_path, "w1.test/witness", {origin: log_vkey})
     other = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
         serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     wrong = (f"w9.test/witness+{cosigner_key_id('w9.test/witness', other).hex()}+"
