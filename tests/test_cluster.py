@@ -131,6 +131,16 @@ def test_the_web_view_verifies_every_nodes_log_through_any_node(cluster: Cluster
     cert, _ = enroll(n2, tmp_path, "service", ["seen.test"])
     serial = _serial(cert)
     state = tmp_path / "auditor.state"
+    # Node 2 signs the checkpoint that covers the new lines within a second or so: an
+    # auditor (and the view) can prove them from then on, not before.
+    written = len((cluster.state / "nodes" / "node-2" / "audit" / "log.jsonl")
+                  .read_bytes().splitlines())  # its outcome line included
+    deadline = time.monotonic() + 30
+    while True:  # paced by each request's round trip
+        _, _, note = asyncio.run(call("GET", f"{n3.url}/v1/audit/checkpoint?log=node-2",
+                                      n3.admin_ssl()))
+        if int(note.decode().splitlines()[1]) >= written or time.monotonic() > deadline:
+            break
 
     def view(node: Any) -> Running:
         return Running.start("ui", "--url", node.url, "--ca", node.root, "--cert",
@@ -478,6 +488,12 @@ async def test_ocsp_and_a_key_rotation_reach_every_node(cluster: Cluster,
                 time.monotonic() > deadline:
             break
     assert answer.certificate_status == ocsp.OCSPCertStatus.GOOD
+    # Which node signs them is in the logs: exactly one holds the lease now.
+    def holds(node: Any) -> bool:
+        said = "".join(node.stderr)
+        return said.count("pre-signs the OCSP responses now") > said.count(
+            "no longer pre-signs the OCSP responses")
+    assert sum(holds(n) for n in (n1, n2, n3)) == 1
     proc = await asyncio.to_thread(hsmca, "key", "rotate", "issuing", "--config",
                                    cluster.state / "hsmca.toml", "--url", n1.url)
     assert "rotated issuing" in proc.stdout

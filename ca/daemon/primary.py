@@ -709,6 +709,9 @@ async def _refresh_ocsp(issuance: Issuance, store: Store, policies: control.Poli
     try:
         while True:
             if await lease.try_take():
+                # Said, so that an operator can tell which node signs them (and that one
+                # took over when another went away).
+                log.info("this node pre-signs the OCSP responses now (it holds the lease)")
                 task = asyncio.create_task(refresher.run())
                 try:
                     while await lease.try_take():
@@ -716,6 +719,8 @@ async def _refresh_ocsp(issuance: Issuance, store: Store, policies: control.Poli
                 finally:
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)
+                    log.info("this node no longer pre-signs the OCSP responses (the lease "
+                             "is lost: the database away, or another node holds it)")
             await asyncio.sleep(OCSP_LEASE_S)  # another node holds it: ask again later
     finally:
         lease.close()
