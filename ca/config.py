@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from ca.decimal_text import is_decimal
-from ca.policy import Policy, Refused, dns_name, name_pattern, ssh_extension, uri
+from ca.policy import Policy, Refused, name_pattern, ssh_extension, uri
+from ca.policy import dns_name as valid_dns_name
 from hsm.session import HSMConfig
 from hsm.uri import URIError
 from hsm.uri import parse as parse_uri
@@ -623,7 +624,7 @@ def _server_name(value: str, where: str) -> str:
     DNS names know no case, so an edited `CA.Example.com` is taken as lower case)."""
     taken = value.lower().removesuffix(".") if value.isascii() else value
     try:
-        return dns_name(taken)
+        return valid_dns_name(taken)
     except Refused as exc:  # said of the value as written
         raise ConfigError(f"{where}: dns-name: {exc.detail.replace(repr(taken), repr(value))}"
                           ) from None
@@ -658,11 +659,21 @@ def _origin(value: str, where: str) -> str:
     return value
 
 
-def _listen(value: str, where: str) -> str:
-    _, sep, port = value.rpartition(":")
+def split_listen(text: str) -> tuple[str, int]:
+    """HOST:PORT (an IPv6 host in brackets) as (host, port), the host possibly empty;
+    ValueError saying what it must be (after the flag or setting that gave it)."""
+    host, sep, port = text.rpartition(":")
     if not sep or not is_decimal(port) or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"{where}: listen must be HOST:PORT (like \"127.0.0.1:8443\" or "
-                          f"\"[::]:8443\"), not {value!r}")
+        raise ValueError(f"must be HOST:PORT (like \"127.0.0.1:8443\" or \"[::]:8443\"), not "
+                         f"{text!r}")
+    return host.strip("[]"), int(port)
+
+
+def _listen(value: str, where: str) -> str:
+    try:
+        split_listen(value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: listen {exc}") from None
     return value
 
 

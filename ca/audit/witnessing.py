@@ -33,6 +33,7 @@ import aiohttp
 import structlog
 
 from ca.audit.cosignature import VerifierKey, valid_cosignatures
+from ca.audit.note import NoteError, parse_note
 from ca.audit.tiles import TileDamaged
 from ca.audit.witness import FileWitness, WitnessRefused
 from ca.fileutil import write_atomic
@@ -120,18 +121,14 @@ class HTTPWitness:
                            "in a row")
 
 
-def _signers(answer: str) -> list[str]:
-    """The `name+keyid` of each signature line of a witness's answer, to set beside the
-    configured keys when none of them verifies."""
-    out = []
-    for line in answer.splitlines():
-        parts = line.split(" ")
-        if len(parts) == 3 and parts[0] == "\u2014":
-            try:
-                out.append(f"{parts[1]}+{base64.b64decode(parts[2])[:4].hex()}")
-            except ValueError:
-                out.append(f"{parts[1]}+?")
-    return out
+def _signers(text: str, answer: str) -> list[str]:
+    """The `name+keyid` of each signature line a witness added to the note `text`, to
+    set beside the configured keys when none of them verifies."""
+    try:
+        own = len(parse_note(text).signatures)
+        return [f"{s.name}+{s.key_id.hex()}" for s in parse_note(text + answer).signatures[own:]]
+    except NoteError:
+        return ["(not signature lines)"]
 
 
 class Witnessing:
@@ -212,7 +209,7 @@ class Witnessing:
         if not lines:
             log.error("the witness answered without a cosignature by a configured witness "
                       "key, dated no later than now", witness=str(witness), size=size,
-                      signed_as=_signers(answer),
+                      signed_as=_signers(text, answer),
                       configured=[f"{k.name}+{k.key_id.hex()}" for k in self.keys])
             return
         log.info("witness cosigned the checkpoint", witness=str(witness), size=size)

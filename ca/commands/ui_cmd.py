@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ca.decimal_text import is_decimal
+from ca.config import split_listen
 from ca.errors import CLIError
 
 if TYPE_CHECKING:
@@ -69,10 +69,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 
 
 def _listen(args: argparse.Namespace) -> tuple[str, int]:
-    host, _, port = args.listen.rpartition(":")
-    host = host.strip("[]")
-    if not host or not is_decimal(port) or int(port) > 65535:
-        raise CLIError(f"--listen must be HOST:PORT, not {args.listen!r}")
+    try:
+        host, port = split_listen(args.listen)
+    except ValueError as exc:
+        raise CLIError(f"--listen {exc}") from None
+    if not host:
+        raise CLIError(f"--listen needs a host, not {args.listen!r}")
     loopback = host == "localhost"
     if not loopback:
         try:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ca.decimal_text import is_decimal
+from ca.config import split_listen
 from ca.errors import CLIError
 
 if TYPE_CHECKING:
@@ -73,9 +73,12 @@ def serve(args: argparse.Namespace) -> int:
             logs[origin] = parse_verifier_key(vkey, ALG_NOTE)
         except ValueError as exc:
             raise CLIError(f"--log {origin}: {exc}") from None
-    host, _, port = args.listen.rpartition(":")
-    if not host or not is_decimal(port) or int(port) > 65535:
-        raise CLIError(f"--listen must be HOST:PORT, not {args.listen!r}")
+    try:
+        host, port = split_listen(args.listen)
+    except ValueError as exc:
+        raise CLIError(f"--listen {exc}") from None
+    if not host:
+        raise CLIError(f"--listen needs a host, not {args.listen!r}")
     name = args.name or f"{socket.getfqdn()}/hsmca-witness"
     try:
         state = WitnessState(args.state or args.key_file.parent / "witness-state.json")

@@ -20,7 +20,6 @@ from ca.issuance import issuers as iss
 from ca.issuance.pipeline import SigningPipeline
 from ca.issuance.profiles import utcnow
 from ca.store import Store
-from ca.store.errors import StoreUnavailable
 
 log = structlog.get_logger("hsmca.keys")
 
@@ -35,14 +34,7 @@ class Keyring:
         self.issuers: iss.Issuers
 
     async def refresh(self) -> iss.Issuers:
-        try:
-            _, self.issuers = await self._on.get()
-        except StoreUnavailable:
-            # A key change (or a reconnection, which may hide one) asks for a rebuild
-            # the inventory cannot give now: what this process knows still serves the
-            # CRLs and OCSP responses it kept; nothing is issued meanwhile anyway.
-            if not hasattr(self, "issuers"):
-                raise
+        _, self.issuers = await self._on.get()
         return self.issuers
 
     async def _build(self) -> iss.Issuers:

@@ -45,12 +45,11 @@ from ca.audit.log import AuditLog
 from ca.audit.recorder import Recorder
 from ca.audit.witness import FileWitness
 from ca.audit.witnessing import HTTPWitness, Witnessing
-from ca.config import Config, worker_count
+from ca.config import Config, split_listen, worker_count
 from ca.daemon import control
 from ca.daemon.keys import Keyring, open_keyring, seed
 from ca.daemon.ratelimit import FailureLimiter
 from ca.daemon.reload import reload_policy
-from ca.decimal_text import is_decimal
 from ca.errors import CLIError
 from ca.fileutil import write_atomic
 from ca.generations import Generations
@@ -80,10 +79,11 @@ class StartError(CLIError):
 
 
 def parse_listen(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not is_decimal(port) or not 0 <= int(port) <= 65535:
-        raise ValueError(f"--listen must be HOST:PORT, not {text!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    try:
+        host, port = split_listen(text)
+    except ValueError as exc:
+        raise ValueError(f"--listen {exc}") from None
+    return host or "127.0.0.1", port
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -498,8 +498,6 @@ def _on_change(config: Config, store: PostgresStore, generations: Generations,
         else:
             failing = False
         generations.bump("keys")
-        if failing:  # the inventory is away: the keyring would give what it knew before
-            return
         try:
             await asyncio.to_thread(write_chain_files, config.root_pem.parent,
                                     await keys.refresh())

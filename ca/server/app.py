@@ -159,10 +159,6 @@ async def store_state(store: Store) -> str:
     return "ok" if store.healthy else f"unavailable: {store.problem or 'not answering'}"
 
 
-async def store_up(store: Store) -> bool:
-    return await store_state(store) == "ok"
-
-
 @routes.get("/health")
 async def health(request: web.Request) -> web.Response:
     hsm = request.app[HSM_HEALTH]
@@ -202,7 +198,7 @@ async def metrics(request: web.Request) -> web.Response:
                       " only ([server] metrics-allow in hsmca.toml)", "metrics-forbidden")
     body = request.app[METRICS].render(request.app[HSM_HEALTH],
                                        await audit_state(request.app[AUDIT]),
-                                       await store_up(request.app[STORE]))
+                                       await store_state(request.app[STORE]) == "ok")
     return web.Response(body=body,
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
