@@ -659,11 +659,13 @@ def _origin(value: str, where: str) -> str:
     return value
 
 
-def split_listen(text: str) -> tuple[str, int]:
-    """HOST:PORT (an IPv6 host in brackets) as (host, port), the host possibly empty;
-    ValueError saying what it must be (after the flag or setting that gave it)."""
+def split_listen(text: str, need_host: bool = False) -> tuple[str, int]:
+    """HOST:PORT (an IPv6 host in brackets) as (host, port), the host empty unless
+    `need_host`; ValueError saying what it must be (after the flag or setting that
+    gave it)."""
     host, sep, port = text.rpartition(":")
-    if not sep or not is_decimal(port) or not 0 <= int(port) <= 65535:
+    if not sep or not is_decimal(port) or not 0 <= int(port) <= 65535 or (
+            need_host and not host.strip("[]")):
         raise ValueError(f"must be HOST:PORT (like \"127.0.0.1:8443\" or \"[::]:8443\"), not "
                          f"{text!r}")
     return host.strip("[]"), int(port)

@@ -70,11 +70,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 
 def _listen(args: argparse.Namespace) -> tuple[str, int]:
     try:
-        host, port = split_listen(args.listen)
+        host, port = split_listen(args.listen, need_host=True)
     except ValueError as exc:
         raise CLIError(f"--listen {exc}") from None
-    if not host:
-        raise CLIError(f"--listen needs a host, not {args.listen!r}")
     loopback = host == "localhost"
     if not loopback:
         try:

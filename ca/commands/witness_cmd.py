@@ -74,11 +74,9 @@ def serve(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise CLIError(f"--log {origin}: {exc}") from None
     try:
-        host, port = split_listen(args.listen)
+        host, port = split_listen(args.listen, need_host=True)
     except ValueError as exc:
         raise CLIError(f"--listen {exc}") from None
-    if not host:
-        raise CLIError(f"--listen needs a host, not {args.listen!r}")
     name = args.name or f"{socket.getfqdn()}/hsmca-witness"
     try:
         state = WitnessState(args.state or args.key_file.parent / "witness-state.json")
