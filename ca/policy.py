@@ -175,9 +175,13 @@ def dns_name(name: str, allow_wildcards: bool = False) -> str:
     if len(body) > 253 or not all(_LABEL.match(lbl) for lbl in labels):
         raise Refused(f"{_show(name)} is not a valid DNS name (labels of a-z, 0-9 and '-', "
                       "at most 63 characters each, no trailing dot)", Reason.BAD_NAME)
-    if all(is_decimal(lbl) for lbl in labels):
-        raise Refused(f"{_show(name)} looks like an IP address; give it as an IP",
-                      Reason.BAD_NAME)
+    if _is_number(labels[-1]):
+        # A last label that is a number makes the whole name an IPv4 address to
+        # inet_aton, resolvers and browsers (WHATWG URL): 0x7f.1 is 127.0.0.1, 10.1 is
+        # 10.0.0.1. As a name it would slip past the CIDR rules of the deny list.
+        raise Refused(f"{_show(name)} looks like an IP address (its last label is a "
+                      "number, which software reads as IPv4: 0x7f.1 is 127.0.0.1); give an "
+                      "IP as an IP", Reason.BAD_NAME)
     for lbl in labels:
         if lbl.startswith("xn--"):
             try:  # an A-label must decode (the standard library's IDNA codec)
@@ -186,6 +190,13 @@ def dns_name(name: str, allow_wildcards: bool = False) -> str:
                 raise Refused(f"{_show(name)}: {lbl!r} is not a valid A-label (punycode of "
                               "an internationalised name)", Reason.BAD_NAME) from None
     return lowered
+
+
+def _is_number(label: str) -> bool:
+    """Decimal, or hexadecimal with 0x: the labels inet_aton reads as numbers."""
+    if label.startswith("0x"):
+        return all(c in "0123456789abcdef" for c in label[2:])
+    return is_decimal(label)
 
 
 def email(addr: str) -> str:
@@ -323,6 +334,18 @@ def _matches(kind: str, value: str, pattern: str, apex: bool) -> bool:
     return host == pattern
 
 
+def _covers(kind: str, value: str, pattern: str) -> bool:
+    """Whether the wildcard `value` (`*.w`) is valid for a name `pattern` names: the
+    pattern's name (without its `*.`) is one label below w. `*.internal.example` is
+    valid for `secret.internal.example`, so the deny rule `*.secret.internal.example`
+    (which denies that name too) and the CA's own name `ca.internal.example` refuse it;
+    `_matches` alone compares the wildcard as a suffix and misses that."""
+    if kind != "dns" or not value.startswith("*."):
+        return False
+    head, _, below = pattern.removeprefix("*.").partition(".")
+    return bool(head) and below == value[2:]
+
+
 FLEET_ROLES = ("service", "host", "user")
 
 
@@ -339,11 +362,12 @@ def check_allowed(names: Iterable[tuple[str, str]], policy: Policy,
     fleet = role in FLEET_ROLES
     for kind, value in names:
         for p in policy.deny:
-            if _matches(kind, value, p, apex=True):
+            if _matches(kind, value, p, apex=True) or _covers(kind, value, p):
                 raise Refused(f"name {_show(value)} is denied by the rule {p!r} of the CA's "
                               "deny list ([policy] deny)", Reason.NAME_DENIED)
         for p in policy.reserved:
-            if _matches(kind, value, p, apex=False):
+            if _matches(kind, value, p, apex=False) or (
+                    not p.startswith("*.") and _covers(kind, value, p)):
                 raise Refused(f"name {_show(value)} is one of the CA's own names; no "
                               "certificate for it is issued to anyone else",
                               Reason.NAME_RESERVED)

@@ -128,6 +128,7 @@ class CertHolder:
     names: tuple[str, ...]
     principals: tuple[str, ...]
     der: bytes
+    acme_order: str | None = None  # issued over ACME, to this order
 
     @property
     def actor(self) -> str:
@@ -607,6 +608,13 @@ def _renew(ctx: Context, who: Requester, req: RenewRequest) -> X509Order:
     if not isinstance(who, CertHolder) or who.role not in policy.ROLES:
         raise Refused("renewal needs a client certificate of a service, host, user, auditor "
                       "or admin", Reason.WRONG_ROLE)
+    if who.acme_order is not None:
+        # Its names were validated for an ACME account, which may since have been
+        # deactivated or lost them; renewed here it would live on without either, at
+        # any lifetime up to the maximum.
+        raise Refused("this certificate was issued over ACME; renew it with your ACME "
+                      "client (for example `certbot renew`), which validates its names "
+                      "again", Reason.WRONG_ROLE)
     if req.csr is not None:
         policy.check_csr(req.csr)
         _same_names(req.csr, who.names)

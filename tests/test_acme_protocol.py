@@ -32,6 +32,7 @@ from tests.acme_kit import (
     Responder,
     audit_lines,
     b64,
+    csr_der,
     new_key,
     sign,
     start_acme_ca,
@@ -339,6 +340,34 @@ def test_renewal_info_suggests_a_window_inside_the_validity(world: World) -> Non
     w = r.json()["suggestedWindow"]
     start, end = (dt.datetime.fromisoformat(w[k]) for k in ("start", "end"))
     assert cert.not_valid_before_utc < start < end < cert.not_valid_after_utc
+
+
+def test_an_acme_certificate_renews_over_acme_only(world: World, tmp_path: Path) -> None:
+    """A certificate issued over ACME is a TLS client of the CA like any other, but its
+    renewal over mutual TLS (or EST) is refused: it would outlive its account and the
+    account's name patterns, at any lifetime up to the maximum (security review)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    c = Client(world.ca)
+    assert c.register(world.ca.eab("*.test")).status == 201
+    order = c.order("d.test")
+    c.validate_http01(order, world.responder)
+    key = ec.generate_private_key(ec.SECP256R1())
+    done = c.finalize(order, ["d.test"], key)
+    (tmp_path / "cert.pem").write_bytes(c.post(done.json["certificate"]).body)
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    mtls = {"cert": (str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")),
+            "verify": str(world.ca.daemon.root), "timeout": 30}
+    assert requests.get(f"{world.ca.url}/v1/whoami", **mtls).json()["role"] == "service"
+    r = requests.post(f"{world.ca.url}/v1/x509/renew", json={"ttl": "30d"}, **mtls)
+    assert r.status_code == 403 and r.headers["Content-Type"].startswith("application/problem+json")
+    assert "issued over ACME" in r.json()["detail"], r.json()
+    r = requests.post(f"{world.ca.url}/.well-known/est/simplereenroll", **mtls,
+                      headers={"Content-Type": "application/pkcs10"},
+                      data=base64.b64encode(csr_der(["d.test"], key)))
+    assert r.status_code == 403, r.text
 
 
 class TLSServer:

@@ -136,6 +136,31 @@ def test_wildcards_only_when_configured() -> None:
     assert isinstance(ok, ra.TokenGrant) and ok.names == (("dns", "*.w.example"),)
 
 
+def test_a_wildcard_valid_for_a_denied_or_reserved_name_is_refused() -> None:
+    """`*.internal.example` is valid for `secret.internal.example`, which the deny rule
+    `*.secret.internal.example` denies, and for the CA's own `ca.internal.example`: a
+    service holding it could answer as either (security review). Wildcards that cover
+    neither are granted."""
+    pol = dataclasses.replace(DENY, allow_wildcards=True, reserved=("ca.pki.example",))
+    for name, reason in (("*.internal.example", Reason.NAME_DENIED),  # secret.internal...
+                         ("*.secret.internal.example", Reason.NAME_DENIED),
+                         ("*.x.secret.internal.example", Reason.NAME_DENIED),
+                         ("*.pki.example", Reason.NAME_RESERVED)):
+        refused(ra.decide(context(pol), admin(), ra.TokenRequest("service", [name])), reason)
+    for name in ("*.other.example", "*.web.internal.example", "*.ca.pki.example"):
+        assert isinstance(ra.decide(context(pol), admin(), ra.TokenRequest("service", [name])),
+                          ra.TokenGrant), name
+
+
+def test_an_acme_certificate_is_not_renewed_over_mutual_tls() -> None:
+    """Renewed over mTLS, a certificate issued to an ACME account would outlive the
+    account and its name patterns, at any lifetime (security review)."""
+    acme = dataclasses.replace(holder("service", ("web.internal.example",)),
+                               acme_order="order-1")
+    refused(ra.decide(context(ALLOW), acme, ra.RenewRequest()), Reason.WRONG_ROLE,
+            "issued over ACME", "certbot renew")
+
+
 @pytest.mark.parametrize("name, words", [
     ("https://evil.example\\@a.internal.example/", ("backslash",)),
     ("https://user@a.internal.example/", ("user@",)),
@@ -147,6 +172,12 @@ def test_wildcards_only_when_configured() -> None:
     ("https://[::ffff:10.9.9.9]/", ("IPv4-mapped",)),
     ("Svc.internal.example", ("lower case",)),
     ("bücher.example", ("A-label", "xn--")),
+    # inet_aton, resolvers and browsers read these as IPv4 (10.0.0.1, 127.0.0.1): as DNS
+    # names they passed the CIDR rules of a deny list (security review).
+    ("0xa.0.0.1", ("looks like an IP address",)),
+    ("0x7f.1", ("looks like an IP address",)),
+    ("a.internal.0x7f000001", ("looks like an IP address",)),
+    ("svc.internal.1", ("looks like an IP address",)),
 ])
 def test_names_that_parsers_could_read_two_ways_are_refused(name: str,
                                                             words: tuple[str, ...]) -> None:

@@ -140,7 +140,7 @@ async def identity(request: web.Request, *roles: str) -> ra.CertHolder:
             raise Problem(403, "Forbidden", "the client certificate has expired",
                           "expired-certificate")
         cached = ra.CertHolder(rec.serial, fingerprint, rec.subject, rec.role, rec.names,
-                               rec.principals, der)
+                               rec.principals, der, rec.acme_order)
         request["identity"] = cached
     if roles and cached.role not in roles:
         raise Problem(403, "Forbidden", f"this endpoint is for role {' or '.join(roles)}; your "

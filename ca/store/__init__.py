@@ -86,7 +86,9 @@ class Store(Protocol):
 
     async def cert(self, serial: int) -> CertRecord | None: ...
 
-    async def cert_by_fingerprint(self, fingerprint: str) -> CertRecord | None: ...
+    async def cert_by_fingerprint(self, fingerprint: str) -> CertRecord | None:
+        """A certificate by the SHA-256 of its DER, with its ACME order if it has one."""
+        ...
 
     async def revoked_certs(self) -> list[tuple[int, dt.datetime, str | None, str | None]]:
         """(serial, revocation time, reason, issuer label) of every revoked certificate."""

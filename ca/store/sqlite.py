@@ -633,9 +633,10 @@ class SQLiteStore:
         return _cert(rows[0]) if rows else None
 
     async def cert_by_fingerprint(self, fingerprint: str) -> CertRecord | None:
-        rows = self._read(f"SELECT {_CERT_COLS} FROM certs WHERE fingerprint = ?",
+        # With its ACME order: a certificate issued over ACME is renewed over ACME only.
+        rows = self._read(f"SELECT {_READ_COLS} FROM {_READ_FROM} WHERE c.fingerprint = ?",
                           (fingerprint,))
-        return _cert(rows[0]) if rows else None
+        return _read_cert(rows[0]) if rows else None
 
     async def revoked_certs(self) -> list[tuple[int, dt.datetime, str | None, str | None]]:
         return [(int(s, 16), dt.datetime.fromisoformat(at), reason, issuer)
