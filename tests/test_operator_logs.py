@@ -330,6 +330,42 @@ async def test_a_flood_of_bad_requests_does_not_flood_the_log(served: Daemon) ->
     assert counted >= 300  # every one counted
 
 
+async def test_a_flood_of_token_guesses_does_not_flood_the_log(served: Daemon) -> None:
+    """Each guessed bootstrap token used to be its own log line, 429 or not (600 lines
+    a second from one connection): now a burst per reason and interval, and the rest
+    counted in the line that follows the interval."""
+    import aiohttp
+
+    def lines() -> int:
+        return sum(1 for e in events(served, "bootstrap token refused")
+                   if e["reason"] == "unknown")
+
+    def unlogged() -> int:
+        return sum(e["unlogged"] for e in events(
+            served, "bootstrap tokens refused and not logged one by one")
+            if e["reason"] == "unknown")
+
+    before = lines(), unlogged()
+    statuses: set[int] = set()
+    async with aiohttp.ClientSession() as session:
+        async def guess() -> None:
+            async with session.post(f"{served.url}/v1/x509/enroll", ssl=served.ssl(),
+                                    json={"csr": "x"},
+                                    headers={"Authorization": "Bearer hsmca-guess"}) as r:
+                statuses.add(r.status)
+        for _ in range(20):
+            await asyncio.gather(*(guess() for _ in range(10)))  # 200 in all
+    assert statuses <= {401, 429} and 429 in statuses, statuses
+    workers = events(served, "listening")[0]["workers"]
+    assert lines() - before[0] <= workers * 20 + 2, (lines() - before[0], workers)
+
+    def accounted() -> int:
+        return lines() - before[0] + unlogged() - before[1]
+
+    assert await asyncio.to_thread(served.wait_stderr, lambda: accounted() >= 200, 30), \
+        accounted()
+
+
 async def test_what_libraries_log_is_json_lines_too() -> None:
     """psycopg's pool and other libraries log through the standard `logging`: their
     records, a level of their own and one that does not format included, come out as

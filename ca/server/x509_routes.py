@@ -34,6 +34,7 @@ from ca.server.common import (
     peer_der,
 )
 from ca.server.problems import Problem
+from ca.server.throttle import Throttle
 
 routes = web.RouteTableDef()
 log = structlog.get_logger("hsmca.issue")
@@ -65,13 +66,27 @@ async def create_token(request: web.Request) -> web.Response:
                              status=201)
 
 
+def _token_refusals_unlogged(why: object, unlogged: int) -> None:
+    log.warning("bootstrap tokens refused and not logged one by one", reason=why,
+                unlogged=unlogged, interval_s=TOKEN_REFUSALS.interval_s,
+                burst=TOKEN_REFUSALS.burst)
+
+
+# Per reason: anyone can send a thousand guesses a second, and the log must not echo them
+# (the guesses are counted for the rate limit and the metrics all the same).
+TOKEN_REFUSALS = Throttle(burst=20, on_quiet=_token_refusals_unlogged)
+
+
 async def _token_failed(request: web.Request, why: str, detail: str) -> Problem:
     """401 with the reason. A guess (no token, or one the CA never made) is counted for
     the whole daemon, and once the client is over the limit it is told to wait
     instead (429); a real token that is spent or expired is not a guess."""
     client = request.remote or "-"
-    log.info("bootstrap token refused", reason=why, client=client,
-             request_id=request.get("request_id"))
+    if (unlogged := TOKEN_REFUSALS.allow(why)) is not None:
+        if unlogged:
+            _token_refusals_unlogged(why, unlogged)
+        log.info("bootstrap token refused", reason=why, client=client,
+                 request_id=request.get("request_id"))
     wait = await request.app[LIMIT].token_failed(client) if why in ("missing", "unknown") \
         else 0
     if wait:
