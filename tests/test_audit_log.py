@@ -50,7 +50,7 @@ def test_state_catches_truncation_and_rewrite(ca: InitialisedCA, tmp_path: Path)
 
     lines = log.read_bytes().splitlines(keepends=True)
     log.write_bytes(b"".join(lines[:-5]))
-    proc = audit_verify(ca.state, "--state", state, "--checkpoint", tmp_path / "none", log=log)
+    proc = audit_verify(ca.state, "--state", state, log=log)
     assert proc.returncode == 1
     bad = len(lines) - 5
     assert f"FAILED at seq {bad} (line {bad + 1} of the file)" in proc.stderr, proc.stderr
@@ -60,7 +60,7 @@ def test_state_catches_truncation_and_rewrite(ca: InitialisedCA, tmp_path: Path)
     raw = [line.rstrip(b"\n") for line in lines]
     raw[3] = json.dumps({**json.loads(raw[3]), "event": "hsm.tampered"}).encode()
     log.write_bytes(b"".join(line + b"\n" for line in rechain(raw, 3)))
-    proc = audit_verify(ca.state, "--state", state, "--checkpoint", tmp_path / "none", log=log)
+    proc = audit_verify(ca.state, "--state", state, log=log)
     assert proc.returncode == 1 and "FAILED at seq" in proc.stderr
 
 
@@ -143,10 +143,60 @@ def test_closing_lines_are_only_what_the_daemon_writes(
                            sort_keys=True).encode()
     log = tmp_path / "log.jsonl"
     log.write_bytes(b"".join(x + b"\n" for x in rechain(raw, len(raw) + line)))
-    proc = audit_verify(ca.state, "--checkpoint", tmp_path / "none", log=log)
+    proc = audit_verify(ca.state, log=log)
     assert proc.returncode == 1, proc.stdout
     assert proc.stderr.startswith(f"UNSIGNED: 3 lines, no checkpoint covers them (seq "
                                   f"{len(raw) - 3} to {len(raw) - 1})"), proc.stderr
+
+
+def test_verify_names_the_file_that_is_wrong(stopped_log: tuple[InitialisedCA, list[bytes]],
+                                             tmp_path: Path) -> None:
+    """A checkpoint or state file that is missing, unreadable, not a checkpoint or
+    another log's is named as such in one line, never blamed on the log or passed over
+    (auditor trial: a mistyped --checkpoint was ignored and the log passed)."""
+    ca, lines = stopped_log
+    log = tmp_path / "log.jsonl"
+    log.write_bytes(b"".join(lines))
+
+    def refused(*extra: str | Path) -> str:
+        proc = audit_verify(ca.state, *extra, log=log)
+        assert proc.returncode != 0 and proc.stderr.count("\n") == 1, proc.stderr
+        assert "Traceback" not in proc.stderr and not proc.stdout, proc.stdout
+        return proc.stderr
+
+    assert "--checkpoint /nonexistent/cp: no such file" in refused("--checkpoint",
+                                                                   "/nonexistent/cp")
+    bad = tmp_path / "bad"
+    bad.write_bytes(b"\xff\xfe")
+    assert f"the checkpoint {bad} is not UTF-8 text" in refused("--checkpoint", bad)
+    bad.write_text("hello\n")
+    assert f"the checkpoint {bad} is not a checkpoint note" in refused("--checkpoint", bad)
+    assert f"cannot read the checkpoint {tmp_path}" in refused("--checkpoint", tmp_path)
+    from ca.audit.note import sign_checkpoint
+    from tests.test_verify import KEY
+    bad.write_text(sign_checkpoint("other.example/log", 1, b"\0" * 32, "other.example/log",
+                                   KEY.public_key(), KEY.sign))
+    assert f"the checkpoint {bad} is for the log 'other.example/log', not this one" in \
+        refused("--checkpoint", bad)
+    state = tmp_path / "state.json"
+    state.write_text('{"size": "x"}')
+    assert refused("--state", state).startswith(f"hsmca: error: --state {state}: ")
+
+    ok = audit_verify(ca.state, log=log)
+    assert ok.returncode == 0 and "note: there is no checkpoint file" in ok.stdout, ok.stdout
+
+    # A copy taken while the final checkpoint was being signed: its intent, no outcome.
+    log.write_bytes(b"".join(lines[:-2]))
+    proc = audit_verify(ca.state, log=log)
+    assert proc.returncode == 1 and "--allow-unsigned accepts that" in proc.stderr, proc.stderr
+    proc = audit_verify(ca.state, "--allow-unsigned", log=log)
+    assert proc.returncode == 0 and proc.stdout.startswith("OK:"), proc.stdout + proc.stderr
+    assert "OPEN: 1 signatures have an intent and no outcome yet" in proc.stderr
+
+    log.write_bytes(b"".join(lines) + b"[" * 100000 + b"]" * 100000 + b"\n")
+    proc = hsmca("audit", "show", "--log", log, check=False)
+    assert proc.returncode != 0 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"line {len(lines) + 1} of {log} is not a line of an audit log" in proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -154,8 +204,9 @@ def stopped_log(tmp_path_factory: pytest.TempPathFactory) -> tuple[InitialisedCA
     ca = init_ca(tmp_path_factory.mktemp("stopped"))
     assert start_daemon(ca.state).stop() == 0
     lines = (ca.state / "audit/log.jsonl").read_bytes().splitlines(keepends=True)
-    proc = audit_verify(ca.state, "--checkpoint", ca.state / "none", log=ca.state /
-                        "audit/log.jsonl")
+    alone = tmp_path_factory.mktemp("stopped-log") / "log.jsonl"  # no checkpoint file beside
+    alone.write_bytes(b"".join(lines))
+    proc = audit_verify(ca.state, log=alone)
     assert proc.returncode == 0 and "the last 3 lines are the last checkpoint's own signing " \
         "and the HSM logout" in proc.stdout, proc.stdout + proc.stderr
     return ca, lines
@@ -217,6 +268,49 @@ def test_one_writer_only_and_refusal_of_a_shorter_or_rewritten_log(tmp_path: Pat
     assert proc.returncode == 1 and "was rewritten: the prev recorded in line seq " \
         f"{at + 1} is not the SHA-256 of the line before it" in proc.stderr, proc.stderr
     log.write_bytes(original)
+    assert audit_verify(ca.state).returncode == 0
+
+
+def test_nothing_but_a_start_may_follow_a_clean_stop(tmp_path: Path) -> None:
+    """A stopped daemon's log ends in daemon.stop, its final checkpoint's own lines and
+    the HSM logout. A line appended after them by anyone with write access would be
+    signed over by the next start's first checkpoint and then pass every verification
+    (auditor trial): the start refuses it. The lines of a start cut short before its
+    first checkpoint are what a crash leaves, and are let through; and a log whose
+    closing lines were cut is refused, since the checkpoint file is written after them."""
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state)
+    assert d.stop() == 0
+    log = ca.state / "audit/log.jsonl"
+    original = log.read_bytes()
+    lines = original.splitlines()
+    assert json.loads(lines[-1])["event"] == "hsm.logout"
+
+    def serve() -> subprocess.CompletedProcess[str]:
+        return hsmca("serve", "--config", ca.state / "hsmca.toml", "--listen", "127.0.0.1:0",
+                     check=False)
+
+    last = json.loads(lines[-1])
+    forged = {"event": "cert.revoke", "actor": "cert:00:CN=forged", "reason": "keyCompromise",
+              "serial": "deadbeef", "serials": ["deadbeef"], "seq": len(lines), "ts": last["ts"]}
+    log.write_bytes(b"\n".join(rechain([*lines, json.dumps(forged).encode()], len(lines)))
+                    + b"\n")
+    proc = serve()
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"seq {len(lines)} after it is 'cert.revoke'" in proc.stderr, proc.stderr
+    assert "lines were appended to the stopped log" in proc.stderr
+
+    log.write_bytes(b"\n".join(lines[:-3]) + b"\n")  # the closing lines cut
+    proc = serve()
+    assert proc.returncode == 1 and "the end of the log was cut" in proc.stderr, proc.stderr
+
+    # A start that crashed after its HSM login: its open and login lines, then nothing.
+    opened = [line for line in lines if json.loads(line)["event"] in ("hsm.open", "hsm.login")]
+    crashed = [json.loads(line) | {"seq": len(lines) + i} for i, line in enumerate(opened[:2])]
+    log.write_bytes(b"\n".join(rechain([*lines, *(json.dumps(o).encode() for o in crashed)],
+                                       len(lines))) + b"\n")
+    d = start_daemon(ca.state)
+    assert d.stop() == 0
     assert audit_verify(ca.state).returncode == 0
 
 

@@ -426,7 +426,15 @@ async def test_remote_verify_continues_from_an_offline_state_and_misses_no_line(
         seen = offline()  # now up to the second stop's closing lines
 
         log.write_bytes(b"".join(log.read_bytes().splitlines(keepends=True)[:-3]))
-        d = start_daemon(ca.state)  # its checkpoint file covers the lines before the cut
+        # The start sees the cut: its checkpoint file was written after the lines cut.
+        proc = hsmca("serve", "--config", ca.state / "hsmca.toml", "--listen", "127.0.0.1:0",
+                     check=False)
+        assert proc.returncode == 1 and "the end of the log was cut" in proc.stderr, \
+            proc.stderr
+        # One who also deletes that file gets a start (on the checkpoint the log records),
+        # and the auditor's state catches it.
+        (ca.state / "audit" / "checkpoint").unlink()
+        d = start_daemon(ca.state)
         daemons.append(d)
         before = state.read_bytes()
         proc = remote_verify(d, auditor, state)

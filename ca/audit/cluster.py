@@ -191,7 +191,7 @@ def complete_lines(path: Path) -> tuple[int, bytes | None, int]:
             line = block[start + 1:cut]
             try:
                 seq = json.loads(line)["seq"]
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):
                 return -1, None, 0  # a torn or strange tail: the log's own recovery decides
             return int(seq) + 1, line, lo + cut + 1
     return 0, None, 0

@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ca.audit.line import CHECKPOINT_FIELD, GENESIS, chain_hash, line_bytes
 from ca.audit.merkle import Growth, TreeHead, growth, leaf_hash, leaf_hashes
-from ca.audit.note import NoteError, parse_checkpoint, verify_checkpoint
+from ca.audit.note import Checkpoint, NoteError, parse_checkpoint, verify_checkpoint
 from ca.audit.tiles import (
     MAX_ENTRY_BYTES,
     TILE_WIDTH,
@@ -230,7 +230,7 @@ class AuditLog:
                 obj = json.loads(lines[-1])
                 if not isinstance(obj, dict):
                     raise ValueError
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: [[[[... nested deep
                 torn = lines.pop() + b"\n"  # a complete-looking line that is not JSON
         n = covered + len(lines)
         _check_chain(path, before, lines, covered)
@@ -253,7 +253,11 @@ class AuditLog:
                 ends.append(pos)
                 edge = []
         if checkpoint_path is not None:
-            cls._check_against_checkpoint(path, checkpoint_path, tree, fd, pos, audit_key)
+            cp = cls._check_against_checkpoint(path, checkpoint_path, tree, fd, pos, audit_key)
+            if cp is not None:
+                window = (last if bundles else []) + lines  # seq `first` on
+                first = covered - TILE_WIDTH if bundles else 0
+                _check_after_clean_stop(path, window, first, cp.size)
         prev = chain_hash(final) if final is not None else GENESIS
         audit = cls(path, fd, store, tree, pos, prev, edge, ends, mirror)
         if torn:
@@ -274,12 +278,13 @@ class AuditLog:
     @staticmethod
     def _check_against_checkpoint(path: Path, checkpoint_path: Path, tree: TiledTree,
                                   fd: int, size_bytes: int, audit_key: Ed25519PublicKey | None
-                                  ) -> None:
+                                  ) -> Checkpoint | None:
         """The log must still hold what the last checkpoint signed. That is the
         checkpoint file, or, if it is gone, the last checkpoint recorded in the log
-        itself (deleting one file must not switch the check off)."""
+        itself (deleting one file must not switch the check off). The checkpoint."""
         n = tree.size
-        if checkpoint_path.exists():
+        in_file = checkpoint_path.exists()
+        if in_file:
             where = str(checkpoint_path)
             try:
                 text = checkpoint_path.read_text(encoding="utf-8")
@@ -311,6 +316,15 @@ class AuditLog:
             raise AuditLogError(
                 f"the first {cp.size} lines of the audit log {path} no longer match {where}: "
                 "the log was rewritten. Refusing to start; run `hsmca audit verify`")
+        if in_file and n < cp.size + 2:
+            # The file is written once the checkpoint's signing is in the log: its intent
+            # (seq cp.size, durable before C_Sign) and its outcome, which carries the note.
+            raise AuditLogError(
+                f"the audit log {path} ends at {n} lines, but the lines that signed its last "
+                f"checkpoint ({where}, over {cp.size} lines) came after those, before the "
+                "file was written: the end of the log was cut (tampering or loss). Refusing "
+                "to start; restore the log and run `hsmca audit verify`")
+        return cp
 
     # ---- appending ----------------------------------------------------------------------
 
@@ -652,6 +666,66 @@ def ensure_unlocked(path: Path) -> None:
             pass
 
 
+# What a start writes before its first checkpoint: the HSM session, a repair of the
+# log, `daemon.start`, and the CA's own signatures (its TLS certificate, CRLs, OCSP
+# responses, that checkpoint), all with the actor "local", and their outcomes.
+_START_EVENTS = frozenset({"hsm.open", "hsm.login", "hsm.error", "hsm.reconnect",
+                           "hsm.logout", "log.recover", "log.resume", "daemon.start",
+                           "daemon.stop"})
+
+
+def _check_after_clean_stop(path: Path, window: list[bytes], first: int, signed: int) -> None:
+    """After a clean stop nothing may have been added but what a start writes first.
+
+    A daemon that stops writes `daemon.stop`, a checkpoint over it (its last line is
+    `daemon.stop`, seq signed - 1), that checkpoint's own intent and outcome, and the
+    HSM logout of the same process; then nothing until the next start, whose first
+    checkpoint comes before any request is served. Lines appended to a stopped log
+    by anyone else would otherwise be signed over by the next start's checkpoint and
+    pass every later verification (auditor trial). The lines of a start cut short by a
+    crash before its first checkpoint are let through; anything else is refused.
+    `window` holds the lines from seq `first` on."""
+    at = signed - 1 - first
+    if at < 0 or at >= len(window):
+        return
+    try:
+        objs = [json.loads(line) for line in window[at:]]
+    except (ValueError, RecursionError):
+        return  # a torn last line: cut and recorded by the caller
+    stop, rest = objs[0], objs[1:]
+    if not isinstance(stop, dict) or stop.get("event") != "daemon.stop":
+        return
+    def signing(obj: dict[str, Any]) -> bool:  # the final checkpoint's own lines
+        if obj.get("event") != "hsm.sign":
+            return False
+        if obj.get("phase") == "intent":
+            return obj.get("purpose") == "checkpoint" and obj.get("size") == signed
+        return obj.get("op_id") in ops
+
+    ops: set[str] = set()
+    i = 0
+    while i < len(rest) and signing(rest[i]):
+        ops.add(rest[i].get("op_id"))
+        i += 1
+    if not ops or i == len(rest) or rest[i].get("event") != "hsm.logout" \
+            or rest[i].get("pid") != stop.get("pid"):
+        return  # not the shape of a clean stop: nothing more to say about it
+    for seq, obj in enumerate(rest[i + 1:], start=signed + i + 1):
+        local = obj.get("event") == "hsm.sign" and (
+            obj.get("actor") == "local" if obj.get("phase") == "intent"
+            else obj.get("op_id") in ops)
+        if local and obj.get("phase") == "intent":
+            ops.add(obj.get("op_id"))
+        if not local and obj.get("event") not in _START_EVENTS:
+            raise AuditLogError(
+                f"the audit log {path} was stopped cleanly at seq {signed - 1} (daemon.stop, "
+                f"its final checkpoint and the HSM logout), but seq {seq} after it is "
+                f"{str(obj.get('event'))[:40]!r}, which no start writes before its first "
+                "checkpoint: lines were appended to the stopped log. Refusing to start (a "
+                "checkpoint would sign them); keep a copy, remove the lines after the "
+                "logout, and run `hsmca audit verify`")
+
+
 def _check_chain(path: Path, before: bytes | None, lines: list[bytes], first: int) -> None:
     """The lines start reads past the tiles (`first` is the seq of the first) chain to
     the line before them and to each other; else start-up would sign checkpoints over
@@ -660,7 +734,7 @@ def _check_chain(path: Path, before: bytes | None, lines: list[bytes], first: in
     for i, line in enumerate(lines):
         try:
             said = json.loads(line).get("prev")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             said = None
         if said != prev:
             raise AuditLogError(
