@@ -95,3 +95,20 @@ def test_the_new_key_is_not_trusted_before_its_hand_over() -> None:
     log.checkpoint(NEW)
     result = verify_log(log.data(), KEY.public_key(), ORIGIN, ORIGIN)
     assert not result.ok and result.bad_seq == early, (result.bad_seq, result.reason)
+
+
+def test_a_log_cut_before_the_hand_over_is_called_truncated() -> None:
+    """The latest checkpoint is the new key's; a copy cut before the hand-over cannot
+    check its signature, and used to be blamed on the pinned key or on an open intent
+    (auditor trial). It is said to be shorter than the checkpoint."""
+    log, at = rotated_log([KEY, NEW], [NEW])
+    body = checkpoint_body(ORIGIN, log.size, log._tree.root())
+    latest = signed_note(body, [(ORIGIN, NEW.public_key(), NEW.sign(body.encode()))])
+    data = log.data()
+    for keep in (at - 3, at - 4):  # ending on an outcome, then on an intent
+        cut = b"".join(line + b"\n" for line in data.split(b"\n")[:keep])
+        result = verify_log(cut, KEY.public_key(), ORIGIN, ORIGIN, latest_checkpoint=latest)
+        assert not result.ok and result.bad_seq == keep, result.reason
+        assert result.reason is not None and result.reason.startswith(
+            f"log is shorter than the checkpoint (truncated?): the latest checkpoint claims "
+            f"{log.size} lines, the log has {keep}"), result.reason

@@ -38,17 +38,41 @@ def _audit_key(path: Path) -> ed25519.Ed25519PublicKey:
 
 def _origin(args: argparse.Namespace, latest: str | None, data: bytes,
             state: dict[str, Any] | None) -> str | None:
+    """The log's origin: --origin, else the one its own first checkpoint names, else
+    the saved state's or the checkpoint file's (a log without any checkpoint yet)."""
     if args.origin:
         return str(args.origin)
-    for note in (latest, (state or {}).get("checkpoint")):
-        if isinstance(note, str) and note:
-            return note.split("\n", 1)[0]
-    # The first checkpoint in the log names it; a log without any has no signature to check.
     marker = b'"checkpoint":"'
     at = data.find(marker)
     if at >= 0:
         return data[at + len(marker):data.find(b"\\n", at)].decode("utf-8", "replace")
+    for note in (latest, (state or {}).get("checkpoint")):
+        if isinstance(note, str) and note:
+            return note.split("\n", 1)[0]
     return None
+
+
+def _checkpoint_file(args: argparse.Namespace) -> tuple[Path, str | None]:
+    """The latest checkpoint's path and text: --checkpoint must exist; the default, the
+    daemon's `checkpoint` beside the log, may be missing (a copy of the log alone)."""
+    path = args.checkpoint or args.log.parent / "checkpoint"
+    if args.checkpoint is None and not path.exists():
+        return path, None
+    try:
+        text = path.read_text("utf-8")
+    except FileNotFoundError:
+        raise CLIError(f"--checkpoint {path}: no such file") from None
+    except OSError as exc:
+        raise CLIError(f"cannot read the checkpoint {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise CLIError(f"the checkpoint {path} is not UTF-8 text: not a checkpoint "
+                       "(a signed note)") from None
+    from ca.audit.note import NoteError, parse_checkpoint
+    try:
+        parse_checkpoint(text)
+    except NoteError as exc:
+        raise CLIError(f"the checkpoint {path} is not a checkpoint note: {exc}") from None
+    return path, text
 
 
 def _client_context(args: argparse.Namespace) -> ssl.SSLContext:
@@ -135,14 +159,26 @@ def verify(args: argparse.Namespace) -> int:
         data = args.log.read_bytes()
     except OSError as exc:
         raise CLIError(f"cannot read the log {args.log}: {exc.strerror}") from None
-    cp_path = args.checkpoint or args.log.parent / "checkpoint"
-    latest = cp_path.read_text("utf-8") if cp_path.exists() else None
-    state = load_state(args.state) if args.state and args.state.exists() else None
+    cp_path, latest = _checkpoint_file(args)
+    try:
+        state = load_state(args.state) if args.state and args.state.exists() else None
+    except (ValueError, OSError) as exc:
+        raise CLIError(f"--state {args.state}: {exc}") from None
     origin = _origin(args, latest, data, state)
     if origin is None:
         raise CLIError("the log holds no checkpoint and no --origin was given; nothing can be "
                        "checked against the audit key")
-    result = verify_log(data, key, origin, origin=origin, latest_checkpoint=latest, state=state)
+    for what, note in ((f"the checkpoint {cp_path}", latest),
+                       (f"the state {args.state}", (state or {}).get("checkpoint"))):
+        named = note.split("\n", 1)[0] if isinstance(note, str) else None
+        if named is not None and named != origin:
+            raise CLIError(f"{what} is for the log {named[:100]!r}, not this one ({origin!r}, "
+                           "as its own checkpoints say): another CA's, or another log's?")
+    try:
+        result = verify_log(data, key, origin, origin=origin, latest_checkpoint=latest,
+                            state=state, open_allowed=args.allow_unsigned)
+    except ValueError as exc:  # the state file's fault, never the log's (verify_log)
+        raise CLIError(f"--state {args.state}: {exc}") from None
     if not result.ok:
         where = "(no line)" if result.bad_seq is None else (
             f"at seq {result.bad_seq} (line {result.bad_seq + 1} of the file)")
@@ -160,6 +196,10 @@ def verify(args: argparse.Namespace) -> int:
                   "or accept them with --allow-unsigned.", file=sys.stderr)
             return 1
         print(f"{unsigned}; accepted (--allow-unsigned)", file=sys.stderr)
+    if result.open_at_end:
+        print(f"OPEN: {result.open_at_end} signatures have an intent and no outcome yet (under "
+              "way when the log was copied, or cut short by a crash); accepted "
+              "(--allow-unsigned)", file=sys.stderr)
     if args.state and result.new_state is not None:
         save_state(args.state, result.new_state)
     closing = (f"; the last {result.closing} lines are the last checkpoint's own signing"
@@ -167,6 +207,11 @@ def verify(args: argparse.Namespace) -> int:
                "can cover" if result.closing else "")
     print(f"OK: {result.lines} lines, {result.checkpoints} checkpoints verified"
           f"{' (extends the state saved last time)' if state else ''}{closing}")
+    if latest is None:
+        print(f"note: there is no checkpoint file {cp_path}, so the log was checked against "
+              "the checkpoints it records only: give the latest one you hold (the daemon's, "
+              "a witness's) with --checkpoint, or a saved --state, to catch a log cut back to "
+              "an earlier checkpoint")
     return 0
 
 
@@ -235,13 +280,22 @@ def show(args: argparse.Namespace) -> int:
         raise CLIError(f"cannot read the log {path}: {exc.strerror}") from None
     with fh:
         pending = b""
+        number = 0
         while True:
             chunk = fh.readline()
             if chunk:
                 pending += chunk
                 if not pending.endswith(b"\n"):
                     continue  # a line still being written: wait for its end
-                obj = json.loads(pending)
+                number += 1
+                try:
+                    obj = json.loads(pending)
+                    if not isinstance(obj, dict):
+                        raise ValueError
+                except (ValueError, RecursionError):
+                    raise CLIError(f"line {number} of {path} is not a line of an audit log (a "
+                                   "JSON object); `hsmca audit verify` says what is wrong "
+                                   "with the log") from None
                 pending = b""
                 if obj.get("seq", 0) >= args.start:
                     print(_describe(obj), flush=True)

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ca.audit.line import GENESIS, chain_hash
 from ca.audit.merkle import MerkleTree, TreeHead
-from ca.audit.note import verifier_key
+from ca.audit.note import NoteError, parse_checkpoint, verifier_key
 from ca.audit.verify.checkpoint import (
     CLOSING_MAX,
     PinnedKey,
@@ -33,7 +33,7 @@ from ca.audit.verify.checkpoint import (
 )
 from ca.audit.verify.failure import Failure, Stage, earliest
 from ca.audit.verify.pairing import pair, unexcused
-from ca.audit.verify.scan import Chunk, scan_all, tree
+from ca.audit.verify.scan import scan_all, tree
 from ca.audit.verify.state import AuditorState, followed
 
 
@@ -53,18 +53,23 @@ class VerifyResult:
     signed: int = 0
     closing: int = 0
     unsigned: int = 0
+    # With `open_allowed`: intents left without an outcome and without a daemon.start
+    # after them (signatures under way when the copy was taken, or cut by a crash).
+    open_at_end: int = 0
 
 
 def verify_log(data: bytes, public_key: Ed25519PublicKey, key_name: str,
                origin: str | None = None, latest_checkpoint: str | None = None,
                state: dict[str, Any] | None = None, *,
-               workers: int | None = None) -> VerifyResult:
+               workers: int | None = None, open_allowed: bool = False) -> VerifyResult:
     """Verify a whole audit log, given as the file's bytes exactly as stored.
 
     `key_name` is the audit key's name in the checkpoint signature lines and
     `origin`, when given, the origin line every checkpoint must carry.
     `latest_checkpoint` is the latest checkpoint file's text, and `state` the state
     saved by the previous run (`load_state`), if the auditor has them.
+    `open_allowed` accepts intents still open at the end of the log with no daemon.start
+    after them, as a copy of a running or crashed daemon's log has (`open_at_end`).
 
     Logs of more than a few MB are scanned by `workers` processes forked from this
     one (POSIX). By default that is one per CPU when the caller runs a single
@@ -84,14 +89,14 @@ def verify_log(data: bytes, public_key: Ed25519PublicKey, key_name: str,
     was_enabled = gc.isenabled()
     gc.disable()  # millions of short-lived dicts; nothing here makes reference cycles
     try:
-        return _verify(data, key, latest_checkpoint, prior, workers)
+        return _verify(data, key, latest_checkpoint, prior, workers, open_allowed)
     finally:
         if was_enabled:
             gc.enable()
 
 
 def _verify(data: bytes, key: PinnedKey, latest_text: str | None,
-            prior: AuditorState | None, workers: int) -> VerifyResult:
+            prior: AuditorState | None, workers: int, open_allowed: bool) -> VerifyResult:
     end = data.rfind(b"\n") + 1
     tail = data[end:]  # empty unless the final line is torn
     chunks = scan_all(data, end, workers, key)
@@ -105,6 +110,7 @@ def _verify(data: bytes, key: PinnedKey, latest_text: str | None,
     good = failure.seq if failure else n  # lines [0, good) passed every per-line check
 
     latest, latest_error = (None, None) if latest_text is None else check_latest(latest_text, key)
+    claimed = _claimed_size(latest_text) if latest is None else None
 
     # Merkle roots: the log's own checkpoints, then the prefixes vouched for from outside
     # the log (when it is long enough to hold them): every line the previous run saw,
@@ -127,8 +133,10 @@ def _verify(data: bytes, key: PinnedKey, latest_text: str | None,
                 f"rewritten: the first {prefix.size} lines no longer match {what}")))
     verified += latest is not None
 
+    last_start = max(c.last_start for c in chunks)
     if failure is None:
-        failure = _end_of_log(n, tail, prior, latest, open_intents, chunks)
+        failure = _end_of_log(n, tail, prior, latest, claimed, latest_error,
+                              {} if open_allowed else open_intents, last_start)
     if failure is not None:
         return VerifyResult(False, n, failure.seq, failure.reason, verified, None)
     if latest_error is not None:  # the log is fine, but the checkpoint file is not
@@ -145,19 +153,30 @@ def _verify(data: bytes, key: PinnedKey, latest_text: str | None,
     if best is not None:  # everything verified, so that the next run misses no line of it
         head = chain_hash(_last_lines(data, end, 1)[0]) if n else GENESIS
         # Every intent still open has a daemon.start after it (`_end_of_log` saw to it).
-        still_open = {op: (seq, True) for op, seq in open_intents.items()}
+        still_open = {op: (seq, seq < last_start) for op, seq in open_intents.items()}
         new_state = AuditorState(n, merkle.root(n), head, merkle.compact_range(n), best.text,
                                  best, still_open, _successors(key)).to_json()
     return VerifyResult(True, n, None, None, verified, new_state, signed, closing,
-                        n - signed - closing)
+                        n - signed - closing,
+                        sum(seq > last_start for seq in open_intents.values()))
 
 
 def _successors(key: PinnedKey) -> tuple[tuple[int, str], ...]:
     return tuple((seq, verifier_key(key.name, k)) for seq, k in key.successors)
 
 
+def _claimed_size(text: str | None) -> int | None:
+    """The size a checkpoint file claims, its signature unchecked: for the diagnosis
+    of a log cut before the audit key that signed it was handed over."""
+    try:
+        return parse_checkpoint(text).size if text is not None else None
+    except NoteError:
+        return None
+
+
 def _end_of_log(n: int, tail: bytes, prior: AuditorState | None, latest: SignedPrefix | None,
-                open_intents: dict[str, int], chunks: list[Chunk]) -> Failure | None:
+                claimed: int | None, latest_error: str | None, open_intents: dict[str, int],
+                last_start: int) -> Failure | None:
     """Checks that need the whole log, once every complete line has passed.
 
     A missing tail explains open intents, so truncation and a torn line come first.
@@ -169,10 +188,16 @@ def _end_of_log(n: int, tail: bytes, prior: AuditorState | None, latest: SignedP
         return Failure(n, Stage.LINE, f"log is shorter than the checkpoint (truncated): the "
                                       f"latest checkpoint covers {latest.size} lines, the log "
                                       f"has {n}")
+    if claimed is not None and claimed > n:
+        return Failure(n, Stage.LINE, f"log is shorter than the checkpoint (truncated?): the "
+                                      f"latest checkpoint claims {claimed} lines, the log has "
+                                      f"{n}; its signature could not be checked either "
+                                      f"({latest_error}), since a log cut short may end before "
+                                      "the audit key that signed it was handed over")
     if tail:
         return Failure(n, Stage.LINE, "torn line: the final line has no newline (an "
                                       "interrupted write)")
-    return unexcused(open_intents, max(c.last_start for c in chunks))
+    return unexcused(open_intents, last_start)
 
 
 def _last_lines(data: bytes, end: int, k: int) -> list[bytes]:

@@ -148,4 +148,6 @@ def unexcused(open_intents: dict[str, int], last_start: int) -> Failure | None:
     if not seqs:
         return None
     return Failure(min(seqs), Stage.PAIRING, "intent without an outcome, and no daemon.start "
-                                             "after it (so no crash interrupted it)")
+                                             "after it (so no crash interrupted it that the log "
+                                             "shows; a copy of a running or crashed daemon's "
+                                             "log ends so: --allow-unsigned accepts that)")
