@@ -211,12 +211,18 @@ def email(addr: str) -> str:
     return addr
 
 
+MAX_URI = 2048
+
+
 def uri(name: str) -> str:
     """An RFC 3986 URI with a host and no userinfo: parsers that disagree about where
     the host of `https://a\\@b/` ends must not make an allow list say yes."""
     if _BAD_CHARS.search(name) or not name.isascii() or "\\" in name:
         raise Refused(f"URI {_show(name)} contains spaces, commas, backslashes, control or "
                       "non-ASCII characters", Reason.BAD_NAME)
+    if len(name) > MAX_URI:
+        raise Refused(f"URI {_show(name)} is longer than {MAX_URI} characters (SPIFFE's limit)",
+                      Reason.BAD_NAME)
     m = _URI.match(name)
     if m is None or not _URI_REST_OK.match(m.group("rest") or ""):
         raise Refused(f"URI {_show(name)} is not scheme://host[:port][/path] (lower-case scheme "

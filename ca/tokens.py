@@ -37,13 +37,16 @@ class Tokens:
         secret = f"hsmca-{token_id}-{secrets.token_urlsafe(32)}"
         now = utcnow()
         expires = (now + dt.timedelta(seconds=grant.ttl_s)).isoformat()
-        await self.store.add_token(NewToken(
-            token_id, _digest(secret), grant.role, grant.names, grant.principals, expires,
-            now.isoformat(), grant.actor))
+        # The record first: a token the log cannot show (a line too long, the disk full)
+        # is never stored. One recorded and then not stored is harmless: its secret was
+        # never handed out.
         await self.audit.append("token.create", id=token_id, role=grant.role,
                                 names=[v for _, v in grant.names],
                                 principals=list(grant.principals), expires=expires,
                                 actor=grant.actor)
+        await self.store.add_token(NewToken(
+            token_id, _digest(secret), grant.role, grant.names, grant.principals, expires,
+            now.isoformat(), grant.actor))
         return CreatedToken(secret, token_id, expires)
 
     async def find(self, secret: str) -> TokenRecord | None:

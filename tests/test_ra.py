@@ -178,6 +178,9 @@ def test_an_acme_certificate_is_not_renewed_over_mutual_tls() -> None:
     ("0x7f.1", ("looks like an IP address",)),
     ("a.internal.0x7f000001", ("looks like an IP address",)),
     ("svc.internal.1", ("looks like an IP address",)),
+    # A URI as long as the body allows made a token.create line longer than an audit
+    # line may be (security review).
+    ("spiffe://a.internal.example/" + "x" * 2030, ("longer than 2048",)),
 ])
 def test_names_that_parsers_could_read_two_ways_are_refused(name: str,
                                                             words: tuple[str, ...]) -> None:

@@ -76,8 +76,9 @@ async def ssh_revoke(request: web.Request) -> web.Response:
     public_key = None
     if "serial" in body:
         raw: Any = body["serial"]
-        if isinstance(raw, bool) or not isinstance(raw, int | str) or not is_decimal(str(raw)) \
-                or not 0 < int(raw) < 2**64:
+        # At most 20 digits before int(): Python refuses to read over 4300 (a 500).
+        if isinstance(raw, bool) or not isinstance(raw, int | str) or len(str(raw)) > 20 \
+                or not is_decimal(str(raw)) or not 0 < int(raw) < 2**64:
             raise Problem(400, "Bad Request", "serial must be the decimal SSH certificate serial",
                           "bad-field")
         serial = int(raw)
