@@ -1,7 +1,8 @@
 """Witnesses over HTTP (C2SP tlog-witness): `hsmca witness serve` as an auditor runs
 it, answered request by request; and two of them following a real daemon, which
 publishes their cosignatures, until the log is rewritten on the CA host and
-re-signed with the real key, which both refuse.
+re-signed with the real key, which both refuse; and one that follows the audit key's
+rotation, whose cosignatures `hsmca ui` still counts.
 
 Cosignatures are checked here from c2sp.org/tlog-cosignature's text, not with
 ca/audit/cosignature.py.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import urllib.error
@@ -23,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from ca.audit.note import parse_checkpoint, sign_checkpoint, verifier_key
 from tests.conftest import Daemon, hsmca, init_ca, set_config
-from tests.helpers import Running, enroll
+from tests.helpers import Running, enroll, log_lines
 from tests.test_audit_remote import (
     _ATTACKER_SIGNS,
     REPO,
@@ -93,6 +95,17 @@ class WitnessProcess:
         assert self.vkey == (f"{self.name}+{cosigner_key_id(self.name, self.pub).hex()}+"
                              + base64.b64encode(b"\x04" + self.pub).decode())
 
+    def pin(self, logs: dict[str, str]) -> None:
+        """Restart at the same address following `logs`: what an auditor does to give
+        the witness a log's new key (docs/keys.md)."""
+        assert self.run.stop() == 0
+        url, port = self.url, self.url.rsplit(":", 1)[1]
+        self.args = [*self.args[:self.args.index("--listen")], "--listen", f"127.0.0.1:{port}"]
+        for origin, vkey in logs.items():
+            self.args += ["--log", f"{origin}={vkey}"]
+        self.start()
+        assert self.url == url
+
     @property
     def state(self) -> dict[str, int]:
         doc = json.loads((self.dir / "witness-state.json").read_text())
@@ -117,6 +130,40 @@ def log_key(state: Path) -> tuple[str, str]:
                                                   .read_bytes())
     assert isinstance(audit_pub, ed25519.Ed25519PublicKey)
     return origin, verifier_key(origin, audit_pub)
+
+
+def serve(cfg: Path) -> tuple[Running, str]:
+    """`hsmca serve`, its stderr read as it comes; and its URL."""
+    d = Running.start("serve", "--config", cfg, "--listen", "127.0.0.1:0")
+    with d.cond:
+        d.cond.wait_for(lambda: d.stdout or d.proc.poll() is not None, timeout=90)
+    assert d.stdout and d.stdout[0].startswith("listening on "), "".join(d.raw)
+    return d, d.stdout[0].split()[-1]
+
+
+def cosigned_from_here(d: Running, handle: Daemon, witnesses: list[WitnessProcess]) -> int:
+    """A line written now (a token's creation), then the wait until each of `witnesses`
+    has cosigned a checkpoint that covers it, and so everything written before it. The
+    size of the largest of those checkpoints."""
+    request = urllib.request.Request(
+        f"{handle.url}/v1/tokens", headers={"Content-Type": "application/json"},
+        data=json.dumps({"role": "service", "names": ["mark.witness.example"],
+                         "ttl": "15m"}).encode())
+    with urllib.request.urlopen(request, context=handle.admin_ssl(), timeout=60) as answer:
+        assert answer.status == 201
+    mark = max(line["seq"] for line in log_lines(handle.state)
+               if line["event"] == "token.create")
+
+    def cosigned() -> dict[str, int]:
+        return {e["witness"]: e["size"] for e in d.lines
+                if e.get("event") == "witness cosigned the checkpoint" and e["size"] > mark}
+
+    with d.cond:
+        d.cond.wait_for(lambda: all(w.url in cosigned() for w in witnesses)
+                        or d.proc.poll() is not None, timeout=150)
+        found = cosigned()
+    assert all(w.url in found for w in witnesses), "".join(d.raw[-40:])
+    return max(found.values())
 
 
 def test_witness_answers_as_c2sp_says_and_keeps_its_state(tmp_path: Path) -> None:
@@ -184,16 +231,9 @@ def test_daemon_feeds_two_witnesses_which_refuse_a_rewritten_re_signed_log(
     set_config(ca.state, "audit", "witness-keys", [w.vkey for w in witnesses])
     daemons: list[Running] = []
 
-    def serve() -> tuple[Running, str]:
-        d = Running.start("serve", "--config", cfg, "--listen", "127.0.0.1:0")
-        daemons.append(d)
-        with d.cond:
-            d.cond.wait_for(lambda: d.stdout or d.proc.poll() is not None, timeout=90)
-        assert d.stdout and d.stdout[0].startswith("listening on "), "".join(d.raw)
-        return d, d.stdout[0].split()[-1]
-
     try:
-        d, url = serve()
+        d, url = serve(cfg)
+        daemons.append(d)
         for w in witnesses:
             w.run.wait("cosigned")  # the checkpoint signed at start
         handle = Daemon(url, d.proc, ca.state, [])
@@ -219,7 +259,8 @@ def test_daemon_feeds_two_witnesses_which_refuse_a_rewritten_re_signed_log(
                                 capture_output=True, text=True, timeout=60)
         assert signer.returncode == 0, signer.stderr
 
-        d, url = serve()  # the daemon takes the forged log: it matches "its" checkpoint
+        d, url = serve(cfg)  # the daemon takes the forged log: it matches "its" checkpoint
+        daemons.append(d)
         for w in witnesses:
             refused = w.run.wait("refused")
             assert refused["status"] == 422 and refused["held"] == size, refused
@@ -257,5 +298,71 @@ def test_a_witness_key_that_is_not_the_witnesss_is_named_beside_the_one_it_used(
         assert said["signed_as"] == ["+".join(witness.vkey.split("+")[:2])], said
         assert said["configured"] == ["+".join(wrong.split("+")[:2])], said
     finally:
+        d.stop()
+        witness.run.stop()
+
+
+def test_after_an_audit_key_rotation_the_view_still_counts_the_witness(tmp_path: Path) -> None:
+    """docs/keys.md's rotation of the audit key, with a witness the auditor pins: once
+    the old key is retired, the checkpoints the witness cosigns are signed by the new
+    key alone. `hsmca ui`, pinned to the key the log began with as the docs say,
+    verifies them with the key the log handed over to and counts the witness (it used
+    to check them with the first key alone: "0 witnesses", and "does not verify with
+    the pinned audit key")."""
+    ca = init_ca(tmp_path)
+    cfg = ca.state / "hsmca.toml"
+    first_key = tmp_path / "first-audit-key.pem"
+    first_key.write_bytes((ca.state / "audit" / "audit_key.pem").read_bytes())
+    origin, first_vkey = log_key(ca.state)
+    witness = WitnessProcess(tmp_path, "w1.rotation.test/witness", {origin: first_vkey})
+    set_config(ca.state, "audit", "witnesses", [witness.url])
+    set_config(ca.state, "audit", "witness-keys", [witness.vkey])
+    # Checkpoints only as the log grows: the one the witness cosigned last is still the
+    # latest when the view looks.
+    set_config(ca.state, "audit", "heartbeat-s", 86400)
+    d, url = serve(cfg)
+    handle = Daemon(url, d.proc, ca.state, [])
+    ui: Running | None = None
+    try:
+        auditor = enroll(handle, tmp_path, "auditor", ["auditor@rotation.test"])
+        cosigned_from_here(d, handle, [witness])
+        listing = hsmca("key", "list", "--config", cfg).stdout
+        old_label = re.search(r"^(\S+)\s+audit\s+active", listing, re.M)
+        assert old_label, listing
+        assert "rotated audit" in hsmca("key", "rotate", "audit", "--config", cfg).stdout
+        cosigned_from_here(d, handle, [witness])  # a hand-over checkpoint, signed by both
+        new_origin, new_vkey = log_key(ca.state)  # audit_key.pem: the new key now
+        assert (new_origin, "hsmca-audit-key " + new_vkey) == (
+            origin, (ca.state / "audit" / "checkpoint").read_text().split("\n")[3])
+        witness.pin({origin: new_vkey})  # before the retirement, as docs/keys.md says
+        hsmca("key", "retire", old_label.group(1), "--config", cfg)
+        size = cosigned_from_here(d, handle, [witness])
+        latest = (ca.state / "audit" / "checkpoint").read_text()
+        assert parse_checkpoint(latest).size == size and "hsmca-audit-key" not in latest
+        assert latest.count("\n\u2014 ") == 1  # the new key's signature alone
+
+        state = tmp_path / "auditor.state"
+        ui = Running.start("ui", "--url", url, "--ca", handle.root, "--cert", auditor[0],
+                           "--key", auditor[1], "--audit-key", first_key, "--state", state,
+                           "--witness-key", witness.vkey, "--listen", "127.0.0.1:0")
+        base = ui.listening_url()
+        for _ in range(10):  # each answer waits for the verification under way, up to 20 s
+            with urllib.request.urlopen(f"{base}/status.json", timeout=60) as answer:
+                status = json.loads(answer.read())
+            if "under way" not in status["detail"]:
+                break
+        assert status["status"] == "ok", status
+        assert status["banner"].endswith(f"checkpoint {size}, 1 witness"), status
+        with urllib.request.urlopen(f"{base}/", timeout=60) as answer:
+            overview = answer.read().decode()
+        assert "does not verify" not in overview and witness.name in overview
+        with urllib.request.urlopen(f"{base}/audit", timeout=60) as answer:
+            audit_page = answer.read().decode()
+        # The latest checkpoint, the new key's alone, verifies with the keys followed.
+        assert "does not verify" not in audit_page and "no signature by" not in audit_page
+        assert "signature verified with the pinned audit key" in audit_page
+    finally:
+        if ui is not None:
+            ui.stop()
         d.stop()
         witness.run.stop()
