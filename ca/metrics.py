@@ -51,15 +51,26 @@ def count_sign_calls(pipeline: Any) -> None:
 
 
 class AuditMetrics:
-    """What the primary measures: the audit log's group commits."""
+    """What the primary measures: the audit log's group commits, and what the witnesses
+    answered to its checkpoints."""
 
     def __init__(self) -> None:
-        from prometheus_client import Histogram
+        from prometheus_client import Counter, Gauge, Histogram
         self.commit = Histogram("hsmca_audit_commit_seconds",
                                 "Audit group commit (write + fdatasync) latency",
                                 buckets=FAST_BUCKETS, registry=None)
         self.batch = Histogram("hsmca_audit_batch_lines", "Lines per audit group commit",
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=None)
+        self.cosigned = Counter("hsmca_witness_cosigned", "Checkpoints a witness cosigned "
+                                "(a file witness: held)", ["witness"], registry=None)
+        self.refused = Counter("hsmca_witness_refused", "Checkpoints a witness did not "
+                               "cosign, by reason (fork, inconsistent, cut: it saw another "
+                               "log; untrusted-key, unknown-log, bad-cosignature: its "
+                               "configuration or the CA's; unreachable, error)",
+                               ["witness", "reason"], registry=None)
+        self.cosigned_size = Gauge("hsmca_witness_last_cosigned_size", "Tree size of the "
+                                   "latest checkpoint a witness cosigned", ["witness"],
+                                   registry=None, multiprocess_mode="mostrecent")
 
     def watch(self, audit: Any) -> None:
         def commit(seconds: float, lines: int) -> None:
@@ -67,6 +78,27 @@ class AuditMetrics:
             self.batch.observe(lines)
 
         audit.on_commit = commit
+
+    def watch_witnesses(self, witnessing: Any) -> None:
+        """Count each witness's answers (ca/audit/witnessing.py). Every series of every
+        configured witness is exported from the start, at zero, so that the first
+        refusal is an increase to alert on."""
+        from ca.audit.witnessing import REASONS, label
+        for witness in witnessing.witnesses:
+            name = label(witness)
+            self.cosigned.labels(name).inc(0)
+            self.cosigned_size.labels(name).set(0)
+            for reason in REASONS:
+                self.refused.labels(name, reason).inc(0)
+
+        def result(name: str, outcome: str, size: int) -> None:
+            if outcome == "cosigned":
+                self.cosigned.labels(name).inc()
+                self.cosigned_size.labels(name).set(size)
+            else:
+                self.refused.labels(name, outcome).inc()
+
+        witnessing.on_result = result
 
 
 class Metrics:

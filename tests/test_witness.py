@@ -1,7 +1,9 @@
 """Witnesses over HTTP (C2SP tlog-witness): `hsmca witness serve` as an auditor runs
 it, answered request by request; and two of them following a real daemon, which
 publishes their cosignatures, until the log is rewritten on the CA host and
-re-signed with the real key, which both refuse.
+re-signed with the real key, which both refuse; and one that follows the audit key's
+rotation, whose cosignatures `hsmca ui` still counts, beside one that is not given the
+new key and refuses. Each refusal is in the daemon's /metrics, by witness and reason.
 
 Cosignatures are checked here from c2sp.org/tlog-cosignature's text, not with
 ca/audit/cosignature.py.
@@ -12,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import urllib.error
@@ -22,8 +25,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from ca.audit.note import parse_checkpoint, sign_checkpoint, verifier_key
+from ca.audit.witnessing import REASONS
 from tests.conftest import Daemon, hsmca, init_ca, set_config
-from tests.helpers import Running, enroll
+from tests.helpers import Running, enroll, log_lines, metric_samples
 from tests.test_audit_remote import (
     _ATTACKER_SIGNS,
     REPO,
@@ -93,6 +97,17 @@ class WitnessProcess:
         assert self.vkey == (f"{self.name}+{cosigner_key_id(self.name, self.pub).hex()}+"
                              + base64.b64encode(b"\x04" + self.pub).decode())
 
+    def pin(self, logs: dict[str, str]) -> None:
+        """Restart at the same address following `logs`: what an auditor does to give
+        the witness a log's new key (docs/keys.md)."""
+        assert self.run.stop() == 0
+        url, port = self.url, self.url.rsplit(":", 1)[1]
+        self.args = [*self.args[:self.args.index("--listen")], "--listen", f"127.0.0.1:{port}"]
+        for origin, vkey in logs.items():
+            self.args += ["--log", f"{origin}={vkey}"]
+        self.start()
+        assert self.url == url
+
     @property
     def state(self) -> dict[str, int]:
         doc = json.loads((self.dir / "witness-state.json").read_text())
@@ -117,6 +132,51 @@ def log_key(state: Path) -> tuple[str, str]:
                                                   .read_bytes())
     assert isinstance(audit_pub, ed25519.Ed25519PublicKey)
     return origin, verifier_key(origin, audit_pub)
+
+
+def serve(cfg: Path) -> tuple[Running, str]:
+    """`hsmca serve`, its stderr read as it comes; and its URL."""
+    d = Running.start("serve", "--config", cfg, "--listen", "127.0.0.1:0")
+    with d.cond:
+        d.cond.wait_for(lambda: d.stdout or d.proc.poll() is not None, timeout=90)
+    assert d.stdout and d.stdout[0].startswith("listening on "), "".join(d.raw)
+    return d, d.stdout[0].split()[-1]
+
+
+def cosigned_from_here(d: Running, handle: Daemon, witnesses: list[WitnessProcess]) -> int:
+    """A line written now (a token's creation), then the wait until each of `witnesses`
+    has cosigned a checkpoint that covers it, and so everything written before it. The
+    size of the largest of those checkpoints."""
+    request = urllib.request.Request(
+        f"{handle.url}/v1/tokens", headers={"Content-Type": "application/json"},
+        data=json.dumps({"role": "service", "names": ["mark.witness.example"],
+                         "ttl": "15m"}).encode())
+    with urllib.request.urlopen(request, context=handle.admin_ssl(), timeout=60) as answer:
+        assert answer.status == 201
+    mark = max(line["seq"] for line in log_lines(handle.state)
+               if line["event"] == "token.create")
+
+    def cosigned() -> dict[str, int]:
+        return {e["witness"]: e["size"] for e in d.lines
+                if e.get("event") == "witness cosigned the checkpoint" and e["size"] > mark}
+
+    with d.cond:
+        d.cond.wait_for(lambda: all(w.url in cosigned() for w in witnesses)
+                        or d.proc.poll() is not None, timeout=150)
+        found = cosigned()
+    assert all(w.url in found for w in witnesses), "".join(d.raw[-40:])
+    return max(found.values())
+
+
+def witness_metrics(handle: Daemon) -> dict[tuple[str, ...], float]:
+    """The daemon's hsmca_witness_* samples: (name, witness) or (name, witness, reason)
+    -> value."""
+    with urllib.request.urlopen(f"{handle.url}/metrics", context=handle.ssl(),
+                                timeout=60) as answer:
+        samples = metric_samples(answer.read().decode())
+    return {(name, labels["witness"], *([labels["reason"]] if "reason" in labels else [])): v
+            for (name, pairs), v in samples.items() if name.startswith("hsmca_witness_")
+            for labels in [dict(pairs)]}
 
 
 def test_witness_answers_as_c2sp_says_and_keeps_its_state(tmp_path: Path) -> None:
@@ -184,16 +244,9 @@ def test_daemon_feeds_two_witnesses_which_refuse_a_rewritten_re_signed_log(
     set_config(ca.state, "audit", "witness-keys", [w.vkey for w in witnesses])
     daemons: list[Running] = []
 
-    def serve() -> tuple[Running, str]:
-        d = Running.start("serve", "--config", cfg, "--listen", "127.0.0.1:0")
-        daemons.append(d)
-        with d.cond:
-            d.cond.wait_for(lambda: d.stdout or d.proc.poll() is not None, timeout=90)
-        assert d.stdout and d.stdout[0].startswith("listening on "), "".join(d.raw)
-        return d, d.stdout[0].split()[-1]
-
     try:
-        d, url = serve()
+        d, url = serve(cfg)
+        daemons.append(d)
         for w in witnesses:
             w.run.wait("cosigned")  # the checkpoint signed at start
         handle = Daemon(url, d.proc, ca.state, [])
@@ -219,13 +272,21 @@ def test_daemon_feeds_two_witnesses_which_refuse_a_rewritten_re_signed_log(
                                 capture_output=True, text=True, timeout=60)
         assert signer.returncode == 0, signer.stderr
 
-        d, url = serve()  # the daemon takes the forged log: it matches "its" checkpoint
+        d, url = serve(cfg)  # the daemon takes the forged log: it matches "its" checkpoint
+        daemons.append(d)
         for w in witnesses:
             refused = w.run.wait("refused")
             assert refused["status"] == 422 and refused["held"] == size, refused
             assert w.state == {origin: size}  # still the honest checkpoint
-        refusals = d.wait("witness refused the checkpoint", count=2)
-        assert "does not extend" in refusals["reason"]
+        for w in witnesses:
+            refusal = d.wait("witness refused the checkpoint", witness=w.url)
+            assert "does not extend" in refusal["reason"]
+        # And counted, for an operator's alert (this run's: each start counts from 0).
+        seen = witness_metrics(Daemon(url, d.proc, ca.state, []))
+        for w in witnesses:
+            assert seen["hsmca_witness_refused_total", w.url, "inconsistent"] >= 1, seen
+            assert seen["hsmca_witness_cosigned_total", w.url] == 0, seen
+            assert seen["hsmca_witness_refused_total", w.url, "fork"] == 0, seen
         # What was cosigned stays published: the honest checkpoint.
         assert (ca.state / "audit" / "checkpoint.cosigned").read_text() == cosigned
     finally:
@@ -249,13 +310,95 @@ def test_a_witness_key_that_is_not_the_witnesss_is_named_beside_the_one_it_used(
              + base64.b64encode(b"\x04" + other).decode())
     set_config(ca.state, "audit", "witnesses", [witness.url])
     set_config(ca.state, "audit", "witness-keys", [wrong])
-    d = Running.start("serve", "--config", ca.state / "hsmca.toml", "--listen", "127.0.0.1:0")
+    d, url = serve(ca.state / "hsmca.toml")
     try:
         said = d.wait("the witness answered without a cosignature by a configured witness "
                       "key, dated no later than now")
         # name+keyid: the vkey's first two fields (its base64 key may hold '+' too)
         assert said["signed_as"] == ["+".join(witness.vkey.split("+")[:2])], said
         assert said["configured"] == ["+".join(wrong.split("+")[:2])], said
+        seen = witness_metrics(Daemon(url, d.proc, ca.state, []))
+        assert seen["hsmca_witness_refused_total", witness.url, "bad-cosignature"] >= 1, seen
+        assert seen["hsmca_witness_cosigned_total", witness.url] == 0, seen
     finally:
         d.stop()
         witness.run.stop()
+
+
+def test_after_an_audit_key_rotation_the_view_still_counts_the_witness(tmp_path: Path) -> None:
+    """docs/keys.md's rotation of the audit key, with a witness the auditor pins: once
+    the old key is retired, the checkpoints the witness cosigns are signed by the new
+    key alone. `hsmca ui`, pinned to the key the log began with as the docs say,
+    verifies them with the key the log handed over to and counts the witness (it used
+    to check them with the first key alone: "0 witnesses", and "does not verify with
+    the pinned audit key"). A second witness, never given the new key, refuses them
+    from then on: /metrics counts it for an alert (it used to be a stderr line only)."""
+    ca = init_ca(tmp_path)
+    cfg = ca.state / "hsmca.toml"
+    first_key = tmp_path / "first-audit-key.pem"
+    first_key.write_bytes((ca.state / "audit" / "audit_key.pem").read_bytes())
+    origin, first_vkey = log_key(ca.state)
+    witness = WitnessProcess(tmp_path, "w1.rotation.test/witness", {origin: first_vkey})
+    forgotten = WitnessProcess(tmp_path, "w2.rotation.test/witness", {origin: first_vkey})
+    set_config(ca.state, "audit", "witnesses", [witness.url, forgotten.url])
+    set_config(ca.state, "audit", "witness-keys", [witness.vkey, forgotten.vkey])
+    # Checkpoints only as the log grows: the one the witness cosigned last is still the
+    # latest when the view looks.
+    set_config(ca.state, "audit", "heartbeat-s", 86400)
+    d, url = serve(cfg)
+    handle = Daemon(url, d.proc, ca.state, [])
+    ui: Running | None = None
+    try:
+        auditor = enroll(handle, tmp_path, "auditor", ["auditor@rotation.test"])
+        cosigned_from_here(d, handle, [witness, forgotten])
+        listing = hsmca("key", "list", "--config", cfg).stdout
+        old_label = re.search(r"^(\S+)\s+audit\s+active", listing, re.M)
+        assert old_label, listing
+        assert "rotated audit" in hsmca("key", "rotate", "audit", "--config", cfg).stdout
+        # A hand-over checkpoint, signed by both keys: both witnesses cosign it.
+        cosigned_from_here(d, handle, [witness, forgotten])
+        new_origin, new_vkey = log_key(ca.state)  # audit_key.pem: the new key now
+        assert (new_origin, "hsmca-audit-key " + new_vkey) == (
+            origin, (ca.state / "audit" / "checkpoint").read_text().split("\n")[3])
+        witness.pin({origin: new_vkey})  # before the retirement, as docs/keys.md says
+        mark = d.mark()
+        hsmca("key", "retire", old_label.group(1), "--config", cfg)
+        size = cosigned_from_here(d, handle, [witness])
+        d.wait("witness not updated", since=mark, witness=forgotten.url)  # 403
+        seen = witness_metrics(handle)
+        assert seen["hsmca_witness_refused_total", forgotten.url, "untrusted-key"] >= 1, seen
+        assert seen["hsmca_witness_cosigned_total", forgotten.url] >= 2, seen
+        assert seen["hsmca_witness_last_cosigned_size", witness.url] == size, seen
+        assert seen["hsmca_witness_cosigned_total", witness.url] >= 3, seen
+        assert all(seen["hsmca_witness_refused_total", witness.url, reason] == 0
+                   for reason in REASONS), seen
+        latest = (ca.state / "audit" / "checkpoint").read_text()
+        assert parse_checkpoint(latest).size == size and "hsmca-audit-key" not in latest
+        assert latest.count("\n\u2014 ") == 1  # the new key's signature alone
+
+        state = tmp_path / "auditor.state"
+        ui = Running.start("ui", "--url", url, "--ca", handle.root, "--cert", auditor[0],
+                           "--key", auditor[1], "--audit-key", first_key, "--state", state,
+                           "--witness-key", witness.vkey, "--listen", "127.0.0.1:0")
+        base = ui.listening_url()
+        for _ in range(10):  # each answer waits for the verification under way, up to 20 s
+            with urllib.request.urlopen(f"{base}/status.json", timeout=60) as answer:
+                status = json.loads(answer.read())
+            if "under way" not in status["detail"]:
+                break
+        assert status["status"] == "ok", status
+        assert status["banner"].endswith(f"checkpoint {size}, 1 witness"), status
+        with urllib.request.urlopen(f"{base}/", timeout=60) as answer:
+            overview = answer.read().decode()
+        assert "does not verify" not in overview and witness.name in overview
+        with urllib.request.urlopen(f"{base}/audit", timeout=60) as answer:
+            audit_page = answer.read().decode()
+        # The latest checkpoint, the new key's alone, verifies with the keys followed.
+        assert "does not verify" not in audit_page and "no signature by" not in audit_page
+        assert "signature verified with the pinned audit key" in audit_page
+    finally:
+        if ui is not None:
+            ui.stop()
+        d.stop()
+        witness.run.stop()
+        forgotten.run.stop()

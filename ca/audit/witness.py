@@ -33,11 +33,14 @@ from ca.fileutil import write_atomic
 
 
 class WitnessRefused(Exception):
-    """The witness kept the checkpoint it holds; `reason` says why the new one is refused."""
+    """The witness kept the checkpoint it holds; `reason` says why the new one is refused,
+    `kind` in a word (`ca.audit.witnessing.REASONS`, what /metrics counts): "fork" (the
+    same size, another root), "inconsistent" (the new tree does not extend the held
+    one), "cut" (fewer lines than held), "untrusted-key", or "error"."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, kind: str = "error") -> None:
         super().__init__(reason)
-        self.reason = reason
+        self.reason, self.kind = reason, kind
 
 
 class FileWitness:
@@ -78,7 +81,8 @@ class FileWitness:
         try:
             new = self._pinned.verify(checkpoint_text)
         except NoteError as exc:
-            raise WitnessRefused(f"the checkpoint does not verify: {exc}") from None
+            raise WitnessRefused(f"the checkpoint does not verify: {exc}",
+                                 "untrusted-key") from None
         with self._locked():  # two pushers must not both extend the same held checkpoint
             held = self.held()
             if held is not None:
@@ -87,16 +91,17 @@ class FileWitness:
                                  if needs_proof(old, now) else [])
                 if verdict is Growth.SHRANK:
                     raise WitnessRefused(f"the checkpoint covers {new.size} lines, fewer than "
-                                         f"the {held.size} of the one held: the log was cut")
+                                         f"the {held.size} of the one held: the log was cut",
+                                         "cut")
                 if verdict is Growth.FORKED and new.size == held.size:
                     raise WitnessRefused(
                         f"the checkpoint covers the same {new.size} lines as the one held "
-                        "with a different root: the log was rewritten")
+                        "with a different root: the log was rewritten", "fork")
                 if verdict is Growth.FORKED:
                     raise WitnessRefused(
                         f"the consistency proof from {held.size} to {new.size} lines does "
                         "not verify: the new tree does not extend the one held (the log "
-                        "was rewritten)")
+                        "was rewritten)", "inconsistent")
                 if verdict is Growth.SAME and new.signatures == held.signatures:
                     return  # the very note held already: nothing to write
             write_atomic(self.path, checkpoint_text)

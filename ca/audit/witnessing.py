@@ -11,6 +11,10 @@ another tree of the same size) or 422 (the proof does not verify). A refusal mea
 the log the daemon signs does not extend what the witness saw: it was cut or
 rewritten. It is logged as an error; nothing else can be done about it here.
 
+What each witness answered is also counted for /metrics (`on_result`, set by
+ca/metrics.py in the primary): a cosignature, or a refusal by its kind (`REASONS`),
+labelled with the witness as configured, the label the log lines carry.
+
 Signing never waits for a witness: `submit` hands the checkpoint to a task per
 witness and returns. A witness still busy with an older checkpoint gets only the
 latest one next. A stopping daemon gives them a few seconds (`drain`) for its
@@ -28,6 +32,7 @@ import base64
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import structlog
@@ -43,10 +48,24 @@ TIMEOUT_S = 10.0
 CLOCK_SKEW_S = 3600  # a cosignature dated later than this from now does not count
 MAX_PROOF = 63  # C2SP: at most 63 consistency proof lines
 _RETRIES = 3  # 409s with a size in a row, before giving up on this checkpoint
+# Why a witness did not cosign a checkpoint, in a word (a bounded set: /metrics counts
+# each). The witness saw another log: "fork", "inconsistent", "cut". Configuration: it
+# does not trust the audit key ("untrusted-key"), does not know the log's origin
+# ("unknown-log"), or answered without a cosignature by a configured witness key
+# ("bad-cosignature"). It could not be asked: "unreachable"; anything else: "error".
+REASONS = ("fork", "inconsistent", "cut", "untrusted-key", "unknown-log", "bad-cosignature",
+           "unreachable", "error")
+# (witness label, "cosigned" or one of REASONS, the checkpoint's size)
+OnResult = Callable[[str, str, int], None]
 
 
 class WitnessError(Exception):
-    """The witness could not be asked, or answered something else than a verdict."""
+    """The witness could not be asked, or answered something else than a verdict; `kind`
+    says which in a word (one of REASONS)."""
+
+    def __init__(self, message: str, kind: str = "error") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 Prove = Callable[[int, int], Sequence[bytes]]
@@ -82,8 +101,8 @@ class HTTPWitness:
                     answer = await resp.text(errors="replace")
                     status, ctype = resp.status, resp.content_type
             except (aiohttp.ClientError, TimeoutError) as exc:
-                raise WitnessError(f"cannot reach the witness: {exc or type(exc).__name__}"
-                                   ) from None
+                raise WitnessError(f"cannot reach the witness: {exc or type(exc).__name__}",
+                                   "unreachable") from None
             if status == 200:
                 self.old_size = size
                 return answer
@@ -96,29 +115,40 @@ class HTTPWitness:
                 if held > size:
                     raise WitnessRefused(
                         f"the witness holds a checkpoint of {held} lines, more than the {size} "
-                        "of this one: the log was cut (or replaced) since it saw it")
+                        "of this one: the log was cut (or replaced) since it saw it", "cut")
                 self.old_size = held
                 continue  # again, from the size it holds
             if status == 409:
                 raise WitnessRefused(
                     f"the witness holds another checkpoint of the same {old} lines (a different "
-                    "root): the log was rewritten since it saw it")
+                    "root): the log was rewritten since it saw it", "fork")
             if status == 422:
                 raise WitnessRefused(
                     f"the consistency proof from the {old} lines the witness holds to {size} "
                     "does not verify: the log does not extend what the witness saw (it was "
-                    "rewritten)")
+                    "rewritten)", "inconsistent")
             if status == 403:
                 raise WitnessError("the witness does not trust the audit key (give it the "
-                                   "log's verifier key, GET /v1/audit/key)")
+                                   "log's verifier key, GET /v1/audit/key)", "untrusted-key")
             if status == 404:  # the witness's answer to an unknown origin, or no witness
                 raise WitnessError(f"{self.url}/add-checkpoint answered 404: the witness does "
                                    "not know this log's origin (give it the log: `hsmca "
                                    "witness serve --log ORIGIN=KEY`), or the URL's path is not "
-                                   "where it serves (`hsmca witness serve` serves at its root)")
+                                   "where it serves (`hsmca witness serve` serves at its root)",
+                                   "unknown-log")
             raise WitnessError(f"the witness answered {status}: {answer.strip()[:200]}")
         raise WitnessError(f"the witness answered 409 (its size changed) {_RETRIES} times "
                            "in a row")
+
+
+def label(witness: FileWitness | HTTPWitness) -> str:
+    """The witness in /metrics: as configured (a path, or the URL the log lines name),
+    without a URL's user and password."""
+    if isinstance(witness, HTTPWitness):
+        parts = urlsplit(witness.url)
+        host = parts.netloc.rpartition("@")[2]
+        return urlunsplit(parts._replace(netloc=host)) if host != parts.netloc else witness.url
+    return str(witness)
 
 
 def _signers(text: str, answer: str) -> list[str]:
@@ -148,6 +178,7 @@ class Witnessing:
         self._published: tuple[int, str] | None = None  # (size, note) with cosignatures
         self._cosigs: dict[tuple[str, bytes], str] = {}  # (witness, key id) -> cosignature
         self._writing = asyncio.Lock()  # one write of the cosigned file at a time, the latest
+        self.on_result: OnResult | None = None  # each witness's answer, for /metrics
 
     def __bool__(self) -> bool:
         return bool(self.witnesses)
@@ -184,15 +215,24 @@ class Witnessing:
                 if isinstance(witness, FileWitness):
                     # File I/O under a lock, maybe on a share: off the event loop.
                     await asyncio.to_thread(witness.push, text, self._prove)
+                    self._result(witness, "cosigned", size)  # held: a file's cosignature
                     continue
                 answer = await witness.add_checkpoint(self._http(), text, size, self._proof)
                 await self._cosigned(witness, text, size, answer)
             except WitnessRefused as exc:
+                self._result(witness, exc.kind, size)
                 log.error("witness refused the checkpoint", witness=str(witness), size=size,
                           reason=exc.reason)
             except (WitnessError, TileDamaged, OSError, ValueError) as exc:
+                self._result(witness, exc.kind if isinstance(exc, WitnessError) else "error",
+                             size)
                 log.warning("witness not updated", witness=str(witness), size=size,
                             error=str(exc))
+
+    def _result(self, witness: FileWitness | HTTPWitness, result: str, size: int) -> None:
+        """Counted before it is logged: a log line's reader finds it in /metrics."""
+        if self.on_result is not None:
+            self.on_result(label(witness), result, size)
 
     async def _proof(self, old: int, size: int) -> Sequence[bytes]:
         return await asyncio.to_thread(self._prove, old, size)
@@ -207,11 +247,13 @@ class Witnessing:
         lines = valid_cosignatures(text + answer, self.keys,
                                    not_after=int(time.time()) + CLOCK_SKEW_S)
         if not lines:
+            self._result(witness, "bad-cosignature", size)
             log.error("the witness answered without a cosignature by a configured witness "
                       "key, dated no later than now", witness=str(witness), size=size,
                       signed_as=_signers(text, answer),
                       configured=[f"{k.name}+{k.key_id.hex()}" for k in self.keys])
             return
+        self._result(witness, "cosigned", size)
         log.info("witness cosigned the checkpoint", witness=str(witness), size=size)
         if self._published is None or self._published[1] != text:
             if self._published is not None and self._published[0] > size:

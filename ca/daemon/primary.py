@@ -317,7 +317,8 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         # wipe the running daemon's metric files. Before prometheus_client's import.
         metrics.prepare(config.local_dir)
         from ca.metrics import AuditMetrics
-        AuditMetrics().watch(audit)
+        audit_metrics = AuditMetrics()
+        audit_metrics.watch(audit)
         # Before anything is logged: a port in use must fail the start at once.
         placeholder = reserve_port(host, port)
     except BaseException:
@@ -332,6 +333,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
          *(HTTPWitness(url) for url in config.witness_urls)],
         [parse_verifier_key(k, ALG_COSIGNATURE) for k in config.witness_keys],
         audit.consistency_proof, config.cosigned_checkpoint_path)
+    audit_metrics.watch_witnesses(witnessing)
     pool: WorkerPool | None = None
     background: list[asyncio.Task[None]] = []  # checkpoints of the log and the inventory
     # Handlers first: a SIGTERM that arrives right after "listening on" must still

@@ -27,7 +27,7 @@ from pathlib import Path
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from ca.audit.cosignature import VerifierKey, valid_cosignatures
+from ca.audit.cosignature import ALG_NOTE, VerifierKey, parse_verifier_key, valid_cosignatures
 from ca.audit.merkle import Growth, TreeHead, growth, needs_proof
 from ca.audit.note import (
     SIG_PREFIX,
@@ -38,7 +38,7 @@ from ca.audit.note import (
     parse_note,
 )
 from ca.audit.remote import list_logs, log_state_path, verify_remote
-from ca.audit.verify import AuditorState, PinnedKey, load_state, state_origin
+from ca.audit.verify import AuditorState, PinnedKey, followed, load_state, state_origin
 from ca.client import ClientError
 from ca.ui.ca_api import CA
 
@@ -89,6 +89,8 @@ class Verdict:
     under_way: bool = False  # a run is still going (this is the previous verdict)
     log: str | None = None  # the node whose log (cluster); None: a single node's one log
     others: tuple[Verdict, ...] = ()  # the other logs' verdicts (cluster)
+    # The audit keys of the verified log: the pinned one and those it handed over to.
+    key: PinnedKey | None = None
 
     @property
     def overall(self) -> str:
@@ -218,17 +220,20 @@ class Follower:
         self.latest, self._at = verdict, time.monotonic()
         return verdict
 
-    def _saved(self) -> tuple[TreeHead | None, Checkpoint | None, str, str | None]:
-        """The verified tree, checkpoint and key name from the state file."""
+    def _saved(self) -> tuple[TreeHead | None, Checkpoint | None, str, PinnedKey | None]:
+        """The verified tree and checkpoint from the state file, and the audit keys of
+        the verified log: the pinned one (the key the log began with) and every key it
+        handed over to, as the state records them (docs/keys.md)."""
         raw = load_state(self.state)
-        if raw is None:
-            return None, None, "", self.origin
-        name = state_origin(raw) or self.origin
+        name = (state_origin(raw) if raw is not None else None) or self.origin
         if name is None:
             return None, None, "", None
-        st = AuditorState.parse(raw, PinnedKey(self.key, name, self.origin))
+        pinned = PinnedKey(self.key, name, self.origin)
+        if raw is None:
+            return None, None, "", pinned
+        st = AuditorState.parse(raw, pinned)
         cp = parse_checkpoint(st.checkpoint) if st.checkpoint else None
-        return st.seen, cp, st.checkpoint, name
+        return st.seen, cp, st.checkpoint, followed(raw, pinned)
 
     async def _verify(self) -> Verdict:
         now = _now()
@@ -236,24 +241,29 @@ class Follower:
             result = await verify_remote(self.ca.url, self.ca.ctx, self.key, self.state,
                                          origin=self.origin, log=self.log)
         except ClientError as exc:
-            tree, cp, text, _ = self._saved()
+            tree, cp, text, key = self._saved()
             keep = self.latest
             return replace(keep, problem=str(exc), checked_at=now,
                            tree=keep.tree or tree, checkpoint=keep.checkpoint or cp,
-                           checkpoint_text=keep.checkpoint_text or text)
+                           checkpoint_text=keep.checkpoint_text or text,
+                           key=keep.key or key)
         except ValueError as exc:  # the auditor's own state file
             return Verdict("unknown", None, None, "", now, log=self.log,
                            problem=f"the state file {self.state} cannot be used: {exc}")
-        tree, cp, text, name = self._saved()
+        tree, cp, text, key = self._saved()
         if not result.ok:
             return Verdict("failed", tree, cp, text, now, result.bad_seq, result.reason,
-                           fetched=result.fetched, log=self.log)
-        witnessed = await self._witnessed(tree, name) if tree is not None and name else \
+                           fetched=result.fetched, log=self.log, key=key)
+        witnessed = await self._witnessed(tree, key) if tree is not None and key else \
             Witnessed()
         return Verdict("ok", tree, cp, text, now, note=result.note, fetched=result.fetched,
-                       witnessed=witnessed, log=self.log)
+                       witnessed=witnessed, log=self.log, key=key)
 
-    async def _witnessed(self, tree: TreeHead, name: str) -> Witnessed:
+    async def _witnessed(self, tree: TreeHead, key: PinnedKey) -> Witnessed:
+        """The witnesses' cosigned checkpoint, verified with the audit keys in force for
+        the verified log: after a rotation and the old key's retirement it is signed by
+        the key the log handed over to alone, which the pinned (first) key is not."""
+        name = key.name
         try:
             text = await self.ca.cosigned()
         except ClientError as exc:
@@ -266,11 +276,12 @@ class Follower:
             return Witnessed(problem=f"the node that answered serves the witnesses' "
                              f"cosignatures of its own log ({served}) only: ask {self.log}")
         try:
-            cp = PinnedKey(self.key, name, self.origin).verify(text)
+            cp = key.verify(text)
             note = parse_note(text)
         except NoteError as exc:
             return Witnessed(problem=f"the cosigned checkpoint does not verify with the "
-                             f"pinned audit key: {exc}", text=text)
+                             f"pinned audit key (or a key the log handed over to): {exc}",
+                             text=text)
         head = TreeHead(cp.size, cp.root)
         consistent: bool | None = None
         problem = None
@@ -288,10 +299,13 @@ class Follower:
                 problem = ("it is not consistent with the verified tree: the witnesses saw "
                            "another log")
         valid = set(valid_cosignatures(text, self.witness_keys))
-        own = key_id(name, self.key)
+        # The log's own signature lines: each audit key's (two during a hand-over).
+        own = {key_id(name, k) for k in key.trusted()}
+        if (announced := cp.announced_key()) is not None:
+            own.add(key_id(name, parse_verifier_key(announced, ALG_NOTE).public_key))
         cosigners = []
         for sig in note.signatures:
-            if sig.name == name and sig.key_id == own:
+            if sig.name == name and sig.key_id in own:
                 continue  # the log's own signature
             line = f"{SIG_PREFIX}{sig.name} {base64.b64encode(sig.key_id + sig.sig).decode()}\n"
             at = dt.datetime.fromtimestamp(int.from_bytes(sig.sig[:8], "big"), dt.UTC) \

@@ -533,6 +533,10 @@ async def _scan(ca: CA, tree: TreeHead | None, filters: Filters, start: int, end
 
 
 def _pinned(ui: UI, verdict: Verdict) -> PinnedKey | None:
+    """The pinned audit key and the keys the verified log handed over to (a checkpoint
+    after a rotation is signed by the new key, alone once the old one is retired)."""
+    if verdict.key is not None:
+        return verdict.key
     name = verdict.checkpoint.origin if verdict.checkpoint else None
     return PinnedKey(ui.audit_key, name, name) if name else None
 
@@ -547,7 +551,10 @@ class CheckpointView:
     problem: str | None
 
 
-def _checkpoint_view(text: str, key: PinnedKey | None) -> CheckpointView:
+def _checkpoint_view(text: str, key: PinnedKey | None,
+                     seq: int | None = None) -> CheckpointView:
+    """`text` checked with `key`: as logged at `seq` (the keys trusted there), or as one
+    from outside the log (None)."""
     from ca.audit.note import parse_checkpoint
     try:
         cp = parse_checkpoint(text)
@@ -559,7 +566,7 @@ def _checkpoint_view(text: str, key: PinnedKey | None) -> CheckpointView:
         return CheckpointView(text, cp.size, root, sigs, False, "no verified checkpoint names "
                               "the audit key yet")
     try:
-        key.verify(text)
+        key.verify(text, seq)
     except NoteError as exc:
         return CheckpointView(text, cp.size, root, sigs, False, str(exc))
     return CheckpointView(text, cp.size, root, sigs, True, None)
@@ -567,7 +574,7 @@ def _checkpoint_view(text: str, key: PinnedKey | None) -> CheckpointView:
 
 def _checkpoint_of(line: proofs.Line, key: PinnedKey | None) -> CheckpointView:
     text = line.get("checkpoint")
-    return _checkpoint_view(text if isinstance(text, str) else "", key)
+    return _checkpoint_view(text if isinstance(text, str) else "", key, line.seq)
 
 
 def _checkpoint_text(verdict: Verdict, key: PinnedKey | None) -> CheckpointView | None:
