@@ -81,7 +81,10 @@ class HTTPWitness:
         self.old_size = 0
 
     def __str__(self) -> str:
-        return self.url
+        """The URL without its user and password: what log lines and /metrics show."""
+        parts = urlsplit(self.url)
+        host = parts.netloc.rpartition("@")[2]
+        return urlunsplit(parts._replace(netloc=host)) if host != parts.netloc else self.url
 
     async def add_checkpoint(self, session: aiohttp.ClientSession, text: str, size: int,
                              prove: Callable[[int, int], Awaitable[Sequence[bytes]]]) -> str:
@@ -131,7 +134,7 @@ class HTTPWitness:
                 raise WitnessError("the witness does not trust the audit key (give it the "
                                    "log's verifier key, GET /v1/audit/key)", "untrusted-key")
             if status == 404:  # the witness's answer to an unknown origin, or no witness
-                raise WitnessError(f"{self.url}/add-checkpoint answered 404: the witness does "
+                raise WitnessError(f"{self}/add-checkpoint answered 404: the witness does "
                                    "not know this log's origin (give it the log: `hsmca "
                                    "witness serve --log ORIGIN=KEY`), or the URL's path is not "
                                    "where it serves (`hsmca witness serve` serves at its root)",
@@ -142,12 +145,7 @@ class HTTPWitness:
 
 
 def label(witness: FileWitness | HTTPWitness) -> str:
-    """The witness in /metrics: as configured (a path, or the URL the log lines name),
-    without a URL's user and password."""
-    if isinstance(witness, HTTPWitness):
-        parts = urlsplit(witness.url)
-        host = parts.netloc.rpartition("@")[2]
-        return urlunsplit(parts._replace(netloc=host)) if host != parts.netloc else witness.url
+    """The witness in /metrics, as the log lines name it (a URL without its password)."""
     return str(witness)
 
 
