@@ -256,6 +256,34 @@ def test_a_missing_tile_directory_is_built_from_the_whole_log_and_checked(
         AuditLog.open(path_, checkpoint, key.public_key())
 
 
+def test_an_older_tile_damaged_behind_the_daemon_is_never_served(tmp_path: Path) -> None:
+    """Start-up reads only the last full bundle's tile; an older tile altered since is
+    found when it is first read, against the entry its parent tile holds, and refused
+    (TileDamaged, which the daemon answers as 503) instead of being served with proofs
+    built from it (auditor trial: the web view turned red over an intact log)."""
+    from ca.audit.tiles import TileDamaged
+    path_ = tmp_path / "log.jsonl"
+    log = AuditLog.open(path_)
+    fill(log, random.Random(8), 1000)
+    log.close()
+    level0 = tmp_path / "tiles" / "level-0"
+    data = bytearray(level0.read_bytes())
+    data[100] ^= 1  # a byte of the hash of line 3, in tile 0
+    level0.write_bytes(bytes(data))
+    log = AuditLog.open(path_)  # tile 3 is the last full one: tile 0 is not read
+    try:
+        for read in (lambda: log.read_tile(0, 0, 256), lambda: log.inclusion_proof(5, 1000),
+                     lambda: log.consistency_proof(100, 1000)):
+            with pytest.raises(TileDamaged, match=r"tile 0/0 does not hash to the entry its "
+                                                  r"parent tile 1/0 holds"):
+                read()
+        lines = lines_of(path_)
+        ref = MerkleTree(leaf_hash(line) for line in lines)
+        assert log.inclusion_proof(700, 1000) == ref.inclusion_proof(700, 1000)  # tile 2
+    finally:
+        log.close()
+
+
 def test_a_line_too_long_for_an_entry_bundle_is_refused_alone(tmp_path: Path) -> None:
     log = AuditLog.open(tmp_path / "log.jsonl")
     try:

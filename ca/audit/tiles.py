@@ -446,10 +446,31 @@ class TiledTree(SubtreeHashes):
             data = self._cache.get(key)
             if data is None:
                 data = self._store.read_tile(level, index)
+                self._check_against_parent(level, index, data)
                 self._keep(level, index, data)
             else:
                 self._cache.move_to_end(key)
         return data
+
+    def _check_against_parent(self, level: int, index: int, data: bytes) -> None:
+        """A full tile read from the store hashes to the entry its parent tile holds for
+        it, or TileDamaged: start-up reads only the last bundle's tile, and a damaged
+        older one would be served, and its proofs with it, as the log's (auditor
+        trial). 255 hashes, once per tile the cache takes in."""
+        parent_index, slot = divmod(index, TILE_WIDTH)
+        if level + 1 >= len(self._edges):
+            return
+        if parent_index == self._edge_index(level + 1):
+            parent: bytes | bytearray = self._edges[level + 1]
+        else:
+            parent = self._full(level + 1, parent_index)
+        entry = bytes(parent[slot * HASH_SIZE:(slot + 1) * HASH_SIZE])
+        if len(entry) == HASH_SIZE and tile_root(data) != entry:
+            raise TileDamaged(f"tile {level}/{index} does not hash to the entry its parent "
+                              f"tile {level + 1}/{parent_index} holds for it: the tiles were "
+                              "damaged or altered since the daemon started. If `hsmca audit "
+                              "verify` passes on the log, stop the daemon, move the tile "
+                              "directory aside and start again (it is built anew)")
 
     def _keep(self, level: int, index: int, data: bytes) -> None:
         self._cache[(level, index)] = data
