@@ -145,7 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "auditor (--audit-key is the same flag)")
     v.add_argument("--checkpoint", type=Path,
                    help="with --log: latest checkpoint file (default: 'checkpoint' beside the "
-                   "log)")
+                   "log; with --witness-key, 'checkpoint.cosigned')")
+    v.add_argument("--witness-key", action="append", default=[], metavar="VKEY",
+                   help="with --log: a witness's verifier key (name+id+key, as `hsmca "
+                   "witness serve` prints it); the checkpoint must carry a valid cosignature "
+                   "by it. Repeat for each witness that must have cosigned")
     v.add_argument("--origin", help="expected checkpoint origin (default: taken from the log)")
     v.add_argument("--state", type=Path,
                    help="file remembering every line verified (their number, Merkle root and "

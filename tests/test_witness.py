@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from ca.audit.note import parse_checkpoint, sign_checkpoint, verifier_key
 from ca.audit.witnessing import REASONS
 from tests.conftest import Daemon, hsmca, init_ca, set_config
-from tests.helpers import Running, enroll, log_lines, metric_samples
+from tests.helpers import Running, audit_verify, enroll, log_lines, metric_samples
 from tests.test_audit_remote import (
     _ATTACKER_SIGNS,
     REPO,
@@ -260,6 +260,20 @@ def test_daemon_feeds_two_witnesses_which_refuse_a_rewritten_re_signed_log(
         assert cosigned.startswith(final)
         for w in witnesses:
             assert len(cosignatures_by(cosigned, w.name, w.pub)) == 1
+        # An auditor checks the cosignatures offline (checkpoint.cosigned by default).
+        keys = [a for w in witnesses for a in ("--witness-key", w.vkey)]
+        proc = audit_verify(ca.state, *keys)
+        assert proc.returncode == 0 and "cosigned: the checkpoint" in proc.stdout and \
+            "by 2 witnesses (w1.test/witness, w2.test/witness)" in proc.stdout, proc.stdout
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        from ca.audit.cosignature import cosigner_key
+        stranger = str(cosigner_key("w3.test/witness",
+                                    Ed25519PrivateKey.generate().public_key()))
+        proc = audit_verify(ca.state, *keys, "--witness-key", stranger)
+        assert proc.returncode == 1 and proc.stderr.startswith(
+            "FAILED (no line): the checkpoint") and "no valid cosignature by w3.test/witness+" \
+            in proc.stderr, proc.stderr
 
         # The attacker, root on the CA host, hides a line both witnesses have seen and
         # signs a checkpoint over the result with the real key in the HSM.

@@ -55,7 +55,8 @@ def _origin(args: argparse.Namespace, latest: str | None, data: bytes,
 def _checkpoint_file(args: argparse.Namespace) -> tuple[Path, str | None]:
     """The latest checkpoint's path and text: --checkpoint must exist; the default, the
     daemon's `checkpoint` beside the log, may be missing (a copy of the log alone)."""
-    path = args.checkpoint or args.log.parent / "checkpoint"
+    path = args.checkpoint or args.log.parent / (
+        "checkpoint.cosigned" if args.witness_key else "checkpoint")
     if args.checkpoint is None and not path.exists():
         return path, None
     try:
@@ -73,6 +74,24 @@ def _checkpoint_file(args: argparse.Namespace) -> tuple[Path, str | None]:
     except NoteError as exc:
         raise CLIError(f"the checkpoint {path} is not a checkpoint note: {exc}") from None
     return path, text
+
+
+def _witness_keys(texts: list[str]) -> list[Any]:
+    from ca.audit.cosignature import ALG_COSIGNATURE, parse_verifier_key
+    keys = []
+    for text in texts:
+        try:
+            keys.append(parse_verifier_key(text, ALG_COSIGNATURE))
+        except ValueError as exc:
+            raise CLIError(f"--witness-key: {exc}") from None
+    return keys
+
+
+def _not_cosigned(note: str | None, keys: list[Any]) -> list[str]:
+    """The witnesses (name+id) of `keys` without a valid cosignature on `note`."""
+    from ca.audit.cosignature import valid_cosignatures
+    return [f"{k.name}+{k.key_id.hex()}" for k in keys
+            if note is None or not valid_cosignatures(note, [k])]
 
 
 def _client_context(args: argparse.Namespace) -> ssl.SSLContext:
@@ -96,6 +115,9 @@ def _verify_remote(args: argparse.Namespace) -> int:
     if args.allow_unsigned:
         raise CLIError("--allow-unsigned is for --log; with --url only lines a checkpoint "
                        "covers are fetched")
+    if args.witness_key:
+        raise CLIError("--witness-key is for --log (with a copy of checkpoint.cosigned, which "
+                       "GET /v1/audit/checkpoint.cosigned serves)")
     from ca.audit.remote import list_logs, log_state_path, verify_remote
     ctx = _client_context(args)
     key = _audit_key(args.key)
@@ -155,6 +177,7 @@ def verify(args: argparse.Namespace) -> int:
     if args.client_cert or args.client_key or args.ca:
         raise CLIError("--client-cert, --client-key and --ca are for --url")
     key = _audit_key(args.key)
+    witnesses = _witness_keys(args.witness_key)
     try:
         data = args.log.read_bytes()
     except OSError as exc:
@@ -200,6 +223,12 @@ def verify(args: argparse.Namespace) -> int:
         print(f"OPEN: {result.open_at_end} signatures have an intent and no outcome yet (under "
               "way when the log was copied, or cut short by a crash); accepted "
               "(--allow-unsigned)", file=sys.stderr)
+    if witnesses:
+        missing = _not_cosigned(latest, witnesses)
+        if missing:
+            print(f"FAILED (no line): the checkpoint {cp_path} carries no valid cosignature by "
+                  f"{', '.join(missing)}; the log itself verified", file=sys.stderr)
+            return 1
     if args.state and result.new_state is not None:
         save_state(args.state, result.new_state)
     closing = (f"; the last {result.closing} lines are the last checkpoint's own signing"
@@ -207,6 +236,10 @@ def verify(args: argparse.Namespace) -> int:
                "can cover" if result.closing else "")
     print(f"OK: {result.lines} lines, {result.checkpoints} checkpoints verified"
           f"{' (extends the state saved last time)' if state else ''}{closing}")
+    if witnesses:
+        print(f"cosigned: the checkpoint {cp_path} by {len(witnesses)} "
+              f"witness{'es' if len(witnesses) > 1 else ''} "
+              f"({', '.join(k.name for k in witnesses)})")
     if latest is None:
         print(f"note: there is no checkpoint file {cp_path}, so the log was checked against "
               "the checkpoints it records only: give the latest one you hold (the daemon's, "
