@@ -175,6 +175,16 @@ async def _request(session: aiohttp.ClientSession, method: str, url: str,
         raise ClientError(f"{method} {url} failed: {exc}", retryable=True) from None
 
 
+def unreachable(exc: BaseException) -> str:
+    """Why a request did not reach the daemon, in words: aiohttp's own text for a refused
+    connection quotes its SSLContext object (`ssl:<ssl.SSLContext object at 0x...>`)."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"{exc.host}:{exc.port}: {exc.os_error.strerror or type(exc.os_error).__name__}"
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {TIMEOUT.total:.0f} s"
+    return str(exc) or type(exc).__name__
+
+
 async def call(method: str, url: str, ctx: ssl.SSLContext, *, json_body: Any = None,
                headers: dict[str, str] | None = None, expect: int = 200) -> Any:
     """One request on a fresh session; JSON bodies decoded, others as text."""

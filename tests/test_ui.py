@@ -129,3 +129,28 @@ def test_the_banner_counts_witnesses_not_their_lines() -> None:
     other = Cosigner("x.example", "ef56ab78", None, False)
     assert Witnessed(10, True, (twice, twice, other)).count == 1
     assert Witnessed(10, False, (twice,)).count == 0  # on a log the view did not verify
+
+
+def test_a_daemon_that_is_away_is_named_by_address_not_by_python_objects() -> None:
+    """The web view's health banner said `ssl:<ssl.SSLContext object at 0x...>` when the
+    daemon was down (auditor trial): it names the address and the reason."""
+    import asyncio
+    import ssl
+
+    from ca.client import ClientError
+    from ca.ui.ca_api import CA
+    from tests.ports import free_port
+
+    async def ask() -> str:
+        api = CA(f"https://127.0.0.1:{free_port()}", ssl.create_default_context())
+        try:
+            await api.health()
+        except ClientError as exc:
+            return str(exc)
+        finally:
+            await api.close()
+        raise AssertionError("a closed port answered")
+
+    said = asyncio.run(ask())
+    assert said.startswith("GET /health: cannot reach the daemon (127.0.0.1:") and \
+        "SSLContext" not in said and "object at 0x" not in said, said

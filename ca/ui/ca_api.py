@@ -63,7 +63,8 @@ class CA:
             async with self.session.get(self.url + "/health", ssl=self.ctx) as r:
                 body = await r.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ClientError(f"GET /health: cannot reach the daemon ({exc})") from None
+            raise ClientError(f"GET /health: cannot reach the daemon "
+                              f"({client.unreachable(exc)})") from None
         try:
             found = json.loads(body)
         except ValueError:
@@ -116,7 +117,8 @@ class CA:
                     raise ClientError(f"POST {path}: {r.status} {r.reason}", status=r.status)
                 return data
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ClientError(f"POST {path}: cannot reach the daemon ({exc})") from None
+            raise ClientError(f"POST {path}: cannot reach the daemon "
+                              f"({client.unreachable(exc)})") from None
 
 
 def _hashes(body: Any, what: str) -> list[bytes]:
