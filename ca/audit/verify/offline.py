@@ -130,7 +130,9 @@ def _verify(data: bytes, key: PinnedKey, latest_text: str | None,
     for prefix, what in vouched:
         if 0 < prefix.size <= good and not still_extends(prefix, merkle, good):
             failure = earliest(failure, Failure(prefix.size - 1, Stage.PREFIX, (
-                f"rewritten: the first {prefix.size} lines no longer match {what}")))
+                f"rewritten: the first {prefix.size} lines no longer match {what} (a line "
+                f"at or before seq {prefix.size - 1} was changed, removed or inserted; "
+                "the log's own checkpoints narrow it down when they do not match)")))
     verified += latest is not None
 
     last_start = max(c.last_start for c in chunks)
