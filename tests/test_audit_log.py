@@ -271,44 +271,60 @@ def test_one_writer_only_and_refusal_of_a_shorter_or_rewritten_log(tmp_path: Pat
     assert audit_verify(ca.state).returncode == 0
 
 
-def test_nothing_but_a_start_may_follow_a_clean_stop(tmp_path: Path) -> None:
-    """A stopped daemon's log ends in daemon.stop, its final checkpoint's own lines and
-    the HSM logout. A line appended after them by anyone with write access would be
-    signed over by the next start's first checkpoint and then pass every verification
-    (auditor trial): the start refuses it. The lines of a start cut short before its
-    first checkpoint are what a crash leaves, and are let through; and a log whose
-    closing lines were cut is refused, since the checkpoint file is written after them."""
+def test_nothing_of_consequence_may_follow_a_clean_stop(tmp_path: Path) -> None:
+    """A stopped daemon's log ends in daemon.stop, which its final checkpoint covers,
+    then that checkpoint's own lines and the HSM logout. A line appended after them by
+    anyone with write access would be signed over by the next start's first checkpoint
+    and then pass every verification (auditor trial): the start refuses it, whatever
+    was done to the closing lines, and however many lines were added (a review found
+    both ways round a first version). What a start or a ceremony cut short leaves is let
+    through; a log whose closing lines were cut is refused, since the checkpoint file is
+    written after them."""
     ca = init_ca(tmp_path)
     d = start_daemon(ca.state)
     assert d.stop() == 0
     log = ca.state / "audit/log.jsonl"
-    original = log.read_bytes()
-    lines = original.splitlines()
+    lines = log.read_bytes().splitlines()
     assert json.loads(lines[-1])["event"] == "hsm.logout"
+    last = json.loads(lines[-1])
+    opened = [json.loads(line) for line in lines
+              if json.loads(line)["event"] in ("hsm.open", "hsm.login")][:2]
 
     def serve() -> subprocess.CompletedProcess[str]:
         return hsmca("serve", "--config", ca.state / "hsmca.toml", "--listen", "127.0.0.1:0",
                      check=False)
 
-    last = json.loads(lines[-1])
+    def appended(keep: list[bytes], *objs: dict[str, Any]) -> int:
+        """`keep`, then `objs` numbered and chained after them; the seq of the first."""
+        added = [json.dumps(o | {"seq": len(keep) + i, "ts": last["ts"]}).encode()
+                 for i, o in enumerate(objs)]
+        log.write_bytes(b"\n".join(rechain([*keep, *added], len(keep))) + b"\n")
+        return len(keep)
+
     forged = {"event": "cert.revoke", "actor": "cert:00:CN=forged", "reason": "keyCompromise",
-              "serial": "deadbeef", "serials": ["deadbeef"], "seq": len(lines), "ts": last["ts"]}
-    log.write_bytes(b"\n".join(rechain([*lines, json.dumps(forged).encode()], len(lines)))
-                    + b"\n")
-    proc = serve()
-    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
-    assert f"seq {len(lines)} after it is 'cert.revoke'" in proc.stderr, proc.stderr
-    assert "lines were appended to the stopped log" in proc.stderr
+              "serial": "deadbeef", "serials": ["deadbeef"]}
+    for keep, before in ((lines, []),          # after the logout
+                         (lines[:-1], []),     # the logout dropped first
+                         # a crashed start's lines first, more than a bundle of them, and
+                         # the tiles built again from the whole log
+                         (lines, [opened[0]] * 600)):
+        at = appended(keep, *before, forged) + len(before)
+        proc = serve()
+        assert proc.returncode == 1 and proc.stderr.count("\n") <= 2, proc.stderr
+        assert f"seq {at} after it is 'cert.revoke'" in proc.stderr, proc.stderr
+        assert "lines were appended to the stopped log" in proc.stderr
+        shutil.rmtree(ca.state / "audit/tiles")  # built again from the whole log next
 
     log.write_bytes(b"\n".join(lines[:-3]) + b"\n")  # the closing lines cut
     proc = serve()
     assert proc.returncode == 1 and "the end of the log was cut" in proc.stderr, proc.stderr
 
-    # A start that crashed after its HSM login: its open and login lines, then nothing.
-    opened = [line for line in lines if json.loads(line)["event"] in ("hsm.open", "hsm.login")]
-    crashed = [json.loads(line) | {"seq": len(lines) + i} for i, line in enumerate(opened[:2])]
-    log.write_bytes(b"\n".join(rechain([*lines, *(json.dumps(o).encode() for o in crashed)],
-                                       len(lines))) + b"\n")
+    # A root rotation cut short after its key was made (the HSM failed, or ^C): its
+    # session, its start and the key's generation, then its logout.
+    keygen = next(json.loads(line) for line in lines if b'"hsm.keygen"' in line)
+    appended(lines, *opened, {"event": "key.ceremony", "what": "root rotation",
+                              "phase": "start", "previous": "root-ca"},
+             keygen, {**last})
     d = start_daemon(ca.state)
     assert d.stop() == 0
     assert audit_verify(ca.state).returncode == 0

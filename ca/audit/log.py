@@ -254,10 +254,17 @@ class AuditLog:
                 edge = []
         if checkpoint_path is not None:
             cp = cls._check_against_checkpoint(path, checkpoint_path, tree, fd, pos, audit_key)
-            if cp is not None:
-                window = (last if bundles else []) + lines  # seq `first` on
+            if cp is not None and 0 < cp.size <= n:
+                # The lines from the one the checkpoint ends with (seq cp.size - 1) on:
+                # those read above, and before them, if it is older, from the file.
+                window = (last if bundles else []) + lines
                 first = covered - TILE_WIDTH if bundles else 0
-                _check_after_clean_stop(path, window, first, cp.size)
+                if cp.size - 1 < first:
+                    bundle = (cp.size - 1) // TILE_WIDTH
+                    at = store.bundle_end(bundle - 1) if bundle else 0
+                    window = os.pread(fd, start - at, at).split(b"\n")[:-1] + window
+                    first = bundle * TILE_WIDTH
+                _check_after_clean_stop(path, window[cp.size - 1 - first:], cp.size)
         prev = chain_hash(final) if final is not None else GENESIS
         audit = cls(path, fd, store, tree, pos, prev, edge, ends, mirror)
         if torn:
@@ -666,64 +673,57 @@ def ensure_unlocked(path: Path) -> None:
             pass
 
 
-# What a start writes before its first checkpoint: the HSM session, a repair of the
-# log, `daemon.start`, and the CA's own signatures (its TLS certificate, CRLs, OCSP
-# responses, that checkpoint), all with the actor "local", and their outcomes.
-_START_EVENTS = frozenset({"hsm.open", "hsm.login", "hsm.error", "hsm.reconnect",
-                           "hsm.logout", "log.recover", "log.resume", "daemon.start",
-                           "daemon.stop"})
+# What may follow a clean stop, unsigned: the stop's own closing lines (its final
+# checkpoint's signing, the HSM logout), then what a start writes before its first
+# checkpoint (the HSM session, a repair of the log, `daemon.start`, the CA's own
+# signatures: its TLS certificate, CRLs, OCSP responses, that checkpoint), and what a
+# ceremony run with the daemon stopped writes (`hsmca key rotate-root`, `hsmca store
+# move`), should it be cut short before its checkpoint. The CA's own signatures are
+# intents of the actor "local" and their outcomes.
+_AFTER_STOP = frozenset({"hsm.open", "hsm.login", "hsm.error", "hsm.reconnect", "hsm.logout",
+                         "log.recover", "log.resume", "daemon.start", "daemon.stop",
+                         "key.ceremony", "hsm.keygen", "store.move"})
 
 
-def _check_after_clean_stop(path: Path, window: list[bytes], first: int, signed: int) -> None:
-    """After a clean stop nothing may have been added but what a start writes first.
+def _check_after_clean_stop(path: Path, lines: list[bytes], signed: int) -> None:
+    """Nothing of consequence may follow a clean stop without a checkpoint over it.
 
-    A daemon that stops writes `daemon.stop`, a checkpoint over it (its last line is
-    `daemon.stop`, seq signed - 1), that checkpoint's own intent and outcome, and the
-    HSM logout of the same process; then nothing until the next start, whose first
-    checkpoint comes before any request is served. Lines appended to a stopped log
-    by anyone else would otherwise be signed over by the next start's checkpoint and
-    pass every later verification (auditor trial). The lines of a start cut short by a
-    crash before its first checkpoint are let through; anything else is refused.
-    `window` holds the lines from seq `first` on."""
-    at = signed - 1 - first
-    if at < 0 or at >= len(window):
-        return
+    `lines` are the log's lines from seq `signed - 1` on, `signed` the size of its last
+    checkpoint. When that checkpoint ends with `daemon.stop`, the daemon stopped
+    cleanly: its signature vouches for that line. Every line after it is unsigned, and
+    the next start's checkpoint would sign them, so that a line appended to a stopped
+    log by anyone who can write the file (a forged `cert.revoke`, an issuance) would
+    pass every later verification (auditor trial). Such lines are refused; the lines a
+    stopping daemon, a start or a ceremony cut short write are not. (Lines of those
+    kinds can be forged too: they claim no certificate, revocation, token or key
+    change.)"""
     try:
-        objs = [json.loads(line) for line in window[at:]]
+        objs = [json.loads(line) for line in lines]
     except (ValueError, RecursionError):
         return  # a torn last line: cut and recorded by the caller
-    stop, rest = objs[0], objs[1:]
-    if not isinstance(stop, dict) or stop.get("event") != "daemon.stop":
+    if not objs or not isinstance(objs[0], dict) or objs[0].get("event") != "daemon.stop":
         return
-    def signing(obj: dict[str, Any]) -> bool:  # the final checkpoint's own lines
-        if obj.get("event") != "hsm.sign":
-            return False
-        if obj.get("phase") == "intent":
-            return obj.get("purpose") == "checkpoint" and obj.get("size") == signed
-        return obj.get("op_id") in ops
-
-    ops: set[str] = set()
-    i = 0
-    while i < len(rest) and signing(rest[i]):
-        ops.add(rest[i].get("op_id"))
-        i += 1
-    if not ops or i == len(rest) or rest[i].get("event") != "hsm.logout" \
-            or rest[i].get("pid") != stop.get("pid"):
-        return  # not the shape of a clean stop: nothing more to say about it
-    for seq, obj in enumerate(rest[i + 1:], start=signed + i + 1):
-        local = obj.get("event") == "hsm.sign" and (
-            obj.get("actor") == "local" if obj.get("phase") == "intent"
-            else obj.get("op_id") in ops)
-        if local and obj.get("phase") == "intent":
-            ops.add(obj.get("op_id"))
-        if not local and obj.get("event") not in _START_EVENTS:
-            raise AuditLogError(
-                f"the audit log {path} was stopped cleanly at seq {signed - 1} (daemon.stop, "
-                f"its final checkpoint and the HSM logout), but seq {seq} after it is "
-                f"{str(obj.get('event'))[:40]!r}, which no start writes before its first "
-                "checkpoint: lines were appended to the stopped log. Refusing to start (a "
-                "checkpoint would sign them); keep a copy, remove the lines after the "
-                "logout, and run `hsmca audit verify`")
+    local: set[object] = set()  # op_ids of the CA's own signatures
+    for seq, obj in enumerate(objs[1:], start=signed):
+        event = obj.get("event") if isinstance(obj, dict) else None
+        if event == "hsm.sign":
+            if obj.get("phase") == "intent" and obj.get("actor") == "local":
+                local.add(obj.get("op_id"))
+                continue
+            if obj.get("phase") == "outcome" and obj.get("op_id") in local:
+                continue
+        elif event in _AFTER_STOP:
+            continue
+        what = f"{str(event)[:40]!r}" + (f" by {str(obj.get('actor'))[:60]!r}"
+                                          if event == "hsm.sign" else "")
+        raise AuditLogError(
+            f"the audit log {path} stopped cleanly at seq {signed - 1} (daemon.stop, covered "
+            f"by its last checkpoint), but seq {seq} after it is {what}, which neither a "
+            "stopping daemon, a start nor a ceremony writes before its checkpoint: lines "
+            "were appended to the stopped log. Refusing to start, since the next "
+            "checkpoint would sign them. Keep the log as evidence, run `hsmca audit "
+            f"verify` on it, and compare seq {signed - 1} on with your backups and the "
+            "auditors' saved state")
 
 
 def _check_chain(path: Path, before: bytes | None, lines: list[bytes], first: int) -> None:
