@@ -1137,3 +1137,36 @@ def test_a_line_altered_and_rechained_is_placed_between_two_checkpoints() -> Non
     assert not result.ok and result.bad_seq == len(lines) - 1, result
     assert f"a line it covers was altered, one from seq {first} to {size - 1}" in (
         result.reason or ""), result.reason
+
+
+def test_open_intents_are_excused_only_where_a_copy_can_end() -> None:
+    """--allow-unsigned (open_allowed) accepts a signature under way when a running
+    daemon's log was copied: an intent after every checkpoint but the last. An intent
+    left open long before, that later checkpoints cover, is a signature never recorded
+    as done, and still fails (a review found the first version excused it too)."""
+    b = LogBuilder()
+    b.add("daemon.start", version="0.1.0")
+    early = b.new_op()
+    b.intent(early)
+    for _ in range(3):
+        op = b.new_op()
+        b.intent(op)
+        b.outcome(op)
+        b.checkpoint()
+    late = b.new_op()
+    b.intent(late)  # under way when the copy was taken
+    b.checkpoint()  # the checkpointer signed meanwhile
+    strict = verify_log(b.data(), KEY.public_key(), ORIGIN, ORIGIN)
+    assert not strict.ok and strict.bad_seq == 1, strict.reason
+    allowed = verify_log(b.data(), KEY.public_key(), ORIGIN, ORIGIN, open_allowed=True)
+    assert not allowed.ok and allowed.bad_seq == 1, allowed.reason
+    assert "intent without an outcome" in (allowed.reason or "")
+
+    c = LogBuilder()
+    c.add("daemon.start", version="0.1.0")
+    c.checkpoint()
+    late = c.new_op()
+    c.intent(late)
+    c.checkpoint()
+    allowed = verify_log(c.data(), KEY.public_key(), ORIGIN, ORIGIN, open_allowed=True)
+    assert allowed.ok and allowed.open_at_end == 1, allowed.reason

@@ -138,7 +138,8 @@ def _verify(data: bytes, key: PinnedKey, latest_text: str | None,
     last_start = max(c.last_start for c in chunks)
     if failure is None:
         failure = _end_of_log(n, tail, prior, latest, claimed, latest_error,
-                              {} if open_allowed else open_intents, last_start)
+                              _not_in_flight(open_intents, checkpoints, latest, prior)
+                              if open_allowed else open_intents, last_start)
     if failure is not None:
         return VerifyResult(False, n, failure.seq, failure.reason, verified, None)
     if latest_error is not None:  # the log is fine, but the checkpoint file is not
@@ -160,11 +161,23 @@ def _verify(data: bytes, key: PinnedKey, latest_text: str | None,
                                  best, still_open, _successors(key)).to_json()
     return VerifyResult(True, n, None, None, verified, new_state, signed, closing,
                         n - signed - closing,
-                        sum(seq > last_start for seq in open_intents.values()))
+                        sum(seq > last_start for seq in open_intents.values()))  # excused
 
 
 def _successors(key: PinnedKey) -> tuple[tuple[int, str], ...]:
     return tuple((seq, verifier_key(key.name, k)) for seq, k in key.successors)
+
+
+def _not_in_flight(open_intents: dict[str, int], checkpoints: list[Any],
+                   latest: SignedPrefix | None, prior: AuditorState | None) -> dict[str, int]:
+    """The open intents a copy of a running (or crashed) daemon's log cannot explain:
+    those an earlier checkpoint than the last covers. A signature under way when the
+    copy was taken began after every checkpoint but the last (which the checkpointer,
+    once a second, may have signed while it ran)."""
+    sizes = sorted({cp.size for cp in checkpoints} | {p.size for p in (
+        latest, prior.signed if prior else None) if p is not None})
+    before = sizes[-2] if len(sizes) >= 2 else 0
+    return {op: seq for op, seq in open_intents.items() if seq < before}
 
 
 def _claimed_size(text: str | None) -> int | None:
