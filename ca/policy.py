@@ -35,6 +35,7 @@ _LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
 _TTL = re.compile(r"^([1-9][0-9]{0,7})([smhd])\Z")
 _TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _BAD_CHARS = re.compile(r"[\x00-\x20\x7f-\x9f,]")
+_LABELS = re.compile(r"^[a-z0-9-]{1,63}(?:\.[a-z0-9-]{1,63})*\Z")  # for lookup() only
 # \Z, not $: "$" also matches before a final newline, and "alice\n" is no principal.
 _PRINCIPAL = re.compile(r"^[\x21-\x2b\x2d-\x7e]{1,256}\Z")  # printable ASCII, no space or comma
 # RFC 3986 with no userinfo: scheme "://" host [":" port] path-abempty ["?" query] ["#" frag]
@@ -282,15 +283,18 @@ def classify(name: str, allow_wildcards: bool = False) -> tuple[str, str]:
 
 def lookup(name: str) -> tuple[str, str]:
     """`classify`, for finding what was issued to a name (`revoke --identity`): an
-    IPv4-mapped IPv6 address is refused for new certificates, but ones issued before
-    that carry it must still be found, by the form they were stored in."""
+    IPv4-mapped IPv6 address, or a DNS name whose last label is a number, is refused
+    for new certificates, but ones issued before that carry it must still be found, by
+    the form they were stored in."""
     try:
         return classify(name, True)
     except Refused:
         mapped = _mapped_address(name)
-        if mapped is None:
-            raise
-        return "ip", mapped
+        if mapped is not None:
+            return "ip", mapped
+        if isinstance(name, str) and _LABELS.match(name) and _is_number(name.rsplit(".", 1)[-1]):
+            return "dns", name
+        raise
 
 
 def _mapped_address(name: str) -> str | None:

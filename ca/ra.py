@@ -536,6 +536,9 @@ def order(ctx: Context, who: Requester, request: Request) -> Any:
 
 # ---- the rules ------------------------------------------------------------------------------
 
+MAX_GRANT_CHARS = 16384
+
+
 def _token(ctx: Context, who: Requester, req: TokenRequest) -> TokenGrant:
     _need_role(who, "admin")
     p = ctx.policy
@@ -562,6 +565,10 @@ def _token(ctx: Context, who: Requester, req: TokenRequest) -> TokenGrant:
         raise Refused("principals are granted to role user only (a host's principals are its "
                       "DNS names)")
     principals = tuple(dict.fromkeys(policy.principal(x) for x in raw_principals))
+    if sum(len(v) for _, v in names) + sum(map(len, principals)) > MAX_GRANT_CHARS:
+        # Its token.create line (and a certificate's intent) must fit an audit line.
+        raise Refused(f"the names and principals of one token take at most "
+                      f"{MAX_GRANT_CHARS} characters in all")
     ttl = policy.parse_ttl(req.ttl if req.ttl is not None else "1h", "ttl")
     if ttl > p.token_max_ttl_s:
         raise Refused(f"token ttl {ttl}s exceeds the maximum {p.token_max_ttl_s}s "

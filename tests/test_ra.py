@@ -716,3 +716,21 @@ def test_an_audit_key_is_retired_only_once_every_log_has_handed_over() -> None:
     refused(ra.decide(context(), admin(), dataclasses.replace(
         req, not_handed_over=("ca-2", "init"))), Reason.CONFLICT, "ca-2, init",
         "hsmca key rotate-root")
+
+
+def test_a_tokens_names_fit_an_audit_line() -> None:
+    """100 URIs of 2000 characters each would make a token.create line longer than an
+    audit line may be (a 500, after review): refused, saying the limit."""
+    many = [f"spiffe://a.internal.example/{i}/" + "x" * 1900 for i in range(10)]
+    refused(ra.decide(context(), admin(), ra.TokenRequest("service", many)),
+            Reason.MALFORMED, "at most 16384 characters")
+
+
+def test_names_issued_before_they_were_refused_are_still_found() -> None:
+    """`revoke --identity` finds a certificate by a name no longer issued: one whose last
+    label is a number, as an IPv4-mapped address before it."""
+    from ca import policy
+    assert policy.lookup("0x7f.1") == ("dns", "0x7f.1")
+    assert policy.lookup("svc.internal.1") == ("dns", "svc.internal.1")
+    with pytest.raises(policy.Refused):
+        policy.lookup("0x7f.1 ")
