@@ -303,17 +303,28 @@ def test_nothing_of_consequence_may_follow_a_clean_stop(tmp_path: Path) -> None:
 
     forged = {"event": "cert.revoke", "actor": "cert:00:CN=forged", "reason": "keyCompromise",
               "serial": "deadbeef", "serials": ["deadbeef"]}
-    for keep, before in ((lines, []),          # after the logout
-                         (lines[:-1], []),     # the logout dropped first
-                         # a crashed start's lines first, more than a bundle of them, and
-                         # the tiles built again from the whole log
-                         (lines, [opened[0]] * 600)):
+    checkpoint = ca.state / "audit/checkpoint"
+    final = checkpoint.read_text()
+    older = [json.loads(line)["checkpoint"] for line in lines
+             if b'"checkpoint":"' in line][-2]  # the one signed before daemon.stop
+    for keep, before, cp in (
+            (lines, [], final),                # after the logout
+            (lines[:-1], [], final),           # the logout dropped first
+            # a crashed start's lines first, more than a bundle of them, and the tiles
+            # built again from the whole log
+            (lines, [opened[0]] * 600, final),
+            (lines, [], older),                # an older checkpoint file put in place
+            # the final checkpoint's lines and the logout cut, that file too: the
+            # daemon.stop is no checkpoint's last line any more
+            (lines[:-3], [], older)):
+        checkpoint.write_text(cp)
         at = appended(keep, *before, forged) + len(before)
         proc = serve()
         assert proc.returncode == 1 and proc.stderr.count("\n") <= 2, proc.stderr
         assert f"seq {at} after it is 'cert.revoke'" in proc.stderr, proc.stderr
         assert "lines were appended to the stopped log" in proc.stderr
         shutil.rmtree(ca.state / "audit/tiles")  # built again from the whole log next
+    checkpoint.write_text(final)
 
     log.write_bytes(b"\n".join(lines[:-3]) + b"\n")  # the closing lines cut
     proc = serve()

@@ -331,6 +331,17 @@ class AuditLog:
                 f"checkpoint ({where}, over {cp.size} lines) came after those, before the "
                 "file was written: the end of the log was cut (tampering or loss). Refusing "
                 "to start; restore the log and run `hsmca audit verify`")
+        if in_file and (found := _last_logged_checkpoint(fd, size_bytes)) is not None:
+            # One the log records may be newer than the file (a crash between the two
+            # writes, or an older file put in its place): the newer says where the log
+            # stood last, and what may follow it (`_check_after_clean_stop`).
+            try:
+                logged = verify_checkpoint(found[0], found[0].split("\n", 1)[0], audit_key) \
+                    if audit_key is not None else parse_checkpoint(found[0])
+            except NoteError:
+                logged = None  # the scan at verification names it; the file's stands
+            if logged is not None and logged.size > cp.size:
+                return logged
         return cp
 
     # ---- appending ----------------------------------------------------------------------
@@ -701,10 +712,15 @@ def _check_after_clean_stop(path: Path, lines: list[bytes], signed: int) -> None
         objs = [json.loads(line) for line in lines]
     except (ValueError, RecursionError):
         return  # a torn last line: cut and recorded by the caller
-    if not objs or not isinstance(objs[0], dict) or objs[0].get("event") != "daemon.stop":
+    # The last daemon.stop: the one the checkpoint ends with, or one after it whose
+    # final checkpoint is gone (cut, or its signing interrupted). Only what a stopping
+    # daemon, a start or a ceremony writes may follow a stop.
+    stops = [i for i, obj in enumerate(objs)
+             if isinstance(obj, dict) and obj.get("event") == "daemon.stop"]
+    if not stops:
         return
     local: set[object] = set()  # op_ids of the CA's own signatures
-    for seq, obj in enumerate(objs[1:], start=signed):
+    for seq, obj in enumerate(objs[stops[-1] + 1:], start=signed + stops[-1]):
         event = obj.get("event") if isinstance(obj, dict) else None
         if event == "hsm.sign":
             if obj.get("phase") == "intent" and obj.get("actor") == "local":
@@ -716,14 +732,14 @@ def _check_after_clean_stop(path: Path, lines: list[bytes], signed: int) -> None
             continue
         what = f"{str(event)[:40]!r}" + (f" by {str(obj.get('actor'))[:60]!r}"
                                           if event == "hsm.sign" else "")
+        stop = signed - 1 + stops[-1]
         raise AuditLogError(
-            f"the audit log {path} stopped cleanly at seq {signed - 1} (daemon.stop, covered "
-            f"by its last checkpoint), but seq {seq} after it is {what}, which neither a "
-            "stopping daemon, a start nor a ceremony writes before its checkpoint: lines "
-            "were appended to the stopped log. Refusing to start, since the next "
-            "checkpoint would sign them. Keep the log as evidence, run `hsmca audit "
-            f"verify` on it, and compare seq {signed - 1} on with your backups and the "
-            "auditors' saved state")
+            f"the audit log {path} stopped at seq {stop} (daemon.stop), but seq {seq} after "
+            f"it is {what}, which neither a stopping daemon, a start nor a ceremony writes "
+            "before its checkpoint: lines were appended to the stopped log. Refusing to "
+            "start, since the next checkpoint would sign them. Keep the log as evidence, "
+            f"run `hsmca audit verify` on it, and compare seq {stop} on with your backups "
+            "and the auditors' saved state")
 
 
 def _check_chain(path: Path, before: bytes | None, lines: list[bytes], first: int) -> None:
