@@ -35,7 +35,6 @@ _LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
 _TTL = re.compile(r"^([1-9][0-9]{0,7})([smhd])\Z")
 _TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _BAD_CHARS = re.compile(r"[\x00-\x20\x7f-\x9f,]")
-_LABELS = re.compile(r"^[a-z0-9-]{1,63}(?:\.[a-z0-9-]{1,63})*\Z")  # for lookup() only
 # \Z, not $: "$" also matches before a final newline, and "alice\n" is no principal.
 _PRINCIPAL = re.compile(r"^[\x21-\x2b\x2d-\x7e]{1,256}\Z")  # printable ASCII, no space or comma
 # RFC 3986 with no userinfo: scheme "://" host [":" port] path-abempty ["?" query] ["#" frag]
@@ -292,7 +291,8 @@ def lookup(name: str) -> tuple[str, str]:
         mapped = _mapped_address(name)
         if mapped is not None:
             return "ip", mapped
-        if isinstance(name, str) and _LABELS.match(name) and _is_number(name.rsplit(".", 1)[-1]):
+        labels = name.split(".") if isinstance(name, str) else []
+        if labels and all(_LABEL.match(lbl) for lbl in labels) and _is_number(labels[-1]):
             return "dns", name
         raise
 

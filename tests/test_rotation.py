@@ -270,7 +270,6 @@ async def test_an_audit_key_rotation_is_handed_over_without_waiting_for_the_hear
             if test(cp):
                 return cp
             assert asyncio.get_running_loop().time() < deadline, f"no checkpoint {what}"
-            await asyncio.sleep(0.1)  # a poll's pace, not a wait for something
 
     try:
         old = re.search(r"^(\S+)\s+audit\s+active", key_cmd(d, "list").stdout,

@@ -305,10 +305,7 @@ class AuditLog:
             text, seq = found
             where = f"the checkpoint recorded at seq {seq} (the checkpoint file is missing)"
         try:
-            if audit_key is not None:
-                cp = verify_checkpoint(text, text.split("\n", 1)[0], audit_key)
-            else:
-                cp = parse_checkpoint(text)
+            cp = _checkpoint_of(text, audit_key)
         except NoteError as exc:
             raise AuditLogError(f"{where} is not a valid checkpoint of this CA ({exc}); "
                                 "refusing to start: an operator must look") from None
@@ -336,8 +333,7 @@ class AuditLog:
             # writes, or an older file put in its place): the newer says where the log
             # stood last, and what may follow it (`_check_after_clean_stop`).
             try:
-                logged = verify_checkpoint(found[0], found[0].split("\n", 1)[0], audit_key) \
-                    if audit_key is not None else parse_checkpoint(found[0])
+                logged = _checkpoint_of(found[0], audit_key)
             except NoteError:
                 logged = None  # the scan at verification names it; the file's stands
             if logged is not None and logged.size > cp.size:
@@ -682,6 +678,13 @@ def ensure_unlocked(path: Path) -> None:
     if path.exists():
         with held(path):
             pass
+
+
+def _checkpoint_of(text: str, audit_key: Ed25519PublicKey | None) -> Checkpoint:
+    """The checkpoint `text`, its signature verified when the audit key is known."""
+    if audit_key is None:
+        return parse_checkpoint(text)
+    return verify_checkpoint(text, text.split("\n", 1)[0], audit_key)
 
 
 # What may follow a clean stop, unsigned: the stop's own closing lines (its final

@@ -144,11 +144,6 @@ class HTTPWitness:
                            "in a row")
 
 
-def label(witness: FileWitness | HTTPWitness) -> str:
-    """The witness in /metrics, as the log lines name it (a URL without its password)."""
-    return str(witness)
-
-
 def _signers(text: str, answer: str) -> list[str]:
     """The `name+keyid` of each signature line a witness added to the note `text`, to
     set beside the configured keys when none of them verifies."""
@@ -230,7 +225,7 @@ class Witnessing:
     def _result(self, witness: FileWitness | HTTPWitness, result: str, size: int) -> None:
         """Counted before it is logged: a log line's reader finds it in /metrics."""
         if self.on_result is not None:
-            self.on_result(label(witness), result, size)
+            self.on_result(str(witness), result, size)
 
     async def _proof(self, old: int, size: int) -> Sequence[bytes]:
         return await asyncio.to_thread(self._prove, old, size)
