@@ -565,42 +565,6 @@ async def test_the_checkpointer_outlives_a_failure_it_did_not_expect(
     assert (tmp_path / "checkpoint").read_text().startswith("test.example/audit\n")
 
 
-async def test_the_checkpointer_signs_when_the_audit_keys_change(
-        worker: SigningPipeline, tmp_path: Path) -> None:
-    """With a heartbeat of a day and nothing written, a change of the audit keys in use
-    (a rotation committed after the checkpoint its key.rotate line brought) is signed
-    over at the next tick: the hand-over does not wait for the heartbeat."""
-    from ca.audit.checkpointer import Checkpointer
-    audit = worker._audit
-    key = await worker.load_key("audit")
-    in_use = [key]
-
-    async def keys() -> list[Any]:
-        return list(in_use)
-
-    sizes: list[int] = []
-    signed = asyncio.Event()
-
-    async def on_checkpoint(size: int, _text: str) -> None:
-        sizes.append(size)
-        signed.set()
-
-    checkpointer = Checkpointer(audit, worker, keys, "test.example/audit",  # type: ignore[arg-type]
-                                tmp_path / "checkpoint", min_interval=0.01, heartbeat=86400,
-                                on_checkpoint=on_checkpoint)
-    task = asyncio.create_task(checkpointer.run())
-    try:
-        await audit.append("test.line")
-        await asyncio.wait_for(signed.wait(), 30)
-        signed.clear()
-        in_use.append(key)  # a second key in use (the same one will do to sign)
-        await asyncio.wait_for(signed.wait(), 30)
-    finally:
-        task.cancel()
-    assert len(sizes) == 2 and sizes[1] == sizes[0] + 2  # only the first's own lines
-    assert checkpointer.latest is not None and checkpointer.latest.count("\n— ") == 2
-
-
 def test_a_log_cut_with_its_tiles_and_checkpoint_is_refused_by_the_inventory(
         tmp_path: Path) -> None:
     """Cut the log and remove what start-up checks it against (tiles, checkpoint), and

@@ -252,10 +252,7 @@ async def test_an_audit_key_rotation_is_handed_over_without_waiting_for_the_hear
         tmp_path: Path) -> None:
     """With a heartbeat of a day and nothing else written, a rotation of the audit key
     is handed over by a checkpoint of both keys, the old key can be retired at once,
-    and the next checkpoint is the new key's alone. (`key.rotate` is written before the
-    new key is committed: a checkpoint signed in between, by the old key alone, used to
-    leave the hand-over to the heartbeat; the checkpointer now also signs when the keys
-    in use differ from its last checkpoint's. That race is rare and not forced here.)"""
+    and the next checkpoint is the new key's alone."""
     from ca.audit.note import NEXT_KEY, parse_checkpoint
     from tests.conftest import set_config
     ca = init_ca(tmp_path)
