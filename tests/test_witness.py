@@ -426,3 +426,47 @@ def test_a_witness_urls_password_is_in_no_log_line_or_label() -> None:
     assert str(witness) == "https://witness.example:8443/w"
     assert witness.url == "https://ca:s3cret@witness.example:8443/w"  # still used to post
     assert str(HTTPWitness("http://127.0.0.1:9/")) == "http://127.0.0.1:9"
+
+
+def test_a_witness_that_is_down_is_said_once_and_its_return_says_how_much_it_missed(
+        tmp_path: Path) -> None:
+    """While the log grows a checkpoint is signed every second, and a witness that is
+    down fails each one. The daemon says so once (again only after REPEAT_LOG_S, with
+    how many went unsaid), /metrics counts every failure, and the witness's next
+    cosignature, once it is back, says how many checkpoints in a row it missed. It
+    used to be one warning a second for as long as the witness was down."""
+    ca = init_ca(tmp_path)
+    origin, log_vkey = log_key(ca.state)
+    witness = WitnessProcess(tmp_path, "w1.down.test/witness", {origin: log_vkey})
+    set_config(ca.state, "audit", "witnesses", [witness.url])
+    set_config(ca.state, "audit", "witness-keys", [witness.vkey])
+    d, url = serve(ca.state / "hsmca.toml")
+    handle = Daemon(url, d.proc, ca.state, [])
+    token = urllib.request.Request(
+        f"{handle.url}/v1/tokens", headers={"Content-Type": "application/json"},
+        data=json.dumps({"role": "service", "names": ["down.witness.example"],
+                         "ttl": "15m"}).encode())
+    try:
+        witness.run.wait("cosigned")  # the checkpoint signed at start
+        assert witness.run.stop() == 0
+        mark = d.mark()
+        failed = 0.0
+        for _ in range(2000):  # the log grows by a line a request: a checkpoint a second
+            with urllib.request.urlopen(token, context=handle.admin_ssl(), timeout=60) as a:
+                assert a.status == 201
+            failed = witness_metrics(handle)[
+                "hsmca_witness_refused_total", witness.url, "unreachable"]
+            if failed >= 4:
+                break
+        assert failed >= 4, "".join(d.raw[-40:])
+        said = [e for e in d.lines[mark:] if e.get("event") == "witness not updated"]
+        assert len(said) == 1 and said[0]["witness"] == witness.url, said
+        assert "unsaid" not in said[0]
+
+        witness.pin({origin: log_vkey})  # back, at the same address
+        cosigned_from_here(d, handle, [witness])
+        back = d.events("witness cosigned the checkpoint")[-1]
+        assert back["witness"] == witness.url and back["after_failures"] >= failed, back
+    finally:
+        d.stop()
+        witness.run.stop()

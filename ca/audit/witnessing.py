@@ -23,6 +23,12 @@ final checkpoint.
 The cosignatures that verify with a configured witness key (`[audit]
 witness-keys`) are added to the checkpoint's note and published beside it:
 `state-dir/audit/checkpoint.cosigned` and `GET /v1/audit/checkpoint.cosigned`.
+
+A witness that keeps failing the same way (down, or refusing every checkpoint) is
+said once, then again every `REPEAT_LOG_S` with how many failures went unsaid: while
+the log grows a checkpoint is signed every second, and the log must not repeat one
+fact that often. /metrics counts every one. Its next cosignature says how many
+checkpoints in a row it had missed (`after_failures`).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import asyncio
 import base64
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -47,6 +54,7 @@ log = structlog.get_logger("hsmca.witness")
 TIMEOUT_S = 10.0
 CLOCK_SKEW_S = 3600  # a cosignature dated later than this from now does not count
 MAX_PROOF = 63  # C2SP: at most 63 consistency proof lines
+REPEAT_LOG_S = 600.0  # a witness failing as before is said again after this long
 _RETRIES = 3  # 409s with a size in a row, before giving up on this checkpoint
 # Why a witness did not cosign a checkpoint, in a word (a bounded set: /metrics counts
 # each). The witness saw another log: "fork", "inconsistent", "cut". Configuration: it
@@ -154,6 +162,15 @@ def _signers(text: str, answer: str) -> list[str]:
         return ["(not signature lines)"]
 
 
+@dataclass
+class _Failing:
+    """A witness's failures since it last cosigned."""
+    reason: str  # the last one's (REASONS)
+    said_at: float  # when one was last logged (time.monotonic)
+    unsaid: int = 0  # failures since, not logged
+    total: int = 0
+
+
 class Witnessing:
     """The daemon's witnesses: `submit` each new checkpoint, read `cosigned`."""
 
@@ -172,6 +189,7 @@ class Witnessing:
         self._cosigs: dict[tuple[str, bytes], str] = {}  # (witness, key id) -> cosignature
         self._writing = asyncio.Lock()  # one write of the cosigned file at a time, the latest
         self.on_result: OnResult | None = None  # each witness's answer, for /metrics
+        self._failing: dict[int, _Failing] = {}  # witness -> how it has been failing
 
     def __bool__(self) -> bool:
         return bool(self.witnesses)
@@ -209,18 +227,39 @@ class Witnessing:
                     # File I/O under a lock, maybe on a share: off the event loop.
                     await asyncio.to_thread(witness.push, text, self._prove)
                     self._result(witness, "cosigned", size)  # held: a file's cosignature
+                    if (failing := self._failing.pop(i, None)) is not None:
+                        log.info("witness holds the checkpoint again", witness=str(witness),
+                                 size=size, after_failures=failing.total)
                     continue
                 answer = await witness.add_checkpoint(self._http(), text, size, self._proof)
-                await self._cosigned(witness, text, size, answer)
+                await self._cosigned(i, text, size, answer)
             except WitnessRefused as exc:
                 self._result(witness, exc.kind, size)
-                log.error("witness refused the checkpoint", witness=str(witness), size=size,
-                          reason=exc.reason)
+                if (unsaid := self._failed(i, exc.kind)) is not None:
+                    log.error("witness refused the checkpoint", witness=str(witness),
+                              size=size, reason=exc.reason, **unsaid)
             except (WitnessError, TileDamaged, OSError, ValueError) as exc:
-                self._result(witness, exc.kind if isinstance(exc, WitnessError) else "error",
-                             size)
-                log.warning("witness not updated", witness=str(witness), size=size,
-                            error=str(exc))
+                kind = exc.kind if isinstance(exc, WitnessError) else "error"
+                self._result(witness, kind, size)
+                if (unsaid := self._failed(i, kind)) is not None:
+                    log.warning("witness not updated", witness=str(witness), size=size,
+                                error=str(exc), **unsaid)
+
+    def _failed(self, i: int, reason: str) -> dict[str, int] | None:
+        """None when this failure is like the last one said, less than REPEAT_LOG_S ago
+        (it is counted); else the fields to log with it: how many went unsaid."""
+        now = time.monotonic()
+        failing = self._failing.get(i)
+        if failing is None or failing.reason != reason:
+            total = failing.total if failing else 0
+            self._failing[i] = _Failing(reason, now, total=total + 1)
+            return {}
+        failing.total += 1
+        if now - failing.said_at < REPEAT_LOG_S:
+            failing.unsaid += 1
+            return None
+        unsaid, failing.said_at, failing.unsaid = failing.unsaid, now, 0
+        return {"unsaid": unsaid} if unsaid else {}
 
     def _result(self, witness: FileWitness | HTTPWitness, result: str, size: int) -> None:
         """Counted before it is logged: a log line's reader finds it in /metrics."""
@@ -235,19 +274,25 @@ class Witnessing:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT_S))
         return self._session
 
-    async def _cosigned(self, witness: HTTPWitness, text: str, size: int, answer: str) -> None:
-        """Keep the cosignatures of the newest checkpoint any witness cosigned."""
+    async def _cosigned(self, i: int, text: str, size: int, answer: str) -> None:
+        """Keep the cosignatures of the newest checkpoint witness `i` cosigned."""
+        witness = self.witnesses[i]
         lines = valid_cosignatures(text + answer, self.keys,
                                    not_after=int(time.time()) + CLOCK_SKEW_S)
         if not lines:
             self._result(witness, "bad-cosignature", size)
+            if (unsaid := self._failed(i, "bad-cosignature")) is None:
+                return
             log.error("the witness answered without a cosignature by a configured witness "
                       "key, dated no later than now", witness=str(witness), size=size,
                       signed_as=_signers(text, answer),
-                      configured=[f"{k.name}+{k.key_id.hex()}" for k in self.keys])
+                      configured=[f"{k.name}+{k.key_id.hex()}" for k in self.keys],
+                      **unsaid)
             return
         self._result(witness, "cosigned", size)
-        log.info("witness cosigned the checkpoint", witness=str(witness), size=size)
+        failing = self._failing.pop(i, None)
+        log.info("witness cosigned the checkpoint", witness=str(witness), size=size,
+                 **({"after_failures": failing.total} if failing else {}))
         if self._published is None or self._published[1] != text:
             if self._published is not None and self._published[0] > size:
                 return  # a newer checkpoint is published already
