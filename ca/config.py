@@ -38,11 +38,14 @@ class ConfigError(ValueError):
 # How long a client may take to send a whole request, and to finish its TLS handshake
 # (ca/http_server.py). Go's servers are usually given 10-30 s; nginx allows 60.
 REQUEST_TIMEOUT_S = 15.0
+# Connections one client address may hold in one worker (ca/listener.py); 0: no bound.
+PER_ADDRESS = 1024
 SCHEMA: dict[str, frozenset[str]] = {
     "hsm": frozenset({"module", "token", "pin-source", "softhsm-conf"}),
     "keys": frozenset(p.replace("_", "-") for p in KEY_LABELS),
     "server": frozenset({"listen", "dns-name", "public-url", "tls-cert", "tls-key",
-                         "metrics-allow", "workers", "request-timeout-s"}),
+                         "metrics-allow", "workers", "request-timeout-s",
+                         "max-connections-per-address"}),
     "audit": frozenset({"origin", "heartbeat-s", "witnesses", "witness-keys"}),
     # Several nodes on PostgreSQL (docs/cluster.md); no section: the embedded SQLite file.
     "store": frozenset({"url"}),
@@ -141,6 +144,7 @@ class Config:
     metrics_allow: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     workers: int = 0  # worker processes serving HTTPS; 0: one per CPU (at most 8)
     request_timeout_s: float = REQUEST_TIMEOUT_S
+    max_connections_per_address: int = PER_ADDRESS  # per worker; 0: no bound
     policy: Policy = field(default_factory=Policy)
     acme: AcmeConfig | None = None  # None: no [acme] section, no ACME server
     store_url: str | None = None  # [store] url: PostgreSQL, several nodes; None: SQLite
@@ -397,6 +401,8 @@ def load(path: Path) -> Config:
         workers=_workers(server.get("workers", "auto"), where),
         request_timeout_s=_request_timeout(_get(server, "request-timeout-s", float, where,
                                                 REQUEST_TIMEOUT_S), where),
+        max_connections_per_address=_per_address(server.get("max-connections-per-address",
+                                                            PER_ADDRESS), where),
         audit_origin=_origin(_get(audit, "origin", str, f"{path} [audit]"), f"{path} [audit]"),
         checkpoint_heartbeat_s=_heartbeat(_get(audit, "heartbeat-s", float, f"{path} [audit]",
                                                60.0), f"{path} [audit]"),
@@ -693,6 +699,13 @@ def _request_timeout(value: float, where: str) -> float:
     return float(value)
 
 
+def _per_address(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1_000_000:
+        raise ConfigError(f"{where}: max-connections-per-address must be a number of "
+                          f"connections from 0 (no bound) to 1000000, not {value!r}")
+    return value
+
+
 def _workers(value: Any, where: str) -> int:
     if value == "auto":
         return 0
@@ -741,7 +754,10 @@ _NOTES = {
                "workers: processes serving HTTPS, each with its own HSM session (\"auto\":",
                "one per CPU, at most 8). The primary process alone writes the audit log.",
                "request-timeout-s: how long a client may take over its TLS handshake, and",
-               "over each request from its first byte (slower ones get a 408)."],
+               "over each request from its first byte (slower ones get a 408).",
+               "max-connections-per-address: connections one client address may hold in",
+               "each worker (0: no bound; behind a TCP load balancer, every client has the",
+               "balancer's address)."],
     "audit": ["origin: the checkpoint origin line and signing key name.",
               "heartbeat-s: seconds between checkpoints when the log is idle.",
               "witnesses: files, or URLs of C2SP witnesses (`hsmca witness serve`), to which",
@@ -776,7 +792,8 @@ def render(*, module: str, token: str, pin_source: str, softhsm_conf: str | None
         "keys": {purpose.replace("_", "-"): uri for purpose, uri in keys.items()},
         "server": {"listen": listen, "dns-name": dns_name, "tls-cert": "tls/server.pem",
                    "tls-key": "tls/server.key", "metrics-allow": ["127.0.0.0/8", "::1/128"],
-                   "workers": "auto", "request-timeout-s": REQUEST_TIMEOUT_S},
+                   "workers": "auto", "request-timeout-s": REQUEST_TIMEOUT_S,
+                   "max-connections-per-address": PER_ADDRESS},
         "audit": {"origin": audit_origin, "heartbeat-s": 60, "witnesses": [],
                   "witness-keys": []},
         "policy": {

@@ -22,12 +22,14 @@ import asyncio
 import asyncio.sslproto
 import json
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import http_exceptions, web
 from aiohttp.streams import StreamReader
 
 from ca.config import REQUEST_TIMEOUT_S
+from ca.listener import PER_ADDRESS, Listener, OnOpen, OnRefused, listening_sockets
 from ca.logs import http_server_logger
 from ca.server.problems import TYPE_BASE, problem
 
@@ -84,13 +86,14 @@ def _head_timeout_answer(timeout: float) -> bytes:
 
 
 class _ProblemRequestHandler(web.RequestHandler):
-    __slots__ = ("_began", "_body", "_deadline")
+    __slots__ = ("_began", "_body", "_deadline", "on_lost")
 
     def __init__(self, manager: web.Server, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._deadline: asyncio.TimerHandle | None = None
         self._body: StreamReader | None = None  # the latest request's, while it arrives
         self._began = False  # whether the request the deadline is for sent a byte
+        self.on_lost: Callable[[], None] | None = None  # gives the listener's place back
 
     @property
     def _timeout(self) -> float:
@@ -103,6 +106,8 @@ class _ProblemRequestHandler(web.RequestHandler):
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+        if self.on_lost is not None:
+            self.on_lost()
 
     def data_received(self, data: bytes) -> None:
         body_was_open = self._body is not None and not self._body.is_eof()
@@ -204,23 +209,39 @@ def app_runner(app: web.Application, request_timeout: float = REQUEST_TIMEOUT_S,
 
 
 class _BoundedTCPSite(web.TCPSite):
-    """aiohttp's TCPSite with the runner's request timeout on the TLS handshake too
-    (asyncio's own bound is 60 s, and TCPSite offers no way to pass another)."""
+    """aiohttp's TCPSite, accepting through a `Listener` (ca/listener.py): connections
+    within the process's descriptors and per client address, and the runner's request
+    timeout on the TLS handshake too (asyncio's own bound is 60 s, and TCPSite offers no
+    way to pass another)."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, *,
+                 per_address: int, on_refused: OnRefused | None, on_open: OnOpen | None,
+                 **kwargs: Any) -> None:
+        super().__init__(runner, host, port, **kwargs)
+        self._limits = (per_address, on_refused, on_open)
 
     async def start(self) -> None:
         await web.BaseSite.start(self)  # what TCPSite.start does first, then its server
         server = self._runner.server
         assert server is not None
         timeout = getattr(self._runner, "request_timeout", REQUEST_TIMEOUT_S)
-        self._server = await asyncio.get_running_loop().create_server(
-            server, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
-            reuse_address=self._reuse_address, reuse_port=self._reuse_port,
-            ssl_handshake_timeout=timeout if self._ssl_context else None)
-        self._bound_port = (self._server.sockets[0].getsockname()[1] if self._server.sockets
-                            else self._port)
+        sockets = listening_sockets(self._host, self._port, self._backlog,
+                                    reuse_port=bool(self._reuse_port))
+        per_address, on_refused, on_open = self._limits
+        self._server = Listener(sockets, server, self._ssl_context, timeout,  # type: ignore[assignment]
+                                per_address=per_address, on_refused=on_refused,
+                                on_open=on_open)
+        self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
 
 
 def tcp_site(runner: web.AppRunner, host: str, port: int,
-             ssl_context: ssl.SSLContext | None = None, **kwargs: Any) -> web.TCPSite:
-    """A TCPSite for `runner` whose TLS handshakes have the request timeout as well."""
-    return _BoundedTCPSite(runner, host, port, ssl_context=ssl_context, **kwargs)
+             ssl_context: ssl.SSLContext | None = None, *, per_address: int = PER_ADDRESS,
+             on_refused: OnRefused | None = None, on_open: OnOpen | None = None,
+             **kwargs: Any) -> web.TCPSite:
+    """A TCPSite for `runner`: TLS handshakes within the request timeout as well, and at
+    most `per_address` connections from one client address (0: no bound) and the
+    process's descriptors allow (`on_refused` counts those refused, by reason;
+    `on_open` hears how many are held)."""
+    return _BoundedTCPSite(runner, host, port, ssl_context=ssl_context,
+                           per_address=per_address, on_refused=on_refused, on_open=on_open,
+                           **kwargs)

@@ -127,6 +127,16 @@ class Metrics:
                                    "foreign client certificate)", ["reason"], registry=None)
         self.hsm_queue = Gauge("hsmca_hsm_queue_depth", "Jobs waiting for the HSM threads",
                                registry=None, multiprocess_mode="livesum")
+        self.connections = Gauge("hsmca_connections_open", "Client connections the workers "
+                                 "hold (TLS handshakes under way included)", registry=None,
+                                 multiprocess_mode="livesum")
+        self.connections_refused = Counter(
+            "hsmca_connections_refused", "Client connections closed as soon as accepted, by "
+            "reason: per-address ([server] max-connections-per-address), capacity (the "
+            "worker's file descriptors), no-descriptors (accept failed)", ["reason"],
+            registry=None)
+        for reason in ("per-address", "capacity", "no-descriptors"):
+            self.connections_refused.labels(reason)  # exported from the start, at zero
 
     def child(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(*labels)`, looked up once: prometheus-client takes a lock and

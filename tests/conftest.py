@@ -184,8 +184,10 @@ class Daemon:
         return self.proc.returncode
 
 
-def start_daemon(state: Path, *extra: str, env: dict[str, str] | None = None) -> Daemon:
-    proc = subprocess.Popen([*HSMCA, "serve", "--config", str(state / "hsmca.toml"),
+def start_daemon(state: Path, *extra: str, env: dict[str, str] | None = None,
+                 wrapper: tuple[str, ...] = ()) -> Daemon:
+    """`hsmca serve` on the CA in `state`; `wrapper` runs it (`prlimit ...`)."""
+    proc = subprocess.Popen([*wrapper, *HSMCA, "serve", "--config", str(state / "hsmca.toml"),
                              "--listen", "127.0.0.1:0", *extra], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     stderr: list[str] = []

@@ -107,7 +107,10 @@ async def run(config: Config, host: str, port: int, slot: int, sign_channel: soc
         await runner.setup()
         TRUST.generations, TRUST.bundle = generations, config.bundle_pem
         site = tcp_site(runner, host, port, ssl_context=tls_context(
-            config.tls_cert, config.tls_key, config.bundle_pem), backlog=1024, reuse_port=True)
+            config.tls_cert, config.tls_key, config.bundle_pem), backlog=1024, reuse_port=True,
+            per_address=config.max_connections_per_address,
+            on_refused=lambda reason: metrics.child(metrics.connections_refused, reason).inc(),
+            on_open=metrics.connections.set)
         await site.start()
         settle_heap()
         await control.ready(os.getpid())

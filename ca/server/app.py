@@ -211,18 +211,23 @@ class _Trust:
         self.generations: Generations | None = None
         self.bundle: Path | None = None
         self._seen = -1
+        self._said = Throttle(burst=1)
 
     def check(self, context: ssl.SSLContext) -> None:
         if self.generations is None or self.bundle is None:
             return
         gen = self.generations.get("keys")
         if gen != self._seen:
-            self._seen = gen
             try:
                 context.load_verify_locations(cafile=str(self.bundle))
             except (OSError, ssl.SSLError) as exc:
-                log.error("cannot load the CA bundle for client certificates",
-                          bundle=str(self.bundle), error=str(exc))
+                # Tried again at the next handshake (out of descriptors for a moment,
+                # say), and said once in 10 s meanwhile.
+                if self._said.allow("bundle") is not None:
+                    log.error("cannot load the CA bundle for client certificates",
+                              bundle=str(self.bundle), error=str(exc))
+            else:
+                self._seen = gen
 
 
 TRUST = _Trust()

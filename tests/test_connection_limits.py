@@ -1,0 +1,165 @@
+"""One client holding many connections: it keeps only a bounded number, its others are
+reset at once, and everyone else is still served.
+
+Without these bounds one address could hold every connection a worker can accept.
+Once the worker ran out of descriptors, asyncio logged an error with a traceback for
+each connection still waiting, 8,000 lines a second. It also took the descriptors the
+HSM session needs: SoftHSM opens the key's file at every signature.
+
+The connections here are plain TCP connections that never start TLS: the cheapest a
+client can hold.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import select
+import socket
+import ssl
+import time
+from pathlib import Path
+
+from tests.conftest import Daemon, init_ca, set_config, start_daemon
+from tests.helpers import enroll, metric_samples
+
+BOUND_S = 60.0  # generous: each wait ends at the event it waits for, long before
+
+
+def _address(d: Daemon) -> tuple[str, int]:
+    host, port = d.url.removeprefix("https://").rstrip("/").rsplit(":", 1)
+    return host, int(port)
+
+
+def _get(d: Daemon, path: str, source: str) -> tuple[int, bytes]:
+    """GET `path` as the admin, from the loopback address `source`."""
+    host, port = _address(d)
+    conn = http.client.HTTPSConnection(host, port, context=d.admin_ssl(), timeout=BOUND_S,
+                                       source_address=(source, 0))
+    try:
+        conn.request("GET", path)
+        answer = conn.getresponse()
+        return answer.status, answer.read()
+    finally:
+        conn.close()
+
+
+def _metrics(d: Daemon, source: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    status, body = _get(d, "/metrics", source)
+    assert status == 200, body
+    return metric_samples(body.decode())
+
+
+def _refused(d: Daemon, source: str) -> dict[str, float]:
+    """hsmca_connections_refused_total by reason, read from `source`."""
+    return {dict(labels)["reason"]: v for (name, labels), v in _metrics(d, source).items()
+            if name == "hsmca_connections_refused_total"}
+
+
+def _open(d: Daemon, source: str) -> float:
+    """hsmca_connections_open: the connections the workers hold, this look's included."""
+    return _metrics(d, source)["hsmca_connections_open", ()]
+
+
+def _flood(d: Daemon, count: int) -> list[socket.socket]:
+    return [socket.create_connection(_address(d), timeout=BOUND_S) for _ in range(count)]
+
+
+def _reset(socks: list[socket.socket], at_least: int) -> int:
+    """How many of `socks` the daemon closed, waiting on their events until `at_least`
+    have been (a connection the daemon keeps sends nothing: it waits for a TLS hello)."""
+    closed: set[socket.socket] = set()
+    deadline = time.monotonic() + BOUND_S
+    while len(closed) < at_least and time.monotonic() < deadline:
+        ready, _, _ = select.select([s for s in socks if s not in closed], [], [],
+                                    max(0.0, deadline - time.monotonic()))
+        for sock in ready:
+            try:
+                assert sock.recv(1) == b""
+            except ConnectionResetError:
+                pass
+            closed.add(sock)
+    return len(closed)
+
+
+def _refusal_lines(d: Daemon, reason: str) -> list[dict[str, object]]:
+    found = []
+    for line in list(d.stderr):
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if event.get("event") == "refused a connection" and event.get("reason") == reason:
+            found.append(event)
+    return found
+
+
+def test_one_address_holds_a_bounded_number_of_connections_and_others_are_served(
+        tmp_path: Path) -> None:
+    ca = init_ca(tmp_path)
+    set_config(ca.state, "server", "max-connections-per-address", 8)
+    d = start_daemon(ca.state, "--workers", "2")
+    flood: list[socket.socket] = []
+    try:
+        flood = _flood(d, 60)  # from 127.0.0.1
+        # Two workers keep at most 8 each; the other 44 or more are reset at once.
+        assert _reset(flood, 44) >= 44
+        refused = _refused(d, "127.0.0.2")
+        assert refused["per-address"] >= 44 and refused["capacity"] == 0, refused
+        # Said once per worker, not once per connection, naming the client and the setting.
+        said = _refusal_lines(d, "per-address")
+        assert 1 <= len(said) <= 2, said
+        assert said[0]["client"] == "127.0.0.1"
+        assert "max-connections-per-address" in str(said[0]["why"])
+        # Another address is served while the flood holds its places; the flooding
+        # address is not (each worker holds 8 of its 60 connections already).
+        assert _get(d, "/v1/whoami", "127.0.0.3")[0] == 200
+        try:
+            status: object = _get(d, "/health", "127.0.0.1")[0]
+        except (ConnectionResetError, ssl.SSLError) as exc:
+            status = exc
+        assert isinstance(status, (ConnectionResetError, ssl.SSLError)), status
+        # Once it lets go, its places are given back.
+        for sock in flood:
+            sock.close()
+        deadline = time.monotonic() + BOUND_S
+        while _open(d, "127.0.0.2") > 1 and time.monotonic() < deadline:
+            pass  # each look is a request's round trip: it paces the wait
+        assert _open(d, "127.0.0.2") == 1  # the look's own connection
+        enroll(d, tmp_path, "service", ["svc.limits.example"])
+    finally:
+        for sock in flood:
+            sock.close()
+        assert d.stop() == 0
+    assert not [line for line in d.stderr if "Traceback" in line]
+
+
+def test_a_worker_out_of_places_resets_connections_and_says_so_once(tmp_path: Path) -> None:
+    """With no bound per address, a flood fills what a worker's descriptors allow (300
+    here, less 128 kept for the HSM, the inventory and the log: 172 connections). Each
+    connection beyond is reset at once, and the log says so once per worker. It used to
+    be a traceback per waiting connection, thousands a second, for as long as the flood
+    lasted. Once the flood goes, the daemon serves and signs again."""
+    ca = init_ca(tmp_path)
+    set_config(ca.state, "server", "max-connections-per-address", 0)
+    d = start_daemon(ca.state, "--workers", "2", wrapper=("prlimit", "--nofile=300:300"))
+    flood: list[socket.socket] = []
+    try:
+        flood = _flood(d, 600)
+        assert _reset(flood, 600 - 2 * 172) >= 600 - 2 * 172
+        said = _refusal_lines(d, "capacity")
+        assert 1 <= len(said) <= 2, said
+        assert "LimitNOFILE" in str(said[0]["why"])
+        for sock in flood:
+            sock.close()
+        deadline = time.monotonic() + BOUND_S
+        while _open(d, "127.0.0.2") > 1 and time.monotonic() < deadline:
+            pass  # each look is a request's round trip: it paces the wait
+        assert _refused(d, "127.0.0.2")["capacity"] >= 600 - 2 * 172
+        enroll(d, tmp_path, "service", ["svc.places.example"])
+    finally:
+        for sock in flood:
+            sock.close()
+        assert d.stop() == 0
+    assert not [line for line in d.stderr if "Traceback" in line
+                or "out of system resource" in line]
