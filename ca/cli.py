@@ -228,6 +228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as exc:
             print(f"hsmca: error: --url {exc}", file=sys.stderr)
             return 2
+    # Who a PostgreSQL connection is, in pg_stat_activity (libpq reads PGAPPNAME); a
+    # daemon's processes name themselves more closely (ca/daemon).
+    os.environ.setdefault("PGAPPNAME", f"hsmca {args.command_key}")
     # A write past RLIMIT_FSIZE must fail with EFBIG (and the log fail closed), not kill us.
     if hasattr(signal, "SIGXFSZ"):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

@@ -205,12 +205,17 @@ class Config:
         except OSError:
             pass
         # Cluster mode, a command without a node: any node running on this state dir.
+        # A node killed (-9) leaves its file behind: the first that takes a connection.
+        found = []
         for other in sorted((self.state_dir / "nodes").glob("*/serve.url")):
             try:
-                return other.read_text().strip()
+                found.append(other.read_text().strip())
             except OSError:
                 continue
-        return f"https://{self.listen}"
+        for url in found:
+            if _answers(url):
+                return url
+        return found[0] if found else f"https://{self.listen}"
 
     @property
     def generations_path(self) -> Path:
@@ -697,6 +702,18 @@ def _request_timeout(value: float, where: str) -> float:
         raise ConfigError(f"{where}: request-timeout-s ({value:g}) must be more than 0 and at "
                           "most 300 seconds (how long a client may take to send a request)")
     return float(value)
+
+
+def _answers(url: str) -> bool:
+    """Whether something listens where `url` (a daemon's own serve.url) points."""
+    import socket
+    from urllib.parse import urlsplit
+    try:
+        parts = urlsplit(url)
+        with socket.create_connection((parts.hostname or "", parts.port or 443), timeout=2):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def _per_address(value: Any, where: str) -> int:

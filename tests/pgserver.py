@@ -83,6 +83,23 @@ class PostgresServer:
         self.psql(f"CREATE DATABASE {name} OWNER hsmca")
         return f"postgresql://hsmca@127.0.0.1:{self.port}/{name}"
 
+    def dump(self, db: str, to: Path) -> None:
+        """`pg_dump -Fc` of database `db`: what docs/cluster.md says to back up with."""
+        self._client("pg_dump", "-Fc", "-f", to, db)
+
+    def restore(self, db: str, dump: Path) -> None:
+        """Database `db` dropped, made again and restored from `dump` (pg_restore)."""
+        self.psql(f"DROP DATABASE {db} WITH (FORCE)")
+        self.psql(f"CREATE DATABASE {db} OWNER hsmca")
+        self._client("pg_restore", "-d", db, dump)
+
+    def _client(self, tool: str, *args: object) -> None:
+        proc = subprocess.run([str(self.bin / tool), "-h", "127.0.0.1", "-p", str(self.port),
+                               "-U", "hsmca", *map(str, args)], capture_output=True,
+                              text=True, timeout=120)
+        if proc.returncode:
+            raise AssertionError(f"{tool} failed: {proc.stderr}")
+
     def close(self) -> None:
         try:
             self.stop()

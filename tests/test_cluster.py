@@ -593,3 +593,63 @@ def test_the_old_audit_key_is_not_retired_while_a_log_has_not_handed_over(
         assert re.search(rf"^{re.escape(old.group(1))}\s+audit\s+previous", listing, re.M)
     finally:
         c.stop()
+
+
+def test_a_node_refuses_a_database_restored_from_an_older_backup(
+        tmp_path: Path, postgres_server: Any) -> None:
+    """PostgreSQL restored from a dump older than the nodes' checkpoints has lost what
+    the commits since did: a certificate issued, its token spent (a fleet trial also
+    saw revocations undone and CRL numbers signed twice). The node used to send its
+    lines up again as after a crash and serve. It now refuses to start, in one line that
+    says the database went back in time and where the docs say what to do."""
+    c = make_cluster(tmp_path, postgres_server.new_database())
+    db = c.url.rsplit("/", 1)[1]
+    try:
+        enroll(c.start("node-1"), tmp_path, "service", ["before.restore.example"])
+        c.nodes["node-1"].stop()
+        postgres_server.dump(db, tmp_path / "hsmca.dump")
+        enroll(c.start("node-1"), tmp_path, "service", ["after.restore.example"])
+        c.nodes["node-1"].stop()
+    finally:
+        c.stop()
+    postgres_server.restore(db, tmp_path / "hsmca.dump")
+    log = c.state / "nodes" / "node-1" / "audit" / "log.jsonl"
+    before = log.read_bytes()
+    error, stderr = refused_start(c.state, "node-1")
+    assert "went back in time" in error and "'Restoring PostgreSQL'" in error, error
+    assert "Traceback" not in stderr
+    assert log.read_bytes() == before  # nothing written, nothing sent up
+    held = int(postgres_server.psql("SELECT COUNT(*) FROM audit_lines WHERE node = 'node-1'",
+                                    db=db))
+    assert f"PostgreSQL holds {held} lines of node 'node-1'" in error
+
+
+def test_a_command_on_the_shared_state_directory_finds_a_node_that_runs(
+        tmp_path: Path, postgres_server: Any) -> None:
+    """Two nodes on one state directory, the first by name killed (-9): its serve.url
+    stays behind. `hsmca token create --config` took the first URL it found and failed
+    ("is hsmca serve running there?") while the other node served; it now asks a node
+    that takes the connection."""
+    c = make_cluster(tmp_path, postgres_server.new_database())
+    try:
+        dead, alive = c.start("a-node"), c.start("b-node")
+        dead.proc.kill()
+        dead.proc.wait()
+        assert (c.state / "nodes" / "a-node" / "serve.url").exists()
+        made = hsmca("token", "create", "--config", c.state / "hsmca.toml", "--role",
+                     "service", "--name", "svc.alive.example", check=False)
+        assert made.returncode == 0 and made.stdout.strip(), made.stderr
+        assert alive.proc.poll() is None
+    finally:
+        c.stop()
+
+
+def test_a_dba_sees_which_node_and_process_holds_each_connection(
+        cluster: Cluster, postgres_server: Any) -> None:
+    """pg_stat_activity names each connection's node and process (it said nothing, so a
+    DBA could not tell a node's connections from another's)."""
+    names = set(postgres_server.psql(
+        "SELECT application_name FROM pg_stat_activity WHERE datname = "
+        f"'{cluster.url.rsplit('/', 1)[1]}'").splitlines())
+    for node in NODES:
+        assert f"hsmca {node} primary" in names and f"hsmca {node} worker 0" in names, names

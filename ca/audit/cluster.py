@@ -28,6 +28,7 @@ import structlog
 
 from ca.audit.line import ENVELOPE, GENESIS, chain_hash, line_bytes
 from ca.audit.log import TILES_DIR, AuditLogError, Mirror, utc_now
+from ca.audit.note import NoteError, parse_checkpoint
 from ca.fileutil import write_atomic
 from ca.store.errors import StoreUnavailable
 
@@ -197,12 +198,37 @@ def complete_lines(path: Path) -> tuple[int, bytes | None, int]:
     return 0, None, 0
 
 
+def _refuse_a_store_gone_back(path: Path, checkpoint: Path, node: str, held: int,
+                              have: int) -> None:
+    """A crash between the file and the commit leaves PostgreSQL short of the lines no
+    checkpoint covers yet: the node's checkpoint file is written only once the lines it
+    signs, and its own intent and outcome, are committed there. PostgreSQL short of
+    those lost commits it had made: it was restored from an older backup, or failed
+    over to a replica that lagged. Sending the node's lines up again would not bring
+    back what those commits did to the inventory (revocations, spent tokens, CRL
+    numbers), and the CA would serve as if they had not happened."""
+    try:
+        signed = parse_checkpoint(checkpoint.read_text("utf-8")).size
+    except (OSError, UnicodeError, NoteError):
+        return  # none (a new disk), or unreadable: the log's own checks judge it
+    if held >= min(signed + 2, have):
+        return
+    raise AuditLogError(
+        f"PostgreSQL holds {held} lines of node {node!r}'s audit log, but the node's "
+        f"checkpoint {checkpoint} signed {signed}, and a checkpoint is written only once "
+        "its lines are committed there: the database went back in time (restored from "
+        "an older backup, or failed over to a lagging replica). What the "
+        f"{have - held} lines it lacks did (revocations, spent tokens, CRL numbers) it no "
+        "longer knows. Refusing to start; see docs/cluster.md, 'Restoring PostgreSQL'")
+
+
 def sync_local_log(path: Path, checkpoint: Path, store: PostgresStore, node: str) -> None:
     """Bring the node's file and PostgreSQL level (see the module's docstring)."""
     held = store.audit_size_sync(node)
     have, last, end = complete_lines(path)
     if have < 0:
         return
+    _refuse_a_store_gone_back(path, checkpoint, node, held, have)
     lines: list[bytes] | None = None
     if have > held:  # the whole file is read only in this rare case (a crash)
         with open(path, "rb") as fh:

@@ -738,6 +738,8 @@ async def _checkpoint_inventory(store: SQLiteStore) -> None:
 
 
 def main(config: Config, listen: str | None, workers: int | None = None) -> int:
+    # pg_stat_activity names the node and the process (the workers name themselves).
+    os.environ["PGAPPNAME"] = f"hsmca {config.node or 'serve'} primary"
     try:
         asyncio.run(serve(config, listen, workers))
     except KeyboardInterrupt:

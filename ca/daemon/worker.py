@@ -143,6 +143,7 @@ def main() -> int:
     _die_with_parent(args.parent)
     configure()
     structlog.contextvars.bind_contextvars(worker=args.worker)
+    os.environ["PGAPPNAME"] = f"hsmca {args.node or 'serve'} worker {args.worker}"
     socks = [socket.socket(fileno=int(fd)) for fd in args.channels.split(",")]
     host, _, port = args.listen.rpartition(":")
     try:

@@ -182,6 +182,10 @@ class PostgresStore:
         self.url = url
         self._existing = existing
         self._down: str | None = None
+        # The last call waited CONNECT_TIMEOUT_S for a connection in vain; and whether a
+        # call is trying again (see _guard).
+        self._unreachable = False
+        self._trying = False
         self._closed = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="store-pg",
@@ -206,14 +210,30 @@ class PostgresStore:
     async def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return await asyncio.wrap_future(self._spawn(coro))
 
-    async def _guard(self, coro: Awaitable[T]) -> T:
+    async def _guard(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._unreachable and self._trying:
+            # The server did not answer the last call within CONNECT_TIMEOUT_S, and
+            # another call is finding out whether it answers now: this one is refused at
+            # once, not after the same wait (a node answered every request 3 to 20 s
+            # late while the database was away). One call at a time tries; the
+            # first that gets through brings the others back.
+            coro.close()
+            raise StoreUnavailable(f"the inventory (PostgreSQL) is unavailable: "
+                                   f"{self._down}")
+        trying = self._unreachable
+        self._trying = self._trying or trying
         try:
             value = await coro
         except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
             self._down = _why(exc)
+            self._unreachable = isinstance(exc, PoolTimeout)
             raise StoreUnavailable(f"the inventory (PostgreSQL) is unavailable: "
                                    f"{self._down}") from None
+        finally:
+            if trying:
+                self._trying = False
         self._down = None
+        self._unreachable = False
         return value
 
     async def _open(self, max_size: int) -> None:
@@ -997,7 +1017,7 @@ class PostgresStore:
                                 moved(name)
                             lost = False
                         seen = now
-                        self._down = None
+                        self._down, self._unreachable = None, False
                         # Whatever NOTIFY says, the counters are read again right after.
                         async for _ in conn.notifies(timeout=POLL_S, stop_after=1):
                             pass
