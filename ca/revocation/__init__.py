@@ -101,9 +101,10 @@ class Revocations:
         else:
             assert order.serial is not None
             targets = [order.serial]
+        roots = list(targets)  # each one's lineage is its whole family tree
         if order.lineage:
             family: set[int] = set(targets)
-            for serial in targets:
+            for serial in roots:
                 family.update(await self.store.lineage(serial, now))
             targets = sorted(family)
         # The record first: a revocation the log does not show never happened.
@@ -114,7 +115,7 @@ class Revocations:
         self.generations.bump("revocations")  # committed: every process reloads
         if done.ssh_certs:
             self.generations.bump("ssh_revocations")
-        done = await self._sweep(order, targets, done, now, request_id)
+        done = await self._sweep(order, roots, done, now, request_id)
         # The revoked responses are signed now (the refresher would within seconds, but a
         # relying party should not get a good one a moment longer than needed); the
         # stored CRL is stale from now on, and if re-signing fails here the next GET
@@ -155,20 +156,23 @@ class Revocations:
             **({} if order.follows is None else {"follows": format(order.follows, "x")}),
             **({"swept": True} if swept else {}))
 
-    async def _sweep(self, order: ra.RevokeOrder, targets: list[int], done: Reached,
+    async def _sweep(self, order: ra.RevokeOrder, roots: list[int], done: Reached,
                      now: dt.datetime, request_id: str | None) -> Reached:
         """Once more, now that the revocation is committed. A request signed while it
         ran may have recorded a renewal of one of these certificates, or an SSH
         certificate on the strength of one, after the lineage above was read (or, on
         PostgreSQL, after the SSH certificates were marked) and checked its parent
         before this commit: such a request found nothing to inherit, so this finds it
-        (`settle` covers the other order; between them nothing escapes)."""
+        (`settle` covers the other order; between them nothing escapes). The walk from
+        each of `roots` covers its whole family tree, revoked members too, so a renewal
+        of any member is found from the root: one walk each, not one per member (that
+        was a walk of the whole tree per member: 37 s for a lineage of 368)."""
         serials, ssh = set(done.serials), done.ssh_certs
         while True:
             new: list[int] = []
             if order.lineage:
                 family: set[int] = set()
-                for serial in targets:  # the walk passes through revoked members too
+                for serial in roots:
                     family.update(await self.store.lineage(serial, now))
                 new = sorted(family - serials)
                 if new:
