@@ -14,6 +14,12 @@ the port would hold the daemon's memory and descriptors. Here a request must arr
 whole within the request timeout of its first byte (a new connection: of the end of
 its TLS handshake, which has the same bound), or its client gets a 408 and the
 connection closes; an idle kept-alive connection closes after `KEEPALIVE_S`.
+
+At a stop, no request is handed to the application once the runner's cleanup has
+begun: aiohttp waits only for the connections whose TLS handshake was done by then,
+and a worker closes what requests use (inventory, HSM thread, audit link) as soon as
+that cleanup returns. A connection whose handshake finishes later is closed
+unanswered, like one still in the listen backlog.
 """
 
 from __future__ import annotations
@@ -101,6 +107,14 @@ class _ProblemRequestHandler(web.RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        if getattr(self._manager, "stopping", False):
+            # Accepted before the listener closed, its TLS handshake done only now: the
+            # runner's cleanup, which waits for the connections it knows, has not seen
+            # it, and what its requests would use (a worker's inventory, HSM thread,
+            # audit link) closes once that cleanup returns. Closed unanswered, as one
+            # still in the listen backlog is: nothing was done for it.
+            self.force_close()
+            return
         self._arm(began=False)  # a connection that never asks is closed as well
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -178,9 +192,17 @@ class _ProblemRequestHandler(web.RequestHandler):
 
 class _ProblemServer(web.Server):
     request_timeout = REQUEST_TIMEOUT_S
+    stopping = False  # the runner's cleanup has begun: no new connection is served
 
     def __call__(self) -> web.RequestHandler:
         return _ProblemRequestHandler(self, loop=self._loop, **self._kwargs)
+
+    def pre_shutdown(self) -> None:
+        # Called once the listener is closed, before the connections known now are
+        # closed and their requests awaited: any connection that completes its TLS
+        # handshake after this is one the cleanup will not wait for.
+        self.stopping = True
+        super().pre_shutdown()
 
 
 class _ProblemAppRunner(web.AppRunner):

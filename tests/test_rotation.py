@@ -296,9 +296,18 @@ async def test_rotate_the_audit_key_and_verifiers_pinned_to_the_old_one_follow(
                      "--key", old_key, "--state", remote_state, check=False)
 
     async def settled() -> None:
-        """Issue something, then wait for a checkpoint that covers it."""
-        enroll(d, tmp_path, "service", [f"a{len(list(tmp_path.iterdir()))}.internal.example"])
-        size = len((ca.state / "audit/log.jsonl").read_bytes().splitlines())
+        """Issue something, then wait for a checkpoint that covers it: the outcome line
+        of its signature. (Not every line the file has by then: its last ones may be a
+        checkpoint's own, signed meanwhile, which only the heartbeat's next checkpoint
+        covers, a minute later, when nothing else is written.)"""
+        cert, _ = enroll(d, tmp_path, "service",
+                         [f"a{len(list(tmp_path.iterdir()))}.internal.example"])
+        serial = format(x509.load_pem_x509_certificate(cert.read_bytes()).serial_number, "x")
+        lines = log_lines(ca.state)
+        [op_id] = [e["op_id"] for e in lines if e.get("phase") == "intent"
+                   and e.get("purpose") == "x509" and e.get("serial") == serial]
+        [size] = [e["seq"] + 1 for e in lines if e.get("phase") == "outcome"
+                  and e.get("op_id") == op_id]
         deadline = asyncio.get_running_loop().time() + 30
         while True:
             cp = (await http("GET", f"{d.url}/v1/audit/checkpoint", d.ssl()))[2].decode()

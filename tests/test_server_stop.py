@@ -1,0 +1,133 @@
+"""A graceful stop of hsmca's HTTPS servers (ca/http_server.py), as a client sees it.
+
+A worker stops in this order: its runner's cleanup (stop listening; the requests under
+way are answered), then the parts those requests use (inventory, HSM thread, link to
+the audit log) close. aiohttp's cleanup waits only for the connections it knows of,
+those whose TLS handshake is done: one accepted just before the listener closed, its
+handshake still under way, used to be served after the cleanup, by closed parts,
+and its client got a 500 (or a 503) from a daemon that was stopping cleanly. Such a
+connection is now closed unanswered, as one still in the listen backlog is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import socket
+import sqlite3
+import ssl
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from ca.http_server import app_runner, tcp_site
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+BOUND_S = 30.0  # a bound on a server that never closes the connection, not a pace
+
+
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=1))
+            .not_valid_after(now + dt.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def _closed_after(tls: ssl.SSLObject, incoming: ssl.MemoryBIO, data: bytes,
+                  answer: bytearray) -> bool:
+    """Take `data` from the server into `answer`; whether the server has closed the
+    connection (TLS close_notify, or TCP)."""
+    if not data:
+        return True
+    incoming.write(data)
+    while True:
+        try:
+            chunk = tls.read(65536)
+        except ssl.SSLWantReadError:
+            return False
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            return True
+        if not chunk:  # close_notify
+            return True
+        answer += chunk
+
+
+async def test_a_tls_handshake_finished_after_the_stop_gets_no_error_answer(
+        tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    # A server like a worker: its handlers read a database that closes with it.
+    db = sqlite3.connect(":memory:")
+
+    async def handler(_request: web.Request) -> web.Response:
+        return web.Response(text=str(db.execute("SELECT 1").fetchone()))
+
+    async def close_db(_app: web.Application) -> None:
+        db.close()
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    app.on_cleanup.append(close_db)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    runner = app_runner(app, shutdown_timeout=5.0)
+    await runner.setup()
+    site = tcp_site(runner, "127.0.0.1", 0, ssl_context=server_ctx)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+
+    loop = asyncio.get_running_loop()
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = client_ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    sock = socket.socket()
+    sock.setblocking(False)
+    try:
+        async with asyncio.timeout(BOUND_S):
+            await loop.sock_connect(sock, (host, port))
+            # The client's side of the handshake, up to its last message: the server has
+            # accepted the connection and answered (its whole flight came back), and
+            # waits for the client's Finished to complete its own side.
+            try:
+                tls.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+            await loop.sock_sendall(sock, outgoing.read())
+            while True:
+                data = await loop.sock_recv(sock, 65536)
+                assert data, "the server closed the connection during the handshake"
+                incoming.write(data)
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    continue
+            finished = outgoing.read()
+            # The server stops meanwhile: its listener closes, its parts close.
+            await runner.cleanup()
+            # The handshake completes after the stop, and a request follows at once.
+            tls.write(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            await loop.sock_sendall(sock, finished + outgoing.read())
+            answer = bytearray()
+            while not _closed_after(tls, incoming, await loop.sock_recv(sock, 65536), answer):
+                pass
+    finally:
+        sock.close()
+    # Closed without an answer, as if it had come a moment later: nothing was done for
+    # it, and the client may ask another server. Never an error from a stopped server.
+    assert not answer, bytes(answer[:300])
