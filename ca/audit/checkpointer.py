@@ -84,6 +84,7 @@ class Checkpointer:
         self._covered = -1  # log size at which nothing new needs a checkpoint
         self._last = 0.0
         self._failing: tuple[float, str] | None = None  # (since, last error)
+        self._signers: tuple[str, ...] = ()  # the labels of the keys of the last checkpoint
         self.latest: str | None = path.read_text("utf-8") if path.exists() else None
 
     async def checkpoint(self, actor: str = "local") -> str:
@@ -117,6 +118,7 @@ class Checkpointer:
         # Its own intent and outcome lines need no new checkpoint.
         self._covered = size + 2 * (1 + len(previous))
         self._last = time.monotonic()
+        self._signers = (active.label, *(k.label for k in previous))
         if previous and self._on_handover is not None:
             self._on_handover(active)
         return text
@@ -126,26 +128,36 @@ class Checkpointer:
         while True:
             await asyncio.sleep(self.min_interval)
             due = time.monotonic() - self._last >= self.heartbeat
-            if self.audit.size > self._covered or due:
-                try:
-                    await self.checkpoint()
-                except (AuditUnavailable, HSMError, StoreUnavailable) as exc:
-                    # Tried again every second: said once, and again when the reason
-                    # changes (a database away for minutes is not hundreds of lines).
-                    if self._failed(str(exc) or type(exc).__name__):
-                        log.warning("checkpoint failed; trying again every second",
-                                    error=str(exc))
-                except Exception as exc:  # anything else: said, and tried again
-                    # A task that died here would leave the log without checkpoints
-                    # until a restart, silently (the inventory read the audit keys come
-                    # from, busy or away for a moment, was enough).
-                    if self._failed(str(exc) or type(exc).__name__):
-                        log.exception("checkpoint failed; trying again every second")
-                else:
-                    if self._failing is not None:
-                        log.info("checkpoints are signed again", failed_for_s=round(
-                            time.monotonic() - self._failing[0], 1))
-                    self._failing = None
+            try:
+                if not (self.audit.size > self._covered or due or await self._keys_moved()):
+                    continue  # nothing to sign: a failure, if any, still stands
+                await self.checkpoint()
+            except (AuditUnavailable, HSMError, StoreUnavailable) as exc:
+                # Tried again every second: said once, and again when the reason
+                # changes (a database away for minutes is not hundreds of lines).
+                if self._failed(str(exc) or type(exc).__name__):
+                    log.warning("checkpoint failed; trying again every second",
+                                error=str(exc))
+            except Exception as exc:  # anything else: said, and tried again
+                # A task that died here would leave the log without checkpoints
+                # until a restart, silently (the inventory read the audit keys come
+                # from, busy or away for a moment, was enough).
+                if self._failed(str(exc) or type(exc).__name__):
+                    log.exception("checkpoint failed; trying again every second")
+            else:  # a checkpoint was signed (`continue` skips this)
+                if self._failing is not None:
+                    log.info("checkpoints are signed again", failed_for_s=round(
+                        time.monotonic() - self._failing[0], 1))
+                self._failing = None
+
+    async def _keys_moved(self) -> bool:
+        """Whether the audit keys in use are not the ones that signed the last checkpoint.
+        `key.rotate` is written before the new key is committed, so the checkpoint its
+        line brings may come too early to hand over; without this the hand-over (and any
+        `key retire` of the old key, which waits for it) waited for the heartbeat."""
+        if not self._signers:
+            return False
+        return tuple(k.label for k in await self._keys()) != self._signers
 
     def _failed(self, error: str) -> bool:
         """Note a failure; whether it is news (the first, or another reason)."""
