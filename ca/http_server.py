@@ -119,9 +119,11 @@ class _ProblemRequestHandler(web.RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm()
-        super().connection_lost(exc)
-        if self.on_lost is not None:
-            self.on_lost()
+        try:
+            super().connection_lost(exc)
+        finally:
+            if self.on_lost is not None:
+                self.on_lost()
 
     def data_received(self, data: bytes) -> None:
         body_was_open = self._body is not None and not self._body.is_eof()

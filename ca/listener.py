@@ -130,8 +130,9 @@ class Listener:
         for sock in self._sockets:
             sock.close()
         self._sockets = []
-        for task in self._handshakes:
-            task.cancel()
+        # Handshakes under way end on their own: done, the server closes the connection
+        # unanswered (ca/http_server.py, stopping); else at their timeout, or when the
+        # loop ends. Cancelled here, one just done would lose its socket to two owners.
 
     async def wait_closed(self) -> None:
         return None
@@ -234,15 +235,13 @@ class Listener:
 
     async def _connect(self, conn: socket.socket, protocol: Callable[[], Any],
                        release: Callable[[], None]) -> None:
-        try:
+        try:  # the transport owns `conn` from here: it closes it, whatever happens
             await self._loop.connect_accepted_socket(
                 protocol, conn, ssl=self._ssl, ssl_handshake_timeout=self._handshake_timeout)
         except OSError:
             # A failed or timed-out handshake (a refused client certificate is logged by
-            # the TLS layer, ca/server/app.py), or a client gone: its transport is closed.
+            # the TLS layer, ca/server/app.py), or a client gone: its transport closed it.
             release()
-            conn.close()
-        except BaseException:
+        except BaseException:  # cancelled as the loop ends: asyncio closes the transport
             release()
-            conn.close()
             raise

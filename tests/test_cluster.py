@@ -636,6 +636,16 @@ def test_a_command_on_the_shared_state_directory_finds_a_node_that_runs(
         dead.proc.kill()
         dead.proc.wait()
         assert (c.state / "nodes" / "a-node" / "serve.url").exists()
+        # Its workers die with it (PDEATHSIG), a moment later: until its port refuses.
+        import socket
+        host, port = dead.url.removeprefix("https://").rstrip("/").rsplit(":", 1)
+        for _ in range(1000):  # each attempt's round trip paces it
+            try:
+                socket.create_connection((host, int(port)), timeout=5).close()
+            except ConnectionRefusedError:
+                break
+        else:
+            raise AssertionError("the killed node's workers still listen")
         made = hsmca("token", "create", "--config", c.state / "hsmca.toml", "--role",
                      "service", "--name", "svc.alive.example", check=False)
         assert made.returncode == 0 and made.stdout.strip(), made.stderr

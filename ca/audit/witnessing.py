@@ -253,7 +253,8 @@ class Witnessing:
         if failing is None or failing.reason != reason:
             total = failing.total if failing else 0
             self._failing[i] = _Failing(reason, now, total=total + 1)
-            return {}
+            # Another reason is news; how many of the last one went unsaid is said with it.
+            return {"unsaid": failing.unsaid} if failing and failing.unsaid else {}
         failing.total += 1
         if now - failing.said_at < REPEAT_LOG_S:
             failing.unsaid += 1

@@ -201,32 +201,35 @@ class PostgresStore:
 
     # ---- the store's own loop -------------------------------------------------------------
 
-    def _spawn(self, coro: Coroutine[Any, Any, T]) -> cf.Future[T]:
-        return asyncio.run_coroutine_threadsafe(self._guard(coro), self._loop)
+    def _spawn(self, coro: Coroutine[Any, Any, T], *, own: bool = False) -> cf.Future[T]:
+        return asyncio.run_coroutine_threadsafe(self._guard(coro, own), self._loop)
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         return self._spawn(coro).result()
 
-    async def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return await asyncio.wrap_future(self._spawn(coro))
+    async def _run(self, coro: Coroutine[Any, Any, T], *, own: bool = False) -> T:
+        return await asyncio.wrap_future(self._spawn(coro, own=own))
 
-    async def _guard(self, coro: Coroutine[Any, Any, T]) -> T:
-        if self._unreachable and self._trying:
-            # The server did not answer the last call within CONNECT_TIMEOUT_S, and
-            # another call is finding out whether it answers now: this one is refused at
-            # once, not after the same wait (a node answered every request 3 to 20 s
-            # late while the database was away). One call at a time tries; the
-            # first that gets through brings the others back.
+    async def _guard(self, coro: Coroutine[Any, Any, T], own: bool = False) -> T:
+        """`coro`'s value, or StoreUnavailable. `own`: it uses a connection of its own,
+        not the pool's (a lease): it neither waits on the pool nor says whether the pool
+        can connect."""
+        if not own and self._unreachable and self._trying:
+            # The pool could not connect within CONNECT_TIMEOUT_S, and another call is
+            # finding out whether it can now: this one is refused at once, not after the
+            # same wait (a node answered every request 3 to 20 s late while the database
+            # was away). The first call that gets through brings the others back.
             coro.close()
             raise StoreUnavailable(f"the inventory (PostgreSQL) is unavailable: "
                                    f"{self._down}")
-        trying = self._unreachable
+        trying = not own and self._unreachable
         self._trying = self._trying or trying
         try:
             value = await coro
         except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
             self._down = _why(exc)
-            self._unreachable = isinstance(exc, PoolTimeout)
+            if not own:
+                self._unreachable = isinstance(exc, PoolTimeout) and self._cannot_connect()
             raise StoreUnavailable(f"the inventory (PostgreSQL) is unavailable: "
                                    f"{self._down}") from None
         finally:
@@ -235,6 +238,13 @@ class PostgresStore:
         self._down = None
         self._unreachable = False
         return value
+
+    def _cannot_connect(self) -> bool:
+        """After a wait for a connection in vain: whether the pool could not make one
+        (fewer connections than it may have), not merely had all of its own busy (a slow
+        statement, a lock wait), when the calls that follow must wait their turn."""
+        stats = self.pool.get_stats()
+        return stats["pool_size"] < stats["pool_max"]
 
     async def _open(self, max_size: int) -> None:
         conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True,
@@ -1273,18 +1283,18 @@ class Lease:
             return self._held
 
         try:
-            return await self.store._run(take())
+            return await self.store._run(take(), own=True)
         except (StoreUnavailable, psycopg.Error):  # not held: a new connection next time
             self._held = False
             conn, self._conn = self._conn, None
             if conn is not None:
-                self.store._spawn(conn.close())
+                self.store._spawn(conn.close(), own=True)
             return False
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None and not self.store._closed:
-            self.store._spawn(conn.close())
+            self.store._spawn(conn.close(), own=True)
 
 
 async def _changed(db: Conn, name: str) -> None:
