@@ -23,6 +23,7 @@ import datetime as dt
 import json
 import re
 import threading
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -82,6 +83,7 @@ MIGRATION_LOCK = 0x6873_6D63_6100_0001  # pg_advisory_lock key: "hsmca" + 1
 AUDIT_LOCK_CLASS = 0x6873_6D63  # "hsmc"
 CONNECT_TIMEOUT_S = 3  # a node answers 503 quickly rather than hang on a dead server
 RECONNECT_TIMEOUT_S = 5.0
+RETRY_S = 1.0  # once the pool could not connect, how often a call tries it again
 POLL_S = 0.25  # the fallback poll of the change counters (NOTIFY is the fast path)
 
 
@@ -182,10 +184,11 @@ class PostgresStore:
         self.url = url
         self._existing = existing
         self._down: str | None = None
-        # The last call waited CONNECT_TIMEOUT_S for a connection in vain; and whether a
-        # call is trying again (see _guard).
+        # The last call waited CONNECT_TIMEOUT_S for a connection in vain; whether a
+        # call is trying again, and when the next may (see _guard).
         self._unreachable = False
         self._trying = False
+        self._retry_at = 0.0  # time.monotonic(): no call tries again before this
         self._closed = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="store-pg",
@@ -214,11 +217,13 @@ class PostgresStore:
         """`coro`'s value, or StoreUnavailable. `own`: it uses a connection of its own,
         not the pool's (a lease): it neither waits on the pool nor says whether the pool
         can connect."""
-        if not own and self._unreachable and self._trying:
+        if not own and self._unreachable and (
+                self._trying or time.monotonic() < self._retry_at):
             # The pool could not connect within CONNECT_TIMEOUT_S, and another call is
-            # finding out whether it can now: this one is refused at once, not after the
-            # same wait (a node answered every request 3 to 20 s late while the database
-            # was away). The first call that gets through brings the others back.
+            # finding out whether it can now, or one did less than RETRY_S ago: this
+            # one is refused at once, not after the same wait (a node answered every
+            # request 3 to 20 s late while the database was away). The first call that
+            # gets through brings the others back.
             coro.close()
             raise StoreUnavailable(f"the inventory (PostgreSQL) is unavailable: "
                                    f"{self._down}")
@@ -230,6 +235,7 @@ class PostgresStore:
             self._down = _why(exc)
             if not own:
                 self._unreachable = isinstance(exc, PoolTimeout) and self._cannot_connect()
+                self._retry_at = time.monotonic() + RETRY_S
             raise StoreUnavailable(f"the inventory (PostgreSQL) is unavailable: "
                                    f"{self._down}") from None
         finally:
