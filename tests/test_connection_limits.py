@@ -13,7 +13,6 @@ client can hold.
 from __future__ import annotations
 
 import http.client
-import json
 import select
 import socket
 import ssl
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from tests.conftest import Daemon, init_ca, set_config, start_daemon
 from tests.helpers import enroll, metric_samples
+from tests.test_operator_logs import events
 
 BOUND_S = 60.0  # generous: each wait ends at the event it waits for, long before
 
@@ -111,15 +111,7 @@ def _reset(flood: Flood, at_least: int) -> int:
 
 
 def _refusal_lines(d: Daemon, reason: str) -> list[dict[str, object]]:
-    found = []
-    for line in list(d.stderr):
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if event.get("event") == "refused a connection" and event.get("reason") == reason:
-            found.append(event)
-    return found
+    return [e for e in events(d, "refused a connection") if e.get("reason") == reason]
 
 
 def test_one_address_holds_a_bounded_number_of_connections_and_others_are_served(
