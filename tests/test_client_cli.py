@@ -4,6 +4,7 @@ token or connecting, how they take a token, and what their errors say."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 import os
 import subprocess
@@ -293,6 +294,33 @@ def test_revoke_with_the_openssl_colon_form_and_self_revocation(own_daemon: Daem
                        capture_output=True, check=True).stdout)}
     assert serials == {int(cert_serial(cert), 16), int(cert_serial(own), 16)}
     assert int(cert_serial(kept), 16) not in serials
+
+
+def test_revoking_a_long_lineage_names_a_few_and_counts_the_rest(own_daemon: Daemon,
+                                                                  tmp_path: Path) -> None:
+    """A lineage of 12 revoked for keyCompromise: the line names 8 of the 11 renewals
+    and counts the rest, instead of a line of every serial (a fleet trial's 390)."""
+    import json
+
+    from tests.helpers import http
+    daemon = own_daemon
+    cert, key = enroll(daemon, tmp_path, "service", [NAME])
+    first = cert
+    for i in range(11):
+        status, _, raw = asyncio.run(http("POST", f"{daemon.url}/v1/x509/renew",
+                                          daemon.ssl(cert, key), body={}))
+        assert status == 201, raw
+        cert = tmp_path / f"renewed-{i}.pem"
+        cert.write_text(json.loads(raw)["certificate"])
+    proc = hsmca("revoke", cert_serial(first), "--reason", "keyCompromise", "--config",
+                 daemon.state / "hsmca.toml", "--url", daemon.url)
+    assert proc.stdout.count("\n") == 1, proc.stdout
+    named = proc.stdout.split("with it its lineage: ", 1)[1].split(" and ", 1)[0]
+    assert len(named.split(", ")) == 8, proc.stdout
+    assert "and 3 more (the audit log's cert.revoke line lists them all)" in proc.stdout
+    status, _, _ = asyncio.run(http("POST", f"{daemon.url}/v1/x509/renew",
+                                    daemon.ssl(cert, key), body={}))
+    assert status == 403
 
 
 def test_init_with_a_missing_token_hints_at_softhsm2_conf(tmp_path: Path,

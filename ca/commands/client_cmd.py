@@ -236,6 +236,9 @@ def _reason(text: str) -> str:
     return name or "unspecified"
 
 
+LINEAGE_SHOWN = 8  # serials of a revoked lineage named on the line; a long one is counted
+
+
 def revoke(args: argparse.Namespace) -> int:
     from ca import client  # aiohttp: not loaded by `serve`
     if args.cert is not None or args.key is not None:
@@ -259,8 +262,11 @@ def revoke(args: argparse.Namespace) -> int:
     also = [s for s in out["revoked"] if s != out.get("serial")]
     first = f"revoked {out['serial']}" if "serial" in out else (
         f"revoked {len(out['revoked'])} certificate(s) issued to {args.identity}")
+    lineage = ", ".join(also[:LINEAGE_SHOWN]) + (
+        f" and {len(also) - LINEAGE_SHOWN} more (the audit log's cert.revoke line lists "
+        "them all)" if len(also) > LINEAGE_SHOWN else "")
     print(f"{first} at {out['revoked_at']}"
-          + (f"; with it its lineage: {', '.join(also)}" if also and "serial" in out else "")
+          + (f"; with it its lineage: {lineage}" if also and "serial" in out else "")
           + (f"; and {out['ssh_certificates']} SSH certificate(s) issued on their strength"
              if out["ssh_certificates"] else ""))
     for warning in out.get("warnings", []):
