@@ -25,7 +25,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_pem_public_key,
+)
 
 from ca.audit.log import AuditLog
 from ca.audit.note import NEXT_KEY, checkpoint_body, signed_note, verifier_key
@@ -52,11 +57,42 @@ def _fixed(given: KeyInfo | Sequence[KeyInfo]) -> Keys:
 def publish_key(path: Path) -> Callable[[KeyInfo], None]:
     """An `on_handover` that makes `path`, the state directory's audit key, the key in
     force: what the next start checks the last checkpoint with, and what a new auditor
-    pins (docs/keys.md)."""
+    pins (docs/keys.md). The key it replaces is kept beside it (`followed_keys`): the
+    log of a node stopped during the rotation, on the same state directory, still ends
+    with a checkpoint of that key alone, and its next start checks it with that key."""
     def handed_over(key: KeyInfo) -> None:
-        write_atomic(path, key.public_key.public_bytes(
-            Encoding.PEM, PublicFormat.SubjectPublicKeyInfo), 0o644)
+        new = key.public_key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+        old = path.read_bytes() if path.exists() else b""
+        if old and old != new:
+            kept = followed_keys(path)
+            before = kept.read_bytes() if kept.exists() else b""
+            if old not in before:  # first, so that a crash between loses no key
+                write_atomic(kept, before + old, 0o644)
+        write_atomic(path, new, 0o644)
     return handed_over
+
+
+def followed_keys(path: Path) -> Path:
+    """Where the audit keys `path` held before its current one are kept, oldest first."""
+    return path.with_name(path.stem + "s-followed.pem")
+
+
+def published_keys(path: Path) -> list[Ed25519PublicKey]:
+    """The state directory's audit key (`path`), then those it followed, newest first:
+    what a start checks its log's last checkpoint with (ca.audit.log.AuditKeys)."""
+    keys = []
+    kept = followed_keys(path)
+    blobs = [path.read_bytes()]
+    if kept.exists():
+        text = kept.read_bytes()
+        ends = b"-----END PUBLIC KEY-----"
+        blobs += [b + ends for b in reversed(text.split(ends)[:-1])]
+    for blob in blobs:
+        key = load_pem_public_key(blob.strip() + b"\n")
+        if not isinstance(key, Ed25519PublicKey):
+            raise ValueError(f"{path} is not an Ed25519 public key")
+        keys.append(key)
+    return keys
 
 
 Keys = Callable[[], Awaitable[list[KeyInfo]]]

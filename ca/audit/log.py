@@ -74,6 +74,9 @@ _READ_BLOCK = 4 << 20  # bytes read at a time when a whole log is read (building
 # Makes a group of lines (first seq, lines without their newlines) durable elsewhere too,
 # or raises OSError: then the group is cut off the file and fails like a disk error.
 Mirror = Callable[[int, list[bytes]], None]
+# The audit key a start checks the last checkpoint with: the active one, or it first and
+# then those it followed (ca.audit.checkpointer.published_keys); None: not checked.
+AuditKeys = Ed25519PublicKey | Sequence[Ed25519PublicKey] | None
 
 
 class _NotTheLog(OSError):
@@ -139,7 +142,7 @@ class AuditLog:
 
     @classmethod
     def open(cls, path: Path, checkpoint_path: Path | None = None,
-             audit_key: Ed25519PublicKey | None = None, *,
+             audit_key: AuditKeys = None, *,
              tiles: Path | None = None, mirror: Mirror | None = None) -> AuditLog:
         """Lock the log, cut a torn tail (recorded as log.recover), check it against its
         tiles and its last checkpoint (the signature too, given the audit key), and
@@ -177,7 +180,7 @@ class AuditLog:
 
     @classmethod
     def _recover(cls, path: Path, fd: int, tiles: Path, checkpoint_path: Path | None,
-                 audit_key: Ed25519PublicKey | None, mirror: Mirror | None) -> AuditLog:
+                 audit_key: AuditKeys, mirror: Mirror | None) -> AuditLog:
         if not tiles.exists():
             _build_tiles(path, fd, tiles)
         try:
@@ -195,7 +198,7 @@ class AuditLog:
 
     @classmethod
     def _resume(cls, path: Path, fd: int, store: FileTileStore, tiles: Path,
-                checkpoint_path: Path | None, audit_key: Ed25519PublicKey | None,
+                checkpoint_path: Path | None, audit_key: AuditKeys,
                 mirror: Mirror | None) -> AuditLog:
         bundles = store.committed()
         covered = bundles * TILE_WIDTH  # lines the tiles hold
@@ -284,7 +287,7 @@ class AuditLog:
 
     @staticmethod
     def _check_against_checkpoint(path: Path, checkpoint_path: Path, tree: TiledTree,
-                                  fd: int, size_bytes: int, audit_key: Ed25519PublicKey | None
+                                  fd: int, size_bytes: int, audit_key: AuditKeys
                                   ) -> Checkpoint | None:
         """The log must still hold what the last checkpoint signed. That is the
         checkpoint file, or, if it is gone, the last checkpoint recorded in the log
@@ -680,11 +683,24 @@ def ensure_unlocked(path: Path) -> None:
             pass
 
 
-def _checkpoint_of(text: str, audit_key: Ed25519PublicKey | None) -> Checkpoint:
-    """The checkpoint `text`, its signature verified when the audit key is known."""
+def _checkpoint_of(text: str, audit_key: AuditKeys) -> Checkpoint:
+    """The checkpoint `text`, its signature verified when the audit key is known: by
+    any of them, when several are (the active key first, then those it followed: a log
+    whose last checkpoint predates a rotation of the audit key has only the old one's
+    signature)."""
     if audit_key is None:
         return parse_checkpoint(text)
-    return verify_checkpoint(text, text.split("\n", 1)[0], audit_key)
+    keys = [audit_key] if isinstance(audit_key, Ed25519PublicKey) else list(audit_key)
+    origin = text.split("\n", 1)[0]
+    try:
+        return verify_checkpoint(text, origin, keys[0])
+    except ValueError:
+        for key in keys[1:]:
+            try:
+                return verify_checkpoint(text, origin, key)
+            except ValueError:
+                continue
+        raise  # the active key's error, when none verifies
 
 
 # What may follow a clean stop, unsigned: the stop's own closing lines (its final

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from ca import __version__, metrics, ra
-from ca.audit.checkpointer import Checkpointer, publish_key
+from ca.audit.checkpointer import Checkpointer, publish_key, published_keys
 from ca.audit.cluster_tiles import TileCopy
 from ca.audit.cluster_tiles import catch_up as catch_up_tiles
 from ca.audit.cosignature import ALG_COSIGNATURE, parse_verifier_key
@@ -308,7 +308,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
                              f"CA (no keys): is [store] url in {config.path} the database "
                              "`hsmca init --store-url` made the CA in?")
         name_held = await _hold_node_name(config, store)
-        audit = _open_audit(config, audit_key, store, name_held)
+        audit = _open_audit(config, store, name_held)
     except BaseException:
         let_go()
         raise
@@ -581,7 +581,7 @@ async def _hold_node_name(config: Config, store: Store | None) -> Lease | None:
     return lease
 
 
-def _open_audit(config: Config, audit_key: Ed25519PublicKey, store: Store | None,
+def _open_audit(config: Config, store: Store | None,
                 name: Lease | None = None) -> AuditLog:
     """The node's audit log; in cluster mode level with PostgreSQL first, and each
     group commit made durable there too (ca/audit/cluster.py)."""
@@ -589,7 +589,8 @@ def _open_audit(config: Config, audit_key: Ed25519PublicKey, store: Store | None
         from ca.audit.cluster import complete_lines
         counted = complete_lines(config.audit_log)[0]
         _check_against_inventory(config, counted)  # before opening builds anything
-        audit = AuditLog.open(config.audit_log, config.checkpoint_path, audit_key)
+        audit = AuditLog.open(config.audit_log, config.checkpoint_path,
+                              published_keys(config.audit_key_pem))
         if counted < 0:  # a torn tail could not be counted: once opening has cut it
             try:
                 _check_against_inventory(config, audit.size)
@@ -600,7 +601,8 @@ def _open_audit(config: Config, audit_key: Ed25519PublicKey, store: Store | None
     from ca.audit import cluster
     assert config.node is not None
     cluster.sync_local_log(config.audit_log, config.checkpoint_path, store, config.node)
-    audit = AuditLog.open(config.audit_log, config.checkpoint_path, audit_key,
+    audit = AuditLog.open(config.audit_log, config.checkpoint_path,
+                          published_keys(config.audit_key_pem),
                           mirror=cluster.mirror(store, config.node, config.audit_log,
                                                 (lambda: name.lost) if name else lambda: None))
     try:
