@@ -823,6 +823,7 @@ def _local_cert(ctx: Context, who: Requester, req: LocalCertRequest) -> X509Orde
 
 
 ROTATABLE = ("issuing", "ssh-user", "ssh-host", "audit")
+CEREMONY_LOG = "init"  # ca.audit.cluster.CEREMONIES: the decisions load no audit code
 
 
 def _key(ctx: Context, who: Requester, req: KeyRequest) -> KeyOrder:
@@ -853,9 +854,9 @@ def _key(ctx: Context, who: Requester, req: KeyRequest) -> KeyOrder:
         if req.state != "previous":
             raise Refused(f"{req.label!r} is {req.state} already", Reason.CONFLICT)
         if req.not_handed_over:  # retired now, those logs would verify with neither key
-            how = (" (a running node hands over at its next checkpoint; init's log, and "
-                   "that of a node that will not run again: `hsmca key hand-over [--node "
-                   "NAME] --config FILE`)")
+            how = (" (the init log hands over at the root's next rotation, `hsmca key "
+                   "rotate-root`)" if CEREMONY_LOG in req.not_handed_over else " (a node hands "
+                   "over at its next checkpoint: start it, or wait for its heartbeat)")
             raise Refused(f"{req.label!r} still signs the latest checkpoint of log(s) "
                           f"{', '.join(req.not_handed_over)}, which the active audit key has "
                           f"not signed yet: retired now, they would verify with neither "

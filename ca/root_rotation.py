@@ -33,14 +33,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import (
     Encoding,
+    load_pem_public_key,
 )
 
 from ca import ra
-from ca.audit.checkpointer import Checkpointer, publish_key, published_keys
+from ca.audit.checkpointer import (
+    Checkpointer,
+    audit_keys_in_use,
+    publish_key,
+    published_keys,
+)
 from ca.audit.cluster import CEREMONIES
-from ca.audit.log import AuditLog
+from ca.audit.log import AuditKeys, AuditLog
 from ca.config import Config
 from ca.daemon.keys import load_issuers, seed
 from ca.errors import CLIError
@@ -72,10 +79,17 @@ async def rotate_root(config: Config) -> RootRotated:
     (AuditLogError naming the lock otherwise)."""
     if config.softhsm_conf:
         os.environ["SOFTHSM2_CONF"] = config.softhsm_conf
+    audit_key = load_pem_public_key(config.audit_key_pem.read_bytes())
+    if not isinstance(audit_key, Ed25519PublicKey):
+        raise ValueError(f"{config.audit_key_pem} is not an Ed25519 public key")
     # Cluster mode: the ceremony's lines go on init's log in PostgreSQL too.
     store: Store | None = open_store(config.store_location) if config.cluster else None
     try:
-        audit = _ceremony_log(config, store)
+        # Init's log hands over here, at the root's rotation: its last checkpoint may be
+        # the previous audit key's alone, while the state directory's is the new key.
+        keys: AuditKeys = audit_key if store is None else published_keys(
+            config.audit_key_pem, await audit_keys_in_use(store))
+        audit = _ceremony_log(config, keys, store)
     except BaseException:
         if store is not None:
             store.close()
@@ -137,18 +151,16 @@ async def _hold_every_node(store: Store) -> list[Lease]:
     return held
 
 
-def _ceremony_log(config: Config, store: Store | None
+def _ceremony_log(config: Config, audit_key: AuditKeys, store: Store | None
                   ) -> AuditLog:
     if store is None:
-        return AuditLog.open(config.audit_log, config.checkpoint_path,
-                             published_keys(config.audit_key_pem))
+        return AuditLog.open(config.audit_log, config.checkpoint_path, audit_key)
     from ca.audit import cluster
     from ca.store.postgres import PostgresStore
     assert isinstance(store, PostgresStore)
     cluster.sync_local_log(config.audit_log, config.checkpoint_path, store,
                            cluster.CEREMONIES)
-    return AuditLog.open(config.audit_log, config.checkpoint_path,
-                         published_keys(config.audit_key_pem),
+    return AuditLog.open(config.audit_log, config.checkpoint_path, audit_key,
                          mirror=cluster.mirror(store, cluster.CEREMONIES, config.audit_log))
 
 

@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_public_key,
 )
 
-from ca.audit.checkpointer import Checkpointer, publish_key, published_keys
+from ca.audit.checkpointer import Checkpointer, publish_key
 from ca.audit.cluster import CEREMONIES
 from ca.audit.cluster_tiles import copy_tiles
 from ca.audit.log import TILES_DIR, AuditLog, AuditLogError, held
@@ -137,8 +137,7 @@ async def _record_move(config: Config, audit_key: Ed25519PublicKey, name: str) -
     """The `store.move` line and a checkpoint over it, signed with the audit key in the
     HSM; the checkpoint's note. Opening the log takes its lock (the daemon must be
     stopped) and checks it."""
-    audit = AuditLog.open(config.audit_log, config.checkpoint_path,
-                              published_keys(config.audit_key_pem))
+    audit = AuditLog.open(config.audit_log, config.checkpoint_path, audit_key)
     pipeline = SigningPipeline(config.hsm, audit)
     try:
         pipeline.start()

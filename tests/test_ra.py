@@ -712,10 +712,10 @@ def test_an_audit_key_is_retired_only_once_every_log_has_handed_over() -> None:
     assert isinstance(ra.decide(context(), admin(), req), ra.KeyOrder)
     refused(ra.decide(context(), admin(), dataclasses.replace(req, not_handed_over=("ca-2",))),
             Reason.CONFLICT, "'audit-old' still signs the latest checkpoint of log(s) ca-2",
-            "a running node hands over at its next checkpoint")
+            "start it")
     refused(ra.decide(context(), admin(), dataclasses.replace(
         req, not_handed_over=("ca-2", "init"))), Reason.CONFLICT, "ca-2, init",
-        "hsmca key hand-over [--node NAME] --config FILE")
+        "hsmca key rotate-root")
 
 
 def test_a_tokens_names_fit_an_audit_line() -> None:

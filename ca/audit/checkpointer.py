@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,7 @@ from hsm.session import KeyInfo
 
 if TYPE_CHECKING:
     from ca.issuance.pipeline import SigningPipeline
+    from ca.store import Store
 
 log = structlog.get_logger("hsmca.checkpoint")
 
@@ -57,9 +59,9 @@ def _fixed(given: KeyInfo | Sequence[KeyInfo]) -> Keys:
 def publish_key(path: Path) -> Callable[[KeyInfo], None]:
     """An `on_handover` that makes `path`, the state directory's audit key, the key in
     force: what the next start checks the last checkpoint with, and what a new auditor
-    pins (docs/keys.md). The key it replaces is kept beside it (`followed_keys`): the
-    log of a node stopped during the rotation, on the same state directory, still ends
-    with a checkpoint of that key alone, and its next start checks it with that key."""
+    pins (docs/keys.md). The key it replaces is kept beside it (`followed_keys`): on a
+    cluster, the log of a node stopped during the rotation, on the same state
+    directory, still ends with a checkpoint of that key alone."""
     def handed_over(key: KeyInfo) -> None:
         new = key.public_key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
         old = path.read_bytes() if path.exists() else b""
@@ -77,21 +79,33 @@ def followed_keys(path: Path) -> Path:
     return path.with_name(path.stem + "s-followed.pem")
 
 
-def published_keys(path: Path) -> list[Ed25519PublicKey]:
-    """The state directory's audit key (`path`), then those it followed, newest first:
-    what a start checks its log's last checkpoint with (ca.audit.log.AuditKeys)."""
-    keys = []
+async def audit_keys_in_use(store: Store) -> set[str]:
+    """The fingerprints of the inventory's audit keys that still sign checkpoints."""
+    return {k.fingerprint for k in await store.keys()
+            if k.kind == "audit" and k.state in ("active", "previous")}
+
+
+def published_keys(path: Path, in_use: Collection[str] = ()) -> list[Ed25519PublicKey]:
+    """The state directory's audit key (`path`), then those it followed whose SHA-256
+    SPKI fingerprint is in `in_use`, newest first: what a start checks its log's last
+    checkpoint with (ca.audit.log.AuditKeys). `in_use`: the inventory's audit keys
+    still active or previous. A retired key signs no checkpoint any more, so none that
+    a start must accept: it is not one, whatever the file holds."""
+    current = load_pem_public_key(path.read_bytes())
+    if not isinstance(current, Ed25519PublicKey):
+        raise ValueError(f"{path} is not an Ed25519 public key")
+    keys = [current]
     kept = followed_keys(path)
-    blobs = [path.read_bytes()]
-    if kept.exists():
-        text = kept.read_bytes()
+    if in_use and kept.exists():
         ends = b"-----END PUBLIC KEY-----"
-        blobs += [b + ends for b in reversed(text.split(ends)[:-1])]
-    for blob in blobs:
-        key = load_pem_public_key(blob.strip() + b"\n")
-        if not isinstance(key, Ed25519PublicKey):
-            raise ValueError(f"{path} is not an Ed25519 public key")
-        keys.append(key)
+        for blob in reversed(kept.read_bytes().split(ends)[:-1]):
+            try:
+                key = load_pem_public_key(blob.strip() + b"\n" + ends + b"\n")
+            except ValueError:
+                continue
+            spki = key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+            if isinstance(key, Ed25519PublicKey) and hashlib.sha256(spki).hexdigest() in in_use:
+                keys.append(key)
     return keys
 
 

@@ -75,7 +75,8 @@ _READ_BLOCK = 4 << 20  # bytes read at a time when a whole log is read (building
 # or raises OSError: then the group is cut off the file and fails like a disk error.
 Mirror = Callable[[int, list[bytes]], None]
 # The audit key a start checks the last checkpoint with: the active one, or it first and
-# then those it followed (ca.audit.checkpointer.published_keys); None: not checked.
+# then the previous one still in use (ca.audit.checkpointer.published_keys); None:
+# not checked.
 AuditKeys = Ed25519PublicKey | Sequence[Ed25519PublicKey] | None
 
 
@@ -685,9 +686,9 @@ def ensure_unlocked(path: Path) -> None:
 
 def _checkpoint_of(text: str, audit_key: AuditKeys) -> Checkpoint:
     """The checkpoint `text`, its signature verified when the audit key is known: by
-    any of them, when several are (the active key first, then those it followed: a log
-    whose last checkpoint predates a rotation of the audit key has only the old one's
-    signature)."""
+    any of them, when several are (the active key first, then the previous one: on a
+    cluster, a node stopped during the audit key's rotation ends its log with a
+    checkpoint of the previous key alone, and hands over at its next start)."""
     if audit_key is None:
         return parse_checkpoint(text)
     keys = [audit_key] if isinstance(audit_key, Ed25519PublicKey) else list(audit_key)

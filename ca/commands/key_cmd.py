@@ -59,8 +59,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if action == "rotate-root":
         return _rotate_root(args)
-    if action == "hand-over":
-        return _hand_over(args)
     if action == "rotate":
         if args.kind == "root":
             raise CLIError(ROOT_OFFLINE)
@@ -119,17 +117,6 @@ def _rotate_root(args: argparse.Namespace) -> int:
     return 0
 
 
-def _hand_over(args: argparse.Namespace) -> int:
-    from ca.audit_handover import hand_over
-    from ca.commands.client_cmd import _config
-    done = asyncio.run(hand_over(_config(args), args.node))
-    print(f"log {done.log} handed over to audit key {done.active}: checkpoint {done.size} "
-          f"is signed by it and by {', '.join(done.previous)}. Once no log's latest "
-          f"checkpoint is the previous key's alone: hsmca key retire "
-          f"{done.previous[0]}")
-    return 0
-
-
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     from ca.commands.client_cmd import admin_flags, credential_flags
     k = sub.add_parser("key", help="the CA's keys: list, rotate, retire, destroy (admin)",
@@ -171,20 +158,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                     help="the CA's config (default ./hsmca.toml)")
     rr.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     rr.set_defaults(command_key="key")
-    h = ksub.add_parser(
-        "hand-over", help="a CA of several nodes: the audit key's hand-over on init's log, "
-        "or on the log of a node gone for good",
-        description="After `hsmca key rotate audit`, every log hands over to the new audit "
-        "key at its next checkpoint, signed by both keys, and the previous key can be "
-        "retired once all have. A running node does so within a second; init's log (the "
-        "offline ceremonies') and the log of a node that will not run again are written by "
-        "no process: this signs their checkpoint, on a host with the HSM and the config, "
-        "while the other nodes serve. A node that is running is refused (it hands over by "
-        "itself), and a node cannot start while this runs on its log.")
-    h.add_argument("--node", help="the node whose log (default: init's log)")
-    h.add_argument("--config", type=Path, default=Path("hsmca.toml"),
-                   help="the CA's config (default ./hsmca.toml)")
-    h.set_defaults(command_key="key")
     t = ksub.add_parser("retire", help="stop every use of a previous key",
                         description="A retired key signs nothing any more; the certificates "
                         "it issued stay trusted as client certificates until they expire or "

@@ -37,11 +37,16 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from ca import __version__, metrics, ra
-from ca.audit.checkpointer import Checkpointer, publish_key, published_keys
+from ca.audit.checkpointer import (
+    Checkpointer,
+    audit_keys_in_use,
+    publish_key,
+    published_keys,
+)
 from ca.audit.cluster_tiles import TileCopy
 from ca.audit.cluster_tiles import catch_up as catch_up_tiles
 from ca.audit.cosignature import ALG_COSIGNATURE, parse_verifier_key
-from ca.audit.log import AuditLog
+from ca.audit.log import AuditKeys, AuditLog
 from ca.audit.recorder import Recorder
 from ca.audit.witness import FileWitness
 from ca.audit.witnessing import HTTPWitness, Witnessing
@@ -308,7 +313,12 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
                              f"CA (no keys): is [store] url in {config.path} the database "
                              "`hsmca init --store-url` made the CA in?")
         name_held = await _hold_node_name(config, store)
-        audit = _open_audit(config, store, name_held)
+        if store is not None:  # a node stopped during the audit key's rotation: see below
+            audit_key_in_use: AuditKeys = published_keys(
+                config.audit_key_pem, await audit_keys_in_use(store))
+        else:
+            audit_key_in_use = audit_key
+        audit = _open_audit(config, audit_key_in_use, store, name_held)
     except BaseException:
         let_go()
         raise
@@ -581,16 +591,18 @@ async def _hold_node_name(config: Config, store: Store | None) -> Lease | None:
     return lease
 
 
-def _open_audit(config: Config, store: Store | None,
+def _open_audit(config: Config, audit_key: AuditKeys, store: Store | None,
                 name: Lease | None = None) -> AuditLog:
     """The node's audit log; in cluster mode level with PostgreSQL first, and each
-    group commit made durable there too (ca/audit/cluster.py)."""
+    group commit made durable there too (ca/audit/cluster.py). In cluster mode
+    `audit_key` holds the previous audit key too while one is in use: another node's
+    hand-over made the new key the state directory's, and this node's log, stopped
+    during the rotation, ends with a checkpoint of the previous key alone."""
     if not _cluster(store):
         from ca.audit.cluster import complete_lines
         counted = complete_lines(config.audit_log)[0]
         _check_against_inventory(config, counted)  # before opening builds anything
-        audit = AuditLog.open(config.audit_log, config.checkpoint_path,
-                              published_keys(config.audit_key_pem))
+        audit = AuditLog.open(config.audit_log, config.checkpoint_path, audit_key)
         if counted < 0:  # a torn tail could not be counted: once opening has cut it
             try:
                 _check_against_inventory(config, audit.size)
@@ -601,8 +613,7 @@ def _open_audit(config: Config, store: Store | None,
     from ca.audit import cluster
     assert config.node is not None
     cluster.sync_local_log(config.audit_log, config.checkpoint_path, store, config.node)
-    audit = AuditLog.open(config.audit_log, config.checkpoint_path,
-                          published_keys(config.audit_key_pem),
+    audit = AuditLog.open(config.audit_log, config.checkpoint_path, audit_key,
                           mirror=cluster.mirror(store, config.node, config.audit_log,
                                                 (lambda: name.lost) if name else lambda: None))
     try:
