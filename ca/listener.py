@@ -107,8 +107,7 @@ class Listener:
         self._handshakes: set[asyncio.Task[None]] = set()
         self._paused: asyncio.TimerHandle | None = None
         self._throttle = Throttle(burst=1, on_quiet=self._unlogged)
-        for sock in sockets:
-            self._loop.add_reader(sock.fileno(), self._accept, sock)
+        self._resume()  # accepting
 
     # ---- what aiohttp's sites use of asyncio.Server ---------------------------------
 
@@ -169,6 +168,7 @@ class Listener:
         self._paused = self._loop.call_later(PAUSE_S, self._resume)
 
     def _resume(self) -> None:
+        """Accept again (or for the first time)."""
         self._paused = None
         for sock in self._sockets:
             self._loop.add_reader(sock.fileno(), self._accept, sock)

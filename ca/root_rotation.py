@@ -40,12 +40,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from ca import ra
-from ca.audit.checkpointer import (
-    Checkpointer,
-    audit_keys_in_use,
-    publish_key,
-    published_keys,
-)
+from ca.audit.checkpointer import Checkpointer, keys_to_open_with, publish_key
 from ca.audit.cluster import CEREMONIES
 from ca.audit.log import AuditKeys, AuditLog
 from ca.config import Config
@@ -87,9 +82,8 @@ async def rotate_root(config: Config) -> RootRotated:
     try:
         # Init's log hands over here, at the root's rotation: its last checkpoint may be
         # the previous audit key's alone, while the state directory's is the new key.
-        keys: AuditKeys = audit_key if store is None else published_keys(
-            config.audit_key_pem, await audit_keys_in_use(store))
-        audit = _ceremony_log(config, keys, store)
+        audit = _ceremony_log(config, audit_key if store is None else
+                              await keys_to_open_with(config.audit_key_pem, store), store)
     except BaseException:
         if store is not None:
             store.close()

@@ -79,10 +79,12 @@ def followed_keys(path: Path) -> Path:
     return path.with_name(path.stem + "s-followed.pem")
 
 
-async def audit_keys_in_use(store: Store) -> set[str]:
-    """The fingerprints of the inventory's audit keys that still sign checkpoints."""
-    return {k.fingerprint for k in await store.keys()
-            if k.kind == "audit" and k.state in ("active", "previous")}
+async def keys_to_open_with(path: Path, store: Store) -> list[Ed25519PublicKey]:
+    """Cluster mode: what a start checks its log's last checkpoint with, `path` (the
+    state directory's audit key) and the keys it followed that the inventory lists as
+    still signing checkpoints (active or previous)."""
+    return published_keys(path, {k.fingerprint for k in await store.keys()
+                                 if k.kind == "audit" and k.state in ("active", "previous")})
 
 
 def published_keys(path: Path, in_use: Collection[str] = ()) -> list[Ed25519PublicKey]:

@@ -198,8 +198,7 @@ def complete_lines(path: Path) -> tuple[int, bytes | None, int]:
     return 0, None, 0
 
 
-def _refuse_a_store_gone_back(path: Path, checkpoint: Path, node: str, held: int,
-                              have: int) -> None:
+def _refuse_a_store_gone_back(checkpoint: Path, node: str, held: int, have: int) -> None:
     """A crash between the file and the commit leaves PostgreSQL short of the lines no
     checkpoint covers yet: the node's checkpoint file is written only once the lines it
     signs, and its own intent and outcome, are committed there. PostgreSQL short of
@@ -228,7 +227,7 @@ def sync_local_log(path: Path, checkpoint: Path, store: PostgresStore, node: str
     have, last, end = complete_lines(path)
     if have < 0:
         return
-    _refuse_a_store_gone_back(path, checkpoint, node, held, have)
+    _refuse_a_store_gone_back(checkpoint, node, held, have)
     lines: list[bytes] | None = None
     if have > held:  # the whole file is read only in this rare case (a crash)
         with open(path, "rb") as fh:

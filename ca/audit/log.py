@@ -693,15 +693,13 @@ def _checkpoint_of(text: str, audit_key: AuditKeys) -> Checkpoint:
         return parse_checkpoint(text)
     keys = [audit_key] if isinstance(audit_key, Ed25519PublicKey) else list(audit_key)
     origin = text.split("\n", 1)[0]
-    try:
-        return verify_checkpoint(text, origin, keys[0])
-    except ValueError:
-        for key in keys[1:]:
-            try:
-                return verify_checkpoint(text, origin, key)
-            except ValueError:
-                continue
-        raise  # the active key's error, when none verifies
+    errors: list[ValueError] = []
+    for key in keys:
+        try:
+            return verify_checkpoint(text, origin, key)
+        except ValueError as exc:
+            errors.append(exc)
+    raise errors[0]  # the active key's error, when none verifies
 
 
 # What may follow a clean stop, unsigned: the stop's own closing lines (its final

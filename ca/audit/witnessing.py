@@ -39,6 +39,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -234,16 +235,19 @@ class Witnessing:
                 answer = await witness.add_checkpoint(self._http(), text, size, self._proof)
                 await self._cosigned(i, text, size, answer)
             except WitnessRefused as exc:
-                self._result(witness, exc.kind, size)
-                if (unsaid := self._failed(i, exc.kind)) is not None:
-                    log.error("witness refused the checkpoint", witness=str(witness),
-                              size=size, reason=exc.reason, **unsaid)
+                self._fail(i, exc.kind, size, log.error, "witness refused the checkpoint",
+                           reason=exc.reason)
             except (WitnessError, TileDamaged, OSError, ValueError) as exc:
-                kind = exc.kind if isinstance(exc, WitnessError) else "error"
-                self._result(witness, kind, size)
-                if (unsaid := self._failed(i, kind)) is not None:
-                    log.warning("witness not updated", witness=str(witness), size=size,
-                                error=str(exc), **unsaid)
+                self._fail(i, exc.kind if isinstance(exc, WitnessError) else "error", size,
+                           log.warning, "witness not updated", error=str(exc))
+
+    def _fail(self, i: int, kind: str, size: int, emit: Callable[..., Any], event: str,
+              **fields: Any) -> None:
+        """Witness `i` did not cosign: counted, and said unless it is said already."""
+        witness = self.witnesses[i]
+        self._result(witness, kind, size)
+        if (unsaid := self._failed(i, kind)) is not None:
+            emit(event, witness=str(witness), size=size, **fields, **unsaid)
 
     def _failed(self, i: int, reason: str) -> dict[str, int] | None:
         """None when this failure is like the last one said, less than REPEAT_LOG_S ago
@@ -281,14 +285,10 @@ class Witnessing:
         lines = valid_cosignatures(text + answer, self.keys,
                                    not_after=int(time.time()) + CLOCK_SKEW_S)
         if not lines:
-            self._result(witness, "bad-cosignature", size)
-            if (unsaid := self._failed(i, "bad-cosignature")) is None:
-                return
-            log.error("the witness answered without a cosignature by a configured witness "
-                      "key, dated no later than now", witness=str(witness), size=size,
-                      signed_as=_signers(text, answer),
-                      configured=[f"{k.name}+{k.key_id.hex()}" for k in self.keys],
-                      **unsaid)
+            self._fail(i, "bad-cosignature", size, log.error, "the witness answered without "
+                       "a cosignature by a configured witness key, dated no later than now",
+                       signed_as=_signers(text, answer),
+                       configured=[f"{k.name}+{k.key_id.hex()}" for k in self.keys])
             return
         self._result(witness, "cosigned", size)
         failing = self._failing.pop(i, None)

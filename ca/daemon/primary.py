@@ -37,12 +37,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from ca import __version__, metrics, ra
-from ca.audit.checkpointer import (
-    Checkpointer,
-    audit_keys_in_use,
-    publish_key,
-    published_keys,
-)
+from ca.audit.checkpointer import Checkpointer, keys_to_open_with, publish_key
 from ca.audit.cluster_tiles import TileCopy
 from ca.audit.cluster_tiles import catch_up as catch_up_tiles
 from ca.audit.cosignature import ALG_COSIGNATURE, parse_verifier_key
@@ -313,12 +308,10 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
                              f"CA (no keys): is [store] url in {config.path} the database "
                              "`hsmca init --store-url` made the CA in?")
         name_held = await _hold_node_name(config, store)
-        if store is not None:  # a node stopped during the audit key's rotation: see below
-            audit_key_in_use: AuditKeys = published_keys(
-                config.audit_key_pem, await audit_keys_in_use(store))
-        else:
-            audit_key_in_use = audit_key
-        audit = _open_audit(config, audit_key_in_use, store, name_held)
+        # A node stopped during the audit key's rotation: see _open_audit.
+        audit = _open_audit(config, audit_key if store is None else
+                            await keys_to_open_with(config.audit_key_pem, store),
+                            store, name_held)
     except BaseException:
         let_go()
         raise
