@@ -624,6 +624,59 @@ def test_a_node_refuses_a_database_restored_from_an_older_backup(
     assert f"PostgreSQL holds {held} lines of node 'node-1'" in error
 
 
+def test_a_running_node_signs_nothing_once_its_database_went_back(
+        tmp_path: Path, postgres_server: Any) -> None:
+    """PostgreSQL restored under a running node lacks the node's last lines. The
+    node's next group was committed after the hole and it served on, what the lost
+    commits did (here a certificate and its spent token) undone. Now each group is
+    refused: a renewal gets a 503, /health says the database went back in time and
+    where the docs say what to do, nothing is committed after the hole, and the node
+    refuses to start until its log is moved aside (or the database holds the line)."""
+    c = make_cluster(tmp_path, postgres_server.new_database())
+    db = c.url.rsplit("/", 1)[1]
+
+    def count(sql: str) -> int:
+        return int(postgres_server.psql(sql, db=db))
+    try:
+        node = c.start("node-1")
+        cert, key = enroll(node, tmp_path, "service", ["kept.restore.example"])
+        postgres_server.dump(db, tmp_path / "hsmca.dump")
+        enroll(node, tmp_path, "service", ["lost.restore.example"])
+        postgres_server.restore(db, tmp_path / "hsmca.dump")
+        held = count("SELECT COUNT(*) FROM audit_lines WHERE node = 'node-1'")
+        certs = count("SELECT COUNT(*) FROM certs")
+        statuses, audit = [], ""
+        for _ in range(10):  # the restore ended the pool's connections: one may fail so
+            status, _, _ = asyncio.run(call("POST", f"{node.url}/v1/x509/renew",
+                                            node.ssl(cert, key), {}))
+            statuses.append(status)
+            status, _, body = asyncio.run(call("GET", f"{node.url}/health", node.ssl()))
+            audit = json.loads(body)["audit"]
+            if "went back in time" in audit:
+                break
+        assert statuses and all(s == 503 for s in statuses), statuses
+        assert status == 503 and "PostgreSQL lacks line " in audit, audit
+        assert "of the audit log of node 'node-1', which it had committed" in audit, audit
+        assert "'Restoring PostgreSQL'" in audit, audit
+        assert count("SELECT COUNT(*) FROM audit_lines WHERE node = 'node-1'") == held
+        assert count("SELECT MAX(seq) FROM audit_lines WHERE node = 'node-1'") == held - 1
+        assert count("SELECT COUNT(*) FROM certs") == certs
+        # Stopped, it refuses to start, whatever its checkpoint covers; moved aside as
+        # docs/cluster.md says, its log comes back from the database and it serves.
+        node.stop()
+        error, stderr = refused_start(c.state, "node-1")
+        assert "found, while it ran, that PostgreSQL lacked line" in error, error
+        assert "'Restoring PostgreSQL'" in error and "Traceback" not in stderr
+        audit_dir = c.state / "nodes" / "node-1" / "audit"
+        audit_dir.rename(audit_dir.with_name("audit.before-restore"))
+        node = c.start("node-1")
+        status, _, body = asyncio.run(call("POST", f"{node.url}/v1/x509/renew",
+                                           node.ssl(cert, key), {}))
+        assert status in (200, 201), body
+    finally:
+        c.stop()
+
+
 def test_a_command_on_the_shared_state_directory_finds_a_node_that_runs(
         tmp_path: Path, postgres_server: Any) -> None:
     """Two nodes on one state directory, the first by name killed (-9): its serve.url

@@ -265,6 +265,42 @@ def test_a_group_committed_after_its_node_cut_it_comes_back_as_never_released(
         store.close()
 
 
+def test_a_database_found_behind_while_running_holds_the_node_until_it_is_put_right(
+        postgres_server: Any, tmp_path: Path) -> None:
+    """PostgreSQL lost a node's last lines under it (a restore): the next group is not
+    committed after the hole, the node remembers why, and it refuses to start until
+    the database holds the missing line again (a restore to the latest point), when
+    it starts as before and forgets the finding."""
+    from ca.audit import cluster
+    from ca.audit.log import AuditLog, AuditLogError
+    from ca.store.postgres import PostgresStore
+    url = postgres_server.new_database()
+    store = PostgresStore(url)
+    path = tmp_path / "audit" / "log.jsonl"
+    marker = tmp_path / "audit" / "log.jsonl.database-went-back"
+    try:
+        audit = AuditLog.open(path, mirror=cluster.mirror(store, "n1", path))
+        for i in range(3):
+            assert audit.append_durable([("test.line", {"n": i})])[0].result() == i
+        postgres_server.psql("DELETE FROM audit_lines WHERE node = 'n1' AND seq >= 1",
+                             db=url.rsplit("/", 1)[1])
+        [refused] = audit.append_durable([("test.line", {"n": 3})])
+        assert "PostgreSQL lacks line 2 of the audit log of node 'n1'" in str(
+            refused.exception())
+        assert store.audit_size_sync("n1") == 1 and marker.exists()
+        audit.close()
+        with pytest.raises(AuditLogError, match="found, while it ran, that PostgreSQL "
+                           "lacked line 2 of its audit log"):
+            cluster.sync_local_log(path, tmp_path / "checkpoint", store, "n1")
+        lines = path.read_bytes().splitlines()
+        assert len(lines) == 3  # the refused group was cut
+        store.append_audit("n1", 1, lines[1:]).result()  # put right: it holds line 2
+        cluster.sync_local_log(path, tmp_path / "checkpoint", store, "n1")
+        assert not marker.exists()
+    finally:
+        store.close()
+
+
 def test_node_names_whose_32_bit_hashes_collide_each_hold_their_own_lease(
         postgres_server: Any) -> None:
     """hashtext('lease:node:ca-84979') = hashtext('lease:node:ca-86405'): with a 32-bit

@@ -30,7 +30,7 @@ from ca.audit.line import ENVELOPE, GENESIS, chain_hash, line_bytes
 from ca.audit.log import TILES_DIR, AuditLogError, Mirror, utc_now
 from ca.audit.note import NoteError, parse_checkpoint
 from ca.fileutil import write_atomic
-from ca.store.errors import StoreUnavailable
+from ca.store.errors import AuditLinesMissing, StoreUnavailable
 
 if TYPE_CHECKING:  # psycopg is loaded only where a cluster runs
     from ca.store.postgres import PostgresStore
@@ -64,7 +64,9 @@ def mirror(store: PostgresStore, node: str, path: Path,
             raise NotCommitted(errno.EPERM, why)
         try:
             commit_group(store, node, first_seq, lines)
-        except NotCommitted:
+        except NotCommitted as exc:
+            if isinstance(exc, DatabaseWentBack):
+                _remember_went_back(path, node, exc.missing)
             _remember_cut(path, node, first_seq, lines)
             raise
     return commit
@@ -72,6 +74,54 @@ def mirror(store: PostgresStore, node: str, path: Path,
 
 def _cut_marker(path: Path) -> Path:
     return path.with_name(path.name + ".uncommitted")
+
+
+def _went_back_marker(path: Path) -> Path:
+    return path.with_name(path.name + ".database-went-back")
+
+
+def _remember_went_back(path: Path, node: str, missing: int) -> None:
+    """Write, durably and once, that PostgreSQL lacked line `missing` of `node`'s log
+    while the node ran: the next start refuses until the database holds it again (a
+    restore to the latest point), or the operator moves the log aside."""
+    marker = _went_back_marker(path)
+    if marker.exists():
+        return
+    record = {"node": node, "missing_seq": missing, "found_at": utc_now()}
+    try:
+        write_atomic(marker, json.dumps(record).encode() + b"\n", 0o640)
+    except OSError as exc:  # nothing is signed all the same; only the restart is open
+        log.error("cannot remember that PostgreSQL went back in time", file=str(marker),
+                  error=exc.strerror or str(exc))
+    log.error("PostgreSQL lacks a line of this node's audit log that it had committed: "
+              "the database went back in time; nothing is signed until the node is "
+              "stopped and the database put right (docs/cluster.md, 'Restoring "
+              "PostgreSQL')", node=node, missing_seq=missing)
+
+
+def _refuse_a_store_found_behind(path: Path, node: str, held: int) -> None:
+    """A node that found, while it ran, PostgreSQL lacking a line it had committed
+    (see mirror) refuses to start until the database holds that line again: sending
+    its lines up again as after a crash would not bring back what the lost commits
+    did, even when its checkpoint does not cover them (_refuse_a_store_gone_back)."""
+    marker = _went_back_marker(path)
+    try:
+        missing = json.loads(marker.read_bytes())["missing_seq"]
+    except FileNotFoundError:
+        return
+    except (ValueError, KeyError, TypeError):
+        missing = None  # torn by a crash: the database went back all the same
+    if isinstance(missing, int) and held > missing:
+        marker.unlink()  # restored to a later point since: it holds the line again
+        log.info("PostgreSQL holds the audit line it lacked again", node=node,
+                 missing_seq=missing)
+        return
+    raise AuditLogError(
+        f"node {node!r} found, while it ran, that PostgreSQL lacked line {missing} of its "
+        f"audit log, which it had committed (it holds {held} lines): the database went "
+        "back in time (restored from an older backup, or failed over to a lagging "
+        f"replica). Refusing to start; see docs/cluster.md, 'Restoring PostgreSQL' "
+        f"({marker} records it)")
 
 
 def _digest(lines: list[bytes]) -> str:
@@ -133,6 +183,14 @@ class NotCommitted(OSError):
         return self.strerror or super().__str__()
 
 
+class DatabaseWentBack(NotCommitted):
+    """PostgreSQL lacks line `missing`, which it had committed, just before the group."""
+
+    def __init__(self, missing: int, why: str) -> None:
+        super().__init__(errno.EIO, why)
+        self.missing = missing
+
+
 def commit_group(store: PostgresStore, node: str, first_seq: int, lines: list[bytes]) -> None:
     """Commit a group of `node`'s lines in PostgreSQL, or raise NotCommitted. A group
     not committed in time is abandoned before the caller hears of it (and cuts it from
@@ -144,6 +202,12 @@ def commit_group(store: PostgresStore, node: str, first_seq: int, lines: list[by
                            ).result(timeout=COMMIT_TIMEOUT_S)
     except StoreUnavailable as exc:
         raise NotCommitted(errno.EIO, str(exc)) from None
+    except AuditLinesMissing as exc:
+        # Nothing more can be signed until an operator looks: every group would find the
+        # same hole. The start refuses such a database too (sync_local_log).
+        raise DatabaseWentBack(exc.missing, f"{exc}; nothing is signed until this node "
+                               "is stopped and the database put right: see "
+                               "docs/cluster.md, 'Restoring PostgreSQL'") from None
     except TimeoutError:
         abandoned.set()
         raise NotCommitted(errno.ETIMEDOUT, "PostgreSQL did not commit the audit lines "
@@ -227,6 +291,7 @@ def sync_local_log(path: Path, checkpoint: Path, store: PostgresStore, node: str
     have, last, end = complete_lines(path)
     if have < 0:
         return
+    _refuse_a_store_found_behind(path, node, held)
     _refuse_a_store_gone_back(checkpoint, node, held, have)
     lines: list[bytes] | None = None
     if have > held:  # the whole file is read only in this rare case (a crash)

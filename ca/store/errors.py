@@ -20,3 +20,13 @@ class CAExists(Exception):
 class NoInventory(Exception):
     """The database named holds no hsmca inventory at all: a wrong URL, which must not
     be given one (and this node's log) on the way to the refusal."""
+
+
+class AuditLinesMissing(Exception):
+    """The store lacks the line just before a group of a node's audit lines: lines it
+    had committed are gone (the database was restored from an older backup, or failed
+    over to a lagging replica)."""
+
+    def __init__(self, missing: int, why: str) -> None:
+        super().__init__(why)
+        self.missing = missing

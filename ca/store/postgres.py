@@ -33,7 +33,13 @@ from psycopg import sql as pgsql
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from ca.audit.tiles import HASH_SIZE, TILE_WIDTH, Tile, partial_tiles
-from ca.store.errors import CAExists, NoInventory, SchemaTooNew, StoreUnavailable
+from ca.store.errors import (
+    AuditLinesMissing,
+    CAExists,
+    NoInventory,
+    SchemaTooNew,
+    StoreUnavailable,
+)
 from ca.store.records import (
     AcmeAccount,
     AcmeAuthz,
@@ -1091,8 +1097,22 @@ class PostgresStore:
                             lines=len(lines))
                 raise AuditGroupAbandoned(f"a group of {len(lines)} audit lines of node "
                                           f"{node!r} from seq {first_seq} came too late")
-            await db.execute("DELETE FROM audit_lines WHERE node = %s AND seq >= %s",
-                             (node, first_seq))
+            # The group must follow a line the database holds: a node's lines reach it
+            # only in order, each group after the last acknowledged one. A database that
+            # lacks that line went back in time under the running node; the group would
+            # leave a gap, and the commits lost with it (revocations, spent tokens, CRL
+            # numbers) would stay undone. (The look sees the rows before the DELETE.)
+            cur = await db.execute(
+                "WITH gone AS (DELETE FROM audit_lines WHERE node = %s AND seq >= %s) "
+                "SELECT %s = 0 OR EXISTS (SELECT 1 FROM audit_lines WHERE node = %s "
+                "AND seq = %s)", (node, first_seq, first_seq, node, first_seq - 1))
+            row = await cur.fetchone()
+            if not (row and row[0]):
+                raise AuditLinesMissing(
+                    first_seq - 1, f"PostgreSQL lacks line {first_seq - 1} of the audit log "
+                    f"of node {node!r}, which it had committed: the database went back in "
+                    "time (restored from an older backup, or failed over to a lagging "
+                    "replica)")
             async with db.cursor() as cur:
                 await cur.executemany("INSERT INTO audit_lines (node, seq, line) VALUES "
                                       "(%s, %s, %s)",
