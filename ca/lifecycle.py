@@ -29,7 +29,7 @@ from ca.audit.note import NoteError, verify_note
 from ca.fileutil import write_atomic
 from ca.generations import Generations
 from ca.issuance.issue import Issuance, sign_ca_cert
-from ca.issuance.issuers import Issuers
+from ca.issuance.issuers import Issuers, ssh_public_key
 from ca.issuance.profiles import ca_name, issuing_ca_name, pem, utcnow
 from ca.policy import Reason, Refused
 from ca.store import KeyRecord, Store
@@ -96,7 +96,7 @@ class KeyLifecycle:
                                            expect="retired")
         await self._published()  # first: every process must stop using it
         live, until = await self.live(order.label)
-        done: dict[str, Any] = {"label": order.label, "state": "retired"
+        done: dict[str, Any] = {"label": order.label, "kind": order.kind, "state": "retired"
                                 if order.action == "retire" else "destroyed",
                                 "live": live, "live_until": until}
         if absent:
@@ -161,7 +161,8 @@ class KeyLifecycle:
                                       request_id)
             cert_der = cert.public_bytes(serialization.Encoding.DER)
         record = KeyRecord(label, order.kind, "active", info.key_type, now.isoformat(),
-                           info.spki_sha256, info.uri, cert_der, now.isoformat())
+                           info.spki_sha256, info.uri, cert_der, now.isoformat(),
+                           ssh_public_key(order.kind, info))
         await self.audit.append("key.rotate", kind=order.kind, label=label,
                                 previous=current.label, fingerprint=info.spki_sha256,
                                 actor=order.actor, request_id=request_id)

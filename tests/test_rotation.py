@@ -464,3 +464,53 @@ async def test_a_log_stopped_while_two_audit_keys_sign_ends_with_their_signings(
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "the last 5 lines are the last checkpoint's own signing and the HSM logout" in \
         proc.stdout, proc.stdout
+
+
+async def test_a_retired_or_destroyed_ssh_ca_key_keeps_its_revoked_certificates_in_the_krl(
+        tmp_path: Path) -> None:
+    """An SSH operator's trial: a user certificate revoked, its CA key rotated and
+    retired, and the next KRL had no section for the retired key. ssh-keygen -Q (and
+    sshd, which reads KRLs the same way) took the revoked certificate again on every
+    host still trusting the old key. Retired and destroyed keys' revoked certificates
+    now stay in the KRL; a CA made before the inventory kept SSH CA public keys gets
+    them from the token at start."""
+    import sqlite3
+
+    from tests.test_revocation import krl_says, ssh_user_cert
+    ca = init_ca(tmp_path)
+    with sqlite3.connect(ca.state / "hsmca.sqlite3") as db:  # as before migration 11
+        db.execute("UPDATE ca_keys SET ssh_public_key = NULL")
+    d = start_daemon(ca.state)
+    try:
+        user = enroll(d, tmp_path, "user", ["bob@example.org"], ["bob"])
+        old_cert = ssh_user_cert(d, tmp_path, user, "id_old")
+        revoked = hsmca("ssh", "revoke", "--serial", _ssh_serial(old_cert), "--config",
+                        d.state / "hsmca.toml", "--url", d.url)
+        assert "revoked" in revoked.stdout
+        assert krl_says(d, tmp_path, old_cert) == "REVOKED"
+        key_cmd(d, "rotate", "ssh-user")
+        old = re.search(r"^(\S+)\s+ssh-user\s+previous", key_cmd(d, "list").stdout, re.M)
+        assert old, key_cmd(d, "list").stdout
+        key_cmd(d, "retire", old.group(1))
+        # A revocation after it builds the KRL again: the retired key's section stays.
+        new_cert = ssh_user_cert(d, tmp_path, user, "id_new")
+        hsmca("ssh", "revoke", "--serial", _ssh_serial(new_cert), "--config",
+              d.state / "hsmca.toml", "--url", d.url)
+        assert krl_says(d, tmp_path, new_cert) == "REVOKED"
+        assert krl_says(d, tmp_path, old_cert) == "REVOKED"
+        key_cmd(d, "destroy", old.group(1), "--yes")
+        third = ssh_user_cert(d, tmp_path, user, "id_third")
+        hsmca("ssh", "revoke", "--serial", _ssh_serial(third), "--config",
+              d.state / "hsmca.toml", "--url", d.url)
+        assert krl_says(d, tmp_path, third) == "REVOKED"
+        assert krl_says(d, tmp_path, old_cert) == "REVOKED"
+    finally:
+        assert d.stop() == 0
+
+
+def _ssh_serial(cert: Path) -> str:
+    out = subprocess.run([require("ssh-keygen"), "-L", "-f", cert], capture_output=True,
+                         text=True, check=True).stdout
+    found = re.search(r"Serial: (\d+)", out)
+    assert found, out
+    return found.group(1)

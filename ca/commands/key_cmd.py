@@ -69,12 +69,17 @@ def run(args: argparse.Namespace) -> int:
     if action == "retire":
         out = _call(args, "POST", "/v1/keys/retire", {"label": args.label})
         print(f"retired {out['label']}: it signs nothing any more")
-        if out.get("live"):
+        if out.get("live") and out.get("kind") in ("ssh-user", "ssh-host"):
+            print(f"hsmca: warning: {out['live']} SSH certificate(s) it signed are still "
+                  f"valid (the last until {out['live_until']}). Hosts and clients that "
+                  "still trust this CA key accept them until then (the KRL goes on naming "
+                  "those revoked); those that refresh their SSH CA keys from /v1/ssh/ca "
+                  "stop accepting them", file=sys.stderr)
+        elif out.get("live"):
             print(f"hsmca: warning: {out['live']} certificate(s) it signed are still valid "
                   f"(the last until {out['live_until']}). hsmca still accepts its X.509 "
                   "client certificates, but a revocation of one from now on reaches no CRL "
-                  "or OCSP response; hosts that refresh their SSH CA keys from /v1/ssh/ca "
-                  "stop accepting its SSH certificates", file=sys.stderr)
+                  "or OCSP response", file=sys.stderr)
         return 0
     confirmed = args.yes
     if not confirmed:
@@ -163,7 +168,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                         "it issued stay trusted as client certificates until they expire or "
                         "are revoked, but a revocation of one reaches no CRL or OCSP "
                         "response (it signs none), so retire a previous issuing key once its "
-                        "certificates have expired. Says how many are still valid.")
+                        "certificates have expired. A retired SSH CA key's revoked "
+                        "certificates stay in the KRL (it is not signed). Says how many "
+                        "are still valid.")
     t.add_argument("label", help="the key's label (hsmca key list)")
     common(t)
     d = ksub.add_parser("destroy", help="C_DestroyObject on a retired key",

@@ -10,6 +10,8 @@ named get the keys `init` made.
 
 from __future__ import annotations
 
+import dataclasses
+
 import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
@@ -19,7 +21,8 @@ from ca.generations import Generations, OnChange
 from ca.issuance import issuers as iss
 from ca.issuance.pipeline import SigningPipeline
 from ca.issuance.profiles import utcnow
-from ca.store import Store
+from ca.store import KeyRecord, Store
+from hsm.errors import HSMError
 
 log = structlog.get_logger("hsmca.keys")
 
@@ -56,6 +59,7 @@ async def seed(config: Config, store: Store, pipeline: SigningPipeline) -> None:
     [keys] is only checked for labels the CA never had: a typo, or another CA's."""
     records = await store.keys()
     if records:
+        await _keep_ssh_public_keys(store, pipeline, records)
         known = {r.label for r in records}
         for purpose in KEY_LABELS:
             label = config.key_label(purpose)
@@ -73,6 +77,28 @@ async def seed(config: Config, store: Store, pipeline: SigningPipeline) -> None:
     if issuing.public_key() != keys["issuing"].public_key:
         raise ValueError(f"{config.issuing_pem} does not belong to the issuing key in the HSM")
     await record_init_keys(store, keys, root, issuing)
+
+
+async def _keep_ssh_public_keys(store: Store, pipeline: SigningPipeline,
+                                records: list[KeyRecord]) -> None:
+    """SSH CA keys recorded before the inventory kept their public keys get them, from
+    the token (a retired one is still there): the KRL names their revoked certificates
+    after they are retired (KeyRecord.ssh_public_key)."""
+    filled = []
+    for r in records:
+        if r.ssh_public_key is not None or r.state == "destroyed" or \
+                r.kind not in ("ssh-user", "ssh-host"):
+            continue
+        try:
+            info = await pipeline.load_key(r.label)
+        except HSMError as exc:  # not in the token any more: a KRL without its section
+            log.warning("an SSH CA key the inventory lists is not in the token; the KRL "
+                        "cannot name its revoked certificates", label=r.label,
+                        error=str(exc))
+            continue
+        filled.append(dataclasses.replace(r, ssh_public_key=iss.ssh_public_key(r.kind, info)))
+    if filled:
+        await store.add_keys(filled)
 
 
 async def record_init_keys(store: Store, keys: dict[str, iss.KeyInfo],

@@ -98,6 +98,10 @@ class Issuers:
     audit_previous: tuple[KeyInfo, ...] = ()
     # Every root ever made, the active one first (a rotation makes a second one).
     roots: tuple[x509.Certificate, ...] = ()
+    # SSH CA keys retired or destroyed: (cert type, public key, OpenSSH) by label. They
+    # sign nothing, but hosts and clients may trust them still: the KRL goes on naming
+    # their revoked certificates.
+    ssh_past: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def x509_issuer(self) -> str:
         return self.current_x509
@@ -211,11 +215,16 @@ def build(records: list[KeyRecord], infos: dict[str, KeyInfo],
     first = by_kind["issuing"][0].label
     audit_previous = tuple(infos[r.label] for r in reversed(by_kind["audit"])
                            if r.state == "previous")
+    ssh_past = {r.label: (cert_type, r.ssh_public_key)
+                for kind, cert_type in (("ssh-user", "user"), ("ssh-host", "host"))
+                for r in by_kind[kind]
+                if r.state in ("retired", "destroyed") and r.ssh_public_key}
     return Issuers(root, infos[root_record.label], x, active("issuing").label, ssh,
                    current_ssh, infos[active("audit").label], first, first_ssh, past,
                    audit_previous,
                    roots=(root, *(c for label, c in reversed(roots.items())
-                                  if label != root_record.label)))
+                                  if label != root_record.label)),
+                   ssh_past=ssh_past)
 
 
 def _root_of(cert: x509.Certificate, roots: dict[str, x509.Certificate]
@@ -252,8 +261,16 @@ def seed_records(keys: dict[str, KeyInfo], root: x509.Certificate,
         cert = certs.get(kind)
         out.append(KeyRecord(info.label, kind, "active", info.key_type, at, info.spki_sha256,
                              info.uri, cert.public_bytes(serialization.Encoding.DER)
-                             if cert is not None else None, at))
+                             if cert is not None else None, at, ssh_public_key(kind, info)))
     return out
+
+
+def ssh_public_key(kind: str, info: KeyInfo) -> str | None:
+    """What the inventory keeps of an SSH CA key (KeyRecord.ssh_public_key)."""
+    if kind not in ("ssh-user", "ssh-host"):
+        return None
+    return info.public_key.public_bytes(serialization.Encoding.OpenSSH,
+                                        serialization.PublicFormat.OpenSSH).decode()
 
 
 def from_certs(root: x509.Certificate, issuing: x509.Certificate,

@@ -372,14 +372,21 @@ class Revocations:
         return hit
 
     async def _build_krl(self) -> bytes:
+        """The KRL: the revoked certificates of every SSH CA key, a section each; of
+        keys retired or destroyed too (hosts and clients may still trust them), and the
+        revoked public keys."""
         certs = await self.store.revoked_ssh_certs()
         keys = await self.store.revoked_ssh_keys()
-        groups = []
-        issuers = self.issuance.issuers
-        for issuer in issuers.ssh.values():
-            serials = [s for t, s, label in certs
-                       if t == issuer.cert_type and issuers.ssh_of(label, t) == issuer.id]
-            groups.append(RevokedCerts(blob_of(issuer.key.public_key), serials, []))
+        issuers = await self.issuance.keys.refresh()  # a retirement moves keys to ssh_past
+
+        def serials(label: str, cert_type: str) -> list[int]:
+            return [s for t, s, of in certs
+                    if t == cert_type and issuers.ssh_of(of, t) == label]
+        groups = [RevokedCerts(blob_of(i.key.public_key), serials(i.id, i.cert_type), [])
+                  for i in issuers.ssh.values()]
+        for label, (cert_type, line) in issuers.ssh_past.items():
+            if revoked := serials(label, cert_type):
+                groups.append(RevokedCerts(parse_public_key(line).blob, revoked, []))
         now = int(prof.utcnow().timestamp())
         return build_krl(now, now, groups, [parse_public_key(k).blob for k in keys])
 

@@ -193,7 +193,8 @@ class Store(Protocol):
     async def keys(self) -> list[KeyRecord]: ...
 
     async def add_keys(self, records: Sequence[KeyRecord]) -> None:
-        """Record keys (those already recorded are left alone)."""
+        """Record keys (those already recorded are left alone, but for an SSH public key
+        they lack: recorded before the inventory kept it)."""
         ...
 
     async def rotate_key(self, new: KeyRecord) -> list[str]:

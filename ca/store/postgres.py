@@ -639,20 +639,22 @@ class PostgresStore:
     # ---- the CA's keys ----------------------------------------------------------------------
 
     async def keys(self) -> list[KeyRecord]:
-        return [KeyRecord(*r[:7], bytes(r[7]) if r[7] is not None else None, r[8])
+        return [KeyRecord(*r[:7], bytes(r[7]) if r[7] is not None else None, r[8], r[9])
                 for r in await self._rows(
                     "SELECT label, kind, state, algorithm, created_at, fingerprint, uri, cert, "
-                    "changed_at FROM ca_keys ORDER BY created_at, label")]
+                    "changed_at, ssh_public_key FROM ca_keys ORDER BY created_at, label")]
 
     async def add_keys(self, records: Sequence[KeyRecord]) -> None:
         async def insert(db: Conn) -> None:
             async with db.cursor() as cur:
                 await cur.executemany(
                     "INSERT INTO ca_keys (label, kind, state, algorithm, created_at, "
-                    "fingerprint, uri, cert, changed_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s) "
-                    "ON CONFLICT DO NOTHING",
+                    "fingerprint, uri, cert, changed_at, ssh_public_key) VALUES "
+                    "(%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) ON CONFLICT (label) DO UPDATE SET "
+                    "ssh_public_key = COALESCE(ca_keys.ssh_public_key, "
+                    "EXCLUDED.ssh_public_key)",
                     [(r.label, r.kind, r.state, r.algorithm, r.created_at, r.fingerprint,
-                      r.uri, r.cert, r.changed_at) for r in records])
+                      r.uri, r.cert, r.changed_at, r.ssh_public_key) for r in records])
             await _changed(db, "keys")
         await self._tx(insert)
 
@@ -663,10 +665,11 @@ class PostgresStore:
                 "AND state = 'active' RETURNING label", (new.changed_at, new.kind))
             old = [r[0] for r in await cur.fetchall()]
             await db.execute("INSERT INTO ca_keys (label, kind, state, algorithm, created_at, "
-                             "fingerprint, uri, cert, changed_at) VALUES "
-                             "(%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+                             "fingerprint, uri, cert, changed_at, ssh_public_key) VALUES "
+                             "(%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
                              (new.label, new.kind, "active", new.algorithm, new.created_at,
-                              new.fingerprint, new.uri, new.cert, new.changed_at))
+                              new.fingerprint, new.uri, new.cert, new.changed_at,
+                              new.ssh_public_key))
             await _changed(db, "keys")
             return old
         return await self._tx(rotate)

@@ -173,6 +173,9 @@ class KeyRecord:
     uri: str
     cert: bytes | None  # the CA certificate (DER) of a root or issuing key
     changed_at: str
+    # An SSH CA key's public key (OpenSSH), kept after it is retired or destroyed: the KRL
+    # names its revoked certificates for as long as anyone may trust it.
+    ssh_public_key: str | None = None
 
 
 @dataclass(frozen=True)

@@ -275,6 +275,12 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE UNIQUE INDEX acme_orders_replaces ON acme_orders(replaces)
         WHERE replaces IS NOT NULL AND status <> 'invalid';
     """,
+    # 11: an SSH CA key's public key (OpenSSH), kept once the key is retired or destroyed:
+    # the KRL goes on naming the certificates of it that were revoked, for the hosts and
+    # clients that still trust it. Filled at the daemon's start for keys recorded before.
+    """
+    ALTER TABLE ca_keys ADD COLUMN ssh_public_key TEXT;
+    """,
 )
 
 _CERT_COLS = ("serial, fingerprint, role, subject, names, principals, spki_sha256, not_before, "
@@ -841,15 +847,17 @@ class SQLiteStore:
     async def keys(self) -> list[KeyRecord]:
         return [KeyRecord(*r) for r in self._read(
             "SELECT label, kind, state, algorithm, created_at, fingerprint, uri, cert, "
-            "changed_at FROM ca_keys ORDER BY created_at, label")]
+            "changed_at, ssh_public_key FROM ca_keys ORDER BY created_at, label")]
 
     async def add_keys(self, records: Sequence[KeyRecord]) -> None:
         def insert(db: sqlite3.Connection) -> None:
             db.executemany(
                 "INSERT INTO ca_keys (label, kind, state, algorithm, created_at, fingerprint, "
-                "uri, cert, changed_at) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+                "uri, cert, changed_at, ssh_public_key) VALUES (?,?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT (label) DO UPDATE SET ssh_public_key = "
+                "COALESCE(ca_keys.ssh_public_key, excluded.ssh_public_key)",
                 [(r.label, r.kind, r.state, r.algorithm, r.created_at, r.fingerprint, r.uri,
-                  r.cert, r.changed_at) for r in records])
+                  r.cert, r.changed_at, r.ssh_public_key) for r in records])
         await self._write(insert)
 
     async def rotate_key(self, new: KeyRecord) -> list[str]:
@@ -858,9 +866,11 @@ class SQLiteStore:
                 "UPDATE ca_keys SET state = 'previous', changed_at = ? WHERE kind = ? "
                 "AND state = 'active' RETURNING label", (new.changed_at, new.kind))]
             db.execute("INSERT INTO ca_keys (label, kind, state, algorithm, created_at, "
-                       "fingerprint, uri, cert, changed_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                       "fingerprint, uri, cert, changed_at, ssh_public_key) VALUES "
+                       "(?,?,?,?,?,?,?,?,?,?)",
                        (new.label, new.kind, "active", new.algorithm, new.created_at,
-                        new.fingerprint, new.uri, new.cert, new.changed_at))
+                        new.fingerprint, new.uri, new.cert, new.changed_at,
+                        new.ssh_public_key))
             return old
         return await self._write(rotate)
 
