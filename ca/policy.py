@@ -140,9 +140,24 @@ def ssh_extension(name: str) -> str:
 def parse_ttl(text: object, what: str = "ttl") -> int:
     """'90s', '15m', '8h', '30d' -> seconds."""
     m = _TTL.match(text.strip()) if isinstance(text, str) else None
-    if not m:
-        raise Refused(f"{what} {text!r} is not a duration like 90s, 15m, 8h or 30d")
-    return int(m.group(1)) * _TTL_UNITS[m.group(2)]
+    if m:
+        return int(m.group(1)) * _TTL_UNITS[m.group(2)]
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        raise Refused(f"{what} {text!r} is a number: give a duration as a string with its "
+                      f"unit, like \"{text}s\", 15m, 8h or 30d")
+    if isinstance(text, str) and re.fullmatch(r"\s*(-\s*)?0*[0-9]*\s*[smhd]\s*", text) and (
+            "-" in text or not text.strip("0smhd \t")):
+        raise Refused(f"{what} {text!r} must be more than 0 (a duration like 90s, 15m, 8h or "
+                      "30d)")
+    raise Refused(f"{what} {text!r} is not a duration like 90s, 15m, 8h or 30d")
+
+
+def show_ttl(seconds: int) -> str:
+    """Seconds as the largest unit parse_ttl takes that divides them: 86400 -> '1d'."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 def _show(name: str) -> str:

@@ -571,8 +571,9 @@ def _token(ctx: Context, who: Requester, req: TokenRequest) -> TokenGrant:
                       f"{MAX_GRANT_CHARS} characters in all")
     ttl = policy.parse_ttl(req.ttl if req.ttl is not None else "1h", "ttl")
     if ttl > p.token_max_ttl_s:
-        raise Refused(f"token ttl {ttl}s exceeds the maximum {p.token_max_ttl_s}s "
-                      "([policy] token-max-ttl-s)", Reason.LIFETIME)
+        raise Refused(f"token ttl {policy.show_ttl(ttl)} exceeds the maximum "
+                      f"{policy.show_ttl(p.token_max_ttl_s)} ([policy] token-max-ttl-s)",
+                      Reason.LIFETIME)
     policy.check_allowed(names, p, role)
     return TokenGrant(role, names, principals, ttl, who.actor)
 
@@ -583,7 +584,7 @@ def _lifetime(ctx: Context, ttl: object) -> dt.timedelta:
         return dt.timedelta(seconds=min(p.x509_default_ttl_s, p.x509_max_ttl_s))
     seconds = policy.parse_ttl(ttl)
     if seconds > p.x509_max_ttl_s:
-        raise Refused(f"ttl {ttl} exceeds the maximum of {p.x509_max_ttl_s}s "
+        raise Refused(f"ttl {ttl} exceeds the maximum of {policy.show_ttl(p.x509_max_ttl_s)} "
                       "([policy] x509-max-ttl-s)", Reason.LIFETIME)
     return dt.timedelta(seconds=seconds)
 
@@ -697,8 +698,9 @@ def _ssh_user(ctx: Context, who: Requester, req: SSHUserRequest) -> SSHOrder:
     if req.ttl is not None:
         ttl = policy.parse_ttl(req.ttl)
         if ttl > p.ssh_user_max_ttl_s:
-            raise Refused(f"ttl {req.ttl} exceeds the maximum of {p.ssh_user_max_ttl_s // 3600}h "
-                          "for user certificates ([policy] ssh-user-max-ttl-s)", Reason.LIFETIME)
+            raise Refused(f"ttl {req.ttl} exceeds the maximum of "
+                          f"{policy.show_ttl(p.ssh_user_max_ttl_s)} for user certificates "
+                          "([policy] ssh-user-max-ttl-s)", Reason.LIFETIME)
     ttl = min(ttl, p.ssh_user_max_ttl_s)
     _ssh_key(ctx, req.public_key)
     now = int(ctx.now.timestamp())

@@ -212,6 +212,17 @@ def test_pubkey_holding_a_private_key_is_refused_before_any_request(tmp_path: Pa
     assert "OPENSSH" not in proc.stderr + proc.stdout
 
 
+def test_a_dsa_pubkey_is_refused_in_one_line_without_a_python_warning(tmp_path: Path) -> None:
+    """An SSH trial: cryptography's deprecation warning for DSA came first, with a
+    source path, before the refusal."""
+    dsa = tmp_path / "dsa.pub"
+    dsa.write_text("ssh-dss AAAAB3NzaC1kc3MAAACBAP user@host\n")
+    proc = hsmca("ssh", "user", "--url", "https://127.0.0.1:1", "--cert", tmp_path / "c.pem",
+                 "--key", tmp_path / "k.pem", "--pubkey", dsa, check=False)
+    assert "is a DSA key (ssh-dss)" in one_line_error(proc) and "ed25519" in proc.stderr
+    assert "Warning" not in proc.stderr
+
+
 # ---- one pair of credential flags (item 8) ---------------------------------------------
 
 def test_credential_flags_have_one_name_and_accept_the_other(daemon: Daemon,
@@ -490,7 +501,7 @@ def test_renew_daemon_names_a_wrong_ca_or_a_revoked_certificate_at_start(
     assert "does not verify against --ca" in msg, msg
     hsmca("revoke", "--config", d.state / "hsmca.toml", cert_serial(cert))
     msg = one_line_error(hsmca(*base, "--ca", d.root, check=False))
-    assert "has been revoked" in msg, msg
+    assert "has been revoked" in msg and "enroll again with a new bootstrap token" in msg, msg
 
 
 def test_what_a_killed_run_left_is_swept_by_the_next(daemon: Daemon, tmp_path: Path) -> None:

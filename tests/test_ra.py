@@ -282,7 +282,13 @@ def test_lifetime_caps_apply_now() -> None:
     order = ra.decide(context(pol), svc, ra.RenewRequest())
     assert isinstance(order, ra.X509Order) and order.not_after == NOW + dt.timedelta(hours=1)
     refused(ra.decide(context(pol), svc, ra.RenewRequest(ttl="2h")), Reason.LIFETIME,
-            "x509-max-ttl-s")
+            "the maximum of 1h", "x509-max-ttl-s")
+    # What a lifetime that is no duration gets: what is wrong with it.
+    for ttl, words in (("0s", "must be more than 0"), ("-1h", "must be more than 0"),
+                       (600, 'is a number: give a duration as a string with its unit, like '
+                        '"600s"'), ("10x", "is not a duration like 90s")):
+        refused(ra.decide(context(pol), svc, ra.RenewRequest(ttl=ttl)),  # type: ignore[arg-type]
+                Reason.MALFORMED, words)
     # No leaf outlives its issuer.
     long = Policy(x509_max_ttl_s=10 * 365 * 86400)
     order = ra.decide(context(long), svc, ra.RenewRequest(ttl="3000d"))
@@ -363,7 +369,11 @@ def test_ssh_user_principals_lifetime_and_revoked_keys() -> None:
     refused(ra.decide(context(pol), alice, ra.SSHUserRequest(ssh_key(), ["root"])),
             Reason.PRINCIPAL_NOT_GRANTED, "root")
     refused(ra.decide(context(pol), alice, ra.SSHUserRequest(ssh_key(), None, "3h")),
-            Reason.LIFETIME)
+            Reason.LIFETIME, "the maximum of 2h")
+    # A maximum that is no whole number of hours is said as it is (it was "0h").
+    half = Policy(ssh_user_default_ttl_s=1200, ssh_user_max_ttl_s=1800)
+    refused(ra.decide(context(half), alice, ra.SSHUserRequest(ssh_key(), None, "45m")),
+            Reason.LIFETIME, "the maximum of 30m for user certificates")
     # A login removed from the grant (here: a renewed record without it) is refused.
     fewer = dataclasses.replace(alice, principals=("alice",))
     refused(ra.decide(context(pol), fewer, ra.SSHUserRequest(ssh_key(), ["deploy"])),

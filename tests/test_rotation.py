@@ -508,6 +508,29 @@ async def test_a_retired_or_destroyed_ssh_ca_key_keeps_its_revoked_certificates_
         assert d.stop() == 0
 
 
+async def test_during_a_host_ca_rotation_ssh_host_prints_a_known_hosts_line_per_key(
+        tmp_path: Path) -> None:
+    """During a host CA rotation /v1/ssh/ca lists two keys. `hsmca ssh host` printed
+    them as one @cert-authority line and a bare key line, which ssh ignores: pasted,
+    hosts still serving a certificate of the old key failed host key verification."""
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state)
+    try:
+        host = enroll(d, tmp_path, "host", ["localhost"])
+        subprocess.run([require("ssh-keygen"), "-q", "-t", "ed25519", "-N", "", "-f",
+                        tmp_path / "hostkey"], check=True)
+        key_cmd(d, "rotate", "ssh-host")
+        proc = hsmca("ssh", "host", "--url", d.url, "--ca", d.root, "--cert", host[0],
+                     "--key", host[1], "--pubkey", tmp_path / "hostkey.pub")
+        cas = json.loads((await http("GET", f"{d.url}/v1/ssh/ca", d.ssl()))[2])
+        keys = cas["host"].splitlines()
+        printed = [line.strip() for line in proc.stdout.splitlines()
+                   if any(k.split()[1] in line for k in keys)]
+        assert len(keys) == 2 and printed == [f"@cert-authority localhost {k}" for k in keys]
+    finally:
+        assert d.stop() == 0
+
+
 def _ssh_serial(cert: Path) -> str:
     out = subprocess.run([require("ssh-keygen"), "-L", "-f", cert], capture_output=True,
                          text=True, check=True).stdout

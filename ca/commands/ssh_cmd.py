@@ -54,6 +54,9 @@ def read_public_key(path: Path) -> str:
     if len(fields) >= 2 and "-cert-v01@openssh.com" in fields[0]:
         raise CLIError(f"--pubkey {path} is an SSH certificate; give the public key it "
                        "certifies")
+    if fields and fields[0] == "ssh-dss":  # (cryptography would warn it is deprecated)
+        raise CLIError(f"--pubkey {path} is a DSA key (ssh-dss), which the CA does not "
+                       "certify; make an Ed25519 one: ssh-keygen -t ed25519")
     try:
         if len(fields) < 2:
             raise ValueError
@@ -319,9 +322,14 @@ def host(args: argparse.Namespace) -> int:
     else:
         print("Add to sshd_config:")
     print("".join(f"  {line}\n" for line in f.sshd_lines().splitlines()), end="")
-    print(f"and to clients' known_hosts (the host CA vouches only for the names it "
-          f"certifies, but a pattern as narrow as your hosts' keeps it so):\n"
-          f"  @cert-authority {_known_hosts_pattern(f.cert)} {out['host_ca']}", flush=True)
+    # One line per host CA key: during a rotation /v1/ssh/ca lists two, and a key on a
+    # line without the marker and pattern is one ssh ignores.
+    pattern = _known_hosts_pattern(f.cert)
+    print("and to clients' known_hosts (the host CA vouches only for the names it "
+          "certifies, but a pattern as narrow as your hosts' keeps it so):\n" + "".join(
+              f"  @cert-authority {pattern} {line}\n"
+              for line in str(out["host_ca"]).splitlines() if line.strip()), end="",
+          flush=True)
     if args.renew:
         return _keep_host_fresh(args, f)
     return 0

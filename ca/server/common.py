@@ -135,9 +135,12 @@ async def identity(request: web.Request, *roles: str) -> ra.CertHolder:
                           "inventory", "unknown-certificate")
         if await gate.revocations.is_revoked(rec.serial):
             raise Problem(403, "Forbidden", f"the client certificate {rec.serial} has been "
-                          "revoked", "revoked-certificate")
+                          "revoked: it can no longer renew or ask for anything; enroll "
+                          "again with a new bootstrap token from an admin",
+                          "revoked-certificate")
         if dt.datetime.fromisoformat(rec.not_after) < dt.datetime.now(dt.UTC):
-            raise Problem(403, "Forbidden", "the client certificate has expired",
+            raise Problem(403, "Forbidden", "the client certificate has expired: enroll "
+                          "again with a new bootstrap token from an admin",
                           "expired-certificate")
         cached = ra.CertHolder(rec.serial, fingerprint, rec.subject, rec.role, rec.names,
                                rec.principals, der, rec.acme_order)
