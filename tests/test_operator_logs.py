@@ -99,6 +99,18 @@ async def test_a_refused_token_says_why_and_never_shows_the_secret(served: Daemo
     assert not any(token in line for line in served.stderr)
 
 
+async def test_a_refused_request_is_logged_with_what_its_client_was_told(
+        served: Daemon) -> None:
+    """An ACME trial: refused requests were logged with their status alone, while
+    the reason was only in the client's own log (and some clients show none)."""
+    status, _, body = await http("POST", f"{served.url}/v1/x509/renew", served.ssl(), body={})
+    assert status == 401
+    told = json.loads(body)
+    found = await said(served, "request refused", lambda e: e["route"] == "/v1/x509/renew"
+                       and e.get("type") == told["type"])
+    assert found and found[-1]["detail"] == told["detail"] and found[-1]["status"] == 401
+
+
 def _send_raw(d: Daemon, request: bytes) -> bytes:
     """One request as bytes over TLS, whatever they are; the answer until close."""
     import socket

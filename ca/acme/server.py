@@ -16,9 +16,10 @@ import datetime as dt
 import functools
 import hashlib
 import json
+import math
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import josepy as jose
 import structlog
@@ -282,10 +283,17 @@ async def new_account(request: web.Request) -> web.Response:
         kid, check = acme_jws.verify_eab(body["externalAccountBinding"], v.jwk,
                                          url_of(request, "new-account"))
         eab = await server.store.acme_eab(kid)
-        if eab is None or eab.mac_key is None or eab.used_at is not None \
-                or eab.expires <= now.isoformat() or not check(bytes(eab.mac_key)):
+        why = ("unknown" if eab is None else "used" if eab.mac_key is None or eab.used_at
+               is not None else "expired" if eab.expires <= now.isoformat() else
+               "wrongly MACed" if not check(bytes(eab.mac_key)) else None)
+        if why is not None:
+            # The client is not told which (a kid's existence is the operator's to know);
+            # the operator is, with the kid, never the key.
+            log.info("ACME account refused: its external account binding is " + why,
+                     request_id=request.get("request_id", "-"), kid=kid[:80])
             raise AcmeProblem("unauthorized", "the external account binding is unknown, "
-                              "used, expired or wrongly MACed", 403)
+                              "used, expired or wrongly MACed: ask the CA's operator for a "
+                              "new EAB key (hsmca acme eab create)", 403)
         names = eab.names
     elif server.cfg.eab_required:
         raise AcmeProblem("externalAccountRequired", "this CA requires an external account "
@@ -294,11 +302,11 @@ async def new_account(request: web.Request) -> web.Response:
         # Without a binding anyone may register, and each account is a row and an audit
         # line: so many an hour per address (a binding is the operator's own limit).
         limit = server.cfg.accounts_per_hour
-        if await server.store.acme_rate_take("new-account", [f"ip:{_client(request)}"], now,
-                                             now - RATE_WINDOW, limit) is not None:
-            raise AcmeProblem("rateLimited", f"new accounts: {limit} per hour for "
-                              f"{_client(request)} reached ([acme] accounts-per-hour); "
-                              "retry later", 429, {"Retry-After": "60"})
+        key = f"ip:{_client(request)}"
+        if await server.store.acme_rate_take("new-account", [key], now, now - RATE_WINDOW,
+                                             limit) is not None:
+            await _rate_limited(request, f"new accounts: {limit} per hour for "
+                                f"{_client(request)} reached", "new-account", key, limit, now)
     account = AcmeAccount(_new_id(), thumb, v.jwk.json_dumps(), "valid", contact, names, kid,
                           now.isoformat())
     # The record first, as for a revocation: an account the log does not show never
@@ -419,19 +427,42 @@ def _order_obj(request: web.Request, order: AcmeOrder) -> dict[str, Any]:
     return out
 
 
+# The [acme] setting of each limit, as refusals name it.
+RATE_SETTINGS = {"new-order": "orders-per-hour",
+                 "failed-validation": "failed-validations-per-hour",
+                 "new-account": "accounts-per-hour"}
+
+
 async def _rate(request: web.Request, kind: str, account_id: str, limit: int,
                 take: bool) -> None:
-    store = request.app[ACME].store
+    server = request.app[ACME]
     now = utcnow()
-    keys = [f"account:{account_id}", f"ip:{_client(request)}"]
+    # Per client address too only where anyone may open accounts: with bindings, each
+    # account is one the operator handed out, and a fleet behind one NAT, proxy or load
+    # balancer would otherwise share one count that any account could use up.
+    keys = [f"account:{account_id}"] + ([] if server.cfg.eab_required
+                                        else [f"ip:{_client(request)}"])
     if take:
-        over = await store.acme_rate_take(kind, keys, now, now - RATE_WINDOW, limit)
+        over = await server.store.acme_rate_take(kind, keys, now, now - RATE_WINDOW, limit)
     else:
-        over = await store.acme_rate_over(kind, keys, now - RATE_WINDOW, limit)
+        over = await server.store.acme_rate_over(kind, keys, now - RATE_WINDOW, limit)
     if over is not None:
         what = "this account" if over.startswith("account:") else f"{_client(request)}"
-        raise AcmeProblem("rateLimited", f"{kind}: {limit} per hour for {what} reached "
-                          "([acme] limits); retry later", 429, {"Retry-After": "60"})
+        await _rate_limited(request, f"{kind}: {limit} per hour for {what} reached", kind,
+                            over, limit, now)
+
+
+async def _rate_limited(request: web.Request, said: str, kind: str, key: str, limit: int,
+                        now: dt.datetime) -> NoReturn:
+    """A 429 whose Retry-After is when the key is under its limit again: its oldest
+    counted event a window old (not a fixed minute, which sent clients back too soon)."""
+    frees = await request.app[ACME].store.acme_rate_frees(kind, key, now - RATE_WINDOW,
+                                                          limit)
+    wait = (dt.datetime.fromisoformat(frees) + RATE_WINDOW - now).total_seconds() \
+        if frees else 60
+    seconds = max(1, math.ceil(wait))
+    raise AcmeProblem("rateLimited", f"{said} ([acme] {RATE_SETTINGS[kind]}); retry in "
+                      f"{seconds} s", 429, {"Retry-After": str(seconds)})
 
 
 @routes.post("/acme/new-order")

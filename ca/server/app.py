@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import ssl
 import time
 from collections.abc import Callable
@@ -65,6 +66,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
     status = 500
+    resp: web.StreamResponse | None = None
     try:
         resp = await handler(request)
         status = resp.status
@@ -79,7 +81,21 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
             if unlogged:
                 _refused_requests_unlogged(status, unlogged)
             log.info("request refused", request_id=rid, method=request.method, route=route,
-                     status=status, ms=round(elapsed * 1000, 2))
+                     status=status, ms=round(elapsed * 1000, 2), **_problem_of(resp))
+
+
+def _problem_of(resp: web.StreamResponse | None) -> dict[str, str]:
+    """The problem type and detail a refusal told its client (ACME's and ours), for the
+    operator's log line: what the client saw, where only the status was before."""
+    if not isinstance(resp, web.Response) or resp.content_type != "application/problem+json":
+        return {}
+    try:
+        doc = json.loads(resp.body) if isinstance(resp.body, bytes) else {}
+    except ValueError:
+        return {}
+    if not isinstance(doc, dict):
+        return {}
+    return {k: str(doc[k])[:300] for k in ("type", "detail") if k in doc}
 
 
 def _refused_requests_unlogged(status: object, unlogged: int) -> None:

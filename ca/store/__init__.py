@@ -328,6 +328,12 @@ class Store(Protocol):
         """The first key with `limit` or more `kind` events since `since`, if any."""
         ...
 
+    async def acme_rate_frees(self, kind: str, key: str, since: dt.datetime,
+                              limit: int) -> str | None:
+        """When `key`'s `limit`-th newest `kind` event since `since` happened (ISO 8601):
+        once it is a window old, the key is under the limit again. None if it is not."""
+        ...
+
 
 def is_postgres(location: object) -> bool:
     return str(location).startswith(("postgresql://", "postgres://"))

@@ -1006,6 +1006,13 @@ class PostgresStore:
                 return await _rate_over(conn, kind, keys, since, limit)
         return await self._run(read())
 
+    async def acme_rate_frees(self, kind: str, key: str, since: dt.datetime,
+                              limit: int) -> str | None:
+        rows = await self._rows("SELECT at FROM acme_rate WHERE kind = %s AND key = %s AND "
+                                "at >= %s ORDER BY at DESC LIMIT 1 OFFSET %s",
+                                (kind, key, since.isoformat(), limit - 1))
+        return str(rows[0][0]) if rows else None
+
     # ---- several nodes: change counters ------------------------------------------------------
 
     async def change_counters(self) -> dict[str, int]:

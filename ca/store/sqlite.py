@@ -1184,6 +1184,13 @@ class SQLiteStore:
         with self._read_lock:
             return _rate_over(self._reader, kind, keys, since, limit)
 
+    async def acme_rate_frees(self, kind: str, key: str, since: dt.datetime,
+                              limit: int) -> str | None:
+        rows = self._read("SELECT at FROM acme_rate WHERE kind = ? AND key = ? AND at >= ? "
+                          "ORDER BY at DESC LIMIT 1 OFFSET ?",
+                          (kind, key, since.isoformat(), limit - 1))
+        return str(rows[0][0]) if rows else None
+
 
 def _rate_over(db: sqlite3.Connection, kind: str, keys: Sequence[str], since: dt.datetime,
                limit: int) -> str | None:
