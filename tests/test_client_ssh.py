@@ -270,6 +270,17 @@ def test_ssh_host_renew_keeps_the_krl_fresh_when_its_credential_no_longer_works(
                                 tmp_path / "keys" / "ssh_host_ed25519_key-cert.pub"],
                                capture_output=True, text=True)
         assert "REVOKED" in query.stdout + query.stderr, query.stdout + query.stderr
+        # And it says so, once each, where the operator looks: the host certificate is
+        # in the KRL (an SSH trial: it logged only `"changed": [".../hsmca.krl"]`) and
+        # the CA refuses its credential.
+        revoked = runner.wait("ssh.host.revoked")
+        assert "is in the KRL" in revoked["detail"], revoked
+        refused = runner.wait("ssh.host.credential.refused")
+        assert "has been revoked" in refused["error"], refused
+        for _ in range(2):  # two more refreshes: nothing said again
+            runner.wait("ssh.refresh.done", since=runner.mark())
+        assert len(runner.events("ssh.host.revoked")) == 1
+        assert len(runner.events("ssh.host.credential.refused")) == 1
         assert runner.proc.poll() is None
     finally:
         runner.stop()

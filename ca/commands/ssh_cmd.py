@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from ca.errors import CLIError
 
 DROP_IN = "hsmca.conf"
@@ -65,6 +67,19 @@ def read_public_key(path: Path) -> str:
         raise CLIError(f"--pubkey {path} is not an OpenSSH public key (one line: "
                        "'ssh-ed25519 AAAA... comment')") from None
     return lines[0].strip()
+
+
+def _revoked_in_krl(krl: Path, cert: Path) -> bool:
+    """Whether OpenSSH's own reading of the KRL revokes `cert` (ssh-keygen -Q, which is
+    where sshd is); False when ssh-keygen is not there to ask."""
+    import shutil
+    import subprocess
+    keygen = shutil.which("ssh-keygen")
+    if keygen is None or not cert.exists():
+        return False
+    proc = subprocess.run([keygen, "-Q", "-f", str(krl), str(cert)], capture_output=True,
+                          text=True, timeout=30)
+    return "REVOKED" in proc.stdout
 
 
 def _ssh_cert_times(path: Path) -> tuple[dt.datetime, dt.datetime]:
@@ -384,11 +399,37 @@ def _keep_host_fresh(args: argparse.Namespace, f: HostFiles, refresh_now: bool =
     def cert_left() -> float | None:
         return (_ssh_cert_times(f.cert)[1] - now()).total_seconds()
 
+    said: dict[str, object] = {}  # what was warned of, so each is said once a change
+
+    def warn_once(what: str, state: object, event: str, **fields: Any) -> None:
+        if said.get(what) != state and state:
+            structlog.get_logger().bind(command="ssh host", cert=str(f.cert)).warning(
+                event, **fields)
+        said[what] = state
+
     async def refresh() -> dict[str, Any]:
         cas, krl = await _fetch_trust(args.url, client.ssl_context(args.ca))
         changed = _write_if_changed({f.user_ca: (cas["user"] + "\n").encode(), f.krl: krl})
         next_refresh[0] = now() + dt.timedelta(seconds=args.refresh)
-        return {"changed": changed}
+        fields: dict[str, Any] = {"changed": changed}
+        # A revocation of this host reaches it only as a KRL line and a refusal at its
+        # next renewal, weeks away: say so now, once, where the operator looks.
+        revoked = await asyncio.to_thread(_revoked_in_krl, f.krl, f.cert)
+        if revoked:
+            fields["host_certificate"] = "revoked"
+        warn_once("host", revoked and _ssh_cert_times(f.cert), "ssh.host.revoked",
+                  detail=f"{f.cert} is in the KRL: clients that check the KRL refuse this "
+                  "host; ask an admin why, and enroll the host again if it was its key")
+        try:
+            await client.call("GET", f"{args.url}/v1/whoami",
+                              client.ssl_context(args.ca, args.cert, args.key))
+            standing = None
+        except client.ClientError as exc:
+            standing = str(exc) if exc.status in (401, 403) else None
+        warn_once("credential", standing, "ssh.host.credential.refused", error=standing,
+                  detail=f"the CA no longer takes {args.cert}: the host certificate cannot "
+                  "be renewed until the host is enrolled again")
+        return fields
 
     # The host certificate's job keeps going when it cannot renew (an expired X.509
     # credential needs a person): the KRL and the user CA must still come.
