@@ -257,6 +257,18 @@ async def test_a_plain_revocation_takes_the_ssh_certificates_but_not_the_lineage
     assert json.loads(raw)["ssh_certificates"] == 1
     assert krl_says(d, tmp_path, tmp_path / "hk-cert.pub") == "REVOKED"
     await signed(d, renewed, ocsp.OCSPCertStatus.GOOD)
+    # An auditor finds which SSH certificate went with it: its intent names the X.509
+    # certificate it was issued on the strength of (an SSH trial: the log named only the
+    # X.509 serials, the SSH certificate nowhere).
+    ssh_serial = re.search(r"Serial: (\d+)", subprocess.run(
+        [require("ssh-keygen"), "-L", "-f", tmp_path / "hk-cert.pub"], capture_output=True,
+        text=True, check=True).stdout)
+    assert ssh_serial
+    lines = log_lines(d.state)
+    [intent] = [e for e in lines if e.get("purpose") == "ssh-host" and e.get("phase") ==
+                "intent" and e.get("serial") == ssh_serial.group(1)]
+    [revoke] = [e for e in lines if e["event"] == "cert.revoke" and e["serial"] == serial_a]
+    assert intent["owner_serial"] in revoke["serials"]
 
 
 async def test_revoke_identity_takes_everything_issued_to_a_name(

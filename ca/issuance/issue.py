@@ -209,7 +209,10 @@ class Issuance:
                      "principals": list(order.principals),
                      "public_key_sha256": order.public_key.sha256,
                      "valid_after": order.valid_after, "valid_before": order.valid_before,
-                     "source_address": order.source_address},
+                     "source_address": order.source_address,
+                     # The X.509 certificate it is issued on the strength of: a revocation
+                     # of that one (its cert.revoke line) revokes this one too.
+                     "owner_serial": order.owner_serial},
             describe=lambda c: {"fingerprint": hashlib.sha256(c.public_bytes()).hexdigest()},
             record=record)  # type: ignore[arg-type]
         result: SignResult[SSHCertificate] = await self.pipeline.submit(job)
