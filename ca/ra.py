@@ -671,21 +671,37 @@ def _ssh_key(ctx: Context, key: SSHPublicKey) -> None:
                       Reason.REVOKED_KEY)
 
 
+def _valid_now(name: str) -> bool:
+    """Whether a name of an earlier certificate is one the CA would issue now (an
+    IPv4-mapped IPv6 address is not)."""
+    try:
+        policy.classify(name, True)
+    except Refused:
+        return False
+    return True
+
+
 def _ssh_host(ctx: Context, who: Requester, req: SSHHostRequest) -> SSHOrder:
     _need_role(who, "host")
     assert isinstance(who, CertHolder)
-    dns = tuple(n for n in who.names if policy.lookup(n)[0] == "dns")
+    # Its DNS names and IP addresses: ssh checks a host certificate's principals against
+    # the name or the address the user typed.
+    kinds = {n: policy.lookup(n)[0] for n in who.names}
+    names = tuple(n for n, kind in kinds.items()
+                  if kind == "dns" or (kind == "ip" and _valid_now(n)))
     if req.principals is None:  # by default, the names the policy in force still allows
-        dns = tuple(n for n in dns if ctx.policy.allow_wildcards or not n.startswith("*."))
-    principals = _principals(req.principals, dns, "host names")
+        names = tuple(n for n in names if ctx.policy.allow_wildcards or not n.startswith("*."))
+    principals = _principals(req.principals, names, "host names")
     for name in principals:
-        policy.dns_name(name, ctx.policy.allow_wildcards)  # an asked-for wildcard is refused
-    policy.check_allowed([("dns", x) for x in principals], ctx.policy, "host")
+        if kinds[name] == "dns":
+            policy.dns_name(name, ctx.policy.allow_wildcards)  # an asked-for wildcard
+    policy.check_allowed([(kinds[x], x) for x in principals], ctx.policy, "host")
     _ssh_key(ctx, req.public_key)
     now = int(ctx.now.timestamp())
+    identity = next((n for n, kind in kinds.items() if kind == "dns"), principals[0])
     return SSHOrder(ctx.issuers.ssh_issuer("host"), "host", req.public_key, principals,
-                    dns[0], now - 60, now + ctx.policy.ssh_host_ttl_s, (), None, who.serial,
-                    who.actor)
+                    identity, now - 60, now + ctx.policy.ssh_host_ttl_s, (), None,
+                    who.serial, who.actor)
 
 
 def _ssh_user(ctx: Context, who: Requester, req: SSHUserRequest) -> SSHOrder:

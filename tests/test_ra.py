@@ -332,11 +332,18 @@ def test_enrollment_needs_a_token_and_renewal_a_certificate() -> None:
 # ---- SSH --------------------------------------------------------------------------------------
 
 
-def test_ssh_host_principals_are_the_hosts_dns_names_checked_now() -> None:
+def test_ssh_host_principals_are_the_hosts_names_and_addresses_checked_now() -> None:
     host = holder("host", ("web1.internal.example", "10.0.0.5"))
     order = ra.decide(context(ALLOW), host, ra.SSHHostRequest(ssh_key()))
     assert isinstance(order, ra.SSHOrder)
-    assert order.principals == ("web1.internal.example",) and order.issuer == "ssh-host-ca"
+    # (`ssh 10.0.0.5` checks the address: an SSH trial was refused one it was enrolled
+    # with, "not granted; allowed: web1...")
+    assert order.principals == ("web1.internal.example", "10.0.0.5")
+    assert order.issuer == "ssh-host-ca" and order.identity == "web1.internal.example"
+    order = ra.decide(context(ALLOW), host, ra.SSHHostRequest(ssh_key(), ["10.0.0.5"]))
+    assert isinstance(order, ra.SSHOrder) and order.principals == ("10.0.0.5",)
+    refused(ra.decide(context(Policy(deny=("10.0.0.0/8",))), host,
+                      ra.SSHHostRequest(ssh_key(), ["10.0.0.5"])), Reason.NAME_DENIED)
     refused(ra.decide(context(ALLOW), host,
                       ra.SSHHostRequest(ssh_key(), ["web2.internal.example"])),
             Reason.PRINCIPAL_NOT_GRANTED)
