@@ -78,6 +78,9 @@ class Job:
     # without this one (an SSH host's KRL while its X.509 credential is expired): then it
     # is said every STUCK_RETRY_S, and tried again then, in case a person fixed it.
     keeps_going: bool = False
+    # The credential was written just before (ssh host --renew certifies the host key
+    # when it starts): the hook runs for it too, as for any new one.
+    hook_at_start: bool = False
 
 
 STUCK_RETRY_S = 600.0
@@ -115,6 +118,9 @@ async def run_hook(command: str, env: dict[str, str], log: Any = None,
 async def keep(job: Job, log: Any) -> None:
     """Run `job` whenever it is due, forever; raise ClientError on a failure that
     retrying cannot fix (a refusal, an expired or foreign certificate)."""
+    if job.hook and job.hook_at_start:
+        await run_hook(job.hook, job.hook_env() if job.hook_env else {}, log, job.event,
+                       job.hook_timeout_s)
     while True:
         at = job.due()
         log.info(f"{job.event}.scheduled", at=at.isoformat(),

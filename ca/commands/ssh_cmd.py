@@ -345,8 +345,8 @@ def host(args: argparse.Namespace) -> int:
               f"  @cert-authority {pattern} {line}\n"
               for line in str(out["host_ca"]).splitlines() if line.strip()), end="",
           flush=True)
-    if args.renew:
-        return _keep_host_fresh(args, f)
+    if args.renew:  # sshd loads the certificate just written only when reloaded
+        return _keep_host_fresh(args, f, written=True)
     return 0
 
 
@@ -375,8 +375,8 @@ def _pattern(name: str) -> str:
     return f"*.{name.split('.', 1)[1]}" if name.count(".") >= 2 else name
 
 
-def _keep_host_fresh(args: argparse.Namespace, f: HostFiles, refresh_now: bool = False
-                     ) -> int:
+def _keep_host_fresh(args: argparse.Namespace, f: HostFiles, refresh_now: bool = False,
+                     written: bool = False) -> int:
     """--renew: the host certificate at two thirds of its lifetime; the user CA and the
     KRL every --refresh (sshd reads both at each login, so no reload is needed for
     them; --exec runs after a new host certificate, which sshd loads on reload)."""
@@ -435,7 +435,7 @@ def _keep_host_fresh(args: argparse.Namespace, f: HostFiles, refresh_now: bool =
     # credential needs a person): the KRL and the user CA must still come.
     jobs = [Job("ssh.host.renew", cert_due, renew_cert, cert_left, hook=args.exec,
                 hook_env=lambda: {"HSMCA_SSH_CERT": str(f.cert)},
-                hook_timeout_s=args.exec_timeout, keeps_going=True),
+                hook_timeout_s=args.exec_timeout, keeps_going=True, hook_at_start=written),
             Job("ssh.refresh", lambda: next_refresh[0], refresh, lambda: None)]
     return run_forever(jobs, command="ssh host", cert=str(f.cert))
 
@@ -459,9 +459,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                        help="principals to ask for (default: all you may get)")
 
     h = ssub.add_parser("host", help="certify this host's SSH key (role host)",
-                        description="Get an SSH host certificate for the host's enrolled DNS "
-                        "names, the SSH user CA key and the KRL, write them beside the host "
-                        "key and print the sshd_config lines to use them, with absolute "
+                        description="Get an SSH host certificate for the host's enrolled "
+                        "DNS names and addresses, the SSH user CA key and the KRL, write them "
+                        "beside the host key and print the sshd_config lines to use them, "
+                        "with absolute "
                         "paths. --install writes those lines as an sshd drop-in; --renew "
                         "then keeps running to keep all of it fresh.")
     common(h, "/etc/ssh/ssh_host_ed25519_key.pub")
@@ -475,7 +476,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                    help="with --renew: how often to fetch the KRL and the user CA key "
                    "(default 5m)")
     h.add_argument("--exec", metavar="CMD",
-                   help="with --renew: shell command after each new host certificate, e.g. "
+                   help="with --renew: shell command after each new host certificate (the "
+                   "one written at start too), e.g. "
                    "'systemctl reload ssh'")
     exec_timeout_flag(h)
     h.set_defaults(command_key="ssh-host")
