@@ -295,6 +295,14 @@ def classify(name: str, allow_wildcards: bool = False) -> tuple[str, str]:
     return _classify(name, allow_wildcards)
 
 
+def lookup_kind(name: str) -> str | None:
+    """What kind of name `name` reads as ('dns', 'ip', ...), or None if none."""
+    try:
+        return lookup(name)[0]
+    except Refused:
+        return None
+
+
 def lookup(name: str) -> tuple[str, str]:
     """`classify`, for finding what was issued to a name (`revoke --identity`): an
     IPv4-mapped IPv6 address, or a DNS name whose last label is a number, is refused

@@ -1042,7 +1042,13 @@ def _acme_order(ctx: Context, who: Requester, req: AcmeOrderRequest) -> AcmeOrde
             raise Refused('each identifier is {"type": "dns", "value": NAME}')
         if ident.get("type") != "dns":
             raise Refused(f"identifier type {str(ident.get('type'))[:20]!r} is not supported "
-                          "(only dns)", Reason.UNSUPPORTED_IDENTIFIER)
+                          "(only dns): for an IP address, enroll with a bootstrap token "
+                          "(hsmca enroll)", Reason.UNSUPPORTED_IDENTIFIER)
+        if policy.lookup_kind(ident["value"]) == "ip":  # not "give an IP as an IP": no way
+            raise Refused(f"{ident['value'][:60]!r} is an IP address, which this CA does not "
+                          "issue over ACME (only dns identifiers): order a DNS name, or "
+                          "enroll with a bootstrap token (hsmca enroll)",
+                          Reason.UNSUPPORTED_IDENTIFIER)
         name = policy.dns_name(ident["value"], ctx.policy.allow_wildcards)
         if name.startswith("*.") and not req.dns01_available:
             raise Refused(f"wildcard name {name!r} needs dns-01 validation, which needs "
@@ -1081,12 +1087,13 @@ def _acme_finalize(ctx: Context, who: Requester, req: AcmeFinalizeRequest) -> X5
             x509.NameOID.COMMON_NAME)]
     except policy.PARSE_ERRORS:
         raise Refused("the CSR's subject cannot be read", Reason.BAD_CSR) from None
+    # RFC 8555 7.4: each identifier in the subject's commonName, the SAN, or both.
+    asked += [policy.classify(str(cn), ctx.policy.allow_wildcards) for cn in cns]
     names = {v for _, v in asked}
-    if any(k != "dns" for k, _ in asked) or names != set(req.order_names) \
-            or any(cn not in names for cn in cns):
+    if any(k != "dns" for k, _ in asked) or names != set(req.order_names):
         raise Refused("the CSR must name exactly the order's identifiers "
-                      f"({', '.join(req.order_names)}) as DNS names, and nothing else",
-                      Reason.BAD_CSR)
+                      f"({', '.join(req.order_names)}) as DNS names (in its subjectAltName "
+                      "or its commonName), and nothing else", Reason.BAD_CSR)
     # The account's patterns and the lists in force now: a name denied since the order
     # was placed is refused here.
     _acme_names(ctx, account, list(req.order_names))

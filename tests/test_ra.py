@@ -489,9 +489,11 @@ def acme_csr(names: list[str], key: Any = None,
              cn: str | None = None) -> x509.CertificateSigningRequest:
     key = key or ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)] if cn else [])
-    return (x509.CertificateSigningRequestBuilder().subject_name(subject)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), False)
-            .sign(key, hashes.SHA256()))
+    builder = x509.CertificateSigningRequestBuilder().subject_name(subject)
+    if names:  # none: a CSR that names its one identifier in the commonName alone
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), False)
+    return builder.sign(key, hashes.SHA256())
 
 
 def finalize(csr: x509.CertificateSigningRequest, names: tuple[str, ...] = ("a.test",),
@@ -538,6 +540,9 @@ def test_an_acme_order_is_bounded_by_the_eab_patterns_and_the_lists() -> None:
 @pytest.mark.parametrize("identifiers, reason", [
     ([], Reason.MALFORMED), ("a.test", Reason.MALFORMED), (None, Reason.MALFORMED),
     ([{"type": "ip", "value": "10.0.0.1"}], Reason.UNSUPPORTED_IDENTIFIER),
+    # An address as a dns identifier (lego --domains 127.0.0.1) was told to "give an IP
+    # as an IP", which ACME here cannot: it is told what can.
+    (dns_ids("127.0.0.1"), Reason.UNSUPPORTED_IDENTIFIER),
     ([{"type": "dns"}], Reason.MALFORMED), ([{"type": "dns", "value": 5}], Reason.MALFORMED),
     ([{"type": "dns", "value": "a.test", "x": 1}], Reason.MALFORMED),
     ([{"type": "dns", "value": "A.TEST"}], Reason.BAD_NAME),
@@ -548,6 +553,8 @@ def test_an_acme_order_is_bounded_by_the_eab_patterns_and_the_lists() -> None:
 def test_bad_acme_identifiers(identifiers: object, reason: Reason) -> None:
     r = ra.decide(context(), acme_account(), ra.AcmeOrderRequest(identifiers))
     assert isinstance(r, ra.Refusal) and r.reason is reason, r
+    if reason is Reason.UNSUPPORTED_IDENTIFIER:
+        assert "enroll with a bootstrap token" in r.detail, r.detail
 
 
 def test_an_order_replaces_only_the_accounts_own_certificate_for_a_name_it_had() -> None:
@@ -588,6 +595,10 @@ def test_finalize_decides_everything_again_and_names_the_account() -> None:
     assert order.names == (("dns", "a.test"),) and order.role == "service"
     assert (order.acme_account, order.acme_order) == ("acct1", "o1")
     assert order.not_after == NOW + dt.timedelta(days=1)
+    # RFC 8555 7.4: an identifier in the commonName alone will do (an ACME trial's
+    # CSR without a SAN was refused); the certificate names it in its SAN all the same.
+    order = ra.decide(context(), acme_account(), finalize(acme_csr([], cn="a.test")))
+    assert isinstance(order, ra.X509Order) and order.names == (("dns", "a.test"),), order
     # a name denied since the order was placed
     r = ra.decide(context(Policy(deny=("a.test",))), acme_account(),
                   finalize(acme_csr(["a.test"])))
@@ -601,6 +612,9 @@ def test_finalize_decides_everything_again_and_names_the_account() -> None:
     (finalize(acme_csr(["a.test", "b.test"])), Reason.BAD_CSR),
     (finalize(acme_csr(["b.test"])), Reason.BAD_CSR),
     (finalize(acme_csr(["a.test"], cn="other.test")), Reason.BAD_CSR),
+    (finalize(acme_csr([], cn="a.test"), names=("a.test", "b.test"),
+              authz=("valid", "valid")), Reason.BAD_CSR),
+    (finalize(acme_csr([])), Reason.BAD_CSR),
     (finalize(acme_csr(["a.test"]), account="acct2"), Reason.NOT_FOUND),
     (finalize(acme_csr(["a.test"], key=ec.generate_private_key(ec.SECP224R1()))),
      Reason.BAD_KEY),
