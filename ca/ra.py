@@ -409,6 +409,9 @@ class AcmeEABGrant:
     names: tuple[str, ...]  # patterns the bound account may order
     ttl_s: int
     actor: str
+    # Patterns whose names the CA's lists refuse now (every order for them would be):
+    # said to the admin, not refused, since the lists may change.
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -1006,7 +1009,16 @@ def _acme_eab(ctx: Context, who: Requester, req: AcmeEABRequest) -> AcmeEABGrant
     if ttl > ACME_EAB_MAX_TTL_S:
         raise Refused(f"an EAB key lives at most {ACME_EAB_MAX_TTL_S // 86400}d, not "
                       f"{req.ttl}", Reason.LIFETIME)
-    return AcmeEABGrant(names, ttl, who.actor)
+    warnings = []
+    for pattern in names:
+        # A name the pattern covers: the exact name, or one label below a wildcard's.
+        example = "name" + pattern[1:] if pattern.startswith("*.") else pattern
+        try:
+            policy.check_allowed([("dns", example)], ctx.policy, "service")
+        except Refused as exc:
+            warnings.append(f"{pattern}: names like {example} are refused by the CA's "
+                            f"policy now ({exc.detail}); orders for them will fail")
+    return AcmeEABGrant(names, ttl, who.actor, tuple(warnings))
 
 
 def _acme_names(ctx: Context, who: AcmeAccountHolder, names: list[str]) -> None:

@@ -514,6 +514,15 @@ def test_only_an_admin_makes_eab_keys_for_valid_patterns() -> None:
     long = ra.decide(context(), admin(), ra.AcmeEABRequest(["*.test"], "90d"))
     assert isinstance(long, ra.Refusal) and long.reason is Reason.LIFETIME
 
+    # Names the lists refuse now are said, not refused (an ACME trial's binding for
+    # *.forbidden.trial, denied, made every order fail later without a word).
+    denied = ra.decide(context(Policy(deny=("*.forbidden.test", "x.example"))), admin(),
+                       ra.AcmeEABRequest(["*.forbidden.test", "x.example", "*.fine.test"]))
+    assert isinstance(denied, ra.AcmeEABGrant) and len(denied.warnings) == 2, denied
+    assert denied.warnings[0].startswith("*.forbidden.test: names like name.forbidden.test "
+                                         "are refused by the CA's policy now")
+    assert grant.warnings == ()
+
 
 def test_an_acme_order_is_bounded_by_the_eab_patterns_and_the_lists() -> None:
     grant = ra.decide(context(), acme_account(), ra.AcmeOrderRequest(dns_ids("a.test",

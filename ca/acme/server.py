@@ -850,7 +850,8 @@ async def create_eab(request: web.Request) -> web.Response:
                                     expires=expires, actor=grant.actor,
                                     request_id=request.get("request_id"))
     return web.json_response({"kid": kid, "hmac": mac_text, "expires": expires,
-                              "names": list(grant.names)}, status=201)
+                              "names": list(grant.names), "warnings": list(grant.warnings)},
+                             status=201)
 
 
 def new_eab_key() -> tuple[bytes, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 from pathlib import Path
 
 from ca.errors import CLIError
@@ -48,4 +49,6 @@ def eab_create(args: argparse.Namespace) -> int:
         raise
     print(f"kid={out['kid']}")
     print(f"hmac={out['hmac']}")
+    for warning in out.get("warnings", []):
+        print(f"hsmca: warning: {warning}", file=sys.stderr)
     return 0
