@@ -16,7 +16,9 @@ A revocation writes its audit line before it commits, and a key rotation changes
 inventory and the files apart: when either lands while the copy is taken (the copied
 log says so, or a file changed), the copy is taken again, so that a restore neither
 undoes a revocation its own log records nor holds an audit key its inventory does
-not know.
+not know. (A revocation whose line was written before the copy began and whose commit
+landed after the inventory was copied escapes that look; the daemon completes every
+revocation its log records when it starts on the copy: ca/revocation/from_log.py.)
 
 The copy is then checked: every line of its log chains to the one before, the copied
 checkpoint, signed by the copied audit key, covers its first lines, and that key is

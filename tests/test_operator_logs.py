@@ -282,18 +282,29 @@ async def test_a_key_in_the_token_the_ca_does_not_know_is_named_at_start(
     from tests.conftest import require
     ca = init_ca(tmp_path)
     t = ca.token
-    subprocess.run([require("pkcs11-tool"), "--module", t.module, "--token-label", t.label,
-                    "--login", "--pin", t.pin_file.read_text().strip(), "--keypairgen",
-                    "--key-type", "EC:prime256v1", "--label", "issuing-ca-orphan"],
-                   capture_output=True, check=True)
+    for label in ("issuing-ca-orphan", "root-ca-20261204230519-5faa"):
+        subprocess.run([require("pkcs11-tool"), "--module", t.module, "--token-label",
+                        t.label, "--login", "--pin", t.pin_file.read_text().strip(),
+                        "--keypairgen", "--key-type", "EC:prime256v1", "--label", label],
+                       capture_output=True, check=True)
     d = start_daemon(ca.state)
     try:
-        found = await said(d, "the token holds a private key this CA does not know (a "
-                              "rotation interrupted after its hsm.keygen line, or another "
-                              "application's key); hsmca never uses it, and it can be "
-                              "removed with the HSM's own tools once you are sure whose it "
-                              "is", lambda e: True)
+        found = await said(d, "the token holds a private key this CA does not know (another "
+                              "application's key, or one of hsmca's cut short); hsmca never "
+                              "uses it, and it can be removed with the HSM's own tools once "
+                              "you are sure whose it is", lambda e: True)
         assert [e["label"] for e in found] == ["issuing-ca-orphan"], found
+        # Labelled as a rotation labels keys, it may be the CA's current root, and the
+        # inventory a restored backup from before the rotation (a recovery trial was
+        # invited to remove such a key): the start says so, and never to remove it.
+        found = await said(d, "the token holds a key that an hsmca rotation made and this "
+                              "CA's inventory does not know: a rotation cut short after its "
+                              "hsm.keygen line, or an inventory restored from a backup older "
+                              "than that rotation (then this key may be the CA's current "
+                              "one, and certificates in use chain to it: restore the newest "
+                              "backup, and never destroy the key before you know which)",
+                           lambda e: True)
+        assert [e["label"] for e in found] == ["root-ca-20261204230519-5faa"], found
     finally:
         assert d.stop() == 0
 

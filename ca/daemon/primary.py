@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -57,6 +58,7 @@ from ca.issuance.issue import Issuance, decision_context
 from ca.issuance.pipeline import SigningPipeline
 from ca.lifecycle import write_bundle, write_chain_files
 from ca.process import raise_fd_limit, settle_heap
+from ca.revocation.from_log import apply_logged_revocations
 from ca.revocation.ocsp import OCSPRefresher, OCSPSigner
 from ca.server_cert import ensure_server_cert
 from ca.store import Store, open_store
@@ -368,6 +370,14 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         if not _cluster(store) and (reopened := await store.reopen_acme_finalizes()):
             log.warning("ACME orders cut short while finalizing are ready again",
                         orders=reopened)
+        # Revocations the log records and the inventory lacks (a stop between the line
+        # and the commit, or a backup copied between them) are completed before serving.
+        if completed := await apply_logged_revocations(config.audit_log, store):
+            log.warning("completed revocations the audit log records and the inventory "
+                        "lacked (a stop between the two, or an inventory copied between "
+                        "them)", lines=[e.seq for e in completed][:20],
+                        serials=sorted({format(s, "x") for e in completed
+                                        for s in e.serials})[:20])
         keys = await open_keyring(config, store, pipeline, generations)
         await _name_unknown_keys(store, pipeline)
         await write_bundle(config.bundle_pem, store)  # what the workers' TLS layer trusts
@@ -529,11 +539,28 @@ async def _name_unknown_keys(store: Store, pipeline: SigningPipeline) -> None:
     by something else."""
     known = {r.label for r in await store.keys() if r.state != "destroyed"}
     for label in await pipeline.call(lambda hsm: hsm.private_labels()):
-        if label not in known:
-            log.warning("the token holds a private key this CA does not know (a rotation "
-                        "interrupted after its hsm.keygen line, or another application's "
-                        "key); hsmca never uses it, and it can be removed with the HSM's "
-                        "own tools once you are sure whose it is", label=label)
+        if label in known:
+            continue
+        if _ROTATED_LABEL.fullmatch(label):
+            # Labelled as a rotation labels its keys: a rotation cut short, or an
+            # inventory older than the key (a restore from a backup taken before a
+            # rotation: the key may be the CA's current root or issuing key).
+            log.warning("the token holds a key that an hsmca rotation made and this CA's "
+                        "inventory does not know: a rotation cut short after its hsm.keygen "
+                        "line, or an inventory restored from a backup older than that "
+                        "rotation (then this key may be the CA's current one, and "
+                        "certificates in use chain to it: restore the newest backup, and "
+                        "never destroy the key before you know which)", label=label)
+        else:
+            log.warning("the token holds a private key this CA does not know (another "
+                        "application's key, or one of hsmca's cut short); hsmca never "
+                        "uses it, and it can be removed with the HSM's own tools once you "
+                        "are sure whose it is", label=label)
+
+
+# How `hsmca key rotate` and the root's rotation label new keys: KIND-YYYYMMDDhhmmss-xxxx.
+_ROTATED_LABEL = re.compile(r"(root-ca|issuing-ca|ssh-user-ca|ssh-host-ca|audit)-"
+                            r"\d{14}-[0-9a-f]{4}")
 
 
 def _check_against_inventory(config: Config, lines: int) -> None:
