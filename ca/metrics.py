@@ -1,17 +1,20 @@
 """Prometheus metrics, summed over the daemon's processes.
 
 Every process (the primary and each worker) writes its counters and histograms to
-memory-mapped files in `state-dir/run/metrics` (prometheus-client's multiprocess
-mode); whichever worker answers `/metrics` reads them all, so a scrape sees the
-whole daemon, not the share of the worker it reached, and the totals survive a
-worker's restart. `prepare` must run before prometheus_client is first imported:
-it picks the storage of every metric at import.
+memory-mapped files in a directory of the run's own in /dev/shm, else in
+`state-dir/run/metrics` (see `prepare`; prometheus-client's multiprocess mode);
+whichever worker answers `/metrics` reads them all, so a scrape sees the whole daemon,
+not the share of the worker it reached, and the totals survive a worker's restart.
+`prepare` must run before prometheus_client is first imported: it picks the storage
+of every metric at import.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import stat
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,12 +26,56 @@ FAST_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.
 
 def prepare(state_dir: Path) -> Path:
     """An empty directory for this run's metric files (a new run starts from zero),
-    named in the environment that the workers inherit."""
-    directory = state_dir / "run" / "metrics"
-    shutil.rmtree(directory, ignore_errors=True)
-    directory.mkdir(parents=True, mode=0o700)
+    named in the environment that the workers inherit.
+
+    In memory (/dev/shm) where there is one, not on the state directory's disk: the
+    files are memory-mapped and grow as new label values appear (a route's first
+    503), and a page the disk has no room for kills the process with SIGBUS. A full
+    state disk must give 503s and a /health that says why, not dead workers. Where
+    the last run's directory was is kept in run/metrics-dir, to remove it."""
+    run = state_dir / "run"
+    run.mkdir(parents=True, exist_ok=True)
+    pointer = run / "metrics-dir"
+    _remove_previous(pointer)
+    shutil.rmtree(run / "metrics", ignore_errors=True)
+    directory: Path | None = None
+    if os.access(SHM, os.W_OK):
+        try:
+            directory = Path(tempfile.mkdtemp(prefix="hsmca-metrics-", dir=SHM))
+            pointer.write_text(f"{directory}\n")
+        except OSError:
+            if directory is not None:
+                shutil.rmtree(directory, ignore_errors=True)
+            directory = None
+    if directory is None:
+        directory = run / "metrics"
+        directory.mkdir(mode=0o700)
     os.environ[ENV] = str(directory)
     return directory
+
+
+SHM = "/dev/shm"
+
+
+def release(state_dir: Path) -> None:
+    """At a stop: the run's directory in /dev/shm goes (memory, not disk)."""
+    _remove_previous(state_dir / "run" / "metrics-dir")
+
+
+def _remove_previous(pointer: Path) -> None:
+    """The last run's directory in /dev/shm, if it is still there and still ours."""
+    try:
+        previous = Path(pointer.read_text().strip())
+        pointer.unlink()
+    except (OSError, ValueError):
+        return
+    try:
+        st = previous.lstat()
+    except OSError:
+        return
+    if (previous.parent == Path(SHM) and previous.name.startswith("hsmca-metrics-")
+            and stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()):
+        shutil.rmtree(previous, ignore_errors=True)
 
 
 def process_exited(pid: int) -> None:

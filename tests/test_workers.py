@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
 from tests.conftest import HSMCA, Daemon, init_ca, start_daemon
-from tests.helpers import audit_verify, enroll, log_lines
+from tests.helpers import audit_verify, enroll, http, log_lines
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 MAX_CONNECTIONS = 64  # fresh connections tried before a worker counts as unreachable
@@ -204,3 +204,31 @@ async def test_a_worker_killed_while_starting_is_said_by_its_signal(tmp_path: Pa
     assert _worker_died(1, -signal.SIGKILL, tmp_path) == \
         "worker 1 was killed by SIGKILL while starting"
     assert "its message is above" in _worker_died(0, 3, tmp_path)
+
+
+async def test_metric_files_live_in_memory_and_go_with_the_run(tmp_path: Path) -> None:
+    """The processes' memory-mapped metric files grow as new label values appear (a
+    route's first 503): on a full state disk that page killed the worker with SIGBUS,
+    and /health went with it (a recovery trial). They are in /dev/shm now, one
+    directory per run, removed at the stop and, after a kill, at the next start."""
+    ca = init_ca(tmp_path)
+    pointer = ca.state / "run" / "metrics-dir"
+    d = start_daemon(ca.state)
+    try:
+        status, _, _ = await http("GET", f"{d.url}/metrics", d.ssl())
+        assert status == 200
+        first = Path(pointer.read_text().strip())
+        assert first.parent == Path("/dev/shm") and any(first.glob("*.db")), first
+        assert not (ca.state / "run" / "metrics").exists()
+        d.proc.kill()  # no stop: the directory stays behind until the next start
+        d.proc.wait()
+        assert first.exists()
+    finally:
+        d.stop()
+    d = start_daemon(ca.state)
+    try:
+        second = Path(pointer.read_text().strip())
+        assert second != first and second.exists() and not first.exists()
+    finally:
+        assert d.stop() == 0
+    assert not second.exists() and not pointer.exists()

@@ -456,6 +456,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         if pool is not None:
             await pool.stop()
             pool.close()
+        metrics.release(config.local_dir)  # the workers are gone: their files are not read
         await pipeline.drain()
         await witnessing.close()
         pipeline.close()
