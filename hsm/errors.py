@@ -14,6 +14,11 @@ class HSMUnavailable(HSMError):
     """The session is broken; the worker is reconnecting. Callers answer 503."""
 
 
+class PinRefused(HSMError):
+    """The token refused the PIN (wrong, or the PIN is locked). Never tried again with
+    the same PIN: many HSMs lock the user PIN after a few wrong tries."""
+
+
 class KeyNotFound(HSMError):
     """The token holds no key by that label (once a fresh session agrees)."""
 

@@ -37,7 +37,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa,
 from pkcs11 import MGF, Mechanism
 
 from hsm import keys
-from hsm.errors import HSMError, HSMUnavailable, KeyNotFound, SignatureCheckFailed
+from hsm.errors import (
+    HSMError,
+    HSMUnavailable,
+    KeyNotFound,
+    PinRefused,
+    SignatureCheckFailed,
+)
 from hsm.oplog import OpLog
 from hsm.uri import key_uri
 
@@ -146,6 +152,7 @@ class HSM:
         self._keys: dict[str, KeyInfo] = {}
         self._events: list[Event] = []
         self._pid = os.getpid()
+        self._refused_pin: bytes | None = None  # SHA-256 of the PIN the token refused
         # The last intent signed for, and whether it got its signature: each durable
         # intent allows one signature (tried again only if its first attempt failed).
         self._last_intent = -1
@@ -465,19 +472,30 @@ class HSM:
         except pkcs11.exceptions.MultipleTokensReturned:
             raise HSMError(f"more than one token is labelled {cfg.token!r} in {cfg.module}; "
                            "token labels must be unique") from None
-        self._record("hsm.open", module=cfg.module, reconnect=reconnect)
         pin = read_pin(cfg.pin_source)
+        # A PIN the token refused is not offered again (a reconnect's back-off would
+        # offer it every few seconds, and many HSMs lock the PIN after a few wrong
+        # tries): only its digest is kept, in memory, to know it again.
+        tried = hashlib.sha256(pin.encode()).digest()
+        if tried == self._refused_pin:
+            del pin
+            raise PinRefused(f"wrong PIN for token {cfg.token!r} (PIN from "
+                             f"{_describe_source(cfg.pin_source)}), refused before: not "
+                             "tried again until the PIN there changes")
+        self._record("hsm.open", module=cfg.module, reconnect=reconnect)
         try:
             session = self._login(token, pin, retries=() if reconnect else
                                   TOKEN_LOOKUP_RETRIES_S)
         except pkcs11.exceptions.PinIncorrect:
             self._record("hsm.login", result="PinIncorrect")
-            raise HSMError(f"wrong PIN for token {cfg.token!r} (PIN from "
-                           f"{_describe_source(cfg.pin_source)})") from None
+            self._refused_pin = tried
+            raise PinRefused(f"wrong PIN for token {cfg.token!r} (PIN from "
+                             f"{_describe_source(cfg.pin_source)})") from None
         except pkcs11.exceptions.PinLocked:
             self._record("hsm.login", result="PinLocked")
-            raise HSMError(f"the user PIN of token {cfg.token!r} is locked; the security "
-                           "officer must reset it") from None
+            self._refused_pin = tried
+            raise PinRefused(f"the user PIN of token {cfg.token!r} is locked; the security "
+                             "officer must reset it") from None
         finally:
             del pin
         self._session = session

@@ -232,3 +232,36 @@ async def test_metric_files_live_in_memory_and_go_with_the_run(tmp_path: Path) -
     finally:
         assert d.stop() == 0
     assert not second.exists() and not pointer.exists()
+
+
+async def test_a_worker_refused_its_pin_is_not_started_again_until_the_pin_changes(
+        tmp_path: Path) -> None:
+    """The PIN file edited wrong under a running daemon, then a worker restarted: it
+    was started again every 30 s at most, offering the wrong PIN each time (about 120
+    an hour, and many HSMs lock the user PIN after a few; a recovery trial). It now
+    waits for the PIN file to change, and starts once it has."""
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state, "--workers", "2")
+    pin = ca.token.pin_file
+    good = pin.read_text()
+    try:
+        pin.write_text("00112233445566778899aabbccddeeff\n")
+        os.kill(worker_pids(d)[0], signal.SIGKILL)
+
+        def said(event: str) -> list[dict[str, Any]]:
+            return [e for e in (json.loads(x) for x in d.stderr if x.startswith("{"))
+                    if e.get("event") == event]
+        assert d.wait_stderr(lambda: bool(said(
+            "a worker cannot log in: the token refused the PIN; it is not started again "
+            "until the PIN source changes")), 60), "".join(d.stderr[-20:])
+        ready = len(said("worker ready"))
+        pin.write_text(good)  # put right: the worker starts with it
+        assert d.wait_stderr(lambda: len(said("worker ready")) > ready, 60)
+        refused = [x for x in log_lines(ca.state) if x["event"] == "hsm.login"
+                   and x.get("result") == "PinIncorrect"]
+        assert len(refused) == 1, refused  # offered once, never again
+        status, _, body = await http("GET", f"{d.url}/health", d.ssl())
+        assert status == 200, body
+    finally:
+        pin.write_text(good)
+        assert d.stop() == 0

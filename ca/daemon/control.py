@@ -28,6 +28,9 @@ from ca.daemon.ratelimit import FailureLimiter
 from ca.policy import Policy
 
 _LEN = struct.Struct(">I")
+# A worker's exit status when the token refused the PIN (EX_CONFIG): the primary starts
+# it again only once the PIN source changed.
+EXIT_PIN_REFUSED = 78
 
 
 class Ready(msgspec.Struct, tag="ready", frozen=True):

@@ -80,6 +80,10 @@ class StartError(CLIError):
     stderr above it)."""
 
 
+class PinStartError(StartError):
+    """A worker could not log in: the token refused the PIN."""
+
+
 def parse_listen(text: str) -> tuple[str, int]:
     try:
         host, port = split_listen(text)
@@ -204,6 +208,9 @@ class WorkerPool:
             proc.kill()
             await exited
             raise StartError(f"worker {slot} did not start within {START_TIMEOUT_S:.0f} s")
+        if proc.returncode == control.EXIT_PIN_REFUSED:
+            raise PinStartError(f"worker {slot} could not log in: the token refused the PIN "
+                                "(its message is above)")
         raise StartError(_worker_died(slot, proc.returncode, self.config.local_dir))
 
     async def _supervise(self, slot: int, proc: asyncio.subprocess.Process,
@@ -235,6 +242,15 @@ class WorkerPool:
                 try:
                     proc, exited = await self._start_one(slot)
                     break
+                except PinStartError as exc:
+                    # Offered again and again, a wrong PIN locks many HSMs' user PIN:
+                    # the worker waits for another PIN (the file edited), or a restart.
+                    log.error("a worker cannot log in: the token refused the PIN; it is not "
+                              "started again until the PIN source changes", worker=slot,
+                              error=str(exc), pin_source=_describe(self.config.hsm.pin_source))
+                    await _pin_changed(self.config.hsm.pin_source, lambda: self._stopping)
+                    delay = 0.5
+                    continue
                 except StartError as exc:
                     log.error("a worker failed to restart; retrying", worker=slot,
                               error=str(exc), retry_in_s=min(delay * 2, MAX_RESTART_DELAY_S))
@@ -579,6 +595,36 @@ def _check_against_inventory(config: Config, lines: int) -> None:
             f"({config.db_path}) records a certificate whose intent is line {seq}: the log "
             "was cut or replaced (tampering or loss). Refusing to start; restore the log "
             "and run `hsmca audit verify`")
+
+
+def _pin_mark(source: str) -> tuple[int, int, int] | None:
+    """What tells that the PIN source changed: the file's inode, size and time (an
+    environment variable never changes under a running daemon)."""
+    if not source.startswith("file:"):
+        return None
+    try:
+        st = os.stat(source[5:])
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+async def _pin_changed(source: str, stopping: Callable[[], bool]) -> None:
+    """Return once the PIN source changed (or the daemon is stopping)."""
+    before = _pin_mark(source)
+    while not stopping():
+        await asyncio.sleep(PIN_POLL_S)  # a poll of the file, not synchronisation
+        now = _pin_mark(source)
+        if now is not None and now != before:
+            return
+
+
+def _describe(source: str) -> str:
+    return f"environment variable {source[4:]}" if source.startswith("env:") else (
+        f"file {source.removeprefix('file:')}")
+
+
+PIN_POLL_S = 2.0
 
 
 def _worker_died(slot: int, status: int | None, local_dir: Path) -> str:

@@ -29,7 +29,7 @@ from aiohttp import web
 from ca.audit.link import AuditLink
 from ca.config import Config, ConfigError, load
 from ca.daemon.cluster_limit import ClusterTokenLimit
-from ca.daemon.control import ControlClient
+from ca.daemon.control import EXIT_PIN_REFUSED, ControlClient
 from ca.daemon.keys import open_keyring
 from ca.generations import Generations
 from ca.http_server import app_runner, tcp_site
@@ -45,7 +45,7 @@ from ca.server.common import Gate, Settings
 from ca.store import Store, open_store
 from ca.store.errors import NoInventory, SchemaTooNew, StoreUnavailable
 from ca.tokens import Tokens
-from hsm.errors import HSMError
+from hsm.errors import HSMError, PinRefused
 
 log = structlog.get_logger("hsmca.worker")
 EXIT_PRIMARY_GONE = 70
@@ -151,6 +151,9 @@ def main() -> int:
         if args.node:
             config = config.for_node(args.node)
         asyncio.run(run(config, host.strip("[]"), int(port), args.worker, *socks))
+    except PinRefused as exc:  # the primary starts it again only for another PIN
+        print(f"hsmca: worker {args.worker}: {exc}", file=sys.stderr)
+        return EXIT_PIN_REFUSED
     except (ConfigError, HSMError, OSError, ValueError, sqlite3.Error, StoreUnavailable,
             SchemaTooNew, NoInventory) as exc:
         print(f"hsmca: worker {args.worker}: {exc}", file=sys.stderr)
