@@ -35,6 +35,7 @@ async def test_an_inventory_without_a_logged_revocation_gets_it_before_serving(
     serial = hsmca("revoke", "--config", ca.state / "hsmca.toml", "--url", d.url,
                    "--reason", "keyCompromise", _serial(revoked[0])).stdout
     assert "revoked" in serial
+    signed_since = await _crl_number(d)  # a CRL signed after the copied inventory
     assert d.stop() == 0
     # The log has the cert.revoke line; the inventory is the one from before it.
     for suffix in ("", "-wal", "-shm"):
@@ -49,6 +50,10 @@ async def test_an_inventory_without_a_logged_revocation_gets_it_before_serving(
         assert status == 403 and json.loads(body)["type"].endswith("revoked-certificate")
         status, _, _ = await http("POST", f"{d.url}/v1/x509/renew", d.ssl(*kept), body={})
         assert status == 201
+        # And its CRL numbers go on past those the log shows signed: the older
+        # inventory's counter would sign number 2 again, with other contents, and a
+        # relying party holding the first keeps it (RFC 5280: numbers only grow).
+        assert await _crl_number(d) > signed_since
         # Completed once: the next start has nothing to complete.
     finally:
         assert d.stop() == 0
@@ -62,3 +67,12 @@ async def test_an_inventory_without_a_logged_revocation_gets_it_before_serving(
 def _serial(cert: Path) -> str:
     from cryptography import x509
     return format(x509.load_pem_x509_certificate(cert.read_bytes()).serial_number, "X")
+
+
+async def _crl_number(d: object) -> int:
+    """The number of the CRL the daemon serves now, once it lists what it should."""
+    from cryptography import x509
+    status, _, body = await http("GET", f"{d.url}/v1/x509/crl", d.ssl())  # type: ignore[attr-defined]
+    assert status == 200
+    crl = x509.load_der_x509_crl(body)
+    return int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)

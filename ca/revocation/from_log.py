@@ -11,6 +11,12 @@ has but does not show revoked is revoked, with the line's reason and time.
 (SSH certificates issued on the strength of those go with them, as in any revocation.
 The log is scanned whole, for the one byte string every such line holds: about a
 second per gigabyte.)
+
+Likewise the CRL numbers: an inventory older than its log (a restored backup) would
+hand out numbers its log shows signed already, and a relying party holding the
+higher-numbered CRL keeps it, revocations since unseen (RFC 5280 5.2.3: the number
+only grows). The next number is made larger than every one the log's `crl` intents
+name.
 """
 
 from __future__ import annotations
@@ -18,12 +24,15 @@ from __future__ import annotations
 import datetime as dt
 import json
 import mmap
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ca.store import Store
 
 _MARK = b'"event":"cert.revoke"'
+_CRL_MARK = b'"purpose":"crl"'
 
 
 @dataclass(frozen=True)
@@ -34,32 +43,59 @@ class Logged:
     at: dt.datetime
 
 
-def logged_revocations(path: Path) -> list[Logged]:
-    """Every `cert.revoke` line of the log at `path` (none if it is empty or absent)."""
+def _lines_with(path: Path, mark: bytes) -> Iterator[dict[str, Any]]:
+    """The lines of the log at `path` that hold `mark`, parsed."""
     try:
         fh = path.open("rb")
     except FileNotFoundError:
-        return []
-    out: list[Logged] = []
+        return
     with fh:
         if not fh.seek(0, 2):
-            return []
+            return
         with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            at = data.find(_MARK)
+            at = data.find(mark)
             while at >= 0:
                 start = data.rfind(b"\n", 0, at) + 1
                 end = data.find(b"\n", at)
                 if end < 0:
-                    break  # a torn last line: the log's own start-up recovery cuts it
+                    return  # a torn last line: the log's own start-up recovery cuts it
                 try:
                     line = json.loads(data[start:end])
-                    out.append(Logged(int(line["seq"]),
-                                      tuple(int(s, 16) for s in line.get("serials") or ()),
-                                      line.get("reason"), dt.datetime.fromisoformat(line["ts"])))
-                except (ValueError, KeyError, TypeError):
-                    pass  # not a line the log wrote: `hsmca audit verify` says so
-                at = data.find(_MARK, end)
+                except ValueError:
+                    line = None  # not a line the log wrote: `hsmca audit verify` says so
+                if isinstance(line, dict):
+                    yield line
+                at = data.find(mark, end)
+
+
+def logged_revocations(path: Path) -> list[Logged]:
+    """Every `cert.revoke` line of the log at `path` (none if it is empty or absent)."""
+    out: list[Logged] = []
+    for line in _lines_with(path, _MARK):
+        try:
+            out.append(Logged(int(line["seq"]),
+                              tuple(int(s, 16) for s in line.get("serials") or ()),
+                              line.get("reason"), dt.datetime.fromisoformat(line["ts"])))
+        except (ValueError, KeyError, TypeError):
+            continue
     return out
+
+
+def highest_crl_number(path: Path) -> int:
+    """The largest CRL number the log's `crl` intents name (0 if none)."""
+    numbers = [line.get("crl_number") for line in _lines_with(path, _CRL_MARK)
+               if line.get("phase") == "intent"]
+    return max((n for n in numbers if isinstance(n, int) and not isinstance(n, bool)),
+               default=0)
+
+
+async def keep_crl_numbers_ahead(path: Path, store: Store) -> int:
+    """Make the store's next CRL number larger than any the log names; that number."""
+    import asyncio
+    highest = await asyncio.to_thread(highest_crl_number, path)
+    if highest:
+        await store.keep_crl_numbers_above(highest)
+    return highest
 
 
 async def apply_logged_revocations(path: Path, store: Store) -> list[Logged]:

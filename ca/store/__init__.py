@@ -182,6 +182,10 @@ class Store(Protocol):
         """A CRL number larger than any handed out before."""
         ...
 
+    async def keep_crl_numbers_above(self, number: int) -> None:
+        """Make every CRL number handed out from now on larger than `number`."""
+        ...
+
     async def add_crl(self, crl: CRLRecord) -> None: ...
 
     async def latest_crl(self, issuer: str | None) -> CRLRecord | None:

@@ -620,6 +620,14 @@ class PostgresStore:
         # A sequence: numbers only grow, whichever node asks, and none is handed out twice.
         return int((await self._rows("SELECT nextval('crl_numbers')"))[0][0])
 
+    async def keep_crl_numbers_above(self, number: int) -> None:
+        async def keep(db: Conn) -> None:
+            # (Not yet called, nextval gives last_value itself.)
+            await db.execute("SELECT setval('crl_numbers', %s) FROM crl_numbers WHERE "
+                             "last_value < %s OR (NOT is_called AND last_value = %s)",
+                             (number, number, number))
+        await self._tx(keep)
+
     async def add_crl(self, crl: CRLRecord) -> None:
         async def keep(db: Conn) -> None:
             await db.execute("INSERT INTO crls (number, revoked, this_update, der, issuer) "

@@ -827,6 +827,14 @@ class SQLiteStore:
             return number
         return await self._write(bump)
 
+    async def keep_crl_numbers_above(self, number: int) -> None:
+        def keep(db: sqlite3.Connection) -> None:
+            row = db.execute("SELECT v FROM meta WHERE k = 'crl_number'").fetchone()
+            if row is None or int(row[0]) < number:
+                db.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('crl_number', ?)",
+                           (str(number),))
+        await self._write(keep)
+
     async def add_crl(self, crl: CRLRecord) -> None:
         def keep(db: sqlite3.Connection) -> None:
             db.execute("INSERT INTO crls (number, revoked, this_update, der, issuer) "
