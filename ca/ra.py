@@ -99,6 +99,8 @@ class Context:
     now: dt.datetime
     issuers: Directory
     ssh_key_revoked: Callable[[str], bool] = field(default=lambda _line: False)
+    # Whether a key (its SPKI SHA-256) had a certificate revoked for keyCompromise.
+    key_compromised: Callable[[str], bool] = field(default=lambda _spki: False)
 
 
 # ---- who asks ------------------------------------------------------------------------------
@@ -598,6 +600,12 @@ def _x509(ctx: Context, who: Requester, *, role: str, names: tuple[tuple[str, st
           renewed_from: str | None = None) -> X509Order:
     if check_names:
         policy.check_allowed(names, ctx.policy, role)
+    if ctx.key_compromised(subject.spki_sha256):
+        # Re-enrolled with the same key (EST clients keep theirs), its thief would get a
+        # new certificate for it: a stolen key must not outlive its revocation.
+        raise Refused(f"this key (SPKI SHA-256 {subject.spki_sha256}) was reported "
+                      "compromised: a certificate for it was revoked for keyCompromise. "
+                      "Make a new key and send a CSR for it", Reason.REVOKED_KEY)
     issuer = ctx.issuers.x509_issuer()
     not_after = min(ctx.now + lifetime, ctx.issuers.x509_not_after(issuer))
     return X509Order(issuer, "leaf", role, names, principals, subject, ctx.now - BACKDATE,

@@ -31,6 +31,7 @@ from tests.helpers import (
 )
 from tests.helpers import (
     audit_verify,
+    bootstrap_token,
     csr_pem,
     enroll,
     http,
@@ -361,3 +362,34 @@ async def test_tls_1_2_offers_no_cbc_suite(ca_daemon: Daemon) -> None:
 
     assert handshake("ECDHE-ECDSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA384").startswith("refused")
     assert handshake("ECDHE-ECDSA-AES128-GCM-SHA256") == "ECDHE-ECDSA-AES128-GCM-SHA256"
+
+
+async def test_a_key_revoked_for_compromise_is_never_certified_again(
+        ca_daemon: Daemon) -> None:
+    """A client trial: a certificate revoked for keyCompromise, then a new token and the
+    same CSR (EST clients keep their configured key) got a new certificate for the
+    stolen key. Any key a keyCompromise revocation named is refused now, to anyone."""
+    d = ca_daemon
+    key = ec.generate_private_key(ec.SECP256R1())
+
+    async def enroll_with(k: Any, name: str) -> tuple[int, dict[str, Any]]:
+        token = await bootstrap_token(d, "service", [name])
+        status, _, body = await http("POST", f"{d.url}/v1/x509/enroll", d.ssl(),
+                                     body={"csr": csr_pem([name], k)},
+                                     headers={"Authorization": f"Bearer {token}"})
+        return status, json.loads(body)
+    status, first = await enroll_with(key, "stolen.internal.example")
+    assert status == 201, first
+    serial = format(x509.load_pem_x509_certificate(first["certificate"].encode())
+                    .serial_number, "x")
+    status, _, raw = await http("POST", f"{d.url}/v1/x509/revoke", d.admin_ssl(),
+                                body={"serial": serial, "reason": "keyCompromise"})
+    assert status == 200, raw
+    for name in ("stolen.internal.example", "elsewhere.internal.example"):
+        status, refused = await enroll_with(key, name)
+        assert status == 403 and refused["type"].endswith("revoked-key"), refused
+        assert "was reported compromised" in refused["detail"]
+        assert "Make a new key" in refused["detail"]
+    status, fresh = await enroll_with(ec.generate_private_key(ec.SECP256R1()),
+                                      "stolen.internal.example")
+    assert status == 201, fresh

@@ -55,11 +55,13 @@ class IssuedSSH:
 
 
 def decision_context(policy: Policy, issuers: Directory,
-                     ssh_key_revoked: Callable[[str], bool] = lambda _line: False) -> Context:
+                     ssh_key_revoked: Callable[[str], bool] = lambda _line: False,
+                     key_compromised: Callable[[str], bool] = lambda _spki: False
+                     ) -> Context:
     """The registration authority's context as of now (to the second): the policy and
     the issuers in force."""
     return Context(policy, dt.datetime.now(dt.UTC).replace(microsecond=0), issuers,
-                   ssh_key_revoked)
+                   ssh_key_revoked, key_compromised)
 
 
 async def sign_ca_cert(pipeline: SigningPipeline, signer: KeyInfo, order: CACertOrder,

@@ -74,11 +74,16 @@ class Revocations:
         self.revoked: OnChange[Revoked] = OnChange(generations, "revocations", self._load)
         self.revoked_ssh_keys: OnChange[frozenset[str]] = OnChange(
             generations, "ssh_revocations", self._load_ssh_keys)
+        self.compromised_keys: OnChange[frozenset[str]] = OnChange(
+            generations, "revocations", self._load_compromised_keys)
         self.krl: OnChange[bytes] = OnChange(generations, "ssh_revocations", self._build_krl)
 
     async def _load(self) -> Revoked:
         return {serial: (at, reason, issuer)
                 for serial, at, reason, issuer in await self.store.revoked_certs()}
+
+    async def _load_compromised_keys(self) -> frozenset[str]:
+        return frozenset(await self.store.compromised_keys())
 
     async def _load_ssh_keys(self) -> frozenset[str]:
         return frozenset(await self.store.revoked_ssh_keys())

@@ -88,8 +88,9 @@ class Gate:
 
     async def context(self) -> ra.Context:
         _, revoked_keys = await self.revocations.revoked_ssh_keys.get()
+        _, compromised = await self.revocations.compromised_keys.get()
         return decision_context(self._policy(), await self.keys.refresh(),
-                                revoked_keys.__contains__)
+                                revoked_keys.__contains__, compromised.__contains__)
 
 
 GATE = web.AppKey("gate", Gate)

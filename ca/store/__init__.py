@@ -150,6 +150,11 @@ class Store(Protocol):
         """(cert type, serial, issuer label) of every revoked SSH certificate."""
         ...
 
+    async def compromised_keys(self) -> list[str]:
+        """The SPKI SHA-256 of every key a certificate was revoked for as keyCompromise:
+        no certificate is issued for them again."""
+        ...
+
     async def revoked_ssh_keys(self) -> list[str]: ...
 
     # ---- pre-signed OCSP responses ------------------------------------------------------

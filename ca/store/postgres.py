@@ -559,6 +559,10 @@ class PostgresStore:
         return [(t, int(s), issuer) for t, s, issuer in await self._rows(
             "SELECT cert_type, serial, issuer FROM ssh_certs WHERE revoked_at IS NOT NULL")]
 
+    async def compromised_keys(self) -> list[str]:
+        return [r[0] for r in await self._rows("SELECT DISTINCT spki_sha256 FROM certs WHERE "
+                                               "reason = 'keyCompromise'")]
+
     async def revoked_ssh_keys(self) -> list[str]:
         return [r[0] for r in await self._rows("SELECT public_key FROM ssh_revoked_keys")]
 
