@@ -413,10 +413,12 @@ async def test_daemon_repairs_its_tls_certificate_and_guards_metrics(tmp_path: P
 async def test_client_certificates_not_issued_here_or_expired_are_refused(
         daemon: Daemon, tmp_path: Path) -> None:
     """The same renewal, on a connection of its own, with each client certificate: one
-    this CA issued is served; one past notAfter, or from another CA, ends the TLS
-    handshake (the server judges it there, before any route); one made with this CA's
-    issuing key but never issued (not in the inventory) gets past TLS and is refused
-    by the route."""
+    this CA issued is served; one from another CA ends the TLS handshake (the server
+    judges it there, before any route); one made with this CA's issuing key but never
+    issued (not in the inventory), expired or not, gets past TLS and is refused by the
+    route, which says why. (An expired one used to end the handshake, without a word
+    to the client: a client trial's EST client, which always sends its certificate,
+    could not even enroll again with a token.)"""
     openssl = require("openssl")
     now = prof.utcnow()
     issued = enroll(daemon, tmp_path, "service", ["valid.internal.example"])
@@ -458,17 +460,57 @@ async def test_client_certificates_not_issued_here_or_expired_are_refused(
     # The server ends the handshake without a TLS alert (asyncio drops the alert
     # OpenSSL makes for a failed handshake), so the client sees it cut off; the
     # daemon's count of refused handshakes says why, one reason per certificate.
-    for cred, reason in ((expired, "certificate has expired"),
-                         (foreign, "unable to get local issuer certificate")):
-        before = await refusals()
-        assert await renew(cred) == "UNEXPECTED_EOF_WHILE_READING"
-        after = await refusals()
-        moved = {r: after[r] - before.get(r, 0) for r in after if after[r] != before.get(r, 0)}
-        assert moved == {f"client certificate: {reason}": 1}, moved
-    answer = await renew(unknown)
-    assert isinstance(answer, tuple) and answer[0] == 403, answer
-    assert json.loads(answer[1])["type"] == TYPES + "unknown-certificate", answer
+    before = await refusals()
+    assert await renew(foreign) == "UNEXPECTED_EOF_WHILE_READING"
+    after = await refusals()
+    moved = {r: after[r] - before.get(r, 0) for r in after if after[r] != before.get(r, 0)}
+    assert moved == {"client certificate: unable to get local issuer certificate": 1}, moved
+    for cred in (unknown, expired):
+        answer = await renew(cred)
+        assert isinstance(answer, tuple) and answer[0] == 403, answer
+        assert json.loads(answer[1])["type"] == TYPES + "unknown-certificate", answer
     status, _, raw = await http("GET", f"{daemon.url}/v1/whoami", daemon.ssl(*unknown))
     assert status == 403 and json.loads(raw)["type"] == TYPES + "unknown-certificate", raw
     status, _, raw = await http("GET", f"{daemon.url}/v1/whoami", daemon.ssl(*issued))
     assert status == 200 and json.loads(raw)["names"] == ["valid.internal.example"], raw
+
+
+async def test_an_expired_client_certificate_is_told_so_and_a_token_still_enrolls(
+        daemon: Daemon, tmp_path: Path) -> None:
+    """A client trial: a certificate that expired while the CA was down ended every TLS
+    handshake it was presented in, with nothing said to the client; an EST client that
+    always sends it could not enroll again even with a new token. Now the route says
+    it expired and what to do, and a token enrolls whatever certificate comes along."""
+    token = await bootstrap_token(daemon, "service", ["short.internal.example"])
+    key = ec.generate_private_key(ec.SECP256R1())
+    status, _, body = await http("POST", f"{daemon.url}/v1/x509/enroll", daemon.ssl(),
+                                 body={"csr": csr_pem(["short.internal.example"], key),
+                                       "ttl": "1s"},
+                                 headers={"Authorization": f"Bearer {token}"})
+    assert status == 201, body
+    cert, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text(json.loads(body)["certificate"])
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    not_after = x509.load_pem_x509_certificate(cert.read_bytes()).not_valid_after_utc
+    deadline = time.monotonic() + 30
+    while True:  # until its notAfter has passed, paced by the round trips
+        status, _, body = await http("GET", f"{daemon.url}/v1/whoami",
+                                     daemon.ssl(cert, key_file))
+        if status != 200:
+            break
+        assert time.monotonic() < deadline, "still taken 30 s on"
+    assert dt.datetime.now(dt.UTC) > not_after
+    problem = json.loads(body)
+    assert status == 403 and problem["type"] == TYPES + "expired-certificate", problem
+    assert "enroll again with a new bootstrap token" in problem["detail"]
+    # EST, as such clients send it: the expired certificate and a new token.
+    token = await bootstrap_token(daemon, "service", ["short.internal.example"])
+    fresh = ec.generate_private_key(ec.SECP256R1())
+    csr = x509.load_pem_x509_csr(csr_pem(["short.internal.example"], fresh).encode())
+    status, ctype, body = await http(
+        "POST", f"{daemon.url}/.well-known/est/simpleenroll", daemon.ssl(cert, key_file),
+        data=base64.encodebytes(csr.public_bytes(serialization.Encoding.DER)),
+        headers={"Content-Type": "application/pkcs10", "Authorization": f"Bearer {token}"})
+    assert status == 200 and ctype == "application/pkcs7-mime", body

@@ -271,18 +271,26 @@ def _reason(exc: ssl.SSLError) -> str:
     return (exc.reason or type(exc).__name__).lower().replace("_", " ")
 
 
+X509_V_FLAG_NO_CHECK_TIME = 0x200000  # OpenSSL's; Python's ssl has no name for it
+
+
 def tls_context(cert: Path, key: Path, client_ca: Path) -> ssl.SSLContext:
     """TLS 1.2+ (1.3 preferred by OpenSSL), asking for, not requiring, a client cert.
 
     The chain of a presented client certificate is checked by OpenSSL against our CA
-    (a certificate from another CA, or an expired one, fails the handshake); routes
-    that need one then look it up in the inventory.
+    (a certificate from another CA fails the handshake); routes that need one then
+    look it up in the inventory, which also says whether it expired. Not the TLS layer:
+    a handshake refused for an expired certificate ends without a word to the client
+    (asyncio sends no alert), and a client that always presents its certificate (EST
+    clients do) could not even enroll again with a token. Routes answer 403 with what
+    to do instead; a leaf never outlives its issuer, so the leaf's time is the chain's.
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(cert, key)
     ctx.load_verify_locations(cafile=str(client_ca))
     ctx.verify_mode = ssl.CERT_OPTIONAL
+    ctx.verify_flags |= X509_V_FLAG_NO_CHECK_TIME
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     # TLS 1.2: forward-secret AEAD suites only (no CBC); TLS 1.3 has nothing else.
     ctx.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20")
