@@ -15,13 +15,20 @@ from tests.ports import free_port
 
 
 def test_renew_time_is_two_thirds_of_the_lifetime_with_jitter() -> None:
-    nb = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
-    na = nb + dt.timedelta(hours=24)
+    issued = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+    nb = issued - dt.timedelta(minutes=1)  # as the CA backdates it
+    na = issued + dt.timedelta(hours=24)
     rng = random.Random(7)
     times = [renew_time(nb, na, rng) for _ in range(200)]
-    assert all(nb + dt.timedelta(hours=16 - 1.2) <= t <= nb + dt.timedelta(hours=16 + 1.2)
-               for t in times)
+    assert all(issued + dt.timedelta(hours=16 - 1.2) <= t <=
+               issued + dt.timedelta(hours=16 + 1.2) for t in times)
     assert len(set(times)) > 100  # spread, not one instant for a whole fleet
+    # A 30 s certificate: 20 s on, not at once (counted from its backdated start, two
+    # thirds of its 90 s were over before it was issued).
+    short = [renew_time(issued - dt.timedelta(minutes=1), issued + dt.timedelta(seconds=30),
+                        rng) for _ in range(50)]
+    assert all(issued + dt.timedelta(seconds=18) <= t <= issued + dt.timedelta(seconds=22)
+               for t in short), short
 
 
 def test_backoff_doubles_up_to_a_cap_and_leaves_time_before_expiry() -> None:
@@ -37,7 +44,7 @@ def test_backoff_doubles_up_to_a_cap_and_leaves_time_before_expiry() -> None:
     assert all(backoff_s(a, 40, rng) <= 10 for a in range(12))
 
 
-def test_daemon_renews_a_60s_certificate_twice_retrying_while_the_ca_is_away(
+def test_daemon_renews_a_30s_certificate_twice_retrying_while_the_ca_is_away(
         tmp_path: Path) -> None:
     openssl = require("openssl")
     port = free_port()
@@ -47,12 +54,12 @@ def test_daemon_renews_a_60s_certificate_twice_retrying_while_the_ca_is_away(
     renewer = None
     try:
         cert, key = enroll(d, tmp_path, "service", ["renewed.internal.example"], [],
-                           "--ttl", "60s")
+                           "--ttl", "30s")
         first = cert_serial(cert)
         hook_log = tmp_path / "hook.log"
         renewer = Running.start(
             "renew", "--daemon", "--url", d.url, "--ca", d.root, "--cert", cert, "--key", key,
-            "--ttl", "60s", "--exec", f'echo "$HSMCA_SERIAL $HSMCA_CERT" >> {hook_log}')
+            "--ttl", "30s", "--exec", f'echo "$HSMCA_SERIAL $HSMCA_CERT" >> {hook_log}')
 
         done = renewer.wait("renew.done")
         assert done["old_serial"] == first and done["serial"] == cert_serial(cert) != first
@@ -82,3 +89,32 @@ def test_daemon_renews_a_60s_certificate_twice_retrying_while_the_ca_is_away(
     # Nothing secret in what the renewer logged, and no traceback.
     text = "".join(renewer.raw)
     assert "PRIVATE KEY" not in text and "Traceback" not in text
+
+
+def test_a_hook_that_fails_is_run_again_before_the_next_renewal(tmp_path: Path) -> None:
+    """A client trial: a reload that failed once waited for the next renewal, while the
+    service served its old certificate from memory past its expiry. The hook is run
+    again, with a back-off, until it succeeds (here: at its second run)."""
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state)
+    renewer = None
+    try:
+        cert, key = enroll(d, tmp_path, "service", ["hooked.internal.example"], [],
+                           "--ttl", "15s")  # renewed ~10 s after its issue
+        runs, ok = tmp_path / "runs", tmp_path / "reloaded"
+        hook = (f'echo run >> {runs}; if [ "$(wc -l < {runs})" -lt 2 ]; then exit 3; fi; '
+                f'touch {ok}')
+        renewer = Running.start("renew", "--daemon", "--url", d.url, "--ca", d.root,
+                                "--cert", cert, "--key", key, "--ttl", "10m", "--exec", hook)
+        renewer.wait("renew.done")
+        failed = renewer.wait("renew.hook.failed")
+        assert failed["status"] == 3
+        retry = renewer.wait("renew.hook.retry")
+        assert retry["attempt"] == 1 and retry["retry_in_s"] <= 4
+        renewer.wait("renew.hook.done")
+        assert ok.exists() and runs.read_text().count("run") == 2
+        assert len(renewer.events("renew.done")) == 1  # run again, not renewed again
+    finally:
+        if renewer is not None:
+            renewer.stop()
+        d.stop()

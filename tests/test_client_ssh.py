@@ -196,7 +196,7 @@ def test_ssh_host_install_refuses_a_missing_host_key_or_directory(tmp_path: Path
 
 def test_ssh_host_renew_keeps_certificate_user_ca_and_krl_fresh(tmp_path: Path) -> None:
     ca = init_ca(tmp_path)
-    set_config(ca.state, "policy", "ssh-host-ttl-s", 60)  # renewed ~20 s after issue
+    set_config(ca.state, "policy", "ssh-host-ttl-s", 30)  # renewed ~20 s after issue
     d = start_daemon(ca.state)
     runner = None
     try:
