@@ -80,8 +80,11 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         if status >= 400 and (unlogged := REFUSED_REQUESTS.allow(status)) is not None:
             if unlogged:
                 _refused_requests_unlogged(status, unlogged)
+            who = request.get("identity")
             log.info("request refused", request_id=rid, method=request.method, route=route,
-                     status=status, ms=round(elapsed * 1000, 2), **_problem_of(resp))
+                     status=status, ms=round(elapsed * 1000, 2), client=request.remote,
+                     **({"cert_serial": who.serial} if who is not None else {}),
+                     **_problem_of(resp))
 
 
 def _problem_of(resp: web.StreamResponse | None) -> dict[str, str]:

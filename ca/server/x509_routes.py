@@ -77,16 +77,23 @@ def _token_refusals_unlogged(why: object, unlogged: int) -> None:
 TOKEN_REFUSALS = Throttle(burst=20, on_quiet=_token_refusals_unlogged)
 
 
-async def _token_failed(request: web.Request, why: str, detail: str) -> Problem:
+async def _token_failed(request: web.Request, why: str, detail: str,
+                        token_id: str | None = None) -> Problem:
     """401 with the reason. A guess (no token, or one the CA never made) is counted for
     the whole daemon, and once the client is over the limit it is told to wait
-    instead (429); a real token that is spent or expired is not a guess."""
+    instead (429); a real token that is spent or expired is not a guess. A real one is
+    logged as a warning with its id (not its secret): used twice, it was copied or
+    raced, which the admin who made it should hear of."""
     client = request.remote or "-"
     if (unlogged := TOKEN_REFUSALS.allow(why)) is not None:
         if unlogged:
             _token_refusals_unlogged(why, unlogged)
-        log.info("bootstrap token refused", reason=why, client=client,
-                 request_id=request.get("request_id"))
+        if token_id is not None:
+            log.warning("bootstrap token refused", reason=why, client=client,
+                        token_id=token_id, request_id=request.get("request_id"))
+        else:
+            log.info("bootstrap token refused", reason=why, client=client,
+                     request_id=request.get("request_id"))
     wait = await request.app[LIMIT].token_failed(client) if why in ("missing", "unknown") \
         else 0
     if wait:
@@ -109,10 +116,12 @@ async def _bearer(request: web.Request) -> tuple[ra.TokenHolder, Any]:
     if token is None:
         raise await _token_failed(request, "unknown", "unknown bootstrap token")
     if token.used_at is not None:
-        raise await _token_failed(request, "used", "this bootstrap token has already been used")
+        raise await _token_failed(request, "used", "this bootstrap token has already been "
+                                  "used (each enrolls once): ask an admin for a new one",
+                                  token.id)
     if token.expires < utcnow().isoformat():
-        raise await _token_failed(request, "expired",
-                                  f"this bootstrap token expired at {token.expires}")
+        raise await _token_failed(request, "expired", f"this bootstrap token expired at "
+                                  f"{token.expires}: ask an admin for a new one", token.id)
     return ra.TokenHolder(token.id, token.role, token.names, token.principals), token
 
 
@@ -123,7 +132,9 @@ async def _enroll(request: web.Request, bearer: tuple[ra.TokenHolder, Any],
     tokens = request.app[TOKENS]
     # Spent after the decision, so a refused CSR does not burn the token.
     if not await tokens.spend(token):
-        raise await _token_failed(request, "used", "this bootstrap token has already been used")
+        raise await _token_failed(request, "used", "this bootstrap token has already been "
+                                  "used (each enrolls once): ask an admin for a new one",
+                                  token.id)
     try:
         issued = await request.app[ISSUANCE].x509(order, request.get("request_id"))
     except Exception:
