@@ -650,3 +650,43 @@ async def test_a_signature_the_hsm_gets_wrong_is_never_released(tmp_path: Path) 
     with sqlite3.connect(ca.state / "hsmca.sqlite3") as db:
         assert db.execute("SELECT COUNT(*) FROM ssh_certs").fetchone() == (0,)
     audit_verify(ca.state, ok=True)  # a failed signature is a closed one
+
+
+async def test_an_audit_log_moved_while_idle_is_said_without_waiting_for_a_write(
+        tmp_path: Path) -> None:
+    """A recovery trial moved the log aside while nothing was being signed: /health
+    said ok until a request failed, and the daemon's log said nothing at all. The file
+    is watched between writes now: /health and the log say so within a second or two,
+    and say it again when it is back."""
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state)
+    log_file = ca.state / "audit/log.jsonl"
+    aside = log_file.with_name("moved-away.jsonl")
+
+    async def health_until(test: Any) -> dict[str, Any]:
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:  # paced by the round trips
+            status, _, body = await http("GET", f"{d.url}/health", d.ssl())
+            state = {**json.loads(body), "code": status}
+            if test(state):
+                return state
+            assert asyncio.get_running_loop().time() < deadline, state
+
+    def said(event: str) -> list[dict[str, Any]]:
+        return [e for e in (json.loads(x) for x in d.stderr if x.startswith("{"))
+                if e.get("event") == event]
+    try:
+        await health_until(lambda s: s["code"] == 200)
+        log_file.rename(aside)
+        try:
+            state = await health_until(lambda s: s["code"] == 503)
+            assert "was moved or deleted while hsmca ran; put it back" in state["audit"]
+            assert d.wait_stderr(lambda: bool(said(
+                "the audit log cannot be written: nothing is signed until it can")), 10)
+        finally:
+            aside.rename(log_file)
+        await health_until(lambda s: s["code"] == 200)
+        assert d.wait_stderr(lambda: bool(said("the audit log can be written again")), 10)
+    finally:
+        assert d.stop() == 0
+    audit_verify(ca.state, ok=True)

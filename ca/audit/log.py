@@ -524,6 +524,18 @@ class AuditLog:
             return
         raise _NotTheLog(errno.ESTALE, f"{self.path} {why}")
 
+    def watch_file(self) -> None:
+        """Between writes: find out at once (not at the next write, which may be a
+        heartbeat away) that the file is no longer the log (moved, deleted, replaced,
+        written to): nothing is signed, and /health says why, until it is put back."""
+        if self._problem is not None:
+            return
+        with self._write_lock:
+            try:
+                self._check_file()
+            except _NotTheLog as exc:
+                self._problem = self._failed = f"cannot write the audit log: {exc.strerror}"
+
     def _fail_batch(self, done: list[tuple[Sink, int, str, Mapping[str, Any]]], exc: OSError,
                     results: Batch) -> None:
         reason = f"cannot write the audit log: {exc.strerror or exc}"
