@@ -38,6 +38,7 @@ import os
 import re
 import shutil
 import sqlite3
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,18 +94,32 @@ def backup(config: Config, out: Path) -> Backup:
     if not config.db_path.is_file():
         raise BackupError(f"{config.db_path} is missing: is {config.path} the config of a "
                           "CA that has started once?")
+    made = not out.exists()
     out.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(out, 0o700)
-    for attempt in range(TRIES):
-        work = out / f".partial-{attempt}"
-        taken = _take(config, work)
-        if taken is not None:
-            break
-        shutil.rmtree(work)
-    else:
-        raise BackupError(f"the CA's keys, files or revocations changed during each of {TRIES} "
-                          "attempts to copy it; try again when no rotation or revocation is "
-                          "under way")
+    work = out
+    try:
+        for attempt in range(TRIES):
+            work = out / f".partial-{attempt}"
+            taken = _take(config, work)
+            if taken is not None:
+                break
+            shutil.rmtree(work)
+        else:
+            raise BackupError(f"the CA's keys, files or revocations changed during each of "
+                              f"{TRIES} attempts to copy it; try again when no rotation or "
+                              "revocation is under way")
+    except BaseException as exc:
+        # A copy that failed halfway holds the admin's key: it goes, and the same --out
+        # can be given again (a recovery trial found both left behind on a full disk).
+        shutil.rmtree(work, ignore_errors=True)
+        if made:
+            shutil.rmtree(out, ignore_errors=True)
+        if isinstance(exc, OSError):
+            where = f" (copying {exc.filename})" if exc.filename else ""
+            raise BackupError(f"cannot write the backup into {out}: "
+                              f"{exc.strerror or exc}{where}; nothing was kept") from None
+        raise
     for entry in work.iterdir():
         entry.rename(out / entry.name)
     work.rmdir()
@@ -178,8 +193,10 @@ def _log(log: Path, target: Path) -> None:
     """Copy the log's whole lines as they are now (a line being appended right now is
     left for the next backup)."""
     with log.open("rb") as src:
-        end = last_newline(src.fileno(), os.fstat(src.fileno()).st_size) + 1
+        st = os.fstat(src.fileno())
+        end = last_newline(src.fileno(), st.st_size) + 1
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.fchmod(fd, stat.S_IMODE(st.st_mode))  # the log's own mode (0640), not 0600
         with os.fdopen(fd, "wb") as dst:
             left = end
             while left:

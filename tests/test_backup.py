@@ -9,6 +9,7 @@ the backup is missing, as the command said it would be.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import stat
 from pathlib import Path
@@ -95,6 +96,26 @@ def test_a_backup_never_overwrites_and_says_what_it_cannot_copy(tmp_path: Path) 
     assert proc.returncode == 1 and "back that database up (pg_dump" in proc.stderr
     assert not (tmp_path / "new").exists()
 
+
+
+def test_a_backup_that_fails_halfway_leaves_nothing_behind(tmp_path: Path) -> None:
+    """A recovery trial's backup onto a full disk left its .partial directory, with the
+    admin's private key in it, and the same --out was then refused as not empty. Here
+    the copy fails on a file it cannot copy (a named pipe in the state directory): the
+    error names it, and --out is gone, to be given again."""
+    ca = init_ca(tmp_path / "ca")
+    os.mkfifo(ca.state / "zz-pipe")
+    out = tmp_path / "backup"
+    proc = hsmca("backup", "--config", ca.state / "hsmca.toml", "--out", out, check=False)
+    assert proc.returncode == 1 and proc.stdout == "" and proc.stderr.count("\n") == 1
+    assert f"cannot write the backup into {out}" in proc.stderr and "zz-pipe" in proc.stderr
+    assert "nothing was kept" in proc.stderr and not out.exists()
+    (ca.state / "zz-pipe").unlink()
+    proc = hsmca("backup", "--config", ca.state / "hsmca.toml", "--out", out)
+    assert "backed up the CA" in proc.stdout
+    log = out / "audit" / "log.jsonl"  # with the live log's own mode
+    assert stat.S_IMODE(log.stat().st_mode) == stat.S_IMODE(
+        (ca.state / "audit" / "log.jsonl").stat().st_mode)
 
 
 def test_a_backup_says_so_when_it_holds_the_pin(tmp_path: Path) -> None:
