@@ -42,7 +42,10 @@ COMMANDS = {
     "enroll": "client_cmd:enroll", "renew": "client_cmd:renew", "revoke": "client_cmd:revoke",
     "ssh-host": "ssh_cmd:host", "ssh-user": "ssh_cmd:user", "ssh-revoke": "ssh_cmd:revoke",
     "key": "key_cmd:run",
-    "acme-eab-create": "acme_cmd:eab_create", "witness-serve": "witness_cmd:serve",
+    "acme-eab-create": "acme_cmd:eab_create", "acme-eab-list": "acme_cmd:eab_list",
+    "acme-eab-withdraw": "acme_cmd:eab_withdraw", "acme-account-list": "acme_cmd:account_list",
+    "acme-account-deactivate": "acme_cmd:account_deactivate",
+    "witness-serve": "witness_cmd:serve",
     "ui": "ui_cmd:run", "store-move": "store_cmd:move", "backup": "backup_cmd:run",
 }
 

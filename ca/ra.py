@@ -371,11 +371,21 @@ class RevokedMeanwhile:
     ssh_serial: int | None = None
 
 
+@dataclass(frozen=True)
+class AcmeAdminRequest:
+    """An admin's step on ACME's own records: withdraw an EAB key not yet bound, or
+    deactivate an account. `state`: the record's state now (None if there is none)."""
+
+    action: str  # withdraw-eab | deactivate-account
+    target: str  # the kid, or the account id
+    state: str | None
+
+
 Request = (TokenRequest | EnrollRequest | RenewRequest | SSHHostRequest | SSHUserRequest
            | RevokeRequest | RevokeIdentityRequest | SSHRevokeRequest | CRLRequest | OCSPRequest
            | LocalCertRequest | RevokedMeanwhile
            | KeyRequest | RootRequest | CrossRequest | IntermediateRequest | AcmeEABRequest
-           | AcmeOrderRequest | AcmeFinalizeRequest | AcmeRevokeRequest)
+           | AcmeOrderRequest | AcmeFinalizeRequest | AcmeRevokeRequest | AcmeAdminRequest)
 
 
 # ---- what the RA hands on -----------------------------------------------------------------------
@@ -506,9 +516,16 @@ class CACertOrder:
     actor: str
 
 
+@dataclass(frozen=True)
+class AcmeAdminOrder:
+    action: str
+    target: str
+    actor: str
+
+
 Order = (TokenGrant | X509Order | SSHOrder | RevokeOrder | SSHRevokeOrder | CRLOrder | OCSPOrder
          | KeyOrder
-         | CACertOrder | AcmeEABGrant | AcmeOrderGrant)
+         | CACertOrder | AcmeEABGrant | AcmeOrderGrant | AcmeAdminOrder)
 
 
 @dataclass(frozen=True)
@@ -1029,6 +1046,24 @@ def _acme_eab(ctx: Context, who: Requester, req: AcmeEABRequest) -> AcmeEABGrant
     return AcmeEABGrant(names, ttl, who.actor, tuple(warnings))
 
 
+def _acme_admin(ctx: Context, who: Requester, req: AcmeAdminRequest) -> AcmeAdminOrder:
+    _need_role(who, "admin")
+    assert isinstance(who, CertHolder)
+    what = {"withdraw-eab": "EAB key", "deactivate-account": "ACME account"}.get(req.action)
+    if what is None:
+        raise Refused(f"unknown ACME step {req.action!r}")
+    if req.state is None:
+        raise Refused(f"no {what} {req.target[:80]!r}", Reason.NOT_FOUND)
+    if req.action == "withdraw-eab" and req.state != "unused":
+        raise Refused(f"the EAB key {req.target!r} is {req.state}: only one not yet bound "
+                      "can be withdrawn (deactivate the account it bound instead)",
+                      Reason.CONFLICT)
+    if req.action == "deactivate-account" and req.state != "valid":
+        raise Refused(f"the ACME account {req.target!r} is {req.state} already",
+                      Reason.CONFLICT)
+    return AcmeAdminOrder(req.action, req.target, who.actor)
+
+
 def _acme_names(ctx: Context, who: AcmeAccountHolder, names: list[str]) -> None:
     """The names are inside the account's EAB patterns and the CA's lists, now."""
     if who.eab_bound:
@@ -1159,4 +1194,5 @@ _HANDLERS: dict[type, Callable[[Context, Requester, Any], Order]] = {
     RevokedMeanwhile: _revoked_meanwhile,
     AcmeEABRequest: _acme_eab, AcmeOrderRequest: _acme_order,
     AcmeFinalizeRequest: _acme_finalize, AcmeRevokeRequest: _acme_revoke,
+    AcmeAdminRequest: _acme_admin,
 }

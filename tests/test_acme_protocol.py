@@ -317,6 +317,47 @@ def test_eab_keys_are_audited_without_their_secret(world: World) -> None:
     assert bad.returncode == 1 and "Bad Name" in bad.stderr
 
 
+def test_an_admin_lists_withdraws_eab_keys_and_deactivates_accounts(world: World) -> None:
+    """An ACME trial: an EAB key handed to the wrong person or leaked stayed bindable
+    until it expired (up to 30 days), and an account could not be stopped by the
+    operator. `hsmca acme eab list|withdraw` and `hsmca acme account list|deactivate`
+    do it, each step audited, no MAC key ever listed."""
+    ca = world.ca
+    leaked_kid, leaked_hmac = ca.eab("leak.test")
+    kept_kid, kept_hmac = ca.eab("kept.test")
+    listed = hsmca("acme", "eab", "list", "--config", ca.config).stdout
+    assert leaked_hmac not in listed and kept_hmac not in listed
+    assert any(line.split()[:2] == [leaked_kid, "unused"] for line in listed.splitlines())
+    out = hsmca("acme", "eab", "withdraw", leaked_kid, "--config", ca.config).stdout
+    assert f"withdrew {leaked_kid}" in out
+    thief = Client(ca)
+    r = thief.register((leaked_kid, leaked_hmac))
+    assert r.status == 403 and r.problem == "unauthorized", r.body
+    again = hsmca("acme", "eab", "withdraw", leaked_kid, "--config", ca.config, check=False)
+    assert again.returncode == 1 and "is withdrawn" in again.stderr
+    holder = Client(ca)
+    assert holder.register((kept_kid, kept_hmac)).status == 201
+    listed = hsmca("acme", "eab", "list", "--config", ca.config).stdout.splitlines()
+    assert any(line.split()[:2] == [leaked_kid, "withdrawn"] for line in listed)
+    account = holder.kid.rsplit("/", 1)[1]  # type: ignore[union-attr]
+    assert any(line.split()[:3] == [kept_kid, "used", account] for line in listed)
+    refused = hsmca("acme", "eab", "withdraw", kept_kid, "--config", ca.config, check=False)
+    assert refused.returncode == 1 and "deactivate the account" in refused.stderr
+    accounts = hsmca("acme", "account", "list", "--config", ca.config).stdout.splitlines()
+    assert any(line.split()[:3] == [account, "valid", kept_kid] for line in accounts)
+    hsmca("acme", "account", "deactivate", account, "--config", ca.config)
+    r = holder.order("kept.test")
+    assert r.status in (401, 403) and r.problem == "unauthorized", r.body
+    assert "deactivated" in r.json["detail"]
+    lines = list(audit_lines(ca))
+    assert [x["kid"] for x in lines if x["event"] == "acme.eab.withdraw"] == [leaked_kid]
+    [stop] = [x for x in lines if x["event"] == "acme.account.deactivate"
+              and x.get("account") == account]
+    assert stop["actor"].startswith("cert:")
+    in_log = leaked_hmac in (ca.daemon.state / "audit" / "log.jsonl").read_text()
+    assert not in_log, "the audit log holds an EAB HMAC key"
+
+
 def test_eab_keys_can_follow_a_client_flag() -> None:
     """certbot and lego take `--eab-hmac-key KEY`; a KEY starting with '-' is read as
     an option ("expected one argument"), which happened to one key in 64."""

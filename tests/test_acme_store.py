@@ -58,6 +58,27 @@ def test_an_eab_key_binds_one_account_and_is_erased(store: Store) -> None:
     assert run(store.acme_account("a2")) is None
 
 
+def test_eab_keys_are_listed_without_secrets_and_withdrawn_only_unbound(
+        store: Store) -> None:
+    run(store.add_acme_eab(AcmeEAB("w1", b"secret1", ("a.test",), LATER, NOW.isoformat(),
+                                   "me")))
+    run(store.add_acme_eab(AcmeEAB("w2", b"secret2", ("b.test",), LATER,
+                                   (NOW + dt.timedelta(seconds=1)).isoformat(), "me")))
+    assert run(store.add_acme_account(account("a1", "t1", "w2"), NOW)) is True
+    listed = run(store.acme_eabs(10))
+    assert [e.kid for e in listed] == ["w2", "w1"]  # newest first
+    assert [e.mac_key for e in listed] == [None, b""]  # held or erased, never shown
+    assert run(store.withdraw_acme_eab("w2", NOW)) is False  # bound: not withdrawn
+    assert run(store.withdraw_acme_eab("w1", NOW)) is True
+    assert run(store.withdraw_acme_eab("w1", NOW)) is False
+    assert run(store.withdraw_acme_eab("nope", NOW)) is False
+    gone = run(store.acme_eab("w1"))
+    assert isinstance(gone, AcmeEAB) and gone.mac_key is None and gone.used_at is None
+    assert gone.expires == NOW.isoformat()
+    assert run(store.add_acme_account(account("a2", "t2", "w1"), NOW)) is False
+    assert [a.id for a in run(store.acme_accounts(10))] == ["a1"]
+
+
 def test_an_expired_eab_key_binds_nothing(store: Store) -> None:
     run(store.add_acme_eab(AcmeEAB("k2", b"s", (), NOW.isoformat(), NOW.isoformat(), "me")))
     assert run(store.add_acme_account(account("a1", "t1", "k2"), NOW)) is False

@@ -33,7 +33,7 @@ from ca.acme.problems import PREFIX, AcmeProblem, from_refusal
 from ca.acme.validation import Failed, Validator, longest_s
 from ca.config import AcmeConfig
 from ca.issuance.profiles import pem, utcnow
-from ca.policy import PARSE_ERRORS, Refused, parse_error
+from ca.policy import PARSE_ERRORS, Reason, Refused, parse_error
 from ca.server.common import AUDIT, ISSUANCE, REVOCATIONS, STORE, decide, identity
 from ca.server.common import json_body as admin_json_body
 from ca.server.problems import NOT_UNICODE
@@ -283,9 +283,9 @@ async def new_account(request: web.Request) -> web.Response:
         kid, check = acme_jws.verify_eab(body["externalAccountBinding"], v.jwk,
                                          url_of(request, "new-account"))
         eab = await server.store.acme_eab(kid)
-        why = ("unknown" if eab is None else "used" if eab.mac_key is None or eab.used_at
-               is not None else "expired" if eab.expires <= now.isoformat() else
-               "wrongly MACed" if not check(bytes(eab.mac_key)) else None)
+        why = ("unknown" if eab is None else "used" if eab.used_at is not None else
+               "withdrawn" if eab.mac_key is None else "expired" if eab.expires <=
+               now.isoformat() else "wrongly MACed" if not check(bytes(eab.mac_key)) else None)
         if why is not None:
             # The client is not told which (a kid's existence is the operator's to know);
             # the operator is, with the kid, never the key.
@@ -852,6 +852,80 @@ async def create_eab(request: web.Request) -> web.Response:
     return web.json_response({"kid": kid, "hmac": mac_text, "expires": expires,
                               "names": list(grant.names), "warnings": list(grant.warnings)},
                              status=201)
+
+
+LISTED = 1000  # the latest EAB keys and accounts an admin's listing shows
+
+
+def _eab_state(eab: AcmeEAB, now: str) -> str:
+    if eab.used_at is not None:
+        return "used"
+    if eab.mac_key is None:
+        return "withdrawn"
+    return "expired" if eab.expires <= now else "unused"
+
+
+@routes.get("/v1/acme/eab")
+async def list_eabs(request: web.Request) -> web.Response:
+    """The latest EAB keys (admin): kid, names, who made it and when, until when, and
+    its state (unused, used by an account, expired, withdrawn); never a MAC key."""
+    await identity(request, "admin")
+    now = utcnow().isoformat()
+    eabs = await request.app[ACME].store.acme_eabs(LISTED)
+    return web.json_response({"eab": [
+        {"kid": e.kid, "names": list(e.names), "state": _eab_state(e, now),
+         "created_at": e.created_at, "created_by": e.created_by, "expires": e.expires,
+         "used_at": e.used_at, "account": e.account_id} for e in eabs]})
+
+
+@routes.post("/v1/acme/eab/withdraw")
+async def withdraw_eab(request: web.Request) -> web.Response:
+    """Withdraw an EAB key not yet bound (admin): its MAC key is erased, so no account
+    can bind it (a key handed to the wrong person, or leaked)."""
+    who = await identity(request)
+    body = await admin_json_body(request, {"kid"})
+    kid = str(body.get("kid", ""))[:100]
+    store = request.app[ACME].store
+    eab = await store.acme_eab(kid)
+    state = _eab_state(eab, utcnow().isoformat()) if eab is not None else None
+    order: ra.AcmeAdminOrder = await decide(request, who, ra.AcmeAdminRequest(
+        "withdraw-eab", kid, state))
+    # The record first: a withdrawal the log does not show never happened.
+    await request.app[AUDIT].append("acme.eab.withdraw", kid=kid, actor=order.actor,
+                                    request_id=request.get("request_id"))
+    if not await store.withdraw_acme_eab(kid, utcnow()):
+        raise Refused(f"the EAB key {kid!r} was bound meanwhile: deactivate the account "
+                      "that bound it instead", Reason.CONFLICT)
+    return web.json_response({"kid": kid, "state": "withdrawn"})
+
+
+@routes.get("/v1/acme/accounts")
+async def list_accounts(request: web.Request) -> web.Response:
+    """The latest ACME accounts (admin): id, status, contact, name patterns, the EAB
+    key it bound and when it was made."""
+    await identity(request, "admin")
+    accounts = await request.app[ACME].store.acme_accounts(LISTED)
+    return web.json_response({"accounts": [
+        {"id": a.id, "status": a.status, "contact": list(a.contact), "names": list(a.names),
+         "eab_kid": a.eab_kid, "created_at": a.created_at} for a in accounts]})
+
+
+@routes.post("/v1/acme/accounts/deactivate")
+async def deactivate_account(request: web.Request) -> web.Response:
+    """Deactivate an ACME account (admin), as its holder could (RFC 8555 7.3.6): it
+    orders, finalizes and revokes nothing more; its certificates stay valid (revoke
+    them apart)."""
+    who = await identity(request)
+    body = await admin_json_body(request, {"account"})
+    account_id = str(body.get("account", ""))[:100]
+    store = request.app[ACME].store
+    account = await store.acme_account(account_id)
+    order: ra.AcmeAdminOrder = await decide(request, who, ra.AcmeAdminRequest(
+        "deactivate-account", account_id, account.status if account else None))
+    await request.app[AUDIT].append("acme.account.deactivate", account=account_id,
+                                    actor=order.actor, request_id=request.get("request_id"))
+    await store.deactivate_acme_account(account_id)
+    return web.json_response({"account": account_id, "status": "deactivated"})
 
 
 def new_eab_key() -> tuple[bytes, str]:

@@ -1,17 +1,20 @@
-"""`hsmca acme eab create`: an ACME external account binding key, from the running
-daemon (admin API, audited as acme.eab.create; the HMAC key is printed once)."""
+"""`hsmca acme eab create|list|withdraw` and `hsmca acme account list|deactivate`: the
+ACME server's external account binding keys and accounts, through the running daemon's
+admin API (each change audited: acme.eab.create, acme.eab.withdraw,
+acme.account.deactivate; an HMAC key is printed once, when it is made)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import sys
-from pathlib import Path
+from typing import Any
 
 from ca.errors import CLIError
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from ca.commands.client_cmd import admin_flags
     a = sub.add_parser("acme", help="the ACME server (admin)")
     asub = a.add_subparsers(dest="acme_command", metavar="SUBCOMMAND", required=True)
     e = asub.add_parser("eab", help="external account binding keys")
@@ -27,28 +30,96 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                    help="DNS names the account may order: example.com exactly, or "
                    "*.example.com for every name below it")
     c.add_argument("--ttl", default="24h", help="how long the key may be bound (default 24h)")
-    c.add_argument("--config", type=Path, default=Path("hsmca.toml"),
-                   help="config whose admin credential to use (default ./hsmca.toml)")
-    c.add_argument("--url", help="daemon URL (default: the URL the daemon serving this "
-                   "config wrote to STATE_DIR/serve.url)")
-    c.add_argument("--ca", type=Path, help="root CA PEM (default from config)")
+    admin_flags(c)
     c.set_defaults(command_key="acme-eab-create")
+    ls = esub.add_parser("list", help="the EAB keys made, and what became of each",
+                         description="List the latest 1,000 EAB keys, newest first: kid, "
+                         "state (unused, used, expired, withdrawn), the account that bound "
+                         "it, until when, the name patterns. Never a MAC key.")
+    admin_flags(ls)
+    ls.set_defaults(command_key="acme-eab-list")
+    w = esub.add_parser("withdraw", help="withdraw an EAB key not yet bound",
+                        description="Erase the MAC key of an EAB key no account has bound "
+                        "yet (handed to the wrong person, or leaked), so none can. One "
+                        "already bound: deactivate its account (hsmca acme account "
+                        "deactivate). Audited as acme.eab.withdraw.")
+    w.add_argument("kid", help="the key's kid (kid=... as `eab create` printed it)")
+    admin_flags(w)
+    w.set_defaults(command_key="acme-eab-withdraw")
+    acct = asub.add_parser("account", help="ACME accounts")
+    accsub = acct.add_subparsers(dest="account_command", metavar="SUBCOMMAND", required=True)
+    al = accsub.add_parser("list", help="the ACME accounts",
+                           description="List the latest 1,000 ACME accounts, newest first: "
+                           "id, status, the EAB key it bound, its name patterns, contact.")
+    admin_flags(al)
+    al.set_defaults(command_key="acme-account-list")
+    ad = accsub.add_parser("deactivate", help="deactivate an ACME account",
+                           description="Deactivate an ACME account, as its holder could (RFC "
+                           "8555 7.3.6): it orders, finalizes and revokes nothing more, and "
+                           "its pending authorizations end. Its certificates stay valid: "
+                           "revoke them apart. Audited as acme.account.deactivate.")
+    ad.add_argument("account", help="the account's id (hsmca acme account list)")
+    admin_flags(ad)
+    ad.set_defaults(command_key="acme-account-deactivate")
 
 
-def eab_create(args: argparse.Namespace) -> int:
+def _ask(args: argparse.Namespace, method: str, path: str, body: Any = None,
+         expect: int = 200) -> Any:
+    """One admin request to the daemon's ACME admin API."""
     from ca import client
     from ca.commands.client_cmd import _admin
     url, ctx = _admin(args)
     try:
-        out = asyncio.run(client.call("POST", f"{url}/v1/acme/eab", ctx, expect=201,
-                                      json_body={"names": args.names, "ttl": args.ttl}))
+        return asyncio.run(client.call(method, f"{url}{path}", ctx, expect=expect,
+                                       json_body=body))
     except client.ClientError as exc:
-        if exc.status == 404:
+        if exc.status == 404 and "no such endpoint" in str(exc):
             raise CLIError("the daemon serves no ACME: add an [acme] section to its config "
                            "(docs/acme.md) and restart it") from None
         raise
+
+
+def eab_create(args: argparse.Namespace) -> int:
+    out = _ask(args, "POST", "/v1/acme/eab", {"names": args.names, "ttl": args.ttl}, 201)
     print(f"kid={out['kid']}")
     print(f"hmac={out['hmac']}")
     for warning in out.get("warnings", []):
         print(f"hsmca: warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def eab_list(args: argparse.Namespace) -> int:
+    rows = _ask(args, "GET", "/v1/acme/eab")["eab"]
+    if not rows:
+        print("no EAB keys (make one: hsmca acme eab create --names PATTERN)")
+        return 0
+    print(f"{'KID':24} {'STATE':9} {'ACCOUNT':24} {'EXPIRES':25} NAMES")
+    for e in rows:
+        print(f"{e['kid']:24} {e['state']:9} {e['account'] or '-':24} {e['expires']:25} "
+              f"{' '.join(e['names'])}")
+    return 0
+
+
+def eab_withdraw(args: argparse.Namespace) -> int:
+    _ask(args, "POST", "/v1/acme/eab/withdraw", {"kid": args.kid})
+    print(f"withdrew {args.kid}: no account can bind it")
+    return 0
+
+
+def account_list(args: argparse.Namespace) -> int:
+    rows = _ask(args, "GET", "/v1/acme/accounts")["accounts"]
+    if not rows:
+        print("no ACME accounts")
+        return 0
+    print(f"{'ACCOUNT':24} {'STATUS':11} {'EAB':24} {'CREATED':25} NAMES")
+    for a in rows:
+        print(f"{a['id']:24} {a['status']:11} {a['eab_kid'] or '-':24} {a['created_at']:25} "
+              f"{' '.join(a['names']) or '(the CA lists alone)'}")
+    return 0
+
+
+def account_deactivate(args: argparse.Namespace) -> int:
+    _ask(args, "POST", "/v1/acme/accounts/deactivate", {"account": args.account})
+    print(f"deactivated ACME account {args.account}: it orders and revokes nothing more; "
+          "its certificates stay valid until revoked")
     return 0

@@ -244,6 +244,20 @@ class Store(Protocol):
 
     async def acme_eab(self, kid: str) -> AcmeEAB | None: ...
 
+    async def acme_eabs(self, limit: int) -> list[AcmeEAB]:
+        """The latest `limit` EAB keys, newest first, without their secrets: `mac_key`
+        is b"" where the key is still held, None where it was erased."""
+        ...
+
+    async def withdraw_acme_eab(self, kid: str, at: dt.datetime) -> bool:
+        """Erase the MAC key of an EAB key not yet bound, and end it at `at`; False if
+        it is bound, withdrawn or unknown."""
+        ...
+
+    async def acme_accounts(self, limit: int) -> list[AcmeAccount]:
+        """The latest `limit` ACME accounts, newest first."""
+        ...
+
     async def add_acme_account(self, account: AcmeAccount, at: dt.datetime) -> bool:
         """Insert the account and, when it names an EAB key, spend that key (erasing
         its MAC key) in the same transaction; False if the key is spent or expired, or

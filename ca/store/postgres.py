@@ -760,6 +760,27 @@ class PostgresStore:
         return AcmeEAB(r[0], bytes(r[1]) if r[1] is not None else None,
                        tuple(json.loads(r[2])), r[3], r[4], r[5], r[6], r[7])
 
+    async def acme_eabs(self, limit: int) -> list[AcmeEAB]:
+        rows = await self._rows(
+            "SELECT kid, CASE WHEN mac_key IS NULL THEN NULL ELSE ''::bytea END, names, "
+            "expires, created_at, created_by, used_at, account_id FROM acme_eab "
+            "ORDER BY created_at DESC, kid LIMIT %s", (limit,))
+        return [AcmeEAB(r[0], bytes(r[1]) if r[1] is not None else None,
+                        tuple(json.loads(r[2])), r[3], r[4], r[5], r[6], r[7]) for r in rows]
+
+    async def withdraw_acme_eab(self, kid: str, at: dt.datetime) -> bool:
+        async def withdraw(db: Conn) -> bool:
+            cur = await db.execute(
+                "UPDATE acme_eab SET mac_key = NULL, expires = LEAST(expires, %s) WHERE "
+                "kid = %s AND used_at IS NULL AND mac_key IS NOT NULL", (at.isoformat(), kid))
+            return cur.rowcount == 1
+        return await self._tx(withdraw)
+
+    async def acme_accounts(self, limit: int) -> list[AcmeAccount]:
+        return [self._account(r) for r in await self._rows(
+            f"SELECT {self._ACCOUNT_COLS} FROM acme_accounts ORDER BY created_at DESC, id "
+            "LIMIT %s", (limit,))]
+
     async def add_acme_account(self, account: AcmeAccount, at: dt.datetime) -> bool:
         async def insert(db: Conn) -> bool:
             if account.eab_kid is not None:

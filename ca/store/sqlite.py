@@ -955,6 +955,26 @@ class SQLiteStore:
         r = rows[0]
         return AcmeEAB(r[0], r[1], tuple(json.loads(r[2])), r[3], r[4], r[5], r[6], r[7])
 
+    async def acme_eabs(self, limit: int) -> list[AcmeEAB]:
+        rows = self._read("SELECT kid, CASE WHEN mac_key IS NULL THEN NULL ELSE x'' END, "
+                          "names, expires, created_at, created_by, used_at, account_id FROM "
+                          "acme_eab ORDER BY created_at DESC, kid LIMIT ?", (limit,))
+        return [AcmeEAB(r[0], r[1], tuple(json.loads(r[2])), r[3], r[4], r[5], r[6], r[7])
+                for r in rows]
+
+    async def withdraw_acme_eab(self, kid: str, at: dt.datetime) -> bool:
+        def withdraw(db: sqlite3.Connection) -> bool:
+            return db.execute(
+                "UPDATE acme_eab SET mac_key = NULL, expires = min(expires, ?) WHERE kid = ? "
+                "AND used_at IS NULL AND mac_key IS NOT NULL", (at.isoformat(), kid)
+            ).rowcount == 1
+        return await self._write(withdraw)
+
+    async def acme_accounts(self, limit: int) -> list[AcmeAccount]:
+        return [self._account(r) for r in self._read(
+            f"SELECT {self._ACCOUNT_COLS} FROM acme_accounts ORDER BY created_at DESC, id "
+            "LIMIT ?", (limit,))]
+
     async def add_acme_account(self, account: AcmeAccount, at: dt.datetime) -> bool:
         def insert(db: sqlite3.Connection) -> bool:
             if account.eab_kid is not None:
