@@ -68,7 +68,20 @@ def serve(args: argparse.Namespace) -> int:
     os.umask(os.umask(0) | 0o022)
     check_state(cfg)
     configure()
-    return main(cfg, args.listen, args.workers)
+    try:
+        return main(cfg, args.listen, args.workers)
+    except OSError as exc:
+        if exc.filename:  # it names its file already
+            raise
+        # A write to an open file says only "No space left on device" (a recovery trial
+        # had to guess where): name the state directory and the room left there.
+        import shutil
+        try:
+            free = f", {shutil.disk_usage(cfg.local_dir).free // 1024} KiB free there"
+        except OSError:
+            free = ""
+        raise CLIError(f"{exc.strerror or exc} (writing in the state directory "
+                       f"{cfg.local_dir}{free})") from None
 
 
 def token_create(args: argparse.Namespace) -> int:

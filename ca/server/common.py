@@ -117,10 +117,10 @@ def peer_der(request: web.Request) -> bytes | None:
 async def identity(request: web.Request, *roles: str) -> ra.CertHolder:
     """The inventory record behind the client certificate; 401/403 otherwise.
 
-    The TLS layer has already checked the chain to our CA and the validity period;
-    here the certificate must also be one we issued (in the inventory), unrevoked,
-    unexpired, and (for the read-only endpoints that name them) of one of `roles`,
-    from the inventory, never from anything the client says.
+    The TLS layer has already checked the chain to our CA (not the validity period:
+    see ca/server/app.py tls_context); here the certificate must also be one we issued
+    (in the inventory), unrevoked, unexpired, and (for the read-only endpoints that name
+    them) of one of `roles`, from the inventory, never from anything the client says.
     """
     cached: ra.CertHolder | None = request.get("identity")
     if cached is None:
