@@ -612,8 +612,10 @@ def _renewing(cert: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ClientError(f"another renewal in {real.parent} is under way; this one "
-                              "waits for it", retryable=True) from None
+            # Retryable: `renew --daemon` tries again later; a one-shot renew ends here.
+            raise ClientError(f"another renewal in {real.parent} is under way (a "
+                              "`renew --daemon` there, or a timer); try again once it is "
+                              "done", retryable=True) from None
         yield
     finally:
         os.close(fd)  # and the lock with it
