@@ -76,6 +76,12 @@ def test_eab_keys_are_listed_without_secrets_and_withdrawn_only_unbound(
     assert isinstance(gone, AcmeEAB) and gone.mac_key is None and gone.used_at is None
     assert gone.expires == NOW.isoformat()
     assert run(store.add_acme_account(account("a2", "t2", "w1"), NOW)) is False
+    # A binding that checked the MAC before the withdrawal, and binds after it with its
+    # earlier time, binds nothing (a review found it did: expires was still later).
+    run(store.add_acme_eab(AcmeEAB("w3", b"secret3", ("c.test",), LATER, NOW.isoformat(),
+                                   "me")))
+    assert run(store.withdraw_acme_eab("w3", NOW + dt.timedelta(seconds=5))) is True
+    assert run(store.add_acme_account(account("a3", "t3", "w3"), NOW)) is False
     assert [a.id for a in run(store.acme_accounts(10))] == ["a1"]
 
 

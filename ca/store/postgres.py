@@ -786,7 +786,7 @@ class PostgresStore:
             if account.eab_kid is not None:
                 cur = await db.execute(
                     "UPDATE acme_eab SET used_at = %s, account_id = %s, mac_key = NULL "
-                    "WHERE kid = %s AND used_at IS NULL AND expires > %s",
+                    "WHERE kid = %s AND used_at IS NULL AND mac_key IS NOT NULL AND expires > %s",
                     (at.isoformat(), account.id, account.eab_kid, at.isoformat()))
                 if cur.rowcount != 1:
                     return False

@@ -980,7 +980,7 @@ class SQLiteStore:
             if account.eab_kid is not None:
                 spent = db.execute(
                     "UPDATE acme_eab SET used_at = ?, account_id = ?, mac_key = NULL "
-                    "WHERE kid = ? AND used_at IS NULL AND expires > ?",
+                    "WHERE kid = ? AND used_at IS NULL AND mac_key IS NOT NULL AND expires > ?",
                     (at.isoformat(), account.id, account.eab_kid, at.isoformat())).rowcount
                 if spent != 1:
                     return False
