@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import sys
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from ca.config import Config
 from ca.daemon.keys import load_issuers
 from ca.fileutil import write_atomic
 from ca.issuance.pipeline import SigningPipeline
+from ca.revocation.from_log import apply_logged_revocations, keep_crl_numbers_ahead
 from ca.store import open_store
 from ca.store.errors import CAExists, StoreUnavailable
 from ca.store.sqlite import export_inventory
@@ -143,6 +145,15 @@ async def _record_move(config: Config, audit_key: Ed25519PublicKey, name: str) -
         pipeline.start()
         store = open_store(config.store_location)
         try:
+            # What the log records and the inventory lacks (a revocation cut short by a
+            # stop, CRL numbers an older inventory would sign again) goes with the
+            # inventory: once it is the `init` log in PostgreSQL, no node's start reads
+            # this log again (ca/revocation/from_log.py).
+            if completed := await apply_logged_revocations(config.audit_log, store):
+                print(f"hsmca: warning: completed {len(completed)} revocation(s) the audit "
+                      "log records and the inventory lacked (a stop between the two)",
+                      file=sys.stderr)
+            await keep_crl_numbers_ahead(config.audit_log, store)
             issuers = await load_issuers(store, pipeline)
         finally:
             store.close()

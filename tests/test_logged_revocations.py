@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 from tests.conftest import hsmca, init_ca, start_daemon
 from tests.helpers import enroll, http
@@ -76,3 +77,32 @@ async def _crl_number(d: object) -> int:
     assert status == 200
     crl = x509.load_der_x509_crl(body)
     return int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
+
+
+async def test_a_move_to_postgresql_takes_a_logged_revocation_the_inventory_lacked(
+        tmp_path: Path, postgres_server: Any) -> None:
+    """After `store move` the single node's log is the cluster's `init` log, which no
+    node's start reads: a revocation it records and the inventory lacked was lost for
+    good (a review). The move completes it before it copies the inventory."""
+    from tests.cluster_kit import call
+    ca = init_ca(tmp_path)
+    db = ca.state / "hsmca.sqlite3"
+    d = start_daemon(ca.state)
+    gone = enroll(d, tmp_path, "service", ["gone.internal.example"])
+    assert d.stop() == 0
+    _copy_inventory(db, tmp_path / "before.sqlite3")
+    d = start_daemon(ca.state)
+    hsmca("revoke", "--config", ca.state / "hsmca.toml", "--url", d.url, _serial(gone[0]))
+    assert d.stop() == 0
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    _copy_inventory(tmp_path / "before.sqlite3", db)  # as a stop between line and commit
+    moved = hsmca("store", "move", "--config", ca.state / "hsmca.toml", "--yes",
+                  "--store-url", postgres_server.new_database())
+    assert "completed 1 revocation(s) the audit log records" in moved.stderr, moved.stderr
+    node = start_daemon(ca.state, "--node", "ca-1")
+    try:
+        status, _, body = await call("POST", f"{node.url}/v1/x509/renew", node.ssl(*gone), {})
+        assert status == 403 and json.loads(body)["type"].endswith("revoked-certificate")
+    finally:
+        assert node.stop() == 0

@@ -41,6 +41,7 @@ class Logged:
     serials: tuple[int, ...]
     reason: str | None
     at: dt.datetime
+    lineage: bool = False  # keyCompromise: the renewals recorded meanwhile go too
 
 
 def _lines_with(path: Path, mark: bytes) -> Iterator[dict[str, Any]]:
@@ -75,7 +76,8 @@ def logged_revocations(path: Path) -> list[Logged]:
         try:
             out.append(Logged(int(line["seq"]),
                               tuple(int(s, 16) for s in line.get("serials") or ()),
-                              line.get("reason"), dt.datetime.fromisoformat(line["ts"])))
+                              line.get("reason"), dt.datetime.fromisoformat(line["ts"]),
+                              line.get("lineage") is True))
         except (ValueError, KeyError, TypeError):
             continue
     return out
@@ -111,6 +113,13 @@ async def apply_logged_revocations(path: Path, store: Store) -> list[Logged]:
         missing = [s for s in entry.serials if s not in revoked]
         if not missing:
             continue
+        if entry.lineage:
+            # A renewal recorded while the line was written found its parent unrevoked,
+            # and the revocation's own second look (its sweep) never ran: walk it here.
+            family = set(missing)
+            for serial in missing:
+                family.update(await store.lineage(serial, dt.datetime.now(dt.UTC)))
+            missing = sorted(family - revoked)
         done = await store.revoke_certs(missing, entry.at, entry.reason)
         revoked.update(missing)
         if done.serials:  # (a serial the inventory never had is not the log's to add)
