@@ -46,7 +46,7 @@ from ca.config import Config
 from ca.daemon.keys import load_issuers
 from ca.fileutil import write_atomic
 from ca.issuance.pipeline import SigningPipeline
-from ca.revocation.from_log import apply_logged_revocations, keep_crl_numbers_ahead
+from ca.revocation.from_log import complete_from_log
 from ca.store import open_store
 from ca.store.errors import CAExists, StoreUnavailable
 from ca.store.sqlite import export_inventory
@@ -149,11 +149,10 @@ async def _record_move(config: Config, audit_key: Ed25519PublicKey, name: str) -
             # stop, CRL numbers an older inventory would sign again) goes with the
             # inventory: once it is the `init` log in PostgreSQL, no node's start reads
             # this log again (ca/revocation/from_log.py).
-            if completed := await apply_logged_revocations(config.audit_log, store):
+            if completed := await complete_from_log(config.audit_log, store, ""):
                 print(f"hsmca: warning: completed {len(completed)} revocation(s) the audit "
                       "log records and the inventory lacked (a stop between the two)",
                       file=sys.stderr)
-            await keep_crl_numbers_ahead(config.audit_log, store)
             issuers = await load_issuers(store, pipeline)
         finally:
             store.close()

@@ -106,3 +106,28 @@ async def test_a_move_to_postgresql_takes_a_logged_revocation_the_inventory_lack
         assert status == 403 and json.loads(body)["type"].endswith("revoked-certificate")
     finally:
         assert node.stop() == 0
+
+
+def test_a_start_reads_the_log_from_the_inventorys_mark_only(tmp_path: Path) -> None:
+    """Each start reads only what was written since the inventory's mark (a whole log
+    was a second a gigabyte at every start, a review measured); a mark the file does
+    not fit (a shorter or replaced log) is read from the beginning."""
+    from ca.revocation.from_log import scan
+    lines = [
+        '{"event":"cert.revoke","reason":"superseded","seq":0,"serials":["a1"],'
+        '"ts":"2026-12-04T10:00:00+00:00"}',
+        '{"crl_number":7,"event":"hsm.sign","phase":"intent","purpose":"crl","seq":1}',
+        '{"event":"cert.revoke","reason":"keyCompromise","lineage":true,"seq":2,'
+        '"serials":["b2"],"ts":"2026-12-04T11:00:00+00:00"}',
+        '{"event":"cert.revoke","seq":3,"serials":["c3"],"ts":"2026-12-04T12:00:00+00:00"}']
+    log = tmp_path / "log.jsonl"
+    log.write_text("\n".join(lines) + "\n" + '{"event":"cert.revoke","seq":4,"serials":["d')
+    whole = scan(log, 0)
+    assert [e.seq for e in whole.revocations] == [0, 2, 3]  # the torn last line is not
+    assert whole.highest_crl_number == 7 and whole.end == log.read_bytes().rindex(b"\n") + 1
+    assert whole.revocations[1].lineage and whole.revocations[1].serials == (0xb2,)
+    after_two = len("\n".join(lines[:2])) + 1
+    since = scan(log, after_two)
+    assert [e.seq for e in since.revocations] == [2, 3] and since.highest_crl_number == 0
+    for unfit in (after_two - 5, whole.end + 100):  # mid-line, or past the end
+        assert [e.seq for e in scan(log, unfit).revocations] == [0, 2, 3]

@@ -320,3 +320,16 @@ def test_node_names_whose_32_bit_hashes_collide_each_hold_their_own_lease(
         a.close()
         b.close()
         store.close()
+
+
+def test_crl_numbers_move_past_a_floor_and_never_back(store: Store) -> None:
+    """The start moves the CRL counter past every number its log shows signed (a
+    restored inventory signed a number again); never backwards, whatever it is given."""
+    first = run(store.next_crl_number())
+    run(store.keep_crl_numbers_above(first + 5))
+    assert run(store.next_crl_number()) == first + 6
+    run(store.keep_crl_numbers_above(first + 2))  # behind the counter: nothing moves
+    assert run(store.next_crl_number()) == first + 7
+    assert run(store.log_scanned("n1")) == 0
+    run(store.set_log_scanned("n1", 4096))
+    assert run(store.log_scanned("n1")) == 4096 and run(store.log_scanned("n2")) == 0

@@ -79,7 +79,7 @@ def _revoked_in_krl(krl: Path, cert: Path) -> bool:
         return False
     proc = subprocess.run([keygen, "-Q", "-f", str(krl), str(cert)], capture_output=True,
                           text=True, timeout=30)
-    return "REVOKED" in proc.stdout
+    return proc.stdout.rstrip().endswith(": REVOKED")  # "<file>: REVOKED" (or ": ok")
 
 
 def _ssh_cert_times(path: Path) -> tuple[dt.datetime, dt.datetime]:

@@ -58,7 +58,7 @@ from ca.issuance.issue import Issuance, decision_context
 from ca.issuance.pipeline import SigningPipeline
 from ca.lifecycle import write_bundle, write_chain_files
 from ca.process import raise_fd_limit, settle_heap
-from ca.revocation.from_log import apply_logged_revocations, keep_crl_numbers_ahead
+from ca.revocation.from_log import complete_from_log
 from ca.revocation.ocsp import OCSPRefresher, OCSPSigner
 from ca.server_cert import ensure_server_cert
 from ca.store import Store, open_store
@@ -388,13 +388,12 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
                         orders=reopened)
         # Revocations the log records and the inventory lacks (a stop between the line
         # and the commit, or a backup copied between them) are completed before serving.
-        if completed := await apply_logged_revocations(config.audit_log, store):
+        if completed := await complete_from_log(config.audit_log, store, config.node or ""):
             log.warning("completed revocations the audit log records and the inventory "
                         "lacked (a stop between the two, or an inventory copied between "
                         "them)", lines=[e.seq for e in completed][:20],
                         serials=sorted({format(s, "x") for e in completed
                                         for s in e.serials})[:20])
-        await keep_crl_numbers_ahead(config.audit_log, store)  # a restored inventory's too
         keys = await open_keyring(config, store, pipeline, generations)
         await _name_unknown_keys(store, pipeline)
         await write_bundle(config.bundle_pem, store)  # what the workers' TLS layer trusts

@@ -1,22 +1,25 @@
-"""Revocations the audit log records and the inventory lacks, applied at start.
+"""What the audit log records and the inventory lacks, completed at start.
 
 A revocation writes its `cert.revoke` line first and commits it to the inventory
 after (a revocation the log does not show never happened). A stop between the two (a
 kill, a power cut), or a backup whose inventory was copied between them, leaves a
 revocation the log records and the inventory does not: the certificate would be
-served as good, renewed and accepted. The log is the record, so at start the daemon
-completes what it says: each serial a `cert.revoke` line names that the inventory
-has but does not show revoked is revoked, with the line's reason and time.
-
-(SSH certificates issued on the strength of those go with them, as in any revocation.
-The log is scanned whole, for the one byte string every such line holds: about a
-second per gigabyte.)
+served as good, renewed and accepted. The log is the record, so before the daemon
+serves (and before `store move` copies the inventory) each serial a `cert.revoke`
+line names that the inventory has but does not show revoked is revoked, with the
+line's reason and time (and, for keyCompromise, the lineage recorded meanwhile).
 
 Likewise the CRL numbers: an inventory older than its log (a restored backup) would
 hand out numbers its log shows signed already, and a relying party holding the
 higher-numbered CRL keeps it, revocations since unseen (RFC 5280 5.2.3: the number
 only grows). The next number is made larger than every one the log's `crl` intents
 name.
+
+The inventory keeps how far into each log this was done (`log_scanned`), so a start
+reads only what was written since: a whole log would cost a second per gigabyte at
+every start. An inventory restored from an older backup has the older mark, and so
+reads from there. A mark the file does not fit (shorter, or not at a line's end: a
+log replaced) is read from the start.
 """
 
 from __future__ import annotations
@@ -44,67 +47,86 @@ class Logged:
     lineage: bool = False  # keyCompromise: the renewals recorded meanwhile go too
 
 
-def _lines_with(path: Path, mark: bytes) -> Iterator[dict[str, Any]]:
-    """The lines of the log at `path` that hold `mark`, parsed."""
+@dataclass(frozen=True)
+class Scanned:
+    revocations: list[Logged]
+    highest_crl_number: int  # 0 if none
+    end: int  # the byte after the last whole line read
+
+
+def scan(path: Path, start: int) -> Scanned:
+    """The `cert.revoke` lines and the highest CRL number of the log at `path`, from
+    byte `start` (or from the beginning, if the file does not fit it)."""
+    revocations: list[Logged] = []
+    highest = 0
     try:
         fh = path.open("rb")
     except FileNotFoundError:
-        return
+        return Scanned([], 0, 0)
     with fh:
-        if not fh.seek(0, 2):
-            return
+        size = fh.seek(0, 2)
+        if not size:
+            return Scanned([], 0, 0)
         with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            at = data.find(mark)
-            while at >= 0:
-                start = data.rfind(b"\n", 0, at) + 1
-                end = data.find(b"\n", at)
-                if end < 0:
-                    return  # a torn last line: the log's own start-up recovery cuts it
-                try:
-                    line = json.loads(data[start:end])
-                except ValueError:
-                    line = None  # not a line the log wrote: `hsmca audit verify` says so
-                if isinstance(line, dict):
-                    yield line
-                at = data.find(mark, end)
+            end = data.rfind(b"\n") + 1  # a torn last line: start-up recovery cuts it
+            if not 0 < start <= end or data[start - 1:start] != b"\n":
+                start = 0
+            for mark in (_MARK, _CRL_MARK):
+                for line in _lines_with(data, mark, start, end):
+                    if mark is _MARK:
+                        if (entry := _revocation(line)) is not None:
+                            revocations.append(entry)
+                    elif line.get("phase") == "intent":
+                        n = line.get("crl_number")
+                        if isinstance(n, int) and not isinstance(n, bool):
+                            highest = max(highest, n)
+    revocations.sort(key=lambda e: e.seq)
+    return Scanned(revocations, highest, end)
 
 
-def logged_revocations(path: Path) -> list[Logged]:
-    """Every `cert.revoke` line of the log at `path` (none if it is empty or absent)."""
-    out: list[Logged] = []
-    for line in _lines_with(path, _MARK):
+def _lines_with(data: mmap.mmap, mark: bytes, start: int, end: int
+                ) -> Iterator[dict[str, Any]]:
+    """The whole lines between `start` and `end` that hold `mark`, parsed."""
+    at = data.find(mark, start, end)
+    while at >= 0:
+        first = max(data.rfind(b"\n", start, at) + 1, start)
+        last = data.find(b"\n", at, end)
+        if last < 0:
+            return
         try:
-            out.append(Logged(int(line["seq"]),
-                              tuple(int(s, 16) for s in line.get("serials") or ()),
-                              line.get("reason"), dt.datetime.fromisoformat(line["ts"]),
-                              line.get("lineage") is True))
-        except (ValueError, KeyError, TypeError):
-            continue
-    return out
+            line = json.loads(data[first:last])
+        except ValueError:
+            line = None  # not a line the log wrote: `hsmca audit verify` says so
+        if isinstance(line, dict):
+            yield line
+        at = data.find(mark, last, end)
 
 
-def highest_crl_number(path: Path) -> int:
-    """The largest CRL number the log's `crl` intents name (0 if none)."""
-    numbers = [line.get("crl_number") for line in _lines_with(path, _CRL_MARK)
-               if line.get("phase") == "intent"]
-    return max((n for n in numbers if isinstance(n, int) and not isinstance(n, bool)),
-               default=0)
+def _revocation(line: dict[str, Any]) -> Logged | None:
+    try:
+        return Logged(int(line["seq"]), tuple(int(s, 16) for s in line.get("serials") or ()),
+                      line.get("reason"), dt.datetime.fromisoformat(line["ts"]),
+                      line.get("lineage") is True)
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
-async def keep_crl_numbers_ahead(path: Path, store: Store) -> int:
-    """Make the store's next CRL number larger than any the log names; that number."""
+async def complete_from_log(path: Path, store: Store, log: str) -> list[Logged]:
+    """Complete in the inventory what the log `log` (its file at `path`) records since
+    the inventory's mark: revocations, the CRL counter; then move the mark. The
+    revocation lines that had a serial to complete."""
     import asyncio
-    highest = await asyncio.to_thread(highest_crl_number, path)
-    if highest:
-        await store.keep_crl_numbers_above(highest)
-    return highest
+    found = await asyncio.to_thread(scan, path, await store.log_scanned(log))
+    if found.highest_crl_number:
+        await store.keep_crl_numbers_above(found.highest_crl_number)
+    completed = await _revoke(found.revocations, store)
+    await store.set_log_scanned(log, found.end)
+    return completed
 
 
-async def apply_logged_revocations(path: Path, store: Store) -> list[Logged]:
-    """Revoke in the inventory what the log's `cert.revoke` lines name and the
-    inventory does not show revoked; the lines that had any such serial."""
-    import asyncio
-    found = await asyncio.to_thread(logged_revocations, path)
+async def _revoke(found: list[Logged], store: Store) -> list[Logged]:
+    """Revoke in the inventory what the lines name and the inventory does not show
+    revoked; the lines that had any such serial."""
     if not found:
         return []
     revoked = {serial for serial, *_ in await store.revoked_certs()}

@@ -187,6 +187,13 @@ class Store(Protocol):
         """A CRL number larger than any handed out before."""
         ...
 
+    async def log_scanned(self, log: str) -> int:
+        """How far (in bytes) the start's completion read the audit log `log` (0: not
+        yet): ca/revocation/from_log.py."""
+        ...
+
+    async def set_log_scanned(self, log: str, end: int) -> None: ...
+
     async def keep_crl_numbers_above(self, number: int) -> None:
         """Make every CRL number handed out from now on larger than `number`."""
         ...

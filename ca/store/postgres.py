@@ -624,12 +624,24 @@ class PostgresStore:
         # A sequence: numbers only grow, whichever node asks, and none is handed out twice.
         return int((await self._rows("SELECT nextval('crl_numbers')"))[0][0])
 
+    async def log_scanned(self, log: str) -> int:
+        rows = await self._rows("SELECT v FROM meta WHERE k = %s", (f"log_scanned:{log}",))
+        return int(rows[0][0]) if rows else 0
+
+    async def set_log_scanned(self, log: str, end: int) -> None:
+        async def keep(db: Conn) -> None:
+            await db.execute("INSERT INTO meta (k, v) VALUES (%s, %s) ON CONFLICT (k) DO "
+                             "UPDATE SET v = EXCLUDED.v", (f"log_scanned:{log}", str(end)))
+        await self._tx(keep)
+
     async def keep_crl_numbers_above(self, number: int) -> None:
         async def keep(db: Conn) -> None:
-            # (Not yet called, nextval gives last_value itself.)
-            await db.execute("SELECT setval('crl_numbers', %s) FROM crl_numbers WHERE "
-                             "last_value < %s OR (NOT is_called AND last_value = %s)",
-                             (number, number, number))
+            # nextval until past `number`, never setval: another node's nextval between a
+            # look and a setval would move the sequence back. The gap is the numbers an
+            # older database lacks (a restore), a few at most.
+            await db.execute("SELECT nextval('crl_numbers') FROM generate_series(1, %s - "
+                             "(SELECT CASE WHEN is_called THEN last_value ELSE last_value "
+                             "- 1 END FROM crl_numbers))", (number,))
         await self._tx(keep)
 
     async def add_crl(self, crl: CRLRecord) -> None:

@@ -281,6 +281,11 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE ca_keys ADD COLUMN ssh_public_key TEXT;
     """,
+    # 12: the keys revoked for keyCompromise, read by every process at each revocation
+    # (no certificate is issued for them again): an index, not a scan of every row.
+    """
+    CREATE INDEX certs_key_compromise ON certs(spki_sha256) WHERE reason = 'keyCompromise';
+    """,
 )
 
 _CERT_COLS = ("serial, fingerprint, role, subject, names, principals, spki_sha256, not_before, "
@@ -830,6 +835,16 @@ class SQLiteStore:
                        (str(number),))
             return number
         return await self._write(bump)
+
+    async def log_scanned(self, log: str) -> int:
+        rows = self._read("SELECT v FROM meta WHERE k = ?", (f"log_scanned:{log}",))
+        return int(rows[0][0]) if rows else 0
+
+    async def set_log_scanned(self, log: str, end: int) -> None:
+        def keep(db: sqlite3.Connection) -> None:
+            db.execute("INSERT OR REPLACE INTO meta (k, v) VALUES (?, ?)",
+                       (f"log_scanned:{log}", str(end)))
+        await self._write(keep)
 
     async def keep_crl_numbers_above(self, number: int) -> None:
         def keep(db: sqlite3.Connection) -> None:
