@@ -492,8 +492,9 @@ class HSM:
             raise PinRefused(f"wrong PIN for token {cfg.token!r} (PIN from "
                              f"{_describe_source(cfg.pin_source)})") from None
         except pkcs11.exceptions.PinLocked:
+            # Not remembered: offering a locked PIN counts nothing, and the officer may
+            # unlock the token keeping the same PIN.
             self._record("hsm.login", result="PinLocked")
-            self._refused_pin = tried
             raise PinRefused(f"the user PIN of token {cfg.token!r} is locked; the security "
                              "officer must reset it") from None
         finally:

@@ -239,6 +239,7 @@ class WorkerPool:
                 await asyncio.sleep(delay)  # a back-off, not synchronisation
                 if self._stopping:
                     return
+                pin_before = _pin_mark(self.config.hsm.pin_source)  # what the worker reads
                 try:
                     proc, exited = await self._start_one(slot)
                     break
@@ -248,7 +249,8 @@ class WorkerPool:
                     log.error("a worker cannot log in: the token refused the PIN; it is not "
                               "started again until the PIN source changes", worker=slot,
                               error=str(exc), pin_source=_describe(self.config.hsm.pin_source))
-                    await _pin_changed(self.config.hsm.pin_source, lambda: self._stopping)
+                    await _pin_changed(self.config.hsm.pin_source, pin_before,
+                                       lambda: self._stopping)
                     delay = 0.5
                     continue
                 except StartError as exc:
@@ -609,14 +611,15 @@ def _pin_mark(source: str) -> tuple[int, int, int] | None:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
-async def _pin_changed(source: str, stopping: Callable[[], bool]) -> None:
-    """Return once the PIN source changed (or the daemon is stopping)."""
-    before = _pin_mark(source)
+async def _pin_changed(source: str, before: tuple[int, int, int] | None,
+                       stopping: Callable[[], bool]) -> None:
+    """Return once the PIN source is no longer as it was when the refused worker read
+    it (`before`), or the daemon is stopping."""
     while not stopping():
-        await asyncio.sleep(PIN_POLL_S)  # a poll of the file, not synchronisation
         now = _pin_mark(source)
         if now is not None and now != before:
             return
+        await asyncio.sleep(PIN_POLL_S)  # a poll of the file, not synchronisation
 
 
 def _describe(source: str) -> str:
