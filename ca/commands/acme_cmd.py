@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from ca.errors import CLIError
@@ -32,35 +33,34 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     c.add_argument("--ttl", default="24h", help="how long the key may be bound (default 24h)")
     admin_flags(c)
     c.set_defaults(command_key="acme-eab-create")
-    ls = esub.add_parser("list", help="the EAB keys made, and what became of each",
-                         description="List the latest 1,000 EAB keys, newest first: kid, "
-                         "state (unused, used, expired, withdrawn), the account that bound "
-                         "it, until when, the name patterns. Never a MAC key.")
-    admin_flags(ls)
-    ls.set_defaults(command_key="acme-eab-list")
-    w = esub.add_parser("withdraw", help="withdraw an EAB key not yet bound",
-                        description="Erase the MAC key of an EAB key no account has bound "
-                        "yet (handed to the wrong person, or leaked), so none can. One "
-                        "already bound: deactivate its account (hsmca acme account "
-                        "deactivate). Audited as acme.eab.withdraw.")
-    w.add_argument("kid", help="the key's kid (kid=... as `eab create` printed it)")
-    admin_flags(w)
-    w.set_defaults(command_key="acme-eab-withdraw")
+    def admin_command(parent: Any, name: str, key: str, help_: str, description: str,
+                      *positionals: tuple[str, str]) -> None:
+        cmd = parent.add_parser(name, help=help_, description=description)
+        for arg, arg_help in positionals:
+            cmd.add_argument(arg, help=arg_help)
+        admin_flags(cmd)
+        cmd.set_defaults(command_key=key)
+
+    admin_command(esub, "list", "acme-eab-list", "the EAB keys made, and what became of each",
+                  "List the latest 1,000 EAB keys, newest first: kid, state (unused, used, "
+                  "expired, withdrawn), the account that bound it, until when, the name "
+                  "patterns. Never a MAC key.")
+    admin_command(esub, "withdraw", "acme-eab-withdraw", "withdraw an EAB key not yet bound",
+                  "Erase the MAC key of an EAB key no account has bound yet (handed to the "
+                  "wrong person, or leaked), so none can. One already bound: deactivate its "
+                  "account (hsmca acme account deactivate). Audited as acme.eab.withdraw.",
+                  ("kid", "the key's kid (kid=... as `eab create` printed it)"))
     acct = asub.add_parser("account", help="ACME accounts")
     accsub = acct.add_subparsers(dest="account_command", metavar="SUBCOMMAND", required=True)
-    al = accsub.add_parser("list", help="the ACME accounts",
-                           description="List the latest 1,000 ACME accounts, newest first: "
-                           "id, status, the EAB key it bound, its name patterns, contact.")
-    admin_flags(al)
-    al.set_defaults(command_key="acme-account-list")
-    ad = accsub.add_parser("deactivate", help="deactivate an ACME account",
-                           description="Deactivate an ACME account, as its holder could (RFC "
-                           "8555 7.3.6): it orders, finalizes and revokes nothing more, and "
-                           "its pending authorizations end. Its certificates stay valid: "
-                           "revoke them apart. Audited as acme.account.deactivate.")
-    ad.add_argument("account", help="the account's id (hsmca acme account list)")
-    admin_flags(ad)
-    ad.set_defaults(command_key="acme-account-deactivate")
+    admin_command(accsub, "list", "acme-account-list", "the ACME accounts",
+                  "List the latest 1,000 ACME accounts, newest first: id, status, the EAB key "
+                  "it bound, its name patterns, contact.")
+    admin_command(accsub, "deactivate", "acme-account-deactivate", "deactivate an ACME account",
+                  "Deactivate an ACME account, as its holder could (RFC 8555 7.3.6): it "
+                  "orders, finalizes and revokes nothing more, and its pending authorizations "
+                  "end. Its certificates stay valid: revoke them apart. Audited as "
+                  "acme.account.deactivate.",
+                  ("account", "the account's id (hsmca acme account list)"))
 
 
 def _ask(args: argparse.Namespace, method: str, path: str, body: Any = None,
@@ -88,16 +88,25 @@ def eab_create(args: argparse.Namespace) -> int:
     return 0
 
 
-def eab_list(args: argparse.Namespace) -> int:
-    rows = _ask(args, "GET", "/v1/acme/eab")["eab"]
+def _table(rows: list[dict[str, Any]], empty: str,
+           columns: list[tuple[str, int, Callable[[dict[str, Any]], str]]]) -> int:
+    """Print `rows` as fixed-width columns (the last one as wide as it is)."""
     if not rows:
-        print("no EAB keys (make one: hsmca acme eab create --names PATTERN)")
+        print(empty)
         return 0
-    print(f"{'KID':24} {'STATE':9} {'ACCOUNT':24} {'EXPIRES':25} NAMES")
-    for e in rows:
-        print(f"{e['kid']:24} {e['state']:9} {e['account'] or '-':24} {e['expires']:25} "
-              f"{' '.join(e['names'])}")
+    print(" ".join(f"{head:{width}}" for head, width, _ in columns).rstrip())
+    for row in rows:
+        print(" ".join(f"{cell(row):{width}}" for _, width, cell in columns).rstrip())
     return 0
+
+
+def eab_list(args: argparse.Namespace) -> int:
+    return _table(_ask(args, "GET", "/v1/acme/eab")["eab"],
+                  "no EAB keys (make one: hsmca acme eab create --names PATTERN)", [
+                      ("KID", 24, lambda e: e["kid"]), ("STATE", 9, lambda e: e["state"]),
+                      ("ACCOUNT", 24, lambda e: e["account"] or "-"),
+                      ("EXPIRES", 25, lambda e: e["expires"]),
+                      ("NAMES", 0, lambda e: " ".join(e["names"]))])
 
 
 def eab_withdraw(args: argparse.Namespace) -> int:
@@ -107,15 +116,10 @@ def eab_withdraw(args: argparse.Namespace) -> int:
 
 
 def account_list(args: argparse.Namespace) -> int:
-    rows = _ask(args, "GET", "/v1/acme/accounts")["accounts"]
-    if not rows:
-        print("no ACME accounts")
-        return 0
-    print(f"{'ACCOUNT':24} {'STATUS':11} {'EAB':24} {'CREATED':25} NAMES")
-    for a in rows:
-        print(f"{a['id']:24} {a['status']:11} {a['eab_kid'] or '-':24} {a['created_at']:25} "
-              f"{' '.join(a['names']) or '(the CA lists alone)'}")
-    return 0
+    return _table(_ask(args, "GET", "/v1/acme/accounts")["accounts"], "no ACME accounts", [
+        ("ACCOUNT", 24, lambda a: a["id"]), ("STATUS", 11, lambda a: a["status"]),
+        ("EAB", 24, lambda a: a["eab_kid"] or "-"), ("CREATED", 25, lambda a: a["created_at"]),
+        ("NAMES", 0, lambda a: " ".join(a["names"]) or "(the CA lists alone)")])
 
 
 def account_deactivate(args: argparse.Namespace) -> int:
