@@ -131,3 +131,40 @@ def test_a_start_reads_the_log_from_the_inventorys_mark_only(tmp_path: Path) -> 
     assert [e.seq for e in since.revocations] == [2, 3] and since.highest_crl_number == 0
     for unfit in (after_two - 5, whole.end + 100):  # mid-line, or past the end
         assert [e.seq for e in scan(log, unfit).revocations] == [0, 2, 3]
+
+
+async def test_an_ssh_key_revocation_the_inventory_lacks_is_completed_too(
+        tmp_path: Path) -> None:
+    """The same for `ssh.revoke`: its line now holds the revoked public key itself, so a
+    start completes it, the certificate in the KRL and the key barred."""
+    import subprocess
+
+    from tests.test_revocation import krl_says, ssh_user_cert
+    ca = init_ca(tmp_path)
+    db = ca.state / "hsmca.sqlite3"
+    d = start_daemon(ca.state)
+    user = enroll(d, tmp_path, "user", ["eve@example.org"], ["eve"])
+    cert = ssh_user_cert(d, tmp_path, user, "id_eve")
+    assert d.stop() == 0
+    _copy_inventory(db, tmp_path / "before.sqlite3")
+    d = start_daemon(ca.state)
+    hsmca("ssh", "revoke", "--pubkey", tmp_path / "id_eve.pub", "--config",
+          ca.state / "hsmca.toml", "--url", d.url)
+    assert d.stop() == 0
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    _copy_inventory(tmp_path / "before.sqlite3", db)
+    d = start_daemon(ca.state)
+    try:
+        assert krl_says(d, tmp_path, cert) == "REVOKED"
+        again = subprocess.run([*map(str, _hsmca_ssh_user(d, user, tmp_path / "id_eve.pub"))],
+                               capture_output=True, text=True)
+        assert again.returncode == 1 and "has been revoked" in again.stderr, again.stderr
+    finally:
+        assert d.stop() == 0
+
+
+def _hsmca_ssh_user(d: object, user: tuple[Path, Path], pub: Path) -> list[object]:
+    from tests.conftest import HSMCA
+    return [*HSMCA, "ssh", "user", "--url", d.url, "--ca", d.root,  # type: ignore[attr-defined]
+            "--cert", user[0], "--key", user[1], "--pubkey", pub]

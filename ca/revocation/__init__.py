@@ -367,9 +367,12 @@ class Revocations:
         which = _selector(order.serial, order.key_id, order.public_key)
         key = order.public_key
         # The record first, as for X.509: a revocation the log does not show never happened.
+        # The public key itself too (it is public): a start that finds the line without
+        # its commit completes it, the key barred (ca/revocation/from_log.py).
         await self.audit.append("ssh.revoke", serial=None if order.serial is None
                                 else str(order.serial), key_id=order.key_id,
                                 public_key_sha256=key.sha256 if key else None,
+                                **({"public_key": key.line} if key else {}),
                                 certificates=matching, actor=order.actor,
                                 request_id=request_id)
         hit = await self.store.revoke_ssh(which, prof.utcnow(), key.line if key else None)

@@ -1,6 +1,6 @@
 """What the audit log records and the inventory lacks, completed at start.
 
-A revocation writes its `cert.revoke` line first and commits it to the inventory
+A revocation writes its `cert.revoke` (or `ssh.revoke`) line first and commits it to the inventory
 after (a revocation the log does not show never happened). A stop between the two (a
 kill, a power cut), or a backup whose inventory was copied between them, leaves a
 revocation the log records and the inventory does not: the certificate would be
@@ -28,13 +28,14 @@ import datetime as dt
 import json
 import mmap
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ca.store import Store
+from ca.store import SSHSelector, Store
 
 _MARK = b'"event":"cert.revoke"'
+_SSH_MARK = b'"event":"ssh.revoke"'
 _CRL_MARK = b'"purpose":"crl"'
 
 
@@ -48,16 +49,26 @@ class Logged:
 
 
 @dataclass(frozen=True)
+class LoggedSSH:
+    seq: int
+    which: SSHSelector
+    public_key: str | None  # the key barred (OpenSSH), on lines that name one
+    at: dt.datetime
+
+
+@dataclass(frozen=True)
 class Scanned:
     revocations: list[Logged]
     highest_crl_number: int  # 0 if none
     end: int  # the byte after the last whole line read
+    ssh_revocations: list[LoggedSSH] = field(default_factory=list)
 
 
 def scan(path: Path, start: int) -> Scanned:
     """The `cert.revoke` lines and the highest CRL number of the log at `path`, from
     byte `start` (or from the beginning, if the file does not fit it)."""
     revocations: list[Logged] = []
+    ssh: list[LoggedSSH] = []
     highest = 0
     try:
         fh = path.open("rb")
@@ -71,17 +82,20 @@ def scan(path: Path, start: int) -> Scanned:
             end = data.rfind(b"\n") + 1  # a torn last line: start-up recovery cuts it
             if not 0 < start <= end or data[start - 1:start] != b"\n":
                 start = 0
-            for mark in (_MARK, _CRL_MARK):
+            for mark in (_MARK, _SSH_MARK, _CRL_MARK):
                 for line in _lines_with(data, mark, start, end):
                     if mark is _MARK:
                         if (entry := _revocation(line)) is not None:
                             revocations.append(entry)
+                    elif mark is _SSH_MARK:
+                        if (ssh_entry := _ssh_revocation(line)) is not None:
+                            ssh.append(ssh_entry)
                     elif line.get("phase") == "intent":
                         n = line.get("crl_number")
                         if isinstance(n, int) and not isinstance(n, bool):
                             highest = max(highest, n)
     revocations.sort(key=lambda e: e.seq)
-    return Scanned(revocations, highest, end)
+    return Scanned(revocations, highest, end, sorted(ssh, key=lambda e: e.seq))
 
 
 def _lines_with(data: mmap.mmap, mark: bytes, start: int, end: int
@@ -111,6 +125,20 @@ def _revocation(line: dict[str, Any]) -> Logged | None:
         return None
 
 
+def _ssh_revocation(line: dict[str, Any]) -> LoggedSSH | None:
+    try:
+        serial = line.get("serial")
+        which = SSHSelector(serial=int(serial) if serial is not None else None,
+                            key_id=line.get("key_id"), key_sha256=line.get("public_key_sha256"))
+        if which.serial is None and which.key_id is None and which.key_sha256 is None:
+            return None
+        key = line.get("public_key")
+        return LoggedSSH(int(line["seq"]), which, key if isinstance(key, str) else None,
+                         dt.datetime.fromisoformat(line["ts"]))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 async def complete_from_log(path: Path, store: Store, log: str) -> list[Logged]:
     """Complete in the inventory what the log `log` (its file at `path`) records since
     the inventory's mark: revocations, the CRL counter; then move the mark. The
@@ -120,6 +148,8 @@ async def complete_from_log(path: Path, store: Store, log: str) -> list[Logged]:
     if found.highest_crl_number:
         await store.keep_crl_numbers_above(found.highest_crl_number)
     completed = await _revoke(found.revocations, store)
+    for entry in found.ssh_revocations:  # idempotent: it marks only what is unmarked
+        await store.revoke_ssh(entry.which, entry.at, entry.public_key)
     await store.set_log_scanned(log, found.end)
     return completed
 
