@@ -23,6 +23,13 @@ def _copy_inventory(db: Path, to: Path) -> None:
         live.backup(copy)
 
 
+def _put_back(saved: Path, db: Path) -> None:
+    """The inventory as it was when saved (its journal files gone with it)."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    _copy_inventory(saved, db)
+
+
 async def test_an_inventory_without_a_logged_revocation_gets_it_before_serving(
         tmp_path: Path) -> None:
     ca = init_ca(tmp_path)
@@ -39,9 +46,7 @@ async def test_an_inventory_without_a_logged_revocation_gets_it_before_serving(
     signed_since = await _crl_number(d)  # a CRL signed after the copied inventory
     assert d.stop() == 0
     # The log has the cert.revoke line; the inventory is the one from before it.
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{db}{suffix}").unlink(missing_ok=True)
-    _copy_inventory(tmp_path / "before.sqlite3", db)
+    _put_back(tmp_path / "before.sqlite3", db)  # as a stop between line and commit
     d = start_daemon(ca.state)
     try:
         said = [json.loads(line) for line in d.stderr if "completed revocations" in line]
@@ -94,9 +99,7 @@ async def test_a_move_to_postgresql_takes_a_logged_revocation_the_inventory_lack
     d = start_daemon(ca.state)
     hsmca("revoke", "--config", ca.state / "hsmca.toml", "--url", d.url, _serial(gone[0]))
     assert d.stop() == 0
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{db}{suffix}").unlink(missing_ok=True)
-    _copy_inventory(tmp_path / "before.sqlite3", db)  # as a stop between line and commit
+    _put_back(tmp_path / "before.sqlite3", db)  # as a stop between line and commit
     moved = hsmca("store", "move", "--config", ca.state / "hsmca.toml", "--yes",
                   "--store-url", postgres_server.new_database())
     assert "completed 1 revocation(s) the audit log records" in moved.stderr, moved.stderr
@@ -151,9 +154,7 @@ async def test_an_ssh_key_revocation_the_inventory_lacks_is_completed_too(
     hsmca("ssh", "revoke", "--pubkey", tmp_path / "id_eve.pub", "--config",
           ca.state / "hsmca.toml", "--url", d.url)
     assert d.stop() == 0
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{db}{suffix}").unlink(missing_ok=True)
-    _copy_inventory(tmp_path / "before.sqlite3", db)
+    _put_back(tmp_path / "before.sqlite3", db)  # as a stop between line and commit
     d = start_daemon(ca.state)
     try:
         assert krl_says(d, tmp_path, cert) == "REVOKED"
