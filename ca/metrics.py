@@ -32,7 +32,8 @@ def prepare(state_dir: Path) -> Path:
     files are memory-mapped and grow as new label values appear (a route's first
     503), and a page the disk has no room for kills the process with SIGBUS. A full
     state disk must give 503s and a /health that says why, not dead workers. Where
-    the last run's directory was is kept in run/metrics-dir, to remove it."""
+    the last run's directory was is kept in run/metrics-dir, to remove it; directories
+    of runs whose primary is gone (its pid in each) are removed by any start."""
     run = state_dir / "run"
     run.mkdir(parents=True, exist_ok=True)
     pointer = run / "metrics-dir"
@@ -40,8 +41,10 @@ def prepare(state_dir: Path) -> Path:
     shutil.rmtree(run / "metrics", ignore_errors=True)
     directory: Path | None = None
     if os.access(SHM, os.W_OK):
+        _sweep_orphans()
         try:
-            directory = Path(tempfile.mkdtemp(prefix="hsmca-metrics-", dir=SHM))
+            directory = Path(tempfile.mkdtemp(prefix=PREFIX, dir=SHM))
+            (directory / OWNER).write_text(f"{os.getpid()}\n")
             pointer.write_text(f"{directory}\n")
         except OSError:
             if directory is not None:
@@ -55,6 +58,23 @@ def prepare(state_dir: Path) -> Path:
 
 
 SHM = "/dev/shm"
+PREFIX = "hsmca-metrics-"
+OWNER = "owner"  # the pid of the primary whose run it is
+
+
+def _sweep_orphans() -> None:
+    """Directories of runs whose primary is gone and whose state directory never started
+    again (killed, then the state directory deleted: a test, a drill): ours only."""
+    for path in Path(SHM).glob(PREFIX + "*"):
+        try:
+            st = path.lstat()
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+                continue
+            os.kill(int((path / OWNER).read_text()), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except (OSError, ValueError):
+            continue  # no owner said yet (being made), or one we may not ask: kept
 
 
 def release(state_dir: Path) -> None:
@@ -73,7 +93,7 @@ def _remove_previous(pointer: Path) -> None:
         st = previous.lstat()
     except OSError:
         return
-    if (previous.parent == Path(SHM) and previous.name.startswith("hsmca-metrics-")
+    if (previous.parent == Path(SHM) and previous.name.startswith(PREFIX)
             and stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()):
         shutil.rmtree(previous, ignore_errors=True)
 

@@ -210,10 +210,26 @@ async def test_metric_files_live_in_memory_and_go_with_the_run(tmp_path: Path) -
     """The processes' memory-mapped metric files grow as new label values appear (a
     route's first 503): on a full state disk that page killed the worker with SIGBUS,
     and /health went with it (a recovery trial). They are in /dev/shm now, one
-    directory per run, removed at the stop and, after a kill, at the next start."""
+    directory per run, removed at the stop and, after a kill, at the next start (or by
+    any start, once the run's primary is gone)."""
+    import shutil
+    import tempfile
     ca = init_ca(tmp_path)
     pointer = ca.state / "run" / "metrics-dir"
-    d = start_daemon(ca.state)
+    # A run killed whose state directory is gone (a review found 18 such directories
+    # after a few test runs): swept by any start; one whose primary lives is kept.
+    dead = Path(tempfile.mkdtemp(prefix="hsmca-metrics-", dir="/dev/shm"))
+    alive = Path(tempfile.mkdtemp(prefix="hsmca-metrics-", dir="/dev/shm"))
+    child = subprocess.Popen(["true"])  # a pid that no longer runs
+    child.wait()
+    (dead / "owner").write_text(f"{child.pid}\n")
+    (alive / "owner").write_text(f"{os.getpid()}\n")
+    try:
+        d = start_daemon(ca.state)
+        assert not dead.exists() and alive.exists()
+    finally:
+        shutil.rmtree(alive, ignore_errors=True)
+        shutil.rmtree(dead, ignore_errors=True)
     try:
         status, _, _ = await http("GET", f"{d.url}/metrics", d.ssl())
         assert status == 200
