@@ -480,7 +480,7 @@ class HSM:
         if tried == self._refused_pin:
             del pin
             raise PinRefused(f"wrong PIN for token {cfg.token!r} (PIN from "
-                             f"{_describe_source(cfg.pin_source)}), refused before: not "
+                             f"{describe_source(cfg.pin_source)}), refused before: not "
                              "tried again until the PIN there changes")
         self._record("hsm.open", module=cfg.module, reconnect=reconnect)
         try:
@@ -490,7 +490,7 @@ class HSM:
             self._record("hsm.login", result="PinIncorrect")
             self._refused_pin = tried
             raise PinRefused(f"wrong PIN for token {cfg.token!r} (PIN from "
-                             f"{_describe_source(cfg.pin_source)})") from None
+                             f"{describe_source(cfg.pin_source)})") from None
         except pkcs11.exceptions.PinLocked:
             # Not remembered: offering a locked PIN counts nothing, and the officer may
             # unlock the token keeping the same PIN.
@@ -602,6 +602,7 @@ def _verify(pub: PublicKey, scheme: Scheme, message: bytes, signature: bytes) ->
         raise InvalidSignature
 
 
-def _describe_source(source: str) -> str:
+def describe_source(source: str) -> str:
+    """Where a PIN comes from, for messages (never the PIN)."""
     return f"environment variable {source[4:]}" if source.startswith("env:") else (
         f"file {source.removeprefix('file:')}")

@@ -283,9 +283,10 @@ async def new_account(request: web.Request) -> web.Response:
         kid, check = acme_jws.verify_eab(body["externalAccountBinding"], v.jwk,
                                          url_of(request, "new-account"))
         eab = await server.store.acme_eab(kid)
-        why = ("unknown" if eab is None else "used" if eab.used_at is not None else
-               "withdrawn" if eab.mac_key is None else "expired" if eab.expires <=
-               now.isoformat() else "wrongly MACed" if not check(bytes(eab.mac_key)) else None)
+        state = "unknown" if eab is None else _eab_state(eab, now.isoformat())
+        why = state if state != "unused" else (
+            None if eab is not None and eab.mac_key and check(bytes(eab.mac_key))
+            else "wrongly MACed")
         if why is not None:
             # The client is not told which (a kid's existence is the operator's to know);
             # the operator is, with the kid, never the key.

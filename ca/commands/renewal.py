@@ -21,6 +21,7 @@ from typing import Any
 import structlog
 
 from ca.client import ClientError
+from ca.ra import BACKDATE
 
 RENEW_AT = 2 / 3   # of the lifetime, as step-ca and cert-manager do
 JITTER = 1 / 20    # +- of the lifetime, so that a fleet enrolled together spreads out
@@ -36,17 +37,14 @@ def now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-# hsmca starts what it issues (X.509 and SSH) a minute before the request, for hosts
-# whose clocks lag (ca/ra.py BACKDATE). Counted from there, two thirds of a life comes
-# a minute early, and for a life of a minute or less at once: a client trial's 30 s
-# certificate was renewed five times in five seconds.
-BACKDATE = dt.timedelta(minutes=1)
 
 
 def renew_time(not_before: dt.datetime, not_after: dt.datetime,
                rng: random.Random = _rng) -> dt.datetime:
     """Two thirds into the validity period, give or take a twentieth of it (the period
-    counted from the issue, not from the backdated start)."""
+    counted from the issue, not from the start hsmca backdates for hosts whose clocks
+    lag: counted from there, a life of a minute or less was due at once, and a client
+    trial's 30 s certificate was renewed five times in five seconds)."""
     if not_after - not_before > BACKDATE:
         not_before += BACKDATE
     life = not_after - not_before

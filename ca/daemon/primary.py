@@ -63,7 +63,7 @@ from ca.revocation.ocsp import OCSPRefresher, OCSPSigner
 from ca.server_cert import ensure_server_cert
 from ca.store import Store, open_store
 from ca.store.sqlite import SQLiteStore
-from hsm.session import KeyInfo
+from hsm.session import KeyInfo, describe_source
 
 if TYPE_CHECKING:
     from ca.store.postgres import Lease, PostgresStore
@@ -248,7 +248,8 @@ class WorkerPool:
                     # the worker waits for another PIN (the file edited), or a restart.
                     log.error("a worker cannot log in: the token refused the PIN; it is not "
                               "started again until the PIN source changes", worker=slot,
-                              error=str(exc), pin_source=_describe(self.config.hsm.pin_source))
+                              error=str(exc),
+                              pin_source=describe_source(self.config.hsm.pin_source))
                     await _pin_changed(self.config.hsm.pin_source, pin_before,
                                        lambda: self._stopping)
                     delay = 0.5
@@ -620,11 +621,6 @@ async def _pin_changed(source: str, before: tuple[int, int, int] | None,
         if now is not None and now != before:
             return
         await asyncio.sleep(PIN_POLL_S)  # a poll of the file, not synchronisation
-
-
-def _describe(source: str) -> str:
-    return f"environment variable {source[4:]}" if source.startswith("env:") else (
-        f"file {source.removeprefix('file:')}")
 
 
 PIN_POLL_S = 2.0

@@ -24,6 +24,7 @@ log replaced) is read from the start.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import mmap
@@ -143,7 +144,6 @@ async def complete_from_log(path: Path, store: Store, log: str) -> list[Logged]:
     """Complete in the inventory what the log `log` (its file at `path`) records since
     the inventory's mark: revocations, the CRL counter; then move the mark. The
     revocation lines that had a serial to complete."""
-    import asyncio
     found = await asyncio.to_thread(scan, path, await store.log_scanned(log))
     if found.highest_crl_number:
         await store.keep_crl_numbers_above(found.highest_crl_number)

@@ -88,12 +88,10 @@ async def _token_failed(request: web.Request, why: str, detail: str,
     if (unlogged := TOKEN_REFUSALS.allow(why)) is not None:
         if unlogged:
             _token_refusals_unlogged(why, unlogged)
-        if token_id is not None:
-            log.warning("bootstrap token refused", reason=why, client=client,
-                        token_id=token_id, request_id=request.get("request_id"))
-        else:
-            log.info("bootstrap token refused", reason=why, client=client,
-                     request_id=request.get("request_id"))
+        (log.info if token_id is None else log.warning)(
+            "bootstrap token refused", reason=why, client=client,
+            request_id=request.get("request_id"),
+            **({} if token_id is None else {"token_id": token_id}))
     wait = await request.app[LIMIT].token_failed(client) if why in ("missing", "unknown") \
         else 0
     if wait:
