@@ -214,6 +214,45 @@ async def test_est_round_trip(daemon: Daemon, tmp_path: Path) -> None:
     openssl_verify(daemon, tmp_path / "reissued.pem")
 
 
+async def test_est_takes_the_token_as_the_http_basic_password(daemon: Daemon,
+                                                              tmp_path: Path) -> None:
+    """EST clients (libest's estclient -u/-h, curl --user) send HTTP Basic (RFC 7030
+    3.2.3): a request without credentials is challenged for it, and the bootstrap token
+    as the password enrolls; any user name does."""
+    url = f"{daemon.url}/.well-known/est/simpleenroll"
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = x509.load_pem_x509_csr(csr_pem(["basic.internal.example"], key).encode())
+    body = base64.encodebytes(csr.public_bytes(serialization.Encoding.DER))
+    ptype = {"Content-Type": "application/pkcs10"}
+    async with aiohttp.ClientSession() as s, s.post(url, data=body, headers=ptype,
+                                                    ssl=daemon.ssl()) as r:
+        assert r.status == 401, await r.text()
+        assert r.headers["WWW-Authenticate"].startswith('Basic realm="hsmca"')
+        assert "HTTP Basic password" in (await r.json())["detail"]
+    wrong = base64.b64encode(b"est:hsmca-not-a-token").decode()
+    status, _, raw = await http("POST", url, daemon.ssl(), data=body,
+                                headers={**ptype, "Authorization": f"Basic {wrong}"})
+    assert status == 401 and json.loads(raw)["detail"] == "unknown bootstrap token", raw
+
+    token = await bootstrap_token(daemon, "service", ["basic.internal.example"])
+    # curl reads the credentials from a config file: never the token in argv.
+    (tmp_path / "curl.conf").write_text(f'user = "est-client:{token}"\n')
+    (tmp_path / "csr.b64").write_bytes(body)
+    proc = await asyncio.to_thread(subprocess.run, [
+        require("curl"), "-sS", "--fail-with-body", "-K", "curl.conf", "--cacert",
+        str(daemon.root), "-H", "Content-Type: application/pkcs10", "--data-binary",
+        "@csr.b64", url], cwd=tmp_path, capture_output=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    [issued] = pkcs7.load_der_pkcs7_certificates(base64.b64decode(proc.stdout))
+    assert issued.public_key() == key.public_key()
+    san = issued.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["basic.internal.example"]
+    # Spent like any token, whichever way it came.
+    status, _, raw = await http("POST", url, daemon.ssl(), data=body, headers={
+        **ptype, "Authorization": "Basic " + base64.b64encode(f"x:{token}".encode()).decode()})
+    assert status == 401 and "already been used" in json.loads(raw)["detail"], raw
+
+
 async def test_one_token_fifty_concurrent_enrollments(daemon: Daemon) -> None:
     token = await bootstrap_token(daemon, "service", ["race.internal.example"])
     csr = csr_pem(["race.internal.example"])

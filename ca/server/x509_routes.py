@@ -97,17 +97,47 @@ async def _token_failed(request: web.Request, why: str, detail: str,
     if wait:
         return Problem(429, "Too Many Requests", f"too many failed bootstrap-token attempts "
                        f"from {client}; retry in {wait} s", "rate-limited")
-    # RFC 9110 11.6.1: a 401 names the scheme that would do (RFC 6750's Bearer).
     return Problem(401, "Unauthorized", detail, "bad-token",
-                   {"WWW-Authenticate": 'Bearer realm="hsmca"'})
+                   {"WWW-Authenticate": _challenge(request)})
+
+
+def _is_est(request: web.Request) -> bool:
+    return request.path.startswith("/.well-known/est/")
+
+
+def _challenge(request: web.Request) -> str:
+    """RFC 9110 11.6.1: a 401 names the schemes that would do. EST clients (libest's
+    estclient -u/-h, curl --user) answer a Basic challenge (RFC 7030 3.2.3), so EST
+    offers it first; the API takes RFC 6750's Bearer."""
+    if _is_est(request):
+        return 'Basic realm="hsmca", Bearer realm="hsmca"'
+    return 'Bearer realm="hsmca"'
+
+
+def _token_from_basic(credentials: str) -> str | None:
+    """The token from HTTP Basic credentials: the password; the user name is the
+    client's to choose (EST clients need one) and is not looked at."""
+    try:
+        text = base64.b64decode(credentials.strip(), validate=True).decode("ascii")
+    except (binascii.Error, ValueError):
+        return None
+    _, colon, password = text.partition(":")
+    return password if colon and password else None
 
 
 async def _bearer(request: web.Request) -> tuple[ra.TokenHolder, Any]:
     header = request.headers.get("Authorization", "")
     scheme, _, secret = header.partition(" ")
-    if scheme.lower() != "bearer" or not secret.strip():
+    if scheme.lower() == "basic" and _is_est(request):
+        secret = _token_from_basic(secret) or ""
+        if not secret:
+            raise await _token_failed(request, "missing", "HTTP Basic credentials for EST "
+                                      "are base64 of 'any-name:<bootstrap token>'")
+    elif scheme.lower() != "bearer" or not secret.strip():
         raise await _token_failed(request, "missing", "send the bootstrap token as "
-                                  "'Authorization: Bearer <token>'")
+                                  "'Authorization: Bearer <token>'"
+                                  + (" (EST also takes it as the HTTP Basic password)"
+                                     if _is_est(request) else ""))
     # A token is ASCII; a header with other bytes (aiohttp keeps them as surrogates) is
     # simply not one of ours.
     token = await request.app[TOKENS].find(secret.strip()[:512]) if secret.isascii() else None
@@ -355,9 +385,9 @@ async def est_simpleenroll(request: web.Request) -> web.Response:
         issued = await _enroll(request, await _bearer(request), csr, None)
     elif peer_der(request) is None:  # neither way in: say both (RFC 7030 3.2.3)
         raise Problem(401, "Unauthorized", "EST enrollment needs a bootstrap token "
-                      "('Authorization: Bearer <token>') or a client certificate issued by "
-                      "this CA (mutual TLS)", "client-certificate-required",
-                      {"WWW-Authenticate": 'Bearer realm="hsmca"'})
+                      "('Authorization: Bearer <token>', or as the HTTP Basic password) or "
+                      "a client certificate issued by this CA (mutual TLS)",
+                      "client-certificate-required", {"WWW-Authenticate": _challenge(request)})
     else:
         issued = await _renew(request, csr, None)
     return _pkcs7_b64([issued.cert])
