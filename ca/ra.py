@@ -215,6 +215,7 @@ class RevokeRequest:
     reason: object = None
     found: bool = True  # whether the inventory has the certificate
     revoked: bool = False  # whether it is revoked already
+    revoked_reason: str | None = None  # then the reason it was revoked for
 
 
 @dataclass(frozen=True)
@@ -353,6 +354,7 @@ class AcmeRevokeRequest:
     reason: object = None
     found: bool = True
     revoked: bool = False
+    revoked_reason: str | None = None
     owner_account: str | None = None  # the ACME account it was issued to, if any
     spki_sha256: str | None = None  # its subject key
 
@@ -792,10 +794,22 @@ def _revoke(ctx: Context, who: Requester, req: RevokeRequest) -> RevokeOrder:
         raise Refused(f"no certificate with serial {req.serial:x} was issued by this CA",
                       Reason.NOT_FOUND)
     if req.revoked:
-        raise Refused(f"certificate {req.serial:x} is already revoked", Reason.CONFLICT)
+        _revoked_again(req.serial, req.revoked_reason, reason, Reason.CONFLICT)
     # A compromised key compromises what was renewed from it and what it renewed: a
     # renewal with a new key proves only that the old key was held.
     return RevokeOrder(req.serial, reason, who.actor, lineage=reason == "keyCompromise")
+
+
+def _revoked_again(serial: int, was: str | None, reason: str | None, why: Reason) -> None:
+    """A revoked certificate is revoked again only to make its reason keyCompromise (RFC
+    5280 5.3.1; the CA/B Baseline Requirements allow it too): a key found leaked after
+    its certificate was revoked as superseded must still be barred, and its lineage
+    revoked. Anything else changes nothing, and is said so."""
+    if reason == "keyCompromise" and was != "keyCompromise":
+        return
+    raise Refused(f"certificate {serial:x} is already revoked ({was or 'unspecified'})"
+                  + ("" if was == "keyCompromise" else "; only keyCompromise may be given "
+                     "again, to bar its key and revoke its lineage"), why)
 
 
 def _revoke_identity(ctx: Context, who: Requester, req: RevokeIdentityRequest) -> RevokeOrder:
@@ -1181,7 +1195,7 @@ def _acme_revoke(ctx: Context, who: Requester, req: AcmeRevokeRequest) -> Revoke
         raise Refused(f"the reasons accepted are {', '.join(sorted(HOLDER_REASONS))}",
                       Reason.REASON_NOT_ALLOWED)
     if req.revoked:
-        raise Refused(f"certificate {req.serial:x} is already revoked", Reason.ALREADY_REVOKED)
+        _revoked_again(req.serial, req.revoked_reason, reason, Reason.ALREADY_REVOKED)
     return RevokeOrder(req.serial, reason, who.actor, lineage=reason == "keyCompromise")
 
 

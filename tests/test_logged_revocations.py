@@ -70,6 +70,39 @@ async def test_an_inventory_without_a_logged_revocation_gets_it_before_serving(
         assert d.stop() == 0
 
 
+async def test_a_logged_change_of_reason_to_keycompromise_is_completed_too(
+        tmp_path: Path) -> None:
+    """Revoked as superseded, then again as keyCompromise, and the inventory put back to
+    before the second commit: the start makes the reason keyCompromise, so the key is
+    barred (the inventory had it revoked already, which the completion took as done)."""
+    from cryptography.hazmat.primitives import serialization
+
+    from tests.helpers import bootstrap_token, csr_pem
+    ca = init_ca(tmp_path)
+    db = ca.state / "hsmca.sqlite3"
+    d = start_daemon(ca.state)
+    cred = enroll(d, tmp_path, "service", ["leak.internal.example"])
+    config = ["--config", ca.state / "hsmca.toml", "--url", d.url]
+    hsmca("revoke", *config, "--reason", "superseded", _serial(cred[0]))
+    assert d.stop() == 0
+    _copy_inventory(db, tmp_path / "before.sqlite3")
+    d = start_daemon(ca.state)
+    hsmca("revoke", *config[:2], "--url", d.url, "--reason", "keyCompromise",
+          _serial(cred[0]))
+    assert d.stop() == 0
+    _put_back(tmp_path / "before.sqlite3", db)
+    d = start_daemon(ca.state)
+    try:
+        token = await bootstrap_token(d, "service", ["leak.internal.example"])
+        key = serialization.load_pem_private_key(cred[1].read_bytes(), None)
+        status, _, raw = await http("POST", f"{d.url}/v1/x509/enroll", d.ssl(),
+                                    body={"csr": csr_pem(["leak.internal.example"], key)},
+                                    headers={"Authorization": f"Bearer {token}"})
+        assert status == 403 and json.loads(raw)["type"].endswith("revoked-key"), raw
+    finally:
+        assert d.stop() == 0
+
+
 def _serial(cert: Path) -> str:
     from cryptography import x509
     return format(x509.load_pem_x509_certificate(cert.read_bytes()).serial_number, "X")

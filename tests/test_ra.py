@@ -423,7 +423,13 @@ def test_certificate_hold_is_never_offered_and_others_are_for_admins() -> None:
     refused(ra.decide(context(), holder("service", ("s.example",)), ra.RevokeRequest(0x99)),
             Reason.WRONG_ROLE)
     refused(ra.decide(context(), admin(), ra.RevokeRequest(0x99, found=False)), Reason.NOT_FOUND)
-    refused(ra.decide(context(), admin(), ra.RevokeRequest(0x99, revoked=True)), Reason.CONFLICT)
+    refused(ra.decide(context(), admin(), ra.RevokeRequest(0x99, revoked=True)), Reason.CONFLICT,
+            "only keyCompromise may be given again")
+    refused(ra.decide(context(), admin(), ra.RevokeRequest(
+        0x99, "keyCompromise", revoked=True, revoked_reason="keyCompromise")), Reason.CONFLICT)
+    again = ra.decide(context(), admin(), ra.RevokeRequest(
+        0x99, "keyCompromise", revoked=True, revoked_reason="cessationOfOperation"))
+    assert isinstance(again, ra.RevokeOrder) and again.lineage
     refused(ra.decide(context(), admin(), ra.RevokeRequest(0x99, "nonsense")), Reason.MALFORMED)
 
 
@@ -658,8 +664,16 @@ def test_acme_revocation_by_the_account_or_the_certificate_key_only() -> None:
                         (7, Reason.REASON_NOT_ALLOWED), (99, Reason.REASON_NOT_ALLOWED)):
         r = ra.decide(context(), acme_account(), dataclasses.replace(mine, reason=reason))
         assert isinstance(r, ra.Refusal) and r.reason is why, reason
-    again = ra.decide(context(), acme_account(), dataclasses.replace(mine, revoked=True))
+    again = ra.decide(context(), acme_account(), dataclasses.replace(
+        mine, revoked=True, revoked_reason="keyCompromise"))
     assert isinstance(again, ra.Refusal) and again.reason is Reason.ALREADY_REVOKED
+    # Revoked for another reason: it may become keyCompromise, and nothing else.
+    upgraded = ra.decide(context(), acme_account(), dataclasses.replace(
+        mine, revoked=True, revoked_reason="superseded"))
+    assert isinstance(upgraded, ra.RevokeOrder) and upgraded.lineage
+    r = ra.decide(context(), acme_account(), dataclasses.replace(
+        mine, reason=4, revoked=True, revoked_reason=None))
+    assert isinstance(r, ra.Refusal) and r.reason is Reason.ALREADY_REVOKED
     unknown = ra.decide(context(), acme_account(), dataclasses.replace(mine, found=False))
     assert isinstance(unknown, ra.Refusal) and unknown.reason is Reason.UNAUTHORIZED
 

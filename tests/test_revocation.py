@@ -393,3 +393,55 @@ async def test_a_key_revoked_for_compromise_is_never_certified_again(
     status, fresh = await enroll_with(ec.generate_private_key(ec.SECP256R1()),
                                       "stolen.internal.example")
     assert status == 201, fresh
+
+
+async def test_a_certificate_revoked_as_superseded_can_still_be_revoked_for_compromise(
+        ca_daemon: Daemon, tmp_path: Path) -> None:
+    """A service decommissioned (superseded), its key found leaked a week later: the
+    admin revokes it again for keyCompromise. The reason becomes keyCompromise in the
+    CRL and OCSP, the revocation keeps its time, the key is barred and the lineage
+    revoked. It was refused as already revoked, and the leaked key certified again."""
+    d = ca_daemon
+    a = enroll(d, tmp_path, "service", ["leaked.internal.example"])
+    key = serialization.load_pem_private_key(a[1].read_bytes(), None)
+    # B: A renewed with the same key, still live when A is retired.
+    status, _, raw = await http("POST", f"{d.url}/v1/x509/renew", d.ssl(*a), body={})
+    assert status == 201, raw
+    cert_b = x509.load_pem_x509_certificate(json.loads(raw)["certificate"].encode())
+    serial_a = format(load(a[0]).serial_number, "x")
+
+    async def revoke(reason: str) -> tuple[int, dict[str, Any]]:
+        status, _, raw = await http("POST", f"{d.url}/v1/x509/revoke", d.admin_ssl(),
+                                    body={"serial": serial_a, "reason": reason})
+        return status, json.loads(raw)
+    status, first = await revoke("superseded")
+    assert status == 200 and first["revoked"] == [serial_a], first
+    before = await signed(d, load(a[0]), ocsp.OCSPCertStatus.REVOKED)
+    assert before.revocation_reason == x509.ReasonFlags.superseded
+
+    status, again = await revoke("superseded")
+    assert status == 409 and "already revoked (superseded)" in again["detail"], again
+    assert "only keyCompromise may be given again" in again["detail"]
+    status, answer = await revoke("keyCompromise")
+    assert status == 200, answer
+    assert sorted(answer["revoked"]) == sorted([serial_a, format(cert_b.serial_number, "x")])
+
+    after = await signed(d, load(a[0]), ocsp.OCSPCertStatus.REVOKED)
+    assert after.revocation_reason == x509.ReasonFlags.key_compromise
+    assert after.revocation_time_utc == before.revocation_time_utc
+    crl = x509.load_der_x509_crl(_fetch(d, "/v1/x509/crl"))
+    for cert in (load(a[0]), cert_b):
+        entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
+        assert entry is not None
+        assert entry.extensions.get_extension_for_class(x509.CRLReason).value.reason == (
+            x509.ReasonFlags.key_compromise)
+    token = await bootstrap_token(d, "service", ["leaked.internal.example"])
+    status, _, raw = await http("POST", f"{d.url}/v1/x509/enroll", d.ssl(),
+                                body={"csr": csr_pem(["leaked.internal.example"], key)},
+                                headers={"Authorization": f"Bearer {token}"})
+    assert status == 403 and json.loads(raw)["type"].endswith("revoked-key"), raw
+    status, last = await revoke("keyCompromise")
+    assert status == 409 and last["detail"].endswith("already revoked (keyCompromise)"), last
+    lines = [e for e in log_lines(d.state) if e.get("event") == "cert.revoke"
+             and serial_a in (e.get("serials") or [])]
+    assert [e["reason"] for e in lines] == ["superseded", "keyCompromise"]

@@ -91,6 +91,19 @@ def test_certificates_are_found_and_revocation_reaches_their_ssh_certificates(
     assert run(store.revoked_ssh_keys()) == ["ssh-ed25519 BBBB"]
 
 
+def test_a_revocation_s_reason_becomes_keycompromise_and_keeps_its_time(store: Store) -> None:
+    store.add_cert(cert(0xc)).result(timeout=10)
+    assert run(store.revoke_certs([0xc], NOW, "superseded")).serials == (0xc,)
+    assert run(store.compromised_keys()) == []
+    later = NOW + dt.timedelta(days=7)
+    assert run(store.revoke_certs([0xc], later, "superseded")).serials == ()
+    assert run(store.revoke_certs([0xc], later, "keyCompromise")).serials == (0xc,)
+    assert [(s, at, r) for s, at, r, _ in run(store.revoked_certs())] == [
+        (0xc, NOW, "keyCompromise")]
+    assert run(store.compromised_keys()) == ["e" * 64]
+    assert run(store.revoke_certs([0xc], later, "keyCompromise")).serials == ()
+
+
 def test_crl_numbers_only_grow_and_the_latest_crl_is_served(store: Store) -> None:
     numbers = [run(store.next_crl_number()) for _ in range(3)]
     assert numbers == sorted(set(numbers)) and numbers[0] >= 1

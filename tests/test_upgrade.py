@@ -11,6 +11,7 @@ log extended, not replaced.
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -18,11 +19,22 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import ocsp
 
 from hsm import softhsm
 from tests.conftest import Daemon, hsmca, require, start_daemon
-from tests.helpers import _get, audit_verify, cert_serial, load, log_lines, signed
+from tests.helpers import (
+    _get,
+    audit_verify,
+    bootstrap_token,
+    cert_serial,
+    csr_pem,
+    http,
+    load,
+    log_lines,
+    signed,
+)
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "wave1"
 
@@ -77,6 +89,15 @@ def test_a_revocation_made_before_the_upgrade_still_holds(
     assert revoked.revocation_reason.name == "key_compromise"
     good = asyncio.run(signed(d, load(client(root, "web1")[0]), ocsp.OCSPCertStatus.GOOD))
     assert good.serial_number == load(client(root, "web1")[0]).serial_number
+    # Its key stays barred: a new token does not certify it again (the first release
+    # wrote the reason as key_compromise, which the bar did not read as such).
+    token = asyncio.run(bootstrap_token(d, "service", ["gone.internal.example"]))
+    csr = csr_pem(["gone.internal.example"], serialization.load_pem_private_key(
+        key.read_bytes(), None))
+    status, _, raw = asyncio.run(http("POST", f"{d.url}/v1/x509/enroll", d.ssl(),
+                                      body={"csr": csr},
+                                      headers={"Authorization": f"Bearer {token}"}))
+    assert status == 403 and json.loads(raw)["type"].endswith("revoked-key"), raw
 
 
 def test_ssh_certificates_are_signed_on_credentials_from_before(

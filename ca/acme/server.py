@@ -781,6 +781,7 @@ async def revoke_cert(request: web.Request) -> web.Response:
                          else ra.CertKeyHolder(spki_sha256(acme_jws.crypto_key(v.jwk))))
     order: ra.RevokeOrder = await decide(request, who, ra.AcmeRevokeRequest(
         serial, reason, found=found, revoked=rec is not None and rec.revoked_at is not None,
+        revoked_reason=rec.reason if rec is not None else None,
         owner_account=link.account_id if link else None,
         spki_sha256=rec.spki_sha256 if rec else None))
     await request.app[REVOCATIONS].revoke(order, request.get("request_id"))

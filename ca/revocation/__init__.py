@@ -132,7 +132,9 @@ class Revocations:
             records = {s: await self.store.cert(s) for s in done.serials}
             of = {s: issuers.x509_of(r.issuer if r else None) for s, r in records.items()}
             unpublished = {s: label for s, label in of.items() if label not in issuers.x509}
-            await self.ocsp.sign([OCSPDue(s, of[s], now.isoformat(), order.reason, r.not_after)
+            # (a certificate whose reason became keyCompromise keeps its revocation time)
+            await self.ocsp.sign([OCSPDue(s, of[s], r.revoked_at or now.isoformat(),
+                                          order.reason, r.not_after)
                                   for s, r in records.items() if r is not None],
                                  order.actor, request_id)
             for label in sorted(set(of.values()) & set(issuers.x509)):

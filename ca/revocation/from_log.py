@@ -159,10 +159,14 @@ async def _revoke(found: list[Logged], store: Store) -> list[Logged]:
     revoked; the lines that had any such serial."""
     if not found:
         return []
-    revoked = {serial for serial, *_ in await store.revoked_certs()}
+    reasons = {serial: reason for serial, _, reason, _ in await store.revoked_certs()}
+    revoked = set(reasons)
     completed = []
     for entry in found:
-        missing = [s for s in entry.serials if s not in revoked]
+        # A line that made a revocation's reason keyCompromise is missing too while the
+        # inventory has the old reason: the key bar reads the reason.
+        missing = [s for s in entry.serials if s not in revoked or (
+            entry.reason == "keyCompromise" and reasons.get(s) != "keyCompromise")]
         if not missing:
             continue
         if entry.lineage:
@@ -171,9 +175,10 @@ async def _revoke(found: list[Logged], store: Store) -> list[Logged]:
             family = set(missing)
             for serial in missing:
                 family.update(await store.lineage(serial, dt.datetime.now(dt.UTC)))
-            missing = sorted(family - revoked)
+            missing = sorted(set(missing) | (family - revoked))
         done = await store.revoke_certs(missing, entry.at, entry.reason)
         revoked.update(missing)
+        reasons.update({s: entry.reason for s in done.serials})
         if done.serials:  # (a serial the inventory never had is not the log's to add)
             completed.append(entry)
     return completed

@@ -236,7 +236,8 @@ async def revoke(request: web.Request) -> web.Response:
         rec = await request.app[GATE].store.cert(serial)
         order = await decide(request, who, ra.RevokeRequest(
             serial, body.get("reason"), found=rec is not None,
-            revoked=rec is not None and rec.revoked_at is not None))
+            revoked=rec is not None and rec.revoked_at is not None,
+            revoked_reason=rec.reason if rec is not None else None))
     done = await request.app[REVOCATIONS].revoke(order, request.get("request_id"))
     log.info("revoked", serials=[format(s, "x") for s in done.serials], reason=order.reason,
              ssh_certificates=done.ssh_certs, actor=order.actor,

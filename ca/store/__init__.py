@@ -106,7 +106,11 @@ class Store(Protocol):
     async def revoke_certs(self, serials: Sequence[int], at: dt.datetime,
                            reason: str | None) -> Revoked:
         """Revoke those of `serials` that are not revoked yet, and every SSH certificate
-        issued on the strength of any of them, in one transaction."""
+        issued on the strength of any of them, in one transaction. With keyCompromise,
+        those revoked for another reason take it too, keeping their revocation time (RFC
+        5280 5.3.1 lets a reason become keyCompromise; a key found leaked after its
+        certificate was revoked as superseded must still be barred): they are among the
+        serials returned, as their responses must be signed again."""
         ...
 
     # ---- reading the inventory (auditors and operators: the read API, `hsmca ui`) -------

@@ -466,6 +466,11 @@ class PostgresStore:
                                        "serial = %s AND revoked_at IS NULL RETURNING serial",
                                        (at.isoformat(), reason, h))
                 row = await cur.fetchone()
+                if row is None and reason == "keyCompromise":  # see Store.revoke_certs
+                    cur = await db.execute("UPDATE certs SET reason = %s WHERE serial = %s AND "
+                                           "revoked_at IS NOT NULL AND reason IS DISTINCT "
+                                           "FROM %s RETURNING serial", (reason, h, reason))
+                    row = await cur.fetchone()
                 if row is not None:
                     done.append(int(row[0], 16))
                     await db.execute("UPDATE ocsp_responses SET refresh_at = '' WHERE "

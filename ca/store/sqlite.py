@@ -286,6 +286,22 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX certs_key_compromise ON certs(spki_sha256) WHERE reason = 'keyCompromise';
     """,
+    # 13: reasons by their RFC 5280 names. The first release wrote cryptography's snake
+    # case (key_compromise), which the keyCompromise key bar and its index do not read:
+    # an upgraded CA certified again a key it had revoked as compromised.
+    """
+    UPDATE certs SET reason = CASE reason
+        WHEN 'key_compromise' THEN 'keyCompromise'
+        WHEN 'ca_compromise' THEN 'cACompromise'
+        WHEN 'affiliation_changed' THEN 'affiliationChanged'
+        WHEN 'cessation_of_operation' THEN 'cessationOfOperation'
+        WHEN 'certificate_hold' THEN 'certificateHold'
+        WHEN 'privilege_withdrawn' THEN 'privilegeWithdrawn'
+        WHEN 'aa_compromise' THEN 'aACompromise' END
+    WHERE reason IN ('key_compromise', 'ca_compromise', 'affiliation_changed',
+                     'cessation_of_operation', 'certificate_hold', 'privilege_withdrawn',
+                     'aa_compromise');
+    """,
 )
 
 _CERT_COLS = ("serial, fingerprint, role, subject, names, principals, spki_sha256, not_before, "
@@ -684,6 +700,11 @@ class SQLiteStore:
                 row = db.execute("UPDATE certs SET revoked_at = ?, reason = ? WHERE serial = ? "
                                  "AND revoked_at IS NULL RETURNING serial",
                                  (at.isoformat(), reason, h)).fetchone()
+                if row is None and reason == "keyCompromise":  # see Store.revoke_certs
+                    row = db.execute("UPDATE certs SET reason = ? WHERE serial = ? AND "
+                                     "revoked_at IS NOT NULL AND (reason IS NULL OR "
+                                     "reason <> ?) RETURNING serial",
+                                     (reason, h, reason)).fetchone()
                 if row is not None:
                     done.append(int(row[0], 16))
                     db.execute("UPDATE ocsp_responses SET refresh_at = '' WHERE serial = ?",
