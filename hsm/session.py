@@ -254,24 +254,28 @@ class HSM:
             self._mark_broken(exc)
             raise HSMUnavailable(f"HSM unavailable: {self.broken}") from None
 
-    def generate(self, label: str, key_type: str) -> KeyInfo:
-        """Generate a non-exportable key pair in the token; logged as hsm.keygen."""
+    def generate(self, label: str, key_type: str, op_id: str | None = None) -> KeyInfo:
+        """Generate a non-exportable key pair in the token; logged as hsm.keygen (with
+        `op_id`, as the outcome of that intent line, which the caller made durable
+        before: no key is made that the log does not announce)."""
         self._claim()
         self._ready()
         uri = str(key_uri(self.config.token, label))
+        paired = {} if op_id is None else {"phase": "outcome", "op_id": op_id}
         try:
             keys.generate(self._session, label, key_type)
         except SESSION_ERRORS as exc:
             self._mark_broken(exc)
             raise HSMUnavailable(f"HSM unavailable: {self.broken}") from None
         except pkcs11.PKCS11Error as exc:
-            self._record("hsm.keygen", key=uri, type=key_type, result=type(exc).__name__)
+            self._record("hsm.keygen", **paired, key=uri, type=key_type,
+                         result=type(exc).__name__)
             raise HSMError(f"generating {key_type} key {label!r} failed: "
                            f"{type(exc).__name__}") from None
         attrs = keys.check_non_exportable(keys.find_private(self._session, label), label)
         info = self._find(label)
-        self._record("hsm.keygen", key=uri, type=key_type, result="ok", attributes=attrs,
-                     public_key_sha256=info.spki_sha256)
+        self._record("hsm.keygen", **paired, key=uri, type=key_type, result="ok",
+                     attributes=attrs, public_key_sha256=info.spki_sha256)
         return info
 
     def destroy(self, label: str, intent_seq: int) -> None:

@@ -30,14 +30,22 @@ def test_fresh_ca_log_verifies_and_records_the_ceremony(ca: InitialisedCA) -> No
     assert proc.returncode == 0 and proc.stdout.startswith("OK:"), proc.stdout + proc.stderr
     events = [json.loads(line) for line in (ca.state / "audit/log.jsonl").read_text().splitlines()]
     kinds = [e["event"] for e in events]
-    assert kinds.count("hsm.keygen") == 5
     assert kinds[0] == "init.start" and "hsm.login" in kinds
-    purposes = [e.get("purpose") for e in events if e.get("phase") == "intent"]
+    purposes = [e.get("purpose") for e in events
+                if e.get("phase") == "intent" and e["event"] == "hsm.sign"]
     assert purposes[:2] == ["x509-ca", "x509-ca"] and purposes[-1] == "checkpoint"
-    for e in events:
-        if e["event"] == "hsm.keygen":
-            assert e["attributes"]["extractable"] is False
-            assert e["attributes"]["never_extractable"] is True
+    # Each key announced (intent) before it is made, then its outcome, before any use.
+    keygens = [(i, e) for i, e in enumerate(events) if e["event"] == "hsm.keygen"]
+    intents = {e["op_id"]: i for i, e in keygens if e["phase"] == "intent"}
+    outcomes = [(i, e) for i, e in keygens if e["phase"] == "outcome"]
+    assert len(intents) == len(outcomes) == 5
+    for i, e in outcomes:
+        assert intents[e["op_id"]] < i and e["result"] == "ok"
+        assert e["attributes"]["extractable"] is False
+        assert e["attributes"]["never_extractable"] is True
+        used = [j for j, u in enumerate(events) if u["event"] == "hsm.sign"
+                and u.get("key") == e["key"]]
+        assert all(j > i for j in used), (e["key"], i, used)
 
 
 def test_state_catches_truncation_and_rewrite(ca: InitialisedCA, tmp_path: Path) -> None:

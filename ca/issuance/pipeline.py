@@ -195,8 +195,22 @@ class SigningPipeline:
         return await self.call(lambda hsm: self._key(hsm, label))
 
     async def generate_key(self, label: str, key_type: str) -> KeyInfo:
+        """A new key pair in the token, recorded like a signature: an `hsm.keygen` intent
+        durable before C_GenerateKeyPair, its outcome durable before the key is used or
+        this returns. (The outcome alone, written whenever, let a kill leave a key the
+        log never mentioned, and signatures by a new root come before its keygen line:
+        a key lifecycle trial.)"""
         def gen(hsm: HSM) -> KeyInfo:
-            info = hsm.generate(label, key_type)
+            op_id = self._op_ids.next()
+            intent = {"phase": "intent", "op_id": op_id, "label": label,
+                      "key": str(key_uri(hsm.config.token, label)), "type": key_type}
+            [written] = self._append([("hsm.keygen", intent)])
+            written.result()  # raises AuditUnavailable: nothing generated
+            try:
+                info = hsm.generate(label, key_type, op_id)
+            finally:
+                for line in self._audit.append_durable(hsm.take_events()):
+                    line.result()
             self._keys[label] = info
             return info
         return await self.call(gen)
