@@ -103,6 +103,46 @@ async def test_a_logged_change_of_reason_to_keycompromise_is_completed_too(
         assert d.stop() == 0
 
 
+async def test_a_live_certificate_of_a_key_revoked_for_compromise_is_revoked_at_start(
+        tmp_path: Path) -> None:
+    """As an older release left it (the first recorded no lineage, and none revoked
+    other certificates of the key): one certificate of a key revoked for keyCompromise,
+    another of the same key still live. The start revokes it, logged and said."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from tests.helpers import audit_verify, bootstrap_token, csr_pem, log_lines
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state)
+    cred = enroll(d, tmp_path, "service", ["old.internal.example"])
+    key = serialization.load_pem_private_key(cred[1].read_bytes(), None)
+    token = await bootstrap_token(d, "service", ["old.internal.example"])
+    status, _, raw = await http("POST", f"{d.url}/v1/x509/enroll", d.ssl(),
+                                body={"csr": csr_pem(["old.internal.example"], key)},
+                                headers={"Authorization": f"Bearer {token}"})
+    assert status == 201, raw
+    left = x509.load_pem_x509_certificate(json.loads(raw)["certificate"].encode())
+    assert d.stop() == 0
+    with sqlite3.connect(ca.state / "hsmca.sqlite3") as db:  # what the old release did
+        db.execute("UPDATE certs SET revoked_at = ?, reason = 'keyCompromise' WHERE serial = ?",
+                   ("2026-12-01T00:00:00+00:00", _serial(cred[0]).lower()))
+    d = start_daemon(ca.state)
+    try:
+        said = [json.loads(line) for line in d.stderr
+                if "revoked live certificates of keys revoked for keyCompromise" in line]
+        assert said and said[0]["serials"] == [format(left.serial_number, "x")], said
+        (tmp_path / "left.pem").write_bytes(left.public_bytes(serialization.Encoding.PEM))
+        status, _, body = await http("POST", f"{d.url}/v1/x509/renew",
+                                     d.ssl(tmp_path / "left.pem", cred[1]), body={})
+        assert status == 403 and json.loads(body)["type"].endswith("revoked-certificate")
+        [line] = [e for e in log_lines(ca.state) if e.get("event") == "cert.revoke"]
+        assert line["serials"] == [format(left.serial_number, "x")]
+        assert line["reason"] == "keyCompromise" and line["actor"] == "local"
+    finally:
+        assert d.stop() == 0
+    assert audit_verify(ca.state).returncode == 0
+
+
 def _serial(cert: Path) -> str:
     from cryptography import x509
     return format(x509.load_pem_x509_certificate(cert.read_bytes()).serial_number, "X")

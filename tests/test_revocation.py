@@ -445,3 +445,30 @@ async def test_a_certificate_revoked_as_superseded_can_still_be_revoked_for_comp
     lines = [e for e in log_lines(d.state) if e.get("event") == "cert.revoke"
              and serial_a in (e.get("serials") or [])]
     assert [e["reason"] for e in lines] == ["superseded", "keyCompromise"]
+
+
+async def test_key_compromise_revokes_every_certificate_of_the_key(
+        ca_daemon: Daemon, tmp_path: Path) -> None:
+    """An EST client enrolled twice with its configured key (two tokens, two lineages):
+    revoking one certificate for keyCompromise revokes the other too, which answered
+    OCSP good and renewed with the stolen key."""
+    d = ca_daemon
+    key = ec.generate_private_key(ec.SECP256R1())
+    certs = []
+    for _ in range(2):
+        token = await bootstrap_token(d, "service", ["twice.internal.example"])
+        status, _, raw = await http("POST", f"{d.url}/v1/x509/enroll", d.ssl(),
+                                    body={"csr": csr_pem(["twice.internal.example"], key)},
+                                    headers={"Authorization": f"Bearer {token}"})
+        assert status == 201, raw
+        certs.append(x509.load_pem_x509_certificate(json.loads(raw)["certificate"].encode()))
+    other = enroll(d, tmp_path, "service", ["twice.internal.example"])
+    first, second = (format(c.serial_number, "x") for c in certs)
+    status, _, raw = await http("POST", f"{d.url}/v1/x509/revoke", d.admin_ssl(),
+                                body={"serial": first, "reason": "keyCompromise"})
+    assert status == 200, raw
+    assert sorted(json.loads(raw)["revoked"]) == sorted([first, second])
+    gone = await signed(d, certs[1], ocsp.OCSPCertStatus.REVOKED)
+    assert gone.revocation_reason == x509.ReasonFlags.key_compromise
+    # The same name with another key is not the compromised key's: it stays good.
+    await signed(d, load(other[0]), ocsp.OCSPCertStatus.GOOD)

@@ -56,7 +56,9 @@ from ca.fileutil import write_atomic
 from ca.generations import Generations
 from ca.issuance.issue import Issuance, decision_context
 from ca.issuance.pipeline import SigningPipeline
+from ca.issuance.profiles import utcnow
 from ca.lifecycle import write_bundle, write_chain_files
+from ca.policy import Reason, Refused
 from ca.process import raise_fd_limit, settle_heap
 from ca.revocation.from_log import complete_from_log
 from ca.revocation.ocsp import OCSPRefresher, OCSPSigner
@@ -413,6 +415,8 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
             store.watch_changes(_on_change(config, store, generations, keys))
         issuance = Issuance(pipeline, store, keys, None, config.node)
         await ensure_server_cert(config, issuance)
+        await _revoke_live_certs_of_compromised_keys(issuance, store, audit, generations,
+                                                     policies)
         # OCSP responses are signed ahead of time, by this process, off every request's
         # path: new certificates within a second, every live one before nextUpdate.
         background.append(asyncio.create_task(_refresh_ocsp(issuance, store, policies)))
@@ -760,6 +764,36 @@ def _context_now(issuance: Issuance, policies: control.PolicyFeed
     async def context() -> ra.Context:
         return decision_context(policies.current, await issuance.keys.refresh())
     return context
+
+
+async def _revoke_live_certs_of_compromised_keys(
+        issuance: Issuance, store: Store, audit: AuditLog, generations: Generations,
+        policies: control.PolicyFeed) -> None:
+    """Before serving: a certificate still live whose key was revoked for keyCompromise
+    is revoked too, as a keyCompromise revocation now does at once. Before, only its
+    lineage went, and the first release recorded none: after an upgrade, an earlier
+    certificate of a compromised key answered OCSP good and renewed (an upgrade
+    trial)."""
+    from ca.revocation import Revocations
+    left = await store.live_certs_with_keys(await store.compromised_keys(), utcnow())
+    if not left:
+        return
+    revocations = Revocations(store, audit, issuance, generations,
+                              _context_now(issuance, policies))
+    context = await _context_now(issuance, policies)()
+    revoked: list[int] = []
+    for serial in left:
+        if serial in revoked:  # taken with an earlier one's reach
+            continue
+        order = ra.order(context, ra.Local(), ra.RevokeRequest(serial, "keyCompromise"))
+        try:
+            revoked += (await revocations.revoke(order, None)).serials
+        except Refused as exc:
+            if exc.reason is not Reason.CONFLICT:  # revoked meanwhile (another node)
+                raise
+    log.warning("revoked live certificates of keys revoked for keyCompromise (left live "
+                "by an older release, which revoked only their lineage)",
+                serials=[format(s, "x") for s in sorted(revoked)][:20], count=len(revoked))
 
 
 async def _refresh_crls(issuance: Issuance, store: Store, audit: AuditLog,

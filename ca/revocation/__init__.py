@@ -108,10 +108,7 @@ class Revocations:
             targets = [order.serial]
         roots = list(targets)  # each one's lineage is its whole family tree
         if order.lineage:
-            family: set[int] = set(targets)
-            for serial in roots:
-                family.update(await self.store.lineage(serial, now))
-            targets = sorted(family)
+            targets = sorted(await self._reach(roots, now))
         # The record first: a revocation the log does not show never happened.
         await self._record(order, targets, request_id)
         done = await self.store.revoke_certs(targets, now, order.reason)
@@ -163,6 +160,28 @@ class Revocations:
             **({} if order.follows is None else {"follows": format(order.follows, "x")}),
             **({"swept": True} if swept else {}))
 
+    async def _reach(self, roots: list[int], now: dt.datetime) -> set[int]:
+        """What a keyCompromise revocation of `roots` takes: their lineages (a renewal
+        with a new key proves only that the old key was held) and every live
+        certificate of any key among them, with its lineage in turn, until nothing new
+        turns up. A key certified twice outside one lineage (an EST client enrolled
+        again with its configured key; a CA upgraded from a release that recorded no
+        lineage) kept its other certificate good and renewable (an upgrade trial)."""
+        reach: set[int] = set()
+        walk, keys = set(roots), set[str]()
+        while walk:
+            family = set(walk)
+            for serial in walk:  # one walk per root: it covers the whole family tree
+                family.update(await self.store.lineage(serial, now))
+            added = family - reach
+            reach |= family
+            spkis = {r.spki_sha256 for s in sorted(added)
+                     if (r := await self.store.cert(s)) is not None} - keys
+            keys |= spkis
+            walk = set(await self.store.live_certs_with_keys(sorted(spkis), now)) - reach \
+                if spkis else set()
+        return reach
+
     async def _sweep(self, order: ra.RevokeOrder, roots: list[int], done: Reached,
                      now: dt.datetime, request_id: str | None) -> Reached:
         """Once more, now that the revocation is committed. A request signed while it
@@ -178,10 +197,7 @@ class Revocations:
         while True:
             new: list[int] = []
             if order.lineage:
-                family: set[int] = set()
-                for serial in roots:
-                    family.update(await self.store.lineage(serial, now))
-                new = sorted(family - serials)
+                new = sorted(await self._reach(roots, now) - serials)
                 if new:
                     await self._record(order, new, request_id, swept=True)
             again = await self.store.revoke_certs([*sorted(serials), *new], now, order.reason)

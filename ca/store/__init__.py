@@ -103,6 +103,11 @@ class Store(Protocol):
         """Every unrevoked, unexpired certificate that carries `name`."""
         ...
 
+    async def live_certs_with_keys(self, spkis: Sequence[str], now: dt.datetime) -> list[int]:
+        """Every unrevoked, unexpired certificate whose subject key's SPKI SHA-256 is
+        among `spkis`."""
+        ...
+
     async def revoke_certs(self, serials: Sequence[int], at: dt.datetime,
                            reason: str | None) -> Revoked:
         """Revoke those of `serials` that are not revoked yet, and every SSH certificate

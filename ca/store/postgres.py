@@ -454,6 +454,12 @@ class PostgresStore:
             "names::jsonb ? %s", (now.isoformat(), name))
         return sorted(int(r[0], 16) for r in rows)
 
+    async def live_certs_with_keys(self, spkis: Sequence[str], now: dt.datetime) -> list[int]:
+        rows = await self._rows(
+            "SELECT serial FROM certs WHERE revoked_at IS NULL AND spki_sha256 = ANY(%s) "
+            "AND not_after > %s", (sorted(set(spkis)), now.isoformat()))
+        return sorted(int(r[0], 16) for r in rows)
+
     async def revoke_certs(self, serials: Sequence[int], at: dt.datetime,
                            reason: str | None) -> Revoked:
         hexes = [format(s, "x") for s in serials]

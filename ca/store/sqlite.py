@@ -302,6 +302,11 @@ MIGRATIONS: tuple[str, ...] = (
                      'cessation_of_operation', 'certificate_hold', 'privilege_withdrawn',
                      'aa_compromise');
     """,
+    # 14: the live certificates of a key, found when that key is revoked for keyCompromise
+    # (every certificate of a compromised key is revoked, not only its lineage).
+    """
+    CREATE INDEX certs_live_spki ON certs(spki_sha256) WHERE revoked_at IS NULL;
+    """,
 )
 
 _CERT_COLS = ("serial, fingerprint, role, subject, names, principals, spki_sha256, not_before, "
@@ -688,6 +693,16 @@ class SQLiteStore:
             "(SELECT 1 FROM json_each(certs.names) WHERE json_each.value = ?)",
             (now.isoformat(), name))
         return sorted(int(r[0], 16) for r in rows)
+
+    async def live_certs_with_keys(self, spkis: Sequence[str], now: dt.datetime) -> list[int]:
+        found: list[int] = []
+        keys = sorted(set(spkis))
+        for at in range(0, len(keys), 500):  # well under SQLite's limit of variables
+            part = keys[at:at + 500]
+            found += [int(r[0], 16) for r in self._read(
+                "SELECT serial FROM certs WHERE revoked_at IS NULL AND spki_sha256 IN "
+                f"({','.join('?' * len(part))}) AND not_after > ?", (*part, now.isoformat()))]
+        return sorted(found)
 
     async def revoke_certs(self, serials: Sequence[int], at: dt.datetime,
                            reason: str | None) -> Revoked:
