@@ -12,6 +12,7 @@ import datetime as dt
 
 import structlog
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from ca.config import Config
@@ -25,7 +26,7 @@ RENEW_BEFORE = dt.timedelta(days=30)
 log = structlog.get_logger("hsmca.tls")
 
 
-def _needs_renewal(config: Config, now: dt.datetime) -> str | None:
+def _needs_renewal(config: Config, now: dt.datetime, issuer: x509.Certificate) -> str | None:
     try:
         cert = x509.load_pem_x509_certificates(config.tls_cert.read_bytes())[0]
         key = load_pem_private_key(config.tls_key.read_bytes(), None)
@@ -35,7 +36,26 @@ def _needs_renewal(config: Config, now: dt.datetime) -> str | None:
         return "certificate and key do not match"
     if cert.not_valid_after_utc - now < RENEW_BEFORE:
         return f"expires {cert.not_valid_after_utc.isoformat()}"
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        # A root rotation cut short after the inventory changed and before this file was
+        # written (a key lifecycle trial): the CA's own root.pem no longer verified it.
+        return "not issued by the current issuing CA (a rotation since)"
     return None
+
+
+def _follow_chain(config: Config, chain_pem: str) -> None:
+    """The chain served after the certificate, as the inventory has it now: after the
+    previous root is retired it ends at the new root alone (docs/keys.md)."""
+    text = config.tls_cert.read_text()
+    end = text.index(_PEM_END) + len(_PEM_END) + 1
+    if text[end:] != chain_pem:
+        write_atomic(config.tls_cert, text[:end] + chain_pem)
+        log.info("the daemon's TLS chain follows the CA's current chain")
+
+
+_PEM_END = "-----END CERTIFICATE-----"
 
 
 def server_names(dns_name: str) -> list[str]:
@@ -46,8 +66,10 @@ def server_names(dns_name: str) -> list[str]:
 
 async def ensure_server_cert(config: Config, issuance: Issuance) -> bool:
     """Renew the listener's certificate if due; True if it was renewed."""
-    why = _needs_renewal(config, dt.datetime.now(dt.UTC))
+    current = (await issuance.keys.refresh()).current
+    why = _needs_renewal(config, dt.datetime.now(dt.UTC), current.cert)
     if why is None:
+        _follow_chain(config, current.chain_pem)
         return False
     log.info("renewing the daemon's TLS certificate", reason=why)
     cert_pem, key_pem = await local_cert(issuance, config.policy, role="server",

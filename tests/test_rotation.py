@@ -392,10 +392,23 @@ async def test_rotate_the_root_offline_and_relying_parties_of_either_root_follow
     finally:
         assert d.stop() == 0
 
+    tls = [ca.state / "tls/server.pem", ca.state / "tls/server.key"]
+    before_tls = [p.read_bytes() for p in tls]
     out = hsmca("key", "rotate-root", "--config", config, "--yes").stdout
     new_root = load(ca.state / "x509/root.pem")
     assert new_root != load(old_root) and new_root.subject == load(old_root).subject
     assert "hsmca key retire root-ca" in out
+    # A second rotation before the first one's hand-over is over is refused: it would
+    # chain everything to a root no relying party has (a key lifecycle trial).
+    proc = hsmca("key", "rotate-root", "--config", config, "--yes", check=False)
+    assert proc.returncode == 1 and "one root rotation at a time" in proc.stderr, proc.stderr
+    assert "hsmca key retire root-ca" in proc.stderr
+    assert load(ca.state / "x509/root.pem") == new_root
+    # As a ceremony killed before it wrote the daemon's TLS certificate leaves it: the
+    # start issues one from the new issuing CA (the CA's own root.pem did not verify the
+    # old one, and `hsmca key list --config` failed).
+    for path, data in zip(tls, before_tls, strict=True):
+        path.write_bytes(data)
     assert len(pems(ca.state / "x509/roots.pem")) == 2
     assert len(pems(ca.state / "x509/cross.pem")) == 2
     assert sum(label.startswith("root-ca") for label in token_labels(ca.state, ca.token)) == 2
@@ -437,6 +450,12 @@ async def test_rotate_the_root_offline_and_relying_parties_of_either_root_follow
         served = x509.load_pem_x509_certificates(
             (await http("GET", f"{d.url}/v1/x509/chain", d.ssl()))[2])
         assert served[-1] == new_root and len(served) == 2
+    finally:
+        assert d.stop() == 0
+    # The daemon's own TLS chain follows at the next start.
+    d = start_daemon(ca.state)
+    try:
+        assert pems(tls[0])[1:] == served
     finally:
         assert d.stop() == 0
     events = [x["event"] for x in log_lines(ca.state)]
