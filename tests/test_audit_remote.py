@@ -779,3 +779,22 @@ async def test_verify_remote_from_a_state_ahead_of_the_daemons_checkpoint(
         assert json.loads(state.read_text())["version"] == 2
     finally:
         await runner.cleanup()
+
+
+def test_a_log_verified_before_must_stay_listed(tmp_path: Path) -> None:
+    """A server that lists logs under new names is not followed from nothing while a log
+    verified before goes unlisted (an auditor trial: a log cut from 6010 lines to 122
+    was OK as the log of a node `evil`, in the CLI and the web view)."""
+    from ca.audit.remote import log_state_path, logs_gone
+    state = tmp_path / "auditor.state"
+    assert logs_gone(state, ["ca-1"]) is None  # nothing verified yet: a new cluster
+    state.write_text("{}")  # a single node's log, verified
+    gone = logs_gone(state, ["evil"])
+    assert gone is not None and "the log verified last time is not served" in gone
+    assert logs_gone(state, ["init", "ca-1"]) is None  # moved to PostgreSQL: init's
+    state.unlink()
+    log_state_path(state, "ca-1").write_text("{}")
+    log_state_path(state, "ca-2").write_text("{}")
+    assert logs_gone(state, ["init", "ca-1", "ca-2", "ca-3"]) is None  # ca-3 joined
+    gone = logs_gone(state, ["init", "ca-1", "evil"])
+    assert gone is not None and gone.startswith("log ca-2 was verified before"), gone

@@ -140,6 +140,29 @@ async def list_logs(url: str, ssl_ctx: ssl.SSLContext) -> list[str | None]:
     return names
 
 
+def logs_gone(state: Path, names: list[str | None]) -> str | None:
+    """Why the logs listed do not continue what the saved states verified, or None.
+    Every log verified before must still be listed (a node's log is served by every
+    node for good, stopped or not), and a single log's state continues only as init's.
+    Else a server could list a log of a new name, which is verified from nothing, and
+    leave out the one that was cut (an auditor trial: a log cut from 6010 lines to 122
+    was OK under the name `evil`)."""
+    from ca.audit.cluster import CEREMONIES
+    if state.is_file() and CEREMONIES not in names:
+        return (f"{state} is the state of a single log, and the daemon now lists the logs "
+                f"{', '.join(str(n) for n in names)} without {CEREMONIES!r} (which a single "
+                "node's log becomes when the CA moves to PostgreSQL): the log verified last "
+                "time is not served")
+    head, tail = f"{state.stem}.", state.suffix
+    for path in sorted(state.parent.glob(f"{head}*{tail}")):
+        node = path.name[len(head):len(path.name) - len(tail)]
+        if (node == CEREMONIES or NODE_NAME.fullmatch(node)) and \
+                path == log_state_path(state, node) and node not in names:
+            return (f"log {node} was verified before ({path}) and the daemon no longer lists "
+                    "it: every node's log stays served, so it was removed or replaced")
+    return None
+
+
 def log_state_path(state: Path, log: str | None) -> Path:
     """Where the auditor's state for `log` is kept: `state` itself for a single node's
     one log; on a cluster one file per node's log beside it (auditor.NODE.state), so

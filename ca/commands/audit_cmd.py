@@ -118,7 +118,7 @@ def _verify_remote(args: argparse.Namespace) -> int:
     if args.witness_key:
         raise CLIError("--witness-key is for --log (with a copy of checkpoint.cosigned, which "
                        "GET /v1/audit/checkpoint.cosigned serves)")
-    from ca.audit.remote import list_logs, log_state_path, verify_remote
+    from ca.audit.remote import list_logs, log_state_path, logs_gone, verify_remote
     ctx = _client_context(args)
     key = _audit_key(args.key)
     names = asyncio.run(list_logs(args.url, ctx))
@@ -126,6 +126,9 @@ def _verify_remote(args: argparse.Namespace) -> int:
         return _report(asyncio.run(verify_remote(args.url, ctx, key, args.state,
                                                  origin=args.origin)), "")
     # A cluster: every node's log, each with a state of its own beside --state.
+    if missing := logs_gone(args.state, names):
+        print(f"FAILED: {missing}", file=sys.stderr)
+        return 1
     _carry_single_state(args.state, names)
     failed = 0
     for name in names:

@@ -37,7 +37,7 @@ from ca.audit.note import (
     parse_checkpoint,
     parse_note,
 )
-from ca.audit.remote import list_logs, log_state_path, verify_remote
+from ca.audit.remote import list_logs, log_state_path, logs_gone, verify_remote
 from ca.audit.verify import AuditorState, PinnedKey, followed, load_state, state_origin
 from ca.client import ClientError
 from ca.ui.ca_api import CA
@@ -326,6 +326,7 @@ class Logs:
         self.witness_keys, self.fresh_s = witness_keys, fresh_s
         self.names: list[str | None] = []  # none known yet
         self.problem: str | None = None  # why the list could not be asked
+        self.gone: str | None = None  # a log verified before that the list leaves out
         self._followers: dict[str | None, Follower] = {}
         self._listed_at = float("-inf")
         self._listing: asyncio.Task[list[str | None]] | None = None
@@ -355,6 +356,8 @@ class Logs:
             self.problem = str(exc)
         else:
             self.names, self.problem = names, None
+            if names != [None]:
+                self.gone = self.gone or logs_gone(self.state, names)  # it stays failed
         self._listed_at = time.monotonic()
         return self.names
 
@@ -377,6 +380,8 @@ class Logs:
         names = await self.list()
         if not names:
             return Verdict("unknown", None, None, "", _now(), problem=self.problem)
+        if self.gone is not None:
+            return Verdict("failed", None, None, "", _now(), reason=self.gone, log=name)
         wanted = [name, *(n for n in names if n != name)]
         mine, *others = await asyncio.gather(*(self.follower(n).verdict() for n in wanted))
         return replace(mine, others=tuple(others))
