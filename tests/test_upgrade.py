@@ -53,6 +53,9 @@ def upgraded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon,
     for path in [root, *root.rglob("*")]:  # as init left them: git keeps no modes
         path.chmod(path.stat().st_mode & 0o700)
     d = start_daemon(root / "ca")
+    # The upgrade is said (it was silent on SQLite: an upgrade trial).
+    said = [line for line in d.stderr if '"inventory migrated"' in line]
+    assert said and '"schema_to": 14' in said[0], d.stderr
     yield d, root
     assert d.stop() == 0
 

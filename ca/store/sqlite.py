@@ -422,6 +422,9 @@ class SchemaError(sqlite3.DatabaseError):
 def migrate(db: sqlite3.Connection, path: Path) -> None:
     """Run the migrations the database has not had, each in one transaction."""
     version = int(db.execute("PRAGMA user_version").fetchone()[0])
+    # The first release counted no migrations: its inventory is version 0 with tables.
+    upgrade = version > 0 or db.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'certs'").fetchone()
     if version > len(MIGRATIONS):
         raise SchemaError(f"the inventory {path} has schema version {version}, newer than this "
                           f"hsmca knows ({len(MIGRATIONS)}): upgrade hsmca, or restore a "
@@ -434,6 +437,11 @@ def migrate(db: sqlite3.Connection, path: Path) -> None:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
+    if upgrade and version < len(MIGRATIONS):  # (a new inventory is not news)
+        import structlog  # loaded only when there is something to say
+        structlog.get_logger("hsmca.store").warning(
+            "inventory migrated", path=str(path), schema_from=version,
+            schema_to=len(MIGRATIONS))
 
 
 Table = tuple[str, tuple[str, ...], Iterator[tuple[Any, ...]]]
