@@ -642,7 +642,7 @@ async def test_a_signature_the_hsm_gets_wrong_is_never_released(tmp_path: Path) 
     failed = ("hsmca_issued_total", (("kind", "ssh-user"), ("result", "SignatureCheckFailed")))
     assert after.get(failed, 0) - before.get(failed, 0) == 1, after
     lines = log_lines(ca.state)
-    [intent] = [e for e in lines if e.get("phase") == "intent" and e["purpose"] == "ssh-user"]
+    [intent] = [e for e in lines if e.get("phase") == "intent" and e.get("purpose") == "ssh-user"]
     [outcome] = [e for e in lines if e.get("phase") == "outcome"
                  and e["op_id"] == intent["op_id"]]
     assert outcome["result"] == "SignatureCheckFailed"

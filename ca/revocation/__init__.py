@@ -194,10 +194,14 @@ class Revocations:
         of any member is found from the root: one walk each, not one per member (that
         was a walk of the whole tree per member: 37 s for a lineage of 368)."""
         serials, ssh = set(done.serials), done.ssh_certs
+        # What was looked at: a member another revocation took meanwhile is not among
+        # `serials` (this one did not revoke it), and must not be found new forever.
+        seen = serials | set(roots)
         while True:
             new: list[int] = []
             if order.lineage:
-                new = sorted(await self._reach(roots, now) - serials)
+                new = sorted(await self._reach(roots, now) - seen)
+                seen.update(new)
                 if new:
                     await self._record(order, new, request_id, swept=True)
             again = await self.store.revoke_certs([*sorted(serials), *new], now, order.reason)
