@@ -886,14 +886,32 @@ ROTATABLE = ("issuing", "ssh-user", "ssh-host", "audit")
 CEREMONY_LOG = "init"  # ca.audit.cluster.CEREMONIES: the decisions load no audit code
 
 
+def _rotate_root(ctx: Context, who: Requester) -> KeyOrder:
+    """Only the offline ceremony rotates the root, and one rotation at a time: a second
+    one while the previous root is still trusted would chain every new certificate to a
+    root no relying party has yet (a key lifecycle trial rotated twice, by mistake and
+    after a ceremony cut short, and cut off every client that trusted the original)."""
+    if not isinstance(who, Local):
+        raise Refused("the root is rotated offline, with the daemon stopped: a new root "
+                      "and its cross-certificates are a ceremony (hsmca key rotate-root "
+                      "--config FILE; docs/keys.md)", Reason.MALFORMED)
+    previous = ctx.issuers.previous_root
+    if previous is not None:
+        raise Refused(
+            f"the previous root {previous!r} is still in its hand-over: one root rotation "
+            "at a time (docs/keys.md). Once every relying party trusts the current root "
+            f"(x509/root.pem), `hsmca key retire {previous}`, then rotate again. (A "
+            "rotation cut short? Its new root is already the current one: `hsmca serve` "
+            "serves its chain.)", Reason.CONFLICT)
+    return KeyOrder("rotate", "root", None, who.actor)
+
+
 def _key(ctx: Context, who: Requester, req: KeyRequest) -> KeyOrder:
     if not (isinstance(who, Local) or (isinstance(who, CertHolder) and who.role == "admin")):
         raise Refused("only an admin manages the CA's keys", Reason.WRONG_ROLE)
     if req.action == "rotate":
         if req.kind == "root":
-            raise Refused("the root is rotated offline, with the daemon stopped: a new root "
-                          "and its cross-certificates are a ceremony (hsmca key rotate-root "
-                          "--config FILE; docs/keys.md)", Reason.MALFORMED)
+            return _rotate_root(ctx, who)
         if req.kind not in ROTATABLE:
             raise Refused(f"rotate one of {', '.join(ROTATABLE)}, not {req.kind!r}")
         if req.kind == "audit" and ctx.issuers.audit_previous:

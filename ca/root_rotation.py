@@ -53,6 +53,7 @@ from ca.issuance.issue import Issuance, decision_context, sign_ca_cert
 from ca.issuance.pipeline import SigningPipeline
 from ca.lifecycle import write_bundle, write_chain_files
 from ca.local_certs import local_cert
+from ca.policy import Refused
 from ca.server_cert import TLS_DAYS, server_names
 from ca.store import CrossCert, KeyRecord, Store, open_store
 from hsm.session import KeyInfo
@@ -98,7 +99,11 @@ async def rotate_root(config: Config) -> RootRotated:
             store = open_store(config.store_location)
         await seed(config, store, pipeline)
         before = await load_issuers(store, pipeline)
-        await _one_rotation_at_a_time(store)
+        try:  # decided before any key is made
+            ra.order(decision_context(config.policy, before), ra.Local(),
+                     ra.KeyRequest("rotate", "root"))
+        except Refused as exc:
+            raise CLIError(exc.detail) from None
         await audit.append("key.ceremony", what="root rotation", phase="start",
                            previous=before.root_key.label)
         done = await _ceremony(config, store, pipeline, before)
@@ -120,23 +125,6 @@ async def rotate_root(config: Config) -> RootRotated:
             lease.close()
         if store is not None:
             store.close()
-
-
-async def _one_rotation_at_a_time(store: Store) -> None:
-    """A second rotation while the previous root is still trusted would chain every new
-    certificate to a root no relying party has yet (new, NewWithOld by the first new
-    root, which the old root's relying parties cannot follow): a key lifecycle trial
-    rotated twice, by mistake and after a ceremony cut short, and cut off every client
-    that trusted the original root. As `rotate audit`, one hand-over at a time."""
-    previous = [k.label for k in await store.keys() if k.kind == "root"
-                and k.state == "previous"]
-    if previous:
-        raise CLIError(
-            f"the previous root {previous[0]!r} is still in its hand-over: one root rotation "
-            "at a time (docs/keys.md). Once every relying party trusts the current root "
-            f"(x509/root.pem), `hsmca key retire {previous[0]}`, then rotate again. (A "
-            "rotation cut short? Its new root is already the current one: `hsmca serve` "
-            "serves its chain.)")
 
 
 async def _hold_every_node(store: Store) -> list[Lease]:

@@ -21,6 +21,8 @@ ISSUER_EXPIRES = NOW + dt.timedelta(days=365)
 
 
 class Directory:
+    previous_root: str | None = None  # a root rotation's hand-over under way
+
     def x509_issuer(self) -> str:
         return "issuing-ca"
 
@@ -770,6 +772,16 @@ def test_an_audit_key_is_retired_only_once_every_log_has_handed_over() -> None:
     refused(ra.decide(context(), admin(), dataclasses.replace(
         req, not_handed_over=("ca-2", "init"))), Reason.CONFLICT, "ca-2, init",
         "hsmca key rotate-root")
+
+
+def test_the_root_is_rotated_by_the_ceremony_alone_and_once_at_a_time() -> None:
+    req = ra.KeyRequest("rotate", "root")
+    refused(ra.decide(context(), admin(), req), Reason.MALFORMED, "hsmca key rotate-root")
+    assert isinstance(ra.decide(context(), ra.Local(), req), ra.KeyOrder)
+    handing_over = context()
+    handing_over.issuers.previous_root = "root-ca"  # type: ignore[attr-defined]
+    refused(ra.decide(handing_over, ra.Local(), req), Reason.CONFLICT,
+            "one root rotation at a time", "hsmca key retire root-ca")
 
 
 def test_a_tokens_names_fit_an_audit_line() -> None:

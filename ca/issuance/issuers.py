@@ -98,6 +98,9 @@ class Issuers:
     audit_previous: tuple[KeyInfo, ...] = ()
     # Every root ever made, the active one first (a rotation makes a second one).
     roots: tuple[x509.Certificate, ...] = ()
+    # The root a rotation replaced while it is not retired (relying parties still
+    # trust it alone): its label, or None.
+    previous_root: str | None = None
     # SSH CA keys retired or destroyed: (cert type, public key, OpenSSH) by label. They
     # sign nothing, but hosts and clients may trust them still: the KRL goes on naming
     # their revoked certificates.
@@ -224,6 +227,8 @@ def build(records: list[KeyRecord], infos: dict[str, KeyInfo],
                    audit_previous,
                    roots=(root, *(c for label, c in reversed(roots.items())
                                   if label != root_record.label)),
+                   previous_root=next((r.label for r in reversed(by_kind["root"])
+                                       if r.state == "previous"), None),
                    ssh_past=ssh_past)
 
 
