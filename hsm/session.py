@@ -254,14 +254,15 @@ class HSM:
             self._mark_broken(exc)
             raise HSMUnavailable(f"HSM unavailable: {self.broken}") from None
 
-    def generate(self, label: str, key_type: str, op_id: str | None = None) -> KeyInfo:
-        """Generate a non-exportable key pair in the token; logged as hsm.keygen (with
-        `op_id`, as the outcome of that intent line, which the caller made durable
-        before: no key is made that the log does not announce)."""
+    def generate(self, label: str, key_type: str, intent_seq: int, op_id: str) -> KeyInfo:
+        """Generate a non-exportable key pair in the token, for the durable hsm.keygen
+        intent line `intent_seq` (a key is announced like a signature: no key is made
+        that the log does not show); its outcome is logged as hsm.keygen with `op_id`."""
         self._claim()
+        self._check_intent(intent_seq)
         self._ready()
         uri = str(key_uri(self.config.token, label))
-        paired = {} if op_id is None else {"phase": "outcome", "op_id": op_id}
+        paired = {"phase": "outcome", "op_id": op_id}
         try:
             keys.generate(self._session, label, key_type)
         except SESSION_ERRORS as exc:

@@ -30,7 +30,7 @@ for line in sys.stdin:
     verb, label = line.split()
     try:
         if verb == "gen":
-            hsm.generate(label, "ec-p256")
+            hsm.generate(label, "ec-p256", 1, "op")
         elif verb == "destroy":
             hsm.destroy(label, 1)
         elif verb == "probe":

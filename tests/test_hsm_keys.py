@@ -197,6 +197,11 @@ async def test_the_hsm_signs_only_for_a_durable_intent_once(worker: SigningPipel
     with pytest.raises(HSMError, match="one thread per process"):
         await asyncio.to_thread(worker.hsm.sign, "issuing-ca", scheme, b"z",
                                 await audit.append("test.intent"))
+    # A key is made for a durable intent alone, like a signature (a kill left a key the
+    # log never mentioned: a key lifecycle trial).
+    with pytest.raises(HSMError, match="is not durable"):
+        await worker.call(lambda hsm: hsm.generate("never-made", "ec-p256", beyond, "op"))
+    assert not (await worker.call(lambda hsm: hsm.remnants("never-made")))[0]
 
 
 async def test_a_batch_is_signed_together_and_a_failure_stays_its_own(

@@ -205,9 +205,9 @@ class SigningPipeline:
             intent = {"phase": "intent", "op_id": op_id, "label": label,
                       "key": str(key_uri(hsm.config.token, label)), "type": key_type}
             [written] = self._append([("hsm.keygen", intent)])
-            written.result()  # raises AuditUnavailable: nothing generated
+            seq = written.result()  # raises AuditUnavailable: nothing generated
             try:
-                info = hsm.generate(label, key_type, op_id)
+                info = hsm.generate(label, key_type, seq, op_id)
             finally:
                 for line in self._audit.append_durable(hsm.take_events()):
                     line.result()
