@@ -8,6 +8,7 @@ RFC cannot make both sides agree.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -388,6 +389,86 @@ async def test_remote_verify_is_incremental_and_catches_a_rewrite(tmp_path: Path
         with pytest.raises(WitnessRefused, match="does not extend"):
             witness.push(text, given([base64.b64decode(h) for h in json.loads(raw)["proof"]]))
         assert (tmp_path / "witness").read_text() == saved["checkpoint"]
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+
+
+async def test_a_line_rewritten_in_place_stops_signing_and_fails_the_incremental_run(
+        tmp_path: Path) -> None:
+    """A line under the tiles, rewritten in place at the same length while the daemon
+    was stopped: the start reads only the last full bundle and passed it, the tiles
+    (whence every proof) still hold the old line's hash, and an auditor's run with a
+    saved state, which reads only new lines, said OK (auditor trial, H3). Now the
+    daemon reads its old lines again in the background: it stops signing and says
+    which line, the auditor's incremental run fails on it, and all is well again
+    once the line is put back."""
+    ca = init_ca(tmp_path)
+    log = ca.state / "audit" / "log.jsonl"
+    state = tmp_path / "auditor-state.json"
+    daemons: list[Daemon] = []
+
+    async def health_until(d: Daemon, test: Callable[[dict[str, Any]], bool]
+                           ) -> dict[str, Any]:
+        deadline = asyncio.get_running_loop().time() + 60
+        while True:  # paced by the round trips
+            status, _, body = await http("GET", f"{d.url}/health", d.ssl())
+            found = {**json.loads(body), "code": status}
+            if test(found):
+                return found
+            assert asyncio.get_running_loop().time() < deadline, found
+
+    try:
+        d = start_daemon(ca.state)
+        daemons.append(d)
+        auditor = enroll(d, tmp_path, "auditor", ["auditor@example.com"])
+        svc = enroll(d, tmp_path, "service", ["svc2.rewrite.example"])
+        while len(log.read_bytes().splitlines()) < 800:  # three full bundles of 256
+            await asyncio.gather(*(http("POST", f"{d.url}/v1/x509/renew", d.ssl(*svc),
+                                        body={}) for _ in range(8)))
+        ok_counts(remote_verify(d, auditor, state))
+        assert daemons.pop().stop() == 0
+
+        lines = log.read_bytes().splitlines()
+        victim = next(i for i, line in enumerate(lines) if b"svc2.rewrite.example" in line
+                      and b'"phase":"intent"' in line)
+        assert victim < 512  # under the tiles, before the last full bundle
+        at = log.read_bytes().index(lines[victim])
+        forged = lines[victim].replace(b"svc2.rewrite.example", b"svc9.rewrite.example")
+        with log.open("r+b") as f:
+            f.seek(at)
+            f.write(forged)
+
+        d = start_daemon(ca.state)  # the start does not read that far back
+        daemons.append(d)
+        found = await health_until(d, lambda h: h["code"] == 503)
+        assert found["audit_damaged_seq"] == victim, found
+        assert f"line {victim} of the audit log" in found["audit"], found
+        assert "rewritten on disk" in found["audit"], found
+        status, ctype, body = await http("POST", f"{d.url}/v1/x509/renew", d.ssl(*svc),
+                                         body={})
+        assert status == 503 and ctype == "application/problem+json", body
+        assert "the audit log is unavailable, so nothing can be signed" in body.decode(), body
+
+        before = state.read_bytes()
+        proc = remote_verify(d, auditor, state)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert proc.stderr.startswith(f"FAILED at seq {victim}: the daemon reports that line "
+                                      f"{victim} of its log file"), proc.stderr
+        assert state.read_bytes() == before  # nothing is saved from a failed run
+
+        with log.open("r+b") as f:  # put back in place, the daemon running
+            f.seek(at)
+            f.write(lines[victim])
+        await health_until(d, lambda h: h["code"] == 200)
+        status, _, body = await http("POST", f"{d.url}/v1/x509/renew", d.ssl(*svc), body={})
+        assert status == 201, body
+        ok_counts(remote_verify(d, auditor, state))
+        assert daemons.pop().stop() == 0
+        audit_verify(ca.state, ok=True)
+        resumed = [json.loads(line) for line in log.read_bytes().splitlines()
+                   if b'"event":"log.resume"' in line]
+        assert any(f"line {victim}" in r["after"] for r in resumed), resumed
     finally:
         for daemon in daemons:
             daemon.stop()

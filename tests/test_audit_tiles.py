@@ -30,6 +30,7 @@ from ca.audit.tiles import (
     parse_tile_path,
     tile_path,
 )
+from hsm.errors import AuditUnavailable
 from tests.conftest import Daemon, init_ca, start_daemon
 from tests.helpers import enroll, http
 from tests.test_audit_remote import _audit_key, get, path, verify_inclusion
@@ -150,6 +151,46 @@ def test_start_reads_only_what_the_tiles_do_not_hold(tmp_path: Path) -> None:
     path_.write_bytes(data[:edge] + b"#" + data[edge + 1:])
     with pytest.raises(AuditLogError, match=r"lines 512 to 767 .* no longer match its tiles"):
         AuditLog.open(path_)
+
+
+def test_a_line_rewritten_under_the_tiles_stops_signing_until_it_is_put_back(
+        tmp_path: Path) -> None:
+    """What start-up does not read, the daemon reads again in the background
+    (`check_on_disk`, a few bundles per call): a line rewritten in place, at the same
+    length, passed the start and was served as the log's (auditor trial, H3). Once
+    found, nothing is written (the caller hears which line and why) until it is back."""
+    path_ = tmp_path / "log.jsonl"
+    log = AuditLog.open(path_)
+    fill(log, random.Random(2), 5000)  # 19 full bundles
+    log.close()
+    original = lines_of(path_)[4500]  # bundle 17: not the last full one, which start reads
+    at = path_.read_bytes().index(original)
+    with path_.open("r+b") as f:
+        f.seek(at + len(original) // 2)
+        f.write(b"X")
+    log = AuditLog.open(path_)
+    try:
+        assert log.healthy
+        assert log.check_on_disk(0) == 16 and log.damaged_seq is None  # bundles 0 to 15
+        log.check_on_disk(16)
+        assert log.damaged_seq == 4500 and not log.healthy
+        assert "line 4500 of the audit log" in (log.problem or "")
+        [refused] = log.append_durable([("test.line", {"n": -1})])
+        with pytest.raises(AuditUnavailable, match=r"line 4500 of the audit log .* no longer "
+                                                   r"hashes to its leaf .* rewritten on disk"):
+            refused.result()
+        assert len(lines_of(path_)) == 5000
+        with path_.open("r+b") as f:  # put back, in place
+            f.seek(at)
+            f.write(original)
+        log.check_on_disk(16)
+        assert log.damaged_seq is None
+        [written] = log.append_durable([("test.line", {"n": 5000})])
+        assert written.result() == 5001 and log.healthy
+        resumed = json.loads(lines_of(path_)[5000])  # the outage, in the log itself
+        assert resumed["event"] == "log.resume" and "line 4500" in resumed["after"], resumed
+    finally:
+        log.close()
 
 
 def test_a_crash_before_the_commit_point_is_tiled_again_at_start(tmp_path: Path) -> None:

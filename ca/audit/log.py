@@ -39,7 +39,7 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ca.audit.line import CHECKPOINT_FIELD, GENESIS, chain_hash, line_bytes
-from ca.audit.merkle import Growth, TreeHead, growth, leaf_hash, leaf_hashes
+from ca.audit.merkle import HASH_SIZE, Growth, TreeHead, growth, leaf_hash, leaf_hashes
 from ca.audit.note import Checkpoint, NoteError, parse_checkpoint, verify_checkpoint
 from ca.audit.tiles import (
     MAX_ENTRY_BYTES,
@@ -124,6 +124,9 @@ class AuditLog:
         self._coalescer = Coalescer(self._queue)
         self._problem: str | None = None
         self._failed: str | None = None  # why the last batch failed, until one goes through
+        # A line under the tiles that no longer hashes to its leaf (`check_on_disk`):
+        # (its seq, why). Nothing is written while so.
+        self._damage: tuple[int, str] | None = None
         self._poisoned = False
         # Outcome lines whose batch failed: the HSM did sign (the result was never
         # released), so the line is owed and goes first once the disk takes writes
@@ -164,9 +167,10 @@ class AuditLog:
         A missing tile directory (the first start of a version with tiles, or one
         moved aside) is built from the whole log, once: then the whole log is read
         and checked against the checkpoint, as every start did before tiles.
-        Lines rewritten before the last full bundle are not read at start; the
-        auditors' verification (`hsmca audit verify`, the witnesses) is what finds
-        them, as it finds a rewrite of log and tiles together.
+        Lines before the last full bundle are not read at start: the daemon reads
+        them again once it serves (`check_on_disk`). A rewrite of log and tiles
+        together is for the auditors' verification (`hsmca audit verify`, the
+        witnesses) to find.
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -508,6 +512,8 @@ class AuditLog:
         written to it would vanish with the file), replaced, or cut or written to by
         something else (lines after it would not chain). Nothing is signed while so;
         once the log is back as it was, writing goes on."""
+        if self._damage is not None:
+            raise _NotTheLog(errno.EBADMSG, self._damage[1])
         mine = os.fstat(self._fd)
         try:
             named = os.stat(self.path)
@@ -535,6 +541,76 @@ class AuditLog:
                 self._check_file()
             except _NotTheLog as exc:
                 self._problem = self._failed = f"cannot write the audit log: {exc.strerror}"
+
+    # ---- the lines under the tiles, read again ----------------------------------------
+
+    CHECK_BUNDLES = 16  # full bundles hashed per call: about 1 MB read, a few ms
+
+    def check_on_disk(self, bundle: int) -> int:
+        """Hash the lines of up to CHECK_BUNDLES full bundles from `bundle` again and
+        compare them with the leaf hashes of their tiles; the bundle to go on from (0
+        once the last full one was checked).
+
+        A start reads only the lines of the last full bundle; one rewritten on disk
+        before it, in place and at the same length, was served as the log's, and an
+        auditor's incremental run, which reads only new lines, stayed OK (auditor
+        trial). The daemon reads them all again in the background (ca/daemon/primary.py).
+        A line that no longer matches is tampering or a failing disk, as a log cut
+        under its last checkpoint is at start: nothing is signed (`_check_file`), and
+        /health says which line (`damaged_seq`), until it is put back; meanwhile only
+        its bundle is checked again, at each call.
+        """
+        if self._damage is not None:
+            if self._first_mismatch(self._damage[0] // TILE_WIDTH, 1) is None:
+                log.warning("the rewritten audit line matches its leaf again",
+                            seq=self._damage[0])
+                self._damage = None
+            return bundle
+        with self._tree_lock:
+            full = self._tree.size // TILE_WIDTH
+        if bundle >= full:
+            return 0
+        end = min(bundle + self.CHECK_BUNDLES, full)
+        seq = self._first_mismatch(bundle, end - bundle)
+        if seq is not None:
+            self._damage = (seq, (
+                f"line {seq} of the audit log {self.path} no longer hashes to its leaf in the "
+                "log's Merkle tree (audit/tiles): it was rewritten on disk after it was "
+                "written (tampering, or a failing disk). Nothing is signed until it is put "
+                "back: stop hsmca, restore that line from a backup of the log (a line never "
+                "changes once written), check the log with `hsmca audit verify` and start "
+                "again"))
+            log.error("an audit log line was rewritten on disk: nothing is signed until it "
+                      "is put back", seq=seq, log=str(self.path))
+            return bundle
+        return end if end < full else 0
+
+    def _first_mismatch(self, first: int, count: int) -> int | None:
+        """The seq of the first line of full bundles [first, first + count) that does not
+        hash to the leaf its tile holds, or None. A damaged tile is not this check's to
+        judge (a proof that needs it names it): its bundle is passed over."""
+        with self._tree_lock:
+            lo, hi = self._bundle_start(first), self._bundle_start(first + count)
+        # Full bundles never change once written: read outside the lock.
+        lines = os.pread(self._fd, hi - lo, lo).split(b"\n")
+        for k in range(count):
+            chunk = lines[k * TILE_WIDTH:(k + 1) * TILE_WIDTH]
+            try:
+                with self._tree_lock:
+                    tile = self._tree.checked_leaves(first + k)
+            except TileDamaged:
+                continue
+            hashes = leaf_hashes(chunk)
+            if hashes != tile:
+                at = next((i for i in range(TILE_WIDTH) if hashes[i * HASH_SIZE:(i + 1) *
+                           HASH_SIZE] != tile[i * HASH_SIZE:(i + 1) * HASH_SIZE]), 0)
+                return (first + k) * TILE_WIDTH + at
+        return None
+
+    @property
+    def damaged_seq(self) -> int | None:
+        """The line `check_on_disk` found rewritten, until it is put back."""
+        return self._damage[0] if self._damage is not None else None
 
     def _fail_batch(self, done: list[tuple[Sink, int, str, Mapping[str, Any]]], exc: OSError,
                     results: Batch) -> None:
@@ -642,10 +718,13 @@ class AuditLog:
 
     @property
     def healthy(self) -> bool:
-        return self._problem is None and self._thread.is_alive()
+        return self.problem is None and self._thread.is_alive()
 
     @property
     def problem(self) -> str | None:
+        if self._problem is None and self._damage is not None:
+            # Found between writes: the next write fails with the same words.
+            return f"cannot write the audit log: {self._damage[1]}"
         return self._problem
 
     def close(self) -> None:

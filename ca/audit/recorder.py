@@ -173,7 +173,7 @@ class Recorder:
         if isinstance(msg, wire.AskHealth):
             trouble = self._checkpoint_trouble()
             return wire.Health(msg.id, audit.healthy and trouble is None,
-                               audit.problem or trouble, audit.size)
+                               audit.problem or trouble, audit.size, audit.damaged_seq)
         if isinstance(msg, wire.AskCheckpoint):
             return wire.Checkpoint(msg.id, self._latest_cosigned() if msg.cosigned
                                    else self._latest_checkpoint())

@@ -108,9 +108,31 @@ async def verify_remote(url: str, ssl_ctx: ssl.SSLContext, public_key: Ed25519Pu
             result = await _run(api, public_key, raw, origin)
         except _DaemonError as exc:
             result = RemoteResult(False, 0, 0, 0, None, str(exc), None)
+        if result.ok:
+            result = await _rewritten_on_disk(api, result)
     if result.ok and result.new_state is not None:
         save_state(state_path, result.new_state)
     return result
+
+
+async def _rewritten_on_disk(api: _API, result: RemoteResult) -> RemoteResult:
+    """`result`, failed if the daemon says a line of its log file was rewritten.
+
+    An incremental run reads only new lines, and the tiles, whence the proofs come,
+    still hold the old line's hash: a line rewritten on disk in place is served
+    as the log's and passes (auditor trial). The daemon reads its lines under the
+    tiles again in the background, and stops signing when one no longer matches
+    (`AuditLog.check_on_disk`); an auditor's run must not say OK meanwhile. A daemon
+    that says so falsely only makes the run fail."""
+    seq = await api.damaged_seq()
+    if seq is None:
+        return result
+    return _failed(Failure(seq, Stage.LINE, (
+        f"the daemon reports that line {seq} of its log file no longer hashes to its leaf "
+        "in the log's Merkle tree: it was rewritten on disk after it was written. The "
+        "lines this run fetched verified; an offline verification of a copy of the log "
+        "(hsmca audit verify --log) names what changed")), result.lines, result.fetched,
+        result.checkpoints)
 
 
 async def list_logs(url: str, ssl_ctx: ssl.SSLContext) -> list[str | None]:
@@ -184,6 +206,19 @@ class _API:
         if self.log is not None:
             path += ("&" if "?" in path else "?") + "log=" + quote(self.log, safe="")
         return await client.get_bytes(self.session, self.base + path, self.ctx)
+
+    async def damaged_seq(self) -> int | None:
+        """The line of its own log file the daemon says was rewritten on disk
+        (`audit_damaged_seq` in /health, answered with 200 or 503), if any."""
+        try:
+            async with self.session.get(self.base + "/health", ssl=self.ctx) as r:
+                body = json.loads(await r.read())
+        except (aiohttp.ClientError, ValueError):
+            return None  # a daemon that cannot say: the proofs are the verdict
+        if not isinstance(body, dict) or body.get("audit_damaged_log") != self.log:
+            return None  # on a cluster, the answering node's own log only
+        seq = body.get("audit_damaged_seq")
+        return seq if type(seq) is int and seq >= 0 else None
 
     async def checkpoint(self) -> str:
         try:

@@ -413,6 +413,17 @@ class TiledTree(SubtreeHashes):
             return bytes(self._edges[level][:width * HASH_SIZE])
         return None
 
+    def checked_leaves(self, index: int) -> bytes:
+        """Full tile 0/`index`, checked against its parent as a read for a proof is, but
+        not taken into the cache: the log's background check reads every one of them
+        (`AuditLog.check_on_disk`), and would push out the tiles proofs need."""
+        key = (0, index)
+        data = self._unstored.get(key) or self._cache.get(key)
+        if data is None:
+            data = self._store.read_tile(0, index)
+            self._check_against_parent(0, index, data)
+        return data
+
     # ---- internals -----------------------------------------------------------------------
 
     def _edge_index(self, level: int) -> int:

@@ -113,6 +113,7 @@ class Health(msgspec.Struct, tag="health-state", frozen=True):
     healthy: bool
     problem: str | None
     size: int
+    damaged_seq: int | None = None  # a line rewritten on disk (AuditLog.check_on_disk)
 
 
 class Checkpoint(msgspec.Struct, tag="checkpoint-text", frozen=True):

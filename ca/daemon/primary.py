@@ -454,6 +454,10 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         print(f"listening on {url}", flush=True)
         log.info("listening", url=url, workers=count, pids=pool.pids)
         background.append(asyncio.create_task(checkpointer.run()))
+        # Once serving: a line found rewritten stops signing, as a log moved under
+        # the daemon does, whatever the log's size (not a start that fails or not
+        # depending on how far the check got).
+        background.append(asyncio.create_task(_check_log_on_disk(audit)))
         loop.add_signal_handler(signal.SIGHUP, reload)  # daemon.start is in the log
         await stop.wait()
         loop.add_signal_handler(signal.SIGHUP, not_now)
@@ -751,6 +755,25 @@ async def _resume_log(audit: AuditLog) -> None:
             await audit.append("log.resume", after=problem)
         except Exception as exc:  # still away: the next try in a second
             log.debug("the audit log still cannot be committed", error=str(exc))
+
+
+LOG_CHECK_PACE_S = 0.02  # between steps of a pass: a few ms of hashing each
+LOG_CHECK_EVERY_S = 3600.0  # between passes
+
+
+async def _check_log_on_disk(audit: AuditLog) -> None:
+    """Read the log's lines under its tiles again, a step of a few bundles at a time,
+    from the start and then hourly (`AuditLog.check_on_disk`): a start reads only the
+    last bundle, and a line rewritten before it would otherwise be found only by an
+    auditor's full run. While a rewritten line stops signing, its bundle is read
+    again every second, so that signing resumes as soon as the line is put back."""
+    bundle = 0
+    while True:
+        bundle = await asyncio.to_thread(audit.check_on_disk, bundle)
+        if audit.damaged_seq is not None:
+            await asyncio.sleep(LOG_RETRY_S)  # a retry pace, not synchronisation
+        else:
+            await asyncio.sleep(LOG_CHECK_PACE_S if bundle else LOG_CHECK_EVERY_S)
 
 
 OCSP_LEASE_S = 1.0
