@@ -113,6 +113,17 @@ def test_offline_verify_misses_no_line_of_a_stopped_daemons_log(tmp_path: Path) 
                                   f"rewritten: the first {n} lines no "
                                   "longer match those verified last time"), proc.stderr
 
+    # Without a state, the checkpoint file beside the log says it was cut: the daemon
+    # writes it only once its signing is in the log (auditor trial: this said OK, while
+    # the daemon refused to start on the same log).
+    log.write_bytes(b"".join(lines[:-3]))
+    proc = audit_verify(ca.state, log=log)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.startswith(f"FAILED at seq {n - 3} (line {n - 2} of the file): cut: "
+                                  f"the latest checkpoint covers {n - 3} lines, and the lines "
+                                  "that signed it"), proc.stderr
+    assert "the log ends at" in proc.stderr and "its end was cut" in proc.stderr
+
     # A copy cut before the daemon.stop line's checkpoint, with no checkpoint file beside
     # it: the checkpoint before covers neither its own signing nor the daemon.stop.
     (copy / "checkpoint").unlink()

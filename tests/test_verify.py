@@ -94,6 +94,12 @@ class LogBuilder:
                         digest=hashlib.sha256(body.encode()).hexdigest(),
                         signature_digest="cd" * 32, checkpoint=note)
 
+    def latest(self) -> str:
+        """Sign and log a checkpoint of every line so far as the daemon does, and return
+        it: what state-dir/audit/checkpoint holds (written once its signing is logged)."""
+        self.checkpoint()
+        return json.loads(self.lines[-1])["checkpoint"]
+
     def data(self) -> bytes:
         return b"".join(line + b"\n" for line in self.lines)
 
@@ -186,8 +192,9 @@ def valid_logs(draw: st.DrawFn) -> LogBuilder:
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(valid_logs())
 def test_random_valid_logs_verify(log: LogBuilder) -> None:
+    latest = log.latest()
     checkpoints = sum(b'"checkpoint":"' in line for line in log.lines)
-    result = check(log.data(), latest_checkpoint=log.note())
+    result = check(log.data(), latest_checkpoint=latest)
     assert result.ok, result.reason
     assert (result.lines, result.bad_seq, result.reason) == (log.size, None, None)
     assert result.checkpoints == checkpoints + 1
@@ -577,6 +584,32 @@ def test_latest_checkpoint_longer_than_the_log_means_truncation() -> None:
     assert "log is shorter than the checkpoint (truncated)" in (result.reason or "")
 
 
+def test_latest_checkpoint_whose_signing_is_not_in_the_log_means_a_cut() -> None:
+    """The daemon writes its checkpoint file once the checkpoint's signing is logged
+    (auditor trial: a log without those lines verified OK, and the daemon refused it)."""
+    b = simple_log()
+    latest = b.latest()
+    assert check(b.data(), latest_checkpoint=latest).ok
+    result = check(join(b.lines[:-2]), latest_checkpoint=latest)  # its signing cut
+    assert (result.ok, result.bad_seq) == (False, b.size - 2)
+    assert (result.reason or "").startswith(f"cut: the latest checkpoint covers {b.size - 2} "
+                                            "lines, and the lines that signed it")
+    # Lines where its signing was, none of them carrying it: removed and replaced.
+    signed = b.size - 2
+    lines = b.lines[:signed]
+    c = LogBuilder()
+    for line in lines:
+        obj = json.loads(line)
+        c.add(obj.pop("event"), **{k: v for k, v in obj.items()
+                                   if k not in ("seq", "ts", "prev")})
+    c.intent("other")
+    c.outcome("other")
+    result = check(c.data(), latest_checkpoint=latest)
+    assert (result.ok, result.bad_seq) == (False, signed)
+    assert (result.reason or "").startswith(f"the latest checkpoint, over {signed} lines, is "
+                                            "not recorded in the log"), result.reason
+
+
 def test_latest_checkpoint_that_does_not_verify_fails_without_a_seq() -> None:
     b = simple_log()
     forged = b.note(key=Ed25519PrivateKey.generate())
@@ -587,7 +620,8 @@ def test_latest_checkpoint_that_does_not_verify_fails_without_a_seq() -> None:
 
 def test_state_catches_truncation_and_rewrites(tmp_path: Path) -> None:
     b = simple_log()
-    first = check(b.data(), latest_checkpoint=b.note())
+    latest = b.latest()
+    first = check(b.data(), latest_checkpoint=latest)
     assert first.ok and first.new_state is not None
     path = tmp_path / "audit-state.json"
     assert load_state(path) is None
@@ -596,22 +630,26 @@ def test_state_catches_truncation_and_rewrites(tmp_path: Path) -> None:
     state = load_state(path)
     assert state == first.new_state and state["size"] == b.size
 
-    # The log grew: fine, and the state moves forward with the new checkpoint.
+    # The log grew; no checkpoint covers the new lines yet: they are unsigned, and the state
+    # records them all the same, so that cutting the log back to the checkpoint verified
+    # last time is caught next time.
     b.intent("later")
     b.outcome("later")
-    grown = check(b.data(), state=state, latest_checkpoint=b.note())
-    assert grown.ok and grown.new_state is not None and grown.new_state["size"] == b.size
     # Grew, but no checkpoint covers the new lines yet: they are unsigned, and the state
     # records them all the same, so that cutting the log back to the checkpoint verified
     # last time is caught next time.
     unsigned = check(b.data(), state=state)
     assert unsigned.ok and (unsigned.signed, unsigned.closing, unsigned.unsigned) == (
-        state["size"], 0, 2)
+        state["size"] - 2, 0, 4)  # the checkpoint's own signing is no longer the end
     assert unsigned.new_state is not None and unsigned.new_state["size"] == b.size
     assert unsigned.new_state["checkpoint"] == state["checkpoint"]
     cut = check(join(b.lines[:state["size"]]), state=unsigned.new_state)
     assert (cut.ok, cut.bad_seq) == (False, state["size"])
     assert f"truncated: the log had {b.size} lines" in (cut.reason or "")
+    # Then a checkpoint over them: fine, and the state moves forward with it.
+    latest = b.latest()
+    grown = check(b.data(), state=state, latest_checkpoint=latest)
+    assert grown.ok and grown.new_state is not None and grown.new_state["size"] == b.size
 
     # Cut back below what was verified: truncation, at the new end of the log.
     short = state["size"] - 3
@@ -635,10 +673,12 @@ def test_state_catches_truncation_and_rewrites(tmp_path: Path) -> None:
 
 def test_a_broken_state_file_is_an_error_not_a_verdict(tmp_path: Path) -> None:
     b = simple_log()
-    state = check(b.data(), latest_checkpoint=b.note()).new_state
+    latest = b.latest()
+    state = check(b.data(), latest_checkpoint=latest).new_state
     assert state is not None
     with pytest.raises(ValueError):
-        verify_log(b.data(), PUB, ORIGIN, state={**state, "size": state["size"] - 1})
+        # Fewer lines than the checkpoint it verified (which the last two lines signed).
+        verify_log(b.data(), PUB, ORIGIN, state={**state, "size": state["size"] - 3})
     with pytest.raises(ValueError):
         verify_log(b.data(), PUB, ORIGIN, state={"size": "3"})
     (tmp_path / "s.json").write_text("[1]")
@@ -1028,13 +1068,14 @@ def test_a_seq_past_int64_at_a_worker_boundary_is_reported_not_raised() -> None:
 
 def test_findings_too_big_for_shared_memory_go_through_the_pipe() -> None:
     b = block_log(3 * 4096)
+    latest = b.latest()
     saved = scan_module._MIN_BYTES, scan_module._SHARED_PER_BYTE
     scan_module._MIN_BYTES, scan_module._SHARED_PER_BYTE = 0, 0
     try:
-        forked = verify_log(b.data(), PUB, ORIGIN, workers=2, latest_checkpoint=b.note())
+        forked = verify_log(b.data(), PUB, ORIGIN, workers=2, latest_checkpoint=latest)
     finally:
         scan_module._MIN_BYTES, scan_module._SHARED_PER_BYTE = saved
-    assert forked.ok and forked.lines == b.size and forked.checkpoints == 1
+    assert forked.ok and forked.lines == b.size and forked.checkpoints == 2
 
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -1043,6 +1084,7 @@ def test_bulk_and_line_by_line_agree_on_random_valid_and_damaged_logs(
         log: LogBuilder, block_bytes: int, data: st.DataObject) -> None:
     """The fast path and the reference path: same verdict, same first failing seq and
     reason, same checkpoints and state, on valid logs and on randomly damaged ones."""
+    latest = log.latest()
     lines = list(log.lines)
     damages = data.draw(st.integers(0, 3))
     for _ in range(damages):
@@ -1058,7 +1100,7 @@ def test_bulk_and_line_by_line_agree_on_random_valid_and_damaged_logs(
         if data.draw(st.booleans()):
             lines = rechain(lines, k + 1)
     with blocks_of(block_bytes):
-        result = check_both_ways(join(lines), latest_checkpoint=log.note())
+        result = check_both_ways(join(lines), latest_checkpoint=latest)
     if not damages:
         assert result.ok, result.reason
 

@@ -23,6 +23,7 @@ from ca.audit.merkle import MerkleTree, TreeHead
 from ca.audit.note import NoteError, parse_checkpoint, verifier_key
 from ca.audit.verify.checkpoint import (
     CLOSING_MAX,
+    LoggedCheckpoint,
     PinnedKey,
     SignedPrefix,
     check_latest,
@@ -140,6 +141,8 @@ def _verify(data: bytes, key: PinnedKey, latest_text: str | None,
         failure = _end_of_log(n, tail, prior, latest, claimed, latest_error,
                               _not_in_flight(open_intents, checkpoints, latest, prior)
                               if open_allowed else open_intents, last_start)
+    if failure is None and latest is not None:
+        failure = _latest_unrecorded(n, latest, checkpoints)
     if failure is not None:
         return VerifyResult(False, n, failure.seq, failure.reason, verified, None)
     if latest_error is not None:  # the log is fine, but the checkpoint file is not
@@ -213,6 +216,29 @@ def _end_of_log(n: int, tail: bytes, prior: AuditorState | None, latest: SignedP
         return Failure(n, Stage.LINE, "torn line: the final line has no newline (an "
                                       "interrupted write)")
     return unexcused(open_intents, last_start)
+
+
+def _latest_unrecorded(n: int, latest: SignedPrefix, checkpoints: list[LoggedCheckpoint]
+                       ) -> Failure | None:
+    """The latest checkpoint file's checkpoint must be one the log records: the daemon
+    writes the file (and hands it to witnesses) only once its signing is in the log,
+    the intent durable before the HSM signed and the outcome carrying the note. A
+    log without those lines was cut after the checkpoint's lines, which no signature
+    covers: the daemon refuses to start on it, and the verifier said OK (auditor
+    trial, H2)."""
+    if any(cp.size == latest.size and cp.root == latest.root for cp in checkpoints):
+        return None
+    if n < latest.size + 2:
+        return Failure(n, Stage.LINE, (
+            f"cut: the latest checkpoint covers {latest.size} lines, and the lines that "
+            f"signed it (an intent, durable before the HSM signed, then the outcome that "
+            f"carries the checkpoint) should follow them, but the log ends at {n} lines: its "
+            "end was cut (or this copy of the log was taken before the checkpoint file: "
+            "copy the checkpoint file first)"))
+    return Failure(latest.size, Stage.LINE, (
+        f"the latest checkpoint, over {latest.size} lines, is not recorded in the log: the "
+        "daemon writes the outcome that carries it before the checkpoint file, so the "
+        f"lines after seq {latest.size - 1} that recorded it were removed or rewritten"))
 
 
 def _last_lines(data: bytes, end: int, k: int) -> list[bytes]:
