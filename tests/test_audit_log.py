@@ -626,3 +626,27 @@ def test_a_state_file_in_a_directory_that_does_not_exist_is_named(ca: Initialise
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr == (f"hsmca: error: --state {state}: the directory {state.parent} "
                            "does not exist\n"), proc.stderr
+
+
+def test_make_audit_log_grows_a_ca_log_twice_and_a_new_directory_once(tmp_path: Path) -> None:
+    """scripts/make-audit-log, which docs/performance.md uses for big logs: run twice on
+    one CA, its op_ids began at 0 again and the log failed verification from the second
+    run on (duplicate intent; auditor trial); its standalone mode did not run at all."""
+    ca = init_ca(tmp_path)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "make-audit-log"
+    for lines in (1500, 3000):
+        run = subprocess.run([sys.executable, script, "--config", ca.state / "hsmca.toml",
+                              "--lines", str(lines), "--checkpoint-every", "1000"],
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        assert json.loads(run.stdout)["lines"] == lines
+    audit_verify(ca.state, ok=True)
+    out = tmp_path / "standalone"
+    for expect in (0, 1):
+        run = subprocess.run([sys.executable, script, "--out", out, "--lines", "700"],
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == expect, run.stderr
+    assert "already holds a log; give a new --out directory" in run.stderr
+    proc = hsmca("audit", "verify", "--log", out / "log.jsonl", "--key", out / "audit_key.pem",
+                 check=False)
+    assert proc.returncode == 0 and proc.stdout.startswith("OK: 700 lines"), proc.stderr
