@@ -230,6 +230,30 @@ async def test_entries_are_the_stored_bytes_and_only_for_auditors(daemon: Daemon
         assert status == 401 and ctype == "application/problem+json"
 
 
+async def test_the_audit_key_is_pinned_as_get_v1_audit_key_gives_it(daemon: Daemon,
+                                                                     tmp_path: Path) -> None:
+    """docs/audit-log.md: pin the key from `GET /v1/audit/key`. It answers JSON, which
+    `--key` refused as "not a PEM public key", as it refused the verifier key it holds
+    (auditor trial): both are taken now, and verify as the PEM file does."""
+    auditor = enroll(daemon, tmp_path, "auditor", ["auditor@example.com"])
+    status, ctype, raw = await get(daemon, "/v1/audit/key")
+    assert status == 200 and ctype == "application/json"
+    answer = tmp_path / "key.json"
+    answer.write_bytes(raw)
+    cred = ["--url", daemon.url, "--ca", daemon.root, "--client-cert", auditor[0],
+            "--client-key", auditor[1]]
+    for n, key in enumerate((daemon.state / "audit" / "audit_key.pem", answer,
+                             json.loads(raw)["verifier_key"])):
+        proc = hsmca("audit", "verify", *cred, "--key", key, "--state", tmp_path / f"{n}.state",
+                     check=False)
+        assert proc.returncode == 0 and proc.stdout.startswith("OK: "), proc.stderr
+    (tmp_path / "other.json").write_text('{"name": "x"}')
+    proc = hsmca("audit", "verify", *cred, "--key", tmp_path / "other.json", "--state",
+                 tmp_path / "x.state", check=False)
+    assert proc.returncode != 0 and "is JSON but not the answer of GET /v1/audit/key" in \
+        proc.stderr, proc.stderr
+
+
 # ---- (b) the daemon's proofs, checked by the RFC's own algorithms -------------------------
 
 
@@ -469,6 +493,25 @@ async def test_a_line_rewritten_in_place_stops_signing_and_fails_the_incremental
         resumed = [json.loads(line) for line in log.read_bytes().splitlines()
                    if b'"event":"log.resume"' in line]
         assert any(f"line {victim}" in r["after"] for r in resumed), resumed
+
+        # A tile damaged instead (a byte of tile 0 flipped): signing goes on, and a proof
+        # that needs the tile says so, not "nothing can be signed" (auditor trial, M6).
+        level0 = ca.state / "audit" / "tiles" / "level-0"
+        tiles = bytearray(level0.read_bytes())
+        tiles[100] ^= 1
+        level0.write_bytes(bytes(tiles))
+        d = start_daemon(ca.state)
+        daemons.append(d)
+        size = (await latest_checkpoint(d))[0]
+        status, _, body = await get(d, f"/v1/audit/proof/inclusion?index=10&size={size}",
+                                    auditor)
+        assert status == 503, body
+        assert json.loads(body)["detail"].startswith(
+            "the audit log cannot answer this: tile 0/0 does not hash to the entry its parent "
+            "tile 1/0 holds for it"), body
+        assert (await health_until(d, lambda h: True))["code"] == 200
+        status, _, body = await http("POST", f"{d.url}/v1/x509/renew", d.ssl(*svc), body={})
+        assert status == 201, body
     finally:
         for daemon in daemons:
             daemon.stop()

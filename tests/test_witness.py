@@ -11,21 +11,26 @@ ca/audit/cosignature.py.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
 import re
+import shutil
 import subprocess
 import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import aiohttp
+import pytest
+from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from ca.audit.note import parse_checkpoint, sign_checkpoint, verifier_key
-from ca.audit.witnessing import REASONS
+from ca.audit.witnessing import REASONS, HTTPWitness, WitnessError
 from tests.conftest import Daemon, hsmca, init_ca, set_config
 from tests.helpers import Running, audit_verify, enroll, log_lines, metric_samples
 from tests.test_audit_remote import (
@@ -274,6 +279,17 @@ def test_daemon_feeds_two_witnesses_which_refuse_a_rewritten_re_signed_log(
         assert proc.returncode == 1 and proc.stderr.startswith(
             "FAILED (no line): the checkpoint") and "no valid cosignature by w3.test/witness+" \
             in proc.stderr, proc.stderr
+        # A copy of the log alone: the cosignatures are nowhere, and that is what is said
+        # (it blamed a checkpoint.cosigned that did not exist, as if it had been checked).
+        alone = tmp_path / "copy"
+        alone.mkdir()
+        shutil.copy(ca.state / "audit" / "log.jsonl", alone / "log.jsonl")
+        proc = audit_verify(ca.state, *keys, log=alone / "log.jsonl")
+        assert proc.returncode != 0 and proc.stderr == (
+            f"hsmca: error: --witness-key checks the cosignatures on the latest checkpoint, "
+            f"and there is no {alone / 'checkpoint.cosigned'}: the daemon writes it beside "
+            "the log once a witness has cosigned; give the cosigned checkpoint you hold with "
+            "--checkpoint\n"), proc.stderr
 
         # The attacker, root on the CA host, hides a line both witnesses have seen and
         # signs a checkpoint over the result with the real key in the HSM.
@@ -470,3 +486,32 @@ def test_a_witness_that_is_down_is_said_once_and_its_return_says_how_much_it_mis
     finally:
         d.stop()
         witness.run.stop()
+
+
+async def test_a_witness_that_does_not_answer_is_said_to_time_out() -> None:
+    """A witness that never answers fails its submission as unreachable with a reason
+    (the trial's log line read `cannot reach the witness: ` and nothing else: a
+    timeout's text is empty)."""
+    never = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.Response:
+        await never.wait()
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_post("/add-checkpoint", hang)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.5)) as s:
+            with pytest.raises(WitnessError) as err:
+                await HTTPWitness(f"http://127.0.0.1:{port}").add_checkpoint(
+                    s, "origin\n1\nAAAA\n\n— x y\n", 1, None)  # type: ignore[arg-type]
+        assert err.value.kind == "unreachable"
+        assert str(err.value) == "cannot reach the witness: no answer within 10 s"
+    finally:
+        never.set()
+        await runner.cleanup()

@@ -48,6 +48,12 @@ class RecorderRefused(ValueError):
     """The recorder refused a question (e.g. a proof for a size the log has not got)."""
 
 
+class AuditUnreadable(AuditUnavailable):
+    """The recorder could not answer a question from the log (a tile damaged since the
+    start, a disk read that failed): the reason names what, and says nothing of
+    signing, which may go on."""
+
+
 class AuditLink:
     def __init__(self, sign_channel: socket.socket, channel: socket.socket,
                  on_lost: Callable[[str], None]) -> None:
@@ -131,7 +137,7 @@ class AuditLink:
         if isinstance(reply, wire.Refused):
             raise RecorderRefused(reply.reason)
         if isinstance(reply, wire.Broken):
-            raise AuditUnavailable(reply.reason)
+            raise AuditUnreadable(reply.reason)
         if not isinstance(reply, kind):
             raise AuditUnavailable(f"the recorder answered {type(reply).__name__}")
         return reply

@@ -113,8 +113,10 @@ class HTTPWitness:
                     answer = await resp.text(errors="replace")
                     status, ctype = resp.status, resp.content_type
             except (aiohttp.ClientError, TimeoutError) as exc:
-                raise WitnessError(f"cannot reach the witness: {exc or type(exc).__name__}",
-                                   "unreachable") from None
+                # An exception object is always true: its text may be empty (a timeout's is).
+                why = str(exc) or (f"no answer within {TIMEOUT_S:g} s"
+                                   if isinstance(exc, TimeoutError) else type(exc).__name__)
+                raise WitnessError(f"cannot reach the witness: {why}", "unreachable") from None
             if status == 200:
                 self.old_size = size
                 return answer

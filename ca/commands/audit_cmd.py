@@ -20,10 +20,27 @@ from ca.errors import CLIError
 
 
 def _audit_key(path: Path) -> ed25519.Ed25519PublicKey:
+    """The pinned audit key: a PEM file (audit/audit_key.pem), the JSON that `GET
+    /v1/audit/key` answers (its `pem`), or the signed-note verifier key itself
+    (`name+keyid+base64`, as it answers and as witnesses are given it)."""
+    from ca.audit.cosignature import ALG_NOTE, parse_verifier_key
     try:
         data = path.read_bytes()
+    except FileNotFoundError:
+        try:
+            given = parse_verifier_key(str(path), ALG_NOTE)
+        except ValueError:
+            raise CLIError(f"cannot read the audit key {path}: no such file (give the PEM "
+                           "file, the JSON of GET /v1/audit/key, or its verifier_key)") from None
+        return given.public_key  # type: ignore[no-any-return]
     except OSError as exc:
         raise CLIError(f"cannot read the audit key {path}: {exc.strerror}") from None
+    if data.lstrip().startswith(b"{"):
+        try:
+            data = json.loads(data)["pem"].encode()
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise CLIError(f"{path} is JSON but not the answer of GET /v1/audit/key (a "
+                           "\"pem\" field)") from None
     if b"PRIVATE KEY" in data:
         raise CLIError(f"{path} is a private key: the audit key to pin is the CA's audit "
                        "public key (audit/audit_key.pem); a client key goes in --client-key")
@@ -58,6 +75,11 @@ def _checkpoint_file(args: argparse.Namespace) -> tuple[Path, str | None]:
     path = args.checkpoint or args.log.parent / (
         "checkpoint.cosigned" if args.witness_key else "checkpoint")
     if args.checkpoint is None and not path.exists():
+        if args.witness_key:  # the cosignatures are in that file or nowhere
+            raise CLIError(f"--witness-key checks the cosignatures on the latest checkpoint, "
+                           f"and there is no {path}: the daemon writes it beside the log "
+                           "once a witness has cosigned; give the cosigned checkpoint you "
+                           "hold with --checkpoint")
         return path, None
     try:
         text = path.read_text("utf-8")

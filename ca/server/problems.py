@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 from aiohttp import web
 
+from ca.audit.link import AuditUnreadable
 from ca.policy import Refused
 from ca.store.errors import StoreUnavailable
 from hsm.errors import AuditUnavailable, HSMUnavailable
@@ -58,6 +59,9 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     except Refused as r:
         status = r.reason.status
         return problem(status, TITLES.get(status, "Refused"), r.detail, r.reason.type)
+    except AuditUnreadable as exc:  # a question, not a signature: say what is wrong
+        return problem(503, "Service Unavailable", f"the audit log cannot answer this: {exc}",
+                       "unavailable")
     except (AuditUnavailable, HSMUnavailable, StoreUnavailable) as exc:
         part = ("audit log" if isinstance(exc, AuditUnavailable) else "HSM"
                 if isinstance(exc, HSMUnavailable) else "inventory (database)")
