@@ -228,6 +228,10 @@ def test_ssh_host_renew_keeps_certificate_user_ca_and_krl_fresh(tmp_path: Path) 
         status, _, raw = asyncio.run(http("POST", f"{d.url}/v1/ssh/revoke", d.admin_ssl(),
                                           body={"serial": str(serial)}))
         assert status == 200, raw
+        # Said in the operator's log as well as the audit log (it was the audit log only).
+        assert d.wait_stderr(lambda: any(
+            '"event": "ssh revoked"' in x and f'"serial": "{serial}"' in x
+            and '"certificates": 1' in x for x in d.stderr)), d.stderr[-5:]
         runner.wait("ssh.refresh.done", since=mark, changed=[str(krl)])
         query = subprocess.run([require("ssh-keygen"), "-Q", "-f", krl,
                                 tmp_path / "id_ed25519-cert.pub"], capture_output=True,

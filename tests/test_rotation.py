@@ -222,6 +222,14 @@ async def test_rotate_issuing_and_ssh_keys_retire_and_destroy_while_renewals_run
     assert [x["event"] for x in lines if x["event"].startswith("key.")] == [
         "key.rotate", "key.rotate", "key.retire"]
     audit_verify(ca.state, ok=True)
+    # The operator's log says each change of the CA's keys too (it said none).
+    said = [e for e in (json.loads(x) for x in d.stderr if x.startswith("{"))
+            if e.get("event", "").startswith("key ")]
+    assert [(e["event"], e["kind"]) for e in said] == [
+        ("key rotated", "issuing"), ("key rotated", "ssh-user"), ("key retired", "issuing"),
+        ("key destroyed", "issuing")], said
+    assert said[2]["label"] == said[3]["label"] == old_label_text
+    assert said[2]["live"] and all(e["actor"].startswith("cert:") for e in said), said
 
 
 async def test_what_the_ra_refuses_about_keys(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import structlog
 from aiohttp import web
 
 from ca import ra
@@ -9,6 +10,8 @@ from ca.server.common import GATE, LIFECYCLE, decide, field, identity, json_body
 from ca.server.problems import Problem
 
 routes = web.RouteTableDef()
+log = structlog.get_logger("hsmca.keys")
+_DONE = {"rotate": "key rotated", "retire": "key retired", "destroy": "key destroyed"}
 
 
 @routes.get("/v1/keys")
@@ -33,6 +36,12 @@ async def _act(request: web.Request, action: str) -> web.Response:
     order: ra.KeyOrder = await decide(request, who, req)
     context = await request.app[GATE].context()
     done = await lifecycle.carry_out(order, context, request.get("request_id"))
+    # The operator reads the daemon's log, not the audit log: a change of the CA's keys
+    # is said there too (a key lifecycle trial found none).
+    log.warning(_DONE[action], kind=done.get("kind"), label=done.get("label"),
+                previous=done.get("previous"), fingerprint=done.get("fingerprint"),
+                live=done.get("live"), warnings=done.get("warnings"), actor=order.actor,
+                request_id=request.get("request_id"))
     return web.json_response(done, status=201 if action == "rotate" else 200)
 
 

@@ -91,6 +91,9 @@ async def ssh_revoke(request: web.Request) -> web.Response:
     order: ra.SSHRevokeOrder = await decide(request, who, ra.SSHRevokeRequest(
         serial, key_id, public_key, matching))
     hit = await revocations.revoke_ssh(order, matching, request.get("request_id"))
+    log.info("ssh revoked", serial=str(serial) if serial is not None else None, key_id=key_id,
+             public_key=public_key.sha256 if public_key else None, certificates=hit,
+             actor=order.actor, request_id=request.get("request_id"))
     return web.json_response({"revoked_certificates": hit,
                               "revoked_key": public_key.sha256 if public_key else None})
 
