@@ -924,11 +924,14 @@ def _key(ctx: Context, who: Requester, req: KeyRequest) -> KeyOrder:
                           Reason.CONFLICT)
         return KeyOrder("rotate", req.kind, None, who.actor)
     if req.state is None:
-        raise Refused(f"the CA has no key labelled {req.label!r}", Reason.NOT_FOUND)
+        raise Refused(f"the CA has no key labelled {req.label!r} (`hsmca key list` lists "
+                      "the labels)", Reason.NOT_FOUND)
     if req.action == "retire":
         if req.state == "active":
-            raise Refused(f"{req.label!r} is the active {req.kind} key: rotate first, then "
-                          "retire the previous one", Reason.CONFLICT)
+            how = ("hsmca key rotate-root, on the CA host" if req.kind == "root"
+                   else f"hsmca key rotate {req.kind}")
+            raise Refused(f"{req.label!r} is the active {req.kind} key: rotate first ({how}), "
+                          "then retire the previous one", Reason.CONFLICT)
         if req.state != "previous":
             raise Refused(f"{req.label!r} is {req.state} already", Reason.CONFLICT)
         if req.not_handed_over:  # retired now, those logs would verify with neither key
@@ -942,8 +945,10 @@ def _key(ctx: Context, who: Requester, req: KeyRequest) -> KeyOrder:
         return KeyOrder("retire", req.kind, req.label, who.actor)
     if req.action == "destroy":
         if req.state != "retired":
-            raise Refused(f"only a retired key is destroyed; {req.label!r} is {req.state}",
-                          Reason.CONFLICT)
+            first = (f": retire it first (hsmca key retire {req.label})"
+                     if req.state == "previous" else "")
+            raise Refused(f"only a retired key is destroyed; {req.label!r} is {req.state}"
+                          f"{first}", Reason.CONFLICT)
         if not req.confirmed:
             raise Refused("destroying a key cannot be undone: confirm it (--yes, or "
                           "\"confirm\": true)")

@@ -784,6 +784,19 @@ def test_the_root_is_rotated_by_the_ceremony_alone_and_once_at_a_time() -> None:
             "one root rotation at a time", "hsmca key retire root-ca")
 
 
+def test_a_refused_key_action_names_the_command_to_run_first() -> None:
+    """Each refusal says what to do next (a key lifecycle trial: they did not)."""
+    refused(ra.decide(context(), admin(), ra.KeyRequest("destroy", "issuing", "iss-2",
+                                                         "previous", True)),
+            Reason.CONFLICT, "retire it first (hsmca key retire iss-2)")
+    refused(ra.decide(context(), admin(), ra.KeyRequest("retire", "root", "root-ca", "active")),
+            Reason.CONFLICT, "rotate first (hsmca key rotate-root, on the CA host)")
+    refused(ra.decide(context(), admin(), ra.KeyRequest("retire", "ssh-user", "u", "active")),
+            Reason.CONFLICT, "rotate first (hsmca key rotate ssh-user)")
+    refused(ra.decide(context(), admin(), ra.KeyRequest("retire", "", "typo", None)),
+            Reason.NOT_FOUND, "no key labelled 'typo' (`hsmca key list` lists the labels)")
+
+
 def test_a_tokens_names_fit_an_audit_line() -> None:
     """100 URIs of 2000 characters each would make a token.create line longer than an
     audit line may be (a 500, after review): refused, saying the limit."""
