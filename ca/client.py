@@ -44,10 +44,14 @@ class ClientError(Exception):
     is away or overloaded), as opposed to a refusal or a local mistake."""
 
     def __init__(self, message: str, *, status: int | None = None,
-                 retryable: bool = False) -> None:
+                 retryable: bool = False, unanswered: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.retryable = retryable
+        # The request may have reached the daemon, which may have carried it out, but no
+        # answer came back (the connection closed, or none within the time): a caller of
+        # a request that is not idempotent says to look before trying again.
+        self.unanswered = unanswered
 
 
 def base_url(url: str, flag: str = "--url") -> str:
@@ -163,14 +167,14 @@ async def _request(session: aiohttp.ClientSession, method: str, url: str,
                           "`hsmca serve` running there?", retryable=True) from None
     except TimeoutError:
         raise ClientError(f"{method} {url}: no answer within {TIMEOUT.total:.0f} s",
-                          retryable=True) from None
+                          retryable=True, unanswered=True) from None
     except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
         # The daemon ends the handshake when it refuses a client certificate; the local
         # checks make that rare, but a restart of the daemon looks the same.
         hint = (f"; if it persists, the daemon is refusing the client certificate "
                 f"{info.cert}" if info.cert is not None else "")
         raise ClientError(f"{method} {url}: the connection was closed ({exc}){hint}",
-                          retryable=True) from None
+                          retryable=True, unanswered=True) from None
     except aiohttp.ClientError as exc:
         raise ClientError(f"{method} {url} failed: {exc}", retryable=True) from None
 

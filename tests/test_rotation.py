@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -564,3 +566,72 @@ def _ssh_serial(cert: Path) -> str:
     found = re.search(r"Serial: (\d+)", out)
     assert found, out
     return found.group(1)
+
+
+class _AnswerLost:
+    """A TCP proxy to the daemon that forwards everything until the daemon has recorded
+    `line` in its audit log, then closes the client's connection instead of forwarding
+    the answer: a rotation carried out whose answer never arrives."""
+
+    def __init__(self, d: Daemon, line: bytes) -> None:
+        self._log = d.state / "audit" / "log.jsonl"
+        self._line = line
+        host, port = d.url.removeprefix("https://").rsplit(":", 1)
+        self._upstream = (host, int(port))
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"https://127.0.0.1:{self._sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self._sock.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self._upstream)
+            threading.Thread(target=self._pipe, args=(client, upstream, False),
+                             daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, True),
+                             daemon=True).start()
+
+    def _pipe(self, src: Any, dst: Any, answers: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if answers and self._line in self._log.read_bytes():
+                    break  # the daemon did it: its answer is lost on the way
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):  # shutdown wakes the other direction's recv; close alone does not
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+async def test_a_rotation_whose_answer_is_lost_says_to_look_before_trying_again(
+        tmp_path: Path) -> None:
+    """The daemon rotated the key and the connection closed before its answer came: the
+    command said the client certificate was perhaps refused, and an operator who ran it
+    again got a key more (a key lifecycle trial). It says what may have happened now."""
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state)
+    proxy = _AnswerLost(d, b'"event":"key.rotate"')
+    try:
+        proc = hsmca("key", "rotate", "issuing", "--config", d.state / "hsmca.toml",
+                     "--url", proxy.url, check=False)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "the connection was closed" in proc.stderr, proc.stderr
+        assert proc.stderr.rstrip().endswith(
+            "The daemon may have done it before the answer was lost: look with `hsmca key "
+            "list` before trying again"), proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+        listed = key_cmd(d, "list").stdout
+        assert listed.count("issuing") >= 2 and "previous" in listed, listed  # it was done
+    finally:
+        proxy.close()
+        assert d.stop() == 0

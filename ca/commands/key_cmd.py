@@ -33,8 +33,17 @@ def _call(args: argparse.Namespace, method: str, path: str, body: Any = None,
           expect: int = 200) -> Any:
     from ca import client
     url, ctx = _context(args)
-    return asyncio.run(client.call(method, f"{url}{path}", ctx, json_body=body,
-                                   expect=expect))
+    try:
+        return asyncio.run(client.call(method, f"{url}{path}", ctx, json_body=body,
+                                       expect=expect))
+    except client.ClientError as exc:
+        if method == "POST" and exc.unanswered:
+            # A rotation or destruction that the daemon carried out before the answer was
+            # lost: tried again, it makes one key more, or is refused (a key lifecycle
+            # trial: the operator was told to suspect the client certificate).
+            raise CLIError(f"{exc}. The daemon may have done it before the answer was lost: "
+                           "look with `hsmca key list` before trying again") from None
+        raise
 
 
 # What a previous key still does, by kind, until it is retired.
