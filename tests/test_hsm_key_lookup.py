@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import InitialisedCA, init_ca, start_daemon
+from tests.conftest import InitialisedCA, hsmca, init_ca, start_daemon
 from tests.helpers import audit_verify, log_lines
 
 # One process, one HSM session, driven a command per line: the suite's own process
@@ -166,3 +166,25 @@ def test_a_destroy_cut_short_after_the_hsm_call_can_be_finished(tmp_path: Path) 
     finally:
         assert d.stop() == 0
     audit_verify(ca.state, ok=True)
+
+
+def test_a_key_the_inventory_lists_and_the_token_lost_is_named_at_start(
+        tmp_path: Path) -> None:
+    """A backup restored from before `hsmca key destroy` (or a key removed by hand): the
+    start said "was `hsmca init` run against this token?", and the operator went looking
+    for another token (a key lifecycle trial). It says what the inventory knows."""
+    ca = init_ca(tmp_path, private_hsm=True)
+    env = {**os.environ, "SOFTHSM2_CONF": str(tmp_path / "softhsm" / "softhsm2.conf")}
+    other = Session(ca, env)
+    try:
+        assert other.ask("destroy", "issuing-ca") == "ok"
+    finally:
+        other.close()
+    proc = hsmca("serve", "--config", ca.state / "hsmca.toml", "--listen", "127.0.0.1:0",
+                 check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    said = proc.stderr.strip().splitlines()[-1]
+    assert said.startswith("hsmca: error: the inventory lists the issuing key 'issuing-ca' "
+                           "as active, and the token does not hold it: it was destroyed or "
+                           "removed after this inventory was written"), proc.stderr
+    assert "restore the newest backup" in said and "was `hsmca init` run" not in said

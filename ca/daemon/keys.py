@@ -22,7 +22,7 @@ from ca.issuance import issuers as iss
 from ca.issuance.pipeline import SigningPipeline
 from ca.issuance.profiles import utcnow
 from ca.store import KeyRecord, Store
-from hsm.errors import HSMError
+from hsm.errors import HSMError, KeyNotFound
 
 log = structlog.get_logger("hsmca.keys")
 
@@ -47,8 +47,23 @@ class Keyring:
 async def load_issuers(store: Store, pipeline: SigningPipeline) -> iss.Issuers:
     """The issuers the inventory records, every key in use found in the token."""
     records = await store.keys()
-    infos = {r.label: await pipeline.load_key(r.label) for r in records
-             if r.state in ("active", "previous")}
+    infos = {}
+    for r in records:
+        if r.state not in ("active", "previous"):
+            continue
+        try:
+            infos[r.label] = await pipeline.load_key(r.label)
+        except KeyNotFound:
+            # The inventory knows this key, so this is the CA's token or a copy of it: a
+            # key gone since (destroyed after a backup restored now, removed by hand) is
+            # likelier than another token (a key lifecycle trial: "was `hsmca init` run
+            # against this token?" sent the operator looking for another token).
+            raise KeyNotFound(
+                f"the inventory lists the {r.kind} key {r.label!r} as {r.state}, and the "
+                f"token does not hold it: it was destroyed or removed after this inventory "
+                f"was written (a backup restored from before `hsmca key destroy`? restore the "
+                f"newest backup: docs/operator.md, \"Backup and restore\"), or [hsm] in "
+                f"hsmca.toml names another token") from None
     return iss.build(records, infos, await store.cross_certs())
 
 
