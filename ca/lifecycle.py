@@ -16,6 +16,7 @@ inventory, and picked up by every process at once (the shared `keys` counter).
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import secrets
 from pathlib import Path
 from typing import Any, Protocol
@@ -57,7 +58,7 @@ class KeyLifecycle:
         return [{"label": r.label, "kind": r.kind, "state": r.state, "algorithm": r.algorithm,
                  "created_at": r.created_at, "changed_at": r.changed_at,
                  "fingerprint": r.fingerprint, "uri": r.uri,
-                 "signed": counts.get(r.label, 0)} for r in records]
+                 "signed": counts.get(r.label, 0)} for r in reversed(records)]  # newest first
 
     async def request(self, action: str, kind: str | None, label: str | None,
                       confirmed: bool = False) -> ra.KeyRequest:
@@ -160,8 +161,11 @@ class KeyLifecycle:
             cert = await sign_ca_cert(self.issuance.pipeline, issuers.root_key, made,
                                       request_id)
             cert_der = cert.public_bytes(serialization.Encoding.DER)
-        record = KeyRecord(label, order.kind, "active", info.key_type, now.isoformat(),
-                           info.spki_sha256, info.uri, cert_der, now.isoformat(),
+        # To the microsecond: the inventory lists keys by creation time, and two rotations
+        # in one second were otherwise listed by their labels' random suffixes.
+        made = dt.datetime.now(dt.UTC).isoformat()
+        record = KeyRecord(label, order.kind, "active", info.key_type, made,
+                           info.spki_sha256, info.uri, cert_der, made,
                            ssh_public_key(order.kind, info))
         await self.audit.append("key.rotate", kind=order.kind, label=label,
                                 previous=current.label, fingerprint=info.spki_sha256,

@@ -635,3 +635,31 @@ async def test_a_rotation_whose_answer_is_lost_says_to_look_before_trying_again(
     finally:
         proxy.close()
         assert d.stop() == 0
+
+
+async def test_after_two_rotations_the_bundle_and_the_key_list_are_newest_first(
+        tmp_path: Path) -> None:
+    """docs/keys.md and `hsmca key list --help` say newest first; the bundle listed the
+    oldest previous issuing CA before the newer one, the list the init keys first (a key
+    lifecycle trial)."""
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state)
+    try:
+        for _ in range(2):
+            key_cmd(d, "rotate", "issuing")
+        status, _, raw = await http("GET", f"{d.url}/v1/keys", d.admin_ssl())
+        assert status == 200
+        listed = [k for k in json.loads(raw)["keys"] if k["kind"] == "issuing"]
+        assert [k["state"] for k in listed] == ["active", "previous", "previous"]
+        assert listed[-1]["label"] == "issuing-ca"  # the one init made comes last
+        assert listed[0]["created_at"] >= listed[1]["created_at"] >= listed[2]["created_at"]
+        bundle = (await http("GET", f"{d.url}/v1/x509/bundle", d.ssl()))[2]
+        certs = x509.load_pem_x509_certificates(bundle)
+        subjects = [c.subject.rfc4514_string() for c in certs]
+        assert subjects[2].endswith("Issuing CA") and subjects[3].endswith("Root CA"), subjects
+        assert certs[0].not_valid_before_utc >= certs[1].not_valid_before_utc, subjects
+        text = key_cmd(d, "list").stdout
+        assert text.index(listed[0]["label"]) < text.index(listed[1]["label"]) < \
+            text.index("issuing-ca "), text
+    finally:
+        assert d.stop() == 0

@@ -147,9 +147,11 @@ class Issuers:
     def intermediates(self) -> list[x509.Certificate]:
         """Every issuing CA certificate still anchoring a client certificate, newest
         first: the current chain's, the previous ones, the retired ones."""
-        live = [self.current.cert] + [i.cert for k, i in self.x509.items()
+        # Both in the inventory's order, oldest first (a key lifecycle trial: the bundle
+        # listed the oldest previous CA before the newer ones).
+        live = [self.current.cert] + [i.cert for k, i in reversed(self.x509.items())
                                       if k != self.current_x509]
-        return live + list(self.past.values())
+        return live + list(reversed(self.past.values()))
 
     def ssh_lines(self, cert_type: str, comment: str) -> list[str]:
         """authorized_keys lines of every SSH CA of a type still trusted, newest first."""

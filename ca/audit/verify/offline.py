@@ -220,25 +220,21 @@ def _end_of_log(n: int, tail: bytes, prior: AuditorState | None, latest: SignedP
 
 def _latest_unrecorded(n: int, latest: SignedPrefix, checkpoints: list[LoggedCheckpoint]
                        ) -> Failure | None:
-    """The latest checkpoint file's checkpoint must be one the log records: the daemon
-    writes the file (and hands it to witnesses) only once its signing is in the log,
-    the intent durable before the HSM signed and the outcome carrying the note. A
-    log without those lines was cut after the checkpoint's lines, which no signature
-    covers: the daemon refuses to start on it, and the verifier said OK (auditor
-    trial, H2)."""
-    if any(cp.size == latest.size and cp.root == latest.root for cp in checkpoints):
+    """A log must go on past the latest checkpoint file's size by the checkpoint's own
+    signing: the daemon writes the file (and hands it to witnesses) only once that is in
+    the log, the intent durable before the HSM signed and the outcome carrying the note.
+    A log that ends before was cut after the checkpoint's lines, which no signature
+    covers: the daemon refuses to start on it, and the verifier said OK (auditor trial,
+    H2). (Those lines replaced by others are unsigned lines, which fail as such.)"""
+    if n >= latest.size + 2 or any(cp.size == latest.size and cp.root == latest.root
+                                   for cp in checkpoints):
         return None
-    if n < latest.size + 2:
-        return Failure(n, Stage.LINE, (
-            f"cut: the latest checkpoint covers {latest.size} lines, and the lines that "
-            f"signed it (an intent, durable before the HSM signed, then the outcome that "
-            f"carries the checkpoint) should follow them, but the log ends at {n} lines: its "
-            "end was cut (or this copy of the log was taken before the checkpoint file: "
-            "copy the checkpoint file first)"))
-    return Failure(latest.size, Stage.LINE, (
-        f"the latest checkpoint, over {latest.size} lines, is not recorded in the log: the "
-        "daemon writes the outcome that carries it before the checkpoint file, so the "
-        f"lines after seq {latest.size - 1} that recorded it were removed or rewritten"))
+    return Failure(n, Stage.LINE, (
+        f"cut: the latest checkpoint covers {latest.size} lines, and the lines that signed it "
+        f"(an intent, durable before the HSM signed, then the outcome that carries the "
+        f"checkpoint) should follow them, but the log ends at {n} lines: its end was cut (or "
+        "this copy of the log was taken before the checkpoint file: copy the checkpoint file "
+        "first)"))
 
 
 def _last_lines(data: bytes, end: int, k: int) -> list[bytes]:
