@@ -131,6 +131,25 @@ def test_the_banner_counts_witnesses_not_their_lines() -> None:
     assert Witnessed(10, False, (twice,)).count == 0  # on a log the view did not verify
 
 
+def test_the_banner_says_which_checkpoint_the_witnesses_cosigned_and_since_when() -> None:
+    """Cosignatures of an older checkpoint read as if the witnesses had seen the latest
+    (an auditor trial: "checkpoint 150018, 1 witness" while every witness had been down
+    for minutes). The banner says up to where, and how long ago."""
+    from ca.audit.merkle import TreeHead
+    from ca.audit.note import Checkpoint
+    from ca.ui.follow import Cosigner, Verdict, Witnessed
+    now = dt.datetime.now(dt.UTC)
+    w = Cosigner("w.example", "ab12cd34", now - dt.timedelta(minutes=12), True, True)
+    cp = Checkpoint("o", 150018, b"\0" * 32, "", ())
+    older = Verdict("ok", TreeHead(150018, b"\0" * 32), cp, "", now,
+                    witnessed=Witnessed(150010, True, (w,)))
+    assert older.banner == ("verified up to seq 150017, checkpoint 150018, witnessed up to "
+                            "150010 by 1 witness, 12 min ago"), older.banner
+    same = Verdict("ok", TreeHead(150018, b"\0" * 32), cp, "", now,
+                   witnessed=Witnessed(150018, True, (w,)))
+    assert same.banner == "verified up to seq 150017, checkpoint 150018, 1 witness"
+
+
 def test_a_daemon_that_is_away_is_named_by_address_not_by_python_objects() -> None:
     """The web view's health banner said `ssl:<ssl.SSLContext object at 0x...>` when the
     daemon was down (auditor trial): it names the address and the reason."""
@@ -154,3 +173,13 @@ def test_a_daemon_that_is_away_is_named_by_address_not_by_python_objects() -> No
     said = asyncio.run(ask())
     assert said.startswith("GET /health: cannot reach the daemon (127.0.0.1:") and \
         "SSLContext" not in said and "object at 0x" not in said, said
+
+
+def test_a_checkpoint_covering_only_old_lines_is_said_to_be_stale() -> None:
+    """A checkpoint served frozen for 10 min showed green (auditor trial): the overview
+    says the daemon has signed no newer one, past five default heartbeats."""
+    from ca.ui.pages import STALE_S, _stale
+    now = dt.datetime.now(dt.UTC)
+    assert _stale((now - dt.timedelta(seconds=STALE_S + 60)).isoformat().replace("+00:00", "Z"))
+    assert not _stale((now - dt.timedelta(seconds=30)).isoformat().replace("+00:00", "Z"))
+    assert not _stale(None) and not _stale("not a time")

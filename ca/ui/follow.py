@@ -53,6 +53,7 @@ class Cosigner:
     key_id: str  # hex
     at: dt.datetime | None  # the time the witness put in its cosignature
     verified: bool  # it verifies with a witness key the auditor pinned (--witness-key)
+    pinned: bool = False  # a pinned key has its name and key id (verified or not)
 
 
 @dataclass(frozen=True)
@@ -114,8 +115,17 @@ class Verdict:
         if self.status == "ok" and self.tree is not None:
             k = self.witnessed.count
             size = self.checkpoint.size if self.checkpoint else 0
+            witnesses = f"{k} witness{'' if k == 1 else 'es'}"
+            if k and self.witnessed.size != size:
+                # Cosigned an older checkpoint: say which, and since when (an auditor trial:
+                # "checkpoint 150018, 1 witness" read as if the witness had seen 150018,
+                # while every witness had been down for minutes).
+                newest = max((c.at for c in self.witnessed.cosigners if c.verified and c.at),
+                             default=None)
+                since = f", {ago(newest)}" if newest is not None else ""
+                witnesses = f"witnessed up to {self.witnessed.size} by {witnesses}{since}"
             return (f"{prefix}verified up to seq {self.tree.size - 1}, checkpoint {size}, "
-                    f"{k} witness{'' if k == 1 else 'es'}")
+                    f"{witnesses}")
         return (f"{prefix}not verified yet: "
                 f"{self.problem or 'the first verification is under way'}")
 
@@ -144,6 +154,27 @@ def _short(v: Verdict) -> str:
     if v.status == "ok" and v.tree is not None:
         return f"verified up to seq {v.tree.size - 1}" if v.tree.size else "verified (empty)"
     return "not verified yet"
+
+
+def ago(when: str | dt.datetime | None) -> str:
+    """How long ago `when` (a datetime, or an ISO time as log lines have it) was."""
+    if when is None:
+        return "-"
+    try:
+        moment = when if isinstance(when, dt.datetime) else dt.datetime.fromisoformat(
+            when.replace("Z", "+00:00"))
+    except ValueError:
+        return "-"
+    seconds = int((dt.datetime.now(dt.UTC) - moment).total_seconds())
+    future = seconds < 0
+    seconds = abs(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            text = f"{seconds // size} {unit}"
+            break
+    else:
+        text = f"{seconds} s"
+    return f"in {text}" if future else f"{text} ago"
 
 
 def _now() -> dt.datetime:
@@ -310,7 +341,9 @@ class Follower:
             line = f"{SIG_PREFIX}{sig.name} {base64.b64encode(sig.key_id + sig.sig).decode()}\n"
             at = dt.datetime.fromtimestamp(int.from_bytes(sig.sig[:8], "big"), dt.UTC) \
                 if len(sig.sig) == 72 and int.from_bytes(sig.sig[:8], "big") < 1 << 40 else None
-            cosigners.append(Cosigner(sig.name, sig.key_id.hex(), at, line in valid))
+            pinned = any(k.name == sig.name and k.key_id == sig.key_id
+                         for k in self.witness_keys)
+            cosigners.append(Cosigner(sig.name, sig.key_id.hex(), at, line in valid, pinned))
         return Witnessed(cp.size, consistent, tuple(cosigners), problem, text)
 
 

@@ -33,7 +33,7 @@ from ca.decimal_text import is_decimal
 from ca.ui import certs, charts, proofs
 from ca.ui import metrics as prom
 from ca.ui.ca_api import CA
-from ca.ui.follow import Logs, Verdict
+from ca.ui.follow import Logs, Verdict, ago
 
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -71,26 +71,6 @@ def environment() -> jinja2.Environment:
     env.filters["ago"] = ago
     env.globals["kind_label"] = charts.kind_label
     return env
-
-
-def ago(when: str | dt.datetime | None) -> str:
-    if when is None:
-        return "-"
-    try:
-        moment = when if isinstance(when, dt.datetime) else dt.datetime.fromisoformat(
-            when.replace("Z", "+00:00"))
-    except ValueError:
-        return "-"
-    seconds = int((dt.datetime.now(dt.UTC) - moment).total_seconds())
-    future = seconds < 0
-    seconds = abs(seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            text = f"{seconds // size} {unit}"
-            break
-    else:
-        text = f"{seconds} s"
-    return f"in {text}" if future else f"{text} ago"
 
 
 async def _try(call: Awaitable[T]) -> tuple[T | None, str | None]:
@@ -191,7 +171,23 @@ async def overview(request: web.Request) -> web.Response:
     return _render(request, "overview.html", verdict, title="Overview", health=health,
                    health_err=health_err, scrape=scrape, metrics_err=metrics_err,
                    issuance_chart=issuance_chart, issued_err=issued_err, by_kind=by_kind,
-                   latency_chart=latency_chart, last_line=last_line)
+                   latency_chart=latency_chart, last_line=last_line,
+                   stale=_stale(last_line.get("ts") if last_line else None))
+
+
+STALE_S = 300  # five heartbeats at the default [audit] heartbeat-s
+
+
+def _stale(ts: object) -> bool:
+    """Whether the latest checkpoint covers only lines older than STALE_S: a daemon
+    signs one at least every heartbeat, so it has stopped signing, or the checkpoint
+    served is not its latest (an auditor trial: a checkpoint frozen for 10 min showed
+    green, "✓ verified")."""
+    try:
+        when = dt.datetime.fromisoformat(str(ts).replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return (dt.datetime.now(dt.UTC) - when).total_seconds() > STALE_S
 
 
 async def _none() -> tuple[None, None]:
