@@ -385,12 +385,14 @@ def load(path: Path) -> Config:
         # A default written above the maximum would be cut to it silently: say so. (The
         # built-in default follows a maximum lowered below it.)
         if f"{lifetime}-default-ttl-s" in pol and not 0 < short <= long_:
-            raise ConfigError(f"{wp}: {lifetime}-default-ttl-s ({short}) must be positive "
+            raise ConfigError(f"{at(f'{lifetime}-default-ttl-s')}: {lifetime}-default-ttl-s "
+                              f"({short}) must be positive "
                               f"and at most {lifetime}-max-ttl-s ({long_})")
     if not 0 < policy.ssh_user_max_ttl_s <= SSH_USER_TTL_CEILING_S:
         # A person's SSH certificate is short-lived by design: nothing revokes it on the
         # servers until their KRL is fetched again.
-        raise ConfigError(f"{wp}: ssh-user-max-ttl-s ({policy.ssh_user_max_ttl_s}) must be "
+        raise ConfigError(f"{at('ssh-user-max-ttl-s')}: ssh-user-max-ttl-s "
+                          f"({policy.ssh_user_max_ttl_s}) must be "
                           f"positive and at most {SSH_USER_TTL_CEILING_S} (24 h)")
     return Config(
         path=path, state_dir=base, hsm=hsm_cfg,

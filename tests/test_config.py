@@ -66,6 +66,8 @@ def test_a_default_lifetime_above_its_maximum_is_refused_not_cut(tmp_path: Path)
         load(path)
     assert "x509-default-ttl-s (9999999) must be positive and at most x509-max-ttl-s " \
         "(2592000)" in str(err.value)
+    line = text[:text.index("x509-default-ttl-s = ")].count("\n") + 1
+    assert str(err.value).startswith(f"{path}:{line} [policy]: "), err.value  # to the line
     # A maximum lowered below the default written beside it: the same, named.
     path.write_text(text.replace("x509-max-ttl-s = 2592000", "x509-max-ttl-s = 3600"))
     with pytest.raises(ConfigError, match=r"x509-default-ttl-s \(86400\)"):
@@ -82,7 +84,9 @@ def test_ssh_user_certificates_live_at_most_a_day(tmp_path: Path) -> None:
     text = path.read_text()
     assert "ssh-user-max-ttl-s = 86400\n" in text
     path.write_text(text.replace("ssh-user-max-ttl-s = 86400", "ssh-user-max-ttl-s = 2592000"))
-    with pytest.raises(ConfigError, match=r"ssh-user-max-ttl-s \(2592000\) must be positive "
+    line = text[:text.index("ssh-user-max-ttl-s = ")].count("\n") + 1
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}:{line} \[policy\]: "
+                       r"ssh-user-max-ttl-s \(2592000\) must be positive "
                        r"and at most 86400 \(24 h\)"):
         load(path)
     path.write_text(text.replace("ssh-user-max-ttl-s = 86400", "ssh-user-max-ttl-s = 43200"

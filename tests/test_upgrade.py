@@ -52,10 +52,16 @@ def upgraded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon,
                                    f'"{softhsm.module_path()}"'))
     for path in [root, *root.rglob("*")]:  # as init left them: git keeps no modes
         path.chmod(path.stat().st_mode & 0o700)
+    inventory = root / "ca" / "hsmca.sqlite3"
+    inventory.chmod(0o644)  # as the first release made it
     d = start_daemon(root / "ca")
     # The upgrade is said (it was silent on SQLite: an upgrade trial).
     said = [line for line in d.stderr if '"inventory migrated"' in line]
     assert said and '"schema_to": 14' in said[0], d.stderr
+    # The inventory is made owner-only, as docs/operator.md says it is, and said.
+    assert inventory.stat().st_mode & 0o777 == 0o600
+    assert any("the inventory was readable by others" in line and '"mode_was": "0o644"'
+               in line for line in d.stderr), d.stderr
     yield d, root
     assert d.stop() == 0
 

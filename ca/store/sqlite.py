@@ -16,6 +16,7 @@ import json
 import os
 import queue
 import sqlite3
+import stat
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -479,7 +480,19 @@ class SQLiteStore:
         self.path = path
         # Made 0600 before SQLite makes it (its WAL and SHM files take its mode): the
         # inventory names every client, and holds tokens' hashes.
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            mode = stat.S_IMODE(os.fstat(fd).st_mode)
+            if mode & 0o077:
+                # Made by an older release (the first made it 0644): brought to 0600, and
+                # said, since it has been readable to others until now (an upgrade trial).
+                os.fchmod(fd, mode & 0o700)
+                import structlog
+                structlog.get_logger("hsmca.store").warning(
+                    "the inventory was readable by others: made owner-only (0600)",
+                    path=str(path), mode_was=oct(mode))
+        finally:
+            os.close(fd)
         w = _connect(path)
         w.execute("PRAGMA journal_mode=WAL")
         if not autocheckpoint:
