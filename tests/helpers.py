@@ -5,6 +5,7 @@ waiting on a long-running command's JSON log lines (events, not sleeps)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import hashlib
@@ -18,6 +19,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,19 @@ async def bootstrap_token(d: Daemon, role: str, names: list[str], principals: li
 
 def csr_pem(names: list[str], key: Any = None, **kw: Any) -> str:
     return make_csr(names, key or ec.generate_private_key(ec.SECP256R1()))
+
+
+async def health_until(d: Daemon, test: Callable[[dict[str, Any]], bool],
+                       within: float = 60) -> dict[str, Any]:
+    """GET /health until `test` holds for its body (with "code", the status), within
+    `within` seconds: what the daemon's background work changes shows there."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:  # paced by the round trips
+        status, _, body = await http("GET", f"{d.url}/health", d.ssl())
+        found = {**json.loads(body), "code": status}
+        if test(found):
+            return found
+        assert asyncio.get_running_loop().time() < deadline, found
 
 
 def openssl_verify(d: Daemon, cert: Path) -> None:

@@ -32,7 +32,7 @@ from ca.audit.note import (
 )
 from ca.audit.witness import FileWitness, WitnessRefused
 from tests.conftest import Daemon, hsmca, init_ca, start_daemon
-from tests.helpers import audit_verify, enroll, http, rechain
+from tests.helpers import audit_verify, enroll, health_until, http, rechain
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -431,17 +431,6 @@ async def test_a_line_rewritten_in_place_stops_signing_and_fails_the_incremental
     log = ca.state / "audit" / "log.jsonl"
     state = tmp_path / "auditor-state.json"
     daemons: list[Daemon] = []
-
-    async def health_until(d: Daemon, test: Callable[[dict[str, Any]], bool]
-                           ) -> dict[str, Any]:
-        deadline = asyncio.get_running_loop().time() + 60
-        while True:  # paced by the round trips
-            status, _, body = await http("GET", f"{d.url}/health", d.ssl())
-            found = {**json.loads(body), "code": status}
-            if test(found):
-                return found
-            assert asyncio.get_running_loop().time() < deadline, found
-
     try:
         d = start_daemon(ca.state)
         daemons.append(d)

@@ -28,6 +28,7 @@ from tests.helpers import (
     ask_ocsp,
     audit_verify,
     enroll,
+    health_until,
     http,
     issuing,
     log_lines,
@@ -663,29 +664,20 @@ async def test_an_audit_log_moved_while_idle_is_said_without_waiting_for_a_write
     log_file = ca.state / "audit/log.jsonl"
     aside = log_file.with_name("moved-away.jsonl")
 
-    async def health_until(test: Any) -> dict[str, Any]:
-        deadline = asyncio.get_running_loop().time() + 30
-        while True:  # paced by the round trips
-            status, _, body = await http("GET", f"{d.url}/health", d.ssl())
-            state = {**json.loads(body), "code": status}
-            if test(state):
-                return state
-            assert asyncio.get_running_loop().time() < deadline, state
-
     def said(event: str) -> list[dict[str, Any]]:
         return [e for e in (json.loads(x) for x in d.stderr if x.startswith("{"))
                 if e.get("event") == event]
     try:
-        await health_until(lambda s: s["code"] == 200)
+        await health_until(d, lambda s: s["code"] == 200)
         log_file.rename(aside)
         try:
-            state = await health_until(lambda s: s["code"] == 503)
+            state = await health_until(d, lambda s: s["code"] == 503)
             assert "was moved or deleted while hsmca ran; put it back" in state["audit"]
             assert d.wait_stderr(lambda: bool(said(
                 "the audit log cannot be written: nothing is signed until it can")), 10)
         finally:
             aside.rename(log_file)
-        await health_until(lambda s: s["code"] == 200)
+        await health_until(d, lambda s: s["code"] == 200)
         assert d.wait_stderr(lambda: bool(said("the audit log can be written again")), 10)
     finally:
         assert d.stop() == 0
