@@ -721,11 +721,15 @@ async def _keep_node_name(name: Lease, store: PostgresStore) -> None:
     signs nothing and answers 503) until it has its name back."""
     while True:
         await asyncio.sleep(NAME_CHECK_S)  # a check pace, not synchronisation
-        if await name.try_take():
+        held = await name.try_take()
+        if held:
             if name.lost:
                 log.warning("this node has its name back", node=name.name)
             name.lost = None
-        elif store.healthy and name.lost is None:
+        elif held is False and store.healthy and name.lost is None:
+            # (None: the lease's own connection was lost, as a restart or a restore of
+            # PostgreSQL ends it; asked again in a second on a new one. It was said to be
+            # another process's, over what /health should have said: a CI run.)
             name.lost = (f"another process took this node's name ({name.name}) while "
                          "PostgreSQL was away; nothing is written or signed until it is back")
             log.error("another process holds this node's name", node=name.name)

@@ -1357,7 +1357,10 @@ class Lease:
         self._held = False
         self.lost: str | None = None  # why its holder must stop (set by its holder)
 
-    async def try_take(self) -> bool:
+    async def try_take(self) -> bool | None:
+        """True if held, False if another session holds it, None if PostgreSQL could not
+        be asked (the lease's connection lost: a restart, a restore): not held either,
+        but not known to be anyone else's."""
         async def take() -> bool:
             if self._conn is not None and not self._conn.closed and self._held:
                 await self._conn.execute("SELECT 1")  # still connected: still held
@@ -1381,7 +1384,7 @@ class Lease:
             conn, self._conn = self._conn, None
             if conn is not None:
                 self.store._spawn(conn.close(), own=True)
-            return False
+            return None
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
