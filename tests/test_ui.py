@@ -183,3 +183,16 @@ def test_a_checkpoint_covering_only_old_lines_is_said_to_be_stale() -> None:
     assert _stale((now - dt.timedelta(seconds=STALE_S + 60)).isoformat().replace("+00:00", "Z"))
     assert not _stale((now - dt.timedelta(seconds=30)).isoformat().replace("+00:00", "Z"))
     assert not _stale(None) and not _stale("not a time")
+
+
+def test_a_verdict_the_daemon_could_not_renew_does_not_claim_no_new_lines() -> None:
+    """The daemon down: the detail read "no new lines; the daemon could not be asked
+    again" (auditor trial): whether there are new lines is not known then."""
+    from dataclasses import replace
+
+    from ca.audit.merkle import TreeHead
+    from ca.ui.follow import Verdict
+    ok = Verdict("ok", TreeHead(5, b"\0" * 32), None, "", dt.datetime.now(dt.UTC))
+    assert "no new lines" in ok.detail
+    away = replace(ok, problem="GET /health: cannot reach the daemon (127.0.0.1:1: refused)")
+    assert "no new lines" not in away.detail and "could not be asked again" in away.detail
