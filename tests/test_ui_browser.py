@@ -289,6 +289,23 @@ def test_a_script_name_is_shown_as_text(world: World) -> None:
         assert console_errors(w) == [], path
 
 
+def test_a_banner_no_longer_checked_turns_grey_and_says_since_when(world: World) -> None:
+    """The view's own server gone, an open page kept its green banner for good (an
+    auditor trial: `.catch(function(){ /* keep what is shown */ })`). Now the next
+    check that gets no answer turns it grey, saying since when; a click checks at
+    once (here with the page's fetch made to fail, as a dead server makes it)."""
+    w = world
+    page(w, "/")
+    assert banner(w)[0] == "ok"
+    w.driver.execute_script(
+        "window.fetch = function () { return Promise.reject(new TypeError('gone')); };")
+    w.driver.find_element(By.ID, "verdict").click()
+    WebDriverWait(w.driver, 30).until(lambda drv: banner(w)[0] == "unknown")
+    said = w.driver.find_element(By.ID, "verdict-detail").text
+    assert said.startswith("not checked since ") and "hsmca ui does not answer" in said, said
+    assert "verified up to seq " in said  # what it last said, kept in the detail
+
+
 def test_strict_headers_and_only_loopback_host_names(world: World) -> None:
     with urllib.request.urlopen(world.base + "/", timeout=60) as answer:
         csp = answer.headers["Content-Security-Policy"]

@@ -7,18 +7,31 @@
   if (!box || !window.fetch) { return; }
   var banner = document.getElementById("verdict-banner");
   var detail = document.getElementById("verdict-detail");
+  var lastAnswer = new Date();
+  function unanswered() {
+    // The view's own server went away: what is shown is no longer being checked. A
+    // green banner left as it was read as verified (an auditor trial); it turns grey,
+    // and says since when.
+    if (box.getAttribute("data-status") === "failed") { return; }  // red stays red
+    box.className = "verdict verdict-unknown";
+    box.setAttribute("data-status", "unknown");
+    detail.textContent = "not checked since " + lastAnswer.toISOString().slice(11, 19) +
+      " UTC: hsmca ui does not answer (" + banner.textContent + ")";
+  }
   function refresh() {
     // The page's own query: on a cluster its ?log= picks the log the banner is about.
     fetch("/status.json" + window.location.search, { credentials: "same-origin", cache: "no-store" })
       .then(function (r) { return r.ok ? r.json() : null; })
       .then(function (v) {
-        if (!v) { return; }
+        if (!v) { unanswered(); return; }
+        lastAnswer = new Date();
         box.className = "verdict verdict-" + (v.status === "ok" || v.status === "failed" ? v.status : "unknown");
         box.setAttribute("data-status", v.status);
         banner.textContent = v.banner;
         detail.textContent = v.detail;
       })
-      .catch(function () { /* the UI server went away: keep what is shown */ });
+      .catch(unanswered);
   }
   window.setInterval(refresh, 15000);
+  box.addEventListener("click", refresh);  // a click checks again at once
 })();
