@@ -23,7 +23,6 @@ from ca.audit.merkle import MerkleTree, TreeHead
 from ca.audit.note import NoteError, parse_checkpoint, verifier_key
 from ca.audit.verify.checkpoint import (
     CLOSING_MAX,
-    LoggedCheckpoint,
     PinnedKey,
     SignedPrefix,
     check_latest,
@@ -142,7 +141,7 @@ def _verify(data: bytes, key: PinnedKey, latest_text: str | None,
                               _not_in_flight(open_intents, checkpoints, latest, prior)
                               if open_allowed else open_intents, last_start)
     if failure is None and latest is not None:
-        failure = _latest_unrecorded(n, latest, checkpoints)
+        failure = _signing_cut(n, latest)
     if failure is not None:
         return VerifyResult(False, n, failure.seq, failure.reason, verified, None)
     if latest_error is not None:  # the log is fine, but the checkpoint file is not
@@ -218,16 +217,15 @@ def _end_of_log(n: int, tail: bytes, prior: AuditorState | None, latest: SignedP
     return unexcused(open_intents, last_start)
 
 
-def _latest_unrecorded(n: int, latest: SignedPrefix, checkpoints: list[LoggedCheckpoint]
-                       ) -> Failure | None:
-    """A log must go on past the latest checkpoint file's size by the checkpoint's own
+def _signing_cut(n: int, latest: SignedPrefix) -> Failure | None:
+    """A log must go on past the latest checkpoint file's size by that checkpoint's own
     signing: the daemon writes the file (and hands it to witnesses) only once that is in
-    the log, the intent durable before the HSM signed and the outcome carrying the note.
-    A log that ends before was cut after the checkpoint's lines, which no signature
-    covers: the daemon refuses to start on it, and the verifier said OK (auditor trial,
-    H2). (Those lines replaced by others are unsigned lines, which fail as such.)"""
-    if n >= latest.size + 2 or any(cp.size == latest.size and cp.root == latest.root
-                                   for cp in checkpoints):
+    the log, the intent durable before the HSM signed and the outcome carrying the note
+    (so a log that records the checkpoint has those lines). A log that ends before was
+    cut after the checkpoint's lines, which no signature covers: the daemon refuses to
+    start on it, and the verifier said OK (auditor trial, H2). (Those lines replaced by
+    others are unsigned lines, which fail as such.)"""
+    if n >= latest.size + 2:
         return None
     return Failure(n, Stage.LINE, (
         f"cut: the latest checkpoint covers {latest.size} lines, and the lines that signed it "
