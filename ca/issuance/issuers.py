@@ -147,8 +147,8 @@ class Issuers:
     def intermediates(self) -> list[x509.Certificate]:
         """Every issuing CA certificate still anchoring a client certificate, newest
         first: the current chain's, the previous ones, the retired ones."""
-        # Both in the inventory's order, oldest first (a key lifecycle trial: the bundle
-        # listed the oldest previous CA before the newer ones).
+        # Both dicts are in the inventory's order, oldest first, hence reversed (a key
+        # lifecycle trial: the bundle listed the oldest previous CA before newer ones).
         live = [self.current.cert] + [i.cert for k, i in reversed(self.x509.items())
                                       if k != self.current_x509]
         return live + list(reversed(self.past.values()))

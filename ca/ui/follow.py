@@ -158,16 +158,24 @@ def _short(v: Verdict) -> str:
     return "not verified yet"
 
 
+def seconds_since(when: object) -> int | None:
+    """Seconds from `when` (a datetime, or an ISO time as log lines have it) to now,
+    negative for a time to come; None if it is not a time."""
+    if isinstance(when, dt.datetime):
+        moment = when
+    else:
+        try:
+            moment = dt.datetime.fromisoformat(str(when).replace("Z", "+00:00"))
+        except ValueError:
+            return None
+    return int((dt.datetime.now(dt.UTC) - moment).total_seconds())
+
+
 def ago(when: str | dt.datetime | None) -> str:
-    """How long ago `when` (a datetime, or an ISO time as log lines have it) was."""
-    if when is None:
+    """How long ago `when` was, in words."""
+    seconds = seconds_since(when) if when is not None else None
+    if seconds is None:
         return "-"
-    try:
-        moment = when if isinstance(when, dt.datetime) else dt.datetime.fromisoformat(
-            when.replace("Z", "+00:00"))
-    except ValueError:
-        return "-"
-    seconds = int((dt.datetime.now(dt.UTC) - moment).total_seconds())
     future = seconds < 0
     seconds = abs(seconds)
     for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):

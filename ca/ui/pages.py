@@ -33,7 +33,7 @@ from ca.decimal_text import is_decimal
 from ca.ui import certs, charts, proofs
 from ca.ui import metrics as prom
 from ca.ui.ca_api import CA
-from ca.ui.follow import Logs, Verdict, ago
+from ca.ui.follow import Logs, Verdict, ago, seconds_since
 
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -183,11 +183,8 @@ def _stale(ts: object) -> bool:
     signs one at least every heartbeat, so it has stopped signing, or the checkpoint
     served is not its latest (an auditor trial: a checkpoint frozen for 10 min showed
     green, "✓ verified")."""
-    try:
-        when = dt.datetime.fromisoformat(str(ts).replace("Z", "+00:00"))
-    except ValueError:
-        return False
-    return (dt.datetime.now(dt.UTC) - when).total_seconds() > STALE_S
+    seconds = seconds_since(ts) if ts is not None else None
+    return seconds is not None and seconds > STALE_S
 
 
 async def _none() -> tuple[None, None]:
