@@ -170,7 +170,7 @@ class KeyLifecycle:
         await self.audit.append("key.rotate", kind=order.kind, label=label,
                                 previous=current.label, fingerprint=info.spki_sha256,
                                 actor=order.actor, request_id=request_id)
-        await self.store.rotate_key(record)
+        await self.store.rotate_keys([record])
         await self._published()
         return {"label": label, "kind": order.kind, "previous": current.label,
                 "fingerprint": info.spki_sha256}

@@ -204,11 +204,12 @@ async def _ceremony(config: Config, store: Store, pipeline: SigningPipeline,
         return KeyRecord(info.label, kind, "active", info.key_type, at, info.spki_sha256,
                          info.uri, cert.public_bytes(Encoding.DER), at)
 
-    await store.rotate_key(record(new_key, "root", root))
-    await store.add_cross_certs([
-        CrossCert(new_key.label, old_key.label, new_with_old.public_bytes(Encoding.DER), at),
-        CrossCert(old_key.label, new_key.label, old_with_new.public_bytes(Encoding.DER), at)])
-    await store.rotate_key(record(issuing_key, "issuing", issuing))
+    # One transaction: a ceremony cut short before it leaves the inventory as it was,
+    # never a new root without its cross certificates or its issuing key.
+    await store.rotate_keys(
+        [record(new_key, "root", root), record(issuing_key, "issuing", issuing)],
+        [CrossCert(new_key.label, old_key.label, new_with_old.public_bytes(Encoding.DER), at),
+         CrossCert(old_key.label, new_key.label, old_with_new.public_bytes(Encoding.DER), at)])
 
     after = await load_issuers(store, pipeline)
     x509_dir = config.root_pem.parent

@@ -13,14 +13,17 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from ca.store import (
     CRLRecord,
+    CrossCert,
     KeyRecord,
     NewCert,
     NewSSHCert,
@@ -120,11 +123,33 @@ def test_keys_rotate_and_change_state_once(store: Store) -> None:
                          f"pkcs11:object={label}", b"CERT", NOW.isoformat())
     run(store.add_keys([key("issuing-ca")]))
     run(store.add_keys([key("issuing-ca")]))  # already recorded: left alone
-    assert run(store.rotate_key(key("issuing-2"))) == ["issuing-ca"]
+    assert run(store.rotate_keys([key("issuing-2")])) == ["issuing-ca"]
     states = {k.label: k.state for k in run(store.keys())}
     assert states == {"issuing-ca": "previous", "issuing-2": "active"}
     assert run(store.set_key_state("issuing-ca", "retired", NOW, "previous")) is True
     assert run(store.set_key_state("issuing-ca", "retired", NOW, "previous")) is False
+
+
+def test_a_root_ceremonys_records_land_together_or_not_at_all(store: Store) -> None:
+    def key(label: str, kind: str) -> KeyRecord:
+        return KeyRecord(label, kind, "active", "ec-p256", NOW.isoformat(), "f" * 64,
+                         f"pkcs11:object={label}", b"CERT", NOW.isoformat())
+    run(store.add_keys([key("root-ca", "root"), key("issuing-ca", "issuing")]))
+    cross = [CrossCert("root-2", "root-ca", b"NEW-BY-OLD", NOW.isoformat()),
+             CrossCert("root-ca", "root-2", b"OLD-BY-NEW", NOW.isoformat())]
+    # The issuing key's label is taken: the insert fails after the root's went in, and
+    # the whole ceremony is undone (a kill at that point does the same).
+    with pytest.raises((sqlite3.IntegrityError, psycopg.errors.UniqueViolation)):
+        run(store.rotate_keys([key("root-2", "root"), key("issuing-ca", "issuing")], cross))
+    assert {k.label: k.state for k in run(store.keys())} == {
+        "root-ca": "active", "issuing-ca": "active"}
+    assert run(store.cross_certs()) == []
+    assert run(store.rotate_keys([key("root-2", "root"), key("issuing-2", "issuing")],
+                                 cross)) == ["root-ca", "issuing-ca"]
+    assert {k.label: k.state for k in run(store.keys())} == {
+        "root-ca": "previous", "issuing-ca": "previous", "root-2": "active",
+        "issuing-2": "active"}
+    assert [c.der for c in run(store.cross_certs())] == [b"NEW-BY-OLD", b"OLD-BY-NEW"]
 
 
 # ---- PostgreSQL: several nodes on one database ---------------------------------------------

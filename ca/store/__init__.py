@@ -222,9 +222,12 @@ class Store(Protocol):
         they lack: recorded before the inventory kept it)."""
         ...
 
-    async def rotate_key(self, new: KeyRecord) -> list[str]:
-        """Make `new` its kind's active key and the one active before it previous, in one
-        transaction; the labels that became previous."""
+    async def rotate_keys(self, new: Sequence[KeyRecord],
+                          cross: Sequence[CrossCert] = ()) -> list[str]:
+        """Make each of `new` its kind's active key and the one active before it
+        previous, and record `cross`, all in one transaction (a root ceremony's new
+        root, its cross certificates and its new issuing key are there together or not
+        at all); the labels that became previous."""
         ...
 
     async def set_key_state(self, label: str, state: str, at: dt.datetime,
@@ -248,8 +251,6 @@ class Store(Protocol):
     async def cross_certs(self) -> list[CrossCert]:
         """Every certificate one root key made for another, oldest first."""
         ...
-
-    async def add_cross_certs(self, certs: Sequence[CrossCert]) -> None: ...
 
     # ---- ACME (RFC 8555): accounts, orders, authorizations, challenges -------------------
     # An ACME certificate itself goes in with `add_cert` (NewCert.acme_account and

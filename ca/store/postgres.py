@@ -693,18 +693,25 @@ class PostgresStore:
             await _changed(db, "keys")
         await self._tx(insert)
 
-    async def rotate_key(self, new: KeyRecord) -> list[str]:
+    async def rotate_keys(self, new: Sequence[KeyRecord],
+                          cross: Sequence[CrossCert] = ()) -> list[str]:
         async def rotate(db: Conn) -> list[str]:
-            cur = await db.execute(
-                "UPDATE ca_keys SET state = 'previous', changed_at = %s WHERE kind = %s "
-                "AND state = 'active' RETURNING label", (new.changed_at, new.kind))
-            old = [r[0] for r in await cur.fetchall()]
-            await db.execute("INSERT INTO ca_keys (label, kind, state, algorithm, created_at, "
-                             "fingerprint, uri, cert, changed_at, ssh_public_key) VALUES "
-                             "(%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
-                             (new.label, new.kind, "active", new.algorithm, new.created_at,
-                              new.fingerprint, new.uri, new.cert, new.changed_at,
-                              new.ssh_public_key))
+            old: list[str] = []
+            for key in new:
+                cur = await db.execute(
+                    "UPDATE ca_keys SET state = 'previous', changed_at = %s WHERE kind = %s "
+                    "AND state = 'active' RETURNING label", (key.changed_at, key.kind))
+                old += [r[0] for r in await cur.fetchall()]
+                await db.execute("INSERT INTO ca_keys (label, kind, state, algorithm, "
+                                 "created_at, fingerprint, uri, cert, changed_at, "
+                                 "ssh_public_key) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+                                 (key.label, key.kind, "active", key.algorithm,
+                                  key.created_at, key.fingerprint, key.uri, key.cert,
+                                  key.changed_at, key.ssh_public_key))
+            for c in cross:
+                await db.execute("INSERT INTO cross_certs (der, subject_label, issuer_label, "
+                                 "made_at) VALUES (%s,%s,%s,%s) ON CONFLICT DO NOTHING",
+                                 (c.der, c.subject_label, c.issuer_label, c.made_at))
             await _changed(db, "keys")
             return old
         return await self._tx(rotate)
@@ -733,14 +740,6 @@ class PostgresStore:
         return [CrossCert(r[0], r[1], bytes(r[2]), r[3]) for r in await self._rows(
             "SELECT subject_label, issuer_label, der, made_at FROM cross_certs "
             "ORDER BY made_at, ord")]
-
-    async def add_cross_certs(self, certs: Sequence[CrossCert]) -> None:
-        async def insert(db: Conn) -> None:
-            for c in certs:
-                await db.execute("INSERT INTO cross_certs (der, subject_label, issuer_label, "
-                                 "made_at) VALUES (%s,%s,%s,%s) ON CONFLICT DO NOTHING",
-                                 (c.der, c.subject_label, c.issuer_label, c.made_at))
-        await self._tx(insert)
 
     async def signed_by(self) -> dict[str | None, int]:
         counts: dict[str | None, int] = {}

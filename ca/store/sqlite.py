@@ -944,17 +944,23 @@ class SQLiteStore:
                   r.cert, r.changed_at, r.ssh_public_key) for r in records])
         await self._write(insert)
 
-    async def rotate_key(self, new: KeyRecord) -> list[str]:
+    async def rotate_keys(self, new: Sequence[KeyRecord],
+                          cross: Sequence[CrossCert] = ()) -> list[str]:
         def rotate(db: sqlite3.Connection) -> list[str]:
-            old = [r[0] for r in db.execute(
-                "UPDATE ca_keys SET state = 'previous', changed_at = ? WHERE kind = ? "
-                "AND state = 'active' RETURNING label", (new.changed_at, new.kind))]
-            db.execute("INSERT INTO ca_keys (label, kind, state, algorithm, created_at, "
-                       "fingerprint, uri, cert, changed_at, ssh_public_key) VALUES "
-                       "(?,?,?,?,?,?,?,?,?,?)",
-                       (new.label, new.kind, "active", new.algorithm, new.created_at,
-                        new.fingerprint, new.uri, new.cert, new.changed_at,
-                        new.ssh_public_key))
+            old: list[str] = []
+            for key in new:
+                old += [r[0] for r in db.execute(
+                    "UPDATE ca_keys SET state = 'previous', changed_at = ? WHERE kind = ? "
+                    "AND state = 'active' RETURNING label", (key.changed_at, key.kind))]
+                db.execute("INSERT INTO ca_keys (label, kind, state, algorithm, created_at, "
+                           "fingerprint, uri, cert, changed_at, ssh_public_key) VALUES "
+                           "(?,?,?,?,?,?,?,?,?,?)",
+                           (key.label, key.kind, "active", key.algorithm, key.created_at,
+                            key.fingerprint, key.uri, key.cert, key.changed_at,
+                            key.ssh_public_key))
+            db.executemany("INSERT INTO cross_certs (der, subject_label, issuer_label, made_at) "
+                           "VALUES (?,?,?,?) ON CONFLICT DO NOTHING",
+                           [(c.der, c.subject_label, c.issuer_label, c.made_at) for c in cross])
             return old
         return await self._write(rotate)
 
@@ -978,13 +984,6 @@ class SQLiteStore:
         return [CrossCert(*r) for r in self._read(
             "SELECT subject_label, issuer_label, der, made_at FROM cross_certs "
             "ORDER BY made_at, rowid")]
-
-    async def add_cross_certs(self, certs: Sequence[CrossCert]) -> None:
-        def insert(db: sqlite3.Connection) -> None:
-            db.executemany("INSERT INTO cross_certs (der, subject_label, issuer_label, made_at) "
-                           "VALUES (?,?,?,?) ON CONFLICT DO NOTHING",
-                           [(c.der, c.subject_label, c.issuer_label, c.made_at) for c in certs])
-        await self._write(insert)
 
     async def signed_by(self) -> dict[str | None, int]:
         """How many certificates each issuer label signed (None: before labels were kept)."""
