@@ -1,1 +1,3 @@
-__version__ = "0.1.0"
+# Raised with every release that changes what a user or an auditor sees: the inventory's
+# schema, the audit log's lines, the API. daemon.start records it, with the schema.
+__version__ = "0.2.0"

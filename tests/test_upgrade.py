@@ -22,6 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import ocsp
 
+from ca import __version__
 from hsm import softhsm
 from tests.conftest import Daemon, hsmca, require, start_daemon
 from tests.helpers import (
@@ -142,6 +143,11 @@ def test_the_auditor_finds_the_old_log_extended_after_a_stop(
     assert d.stop() == 0  # the last test of the file: the module's daemon stops here
     lines = log_lines(d.state)
     assert len(lines) > old and lines[old - 1]["seq"] == old - 1
+    # An auditor sees the upgrade in the log: the new start names a newer release and the
+    # inventory's schema after its migrations (every release said 0.1.0: upgrade trial).
+    starts = [(line.get("version"), line.get("schema")) for line in lines
+              if line["event"] == "daemon.start"]
+    assert starts[0] == ("0.1.0", None) and starts[-1] == (__version__, 14), starts
     proc = audit_verify(d.state, "--state", state, ok=True)
     assert "extends the state saved last time" in proc.stdout
     d2 = start_daemon(d.state)  # and it starts again on what it wrote itself

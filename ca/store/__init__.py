@@ -49,6 +49,12 @@ __all__ = ["AcmeAccount", "AcmeAuthz", "AcmeCert", "AcmeChallenge", "AcmeEAB", "
 
 class Store(Protocol):
     @property
+    def schema_version(self) -> int:
+        """The inventory's schema version once open (migrations run at open): the
+        daemon.start line records it, so an auditor sees when the inventory changed."""
+        ...
+
+    @property
     def healthy(self) -> bool: ...
 
     @property

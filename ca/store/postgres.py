@@ -183,6 +183,8 @@ class _Undo(Exception):
 
 
 class PostgresStore:
+    schema_version = len(PG_MIGRATIONS)
+
     def __init__(self, url: str, *, max_size: int = 8, existing: bool = False) -> None:
         """`existing`: the database must hold an inventory already (a node's start),
         else it is refused untouched; without, an empty one gets the schema (init, a

@@ -472,6 +472,8 @@ def export_inventory(path: Path) -> Iterator[Table]:
 
 
 class SQLiteStore:
+    schema_version = len(MIGRATIONS)
+
     def __init__(self, path: Path, autocheckpoint: bool = True) -> None:
         """`autocheckpoint=False` for the workers: the commit that fills the WAL would
         otherwise copy it into the database there and then (hundreds of milliseconds
