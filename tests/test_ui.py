@@ -21,7 +21,8 @@ async def test_the_inventory_api_is_for_auditors_and_admins(daemon: Daemon,
     auditor = enroll(daemon, tmp_path, "auditor", ["inventory-auditor@example.com"])
     base = f"{daemon.url}/v1/inventory"
     for ctx in (daemon.ssl(), daemon.ssl(cert, key)):  # nobody, a service
-        for path in ("/certificates", f"/certificates/{serial}", "/issuance"):
+        for path in ("/certificates", f"/certificates/{serial}", "/issuance",
+                     "/ssh-certificates"):
             status, _, _ = await http("GET", base + path, ctx)
             assert status in (401, 403), path
 
@@ -48,7 +49,9 @@ async def test_the_inventory_api_is_for_auditors_and_admins(daemon: Daemon,
                for c in json.loads(raw)["counts"])
 
     for bad in ("/certificates?status=sideways", "/certificates?limit=100000",
-                "/certificates?sort=names", "/certificates/zz", "/issuance?hours=-1"):
+                "/certificates?sort=names", "/certificates/zz", "/issuance?hours=-1",
+                "/ssh-certificates?type=both", "/ssh-certificates?sort=principal",
+                "/ssh-certificates?status=sideways"):
         status, _, raw = await http("GET", base + bad, daemon.ssl(*auditor))
         assert status == 400, (bad, raw)
     status, _, _ = await http("GET", f"{base}/certificates/abcdef12", daemon.ssl(*auditor))

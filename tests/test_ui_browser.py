@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -64,6 +65,8 @@ class World:
     renewed: str
     gone: str  # revoked, keyCompromise
     script: str  # the <script> user's certificate
+    alice: str  # the X.509 certificate that asked for alice's SSH certificate
+    alice_ssh: str  # that SSH certificate's serial, as ssh-keygen -L shows it
     shots: Path
     driver: WebDriver
 
@@ -127,6 +130,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         alice = enroll(d, tmp, "user", ["alice@ui.example"], ["alice"])
         hsmca("ssh", "user", "--url", d.url, "--ca", d.root, "--cert", alice[0], "--key",
               alice[1], "--pubkey", _ssh_pubkey(tmp / "alice.pub"), "--ttl", "1h")
+        shown = subprocess.run([require("ssh-keygen"), "-L", "-f", tmp / "alice-cert.pub"],
+                               capture_output=True, text=True, check=True).stdout
+        alice_ssh = re.search(r"Serial: (\d+)", shown)[1]  # type: ignore[index]
         state = tmp / "auditor.state"
         ui = Running.start("ui", "--url", d.url, "--ca", d.root, "--cert", auditor[0],
                            "--key", auditor[1], "--audit-key",
@@ -137,7 +143,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         shots = tmp / "shots"
         shots.mkdir()
         yield World(ca.state, d, port, ui, witness, base, state, auditor, web, renewed, gone,
-                    script, shots, driver)
+                    script, cert_serial(alice[0]), alice_ssh, shots, driver)
     finally:
         if driver is not None:
             driver.quit()
@@ -214,7 +220,7 @@ def test_every_page_is_green_on_a_good_log_without_console_errors(world: World) 
     WebDriverWait(w.driver, 60, poll_frequency=0.5).until(witnessed)
     pages = [("overview", "/"), ("certificates", "/certificates"),
              ("certificate", f"/certificates/{w.renewed}"), ("audit", "/audit"),
-             ("audit-line", f"/audit/{intent['seq']}"), ("keys", "/keys")]
+             ("audit-line", f"/audit/{intent['seq']}"), ("keys", "/keys"), ("ssh", "/ssh")]
     for name, path in pages:
         page(w, path)
         status, text = banner(w)
@@ -259,6 +265,28 @@ def test_a_certificate_found_by_name_shows_its_verified_inclusion_proof(world: W
     assert "✓ verified: leaf " in proof and " of the tree of " in proof
     chain = w.driver.find_element(By.CSS_SELECTOR, "ol.chain").text
     assert chain.count("✓") == 3 and "the root you pinned (--ca)" in chain
+    assert console_errors(w) == []
+
+
+def test_ssh_certificates_are_found_by_principal_and_lead_to_who_asked(world: World) -> None:
+    w = world
+    # A search of the X.509 certificates says that SSH certificates match it too.
+    page(w, "/certificates?q=alice")
+    w.driver.find_element(By.PARTIAL_LINK_TEXT, "1 SSH certificate matches too").click()
+    WebDriverWait(w.driver, 60).until(lambda drv: "/ssh?q=alice" in drv.current_url)
+    rows = w.driver.find_elements(By.CSS_SELECTOR, "table.list tbody tr")
+    assert len(rows) == 1, [r.text for r in rows]
+    cells = {c.get_attribute("data-label"): c.text for c in
+             rows[0].find_elements(By.TAG_NAME, "td")}
+    assert cells["Serial"] == w.alice_ssh and cells["Type"] == "user"
+    assert "principals: alice" in cells["Key id"] and cells["Status"].startswith("expiring ends")
+    page(w, "/ssh?type=host")
+    hosts = [c.text for c in w.driver.find_elements(By.CSS_SELECTOR, "td[data-label='Key id']")]
+    assert len(hosts) == 1 and "principals: web1.ui.example" in hosts[0], hosts
+    page(w, "/ssh?q=alice")
+    w.driver.find_element(By.CSS_SELECTOR, "td[data-label='Asked for by'] a").click()
+    WebDriverWait(w.driver, 60).until(lambda drv: drv.current_url.endswith(w.alice))
+    assert "alice@ui.example" in w.driver.find_element(By.TAG_NAME, "main").text
     assert console_errors(w) == []
 
 

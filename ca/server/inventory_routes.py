@@ -6,6 +6,7 @@ what was signed; these say what the inventory holds, and `hsmca ui` shows both).
 
     GET /v1/inventory/certificates?q=&status=&role=&kind=&sort=&order=&limit=&offset=
     GET /v1/inventory/certificates/{serial hex}
+    GET /v1/inventory/ssh-certificates?q=&status=&type=&sort=&order=&limit=&offset=
     GET /v1/inventory/issuance?hours=
 """
 
@@ -22,8 +23,8 @@ from ca.decimal_text import is_decimal
 from ca.server.common import STORE, identity
 from ca.server.problems import Problem
 from ca.server.x509_routes import parse_serial
-from ca.store import CertQuery, CertRecord
-from ca.store.records import CERT_SORTS, CERT_STATUSES
+from ca.store import CertQuery, CertRecord, SSHCertQuery, SSHCertRecord
+from ca.store.records import CERT_SORTS, CERT_STATUSES, SSH_SORTS
 
 routes = web.RouteTableDef()
 ROLES = ("auditor", "admin")
@@ -114,6 +115,51 @@ async def certificate(request: web.Request) -> web.Response:
     return web.json_response({**record_json(found.record, now), "pem": pem,
                               "as_of": now.isoformat(),
                               "family": [record_json(r, now) for r in family]})
+
+
+def _unix_iso(seconds: int) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).isoformat()
+
+
+def ssh_status(rec: SSHCertRecord, now: dt.datetime) -> str:
+    """valid | expiring | expired | revoked, as for an X.509 certificate."""
+    if rec.revoked_at is not None:
+        return "revoked"
+    end = dt.datetime.fromtimestamp(rec.valid_before, dt.UTC)
+    if end <= now:
+        return "expired"
+    return "expiring" if end <= now + EXPIRING else "valid"
+
+
+def ssh_record_json(rec: SSHCertRecord, now: dt.datetime) -> dict[str, Any]:
+    return {"serial": str(rec.serial), "type": rec.cert_type, "key_id": rec.key_id,
+            "principals": list(rec.principals), "key_sha256": rec.key_sha256,
+            "valid_after": _unix_iso(rec.valid_after),
+            "valid_before": _unix_iso(rec.valid_before), "issued_at": rec.issued_at,
+            "revoked_at": rec.revoked_at, "issuer": rec.issuer,
+            "owner_serial": rec.owner_serial, "status": ssh_status(rec, now)}
+
+
+@routes.get("/v1/inventory/ssh-certificates")
+async def ssh_certificates(request: web.Request) -> web.Response:
+    """SSH certificates, searched and paged as X.509 ones; serials are decimal (as
+    ssh-keygen -L shows them), as strings (they are 64-bit)."""
+    await identity(request, *ROLES)
+    text = request.query.get("q", "")
+    if len(text) > 256:
+        raise Problem(400, "Bad Request", "q is at most 256 characters", "bad-query")
+    query = SSHCertQuery(
+        text=text or None, status=_choice(request, "status", CERT_STATUSES),
+        cert_type=_choice(request, "type", ("host", "user")),
+        sort=_choice(request, "sort", SSH_SORTS) or "issued",
+        descending=(_choice(request, "order", ("asc", "desc")) or "desc") == "desc",
+        limit=max(1, _number(request, "limit", 50, MAX_PAGE)),
+        offset=_number(request, "offset", 0, 10**9))
+    now = _now()
+    page = await request.app[STORE].find_ssh_certs(query, now, now + EXPIRING)
+    return web.json_response({"total": page.total, "offset": query.offset,
+                              "limit": query.limit, "as_of": now.isoformat(),
+                              "certificates": [ssh_record_json(r, now) for r in page.certs]})
 
 
 @routes.get("/v1/inventory/issuance")

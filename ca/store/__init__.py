@@ -37,6 +37,9 @@ from ca.store.records import (
     OCSPDue,
     OCSPRecord,
     Revoked,
+    SSHCertPage,
+    SSHCertQuery,
+    SSHCertRecord,
     SSHSelector,
     TokenRecord,
 )
@@ -44,7 +47,8 @@ from ca.store.records import (
 __all__ = ["AcmeAccount", "AcmeAuthz", "AcmeCert", "AcmeChallenge", "AcmeEAB", "AcmeOrder",
            "CRLRecord", "CertPage", "CertQuery", "CertRecord", "CrossCert", "IssuanceCount",
            "IssuedCert", "KeyRecord", "NewCert", "NewSSHCert", "NewToken", "OCSPDue",
-           "OCSPRecord", "Revoked", "SSHSelector", "Store", "TokenRecord", "open_store"]
+           "OCSPRecord", "Revoked", "SSHCertPage", "SSHCertQuery", "SSHCertRecord",
+           "SSHSelector", "Store", "TokenRecord", "open_store"]
 
 
 class Store(Protocol):
@@ -135,6 +139,11 @@ class Store(Protocol):
 
     async def issued_cert(self, serial: int) -> IssuedCert | None:
         """A certificate's record and DER."""
+        ...
+
+    async def find_ssh_certs(self, query: SSHCertQuery, now: dt.datetime,
+                             soon: dt.datetime) -> SSHCertPage:
+        """The SSH certificates `query` matches, one page of them, as find_certs."""
         ...
 
     async def renewal_family(self, serial: int) -> list[CertRecord]:

@@ -61,6 +61,8 @@ from ca.store.records import (
     OCSPDue,
     OCSPRecord,
     Revoked,
+    SSHCertPage,
+    SSHCertQuery,
     SSHSelector,
     TokenRecord,
 )
@@ -69,6 +71,7 @@ from ca.store.sqlite import (
     _READ_COLS,
     _READ_FROM,
     _SORTS,
+    _SSH_COLS,
     KEEP_CRLS,
     MIGRATIONS,
     Table,
@@ -76,6 +79,9 @@ from ca.store.sqlite import (
     _cert_filter,
     _latest,
     _read_cert,
+    _read_ssh,
+    _ssh_filter,
+    _ssh_order,
 )
 
 T = TypeVar("T")
@@ -510,6 +516,17 @@ class PostgresStore:
                                 f"{columns}{tie} LIMIT %s OFFSET %s",
                                 (*args, query.limit, query.offset))
         return CertPage(total, tuple(_read_cert(r) for r in rows))
+
+    async def find_ssh_certs(self, query: SSHCertQuery, now: dt.datetime,
+                             soon: dt.datetime) -> SSHCertPage:
+        where, args = _ssh_filter(query, int(now.timestamp()), int(soon.timestamp()),
+                                  "BIGINT")
+        where = _q(where)
+        order = _ssh_order(query, "BIGINT")
+        total = int((await self._rows(f"SELECT COUNT(*) FROM ssh_certs{where}", args))[0][0])
+        rows = await self._rows(f"SELECT {_SSH_COLS} FROM ssh_certs{where} ORDER BY {order} "
+                                "LIMIT %s OFFSET %s", (*args, query.limit, query.offset))
+        return SSHCertPage(total, tuple(_read_ssh(r) for r in rows))
 
     async def issued_cert(self, serial: int) -> IssuedCert | None:
         rows = await self._rows(f"SELECT {_READ_COLS}, c.der FROM {_READ_FROM} WHERE "

@@ -142,6 +142,46 @@ class NewSSHCert:
     issuer: str | None = None  # the SSH CA key's label
 
 
+SSH_SORTS = ("issued", "expires", "serial", "key_id")
+
+
+@dataclass(frozen=True)
+class SSHCertQuery:
+    """A search of the SSH certificates (`find_ssh_certs`), as CertQuery is of the X.509
+    ones: `text` matches a key id or a principal that contains it (ASCII
+    case-insensitive), or the decimal serial it starts; `status` is one of
+    CERT_STATUSES, on validBefore; `cert_type` is "host" or "user"."""
+
+    text: str | None = None
+    status: str | None = None
+    cert_type: str | None = None
+    sort: str = "issued"
+    descending: bool = True
+    limit: int = 50
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class SSHCertRecord:
+    serial: int
+    key_id: str
+    cert_type: str
+    key_sha256: str
+    principals: tuple[str, ...]
+    valid_after: int  # Unix seconds, as in the certificate
+    valid_before: int
+    owner_serial: str  # the X.509 certificate (hex serial) that asked for it
+    issued_at: str
+    revoked_at: str | None
+    issuer: str | None  # the SSH CA key's label (None: the first key of its type)
+
+
+@dataclass(frozen=True)
+class SSHCertPage:
+    total: int
+    certs: tuple[SSHCertRecord, ...]
+
+
 @dataclass(frozen=True)
 class SSHSelector:
     """SSH certificates by serial, by key id, or by subject key (SHA256:...)."""

@@ -45,6 +45,9 @@ from ca.store.records import (
     OCSPDue,
     OCSPRecord,
     Revoked,
+    SSHCertPage,
+    SSHCertQuery,
+    SSHCertRecord,
     SSHSelector,
     TokenRecord,
 )
@@ -378,6 +381,62 @@ def _cert_filter(query: CertQuery, now: str, soon: str) -> tuple[str, list[Any]]
     elif query.kind is not None:
         raise ValueError(f"unknown certificate kind {query.kind!r}")
     return (" WHERE " + " AND ".join(where)) if where else "", args
+
+
+_SSH_COLS = ("serial, key_id, cert_type, key_sha256, principals, valid_after, valid_before, "
+             "owner_serial, issued_at, revoked_at, issuer")
+_SSH_SORTS = {"issued": "issued_at", "expires": "{until}", "key_id": "key_id",
+              "serial": "length(serial), serial"}
+
+
+def _ssh_filter(query: SSHCertQuery, now: int, soon: int, integer: str
+                ) -> tuple[str, list[Any]]:
+    """The WHERE clause of an SSHCertQuery and its arguments; `integer` is the
+    dialect's 64-bit integer type, for validBefore kept as text."""
+    until = f"CAST(valid_before AS {integer})"
+    where: list[str] = []
+    args: list[Any] = []
+    text = (query.text or "").strip()
+    if text:
+        alts = ["lower(key_id) LIKE ? ESCAPE '\\'", "lower(principals) LIKE ? ESCAPE '\\'"]
+        args += [_like(text.lower()), _like(json.dumps(text.lower())[1:-1])]
+        if text.isdigit():
+            alts.append("serial LIKE ?")
+            args.append(text.lstrip("0") + "%")
+        where.append("(" + " OR ".join(alts) + ")")
+    if query.status == "revoked":
+        where.append("revoked_at IS NOT NULL")
+    elif query.status == "expired":
+        where.append(f"revoked_at IS NULL AND {until} <= ?")
+        args.append(now)
+    elif query.status == "expiring":
+        where.append(f"revoked_at IS NULL AND {until} > ? AND {until} <= ?")
+        args += [now, soon]
+    elif query.status == "valid":
+        where.append(f"revoked_at IS NULL AND {until} > ?")
+        args.append(soon)
+    elif query.status is not None:
+        raise ValueError(f"unknown certificate status {query.status!r}")
+    if query.cert_type in ("host", "user"):
+        where.append("cert_type = ?")
+        args.append(query.cert_type)
+    elif query.cert_type is not None:
+        raise ValueError(f"unknown SSH certificate type {query.cert_type!r}")
+    return (" WHERE " + " AND ".join(where)) if where else "", args
+
+
+def _ssh_order(query: SSHCertQuery, integer: str) -> str:
+    if query.sort not in _SSH_SORTS:
+        raise ValueError(f"unknown sort {query.sort!r}")
+    order = " DESC" if query.descending else ""
+    columns = _SSH_SORTS[query.sort].format(until=f"CAST(valid_before AS {integer})")
+    tie = "" if query.sort == "serial" else ", length(serial), serial"
+    return ", ".join(f"{c}{order}" for c in (columns + tie).split(", "))
+
+
+def _read_ssh(r: tuple[Any, ...]) -> SSHCertRecord:
+    return SSHCertRecord(int(r[0]), r[1], r[2], r[3], tuple(json.loads(r[4])), int(r[5]),
+                         int(r[6]), r[7], r[8], r[9], r[10])
 
 
 def _where(which: SSHSelector) -> tuple[str, str]:
@@ -795,6 +854,16 @@ class SQLiteStore:
         return [IssuanceCount(kind, hour, int(n)) for kind, hour, n in rows]
 
     # ---- SSH certificates -----------------------------------------------------------------
+    async def find_ssh_certs(self, query: SSHCertQuery, now: dt.datetime,
+                             soon: dt.datetime) -> SSHCertPage:
+        where, args = _ssh_filter(query, int(now.timestamp()), int(soon.timestamp()),
+                                  "INTEGER")
+        order = _ssh_order(query, "INTEGER")
+        total = int(self._read(f"SELECT COUNT(*) FROM ssh_certs{where}", tuple(args))[0][0])
+        rows = self._read(f"SELECT {_SSH_COLS} FROM ssh_certs{where} ORDER BY {order} "
+                          "LIMIT ? OFFSET ?", (*args, query.limit, query.offset))
+        return SSHCertPage(total, tuple(_read_ssh(r) for r in rows))
+
 
     def add_ssh_cert(self, cert: NewSSHCert) -> cf.Future[None]:
         def insert(db: sqlite3.Connection) -> None:

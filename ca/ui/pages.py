@@ -207,6 +207,22 @@ def _page(request: web.Request) -> int:
     return int(raw) if is_decimal(raw) and 0 < int(raw) < 10**6 else 1
 
 
+def _list_links(path: str, query: dict[str, str], page: int
+                ) -> tuple[Callable[..., str], Callable[[str], str]]:
+    """A list page's links: to another page of it, and to sort it by a column (a second
+    click on the same column turns the order round)."""
+    def link(**change: Any) -> str:
+        params = {**query, "page": str(page), **{k: str(v) for k, v in change.items()}}
+        params = {k: v for k, v in params.items() if v and not (k == "page" and v == "1")}
+        return f"{path}?{urlencode(params)}" if params else path
+
+    def sort_link(column: str) -> str:
+        same = query.get("sort", "issued") == column
+        order = "asc" if same and query.get("order", "desc") == "desc" else "desc"
+        return link(sort=column, order=order, page=1)
+    return link, sort_link
+
+
 async def certificates(request: web.Request) -> web.Response:
     ui = request.app[UI_KEY]
     verdict = await _verdict(request)
@@ -216,21 +232,42 @@ async def certificates(request: web.Request) -> web.Response:
                                          limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE))
     total = found["total"] if found else 0
     pages = max(1, -(-total // PAGE_SIZE))
-
-    def link(**change: Any) -> str:
-        params = {**query, "page": str(page), **{k: str(v) for k, v in change.items()}}
-        params = {k: v for k, v in params.items() if v and not (k == "page" and v == "1")}
-        return f"/certificates?{urlencode(params)}" if params else "/certificates"
-
-    def sort_link(column: str) -> str:
-        same = query.get("sort", "issued") == column
-        order = "asc" if same and query.get("order", "desc") == "desc" else "desc"
-        return link(sort=column, order=order, page=1)
-
+    # A search names hosts and people: say when SSH certificates match it too.
+    ssh_total = 0
+    if query.get("q"):
+        ssh, _ = await _try(ui.ca.json("/v1/inventory/ssh-certificates", q=query["q"],
+                                       limit=1))
+        ssh_total = ssh["total"] if ssh else 0
+    link, sort_link = _list_links("/certificates", query, page)
     csv_link = "/certificates.csv" + (f"?{urlencode(query)}" if query else "")
     return _render(request, "certificates.html", verdict, title="Certificates", query=query,
                    found=found, error=error, page=page, pages=pages, total=total, link=link,
-                   sort_link=sort_link, csv_link=csv_link)
+                   sort_link=sort_link, csv_link=csv_link, ssh_total=ssh_total,
+                   ssh_link="/ssh?" + urlencode({"q": query.get("q", "")}))
+
+
+SSH_PARAMS = ("q", "status", "type", "sort", "order")
+
+
+async def ssh_certificates(request: web.Request) -> web.Response:
+    ui = request.app[UI_KEY]
+    verdict = await _verdict(request)
+    query = {k: request.query[k][:256] for k in SSH_PARAMS if request.query.get(k)}
+    page = _page(request)
+    found, error = await _try(ui.ca.json("/v1/inventory/ssh-certificates", **query,
+                                         limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE))
+    total = found["total"] if found else 0
+    link, sort_link = _list_links("/ssh", query, page)
+
+    def audit_link(rec: dict[str, Any]) -> str:
+        # The lines of the minute it was issued in: its signature's intent and outcome.
+        at = dt.datetime.fromisoformat(rec["issued_at"]).replace(second=0, microsecond=0)
+        return "/audit?" + urlencode({
+            "event": "hsm.sign", "since": at.strftime("%Y-%m-%dT%H:%M"),
+            "until": (at + dt.timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M")})
+    return _render(request, "ssh.html", verdict, title="SSH certificates", query=query,
+                   found=found, error=error, page=page, pages=max(1, -(-total // PAGE_SIZE)),
+                   total=total, link=link, sort_link=sort_link, audit_link=audit_link)
 
 
 _FORMULA = ("=", "+", "-", "@", "\t", "\r")
@@ -660,6 +697,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/certificates", certificates)
     app.router.add_get("/certificates.csv", certificates_csv)
     app.router.add_get("/certificates/{serial}", certificate)
+    app.router.add_get("/ssh", ssh_certificates)
     app.router.add_get("/audit", audit_log)
     app.router.add_get("/audit/go", go_to_line)
     app.router.add_get("/audit/{seq}", audit_line)
