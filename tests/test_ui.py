@@ -6,9 +6,17 @@ browser (tests/test_ui_browser.py)."""
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import json
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from ca.subject import spki_sha256
+from ca.ui.certs import intent_matches
 from ca.ui.metrics import Latency
 from tests.conftest import Daemon, hsmca
 from tests.helpers import cert_serial, enroll, http, log_lines
@@ -199,3 +207,29 @@ def test_a_verdict_the_daemon_could_not_renew_does_not_claim_no_new_lines() -> N
     assert "no new lines" in ok.detail
     away = replace(ok, problem="GET /health: cannot reach the daemon (127.0.0.1:1: refused)")
     assert "no new lines" not in away.detail and "could not be asked again" in away.detail
+
+
+def test_an_intent_about_another_request_is_not_taken_for_the_certificates() -> None:
+    """The certificate page checks the intent's decision against the certificate, not
+    only its serial (auditor trial: an intent naming svc9 shown beside svc2's
+    certificate as its evidence)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    start = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "svc2.test")]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "CA")]))
+            .public_key(key.public_key()).serial_number(0x1234)
+            .not_valid_before(start).not_valid_after(start + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("svc2.test"), x509.IPAddress(ipaddress.ip_address("10.0.0.2"))]),
+                critical=False)
+            .sign(key, hashes.SHA256()))
+    intent = {"serial": "1234", "names": ["10.0.0.2", "svc2.test"],
+              "spki_sha256": spki_sha256(key.public_key()),
+              "not_after": (start + dt.timedelta(days=1)).isoformat()}
+    assert all(ok for _, ok in intent_matches(intent, cert))
+    other = ec.generate_private_key(ec.SECP256R1()).public_key()
+    wrong = {**intent, "names": ["svc9.test"], "spki_sha256": spki_sha256(other),
+             "not_after": (start + dt.timedelta(days=2)).isoformat()}
+    assert [ok for _, ok in intent_matches(wrong, cert)] == [False, False, False]
+    assert [ok for _, ok in intent_matches({"serial": "1234"}, cert)] == [False, False, False]

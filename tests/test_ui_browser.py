@@ -261,6 +261,9 @@ def test_a_certificate_found_by_name_shows_its_verified_inclusion_proof(world: W
            "you verified" in audit
     assert f"is an hsm.sign intent for serial {w.renewed}" in audit
     assert "✓ the outcome's fingerprint is this certificate's SHA-256" in audit
+    for what in ("names", "public key", "notAfter"):
+        assert f"✓ the intent's {what} is the certificate's" in audit \
+            or f"✓ the intent's {what} are the certificate's" in audit, (what, audit)
     proof = w.driver.find_element(By.CSS_SELECTOR, "details[open] dl.kv").text
     assert "✓ verified: leaf " in proof and " of the tree of " in proof
     chain = w.driver.find_element(By.CSS_SELECTOR, "ol.chain").text

@@ -20,6 +20,7 @@ from cryptography.x509.oid import ExtensionOID, SignatureAlgorithmOID
 
 from ca.audit.merkle import TreeHead
 from ca.client import ClientError
+from ca.subject import spki_sha256
 from ca.ui import proofs
 from ca.ui.ca_api import CA
 from ca.x509_reasons import REASON_FLAGS
@@ -253,6 +254,32 @@ async def ocsp_status(ca: CA, cert: x509.Certificate, issuer: x509.Certificate |
                       "certificate's issuer")
 
 
+def san_values(cert: x509.Certificate) -> list[str]:
+    """The certificate's names as the intent line lists them: each SAN's value."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [str(name.value) for name in san]
+
+
+def intent_matches(intent: dict[str, Any], cert: x509.Certificate) -> list[tuple[str, bool]]:
+    """The intent line's decision against the certificate: names, public key, validity."""
+    names = intent.get("names")
+    checks = [("the intent's names are the certificate's",
+               isinstance(names, list) and sorted(map(str, names)) == sorted(san_values(cert))),
+              ("the intent's public key is the certificate's",
+               intent.get("spki_sha256") == spki_sha256(cert.public_key()))]
+    ends = intent.get("not_after")
+    try:
+        same_end = isinstance(ends, str) and dt.datetime.fromisoformat(ends) == \
+            cert.not_valid_after_utc
+    except ValueError:
+        same_end = False
+    checks.append(("the intent's notAfter is the certificate's", same_end))
+    return checks
+
+
 async def audit_evidence(ca: CA, tree: TreeHead | None, seq: int | None,
                          cert: x509.Certificate) -> AuditEvidence:
     """The intent (at the seq the inventory names, in the log `ca` reads: the one the
@@ -275,6 +302,9 @@ async def audit_evidence(ca: CA, tree: TreeHead | None, seq: int | None,
                              intent.get("event") == "hsm.sign"
                              and intent.get("phase") == "intent"
                              and intent.get("serial") == serial))
+        # What was decided is what was signed: a line about the serial alone could
+        # belong to another request.
+        found.checks += intent_matches(intent.obj or {}, cert)
         at = await proofs.find_outcome(ca, intent)
         if at is None:
             found.problem = "no outcome line with its op_id follows it"
