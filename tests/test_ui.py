@@ -8,18 +8,19 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
+import urllib.request
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 
 from ca.subject import spki_sha256
 from ca.ui.certs import intent_matches
 from ca.ui.metrics import Latency
 from tests.conftest import Daemon, hsmca
-from tests.helpers import cert_serial, enroll, http, log_lines
+from tests.helpers import Running, cert_serial, enroll, http, log_lines
 
 
 async def test_the_inventory_api_is_for_auditors_and_admins(daemon: Daemon,
@@ -233,3 +234,26 @@ def test_an_intent_about_another_request_is_not_taken_for_the_certificates() -> 
              "not_after": (start + dt.timedelta(days=2)).isoformat()}
     assert [ok for _, ok in intent_matches(wrong, cert)] == [False, False, False]
     assert [ok for _, ok in intent_matches({"serial": "1234"}, cert)] == [False, False, False]
+
+
+async def test_a_wrong_audit_key_is_named_on_the_keys_page(daemon: Daemon,
+                                                          tmp_path: Path) -> None:
+    """A pinned audit key that is none of the CA's is said so on /keys, not only left
+    without its ✓ (auditor trial L4); the root pinned right is still marked."""
+    auditor = enroll(daemon, tmp_path, "auditor", ["keys-page-auditor@example.com"])
+    stranger = tmp_path / "not_the_audit_key.pem"
+    stranger.write_bytes(ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    ui = Running.start("ui", "--url", daemon.url, "--ca", daemon.root, "--cert", auditor[0],
+                       "--key", auditor[1], "--audit-key", stranger, "--state",
+                       tmp_path / "ui.state", "--listen", "127.0.0.1:0")
+    try:
+        base = ui.listening_url()
+        with urllib.request.urlopen(f"{base}/keys", timeout=60) as answer:
+            text = answer.read().decode()
+    finally:
+        ui.stop()
+    assert "✗ The audit key you pinned (--audit-key) is none of this CA&#39;s keys" in text \
+        or "✗ The audit key you pinned (--audit-key) is none of this CA's keys" in text, text
+    assert "The root you pinned (--ca) is none" not in text
+    assert "✓ the root you pinned (--ca)" in text

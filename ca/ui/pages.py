@@ -678,8 +678,13 @@ async def keys(request: web.Request) -> web.Response:
     found, error = await _try(ui.ca.json("/v1/keys"))
     pinned = {_spki_sha256(ui.audit_key): "the audit key you pinned (--audit-key)",
               _spki_sha256(ui.root.public_key()): "the root you pinned (--ca)"}
+    listed = {k["fingerprint"] for k in found["keys"]} if found else set()
+    # A pinned key that is none of the CA's (destroyed ones are still listed): say so,
+    # rather than leave its row without the ✓ for the reader to notice.
+    strangers = [(what, fp) for fp, what in pinned.items() if found and fp not in listed]
     return _render(request, "keys.html", verdict, title="Keys",
-                   keys=found["keys"] if found else [], error=error, pinned=pinned)
+                   keys=found["keys"] if found else [], error=error, pinned=pinned,
+                   strangers=strangers)
 
 
 # ---- /status.json (the banner's refresh) ---------------------------------------------------------
