@@ -232,9 +232,10 @@ def check_dns_name(name: str) -> None:
 
 
 def _ssh_line(key: KeyInfo, comment: str) -> str:
+    """As Issuers.ssh_lines writes it: the comment, then the key's label."""
     line = key.public_key.public_bytes(serialization.Encoding.OpenSSH,
                                          serialization.PublicFormat.OpenSSH).decode()
-    return f"{line} {comment}\n"
+    return f"{line} {comment} {key.label}\n"
 
 
 def _pub_pem(key: KeyInfo) -> bytes:

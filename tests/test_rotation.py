@@ -163,6 +163,10 @@ async def test_rotate_issuing_and_ssh_keys_retire_and_destroy_while_renewals_run
         newest_fp = subprocess.run([keygen, "-l", "-f", "-"], input=users[0] + "\n",
                                    capture_output=True, text=True, check=True).stdout.split()[1]
         assert len(users) == 2 and newest_fp in signer
+        # Each line names its key, so the old one can be told from the new by hand.
+        assert users[1].endswith(" hsmca-user-ca ssh-user-ca"), users
+        assert users[0].split()[-2] == "hsmca-user-ca" and \
+            users[0].split()[-1].startswith("ssh-user-ca-"), users
         # The state directory's copy (what docs/ssh.md gives sshd) says the same.
         assert (ca.state / "ssh/user_ca.pub").read_text() == cas["user"] + "\n"
         assert (ca.state / "ssh/host_ca.pub").read_text() == cas["host"] + "\n"

@@ -154,11 +154,13 @@ class Issuers:
         return live + list(reversed(self.past.values()))
 
     def ssh_lines(self, cert_type: str, comment: str) -> list[str]:
-        """authorized_keys lines of every SSH CA of a type still trusted, newest first."""
+        """authorized_keys lines of every SSH CA of a type still trusted, newest first,
+        each commented with its key's label: during an overlap an operator editing
+        known_hosts or TrustedUserCAKeys by hand tells the old key from the new."""
         current = self.current_ssh[cert_type]
         ordered = [current] + [k for k, i in reversed(self.ssh.items())
                                if i.cert_type == cert_type and k != current]
-        return [self.ssh[k].authorized_key(comment) for k in ordered]
+        return [self.ssh[k].authorized_key(f"{comment} {k}") for k in ordered]
 
 
 KINDS = ("root", "issuing", "ssh-user", "ssh-host", "audit")
