@@ -584,7 +584,7 @@ def test_the_old_audit_key_is_not_retired_while_a_log_has_not_handed_over(
         assert old, listing
         out = hsmca("key", "rotate", "audit", "--config", config, "--url", node.url).stdout
         assert "rotated audit" in out
-        proc = hsmca("key", "retire", old.group(1), "--config", config, "--url", node.url,
+        proc = hsmca("key", "retire", old.group(1), "--yes", "--config", config, "--url", node.url,
                      check=False)
         assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
         assert f"{old.group(1)!r} still signs the latest checkpoint of log(s)" in proc.stderr
@@ -760,7 +760,7 @@ def test_a_node_stopped_during_the_audit_keys_rotation_starts_and_hands_over(
                 break
         else:
             raise AssertionError("k2 never handed over")
-        proc = hsmca("key", "retire", old.group(1), "--config", config, "--url", k1.url,
+        proc = hsmca("key", "retire", old.group(1), "--yes", "--config", config, "--url", k1.url,
                      check=False)
         assert "still signs the latest checkpoint of log(s) init," in proc.stderr, proc.stderr
     finally:

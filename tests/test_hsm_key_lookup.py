@@ -139,7 +139,7 @@ def test_a_destroy_cut_short_after_the_hsm_call_can_be_finished(tmp_path: Path) 
     d = start_daemon(ca.state)
     try:
         key_cmd(d, "rotate", "ssh-host")
-        key_cmd(d, "retire", "ssh-host-ca")
+        key_cmd(d, "retire", "ssh-host-ca", "--yes")
         gone = Session(ca, dict(os.environ))  # the token the daemon uses
         assert gone.ask("destroy", "ssh-host-ca") == "ok"
         gone.close()
@@ -153,7 +153,7 @@ def test_a_destroy_cut_short_after_the_hsm_call_can_be_finished(tmp_path: Path) 
         # Cut short between the halves: the private key is still there, and goes now
         # (it is not "absent": review of the change).
         key_cmd(d, "rotate", "ssh-user")
-        key_cmd(d, "retire", "ssh-user-ca")
+        key_cmd(d, "retire", "ssh-user-ca", "--yes")
         half = Session(ca, dict(os.environ))
         assert half.ask("drop-public", "ssh-user-ca") == "ok"
         proc = key_cmd(d, "destroy", "ssh-user-ca", "--yes", check=False)

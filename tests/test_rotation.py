@@ -193,7 +193,19 @@ async def test_rotate_issuing_and_ssh_keys_retire_and_destroy_while_renewals_run
                 ocsp.OCSPResponseStatus.SUCCESSFUL:  # pre-signed within seconds
             assert asyncio.get_running_loop().time() < deadline
         assert resp.certificate_status == ocsp.OCSPCertStatus.GOOD
-        retired = key_cmd(d, "retire", old_label_text)
+        # Retiring cannot be undone: asked first, with what the key issued; anything but
+        # yes leaves it previous, and the refusal has a line of its own.
+        no = hsmca("key", "retire", old_label_text, "--config", d.state / "hsmca.toml",
+                   "--url", d.url, input="no\n", check=False)
+        assert no.returncode == 1 and f"Retire {old_label_text} (issuing, previous; it " \
+            "issued " in no.stderr, no.stderr
+        assert no.stderr.splitlines()[-1] == \
+            "hsmca: error: not retired (confirm with yes, or pass --yes)", no.stderr
+        row = next(line for line in key_cmd(d, "list").stdout.splitlines()
+                   if line.startswith(old_label_text + " "))
+        assert row.split()[2] == "previous", row
+        retired = hsmca("key", "retire", old_label_text, "--config", d.state / "hsmca.toml",
+                        "--url", d.url, input="yes\n")
         assert "signs nothing" in retired.stdout
         # It still has live certificates (the user's, the host's): the operator is told
         # what retiring now means for them.
@@ -289,7 +301,7 @@ async def test_an_audit_key_rotation_is_handed_over_without_waiting_for_the_hear
         handover = await served_until("naming the new key", lambda cp: any(
             e.startswith(NEXT_KEY) for e in cp.extensions))
         assert len(handover.signatures) == 2
-        key_cmd(d, "retire", old)  # refused until a checkpoint hands over
+        key_cmd(d, "retire", old, "--yes")  # refused until a checkpoint hands over
         await served_until("of the new key alone", lambda cp: len(cp.signatures) == 1
                            and cp.size > handover.size)
     finally:
@@ -346,7 +358,7 @@ async def test_rotate_the_audit_key_and_verifiers_pinned_to_the_old_one_follow(
         again = key_cmd(d, "rotate", "audit", check=False)
         assert again.returncode != 0 and f"retire it first (hsmca key retire {old_label})" \
             in again.stderr, again.stderr
-        key_cmd(d, "retire", old_label)
+        key_cmd(d, "retire", old_label, "--yes")
         await settled()  # checkpoints of the new key alone
         # A backup checks its copy with the key in force: the log it copies began
         # under the old one.
@@ -460,7 +472,7 @@ async def test_rotate_the_root_offline_and_relying_parties_of_either_root_follow
         assert new_root in bundle and load(old_root) in bundle
         # Once relying parties trust the new root: retire the old one, and chains end
         # at the new root alone.
-        key_cmd(d, "retire", "root-ca")
+        key_cmd(d, "retire", "root-ca", "--yes")
         served = x509.load_pem_x509_certificates(
             (await http("GET", f"{d.url}/v1/x509/chain", d.ssl()))[2])
         assert served[-1] == new_root and len(served) == 2
@@ -524,7 +536,7 @@ async def test_a_retired_or_destroyed_ssh_ca_key_keeps_its_revoked_certificates_
         key_cmd(d, "rotate", "ssh-user")
         old = re.search(r"^(\S+)\s+ssh-user\s+previous", key_cmd(d, "list").stdout, re.M)
         assert old, key_cmd(d, "list").stdout
-        key_cmd(d, "retire", old.group(1))
+        key_cmd(d, "retire", old.group(1), "--yes")
         # A revocation after it builds the KRL again: the retired key's section stays.
         new_cert = ssh_user_cert(d, tmp_path, user, "id_new")
         hsmca("ssh", "revoke", "--serial", _ssh_serial(new_cert), "--config",

@@ -392,7 +392,7 @@ def test_after_an_audit_key_rotation_the_view_still_counts_the_witness(tmp_path:
             origin, (ca.state / "audit" / "checkpoint").read_text().split("\n")[3])
         witness.pin({origin: new_vkey})  # before the retirement, as docs/keys.md says
         mark = d.mark()
-        hsmca("key", "retire", old_label.group(1), "--config", cfg)
+        hsmca("key", "retire", old_label.group(1), "--yes", "--config", cfg)
         size = cosigned_from_here(d, handle, [witness])
         d.wait("witness not updated", since=mark, witness=forgotten.url)  # 403
         seen = witness_metrics(handle)

@@ -4,6 +4,7 @@ built for every command, `serve` included)."""
 from __future__ import annotations
 
 import argparse
+import sys
 from urllib.parse import urlsplit
 
 from ca.decimal_text import is_decimal
@@ -48,3 +49,17 @@ def exec_timeout_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exec-timeout", type=duration, default=300, metavar="DURATION",
                         help="kill --exec (and what it started) if it runs longer than this, "
                         "so that a hung reload never stops renewals (default 5m)")
+
+
+def confirm(question: str, refusal: str) -> None:
+    """Ask on stderr for "yes"; anything else raises CLIError(refusal). With stdin not a
+    terminal (a pipe, a script) the answer is not echoed, so the error goes on a line of
+    its own rather than after the prompt."""
+    from ca.errors import CLIError
+    sys.stderr.write(f"{question} Type yes: ")
+    sys.stderr.flush()
+    answer = sys.stdin.readline()
+    if not sys.stdin.isatty():
+        sys.stderr.write("\n")
+    if answer.strip().lower() != "yes":
+        raise CLIError(f"{refusal} (confirm with yes, or pass --yes)")

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ca.commands.args import confirm
 from ca.errors import CLIError
 
 KINDS = ("issuing", "ssh-user", "ssh-host", "audit")
@@ -76,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
               f"previous ({PREVIOUS_DOES[out['kind']]} until you retire it)")
         return 0
     if action == "retire":
+        if not args.yes:
+            _confirm_retire(args)
         out = _call(args, "POST", "/v1/keys/retire", {"label": args.label})
         print(f"retired {out['label']}: it signs nothing any more")
         if out.get("live") and out.get("kind") in ("ssh-user", "ssh-host"):
@@ -90,19 +93,25 @@ def run(args: argparse.Namespace) -> int:
                   "client certificates, but a revocation of one from now on reaches no CRL "
                   "or OCSP response", file=sys.stderr)
         return 0
-    confirmed = args.yes
-    if not confirmed:
-        sys.stderr.write(f"Destroy {args.label} in the HSM? This cannot be undone. "
-                         "Type yes: ")
-        sys.stderr.flush()
-        confirmed = sys.stdin.readline().strip().lower() == "yes"
-        if not confirmed:
-            raise CLIError("not destroyed (confirm with yes, or pass --yes)")
+    if not args.yes:
+        confirm(f"Destroy {args.label} in the HSM? This cannot be undone.", "not destroyed")
     out = _call(args, "POST", "/v1/keys/destroy", {"label": args.label, "confirm": True})
     print(f"destroyed {out['label']} (C_DestroyObject; the audit log records it)")
     for warning in out.get("warnings", []):
         print(f"hsmca: warning: {warning}", file=sys.stderr)
     return 0
+
+
+def _confirm_retire(args: argparse.Namespace) -> None:
+    """Retiring cannot be undone: ask, naming what the key is and what it issued. An
+    unknown label is not asked about: the daemon's refusal names the labels there are."""
+    keys = {k["label"]: k for k in _call(args, "GET", "/v1/keys")["keys"]}
+    key = keys.get(args.label)
+    if key is None:
+        return
+    issued = f"; it issued {key['signed']} certificate(s)" if key.get("signed") else ""
+    confirm(f"Retire {args.label} ({key['kind']}, {key['state']}{issued})? It will sign "
+            "nothing any more, and a retired key is never used again.", "not retired")
 
 
 def _rotate_root(args: argparse.Namespace) -> int:
@@ -112,12 +121,9 @@ def _rotate_root(args: argparse.Namespace) -> int:
     from ca.audit.log import ensure_unlocked
     ensure_unlocked(config.audit_log)  # a running daemon: said before the question
     if not args.yes:
-        sys.stderr.write(
-            f"Make a new root for the CA in {config.state_dir}? Relying parties must be given "
-            "the new root (x509/root.pem) before you retire the old one. Type yes: ")
-        sys.stderr.flush()
-        if sys.stdin.readline().strip().lower() != "yes":
-            raise CLIError("no new root made (confirm with yes, or pass --yes)")
+        confirm(f"Make a new root for the CA in {config.state_dir}? Relying parties must be "
+                "given the new root (x509/root.pem) before you retire the old one.",
+                "no new root made")
     done = asyncio.run(rotate_root(config))
     x509_dir = config.root_pem.parent
     print(f"new root {done.root} (the active root; {done.previous} is previous), new issuing "
@@ -181,6 +187,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                         "certificates stay in the KRL (it is not signed). Says how many "
                         "are still valid.")
     t.add_argument("label", help="the key's label (hsmca key list)")
+    t.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     common(t)
     d = ksub.add_parser("destroy", help="C_DestroyObject on a retired key",
                         description="Destroy a retired key in the HSM, recorded in the audit "

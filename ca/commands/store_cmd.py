@@ -6,9 +6,9 @@ import argparse
 import asyncio
 import logging
 import os
-import sys
 from pathlib import Path
 
+from ca.commands.args import confirm
 from ca.errors import CLIError
 
 URL_ENV = "HSMCA_STORE_URL"
@@ -35,12 +35,8 @@ def move(args: argparse.Namespace) -> int:
         from ca.audit.log import ensure_unlocked
         ensure_unlocked(config.audit_log)  # a running daemon: said before the question
         if not args.yes:
-            sys.stderr.write(f"Move the CA of {config.path} into {name}? The daemon must be "
-                             "stopped; afterwards every node runs with `--node NAME`. Type "
-                             "yes: ")
-            sys.stderr.flush()
-            if sys.stdin.readline().strip().lower() != "yes":
-                raise CLIError("nothing moved (confirm with yes, or pass --yes)")
+            confirm(f"Move the CA of {config.path} into {name}? The daemon must be stopped; "
+                    "afterwards every node runs with `--node NAME`.", "nothing moved")
         done = asyncio.run(move(config, url))
     except MoveError as exc:
         raise CLIError(str(exc)) from None
