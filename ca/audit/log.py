@@ -896,9 +896,10 @@ def _build_tiles(path: Path, fd: int, tiles: Path) -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(mode=0o750, parents=True)
     if size:
-        log.warning("building the audit log's tiles from the whole log (first start with "
-                    "tiles, or the tile directory was moved aside)", log=str(path),
-                    bytes=size, tiles=str(tiles))
+        log.warning("building the audit log's tiles from the whole log (after a restore: "
+                    "a backup holds none; or the first start with tiles; or the tile "
+                    "directory was moved aside)", log=str(path), bytes=size,
+                    tiles=str(tiles))
     store = FileTileStore(work, create=True, sync=False)
     try:
         tree = TiledTree(store)
