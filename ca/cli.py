@@ -248,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not _expected(exc):
             raise
         print(f"hsmca: error: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_status if isinstance(exc, CLIError) else 1
 
 
 def _expected(exc: BaseException) -> bool:

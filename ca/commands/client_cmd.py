@@ -15,7 +15,7 @@ from typing import Any
 from ca.commands.args import exec_timeout_flag
 from ca.config import Config, load
 from ca.decimal_text import is_decimal
-from ca.errors import CLIError
+from ca.errors import CLIError, GaveUp
 
 TOKEN_ENV = "HSMCA_TOKEN"
 REASONS = ("unspecified", "keyCompromise", "cACompromise", "affiliationChanged", "superseded",
@@ -184,7 +184,7 @@ def _renew_daemon(args: argparse.Namespace, url: str) -> int:
         asyncio.run(client.check_standing(url, args.ca, cert, key))
     except client.ClientError as exc:
         if not exc.retryable:
-            raise
+            raise GaveUp(str(exc)) from None
         _warn(f"{exc}; renewing when due all the same")
     schedule: dict[int, dt.datetime] = {}
 

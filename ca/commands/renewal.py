@@ -21,6 +21,7 @@ from typing import Any
 import structlog
 
 from ca.client import ClientError
+from ca.errors import GaveUp
 from ca.ra import BACKDATE
 
 RENEW_AT = 2 / 3   # of the lifetime, as step-ca and cert-manager do
@@ -180,7 +181,8 @@ async def _hook_until_done(job: Job, log: Any) -> None:
 
 def run_forever(jobs: list[Job], **context: Any) -> int:
     """Run the jobs until SIGTERM/SIGINT (exit 0) or a failure retrying cannot fix
-    (exit 1, after logging it; the one-line error is printed by the CLI)."""
+    (GaveUp: exit 3, after logging it; the one-line error is printed by the CLI). A local
+    failure (a file it cannot read) exits 1, for a restart to try again."""
     from ca.logs import configure
     configure()
     log = structlog.get_logger().bind(**context)
@@ -205,5 +207,8 @@ def run_forever(jobs: list[Job], **context: Any) -> int:
                 t.result()  # re-raises the job's ClientError
         log.info("stop", reason="signal")
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except ClientError as exc:  # keep() retries every other one
+        raise GaveUp(str(exc)) from None
     return 0
