@@ -187,7 +187,10 @@ def dns_name(name: str, allow_wildcards: bool = False) -> str:
                           "([policy] allow-wildcards)", Reason.BAD_NAME)
         body = body[2:]
     labels = body.split(".")
-    if len(body) > 253 or not all(_LABEL.match(lbl) for lbl in labels):
+    if len(lowered) > 253:
+        raise Refused(f"{_show(name)} is {len(lowered)} characters long: a DNS name is at "
+                      "most 253", Reason.BAD_NAME)
+    if not all(_LABEL.match(lbl) for lbl in labels):
         raise Refused(f"{_show(name)} is not a valid DNS name (labels of a-z, 0-9 and '-', "
                       "at most 63 characters each, no trailing dot)", Reason.BAD_NAME)
     if _is_number(labels[-1]):

@@ -1104,9 +1104,11 @@ def _acme_admin(ctx: Context, who: Requester, req: AcmeAdminRequest) -> AcmeAdmi
 def _acme_names(ctx: Context, who: AcmeAccountHolder, names: list[str]) -> None:
     """The names are inside the account's EAB patterns and the CA's lists, now."""
     if who.eab_bound:
-        outside = [n for n in names
-                   if not policy.matches_any(n.removeprefix("*."), who.names)
-                   or (n.startswith("*.") and not policy.matches_any(n, who.names))]
+        # A wildcard *.X covers the names one label below X, so it is granted by the
+        # patterns that grant all of those (*.X or *.Y with X under Y), not by X itself:
+        # *.svc.example grants *.svc.example (an ACME trial found it refused, and the
+        # refusal naming the very pattern).
+        outside = [n for n in names if not policy.matches_any(n, who.names)]
         if outside:
             raise Refused(f"name {outside[0]!r} is outside the names this ACME account may "
                           f"order ({', '.join(who.names)})", Reason.NAME_NOT_GRANTED)

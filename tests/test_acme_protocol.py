@@ -220,9 +220,13 @@ def test_a_deactivated_authorization_ends_its_order(world: World) -> None:
     assert c.register(world.ca.eab("*.test")).status == 201
     order = c.order("a.test", "b.test")
     authz_url = order.json["authorizations"][0]
-    r = c.post(authz_url, {"status": "deactivated"})
+    # As lego sends it: the authorization's other fields, empty, beside the status.
+    r = c.post(authz_url, {"status": "deactivated", "identifier": {"type": "", "value": ""},
+                           "expires": "0001-01-01T00:00:00Z"})
     assert r.status == 200 and r.json["status"] == "deactivated"
     assert c.post(order.headers["Location"]).json["status"] == "invalid"
+    other = c.post(order.json["authorizations"][1], {"status": "valid"})
+    assert other.status == 400 and other.problem == "malformed"
     again = c.post(authz_url, {"status": "deactivated"})
     assert again.status == 400 and again.problem == "malformed"
     assert c.post(c.answer(order, "http-01")[0]["url"], {}).status == 200  # nothing to do

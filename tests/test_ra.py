@@ -183,6 +183,10 @@ def test_an_acme_certificate_is_not_renewed_over_mutual_tls() -> None:
     # A URI as long as the body allows made a token.create line longer than an audit
     # line may be (security review).
     ("spiffe://a.internal.example/" + "x" * 2030, ("longer than 2048",)),
+    # Every label is fine; the whole is one character too long, and is said so (an ACME
+    # trial was told about labels of 63 characters).
+    (".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 45]) + ".internal.example",
+     ("254 characters long", "at most 253")),
 ])
 def test_names_that_parsers_could_read_two_ways_are_refused(name: str,
                                                             words: tuple[str, ...]) -> None:
@@ -596,6 +600,13 @@ def test_wildcards_need_the_policy_and_dns01() -> None:
     exact = ra.decide(context(p), acme_account(("a.test",)),
                       ra.AcmeOrderRequest(dns_ids("*.a.test"), True))
     assert isinstance(exact, ra.Refusal) and exact.reason is Reason.NAME_NOT_GRANTED
+    # The pattern *.a.test grants every name a wildcard *.a.test covers, so the
+    # wildcard too, without a.test itself.
+    own = ra.decide(context(p), acme_account(("*.a.test",)),
+                    ra.AcmeOrderRequest(dns_ids("*.a.test"), True))
+    assert isinstance(own, ra.AcmeOrderGrant) and own.names == ("*.a.test",)
+    assert isinstance(ra.decide(context(p), acme_account(("*.a.test",)), ra.AcmeOrderRequest(
+        dns_ids("*.b.test"), True)), ra.Refusal)
 
 
 def test_a_deactivated_account_and_other_requesters_order_nothing() -> None:

@@ -627,7 +627,10 @@ async def get_authz(request: web.Request) -> web.Response:
     body = v.json(empty_ok=True)
     authz = await _own_authz(request, v.account, request.match_info["id"])
     if body is not None:  # RFC 8555 7.5.2: the only change a client may make
-        if body != {"status": "deactivated"}:
+        # Other fields are the authorization's own, echoed back (lego sends an empty
+        # identifier and expires with its status): ignored, as RFC 8555 7.1 has servers
+        # ignore what a client may not change.
+        if not isinstance(body, dict) or body.get("status") != "deactivated":
             raise AcmeProblem("malformed", 'an authorization can only be deactivated: '
                               '{"status": "deactivated"}')
         if not await request.app[ACME].store.deactivate_acme_authz(authz.id):
