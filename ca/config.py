@@ -38,6 +38,11 @@ class ConfigError(ValueError):
 # How long a client may take to send a whole request, and to finish its TLS handshake
 # (ca/http_server.py). Go's servers are usually given 10-30 s; nginx allows 60.
 REQUEST_TIMEOUT_S = 15.0
+# How long a worker's event loop may leave the primary's pings unanswered before it is
+# killed and started again (ca/daemon/control.py): long enough for a loaded worker (a
+# garbage collection, a swap storm), short enough that its share of the connections
+# does not hang for good.
+WORKER_TIMEOUT_S = 30.0
 # Connections one client address may hold in one worker (ca/listener.py); 0: no bound.
 PER_ADDRESS = 1024
 SCHEMA: dict[str, frozenset[str]] = {
@@ -45,7 +50,7 @@ SCHEMA: dict[str, frozenset[str]] = {
     "keys": frozenset(p.replace("_", "-") for p in KEY_LABELS),
     "server": frozenset({"listen", "dns-name", "public-url", "tls-cert", "tls-key",
                          "metrics-allow", "workers", "request-timeout-s",
-                         "max-connections-per-address"}),
+                         "max-connections-per-address", "worker-timeout-s"}),
     "audit": frozenset({"origin", "heartbeat-s", "witnesses", "witness-keys"}),
     # Several nodes on PostgreSQL (docs/cluster.md); no section: the embedded SQLite file.
     "store": frozenset({"url"}),
@@ -145,6 +150,7 @@ class Config:
     workers: int = 0  # worker processes serving HTTPS; 0: one per CPU (at most 8)
     request_timeout_s: float = REQUEST_TIMEOUT_S
     max_connections_per_address: int = PER_ADDRESS  # per worker; 0: no bound
+    worker_timeout_s: float = WORKER_TIMEOUT_S
     policy: Policy = field(default_factory=Policy)
     acme: AcmeConfig | None = None  # None: no [acme] section, no ACME server
     store_url: str | None = None  # [store] url: PostgreSQL, several nodes; None: SQLite
@@ -410,6 +416,8 @@ def load(path: Path) -> Config:
                                                 REQUEST_TIMEOUT_S), where),
         max_connections_per_address=_per_address(server.get("max-connections-per-address",
                                                             PER_ADDRESS), where),
+        worker_timeout_s=_worker_timeout(_get(server, "worker-timeout-s", float, where,
+                                              WORKER_TIMEOUT_S), where),
         audit_origin=_origin(_get(audit, "origin", str, f"{path} [audit]"), f"{path} [audit]"),
         checkpoint_heartbeat_s=_heartbeat(_get(audit, "heartbeat-s", float, f"{path} [audit]",
                                                60.0), f"{path} [audit]"),
@@ -706,6 +714,14 @@ def _request_timeout(value: float, where: str) -> float:
     return float(value)
 
 
+def _worker_timeout(value: float, where: str) -> float:
+    if not 5 <= value <= 3600:
+        raise ConfigError(f"{where}: worker-timeout-s ({value:g}) must be from 5 to 3600 "
+                          "seconds (how long a worker may leave the primary's pings "
+                          "unanswered before it is killed and started again)")
+    return float(value)
+
+
 def _answers(url: str) -> bool:
     """Whether something listens where `url` (a daemon's own serve.url) points."""
     import socket
@@ -776,7 +792,9 @@ _NOTES = {
                "over each request from its first byte (slower ones get a 408).",
                "max-connections-per-address: connections one client address may hold in",
                "each worker (0: no bound; behind a TCP load balancer, every client has the",
-               "balancer's address)."],
+               "balancer's address).",
+               "worker-timeout-s: a worker whose event loop leaves the",
+               "primary's pings unanswered that long is killed and started again."],
     "audit": ["origin: the checkpoint origin line and signing key name.",
               "heartbeat-s: seconds between checkpoints when the log is idle.",
               "witnesses: files, or URLs of C2SP witnesses (`hsmca witness serve`), to which",
@@ -812,7 +830,8 @@ def render(*, module: str, token: str, pin_source: str, softhsm_conf: str | None
         "server": {"listen": listen, "dns-name": dns_name, "tls-cert": "tls/server.pem",
                    "tls-key": "tls/server.key", "metrics-allow": ["127.0.0.0/8", "::1/128"],
                    "workers": "auto", "request-timeout-s": REQUEST_TIMEOUT_S,
-                   "max-connections-per-address": PER_ADDRESS},
+                   "max-connections-per-address": PER_ADDRESS,
+                   "worker-timeout-s": WORKER_TIMEOUT_S},
         "audit": {"origin": audit_origin, "heartbeat-s": 60, "witnesses": [],
                   "witness-keys": []},
         "policy": {

@@ -118,8 +118,8 @@ def count_sign_calls(pipeline: Any) -> None:
 
 
 class AuditMetrics:
-    """What the primary measures: the audit log's group commits, and what the witnesses
-    answered to its checkpoints."""
+    """What the primary measures: the audit log's group commits, what the witnesses
+    answered to its checkpoints, and its workers' restarts."""
 
     def __init__(self) -> None:
         from prometheus_client import Counter, Gauge, Histogram
@@ -138,6 +138,12 @@ class AuditMetrics:
         self.cosigned_size = Gauge("hsmca_witness_last_cosigned_size", "Tree size of the "
                                    "latest checkpoint a witness cosigned", ["witness"],
                                    registry=None, multiprocess_mode="mostrecent")
+        self.worker_restarts = Counter(
+            "hsmca_worker_restarts", "Worker processes started again, by reason: exited "
+            "(it died), unanswered (its event loop stopped answering the primary's pings "
+            "and it was killed)", ["reason"], registry=None)
+        for reason in ("exited", "unanswered"):
+            self.worker_restarts.labels(reason)  # exported from the start, at zero
 
     def watch(self, audit: Any) -> None:
         def commit(seconds: float, lines: int) -> None:

@@ -25,7 +25,7 @@ from cryptography import x509 as cx
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
-from tests.conftest import HSMCA, Daemon, init_ca, start_daemon
+from tests.conftest import HSMCA, Daemon, init_ca, set_config, start_daemon
 from tests.helpers import audit_verify, enroll, http, log_lines
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -281,3 +281,55 @@ async def test_a_worker_refused_its_pin_is_not_started_again_until_the_pin_chang
     finally:
         pin.write_text(good)
         assert d.stop() == 0
+
+
+async def test_a_worker_that_stops_answering_is_killed_and_replaced(tmp_path: Path) -> None:
+    """A worker whose event loop is stuck keeps its listening socket: the kernel went
+    on handing it connections, which hung, while /health and /metrics (answered by the
+    other worker) said all was well (an operator's trial, with SIGSTOP). The primary's
+    pings find it; it is killed, said, counted and started again."""
+    ca = init_ca(tmp_path)
+    set_config(ca.state, "server", "worker-timeout-s", 5)
+    d = start_daemon(ca.state, "--workers", "2")
+    try:
+        stuck = worker_pids(d)[0]
+        os.kill(stuck, signal.SIGSTOP)
+
+        def said(event: str) -> list[dict[str, Any]]:
+            return [e for e in (json.loads(x) for x in d.stderr if x.startswith("{"))
+                    if e.get("event") == event]
+        assert d.wait_stderr(lambda: bool(said(
+            "a worker stopped answering: killed, and started again")), 60), \
+            "".join(d.stderr[-20:])
+        killed = said("a worker stopped answering: killed, and started again")[0]
+        assert killed["pid"] == stuck and killed["unanswered_s"] >= 5
+        assert d.wait_stderr(lambda: len(said("worker ready")) > 2, 60)
+        assert stuck not in worker_pids(d) and len(worker_pids(d)) == 2
+        # Every worker answers again: new connections no longer hang.
+        answers = await on_every_worker(2, lambda: fresh("GET", f"{d.url}/health", d.ssl()))
+        assert {status for status, _ in answers} == {200}
+        status, _, metrics_text = await http("GET", f"{d.url}/metrics", d.ssl())
+        assert status == 200
+        assert 'hsmca_worker_restarts_total{reason="unanswered"} 1.0' in metrics_text.decode()
+        assert 'hsmca_worker_restarts_total{reason="exited"} 0.0' in metrics_text.decode()
+    finally:
+        assert d.stop() == 0
+    exits = [e for e in log_lines(ca.state) if e["event"] == "worker.exit"]
+    assert [(e["pid"], e["status"]) for e in exits] == [(stuck, -signal.SIGKILL)]
+    assert exits[0]["unanswered_s"] >= 5
+    audit_verify(ca.state, ok=True)
+
+
+async def test_a_stuck_worker_does_not_hold_up_the_stop(tmp_path: Path) -> None:
+    """At the stop, a worker that does not answer is killed at once, not waited for the
+    30 s a unit's TimeoutStopSec used to allow in all (an operator's trial: 31.7 s)."""
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state, "--workers", "2")
+    stuck = worker_pids(d)[0]
+    os.kill(stuck, signal.SIGSTOP)
+    assert d.wait_stderr(lambda: any(
+        "a worker does not answer the primary's pings" in x for x in d.stderr), 60)
+    assert d.stop() == 0
+    assert any("a worker does not answer: killed at the stop" in x for x in d.stderr)
+    assert log_lines(ca.state)[-1]["event"] == "hsm.logout"  # closed cleanly all the same
+    audit_verify(ca.state, ok=True)

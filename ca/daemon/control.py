@@ -7,6 +7,12 @@ whichever worker a client's connections reach, and answers how long that client
 must wait (`Limit`). A valid token never asks: it is never refused because of
 someone else's failures (behind a NAT, "someone else" is everyone).
 
+The primary pings every worker (`Ping`, every HEARTBEAT_S) and the worker's event
+loop answers (`Pong`): a worker whose loop is stuck (blocked in a call, stopped) keeps
+its listening socket, so the kernel goes on handing it connections that hang. The
+primary kills one that has not answered for `[server] worker-timeout-s`, and starts it
+again.
+
 The policy in force is the primary's: it sends it first on every channel and again
 whenever a reload changes it (`NewPolicy`), so every worker, a restarted one too,
 decides by the same policy, whatever the file on disk says by then.
@@ -18,7 +24,9 @@ import asyncio
 import itertools
 import socket
 import struct
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import msgspec
 import structlog
@@ -31,6 +39,7 @@ _LEN = struct.Struct(">I")
 # A worker's exit status when the token refused the PIN (EX_CONFIG): the primary starts
 # it again only once the PIN source changed.
 EXIT_PIN_REFUSED = 78
+HEARTBEAT_S = 2.0
 
 
 class Ready(msgspec.Struct, tag="ready", frozen=True):
@@ -56,8 +65,26 @@ class PolicyTaken(msgspec.Struct, tag="policy-taken", frozen=True):
     version: int
 
 
-ToPrimary = Ready | TokenFailed | PolicyTaken
-ToWorker = Limit | NewPolicy
+class Ping(msgspec.Struct, tag="ping", frozen=True):
+    n: int
+
+
+class Pong(msgspec.Struct, tag="pong", frozen=True):
+    n: int
+
+
+@dataclass
+class Liveness:
+    """When a worker's event loop last answered a ping (time.monotonic())."""
+
+    answered: float = field(default_factory=time.monotonic)
+
+    def silent_for(self) -> float:
+        return time.monotonic() - self.answered
+
+
+ToPrimary = Ready | TokenFailed | PolicyTaken | Pong
+ToWorker = Limit | NewPolicy | Ping
 _to_primary: ipc.Decoder[ToPrimary] = ipc.Decoder(ToPrimary)
 _to_worker: ipc.Decoder[ToWorker] = ipc.Decoder(ToWorker)
 log = structlog.get_logger("hsmca.control")
@@ -118,11 +145,20 @@ async def _messages(reader: asyncio.StreamReader, decoder: ipc.Decoder[object]
     return decoder.decode(body)
 
 
+async def _ping(writer: asyncio.StreamWriter) -> None:
+    for n in itertools.count():
+        writer.write(ipc.encode(Ping(n)))
+        await asyncio.sleep(HEARTBEAT_S)  # periodic, not synchronisation
+
+
 async def serve_worker(sock: socket.socket, limiter: FailureLimiter,
-                       on_ready: Callable[[int], None], policies: PolicyFeed) -> None:
-    """The primary's side of one worker's control channel, until the worker is gone."""
+                       on_ready: Callable[[int], None], policies: PolicyFeed,
+                       liveness: Liveness) -> None:
+    """The primary's side of one worker's control channel, until the worker is gone;
+    `liveness` follows its answers to the pings."""
     reader, writer = await asyncio.open_connection(sock=sock)
     policies._join(writer)
+    pinger = asyncio.create_task(_ping(writer))
     try:
         while True:
             try:
@@ -133,7 +169,9 @@ async def serve_worker(sock: socket.socket, limiter: FailureLimiter,
                 return
             if msg is None:
                 return
-            if isinstance(msg, Ready):
+            if isinstance(msg, Pong):
+                liveness.answered = time.monotonic()
+            elif isinstance(msg, Ready):
                 on_ready(msg.pid)
             elif isinstance(msg, PolicyTaken):
                 await policies._note(writer, msg.version)
@@ -144,6 +182,7 @@ async def serve_worker(sock: socket.socket, limiter: FailureLimiter,
                 limiter.failed(msg.client)
                 writer.write(ipc.encode(Limit(msg.id, wait)))
     finally:
+        pinger.cancel()
         await policies._note(writer, None)
         writer.close()
 
@@ -185,6 +224,10 @@ class ControlClient:
                 elif self.on_unreadable is not None:
                     self.on_unreadable()
                 break
+            if isinstance(msg, Ping):  # answered from the event loop: it runs
+                if self._writer is not None:
+                    self._writer.write(ipc.encode(Pong(msg.n)))
+                continue
             if isinstance(msg, NewPolicy):
                 if self._first_policy is not None and not self._first_policy.done():
                     self._first_policy.set_result(msg.policy)

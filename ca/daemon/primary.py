@@ -73,6 +73,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("hsmca.daemon")
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
+# Pings unanswered this long: said, and at the stop the worker is killed, not waited for.
+STUCK_AFTER_S = 3 * control.HEARTBEAT_S
 WITNESS_DRAIN_S = 10.0
 MAX_RESTART_DELAY_S = 30.0
 
@@ -132,9 +134,11 @@ class WorkerPool:
 
     def __init__(self, config: Config, address: str, count: int, audit: AuditLog,
                  checkpointer: Checkpointer, generations: Generations,
-                 policies: control.PolicyFeed) -> None:
+                 policies: control.PolicyFeed,
+                 on_restart: Callable[[str], None] = lambda _reason: None) -> None:
         self.config, self.address, self.count, self.audit = config, address, count, audit
         self.generations, self.policies = generations, policies
+        self.on_restart = on_restart  # counts restarts by reason (the primary's metrics)
         witnesses = checkpointer.witnesses
         self.recorder = Recorder(audit, lambda: checkpointer.latest, self._lost,
                                  latest_cosigned=lambda: witnesses.cosigned if witnesses else None,
@@ -146,6 +150,7 @@ class WorkerPool:
         self._all_detached = asyncio.Event()
         self._all_detached.set()
         self._procs: dict[int, asyncio.subprocess.Process] = {}
+        self._alive: dict[int, control.Liveness] = {}
         self._supervisors: list[asyncio.Task[None]] = []
         self._stopping = False
         self._loop = asyncio.get_running_loop()
@@ -169,12 +174,14 @@ class WorkerPool:
         for result in started:
             if isinstance(result, BaseException):
                 raise result
-        for slot, (proc, exited) in enumerate(started):  # type: ignore[misc]
-            self._supervisors.append(asyncio.create_task(self._supervise(slot, proc, exited)))
+        for slot, (proc, exited, alive) in enumerate(started):  # type: ignore[misc]
+            self._supervisors.append(asyncio.create_task(
+                self._supervise(slot, proc, exited, alive)))
 
-    async def _start_one(self, slot: int
-                         ) -> tuple[asyncio.subprocess.Process, asyncio.Future[int]]:
-        """A new worker in `slot`, listening; StartError (its process gone) if not."""
+    async def _start_one(self, slot: int) -> tuple[asyncio.subprocess.Process,
+                                                   asyncio.Future[int], control.Liveness]:
+        """A new worker in `slot`, listening, and how its answers to pings go;
+        StartError (its process gone) if not."""
         # Two audit channels (signing, the rest) for the recorder, one control channel.
         ours, theirs = zip(*(socket.socketpair() for _ in range(3)), strict=True)
         ready = asyncio.Event()
@@ -197,15 +204,17 @@ class WorkerPool:
         self._attached += 1
         self._all_detached.clear()
         self.recorder.attach(slot, list(ours[:2]))  # closed by the recorder once it exits
+        alive = self._alive[slot] = control.Liveness()
         self._control.append(asyncio.create_task(control.serve_worker(
-            ours[2], self.limiter, lambda _pid: ready.set(), self.policies)))
+            ours[2], self.limiter, lambda _pid: ready.set(), self.policies, alive)))
         exited = asyncio.ensure_future(proc.wait())
         waiting = asyncio.ensure_future(ready.wait())
         done, _ = await asyncio.wait({exited, waiting}, timeout=START_TIMEOUT_S,
                                      return_when=asyncio.FIRST_COMPLETED)
         waiting.cancel()
         if waiting in done:
-            return proc, exited
+            alive.answered = time.monotonic()  # counted from now: a start may be slow
+            return proc, exited, alive
         if exited not in done:
             proc.kill()
             await exited
@@ -216,23 +225,32 @@ class WorkerPool:
         raise StartError(_worker_died(slot, proc.returncode, self.config.local_dir))
 
     async def _supervise(self, slot: int, proc: asyncio.subprocess.Process,
-                         exited: asyncio.Future[int]) -> None:
-        """Restart the worker of `slot` whenever it exits, with a back-off that grows
-        while it keeps failing (a crash loop must not spin) and resets once a worker
-        has run a good while."""
+                         exited: asyncio.Future[int], alive: control.Liveness) -> None:
+        """Restart the worker of `slot` whenever it exits, or once it stops answering
+        pings (killed first: its socket would go on taking connections that hang), with
+        a back-off that grows while it keeps failing (a crash loop must not spin) and
+        resets once a worker has run a good while."""
         delay = 0.5
         started = time.monotonic()
         while True:
+            silent = await self._until_gone(proc, exited, alive)
             code = await exited
             if self._stopping:
                 return
-            log.error("a worker exited; restarting it", worker=slot, pid=proc.pid,
-                      status=code)
+            why = {"unanswered_s": round(silent)} if silent is not None else {}
+            if silent is not None:
+                log.error("a worker stopped answering: killed, and started again",
+                          worker=slot, pid=proc.pid, unanswered_s=round(silent))
+            else:
+                log.error("a worker exited; restarting it", worker=slot, pid=proc.pid,
+                          status=code)
+            self.on_restart("unanswered" if silent is not None else "exited")
             metrics.process_exited(proc.pid)
             # It may have died between committing a revocation and telling the others.
             self.generations.bump()
             try:
-                await self.audit.append("worker.exit", worker=slot, pid=proc.pid, status=code)
+                await self.audit.append("worker.exit", worker=slot, pid=proc.pid, status=code,
+                                        **why)
             except Exception as exc:  # the log is down: the restart is still right
                 log.error("cannot record the worker's exit", error=str(exc))
             delay = 1.0 if time.monotonic() - started > 60 else min(delay * 2,
@@ -243,7 +261,7 @@ class WorkerPool:
                     return
                 pin_before = _pin_mark(self.config.hsm.pin_source)  # what the worker reads
                 try:
-                    proc, exited = await self._start_one(slot)
+                    proc, exited, alive = await self._start_one(slot)
                     break
                 except PinStartError as exc:
                     # Offered again and again, a wrong PIN locks many HSMs' user PIN:
@@ -262,15 +280,42 @@ class WorkerPool:
                     delay = min(delay * 2, MAX_RESTART_DELAY_S)
             started = time.monotonic()
 
+    async def _until_gone(self, proc: asyncio.subprocess.Process,
+                          exited: asyncio.Future[int], alive: control.Liveness
+                          ) -> float | None:
+        """Return once the worker exits (None), or kill it once it has not answered a
+        ping for `[server] worker-timeout-s` (how long it had not: its exit follows)."""
+        warned = False
+        while not exited.done():
+            silent = alive.silent_for()
+            if silent >= self.config.worker_timeout_s and not self._stopping:
+                proc.kill()  # SIGKILL: a stopped or stuck process cannot refuse it
+                return silent
+            if silent > STUCK_AFTER_S and not warned:
+                log.warning("a worker does not answer the primary's pings", pid=proc.pid,
+                            unanswered_s=round(silent),
+                            killed_after_s=self.config.worker_timeout_s)
+            warned = silent > STUCK_AFTER_S
+            await asyncio.wait({exited}, timeout=control.HEARTBEAT_S)
+        return None
+
     async def stop(self) -> None:
         """SIGTERM every worker (each finishes its requests), then wait for them."""
         self._stopping = True
         for task in self._supervisors:
             task.cancel()
         await asyncio.gather(*self._supervisors, return_exceptions=True)
-        for proc in self._procs.values():
+        for slot, proc in self._procs.items():
             if proc.returncode is None:
-                proc.send_signal(signal.SIGTERM)
+                silent = self._alive[slot].silent_for()
+                if silent > STUCK_AFTER_S:
+                    # Stuck: it would not act on SIGTERM, and the stop would wait for it
+                    # past a unit's TimeoutStopSec, before daemon.stop is written.
+                    log.error("a worker does not answer: killed at the stop", worker=slot,
+                              pid=proc.pid, unanswered_s=round(silent))
+                    proc.kill()
+                else:
+                    proc.send_signal(signal.SIGTERM)
         for proc in self._procs.values():
             try:
                 await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
@@ -444,7 +489,8 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         bound = placeholder.getsockname()
         shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
         pool = WorkerPool(config, f"{shown}:{bound[1]}", count, audit, checkpointer,
-                          generations, policies)
+                          generations, policies,
+                          lambda reason: audit_metrics.worker_restarts.labels(reason).inc())
         await pool.start()
         placeholder.close()  # the workers hold the port now
         url = f"https://{shown}:{bound[1]}"
