@@ -454,6 +454,11 @@ class HSM:
             self._next_retry = time.monotonic() + delay
             self._record("hsm.reconnect", attempt=self._attempt, result=type(exc).__name__,
                          retry_in_s=delay)
+            # Why it cannot be re-opened now, not why it broke: /health and the operator
+            # log said ObjectHandleInvalid while the PIN file was missing (an operator's
+            # trial). HSMError's texts name sources, never a PIN.
+            self.broken = str(exc) if isinstance(exc, HSMError) and str(exc) \
+                else type(exc).__name__
             return
         self._record("hsm.reconnect", attempt=self._attempt, result="ok")
         self._last_reconnect = time.monotonic()

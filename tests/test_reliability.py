@@ -187,6 +187,48 @@ async def test_hsm_token_taken_away_then_back(tmp_path: Path) -> None:
     audit_verify(ca.state, ok=True)
 
 
+async def test_a_pin_that_cannot_be_read_at_a_reconnect_is_said_not_an_older_error(
+        tmp_path: Path) -> None:
+    """The token away, then back while the PIN file is missing: /health and the
+    operator's log said the error the session broke with (ObjectHandleInvalid) and
+    nothing of the PIN, which only the audit log named (an operator's trial)."""
+    ca = init_ca(tmp_path, private_hsm=True)
+    d = start_daemon(ca.state, "--workers", "1")
+    pin = ca.token.pin_file
+    hidden = pin.with_name("pin.away")
+    tokens = tmp_path / "softhsm" / "tokens"
+    away = tmp_path / "tokens.away"
+    try:
+        tokens.rename(away)
+        await health_becomes(d, 503, within=30)
+        pin.rename(hidden)
+        away.rename(tokens)
+        deadline = asyncio.get_running_loop().time() + 60
+        while True:  # the next reconnect its back-off allows finds the PIN missing
+            status, _, body = await http("GET", f"{d.url}/health", d.ssl())
+            if "cannot read the PIN file" in json.loads(body)["hsm"]:
+                break
+            assert asyncio.get_running_loop().time() < deadline, (status, body)
+        assert status == 503 and str(pin) in json.loads(body)["hsm"], body
+        assert d.wait_stderr(lambda: any(
+            "the HSM session cannot be re-opened" in x and "cannot read the PIN file" in x
+            for x in d.stderr), 30), "".join(d.stderr[-20:])
+        hidden.rename(pin)
+        await health_becomes(d, 200, within=30)
+        assert d.wait_stderr(lambda: any("the HSM session works again" in x
+                                         for x in d.stderr), 30)
+    finally:
+        if hidden.exists():
+            hidden.rename(pin)
+        if away.exists():
+            away.rename(tokens)
+        assert d.stop() == 0
+    said = "".join(d.stderr)
+    assert said.count("the HSM session is not usable") == 1, said  # once per outage
+    assert pin.read_text().strip() not in said
+    audit_verify(ca.state, ok=True)
+
+
 async def signing_metrics(d: Daemon) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """What /metrics says of signing: the HSM's own count of C_Sign calls, signatures
     that verified, and issued objects under every result label."""

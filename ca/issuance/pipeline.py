@@ -27,6 +27,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
+import structlog
+
 from ca.handoff import (
     STOP,
     Batch,
@@ -45,6 +47,7 @@ from hsm.signers import HSMKey, mechanism_name, signer
 from hsm.uri import key_uri
 
 T = TypeVar("T")
+log = structlog.get_logger("hsmca.hsm")
 Entry = tuple[str, Mapping[str, Any]]
 
 
@@ -115,6 +118,7 @@ class SigningPipeline:
         # Called on this thread when the session breaks (False) or is back (True).
         self.on_health: Callable[[bool], None] | None = None
         self._was_healthy = True
+        self._said: set[str] = set()  # the problems of this outage, said in the log
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -328,7 +332,19 @@ class SigningPipeline:
             self._flush_events()
 
     def _observe(self) -> None:
-        healthy = self.hsm.broken is None
+        problem = self.hsm.broken
+        healthy = problem is None
+        # The operator's log says each problem of an outage once, and its end: the
+        # audit log has every attempt, the operator only what changed.
+        if problem is not None and problem not in self._said:
+            log.error("the HSM session is not usable; nothing is signed in this process "
+                      "until it is re-opened (tried again with a back-off up to 5 s)"
+                      if not self._said else "the HSM session cannot be re-opened",
+                      error=problem)
+            self._said.add(problem)
+        elif healthy and self._said:
+            log.warning("the HSM session works again", after=sorted(self._said))
+            self._said.clear()
         if healthy != self._was_healthy:
             self._was_healthy = healthy
             if self.on_health is not None:
