@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+from typing import Any
 
 import structlog
 
@@ -60,6 +62,35 @@ class _Libraries(logging.Handler):
             structlog.get_logger(record.name).warning(
                 "a library's log record did not format", logger=record.name,
                 record=str(record.msg)[:200], error=type(exc).__name__)
+
+
+class Recurring:
+    """A failure that a periodic task meets at every round (a full disk, the HSM away):
+    each error said once when first met, again every `repeat_s` while it lasts (with how
+    many rounds failed meanwhile), and the end said once. Said at every round, it was
+    one line a second per certificate, on the disk that was full (an operator's
+    trial); an outage whose error alternates (the token away, then back without its
+    PIN) says each error once."""
+
+    def __init__(self, log: Any, event: str, ended: str, repeat_s: float = 600.0) -> None:
+        self.log, self.event, self.ended, self.repeat_s = log, event, ended, repeat_s
+        self._said: dict[str, float] = {}  # this outage's errors: when each was said
+        self._unsaid = 0
+
+    def failed(self, error: str, **fields: Any) -> None:
+        now = time.monotonic()
+        if now - self._said.get(error, float("-inf")) < self.repeat_s:
+            self._unsaid += 1
+            return
+        more = {"failed_since_last_said": self._unsaid} if self._unsaid else {}
+        self.log.warning(self.event, error=error, **fields, **more)
+        self._said[error], self._unsaid = now, 0
+
+    def ok(self) -> None:
+        if self._said:
+            self.log.info(self.ended, after=sorted(self._said))
+            self._said.clear()
+            self._unsaid = 0
 
 
 def configure(level: int = logging.INFO) -> None:

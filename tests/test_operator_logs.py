@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 
+from ca.logs import Recurring
 from tests.conftest import Daemon, init_ca, start_daemon
 from tests.helpers import (
     audit_verify,
@@ -423,3 +424,26 @@ async def test_what_libraries_log_is_json_lines_too() -> None:
     assert [(e["event"], e["level"]) for e in lines] == [
         ("custom level x", "warning"), ("a library's log record did not format", "warning"),
         ("two\nlines", "error")], lines
+
+
+def test_a_failure_met_at_every_round_is_said_when_it_begins_changes_and_ends() -> None:
+    said: list[tuple[str, dict[str, Any]]] = []
+
+    class Log:
+        def warning(self, event: str, **fields: Any) -> None:
+            said.append((event, fields))
+
+        def info(self, event: str, **fields: Any) -> None:
+            said.append((event, fields))
+
+    failing = Recurring(Log(), "it failed", "it works again", repeat_s=600)
+    for _ in range(30):  # a round a second for half a minute
+        failing.failed("No space left on device", certificates=10)
+    failing.failed("HSM unavailable")
+    failing.failed("No space left on device", certificates=10)  # alternating: said before
+    failing.ok()
+    failing.ok()
+    assert said == [("it failed", {"error": "No space left on device", "certificates": 10}),
+                    ("it failed", {"error": "HSM unavailable", "failed_since_last_said": 29}),
+                    ("it works again", {"after": ["HSM unavailable",
+                                                  "No space left on device"]})]

@@ -185,6 +185,13 @@ async def test_hsm_token_taken_away_then_back(tmp_path: Path) -> None:
     reconnects = [e for e in log_lines(ca.state) if e["event"] == "hsm.reconnect"]
     assert reconnects[-1]["result"] == "ok"
     audit_verify(ca.state, ok=True)
+    # The revoked certificate's responses failed at every round while the token was
+    # away: said once per error by each process that tried (the worker at the
+    # revocation, the primary's refresher), not once a second (an operator's trial).
+    unsigned = [x for x in d.stderr if "OCSP responses not signed" in x]
+    reasons = {json.loads(x)["error"] for x in unsigned}
+    assert 1 <= len(unsigned) <= 2 * len(reasons), unsigned
+    assert any("OCSP responses are signed again" in x for x in d.stderr)
 
 
 async def test_a_pin_that_cannot_be_read_at_a_reconnect_is_said_not_an_older_error(

@@ -58,6 +58,7 @@ from ca.issuance.issue import Issuance, decision_context
 from ca.issuance.pipeline import SigningPipeline
 from ca.issuance.profiles import utcnow
 from ca.lifecycle import write_bundle, write_chain_files
+from ca.logs import Recurring
 from ca.policy import Reason, Refused
 from ca.process import raise_fd_limit, settle_heap
 from ca.revocation.from_log import complete_from_log
@@ -925,12 +926,16 @@ async def _refresh_ocsp(issuance: Issuance, store: Store, policies: control.Poli
 async def _checkpoint_inventory(store: SQLiteStore) -> None:
     """The workers leave the inventory's WAL to the primary (see Store): copy it into
     the database every second, in a thread, never in a worker's commit."""
+    failing = Recurring(log, "inventory checkpoint failed; retrying every second",
+                        "inventory checkpoints work again")
     while True:
         await asyncio.sleep(INVENTORY_CHECKPOINT_S)  # periodic work, not synchronisation
         try:
             await asyncio.to_thread(store.wal_checkpoint)
         except sqlite3.Error as exc:
-            log.warning("inventory checkpoint failed; retrying", error=str(exc))
+            failing.failed(str(exc))
+        else:
+            failing.ok()
 
 
 def main(config: Config, listen: str | None, workers: int | None = None) -> int:

@@ -37,6 +37,7 @@ from ca.issuance import profiles as prof
 from ca.issuance.issue import Issuance
 from ca.issuance.issuers import Issuers
 from ca.issuance.pipeline import SigningJob
+from ca.logs import Recurring
 from ca.policy import PARSE_ERRORS
 from ca.store import OCSPDue, OCSPRecord, Store
 from ca.store.errors import StoreUnavailable
@@ -94,6 +95,8 @@ class OCSPSigner:
                  ) -> None:
         self.issuance, self._context = issuance, context
         self.pipeline, self.store = issuance.pipeline, issuance.store
+        self._failing = Recurring(log, "OCSP responses not signed; tried again every second",
+                                  "OCSP responses are signed again")
 
     async def _orders(self, due: Sequence[OCSPDue]) -> dict[str | None, ra.OCSPOrder]:
         ctx = await self._context()
@@ -138,12 +141,12 @@ class OCSPSigner:
                              "status": "revoked" if at else "good", **times}))
         results = await self.pipeline.submit_all(jobs)
         records = []
+        unsigned: list[tuple[int, BaseException]] = []
         for i, d in enumerate(due):
             pair = results[2 * i:2 * i + 2]
             failed = [r for r in pair if isinstance(r, BaseException)]
             if failed:
-                log.warning("OCSP responses not signed", serial=format(d.serial, "x"),
-                            error=str(failed[0]))
+                unsigned.append((d.serial, failed[0]))
                 continue
             sha1, sha256 = (r.value.public_bytes(serialization.Encoding.DER)  # type: ignore[union-attr]
                             for r in pair)
@@ -154,6 +157,11 @@ class OCSPSigner:
                                       _refresh_at(order.next_update, d.not_after)))
         if records:
             await self.store.put_ocsp(records)
+        if unsigned:  # tried again at the refresher's next round
+            self._failing.failed(str(unsigned[0][1]), certificates=len(unsigned),
+                                 serials=[format(s, "x") for s, _ in unsigned[:5]])
+        elif records:
+            self._failing.ok()
         return len(due) - len(records)
 
 
