@@ -79,24 +79,32 @@ def _number(request: web.Request, name: str, default: int, most: int) -> int:
 @routes.get("/v1/inventory/certificates")
 async def certificates(request: web.Request) -> web.Response:
     await identity(request, *ROLES)
-    text = request.query.get("q", "")
-    if len(text) > 256:
-        raise Problem(400, "Bad Request", "q is at most 256 characters", "bad-query")
     role = request.query.get("role") or None
     if role is not None and len(role) > 64:
         raise Problem(400, "Bad Request", "role is at most 64 characters", "bad-query")
-    query = CertQuery(
-        text=text or None, status=_choice(request, "status", CERT_STATUSES), role=role,
-        kind=_choice(request, "kind", ("acme", "x509")),
-        sort=_choice(request, "sort", CERT_SORTS) or "issued",
-        descending=(_choice(request, "order", ("asc", "desc")) or "desc") == "desc",
-        limit=max(1, _number(request, "limit", 50, MAX_PAGE)),
-        offset=_number(request, "offset", 0, 10**9))
+    query = CertQuery(role=role, kind=_choice(request, "kind", ("acme", "x509")),
+                      **_search(request, CERT_SORTS))
     now = _now()
     page = await request.app[STORE].find_certs(query, now, now + EXPIRING)
-    return web.json_response({"total": page.total, "offset": query.offset,
-                              "limit": query.limit, "as_of": now.isoformat(),
-                              "certificates": [record_json(r, now) for r in page.certs]})
+    return _page_json(query, now, [record_json(r, now) for r in page.certs], page.total)
+
+
+def _search(request: web.Request, sorts: tuple[str, ...]) -> dict[str, Any]:
+    """The parameters every inventory search takes: q, status, sort, order, a page."""
+    text = request.query.get("q", "")
+    if len(text) > 256:
+        raise Problem(400, "Bad Request", "q is at most 256 characters", "bad-query")
+    return {"text": text or None, "status": _choice(request, "status", CERT_STATUSES),
+            "sort": _choice(request, "sort", sorts) or "issued",
+            "descending": (_choice(request, "order", ("asc", "desc")) or "desc") == "desc",
+            "limit": max(1, _number(request, "limit", 50, MAX_PAGE)),
+            "offset": _number(request, "offset", 0, 10**9)}
+
+
+def _page_json(query: CertQuery | SSHCertQuery, now: dt.datetime,
+               certs: list[dict[str, Any]], total: int) -> web.Response:
+    return web.json_response({"total": total, "offset": query.offset, "limit": query.limit,
+                              "as_of": now.isoformat(), "certificates": certs})
 
 
 @routes.get("/v1/inventory/certificates/{serial}")
@@ -145,21 +153,11 @@ async def ssh_certificates(request: web.Request) -> web.Response:
     """SSH certificates, searched and paged as X.509 ones; serials are decimal (as
     ssh-keygen -L shows them), as strings (they are 64-bit)."""
     await identity(request, *ROLES)
-    text = request.query.get("q", "")
-    if len(text) > 256:
-        raise Problem(400, "Bad Request", "q is at most 256 characters", "bad-query")
-    query = SSHCertQuery(
-        text=text or None, status=_choice(request, "status", CERT_STATUSES),
-        cert_type=_choice(request, "type", ("host", "user")),
-        sort=_choice(request, "sort", SSH_SORTS) or "issued",
-        descending=(_choice(request, "order", ("asc", "desc")) or "desc") == "desc",
-        limit=max(1, _number(request, "limit", 50, MAX_PAGE)),
-        offset=_number(request, "offset", 0, 10**9))
+    query = SSHCertQuery(cert_type=_choice(request, "type", ("host", "user")),
+                         **_search(request, SSH_SORTS))
     now = _now()
     page = await request.app[STORE].find_ssh_certs(query, now, now + EXPIRING)
-    return web.json_response({"total": page.total, "offset": query.offset,
-                              "limit": query.limit, "as_of": now.isoformat(),
-                              "certificates": [ssh_record_json(r, now) for r in page.certs]})
+    return _page_json(query, now, [ssh_record_json(r, now) for r in page.certs], page.total)
 
 
 @routes.get("/v1/inventory/issuance")
