@@ -426,7 +426,7 @@ async def test_what_libraries_log_is_json_lines_too() -> None:
         ("two\nlines", "error")], lines
 
 
-def test_a_failure_met_at_every_round_is_said_when_it_begins_changes_and_ends() -> None:
+async def test_a_failure_met_at_every_round_is_said_when_it_begins_changes_and_ends() -> None:
     said: list[tuple[str, dict[str, Any]]] = []
 
     class Log:
