@@ -181,8 +181,8 @@ async def _hook_until_done(job: Job, log: Any) -> None:
 
 def run_forever(jobs: list[Job], **context: Any) -> int:
     """Run the jobs until SIGTERM/SIGINT (exit 0) or a failure retrying cannot fix
-    (GaveUp: exit 3, after logging it; the one-line error is printed by the CLI). A local
-    failure (a file it cannot read) exits 1, for a restart to try again."""
+    (GaveUp: exit 3, after logging it; the one-line error is printed by the CLI): a
+    refusal, or its own certificate or key missing or unreadable."""
     from ca.logs import configure
     configure()
     log = structlog.get_logger().bind(**context)
