@@ -72,8 +72,11 @@ class Recurring:
     trial); an outage whose error alternates (the token away, then back without its
     PIN) says each error once."""
 
-    def __init__(self, log: Any, event: str, ended: str, repeat_s: float = 600.0) -> None:
+    def __init__(self, log: Any, event: str, ended: str, repeat_s: float = 600.0, *,
+                 then: str | None = None, level: str = "warning") -> None:
+        """`then`: the event for another error of the same outage (default `event`)."""
         self.log, self.event, self.ended, self.repeat_s = log, event, ended, repeat_s
+        self.then, self.level = then or event, level
         self._said: dict[str, float] = {}  # this outage's errors: when each was said
         self._unsaid = 0
 
@@ -83,7 +86,8 @@ class Recurring:
             self._unsaid += 1
             return
         more = {"failed_since_last_said": self._unsaid} if self._unsaid else {}
-        self.log.warning(self.event, error=error, **fields, **more)
+        event = self.then if self._said else self.event
+        getattr(self.log, self.level)(event, error=error, **fields, **more)
         self._said[error], self._unsaid = now, 0
 
     def ok(self) -> None:

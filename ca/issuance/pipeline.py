@@ -40,6 +40,7 @@ from ca.handoff import (
     drain_queue,
     stop_thread,
 )
+from ca.logs import Recurring
 from hsm.errors import HSMError, HSMUnavailable
 from hsm.ids import IdSource
 from hsm.session import HSM, HSMConfig, KeyInfo
@@ -118,7 +119,13 @@ class SigningPipeline:
         # Called on this thread when the session breaks (False) or is back (True).
         self.on_health: Callable[[bool], None] | None = None
         self._was_healthy = True
-        self._said: set[str] = set()  # the problems of this outage, said in the log
+        # The operator's log says each problem of an outage once, and its end: the
+        # audit log has every attempt, the operator only what changed.
+        self._outage = Recurring(
+            log, "the HSM session is not usable; nothing is signed in this process until "
+            "it is re-opened (tried again with a back-off up to 5 s)",
+            "the HSM session works again", then="the HSM session cannot be re-opened",
+            level="error")
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -334,17 +341,10 @@ class SigningPipeline:
     def _observe(self) -> None:
         problem = self.hsm.broken
         healthy = problem is None
-        # The operator's log says each problem of an outage once, and its end: the
-        # audit log has every attempt, the operator only what changed.
-        if problem is not None and problem not in self._said:
-            log.error("the HSM session is not usable; nothing is signed in this process "
-                      "until it is re-opened (tried again with a back-off up to 5 s)"
-                      if not self._said else "the HSM session cannot be re-opened",
-                      error=problem)
-            self._said.add(problem)
-        elif healthy and self._said:
-            log.warning("the HSM session works again", after=sorted(self._said))
-            self._said.clear()
+        if healthy:
+            self._outage.ok()
+        else:
+            self._outage.failed(problem)
         if healthy != self._was_healthy:
             self._was_healthy = healthy
             if self.on_health is not None:
