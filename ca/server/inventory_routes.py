@@ -37,14 +37,17 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 
-def status(rec: CertRecord, now: dt.datetime) -> str:
+def _status(revoked_at: str | None, end: dt.datetime, now: dt.datetime) -> str:
     """valid | expiring | expired | revoked, as CertQuery defines them."""
-    if rec.revoked_at is not None:
+    if revoked_at is not None:
         return "revoked"
-    end = dt.datetime.fromisoformat(rec.not_after)
     if end <= now:
         return "expired"
     return "expiring" if end <= now + EXPIRING else "valid"
+
+
+def status(rec: CertRecord, now: dt.datetime) -> str:
+    return _status(rec.revoked_at, dt.datetime.fromisoformat(rec.not_after), now)
 
 
 def record_json(rec: CertRecord, now: dt.datetime) -> dict[str, Any]:
@@ -130,13 +133,7 @@ def _unix_iso(seconds: int) -> str:
 
 
 def ssh_status(rec: SSHCertRecord, now: dt.datetime) -> str:
-    """valid | expiring | expired | revoked, as for an X.509 certificate."""
-    if rec.revoked_at is not None:
-        return "revoked"
-    end = dt.datetime.fromtimestamp(rec.valid_before, dt.UTC)
-    if end <= now:
-        return "expired"
-    return "expiring" if end <= now + EXPIRING else "valid"
+    return _status(rec.revoked_at, dt.datetime.fromtimestamp(rec.valid_before, dt.UTC), now)
 
 
 def ssh_record_json(rec: SSHCertRecord, now: dt.datetime) -> dict[str, Any]:

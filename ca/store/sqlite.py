@@ -342,6 +342,22 @@ def _like(text: str) -> str:
     return f"%{escaped}%"
 
 
+def _status_clause(status: str, revoked_at: str, end: str, now: object, soon: object,
+                   where: list[str], args: list[Any]) -> None:
+    """Add the condition for one of CERT_STATUSES, each disjoint from the others, on the
+    columns (or expressions) saying when a certificate was revoked and when it ends."""
+    live = f"{revoked_at} IS NULL AND {end}"
+    clauses = {"revoked": (f"{revoked_at} IS NOT NULL", []),
+               "expired": (f"{live} <= ?", [now]),
+               "expiring": (f"{live} > ? AND {end} <= ?", [now, soon]),
+               "valid": (f"{live} > ?", [soon])}
+    if status not in clauses:
+        raise ValueError(f"unknown certificate status {status!r}")
+    clause, values = clauses[status]
+    where.append(clause)
+    args += values
+
+
 def _cert_filter(query: CertQuery, now: str, soon: str) -> tuple[str, list[Any]]:
     """The WHERE clause of a CertQuery, and its arguments (dialect-neutral SQL)."""
     where: list[str] = []
@@ -358,19 +374,8 @@ def _cert_filter(query: CertQuery, now: str, soon: str) -> tuple[str, list[Any]]
             alts.append("c.serial LIKE ?")
             args.append(serial + "%")
         where.append("(" + " OR ".join(alts) + ")")
-    if query.status == "revoked":
-        where.append("c.revoked_at IS NOT NULL")
-    elif query.status == "expired":
-        where.append("c.revoked_at IS NULL AND c.not_after <= ?")
-        args.append(now)
-    elif query.status == "expiring":
-        where.append("c.revoked_at IS NULL AND c.not_after > ? AND c.not_after <= ?")
-        args += [now, soon]
-    elif query.status == "valid":
-        where.append("c.revoked_at IS NULL AND c.not_after > ?")
-        args.append(soon)
-    elif query.status is not None:
-        raise ValueError(f"unknown certificate status {query.status!r}")
+    if query.status is not None:
+        _status_clause(query.status, "c.revoked_at", "c.not_after", now, soon, where, args)
     if query.role:
         where.append("c.role = ?")
         args.append(query.role)
@@ -404,19 +409,8 @@ def _ssh_filter(query: SSHCertQuery, now: int, soon: int, integer: str
             alts.append("serial LIKE ?")
             args.append(text.lstrip("0") + "%")
         where.append("(" + " OR ".join(alts) + ")")
-    if query.status == "revoked":
-        where.append("revoked_at IS NOT NULL")
-    elif query.status == "expired":
-        where.append(f"revoked_at IS NULL AND {until} <= ?")
-        args.append(now)
-    elif query.status == "expiring":
-        where.append(f"revoked_at IS NULL AND {until} > ? AND {until} <= ?")
-        args += [now, soon]
-    elif query.status == "valid":
-        where.append(f"revoked_at IS NULL AND {until} > ?")
-        args.append(soon)
-    elif query.status is not None:
-        raise ValueError(f"unknown certificate status {query.status!r}")
+    if query.status is not None:
+        _status_clause(query.status, "revoked_at", until, now, soon, where, args)
     if query.cert_type in ("host", "user"):
         where.append("cert_type = ?")
         args.append(query.cert_type)
