@@ -196,10 +196,15 @@ async def _none() -> tuple[None, None]:
 CERT_PARAMS = ("q", "status", "role", "kind", "sort", "order")
 
 
-def _cert_query(request: web.Request) -> dict[str, str]:
+def _cert_query(request: web.Request, params: tuple[str, ...] = CERT_PARAMS
+                ) -> dict[str, str]:
     """The search's parameters as given (the daemon checks them and says what is
     wrong), only those that are set."""
-    return {k: request.query[k][:256] for k in CERT_PARAMS if request.query.get(k)}
+    return {k: request.query[k][:256] for k in params if request.query.get(k)}
+
+
+def _pages(total: int) -> int:
+    return max(1, -(-total // PAGE_SIZE))
 
 
 def _page(request: web.Request) -> int:
@@ -231,7 +236,7 @@ async def certificates(request: web.Request) -> web.Response:
     found, error = await _try(ui.ca.json("/v1/inventory/certificates", **query,
                                          limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE))
     total = found["total"] if found else 0
-    pages = max(1, -(-total // PAGE_SIZE))
+    pages = _pages(total)
     # A search names hosts and people: say when SSH certificates match it too.
     ssh_total = 0
     if query.get("q"):
@@ -252,7 +257,7 @@ SSH_PARAMS = ("q", "status", "type", "sort", "order")
 async def ssh_certificates(request: web.Request) -> web.Response:
     ui = request.app[UI_KEY]
     verdict = await _verdict(request)
-    query = {k: request.query[k][:256] for k in SSH_PARAMS if request.query.get(k)}
+    query = _cert_query(request, SSH_PARAMS)
     page = _page(request)
     found, error = await _try(ui.ca.json("/v1/inventory/ssh-certificates", **query,
                                          limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE))
@@ -266,7 +271,7 @@ async def ssh_certificates(request: web.Request) -> web.Response:
             "event": "hsm.sign", "since": at.strftime("%Y-%m-%dT%H:%M"),
             "until": (at + dt.timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M")})
     return _render(request, "ssh.html", verdict, title="SSH certificates", query=query,
-                   found=found, error=error, page=page, pages=max(1, -(-total // PAGE_SIZE)),
+                   found=found, error=error, page=page, pages=_pages(total),
                    total=total, link=link, sort_link=sort_link, audit_link=audit_link)
 
 
