@@ -86,6 +86,34 @@ def _line_of(text: str, section: str | None, key: str) -> int | None:
     return None
 
 
+class Where(str):
+    """Where a section's settings are written, as errors say it: "PATH [section]", and
+    `at(key)`, "PATH:LINE [section]" for the line that sets `key` (every refused setting
+    names its line, so an operator goes straight to it)."""
+
+    path: Path
+    text: str
+    section: str
+
+    def __new__(cls, path: Path, text: str, section: str) -> Where:
+        self = super().__new__(cls, f"{path} [{section}]")
+        self.path, self.text, self.section = path, text, section
+        return self
+
+    def at(self, key: str) -> str:
+        line = _line_of(self.text, self.section, key)
+        return f"{self.path}:{line} [{self.section}]" if line else str(self)
+
+
+def _at(where: str, key: str) -> str:
+    return where.at(key) if isinstance(where, Where) else where
+
+
+# How a refused value's expected type is said (not Python's `int`, `str`).
+_KINDS = {int: "a whole number", float: "a number", str: "a string in quotes",
+          bool: "true or false", list: "a list in [ ]", dict: "a table"}
+
+
 def _check_known(path: Path, text: str, raw: dict[str, Any]) -> None:
     """Refuse the first setting or section `load` would not read, naming it and its line."""
     def refuse(section: str | None, key: str, known: frozenset[str] | set[str]) -> None:
@@ -155,6 +183,9 @@ class Config:
     acme: AcmeConfig | None = None  # None: no [acme] section, no ACME server
     store_url: str | None = None  # [store] url: PostgreSQL, several nodes; None: SQLite
     node: str | None = None  # the node's name (`serve --node`), in cluster mode only
+    # Each setting as written, by "[section] key": what a reload names when one that
+    # only a restart applies has changed (never logged with its value).
+    written: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def cluster(self) -> bool:
@@ -283,10 +314,11 @@ def _get(table: dict[str, Any], key: str, kind: type, where: str, default: Any =
             raise ConfigError(f"{where}: missing setting {key!r}")
         return default
     value = table[key]
-    if kind is float and isinstance(value, int):
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(f"{where}: {key!r} must be a {kind.__name__}, not {value!r}")
+    if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
+        raise ConfigError(f"{_at(where, key)}: {key!r} must be "
+                          f"{_KINDS.get(kind, kind.__name__)}, not {value!r}")
     return value
 
 
@@ -313,9 +345,9 @@ def load(path: Path) -> Config:
         return q if q.is_absolute() else (base / q).resolve()
 
     hsm = raw.get("hsm", {})
-    where = f"{path} [hsm]"
+    where = Where(path, text, "hsm")
     if "pin" in hsm:
-        raise ConfigError(f"{where}: a PIN must not be in the config; use pin-source = "
+        raise ConfigError(f"{where.at('pin')}: a PIN must not be in the config; use pin-source = "
                           "\"file:/path\" or \"env:NAME\"")
     pin_source = _get(hsm, "pin-source", str, where)
     if pin_source.startswith("file:"):
@@ -328,29 +360,30 @@ def load(path: Path) -> Config:
     keys_raw = raw.get("keys", {})
     keys: dict[str, str] = {}
     for purpose in KEY_LABELS:
-        uri = _get(keys_raw, purpose.replace("_", "-"), str, f"{path} [keys]")
+        name = purpose.replace("_", "-")
+        wk = Where(path, text, "keys")
+        uri = _get(keys_raw, name, str, wk)
         try:
             parsed = parse_uri(uri)
         except URIError as exc:
-            raise ConfigError(f"{path} [keys] {purpose}: {exc}") from None
+            raise ConfigError(f"{wk.at(name)} {purpose}: {exc}") from None
         if not parsed.object:
-            raise ConfigError(f"{path} [keys] {purpose}: the URI must name the key with object=")
+            raise ConfigError(f"{wk.at(name)} {purpose}: the URI must name the key with "
+                              "object=")
         if parsed.token not in (None, hsm_cfg.token):
-            raise ConfigError(f"{path} [keys] {purpose}: token {parsed.token!r} differs from "
+            raise ConfigError(f"{wk.at(name)} {purpose}: token {parsed.token!r} differs from "
                               f"[hsm] token {hsm_cfg.token!r}")
         keys[purpose] = uri
     server = raw.get("server", {})
-    where = f"{path} [server]"
+    where = Where(path, text, "server")
     audit = raw.get("audit", {})
+    wa = Where(path, text, "audit")
     pol = raw.get("policy", {})
-    wp = f"{path} [policy]"
+    wp = Where(path, text, "policy")
     default = Policy()
     dns_name = _server_name(_get(server, "dns-name", str, where, "localhost"), where)
     public_url = _public_url(_get(server, "public-url", str, where, None), where)
-    def at(key: str) -> str:  # where a [policy] setting is, to the line
-        line = _line_of(text, "policy", key)
-        return f"{path}:{line} [policy]" if line else wp
-
+    at = wp.at
     def ttl(key: str, default_s: int) -> int:
         value = _get(pol, key, int, at(key), default_s)
         if value <= 0:
@@ -401,6 +434,8 @@ def load(path: Path) -> Config:
                           f"({policy.ssh_user_max_ttl_s}) must be "
                           f"positive and at most {SSH_USER_TTL_CEILING_S} (24 h)")
     return Config(
+        written={f"[{section}] {key}": value for section, table in raw.items()
+                 for key, value in table.items()},
         path=path, state_dir=base, hsm=hsm_cfg,
         softhsm_conf=str(rel(softhsm_conf)) if softhsm_conf else None,
         keys=keys,
@@ -418,19 +453,19 @@ def load(path: Path) -> Config:
                                                             PER_ADDRESS), where),
         worker_timeout_s=_worker_timeout(_get(server, "worker-timeout-s", float, where,
                                               WORKER_TIMEOUT_S), where),
-        audit_origin=_origin(_get(audit, "origin", str, f"{path} [audit]"), f"{path} [audit]"),
-        checkpoint_heartbeat_s=_heartbeat(_get(audit, "heartbeat-s", float, f"{path} [audit]",
-                                               60.0), f"{path} [audit]"),
-        **_witnesses(_get(audit, "witnesses", list, f"{path} [audit]", []),
-                     _get(audit, "witness-keys", list, f"{path} [audit]", []), rel,
-                     f"{path} [audit]"),
+        audit_origin=_origin(_get(audit, "origin", str, wa), wa),
+        checkpoint_heartbeat_s=_heartbeat(_get(audit, "heartbeat-s", float, wa, 60.0), wa),
+        **_witnesses(_get(audit, "witnesses", list, wa, []),
+                     _get(audit, "witness-keys", list, wa, []), rel, wa),
         policy=policy,
-        acme=_acme(acme, f"{path} [acme]") if (acme := raw.get("acme")) is not None else None,
-        store_url=_store_url(raw.get("store", {}), f"{path} [store]"),
+        acme=(_acme(acme, Where(path, text, "acme"))
+              if (acme := raw.get("acme")) is not None else None),
+        store_url=_store_url(raw.get("store", {}), Where(path, text, "store")),
     )
 
 
 def _store_url(table: dict[str, Any], where: str) -> str | None:
+    where = _at(where, "url")  # errors name the line that sets it
     url = _get(table, "url", str, where, None)
     if url is not None:
         try:
@@ -481,13 +516,13 @@ def check_node_name(node: str) -> str:
 
 def _port(value: int, key: str, where: str) -> int:
     if not 1 <= value <= 65535:
-        raise ConfigError(f"{where}: {key!r} must be a port from 1 to 65535, not {value}")
+        raise ConfigError(f"{_at(where, key)}: {key!r} must be a port from 1 to 65535, not {value}")
     return value
 
 
 def _positive(value: Any, key: str, where: str) -> Any:
     if value <= 0:
-        raise ConfigError(f"{where}: {key!r} must be greater than 0, not {value}")
+        raise ConfigError(f"{_at(where, key)}: {key!r} must be greater than 0, not {value}")
     return value
 
 
@@ -496,18 +531,19 @@ def _acme(table: dict[str, Any], where: str) -> AcmeConfig:
     default = AcmeConfig()
     resolver = None
     text = _get(table, "resolver", str, where, None)
+    at_resolver = _at(where, "resolver")
     if text is not None:
         host, port = text, 53
         if text.count(":") == 1 or text.startswith("["):  # a.b.c.d:port, [v6]:port
             host, _, p = text.rpartition(":")
             if not is_decimal(p) or not 1 <= int(p) <= 65535:
-                raise ConfigError(f"{where}: resolver {text!r}: the port is not a number "
+                raise ConfigError(f"{at_resolver}: resolver {text!r}: the port is not a number "
                                   "from 1 to 65535")
             port = int(p)
         try:
             resolver = (str(ipaddress.ip_address(host.strip("[]"))), port)
         except ValueError:
-            raise ConfigError(f"{where}: resolver must be an IP address with an optional "
+            raise ConfigError(f"{at_resolver}: resolver must be an IP address with an optional "
                               f":port (like \"10.0.0.53\" or \"10.0.0.53:5353\"), not "
                               f"{text!r}") from None
     hosts = _get(table, "hosts", dict, where, {})
@@ -515,7 +551,10 @@ def _acme(table: dict[str, Any], where: str) -> AcmeConfig:
         try:
             ipaddress.ip_address(address if isinstance(address, str) else "")
         except ValueError:
-            raise ConfigError(f"{where}.hosts: {name!r} must map to an IP address, not "
+            line = isinstance(where, Where) and (
+                _line_of(where.text, "acme.hosts", name) or _line_of(where.text, "acme", "hosts"))
+            at_host = f"{where.path}:{line} [acme]" if line else where
+            raise ConfigError(f"{at_host} hosts: {name!r} must map to an IP address, not "
                               f"{address!r}") from None
     return AcmeConfig(
         eab_required=_get(table, "eab-required", bool, where, default.eab_required),
@@ -544,35 +583,36 @@ def _witnesses(entries: list[Any], keys: list[Any], rel: Any, where: str) -> dic
     """`witnesses`: file paths, or http(s) URLs of C2SP tlog-witnesses; `witness-keys`:
     the verifier keys whose cosignatures are kept (one or more per URL witness)."""
     from ca.audit.cosignature import ALG_COSIGNATURE, parse_verifier_key
+    at_urls, at_keys = _at(where, "witnesses"), _at(where, "witness-keys")
     files: list[Path] = []
     urls: list[str] = []
     for entry in entries:
         if not isinstance(entry, str) or not entry:
-            raise ConfigError(f"{where}: each of 'witnesses' is a file path or a URL, not "
+            raise ConfigError(f"{at_urls}: each of 'witnesses' is a file path or a URL, not "
                               f"{entry!r}")
         if re.match(r"^[a-z][a-z0-9+.-]*://", entry, re.IGNORECASE):
             if not re.match(r"^https?://[^/\s]+", entry, re.IGNORECASE):
-                raise ConfigError(f"{where}: witness {entry!r}: only http:// and https:// "
+                raise ConfigError(f"{at_urls}: witness {entry!r}: only http:// and https:// "
                                   "witnesses are known")
             urls.append(entry)
         elif re.match(r"^([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):\d+(/|$)", entry):
             # It would be a file of that name in the state directory, which every node
             # of a cluster shares: not the witness server it names.
-            raise ConfigError(f"{where}: witness {entry!r} reads as host:port: write "
+            raise ConfigError(f"{at_urls}: witness {entry!r} reads as host:port: write "
                               f"\"http://{entry}\" for a witness server, or a path such as "
                               f"\"./{entry}\" for a file")
         else:
             files.append(rel(entry))
     for key in keys:
         if not isinstance(key, str):
-            raise ConfigError(f"{where}: each of 'witness-keys' is a verifier key string, not "
+            raise ConfigError(f"{at_keys}: each of 'witness-keys' is a verifier key string, not "
                               f"{key!r}")
         try:
             parse_verifier_key(key, ALG_COSIGNATURE)
         except ValueError as exc:
-            raise ConfigError(f"{where}: witness-keys: {exc}") from None
+            raise ConfigError(f"{at_keys}: witness-keys: {exc}") from None
     if urls and not keys:
-        raise ConfigError(f"{where}: 'witnesses' has URLs but 'witness-keys' is empty: give "
+        raise ConfigError(f"{at_urls}: 'witnesses' has URLs but 'witness-keys' is empty: give "
                           "each witness's verifier key (`hsmca witness serve` prints it)")
     return {"witnesses": tuple(files), "witness_urls": tuple(urls),
             "witness_keys": tuple(str(k).strip() for k in keys)}
@@ -643,6 +683,7 @@ def reserved_names(dns_name: str, public_url: str | None) -> tuple[str, ...]:
 def _server_name(value: str, where: str) -> str:
     """The daemon's name in its TLS certificate (as `hsmca init --dns-name` takes it;
     DNS names know no case, so an edited `CA.Example.com` is taken as lower case)."""
+    where = _at(where, "dns-name")  # errors name the line that sets it
     taken = value.lower().removesuffix(".") if value.isascii() else value
     try:
         return valid_dns_name(taken)
@@ -654,6 +695,7 @@ def _server_name(value: str, where: str) -> str:
 def _public_url(value: str | None, where: str) -> str | None:
     """The base of the CRL and OCSP addresses written into every certificate: a
     wrong one cannot be taken back from what was issued."""
+    where = _at(where, "public-url")  # errors name the line that sets it
     if value is None:
         return None
     scheme, sep, rest = value.partition("://")
@@ -674,6 +716,7 @@ def _public_url(value: str | None, where: str) -> str | None:
 def _origin(value: str, where: str) -> str:
     """The checkpoint origin, also the audit key's name in signed notes (c2sp.org/
     signed-note): non-empty, no spaces, no '+'."""
+    where = _at(where, "origin")  # errors name the line that sets it
     if not value or "+" in value or not value.isprintable() or any(c.isspace() for c in value):
         raise ConfigError(f"{where}: origin must be a non-empty name without spaces, '+' or "
                           f"control characters (like \"ca.example/hsmca-audit\"), not {value!r}")
@@ -693,6 +736,7 @@ def split_listen(text: str, need_host: bool = False) -> tuple[str, int]:
 
 
 def _listen(value: str, where: str) -> str:
+    where = _at(where, "listen")  # errors name the line that sets it
     try:
         split_listen(value)
     except ValueError as exc:
@@ -701,6 +745,7 @@ def _listen(value: str, where: str) -> str:
 
 
 def _heartbeat(value: float, where: str) -> float:
+    where = _at(where, "heartbeat-s")  # errors name the line that sets it
     if not 1 <= value <= 86400:
         raise ConfigError(f"{where}: heartbeat-s ({value:g}) must be from 1 to 86400 seconds "
                           "(each checkpoint is a signature in the HSM and a line in the log)")
@@ -708,6 +753,7 @@ def _heartbeat(value: float, where: str) -> float:
 
 
 def _request_timeout(value: float, where: str) -> float:
+    where = _at(where, "request-timeout-s")  # errors name the line that sets it
     if not 0 < value <= 300:
         raise ConfigError(f"{where}: request-timeout-s ({value:g}) must be more than 0 and at "
                           "most 300 seconds (how long a client may take to send a request)")
@@ -715,6 +761,7 @@ def _request_timeout(value: float, where: str) -> float:
 
 
 def _worker_timeout(value: float, where: str) -> float:
+    where = _at(where, "worker-timeout-s")  # errors name the line that sets it
     if not 5 <= value <= 3600:
         raise ConfigError(f"{where}: worker-timeout-s ({value:g}) must be from 5 to 3600 "
                           "seconds (how long a worker may leave the primary's pings "
@@ -735,6 +782,7 @@ def _answers(url: str) -> bool:
 
 
 def _per_address(value: Any, where: str) -> int:
+    where = _at(where, "max-connections-per-address")  # errors name the line that sets it
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1_000_000:
         raise ConfigError(f"{where}: max-connections-per-address must be a number of "
                           f"connections from 0 (no bound) to 1000000, not {value!r}")
@@ -742,6 +790,7 @@ def _per_address(value: Any, where: str) -> int:
 
 
 def _workers(value: Any, where: str) -> int:
+    where = _at(where, "workers")  # errors name the line that sets it
     if value == "auto":
         return 0
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
@@ -762,6 +811,7 @@ def worker_count(configured: int) -> int:
 
 
 def _networks(values: list[Any], where: str) -> tuple[str, ...]:
+    where = _at(where, "metrics-allow")  # errors name the line that sets it
     import ipaddress
     try:
         return tuple(str(ipaddress.ip_network(v, strict=False)) for v in values)

@@ -188,7 +188,7 @@ def test_acme_is_off_without_its_section_and_on_with_it(tmp_path: Path) -> None:
     ("tls-alpn-01-port = 70000", "port from 1 to 65535"),
     ('resolver = "dns.example"', "resolver must be an IP address"),
     ('resolver = "10.0.0.53:x"', "the port is not a number"),
-    ("eab-required = 1", "'eab-required' must be a bool"),
+    ("eab-required = 1", "'eab-required' must be true or false, not 1"),
     ("max-validations = 0", "greater than 0"),
     ("orders-per-hour = -5", "greater than 0"),
     ("validation-timeout = 3", "unknown setting 'validation-timeout' in [acme]"),
@@ -198,9 +198,11 @@ def test_bad_acme_settings_are_refused_by_name(tmp_path: Path, setting: str,
                                                words: str) -> None:
     path = rendered(tmp_path)
     path.write_text(path.read_text() + f"[acme]\n{setting}\n")
+    line = path.read_text().count("\n")  # the setting is the last line
     with pytest.raises(ConfigError) as err:
         load(path)
     assert words in str(err.value) and "[acme]" in str(err.value)
+    assert str(err.value).startswith(f"{path}:{line}"), err.value  # to the line
 
 
 def test_witnesses_are_files_or_urls_and_url_witnesses_need_their_keys(tmp_path: Path) -> None:
@@ -312,8 +314,29 @@ def test_a_checkpoint_heartbeat_out_of_range_is_refused(tmp_path: Path, value: s
 
 def test_a_listen_address_without_a_port_is_refused_as_the_files(tmp_path: Path) -> None:
     said = refused_with(tmp_path, 'listen = "127.0.0.1:8443"', 'listen = "127.0.0.1"')
-    assert said.startswith(f"{tmp_path / 'hsmca.toml'} [server]: listen must be HOST:PORT"), \
-        said
+    text = (tmp_path / "hsmca.toml").read_text()
+    line = text[:text.index('listen = "127.0.0.1"')].count("\n") + 1
+    assert said.startswith(f"{tmp_path / 'hsmca.toml'}:{line} [server]: listen must be "
+                           "HOST:PORT"), said
+
+
+@pytest.mark.parametrize(("old", "new", "said"), [
+    ("x509-default-ttl-s = 86400", 'x509-default-ttl-s = "12h"',
+     "[policy]: 'x509-default-ttl-s' must be a whole number, not '12h'"),
+    ("allow-wildcards = false", 'allow-wildcards = "no"',
+     "[policy]: 'allow-wildcards' must be true or false, not 'no'"),
+    ("heartbeat-s = 60", "heartbeat-s = true", "[audit]: 'heartbeat-s' must be a number, not True"),
+    ('dns-name = "ca.example"', "dns-name = 5", "[server]: 'dns-name' must be a string in quotes"),
+    ("witnesses = []", 'witnesses = "w.txt"', "[audit]: 'witnesses' must be a list in [ ]"),
+])
+def test_a_value_of_the_wrong_type_is_refused_to_its_line_in_plain_words(
+        tmp_path: Path, old: str, new: str, said: str) -> None:
+    """An operator who writes `"12h"` for seconds is told which line, and what the
+    setting takes in words of the file, not Python's (`must be a int`)."""
+    text = rendered(tmp_path).read_text()
+    line = text[:text.index(old)].count("\n") + 1
+    msg = refused_with(tmp_path, old, new)
+    assert msg.startswith(f"{tmp_path / 'hsmca.toml'}:{line} {said}"), msg
 
 
 @pytest.mark.parametrize(("old", "new", "said"), [

@@ -118,7 +118,8 @@ async def test_sighup_puts_a_new_policy_in_force_in_every_worker_and_refuses_a_b
         assert d.wait_stderr(lambda: any("in force in every process" in x for x in d.stderr)), \
             "".join(d.stderr)
         told = "".join(d.stderr)
-        assert "next start" in told and "workers" in told
+        # named as the file names it, so the operator knows which line waits
+        assert "next start" in told and '"settings": ["[server] workers"]' in told, told
         # Every worker decides by it: each renewal on a connection of its own.
         for _ in range(6):
             status, _, raw = await http("POST", f"{d.url}/v1/x509/renew", d.ssl(cert, key_path),

@@ -313,7 +313,7 @@ async def test_bad_input_gets_problem_json_and_leaves_the_log_valid(tmp_path: Pa
             ("CA:TRUE", 400, "bad-csr", "asks for a CA certificate", {"csr": _ca_true_csr()}),
             ("names outside token", 403, "name-not-granted", "not among the names",
              {"csr": csr_pem(["evil.example.com"])}),
-            ("csr not a string", 400, "bad-field", "must be a str", {"csr": 42}),
+            ("csr not a string", 400, "bad-field", "must be a string", {"csr": 42}),
             ("missing csr", 400, "bad-field", "missing field 'csr'", {}),
         ]
         for what, want, kind, message, body in cases:

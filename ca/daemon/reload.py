@@ -44,9 +44,19 @@ def changed_settings(old: Policy, new: Policy) -> dict[str, Any]:
 
 
 def needs_restart(old: Config, new: Config) -> list[str]:
-    """The settings outside [policy] that differ: they take effect at the next start."""
-    return sorted(f.name.replace("_", "-") for f in dataclasses.fields(Config)
-                  if f.name != "policy" and getattr(old, f.name) != getattr(new, f.name))
+    """The settings outside [policy] that differ, as the file names them ("[acme]
+    orders-per-hour"): they take effect at the next start."""
+    fields = [f.name for f in dataclasses.fields(Config)
+              if f.name != "policy" and getattr(old, f.name) != getattr(new, f.name)]
+    if not fields:  # the file changed in words only (a default written out, a comment)
+        return []
+    written = sorted(k for k in old.written.keys() | new.written.keys()
+                     if not k.startswith("[policy]")
+                     and old.written.get(k, _ABSENT) != new.written.get(k, _ABSENT))
+    return written or [f.replace("_", "-") for f in fields]
+
+
+_ABSENT = object()
 
 
 def _plain(value: Any) -> Any:

@@ -180,6 +180,11 @@ async def json_body(request: web.Request, allowed: set[str] | None = None) -> di
     return body
 
 
+# A field's expected type as JSON says it (not Python's `str`, `int`).
+_JSON_KINDS = {str: "a string", int: "a whole number", float: "a number",
+               bool: "true or false", list: "a list", dict: "an object"}
+
+
 def field(body: dict[str, Any], name: str, kind: type, required: bool = True) -> Any:
     if name not in body:
         if required:
@@ -187,7 +192,8 @@ def field(body: dict[str, Any], name: str, kind: type, required: bool = True) ->
         return None
     value = body[name]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise Problem(400, "Bad Request", f"field {name!r} must be a {kind.__name__}",
+        raise Problem(400, "Bad Request",
+                      f"field {name!r} must be {_JSON_KINDS.get(kind, kind.__name__)}",
                       "bad-field")
     return value
 
