@@ -490,12 +490,20 @@ def check_csr(csr: x509.CertificateSigningRequest) -> None:
         raise Refused("the CSR's signature does not verify (was it made with this key?)",
                       Reason.BAD_CSR)
     try:
-        bc = csr.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        return
+        extensions = csr.extensions
     except PARSE_ERRORS as exc:  # e.g. an x400Address in its SAN, validly signed
         raise Refused(f"the CSR's extensions cannot be parsed: {parse_error(exc)}",
                       Reason.BAD_CSR) from None
+    if any(isinstance(e.value, x509.TLSFeature) for e in extensions):
+        # A CSR's extensions are not copied; issuing without it would hand the client a
+        # certificate it did not ask for, silently (certbot --must-staple).
+        raise Refused("the CSR asks for OCSP Must-Staple (a TLS Feature extension), which "
+                      "this CA does not put in certificates: ask without it (certbot: "
+                      "leave out --must-staple)", Reason.BAD_CSR)
+    try:
+        bc = extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        return
     if bc.ca:
         raise Refused("the CSR asks for a CA certificate (BasicConstraints CA:TRUE); this CA "
                       "issues leaf certificates only", Reason.BAD_CSR)

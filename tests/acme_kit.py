@@ -260,11 +260,14 @@ class Client:
         return self.post(order.json["finalize"], {"csr": b64(csr_der(names, key))})
 
 
-def csr_der(names: list[str], key: Any = None) -> bytes:
+def csr_der(names: list[str], key: Any = None, *extra: x509.ExtensionType) -> bytes:
     key = key or ec.generate_private_key(ec.SECP256R1())
-    csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
-           .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), False)
-           .sign(key, hashes.SHA256()))
+    builder = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+               .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]),
+                              False))
+    for extension in extra:
+        builder = builder.add_extension(extension, False)
+    csr = builder.sign(key, hashes.SHA256())
     return csr.public_bytes(serialization.Encoding.DER)
 
 

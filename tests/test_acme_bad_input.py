@@ -35,6 +35,7 @@ from tests.acme_kit import (
     Responder,
     b64,
     cert_id,
+    csr_der,
     new_key,
     sign,
     start_acme_ca,
@@ -655,6 +656,13 @@ def finalize_csr_with_the_account_key(w: World) -> Reply:
 @case(400, "badCSR")
 def finalize_csr_on_a_weak_curve(w: World) -> Reply:
     return w.a.finalize(w.ready, ["acme2.test"], ec.generate_private_key(ec.SECP224R1()))
+
+
+@case(400, "badCSR")
+def finalize_csr_asking_for_must_staple(w: World) -> Reply:  # certbot --must-staple
+    must_staple = x509.TLSFeature([x509.TLSFeatureType.status_request])
+    return w.a.post(w.ready.json["finalize"],
+                    {"csr": b64(csr_der(["acme2.test"], None, must_staple))})
 
 
 @case(404, "malformed")

@@ -288,11 +288,11 @@ def _bad_signature_csr() -> str:
             + "-----END CERTIFICATE REQUEST-----\n")
 
 
-def _ca_true_csr() -> str:
+def _csr_with(extension: x509.ExtensionType, critical: bool) -> str:
     key = ec.generate_private_key(ec.SECP256R1())
     csr = (x509.CertificateSigningRequestBuilder()
            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")]))
-           .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+           .add_extension(extension, critical=critical)
            .sign(key, hashes.SHA256()))
     return csr.public_bytes(serialization.Encoding.PEM).decode()
 
@@ -310,7 +310,10 @@ async def test_bad_input_gets_problem_json_and_leaves_the_log_valid(tmp_path: Pa
             ("bad CSR signature", 400, "bad-csr", "signature does not verify",
              {"csr": _bad_signature_csr()}),
             ("RSA 1024", 400, "bad-key", "RSA key of 1024 bits refused", {"csr": weak_rsa}),
-            ("CA:TRUE", 400, "bad-csr", "asks for a CA certificate", {"csr": _ca_true_csr()}),
+            ("CA:TRUE", 400, "bad-csr", "asks for a CA certificate",
+             {"csr": _csr_with(x509.BasicConstraints(ca=True, path_length=None), True)}),
+            ("must-staple", 400, "bad-csr", "asks for OCSP Must-Staple", {"csr": _csr_with(
+                x509.TLSFeature([x509.TLSFeatureType.status_request]), False)}),
             ("names outside token", 403, "name-not-granted", "not among the names",
              {"csr": csr_pem(["evil.example.com"])}),
             ("csr not a string", 400, "bad-field", "must be a string", {"csr": 42}),
