@@ -66,6 +66,8 @@ async def test_an_inventory_without_a_logged_revocation_gets_it_before_serving(
     d = start_daemon(ca.state)
     try:
         assert not [line for line in d.stderr if "completed revocations" in line]
+        # and a start after a clean stop says nothing of a kill
+        assert not [line for line in d.stderr if "did not stop cleanly" in line]
     finally:
         assert d.stop() == 0
 

@@ -95,6 +95,16 @@ async def test_kill9_under_issuance_load_loses_nothing(tmp_path: Path) -> None:
         assert ended == [True] * clients, ended
         d = start_daemon(ca.state)  # restart: torn-tail recovery, checkpoint check
         assert_served_log_verifies(d, tmp_path / "auditor.state")
+        # The operator is told that the last run was killed, and how many signatures
+        # it left without an outcome (those of the killed run, as the log has them).
+        said = [json.loads(x) for x in d.stderr if "did not stop cleanly" in x]
+        lines = log_lines(ca.state)
+        starts = [i for i, e in enumerate(lines) if e["event"] == "daemon.start"]
+        killed_run = lines[starts[-2]:starts[-1]]
+        done = {e["op_id"] for e in killed_run if e.get("phase") == "outcome"}
+        left = sum(1 for e in killed_run if e.get("phase") == "intent"
+                   and e["event"] == "hsm.sign" and e["op_id"] not in done)
+        assert [x["signatures_under_way"] for x in said] == [left], d.stderr
     assert d.stop() == 0
     assert len(received) >= rounds * 20
     audit_verify(ca.state, ok=True)

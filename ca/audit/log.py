@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,7 @@ class AuditLog:
         # Called under the write lock once the tile store holds new tiles: (the tiles,
         # how many full bundles the store covers now). Cluster mode copies them.
         self.on_tiles: Callable[[Sequence[Tile], int], None] | None = None
+        self.last_run = LastRun("unknown", 0)  # set by `open`, from the last lines
         self._thread = threading.Thread(target=self._writer, name="audit-writer", daemon=True)
         self._thread.start()
 
@@ -275,6 +277,7 @@ class AuditLog:
                 _check_after_clean_stop(path, window[cp.size - 1 - first:], cp.size)
         prev = chain_hash(final) if final is not None else GENESIS
         audit = cls(path, fd, store, tree, pos, prev, edge, ends, mirror)
+        audit.last_run = _last_run((last if bundles else []) + lines)
         if torn:
             os.ftruncate(fd, pos)
             os.fsync(fd)
@@ -803,6 +806,39 @@ def _checkpoint_of(text: str, audit_key: AuditKeys) -> Checkpoint:
 _AFTER_STOP = frozenset({"hsm.open", "hsm.login", "hsm.error", "hsm.reconnect", "hsm.logout",
                          "log.recover", "log.resume", "daemon.start", "daemon.stop",
                          "key.ceremony", "hsm.keygen", "store.move"})
+
+
+@dataclass(frozen=True)
+class LastRun:
+    """How the log's last daemon run ended, as its last lines tell: `stopped` (its
+    `daemon.stop` is there), `killed` (its `daemon.start` is, and no stop after it), or
+    `unknown` (neither is among the lines read at start); `open_signatures`, how many of
+    the `hsm.sign` intents read after its start (or in all the lines read) have no
+    outcome: signatures under way when it ended, never released."""
+
+    ended: str
+    open_signatures: int
+
+
+def _last_run(lines: list[bytes]) -> LastRun:
+    outcomes: set[object] = set()
+    open_signatures = 0
+    for line in reversed(lines):
+        try:
+            obj = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        event = obj.get("event") if isinstance(obj, dict) else None
+        if event == "daemon.stop":
+            return LastRun("stopped", 0)
+        if event == "daemon.start":
+            return LastRun("killed", open_signatures)
+        if event == "hsm.sign":
+            if obj.get("phase") == "outcome":  # read backwards: before its intent
+                outcomes.add(obj.get("op_id"))
+            elif obj.get("phase") == "intent" and obj.get("op_id") not in outcomes:
+                open_signatures += 1
+    return LastRun("unknown", open_signatures)
 
 
 def _check_after_clean_stop(path: Path, lines: list[bytes], signed: int) -> None:

@@ -717,6 +717,20 @@ async def _hold_node_name(config: Config, store: Store | None) -> Lease | None:
     return lease
 
 
+def _say_how_the_last_run_ended(config: Config, audit: AuditLog) -> None:
+    """A start after a kill (or a host that went down) must not read like any other:
+    the operator learns it from stderr, with how many signatures were then under way.
+    The log says it by a `daemon.start` without its `daemon.stop`; a run longer than
+    the lines read at start, by the URL file only a stop removes."""
+    run = audit.last_run
+    if run.ended == "killed" or (run.ended == "unknown" and config.url_file.exists()):
+        log.warning("the last run did not stop cleanly (killed, or the host went down): "
+                    "the signatures it had under way were never released, and their "
+                    "intent lines stay without an outcome; `hsmca audit verify` accepts "
+                    "that before a start", log=str(config.audit_log),
+                    signatures_under_way=run.open_signatures)
+
+
 def _open_audit(config: Config, audit_key: AuditKeys, store: Store | None,
                 name: Lease | None = None) -> AuditLog:
     """The node's audit log; in cluster mode level with PostgreSQL first, and each
@@ -729,6 +743,7 @@ def _open_audit(config: Config, audit_key: AuditKeys, store: Store | None,
         counted = complete_lines(config.audit_log)[0]
         _check_against_inventory(config, counted)  # before opening builds anything
         audit = AuditLog.open(config.audit_log, config.checkpoint_path, audit_key)
+        _say_how_the_last_run_ended(config, audit)
         if counted < 0:  # a torn tail could not be counted: once opening has cut it
             try:
                 _check_against_inventory(config, audit.size)
@@ -742,6 +757,7 @@ def _open_audit(config: Config, audit_key: AuditKeys, store: Store | None,
     audit = AuditLog.open(config.audit_log, config.checkpoint_path, audit_key,
                           mirror=cluster.mirror(store, config.node, config.audit_log,
                                                 (lambda: name.lost) if name else lambda: None))
+    _say_how_the_last_run_ended(config, audit)
     try:
         catch_up_tiles(audit, store, config.node)
     except BaseException:
