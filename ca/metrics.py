@@ -144,6 +144,13 @@ class AuditMetrics:
             "and it was killed)", ["reason"], registry=None)
         for reason in ("exited", "unanswered"):
             self.worker_restarts.labels(reason)  # exported from the start, at zero
+        # Which release runs, and since when: a restart shows as a new start time, not
+        # only as every counter going back to zero.
+        from ca import __version__
+        Gauge("hsmca_build_info", "The running release, as the label version (value 1)",
+              ["version"], registry=None, multiprocess_mode="max").labels(__version__).set(1)
+        Gauge("hsmca_start_time_seconds", "When the daemon started, in Unix seconds",
+              registry=None, multiprocess_mode="max").set_to_current_time()
 
     def watch(self, audit: Any) -> None:
         def commit(seconds: float, lines: int) -> None:
@@ -210,6 +217,8 @@ class Metrics:
             registry=None)
         for reason in ("per-address", "capacity", "no-descriptors"):
             self.connections_refused.labels(reason)  # exported from the start, at zero
+        for kind in ("x509", "ssh-user", "ssh-host"):
+            self.child(self.issued, kind, "ok")  # exported from the start, at zero
 
     def child(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(*labels)`, looked up once: prometheus-client takes a lock and

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,16 @@ async def test_metrics_move_when_certificates_are_issued(daemon: Daemon) -> None
     # from these (an operator's trial).
     assert after[("hsmca_issued_total", (("kind", "checkpoint"), ("result", "ok")))] >= 1
     assert after[("hsmca_hsm_signatures_total", ())] >= after[issued_key] + 1
+
+    # What an operator's dashboards and alerts need from the first scrape on: the
+    # release, the start (a restart is a new start time, not just counters at zero),
+    # and each kind of certificate's series, at zero until the first.
+    from ca import __version__
+    assert before[("hsmca_build_info", (("version", __version__),))] == 1
+    started = before[("hsmca_start_time_seconds", ())]
+    assert started == after[("hsmca_start_time_seconds", ())] and 1.7e9 < started <= time.time()
+    for kind in ("x509", "ssh-user", "ssh-host"):
+        assert ("hsmca_issued_total", (("kind", kind), ("result", "ok"))) in before, kind
 
 
 def test_benchmark_runs_and_reports_every_figure(tmp_path: Path) -> None:
