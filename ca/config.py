@@ -50,7 +50,8 @@ SCHEMA: dict[str, frozenset[str]] = {
     "keys": frozenset(p.replace("_", "-") for p in KEY_LABELS),
     "server": frozenset({"listen", "dns-name", "public-url", "tls-cert", "tls-key",
                          "metrics-allow", "workers", "request-timeout-s",
-                         "max-connections-per-address", "worker-timeout-s"}),
+                         "max-connections-per-address", "worker-timeout-s",
+                         "log-level"}),
     "audit": frozenset({"origin", "heartbeat-s", "witnesses", "witness-keys"}),
     # Several nodes on PostgreSQL (docs/cluster.md); no section: the embedded SQLite file.
     "store": frozenset({"url"}),
@@ -179,6 +180,7 @@ class Config:
     request_timeout_s: float = REQUEST_TIMEOUT_S
     max_connections_per_address: int = PER_ADDRESS  # per worker; 0: no bound
     worker_timeout_s: float = WORKER_TIMEOUT_S
+    log_level: str = "info"  # the least severe level the daemon's log says
     policy: Policy = field(default_factory=Policy)
     acme: AcmeConfig | None = None  # None: no [acme] section, no ACME server
     store_url: str | None = None  # [store] url: PostgreSQL, several nodes; None: SQLite
@@ -453,6 +455,7 @@ def load(path: Path) -> Config:
                                                             PER_ADDRESS), where),
         worker_timeout_s=_worker_timeout(_get(server, "worker-timeout-s", float, where,
                                               WORKER_TIMEOUT_S), where),
+        log_level=_log_level(_get(server, "log-level", str, where, "info"), where),
         audit_origin=_origin(_get(audit, "origin", str, wa), wa),
         checkpoint_heartbeat_s=_heartbeat(_get(audit, "heartbeat-s", float, wa, 60.0), wa),
         **_witnesses(_get(audit, "witnesses", list, wa, []),
@@ -769,6 +772,17 @@ def _worker_timeout(value: float, where: str) -> float:
     return float(value)
 
 
+LOG_LEVELS = ("info", "warning", "error")
+
+
+def _log_level(value: str, where: str) -> str:
+    where = _at(where, "log-level")  # errors name the line that sets it
+    if value.lower() not in LOG_LEVELS:
+        raise ConfigError(f"{where}: log-level must be one of {', '.join(LOG_LEVELS)} (the "
+                          f"least severe lines written), not {value!r}")
+    return value.lower()
+
+
 def _answers(url: str) -> bool:
     """Whether something listens where `url` (a daemon's own serve.url) points."""
     import socket
@@ -844,7 +858,10 @@ _NOTES = {
                "each worker (0: no bound; behind a TCP load balancer, every client has the",
                "balancer's address).",
                "worker-timeout-s: a worker whose event loop leaves the",
-               "primary's pings unanswered that long is killed and started again."],
+               "primary's pings unanswered that long is killed and started again.",
+               "log-level: info, warning or error, the least severe lines written to",
+               "stderr (warning leaves out each request refused and each certificate",
+               "issued)."],
     "audit": ["origin: the checkpoint origin line and signing key name.",
               "heartbeat-s: seconds between checkpoints when the log is idle.",
               "witnesses: files, or URLs of C2SP witnesses (`hsmca witness serve`), to which",
@@ -881,7 +898,7 @@ def render(*, module: str, token: str, pin_source: str, softhsm_conf: str | None
                    "tls-key": "tls/server.key", "metrics-allow": ["127.0.0.0/8", "::1/128"],
                    "workers": "auto", "request-timeout-s": REQUEST_TIMEOUT_S,
                    "max-connections-per-address": PER_ADDRESS,
-                   "worker-timeout-s": WORKER_TIMEOUT_S},
+                   "worker-timeout-s": WORKER_TIMEOUT_S, "log-level": "info"},
         "audit": {"origin": audit_origin, "heartbeat-s": 60, "witnesses": [],
                   "witness-keys": []},
         "policy": {

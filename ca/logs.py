@@ -6,6 +6,7 @@ Nothing secret is ever passed to a logger; PINs are not even held after login.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -97,7 +98,16 @@ class Recurring:
             self._unsaid = 0
 
 
-def configure(level: int = logging.INFO) -> None:
+# `[server] log-level`, as the daemon's primary gives it to its workers.
+LEVEL_ENV = "HSMCA_LOG_LEVEL"
+LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def configure(level: int | None = None) -> None:
+    """Log to stderr at `level`; by default at the level the environment names (a
+    daemon's workers: the primary's `[server] log-level`), else info."""
+    if level is None:
+        level = LEVELS.get(os.environ.get(LEVEL_ENV, ""), logging.INFO)
     renderer: structlog.types.Processor = (
         structlog.dev.ConsoleRenderer() if sys.stderr.isatty()
         else structlog.processors.JSONRenderer())

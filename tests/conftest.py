@@ -156,6 +156,8 @@ class Daemon:
     stderr: list[str]
     # Notified by the reader of the daemon's stderr at every line (and at its end).
     stderr_changed: threading.Condition = field(default_factory=threading.Condition)
+    # Set by that reader once stderr is closed: every process's last line is in.
+    stderr_ended: threading.Event = field(default_factory=threading.Event)
 
     def wait_stderr(self, done: Callable[[], bool], within: float = 10.0) -> bool:
         """Whether `done()` came to hold within `within` seconds, woken by each line."""
@@ -192,6 +194,7 @@ def start_daemon(state: Path, *extra: str, env: dict[str, str] | None = None,
                             stderr=subprocess.PIPE, text=True, env=env)
     stderr: list[str] = []
     changed = threading.Condition()
+    ended = threading.Event()
 
     def drain() -> None:
         assert proc.stderr is not None
@@ -199,6 +202,7 @@ def start_daemon(state: Path, *extra: str, env: dict[str, str] | None = None,
             with changed:
                 stderr.append(line)
                 changed.notify_all()
+        ended.set()
         with changed:
             changed.notify_all()
 
@@ -215,7 +219,7 @@ def start_daemon(state: Path, *extra: str, env: dict[str, str] | None = None,
         raise AssertionError(f"daemon did not start: {first!r}\n{''.join(stderr)}")
     threading.Thread(target=lambda: proc.stdout.read() if proc.stdout else None,
                      daemon=True).start()
-    return Daemon(first.split()[-1], proc, state, stderr, changed)
+    return Daemon(first.split()[-1], proc, state, stderr, changed, ended)
 
 
 @pytest.fixture(scope="session")

@@ -391,3 +391,12 @@ def test_a_store_url_postgresql_would_refuse_is_one_line_without_its_password(
                  check=False)
     assert init.returncode == 1 and said in init.stderr, init.stderr
     assert len(init.stderr.splitlines()) == 1 and "s3c" not in init.stderr
+
+
+def test_a_log_level_is_one_of_three_said_to_its_line(tmp_path: Path) -> None:
+    text = rendered(tmp_path).read_text()
+    line = text[:text.index('log-level = "info"')].count("\n") + 1
+    said = refused_with(tmp_path, 'log-level = "info"', 'log-level = "debug"')
+    assert said == (f"{tmp_path / 'hsmca.toml'}:{line} [server]: log-level must be one of "
+                    "info, warning, error (the least severe lines written), not 'debug'")
+    assert load(rendered(tmp_path)).log_level == "info"

@@ -256,6 +256,32 @@ async def test_a_stop_says_each_step_in_order(tmp_path: Path) -> None:
     audit_verify(d.state, ok=True)
 
 
+async def test_log_level_warning_leaves_out_the_lines_of_every_request(
+        tmp_path: Path) -> None:
+    """`[server] log-level = "warning"`: a load balancer's probes and every
+    certificate issued no longer fill the log (an operator's trial), in the workers as
+    in the primary, and warnings are still said."""
+    ca = init_ca(tmp_path)
+    config = ca.state / "hsmca.toml"
+    text = config.read_text()
+    assert 'log-level = "info"' in text  # init writes the default, for operators to see
+    config.write_text(text.replace('log-level = "info"', 'log-level = "warning"'))
+    d = start_daemon(ca.state)
+    try:
+        enroll(d, tmp_path, "service", ["quiet.internal.example"])  # an info line
+        token = await bootstrap_token(d, "service", ["quiet2.internal.example"])
+        for _ in range(2):  # used twice: a warning, and a refused request (info)
+            await http("POST", f"{d.url}/v1/x509/enroll", d.ssl(),
+                       body={"csr": csr_pem(["quiet2.internal.example"])},
+                       headers={"Authorization": f"Bearer {token}"})
+    finally:
+        assert d.stop() == 0
+    assert d.stderr_ended.wait(30)
+    lines = [json.loads(line) for line in d.stderr if line.startswith("{")]
+    assert [e["reason"] for e in lines if e["event"] == "bootstrap token refused"] == ["used"]
+    assert {e["level"] for e in lines} <= {"warning", "error"}, lines
+
+
 async def test_a_key_the_ca_never_had_in_keys_is_named_at_start(tmp_path: Path) -> None:
     """After the first start the inventory says which keys are in use (a rotation
     changes them there, not in the config), so [keys] is not what signs: a label in it

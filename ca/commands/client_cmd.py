@@ -52,7 +52,7 @@ def serve(args: argparse.Namespace) -> int:
     from ca.config import check_state, secret_files, trusted_paths
     from ca.daemon import main
     from ca.fileutil import check_not_writable, check_private
-    from ca.logs import configure
+    from ca.logs import LEVEL_ENV, LEVELS, configure
     cfg = _config(args)
     if args.node and not cfg.cluster:
         raise CLIError(f"--node names a node of a CA on PostgreSQL, but {cfg.path} has no "
@@ -67,7 +67,8 @@ def serve(args: argparse.Namespace) -> int:
     # others, whatever the umask it was started with: its next start would refuse them.
     os.umask(os.umask(0) | 0o022)
     check_state(cfg)
-    configure()
+    os.environ[LEVEL_ENV] = cfg.log_level  # the workers inherit it
+    configure(LEVELS[cfg.log_level])
     try:
         return main(cfg, args.listen, args.workers)
     except OSError as exc:
