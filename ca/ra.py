@@ -1059,6 +1059,10 @@ def _eab_pattern(p: object) -> str:
     """An EAB name pattern: a DNS name, or "*.name" for every name below it."""
     if not isinstance(p, str):
         raise Refused("every name pattern must be a string", Reason.BAD_NAME)
+    if policy.lookup_kind(p) == "ip":  # dns_name would say "give an IP as an IP"
+        raise Refused(f"{p[:60]!r} is an IP address, which this CA does not issue over ACME "
+                      "(only DNS names): give DNS name patterns, or enroll the address "
+                      "with a bootstrap token (hsmca token create)", Reason.BAD_NAME)
     return policy.dns_name(p, allow_wildcards=True)
 
 
@@ -1092,9 +1096,11 @@ def _acme_admin(ctx: Context, who: Requester, req: AcmeAdminRequest) -> AcmeAdmi
     if req.state is None:
         raise Refused(f"no {what} {req.target[:80]!r}", Reason.NOT_FOUND)
     if req.action == "withdraw-eab" and req.state != "unused":
-        raise Refused(f"the EAB key {req.target!r} is {req.state}: only one not yet bound "
-                      "can be withdrawn (deactivate the account it bound instead)",
-                      Reason.CONFLICT)
+        why = {"withdrawn": "withdrawn already",
+               "expired": "expired: it can bind no account, and there is nothing to withdraw",
+               }.get(req.state, f"{req.state}: only one not yet bound can be withdrawn "
+                                "(deactivate the account it bound instead)")
+        raise Refused(f"the EAB key {req.target!r} is {why}", Reason.CONFLICT)
     if req.action == "deactivate-account" and req.state != "valid":
         raise Refused(f"the ACME account {req.target!r} is {req.state} already",
                       Reason.CONFLICT)
@@ -1135,9 +1141,10 @@ def _acme_order(ctx: Context, who: Requester, req: AcmeOrderRequest) -> AcmeOrde
                 or not isinstance(ident.get("value"), str):
             raise Refused('each identifier is {"type": "dns", "value": NAME}')
         if ident.get("type") != "dns":
+            hint = (": for an IP address, enroll with a bootstrap token (hsmca enroll)"
+                    if ident.get("type") == "ip" else "")
             raise Refused(f"identifier type {str(ident.get('type'))[:20]!r} is not supported "
-                          "(only dns): for an IP address, enroll with a bootstrap token "
-                          "(hsmca enroll)", Reason.UNSUPPORTED_IDENTIFIER)
+                          f"(only dns){hint}", Reason.UNSUPPORTED_IDENTIFIER)
         if policy.lookup_kind(ident["value"]) == "ip":  # not "give an IP as an IP": no way
             raise Refused(f"{ident['value'][:60]!r} is an IP address, which this CA does not "
                           "issue over ACME (only dns identifiers): order a DNS name, or "

@@ -153,8 +153,11 @@ def test_key_change_moves_the_account_to_the_new_key(world: World) -> None:
     new = new_key()
     r = key_change(c, new)
     assert r.status == 200, r.body
-    # the old key no longer speaks for the account; the new one does
-    assert c.post(c.kid).status == 400
+    # the old key no longer speaks for the account, and its client is told why; the
+    # new one does
+    old = c.post(c.kid)
+    assert old.status == 400 and "after a key change, sign with the new key" in \
+        old.json["detail"], old.body
     c.key = new
     assert c.post(c.kid).json["status"] == "valid"
     assert Client(world.ca, key=new).register(None, onlyReturnExisting=True).headers[
@@ -338,7 +341,8 @@ def test_an_admin_lists_withdraws_eab_keys_and_deactivates_accounts(world: World
     r = thief.register((leaked_kid, leaked_hmac))
     assert r.status == 403 and r.problem == "unauthorized", r.body
     again = hsmca("acme", "eab", "withdraw", leaked_kid, "--config", ca.config, check=False)
-    assert again.returncode == 1 and "is withdrawn" in again.stderr
+    assert again.returncode == 1 and "is withdrawn already" in again.stderr
+    assert "deactivate the account" not in again.stderr  # it bound none
     holder = Client(ca)
     assert holder.register((kept_kid, kept_hmac)).status == 201
     listed = hsmca("acme", "eab", "list", "--config", ca.config).stdout.splitlines()

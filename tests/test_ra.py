@@ -523,6 +523,9 @@ def test_only_an_admin_makes_eab_keys_for_valid_patterns() -> None:
     for bad in ([], ["Bad Name"], ["*.*.test"], "a.test", [7]):
         r = ra.decide(context(), admin(), ra.AcmeEABRequest(bad))
         assert isinstance(r, ra.Refusal), bad
+    # An address is told that ACME here takes none (not "give an IP as an IP")
+    ip = ra.decide(context(), admin(), ra.AcmeEABRequest(["127.0.0.1"]))
+    assert isinstance(ip, ra.Refusal) and "does not issue over ACME" in ip.detail, ip
     long = ra.decide(context(), admin(), ra.AcmeEABRequest(["*.test"], "90d"))
     assert isinstance(long, ra.Refusal) and long.reason is Reason.LIFETIME
 
@@ -576,6 +579,13 @@ def test_bad_acme_identifiers(identifiers: object, reason: Reason) -> None:
     assert isinstance(r, ra.Refusal) and r.reason is reason, r
     if reason is Reason.UNSUPPORTED_IDENTIFIER:
         assert "enroll with a bootstrap token" in r.detail, r.detail
+
+
+def test_an_identifier_of_another_type_is_not_told_about_ip_addresses() -> None:
+    r = ra.decide(context(), acme_account(), ra.AcmeOrderRequest(
+        [{"type": "email", "value": "a@b.test"}]))
+    assert isinstance(r, ra.Refusal) and r.reason is Reason.UNSUPPORTED_IDENTIFIER
+    assert r.detail == "identifier type 'email' is not supported (only dns)", r.detail
 
 
 def test_an_order_replaces_only_the_accounts_own_certificate_for_a_name_it_had() -> None:
@@ -824,3 +834,17 @@ def test_names_issued_before_they_were_refused_are_still_found() -> None:
     assert policy.lookup("svc.internal.1") == ("dns", "svc.internal.1")
     with pytest.raises(policy.Refused):
         policy.lookup("0x7f.1 ")
+
+
+@pytest.mark.parametrize("state, said", [
+    ("withdrawn", "is withdrawn already"),
+    ("expired", "is expired: it can bind no account"),
+    ("used", "is used: only one not yet bound can be withdrawn (deactivate the account"),
+])
+def test_withdrawing_an_eab_key_says_why_by_its_state(state: str, said: str) -> None:
+    """Only a key that bound an account is told to deactivate the account (an ACME
+    trial was told so for a key withdrawn already, which bound none)."""
+    r = ra.decide(context(), admin(), ra.AcmeAdminRequest("withdraw-eab", "eab-1", state))
+    assert isinstance(r, ra.Refusal) and r.reason is Reason.CONFLICT and said in r.detail, r
+    ok = ra.decide(context(), admin(), ra.AcmeAdminRequest("withdraw-eab", "eab-1", "unused"))
+    assert not isinstance(ok, ra.Refusal)

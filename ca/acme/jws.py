@@ -201,6 +201,9 @@ async def verify(raw: bytes, content_type: str, url: str, nonces: Nonces, *,
     except Exception:  # malformed signatures raise from deep inside
         good = False
     if not good:
+        if account is not None:  # most often a client still using a key it changed
+            raise AcmeProblem("malformed", "the JWS signature does not verify with this "
+                              "account's key (after a key change, sign with the new key)")
         raise AcmeProblem("malformed", "the JWS signature does not verify")
     nonce = header.nonce
     if not isinstance(nonce, bytes) or not await nonces.redeem(nonce):
