@@ -309,6 +309,37 @@ def test_http01_follows_no_odd_redirect_and_reads_a_few_kb(
     assert c.post(order.headers["Location"]).json["status"] == "invalid"
 
 
+def test_a_failed_validation_says_why_in_plain_words(world: World) -> None:
+    """An ACME trial read aiohttp's "ssl:default [Connect call failed ...]": the
+    client is told where the CA tried to connect and what the system said."""
+    world.dns.records[("closed.test", "A")] = ["127.0.0.9"]  # nothing listens there
+    c = Client(world.ca)
+    assert c.register(world.ca.eab("*.test")).status == 201
+    order = c.order("closed.test")
+    ch = c.answer(order, "http-01")[0]
+    assert c.post(ch["url"], {}).status == 200
+    authz = c.wait_authz(order.json["authorizations"][0])
+    failed = next(x for x in authz["challenges"] if x["type"] == "http-01")
+    assert failed["error"]["type"].endswith(":connection"), failed
+    detail = failed["error"]["detail"]
+    assert f"cannot connect to 127.0.0.9 port {world.ca.http_port}: Connection refused" in \
+        detail and "ssl:default" not in detail, detail
+
+
+def test_a_resolver_failure_is_said_of_the_configured_resolver() -> None:
+    import dns.message
+    import dns.resolver
+
+    from ca.acme.validation import Validator
+    from ca.config import AcmeConfig
+    v = Validator(AcmeConfig(resolver=("10.0.0.53", 5353)))
+    said = v._dns_why(dns.resolver.LifetimeTimeout(timeout=5.4, errors=[]))
+    assert said == "the resolver 10.0.0.53:5353 ([acme] resolver) did not answer within 5.4 s"
+    query = dns.message.make_query("x.test", "A")
+    said = v._dns_why(dns.resolver.NoNameservers(request=query, errors=[]))
+    assert said.startswith("the resolver 10.0.0.53:5353 ([acme] resolver) refused or failed")
+
+
 def test_eab_keys_are_audited_without_their_secret(world: World) -> None:
     kid, hmac = world.ca.eab("web.test", "*.svc.test", ttl="2h")
     line = next(x for x in audit_lines(world.ca)

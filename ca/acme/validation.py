@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import socket
 import ssl
 from collections.abc import AsyncIterator
@@ -47,6 +48,20 @@ def longest_s(cfg: AcmeConfig) -> float:
     work. A validation still processing long after that was orphaned (its worker
     went away)."""
     return cfg.validation_timeout_s * (QUEUE_FACTOR + 1)
+
+
+def _http_why(exc: Exception, addr: str, port: int) -> str:
+    """Why a fetch failed, without aiohttp's own wording ("ssl:default [Connect call
+    failed ...]")."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        code = exc.os_error.errno  # asyncio's strerror is "Connect call failed (...)"
+        why = os.strerror(code) if code else str(exc.os_error) or "no connection"
+        return f"cannot connect to {addr} port {port}: {why}"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection without an answer"
+    if isinstance(exc, aiohttp.ClientResponseError | aiohttp.ClientPayloadError):
+        return f"the answer is not valid HTTP ({str(exc)[:120]})"
+    return str(exc)[:200]
 
 
 @dataclass
@@ -125,6 +140,20 @@ class Validator:
         r.port = self.cfg.resolver[1]
         return r
 
+    def _dns_why(self, exc: Exception) -> str:
+        """A lookup's failure in an operator's words (dnspython's say "answered ...
+        timed out" of a resolver that never answered)."""
+        import dns.resolver
+        assert self.cfg.resolver is not None
+        host, port = self.cfg.resolver
+        resolver = f"the resolver {host}:{port} ([acme] resolver)"
+        if isinstance(exc, dns.resolver.LifetimeTimeout):
+            waited = getattr(exc, "kwargs", {}).get("timeout")
+            return f"{resolver} did not answer" + (f" within {waited:.1f} s" if waited else "")
+        if isinstance(exc, dns.resolver.NoNameservers):
+            return f"{resolver} refused or failed the query (SERVFAIL or REFUSED)"
+        return str(exc)[:200]
+
     async def address(self, name: str) -> str:
         mapped = self.cfg.host(name)
         if mapped is not None:
@@ -139,7 +168,7 @@ class Validator:
                 except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
                     continue
                 except dns.exception.DNSException as exc:
-                    raise Failed("dns", f"looking up {name}: {exc}") from None
+                    raise Failed("dns", f"looking up {name}: {self._dns_why(exc)}") from None
                 for rr in answer:
                     return str(rr.address)
             raise Failed("unknownHost", f"{name} has no A or AAAA record")
@@ -174,7 +203,8 @@ class Validator:
                         status = r.status
                 except aiohttp.ClientError as exc:
                     raise Failed("connection", f"http-01 for {name}: fetching {scheme}://"
-                                 f"{host}:{port}{path}: {str(exc)[:200]}") from None
+                                 f"{host}:{port}{path}: {_http_why(exc, addr, port)}"
+                                 ) from None
                 if status != 200:
                     raise Failed("incorrectResponse", f"http-01 for {name}: {scheme}://{host}:"
                                  f"{port}{path} answered {status}")
@@ -277,7 +307,8 @@ class Validator:
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             raise Failed("dns", f"dns-01 for {name}: no TXT record at {record}") from None
         except dns.exception.DNSException as exc:
-            raise Failed("dns", f"dns-01 for {name}: looking up {record}: {exc}") from None
+            raise Failed("dns", f"dns-01 for {name}: looking up {record}: "
+                         f"{self._dns_why(exc)}") from None
         texts = {b"".join(rr.strings).decode(errors="replace") for rr in answer}
         if expected not in texts:
             raise Failed("incorrectResponse", f"dns-01 for {name}: no TXT record at {record} "
