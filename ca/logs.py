@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from typing import Any
 
 import structlog
@@ -63,6 +64,15 @@ class _Libraries(logging.Handler):
             structlog.get_logger(record.name).warning(
                 "a library's log record did not format", logger=record.name,
                 record=str(record.msg)[:200], error=type(exc).__name__)
+
+
+def _warning_line(message: Warning | str, category: type[Warning], filename: str,
+                  lineno: int, file: Any = None, line: str | None = None) -> None:
+    """A Python warning (a library's, or cryptography's about a CSR's over-long CN that
+    any ACME client can send) as one JSON line, not two lines of bare text; Python
+    still shows each at most once per place."""
+    structlog.get_logger("py.warnings").warning(
+        str(message)[:300], category=category.__name__, at=f"{filename}:{lineno}")
 
 
 class Recurring:
@@ -121,6 +131,7 @@ def configure(level: int | None = None) -> None:
         # into one that no JSON reader takes (a pipe keeps a write of up to 4 KiB whole).
         logger_factory=structlog.WriteLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True)
+    warnings.showwarning = _warning_line
     root = logging.getLogger()
     if not any(isinstance(h, _Libraries) for h in root.handlers):
         root.addHandler(_Libraries())

@@ -12,9 +12,10 @@ import resource
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import dns.message
 import dns.rdatatype
@@ -140,6 +141,16 @@ def test_an_account_lists_its_orders(world: World) -> None:
     assert refused.status == 403 and refused.problem == "unauthorized"
 
 
+def logged(world: World, event: str, match: Callable[[dict[str, Any]], bool]) -> bool:
+    """Whether the daemon's log gets a line `event` that `match`es (within 10 s: a
+    worker writes it after it answered)."""
+    def found() -> bool:
+        return any(e.get("event") == event and match(e)
+                   for e in (json.loads(x) for x in list(world.ca.daemon.stderr)
+                             if x.startswith("{")))
+    return world.ca.daemon.wait_stderr(found)
+
+
 def key_change(c: Client, new: jose.JWK) -> Reply:
     url = c.dir["keyChange"]
     inner_head = {"alg": "ES256", "jwk": new.public_key().to_partial_json(), "url": url}
@@ -158,8 +169,14 @@ def test_key_change_moves_the_account_to_the_new_key(world: World) -> None:
     old = c.post(c.kid)
     assert old.status == 400 and "after a key change, sign with the new key" in \
         old.json["detail"], old.body
+    account = c.kid.rsplit("/", 1)[1]  # type: ignore[union-attr]
+    assert logged(world, "acme account key changed", lambda e: e["account"] == account)
     c.key = new
     assert c.post(c.kid).json["status"] == "valid"
+    # A refusal of what the account asked is logged with the account
+    assert c.order("outside.example").problem == "rejectedIdentifier"
+    assert logged(world, "request refused", lambda e: e.get("account") == account
+                  and e["route"] == "/acme/new-order")
     assert Client(world.ca, key=new).register(None, onlyReturnExisting=True).headers[
         "Location"] == c.kid
     assert any(line.get("event") == "acme.account.key-change" for line in audit_lines(world.ca))
@@ -324,6 +341,10 @@ def test_a_failed_validation_says_why_in_plain_words(world: World) -> None:
     detail = failed["error"]["detail"]
     assert f"cannot connect to 127.0.0.9 port {world.ca.http_port}: Connection refused" in \
         detail and "ssl:default" not in detail, detail
+    # and the operator's log says whose validation it was
+    account = c.kid.rsplit("/", 1)[1]  # type: ignore[union-attr]
+    assert logged(world, "acme validation", lambda e: e["account"] == account
+                  and e["name"] == "closed.test" and e["valid"] is False)
 
 
 def test_a_resolver_failure_is_said_of_the_configured_resolver() -> None:

@@ -441,6 +441,7 @@ async def test_what_libraries_log_is_json_lines_too() -> None:
             "logging.getLogger('lib').warning('bad args %s %s', 'one')\n"
             "logging.getLogger('lib').error('two\\nlines')\n"
             "logging.getLogger('psycopg.pool').warning('error connecting in pool')\n"
+            "import warnings\nwarnings.warn('a CN over 64 characters')\n"
             "print('alive')\n")
     proc = await asyncio.to_thread(
         subprocess.run, [sys.executable, "-c", code], capture_output=True, text=True,
@@ -449,7 +450,9 @@ async def test_what_libraries_log_is_json_lines_too() -> None:
     lines = [json.loads(line) for line in proc.stderr.splitlines()]
     assert [(e["event"], e["level"]) for e in lines] == [
         ("custom level x", "warning"), ("a library's log record did not format", "warning"),
-        ("two\nlines", "error")], lines
+        ("two\nlines", "error"), ("a CN over 64 characters", "warning")], lines
+    # a Python warning (any ACME client can cause cryptography's) is a line like others
+    assert lines[-1]["category"] == "UserWarning" and lines[-1]["at"] == "<string>:9"
 
 
 async def test_a_failure_met_at_every_round_is_said_when_it_begins_changes_and_ends() -> None:

@@ -191,10 +191,13 @@ async def _unknown(request: web.Request) -> web.StreamResponse:
 async def _verified(request: web.Request, want: str = "kid") -> acme_jws.Verified:
     server = request.app[ACME]
     raw = await request.read()
-    return await acme_jws.verify(
+    verified = await acme_jws.verify(
         raw, request.content_type, f"{base(request)}{request.path_qs}", server.nonces,
         want=want, account_of=server.store.acme_account,
         account_prefix=url_of(request, "acct/"))
+    if verified.account is not None:  # the operator's log line of a refusal names it
+        request["acme_account"] = verified.account.id
+    return verified
 
 
 def _holder(account: AcmeAccount) -> ra.AcmeAccountHolder:
@@ -344,6 +347,7 @@ async def account(request: web.Request) -> web.Response:
         await request.app[AUDIT].append("acme.account.deactivate", account=acct.id,
                                         request_id=request.get("request_id"))
         await server.store.deactivate_acme_account(acct.id)
+        log.info("acme account deactivated", account=acct.id, by="its client")
     fresh = await server.store.acme_account(acct.id)
     assert fresh is not None
     return _json(_account_obj(request, fresh), 200, url_of(request, f"acct/{acct.id}"))
@@ -398,6 +402,7 @@ async def key_change(request: web.Request) -> web.Response:
                                               new_jwk.json_dumps()):
         raise AcmeProblem("malformed", "the account's key changed meanwhile, or another "
                           "account has the new key", 409)
+    log.info("acme account key changed", account=v.account.id, thumbprint=new_thumb)
     fresh = await server.store.acme_account(v.account.id)
     assert fresh is not None
     return _json(_account_obj(request, fresh), 200, acct_url)
@@ -692,6 +697,9 @@ async def _restart_stale(request: web.Request, authz: AcmeAuthz,
     if authz.status != "pending" or not stale:
         return authz
     for ch in stale:
+        log.warning("acme validation started again: the process running it went away",
+                    account=authz.account_id,
+                    challenge=ch.id, type=ch.type, name=authz.name)
         await _start(request, ch, authz, v)
     fresh = await server.store.acme_authz(authz.id)
     return fresh if fresh is not None else authz
@@ -719,8 +727,9 @@ async def _validate(server: AcmeServer, ch: AcmeChallenge, authz: AcmeAuthz, jwk
                 f"account:{account_id}", f"ip:{client}"], now, now - RATE_WINDOW, None)
     except Exception:
         log.exception("cannot record a validation", challenge=ch.id)
-    log.info("acme validation", challenge=ch.id, type=ch.type, name=authz.name,
-             valid=error is None, error=json.loads(error)["detail"] if error else None)
+    log.info("acme validation", account=account_id, challenge=ch.id, type=ch.type,
+             name=authz.name, valid=error is None,
+             error=json.loads(error)["detail"] if error else None)
 
 
 # ---- certificates -----------------------------------------------------------------------------
@@ -854,6 +863,8 @@ async def create_eab(request: web.Request) -> web.Response:
     await request.app[AUDIT].append("acme.eab.create", kid=kid, names=list(grant.names),
                                     expires=expires, actor=grant.actor,
                                     request_id=request.get("request_id"))
+    log.info("acme eab key created", kid=kid, names=list(grant.names), expires=expires,
+             actor=grant.actor)
     return web.json_response({"kid": kid, "hmac": mac_text, "expires": expires,
                               "names": list(grant.names), "warnings": list(grant.warnings)},
                              status=201)
@@ -901,6 +912,7 @@ async def withdraw_eab(request: web.Request) -> web.Response:
     if not await store.withdraw_acme_eab(kid, utcnow()):
         raise Refused(f"the EAB key {kid!r} was bound meanwhile: deactivate the account "
                       "that bound it instead", Reason.CONFLICT)
+    log.info("acme eab key withdrawn", kid=kid, actor=order.actor)
     return web.json_response({"kid": kid, "state": "withdrawn"})
 
 
@@ -930,6 +942,7 @@ async def deactivate_account(request: web.Request) -> web.Response:
     await request.app[AUDIT].append("acme.account.deactivate", account=account_id,
                                     actor=order.actor, request_id=request.get("request_id"))
     await store.deactivate_acme_account(account_id)
+    log.info("acme account deactivated", account=account_id, by=order.actor)
     return web.json_response({"account": account_id, "status": "deactivated"})
 
 

@@ -84,6 +84,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
             log.info("request refused", request_id=rid, method=request.method, route=route,
                      status=status, ms=round(elapsed * 1000, 2), client=request.remote,
                      **({"cert_serial": who.serial} if who is not None else {}),
+                     **({"account": a} if (a := request.get("acme_account")) else {}),
                      **_problem_of(resp))
 
 
