@@ -100,34 +100,37 @@ def test_ssh_certificates_are_found_by_principal_key_id_serial_status_and_type(
     base = int(NOW.timestamp())
 
     def ssh(serial: int, kind: str, key_id: str, principals: tuple[str, ...],
-            hours: int, at: int) -> NewSSHCert:
+            hours: int, at: int, lived: int = 60) -> NewSSHCert:
         return NewSSHCert(serial=serial, key_id=key_id, cert_type=kind,
                           key_sha256=f"k{serial}", public_key="ssh-ed25519 AAAA",
-                          principals=principals, valid_after=base - 60,
+                          principals=principals, valid_after=base - lived,
                           valid_before=base + hours * 3600, owner_serial="a",
                           issued_at=(NOW + dt.timedelta(seconds=at)).isoformat(),
                           issuer=f"ssh-{kind}-ca")
     for c in [ssh(11, "host", "web01.test", ("web01.test",), 24 * 30, 1),
-              ssh(12, "user", "alice@laptop", ("alice", "deploy"), 2, 2),
+              # 2 h left of 16: its last third, expiring
+              ssh(12, "user", "alice@laptop", ("alice", "deploy"), 2, 2, lived=14 * 3600),
               ssh(130, "user", "bob@laptop", ("bob",), -1, 3),
-              ssh(14, "host", "db_1.test", ("db_1.test",), 24 * 30, 4)]:
+              ssh(14, "host", "db_1.test", ("db_1.test",), 24 * 30, 4),
+              ssh(15, "user", "carol@laptop", ("carol",), 3, 5)]:
         store.add_ssh_cert(c).result(timeout=10)
     run(store.revoke_ssh(SSHSelector(serial=14), NOW))
     soon = NOW + dt.timedelta(days=7)
 
     def find(**q: Any) -> list[int]:
         return [c.serial for c in run(store.find_ssh_certs(SSHCertQuery(**q), NOW, soon)).certs]
-    assert find() == [14, 130, 12, 11]  # newest first
+    assert find() == [15, 14, 130, 12, 11]  # newest first
     assert find(text="DEPLOY") == [12] and find(text="web01") == [11]
     assert find(text="13") == [130]  # a serial starts with it
     assert find(text="db_") == [14] and find(text="db%") == []  # LIKE's wildcards are text
     assert find(status="revoked") == [14] and find(status="expired") == [130]
-    assert find(status="expiring") == [12] and find(status="valid") == [11]
+    # 15 has 3 h left of 3 h: not yet two thirds of its life, so valid, not expiring
+    assert find(status="expiring") == [12] and find(status="valid") == [15, 11]
     assert find(cert_type="host") == [14, 11]
-    assert find(sort="serial", descending=False) == [11, 12, 14, 130]
-    assert find(sort="expires", descending=False) == [130, 12, 11, 14]
-    page = run(store.find_ssh_certs(SSHCertQuery(limit=1, offset=1), NOW, soon))
-    assert page.total == 4 and [c.serial for c in page.certs] == [130]
+    assert find(sort="serial", descending=False) == [11, 12, 14, 15, 130]
+    assert find(sort="expires", descending=False) == [130, 12, 15, 11, 14]
+    page = run(store.find_ssh_certs(SSHCertQuery(limit=1, offset=2), NOW, soon))
+    assert page.total == 5 and [c.serial for c in page.certs] == [130]
     rec = page.certs[0]
     assert (rec.key_id, rec.cert_type, rec.principals, rec.valid_before, rec.revoked_at,
             rec.issuer) == ("bob@laptop", "user", ("bob",), base - 3600, None, "ssh-user-ca")

@@ -67,14 +67,21 @@ def test_text_matches_names_principals_subjects_serials_and_roles(store: Store) 
 
 def test_statuses_are_disjoint_and_kinds_split_acme(store: Store) -> None:
     add(store, 1, ("live.example",))
-    add(store, 2, ("soon.example",), ends=dt.timedelta(days=3))
+    add(store, 2, ("soon.example",), issued=NOW - dt.timedelta(days=20),
+        ends=dt.timedelta(days=23))  # its last 7 days
     add(store, 3, ("old.example",), issued=NOW - dt.timedelta(days=40))
     add(store, 4, ("gone.example",), acme="order-1")
     run(store.revoke_certs([4], NOW, "superseded"))
-    assert [serials(find(store, status=s)) for s in ("valid", "expiring", "expired", "revoked")
-            ] == [["1"], ["2"], ["3"], ["4"]]
+    # A day's certificate is expiring in its last third (8 h), not all its life
+    # long as "within 7 days" had it (an ACME trial: every one of them was expiring).
+    day = dt.timedelta(hours=24)
+    add(store, 5, ("fresh.example",), issued=NOW - dt.timedelta(hours=1), ends=day)
+    add(store, 6, ("late.example",), issued=NOW - dt.timedelta(hours=17), ends=day)
+    assert [sorted(serials(find(store, status=s)))
+            for s in ("valid", "expiring", "expired", "revoked")
+            ] == [["1", "5"], ["2", "6"], ["3"], ["4"]]
     assert serials(find(store, kind="acme")) == ["4"]
-    assert sorted(serials(find(store, kind="x509"))) == ["1", "2", "3"]
+    assert sorted(serials(find(store, kind="x509"))) == ["1", "2", "3", "5", "6"]
     [revoked] = find(store, status="revoked").certs
     assert (revoked.reason, revoked.acme_order) == ("superseded", "order-1")
     with pytest.raises(ValueError):

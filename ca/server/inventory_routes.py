@@ -28,7 +28,9 @@ from ca.store.records import CERT_SORTS, CERT_STATUSES, SSH_SORTS
 
 routes = web.RouteTableDef()
 ROLES = ("auditor", "admin")
-EXPIRING = dt.timedelta(days=7)  # a live certificate ending sooner is "expiring"
+# A live certificate is "expiring" in its last 7 days, or its last third if that is
+# shorter: with 24 h certificates, 7 days would call every one of them expiring.
+EXPIRING = dt.timedelta(days=7)
 MAX_PAGE = 500
 MAX_HOURS = 24 * 31
 
@@ -37,17 +39,19 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 
-def _status(revoked_at: str | None, end: dt.datetime, now: dt.datetime) -> str:
+def _status(revoked_at: str | None, start: dt.datetime, end: dt.datetime,
+            now: dt.datetime) -> str:
     """valid | expiring | expired | revoked, as CertQuery defines them."""
     if revoked_at is not None:
         return "revoked"
     if end <= now:
         return "expired"
-    return "expiring" if end <= now + EXPIRING else "valid"
+    return "expiring" if end <= now + min(EXPIRING, (end - start) / 3) else "valid"
 
 
 def status(rec: CertRecord, now: dt.datetime) -> str:
-    return _status(rec.revoked_at, dt.datetime.fromisoformat(rec.not_after), now)
+    return _status(rec.revoked_at, dt.datetime.fromisoformat(rec.not_before),
+                   dt.datetime.fromisoformat(rec.not_after), now)
 
 
 def record_json(rec: CertRecord, now: dt.datetime) -> dict[str, Any]:
@@ -133,7 +137,8 @@ def _unix_iso(seconds: int) -> str:
 
 
 def ssh_status(rec: SSHCertRecord, now: dt.datetime) -> str:
-    return _status(rec.revoked_at, dt.datetime.fromtimestamp(rec.valid_before, dt.UTC), now)
+    return _status(rec.revoked_at, dt.datetime.fromtimestamp(rec.valid_after, dt.UTC),
+                   dt.datetime.fromtimestamp(rec.valid_before, dt.UTC), now)
 
 
 def ssh_record_json(rec: SSHCertRecord, now: dt.datetime) -> dict[str, Any]:

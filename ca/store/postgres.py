@@ -99,6 +99,10 @@ RETRY_S = 1.0  # once the pool could not connect, how often a call tries it agai
 POLL_S = 0.25  # the fallback poll of the change counters (NOTIFY is the fast path)
 
 
+# An ISO 8601 column's Unix seconds (the inventory keeps times as text, as SQLite does).
+EPOCH = "CAST(EXTRACT(EPOCH FROM CAST({} AS timestamptz)) AS BIGINT)"
+
+
 def _pg(script: str) -> str:
     """A SQLite migration in PostgreSQL's dialect. Text compares byte for byte (COLLATE
     "C"), as in SQLite: timestamps and hex serials are compared and sorted as text,
@@ -506,7 +510,7 @@ class PostgresStore:
                          soon: dt.datetime) -> CertPage:
         if query.sort not in _SORTS:
             raise ValueError(f"unknown sort {query.sort!r}")
-        where, args = _cert_filter(query, now.isoformat(), soon.isoformat())
+        where, args = _cert_filter(query, now, soon, EPOCH)
         where = _q(where)
         order = " DESC" if query.descending else ""
         columns = ", ".join(f"{c}{order}" for c in _SORTS[query.sort].split(", "))

@@ -62,8 +62,8 @@ class CertQuery:
     case-insensitive), whose hex serial starts with it (colons and leading zeros
     ignored), or whose role is exactly it. `status` is one of CERT_STATUSES, each
     disjoint from the others: revoked; expired (not revoked, past not_after);
-    expiring (live, ending before the `soon` given to the search); valid (live after
-    that). `kind` is "acme" (issued through ACME) or "x509" (the others). Sorted by
+    expiring (live, ending before the `soon` given to the search and past two thirds
+    of its lifetime); valid (the other live ones). `kind` is "acme" (issued through ACME) or "x509" (the others). Sorted by
     one of CERT_SORTS, ties broken by serial."""
 
     text: str | None = None

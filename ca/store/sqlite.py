@@ -343,14 +343,18 @@ def _like(text: str) -> str:
 
 
 def _status_clause(status: str, revoked_at: str, end: str, now: object, soon: object,
-                   where: list[str], args: list[Any]) -> None:
+                   where: list[str], args: list[Any], *, two_thirds: str,
+                   now_s: int) -> None:
     """Add the condition for one of CERT_STATUSES, each disjoint from the others, on the
-    columns (or expressions) saying when a certificate was revoked and when it ends."""
+    columns (or expressions) saying when a certificate was revoked and when it ends;
+    `two_thirds` is the condition, with `now_s` (Unix seconds) as its one parameter,
+    that it has lived two thirds of its lifetime (CertQuery: expiring)."""
     live = f"{revoked_at} IS NULL AND {end}"
+    ending = f"{end} <= ? AND {two_thirds}"
     clauses = {"revoked": (f"{revoked_at} IS NOT NULL", []),
                "expired": (f"{live} <= ?", [now]),
-               "expiring": (f"{live} > ? AND {end} <= ?", [now, soon]),
-               "valid": (f"{live} > ?", [soon])}
+               "expiring": (f"{live} > ? AND {ending}", [now, soon, now_s]),
+               "valid": (f"{live} > ? AND NOT ({ending})", [now, soon, now_s])}
     if status not in clauses:
         raise ValueError(f"unknown certificate status {status!r}")
     clause, values = clauses[status]
@@ -358,8 +362,13 @@ def _status_clause(status: str, revoked_at: str, end: str, now: object, soon: ob
     args += values
 
 
-def _cert_filter(query: CertQuery, now: str, soon: str) -> tuple[str, list[Any]]:
-    """The WHERE clause of a CertQuery, and its arguments (dialect-neutral SQL)."""
+EPOCH = "CAST(strftime('%s', {}) AS INTEGER)"  # an ISO 8601 column's Unix seconds
+
+
+def _cert_filter(query: CertQuery, now: dt.datetime, soon: dt.datetime, epoch: str
+                 ) -> tuple[str, list[Any]]:
+    """The WHERE clause of a CertQuery, and its arguments (dialect-neutral SQL but for
+    `epoch`, the dialect's Unix seconds of an ISO 8601 column, as a format)."""
     where: list[str] = []
     args: list[Any] = []
     text = (query.text or "").strip()
@@ -375,7 +384,11 @@ def _cert_filter(query: CertQuery, now: str, soon: str) -> tuple[str, list[Any]]
             args.append(serial + "%")
         where.append("(" + " OR ".join(alts) + ")")
     if query.status is not None:
-        _status_clause(query.status, "c.revoked_at", "c.not_after", now, soon, where, args)
+        lived = (f"3 * CAST(? AS BIGINT) >= 2 * {epoch.format('c.not_after')} + "
+                 f"{epoch.format('c.not_before')}")
+        _status_clause(query.status, "c.revoked_at", "c.not_after", now.isoformat(),
+                       soon.isoformat(), where, args, two_thirds=lived,
+                       now_s=int(now.timestamp()))
     if query.role:
         where.append("c.role = ?")
         args.append(query.role)
@@ -399,6 +412,7 @@ def _ssh_filter(query: SSHCertQuery, now: int, soon: int, integer: str
     """The WHERE clause of an SSHCertQuery and its arguments; `integer` is the
     dialect's 64-bit integer type, for validBefore kept as text."""
     until = f"CAST(valid_before AS {integer})"
+    lived = f"3 * CAST(? AS {integer}) >= 2 * {until} + CAST(valid_after AS {integer})"
     where: list[str] = []
     args: list[Any] = []
     text = (query.text or "").strip()
@@ -410,7 +424,8 @@ def _ssh_filter(query: SSHCertQuery, now: int, soon: int, integer: str
             args.append(text.lstrip("0") + "%")
         where.append("(" + " OR ".join(alts) + ")")
     if query.status is not None:
-        _status_clause(query.status, "revoked_at", until, now, soon, where, args)
+        _status_clause(query.status, "revoked_at", until, now, soon, where, args,
+                       two_thirds=lived, now_s=now)
     if query.cert_type in ("host", "user"):
         where.append("cert_type = ?")
         args.append(query.cert_type)
@@ -811,7 +826,7 @@ class SQLiteStore:
                          soon: dt.datetime) -> CertPage:
         if query.sort not in _SORTS:
             raise ValueError(f"unknown sort {query.sort!r}")
-        where, args = _cert_filter(query, now.isoformat(), soon.isoformat())
+        where, args = _cert_filter(query, now, soon, EPOCH)
         order = " DESC" if query.descending else ""
         columns = ", ".join(f"{c}{order}" for c in _SORTS[query.sort].split(", "))
         tie = "" if query.sort == "serial" else f", length(c.serial){order}, c.serial{order}"
