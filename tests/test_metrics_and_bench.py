@@ -38,6 +38,9 @@ async def test_metrics_move_when_certificates_are_issued(daemon: Daemon) -> None
         ("hsmca_audit_commit_seconds_count", ())]
     for part in ("hsm", "audit", "store"):
         assert after[("hsmca_up", (("part", part),))] == 1, part
+    # the lowest over every process's session, the primary's included (it read 0 on a
+    # healthy daemon: a docs trial)
+    assert before[("hsmca_hsm_up", ())] == after[("hsmca_hsm_up", ())] == 1
     # The HSM's own count of C_Sign calls: one per certificate, and the daemon's own
     # signatures (OCSP responses for the new certificates, checkpoints) on top.
     calls = ("hsmca_hsm_sign_calls_total", ())

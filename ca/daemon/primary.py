@@ -398,11 +398,6 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         let_go()
         raise
     pipeline = SigningPipeline(config.hsm, audit)
-    # Its signatures (checkpoints, OCSP responses, its TLS certificate: two thirds of the
-    # HSM's work) count in the HSM's metrics as the workers' do: they counted only in
-    # hsmca_hsm_sign_calls_total (an operator's trial), and its reconnects nowhere.
-    from ca.metrics import Metrics
-    Metrics().watch(pipeline)
     generations = Generations.create(config.generations_path)
     witnessing = Witnessing(
         [*(FileWitness(w, audit_key, config.audit_origin) for w in config.witnesses),
@@ -432,6 +427,13 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
     loop.add_signal_handler(signal.SIGHUP, not_now)  # the default would end the process
     try:
         pipeline.start()
+        # Its signatures (checkpoints, OCSP responses, its TLS certificate: two thirds of
+        # the HSM's work) count in the HSM's metrics as the workers' do: they counted
+        # only in hsmca_hsm_sign_calls_total (an operator's trial), and its reconnects
+        # nowhere. Once its session is open: watched before, its hsmca_hsm_up stayed 0,
+        # the lowest of all processes' (a docs trial).
+        from ca.metrics import Metrics
+        Metrics().watch(pipeline)
         if store is None:
             store = open_store(config.store_location)
         await seed(config, store, pipeline)

@@ -63,8 +63,8 @@ class CertQuery:
     ignored), or whose role is exactly it. `status` is one of CERT_STATUSES, each
     disjoint from the others: revoked; expired (not revoked, past not_after);
     expiring (live, ending before the `soon` given to the search and past two thirds
-    of its lifetime); valid (the other live ones). `kind` is "acme" (issued through ACME) or "x509" (the others). Sorted by
-    one of CERT_SORTS, ties broken by serial."""
+    of its lifetime); valid (the other live ones). `kind` is "acme" (issued through
+    ACME) or "x509" (the others). Sorted by one of CERT_SORTS, ties broken by serial."""
 
     text: str | None = None
     status: str | None = None
