@@ -208,6 +208,11 @@ def test_witness_answers_as_c2sp_says_and_keeps_its_state(tmp_path: Path) -> Non
         assert status == 409 and ctype != "text/x.tlog.size"
         assert w.add(10, proof(10, forked[:20]), cp(forked, 20))[0] == 422
         assert w.add(10, proof(10, lines[:20])[1:], cp(lines, 20))[0] == 422
+        # A smaller tree than the one held (a log cut, or restored from a backup): the
+        # protocol's answer, and the checkpoint kept as evidence (a docs trial: nothing).
+        assert w.add(0, [], cp(lines, 5)) == (409, "text/x.tlog.size", "10\n")
+        [cut] = [e for e in w.run.events("refused") if e["size"] == 5]
+        assert cut["checkpoint"] == cp(lines, 5) and "restored from a backup" in cut["reason"]
         assert w.add(30, [], cp(lines, 20))[0] == 400  # old above the new size
         assert w.add("\u00b2", [], cp(lines, 20))[0] == 400  # a digit only to isdigit()
         assert w.add(10, [b"\x00" * 5], cp(lines, 20))[0] == 400
@@ -217,9 +222,9 @@ def test_witness_answers_as_c2sp_says_and_keeps_its_state(tmp_path: Path) -> Non
                                    other.public_key(), other.sign)
         assert w.add(0, [], stranger)[0] == 404
         assert w.state == {origin: 10}  # nothing refused moved it
-        # 409 root, 422 twice: evidence, with the checkpoint; the 403 (signed by another
-        # key: anyone could send it) is no evidence, and its body is not logged.
-        assert len(w.run.events("refused")) == 3
+        # the cut, 409 root, 422 twice: evidence, with the checkpoint; the 403 (signed by
+        # another key: anyone could send it) is no evidence, and its body is not logged.
+        assert len(w.run.events("refused")) == 4
         stranger_said = w.run.wait("not signed by the log's key")
         assert "checkpoint" not in stranger_said and stranger_said["origin"] == origin
 

@@ -168,6 +168,13 @@ class Witness:
         held = self.state.logs.get(origin)
         known = held.size if held else 0
         if old != known:
+            if cp.size < known:
+                # The log signed a tree smaller than one it signed before: cut, or
+                # restored from a backup. The answer stays the protocol's (its client
+                # learns the size held), and the checkpoint is kept here as evidence.
+                self._evidence(origin, cp.size, note, 409, (
+                    f"{cp.size} lines, fewer than the {known} of the checkpoint held: the "
+                    "log was cut, or restored from a backup"))
             return Answer(409, f"{known}\n", "text/x.tlog.size")
         if held is not None and old == cp.size and cp.root != held.root:
             return self._refuse(409, origin, cp.size, note, (
@@ -190,10 +197,15 @@ class Witness:
 
     def _refuse(self, status: int, origin: str, size: int | None, note: str,
                 reason: str) -> Answer:
+        self._evidence(origin, size, note, status, reason)
+        return Answer(status, reason + "\n")
+
+    def _evidence(self, origin: str, size: int | None, note: str, status: int,
+                  reason: str) -> None:
+        """A checkpoint the log signed that this witness will not cosign, logged whole."""
         held = self.state.logs.get(origin)
         log.error("refused", origin=origin, size=size,
                   held=held.size if held else 0, status=status, reason=reason, checkpoint=note)
-        return Answer(status, reason + "\n")
 
 
 def application(witness: Witness) -> web.Application:
