@@ -204,6 +204,13 @@ async def test_rotate_issuing_and_ssh_keys_retire_and_destroy_while_renewals_run
         row = next(line for line in key_cmd(d, "list").stdout.splitlines()
                    if line.startswith(old_label_text + " "))
         assert row.split()[2] == "previous", row
+        # An active key is refused at once, not after a "yes" (a docs trial)
+        active = next(line.split()[0] for line in key_cmd(d, "list").stdout.splitlines()
+                      if line.split()[2:3] == ["active"])
+        refused = hsmca("key", "retire", active, "--config", d.state / "hsmca.toml",
+                        "--url", d.url, input="", check=False)
+        assert refused.returncode == 1 and "rotate first" in refused.stderr, refused.stderr
+        assert "Retire " not in refused.stderr
         retired = hsmca("key", "retire", old_label_text, "--config", d.state / "hsmca.toml",
                         "--url", d.url, input="yes\n")
         assert "signs nothing" in retired.stdout
@@ -216,7 +223,8 @@ async def test_rotate_issuing_and_ssh_keys_retire_and_destroy_while_renewals_run
         proc = hsmca("revoke", format(host_cert.serial_number, "x"), "--config",
                      d.state / "hsmca.toml", "--url", d.url)
         assert "revoked" in proc.stdout
-        assert "retired key" in proc.stderr and old_label_text in proc.stderr, proc.stderr
+        assert "key retired or destroyed" in proc.stderr and old_label_text in proc.stderr, \
+            proc.stderr
         resp, _ = await ask_ocsp(d, host_ocsp)
         assert resp.response_status == ocsp.OCSPResponseStatus.UNAUTHORIZED
         later = enroll(d, tmp_path, "service", ["later.internal.example"])

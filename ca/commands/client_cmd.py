@@ -421,6 +421,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                    f"{', '.join(REASONS)}; a certificate's holder may give unspecified, "
                    "keyCompromise, superseded, affiliationChanged, cessationOfOperation")
     admin_flags(v)
-    credential_flags(v, "revoke your own certificate, authenticating with it (instead of "
-                     "the admin credential)", required=False)
+    credential_flags(v, "the client certificate to authenticate with instead of the "
+                     "admin credential of --config: your own, to revoke it (SERIAL defaults "
+                     "to its own), or an admin's, for a SERIAL or --identity from "
+                     "another host", required=False)
     v.set_defaults(command_key="revoke")

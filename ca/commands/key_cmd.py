@@ -103,12 +103,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _confirm_retire(args: argparse.Namespace) -> None:
-    """Retiring cannot be undone: ask, naming what the key is and what it issued. An
-    unknown label is not asked about: the daemon's refusal names the labels there are."""
+    """Retiring cannot be undone: ask, naming what the key is and what it issued. A key
+    that cannot be retired (unknown, active, retired already) is not asked about: the
+    daemon's refusal says why (for an unknown label, which labels there are)."""
     keys = {k["label"]: k for k in _call(args, "GET", "/v1/keys")["keys"]}
     key = keys.get(args.label)
-    if key is None:
-        return
+    if key is None or key["state"] in ("active", "retired", "destroyed"):
+        return  # refused by the daemon, which says why: asked first, yes led to a refusal
     issued = f"; it issued {key['signed']} certificate(s)" if key.get("signed") else ""
     confirm(f"Retire {args.label} ({key['kind']}, {key['state']}{issued})? It will sign "
             "nothing any more, and a retired key is never used again.", "not retired")

@@ -252,8 +252,8 @@ async def revoke(request: web.Request) -> web.Response:
         labels = ", ".join(sorted(set(done.unpublished.values())))
         listed = ", ".join(format(s, "x") for s in done.unpublished)
         warnings.append(
-            f"{len(done.unpublished)} of them ({listed}) were issued by a retired key "
-            f"({labels}), which signs nothing: their CRL and "
+            f"{len(done.unpublished)} of them ({listed}) were issued by a key retired or "
+            f"destroyed ({labels}), which signs nothing: their CRL and "
             "OCSP cannot say they are revoked, so relying parties that check only those "
             "trust them until they expire. hsmca itself refuses them")
         answer["unpublished"] = [format(s, "x") for s in done.unpublished]
