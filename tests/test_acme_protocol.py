@@ -588,3 +588,11 @@ def test_no_acme_without_the_section(daemon: Daemon) -> None:
     p = hsmca("acme", "eab", "create", "--config", daemon.state / "hsmca.toml", "--url",
               daemon.url, "--names", "*.test", check=False)
     assert p.returncode == 1 and "[acme]" in p.stderr
+
+
+def test_a_client_pointed_at_acme_is_told_where_the_directory_is(world: World) -> None:
+    """certbot --server https://ca:8443/acme got a bare 'no such endpoint' (ACME trial)."""
+    r = requests.get(f"{world.ca.url}/acme", verify=str(world.ca.daemon.root), timeout=30)
+    assert r.status_code == 404
+    assert r.json()["detail"].endswith("an ACME client's --server is "
+                                       "https://HOST:PORT/acme/directory"), r.text

@@ -48,6 +48,13 @@ async def test_health(daemon: Daemon) -> None:
     assert json.loads(raw) == {"status": "ok", "hsm": "ok", "audit": "ok", "store": "ok"}
 
 
+async def test_acme_asked_of_a_ca_without_it_says_how_to_turn_it_on(daemon: Daemon) -> None:
+    status, _, raw = await http("GET", f"{daemon.url}/acme/directory", daemon.ssl())
+    assert status == 404 and json.loads(raw)["detail"] == (
+        "no such endpoint: /acme/directory: this CA serves no ACME (its config has no "
+        "[acme] section: docs/acme.md)"), raw
+
+
 async def test_enroll_renew_rekey_with_the_cli(daemon: Daemon, tmp_path: Path) -> None:
     token = hsmca("token", "create", "--config", daemon.state / "hsmca.toml", "--url",
                   daemon.url, "--role", "service", "--name", "svc.internal.example",

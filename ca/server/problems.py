@@ -22,6 +22,19 @@ TYPE_BASE = "https://hsmca.dev/problems/"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def _hint(request: web.Request) -> str:
+    """Where a client that asked for the wrong path probably meant to go (an ACME
+    trial: certbot --server https://ca:8443/acme got a bare "no such endpoint")."""
+    path = request.path.rstrip("/")
+    if path not in ("", "/acme") and not path.startswith("/acme/"):
+        return ""
+    acme = any(r.canonical == "/acme/directory" for r in request.app.router.resources())
+    if not acme and path.startswith("/acme"):
+        return (": this CA serves no ACME (its config has no [acme] section: "
+                "docs/acme.md)")
+    return ": an ACME client's --server is https://HOST:PORT/acme/directory" if acme else ""
+
+
 def problem(status: int, title: str, detail: str, kind: str | None = None,
             headers: dict[str, str] | None = None) -> web.Response:
     body = {"type": TYPE_BASE + (kind or title.lower().replace(" ", "-")), "title": title,
@@ -78,7 +91,7 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         elif exc.status_code == 405:
             detail = f"{request.method} is not allowed on {request.path}"
         elif exc.status_code == 404:
-            detail = f"no such endpoint: {request.path[:200]}"
+            detail = f"no such endpoint: {request.path[:200]}" + _hint(request)
         # A 405 names the methods that work (Allow: RFC 9110 15.5.6), a 401 its scheme.
         kept = {k: v for k, v in exc.headers.items() if k in ("Allow", "WWW-Authenticate")}
         return problem(exc.status_code, TITLES.get(exc.status_code, exc.reason), detail,
