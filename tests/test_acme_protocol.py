@@ -299,12 +299,15 @@ def test_dns01_and_a_wildcard_through_the_resolver(world: World) -> None:
     ("http://redirect.test:1/x", None, "connection", "only to port"),
     ("ftp://redirect.test/x", None, "connection", "only http(s)"),
     (None, b"x" * 5000, "incorrectResponse", "longer than 4096 bytes"),
-    # An account must not point the CA at any address it likes on that port, and read
-    # the answers' status (security review): addresses and single labels are refused.
-    ("http://127.0.0.2:{port}/internal?x=1", None, "connection", "only to DNS names"),
-    ("http://2130706434:{port}/", None, "connection", "only to DNS names"),
-    ("http://[::1]:{port}/", None, "connection", "only to DNS names"),
-    ("http://localhost:{port}/", None, "connection", "only to DNS names"),
+    # An account must not point the CA at any host it likes on that port, and read
+    # the answers' status (security reviews): only the name being validated is followed,
+    # not addresses, single labels, nor another name (which may resolve to any host).
+    ("http://127.0.0.2:{port}/internal?x=1", None, "connection", "only on the name being"),
+    ("http://2130706434:{port}/", None, "connection", "only on the name being validated"),
+    ("http://[::1]:{port}/", None, "connection", "only on the name being validated"),
+    ("http://localhost:{port}/", None, "connection", "only on the name being validated"),
+    ("http://internal.other.test:{port}/admin?x=1", None, "connection",
+     "only on the name being validated (redirect.test), not to another host"),
 ])
 def test_http01_follows_no_odd_redirect_and_reads_a_few_kb(
         world: World, redirect: str | None, answer: bytes | None, kind: str,

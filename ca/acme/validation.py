@@ -33,7 +33,6 @@ import josepy as jose
 from acme import challenges
 from cryptography import x509
 
-from ca import policy
 from ca.config import AcmeConfig
 
 MAX_BODY = 4096
@@ -219,7 +218,7 @@ class Validator:
 
     def _redirect(self, location: str, scheme: str, host: str) -> tuple[str, str, int, str]:
         """Where a redirect may lead: http on the http-01 port, https on the tls-alpn-01
-        port (the configured "HTTPS port"), to a DNS name."""
+        port (the configured "HTTPS port"), on the name being validated (`host`)."""
         try:
             u = urlsplit(location)
             port = u.port
@@ -232,16 +231,14 @@ class Validator:
         if u.scheme not in ("http", "https") or not u.hostname:
             raise Failed("connection", f"redirect to {location[:100]!r}: only http(s) URLs "
                          "are followed")
-        # A DNS name with a dot, as Let's Encrypt's validator asks: an address literal
-        # (127.0.0.2, [::1], 2130706434) or a single label (localhost) would let an
-        # account point the CA at any host it can reach, and read its answers' status.
-        try:
-            kind, _ = policy.classify(u.hostname)
-        except policy.Refused:
-            kind = "invalid"
-        if kind != "dns" or "." not in u.hostname:
+        # The name being validated only, as its own scheme and port rules allow: another
+        # name, an address literal (127.0.0.2, [::1], 2130706434) or a single label
+        # (localhost) would let an account point the CA at any host it can reach on a
+        # private network, a name resolving to one included (a security review), and
+        # read its answers' status.
+        if u.hostname.lower().rstrip(".") != host.lower():
             raise Failed("connection", f"redirect to {location[:100]!r}: redirects are followed "
-                         "only to DNS names (with a dot), not to addresses")
+                         f"only on the name being validated ({host}), not to another host")
         allowed = self.cfg.http01_port if u.scheme == "http" else self.cfg.tls_alpn01_port
         wanted = port if port is not None else (80 if u.scheme == "http" else 443)
         if wanted != allowed:
