@@ -476,6 +476,16 @@ def contact_with_two_addresses(w: World) -> Reply:
     return Client(w.ca).register(w.ca.eab("*.test"), contact=["mailto:a@x.test,b@x.test"])
 
 
+@case(400, "invalidContact")
+def contact_with_a_terminal_escape(w: World) -> Reply:  # it would reach an admin's terminal
+    return Client(w.ca).register(w.ca.eab("*.test"), contact=["mailto:a\x1b[2J@x.test"])
+
+
+@case(400, "invalidContact")
+def contact_changed_to_one_with_a_bell(w: World) -> Reply:
+    return w.a.post(w.a.kid, {"contact": ["mailto:a\x07@x.test"]})
+
+
 @case(403, "unauthorized")
 def posting_to_another_account(w: World) -> Reply:
     return w.b.post(w.a.kid, {"contact": []})

@@ -399,7 +399,8 @@ def test_an_admin_lists_withdraws_eab_keys_and_deactivates_accounts(world: World
     assert again.returncode == 1 and "is withdrawn already" in again.stderr
     assert "deactivate the account" not in again.stderr  # it bound none
     holder = Client(ca)
-    assert holder.register((kept_kid, kept_hmac)).status == 201
+    assert holder.register((kept_kid, kept_hmac), contact=["mailto:ops@kept.test"]).status \
+        == 201
     listed = hsmca("acme", "eab", "list", "--config", ca.config).stdout.splitlines()
     assert any(line.split()[:2] == [leaked_kid, "withdrawn"] for line in listed)
     account = holder.kid.rsplit("/", 1)[1]  # type: ignore[union-attr]
@@ -408,6 +409,9 @@ def test_an_admin_lists_withdraws_eab_keys_and_deactivates_accounts(world: World
     assert refused.returncode == 1 and "deactivate the account" in refused.stderr
     accounts = hsmca("acme", "account", "list", "--config", ca.config).stdout.splitlines()
     assert any(line.split()[:3] == [account, "valid", kept_kid] for line in accounts)
+    assert accounts[0].split()[4] == "CONTACT", accounts[0]  # as its --help says
+    assert any(line.split()[:1] == [account] and line.split()[4] == "ops@kept.test"
+               for line in accounts), accounts
     hsmca("acme", "account", "deactivate", account, "--config", ca.config)
     r = holder.order("kept.test")
     assert r.status in (401, 403) and r.problem == "unauthorized", r.body

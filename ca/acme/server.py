@@ -255,8 +255,9 @@ def _contact(value: object) -> tuple[str, ...]:
         if not c.startswith("mailto:"):
             raise AcmeProblem("unsupportedContact", "only mailto: contacts are supported")
         addr = c[len("mailto:"):]
-        if addr.count("@") != 1 or any(ch in addr for ch in ",; \t\r\n<>") \
-                or not addr.isascii():
+        # printable ASCII only: an ESC or BEL stored here reaches an admin's terminal
+        if addr.count("@") != 1 or any(ch in addr for ch in ",;<>") \
+                or not (addr.isascii() and addr.isprintable()) or " " in addr:
             raise AcmeProblem("invalidContact", f"{c[:80]!r} is not one e-mail address")
         out.append(c)
     return tuple(out)

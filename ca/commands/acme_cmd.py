@@ -119,7 +119,15 @@ def account_list(args: argparse.Namespace) -> int:
     return _table(_ask(args, "GET", "/v1/acme/accounts")["accounts"], "no ACME accounts", [
         ("ACCOUNT", 24, lambda a: a["id"]), ("STATUS", 11, lambda a: a["status"]),
         ("EAB", 24, lambda a: a["eab_kid"] or "-"), ("CREATED", 25, lambda a: a["created_at"]),
+        ("CONTACT", 30, _contacts),
         ("NAMES", 0, lambda a: " ".join(a["names"]) or "(the CA lists alone)")])
+
+
+def _contacts(account: dict[str, Any]) -> str:
+    """Its e-mail addresses; one stored before they had to be printable is shown escaped,
+    never written raw to the admin's terminal."""
+    shown = [c.removeprefix("mailto:") for c in account.get("contact", [])]
+    return ",".join(c if c.isprintable() else ascii(c) for c in shown) or "-"
 
 
 def account_deactivate(args: argparse.Namespace) -> int:
