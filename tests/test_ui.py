@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -258,3 +259,41 @@ async def test_a_wrong_audit_key_is_named_on_the_keys_page(daemon: Daemon,
         or "✗ The audit key you pinned (--audit-key) is none of this CA's keys" in text, text
     assert "The root you pinned (--ca) is none" not in text
     assert "✓ the root you pinned (--ca)" in text
+
+
+async def test_the_view_serves_only_its_own_user_and_its_own_pages(daemon: Daemon,
+                                                                  tmp_path: Path) -> None:
+    """It reads with its user's client certificate, which no other user may read: a
+    security review fetched the whole inventory through it as `nobody`, and any web page
+    could make the auditor's browser load the daemon through it."""
+    import subprocess
+    auditor = enroll(daemon, tmp_path, "auditor", ["own-user-auditor@example.com"])
+    ui = Running.start("ui", "--url", daemon.url, "--ca", daemon.root, "--cert", auditor[0],
+                       "--key", auditor[1], "--audit-key", daemon.state / "audit/audit_key.pem",
+                       "--state", tmp_path / "ui.state", "--listen", "127.0.0.1:0")
+    try:
+        base = ui.listening_url()
+        port = base.rsplit(":", 1)[1]
+        with urllib.request.urlopen(f"{base}/certificates.csv", timeout=60) as answer:
+            assert answer.status == 200  # its own user (root here)
+        # Another local user, over the same loopback address: refused, told why.
+        other = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "bash", "-c",
+             f"exec 3<>/dev/tcp/127.0.0.1/{port}; printf 'GET /certificates.csv HTTP/1.0"
+             f"\\r\\nHost: 127.0.0.1:{port}\\r\\n\\r\\n' >&3; cat <&3"],
+            capture_output=True, text=True, timeout=60, cwd="/")
+        assert other.stdout.startswith("HTTP/1.0 403"), other.stdout + other.stderr
+        assert "serves only the user who runs `hsmca ui`" in other.stdout
+        assert "serial" not in other.stdout.lower()  # none of the inventory
+        # A request another site made the browser send; what a user typed is served.
+        for site, status in (("cross-site", 403), ("same-site", 403), ("none", 200),
+                             ("same-origin", 200)):
+            request = urllib.request.Request(f"{base}/", headers={"Sec-Fetch-Site": site})
+            try:
+                with urllib.request.urlopen(request, timeout=60) as answer:
+                    got = answer.status
+            except urllib.error.HTTPError as exc:
+                got = exc.code
+            assert got == status, site
+    finally:
+        ui.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import os
 import signal
 import ssl
 import sys
@@ -148,6 +149,7 @@ async def _serve(url: str, ctx: ssl.SSLContext, root: x509.Certificate,
                  witness_keys: list[VerifierKey], host: str, port: int,
                  tls: ssl.SSLContext | None, public: bool) -> None:
 
+    from ca.ui import peer
     from ca.ui.app import build_app
     from ca.ui.ca_api import CA
     from ca.ui.follow import Logs
@@ -172,6 +174,12 @@ async def _serve(url: str, ctx: ssl.SSLContext, root: x509.Certificate,
         # Only the names this server is reached by on this machine (DNS rebinding).
         ui.allowed_hosts = {f"{name}:{bound[1]}" for name in (shown, "localhost", "127.0.0.1",
                                                               "[::1]")}
+        # Only its own user's connections (and root's): see ca/ui/peer.py.
+        if peer.TABLES[0].exists():
+            ui.local_users = frozenset({os.getuid(), 0})
+        else:
+            print("hsmca ui: no /proc/net/tcp here to tell which user connects: every "
+                  "local user can read through this view", file=sys.stderr)
     logs.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -7,16 +7,22 @@ and the headers every answer carries.
 - Only the Host names this server listens as (loopback by default): a web page the
   auditor visits cannot read these pages by pointing its own DNS name at 127.0.0.1
   (DNS rebinding).
+- On loopback, only connections from the user it runs as (or root): the view reads
+  with that user's client certificate, which no other user may read (ca/ui/peer.py).
+- Only what the browser was asked for by this view's own pages, or typed or
+  bookmarked (Sec-Fetch-Site same-origin or none): a web page elsewhere cannot make the
+  auditor's browser load the daemon through it, even blind.
 - Pages are not cached (they show the inventory), assets briefly.
 """
 
 from __future__ import annotations
 
+import weakref
 from importlib import resources
 
 from aiohttp import web
 
-from ca.ui import pages
+from ca.ui import pages, peer
 from ca.ui.pages import UI, UI_KEY
 
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
@@ -33,12 +39,42 @@ def _assets() -> dict[str, bytes]:
     return {name: (folder / name).read_bytes() for name in ASSETS}
 
 
+_OWNERS: weakref.WeakKeyDictionary[object, int | None] = weakref.WeakKeyDictionary()
+
+
+def _connected_user(request: web.Request) -> int | None:
+    """The local user owning the client's socket, looked up once per connection."""
+    transport = request.transport
+    if transport is None:
+        return None
+    if transport not in _OWNERS:
+        client, server = (transport.get_extra_info(k) for k in ("peername", "sockname"))
+        _OWNERS[transport] = (peer.owner(client[:2], server[:2])
+                              if client and server else None)
+    return _OWNERS[transport]
+
+
+def _refusal(request: web.Request, ui: UI) -> web.Response | None:
+    if ui.allowed_hosts is not None and request.host.lower() not in ui.allowed_hosts:
+        return web.Response(status=421, text="this server answers only as "
+                            + ", ".join(sorted(ui.allowed_hosts)) + "\n")
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None and site not in ("same-origin", "none"):
+        return web.Response(status=403, text="this view answers only its own pages and "
+                            "addresses typed or bookmarked, not requests another site "
+                            "makes\n")
+    if ui.local_users is not None and _connected_user(request) not in ui.local_users:
+        return web.Response(status=403, text="this view serves only the user who runs "
+                            "`hsmca ui` (it reads with that user's client certificate): "
+                            "run your own\n")
+    return None
+
+
 @web.middleware
 async def guard(request: web.Request, handler: pages.Handler) -> web.StreamResponse:
-    allowed = request.app[UI_KEY].allowed_hosts
-    if allowed is not None and request.host.lower() not in allowed:
-        response: web.StreamResponse = web.Response(
-            status=421, text="this server answers only as " + ", ".join(sorted(allowed)) + "\n")
+    refused = _refusal(request, request.app[UI_KEY])
+    if refused is not None:
+        response: web.StreamResponse = refused
     else:
         try:
             response = await handler(request)

@@ -55,6 +55,9 @@ class UI:
     witness_keys: list[VerifierKey]
     env: jinja2.Environment
     allowed_hosts: set[str] | None = None  # None: any Host header (--listen-public)
+    # The local users whose connections it serves (its own, and root); None: any
+    # (--listen-public, or no /proc/net/tcp to tell by: ca/ui/peer.py)
+    local_users: frozenset[int] | None = None
     whoami: dict[str, Any] | None = field(default=None)
 
 
