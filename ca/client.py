@@ -88,7 +88,11 @@ def load_private_key(path: Path, flag: str = "--key") -> Any:
         raise ClientError(f"{flag} {path} is encrypted; hsmca needs the key unencrypted "
                           "(protected by its file mode, 0600)") from None
     except (ValueError, UnsupportedAlgorithm):
-        raise ClientError(f"{flag} {path} holds no PEM private key") from None
+        hint = ""
+        if b"-----BEGIN PUBLIC KEY-----" in data:  # audit_key.pem, as `audit verify --key`
+            hint = (": it is a public key (such as the audit key, which `hsmca audit "
+                    "verify --key` takes); here give your client certificate's private key")
+        raise ClientError(f"{flag} {path} holds no PEM private key{hint}") from None
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,9 @@ def ssl_context(ca: Path | None, cert: Path | None = None,
             if reason == "KEY_VALUES_MISMATCH":
                 raise ClientError(f"--key {key} is not the private key of --cert {cert}"
                                   ) from None
+            # Said of the file at fault, in words (OpenSSL says "PEM lib")
+            load_certificates(cert, "--cert")
+            load_private_key(key or cert, "--key")
             raise ClientError(f"cannot load the client certificate {cert} / key {key}: "
                               f"{reason}") from None
     _INFO[ctx] = _ContextInfo(ca, cert)

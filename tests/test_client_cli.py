@@ -236,6 +236,13 @@ def test_credential_flags_have_one_name_and_accept_the_other(daemon: Daemon,
     shown = hsmca("audit", "show", "--url", daemon.url, "--ca", daemon.root,
                   "--cert", admin / "cert.pem", "--key", admin / "key.pem")
     assert "init.start" in shown.stdout
+    # --key is the client's private key here, the audit public key in `audit verify`:
+    # the one given where the other is meant is named (a docs trial mixed them up)
+    mixed = hsmca("audit", "show", "--url", daemon.url, "--ca", daemon.root, "--cert",
+                  admin / "cert.pem", "--key", daemon.state / "audit/audit_key.pem",
+                  check=False)
+    assert mixed.returncode == 1 and "it is a public key (such as the audit key" in \
+        mixed.stderr, mixed.stderr
     for argv in (["renew"], ["ssh", "user"], ["ssh", "host"], ["audit", "show"],
                  ["audit", "verify"]):
         text = hsmca(*argv, "--help").stdout
