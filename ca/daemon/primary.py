@@ -726,10 +726,10 @@ def _say_how_the_last_run_ended(config: Config, audit: AuditLog) -> None:
     the lines read at start, by the URL file only a stop removes."""
     run = audit.last_run
     if run.ended == "killed" or (run.ended == "unknown" and config.url_file.exists()):
-        log.warning("the last run did not stop cleanly (killed, or the host went down): "
-                    "the signatures it had under way were never released, and their "
-                    "intent lines stay without an outcome; `hsmca audit verify` accepts "
-                    "that before a start", log=str(config.audit_log),
+        log.warning("the last run did not stop cleanly (killed, the host went down, or "
+                    "its start failed): the signatures it had under way were never "
+                    "released, and their intent lines stay without an outcome; `hsmca "
+                    "audit verify` accepts that before a start", log=str(config.audit_log),
                     signatures_under_way=run.open_signatures)
 
 
