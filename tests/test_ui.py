@@ -297,3 +297,22 @@ async def test_the_view_serves_only_its_own_user_and_its_own_pages(daemon: Daemo
             assert got == status, site
     finally:
         ui.stop()
+
+
+def test_the_owner_of_a_loopback_connection_is_found_over_ipv4_and_ipv6() -> None:
+    import os
+    import socket
+
+    from ca.ui import peer
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        with socket.socket(family) as server, socket.socket(family) as client:
+            server.bind((host, 0))
+            server.listen()
+            client.connect(server.getsockname())
+            accepted, _ = server.accept()
+            with accepted:
+                assert peer.owner(accepted.getpeername()[:2],
+                                  accepted.getsockname()[:2]) == os.getuid(), host
+    # /proc/net/tcp6 writes ::ffff:127.0.0.1 and ::1 in 32-bit little-endian words
+    assert peer._address("0000000000000000FFFF00000100007F:1F90") == ("127.0.0.1", 8080)
+    assert peer._address("00000000000000000000000001000000:0050") == ("::1", 80)
