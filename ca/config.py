@@ -361,9 +361,9 @@ def load(path: Path) -> Config:
                         token=_get(hsm, "token", str, where), pin_source=pin_source)
     keys_raw = raw.get("keys", {})
     keys: dict[str, str] = {}
+    wk = Where(path, text, "keys")
     for purpose in KEY_LABELS:
         name = purpose.replace("_", "-")
-        wk = Where(path, text, "keys")
         uri = _get(keys_raw, name, str, wk)
         try:
             parsed = parse_uri(uri)
