@@ -295,6 +295,24 @@ async def test_revoke_identity_takes_everything_issued_to_a_name(
     assert status == 404, raw
 
 
+async def test_revoke_identity_reaches_an_ssh_certificate_that_outlived_its_x509(
+        ca_daemon: Daemon, tmp_path: Path) -> None:
+    """An SSH user certificate (up to 24 h) may outlive the X.509 credential it was asked
+    with: offboarding by name must still put it in the KRL (an SSH trial: "nothing live
+    was issued", and the person still logged in)."""
+    d = ca_daemon
+    gina = enroll(d, tmp_path, "user", ["gina@example.com"], ["gina"], "--ttl", "3s")
+    ssh_gina = ssh_user_cert(d, tmp_path, gina, "id_gina")
+    ends = load(gina[0]).not_valid_after_utc.timestamp()
+    while time.time() <= ends:  # the wall clock, not another process: bounded by --ttl
+        time.sleep(0.2)
+    assert krl_says(d, tmp_path, ssh_gina) == "ok"
+    proc = hsmca("revoke", "--identity", "gina@example.com", "--config",
+                 d.state / "hsmca.toml", "--url", d.url)
+    assert "revoked 1 certificate(s) issued to gina@example.com" in proc.stdout, proc.stdout
+    assert krl_says(d, tmp_path, ssh_gina) == "REVOKED"
+
+
 @pytest.mark.parametrize("reason, status, problem", [
     ("cACompromise", 403, "revocation-reason-not-allowed"),
     ("ca_compromise", 403, "revocation-reason-not-allowed"),

@@ -110,7 +110,9 @@ class Store(Protocol):
         ...
 
     async def live_certs_named(self, name: str, now: dt.datetime) -> list[int]:
-        """Every unrevoked, unexpired certificate that carries `name`."""
+        """Every unrevoked certificate that carries `name` and is live, or has a live SSH
+        certificate issued on its strength (which would otherwise outlive an
+        offboarding: `hsmca revoke --identity`)."""
         ...
 
     async def live_certs_with_keys(self, spkis: Sequence[str], now: dt.datetime) -> list[int]:

@@ -68,6 +68,7 @@ from ca.store.records import (
 )
 from ca.store.sqlite import (
     _CERT_COLS,
+    _LIVE_SSH_CHILD,
     _READ_COLS,
     _READ_FROM,
     _SORTS,
@@ -462,8 +463,9 @@ class PostgresStore:
 
     async def live_certs_named(self, name: str, now: dt.datetime) -> list[int]:
         rows = await self._rows(
-            "SELECT serial FROM certs WHERE revoked_at IS NULL AND not_after > %s AND "
-            "names::jsonb ? %s", (now.isoformat(), name))
+            "SELECT serial FROM certs WHERE revoked_at IS NULL AND names::jsonb ? %s AND "
+            f"(not_after > %s OR {_LIVE_SSH_CHILD.format(integer='NUMERIC', p='%s')})",
+            (name, now.isoformat(), int(now.timestamp())))
         return sorted(int(r[0], 16) for r in rows)
 
     async def live_certs_with_keys(self, spkis: Sequence[str], now: dt.datetime) -> list[int]:

@@ -362,6 +362,10 @@ def _status_clause(status: str, revoked_at: str, end: str, now: object, soon: ob
     args += values
 
 
+# An SSH certificate issued on the strength of this X.509 certificate is still live: an
+# SSH user certificate (up to 24 h) may outlive the credential it was asked with.
+_LIVE_SSH_CHILD = ("EXISTS (SELECT 1 FROM ssh_certs s WHERE s.owner_serial = certs.serial "
+                   "AND s.revoked_at IS NULL AND CAST(s.valid_before AS {integer}) > {p})")
 EPOCH = "CAST(strftime('%s', {}) AS INTEGER)"  # an ISO 8601 column's Unix seconds
 
 
@@ -780,9 +784,10 @@ class SQLiteStore:
 
     async def live_certs_named(self, name: str, now: dt.datetime) -> list[int]:
         rows = self._read(
-            "SELECT serial FROM certs WHERE revoked_at IS NULL AND not_after > ? AND EXISTS "
-            "(SELECT 1 FROM json_each(certs.names) WHERE json_each.value = ?)",
-            (now.isoformat(), name))
+            "SELECT serial FROM certs WHERE revoked_at IS NULL AND EXISTS "
+            "(SELECT 1 FROM json_each(certs.names) WHERE json_each.value = ?) AND "
+            f"(not_after > ? OR {_LIVE_SSH_CHILD.format(integer='INTEGER', p='?')})",
+            (name, now.isoformat(), int(now.timestamp())))
         return sorted(int(r[0], 16) for r in rows)
 
     async def live_certs_with_keys(self, spkis: Sequence[str], now: dt.datetime) -> list[int]:
