@@ -15,9 +15,19 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from ca.config import Policy
-from tests.conftest import Daemon, hsmca, init_ca, require, set_config, start_daemon
+from tests.conftest import (
+    HSMCA,
+    Daemon,
+    hsmca,
+    init_ca,
+    require,
+    set_config,
+    start_daemon,
+)
 from tests.helpers import Running, cert_serial, enroll, http
 from tests.ports import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def keygen(path: Path) -> Path:
@@ -65,6 +75,57 @@ def test_ssh_user_agent_adds_key_and_certificate(daemon: Daemon, tmp_path: Path,
     lifetime = int(proc.stdout.split("to ssh-agent for ")[1].split()[0])
     c = ssh_cert(tmp_path / "id_ed25519-cert.pub")
     assert 0 < lifetime <= c.valid_before - c.valid_after - 60
+
+
+def on_terminal(argv: list[str], env: dict[str, str], answer: str) -> tuple[int, str]:
+    """Run `argv` on a terminal of its own (a pty), type `answer` at its passphrase
+    prompt; its exit status and all it wrote there."""
+    import pty
+    import select
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the command, on the pty
+        os.execve(HSMCA[0], [*HSMCA, *argv], {**env, "PYTHONPATH": str(ROOT)})
+    said, typed = b"", False
+    try:
+        while True:
+            ready, _, _ = select.select([fd], [], [], 60)
+            assert ready, f"no output within 60 s: {said!r}"  # a watchdog, not a sleep
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # EIO: the command ended, its terminal closed
+                break
+            if not chunk:
+                break
+            said += chunk
+            if not typed and b"passphrase for" in said:
+                os.write(fd, answer.encode() + b"\n")
+                typed = True
+    finally:
+        os.close(fd)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), said.decode(errors="replace")
+
+
+def test_ssh_user_agent_asks_the_passphrase_of_a_key_ssh_keygen_made(
+        daemon: Daemon, tmp_path: Path, agent: dict[str, str]) -> None:
+    """ssh-keygen's own format, its default: the right passphrase failed like a wrong
+    one (bcrypt was missing: an SSH trial), and without a terminal the reason was empty."""
+    cert, key = enroll(daemon, tmp_path, "user", ["pat@example.com"], ["pat"])
+    subprocess.run([require("ssh-keygen"), "-q", "-t", "ed25519", "-N", "secret phrase",
+                    "-f", tmp_path / "id_pp"], check=True)
+    argv = ["ssh", "user", "--url", daemon.url, "--ca", str(daemon.root), "--cert", str(cert),
+            "--key", str(key), "--pubkey", str(tmp_path / "id_pp.pub"), "--ttl", "10m",
+            "--agent"]
+    status, said = on_terminal(argv, agent, "not it")
+    assert status == 1 and "wrong passphrase for" in said, said
+    proc = subprocess.run([*HSMCA, *argv], env=agent, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 1 and "no terminal to ask for it on" in proc.stderr, proc.stderr
+    status, said = on_terminal(argv, agent, "secret phrase")
+    assert status == 0 and "to ssh-agent for" in said, said
+    listed = subprocess.run([require("ssh-add"), "-L"], env=agent, capture_output=True,
+                            text=True, check=True).stdout
+    assert (tmp_path / "id_pp-cert.pub").read_text().split()[1] in listed
 
 
 def test_ssh_user_agent_needs_an_agent_before_any_request(tmp_path: Path) -> None:

@@ -122,11 +122,17 @@ def _agent_key(args: argparse.Namespace) -> Any:
         raise CLIError(f"--agent: cannot read the private key {private} (beside --pubkey): "
                        f"{exc.strerror}") from None
     import getpass
+    if not sys.stdin.isatty():
+        raise CLIError(f"--agent: {private} is protected by a passphrase, and there is no "
+                       "terminal to ask for it on: run this in a terminal, or leave out "
+                       "--agent and add the key and its certificate with ssh-add")
     try:
         phrase = getpass.getpass(f"passphrase for {private}: ")
         return asyncssh.read_private_key(private, phrase)
-    except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError, EOFError) as exc:
-        raise CLIError(f"--agent: cannot decrypt {private}: {exc}") from None
+    except asyncssh.KeyEncryptionError:
+        raise CLIError(f"--agent: wrong passphrase for {private}") from None
+    except (asyncssh.KeyImportError, EOFError) as exc:
+        raise CLIError(f"--agent: cannot decrypt {private}: {exc or 'no passphrase'}") from None
 
 
 async def _add_to_agent(key: Any, cert_line: str, cert_path: Path) -> int:
