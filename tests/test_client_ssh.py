@@ -242,6 +242,31 @@ def test_ssh_host_install_writes_an_absolute_drop_in_sshd_uses(daemon: Daemon,
     assert "in-via-drop-in" in login.stdout, login.stderr + "".join(sshd.log)
 
 
+def test_the_drop_in_keeps_every_host_key_sshd_offered_and_each_ones_certificate(
+        daemon: Daemon, tmp_path: Path) -> None:
+    """Once any HostKey is set sshd offers only those named: a drop-in naming one key
+    made a Debian sshd stop offering its others, and a second key's --install replaced
+    the first key's certificate line (an SSH trial)."""
+    cert, key = enroll(daemon, tmp_path, "host", ["localhost"])
+    base = tmp_path / "ssh"
+    base.mkdir()
+    for kind in ("ecdsa", "ed25519", "rsa"):
+        subprocess.run([require("ssh-keygen"), "-q", "-t", kind, "-N", "", "-f",
+                        base / f"ssh_host_{kind}_key"], check=True)
+    for kind in ("ecdsa", "ed25519"):  # certified one after the other; rsa is not
+        hsmca("ssh", "host", "--url", daemon.url, "--ca", daemon.root, "--cert", cert,
+              "--key", key, "--pubkey", base / f"ssh_host_{kind}_key.pub", "--install",
+              tmp_path / "sshd_config.d")
+    sshd = SSHD(tmp_path, tmp_path / "sshd_config.d")
+    assert sshd.check().returncode == 0
+    shown = subprocess.run([require("sshd"), "-T", "-f", sshd.config], capture_output=True,
+                           text=True, cwd="/", check=True).stdout.splitlines()
+    assert sorted(x.split()[1] for x in shown if x.startswith("hostkey ")) == [
+        str(base / f"ssh_host_{kind}_key") for kind in ("ecdsa", "ed25519", "rsa")]
+    assert sorted(x.split()[1] for x in shown if x.startswith("hostcertificate ")) == [
+        str(base / f"ssh_host_{kind}_key-cert.pub") for kind in ("ecdsa", "ed25519")]
+
+
 def test_ssh_host_install_refuses_a_missing_host_key_or_directory(tmp_path: Path) -> None:
     pub = keygen(tmp_path / "k")
     (tmp_path / "k").unlink()

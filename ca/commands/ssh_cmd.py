@@ -220,8 +220,27 @@ class HostFiles:
                    drop_in=install.absolute() / DROP_IN if install is not None else None)
 
     def sshd_lines(self) -> str:
-        return (f"HostKey {self.host_key}\nHostCertificate {self.cert}\n"
-                f"TrustedUserCAKeys {self.user_ca}\nRevokedKeys {self.krl}\n")
+        """The drop-in's lines. Once any HostKey is set, sshd offers only the keys named,
+        so every host key it would offer by default (each ssh_host_*_key beside this one,
+        with its .pub) is named, not this one alone (an SSH trial: Debian's sshd stopped
+        offering its RSA and ECDSA keys), with the certificate of each that has one: a
+        second key's --install keeps the first's (it is what each rewrites)."""
+        keys = _host_keys(self.host_key)
+        certs = [_cert_path(k.with_name(k.name + ".pub")) for k in keys]
+        return ("".join(f"HostKey {k}\n" for k in keys)
+                + "".join(f"HostCertificate {c}\n" for c in certs
+                          if c == self.cert or c.is_file())
+                + f"TrustedUserCAKeys {self.user_ca}\nRevokedKeys {self.krl}\n")
+
+
+def _host_keys(host_key: Path) -> list[Path]:
+    """`host_key`, and the other keys sshd offers by default beside it: the
+    ssh_host_*_key files of its directory that have their .pub."""
+    keys = {host_key}
+    if host_key.name.startswith("ssh_host_") and host_key.name.endswith("_key"):
+        keys |= {k for k in host_key.parent.glob("ssh_host_*_key")
+                 if k.with_name(k.name + ".pub").is_file()}
+    return sorted(keys)
 
 
 async def _fetch_trust(url: str, anon: ssl.SSLContext) -> tuple[dict[str, Any], bytes]:
