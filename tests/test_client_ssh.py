@@ -267,6 +267,24 @@ def test_the_drop_in_keeps_every_host_key_sshd_offered_and_each_ones_certificate
         str(base / f"ssh_host_{kind}_key-cert.pub") for kind in ("ecdsa", "ed25519")]
 
 
+def test_ssh_host_renew_refused_at_its_start_exits_3(daemon: Daemon, tmp_path: Path) -> None:
+    """As renew --daemon: a refusal retrying cannot fix exits 3, which the documented
+    unit (RestartPreventExitStatus=3) does not restart every minute for good."""
+    cert, key = enroll(daemon, tmp_path, "host", ["gone-host.example.com"])
+    pub = keygen(tmp_path / "ssh_host_ed25519_key")
+    status, _, raw = revoke_as_admin(daemon, cert)
+    assert status == 200, raw
+    proc = hsmca("ssh", "host", "--url", daemon.url, "--ca", daemon.root, "--cert", cert,
+                 "--key", key, "--pubkey", pub, "--renew", check=False)
+    assert proc.returncode == 3 and "has been revoked" in proc.stderr, proc.stderr
+
+
+def revoke_as_admin(d: Daemon, cert: Path) -> tuple[int, str, bytes]:
+    """Revoke `cert` as the admin."""
+    return asyncio.run(http("POST", f"{d.url}/v1/x509/revoke", d.admin_ssl(), body={
+        "serial": cert_serial(cert), "reason": "cessationOfOperation"}))
+
+
 def test_ssh_host_install_refuses_a_missing_host_key_or_directory(tmp_path: Path) -> None:
     pub = keygen(tmp_path / "k")
     (tmp_path / "k").unlink()

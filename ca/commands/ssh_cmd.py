@@ -349,6 +349,12 @@ def host(args: argparse.Namespace) -> int:
         # certificate may still be good for weeks, and sshd must keep getting the KRL.
         valid_before = _ssh_cert_times(f.cert)[1] if args.renew and f.cert.exists() else None
         if valid_before is None or valid_before <= dt.datetime.now(dt.UTC):
+            if args.renew and not exc.retryable:
+                # What retrying cannot fix (a refusal; a revoked, expired or foreign
+                # credential): exit 3, which the documented unit does not restart, as
+                # `renew --daemon` (an SSH trial: exit 1, restarted every minute).
+                from ca.errors import GaveUp
+                raise GaveUp(str(exc)) from None
             raise
         print(f"hsmca: warning: {exc}; {f.cert} is valid until {valid_before.isoformat()}: "
               "keeping the KRL and the user CA fresh, and trying the certificate again "
