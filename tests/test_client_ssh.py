@@ -24,7 +24,7 @@ from tests.conftest import (
     set_config,
     start_daemon,
 )
-from tests.helpers import Running, cert_serial, enroll, http
+from tests.helpers import Running, bootstrap_token, cert_serial, enroll, http
 from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -394,5 +394,21 @@ def test_ssh_host_renew_keeps_the_krl_fresh_when_its_credential_no_longer_works(
         assert len(runner.events("ssh.host.revoked")) == 1
         assert len(runner.events("ssh.host.credential.refused")) == 1
         assert runner.proc.poll() is None
+        # Enrolled again, as the warning says: the running --renew renews the host
+        # certificate at once, not weeks later at its time (an SSH trial: only a
+        # restart did).
+        revoked_serial = ssh_cert(tmp_path / "keys" / "ssh_host_ed25519_key-cert.pub").serial
+        token = tmp_path / "again.token"
+        token.write_text(asyncio.run(bootstrap_token(d, "host", ["localhost"])) + "\n")
+        token.chmod(0o600)
+        hsmca("enroll", "--url", d.url, "--ca", d.root, "--token-file", token, "--name",
+              "localhost", "--out", cert.parent, "--force")
+        done = runner.wait("ssh.host.renew.done")
+        renewed = tmp_path / "keys" / "ssh_host_ed25519_key-cert.pub"
+        assert int(done["serial"]) == ssh_cert(renewed).serial != revoked_serial
+        runner.wait("ssh.refresh.done", since=runner.mark())
+        query = subprocess.run([require("ssh-keygen"), "-Q", "-f", krl, renewed],
+                               capture_output=True, text=True)
+        assert "REVOKED" not in query.stdout + query.stderr, query.stdout
     finally:
         runner.stop()

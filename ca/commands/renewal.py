@@ -63,12 +63,22 @@ def backoff_s(attempt: int, remaining_s: float | None, rng: random.Random = _rng
     return delay * rng.uniform(0.5, 1.0)
 
 
-async def sleep_until(when: dt.datetime) -> None:
+async def sleep_until(when: dt.datetime | Callable[[], dt.datetime],
+                      wake: asyncio.Event | None = None) -> None:
+    """Until `when`, or until the time it gives, asked again after each slice and
+    whenever `wake` is set (a job's due time moves: a credential replaced by other
+    means, a host certificate found revoked)."""
     while True:
-        left = (when - now()).total_seconds()
+        at = when() if callable(when) else when
+        left = (at - now()).total_seconds()
         if left <= 0:
             return
-        await asyncio.sleep(min(left, SLICE_S))
+        if wake is None:
+            await asyncio.sleep(min(left, SLICE_S))
+            continue
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), min(left, SLICE_S))
+        wake.clear()
 
 
 @dataclass
@@ -90,6 +100,8 @@ class Job:
     # The credential was written just before (ssh host --renew certifies the host key
     # when it starts): the hook runs for it too, as for any new one.
     hook_at_start: bool = False
+    # Set when the job may be due sooner than it said: its due time is asked again.
+    wake: asyncio.Event | None = None
 
 
 STUCK_RETRY_S = 600.0
@@ -133,7 +145,7 @@ async def keep(job: Job, log: Any) -> None:
         at = job.due()
         log.info(f"{job.event}.scheduled", at=at.isoformat(),
                  in_s=round(max(0.0, (at - now()).total_seconds()), 1))
-        await sleep_until(at)
+        await sleep_until(job.due, job.wake)
         attempt = 0
         while True:
             log.info(f"{job.event}.start", attempt=attempt + 1)

@@ -416,8 +416,24 @@ def _keep_host_fresh(args: argparse.Namespace, f: HostFiles, refresh_now: bool =
     schedule: dict[tuple[dt.datetime, dt.datetime], dt.datetime] = {}
     next_refresh = [now() + dt.timedelta(seconds=0 if refresh_now else args.refresh)]
 
+    # A host certificate the KRL revokes is renewed at once once the host is enrolled
+    # again, as the warning says (its credential is another, and the CA takes it), not
+    # weeks later at its time: an SSH trial kept serving the revoked one until a
+    # restart. Not with the credential it had: an admin's revocation would be undone.
+    revoked_span: list[tuple[dt.datetime, dt.datetime] | None] = [None]
+    revoked_under: dict[tuple[dt.datetime, dt.datetime], int | None] = {}
+    renew_now = asyncio.Event()
+
+    def credential() -> int | None:
+        try:
+            return int(client.load_certificates(args.cert, "--cert")[0].serial_number)
+        except client.ClientError:
+            return None
+
     def cert_due() -> dt.datetime:
         span = _ssh_cert_times(f.cert)
+        if span == revoked_span[0]:
+            return now()
         if span not in schedule:
             schedule.clear()
             schedule[span] = renew_time(*span)
@@ -460,13 +476,20 @@ def _keep_host_fresh(args: argparse.Namespace, f: HostFiles, refresh_now: bool =
         warn_once("credential", standing, "ssh.host.credential.refused", error=standing,
                   detail=f"the CA no longer takes {args.cert}: the host certificate cannot "
                   "be renewed until the host is enrolled again")
+        span = _ssh_cert_times(f.cert)
+        first = revoked_under.setdefault(span, credential()) if revoked else None
+        revoked_span[0] = span if (revoked and standing is None
+                                   and credential() not in (first, None)) else None
+        if revoked_span[0] is not None:
+            renew_now.set()
         return fields
 
     # The host certificate's job keeps going when it cannot renew (an expired X.509
     # credential needs a person): the KRL and the user CA must still come.
     jobs = [Job("ssh.host.renew", cert_due, renew_cert, cert_left, hook=args.exec,
                 hook_env=lambda: {"HSMCA_SSH_CERT": str(f.cert)},
-                hook_timeout_s=args.exec_timeout, keeps_going=True, hook_at_start=written),
+                hook_timeout_s=args.exec_timeout, keeps_going=True, hook_at_start=written,
+                wake=renew_now),
             Job("ssh.refresh", lambda: next_refresh[0], refresh, lambda: None)]
     return run_forever(jobs, command="ssh host", cert=str(f.cert))
 
