@@ -212,6 +212,17 @@ def test_pubkey_holding_a_private_key_is_refused_before_any_request(tmp_path: Pa
     assert "OPENSSH" not in proc.stderr + proc.stdout
 
 
+def test_a_pem_certificate_as_pubkey_is_not_called_a_private_key(tmp_path: Path) -> None:
+    """An SSH trial gave cert.pem as --pubkey and was told it held a private key."""
+    pem = tmp_path / "cert.pem"
+    pem.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    proc = hsmca("ssh", "host", "--url", "https://127.0.0.1:1", "--cert", tmp_path / "c.pem",
+                 "--key", tmp_path / "k.pem", "--pubkey", pem, check=False)
+    msg = one_line_error(proc)
+    assert f"--pubkey {pem} is PEM (certificate), not an OpenSSH public key" in msg, msg
+    assert "holds a private key" not in msg
+
+
 def test_a_dsa_pubkey_is_refused_in_one_line_without_a_python_warning(tmp_path: Path) -> None:
     """An SSH trial: cryptography's deprecation warning for DSA came first, with a
     source path, before the refusal."""

@@ -46,11 +46,16 @@ def read_public_key(path: Path) -> str:
         text = path.read_text(errors="replace")
     except OSError as exc:
         raise CLIError(f"--pubkey {path}: {exc.strerror}") from None
-    if "PRIVATE KEY" in text or text.lstrip().startswith("-----BEGIN"):
+    if "PRIVATE KEY" in text:
         pub = path.with_name(path.name + ".pub")
         hint = f" ({pub})" if pub.exists() else ""
         raise CLIError(f"--pubkey {path} holds a private key, which is never sent; give its "
                        f".pub file{hint}")
+    if text.lstrip().startswith("-----BEGIN"):  # a certificate, a PEM public key
+        what = text.lstrip().split("\n", 1)[0].strip("-").removeprefix("BEGIN ").lower()
+        raise CLIError(f"--pubkey {path} is PEM ({what}), not an OpenSSH public key: give "
+                       "the key's .pub file, one line like 'ssh-ed25519 AAAA... comment' "
+                       "(ssh-keygen -y -f KEY prints it from the private key)")
     lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
     fields = lines[0].split() if len(lines) == 1 else []
     if len(fields) >= 2 and "-cert-v01@openssh.com" in fields[0]:
