@@ -682,7 +682,9 @@ def _same_names(csr: x509.CertificateSigningRequest, names: tuple[str, ...]) -> 
 def _principals(asked: object, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
     if asked is None:
         if not allowed:
-            raise Refused(f"no {what} were granted to this certificate",
+            how = (" (its token had no --principal): ask an admin for a token that grants "
+                   "them, and enroll again" if what == "logins" else "")
+            raise Refused(f"no {what} were granted to this certificate{how}",
                           Reason.PRINCIPAL_NOT_GRANTED)
         return allowed
     if not isinstance(asked, list | tuple) or not asked or len(asked) > 100:

@@ -128,6 +128,26 @@ def test_ssh_user_agent_asks_the_passphrase_of_a_key_ssh_keygen_made(
     assert (tmp_path / "id_pp-cert.pub").read_text().split()[1] in listed
 
 
+def test_an_agent_that_cannot_be_reached_is_said_before_anything_is_signed(
+        daemon: Daemon, tmp_path: Path) -> None:
+    """An SSH trial: the certificate was signed and written, then the agent found away."""
+    cert, key = enroll(daemon, tmp_path, "user", ["noagent@example.com"], ["noagent"])
+    pub = keygen(tmp_path / "id_ed25519")
+    env = {**os.environ, "SSH_AUTH_SOCK": str(tmp_path / "no-such.sock")}
+    proc = hsmca("ssh", "user", "--url", daemon.url, "--ca", daemon.root, "--cert", cert,
+                 "--key", key, "--pubkey", pub, "--agent", env=env, check=False)
+    assert proc.returncode == 1 and "cannot reach ssh-agent" in proc.stderr, proc.stderr
+    assert "nothing was asked of the CA" in proc.stderr
+    assert not (tmp_path / "id_ed25519-cert.pub").exists()
+
+
+def test_refresh_without_renew_is_refused(tmp_path: Path) -> None:
+    pub = keygen(tmp_path / "ssh_host_ed25519_key")
+    proc = hsmca("ssh", "host", "--url", "https://127.0.0.1:1", "--cert", tmp_path / "c",
+                 "--key", tmp_path / "k", "--pubkey", pub, "--refresh", "1m", check=False)
+    assert proc.returncode == 1 and "--refresh says how often --renew" in proc.stderr
+
+
 def test_ssh_user_agent_needs_an_agent_before_any_request(tmp_path: Path) -> None:
     pub = keygen(tmp_path / "id_ed25519")
     env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
@@ -412,3 +432,15 @@ def test_ssh_host_renew_keeps_the_krl_fresh_when_its_credential_no_longer_works(
         assert "REVOKED" not in query.stdout + query.stderr, query.stdout
     finally:
         runner.stop()
+
+
+def test_a_user_token_without_a_login_is_warned_about_when_made(daemon: Daemon) -> None:
+    """The person found out at their first `hsmca ssh user`, their token spent."""
+    made = hsmca("token", "create", "--config", daemon.state / "hsmca.toml", "--url",
+                 daemon.url, "--role", "user", "--name", "nologin@example.com")
+    assert made.stdout.startswith("hsmca-")
+    assert "no --principal: the credential this token gives gets no SSH" in made.stderr
+    granted = hsmca("token", "create", "--config", daemon.state / "hsmca.toml", "--url",
+                    daemon.url, "--role", "user", "--name", "login@example.com",
+                    "--principal", "login")
+    assert "warning" not in granted.stderr

@@ -391,6 +391,10 @@ def test_ssh_user_principals_lifetime_and_revoked_keys() -> None:
     fewer = dataclasses.replace(alice, principals=("alice",))
     refused(ra.decide(context(pol), fewer, ra.SSHUserRequest(ssh_key(), ["deploy"])),
             Reason.PRINCIPAL_NOT_GRANTED)
+    # A person whose token granted no login is told what to do (an SSH trial: a bare 403)
+    none = dataclasses.replace(alice, principals=())
+    refused(ra.decide(context(pol), none, ra.SSHUserRequest(ssh_key())),
+            Reason.PRINCIPAL_NOT_GRANTED, "ask an admin for a token that grants them")
     key = ssh_key()
     refused(ra.decide(context(pol, frozenset({key.line})), alice, ra.SSHUserRequest(key)),
             Reason.REVOKED_KEY)

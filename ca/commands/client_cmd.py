@@ -93,6 +93,10 @@ def token_create(args: argparse.Namespace) -> int:
         body["principals"] = args.principal
     out = asyncio.run(client.call("POST", f"{url}/v1/tokens", ctx, json_body=body, expect=201))
     print(out["token"])
+    if args.role == "user" and not args.principal:
+        # Said now: the person finds out at their first `hsmca ssh user`, token spent.
+        print("hsmca: warning: no --principal: the credential this token gives gets no SSH "
+              "user certificate (it grants no logins)", file=sys.stderr)
     return 0
 
 

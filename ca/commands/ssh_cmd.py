@@ -24,6 +24,7 @@ import structlog
 from ca.errors import CLIError
 
 DROP_IN = "hsmca.conf"
+DEFAULT_REFRESH_S = 300  # --renew: the KRL and the user CA key fetched every 5 minutes
 USER_CA = "hsmca_user_ca.pub"
 KRL = "hsmca.krl"
 
@@ -140,6 +141,16 @@ def _agent_key(args: argparse.Namespace) -> Any:
         raise CLIError(f"--agent: cannot decrypt {private}: {exc or 'no passphrase'}") from None
 
 
+async def _agent_reachable() -> None:
+    import asyncssh
+    try:
+        agent = await asyncssh.connect_agent()
+    except OSError as exc:
+        raise CLIError(f"--agent: cannot reach ssh-agent at {os.environ.get('SSH_AUTH_SOCK')}: "
+                       f"{exc.strerror or exc} (nothing was asked of the CA)") from None
+    agent.close()
+
+
 async def _add_to_agent(key: Any, cert_line: str, cert_path: Path) -> int:
     """Add key and certificate to the agent until the certificate expires; the
     lifetime in seconds is returned."""
@@ -176,6 +187,8 @@ def user(args: argparse.Namespace) -> int:
         body["principals"] = args.principal
 
     async def go() -> tuple[dict[str, Any], int | None]:
+        if key is not None:  # reachable before anything is signed (an SSH trial: after)
+            await _agent_reachable()
         ctx = await client.preflight(args.url, args.ca, args.cert, args.key)
         files = client.Staged({cert: (0o644, False)}).prepare()
         try:
@@ -346,6 +359,10 @@ def host(args: argparse.Namespace) -> int:
     _check_host_paths(f)
     if args.exec and not args.renew:
         raise CLIError("--exec runs after each renewal: it needs --renew")
+    if args.refresh is not None and not args.renew:
+        raise CLIError("--refresh says how often --renew fetches the KRL and the user CA "
+                       "key: it needs --renew")
+    args.refresh = args.refresh or DEFAULT_REFRESH_S
     from ca.client import ClientError
     try:
         out = asyncio.run(_host_once(args, f))
@@ -531,7 +548,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     h.add_argument("--renew", action="store_true",
                    help="keep running: renew the host certificate at two thirds of its "
                    "lifetime and refresh the user CA key and the KRL every --refresh")
-    h.add_argument("--refresh", type=duration, default=300, metavar="DURATION",
+    h.add_argument("--refresh", type=duration, metavar="DURATION",
                    help="with --renew: how often to fetch the KRL and the user CA key "
                    "(default 5m)")
     h.add_argument("--exec", metavar="CMD",
