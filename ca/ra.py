@@ -793,8 +793,9 @@ def _revoke(ctx: Context, who: Requester, req: RevokeRequest) -> RevokeOrder:
                           f"{', '.join(sorted(HOLDER_REASONS))}; {reason} is for an admin",
                           Reason.REASON_NOT_ALLOWED)
     if not req.found:
-        raise Refused(f"no certificate with serial {req.serial:x} was issued by this CA",
-                      Reason.NOT_FOUND)
+        raise Refused(f"no certificate with serial {req.serial:x} (hex) was issued by this "
+                      "CA (an SSH certificate's serial, which ssh-keygen -L shows in "
+                      "decimal, is revoked with `hsmca ssh revoke --serial`)", Reason.NOT_FOUND)
     if req.revoked:
         _revoked_again(req.serial, req.revoked_reason, reason, Reason.CONFLICT)
     # A compromised key compromises what was renewed from it and what it renewed: a
