@@ -488,7 +488,9 @@ def _keep_host_fresh(args: argparse.Namespace, f: HostFiles, refresh_now: bool =
             fields["host_certificate"] = "revoked"
         warn_once("host", revoked and _ssh_cert_times(f.cert), "ssh.host.revoked",
                   detail=f"{f.cert} is in the KRL: clients that check the KRL refuse this "
-                  "host; ask an admin why, and enroll the host again if it was its key")
+                  "host. Ask an admin why: if its host key leaked, make a new host key and "
+                  "certify it; else enroll the host again (a new credential), and the next "
+                  "refresh renews the host certificate")
         try:
             await client.call("GET", f"{args.url}/v1/whoami",
                               client.ssl_context(args.ca, args.cert, args.key))
