@@ -50,8 +50,8 @@ def _call(args: argparse.Namespace, method: str, path: str, body: Any = None,
 # What a previous key still does, by kind, until it is retired.
 PREVIOUS_DOES = {
     "issuing": "it keeps signing the CRL and OCSP responses of what it issued",
-    "ssh-user": "it stays trusted: /v1/ssh/ca lists both keys",
-    "ssh-host": "it stays trusted: /v1/ssh/ca lists both keys",
+    "ssh-user": "it stays trusted: /v1/ssh/ca lists every key not retired",
+    "ssh-host": "it stays trusted: /v1/ssh/ca lists every key not retired",
     "audit": "it signs every checkpoint beside the new key, so verifiers pinned to it follow",
 }
 
