@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(needs --state, --client-cert and --client-key)")
     # --key names the pinned audit key here (as it always has), so the client key is
     # --client-key only; --cert is accepted for --client-cert as in other commands.
-    v.add_argument("--key", "--audit-key", dest="key", type=Path, required=True,
+    v.add_argument("--key", "--audit-key", dest="key", type=str, required=True,
                    metavar="AUDIT_KEY",
                    help="the audit public key PEM (audit/audit_key.pem), pinned by the "
                    "auditor (--audit-key is the same flag)")

@@ -911,3 +911,19 @@ def test_a_log_verified_before_must_stay_listed(tmp_path: Path) -> None:
     assert logs_gone(state, ["init", "ca-1", "ca-2", "ca-3"]) is None  # ca-3 joined
     gone = logs_gone(state, ["init", "ca-1", "evil"])
     assert gone is not None and gone.startswith("log ca-2 was verified before"), gone
+
+
+def test_a_verifier_key_ending_in_a_slash_is_taken_whole() -> None:
+    """Its base64 ends in '/' for one key in 64: taken as a path, the slash was dropped
+    and the key refused as 'no such file' (a flaky run of the test above found it)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from ca.audit.note import verifier_key
+    from ca.commands.audit_cmd import _audit_key
+    for _ in range(2000):
+        public = Ed25519PrivateKey.generate().public_key()
+        text = verifier_key("localhost/hsmca-audit", public)
+        if text.endswith("/"):
+            break
+    assert text.endswith("/")
+    assert _audit_key(text).public_bytes_raw() == public.public_bytes_raw()

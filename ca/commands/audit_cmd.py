@@ -19,16 +19,19 @@ from ca.audit.verify import load_state, save_state, verify_log
 from ca.errors import CLIError
 
 
-def _audit_key(path: Path) -> ed25519.Ed25519PublicKey:
+def _audit_key(text: str | Path) -> ed25519.Ed25519PublicKey:
     """The pinned audit key: a PEM file (audit/audit_key.pem), the JSON that `GET
     /v1/audit/key` answers (its `pem`), or the signed-note verifier key itself
-    (`name+keyid+base64`, as it answers and as witnesses are given it)."""
+    (`name+keyid+base64`, as it answers and as witnesses are given it). Taken as the
+    text given: a verifier key's base64 may end in "/", which a Path drops (one key in
+    64 was refused as "no such file")."""
     from ca.audit.cosignature import ALG_NOTE, parse_verifier_key
+    path = Path(text)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         try:
-            given = parse_verifier_key(str(path), ALG_NOTE)
+            given = parse_verifier_key(str(text), ALG_NOTE)
         except ValueError:
             raise CLIError(f"cannot read the audit key {path}: no such file (give the PEM "
                            "file, the JSON of GET /v1/audit/key, or its verifier_key)") from None

@@ -44,7 +44,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                    help="your client certificate, role auditor or admin")
     u.add_argument("--key", "--client-key", dest="key", type=Path, required=True,
                    help="its private key")
-    u.add_argument("--audit-key", type=Path, required=True, metavar="AUDIT_PUB",
+    u.add_argument("--audit-key", type=str, required=True, metavar="AUDIT_PUB",
                    help="the audit public key you pinned (audit/audit_key.pem)")
     u.add_argument("--state", type=Path,
                    help="your auditor state (as for `hsmca audit verify --url --state`): what "
