@@ -444,3 +444,15 @@ def test_a_user_token_without_a_login_is_warned_about_when_made(daemon: Daemon) 
                     daemon.url, "--role", "user", "--name", "login@example.com",
                     "--principal", "login")
     assert "warning" not in granted.stderr
+
+
+def test_ssh_user_source_address_is_asked_for_from_the_cli(daemon: Daemon,
+                                                           tmp_path: Path) -> None:
+    """It could be asked for only with curl (an SSH trial)."""
+    cert, key = enroll(daemon, tmp_path, "user", ["src@example.com"], ["src"])
+    pub = keygen(tmp_path / "id_ed25519")
+    hsmca("ssh", "user", "--url", daemon.url, "--ca", daemon.root, "--cert", cert, "--key",
+          key, "--pubkey", pub, "--ttl", "10m", "--source-address", "10.0.0.0/8",
+          "--source-address", "192.0.2.7")
+    options = ssh_cert(tmp_path / "id_ed25519-cert.pub").critical_options
+    assert options == {b"source-address": b"10.0.0.0/8,192.0.2.7/32"}, options

@@ -185,6 +185,8 @@ def user(args: argparse.Namespace) -> int:
         body["ttl"] = args.ttl
     if args.principal:
         body["principals"] = args.principal
+    if args.source_address:
+        body["source_address"] = args.source_address
 
     async def go() -> tuple[dict[str, Any], int | None]:
         if key is not None:  # reachable before anything is signed (an SSH trial: after)
@@ -571,6 +573,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     u.add_argument("--agent", action="store_true",
                    help="add the private key beside --pubkey and the new certificate to the "
                    "running ssh-agent (SSH_AUTH_SOCK), for the certificate's lifetime")
+    u.add_argument("--source-address", dest="source_address", action="append",
+                   metavar="CIDR", help="log in only from this address or network "
+                   "(the certificate's source-address option); repeat for more")
     u.set_defaults(command_key="ssh-user")
     v = ssub.add_parser("revoke", help="revoke SSH certificates (admin)",
                         description="Revoke SSH certificates with the admin credential of "
