@@ -149,6 +149,9 @@ def parse_ttl(text: object, what: str = "ttl") -> int:
             "-" in text or not text.strip("0smhd \t")):
         raise Refused(f"{what} {text!r} must be more than 0 (a duration like 90s, 15m, 8h or "
                       "30d)")
+    if isinstance(text, str) and re.fullmatch(r"\s*-?[0-9]+\s*", text):  # `--ttl 0`, `--ttl 90`
+        raise Refused(f"{what} {text!r} has no unit: give a duration more than 0 like 90s, "
+                      "15m, 8h or 30d")
     raise Refused(f"{what} {text!r} is not a duration like 90s, 15m, 8h or 30d")
 
 

@@ -292,7 +292,9 @@ def test_lifetime_caps_apply_now() -> None:
     # What a lifetime that is no duration gets: what is wrong with it.
     for ttl, words in (("0s", "must be more than 0"), ("-1h", "must be more than 0"),
                        (600, 'is a number: give a duration as a string with its unit, like '
-                        '"600s"'), ("10x", "is not a duration like 90s")):
+                        '"600s"'), ("10x", "is not a duration like 90s"),
+                       ("0", "'0' has no unit: give a duration more than 0"),
+                       ("90", "'90' has no unit")):
         refused(ra.decide(context(pol), svc, ra.RenewRequest(ttl=ttl)),  # type: ignore[arg-type]
                 Reason.MALFORMED, words)
     # No leaf outlives its issuer.
