@@ -55,10 +55,16 @@ class KeyLifecycle:
     async def listing(self) -> list[dict[str, Any]]:
         records = await self.store.keys()
         counts = await self.store.signed_by()
-        return [{"label": r.label, "kind": r.kind, "state": r.state, "algorithm": r.algorithm,
-                 "created_at": r.created_at, "changed_at": r.changed_at,
-                 "fingerprint": r.fingerprint, "uri": r.uri,
-                 "signed": counts.get(r.label, 0)} for r in reversed(records)]  # newest first
+        out = [{"label": r.label, "kind": r.kind, "state": r.state, "algorithm": r.algorithm,
+                "created_at": r.created_at, "changed_at": r.changed_at,
+                "fingerprint": r.fingerprint, "uri": r.uri,
+                "signed": counts.get(r.label, 0)} for r in reversed(records)]  # newest first
+        for key in out:
+            # What retiring a previous key would cut off, for `key retire` to say before
+            # it asks (an SSH trial: said only once retired). Only those: each is a count.
+            if key["state"] == "previous":
+                key["live"], key["live_until"] = await self.live(key["label"])
+        return out
 
     async def request(self, action: str, kind: str | None, label: str | None,
                       confirmed: bool = False) -> ra.KeyRequest:

@@ -199,6 +199,9 @@ async def test_rotate_issuing_and_ssh_keys_retire_and_destroy_while_renewals_run
                    "--url", d.url, input="no\n", check=False)
         assert no.returncode == 1 and f"Retire {old_label_text} (issuing, previous; it " \
             "issued " in no.stderr, no.stderr
+        # and how many of them are still valid: what retiring it cuts off, said before
+        assert re.search(r"certificate\(s\), \d+ still valid \(the last until ", no.stderr), \
+            no.stderr
         assert no.stderr.splitlines()[-1] == \
             "hsmca: error: not retired (confirm with yes, or pass --yes)", no.stderr
         row = next(line for line in key_cmd(d, "list").stdout.splitlines()

@@ -111,6 +111,8 @@ def _confirm_retire(args: argparse.Namespace) -> None:
     if key is None or key["state"] in ("active", "retired", "destroyed"):
         return  # refused by the daemon, which says why: asked first, yes led to a refusal
     issued = f"; it issued {key['signed']} certificate(s)" if key.get("signed") else ""
+    if key.get("live"):
+        issued += f", {key['live']} still valid (the last until {key['live_until']})"
     confirm(f"Retire {args.label} ({key['kind']}, {key['state']}{issued})? It will sign "
             "nothing any more, and a retired key is never used again.", "not retired")
 
