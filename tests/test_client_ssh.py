@@ -246,20 +246,40 @@ def test_ssh_host_install_writes_an_absolute_drop_in_sshd_uses(daemon: Daemon,
     known = tmp_path / "known_hosts"
     printed = next(x for x in proc.stdout.splitlines() if "@cert-authority " in x).split()
     assert printed[1] == "localhost"  # the host's own names, not every host there is
-    # (this sshd listens on another port, which known_hosts patterns name apart)
-    known.write_text(f"@cert-authority [localhost]:{sshd.port} {' '.join(printed[2:])}\n")
-    sshd.start()
-    try:
-        login = subprocess.run(
+    # The client's side from the CA itself (this sshd listens on another port, which
+    # known_hosts patterns name apart), with the KRL ssh checks the host against.
+    krl = tmp_path / "client.krl"
+    hsmca("ssh", "known-hosts", "--url", daemon.url, "--ca", daemon.root, "--hosts",
+          f"[localhost]:{sshd.port}", "--out", known, "--krl", krl)
+    assert [ln.split()[2:4] for ln in known.read_text().splitlines()
+            if ln.startswith("@cert-authority ")] == [printed[2:4]]
+    def log_in() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
             [require("ssh"), "-F", "/dev/null", "-p", str(sshd.port), "-o", "BatchMode=yes",
              "-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes",
+             "-o", f"RevokedHostKeys={krl}",
              "-o", "IdentitiesOnly=yes", "-o", f"IdentityFile={tmp_path / 'id_ed25519'}",
              "-o", f"CertificateFile={tmp_path / 'id_ed25519-cert.pub'}",
              "root@localhost", "echo", "in-via-drop-in"],
             capture_output=True, text=True, timeout=60)
+
+    sshd.start()
+    try:
+        login = log_in()
+        assert "in-via-drop-in" in login.stdout, login.stderr + "".join(sshd.log)
+        # The host certificate revoked: the client's next known-hosts run brings the KRL
+        # that makes ssh refuse the host.
+        host_serial = ssh_cert(base / "ssh_host_ed25519_key-cert.pub").serial
+        status, _, raw = asyncio.run(http("POST", f"{daemon.url}/v1/ssh/revoke",
+                                          daemon.admin_ssl(), body={"serial": str(host_serial)}))
+        assert status == 200, raw
+        again = hsmca("ssh", "known-hosts", "--url", daemon.url, "--ca", daemon.root,
+                      "--hosts", f"[localhost]:{sshd.port}", "--out", known, "--krl", krl)
+        assert f"wrote {krl}" in again.stderr and f"wrote {known}" not in again.stderr
+        refused = log_in()
+        assert refused.returncode != 0 and "revoked" in refused.stderr, refused.stderr
     finally:
         sshd.stop()
-    assert "in-via-drop-in" in login.stdout, login.stderr + "".join(sshd.log)
 
 
 def test_the_drop_in_keeps_every_host_key_sshd_offered_and_each_ones_certificate(

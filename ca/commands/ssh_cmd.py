@@ -335,6 +335,34 @@ async def _host_once(args: argparse.Namespace, f: HostFiles) -> dict[str, Any]:
             "valid_before": int(issued["valid_before"])}
 
 
+def known_hosts(args: argparse.Namespace) -> int:
+    """`hsmca ssh known-hosts`: the client side of host certificates. The host CA's
+    `@cert-authority` lines for --hosts (every key not retired: during a rotation the
+    old and the new), and with --krl the KRL for RevokedHostKeys. Written to files of
+    their own, atomically and only when they changed, for a timer to run."""
+    from ca import client
+    from ca.fileutil import write_atomic
+    patterns = ",".join(args.hosts)
+    if any(c.isspace() for c in patterns) or not patterns:
+        raise CLIError(f"--hosts {patterns!r}: known_hosts patterns, without spaces, such "
+                       "as '*.example.com' (repeat --hosts for more)")
+    cas, krl = asyncio.run(_fetch_trust(args.url, client.ssl_context(args.ca)))
+    lines = "".join(f"@cert-authority {patterns} {line.strip()}\n"
+                    for line in str(cas["host"]).splitlines() if line.strip())
+    text = ("# Written by `hsmca ssh known-hosts`: the host CA keys of "
+            f"{args.url}, for {patterns}\n" + lines)
+    if args.out is None:
+        print(text, end="")
+    elif not args.out.exists() or args.out.read_text() != text:
+        write_atomic(args.out, text, 0o644)
+        print(f"wrote {args.out} ({lines.count(chr(10))} host CA key(s)); ssh reads it with "
+              f"GlobalKnownHostsFile /etc/ssh/ssh_known_hosts {args.out}", file=sys.stderr)
+    if args.krl is not None and _write_if_changed({args.krl: krl}):
+        print(f"wrote {args.krl}; ssh refuses the hosts it lists with RevokedHostKeys "
+              f"{args.krl}", file=sys.stderr)
+    return 0
+
+
 def revoke(args: argparse.Namespace) -> int:
     """`hsmca ssh revoke`: POST /v1/ssh/revoke with the admin credential."""
     from ca import client
@@ -577,6 +605,25 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                    metavar="CIDR", help="log in only from this address or network "
                    "(the certificate's source-address option); repeat for more")
     u.set_defaults(command_key="ssh-user")
+    k = ssub.add_parser(
+        "known-hosts", help="the host CA keys for clients' known_hosts, and the KRL",
+        description="For SSH clients: fetch the host CA keys (GET /v1/ssh/ca) and write "
+        "one @cert-authority line per key not retired for the --hosts patterns, to --out "
+        "(a file of its own, for ssh_config's GlobalKnownHostsFile or UserKnownHostsFile) "
+        "or stdout; with --krl, also the KRL (GET /v1/ssh/krl) for RevokedHostKeys. "
+        "Needs no client certificate. Files are replaced atomically and only when they "
+        "changed: run it from a timer, as hosts run ssh host --renew.")
+    k.add_argument("--url", required=True, help="daemon URL, e.g. https://ca.example:8443")
+    k.add_argument("--ca", type=Path, help="root CA PEM to trust the daemon with "
+                   "(default: the system's CAs)")
+    k.add_argument("--hosts", action="append", required=True, metavar="PATTERN",
+                   help="the hosts whose certificates the host CA vouches for, as a "
+                   "known_hosts pattern, e.g. '*.example.com'; repeat for more")
+    k.add_argument("--out", type=Path, metavar="FILE",
+                   help="write the lines to FILE (default: print them)")
+    k.add_argument("--krl", type=Path, metavar="FILE",
+                   help="also write the KRL to FILE, for ssh_config's RevokedHostKeys")
+    k.set_defaults(command_key="ssh-known-hosts")
     v = ssub.add_parser("revoke", help="revoke SSH certificates (admin)",
                         description="Revoke SSH certificates with the admin credential of "
                         "--config: one by its serial, every one with a key id, or every one "
