@@ -341,26 +341,30 @@ def known_hosts(args: argparse.Namespace) -> int:
     old and the new), and with --krl the KRL for RevokedHostKeys. Written to files of
     their own, atomically and only when they changed, for a timer to run."""
     from ca import client
-    from ca.fileutil import write_atomic
     patterns = ",".join(args.hosts)
     if any(c.isspace() for c in patterns) or not patterns:
         raise CLIError(f"--hosts {patterns!r}: known_hosts patterns, without spaces, such "
                        "as '*.example.com' (repeat --hosts for more)")
     cas, krl = asyncio.run(_fetch_trust(args.url, client.ssl_context(args.ca)))
-    lines = "".join(f"@cert-authority {patterns} {line.strip()}\n"
-                    for line in str(cas["host"]).splitlines() if line.strip())
+    lines = _cert_authority_lines(patterns, str(cas["host"]))
     text = ("# Written by `hsmca ssh known-hosts`: the host CA keys of "
-            f"{args.url}, for {patterns}\n" + lines)
+            f"{args.url}, for {patterns}\n" + "".join(f"{line}\n" for line in lines))
     if args.out is None:
         print(text, end="")
-    elif not args.out.exists() or args.out.read_text() != text:
-        write_atomic(args.out, text, 0o644)
-        print(f"wrote {args.out} ({lines.count(chr(10))} host CA key(s)); ssh reads it with "
-              f"GlobalKnownHostsFile /etc/ssh/ssh_known_hosts {args.out}", file=sys.stderr)
-    if args.krl is not None and _write_if_changed({args.krl: krl}):
-        print(f"wrote {args.krl}; ssh refuses the hosts it lists with RevokedHostKeys "
-              f"{args.krl}", file=sys.stderr)
+    files = {**({args.out: text.encode()} if args.out else {}),
+             **({args.krl: krl} if args.krl else {})}
+    for changed in _write_if_changed(files):
+        print(f"wrote {changed}; ssh reads it with " + (
+            f"GlobalKnownHostsFile /etc/ssh/ssh_known_hosts {changed}"
+            if changed == str(args.out) else f"RevokedHostKeys {changed}"), file=sys.stderr)
     return 0
+
+
+def _cert_authority_lines(patterns: str, host_ca: str) -> list[str]:
+    """known_hosts lines for the host CA keys /v1/ssh/ca gives, one per key: a key line
+    without the marker and pattern is one ssh ignores."""
+    return [f"@cert-authority {patterns} {line.strip()}" for line in host_ca.splitlines()
+            if line.strip()]
 
 
 def revoke(args: argparse.Namespace) -> int:
@@ -425,8 +429,8 @@ def host(args: argparse.Namespace) -> int:
     pattern = _known_hosts_pattern(f.cert)
     print("and to clients' known_hosts (the host CA vouches only for the names it "
           "certifies, but a pattern as narrow as your hosts' keeps it so):\n" + "".join(
-              f"  @cert-authority {pattern} {line}\n"
-              for line in str(out["host_ca"]).splitlines() if line.strip()), end="",
+              f"  {line}\n" for line in _cert_authority_lines(pattern, str(out["host_ca"]))),
+          end="",
           flush=True)
     if args.renew:  # sshd loads the certificate just written only when reloaded
         return _keep_host_fresh(args, f, written=True)
@@ -530,10 +534,10 @@ def _keep_host_fresh(args: argparse.Namespace, f: HostFiles, refresh_now: bool =
         warn_once("credential", standing, "ssh.host.credential.refused", error=standing,
                   detail=f"the CA no longer takes {args.cert}: the host certificate cannot "
                   "be renewed until the host is enrolled again")
-        span = _ssh_cert_times(f.cert)
-        first = revoked_under.setdefault(span, credential()) if revoked else None
+        span, holder = _ssh_cert_times(f.cert), credential()
+        first = revoked_under.setdefault(span, holder) if revoked else None
         revoked_span[0] = span if (revoked and standing is None
-                                   and credential() not in (first, None)) else None
+                                   and holder not in (first, None)) else None
         if revoked_span[0] is not None:
             renew_now.set()
         return fields
