@@ -381,6 +381,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         audit = _open_audit(config, audit_key if store is None else
                             await keys_to_open_with(config.audit_key_pem, store),
                             store, name_held)
+        _say_how_the_last_run_ended(config, audit)
     except BaseException:
         let_go()
         raise
@@ -745,7 +746,6 @@ def _open_audit(config: Config, audit_key: AuditKeys, store: Store | None,
         counted = complete_lines(config.audit_log)[0]
         _check_against_inventory(config, counted)  # before opening builds anything
         audit = AuditLog.open(config.audit_log, config.checkpoint_path, audit_key)
-        _say_how_the_last_run_ended(config, audit)
         if counted < 0:  # a torn tail could not be counted: once opening has cut it
             try:
                 _check_against_inventory(config, audit.size)
@@ -759,7 +759,6 @@ def _open_audit(config: Config, audit_key: AuditKeys, store: Store | None,
     audit = AuditLog.open(config.audit_log, config.checkpoint_path, audit_key,
                           mirror=cluster.mirror(store, config.node, config.audit_log,
                                                 (lambda: name.lost) if name else lambda: None))
-    _say_how_the_last_run_ended(config, audit)
     try:
         catch_up_tiles(audit, store, config.node)
     except BaseException:
