@@ -173,6 +173,11 @@ def test_key_change_moves_the_account_to_the_new_key(world: World) -> None:
     assert logged(world, "acme account key changed", lambda e: e["account"] == account)
     c.key = new
     assert c.post(c.kid).json["status"] == "valid"
+    # A contact change is the operator's to see, with the new address
+    assert c.post(c.kid, {"contact": ["mailto:new@key.test"]}).json["contact"] == \
+        ["mailto:new@key.test"]
+    assert logged(world, "acme account contact changed", lambda e: e["account"] == account
+                  and e["contact"] == ["mailto:new@key.test"])
     # A refusal of what the account asked is logged with the account
     assert c.order("outside.example").problem == "rejectedIdentifier"
     assert logged(world, "request refused", lambda e: e.get("account") == account

@@ -341,7 +341,12 @@ async def account(request: web.Request) -> web.Response:
     body = v.json(empty_ok=True) or {}
     acct = v.account
     if "contact" in body:
-        await server.store.set_acme_contact(acct.id, _contact(body["contact"]))
+        contact = _contact(body["contact"])
+        await server.store.set_acme_contact(acct.id, contact)
+        # Not in the audit log, which keeps no one's address: the operator's log is
+        # where an admin asks who the CA would have warned about an account.
+        log.info("acme account contact changed", account=acct.id, contact=list(contact),
+                 request_id=request.get("request_id"))
     if "status" in body:
         if body["status"] != "deactivated":
             raise AcmeProblem("malformed", "an account's status can only be set to deactivated")
