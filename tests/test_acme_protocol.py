@@ -10,6 +10,7 @@ import base64
 import json
 import resource
 import socket
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -38,7 +39,7 @@ from tests.acme_kit import (
     sign,
     start_acme_ca,
 )
-from tests.conftest import Daemon, hsmca
+from tests.conftest import Daemon, hsmca, start_daemon
 from tests.helpers import audit_verify
 
 NAMES = ("a.test", "b.test", "c.test", "d.test", "redirect.test", "nobody.test")
@@ -428,6 +429,32 @@ def test_an_admin_lists_withdraws_eab_keys_and_deactivates_accounts(world: World
     assert stop["actor"].startswith("cert:")
     in_log = leaked_hmac in (ca.daemon.state / "audit" / "log.jsonl").read_text()
     assert not in_log, "the audit log holds an EAB HMAC key"
+
+
+def test_an_eab_key_that_expired_unbound_loses_its_mac_key(tmp_path: Path) -> None:
+    """An ACME trial: the HMAC key of an EAB key that expired unused stayed in the
+    inventory for good, where a used or withdrawn one's is erased. The daemon erases it
+    (at start, and every few minutes), and it still reads as expired."""
+    ca = start_acme_ca(tmp_path, ("a.test",))
+    try:
+        kid, hmac = ca.eab("*.test", ttl="1s")
+        deadline = time.monotonic() + 30
+        while not any(line.split()[:2] == [kid, "expired"] for line in hsmca(
+                "acme", "eab", "list", "--config", ca.config).stdout.splitlines()):
+            assert time.monotonic() < deadline, "the EAB key never expired"
+        ca.daemon.stop()
+        ca.daemon = start_daemon(ca.daemon.state)
+        assert ca.daemon.wait_stderr(lambda: any(
+            '"acme eab keys expired unbound' in x and kid in x for x in ca.daemon.stderr))
+        with sqlite3.connect(ca.daemon.state / "hsmca.sqlite3") as db:
+            [(mac_key,)] = db.execute("SELECT mac_key FROM acme_eab WHERE kid = ?", (kid,))
+        assert mac_key == b""
+        listed = hsmca("acme", "eab", "list", "--config", ca.config).stdout
+        assert any(line.split()[:2] == [kid, "expired"] for line in listed.splitlines())
+        r = Client(ca).register((kid, hmac))
+        assert r.status == 403 and r.problem == "unauthorized", r.body
+    finally:
+        ca.daemon.stop()
 
 
 def test_eab_keys_can_follow_a_client_flag() -> None:

@@ -90,6 +90,22 @@ def test_an_expired_eab_key_binds_nothing(store: Store) -> None:
     assert run(store.add_acme_account(account("a1", "t1", "k2"), NOW)) is False
 
 
+def test_the_mac_key_of_an_eab_key_that_expired_unbound_is_erased(store: Store) -> None:
+    run(store.add_acme_eab(AcmeEAB("e1", b"old", (), NOW.isoformat(), NOW.isoformat(), "me")))
+    run(store.add_acme_eab(AcmeEAB("e2", b"live", (), LATER, NOW.isoformat(), "me")))
+    run(store.add_acme_eab(AcmeEAB("e3", b"spent", (), NOW.isoformat(),
+                                   EARLIER.isoformat(), "me")))
+    assert run(store.add_acme_account(account("a1", "t1", "e3"), EARLIER)) is True
+    assert run(store.erase_expired_acme_eab_keys(NOW)) == ["e1"]
+    assert run(store.erase_expired_acme_eab_keys(NOW)) == []  # once
+    erased, live = run(store.acme_eab("e1")), run(store.acme_eab("e2"))
+    assert isinstance(erased, AcmeEAB) and isinstance(live, AcmeEAB)
+    # Empty, not NULL: it still reads as expired, not as withdrawn by an admin
+    assert erased.mac_key == b"" and erased.used_at is None and live.mac_key == b"live"
+    assert run(store.withdraw_acme_eab("e1", NOW)) is False
+    assert run(store.add_acme_account(account("a2", "t2", "e1"), EARLIER)) is False
+
+
 def test_one_account_per_key_and_a_refused_account_leaves_its_eab_key_unspent(
         store: Store) -> None:
     assert run(store.add_acme_account(account("a1", "t1"), NOW)) is True

@@ -477,6 +477,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         background.append(asyncio.create_task(_refresh_crls(issuance, store, audit,
                                                             generations, policies)))
         background.append(asyncio.create_task(_resume_log(audit)))
+        background.append(asyncio.create_task(_erase_expired_eab_keys(store)))
         if _cluster(store):
             assert name_held is not None
             background.append(asyncio.create_task(_keep_node_name(name_held, store)))
@@ -911,6 +912,23 @@ async def _refresh_crls(issuance: Issuance, store: Store, audit: AuditLog,
             except Exception as exc:  # the HSM or the log away: the next round, or a GET
                 log.warning("cannot re-sign a CRL now", issuer=label,
                             error=str(exc) or type(exc).__name__)
+        await asyncio.sleep(CRL_REFRESH_S)  # periodic work, not synchronisation
+
+
+async def _erase_expired_eab_keys(store: Store) -> None:
+    """An ACME EAB key that expired unbound can bind nothing: its MAC key is erased, as
+    a used or withdrawn one's is, at start and then every CRL_REFRESH_S (docs/security.md:
+    kept only while it can bind an account). Its state still reads expired."""
+    while True:
+        try:
+            erased = await store.erase_expired_acme_eab_keys(utcnow())
+        except Exception as exc:  # the database away: the next round
+            log.warning("cannot erase expired EAB keys now", error=str(exc) or
+                        type(exc).__name__)
+        else:
+            if erased:
+                log.info("acme eab keys expired unbound: their MAC keys are erased",
+                         kids=erased)
         await asyncio.sleep(CRL_REFRESH_S)  # periodic work, not synchronisation
 
 

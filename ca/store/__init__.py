@@ -285,7 +285,13 @@ class Store(Protocol):
 
     async def withdraw_acme_eab(self, kid: str, at: dt.datetime) -> bool:
         """Erase the MAC key of an EAB key not yet bound, and end it at `at`; False if
-        it is bound, withdrawn or unknown."""
+        it is bound, withdrawn, erased at its expiry or unknown."""
+        ...
+
+    async def erase_expired_acme_eab_keys(self, at: dt.datetime) -> list[str]:
+        """Erase the MAC key of every EAB key that expired unbound by `at`, keeping an
+        empty one so that its state still reads expired, not withdrawn; the kids
+        erased."""
         ...
 
     async def acme_accounts(self, limit: int) -> list[AcmeAccount]:

@@ -819,9 +819,18 @@ class PostgresStore:
         async def withdraw(db: Conn) -> bool:
             cur = await db.execute(
                 "UPDATE acme_eab SET mac_key = NULL, expires = LEAST(expires, %s) WHERE "
-                "kid = %s AND used_at IS NULL AND mac_key IS NOT NULL", (at.isoformat(), kid))
+                "kid = %s AND used_at IS NULL AND octet_length(mac_key) > 0", (at.isoformat(), kid))
             return cur.rowcount == 1
         return await self._tx(withdraw)
+
+    async def erase_expired_acme_eab_keys(self, at: dt.datetime) -> list[str]:
+        async def erase(db: Conn) -> list[str]:
+            cur = await db.execute(
+                "UPDATE acme_eab SET mac_key = ''::bytea WHERE used_at IS NULL AND mac_key "
+                "IS NOT NULL AND octet_length(mac_key) > 0 AND expires <= %s RETURNING kid",
+                (at.isoformat(),))
+            return [r[0] for r in await cur.fetchall()]
+        return await self._tx(erase)
 
     async def acme_accounts(self, limit: int) -> list[AcmeAccount]:
         return [self._account(r) for r in await self._rows(
@@ -833,7 +842,8 @@ class PostgresStore:
             if account.eab_kid is not None:
                 cur = await db.execute(
                     "UPDATE acme_eab SET used_at = %s, account_id = %s, mac_key = NULL "
-                    "WHERE kid = %s AND used_at IS NULL AND mac_key IS NOT NULL AND expires > %s",
+                    "WHERE kid = %s AND used_at IS NULL AND octet_length(mac_key) > 0 "
+                    "AND expires > %s",
                     (at.isoformat(), account.id, account.eab_kid, at.isoformat()))
                 if cur.rowcount != 1:
                     return False

@@ -1122,9 +1122,17 @@ class SQLiteStore:
         def withdraw(db: sqlite3.Connection) -> bool:
             return db.execute(
                 "UPDATE acme_eab SET mac_key = NULL, expires = min(expires, ?) WHERE kid = ? "
-                "AND used_at IS NULL AND mac_key IS NOT NULL", (at.isoformat(), kid)
+                "AND used_at IS NULL AND length(mac_key) > 0", (at.isoformat(), kid)
             ).rowcount == 1
         return await self._write(withdraw)
+
+    async def erase_expired_acme_eab_keys(self, at: dt.datetime) -> list[str]:
+        def erase(db: sqlite3.Connection) -> list[str]:
+            return [r[0] for r in db.execute(
+                "UPDATE acme_eab SET mac_key = x'' WHERE used_at IS NULL AND mac_key IS NOT "
+                "NULL AND length(mac_key) > 0 AND expires <= ? RETURNING kid",
+                (at.isoformat(),))]
+        return await self._write(erase)
 
     async def acme_accounts(self, limit: int) -> list[AcmeAccount]:
         return [self._account(r) for r in self._read(
@@ -1136,7 +1144,7 @@ class SQLiteStore:
             if account.eab_kid is not None:
                 spent = db.execute(
                     "UPDATE acme_eab SET used_at = ?, account_id = ?, mac_key = NULL "
-                    "WHERE kid = ? AND used_at IS NULL AND mac_key IS NOT NULL AND expires > ?",
+                    "WHERE kid = ? AND used_at IS NULL AND length(mac_key) > 0 AND expires > ?",
                     (at.isoformat(), account.id, account.eab_kid, at.isoformat())).rowcount
                 if spent != 1:
                     return False
