@@ -96,6 +96,7 @@ async def test_sighup_puts_a_new_policy_in_force_in_every_worker_and_refuses_a_b
     ca = init_ca(tmp_path)
     config = ca.state / "hsmca.toml"
     set_policy(config, "allow", '["*.internal.example"]')
+    started_with = config.read_text()
     d = start_daemon(ca.state, "--workers", "2")
     try:
         name = "svc.internal.example"
@@ -160,12 +161,16 @@ async def test_sighup_puts_a_new_policy_in_force_in_every_worker_and_refuses_a_b
                 "reload refused" in x for x in d.stderr[seen:])), "".join(d.stderr[seen:])
             assert f"{config}:{line} [policy]: {key}" in "".join(d.stderr[seen:])
             config.write_text(before)
-        # The name allowed again: every worker takes it, and renews.
-        set_policy(config, "deny", "[]")
+        # The name allowed again (and [server] as at the start): every worker takes it,
+        # and renews. A change to [policy] alone needs no restart, and is not told one (a
+        # trial was told a setting called `written` waited for the next start).
+        config.write_text(started_with)
+        set_policy(config, "deny", '["other.internal.example"]')
         seen = len(d.stderr)
         d.proc.send_signal(signal.SIGHUP)
         assert d.wait_stderr(lambda: any("in force in every process" in x
                                          for x in d.stderr[seen:])), "".join(d.stderr[seen:])
+        assert not any("next start" in x for x in d.stderr[seen:]), "".join(d.stderr[seen:])
         for _ in range(6):
             status, _, raw = await http("POST", f"{d.url}/v1/x509/renew", d.ssl(cert, key_path),
                                         body={})

@@ -47,7 +47,8 @@ def needs_restart(old: Config, new: Config) -> list[str]:
     """The settings outside [policy] that differ, as the file names them ("[acme]
     orders-per-hour"): they take effect at the next start."""
     fields = [f.name for f in dataclasses.fields(Config)
-              if f.name != "policy" and getattr(old, f.name) != getattr(new, f.name)]
+              if f.compare and f.name != "policy"  # `written` is bookkeeping
+              and getattr(old, f.name) != getattr(new, f.name)]
     if not fields:  # the file changed in words only (a default written out, a comment)
         return []
     written = sorted(k for k in old.written.keys() | new.written.keys()
