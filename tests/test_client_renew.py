@@ -98,6 +98,38 @@ def test_daemon_renews_a_30s_certificate_twice_retrying_while_the_ca_is_away(
     assert "PRIVATE KEY" not in text and "Traceback" not in text
 
 
+def test_a_credential_renewed_by_other_means_gets_the_hook(tmp_path: Path) -> None:
+    """A service team's trial: a one-shot `renew --rekey` beside `renew --daemon` moved
+    the daemon's schedule to the new certificate, but nothing reloaded nginx, which
+    served the old certificate past its expiry. The daemon runs its hook for a
+    credential written by other means, without renewing it again."""
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state)
+    renewer = None
+    try:
+        cert, key = enroll(d, tmp_path, "service", ["replaced.internal.example"], [],
+                           "--ttl", "1h")  # not due for 40 minutes
+        seen = tmp_path / "reloaded-with"
+        renewer = Running.start("renew", "--daemon", "--url", d.url, "--ca", d.root,
+                                "--cert", cert, "--key", key,
+                                "--exec", f'echo "$HSMCA_SERIAL" >> {seen}')
+        renewer.wait("renew.scheduled")
+        subprocess.run([*HSMCA, "renew", "--url", d.url, "--ca", str(d.root), "--cert",
+                        str(cert), "--key", str(key), "--rekey"], check=True,
+                       capture_output=True)
+        new = cert_serial(cert)
+        replaced = renewer.wait("renew.replaced")
+        assert replaced["credential"] == f"serial {new}"
+        renewer.wait("renew.hook.done")
+        assert seen.read_text().split() == [new]  # the hook ran for the new certificate
+        assert renewer.events("renew.done") == []  # and the daemon renewed nothing itself
+        assert renewer.wait("renew.scheduled", count=2)  # for the new one
+    finally:
+        if renewer is not None:
+            renewer.stop()
+        d.stop()
+
+
 def test_a_hook_that_fails_is_run_again_before_the_next_renewal(tmp_path: Path) -> None:
     """A client trial: a reload that failed once waited for the next renewal, while the
     service served its old certificate from memory past its expiry. The hook is run

@@ -218,8 +218,15 @@ def _renew_daemon(args: argparse.Namespace, url: str) -> int:
         except client.ClientError:
             return None
 
+    def identity() -> str | None:
+        try:
+            return f"serial {current().serial_number:x}"
+        except client.ClientError:  # being replaced, this very moment
+            return None
+
     job = Job("renew", due, run, remaining_s, hook=args.exec,
-              hook_env=lambda: _hook_env(cert, key), hook_timeout_s=args.exec_timeout)
+              hook_env=lambda: _hook_env(cert, key), hook_timeout_s=args.exec_timeout,
+              identity=identity)
     return run_forever([job], command="renew", cert=str(cert.absolute()))
 
 

@@ -29,7 +29,9 @@ JITTER = 1 / 20    # +- of the lifetime, so that a fleet enrolled together sprea
 MAX_BACKOFF_S = 300.0
 # Sleeps are cut into slices this long and the wall clock read again after each:
 # monotonic time stands still while a machine is suspended, a certificate's does not.
-SLICE_S = 60.0
+# The credential's files are looked at then too (a stat and a small read), so that one
+# replaced by other means gets the hook within seconds, before the old one expires.
+SLICE_S = 5.0
 
 _rng = random.SystemRandom()
 
@@ -64,15 +66,19 @@ def backoff_s(attempt: int, remaining_s: float | None, rng: random.Random = _rng
 
 
 async def sleep_until(when: dt.datetime | Callable[[], dt.datetime],
-                      wake: asyncio.Event | None = None) -> None:
+                      wake: asyncio.Event | None = None,
+                      unless: Callable[[], bool] | None = None) -> bool:
     """Until `when`, or until the time it gives, asked again after each slice and
     whenever `wake` is set (a job's due time moves: a credential replaced by other
-    means, a host certificate found revoked)."""
+    means, a host certificate found revoked); False at once, without waiting for the
+    time, if `unless()` says so after a slice."""
     while True:
+        if unless is not None and unless():
+            return False
         at = when() if callable(when) else when
         left = (at - now()).total_seconds()
         if left <= 0:
-            return
+            return True
         if wake is None:
             await asyncio.sleep(min(left, SLICE_S))
             continue
@@ -102,6 +108,10 @@ class Job:
     hook_at_start: bool = False
     # Set when the job may be due sooner than it said: its due time is asked again.
     wake: asyncio.Event | None = None
+    # What tells one credential on disk from another (a serial; None while unreadable):
+    # one written by other means (a one-shot `renew --rekey`, an `enroll --force`) gets
+    # the hook too, else the service keeps the old one in memory until it expires.
+    identity: Callable[[], object] | None = None
 
 
 STUCK_RETRY_S = 600.0
@@ -141,11 +151,28 @@ async def keep(job: Job, log: Any) -> None:
     retrying cannot fix (a refusal, an expired or foreign certificate)."""
     if job.hook and job.hook_at_start:
         await _hook_until_done(job, log)
+    seen = [job.identity() if job.identity else None]
+
+    def replaced() -> bool:
+        if job.identity is None:
+            return False
+        current = job.identity()
+        if current is None or current == seen[0]:
+            return False
+        seen[0] = current
+        return True
+
     while True:
         at = job.due()
         log.info(f"{job.event}.scheduled", at=at.isoformat(),
                  in_s=round(max(0.0, (at - now()).total_seconds()), 1))
-        await sleep_until(job.due, job.wake)
+        if not await sleep_until(job.due, job.wake, replaced):
+            log.info(f"{job.event}.replaced", credential=str(seen[0]),
+                     detail="written by other means (another renew, an enroll)"
+                     + (": the hook runs for it" if job.hook else ""))
+            if job.hook:
+                await _hook_until_done(job, log)
+            continue
         attempt = 0
         while True:
             log.info(f"{job.event}.start", attempt=attempt + 1)
@@ -170,6 +197,8 @@ async def keep(job: Job, log: Any) -> None:
                 log.error(f"{job.event}.failed", error=str(exc))
                 raise
         log.info(f"{job.event}.done", **fields)
+        if job.identity is not None:
+            seen[0] = job.identity()
         if job.hook:
             await _hook_until_done(job, log)
 

@@ -88,7 +88,7 @@ def _revoked_in_krl(krl: Path, cert: Path) -> bool:
     return proc.stdout.rstrip().endswith(": REVOKED")  # "<file>: REVOKED" (or ": ok")
 
 
-def _ssh_cert_times(path: Path) -> tuple[dt.datetime, dt.datetime]:
+def _ssh_cert(path: Path) -> Any:
     from cryptography.hazmat.primitives import serialization
     try:
         cert = serialization.load_ssh_public_identity(path.read_bytes())
@@ -96,8 +96,20 @@ def _ssh_cert_times(path: Path) -> tuple[dt.datetime, dt.datetime]:
         raise CLIError(f"cannot read the SSH certificate {path}: {exc}") from None
     if not isinstance(cert, serialization.SSHCertificate):
         raise CLIError(f"{path} is not an SSH certificate")
+    return cert
+
+
+def _ssh_cert_times(path: Path) -> tuple[dt.datetime, dt.datetime]:
+    cert = _ssh_cert(path)
     return (dt.datetime.fromtimestamp(cert.valid_after, dt.UTC),
             dt.datetime.fromtimestamp(cert.valid_before, dt.UTC))
+
+
+def _ssh_cert_identity(path: Path) -> str | None:
+    try:
+        return f"serial {_ssh_cert(path).serial:x}"
+    except CLIError:  # being replaced, this very moment
+        return None
 
 
 async def _issue(args: argparse.Namespace, ctx: ssl.SSLContext, path: str,
@@ -547,7 +559,7 @@ def _keep_host_fresh(args: argparse.Namespace, f: HostFiles, refresh_now: bool =
     jobs = [Job("ssh.host.renew", cert_due, renew_cert, cert_left, hook=args.exec,
                 hook_env=lambda: {"HSMCA_SSH_CERT": str(f.cert)},
                 hook_timeout_s=args.exec_timeout, keeps_going=True, hook_at_start=written,
-                wake=renew_now),
+                wake=renew_now, identity=lambda: _ssh_cert_identity(f.cert)),
             Job("ssh.refresh", lambda: next_refresh[0], refresh, lambda: None)]
     return run_forever(jobs, command="ssh host", cert=str(f.cert))
 
