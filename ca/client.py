@@ -590,7 +590,13 @@ async def enroll(url: str, token: str, names: list[str], out: Path, ca: Path | N
     except BaseException:
         target.abort()
         raise
-    target.commit({"key.pem": key_pem(key), "cert.pem": issued["certificate"],
+    # cert.pem holds the leaf and its issuing CA: what a TLS server or client sends, so
+    # that a relying party needs only the root, and keeps working when the issuing key
+    # is rotated (a leaf alone failed at every relying party that pinned the old issuing
+    # certificate; a service team's trial). Renewals keep the file's shape.
+    issuing = x509.load_pem_x509_certificates(issued["chain"].encode())[0]
+    target.commit({"key.pem": key_pem(key), "cert.pem": issued["certificate"]
+                   + issuing.public_bytes(serialization.Encoding.PEM).decode(),
                    "chain.pem": issued["chain"]})
     return issued
 

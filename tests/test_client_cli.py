@@ -397,9 +397,15 @@ def _pair(cert: Path, key: Path) -> bool:
 def test_renew_keeps_a_combined_file_a_full_chain_and_a_symlink(daemon: Daemon,
                                                                 tmp_path: Path) -> None:
     cert, key = enroll(daemon, tmp_path, "service", [NAME])
+    issuing = x509.load_pem_x509_certificate((daemon.state / "x509/issuing.pem").read_bytes())
+    # enroll writes the leaf and its issuing CA, what a TLS peer sends (a relying party
+    # then needs only the root, across an issuing-key rotation too)
+    assert x509.load_pem_x509_certificates(cert.read_bytes())[1:] == [issuing]
+    leaf = cert.read_text().split("-----END CERTIFICATE-----")[0] + \
+        "-----END CERTIFICATE-----\n"
     # haproxy's one file: certificate, then key. Renewed, and renewed with a new key.
     both = tmp_path / "haproxy.pem"
-    both.write_text(cert.read_text() + key.read_text())
+    both.write_text(leaf + key.read_text())
     both.chmod(0o600)
     for extra in ((), ("--rekey",), ()):
         before = cert_serial(both)
@@ -407,18 +413,21 @@ def test_renew_keeps_a_combined_file_a_full_chain_and_a_symlink(daemon: Daemon,
         assert proc.returncode == 0, proc.stderr
         assert _pem_blocks(both) == ["CERTIFICATE", "PRIVATE KEY"] and _pair(both, both)
         assert cert_serial(both) != before and both.stat().st_mode & 0o777 == 0o600
-    # A full chain stays a full chain: the leaf, then the issuing CA.
-    full = tmp_path / "fullchain.pem"
-    full.write_text(cert.read_text() + (daemon.state / "x509/issuing.pem").read_text())
-    assert _renew(daemon, full, key).returncode == 0
-    assert _pem_blocks(full) == ["CERTIFICATE", "CERTIFICATE"]
-    issuing = x509.load_pem_x509_certificate((daemon.state / "x509/issuing.pem").read_bytes())
-    assert x509.load_pem_x509_certificates(full.read_bytes())[1] == issuing
+    # A full chain stays a full chain: the leaf, then the issuing CA; a leaf alone stays
+    # alone (a file made by hand, for a service that wants only the leaf).
+    assert _renew(daemon, cert, key).returncode == 0
+    assert _pem_blocks(cert) == ["CERTIFICATE", "CERTIFICATE"]
+    assert x509.load_pem_x509_certificates(cert.read_bytes())[1] == issuing
+    alone = tmp_path / "leaf.pem"
+    alone.write_text(cert.read_text().split("-----END CERTIFICATE-----")[0]
+                     + "-----END CERTIFICATE-----\n")
+    assert _renew(daemon, alone, key).returncode == 0
+    assert _pem_blocks(alone) == ["CERTIFICATE"]
     # certbot's layout: live/ links to archive/; the link stays, its target is renewed.
     (tmp_path / "archive").mkdir()
     (tmp_path / "live").mkdir()
     real = tmp_path / "archive" / "cert1.pem"
-    real.write_text(cert.read_text())
+    real.write_text(alone.read_text())
     link = tmp_path / "live" / "cert.pem"
     link.symlink_to(real)
     before = cert_serial(real)
