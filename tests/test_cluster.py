@@ -466,6 +466,30 @@ def test_a_node_pointed_at_a_database_without_the_ca_is_refused_and_writes_nothi
     assert postgres_server.psql("SELECT COUNT(*) FROM audit_lines", db=other_name) == "0"
 
 
+def test_a_node_pointed_at_another_cas_database_is_refused_and_writes_nothing(
+        tmp_path: Path, postgres_server: Any) -> None:
+    """A cluster trial: a node whose [store] url named another CA's database wrote three
+    lines of its HSM session there as a node log no checkpoint ever signed, then refused
+    with "a swapped token?"; every auditor of that CA failed on that log from then on.
+    It is refused before it writes, saying whose database it is."""
+    ours = make_cluster(tmp_path / "ours", postgres_server.new_database())
+    theirs_url = postgres_server.new_database()
+    make_cluster(tmp_path / "theirs", theirs_url)
+    theirs_db = theirs_url.rsplit("/", 1)[1]
+    lines = "SELECT COUNT(*) FROM audit_lines"
+    before = postgres_server.psql(lines, db=theirs_db)
+    config = ours.state / "hsmca.toml"
+    config.write_text(config.read_text().replace(ours.url, theirs_url))
+    error, _ = refused_start(ours.state, "stray")
+    from ca.store_move import database_name
+    assert error.startswith(f"hsmca: error: the database {database_name(theirs_url)} holds "
+                            "another CA (its root is 'CN="), error
+    assert "nothing was written to it" in error and str(config) in error
+    assert postgres_server.psql(lines, db=theirs_db) == before
+    assert postgres_server.psql("SELECT COUNT(*) FROM audit_lines WHERE node = 'stray'",
+                                db=theirs_db) == "0"
+
+
 async def test_ocsp_and_a_key_rotation_reach_every_node(cluster: Cluster,
                                                          tmp_path: Path) -> None:
     """A certificate issued on node 1 gets its pre-signed OCSP response from whichever

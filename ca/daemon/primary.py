@@ -66,6 +66,7 @@ from ca.revocation.ocsp import OCSPRefresher, OCSPSigner
 from ca.server_cert import ensure_server_cert
 from ca.store import Store, open_store
 from ca.store.sqlite import SQLiteStore
+from ca.subject import spki_sha256
 from hsm.session import KeyInfo, describe_source
 
 if TYPE_CHECKING:
@@ -369,13 +370,8 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         if store is not None:
             store.close()
     try:
-        if store is not None and not await store.keys():
-            # Before this node writes a line there: a URL naming another (empty)
-            # database would otherwise get this node's log, and look taken to `init`.
-            from ca.store_move import database_name
-            raise StartError(f"the database {database_name(config.store_location)} holds no "
-                             f"CA (no keys): is [store] url in {config.path} the database "
-                             "`hsmca init --store-url` made the CA in?")
+        if store is not None:
+            await _check_it_is_this_cas(config, store, audit_key)
         name_held = await _hold_node_name(config, store)
         # A node stopped during the audit key's rotation: see _open_audit.
         audit = _open_audit(config, audit_key if store is None else
@@ -704,6 +700,34 @@ def _worker_died(slot: int, status: int | None, local_dir: Path) -> str:
         return (f"worker {slot} was killed by SIGBUS while starting: it could not write a "
                 f"memory-mapped file under {local_dir}; is that disk full{room}?")
     return f"worker {slot} was killed by {name} while starting"
+
+
+async def _check_it_is_this_cas(config: Config, store: Store,
+                                audit_key: Ed25519PublicKey) -> None:
+    """Cluster mode, before this node writes a line to the database: it must hold this
+    CA. A URL naming an empty database would otherwise get this node's log (and look
+    taken to `init`); one naming another CA's got three lines of this node's HSM
+    session as a log no checkpoint ever signed, on which every auditor of that CA then
+    failed (a cluster trial). The state directory's audit key is one of the CA's audit
+    keys in any state: it is replaced at each rotation, and they are never removed."""
+    from ca.store_move import database_name
+    keys = await store.keys()
+    where = database_name(config.store_location)
+    if not keys:
+        raise StartError(f"the database {where} holds no CA (no keys): is [store] url in "
+                         f"{config.path} the database `hsmca init --store-url` made the CA "
+                         "in?")
+    if spki_sha256(audit_key) not in {k.fingerprint for k in keys if k.kind == "audit"}:
+        roots = [k for k in keys if k.kind == "root" and k.cert is not None]
+        theirs = ""
+        if roots:
+            from cryptography import x509
+            name = x509.load_der_x509_certificate(roots[0].cert).subject.rfc4514_string()
+            theirs = f" (its root is {name!r})"
+        raise StartError(f"the database {where} holds another CA{theirs}: this state "
+                         f"directory's audit key ({config.audit_key_pem}) is none of its "
+                         f"keys. Is [store] url in {config.path} this CA's database? "
+                         "(nothing was written to it)")
 
 
 async def _hold_node_name(config: Config, store: Store | None) -> Lease | None:
