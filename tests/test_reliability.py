@@ -320,6 +320,60 @@ async def test_audit_log_that_cannot_grow_means_503_and_nothing_signed(tmp_path:
     audit_verify(ca.state, ok=True)
 
 
+async def test_a_certificate_whose_outcome_never_reached_the_log_is_revoked_at_the_start(
+        tmp_path: Path) -> None:
+    """A fault trial: the inventory's row commits while the outcome line is written, so
+    a log that fills (or a kill) between the two left a signed certificate that no
+    client got, without its outcome, that the inventory called valid and OCSP good after
+    the restart. The start revokes it, after a `sign.unreleased` line saying why."""
+    ca = init_ca(tmp_path)
+    path = ca.state / "audit/log.jsonl"
+    d = start_daemon(ca.state)
+    try:
+        cert, key = enroll(d, tmp_path, "service", [LOAD_NAME])
+        ctx = d.ssl(cert, key)
+        # One renewal as the next, to learn the length of its intent line, with its OCSP
+        # responses signed, so that nothing else grows the log meanwhile.
+        status, _, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
+        assert status == 201, body
+        first = cx.load_pem_x509_certificate(json.loads(body)["certificate"].encode())
+        deadline = asyncio.get_running_loop().time() + 30
+        while (await ask_ocsp(d, request_for(first, issuing(d))))[0].response_status != \
+                ocsp.OCSPResponseStatus.SUCCESSFUL:
+            assert asyncio.get_running_loop().time() < deadline
+        [intent] = [line for line in path.read_bytes().splitlines()
+                    if b'"phase":"intent"' in line and b'"purpose":"x509"' in line][-1:]
+        # Room for the next intent, not for its outcome.
+        resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE,
+                         (path.stat().st_size + len(intent) + 60, resource.RLIM_INFINITY))
+        status, _, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
+        assert status == 503, body
+        last = json.loads(path.read_bytes().splitlines()[-1])
+        assert (last["event"], last["phase"], last["purpose"]) == ("hsm.sign", "intent",
+                                                                   "x509")
+        serial = last["serial"]
+        status, _, body = await http("GET", f"{d.url}/v1/inventory/certificates/{serial}",
+                                     d.admin_ssl())
+        assert status == 200 and json.loads(body)["status"] == "valid", body  # the fault
+    finally:
+        d.stop()  # it cannot write its stop line either
+    d = start_daemon(ca.state)
+    try:
+        assert d.wait_stderr(lambda: any("never released" in x and serial in x
+                                         for x in d.stderr)), "".join(d.stderr)
+        status, _, body = await http("GET", f"{d.url}/v1/inventory/certificates/{serial}",
+                                     d.admin_ssl())
+        record = json.loads(body)
+        assert (record["status"], record["reason"]) == ("revoked", "cessationOfOperation")
+        lines = log_lines(ca.state)
+        [why] = [x for x in lines if x["event"] == "sign.unreleased"]
+        assert why["serial"] == serial
+        assert any(x["event"] == "cert.revoke" and x["seq"] > why["seq"] for x in lines)
+    finally:
+        assert d.stop() == 0
+    audit_verify(ca.state, ok=True)
+
+
 async def test_audit_log_made_read_only_means_503_until_writable(tmp_path: Path) -> None:
     """The log file made unmodifiable under the running daemon (chattr +i: root
     ignores file modes, not this): nothing is signed, /health says why, and once the

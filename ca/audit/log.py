@@ -814,15 +814,19 @@ class LastRun:
     `daemon.stop` is there), `killed` (its `daemon.start` is, and no stop after it), or
     `unknown` (neither is among the lines read at start); `open_signatures`, how many of
     the `hsm.sign` intents read after its start (or in all the lines read) have no
-    outcome: signatures under way when it ended, never released."""
+    outcome: signatures under way when it ended, never released; `unreleased`, the
+    certificates those intents name, as (purpose, serial as the intent writes it): the
+    inventory may hold one, committed while its outcome was being written."""
 
     ended: str
     open_signatures: int
+    unreleased: tuple[tuple[str, str], ...] = ()
 
 
 def _last_run(lines: list[bytes]) -> LastRun:
     outcomes: set[object] = set()
     open_signatures = 0
+    named: list[tuple[str, str]] = []
     for line in reversed(lines):
         try:
             obj = json.loads(line)
@@ -832,13 +836,15 @@ def _last_run(lines: list[bytes]) -> LastRun:
         if event == "daemon.stop":
             return LastRun("stopped", 0)
         if event == "daemon.start":
-            return LastRun("killed", open_signatures)
+            return LastRun("killed", open_signatures, tuple(reversed(named)))
         if event == "hsm.sign":
             if obj.get("phase") == "outcome":  # read backwards: before its intent
                 outcomes.add(obj.get("op_id"))
             elif obj.get("phase") == "intent" and obj.get("op_id") not in outcomes:
                 open_signatures += 1
-    return LastRun("unknown", open_signatures)
+                if isinstance(obj.get("serial"), str) and isinstance(obj.get("purpose"), str):
+                    named.append((obj["purpose"], obj["serial"]))
+    return LastRun("unknown", open_signatures, tuple(reversed(named)))
 
 
 def _check_after_clean_stop(path: Path, lines: list[bytes], signed: int) -> None:

@@ -467,6 +467,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         await ensure_server_cert(config, issuance)
         await _revoke_live_certs_of_compromised_keys(issuance, store, audit, generations,
                                                      policies)
+        await _revoke_unreleased(issuance, store, audit, generations, policies)
         # OCSP responses are signed ahead of time, by this process, off every request's
         # path: new certificates within a second, every live one before nextUpdate.
         background.append(asyncio.create_task(_refresh_ocsp(issuance, store, policies)))
@@ -915,6 +916,55 @@ async def _revoke_live_certs_of_compromised_keys(
     log.warning("revoked live certificates of keys revoked for keyCompromise (left live "
                 "by an older release, which revoked only their lineage)",
                 serials=[format(s, "x") for s in sorted(revoked)][:20], count=len(revoked))
+
+
+async def _revoke_unreleased(issuance: Issuance, store: Store, audit: AuditLog,
+                             generations: Generations, policies: control.PolicyFeed) -> None:
+    """Before serving: a certificate the last run signed and never released (its intent
+    has no outcome: a kill, or a stop while the audit log's disk was full) may still be
+    in the inventory, whose row commits while the outcome is written. Nobody holds it,
+    but the inventory called it valid and OCSP signed it good (a fault trial). It is
+    revoked (cessationOfOperation, its lineage left alone), after a `sign.unreleased`
+    line that says why, so that every valid certificate has its outcome."""
+    from ca.revocation import Revocations
+    wanted = audit.last_run.unreleased
+    if not wanted:
+        return
+    revocations = Revocations(store, audit, issuance, generations,
+                              _context_now(issuance, policies))
+    context = await _context_now(issuance, policies)()
+    revoked: list[str] = []
+    for purpose, text in wanted:
+        try:
+            serial = int(text, 10 if purpose.startswith("ssh-") else 16)
+        except ValueError:
+            continue
+        if purpose.startswith("ssh-"):
+            matching = await revocations.count_ssh(serial, None, None)
+            if not matching:
+                continue
+            await audit.append("sign.unreleased", purpose=purpose, serial=text,
+                               detail=_UNRELEASED)
+            order = ra.order(context, ra.Local(), ra.SSHRevokeRequest(serial, None, None,
+                                                                      matching))
+            await revocations.revoke_ssh(order, matching, None)
+        else:
+            record = await store.cert(serial)
+            if record is None or record.revoked_at is not None:
+                continue
+            await audit.append("sign.unreleased", purpose=purpose, serial=text,
+                               detail=_UNRELEASED)
+            order = ra.order(context, ra.Local(), ra.RevokeRequest(
+                serial, "cessationOfOperation"))
+            await revocations.revoke(order, None)
+        revoked.append(text)
+    if revoked:
+        log.warning("revoked certificates the last run signed but never released (their "
+                    "outcome lines were never written); nobody holds them", serials=revoked)
+
+
+_UNRELEASED = ("signed by the last run, which ended before its outcome line was written: "
+               "never released, and revoked at this start")
 
 
 async def _refresh_crls(issuance: Issuance, store: Store, audit: AuditLog,
