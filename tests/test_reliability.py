@@ -442,6 +442,45 @@ async def test_audit_log_moved_or_cut_under_the_daemon_means_503_until_it_is_bac
     assert "was moved or deleted" in resumed[0] and "was cut" in resumed[1], resumed
 
 
+async def test_a_log_replaced_by_a_copy_under_the_daemon_has_its_lines_saved(
+        tmp_path: Path) -> None:
+    """A fault trial: `cp log.jsonl new && mv new log.jsonl` under the running daemon
+    left the lines written since the copy only in the deleted file the daemon held
+    open; it asked to "put it back", which nobody could, and lost them at the stop.
+    It saves them beside the log, says where, and they put back make a log that starts
+    and verifies."""
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state)
+    log_file = ca.state / "audit/log.jsonl"
+    try:
+        cert, key = enroll(d, tmp_path, "service", [LOAD_NAME])
+        ctx = d.ssl(cert, key)
+        copy = log_file.with_name("copy.jsonl")
+        copy.write_bytes(log_file.read_bytes())
+        status, _, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
+        assert status == 201, body  # lines the copy lacks
+        held = log_file.read_bytes()
+        copy.rename(log_file)
+        status, _, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
+        assert status == 503, body
+        status, _, body = await http("GET", f"{d.url}/health", d.ssl())
+        said = json.loads(body)["audit"]
+        assert status == 503 and "its lines are saved in " in said, body
+        [saved] = list(log_file.parent.glob("log.jsonl.saved-*"))
+        assert str(saved) in said and saved.stat().st_mode & 0o777 == 0o600
+        assert saved.read_bytes().startswith(held)
+    finally:
+        d.stop()  # it cannot write its stop line to the deleted file
+    saved.rename(log_file)
+    d = start_daemon(ca.state)
+    try:
+        status, _, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
+        assert status == 201, body
+    finally:
+        assert d.stop() == 0
+    audit_verify(ca.state, ok=True)
+
+
 async def test_checkpoints_that_keep_failing_show_in_health(tmp_path: Path) -> None:
     """A daemon that signs but cannot checkpoint grows a log no auditor can trust yet:
     /health said ok all along (the fault review saw it for minutes). Here the checkpoint

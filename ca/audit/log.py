@@ -128,6 +128,7 @@ class AuditLog:
         # A line under the tiles that no longer hashes to its leaf (`check_on_disk`):
         # (its seq, why). Nothing is written while so.
         self._damage: tuple[int, str] | None = None
+        self._saved: Path | None = None  # where the lines of a deleted log file were saved
         self._poisoned = False
         # Outcome lines whose batch failed: the HSM did sign (the result was never
         # released), so the line is owed and goes first once the disk takes writes
@@ -522,7 +523,18 @@ class AuditLog:
             named = os.stat(self.path)
         except FileNotFoundError:
             named = None
-        if named is None or mine.st_nlink == 0:
+        if mine.st_nlink == 0:
+            # Deleted, or replaced by a copy (`cp log new && mv new log`): the lines since
+            # the copy are only in the file this process holds open, which goes at the
+            # stop. Saved beside it once, so that "put it back" can be done (a fault
+            # trial lost 65 certificates' lines that way).
+            saved = self._save_deleted()
+            why = (f"was deleted or replaced while hsmca ran; its lines are saved in {saved}: "
+                   "stop hsmca and put that file back as the log" if saved is not None else
+                   "was deleted or replaced while hsmca ran, and its lines could not be "
+                   "saved (see the log); do not stop hsmca before they are: "
+                   f"cp /proc/{os.getpid()}/fd/{self._fd} to a safe place")
+        elif named is None:
             why = "was moved or deleted while hsmca ran; put it back"
         elif (named.st_dev, named.st_ino) != (mine.st_dev, mine.st_ino):
             why = "was replaced by another file while hsmca ran; put the log back"
@@ -532,6 +544,36 @@ class AuditLog:
         else:
             return
         raise _NotTheLog(errno.ESTALE, f"{self.path} {why}")
+
+    def _save_deleted(self) -> Path | None:
+        """Copy the open file's lines (what hsmca wrote) beside the log's name, once;
+        the copy's path, or None if it could not be made."""
+        if self._saved is not None:
+            return self._saved
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = self.path.with_name(f"{self.path.name}.saved-{stamp}")
+        try:
+            out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                done = 0
+                while done < self._size_bytes:
+                    sent = os.sendfile(out, self._fd, done, self._size_bytes - done)
+                    if sent == 0:
+                        raise OSError(errno.EIO, "the open log file ended early")
+                    done += sent
+                os.fsync(out)
+            finally:
+                os.close(out)
+            fsync_dir(target.parent)
+        except OSError as exc:
+            log.error("the audit log file was deleted under hsmca, and its lines could not "
+                      "be saved", target=str(target), error=exc.strerror or str(exc))
+            return None
+        log.error("the audit log file was deleted or replaced under hsmca: its lines are "
+                  "saved; stop hsmca and put them back as the log", saved=str(target),
+                  bytes=self._size_bytes)
+        self._saved = target
+        return target
 
     def watch_file(self) -> None:
         """Between writes: find out at once (not at the next write, which may be a
