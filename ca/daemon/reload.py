@@ -24,6 +24,8 @@ import structlog
 
 from ca.config import Config, ConfigError, load
 from ca.daemon.control import PolicyFeed
+from ca.errors import CLIError
+from ca.fileutil import check_not_writable
 from ca.policy import Policy
 
 log = structlog.get_logger("hsmca.reload")
@@ -67,11 +69,14 @@ def _plain(value: Any) -> Any:
 async def reload_policy(config: Config, policies: PolicyFeed, audit: Recorder) -> bool:
     """Read the config again and put its [policy] in force; whether the policy changed."""
     try:
+        # As the start does: a policy others could have written is not put in force (a
+        # fault trial's reload took `allow` from a file made 0666).
+        check_not_writable([config.path])
         raw = await asyncio.to_thread(config.path.read_bytes)
         fresh = await asyncio.to_thread(load, config.path)
         if config.node:
             fresh = fresh.for_node(config.node)
-    except (ConfigError, OSError) as exc:
+    except (ConfigError, OSError, CLIError) as exc:
         log.error("reload refused: the policy in force is unchanged", error=str(exc))
         return False
     later = needs_restart(config, fresh)
