@@ -35,7 +35,8 @@ def prepare(state_dir: Path) -> Path:
     the last run's directory was is kept in run/metrics-dir, to remove it; directories
     of runs whose primary is gone (its pid in each) are removed by any start."""
     run = state_dir / "run"
-    run.mkdir(parents=True, exist_ok=True)
+    run.mkdir(mode=0o700, parents=True, exist_ok=True)
+    run.chmod(0o700)  # as docs/operator.md says, whatever the umask or an older start made
     pointer = run / "metrics-dir"
     _remove_previous(pointer)
     shutil.rmtree(run / "metrics", ignore_errors=True)

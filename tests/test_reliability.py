@@ -361,6 +361,8 @@ async def test_a_certificate_whose_outcome_never_reached_the_log_is_revoked_at_t
     try:
         assert d.wait_stderr(lambda: any("never released" in x and serial in x
                                          for x in d.stderr)), "".join(d.stderr)
+        # and the start says the last run's stop did not make it into the log
+        assert any("did not stop cleanly" in x for x in d.stderr), "".join(d.stderr)
         status, _, body = await http("GET", f"{d.url}/v1/inventory/certificates/{serial}",
                                      d.admin_ssl())
         record = json.loads(body)

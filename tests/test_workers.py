@@ -231,6 +231,9 @@ async def test_metric_files_live_in_memory_and_go_with_the_run(tmp_path: Path) -
         shutil.rmtree(alive, ignore_errors=True)
         shutil.rmtree(dead, ignore_errors=True)
     try:
+        # run/ is the daemon's own, whatever the umask it was started with (a fault
+        # trial found it 0755 under umask 022)
+        assert (ca.state / "run").stat().st_mode & 0o777 == 0o700
         status, _, _ = await http("GET", f"{d.url}/metrics", d.ssl())
         assert status == 200
         first = Path(pointer.read_text().strip())

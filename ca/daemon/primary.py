@@ -526,11 +526,14 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         # the stop's own lines: a checkpoint cannot cover its own signing.
         await checkpointer.checkpoint()
         await audit.append("daemon.stop", pid=os.getpid())
+        # Only a stop the log records removes the URL file: the next start tells a run
+        # that ended otherwise by it (a stop that could not write its line left nothing
+        # to say so; a fault trial).
+        config.url_file.unlink(missing_ok=True)
         await checkpointer.checkpoint()
         await witnessing.drain(WITNESS_DRAIN_S)  # the final checkpoint, if they answer soon
         log.info("stopped")
     finally:
-        config.url_file.unlink(missing_ok=True)
         placeholder.close()
         await _cancel(background)
         if pool is not None:
@@ -750,11 +753,12 @@ def _say_how_the_last_run_ended(config: Config, audit: AuditLog) -> None:
     """A start after a kill (or a host that went down) must not read like any other:
     the operator learns it from stderr, with how many signatures were then under way.
     The log says it by a `daemon.start` without its `daemon.stop`; a run longer than
-    the lines read at start, by the URL file only a stop removes."""
+    the lines read at start, by the URL file only a recorded stop removes."""
     run = audit.last_run
     if run.ended == "killed" or (run.ended == "unknown" and config.url_file.exists()):
-        log.warning("the last run did not stop cleanly (killed, the host went down, or "
-                    "its start failed): the signatures it had under way were never "
+        log.warning("the last run did not stop cleanly (killed, the host went down, its "
+                    "start failed, or its stop could not be written to the audit log): the "
+                    "signatures it had under way were never "
                     "released, and their intent lines stay without an outcome; `hsmca "
                     "audit verify` accepts that before a start", log=str(config.audit_log),
                     signatures_under_way=run.open_signatures)
