@@ -376,6 +376,33 @@ async def test_a_certificate_whose_outcome_never_reached_the_log_is_revoked_at_t
     audit_verify(ca.state, ok=True)
 
 
+async def test_a_damaged_inventory_is_refused_at_start_in_one_line(tmp_path: Path) -> None:
+    """A fault trial: an inventory with a damaged page started without a word, answered
+    500s, and its next start died with a traceback. The start names the file and the
+    way back, in one line."""
+    from tests.conftest import hsmca
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state)
+    try:
+        enroll(d, tmp_path, "service", [LOAD_NAME])
+    finally:
+        assert d.stop() == 0
+    db_path = ca.state / "hsmca.sqlite3"
+    with sqlite3.connect(db_path) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        [(root,)] = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'certs'")
+        [(page,)] = db.execute("PRAGMA page_size")
+    with open(db_path, "r+b") as fh:  # the certificates' first page, overwritten
+        fh.seek((root - 1) * page)
+        fh.write(b"\x55" * page)
+    proc = hsmca("serve", "--config", ca.state / "hsmca.toml", "--listen", "127.0.0.1:0",
+                 check=False)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"hsmca: error: the inventory {db_path} is damaged ("), \
+        proc.stderr
+    assert "restore it from a backup" in proc.stderr and "Traceback" not in proc.stderr
+
+
 async def test_audit_log_made_read_only_means_503_until_writable(tmp_path: Path) -> None:
     """The log file made unmodifiable under the running daemon (chattr +i: root
     ignores file modes, not this): nothing is signed, /health says why, and once the

@@ -462,6 +462,21 @@ def _where(which: SSHSelector) -> tuple[str, str]:
     raise ValueError("an SSH selector names a serial, a key id or a key")
 
 
+def damaged(exc: BaseException) -> bool:
+    """SQLite's "database disk image is malformed" or "file is not a database": the
+    file's fault, not the statement's (a plain DatabaseError, not one of its kinds)."""
+    return isinstance(exc, sqlite3.DatabaseError) and (
+        getattr(exc, "sqlite_errorname", "") in ("SQLITE_CORRUPT", "SQLITE_NOTADB")
+        or type(exc) is sqlite3.DatabaseError)
+
+
+def damaged_error(path: Path, exc: BaseException) -> StoreUnavailable:
+    """What a damaged inventory is answered with: 503 and /health, one line at start."""
+    return StoreUnavailable(f"the inventory {path} is damaged ({exc}): nothing can be "
+                            "recorded; stop hsmca and restore it from a backup "
+                            "(docs/operator.md, Backup and restore)")
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
     db.execute("PRAGMA busy_timeout=5000")
@@ -481,7 +496,12 @@ def latest_audit_seq(path: Path, recent: int = 1000) -> int | None:
         db.execute("PRAGMA busy_timeout=5000")
         row = db.execute("SELECT MAX(audit_seq) FROM certs WHERE rowid > "
                          "(SELECT COALESCE(MAX(rowid), 0) FROM certs) - ?", (recent,)).fetchone()
-    except sqlite3.OperationalError:  # no audit_seq yet: migrated by the daemon's open
+    except sqlite3.DatabaseError as exc:
+        if damaged(exc):
+            raise damaged_error(path, exc) from None
+        if not isinstance(exc, sqlite3.OperationalError):
+            raise
+        # no audit_seq yet: migrated by the daemon's open
         return None
     finally:
         db.close()
@@ -567,27 +587,35 @@ class SQLiteStore:
                     path=str(path), mode_was=oct(mode))
         finally:
             os.close(fd)
-        w = _connect(path)
-        w.execute("PRAGMA journal_mode=WAL")
-        if not autocheckpoint:
-            w.execute("PRAGMA wal_autocheckpoint=0")
-        migrate(w, path)
+        try:
+            w = _connect(path)
+            w.execute("PRAGMA journal_mode=WAL")
+            if not autocheckpoint:
+                w.execute("PRAGMA wal_autocheckpoint=0")
+            migrate(w, path)
+            self._reader = _connect(path)
+        except sqlite3.DatabaseError as exc:
+            if damaged(exc):
+                raise damaged_error(path, exc) from None
+            raise
         self._writer_db = w
-        self._reader = _connect(path)
         self._read_lock = threading.Lock()
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._coalescer = Coalescer(self._queue)
         self._problem: str | None = None  # why the last transaction failed, if it did
+        # Damage found in the file: said by /health until a restart, whatever a later
+        # transaction that misses the damaged pages does.
+        self._damage: str | None = None
         self._thread = threading.Thread(target=self._write_loop, name="store-writer", daemon=True)
         self._thread.start()
 
     @property
     def healthy(self) -> bool:
-        return self._thread.is_alive() and self._problem is None
+        return self._thread.is_alive() and self._problem is None and self._damage is None
 
     @property
     def problem(self) -> str | None:
-        return self._problem
+        return self._damage or self._problem
 
     async def probe(self) -> None:
         """A file in this process: `healthy` says whether its writer runs and its last
@@ -645,8 +673,13 @@ class SQLiteStore:
                 db.execute("SAVEPOINT job")
                 try:
                     value = fn(db)
-                except sqlite3.OperationalError:
-                    raise  # the disk's or the file's, not the job's: the batch fails
+                except sqlite3.DatabaseError as exc:
+                    if isinstance(exc, sqlite3.OperationalError) or damaged(exc):
+                        raise  # the disk's or the file's, not the job's: the batch fails
+                    db.execute("ROLLBACK TO job")
+                    db.execute("RELEASE job")
+                    results.append((fut, False, exc))
+                    continue
                 except BaseException as exc:
                     db.execute("ROLLBACK TO job")
                     db.execute("RELEASE job")
@@ -662,7 +695,10 @@ class SQLiteStore:
             except sqlite3.Error:
                 pass  # SQLite has rolled back itself (a full disk, an I/O error)
             error: BaseException = exc
-            if isinstance(exc, sqlite3.OperationalError):
+            if damaged(exc):  # as below, but retrying cannot mend it: it says what can
+                error = damaged_error(self.path, exc)
+                self._problem = self._damage = str(error)
+            elif isinstance(exc, sqlite3.OperationalError):
                 # A full disk, an I/O error, a lock held too long: 503 and retry, and
                 # /health says so, rather than a 500 per request.
                 self._problem = f"cannot write the inventory {self.path}: {exc}"
@@ -693,7 +729,14 @@ class SQLiteStore:
 
     def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._read_lock:
-            return self._reader.execute(sql, args).fetchall()
+            try:
+                return self._reader.execute(sql, args).fetchall()
+            except sqlite3.DatabaseError as exc:
+                if not damaged(exc):
+                    raise
+                error = damaged_error(self.path, exc)
+                self._damage = str(error)  # /health says so, as for a write
+                raise error from None
 
     # ---- tokens ------------------------------------------------------------------------------
 
