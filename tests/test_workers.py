@@ -15,6 +15,7 @@ import signal
 import socket
 import sqlite3
 import subprocess
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -321,6 +322,33 @@ async def test_a_worker_that_stops_answering_is_killed_and_replaced(tmp_path: Pa
     assert [(e["pid"], e["status"]) for e in exits] == [(stuck, -signal.SIGKILL)]
     assert exits[0]["unanswered_s"] >= 5
     audit_verify(ca.state, ok=True)
+
+
+async def test_a_primary_that_was_paused_does_not_kill_its_workers(tmp_path: Path) -> None:
+    """A fault trial: the primary stopped (SIGSTOP; a paused VM) past worker-timeout-s
+    killed both of its healthy workers at SIGCONT, since none had answered the pings it
+    had not sent. It tells its own stall from theirs."""
+    ca = init_ca(tmp_path)
+    set_config(ca.state, "server", "worker-timeout-s", 5)
+    d = start_daemon(ca.state, "--workers", "2")
+    try:
+        before = sorted(worker_pids(d))
+        d.proc.send_signal(signal.SIGSTOP)
+        try:
+            # The fault's length (past worker-timeout-s and the stall bound), not a wait
+            # for anything: nothing can be watched while the primary is stopped.
+            threading.Event().wait(8)
+        finally:
+            d.proc.send_signal(signal.SIGCONT)
+        assert d.wait_stderr(lambda: any("the primary process itself did not run" in x
+                                         for x in d.stderr), 30), "".join(d.stderr[-20:])
+        answers = await on_every_worker(2, lambda: fresh("GET", f"{d.url}/health", d.ssl()))
+        assert {status for status, _ in answers} == {200}
+        assert sorted(worker_pids(d)) == before
+        assert not any("a worker stopped answering" in x for x in d.stderr)
+    finally:
+        assert d.stop() == 0
+    assert not [e for e in log_lines(ca.state) if e["event"] == "worker.exit"]
 
 
 async def test_a_stuck_worker_does_not_hold_up_the_stop(tmp_path: Path) -> None:

@@ -156,6 +156,7 @@ class WorkerPool:
         self._supervisors: list[asyncio.Task[None]] = []
         self._stopping = False
         self._loop = asyncio.get_running_loop()
+        self._stall_said = 0.0  # when this process's own stall was last logged
 
     def _lost(self, _slot: int, _closed: int) -> None:  # on the recorder's thread
         self._loop.call_soon_threadsafe(self._detached)
@@ -288,7 +289,21 @@ class WorkerPool:
         """Return once the worker exits (None), or kill it once it has not answered a
         ping for `[server] worker-timeout-s` (how long it had not: its exit follows)."""
         warned = False
+        last = time.monotonic()
         while not exited.done():
+            now = time.monotonic()
+            if now - last > STUCK_AFTER_S:
+                # This process itself did not run (stopped, its VM paused, swapped out):
+                # no ping went, no answer was read, so the worker's silence is ours. It
+                # gets a fresh window; all of them were killed at SIGCONT before (a fault
+                # trial).
+                alive.answered = max(alive.answered, now)
+                if now - self._stall_said > STUCK_AFTER_S:
+                    self._stall_said = now
+                    log.warning("the primary process itself did not run for a while (stopped "
+                                "or paused); its workers get time to answer again",
+                                stalled_s=round(now - last))
+            last = now
             silent = alive.silent_for()
             if silent >= self.config.worker_timeout_s and not self._stopping:
                 proc.kill()  # SIGKILL: a stopped or stuck process cannot refuse it
