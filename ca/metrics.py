@@ -145,6 +145,16 @@ class AuditMetrics:
             "and it was killed)", ["reason"], registry=None)
         for reason in ("exited", "unanswered"):
             self.worker_restarts.labels(reason)  # exported from the start, at zero
+        # A worker that cannot be started again (a token refusing the PIN to new
+        # sessions) left /health and hsmca_hsm_up as they were, since the others still
+        # answered (a fault trial): alert on serving < configured.
+        self.workers = Gauge("hsmca_workers", "Worker processes the daemon runs when all "
+                             "is well ([server] workers)", registry=None,
+                             multiprocess_mode="max")
+        self.workers_serving = Gauge("hsmca_workers_serving", "Worker processes started "
+                                     "and not exited: fewer than hsmca_workers while one "
+                                     "cannot be started again", registry=None,
+                                     multiprocess_mode="max")
         # Which release runs, and since when: a restart shows as a new start time, not
         # only as every counter going back to zero.
         from ca import __version__

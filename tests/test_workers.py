@@ -274,9 +274,15 @@ async def test_a_worker_refused_its_pin_is_not_started_again_until_the_pin_chang
         assert d.wait_stderr(lambda: bool(said(
             "a worker cannot log in: the token refused the PIN; it is not started again "
             "until the PIN source changes")), 60), "".join(d.stderr[-20:])
+        # /health is answered by the other worker; the metrics say one is missing
+        status, _, text = await http("GET", f"{d.url}/metrics", d.ssl())
+        assert "hsmca_workers 2.0" in text.decode()
+        assert "hsmca_workers_serving 1.0" in text.decode(), text.decode()
         ready = len(said("worker ready"))
         pin.write_text(good)  # put right: the worker starts with it
         assert d.wait_stderr(lambda: len(said("worker ready")) > ready, 60)
+        status, _, text = await http("GET", f"{d.url}/metrics", d.ssl())
+        assert "hsmca_workers_serving 2.0" in text.decode()
         refused = [x for x in log_lines(ca.state) if x["event"] == "hsm.login"
                    and x.get("result") == "PinIncorrect"]
         assert len(refused) == 1, refused  # offered once, never again

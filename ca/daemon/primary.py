@@ -137,10 +137,13 @@ class WorkerPool:
     def __init__(self, config: Config, address: str, count: int, audit: AuditLog,
                  checkpointer: Checkpointer, generations: Generations,
                  policies: control.PolicyFeed,
-                 on_restart: Callable[[str], None] = lambda _reason: None) -> None:
+                 on_restart: Callable[[str], None] = lambda _reason: None,
+                 on_serving: Callable[[int], None] = lambda _count: None) -> None:
         self.config, self.address, self.count, self.audit = config, address, count, audit
         self.generations, self.policies = generations, policies
         self.on_restart = on_restart  # counts restarts by reason (the primary's metrics)
+        self.on_serving = on_serving  # how many workers run (the primary's metrics)
+        self._serving: set[int] = set()
         witnesses = checkpointer.witnesses
         self.recorder = Recorder(audit, lambda: checkpointer.latest, self._lost,
                                  latest_cosigned=lambda: witnesses.cosigned if witnesses else None,
@@ -180,6 +183,14 @@ class WorkerPool:
         for slot, (proc, exited, alive) in enumerate(started):  # type: ignore[misc]
             self._supervisors.append(asyncio.create_task(
                 self._supervise(slot, proc, exited, alive)))
+            self._serves(slot, True)
+
+    def _serves(self, slot: int, serving: bool) -> None:
+        if serving:
+            self._serving.add(slot)
+        else:
+            self._serving.discard(slot)
+        self.on_serving(len(self._serving))
 
     async def _start_one(self, slot: int) -> tuple[asyncio.subprocess.Process,
                                                    asyncio.Future[int], control.Liveness]:
@@ -240,6 +251,7 @@ class WorkerPool:
             code = await exited
             if self._stopping:
                 return
+            self._serves(slot, False)
             why = {"unanswered_s": round(silent)} if silent is not None else {}
             if silent is not None:
                 log.error("a worker stopped answering: killed, and started again",
@@ -265,6 +277,7 @@ class WorkerPool:
                 pin_before = _pin_mark(self.config.hsm.pin_source)  # what the worker reads
                 try:
                     proc, exited, alive = await self._start_one(slot)
+                    self._serves(slot, True)
                     break
                 except PinStartError as exc:
                     # Offered again and again, a wrong PIN locks many HSMs' user PIN:
@@ -509,9 +522,11 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         await checkpointer.checkpoint()
         bound = placeholder.getsockname()
         shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+        audit_metrics.workers.set(count)
         pool = WorkerPool(config, f"{shown}:{bound[1]}", count, audit, checkpointer,
                           generations, policies,
-                          lambda reason: audit_metrics.worker_restarts.labels(reason).inc())
+                          lambda reason: audit_metrics.worker_restarts.labels(reason).inc(),
+                          audit_metrics.workers_serving.set)
         await pool.start()
         placeholder.close()  # the workers hold the port now
         url = f"https://{shown}:{bound[1]}"
