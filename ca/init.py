@@ -82,7 +82,13 @@ async def run_init(opts: InitOptions) -> list[Path]:
         raise InitError(f"PIN file not found: {opts.pin_file}")
     check_private([opts.pin_file])  # `serve` refuses it too: better said before the keys
     final.parent.mkdir(parents=True, exist_ok=True)
-    state = Path(tempfile.mkdtemp(prefix=f".{final.name}.init-", dir=final.parent))
+    # An empty --state-dir that is a file system of its own (a volume mounted there, the
+    # usual layout) cannot be replaced by a rename: the CA is built inside it, and its
+    # entries moved up at the end (a fault trial's init made every key, then failed
+    # with a bare "Device or resource busy").
+    inside = final.exists() and _mount_point(final)
+    state = Path(tempfile.mkdtemp(prefix=f".{final.name}.init-",
+                                  dir=final if inside else final.parent))
     for sub in ("x509", "ssh", "audit", "admin", "tls"):
         (state / sub).mkdir(parents=True, exist_ok=True)
     os.chmod(state / "admin", 0o700)
@@ -197,10 +203,38 @@ async def run_init(opts: InitOptions) -> list[Path]:
     audit.close()
     if cluster_store is not None:
         cluster_store.close()
-    if final.exists():
-        final.rmdir()  # empty, checked above
-    os.rename(state, final)
+    try:
+        if inside:
+            # hsmca.toml last: a directory holding it is a CA (checked above)
+            for entry in sorted(state.iterdir(), key=lambda p: p.name == "hsmca.toml"):
+                os.rename(entry, final / entry.name)
+            state.rmdir()
+            os.chmod(final, 0o700)  # as a state directory made by rename is
+        else:
+            if final.exists():
+                final.rmdir()  # empty, checked above
+            os.rename(state, final)
+    except OSError as exc:
+        raise InitError(f"cannot move the new CA into {final}: {exc.strerror or exc} (keys "
+                        f"were generated in token {opts.token!r}; the CA is complete in "
+                        f"{state}: move what it holds into {final})") from None
     return [final / p.relative_to(state) for p in written]
+
+
+def _mount_point(path: Path) -> bool:
+    """Whether something is mounted on `path`: another file system, or a bind mount of
+    a directory of the same one (which os.path.ismount does not see)."""
+    if os.path.ismount(path):
+        return True
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as fh:
+            points = {line.split()[4] for line in fh if len(line.split()) > 4}
+    except OSError:
+        return False
+    # mountinfo escapes a space, tab, newline and backslash in octal
+    shown = str(path).replace("\\", "\\134").replace(" ", "\\040").replace(
+        "\t", "\\011").replace("\n", "\\012")
+    return shown in points
 
 
 async def _cluster_store(url: str | None) -> PostgresStore | None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from tests.conftest import InitialisedCA, hsmca, init_ca, new_softhsm_token, require
+from tests.conftest import HSMCA, InitialisedCA, hsmca, init_ca, new_softhsm_token, require
 
 
 def test_init_lays_out_the_state_directory(ca: InitialisedCA) -> None:
@@ -163,6 +163,30 @@ def test_a_failed_init_can_be_retried(tmp_path: Path) -> None:
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ca.init-")]
     hsmca(*base, "--pin-file", token.pin_file, "--dns-name", "ca.internal.example")
     assert (state / "hsmca.toml").is_file()
+
+
+def test_init_into_a_state_dir_that_is_a_mount_point(tmp_path: Path) -> None:
+    """A fault trial: --state-dir on a volume of its own (the usual layout) made every
+    key, then failed with "Device or resource busy" (a mount point cannot be replaced
+    by a rename), leaving the CA in a hidden directory and the token unusable. init
+    builds the CA inside it. (A bind mount in a mount namespace of its own: the test
+    leaves no mount behind, and the files stay in the directory mounted.)"""
+    token = new_softhsm_token()
+    volume, state = tmp_path / "volume", tmp_path / "ca"
+    volume.mkdir()
+    state.mkdir()
+    proc = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         'mount --bind "$1" "$2" && shift 2 && exec "$@"', "sh", volume, state, *HSMCA,
+         "init",
+         "--state-dir", state, "--module", token.module, "--token", token.label,
+         "--pin-file", token.pin_file], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (volume / "hsmca.toml").is_file() and (volume / "x509" / "root.pem").is_file()
+    assert not [p for p in volume.iterdir() if ".init-" in p.name]
+    assert not [p for p in tmp_path.iterdir() if ".init-" in p.name]
+    assert stat.S_IMODE(volume.stat().st_mode) == 0o700
+    assert not any(state.iterdir())  # the mount point itself, unmounted with its namespace
 
 
 def test_serve_refuses_a_key_that_could_be_exported(tmp_path: Path) -> None:
