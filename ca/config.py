@@ -257,6 +257,14 @@ class Config:
         return found[0] if found else f"https://{self.listen}"
 
     @property
+    def hsm_session(self) -> HSMConfig:
+        """The HSM as the daemon's processes open it: their logins take turns through a
+        file of this node's run directory, so that a PIN the token refused is offered
+        once, not once per process (hsm.session.HSMConfig.login_gate)."""
+        from dataclasses import replace
+        return replace(self.hsm, login_gate=str(self.local_dir / "run" / "pin-login"))
+
+    @property
     def generations_path(self) -> Path:
         """Change counters the daemon's processes share while it runs."""
         return self.local_dir / "run" / "generations"

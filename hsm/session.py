@@ -22,11 +22,13 @@ re-opens and re-logs-in with back-off (`retry_in`, `tick`), and reports each ste
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +73,47 @@ class HSMConfig:
     module: str
     token: str
     pin_source: str  # "file:/path", "env:NAME", or a plain file path
+    # A file the processes of one daemon share (ca.config.Config.hsm_session): their
+    # logins take turns through it, and a PIN file the token refused is not offered
+    # again by any of them until it changes. Without it, each process remembers alone.
+    login_gate: str | None = None
+
+
+@contextlib.contextmanager
+def _login_turn(gate: str | None, source: str) -> Iterator[Callable[[bool], None] | None]:
+    """One login at a time among the processes sharing `gate`, and what they learned of
+    the PIN file: yields None if the file as it is now was refused before (by any of
+    them), else a function to call with whether the token refused it. After a PIN
+    change, every process offered the old PIN once: as many wrong tries as processes,
+    and many HSMs lock the user PIN after three (a fault trial). Only the file's
+    inode, size and time are written, never anything of the PIN."""
+    if gate is None or not source.startswith("file:"):
+        yield lambda _refused: None
+        return
+    try:
+        st = os.stat(source[5:])
+    except OSError:
+        yield lambda _refused: None  # read_pin names the missing file
+        return
+    mark = f"{st.st_ino} {st.st_size} {st.st_mtime_ns}"
+    try:
+        fd = os.open(gate, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:  # its directory gone: each process remembers alone, as before
+        yield lambda _refused: None
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held through the login: the others wait for it
+        if os.pread(fd, 200, 0).decode(errors="replace").strip() == mark:
+            yield None
+            return
+
+        def verdict(refused: bool) -> None:
+            os.ftruncate(fd, 0)
+            if refused:
+                os.pwrite(fd, mark.encode() + b"\n", 0)
+        yield verdict
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -482,33 +525,39 @@ class HSM:
         except pkcs11.exceptions.MultipleTokensReturned:
             raise HSMError(f"more than one token is labelled {cfg.token!r} in {cfg.module}; "
                            "token labels must be unique") from None
-        pin = read_pin(cfg.pin_source)
-        # A PIN the token refused is not offered again (a reconnect's back-off would
-        # offer it every few seconds, and many HSMs lock the PIN after a few wrong
-        # tries): only its digest is kept, in memory, to know it again.
-        tried = hashlib.sha256(pin.encode()).digest()
-        if tried == self._refused_pin:
-            del pin
-            raise PinRefused(f"wrong PIN for token {cfg.token!r} (PIN from "
-                             f"{describe_source(cfg.pin_source)}), refused before: not "
-                             "tried again until the PIN there changes")
-        self._record("hsm.open", module=cfg.module, reconnect=reconnect)
-        try:
-            session = self._login(token, pin, retries=() if reconnect else
-                                  TOKEN_LOOKUP_RETRIES_S)
-        except pkcs11.exceptions.PinIncorrect:
-            self._record("hsm.login", result="PinIncorrect")
-            self._refused_pin = tried
-            raise PinRefused(f"wrong PIN for token {cfg.token!r} (PIN from "
-                             f"{describe_source(cfg.pin_source)})") from None
-        except pkcs11.exceptions.PinLocked:
-            # Not remembered: offering a locked PIN counts nothing, and the officer may
-            # unlock the token keeping the same PIN.
-            self._record("hsm.login", result="PinLocked")
-            raise PinRefused(f"the user PIN of token {cfg.token!r} is locked; the security "
-                             "officer must reset it") from None
-        finally:
-            del pin
+        refused_before = PinRefused(f"wrong PIN for token {cfg.token!r} (PIN from "
+                                    f"{describe_source(cfg.pin_source)}), refused before: "
+                                    "not tried again until the PIN there changes")
+        with _login_turn(cfg.login_gate, cfg.pin_source) as verdict:
+            if verdict is None:  # another process of this daemon was refused it
+                raise refused_before
+            pin = read_pin(cfg.pin_source)
+            # A PIN the token refused is not offered again (a reconnect's back-off would
+            # offer it every few seconds, and many HSMs lock the PIN after a few wrong
+            # tries): only its digest is kept, in memory, to know it again.
+            tried = hashlib.sha256(pin.encode()).digest()
+            if tried == self._refused_pin:
+                del pin
+                raise refused_before
+            self._record("hsm.open", module=cfg.module, reconnect=reconnect)
+            try:
+                session = self._login(token, pin, retries=() if reconnect else
+                                      TOKEN_LOOKUP_RETRIES_S)
+            except pkcs11.exceptions.PinIncorrect:
+                self._record("hsm.login", result="PinIncorrect")
+                self._refused_pin = tried
+                verdict(True)
+                raise PinRefused(f"wrong PIN for token {cfg.token!r} (PIN from "
+                                 f"{describe_source(cfg.pin_source)})") from None
+            except pkcs11.exceptions.PinLocked:
+                # Not remembered: offering a locked PIN counts nothing, and the officer
+                # may unlock the token keeping the same PIN.
+                self._record("hsm.login", result="PinLocked")
+                raise PinRefused(f"the user PIN of token {cfg.token!r} is locked; the "
+                                 "security officer must reset it") from None
+            finally:
+                del pin
+            verdict(False)
         self._session = session
         self._record("hsm.login", result="ok", user="CKU_USER")
         # Handles belong to the session: find them again and make sure the token still

@@ -293,6 +293,41 @@ async def test_a_worker_refused_its_pin_is_not_started_again_until_the_pin_chang
         assert d.stop() == 0
 
 
+async def test_a_refused_pin_is_offered_once_by_the_whole_daemon(tmp_path: Path) -> None:
+    """A fault trial: after a PIN change, each process offered the refused PIN once, as
+    many wrong tries as processes (up to 9 with 8 cores), where many HSMs lock the user
+    PIN after three. Their logins take turns, and what one was refused the others do
+    not offer."""
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state, "--workers", "2")
+    pin = ca.token.pin_file
+    good = pin.read_text()
+    try:
+        pin.write_text("00112233445566778899aabbccddeeff\n")
+        for pid in worker_pids(d):  # both start again at once, with the wrong PIN
+            os.kill(pid, signal.SIGKILL)
+
+        def said(event: str) -> list[dict[str, Any]]:
+            return [e for e in (json.loads(x) for x in d.stderr if x.startswith("{"))
+                    if e.get("event") == event]
+        refusal = ("a worker cannot log in: the token refused the PIN; it is not started "
+                   "again until the PIN source changes")
+        assert d.wait_stderr(lambda: len(said(refusal)) == 2, 60), "".join(d.stderr[-20:])
+        assert any("refused before: not tried again" in x for x in d.stderr)  # the other
+        refused = [x for x in log_lines(ca.state) if x["event"] == "hsm.login"
+                   and x.get("result") == "PinIncorrect"]
+        assert len(refused) == 1, refused  # one wrong try, not one per process
+        ready = len(said("worker ready"))
+        pin.write_text(good)
+        assert d.wait_stderr(lambda: len(said("worker ready")) >= ready + 2, 60)
+        status, _, body = await http("GET", f"{d.url}/health", d.ssl())
+        assert status == 200, body
+    finally:
+        pin.write_text(good)
+        assert d.stop() == 0
+    audit_verify(ca.state, ok=True)
+
+
 async def test_a_worker_that_stops_answering_is_killed_and_replaced(tmp_path: Path) -> None:
     """A worker whose event loop is stuck keeps its listening socket: the kernel went
     on handing it connections, which hung, while /health and /metrics (answered by the

@@ -422,7 +422,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         audit.close()
         let_go()
         raise
-    pipeline = SigningPipeline(config.hsm, audit)
+    pipeline = SigningPipeline(config.hsm_session, audit)
     generations = Generations.create(config.generations_path)
     witnessing = Witnessing(
         [*(FileWitness(w, audit_key, config.audit_origin) for w in config.witnesses),

@@ -77,7 +77,7 @@ async def run(config: Config, host: str, port: int, slot: int, sign_channel: soc
     loop.add_signal_handler(signal.SIGHUP, lambda: None)
     raise_fd_limit()
     link = AuditLink(sign_channel, audit_channel, _primary_gone)
-    pipeline = SigningPipeline(config.hsm, link)
+    pipeline = SigningPipeline(config.hsm_session, link)
     control = ControlClient(control_channel, on_unreadable=stop.set)
     store: Store | None = None
     runner: web.AppRunner | None = None
