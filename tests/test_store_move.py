@@ -202,6 +202,31 @@ def test_a_move_without_a_database_or_to_another_kind_says_what_to_give(
         assert words in proc.stderr
 
 
+async def test_a_move_into_a_database_with_tables_of_hsmcas_names_writes_nothing(
+        tmp_path: Path, postgres_server: Any) -> None:
+    """A cluster trial: a database that already had an application's `certs` table got
+    half of hsmca's schema, and the move printed a traceback. It is refused in one
+    line, before anything is written; a database with other tables is fine."""
+    ca = init_ca(tmp_path)
+    config = ca.state / "hsmca.toml"
+    url = postgres_server.new_database()
+    db = url.rsplit("/", 1)[1]
+    postgres_server.psql("SET ROLE hsmca; CREATE TABLE app_stuff (id int); "
+                         "CREATE TABLE certs (x int)", db=db)
+    proc = await asyncio.to_thread(hsmca, "store", "move", "--config", config, "--yes",
+                                   "--store-url", url, check=False)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"the database '{db}' already has tables hsmca would make" in proc.stderr
+    assert "(certs)" in proc.stderr and "nothing was written" in proc.stderr
+    assert postgres_server.psql("SELECT string_agg(tablename, ',' ORDER BY tablename) FROM "
+                                "pg_tables WHERE schemaname = 'public'", db=db) == \
+        "app_stuff,certs"
+    postgres_server.psql("DROP TABLE certs", db=db)
+    moved = await asyncio.to_thread(hsmca, "store", "move", "--config", config, "--yes",
+                                    "--store-url", url)
+    assert "moved into" in moved.stdout
+
+
 async def test_a_move_cut_short_keeps_the_daemon_off_sqlite_until_it_is_finished(
         tmp_path: Path, postgres_server: Any) -> None:
     """Killed after PostgreSQL committed and before the SQLite inventory was set aside,

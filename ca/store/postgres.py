@@ -1459,12 +1459,36 @@ def _why(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+_OUR_TABLES = tuple(sorted({m.group(1) for script in PG_MIGRATIONS for m in re.finditer(
+    r"CREATE TABLE (?:IF NOT EXISTS )?(\w+)", script)}))
+
+
+async def _refuse_foreign_tables(conn: Conn) -> None:
+    """A database without hsmca's schema that has tables of the names hsmca makes (an
+    application's `certs`): the migrations would keep them as they are, fail half-way
+    on their columns, and leave the database half made (a cluster trial's `store move`
+    printed a traceback). Refused before anything is written."""
+    cur = await conn.execute("SELECT to_regclass('schema_version')")
+    row = await cur.fetchone()
+    if row is not None and row[0] is not None:
+        return
+    cur = await conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = "
+                             "current_schema() AND tablename = ANY(%s) ORDER BY tablename",
+                             (list(_OUR_TABLES),))
+    taken = [r[0] for r in await cur.fetchall()]
+    if taken:
+        raise NoInventory(f"the database {conn.info.dbname!r} already has tables hsmca would "
+                          f"make, which hsmca did not make ({', '.join(taken[:5])}): give "
+                          "hsmca a database of its own (nothing was written to it)")
+
+
 async def migrate(conn: Conn) -> None:
     """Run the migrations the database has not had, each in one transaction, under an
     advisory lock (so that nodes starting at once apply each exactly once); refuse a
     database whose schema is newer than this code."""
     await conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
     try:
+        await _refuse_foreign_tables(conn)
         await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
         cur = await conn.execute("SELECT version FROM schema_version")
         row = await cur.fetchone()
