@@ -208,6 +208,11 @@ class PostgresStore:
         self._unreachable = False
         self._trying = False
         self._retry_at = 0.0  # time.monotonic(): no call tries again before this
+        # Why the pool's last attempt to connect failed (None once one succeeds): a
+        # wait for a connection says only that it timed out, and running nodes said
+        # "couldn't get a connection after 3.00 sec" for a changed password, which only
+        # PostgreSQL's own log named (a cluster trial).
+        self._connect_error: str | None = None
         self._closed = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="store-pg",
@@ -252,6 +257,8 @@ class PostgresStore:
             value = await coro
         except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
             self._down = _why(exc)
+            if isinstance(exc, PoolTimeout) and self._connect_error is not None:
+                self._down = f"cannot connect: {self._connect_error}"
             if not own:
                 self._unreachable = isinstance(exc, PoolTimeout) and self._cannot_connect()
                 self._retry_at = time.monotonic() + RETRY_S
@@ -286,8 +293,22 @@ class PostgresStore:
             await migrate(conn)
         finally:
             await conn.close()
+        store = self
+
+        class Remembering(psycopg.AsyncConnection):  # type: ignore[type-arg]
+            @classmethod
+            async def connect(cls, *args: Any, **kwargs: Any) -> Any:
+                try:
+                    conn = await super().connect(*args, **kwargs)
+                except psycopg.Error as exc:
+                    store._connect_error = _why(exc)
+                    raise
+                store._connect_error = None
+                return conn
+
         self._pool = AsyncConnectionPool(
             self.url, min_size=1, max_size=max_size, open=False, timeout=CONNECT_TIMEOUT_S,
+            connection_class=Remembering,
             kwargs={"connect_timeout": CONNECT_TIMEOUT_S},
             # A connection the server dropped (a restart) is found out before use.
             check=AsyncConnectionPool.check_connection,
@@ -309,6 +330,8 @@ class PostgresStore:
 
     @property
     def problem(self) -> str | None:
+        if self._down is None and self._connect_error is not None:
+            return f"cannot connect: {self._connect_error}"  # the pool's own attempts
         return self._down
 
     async def probe(self) -> None:
