@@ -29,7 +29,7 @@ import aiohttp
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
 from ca.commands.args import check_url
@@ -225,11 +225,20 @@ def make_csr(names: list[str], key: Any) -> str:
     csr = (x509.CertificateSigningRequestBuilder()
            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0][:64])]))
            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-           .sign(key, hashes.SHA256()))
+           .sign(key, None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()))
     return csr.public_bytes(serialization.Encoding.PEM).decode()
 
 
-def new_key() -> ec.EllipticCurvePrivateKey:
+def new_key(like: Any = None) -> Any:
+    """A new private key: P-256, or of the same kind and size as `like` (a key being
+    replaced: `renew --rekey` turned an RSA key into P-256 silently, and a service
+    whose peers need RSA broke at its key rotation; a service team's trial)."""
+    if isinstance(like, rsa.RSAPrivateKey):
+        return rsa.generate_private_key(public_exponent=65537, key_size=like.key_size)
+    if isinstance(like, ec.EllipticCurvePrivateKey):
+        return ec.generate_private_key(like.curve)
+    if isinstance(like, ed25519.Ed25519PrivateKey):
+        return ed25519.Ed25519PrivateKey.generate()
     return ec.generate_private_key(ec.SECP256R1())
 
 
@@ -664,7 +673,7 @@ async def _renew(url: str, cert: Path, key: Path, ca: Path | None, rekey: bool,
         body: dict[str, Any] = {}
         new = None
         if rekey:
-            new = new_key()
+            new = new_key(like=load_private_key(key))
             body["csr"] = make_csr(_names(current), new)
         if ttl is not None:
             body["ttl"] = ttl

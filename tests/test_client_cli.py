@@ -435,6 +435,43 @@ def test_renew_keeps_a_combined_file_a_full_chain_and_a_symlink(daemon: Daemon,
     assert link.is_symlink() and cert_serial(real) != before
 
 
+def test_a_new_key_at_renew_is_of_the_kind_and_size_of_the_old(daemon: Daemon,
+                                                                tmp_path: Path) -> None:
+    """A service team's trial: `renew --rekey` turned an RSA key into P-256 silently,
+    and a service whose peers need RSA broke at its key rotation."""
+    import asyncio
+    import json
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    from tests.helpers import bootstrap_token, csr_pem, http
+    for old in (rsa.generate_private_key(public_exponent=65537, key_size=3072),
+                ec.generate_private_key(ec.SECP384R1())):
+        async def issue(key: object = old) -> str:
+            token = await bootstrap_token(daemon, "service", [NAME])
+            status, _, raw = await http("POST", f"{daemon.url}/v1/x509/enroll", daemon.ssl(),
+                                        body={"csr": csr_pem([NAME], key)},
+                                        headers={"Authorization": f"Bearer {token}"})
+            assert status == 201, raw
+            return str(json.loads(raw)["certificate"])
+        cert, key = tmp_path / f"{type(old).__name__}.pem", tmp_path / f"{id(old)}.key"
+        cert.write_text(asyncio.run(issue()))
+        key.write_bytes(old.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+        key.chmod(0o600)
+        proc = _renew(daemon, cert, key, "--rekey")
+        assert proc.returncode == 0, proc.stderr
+        new = serialization.load_pem_private_key(key.read_bytes(), None)
+        if isinstance(old, rsa.RSAPrivateKey):
+            assert isinstance(new, rsa.RSAPrivateKey) and new.key_size == 3072
+        else:
+            assert isinstance(new, ec.EllipticCurvePrivateKey)
+            assert new.curve.name == "secp384r1"
+        assert new.public_key() != old.public_key()
+
+
 def test_renew_replaces_all_files_or_none_and_mends_one_cut_short(daemon: Daemon,
                                                                   tmp_path: Path) -> None:
     cert, key = enroll(daemon, tmp_path, "service", [NAME])

@@ -399,7 +399,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     r.add_argument("--ca", type=Path, help="root CA PEM to trust the daemon with (default: "
                    "the system's CAs)")
     r.add_argument("--rekey", action="store_true",
-                   help="generate a new key (written to KEY) instead of keeping the current one")
+                   help="generate a new key of the same kind and size (RSA 3072 stays RSA "
+                   "3072), written to KEY, instead of keeping the current one")
     r.add_argument("--ttl", help="lifetime to ask for, e.g. 24h (default: the CA's "
                    "policy.x509-default-ttl-s)")
     r.add_argument("--daemon", action="store_true",
