@@ -321,11 +321,12 @@ def corpus() -> list[Case]:
     add(Case("est pem armour", "POST", "/.well-known/est/simpleenroll", 400, "bad-csr",
              "token", data=good.encode(), headers=PKCS10))
     # A good CSR, so that what is refused is the missing credential.
-    add(Case("est reenroll no cert", "POST", "/.well-known/est/simplereenroll", 401,
+    # 403, not a 401 that names no HTTP scheme: the certificate renewed is the only way
+    add(Case("est reenroll no cert", "POST", "/.well-known/est/simplereenroll", 403,
              "client-certificate-required", "none", data=good_b64, headers=PKCS10))
     add(Case("est enroll no credentials", "POST", "/.well-known/est/simpleenroll", 401,
              "client-certificate-required", "none", data=good_b64, headers=PKCS10))
-    add(Case("est reenroll token only", "POST", "/.well-known/est/simplereenroll", 401,
+    add(Case("est reenroll token only", "POST", "/.well-known/est/simplereenroll", 403,
              "client-certificate-required", "token", data=good_b64, headers=PKCS10))
     add(Case("est reenroll json", "POST", "/.well-known/est/simplereenroll", 415,
              "unsupported-media-type", "service", {"csr": good}))
