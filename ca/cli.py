@@ -235,6 +235,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Who a PostgreSQL connection is, in pg_stat_activity (libpq reads PGAPPNAME); a
     # daemon's processes name themselves more closely (ca/daemon).
     os.environ.setdefault("PGAPPNAME", f"hsmca {args.command_key}")
+    # cryptography's deprecation notices about certificates it was given (a CA bundle's
+    # root with a negative serial, as --ca /etc/ssl/certs/ca-certificates.crt holds) are
+    # for developers: a user got two lines of Python before the one-line error (a
+    # service team's trial). The daemon's log turns the warnings it keeps into JSON.
+    import warnings
+
+    from cryptography.utils import CryptographyDeprecationWarning
+    warnings.filterwarnings("ignore", category=CryptographyDeprecationWarning)
     # A write past RLIMIT_FSIZE must fail with EFBIG (and the log fail closed), not kill us.
     if hasattr(signal, "SIGXFSZ"):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

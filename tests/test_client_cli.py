@@ -435,6 +435,21 @@ def test_renew_keeps_a_combined_file_a_full_chain_and_a_symlink(daemon: Daemon,
     assert link.is_symlink() and cert_serial(real) != before
 
 
+def test_a_ca_bundle_with_a_certificate_cryptography_warns_of_is_still_one_line(
+        daemon: Daemon, tmp_path: Path) -> None:
+    """A service team's trial gave Debian's CA bundle as --ca: one of its roots has a
+    negative serial, and two lines of a Python warning came before the one-line error."""
+    cert, key = enroll(daemon, tmp_path, "service", [NAME])
+    odd = tmp_path / "bundle.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:P-256", "-nodes", "-keyout", tmp_path / "odd.key",
+                    "-subj", "/CN=a root with a negative serial", "-set_serial", "-5",
+                    "-days", "1", "-out", odd], check=True, capture_output=True)
+    msg = one_line_error(hsmca("renew", "--url", daemon.url, "--ca", odd, "--cert", cert,
+                               "--key", key, check=False))
+    assert "does not verify against --ca" in msg, msg
+
+
 def test_a_new_key_at_renew_is_of_the_kind_and_size_of_the_old(daemon: Daemon,
                                                                 tmp_path: Path) -> None:
     """A service team's trial: `renew --rekey` turned an RSA key into P-256 silently,
