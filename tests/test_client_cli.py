@@ -450,6 +450,30 @@ def test_a_ca_bundle_with_a_certificate_cryptography_warns_of_is_still_one_line(
     assert "does not verify against --ca" in msg, msg
 
 
+def test_a_lifetime_cut_to_the_issuing_cas_end_is_said(tmp_path: Path) -> None:
+    """A service team's trial: with x509-max-ttl-s raised to 10 years, `--ttl 3650d`
+    gave the issuing CA's remaining 5 years without a word."""
+    from tests.conftest import init_ca, set_config, start_daemon
+    ca = init_ca(tmp_path)
+    set_config(ca.state, "policy", "x509-max-ttl-s", 10 * 365 * 86400)
+    d = start_daemon(ca.state)
+    try:
+        issuing = x509.load_pem_x509_certificate((ca.state / "x509/issuing.pem").read_bytes())
+        proc = enroll_cmd(d, token_file(d, tmp_path, "service", [NAME]), tmp_path / "long",
+                          "--ttl", "3650d")
+        assert proc.returncode == 0, proc.stderr
+        day = f"{issuing.not_valid_after_utc:%Y-%m-%d}"
+        assert proc.stderr.startswith("hsmca: warning: the lifetime was cut to the issuing "
+                                      f"CA's expiry ({day}"), proc.stderr
+        leaf = x509.load_pem_x509_certificate((tmp_path / "long/cert.pem").read_bytes())
+        assert leaf.not_valid_after_utc == issuing.not_valid_after_utc
+        proc = enroll_cmd(d, token_file(d, tmp_path, "service", [NAME]), tmp_path / "short",
+                          "--ttl", "30d")
+        assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    finally:
+        assert d.stop() == 0
+
+
 def test_a_new_key_at_renew_is_of_the_kind_and_size_of_the_old(daemon: Daemon,
                                                                 tmp_path: Path) -> None:
     """A service team's trial: `renew --rekey` turned an RSA key into P-256 silently,

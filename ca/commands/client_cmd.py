@@ -136,6 +136,8 @@ def enroll(args: argparse.Namespace) -> int:
     token = read_token(args)
     issued = asyncio.run(client.enroll(url, token, args.name, args.out, args.ca,
                                        force=args.force, ttl=args.ttl))
+    for text in issued.get("warnings", []):
+        _warn(text)
     print(f"enrolled: serial {issued['serial']}, valid until {issued['not_after']}; wrote "
           f"{args.out / 'key.pem'} (0600), {args.out / 'cert.pem'}, {args.out / 'chain.pem'}")
     return 0
@@ -157,6 +159,8 @@ def renew(args: argparse.Namespace) -> int:
         return _renew_daemon(args, url)
     issued = asyncio.run(client.renew(url, args.cert, args.key, args.ca, args.rekey,
                                       ttl=args.ttl, warn=_warn))
+    for text in issued.get("warnings", []):
+        _warn(text)
     print(f"renewed: serial {issued['serial']}, valid until {issued['not_after']}"
           f"{' (new key)' if args.rekey else ''}", flush=True)
     if args.exec:

@@ -44,8 +44,16 @@ PKCS7_CERTS = "application/pkcs7-mime; smime-type=certs-only"
 def _answer(request: web.Request, issued: Issued) -> dict[str, Any]:
     cert = issued.cert
     issuer = request.app[ISSUANCE].issuers.x509[issued.issuer]
-    return {"serial": issued.serial_hex, "certificate": pem(cert), "chain": issuer.chain_pem,
-            "not_after": cert.not_valid_after_utc.isoformat()}
+    answer = {"serial": issued.serial_hex, "certificate": pem(cert), "chain": issuer.chain_pem,
+              "not_after": cert.not_valid_after_utc.isoformat()}
+    if cert.not_valid_after_utc >= issuer.cert.not_valid_after_utc:
+        # Cut to the issuing CA's end, which no leaf outlives: said, not silent (a service
+        # team asked for 10 years and got the issuer's remaining 5 without a word).
+        answer["warnings"] = [
+            f"the lifetime was cut to the issuing CA's expiry "
+            f"({issuer.cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC): a certificate never "
+            "outlives its issuer; rotate the issuing key for longer ones (docs/keys.md)"]
+    return answer
 
 
 def _logged(request: web.Request, order: ra.X509Order, issued: Issued) -> Issued:
