@@ -51,7 +51,7 @@ SCHEMA: dict[str, frozenset[str]] = {
     "server": frozenset({"listen", "dns-name", "public-url", "tls-cert", "tls-key",
                          "metrics-allow", "workers", "request-timeout-s",
                          "max-connections-per-address", "worker-timeout-s",
-                         "log-level"}),
+                         "log-level", "http-listen"}),
     "audit": frozenset({"origin", "heartbeat-s", "witnesses", "witness-keys"}),
     # Several nodes on PostgreSQL (docs/cluster.md); no section: the embedded SQLite file.
     "store": frozenset({"url"}),
@@ -181,6 +181,9 @@ class Config:
     max_connections_per_address: int = PER_ADDRESS  # per worker; 0: no bound
     worker_timeout_s: float = WORKER_TIMEOUT_S
     log_level: str = "info"  # the least severe level the daemon's log says
+    # Where the CRLs and OCSP are served over plain HTTP too (and nothing else): what
+    # nginx, OpenSSL's -crl_download and most relying parties can fetch. None: HTTPS only.
+    http_listen: str | None = None
     policy: Policy = field(default_factory=Policy)
     acme: AcmeConfig | None = None  # None: no [acme] section, no ACME server
     store_url: str | None = None  # [store] url: PostgreSQL, several nodes; None: SQLite
@@ -464,6 +467,8 @@ def load(path: Path) -> Config:
         worker_timeout_s=_worker_timeout(_get(server, "worker-timeout-s", float, where,
                                               WORKER_TIMEOUT_S), where),
         log_level=_log_level(_get(server, "log-level", str, where, "info"), where),
+        http_listen=_http_listen(_get(server, "http-listen", str, where, None), public_url,
+                                 where),
         audit_origin=_origin(_get(audit, "origin", str, wa), wa),
         checkpoint_heartbeat_s=_heartbeat(_get(audit, "heartbeat-s", float, wa, 60.0), wa),
         **_witnesses(_get(audit, "witnesses", list, wa, []),
@@ -755,6 +760,23 @@ def _listen(value: str, where: str) -> str:
     return value
 
 
+def _http_listen(value: str | None, public_url: str | None, where: str) -> str | None:
+    """[server] http-listen; a public-url of http:// needs it: certificates would name
+    CRL and OCSP addresses that nothing serves."""
+    if value is None:
+        if public_url is not None and public_url.startswith("http://"):
+            raise ConfigError(f"{_at(where, 'public-url')}: public-url is http://, so the "
+                              "certificates' CRL and OCSP addresses are plain HTTP, but "
+                              "nothing serves them: set http-listen (like "
+                              "\"0.0.0.0:8080\") in [server] to serve them there")
+        return None
+    try:
+        split_listen(value)
+    except ValueError as exc:
+        raise ConfigError(f"{_at(where, 'http-listen')}: http-listen {exc}") from None
+    return value
+
+
 def _heartbeat(value: float, where: str) -> float:
     where = _at(where, "heartbeat-s")  # errors name the line that sets it
     if not 1 <= value <= 86400:
@@ -856,7 +878,9 @@ _NOTES = {
     "server": ["listen: HOST:PORT. dns-name: the daemon's name in its TLS certificate.",
                "tls-cert, tls-key: the listener's credential (the key must be mode 0600).",
                "public-url = \"https://ca.example:8443\" (unset by default) adds the CRL",
-               "distribution point and OCSP address to issued certificates.",
+               "distribution point and OCSP address to issued certificates; most relying",
+               "parties fetch those over plain HTTP only: public-url = \"http://HOST:8080\"",
+               "with http-listen = \"0.0.0.0:8080\" serves the CRLs and OCSP there, alone.",
                "metrics-allow: client networks that may read /metrics.",
                "workers: processes serving HTTPS, each with its own HSM session (\"auto\":",
                "one per CPU, at most 8). The primary process alone writes the audit log.",

@@ -237,7 +237,9 @@ class Listener:
                        release: Callable[[], None]) -> None:
         try:  # the transport owns `conn` from here: it closes it, whatever happens
             await self._loop.connect_accepted_socket(
-                protocol, conn, ssl=self._ssl, ssl_handshake_timeout=self._handshake_timeout)
+                protocol, conn, ssl=self._ssl,
+                # (asyncio refuses a handshake timeout without TLS: [server] http-listen)
+                **({"ssl_handshake_timeout": self._handshake_timeout} if self._ssl else {}))
         except OSError:
             # A failed or timed-out handshake (a refused client certificate is logged by
             # the TLS layer, ca/server/app.py), or a client gone: its transport closed it.

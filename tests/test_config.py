@@ -33,16 +33,17 @@ def test_rendered_config_loads_and_holds_every_setting_with_comments(tmp_path: P
     assert cfg.policy == Policy(reserved=("ca.example",))  # the CA's own name
     raw = tomllib.loads(path.read_text())
     # Every setting the loader knows is in the file init writes, except the optional
-    # public-url (documented in a comment instead).
+    # public-url and http-listen (documented in a comment instead).
     for section, keys in SCHEMA.items():
         if section in ("acme", "store"):  # on when present, so written commented out
             continue
-        missing = keys - set(raw[section]) - {"public-url"}
+        missing = keys - set(raw[section]) - {"public-url", "http-listen"}
         assert not missing, (section, missing)
     text = path.read_text()
     assert "# [acme]" in text and "acme" not in raw
     assert "# [store]" in text and "store" not in raw  # SQLite unless a cluster is asked
-    assert "public-url" in text and text.count("\n# ") >= 10  # explanations kept
+    assert "public-url" in text and "http-listen" in text
+    assert text.count("\n# ") >= 10  # explanations kept
 
 
 def test_an_unknown_setting_is_refused_with_its_name_and_line(tmp_path: Path) -> None:

@@ -138,7 +138,9 @@ class WorkerPool:
                  checkpointer: Checkpointer, generations: Generations,
                  policies: control.PolicyFeed,
                  on_restart: Callable[[str], None] = lambda _reason: None,
-                 on_serving: Callable[[int], None] = lambda _count: None) -> None:
+                 on_serving: Callable[[int], None] = lambda _count: None,
+                 http_address: str | None = None) -> None:
+        self.http_address = http_address  # [server] http-listen, its port bound
         self.config, self.address, self.count, self.audit = config, address, count, audit
         self.generations, self.policies = generations, policies
         self.on_restart = on_restart  # counts restarts by reason (the primary's metrics)
@@ -204,6 +206,7 @@ class WorkerPool:
                 sys.executable, "-m", "ca.daemon.worker", "--config", str(self.config.path),
                 "--listen", self.address, "--worker", str(slot), "--parent", str(os.getpid()),
                 *(["--node", self.config.node] if self.config.node else []),
+                *(["--http-listen", self.http_address] if self.http_address else []),
                 "--channels", ",".join(str(s.fileno()) for s in theirs),
                 pass_fds=[s.fileno() for s in theirs], stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL)  # stdout's first line is the primary's URL
@@ -418,6 +421,13 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         audit_metrics.watch(audit)
         # Before anything is logged: a port in use must fail the start at once.
         placeholder = reserve_port(host, port)
+        plain_placeholder = None
+        if config.http_listen is not None:
+            try:
+                plain_placeholder = reserve_port(*parse_listen(config.http_listen))
+            except BaseException:
+                placeholder.close()
+                raise
     except BaseException:
         audit.close()
         let_go()
@@ -522,13 +532,22 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         await checkpointer.checkpoint()
         bound = placeholder.getsockname()
         shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+        plain_address = None
+        if plain_placeholder is not None:
+            plain = plain_placeholder.getsockname()
+            plain_address = (f"[{plain[0]}]" if ":" in plain[0] else plain[0]) + \
+                f":{plain[1]}"
         audit_metrics.workers.set(count)
         pool = WorkerPool(config, f"{shown}:{bound[1]}", count, audit, checkpointer,
                           generations, policies,
                           lambda reason: audit_metrics.worker_restarts.labels(reason).inc(),
-                          audit_metrics.workers_serving.set)
+                          audit_metrics.workers_serving.set, plain_address)
         await pool.start()
         placeholder.close()  # the workers hold the port now
+        if plain_placeholder is not None:
+            plain_placeholder.close()
+            log.info("serving the CRLs and OCSP over plain HTTP too ([server] http-listen)",
+                     http_url=f"http://{plain_address}")
         url = f"https://{shown}:{bound[1]}"
         # Local admin commands (`hsmca token create --config ...`) find the daemon here,
         # whatever --listen chose.
@@ -565,6 +584,8 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         log.info("stopped")
     finally:
         placeholder.close()
+        if plain_placeholder is not None:
+            plain_placeholder.close()
         await _cancel(background)
         if pool is not None:
             await pool.stop()

@@ -40,7 +40,7 @@ from ca.logs import configure
 from ca.metrics import Metrics
 from ca.process import raise_fd_limit, settle_heap
 from ca.revocation import Revocations
-from ca.server.app import REFUSALS, TRUST, build_app, tls_context
+from ca.server.app import REFUSALS, TRUST, build_app, build_plain_http_app, tls_context
 from ca.server.common import Gate, Settings
 from ca.store import Store, open_store
 from ca.store.errors import NoInventory, SchemaTooNew, StoreUnavailable
@@ -67,7 +67,8 @@ def _primary_gone(why: str) -> None:
 
 
 async def run(config: Config, host: str, port: int, slot: int, sign_channel: socket.socket,
-              audit_channel: socket.socket, control_channel: socket.socket) -> None:
+              audit_channel: socket.socket, control_channel: socket.socket,
+              http_listen: tuple[str, int] | None = None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -81,6 +82,7 @@ async def run(config: Config, host: str, port: int, slot: int, sign_channel: soc
     control = ControlClient(control_channel, on_unreadable=stop.set)
     store: Store | None = None
     runner: web.AppRunner | None = None
+    plain: web.AppRunner | None = None  # [server] http-listen: CRLs and OCSP only
     try:
         await control.start()
         pipeline.start()
@@ -112,16 +114,26 @@ async def run(config: Config, host: str, port: int, slot: int, sign_channel: soc
             on_refused=lambda reason: metrics.child(metrics.connections_refused, reason).inc(),
             on_open=metrics.connections.set)
         await site.start()
+        if http_listen is not None:
+            plain = app_runner(build_plain_http_app(app), config.request_timeout_s,
+                               shutdown_timeout=10.0)
+            await plain.setup()
+            await tcp_site(plain, *http_listen, ssl_context=None, backlog=1024,
+                           reuse_port=True, per_address=config.max_connections_per_address,
+                           on_refused=lambda reason: metrics.child(
+                               metrics.connections_refused, reason).inc(),
+                           on_open=None).start()
         settle_heap()
         await control.ready(os.getpid())
         log.info("worker ready", worker=slot, pid=os.getpid())
         await stop.wait()
-        await runner.cleanup()  # stop accepting; in-flight requests finish
-        runner = None
+        await asyncio.gather(runner.cleanup(), *([plain.cleanup()] if plain else []))
+        runner = plain = None  # stopped accepting; in-flight requests finished
         await pipeline.drain()  # a signature under way finishes and gets its outcome line
     finally:
-        if runner is not None:
-            await runner.cleanup()
+        for r in (runner, plain):
+            if r is not None:
+                await r.cleanup()
         await pipeline.drain()
         if store is not None:
             store.close()
@@ -139,6 +151,7 @@ def main() -> int:
     p.add_argument("--channels", required=True, help="three inherited socket fds, a,b,c")
     p.add_argument("--parent", type=int, required=True)
     p.add_argument("--node", help="the node's name (cluster mode)")
+    p.add_argument("--http-listen", help="HOST:PORT for the CRLs and OCSP over plain HTTP")
     args = p.parse_args()
     _die_with_parent(args.parent)
     configure()
@@ -150,7 +163,12 @@ def main() -> int:
         config = load(args.config)
         if args.node:
             config = config.for_node(args.node)
-        asyncio.run(run(config, host.strip("[]"), int(port), args.worker, *socks))
+        plain = None
+        if args.http_listen:
+            plain_host, _, plain_port = args.http_listen.rpartition(":")
+            plain = (plain_host.strip("[]"), int(plain_port))
+        asyncio.run(run(config, host.strip("[]"), int(port), args.worker, *socks,
+                        http_listen=plain))
     except PinRefused as exc:  # the primary starts it again only for another PIN
         print(f"hsmca: worker {args.worker}: {exc}", file=sys.stderr)
         return EXIT_PIN_REFUSED

@@ -211,6 +211,24 @@ def build_app(*, gate: Gate, tokens: Tokens, issuance: Issuance, revocations: Re
     return app
 
 
+def build_plain_http_app(app: web.Application) -> web.Application:
+    """What `[server] http-listen` serves: the CRLs and OCSP of `app`, and nothing else.
+    They are signed, so they need no TLS; most relying parties fetch them only over
+    plain HTTP (nginx's ssl_ocsp and ssl_stapling, OpenSSL's -crl_download: RFC 5280
+    and RFC 6960 Appendix A speak of http), and none could use the https addresses
+    (a service team's trial). Nothing that takes a token, a key or a name is here."""
+    from ca.server import x509_routes as x
+    public = web.Application(client_max_size=MAX_BODY,
+                             middlewares=[request_middleware, problem_middleware])
+    for key in app:
+        public[key] = app[key]
+    public.router.add_get("/v1/x509/crl", x.crl)
+    public.router.add_get("/v1/x509/crl/{issuer}", x.issuer_crl)
+    public.router.add_post("/v1/x509/ocsp", x.ocsp_post)
+    public.router.add_get("/v1/x509/ocsp/{b64:.+}", x.ocsp_get)
+    return public
+
+
 class _Refusals:
     """Refused TLS handshakes, logged once per reason per interval with how many there
     were: a client with an expired certificate retries in a loop."""
