@@ -222,6 +222,9 @@ async def test_postgresql_stopped_means_503_and_nothing_signed_then_recovery(
             torn = [line for line in node.stderr if not line.startswith("{")]
             assert not torn, torn[:3]
             assert not any("Traceback" in line for line in node.stderr)
+            # each error of the outage said once, not at every round of the refresher
+            refresh = [json.loads(x) for x in node.stderr if '"OCSP refresh failed"' in x]
+            assert len(refresh) == len({e["error"] for e in refresh}), refresh
         # The logs of both nodes, outage and all, verify.
         proc = await asyncio.to_thread(_verify, c, nodes[0], tmp_path / "state.json")
         assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -189,11 +189,16 @@ class OCSPRefresher:
                 return                                  # away; next round
 
     async def run(self) -> None:
+        # Said once per error while it lasts (a cluster trial's node said it every 4 s
+        # through a 10-minute database outage: 154 lines), and its end once.
+        failing = Recurring(log, "OCSP refresh failed", "OCSP refresh works again")
         while True:
             try:
                 await self.round()
             except Exception as exc:  # the store or the HSM is away: next round
-                log.warning("OCSP refresh failed", error=str(exc))
+                failing.failed(str(exc) or type(exc).__name__)
+            else:
+                failing.ok()
             await asyncio.sleep(self.interval)  # periodic work, not synchronisation
 
 
