@@ -95,3 +95,34 @@ def test_the_longest_due_come_first(store: Store) -> None:
     run(store.put_ocsp([signed(1, refresh=NOW + 2 * HOUR), signed(2, refresh=NOW + HOUR)]))
     assert due(store, NOW + 3 * HOUR) == [3, 2, 1]
     assert [d.serial for d in run(store.ocsp_due(NOW + 3 * HOUR, 2, ["issuing-ca"]))] == [3, 2]
+
+
+def test_the_refresher_says_an_outage_once_while_it_lasts() -> None:
+    """A cluster trial: through a 10-minute database outage, the node that pre-signs
+    OCSP logged "OCSP refresh failed" every few seconds (154 lines). Each error is said
+    once while it lasts. (The refresher's own rounds, against issuers that cannot be
+    read for 20 rounds.)"""
+    import types
+
+    from structlog.testing import capture_logs
+
+    from ca.revocation.ocsp import OCSPRefresher
+    from ca.store.errors import StoreUnavailable
+    rounds = {"n": 0}
+
+    async def refresh() -> object:
+        rounds["n"] += 1
+        if rounds["n"] <= 20:
+            raise StoreUnavailable("the inventory (PostgreSQL) is unavailable: refused")
+        raise asyncio.CancelledError  # the 21st round: the outage is over, stop here
+
+    keys = types.SimpleNamespace(refresh=refresh)
+    signer = types.SimpleNamespace(issuance=types.SimpleNamespace(keys=keys))
+    refresher = OCSPRefresher(signer, interval=0)  # type: ignore[arg-type]
+    with capture_logs() as logs:
+        try:
+            asyncio.run(refresher.run())
+        except asyncio.CancelledError:
+            pass
+    said = [e for e in logs if e["event"] == "OCSP refresh failed"]
+    assert rounds["n"] == 21 and len(said) == 1, logs
