@@ -255,7 +255,7 @@ class Config:
             except OSError:
                 continue
         for url in found:
-            if _answers(url):
+            if answers(url):
                 return url
         return found[0] if found else f"https://{self.listen}"
 
@@ -813,7 +813,7 @@ def _log_level(value: str, where: str) -> str:
     return value.lower()
 
 
-def _answers(url: str) -> bool:
+def answers(url: str) -> bool:
     """Whether something listens where `url` (a daemon's own serve.url) points."""
     import socket
     from urllib.parse import urlsplit

@@ -466,6 +466,18 @@ def test_a_node_pointed_at_a_database_without_the_ca_is_refused_and_writes_nothi
     assert postgres_server.psql("SELECT COUNT(*) FROM audit_lines", db=other_name) == "0"
 
 
+def test_an_admin_command_where_no_node_runs_says_to_give_another_nodes_url(
+        tmp_path: Path, postgres_server: Any) -> None:
+    """A cluster trial: `hsmca token create --config` on a host whose node was stopped
+    said "is hsmca serve running there?" of the config's default address."""
+    c = make_cluster(tmp_path, postgres_server.new_database())
+    proc = hsmca("token", "create", "--config", c.state / "hsmca.toml", "--role", "service",
+                 "--name", "x.internal.example", check=False)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"no node of this CA runs from {c.state}" in proc.stderr
+    assert "give --url with another node's address" in proc.stderr
+
+
 def test_a_node_pointed_at_another_cas_database_is_refused_and_writes_nothing(
         tmp_path: Path, postgres_server: Any) -> None:
     """A cluster trial: a node whose [store] url named another CA's database wrote three

@@ -31,6 +31,14 @@ def _admin(args: argparse.Namespace) -> tuple[str, ssl.SSLContext]:
     from ca import client  # aiohttp: not loaded by `serve`
     cfg = _config(args)
     url = client.base_url(args.url or cfg.local_url)
+    if args.url is None and cfg.cluster:
+        from ca.config import answers
+        if not answers(url):
+            # Its own node stopped, the others elsewhere: "is hsmca serve running there?"
+            # of a default address sent a cluster trial looking in the wrong place.
+            raise CLIError(f"no node of this CA runs from {cfg.state_dir} (nothing answers "
+                           f"at {url}): give --url with another node's address, or the "
+                           "load balancer's")
     ca = args.ca or cfg.root_pem
     return url, client.ssl_context(ca, cfg.admin_cert, cfg.admin_key)
 
