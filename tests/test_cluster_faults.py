@@ -191,6 +191,14 @@ async def test_postgresql_stopped_means_503_and_nothing_signed_then_recovery(
             assert json.loads(body)["status"] == 503
             status, _, body = await call("GET", f"{node.url}/health", node.ssl())
             assert status == 503 and b"unavailable" in body, body
+            # A revocation's client is told it was not recorded, a reader that it was not
+            # answered (not "nothing can be signed")
+            status, _, body = await call("POST", f"{node.url}/v1/x509/revoke",
+                                         node.admin_ssl(), {"serial": "1234"})
+            assert status == 503 and "so nothing was revoked" in json.loads(body)["detail"]
+            status, _, body = await call("GET", f"{node.url}/v1/ssh/krl", node.ssl(), None)
+            assert status == 503, body
+            assert "so this cannot be answered right now" in json.loads(body)["detail"]
             # why the node cannot reach it, as the connection attempt said (a changed
             # password, here a stopped server), not only that a wait timed out
             assert "cannot connect: connection failed" in json.loads(body)["store"], body

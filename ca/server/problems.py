@@ -78,9 +78,14 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     except (AuditUnavailable, HSMUnavailable, StoreUnavailable) as exc:
         part = ("audit log" if isinstance(exc, AuditUnavailable) else "HSM"
                 if isinstance(exc, HSMUnavailable) else "inventory (database)")
+        # What did not happen, for this request: a revocation's client must know that it
+        # was not recorded (a cluster trial read "nothing can be signed" and wondered).
+        what = ("nothing was revoked" if "revoke" in request.path else
+                "this cannot be answered right now" if request.method in ("GET", "HEAD")
+                else "nothing can be signed right now")
         return problem(503, "Service Unavailable",
-                       f"the {part} is unavailable, so nothing can be signed right now; "
-                       "retry later", "unavailable", headers={"Retry-After": "1"})
+                       f"the {part} is unavailable, so {what}; retry later", "unavailable",
+                       headers={"Retry-After": "1"})
     except web.HTTPException as exc:
         if exc.status_code < 400:
             raise
