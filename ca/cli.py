@@ -46,6 +46,7 @@ COMMANDS = {
     "acme-eab-create": "acme_cmd:eab_create", "acme-eab-list": "acme_cmd:eab_list",
     "acme-eab-withdraw": "acme_cmd:eab_withdraw", "acme-account-list": "acme_cmd:account_list",
     "acme-account-deactivate": "acme_cmd:account_deactivate",
+    "cert-list": "cert_cmd:list_certs", "cert-show": "cert_cmd:show_cert",
     "witness-serve": "witness_cmd:serve",
     "ui": "ui_cmd:run", "store-move": "store_cmd:move", "backup": "backup_cmd:run",
 }
@@ -117,8 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: SQLite in the state directory)")
     i.set_defaults(command_key="init")
 
-    from ca.commands import acme_cmd, client_cmd, key_cmd, ssh_cmd
+    from ca.commands import acme_cmd, cert_cmd, client_cmd, key_cmd, ssh_cmd
     client_cmd.add_parsers(sub)
+    cert_cmd.add_parsers(sub)
     ssh_cmd.add_parsers(sub)
     key_cmd.add_parsers(sub)
     acme_cmd.add_parsers(sub)

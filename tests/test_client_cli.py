@@ -450,6 +450,35 @@ def test_a_ca_bundle_with_a_certificate_cryptography_warns_of_is_still_one_line(
     assert "does not verify against --ca" in msg, msg
 
 
+def test_an_admin_lists_and_shows_certificates_by_name_and_by_openssls_serial(
+        daemon: Daemon, tmp_path: Path) -> None:
+    """A service team's trial: "what does web1 have?" and "which certificate is this
+    serial from openssl x509 -serial?" needed curl and the admin credential by hand."""
+    cert, _ = enroll(daemon, tmp_path, "service", [NAME])
+    config = daemon.state / "hsmca.toml"
+    serial = cert_serial(cert)
+    listed = hsmca("cert", "list", "--config", config, "--search", NAME).stdout.splitlines()
+    assert listed[0].split() == ["SERIAL", "STATUS", "ROLE", "NOT_AFTER", "NAMES"], listed
+    assert any(line.split()[:3] == [serial, "valid", "service"] and line.endswith(NAME)
+               for line in listed), listed
+    assert hsmca("cert", "list", "--config", config, "--search", "no-such.example"
+                 ).stdout == "no certificate matches\n"
+    printed = subprocess.run(["openssl", "x509", "-in", cert, "-noout", "-serial"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    assert printed.startswith("serial=") and printed[7:] != serial  # upper case, zeros
+    shown = hsmca("cert", "show", printed, "--config", config).stdout
+    assert f"serial      {serial}" in shown and "status      valid" in shown, shown
+    assert "audit       line " in shown
+    pem = hsmca("cert", "show", serial, "--config", config, "--pem").stdout
+    assert x509.load_pem_x509_certificate(pem.encode()).serial_number == int(serial, 16)
+    hsmca("revoke", serial, "--config", config, "--reason", "superseded")
+    assert "revoked     " in hsmca("cert", "show", serial, "--config", config).stdout
+    assert any(line.split()[:2] == [serial, "revoked"] for line in hsmca(
+        "cert", "list", "--config", config, "--status", "revoked").stdout.splitlines())
+    missing = one_line_error(hsmca("cert", "show", "0x1234", "--config", config, check=False))
+    assert "404" in missing and "no certificate with that serial" in missing, missing
+
+
 def test_a_lifetime_cut_to_the_issuing_cas_end_is_said(tmp_path: Path) -> None:
     """A service team's trial: with x509-max-ttl-s raised to 10 years, `--ttl 3650d`
     gave the issuing CA's remaining 5 years without a word."""

@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Callable
 from typing import Any
 
+from ca.commands.output import table
 from ca.errors import CLIError
 
 
@@ -88,20 +88,8 @@ def eab_create(args: argparse.Namespace) -> int:
     return 0
 
 
-def _table(rows: list[dict[str, Any]], empty: str,
-           columns: list[tuple[str, int, Callable[[dict[str, Any]], str]]]) -> int:
-    """Print `rows` as fixed-width columns (the last one as wide as it is)."""
-    if not rows:
-        print(empty)
-        return 0
-    print(" ".join(f"{head:{width}}" for head, width, _ in columns).rstrip())
-    for row in rows:
-        print(" ".join(f"{cell(row):{width}}" for _, width, cell in columns).rstrip())
-    return 0
-
-
 def eab_list(args: argparse.Namespace) -> int:
-    return _table(_ask(args, "GET", "/v1/acme/eab")["eab"],
+    return table(_ask(args, "GET", "/v1/acme/eab")["eab"],
                   "no EAB keys (make one: hsmca acme eab create --names PATTERN)", [
                       ("KID", 24, lambda e: e["kid"]), ("STATE", 9, lambda e: e["state"]),
                       ("ACCOUNT", 24, lambda e: e["account"] or "-"),
@@ -116,7 +104,7 @@ def eab_withdraw(args: argparse.Namespace) -> int:
 
 
 def account_list(args: argparse.Namespace) -> int:
-    return _table(_ask(args, "GET", "/v1/acme/accounts")["accounts"], "no ACME accounts", [
+    return table(_ask(args, "GET", "/v1/acme/accounts")["accounts"], "no ACME accounts", [
         ("ACCOUNT", 24, lambda a: a["id"]), ("STATUS", 11, lambda a: a["status"]),
         ("EAB", 24, lambda a: a["eab_kid"] or "-"), ("CREATED", 25, lambda a: a["created_at"]),
         ("CONTACT", 30, _contacts),

@@ -244,10 +244,11 @@ def _renew_daemon(args: argparse.Namespace, url: str) -> int:
 
 def parse_serial(text: str) -> str:
     """A serial number as people copy it: hex as hsmca prints it ('1a2b...'), with a
-    0x prefix, or in the colon form `openssl x509 -text` prints ('1a:2b:...');
-    returned as the lowercase hex without leading zeros the API takes."""
+    0x prefix, in the colon form `openssl x509 -text` prints ('1a:2b:...'), or as
+    `openssl x509 -serial` prints it ('serial=1A2B...'); returned as the lowercase hex
+    without leading zeros the API takes."""
     t = text.strip().lower()
-    t = t.removeprefix("0x")
+    t = t.removeprefix("serial=").removeprefix("0x")
     if ":" in t:
         if not re.fullmatch(r"[0-9a-f]{1,2}(:[0-9a-f]{1,2})+", t):
             raise CLIError(f"serial {text!r}: the colon form is pairs of hex digits, "

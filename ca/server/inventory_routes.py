@@ -117,7 +117,10 @@ def _page_json(query: CertQuery | SSHCertQuery, now: dt.datetime,
 @routes.get("/v1/inventory/certificates/{serial}")
 async def certificate(request: web.Request) -> web.Response:
     await identity(request, *ROLES)
-    serial = parse_serial(request.match_info["serial"])
+    # As people copy it: openssl's `serial=1A2B...`, `0x1a2b`, or `1a:2b:...` too (a
+    # service team's trial was refused the forms every CLI command takes)
+    text = request.match_info["serial"].strip().lower().removeprefix("serial=")
+    serial = parse_serial(text.removeprefix("0x").replace(":", ""))
     store = request.app[STORE]
     found = await store.issued_cert(serial)
     if found is None:
