@@ -612,6 +612,8 @@ async def test_an_inventory_locked_past_its_busy_timeout_means_503_not_a_hang(
             status, _, body = await asyncio.wait_for(
                 http("POST", f"{d.url}/v1/x509/renew", ctx, body={}), 60)
             assert status == 503 and "inventory" in json.loads(body)["detail"], body
+            status, _, body = await http("GET", f"{d.url}/health", d.ssl())
+            assert "another process holds its write lock" in json.loads(body)["store"], body
         finally:
             holder.execute("ROLLBACK")
             holder.close()

@@ -479,7 +479,8 @@ class TiledTree(SubtreeHashes):
         if len(entry) == HASH_SIZE and tile_root(data) != entry:
             raise TileDamaged(f"tile {level}/{index} does not hash to the entry its parent "
                               f"tile {level + 1}/{parent_index} holds for it: the tiles were "
-                              "damaged or altered since the daemon started. If `hsmca audit "
+                              "damaged or altered on disk (the start reads only the newest "
+                              "of them, so this may be older than this run). If `hsmca audit "
                               "verify` passes on the log, stop the daemon, move the tile "
                               "directory aside and start again (it is built anew)")
 

@@ -701,8 +701,17 @@ class SQLiteStore:
             elif isinstance(exc, sqlite3.OperationalError):
                 # A full disk, an I/O error, a lock held too long: 503 and retry, and
                 # /health says so, rather than a 500 per request.
-                self._problem = f"cannot write the inventory {self.path}: {exc}"
-                error = StoreUnavailable(f"the inventory (SQLite) is unavailable: {exc}")
+                why = str(exc)
+                if "locked" in why:
+                    # Another process holds the write lock past the busy timeout: a
+                    # worker stopped mid-transaction, which the primary kills after
+                    # [server] worker-timeout-s (a fault trial read only "unavailable").
+                    why += (" (another process holds its write lock past the busy timeout: "
+                            "a sqlite3 shell, a backup, or a process of the daemon that "
+                            "stopped answering, which is killed after [server] "
+                            "worker-timeout-s)")
+                self._problem = f"cannot write the inventory {self.path}: {why}"
+                error = StoreUnavailable(f"the inventory (SQLite) is unavailable: {why}")
             # The whole transaction is gone: every job failed, those not reached yet
             # too (BEGIN itself may be what failed: a lock held past the busy timeout).
             for _, fut in jobs:
