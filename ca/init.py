@@ -69,7 +69,11 @@ async def run_init(opts: InitOptions) -> list[Path]:
         raise InitError(f"--key-type must be one of {', '.join(KEY_TYPES)}")
     check_dns_name(opts.dns_name)
     final = opts.state_dir.resolve()
-    if final.exists() and (not final.is_dir() or any(final.iterdir())):
+    # A fresh ext4 volume mounted there holds lost+found (fsck's, and only the file
+    # system's own): it is empty as far as a CA is concerned (a review).
+    ignored = {"lost+found"} if final.is_dir() and _mount_point(final) else set()
+    if final.exists() and (not final.is_dir()
+                           or any(p.name not in ignored for p in final.iterdir())):
         held = sorted(p.name for p in final.iterdir()) if final.is_dir() else []
         if "hsmca.toml" in held or not held:
             raise InitError(f"{final} already exists and is not empty (an existing CA?); "
@@ -207,6 +211,7 @@ async def run_init(opts: InitOptions) -> list[Path]:
         if inside:
             # hsmca.toml last: a directory holding it is a CA (checked above)
             for entry in sorted(state.iterdir(), key=lambda p: p.name == "hsmca.toml"):
+                # (lost+found, the volume's own, stays where it is; init makes none)
                 os.rename(entry, final / entry.name)
             state.rmdir()
             os.chmod(final, 0o700)  # as a state directory made by rename is

@@ -63,6 +63,7 @@ MAX_BACKOFF_S = 5.0
 # keeps growing, and a signature does not re-open it at once.
 FLAP_WINDOW_S = 10.0
 TOKEN_LOOKUP_RETRIES_S = (0.05, 0.2, 0.5)
+LOGIN_TURN_WAIT_S = 30.0  # how long a login waits for another process's (login_gate)
 
 Event = tuple[str, dict[str, Any]]
 PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
@@ -85,24 +86,35 @@ def _login_turn(gate: str | None, source: str) -> Iterator[Callable[[bool], None
     the PIN file: yields None if the file as it is now was refused before (by any of
     them), else a function to call with whether the token refused it. After a PIN
     change, every process offered the old PIN once: as many wrong tries as processes,
-    and many HSMs lock the user PIN after three (a fault trial). Only the file's
-    inode, size and time are written, never anything of the PIN."""
+    and many HSMs lock the user PIN after three (a fault trial). Only the file's inode
+    and times are written, never anything of the PIN (not even its length)."""
     if gate is None or not source.startswith("file:"):
         yield lambda _refused: None
         return
-    try:
-        st = os.stat(source[5:])
-    except OSError:
-        yield lambda _refused: None  # read_pin names the missing file
-        return
-    mark = f"{st.st_ino} {st.st_size} {st.st_mtime_ns}"
     try:
         fd = os.open(gate, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError:  # its directory gone: each process remembers alone, as before
         yield lambda _refused: None
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # held through the login: the others wait for it
+        # Held through the login: the others wait for its verdict. Bounded: a login hung
+        # in a network HSM must not stop every other process's for good.
+        deadline = time.monotonic() + LOGIN_TURN_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    yield lambda _refused: None  # as without the gate
+                    return
+                time.sleep(0.05)  # a back-off on the HSM thread, not synchronisation
+        try:  # the PIN file as it is now, under the lock: read_pin reads it next
+            st = os.stat(source[5:])
+        except OSError:
+            yield lambda _refused: None  # read_pin names the missing file
+            return
+        mark = f"{st.st_ino} {st.st_mtime_ns} {st.st_ctime_ns}"
         if os.pread(fd, 200, 0).decode(errors="replace").strip() == mark:
             yield None
             return
@@ -525,9 +537,11 @@ class HSM:
         except pkcs11.exceptions.MultipleTokensReturned:
             raise HSMError(f"more than one token is labelled {cfg.token!r} in {cfg.module}; "
                            "token labels must be unique") from None
-        refused_before = PinRefused(f"wrong PIN for token {cfg.token!r} (PIN from "
-                                    f"{describe_source(cfg.pin_source)}), refused before: "
-                                    "not tried again until the PIN there changes")
+        refused_before = PinRefused(
+            f"wrong PIN for token {cfg.token!r} (PIN from {describe_source(cfg.pin_source)}), "
+            "refused before: not tried again until the PIN there changes"
+            + (f" (recorded in {cfg.login_gate}; if the token's PIN was set to match the "
+               "file instead, touch the file or delete that one)" if cfg.login_gate else ""))
         with _login_turn(cfg.login_gate, cfg.pin_source) as verdict:
             if verdict is None:  # another process of this daemon was refused it
                 raise refused_before

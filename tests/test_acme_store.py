@@ -222,6 +222,12 @@ def test_one_finalizer_and_the_certificate_row_makes_the_order_valid(store: Stor
     assert cert is not None and (cert.account_id, cert.order_id, bytes(cert.der)) == (
         "acc", "o1", b"DER")
     assert run(store.acme_cert(0xabd)) is None
+    # Signed and never released (revoked at a start): the order is ready again, without it
+    assert run(store.reopen_acme_order_of(0xabc)) == "o1"
+    order = run(store.acme_order("o1"))
+    assert isinstance(order, AcmeOrder) and (order.status, order.cert_serial) == ("ready", None)
+    assert run(store.reopen_acme_order_of(0xabc)) is None
+    assert run(store.begin_acme_finalize("o1")) is True  # its client finalizes anew
 
 
 def test_a_deactivated_authorization_ends_its_order(store: Store) -> None:

@@ -174,6 +174,7 @@ def test_init_into_a_state_dir_that_is_a_mount_point(tmp_path: Path) -> None:
     token = new_softhsm_token()
     volume, state = tmp_path / "volume", tmp_path / "ca"
     volume.mkdir()
+    (volume / "lost+found").mkdir()  # as a fresh ext4 volume has: it counts as empty
     state.mkdir()
     proc = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c",
@@ -184,6 +185,7 @@ def test_init_into_a_state_dir_that_is_a_mount_point(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert (volume / "hsmca.toml").is_file() and (volume / "x509" / "root.pem").is_file()
     assert not [p for p in volume.iterdir() if ".init-" in p.name]
+    assert (volume / "lost+found").is_dir()
     assert not [p for p in tmp_path.iterdir() if ".init-" in p.name]
     assert stat.S_IMODE(volume.stat().st_mode) == 0o700
     assert not any(state.iterdir())  # the mount point itself, unmounted with its namespace

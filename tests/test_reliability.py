@@ -121,8 +121,23 @@ async def test_kill9_under_issuance_load_loses_nothing(tmp_path: Path) -> None:
         fp = c.fingerprint(hashes.SHA256()).hex()
         assert fp in outcomes, f"certificate {issued['serial']} has no outcome line"
         assert outcomes[fp]["result"] == "ok" and outcomes[fp]["op_id"] in intents
-        row = db.execute("SELECT serial FROM certs WHERE fingerprint = ?", (fp,)).fetchone()
-        assert row == (issued["serial"],), f"certificate {issued['serial']} not in inventory"
+        row = db.execute("SELECT serial, revoked_at FROM certs WHERE fingerprint = ?",
+                         (fp,)).fetchone()
+        assert row is not None and row[0] == issued["serial"], \
+            f"certificate {issued['serial']} not in inventory"
+        # What a client received is never taken for unreleased at a start (a review found
+        # the first draft revoked every certificate whose OCSP signing a kill cut short)
+        assert row[1] is None, f"certificate {issued['serial']}, received, was revoked"
+    # What no client received and the inventory holds (its row committed while its
+    # outcome was written, then the kill) is revoked at the start after
+    done = {e["op_id"] for e in lines if e.get("phase") == "outcome"
+            and e.get("released") is not False}
+    for e in lines:
+        if e.get("purpose") == "x509" and e.get("phase") == "intent" and e["op_id"] not in done:
+            row = db.execute("SELECT revoked_at, reason FROM certs WHERE serial = ?",
+                             (e["serial"],)).fetchone()
+            assert row is None or (row[0] is not None and row[1] == "cessationOfOperation"), \
+                (e["serial"], row)
     assert len({r["serial"] for r in received}) == len(received), "a serial was issued twice"
     serials = [e["serial"] for e in lines if e.get("phase") == "intent"
                and e.get("purpose") == "x509"]

@@ -30,7 +30,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -129,6 +129,7 @@ class AuditLog:
         # (its seq, why). Nothing is written while so.
         self._damage: tuple[int, str] | None = None
         self._saved: Path | None = None  # where the lines of a deleted log file were saved
+        self._save_again_at = 0.0  # time.monotonic(): a failed save is tried again then
         self._poisoned = False
         # Outcome lines whose batch failed: the HSM did sign (the result was never
         # released), so the line is owed and goes first once the disk takes writes
@@ -550,6 +551,8 @@ class AuditLog:
         the copy's path, or None if it could not be made."""
         if self._saved is not None:
             return self._saved
+        if time.monotonic() < self._save_again_at:
+            return None  # it failed a moment ago (a full disk): not at every write
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         target = self.path.with_name(f"{self.path.name}.saved-{stamp}")
         try:
@@ -566,6 +569,11 @@ class AuditLog:
                 os.close(out)
             fsync_dir(target.parent)
         except OSError as exc:
+            # No half copy left to be put back as the log (a review): all or nothing.
+            with suppress(OSError):
+                if not isinstance(exc, FileExistsError):
+                    target.unlink()
+            self._save_again_at = time.monotonic() + 10.0
             log.error("the audit log file was deleted under hsmca, and its lines could not "
                       "be saved", target=str(target), error=exc.strerror or str(exc))
             return None
@@ -857,18 +865,32 @@ class LastRun:
     `unknown` (neither is among the lines read at start); `open_signatures`, how many of
     the `hsm.sign` intents read after its start (or in all the lines read) have no
     outcome: signatures under way when it ended, never released; `unreleased`, the
-    certificates those intents name, as (purpose, serial as the intent writes it): the
-    inventory may hold one, committed while its outcome was being written."""
+    certificates that were signed and never released, as (purpose, serial as the intent
+    writes it, the intent's seq), from every run since the last clean stop among the
+    lines read: an intent without an outcome, or whose outcome says `released: false`
+    (or a `sign.withheld` line). The inventory may hold such a certificate: its row
+    commits while the outcome is written."""
 
     ended: str
     open_signatures: int
-    unreleased: tuple[tuple[str, str], ...] = ()
+    unreleased: tuple[tuple[str, str, int], ...] = ()
+
+
+# The purposes whose signature makes a certificate of the inventory (an OCSP response's
+# intent names the certificate it is about, which was released long before).
+ISSUING = frozenset({"x509", "tls", "ssh-user", "ssh-host"})
 
 
 def _last_run(lines: list[bytes]) -> LastRun:
-    outcomes: set[object] = set()
+    # Read backwards: an outcome (and a sign.withheld line) comes before its intent. The
+    # last run's ending and open signatures are counted up to its daemon.start; what was
+    # never released, from every run up to the last clean stop: a start that failed (or
+    # was killed) before it revoked them must not lose them for the next.
+    released: set[object] = set()  # op_ids of outcomes that do not say released: false
+    withheld: set[object] = set()  # op_ids an outcome or a sign.withheld line says were not
+    ended: str | None = None  # the last run's: killed once its daemon.start is read
     open_signatures = 0
-    named: list[tuple[str, str]] = []
+    named: list[tuple[str, str, int]] = []
     for line in reversed(lines):
         try:
             obj = json.loads(line)
@@ -876,17 +898,22 @@ def _last_run(lines: list[bytes]) -> LastRun:
             continue
         event = obj.get("event") if isinstance(obj, dict) else None
         if event == "daemon.stop":
-            return LastRun("stopped", 0)
-        if event == "daemon.start":
-            return LastRun("killed", open_signatures, tuple(reversed(named)))
-        if event == "hsm.sign":
-            if obj.get("phase") == "outcome":  # read backwards: before its intent
-                outcomes.add(obj.get("op_id"))
-            elif obj.get("phase") == "intent" and obj.get("op_id") not in outcomes:
+            ended = ended or "stopped"
+            break
+        if event == "daemon.start" and ended is None:
+            ended = "killed"
+        elif event == "sign.withheld":
+            withheld.add(obj.get("op_id"))
+        elif event == "hsm.sign" and obj.get("phase") == "outcome":
+            (withheld if obj.get("released") is False else released).add(obj.get("op_id"))
+        elif event == "hsm.sign" and obj.get("phase") == "intent":
+            op = obj.get("op_id")
+            if op not in released and op not in withheld and ended is None:
                 open_signatures += 1
-                if isinstance(obj.get("serial"), str) and isinstance(obj.get("purpose"), str):
-                    named.append((obj["purpose"], obj["serial"]))
-    return LastRun("unknown", open_signatures, tuple(reversed(named)))
+            if (op not in released or op in withheld) and obj.get("purpose") in ISSUING \
+                    and isinstance(obj.get("serial"), str) and isinstance(obj.get("seq"), int):
+                named.append((obj["purpose"], obj["serial"], obj["seq"]))
+    return LastRun(ended or "unknown", open_signatures, tuple(reversed(named)))
 
 
 def _check_after_clean_stop(path: Path, lines: list[bytes], signed: int) -> None:

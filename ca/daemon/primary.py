@@ -505,7 +505,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         await ensure_server_cert(config, issuance)
         await _revoke_live_certs_of_compromised_keys(issuance, store, audit, generations,
                                                      policies)
-        await _revoke_unreleased(issuance, store, audit, generations, policies)
+        await _revoke_unreleased(issuance, store, audit, generations, policies, config.node)
         # OCSP responses are signed ahead of time, by this process, off every request's
         # path: new certificates within a second, every live one before nextUpdate.
         background.append(asyncio.create_task(_refresh_ocsp(issuance, store, policies)))
@@ -974,13 +974,16 @@ async def _revoke_live_certs_of_compromised_keys(
 
 
 async def _revoke_unreleased(issuance: Issuance, store: Store, audit: AuditLog,
-                             generations: Generations, policies: control.PolicyFeed) -> None:
-    """Before serving: a certificate the last run signed and never released (its intent
-    has no outcome: a kill, or a stop while the audit log's disk was full) may still be
-    in the inventory, whose row commits while the outcome is written. Nobody holds it,
-    but the inventory called it valid and OCSP signed it good (a fault trial). It is
-    revoked (cessationOfOperation, its lineage left alone), after a `sign.unreleased`
-    line that says why, so that every valid certificate has its outcome."""
+                             generations: Generations, policies: control.PolicyFeed,
+                             node: str | None) -> None:
+    """Before serving: a certificate signed and never released (its intent has no
+    outcome: a kill, or a stop while the audit log's disk was full; or its outcome says
+    `released: false`) may still be in the inventory, whose row commits while the outcome
+    is written. Nobody holds it, but the inventory called it valid and OCSP signed it
+    good (a fault trial). It is revoked (cessationOfOperation, its lineage left alone),
+    after a `sign.unreleased` line that says why. Only the very row that intent made: an
+    X.509 row names its intent's seq and log (an OCSP response's intent names a
+    certificate released long before, which a review found revoked by the first draft)."""
     from ca.revocation import Revocations
     wanted = audit.last_run.unreleased
     if not wanted:
@@ -989,7 +992,7 @@ async def _revoke_unreleased(issuance: Issuance, store: Store, audit: AuditLog,
                               _context_now(issuance, policies))
     context = await _context_now(issuance, policies)()
     revoked: list[str] = []
-    for purpose, text in wanted:
+    for purpose, text, seq in wanted:
         try:
             serial = int(text, 10 if purpose.startswith("ssh-") else 16)
         except ValueError:
@@ -999,27 +1002,34 @@ async def _revoke_unreleased(issuance: Issuance, store: Store, audit: AuditLog,
             if not matching:
                 continue
             await audit.append("sign.unreleased", purpose=purpose, serial=text,
-                               detail=_UNRELEASED)
+                               intent_seq=seq, detail=_UNRELEASED)
             order = ra.order(context, ra.Local(), ra.SSHRevokeRequest(serial, None, None,
                                                                       matching))
             await revocations.revoke_ssh(order, matching, None)
         else:
-            record = await store.cert(serial)
-            if record is None or record.revoked_at is not None:
+            issued = await store.issued_cert(serial)  # the read that has its audit line
+            record = issued.record if issued is not None else None
+            if (record is None or record.revoked_at is not None or record.audit_seq != seq
+                    or record.audit_log != node):
                 continue
             await audit.append("sign.unreleased", purpose=purpose, serial=text,
-                               detail=_UNRELEASED)
+                               intent_seq=seq, detail=_UNRELEASED)
             order = ra.order(context, ra.Local(), ra.RevokeRequest(
                 serial, "cessationOfOperation"))
             await revocations.revoke(order, None)
+            if record.acme_order is not None:
+                # Its order said valid, and offered this certificate for download: ready
+                # again, for its client to finalize anew (a review found the revoked one
+                # served as the order's certificate).
+                await store.reopen_acme_order_of(serial)
         revoked.append(text)
     if revoked:
         log.warning("revoked certificates the last run signed but never released (their "
                     "outcome lines were never written); nobody holds them", serials=revoked)
 
 
-_UNRELEASED = ("signed by the last run, which ended before its outcome line was written: "
-               "never released, and revoked at this start")
+_UNRELEASED = ("signed, and never released: its outcome line was never written (the run "
+               "ended first) or says released: false; revoked at this start")
 
 
 async def _refresh_crls(issuance: Issuance, store: Store, audit: AuditLog,

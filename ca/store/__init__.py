@@ -368,6 +368,12 @@ class Store(Protocol):
         killed while finalizing them: nothing was released for them); how many."""
         ...
 
+    async def reopen_acme_order_of(self, serial: int) -> str | None:
+        """The order made `valid` by the certificate `serial` goes back to `ready`, without
+        it (a certificate signed and never released, revoked at a start: its client
+        downloaded nothing, and finalizes again); the order's id, or None."""
+        ...
+
     async def acme_cert(self, serial: int) -> AcmeCert | None: ...
 
     async def acme_secret(self, name: str, make: bytes) -> bytes:

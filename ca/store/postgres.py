@@ -1065,6 +1065,15 @@ class PostgresStore:
             return cur.rowcount
         return await self._tx(reopen)
 
+    async def reopen_acme_order_of(self, serial: int) -> str | None:
+        async def reopen(db: Conn) -> str | None:
+            cur = await db.execute("UPDATE acme_orders SET status = 'ready', cert_serial = "
+                                   "NULL, error = NULL WHERE cert_serial = %s AND status = "
+                                   "'valid' RETURNING id", (format(serial, "x"),))
+            row = await cur.fetchone()
+            return str(row[0]) if row else None
+        return await self._tx(reopen)
+
     async def acme_cert(self, serial: int) -> AcmeCert | None:
         rows = await self._rows(
             "SELECT c.serial, a.account_id, a.order_id, c.der, c.issuer, c.not_before, "

@@ -1383,6 +1383,14 @@ class SQLiteStore:
                               "status = 'processing'").rowcount
         return await self._write(reopen)
 
+    async def reopen_acme_order_of(self, serial: int) -> str | None:
+        def reopen(db: sqlite3.Connection) -> str | None:
+            row = db.execute("UPDATE acme_orders SET status = 'ready', cert_serial = NULL, "
+                             "error = NULL WHERE cert_serial = ? AND status = 'valid' "
+                             "RETURNING id", (format(serial, "x"),)).fetchone()
+            return str(row[0]) if row else None
+        return await self._write(reopen)
+
     async def acme_cert(self, serial: int) -> AcmeCert | None:
         rows = self._read(
             "SELECT c.serial, a.account_id, a.order_id, c.der, c.issuer, c.not_before, "
