@@ -191,6 +191,9 @@ async def test_postgresql_stopped_means_503_and_nothing_signed_then_recovery(
             assert json.loads(body)["status"] == 503
             status, _, body = await call("GET", f"{node.url}/health", node.ssl())
             assert status == 503 and b"unavailable" in body, body
+            # why the node cannot reach it, as the connection attempt said (a changed
+            # password, here a stopped server), not only that a wait timed out
+            assert "cannot connect: connection failed" in json.loads(body)["store"], body
             # A revocation's client is told it was not recorded, a reader that it was not
             # answered (not "nothing can be signed")
             status, _, body = await call("POST", f"{node.url}/v1/x509/revoke",
@@ -199,9 +202,6 @@ async def test_postgresql_stopped_means_503_and_nothing_signed_then_recovery(
             status, _, body = await call("GET", f"{node.url}/v1/ssh/krl", node.ssl(), None)
             assert status == 503, body
             assert "so this cannot be answered right now" in json.loads(body)["detail"]
-            # why the node cannot reach it, as the connection attempt said (a changed
-            # password, here a stopped server), not only that a wait timed out
-            assert "cannot connect: connection failed" in json.loads(body)["store"], body
         # Nothing was signed while the record could not be made: the HSMs made no
         # signature. (Not the intents in a node's log file: each request still writes
         # its intent there, then cuts it when PostgreSQL refuses the group, so a read
