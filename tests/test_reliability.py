@@ -486,6 +486,56 @@ async def test_audit_log_moved_or_cut_under_the_daemon_means_503_until_it_is_bac
     assert "was moved or deleted" in resumed[0] and "was cut" in resumed[1], resumed
 
 
+async def test_a_certificate_whose_outcome_could_not_be_written_is_revoked_once_it_can(
+        tmp_path: Path) -> None:
+    """A fault trial (and a review): with the log's disk full, a row committed while its
+    outcome could not be written; once the disk had room the owed outcome was written
+    (released: false), but the row stayed valid and OCSP moved it to good. The worker
+    revokes it as soon as the log takes lines again, without a restart."""
+    ca = init_ca(tmp_path)
+    path = ca.state / "audit/log.jsonl"
+    d = start_daemon(ca.state, "--workers", "1")
+    try:
+        cert, key = enroll(d, tmp_path, "service", [LOAD_NAME])
+        ctx = d.ssl(cert, key)
+        status, _, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
+        assert status == 201, body
+        first = cx.load_pem_x509_certificate(json.loads(body)["certificate"].encode())
+        deadline = asyncio.get_running_loop().time() + 30
+        while (await ask_ocsp(d, request_for(first, issuing(d))))[0].response_status != \
+                ocsp.OCSPResponseStatus.SUCCESSFUL:
+            assert asyncio.get_running_loop().time() < deadline
+        [intent] = [line for line in path.read_bytes().splitlines()
+                    if b'"phase":"intent"' in line and b'"purpose":"x509"' in line][-1:]
+        resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE,
+                         (path.stat().st_size + len(intent) + 60, resource.RLIM_INFINITY))
+        try:
+            status, _, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
+            assert status == 503, body
+            serial = json.loads(path.read_bytes().splitlines()[-1])["serial"]
+        finally:
+            resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE,
+                             (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:
+            status, _, body = await http(
+                "GET", f"{d.url}/v1/inventory/certificates/{serial}", d.admin_ssl())
+            record = json.loads(body)
+            if record["status"] == "revoked":
+                break
+            assert asyncio.get_running_loop().time() < deadline, record
+        assert record["reason"] == "cessationOfOperation"
+        assert d.wait_stderr(lambda: any("signed but never released" in x and serial in x
+                                         for x in d.stderr))
+    finally:
+        assert d.stop() == 0
+    lines = log_lines(ca.state)
+    [owed] = [x for x in lines if x.get("phase") == "outcome" and x.get("released") is False]
+    [why] = [x for x in lines if x["event"] == "sign.unreleased"]
+    assert why["serial"] == serial and why["seq"] > owed["seq"]
+    audit_verify(ca.state, ok=True)
+
+
 async def test_a_log_replaced_by_a_copy_under_the_daemon_has_its_lines_saved(
         tmp_path: Path) -> None:
     """A fault trial: `cp log.jsonl new && mv new log.jsonl` under the running daemon

@@ -305,7 +305,10 @@ class WorkerPool:
         """Return once the worker exits (None), or kill it once it has not answered a
         ping for `[server] worker-timeout-s` (how long it had not: its exit follows)."""
         warned = False
-        last = time.monotonic()
+        # From the worker's last answer (its ready, for a new one): a primary stopped
+        # before this loop first ran (between its start's "listening on" and its first
+        # round) is stalled as much as one stopped later (a parallel test run).
+        last = alive.answered
         while not exited.done():
             now = time.monotonic()
             if now - last > STUCK_AFTER_S:
@@ -976,60 +979,20 @@ async def _revoke_live_certs_of_compromised_keys(
 async def _revoke_unreleased(issuance: Issuance, store: Store, audit: AuditLog,
                              generations: Generations, policies: control.PolicyFeed,
                              node: str | None) -> None:
-    """Before serving: a certificate signed and never released (its intent has no
-    outcome: a kill, or a stop while the audit log's disk was full; or its outcome says
-    `released: false`) may still be in the inventory, whose row commits while the outcome
-    is written. Nobody holds it, but the inventory called it valid and OCSP signed it
-    good (a fault trial). It is revoked (cessationOfOperation, its lineage left alone),
-    after a `sign.unreleased` line that says why. Only the very row that intent made: an
-    X.509 row names its intent's seq and log (an OCSP response's intent names a
-    certificate released long before, which a review found revoked by the first draft)."""
+    """Before serving: what the runs since the last clean stop signed and never released
+    and the inventory holds is revoked (ca/revocation/unreleased.py)."""
     from ca.revocation import Revocations
-    wanted = audit.last_run.unreleased
-    if not wanted:
+    from ca.revocation.unreleased import revoke_unreleased
+    if not audit.last_run.unreleased:
         return
-    revocations = Revocations(store, audit, issuance, generations,
-                              _context_now(issuance, policies))
-    context = await _context_now(issuance, policies)()
-    revoked: list[str] = []
-    for purpose, text, seq in wanted:
-        try:
-            serial = int(text, 10 if purpose.startswith("ssh-") else 16)
-        except ValueError:
-            continue
-        if purpose.startswith("ssh-"):
-            matching = await revocations.count_ssh(serial, None, None)
-            if not matching:
-                continue
-            await audit.append("sign.unreleased", purpose=purpose, serial=text,
-                               intent_seq=seq, detail=_UNRELEASED)
-            order = ra.order(context, ra.Local(), ra.SSHRevokeRequest(serial, None, None,
-                                                                      matching))
-            await revocations.revoke_ssh(order, matching, None)
-        else:
-            issued = await store.issued_cert(serial)  # the read that has its audit line
-            record = issued.record if issued is not None else None
-            if (record is None or record.revoked_at is not None or record.audit_seq != seq
-                    or record.audit_log != node):
-                continue
-            await audit.append("sign.unreleased", purpose=purpose, serial=text,
-                               intent_seq=seq, detail=_UNRELEASED)
-            order = ra.order(context, ra.Local(), ra.RevokeRequest(
-                serial, "cessationOfOperation"))
-            await revocations.revoke(order, None)
-            if record.acme_order is not None:
-                # Its order said valid, and offered this certificate for download: ready
-                # again, for its client to finalize anew (a review found the revoked one
-                # served as the order's certificate).
-                await store.reopen_acme_order_of(serial)
-        revoked.append(text)
+    context = _context_now(issuance, policies)
+    revoked = await revoke_unreleased(
+        audit.last_run.unreleased, store, audit,
+        Revocations(store, audit, issuance, generations, context), context, node)
     if revoked:
-        log.warning("revoked certificates the last run signed but never released (their "
-                    "outcome lines were never written); nobody holds them", serials=revoked)
-
-
-_UNRELEASED = ("signed, and never released: its outcome line was never written (the run "
-               "ended first) or says released: false; revoked at this start")
+        log.warning("revoked certificates signed but never released (their outcome lines "
+                    "were never written, or say released: false); nobody holds them",
+                    serials=revoked)
 
 
 async def _refresh_crls(issuance: Issuance, store: Store, audit: AuditLog,

@@ -22,11 +22,14 @@ import signal
 import socket
 import sqlite3
 import sys
+from collections.abc import Awaitable, Callable
 
 import structlog
 from aiohttp import web
 
+from ca import ra
 from ca.audit.link import AuditLink
+from ca.audit.log import ISSUING
 from ca.config import Config, ConfigError, load
 from ca.daemon.cluster_limit import ClusterTokenLimit
 from ca.daemon.control import EXIT_PIN_REFUSED, ControlClient
@@ -40,12 +43,13 @@ from ca.logs import configure
 from ca.metrics import Metrics
 from ca.process import raise_fd_limit, settle_heap
 from ca.revocation import Revocations
+from ca.revocation.unreleased import Unreleased, revoke_unreleased
 from ca.server.app import REFUSALS, TRUST, build_app, build_plain_http_app, tls_context
 from ca.server.common import Gate, Settings
 from ca.store import Store, open_store
 from ca.store.errors import NoInventory, SchemaTooNew, StoreUnavailable
 from ca.tokens import Tokens
-from hsm.errors import HSMError, PinRefused
+from hsm.errors import AuditUnavailable, HSMError, PinRefused
 
 log = structlog.get_logger("hsmca.worker")
 EXIT_PRIMARY_GONE = 70
@@ -59,6 +63,31 @@ def _die_with_parent(parent: int) -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:  # it died before prctl took effect
         os._exit(EXIT_PRIMARY_GONE)
+
+
+async def _revoke_when_logged(queue: asyncio.Queue[Unreleased], store: Store,
+                              link: AuditLink, revocations: Revocations,
+                              context: Callable[[], Awaitable[ra.Context]],
+                              node: str | None) -> None:
+    """A row this worker committed whose outcome could not be written (the log's disk
+    full) is revoked once the log takes lines again, without waiting for a restart: the
+    inventory called it valid, and OCSP would have signed it good (a fault trial)."""
+    while True:
+        item = await queue.get()
+        while True:
+            try:
+                revoked = await revoke_unreleased([item], store, link, revocations, context,
+                                                  node)
+            except (AuditUnavailable, StoreUnavailable, HSMError):
+                await asyncio.sleep(UNRELEASED_RETRY_S)  # a retry pace, not synchronisation
+                continue
+            if revoked:
+                log.warning("revoked a certificate signed but never released (its outcome "
+                            "line could not be written); nobody holds it", serial=item[1])
+            break
+
+
+UNRELEASED_RETRY_S = 1.0
 
 
 def _primary_gone(why: str) -> None:
@@ -83,6 +112,7 @@ async def run(config: Config, host: str, port: int, slot: int, sign_channel: soc
     store: Store | None = None
     runner: web.AppRunner | None = None
     plain: web.AppRunner | None = None  # [server] http-listen: CRLs and OCSP only
+    revoking: asyncio.Task[None] | None = None
     try:
         await control.start()
         pipeline.start()
@@ -94,6 +124,11 @@ async def run(config: Config, host: str, port: int, slot: int, sign_channel: soc
         gate: Gate
         revocations = Revocations(store, link, issuance, generations, lambda: gate.context())
         gate = Gate(store, revocations, keys, lambda: control.policy)  # the primary's
+        unreleased: asyncio.Queue[Unreleased] = asyncio.Queue()
+        pipeline.on_unreleased = lambda purpose, serial, seq: loop.call_soon_threadsafe(
+            unreleased.put_nowait, (purpose, serial, seq)) if purpose in ISSUING else None
+        revoking = asyncio.create_task(_revoke_when_logged(
+            unreleased, store, link, revocations, gate.context, config.node))
         metrics = Metrics()
         metrics.watch(pipeline)
         REFUSALS.on_refused = lambda reason: metrics.child(metrics.tls_refused, reason).inc()
@@ -134,6 +169,9 @@ async def run(config: Config, host: str, port: int, slot: int, sign_channel: soc
         for r in (runner, plain):
             if r is not None:
                 await r.cleanup()
+        if revoking is not None:  # what it has not revoked, the next start does
+            revoking.cancel()
+            await asyncio.gather(revoking, return_exceptions=True)
         await pipeline.drain()
         if store is not None:
             store.close()

@@ -116,6 +116,11 @@ class SigningPipeline:
         # and with (purpose, result) for each signing job.
         self.on_call: Callable[[float], None] | None = None
         self.on_sign: Callable[[str, str], None] | None = None
+        # Called on this thread with (purpose, serial, intent seq) when a signature's
+        # inventory row committed and its outcome line could not be written (owed, and
+        # written later with released: false): a row nobody received, to be revoked
+        # once the log is back (ca/revocation/unreleased.py).
+        self.on_unreleased: Callable[[str, str, int], None] | None = None
         # Called on this thread when the session breaks (False) or is back (True).
         self.on_health: Callable[[bool], None] | None = None
         self._was_healthy = True
@@ -445,6 +450,11 @@ class SigningPipeline:
                                                           strict=True):
                 if error is None:
                     error = fut.exception()
+                    if (error is not None and extra is not None
+                            and extra.exception() is None  # waits for the inventory's commit
+                            and self.on_unreleased is not None
+                            and isinstance(op.intent.get("serial"), str)):
+                        self.on_unreleased(op.job.purpose, op.intent["serial"], seq)
                 if error is None and extra is not None:
                     error = extra.exception()  # waits for the inventory's commit
                     if error is not None:  # signed and logged "ok", but never released
