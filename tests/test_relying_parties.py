@@ -83,6 +83,38 @@ def test_openssl_fetches_crls_and_ocsp_over_plain_http_from_the_addresses_in_a_c
         assert d.stop() == 0
 
 
+def test_every_crl_a_chain_needs_comes_in_one_file_after_a_rotation_too(
+        tmp_path: Path) -> None:
+    """A relying-party trial: nginx's ssl_crl takes one file and refuses every client
+    whose chain lacks a CRL; after an issuing-key rotation a file of "both CRLs" lacked
+    the new key's (renewed clients refused), and the current CRL alone lacked the old
+    key's (the others refused). /v1/x509/crls.pem holds every CRL in use."""
+    ca = init_ca(tmp_path)
+    port = free_port()
+    set_config(ca.state, "server", "http-listen", f"127.0.0.1:{port}")
+    d = start_daemon(ca.state)
+    try:
+        old_cert, _ = enroll(d, tmp_path, "service", [NAME])
+        hsmca("key", "rotate", "issuing", "--config", ca.state / "hsmca.toml")
+        new_cert, _ = enroll(d, tmp_path, "service", ["other." + NAME])
+        crls = tmp_path / "crls.pem"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/x509/crls.pem",
+                                    timeout=30) as answer:
+            assert answer.headers["Content-Type"] == "application/x-pem-file"
+            crls.write_bytes(answer.read())
+        assert crls.read_text().count("-----BEGIN X509 CRL-----") == 3  # old, new, root
+        bundle = tmp_path / "bundle.pem"  # every issuing CA in use, then the root
+        with urllib.request.urlopen(urllib.request.Request(
+                f"{d.url}/v1/x509/bundle"), context=d.ssl(), timeout=30) as answer:
+            bundle.write_bytes(answer.read())
+        for cert in (old_cert, new_cert):  # what nginx checks: every link, one file
+            proc = _openssl("verify", "-crl_check_all", "-CRLfile", crls, "-CAfile", bundle,
+                            cert)
+            assert proc.returncode == 0 and ": OK" in proc.stdout, proc.stdout + proc.stderr
+    finally:
+        assert d.stop() == 0
+
+
 def test_an_http_public_url_without_http_listen_is_refused_in_one_line(tmp_path: Path) -> None:
     ca = init_ca(tmp_path)
     set_config(ca.state, "server", "public-url", "http://ca.example:8080")

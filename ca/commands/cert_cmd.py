@@ -25,7 +25,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         "--search matches names, subjects and serials (openssl's upper-case form too).")
     ls.add_argument("--search", metavar="TEXT", help="a name, part of one, or a serial")
     ls.add_argument("--status", choices=CERT_STATUSES,
-                    help="only these (expiring: in its last 7 days, or last third)")
+                    help="only these (expiring: in its last 7 days, or in its last third "
+                    "when that is shorter)")
     ls.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
     admin_flags(ls)
     ls.set_defaults(command_key="cert-list")
@@ -55,7 +56,8 @@ def _names(cert: dict[str, Any]) -> str:
 def list_certs(args: argparse.Namespace) -> int:
     query = {"limit": max(1, min(args.limit, 500))}
     if args.search:
-        query["q"] = args.search  # type: ignore[assignment]
+        # openssl x509 -serial prints serial=...: searched for as the serial
+        query["q"] = args.search.removeprefix("serial=")  # type: ignore[assignment]
     if args.status:
         query["status"] = args.status  # type: ignore[assignment]
     page = _get(args, f"/v1/inventory/certificates?{urlencode(query)}")

@@ -224,6 +224,7 @@ def build_plain_http_app(app: web.Application) -> web.Application:
         public[key] = app[key]
     public.router.add_get("/v1/x509/crl", x.crl)
     public.router.add_get("/v1/x509/crl/{issuer}", x.issuer_crl)
+    public.router.add_get("/v1/x509/crls.pem", x.all_crls)
     public.router.add_post("/v1/x509/ocsp", x.ocsp_post)
     public.router.add_get("/v1/x509/ocsp/{b64:.+}", x.ocsp_get)
     return public

@@ -289,6 +289,20 @@ async def issuer_crl(request: web.Request) -> web.Response:
                         content_type="application/pkix-crl")
 
 
+@routes.get("/v1/x509/crls.pem")
+async def all_crls(request: web.Request) -> web.Response:
+    """Every CRL a relying party that checks whole chains needs, in one PEM file: each
+    issuing key's still in use (after a rotation, the previous key's certificates name
+    its CRL) and the root's. nginx's ssl_crl takes one file and refuses every client
+    whose chain lacks a CRL (a relying-party trial, after an issuing-key rotation)."""
+    issuers = await request.app[ISSUANCE].keys.refresh()
+    revocations = request.app[REVOCATIONS]
+    pems = [x509.load_der_x509_crl(await revocations.crl(label)).public_bytes(
+                serialization.Encoding.PEM)
+            for label in [*issuers.x509, issuers.root_issuer()]]
+    return web.Response(body=b"".join(pems), content_type="application/x-pem-file")
+
+
 def _ocsp_response(answer: ocsp.Answer) -> web.Response:
     cache = f"max-age={answer.max_age}, public, no-transform, must-revalidate" \
         if answer.max_age else "no-cache"
