@@ -335,6 +335,27 @@ async def test_audit_log_that_cannot_grow_means_503_and_nothing_signed(tmp_path:
     audit_verify(ca.state, ok=True)
 
 
+async def renew_whose_outcome_cannot_be_written(d: Daemon, ctx: Any) -> None:
+    """A renewal (answered 503) whose intent line fits on the log's disk and whose outcome
+    does not: its primary may grow the log by one intent line (RLIMIT_FSIZE), learnt from
+    a renewal like it, with that one's OCSP responses signed first, so that nothing else
+    grows the log meanwhile."""
+    path = d.state / "audit/log.jsonl"
+    status, _, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
+    assert status == 201, body
+    first = cx.load_pem_x509_certificate(json.loads(body)["certificate"].encode())
+    deadline = asyncio.get_running_loop().time() + 30
+    while (await ask_ocsp(d, request_for(first, issuing(d))))[0].response_status != \
+            ocsp.OCSPResponseStatus.SUCCESSFUL:
+        assert asyncio.get_running_loop().time() < deadline
+    [intent] = [line for line in path.read_bytes().splitlines()
+                if b'"phase":"intent"' in line and b'"purpose":"x509"' in line][-1:]
+    resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE,
+                     (path.stat().st_size + len(intent) + 60, resource.RLIM_INFINITY))
+    status, _, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
+    assert status == 503, body
+
+
 async def test_a_certificate_whose_outcome_never_reached_the_log_is_revoked_at_the_start(
         tmp_path: Path) -> None:
     """A fault trial: the inventory's row commits while the outcome line is written, so
@@ -346,23 +367,7 @@ async def test_a_certificate_whose_outcome_never_reached_the_log_is_revoked_at_t
     d = start_daemon(ca.state)
     try:
         cert, key = enroll(d, tmp_path, "service", [LOAD_NAME])
-        ctx = d.ssl(cert, key)
-        # One renewal as the next, to learn the length of its intent line, with its OCSP
-        # responses signed, so that nothing else grows the log meanwhile.
-        status, _, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
-        assert status == 201, body
-        first = cx.load_pem_x509_certificate(json.loads(body)["certificate"].encode())
-        deadline = asyncio.get_running_loop().time() + 30
-        while (await ask_ocsp(d, request_for(first, issuing(d))))[0].response_status != \
-                ocsp.OCSPResponseStatus.SUCCESSFUL:
-            assert asyncio.get_running_loop().time() < deadline
-        [intent] = [line for line in path.read_bytes().splitlines()
-                    if b'"phase":"intent"' in line and b'"purpose":"x509"' in line][-1:]
-        # Room for the next intent, not for its outcome.
-        resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE,
-                         (path.stat().st_size + len(intent) + 60, resource.RLIM_INFINITY))
-        status, _, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
-        assert status == 503, body
+        await renew_whose_outcome_cannot_be_written(d, d.ssl(cert, key))
         last = json.loads(path.read_bytes().splitlines()[-1])
         assert (last["event"], last["phase"], last["purpose"]) == ("hsm.sign", "intent",
                                                                    "x509")
@@ -497,21 +502,8 @@ async def test_a_certificate_whose_outcome_could_not_be_written_is_revoked_once_
     d = start_daemon(ca.state, "--workers", "1")
     try:
         cert, key = enroll(d, tmp_path, "service", [LOAD_NAME])
-        ctx = d.ssl(cert, key)
-        status, _, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
-        assert status == 201, body
-        first = cx.load_pem_x509_certificate(json.loads(body)["certificate"].encode())
-        deadline = asyncio.get_running_loop().time() + 30
-        while (await ask_ocsp(d, request_for(first, issuing(d))))[0].response_status != \
-                ocsp.OCSPResponseStatus.SUCCESSFUL:
-            assert asyncio.get_running_loop().time() < deadline
-        [intent] = [line for line in path.read_bytes().splitlines()
-                    if b'"phase":"intent"' in line and b'"purpose":"x509"' in line][-1:]
-        resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE,
-                         (path.stat().st_size + len(intent) + 60, resource.RLIM_INFINITY))
         try:
-            status, _, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
-            assert status == 503, body
+            await renew_whose_outcome_cannot_be_written(d, d.ssl(cert, key))
             serial = json.loads(path.read_bytes().splitlines()[-1])["serial"]
         finally:
             resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE,
@@ -520,6 +512,7 @@ async def test_a_certificate_whose_outcome_could_not_be_written_is_revoked_once_
         while True:
             status, _, body = await http(
                 "GET", f"{d.url}/v1/inventory/certificates/{serial}", d.admin_ssl())
+            assert status == 200, body
             record = json.loads(body)
             if record["status"] == "revoked":
                 break
