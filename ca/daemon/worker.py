@@ -81,6 +81,10 @@ async def _revoke_when_logged(queue: asyncio.Queue[Unreleased], store: Store,
             except (AuditUnavailable, StoreUnavailable, HSMError):
                 await asyncio.sleep(UNRELEASED_RETRY_S)  # a retry pace, not synchronisation
                 continue
+            except Exception as exc:  # revoked meanwhile, say: the next start looks again
+                log.error("cannot revoke a certificate signed but never released",
+                          serial=item[1], error=str(exc) or type(exc).__name__)
+                break
             if revoked:
                 log.warning("revoked a certificate signed but never released (its outcome "
                             "line could not be written); nobody holds it", serial=item[1])
