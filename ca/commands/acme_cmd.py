@@ -6,7 +6,6 @@ acme.account.deactivate; an HMAC key is printed once, when it is made)."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from typing import Any
 
@@ -67,11 +66,9 @@ def _ask(args: argparse.Namespace, method: str, path: str, body: Any = None,
          expect: int = 200) -> Any:
     """One admin request to the daemon's ACME admin API."""
     from ca import client
-    from ca.commands.client_cmd import _admin
-    url, ctx = _admin(args)
+    from ca.commands.client_cmd import admin_call
     try:
-        return asyncio.run(client.call(method, f"{url}{path}", ctx, expect=expect,
-                                       json_body=body))
+        return admin_call(args, method, path, body, expect)
     except client.ClientError as exc:
         if exc.status == 404 and "no such endpoint" in str(exc):
             raise CLIError("the daemon serves no ACME: add an [acme] section to its config "

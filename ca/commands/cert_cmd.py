@@ -6,7 +6,6 @@ curl and the admin credential by hand."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 from typing import Any
 from urllib.parse import urlencode
 
@@ -43,10 +42,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 
 
 def _get(args: argparse.Namespace, path: str) -> Any:
-    from ca import client
-    from ca.commands.client_cmd import _admin
-    url, ctx = _admin(args)
-    return asyncio.run(client.call("GET", f"{url}{path}", ctx))
+    from ca.commands.client_cmd import admin_call
+    return admin_call(args, "GET", path)
 
 
 def _names(cert: dict[str, Any]) -> str:

@@ -43,6 +43,16 @@ def _admin(args: argparse.Namespace) -> tuple[str, ssl.SSLContext]:
     return url, client.ssl_context(ca, cfg.admin_cert, cfg.admin_key)
 
 
+def admin_call(args: argparse.Namespace, method: str, path: str, body: Any = None,
+               expect: int = 200) -> Any:
+    """One request to the running daemon's admin API, with the admin credential of
+    --config (`_admin`); its JSON answer."""
+    from ca import client
+    url, ctx = _admin(args)
+    return asyncio.run(client.call(method, f"{url}{path}", ctx, expect=expect,
+                                   json_body=body))
+
+
 def _worker_count(text: str) -> int:
     """A number of workers, or "auto" (0: one per CPU), as the config's `workers`."""
     from ca.config import MAX_WORKERS

@@ -90,6 +90,13 @@ class PinStartError(StartError):
     """A worker could not log in: the token refused the PIN."""
 
 
+def _bound(sock: socket.socket) -> str:
+    """HOST:PORT a reserved socket is bound to (an IPv6 host in brackets), as workers
+    listen on it and URLs name it."""
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def parse_listen(text: str) -> tuple[str, int]:
     try:
         host, port = split_listen(text)
@@ -145,7 +152,6 @@ class WorkerPool:
         self.generations, self.policies = generations, policies
         self.on_restart = on_restart  # counts restarts by reason (the primary's metrics)
         self.on_serving = on_serving  # how many workers run (the primary's metrics)
-        self._serving: set[int] = set()
         witnesses = checkpointer.witnesses
         self.recorder = Recorder(audit, lambda: checkpointer.latest, self._lost,
                                  latest_cosigned=lambda: witnesses.cosigned if witnesses else None,
@@ -185,14 +191,7 @@ class WorkerPool:
         for slot, (proc, exited, alive) in enumerate(started):  # type: ignore[misc]
             self._supervisors.append(asyncio.create_task(
                 self._supervise(slot, proc, exited, alive)))
-            self._serves(slot, True)
-
-    def _serves(self, slot: int, serving: bool) -> None:
-        if serving:
-            self._serving.add(slot)
-        else:
-            self._serving.discard(slot)
-        self.on_serving(len(self._serving))
+        self.on_serving(len(self.pids))
 
     async def _start_one(self, slot: int) -> tuple[asyncio.subprocess.Process,
                                                    asyncio.Future[int], control.Liveness]:
@@ -254,7 +253,7 @@ class WorkerPool:
             code = await exited
             if self._stopping:
                 return
-            self._serves(slot, False)
+            self.on_serving(len(self.pids))  # this one has exited
             why = {"unanswered_s": round(silent)} if silent is not None else {}
             if silent is not None:
                 log.error("a worker stopped answering: killed, and started again",
@@ -280,7 +279,7 @@ class WorkerPool:
                 pin_before = _pin_mark(self.config.hsm.pin_source)  # what the worker reads
                 try:
                     proc, exited, alive = await self._start_one(slot)
-                    self._serves(slot, True)
+                    self.on_serving(len(self.pids))
                     break
                 except PinStartError as exc:
                     # Offered again and again, a wrong PIN locks many HSMs' user PIN:
@@ -533,15 +532,10 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         # The daemon.start line gets a checkpoint before anyone can connect, so
         # /v1/audit/checkpoint always has one to serve.
         await checkpointer.checkpoint()
-        bound = placeholder.getsockname()
-        shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
-        plain_address = None
-        if plain_placeholder is not None:
-            plain = plain_placeholder.getsockname()
-            plain_address = (f"[{plain[0]}]" if ":" in plain[0] else plain[0]) + \
-                f":{plain[1]}"
+        address = _bound(placeholder)
+        plain_address = _bound(plain_placeholder) if plain_placeholder is not None else None
         audit_metrics.workers.set(count)
-        pool = WorkerPool(config, f"{shown}:{bound[1]}", count, audit, checkpointer,
+        pool = WorkerPool(config, address, count, audit, checkpointer,
                           generations, policies,
                           lambda reason: audit_metrics.worker_restarts.labels(reason).inc(),
                           audit_metrics.workers_serving.set, plain_address)
@@ -551,7 +545,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
             plain_placeholder.close()
             log.info("serving the CRLs and OCSP over plain HTTP too ([server] http-listen)",
                      http_url=f"http://{plain_address}")
-        url = f"https://{shown}:{bound[1]}"
+        url = f"https://{address}"
         # Local admin commands (`hsmca token create --config ...`) find the daemon here,
         # whatever --listen chose.
         write_atomic(config.url_file, url + "\n")
@@ -1021,13 +1015,15 @@ async def _erase_expired_eab_keys(store: Store) -> None:
     """An ACME EAB key that expired unbound can bind nothing: its MAC key is erased, as
     a used or withdrawn one's is, at start and then every CRL_REFRESH_S (docs/security.md:
     kept only while it can bind an account). Its state still reads expired."""
+    failing = Recurring(log, "cannot erase expired EAB keys now",
+                        "expired EAB keys can be erased again")
     while True:
         try:
             erased = await store.erase_expired_acme_eab_keys(utcnow())
         except Exception as exc:  # the database away: the next round
-            log.warning("cannot erase expired EAB keys now", error=str(exc) or
-                        type(exc).__name__)
+            failing.failed(str(exc) or type(exc).__name__)
         else:
+            failing.ok()
             if erased:
                 log.info("acme eab keys expired unbound: their MAC keys are erased",
                          kids=erased)
