@@ -673,14 +673,9 @@ class SQLiteStore:
                 db.execute("SAVEPOINT job")
                 try:
                     value = fn(db)
-                except sqlite3.DatabaseError as exc:
+                except BaseException as exc:
                     if isinstance(exc, sqlite3.OperationalError) or damaged(exc):
                         raise  # the disk's or the file's, not the job's: the batch fails
-                    db.execute("ROLLBACK TO job")
-                    db.execute("RELEASE job")
-                    results.append((fut, False, exc))
-                    continue
-                except BaseException as exc:
                     db.execute("ROLLBACK TO job")
                     db.execute("RELEASE job")
                     results.append((fut, False, exc))
