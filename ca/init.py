@@ -69,9 +69,12 @@ async def run_init(opts: InitOptions) -> list[Path]:
         raise InitError(f"--key-type must be one of {', '.join(KEY_TYPES)}")
     check_dns_name(opts.dns_name)
     final = opts.state_dir.resolve()
-    # A fresh ext4 volume mounted there holds lost+found (fsck's, and only the file
-    # system's own): it is empty as far as a CA is concerned (a review).
-    ignored = {"lost+found"} if final.is_dir() and _mount_point(final) else set()
+    # A --state-dir that is a file system of its own (a volume mounted there, the usual
+    # layout) cannot be replaced by a rename: the CA is built inside it, and its entries
+    # moved up at the end (a fault trial's init made every key, then failed with a bare
+    # "Device or resource busy"). A fresh ext4 volume's lost+found counts as empty.
+    inside = final.is_dir() and _mount_point(final)
+    ignored = {"lost+found"} if inside else set()
     if final.exists() and (not final.is_dir()
                            or any(p.name not in ignored for p in final.iterdir())):
         held = sorted(p.name for p in final.iterdir()) if final.is_dir() else []
@@ -86,11 +89,6 @@ async def run_init(opts: InitOptions) -> list[Path]:
         raise InitError(f"PIN file not found: {opts.pin_file}")
     check_private([opts.pin_file])  # `serve` refuses it too: better said before the keys
     final.parent.mkdir(parents=True, exist_ok=True)
-    # An empty --state-dir that is a file system of its own (a volume mounted there, the
-    # usual layout) cannot be replaced by a rename: the CA is built inside it, and its
-    # entries moved up at the end (a fault trial's init made every key, then failed
-    # with a bare "Device or resource busy").
-    inside = final.exists() and _mount_point(final)
     state = Path(tempfile.mkdtemp(prefix=f".{final.name}.init-",
                                   dir=final if inside else final.parent))
     for sub in ("x509", "ssh", "audit", "admin", "tls"):
@@ -211,7 +209,6 @@ async def run_init(opts: InitOptions) -> list[Path]:
         if inside:
             # hsmca.toml last: a directory holding it is a CA (checked above)
             for entry in sorted(state.iterdir(), key=lambda p: p.name == "hsmca.toml"):
-                # (lost+found, the volume's own, stays where it is; init makes none)
                 os.rename(entry, final / entry.name)
             state.rmdir()
             os.chmod(final, 0o700)  # as a state directory made by rename is

@@ -151,15 +151,16 @@ async def keep(job: Job, log: Any) -> None:
     retrying cannot fix (a refusal, an expired or foreign certificate)."""
     if job.hook and job.hook_at_start:
         await _hook_until_done(job, log)
-    seen = [job.identity() if job.identity else None]
+    seen = job.identity() if job.identity else None
 
     def replaced() -> bool:
+        nonlocal seen
         if job.identity is None:
             return False
         current = job.identity()
-        if current is None or current == seen[0]:
+        if current is None or current == seen:
             return False
-        seen[0] = current
+        seen = current
         return True
 
     while True:
@@ -167,7 +168,7 @@ async def keep(job: Job, log: Any) -> None:
         log.info(f"{job.event}.scheduled", at=at.isoformat(),
                  in_s=round(max(0.0, (at - now()).total_seconds()), 1))
         if not await sleep_until(job.due, job.wake, replaced):
-            log.info(f"{job.event}.replaced", credential=str(seen[0]),
+            log.info(f"{job.event}.replaced", credential=str(seen),
                      detail="written by other means (another renew, an enroll)"
                      + (": the hook runs for it" if job.hook else ""))
             if job.hook:
@@ -198,7 +199,7 @@ async def keep(job: Job, log: Any) -> None:
                 raise
         log.info(f"{job.event}.done", **fields)
         if job.identity is not None:
-            seen[0] = job.identity()
+            seen = job.identity()
         if job.hook:
             await _hook_until_done(job, log)
 
