@@ -54,9 +54,8 @@ from ca.audit.log import last_newline
 from ca.audit.merkle import CompactRange, leaf_hash
 from ca.audit.note import Checkpoint, NoteError, verify_checkpoint
 from ca.config import Config
-from ca.fileutil import fsync_dir
+from ca.fileutil import EndedEarly, copy_new, fsync_dir
 
-CHUNK = 1 << 20
 TRIES = 5
 # Audit events after which the inventory and the files may disagree for a moment.
 _CHANGING = re.compile(rb'"event":"(cert\.revoke|ssh\.revoke|key\.[a-z]+|hsm\.keygen|'
@@ -195,19 +194,11 @@ def _log(log: Path, target: Path) -> None:
     with log.open("rb") as src:
         st = os.fstat(src.fileno())
         end = last_newline(src.fileno(), st.st_size) + 1
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        os.fchmod(fd, stat.S_IMODE(st.st_mode))  # the log's own mode (0640), not 0600
-        with os.fdopen(fd, "wb") as dst:
-            left = end
-            while left:
-                chunk = src.read(min(CHUNK, left))
-                if not chunk:
-                    raise BackupError(f"{log} became shorter while it was copied: was it cut "
-                                      "or replaced?")
-                dst.write(chunk)
-                left -= len(chunk)
-            dst.flush()
-            os.fsync(dst.fileno())
+        try:  # in the log's own mode (0640)
+            copy_new(src.fileno(), end, target, stat.S_IMODE(st.st_mode))
+        except EndedEarly:
+            raise BackupError(f"{log} became shorter while it was copied: was it cut or "
+                              "replaced?") from None
 
 
 def _files(state: Path, skip: set[Path], db_name: str) -> Iterator[Path]:

@@ -51,6 +51,34 @@ def write_new(path: Path, data: bytes | str, mode: int = 0o644) -> None:
         os.fsync(fh.fileno())
 
 
+class EndedEarly(OSError):
+    """The file copied from was shorter than the length asked for."""
+
+
+def copy_new(src: int, length: int, path: Path, mode: int = 0o600) -> None:
+    """Create `path` with `mode` holding the first `length` bytes of the open file `src`
+    (its offset left as it is), flushed; refuse to overwrite. EndedEarly if `src` holds
+    fewer; a failed copy leaves no part of `path` behind (whoever finds it would take
+    it whole)."""
+    out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        try:
+            done = 0
+            while done < length:
+                sent = os.sendfile(out, src, done, length - done)
+                if sent == 0:
+                    raise EndedEarly(f"{path}: the file copied from ended after {done} "
+                                     f"of {length} bytes")
+                done += sent
+            os.fchmod(out, mode)  # whatever the umask took off
+            os.fsync(out)
+        finally:
+            os.close(out)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
 def _is_open(fd: int) -> bool:
     try:
         os.fstat(fd)

@@ -30,7 +30,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -53,7 +53,7 @@ from ca.audit.tiles import (
     entry_bundle,
     stored_tiles,
 )
-from ca.fileutil import fsync_dir
+from ca.fileutil import copy_new, fsync_dir
 from ca.handoff import (
     STOP,
     Batch,
@@ -556,23 +556,10 @@ class AuditLog:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         target = self.path.with_name(f"{self.path.name}.saved-{stamp}")
         try:
-            out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                done = 0
-                while done < self._size_bytes:
-                    sent = os.sendfile(out, self._fd, done, self._size_bytes - done)
-                    if sent == 0:
-                        raise OSError(errno.EIO, "the open log file ended early")
-                    done += sent
-                os.fsync(out)
-            finally:
-                os.close(out)
+            # All or nothing: no half copy left to be put back as the log (a review).
+            copy_new(self._fd, self._size_bytes, target, 0o600)
             fsync_dir(target.parent)
         except OSError as exc:
-            # No half copy left to be put back as the log (a review): all or nothing.
-            with suppress(OSError):
-                if not isinstance(exc, FileExistsError):
-                    target.unlink()
             self._save_again_at = time.monotonic() + 10.0
             log.error("the audit log file was deleted under hsmca, and its lines could not "
                       "be saved", target=str(target), error=exc.strerror or str(exc))
