@@ -13,6 +13,7 @@ import sqlite3
 import ssl
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ from tests.conftest import Daemon, init_ca, require, start_daemon
 from tests.helpers import (
     ask_ocsp,
     audit_verify,
+    bootstrap_token,
+    csr_pem,
     enroll,
     health_until,
     http,
@@ -337,11 +340,21 @@ async def test_audit_log_that_cannot_grow_means_503_and_nothing_signed(tmp_path:
 
 async def renew_whose_outcome_cannot_be_written(d: Daemon, ctx: Any) -> None:
     """A renewal (answered 503) whose intent line fits on the log's disk and whose outcome
-    does not: its primary may grow the log by one intent line (RLIMIT_FSIZE), learnt from
-    a renewal like it, with that one's OCSP responses signed first, so that nothing else
-    grows the log meanwhile."""
+    does not (`sign_whose_outcome_cannot_be_written`)."""
+    async def renew() -> tuple[int, bytes]:
+        status, _, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
+        return status, body
+    await sign_whose_outcome_cannot_be_written(d, renew)
+
+
+async def sign_whose_outcome_cannot_be_written(
+        d: Daemon, ask: Callable[[], Awaitable[tuple[int, bytes]]]) -> None:
+    """`ask` (a certificate request) answered 503 because its intent line fits on the
+    log's disk and its outcome does not: its primary may grow the log by one intent line
+    (RLIMIT_FSIZE), learnt from a request like it, with that one's OCSP responses signed
+    first, so that nothing else grows the log meanwhile."""
     path = d.state / "audit/log.jsonl"
-    status, _, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
+    status, body = await ask()
     assert status == 201, body
     first = cx.load_pem_x509_certificate(json.loads(body)["certificate"].encode())
     deadline = asyncio.get_running_loop().time() + 30
@@ -352,7 +365,7 @@ async def renew_whose_outcome_cannot_be_written(d: Daemon, ctx: Any) -> None:
                 if b'"phase":"intent"' in line and b'"purpose":"x509"' in line][-1:]
     resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE,
                      (path.stat().st_size + len(intent) + 60, resource.RLIM_INFINITY))
-    status, _, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
+    status, body = await ask()
     assert status == 503, body
 
 
@@ -526,6 +539,51 @@ async def test_a_certificate_whose_outcome_could_not_be_written_is_revoked_once_
     [owed] = [x for x in lines if x.get("phase") == "outcome" and x.get("released") is False]
     [why] = [x for x in lines if x["event"] == "sign.unreleased"]
     assert why["serial"] == serial and why["seq"] > owed["seq"]
+    audit_verify(ca.state, ok=True)
+
+
+async def test_a_token_whose_certificate_was_never_released_enrolls_again(
+        tmp_path: Path) -> None:
+    """A left-over finding: an enrollment answered 503 because its outcome could not be
+    written (the log's disk full) had its certificate revoked once the log was back, and
+    left its bootstrap token spent: the service's retry was told the token was used, and
+    it had to ask an admin for another. The token enrolls again."""
+    ca = init_ca(tmp_path)
+    path = ca.state / "audit/log.jsonl"
+    d = start_daemon(ca.state, "--workers", "1")
+    # Both made first: a token's line would take the log's last room.
+    tokens = [await bootstrap_token(d, "service", [LOAD_NAME]) for _ in range(2)]
+    token = tokens[-1]
+
+    async def enroll_with_a_new_token() -> tuple[int, bytes]:
+        return await enroll_with(tokens.pop(0))
+
+    async def enroll_with(secret: str) -> tuple[int, bytes]:
+        status, _, body = await http("POST", f"{d.url}/v1/x509/enroll", d.ssl(),
+                                     body={"csr": csr_pem([LOAD_NAME])},
+                                     headers={"Authorization": f"Bearer {secret}"})
+        return status, body
+    try:
+        try:
+            await sign_whose_outcome_cannot_be_written(d, enroll_with_a_new_token)
+            serial = json.loads(path.read_bytes().splitlines()[-1])["serial"]
+        finally:
+            resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE,
+                             (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        # Revoked, then the token given back: that line is the last step.
+        assert d.wait_stderr(lambda: any("bootstrap token usable again" in x and serial in x
+                                         for x in d.stderr)), "".join(d.stderr)
+        status, _, body = await http("GET", f"{d.url}/v1/inventory/certificates/{serial}",
+                                     d.admin_ssl())
+        assert json.loads(body)["status"] == "revoked", body
+        status, body = await enroll_with(token)  # the service's retry
+        assert status == 201, body
+        again = cx.load_pem_x509_certificate(json.loads(body)["certificate"].encode())
+        assert format(again.serial_number, "x") != serial.lower().lstrip("0")
+        status, body = await enroll_with(token)  # and it is spent on that one
+        assert status == 401 and "already been used" in json.loads(body)["detail"], body
+    finally:
+        assert d.stop() == 0
     audit_verify(ca.state, ok=True)
 
 

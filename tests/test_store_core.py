@@ -68,6 +68,13 @@ def test_a_token_is_spent_once_and_released_only_if_nothing_was_issued(store: St
     store.add_cert(cert(0x10, token_id="tok1")).result(timeout=10)
     run(store.release_token("tok1"))  # a certificate was issued with it: stays spent
     assert run(store.consume_token("tok1", NOW)) is False
+    # ... unless that certificate was never released (and is revoked for it)
+    assert run(store.release_token_spent_on(0x11)) is None
+    assert run(store.release_token_spent_on(0x10)) == "tok1"
+    assert run(store.consume_token("tok1", NOW)) is True
+    store.add_cert(cert(0x12, token_id="tok1")).result(timeout=10)
+    assert run(store.release_token_spent_on(0x10)) is None  # spent on another one now
+    assert run(store.consume_token("tok1", NOW)) is False
 
 
 def test_certificates_are_found_and_revocation_reaches_their_ssh_certificates(

@@ -7,11 +7,14 @@ false`), leaves a row nobody received, which the inventory called valid and OCSP
 good (a fault trial). Such a certificate is revoked (cessationOfOperation, its lineage
 left alone) after a `sign.unreleased` line that says why: at the next start for a kill
 (ca/daemon/primary.py, from the log's last lines), and in the worker once its log is back
-for an outcome that could not be written."""
+for an outcome that could not be written. The bootstrap token spent on it is usable
+again, so that the service whose enrollment failed can retry with it."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
+
+import structlog
 
 from ca import ra
 from ca.revocation import Revocations
@@ -19,6 +22,8 @@ from ca.store import Store
 
 # (purpose as the intent writes it, the serial as the intent writes it, the intent's seq)
 Unreleased = tuple[str, str, int]
+
+log = structlog.get_logger("hsmca.issue")
 
 DETAIL = ("signed, and never released: its outcome line was never written or says "
           "released: false; revoked so that no relying party takes it")
@@ -65,5 +70,11 @@ async def revoke_unreleased(items: Iterable[Unreleased], store: Store, audit: ob
                 # again, for its client to finalize anew (a review found the revoked one
                 # served as the order's certificate).
                 await store.reopen_acme_order_of(serial)
+            # Its enrollment was answered with an error (or never answered): the token
+            # spent on it enrolls again, as for a signature that failed outright (a
+            # left-over finding: the retry was told the token was used).
+            if (token := await store.release_token_spent_on(serial)) is not None:
+                log.info("bootstrap token usable again: the certificate it enrolled was "
+                         "never released", token_id=token, serial=text)
         done.append(text)
     return done

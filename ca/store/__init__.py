@@ -87,6 +87,11 @@ class Store(Protocol):
         """Make a used token usable again if nothing was issued with it."""
         ...
 
+    async def release_token_spent_on(self, serial: int) -> str | None:
+        """Make the token spent on certificate `serial` usable again (the certificate
+        was never released, and is revoked); its id, or None if no token was."""
+        ...
+
     # ---- X.509 certificates ------------------------------------------------------------
 
     def add_cert(self, cert: NewCert) -> cf.Future[None]:

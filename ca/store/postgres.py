@@ -423,6 +423,15 @@ class PostgresStore:
                              "IS NULL", (token_id,))
         await self._tx(restore)
 
+    async def release_token_spent_on(self, serial: int) -> str | None:
+        async def restore(db: Conn) -> str | None:
+            cur = await db.execute("UPDATE tokens SET used_at = NULL, used_serial = NULL "
+                                   "WHERE used_serial = %s RETURNING id",
+                                   (format(serial, "x"),))
+            row = await cur.fetchone()
+            return None if row is None else str(row[0])
+        return await self._tx(restore)
+
     # ---- X.509 certificates -------------------------------------------------------------
 
     def add_cert(self, cert: NewCert) -> cf.Future[None]:

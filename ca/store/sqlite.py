@@ -775,6 +775,14 @@ class SQLiteStore:
                        (token_id,))
         await self._write(restore)
 
+    async def release_token_spent_on(self, serial: int) -> str | None:
+        def restore(db: sqlite3.Connection) -> str | None:
+            rows = db.execute("UPDATE tokens SET used_at = NULL, used_serial = NULL "
+                              "WHERE used_serial = ? RETURNING id",
+                              (format(serial, "x"),)).fetchall()
+            return rows[0][0] if rows else None
+        return await self._write(restore)
+
     # ---- X.509 certificates ---------------------------------------------------------------
 
     def add_cert(self, cert: NewCert) -> cf.Future[None]:
