@@ -34,6 +34,7 @@ from cryptography.x509.oid import NameOID
 
 from ca.commands.args import check_url
 from ca.fileutil import fsync_dir, write_new
+from ca.validity import ended
 
 TIMEOUT = aiohttp.ClientTimeout(total=60)
 
@@ -270,7 +271,7 @@ def check_credential(cert: Path, key: Path, now: dt.datetime | None = None
     leaf = load_certificates(cert, "--cert")[0]
     private = load_private_key(key, "--key")
     now = now or dt.datetime.now(dt.UTC)
-    if now >= leaf.not_valid_after_utc:
+    if ended(leaf.not_valid_after_utc, now):
         raise ClientError(f"--cert {cert} expired at {leaf.not_valid_after_utc.isoformat()}; "
                           "an expired certificate cannot authenticate to the CA: enroll "
                           "again with a new bootstrap token")

@@ -664,3 +664,16 @@ def test_one_renewal_at_a_time_in_a_directory(daemon: Daemon, tmp_path: Path) ->
     finally:
         os.close(fd)
     assert _renew(daemon, cert, key).returncode == 0
+
+
+def test_a_certificate_is_valid_through_its_not_after_second(daemon: Daemon,
+                                                            tmp_path: Path) -> None:
+    """RFC 5280: validity runs through notAfter inclusive (whole seconds), as OpenSSL's
+    handshake judges it; the client (and the daemon, through the same ca.validity)
+    refused a renewal from the notAfter second itself."""
+    from ca.client import ClientError, check_credential
+    cert, key = enroll(daemon, tmp_path, "service", [NAME])
+    end = x509.load_pem_x509_certificate(cert.read_bytes()).not_valid_after_utc
+    check_credential(cert, key, now=end + dt.timedelta(milliseconds=999))
+    with pytest.raises(ClientError, match="expired at"):
+        check_credential(cert, key, now=end + dt.timedelta(seconds=1))

@@ -23,6 +23,7 @@ from ca.revocation import Revocations
 from ca.server.problems import Problem
 from ca.store import CertRecord, Store
 from ca.tokens import Tokens
+from ca.validity import ended
 
 
 class AuditReader(Protocol):
@@ -139,7 +140,7 @@ async def identity(request: web.Request, *roles: str) -> ra.CertHolder:
                           "revoked: it can no longer renew or ask for anything; enroll "
                           "again with a new bootstrap token from an admin",
                           "revoked-certificate")
-        if dt.datetime.fromisoformat(rec.not_after) < dt.datetime.now(dt.UTC):
+        if ended(dt.datetime.fromisoformat(rec.not_after), dt.datetime.now(dt.UTC)):
             raise Problem(403, "Forbidden", "the client certificate has expired: enroll "
                           "again with a new bootstrap token from an admin",
                           "expired-certificate")
