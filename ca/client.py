@@ -147,16 +147,17 @@ def _problem_detail(body: bytes, content_type: str) -> str:
 
 async def _request(session: aiohttp.ClientSession, method: str, url: str,
                    ctx: ssl.SSLContext, *, json_body: Any = None,
-                   headers: dict[str, str] | None = None, expect: int = 200
-                   ) -> tuple[str, bytes]:
-    """(content type, body bytes) of a response with status `expect`; every failure,
-    the daemon's problem+json detail included, becomes one ClientError line."""
+                   headers: dict[str, str] | None = None,
+                   expect: int | tuple[int, ...] = 200) -> tuple[str, bytes]:
+    """(content type, body bytes) of a response with status `expect` (or one of them);
+    every failure, the daemon's problem+json detail included, becomes one ClientError
+    line."""
     info = _INFO.get(ctx, _ContextInfo(None, None))
     try:
         async with session.request(method, url, json=json_body, headers=headers,
                                    ssl=ctx) as r:
             body = await r.read()
-            if r.status != expect:
+            if r.status not in (expect if isinstance(expect, tuple) else (expect,)):
                 raise ClientError(f"{method} {url}: {r.status} {r.reason}: "
                                   f"{_problem_detail(body, r.content_type)}",
                                   status=r.status,
@@ -198,7 +199,8 @@ def unreachable(exc: BaseException) -> str:
 
 
 async def call(method: str, url: str, ctx: ssl.SSLContext, *, json_body: Any = None,
-               headers: dict[str, str] | None = None, expect: int = 200) -> Any:
+               headers: dict[str, str] | None = None,
+               expect: int | tuple[int, ...] = 200) -> Any:
     """One request on a fresh session; JSON bodies decoded, others as text."""
     async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
         ctype, body = await _request(s, method, url, ctx, json_body=json_body,
@@ -595,8 +597,19 @@ async def enroll(url: str, token: str, names: list[str], out: Path, ca: Path | N
         body: dict[str, Any] = {"csr": make_csr(names, key)}
         if ttl is not None:
             body["ttl"] = ttl
-        issued = await call("POST", f"{url}/v1/x509/enroll", ctx, json_body=body,
-                            headers={"Authorization": f"Bearer {token}"}, expect=201)
+        for retry in (False, True):
+            try:
+                # 200: the certificate this token already enrolled, for this very key
+                issued = await call("POST", f"{url}/v1/x509/enroll", ctx, json_body=body,
+                                    headers={"Authorization": f"Bearer {token}"},
+                                    expect=(201, 200))
+                break
+            except ClientError as exc:
+                # The answer was lost (a timeout, a closed connection): the same CSR
+                # again gets the certificate if the token was spent on it, and a first
+                # enrollment if the request never arrived.
+                if retry or not exc.unanswered:
+                    raise
     except BaseException:
         target.abort()
         raise

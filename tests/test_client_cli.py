@@ -6,18 +6,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import json
 import os
+import sqlite3
+import ssl
 import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import pytest
 from cryptography import x509
 
 from ca.cli import EPILOG, build_parser
 from ca.commands.client_cmd import parse_serial
 from tests.conftest import HSMCA, Daemon, InitialisedCA, hsmca, require
-from tests.helpers import Running, cert_serial, enroll, other_ca, token_file
+from tests.helpers import Running, bootstrap_token, cert_serial, enroll, other_ca, token_file
 
 NAME = "cli.internal.example"
 
@@ -677,3 +681,55 @@ def test_a_certificate_is_valid_through_its_not_after_second(daemon: Daemon,
     check_credential(cert, key, now=end + dt.timedelta(milliseconds=999))
     with pytest.raises(ClientError, match="expired at"):
         check_credential(cert, key, now=end + dt.timedelta(seconds=1))
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_an_enrollment_whose_answer_is_lost_is_retried_and_gets_its_certificate(
+        daemon: Daemon, tmp_path: Path) -> None:
+    """An API client's trial: an enrollment whose 201 was lost left a spent token and a
+    certificate nobody could fetch. `hsmca enroll` sends the same CSR again when the
+    answer did not arrive, and gets that certificate (the daemon answers the holder of
+    its key again). Here a front on 127.0.0.1 forwards the request to the daemon and,
+    the first time, drops the connection instead of passing the answer on."""
+    cert, key = enroll(daemon, tmp_path, "service", ["127.0.0.1"])
+    front = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    front.load_cert_chain(cert, key)
+    statuses: list[int] = []
+
+    async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        request_line, *lines = head.decode().split("\r\n")
+        method, path, _ = request_line.split(" ")
+        headers = dict(line.split(": ", 1) for line in lines if line)
+        kept = {k: v for k, v in headers.items()
+                if k.lower() in ("authorization", "content-type")}
+        body = await reader.readexactly(int(headers.get("Content-Length", "0")))
+        async with aiohttp.ClientSession() as s, s.request(
+                method, f"{daemon.url}{path}", data=body, headers=kept,
+                ssl=daemon.ssl()) as r:
+            status, payload, ctype = r.status, await r.read(), r.headers["Content-Type"]
+        statuses.append(status)
+        if len(statuses) == 1:
+            writer.transport.abort()  # the answer is lost on the way back
+            return
+        writer.write(f"HTTP/1.1 {status} -\r\nContent-Type: {ctype}\r\nContent-Length: "
+                     f"{len(payload)}\r\nConnection: close\r\n\r\n".encode() + payload)
+        await writer.drain()
+        writer.close()
+    server = await asyncio.start_server(forward, "127.0.0.1", 0, ssl=front)
+    try:
+        url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        token = await bootstrap_token(daemon, "service", ["lost.internal.example"])
+        out = tmp_path / "lost"
+        proc = await asyncio.to_thread(
+            hsmca, "enroll", "--url", url, "--ca", daemon.root, "--token", token,
+            "--name", "lost.internal.example", "--out", out, check=False)
+    finally:
+        server.close()
+    assert proc.returncode == 0, proc.stderr
+    assert statuses == [201, 200]  # issued once, then answered again
+    serial = x509.load_pem_x509_certificate((out / "cert.pem").read_bytes()).serial_number
+    assert f"enrolled: serial {serial:x}" in proc.stdout
+    with sqlite3.connect(daemon.state / "hsmca.sqlite3") as db:
+        names = [json.loads(n) for (n,) in db.execute("SELECT names FROM certs")]
+    assert names.count(["lost.internal.example"]) == 1

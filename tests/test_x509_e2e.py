@@ -254,10 +254,47 @@ async def test_est_takes_the_token_as_the_http_basic_password(daemon: Daemon,
     assert issued.public_key() == key.public_key()
     san = issued.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == ["basic.internal.example"]
-    # Spent like any token, whichever way it came.
-    status, _, raw = await http("POST", url, daemon.ssl(), data=body, headers={
-        **ptype, "Authorization": "Basic " + base64.b64encode(f"x:{token}".encode()).decode()})
+    # Spent like any token, whichever way it came: a retry with the same key gets the
+    # same certificate (its answer may have been lost), another key nothing.
+    basic = {**ptype, "Authorization": "Basic "
+             + base64.b64encode(f"x:{token}".encode()).decode()}
+    status, _, raw = await http("POST", url, daemon.ssl(), data=body, headers=basic)
+    assert status == 200, raw
+    assert pkcs7.load_der_pkcs7_certificates(base64.b64decode(raw)) == [issued]
+    other = base64.encodebytes(x509.load_pem_x509_csr(csr_pem(
+        ["basic.internal.example"]).encode()).public_bytes(serialization.Encoding.DER))
+    status, _, raw = await http("POST", url, daemon.ssl(), data=other, headers=basic)
     assert status == 401 and "already been used" in json.loads(raw)["detail"], raw
+
+
+async def test_an_enrollment_whose_answer_was_lost_is_answered_again(
+        daemon: Daemon) -> None:
+    """An API client's trial: a retry of an enrollment whose 201 was lost (a timeout, a
+    reset) was told the token was used, and the certificate could be fetched by nobody.
+    The same token with a CSR of the same key gets that certificate again (200); another
+    key, or once it is revoked, the token is spent."""
+    token = await bootstrap_token(daemon, "service", ["retry.internal.example"])
+    key = ec.generate_private_key(ec.SECP256R1())
+    bearer = {"Authorization": f"Bearer {token}"}
+
+    async def enroll_with(csr: str) -> tuple[int, dict[str, Any]]:
+        status, _, raw = await http("POST", f"{daemon.url}/v1/x509/enroll", daemon.ssl(),
+                                    body={"csr": csr}, headers=bearer)
+        return status, json.loads(raw)
+    status, first = await enroll_with(csr_pem(["retry.internal.example"], key))
+    assert status == 201, first
+    lines = len(log_lines(daemon.state))
+    # a new CSR of the same key (a client that rebuilds its request) will do
+    status, again = await enroll_with(csr_pem(["retry.internal.example"], key))
+    assert (status, again) == (200, first)
+    assert len(log_lines(daemon.state)) == lines  # nothing signed
+    status, other = await enroll_with(csr_pem(["retry.internal.example"]))
+    assert status == 401 and "already been used" in other["detail"], other
+    status, _, raw = await http("POST", f"{daemon.url}/v1/x509/revoke", daemon.admin_ssl(),
+                                body={"serial": first["serial"]})
+    assert status == 200, raw
+    status, gone = await enroll_with(csr_pem(["retry.internal.example"], key))
+    assert status == 401 and "already been used" in gone["detail"], gone
 
 
 async def test_one_token_fifty_concurrent_enrollments(daemon: Daemon) -> None:
@@ -265,14 +302,18 @@ async def test_one_token_fifty_concurrent_enrollments(daemon: Daemon) -> None:
     csr = csr_pem(["race.internal.example"])
     ctx = daemon.ssl()
     async with aiohttp.ClientSession() as s:
-        async def one() -> int:
+        async def one() -> tuple[int, bytes]:
             async with s.post(f"{daemon.url}/v1/x509/enroll", json={"csr": csr}, ssl=ctx,
                               headers={"Authorization": f"Bearer {token}"}) as r:
-                await r.read()
-                return r.status
-        statuses = await asyncio.gather(*(one() for _ in range(50)))
+                return r.status, await r.read()
+        answers = await asyncio.gather(*(one() for _ in range(50)))
+    statuses = [status for status, _ in answers]
     assert statuses.count(201) == 1, statuses
-    assert set(statuses) == {201, 401}
+    # The others were refused while it was signed, or (the same CSR, so the same key)
+    # got that one certificate again once it was.
+    assert set(statuses) <= {201, 200, 401}, statuses
+    assert len({json.loads(body)["serial"] for status, body in answers
+                if status in (200, 201)}) == 1
     # One certificate for that name in the inventory, one signature in the log.
     with sqlite3.connect(daemon.state / "hsmca.sqlite3") as db:
         rows = [serial for serial, names in db.execute("SELECT serial, names FROM certs")

@@ -113,6 +113,7 @@ class TokenRecord:
     principals: tuple[str, ...]
     expires: str
     used_at: str | None
+    used_serial: str | None = None  # hex: the certificate it enrolled, once committed
 
 
 @dataclass(frozen=True)

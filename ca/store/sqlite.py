@@ -755,13 +755,13 @@ class SQLiteStore:
         await self._write(insert)
 
     async def token_by_secret(self, secret_sha256: str) -> TokenRecord | None:
-        rows = self._read("SELECT id, role, names, principals, expires, used_at FROM tokens "
-                          "WHERE secret_sha256 = ?", (secret_sha256,))
+        rows = self._read("SELECT id, role, names, principals, expires, used_at, used_serial "
+                          "FROM tokens WHERE secret_sha256 = ?", (secret_sha256,))
         if not rows:
             return None
         r = rows[0]
         return TokenRecord(r[0], r[1], tuple((k, v) for k, v in json.loads(r[2])),
-                           tuple(json.loads(r[3])), r[4], r[5])
+                           tuple(json.loads(r[3])), r[4], r[5], r[6])
 
     async def consume_token(self, token_id: str, at: dt.datetime) -> bool:
         def consume(db: sqlite3.Connection) -> int:
