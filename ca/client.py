@@ -365,7 +365,16 @@ class Staged:
 
     def prepare(self) -> Staged:
         for path in self.targets:
-            real = path.resolve() if path.is_symlink() else path
+            try:
+                real = followed(path)
+                if real.parent.exists() and real.parent.stat().st_mode & stat.S_IWOTH:
+                    raise ClientError(
+                        f"{real.parent} is writable by every user, who could replace "
+                        f"{real.name} or plant links in it: `chmod o-w {real.parent}` "
+                        "(checked before contacting the CA: nothing was spent)")
+            except ClientError:
+                self.abort()
+                raise
             _sweep(real.parent, f".{real.name}.", files=True)
             if real.is_dir():
                 self.abort()
@@ -394,7 +403,7 @@ class Staged:
             raise ClientError(f"cannot write the new files beside {next(iter(data))}: "
                               f"{exc.strerror or exc}; every file is as it was before",
                               retryable=True) from None
-        real = {path: path.resolve() if path.is_symlink() else path for path in self._tmp}
+        real = {path: followed(path) for path in self._tmp}
         kept: dict[Path, Path] = {}
         done: list[Path] = []
         try:
@@ -448,6 +457,31 @@ class Staged:
         self._tmp.clear()
 
 
+def followed(path: Path) -> Path:
+    """The file `path` names, a symlink followed only when whoever made the link owns
+    what it points to (or made it as this user): a renewal running as root in a
+    directory a service account can write replaced whatever file that account linked
+    `chain.pem` to, /etc/shadow included (a review). The file itself when not a link.
+    """
+    if not path.is_symlink():
+        return path
+    real = path.resolve()
+    if real.is_dir():
+        return real  # refused by the callers, as a directory
+    maker = os.lstat(path).st_uid
+    try:
+        owner = real.stat().st_uid
+    except FileNotFoundError:  # a dangling link: whoever owns the directory it names
+        owner = real.parent.stat().st_uid if real.parent.exists() else maker
+    if maker not in (owner, os.geteuid()):
+        raise ClientError(
+            f"{path} is a symlink to {real}, made by uid {maker}, who does not own that "
+            f"file (uid {owner}): refusing to replace it (a link planted by whoever can "
+            "write the directory could point anywhere); make the link as its owner, or "
+            "replace it with the file")
+    return real
+
+
 def _keep_copy(path: Path, backup: Path) -> None:
     """What `path` holds now, kept at `backup`: a hard link, or, where the kernel allows
     none (a file owned by another user, under fs.protected_hardlinks; another file
@@ -493,7 +527,7 @@ def restore_interrupted(paths: list[Path], consistent: Any) -> bool:
     """After a replacement that died between its renames (kill -9, power loss), put
     back what every file held before it, unless what is in place is `consistent()` (the
     renames were all done). Whether anything was put back."""
-    real = [p.resolve() if p.is_symlink() else p for p in paths]
+    real = [followed(p) for p in paths]
     kept = [previous_of(p) for p in real if previous_of(p).exists()]
     if not kept:
         return False
@@ -569,7 +603,10 @@ class OutputDir:
                 os.fsync(fh.fileno())
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(self._staging, 0o777 & ~umask)  # what mkdir would have made
+        # What mkdir would have made, but never writable by group or others, whatever
+        # the umask: whoever can write it can plant links for the renewals (a review
+        # found one under umask 000 made 0777).
+        os.chmod(self._staging, 0o755 & ~umask)
         os.rename(self._staging, self.out)
         fsync_dir(self.out.parent)
         self._staging = None
@@ -643,7 +680,7 @@ async def renew(url: str, cert: Path, key: Path, ca: Path | None, rekey: bool, *
 def _renewing(cert: Path) -> Iterator[None]:
     """One renewal at a time in the certificate's directory (a timer and a daemon, say):
     another one's mend could otherwise undo this one's renames half-way."""
-    real = cert.resolve() if cert.is_symlink() else cert
+    real = followed(cert)
     try:
         fd = os.open(real.parent, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as exc:

@@ -10,6 +10,7 @@ import json
 import os
 import sqlite3
 import ssl
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -733,3 +734,39 @@ async def test_an_enrollment_whose_answer_is_lost_is_retried_and_gets_its_certif
     with sqlite3.connect(daemon.state / "hsmca.sqlite3") as db:
         names = [json.loads(n) for (n,) in db.execute("SELECT names FROM certs")]
     assert names.count(["lost.internal.example"]) == 1
+
+
+def test_renew_refuses_a_link_planted_by_another_user_and_enroll_ignores_a_loose_umask(
+        daemon: Daemon, tmp_path: Path) -> None:
+    """A review: a renewal run as root in a directory a service account can write
+    replaced whatever file that account linked chain.pem to (a root-only file here);
+    and `enroll` under umask 000 made its --out writable by every user. The link is
+    refused, naming it, before the CA is asked; --out is never group or world
+    writable."""
+    out = tmp_path / "loose"
+    token = token_file(daemon, tmp_path, "service", [NAME])
+    proc = subprocess.run([*map(str, HSMCA), "enroll", "--url", daemon.url, "--ca",
+                           str(daemon.root), "--token-file", str(token), "--name", NAME,
+                           "--out", str(out)],
+                          capture_output=True, text=True, preexec_fn=lambda: os.umask(0))
+    assert proc.returncode == 0, proc.stderr
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    victim = tmp_path / "root-only"
+    victim.mkdir(mode=0o700)
+    (victim / "secret.conf").write_text("root:secret-line\n")
+    nobody = 65534
+    os.chown(out, nobody, nobody)
+    (out / "chain.pem").unlink()
+    (out / "chain.pem").symlink_to(victim / "secret.conf")
+    os.lchown(out / "chain.pem", nobody, nobody)  # the service account's link
+    before = cert_serial(out / "cert.pem")
+    proc = _renew(daemon, out / "cert.pem", out / "key.pem")
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"{out / 'chain.pem'} is a symlink to {victim / 'secret.conf'}, made by uid " \
+           f"{nobody}" in proc.stderr, proc.stderr
+    assert (victim / "secret.conf").read_text() == "root:secret-line\n"
+    assert cert_serial(out / "cert.pem") == before  # nothing was asked of the CA
+    # The same link made by its file's owner is followed, as before.
+    os.lchown(out / "chain.pem", 0, 0)
+    assert _renew(daemon, out / "cert.pem", out / "key.pem").returncode == 0
+    assert (victim / "secret.conf").read_text().startswith("-----BEGIN CERTIFICATE-----")
