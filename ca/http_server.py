@@ -35,7 +35,7 @@ from aiohttp import http_exceptions, web
 from aiohttp.streams import StreamReader
 
 from ca.config import REQUEST_TIMEOUT_S
-from ca.listener import PER_ADDRESS, Listener, OnOpen, OnRefused, listening_sockets
+from ca.listener import Listener, OnRefused, Places, listening_sockets
 from ca.logs import http_server_logger
 from ca.server.problems import TYPE_BASE, problem
 
@@ -238,11 +238,10 @@ class _BoundedTCPSite(web.TCPSite):
     timeout on the TLS handshake too (asyncio's own bound is 60 s, and TCPSite offers no
     way to pass another)."""
 
-    def __init__(self, runner: web.AppRunner, host: str, port: int, *,
-                 per_address: int, on_refused: OnRefused | None, on_open: OnOpen | None,
-                 **kwargs: Any) -> None:
+    def __init__(self, runner: web.AppRunner, host: str, port: int, *, places: Places,
+                 on_refused: OnRefused | None, **kwargs: Any) -> None:
         super().__init__(runner, host, port, **kwargs)
-        self._limits = (per_address, on_refused, on_open)
+        self._limits = (places, on_refused)
 
     async def start(self) -> None:
         await web.BaseSite.start(self)  # what TCPSite.start does first, then its server
@@ -251,21 +250,19 @@ class _BoundedTCPSite(web.TCPSite):
         timeout = getattr(self._runner, "request_timeout", REQUEST_TIMEOUT_S)
         sockets = listening_sockets(self._host, self._port, self._backlog,
                                     reuse_port=bool(self._reuse_port))
-        per_address, on_refused, on_open = self._limits
+        places, on_refused = self._limits
         self._server = Listener(sockets, server, self._ssl_context, timeout,  # type: ignore[assignment]
-                                per_address=per_address, on_refused=on_refused,
-                                on_open=on_open)
+                                places, on_refused=on_refused)
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
 
 
 def tcp_site(runner: web.AppRunner, host: str, port: int,
-             ssl_context: ssl.SSLContext | None = None, *, per_address: int = PER_ADDRESS,
-             on_refused: OnRefused | None = None, on_open: OnOpen | None = None,
-             **kwargs: Any) -> web.TCPSite:
-    """A TCPSite for `runner`: TLS handshakes within the request timeout as well, and at
-    most `per_address` connections from one client address (0: no bound) and the
-    process's descriptors allow (`on_refused` counts those refused, by reason;
-    `on_open` hears how many are held)."""
+             ssl_context: ssl.SSLContext | None = None, *, places: Places | None = None,
+             on_refused: OnRefused | None = None, **kwargs: Any) -> web.TCPSite:
+    """A TCPSite for `runner`: TLS handshakes within the request timeout as well, and
+    connections within `places` (ca/listener.py: the process's descriptors, and a bound
+    per client address), shared with the process's other sites that are given the
+    same; `on_refused` counts those refused, by reason."""
     return _BoundedTCPSite(runner, host, port, ssl_context=ssl_context,
-                           per_address=per_address, on_refused=on_refused, on_open=on_open,
-                           **kwargs)
+                           places=places if places is not None else Places(),
+                           on_refused=on_refused, **kwargs)

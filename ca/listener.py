@@ -8,7 +8,10 @@ rest of the process needs: SoftHSM opens the key's object file at every signatur
 
 Here each process holds at most `capacity()` connections at once: its descriptor limit
 less `FD_RESERVE` for what else it opens. It also holds at most `per_address` from
-one client address, so that one client cannot take every place. A connection over
+one client address, so that one client cannot take every place. Those are the
+process's `Places`, shared by all its listeners (the HTTPS port and the plain-HTTP
+one): counted apart, the two together took the reserve, and a client filling both
+broke the HSM session (a review). A connection over
 either bound is closed at once, with a reset, so its client learns now and not at its
 timeout. It is counted (`on_refused`, for /metrics) and logged at most once per
 reason per 10 s.
@@ -86,24 +89,56 @@ def listening_sockets(host: str | None, port: int, backlog: int,
     return sockets
 
 
+class Places:
+    """The connections one process holds, whichever of its listeners took them: at most
+    `capacity` in all, and `per_address` (0: no bound) from one client address."""
+
+    def __init__(self, per_address: int = PER_ADDRESS, on_open: OnOpen | None = None) -> None:
+        self.capacity = capacity()
+        self.per_address = per_address
+        self.on_open = on_open
+        self.open = 0
+        self._by_address: dict[str, int] = {}
+
+    def refusal(self, address: str) -> str | None:
+        """Why a connection from `address` may not be held now, or None."""
+        if self.open >= self.capacity:
+            return "capacity"
+        if self.per_address and self._by_address.get(address, 0) >= self.per_address:
+            return "per-address"
+        return None
+
+    def take(self, address: str) -> None:
+        self.open += 1
+        self._by_address[address] = self._by_address.get(address, 0) + 1
+        if self.on_open is not None:
+            self.on_open(self.open)
+
+    def give_back(self, address: str) -> None:
+        self.open -= 1
+        left = self._by_address[address] - 1
+        if left:
+            self._by_address[address] = left
+        else:
+            del self._by_address[address]
+        if self.on_open is not None:
+            self.on_open(self.open)
+
+
 class Listener:
-    """Serves `protocol_factory`'s protocols (an aiohttp web.Server) on `sockets`."""
+    """Serves `protocol_factory`'s protocols (an aiohttp web.Server) on `sockets`, within
+    `places` (the process's, shared with its other listeners)."""
 
     def __init__(self, sockets: list[socket.socket], protocol_factory: Callable[[], Any],
                  ssl_context: ssl.SSLContext | None, handshake_timeout: float | None,
-                 per_address: int = PER_ADDRESS, on_refused: OnRefused | None = None,
-                 on_open: OnOpen | None = None) -> None:
+                 places: Places, on_refused: OnRefused | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         self._sockets = sockets
         self._factory = protocol_factory
         self._ssl = ssl_context
         self._handshake_timeout = handshake_timeout if ssl_context is not None else None
-        self.capacity = capacity()
-        self.per_address = per_address  # 0: no bound per address
+        self.places = places
         self.on_refused = on_refused
-        self.on_open = on_open
-        self.open = 0
-        self._by_address: dict[str, int] = {}
         self._handshakes: set[asyncio.Task[None]] = set()
         self._paused: asyncio.TimerHandle | None = None
         self._throttle = Throttle(burst=1, on_quiet=self._unlogged)
@@ -151,10 +186,8 @@ class Listener:
                 self._pause()
                 return
             address = str(peer[0]) if isinstance(peer, tuple) else ""
-            if self.open >= self.capacity:
-                self._refuse(conn, "capacity", address)
-            elif self.per_address and self._by_address.get(address, 0) >= self.per_address:
-                self._refuse(conn, "per-address", address)
+            if (reason := self.places.refusal(address)) is not None:
+                self._refuse(conn, reason, address)
             else:
                 self._admit(conn, address)
 
@@ -186,11 +219,13 @@ class Listener:
             self.on_refused(reason)
         if (unlogged := self._throttle.allow(reason)) is None:
             return
-        detail = {"per-address": f"{self.per_address} connections from this address "
-                                 "already ([server] max-connections-per-address, per worker)",
-                  "capacity": f"{self.capacity} connections already: this process's file "
-                              f"descriptor limit less {FD_RESERVE} kept for the HSM, the "
-                              "inventory and the log (raise LimitNOFILE to hold more)",
+        detail = {"per-address": f"{self.places.per_address} connections from this "
+                                 "address already ([server] max-connections-per-address, "
+                                 "per worker)",
+                  "capacity": f"{self.places.capacity} connections already, on all its "
+                              "ports: this process's file descriptor limit less "
+                              f"{FD_RESERVE} kept for the HSM, the inventory and the log "
+                              "(raise LimitNOFILE to hold more)",
                   "no-descriptors": f"the process is out of file descriptors ({os_error}); "
                                     f"accepting again in {PAUSE_S:g} s"}[reason]
         log.warning("refused a connection", reason=reason, why=detail,
@@ -204,10 +239,7 @@ class Listener:
 
     def _admit(self, conn: socket.socket, address: str) -> None:
         conn.setblocking(False)
-        self.open += 1
-        self._by_address[address] = self._by_address.get(address, 0) + 1
-        if self.on_open is not None:
-            self.on_open(self.open)
+        self.places.take(address)
         held = True
 
         def release() -> None:
@@ -215,14 +247,7 @@ class Listener:
             if not held:
                 return
             held = False
-            self.open -= 1
-            left = self._by_address[address] - 1
-            if left:
-                self._by_address[address] = left
-            else:
-                del self._by_address[address]
-            if self.on_open is not None:
-                self.on_open(self.open)
+            self.places.give_back(address)
 
         def protocol() -> Any:
             made = self._factory()

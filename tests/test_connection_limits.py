@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 from tests.conftest import Daemon, init_ca, set_config, start_daemon
-from tests.helpers import enroll, metric_samples
+from tests.helpers import enroll, log_lines, metric_samples
+from tests.ports import free_port
 from tests.test_operator_logs import events
 
 BOUND_S = 60.0  # generous: each wait ends at the event it waits for, long before
@@ -80,12 +81,13 @@ class Flood:
     """`count` connections from 127.0.0.1; `early` of them reset before connect()
     returned (the daemon accepts and resets them that fast)."""
 
-    def __init__(self, d: Daemon, count: int) -> None:
+    def __init__(self, d: Daemon, count: int, to: tuple[str, int] | None = None) -> None:
         self.socks: list[socket.socket] = []
         self.early = 0
         for _ in range(count):
             try:
-                self.socks.append(socket.create_connection(_address(d), timeout=BOUND_S))
+                self.socks.append(socket.create_connection(to or _address(d),
+                                                           timeout=BOUND_S))
             except ConnectionResetError:
                 self.early += 1
 
@@ -184,3 +186,34 @@ def test_a_worker_out_of_places_resets_connections_and_says_so_once(tmp_path: Pa
         assert d.stop() == 0
     assert not [line for line in d.stderr if "Traceback" in line
                 or "out of system resource" in line]
+
+
+def test_the_plain_http_port_shares_the_places_of_the_https_one(tmp_path: Path) -> None:
+    """A review: each port counted its own connections, so a client that filled the
+    plain-HTTP port (`[server] http-listen`) and then the HTTPS one took the descriptors
+    kept for the HSM: signatures failed with 503 and the audit log got hsm.error lines.
+    One worker, 300 descriptors: 172 places for both ports together."""
+    ca = init_ca(tmp_path)
+    port = free_port()
+    set_config(ca.state, "server", "http-listen", f"127.0.0.1:{port}")
+    set_config(ca.state, "server", "max-connections-per-address", 0)
+    set_config(ca.state, "server", "request-timeout-s", 300)  # kept ones stay kept
+    d = start_daemon(ca.state, "--workers", "1", wrapper=("prlimit", "--nofile=300:300"))
+    floods: list[Flood] = []
+    try:
+        floods.append(Flood(d, 170, ("127.0.0.1", port)))
+        deadline = time.monotonic() + BOUND_S
+        while _open(d, "127.0.0.2") < 171:  # all taken (and the look's own)
+            assert time.monotonic() < deadline
+        floods.append(Flood(d, 40))  # the HTTPS port: two places left, at most
+        assert _reset(floods[1], 38) >= 38
+        for flood in floods:
+            flood.close()
+        _until_let_go(d)
+        assert _refused(d, "127.0.0.2")["capacity"] >= 38
+        enroll(d, tmp_path, "service", ["svc.places.example"])
+    finally:
+        for flood in floods:
+            flood.close()
+        assert d.stop() == 0
+    assert not [e for e in log_lines(ca.state) if e["event"].startswith("hsm.error")]

@@ -39,6 +39,7 @@ from ca.http_server import app_runner, tcp_site
 from ca.issuance.issue import Issuance
 from ca.issuance.pipeline import SigningPipeline
 from ca.lifecycle import KeyLifecycle
+from ca.listener import Places
 from ca.logs import configure
 from ca.metrics import Metrics
 from ca.process import raise_fd_limit, settle_heap
@@ -147,21 +148,22 @@ async def run(config: Config, host: str, port: int, slot: int, sign_channel: soc
         runner = app_runner(app, config.request_timeout_s, shutdown_timeout=10.0)
         await runner.setup()
         TRUST.generations, TRUST.bundle = generations, config.bundle_pem
+        # One count of connections for both ports: the descriptors kept for the HSM hold
+        # whatever a client opens on either.
+        places = Places(config.max_connections_per_address, on_open=metrics.connections.set)
+
+        def refused(reason: str) -> None:
+            metrics.child(metrics.connections_refused, reason).inc()
         site = tcp_site(runner, host, port, ssl_context=tls_context(
             config.tls_cert, config.tls_key, config.bundle_pem), backlog=1024, reuse_port=True,
-            per_address=config.max_connections_per_address,
-            on_refused=lambda reason: metrics.child(metrics.connections_refused, reason).inc(),
-            on_open=metrics.connections.set)
+            places=places, on_refused=refused)
         await site.start()
         if http_listen is not None:
             plain = app_runner(build_plain_http_app(app), config.request_timeout_s,
                                shutdown_timeout=10.0)
             await plain.setup()
             await tcp_site(plain, *http_listen, ssl_context=None, backlog=1024,
-                           reuse_port=True, per_address=config.max_connections_per_address,
-                           on_refused=lambda reason: metrics.child(
-                               metrics.connections_refused, reason).inc(),
-                           on_open=None).start()
+                           reuse_port=True, places=places, on_refused=refused).start()
         settle_heap()
         await control.ready(os.getpid())
         log.info("worker ready", worker=slot, pid=os.getpid())
