@@ -335,10 +335,15 @@ def _get(table: dict[str, Any], key: str, kind: type, where: str, default: Any =
     return value
 
 
-def load(path: Path) -> Config:
+def load(path: Path, data: bytes | None = None) -> Config:
+    """The config in `path`, or in `data` when the caller has read it already (a
+    reload judges and reads one open file)."""
     path = Path(path).resolve()
     try:
-        text = path.read_text(encoding="utf-8")
+        if data is None:
+            text = path.read_text(encoding="utf-8")
+        else:  # as read_text does: universal newlines
+            text = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
         raw = tomllib.loads(text)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path} (run `hsmca init` first, or pass "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 import stat
 import tempfile
 from collections.abc import Iterable
@@ -87,6 +88,24 @@ def _is_open(fd: int) -> bool:
     return True
 
 
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _check_owner(path: Path, st: os.stat_result) -> None:
+    """Refuse a file the daemon trusts that someone else owns: its owner can change its
+    mode, or replace it, whatever the mode says now (as OpenSSH's StrictModes; a review
+    swapped a config in a state directory left to another user)."""
+    if st.st_uid not in (0, os.geteuid()):
+        me = _user(os.geteuid())
+        trusted = me if os.geteuid() == 0 else f"{me} or root"
+        raise CLIError(f"{path} is owned by {_user(st.st_uid)}, not by {trusted}: its "
+                       f"owner can change it whatever its mode; run chown {me} {path}")
+
+
 def check_private(paths: Iterable[Path]) -> None:
     """Refuse a PIN or private key file that group or others may read or write.
 
@@ -95,12 +114,14 @@ def check_private(paths: Iterable[Path]) -> None:
     on one; existing files only (a missing file is reported by whoever opens it)."""
     for path in paths:
         try:
-            mode = stat.S_IMODE(os.stat(path).st_mode)
+            st = os.stat(path)
         except FileNotFoundError:
             continue
+        mode = stat.S_IMODE(st.st_mode)
         if mode & 0o077:
             raise CLIError(f"{path} has mode {mode:04o}: a PIN or private key file must not "
                            f"be readable or writable by group or others; run chmod 600 {path}")
+        _check_owner(path, st)
 
 
 def check_not_writable(paths: Iterable[Path]) -> None:
@@ -109,17 +130,32 @@ def check_not_writable(paths: Iterable[Path]) -> None:
     Whoever can write the config names the PKCS#11 module the daemon loads and then
     hands the PIN to; whoever can write the state directory, the audit log or the
     inventory can change what the CA records or replace its files: as bad as a readable
-    PIN. Existing paths only; a symlink is judged by what it names."""
+    PIN. Its owner must be the daemon's user or root. Existing paths only; a symlink is
+    judged by what it names."""
     for path in paths:
         try:
             st = os.stat(path)
         except FileNotFoundError:
             continue
-        mode = stat.S_IMODE(st.st_mode)
-        if mode & 0o022:
-            what = "directory" if stat.S_ISDIR(st.st_mode) else "file"
-            raise CLIError(f"{path} has mode {mode:04o}: a {what} the daemon trusts must not "
-                           f"be writable by group or others; run chmod go-w {path}")
+        _check_not_writable(path, st)
+
+
+def _check_not_writable(path: Path, st: os.stat_result) -> None:
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o022:
+        what = "directory" if stat.S_ISDIR(st.st_mode) else "file"
+        raise CLIError(f"{path} has mode {mode:04o}: a {what} the daemon trusts must not "
+                       f"be writable by group or others; run chmod go-w {path}")
+    _check_owner(path, st)
+
+
+def read_trusted(path: Path) -> bytes:
+    """`path`'s bytes, judged as check_not_writable judges it, on the very file read:
+    a check by name, then a read by name, takes whatever was swapped in between (a
+    review: a reload could put in force a policy other than the one it logged)."""
+    with open(path, "rb") as fh:
+        _check_not_writable(path, os.fstat(fh.fileno()))
+        return fh.read()
 
 
 def apply_modes(root: Path, modes: dict[str, int], *, default_file: int = 0o600,

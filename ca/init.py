@@ -75,6 +75,10 @@ async def run_init(opts: InitOptions) -> list[Path]:
     # "Device or resource busy"). A fresh ext4 volume's lost+found counts as empty.
     inside = final.is_dir() and _mount_point(final)
     ignored = {"lost+found"} if inside else set()
+    if inside and final.stat().st_uid != os.geteuid() and os.geteuid() != 0:
+        raise InitError(f"--state-dir {final} is a mount point owned by another user, who "
+                        "could replace the CA's config: chown it to the user that runs "
+                        "hsmca first")
     if final.exists() and (not final.is_dir()
                            or any(p.name not in ignored for p in final.iterdir())):
         held = sorted(p.name for p in final.iterdir()) if final.is_dir() else []
@@ -211,7 +215,10 @@ async def run_init(opts: InitOptions) -> list[Path]:
             for entry in sorted(state.iterdir(), key=lambda p: p.name == "hsmca.toml"):
                 os.rename(entry, final / entry.name)
             state.rmdir()
-            os.chmod(final, 0o700)  # as a state directory made by rename is
+            # as a state directory made by rename is: ours, and private (a volume made
+            # for another user left it theirs, and they swapped the config; a review)
+            os.chown(final, os.geteuid(), os.getegid())
+            os.chmod(final, 0o700)
         else:
             if final.exists():
                 final.rmdir()  # empty, checked above

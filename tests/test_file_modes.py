@@ -70,3 +70,25 @@ def test_serve_refuses_a_config_state_or_log_others_can_write(tmp_path: Path, wh
     ca = init_ca(tmp_path)
     line = serve_refused(ca.state, ca.state / which if which != "." else ca.state, bad_mode)
     assert "writable by group or others" in line and "chmod go-w" in line
+
+
+@pytest.mark.parametrize("which", ["hsmca.toml", ".", "audit/log.jsonl", "pin"])
+def test_serve_refuses_a_file_it_trusts_that_another_user_owns(tmp_path: Path,
+                                                               which: str) -> None:
+    """A review: the checks looked at modes only, so the owner of a state directory (a
+    volume made for another user) swapped in a config of theirs, mode 0600, naming the
+    PKCS#11 module the PIN is handed to, and serve started on it. Its owner can change
+    a file whatever its mode: the daemon's user or root must own it."""
+    ca = init_ca(tmp_path)
+    path = ca.token.pin_file if which == "pin" else (
+        ca.state / which if which != "." else ca.state)
+    os.chown(path, 65534, 65534)
+    try:
+        proc = hsmca("serve", "--config", ca.state / "hsmca.toml", "--listen", "127.0.0.1:0",
+                     check=False)
+    finally:
+        os.chown(path, 0, 0)
+    assert proc.returncode == 1 and proc.stdout == "", proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert f"{path} is owned by nobody, not by root: its owner can change it" in line, line
+    assert f"run chown root {path}" in line, line

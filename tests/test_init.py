@@ -170,10 +170,13 @@ def test_init_into_a_state_dir_that_is_a_mount_point(tmp_path: Path) -> None:
     key, then failed with "Device or resource busy" (a mount point cannot be replaced
     by a rename), leaving the CA in a hidden directory and the token unusable. init
     builds the CA inside it. (A bind mount in a mount namespace of its own: the test
-    leaves no mount behind, and the files stay in the directory mounted.)"""
+    leaves no mount behind, and the files stay in the directory mounted.) A volume made
+    for another user is the CA's user's once init is done: a review's volume stayed
+    theirs, and they swapped the config."""
     token = new_softhsm_token()
     volume, state = tmp_path / "volume", tmp_path / "ca"
     volume.mkdir()
+    os.chown(volume, 65534, 65534)  # made for nobody (a tmpfs with uid=, say)
     (volume / "lost+found").mkdir()  # as a fresh ext4 volume has: it counts as empty
     state.mkdir()
     proc = subprocess.run(
@@ -188,6 +191,7 @@ def test_init_into_a_state_dir_that_is_a_mount_point(tmp_path: Path) -> None:
     assert (volume / "lost+found").is_dir()
     assert not [p for p in tmp_path.iterdir() if ".init-" in p.name]
     assert stat.S_IMODE(volume.stat().st_mode) == 0o700
+    assert (volume.stat().st_uid, volume.stat().st_gid) == (os.geteuid(), os.getegid())
     assert not any(state.iterdir())  # the mount point itself, unmounted with its namespace
 
 

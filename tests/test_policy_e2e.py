@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import re
 import signal
 import subprocess
@@ -174,6 +175,17 @@ async def test_sighup_puts_a_new_policy_in_force_in_every_worker_and_refuses_a_b
                                     body={})
         assert status == 403, raw  # still denied
         config.chmod(0o600)
+        # ... and so is one another user owns, whatever its mode (a review).
+        os.chown(config, 65534, 65534)
+        seen = len(d.stderr)
+        d.proc.send_signal(signal.SIGHUP)
+        assert d.wait_stderr(lambda: any("reload refused" in x for x in d.stderr[seen:])), \
+            "".join(d.stderr[seen:])
+        assert "is owned by nobody" in "".join(d.stderr[seen:])
+        status, _, raw = await http("POST", f"{d.url}/v1/x509/renew", d.ssl(cert, key_path),
+                                    body={})
+        assert status == 403, raw  # still denied
+        os.chown(config, 0, 0)
         config.write_text(before)
         # The name allowed again (and [server] as at the start): every worker takes it,
         # and renews. A change to [policy] alone needs no restart, and is not told one (a

@@ -25,7 +25,7 @@ import structlog
 from ca.config import Config, ConfigError, load
 from ca.daemon.control import PolicyFeed
 from ca.errors import CLIError
-from ca.fileutil import check_not_writable
+from ca.fileutil import read_trusted
 from ca.policy import Policy
 
 log = structlog.get_logger("hsmca.reload")
@@ -71,9 +71,9 @@ async def reload_policy(config: Config, policies: PolicyFeed, audit: Recorder) -
     try:
         # As the start does: a policy others could have written is not put in force (a
         # fault trial's reload took `allow` from a file made 0666).
-        check_not_writable([config.path])
-        raw = await asyncio.to_thread(config.path.read_bytes)
-        fresh = await asyncio.to_thread(load, config.path)
+        # Judged, hashed and parsed from one read of one open file.
+        raw = await asyncio.to_thread(read_trusted, config.path)
+        fresh = await asyncio.to_thread(load, config.path, raw)
         if config.node:
             fresh = fresh.for_node(config.node)
     except (ConfigError, OSError, CLIError) as exc:
