@@ -155,6 +155,43 @@ async def test_crls_are_signed_ahead_and_an_anonymous_get_signs_nothing(
     assert len(crl_signings()) == before
 
 
+async def test_crls_and_the_krl_answer_a_conditional_get_until_a_revocation_changes_them(
+        own_daemon: Daemon, tmp_path: Path) -> None:
+    """An API client's trial: CRLs, crls.pem and the KRL came with no caching headers,
+    so a poller fetched them whole each time, with nothing to go by. Each carries an
+    ETag (a CRL its thisUpdate too) under no-cache; unchanged, a conditional GET is
+    304 without a body; a revocation changes it at once."""
+    d = own_daemon
+    cert, _ = enroll(d, tmp_path, "service", ["etag.internal.example"])
+    serial = format(x509.load_pem_x509_certificate(cert.read_bytes()).serial_number, "x")
+    paths = ("/v1/x509/crl", "/v1/x509/crls.pem", "/v1/ssh/krl")
+    first: dict[str, Any] = {}
+    async with aiohttp.ClientSession() as s:
+        for path in paths:
+            async with s.get(f"{d.url}{path}", ssl=d.ssl()) as r:
+                assert r.status == 200 and r.headers["Cache-Control"] == "no-cache"
+                first[path] = r.headers
+                body = await r.read()
+            if path != "/v1/ssh/krl":
+                when = parsedate_to_datetime(r.headers["Last-Modified"])
+                if path == "/v1/x509/crl":
+                    assert when == x509.load_der_x509_crl(body).last_update_utc
+            async with s.get(f"{d.url}{path}", ssl=d.ssl(),
+                             headers={"If-None-Match": r.headers["ETag"]}) as again:
+                assert again.status == 304 and await again.read() == b"", path
+            if path != "/v1/ssh/krl":
+                async with s.get(f"{d.url}{path}", ssl=d.ssl(), headers={
+                        "If-Modified-Since": r.headers["Last-Modified"]}) as again:
+                    assert again.status == 304, path
+        status, _, raw = await http("POST", f"{d.url}/v1/x509/revoke", d.admin_ssl(),
+                                    body={"serial": serial})
+        assert status == 200, raw
+        for path in ("/v1/x509/crl", "/v1/x509/crls.pem"):  # re-signed at the revocation
+            async with s.get(f"{d.url}{path}", ssl=d.ssl(),
+                             headers={"If-None-Match": first[path]["ETag"]}) as r:
+                assert r.status == 200 and r.headers["ETag"] != first[path]["ETag"], path
+
+
 # ---- revocation reaches the lineage and SSH ---------------------------------------------
 
 

@@ -4,6 +4,7 @@ bodies, CSR parsing. Routes parse and answer; the registration authority decides
 from __future__ import annotations
 
 import datetime as dt
+import email.utils
 import hashlib
 import ssl
 from collections.abc import Awaitable, Callable
@@ -213,3 +214,31 @@ def parse_csr(data: str | bytes, der: bool = False) -> x509.CertificateSigningRe
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def http_date(when: dt.datetime) -> str:
+    return email.utils.format_datetime(when.astimezone(dt.UTC), usegmt=True)
+
+
+def revalidated(request: web.Request, body: bytes, content_type: str, *,
+                modified: dt.datetime | None = None) -> web.Response:
+    """`body` for a GET that relying parties poll (CRLs, the KRL, CA certificates):
+    with an ETag, and Last-Modified when the document says when it was made, under
+    `Cache-Control: no-cache`: a cache may keep it but asks each time, since a CRL is
+    re-signed at every revocation. A conditional GET that finds it unchanged gets 304
+    and no body (an API client's trial polled full CRLs, with nothing to go by)."""
+    etag = f'"{hashlib.sha256(body).hexdigest()[:32]}"'
+    headers = {"Cache-Control": "no-cache", "ETag": etag}
+    if modified is not None:
+        headers["Last-Modified"] = http_date(modified)
+    if (match := request.headers.get("If-None-Match")) is not None:  # RFC 9110 13.2.2
+        unchanged = match.strip() == "*" or etag in (
+            tag.strip().removeprefix("W/") for tag in match.split(","))
+    else:
+        since = request.if_modified_since
+        unchanged = modified is not None and since is not None and \
+            modified.replace(microsecond=0) <= since
+    if unchanged:
+        return web.Response(status=304, headers=headers)
+    return web.Response(body=body, content_type=content_type, headers=headers)
+

@@ -10,7 +10,15 @@ from aiohttp import web
 from ca import ra, ssh
 from ca.decimal_text import is_decimal
 from ca.issuance.issue import IssuedSSH
-from ca.server.common import ISSUANCE, REVOCATIONS, decide, field, identity, json_body
+from ca.server.common import (
+    ISSUANCE,
+    REVOCATIONS,
+    decide,
+    field,
+    identity,
+    json_body,
+    revalidated,
+)
 from ca.server.problems import Problem
 
 routes = web.RouteTableDef()
@@ -100,5 +108,5 @@ async def ssh_revoke(request: web.Request) -> web.Response:
 
 @routes.get("/v1/ssh/krl")
 async def ssh_krl(request: web.Request) -> web.Response:
-    return web.Response(body=(await request.app[REVOCATIONS].krl.get())[1],
-                        content_type="application/octet-stream")
+    return revalidated(request, (await request.app[REVOCATIONS].krl.get())[1],
+                       "application/octet-stream")

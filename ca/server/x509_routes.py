@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
-import email.utils
 import hashlib
 import re
 from dataclasses import dataclass
@@ -30,10 +29,12 @@ from ca.server.common import (
     TOKENS,
     decide,
     field,
+    http_date,
     identity,
     json_body,
     parse_csr,
     peer_der,
+    revalidated,
 )
 from ca.server.problems import Problem
 from ca.server.throttle import Throttle
@@ -322,15 +323,19 @@ async def revoke(request: web.Request) -> web.Response:
 @routes.get("/v1/x509/crl")
 async def crl(request: web.Request) -> web.Response:
     """The current issuer's CRL."""
-    return web.Response(body=await request.app[REVOCATIONS].crl(),
-                        content_type="application/pkix-crl")
+    return _crl_response(request, await request.app[REVOCATIONS].crl())
 
 
 @routes.get("/v1/x509/crl/{issuer}")
 async def issuer_crl(request: web.Request) -> web.Response:
     """An issuer's CRL, by its key's label (the CRL distribution point of its leaves)."""
-    return web.Response(body=await request.app[REVOCATIONS].crl(request.match_info["issuer"]),
-                        content_type="application/pkix-crl")
+    return _crl_response(request,
+                         await request.app[REVOCATIONS].crl(request.match_info["issuer"]))
+
+
+def _crl_response(request: web.Request, der: bytes) -> web.Response:
+    return revalidated(request, der, "application/pkix-crl",
+                       modified=x509.load_der_x509_crl(der).last_update_utc)
 
 
 @routes.get("/v1/x509/crls.pem")
@@ -341,10 +346,11 @@ async def all_crls(request: web.Request) -> web.Response:
     whose chain lacks a CRL (a relying-party trial, after an issuing-key rotation)."""
     issuers = await request.app[ISSUANCE].keys.refresh()
     revocations = request.app[REVOCATIONS]
-    pems = [x509.load_der_x509_crl(await revocations.crl(label)).public_bytes(
-                serialization.Encoding.PEM)
+    crls = [x509.load_der_x509_crl(await revocations.crl(label))
             for label in [*issuers.x509, issuers.root_issuer()]]
-    return web.Response(body=b"".join(pems), content_type="application/x-pem-file")
+    return revalidated(request, b"".join(c.public_bytes(serialization.Encoding.PEM)
+                                         for c in crls), "application/x-pem-file",
+                       modified=max(c.last_update_utc for c in crls))
 
 
 def _ocsp_response(answer: ocsp.Answer) -> web.Response:
@@ -359,10 +365,6 @@ def _ocsp_response(answer: ocsp.Answer) -> web.Response:
             "ETag": f'"{hashlib.sha256(answer.der).hexdigest()[:32]}"'})
     return web.Response(body=answer.der, content_type="application/ocsp-response",
                         headers=headers)
-
-
-def http_date(when: dt.datetime) -> str:
-    return email.utils.format_datetime(when.astimezone(dt.UTC), usegmt=True)
 
 
 @routes.post("/v1/x509/ocsp")
@@ -391,15 +393,15 @@ async def _ocsp_answer(request: web.Request, der: bytes) -> ocsp.Answer:
 
 @routes.get("/v1/x509/roots")
 async def roots(request: web.Request) -> web.Response:
-    return web.Response(text=pem(request.app[ISSUANCE].issuers.root),
-                        content_type="application/x-pem-file")
+    return revalidated(request, pem(request.app[ISSUANCE].issuers.root).encode(),
+                       "application/x-pem-file")
 
 
 @routes.get("/v1/x509/chain")
 async def chain(request: web.Request) -> web.Response:
     """The current issuing CA, then the root."""
     issuers = await request.app[ISSUANCE].keys.refresh()
-    return web.Response(text=issuers.current.chain_pem, content_type="application/x-pem-file")
+    return revalidated(request, issuers.current.chain_pem.encode(), "application/x-pem-file")
 
 
 @routes.get("/v1/x509/bundle")
