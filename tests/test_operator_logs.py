@@ -406,6 +406,7 @@ async def test_a_flood_of_token_guesses_does_not_flood_the_log(served: Daemon) -
 
     before = lines(), unlogged()
     statuses: set[int] = set()
+    waits: set[str] = set()
     began = asyncio.get_running_loop().time()
     async with aiohttp.ClientSession() as session:
         async def guess() -> None:
@@ -413,9 +414,12 @@ async def test_a_flood_of_token_guesses_does_not_flood_the_log(served: Daemon) -
                                     json={"csr": "x"},
                                     headers={"Authorization": "Bearer hsmca-guess"}) as r:
                 statuses.add(r.status)
+                if r.status == 429:  # the wait said to clients, not only in prose
+                    waits.add(r.headers.get("Retry-After", "none"))
         for _ in range(20):
             await asyncio.gather(*(guess() for _ in range(10)))  # 200 in all
     assert statuses <= {401, 429} and 429 in statuses, statuses
+    assert waits and all(w.isdigit() and int(w) > 0 for w in waits), waits
     # A burst of 20 per worker and 10 s window (as many windows as the flood spanned, on
     # a slow machine more than one)...
     windows = int((asyncio.get_running_loop().time() - began) // 10) + 2

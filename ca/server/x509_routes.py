@@ -118,7 +118,8 @@ async def _token_failed(request: web.Request, why: str, detail: str,
         else 0
     if wait:
         return Problem(429, "Too Many Requests", f"too many failed bootstrap-token attempts "
-                       f"from {client}; retry in {wait} s", "rate-limited")
+                       f"from {client}; retry in {wait} s", "rate-limited",
+                       {"Retry-After": str(wait)})  # RFC 6585 4: for clients, not prose
     return Problem(401, "Unauthorized", detail, "bad-token",
                    {"WWW-Authenticate": _challenge(request)})
 
