@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import queue
+import secrets
 import shutil
 import threading
 import time
@@ -556,8 +557,18 @@ class AuditLog:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         target = self.path.with_name(f"{self.path.name}.saved-{stamp}")
         try:
-            # All or nothing: no half copy left to be put back as the log (a review).
-            copy_new(self._fd, self._size_bytes, target, 0o600)
+            for _ in range(8):
+                try:
+                    # All or nothing: no half copy left to be put back as the log.
+                    copy_new(self._fd, self._size_bytes, target, 0o600)
+                    break
+                except FileExistsError:
+                    # Taken (names made in advance kept every save failing, a review):
+                    # another, that nobody could have guessed.
+                    target = self.path.with_name(f"{self.path.name}.saved-{stamp}-"
+                                                 f"{secrets.token_hex(4)}")
+            else:
+                raise FileExistsError(errno.EEXIST, "every name tried exists")
             fsync_dir(target.parent)
         except OSError as exc:
             self._save_again_at = time.monotonic() + 10.0
