@@ -69,7 +69,9 @@ class Reason(enum.Enum):
     UNSUPPORTED_IDENTIFIER = (400, "unsupported-identifier")
     ORDER_NOT_READY = (403, "order-not-ready")
     UNAUTHORIZED = (403, "unauthorized")
-    ALREADY_REVOKED = (400, "already-revoked")
+    # (ACME answers it 400 alreadyRevoked, RFC 8555 7.6; the API 409, as a conflict
+    # with the state the certificate is in, with a type a client can branch on)
+    ALREADY_REVOKED = (409, "already-revoked")
 
     @property
     def status(self) -> int:

@@ -235,6 +235,7 @@ class SSHRevokeRequest:
     key_id: str | None = None
     public_key: SSHPublicKey | None = None
     matching: int = 0  # unrevoked SSH certificates the selector matches now
+    revoked: int = 0  # and revoked ones
 
 
 @dataclass(frozen=True)
@@ -797,7 +798,7 @@ def _revoke(ctx: Context, who: Requester, req: RevokeRequest) -> RevokeOrder:
                       "CA (an SSH certificate's serial, which ssh-keygen -L shows in "
                       "decimal, is revoked with `hsmca ssh revoke --serial`)", Reason.NOT_FOUND)
     if req.revoked:
-        _revoked_again(req.serial, req.revoked_reason, reason, Reason.CONFLICT)
+        _revoked_again(req.serial, req.revoked_reason, reason, Reason.ALREADY_REVOKED)
     # A compromised key compromises what was renewed from it and what it renewed: a
     # renewal with a new key proves only that the old key was held.
     return RevokeOrder(req.serial, reason, who.actor, lineage=reason == "keyCompromise")
@@ -832,7 +833,11 @@ def _ssh_revoke(ctx: Context, who: Requester, req: SSHRevokeRequest) -> SSHRevok
                       "certificate they were issued on, and they go with it", Reason.WRONG_ROLE)
     if req.matching == 0 and req.public_key is None:
         what = f"serial {req.serial}" if req.serial is not None else f"key id {req.key_id!r}"
-        raise Refused(f"no unrevoked SSH certificate with {what}", Reason.NOT_FOUND)
+        if req.revoked:  # a retry, say: told apart from a typo (an API client's trial)
+            raise Refused(f"the SSH certificate with {what} is already revoked",
+                          Reason.ALREADY_REVOKED)
+        raise Refused(f"no SSH certificate with {what} was issued by this CA",
+                      Reason.NOT_FOUND)
     return SSHRevokeOrder(req.serial, req.key_id, req.public_key, who.actor)
 
 

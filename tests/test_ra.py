@@ -435,10 +435,11 @@ def test_certificate_hold_is_never_offered_and_others_are_for_admins() -> None:
     refused(ra.decide(context(), holder("service", ("s.example",)), ra.RevokeRequest(0x99)),
             Reason.WRONG_ROLE)
     refused(ra.decide(context(), admin(), ra.RevokeRequest(0x99, found=False)), Reason.NOT_FOUND)
-    refused(ra.decide(context(), admin(), ra.RevokeRequest(0x99, revoked=True)), Reason.CONFLICT,
-            "only keyCompromise may be given again")
+    refused(ra.decide(context(), admin(), ra.RevokeRequest(0x99, revoked=True)),
+            Reason.ALREADY_REVOKED, "only keyCompromise may be given again")
     refused(ra.decide(context(), admin(), ra.RevokeRequest(
-        0x99, "keyCompromise", revoked=True, revoked_reason="keyCompromise")), Reason.CONFLICT)
+        0x99, "keyCompromise", revoked=True, revoked_reason="keyCompromise")),
+        Reason.ALREADY_REVOKED)
     again = ra.decide(context(), admin(), ra.RevokeRequest(
         0x99, "keyCompromise", revoked=True, revoked_reason="cessationOfOperation"))
     assert isinstance(again, ra.RevokeOrder) and again.lineage
@@ -453,6 +454,9 @@ def test_ssh_revocation_is_for_admins_and_needs_a_match_unless_it_bans_a_key() -
             "serial 7")
     refused(ra.decide(context(), admin(), ra.SSHRevokeRequest(key_id="bob:1")), Reason.NOT_FOUND,
             "'bob:1'")
+    # A retry, told apart from a typo (an API client's trial).
+    refused(ra.decide(context(), admin(), ra.SSHRevokeRequest(serial=7, revoked=1)),
+            Reason.ALREADY_REVOKED, "serial 7 is already revoked")
     order = ra.decide(context(), admin(), ra.SSHRevokeRequest(key_id="bob:1", matching=2))
     assert order == ra.SSHRevokeOrder(None, "bob:1", None, admin().actor)
     # A key is banned in the KRL itself, whether or not a certificate was issued for it.

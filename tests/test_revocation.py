@@ -484,6 +484,7 @@ async def test_a_certificate_revoked_as_superseded_can_still_be_revoked_for_comp
 
     status, again = await revoke("superseded")
     assert status == 409 and "already revoked (superseded)" in again["detail"], again
+    assert again["type"].endswith("/already-revoked"), again  # a type to branch on
     assert "only keyCompromise may be given again" in again["detail"]
     status, answer = await revoke("keyCompromise")
     assert status == 200, answer

@@ -148,6 +148,11 @@ async def test_host_and_user_certificates_with_real_openssh(
     status, _, body = await http("POST", f"{daemon.url}/v1/ssh/revoke", daemon.admin_ssl(),
                                  body={"serial": serial})
     assert status == 200 and json.loads(body)["revoked_certificates"] == 1
+    # Again (a retry): already revoked, told apart from a serial never issued.
+    for asked, status_, kind in ((serial, 409, "already-revoked"), ("1", 404, "not-found")):
+        status, _, body = await http("POST", f"{daemon.url}/v1/ssh/revoke",
+                                     daemon.admin_ssl(), body={"serial": asked})
+        assert status == status_ and json.loads(body)["type"].endswith(kind), body
     status, _, body = await http("GET", f"{daemon.url}/v1/ssh/krl", daemon.ssl())
     krl.write_bytes(body)
     assert krl_check(krl, ssh_user_cert, other_cert) == {ssh_user_cert: "REVOKED",

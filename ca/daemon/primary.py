@@ -963,7 +963,7 @@ async def _revoke_live_certs_of_compromised_keys(
         try:
             revoked += (await revocations.revoke(order, None)).serials
         except Refused as exc:
-            if exc.reason is not Reason.CONFLICT:  # revoked meanwhile (another node)
+            if exc.reason is not Reason.ALREADY_REVOKED:  # revoked meanwhile (another node)
                 raise
     log.warning("revoked live certificates of keys revoked for keyCompromise (left live "
                 "by an older release, which revoked only their lineage)",

@@ -113,7 +113,7 @@ class Revocations:
         await self._record(order, targets, request_id)
         done = await self.store.revoke_certs(targets, now, order.reason)
         if not done.serials:  # another request revoked it meanwhile
-            raise Refused("already revoked", Reason.CONFLICT)
+            raise Refused("already revoked", Reason.ALREADY_REVOKED)
         self.generations.bump("revocations")  # committed: every process reloads
         if done.ssh_certs:
             self.generations.bump("ssh_revocations")
@@ -240,7 +240,7 @@ class Revocations:
                 try:
                     await self.revoke(order, request_id)
                 except Refused as exc:
-                    if exc.reason is not Reason.CONFLICT:  # the sweep, just now
+                    if exc.reason is not Reason.ALREADY_REVOKED:  # the sweep, just now
                         raise
             what = f"the new certificate {child:x} is revoked with it"
         log.warning("a revocation raced this request: what it got is revoked too",
@@ -378,9 +378,11 @@ class Revocations:
     # ---- SSH ---------------------------------------------------------------------------------
 
     async def count_ssh(self, serial: int | None, key_id: str | None,
-                        public_key: SSHPublicKey | None) -> int:
-        """How many unrevoked SSH certificates the selector matches: the RA's evidence."""
-        return await self.store.count_ssh_certs(_selector(serial, key_id, public_key))
+                        public_key: SSHPublicKey | None, revoked: bool = False) -> int:
+        """How many unrevoked SSH certificates the selector matches (revoked ones, with
+        `revoked`): the RA's evidence."""
+        return await self.store.count_ssh_certs(_selector(serial, key_id, public_key),
+                                                revoked)
 
     async def revoke_ssh(self, order: ra.SSHRevokeOrder, matching: int,
                          request_id: str | None) -> int:

@@ -96,8 +96,10 @@ async def ssh_revoke(request: web.Request) -> web.Response:
         public_key = ssh.parse_public_key(field(body, "public_key", str))
     revocations = request.app[REVOCATIONS]
     matching = await revocations.count_ssh(serial, key_id, public_key)
+    revoked = await revocations.count_ssh(serial, key_id, None, revoked=True) \
+        if matching == 0 and public_key is None else 0
     order: ra.SSHRevokeOrder = await decide(request, who, ra.SSHRevokeRequest(
-        serial, key_id, public_key, matching))
+        serial, key_id, public_key, matching, revoked))
     hit = await revocations.revoke_ssh(order, matching, request.get("request_id"))
     log.info("ssh revoked", serial=str(serial) if serial is not None else None, key_id=key_id,
              public_key=public_key.sha256 if public_key else None, certificates=hit,

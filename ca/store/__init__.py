@@ -167,8 +167,9 @@ class Store(Protocol):
 
     def add_ssh_cert(self, cert: NewSSHCert) -> cf.Future[None]: ...
 
-    async def count_ssh_certs(self, which: SSHSelector) -> int:
-        """How many unrevoked SSH certificates `which` names."""
+    async def count_ssh_certs(self, which: SSHSelector, revoked: bool = False) -> int:
+        """How many unrevoked SSH certificates `which` names (revoked ones, with
+        `revoked`)."""
         ...
 
     async def revoke_ssh(self, which: SSHSelector, at: dt.datetime,

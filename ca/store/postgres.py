@@ -604,10 +604,11 @@ class PostgresStore:
                  str(cert.valid_before), cert.owner_serial, cert.issued_at, cert.issuer))
         return self._tx_future(insert)
 
-    async def count_ssh_certs(self, which: SSHSelector) -> int:
+    async def count_ssh_certs(self, which: SSHSelector, revoked: bool = False) -> int:
         where, arg = _ssh_where(which)
-        return int((await self._rows(f"SELECT COUNT(*) FROM ssh_certs WHERE {where} "
-                                     "AND revoked_at IS NULL", (arg,)))[0][0])
+        return int((await self._rows(f"SELECT COUNT(*) FROM ssh_certs WHERE {where} AND "
+                                     f"revoked_at IS {'NOT ' if revoked else ''}NULL",
+                                     (arg,)))[0][0])
 
     async def revoke_ssh(self, which: SSHSelector, at: dt.datetime,
                          revoke_key: str | None = None) -> int:

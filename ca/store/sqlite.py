@@ -945,10 +945,10 @@ class SQLiteStore:
                  str(cert.valid_before), cert.owner_serial, cert.issued_at, cert.issuer))
         return self._submit(insert)
 
-    async def count_ssh_certs(self, which: SSHSelector) -> int:
+    async def count_ssh_certs(self, which: SSHSelector, revoked: bool = False) -> int:
         where, arg = _where(which)
-        return int(self._read(f"SELECT COUNT(*) FROM ssh_certs WHERE {where} "
-                              "AND revoked_at IS NULL", (arg,))[0][0])
+        return int(self._read(f"SELECT COUNT(*) FROM ssh_certs WHERE {where} AND revoked_at "
+                              f"IS {'NOT ' if revoked else ''}NULL", (arg,))[0][0])
 
     async def revoke_ssh(self, which: SSHSelector, at: dt.datetime,
                          revoke_key: str | None = None) -> int:
