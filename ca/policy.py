@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa
 
 from ca.decimal_text import is_decimal
@@ -486,6 +487,15 @@ def check_csr(csr: x509.CertificateSigningRequest) -> None:
         raise Refused(f"the CSR's public key cannot be read: {parse_error(exc)}",
                       Reason.BAD_CSR) from None
     check_subject_key(key)
+    try:
+        digest = csr.signature_hash_algorithm
+    except PARSE_ERRORS:
+        digest = None  # Ed25519 has none; an unknown one is refused just below
+    if isinstance(digest, hashes.SHA1 | hashes.MD5):
+        # OpenSSL refuses to check it, which read as "does not verify (was it made with
+        # this key?)" and sent an API client after the wrong bug.
+        raise Refused(f"the CSR is signed with {digest.name.upper()}, which is not accepted: "
+                      "sign it with SHA-256 (openssl req -sha256)", Reason.BAD_CSR)
     try:
         valid = csr.is_signature_valid
     except PARSE_ERRORS as exc:  # e.g. an unknown algorithm

@@ -6,8 +6,10 @@ from __future__ import annotations
 import base64
 import json
 import re
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -21,10 +23,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from ca import policy, ra, ssh
-from ca.policy import Policy
+from ca.policy import Policy, Refused
 from ca.server.common import parse_csr
 from ca.server.problems import Problem
-from tests.conftest import Daemon, init_ca, start_daemon
+from tests.conftest import Daemon, init_ca, require, start_daemon
 from tests.helpers import audit_verify, bootstrap_token, csr_pem, enroll
 from tests.test_ra import admin, context
 
@@ -596,6 +598,24 @@ def test_csr_round_trip_still_accepted() -> None:
     csr = parse_csr(csr_pem(["ok.internal.example"], ec.generate_private_key(ec.SECP256R1())))
     policy.check_csr(csr)
     assert policy.csr_names(csr) == ["ok.internal.example"]
+
+
+def test_a_csr_in_the_older_pem_label_is_read_and_a_sha1_one_is_named_as_such(
+        tmp_path: Path) -> None:
+    """An API client's trial: `NEW CERTIFICATE REQUEST` (Windows certreq, older keytool)
+    was "no PEM CERTIFICATE REQUEST block"; a CSR signed with SHA-1 "does not verify
+    (was it made with this key?)", a different bug from the one it has."""
+    pem = csr_pem(["ok.internal.example"], ec.generate_private_key(ec.SECP256R1()))
+    older = pem.replace("CERTIFICATE REQUEST", "NEW CERTIFICATE REQUEST")
+    assert parse_csr(older).public_bytes(serialization.Encoding.PEM).decode() == pem
+    # (cryptography signs nothing with SHA-1: openssl makes the CSR a client would send)
+    subprocess.run([require("openssl"), "req", "-new", "-newkey", "rsa:2048", "-nodes",
+                    "-keyout", tmp_path / "key.pem", "-sha1", "-subj",
+                    "/CN=ok.internal.example", "-out", tmp_path / "sha1.csr"],
+                   check=True, capture_output=True)
+    with pytest.raises(Refused, match="signed with SHA1, which is not accepted: sign it "
+                                      "with SHA-256"):
+        policy.check_csr(parse_csr((tmp_path / "sha1.csr").read_bytes()))
 
 
 # ---- hypothesis against the live daemon: the HTTP request parsers ----------------------

@@ -205,6 +205,10 @@ def parse_csr(data: str | bytes, der: bool = False) -> x509.CertificateSigningRe
         if der:
             return x509.load_der_x509_csr(data if isinstance(data, bytes) else data.encode())
         text = data.encode() if isinstance(data, str) else data
+        # The older label (Windows certreq, keytool) names the same structure.
+        text = text.replace(b"-----BEGIN NEW CERTIFICATE REQUEST-----",
+                            b"-----BEGIN CERTIFICATE REQUEST-----").replace(
+            b"-----END NEW CERTIFICATE REQUEST-----", b"-----END CERTIFICATE REQUEST-----")
         if b"-----BEGIN CERTIFICATE REQUEST-----" not in text:
             raise ValueError("no PEM CERTIFICATE REQUEST block")
         return x509.load_pem_x509_csr(text)
