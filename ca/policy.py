@@ -146,8 +146,9 @@ def parse_ttl(text: object, what: str = "ttl") -> int:
     if m:
         return int(m.group(1)) * _TTL_UNITS[m.group(2)]
     if isinstance(text, int | float) and not isinstance(text, bool):
+        like = f'"{text}s", ' if isinstance(text, int) and text > 0 else ""
         raise Refused(f"{what} {text!r} is a number: give a duration as a string with its "
-                      f"unit, like \"{text}s\", 15m, 8h or 30d")
+                      f"unit, like {like}15m, 8h or 30d")
     if isinstance(text, str) and re.fullmatch(r"\s*(-\s*)?0*[0-9]*\s*[smhd]\s*", text) and (
             "-" in text or not text.strip("0smhd \t")):
         raise Refused(f"{what} {text!r} must be more than 0 (a duration like 90s, 15m, 8h or "

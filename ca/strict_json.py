@@ -15,7 +15,28 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 class NotUnicode(ValueError):
-    """Text with a lone surrogate, or bytes that are not UTF-8."""
+    """Text with a lone surrogate, or bytes that are not UTF-8; or (NotJSON) what
+    RFC 8259 leaves out and Python's parser takes: NaN and Infinity, and a key given
+    twice, whose last value would silently win (an API client's trial)."""
+
+
+class NotJSON(NotUnicode):
+    pass
+
+
+def _constant(name: str) -> Any:
+    raise NotJSON(f"holds {name}, which is not JSON (RFC 8259 has no such number)")
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise NotJSON(f"has the key {key!r} twice: give each once")
+            seen.add(key)
+    return obj
 
 
 def loads(raw: bytes | str) -> Any:
@@ -30,7 +51,7 @@ def loads(raw: bytes | str) -> Any:
             raise NotUnicode("is not UTF-8") from None
     else:
         text, data = raw, raw.encode("utf-8", "surrogatepass")
-    obj = json.loads(text)
+    obj = json.loads(text, parse_constant=_constant, object_pairs_hook=_pairs)
     if _SURROGATE_ESCAPE.search(data):  # rare: the check below walks the whole object
         try:
             json.dumps(obj, ensure_ascii=False).encode()

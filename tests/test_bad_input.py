@@ -119,6 +119,12 @@ def corpus() -> list[Case]:
                  data=b'{"x":"' + b"A" * 70_000 + b'"}', headers=JSON))
         add(Case(f"{path} invalid UTF-8", "POST", path, 400, "bad-json", who,
                  data=b'{"x":"\xff\xfe"}', headers=JSON))
+        # Not JSON, though Python's parser takes them: NaN, and a key given twice whose
+        # last value would silently win (an API client's trial).
+        add(Case(f"{path} NaN", "POST", path, 400, "bad-json", who,
+                 data=b'{"ttl": NaN}', headers=JSON))
+        add(Case(f"{path} a key twice", "POST", path, 400, "bad-json", who,
+                 data=b'{"ttl": "1h", "ttl": "30d"}', headers=JSON))
         add(Case(f"{path} lone surrogate", "POST", path, 400, "bad-json", who,
                  data=b'{"names":["\\ud800.example"],"key_id":"\\udce9"}', headers=JSON))
         add(Case(f"{path} encoded surrogate", "POST", path, 400, "bad-json", who,

@@ -144,3 +144,34 @@ def test_docs_hand_tokens_over_in_files(path: str) -> None:
     assert not re.search(r"--token\s+\"?\$", text), "a token on the command line"
     assert "Bearer $TOKEN" not in text
     assert "--pin " not in text and "--so-pin " not in text
+
+
+def problem_types_in_code() -> set[str]:
+    """Every problem type the daemon's API can answer: the registration authority's
+    reasons, the fixed types by status, and each literal type given to Problem() or
+    problem() in ca/ (ACME's own answers are RFC 8555's, documented in acme.md)."""
+    from ca.policy import Reason
+    from ca.server.problems import KINDS
+    kinds = {r.type for r in Reason} | set(KINDS.values())
+    for path in (ROOT / "ca").rglob("*.py"):
+        if "acme" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            name = getattr(node.func, "id", getattr(node.func, "attr", None))
+            if name in ("Problem", "problem") and len(node.args) > 3 and isinstance(
+                    node.args[3], ast.Constant) and isinstance(node.args[3].value, str):
+                kinds.add(node.args[3].value)
+    # the bootstrap token's refusals, chosen from a table by why (ca/server/x509_routes.py)
+    return kinds | {"token-spent", "token-expired"}
+
+
+def test_every_problem_type_is_in_the_api_doc() -> None:
+    """An API client's trial found the types only by reading the source: docs/api.md
+    lists each, with its status and whether a retry can help."""
+    text = (DOCS / "api.md").read_text()
+    table = text[text.index("## Problem types"):text.index("## Sending a request again")]
+    listed = set(re.findall(r"`([a-z]+(?:-[a-z]+)*)`", table))
+    missing = problem_types_in_code() - listed
+    assert not missing, f"problem types not in docs/api.md: {sorted(missing)}"

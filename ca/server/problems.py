@@ -35,9 +35,17 @@ def _hint(request: web.Request) -> str:
     return ": an ACME client's --server is https://HOST:PORT/acme/directory" if acme else ""
 
 
+# The type of a problem raised without one of its own, by status: fixed here, so that
+# a title reworded never renames a type a client branches on (docs/api.md lists them).
+KINDS = {400: "bad-request", 401: "unauthorized", 403: "forbidden", 404: "not-found",
+         405: "method-not-allowed", 408: "request-timeout", 409: "conflict",
+         413: "request-entity-too-large", 415: "unsupported-media-type",
+         429: "rate-limited", 500: "internal", 503: "unavailable"}
+
+
 def problem(status: int, title: str, detail: str, kind: str | None = None,
             headers: dict[str, str] | None = None) -> web.Response:
-    body = {"type": TYPE_BASE + (kind or title.lower().replace(" ", "-")), "title": title,
+    body = {"type": TYPE_BASE + (kind or KINDS.get(status, "error")), "title": title,
             "status": status, "detail": detail}
     return web.Response(status=status, text=json.dumps(body),
                         content_type="application/problem+json", headers=headers)

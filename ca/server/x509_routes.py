@@ -120,7 +120,11 @@ async def _token_failed(request: web.Request, why: str, detail: str,
         return Problem(429, "Too Many Requests", f"too many failed bootstrap-token attempts "
                        f"from {client}; retry in {wait} s", "rate-limited",
                        {"Retry-After": str(wait)})  # RFC 6585 4: for clients, not prose
-    return Problem(401, "Unauthorized", detail, "bad-token",
+    # A client tells these apart: a typo (bad-token) is not retried, a spent token may
+    # be its own earlier attempt, an expired one needs a new token (an API client's
+    # trial branched on the detail's words).
+    kind = {"used": "token-spent", "expired": "token-expired"}.get(why, "bad-token")
+    return Problem(401, "Unauthorized", detail, kind,
                    {"WWW-Authenticate": _challenge(request)})
 
 
