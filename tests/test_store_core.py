@@ -66,6 +66,8 @@ def test_a_token_is_spent_once_and_released_only_if_nothing_was_issued(store: St
     run(store.release_token("tok1"))  # nothing issued: usable again
     assert run(store.consume_token("tok1", NOW)) is True
     store.add_cert(cert(0x10, token_id="tok1")).result(timeout=10)
+    spent = run(store.token_by_secret("tok1".rjust(64, "0")))
+    assert spent is not None and spent.used_serial == "10"  # for a retry of its key
     run(store.release_token("tok1"))  # a certificate was issued with it: stays spent
     assert run(store.consume_token("tok1", NOW)) is False
     # ... unless that certificate was never released (and is revoked for it)
