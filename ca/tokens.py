@@ -56,6 +56,10 @@ class Tokens:
         """Mark a token used: True for exactly one of concurrent callers."""
         return await self.store.consume_token(token.id, utcnow())
 
+    async def released(self, token: TokenRecord) -> None:
+        """The certificate it enrolled was released: a retry of its key may have it."""
+        await self.store.token_released(token.id, utcnow())
+
     async def give_back(self, token: TokenRecord) -> None:
         """Issuance failed before anything was issued (HSM or log unavailable): the
         token is usable again, so the service can retry once the CA recovers."""

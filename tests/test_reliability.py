@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 from cryptography import x509 as cx
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509 import ocsp
 
 from tests.conftest import Daemon, init_ca, require, start_daemon
@@ -555,19 +555,24 @@ async def test_a_token_whose_certificate_was_never_released_enrolls_again(
     # Both made first: a token's line would take the log's last room.
     tokens = [await bootstrap_token(d, "service", [LOAD_NAME]) for _ in range(2)]
     token = tokens[-1]
+    key = ec.generate_private_key(ec.SECP256R1())  # the key of the one never released
 
     async def enroll_with_a_new_token() -> tuple[int, bytes]:
-        return await enroll_with(tokens.pop(0))
+        return await enroll_with(tokens.pop(0), key if not tokens else None)
 
-    async def enroll_with(secret: str) -> tuple[int, bytes]:
+    async def enroll_with(secret: str, with_key: Any = None) -> tuple[int, bytes]:
         status, _, body = await http("POST", f"{d.url}/v1/x509/enroll", d.ssl(),
-                                     body={"csr": csr_pem([LOAD_NAME])},
+                                     body={"csr": csr_pem([LOAD_NAME], with_key)},
                                      headers={"Authorization": f"Bearer {secret}"})
         return status, body
     try:
         try:
             await sign_whose_outcome_cannot_be_written(d, enroll_with_a_new_token)
             serial = json.loads(path.read_bytes().splitlines()[-1])["serial"]
+            # Its row names the token, but a retry of its key is not answered with it: it
+            # was never released (a review's retry got it, then it was revoked).
+            status, body = await enroll_with(token, key)
+            assert status == 401 and json.loads(body)["type"].endswith("token-spent"), body
         finally:
             resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE,
                              (resource.RLIM_INFINITY, resource.RLIM_INFINITY))

@@ -82,7 +82,7 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         return problem(status, TITLES.get(status, "Refused"), r.detail, r.reason.type)
     except AuditUnreadable as exc:  # a question, not a signature: say what is wrong
         return problem(503, "Service Unavailable", f"the audit log cannot answer this: {exc}",
-                       "unavailable")
+                       "unavailable", headers={"Retry-After": "1"})
     except (AuditUnavailable, HSMUnavailable, StoreUnavailable) as exc:
         part = ("audit log" if isinstance(exc, AuditUnavailable) else "HSM"
                 if isinstance(exc, HSMUnavailable) else "inventory (database)")

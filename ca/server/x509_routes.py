@@ -38,6 +38,7 @@ from ca.server.common import (
 )
 from ca.server.problems import Problem
 from ca.server.throttle import Throttle
+from ca.store.errors import StoreUnavailable
 from ca.subject import spki_sha256
 from ca.validity import ended
 
@@ -192,11 +193,16 @@ async def _replay(request: web.Request, token: Any,
     """The certificate `token` enrolled, for a retry whose CSR is signed by that
     certificate's key (only its holder can make one), while the token is unexpired and
     the certificate live: the client whose 201 was lost (a timeout, a reset) would
-    otherwise hold a spent token and no certificate (an API client's trial). Nothing is
-    signed, so nothing is logged in the audit log; the daemon's log says it."""
+    otherwise hold a spent token and no certificate (an API client's trial). Only once
+    it was released (`released_at`, written after its outcome line was durable): a row
+    commits before its outcome, and one whose outcome never made it is revoked as never
+    released (a review's replay handed such a one out). Nothing is signed, so nothing
+    is logged in the audit log; the daemon's log says it."""
+    if token.released_at is None:  # still being signed, or never released (and revoked)
+        raise await _token_used(request, token)
     issued = await request.app[STORE].issued_cert(int(token.used_serial, 16))
     record = issued.record if issued is not None else None
-    issuers = request.app[ISSUANCE].issuers
+    issuers = await request.app[ISSUANCE].keys.refresh()  # a key retired meanwhile counts
     issuer = (record.issuer or issuers.first_x509) if record is not None else ""
     if (issued is None or record is None or record.revoked_at is not None
             or ended(dt.datetime.fromisoformat(record.not_after), dt.datetime.now(dt.UTC))
@@ -227,6 +233,14 @@ async def _enroll(request: web.Request, bearer: tuple[ra.TokenHolder, Any],
         # the same transaction as its row), so the token may be used again.
         await tokens.give_back(token)
         raise
+    # Released: its outcome line is durable. Said before the answer, so that a retry of
+    # this key after it is answered with this certificate; if it cannot be said, such a
+    # retry is refused as spent (as before retries were answered), which is safe.
+    try:
+        await tokens.released(token)
+    except StoreUnavailable as exc:
+        log.warning("a retry of this enrollment will be refused: its release could not be "
+                    "recorded", token_id=token.id, error=str(exc))
     return _logged(request, order, issued)
 
 

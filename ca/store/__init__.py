@@ -87,6 +87,11 @@ class Store(Protocol):
         """Make a used token usable again if nothing was issued with it."""
         ...
 
+    async def token_released(self, token_id: str, at: dt.datetime) -> None:
+        """Record that the certificate `token_id` enrolled was released (its outcome line
+        durable): a retry of the same key may then be answered with it."""
+        ...
+
     async def release_token_spent_on(self, serial: int) -> str | None:
         """Make the token spent on certificate `serial` usable again (the certificate
         was never released, and is revoked); its id, or None if no token was."""

@@ -401,13 +401,13 @@ class PostgresStore:
 
     async def token_by_secret(self, secret_sha256: str) -> TokenRecord | None:
         rows = await self._rows("SELECT id, role, names, principals, expires, used_at, "
-                                "used_serial FROM tokens WHERE secret_sha256 = %s",
+                                "used_serial, released_at FROM tokens WHERE secret_sha256 = %s",
                                 (secret_sha256,))
         if not rows:
             return None
         r = rows[0]
         return TokenRecord(r[0], r[1], tuple((k, v) for k, v in json.loads(r[2])),
-                           tuple(json.loads(r[3])), r[4], r[5], r[6])
+                           tuple(json.loads(r[3])), r[4], r[5], r[6], r[7])
 
     async def consume_token(self, token_id: str, at: dt.datetime) -> bool:
         # READ COMMITTED: of concurrent UPDATEs (on any node), the second waits for the
@@ -424,9 +424,16 @@ class PostgresStore:
                              "IS NULL", (token_id,))
         await self._tx(restore)
 
+    async def token_released(self, token_id: str, at: dt.datetime) -> None:
+        async def mark(db: Conn) -> None:
+            await db.execute("UPDATE tokens SET released_at = %s WHERE id = %s AND used_serial "
+                             "IS NOT NULL", (at.isoformat(), token_id))
+        await self._tx(mark)
+
     async def release_token_spent_on(self, serial: int) -> str | None:
         async def restore(db: Conn) -> str | None:
-            cur = await db.execute("UPDATE tokens SET used_at = NULL, used_serial = NULL "
+            cur = await db.execute("UPDATE tokens SET used_at = NULL, used_serial = NULL, "
+                                   "released_at = NULL "
                                    "WHERE used_serial = %s RETURNING id",
                                    (format(serial, "x"),))
             row = await cur.fetchone()

@@ -114,6 +114,7 @@ class TokenRecord:
     expires: str
     used_at: str | None
     used_serial: str | None = None  # hex: the certificate it enrolled, once committed
+    released_at: str | None = None  # when that certificate was released to its client
 
 
 @dataclass(frozen=True)

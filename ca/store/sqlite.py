@@ -311,6 +311,13 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX certs_live_spki ON certs(spki_sha256) WHERE revoked_at IS NULL;
     """,
+    # 15: when a token's certificate was released (its outcome line durable, the answer
+    # on its way). A retry with the same key is answered with that certificate only then:
+    # the token's used_serial commits with the row, before the outcome, and a row whose
+    # outcome never made it is revoked (a review: a replay handed one out).
+    """
+    ALTER TABLE tokens ADD COLUMN released_at TEXT;
+    """,
 )
 
 _CERT_COLS = ("serial, fingerprint, role, subject, names, principals, spki_sha256, not_before, "
@@ -755,13 +762,13 @@ class SQLiteStore:
         await self._write(insert)
 
     async def token_by_secret(self, secret_sha256: str) -> TokenRecord | None:
-        rows = self._read("SELECT id, role, names, principals, expires, used_at, used_serial "
-                          "FROM tokens WHERE secret_sha256 = ?", (secret_sha256,))
+        rows = self._read("SELECT id, role, names, principals, expires, used_at, used_serial, "
+                          "released_at FROM tokens WHERE secret_sha256 = ?", (secret_sha256,))
         if not rows:
             return None
         r = rows[0]
         return TokenRecord(r[0], r[1], tuple((k, v) for k, v in json.loads(r[2])),
-                           tuple(json.loads(r[3])), r[4], r[5], r[6])
+                           tuple(json.loads(r[3])), r[4], r[5], r[6], r[7])
 
     async def consume_token(self, token_id: str, at: dt.datetime) -> bool:
         def consume(db: sqlite3.Connection) -> int:
@@ -775,9 +782,16 @@ class SQLiteStore:
                        (token_id,))
         await self._write(restore)
 
+    async def token_released(self, token_id: str, at: dt.datetime) -> None:
+        def mark(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE tokens SET released_at = ? WHERE id = ? AND used_serial IS NOT "
+                       "NULL", (at.isoformat(), token_id))
+        await self._write(mark)
+
     async def release_token_spent_on(self, serial: int) -> str | None:
         def restore(db: sqlite3.Connection) -> str | None:
-            rows = db.execute("UPDATE tokens SET used_at = NULL, used_serial = NULL "
+            rows = db.execute("UPDATE tokens SET used_at = NULL, used_serial = NULL, "
+                              "released_at = NULL "
                               "WHERE used_serial = ? RETURNING id",
                               (format(serial, "x"),)).fetchall()
             return rows[0][0] if rows else None
