@@ -367,11 +367,12 @@ class Staged:
         for path in self.targets:
             try:
                 real = followed(path)
-                if real.parent.exists() and real.parent.stat().st_mode & stat.S_IWOTH:
-                    raise ClientError(
-                        f"{real.parent} is writable by every user, who could replace "
-                        f"{real.name} or plant links in it: `chmod o-w {real.parent}` "
-                        "(checked before contacting the CA: nothing was spent)")
+                for where in dict.fromkeys((path.parent, real.parent)):
+                    if where.exists() and where.stat().st_mode & stat.S_IWOTH:
+                        raise ClientError(
+                            f"{where} is writable by every user, who could replace the "
+                            f"files in it or plant links there: `chmod o-w {where}` "
+                            "(checked before contacting the CA: nothing was spent)")
             except ClientError:
                 self.abort()
                 raise
@@ -458,28 +459,58 @@ class Staged:
 
 
 def followed(path: Path) -> Path:
-    """The file `path` names, a symlink followed only when whoever made the link owns
-    what it points to (or made it as this user): a renewal running as root in a
-    directory a service account can write replaced whatever file that account linked
-    `chain.pem` to, /etc/shadow included (a review). The file itself when not a link.
-    """
-    if not path.is_symlink():
-        return path
+    """The file `path` names, refused if a symlink met on the way there (the file's own,
+    or a directory's) was made by someone other than root, the user renewing, or the
+    owner of the file it ends at: a renewal run as root in a directory a service account
+    could write replaced whatever file that account linked `chain.pem` to, /etc/shadow
+    included, and a link of root's into the account's directory could lead through one
+    of the account's (two reviews). Root's links to a service's own files (what
+    configuration management makes) are followed."""
     real = path.resolve()
     if real.is_dir():
         return real  # refused by the callers, as a directory
-    maker = os.lstat(path).st_uid
     try:
         owner = real.stat().st_uid
-    except FileNotFoundError:  # a dangling link: whoever owns the directory it names
-        owner = real.parent.stat().st_uid if real.parent.exists() else maker
-    if maker not in (owner, os.geteuid()):
-        raise ClientError(
-            f"{path} is a symlink to {real}, made by uid {maker}, who does not own that "
-            f"file (uid {owner}): refusing to replace it (a link planted by whoever can "
-            "write the directory could point anywhere); make the link as its owner, or "
-            "replace it with the file")
+    except FileNotFoundError:  # a new file: whoever owns the directory it goes in
+        owner = real.parent.stat().st_uid if real.parent.exists() else os.geteuid()
+    trusted = {0, os.geteuid(), owner}
+    for link in _links_met(path):
+        maker = os.lstat(link).st_uid
+        if maker not in trusted:
+            raise ClientError(
+                f"{path} leads to {real} through the symlink {link}, made by uid {maker}: "
+                f"neither root, this user, nor that file's owner (uid {owner}); refusing to "
+                "replace it (a link planted by whoever can write a directory on the way "
+                "could point anywhere); make the link as the file's owner or root, or "
+                "replace it with the file")
     return real
+
+
+def _links_met(path: Path) -> list[Path]:
+    """Every symlink the kernel would follow resolving `path`, in order: its directories'
+    and its own, and those their targets lead through."""
+    met: list[Path] = []
+    pending = list(Path(os.path.abspath(path)).parts[1:])
+    here = Path("/")
+    while pending:
+        part = pending.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            here = here.parent
+            continue
+        step = here / part
+        if not step.is_symlink():
+            here = step
+            continue
+        met.append(step)
+        if len(met) > 40:  # the kernel's own bound (ELOOP)
+            raise ClientError(f"{path}: too many levels of symbolic links")
+        target = Path(os.readlink(step))
+        if target.is_absolute():
+            here = Path("/")
+        pending = list(target.parts[1 if target.is_absolute() else 0:]) + pending
+    return met
 
 
 def _keep_copy(path: Path, backup: Path) -> None:

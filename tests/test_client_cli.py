@@ -762,11 +762,50 @@ def test_renew_refuses_a_link_planted_by_another_user_and_enroll_ignores_a_loose
     before = cert_serial(out / "cert.pem")
     proc = _renew(daemon, out / "cert.pem", out / "key.pem")
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
-    assert f"{out / 'chain.pem'} is a symlink to {victim / 'secret.conf'}, made by uid " \
-           f"{nobody}" in proc.stderr, proc.stderr
+    assert f"{out / 'chain.pem'} leads to {victim / 'secret.conf'} through the symlink " \
+           f"{out / 'chain.pem'}, made by uid {nobody}:" in proc.stderr, proc.stderr
     assert (victim / "secret.conf").read_text() == "root:secret-line\n"
     assert cert_serial(out / "cert.pem") == before  # nothing was asked of the CA
+    # Nor through a link of root's that leads to one of the account's (a second review).
+    svc = tmp_path / "svc-owned"
+    svc.mkdir()
+    os.chown(svc, nobody, nobody)
+    (svc / "chain.pem").symlink_to(victim / "secret.conf")
+    os.lchown(svc / "chain.pem", nobody, nobody)
+    (out / "chain.pem").unlink()
+    (out / "chain.pem").symlink_to(svc / "chain.pem")  # root's
+    proc = _renew(daemon, out / "cert.pem", out / "key.pem")
+    assert proc.returncode == 1 and f"through the symlink {svc / 'chain.pem'}, made by uid " \
+        f"{nobody}" in proc.stderr, proc.stderr
+    assert (victim / "secret.conf").read_text() == "root:secret-line\n"
     # The same link made by its file's owner is followed, as before.
-    os.lchown(out / "chain.pem", 0, 0)
+    (out / "chain.pem").unlink()
+    (out / "chain.pem").symlink_to(victim / "secret.conf")
     assert _renew(daemon, out / "cert.pem", out / "key.pem").returncode == 0
     assert (victim / "secret.conf").read_text().startswith("-----BEGIN CERTIFICATE-----")
+
+
+def test_a_service_renewing_its_own_files_follows_roots_links(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A review: links that configuration management made as root, to files a service
+    account owns, were refused to that account's own renewal. Root's links are followed
+    whoever renews; the account's own too; another user's to a file of root's not."""
+    from ca.client import ClientError, followed
+    svc = 54321
+    mine = tmp_path / "var-svc" / "cert.pem"
+    mine.parent.mkdir()
+    mine.write_text("x")
+    os.chown(mine, svc, svc)
+    link = tmp_path / "etc-svc-cert.pem"
+    link.symlink_to(mine)  # root's
+    monkeypatch.setattr(os, "geteuid", lambda: svc)  # the service renews
+    assert followed(link) == mine
+    os.lchown(link, svc, svc)
+    assert followed(link) == mine
+    root_file = tmp_path / "root-only.conf"
+    root_file.write_text("y")
+    planted = tmp_path / "planted.pem"
+    planted.symlink_to(root_file)
+    os.lchown(planted, 65534, 65534)
+    with pytest.raises(ClientError, match="made by uid 65534"):
+        followed(planted)
