@@ -8,6 +8,7 @@ refused where it comes in. A surrogate pair ("\\ud83d\\ude00") is one character 
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -26,6 +27,13 @@ class NotJSON(NotUnicode):
 
 def _constant(name: str) -> Any:
     raise NotJSON(f"holds {name}, which is not JSON (RFC 8259 has no such number)")
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999: a number JSON has, that no double holds
+        raise NotJSON(f"holds the number {text[:20]}, too large for any field")
+    return value
 
 
 def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -51,7 +59,8 @@ def loads(raw: bytes | str) -> Any:
             raise NotUnicode("is not UTF-8") from None
     else:
         text, data = raw, raw.encode("utf-8", "surrogatepass")
-    obj = json.loads(text, parse_constant=_constant, object_pairs_hook=_pairs)
+    obj = json.loads(text, parse_constant=_constant, parse_float=_float,
+                     object_pairs_hook=_pairs)
     if _SURROGATE_ESCAPE.search(data):  # rare: the check below walks the whole object
         try:
             json.dumps(obj, ensure_ascii=False).encode()

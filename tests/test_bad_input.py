@@ -125,6 +125,8 @@ def corpus() -> list[Case]:
                  data=b'{"ttl": NaN}', headers=JSON))
         add(Case(f"{path} a key twice", "POST", path, 400, "bad-json", who,
                  data=b'{"ttl": "1h", "ttl": "30d"}', headers=JSON))
+        add(Case(f"{path} infinite number", "POST", path, 400, "bad-json", who,
+                 data=b'{"ttl": 1e999}', headers=JSON))
         add(Case(f"{path} lone surrogate", "POST", path, 400, "bad-json", who,
                  data=b'{"names":["\\ud800.example"],"key_id":"\\udce9"}', headers=JSON))
         add(Case(f"{path} encoded surrogate", "POST", path, 400, "bad-json", who,
