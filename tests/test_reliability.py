@@ -576,8 +576,10 @@ async def test_a_token_whose_certificate_was_never_released_enrolls_again(
         finally:
             resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE,
                              (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
-        # Revoked, then the token given back: that line is the last step.
+        # The token given back, then the certificate revoked: that line is the last step.
         assert d.wait_stderr(lambda: any("bootstrap token usable again" in x and serial in x
+                                         for x in d.stderr)), "".join(d.stderr)
+        assert d.wait_stderr(lambda: any("signed but never released" in x and serial in x
                                          for x in d.stderr)), "".join(d.stderr)
         status, _, body = await http("GET", f"{d.url}/v1/inventory/certificates/{serial}",
                                      d.admin_ssl())
@@ -949,8 +951,12 @@ async def test_a_signature_the_hsm_gets_wrong_is_never_released(tmp_path: Path) 
                                      ).verify_directly_issued_by(issuing)
     finally:
         assert d.stop() == 0
-    calls, ok = ("hsmca_hsm_sign_calls_total", ()), ("hsmca_hsm_signatures_total", ())
-    assert after[calls] - before[calls] >= 1 and after[ok] == before[ok], (before, after)
+    # (Not the daemon's whole signature count: the primary's OCSP responses and
+    # checkpoints move it whenever they are due, which made this flaky under load.)
+    calls = ("hsmca_hsm_sign_calls_total", ())
+    ok = ("hsmca_issued_total", (("kind", "ssh-user"), ("result", "ok")))
+    assert after[calls] - before[calls] >= 1 and after.get(ok, 0) == before.get(ok, 0), (
+        before, after)
     failed = ("hsmca_issued_total", (("kind", "ssh-user"), ("result", "SignatureCheckFailed")))
     assert after.get(failed, 0) - before.get(failed, 0) == 1, after
     lines = log_lines(ca.state)

@@ -62,9 +62,9 @@ async def revoke_unreleased(items: Iterable[Unreleased], store: Store, audit: ob
                 continue
             await append("sign.unreleased", purpose=purpose, serial=text, intent_seq=seq,
                          detail=DETAIL)
-            order = ra.order(await context(), ra.Local(), ra.RevokeRequest(
-                serial, "cessationOfOperation"))
-            await revocations.revoke(order, None)
+            # What it was issued for is offered again before it is revoked, so that a
+            # crash between the two leaves nothing stuck: the next pass still finds the
+            # row live and revokes it (a review: the other order left a token spent).
             if record.acme_order is not None:
                 # Its order said valid, and offered this certificate for download: ready
                 # again, for its client to finalize anew (a review found the revoked one
@@ -76,5 +76,8 @@ async def revoke_unreleased(items: Iterable[Unreleased], store: Store, audit: ob
             if (token := await store.release_token_spent_on(serial)) is not None:
                 log.info("bootstrap token usable again: the certificate it enrolled was "
                          "never released", token_id=token, serial=text)
+            order = ra.order(await context(), ra.Local(), ra.RevokeRequest(
+                serial, "cessationOfOperation"))
+            await revocations.revoke(order, None)
         done.append(text)
     return done
