@@ -162,30 +162,24 @@ async def test_sighup_puts_a_new_policy_in_force_in_every_worker_and_refuses_a_b
                 "reload refused" in x for x in d.stderr[seen:])), "".join(d.stderr[seen:])
             assert f"{config}:{line} [policy]: {key}" in "".join(d.stderr[seen:])
             config.write_text(before)
-        # A file others may write is refused, as at the start, whatever it says.
+        # A file others may write is refused, as at the start, whatever it says; and so
+        # is one another user owns, whatever its mode (a review).
         before = config.read_text()
         set_policy(config, "deny", "[]")
-        config.chmod(0o666)
-        seen = len(d.stderr)
-        d.proc.send_signal(signal.SIGHUP)
-        assert d.wait_stderr(lambda: any("reload refused" in x for x in d.stderr[seen:])), \
-            "".join(d.stderr[seen:])
-        assert "has mode 0666" in "".join(d.stderr[seen:])
-        status, _, raw = await http("POST", f"{d.url}/v1/x509/renew", d.ssl(cert, key_path),
-                                    body={})
-        assert status == 403, raw  # still denied
-        config.chmod(0o600)
-        # ... and so is one another user owns, whatever its mode (a review).
-        os.chown(config, 65534, 65534)
-        seen = len(d.stderr)
-        d.proc.send_signal(signal.SIGHUP)
-        assert d.wait_stderr(lambda: any("reload refused" in x for x in d.stderr[seen:])), \
-            "".join(d.stderr[seen:])
-        assert "is owned by nobody" in "".join(d.stderr[seen:])
-        status, _, raw = await http("POST", f"{d.url}/v1/x509/renew", d.ssl(cert, key_path),
-                                    body={})
-        assert status == 403, raw  # still denied
-        os.chown(config, 0, 0)
+        for spoil, mend, said in ((lambda: config.chmod(0o666), lambda: config.chmod(0o600),
+                                   "has mode 0666"),
+                                  (lambda: os.chown(config, 65534, 65534),
+                                   lambda: os.chown(config, 0, 0), "is owned by nobody")):
+            spoil()
+            seen = len(d.stderr)
+            d.proc.send_signal(signal.SIGHUP)
+            assert d.wait_stderr(lambda seen=seen: any(  # type: ignore[misc]
+                "reload refused" in x for x in d.stderr[seen:])), "".join(d.stderr[seen:])
+            assert said in "".join(d.stderr[seen:])
+            status, _, raw = await http("POST", f"{d.url}/v1/x509/renew",
+                                        d.ssl(cert, key_path), body={})
+            assert status == 403, raw  # still denied
+            mend()
         config.write_text(before)
         # The name allowed again (and [server] as at the start): every worker takes it,
         # and renews. A change to [policy] alone needs no restart, and is not told one (a
