@@ -366,13 +366,7 @@ class Staged:
     def prepare(self) -> Staged:
         for path in self.targets:
             try:
-                real = followed(path)
-                for where in dict.fromkeys((path.parent, real.parent)):
-                    if where.exists() and where.stat().st_mode & stat.S_IWOTH:
-                        raise ClientError(
-                            f"{where} is writable by every user, who could replace the "
-                            f"files in it or plant links there: `chmod o-w {where}` "
-                            "(checked before contacting the CA: nothing was spent)")
+                real = replaceable(path)
             except ClientError:
                 self.abort()
                 raise
@@ -483,6 +477,21 @@ def followed(path: Path) -> Path:
                 "replace it (a link planted by whoever can write a directory on the way "
                 "could point anywhere); make the link as the file's owner or root, or "
                 "replace it with the file")
+    return real
+
+
+def replaceable(path: Path) -> Path:
+    """The file a renewal replaces for `path` (`followed`), refused also when its
+    directory, or the link's, is writable by every user, who could replace the files
+    in it or plant links there. `renew --daemon` asks at its start, so that a layout an
+    older release accepted fails then, not at the first renewal hours later (an
+    upgrade trial)."""
+    real = followed(path)
+    for where in dict.fromkeys((path.parent, real.parent)):
+        if where.exists() and where.stat().st_mode & stat.S_IWOTH:
+            raise ClientError(f"{where} is writable by every user, who could replace the "
+                              f"files in it or plant links there: `chmod o-w {where}` "
+                              "(checked before contacting the CA: nothing was spent)")
     return real
 
 

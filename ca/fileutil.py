@@ -100,10 +100,15 @@ def _check_owner(path: Path, st: os.stat_result) -> None:
     mode, or replace it, whatever the mode says now (as OpenSSH's StrictModes; a review
     swapped a config in a state directory left to another user)."""
     if st.st_uid not in (0, os.geteuid()):
-        me = _user(os.geteuid())
+        me, owner = _user(os.geteuid()), _user(st.st_uid)
+        if os.geteuid() == 0:  # (a check run as root, of a daemon that runs as `owner`?)
+            fix = (f"give it to root (chown root {path}), or run hsmca as {owner} (its "
+                   "unit's User=; check as that user: runuser -u USER -- hsmca ...)")
+        else:
+            fix = f"run chown {me} {path}, or chown root and keep it readable by {me}"
         trusted = me if os.geteuid() == 0 else f"{me} or root"
-        raise CLIError(f"{path} is owned by {_user(st.st_uid)}, not by {trusted}: its "
-                       f"owner can change it whatever its mode; run chown {me} {path}")
+        raise CLIError(f"{path} is owned by {owner}, not by {trusted}: its owner can "
+                       f"change it whatever its mode; {fix}")
 
 
 def check_private(paths: Iterable[Path]) -> None:

@@ -637,6 +637,12 @@ def test_renew_daemon_names_a_wrong_ca_or_a_revoked_certificate_at_start(
     # Exit 3: what retrying cannot fix, which the docs' unit does not restart every minute.
     msg = one_line_error(hsmca(*base, "--ca", other.root_pem, check=False), 3)
     assert "does not verify against --ca" in msg, msg
+    # A directory every user can write (an older enroll under umask 000 made them) is
+    # refused now, not at the first renewal hours later (an upgrade trial).
+    cert.parent.chmod(0o777)
+    msg = one_line_error(hsmca(*base, "--ca", d.root, check=False), 3)
+    assert f"{cert.parent} is writable by every user" in msg, msg
+    cert.parent.chmod(0o755)
     hsmca("revoke", "--config", d.state / "hsmca.toml", cert_serial(cert))
     msg = one_line_error(hsmca(*base, "--ca", d.root, check=False), 3)
     assert "has been revoked" in msg and "enroll again with a new bootstrap token" in msg, msg

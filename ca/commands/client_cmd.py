@@ -208,6 +208,12 @@ def _renew_daemon(args: argparse.Namespace, url: str) -> int:
     # away is said, and waited for.
     client.mend_alone(cert, key, _warn)  # a renewal cut short, before the pair is judged
     try:
+        # What every renewal would refuse (a foreign link, a directory anyone can write)
+        for path in dict.fromkeys((key, cert, cert.parent / "chain.pem")):
+            client.replaceable(path)
+    except client.ClientError as exc:
+        raise GaveUp(str(exc)) from None
+    try:
         asyncio.run(client.check_standing(url, args.ca, cert, key))
     except client.ClientError as exc:
         if not exc.retryable:
