@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +26,7 @@ from cryptography.x509 import ocsp
 from ca import __version__
 from ca.store.sqlite import MIGRATIONS
 from hsm import softhsm
-from tests.conftest import Daemon, hsmca, require, start_daemon
+from tests.conftest import Daemon, hsmca, init_ca, require, start_daemon
 from tests.helpers import (
     _get,
     audit_verify,
@@ -162,3 +163,15 @@ def test_the_auditor_finds_the_old_log_extended_after_a_stop(
 
 def _flags(cred: tuple[Path, Path]) -> list[str | Path]:
     return ["--cert", cred[0], "--key", cred[1]]
+
+
+def test_an_inventory_newer_than_hsmca_is_refused_in_one_line(tmp_path: Path) -> None:
+    """An upgrade trial went back to the older release on a migrated inventory: refused,
+    rightly, but as a traceback. Any hsmca meeting a newer schema says it in one line."""
+    ca = init_ca(tmp_path)
+    with sqlite3.connect(ca.state / "hsmca.sqlite3") as db:
+        db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    proc = hsmca("serve", "--config", ca.state / "hsmca.toml", "--listen", "127.0.0.1:0",
+                 check=False)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "newer than this hsmca knows" in proc.stderr and "Traceback" not in proc.stderr

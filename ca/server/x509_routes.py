@@ -181,11 +181,13 @@ async def _bearer(request: web.Request) -> tuple[ra.TokenHolder, Any]:
     return ra.TokenHolder(token.id, token.role, token.names, token.principals), token
 
 
-async def _token_used(request: web.Request, token: Any) -> Problem:
+async def _token_used(request: web.Request, token: Any, why: str | None = None) -> Problem:
+    """401 token-spent, with `why` a retry was not answered with its certificate when
+    there is one to say (an upgrade trial was told "a retry with the same key gets it"
+    for a token spent before retries were answered)."""
     return await _token_failed(request, "used", "this bootstrap token has already been used "
-                               "(each enrolls once; a retry with the same key gets the "
-                               "certificate it enrolled): ask an admin for a new one",
-                               token.id)
+                               f"(each enrolls once{'; ' + why if why else ''}): ask an "
+                               "admin for a new one", token.id)
 
 
 async def _replay(request: web.Request, token: Any,
@@ -198,17 +200,21 @@ async def _replay(request: web.Request, token: Any,
     commits before its outcome, and one whose outcome never made it is revoked as never
     released (a review's replay handed such a one out). Nothing is signed, so nothing
     is logged in the audit log; the daemon's log says it."""
-    if token.released_at is None:  # still being signed, or never released (and revoked)
-        raise await _token_used(request, token)
+    if token.released_at is None:  # being signed, never released, or before 0.3.0
+        raise await _token_used(request, token, "the certificate it enrolled is not known "
+                                "to have been released, so it is not sent again")
     issued = await request.app[STORE].issued_cert(int(token.used_serial, 16))
     record = issued.record if issued is not None else None
     issuers = await request.app[ISSUANCE].keys.refresh()  # a key retired meanwhile counts
     issuer = (record.issuer or issuers.first_x509) if record is not None else ""
     if (issued is None or record is None or record.revoked_at is not None
             or ended(dt.datetime.fromisoformat(record.not_after), dt.datetime.now(dt.UTC))
-            or issuer not in issuers.x509 or not csr.is_signature_valid
-            or spki_sha256(csr.public_key()) != record.spki_sha256):
-        raise await _token_used(request, token)
+            or issuer not in issuers.x509):
+        raise await _token_used(request, token, "the certificate it enrolled is no longer "
+                                "live")
+    if not csr.is_signature_valid or spki_sha256(csr.public_key()) != record.spki_sha256:
+        raise await _token_used(request, token, "a retry with the key it enrolled would get "
+                                "that certificate; this CSR's key is another")
     log.info("enrollment answered again: the retry's key is the certificate's",
              serial=record.serial, token_id=token.id, request_id=request.get("request_id"))
     return Replayed(x509.load_der_x509_certificate(issued.der), issuer)

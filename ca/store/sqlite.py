@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ca.handoff import STOP, Batch, Coalescer, Sink, async_sink, claim, drain_queue, stop_thread
-from ca.store.errors import StoreUnavailable
+from ca.store.errors import SchemaTooNew, StoreUnavailable
 from ca.store.records import (
     AcmeAccount,
     AcmeAuthz,
@@ -515,8 +515,10 @@ def latest_audit_seq(path: Path, recent: int = 1000) -> int | None:
     return int(row[0]) if row and row[0] is not None else None
 
 
-class SchemaError(sqlite3.DatabaseError):
-    """The database was made by a newer hsmca: this code must not touch it."""
+class SchemaError(SchemaTooNew, sqlite3.DatabaseError):
+    """The database was made by a newer hsmca: this code must not touch it. The same
+    kind as PostgreSQL's refusal, which the CLI says in one line (an upgrade trial's
+    way back ended in a traceback)."""
 
 
 def migrate(db: sqlite3.Connection, path: Path) -> None:
