@@ -499,7 +499,9 @@ def _links_met(path: Path) -> list[Path]:
     """Every symlink the kernel would follow resolving `path`, in order: its directories'
     and its own, and those their targets lead through."""
     met: list[Path] = []
-    pending = list(Path(os.path.abspath(path)).parts[1:])
+    # Not os.path.abspath: it drops "link/.." before the link is followed, where the
+    # kernel goes up from the link's target.
+    pending = list((path if path.is_absolute() else Path.cwd() / path).parts[1:])
     here = Path("/")
     while pending:
         part = pending.pop(0)

@@ -808,6 +808,14 @@ def test_a_service_renewing_its_own_files_follows_roots_links(
     assert followed(link) == mine
     os.lchown(link, svc, svc)
     assert followed(link) == mine
+    # Through a directory's link and back up from its target, as the kernel goes.
+    (tmp_path / "deep" / "er").mkdir(parents=True)
+    (tmp_path / "deep" / "cert.pem").write_text("z")
+    up = tmp_path / "up"
+    up.symlink_to(tmp_path / "deep" / "er")
+    os.lchown(up, 65534, 65534)
+    with pytest.raises(ClientError, match=f"through the symlink {up}, made by uid 65534"):
+        followed(up / ".." / "cert.pem")
     root_file = tmp_path / "root-only.conf"
     root_file.write_text("y")
     planted = tmp_path / "planted.pem"
