@@ -66,6 +66,7 @@ class Reason(enum.Enum):
     REASON_NOT_ALLOWED = (403, "revocation-reason-not-allowed")
     NOT_FOUND = (404, "not-found")
     CONFLICT = (409, "conflict")
+    TOKEN_SPENT = (401, "token-spent")  # a spent token's retry not answered again
     # ACME's own kinds of refusal (mapped to urn:ietf:params:acme:error:* at the edge)
     UNSUPPORTED_IDENTIFIER = (400, "unsupported-identifier")
     ORDER_NOT_READY = (403, "order-not-ready")

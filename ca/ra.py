@@ -29,9 +29,10 @@ from typing import Any, Protocol
 from cryptography import x509
 
 from ca import policy
-from ca.policy import Policy, Reason, Refused
+from ca.policy import PARSE_ERRORS, Policy, Reason, Refused
 from ca.ssh import SSHPublicKey
-from ca.subject import SubjectKey, subject_key
+from ca.subject import SubjectKey, spki_sha256, subject_key
+from ca.validity import ended
 
 BACKDATE = dt.timedelta(minutes=1)
 CRL_VALIDITY = dt.timedelta(hours=24)
@@ -187,6 +188,21 @@ class TokenRequest:
 class EnrollRequest:
     csr: x509.CertificateSigningRequest
     ttl: object = None
+
+
+@dataclass(frozen=True)
+class EnrollAgainRequest:
+    """A spent bootstrap token presented again with a CSR (an enrollment whose answer
+    was lost, retried): the certificate it enrolled, to the holder of that certificate's
+    key. The evidence, from the inventory: that certificate and where it stands."""
+
+    csr: x509.CertificateSigningRequest
+    serial: int
+    released: bool  # its outcome line durable and its answer sent (tokens.released_at)
+    revoked: bool
+    not_after: dt.datetime
+    issuer_in_use: bool  # its issuing key still among the issuers
+    spki_sha256: str  # of its key
 
 
 @dataclass(frozen=True)
@@ -384,7 +400,8 @@ class AcmeAdminRequest:
     state: str | None
 
 
-Request = (TokenRequest | EnrollRequest | RenewRequest | SSHHostRequest | SSHUserRequest
+Request = (TokenRequest | EnrollRequest | EnrollAgainRequest | RenewRequest | SSHHostRequest
+           | SSHUserRequest
            | RevokeRequest | RevokeIdentityRequest | SSHRevokeRequest | CRLRequest | OCSPRequest
            | LocalCertRequest | RevokedMeanwhile
            | KeyRequest | RootRequest | CrossRequest | IntermediateRequest | AcmeEABRequest
@@ -526,7 +543,15 @@ class AcmeAdminOrder:
     actor: str
 
 
-Order = (TokenGrant | X509Order | SSHOrder | RevokeOrder | SSHRevokeOrder | CRLOrder | OCSPOrder
+@dataclass(frozen=True)
+class EnrollAgainOrder:
+    """Send the certificate `serial` again; nothing is signed."""
+
+    serial: int
+
+
+Order = (TokenGrant | X509Order | EnrollAgainOrder | SSHOrder | RevokeOrder | SSHRevokeOrder
+         | CRLOrder | OCSPOrder
          | KeyOrder
          | CACertOrder | AcmeEABGrant | AcmeOrderGrant | AcmeAdminOrder)
 
@@ -641,6 +666,29 @@ def _enroll(ctx: Context, who: Requester, req: EnrollRequest) -> X509Order:
     return _x509(ctx, who, role=who.role, names=names, principals=who.principals,
                  subject=subject_key(req.csr.public_key()), lifetime=_lifetime(ctx, req.ttl),
                  token_id=who.token_id)
+
+
+def _enroll_again(ctx: Context, who: Requester, req: EnrollAgainRequest) -> EnrollAgainOrder:
+    """Only a certificate that was released (a row commits before its outcome, and one
+    whose outcome never made it is revoked as never released: a review's first draft
+    handed such a one out), still live, and only to its key's holder: a copied token
+    gains nothing without the key."""
+    if not isinstance(who, TokenHolder):
+        raise Refused("sending an enrolled certificate again needs its bootstrap token",
+                      Reason.WRONG_ROLE)
+    if not req.released:
+        raise Refused("the certificate it enrolled is not known to have been released, so "
+                      "it is not sent again", Reason.TOKEN_SPENT)
+    if req.revoked or ended(req.not_after, ctx.now) or not req.issuer_in_use:
+        raise Refused("the certificate it enrolled is no longer live", Reason.TOKEN_SPENT)
+    try:
+        valid = req.csr.is_signature_valid
+    except PARSE_ERRORS:
+        valid = False
+    if not valid or spki_sha256(req.csr.public_key()) != req.spki_sha256:
+        raise Refused("a retry with the key it enrolled would get that certificate; this "
+                      "CSR's key is another", Reason.TOKEN_SPENT)
+    return EnrollAgainOrder(req.serial)
 
 
 def _renew(ctx: Context, who: Requester, req: RenewRequest) -> X509Order:
@@ -1243,7 +1291,8 @@ def _acme_revoke(ctx: Context, who: Requester, req: AcmeRevokeRequest) -> Revoke
 
 
 _HANDLERS: dict[type, Callable[[Context, Requester, Any], Order]] = {
-    TokenRequest: _token, EnrollRequest: _enroll, RenewRequest: _renew,
+    TokenRequest: _token, EnrollRequest: _enroll, EnrollAgainRequest: _enroll_again,
+    RenewRequest: _renew,
     SSHHostRequest: _ssh_host, SSHUserRequest: _ssh_user, RevokeRequest: _revoke,
     RevokeIdentityRequest: _revoke_identity, SSHRevokeRequest: _ssh_revoke, KeyRequest: _key,
     RootRequest: _root, CrossRequest: _cross, IntermediateRequest: _intermediate,

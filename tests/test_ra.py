@@ -858,3 +858,28 @@ def test_withdrawing_an_eab_key_says_why_by_its_state(state: str, said: str) -> 
     assert isinstance(r, ra.Refusal) and r.reason is Reason.CONFLICT and said in r.detail, r
     ok = ra.decide(context(), admin(), ra.AcmeAdminRequest("withdraw-eab", "eab-1", "unused"))
     assert not isinstance(ok, ra.Refusal)
+
+
+def test_a_spent_token_gets_its_certificate_again_only_released_live_and_for_its_key() -> None:
+    """The retry of an enrollment whose answer was lost is decided here, like any other
+    issuance question: never for another key, nor a certificate not known released
+    (a review's draft handed one out), revoked, expired, or of an issuer gone."""
+    from ca.subject import spki_sha256
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = context().now
+    good = ra.EnrollAgainRequest(csr("a.example", key=key), 0x99, released=True,
+                                 revoked=False, not_after=now + dt.timedelta(hours=1),
+                                 issuer_in_use=True, spki_sha256=spki_sha256(key.public_key()))
+    who = token("service", (("dns", "a.example"),))
+    assert ra.decide(context(), who, good) == ra.EnrollAgainOrder(0x99)
+    # through its notAfter second, as RFC 5280 counts it
+    assert ra.decide(context(), who, dataclasses.replace(good, not_after=now)) == (
+        ra.EnrollAgainOrder(0x99))
+    for change, said in (({"released": False}, "not known to have been released"),
+                         ({"revoked": True}, "no longer live"),
+                         ({"not_after": now - dt.timedelta(seconds=1)}, "no longer live"),
+                         ({"issuer_in_use": False}, "no longer live"),
+                         ({"csr": csr("a.example")}, "this CSR's key is another")):
+        refused(ra.decide(context(), who, dataclasses.replace(good, **change)),
+                Reason.TOKEN_SPENT, said)
+    refused(ra.decide(context(), admin(), good), Reason.WRONG_ROLE)

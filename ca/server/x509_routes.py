@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 from ca import ra
 from ca.issuance.issue import Issued
 from ca.issuance.profiles import pem, utcnow
+from ca.policy import Reason, Refused
 from ca.revocation import ocsp
 from ca.server.common import (
     GATE,
@@ -39,8 +40,6 @@ from ca.server.common import (
 from ca.server.problems import Problem
 from ca.server.throttle import Throttle
 from ca.store.errors import StoreUnavailable
-from ca.subject import spki_sha256
-from ca.validity import ended
 
 routes = web.RouteTableDef()
 log = structlog.get_logger("hsmca.issue")
@@ -190,31 +189,28 @@ async def _token_used(request: web.Request, token: Any, why: str | None = None) 
                                "admin for a new one", token.id)
 
 
-async def _replay(request: web.Request, token: Any,
+async def _replay(request: web.Request, holder: ra.TokenHolder, token: Any,
                   csr: x509.CertificateSigningRequest) -> Replayed:
-    """The certificate `token` enrolled, for a retry whose CSR is signed by that
-    certificate's key (only its holder can make one), while the token is unexpired and
-    the certificate live: the client whose 201 was lost (a timeout, a reset) would
-    otherwise hold a spent token and no certificate (an API client's trial). Only once
-    it was released (`released_at`, written after its outcome line was durable): a row
-    commits before its outcome, and one whose outcome never made it is revoked as never
-    released (a review's replay handed such a one out). Nothing is signed, so nothing
-    is logged in the audit log; the daemon's log says it."""
-    if token.released_at is None:  # being signed, never released, or before 0.3.0
-        raise await _token_used(request, token, "the certificate it enrolled is not known "
-                                "to have been released, so it is not sent again")
+    """The certificate `token` enrolled, sent again if the registration authority says
+    so (ra.EnrollAgainRequest): the client whose 201 was lost (a timeout, a reset) would
+    otherwise hold a spent token and no certificate (an API client's trial). Nothing is
+    signed, so nothing is logged in the audit log; the daemon's log says it."""
     issued = await request.app[STORE].issued_cert(int(token.used_serial, 16))
-    record = issued.record if issued is not None else None
+    if issued is None:  # (a row removed by hand)
+        raise await _token_used(request, token, "the certificate it enrolled is gone")
+    record = issued.record
     issuers = await request.app[ISSUANCE].keys.refresh()  # a key retired meanwhile counts
-    issuer = (record.issuer or issuers.first_x509) if record is not None else ""
-    if (issued is None or record is None or record.revoked_at is not None
-            or ended(dt.datetime.fromisoformat(record.not_after), dt.datetime.now(dt.UTC))
-            or issuer not in issuers.x509):
-        raise await _token_used(request, token, "the certificate it enrolled is no longer "
-                                "live")
-    if not csr.is_signature_valid or spki_sha256(csr.public_key()) != record.spki_sha256:
-        raise await _token_used(request, token, "a retry with the key it enrolled would get "
-                                "that certificate; this CSR's key is another")
+    issuer = record.issuer or issuers.first_x509
+    try:
+        await decide(request, holder, ra.EnrollAgainRequest(
+            csr, int(record.serial, 16), released=token.released_at is not None,
+            revoked=record.revoked_at is not None,
+            not_after=dt.datetime.fromisoformat(record.not_after),
+            issuer_in_use=issuer in issuers.x509, spki_sha256=record.spki_sha256))
+    except Refused as exc:
+        if exc.reason is not Reason.TOKEN_SPENT:
+            raise
+        raise await _token_used(request, token, exc.detail) from None
     log.info("enrollment answered again: the retry's key is the certificate's",
              serial=record.serial, token_id=token.id, request_id=request.get("request_id"))
     return Replayed(x509.load_der_x509_certificate(issued.der), issuer)
@@ -224,7 +220,7 @@ async def _enroll(request: web.Request, bearer: tuple[ra.TokenHolder, Any],
                   csr: x509.CertificateSigningRequest, ttl: object) -> Issued | Replayed:
     holder, token = bearer
     if token.used_at is not None:
-        return await _replay(request, token, csr)
+        return await _replay(request, holder, token, csr)
     order: ra.X509Order = await decide(request, holder, ra.EnrollRequest(csr, ttl))
     tokens = request.app[TOKENS]
     # Spent after the decision, so a refused CSR does not burn the token.
