@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import fcntl
 import ipaddress
 import json
 import os
+import secrets
 import shutil
 import ssl
 import stat
-import tempfile
 import time
 import weakref
 from collections.abc import Iterator
@@ -33,7 +34,6 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
 from ca.commands.args import check_url
-from ca.fileutil import fsync_dir, write_new
 from ca.validity import ended
 
 TIMEOUT = aiohttp.ClientTimeout(total=60)
@@ -328,13 +328,15 @@ async def check_standing(url: str, ca: Path | None, cert: Path, key: Path) -> No
 
 # ---- writing results: checked before the request, atomic after it -------------------
 
-def _keep_or(path: Path, default: int, private: bool) -> tuple[int, int, int]:
-    """(mode, uid, gid) for a replacement of `path`: the existing file's (an operator
-    may have given a certificate to a service's group), or `default` for a new one;
-    a private key never gets any bit for others."""
+def _keep_or(dfd: int, name: str, default: int, private: bool) -> tuple[int, int, int]:
+    """(mode, uid, gid) for a replacement of `name` in `dfd`: the existing file's (an
+    operator may have given a certificate to a service's group), or `default` for a new
+    one; a private key never gets any bit for others."""
     try:
-        st = path.stat()
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
     except FileNotFoundError:
+        return default, -1, -1
+    if not stat.S_ISREG(st.st_mode):
         return default, -1, -1
     mode = stat.S_IMODE(st.st_mode)
     if private:
@@ -347,7 +349,23 @@ PREVIOUS = ".hsmca-previous"  # what a file held while a replacement is under wa
 
 def previous_of(path: Path) -> Path:
     """Where `Staged.commit` keeps the file `path` held until every file is replaced."""
-    return path.parent / f".{path.name}{PREVIOUS}"
+    return path.parent / _previous(path.name)
+
+
+def _previous(name: str) -> str:
+    return f".{name}{PREVIOUS}"
+
+
+@dataclass
+class _Slot:
+    """One file `Staged` replaces: the directory it is in and its temporary file, both
+    opened when they were checked, so that whoever can write that directory cannot
+    redirect the write with links swapped in while the CA answers."""
+
+    dfd: int  # the directory, walked to without following any link
+    name: str  # the file's name in it
+    tmp: str  # the temporary file's name in it
+    fd: int  # the temporary file, open since it was made
 
 
 @dataclass
@@ -357,99 +375,185 @@ class Staged:
     `commit` writes, fsyncs and renames each into place, all or none: what each file
     held is kept beside it (`previous_of`, a hard link) until every rename is done, put
     back if one fails, and found by `restore_interrupted` after a crash between them.
-    A symlink is followed: the file it points to is replaced, the link stays. `abort`
-    removes the temporary files."""
+    A symlink is followed: the file it points to is replaced, the link stays. Every step
+    after the check goes through the directory and temporary file opened at it, never
+    by name (a review found a renewal run as root writing through a link the directory's
+    owner put in place of its temporary file). `abort` removes the temporary files."""
 
     targets: dict[Path, tuple[int, bool]]  # path -> (mode for a new file, private)
-    _tmp: dict[Path, str] = field(default_factory=dict)
+    _slots: dict[Path, _Slot] = field(default_factory=dict)
 
     def prepare(self) -> Staged:
         for path in self.targets:
             try:
-                real = replaceable(path)
+                self._slots[path] = self._slot(path)
             except ClientError:
                 self.abort()
                 raise
-            _sweep(real.parent, f".{real.name}.", files=True)
-            if real.is_dir():
-                self.abort()
-                raise ClientError(f"{path} is a directory; it would be replaced by a file")
-            try:
-                fd, tmp = tempfile.mkstemp(prefix=f".{real.name}.", dir=real.parent)
-            except FileNotFoundError:
-                self.abort()
-                raise ClientError(f"cannot write {path}: {real.parent} does not exist"
-                                  ) from None
-            except OSError as exc:  # a full or read-only disk may be fixed: retryable
-                self.abort()
-                raise ClientError(f"cannot write to {real.parent}: {exc.strerror} (checked "
-                                  "before contacting the CA: nothing was spent)",
-                                  retryable=True) from None
-            os.close(fd)
-            self._tmp[path] = tmp
         return self
+
+    @staticmethod
+    def _slot(path: Path) -> _Slot:
+        real = replaceable(path)
+        _sweep(real.parent, f".{real.name}.", files=True)
+        if real.is_dir():
+            raise ClientError(f"{path} is a directory; it would be replaced by a file")
+        if not real.parent.exists():
+            raise ClientError(f"cannot write {path}: {real.parent} does not exist")
+        dfd = opened_dir(real.parent)
+        try:
+            if os.fstat(dfd).st_mode & stat.S_IWOTH:  # the directory opened, not a name
+                raise ClientError(f"{real.parent} is writable by every user: "
+                                  f"`chmod o-w {real.parent}`")
+            tmp, fd = _new_file(dfd, f".{real.name}.")
+        except OSError as exc:  # a full or read-only disk may be fixed: retryable
+            os.close(dfd)
+            raise ClientError(f"cannot write to {real.parent}: {exc.strerror} (checked "
+                              "before contacting the CA: nothing was spent)",
+                              retryable=True) from None
+        except ClientError:
+            os.close(dfd)
+            raise
+        return _Slot(dfd, real.name, tmp, fd)
 
     def commit(self, data: dict[Path, bytes | str]) -> None:
         try:
-            for path, tmp in self._tmp.items():
-                self._write(path, tmp, data[path])
+            for path, slot in self._slots.items():
+                self._write(path, slot, data[path])
         except OSError as exc:  # a full disk: nothing is replaced, and it may pass
             self.abort()
             raise ClientError(f"cannot write the new files beside {next(iter(data))}: "
                               f"{exc.strerror or exc}; every file is as it was before",
                               retryable=True) from None
-        real = {path: followed(path) for path in self._tmp}
-        kept: dict[Path, Path] = {}
+        slots = self._slots
+        for path, slot in slots.items():
+            if not _same_file(slot.dfd, slot.tmp, slot.fd):
+                self.abort()
+                raise ClientError(
+                    f"{path}: its temporary file {slot.tmp} changed while the CA answered "
+                    "(someone who can write that directory replaced it); nothing was "
+                    "replaced (the new certificate was issued but not installed)")
+        kept: set[Path] = set()
         done: list[Path] = []
         try:
-            for path in self._tmp:
-                if real[path].exists():
-                    kept[path] = previous_of(real[path])
-                    _keep_copy(real[path], kept[path])
-            _fsync_dirs(real.values())  # what to go back to is durable before any rename
+            for path, slot in slots.items():
+                if _exists(slot.dfd, slot.name):
+                    _keep_copy(slot.dfd, slot.name)
+                    kept.add(path)
+            for slot in slots.values():  # what to go back to is durable before any rename
+                os.fsync(slot.dfd)
             # The key first, so that a reader who finds a new certificate also finds
             # its key; the hook runs only after all are in place.
-            for path, tmp in self._tmp.items():
-                os.replace(tmp, real[path])
+            for path, slot in slots.items():
+                os.replace(slot.tmp, slot.name, src_dir_fd=slot.dfd, dst_dir_fd=slot.dfd)
                 done.append(path)
         except OSError as exc:
-            failed = next((p for p in self._tmp if p not in done), next(iter(real)))
+            failed = next((p for p in slots if p not in done), next(iter(slots)))
             for path in reversed(done):
+                slot = slots[path]
                 if path in kept:
-                    os.replace(kept.pop(path), real[path])
+                    kept.discard(path)
+                    os.replace(_previous(slot.name), slot.name, src_dir_fd=slot.dfd,
+                               dst_dir_fd=slot.dfd)
                 else:  # it did not exist before
-                    real[path].unlink(missing_ok=True)
-            for backup in kept.values():
-                backup.unlink(missing_ok=True)
+                    _unlink(slot.dfd, slot.name)
+            for path in kept:
+                _unlink(slots[path].dfd, _previous(slots[path].name))
             self.abort()
             raise ClientError(
                 f"cannot replace {failed}: {exc.strerror or exc}; every file is as it was "
                 "before (the new certificate was issued but not installed: renew again "
                 "once the file can be replaced)", retryable=True) from None
-        _fsync_dirs(real.values())
-        for backup in kept.values():
-            backup.unlink(missing_ok=True)
-        self._tmp.clear()
+        for slot in slots.values():
+            os.fsync(slot.dfd)
+        for path in kept:
+            _unlink(slots[path].dfd, _previous(slots[path].name))
+        for slot in slots.values():
+            os.close(slot.fd)
+            os.close(slot.dfd)
+        slots.clear()
 
-    def _write(self, path: Path, tmp: str, payload: bytes | str) -> None:
-        mode, uid, gid = _keep_or(path, *self.targets[path])
-        fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
-        try:
-            os.fchmod(fd, mode)
-            if uid != -1 and (uid, gid) != (os.geteuid(), os.getegid()):
-                try:
-                    os.fchown(fd, uid, gid)
-                except PermissionError:
-                    pass  # not root: the file becomes ours, as any editor would do
-            os.write(fd, payload.encode() if isinstance(payload, str) else payload)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    def _write(self, path: Path, slot: _Slot, payload: bytes | str) -> None:
+        mode, uid, gid = _keep_or(slot.dfd, slot.name, *self.targets[path])
+        os.fchmod(slot.fd, mode)
+        if uid != -1 and (uid, gid) != (os.geteuid(), os.getegid()):
+            try:
+                os.fchown(slot.fd, uid, gid)
+            except PermissionError:
+                pass  # not root: the file becomes ours, as any editor would do
+        view = memoryview(payload.encode() if isinstance(payload, str) else payload)
+        while view:
+            view = view[os.write(slot.fd, view):]
+        os.fsync(slot.fd)
 
     def abort(self) -> None:
-        for tmp in self._tmp.values():
-            Path(tmp).unlink(missing_ok=True)
-        self._tmp.clear()
+        for slot in self._slots.values():
+            if _same_file(slot.dfd, slot.tmp, slot.fd):
+                _unlink(slot.dfd, slot.tmp)
+            os.close(slot.fd)
+            os.close(slot.dfd)
+        self._slots.clear()
+
+
+def opened_dir(directory: Path) -> int:
+    """`directory` (resolved: no symlink in it) opened by walking it one name at a time
+    without following a link, so that one swapped in after the checks is refused instead
+    of written through. Only search permission is needed on the way (O_PATH)."""
+    flags = os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open("/", os.O_PATH | flags)
+    try:
+        parts = directory.parts[1:]
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            nxt = os.open(part, (os.O_RDONLY if last else os.O_PATH) | flags, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        if not parts:
+            nxt = os.open(".", os.O_RDONLY | flags, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise ClientError(f"{directory} changed while it was checked (a symlink was put "
+                              "on the way): refusing to write there") from None
+        raise
+    return fd
+
+
+def _new_file(dfd: int, prefix: str) -> tuple[str, int]:
+    """A new file of ours in `dfd` named `prefix` and 8 random characters (what `_sweep`
+    looks for), open for writing."""
+    while True:
+        name = prefix + secrets.token_hex(4)
+        try:
+            return name, os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                 | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+        except FileExistsError:
+            continue
+
+
+def _same_file(dfd: int, name: str, fd: int) -> bool:
+    """Whether `name` in `dfd` is still the file open as `fd`."""
+    try:
+        there = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def _exists(dfd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _unlink(dfd: int, name: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=dfd)
 
 
 def followed(path: Path) -> Path:
@@ -524,15 +628,31 @@ def _links_met(path: Path) -> list[Path]:
     return met
 
 
-def _keep_copy(path: Path, backup: Path) -> None:
-    """What `path` holds now, kept at `backup`: a hard link, or, where the kernel allows
-    none (a file owned by another user, under fs.protected_hardlinks; another file
-    system), a copy, flushed."""
-    backup.unlink(missing_ok=True)
+def _keep_copy(dfd: int, name: str) -> None:
+    """What `name` in `dfd` holds now, kept beside it (`previous_of`): a hard link, or,
+    where the kernel allows none (a file owned by another user, under
+    fs.protected_hardlinks), a copy, flushed. Neither follows a link."""
+    backup = _previous(name)
+    _unlink(dfd, backup)
     try:
-        os.link(path, backup)
+        os.link(name, backup, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
+        return
     except OSError:
-        write_new(backup, path.read_bytes(), stat.S_IMODE(path.stat().st_mode))
+        pass
+    src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    try:
+        out = os.open(backup, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                      | os.O_CLOEXEC, stat.S_IMODE(os.fstat(src).st_mode), dir_fd=dfd)
+        try:
+            while chunk := os.read(src, 1 << 16):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(out, view):]
+            os.fsync(out)
+        finally:
+            os.close(out)
+    finally:
+        os.close(src)
 
 
 STALE_S = 600  # a temporary file this old is a run that was killed, not one under way
@@ -560,11 +680,6 @@ def _sweep(parent: Path, prefix: str, files: bool) -> None:
             pass
 
 
-def _fsync_dirs(paths: Any) -> None:
-    for parent in {p.parent for p in paths}:
-        fsync_dir(parent)
-
-
 def restore_interrupted(paths: list[Path], consistent: Any) -> bool:
     """After a replacement that died between its renames (kill -9, power loss), put
     back what every file held before it, unless what is in place is `consistent()` (the
@@ -579,9 +694,14 @@ def restore_interrupted(paths: list[Path], consistent: Any) -> bool:
         whole = False
     if not whole:
         for path in real:
-            if previous_of(path).exists():
-                os.replace(previous_of(path), path)
-        _fsync_dirs(real)
+            dfd = opened_dir(path.parent)
+            try:
+                if _exists(dfd, _previous(path.name)):
+                    os.replace(_previous(path.name), path.name, src_dir_fd=dfd,
+                               dst_dir_fd=dfd)
+                    os.fsync(dfd)
+            finally:
+                os.close(dfd)
         return True
     for backup in kept:
         backup.unlink(missing_ok=True)
@@ -595,11 +715,13 @@ CREDENTIAL_FILES = ("key.pem", "cert.pem", "chain.pem")
 class OutputDir:
     """Where `enroll` writes key.pem, cert.pem and chain.pem, checked before the token
     is spent. A new directory is built beside its final place and renamed into it, so
-    it appears complete or not at all; an existing one must be empty, or --force."""
+    it appears complete or not at all; an existing one must be empty, or --force. The
+    new one is written through descriptors opened when it was made, so that whoever can
+    write its parent cannot swap it for a link meanwhile."""
 
     out: Path
     force: bool = False
-    _staging: Path | None = None
+    _staging: tuple[int, str, int] | None = None  # parent's fd, name, its own fd
     _created: list[Path] = field(default_factory=list)
     _files: Staged | None = None
 
@@ -621,8 +743,16 @@ class OutputDir:
             for parent in reversed(missing):
                 parent.mkdir()
                 self._created.append(parent)
-            self._staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.enroll-",
-                                                  dir=out.parent))
+            pfd = opened_dir(out.parent.resolve())
+            try:
+                name = f".{out.name}.enroll-{secrets.token_hex(4)}"
+                os.mkdir(name, 0o700, dir_fd=pfd)
+                self._staging = (pfd, name, os.open(name, os.O_RDONLY | os.O_DIRECTORY
+                                                    | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                                    dir_fd=pfd))
+            except OSError:
+                os.close(pfd)
+                raise
         except OSError as exc:
             self.abort()
             raise ClientError(f"cannot create --out {out}: {exc.strerror} in "
@@ -635,11 +765,13 @@ class OutputDir:
             self._files.commit({self.out / n: data for n, data in files.items()})
             return
         assert self._staging is not None
+        pfd, staging, sfd = self._staging
         for name, data in files.items():
-            fd = os.open(self._staging / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
-                         0o600 if name == "key.pem" else 0o644)
+            mode = 0o600 if name == "key.pem" else 0o644
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, mode, dir_fd=sfd)
             with os.fdopen(fd, "wb") as fh:
-                os.fchmod(fh.fileno(), 0o600 if name == "key.pem" else 0o644)
+                os.fchmod(fh.fileno(), mode)
                 fh.write(data.encode() if isinstance(data, str) else data)
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -648,16 +780,28 @@ class OutputDir:
         # What mkdir would have made, but never writable by group or others, whatever
         # the umask: whoever can write it can plant links for the renewals (a review
         # found one under umask 000 made 0777).
-        os.chmod(self._staging, 0o755 & ~umask)
-        os.rename(self._staging, self.out)
-        fsync_dir(self.out.parent)
+        os.fchmod(sfd, 0o755 & ~umask)
+        os.fsync(sfd)
+        if not _same_file(pfd, staging, sfd):
+            raise ClientError(f"--out {self.out}: the directory being filled, {staging}, was "
+                              "replaced while the CA answered (someone who can write "
+                              f"{self.out.parent}); the certificate was issued but not "
+                              "installed")
+        os.rename(staging, self.out.name, src_dir_fd=pfd, dst_dir_fd=pfd)
+        os.fsync(pfd)
+        os.close(sfd)
+        os.close(pfd)
         self._staging = None
 
     def abort(self) -> None:
         if self._files is not None:
             self._files.abort()
         if self._staging is not None:
-            shutil.rmtree(self._staging, ignore_errors=True)
+            pfd, staging, sfd = self._staging
+            if _same_file(pfd, staging, sfd):
+                shutil.rmtree(staging, dir_fd=pfd, ignore_errors=True)
+            os.close(sfd)
+            os.close(pfd)
             self._staging = None
         for parent in reversed(self._created):
             try:

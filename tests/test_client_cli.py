@@ -823,3 +823,58 @@ def test_a_service_renewing_its_own_files_follows_roots_links(
     os.lchown(planted, 65534, 65534)
     with pytest.raises(ClientError, match="made by uid 65534"):
         followed(planted)
+
+
+def test_links_swapped_in_while_the_ca_answers_redirect_nothing(tmp_path: Path) -> None:
+    """A review (M2): a renewal checked the links on the way to its files, then, after
+    the CA's answer, wrote and renamed by name, so whoever owns the directory could swap
+    in links meanwhile: its temporary file for a link to a root-only file (which was
+    truncated, overwritten with the certificate and given to that account), or the
+    directory for a link to another. Everything after the check now goes through the
+    directory and the file opened at it; a swapped name is refused, and nothing outside
+    the checked directory is touched."""
+    from ca.client import ClientError, Staged
+    nobody = 65534
+    victim = tmp_path / "root-only"
+    victim.mkdir(mode=0o700)
+    secret = victim / "secret.conf"
+    secret.write_text("root:secret-line\n")
+    home = tmp_path / "home"  # the service account's
+    (home / "certs").mkdir(parents=True)
+    target = home / "certs" / "chain.pem"
+    target.write_text("old\n")
+    for p in (home, home / "certs", target):
+        os.chown(p, nobody, nobody)
+
+    staged = Staged({target: (0o644, False)}).prepare()
+    (tmp,) = [p for p in target.parent.iterdir() if p.name.startswith(".chain.pem.")]
+    tmp.unlink()  # the account, while the CA answers
+    tmp.symlink_to(secret)
+    with pytest.raises(ClientError, match=f"{target}: .*changed while the CA answered"):
+        staged.commit({target: "new\n"})
+    assert secret.read_text() == "root:secret-line\n" and secret.stat().st_uid == 0
+    assert target.read_text() == "old\n" and not target.is_symlink()
+    tmp.unlink()
+
+    staged = Staged({target: (0o644, False)}).prepare()
+    (home / "certs").rename(home / "certs.kept")
+    (home / "certs").symlink_to(victim)
+    os.lchown(home / "certs", nobody, nobody)
+    staged.commit({target: "new\n"})  # into the directory that was checked
+    assert sorted(p.name for p in victim.iterdir()) == ["secret.conf"]
+    assert secret.read_text() == "root:secret-line\n"
+    assert (home / "certs.kept" / "chain.pem").read_text() == "new\n"
+
+    # enroll's new --out, built beside its place: its staging directory swapped for a
+    # link to a root-only one got the credentials and had its mode opened to 0755.
+    from ca.client import OutputDir
+    out = OutputDir(home / "fresh").prepare()
+    (staging,) = [p for p in home.iterdir() if p.name.startswith(".fresh.enroll-")]
+    staging.rename(home / "moved")
+    staging.symlink_to(victim)
+    with pytest.raises(ClientError, match="was replaced while the CA answered"):
+        out.commit({"key.pem": "k\n", "cert.pem": "c\n", "chain.pem": "c\n"})
+    out.abort()
+    assert sorted(p.name for p in victim.iterdir()) == ["secret.conf"]
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o700
+    assert not (home / "fresh").exists()
