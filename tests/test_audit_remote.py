@@ -227,7 +227,7 @@ async def test_entries_are_the_stored_bytes_and_only_for_auditors(daemon: Daemon
         problem = json.loads(raw)
         assert problem["status"] == 403 and "auditor" in problem["detail"]
         status, ctype, _ = await get(daemon, path_)  # no client certificate at all
-        assert status == 401 and ctype == "application/problem+json"
+        assert status == 403 and ctype == "application/problem+json"
 
 
 async def test_the_audit_key_is_pinned_as_get_v1_audit_key_gives_it(daemon: Daemon,

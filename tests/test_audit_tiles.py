@@ -445,7 +445,7 @@ async def test_tiles_over_http_match_the_lines_and_prove_inclusion(tmp_path: Pat
             assert r.headers.get("Vary") == "Accept-Encoding", r.headers
             assert await r.read() == bundle0
         for path_ in ("/v1/audit/tile/0/000", "/v1/audit/tile/entries/000"):
-            assert (await get(d, path_))[0] == 401
+            assert (await get(d, path_))[0] == 403
             assert (await get(d, path_, svc))[0] == 403
         assert (await get(d, "/v1/audit/tile/0/x000/000", auditor))[0] == 400
         assert (await get(d, f"/v1/audit/tile/0/{TileClient.index(len(lines) // 256 + 1)}",

@@ -183,7 +183,7 @@ def corpus() -> list[Case]:
                  body))
     add(Case("tokens as service", "POST", "/v1/tokens", 403, "wrong-role", "service",
              {"role": "admin", "names": ["x.example"]}))
-    add(Case("tokens without cert", "POST", "/v1/tokens", 401, "client-certificate-required",
+    add(Case("tokens without cert", "POST", "/v1/tokens", 403, "client-certificate-required",
              "none", {"role": "admin", "names": ["x.example"]}))
     # --- enroll -----------------------------------------------------------------------
     good = csr_pem(["ok.internal.example"])
@@ -238,7 +238,7 @@ def corpus() -> list[Case]:
              "token", data=base64.b64encode(bytes(wrong_version)), headers=PKCS10))
     add(Case("est csr unknown key algorithm", "POST", "/.well-known/est/simplereenroll", 400,
              "bad-csr", "service", data=base64.b64encode(odd), headers=PKCS10))
-    add(Case("renew no cert", "POST", "/v1/x509/renew", 401, "client-certificate-required",
+    add(Case("renew no cert", "POST", "/v1/x509/renew", 403, "client-certificate-required",
              "none", {}))
     # int(text, 16) alone would take " 1_0" as 0x10 and "0x1" as 1.
     for serial in ["zz", "", "0", "-1", "1" * 60, 12, " 1_0", "0x1a", "1a "]:
@@ -303,7 +303,7 @@ def corpus() -> list[Case]:
               "start=%C2%B2", "start=%EF%BC%95", "limit=%D9%A3"]:
         add(Case(f"entries {q}", "GET", f"/v1/audit/entries?{q}", 400, "bad-query", "admin"))
     add(Case("entries as service", "GET", "/v1/audit/entries", 403, "wrong-role", "service"))
-    add(Case("entries anonymous", "GET", "/v1/audit/entries", 401,
+    add(Case("entries anonymous", "GET", "/v1/audit/entries", 403,
              "client-certificate-required", "none"))
     for q in ["", "index=5", "index=5&size=2", "index=0&size=99999999", "index=x&size=1",
               "index=%C2%B2&size=3"]:
@@ -354,7 +354,7 @@ def corpus() -> list[Case]:
                          ("GET", "/v1/x509/renew"), ("GET", "/v1/tokens"),
                          ("PATCH", "/v1/x509/enroll"), ("GET", "/v1/ssh/user")]:
         add(Case(f"{method.lower()} {path}", method, path, 405, "method-not-allowed"))
-    add(Case("whoami anonymous", "GET", "/v1/whoami", 401, "client-certificate-required"))
+    add(Case("whoami anonymous", "GET", "/v1/whoami", 403, "client-certificate-required"))
     return c
 
 

@@ -114,11 +114,11 @@ async def test_a_refused_request_is_logged_with_what_its_client_was_told(
     """An ACME trial: refused requests were logged with their status alone, while
     the reason was only in the client's own log (and some clients show none)."""
     status, _, body = await http("POST", f"{served.url}/v1/x509/renew", served.ssl(), body={})
-    assert status == 401
+    assert status == 403
     told = json.loads(body)
     found = await said(served, "request refused", lambda e: e["route"] == "/v1/x509/renew"
                        and e.get("type") == told["type"])
-    assert found and found[-1]["detail"] == told["detail"] and found[-1]["status"] == 401
+    assert found and found[-1]["detail"] == told["detail"] and found[-1]["status"] == 403
 
 
 def _send_raw(d: Daemon, request: bytes) -> bytes:

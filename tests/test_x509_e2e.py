@@ -392,9 +392,9 @@ async def test_bad_input_gets_problem_json_and_leaves_the_log_valid(tmp_path: Pa
             ("no token", 401, "bad-token", {"body": {"csr": good}}),
             ("forged token", 401, "bad-token", {
                 "body": {"csr": good}, "headers": {"Authorization": "Bearer hsmca-0000-forged"}}),
-            ("renew without client cert", 401, "client-certificate-required",
+            ("renew without client cert", 403, "client-certificate-required",
              {"body": {}, "path": "/v1/x509/renew"}),
-            ("tokens without admin cert", 401, "client-certificate-required",
+            ("tokens without admin cert", 403, "client-certificate-required",
              {"body": {"role": "service"}, "path": "/v1/tokens"}),
             ("unknown path", 404, "not-found", {"path": "/v1/nope", "method": "GET"}),
             ("wrong method", 405, "method-not-allowed",

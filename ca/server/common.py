@@ -136,7 +136,11 @@ async def identity(request: web.Request, *roles: str) -> ra.CertHolder:
     if cached is None:
         der = peer_der(request)
         if der is None:
-            raise Problem(401, "Unauthorized", "this endpoint needs a client certificate issued "
+            # 403, not 401: a 401 must name an HTTP scheme that would do (RFC 9110
+            # 15.5.2), and none would; the credential is the TLS client certificate.
+            # Some HTTP stacks treat a 401 without a challenge as a protocol error (an
+            # API trial), and EST's simplereenroll already answered 403.
+            raise Problem(403, "Forbidden", "this endpoint needs a client certificate issued "
                           "by this CA (mutual TLS)", "client-certificate-required")
         gate = request.app[GATE]
         fingerprint = hashlib.sha256(der).hexdigest()
