@@ -10,6 +10,7 @@ writer).
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
 import datetime as dt
 import json
@@ -609,6 +610,8 @@ class SQLiteStore:
             raise
         self._writer_db = w
         self._read_lock = threading.Lock()
+        self._searcher: sqlite3.Connection | None = None  # see _search
+        self._search_lock = threading.Lock()
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._coalescer = Coalescer(self._queue)
         self._problem: str | None = None  # why the last transaction failed, if it did
@@ -644,6 +647,9 @@ class SQLiteStore:
         stop_thread(self._thread, self._queue)
         self._writer_db.close()
         self._reader.close()
+        with self._search_lock:
+            if self._searcher is not None:
+                self._searcher.close()
 
     # ---- the writer -----------------------------------------------------------------------
 
@@ -742,14 +748,32 @@ class SQLiteStore:
 
     def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._read_lock:
-            try:
-                return self._reader.execute(sql, args).fetchall()
-            except sqlite3.DatabaseError as exc:
-                if not damaged(exc):
-                    raise
-                error = damaged_error(self.path, exc)
-                self._damage = str(error)  # /health says so, as for a write
-                raise error from None
+            return self._guarded(self._reader, sql, args)
+
+    def _guarded(self, db: sqlite3.Connection, sql: str, args: tuple[Any, ...]
+                 ) -> list[tuple[Any, ...]]:
+        try:
+            return db.execute(sql, args).fetchall()
+        except sqlite3.DatabaseError as exc:
+            if not damaged(exc):
+                raise
+            error = damaged_error(self.path, exc)
+            self._damage = str(error)  # /health says so, as for a write
+            raise error from None
+
+    async def _search(self, *queries: tuple[str, tuple[Any, ...]]
+                      ) -> list[list[tuple[Any, ...]]]:
+        """The inventory's searches (admins', auditors', the web view's), run in a
+        thread on a connection of their own. A search for a text reads the whole table
+        (0.4 s at 200,000 certificates here); on the event loop, or on the reader the
+        request path shares, it held up every renewal of its worker meanwhile (a soak
+        trial saw searches slow as the inventory grew)."""
+        def run() -> list[list[tuple[Any, ...]]]:
+            with self._search_lock:
+                if self._searcher is None:
+                    self._searcher = _connect(self.path)
+                return [self._guarded(self._searcher, sql, args) for sql, args in queries]
+        return await asyncio.to_thread(run)
 
     # ---- tokens ------------------------------------------------------------------------------
 
@@ -906,10 +930,11 @@ class SQLiteStore:
         order = " DESC" if query.descending else ""
         columns = ", ".join(f"{c}{order}" for c in _SORTS[query.sort].split(", "))
         tie = "" if query.sort == "serial" else f", length(c.serial){order}, c.serial{order}"
-        total = int(self._read(f"SELECT COUNT(*) FROM {_READ_FROM}{where}", tuple(args))[0][0])
-        rows = self._read(f"SELECT {_READ_COLS} FROM {_READ_FROM}{where} ORDER BY {columns}{tie} "
-                          "LIMIT ? OFFSET ?", (*args, query.limit, query.offset))
-        return CertPage(total, tuple(_read_cert(r) for r in rows))
+        counted, rows = await self._search(
+            (f"SELECT COUNT(*) FROM {_READ_FROM}{where}", tuple(args)),
+            (f"SELECT {_READ_COLS} FROM {_READ_FROM}{where} ORDER BY {columns}{tie} "
+             "LIMIT ? OFFSET ?", (*args, query.limit, query.offset)))
+        return CertPage(int(counted[0][0]), tuple(_read_cert(r) for r in rows))
 
     async def issued_cert(self, serial: int) -> IssuedCert | None:
         rows = self._read(f"SELECT {_READ_COLS}, c.der FROM {_READ_FROM} WHERE c.serial = ?",
@@ -944,10 +969,11 @@ class SQLiteStore:
         where, args = _ssh_filter(query, int(now.timestamp()), int(soon.timestamp()),
                                   "INTEGER")
         order = _ssh_order(query, "INTEGER")
-        total = int(self._read(f"SELECT COUNT(*) FROM ssh_certs{where}", tuple(args))[0][0])
-        rows = self._read(f"SELECT {_SSH_COLS} FROM ssh_certs{where} ORDER BY {order} "
-                          "LIMIT ? OFFSET ?", (*args, query.limit, query.offset))
-        return SSHCertPage(total, tuple(_read_ssh(r) for r in rows))
+        counted, rows = await self._search(
+            (f"SELECT COUNT(*) FROM ssh_certs{where}", tuple(args)),
+            (f"SELECT {_SSH_COLS} FROM ssh_certs{where} ORDER BY {order} LIMIT ? OFFSET ?",
+             (*args, query.limit, query.offset)))
+        return SSHCertPage(int(counted[0][0]), tuple(_read_ssh(r) for r in rows))
 
 
     def add_ssh_cert(self, cert: NewSSHCert) -> cf.Future[None]:
