@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import csv
 import datetime as dt
-import hashlib
 import io
 import json
 import re
@@ -20,7 +19,6 @@ from urllib.parse import urlencode
 import jinja2
 from aiohttp import web
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ca.audit.cluster import CEREMONIES
@@ -30,6 +28,7 @@ from ca.audit.note import NoteError
 from ca.audit.verify import PinnedKey
 from ca.client import ClientError
 from ca.decimal_text import is_decimal
+from ca.subject import spki_sha256
 from ca.ui import certs, charts, proofs
 from ca.ui import metrics as prom
 from ca.ui.ca_api import CA
@@ -674,18 +673,12 @@ async def go_to_line(request: web.Request) -> web.Response:
 # ---- /keys -----------------------------------------------------------------------------------
 
 
-def _spki_sha256(key: Any) -> str:
-    return hashlib.sha256(key.public_bytes(serialization.Encoding.DER,
-                                           serialization.PublicFormat.SubjectPublicKeyInfo)
-                          ).hexdigest()
-
-
 async def keys(request: web.Request) -> web.Response:
     ui = request.app[UI_KEY]
     verdict = await _verdict(request)
     found, error = await _try(ui.ca.json("/v1/keys"))
-    pinned = {_spki_sha256(ui.audit_key): "the audit key you pinned (--audit-key)",
-              _spki_sha256(ui.root.public_key()): "the root you pinned (--ca)"}
+    pinned = {spki_sha256(ui.audit_key): "the audit key you pinned (--audit-key)",
+              spki_sha256(ui.root.public_key()): "the root you pinned (--ca)"}
     listed = {k["fingerprint"] for k in found["keys"]} if found else set()
     # A pinned key that is none of the CA's (destroyed ones are still listed): say so,
     # rather than leave its row without the ✓ for the reader to notice.
