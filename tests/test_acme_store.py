@@ -202,7 +202,10 @@ def test_finalizes_cut_short_are_ready_again(store: Store) -> None:
     assert run(store.reopen_acme_finalizes()) == 1
 
 
-def test_one_finalizer_and_the_certificate_row_makes_the_order_valid(store: Store) -> None:
+def test_one_finalizer_and_a_released_certificate_make_the_order_valid(store: Store) -> None:
+    """The certificate's row names it while the order stays `processing`; the order is
+    valid, offering it, only once it was released (a review: a client polling beside
+    its finalize could fetch a certificate whose outcome line was not yet durable)."""
     authzs = order_with(store, "o1", ("a.test",))
     ch = authzs[0].challenges[0].id
     run(store.start_acme_challenge(ch, NOW, EARLIER))
@@ -211,23 +214,44 @@ def test_one_finalizer_and_the_certificate_row_makes_the_order_valid(store: Stor
     assert run(store.begin_acme_finalize("o1")) is False
     run(store.fail_acme_finalize("o1", "ready", None))  # nothing issued: ready again
     assert run(store.begin_acme_finalize("o1")) is True
-    store.add_cert(NewCert(
-        serial=0xabc, fingerprint="f" * 64, role="service", subject="", names=("a.test",),
-        principals=(), spki_sha256="e" * 64, not_before=NOW.isoformat(), not_after=LATER,
-        issued_at=NOW.isoformat(), der=b"DER", issuer="issuing-ca", acme_account="acc",
-        acme_order="o1")).result(timeout=10)
-    order = run(store.acme_order("o1"))
-    assert isinstance(order, AcmeOrder) and (order.status, order.cert_serial) == ("valid", "abc")
+
+    def issue(serial: int, log: str | None = None) -> None:
+        store.add_cert(NewCert(
+            serial=serial, fingerprint=f"{serial:064x}", role="service", subject="",
+            names=("a.test",), principals=(), spki_sha256="e" * 64,
+            not_before=NOW.isoformat(), not_after=LATER, issued_at=NOW.isoformat(),
+            der=b"DER", issuer="issuing-ca", acme_account="acc", acme_order="o1",
+            audit_log=log)).result(timeout=10)
+
+    def state() -> tuple[str, str | None]:
+        order = run(store.acme_order("o1"))
+        assert isinstance(order, AcmeOrder)
+        return order.status, order.cert_serial
+
+    issue(0xabc)
+    assert state() == ("processing", "abc")
+    run(store.release_acme_order("o1"))
+    assert state() == ("valid", "abc")
     cert = run(store.acme_cert(0xabc))
     assert cert is not None and (cert.account_id, cert.order_id, bytes(cert.der)) == (
         "acc", "o1", b"DER")
     assert run(store.acme_cert(0xabd)) is None
     # Signed and never released (revoked at a start): the order is ready again, without it
     assert run(store.reopen_acme_order_of(0xabc)) == "o1"
-    order = run(store.acme_order("o1"))
-    assert isinstance(order, AcmeOrder) and (order.status, order.cert_serial) == ("ready", None)
+    assert state() == ("ready", None)
     assert run(store.reopen_acme_order_of(0xabc)) is None
     assert run(store.begin_acme_finalize("o1")) is True  # its client finalizes anew
+    issue(0xabd)  # ... and this one is never released either: reopened from processing
+    assert run(store.reopen_acme_order_of(0xabd)) == "o1"
+    assert state() == ("ready", None)
+    # A stop between the release and the order's update: the start completes the
+    # orders of its own log's certificates, and leaves another node's.
+    assert run(store.begin_acme_finalize("o1")) is True
+    issue(0xabe, "node-b")
+    assert run(store.complete_acme_finalizes("node-a")) == 0
+    assert state() == ("processing", "abe")
+    assert run(store.complete_acme_finalizes("node-b")) == 1
+    assert state() == ("valid", "abe")
 
 
 def test_a_deactivated_authorization_ends_its_order(store: Store) -> None:

@@ -430,7 +430,7 @@ def _order_obj(request: web.Request, order: AcmeOrder) -> dict[str, Any]:
         "authorizations": [url_of(request, f"authz/{a}") for a in order.authz_ids],
         "finalize": url_of(request, f"order/{order.id}/finalize"),
     }
-    if order.cert_serial:
+    if order.cert_serial and order.status == "valid":  # released: see finalize
         out["certificate"] = url_of(request, f"cert/{order.cert_serial}")
     if order.error:
         out["error"] = json.loads(order.error)
@@ -591,6 +591,9 @@ async def finalize(request: web.Request) -> web.Response:
         # Nothing was issued: the client may finalize again once the CA recovers.
         await asyncio.shield(server.store.fail_acme_finalize(order.id, "ready", None))
         raise
+    # Valid, offering its certificate, only now that it was released (its outcome line
+    # durable): the row, committed before, named it while the order said processing.
+    await server.store.release_acme_order(order.id)
     log.info("issued", kind="acme", serial=issued.serial_hex, account=v.account.id,
              order=order.id, names=list(order.names), request_id=request.get("request_id"),
              audit_seq=issued.outcome_seq)
@@ -762,6 +765,11 @@ async def certificate(request: web.Request) -> web.Response:
         raise AcmeProblem("malformed", "no such certificate", 404)
     if rec.account_id != v.account.id:
         raise AcmeProblem("unauthorized", "this certificate was issued to another account", 403)
+    order = await server.store.acme_order(rec.order_id)
+    if order is None or order.status != "valid" or order.cert_serial != rec.serial:
+        # Not released (its outcome line not durable yet, or never: revoked at a start
+        # and its order ready again): the order offers no certificate, nor does this.
+        raise AcmeProblem("malformed", "no such certificate (its order is not valid)", 404)
     issuer = _issuer_cert(request, rec.issuer)
     leaf = x509.load_der_x509_certificate(bytes(rec.der))
     return web.Response(text=pem(leaf) + (pem(issuer) if issuer is not None else ""),

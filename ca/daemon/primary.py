@@ -474,6 +474,9 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         if store is None:
             store = open_store(config.store_location)
         await seed(config, store, pipeline)
+        # Released before the stop, and the order not yet said valid: valid now (those
+        # never released are reopened when they are revoked, below).
+        await store.complete_acme_finalizes(config.node)
         # One node: no finalize is under way before its start, so an order still
         # `processing` was cut short by a kill (nothing was released for it); its client
         # finalizes again. (Several nodes: another may be finalizing it.)

@@ -374,15 +374,30 @@ class Store(Protocol):
         """A finalization that issued nothing: the order goes back to `status`."""
         ...
 
+    async def release_acme_order(self, order_id: str) -> None:
+        """processing -> valid, once the certificate its row names (`add_cert` sets it and
+        leaves the order `processing`) was released: its audit outcome is durable. Until
+        then the order offers no certificate: a client polling it beside its finalize
+        could fetch one that a failed outcome line leaves unreleased (a review)."""
+        ...
+
+    async def complete_acme_finalizes(self, audit_log: str | None) -> int:
+        """At a start, before unreleased certificates are revoked (which reopens their
+        orders): orders left `processing` with a certificate of this node's log (the
+        stop came between its release and `release_acme_order`) become `valid`; how
+        many."""
+        ...
+
     async def reopen_acme_finalizes(self) -> int:
         """Every order left `processing` goes back to `ready` (a start after the CA was
         killed while finalizing them: nothing was released for them); how many."""
         ...
 
     async def reopen_acme_order_of(self, serial: int) -> str | None:
-        """The order made `valid` by the certificate `serial` goes back to `ready`, without
-        it (a certificate signed and never released, revoked at a start: its client
-        downloaded nothing, and finalizes again); the order's id, or None."""
+        """The order of the certificate `serial` (`valid`, or `processing` if it was never
+        released) goes back to `ready`, without it (a certificate signed and never
+        released, revoked: its client downloaded nothing, and finalizes again); the
+        order's id, or None."""
         ...
 
     async def acme_cert(self, serial: int) -> AcmeCert | None: ...

@@ -465,8 +465,9 @@ class PostgresStore:
                 await db.execute("INSERT INTO acme_certs (serial, account_id, order_id) "
                                  "VALUES (%s,%s,%s)", (serial, cert.acme_account,
                                                        cert.acme_order))
-                await db.execute("UPDATE acme_orders SET status = 'valid', cert_serial = %s, "
-                                 "error = NULL WHERE id = %s", (serial, cert.acme_order))
+                # Still `processing`: valid once released (release_acme_order).
+                await db.execute("UPDATE acme_orders SET cert_serial = %s, error = NULL "
+                                 "WHERE id = %s", (serial, cert.acme_order))
         return self._tx_future(insert)
 
     async def cert(self, serial: int) -> CertRecord | None:
@@ -1072,22 +1073,37 @@ class PostgresStore:
 
     async def fail_acme_finalize(self, order_id: str, status: str, error: str | None) -> None:
         async def fail(db: Conn) -> None:
-            await db.execute("UPDATE acme_orders SET status = %s, error = %s WHERE id = %s AND "
-                             "status = 'processing'", (status, error, order_id))
+            await db.execute("UPDATE acme_orders SET status = %s, error = %s, cert_serial = "
+                             "NULL WHERE id = %s AND status = 'processing'",
+                             (status, error, order_id))
         await self._tx(fail)
+
+    async def release_acme_order(self, order_id: str) -> None:
+        async def release(db: Conn) -> None:
+            await db.execute("UPDATE acme_orders SET status = 'valid' WHERE id = %s AND "
+                             "status = 'processing' AND cert_serial IS NOT NULL", (order_id,))
+        await self._tx(release)
+
+    async def complete_acme_finalizes(self, audit_log: str | None) -> int:
+        async def complete(db: Conn) -> int:
+            cur = await db.execute("UPDATE acme_orders SET status = 'valid' WHERE status = "
+                                   "'processing' AND cert_serial IN (SELECT serial FROM certs "
+                                   "WHERE audit_log IS NOT DISTINCT FROM %s)", (audit_log,))
+            return cur.rowcount
+        return await self._tx(complete)
 
     async def reopen_acme_finalizes(self) -> int:
         async def reopen(db: Conn) -> int:
-            cur = await db.execute("UPDATE acme_orders SET status = 'ready' WHERE "
-                                   "status = 'processing'")
+            cur = await db.execute("UPDATE acme_orders SET status = 'ready', cert_serial = NULL "
+                                   "WHERE status = 'processing'")
             return cur.rowcount
         return await self._tx(reopen)
 
     async def reopen_acme_order_of(self, serial: int) -> str | None:
         async def reopen(db: Conn) -> str | None:
             cur = await db.execute("UPDATE acme_orders SET status = 'ready', cert_serial = "
-                                   "NULL, error = NULL WHERE cert_serial = %s AND status = "
-                                   "'valid' RETURNING id", (format(serial, "x"),))
+                                   "NULL, error = NULL WHERE cert_serial = %s AND status IN "
+                                   "('valid', 'processing') RETURNING id", (format(serial, "x"),))
             row = await cur.fetchone()
             return str(row[0]) if row else None
         return await self._tx(reopen)

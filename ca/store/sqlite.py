@@ -845,8 +845,9 @@ class SQLiteStore:
             if cert.acme_account is not None and cert.acme_order is not None:
                 db.execute("INSERT INTO acme_certs (serial, account_id, order_id) "
                            "VALUES (?,?,?)", (serial, cert.acme_account, cert.acme_order))
-                db.execute("UPDATE acme_orders SET status = 'valid', cert_serial = ?, "
-                           "error = NULL WHERE id = ?", (serial, cert.acme_order))
+                # Still `processing`: valid once released (release_acme_order).
+                db.execute("UPDATE acme_orders SET cert_serial = ?, error = NULL WHERE id = ?",
+                           (serial, cert.acme_order))
         return self._submit(insert)
 
     async def cert(self, serial: int) -> CertRecord | None:
@@ -1418,21 +1419,34 @@ class SQLiteStore:
 
     async def fail_acme_finalize(self, order_id: str, status: str, error: str | None) -> None:
         def fail(db: sqlite3.Connection) -> None:
-            db.execute("UPDATE acme_orders SET status = ?, error = ? WHERE id = ? AND "
-                       "status = 'processing'", (status, error, order_id))
+            db.execute("UPDATE acme_orders SET status = ?, error = ?, cert_serial = NULL "
+                       "WHERE id = ? AND status = 'processing'", (status, error, order_id))
         await self._write(fail)
+
+    async def release_acme_order(self, order_id: str) -> None:
+        def release(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE acme_orders SET status = 'valid' WHERE id = ? AND "
+                       "status = 'processing' AND cert_serial IS NOT NULL", (order_id,))
+        await self._write(release)
+
+    async def complete_acme_finalizes(self, audit_log: str | None) -> int:
+        def complete(db: sqlite3.Connection) -> int:
+            return db.execute("UPDATE acme_orders SET status = 'valid' WHERE status = "
+                              "'processing' AND cert_serial IN (SELECT serial FROM certs "
+                              "WHERE audit_log IS ?)", (audit_log,)).rowcount
+        return await self._write(complete)
 
     async def reopen_acme_finalizes(self) -> int:
         def reopen(db: sqlite3.Connection) -> int:
-            return db.execute("UPDATE acme_orders SET status = 'ready' WHERE "
-                              "status = 'processing'").rowcount
+            return db.execute("UPDATE acme_orders SET status = 'ready', cert_serial = NULL "
+                              "WHERE status = 'processing'").rowcount
         return await self._write(reopen)
 
     async def reopen_acme_order_of(self, serial: int) -> str | None:
         def reopen(db: sqlite3.Connection) -> str | None:
             row = db.execute("UPDATE acme_orders SET status = 'ready', cert_serial = NULL, "
-                             "error = NULL WHERE cert_serial = ? AND status = 'valid' "
-                             "RETURNING id", (format(serial, "x"),)).fetchone()
+                             "error = NULL WHERE cert_serial = ? AND status IN ('valid', "
+                             "'processing') RETURNING id", (format(serial, "x"),)).fetchone()
             return str(row[0]) if row else None
         return await self._write(reopen)
 
