@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
 from ca.commands.args import check_url
+from ca.config import CA_SERVER_NAME
 from ca.validity import ended
 
 TIMEOUT = aiohttp.ClientTimeout(total=60)
@@ -106,14 +107,45 @@ class _ContextInfo:
 _INFO: weakref.WeakKeyDictionary[ssl.SSLContext, _ContextInfo] = weakref.WeakKeyDictionary()
 
 
+def loopback(host: str | None) -> bool:
+    """Whether `host` (a URL's) names this machine: certificates for such names are no
+    proof of who answers, since the CA certifies fleet hosts for them."""
+    if not host:
+        return False
+    host = host.strip("[]").lower().removesuffix(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _CAContext(ssl.SSLContext):
+    """A client context for the CA's own daemon, trusting the CA's root: at a loopback
+    address the server must prove CA_SERVER_NAME, which only the daemon's listener
+    carries, instead of the loopback name, which fleet hosts may be certified for (an
+    SSH trial had a host's credential for 127.0.0.1 answer in the CA's place)."""
+
+    def wrap_bio(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
+                 server_side: bool = False, server_hostname: str | bytes | None = None,
+                 session: ssl.SSLSession | None = None) -> ssl.SSLObject:
+        if not server_side and isinstance(server_hostname, str) and loopback(server_hostname):
+            server_hostname = CA_SERVER_NAME
+        return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
+
+
 def ssl_context(ca: Path | None, cert: Path | None = None,
                 key: Path | None = None) -> ssl.SSLContext:
-    """TLS 1.2+ context trusting `ca` (else the system's CAs), presenting cert/key."""
-    cadata = None
+    """TLS 1.2+ context trusting `ca` (else the system's CAs), presenting cert/key; with
+    `ca`, a daemon at a loopback address must prove it is the CA's (_CAContext)."""
     if ca is not None:
         cadata = "".join(c.public_bytes(serialization.Encoding.PEM).decode()
                          for c in load_certificates(ca, "--ca"))
-    ctx = ssl.create_default_context(cadata=cadata)
+        ctx: ssl.SSLContext = _CAContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies, checks names
+        ctx.load_verify_locations(cadata=cadata)
+    else:
+        ctx = ssl.create_default_context()
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if cert is not None:
         _read(cert, "--cert")
@@ -165,6 +197,13 @@ async def _request(session: aiohttp.ClientSession, method: str, url: str,
             return r.content_type, body
     except aiohttp.ClientConnectorCertificateError as exc:
         reason = getattr(exc.certificate_error, "verify_message", None) or exc.certificate_error
+        if info.ca is not None and CA_SERVER_NAME in str(reason):
+            raise ClientError(
+                f"cannot connect to {url}: the server there is not this CA's daemon: its "
+                f"certificate verifies against --ca {info.ca} but lacks {CA_SERVER_NAME}, "
+                "which only the daemon's own carries (a host certified for a loopback name "
+                "answered; or the daemon is older than 0.3.0, which renews its certificate "
+                "when it starts)") from None
         if info.ca is not None:
             raise ClientError(f"cannot connect to {url}: the server's certificate chain does "
                               f"not verify against --ca {info.ca} ({reason}); is that file "
@@ -284,6 +323,21 @@ def check_credential(cert: Path, key: Path, now: dt.datetime | None = None
     if _spki(private.public_key()) != _spki(leaf.public_key()):
         raise ClientError(f"--key {key} is not the private key of --cert {cert}")
     return leaf
+
+
+def ending(cert: Path, now: dt.datetime | None = None) -> str | None:
+    """A warning when the client certificate `cert` is in the last third of its
+    lifetime, when `hsmca renew` would renew it: past its end only a new bootstrap
+    token helps (an SSH trial: a person's credential ended the next day, unannounced)."""
+    leaf = load_certificates(cert, "--cert")[0]
+    start, end = leaf.not_valid_before_utc, leaf.not_valid_after_utc
+    now = now or dt.datetime.now(dt.UTC)
+    if now < start + (end - start) * 2 / 3:
+        return None
+    left = max(int((end - now).total_seconds()) // 60, 0)
+    return (f"--cert {cert} ends at {end.isoformat()} (in {left // 60} h {left % 60} min): "
+            f"renew it before then (hsmca renew --cert {cert} --key ...), or an admin must "
+            "give you a new bootstrap token")
 
 
 async def check_issuer(url: str, anon: ssl.SSLContext, cert: Path,

@@ -685,15 +685,21 @@ def secret_files(cfg: Config) -> list[Path]:
 
 MAX_WORKERS = 64
 _LOOPBACK = ("localhost", "127.0.0.1", "::1")
+# A name only the daemon's own TLS certificate carries (in .invalid, which no DNS
+# resolves: RFC 6761). Loopback names are no proof of being the CA, since hosts are
+# certified for them; so a client reaching the CA at a loopback address checks this
+# name instead (ca.client.ssl_context): an SSH trial had a fleet host's credential for
+# 127.0.0.1 answer `hsmca ssh revoke` and `ssh known-hosts` in the CA's place.
+CA_SERVER_NAME = "ca-server.hsmca.invalid"
 
 
 def reserved_names(dns_name: str, public_url: str | None) -> tuple[str, ...]:
     """The CA's own names, which no certificate it issues to anyone else may carry: its
-    DNS name and the host of its public URL. Loopback names are left out: a
-    certificate for them matters only to clients on the same machine, and hosts are
-    named `localhost` for SSH over loopback."""
+    DNS name, the host of its public URL and CA_SERVER_NAME. Loopback names are left
+    out: hosts are named `localhost` for SSH over loopback, and clients of the CA at a
+    loopback address check CA_SERVER_NAME instead."""
     from urllib.parse import urlsplit
-    names = {dns_name}
+    names = {dns_name, CA_SERVER_NAME}
     if public_url:
         host = urlsplit(public_url).hostname
         if host:

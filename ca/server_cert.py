@@ -15,7 +15,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from ca.config import Config
+from ca.config import CA_SERVER_NAME, Config
 from ca.fileutil import write_atomic
 from ca.issuance.issue import Issuance
 from ca.local_certs import local_cert
@@ -34,6 +34,13 @@ def _needs_renewal(config: Config, now: dt.datetime, issuer: x509.Certificate) -
         return f"unreadable ({exc})"
     if cert.public_key() != key.public_key():
         return "certificate and key do not match"
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        sans = x509.SubjectAlternativeName([])
+    if CA_SERVER_NAME not in sans.get_values_for_type(x509.DNSName):
+        # Made by a release before 0.3.0: clients at loopback addresses now check it.
+        return f"lacks {CA_SERVER_NAME}, which clients on this host check"
     if cert.not_valid_after_utc - now < RENEW_BEFORE:
         return f"expires {cert.not_valid_after_utc.isoformat()}"
     try:
@@ -59,9 +66,11 @@ _PEM_END = "-----END CERTIFICATE-----"
 
 
 def server_names(dns_name: str) -> list[str]:
-    """The listener's names: its DNS name, and loopback for clients on the CA host."""
+    """The listener's names: its DNS name, loopback for clients on the CA host, and the
+    name only the CA's own listener carries, which clients at loopback addresses check
+    (CA_SERVER_NAME)."""
     return ([dns_name] + (["localhost"] if dns_name != "localhost" else [])
-            + ["127.0.0.1", "::1"])
+            + ["127.0.0.1", "::1", CA_SERVER_NAME])
 
 
 async def ensure_server_cert(config: Config, issuance: Issuance) -> bool:

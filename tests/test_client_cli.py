@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -698,9 +699,10 @@ async def test_an_enrollment_whose_answer_is_lost_is_retried_and_gets_its_certif
     answer did not arrive, and gets that certificate (the daemon answers the holder of
     its key again). Here a front on 127.0.0.1 forwards the request to the daemon and,
     the first time, drops the connection instead of passing the answer on."""
-    cert, key = enroll(daemon, tmp_path, "service", ["127.0.0.1"])
+    # The front holds the daemon's own TLS key: at a loopback address a client talks only
+    # to a server that proves it is the CA's (test_a_host_certified_for_loopback_...).
     front = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    front.load_cert_chain(cert, key)
+    front.load_cert_chain(daemon.state / "tls" / "server.pem", daemon.state / "tls" / "server.key")
     statuses: list[int] = []
 
     async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -878,3 +880,105 @@ def test_links_swapped_in_while_the_ca_answers_redirect_nothing(tmp_path: Path) 
     assert sorted(p.name for p in victim.iterdir()) == ["secret.conf"]
     assert stat.S_IMODE(victim.stat().st_mode) == 0o700
     assert not (home / "fresh").exists()
+
+
+async def test_a_host_certified_for_a_loopback_name_cannot_answer_in_the_cas_place(
+        daemon: Daemon, tmp_path: Path) -> None:
+    """An SSH trial: fleet hosts are certified for `localhost` or 127.0.0.1, and a client
+    of the CA at a loopback address (the quickstart's URL, the admin CLI's on the CA
+    host) took any certificate of the CA with that name for the daemon. A host's own
+    credential answered `hsmca ssh known-hosts` with a CA key never in the HSM, and
+    `hsmca ssh revoke` with "revoked". At a loopback address the server must prove
+    ca-server.hsmca.invalid, a name only the daemon's listener carries and no one else
+    can be certified for."""
+    cert, key = enroll(daemon, tmp_path, "host", ["127.0.0.1", "localhost"])
+    rogue = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    rogue.load_cert_chain(cert, key)
+    asked: list[bytes] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        asked.append(await reader.readuntil(b"\r\n\r\n"))
+        body = b'{"host": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGNvdW50ZmVpdGNvdW50ZmVpdA"]}'
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                     + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=rogue)
+    out = tmp_path / "known_hosts"
+    try:
+        port = server.sockets[0].getsockname()[1]
+        for host in ("127.0.0.1", "localhost"):
+            proc = await asyncio.to_thread(
+                hsmca, "ssh", "known-hosts", "--url", f"https://{host}:{port}", "--ca",
+                daemon.root, "--hosts", "*.internal.example", "--out", out, check=False)
+            line = one_line_error(proc)
+            assert "the server there is not this CA's daemon" in line, line
+            assert "lacks ca-server.hsmca.invalid" in line, line
+    finally:
+        server.close()
+    assert not asked and not out.exists()  # nothing was sent, nothing written
+    # The daemon itself, at the same kind of address, proves it.
+    assert daemon.url.startswith("https://127.0.0.1:")
+    proc = await asyncio.to_thread(hsmca, "ssh", "known-hosts", "--url", daemon.url, "--ca",
+                                   daemon.root, "--hosts", "*.internal.example", "--out", out,
+                                   check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "@cert-authority *.internal.example" in out.read_text()
+    # Nobody else can be certified for that name.
+    proc = await asyncio.to_thread(
+        hsmca, "token", "create", "--config", daemon.state / "hsmca.toml", "--role", "host",
+        "--name", "ca-server.hsmca.invalid", check=False)
+    assert "is one of the CA's own names" in one_line_error(proc)
+
+
+def test_a_listener_certificate_of_an_older_release_is_renewed_at_start(
+        daemon: Daemon, tmp_path: Path) -> None:
+    """0.2.0's listener certificate lacks ca-server.hsmca.invalid, which clients at
+    loopback addresses now check: a start renews it."""
+    from ca.config import load
+    from ca.server_cert import _needs_renewal
+    config = load(daemon.state / "hsmca.toml")
+    issuer = x509.load_pem_x509_certificate((daemon.state / "x509" / "issuing.pem").read_bytes())
+    assert _needs_renewal(config, dt.datetime.now(dt.UTC), issuer) is None
+    cert, key = enroll(daemon, tmp_path, "host", ["localhost", "127.0.0.1"])
+    config = dataclasses.replace(config, tls_cert=cert, tls_key=key)  # as 0.2.0 made it
+    assert _needs_renewal(config, dt.datetime.now(dt.UTC), issuer) == (
+        "lacks ca-server.hsmca.invalid, which clients on this host check")
+
+
+def test_revoking_one_certificate_names_the_same_keys_others_still_live(
+        daemon: Daemon, tmp_path: Path) -> None:
+    """An SSH trial: an admin revoked a person's current certificate by its serial; the
+    one it was renewed from (the same key) stayed live, renewed and got SSH certificates,
+    and nothing said so. Renewals overlap by design: the admin is told which are left,
+    and how to cut the holder off."""
+    name = "same-key-left@example.com"
+    cert, key = enroll(daemon, tmp_path, "user", [name])
+    before = tmp_path / "before.pem"
+    before.write_bytes(cert.read_bytes())
+    assert _renew(daemon, cert, key).returncode == 0  # the same key
+    proc = hsmca("revoke", cert_serial(cert), "--config", daemon.state / "hsmca.toml",
+                 "--url", daemon.url)
+    assert f"revoked {cert_serial(cert)}" in proc.stdout
+    assert f"1 other live certificate(s) of the same key ({cert_serial(before)}) still " \
+        "authenticate its holder" in proc.stderr, proc.stderr
+    assert "--identity NAME" in proc.stderr
+    proc = hsmca("revoke", "--identity", name, "--config", daemon.state / "hsmca.toml",
+                 "--url", daemon.url)
+    assert "same key" not in proc.stderr, proc.stderr
+    assert _renew(daemon, before, key).returncode == 1  # the holder is cut off
+
+
+def test_a_credential_in_its_last_third_is_announced(daemon: Daemon, tmp_path: Path) -> None:
+    """An SSH trial: a person's credential (24 h) ended the day after enrollment, and
+    `ssh user` had said nothing the evening before; past its end only a new token helps.
+    From two thirds of its lifetime (when `renew` renews it) the commands warn."""
+    from ca.client import ending
+    cert, _ = enroll(daemon, tmp_path, "user", ["ending@example.com"])
+    leaf = x509.load_pem_x509_certificate(cert.read_bytes())
+    start, end = leaf.not_valid_before_utc, leaf.not_valid_after_utc
+    assert ending(cert, start + (end - start) / 2) is None
+    said = ending(cert, end - dt.timedelta(minutes=90))
+    assert said is not None and said.startswith(
+        f"--cert {cert} ends at {end.isoformat()} (in 1 h 30 min): renew it before then"), said

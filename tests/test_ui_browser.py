@@ -368,10 +368,10 @@ def test_a_line_withheld_or_changed_inside_the_verified_log_turns_the_banner_red
     w = world
     victim = next(e["seq"] for e in log_lines(w.ca_state) if e.get("serial") == w.web
                   and e.get("phase") == "intent")
-    cert, key = enroll(w.daemon, tmp_path, "service", ["127.0.0.1"])
-    chain = tmp_path / "front.pem"  # the leaf, then the issuing CA the UI does not hold
-    chain.write_text(cert.read_text() + (w.ca_state / "x509" / "issuing.pem").read_text())
-    front = LyingFront(w.daemon.url, w.daemon.root, w.auditor, (chain, key))
+    # The front holds the daemon's own TLS key (and serves its chain): at a loopback
+    # address the view talks only to a server that proves it is the CA's.
+    front = LyingFront(w.daemon.url, w.daemon.root, w.auditor,
+                       (w.ca_state / "tls" / "server.pem", w.ca_state / "tls" / "server.key"))
     try:
         for lie, path in (("drop", f"/audit?event=hsm.sign&before={victim + 5}"),
                           ("drop", f"/audit/{victim}"), ("alter", f"/audit/{victim}")):

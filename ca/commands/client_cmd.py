@@ -155,7 +155,7 @@ def enroll(args: argparse.Namespace) -> int:
     issued = asyncio.run(client.enroll(url, token, args.name, args.out, args.ca,
                                        force=args.force, ttl=args.ttl))
     for text in issued.get("warnings", []):
-        _warn(text)
+        warn(text)
     print(f"enrolled: serial {issued['serial']}, valid until {issued['not_after']}; wrote "
           f"{args.out / 'key.pem'} (0600), {args.out / 'cert.pem'}, {args.out / 'chain.pem'}")
     return 0
@@ -176,9 +176,9 @@ def renew(args: argparse.Namespace) -> int:
     if args.daemon:
         return _renew_daemon(args, url)
     issued = asyncio.run(client.renew(url, args.cert, args.key, args.ca, args.rekey,
-                                      ttl=args.ttl, warn=_warn))
+                                      ttl=args.ttl, warn=warn))
     for text in issued.get("warnings", []):
-        _warn(text)
+        warn(text)
     print(f"renewed: serial {issued['serial']}, valid until {issued['not_after']}"
           f"{' (new key)' if args.rekey else ''}", flush=True)
     if args.exec:
@@ -190,7 +190,7 @@ def renew(args: argparse.Namespace) -> int:
     return 0
 
 
-def _warn(text: str) -> None:
+def warn(text: str) -> None:
     print(f"hsmca: warning: {text}", file=sys.stderr)
 
 
@@ -206,7 +206,7 @@ def _renew_daemon(args: argparse.Namespace, url: str) -> int:
     # A first mistake fails at once, not in a log hours later: the credential, a wrong
     # --ca or --url, a certificate the CA did not issue or has revoked. A CA that is
     # away is said, and waited for.
-    client.mend_alone(cert, key, _warn)  # a renewal cut short, before the pair is judged
+    client.mend_alone(cert, key, warn)  # a renewal cut short, before the pair is judged
     try:
         # What every renewal would refuse (a foreign link, a directory anyone can write)
         for path in dict.fromkeys((key, cert, cert.parent / "chain.pem")):
@@ -218,7 +218,7 @@ def _renew_daemon(args: argparse.Namespace, url: str) -> int:
     except client.ClientError as exc:
         if not exc.retryable:
             raise GaveUp(str(exc)) from None
-        _warn(f"{exc}; renewing when due all the same")
+        warn(f"{exc}; renewing when due all the same")
     schedule: dict[int, dt.datetime] = {}
 
     def current() -> Any:
@@ -324,7 +324,7 @@ def revoke(args: argparse.Namespace) -> int:
           + (f"; and {out['ssh_certificates']} SSH certificate(s) issued on their strength"
              if out["ssh_certificates"] else ""))
     for warning in out.get("warnings", []):
-        _warn(warning)
+        warn(warning)
     return 0
 
 

@@ -227,6 +227,9 @@ def user(args: argparse.Namespace) -> int:
     if lifetime is not None:
         print(f"added {_private_path(args.pubkey)} and its certificate to ssh-agent for "
               f"{lifetime} s (until the certificate expires)")
+    if (why := client.ending(args.cert)) is not None:
+        from ca.commands.client_cmd import warn
+        warn(why)
     return 0
 
 
@@ -642,10 +645,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     k.set_defaults(command_key="ssh-known-hosts")
     v = ssub.add_parser("revoke", help="revoke SSH certificates (admin)",
                         description="Revoke SSH certificates with the admin credential of "
-                        "--config: one by its serial, every one with a key id, or every one "
-                        "for a public key (that key is then refused in every later "
-                        "certificate too). The KRL (/v1/ssh/krl) lists them at once; hosts "
-                        "that run `hsmca ssh host --renew` fetch it every --refresh.")
+                        "--config: one by its serial or its key id, or every one for a public "
+                        "key (that key is then refused in every later certificate too). "
+                        "This does not stop the holder from asking for another: to cut a "
+                        "person or host off, revoke its X.509 credential (hsmca revoke "
+                        "--identity NAME), which revokes its SSH certificates too. The KRL "
+                        "(/v1/ssh/krl) lists them at once; hosts that run `hsmca ssh host "
+                        "--renew` fetch it every --refresh.")
     which = v.add_mutually_exclusive_group(required=True)
     which.add_argument("--serial", type=int, metavar="N",
                        help="the certificate's serial (decimal, as ssh-keygen -L prints it)")
