@@ -67,10 +67,13 @@ class KeyLifecycle:
         return out
 
     async def request(self, action: str, kind: str | None, label: str | None,
-                      confirmed: bool = False) -> ra.KeyRequest:
-        """The RA's request, with what the inventory says of the key named."""
+                      confirmed: bool = False, stage: bool = False) -> ra.KeyRequest:
+        """The RA's request, with what the inventory says of the key named (a rotation:
+        of the kind's staged key, if it has one)."""
         if label is None:
-            return ra.KeyRequest(action, kind or "")
+            staged = next((r.label for r in await self.store.keys()
+                           if r.kind == kind and r.state == "next"), None)
+            return ra.KeyRequest(action, kind or "", stage=stage, staged=staged)
         record = next((r for r in await self.store.keys() if r.label == label), None)
         behind = (await self._not_handed_over() if action == "retire" and record is not None
                   and record.kind == "audit" else ())
@@ -79,15 +82,20 @@ class KeyLifecycle:
 
     async def carry_out(self, order: ra.KeyOrder, context: ra.Context,
                         request_id: str | None) -> dict[str, Any]:
-        if order.action == "rotate":
+        if order.action in ("rotate", "stage"):
             return await self._rotate(order, context, request_id)
+        if order.action == "promote":
+            return await self._promote(order, request_id)
         assert order.label is not None
         absent = False  # a destroy that found the key gone from the token already
         if order.action == "retire":
             await self.audit.append("key.retire", label=order.label, kind=order.kind,
                                     actor=order.actor, request_id=request_id)
-            if not await self.store.set_key_state(order.label, "retired", utcnow(),
-                                                  expect="previous"):
+            at = utcnow()
+            if not (await self.store.set_key_state(order.label, "retired", at,
+                                                   expect="previous")
+                    or await self.store.set_key_state(order.label, "retired", at,
+                                                      expect="next")):
                 raise Refused(f"{order.label!r} changed meanwhile", Reason.CONFLICT)
         else:
             seq = await self.issuance.pipeline.destroy_key(order.label, order.actor, request_id)
@@ -170,9 +178,18 @@ class KeyLifecycle:
         # To the microsecond: the inventory lists keys by creation time, and two rotations
         # in one second were otherwise listed by their labels' random suffixes.
         made = dt.datetime.now(dt.UTC).isoformat()
-        record = KeyRecord(label, order.kind, "active", info.key_type, made,
-                           info.spki_sha256, info.uri, cert_der, made,
+        staged = order.action == "stage"
+        record = KeyRecord(label, order.kind, "next" if staged else "active", info.key_type,
+                           made, info.spki_sha256, info.uri, cert_der, made,
                            ssh_public_key(order.kind, info))
+        if staged:
+            await self.audit.append("key.stage", kind=order.kind, label=label,
+                                    active=current.label, fingerprint=info.spki_sha256,
+                                    actor=order.actor, request_id=request_id)
+            await self.store.stage_key(record)
+            await self._published()
+            return {"label": label, "kind": order.kind, "state": "next",
+                    "active": current.label, "fingerprint": info.spki_sha256}
         await self.audit.append("key.rotate", kind=order.kind, label=label,
                                 previous=current.label, fingerprint=info.spki_sha256,
                                 actor=order.actor, request_id=request_id)
@@ -180,6 +197,25 @@ class KeyLifecycle:
         await self._published()
         return {"label": label, "kind": order.kind, "previous": current.label,
                 "fingerprint": info.spki_sha256}
+
+    async def _promote(self, order: ra.KeyOrder, request_id: str | None) -> dict[str, Any]:
+        """The kind's staged key, trusted since it was staged, signs from now on; the
+        active one becomes previous."""
+        assert order.label is not None
+        issuers = await self.issuance.keys.refresh()
+        cert_type = order.kind.removeprefix("ssh-")
+        current = issuers.current_ssh[cert_type]
+        staged = issuers.ssh.get(order.label)
+        fingerprint = staged.key.spki_sha256 if staged is not None else None
+        await self.audit.append("key.rotate", kind=order.kind, label=order.label,
+                                previous=current, fingerprint=fingerprint, staged=True,
+                                actor=order.actor, request_id=request_id)
+        if await self.store.promote_key(order.label, order.kind,
+                                        dt.datetime.now(dt.UTC).isoformat()) is None:
+            raise Refused(f"{order.label!r} changed meanwhile", Reason.CONFLICT)
+        await self._published()
+        return {"label": order.label, "kind": order.kind, "previous": current,
+                "fingerprint": fingerprint, "staged": True}
 
     async def _published(self) -> None:
         """Every process picks the change up: this one now, the others at their next

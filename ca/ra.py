@@ -278,6 +278,10 @@ class KeyRequest:
     confirmed: bool = False
     # An audit key's retirement: the logs whose latest checkpoint only it still signs.
     not_handed_over: tuple[str, ...] = ()
+    # A rotation: whether to stage the new key (published, signing nothing yet), and
+    # the kind's staged key if it has one (a rotation puts that one in use).
+    stage: bool = False
+    staged: str | None = None
 
 
 @dataclass(frozen=True)
@@ -514,7 +518,7 @@ class OCSPOrder:
 
 @dataclass(frozen=True)
 class KeyOrder:
-    action: str
+    action: str  # rotate | stage | promote (the staged key `label`) | retire | destroy
     kind: str
     label: str | None
     actor: str
@@ -939,6 +943,7 @@ def _local_cert(ctx: Context, who: Requester, req: LocalCertRequest) -> X509Orde
 
 
 ROTATABLE = ("issuing", "ssh-user", "ssh-host", "audit")
+STAGED = ("ssh-user", "ssh-host")  # kinds whose new key may be published before it signs
 CEREMONY_LOG = "init"  # ca.audit.cluster.CEREMONIES: the decisions load no audit code
 
 
@@ -978,6 +983,19 @@ def _key(ctx: Context, who: Requester, req: KeyRequest) -> KeyOrder:
             raise Refused(f"the previous audit key {previous!r} still signs checkpoints: "
                           f"retire it first (hsmca key retire {previous}), then rotate again",
                           Reason.CONFLICT)
+        if req.stage:
+            if req.kind not in STAGED:
+                raise Refused(f"only SSH CA keys ({', '.join(STAGED)}) are staged: hosts and "
+                              "clients must trust one before it signs; an issuing key's "
+                              "chain travels with each certificate (/v1/x509/bundle has the "
+                              "new one from its rotation)")
+            if req.staged is not None:
+                raise Refused(f"{req.staged!r} is staged already: `hsmca key rotate "
+                              f"{req.kind}` puts it in use, `hsmca key retire {req.staged}` "
+                              "drops it", Reason.CONFLICT)
+            return KeyOrder("stage", req.kind, None, who.actor)
+        if req.staged is not None:
+            return KeyOrder("promote", req.kind, req.staged, who.actor)
         return KeyOrder("rotate", req.kind, None, who.actor)
     if req.state is None:
         raise Refused(f"the CA has no key labelled {req.label!r} (`hsmca key list` lists "
@@ -988,7 +1006,7 @@ def _key(ctx: Context, who: Requester, req: KeyRequest) -> KeyOrder:
                    else f"hsmca key rotate {req.kind}")
             raise Refused(f"{req.label!r} is the active {req.kind} key: rotate first ({how}), "
                           "then retire the previous one", Reason.CONFLICT)
-        if req.state != "previous":
+        if req.state not in ("previous", "next"):  # a staged key may be dropped unused
             raise Refused(f"{req.label!r} is {req.state} already", Reason.CONFLICT)
         if req.not_handed_over:  # retired now, those logs would verify with neither key
             how = (" (the init log hands over at the root's next rotation, `hsmca key "

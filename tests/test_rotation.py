@@ -690,3 +690,79 @@ async def test_after_two_rotations_the_bundle_and_the_key_list_are_newest_first(
             text.index("issuing-ca "), text
     finally:
         assert d.stop() == 0
+
+
+async def test_a_staged_ssh_ca_key_is_trusted_before_it_signs(tmp_path: Path) -> None:
+    """An SSH trial: `key rotate ssh-user` signed with the new key at once, and every
+    user who got a certificate before the hosts' next refresh (5 min by default) was
+    refused everywhere. `--stage` publishes the new key and keeps signing with the
+    active one; the next `rotate` puts the staged key in use. A host that fetched the
+    list once while it was staged takes certificates from before and after."""
+    keygen = require("ssh-keygen")
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state)
+    try:
+        user = enroll(d, tmp_path, "user", ["carol@example.com"], ["root"])
+        host = enroll(d, tmp_path, "host", ["localhost"])
+        for name in ("id_before", "id_staged", "id_after", "hostkey"):
+            subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-f", tmp_path / name],
+                           check=True)
+
+        def user_cert(name: str) -> str:  # the fingerprint of the CA key that signed it
+            hsmca("ssh", "user", "--url", d.url, "--ca", d.root, "--cert", user[0], "--key",
+                  user[1], "--pubkey", tmp_path / f"{name}.pub")
+            shown = subprocess.run([keygen, "-L", "-f", tmp_path / f"{name}-cert.pub"],
+                                   capture_output=True, text=True, check=True).stdout
+            return re.search(r"Signing CA: \S+ (\S+)", shown).group(1)  # type: ignore[union-attr]
+
+        def fingerprints(lines: str) -> list[str]:
+            return [subprocess.run([keygen, "-l", "-f", "-"], input=line + "\n",
+                                   capture_output=True, text=True, check=True).stdout.split()[1]
+                    for line in lines.splitlines()]
+
+        old_ca = user_cert("id_before")
+        staged = key_cmd(d, "rotate", "ssh-user", "--stage").stdout
+        label = re.search(r"^staged ssh-user: (\S+) is published", staged).group(1)  # type: ignore[union-attr]
+        assert "signs nothing yet; ssh-user-ca still signs" in staged, staged
+        assert re.search(rf"^{label}\s+ssh-user\s+next", key_cmd(d, "list").stdout, re.M)
+        cas = json.loads((await http("GET", f"{d.url}/v1/ssh/ca", d.ssl()))[2])
+        listed = fingerprints(cas["user"])
+        assert len(listed) == 2 and listed[0] == old_ca, listed  # the signing one first
+        new_ca = listed[1]
+        assert user_cert("id_staged") == old_ca  # still the active key's
+        again = key_cmd(d, "rotate", "ssh-user", "--stage", check=False)
+        assert again.returncode == 1 and f"{label!r} is staged already" in again.stderr
+
+        # The host fetches the list once, while the key is staged, and never again.
+        (tmp_path / "user_cas.pub").write_text(cas["user"] + "\n")
+        rotated = key_cmd(d, "rotate", "ssh-user").stdout
+        assert f"rotated ssh-user: {label} is active (staged before), ssh-user-ca is " \
+            "previous" in rotated, rotated
+        assert user_cert("id_after") == new_ca
+        hsmca("ssh", "host", "--url", d.url, "--ca", d.root, "--cert", host[0], "--key",
+              host[1], "--pubkey", tmp_path / "hostkey.pub")
+        (tmp_path / "krl").write_bytes((await http("GET", f"{d.url}/v1/ssh/krl", d.ssl()))[2])
+        sshd = SSHD(tmp_path, tmp_path / "hostkey", tmp_path / "hostkey-cert.pub",
+                    tmp_path / "user_cas.pub", tmp_path / "krl")
+        try:
+            known = tmp_path / "known_hosts"
+            known.write_text(f"@cert-authority [localhost]:{sshd.port} "
+                             f"{cas['host'].splitlines()[0]}\n")
+            for who in ("id_before", "id_staged", "id_after"):
+                proc = ssh_login(sshd.port, known, tmp_path / who, tmp_path / f"{who}-cert.pub")
+                assert "logged-in-with-cert" in proc.stdout, (who, proc.stderr)
+        finally:
+            sshd.stop()
+        # Only SSH CA keys are staged; a staged key nobody wants is retired unused.
+        issuing = key_cmd(d, "rotate", "issuing", "--stage", check=False)
+        assert issuing.returncode == 1 and "only SSH CA keys" in issuing.stderr
+        dropped = key_cmd(d, "rotate", "ssh-host", "--stage").stdout.split()[2]
+        key_cmd(d, "retire", dropped, "--yes")
+        assert re.search(rf"^{dropped}\s+ssh-host\s+retired", key_cmd(d, "list").stdout, re.M)
+        events = [(e["event"], e.get("staged")) for e in log_lines(ca.state)
+                  if e.get("event", "").startswith("key.")]
+        assert events == [("key.stage", None), ("key.rotate", True), ("key.stage", None),
+                          ("key.retire", None)], events
+    finally:
+        assert d.stop() == 0
+    audit_verify(ca.state, ok=True)

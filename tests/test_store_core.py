@@ -34,6 +34,7 @@ from ca.store import (
 )
 
 NOW = dt.datetime(2026, 12, 2, 12, 0, tzinfo=dt.UTC)
+LATER = (NOW + dt.timedelta(hours=1)).isoformat()
 
 
 def run(coro: Any) -> Any:
@@ -182,6 +183,22 @@ def test_keys_rotate_and_change_state_once(store: Store) -> None:
     assert states == {"issuing-ca": "previous", "issuing-2": "active"}
     assert run(store.set_key_state("issuing-ca", "retired", NOW, "previous")) is True
     assert run(store.set_key_state("issuing-ca", "retired", NOW, "previous")) is False
+
+
+def test_a_staged_ssh_key_is_promoted_once_and_the_active_one_becomes_previous(
+        store: Store) -> None:
+    def key(label: str) -> KeyRecord:
+        return KeyRecord(label, "ssh-user", "active", "ed25519", NOW.isoformat(), "f" * 64,
+                         f"pkcs11:object={label}", None, NOW.isoformat(), "ssh-ed25519 AAAA")
+    run(store.add_keys([key("ssh-user-ca")]))
+    run(store.stage_key(key("ssh-user-2")))
+    assert {k.label: k.state for k in run(store.keys())} == {
+        "ssh-user-ca": "active", "ssh-user-2": "next"}
+    assert run(store.promote_key("ssh-user-2", "ssh-host", LATER)) is None  # another kind
+    assert run(store.promote_key("ssh-user-2", "ssh-user", LATER)) == ["ssh-user-ca"]
+    assert run(store.promote_key("ssh-user-2", "ssh-user", LATER)) is None  # done already
+    assert {k.label: (k.state, k.changed_at) for k in run(store.keys())} == {
+        "ssh-user-ca": ("previous", LATER), "ssh-user-2": ("active", LATER)}
 
 
 def test_a_root_ceremonys_records_land_together_or_not_at_all(store: Store) -> None:

@@ -72,8 +72,18 @@ def run(args: argparse.Namespace) -> int:
     if action == "rotate":
         if args.kind == "root":
             raise CLIError(ROOT_OFFLINE)
-        out = _call(args, "POST", "/v1/keys/rotate", {"kind": args.kind}, expect=201)
-        print(f"rotated {out['kind']}: {out['label']} is active, {out['previous']} is "
+        body: dict[str, object] = {"kind": args.kind}
+        if args.stage:
+            body["stage"] = True
+        out = _call(args, "POST", "/v1/keys/rotate", body, expect=201)
+        if out.get("state") == "next":
+            print(f"staged {out['kind']}: {out['label']} is published (GET /v1/ssh/ca) and "
+                  f"signs nothing yet; {out['active']} still signs. Once hosts and clients "
+                  f"trust the new key (`hsmca ssh host --renew` fetches it every --refresh), "
+                  f"`hsmca key rotate {out['kind']}` puts it in use")
+            return 0
+        staged = " (staged before)" if out.get("staged") else ""
+        print(f"rotated {out['kind']}: {out['label']} is active{staged}, {out['previous']} is "
               f"previous ({PREVIOUS_DOES[out['kind']]} until you retire it)")
         return 0
     if action == "retire":
@@ -167,8 +177,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                         "use it at once; until it is retired the previous key keeps signing "
                         "CRLs and OCSP for what it issued (issuing), stays trusted (SSH: "
                         "/v1/ssh/ca lists both), or signs each checkpoint beside the new one "
-                        "(audit). The root is rotated offline (docs/keys.md).")
+                        "(audit). The root is rotated offline (docs/keys.md). An SSH CA key "
+                        "may be staged first (--stage): published, signing nothing, until "
+                        "the next `rotate` of its kind puts it in use, once hosts and "
+                        "clients trust it.")
     r.add_argument("kind", choices=(*KINDS, "root"), help="which key (root: see rotate-root)")
+    r.add_argument("--stage", action="store_true",
+                   help="SSH CA keys: make the new key and publish it (GET /v1/ssh/ca), but "
+                   "keep signing with the active one; `hsmca key rotate KIND` later puts "
+                   "the staged key in use (no certificate is refused by a host that has not "
+                   "fetched the new key yet)")
     common(r)
     rr = ksub.add_parser(
         "rotate-root", help="a new root, with the daemon stopped (a ceremony)",

@@ -49,7 +49,7 @@ async def load_issuers(store: Store, pipeline: SigningPipeline) -> iss.Issuers:
     records = await store.keys()
     infos = {}
     for r in records:
-        if r.state not in ("active", "previous"):
+        if r.state not in ("active", "previous", "next"):
             continue
         try:
             infos[r.label] = await pipeline.load_key(r.label)

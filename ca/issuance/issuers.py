@@ -154,8 +154,9 @@ class Issuers:
         return live + list(reversed(self.past.values()))
 
     def ssh_lines(self, cert_type: str, comment: str) -> list[str]:
-        """authorized_keys lines of every SSH CA of a type still trusted, newest first,
-        each commented with its key's label: during an overlap an operator editing
+        """authorized_keys lines of every SSH CA of a type still trusted, the one that
+        signs first, then the others newest first (a staged one among them), each
+        commented with its key's label: during an overlap an operator editing
         known_hosts or TrustedUserCAKeys by hand tells the old key from the new."""
         current = self.current_ssh[cert_type]
         ordered = [current] + [k for k, i in reversed(self.ssh.items())
@@ -216,7 +217,9 @@ def build(records: list[KeyRecord], infos: dict[str, KeyInfo],
     for kind, cert_type in (("ssh-user", "user"), ("ssh-host", "host")):
         first_ssh[cert_type] = by_kind[kind][0].label if by_kind[kind] else ""
         for r in by_kind[kind]:
-            if r.state in ("active", "previous"):
+            # A staged (next) key is trusted, so /v1/ssh/ca hands it out, and signs
+            # nothing until it is promoted: current_ssh is the active one.
+            if r.state in ("active", "previous", "next"):
                 ssh[r.label] = SSHIssuer(r.label, infos[r.label], cert_type)
         current_ssh[cert_type] = active(kind).label
     first = by_kind["issuing"][0].label

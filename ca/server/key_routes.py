@@ -24,8 +24,12 @@ async def _act(request: web.Request, action: str) -> web.Response:
     who = await identity(request)
     lifecycle = request.app[LIFECYCLE]
     if action == "rotate":
-        body = await json_body(request, {"kind"})
-        req = await lifecycle.request(action, field(body, "kind", str), None)
+        body = await json_body(request, {"kind", "stage"})
+        stage = body.get("stage", False)
+        if not isinstance(stage, bool):
+            raise Problem(400, "Bad Request", "field 'stage' must be true or false",
+                          "bad-field")
+        req = await lifecycle.request(action, field(body, "kind", str), None, stage=stage)
     else:
         body = await json_body(request, {"label", "confirm"})
         confirm = body.get("confirm", False)
@@ -38,7 +42,8 @@ async def _act(request: web.Request, action: str) -> web.Response:
     done = await lifecycle.carry_out(order, context, request.get("request_id"))
     # The operator reads the daemon's log, not the audit log: a change of the CA's keys
     # is said there too (a key lifecycle trial found none).
-    log.warning(_DONE[action], kind=done.get("kind"), label=done.get("label"),
+    log.warning("key staged" if order.action == "stage" else _DONE[action],
+                kind=done.get("kind"), label=done.get("label"),
                 previous=done.get("previous"), fingerprint=done.get("fingerprint"),
                 live=done.get("live"), warnings=done.get("warnings"), actor=order.actor,
                 request_id=request.get("request_id"))

@@ -208,7 +208,7 @@ class KeyRecord:
 
     label: str
     kind: str  # root | issuing | ssh-user | ssh-host | audit
-    state: str  # active | previous | retired | destroyed
+    state: str  # next (staged, SSH only) | active | previous | retired | destroyed
     algorithm: str
     created_at: str
     fingerprint: str  # SHA-256 of its SubjectPublicKeyInfo

@@ -1147,6 +1147,25 @@ class SQLiteStore:
             return old
         return await self._write(rotate)
 
+    async def stage_key(self, key: KeyRecord) -> None:
+        def insert(db: sqlite3.Connection) -> None:
+            db.execute("INSERT INTO ca_keys (label, kind, state, algorithm, created_at, "
+                       "fingerprint, uri, cert, changed_at, ssh_public_key) VALUES "
+                       "(?,?,'next',?,?,?,?,?,?,?)",
+                       (key.label, key.kind, key.algorithm, key.created_at, key.fingerprint,
+                        key.uri, key.cert, key.changed_at, key.ssh_public_key))
+        await self._write(insert)
+
+    async def promote_key(self, label: str, kind: str, at: str) -> list[str] | None:
+        def promote(db: sqlite3.Connection) -> list[str] | None:
+            if db.execute("UPDATE ca_keys SET state = 'active', changed_at = ? WHERE label = ? "
+                          "AND kind = ? AND state = 'next'", (at, label, kind)).rowcount != 1:
+                return None
+            return [r[0] for r in db.execute(
+                "UPDATE ca_keys SET state = 'previous', changed_at = ? WHERE kind = ? AND "
+                "state = 'active' AND label != ? RETURNING label", (at, kind, label))]
+        return await self._write(promote)
+
     async def set_key_state(self, label: str, state: str, at: dt.datetime,
                             expect: str) -> bool:
         def change(db: sqlite3.Connection) -> int:
