@@ -775,7 +775,13 @@ def _ssh_host(ctx: Context, who: Requester, req: SSHHostRequest) -> SSHOrder:
     names = tuple(n for n, kind in kinds.items()
                   if kind == "dns" or (kind == "ip" and _valid_now(n)))
     if req.principals is None:  # by default, the names the policy in force still allows
-        names = tuple(n for n in names if ctx.policy.allow_wildcards or not n.startswith("*."))
+        kept = tuple(n for n in names if ctx.policy.allow_wildcards or not n.startswith("*."))
+        if names and not kept:  # an SSH trial: "no host names were granted" named no cause
+            raise Refused(f"this certificate's names ({', '.join(names)}) are wildcards, which "
+                          "the CA no longer makes SSH principals ([policy] allow-wildcards is "
+                          "off): enroll the host again with its own names",
+                          Reason.PRINCIPAL_NOT_GRANTED)
+        names = kept
     principals = _principals(req.principals, names, "host names")
     for name in principals:
         if kinds[name] == "dns":

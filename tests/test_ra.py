@@ -260,6 +260,11 @@ def test_wildcards_turned_off_reach_renewals_and_ssh_host_certificates() -> None
     assert isinstance(order, ra.SSHOrder) and order.principals == ("web.w.example",)
     refused(ra.decide(context(), host, ra.SSHHostRequest(ssh_key(), ["*.w.example"])),
             Reason.BAD_NAME, "wildcards are not enabled")
+    # A host named only by a wildcard is told why it gets no principal (an SSH trial).
+    only = holder("host", ("*.w.example",))
+    refused(ra.decide(context(), only, ra.SSHHostRequest(ssh_key())),
+            Reason.PRINCIPAL_NOT_GRANTED, "are wildcards, which the CA no longer makes SSH "
+            "principals ([policy] allow-wildcards is off)")
 
 
 def test_renewal_keeps_the_presented_key_unless_a_csr_brings_a_new_one() -> None:
