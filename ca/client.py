@@ -19,6 +19,7 @@ import secrets
 import shutil
 import ssl
 import stat
+import sys
 import time
 import weakref
 from collections.abc import Iterator
@@ -137,15 +138,18 @@ class _CAContext(ssl.SSLContext):
 
 def ssl_context(ca: Path | None, cert: Path | None = None,
                 key: Path | None = None) -> ssl.SSLContext:
-    """TLS 1.2+ context trusting `ca` (else the system's CAs), presenting cert/key; with
-    `ca`, a daemon at a loopback address must prove it is the CA's (_CAContext)."""
+    """TLS 1.2+ context trusting `ca` (else the system's CAs, which may hold this CA's
+    root too), presenting cert/key; a daemon at a loopback address must prove it is the
+    CA's (_CAContext). What ssl.create_default_context makes, of that class."""
+    ctx = _CAContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the chain, checks names
     if ca is not None:
-        cadata = "".join(c.public_bytes(serialization.Encoding.PEM).decode()
-                         for c in load_certificates(ca, "--ca"))
-        ctx: ssl.SSLContext = _CAContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies, checks names
-        ctx.load_verify_locations(cadata=cadata)
+        ctx.load_verify_locations(cadata="".join(
+            c.public_bytes(serialization.Encoding.PEM).decode()
+            for c in load_certificates(ca, "--ca")))
     else:
-        ctx = ssl.create_default_context()
+        ctx.load_default_certs()
+    if sys.version_info >= (3, 13):  # as create_default_context sets them there
+        ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN | ssl.VERIFY_X509_STRICT
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if cert is not None:
         _read(cert, "--cert")
@@ -197,10 +201,11 @@ async def _request(session: aiohttp.ClientSession, method: str, url: str,
             return r.content_type, body
     except aiohttp.ClientConnectorCertificateError as exc:
         reason = getattr(exc.certificate_error, "verify_message", None) or exc.certificate_error
-        if info.ca is not None and CA_SERVER_NAME in str(reason):
+        if CA_SERVER_NAME in str(reason):
+            trusted = f"--ca {info.ca}" if info.ca is not None else "the system's CAs"
             raise ClientError(
                 f"cannot connect to {url}: the server there is not this CA's daemon: its "
-                f"certificate verifies against --ca {info.ca} but lacks {CA_SERVER_NAME}, "
+                f"certificate verifies against {trusted} but lacks {CA_SERVER_NAME}, "
                 "which only the daemon's own carries (a host certified for a loopback name "
                 "answered; or the daemon is older than 0.3.0, which renews its certificate "
                 "when it starts)") from None
@@ -472,6 +477,13 @@ class Staged:
 
     def commit(self, data: dict[Path, bytes | str]) -> None:
         try:
+            self._commit(data)
+        except BaseException:
+            self.abort()  # whatever failed: no descriptor or temporary file is left
+            raise
+
+    def _commit(self, data: dict[Path, bytes | str]) -> None:
+        try:
             for path, slot in self._slots.items():
                 self._write(path, slot, data[path])
         except OSError as exc:  # a full disk: nothing is replaced, and it may pass
@@ -549,17 +561,20 @@ class Staged:
         self._slots.clear()
 
 
+_O_PATH = getattr(os, "O_PATH", os.O_RDONLY)  # Linux: only search permission needed
+
+
 def opened_dir(directory: Path) -> int:
     """`directory` (resolved: no symlink in it) opened by walking it one name at a time
     without following a link, so that one swapped in after the checks is refused instead
     of written through. Only search permission is needed on the way (O_PATH)."""
     flags = os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open("/", os.O_PATH | flags)
+    fd = os.open("/", _O_PATH | flags)
     try:
         parts = directory.parts[1:]
         for i, part in enumerate(parts):
             last = i == len(parts) - 1
-            nxt = os.open(part, (os.O_RDONLY if last else os.O_PATH) | flags, dir_fd=fd)
+            nxt = os.open(part, (os.O_RDONLY if last else _O_PATH) | flags, dir_fd=fd)
             os.close(fd)
             fd = nxt
         if not parts:
@@ -571,7 +586,8 @@ def opened_dir(directory: Path) -> int:
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
             raise ClientError(f"{directory} changed while it was checked (a symlink was put "
                               "on the way): refusing to write there") from None
-        raise
+        raise ClientError(f"cannot open {directory}: {exc.strerror} (checked before "
+                          "contacting the CA: nothing was spent)") from None
     return fd
 
 
@@ -807,6 +823,9 @@ class OutputDir:
             except OSError:
                 os.close(pfd)
                 raise
+        except ClientError:
+            self.abort()
+            raise
         except OSError as exc:
             self.abort()
             raise ClientError(f"cannot create --out {out}: {exc.strerror} in "
@@ -815,6 +834,13 @@ class OutputDir:
         return self
 
     def commit(self, files: dict[str, bytes | str]) -> None:
+        try:
+            self._commit(files)
+        except BaseException:
+            self.abort()  # the staging directory goes, key.pem with it
+            raise
+
+    def _commit(self, files: dict[str, bytes | str]) -> None:
         if self._files is not None:
             self._files.commit({self.out / n: data for n, data in files.items()})
             return
@@ -887,14 +913,14 @@ async def enroll(url: str, token: str, names: list[str], out: Path, ca: Path | N
                 # enrollment if the request never arrived.
                 if retry or not exc.unanswered:
                     raise
+        # cert.pem holds the leaf and its issuing CA: what a TLS server or client sends,
+        # so that a relying party needs only the root, and keeps working when the
+        # issuing key is rotated (a leaf alone failed at every relying party that pinned
+        # the old issuing certificate; a service team's trial). Renewals keep the shape.
+        issuing = x509.load_pem_x509_certificates(issued["chain"].encode())[0]
     except BaseException:
         target.abort()
         raise
-    # cert.pem holds the leaf and its issuing CA: what a TLS server or client sends, so
-    # that a relying party needs only the root, and keeps working when the issuing key
-    # is rotated (a leaf alone failed at every relying party that pinned the old issuing
-    # certificate; a service team's trial). Renewals keep the file's shape.
-    issuing = x509.load_pem_x509_certificates(issued["chain"].encode())[0]
     target.commit({"key.pem": key_pem(key), "cert.pem": issued["certificate"]
                    + issuing.public_bytes(serialization.Encoding.PEM).decode(),
                    "chain.pem": issued["chain"]})

@@ -915,6 +915,13 @@ async def test_a_host_certified_for_a_loopback_name_cannot_answer_in_the_cas_pla
             line = one_line_error(proc)
             assert "the server there is not this CA's daemon" in line, line
             assert "lacks ca-server.hsmca.invalid" in line, line
+        # The same with the CA's root among the system's CAs, and no --ca (a review).
+        proc = await asyncio.to_thread(
+            hsmca, "ssh", "known-hosts", "--url", f"https://localhost:{port}", "--hosts",
+            "*.internal.example", "--out", out, check=False,
+            env={**os.environ, "SSL_CERT_FILE": str(daemon.root)})
+        line = one_line_error(proc)
+        assert "verifies against the system's CAs but lacks ca-server.hsmca.invalid" in line
     finally:
         server.close()
     assert not asked and not out.exists()  # nothing was sent, nothing written
@@ -955,17 +962,21 @@ def test_revoking_one_certificate_names_the_same_keys_others_still_live(
     and how to cut the holder off."""
     name = "same-key-left@example.com"
     cert, key = enroll(daemon, tmp_path, "user", [name])
-    before = tmp_path / "before.pem"
-    before.write_bytes(cert.read_bytes())
+    first, before = tmp_path / "first.pem", tmp_path / "before.pem"
+    first.write_bytes(cert.read_bytes())
     assert _renew(daemon, cert, key).returncode == 0  # the same key
-    proc = hsmca("revoke", cert_serial(cert), "--config", daemon.state / "hsmca.toml",
-                 "--url", daemon.url)
+    before.write_bytes(cert.read_bytes())
+    assert _renew(daemon, cert, key).returncode == 0
+    admin = ("--config", daemon.state / "hsmca.toml", "--url", daemon.url)
+    # Superseded: the one that replaced it is meant to stay live; nothing to warn of.
+    proc = hsmca("revoke", cert_serial(first), "--reason", "superseded", *admin)
+    assert f"revoked {cert_serial(first)}" in proc.stdout and not proc.stderr, proc.stderr
+    proc = hsmca("revoke", cert_serial(cert), *admin)
     assert f"revoked {cert_serial(cert)}" in proc.stdout
     assert f"1 other live certificate(s) of the same key ({cert_serial(before)}) still " \
         "authenticate its holder" in proc.stderr, proc.stderr
     assert "--identity NAME" in proc.stderr
-    proc = hsmca("revoke", "--identity", name, "--config", daemon.state / "hsmca.toml",
-                 "--url", daemon.url)
+    proc = hsmca("revoke", "--identity", name, *admin)
     assert "same key" not in proc.stderr, proc.stderr
     assert _renew(daemon, before, key).returncode == 1  # the holder is cut off
 

@@ -474,12 +474,10 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         if store is None:
             store = open_store(config.store_location)
         await seed(config, store, pipeline)
-        # Released before the stop, and the order not yet said valid: valid now (those
-        # never released are reopened when they are revoked, below).
-        await store.complete_acme_finalizes(config.node)
         # One node: no finalize is under way before its start, so an order still
-        # `processing` was cut short by a kill (nothing was released for it); its client
-        # finalizes again. (Several nodes: another may be finalizing it.)
+        # `processing` without a certificate was cut short by a kill before it issued;
+        # its client finalizes again. (Several nodes: another may be finalizing it.)
+        # One with a certificate is settled once the unreleased are revoked, below.
         if not _cluster(store) and (reopened := await store.reopen_acme_finalizes()):
             log.warning("ACME orders cut short while finalizing are ready again",
                         orders=reopened)
@@ -511,6 +509,11 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         await _revoke_live_certs_of_compromised_keys(issuance, store, audit, generations,
                                                      policies)
         await _revoke_unreleased(issuance, store, audit, generations, policies, config.node)
+        # An order left `processing` with a certificate of this node's log: one never
+        # released was reopened just now, with its revocation; the others were released
+        # before the stop, whose order was not said valid yet: valid now. (Before the
+        # revocations, a review found, an unreleased one turned valid for a moment.)
+        await store.complete_acme_finalizes(config.node)
         # OCSP responses are signed ahead of time, by this process, off every request's
         # path: new certificates within a second, every live one before nextUpdate.
         background.append(asyncio.create_task(_refresh_ocsp(issuance, store, policies)))

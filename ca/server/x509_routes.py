@@ -332,20 +332,24 @@ async def revoke(request: web.Request) -> web.Response:
             "OCSP cannot say they are revoked, so relying parties that check only those "
             "trust them until they expire. hsmca itself refuses them")
         answer["unpublished"] = [format(s, "x") for s in done.unpublished]
-    if rec is not None:
+    if rec is not None and order.reason != "superseded":
         # An SSH trial: "revoking Alice's certificate" by its serial left the one it was
         # renewed from (the same key) live, and it went on getting SSH certificates.
-        # Renewals overlap by design; the admin is told, and how to cut the holder off.
+        # Renewals overlap by design; the revoker is told, and how to cut the holder
+        # off. (Not for `superseded`: the one that replaced it is meant to stay.)
         same_key = [s for s in await request.app[GATE].store.live_certs_with_keys(
             [rec.spki_sha256], utcnow()) if s not in done.serials]
         if same_key:
             shown = ", ".join(format(s, "x") for s in same_key[:5])
+            how = ("revoke with --identity NAME (everything issued to that name) or "
+                   "--reason keyCompromise (everything of this key)"
+                   if who.role == "admin" else "revoke them too, each with its own "
+                   "credential, or --reason keyCompromise (everything of this key)")
             warnings.append(
                 f"{len(same_key)} other live certificate(s) of the same key ({shown}"
                 f"{', ...' if len(same_key) > 5 else ''}) still authenticate its holder, "
                 "who can renew with them and ask for SSH certificates until they expire; "
-                "to cut the holder off, revoke with --identity NAME (everything issued to "
-                "that name) or --reason keyCompromise (everything of this key)")
+                f"to cut the holder off, {how}")
             answer["same_key_live"] = [format(s, "x") for s in same_key]
     if done.pending is not None:
         warnings.append(f"the CRL and OCSP responses are not re-signed yet ({done.pending}): "

@@ -393,15 +393,16 @@ class Store(Protocol):
         ...
 
     async def complete_acme_finalizes(self, audit_log: str | None) -> int:
-        """At a start, before unreleased certificates are revoked (which reopens their
+        """At a start, once unreleased certificates are revoked (which reopens their
         orders): orders left `processing` with a certificate of this node's log (the
         stop came between its release and `release_acme_order`) become `valid`; how
         many."""
         ...
 
     async def reopen_acme_finalizes(self) -> int:
-        """Every order left `processing` goes back to `ready` (a start after the CA was
-        killed while finalizing them: nothing was released for them); how many."""
+        """Every order left `processing` without a certificate goes back to `ready` (a
+        start after the CA was killed while finalizing them, before anything was
+        issued); how many."""
         ...
 
     async def reopen_acme_order_of(self, serial: int) -> str | None:

@@ -1120,8 +1120,8 @@ class PostgresStore:
 
     async def reopen_acme_finalizes(self) -> int:
         async def reopen(db: Conn) -> int:
-            cur = await db.execute("UPDATE acme_orders SET status = 'ready', cert_serial = NULL "
-                                   "WHERE status = 'processing'")
+            cur = await db.execute("UPDATE acme_orders SET status = 'ready' WHERE status = "
+                                   "'processing' AND cert_serial IS NULL")
             return cur.rowcount
         return await self._tx(reopen)
 
