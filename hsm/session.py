@@ -205,6 +205,11 @@ class HSM:
         self._session: Any = None
         self._handles: dict[str, Any] = {}
         self._keys: dict[str, KeyInfo] = {}
+        # The keys the CA uses now (its keyring sets them): one the token does not show
+        # is its loss (the HSM unavailable), not a caller's mistake; another missing is
+        # KeyNotFound (destroyed by another process, say). Replaced whole, never changed
+        # in place, so the owner thread reads it without a lock.
+        self.expected: frozenset[str] = frozenset()
         self._events: list[Event] = []
         self._pid = os.getpid()
         self._refused_pin: bytes | None = None  # SHA-256 of the PIN the token refused
@@ -281,6 +286,8 @@ class HSM:
             # back (a key made by another process meanwhile: a rotation). Ask a fresh
             # session before calling the key missing, unless one was opened just now.
             if self.flapping:
+                if label in self.expected:
+                    raise self._key_gone(label, exc) from None
                 raise
             self._mark_broken(exc)
             self._reconnect()
@@ -291,6 +298,10 @@ class HSM:
         except SESSION_ERRORS as exc:
             self._mark_broken(exc)
             raise HSMUnavailable(f"HSM unavailable: {self.broken}") from None
+        except KeyNotFound as exc:
+            if label in self.expected:  # the CA uses it: the token lost it
+                raise self._key_gone(label, exc) from None
+            raise
 
     def remnants(self, label: str) -> tuple[bool, bool]:
         """Whether the token holds the private and the public key `label`, asked of a
@@ -373,6 +384,13 @@ class HSM:
         self._claim()
         self._ready()
         try:
+            # A key the CA uses, not found at the last reconnect: still missing, the HSM
+            # is unavailable for it (its signatures are refused as such).
+            for label in sorted(self.expected - self._handles.keys()):
+                try:
+                    self._find(label)
+                except KeyNotFound as exc:
+                    raise self._key_gone(label, exc) from None
             for handle in self._handles.values():
                 handle[pkcs11.Attribute.LABEL]
                 return
@@ -421,6 +439,10 @@ class HSM:
         except SESSION_ERRORS as exc:
             self._mark_broken(exc)
             raise HSMUnavailable(f"HSM unavailable: {type(exc).__name__}") from None
+        except KeyNotFound as exc:
+            if label not in self.expected:
+                raise
+            raise self._key_gone(label, exc) from None
         self._last_signed = True
         info = self._keys[label]
         try:
@@ -488,6 +510,18 @@ class HSM:
     def _record(self, event: str, **fields: Any) -> None:
         # The pid tells which process had the trouble (each worker has its own session).
         self._events.append((event, {"token": self.config.token, "pid": self._pid, **fields}))
+
+    def _key_gone(self, label: str, exc: KeyNotFound) -> HSMUnavailable:
+        """A key this process signed with is not in the token now, even on a fresh
+        session (SoftHSM: its object files moved away or removed): the HSM is unavailable
+        for it, not the request wrong. A chaos trial got 500s, no recovery until a
+        restart once the files were back, and an intent and an outcome a second for the
+        refresher's retries. The session is broken until a reconnect, with its back-off,
+        finds the key again (SoftHSM reads its objects anew at C_Initialize)."""
+        self._mark_broken(exc)
+        self.broken = f"the token no longer holds the key {label!r}"
+        self._handles.pop(label, None)
+        return HSMUnavailable(f"HSM unavailable: {self.broken}")
 
     def _mark_broken(self, exc: BaseException) -> None:
         self.broken = type(exc).__name__

@@ -30,7 +30,7 @@ def test_rendered_config_loads_and_holds_every_setting_with_comments(tmp_path: P
     path = rendered(tmp_path, token='odd "label" \\ with ünïcode', module="/opt/a b/p11.so")
     cfg = load(path)
     assert cfg.hsm.token == 'odd "label" \\ with ünïcode' and cfg.hsm.module == "/opt/a b/p11.so"
-    assert cfg.policy == Policy(reserved=("ca.example",))  # the CA's own name
+    assert cfg.policy == Policy(reserved=("ca-server.hsmca.invalid", "ca.example"))  # its own names
     raw = tomllib.loads(path.read_text())
     # Every setting the loader knows is in the file init writes, except the optional
     # public-url and http-listen (documented in a comment instead).

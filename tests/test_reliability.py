@@ -223,6 +223,50 @@ async def test_hsm_token_taken_away_then_back(tmp_path: Path) -> None:
     assert any("OCSP responses are signed again" in x for x in d.stderr)
 
 
+async def test_key_objects_taken_from_the_token_then_back_mean_503_then_recovery(
+        tmp_path: Path) -> None:
+    """A chaos trial moved the token's key object files away and back: every signature
+    answered 500 with KeyNotFound, /health said the HSM was fine, the refresher wrote an
+    intent and an outcome a second, and nothing signed again until a restart. A key the
+    process used that the token no longer holds is the HSM unavailable: 503, /health
+    says so, and the session comes back with the files."""
+    ca = init_ca(tmp_path, private_hsm=True)
+    d = start_daemon(ca.state, "--workers", "1")
+    try:
+        cert, key = enroll(d, tmp_path, "service", [LOAD_NAME])
+        ctx = d.ssl(cert, key)
+        status, _, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
+        assert status == 201, body
+        (token_dir,) = [p for p in (tmp_path / "softhsm" / "tokens").iterdir() if p.is_dir()]
+        away = tmp_path / "objects.away"
+        away.mkdir()
+        objects = [p for p in token_dir.glob("*.object") if p.name != "token.object"]
+        assert objects
+        for p in objects:
+            p.rename(away / p.name)
+        status, ctype, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
+        assert status == 503 and ctype == "application/problem+json", body
+        assert "HSM" in json.loads(body)["detail"], body
+        health = json.loads(await health_becomes(d, 503, within=30))
+        assert health["hsm"].startswith("unavailable"), health
+        lines_then = len(list(log_lines(ca.state)))
+        for _ in range(20):  # refused at once, and none of them writes an intent
+            status, _, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
+            assert status == 503, body
+        intents = [e for e in list(log_lines(ca.state))[lines_then:]
+                   if e.get("event") == "hsm.sign" and e.get("purpose") == "x509"]
+        assert not intents, intents
+        for p in objects:
+            (away / p.name).rename(p)
+        await health_becomes(d, 200, within=30)
+        status, _, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
+        assert status == 201, body
+    finally:
+        assert d.stop() == 0
+    assert not any('"status": 500' in x or "unhandled error" in x for x in d.stderr)
+    audit_verify(ca.state, ok=True)
+
+
 async def test_a_pin_that_cannot_be_read_at_a_reconnect_is_said_not_an_older_error(
         tmp_path: Path) -> None:
     """The token away, then back while the PIN file is missing: /health and the

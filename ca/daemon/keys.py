@@ -64,7 +64,9 @@ async def load_issuers(store: Store, pipeline: SigningPipeline) -> iss.Issuers:
                 f"was written (a backup restored from before `hsmca key destroy`? restore the "
                 f"newest backup: docs/operator.md, \"Backup and restore\"), or [hsm] in "
                 f"hsmca.toml names another token") from None
-    return iss.build(records, infos, await store.cross_certs())
+    issuers = iss.build(records, infos, await store.cross_certs())
+    pipeline.expect_keys(infos)
+    return issuers
 
 
 async def seed(config: Config, store: Store, pipeline: SigningPipeline) -> None:

@@ -23,7 +23,7 @@ import concurrent.futures as cf
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -111,6 +111,7 @@ class SigningPipeline:
         self._coalescer = Coalescer(self._queue)
         self._thread = threading.Thread(target=self._loop, name="hsm", daemon=True)
         self._keys: dict[str, KeyInfo] = {}
+        self._keys_seen = 0  # the session's reconnects when _keys was last trusted
         self._op_ids = IdSource()
         # Called on this thread: after each signature with its duration in seconds,
         # and with (purpose, result) for each signing job.
@@ -210,6 +211,11 @@ class SigningPipeline:
         """Find a key and check it cannot be exported."""
         return await self.call(lambda hsm: self._key(hsm, label))
 
+    def expect_keys(self, labels: Iterable[str]) -> None:
+        """The keys the CA uses now: the session takes one the token no longer shows
+        for the HSM unavailable (503, /health), not for a missing key (HSM.expected)."""
+        self.hsm.expected = frozenset(labels)
+
     async def generate_key(self, label: str, key_type: str) -> KeyInfo:
         """A new key pair in the token, recorded like a signature: an `hsm.keygen` intent
         durable before C_GenerateKeyPair, its outcome durable before the key is used or
@@ -299,6 +305,12 @@ class SigningPipeline:
     # ---- the thread ------------------------------------------------------------------
 
     def _key(self, hsm: HSM, label: str) -> KeyInfo:
+        if self._keys_seen != hsm.reconnects:
+            # A reconnect since: the token may no longer hold what this cache says, so
+            # ask it before an intent is written (a chaos trial's key files moved away
+            # made an intent and an outcome for every retry).
+            self._keys.clear()
+            self._keys_seen = hsm.reconnects
         info = self._keys.get(label)
         if info is None:
             info = self._keys[label] = hsm.key(label)
