@@ -144,7 +144,7 @@ async def run_init(opts: InitOptions) -> list[Path]:
         chain = prof.pem(issuing) + prof.pem(root)
         # The records made here (keys, CA certificates, the admin and TLS certificates)
         # go where the nodes will find them: PostgreSQL with --store-url.
-        store = cluster_store or open_store(state / "hsmca.sqlite3")
+        store = cluster_store or open_store(state / "hsmca.sqlite3", new=True)
         try:
             await record_init_keys(store, keys, root, issuing)
             # With --store-url this log is the cluster's `init` log: the certificates

@@ -481,6 +481,25 @@ async def test_a_damaged_inventory_is_refused_at_start_in_one_line(tmp_path: Pat
     assert "restore it from a backup" in proc.stderr and "Traceback" not in proc.stderr
 
 
+async def test_a_missing_inventory_is_refused_at_start_not_made_anew(tmp_path: Path) -> None:
+    """A chaos trial moved the inventory away: the start made a new, empty one without a
+    word, forgot every revocation (the CRL went from 95 entries to none) and refused
+    every client, the admin's too. The start refuses in one line, and makes nothing."""
+    from tests.conftest import hsmca
+    ca = init_ca(tmp_path)
+    db_path = ca.state / "hsmca.sqlite3"
+    db_path.rename(tmp_path / "elsewhere.sqlite3")
+    proc = hsmca("serve", "--config", ca.state / "hsmca.toml", "--listen", "127.0.0.1:0",
+                 check=False)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"hsmca: error: the inventory {db_path} does not exist "), \
+        proc.stderr
+    assert "restore the newest backup" in proc.stderr and not db_path.exists()
+    (tmp_path / "elsewhere.sqlite3").rename(db_path)  # put back, it starts
+    d = start_daemon(ca.state)
+    assert d.stop() == 0
+
+
 async def test_audit_log_made_read_only_means_503_until_writable(tmp_path: Path) -> None:
     """The log file made unmodifiable under the running daemon (chattr +i: root
     ignores file modes, not this): nothing is signed, /health says why, and once the

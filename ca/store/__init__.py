@@ -16,6 +16,7 @@ import datetime as dt
 from collections.abc import Sequence
 from typing import Protocol
 
+from ca.store.errors import NoInventory
 from ca.store.records import (
     AcmeAccount,
     AcmeAuthz,
@@ -446,13 +447,23 @@ def is_postgres(location: object) -> bool:
     return str(location).startswith(("postgresql://", "postgres://"))
 
 
-def open_store(location: object, *, autocheckpoint: bool = True) -> Store:
+def open_store(location: object, *, autocheckpoint: bool = True, new: bool = False) -> Store:
     """The configured inventory: a `postgresql://` URL ([store] url, several nodes:
-    docs/cluster.md), else the SQLite file at `location` (the embedded default)."""
+    docs/cluster.md), else the SQLite file at `location` (the embedded default), which
+    must exist unless `new` (`hsmca init` makes it)."""
     if is_postgres(location):
         from ca.store.postgres import PostgresStore
         return PostgresStore(str(location), existing=True)
     from pathlib import Path
 
     from ca.store.sqlite import SQLiteStore
-    return SQLiteStore(Path(str(location)), autocheckpoint=autocheckpoint)
+    path = Path(str(location))
+    if not new and not path.exists():
+        # A start on a new, empty inventory forgot every certificate and revocation, and
+        # refused every client, the admin's too (a chaos trial moved the file away).
+        raise NoInventory(
+            f"the inventory {path} does not exist (hsmca init made it; every certificate "
+            "and revocation is in it): was it moved or deleted? Put it back, or restore "
+            "the newest backup (docs/operator.md, \"Backup and restore\"); a new, empty "
+            "one would forget them all")
+    return SQLiteStore(path, autocheckpoint=autocheckpoint)
