@@ -816,6 +816,57 @@ async def test_an_inventory_locked_past_its_busy_timeout_means_503_not_a_hang(
     audit_verify(ca.state, ok=True)
 
 
+async def test_a_revocation_the_inventory_cannot_take_yet_stands_and_is_committed_later(
+        tmp_path: Path) -> None:
+    """A chaos trial held the inventory's write lock: a revocation answered "503 nothing
+    was revoked", while its audit line stood and the next start revoked it all the
+    same, at the recorded time. The answer now says what happened (recorded, committed
+    once the inventory takes it), and the daemon commits it as soon as it can."""
+    from tests.conftest import hsmca
+    from tests.test_revocation import ssh_user_cert
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state, "--workers", "1")
+    try:
+        victim = cx.load_pem_x509_certificate(
+            enroll(d, tmp_path, "service", ["locked." + LOAD_NAME])[0].read_bytes())
+        user = enroll(d, tmp_path, "user", ["locked@example.com"], ["locked"])
+        ssh_cert = ssh_user_cert(d, tmp_path, user, "id_locked")
+        ssh_serial = subprocess.run([require("ssh-keygen"), "-L", "-f", ssh_cert],
+                                    capture_output=True, text=True, check=True).stdout
+        ssh_serial = ssh_serial.split("Serial: ", 1)[1].split()[0]
+        serial = format(victim.serial_number, "x")
+        admin = ("--config", ca.state / "hsmca.toml", "--url", d.url)
+        holder = sqlite3.connect(ca.state / "hsmca.sqlite3", isolation_level=None)
+        try:
+            holder.execute("BEGIN IMMEDIATE")  # the write lock, held
+            proc = await asyncio.to_thread(hsmca, "revoke", serial, *admin)
+            assert f"revoked {serial} at " in proc.stdout, proc.stdout
+            assert "the revocation is recorded in the audit log and stands" in proc.stderr
+            assert "Do not send it again" in proc.stderr
+            proc = await asyncio.to_thread(hsmca, "ssh", "revoke", "--serial", ssh_serial,
+                                           *admin)
+            assert "revoked 1 SSH certificate(s)" in proc.stdout, proc.stdout
+            assert "the KRL lists it once the inventory takes it" in proc.stderr
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        deadline = asyncio.get_running_loop().time() + 60
+        while (await ask_ocsp(d, request_for(victim, issuing(d))))[0].response_status != \
+                ocsp.OCSPResponseStatus.SUCCESSFUL or \
+                (await ask_ocsp(d, request_for(victim, issuing(d))))[0].certificate_status \
+                != ocsp.OCSPCertStatus.REVOKED:
+            assert asyncio.get_running_loop().time() < deadline
+        from tests.test_revocation import krl_says
+        while (said := await asyncio.to_thread(krl_says, d, tmp_path, ssh_cert)) != "REVOKED":
+            assert said == "ok" and asyncio.get_running_loop().time() < deadline, said
+    finally:
+        assert d.stop() == 0
+    lines = [e for e in log_lines(ca.state) if e.get("event") == "cert.revoke"]
+    assert len(lines) == 1  # recorded once, not again at the commit
+    assert not any("completed revocations the audit log records" in x for x in d.stderr)
+    audit_verify(ca.state, ok=True)
+
+
 async def test_slow_and_idle_connections_do_not_block_others(daemon: Daemon,
                                                              tmp_path: Path) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

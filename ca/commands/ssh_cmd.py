@@ -398,7 +398,9 @@ def revoke(args: argparse.Namespace) -> int:
     print(f"revoked {hit} SSH certificate(s)"
           + (f"; the key {out['revoked_key']} (SHA-256) is refused from now on"
              if out.get("revoked_key") else "")
-          + "; the KRL lists them now")
+          + ("; the KRL lists them now" if out.get("committed", True) else ""))
+    for warning in out.get("warnings", []):
+        print(f"hsmca: warning: {warning}", file=sys.stderr)
     return 0
 
 

@@ -26,6 +26,7 @@ from ca import ra
 from ca.generations import Generations, OnChange
 from ca.issuance import profiles as prof
 from ca.issuance.issue import Issuance
+from ca.logs import Recurring
 from ca.policy import Reason, Refused
 from ca.revocation.ocsp import OCSPSigner
 from ca.ssh import RevokedCerts, SSHPublicKey, blob_of, build_krl, parse_public_key
@@ -38,6 +39,18 @@ CRL_VALIDITY = ra.CRL_VALIDITY
 CRL_NUMBER_TRIES = 5  # numbers a refresh takes at most while revocations land meanwhile
 Revoked = dict[int, tuple[dt.datetime, str | None, str | None]]  # serial -> (at, reason, issuer)
 log = structlog.get_logger("hsmca.revocation")
+COMMIT_RETRY_S = 5  # a revocation recorded and not committed: tried again this often
+
+
+class RecordedNotCommitted(StoreUnavailable):
+    """The revocation's audit line is durable and the inventory did not take it: it
+    happened (the log says so, and a start completes it from there), and is committed
+    as soon as the inventory is back. Not "nothing was revoked" (a chaos trial: the
+    503 said so, and the next start revoked it all the same, with the recorded time)."""
+
+    def __init__(self, why: str, at: dt.datetime, serials: list[int], count: int) -> None:
+        super().__init__(why)
+        self.at, self.serials, self.count = at, serials, count
 
 
 @dataclass(frozen=True)
@@ -77,6 +90,29 @@ class Revocations:
         self.compromised_keys: OnChange[frozenset[str]] = OnChange(
             generations, "revocations", self._load_compromised_keys)
         self.krl: OnChange[bytes] = OnChange(generations, "ssh_revocations", self._build_krl)
+        self._committing: set[asyncio.Task[None]] = set()  # see _commit_later
+
+    def _commit_later(self, what: str, commit: Callable[[], Awaitable[Any]],
+                      counters: tuple[str, ...]) -> None:
+        """Commit a revocation whose line is durable once the inventory takes it, then
+        move `counters` so every process sees it; a stop before that leaves it to the
+        next start (ca/revocation/from_log.py)."""
+        async def run() -> None:
+            said = Recurring(log, f"{what}: recorded, not committed yet; trying again",
+                             f"{what}: committed, once the inventory took it")
+            while True:
+                await asyncio.sleep(COMMIT_RETRY_S)
+                try:
+                    await commit()
+                except StoreUnavailable as exc:
+                    said.failed(str(exc) or type(exc).__name__)
+                    continue
+                for counter in counters:
+                    self.generations.bump(counter)
+                log.warning(f"{what}: committed, once the inventory was back")
+                return
+        self._committing.add(task := asyncio.create_task(run()))
+        task.add_done_callback(self._committing.discard)
 
     async def _load(self) -> Revoked:
         return {serial: (at, reason, issuer)
@@ -111,7 +147,13 @@ class Revocations:
             targets = sorted(await self._reach(roots, now))
         # The record first: a revocation the log does not show never happened.
         await self._record(order, targets, request_id)
-        done = await self.store.revoke_certs(targets, now, order.reason)
+        try:
+            done = await self.store.revoke_certs(targets, now, order.reason)
+        except StoreUnavailable as exc:
+            reason = order.reason
+            self._commit_later("revocation", lambda: self.store.revoke_certs(
+                targets, now, reason), ("revocations", "ssh_revocations"))
+            raise RecordedNotCommitted(str(exc), now, list(targets), len(targets)) from None
         if not done.serials:  # another request revoked it meanwhile
             raise Refused("already revoked", Reason.ALREADY_REVOKED)
         self.generations.bump("revocations")  # committed: every process reloads
@@ -399,7 +441,13 @@ class Revocations:
                                 **({"public_key": key.line} if key else {}),
                                 certificates=matching, actor=order.actor,
                                 request_id=request_id)
-        hit = await self.store.revoke_ssh(which, prof.utcnow(), key.line if key else None)
+        at = prof.utcnow()
+        try:
+            hit = await self.store.revoke_ssh(which, at, key.line if key else None)
+        except StoreUnavailable as exc:
+            self._commit_later("SSH revocation", lambda: self.store.revoke_ssh(
+                which, at, key.line if key else None), ("ssh_revocations",))
+            raise RecordedNotCommitted(str(exc), at, [], matching) from None
         self.generations.bump("ssh_revocations")  # committed: every process rebuilds its KRL
         return hit
 

@@ -10,6 +10,7 @@ from aiohttp import web
 from ca import ra, ssh
 from ca.decimal_text import is_decimal
 from ca.issuance.issue import IssuedSSH
+from ca.revocation import RecordedNotCommitted
 from ca.server.common import (
     ISSUANCE,
     REVOCATIONS,
@@ -100,7 +101,18 @@ async def ssh_revoke(request: web.Request) -> web.Response:
         if matching == 0 and public_key is None else 0
     order: ra.SSHRevokeOrder = await decide(request, who, ra.SSHRevokeRequest(
         serial, key_id, public_key, matching, revoked))
-    hit = await revocations.revoke_ssh(order, matching, request.get("request_id"))
+    try:
+        hit = await revocations.revoke_ssh(order, matching, request.get("request_id"))
+    except RecordedNotCommitted as exc:
+        log.warning("ssh revoked: recorded in the audit log, the inventory not yet",
+                    certificates=exc.count, error=str(exc), actor=order.actor)
+        return web.json_response({
+            "revoked_certificates": exc.count,
+            "revoked_key": public_key.sha256 if public_key else None, "committed": False,
+            "warnings": [f"the inventory is unavailable ({exc}): the revocation is recorded "
+                         "in the audit log and stands, and the KRL lists it once the "
+                         "inventory takes it, tried every few seconds, at the latest at the "
+                         "daemon's next start. Do not send it again"]})
     log.info("ssh revoked", serial=str(serial) if serial is not None else None, key_id=key_id,
              public_key=public_key.sha256 if public_key else None, certificates=hit,
              actor=order.actor, request_id=request.get("request_id"))

@@ -20,7 +20,7 @@ from ca import ra
 from ca.issuance.issue import Issued
 from ca.issuance.profiles import pem, utcnow
 from ca.policy import Reason, Refused
-from ca.revocation import ocsp
+from ca.revocation import RecordedNotCommitted, ocsp
 from ca.server.common import (
     GATE,
     ISSUANCE,
@@ -293,6 +293,26 @@ def parse_serial(text: str) -> int:
     return serial
 
 
+def _recorded(exc: RecordedNotCommitted, order: ra.RevokeOrder) -> dict[str, Any]:
+    """The answer to a revocation the audit log records and the inventory has not taken
+    yet: it stands, and says when it takes effect."""
+    log.warning("revoked: recorded in the audit log, the inventory not yet",
+                serials=[format(s, "x") for s in exc.serials], reason=order.reason,
+                error=str(exc), actor=order.actor)
+    answer: dict[str, Any] = {
+        "revoked_at": exc.at.isoformat(), "revoked": [format(s, "x") for s in exc.serials],
+        "ssh_certificates": 0, "committed": False, "published": False,
+        "warnings": [f"the inventory is unavailable ({exc}): the revocation is recorded in "
+                     "the audit log and stands, and takes effect in the CRL, OCSP and "
+                     "mutual TLS (with the SSH certificates issued on their strength) once "
+                     "the inventory takes it, tried every few seconds, at the latest at the "
+                     "daemon's next start; until then those still say the certificate is "
+                     "good. Do not send it again"]}
+    if order.serial is not None:
+        answer["serial"] = format(order.serial, "x")
+    return answer
+
+
 @routes.post("/v1/x509/revoke")
 async def revoke(request: web.Request) -> web.Response:
     """Body {"serial", "reason"?}, or, for an admin, {"identity", "reason"?}: everything
@@ -313,7 +333,10 @@ async def revoke(request: web.Request) -> web.Response:
             serial, body.get("reason"), found=rec is not None,
             revoked=rec is not None and rec.revoked_at is not None,
             revoked_reason=rec.reason if rec is not None else None))
-    done = await request.app[REVOCATIONS].revoke(order, request.get("request_id"))
+    try:
+        done = await request.app[REVOCATIONS].revoke(order, request.get("request_id"))
+    except RecordedNotCommitted as exc:
+        return web.json_response(_recorded(exc, order))
     log.info("revoked", serials=[format(s, "x") for s in done.serials], reason=order.reason,
              ssh_certificates=done.ssh_certs, actor=order.actor,
              request_id=request.get("request_id"))
