@@ -35,6 +35,7 @@ from ca.store import (
 
 NOW = dt.datetime(2026, 12, 2, 12, 0, tzinfo=dt.UTC)
 LATER = (NOW + dt.timedelta(hours=1)).isoformat()
+LATER_DT = NOW + dt.timedelta(hours=1)
 
 
 def run(coro: Any) -> Any:
@@ -78,6 +79,26 @@ def test_a_token_is_spent_once_and_released_only_if_nothing_was_issued(store: St
     store.add_cert(cert(0x12, token_id="tok1")).result(timeout=10)
     assert run(store.release_token_spent_on(0x10)) is None  # spent on another one now
     assert run(store.consume_token("tok1", NOW)) is False
+
+
+def test_tokens_a_kill_left_spent_are_settled(store: Store) -> None:
+    for tid in ("before", "nothing", "issued", "other"):
+        run(store.add_token(token(tid)))
+    assert run(store.consume_token("before", NOW - dt.timedelta(hours=1))) is True
+    for tid in ("nothing", "issued", "other"):
+        assert run(store.consume_token(tid, NOW)) is True
+    store.add_cert(cert(0x20, token_id="issued")).result(timeout=10)
+    store.add_cert(cert(0x21, token_id="other")).result(timeout=10)
+    # 0x20 released by the killed run; nothing recorded on "nothing" since it started;
+    # "before" was spent before that run, and stays spent
+    assert run(store.settle_tokens(["20", "ff"], NOW - dt.timedelta(minutes=1), LATER_DT)) \
+        == (1, 1)
+    by = {t: run(store.token_by_secret(t.rjust(64, "0"))) for t in
+          ("before", "nothing", "issued", "other")}
+    assert by["nothing"].used_at is None and by["before"].used_at is not None  # type: ignore[union-attr]
+    assert by["issued"].released_at == LATER_DT.isoformat()  # type: ignore[union-attr]
+    assert by["other"].released_at is None  # type: ignore[union-attr]
+    assert run(store.settle_tokens([], None, LATER_DT)) == (0, 0)
 
 
 def test_certificates_are_found_and_revocation_reaches_their_ssh_certificates(

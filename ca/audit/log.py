@@ -867,11 +867,16 @@ class LastRun:
     writes it, the intent's seq), from every run since the last clean stop among the
     lines read: an intent without an outcome, or whose outcome says `released: false`
     (or a `sign.withheld` line). The inventory may hold such a certificate: its row
-    commits while the outcome is written."""
+    commits while the outcome is written. `released`, the X.509 certificates (serials as
+    the intents write them) those runs did release, and `since`, when the first of those
+    runs started (None: no start among the lines read): a start settles the bootstrap
+    tokens a kill left spent (ca/daemon/primary.py)."""
 
     ended: str
     open_signatures: int
     unreleased: tuple[tuple[str, str, int], ...] = ()
+    released: tuple[str, ...] = ()
+    since: str | None = None
 
 
 # The purposes whose signature makes a certificate of the inventory (an OCSP response's
@@ -889,6 +894,8 @@ def _last_run(lines: list[bytes]) -> LastRun:
     ended: str | None = None  # the last run's: killed once its daemon.start is read
     open_signatures = 0
     named: list[tuple[str, str, int]] = []
+    given: list[str] = []  # X.509 serials released
+    since: str | None = None
     for line in reversed(lines):
         try:
             obj = json.loads(line)
@@ -898,8 +905,9 @@ def _last_run(lines: list[bytes]) -> LastRun:
         if event == "daemon.stop":
             ended = ended or "stopped"
             break
-        if event == "daemon.start" and ended is None:
-            ended = "killed"
+        if event == "daemon.start":
+            ended = ended or "killed"
+            since = obj.get("ts") if isinstance(obj.get("ts"), str) else since
         elif event == "sign.withheld":
             withheld.add(obj.get("op_id"))
         elif event == "hsm.sign" and obj.get("phase") == "outcome":
@@ -911,7 +919,11 @@ def _last_run(lines: list[bytes]) -> LastRun:
             if (op not in released or op in withheld) and obj.get("purpose") in ISSUING \
                     and isinstance(obj.get("serial"), str) and isinstance(obj.get("seq"), int):
                 named.append((obj["purpose"], obj["serial"], obj["seq"]))
-    return LastRun(ended or "unknown", open_signatures, tuple(reversed(named)))
+            elif op in released and obj.get("purpose") == "x509" \
+                    and isinstance(obj.get("serial"), str):
+                given.append(obj["serial"])
+    return LastRun(ended or "unknown", open_signatures, tuple(reversed(named)),
+                   tuple(reversed(given)), since)
 
 
 def _check_after_clean_stop(path: Path, lines: list[bytes], signed: int) -> None:

@@ -17,6 +17,7 @@ a final checkpoint and logs out.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 import os
 import re
@@ -514,6 +515,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         # before the stop, whose order was not said valid yet: valid now. (Before the
         # revocations, a review found, an unreleased one turned valid for a moment.)
         await store.complete_acme_finalizes(config.node)
+        await _settle_tokens(store, audit)
         # OCSP responses are signed ahead of time, by this process, off every request's
         # path: new certificates within a second, every live one before nextUpdate.
         background.append(asyncio.create_task(_refresh_ocsp(issuance, store, policies)))
@@ -974,6 +976,27 @@ async def _revoke_live_certs_of_compromised_keys(
     log.warning("revoked live certificates of keys revoked for keyCompromise (left live "
                 "by an older release, which revoked only their lineage)",
                 serials=[format(s, "x") for s in sorted(revoked)][:20], count=len(revoked))
+
+
+async def _settle_tokens(store: Store, audit: AuditLog) -> None:
+    """After a kill, once the unreleased are revoked (their tokens given back): a token
+    whose certificate the last runs released is recorded as released, so a retry with
+    the same key gets that certificate, and (one node: no enrollment is under way
+    elsewhere) a token spent on nothing is given back. A chaos trial: of 76 enrollments
+    a kill left unanswered, 15 retries were told the token was spent."""
+    run = audit.last_run
+    since = None
+    if run.since is not None and not _cluster(store):
+        try:
+            since = dt.datetime.fromisoformat(run.since.replace("Z", "+00:00"))
+        except ValueError:
+            since = None
+    if not run.released and since is None:
+        return
+    marked, given = await store.settle_tokens(run.released, since, dt.datetime.now(dt.UTC))
+    if marked or given:
+        log.warning("bootstrap tokens a kill left spent are settled: a retry with the same "
+                    "key gets its certificate, or enrolls", released=marked, given_back=given)
 
 
 async def _revoke_unreleased(issuance: Issuance, store: Store, audit: AuditLog,

@@ -88,6 +88,15 @@ class Store(Protocol):
         """Make a used token usable again if nothing was issued with it."""
         ...
 
+    async def settle_tokens(self, released: Sequence[str], spent_since: dt.datetime | None,
+                            at: dt.datetime) -> tuple[int, int]:
+        """At a start after a kill: tokens whose certificate (hex serial) is among
+        `released` are recorded as released at `at` (the kill came between the outcome
+        line and that write); with `spent_since`, tokens spent since then on which no
+        certificate was recorded are given back (the kill came before one was). How many
+        of each."""
+        ...
+
     async def token_released(self, token_id: str, at: dt.datetime) -> None:
         """Record that the certificate `token_id` enrolled was released (its outcome line
         durable): a retry of the same key may then be answered with it."""

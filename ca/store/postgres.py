@@ -424,6 +424,22 @@ class PostgresStore:
                              "IS NULL", (token_id,))
         await self._tx(restore)
 
+    async def settle_tokens(self, released: Sequence[str], spent_since: dt.datetime | None,
+                            at: dt.datetime) -> tuple[int, int]:
+        async def settle(db: Conn) -> tuple[int, int]:
+            cur = await db.execute("UPDATE tokens SET released_at = %s WHERE released_at IS "
+                                   "NULL AND used_serial = ANY(%s)",
+                                   (at.isoformat(), list(released)))
+            marked = cur.rowcount
+            given = 0
+            if spent_since is not None:
+                cur = await db.execute("UPDATE tokens SET used_at = NULL WHERE used_at IS NOT "
+                                       "NULL AND used_serial IS NULL AND used_at >= %s",
+                                       (spent_since.isoformat(),))
+                given = cur.rowcount
+            return marked, given
+        return await self._tx(settle)
+
     async def token_released(self, token_id: str, at: dt.datetime) -> None:
         async def mark(db: Conn) -> None:
             await db.execute("UPDATE tokens SET released_at = %s WHERE id = %s AND used_serial "

@@ -808,6 +808,22 @@ class SQLiteStore:
                        (token_id,))
         await self._write(restore)
 
+    async def settle_tokens(self, released: Sequence[str], spent_since: dt.datetime | None,
+                            at: dt.datetime) -> tuple[int, int]:
+        def settle(db: sqlite3.Connection) -> tuple[int, int]:
+            marked = 0
+            for i in range(0, len(released), 500):
+                part = released[i:i + 500]
+                marked += db.execute(
+                    "UPDATE tokens SET released_at = ? WHERE released_at IS NULL AND "
+                    f"used_serial IN ({','.join('?' * len(part))})",
+                    (at.isoformat(), *part)).rowcount
+            given = 0 if spent_since is None else db.execute(
+                "UPDATE tokens SET used_at = NULL WHERE used_at IS NOT NULL AND used_serial "
+                "IS NULL AND used_at >= ?", (spent_since.isoformat(),)).rowcount
+            return marked, given
+        return await self._write(settle)
+
     async def token_released(self, token_id: str, at: dt.datetime) -> None:
         def mark(db: sqlite3.Connection) -> None:
             db.execute("UPDATE tokens SET released_at = ? WHERE id = ? AND used_serial IS NOT "
