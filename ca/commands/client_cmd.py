@@ -93,14 +93,19 @@ def serve(args: argparse.Namespace) -> int:
         if exc.filename:  # it names its file already
             raise
         # A write to an open file says only "No space left on device" (a recovery trial
-        # had to guess where): name the state directory and the room left there.
+        # had to guess where): name the places written and the room left in each, the
+        # fullest first (a chaos trial's full disk was the audit log's, and the message
+        # named the state directory's, with 61 GB free).
         import shutil
-        try:
-            free = f", {shutil.disk_usage(cfg.local_dir).free // 1024} KiB free there"
-        except OSError:
-            free = ""
-        raise CLIError(f"{exc.strerror or exc} (writing in the state directory "
-                       f"{cfg.local_dir}{free})") from None
+        room = []
+        for what, where in {cfg.audit_log.parent: "the audit log's directory",
+                            cfg.local_dir: "the state directory"}.items():
+            try:
+                room.append((shutil.disk_usage(what).free, f"{where} {what}"))
+            except OSError:
+                continue
+        said = "; ".join(f"{name}: {free // 1024} KiB free" for free, name in sorted(room))
+        raise CLIError(f"{exc.strerror or exc} ({said or f'in {cfg.local_dir}'})") from None
 
 
 def token_create(args: argparse.Namespace) -> int:
