@@ -184,12 +184,16 @@ class Checkpointer:
                 if not (self.audit.size > self._covered or due or await self._keys_moved()):
                     continue  # nothing to sign: a failure, if any, still stands
                 await self.checkpoint()
-            except (AuditUnavailable, HSMError, StoreUnavailable) as exc:
+            except (AuditUnavailable, HSMError, StoreUnavailable, OSError) as exc:
+                # (OSError: the checkpoint file itself cannot be written, a full disk:
+                # one line naming it, not a traceback; a chaos trial)
                 # Tried again every second: said once, and again when the reason
                 # changes (a database away for minutes is not hundreds of lines).
-                if self._failed(str(exc) or type(exc).__name__):
-                    log.warning("checkpoint failed; trying again every second",
-                                error=str(exc))
+                why = (f"{exc.strerror} writing {exc.filename or self.path}"
+                       if isinstance(exc, OSError) and exc.strerror else str(exc)) \
+                    or type(exc).__name__
+                if self._failed(why):
+                    log.warning("checkpoint failed; trying again every second", error=why)
             except Exception as exc:  # anything else: said, and tried again
                 # A task that died here would leave the log without checkpoints
                 # until a restart, silently (the inventory read the audit keys come
