@@ -482,6 +482,35 @@ async def test_a_damaged_inventory_is_refused_at_start_in_one_line(tmp_path: Pat
     assert "restore it from a backup" in proc.stderr and "Traceback" not in proc.stderr
 
 
+async def test_a_damage_found_while_serving_is_not_answered_retry_later(
+        tmp_path: Path) -> None:
+    """A chaos trial: damage the start does not read was answered "the inventory is
+    unavailable ...; retry later", which never helps, and "nothing can be signed" to a
+    request for a token. The answer says the inventory is damaged and what is needed."""
+    ca = init_ca(tmp_path)
+    db_path = ca.state / "hsmca.sqlite3"
+    with sqlite3.connect(db_path) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        # The index of tokens' secrets: written by a new token, read by no start.
+        [(root,)] = db.execute("SELECT rootpage FROM sqlite_master WHERE name = "
+                               "'sqlite_autoindex_tokens_2'")
+        [(page,)] = db.execute("PRAGMA page_size")
+    with open(db_path, "r+b") as fh:  # its first page, overwritten
+        fh.seek((root - 1) * page)
+        fh.write(b"\x55" * page)
+    d = start_daemon(ca.state)
+    try:
+        status, _, body = await http("POST", f"{d.url}/v1/tokens", d.admin_ssl(),
+                                     body={"role": "service", "names": [LOAD_NAME]})
+        problem = json.loads(body)
+        assert status == 503 and "damaged, so no token can be made right now" in \
+            problem["detail"] and "retry later" not in problem["detail"], body
+        health = json.loads(await health_becomes(d, 503, within=30))
+        assert "is damaged" in health["store"], health
+    finally:
+        d.stop()
+
+
 async def test_a_missing_inventory_is_refused_at_start_not_made_anew(tmp_path: Path) -> None:
     """A chaos trial moved the inventory away: the start made a new, empty one without a
     word, forgot every revocation (the CRL went from 95 entries to none) and refused

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from ca.audit.link import AuditUnreadable
 from ca.policy import Refused
-from ca.store.errors import StoreUnavailable
+from ca.store.errors import StoreDamaged, StoreUnavailable
 from hsm.errors import AuditUnavailable, HSMUnavailable
 
 log = structlog.get_logger("hsmca.http")
@@ -90,7 +90,13 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         # was not recorded (a cluster trial read "nothing can be signed" and wondered).
         what = ("nothing was revoked" if "revoke" in request.path else
                 "this cannot be answered right now" if request.method in ("GET", "HEAD")
+                else "no token can be made right now" if request.path == "/v1/tokens"
                 else "nothing can be signed right now")
+        if isinstance(exc, StoreDamaged):  # a retry helps only once the operator acts
+            return problem(503, "Service Unavailable",
+                           f"the inventory (database) is damaged, so {what}; the CA's "
+                           "operator must restore it from a backup (a retry will not help "
+                           "until then)", "unavailable", headers={"Retry-After": "300"})
         return problem(503, "Service Unavailable",
                        f"the {part} is unavailable, so {what}; retry later", "unavailable",
                        headers={"Retry-After": "1"})

@@ -9,6 +9,11 @@ class StoreUnavailable(Exception):
     is decided or signed, and callers answer 503 until it is back."""
 
 
+class StoreDamaged(StoreUnavailable):
+    """The inventory's file is damaged: unavailable until the operator restores it, so
+    a client is not told that a retry will help."""
+
+
 class SchemaTooNew(Exception):
     """The inventory was made by a newer hsmca: this code must not touch it."""
 

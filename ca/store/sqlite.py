@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ca.handoff import STOP, Batch, Coalescer, Sink, async_sink, claim, drain_queue, stop_thread
-from ca.store.errors import SchemaTooNew, StoreUnavailable
+from ca.store.errors import SchemaTooNew, StoreDamaged, StoreUnavailable
 from ca.store.records import (
     AcmeAccount,
     AcmeAuthz,
@@ -480,7 +480,7 @@ def damaged(exc: BaseException) -> bool:
 
 def damaged_error(path: Path, exc: BaseException) -> StoreUnavailable:
     """What a damaged inventory is answered with: 503 and /health, one line at start."""
-    return StoreUnavailable(f"the inventory {path} is damaged ({exc}): nothing can be "
+    return StoreDamaged(f"the inventory {path} is damaged ({exc}): nothing can be "
                             "recorded; stop hsmca and restore it from a backup "
                             "(docs/operator.md, Backup and restore)")
 
