@@ -217,7 +217,8 @@ async def _request(session: aiohttp.ClientSession, method: str, url: str,
                           f"({reason}); pass --ca with the CA's root.pem") from None
     except aiohttp.ClientConnectorError as exc:
         raise ClientError(f"cannot connect to {url}: {exc.os_error.strerror or exc}; is "
-                          "`hsmca serve` running there?", retryable=True) from None
+                          "`hsmca serve` running there, and not at its connection limit "
+                          "(its log says \"refused a connection\")?", retryable=True) from None
     except TimeoutError:
         raise ClientError(f"{method} {url}: no answer within {TIMEOUT.total:.0f} s",
                           retryable=True, unanswered=True) from None
