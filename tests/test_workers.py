@@ -405,3 +405,38 @@ async def test_a_stuck_worker_does_not_hold_up_the_stop(tmp_path: Path) -> None:
     assert any("a worker does not answer: killed at the stop" in x for x in d.stderr)
     assert log_lines(ca.state)[-1]["event"] == "hsm.logout"  # closed cleanly all the same
     audit_verify(ca.state, ok=True)
+
+
+async def test_signatures_asked_while_the_primary_is_stopped_are_refused_at_once(
+        tmp_path: Path) -> None:
+    """A chaos trial stopped the primary (SIGSTOP): every signing request waited for as
+    long as it was stopped, with no 503, until the workers gave up on it a minute later
+    and took their requests with them. Once an append has gone unanswered for a few
+    seconds, new signatures are refused at once (503, Retry-After), and all is well
+    when the primary runs again."""
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state, "--workers", "1")
+    cert, key = enroll(d, tmp_path, "service", ["stopped.internal.example"])
+    ctx = d.ssl(cert, key)
+    d.proc.send_signal(signal.SIGSTOP)
+    try:
+        first = asyncio.create_task(http("POST", f"{d.url}/v1/x509/renew", ctx, body={}))
+        deadline = asyncio.get_running_loop().time() + 40
+        while True:  # each try gives up after 2 s; the one after the bound is answered
+            assert asyncio.get_running_loop().time() < deadline
+            try:
+                status, _, body = await asyncio.wait_for(
+                    http("POST", f"{d.url}/v1/x509/renew", ctx, body={}), 2)
+            except TimeoutError:
+                continue
+            break
+        assert status == 503 and "audit log is unavailable" in json.loads(body)["detail"], body
+        assert not first.done()  # the one under way waits for the primary
+    finally:
+        d.proc.send_signal(signal.SIGCONT)
+    status, _, body = await first
+    assert status == 201, body
+    status, _, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
+    assert status == 201, body
+    assert d.stop() == 0
+    audit_verify(ca.state, ok=True)

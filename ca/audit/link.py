@@ -19,6 +19,7 @@ import itertools
 import queue
 import socket
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -63,6 +64,7 @@ class AuditLink:
             sock.settimeout(ANSWER_TIMEOUT_S)
         self._sign = sign_channel
         self._sign_lock = threading.Lock()
+        self._asked_at: float | None = None  # monotonic time of the unanswered append
         self._chan = channel
         self._on_lost = on_lost
         self._ids = itertools.count(1)
@@ -74,6 +76,13 @@ class AuditLink:
         self._thread.start()
 
     # ---- the audit sink ---------------------------------------------------------------
+
+    def stuck_for(self) -> float:
+        """Seconds the append under way has waited for the recorder (0: none waits). It
+        answers in milliseconds; one that has not in seconds is stopped or stuck, and
+        new signatures are refused at once meanwhile rather than queued behind it."""
+        asked = self._asked_at
+        return 0.0 if asked is None else time.monotonic() - asked
 
     def durable_size(self) -> int:
         """The recorder hands out a seq only once its line is durable, and lines are
@@ -87,6 +96,7 @@ class AuditLink:
         except (TypeError, ValueError, OverflowError) as exc:  # a caller's bug: not plain data
             return [_failed(exc) for _ in entries]
         with self._sign_lock:
+            self._asked_at = time.monotonic()
             try:
                 ipc.send_frame(self._sign, frame)
                 reply = _replies.recv(self._sign)
@@ -96,6 +106,8 @@ class AuditLink:
                 self._lost(str(exc))
                 gone = AuditUnavailable("the audit log's writer (the primary process) is gone")
                 return [_failed(gone) for _ in entries]
+            finally:
+                self._asked_at = None
         return [self._settled(seq, err) for seq, err in zip(reply.seqs, reply.errors,
                                                             strict=True)]
 

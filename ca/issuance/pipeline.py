@@ -41,13 +41,14 @@ from ca.handoff import (
     stop_thread,
 )
 from ca.logs import Recurring
-from hsm.errors import HSMError, HSMUnavailable
+from hsm.errors import AuditUnavailable, HSMError, HSMUnavailable
 from hsm.ids import IdSource
 from hsm.session import HSM, HSMConfig, KeyInfo
 from hsm.signers import HSMKey, mechanism_name, signer
 from hsm.uri import key_uri
 
 T = TypeVar("T")
+RECORDER_STUCK_S = 5.0  # an append unanswered this long: the recorder is stopped or stuck
 log = structlog.get_logger("hsmca.hsm")
 Entry = tuple[str, Mapping[str, Any]]
 
@@ -172,6 +173,7 @@ class SigningPipeline:
         together, so a caller that is cancelled (client gone, shutdown) after its
         intent was written cannot leave it without an outcome."""
         await self._await_retry()
+        self._recorder_answers()
         return await self._enqueue(job)  # type: ignore[no-any-return]
 
     async def submit_all(self, jobs: Sequence[SigningJob[T]]
@@ -181,7 +183,8 @@ class SigningPipeline:
         a batch of hundreds would otherwise cost a task and its steps for each."""
         try:
             await self._await_retry()
-        except HSMUnavailable as exc:
+            self._recorder_answers()
+        except (HSMUnavailable, AuditUnavailable) as exc:
             return [exc for _ in jobs]
         return await asyncio.gather(*(self._enqueue(job) for job in jobs),
                                     return_exceptions=True)
@@ -288,6 +291,17 @@ class SigningPipeline:
             await self.call(lambda _hsm: None)
         except HSMError:
             pass
+
+    def _recorder_answers(self) -> None:
+        """Refuse at once (AuditUnavailable) while the audit log's writer has left an
+        append unanswered for RECORDER_STUCK_S: a chaos trial stopped the primary, and
+        every signature waited until it came back, or for the worker to give up on it a
+        minute later, taking them all with it."""
+        stuck = getattr(self._audit, "stuck_for", None)
+        waited = stuck() if stuck is not None else 0.0
+        if waited > RECORDER_STUCK_S:
+            raise AuditUnavailable(f"the audit log's writer (the primary process) has not "
+                                   f"answered for {waited:.0f} s")
 
     async def _await_retry(self, max_wait: float = 1.0) -> None:
         """With the session broken: refuse at once (HSMUnavailable) if the next
