@@ -99,6 +99,13 @@ def test_tokens_a_kill_left_spent_are_settled(store: Store) -> None:
     assert by["issued"].released_at == LATER_DT.isoformat()  # type: ignore[union-attr]
     assert by["other"].released_at is None  # type: ignore[union-attr]
     assert run(store.settle_tokens([], None, LATER_DT)) == (0, 0)
+    # An inventory copied before its row (a backup taken mid-enrollment), while the log
+    # says the token's certificate was released: it stays spent (a review).
+    run(store.add_token(token("copied")))
+    assert run(store.consume_token("copied", NOW)) is True
+    assert run(store.settle_tokens([], NOW - dt.timedelta(minutes=1), LATER_DT,
+                                   ["copied"])) == (0, 0)
+    assert run(store.token_by_secret("copied".rjust(64, "0"))).used_at is not None  # type: ignore[union-attr]
 
 
 def test_certificates_are_found_and_revocation_reaches_their_ssh_certificates(

@@ -35,6 +35,7 @@ from ca.config import AcmeConfig
 from ca.issuance.profiles import pem, utcnow
 from ca.logs import Recurring
 from ca.policy import PARSE_ERRORS, Reason, Refused, parse_error
+from ca.revocation import RecordedNotCommitted
 from ca.server.common import AUDIT, ISSUANCE, REVOCATIONS, STORE, decide, identity
 from ca.server.common import json_body as admin_json_body
 from ca.server.problems import NOT_UNICODE
@@ -837,7 +838,15 @@ async def revoke_cert(request: web.Request) -> web.Response:
         revoked_reason=rec.reason if rec is not None else None,
         owner_account=link.account_id if link else None,
         spki_sha256=rec.spki_sha256 if rec else None))
-    await request.app[REVOCATIONS].revoke(order, request.get("request_id"))
+    try:
+        await request.app[REVOCATIONS].revoke(order, request.get("request_id"))
+    except RecordedNotCommitted as exc:
+        # Recorded, so it stands and is committed once the inventory takes it: a 503
+        # would have the client send it again, for a second line (a review).
+        log.warning("revoked: recorded in the audit log, the inventory not yet",
+                    kind="acme", serial=format(serial, "x"), error=str(exc),
+                    actor=order.actor, request_id=request.get("request_id"))
+        return web.Response(status=200)
     log.info("revoked", kind="acme", serial=format(serial, "x"), reason=order.reason,
              actor=order.actor, request_id=request.get("request_id"))
     return web.Response(status=200)

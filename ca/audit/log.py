@@ -868,14 +868,16 @@ class LastRun:
     lines read: an intent without an outcome, or whose outcome says `released: false`
     (or a `sign.withheld` line). The inventory may hold such a certificate: its row
     commits while the outcome is written. `released`, the X.509 certificates (serials as
-    the intents write them) those runs did release, and `since`, when the first of those
-    runs started (None: no start among the lines read): a start settles the bootstrap
-    tokens a kill left spent (ca/daemon/primary.py)."""
+    the intents write them) those runs did release, `enrolled`, the bootstrap tokens
+    (ids) those certificates were asked with, and `since`, when the first of those runs
+    started (None: no start among the lines read): a start settles the bootstrap tokens
+    a kill left spent (ca/daemon/primary.py)."""
 
     ended: str
     open_signatures: int
     unreleased: tuple[tuple[str, str, int], ...] = ()
     released: tuple[str, ...] = ()
+    enrolled: tuple[str, ...] = ()
     since: str | None = None
 
 
@@ -895,6 +897,7 @@ def _last_run(lines: list[bytes]) -> LastRun:
     open_signatures = 0
     named: list[tuple[str, str, int]] = []
     given: list[str] = []  # X.509 serials released
+    tokens: list[str] = []  # the bootstrap tokens they were asked with
     since: str | None = None
     for line in reversed(lines):
         try:
@@ -922,8 +925,11 @@ def _last_run(lines: list[bytes]) -> LastRun:
             elif op in released and obj.get("purpose") == "x509" \
                     and isinstance(obj.get("serial"), str):
                 given.append(obj["serial"])
+                actor = obj.get("actor")
+                if isinstance(actor, str) and actor.startswith("bootstrap-token:"):
+                    tokens.append(actor.removeprefix("bootstrap-token:"))
     return LastRun(ended or "unknown", open_signatures, tuple(reversed(named)),
-                   tuple(reversed(given)), since)
+                   tuple(reversed(given)), tuple(tokens), since)
 
 
 def _check_after_clean_stop(path: Path, lines: list[bytes], signed: int) -> None:

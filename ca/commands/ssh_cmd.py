@@ -395,10 +395,12 @@ def revoke(args: argparse.Namespace) -> int:
     url, ctx = _admin(args)
     out = asyncio.run(client.call("POST", f"{url}/v1/ssh/revoke", ctx, json_body=body))
     hit = out["revoked_certificates"]
+    committed = out.get("committed", True)
     print(f"revoked {hit} SSH certificate(s)"
-          + (f"; the key {out['revoked_key']} (SHA-256) is refused from now on"
+          + (f"; the key {out['revoked_key']} (SHA-256) is refused "
+             + ("from now on" if committed else "once the inventory takes it")
              if out.get("revoked_key") else "")
-          + ("; the KRL lists them now" if out.get("committed", True) else ""))
+          + ("; the KRL lists them now" if committed else ""))
     for warning in out.get("warnings", []):
         print(f"hsmca: warning: {warning}", file=sys.stderr)
     return 0

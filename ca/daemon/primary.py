@@ -993,7 +993,8 @@ async def _settle_tokens(store: Store, audit: AuditLog) -> None:
             since = None
     if not run.released and since is None:
         return
-    marked, given = await store.settle_tokens(run.released, since, dt.datetime.now(dt.UTC))
+    marked, given = await store.settle_tokens(run.released, since, dt.datetime.now(dt.UTC),
+                                              run.enrolled)
     if marked or given:
         log.warning("bootstrap tokens a kill left spent are settled: a retry with the same "
                     "key gets its certificate, or enrolls", released=marked, given_back=given)

@@ -89,12 +89,13 @@ class Store(Protocol):
         ...
 
     async def settle_tokens(self, released: Sequence[str], spent_since: dt.datetime | None,
-                            at: dt.datetime) -> tuple[int, int]:
+                            at: dt.datetime, enrolled: Sequence[str] = ()) -> tuple[int, int]:
         """At a start after a kill: tokens whose certificate (hex serial) is among
         `released` are recorded as released at `at` (the kill came between the outcome
         line and that write); with `spent_since`, tokens spent since then on which no
-        certificate was recorded are given back (the kill came before one was). How many
-        of each."""
+        certificate was recorded are given back (the kill came before one was), unless
+        the log says they `enrolled` a certificate it released (an inventory copied
+        before that row, as a backup is). How many of each."""
         ...
 
     async def token_released(self, token_id: str, at: dt.datetime) -> None:

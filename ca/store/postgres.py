@@ -425,7 +425,7 @@ class PostgresStore:
         await self._tx(restore)
 
     async def settle_tokens(self, released: Sequence[str], spent_since: dt.datetime | None,
-                            at: dt.datetime) -> tuple[int, int]:
+                            at: dt.datetime, enrolled: Sequence[str] = ()) -> tuple[int, int]:
         async def settle(db: Conn) -> tuple[int, int]:
             cur = await db.execute("UPDATE tokens SET released_at = %s WHERE released_at IS "
                                    "NULL AND used_serial = ANY(%s)",
@@ -434,8 +434,9 @@ class PostgresStore:
             given = 0
             if spent_since is not None:
                 cur = await db.execute("UPDATE tokens SET used_at = NULL WHERE used_at IS NOT "
-                                       "NULL AND used_serial IS NULL AND used_at >= %s",
-                                       (spent_since.isoformat(),))
+                                       "NULL AND used_serial IS NULL AND used_at >= %s AND "
+                                       "NOT (id = ANY(%s))",
+                                       (spent_since.isoformat(), list(enrolled)))
                 given = cur.rowcount
             return marked, given
         return await self._tx(settle)

@@ -809,7 +809,7 @@ class SQLiteStore:
         await self._write(restore)
 
     async def settle_tokens(self, released: Sequence[str], spent_since: dt.datetime | None,
-                            at: dt.datetime) -> tuple[int, int]:
+                            at: dt.datetime, enrolled: Sequence[str] = ()) -> tuple[int, int]:
         def settle(db: sqlite3.Connection) -> tuple[int, int]:
             marked = 0
             for i in range(0, len(released), 500):
@@ -818,9 +818,15 @@ class SQLiteStore:
                     "UPDATE tokens SET released_at = ? WHERE released_at IS NULL AND "
                     f"used_serial IN ({','.join('?' * len(part))})",
                     (at.isoformat(), *part)).rowcount
-            given = 0 if spent_since is None else db.execute(
-                "UPDATE tokens SET used_at = NULL WHERE used_at IS NOT NULL AND used_serial "
-                "IS NULL AND used_at >= ?", (spent_since.isoformat(),)).rowcount
+            given = 0
+            if spent_since is not None:
+                kept = set(enrolled)
+                spent = [r[0] for r in db.execute(
+                    "SELECT id FROM tokens WHERE used_at IS NOT NULL AND used_serial IS NULL "
+                    "AND used_at >= ?", (spent_since.isoformat(),)) if r[0] not in kept]
+                for tid in spent:
+                    given += db.execute("UPDATE tokens SET used_at = NULL WHERE id = ? AND "
+                                        "used_serial IS NULL", (tid,)).rowcount
             return marked, given
         return await self._write(settle)
 
