@@ -48,7 +48,7 @@ from ca.store import (
     CertRecord,
     Store,
 )
-from ca.store.errors import StoreUnavailable
+from ca.store.errors import StoreDamaged, StoreUnavailable
 from ca.subject import spki_sha256
 from hsm.errors import AuditUnavailable, HSMUnavailable
 
@@ -129,6 +129,11 @@ def acme_route(fn: Handler) -> Handler:
             resp = _problem_response(p)
         except Refused as r:
             resp = _problem_response(from_refusal(r.reason, r.detail))
+        except StoreDamaged:  # a retry helps only once the operator acts
+            resp = _problem_response(AcmeProblem(
+                "serverInternal", "the inventory (database) is damaged, so nothing can be "
+                "done now; the CA's operator must restore it from a backup (a retry will not "
+                "help until then)", 503, {"Retry-After": "300"}))
         except (AuditUnavailable, HSMUnavailable, StoreUnavailable) as exc:
             part = ("audit log" if isinstance(exc, AuditUnavailable) else "HSM"
                     if isinstance(exc, HSMUnavailable) else "inventory (database)")
