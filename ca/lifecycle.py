@@ -186,7 +186,7 @@ class KeyLifecycle:
             await self.audit.append("key.stage", kind=order.kind, label=label,
                                     active=current.label, fingerprint=info.spki_sha256,
                                     actor=order.actor, request_id=request_id)
-            await self.store.stage_key(record)
+            await self.store.add_keys([record])  # as `next`: published, signing nothing
             await self._published()
             return {"label": label, "kind": order.kind, "state": "next",
                     "active": current.label, "fingerprint": info.spki_sha256}

@@ -11,6 +11,7 @@ it."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import json
 import sqlite3
@@ -219,7 +220,7 @@ def test_a_staged_ssh_key_is_promoted_once_and_the_active_one_becomes_previous(
         return KeyRecord(label, "ssh-user", "active", "ed25519", NOW.isoformat(), "f" * 64,
                          f"pkcs11:object={label}", None, NOW.isoformat(), "ssh-ed25519 AAAA")
     run(store.add_keys([key("ssh-user-ca")]))
-    run(store.stage_key(key("ssh-user-2")))
+    run(store.add_keys([dataclasses.replace(key("ssh-user-2"), state="next")]))
     assert {k.label: k.state for k in run(store.keys())} == {
         "ssh-user-ca": "active", "ssh-user-2": "next"}
     assert run(store.promote_key("ssh-user-2", "ssh-host", LATER)) is None  # another kind

@@ -269,13 +269,9 @@ class Store(Protocol):
         at all); the labels that became previous."""
         ...
 
-    async def stage_key(self, key: KeyRecord) -> None:
-        """Record `key` as its kind's `next` key: published (an SSH CA key's hosts and
-        clients fetch it), signing nothing until `promote_key`."""
-        ...
-
     async def promote_key(self, label: str, kind: str, at: str) -> list[str] | None:
-        """The `next` key `label` becomes its kind's active key and the active one
+        """The `next` key `label` (staged with `add_keys`: published, signing nothing)
+        becomes its kind's active key and the active one
         previous, in one transaction; the labels that became previous, or None when
         `label` is not a next key of `kind` (it changed meanwhile: nothing changed)."""
         ...

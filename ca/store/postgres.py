@@ -800,17 +800,6 @@ class PostgresStore:
             return old
         return await self._tx(rotate)
 
-    async def stage_key(self, key: KeyRecord) -> None:
-        async def insert(db: Conn) -> None:
-            await db.execute("INSERT INTO ca_keys (label, kind, state, algorithm, created_at, "
-                             "fingerprint, uri, cert, changed_at, ssh_public_key) VALUES "
-                             "(%s,%s,'next',%s,%s,%s,%s,%s,%s,%s)",
-                             (key.label, key.kind, key.algorithm, key.created_at,
-                              key.fingerprint, key.uri, key.cert, key.changed_at,
-                              key.ssh_public_key))
-            await _changed(db, "keys")
-        await self._tx(insert)
-
     async def promote_key(self, label: str, kind: str, at: str) -> list[str] | None:
         async def promote(db: Conn) -> list[str] | None:
             cur = await db.execute("UPDATE ca_keys SET state = 'active', changed_at = %s "

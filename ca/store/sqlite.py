@@ -811,22 +811,14 @@ class SQLiteStore:
     async def settle_tokens(self, released: Sequence[str], spent_since: dt.datetime | None,
                             at: dt.datetime, enrolled: Sequence[str] = ()) -> tuple[int, int]:
         def settle(db: sqlite3.Connection) -> tuple[int, int]:
-            marked = 0
-            for i in range(0, len(released), 500):
-                part = released[i:i + 500]
-                marked += db.execute(
-                    "UPDATE tokens SET released_at = ? WHERE released_at IS NULL AND "
-                    f"used_serial IN ({','.join('?' * len(part))})",
-                    (at.isoformat(), *part)).rowcount
-            given = 0
-            if spent_since is not None:
-                kept = set(enrolled)
-                spent = [r[0] for r in db.execute(
-                    "SELECT id FROM tokens WHERE used_at IS NOT NULL AND used_serial IS NULL "
-                    "AND used_at >= ?", (spent_since.isoformat(),)) if r[0] not in kept]
-                for tid in spent:
-                    given += db.execute("UPDATE tokens SET used_at = NULL WHERE id = ? AND "
-                                        "used_serial IS NULL", (tid,)).rowcount
+            marked = db.execute(
+                "UPDATE tokens SET released_at = ? WHERE released_at IS NULL AND used_serial "
+                "IN (SELECT value FROM json_each(?))",
+                (at.isoformat(), json.dumps(list(released)))).rowcount
+            given = 0 if spent_since is None else db.execute(
+                "UPDATE tokens SET used_at = NULL WHERE used_at IS NOT NULL AND used_serial "
+                "IS NULL AND used_at >= ? AND id NOT IN (SELECT value FROM json_each(?))",
+                (spent_since.isoformat(), json.dumps(list(enrolled)))).rowcount
             return marked, given
         return await self._write(settle)
 
@@ -1168,15 +1160,6 @@ class SQLiteStore:
                            [(c.der, c.subject_label, c.issuer_label, c.made_at) for c in cross])
             return old
         return await self._write(rotate)
-
-    async def stage_key(self, key: KeyRecord) -> None:
-        def insert(db: sqlite3.Connection) -> None:
-            db.execute("INSERT INTO ca_keys (label, kind, state, algorithm, created_at, "
-                       "fingerprint, uri, cert, changed_at, ssh_public_key) VALUES "
-                       "(?,?,'next',?,?,?,?,?,?,?)",
-                       (key.label, key.kind, key.algorithm, key.created_at, key.fingerprint,
-                        key.uri, key.cert, key.changed_at, key.ssh_public_key))
-        await self._write(insert)
 
     async def promote_key(self, label: str, kind: str, at: str) -> list[str] | None:
         def promote(db: sqlite3.Connection) -> list[str] | None:
