@@ -36,6 +36,7 @@ from cryptography.x509.oid import NameOID
 
 from ca.commands.args import check_url
 from ca.config import CA_SERVER_NAME
+from ca.fileutil import copy_new
 from ca.validity import ended
 
 TIMEOUT = aiohttp.ClientTimeout(total=60)
@@ -712,16 +713,8 @@ def _keep_copy(dfd: int, name: str) -> None:
         pass
     src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
     try:
-        out = os.open(backup, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                      | os.O_CLOEXEC, stat.S_IMODE(os.fstat(src).st_mode), dir_fd=dfd)
-        try:
-            while chunk := os.read(src, 1 << 16):
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(out, view):]
-            os.fsync(out)
-        finally:
-            os.close(out)
+        st = os.fstat(src)
+        copy_new(src, st.st_size, backup, stat.S_IMODE(st.st_mode), dir_fd=dfd)
     finally:
         os.close(src)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import stat
@@ -56,12 +57,14 @@ class EndedEarly(OSError):
     """The file copied from was shorter than the length asked for."""
 
 
-def copy_new(src: int, length: int, path: Path, mode: int = 0o600) -> None:
-    """Create `path` with `mode` holding the first `length` bytes of the open file `src`
-    (its offset left as it is), flushed; refuse to overwrite. EndedEarly if `src` holds
-    fewer; a failed copy leaves no part of `path` behind (whoever finds it would take
-    it whole)."""
-    out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+def copy_new(src: int, length: int, path: Path | str, mode: int = 0o600,
+             dir_fd: int | None = None) -> None:
+    """Create `path` (in the directory `dir_fd`, if given) with `mode` holding the first
+    `length` bytes of the open file `src` (its offset left as it is), flushed; refuse to
+    overwrite. EndedEarly if `src` holds fewer; a failed copy leaves no part of `path`
+    behind (whoever finds it would take it whole)."""
+    out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode,
+                  dir_fd=dir_fd)
     try:
         try:
             done = 0
@@ -76,7 +79,8 @@ def copy_new(src: int, length: int, path: Path, mode: int = 0o600) -> None:
         finally:
             os.close(out)
     except BaseException:
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path, dir_fd=dir_fd)
         raise
 
 

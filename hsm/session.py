@@ -286,9 +286,7 @@ class HSM:
             # back (a key made by another process meanwhile: a rotation). Ask a fresh
             # session before calling the key missing, unless one was opened just now.
             if self.flapping:
-                if label in self.expected:
-                    raise self._key_gone(label, exc) from None
-                raise
+                raise self._missing(label, exc) from None
             self._mark_broken(exc)
             self._reconnect()
             if self.broken is not None:
@@ -299,9 +297,7 @@ class HSM:
             self._mark_broken(exc)
             raise HSMUnavailable(f"HSM unavailable: {self.broken}") from None
         except KeyNotFound as exc:
-            if label in self.expected:  # the CA uses it: the token lost it
-                raise self._key_gone(label, exc) from None
-            raise
+            raise self._missing(label, exc) from None
 
     def remnants(self, label: str) -> tuple[bool, bool]:
         """Whether the token holds the private and the public key `label`, asked of a
@@ -390,7 +386,7 @@ class HSM:
                 try:
                     self._find(label)
                 except KeyNotFound as exc:
-                    raise self._key_gone(label, exc) from None
+                    raise self._missing(label, exc) from None
             for handle in self._handles.values():
                 handle[pkcs11.Attribute.LABEL]
                 return
@@ -440,9 +436,7 @@ class HSM:
             self._mark_broken(exc)
             raise HSMUnavailable(f"HSM unavailable: {type(exc).__name__}") from None
         except KeyNotFound as exc:
-            if label not in self.expected:
-                raise
-            raise self._key_gone(label, exc) from None
+            raise self._missing(label, exc) from None
         self._last_signed = True
         info = self._keys[label]
         try:
@@ -511,13 +505,16 @@ class HSM:
         # The pid tells which process had the trouble (each worker has its own session).
         self._events.append((event, {"token": self.config.token, "pid": self._pid, **fields}))
 
-    def _key_gone(self, label: str, exc: KeyNotFound) -> HSMUnavailable:
-        """A key this process signed with is not in the token now, even on a fresh
-        session (SoftHSM: its object files moved away or removed): the HSM is unavailable
-        for it, not the request wrong. A chaos trial got 500s, no recovery until a
-        restart once the files were back, and an intent and an outcome a second for the
-        refresher's retries. The session is broken until a reconnect, with its back-off,
-        finds the key again (SoftHSM reads its objects anew at C_Initialize)."""
+    def _missing(self, label: str, exc: KeyNotFound) -> HSMError:
+        """What to raise for a key the token does not show, even on a fresh session.
+        One the CA uses (`expected`; SoftHSM: its object files moved away or removed) is
+        the HSM unavailable for it, not the request wrong: a chaos trial got 500s, no
+        recovery until a restart once the files were back, and an intent and an outcome
+        a second for the refresher's retries. The session is then broken until a
+        reconnect, with its back-off, finds the key again (SoftHSM reads its objects anew
+        at C_Initialize). Another key is simply missing (KeyNotFound)."""
+        if label not in self.expected:
+            return exc
         self._mark_broken(exc)
         self.broken = f"the token no longer holds the key {label!r}"
         self._handles.pop(label, None)
