@@ -5,11 +5,13 @@ Nothing secret is ever passed to a logger; PINs are not even held after login.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
 import time
 import warnings
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -139,3 +141,25 @@ def configure(level: int | None = None) -> None:
     # The pool says it at every attempt to reconnect; the daemon's own lines (/health,
     # the refused requests, the checkpoints) say once that the database is away.
     logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
+
+
+def keep_trying(tasks: set[asyncio.Task[None]], log: Any, what: str,
+                attempt: Callable[[], Awaitable[object]], every_s: float,
+                retry_on: tuple[type[BaseException], ...]) -> None:
+    """Run `attempt` in the background every `every_s` until it goes through: a write
+    owed to the inventory while it is away (a revocation the audit log records, an ACME
+    order whose certificate was released). Each failure of `retry_on` is said as
+    Recurring says them; the success once. `tasks` holds the task meanwhile."""
+    async def run() -> None:
+        said = Recurring(log, f"{what}: not yet; trying again", f"{what}: done")
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                await attempt()
+            except retry_on as exc:
+                said.failed(str(exc) or type(exc).__name__)
+                continue
+            log.warning(f"{what}: done, once the inventory took it")
+            return
+    tasks.add(task := asyncio.create_task(run()))
+    task.add_done_callback(tasks.discard)

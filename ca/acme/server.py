@@ -33,7 +33,7 @@ from ca.acme.problems import PREFIX, AcmeProblem, from_refusal
 from ca.acme.validation import Failed, Validator, longest_s
 from ca.config import AcmeConfig
 from ca.issuance.profiles import pem, utcnow
-from ca.logs import Recurring
+from ca.logs import keep_trying
 from ca.policy import PARSE_ERRORS, Reason, Refused, parse_error
 from ca.revocation import RecordedNotCommitted
 from ca.server.common import AUDIT, ISSUANCE, REVOCATIONS, STORE, decide, identity
@@ -577,20 +577,6 @@ def _csr(body: dict[str, Any]) -> x509.CertificateSigningRequest:
 _RELEASING: set[asyncio.Task[None]] = set()  # orders to say valid once the inventory is back
 
 
-async def _release_later(store: Store, order_id: str) -> None:
-    said = Recurring(log, "cannot say an ACME order valid yet; trying again",
-                     "ACME order valid, once the inventory took it")
-    while True:
-        await asyncio.sleep(RELEASE_RETRY_S)
-        try:
-            await store.release_acme_order(order_id)
-        except Exception as exc:
-            said.failed(str(exc) or type(exc).__name__, order=order_id)
-            continue
-        said.ok()
-        return
-
-
 @routes.post("/acme/order/{id}/finalize")
 @acme_route
 async def finalize(request: web.Request) -> web.Response:
@@ -620,12 +606,13 @@ async def finalize(request: web.Request) -> web.Response:
     # durable): the row, committed before, named it while the order said processing.
     try:
         await server.store.release_acme_order(order.id)
-    except Exception:
+    except StoreUnavailable:
         # The inventory away now: the order stays processing (the client polls it) and
         # is said valid once the inventory takes the write; a stop before that is
         # settled by the next start (complete_acme_finalizes).
-        _RELEASING.add(task := asyncio.create_task(_release_later(server.store, order.id)))
-        task.add_done_callback(_RELEASING.discard)
+        keep_trying(_RELEASING, log, f"ACME order {order.id} said valid",
+                    lambda: server.store.release_acme_order(order.id), RELEASE_RETRY_S,
+                    (StoreUnavailable,))
         raise
     log.info("issued", kind="acme", serial=issued.serial_hex, account=v.account.id,
              order=order.id, names=list(order.names), request_id=request.get("request_id"),

@@ -26,7 +26,7 @@ from ca import ra
 from ca.generations import Generations, OnChange
 from ca.issuance import profiles as prof
 from ca.issuance.issue import Issuance
-from ca.logs import Recurring
+from ca.logs import keep_trying
 from ca.policy import Reason, Refused
 from ca.revocation.ocsp import OCSPSigner
 from ca.ssh import RevokedCerts, SSHPublicKey, blob_of, build_krl, parse_public_key
@@ -51,6 +51,14 @@ class RecordedNotCommitted(StoreUnavailable):
     def __init__(self, why: str, at: dt.datetime, serials: list[int], count: int) -> None:
         super().__init__(why)
         self.at, self.serials, self.count = at, serials, count
+
+    def advice(self, effect: str, meanwhile: str = "") -> str:
+        """The warning its answer carries: what happened, when `effect` follows, and
+        not to send it again (a second line)."""
+        return (f"the inventory is unavailable ({self}): the revocation is recorded in the "
+                f"audit log and stands, and {effect} once the inventory takes it, tried "
+                "every few seconds, at the latest at the daemon's next start"
+                f"{'; ' + meanwhile if meanwhile else ''}. Do not send it again")
 
 
 @dataclass(frozen=True)
@@ -97,22 +105,12 @@ class Revocations:
         """Commit a revocation whose line is durable once the inventory takes it, then
         move `counters` so every process sees it; a stop before that leaves it to the
         next start (ca/revocation/from_log.py)."""
-        async def run() -> None:
-            said = Recurring(log, f"{what}: recorded, not committed yet; trying again",
-                             f"{what}: committed, once the inventory took it")
-            while True:
-                await asyncio.sleep(COMMIT_RETRY_S)
-                try:
-                    await commit()
-                except StoreUnavailable as exc:
-                    said.failed(str(exc) or type(exc).__name__)
-                    continue
-                for counter in counters:
-                    self.generations.bump(counter)
-                log.warning(f"{what}: committed, once the inventory was back")
-                return
-        self._committing.add(task := asyncio.create_task(run()))
-        task.add_done_callback(self._committing.discard)
+        async def attempt() -> None:
+            await commit()
+            for counter in counters:
+                self.generations.bump(counter)
+        keep_trying(self._committing, log, f"{what} recorded in the audit log, committed",
+                    attempt, COMMIT_RETRY_S, (StoreUnavailable,))
 
     async def _load(self) -> Revoked:
         return {serial: (at, reason, issuer)

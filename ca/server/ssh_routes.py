@@ -109,10 +109,7 @@ async def ssh_revoke(request: web.Request) -> web.Response:
         return web.json_response({
             "revoked_certificates": exc.count,
             "revoked_key": public_key.sha256 if public_key else None, "committed": False,
-            "warnings": [f"the inventory is unavailable ({exc}): the revocation is recorded "
-                         "in the audit log and stands, and the KRL lists it once the "
-                         "inventory takes it, tried every few seconds, at the latest at the "
-                         "daemon's next start. Do not send it again"]})
+            "warnings": [exc.advice("the KRL lists it")]})
     log.info("ssh revoked", serial=str(serial) if serial is not None else None, key_id=key_id,
              public_key=public_key.sha256 if public_key else None, certificates=hit,
              actor=order.actor, request_id=request.get("request_id"))

@@ -302,12 +302,9 @@ def _recorded(exc: RecordedNotCommitted, order: ra.RevokeOrder) -> dict[str, Any
     answer: dict[str, Any] = {
         "revoked_at": exc.at.isoformat(), "revoked": [format(s, "x") for s in exc.serials],
         "ssh_certificates": 0, "committed": False, "published": False,
-        "warnings": [f"the inventory is unavailable ({exc}): the revocation is recorded in "
-                     "the audit log and stands, and takes effect in the CRL, OCSP and "
-                     "mutual TLS (with the SSH certificates issued on their strength) once "
-                     "the inventory takes it, tried every few seconds, at the latest at the "
-                     "daemon's next start; until then those still say the certificate is "
-                     "good. Do not send it again"]}
+        "warnings": [exc.advice("takes effect in the CRL, OCSP and mutual TLS (with the "
+                                "SSH certificates issued on their strength)",
+                                "until then those still say the certificate is good")]}
     if order.serial is not None:
         answer["serial"] = format(order.serial, "x")
     return answer
