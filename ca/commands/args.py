@@ -63,3 +63,8 @@ def confirm(question: str, refusal: str) -> None:
         sys.stderr.write("\n")
     if answer.strip().lower() != "yes":
         raise CLIError(f"{refusal} (confirm with yes, or pass --yes)")
+
+
+def warn(text: str) -> None:
+    """A warning of a command: one line on stderr, after what it did."""
+    print(f"hsmca: warning: {text}", file=sys.stderr)

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ca.commands.args import exec_timeout_flag
+from ca.commands.args import exec_timeout_flag, warn
 from ca.config import Config, load
 from ca.decimal_text import is_decimal
 from ca.errors import CLIError, GaveUp
@@ -193,10 +193,6 @@ def renew(args: argparse.Namespace) -> int:
         if status != 0:
             raise CLIError(f"renewed, but --exec {args.exec!r} exited with status {status}")
     return 0
-
-
-def warn(text: str) -> None:
-    print(f"hsmca: warning: {text}", file=sys.stderr)
 
 
 def _renew_daemon(args: argparse.Namespace, url: str) -> int:

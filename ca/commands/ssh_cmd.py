@@ -21,6 +21,7 @@ from typing import Any
 
 import structlog
 
+from ca.commands.args import warn
 from ca.errors import CLIError
 
 DROP_IN = "hsmca.conf"
@@ -228,7 +229,6 @@ def user(args: argparse.Namespace) -> int:
         print(f"added {_private_path(args.pubkey)} and its certificate to ssh-agent for "
               f"{lifetime} s (until the certificate expires)")
     if (why := client.ending(args.cert)) is not None:
-        from ca.commands.client_cmd import warn
         warn(why)
     return 0
 
@@ -402,7 +402,7 @@ def revoke(args: argparse.Namespace) -> int:
              if out.get("revoked_key") else "")
           + ("; the KRL lists them now" if committed else ""))
     for warning in out.get("warnings", []):
-        print(f"hsmca: warning: {warning}", file=sys.stderr)
+        warn(warning)
     return 0
 
 
