@@ -41,6 +41,7 @@ COMMANDS = {
     "serve": "client_cmd:serve", "token-create": "client_cmd:token_create",
     "enroll": "client_cmd:enroll", "renew": "client_cmd:renew", "revoke": "client_cmd:revoke",
     "ssh-host": "ssh_cmd:host", "ssh-user": "ssh_cmd:user", "ssh-revoke": "ssh_cmd:revoke",
+    "ssh-list": "ssh_cmd:list_certs",
     "ssh-known-hosts": "ssh_cmd:known_hosts",
     "key": "key_cmd:run",
     "acme-eab-create": "acme_cmd:eab_create", "acme-eab-list": "acme_cmd:eab_list",

@@ -170,7 +170,7 @@ async def test_revocation_by_key_id_and_public_key(own_daemon: Daemon, tmp_path:
     user_cert, user_key = enroll(daemon, tmp_path, "user", ["bob@example.com"], ["bob"])
     ctx = daemon.ssl(user_cert, user_key)
     pubs = []
-    for i in range(3):  # k0 revoked by key id, k1 by public key, k2 not at all
+    for i in range(4):  # k0 revoked by key id, k1 by public key, k2 not at all, k3 by file
         pub = keygen(tmp_path / f"k{i}").read_text()
         status, _, body = await http("POST", f"{daemon.url}/v1/ssh/user", ctx,
                                      body={"public_key": pub})
@@ -187,13 +187,31 @@ async def test_revocation_by_key_id_and_public_key(own_daemon: Daemon, tmp_path:
     assert "is refused from now on" in proc.stdout, proc.stdout
     refused = hsmca("ssh", "revoke", "--pubkey", tmp_path / "k1", *admin, check=False)
     assert refused.returncode == 1 and "holds a private key" in refused.stderr
+    # The certificate file given as the key: said which flag does which, nothing revoked
+    refused = hsmca("ssh", "revoke", "--pubkey", tmp_path / "k3-cert.pub", *admin, check=False)
+    assert refused.returncode == 1 and f"--ssh-cert {tmp_path / 'k3-cert.pub'} revokes that " \
+        "certificate" in refused.stderr, refused.stderr
+    proc = hsmca("ssh", "revoke", "--ssh-cert", tmp_path / "k3-cert.pub", *admin)
+    assert proc.stdout.startswith("revoked 1 SSH certificate(s)"), proc.stdout
     status, _, krl = await http("GET", f"{daemon.url}/v1/ssh/krl", daemon.ssl())
     (tmp_path / "krl").write_bytes(krl)
     cert, key = (lambda i: tmp_path / f"k{i}-cert.pub"), (lambda i: tmp_path / f"k{i}.pub")
-    assert krl_check(tmp_path / "krl", *(f(i) for i in range(3) for f in (cert, key))) == {
+    assert krl_check(tmp_path / "krl", *(f(i) for i in range(4) for f in (cert, key))) == {
         cert(0): "REVOKED", key(0): "ok",  # by key id: the certificate, not its key
         cert(1): "REVOKED", key(1): "REVOKED",  # by key: the key and all it certifies
-        cert(2): "ok", key(2): "ok"}
+        cert(2): "ok", key(2): "ok",
+        cert(3): "REVOKED", key(3): "ok"}  # by its file: the certificate, not its key
+    # What the operator then sees of bob's certificates: `hsmca ssh list`
+    listed = hsmca("ssh", "list", "--search", "bob@example.com", *admin).stdout.splitlines()
+    assert listed[0].split() == ["SERIAL", "TYPE", "STATUS", "VALID_BEFORE", "KEY_ID"]
+    status_of = {line.split()[0]: line.split()[2] for line in listed[1:]}
+    assert status_of == {str(issued["serial"]): "revoked" if i != 2 else "valid"
+                         for i, (_, issued) in enumerate(pubs)}, listed
+    assert all(line.endswith("[bob]") for line in listed[1:]), listed
+    valid = hsmca("ssh", "list", "--status", "valid", "--type", "user", *admin).stdout
+    assert str(pubs[2][1]["serial"]) in valid and str(pubs[3][1]["serial"]) not in valid
+    none = hsmca("ssh", "list", "--type", "host", *admin).stdout
+    assert none == "no SSH certificate matches\n"
 
 
 def _line(key: Any) -> str:

@@ -100,6 +100,14 @@ def _ssh_cert(path: Path) -> Any:
     return cert
 
 
+def _is_ssh_cert(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return b"-cert-v01@openssh.com" in f.read(64).split(b" ", 1)[0]
+    except OSError:
+        return False  # read_public_key says why
+
+
 def _ssh_cert_times(path: Path) -> tuple[dt.datetime, dt.datetime]:
     cert = _ssh_cert(path)
     return (dt.datetime.fromtimestamp(cert.valid_after, dt.UTC),
@@ -388,9 +396,17 @@ def revoke(args: argparse.Namespace) -> int:
     from ca.commands.client_cmd import _admin
     if args.serial is not None and not 0 < args.serial < 2**64:
         raise CLIError(f"--serial {args.serial} is not an SSH certificate serial (1 to 2^64-1)")
+    if args.pubkey is not None and _is_ssh_cert(args.pubkey):
+        raise CLIError(f"--pubkey {args.pubkey} is an SSH certificate: --ssh-cert "
+                       f"{args.pubkey} revokes that certificate; --pubkey with the key it "
+                       "certifies revokes every certificate for that key")
     body: dict[str, Any] = (
         {"serial": args.serial} if args.serial is not None else
         {"key_id": args.key_id} if args.key_id is not None else
+        # By its key id (<identity>:<serial>), not its serial alone: a certificate of
+        # another CA with the same serial is then not found instead of another revoked.
+        {"key_id": _ssh_cert(args.ssh_cert).key_id.decode(errors="replace")}
+        if args.ssh_cert is not None else
         {"public_key": read_public_key(args.pubkey)})
     url, ctx = _admin(args)
     out = asyncio.run(client.call("POST", f"{url}/v1/ssh/revoke", ctx, json_body=body))
@@ -404,6 +420,28 @@ def revoke(args: argparse.Namespace) -> int:
     for warning in out.get("warnings", []):
         warn(warning)
     return 0
+
+
+def list_certs(args: argparse.Namespace) -> int:
+    """`hsmca ssh list`: GET /v1/inventory/ssh-certificates with the admin credential."""
+    from urllib.parse import urlencode
+
+    from ca.commands.client_cmd import admin_call
+    from ca.commands.output import table
+    query = {"limit": str(max(1, min(args.limit, 500)))}
+    for name, value in (("q", args.search), ("type", args.type), ("status", args.status)):
+        if value:
+            query[name] = value
+    page = admin_call(args, "GET", f"/v1/inventory/ssh-certificates?{urlencode(query)}")
+    shown = table(page["certificates"], "no SSH certificate matches", [
+        ("SERIAL", 20, lambda c: c["serial"]), ("TYPE", 4, lambda c: c["type"]),
+        ("STATUS", 8, lambda c: c["status"]),
+        ("VALID_BEFORE", 25, lambda c: c["valid_before"]),
+        ("KEY_ID", 0, lambda c: f"{c['key_id']}  [{','.join(c['principals'])}]")])
+    if page["total"] > len(page["certificates"]):
+        print(f"({page['total']} match; the newest {len(page['certificates'])} shown: "
+              "narrow with --search, --type or --status, or raise --limit)")
+    return shown
 
 
 def host(args: argparse.Namespace) -> int:
@@ -574,6 +612,7 @@ def _keep_host_fresh(args: argparse.Namespace, f: HostFiles, refresh_now: bool =
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     from ca.commands.args import duration, exec_timeout_flag
     from ca.commands.client_cmd import admin_flags, credential_flags
+    from ca.store.records import CERT_STATUSES
     s = sub.add_parser("ssh", help="SSH host and user certificates")
     ssub = s.add_subparsers(dest="ssh_command", metavar="SUBCOMMAND", required=True)
 
@@ -649,8 +688,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     k.set_defaults(command_key="ssh-known-hosts")
     v = ssub.add_parser("revoke", help="revoke SSH certificates (admin)",
                         description="Revoke SSH certificates with the admin credential of "
-                        "--config: one by its serial or its key id, or every one for a public "
-                        "key (that key is then refused in every later certificate too). "
+                        "--config: one by its serial, its key id or its file, or every one for "
+                        "a public key (that key is then refused in every later certificate too). "
                         "This does not stop the holder from asking for another: to cut a "
                         "person or host off, revoke its X.509 credential (hsmca revoke "
                         "--identity NAME), which revokes its SSH certificates too. The KRL "
@@ -662,7 +701,23 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     which.add_argument("--key-id", metavar="ID",
                        help="its key id (<identity>:<its serial>, as ssh-keygen -L and "
                        "sshd's log print it)")
+    which.add_argument("--ssh-cert", type=Path, metavar="FILE",
+                       help="an SSH certificate file (<key>-cert.pub): that certificate")
     which.add_argument("--pubkey", type=Path, metavar="FILE",
                        help="an SSH public key: every certificate for it, and any later one")
     admin_flags(v)
     v.set_defaults(command_key="ssh-revoke")
+    ls = ssub.add_parser(
+        "list", help="the SSH certificates the CA issued (admin)",
+        description="List SSH certificates from the inventory, newest first: serial "
+        "(decimal, as ssh-keygen -L prints it), type, status, validBefore, key id, "
+        "principals. --search matches key ids, principals and serials.")
+    ls.add_argument("--search", metavar="TEXT",
+                    help="a key id, a principal, part of one, or a serial")
+    ls.add_argument("--type", choices=("host", "user"), help="only host or user certificates")
+    ls.add_argument("--status", choices=CERT_STATUSES,
+                    help="only these (expiring: in its last 7 days, or in its last third "
+                    "when that is shorter)")
+    ls.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    admin_flags(ls)
+    ls.set_defaults(command_key="ssh-list")
