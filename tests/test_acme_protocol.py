@@ -239,6 +239,8 @@ def test_a_deactivated_account_orders_nothing_more(world: World) -> None:
     assert r.status == 200 and r.json["status"] == "deactivated"
     r = c.order("a.test")
     assert r.status == 401 and r.problem == "unauthorized"  # RFC 8555 7.3.6
+    # and what to do: clients cannot switch accounts by themselves (an ACME trial)
+    assert "ask the CA's operator for a new EAB key" in r.json["detail"], r.json
 
 
 def test_a_deactivated_authorization_ends_its_order(world: World) -> None:
@@ -354,6 +356,25 @@ def test_a_failed_validation_says_why_in_plain_words(world: World) -> None:
     account = c.kid.rsplit("/", 1)[1]  # type: ignore[union-attr]
     assert logged(world, "acme validation", lambda e: e["account"] == account
                   and e["name"] == "closed.test" and e["valid"] is False)
+    # tls-alpn-01 in the same words (it said asyncio's "[Errno 111] Connect call failed")
+    world.dns.records[("closed2.test", "A")] = ["127.0.0.9"]
+    order = c.order("closed2.test")
+    ch = c.answer(order, "tls-alpn-01")[0]
+    assert c.post(ch["url"], {}).status == 200
+    authz = c.wait_authz(order.json["authorizations"][0])
+    failed = next(x for x in authz["challenges"] if x["type"] == "tls-alpn-01")
+    assert failed["error"]["type"].endswith(":connection"), failed
+    assert failed["error"]["detail"] == ("tls-alpn-01 for closed2.test: cannot connect to "
+                                         f"127.0.0.9 port {world.ca.tls_port}: Connection "
+                                         "refused"), failed
+    # A name with no address: RFC 8555's "dns" (not the drafts' "unknownHost")
+    order = c.order("nowhere.test")
+    ch = c.answer(order, "http-01")[0]
+    assert c.post(ch["url"], {}).status == 200
+    authz = c.wait_authz(order.json["authorizations"][0])
+    failed = next(x for x in authz["challenges"] if x["type"] == "http-01")
+    assert failed["error"]["type"] == "urn:ietf:params:acme:error:dns", failed
+    assert "nowhere.test" in failed["error"]["detail"], failed
 
 
 def test_a_resolver_failure_is_said_of_the_configured_resolver() -> None:
@@ -508,6 +529,61 @@ def test_an_acme_certificate_renews_over_acme_only(world: World, tmp_path: Path)
                       headers={"Content-Type": "application/pkcs10"},
                       data=base64.b64encode(csr_der(["d.test"], key)))
     assert r.status_code == 403, r.text
+
+
+def test_a_key_revoked_for_compromise_is_refused_as_a_bad_csr(world: World) -> None:
+    """The CSR's key is what is barred, so badCSR (RFC 8555 7.4): with badPublicKey,
+    which is the JWS key's, certbot said "The JWS was signed by a public key the server
+    does not support" (an ACME trial)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    c = Client(world.ca)
+    assert c.register(world.ca.eab("*.test")).status == 201
+    key = ec.generate_private_key(ec.SECP256R1())
+    world.dns.records[("kc.test", "A")] = ["127.0.0.1"]
+    order = c.order("kc.test")
+    c.validate_http01(order, world.responder)
+    done = c.finalize(order, ["kc.test"], key)
+    der = x509.load_pem_x509_certificate(c.post(done.json["certificate"]).body).public_bytes(
+        serialization.Encoding.DER)
+    revoked = c.post(f"{world.ca.url}/acme/revoke-cert", {"certificate": b64(der), "reason": 1})
+    assert revoked.status == 200, revoked.body
+    order = c.order("kc.test")
+    c.validate_http01(order, world.responder)
+    again = c.finalize(order, ["kc.test"], key)
+    assert again.status == 400 and again.problem == "badCSR", again.body
+    assert "keyCompromise" in again.json["detail"], again.json
+    fresh = c.finalize(order, ["kc.test"])  # a new key: the order is still ready for it
+    assert fresh.status == 200, fresh.body
+
+
+def test_an_admin_lists_what_one_acme_account_got(world: World) -> None:
+    """After deactivating an account its certificates stay valid, "revoke them apart":
+    an ACME trial found no command that lists them (the inventory links them)."""
+    mine, other = Client(world.ca), Client(world.ca)
+    got = {}
+    for c, name in ((mine, "a.test"), (mine, "b.test"), (other, "c.test")):
+        if c.kid is None:
+            assert c.register(world.ca.eab("*.test")).status == 201
+        order = c.order(name)
+        c.validate_http01(order, world.responder)
+        done = c.finalize(order, [name])
+        assert done.status == 200, done.body
+        cert = x509.load_pem_x509_certificate(c.post(done.json["certificate"]).body)
+        got[name] = (format(cert.serial_number, "x"), order.headers["Location"])
+    account = mine.kid.rsplit("/", 1)[1]  # type: ignore[union-attr]
+    admin = ("--config", world.ca.config, "--url", world.ca.url)
+    listed = hsmca("cert", "list", "--account", account, *admin).stdout.splitlines()
+    assert sorted(line.split()[0] for line in listed[1:]) == sorted(
+        (got["a.test"][0], got["b.test"][0])), listed
+    assert all(line.split()[3] == "acme" for line in listed[1:]), listed
+    acme = hsmca("cert", "list", "--kind", "acme", "--search", "c.test", *admin).stdout
+    assert got["c.test"][0] in acme
+    assert hsmca("cert", "list", "--kind", "x509", "--search", "c.test", *admin
+                 ).stdout == "no certificate matches\n"
+    shown = hsmca("cert", "show", got["a.test"][0], *admin).stdout
+    order_id = got["a.test"][1].rstrip("/").rsplit("/", 1)[1]
+    assert f"acme        account {account}, order {order_id}" in shown, shown
 
 
 class TLSServer:

@@ -464,9 +464,10 @@ def test_an_admin_lists_and_shows_certificates_by_name_and_by_openssls_serial(
     config = daemon.state / "hsmca.toml"
     serial = cert_serial(cert)
     listed = hsmca("cert", "list", "--config", config, "--search", NAME).stdout.splitlines()
-    assert listed[0].split() == ["SERIAL", "STATUS", "ROLE", "NOT_AFTER", "NAMES"], listed
-    assert any(line.split()[:3] == [serial, "valid", "service"] and line.endswith(NAME)
-               for line in listed), listed
+    assert listed[0].split() == ["SERIAL", "STATUS", "ROLE", "KIND", "NOT_AFTER", "NAMES"], \
+        listed
+    assert any(line.split()[:4] == [serial, "valid", "service", "x509"]
+               and line.endswith(NAME) for line in listed), listed
     assert hsmca("cert", "list", "--config", config, "--search", "no-such.example"
                  ).stdout == "no certificate matches\n"
     printed = subprocess.run(["openssl", "x509", "-in", cert, "-noout", "-serial"],

@@ -82,8 +82,11 @@ def test_statuses_are_disjoint_and_kinds_split_acme(store: Store) -> None:
             ] == [["1", "5"], ["2", "6"], ["3"], ["4"]]
     assert serials(find(store, kind="acme")) == ["4"]
     assert sorted(serials(find(store, kind="x509"))) == ["1", "2", "3", "5", "6"]
+    assert serials(find(store, account="acc")) == ["4"]  # what one ACME account got
+    assert find(store, account="another").total == 0
     [revoked] = find(store, status="revoked").certs
-    assert (revoked.reason, revoked.acme_order) == ("superseded", "order-1")
+    assert (revoked.reason, revoked.acme_order, revoked.acme_account) == (
+        "superseded", "order-1", "acc")
     with pytest.raises(ValueError):
         find(store, status="sideways")
 

@@ -213,7 +213,10 @@ async def verify(raw: bytes, content_type: str, url: str, nonces: Nonces, *,
                           f"({url})", 401)
     if account is not None and account.status != "valid":
         # RFC 8555 7.3.6: a deactivated account's requests get 401 unauthorized.
-        raise AcmeProblem("unauthorized", f"the account is {account.status}", 401)
+        raise AcmeProblem("unauthorized", f"the account is {account.status}: ask the CA's "
+                          "operator for a new EAB key and register a new account with it "
+                          "(docs/acme.md, \"Replacing an account\"); certificates it got "
+                          "stay valid until they expire or are revoked", 401)
     return Verified(jws.payload, jwk, account, url)
 
 

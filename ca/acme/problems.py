@@ -48,7 +48,9 @@ _FROM_REASON: dict[Reason, tuple[str, int]] = {
     Reason.NAME_NOT_GRANTED: ("rejectedIdentifier", 400),
     Reason.PRINCIPAL_NOT_GRANTED: ("unauthorized", 403),
     Reason.WRONG_ROLE: ("unauthorized", 403),
-    Reason.REVOKED_KEY: ("badPublicKey", 400),
+    # Over ACME only the CSR's key is ever barred; badPublicKey is the JWS key's (RFC 8555
+    # 6.7), and certbot explained it as "The JWS was signed by..." (an ACME trial).
+    Reason.REVOKED_KEY: ("badCSR", 400),
     Reason.REASON_NOT_ALLOWED: ("badRevocationReason", 400),
     Reason.NOT_FOUND: ("malformed", 404),
     Reason.CONFLICT: ("malformed", 409),

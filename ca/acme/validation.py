@@ -67,7 +67,7 @@ def _http_why(exc: Exception, addr: str, port: int) -> str:
 class Failed(Exception):
     """A validation failed: the ACME error type and what the client should fix."""
 
-    kind: str  # connection | incorrectResponse | tls | dns | unknownHost | rateLimited
+    kind: str  # connection | incorrectResponse | tls | dns | rateLimited (RFC 8555 6.7)
     detail: str
 
     def __str__(self) -> str:
@@ -170,12 +170,13 @@ class Validator:
                     raise Failed("dns", f"looking up {name}: {self._dns_why(exc)}") from None
                 for rr in answer:
                     return str(rr.address)
-            raise Failed("unknownHost", f"{name} has no A or AAAA record")
+            raise Failed("dns", f"{name} has no A or AAAA record")
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(name, None,
                                                                   type=socket.SOCK_STREAM)
         except socket.gaierror as exc:
-            raise Failed("unknownHost", f"cannot resolve {name}: {exc.strerror}") from None
+            # "dns", not the drafts' "unknownHost", which RFC 8555 does not define
+            raise Failed("dns", f"cannot resolve {name}: {exc.strerror}") from None
         return str(infos[0][4][0])
 
     # ---- http-01 -------------------------------------------------------------------------
@@ -260,9 +261,15 @@ class Validator:
         try:
             _reader, writer = await asyncio.open_connection(addr, port, ssl=ctx,
                                                              server_hostname=name)
-        except (OSError, ssl.SSLError) as exc:
-            raise Failed("tls" if isinstance(exc, ssl.SSLError) else "connection",
-                         f"tls-alpn-01 for {name}: {addr}:{port}: {exc}") from None
+        except ssl.SSLError as exc:
+            raise Failed("tls", f"tls-alpn-01 for {name}: the TLS handshake with {addr} "
+                         f"port {port} failed: {exc.reason or exc}") from None
+        except OSError as exc:
+            # asyncio's strerror is "Connect call failed ('127.0.0.1', 443)": the errno's
+            # own words instead, as http-01 says them (an ACME trial)
+            why = os.strerror(exc.errno) if exc.errno else str(exc) or "no connection"
+            raise Failed("connection", f"tls-alpn-01 for {name}: cannot connect to {addr} "
+                         f"port {port}: {why}") from None
         try:
             sslobj = writer.get_extra_info("ssl_object")
             alpn = sslobj.selected_alpn_protocol() if sslobj else None

@@ -20,12 +20,18 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     ls = csub.add_parser(
         "list", help="certificates by name, serial or status, newest first",
         description="List X.509 certificates from the inventory, newest first: serial (as "
-        "hsmca writes it: lower case, no leading zeros), status, role, notAfter, names. "
-        "--search matches names, subjects and serials (openssl's upper-case form too).")
+        "hsmca writes it: lower case, no leading zeros), status, role, kind (acme: issued "
+        "over ACME), notAfter, names. --search matches names, subjects and serials "
+        "(openssl's upper-case form too); --account lists what one ACME account got (to "
+        "revoke after deactivating it, say).")
     ls.add_argument("--search", metavar="TEXT", help="a name, part of one, or a serial")
     ls.add_argument("--status", choices=CERT_STATUSES,
                     help="only these (expiring: in its last 7 days, or in its last third "
                     "when that is shorter)")
+    ls.add_argument("--kind", choices=("acme", "x509"),
+                    help="only those issued over ACME, or only the others")
+    ls.add_argument("--account", metavar="ID",
+                    help="only those issued to this ACME account (hsmca acme account list)")
     ls.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
     admin_flags(ls)
     ls.set_defaults(command_key="cert-list")
@@ -51,20 +57,21 @@ def _names(cert: dict[str, Any]) -> str:
 
 
 def list_certs(args: argparse.Namespace) -> int:
-    query = {"limit": max(1, min(args.limit, 500))}
+    query: dict[str, str | int] = {"limit": max(1, min(args.limit, 500))}
     if args.search:
         # openssl x509 -serial prints serial=...: searched for as the serial
-        query["q"] = args.search.removeprefix("serial=")  # type: ignore[assignment]
-    if args.status:
-        query["status"] = args.status  # type: ignore[assignment]
+        query["q"] = args.search.removeprefix("serial=")
+    for name in ("status", "kind", "account"):
+        if getattr(args, name):
+            query[name] = getattr(args, name)
     page = _get(args, f"/v1/inventory/certificates?{urlencode(query)}")
     shown = table(page["certificates"], "no certificate matches", [
         ("SERIAL", 40, lambda c: c["serial"]), ("STATUS", 8, lambda c: c["status"]),
-        ("ROLE", 7, lambda c: c["role"]), ("NOT_AFTER", 25, lambda c: c["not_after"]),
-        ("NAMES", 0, _names)])
+        ("ROLE", 7, lambda c: c["role"]), ("KIND", 4, lambda c: c["kind"]),
+        ("NOT_AFTER", 25, lambda c: c["not_after"]), ("NAMES", 0, _names)])
     if page["total"] > len(page["certificates"]):
         print(f"({page['total']} match; the newest {len(page['certificates'])} shown: "
-              "narrow with --search or --status, or raise --limit)")
+              "narrow with --search, --status or --kind, or raise --limit)")
     return shown
 
 
@@ -78,6 +85,9 @@ def show_cert(args: argparse.Namespace) -> int:
             ("subject", cert["subject"]), ("names", _names(cert)),
             ("not_before", cert["not_before"]), ("not_after", cert["not_after"]),
             ("issued_at", cert["issued_at"]), ("issuer", cert.get("issuer") or "-")]
+    if cert.get("acme_order"):
+        rows.append(("acme", f"account {cert.get('acme_account') or '-'}, order "
+                     f"{cert['acme_order']}"))
     if cert.get("revoked_at"):
         rows.append(("revoked", f"{cert['revoked_at']} ({cert.get('reason') or 'unspecified'})"))
     if cert.get("audit_seq") is not None:

@@ -61,7 +61,7 @@ def record_json(rec: CertRecord, now: dt.datetime) -> dict[str, Any]:
             "issued_at": rec.issued_at, "revoked_at": rec.revoked_at, "reason": rec.reason,
             "issuer": rec.issuer, "renewed_from": rec.renewed_from,
             "audit_seq": rec.audit_seq, "audit_log": rec.audit_log,
-            "acme_order": rec.acme_order,
+            "acme_order": rec.acme_order, "acme_account": rec.acme_account,
             "kind": "acme" if rec.acme_order else "x509", "status": status(rec, now)}
 
 
@@ -89,8 +89,11 @@ async def certificates(request: web.Request) -> web.Response:
     role = request.query.get("role") or None
     if role is not None and len(role) > 64:
         raise Problem(400, "Bad Request", "role is at most 64 characters", "bad-query")
+    account = request.query.get("account") or None
+    if account is not None and len(account) > 100:
+        raise Problem(400, "Bad Request", "account is at most 100 characters", "bad-query")
     query = CertQuery(role=role, kind=_choice(request, "kind", ("acme", "x509")),
-                      **_search(request, CERT_SORTS))
+                      account=account, **_search(request, CERT_SORTS))
     now = _now()
     page = await request.app[STORE].find_certs(query, now, now + EXPIRING)
     return _page_json(query, now, [record_json(r, now) for r in page.certs], page.total)

@@ -25,6 +25,7 @@ class CertRecord:
     audit_seq: int | None = None  # the seq of its hsm.sign intent line; None: not recorded
     acme_order: str | None = None  # the ACME order it was issued to, if any
     audit_log: str | None = None  # whose log audit_seq is in (cluster); None: the CA's one
+    acme_account: str | None = None  # the ACME account it was issued to, if any
 
 
 @dataclass(frozen=True)
@@ -64,12 +65,14 @@ class CertQuery:
     disjoint from the others: revoked; expired (not revoked, past not_after);
     expiring (live, ending before the `soon` given to the search and past two thirds
     of its lifetime); valid (the other live ones). `kind` is "acme" (issued through
-    ACME) or "x509" (the others). Sorted by one of CERT_SORTS, ties broken by serial."""
+    ACME) or "x509" (the others); `account` the ACME account it was issued to. Sorted by
+    one of CERT_SORTS, ties broken by serial."""
 
     text: str | None = None
     status: str | None = None
     role: str | None = None
     kind: str | None = None
+    account: str | None = None
     sort: str = "issued"
     descending: bool = True
     limit: int = 50

@@ -330,10 +330,10 @@ def _cert(r: tuple[Any, ...]) -> CertRecord:
                       r[6], r[7], r[8], r[9], r[10], r[11], r[12])
 
 
-# The inventory reads: the columns above (of `certs c`), then issued_at, audit_seq and the
-# ACME order (of `acme_certs a`, joined).
+# The inventory reads: the columns above (of `certs c`), then issued_at, audit_seq, the
+# ACME order and account (of `acme_certs a`, joined).
 _READ_COLS = ", ".join(f"c.{c.strip()}" for c in _CERT_COLS.split(",")) + (
-    ", c.issued_at, c.audit_seq, a.order_id, c.audit_log")
+    ", c.issued_at, c.audit_seq, a.order_id, c.audit_log, a.account_id")
 _READ_FROM = "certs c LEFT JOIN acme_certs a ON a.serial = c.serial"
 _SORTS = {"issued": "c.issued_at", "expires": "c.not_after", "subject": "c.subject",
           "role": "c.role", "serial": "length(c.serial), c.serial"}
@@ -341,7 +341,8 @@ _SORTS = {"issued": "c.issued_at", "expires": "c.not_after", "subject": "c.subje
 
 def _read_cert(r: tuple[Any, ...]) -> CertRecord:
     return CertRecord(r[0], r[1], r[2], r[3], tuple(json.loads(r[4])), tuple(json.loads(r[5])),
-                      r[6], r[7], r[8], r[9], r[10], r[11], r[12], r[13], r[14], r[15], r[16])
+                      r[6], r[7], r[8], r[9], r[10], r[11], r[12], r[13], r[14], r[15], r[16],
+                      r[17])
 
 
 def _like(text: str) -> str:
@@ -410,6 +411,9 @@ def _cert_filter(query: CertQuery, now: dt.datetime, soon: dt.datetime, epoch: s
         where.append("a.serial IS NULL")
     elif query.kind is not None:
         raise ValueError(f"unknown certificate kind {query.kind!r}")
+    if query.account is not None:  # acme_certs_account indexes it
+        where.append("a.account_id = ?")
+        args.append(query.account)
     return (" WHERE " + " AND ".join(where)) if where else "", args
 
 
