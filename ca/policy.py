@@ -87,9 +87,13 @@ class Reason(enum.Enum):
 class Refused(ValueError):
     """A request asks for something the policy does not allow."""
 
-    def __init__(self, detail: str, reason: Reason = Reason.MALFORMED) -> None:
+    def __init__(self, detail: str, reason: Reason = Reason.MALFORMED, *,
+                 subproblems: tuple[tuple[str, Reason, str], ...] = ()) -> None:
         super().__init__(detail)
         self.detail, self.reason = detail, reason
+        # (name, reason, detail) of each of several names refused at once (ACME's
+        # subproblems, RFC 8555 6.7.1)
+        self.subproblems = subproblems
 
 
 @dataclass(frozen=True)

@@ -564,9 +564,10 @@ Order = (TokenGrant | X509Order | EnrollAgainOrder | SSHOrder | RevokeOrder | SS
 class Refusal:
     reason: Reason
     detail: str
+    subproblems: tuple[tuple[str, Reason, str], ...] = ()  # see Refused
 
     def raise_(self) -> Any:
-        raise Refused(self.detail, self.reason)
+        raise Refused(self.detail, self.reason, subproblems=self.subproblems)
 
 
 def decide(ctx: Context, who: Requester, request: Request) -> Order | Refusal:
@@ -577,7 +578,7 @@ def decide(ctx: Context, who: Requester, request: Request) -> Order | Refusal:
     try:
         return handler(ctx, who, request)  # type: ignore[no-any-return]
     except Refused as r:
-        return Refusal(r.reason, r.detail)
+        return Refusal(r.reason, r.detail, r.subproblems)
 
 
 def order(ctx: Context, who: Requester, request: Request) -> Any:
@@ -1212,6 +1213,27 @@ def _acme_account(who: Requester) -> AcmeAccountHolder:
     return who
 
 
+def _acme_identifier(ctx: Context, account: AcmeAccountHolder, req: AcmeOrderRequest,
+                     ident: dict[str, Any]) -> str:
+    """One identifier of a new order: the DNS name to order, or why it is refused."""
+    if ident.get("type") != "dns":
+        hint = (": for an IP address, enroll with a bootstrap token (hsmca enroll)"
+                if ident.get("type") == "ip" else "")
+        raise Refused(f"identifier type {str(ident.get('type'))[:20]!r} is not supported "
+                      f"(only dns){hint}", Reason.UNSUPPORTED_IDENTIFIER)
+    if policy.lookup_kind(ident["value"]) == "ip":  # not "give an IP as an IP": no way
+        raise Refused(f"{ident['value'][:60]!r} is an IP address, which this CA does not "
+                      "issue over ACME (only dns identifiers): order a DNS name, or "
+                      "enroll with a bootstrap token (hsmca enroll)",
+                      Reason.UNSUPPORTED_IDENTIFIER)
+    name = policy.dns_name(_acme_case(ident["value"]), ctx.policy.allow_wildcards)
+    if name.startswith("*.") and not req.dns01_available:
+        raise Refused(f"wildcard name {name!r} needs dns-01 validation, which needs "
+                      "[acme] resolver", Reason.BAD_NAME)
+    _acme_names(ctx, account, [name])
+    return name
+
+
 def _acme_order(ctx: Context, who: Requester, req: AcmeOrderRequest) -> AcmeOrderGrant:
     account = _acme_account(who)
     raw = req.identifiers
@@ -1219,27 +1241,25 @@ def _acme_order(ctx: Context, who: Requester, req: AcmeOrderRequest) -> AcmeOrde
         raise Refused(f"identifiers must be a list of 1 to {ACME_MAX_IDENTIFIERS} "
                       "identifiers")
     names: list[str] = []
+    refused: list[tuple[str, Refused]] = []
     for ident in raw:
         if not isinstance(ident, dict) or set(ident) - {"type", "value"} \
                 or not isinstance(ident.get("value"), str):
             raise Refused('each identifier is {"type": "dns", "value": NAME}')
-        if ident.get("type") != "dns":
-            hint = (": for an IP address, enroll with a bootstrap token (hsmca enroll)"
-                    if ident.get("type") == "ip" else "")
-            raise Refused(f"identifier type {str(ident.get('type'))[:20]!r} is not supported "
-                          f"(only dns){hint}", Reason.UNSUPPORTED_IDENTIFIER)
-        if policy.lookup_kind(ident["value"]) == "ip":  # not "give an IP as an IP": no way
-            raise Refused(f"{ident['value'][:60]!r} is an IP address, which this CA does not "
-                          "issue over ACME (only dns identifiers): order a DNS name, or "
-                          "enroll with a bootstrap token (hsmca enroll)",
-                          Reason.UNSUPPORTED_IDENTIFIER)
-        name = policy.dns_name(ident["value"], ctx.policy.allow_wildcards)
-        if name.startswith("*.") and not req.dns01_available:
-            raise Refused(f"wildcard name {name!r} needs dns-01 validation, which needs "
-                          "[acme] resolver", Reason.BAD_NAME)
-        names.append(name)
+        try:
+            names.append(_acme_identifier(ctx, account, req, ident))
+        except Refused as exc:
+            refused.append((ident["value"], exc))
+    if len(refused) == 1:
+        raise refused[0][1]
+    if refused:
+        # Every identifier's reason at once (RFC 8555 6.7.1 subproblems), not the first
+        # only: an ACME trial fixed its names one request at a time.
+        raise Refused(f"{len(refused)} identifiers are refused: "
+                      + "; ".join(exc.detail for _, exc in refused), refused[0][1].reason,
+                      subproblems=tuple((name, exc.reason, exc.detail)
+                                        for name, exc in refused))
     unique = list(dict.fromkeys(names))
-    _acme_names(ctx, account, unique)
     old = req.replaces
     if old is not None:  # RFC 9773 5: the account's own certificate, for a name it had
         if old.account_id != account.account_id:
@@ -1250,6 +1270,14 @@ def _acme_order(ctx: Context, who: Requester, req: AcmeOrderRequest) -> AcmeOrde
                           "replaces")
     return AcmeOrderGrant(account.account_id, tuple(unique), account.actor,
                           old.cert_id if old is not None else None)
+
+
+def _acme_case(name: str) -> str:
+    """An ACME client's DNS name in lower case, as Let's Encrypt takes them: lego sends
+    `-d WEB.example` as typed, in the order and in its CSR, and was refused "must be
+    lower case" (an ACME trial). The order, and so the certificate, hold the lower case;
+    a name that is not ASCII is left for dns_name to refuse with its A-label."""
+    return name.lower() if isinstance(name, str) and name.isascii() else name
 
 
 def _acme_finalize(ctx: Context, who: Requester, req: AcmeFinalizeRequest) -> X509Order:
@@ -1265,14 +1293,15 @@ def _acme_finalize(ctx: Context, who: Requester, req: AcmeFinalizeRequest) -> X5
     if subject.spki_sha256 == account.key_spki_sha256:
         raise Refused("the certificate's key must not be the ACME account's key",
                       Reason.BAD_CSR)
-    asked = [policy.classify(n, ctx.policy.allow_wildcards) for n in policy.csr_names(req.csr)]
+    asked = [policy.classify(_acme_case(n), ctx.policy.allow_wildcards)
+             for n in policy.csr_names(req.csr)]
     try:
         cns = [a.value for a in req.csr.subject.get_attributes_for_oid(
             x509.NameOID.COMMON_NAME)]
     except policy.PARSE_ERRORS:
         raise Refused("the CSR's subject cannot be read", Reason.BAD_CSR) from None
     # RFC 8555 7.4: each identifier in the subject's commonName, the SAN, or both.
-    asked += [policy.classify(str(cn), ctx.policy.allow_wildcards) for cn in cns]
+    asked += [policy.classify(_acme_case(str(cn)), ctx.policy.allow_wildcards) for cn in cns]
     names = {v for _, v in asked}
     if any(k != "dns" for k, _ in asked) or names != set(req.order_names):
         raise Refused("the CSR must name exactly the order's identifiers "

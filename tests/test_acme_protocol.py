@@ -501,6 +501,8 @@ def test_renewal_info_suggests_a_window_inside_the_validity(world: World) -> Non
     w = r.json()["suggestedWindow"]
     start, end = (dt.datetime.fromisoformat(w[k]) for k in ("start", "end"))
     assert cert.not_valid_before_utc < start < end < cert.not_valid_after_utc
+    # A client that polls as told cannot step over the window (6 h over a 4 h one could)
+    assert 0 < int(r.headers["Retry-After"]) <= (end - start).total_seconds() / 4, r.headers
 
 
 def test_an_acme_certificate_renews_over_acme_only(world: World, tmp_path: Path) -> None:
@@ -555,6 +557,41 @@ def test_a_key_revoked_for_compromise_is_refused_as_a_bad_csr(world: World) -> N
     assert "keyCompromise" in again.json["detail"], again.json
     fresh = c.finalize(order, ["kc.test"])  # a new key: the order is still ready for it
     assert fresh.status == 200, fresh.body
+
+
+def test_a_name_in_upper_case_is_ordered_and_issued_in_lower_case(world: World) -> None:
+    """lego sends `-d WEB.example` as typed, in the order and in its CSR; it was refused
+    "must be lower case" where Let's Encrypt lower-cases it (an ACME trial)."""
+    c = Client(world.ca)
+    assert c.register(world.ca.eab("*.test")).status == 201
+    order = c.order("B.Test")
+    assert order.status == 201, order.body
+    assert order.json["identifiers"] == [{"type": "dns", "value": "b.test"}]
+    c.validate_http01(order, world.responder)
+    done = c.finalize(order, ["B.Test"])
+    assert done.status == 200, done.body
+    cert = x509.load_pem_x509_certificate(c.post(done.json["certificate"]).body)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["b.test"]
+
+
+def test_every_refused_identifier_is_said_at_once(world: World) -> None:
+    """An order with two refused names named only the first, so an ACME trial fixed its
+    names one request at a time: each has its subproblem (RFC 8555 6.7.1)."""
+    c = Client(world.ca)
+    assert c.register(world.ca.eab("*.test")).status == 201
+    r = c.post(c.dir["newOrder"], {"identifiers": [
+        {"type": "dns", "value": "a.test"}, {"type": "dns", "value": "outside.example"},
+        {"type": "ip", "value": "127.0.0.1"}]})
+    assert r.status == 400 and r.problem == "rejectedIdentifier", r.body
+    assert r.json["detail"].startswith("2 identifiers are refused: "), r.json
+    subs = {s["identifier"]["value"]: s["type"].rsplit(":", 1)[1] for s in r.json["subproblems"]}
+    assert subs == {"outside.example": "rejectedIdentifier",
+                    "127.0.0.1": "unsupportedIdentifier"}, r.json
+    # One refused name: its own problem, as before
+    one = c.order("a.test", "outside2.example")
+    assert one.problem == "rejectedIdentifier" and "subproblems" not in one.json, one.json
+    assert "'outside2.example'" in one.json["detail"]
 
 
 def test_an_admin_lists_what_one_acme_account_got(world: World) -> None:

@@ -574,6 +574,9 @@ def test_an_acme_order_is_bounded_by_the_eab_patterns_and_the_lists() -> None:
     free = ra.decide(context(), acme_account((), eab=False),
                      ra.AcmeOrderRequest(dns_ids("evil.example")))
     assert isinstance(free, ra.AcmeOrderGrant)
+    # any case, ordered in lower case (lego sends -d as typed)
+    upper = ra.decide(context(), acme_account(), ra.AcmeOrderRequest(dns_ids("A.Test")))
+    assert isinstance(upper, ra.AcmeOrderGrant) and upper.names == ("a.test",), upper
 
 
 @pytest.mark.parametrize("identifiers, reason", [
@@ -584,7 +587,7 @@ def test_an_acme_order_is_bounded_by_the_eab_patterns_and_the_lists() -> None:
     (dns_ids("127.0.0.1"), Reason.UNSUPPORTED_IDENTIFIER),
     ([{"type": "dns"}], Reason.MALFORMED), ([{"type": "dns", "value": 5}], Reason.MALFORMED),
     ([{"type": "dns", "value": "a.test", "x": 1}], Reason.MALFORMED),
-    ([{"type": "dns", "value": "A.TEST"}], Reason.BAD_NAME),
+    ([{"type": "dns", "value": "b\u00fccher.test"}], Reason.BAD_NAME),  # not its A-label
     ([{"type": "dns", "value": "a..test"}], Reason.BAD_NAME),
     ([{"type": "dns", "value": "*.test"}], Reason.BAD_NAME),
     (dns_ids(*[f"n{i}.test" for i in range(101)]), Reason.MALFORMED),

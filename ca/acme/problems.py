@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 from acme import messages
 
-from ca.policy import Reason
+from ca.policy import Reason, Refused
 
 PREFIX = messages.ERROR_PREFIX  # urn:ietf:params:acme:error:
 # RFC 8555's types (as certbot's acme knows them) and RFC 9773's.
@@ -66,6 +66,12 @@ def bad_algorithm(detail: str, algorithms: Iterable[str]) -> AcmeProblem:
     return AcmeProblem("badSignatureAlgorithm", detail, members={"algorithms": list(algorithms)})
 
 
-def from_refusal(reason: Reason, detail: str) -> AcmeProblem:
-    kind, status = _FROM_REASON.get(reason, ("malformed", 400))
-    return AcmeProblem(kind, detail, status)
+def from_refusal(refused: Refused) -> AcmeProblem:
+    kind, status = _FROM_REASON.get(refused.reason, ("malformed", 400))
+    members: dict[str, object] = {}
+    if refused.subproblems:  # RFC 8555 6.7.1: each identifier's own type and detail
+        members["subproblems"] = [
+            {"type": PREFIX + _FROM_REASON.get(reason, ("malformed", 400))[0],
+             "detail": detail, "identifier": {"type": "dns", "value": name[:255]}}
+            for name, reason, detail in refused.subproblems]
+    return AcmeProblem(kind, refused.detail, status, members=members)
