@@ -734,6 +734,31 @@ def test_failed_validations_and_new_orders_are_rate_limited(world: World) -> Non
     assert r.problem == "rateLimited"
 
 
+def test_wildcards_allowed_without_a_resolver_are_said_when_put_in_force(
+        tmp_path: Path) -> None:
+    """An ACME trial turned allow-wildcards on and learned only at each order that ACME
+    needs [acme] resolver for them (dns-01): the reload says so."""
+    import os
+    import signal
+
+    from tests.conftest import set_config
+    ca = start_acme_ca(tmp_path, ("a.test",))
+    try:
+        said = "ACME orders for wildcard names are refused"
+        assert not any(said in line for line in ca.daemon.stderr)
+        set_config(ca.daemon.state, "policy", "allow-wildcards", True)
+        os.kill(ca.daemon.proc.pid, signal.SIGHUP)
+        assert ca.daemon.wait_stderr(lambda: any(said in line and "[acme] resolver" in line
+                                                 for line in ca.daemon.stderr)), \
+            "".join(ca.daemon.stderr[-5:])
+        c = Client(ca)
+        assert c.register(ca.eab("*.w.test")).status == 201
+        r = c.order("*.w.test")
+        assert r.problem == "rejectedIdentifier" and "[acme] resolver" in r.json["detail"]
+    finally:
+        ca.daemon.stop()
+
+
 def test_no_acme_without_the_section(daemon: Daemon) -> None:
     r = requests.get(f"{daemon.url}/acme/directory", verify=str(daemon.root))
     assert r.status_code == 404

@@ -51,7 +51,7 @@ from ca.config import Config, split_listen, worker_count
 from ca.daemon import control
 from ca.daemon.keys import Keyring, open_keyring, seed
 from ca.daemon.ratelimit import FailureLimiter
-from ca.daemon.reload import reload_policy
+from ca.daemon.reload import reload_policy, say_policy_gaps
 from ca.errors import CLIError
 from ca.fileutil import write_atomic
 from ca.generations import Generations
@@ -412,6 +412,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
                             await keys_to_open_with(config.audit_key_pem, store),
                             store, name_held)
         _say_how_the_last_run_ended(config, audit)
+        say_policy_gaps(config, config.policy)
     except BaseException:
         let_go()
         raise

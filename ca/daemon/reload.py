@@ -66,6 +66,15 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
+def say_policy_gaps(config: Config, policy: Policy) -> None:
+    """What the policy allows and the rest of the config makes impossible, said when it
+    is put in force: wildcards were refused at each ACME order instead (an ACME trial)."""
+    if config.acme is not None and policy.allow_wildcards and config.acme.resolver is None:
+        log.warning("[policy] allow-wildcards is on, but ACME orders for wildcard names are "
+                    "refused: they need dns-01 validation, which needs [acme] resolver "
+                    "(tokens may still be made for wildcards)")
+
+
 async def reload_policy(config: Config, policies: PolicyFeed, audit: Recorder) -> bool:
     """Read the config again and put its [policy] in force; whether the policy changed."""
     try:
@@ -102,4 +111,5 @@ async def reload_policy(config: Config, policies: PolicyFeed, audit: Recorder) -
     else:
         log.info("reloaded: the new policy is in force in every process",
                  changed=sorted(changed))
+    say_policy_gaps(fresh, policy)
     return True
