@@ -22,6 +22,7 @@ import base64
 import hashlib
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -116,6 +117,16 @@ Keys = Callable[[], Awaitable[list[KeyInfo]]]
 CHECKPOINT_GRACE_S = 5.0
 
 
+@dataclass(frozen=True)
+class _Signed:
+    """A checkpoint signed for the log's first `size` lines."""
+
+    text: str
+    size: int
+    active: KeyInfo
+    previous: tuple[KeyInfo, ...]
+
+
 class Checkpointer:
     def __init__(self, audit: AuditLog, hsm: SigningPipeline,
                  keys: KeyInfo | Sequence[KeyInfo] | Keys,
@@ -137,6 +148,7 @@ class Checkpointer:
         self._last = 0.0
         self._failing: tuple[float, str] | None = None  # (since, last error)
         self._signers: tuple[str, ...] = ()  # the labels of the keys of the last checkpoint
+        self._unwritten: _Signed | None = None  # signed, its file not written yet
         self.latest: str | None = path.read_text("utf-8") if path.exists() else None
 
     async def checkpoint(self, actor: str = "local") -> str:
@@ -160,20 +172,31 @@ class Checkpointer:
         text = await self.hsm.sign(active.label, note, purpose="checkpoint", actor=actor,
                                    hash_name=None, details=details,
                                    describe=lambda n: {"checkpoint": n})
-        # Two fsyncs: off the event loop, which has requests in flight.
-        await asyncio.to_thread(write_atomic, self.path, text)
-        self.latest = text
-        if self._on_checkpoint is not None:
-            await self._on_checkpoint(size, text)
-        if self.witnesses:
-            self.witnesses.submit(text, size)
-        # Its own intent and outcome lines need no new checkpoint.
-        self._covered = size + 2 * (1 + len(previous))
-        self._last = time.monotonic()
-        self._signers = (active.label, *(k.label for k in previous))
-        if previous and self._on_handover is not None:
-            self._on_handover(active)
+        self._unwritten = _Signed(text, size, active, tuple(previous))
+        await self._publish()
         return text
+
+    async def _publish(self) -> None:
+        """Write the signed checkpoint and hand it on. One that cannot be written is
+        kept, and only its writing is tried again: signing anew every second cost an HSM
+        signature and two audit lines a second while a directory was unwritable (an
+        operator trial); the next one is signed once this one is out."""
+        signed = self._unwritten
+        assert signed is not None
+        # Two fsyncs: off the event loop, which has requests in flight.
+        await asyncio.to_thread(write_atomic, self.path, signed.text)
+        self.latest = signed.text
+        if self._on_checkpoint is not None:
+            await self._on_checkpoint(signed.size, signed.text)
+        self._unwritten = None
+        if self.witnesses:
+            self.witnesses.submit(signed.text, signed.size)
+        # Its own intent and outcome lines need no new checkpoint.
+        self._covered = signed.size + 2 * (1 + len(signed.previous))
+        self._last = time.monotonic()
+        self._signers = (signed.active.label, *(k.label for k in signed.previous))
+        if signed.previous and self._on_handover is not None:
+            self._on_handover(signed.active)
 
     async def run(self) -> None:
         """Background task: checkpoint when the log grew, or when the heartbeat is due."""
@@ -181,15 +204,19 @@ class Checkpointer:
             await asyncio.sleep(self.min_interval)
             due = time.monotonic() - self._last >= self.heartbeat
             try:
-                if not (self.audit.size > self._covered or due or await self._keys_moved()):
+                if self._unwritten is not None:
+                    await self._publish()  # signed already: only written again
+                elif self.audit.size > self._covered or due or await self._keys_moved():
+                    await self.checkpoint()
+                else:
                     continue  # nothing to sign: a failure, if any, still stands
-                await self.checkpoint()
             except (AuditUnavailable, HSMError, StoreUnavailable, OSError) as exc:
                 # (OSError: the checkpoint file itself cannot be written, a full disk:
                 # one line naming it, not a traceback; a chaos trial)
                 # Tried again every second: said once, and again when the reason
-                # changes (a database away for minutes is not hundreds of lines).
-                why = (f"{exc.strerror} writing {exc.filename or self.path}"
+                # changes (a database away for minutes is not hundreds of lines). The
+                # file's name, not the temporary one's, which changes at every try.
+                why = (f"cannot write {self.path}: {exc.strerror}"
                        if isinstance(exc, OSError) and exc.strerror else str(exc)) \
                     or type(exc).__name__
                 if self._failed(why):
