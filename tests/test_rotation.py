@@ -724,6 +724,7 @@ async def test_a_staged_ssh_ca_key_is_trusted_before_it_signs(tmp_path: Path) ->
         staged = key_cmd(d, "rotate", "ssh-user", "--stage").stdout
         label = re.search(r"^staged ssh-user: (\S+) is published", staged).group(1)  # type: ignore[union-attr]
         assert "signs nothing yet; ssh-user-ca still signs" in staged, staged
+        assert "Once hosts trust the new key (`hsmca ssh host --renew`" in staged, staged
         assert re.search(rf"^{label}\s+ssh-user\s+next", key_cmd(d, "list").stdout, re.M)
         cas = json.loads((await http("GET", f"{d.url}/v1/ssh/ca", d.ssl()))[2])
         listed = fingerprints(cas["user"])
@@ -756,7 +757,10 @@ async def test_a_staged_ssh_ca_key_is_trusted_before_it_signs(tmp_path: Path) ->
         # Only SSH CA keys are staged; a staged key nobody wants is retired unused.
         issuing = key_cmd(d, "rotate", "issuing", "--stage", check=False)
         assert issuing.returncode == 1 and "only SSH CA keys" in issuing.stderr
-        dropped = key_cmd(d, "rotate", "ssh-host", "--stage").stdout.split()[2]
+        staged = key_cmd(d, "rotate", "ssh-host", "--stage").stdout
+        dropped = staged.split()[2]
+        # the host CA is the clients' to trust first (known_hosts), not the hosts'
+        assert "Once clients trust the new key (`hsmca ssh known-hosts`" in staged, staged
         key_cmd(d, "retire", dropped, "--yes")
         assert re.search(rf"^{dropped}\s+ssh-host\s+retired", key_cmd(d, "list").stdout, re.M)
         events = [(e["event"], e.get("staged")) for e in log_lines(ca.state)

@@ -77,9 +77,16 @@ def run(args: argparse.Namespace) -> int:
             body["stage"] = True
         out = _call(args, "POST", "/v1/keys/rotate", body, expect=201)
         if out.get("state") == "next":
+            # Who must trust it first: sshd trusts the user CA (which `ssh host --renew`
+            # fetches), clients the host CA (known_hosts); an operator trial was sent to
+            # wait for the hosts' refresh after staging a host CA key.
+            who = ("clients trust the new key (`hsmca ssh known-hosts` writes their "
+                   "@cert-authority lines; run it where they get known_hosts from)"
+                   if out["kind"] == "ssh-host" else
+                   "hosts trust the new key (`hsmca ssh host --renew` fetches it every "
+                   "--refresh)")
             print(f"staged {out['kind']}: {out['label']} is published (GET /v1/ssh/ca) and "
-                  f"signs nothing yet; {out['active']} still signs. Once hosts and clients "
-                  f"trust the new key (`hsmca ssh host --renew` fetches it every --refresh), "
+                  f"signs nothing yet; {out['active']} still signs. Once {who}, "
                   f"`hsmca key rotate {out['kind']}` puts it in use")
             return 0
         staged = " (staged before)" if out.get("staged") else ""
