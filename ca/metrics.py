@@ -214,8 +214,10 @@ class Metrics:
         self.hsm_up = Gauge("hsmca_hsm_up", "1 if every worker's HSM session works",
                             registry=None, multiprocess_mode="livemin")
         self.tls_refused = Counter("hsmca_tls_handshakes_refused",
-                                   "TLS handshakes refused, by reason (e.g. an expired or "
-                                   "foreign client certificate)", ["reason"], registry=None)
+                                   "TLS handshakes refused, by reason: client-certificate "
+                                   "(one of another CA), not-tls (plain HTTP, a probe), "
+                                   "protocol (TLS 1.1 or older, no shared suite), other",
+                                   ["reason"], registry=None)
         self.hsm_queue = Gauge("hsmca_hsm_queue_depth", "Jobs waiting for the HSM threads",
                                registry=None, multiprocess_mode="livesum")
         self.connections = Gauge("hsmca_connections_open", "Client connections the workers "

@@ -223,8 +223,7 @@ async def test_refused_tls_handshakes_are_logged_with_the_reason(served: Daemon,
                                              ["ok.internal.example"])) == "accepted"
     status, _, raw = await http("GET", f"{served.url}/metrics", served.ssl())
     assert status == 200
-    assert b'hsmca_tls_handshakes_refused_total{reason="client certificate: unable to get ' \
-        b'local issuer certificate"}' in raw
+    assert b'hsmca_tls_handshakes_refused_total{reason="client-certificate"} 6.0' in raw, raw
 
 
 async def test_a_torn_line_repaired_at_start_is_said_on_stderr(tmp_path: Path) -> None:

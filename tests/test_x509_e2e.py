@@ -6,6 +6,7 @@ import asyncio
 import base64
 import datetime as dt
 import json
+import socket
 import sqlite3
 import stat
 import subprocess
@@ -554,7 +555,14 @@ async def test_client_certificates_not_issued_here_or_expired_are_refused(
     assert await renew(foreign) == "UNEXPECTED_EOF_WHILE_READING"
     after = await refusals()
     moved = {r: after[r] - before.get(r, 0) for r in after if after[r] != before.get(r, 0)}
-    assert moved == {"client certificate: unable to get local issuer certificate": 1}, moved
+    assert moved == {"client-certificate": 1}, moved
+    # Plain HTTP to the HTTPS port (a probe, a scanner) is not a refused certificate
+    with socket.create_connection(("127.0.0.1", int(daemon.url.rsplit(":", 1)[1])), 10) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.recv(100)  # the daemon closes it
+    now = await refusals()
+    assert {r: now[r] - after.get(r, 0) for r in now if now[r] != after.get(r, 0)} == {
+        "not-tls": 1}, now
     for cred in (unknown, expired):
         answer = await renew(cred)
         assert isinstance(answer, tuple) and answer[0] == 403, answer

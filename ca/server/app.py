@@ -243,11 +243,12 @@ class _Refusals:
 
     def __init__(self) -> None:
         self._throttle = Throttle(burst=1, on_quiet=self._unlogged)
-        self.on_refused: Callable[[str], None] | None = None  # a metric, per reason
+        self.on_refused: Callable[[str], None] | None = None  # a metric, per kind
 
-    def note(self, reason: str) -> None:
+    def note(self, exc: ssl.SSLError) -> None:
+        reason = _reason(exc)
         if self.on_refused is not None:
-            self.on_refused(reason)
+            self.on_refused(_kind(exc))
         if (unlogged := self._throttle.allow(reason)) is not None:
             log.warning("refused a TLS handshake", reason=reason,
                         refused_since_last_line=unlogged + 1)
@@ -305,7 +306,7 @@ class _CheckedSSLObject(ssl.SSLObject):
         except ssl.SSLWantReadError:
             raise
         except ssl.SSLError as exc:
-            REFUSALS.note(_reason(exc))
+            REFUSALS.note(exc)
             raise
 
 
@@ -313,6 +314,30 @@ def _reason(exc: ssl.SSLError) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
         return f"client certificate: {exc.verify_message}"
     return (exc.reason or type(exc).__name__).lower().replace("_", " ")
+
+
+# OpenSSL's reasons for a client that speaks no TLS (plain HTTP, a port scanner's
+# probe) and for one whose TLS this daemon does not take (1.1 and older, no shared
+# suite).
+_NOT_TLS = frozenset({"HTTP_REQUEST", "HTTPS_PROXY_REQUEST", "WRONG_VERSION_NUMBER",
+                      "PACKET_LENGTH_TOO_LONG", "RECORD_LENGTH_MISMATCH",
+                      "UNKNOWN_PROTOCOL"})
+_PROTOCOL = frozenset({"UNSUPPORTED_PROTOCOL", "VERSION_TOO_LOW", "NO_PROTOCOLS_AVAILABLE",
+                       "NO_SHARED_CIPHER", "TLSV1_ALERT_PROTOCOL_VERSION",
+                       "NO_SUITABLE_SIGNATURE_ALGORITHM", "NO_SHARED_GROUPS"})
+
+
+def _kind(exc: ssl.SSLError) -> str:
+    """The metric's few labels: the log line has OpenSSL's own words. Raw reasons made
+    a port scan or plain HTTP count as refused client certificates, which the docs said
+    to alert on (an operator trial)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return "client-certificate"
+    if exc.reason in _NOT_TLS:
+        return "not-tls"
+    if exc.reason in _PROTOCOL:
+        return "protocol"
+    return "other"
 
 
 X509_V_FLAG_NO_CHECK_TIME = 0x200000  # OpenSSL's; Python's ssl has no name for it
