@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 SLOTS = {"revocations": 0, "ssh_revocations": 1, "keys": 2}
+# Values the primary sets for the workers to read, not counters that `bump` moves.
+GAUGES = {"workers_serving": 3, "workers_wanted": 4}
 T = TypeVar("T")
 _U64 = struct.Struct("<Q")
 SIZE = 4096
@@ -60,6 +62,12 @@ class Generations:
                 _U64.pack_into(self._map, offset, _U64.unpack_from(self._map, offset)[0] + 1)
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def set_gauge(self, name: str, value: int) -> None:
+        _U64.pack_into(self._map, GAUGES[name] * 8, value)  # one writer: the primary
+
+    def gauge(self, name: str) -> int:
+        return int(_U64.unpack_from(self._map, GAUGES[name] * 8)[0])
 
     def close(self) -> None:
         self._map.close()

@@ -267,15 +267,31 @@ class Metrics:
         `store_healthy` whether the inventory answered this scrape."""
         from prometheus_client import CollectorRegistry, generate_latest, multiprocess
         self.hsm_queue.set(hsm.queue_depth)
+        families = list(multiprocess.MultiProcessCollector(None).collect())
+        # hsmca_up{part="hsm"} is every worker's, as hsmca_hsm_up is: the answering
+        # worker's alone flipped with whichever worker a scrape reached, and said 1 in
+        # the very second /health said 503 (an operator trial).
+        every = [s.value for f in families if f.name == "hsmca_hsm_up" for s in f.samples]
+        healthy = hsm.healthy and (min(every) >= 1 if every else True)
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-        registry.register(_AuditState(audit, hsm.healthy, store_healthy))
+        registry.register(_Collected(families))
+        registry.register(_AuditState(audit, healthy, store_healthy))
         return generate_latest(registry)
 
 
+class _Collected:
+    """Metric families collected already."""
+
+    def __init__(self, families: list[Any]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Any]:
+        return iter(self.families)
+
+
 class _AuditState:
-    """The audit log's state, as the primary reported it for this scrape, and the
-    answering worker's HSM session and inventory."""
+    """The audit log's state, as the primary reported it for this scrape, the HSM
+    sessions and the answering worker's inventory."""
 
     def __init__(self, audit: dict[str, Any], hsm_healthy: bool, store_healthy: bool) -> None:
         self.audit, self.hsm_healthy, self.store_healthy = audit, hsm_healthy, store_healthy
@@ -287,8 +303,9 @@ class _AuditState:
         from prometheus_client.core import GaugeMetricFamily
         yield GaugeMetricFamily("hsmca_audit_lines", "Durable audit log lines",
                                 value=self.audit.get("size", 0))
-        up = GaugeMetricFamily("hsmca_up", "1 if the part is healthy (hsm: the HSM session "
-                               "of the worker that answered; store: the inventory, SQLite or "
+        up = GaugeMetricFamily("hsmca_up", "1 if the part is healthy (hsm: every worker's "
+                               "HSM session; audit: the audit log takes lines and "
+                               "checkpoints are signed; store: the inventory, SQLite or "
                                "PostgreSQL)", labels=["part"])
         up.add_metric(["hsm"], 1 if self.hsm_healthy else 0)
         up.add_metric(["audit"], 1 if self.audit.get("healthy") else 0)

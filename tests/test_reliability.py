@@ -208,6 +208,10 @@ async def test_hsm_token_taken_away_then_back(tmp_path: Path) -> None:
         listed = cx.load_der_x509_crl(crl).get_revoked_certificate_by_serial_number(
             gone.serial_number)
         assert status == 200 and listed is not None
+        # whichever process signed the revoked response, the refresher's next round
+        # says the responses are signed again (it had not always come before the stop)
+        assert d.wait_stderr(lambda: any("OCSP responses are signed again" in x
+                                         for x in d.stderr), 30)
     finally:
         assert d.stop() == 0
     events = [e["event"] for e in log_lines(ca.state)]
@@ -407,6 +411,13 @@ async def sign_whose_outcome_cannot_be_written(
     while (await ask_ocsp(d, request_for(first, issuing(d))))[0].response_status != \
             ocsp.OCSPResponseStatus.SUCCESSFUL:
         assert asyncio.get_running_loop().time() < deadline
+    # and the checkpoint of those lines signed (its own two lines need none), or its
+    # lines could take the room left below for the next intent
+    checkpoint = d.state / "audit/checkpoint"
+    while int(checkpoint.read_text().splitlines()[1]) + 2 != len(
+            path.read_bytes().splitlines()):
+        assert asyncio.get_running_loop().time() < deadline
+        await http("GET", f"{d.url}/health", d.ssl())  # paced by a round trip
     [intent] = [line for line in path.read_bytes().splitlines()
                 if b'"phase":"intent"' in line and b'"purpose":"x509"' in line][-1:]
     resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE,

@@ -279,6 +279,13 @@ async def test_a_worker_refused_its_pin_is_not_started_again_until_the_pin_chang
         status, _, text = await http("GET", f"{d.url}/metrics", d.ssl())
         assert "hsmca_workers 2.0" in text.decode()
         assert "hsmca_workers_serving 1.0" in text.decode(), text.decode()
+        # and so does /health, still 200: the node serves (it said nothing of it)
+        status, _, body = await http("GET", f"{d.url}/health", d.ssl())
+        assert status == 200 and json.loads(body)["workers"].startswith(
+            "1 of 2 serving; the daemon's log says why"), body
+        # the worker's own reason is a log line like the others (it was plain text)
+        [why] = said("the worker cannot start")
+        assert "PIN" in why["error"] and isinstance(why["worker"], int), why
         ready = len(said("worker ready"))
         pin.write_text(good)  # put right: the worker starts with it
         assert d.wait_stderr(lambda: len(said("worker ready")) > ready, 60)
@@ -288,7 +295,7 @@ async def test_a_worker_refused_its_pin_is_not_started_again_until_the_pin_chang
                    and x.get("result") == "PinIncorrect"]
         assert len(refused) == 1, refused  # offered once, never again
         status, _, body = await http("GET", f"{d.url}/health", d.ssl())
-        assert status == 200, body
+        assert status == 200 and json.loads(body)["workers"] == "2 of 2 serving", body
     finally:
         pin.write_text(good)
         assert d.stop() == 0
@@ -322,7 +329,7 @@ async def test_a_refused_pin_is_offered_once_by_the_whole_daemon(tmp_path: Path)
         pin.write_text(good)
         assert d.wait_stderr(lambda: len(said("worker ready")) >= ready + 2, 60)
         status, _, body = await http("GET", f"{d.url}/health", d.ssl())
-        assert status == 200, body
+        assert status == 200 and json.loads(body)["workers"] == "2 of 2 serving", body
     finally:
         pin.write_text(good)
         assert d.stop() == 0

@@ -544,10 +544,14 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         address = _bound(placeholder)
         plain_address = _bound(plain_placeholder) if plain_placeholder is not None else None
         audit_metrics.workers.set(count)
+        def serving(n: int) -> None:  # the metric, and /health's `workers` in each worker
+            audit_metrics.workers_serving.set(n)
+            generations.set_gauge("workers_serving", n)
+        generations.set_gauge("workers_wanted", count)
         pool = WorkerPool(config, address, count, audit, checkpointer,
                           generations, policies,
                           lambda reason: audit_metrics.worker_restarts.labels(reason).inc(),
-                          audit_metrics.workers_serving.set, plain_address)
+                          serving, plain_address)
         await pool.start()
         placeholder.close()  # the workers hold the port now
         if plain_placeholder is not None:

@@ -214,11 +214,14 @@ def main() -> int:
         asyncio.run(run(config, host.strip("[]"), int(port), args.worker, *socks,
                         http_listen=plain))
     except PinRefused as exc:  # the primary starts it again only for another PIN
-        print(f"hsmca: worker {args.worker}: {exc}", file=sys.stderr)
+        log.error("the worker cannot start", error=str(exc))
         return EXIT_PIN_REFUSED
     except (ConfigError, HSMError, OSError, ValueError, sqlite3.Error, StoreUnavailable,
             SchemaTooNew, NoInventory) as exc:
-        print(f"hsmca: worker {args.worker}: {exc}", file=sys.stderr)
+        # A log line like the daemon's others (worker=N bound above): as plain text it
+        # was the one line of the stream a JSON log shipper could not read (an
+        # operator trial), at every restart of a worker that could not start.
+        log.error("the worker cannot start", error=str(exc))
         return 1
     return 0
 

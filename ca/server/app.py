@@ -136,6 +136,18 @@ async def store_state(store: Store) -> str:
     return "ok" if store.healthy else f"unavailable: {store.problem or 'not answering'}"
 
 
+def _workers(generations: Generations) -> str | None:
+    """How many of the daemon's workers serve: the answering worker speaks for its own
+    HSM session only, and one that cannot start (its PIN file gone) left /health at 200
+    with nothing said (an operator trial). Not a 503: the node still serves."""
+    wanted = generations.gauge("workers_wanted")
+    if not wanted:
+        return None  # not a daemon's worker (an app in a test)
+    serving = generations.gauge("workers_serving")
+    return (f"{serving} of {wanted} serving" + ("" if serving >= wanted else
+            "; the daemon's log says why the others do not (\"a worker failed to restart\")"))
+
+
 @routes.get("/health")
 async def health(request: web.Request) -> web.Response:
     hsm = request.app[HSM_HEALTH]
@@ -168,6 +180,8 @@ async def health(request: web.Request) -> web.Response:
         parts["audit_damaged_seq"] = state["damaged_seq"]
         if request.app[SETTINGS].node is not None:  # a cluster: the node's own log
             parts["audit_damaged_log"] = request.app[SETTINGS].node
+    if workers := _workers(request.app[LIFECYCLE].generations):
+        parts["workers"] = workers
     return web.json_response({"status": "ok" if ok else "unavailable", **parts},
                              status=200 if ok else 503)
 
