@@ -232,6 +232,10 @@ class RevokeRequest:
     found: bool = True  # whether the inventory has the certificate
     revoked: bool = False  # whether it is revoked already
     revoked_reason: str | None = None  # then the reason it was revoked for
+    # The inventory lacks it and the certificate itself was given, signed by one of this
+    # CA's issuing keys: it is recorded, then revoked (a CA restored from a backup older
+    # than the certificate).
+    adopting: bool = False
 
 
 @dataclass(frozen=True)
@@ -852,10 +856,17 @@ def _revoke(ctx: Context, who: Requester, req: RevokeRequest) -> RevokeOrder:
             raise Refused(f"a certificate's holder may give the reasons "
                           f"{', '.join(sorted(HOLDER_REASONS))}; {reason} is for an admin",
                           Reason.REASON_NOT_ALLOWED)
+    if req.adopting and not admin:
+        raise Refused("only an admin may revoke a certificate the inventory does not know",
+                      Reason.WRONG_ROLE)
     if not req.found:
-        raise Refused(f"no certificate with serial {req.serial:x} (hex) was issued by this "
-                      "CA (an SSH certificate's serial, which ssh-keygen -L shows in "
-                      "decimal, is revoked with `hsmca ssh revoke --serial`)", Reason.NOT_FOUND)
+        # Not "was not issued by this CA": a CA restored from an older backup issued it
+        # and does not know it (an operator trial was told that of its own certificate).
+        raise Refused(f"this CA's inventory has no certificate with serial {req.serial:x} "
+                      "(hex). A certificate issued after the backup this CA was restored "
+                      "from is revoked by giving the certificate itself (`hsmca revoke "
+                      "--cert-file FILE`); an SSH certificate's serial, which ssh-keygen -L "
+                      "shows in decimal, with `hsmca ssh revoke --serial`", Reason.NOT_FOUND)
     if req.revoked:
         _revoked_again(req.serial, req.revoked_reason, reason, Reason.ALREADY_REVOKED)
     # A compromised key compromises what was renewed from it and what it renewed: a

@@ -73,8 +73,34 @@ async def test_a_backup_taken_while_the_ca_signs_restores_to_a_ca_that_serves(
         proc = hsmca("renew", "--url", restored.url, "--ca", restored.root,
                      "--cert", lost[0], "--key", lost[1], check=False)
         assert proc.returncode == 1 and "not in this CA's inventory" in proc.stderr
+        # and what to do (an operator trial was told no more than that)
+        assert "restored from a backup taken before the certificate was issued" in \
+            proc.stderr and "hsmca token create" in proc.stderr, proc.stderr
+        # The certificate issued after the backup can still be revoked: by its serial
+        # the CA says it does not know it and how; given itself, the CA checks its own
+        # key signed it, records it and revokes it, and its CRL says so.
+        admin = ("--config", d.state / "hsmca.toml", "--url", restored.url)
+        serial = format(x509.load_pem_x509_certificate(lost[0].read_bytes()).serial_number,
+                        "x")
+        proc = hsmca("revoke", serial, *admin, check=False)
+        assert proc.returncode == 1 and "--cert-file FILE" in proc.stderr, proc.stderr
+        proc = hsmca("revoke", "--cert-file", lost[0], "--reason", "keyCompromise", *admin)
+        assert proc.stdout.startswith(f"revoked {serial} at "), proc.stdout
+        status, _, der = await http("GET", f"{restored.url}/v1/x509/crl", restored.ssl())
+        assert status == 200 and x509.load_der_x509_crl(
+            der).get_revoked_certificate_by_serial_number(int(serial, 16)) is not None
+        listed = hsmca("cert", "list", "--search", serial, *admin).stdout
+        assert f"{serial} revoked  unknown" in listed, listed
+        # A certificate of another CA is not taken
+        other = init_ca(tmp_path / "other")
+        proc = hsmca("revoke", "--cert-file", other.state / "admin" / "cert.pem", *admin,
+                     check=False)
+        assert proc.returncode == 1 and "not signed by any issuing key this CA uses" in \
+            proc.stderr, proc.stderr
     finally:
         assert restored.stop() == 0
+    adopted = [x for x in log_lines(d.state) if x["event"] == "cert.adopt"]
+    assert [x["serial"] for x in adopted] == [serial], adopted
     lines = log_lines(d.state)
     assert lines[:len(copied)] == copied  # the log goes on where the copy ended
     audit_verify(d.state, ok=True)

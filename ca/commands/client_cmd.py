@@ -294,6 +294,19 @@ def _reason(text: str) -> str:
 LINEAGE_SHOWN = 8  # serials of a revoked lineage named on the line; a long one is counted
 
 
+def _certificate_pem(path: Path) -> str:
+    """The first certificate of `path` (a cert.pem holds the leaf, then its issuer)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    try:
+        first = x509.load_pem_x509_certificates(path.read_bytes())[0]
+    except OSError as exc:
+        raise CLIError(f"--cert-file {path}: {exc.strerror}") from None
+    except ValueError:
+        raise CLIError(f"--cert-file {path} holds no PEM certificate") from None
+    return first.public_bytes(serialization.Encoding.PEM).decode()
+
+
 def revoke(args: argparse.Namespace) -> int:
     from ca import client  # aiohttp: not loaded by `serve`
     if args.cert is not None or args.key is not None:
@@ -305,12 +318,15 @@ def revoke(args: argparse.Namespace) -> int:
         ctx = asyncio.run(client.preflight(url, args.ca, args.cert, args.key))
         serial = parse_serial(args.serial) if args.serial else client.serial_of(args.cert)
     else:
-        if (args.serial is None) == (args.identity is None):
-            raise CLIError("give the SERIAL to revoke, or --identity NAME (or --cert and --key "
-                           "to revoke that certificate itself)")
+        if sum(x is not None for x in (args.serial, args.identity, args.cert_file)) != 1:
+            raise CLIError("give the SERIAL to revoke, --identity NAME or --cert-file FILE (or "
+                           "--cert and --key to revoke that certificate itself)")
         serial = parse_serial(args.serial) if args.serial else None
         url, ctx = _admin(args)
-    body: dict[str, str] = {"identity": args.identity} if args.identity else {"serial": serial}
+    body: dict[str, str] = (
+        {"identity": args.identity} if args.identity else
+        {"certificate": _certificate_pem(args.cert_file)} if args.cert_file else
+        {"serial": serial})
     if args.reason:
         body["reason"] = args.reason
     out = asyncio.run(client.call("POST", f"{url}/v1/x509/revoke", ctx, json_body=body))
@@ -458,6 +474,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     v.add_argument("--identity", metavar="NAME",
                    help="revoke everything live issued to this name (a DNS name, IP, URI or "
                    "e-mail), with their lineages (admin)")
+    v.add_argument("--cert-file", type=Path, metavar="FILE",
+                   help="revoke the certificate in FILE (PEM), also one this CA signed and "
+                   "its inventory does not know, as after a restore from a backup older "
+                   "than it: it is recorded, then revoked (admin)")
     v.add_argument("--reason", type=_reason, metavar="REASON",
                    help="RFC 5280 reason, as keyCompromise, key_compromise or its code: "
                    f"{', '.join(REASONS)}; a certificate's holder may give unspecified, "

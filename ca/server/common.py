@@ -146,8 +146,14 @@ async def identity(request: web.Request, *roles: str) -> ra.CertHolder:
         fingerprint = hashlib.sha256(der).hexdigest()
         rec = await gate.record(fingerprint)
         if rec is None:
+            # It chains to this CA (the handshake checked), so this CA issued it and
+            # does not know it: restored from a backup older than the certificate (an
+            # operator trial was told no more than the first half).
             raise Problem(403, "Forbidden", "the client certificate is not in this CA's "
-                          "inventory", "unknown-certificate")
+                          "inventory: this CA's key signed it, but the CA does not know it "
+                          "(it was restored from a backup taken before the certificate was "
+                          "issued); enroll again with a new bootstrap token from an admin "
+                          "(hsmca token create)", "unknown-certificate")
         if await gate.revocations.is_revoked(rec.serial):
             raise Problem(403, "Forbidden", f"the client certificate {rec.serial} has been "
                           "revoked: it can no longer renew or ask for anything; enroll "

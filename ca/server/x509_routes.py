@@ -310,26 +310,58 @@ def _recorded(exc: RecordedNotCommitted, order: ra.RevokeOrder) -> dict[str, Any
     return answer
 
 
+def _given_certificate(body: dict[str, Any]) -> x509.Certificate:
+    text = field(body, "certificate", str)
+    try:
+        return x509.load_pem_x509_certificate(text.encode())
+    except ValueError:
+        raise Problem(400, "Bad Request", "certificate is not a PEM certificate",
+                      "bad-field") from None
+
+
 @routes.post("/v1/x509/revoke")
 async def revoke(request: web.Request) -> web.Response:
     """Body {"serial", "reason"?}, or, for an admin, {"identity", "reason"?}: everything
-    live issued to that name. keyCompromise reaches the whole lineage."""
+    live issued to that name, or {"certificate" (PEM), "reason"?}: that certificate, also
+    one the inventory does not know that this CA's key signed (issued after the backup
+    the CA was restored from), which is then recorded. keyCompromise reaches the whole
+    lineage."""
     who = await identity(request)
-    body = await json_body(request, {"serial", "reason", "identity"})
-    if ("serial" in body) == ("identity" in body):
-        raise Problem(400, "Bad Request", "give either serial (hex) or identity (a name)",
-                      "bad-field")
+    body = await json_body(request, {"serial", "reason", "identity", "certificate"})
+    if sum(k in body for k in ("serial", "identity", "certificate")) != 1:
+        raise Problem(400, "Bad Request", "give one of serial (hex), identity (a name) or "
+                      "certificate (PEM)", "bad-field")
     rec = None
+    revocations = request.app[REVOCATIONS]
     if "identity" in body:
         order: ra.RevokeOrder = await decide(request, who, ra.RevokeIdentityRequest(
             field(body, "identity", str), body.get("reason")))
     else:
-        serial = parse_serial(field(body, "serial", str))
+        given = _given_certificate(body) if "certificate" in body else None
+        serial = (given.serial_number if given is not None
+                  else parse_serial(field(body, "serial", str)))
         rec = await request.app[GATE].store.cert(serial)
+        issuer = None
+        if given is not None and rec is None:
+            issuer = await revocations.issuer_of(given)
+            if issuer is None:
+                raise Problem(404, "Not Found", "the certificate is not signed by any issuing "
+                              "key this CA uses (another CA's, or one of a retired key)",
+                              "unknown-certificate")
+        elif given is not None and rec is not None and rec.fingerprint != hashlib.sha256(
+                given.public_bytes(serialization.Encoding.DER)).hexdigest():
+            raise Problem(409, "Conflict", f"the inventory's certificate with serial "
+                          f"{serial:x} is another one than the one given", "conflict")
         order = await decide(request, who, ra.RevokeRequest(
-            serial, body.get("reason"), found=rec is not None,
+            serial, body.get("reason"), found=rec is not None or issuer is not None,
             revoked=rec is not None and rec.revoked_at is not None,
-            revoked_reason=rec.reason if rec is not None else None))
+            revoked_reason=rec.reason if rec is not None else None,
+            adopting=issuer is not None))
+        if given is not None and issuer is not None:
+            await revocations.adopt(given, issuer, order.actor, request.get("request_id"))
+            log.warning("recorded a certificate this CA signed and its inventory lacked, to "
+                        "revoke it", serial=format(serial, "x"), issuer=issuer,
+                        actor=order.actor)
     try:
         done = await request.app[REVOCATIONS].revoke(order, request.get("request_id"))
     except RecordedNotCommitted as exc:
