@@ -21,9 +21,12 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-SLOTS = {"revocations": 0, "ssh_revocations": 1, "keys": 2}
+SLOTS = {"revocations": 0, "ssh_revocations": 1, "keys": 2, "tls": 3}
+# What a worker moves after its commits; the primary moves them all when one exits (it
+# may have died in between). `tls` is the primary's alone.
+WORKERS_MOVE = ("revocations", "ssh_revocations", "keys")
 # Values the primary sets for the workers to read, not counters that `bump` moves.
-GAUGES = {"workers_serving": 3, "workers_wanted": 4}
+GAUGES = {"workers_serving": 16, "workers_wanted": 17}
 T = TypeVar("T")
 _U64 = struct.Struct("<Q")
 SIZE = 4096
@@ -53,11 +56,11 @@ class Generations:
         return int(_U64.unpack_from(self._map, SLOTS[name] * 8)[0])
 
     def bump(self, *names: str) -> None:
-        """Move counters (all of them if none is named), under a lock: two processes
-        moving one at once must both count."""
+        """Move counters (all that workers move if none is named), under a lock: two
+        processes moving one at once must both count."""
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
-            for name in names or tuple(SLOTS):
+            for name in names or WORKERS_MOVE:
                 offset = SLOTS[name] * 8
                 _U64.pack_into(self._map, offset, _U64.unpack_from(self._map, offset)[0] + 1)
         finally:

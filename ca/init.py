@@ -29,7 +29,7 @@ from ca.issuance.issue import Issuance, decision_context, sign_ca_cert
 from ca.issuance.pipeline import SigningPipeline
 from ca.local_certs import local_cert
 from ca.policy import Policy, Refused, dns_name
-from ca.server_cert import TLS_DAYS, server_names
+from ca.server_cert import ADMIN_DAYS, TLS_DAYS, server_names
 from ca.store import open_store
 from hsm.keys import KEY_TYPES, find_private
 from hsm.session import HSMConfig, KeyInfo
@@ -38,7 +38,6 @@ from hsm.uri import key_uri
 if TYPE_CHECKING:
     from ca.store.postgres import PostgresStore
 
-ADMIN_DAYS = 365
 
 
 class InitError(Exception):

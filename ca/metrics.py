@@ -151,6 +151,14 @@ class AuditMetrics:
         self.workers = Gauge("hsmca_workers", "Worker processes the daemon runs when all "
                              "is well ([server] workers)", registry=None,
                              multiprocess_mode="max")
+        # What an operator of a CA alerts on first (an operator trial found none): the
+        # CA's own certificates' ends; the listener's and the admin's are renewed by the
+        # daemon 30 days ahead, so one closer than that means the renewal fails.
+        self.not_after = Gauge("hsmca_certificate_not_after_timestamp_seconds",
+                               "When the CA's own certificates end (Unix time): root, "
+                               "issuing (the current key's), tls (the daemon's listener), "
+                               "admin (STATE_DIR/admin/cert.pem)", ["certificate"],
+                               registry=None, multiprocess_mode="max")
         self.workers_serving = Gauge("hsmca_workers_serving", "Worker processes started "
                                      "and not exited: fewer than hsmca_workers while one "
                                      "cannot be started again", registry=None,

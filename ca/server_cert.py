@@ -9,6 +9,7 @@ in the HSM through the audited path (ca/local_certs.py).
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import structlog
 from cryptography import x509
@@ -21,6 +22,7 @@ from ca.issuance.issue import Issuance
 from ca.local_certs import local_cert
 
 TLS_DAYS = 365
+ADMIN_DAYS = 365  # as `hsmca init` makes it
 
 RENEW_BEFORE = dt.timedelta(days=30)
 log = structlog.get_logger("hsmca.tls")
@@ -52,14 +54,17 @@ def _needs_renewal(config: Config, now: dt.datetime, issuer: x509.Certificate) -
     return None
 
 
-def _follow_chain(config: Config, chain_pem: str) -> None:
+def _follow_chain(config: Config, chain_pem: str) -> bool:
     """The chain served after the certificate, as the inventory has it now: after the
-    previous root is retired it ends at the new root alone (docs/keys.md)."""
+    previous root is retired it ends at the new root alone (docs/keys.md). Whether the
+    file changed."""
     text = config.tls_cert.read_text()
     end = text.index(_PEM_END) + len(_PEM_END) + 1
     if text[end:] != chain_pem:
         write_atomic(config.tls_cert, text[:end] + chain_pem)
         log.info("the daemon's TLS chain follows the CA's current chain")
+        return True
+    return False
 
 
 _PEM_END = "-----END CERTIFICATE-----"
@@ -74,12 +79,12 @@ def server_names(dns_name: str) -> list[str]:
 
 
 async def ensure_server_cert(config: Config, issuance: Issuance) -> bool:
-    """Renew the listener's certificate if due; True if it was renewed."""
+    """Renew the listener's certificate if due; True if its file changed (renewed, or
+    its chain moved), which the workers' listeners then load."""
     current = (await issuance.keys.refresh()).current
     why = _needs_renewal(config, dt.datetime.now(dt.UTC), current.cert)
     if why is None:
-        _follow_chain(config, current.chain_pem)
-        return False
+        return _follow_chain(config, current.chain_pem)
     log.info("renewing the daemon's TLS certificate", reason=why)
     cert_pem, key_pem = await local_cert(issuance, config.policy, role="server",
                                          names=server_names(config.dns_name), days=TLS_DAYS)
@@ -90,3 +95,34 @@ async def ensure_server_cert(config: Config, issuance: Issuance) -> bool:
     write_atomic(config.tls_key, key_pem, 0o600)
     write_atomic(config.tls_cert, cert_pem + chain)
     return True
+
+
+async def ensure_admin_cert(config: Config, issuance: Issuance, revoked: bool) -> bool:
+    """Renew this host's admin credential (STATE_DIR/admin) 30 days before it ends, as
+    the listener's: `init` made it for a year, and a renewal over mutual TLS is capped
+    at the policy's maximum, so once it lapsed no admin command worked and nothing said
+    how to get another (an operator trial). Not one an admin revoked (`revoked`), nor
+    one whose files were taken away: that is the operator's choice. True if renewed."""
+    try:
+        cert = x509.load_pem_x509_certificates(config.admin_cert.read_bytes())[0]
+    except (OSError, ValueError, IndexError):
+        return False
+    if revoked or cert.not_valid_after_utc - dt.datetime.now(dt.UTC) >= RENEW_BEFORE:
+        return False
+    names = cert.extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    log.info("renewing this host's admin credential", ends=cert.not_valid_after_utc.isoformat(),
+             path=str(config.admin_cert))
+    cert_pem, key_pem = await local_cert(issuance, config.policy, role="admin",
+                                         names=names or [f"admin.{config.dns_name}"],
+                                         days=ADMIN_DAYS)
+    write_atomic(config.admin_key, key_pem, 0o600)
+    write_atomic(config.admin_cert, cert_pem, 0o644)
+    return True
+
+
+def not_after(path: Path) -> dt.datetime | None:
+    try:
+        return x509.load_pem_x509_certificates(path.read_bytes())[0].not_valid_after_utc
+    except (OSError, ValueError, IndexError):
+        return None

@@ -46,7 +46,11 @@ TYPES = "https://hsmca.dev/problems/"
 async def test_health(daemon: Daemon) -> None:
     status, ctype, raw = await http("GET", f"{daemon.url}/health", daemon.ssl())
     assert status == 200 and ctype == "application/json"
-    assert json.loads(raw) == {"status": "ok", "hsm": "ok", "audit": "ok", "store": "ok"}
+    answer = json.loads(raw)
+    workers = answer.pop("workers")  # "N of N serving": as many as the machine's cores
+    assert answer == {"status": "ok", "hsm": "ok", "audit": "ok", "store": "ok"}, answer
+    count = workers.split()[0]
+    assert workers == f"{count} of {count} serving" and int(count) >= 1, workers
 
 
 async def test_acme_asked_of_a_ca_without_it_says_how_to_turn_it_on(daemon: Daemon) -> None:
@@ -612,3 +616,64 @@ async def test_an_expired_client_certificate_is_told_so_and_a_token_still_enroll
         data=base64.encodebytes(csr.public_bytes(serialization.Encoding.DER)),
         headers={"Content-Type": "application/pkcs10", "Authorization": f"Bearer {token}"})
     assert status == 200 and ctype == "application/pkcs7-mime", body
+
+
+async def test_the_daemons_own_certificates_are_renewed_while_it_runs(tmp_path: Path) -> None:
+    """An operator trial: the listener's certificate was renewed only at a start (a
+    daemon up for eleven months serves an expired one), this host's admin credential
+    never (a year after init no admin command worked), and /metrics said nothing of
+    either. Both are renewed while the daemon runs, checked hourly and at SIGHUP; every
+    worker's listener presents the new certificate at its next handshake."""
+    import os
+    import signal
+    import ssl as ssl_
+
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state, "--workers", "2")
+    try:
+        port = int(d.url.rsplit(":", 1)[1])
+
+        def served() -> x509.Certificate:
+            return x509.load_pem_x509_certificate(
+                ssl_.get_server_certificate(("127.0.0.1", port)).encode())
+        before = served()
+        # Its key replaced under it (what a renewal due looks like to the check, as a
+        # certificate 30 days from its end does), and an admin credential of a day in
+        # place of init's year.
+        (ca.state / "tls" / "server.key").write_bytes(ec.generate_private_key(
+            ec.SECP256R1()).private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+        day_cert, day_key = enroll(d, tmp_path, "admin", ["admin.day.example"])
+        (ca.state / "admin" / "cert.pem").write_bytes(day_cert.read_bytes())
+        (ca.state / "admin" / "key.pem").write_bytes(day_key.read_bytes())
+        os.kill(d.proc.pid, signal.SIGHUP)
+        assert d.wait_stderr(lambda: any("renewing this host's admin credential" in x
+                                         for x in d.stderr), 30), "".join(d.stderr[-10:])
+        assert any("renewing the daemon's TLS certificate" in x for x in d.stderr)
+        # A worker loads it at a handshake and presents it from the next one on: then,
+        # whichever worker answers, the new certificate, of this CA
+        deadline, streak = time.monotonic() + 30, 0
+        while streak < 8:
+            assert time.monotonic() < deadline, "".join(d.stderr[-10:])
+            now = served()
+            streak = streak + 1 if now.serial_number != before.serial_number else 0
+        now.verify_directly_issued_by(x509.load_pem_x509_certificates(
+            (ca.state / "x509" / "issuing.pem").read_bytes())[0])
+        assert sum("the listener presents the daemon's renewed TLS certificate" in x
+                   for x in d.stderr) == 2  # each worker once
+        admin = x509.load_pem_x509_certificate((ca.state / "admin" / "cert.pem").read_bytes())
+        assert admin.not_valid_after_utc - admin.not_valid_before_utc > dt.timedelta(days=300)
+        # the admin commands work with it, and /metrics says when each one ends
+        listed = hsmca("cert", "list", "--config", ca.state / "hsmca.toml", "--url", d.url)
+        assert format(admin.serial_number, "x") in listed.stdout
+        status, _, raw = await http("GET", f"{d.url}/metrics", d.ssl())
+        assert status == 200, raw
+        ends = {dict(labels)["certificate"]: value for (name, labels), value
+                in metric_samples(raw.decode()).items()
+                if name == "hsmca_certificate_not_after_timestamp_seconds"}
+        assert set(ends) == {"root", "issuing", "tls", "admin"}, ends
+        assert ends["admin"] == admin.not_valid_after_utc.timestamp()
+    finally:
+        assert d.stop() == 0
+    audit_verify(ca.state, ok=True)

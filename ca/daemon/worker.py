@@ -148,6 +148,9 @@ async def run(config: Config, host: str, port: int, slot: int, sign_channel: soc
         runner = app_runner(app, config.request_timeout_s, shutdown_timeout=10.0)
         await runner.setup()
         TRUST.generations, TRUST.bundle = generations, config.bundle_pem
+        # Read before the listener loads the file: a renewal after that is loaded again.
+        TRUST.listener, TRUST.listener_gen = (config.tls_cert, config.tls_key), \
+            generations.get("tls")
         # One count of connections for both ports: the descriptors kept for the HSM hold
         # whatever a client opens on either.
         places = Places(config.max_connections_per_address, on_open=metrics.connections.set)

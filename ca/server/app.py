@@ -285,12 +285,15 @@ class _Trust:
     def __init__(self) -> None:
         self.generations: Generations | None = None
         self.bundle: Path | None = None
+        self.listener: tuple[Path, Path] | None = None  # the daemon's certificate and key
+        self.listener_gen = 0  # the `tls` counter when the listener last loaded them
         self._seen = -1
         self._said = Throttle(burst=1)
 
     def check(self, context: ssl.SSLContext) -> None:
         if self.generations is None or self.bundle is None:
             return
+        self._listener(context)
         gen = self.generations.get("keys")
         if gen != self._seen:
             try:
@@ -303,6 +306,23 @@ class _Trust:
                               bundle=str(self.bundle), error=str(exc))
             else:
                 self._seen = gen
+
+    def _listener(self, context: ssl.SSLContext) -> None:
+        """The daemon's own certificate, renewed while it runs (ca/server_cert.py): the
+        handshakes from now on present the new one."""
+        assert self.generations is not None
+        gen = self.generations.get("tls")
+        if gen == self.listener_gen or self.listener is None:
+            return
+        try:
+            context.load_cert_chain(*self.listener)
+        except (OSError, ssl.SSLError) as exc:
+            if self._said.allow("listener") is not None:  # tried at the next handshake
+                log.error("cannot load the daemon's renewed TLS certificate",
+                          cert=str(self.listener[0]), error=str(exc))
+        else:
+            self.listener_gen = gen
+            log.info("the listener presents the daemon's renewed TLS certificate")
 
 
 TRUST = _Trust()
