@@ -1082,11 +1082,11 @@ class OwnCerts:
                 admin = await self._admin_revoked()
                 if admin is not None:
                     await ensure_admin_cert(self.config, self.issuance, admin)
-            except Exception as exc:  # the HSM or the log away: the next round
+                issuers = await self.issuance.keys.refresh()
+            except Exception as exc:  # the HSM, the log or the inventory away: next round
                 self._failing.failed(str(exc) or type(exc).__name__)
-            else:
-                self._failing.ok()
-            issuers = await self.issuance.keys.refresh()
+                return
+            self._failing.ok()
             for which, end in (("root", issuers.current.root.not_valid_after_utc),
                                ("issuing", issuers.current.cert.not_valid_after_utc),
                                ("tls", not_after(self.config.tls_cert)),
