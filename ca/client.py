@@ -17,6 +17,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import ssl
 import stat
 import sys
@@ -217,9 +218,8 @@ async def _request(session: aiohttp.ClientSession, method: str, url: str,
         raise ClientError(f"cannot connect to {url}: the server's certificate is not trusted "
                           f"({reason}); pass --ca with the CA's root.pem") from None
     except aiohttp.ClientConnectorError as exc:
-        raise ClientError(f"cannot connect to {url}: {exc.os_error.strerror or exc}; is "
-                          "`hsmca serve` running there, and not at its connection limit "
-                          "(its log says \"refused a connection\")?", retryable=True) from None
+        raise ClientError(f"cannot connect to {url}: {exc.os_error.strerror or exc}; "
+                          f"{_connect_hint(exc.os_error)}", retryable=True) from None
     except TimeoutError:
         raise ClientError(f"{method} {url}: no answer within {TIMEOUT.total:.0f} s",
                           retryable=True, unanswered=True) from None
@@ -232,6 +232,17 @@ async def _request(session: aiohttp.ClientSession, method: str, url: str,
                           retryable=True, unanswered=True) from None
     except aiohttp.ClientError as exc:
         raise ClientError(f"{method} {url} failed: {exc}", retryable=True) from None
+
+
+def _connect_hint(error: OSError) -> str:
+    """What to check, by what failed: the connection-limit hint was given for a name
+    that does not resolve too (an operator trial)."""
+    if isinstance(error, socket.gaierror):
+        return "check the host name in --url"
+    if error.errno == errno.ECONNREFUSED:
+        return "is `hsmca serve` running there, on that port?"
+    return ("is `hsmca serve` running there, and not at its connection limit (its log says "
+            "\"refused a connection\")?")
 
 
 def unreachable(exc: BaseException) -> str:

@@ -60,6 +60,8 @@ async def test_a_backup_taken_while_the_ca_signs_restores_to_a_ca_that_serves(
     shutil.rmtree(d.state)
     shutil.copytree(out, d.state)
     restored = start_daemon(d.state)
+    # the tiles the start built from the copy's log are as private as a fresh CA's
+    assert stat.S_IMODE((d.state / "audit" / "tiles").stat().st_mode) == 0o700
     try:
         for cred in (kept, busy):
             proc = hsmca("renew", "--url", restored.url, "--ca", restored.root,

@@ -24,6 +24,7 @@ from ca.cli import EPILOG, build_parser
 from ca.commands.client_cmd import parse_serial
 from tests.conftest import HSMCA, Daemon, InitialisedCA, hsmca, require
 from tests.helpers import Running, bootstrap_token, cert_serial, enroll, other_ca, token_file
+from tests.ports import free_port
 
 NAME = "cli.internal.example"
 
@@ -304,6 +305,42 @@ def test_revoke_refuses_what_is_not_a_serial(bad: str) -> None:
     from ca.errors import CLIError
     with pytest.raises(CLIError):
         parse_serial(bad)
+
+
+def test_a_serial_with_a_digit_too_many_is_said_too_long_not_not_hex() -> None:
+    from ca.errors import CLIError
+    with pytest.raises(CLIError, match="has 41 hex digits: a certificate serial has at most "
+                       "40"):
+        parse_serial("1" + "75e629" * 6 + "abcd")
+    # openssl pads a serial to whole bytes: its leading zeros are no digits of it
+    assert parse_serial("00" + "8" + "1" * 39) == "8" + "1" * 39
+
+
+def test_a_path_given_as_the_token_itself_is_told_to_be_a_token_file(
+        tmp_path: Path) -> None:
+    """An operator trial gave --token ../fleet/api.token: sent as the token, the CA said
+    "unknown bootstrap token"."""
+    token = tmp_path / "api.token"
+    token.write_text("hsmca-0123-abc\n")
+    proc = hsmca("enroll", "--url", "https://127.0.0.1:9", "--token", str(token), "--name",
+                 "x.example", "--out", tmp_path / "out", check=False)
+    assert one_line_error(proc).endswith(
+        f"--token takes the token itself; {token} is a file: give it as --token-file "
+        f"{token}"), proc.stderr
+    assert "hsmca-0123-abc" not in proc.stderr
+
+
+def test_what_to_check_follows_why_the_connection_failed(tmp_path: Path) -> None:
+    """The connection-limit hint was given for a host name that does not resolve too."""
+    token = tmp_path / "t"
+    token.write_text("hsmca-0123-abc\n")
+    for url, hint in (("https://no-such-host.invalid:8443", "check the host name in --url"),
+                      (f"https://127.0.0.1:{free_port()}",
+                       "is `hsmca serve` running there, on that port?")):
+        proc = hsmca("enroll", "--url", url, "--token-file", token, "--name", "x.example",
+                     "--out", tmp_path / "out", check=False)
+        assert proc.returncode != 0 and hint in proc.stderr, proc.stderr
+        assert "connection limit" not in proc.stderr
 
 
 def test_revoke_with_the_openssl_colon_form_and_self_revocation(own_daemon: Daemon,

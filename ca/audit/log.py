@@ -560,7 +560,9 @@ class AuditLog:
             for _ in range(8):
                 try:
                     # All or nothing: no half copy left to be put back as the log.
-                    copy_new(self._fd, self._size_bytes, target, 0o600)
+                    # The log's own mode: put back as the log, it stays what auditors'
+                    # group reads (0600 left it unreadable to them; an operator trial).
+                    copy_new(self._fd, self._size_bytes, target, 0o640)
                     break
                 except FileExistsError:
                     # Taken (names made in advance kept every save failing, a review):
@@ -1021,7 +1023,7 @@ def _build_tiles(path: Path, fd: int, tiles: Path) -> None:
     size = os.fstat(fd).st_size
     work = tiles.with_name(tiles.name + ".new")
     shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(mode=0o750, parents=True)
+    work.mkdir(mode=0o700, parents=True)  # as a fresh CA's (docs/operator.md)
     if size:
         log.warning("building the audit log's tiles from the whole log (after a restore: "
                     "a backup holds none; or the first start with tiles; or the tile "

@@ -142,6 +142,11 @@ def read_token(args: argparse.Namespace) -> str:
             raise CLIError(f"--token-file {where} must hold the token and nothing else")
         return token
     if args.token is not None:
+        if "/" in args.token or Path(args.token).is_file():
+            # A path where the value goes: sent as the token, it was "unknown bootstrap
+            # token" (an operator trial).
+            raise CLIError(f"--token takes the token itself; {args.token} is a file: give "
+                           f"it as --token-file {args.token}")
         print("hsmca: warning: --token puts the token in the process list, where every "
               "local user can read it; use --token-file FILE, --token-file - (stdin) or "
               f"{TOKEN_ENV}", file=sys.stderr)
@@ -271,7 +276,11 @@ def parse_serial(text: str) -> str:
             raise CLIError(f"serial {text!r}: the colon form is pairs of hex digits, "
                            "like 1a:2b:3c")
         t = t.replace(":", "")
-    if not re.fullmatch(r"[0-9a-f]{1,40}", t) or int(t, 16) == 0:
+    if re.fullmatch(r"[0-9a-f]+", t) and len(t.lstrip("0")) > 40:
+        # (leading zeros are no digits of it: openssl pads to whole bytes)
+        raise CLIError(f"serial {text!r} has {len(t.lstrip('0'))} hex digits: a certificate "
+                       "serial has at most 40 (20 bytes); a digit too many?")
+    if not re.fullmatch(r"[0-9a-f]+", t) or int(t, 16) == 0:
         raise CLIError(f"serial {text!r} is not a certificate serial number in hex (as hsmca "
                        "prints it, with 0x, or as 1a:2b:... from openssl x509 -text)")
     return format(int(t, 16), "x")

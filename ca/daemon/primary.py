@@ -827,8 +827,9 @@ def _say_how_the_last_run_ended(config: Config, audit: AuditLog) -> None:
     run = audit.last_run
     if run.ended == "killed" or (run.ended == "unknown" and config.url_file.exists()):
         log.warning("the last run did not stop cleanly (killed, the host went down, its "
-                    "start failed, or its stop could not be written to the audit log): the "
-                    "signatures it had under way were never "
+                    "start failed, or its stop could not be written to the audit log; or "
+                    "this state directory is a backup taken while the daemon ran, where "
+                    "that is expected): the signatures it had under way were never "
                     "released, and their intent lines stay without an outcome; `hsmca "
                     "audit verify` accepts that before a start", log=str(config.audit_log),
                     signatures_under_way=run.open_signatures)
