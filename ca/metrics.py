@@ -206,7 +206,9 @@ class Metrics:
     def __init__(self) -> None:
         from prometheus_client import Counter, Gauge, Histogram
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
-        self.issued = Counter("hsmca_issued", "Certificates and signed objects issued",
+        self.issued = Counter("hsmca_issued", "Signatures asked of the HSM, by kind (x509, "
+                              "ssh-user, ssh-host, ocsp, crl, checkpoint, ...) and result: "
+                              "ok, or why it failed (failures included)",
                               ["kind", "result"], registry=None)
         self.requests = Counter("hsmca_http_requests", "HTTP requests by route and status",
                                 ["route", "status"], registry=None)
