@@ -75,6 +75,16 @@ def test_ssh_user_agent_adds_key_and_certificate(daemon: Daemon, tmp_path: Path,
     lifetime = int(proc.stdout.split("to ssh-agent for ")[1].split()[0])
     c = ssh_cert(tmp_path / "id_ed25519-cert.pub")
     assert 0 < lifetime <= c.valid_before - c.valid_after - 60
+    # Again (the next morning, or after a rotation of the user CA): the new certificate
+    # replaces the earlier one in the agent instead of piling up beside it, which ssh
+    # then offered first (an operator trial)
+    hsmca("ssh", "user", "--url", daemon.url, "--ca", daemon.root, "--cert", cert,
+          "--key", key, "--pubkey", pub, "--ttl", "1h", "--agent", env=agent)
+    listed = subprocess.run([require("ssh-add"), "-L"], env=agent, capture_output=True,
+                            text=True, check=True).stdout.splitlines()
+    newer = (tmp_path / "id_ed25519-cert.pub").read_text().split()[:2]
+    assert newer != cert_line
+    assert sorted(ln.split()[:2] for ln in listed) == sorted([newer, key_line]), listed
 
 
 def on_terminal(argv: list[str], env: dict[str, str], answer: str) -> tuple[int, str]:

@@ -188,12 +188,52 @@ async def _add_to_agent(key: Any, cert_line: str, cert_path: Path) -> int:
                        f"{exc.strerror or exc}") from None
     try:
         await agent.add_keys([(key, cert)], lifetime=lifetime)
+        await _drop_earlier(agent, cert_line)
     except ValueError as exc:
         raise CLIError(f"--agent: ssh-agent refused the key: {exc}") from None
     finally:
         agent.close()
         await agent.wait_closed()
     return lifetime
+
+
+async def _drop_earlier(agent: Any, cert_line: str) -> None:
+    """Take out the agent's earlier certificates of this key for the same identity (key
+    ids <identity>:<serial>, which this CA makes): they piled up until they expired,
+    and after a rotation of the user CA ssh offered the old one first (an operator
+    trial). Others of the key (another CA's, another identity's) are left alone."""
+    import base64
+    import struct
+
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
+    def parsed(line: bytes) -> Any:
+        try:
+            held = serialization.load_ssh_public_identity(line)
+        except (ValueError, UnsupportedAlgorithm):
+            return None
+        return held if isinstance(held, serialization.SSHCertificate) else None
+
+    def key_of(c: Any) -> bytes:
+        return c.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                           serialization.PublicFormat.OpenSSH)
+    new = parsed(" ".join(cert_line.split()[:2]).encode())
+    identity = new.key_id.rpartition(b":")[0] if new is not None else b""
+    if not identity:
+        return
+    stale = []
+    for pair in await agent.get_keys():
+        blob = bytes(pair.public_data)
+        if len(blob) < 4:
+            continue
+        (n,) = struct.unpack(">I", blob[:4])  # the blob's first string: its type
+        held = parsed(blob[4:4 + n] + b" " + base64.b64encode(blob))
+        if (held is not None and held.serial != new.serial
+                and key_of(held) == key_of(new) and held.key_id.rpartition(b":")[0] == identity):
+            stale.append(pair)
+    if stale:
+        await agent.remove_keys(stale)
 
 
 def user(args: argparse.Namespace) -> int:
