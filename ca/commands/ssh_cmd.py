@@ -702,7 +702,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                    "policy.ssh-user-max-ttl-s, 24h unless configured)")
     u.add_argument("--agent", action="store_true",
                    help="add the private key beside --pubkey and the new certificate to the "
-                   "running ssh-agent (SSH_AUTH_SOCK), for the certificate's lifetime")
+                   "running ssh-agent (SSH_AUTH_SOCK), for the certificate's lifetime, in "
+                   "place of earlier ones this CA made for the key and identity")
     u.add_argument("--source-address", dest="source_address", action="append",
                    metavar="CIDR", help="log in only from this address or network "
                    "(the certificate's source-address option); repeat for more")
