@@ -330,6 +330,7 @@ class LocalCertRequest:
     public_key: Any
     names: tuple[str, ...]
     lifetime: dt.timedelta
+    renewed_from: str | None = None  # the one it renews (hex serial): its lineage
 
 
 @dataclass(frozen=True)
@@ -957,7 +958,7 @@ def _local_cert(ctx: Context, who: Requester, req: LocalCertRequest) -> X509Orde
     # The CA's own names: not subject to the lists that govern what others may get.
     return _x509(ctx, who, role=req.role, names=names, principals=(),
                  subject=subject_key(req.public_key), lifetime=req.lifetime,
-                 check_names=False)
+                 check_names=False, renewed_from=req.renewed_from)
 
 
 ROTATABLE = ("issuing", "ssh-user", "ssh-host", "audit")

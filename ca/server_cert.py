@@ -9,7 +9,6 @@ in the HSM through the audited path (ca/local_certs.py).
 from __future__ import annotations
 
 import datetime as dt
-from pathlib import Path
 
 import structlog
 from cryptography import x509
@@ -22,7 +21,7 @@ from ca.issuance.issue import Issuance
 from ca.local_certs import local_cert
 
 TLS_DAYS = 365
-ADMIN_DAYS = 365  # as `hsmca init` makes it
+ADMIN_DAYS = 365  # as `hsmca init` makes it (ca/own_certs.py renews it)
 
 RENEW_BEFORE = dt.timedelta(days=30)
 log = structlog.get_logger("hsmca.tls")
@@ -95,34 +94,3 @@ async def ensure_server_cert(config: Config, issuance: Issuance) -> bool:
     write_atomic(config.tls_key, key_pem, 0o600)
     write_atomic(config.tls_cert, cert_pem + chain)
     return True
-
-
-async def ensure_admin_cert(config: Config, issuance: Issuance, revoked: bool) -> bool:
-    """Renew this host's admin credential (STATE_DIR/admin) 30 days before it ends, as
-    the listener's: `init` made it for a year, and a renewal over mutual TLS is capped
-    at the policy's maximum, so once it lapsed no admin command worked and nothing said
-    how to get another (an operator trial). Not one an admin revoked (`revoked`), nor
-    one whose files were taken away: that is the operator's choice. True if renewed."""
-    try:
-        cert = x509.load_pem_x509_certificates(config.admin_cert.read_bytes())[0]
-    except (OSError, ValueError, IndexError):
-        return False
-    if revoked or cert.not_valid_after_utc - dt.datetime.now(dt.UTC) >= RENEW_BEFORE:
-        return False
-    names = cert.extensions.get_extension_for_class(
-        x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
-    log.info("renewing this host's admin credential", ends=cert.not_valid_after_utc.isoformat(),
-             path=str(config.admin_cert))
-    cert_pem, key_pem = await local_cert(issuance, config.policy, role="admin",
-                                         names=names or [f"admin.{config.dns_name}"],
-                                         days=ADMIN_DAYS)
-    write_atomic(config.admin_key, key_pem, 0o600)
-    write_atomic(config.admin_cert, cert_pem, 0o644)
-    return True
-
-
-def not_after(path: Path) -> dt.datetime | None:
-    try:
-        return x509.load_pem_x509_certificates(path.read_bytes())[0].not_valid_after_utc
-    except (OSError, ValueError, IndexError):
-        return None

@@ -33,8 +33,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeGuard
 
 import structlog
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import (
     load_pem_public_key,
@@ -62,11 +60,12 @@ from ca.issuance.pipeline import SigningPipeline
 from ca.issuance.profiles import utcnow
 from ca.lifecycle import write_bundle, write_chain_files
 from ca.logs import Recurring
+from ca.own_certs import OwnCerts
 from ca.policy import Reason, Refused
 from ca.process import raise_fd_limit, settle_heap
 from ca.revocation.from_log import complete_from_log
 from ca.revocation.ocsp import OCSPRefresher, OCSPSigner
-from ca.server_cert import ensure_admin_cert, ensure_server_cert, not_after
+from ca.server_cert import ensure_server_cert
 from ca.store import Store, open_store
 from ca.store.sqlite import SQLiteStore
 from ca.subject import spki_sha256
@@ -526,7 +525,10 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
                                                             generations, policies)))
         background.append(asyncio.create_task(_resume_log(audit)))
         background.append(asyncio.create_task(_erase_expired_eab_keys(store)))
-        own_certs = OwnCerts(config, issuance, store, generations, audit_metrics)
+        from ca.revocation import Revocations
+        own_certs = OwnCerts(config, issuance, store, generations, audit_metrics, policies,
+                             Revocations(store, audit, issuance, generations,
+                                         _context_now(issuance, policies)))
         background.append(asyncio.create_task(own_certs.run()))
         if _cluster(store):
             assert name_held is not None
@@ -1054,62 +1056,6 @@ async def _refresh_crls(issuance: Issuance, store: Store, audit: AuditLog,
                 log.warning("cannot re-sign a CRL now", issuer=label,
                             error=str(exc) or type(exc).__name__)
         await asyncio.sleep(CRL_REFRESH_S)  # periodic work, not synchronisation
-
-
-OWN_CERTS_CHECK_S = 3600.0
-
-
-class OwnCerts:
-    """The daemon's own certificates while it runs: its listener's, renewed 30 days
-    before it ends and loaded by every worker's listener at its next handshake, this
-    host's admin credential, likewise, and the metrics of when each of the CA's own
-    certificates ends. Checked every hour and at each SIGHUP: they were renewed only at
-    a start, so a daemon up for eleven months served an expired certificate (an
-    operator trial)."""
-
-    def __init__(self, config: Config, issuance: Issuance, store: Store,
-                 generations: Generations, metrics: Any) -> None:
-        self.config, self.issuance, self.store = config, issuance, store
-        self.generations, self.metrics = generations, metrics
-        self._lock = asyncio.Lock()
-        self._failing = Recurring(log, "cannot renew the daemon's own certificates now",
-                                  "the daemon's own certificates can be renewed again")
-
-    async def check(self) -> None:
-        async with self._lock:  # the hourly round and a SIGHUP's: one at a time
-            try:
-                if await ensure_server_cert(self.config, self.issuance):
-                    self.generations.bump("tls")  # every worker's listener loads it
-                admin = await self._admin_revoked()
-                if admin is not None:
-                    await ensure_admin_cert(self.config, self.issuance, admin)
-                issuers = await self.issuance.keys.refresh()
-            except Exception as exc:  # the HSM, the log or the inventory away: next round
-                self._failing.failed(str(exc) or type(exc).__name__)
-                return
-            self._failing.ok()
-            for which, end in (("root", issuers.current.root.not_valid_after_utc),
-                               ("issuing", issuers.current.cert.not_valid_after_utc),
-                               ("tls", not_after(self.config.tls_cert)),
-                               ("admin", not_after(self.config.admin_cert))):
-                if end is not None:
-                    self.metrics.not_after.labels(which).set(end.timestamp())
-
-    async def _admin_revoked(self) -> bool | None:
-        """Whether this host's admin credential is revoked; None if there is none."""
-        try:
-            der = x509.load_pem_x509_certificates(
-                self.config.admin_cert.read_bytes())[0].public_bytes(
-                serialization.Encoding.DER)
-        except (OSError, ValueError, IndexError):
-            return None
-        rec = await self.store.cert_by_fingerprint(hashlib.sha256(der).hexdigest())
-        return rec is None or rec.revoked_at is not None  # unknown: not this CA's to renew
-
-    async def run(self) -> None:
-        while True:
-            await self.check()
-            await asyncio.sleep(OWN_CERTS_CHECK_S)  # periodic work, not synchronisation
 
 
 async def _erase_expired_eab_keys(store: Store) -> None:

@@ -13,6 +13,8 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from ca.config import AcmeConfig
 from ca.generations import Generations
@@ -315,8 +317,15 @@ class _Trust:
         if gen == self.listener_gen or self.listener is None:
             return
         try:
+            # Checked first: OpenSSL drops the context's key when the new certificate
+            # does not match it, and a failed load then left a listener no handshake
+            # could complete with (a review); a pair that does not match is kept out.
+            cert = x509.load_pem_x509_certificates(self.listener[0].read_bytes())[0]
+            key = serialization.load_pem_private_key(self.listener[1].read_bytes(), None)
+            if cert.public_key() != key.public_key():
+                raise ValueError("the certificate and the key do not match")
             context.load_cert_chain(*self.listener)
-        except (OSError, ssl.SSLError) as exc:
+        except (OSError, ValueError, IndexError, TypeError, ssl.SSLError) as exc:
             if self._said.allow("listener") is not None:  # tried at the next handshake
                 log.error("cannot load the daemon's renewed TLS certificate",
                           cert=str(self.listener[0]), error=str(exc))

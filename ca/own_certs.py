@@ -1,0 +1,164 @@
+"""The daemon's own certificates while it runs.
+
+Its listener's certificate and this host's admin credential (STATE_DIR/admin, made by
+`hsmca init` for a year) were renewed only at a start, or never: a daemon up for eleven
+months served an expired certificate, and a year after `init` no admin command worked,
+with nothing said (an operator trial). Checked every hour and at each SIGHUP:
+
+- the listener's certificate is renewed 30 days before it ends (ca/server_cert.py), and
+  whenever the file changed, by this node or another sharing the state directory, every
+  worker's listener loads it at its next handshake (the `tls` counter);
+- the admin credential is renewed in the last third of its life (at most 30 days before
+  its end) for as long as it lived, as a renewal of it (its lineage, and revoked with it
+  if a revocation of it commits meanwhile); not one revoked, not one whose role is not
+  admin, not one whose files were taken away;
+- /metrics says when each of the CA's own certificates ends, whatever failed.
+
+Renewals of one state directory take a lock on a file in it, so two nodes sharing it
+never interleave a key and a certificate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import fcntl
+import hashlib
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from ca import ra
+from ca.config import Config
+from ca.daemon.control import PolicyFeed
+from ca.fileutil import write_atomic
+from ca.issuance.issue import Issuance, decision_context
+from ca.issuance.profiles import pem
+from ca.logs import Recurring
+from ca.revocation import Revocations
+from ca.server_cert import ADMIN_DAYS, RENEW_BEFORE, ensure_server_cert
+from ca.store import Store
+
+CHECK_S = 3600.0
+log = structlog.get_logger("hsmca.own_certs")
+
+
+def _first_cert(path: Path) -> x509.Certificate | None:
+    try:
+        return x509.load_pem_x509_certificates(path.read_bytes())[0]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _fingerprint(cert: x509.Certificate | None) -> str | None:
+    if cert is None:
+        return None
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+@contextmanager
+def _renewing(state: Path) -> Iterator[bool]:
+    """Whether this process may renew now: one renewal at a time per directory of the
+    listener's files (nodes may share the state directory), the others skip their
+    round."""
+    fd = os.open(state / ".renew.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # and the lock with it
+
+
+class OwnCerts:
+    def __init__(self, config: Config, issuance: Issuance, store: Store, generations: Any,
+                 metrics: Any, policies: PolicyFeed, revocations: Revocations) -> None:
+        self.config, self.issuance, self.store = config, issuance, store
+        self.generations, self.metrics = generations, metrics
+        self.policies, self.revocations = policies, revocations
+        self._lock = asyncio.Lock()
+        # What the workers' listeners loaded: the file as the start left it.
+        self._served = _fingerprint(_first_cert(config.tls_cert))
+        self._tls = Recurring(log, "cannot renew the daemon's TLS certificate now",
+                              "the daemon's TLS certificate can be renewed again")
+        self._admin = Recurring(log, "cannot renew this host's admin credential now",
+                                "this host's admin credential can be renewed again")
+
+    async def check(self) -> None:
+        async with self._lock:  # the hourly round and a SIGHUP's: one at a time
+            with _renewing(self.config.tls_cert.parent) as mine:
+                if mine:
+                    try:
+                        await ensure_server_cert(self.config, self.issuance)
+                    except Exception as exc:  # the HSM or the log away: the next round
+                        self._tls.failed(str(exc) or type(exc).__name__)
+                    else:
+                        self._tls.ok()
+                    try:
+                        await self._renew_admin()
+                    except Exception as exc:
+                        self._admin.failed(str(exc) or type(exc).__name__)
+                    else:
+                        self._admin.ok()
+            # Renewed here or by another node of the same state directory: loaded.
+            now = _fingerprint(_first_cert(self.config.tls_cert))
+            if now is not None and now != self._served:
+                self._served = now
+                self.generations.bump("tls")
+            await self._say_ends()
+
+    async def _say_ends(self) -> None:
+        ends = {"tls": _first_cert(self.config.tls_cert),
+                "admin": _first_cert(self.config.admin_cert)}
+        try:
+            issuers = await self.issuance.keys.refresh()
+            ends |= {"root": issuers.current.root, "issuing": issuers.current.cert}
+        except Exception:  # the inventory away: the files' ends still count
+            pass
+        for which, cert in ends.items():
+            if cert is not None:
+                self.metrics.not_after.labels(which).set(cert.not_valid_after_utc.timestamp())
+
+    async def _renew_admin(self) -> None:
+        path = self.config.admin_cert
+        cert = _first_cert(path)
+        if cert is None:  # taken away: the operator's choice
+            return
+        rec = await self.store.cert_by_fingerprint(_fingerprint(cert) or "")
+        if rec is None or rec.revoked_at is not None or rec.role != "admin":
+            return  # not this CA's, revoked, or not an admin's: not renewed
+        life = cert.not_valid_after_utc - cert.not_valid_before_utc
+        left = cert.not_valid_after_utc - dt.datetime.now(dt.UTC)
+        if left >= min(RENEW_BEFORE, life / 3) or left <= dt.timedelta(0):
+            return  # not due; or expired, which renews nothing (as over mutual TLS)
+        # As long as it was made for (its notBefore is backdated), a year at most
+        lifetime = max(dt.timedelta(seconds=1),
+                       min(life - ra.BACKDATE, dt.timedelta(days=ADMIN_DAYS)))
+        log.info("renewing this host's admin credential", path=str(path),
+                 ends=cert.not_valid_after_utc.isoformat(), serial=rec.serial)
+        key = ec.generate_private_key(ec.SECP256R1())
+        ctx = decision_context(self.policies.current, self.issuance.issuers)
+        order = ra.order(ctx, ra.Local(), ra.LocalCertRequest(
+            "admin", key.public_key(), rec.names, lifetime, renewed_from=rec.serial))
+        issued = await self.issuance.x509(order)
+        # Revoked while it was signed: the new one goes with it, and is not written.
+        await self.revocations.settle(rec.serial, None, child=issued.cert.serial_number)
+        write_atomic(self.config.admin_key, key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()), 0o600)
+        write_atomic(path, pem(issued.cert), 0o644)
+
+    async def run(self) -> None:
+        while True:
+            await self.check()
+            await asyncio.sleep(CHECK_S)  # periodic work, not synchronisation
