@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import sqlite3
 import stat
 from pathlib import Path
 
@@ -103,6 +104,19 @@ async def test_a_backup_taken_while_the_ca_signs_restores_to_a_ca_that_serves(
         assert restored.stop() == 0
     adopted = [x for x in log_lines(d.state) if x["event"] == "cert.adopt"]
     assert [x["serial"] for x in adopted] == [serial], adopted
+    # An inventory that lacks it again (copied before that revocation committed): the
+    # log holds the certificate, and the next start records and revokes it from there
+    with sqlite3.connect(d.state / "hsmca.sqlite3") as db:
+        for table in ("ocsp_responses", "certs"):
+            db.execute(f"DELETE FROM {table} WHERE serial = ?", (serial,))
+        db.execute("DELETE FROM meta WHERE k LIKE 'log_scanned:%'")  # read it all again
+    again = start_daemon(d.state)
+    try:
+        listed = hsmca("cert", "list", "--search", serial, "--config", d.state / "hsmca.toml",
+                       "--url", again.url).stdout
+        assert f"{serial} revoked  unknown" in listed, listed
+    finally:
+        assert again.stop() == 0
     lines = log_lines(d.state)
     assert lines[:len(copied)] == copied  # the log goes on where the copy ended
     audit_verify(d.state, ok=True)

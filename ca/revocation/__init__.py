@@ -13,9 +13,7 @@ the issuers.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import datetime as dt
-import hashlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -31,12 +29,12 @@ from ca.issuance import profiles as prof
 from ca.issuance.issue import Issuance
 from ca.logs import keep_trying
 from ca.policy import Reason, Refused
+from ca.revocation.adopted import adopted, line_fields
 from ca.revocation.ocsp import OCSPSigner
 from ca.ssh import RevokedCerts, SSHPublicKey, blob_of, build_krl, parse_public_key
-from ca.store import CertRecord, CRLRecord, NewCert, OCSPDue, SSHSelector, Store
+from ca.store import CertRecord, CRLRecord, OCSPDue, SSHSelector, Store
 from ca.store.errors import StoreUnavailable
 from ca.store.records import Revoked as Reached
-from ca.subject import spki_sha256
 from hsm.errors import AuditUnavailable, HSMUnavailable
 
 CRL_VALIDITY = ra.CRL_VALIDITY
@@ -145,30 +143,20 @@ class Revocations:
 
     async def adopt(self, cert: x509.Certificate, issuer: str, actor: str,
                     request_id: str | None) -> None:
-        """Record a certificate this CA's key signed and its inventory lacks (issued after
-        the backup the CA was restored from), so that it can be revoked: its CRL and
-        OCSP can say so only of a certificate the inventory has. The audit line first,
-        as for anything the inventory takes; its role is unknown ("unknown": no route
-        serves it)."""
-        der = cert.public_bytes(serialization.Encoding.DER)
-        fingerprint = hashlib.sha256(der).hexdigest()
+        """Record a certificate this CA's key signed and its inventory lacks
+        (ca/revocation/adopted.py), the audit line first, as for anything the inventory
+        takes. One recorded meanwhile (the same request twice at once) is left as it is."""
+        new = adopted(cert, issuer, self.issuance.audit_log)
+        await self.audit.append("cert.adopt", **line_fields(new), actor=actor,
+                                request_id=request_id)
         try:
-            sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-            names = tuple(str(n.value) for n in sans)
-        except x509.ExtensionNotFound:
-            names = ()
-        new = NewCert(
-            serial=cert.serial_number, fingerprint=fingerprint, role="unknown",
-            subject=cert.subject.rfc4514_string(), names=names, principals=(),
-            spki_sha256=spki_sha256(cert.public_key()),
-            not_before=cert.not_valid_before_utc.isoformat(),
-            not_after=cert.not_valid_after_utc.isoformat(),
-            issued_at=prof.utcnow().isoformat(), der=der, issuer=issuer)
-        seq = await self.audit.append(
-            "cert.adopt", serial=format(cert.serial_number, "x"), fingerprint=fingerprint,
-            issuer=issuer, names=list(names), not_after=new.not_after,
-            spki_sha256=new.spki_sha256, actor=actor, request_id=request_id)
-        await asyncio.wrap_future(self.store.add_cert(dataclasses.replace(new, audit_seq=seq)))
+            await asyncio.wrap_future(self.store.add_cert(new))
+        except StoreUnavailable:
+            raise
+        except Exception:  # its row is there already (a unique key): the same, or say so
+            held = await self.store.cert(new.serial)
+            if held is None or held.fingerprint != new.fingerprint:
+                raise
 
     async def revoke(self, order: ra.RevokeOrder, request_id: str | None) -> Revocation:
         """Record and commit the revocation, then sign what says so. Once committed it

@@ -33,11 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ca.revocation.adopted import from_line
 from ca.store import SSHSelector, Store
 
 _MARK = b'"event":"cert.revoke"'
 _SSH_MARK = b'"event":"ssh.revoke"'
 _CRL_MARK = b'"purpose":"crl"'
+_ADOPT_MARK = b'"event":"cert.adopt"'
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class Scanned:
     highest_crl_number: int  # 0 if none
     end: int  # the byte after the last whole line read
     ssh_revocations: list[LoggedSSH] = field(default_factory=list)
+    adoptions: list[dict[str, Any]] = field(default_factory=list)  # cert.adopt lines
 
 
 def scan(path: Path, start: int) -> Scanned:
@@ -70,6 +73,7 @@ def scan(path: Path, start: int) -> Scanned:
     byte `start` (or from the beginning, if the file does not fit it)."""
     revocations: list[Logged] = []
     ssh: list[LoggedSSH] = []
+    adoptions: list[dict[str, Any]] = []
     highest = 0
     try:
         fh = path.open("rb")
@@ -83,9 +87,11 @@ def scan(path: Path, start: int) -> Scanned:
             end = data.rfind(b"\n") + 1  # a torn last line: start-up recovery cuts it
             if not 0 < start <= end or data[start - 1:start] != b"\n":
                 start = 0
-            for mark in (_MARK, _SSH_MARK, _CRL_MARK):
+            for mark in (_MARK, _SSH_MARK, _CRL_MARK, _ADOPT_MARK):
                 for line in _lines_with(data, mark, start, end):
-                    if mark is _MARK:
+                    if mark is _ADOPT_MARK:
+                        adoptions.append(line)
+                    elif mark is _MARK:
                         if (entry := _revocation(line)) is not None:
                             revocations.append(entry)
                     elif mark is _SSH_MARK:
@@ -96,7 +102,7 @@ def scan(path: Path, start: int) -> Scanned:
                         if isinstance(n, int) and not isinstance(n, bool):
                             highest = max(highest, n)
     revocations.sort(key=lambda e: e.seq)
-    return Scanned(revocations, highest, end, sorted(ssh, key=lambda e: e.seq))
+    return Scanned(revocations, highest, end, sorted(ssh, key=lambda e: e.seq), adoptions)
 
 
 def _lines_with(data: mmap.mmap, mark: bytes, start: int, end: int
@@ -147,6 +153,12 @@ async def complete_from_log(path: Path, store: Store, log: str) -> list[Logged]:
     found = await asyncio.to_thread(scan, path, await store.log_scanned(log))
     if found.highest_crl_number:
         await store.keep_crl_numbers_above(found.highest_crl_number)
+    # A certificate an admin gave to revoke (after a restore) that the inventory lacks:
+    # recorded from its line first, so that the revocation after it has it to revoke.
+    for line in found.adoptions:
+        new = from_line(line, log or None)
+        if new is not None and await store.cert(new.serial) is None:
+            await asyncio.wrap_future(store.add_cert(new))
     completed = await _revoke(found.revocations, store)
     for entry in found.ssh_revocations:  # idempotent: it marks only what is unmarked
         await store.revoke_ssh(entry.which, entry.at, entry.public_key)
