@@ -91,8 +91,8 @@ class Refused(ValueError):
                  subproblems: tuple[tuple[str, Reason, str], ...] = ()) -> None:
         super().__init__(detail)
         self.detail, self.reason = detail, reason
-        # (name, reason, detail) of each of several names refused at once (ACME's
-        # subproblems, RFC 8555 6.7.1)
+        # ("type:value", reason, detail) of each of several identifiers refused at once
+        # (ACME's subproblems, RFC 8555 6.7.1)
         self.subproblems = subproblems
 
 

@@ -1261,7 +1261,7 @@ def _acme_order(ctx: Context, who: Requester, req: AcmeOrderRequest) -> AcmeOrde
         try:
             names.append(_acme_identifier(ctx, account, req, ident))
         except Refused as exc:
-            refused.append((ident["value"], exc))
+            refused.append((f"{ident.get('type')}:{ident['value']}", exc))
     if len(refused) == 1:
         raise refused[0][1]
     if refused:

@@ -585,9 +585,10 @@ def test_every_refused_identifier_is_said_at_once(world: World) -> None:
         {"type": "ip", "value": "127.0.0.1"}]})
     assert r.status == 400 and r.problem == "rejectedIdentifier", r.body
     assert r.json["detail"].startswith("2 identifiers are refused: "), r.json
-    subs = {s["identifier"]["value"]: s["type"].rsplit(":", 1)[1] for s in r.json["subproblems"]}
-    assert subs == {"outside.example": "rejectedIdentifier",
-                    "127.0.0.1": "unsupportedIdentifier"}, r.json
+    subs = {(s["identifier"]["type"], s["identifier"]["value"]): s["type"].rsplit(":", 1)[1]
+            for s in r.json["subproblems"]}
+    assert subs == {("dns", "outside.example"): "rejectedIdentifier",
+                    ("ip", "127.0.0.1"): "unsupportedIdentifier"}, r.json
     # One refused name: its own problem, as before
     one = c.order("a.test", "outside2.example")
     assert one.problem == "rejectedIdentifier" and "subproblems" not in one.json, one.json

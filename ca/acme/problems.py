@@ -66,12 +66,18 @@ def bad_algorithm(detail: str, algorithms: Iterable[str]) -> AcmeProblem:
     return AcmeProblem("badSignatureAlgorithm", detail, members={"algorithms": list(algorithms)})
 
 
+def _identifier(typed: str) -> dict[str, str]:
+    """An identifier as it was sent ("type:value", as the RA names a subproblem's)."""
+    kind, _, value = typed.partition(":")
+    return {"type": kind[:20], "value": value[:255]}
+
+
 def from_refusal(refused: Refused) -> AcmeProblem:
     kind, status = _FROM_REASON.get(refused.reason, ("malformed", 400))
     members: dict[str, object] = {}
     if refused.subproblems:  # RFC 8555 6.7.1: each identifier's own type and detail
         members["subproblems"] = [
             {"type": PREFIX + _FROM_REASON.get(reason, ("malformed", 400))[0],
-             "detail": detail, "identifier": {"type": "dns", "value": name[:255]}}
+             "detail": detail, "identifier": _identifier(name)}
             for name, reason, detail in refused.subproblems]
     return AcmeProblem(kind, refused.detail, status, members=members)

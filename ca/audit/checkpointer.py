@@ -117,6 +117,11 @@ Keys = Callable[[], Awaitable[list[KeyInfo]]]
 CHECKPOINT_GRACE_S = 5.0
 
 
+class _Unwritable(OSError):
+    """The checkpoint file could not be written (the rest of a round's OSErrors are the
+    recorder's or the log's, and said in their own words)."""
+
+
 @dataclass(frozen=True)
 class _Signed:
     """A checkpoint signed for the log's first `size` lines."""
@@ -184,7 +189,10 @@ class Checkpointer:
         signed = self._unwritten
         assert signed is not None
         # Two fsyncs: off the event loop, which has requests in flight.
-        await asyncio.to_thread(write_atomic, self.path, signed.text)
+        try:
+            await asyncio.to_thread(write_atomic, self.path, signed.text)
+        except OSError as exc:
+            raise _Unwritable(exc.errno, exc.strerror) from None
         self.latest = signed.text
         if self._on_checkpoint is not None:
             await self._on_checkpoint(signed.size, signed.text)
@@ -217,8 +225,7 @@ class Checkpointer:
                 # changes (a database away for minutes is not hundreds of lines). The
                 # file's name, not the temporary one's, which changes at every try.
                 why = (f"cannot write {self.path}: {exc.strerror}"
-                       if isinstance(exc, OSError) and exc.strerror else str(exc)) \
-                    or type(exc).__name__
+                       if isinstance(exc, _Unwritable) else str(exc)) or type(exc).__name__
                 if self._failed(why):
                     log.warning("checkpoint failed; trying again every second", error=why)
             except Exception as exc:  # anything else: said, and tried again

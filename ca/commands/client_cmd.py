@@ -142,7 +142,7 @@ def read_token(args: argparse.Namespace) -> str:
             raise CLIError(f"--token-file {where} must hold the token and nothing else")
         return token
     if args.token is not None:
-        if "/" in args.token or Path(args.token).is_file():
+        if os.path.isfile(args.token):  # (False for any value no file has)
             # A path where the value goes: sent as the token, it was "unknown bootstrap
             # token" (an operator trial).
             raise CLIError(f"--token takes the token itself; {args.token} is a file: give "

@@ -188,7 +188,10 @@ async def _add_to_agent(key: Any, cert_line: str, cert_path: Path) -> int:
                        f"{exc.strerror or exc}") from None
     try:
         await agent.add_keys([(key, cert)], lifetime=lifetime)
-        await _drop_earlier(agent, cert_line)
+        try:
+            await _drop_earlier(agent, cert_line)
+        except ValueError as exc:  # added all the same: said, not an error
+            warn(f"--agent: the earlier certificates of this key stay in ssh-agent: {exc}")
     except ValueError as exc:
         raise CLIError(f"--agent: ssh-agent refused the key: {exc}") from None
     finally:
@@ -201,7 +204,7 @@ async def _drop_earlier(agent: Any, cert_line: str) -> None:
     """Take out the agent's earlier certificates of this key for the same identity (key
     ids <identity>:<serial>, which this CA makes): they piled up until they expired,
     and after a rotation of the user CA ssh offered the old one first (an operator
-    trial). Others of the key (another CA's, another identity's) are left alone."""
+    trial). Those of the key for another identity are left alone."""
     import base64
     import struct
 

@@ -143,8 +143,8 @@ def _workers(generations: Generations) -> str | None:
     HSM session only, and one that cannot start (its PIN file gone) left /health at 200
     with nothing said (an operator trial). Not a 503: the node still serves."""
     wanted = generations.gauge("workers_wanted")
-    if not wanted:
-        return None  # not a daemon's worker (an app in a test)
+    if not wanted or not generations.gauge("workers_serving"):
+        return None  # not a daemon's worker (an app in a test), or the daemon starting
     serving = generations.gauge("workers_serving")
     return (f"{serving} of {wanted} serving" + ("" if serving >= wanted else
             "; the daemon's log says why the others do not (\"a worker failed to restart\")"))
