@@ -225,7 +225,8 @@ class Metrics:
                             registry=None, multiprocess_mode="livemin")
         self.tls_refused = Counter("hsmca_tls_handshakes_refused",
                                    "TLS handshakes refused, by reason: client-certificate "
-                                   "(one of another CA), not-tls (plain HTTP, a probe), "
+                                   "(one of another CA), server-certificate (the client "
+                                   "refused this daemon's), not-tls (plain HTTP, a probe), "
                                    "protocol (TLS 1.1 or older, no shared suite), other",
                                    ["reason"], registry=None)
         self.hsm_queue = Gauge("hsmca_hsm_queue_depth", "Jobs waiting for the HSM threads",

@@ -232,10 +232,13 @@ class RevokeRequest:
     found: bool = True  # whether the inventory has the certificate
     revoked: bool = False  # whether it is revoked already
     revoked_reason: str | None = None  # then the reason it was revoked for
-    # The inventory lacks it and the certificate itself was given, signed by one of this
-    # CA's issuing keys: it is recorded, then revoked (a CA restored from a backup older
-    # than the certificate).
-    adopting: bool = False
+    # The certificate itself was given (`certificate`): whether it is the inventory's one
+    # of that serial, and, if the inventory lacks it, whether one of this CA's issuing
+    # keys signed it. Then it is recorded, and revoked (a CA restored from a backup
+    # older than the certificate).
+    given: bool = False
+    matches: bool = True
+    proven: bool = False
 
 
 @dataclass(frozen=True)
@@ -857,9 +860,17 @@ def _revoke(ctx: Context, who: Requester, req: RevokeRequest) -> RevokeOrder:
             raise Refused(f"a certificate's holder may give the reasons "
                           f"{', '.join(sorted(HOLDER_REASONS))}; {reason} is for an admin",
                           Reason.REASON_NOT_ALLOWED)
-    if req.adopting and not admin:
-        raise Refused("only an admin may revoke a certificate the inventory does not know",
-                      Reason.WRONG_ROLE)
+    if req.given and req.found and not req.matches:
+        raise Refused(f"the inventory's certificate with serial {req.serial:x} is another "
+                      "one than the one given", Reason.CONFLICT)
+    if req.given and not req.found:
+        if not admin:
+            raise Refused("only an admin may revoke a certificate the inventory does not "
+                          "know", Reason.WRONG_ROLE)
+        if not req.proven:
+            raise Refused("the certificate is not signed by any issuing key this CA uses "
+                          "(another CA's, or one of a retired key)", Reason.NOT_FOUND)
+        return RevokeOrder(req.serial, reason, who.actor, lineage=reason == "keyCompromise")
     if not req.found:
         # Not "was not issued by this CA": a CA restored from an older backup issued it
         # and does not know it (an operator trial was told that of its own certificate).

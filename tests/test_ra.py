@@ -440,12 +440,19 @@ def test_certificate_hold_is_never_offered_and_others_are_for_admins() -> None:
     refused(ra.decide(context(), holder("service", ("s.example",)), ra.RevokeRequest(0x99)),
             Reason.WRONG_ROLE)
     refused(ra.decide(context(), admin(), ra.RevokeRequest(0x99, found=False)), Reason.NOT_FOUND)
-    # A certificate the inventory lacks, given itself (after a restore): an admin's only
+    # A certificate the inventory lacks, given itself (after a restore): an admin's only,
+    # and only one this CA's keys signed; one given that is not the inventory's of its
+    # serial is refused
     own = holder("service", ("s.example",))
-    refused(ra.decide(context(), own, ra.RevokeRequest(int(own.serial, 16), adopting=True)),
-            Reason.WRONG_ROLE, "only an admin may revoke a certificate the inventory")
-    assert isinstance(ra.decide(context(), admin(), ra.RevokeRequest(0x99, adopting=True)),
-                      ra.RevokeOrder)
+    refused(ra.decide(context(), own, ra.RevokeRequest(
+        int(own.serial, 16), found=False, given=True, proven=True)),
+        Reason.WRONG_ROLE, "only an admin may revoke a certificate the inventory")
+    refused(ra.decide(context(), admin(), ra.RevokeRequest(0x99, found=False, given=True)),
+            Reason.NOT_FOUND, "not signed by any issuing key this CA uses")
+    refused(ra.decide(context(), admin(), ra.RevokeRequest(0x99, given=True, matches=False)),
+            Reason.CONFLICT, "is another one than the one given")
+    assert isinstance(ra.decide(context(), admin(), ra.RevokeRequest(
+        0x99, found=False, given=True, proven=True)), ra.RevokeOrder)
     refused(ra.decide(context(), admin(), ra.RevokeRequest(0x99, revoked=True)),
             Reason.ALREADY_REVOKED, "only keyCompromise may be given again")
     refused(ra.decide(context(), admin(), ra.RevokeRequest(

@@ -305,14 +305,10 @@ LINEAGE_SHOWN = 8  # serials of a revoked lineage named on the line; a long one 
 
 def _certificate_pem(path: Path) -> str:
     """The first certificate of `path` (a cert.pem holds the leaf, then its issuer)."""
-    from cryptography import x509
     from cryptography.hazmat.primitives import serialization
-    try:
-        first = x509.load_pem_x509_certificates(path.read_bytes())[0]
-    except OSError as exc:
-        raise CLIError(f"--cert-file {path}: {exc.strerror}") from None
-    except ValueError:
-        raise CLIError(f"--cert-file {path} holds no PEM certificate") from None
+
+    from ca.client import load_certificates
+    first = load_certificates(path, "--cert-file")[0]
     return first.public_bytes(serialization.Encoding.PEM).decode()
 
 

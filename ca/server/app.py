@@ -365,6 +365,12 @@ def _reason(exc: ssl.SSLError) -> str:
 _NOT_TLS = frozenset({"HTTP_REQUEST", "HTTPS_PROXY_REQUEST", "WRONG_VERSION_NUMBER",
                       "PACKET_LENGTH_TOO_LONG", "RECORD_LENGTH_MISMATCH",
                       "UNKNOWN_PROTOCOL"})
+# The client refused this daemon's certificate (an expired one, or one of a chain the
+# client does not trust: a renewal onto a new chain after a rotation).
+_SERVER_CERTIFICATE = frozenset({
+    "TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE", "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN", "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE",
+    "SSLV3_ALERT_CERTIFICATE_REVOKED", "TLSV1_ALERT_ACCESS_DENIED"})
 _PROTOCOL = frozenset({"UNSUPPORTED_PROTOCOL", "VERSION_TOO_LOW", "NO_PROTOCOLS_AVAILABLE",
                        "NO_SHARED_CIPHER", "TLSV1_ALERT_PROTOCOL_VERSION",
                        "NO_SUITABLE_SIGNATURE_ALGORITHM", "NO_SHARED_GROUPS"})
@@ -378,6 +384,8 @@ def _kind(exc: ssl.SSLError) -> str:
         return "client-certificate"
     if exc.reason in _NOT_TLS:
         return "not-tls"
+    if exc.reason in _SERVER_CERTIFICATE:
+        return "server-certificate"
     if exc.reason in _PROTOCOL:
         return "protocol"
     return "other"

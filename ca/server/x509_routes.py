@@ -341,22 +341,17 @@ async def revoke(request: web.Request) -> web.Response:
         serial = (given.serial_number if given is not None
                   else parse_serial(field(body, "serial", str)))
         rec = await request.app[GATE].store.cert(serial)
-        issuer = None
-        if given is not None and rec is None:
-            issuer = await revocations.issuer_of(given)
-            if issuer is None:
-                raise Problem(404, "Not Found", "the certificate is not signed by any issuing "
-                              "key this CA uses (another CA's, or one of a retired key)",
-                              "unknown-certificate")
-        elif given is not None and rec is not None and rec.fingerprint != hashlib.sha256(
-                given.public_bytes(serialization.Encoding.DER)).hexdigest():
-            raise Problem(409, "Conflict", f"the inventory's certificate with serial "
-                          f"{serial:x} is another one than the one given", "conflict")
+        # The facts the registration authority decides on: the one given is the
+        # inventory's, or, one the inventory lacks, this CA's keys signed it.
+        issuer = (await revocations.issuer_of(given)
+                  if given is not None and rec is None else None)
         order = await decide(request, who, ra.RevokeRequest(
-            serial, body.get("reason"), found=rec is not None or issuer is not None,
+            serial, body.get("reason"), found=rec is not None,
             revoked=rec is not None and rec.revoked_at is not None,
             revoked_reason=rec.reason if rec is not None else None,
-            adopting=issuer is not None))
+            given=given is not None, proven=issuer is not None,
+            matches=given is None or rec is None or rec.fingerprint == hashlib.sha256(
+                given.public_bytes(serialization.Encoding.DER)).hexdigest()))
         if given is not None and issuer is not None:
             await revocations.adopt(given, issuer, order.actor, request.get("request_id"))
             log.warning("recorded a certificate this CA signed and its inventory lacked, to "
