@@ -337,44 +337,39 @@ def test_http01_follows_no_odd_redirect_and_reads_a_few_kb(
     assert c.post(order.headers["Location"]).json["status"] == "invalid"
 
 
+def failed_challenge(c: Client, name: str, kind: str) -> dict[str, Any]:
+    """Order `name`, answer its `kind` challenge, and the error it failed with."""
+    order = c.order(name)
+    ch = c.answer(order, kind)[0]
+    assert c.post(ch["url"], {}).status == 200
+    authz = c.wait_authz(order.json["authorizations"][0])
+    return next(x for x in authz["challenges"] if x["type"] == kind)["error"]
+
+
 def test_a_failed_validation_says_why_in_plain_words(world: World) -> None:
     """An ACME trial read aiohttp's "ssl:default [Connect call failed ...]": the
     client is told where the CA tried to connect and what the system said."""
     world.dns.records[("closed.test", "A")] = ["127.0.0.9"]  # nothing listens there
     c = Client(world.ca)
     assert c.register(world.ca.eab("*.test")).status == 201
-    order = c.order("closed.test")
-    ch = c.answer(order, "http-01")[0]
-    assert c.post(ch["url"], {}).status == 200
-    authz = c.wait_authz(order.json["authorizations"][0])
-    failed = next(x for x in authz["challenges"] if x["type"] == "http-01")
-    assert failed["error"]["type"].endswith(":connection"), failed
-    detail = failed["error"]["detail"]
+    error = failed_challenge(c, "closed.test", "http-01")
+    assert error["type"].endswith(":connection"), error
     assert f"cannot connect to 127.0.0.9 port {world.ca.http_port}: Connection refused" in \
-        detail and "ssl:default" not in detail, detail
+        error["detail"] and "ssl:default" not in error["detail"], error
     # and the operator's log says whose validation it was
     account = c.kid.rsplit("/", 1)[1]  # type: ignore[union-attr]
     assert logged(world, "acme validation", lambda e: e["account"] == account
                   and e["name"] == "closed.test" and e["valid"] is False)
     # tls-alpn-01 in the same words (it said asyncio's "[Errno 111] Connect call failed")
     world.dns.records[("closed2.test", "A")] = ["127.0.0.9"]
-    order = c.order("closed2.test")
-    ch = c.answer(order, "tls-alpn-01")[0]
-    assert c.post(ch["url"], {}).status == 200
-    authz = c.wait_authz(order.json["authorizations"][0])
-    failed = next(x for x in authz["challenges"] if x["type"] == "tls-alpn-01")
-    assert failed["error"]["type"].endswith(":connection"), failed
-    assert failed["error"]["detail"] == ("tls-alpn-01 for closed2.test: cannot connect to "
-                                         f"127.0.0.9 port {world.ca.tls_port}: Connection "
-                                         "refused"), failed
+    error = failed_challenge(c, "closed2.test", "tls-alpn-01")
+    assert error["type"].endswith(":connection"), error
+    assert error["detail"] == ("tls-alpn-01 for closed2.test: cannot connect to 127.0.0.9 "
+                               f"port {world.ca.tls_port}: Connection refused"), error
     # A name with no address: RFC 8555's "dns" (not the drafts' "unknownHost")
-    order = c.order("nowhere.test")
-    ch = c.answer(order, "http-01")[0]
-    assert c.post(ch["url"], {}).status == 200
-    authz = c.wait_authz(order.json["authorizations"][0])
-    failed = next(x for x in authz["challenges"] if x["type"] == "http-01")
-    assert failed["error"]["type"] == "urn:ietf:params:acme:error:dns", failed
-    assert "nowhere.test" in failed["error"]["detail"], failed
+    error = failed_challenge(c, "nowhere.test", "http-01")
+    assert error["type"] == "urn:ietf:params:acme:error:dns", error
+    assert "nowhere.test" in error["detail"], error
 
 
 def test_a_resolver_failure_is_said_of_the_configured_resolver() -> None:
