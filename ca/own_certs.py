@@ -68,7 +68,13 @@ def _renewing(state: Path) -> Iterator[bool]:
     """Whether this process may renew now: one renewal at a time per directory of the
     listener's files (nodes may share the state directory), the others skip their
     round."""
-    fd = os.open(state / ".renew.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(state / ".renew.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:  # a directory it cannot write: no renewal, said
+        log.warning("cannot take the lock to renew the daemon's own certificates",
+                    path=str(state / ".renew.lock"), error=exc.strerror or str(exc))
+        yield False
+        return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -160,5 +166,8 @@ class OwnCerts:
 
     async def run(self) -> None:
         while True:
-            await self.check()
+            try:
+                await self.check()
+            except Exception:  # never the end of the task: the next round tries again
+                log.exception("the round of the daemon's own certificates failed")
             await asyncio.sleep(CHECK_S)  # periodic work, not synchronisation
