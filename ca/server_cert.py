@@ -53,17 +53,14 @@ def _needs_renewal(config: Config, now: dt.datetime, issuer: x509.Certificate) -
     return None
 
 
-def _follow_chain(config: Config, chain_pem: str) -> bool:
+def _follow_chain(config: Config, chain_pem: str) -> None:
     """The chain served after the certificate, as the inventory has it now: after the
-    previous root is retired it ends at the new root alone (docs/keys.md). Whether the
-    file changed."""
+    previous root is retired it ends at the new root alone (docs/keys.md)."""
     text = config.tls_cert.read_text()
     end = text.index(_PEM_END) + len(_PEM_END) + 1
     if text[end:] != chain_pem:
         write_atomic(config.tls_cert, text[:end] + chain_pem)
         log.info("the daemon's TLS chain follows the CA's current chain")
-        return True
-    return False
 
 
 _PEM_END = "-----END CERTIFICATE-----"
@@ -77,13 +74,14 @@ def server_names(dns_name: str) -> list[str]:
             + ["127.0.0.1", "::1", CA_SERVER_NAME])
 
 
-async def ensure_server_cert(config: Config, issuance: Issuance) -> bool:
-    """Renew the listener's certificate if due; True if its file changed (renewed, or
-    its chain moved), which the workers' listeners then load."""
+async def ensure_server_cert(config: Config, issuance: Issuance) -> None:
+    """Renew the listener's certificate if due, or make it follow the CA's chain (the
+    workers' listeners load a changed file: ca/own_certs.py)."""
     current = (await issuance.keys.refresh()).current
     why = _needs_renewal(config, dt.datetime.now(dt.UTC), current.cert)
     if why is None:
-        return _follow_chain(config, current.chain_pem)
+        _follow_chain(config, current.chain_pem)
+        return
     log.info("renewing the daemon's TLS certificate", reason=why)
     cert_pem, key_pem = await local_cert(issuance, config.policy, role="server",
                                          names=server_names(config.dns_name), days=TLS_DAYS)
@@ -93,4 +91,3 @@ async def ensure_server_cert(config: Config, issuance: Issuance) -> bool:
     # notices and repairs (above), never a certificate for a key that is gone.
     write_atomic(config.tls_key, key_pem, 0o600)
     write_atomic(config.tls_cert, cert_pem + chain)
-    return True
