@@ -88,9 +88,13 @@ class Refused(ValueError):
     """A request asks for something the policy does not allow."""
 
     def __init__(self, detail: str, reason: Reason = Reason.MALFORMED, *,
-                 subproblems: tuple[tuple[str, Reason, str], ...] = ()) -> None:
+                 subproblems: tuple[tuple[str, Reason, str], ...] = (),
+                 operator_detail: str | None = None) -> None:
         super().__init__(detail)
         self.detail, self.reason = detail, reason
+        # What only the CA's operator is told (logged, never answered): the rule that
+        # refused, when the requester may not learn the CA's lists
+        self.operator_detail = operator_detail
         # ("type:value", reason, detail) of each of several identifiers refused at once
         # (ACME's subproblems, RFC 8555 6.7.1)
         self.subproblems = subproblems
@@ -404,15 +408,26 @@ def matches_any(name: str, patterns: Iterable[str]) -> bool:
 
 
 def check_allowed(names: Iterable[tuple[str, str]], policy: Policy,
-                  role: str = "service") -> None:
+                  role: str = "service", *, reveal: bool = True) -> None:
     """Every name is outside the deny list and the CA's own names, and, for the fleet's
-    roles, inside the allow list when there is one; the refusal names the rule."""
+    roles, inside the allow list when there is one; the refusal names the rule, or,
+    with `reveal` false (a requester outside the fleet: an ACME account), says only
+    that the policy refuses it and leaves the rule to the operator's log, since the
+    lists name the CA's internal domains."""
     fleet = role in FLEET_ROLES
+
+    def refused(value: str, rule: str, reason: Reason) -> Refused:
+        if reveal:
+            return Refused(f"name {_show(value)} {rule}", reason)
+        return Refused(f"name {_show(value)} is refused by this CA's name policy; ask "
+                       "the CA's operator which names you may order", reason,
+                       operator_detail=f"name {_show(value)} {rule}")
+
     for kind, value in names:
         for p in policy.deny:
             if _matches(kind, value, p, apex=True) or _covers(kind, value, p):
-                raise Refused(f"name {_show(value)} is denied by the rule {p!r} of the CA's "
-                              "deny list ([policy] deny)", Reason.NAME_DENIED)
+                raise refused(value, f"is denied by the rule {p!r} of the CA's deny list "
+                              "([policy] deny)", Reason.NAME_DENIED)
         for p in policy.reserved:
             if _matches(kind, value, p, apex=False) or (
                     not p.startswith("*.") and _covers(kind, value, p)):
@@ -421,9 +436,8 @@ def check_allowed(names: Iterable[tuple[str, str]], policy: Policy,
                               Reason.NAME_RESERVED)
         if fleet and policy.allow and not any(_matches(kind, value, p, apex=False)
                                               for p in policy.allow):
-            raise Refused(f"name {_show(value)} is outside the CA's allow list "
-                          f"([policy] allow = {', '.join(policy.allow)})",
-                          Reason.NAME_NOT_ALLOWED)
+            raise refused(value, "is outside the CA's allow list ([policy] allow = "
+                          f"{', '.join(policy.allow)})", Reason.NAME_NOT_ALLOWED)
 
 
 def principal(p: object) -> str:

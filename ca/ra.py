@@ -573,9 +573,11 @@ class Refusal:
     reason: Reason
     detail: str
     subproblems: tuple[tuple[str, Reason, str], ...] = ()  # see Refused
+    operator_detail: str | None = None  # see Refused
 
     def raise_(self) -> Any:
-        raise Refused(self.detail, self.reason, subproblems=self.subproblems)
+        raise Refused(self.detail, self.reason, subproblems=self.subproblems,
+                      operator_detail=self.operator_detail)
 
 
 def decide(ctx: Context, who: Requester, request: Request) -> Order | Refusal:
@@ -586,7 +588,7 @@ def decide(ctx: Context, who: Requester, request: Request) -> Order | Refusal:
     try:
         return handler(ctx, who, request)  # type: ignore[no-any-return]
     except Refused as r:
-        return Refusal(r.reason, r.detail, r.subproblems)
+        return Refusal(r.reason, r.detail, r.subproblems, r.operator_detail)
 
 
 def order(ctx: Context, who: Requester, request: Request) -> Any:
@@ -1225,7 +1227,9 @@ def _acme_names(ctx: Context, who: AcmeAccountHolder, names: list[str]) -> None:
         if outside:
             raise Refused(f"name {outside[0]!r} is outside the names this ACME account may "
                           f"order ({', '.join(who.names)})", Reason.NAME_NOT_GRANTED)
-    policy.check_allowed([("dns", n) for n in names], ctx.policy, "service")
+    # An account holder is not the fleet: it learns that the CA refuses a name, not
+    # the CA's lists (an account without EAB is anyone who can reach the directory).
+    policy.check_allowed([("dns", n) for n in names], ctx.policy, "service", reveal=False)
 
 
 def _acme_account(who: Requester) -> AcmeAccountHolder:
@@ -1281,7 +1285,9 @@ def _acme_order(ctx: Context, who: Requester, req: AcmeOrderRequest) -> AcmeOrde
         raise Refused(f"{len(refused)} identifiers are refused: "
                       + "; ".join(exc.detail for _, exc in refused), refused[0][1].reason,
                       subproblems=tuple((name, exc.reason, exc.detail)
-                                        for name, exc in refused))
+                                        for name, exc in refused),
+                      operator_detail="; ".join(exc.operator_detail for _, exc in refused
+                                                if exc.operator_detail) or None)
     unique = list(dict.fromkeys(names))
     old = req.replaces
     if old is not None:  # RFC 9773 5: the account's own certificate, for a name it had

@@ -69,13 +69,14 @@ class AcmeCA:
 
 
 def start_acme_ca(tmp: Path, hosts: tuple[str, ...], *, workers: int | None = None,
-                  **acme: Any) -> AcmeCA:
+                  policy: dict[str, Any] | None = None, **acme: Any) -> AcmeCA:
     ca = init_ca(tmp)
     http_port, tls_port = free_port(), free_port()
     path = ca.state / "hsmca.toml"
     doc = tomllib.loads(path.read_text())
     if workers is not None:
         doc["server"]["workers"] = workers
+    doc.setdefault("policy", {}).update(policy or {})
     doc["acme"] = {"http-01-port": http_port, "tls-alpn-01-port": tls_port,
                    "validation-timeout-s": 5, **acme,
                    "hosts": {h: "127.0.0.1" for h in hosts}}

@@ -87,6 +87,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     server = DNSServer()
     tmp = tmp_path_factory.mktemp("acme-protocol")
     ca = start_acme_ca(tmp, NAMES, resolver=f"127.0.0.1:{server.port}",
+                       policy={"deny": ["*.secret.test"]},
                        **{"orders-per-hour": 24, "failed-validations-per-hour": 12})
     responder = Responder(ca.http_port)
     try:
@@ -588,6 +589,25 @@ def test_every_refused_identifier_is_said_at_once(world: World) -> None:
     one = c.order("a.test", "outside2.example")
     assert one.problem == "rejectedIdentifier" and "subproblems" not in one.json, one.json
     assert "'outside2.example'" in one.json["detail"]
+
+
+def test_a_refusal_does_not_tell_an_account_the_cas_lists(world: World) -> None:
+    """The deny list names the CA's internal domains, so an account (anyone who can
+    reach the directory, without EAB) learns that a name is refused, not the rule:
+    a security trial read `*.secret.test` out of a refusal. The operator's log has it."""
+    c = Client(world.ca)
+    assert c.register(world.ca.eab("*.test")).status == 201
+    r = c.order("db.secret.test")
+    assert r.problem == "rejectedIdentifier", r.body
+    detail = r.json["detail"]
+    assert "'db.secret.test'" in detail and "ask the CA's operator" in detail, r.json
+    assert "*.secret.test" not in detail and "deny" not in detail, r.json
+    both = c.order("x.secret.test", "outside.example")
+    assert "*.secret" not in both.body.decode() and "deny" not in both.body.decode(), \
+        both.body
+    assert logged(world, "acme request refused by the name policy",
+                  lambda e: "'*.secret.test' of the CA's deny list" in e["detail"]
+                  and "db.secret.test" in e["detail"])
 
 
 def test_an_admin_lists_what_one_acme_account_got(world: World) -> None:

@@ -128,6 +128,9 @@ def acme_route(fn: Handler) -> Handler:
         except AcmeProblem as p:
             resp = _problem_response(p)
         except Refused as r:
+            if r.operator_detail:  # the rule the requester is not told
+                log.info("acme request refused by the name policy", path=request.path,
+                         detail=r.operator_detail, request_id=request.get("request_id"))
             resp = _problem_response(from_refusal(r))
         except StoreDamaged:  # a retry helps only once the operator acts
             resp = _problem_response(AcmeProblem(
