@@ -7,6 +7,7 @@ rules, failed validations, EAB keys audited without their secret, ACME off witho
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import json
 import resource
 import socket
@@ -428,6 +429,12 @@ def test_an_admin_lists_withdraws_eab_keys_and_deactivates_accounts(world: World
     assert any(line.split()[:2] == [leaked_kid, "withdrawn"] for line in listed)
     account = holder.kid.rsplit("/", 1)[1]  # type: ignore[union-attr]
     assert any(line.split()[:3] == [kept_kid, "used", account] for line in listed)
+    # ENDS: a used key's binding, a withdrawn key's withdrawal (not an expiry days ahead)
+    assert listed[0].split()[3] == "ENDS", listed[0]
+    [withdrawn] = [x for x in listed if x.startswith(leaked_kid)]
+    [used] = [x for x in listed if x.startswith(kept_kid)]
+    now = dt.datetime.now(dt.UTC).isoformat()
+    assert withdrawn.split()[3] <= now and used.split()[3] <= now, (withdrawn, used, now)
     refused = hsmca("acme", "eab", "withdraw", kept_kid, "--config", ca.config, check=False)
     assert refused.returncode == 1 and "deactivate the account" in refused.stderr
     accounts = hsmca("acme", "account", "list", "--config", ca.config).stdout.splitlines()

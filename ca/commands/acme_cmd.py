@@ -42,8 +42,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 
     admin_command(esub, "list", "acme-eab-list", "the EAB keys made, and what became of each",
                   "List the latest 1,000 EAB keys, newest first: kid, state (unused, used, "
-                  "expired, withdrawn), the account that bound it, until when, the name "
-                  "patterns. Never a MAC key.")
+                  "expired, withdrawn), the account that bound it, ENDS (until when an unused "
+                  "key can be bound; when a used one was bound, a withdrawn one withdrawn, "
+                  "an expired one expired), the name patterns. Never a MAC key.")
     admin_command(esub, "withdraw", "acme-eab-withdraw", "withdraw an EAB key not yet bound",
                   "Erase the MAC key of an EAB key no account has bound yet (handed to the "
                   "wrong person, or leaked), so none can. One already bound: deactivate its "
@@ -90,8 +91,14 @@ def eab_list(args: argparse.Namespace) -> int:
                   "no EAB keys (make one: hsmca acme eab create --names PATTERN)", [
                       ("KID", 24, lambda e: e["kid"]), ("STATE", 9, lambda e: e["state"]),
                       ("ACCOUNT", 24, lambda e: e["account"] or "-"),
-                      ("EXPIRES", 25, lambda e: e["expires"]),
+                      ("ENDS", 25, _eab_end),
                       ("NAMES", 0, lambda e: " ".join(e["names"]))])
+
+
+def _eab_end(e: dict[str, str]) -> str:
+    """When a key's use ends or ended: its binding for a used key (its expiry no longer
+    matters), else its expiry, which a withdrawal sets to the withdrawal's time."""
+    return e["used_at"] if e["state"] == "used" and e.get("used_at") else e["expires"]
 
 
 def eab_withdraw(args: argparse.Namespace) -> int:
