@@ -229,11 +229,12 @@ def test_ssh_host_install_writes_an_absolute_drop_in_sshd_uses(daemon: Daemon,
     cert, key = enroll(daemon, tmp_path, "host", ["localhost"])
     (tmp_path / "web1" / "ssh").mkdir(parents=True)
     keygen(tmp_path / "web1" / "ssh" / "ssh_host_ed25519_key")
-    # Relative paths, run from tmp_path, as the README tour does. The drop-in directory
-    # is new: made, and the operator told that sshd_config must Include it.
+    # Relative paths, run from tmp_path, as the README tour does, with "." and ".."
+    # (written into the drop-in as given, before: an operator trial). The drop-in
+    # directory is new: made, and the operator told that sshd_config must Include it.
     proc = hsmca("ssh", "host", "--url", daemon.url, "--ca", daemon.root, "--cert", cert,
-                 "--key", key, "--pubkey", "web1/ssh/ssh_host_ed25519_key.pub",
-                 "--install", "sshd_config.d", cwd=tmp_path)
+                 "--key", key, "--pubkey", "web1/ssh/../ssh/ssh_host_ed25519_key.pub",
+                 "--install", "./sshd_config.d", cwd=tmp_path)
     assert "sshd reads it only if sshd_config has `Include" in proc.stderr, proc.stderr
     base = tmp_path / "web1" / "ssh"
     expected = {"HostKey": base / "ssh_host_ed25519_key",

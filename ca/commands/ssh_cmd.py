@@ -300,10 +300,14 @@ class HostFiles:
 
     @classmethod
     def of(cls, pubkey: Path, install: Path | None) -> HostFiles:
-        pub = pubkey.absolute()
+        # Normalised (os.path.abspath drops "." and ".."; symbolic links are kept): the
+        # drop-in names these paths to sshd, and an operator trial found
+        # "/root/../etc/ssh/ssh_host_ed25519_key" written there.
+        pub = Path(os.path.abspath(pubkey))
         return cls(host_key=_private_path(pub), pubkey=pub, cert=_cert_path(pub),
                    user_ca=pub.with_name(USER_CA), krl=pub.with_name(KRL),
-                   drop_in=install.absolute() / DROP_IN if install is not None else None)
+                   drop_in=Path(os.path.abspath(install)) / DROP_IN
+                   if install is not None else None)
 
     def sshd_lines(self) -> str:
         """The drop-in's lines. Once any HostKey is set, sshd offers only the keys named,
