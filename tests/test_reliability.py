@@ -502,7 +502,8 @@ async def test_a_damage_found_while_serving_is_not_answered_retry_later(
         tmp_path: Path) -> None:
     """A chaos trial: damage the start does not read was answered "the inventory is
     unavailable ...; retry later", which never helps, and "nothing can be signed" to a
-    request for a token. The answer says the inventory is damaged and what is needed."""
+    request for a token. The answer says the inventory is damaged and what is needed,
+    and the check of every page after the start says so before any request."""
     ca = init_ca(tmp_path)
     db_path = ca.state / "hsmca.sqlite3"
     with sqlite3.connect(db_path) as db:
@@ -516,6 +517,14 @@ async def test_a_damage_found_while_serving_is_not_answered_retry_later(
         fh.write(b"\x55" * page)
     d = start_daemon(ca.state)
     try:
+        # Said before any request reads the page (an operator trial: only the first
+        # request to read it found it): the start's check of every page, in the log and
+        # by /health, which a load balancer follows.
+        health = json.loads(await health_becomes(d, 503, within=30))
+        assert "the inventory is damaged" in health["store"] and "restore it from a " \
+            "backup" in health["store"], health
+        assert d.wait_stderr(lambda: any(f"the inventory {db_path} is damaged (" in x
+                                         for x in d.stderr)), "".join(d.stderr)
         status, _, body = await http("POST", f"{d.url}/v1/tokens", d.admin_ssl(),
                                      body={"role": "service", "names": [LOAD_NAME]})
         problem = json.loads(body)

@@ -126,8 +126,13 @@ async def audit_state(audit: AuditReader) -> dict[str, Any]:
                 "problem": audit.problem or "the primary process does not answer"}
 
 
-async def store_state(store: Store) -> str:
-    """"ok", or "unavailable: why", asking the inventory itself (within 2 s)."""
+async def store_state(store: Store, generations: Generations | None = None) -> str:
+    """"ok", or "unavailable: why", asking the inventory itself (within 2 s), and
+    whether the primary's check of every page found damage (ca.daemon.primary)."""
+    if generations is not None and generations.gauge("inventory_damaged"):
+        return ("unavailable: the inventory is damaged (a check of its every page found "
+                "damage, which the daemon's log names): stop hsmca and restore it from a "
+                "backup (docs/operator.md, Backup and restore)")
     try:
         await asyncio.wait_for(store.probe(), timeout=2.0)
     except StoreUnavailable:
@@ -170,7 +175,8 @@ async def health(request: web.Request) -> web.Response:
     # At once, not one after the other: each may take its 2 s when its part is away, and
     # a load balancer's 5 s health check then saw a timeout instead of the 503 and its
     # reason (a cluster trial, with the database stopped under load: 6 s).
-    _, store, state = await asyncio.gather(ask_hsm(), store_state(request.app[STORE]),
+    _, store, state = await asyncio.gather(ask_hsm(), store_state(request.app[STORE],
+                                                                       request.app[LIFECYCLE].generations),
                                            audit_state(request.app[AUDIT]))
     audit = "ok" if state["healthy"] else f"unavailable: {state['problem']}"
     parts = {"hsm": "ok" if hsm.healthy else f"unavailable: {hsm.problem or 'busy'}",
@@ -210,7 +216,9 @@ async def metrics(request: web.Request) -> web.Response:
                       " only ([server] metrics-allow in hsmca.toml)", "metrics-forbidden")
     body = request.app[METRICS].render(request.app[HSM_HEALTH],
                                        await audit_state(request.app[AUDIT]),
-                                       await store_state(request.app[STORE]) == "ok")
+                                       await store_state(
+                                           request.app[STORE],
+                                           request.app[LIFECYCLE].generations) == "ok")
     return web.Response(body=body,
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 

@@ -750,6 +750,22 @@ class SQLiteStore:
         finally:
             db.close()
 
+    def find_damage(self) -> str | None:
+        """What SQLite's `PRAGMA quick_check` finds wrong in the file (its first lines),
+        or None. Reads every page, on a connection of its own; blocking, for a thread.
+        A damaged page that no start reads (an index, old rows) is otherwise found only
+        by the request that reads it (an operator trial)."""
+        db = _connect(self.path)
+        try:
+            found = [str(r[0]) for r in db.execute("PRAGMA quick_check(5)")]
+        except sqlite3.DatabaseError as exc:
+            if not damaged(exc):
+                raise
+            return str(exc)
+        finally:
+            db.close()
+        return None if found == ["ok"] else "; ".join(found)
+
     def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._read_lock:
             return self._guarded(self._reader, sql, args)
