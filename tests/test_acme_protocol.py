@@ -15,6 +15,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -596,6 +597,30 @@ def test_every_refused_identifier_is_said_at_once(world: World) -> None:
     one = c.order("a.test", "outside2.example")
     assert one.problem == "rejectedIdentifier" and "subproblems" not in one.json, one.json
     assert "'outside2.example'" in one.json["detail"]
+
+
+def test_one_eab_key_bound_by_racing_accounts_leaves_one_account_in_the_log(
+        world: World) -> None:
+    """A security trial: eight accounts registering at once with one single-use EAB key
+    got one 201, and the audit log held five `acme.account.create` lines for that key.
+    Each line whose commit lost is followed by a `record.void` naming it."""
+    kid, hmac = world.ca.eab("*.test")
+    racers = [Client(world.ca) for _ in range(8)]
+    url = racers[0].dir["newAccount"]
+    bodies = [json.dumps(c.jws(url, {"termsOfServiceAgreed": True,
+                                     "externalAccountBinding": c.eab_binding(kid, hmac)},
+                               use_jwk=True)) for c in racers]
+    with ThreadPoolExecutor(len(racers)) as pool:
+        replies = list(pool.map(Client.raw, racers, [url] * len(racers), bodies))
+    assert sorted(r.status for r in replies) == [201] + [403] * 7, [r.body for r in replies]
+    [won] = [r for r in replies if r.status == 201]
+    lines = list(audit_lines(world.ca))
+    created = {x["seq"]: x["account"] for x in lines
+               if x["event"] == "acme.account.create" and x["eab_kid"] == kid}
+    voided = {x["voids"] for x in lines if x["event"] == "record.void"
+              and x["voided"] == "acme.account.create" and x["voids"] in created}
+    assert [a for seq, a in created.items() if seq not in voided] == [
+        won.headers["Location"].rsplit("/", 1)[1]], (created, voided)
 
 
 def test_a_refusal_does_not_tell_an_account_the_cas_lists(world: World) -> None:

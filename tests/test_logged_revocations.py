@@ -211,6 +211,32 @@ def test_a_start_reads_the_log_from_the_inventorys_mark_only(tmp_path: Path) -> 
         assert [e.seq for e in scan(log, unfit).revocations] == [0, 2, 3]
 
 
+def test_a_start_does_not_complete_a_revocation_a_later_line_voids(tmp_path: Path) -> None:
+    """Two revocations of one certificate at once both write their line; the one whose
+    commit lost writes `record.void` (a security trial). A start completing from the log
+    (a restored inventory) must take the winner's reason and time, not the loser's,
+    which may be the earlier line; nor a certificate a partial void says was revoked
+    already."""
+    from ca.revocation.from_log import scan
+    lines = [
+        '{"event":"cert.revoke","reason":"superseded","seq":0,"serials":["a1"],'
+        '"ts":"2026-12-04T10:00:00+00:00"}',
+        '{"event":"cert.revoke","reason":"cessationOfOperation","seq":1,"serials":["a1"],'
+        '"ts":"2026-12-04T10:00:00+00:00"}',
+        '{"event":"record.void","seq":2,"voided":"cert.revoke","voids":0,'
+        '"why":"already revoked when this revocation was committed"}',
+        '{"event":"cert.revoke","reason":"keyCompromise","lineage":true,"seq":3,'
+        '"serials":["b2","c3"],"ts":"2026-12-04T11:00:00+00:00"}',
+        '{"event":"record.void","seq":4,"serials":["c3"],"voided":"cert.revoke","voids":3,'
+        '"why":"already revoked when this revocation was committed"}',
+        '{"event":"record.void","seq":5,"voided":"acme.account.create","voids":1}']
+    log = tmp_path / "log.jsonl"
+    log.write_text("\n".join(lines) + "\n")
+    found = scan(log, 0).revocations
+    assert [(e.seq, e.reason, e.serials) for e in found] == [
+        (1, "cessationOfOperation", (0xa1,)), (3, "keyCompromise", (0xb2,))], found
+
+
 async def test_an_ssh_key_revocation_the_inventory_lacks_is_completed_too(
         tmp_path: Path) -> None:
     """The same for `ssh.revoke`: its line now holds the revoked public key itself, so a

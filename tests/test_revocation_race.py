@@ -307,3 +307,44 @@ async def test_a_crl_numbered_after_another_lists_all_it_did(
     assert len(listed) >= 3 and set(serials.values()) <= listed[-1][1], listed
     for (before, older), (after, newer) in itertools.pairwise(listed):
         assert older <= newer, f"CRL {after} forgot what CRL {before} listed: {older - newer}"
+
+
+async def test_revocations_racing_for_one_certificate_leave_one_standing_in_the_log(
+        ca_daemon: Node, tmp_path: Path) -> None:
+    """A security trial: eight revocations of one certificate at once, three reasons,
+    got one 200 and seven 409s, and left eight `cert.revoke` lines (three reasons) for a
+    certificate revoked once: an auditor could not tell which happened. Each line whose
+    commit lost is followed by a `record.void` naming it; the one left standing has
+    the reason the CRL gives."""
+    d = ca_daemon.d
+    reasons = ["superseded", "cessationOfOperation", "affiliationChanged"]
+    for round_ in range(2):
+        cred = enroll(d, tmp_path, "service", [f"void{round_}.internal.example"])
+        serial = format(load(cred[0]).serial_number, "x")
+        connector = aiohttp.TCPConnector(ssl=d.ssl(*cred), limit=CONNECTIONS)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            async def ask(method: str, path: str, body: Any = None) -> int:
+                async with session.request(method, f"{d.url}{path}", json=body) as r:
+                    await r.read()
+                    return r.status
+            # connections open first, so that the revocations arrive together
+            await asyncio.gather(*(ask("GET", "/v1/whoami") for _ in range(CONNECTIONS)))
+            statuses = await asyncio.gather(*(
+                ask("POST", "/v1/x509/revoke", {"serial": serial, "reason": reason})
+                for reason in itertools.islice(itertools.cycle(reasons), CONNECTIONS)))
+        assert sorted(statuses) == [200] + [409] * (CONNECTIONS - 1), statuses
+        lines = [json.loads(x) for x in ca_daemon.log.read_bytes().splitlines()]
+        revokes = {x["seq"]: x for x in lines
+                   if x["event"] == "cert.revoke" and x.get("serial") == serial}
+        voided = {x["voids"] for x in lines if x["event"] == "record.void"
+                  and x["voided"] == "cert.revoke" and x["voids"] in revokes}
+        standing = [x for seq, x in revokes.items() if seq not in voided]
+        assert len(standing) == 1, (len(revokes), len(voided))
+        entry = x509.load_der_x509_crl(_fetch(d, "/v1/x509/crl")) \
+            .get_revoked_certificate_by_serial_number(int(serial, 16))
+        assert entry is not None
+        crl_reason = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+        assert crl_reason.name == {"superseded": "superseded",
+                                   "cessationOfOperation": "cessation_of_operation",
+                                   "affiliationChanged": "affiliation_changed"}[
+            standing[0]["reason"]], (crl_reason, standing[0])

@@ -31,6 +31,7 @@ from ca.acme import jws as acme_jws
 from ca.acme.nonces import Nonces
 from ca.acme.problems import PREFIX, AcmeProblem, from_refusal
 from ca.acme.validation import Failed, Validator, longest_s
+from ca.audit.voided import void
 from ca.config import AcmeConfig
 from ca.issuance.profiles import pem, utcnow
 from ca.logs import keep_trying
@@ -327,10 +328,14 @@ async def new_account(request: web.Request) -> web.Response:
                           now.isoformat())
     # The record first, as for a revocation: an account the log does not show never
     # came to be (a log that cannot be written leaves no row for a retry to find).
-    await request.app[AUDIT].append(
+    seq = await request.app[AUDIT].append(
         "acme.account.create", account=account.id, thumbprint=thumb, eab_kid=kid,
         names=list(names), request_id=request.get("request_id"))
     if not await server.store.add_acme_account(account, now):
+        await void(request.app[AUDIT], seq, "acme.account.create",
+                   "the EAB key was bound by another account meanwhile" if kid is not None
+                   else "the same key was registered meanwhile", request.get("request_id"),
+                   account=account.id)
         again = await server.store.acme_account_by_thumbprint(thumb)
         if again is not None and kid is None:  # the same key registered meanwhile
             return _json(_account_obj(request, again), 200, url_of(request, f"acct/{again.id}"))
@@ -412,11 +417,14 @@ async def key_change(request: web.Request) -> web.Response:
                           {"Location": url_of(request, f"acct/{other.id}")})
     # Recorded before it is committed: a change the log cannot show must not lock the
     # client out of its account with the key it still believes current.
-    await request.app[AUDIT].append("acme.account.key-change", account=v.account.id,
-                                    old_thumbprint=v.account.thumbprint,
-                                    thumbprint=new_thumb, request_id=request.get("request_id"))
+    seq = await request.app[AUDIT].append(
+        "acme.account.key-change", account=v.account.id, old_thumbprint=v.account.thumbprint,
+        thumbprint=new_thumb, request_id=request.get("request_id"))
     if not await server.store.change_acme_key(v.account.id, v.account.thumbprint, new_thumb,
                                               new_jwk.json_dumps()):
+        await void(request.app[AUDIT], seq, "acme.account.key-change", "the account's key "
+                   "changed meanwhile, or another account has the new key",
+                   request.get("request_id"), account=v.account.id)
         raise AcmeProblem("malformed", "the account's key changed meanwhile, or another "
                           "account has the new key", 409)
     log.info("acme account key changed", account=v.account.id, thumbprint=new_thumb)
@@ -955,9 +963,11 @@ async def withdraw_eab(request: web.Request) -> web.Response:
     order: ra.AcmeAdminOrder = await decide(request, who, ra.AcmeAdminRequest(
         "withdraw-eab", kid, state))
     # The record first: a withdrawal the log does not show never happened.
-    await request.app[AUDIT].append("acme.eab.withdraw", kid=kid, actor=order.actor,
-                                    request_id=request.get("request_id"))
+    seq = await request.app[AUDIT].append("acme.eab.withdraw", kid=kid, actor=order.actor,
+                                          request_id=request.get("request_id"))
     if not await store.withdraw_acme_eab(kid, utcnow()):
+        await void(request.app[AUDIT], seq, "acme.eab.withdraw", "an account bound the key "
+                   "meanwhile", request.get("request_id"), kid=kid)
         raise Refused(f"the EAB key {kid!r} was bound meanwhile: deactivate the account "
                       "that bound it instead", Reason.CONFLICT)
     log.info("acme eab key withdrawn", kid=kid, actor=order.actor)

@@ -24,6 +24,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from ca import ra
+from ca.audit.voided import void
 from ca.generations import Generations, OnChange
 from ca.issuance import profiles as prof
 from ca.issuance.issue import Issuance
@@ -175,7 +176,7 @@ class Revocations:
         if order.lineage:
             targets = sorted(await self._reach(roots, now))
         # The record first: a revocation the log does not show never happened.
-        await self._record(order, targets, request_id)
+        seq = await self._record(order, targets, request_id)
         try:
             done = await self.store.revoke_certs(targets, now, order.reason)
         except StoreUnavailable as exc:
@@ -185,7 +186,13 @@ class Revocations:
                 await self._revoke_renewed_since(order, roots, list(late.serials), now)
             self._commit_later("revocation", commit, ("revocations", "ssh_revocations"))
             raise RecordedNotCommitted(str(exc), now, list(targets), len(targets)) from None
-        if not done.serials:  # another request revoked it meanwhile
+        lost = sorted(set(targets) - set(done.serials))
+        if lost:  # revoked already when this commit came (another request's, at once)
+            await void(self.audit, seq, "cert.revoke", "already revoked when this revocation "
+                       "was committed", request_id, **({} if not done.serials else
+                                                        {"serials": [format(s, "x")
+                                                                     for s in lost]}))
+        if not done.serials:
             raise Refused("already revoked", Reason.ALREADY_REVOKED)
         self.generations.bump("revocations")  # committed: every process reloads
         if done.ssh_certs:
@@ -223,11 +230,12 @@ class Revocations:
         return Revocation(now, list(done.serials), done.ssh_certs, unpublished, pending)
 
     async def _record(self, order: ra.RevokeOrder, serials: list[int],
-                      request_id: str | None, swept: bool = False) -> None:
-        """The audit line; `swept` for the certificates a revocation's second look found
-        (`serials` are those alone: the first line named the rest)."""
-        await self.audit.append("cert.revoke", serial=None if order.serial is None else format(
-            order.serial, "x"), serials=[format(s, "x") for s in serials],
+                      request_id: str | None, swept: bool = False) -> int:
+        """The audit line (its seq); `swept` for the certificates a revocation's second
+        look found (`serials` are those alone: the first line named the rest)."""
+        return await self.audit.append(
+            "cert.revoke", serial=None if order.serial is None else format(order.serial, "x"),
+            serials=[format(s, "x") for s in serials],
             identity=order.identity, lineage=order.lineage, reason=order.reason,
             actor=order.actor, request_id=request_id,
             **({} if order.follows is None else {"follows": format(order.follows, "x")}),

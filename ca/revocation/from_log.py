@@ -25,6 +25,7 @@ log replaced) is read from the start.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import json
 import mmap
@@ -40,6 +41,7 @@ _MARK = b'"event":"cert.revoke"'
 _SSH_MARK = b'"event":"ssh.revoke"'
 _CRL_MARK = b'"purpose":"crl"'
 _ADOPT_MARK = b'"event":"cert.adopt"'
+_VOID_MARK = b'"event":"record.void"'
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ def scan(path: Path, start: int) -> Scanned:
     revocations: list[Logged] = []
     ssh: list[LoggedSSH] = []
     adoptions: list[dict[str, Any]] = []
+    voids: dict[int, set[int] | None] = {}  # a revocation's seq: the serials it lost, or all
     highest = 0
     try:
         fh = path.open("rb")
@@ -87,9 +90,11 @@ def scan(path: Path, start: int) -> Scanned:
             end = data.rfind(b"\n") + 1  # a torn last line: start-up recovery cuts it
             if not 0 < start <= end or data[start - 1:start] != b"\n":
                 start = 0
-            for mark in (_MARK, _SSH_MARK, _CRL_MARK, _ADOPT_MARK):
+            for mark in (_MARK, _SSH_MARK, _CRL_MARK, _ADOPT_MARK, _VOID_MARK):
                 for line in _lines_with(data, mark, start, end):
-                    if mark is _ADOPT_MARK:
+                    if mark is _VOID_MARK:
+                        _void(line, voids)
+                    elif mark is _ADOPT_MARK:
                         adoptions.append(line)
                     elif mark is _MARK:
                         if (entry := _revocation(line)) is not None:
@@ -101,7 +106,10 @@ def scan(path: Path, start: int) -> Scanned:
                         n = line.get("crl_number")
                         if isinstance(n, int) and not isinstance(n, bool):
                             highest = max(highest, n)
-    revocations.sort(key=lambda e: e.seq)
+    # A revocation whose commit found its certificates revoked already (another
+    # request's, at once) is not replayed: the other's reason and time are the ones.
+    revocations = [kept for e in sorted(revocations, key=lambda e: e.seq)
+                   if (kept := _unvoided(e, voids)) is not None]
     return Scanned(revocations, highest, end, sorted(ssh, key=lambda e: e.seq), adoptions)
 
 
@@ -130,6 +138,25 @@ def _revocation(line: dict[str, Any]) -> Logged | None:
                       line.get("lineage") is True)
     except (ValueError, KeyError, TypeError):
         return None
+
+
+def _void(line: dict[str, Any], voids: dict[int, set[int] | None]) -> None:
+    seq, serials = line.get("voids"), line.get("serials")
+    if line.get("voided") != "cert.revoke" or type(seq) is not int:
+        return
+    try:
+        voids[seq] = None if serials is None else {int(s, 16) for s in serials}
+    except (ValueError, TypeError):
+        return  # not a line the log wrote: `hsmca audit verify` says so
+
+
+def _unvoided(entry: Logged, voids: dict[int, set[int] | None]) -> Logged | None:
+    if entry.seq not in voids:
+        return entry
+    lost = voids[entry.seq]
+    if lost is None:
+        return None
+    return dataclasses.replace(entry, serials=tuple(s for s in entry.serials if s not in lost))
 
 
 def _ssh_revocation(line: dict[str, Any]) -> LoggedSSH | None:
