@@ -154,9 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --log: latest checkpoint file (default: 'checkpoint' beside the "
                    "log; with --witness-key, 'checkpoint.cosigned')")
     v.add_argument("--witness-key", action="append", default=[], metavar="VKEY",
-                   help="with --log: a witness's verifier key (name+id+key, as `hsmca "
-                   "witness serve` prints it); the checkpoint must carry a valid cosignature "
-                   "by it. Repeat for each witness that must have cosigned")
+                   help="a witness's verifier key (name+id+key, as `hsmca witness serve` "
+                   "prints it); the cosigned checkpoint (with --log the --checkpoint file, "
+                   "with --url the daemon's checkpoint.cosigned) must carry a valid "
+                   "cosignature by it. Repeat for each witness that must have cosigned. "
+                   "With --url a cosigned checkpoint the verified log does not extend fails "
+                   "the run whether or not this is given: the audit key signed two histories")
     v.add_argument("--origin", help="expected checkpoint origin (default: taken from the log)")
     v.add_argument("--state", type=Path,
                    help="file remembering every line verified (their number, Merkle root and "

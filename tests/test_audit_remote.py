@@ -195,9 +195,11 @@ def remote_verify(d: Daemon, cred: tuple[Path, Path], state: Path
 
 
 def ok_counts(proc: subprocess.CompletedProcess[str]) -> tuple[int, int]:
-    """(lines, fetched) from `OK: N lines, M checkpoints verified (fetched K new lines)`."""
+    """(lines, fetched) from `OK: N lines, M checkpoints verified (fetched K new lines)`
+    and the line on what the witnesses vouch for (none here)."""
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    m = re.fullmatch(r"OK: (\d+) lines, (\d+) checkpoints verified \(fetched (\d+) new lines\)\n",
+    m = re.fullmatch(r"OK: (\d+) lines, (\d+) checkpoints? verified \(fetched (\d+) new "
+                     r"lines\)\nwitnessed: no witness has cosigned a checkpoint of this log\n",
                      proc.stdout)
     assert m, proc.stdout
     return int(m[1]), int(m[3])

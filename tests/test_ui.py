@@ -140,7 +140,7 @@ async def test_on_a_cluster_a_record_without_a_served_log_is_said_so(tmp_path: P
 def test_the_banner_counts_witnesses_not_their_lines() -> None:
     """A witness that sends its cosignature twice (or a daemon that kept both) is one
     witness; an unpinned or unverified one is none."""
-    from ca.ui.follow import Cosigner, Witnessed
+    from ca.audit.witnessed import Cosigner, Witnessed
     twice = Cosigner("w.example", "ab12cd34", None, True)
     other = Cosigner("x.example", "ef56ab78", None, False)
     assert Witnessed(10, True, (twice, twice, other)).count == 1
@@ -153,7 +153,8 @@ def test_the_banner_says_which_checkpoint_the_witnesses_cosigned_and_since_when(
     for minutes). The banner says up to where, and how long ago."""
     from ca.audit.merkle import TreeHead
     from ca.audit.note import Checkpoint
-    from ca.ui.follow import Cosigner, Verdict, Witnessed
+    from ca.audit.witnessed import Cosigner, Witnessed
+    from ca.ui.follow import Verdict
     now = dt.datetime.now(dt.UTC)
     w = Cosigner("w.example", "ab12cd34", now - dt.timedelta(minutes=12), True, True)
     cp = Checkpoint("o", 150018, b"\0" * 32, "", ())

@@ -274,8 +274,12 @@ def test_daemon_feeds_two_witnesses_which_refuse_a_rewritten_re_signed_log(
         # An auditor checks the cosignatures offline (checkpoint.cosigned by default).
         keys = [a for w in witnesses for a in ("--witness-key", w.vkey)]
         proc = audit_verify(ca.state, *keys)
-        assert proc.returncode == 0 and "cosigned: the checkpoint" in proc.stdout and \
-            "by 2 witnesses (w1.test/witness, w2.test/witness)" in proc.stdout, proc.stdout
+        lines = len((ca.state / "audit" / "log.jsonl").read_bytes().splitlines())
+        # ...and is told how much of the log they vouch for, and since when
+        assert proc.returncode == 0 and re.search(
+            f"cosigned: the checkpoint .*, {size} of the {lines} lines, by 2 witnesses "
+            r"\(w1.test/witness, w2.test/witness\), latest cosignature 20\d\d-", proc.stdout), \
+            proc.stdout
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
         from ca.audit.cosignature import cosigner_key
@@ -330,6 +334,77 @@ def test_daemon_feeds_two_witnesses_which_refuse_a_rewritten_re_signed_log(
             daemon.stop()
         for w in witnesses:
             w.run.stop()
+
+
+def test_a_log_cut_and_grown_again_fails_against_its_own_cosigned_checkpoint(
+        tmp_path: Path) -> None:
+    """An auditor trial: the operator cut the log back behind what a witness cosigned and
+    let it grow again, every checkpoint of the new history signed by the real audit key.
+    A fresh auditor has nothing saved to compare with, but the daemon itself serves the
+    cosigned checkpoint of the first history (the witness keeps refusing the second):
+    the audit key signed two histories. `audit verify --url` said OK, and the web view
+    was green; both fail now, whether or not a witness key is pinned."""
+    ca = init_ca(tmp_path)
+    cfg = ca.state / "hsmca.toml"
+    origin, log_vkey = log_key(ca.state)
+    witness = WitnessProcess(tmp_path, "w1.test/witness", {origin: log_vkey})
+    set_config(ca.state, "audit", "witnesses", [witness.url])
+    set_config(ca.state, "audit", "witness-keys", [witness.vkey])
+    daemons: list[Running] = []
+    try:
+        d, url = serve(cfg)
+        daemons.append(d)
+        handle = Daemon(url, d.proc, ca.state, [])
+        enroll(handle, tmp_path, "service", ["first.witness.example"])
+        assert d.stop() == 0
+        cosigned = (ca.state / "audit" / "checkpoint.cosigned").read_text()
+        size = parse_checkpoint(cosigned).size
+        # The cut: back to just after the last certificate's lines (the inventory names
+        # them), the checkpoint and tiles removed; the daemon starts on it.
+        log = ca.state / "audit" / "log.jsonl"
+        lines = log.read_bytes().splitlines(keepends=True)
+        keep = max(i for i, raw in enumerate(lines)
+                   if json.loads(raw).get("purpose") in ("x509", "ocsp")) + 1
+        assert keep < size
+        log.write_bytes(b"".join(lines[:keep]))
+        (ca.state / "audit" / "checkpoint").unlink()
+        shutil.rmtree(ca.state / "audit" / "tiles")
+        d, url = serve(cfg)
+        daemons.append(d)
+        handle = Daemon(url, d.proc, ca.state, [])
+        auditor = enroll(handle, tmp_path, "auditor", ["auditor@witness.example"])
+        while True:  # grown past the cosigned size, with a checkpoint over it
+            enroll(handle, tmp_path, "service", ["again.witness.example"])
+            if parse_checkpoint((ca.state / "audit" / "checkpoint").read_text()).size > size:
+                break
+        witness.run.wait("refused")
+        assert (ca.state / "audit" / "checkpoint.cosigned").read_text() == cosigned
+        for extra in ((), ("--witness-key", witness.vkey)):
+            proc = audit_verify(ca.state, "--state", tmp_path / f"fresh{len(extra)}.state",
+                                *extra, served=(handle, auditor))
+            assert proc.returncode == 1 and proc.stderr.startswith(
+                f"FAILED at seq {size - 1}: the audit key signed a checkpoint of {size} "
+                "lines that the witnesses cosigned") and "two histories under one key" in \
+                proc.stderr, proc.stdout + proc.stderr
+        # The web view, pinned the same way, is red with the same reason.
+        ui = Running.start("ui", "--url", url, "--ca", handle.root, "--cert", auditor[0],
+                           "--key", auditor[1], "--audit-key",
+                           ca.state / "audit" / "audit_key.pem", "--state",
+                           tmp_path / "ui.state", "--witness-key", witness.vkey,
+                           "--listen", "127.0.0.1:0")
+        daemons.append(ui)
+        base = ui.listening_url()
+        for _ in range(10):  # each answer waits for the verification under way, up to 20 s
+            with urllib.request.urlopen(f"{base}/status.json", timeout=60) as answer:
+                status = json.loads(answer.read())
+            if "under way" not in status["detail"]:
+                break
+        assert status["status"] == "failed" and status["banner"].startswith(
+            f"FAILED at seq {size - 1}: the audit key signed a checkpoint"), status
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+        witness.run.stop()
 
 
 def test_a_witness_key_that_is_not_the_witnesss_is_named_beside_the_one_it_used(

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
 import os
 import ssl
@@ -51,6 +52,7 @@ import aiohttp
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ca import client
+from ca.audit.cosignature import VerifierKey
 from ca.audit.line import chain_hash
 from ca.audit.merkle import HASH_SIZE, Growth, TreeHead, growth, needs_proof
 from ca.audit.note import Checkpoint, NoteError, parse_checkpoint, verifier_key
@@ -68,6 +70,7 @@ from ca.audit.verify import (
     save_state,
     state_origin,
 )
+from ca.audit.witnessed import Witnessed, assess
 from ca.config import NODE_NAME
 
 PAGE = 1000  # the most lines /v1/audit/entries returns per request
@@ -84,6 +87,7 @@ class RemoteResult:
     reason: str | None
     new_state: dict[str, Any] | None  # saved by verify_remote when ok
     note: str | None = None  # what an auditor should know about an ok result
+    witnessed: Witnessed | None = None  # the witnesses' cosigned checkpoint, when ok
 
 
 class _DaemonError(Exception):
@@ -92,14 +96,18 @@ class _DaemonError(Exception):
 
 async def verify_remote(url: str, ssl_ctx: ssl.SSLContext, public_key: Ed25519PublicKey,
                         state_path: str | os.PathLike[str], *,
-                        origin: str | None = None, log: str | None = None) -> RemoteResult:
+                        origin: str | None = None, log: str | None = None,
+                        witness_keys: list[VerifierKey] | None = None) -> RemoteResult:
     """Verify the daemon at `url` from the state in `state_path` (created if missing).
 
     `ssl_ctx` carries an auditor or admin client certificate. The state is replaced
     only when everything verified. Raises `ca.client.ClientError` when the daemon
     cannot be asked (unreachable, 403, ...) and ValueError for a malformed state
     file (the auditor's own file, not evidence about the log). `log`: the node whose
-    log to verify, on a cluster (any node serves every node's log).
+    log to verify, on a cluster (any node serves every node's log). Then the
+    witnesses' cosigned checkpoint is judged against the verified tree
+    (ca.audit.witnessed, `witness_keys` the pinned ones): one the audit key signed and
+    the tree does not extend fails the run.
     """
     raw = load_state(state_path)
     async with aiohttp.ClientSession(timeout=client.TIMEOUT) as session:
@@ -110,6 +118,8 @@ async def verify_remote(url: str, ssl_ctx: ssl.SSLContext, public_key: Ed25519Pu
             result = RemoteResult(False, 0, 0, 0, None, str(exc), None)
         if result.ok:
             result = await _rewritten_on_disk(api, result)
+        if result.ok and result.new_state is not None:
+            result = await _witnessed(api, result, public_key, origin, witness_keys or [])
     if result.ok and result.new_state is not None:
         save_state(state_path, result.new_state)
     return result
@@ -133,6 +143,32 @@ async def _rewritten_on_disk(api: _API, result: RemoteResult) -> RemoteResult:
         "lines this run fetched verified; an offline verification of a copy of the log "
         "(hsmca audit verify --log) names what changed")), result.lines, result.fetched,
         result.checkpoints)
+
+
+async def _witnessed(api: _API, result: RemoteResult, public_key: Ed25519PublicKey,
+                     origin: str | None, witness_keys: list[VerifierKey]) -> RemoteResult:
+    """`result` with what the witnesses vouch for, or failed if the audit key signed a
+    cosigned checkpoint the verified tree does not extend."""
+    assert result.new_state is not None
+    pinned = PinnedKey(public_key, state_origin(result.new_state) or origin or "", origin)
+    tree = AuditorState.parse(result.new_state, pinned).seen
+
+    async def proof(old: int, size: int) -> list[bytes]:
+        try:
+            return await api.consistency(old, size)
+        except _DaemonError as exc:
+            raise client.ClientError(str(exc)) from None
+
+    try:
+        text = await api.cosigned()
+    except client.ClientError as exc:
+        return dataclasses.replace(result, witnessed=Witnessed(problem=str(exc)))
+    seen = await assess(text, tree, followed(result.new_state, pinned), witness_keys, proof,
+                        api.log)
+    if (fork := seen.forked(tree)) is not None:
+        return _failed(Failure((seen.size or 1) - 1, Stage.PREFIX, fork), result.lines,
+                       result.fetched, result.checkpoints)
+    return dataclasses.replace(result, witnessed=seen)
 
 
 async def list_logs(url: str, ssl_ctx: ssl.SSLContext) -> list[str | None]:
@@ -219,6 +255,18 @@ class _API:
             return None  # on a cluster, the answering node's own log only
         seq = body.get("audit_damaged_seq")
         return seq if type(seq) is int and seq >= 0 else None
+
+    async def cosigned(self) -> str | None:
+        """The latest checkpoint witnesses cosigned; None before any did. A node serves
+        only its own log's (whatever `log` is)."""
+        try:
+            raw = await client.get_bytes(self.session, self.base +
+                                         "/v1/audit/checkpoint.cosigned", self.ctx)
+        except client.ClientError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return raw.decode("utf-8", "replace")
 
     async def checkpoint(self) -> str:
         try:

@@ -140,16 +140,15 @@ def _verify_remote(args: argparse.Namespace) -> int:
     if args.allow_unsigned:
         raise CLIError("--allow-unsigned is for --log; with --url only lines a checkpoint "
                        "covers are fetched")
-    if args.witness_key:
-        raise CLIError("--witness-key is for --log (with a copy of checkpoint.cosigned, which "
-                       "GET /v1/audit/checkpoint.cosigned serves)")
     from ca.audit.remote import list_logs, log_state_path, logs_gone, verify_remote
     ctx = _client_context(args)
     key = _audit_key(args.key)
+    witnesses = _witness_keys(args.witness_key)
     names = asyncio.run(list_logs(args.url, ctx))
     if names == [None]:
         return _report(asyncio.run(verify_remote(args.url, ctx, key, args.state,
-                                                 origin=args.origin)), "")
+                                                 origin=args.origin, witness_keys=witnesses)),
+                       "", witnesses)
     # A cluster: every node's log, each with a state of its own beside --state.
     if missing := logs_gone(args.state, names):
         print(f"FAILED: {missing}", file=sys.stderr)
@@ -159,8 +158,8 @@ def _verify_remote(args: argparse.Namespace) -> int:
     for name in names:
         assert name is not None
         result = asyncio.run(verify_remote(args.url, ctx, key, log_state_path(args.state, name),
-                                           log=name))
-        failed += _report(result, f"log {name}: ")
+                                           log=name, witness_keys=witnesses))
+        failed += _report(result, f"log {name}: ", witnesses)
     return 1 if failed else 0
 
 
@@ -183,16 +182,45 @@ def _carry_single_state(state: Path, names: list[str | None]) -> None:
               f"is a file beside it ({log_state_path(state, 'NODE')})", file=sys.stderr)
 
 
-def _report(result: Any, prefix: str) -> int:
+def _report(result: Any, prefix: str, witnesses: list[Any]) -> int:
     if not result.ok:
         where = f"at seq {result.bad_seq}" if result.bad_seq is not None else "(no line)"
         print(f"{prefix}FAILED {where}: {result.reason}", file=sys.stderr)
         return 1
-    print(f"{prefix}OK: {result.lines} lines, {result.checkpoints} checkpoints verified "
+    seen = result.witnessed
+    if witnesses and seen is not None and (missing := seen.missing(witnesses)):
+        why = seen.problem or ("no witness has cosigned a checkpoint of this log"
+                               if seen.size is None else f"its cosigned checkpoint of "
+                               f"{seen.size} lines")
+        print(f"{prefix}FAILED (no line): no cosignature by {', '.join(missing)} on a "
+              f"checkpoint of the verified log ({why}); the log itself verified, "
+              f"{result.lines} lines", file=sys.stderr)
+        return 1
+    print(f"{prefix}OK: {result.lines} lines, {result.checkpoints} checkpoint"
+          f"{'' if result.checkpoints == 1 else 's'} verified "
           f"(fetched {result.fetched} new lines)")
+    if seen is not None:
+        print(f"{prefix}{_witnessed_line(seen, result.lines)}")
     if result.note:
         print(f"{prefix}note: {result.note}")
     return 0
+
+
+def _witnessed_line(seen: Any, lines: int) -> str:
+    """How much of the verified log the witnesses vouch for, and since when (an auditor
+    trial read "cosigned" as all of it while every witness had been down)."""
+    if seen.size is None:
+        return "witnessed: no witness has cosigned a checkpoint of this log" + (
+            f" ({seen.problem})" if seen.problem else "")
+    if not seen.count:
+        return (f"witnessed: not by a pinned witness (--witness-key): the cosigned checkpoint "
+                f"of {seen.size} lines has {len(seen.cosigners)} cosignature"
+                f"{'' if len(seen.cosigners) == 1 else 's'}"
+                + (f"; {seen.problem}" if seen.problem else ""))
+    names = sorted({c.name for c in seen.cosigners if c.verified})
+    when = f", latest cosignature {seen.newest:%Y-%m-%d %H:%M:%S} UTC" if seen.newest else ""
+    return (f"witnessed: up to {seen.size} of the {lines} lines, by {len(names)} pinned "
+            f"witness{'' if len(names) == 1 else 'es'} ({', '.join(names)}){when}")
 
 
 def verify(args: argparse.Namespace) -> int:
@@ -264,10 +292,17 @@ def verify(args: argparse.Namespace) -> int:
                "can cover" if result.closing else "")
     print(f"OK: {result.lines} lines, {result.checkpoints} checkpoints verified"
           f"{' (extends the state saved last time)' if state else ''}{closing}")
-    if witnesses:
-        print(f"cosigned: the checkpoint {cp_path} by {len(witnesses)} "
-              f"witness{'es' if len(witnesses) > 1 else ''} "
-              f"({', '.join(k.name for k in witnesses)})")
+    if witnesses and latest is not None:
+        # How much of the log it vouches for, and since when (an auditor trial read
+        # "cosigned" as the whole log while the witnesses had been down).
+        from ca.audit.note import parse_checkpoint
+        from ca.audit.witnessed import latest_cosignature
+        covered = parse_checkpoint(latest).size
+        when = latest_cosignature(latest, witnesses)
+        print(f"cosigned: the checkpoint {cp_path}, {covered} of the {result.lines} lines, "
+              f"by {len(witnesses)} witness{'es' if len(witnesses) > 1 else ''} "
+              f"({', '.join(k.name for k in witnesses)})"
+              + (f", latest cosignature {when:%Y-%m-%d %H:%M:%S} UTC" if when else ""))
     if latest is None:
         print(f"note: there is no checkpoint file {cp_path}, so the log was checked against "
               "the checkpoints it records only: give the latest one you hold (the daemon's, "

@@ -17,61 +17,25 @@ back, and the saved state, which a failed run never changes, makes every later r
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import datetime as dt
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from ca.audit.cosignature import ALG_NOTE, VerifierKey, parse_verifier_key, valid_cosignatures
-from ca.audit.merkle import Growth, TreeHead, growth, needs_proof
-from ca.audit.note import (
-    SIG_PREFIX,
-    Checkpoint,
-    NoteError,
-    key_id,
-    parse_checkpoint,
-    parse_note,
-)
+from ca.audit.cosignature import VerifierKey
+from ca.audit.merkle import TreeHead
+from ca.audit.note import Checkpoint, parse_checkpoint
 from ca.audit.remote import list_logs, log_state_path, logs_gone, verify_remote
 from ca.audit.verify import AuditorState, PinnedKey, followed, load_state, state_origin
+from ca.audit.witnessed import Witnessed
 from ca.client import ClientError
 from ca.ui.ca_api import CA
 
 log = structlog.get_logger("hsmca.ui")
-
-
-@dataclass(frozen=True)
-class Cosigner:
-    """A signature line on the cosigned checkpoint other than the log's own."""
-
-    name: str
-    key_id: str  # hex
-    at: dt.datetime | None  # the time the witness put in its cosignature
-    verified: bool  # it verifies with a witness key the auditor pinned (--witness-key)
-    pinned: bool = False  # a pinned key has its name and key id (verified or not)
-
-
-@dataclass(frozen=True)
-class Witnessed:
-    """What the witnesses vouch for: the latest checkpoint they cosigned."""
-
-    size: int | None = None  # its tree size; None: no cosigned checkpoint
-    consistent: bool | None = None  # with the verified tree (None: not checked)
-    cosigners: tuple[Cosigner, ...] = ()
-    problem: str | None = None
-    text: str = ""
-
-    @property
-    def count(self) -> int:
-        """Witnesses that count: pinned, verified, on a checkpoint consistent with the
-        verified tree."""
-        return len({(c.name, c.key_id) for c in self.cosigners if c.verified}) \
-            if self.consistent else 0
 
 
 @dataclass(frozen=True)
@@ -86,7 +50,7 @@ class Verdict:
     problem: str | None = None  # why the daemon could not be asked (not a verdict)
     note: str | None = None
     fetched: int = 0
-    witnessed: Witnessed = Witnessed()
+    witnessed: Witnessed = field(default_factory=Witnessed)
     under_way: bool = False  # a run is still going (this is the previous verdict)
     log: str | None = None  # the node whose log (cluster); None: a single node's one log
     others: tuple[Verdict, ...] = ()  # the other logs' verdicts (cluster)
@@ -120,8 +84,7 @@ class Verdict:
                 # Cosigned an older checkpoint: say which, and since when (an auditor trial:
                 # "checkpoint 150018, 1 witness" read as if the witness had seen 150018,
                 # while every witness had been down for minutes).
-                newest = max((c.at for c in self.witnessed.cosigners if c.verified and c.at),
-                             default=None)
+                newest = self.witnessed.newest
                 since = f", {ago(newest)}" if newest is not None else ""
                 witnesses = f"witnessed up to {self.witnessed.size} by {witnesses}{since}"
             return (f"{prefix}verified up to seq {self.tree.size - 1}, checkpoint {size}, "
@@ -279,8 +242,11 @@ class Follower:
     async def _verify(self) -> Verdict:
         now = _now()
         try:
+            # (It fails a log whose audit key signed a cosigned checkpoint the verified
+            # tree does not extend: an auditor trial saw the view green beside one.)
             result = await verify_remote(self.ca.url, self.ca.ctx, self.key, self.state,
-                                         origin=self.origin, log=self.log)
+                                         origin=self.origin, log=self.log,
+                                         witness_keys=self.witness_keys)
         except ClientError as exc:
             tree, cp, text, key = self._saved()
             keep = self.latest
@@ -295,66 +261,8 @@ class Follower:
         if not result.ok:
             return Verdict("failed", tree, cp, text, now, result.bad_seq, result.reason,
                            fetched=result.fetched, log=self.log, key=key)
-        witnessed = await self._witnessed(tree, key) if tree is not None and key else \
-            Witnessed()
         return Verdict("ok", tree, cp, text, now, note=result.note, fetched=result.fetched,
-                       witnessed=witnessed, log=self.log, key=key)
-
-    async def _witnessed(self, tree: TreeHead, key: PinnedKey) -> Witnessed:
-        """The witnesses' cosigned checkpoint, verified with the audit keys in force for
-        the verified log: after a rotation and the old key's retirement it is signed by
-        the key the log handed over to alone, which the pinned (first) key is not."""
-        name = key.name
-        try:
-            text = await self.ca.cosigned()
-        except ClientError as exc:
-            return Witnessed(problem=str(exc))
-        if text is None:
-            return Witnessed()
-        served = text.split("\n", 1)[0]
-        if self.log is not None and served != name:
-            # Each node keeps its witnesses' cosignatures of its own log.
-            return Witnessed(problem=f"the node that answered serves the witnesses' "
-                             f"cosignatures of its own log ({served}) only: ask {self.log}")
-        try:
-            cp = key.verify(text)
-            note = parse_note(text)
-        except NoteError as exc:
-            return Witnessed(problem=f"the cosigned checkpoint does not verify with the "
-                             f"pinned audit key (or a key the log handed over to): {exc}",
-                             text=text)
-        head = TreeHead(cp.size, cp.root)
-        consistent: bool | None = None
-        problem = None
-        if cp.size > tree.size:
-            problem = (f"it covers {cp.size} lines, more than the {tree.size} verified: "
-                       "checked next time")
-        else:
-            try:
-                proof = await self.ca.consistency(cp.size, tree.size) \
-                    if needs_proof(head, tree) else []
-                consistent = growth(head, tree, proof) in (Growth.SAME, Growth.EXTENDS)
-            except ClientError as exc:
-                problem = str(exc)
-            if consistent is False:
-                problem = ("it is not consistent with the verified tree: the witnesses saw "
-                           "another log")
-        valid = set(valid_cosignatures(text, self.witness_keys))
-        # The log's own signature lines: each audit key's (two during a hand-over).
-        own = {key_id(name, k) for k in key.trusted()}
-        if (announced := cp.announced_key()) is not None:
-            own.add(key_id(name, parse_verifier_key(announced, ALG_NOTE).public_key))
-        cosigners = []
-        for sig in note.signatures:
-            if sig.name == name and sig.key_id in own:
-                continue  # the log's own signature
-            line = f"{SIG_PREFIX}{sig.name} {base64.b64encode(sig.key_id + sig.sig).decode()}\n"
-            at = dt.datetime.fromtimestamp(int.from_bytes(sig.sig[:8], "big"), dt.UTC) \
-                if len(sig.sig) == 72 and int.from_bytes(sig.sig[:8], "big") < 1 << 40 else None
-            pinned = any(k.name == sig.name and k.key_id == sig.key_id
-                         for k in self.witness_keys)
-            cosigners.append(Cosigner(sig.name, sig.key_id.hex(), at, line in valid, pinned))
-        return Witnessed(cp.size, consistent, tuple(cosigners), problem, text)
+                       witnessed=result.witnessed or Witnessed(), log=self.log, key=key)
 
 
 class Logs:
