@@ -9,7 +9,7 @@ import base64
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from ca.audit.note import NEXT_KEY, checkpoint_body, signed_note, verifier_key
+from ca.audit.note import NEXT_KEY, checkpoint_body, key_id, signed_note, verifier_key
 from ca.audit.verify import verify_log
 from tests.test_verify import KEY, ORIGIN, LogBuilder
 
@@ -69,6 +69,40 @@ def test_a_verifier_pinned_to_the_old_key_follows_the_hand_over() -> None:
     assert again.ok, again.reason
     # A verifier pinned to the new key alone cannot vouch for what the old key signed.
     assert not verify_log(log.data(), NEW.public_key(), ORIGIN, ORIGIN).ok
+
+
+def test_each_hand_over_is_said_with_where_its_key_was_made() -> None:
+    """An auditor trial: one signature of the HSM's audit key handed the log over to a
+    key made in software, and every verifier followed without a word. Each hand-over is
+    said, and whether the log shows its key made in the HSM (an hsm.keygen outcome)."""
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+    spki = hashlib.sha256(NEW.public_key().public_bytes(
+        serialization.Encoding.DER,
+        serialization.PublicFormat.SubjectPublicKeyInfo)).hexdigest()
+    log, at = rotated_log([KEY, NEW], [NEW])
+    result = verify_log(log.data(), KEY.public_key(), ORIGIN, ORIGIN)
+    assert result.ok and result.note is not None and result.note.startswith(
+        f"the audit key was handed over at seq {at} to key id ") and \
+        "no hsm.keygen line among these lines shows it made in the HSM" in result.note, \
+        result.note
+    made = LogBuilder()
+    made.add("daemon.start")
+    issuance(made)
+    made.checkpoint()
+    op = made.new_op()
+    made.add("hsm.keygen", phase="intent", op_id=op, label="audit-2", type="ed25519")
+    keygen = made.add("hsm.keygen", phase="outcome", op_id=op, result="ok",
+                      public_key_sha256=spki)
+    at = log_checkpoint(made, note_by(made, [KEY, NEW], names=NEW))
+    issuance(made)
+    made.checkpoint(NEW)
+    result = verify_log(made.data(), KEY.public_key(), ORIGIN, ORIGIN)
+    assert result.ok, result.reason
+    assert result.note == (f"the audit key was handed over at seq {at} to key id "
+                           f"{key_id(ORIGIN, NEW.public_key()).hex()}, made in the HSM at "
+                           f"seq {keygen} (its hsm.keygen line)"), result.note
 
 
 @pytest.mark.parametrize("signers, words", [

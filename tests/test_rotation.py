@@ -364,6 +364,10 @@ async def test_rotate_the_audit_key_and_verifiers_pinned_to_the_old_one_follow(
         await settled()  # a checkpoint signed by both, naming the new key
         proc = remote()
         assert proc.returncode == 0, proc.stdout + proc.stderr
+        # Said, with where the new key was made (an auditor trial: a hand-over to a key
+        # made anywhere was followed in silence)
+        assert re.search(r"note: the audit key was handed over at seq \d+ to key id "
+                         r"[0-9a-f]{8}, made in the HSM at seq \d+", proc.stdout), proc.stdout
         # A third key while two sign would give every checkpoint three signatures, and
         # a log stopped then closing lines no verify accepts (fault review): refused.
         again = key_cmd(d, "rotate", "audit", check=False)
@@ -386,6 +390,7 @@ async def test_rotate_the_audit_key_and_verifiers_pinned_to_the_old_one_follow(
     proc = hsmca("audit", "verify", "--log", ca.state / "audit/log.jsonl", "--key", old_key,
                  "--state", offline_state, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "made in the HSM at seq" in proc.stdout, proc.stdout
     # Pinned to the current key, the log's beginning does not, and it says what to pin.
     proc = hsmca("audit", "verify", "--log", ca.state / "audit/log.jsonl", "--key",
                  ca.state / "audit/audit_key.pem", check=False)

@@ -65,9 +65,11 @@ from ca.audit.verify import (
     check_lines,
     earliest,
     followed,
+    hand_overs,
     load_state,
     root_mismatch,
     save_state,
+    say_hand_overs,
     state_origin,
 )
 from ca.audit.witnessed import Witnessed, assess
@@ -487,4 +489,5 @@ async def _check_new_lines(api: _API, data: bytes, old: AuditorState,
     new = AuditorState(latest.size, latest.root, head, frontier, text,
                        SignedPrefix(latest.size, latest.root, text), still_open,
                        tuple((seq, verifier_key(key.name, k)) for seq, k in key.successors))
-    return RemoteResult(True, latest.size, n, count + 1, None, None, new.to_json())
+    return RemoteResult(True, latest.size, n, count + 1, None, None, new.to_json(),
+                        note=say_hand_overs(hand_overs(data[:end], start, key.name)))

@@ -303,6 +303,8 @@ def verify(args: argparse.Namespace) -> int:
               f"by {len(witnesses)} witness{'es' if len(witnesses) > 1 else ''} "
               f"({', '.join(k.name for k in witnesses)})"
               + (f", latest cosignature {when:%Y-%m-%d %H:%M:%S} UTC" if when else ""))
+    if result.note:
+        print(f"note: {result.note}")
     if latest is None:
         print(f"note: there is no checkpoint file {cp_path}, so the log was checked against "
               "the checkpoints it records only: give the latest one you hold (the daemon's, "

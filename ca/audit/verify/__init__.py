@@ -42,7 +42,15 @@ saved state), `offline` (a whole log file). What is imported from here is the
 public API; ca/audit/remote.py uses it to check lines it fetches a page at a time.
 """
 
-from ca.audit.verify.checkpoint import LoggedCheckpoint, PinnedKey, SignedPrefix, root_mismatch
+from ca.audit.verify.checkpoint import (
+    HandOver,
+    LoggedCheckpoint,
+    PinnedKey,
+    SignedPrefix,
+    hand_overs,
+    root_mismatch,
+    say_hand_overs,
+)
 from ca.audit.verify.failure import Failure, Stage, earliest
 from ca.audit.verify.offline import VerifyResult, verify_log
 from ca.audit.verify.scan import LineCheck, check_lines
@@ -57,6 +65,7 @@ from ca.audit.verify.state import (
 __all__ = [
     "AuditorState",
     "Failure",
+    "HandOver",
     "LineCheck",
     "LoggedCheckpoint",
     "PinnedKey",
@@ -66,9 +75,11 @@ __all__ = [
     "check_lines",
     "earliest",
     "followed",
+    "hand_overs",
     "load_state",
     "root_mismatch",
     "save_state",
+    "say_hand_overs",
     "state_origin",
     "verify_log",
 ]

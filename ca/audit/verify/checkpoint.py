@@ -16,6 +16,7 @@ import json
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ca.audit.cosignature import ALG_NOTE, parse_verifier_key
@@ -110,6 +111,81 @@ class PinnedKey(NamedTuple):
                 pass
             at = data.find(marker, end)
         return key
+
+
+class HandOver(NamedTuple):
+    """A checkpoint that hands the audit key over, and whether the log shows the new
+    key made in the HSM (an `hsm.keygen` outcome for it, before)."""
+
+    seq: int
+    key_id: str  # hex, as signature lines name it
+    made_at: int | None  # the seq of its hsm.keygen outcome; None: not in these lines
+
+
+_KEYGEN = b'"event":"hsm.keygen"'
+
+
+def hand_overs(data: bytes, first: int, name: str) -> list[HandOver]:
+    """The hand-overs of the audit key in `data` (complete log lines from seq `first`),
+    each with the keygen line that made its key, if these lines have one. One HSM
+    signature can hand the trust over to a key made anywhere (an auditor trial handed
+    it to a software key and every verifier followed in silence), so each is said, with
+    where the key came from. On a cluster, the node where `hsmca key rotate audit` ran
+    has the keygen; the others hand over at their next checkpoint without it."""
+    made: dict[str, int] = {}
+    found: list[HandOver] = []
+    for mark in (_KEYGEN, NEXT_KEY.encode()):
+        at = data.find(mark)
+        while at >= 0:
+            start = data.rfind(b"\n", 0, at) + 1
+            end = data.find(b"\n", at)
+            end = len(data) if end < 0 else end
+            seq = first + data.count(b"\n", 0, start)
+            at = data.find(mark, end)
+            try:
+                obj = json.loads(data[start:end])
+            except ValueError:
+                continue  # the scan says what is wrong with it
+            if not isinstance(obj, dict) or obj.get("result") != "ok":
+                continue
+            if mark is _KEYGEN:
+                if isinstance(obj.get("public_key_sha256"), str):
+                    made.setdefault(obj["public_key_sha256"], seq)
+                continue
+            text = obj.get("checkpoint") if obj.get("event") == "hsm.sign" else None
+            try:
+                announced = parse_checkpoint(text).announced_key() \
+                    if isinstance(text, str) else None
+                if announced is None:
+                    continue
+                key = parse_verifier_key(announced, ALG_NOTE).public_key
+            except (NoteError, ValueError):
+                continue
+            spki = hashlib.sha256(key.public_bytes(
+                serialization.Encoding.DER,
+                serialization.PublicFormat.SubjectPublicKeyInfo)).hexdigest()
+            kid = key_id(name, key).hex()
+            if not any(h.key_id == kid for h in found):  # said once: where it began
+                found.append(HandOver(seq, kid, made.get(spki) if made.get(spki, seq) < seq
+                                      else None))
+    return found
+
+
+def say_hand_overs(found: list[HandOver]) -> str | None:
+    """What an auditor is told about the hand-overs among the lines verified."""
+    if not found:
+        return None
+    parts = []
+    for h in found:
+        where = (f"made in the HSM at seq {h.made_at} (its hsm.keygen line)"
+                 if h.made_at is not None else
+                 "no hsm.keygen line among these lines shows it made in the HSM: on a CA of "
+                 "several nodes the node where `hsmca key rotate audit` ran shows it; "
+                 "otherwise ask how it was made, since a key made outside the HSM signs "
+                 "for the log from here on")
+        parts.append(f"the audit key was handed over at seq {h.seq} to key id {h.key_id}, "
+                     f"{where}")
+    return "; ".join(parts)
 
 
 class LoggedCheckpoint(NamedTuple):

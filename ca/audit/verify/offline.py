@@ -10,6 +10,7 @@ truncation, a torn final line, an intent left open with no crash to excuse it.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import threading
@@ -28,6 +29,8 @@ from ca.audit.verify.checkpoint import (
     check_latest,
     check_roots,
     closing_lines,
+    hand_overs,
+    say_hand_overs,
     still_extends,
     usable,
 )
@@ -56,6 +59,7 @@ class VerifyResult:
     # With `open_allowed`: intents left without an outcome and without a daemon.start
     # after them (signatures under way when the copy was taken, or cut by a crash).
     open_at_end: int = 0
+    note: str | None = None  # the audit key's hand-overs, and where each key was made
 
 
 def verify_log(data: bytes, public_key: Ed25519PublicKey, key_name: str,
@@ -89,7 +93,11 @@ def verify_log(data: bytes, public_key: Ed25519PublicKey, key_name: str,
     was_enabled = gc.isenabled()
     gc.disable()  # millions of short-lived dicts; nothing here makes reference cycles
     try:
-        return _verify(data, key, latest_checkpoint, prior, workers, open_allowed)
+        result = _verify(data, key, latest_checkpoint, prior, workers, open_allowed)
+        if result.ok:
+            result = dataclasses.replace(result, note=say_hand_overs(
+                hand_overs(data[:data.rfind(b"\n") + 1], 0, key_name)))
+        return result
     finally:
         if was_enabled:
             gc.enable()
