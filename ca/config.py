@@ -155,7 +155,9 @@ class AcmeConfig:
     accounts_per_hour: int = 20  # without a binding, per client address
 
     def host(self, name: str) -> str | None:
-        return dict(self.hosts).get(name)
+        """The address [acme.hosts] pins `name` to (DNS names are case-blind, and a
+        trailing dot names the same host)."""
+        return dict(self.hosts).get(name.lower().rstrip("."))
 
 
 @dataclass(frozen=True)
@@ -584,7 +586,7 @@ def _acme(table: dict[str, Any], where: str) -> AcmeConfig:
         tls_alpn01_port=_port(_get(table, "tls-alpn-01-port", int, where,
                                    default.tls_alpn01_port), "tls-alpn-01-port", where),
         resolver=resolver,
-        hosts=tuple(sorted((str(k).lower(), str(v)) for k, v in hosts.items())),
+        hosts=tuple(sorted((str(k).lower().rstrip("."), str(v)) for k, v in hosts.items())),
         validation_timeout_s=_positive(_get(table, "validation-timeout-s", float, where,
                                             default.validation_timeout_s),
                                        "validation-timeout-s", where),

@@ -340,6 +340,29 @@ def test_http01_follows_no_odd_redirect_and_reads_a_few_kb(
     assert c.post(order.headers["Location"]).json["status"] == "invalid"
 
 
+def test_an_http01_redirect_to_its_own_name_spelt_otherwise_stays_on_the_pinned_address(
+        world: World) -> None:
+    """A security trial: a redirect to `NAME.` (or upper case) left [acme.hosts], which
+    pins NAME, and was looked up in DNS, which an account may point elsewhere. The
+    second hop goes to the pinned address: here it answers, where DNS's does not."""
+    world.dns.records[("redirect.test", "A")] = ["127.0.0.9"]  # nothing listens there
+    try:
+        c = Client(world.ca)
+        assert c.register(world.ca.eab("*.test")).status == 201
+        order = c.order("redirect.test")
+        ch = c.answer(order, "http-01")[0]
+        world.responder.redirects[ch["token"]] = (
+            f"http://REDIRECT.test.:{world.ca.http_port}/.well-known/acme-challenge/"
+            f"{ch['token']}-moved")
+        world.responder.answers[f"{ch['token']}-moved"] = \
+            c.key_authorization(ch["token"]).encode()
+        assert c.post(ch["url"], {}).status == 200
+        authz = c.wait_authz(order.json["authorizations"][0])
+        assert authz["status"] == "valid", authz
+    finally:
+        del world.dns.records[("redirect.test", "A")]
+
+
 def failed_challenge(c: Client, name: str, kind: str) -> dict[str, Any]:
     """Order `name`, answer its `kind` challenge, and the error it failed with."""
     order = c.order(name)

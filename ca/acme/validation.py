@@ -246,7 +246,10 @@ class Validator:
             raise Failed("connection", f"redirect to {location[:100]!r}: {u.scheme} is followed "
                          f"only to port {allowed}")
         path = (u.path or "/") + (f"?{u.query}" if u.query else "")
-        return u.scheme, u.hostname, allowed, path
+        # The name validated, not the URL's spelling of it: "NAME." or "Name" looked up
+        # apart from [acme.hosts], which pins NAME (a security trial steered the second
+        # hop to DNS's address instead of the pinned one).
+        return u.scheme, host, allowed, path
 
     # ---- tls-alpn-01 -----------------------------------------------------------------------
 
