@@ -63,7 +63,7 @@ SCHEMA: dict[str, frozenset[str]] = {
     "acme": frozenset({"eab-required", "http-01-port", "tls-alpn-01-port", "resolver",
                        "hosts", "validation-timeout-s", "max-validations",
                        "orders-per-hour", "failed-validations-per-hour",
-                       "accounts-per-hour"}),
+                       "accounts-per-hour", "pending-authorizations"}),
 }
 _HEADER_LINE = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]\s*(#.*)?$")
 
@@ -151,6 +151,9 @@ class AcmeConfig:
     validation_timeout_s: float = 10.0
     max_validations: int = 16  # validations under way at once, per worker
     orders_per_hour: int = 300  # new orders, per account and per client address
+    # names an account may have waiting for validation at once (each is an
+    # authorization, kept until it expires): what its orders can fill the inventory with
+    pending_authorizations: int = 300
     failed_validations_per_hour: int = 60  # per account and per client address
     accounts_per_hour: int = 20  # without a binding, per client address
 
@@ -599,7 +602,10 @@ def _acme(table: dict[str, Any], where: str) -> AcmeConfig:
             default.failed_validations_per_hour), "failed-validations-per-hour", where),
         accounts_per_hour=_positive(_get(table, "accounts-per-hour", int, where,
                                          default.accounts_per_hour), "accounts-per-hour",
-                                    where))
+                                    where),
+        pending_authorizations=_positive(_get(
+            table, "pending-authorizations", int, where, default.pending_authorizations),
+            "pending-authorizations", where))
 
 
 def _witnesses(entries: list[Any], keys: list[Any], rel: Any, where: str) -> dict[str, Any]:

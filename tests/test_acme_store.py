@@ -186,6 +186,34 @@ def test_one_failed_challenge_makes_the_order_invalid(store: Store) -> None:
     assert isinstance(authz, AcmeAuthz) and authz.status == "invalid"
 
 
+def test_orders_that_never_became_valid_are_deleted_once_expired(store: Store) -> None:
+    """A security trial: an account's unvalidated orders were kept for good, and filled
+    the inventory. Those expired before the cut-off go, with their authorizations and
+    challenges, a batch at a time; one being finalized stays; an account's pending
+    authorizations are counted while they live."""
+    order_with(store, "pending", ("a.test", "b.test"))
+    failed = order_with(store, "failed", ("c.test",))
+    run(store.start_acme_challenge(failed[0].challenges[0].id, NOW, EARLIER))
+    run(store.finish_acme_challenge(failed[0].challenges[0].id, False, '{"type": "x"}', NOW))
+    busy = order_with(store, "busy", ("d.test",))
+    run(store.start_acme_challenge(busy[0].challenges[0].id, NOW, EARLIER))
+    run(store.finish_acme_challenge(busy[0].challenges[0].id, True, None, NOW))
+    assert run(store.begin_acme_finalize("busy")) is True
+    assert run(store.acme_pending_authzs("acc", NOW.isoformat())) == 2  # a.test, b.test
+    assert run(store.acme_pending_authzs("acc", LATER)) == 0  # expired: they wait no more
+    assert run(store.purge_acme_orders(LATER)) == 0  # not expired before it
+    after = (NOW + dt.timedelta(days=2)).isoformat()
+    assert run(store.purge_acme_orders(after, batch=1)) == 1
+    assert run(store.purge_acme_orders(after, batch=1)) == 1
+    assert run(store.purge_acme_orders(after, batch=1)) == 0
+    assert run(store.acme_order("pending")) is None and run(store.acme_order("failed")) is None
+    assert run(store.acme_authz("pending-0")) is None
+    assert run(store.acme_challenge(failed[0].challenges[0].id)) is None
+    kept = run(store.acme_order("busy"))
+    assert isinstance(kept, AcmeOrder) and kept.status == "processing"
+    assert run(store.acme_authz(busy[0].id)) is not None
+
+
 def test_finalizes_cut_short_are_ready_again(store: Store) -> None:
     """A kill while finalizing left orders `processing` for ever, and their `replaces`
     taken (fault review): a single node's start puts them back to `ready`."""

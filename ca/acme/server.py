@@ -515,8 +515,18 @@ async def new_order(request: web.Request) -> web.Response:
     replaces = await _replaced(request, body["replaces"]) if "replaces" in body else None
     grant: ra.AcmeOrderGrant = await decide(request, _holder(v.account), ra.AcmeOrderRequest(
         body.get("identifiers"), dns01_available=dns01, replaces=replaces))
-    await _rate(request, "new-order", v.account.id, server.cfg.orders_per_hour, take=True)
     now = utcnow()
+    # Names waiting for validation, bounded per account: each is a row kept until it
+    # expires, and an account that never validates could fill the inventory's disk
+    # (a security trial: 65 KB an order of 100 names, at 300 orders an hour).
+    waiting = await server.store.acme_pending_authzs(v.account.id, now.isoformat())
+    if waiting + len(grant.names) > server.cfg.pending_authorizations:
+        raise AcmeProblem("rateLimited", f"this account has {waiting} names waiting for "
+                          f"validation, and at most {server.cfg.pending_authorizations} may "
+                          "wait at once ([acme] pending-authorizations): validate or "
+                          "deactivate those first, or wait until they expire (7 days after "
+                          "their order)", 429, {"Retry-After": "3600"})
+    await _rate(request, "new-order", v.account.id, server.cfg.orders_per_hour, take=True)
     expires = (now + ORDER_LIFETIME).isoformat()
     order_id = _new_id()
     authzs = []

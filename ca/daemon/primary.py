@@ -526,6 +526,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
                                                             generations, policies)))
         background.append(asyncio.create_task(_resume_log(audit)))
         background.append(asyncio.create_task(_erase_expired_eab_keys(store)))
+        background.append(asyncio.create_task(_purge_acme_orders(store)))
         from ca.revocation import Revocations
         own_certs = OwnCerts(config, issuance, store, generations, audit_metrics, policies,
                              Revocations(store, audit, issuance, generations,
@@ -629,6 +630,8 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
 
 
 INVENTORY_CHECKPOINT_S = 1.0
+ACME_ORDER_KEPT = dt.timedelta(days=1)  # after an unvalidated order expired
+ACME_PURGE_S = 3600.0
 INVENTORY_CHECK_S = 24 * 3600.0  # quick_check reads every page: 280 MB took 0.2 s cached, 6 s cold
 TILE_COPY_S = 10.0  # how long a stop waits for the last tiles' copy to PostgreSQL
 
@@ -1058,6 +1061,28 @@ async def _refresh_crls(issuance: Issuance, store: Store, audit: AuditLog,
                 log.warning("cannot re-sign a CRL now", issuer=label,
                             error=str(exc) or type(exc).__name__)
         await asyncio.sleep(CRL_REFRESH_S)  # periodic work, not synchronisation
+
+
+async def _purge_acme_orders(store: Store) -> None:
+    """Orders that never became valid are deleted a day after they expired, with their
+    authorizations and challenges (hourly, in batches): kept for good, an account's
+    unvalidated orders grew the inventory without bound (a security trial). Valid orders
+    stay with the certificates that name them."""
+    failing = Recurring(log, "cannot delete expired ACME orders now",
+                        "expired ACME orders can be deleted again")
+    while True:
+        before = (utcnow() - ACME_ORDER_KEPT).isoformat()
+        try:
+            deleted = 0
+            while (n := await store.purge_acme_orders(before)) > 0:
+                deleted += n
+        except Exception as exc:  # the database away: the next round
+            failing.failed(str(exc) or type(exc).__name__)
+        else:
+            failing.ok()
+            if deleted:
+                log.info("expired acme orders deleted", orders=deleted)
+        await asyncio.sleep(ACME_PURGE_S)  # periodic work, not synchronisation
 
 
 async def _erase_expired_eab_keys(store: Store) -> None:

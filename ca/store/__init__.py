@@ -362,6 +362,18 @@ class Store(Protocol):
         valid is), newest first (by the second), at most `limit` (RFC 8555 7.1.2.1)."""
         ...
 
+    async def acme_pending_authzs(self, account_id: str, now: str) -> int:
+        """How many of the account's authorizations are pending and unexpired: what a
+        new order's names add to is bounded (an account filled the inventory with
+        orders it never validated, a security trial)."""
+        ...
+
+    async def purge_acme_orders(self, before: str, batch: int = 1000) -> int:
+        """Delete at most `batch` orders that never became valid (pending, ready or
+        invalid) and expired before `before`, with their authorizations and
+        challenges; how many. Valid orders stay: their certificates name them."""
+        ...
+
     async def acme_authz(self, authz_id: str) -> AcmeAuthz | None: ...
 
     async def acme_challenge(self, challenge_id: str) -> AcmeChallenge | None: ...

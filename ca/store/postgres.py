@@ -1009,6 +1009,26 @@ class PostgresStore:
             (account_id, now, limit))
         return [r[0] for r in rows]
 
+    async def acme_pending_authzs(self, account_id: str, now: str) -> int:
+        rows = await self._rows(
+            "SELECT count(*) FROM acme_authzs WHERE account_id = %s AND status = 'pending' "
+            "AND expires > %s", (account_id, now))
+        return int(rows[0][0])
+
+    async def purge_acme_orders(self, before: str, batch: int = 1000) -> int:
+        async def purge(db: Conn) -> int:
+            cur = await db.execute(
+                "SELECT id FROM acme_orders WHERE expires < %s AND status IN ('pending', "
+                "'ready', 'invalid') LIMIT %s", (before, batch))
+            ids = [r[0] for r in await cur.fetchall()]
+            if ids:
+                await db.execute("DELETE FROM acme_challenges WHERE authz_id IN (SELECT id "
+                                 "FROM acme_authzs WHERE order_id = ANY(%s))", (ids,))
+                await db.execute("DELETE FROM acme_authzs WHERE order_id = ANY(%s)", (ids,))
+                await db.execute("DELETE FROM acme_orders WHERE id = ANY(%s)", (ids,))
+            return len(ids)
+        return await self._tx(purge)
+
     async def acme_order(self, order_id: str) -> AcmeOrder | None:
         rows = await self._rows("SELECT id, account_id, status, names, expires, created_at, "
                                 "cert_serial, error, replaces FROM acme_orders WHERE id = %s",

@@ -319,6 +319,11 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE tokens ADD COLUMN released_at TEXT;
     """,
+    # 16: an ACME account's pending authorizations, counted at each new order.
+    """
+    CREATE INDEX acme_authzs_account ON acme_authzs(account_id, status, expires);
+    CREATE INDEX acme_orders_expires ON acme_orders(expires);
+    """,
 )
 
 _CERT_COLS = ("serial, fingerprint, role, subject, names, principals, spki_sha256, not_before, "
@@ -1376,6 +1381,25 @@ class SQLiteStore:
             "AND (status = 'valid' OR expires > ?) ORDER BY created_at DESC, id LIMIT ?",
             (account_id, now, limit))
         return [r[0] for r in rows]
+
+    async def acme_pending_authzs(self, account_id: str, now: str) -> int:
+        return int(self._read(
+            "SELECT count(*) FROM acme_authzs WHERE account_id = ? AND status = 'pending' "
+            "AND expires > ?", (account_id, now))[0][0])
+
+    async def purge_acme_orders(self, before: str, batch: int = 1000) -> int:
+        def purge(db: sqlite3.Connection) -> int:
+            ids = [r[0] for r in db.execute(
+                "SELECT id FROM acme_orders WHERE expires < ? AND status IN ('pending', "
+                "'ready', 'invalid') LIMIT ?", (before, batch))]
+            for chunk in (ids[i:i + 500] for i in range(0, len(ids), 500)):
+                marks = ", ".join("?" * len(chunk))
+                db.execute("DELETE FROM acme_challenges WHERE authz_id IN (SELECT id FROM "
+                           f"acme_authzs WHERE order_id IN ({marks}))", chunk)
+                db.execute(f"DELETE FROM acme_authzs WHERE order_id IN ({marks})", chunk)
+                db.execute(f"DELETE FROM acme_orders WHERE id IN ({marks})", chunk)
+            return len(ids)
+        return await self._write(purge)
 
     async def acme_order(self, order_id: str) -> AcmeOrder | None:
         rows = self._read("SELECT id, account_id, status, names, expires, created_at, "
