@@ -479,6 +479,20 @@ async def test_a_line_rewritten_in_place_stops_signing_and_fails_the_incremental
         status, _, body = await http("POST", f"{d.url}/v1/x509/renew", d.ssl(*svc), body={})
         assert status == 201, body
         ok_counts(remote_verify(d, auditor, state))
+        # Rewritten again while it runs, after the start's pass: the next pass is an
+        # hour away, and the line was served as the log's meanwhile (an auditor trial).
+        # Served now, it is checked against its leaf: the damage is said at once.
+        with log.open("r+b") as f:
+            f.seek(at)
+            f.write(forged)
+        status, _, body = await get(d, f"/v1/audit/entries?start={victim}&limit=1", auditor)
+        assert status == 200 and body.rstrip(b"\n") == forged, body
+        status, _, raw = await http("GET", f"{d.url}/health", d.ssl())
+        assert status == 503 and json.loads(raw)["audit_damaged_seq"] == victim, raw
+        with log.open("r+b") as f:
+            f.seek(at)
+            f.write(lines[victim])
+        await health_until(d, lambda h: h["code"] == 200)
         assert daemons.pop().stop() == 0
         audit_verify(ca.state, ok=True)
         resumed = [json.loads(line) for line in log.read_bytes().splitlines()

@@ -626,17 +626,52 @@ class AuditLog:
         end = min(bundle + self.CHECK_BUNDLES, full)
         seq = self._first_mismatch(bundle, end - bundle)
         if seq is not None:
-            self._damage = (seq, (
-                f"line {seq} of the audit log {self.path} no longer hashes to its leaf in the "
-                "log's Merkle tree (audit/tiles): it was rewritten on disk after it was "
-                "written (tampering, or a failing disk). Nothing is signed until it is put "
-                "back: stop hsmca, restore that line from a backup of the log (a line never "
-                "changes once written), check the log with `hsmca audit verify` and start "
-                "again"))
-            log.error("an audit log line was rewritten on disk: nothing is signed until it "
-                      "is put back", seq=seq, log=str(self.path))
+            self._rewritten(seq)
             return bundle
         return end if end < full else 0
+
+    def _rewritten(self, seq: int) -> None:
+        """Line `seq` no longer hashes to its leaf: nothing is signed, /health says so."""
+        self._damage = (seq, (
+            f"line {seq} of the audit log {self.path} no longer hashes to its leaf in the "
+            "log's Merkle tree (audit/tiles): it was rewritten on disk after it was "
+            "written (tampering, or a failing disk). Nothing is signed until it is put "
+            "back: stop hsmca, restore that line from a backup of the log (a line never "
+            "changes once written), check the log with `hsmca audit verify` and start "
+            "again"))
+        log.error("an audit log line was rewritten on disk: nothing is signed until it "
+                  "is put back", seq=seq, log=str(self.path))
+
+    def _check_served(self, first: int, lines: list[bytes]) -> None:
+        """Lines about to be served (from seq `first`, without newlines), against the
+        leaf hashes of their full bundles' tiles: a line rewritten on disk was served
+        as the log's until the hourly pass came to it, and an auditor's incremental run
+        said OK meanwhile (an auditor trial). One SHA-256 a line; a mismatch is the
+        damage `check_on_disk` finds, at once (the auditor's run then fails on it)."""
+        if self._damage is not None:
+            return
+        with self._tree_lock:
+            full = self._tree.size // TILE_WIDTH
+        seq, stop = first, first + len(lines)
+        while seq < stop:
+            bundle, k = divmod(seq, TILE_WIDTH)
+            if bundle >= full:
+                return  # the edge: in memory, and checked at every start
+            take = min(TILE_WIDTH - k, stop - seq)
+            try:
+                with self._tree_lock:
+                    tile = self._tree.checked_leaves(bundle)
+            except TileDamaged:
+                seq += take
+                continue  # a proof that needs it names it
+            want = tile[k * HASH_SIZE:(k + take) * HASH_SIZE]
+            hashes = leaf_hashes(lines[seq - first:seq - first + take])
+            if hashes != want:
+                self._rewritten(seq + next(
+                    i for i in range(take) if hashes[i * HASH_SIZE:(i + 1) * HASH_SIZE]
+                    != want[i * HASH_SIZE:(i + 1) * HASH_SIZE]))
+                return
+            seq += take
 
     def _first_mismatch(self, first: int, count: int) -> int | None:
         """The seq of the first line of full bundles [first, first + count) that does not
@@ -733,7 +768,9 @@ class AuditLog:
                 return None
             lo, hi = self._line_offset(first), self._line_offset(first + width)
             # The lines below the durable size never change: read outside the lock.
-        return entry_bundle(os.pread(self._fd, hi - lo, lo).split(b"\n")[:width])
+        lines = os.pread(self._fd, hi - lo, lo).split(b"\n")[:width]
+        self._check_served(first, lines)
+        return entry_bundle(lines)
 
     def read_lines(self, start: int, limit: int) -> bytes:
         """Durable lines [start, start+limit), byte for byte, each with its newline."""
@@ -742,7 +779,9 @@ class AuditLog:
             if start >= end:
                 return b""
             lo, hi = self._line_offset(start), self._line_offset(end)
-        return os.pread(self._fd, hi - lo, lo)
+        data = os.pread(self._fd, hi - lo, lo)
+        self._check_served(start, data.split(b"\n")[:end - start])
+        return data
 
     def _line_offset(self, n: int) -> int:
         """Where line n starts (n up to the size), under the tree lock: a look-up in the

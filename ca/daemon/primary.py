@@ -949,12 +949,17 @@ async def _check_log_on_disk(audit: AuditLog) -> None:
     auditor's full run. While a rewritten line stops signing, its bundle is read
     again every second, so that signing resumes as soon as the line is put back."""
     bundle = 0
+    loop = asyncio.get_running_loop()
     while True:
         bundle = await asyncio.to_thread(audit.check_on_disk, bundle)
         if audit.damaged_seq is not None:
             await asyncio.sleep(LOG_RETRY_S)  # a retry pace, not synchronisation
-        else:
-            await asyncio.sleep(LOG_CHECK_PACE_S if bundle else LOG_CHECK_EVERY_S)
+            continue
+        # Between passes, a look every second: a line found rewritten as it was served
+        # (AuditLog._check_served) is read again at the retry pace, not in an hour.
+        until = loop.time() + (LOG_CHECK_PACE_S if bundle else LOG_CHECK_EVERY_S)
+        while audit.damaged_seq is None and (left := until - loop.time()) > 0:
+            await asyncio.sleep(min(left, LOG_RETRY_S))  # periodic work, not sync
 
 
 OCSP_LEASE_S = 1.0
