@@ -70,6 +70,9 @@ class AuditSink(Protocol):
         ...
 
 
+PROBE_EVERY_S = 1.0  # see SigningPipeline.probe
+
+
 @dataclass(frozen=True, slots=True)
 class SigningJob(Generic[T]):
     """One signature to make: `sign(key)` is called with an HSM signer for `key` (a
@@ -114,6 +117,8 @@ class SigningPipeline:
         self._keys: dict[str, KeyInfo] = {}
         self._keys_seen = 0  # the session's reconnects when _keys was last trusted
         self._op_ids = IdSource()
+        self._probed_at = float("-inf")  # monotonic time of the last probe that passed
+        self._probing: asyncio.Future[None] | None = None
         # Called on this thread: after each signature with its duration in seconds,
         # and with (purpose, result) for each signing job.
         self.on_call: Callable[[float], None] | None = None
@@ -278,9 +283,22 @@ class SigningPipeline:
         """Ask the token whether it is still there. With the session broken, wait for
         the next reconnect attempt if that is due within `max_wait` and let it run,
         so a health check sees a recovery at once but never makes the thread retry
-        faster than its back-off allows."""
+        faster than its back-off allows.
+
+        At most one probe a second goes to the HSM thread, which signatures queue on
+        too: /health is anonymous, and each of its requests was a PKCS#11 call on it
+        (a security trial: harmless on SoftHSM, a stall on a network HSM). Callers
+        meanwhile share the one under way, or the last one that passed."""
+        if time.monotonic() - self._probed_at < PROBE_EVERY_S:
+            return
+        if self._probing is None or self._probing.done():
+            self._probing = asyncio.ensure_future(self._probe(max_wait))
+        await asyncio.shield(self._probing)
+
+    async def _probe(self, max_wait: float) -> None:
         await self._await_retry(max_wait)
         await self.call(lambda hsm: hsm.probe())
+        self._probed_at = time.monotonic()
 
     async def drain(self) -> None:
         """Wait for every job under way (before closing at shutdown): the thread
