@@ -806,6 +806,21 @@ def test_failed_validations_and_new_orders_are_rate_limited(world: World) -> Non
     assert r.problem == "rateLimited"
 
 
+def test_acme_urls_are_built_on_the_cas_own_names_only(world: World) -> None:
+    """A security trial: the directory's URLs, and the `url` a JWS is bound to, followed
+    the request's Host, so any origin a proxy passed on was taken as the CA's own."""
+    session = requests.Session()
+    session.trust_env = False
+    session.verify = str(world.ca.daemon.root)
+    r = session.get(world.ca.directory_url, headers={"Host": "evil.example"})
+    assert r.status_code == 400 and r.headers["Content-Type"].startswith(
+        "application/problem+json"), r.text
+    assert "'evil.example'" in r.json()["detail"] and "own names" in r.json()["detail"]
+    ok = session.get(world.ca.directory_url)
+    assert ok.status_code == 200 and ok.json()["newOrder"].startswith(
+        world.ca.directory_url.rsplit("/acme/", 1)[0]), ok.text
+
+
 def test_names_waiting_for_validation_are_bounded_per_account(world: World) -> None:
     """A security trial: orders of 100 names that are never validated, 300 an hour, grew
     the inventory by 470 MB a day for one account. The names an account has waiting

@@ -37,7 +37,7 @@ from ca.issuance.profiles import pem, utcnow
 from ca.logs import keep_trying
 from ca.policy import PARSE_ERRORS, Reason, Refused, parse_error
 from ca.revocation import RecordedNotCommitted
-from ca.server.common import AUDIT, ISSUANCE, REVOCATIONS, STORE, decide, identity
+from ca.server.common import AUDIT, ISSUANCE, REVOCATIONS, SETTINGS, STORE, decide, identity
 from ca.server.common import json_body as admin_json_body
 from ca.server.problems import NOT_UNICODE
 from ca.store import (
@@ -101,8 +101,25 @@ def install(app: web.Application, cfg: AcmeConfig) -> None:
 # ---- URLs -------------------------------------------------------------------------------------
 
 def base(request: web.Request) -> str:
-    """The origin the client used: URLs in answers and the JWS url check agree with it."""
+    """The origin the client used: URLs in answers and the JWS url check agree with it.
+    Only one of the daemon's own names (SETTINGS.own_names): any Host made the
+    directory's URLs and the `url` a JWS is bound to (RFC 8555 6.4) another origin's,
+    whatever a proxy or cache in front keyed them by (a security trial)."""
+    if not _own_host(request):
+        names = request.app[SETTINGS].own_names
+        raise AcmeProblem("malformed", f"this CA answers ACME by its own names only "
+                          f"({', '.join(n for n in names if n not in _LOOPBACK)}, or a "
+                          f"loopback address): the request's Host is {request.host[:100]!r}",
+                          400)
     return f"{request.scheme}://{request.host}"
+
+
+_LOOPBACK = ("localhost", "127.0.0.1", "::1")
+
+
+def _own_host(request: web.Request) -> bool:
+    names = request.app[SETTINGS].own_names
+    return not names or (request.url.host or "").lower().rstrip(".") in names
 
 
 def url_of(request: web.Request, path: str) -> str:
@@ -168,7 +185,8 @@ def acme_route(fn: Handler) -> Handler:
             resp.headers["Replay-Nonce"] = await request.app[ACME].nonces.new()
         except Exception as exc:  # the inventory is away: the answer still goes out
             log.warning("no nonce for the answer", error=str(exc))
-        resp.headers.add("Link", f'<{url_of(request, "directory")}>;rel="index"')
+        if _own_host(request):  # (else the answer is the refusal of its Host)
+            resp.headers.add("Link", f'<{url_of(request, "directory")}>;rel="index"')
         return resp
     return wrapper
 

@@ -143,7 +143,9 @@ async def run(config: Config, host: str, port: int, slot: int, sign_channel: soc
             hsm=pipeline, store=store, metrics=metrics,
             lifecycle=KeyLifecycle(issuance, store, link, generations, config.bundle_pem),
             settings=Settings(tuple(ipaddress.ip_network(n) for n in config.metrics_allow),
-                              config.audit_origin, config.node),
+                              config.audit_origin, config.node,
+                              own_names=(*config.policy.reserved, "localhost", "127.0.0.1",
+                                         "::1")),
             acme=config.acme)
         runner = app_runner(app, config.request_timeout_s, shutdown_timeout=10.0)
         await runner.setup()

@@ -64,6 +64,9 @@ class Settings:
     metrics_allow: tuple[Any, ...]
     audit_origin: str
     node: str | None = None  # cluster mode: this node's name, which names its log
+    # The names clients reach the daemon by (its certificate's, the public URL's host,
+    # loopback): the only Host an ACME request may name, since its URLs are built on it
+    own_names: tuple[str, ...] = ()
 
 
 class Gate:
