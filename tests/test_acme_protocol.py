@@ -373,6 +373,25 @@ def failed_challenge(c: Client, name: str, kind: str) -> dict[str, Any]:
     return next(x for x in authz["challenges"] if x["type"] == kind)["error"]
 
 
+def test_the_validator_does_not_connect_to_a_link_local_address_dns_gives(
+        world: World) -> None:
+    """A security trial pointed its name's DNS record at 169.254.169.254 (a cloud's
+    metadata service) and the validator connected there, and said what answered."""
+    # Over the wire with addresses that stay on this host should the check regress (the
+    # tests reach nothing beyond loopback); the link-local ones by the function itself.
+    world.dns.records[("zero.test", "A")] = ["0.0.0.0"]
+    c = Client(world.ca)
+    assert c.register(world.ca.eab("*.test")).status == 201
+    error = failed_challenge(c, "zero.test", "http-01")
+    assert error["type"].endswith(":dns") and "zero.test resolves to 0.0.0.0, an address " \
+        "no host to validate has" in error["detail"], error
+    from ca.acme.validation import Failed, _reachable
+    for address in ("169.254.169.254", "fe80::1", "::ffff:169.254.169.254", "ff02::1"):
+        with pytest.raises(Failed, match="an address no host to validate has"):
+            _reachable("meta.test", address)
+    assert _reachable("ok.test", "10.0.0.7") == "10.0.0.7"  # an internal host: validated
+
+
 def test_a_failed_validation_says_why_in_plain_words(world: World) -> None:
     """An ACME trial read aiohttp's "ssl:default [Connect call failed ...]": the
     client is told where the CA tried to connect and what the system said."""

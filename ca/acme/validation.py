@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import ipaddress
 import os
 import socket
 import ssl
@@ -78,6 +79,26 @@ def key_authorization(token: str, jwk: jose.JWK) -> str:
     """token "." base64url(thumbprint): the acme package's definition, shared by the
     three challenge types."""
     return challenges.HTTP01(token=jose.decode_b64jose(token)).key_authorization(jwk)
+
+
+def _reachable(name: str, address: str) -> str:
+    """`address`, unless it is one no validated host has: link-local (169.254.169.254 is
+    a cloud's metadata service), unspecified, multicast or broadcast. An account that
+    controls its name's DNS record pointed the validator there and read the answer's
+    status back (a security trial). Loopback stays: the CA's own host answers only on
+    the validation ports, and tests and single-host setups name it."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_link_local or ip.is_unspecified or ip.is_multicast or \
+            ip == ipaddress.IPv4Address("255.255.255.255"):
+        raise Failed("dns", f"{name} resolves to {address}, an address no host to validate "
+                     "has (link-local, unspecified, multicast or broadcast): the CA does not "
+                     "connect there; pin the name in [acme.hosts] if it is meant")
+    return address
 
 
 class Validator:
@@ -154,9 +175,14 @@ class Validator:
         return str(exc)[:200]
 
     async def address(self, name: str) -> str:
+        """Where to reach `name`: the address [acme.hosts] pins it to (the operator's
+        word, any address), else the one DNS gives, which must be one a host can have."""
         mapped = self.cfg.host(name)
         if mapped is not None:
             return mapped
+        return _reachable(name, await self._looked_up(name))
+
+    async def _looked_up(self, name: str) -> str:
         if self.cfg.resolver is not None:
             import dns.exception
             import dns.resolver
