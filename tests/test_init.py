@@ -35,6 +35,23 @@ def test_no_pin_in_config_output_or_log(ca: InitialisedCA) -> None:
     assert cfg["keys"]["issuing"] == f"pkcs11:token={ca.token.label};object=issuing-ca;type=private"
 
 
+def test_init_prints_what_to_pin_out_of_band(ca: InitialisedCA) -> None:
+    """An auditor trial had nothing to compare root.pem and audit_key.pem with: init
+    prints the root's fingerprint as openssl shows it and the audit verifier key, as
+    GET /v1/audit/key and witnesses give it."""
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    from ca.audit.note import verifier_key
+    from ca.config import load
+    shown = subprocess.run([require("openssl"), "x509", "-noout", "-fingerprint", "-sha256",
+                            "-in", ca.state / "x509/root.pem"], capture_output=True,
+                           text=True, check=True).stdout.strip().split("=", 1)[1]
+    assert f"root certificate SHA-256:    {shown}\n" in ca.stdout, ca.stdout
+    key = load_pem_public_key((ca.state / "audit/audit_key.pem").read_bytes())
+    vkey = verifier_key(load(ca.state / "hsmca.toml").audit_origin, key)  # type: ignore[arg-type]
+    assert f"audit verifier key:          {vkey}\n" in ca.stdout, ca.stdout
+
+
 def test_chain_verifies_with_openssl(ca: InitialisedCA) -> None:
     openssl = require("openssl")
     s = ca.state

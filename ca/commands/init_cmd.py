@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import os
 import sys
+from pathlib import Path
 
 from ca.config import check_store_url
 from ca.fileutil import apply_modes
@@ -62,7 +64,32 @@ def run(args: argparse.Namespace) -> int:
     print(f"created a CA in {state} with keys generated inside token {args.token!r}:")
     for path in written:
         print(f"  {path.relative_to(state)}")
+    _print_anchors(state)
     node = " --node NAME  (on each node; NAME defaults to the host name)" \
         if args.store_url else ""
     print(f"next: hsmca serve --config {state / 'hsmca.toml'}{node}")
     return 0
+
+
+def _print_anchors(state: Path) -> None:
+    """What relying parties, auditors and witnesses pin, to be handed over out of band
+    and compared there (an auditor trial found nothing to compare the files with)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.serialization import (
+        Encoding,
+        PublicFormat,
+        load_pem_public_key,
+    )
+
+    from ca.audit.note import verifier_key
+    from ca.config import load
+    cfg = load(state / "hsmca.toml")
+    root = x509.load_pem_x509_certificate(cfg.root_pem.read_bytes())
+    audit = load_pem_public_key(cfg.audit_key_pem.read_bytes())
+    spki = hashlib.sha256(audit.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo))
+    print("to pin, compared out of band (docs/audit-log.md):")
+    print(f"  root certificate SHA-256:    {root.fingerprint(hashes.SHA256()).hex(':').upper()}")
+    print(f"  audit public key SHA-256:    {spki.hexdigest()} (audit/audit_key.pem)")
+    if not cfg.cluster:  # a cluster's logs are named by node: GET /v1/audit/logs/NODE/key
+        print(f"  audit verifier key:          {verifier_key(cfg.audit_origin, audit)}")  # type: ignore[arg-type]
