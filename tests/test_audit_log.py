@@ -19,6 +19,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from ca.audit.log import AuditLog
+from ca.audit.note import parse_checkpoint
 from ca.audit.verify import verify_log
 from ca.issuance.pipeline import SigningPipeline
 from tests.conftest import InitialisedCA, hsmca, init_ca, start_daemon
@@ -93,9 +94,17 @@ def test_offline_verify_misses_no_line_of_a_stopped_daemons_log(tmp_path: Path) 
 
     proc = audit_verify(ca.state, "--state", state, log=log)
     assert proc.returncode == 0, proc.stderr
+    # It says which checkpoint the lines were checked against, and what it saved (an
+    # auditor trial got the same line whichever checkpoint it gave).
+    size = parse_checkpoint((log.parent / "checkpoint").read_text()).size
     assert re.fullmatch(f"OK: {n} lines, [0-9]+ checkpoints verified; the last 3 lines are the "
                         "last checkpoint's own signing and the HSM logout, which no "
-                        "checkpoint can cover\n", proc.stdout), proc.stdout
+                        "checkpoint can cover\n"
+                        f"checkpoint: the checkpoint file {re.escape(str(log.parent))}/"
+                        f"checkpoint, {size} lines, root \\S+; pinned audit key "
+                        "\\S+\\+[0-9a-f]{8}\n"
+                        f"state: saved in {re.escape(str(state))}, {n} lines\n",
+                        proc.stdout), proc.stdout
     assert json.loads(state.read_text())["size"] == n
 
     log.write_bytes(b"".join(lines[:-3]))  # the three closing lines cut

@@ -199,7 +199,9 @@ def ok_counts(proc: subprocess.CompletedProcess[str]) -> tuple[int, int]:
     and the line on what the witnesses vouch for (none here)."""
     assert proc.returncode == 0, proc.stdout + proc.stderr
     m = re.fullmatch(r"OK: (\d+) lines, (\d+) checkpoints? verified \(fetched (\d+) new "
-                     r"lines\)\nwitnessed: no witness has cosigned a checkpoint of this log\n",
+                     r"lines\)\ncheckpoint: the daemon's latest checkpoint, \d+ lines, root "
+                     r"\S+; pinned audit key \S+\+[0-9a-f]{8}\n"
+                     r"witnessed: no witness has cosigned a checkpoint of this log\n",
                      proc.stdout)
     assert m, proc.stdout
     return int(m[1]), int(m[3])

@@ -55,6 +55,7 @@ def test_readme_tour_runs_as_written(tmp_path: Path) -> None:
     assert "svc.pem: OK" in out
     assert "HostCertificate" in out
     assert 'Key ID: "alice@example.com:' in out and "alice" in out
-    assert out.strip().splitlines()[-2].startswith("OK:")
+    assert out.strip().splitlines()[-3].startswith("OK:")
+    assert out.strip().splitlines()[-2].startswith("checkpoint: the daemon's latest ")
     assert out.strip().splitlines()[-1] == \
         "witnessed: no witness has cosigned a checkpoint of this log"

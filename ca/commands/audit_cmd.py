@@ -148,7 +148,7 @@ def _verify_remote(args: argparse.Namespace) -> int:
     if names == [None]:
         return _report(asyncio.run(verify_remote(args.url, ctx, key, args.state,
                                                  origin=args.origin, witness_keys=witnesses)),
-                       "", witnesses)
+                       "", witnesses, key)
     # A cluster: every node's log, each with a state of its own beside --state.
     if missing := logs_gone(args.state, names):
         print(f"FAILED: {missing}", file=sys.stderr)
@@ -159,7 +159,7 @@ def _verify_remote(args: argparse.Namespace) -> int:
         assert name is not None
         result = asyncio.run(verify_remote(args.url, ctx, key, log_state_path(args.state, name),
                                            log=name, witness_keys=witnesses))
-        failed += _report(result, f"log {name}: ", witnesses)
+        failed += _report(result, f"log {name}: ", witnesses, key)
     return 1 if failed else 0
 
 
@@ -182,7 +182,8 @@ def _carry_single_state(state: Path, names: list[str | None]) -> None:
               f"is a file beside it ({log_state_path(state, 'NODE')})", file=sys.stderr)
 
 
-def _report(result: Any, prefix: str, witnesses: list[Any]) -> int:
+def _report(result: Any, prefix: str, witnesses: list[Any],
+            key: ed25519.Ed25519PublicKey) -> int:
     if not result.ok:
         where = f"at seq {result.bad_seq}" if result.bad_seq is not None else "(no line)"
         print(f"{prefix}FAILED {where}: {result.reason}", file=sys.stderr)
@@ -199,11 +200,25 @@ def _report(result: Any, prefix: str, witnesses: list[Any]) -> int:
     print(f"{prefix}OK: {result.lines} lines, {result.checkpoints} checkpoint"
           f"{'' if result.checkpoints == 1 else 's'} verified "
           f"(fetched {result.fetched} new lines)")
+    if result.new_state and isinstance(result.new_state.get("checkpoint"), str):
+        print(f"{prefix}" + _checkpoint_line(result.new_state["checkpoint"],
+                                             "the daemon's latest checkpoint", key))
     if seen is not None:
         print(f"{prefix}{_witnessed_line(seen, result.lines)}")
     if result.note:
         print(f"{prefix}note: {result.note}")
     return 0
+
+
+def _checkpoint_line(text: str, where: str, pinned: ed25519.Ed25519PublicKey) -> str:
+    """Which checkpoint the lines were verified against, and with which pinned key (an
+    auditor trial got the same OK line whichever checkpoint it gave)."""
+    import base64
+
+    from ca.audit.note import key_id, parse_checkpoint
+    cp = parse_checkpoint(text)
+    return (f"checkpoint: {where}, {cp.size} lines, root {base64.b64encode(cp.root).decode()}"
+            f"; pinned audit key {cp.origin}+{key_id(cp.origin, pinned).hex()}")
 
 
 def _witnessed_line(seen: Any, lines: int) -> str:
@@ -292,6 +307,10 @@ def verify(args: argparse.Namespace) -> int:
                "can cover" if result.closing else "")
     print(f"OK: {result.lines} lines, {result.checkpoints} checkpoints verified"
           f"{' (extends the state saved last time)' if state else ''}{closing}")
+    if latest is not None:
+        print(_checkpoint_line(latest, f"the checkpoint file {cp_path}", key))
+    if args.state:
+        print(f"state: saved in {args.state}, {result.lines} lines")
     if witnesses and latest is not None:
         # How much of the log it vouches for, and since when (an auditor trial read
         # "cosigned" as the whole log while the witnesses had been down).
