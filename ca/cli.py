@@ -38,6 +38,7 @@ Run `hsmca COMMAND --help` for the flags of one command.
 # command -> "module:function", imported only when that command runs (fast --help).
 COMMANDS = {
     "init": "init_cmd:run", "audit-verify": "audit_cmd:verify", "audit-show": "audit_cmd:show",
+    "audit-prove": "audit_prove:prove",
     "serve": "client_cmd:serve", "token-create": "client_cmd:token_create",
     "enroll": "client_cmd:enroll", "renew": "client_cmd:renew", "revoke": "client_cmd:revoke",
     "ssh-host": "ssh_cmd:host", "ssh-user": "ssh_cmd:user", "ssh-revoke": "ssh_cmd:revoke",
@@ -194,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "ceremonies")
     _remote_flags(s, key_alias=True)
     s.set_defaults(command_key="audit-show")
+    from ca.commands import audit_prove
+    audit_prove.add_parser(asub, _remote_flags)
 
     from ca.commands import backup_cmd, store_cmd, ui_cmd, witness_cmd
     witness_cmd.add_parsers(sub)

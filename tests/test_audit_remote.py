@@ -261,6 +261,59 @@ async def test_the_audit_key_is_pinned_as_get_v1_audit_key_gives_it(daemon: Daem
 # ---- (b) the daemon's proofs, checked by the RFC's own algorithms -------------------------
 
 
+async def test_audit_prove_shows_a_certificate_is_in_a_signed_checkpoint(
+        daemon: Daemon, tmp_path: Path) -> None:
+    """An auditor trial had to write its own RFC 9162 verifier to show that a
+    certificate it was handed is in the checkpoint it had saved. `hsmca audit prove`
+    does it; a certificate of that serial the CA did not sign, and a checkpoint from
+    before the certificate, are not proven."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import Encoding
+    auditor = enroll(daemon, tmp_path, "auditor", ["auditor@prove.example"])
+    before = tmp_path / "before.checkpoint"
+    before.write_text((await latest_checkpoint(daemon))[2])
+    cert, _ = enroll(daemon, tmp_path, "service", ["proven.internal.example"])
+    issued = x509.load_pem_x509_certificate(cert.read_bytes())
+    serial = format(issued.serial_number, "x")
+    status, _, raw = await get(daemon, f"/v1/inventory/certificates/{serial}", auditor)
+    assert status == 200, raw
+    intent = json.loads(raw)["audit_seq"]
+    status, _, raw = await get(daemon, f"/v1/audit/entries?start={intent}&limit=100", auditor)
+    assert status == 200, raw
+    op = json.loads(raw.split(b"\n")[0])["op_id"]
+    outcome = intent + next(k for k, line in enumerate(raw.split(b"\n")[:-1])
+                            if json.loads(line).get("op_id") == op and k)
+    deadline = asyncio.get_running_loop().time() + 30
+    while (await latest_checkpoint(daemon))[0] <= outcome:  # a checkpoint covers both
+        assert asyncio.get_running_loop().time() < deadline, "no checkpoint covers it"
+    base = ["audit", "prove", "--url", daemon.url, "--ca", daemon.root, "--client-cert",
+            auditor[0], "--client-key", auditor[1], "--key",
+            daemon.state / "audit" / "audit_key.pem"]
+    proc = hsmca(*base, "--cert-file", cert, check=False)
+    fingerprint = hashlib.sha256(issued.public_bytes(Encoding.DER)).hexdigest()
+    assert proc.returncode == 0 and proc.stdout.startswith(
+        f"PROVEN: certificate {serial} (proven.internal.example), SHA-256 {fingerprint}: "
+        f"its intent (seq {intent}) and successful outcome (seq {outcome})"), \
+        proc.stdout + proc.stderr
+    # A certificate of the same serial that the CA did not sign
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "proven.internal.example")])
+    forged = x509.CertificateBuilder().subject_name(name).issuer_name(issued.issuer) \
+        .public_key(key.public_key()).serial_number(issued.serial_number) \
+        .not_valid_before(issued.not_valid_before_utc) \
+        .not_valid_after(issued.not_valid_after_utc).sign(key, hashes.SHA256())
+    fake = tmp_path / "forged.pem"
+    fake.write_bytes(forged.public_bytes(Encoding.PEM))
+    proc = hsmca(*base, "--cert-file", fake, check=False)
+    assert proc.returncode == 1 and proc.stderr.startswith("NOT PROVEN: the outcome at seq ") \
+        and "did not sign" in proc.stderr, proc.stderr
+    # A checkpoint saved before the certificate was signed
+    proc = hsmca(*base, "--serial", serial, "--checkpoint", before, check=False)
+    assert proc.returncode == 1 and "not covered yet" in proc.stderr, proc.stderr
+
+
 async def test_daemon_proofs_verify_with_an_independent_rfc9162(daemon: Daemon,
                                                                 tmp_path: Path) -> None:
     auditor = enroll(daemon, tmp_path, "auditor", ["auditor@example.com"])

@@ -1,0 +1,194 @@
+"""`hsmca audit prove`: that one certificate's signing is in the audit log a checkpoint
+commits to, from inclusion proofs, without fetching the whole log.
+
+An auditor trial had to find the certificate's `audit_seq` in the inventory, fetch its
+lines and a proof with curl, and write an RFC 9162 verifier to show that a certificate
+it was handed is in the checkpoint it had saved. This does that: the certificate's
+intent and outcome lines (the outcome naming the certificate's fingerprint) are leaves
+of the tree whose root the checkpoint, signed by the pinned audit key, commits to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from ca.errors import CLIError
+
+LOOK_AHEAD = 1000  # lines after the intent in which its outcome is looked for
+
+
+def add_parser(asub: Any, remote_flags: Any) -> None:
+    p = asub.add_parser(
+        "prove", help="prove one certificate's signing is in the log a checkpoint signs",
+        description="Fetch the certificate's intent and outcome lines from the daemon (the "
+        "inventory names the first), and their RFC 9162 inclusion proofs against a "
+        "checkpoint: the daemon's latest, or one you saved (--checkpoint), verified with the "
+        "pinned audit key. Proven: the checkpoint's tree holds both lines, the outcome "
+        "succeeded and names this certificate's SHA-256. Exit 0 proven, 1 not.")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--cert-file", dest="cert_file", type=Path, metavar="PEM",
+                       help="the certificate (PEM) to prove: its fingerprint must be the one "
+                       "the outcome line names")
+    which.add_argument("--serial", help="the certificate's serial (hex), as the CA lists it")
+    p.add_argument("--url", required=True, help="the daemon's URL")
+    p.add_argument("--key", "--audit-key", dest="key", required=True, metavar="AUDIT_KEY",
+                   help="the pinned audit public key (as for `audit verify`)")
+    p.add_argument("--checkpoint", type=Path,
+                   help="a checkpoint you saved (a checkpoint file, or checkpoint.cosigned): "
+                   "prove against it rather than the daemon's latest")
+    p.add_argument("--state", type=Path,
+                   help="the state `audit verify --url --state` keeps: the audit keys the "
+                   "log handed over to since it began, to verify a checkpoint signed by one")
+    remote_flags(p, key_alias=False)
+    p.set_defaults(command_key="audit-prove")
+
+
+def prove(args: argparse.Namespace) -> int:
+    from ca.commands.audit_cmd import _audit_key, _client_context
+    serial, der = _which(args)
+    return asyncio.run(_prove(args, _client_context(args), _audit_key(args.key), serial, der))
+
+
+def _which(args: argparse.Namespace) -> tuple[str, bytes | None]:
+    """The serial (hex, as the inventory has it) and, with --cert, the DER."""
+    if args.cert_file is None:
+        text = str(args.serial).strip().lower().replace(":", "")
+        try:
+            return format(int(text, 16), "x"), None
+        except ValueError:
+            raise CLIError(f"--serial {args.serial!r} is not a hex serial") from None
+    try:
+        cert = x509.load_pem_x509_certificate(args.cert_file.read_bytes())
+    except OSError as exc:
+        raise CLIError(f"cannot read {args.cert_file}: {exc.strerror}") from None
+    except ValueError:
+        raise CLIError(f"{args.cert_file} is not a PEM certificate") from None
+    return format(cert.serial_number, "x"), cert.public_bytes(Encoding.DER)
+
+
+async def _prove(args: argparse.Namespace, ctx: Any, pinned: Any, serial: str,
+                 der: bytes | None) -> int:
+    import aiohttp
+
+    from ca.audit.merkle import leaf_hash, verify_inclusion
+    from ca.audit.note import NoteError, parse_checkpoint
+    from ca.audit.verify import PinnedKey, followed, load_state
+    from ca.client import TIMEOUT, ClientError, get_bytes
+    url = args.url.rstrip("/")
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+        async def get(path: str) -> bytes:
+            return await get_bytes(session, url + path, ctx)
+
+        try:
+            rec = json.loads(await get(f"/v1/inventory/certificates/{serial}"))
+        except ClientError as exc:
+            if exc.status == 404:
+                raise CLIError(f"the CA's inventory has no certificate {serial}") from None
+            raise
+        seq, node = rec.get("audit_seq"), rec.get("audit_log")
+        if not isinstance(seq, int):
+            raise CLIError(f"the inventory names no audit line for certificate {serial} (one "
+                           "recorded by an hsmca before 0.4, or adopted after a restore): "
+                           "`hsmca audit verify` covers it with the whole log")
+        of_log = f"&log={quote(node, safe='')}" if node else ""
+        text = _read_checkpoint(args.checkpoint) if args.checkpoint else \
+            (await get("/v1/audit/checkpoint" + (f"?log={quote(node, safe='')}" if node
+                                                  else ""))).decode("utf-8", "replace")
+        try:
+            origin = parse_checkpoint(text).origin
+            key = PinnedKey(pinned, origin)
+            if args.state is not None and (state := load_state(args.state)) is not None:
+                key = followed(state, key)
+            cp = key.verify(text)
+        except (NoteError, ValueError) as exc:
+            return _failed(f"the checkpoint does not verify with the pinned audit key: {exc}")
+        where = f"the checkpoint {args.checkpoint}" if args.checkpoint else \
+            "the daemon's latest checkpoint"
+        if seq >= cp.size:
+            return _failed(f"{where} covers {cp.size} lines, and the certificate's intent is "
+                           f"at seq {seq}: not covered yet (the daemon signs a checkpoint "
+                           "within seconds of new lines; give a later one)")
+        raw = await get(f"/v1/audit/entries?start={seq}&limit="
+                        f"{min(LOOK_AHEAD, cp.size - seq)}{of_log}")
+        lines = raw.split(b"\n")[:-1]
+        found = _pair(lines, seq, serial)
+        if isinstance(found, str):
+            return _failed(found)
+        (intent_seq, intent), (outcome_seq, outcome) = found
+        for at, line in ((intent_seq, intent), (outcome_seq, outcome)):
+            if at >= cp.size:
+                return _failed(f"{where} covers {cp.size} lines, and the certificate's "
+                               f"outcome is at seq {at}: not covered yet; give a later one")
+            body = json.loads(await get(f"/v1/audit/proof/inclusion?index={at}&size="
+                                        f"{cp.size}{of_log}"))
+            proof = [base64.b64decode(h) for h in body.get("proof", [])]
+            if not verify_inclusion(leaf_hash(line), at, cp.size, proof, cp.root):
+                return _failed(f"line {at} as the daemon served it is not in {where} (its "
+                               "inclusion proof does not lead to the checkpoint's root): "
+                               "the log was changed since, or the daemon serves another")
+    fields = json.loads(outcome)
+    if fields.get("result") != "ok":
+        return _failed(f"the signing of certificate {serial} failed (outcome at seq "
+                       f"{outcome_seq}: {fields.get('result')})")
+    want = hashlib.sha256(der).hexdigest() if der is not None else rec.get("fingerprint")
+    if fields.get("fingerprint") != want:
+        given = f"the certificate in {args.cert_file}" if der is not None else \
+            "the inventory's record"
+        return _failed(f"the outcome at seq {outcome_seq} names the certificate "
+                       f"{fields.get('fingerprint')}, not {given} ({want}): a certificate of "
+                       "that serial this CA did not sign here")
+    names = ", ".join(json.loads(intent).get("names") or []) or "-"
+    print(f"PROVEN: certificate {serial} ({names}), SHA-256 {want}: its intent (seq "
+          f"{intent_seq}) and successful outcome (seq {outcome_seq}) are in {where}, "
+          f"{cp.size} lines, root {base64.b64encode(cp.root).decode()}, signed by the pinned "
+          "audit key" + (f" (log {node})" if node else ""))
+    return 0
+
+
+def _read_checkpoint(path: Path) -> str:
+    try:
+        return path.read_text("utf-8")
+    except OSError as exc:
+        raise CLIError(f"cannot read the checkpoint {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise CLIError(f"{path} is not a checkpoint (not UTF-8 text)") from None
+
+
+def _pair(lines: list[bytes], first: int, serial: str
+          ) -> tuple[tuple[int, bytes], tuple[int, bytes]] | str:
+    """The certificate's intent (the first line) and its outcome among `lines`."""
+    try:
+        intent = json.loads(lines[0]) if lines else {}
+    except ValueError:
+        intent = {}
+    if intent.get("event") != "hsm.sign" or intent.get("phase") != "intent" or \
+            intent.get("serial") != serial:
+        return (f"line {first}, which the inventory names as the certificate's intent, is "
+                f"not the intent to sign certificate {serial}: the inventory and the log "
+                "disagree (`hsmca audit verify` checks the whole log)")
+    for k, line in enumerate(lines[1:], start=1):
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        if obj.get("event") == "hsm.sign" and obj.get("phase") == "outcome" and \
+                obj.get("op_id") == intent.get("op_id"):
+            return (first, lines[0]), (first + k, line)
+    return (f"no outcome for the intent at seq {first} within the {len(lines)} lines after "
+            "it that the checkpoint covers: give a later checkpoint")
+
+
+def _failed(why: str) -> int:
+    import sys
+    print(f"NOT PROVEN: {why}", file=sys.stderr)
+    return 1
