@@ -432,6 +432,11 @@ def test_a_rewritten_log_turns_the_banner_red_at_the_seq_the_state_names(world: 
                             "root")), text
     assert json.loads(w.state.read_text()) == saved  # a failed run saves nothing
     screenshot(w, "failed")
+    # The card of the verified checkpoint gives its root as its note writes it, and no
+    # time read from the rewritten log's line (an auditor trial saw the forged one's)
+    card = w.driver.find_element(By.XPATH, "//h2[.='Latest checkpoint you verified']/..").text
+    assert saved["checkpoint"].split("\n")[2] in card, card
+    assert "✗ not shown: the line the daemon serves" in card and "written until" not in card
     # Nothing the daemon now serves is shown as verified: its proofs no longer lead to
     # the root the auditor verified.
     page(w, "/audit")
