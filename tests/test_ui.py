@@ -165,6 +165,13 @@ def test_the_banner_says_which_checkpoint_the_witnesses_cosigned_and_since_when(
     same = Verdict("ok", TreeHead(150018, b"\0" * 32), cp, "", now,
                    witnessed=Witnessed(150018, True, (w,)))
     assert same.banner == "verified up to seq 150017, checkpoint 150018, 1 witness"
+    # A witness pinned (--witness-key) and no cosignature by it: amber, and said (an
+    # auditor trial read "0 witnesses" in green as all well)
+    alone = Verdict("ok", TreeHead(150018, b"\0" * 32), cp, "", now, witnesses_pinned=1)
+    assert alone.overall == "unwitnessed" and alone.banner == (
+        "verified up to seq 150017, checkpoint 150018, NOT WITNESSED: no cosignature by the "
+        "1 pinned witness"), alone.banner
+    assert Verdict("ok", TreeHead(150018, b"\0" * 32), cp, "", now).overall == "ok"
 
 
 def test_a_daemon_that_is_away_is_named_by_address_not_by_python_objects() -> None:

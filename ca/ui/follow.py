@@ -56,12 +56,21 @@ class Verdict:
     others: tuple[Verdict, ...] = ()  # the other logs' verdicts (cluster)
     # The audit keys of the verified log: the pinned one and those it handed over to.
     key: PinnedKey | None = None
+    witnesses_pinned: int = 0  # witness keys given (--witness-key)
+
+    @property
+    def unwitnessed(self) -> bool:
+        """Verified, but no witness the auditor pinned has cosigned a checkpoint of it:
+        amber, not green (an auditor trial read "0 witnesses" in green as all well)."""
+        return self.status == "ok" and self.witnesses_pinned > 0 and \
+            self.witnessed.count == 0 and self.tree is not None and self.tree.size > 0
 
     @property
     def overall(self) -> str:
         """The page's colour: red if any log failed, not only the one shown."""
-        return "failed" if any(v.status == "failed" for v in (self, *self.others)) \
-            else self.status
+        if any(v.status == "failed" for v in (self, *self.others)):
+            return "failed"
+        return "unwitnessed" if self.unwitnessed else self.status
 
     @property
     def banner(self) -> str:
@@ -87,6 +96,11 @@ class Verdict:
                 newest = self.witnessed.newest
                 since = f", {ago(newest)}" if newest is not None else ""
                 witnesses = f"witnessed up to {self.witnessed.size} by {witnesses}{since}"
+            if self.unwitnessed:
+                witnesses = (f"NOT WITNESSED: no cosignature by the {self.witnesses_pinned} "
+                             f"pinned witness{'' if self.witnesses_pinned == 1 else 'es'}"
+                             + (f" ({self.witnessed.problem})" if self.witnessed.problem
+                                else ""))
             return (f"{prefix}verified up to seq {self.tree.size - 1}, checkpoint {size}, "
                     f"{witnesses}")
         return (f"{prefix}not verified yet: "
@@ -221,6 +235,7 @@ class Follower:
         elif verdict.status == "failed" and self.latest.status != "failed":
             log.error("audit log verification FAILED", seq=verdict.bad_seq,
                       reason=verdict.reason)
+        verdict = replace(verdict, witnesses_pinned=len(self.witness_keys))
         self.latest, self._at = verdict, time.monotonic()
         return verdict
 
