@@ -33,6 +33,7 @@ from ca.acme.problems import PREFIX, AcmeProblem, from_refusal
 from ca.acme.validation import Failed, Validator, longest_s
 from ca.audit.voided import void
 from ca.config import AcmeConfig
+from ca.daemon.ratelimit import client_key
 from ca.issuance.profiles import pem, utcnow
 from ca.logs import keep_trying
 from ca.policy import PARSE_ERRORS, Reason, Refused, parse_error
@@ -337,7 +338,7 @@ async def new_account(request: web.Request) -> web.Response:
         # Without a binding anyone may register, and each account is a row and an audit
         # line: so many an hour per address (a binding is the operator's own limit).
         limit = server.cfg.accounts_per_hour
-        key = f"ip:{_client(request)}"
+        key = f"ip:{client_key(_client(request))}"
         if await server.store.acme_rate_take("new-account", [key], now, now - RATE_WINDOW,
                                              limit) is not None:
             await _rate_limited(request, f"new accounts: {limit} per hour for "
@@ -490,7 +491,7 @@ async def _rate(request: web.Request, kind: str, account_id: str, limit: int,
     # account is one the operator handed out, and a fleet behind one NAT, proxy or load
     # balancer would otherwise share one count that any account could use up.
     keys = [f"account:{account_id}"] + ([] if server.cfg.eab_required
-                                        else [f"ip:{_client(request)}"])
+                                        else [f"ip:{client_key(_client(request))}"])
     if take:
         over = await server.store.acme_rate_take(kind, keys, now, now - RATE_WINDOW, limit)
     else:
