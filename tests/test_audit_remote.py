@@ -312,6 +312,19 @@ async def test_audit_prove_shows_a_certificate_is_in_a_signed_checkpoint(
     # A checkpoint saved before the certificate was signed
     proc = hsmca(*base, "--serial", serial, "--checkpoint", before, check=False)
     assert proc.returncode == 1 and "not covered yet" in proc.stderr, proc.stderr
+    # ...which the daemon's latest extends: the log only grew in between
+    proc = hsmca(*base, "--extends", before, check=False)
+    old_size = parse_checkpoint(before.read_text()).size
+    assert proc.returncode == 0 and re.fullmatch(
+        r"PROVEN: the checkpoint of \d+ lines \(root \S+\) extends the older one of "
+        f"{old_size} lines \\(root \\S+\\): the log only grew in between, both signed by "
+        "the pinned audit key\n", proc.stdout), proc.stdout + proc.stderr
+    # A checkpoint of another history, signed by the real key, does not
+    forged = tmp_path / "other-history.checkpoint"
+    forged.write_text(_resigned(daemon, before.read_text()))
+    proc = hsmca(*base, "--extends", forged, check=False)
+    assert proc.returncode == 1 and "does not extend the older one" in proc.stderr, \
+        proc.stderr
 
 
 async def test_daemon_proofs_verify_with_an_independent_rfc9162(daemon: Daemon,
@@ -378,6 +391,52 @@ async def main() -> None:
 
 asyncio.run(main())
 """
+
+
+# A checkpoint of the same size as one given and another root, signed by the real audit
+# key in the HSM (as a root attacker on the CA host can: run the daemon's code with the
+# PIN file), its signature recorded in a scratch log of its own.
+_FORGES_CHECKPOINT = """
+import asyncio, os, sys
+from pathlib import Path
+from ca.audit.log import AuditLog
+from ca.audit.note import checkpoint_body, parse_checkpoint, signed_note
+from ca.config import load
+from ca.issuance.pipeline import SigningPipeline
+
+async def main() -> None:
+    cfg = load(Path(sys.argv[1]))
+    if cfg.softhsm_conf:
+        os.environ["SOFTHSM2_CONF"] = cfg.softhsm_conf
+    old = parse_checkpoint(Path(sys.argv[2]).read_text())
+    scratch = AuditLog.open(Path(sys.argv[3]))
+    worker = SigningPipeline(cfg.hsm, scratch)
+    worker.start()
+    try:
+        key = await worker.load_key(cfg.key_label("audit"))
+        body = checkpoint_body(old.origin, old.size, bytes(32), ())
+        text = await worker.sign(key.label, lambda k: signed_note(
+            body, [(old.origin, key.public_key, k.sign(body.encode()))]),
+            purpose="checkpoint", actor="attacker", hash_name=None)
+        Path(sys.argv[2]).with_suffix(".forged").write_text(text)
+    finally:
+        worker.close()
+        scratch.close()
+
+asyncio.run(main())
+"""
+
+
+def _resigned(d: Daemon, text: str) -> str:
+    """A checkpoint of `text`'s size over another tree, signed by the CA's audit key."""
+    work = d.state.parent / "forge"
+    work.mkdir(exist_ok=True)
+    (work / "old.checkpoint").write_text(text)
+    proc = subprocess.run([sys.executable, "-c", _FORGES_CHECKPOINT, d.state / "hsmca.toml",
+                           work / "old.checkpoint", work / "scratch.jsonl"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return (work / "old.forged").read_text()
 
 
 def rewrite_line(log: Path, seq: int, change: dict[str, Any]) -> None:

@@ -40,12 +40,19 @@ def add_parser(asub: Any, remote_flags: Any) -> None:
                        help="the certificate (PEM) to prove: its fingerprint must be the one "
                        "the outcome line names")
     which.add_argument("--serial", help="the certificate's serial (hex), as the CA lists it")
+    which.add_argument("--extends", type=Path, metavar="OLD_CHECKPOINT",
+                       help="instead of a certificate: prove that the checkpoint (the "
+                       "daemon's latest, or --checkpoint) extends this older one you saved, "
+                       "by a consistency proof: the log only grew in between")
     p.add_argument("--url", required=True, help="the daemon's URL")
     p.add_argument("--key", "--audit-key", dest="key", required=True, metavar="AUDIT_KEY",
                    help="the pinned audit public key (as for `audit verify`)")
     p.add_argument("--checkpoint", type=Path,
                    help="a checkpoint you saved (a checkpoint file, or checkpoint.cosigned): "
                    "prove against it rather than the daemon's latest")
+    p.add_argument("--node", metavar="NAME",
+                   help="with --extends, on a CA of several nodes: whose log the checkpoints "
+                   "are (GET /v1/audit/logs lists them); a certificate's own is in its record")
     p.add_argument("--state", type=Path,
                    help="the state `audit verify --url --state` keeps: the audit keys the "
                    "log handed over to since it began, to verify a checkpoint signed by one")
@@ -55,8 +62,62 @@ def add_parser(asub: Any, remote_flags: Any) -> None:
 
 def prove(args: argparse.Namespace) -> int:
     from ca.commands.audit_cmd import _audit_key, _client_context
+    if args.extends is not None:
+        return asyncio.run(_extends(args, _client_context(args), _audit_key(args.key)))
     serial, der = _which(args)
     return asyncio.run(_prove(args, _client_context(args), _audit_key(args.key), serial, der))
+
+
+async def _extends(args: argparse.Namespace, ctx: Any, pinned: Any) -> int:
+    """The checkpoint extends OLD: both verify with the pinned key (or one it handed
+    over to, with --state), and the daemon's consistency proof between them holds."""
+    import aiohttp
+
+    from ca.audit.merkle import Growth, TreeHead, growth, needs_proof
+    from ca.audit.note import NoteError, parse_checkpoint
+    from ca.audit.verify import PinnedKey, followed, load_state
+    from ca.client import TIMEOUT, get_bytes
+    url = args.url.rstrip("/")
+    old_text = _read_checkpoint(args.extends)
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+        of_log = f"&log={quote(args.node, safe='')}" if args.node else ""
+        new_text = _read_checkpoint(args.checkpoint) if args.checkpoint else (
+            await get_bytes(session, url + "/v1/audit/checkpoint" + (
+                f"?log={quote(args.node, safe='')}" if args.node else ""), ctx)).decode(
+                    "utf-8", "replace")
+        checked = []
+        for where, text in ((f"the older checkpoint {args.extends}", old_text),
+                            ("the checkpoint" if args.checkpoint is None
+                             else f"the checkpoint {args.checkpoint}", new_text)):
+            try:
+                key = PinnedKey(pinned, parse_checkpoint(text).origin)
+                if args.state is not None and (state := load_state(args.state)) is not None:
+                    key = followed(state, key)
+                checked.append(key.verify(text))
+            except (NoteError, ValueError) as exc:
+                return _failed(f"{where} does not verify with the pinned audit key: {exc}")
+        old, new = checked
+        if old.origin != new.origin:
+            return _failed(f"the checkpoints are of two logs ({old.origin!r}, {new.origin!r})")
+        if new.size < old.size:
+            return _failed(f"the checkpoint covers {new.size} lines, fewer than the "
+                           f"{old.size} of the older one: the log was cut")
+        head, then = TreeHead(new.size, new.root), TreeHead(old.size, old.root)
+        proof: list[bytes] = []
+        if needs_proof(then, head):
+            body = json.loads(await get_bytes(
+                session, f"{url}/v1/audit/proof/consistency?old={old.size}&size="
+                f"{new.size}{of_log}", ctx))
+            proof = [base64.b64decode(h) for h in body.get("proof", [])]
+    if growth(then, head, proof) not in (Growth.SAME, Growth.EXTENDS):
+        return _failed(f"the checkpoint of {new.size} lines does not extend the older one "
+                       f"of {old.size} lines: the log was rewritten in between, and the audit "
+                       "key signed both histories (keep both notes: they are the evidence)")
+    print(f"PROVEN: the checkpoint of {new.size} lines (root "
+          f"{base64.b64encode(new.root).decode()}) extends the older one of {old.size} "
+          f"lines (root {base64.b64encode(old.root).decode()}): the log only grew in "
+          "between, both signed by the pinned audit key")
+    return 0
 
 
 def _which(args: argparse.Namespace) -> tuple[str, bytes | None]:
