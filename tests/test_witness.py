@@ -22,6 +22,7 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -336,6 +337,17 @@ def test_daemon_feeds_two_witnesses_which_refuse_a_rewritten_re_signed_log(
             w.run.stop()
 
 
+def settled_status(base: str) -> dict[str, Any]:
+    """The web view's banner once no verification is under way (each answer waits for
+    the one under way, up to 20 s)."""
+    for _ in range(10):
+        with urllib.request.urlopen(f"{base}/status.json", timeout=60) as answer:
+            status: dict[str, Any] = json.loads(answer.read())
+        if "under way" not in status["detail"]:
+            break
+    return status
+
+
 def test_a_log_cut_and_grown_again_fails_against_its_own_cosigned_checkpoint(
         tmp_path: Path) -> None:
     """An auditor trial: the operator cut the log back behind what a witness cosigned and
@@ -394,11 +406,7 @@ def test_a_log_cut_and_grown_again_fails_against_its_own_cosigned_checkpoint(
                            "--listen", "127.0.0.1:0")
         daemons.append(ui)
         base = ui.listening_url()
-        for _ in range(10):  # each answer waits for the verification under way, up to 20 s
-            with urllib.request.urlopen(f"{base}/status.json", timeout=60) as answer:
-                status = json.loads(answer.read())
-            if "under way" not in status["detail"]:
-                break
+        status = settled_status(base)
         assert status["status"] == "failed" and status["banner"].startswith(
             f"FAILED at seq {size - 1}: the audit key signed a checkpoint"), status
     finally:
@@ -492,11 +500,7 @@ def test_after_an_audit_key_rotation_the_view_still_counts_the_witness(tmp_path:
                            "--key", auditor[1], "--audit-key", first_key, "--state", state,
                            "--witness-key", witness.vkey, "--listen", "127.0.0.1:0")
         base = ui.listening_url()
-        for _ in range(10):  # each answer waits for the verification under way, up to 20 s
-            with urllib.request.urlopen(f"{base}/status.json", timeout=60) as answer:
-                status = json.loads(answer.read())
-            if "under way" not in status["detail"]:
-                break
+        status = settled_status(base)
         assert status["status"] == "ok", status
         assert status["banner"].endswith(f"checkpoint {size}, 1 witness"), status
         with urllib.request.urlopen(f"{base}/", timeout=60) as answer:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
 from cryptography.hazmat.primitives import serialization
@@ -94,23 +94,28 @@ class PinnedKey(NamedTuple):
         seq `first`), in order. A hand-over that does not verify is left to the scan,
         which reports it at its seq."""
         key = self
-        marker = NEXT_KEY.encode()
-        at = data.find(marker)
-        while at >= 0:
-            start = data.rfind(b"\n", 0, at) + 1
-            end = data.find(b"\n", at)
-            end = len(data) if end < 0 else end
-            seq = first + data.count(b"\n", 0, start)
+        for seq, line in lines_holding(data, NEXT_KEY.encode(), first):
             try:
-                obj = json.loads(data[start:end])
+                obj = json.loads(line)
                 text = obj.get("checkpoint") if obj.get("event") == "hsm.sign" and \
                     obj.get("result") == "ok" else None
                 if isinstance(text, str):
                     key = key.follow(text, seq)
             except (ValueError, NoteError, AttributeError):
                 pass
-            at = data.find(marker, end)
         return key
+
+
+def lines_holding(data: bytes, marker: bytes, first: int) -> Iterator[tuple[int, bytes]]:
+    """(seq, line) of each line of `data` (complete log lines from seq `first`) that
+    holds `marker`, in order."""
+    at = data.find(marker)
+    while at >= 0:
+        start = data.rfind(b"\n", 0, at) + 1
+        end = data.find(b"\n", at)
+        end = len(data) if end < 0 else end
+        yield first + data.count(b"\n", 0, start), data[start:end]
+        at = data.find(marker, end)
 
 
 class HandOver(NamedTuple):
@@ -135,15 +140,9 @@ def hand_overs(data: bytes, first: int, name: str) -> list[HandOver]:
     made: dict[str, int] = {}
     found: list[HandOver] = []
     for mark in (_KEYGEN, NEXT_KEY.encode()):
-        at = data.find(mark)
-        while at >= 0:
-            start = data.rfind(b"\n", 0, at) + 1
-            end = data.find(b"\n", at)
-            end = len(data) if end < 0 else end
-            seq = first + data.count(b"\n", 0, start)
-            at = data.find(mark, end)
+        for seq, line in lines_holding(data, mark, first):
             try:
-                obj = json.loads(data[start:end])
+                obj = json.loads(line)
             except ValueError:
                 continue  # the scan says what is wrong with it
             if not isinstance(obj, dict) or obj.get("result") != "ok":
