@@ -386,7 +386,8 @@ def test_the_validator_does_not_connect_to_a_link_local_address_dns_gives(
     assert error["type"].endswith(":dns") and "zero.test resolves to 0.0.0.0, an address " \
         "no host to validate has" in error["detail"], error
     from ca.acme.validation import Failed, _reachable
-    for address in ("169.254.169.254", "fe80::1", "::ffff:169.254.169.254", "ff02::1"):
+    for address in ("169.254.169.254", "fe80::1", "::ffff:169.254.169.254", "ff02::1",
+                    "fd00:ec2::254", "100.100.100.200", "64:ff9b::a9fe:a9fe"):
         with pytest.raises(Failed, match="an address no host to validate has"):
             _reachable("meta.test", address)
     assert _reachable("ok.test", "10.0.0.7") == "10.0.0.7"  # an internal host: validated
@@ -835,6 +836,17 @@ def test_acme_urls_are_built_on_the_cas_own_names_only(world: World) -> None:
     assert r.status_code == 400 and r.headers["Content-Type"].startswith(
         "application/problem+json"), r.text
     assert "'evil.example'" in r.json()["detail"] and "own names" in r.json()["detail"]
+    assert "hsmca.invalid" not in r.json()["detail"]  # the loopback-only name is not offered
+    # Nor a Host that only parses as the CA's (a review: `evil.example/@localhost` passed
+    # the check and became every URL), nor a malformed one (a 500, before)
+    port = world.ca.directory_url.split(":")[2].split("/")[0]
+    for host in (f"evil.example/@localhost:{port}", f"evil.example#@localhost:{port}",
+                 "localhost:99999", "localhost:abc", "[::1", "[::1]x"):
+        r = session.get(world.ca.directory_url, headers={"Host": host})
+        assert r.status_code == 400 and "own names" in r.json()["detail"], (host, r.text)
+    r = session.get(world.ca.directory_url, headers={"Host": f"LOCALHOST.:{port}"})
+    assert r.status_code == 200 and r.json()["newOrder"] == \
+        f"https://localhost:{port}/acme/new-order", r.text
     ok = session.get(world.ca.directory_url)
     assert ok.status_code == 200 and ok.json()["newOrder"].startswith(
         world.ca.directory_url.rsplit("/acme/", 1)[0]), ok.text
@@ -843,7 +855,7 @@ def test_acme_urls_are_built_on_the_cas_own_names_only(world: World) -> None:
 def test_names_waiting_for_validation_are_bounded_per_account(world: World) -> None:
     """A security trial: orders of 100 names that are never validated, 300 an hour, grew
     the inventory by 470 MB a day for one account. The names an account has waiting
-    are bounded ([acme] pending-authorizations); deactivating them frees room."""
+    are bounded ([acme] pending-authorizations)."""
     c = Client(world.ca)
     assert c.register(world.ca.eab("*.test")).status == 201
     first = c.order(*(f"w{i}.test" for i in range(30)))
@@ -851,11 +863,13 @@ def test_names_waiting_for_validation_are_bounded_per_account(world: World) -> N
     over = c.order(*(f"x{i}.test" for i in range(11)))
     assert over.status == 429 and over.problem == "rateLimited", over.body
     assert "this account has 30 names waiting for validation, and at most 40" in \
-        over.json["detail"] and "([acme] pending-authorizations)" in over.json["detail"]
+        over.json["detail"] and "([acme] pending-authorizations;" in over.json["detail"]
     assert c.order(*(f"y{i}.test" for i in range(10))).status == 201  # up to the bound
+    # Deactivated, they still take room: their rows stay until their order expires (a
+    # review: deactivating and ordering again grew the inventory as before)
     for authz in first.json["authorizations"][:5]:
         assert c.post(authz, {"status": "deactivated"}).status == 200
-    assert c.order(*(f"z{i}.test" for i in range(5))).status == 201
+    assert c.order("z0.test").status == 429
 
 
 def test_wildcards_allowed_without_a_resolver_are_said_when_put_in_force(

@@ -191,7 +191,7 @@ def test_orders_that_never_became_valid_are_deleted_once_expired(store: Store) -
     the inventory. Those expired before the cut-off go, with their authorizations and
     challenges, a batch at a time; one being finalized stays; an account's pending
     authorizations are counted while they live."""
-    order_with(store, "pending", ("a.test", "b.test"))
+    waiting = order_with(store, "pending", ("a.test", "b.test"))
     failed = order_with(store, "failed", ("c.test",))
     run(store.start_acme_challenge(failed[0].challenges[0].id, NOW, EARLIER))
     run(store.finish_acme_challenge(failed[0].challenges[0].id, False, '{"type": "x"}', NOW))
@@ -200,6 +200,8 @@ def test_orders_that_never_became_valid_are_deleted_once_expired(store: Store) -
     run(store.finish_acme_challenge(busy[0].challenges[0].id, True, None, NOW))
     assert run(store.begin_acme_finalize("busy")) is True
     assert run(store.acme_pending_authzs("acc", NOW.isoformat())) == 2  # a.test, b.test
+    assert run(store.deactivate_acme_authz(waiting[0].id)) is True
+    assert run(store.acme_pending_authzs("acc", NOW.isoformat())) == 2  # its row stays
     assert run(store.acme_pending_authzs("acc", LATER)) == 0  # expired: they wait no more
     assert run(store.purge_acme_orders(LATER)) == 0  # not expired before it
     after = (NOW + dt.timedelta(days=2)).isoformat()

@@ -15,8 +15,10 @@ import base64
 import datetime as dt
 import functools
 import hashlib
+import ipaddress
 import json
 import math
+import re
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
@@ -32,8 +34,7 @@ from ca.acme.nonces import Nonces
 from ca.acme.problems import PREFIX, AcmeProblem, from_refusal
 from ca.acme.validation import Failed, Validator, longest_s
 from ca.audit.voided import void
-from ca.config import AcmeConfig
-from ca.daemon.ratelimit import client_key
+from ca.config import CA_SERVER_NAME, AcmeConfig
 from ca.issuance.profiles import pem, utcnow
 from ca.logs import keep_trying
 from ca.policy import PARSE_ERRORS, Reason, Refused, parse_error
@@ -105,22 +106,43 @@ def base(request: web.Request) -> str:
     """The origin the client used: URLs in answers and the JWS url check agree with it.
     Only one of the daemon's own names (SETTINGS.own_names): any Host made the
     directory's URLs and the `url` a JWS is bound to (RFC 8555 6.4) another origin's,
-    whatever a proxy or cache in front keyed them by (a security trial)."""
-    if not _own_host(request):
-        names = request.app[SETTINGS].own_names
+    whatever a proxy or cache in front keyed them by (a security trial). The origin is
+    built from the Host as checked, never the header's raw text, which a review got
+    past the check with `evil.example/@localhost`."""
+    origin = _own_origin(request)
+    if origin is None:
+        names = [n for n in request.app[SETTINGS].own_names
+                 if n not in _LOOPBACK and n != CA_SERVER_NAME]
         raise AcmeProblem("malformed", f"this CA answers ACME by its own names only "
-                          f"({', '.join(n for n in names if n not in _LOOPBACK)}, or a "
-                          f"loopback address): the request's Host is {request.host[:100]!r}",
-                          400)
-    return f"{request.scheme}://{request.host}"
+                          f"({', '.join([*names, 'a loopback address'])}): the request's Host "
+                          f"is {request.host[:100]!r}", 400)
+    return origin
 
 
 _LOOPBACK = ("localhost", "127.0.0.1", "::1")
+# A Host header: a DNS name or a bracketed IPv6 address, then an optional port.
+_HOST = re.compile(r"(?:(?P<name>[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}))|\[(?P<v6>[0-9A-Fa-f:.]+)\])"
+                   r"(?::(?P<port>[0-9]{1,5}))?")
 
 
-def _own_host(request: web.Request) -> bool:
+def _own_origin(request: web.Request) -> str | None:
+    """`scheme://host[:port]` from the request's Host if it is well formed and names the
+    daemon (any name, when the app was built without its names), else None."""
+    m = _HOST.fullmatch(request.host or "")
+    if m is None or (m["port"] is not None and not 0 < int(m["port"]) < 65536):
+        return None
+    if m["v6"] is not None:
+        try:
+            host = str(ipaddress.IPv6Address(m["v6"]))
+        except ValueError:
+            return None
+        shown = f"[{host}]"
+    else:
+        host = shown = m["name"].lower().rstrip(".")
     names = request.app[SETTINGS].own_names
-    return not names or (request.url.host or "").lower().rstrip(".") in names
+    if names and host not in names:
+        return None
+    return f"{request.scheme}://{shown}" + (f":{int(m['port'])}" if m["port"] else "")
 
 
 def url_of(request: web.Request, path: str) -> str:
@@ -186,7 +208,7 @@ def acme_route(fn: Handler) -> Handler:
             resp.headers["Replay-Nonce"] = await request.app[ACME].nonces.new()
         except Exception as exc:  # the inventory is away: the answer still goes out
             log.warning("no nonce for the answer", error=str(exc))
-        if _own_host(request):  # (else the answer is the refusal of its Host)
+        if _own_origin(request) is not None:  # (else the answer refuses its Host)
             resp.headers.add("Link", f'<{url_of(request, "directory")}>;rel="index"')
         return resp
     return wrapper
@@ -338,7 +360,7 @@ async def new_account(request: web.Request) -> web.Response:
         # Without a binding anyone may register, and each account is a row and an audit
         # line: so many an hour per address (a binding is the operator's own limit).
         limit = server.cfg.accounts_per_hour
-        key = f"ip:{client_key(_client(request))}"
+        key = f"ip:{_client(request)}"
         if await server.store.acme_rate_take("new-account", [key], now, now - RATE_WINDOW,
                                              limit) is not None:
             await _rate_limited(request, f"new accounts: {limit} per hour for "
@@ -491,7 +513,7 @@ async def _rate(request: web.Request, kind: str, account_id: str, limit: int,
     # account is one the operator handed out, and a fleet behind one NAT, proxy or load
     # balancer would otherwise share one count that any account could use up.
     keys = [f"account:{account_id}"] + ([] if server.cfg.eab_required
-                                        else [f"ip:{client_key(_client(request))}"])
+                                        else [f"ip:{_client(request)}"])
     if take:
         over = await server.store.acme_rate_take(kind, keys, now, now - RATE_WINDOW, limit)
     else:
@@ -542,9 +564,10 @@ async def new_order(request: web.Request) -> web.Response:
     if waiting + len(grant.names) > server.cfg.pending_authorizations:
         raise AcmeProblem("rateLimited", f"this account has {waiting} names waiting for "
                           f"validation, and at most {server.cfg.pending_authorizations} may "
-                          "wait at once ([acme] pending-authorizations): validate or "
-                          "deactivate those first, or wait until they expire (7 days after "
-                          "their order)", 429, {"Retry-After": "3600"})
+                          "wait at once ([acme] pending-authorizations; deactivated ones "
+                          "count until their order expires): validate those first, or wait "
+                          "until they expire (7 days after their order)", 429,
+                          {"Retry-After": "3600"})
     await _rate(request, "new-order", v.account.id, server.cfg.orders_per_hour, take=True)
     expires = (now + ORDER_LIFETIME).isoformat()
     order_id = _new_id()
@@ -995,8 +1018,8 @@ async def withdraw_eab(request: web.Request) -> web.Response:
     seq = await request.app[AUDIT].append("acme.eab.withdraw", kid=kid, actor=order.actor,
                                           request_id=request.get("request_id"))
     if not await store.withdraw_acme_eab(kid, utcnow()):
-        await void(request.app[AUDIT], seq, "acme.eab.withdraw", "an account bound the key "
-                   "meanwhile", request.get("request_id"), kid=kid)
+        await void(request.app[AUDIT], seq, "acme.eab.withdraw", "the key was bound, "
+                   "withdrawn or erased meanwhile", request.get("request_id"), kid=kid)
         raise Refused(f"the EAB key {kid!r} was bound meanwhile: deactivate the account "
                       "that bound it instead", Reason.CONFLICT)
     log.info("acme eab key withdrawn", kid=kid, actor=order.actor)

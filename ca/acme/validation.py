@@ -81,9 +81,15 @@ def key_authorization(token: str, jwk: jose.JWK) -> str:
     return challenges.HTTP01(token=jose.decode_b64jose(token)).key_authorization(jwk)
 
 
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052's well-known prefix
+# Clouds' metadata services outside link-local: AWS's over IPv6, Alibaba's
+_METADATA = (ipaddress.IPv6Address("fd00:ec2::254"), ipaddress.IPv4Address("100.100.100.200"))
+
+
 def _reachable(name: str, address: str) -> str:
     """`address`, unless it is one no validated host has: link-local (169.254.169.254 is
-    a cloud's metadata service), unspecified, multicast or broadcast. An account that
+    most clouds' metadata service), a few other clouds' metadata addresses, unspecified,
+    multicast or broadcast (also inside NAT64's 64:ff9b::/96). An account that
     controls its name's DNS record pointed the validator there and read the answer's
     status back (a security trial). Loopback stays: the CA's own host answers only on
     the validation ports, and tests and single-host setups name it."""
@@ -93,7 +99,9 @@ def _reachable(name: str, address: str) -> str:
         return address
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    if ip.is_link_local or ip.is_unspecified or ip.is_multicast or \
+    elif isinstance(ip, ipaddress.IPv6Address) and ip in _NAT64:  # the IPv4 inside
+        ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip.is_link_local or ip.is_unspecified or ip.is_multicast or ip in _METADATA or \
             ip == ipaddress.IPv4Address("255.255.255.255"):
         raise Failed("dns", f"{name} resolves to {address}, an address no host to validate "
                      "has (link-local, unspecified, multicast or broadcast): the CA does not "

@@ -632,6 +632,8 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
 INVENTORY_CHECKPOINT_S = 1.0
 ACME_ORDER_KEPT = dt.timedelta(days=1)  # after an unvalidated order expired
 ACME_PURGE_S = 3600.0
+ACME_PURGE_BATCH = 200  # orders a transaction
+ACME_PURGE_PACE_S = 0.05
 INVENTORY_CHECK_S = 24 * 3600.0  # quick_check reads every page: 280 MB took 0.2 s cached, 6 s cold
 TILE_COPY_S = 10.0  # how long a stop waits for the last tiles' copy to PostgreSQL
 
@@ -1079,8 +1081,12 @@ async def _purge_acme_orders(store: Store) -> None:
         before = (utcnow() - ACME_ORDER_KEPT).isoformat()
         try:
             deleted = 0
-            while (n := await store.purge_acme_orders(before)) > 0:
+            # Small batches with a pause: the first round after an upgrade may find
+            # weeks of orders, and one long transaction held SQLite's write lock against
+            # every worker's commits (a review).
+            while (n := await store.purge_acme_orders(before, ACME_PURGE_BATCH)) > 0:
                 deleted += n
+                await asyncio.sleep(ACME_PURGE_PACE_S)  # pacing, not synchronisation
         except Exception as exc:  # the database away: the next round
             failing.failed(str(exc) or type(exc).__name__)
         else:

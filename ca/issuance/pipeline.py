@@ -293,6 +293,10 @@ class SigningPipeline:
             return
         if self._probing is None or self._probing.done():
             self._probing = asyncio.ensure_future(self._probe(max_wait))
+            # Its outcome is read even when every caller stopped waiting (a health
+            # check's timeout): no "exception was never retrieved" in the log.
+            self._probing.add_done_callback(
+                lambda f: f.cancelled() or f.exception())
         await asyncio.shield(self._probing)
 
     async def _probe(self, max_wait: float) -> None:

@@ -186,17 +186,15 @@ class Revocations:
                 await self._revoke_renewed_since(order, roots, list(late.serials), now)
             self._commit_later("revocation", commit, ("revocations", "ssh_revocations"))
             raise RecordedNotCommitted(str(exc), now, list(targets), len(targets)) from None
-        lost = sorted(set(targets) - set(done.serials))
-        if lost:  # revoked already when this commit came (another request's, at once)
-            await void(self.audit, seq, "cert.revoke", "already revoked when this revocation "
-                       "was committed", request_id, **({} if not done.serials else
-                                                        {"serials": [format(s, "x")
-                                                                     for s in lost]}))
-        if not done.serials:
-            raise Refused("already revoked", Reason.ALREADY_REVOKED)
-        self.generations.bump("revocations")  # committed: every process reloads
+        if done.serials:
+            self.generations.bump("revocations")  # committed: every process reloads
         if done.ssh_certs:
             self.generations.bump("ssh_revocations")
+        lost = sorted(set(targets) - set(done.serials))
+        if lost:  # revoked already when this commit came (another request's, at once)
+            await self._void(seq, lost if done.serials else None, request_id)
+        if not done.serials:
+            raise Refused("already revoked", Reason.ALREADY_REVOKED)
         done = await self._sweep(order, roots, done, now, request_id)
         # The revoked responses are signed now (the refresher would within seconds, but a
         # relying party should not get a good one a moment longer than needed); the
@@ -228,6 +226,19 @@ class Revocations:
                         "say so", serials=[format(s, "x") for s in unpublished],
                         issuers=sorted(set(unpublished.values())), request_id=request_id)
         return Revocation(now, list(done.serials), done.ssh_certs, unpublished, pending)
+
+    async def _void(self, seq: int, lost: list[int] | None, request_id: str | None) -> None:
+        """Say that the revocation line at `seq` changed nothing (or nothing for `lost`).
+        After the counters moved, and never failing the request: what it says is only
+        that the line above it did less than it claims (a review: written before the
+        counters, a log that failed here left a revocation unseen by the workers)."""
+        try:
+            await void(self.audit, seq, "cert.revoke", "already revoked when this "
+                       "revocation was committed", request_id,
+                       **({} if lost is None else {"serials": [format(s, "x") for s in lost]}))
+        except AuditUnavailable as exc:
+            log.warning("cannot say in the audit log that a revocation line changed nothing",
+                        seq=seq, error=str(exc), request_id=request_id)
 
     async def _record(self, order: ra.RevokeOrder, serials: list[int],
                       request_id: str | None, swept: bool = False) -> int:

@@ -363,9 +363,10 @@ class Store(Protocol):
         ...
 
     async def acme_pending_authzs(self, account_id: str, now: str) -> int:
-        """How many of the account's authorizations are pending and unexpired: what a
-        new order's names add to is bounded (an account filled the inventory with
-        orders it never validated, a security trial)."""
+        """How many of the account's authorizations are unexpired and pending, or were
+        deactivated (their rows stay until their order is deleted, so deactivating must
+        not make room: a review): what a new order's names add to is bounded (an account
+        filled the inventory with orders it never validated, a security trial)."""
         ...
 
     async def purge_acme_orders(self, before: str, batch: int = 1000) -> int:

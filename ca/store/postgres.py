@@ -1011,8 +1011,8 @@ class PostgresStore:
 
     async def acme_pending_authzs(self, account_id: str, now: str) -> int:
         rows = await self._rows(
-            "SELECT count(*) FROM acme_authzs WHERE account_id = %s AND status = 'pending' "
-            "AND expires > %s", (account_id, now))
+            "SELECT count(*) FROM acme_authzs WHERE account_id = %s AND status IN "
+            "('pending', 'deactivated') AND expires > %s", (account_id, now))
         return int(rows[0][0])
 
     async def purge_acme_orders(self, before: str, batch: int = 1000) -> int:

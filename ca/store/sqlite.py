@@ -1384,8 +1384,8 @@ class SQLiteStore:
 
     async def acme_pending_authzs(self, account_id: str, now: str) -> int:
         return int(self._read(
-            "SELECT count(*) FROM acme_authzs WHERE account_id = ? AND status = 'pending' "
-            "AND expires > ?", (account_id, now))[0][0])
+            "SELECT count(*) FROM acme_authzs WHERE account_id = ? AND status IN "
+            "('pending', 'deactivated') AND expires > ?", (account_id, now))[0][0])
 
     async def purge_acme_orders(self, before: str, batch: int = 1000) -> int:
         def purge(db: sqlite3.Connection) -> int:
