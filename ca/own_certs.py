@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import fcntl
-import hashlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,7 +39,7 @@ from ca.config import Config
 from ca.daemon.control import PolicyFeed
 from ca.fileutil import write_atomic
 from ca.issuance.issue import Issuance, decision_context
-from ca.issuance.profiles import pem
+from ca.issuance.profiles import fingerprint, pem
 from ca.logs import Recurring
 from ca.revocation import Revocations
 from ca.server_cert import ADMIN_DAYS, RENEW_BEFORE, ensure_server_cert
@@ -57,10 +56,9 @@ def _first_cert(path: Path) -> x509.Certificate | None:
         return None
 
 
-def _fingerprint(cert: x509.Certificate | None) -> str | None:
-    if cert is None:
-        return None
-    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+def _fingerprint_of(path: Path) -> str | None:
+    cert = _first_cert(path)
+    return fingerprint(cert) if cert is not None else None
 
 
 @contextmanager
@@ -94,7 +92,7 @@ class OwnCerts:
         self.policies, self.revocations = policies, revocations
         self._lock = asyncio.Lock()
         # What the workers' listeners loaded: the file as the start left it.
-        self._served = _fingerprint(_first_cert(config.tls_cert))
+        self._served = _fingerprint_of(config.tls_cert)
         self._tls = Recurring(log, "cannot renew the daemon's TLS certificate now",
                               "the daemon's TLS certificate can be renewed again")
         self._admin = Recurring(log, "cannot renew this host's admin credential now",
@@ -117,7 +115,7 @@ class OwnCerts:
                     else:
                         self._admin.ok()
             # Renewed here or by another node of the same state directory: loaded.
-            now = _fingerprint(_first_cert(self.config.tls_cert))
+            now = _fingerprint_of(self.config.tls_cert)
             if now is not None and now != self._served:
                 self._served = now
                 self.generations.bump("tls")
@@ -140,7 +138,7 @@ class OwnCerts:
         cert = _first_cert(path)
         if cert is None:  # taken away: the operator's choice
             return
-        rec = await self.store.cert_by_fingerprint(_fingerprint(cert) or "")
+        rec = await self.store.cert_by_fingerprint(fingerprint(cert))
         if rec is None or rec.revoked_at is not None or rec.role != "admin":
             return  # not this CA's, revoked, or not an admin's: not renewed
         life = cert.not_valid_after_utc - cert.not_valid_before_utc

@@ -104,8 +104,9 @@ def _reachable(name: str, address: str) -> str:
     if ip.is_link_local or ip.is_unspecified or ip.is_multicast or ip in _METADATA or \
             ip == ipaddress.IPv4Address("255.255.255.255"):
         raise Failed("dns", f"{name} resolves to {address}, an address no host to validate "
-                     "has (link-local, unspecified, multicast or broadcast): the CA does not "
-                     "connect there; pin the name in [acme.hosts] if it is meant")
+                     "has (link-local, a cloud's metadata service, unspecified, multicast or "
+                     "broadcast): the CA does not connect there; pin the name in "
+                     "[acme.hosts] if it is meant")
     return address
 
 

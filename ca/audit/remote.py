@@ -92,7 +92,7 @@ class RemoteResult:
     witnessed: Witnessed | None = None  # the witnesses' cosigned checkpoint, when ok
 
 
-class _DaemonError(Exception):
+class DaemonError(Exception):
     """The daemon answered something malformed (not a verdict about a line)."""
 
 
@@ -113,7 +113,7 @@ async def verify_remote(url: str, ssl_ctx: ssl.SSLContext, public_key: Ed25519Pu
     """
     raw = load_state(state_path)
     async with aiohttp.ClientSession(timeout=client.TIMEOUT) as session:
-        api = _API(session, url.rstrip("/"), ssl_ctx, log)
+        api = LogClient(session, url.rstrip("/"), ssl_ctx, log)
         # The witnesses' checkpoint first: then the latest checkpoint, fetched after it,
         # is at least as new, and the tree verified covers it. Fetched after, a checkpoint
         # cosigned meanwhile was newer than the tree, and a busy CA read as unwitnessed
@@ -124,7 +124,7 @@ async def verify_remote(url: str, ssl_ctx: ssl.SSLContext, public_key: Ed25519Pu
             cosigned = exc
         try:
             result = await _run(api, public_key, raw, origin)
-        except _DaemonError as exc:
+        except DaemonError as exc:
             result = RemoteResult(False, 0, 0, 0, None, str(exc), None)
         if result.ok:
             result = await _rewritten_on_disk(api, result)
@@ -136,7 +136,7 @@ async def verify_remote(url: str, ssl_ctx: ssl.SSLContext, public_key: Ed25519Pu
     return result
 
 
-async def _rewritten_on_disk(api: _API, result: RemoteResult) -> RemoteResult:
+async def _rewritten_on_disk(api: LogClient, result: RemoteResult) -> RemoteResult:
     """`result`, failed if the daemon says a line of its log file was rewritten.
 
     An incremental run reads only new lines, and the tiles, whence the proofs come,
@@ -156,7 +156,7 @@ async def _rewritten_on_disk(api: _API, result: RemoteResult) -> RemoteResult:
         result.checkpoints)
 
 
-async def _witnessed(api: _API, result: RemoteResult, public_key: Ed25519PublicKey,
+async def _witnessed(api: LogClient, result: RemoteResult, public_key: Ed25519PublicKey,
                      origin: str | None, witness_keys: list[VerifierKey],
                      text: str | client.ClientError | None) -> RemoteResult:
     """`result` with what the witnesses vouch for, or failed if the audit key signed a
@@ -168,7 +168,7 @@ async def _witnessed(api: _API, result: RemoteResult, public_key: Ed25519PublicK
     async def proof(old: int, size: int) -> list[bytes]:
         try:
             return await api.consistency(old, size)
-        except _DaemonError as exc:
+        except DaemonError as exc:
             raise client.ClientError(str(exc)) from None
 
     if isinstance(text, client.ClientError):
@@ -242,7 +242,10 @@ def log_state_path(state: Path, log: str | None) -> Path:
 
 
 @dataclass
-class _API:
+class LogClient:
+    """A daemon's audit log over its API, as an auditor reads it (`hsmca audit verify
+    --url`, `hsmca audit prove`): answers that do not parse raise DaemonError."""
+
     session: aiohttp.ClientSession
     base: str
     ctx: ssl.SSLContext
@@ -282,7 +285,7 @@ class _API:
         try:
             return (await self.get("/v1/audit/checkpoint")).decode("utf-8")
         except UnicodeDecodeError:
-            raise _DaemonError("the daemon's checkpoint is not UTF-8 text") from None
+            raise DaemonError("the daemon's checkpoint is not UTF-8 text") from None
 
     async def entries(self, start: int, stop: int) -> bytes:
         """Lines [start, stop) byte for byte, in pages; fewer if the daemon has fewer."""
@@ -293,7 +296,7 @@ class _API:
             page = await self.get(f"/v1/audit/entries?start={seq}&limit={limit}")
             count = page.count(b"\n")
             if count > limit:
-                raise _DaemonError(f"the daemon returned {count} lines from seq {seq} when "
+                raise DaemonError(f"the daemon returned {count} lines from seq {seq} when "
                                    f"asked for at most {limit}")
             pages.append(page)
             if count == 0 or not page.endswith(b"\n"):
@@ -301,17 +304,26 @@ class _API:
             seq += count
         return b"".join(pages)
 
+    async def inclusion(self, index: int, size: int) -> list[bytes]:
+        return self._hashes(await self.get(f"/v1/audit/proof/inclusion?index={index}&size="
+                                           f"{size}"), f"inclusion proof of line {index} in "
+                            f"{size} lines", index=index, size=size)
+
     async def consistency(self, old: int, size: int) -> list[bytes]:
-        raw = await self.get(f"/v1/audit/proof/consistency?old={old}&size={size}")
+        return self._hashes(await self.get(f"/v1/audit/proof/consistency?old={old}&size="
+                                           f"{size}"), f"consistency proof from {old} to "
+                            f"{size} lines", old=old, size=size)
+
+    @staticmethod
+    def _hashes(raw: bytes, what: str, **asked: int) -> list[bytes]:
+        """A proof's hashes, from an answer that must be for what was `asked`."""
         try:
             body = json.loads(raw)
-            if body["old"] != old or body["size"] != size:
-                raise ValueError(f"it is for old={body['old']!r}, size={body['size']!r}")
-            proof = [base64.b64decode(h, validate=True) for h in body["proof"]]
+            if any(body[k] != v for k, v in asked.items()):
+                raise ValueError("it is for " + ", ".join(f"{k}={body[k]!r}" for k in asked))
+            return [base64.b64decode(h, validate=True) for h in body["proof"]]
         except (ValueError, KeyError, TypeError, binascii.Error) as exc:
-            raise _DaemonError(f"the daemon's consistency proof from {old} to {size} lines is "
-                               f"malformed: {exc}") from None
-        return proof
+            raise DaemonError(f"the daemon's {what} is malformed: {exc}") from None
 
 
 # ---- the state ------------------------------------------------------------------------------
@@ -342,7 +354,7 @@ def _failed(failure: Failure, lines: int, fetched: int = 0, checkpoints: int = 0
     return RemoteResult(False, lines, fetched, checkpoints, failure.seq, failure.reason, None)
 
 
-async def _run(api: _API, public_key: Ed25519PublicKey, raw: dict[str, Any] | None,
+async def _run(api: LogClient, public_key: Ed25519PublicKey, raw: dict[str, Any] | None,
                origin: str | None) -> RemoteResult:
     if raw is None:
         name, old, prior = origin, AuditorState.empty(), None
@@ -406,7 +418,7 @@ async def _run(api: _API, public_key: Ed25519PublicKey, raw: dict[str, Any] | No
     return await _check_new_lines(api, data, old, prior, latest, text, key, known)
 
 
-async def _behind(api: _API, old: AuditorState, latest: Checkpoint, text: str
+async def _behind(api: LogClient, old: AuditorState, latest: Checkpoint, text: str
                   ) -> RemoteResult:
     """The daemon's latest checkpoint covers fewer lines than were verified before.
 
@@ -436,7 +448,7 @@ async def _behind(api: _API, old: AuditorState, latest: Checkpoint, text: str
         f"other {seen - size} are still there unchanged, but no checkpoint signs them yet"))
 
 
-async def _check_new_lines(api: _API, data: bytes, old: AuditorState,
+async def _check_new_lines(api: LogClient, data: bytes, old: AuditorState,
                            prior: SignedPrefix | None, latest: Checkpoint, text: str,
                            key: PinnedKey, known: set[str]) -> RemoteResult:
     """Lines [old.size, latest.size) as served (`data`), continuing from `old`."""

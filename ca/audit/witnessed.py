@@ -84,13 +84,20 @@ def _signed_at(sig: bytes) -> dt.datetime | None:
         seconds < 1 << 40 else None
 
 
-def latest_cosignature(text: str, keys: list[VerifierKey]) -> dt.datetime | None:
-    """When the newest valid cosignature by one of `keys` on `text` was made."""
-    valid = set(valid_cosignatures(text, keys))
-    times = [_signed_at(sig.sig) for sig in parse_note(text).signatures
-             if f"{SIG_PREFIX}{sig.name} {base64.b64encode(sig.key_id + sig.sig).decode()}\n"
-             in valid]
-    return max((t for t in times if t is not None), default=None)
+def cosigners(text: str, name: str, own: set[bytes],
+              witness_keys: list[VerifierKey]) -> tuple[Cosigner, ...]:
+    """The signature lines of the note `text` other than the log's own (`name` with a
+    key id in `own`), each verified or not with the pinned `witness_keys`."""
+    valid = set(valid_cosignatures(text, witness_keys))
+    found = []
+    for sig in parse_note(text).signatures:
+        if sig.name == name and sig.key_id in own:
+            continue  # the log's own signature
+        line = f"{SIG_PREFIX}{sig.name} {base64.b64encode(sig.key_id + sig.sig).decode()}\n"
+        pinned = any(k.name == sig.name and k.key_id == sig.key_id for k in witness_keys)
+        found.append(Cosigner(sig.name, sig.key_id.hex(), _signed_at(sig.sig), line in valid,
+                              pinned))
+    return tuple(found)
 
 
 async def assess(text: str | None, tree: TreeHead, key: PinnedKey,
@@ -111,7 +118,6 @@ async def assess(text: str | None, tree: TreeHead, key: PinnedKey,
                          f"cosignatures of its own log ({served}) only: ask {log}")
     try:
         cp = key.verify(text)
-        note = parse_note(text)
     except NoteError as exc:
         return Witnessed(problem=f"the cosigned checkpoint does not verify with the "
                          f"pinned audit key (or a key the log handed over to): {exc}",
@@ -131,17 +137,9 @@ async def assess(text: str | None, tree: TreeHead, key: PinnedKey,
         if consistent is False:
             problem = ("it is not consistent with the verified tree: the witnesses saw "
                        "another log")
-    valid = set(valid_cosignatures(text, witness_keys))
     # The log's own signature lines: each audit key's (two during a hand-over).
     own = {key_id(name, k) for k in key.trusted()}
     if (announced := cp.announced_key()) is not None:
         own.add(key_id(name, parse_verifier_key(announced, ALG_NOTE).public_key))
-    cosigners = []
-    for sig in note.signatures:
-        if sig.name == name and sig.key_id in own:
-            continue  # the log's own signature
-        line = f"{SIG_PREFIX}{sig.name} {base64.b64encode(sig.key_id + sig.sig).decode()}\n"
-        at = _signed_at(sig.sig)
-        pinned = any(k.name == sig.name and k.key_id == sig.key_id for k in witness_keys)
-        cosigners.append(Cosigner(sig.name, sig.key_id.hex(), at, line in valid, pinned))
-    return Witnessed(cp.size, consistent, tuple(cosigners), problem, text)
+    return Witnessed(cp.size, consistent, cosigners(text, name, own, witness_keys),
+                     problem, text)

@@ -15,7 +15,9 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from ca.audit.note import parse_checkpoint
 from ca.audit.verify import load_state, save_state, verify_log
+from ca.audit.witnessed import Witnessed, cosigners
 from ca.errors import CLIError
 
 
@@ -110,13 +112,6 @@ def _witness_keys(texts: list[str]) -> list[Any]:
         except ValueError as exc:
             raise CLIError(f"--witness-key: {exc}") from None
     return keys
-
-
-def _not_cosigned(note: str | None, keys: list[Any]) -> list[str]:
-    """The witnesses (name+id) of `keys` without a valid cosignature on `note`."""
-    from ca.audit.cosignature import valid_cosignatures
-    return [f"{k.name}+{k.key_id.hex()}" for k in keys
-            if note is None or not valid_cosignatures(note, [k])]
 
 
 def _client_context(args: argparse.Namespace) -> ssl.SSLContext:
@@ -294,8 +289,12 @@ def verify(args: argparse.Namespace) -> int:
         print(f"OPEN: {result.open_at_end} signatures have an intent and no outcome yet (under "
               "way when the log was copied, or cut short by a crash); accepted "
               "(--allow-unsigned)", file=sys.stderr)
+    # The latest checkpoint, verified consistent with the log above, and its witnesses.
+    seen = None if latest is None else Witnessed(
+        parse_checkpoint(latest).size, True, cosigners(latest, origin, set(), witnesses))
     if witnesses:
-        missing = _not_cosigned(latest, witnesses)
+        missing = seen.missing(witnesses) if seen is not None else [
+            f"{k.name}+{k.key_id.hex()}" for k in witnesses]
         if missing:
             print(f"FAILED (no line): the checkpoint {cp_path} carries no valid cosignature by "
                   f"{', '.join(missing)}; the log itself verified", file=sys.stderr)
@@ -311,14 +310,11 @@ def verify(args: argparse.Namespace) -> int:
         print(_checkpoint_line(latest, f"the checkpoint file {cp_path}", key))
     if args.state:
         print(f"state: saved in {args.state}, {result.lines} lines")
-    if witnesses and latest is not None:
+    if witnesses and seen is not None:
         # How much of the log it vouches for, and since when (an auditor trial read
         # "cosigned" as the whole log while the witnesses had been down).
-        from ca.audit.note import parse_checkpoint
-        from ca.audit.witnessed import latest_cosignature
-        covered = parse_checkpoint(latest).size
-        when = latest_cosignature(latest, witnesses)
-        print(f"cosigned: the checkpoint {cp_path}, {covered} of the {result.lines} lines, "
+        when = seen.newest
+        print(f"cosigned: the checkpoint {cp_path}, {seen.size} of the {result.lines} lines, "
               f"by {len(witnesses)} witness{'es' if len(witnesses) > 1 else ''} "
               f"({', '.join(k.name for k in witnesses)})"
               + (f", latest cosignature {when:%Y-%m-%d %H:%M:%S} UTC" if when else ""))

@@ -15,11 +15,11 @@ import asyncio
 import base64
 import hashlib
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
-from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from ca.errors import CLIError
@@ -62,38 +62,65 @@ def add_parser(asub: Any, remote_flags: Any) -> None:
 
 def prove(args: argparse.Namespace) -> int:
     from ca.commands.audit_cmd import _audit_key, _client_context
+    ctx, pinned = _client_context(args), _audit_key(args.key)
     if args.extends is not None:
-        return asyncio.run(_extends(args, _client_context(args), _audit_key(args.key)))
+        return asyncio.run(_extends(args, ctx, pinned))
     serial, der = _which(args)
-    return asyncio.run(_prove(args, _client_context(args), _audit_key(args.key), serial, der))
+    return asyncio.run(_prove(args, ctx, pinned, serial, der))
+
+
+def _which(args: argparse.Namespace) -> tuple[str, bytes | None]:
+    """The serial (hex, as the inventory has it) and, with --cert-file, the DER."""
+    from ca.client import load_certificates
+    from ca.commands.client_cmd import parse_serial
+    if args.cert_file is None:
+        return parse_serial(args.serial), None
+    cert = load_certificates(args.cert_file, "--cert-file")[0]
+    return format(cert.serial_number, "x"), cert.public_bytes(Encoding.DER)
+
+
+def _verified(text: str, pinned: Any, state: Path | None) -> Any:
+    """The checkpoint `text` if it verifies with the pinned audit key (or, with the
+    auditor's `state`, a key the log handed over to); NoteError or ValueError if not."""
+    from ca.audit.note import parse_checkpoint
+    from ca.audit.verify import PinnedKey, followed, load_state
+    key = PinnedKey(pinned, parse_checkpoint(text).origin)
+    if state is not None and (saved := load_state(state)) is not None:
+        key = followed(saved, key)
+    return key.verify(text)
+
+
+@asynccontextmanager
+async def _log_client(args: argparse.Namespace, ctx: Any, log: str | None
+                      ) -> AsyncIterator[Any]:
+    import aiohttp
+
+    from ca.audit.remote import LogClient
+    from ca.client import TIMEOUT
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+        yield LogClient(session, args.url.rstrip("/"), ctx, log)
+
+
+async def _the_checkpoint(args: argparse.Namespace, api: Any) -> str:
+    """--checkpoint's text, or the daemon's latest."""
+    return _read_checkpoint(args.checkpoint) if args.checkpoint else await api.checkpoint()
 
 
 async def _extends(args: argparse.Namespace, ctx: Any, pinned: Any) -> int:
     """The checkpoint extends OLD: both verify with the pinned key (or one it handed
     over to, with --state), and the daemon's consistency proof between them holds."""
-    import aiohttp
-
     from ca.audit.merkle import Growth, TreeHead, growth, needs_proof
-    from ca.audit.note import NoteError, parse_checkpoint
-    from ca.audit.verify import PinnedKey, followed, load_state
-    from ca.client import TIMEOUT, get_bytes
-    url = args.url.rstrip("/")
+    from ca.audit.note import NoteError
+    from ca.audit.remote import DaemonError
     old_text = _read_checkpoint(args.extends)
-    async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
-        of_log = f"&log={quote(args.node, safe='')}" if args.node else ""
-        new_text = _read_checkpoint(args.checkpoint) if args.checkpoint else (
-            await get_bytes(session, url + "/v1/audit/checkpoint" + (
-                f"?log={quote(args.node, safe='')}" if args.node else ""), ctx)).decode(
-                    "utf-8", "replace")
+    async with _log_client(args, ctx, args.node) as api:
+        texts = ((f"the older checkpoint {args.extends}", old_text),
+                 ("the checkpoint" if args.checkpoint is None
+                  else f"the checkpoint {args.checkpoint}", await _the_checkpoint(args, api)))
         checked = []
-        for where, text in ((f"the older checkpoint {args.extends}", old_text),
-                            ("the checkpoint" if args.checkpoint is None
-                             else f"the checkpoint {args.checkpoint}", new_text)):
+        for where, text in texts:
             try:
-                key = PinnedKey(pinned, parse_checkpoint(text).origin)
-                if args.state is not None and (state := load_state(args.state)) is not None:
-                    key = followed(state, key)
-                checked.append(key.verify(text))
+                checked.append(_verified(text, pinned, args.state))
             except (NoteError, ValueError) as exc:
                 return _failed(f"{where} does not verify with the pinned audit key: {exc}")
         old, new = checked
@@ -103,12 +130,11 @@ async def _extends(args: argparse.Namespace, ctx: Any, pinned: Any) -> int:
             return _failed(f"the checkpoint covers {new.size} lines, fewer than the "
                            f"{old.size} of the older one: the log was cut")
         head, then = TreeHead(new.size, new.root), TreeHead(old.size, old.root)
-        proof: list[bytes] = []
-        if needs_proof(then, head):
-            body = json.loads(await get_bytes(
-                session, f"{url}/v1/audit/proof/consistency?old={old.size}&size="
-                f"{new.size}{of_log}", ctx))
-            proof = [base64.b64decode(h) for h in body.get("proof", [])]
+        try:
+            proof = await api.consistency(old.size, new.size) if needs_proof(then, head) \
+                else []
+        except DaemonError as exc:
+            return _failed(str(exc))
     if growth(then, head, proof) not in (Growth.SAME, Growth.EXTENDS):
         return _failed(f"the checkpoint of {new.size} lines does not extend the older one "
                        f"of {old.size} lines: the log was rewritten in between, and the audit "
@@ -120,57 +146,28 @@ async def _extends(args: argparse.Namespace, ctx: Any, pinned: Any) -> int:
     return 0
 
 
-def _which(args: argparse.Namespace) -> tuple[str, bytes | None]:
-    """The serial (hex, as the inventory has it) and, with --cert, the DER."""
-    if args.cert_file is None:
-        text = str(args.serial).strip().lower().replace(":", "")
-        try:
-            return format(int(text, 16), "x"), None
-        except ValueError:
-            raise CLIError(f"--serial {args.serial!r} is not a hex serial") from None
-    try:
-        cert = x509.load_pem_x509_certificate(args.cert_file.read_bytes())
-    except OSError as exc:
-        raise CLIError(f"cannot read {args.cert_file}: {exc.strerror}") from None
-    except ValueError:
-        raise CLIError(f"{args.cert_file} is not a PEM certificate") from None
-    return format(cert.serial_number, "x"), cert.public_bytes(Encoding.DER)
-
-
 async def _prove(args: argparse.Namespace, ctx: Any, pinned: Any, serial: str,
                  der: bytes | None) -> int:
-    import aiohttp
-
     from ca.audit.merkle import leaf_hash, verify_inclusion
-    from ca.audit.note import NoteError, parse_checkpoint
-    from ca.audit.verify import PinnedKey, followed, load_state
-    from ca.client import TIMEOUT, ClientError, get_bytes
-    url = args.url.rstrip("/")
-    async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
-        async def get(path: str) -> bytes:
-            return await get_bytes(session, url + path, ctx)
-
+    from ca.audit.note import NoteError
+    from ca.audit.remote import DaemonError
+    from ca.client import ClientError, get_bytes
+    async with _log_client(args, ctx, None) as inventory:
         try:
-            rec = json.loads(await get(f"/v1/inventory/certificates/{serial}"))
+            rec = json.loads(await get_bytes(inventory.session, f"{inventory.base}/v1/"
+                                             f"inventory/certificates/{serial}", ctx))
         except ClientError as exc:
             if exc.status == 404:
                 raise CLIError(f"the CA's inventory has no certificate {serial}") from None
             raise
-        seq, node = rec.get("audit_seq"), rec.get("audit_log")
-        if not isinstance(seq, int):
-            raise CLIError(f"the inventory names no audit line for certificate {serial} (one "
-                           "recorded by an hsmca before 0.4, or adopted after a restore): "
-                           "`hsmca audit verify` covers it with the whole log")
-        of_log = f"&log={quote(node, safe='')}" if node else ""
-        text = _read_checkpoint(args.checkpoint) if args.checkpoint else \
-            (await get("/v1/audit/checkpoint" + (f"?log={quote(node, safe='')}" if node
-                                                  else ""))).decode("utf-8", "replace")
+    seq, node = rec.get("audit_seq"), rec.get("audit_log")
+    if not isinstance(seq, int):
+        raise CLIError(f"the inventory names no audit line for certificate {serial} (one "
+                       "recorded by an hsmca before 0.4, or adopted after a restore): "
+                       "`hsmca audit verify` covers it with the whole log")
+    async with _log_client(args, ctx, node) as api:
         try:
-            origin = parse_checkpoint(text).origin
-            key = PinnedKey(pinned, origin)
-            if args.state is not None and (state := load_state(args.state)) is not None:
-                key = followed(state, key)
-            cp = key.verify(text)
+            cp = _verified(await _the_checkpoint(args, api), pinned, args.state)
         except (NoteError, ValueError) as exc:
             return _failed(f"the checkpoint does not verify with the pinned audit key: {exc}")
         where = f"the checkpoint {args.checkpoint}" if args.checkpoint else \
@@ -179,20 +176,16 @@ async def _prove(args: argparse.Namespace, ctx: Any, pinned: Any, serial: str,
             return _failed(f"{where} covers {cp.size} lines, and the certificate's intent is "
                            f"at seq {seq}: not covered yet (the daemon signs a checkpoint "
                            "within seconds of new lines; give a later one)")
-        raw = await get(f"/v1/audit/entries?start={seq}&limit="
-                        f"{min(LOOK_AHEAD, cp.size - seq)}{of_log}")
-        lines = raw.split(b"\n")[:-1]
+        lines = (await api.entries(seq, min(seq + LOOK_AHEAD, cp.size))).split(b"\n")[:-1]
         found = _pair(lines, seq, serial)
         if isinstance(found, str):
             return _failed(found)
         (intent_seq, intent), (outcome_seq, outcome) = found
         for at, line in ((intent_seq, intent), (outcome_seq, outcome)):
-            if at >= cp.size:
-                return _failed(f"{where} covers {cp.size} lines, and the certificate's "
-                               f"outcome is at seq {at}: not covered yet; give a later one")
-            body = json.loads(await get(f"/v1/audit/proof/inclusion?index={at}&size="
-                                        f"{cp.size}{of_log}"))
-            proof = [base64.b64decode(h) for h in body.get("proof", [])]
+            try:
+                proof = await api.inclusion(at, cp.size)
+            except DaemonError as exc:
+                return _failed(str(exc))
             if not verify_inclusion(leaf_hash(line), at, cp.size, proof, cp.root):
                 return _failed(f"line {at} as the daemon served it is not in {where} (its "
                                "inclusion proof does not lead to the checkpoint's root): "

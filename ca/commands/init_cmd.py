@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import os
 import sys
 from pathlib import Path
@@ -76,20 +75,16 @@ def _print_anchors(state: Path) -> None:
     and compared there (an auditor trial found nothing to compare the files with)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.serialization import (
-        Encoding,
-        PublicFormat,
-        load_pem_public_key,
-    )
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
     from ca.audit.note import verifier_key
     from ca.config import load
+    from ca.subject import spki_sha256
     cfg = load(state / "hsmca.toml")
     root = x509.load_pem_x509_certificate(cfg.root_pem.read_bytes())
     audit = load_pem_public_key(cfg.audit_key_pem.read_bytes())
-    spki = hashlib.sha256(audit.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo))
     print("to pin, compared out of band (docs/audit-log.md):")
     print(f"  root certificate SHA-256:    {root.fingerprint(hashes.SHA256()).hex(':').upper()}")
-    print(f"  audit public key SHA-256:    {spki.hexdigest()} (audit/audit_key.pem)")
+    print(f"  audit public key SHA-256:    {spki_sha256(audit)} (audit/audit_key.pem)")
     if not cfg.cluster:  # a cluster's logs are named by node: GET /v1/audit/logs/NODE/key
         print(f"  audit verifier key:          {verifier_key(cfg.audit_origin, audit)}")  # type: ignore[arg-type]

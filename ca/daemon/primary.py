@@ -1070,49 +1070,49 @@ async def _refresh_crls(issuance: Issuance, store: Store, audit: AuditLog,
         await asyncio.sleep(CRL_REFRESH_S)  # periodic work, not synchronisation
 
 
+async def _every(interval_s: float, failing: Recurring,
+                 round_: Callable[[], Awaitable[None]]) -> None:
+    """`round_` at start and then every `interval_s`, for good: a round that fails (the
+    database away) is said through `failing` and tried at the next."""
+    while True:
+        try:
+            await round_()
+        except Exception as exc:
+            failing.failed(str(exc) or type(exc).__name__)
+        else:
+            failing.ok()
+        await asyncio.sleep(interval_s)  # periodic work, not synchronisation
+
+
 async def _purge_acme_orders(store: Store) -> None:
     """Orders that never became valid are deleted a day after they expired, with their
     authorizations and challenges (hourly, in batches): kept for good, an account's
     unvalidated orders grew the inventory without bound (a security trial). Valid orders
     stay with the certificates that name them."""
-    failing = Recurring(log, "cannot delete expired ACME orders now",
-                        "expired ACME orders can be deleted again")
-    while True:
+    async def purge() -> None:
         before = (utcnow() - ACME_ORDER_KEPT).isoformat()
-        try:
-            deleted = 0
-            # Small batches with a pause: the first round after an upgrade may find
-            # weeks of orders, and one long transaction held SQLite's write lock against
-            # every worker's commits (a review).
-            while (n := await store.purge_acme_orders(before, ACME_PURGE_BATCH)) > 0:
-                deleted += n
-                await asyncio.sleep(ACME_PURGE_PACE_S)  # pacing, not synchronisation
-        except Exception as exc:  # the database away: the next round
-            failing.failed(str(exc) or type(exc).__name__)
-        else:
-            failing.ok()
-            if deleted:
-                log.info("expired acme orders deleted", orders=deleted)
-        await asyncio.sleep(ACME_PURGE_S)  # periodic work, not synchronisation
+        deleted = 0
+        # Small batches with a pause: the first round after an upgrade may find weeks of
+        # orders, and one long transaction held SQLite's write lock against every
+        # worker's commits (a review).
+        while (n := await store.purge_acme_orders(before, ACME_PURGE_BATCH)) > 0:
+            deleted += n
+            await asyncio.sleep(ACME_PURGE_PACE_S)  # pacing, not synchronisation
+        if deleted:
+            log.info("expired acme orders deleted", orders=deleted)
+    await _every(ACME_PURGE_S, Recurring(log, "cannot delete expired ACME orders now",
+                                         "expired ACME orders can be deleted again"), purge)
 
 
 async def _erase_expired_eab_keys(store: Store) -> None:
     """An ACME EAB key that expired unbound can bind nothing: its MAC key is erased, as
     a used or withdrawn one's is, at start and then every CRL_REFRESH_S (docs/security.md:
     kept only while it can bind an account). Its state still reads expired."""
-    failing = Recurring(log, "cannot erase expired EAB keys now",
-                        "expired EAB keys can be erased again")
-    while True:
-        try:
-            erased = await store.erase_expired_acme_eab_keys(utcnow())
-        except Exception as exc:  # the database away: the next round
-            failing.failed(str(exc) or type(exc).__name__)
-        else:
-            failing.ok()
-            if erased:
-                log.info("acme eab keys expired unbound: their MAC keys are erased",
-                         kids=erased)
-        await asyncio.sleep(CRL_REFRESH_S)  # periodic work, not synchronisation
+    async def erase() -> None:
+        if erased := await store.erase_expired_acme_eab_keys(utcnow()):
+            log.info("acme eab keys expired unbound: their MAC keys are erased", kids=erased)
+    await _every(CRL_REFRESH_S, Recurring(log, "cannot erase expired EAB keys now",
+                                          "expired EAB keys can be erased again"), erase)
 
 
 async def _refresh_ocsp(issuance: Issuance, store: Store, policies: control.PolicyFeed
@@ -1165,18 +1165,13 @@ async def _check_inventory(store: SQLiteStore, generations: Generations) -> None
     quick_check, in a thread): a damaged page is said in the log and by every worker's
     /health (503) at once, not when a request first reads it, which may be a revocation
     check. The daemon goes on serving what it can read; the way back is a restore."""
-    failing = Recurring(log, "cannot check the inventory now", "the inventory is checked")
-    while True:
-        try:
-            damage = await asyncio.to_thread(store.find_damage)
-        except sqlite3.Error as exc:  # busy or unreadable now: the next round
-            failing.failed(str(exc))
-        else:
-            failing.ok()
-            if damage is not None and not generations.gauge("inventory_damaged"):
-                generations.set_gauge("inventory_damaged", 1)
-                log.error(str(damaged_error(store.path, damage)))
-        await asyncio.sleep(INVENTORY_CHECK_S)  # periodic work, not synchronisation
+    async def check() -> None:
+        damage = await asyncio.to_thread(store.find_damage)
+        if damage is not None and not generations.gauge("inventory_damaged"):
+            generations.set_gauge("inventory_damaged", 1)
+            log.error(str(damaged_error(store.path, damage)))
+    await _every(INVENTORY_CHECK_S, Recurring(log, "cannot check the inventory now",
+                                              "the inventory is checked"), check)
 
 
 def main(config: Config, listen: str | None, workers: int | None = None) -> int:

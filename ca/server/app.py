@@ -126,10 +126,10 @@ async def audit_state(audit: AuditReader) -> dict[str, Any]:
                 "problem": audit.problem or "the primary process does not answer"}
 
 
-async def store_state(store: Store, generations: Generations | None = None) -> str:
+async def store_state(store: Store, generations: Generations) -> str:
     """"ok", or "unavailable: why", asking the inventory itself (within 2 s), and
     whether the primary's check of every page found damage (ca.daemon.primary)."""
-    if generations is not None and generations.gauge("inventory_damaged"):
+    if generations.gauge("inventory_damaged"):
         return ("unavailable: the inventory is damaged (a check of its every page found "
                 "damage, which the daemon's log names): stop hsmca and restore it from a "
                 "backup (docs/operator.md, Backup and restore)")

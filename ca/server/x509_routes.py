@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 from ca import ra
 from ca.daemon.ratelimit import client_key
 from ca.issuance.issue import Issued
-from ca.issuance.profiles import pem, utcnow
+from ca.issuance.profiles import fingerprint, pem, utcnow
 from ca.policy import Reason, Refused
 from ca.revocation import RecordedNotCommitted, ocsp
 from ca.server.common import (
@@ -351,8 +351,7 @@ async def revoke(request: web.Request) -> web.Response:
             revoked=rec is not None and rec.revoked_at is not None,
             revoked_reason=rec.reason if rec is not None else None,
             given=given is not None, proven=issuer is not None,
-            matches=given is None or rec is None or rec.fingerprint == hashlib.sha256(
-                given.public_bytes(serialization.Encoding.DER)).hexdigest()))
+            matches=given is None or rec is None or rec.fingerprint == fingerprint(given)))
         if given is not None and issuer is not None:
             await revocations.adopt(given, issuer, order.actor, request.get("request_id"))
             log.warning("recorded a certificate this CA signed and its inventory lacked, to "

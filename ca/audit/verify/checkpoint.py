@@ -16,13 +16,13 @@ import json
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ca.audit.cosignature import ALG_NOTE, parse_verifier_key
 from ca.audit.merkle import Growth, MerkleTree, TreeHead, growth
 from ca.audit.note import NEXT_KEY, Checkpoint, NoteError, key_id, parse_checkpoint, verify_note
 from ca.audit.verify.failure import Failure, LineError, Stage, before
+from ca.subject import spki_sha256
 
 
 class PinnedKey(NamedTuple):
@@ -160,13 +160,9 @@ def hand_overs(data: bytes, first: int, name: str) -> list[HandOver]:
                 key = parse_verifier_key(announced, ALG_NOTE).public_key
             except (NoteError, ValueError):
                 continue
-            spki = hashlib.sha256(key.public_bytes(
-                serialization.Encoding.DER,
-                serialization.PublicFormat.SubjectPublicKeyInfo)).hexdigest()
-            kid = key_id(name, key).hex()
+            kid, at = key_id(name, key).hex(), made.get(spki_sha256(key))
             if not any(h.key_id == kid for h in found):  # said once: where it began
-                found.append(HandOver(seq, kid, made.get(spki) if made.get(spki, seq) < seq
-                                      else None))
+                found.append(HandOver(seq, kid, at if at is not None and at < seq else None))
     return found
 
 
