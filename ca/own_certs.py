@@ -42,7 +42,7 @@ from ca.issuance.issue import Issuance, decision_context
 from ca.issuance.profiles import fingerprint, pem
 from ca.logs import Recurring
 from ca.revocation import Revocations
-from ca.server_cert import ADMIN_DAYS, RENEW_BEFORE, ensure_server_cert
+from ca.server_cert import RENEW_BEFORE, ensure_server_cert
 from ca.store import Store
 
 CHECK_S = 3600.0
@@ -145,15 +145,12 @@ class OwnCerts:
         left = cert.not_valid_after_utc - dt.datetime.now(dt.UTC)
         if left >= min(RENEW_BEFORE, life / 3) or left <= dt.timedelta(0):
             return  # not due; or expired, which renews nothing (as over mutual TLS)
-        # As long as it was made for (its notBefore is backdated), a year at most
-        lifetime = max(dt.timedelta(seconds=1),
-                       min(life - ra.BACKDATE, dt.timedelta(days=ADMIN_DAYS)))
         log.info("renewing this host's admin credential", path=str(path),
                  ends=cert.not_valid_after_utc.isoformat(), serial=rec.serial)
         key = ec.generate_private_key(ec.SECP256R1())
         ctx = decision_context(self.policies.current, self.issuance.issuers)
         order = ra.order(ctx, ra.Local(), ra.LocalCertRequest(
-            "admin", key.public_key(), rec.names, lifetime, renewed_from=rec.serial))
+            "admin", key.public_key(), rec.names, life, renewed_from=rec.serial))
         issued = await self.issuance.x509(order)
         # Revoked while it was signed: the new one goes with it, and is not written.
         await self.revocations.settle(rec.serial, None, child=issued.cert.serial_number)

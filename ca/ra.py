@@ -332,6 +332,8 @@ class LocalCertRequest:
     role: str  # server | admin
     public_key: Any
     names: tuple[str, ...]
+    # A new one's lifetime; a renewal's (renewed_from set): the whole life of the one it
+    # renews, notBefore to notAfter, which the renewal gets again (a year at most)
     lifetime: dt.timedelta
     renewed_from: str | None = None  # the one it renews (hex serial): its lineage
 
@@ -968,10 +970,18 @@ def _local_cert(ctx: Context, who: Requester, req: LocalCertRequest) -> X509Orde
     if not isinstance(who, Local):
         raise Refused("only the CA itself makes its own certificates", Reason.WRONG_ROLE)
     names = tuple(policy.classify(n, True) for n in req.names)
+    lifetime = req.lifetime
+    if req.renewed_from is not None:
+        # As long as the one it renews was made for (its notBefore was backdated), a year
+        # at most: the admin credential `init` made is renewed so (ca/own_certs.py).
+        lifetime = max(dt.timedelta(seconds=1), min(lifetime - BACKDATE, LOCAL_RENEWAL_MAX))
     # The CA's own names: not subject to the lists that govern what others may get.
     return _x509(ctx, who, role=req.role, names=names, principals=(),
-                 subject=subject_key(req.public_key), lifetime=req.lifetime,
+                 subject=subject_key(req.public_key), lifetime=lifetime,
                  check_names=False, renewed_from=req.renewed_from)
+
+
+LOCAL_RENEWAL_MAX = dt.timedelta(days=365)  # as `hsmca init` makes the admin credential
 
 
 ROTATABLE = ("issuing", "ssh-user", "ssh-host", "audit")

@@ -21,7 +21,7 @@ from ca.issuance.issue import Issuance
 from ca.local_certs import local_cert
 
 TLS_DAYS = 365
-ADMIN_DAYS = 365  # as `hsmca init` makes it (ca/own_certs.py renews it)
+ADMIN_DAYS = 365  # as `hsmca init` makes it (ra.LOCAL_RENEWAL_MAX caps its renewals)
 
 RENEW_BEFORE = dt.timedelta(days=30)
 log = structlog.get_logger("hsmca.tls")
