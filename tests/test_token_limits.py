@@ -29,3 +29,11 @@ def test_a_flood_of_addresses_does_not_free_a_client_held_back() -> None:
         held.failed(f"10.3.0.{n}")
     assert held.retry_after("10.0.0.1") > 0  # newer than the 10 dropped: still held back
     assert held.retry_after("10.1.0.0") == 0 and held.retry_after("10.3.0.59") == 0
+
+
+def test_the_limiter_holds_back_the_whole_64() -> None:
+    held = FailureLimiter(max_failures=3, window_s=60, max_clients=100)
+    for n in range(3):  # three addresses of one host's /64
+        held.failed(f"2001:db8:1:2::{n + 1}")
+    assert held.retry_after("2001:db8:1:2::99") > 0
+    assert held.retry_after("2001:db8:1:3::1") == 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from ca.daemon.ratelimit import FailureLimiter
+from ca.daemon.ratelimit import FailureLimiter, client_key
 from ca.store import Store
 
 KIND = "token-failure"
@@ -23,6 +23,7 @@ class ClusterTokenLimit:
 
     async def token_failed(self, client: str) -> int:
         """Count a failed attempt from `client`; seconds it must wait (0: tell it why)."""
+        client = client_key(client)  # an IPv6 client by its /64, as on one node
         now = dt.datetime.now(dt.UTC)
         since = now - dt.timedelta(seconds=self.window_s)
         # Whether the client was over the limit before this attempt, as on one node.

@@ -29,14 +29,16 @@ class FailureLimiter:
         self._seen: dict[str, tuple[float, int]] = {}  # in the order their windows began
 
     def retry_after(self, client: str) -> int:
-        """Seconds the client must wait, or 0 if it may try."""
-        start, count = self._seen.get(client, (0.0, 0))
+        """Seconds the client (an address, counted as `client_key` says) must wait, or 0
+        if it may try."""
+        start, count = self._seen.get(client_key(client), (0.0, 0))
         left = start + self.window_s - time.monotonic()
         if left <= 0 or count < self.max_failures:
             return 0
         return max(1, int(left + 0.999))
 
     def failed(self, client: str) -> None:
+        client = client_key(client)
         now = time.monotonic()
         start, count = self._seen.get(client, (now, 0))
         if now - start > self.window_s:

@@ -17,7 +17,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 
 from ca import ra
-from ca.daemon.ratelimit import client_key
 from ca.issuance.issue import Issued
 from ca.issuance.profiles import fingerprint, pem, utcnow
 from ca.policy import Reason, Refused
@@ -115,8 +114,8 @@ async def _token_failed(request: web.Request, why: str, detail: str,
             "bootstrap token refused", reason=why, client=client,
             request_id=request.get("request_id"),
             **({} if token_id is None else {"token_id": token_id}))
-    wait = await request.app[LIMIT].token_failed(client_key(client)) \
-        if why in ("missing", "unknown") else 0
+    wait = await request.app[LIMIT].token_failed(client) if why in ("missing", "unknown") \
+        else 0
     if wait:
         return Problem(429, "Too Many Requests", f"too many failed bootstrap-token attempts "
                        f"from {client}; retry in {wait} s", "rate-limited",
