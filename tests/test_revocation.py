@@ -134,6 +134,15 @@ async def test_anonymous_ocsp_costs_no_signature_and_no_audit_line(
     assert parsedate_to_datetime(headers["Last-Modified"]) == resp.this_update_utc
     assert parsedate_to_datetime(headers["Expires"]) == resp.next_update_utc
     assert re.fullmatch(r'"[0-9a-f]{32}"', headers["ETag"]), headers["ETag"]
+    # A cache coming back with the tag, as must-revalidate has it do, gets 304 and no
+    # body while the response stands (a protocol trial got the whole body each time).
+    url = f"{d.url}/v1/x509/ocsp/{base64.urlsafe_b64encode(request_for(cert, ca)).decode()}"
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url, ssl=d.ssl(), headers={"If-None-Match": headers["ETag"]}) as r:
+            assert r.status == 304 and await r.read() == b"" and r.headers["ETag"] == \
+                headers["ETag"]
+        async with s.get(url, ssl=d.ssl(), headers={"If-None-Match": '"0"'}) as r:
+            assert r.status == 200 and await r.read()
 
 
 async def test_crls_are_signed_ahead_and_an_anonymous_get_signs_nothing(

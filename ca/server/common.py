@@ -261,10 +261,16 @@ def revalidated(request: web.Request, body: bytes, content_type: str, *,
     headers = {"Cache-Control": "no-cache", "ETag": etag}
     if modified is not None:
         headers["Last-Modified"] = http_date(modified)
-    match = request.headers.get("If-None-Match")  # RFC 9110 13.2.2
-    unchanged = match is not None and (match.strip() == "*" or etag in (
-        tag.strip().removeprefix("W/") for tag in match.split(",")))
-    if unchanged:
+    if not_modified(request, etag):
         return web.Response(status=304, headers=headers)
     return web.Response(body=body, content_type=content_type, headers=headers)
+
+
+def not_modified(request: web.Request, etag: str) -> bool:
+    """Whether a GET's `If-None-Match` names `etag` (RFC 9110 13.1.2): the client's copy
+    is current, and it gets 304 with no body."""
+    match = request.headers.get("If-None-Match")
+    return request.method in ("GET", "HEAD") and match is not None and (
+        match.strip() == "*" or etag in (tag.strip().removeprefix("W/")
+                                         for tag in match.split(",")))
 

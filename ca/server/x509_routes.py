@@ -33,6 +33,7 @@ from ca.server.common import (
     http_date,
     identity,
     json_body,
+    not_modified,
     parse_csr,
     peer_der,
     revalidated,
@@ -440,16 +441,19 @@ async def all_crls(request: web.Request) -> web.Response:
                        modified=max(c.last_update_utc for c in crls))
 
 
-def _ocsp_response(answer: ocsp.Answer) -> web.Response:
+def _ocsp_response(request: web.Request, answer: ocsp.Answer) -> web.Response:
     cache = f"max-age={answer.max_age}, public, no-transform, must-revalidate" \
         if answer.max_age else "no-cache"
     headers = {"Cache-Control": cache}
     if answer.this_update is not None and answer.next_update is not None:
         # RFC 5019 6.2: what a cache needs to keep a response and to ask again cheaply.
-        headers.update({
-            "Last-Modified": http_date(answer.this_update),
-            "Expires": http_date(answer.next_update),
-            "ETag": f'"{hashlib.sha256(answer.der).hexdigest()[:32]}"'})
+        etag = f'"{hashlib.sha256(answer.der).hexdigest()[:32]}"'
+        headers.update({"Last-Modified": http_date(answer.this_update),
+                        "Expires": http_date(answer.next_update), "ETag": etag})
+        # must-revalidate sends caches back with the ETag; the answer is 304 while the
+        # response stands (a protocol trial got the whole body again every time).
+        if not_modified(request, etag):
+            return web.Response(status=304, headers=headers)
     return web.Response(body=answer.der, content_type="application/ocsp-response",
                         headers=headers)
 
@@ -457,7 +461,7 @@ def _ocsp_response(answer: ocsp.Answer) -> web.Response:
 @routes.post("/v1/x509/ocsp")
 async def ocsp_post(request: web.Request) -> web.Response:
     der = await request.read()
-    return _ocsp_response(await _ocsp_answer(request, der))
+    return _ocsp_response(request, await _ocsp_answer(request, der))
 
 
 @routes.get("/v1/x509/ocsp/{b64:.+}")
@@ -468,7 +472,7 @@ async def ocsp_get(request: web.Request) -> web.Response:
                                if "-" in text or "_" in text else None, validate=False)
     except (binascii.Error, ValueError):
         der = b""
-    return _ocsp_response(await _ocsp_answer(request, der))
+    return _ocsp_response(request, await _ocsp_answer(request, der))
 
 
 async def _ocsp_answer(request: web.Request, der: bytes) -> ocsp.Answer:
