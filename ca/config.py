@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ca.decimal_text import is_decimal
-from ca.policy import Policy, Refused, name_pattern, ssh_extension, uri
+from ca.policy import AS_IP, Policy, Refused, name_pattern, ssh_extension, uri
 from ca.policy import dns_name as valid_dns_name
 from hsm.session import HSMConfig
 from hsm.uri import URIError
@@ -723,8 +723,16 @@ def _server_name(value: str, where: str) -> str:
     try:
         return valid_dns_name(taken)
     except Refused as exc:  # said of the value as written
-        raise ConfigError(f"{where}: dns-name: {exc.detail.replace(repr(taken), repr(value))}"
-                          ) from None
+        detail = exc.detail.replace(repr(taken), repr(value))
+        if detail.endswith(AS_IP):
+            # The CA's own name, which releases before 0.2.0 let pass: an upgrade trial's
+            # CA stopped at its first start with advice that did not fit.
+            detail = (detail.removesuffix(AS_IP) + ": the CA's name must be a DNS name; "
+                      "give it another that clients reach it by (releases before 0.2.0 "
+                      "took this one). The next start renews the listener's certificate "
+                      "for it; the admin credential and the audit log's origin keep their "
+                      "names (docs/operator.md, Upgrading)")
+        raise ConfigError(f"{where}: dns-name: {detail}") from None
 
 
 def _public_url(value: str | None, where: str) -> str | None:

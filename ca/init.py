@@ -28,7 +28,7 @@ from ca.issuance import profiles as prof
 from ca.issuance.issue import Issuance, decision_context, sign_ca_cert
 from ca.issuance.pipeline import SigningPipeline
 from ca.local_certs import local_cert
-from ca.policy import Policy, Refused, dns_name
+from ca.policy import AS_IP, Policy, Refused, dns_name
 from ca.server_cert import ADMIN_DAYS, TLS_DAYS, server_names
 from ca.store import open_store
 from hsm.keys import KEY_TYPES, find_private
@@ -267,7 +267,11 @@ def check_dns_name(name: str) -> None:
     try:
         dns_name(name)
     except Refused as exc:
-        raise InitError(f"--dns-name: {exc.detail}") from None
+        # The advice for a name asked for ("give an IP as an IP") does not fit the CA's
+        # own name, which clients reach it by: a DNS name.
+        raise InitError(f"--dns-name: {exc.detail.removesuffix(AS_IP)}"
+                        + ("; the CA's name must be a DNS name" if exc.detail.endswith(AS_IP)
+                           else "")) from None
     if len(name) > 64:
         raise InitError("--dns-name must be at most 64 characters (it is the TLS "
                         "certificate's common name)")

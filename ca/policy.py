@@ -214,8 +214,8 @@ def dns_name(name: str, allow_wildcards: bool = False) -> str:
         # inet_aton, resolvers and browsers (WHATWG URL): 0x7f.1 is 127.0.0.1, 10.1 is
         # 10.0.0.1. As a name it would slip past the CIDR rules of the deny list.
         raise Refused(f"{_show(name)} looks like an IP address (its last label is a "
-                      "number, which software reads as IPv4: 0x7f.1 is 127.0.0.1); give an "
-                      "IP as an IP", Reason.BAD_NAME)
+                      "number, which software reads as IPv4: 0x7f.1 is 127.0.0.1)"
+                      f"{AS_IP}", Reason.BAD_NAME)
     for lbl in labels:
         if lbl.startswith("xn--"):
             try:  # an A-label must decode (the standard library's IDNA codec)
@@ -224,6 +224,9 @@ def dns_name(name: str, allow_wildcards: bool = False) -> str:
                 raise Refused(f"{_show(name)}: {lbl!r} is not a valid A-label (punycode of "
                               "an internationalised name)", Reason.BAD_NAME) from None
     return lowered
+
+
+AS_IP = "; give an IP as an IP"  # the advice for a name asked for; not for the CA's own
 
 
 def _is_number(label: str) -> bool:

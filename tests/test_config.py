@@ -357,6 +357,17 @@ def test_names_that_go_into_certificates_and_checkpoints_are_checked(
     assert said in error, error
 
 
+def test_a_ca_name_an_older_release_took_is_refused_with_advice_for_the_ca(
+        tmp_path: Path) -> None:
+    """An upgrade trial: a CA named `ca.lab.10` by a release before 0.2.0 stopped at the
+    new release's first start, told to "give an IP as an IP", which fits a name asked
+    for, not the CA's own. It is told to rename the CA and what that keeps."""
+    error = refused_with(tmp_path, 'dns-name = "ca.example"', 'dns-name = "ca.lab.10"')
+    assert "'ca.lab.10' looks like an IP address" in error, error
+    assert "give an IP as an IP" not in error and "give it another" in error, error
+    assert "Upgrading" in error and "\n" not in error, error
+
+
 def test_a_public_url_with_a_trailing_slash_makes_no_double_slash(tmp_path: Path) -> None:
     path = rendered(tmp_path)
     path.write_text(path.read_text().replace(

@@ -15,6 +15,7 @@ import json
 import shutil
 import sqlite3
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -147,10 +148,12 @@ def test_the_auditor_finds_the_old_log_extended_after_a_stop(
     assert len(lines) > old and lines[old - 1]["seq"] == old - 1
     # An auditor sees the upgrade in the log: the new start names a newer release and the
     # inventory's schema after its migrations (every release said 0.1.0: upgrade trial).
-    starts = [(line.get("version"), line.get("schema")) for line in lines
-              if line["event"] == "daemon.start"]
-    assert starts[0] == ("0.1.0", None) and starts[-1] == (__version__, len(MIGRATIONS)), \
-        starts
+    # and the schema it was migrated from, which a start cut short and finished by the
+    # next would otherwise hide (an upgrade trial).
+    starts = [(line.get("version"), line.get("schema"), line.get("schema_from"))
+              for line in lines if line["event"] == "daemon.start"]
+    assert starts[0] == ("0.1.0", None, None) and \
+        starts[-1] == (__version__, len(MIGRATIONS), 0), starts
     proc = audit_verify(d.state, "--state", state, ok=True)
     assert "extends the state saved last time" in proc.stdout
     d2 = start_daemon(d.state)  # and it starts again on what it wrote itself
@@ -159,6 +162,8 @@ def test_the_auditor_finds_the_old_log_extended_after_a_stop(
         assert out.stdout.startswith("renewed: serial ")
     finally:
         assert d2.stop() == 0
+    again = [line for line in log_lines(d2.state) if line["event"] == "daemon.start"][-1]
+    assert again["schema"] == len(MIGRATIONS) and "schema_from" not in again, again
 
 
 def _flags(cred: tuple[Path, Path]) -> list[str | Path]:
@@ -175,3 +180,50 @@ def test_an_inventory_newer_than_hsmca_is_refused_in_one_line(tmp_path: Path) ->
                  check=False)
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
     assert "newer than this hsmca knows" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# What a start killed before its daemon.start line leaves: the log is opened (a torn
+# tail cut, its checkpoint checked) and the HSM session logged in, both recorded, and
+# the process dies (kill -9 during the first start's migrations, in an upgrade trial).
+_KILLED_START = """
+import os, sys, time
+from pathlib import Path
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from ca.audit.log import AuditLog
+from ca.config import load
+from ca.issuance.pipeline import SigningPipeline
+config = load(Path(sys.argv[1]))
+log = AuditLog.open(config.audit_log, config.checkpoint_path,
+                    load_pem_public_key(config.audit_key_pem.read_bytes()))
+SigningPipeline(config.hsm, log).start()
+deadline = time.monotonic() + 30  # its lines are written by the log's own thread
+while b'"hsm.login"' not in config.audit_log.read_bytes().splitlines()[-1]:
+    assert time.monotonic() < deadline
+os._exit(9)
+"""
+
+
+def test_a_start_killed_before_it_was_under_way_is_said_at_the_next(tmp_path: Path) -> None:
+    """An upgrade trial killed a first start mid-migration: the next start said nothing
+    of it, as if the run before had stopped cleanly (its daemon.stop was the last start
+    or stop in the log). Its HSM login without a logout now says it was cut."""
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state)
+    assert d.stop() == 0
+    d = start_daemon(ca.state)  # a clean stop before: nothing to say
+    try:
+        assert not [x for x in d.stderr if "did not stop cleanly" in x], d.stderr
+    finally:
+        assert d.stop() == 0
+    proc = subprocess.run([sys.executable, "-c", _KILLED_START, ca.state / "hsmca.toml"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 9, proc.stderr
+    events = [e["event"] for e in log_lines(ca.state)]
+    assert events[-2:] == ["hsm.open", "hsm.login"] and "daemon.start" not in \
+        events[events.index("daemon.stop", len(events) - 8):], events[-8:]
+    d = start_daemon(ca.state)
+    try:
+        assert [x for x in d.stderr if "did not stop cleanly" in x], "".join(d.stderr)
+    finally:
+        assert d.stop() == 0
+    audit_verify(ca.state, ok=True)

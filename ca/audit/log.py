@@ -900,7 +900,8 @@ _AFTER_STOP = frozenset({"hsm.open", "hsm.login", "hsm.error", "hsm.reconnect", 
 @dataclass(frozen=True)
 class LastRun:
     """How the log's last daemon run ended, as its last lines tell: `stopped` (its
-    `daemon.stop` is there), `killed` (its `daemon.start` is, and no stop after it), or
+    `daemon.stop` is there), `killed` (its `daemon.start` is, and no stop after it; or an
+    HSM session opened after the last start or stop was never logged out of), or
     `unknown` (neither is among the lines read at start); `open_signatures`, how many of
     the `hsm.sign` intents read after its start (or in all the lines read) have no
     outcome: signatures under way when it ended, never released; `unreleased`, the
@@ -940,14 +941,20 @@ def _last_run(lines: list[bytes]) -> LastRun:
     given: list[str] = []  # X.509 serials released
     tokens: list[str] = []  # the bootstrap tokens they were asked with
     since: str | None = None
+    # Whether the last HSM session seen reading back (before any start or stop) was
+    # never logged out of: a start killed before its daemon.start (during its
+    # migrations, say) ends so, and reads as killed too (an upgrade trial's did not).
+    session: bool | None = None
     for line in reversed(lines):
         try:
             obj = json.loads(line)
         except (ValueError, RecursionError):
             continue
         event = obj.get("event") if isinstance(obj, dict) else None
+        if session is None and event in ("hsm.logout", "hsm.login", "hsm.open"):
+            session = event != "hsm.logout"
         if event == "daemon.stop":
-            ended = ended or "stopped"
+            ended = ended or ("killed" if session else "stopped")
             break
         if event == "daemon.start":
             ended = ended or "killed"
@@ -969,7 +976,8 @@ def _last_run(lines: list[bytes]) -> LastRun:
                 actor = obj.get("actor")
                 if isinstance(actor, str) and actor.startswith("bootstrap-token:"):
                     tokens.append(actor.removeprefix("bootstrap-token:"))
-    return LastRun(ended or "unknown", open_signatures, tuple(reversed(named)),
+    return LastRun(ended or ("killed" if session else "unknown"), open_signatures,
+                   tuple(reversed(named)),
                    tuple(reversed(given)), tuple(tokens), since)
 
 

@@ -378,7 +378,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                        "to start when the PIN file, the TLS key or the admin key can be read "
                        "by group or others. SIGTERM stops it gracefully (in-flight requests "
                        "finish); SIGHUP reloads [policy] from the config without a restart "
-                       "(other settings need a restart, and the reload names them).")
+                       "(other settings need a restart, and the reload names them). The "
+                       "first start of a new release migrates the inventory, and older "
+                       "releases then refuse it: take `hsmca backup` before upgrading; "
+                       "the way back is that backup (docs/operator.md, Upgrading).")
     s.add_argument("--config", type=Path, default=Path("hsmca.toml"),
                    help="config file (default ./hsmca.toml; `hsmca init` writes "
                    "STATE_DIR/hsmca.toml)")

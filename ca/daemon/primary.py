@@ -498,8 +498,9 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         # This host's copies of the public files follow the inventory: a key rotated
         # through another node, or while this host was away.
         await asyncio.to_thread(write_chain_files, config.root_pem.parent, keys.issuers)
+        migrated = {} if store.migrated_from is None else {"schema_from": store.migrated_from}
         await audit.append("daemon.start", version=__version__, schema=store.schema_version,
-                           pid=os.getpid(), workers=count,
+                           **migrated, pid=os.getpid(), workers=count,
                            config_sha256=hashlib.sha256(config.path.read_bytes()).hexdigest())
         if isinstance(store, SQLiteStore):
             background.append(asyncio.create_task(_checkpoint_inventory(store)))

@@ -60,6 +60,13 @@ class Store(Protocol):
         ...
 
     @property
+    def migrated_from(self) -> int | None:
+        """The schema version this open migrated from (None: none migrated): the
+        daemon.start line records it too, and so an upgrade, or one cut short and
+        finished now, is in the audit log (an upgrade trial found neither)."""
+        ...
+
+    @property
     def healthy(self) -> bool: ...
 
     @property

@@ -202,6 +202,7 @@ class PostgresStore:
         move)."""
         self.url = url
         self._existing = existing
+        self.migrated_from: int | None = None
         self._down: str | None = None
         # The last call waited CONNECT_TIMEOUT_S for a connection in vain; whether a
         # call is trying again, and when the next may (see _guard).
@@ -290,7 +291,7 @@ class PostgresStore:
                     raise NoInventory(f"the database {database_name(self.url)} holds no hsmca "
                                       "inventory: is it the one `hsmca init --store-url` "
                                       "made the CA in? (nothing was written to it)")
-            await migrate(conn)
+            self.migrated_from = await migrate(conn)
         finally:
             await conn.close()
         store = self
@@ -1600,10 +1601,11 @@ async def _refuse_foreign_tables(conn: Conn) -> None:
                           "hsmca a database of its own (nothing was written to it)")
 
 
-async def migrate(conn: Conn) -> None:
+async def migrate(conn: Conn) -> int | None:
     """Run the migrations the database has not had, each in one transaction, under an
     advisory lock (so that nodes starting at once apply each exactly once); refuse a
-    database whose schema is newer than this code."""
+    database whose schema is newer than this code. The version migrated from, or None
+    if there was nothing to do (another node's start did it, or a new database)."""
     await conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
     try:
         await _refuse_foreign_tables(conn)
@@ -1622,5 +1624,6 @@ async def migrate(conn: Conn) -> None:
                 await conn.execute(script.encode())  # several statements: no parameters
                 await conn.execute("UPDATE schema_version SET version = %s", (number,))
             log.info("inventory migrated", version=number)
+        return version if 0 < version < len(PG_MIGRATIONS) else None
     finally:
         await conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))

@@ -531,8 +531,9 @@ class SchemaError(SchemaTooNew, sqlite3.DatabaseError):
     way back ended in a traceback)."""
 
 
-def migrate(db: sqlite3.Connection, path: Path) -> None:
-    """Run the migrations the database has not had, each in one transaction."""
+def migrate(db: sqlite3.Connection, path: Path) -> int | None:
+    """Run the migrations the database has not had, each in one transaction; the
+    version migrated from, or None if there was nothing to do."""
     version = int(db.execute("PRAGMA user_version").fetchone()[0])
     # The first release counted no migrations: its inventory is version 0 with tables.
     upgrade = version > 0 or db.execute(
@@ -553,7 +554,12 @@ def migrate(db: sqlite3.Connection, path: Path) -> None:
         import structlog  # loaded only when there is something to say
         structlog.get_logger("hsmca.store").warning(
             "inventory migrated", path=str(path), schema_from=version,
-            schema_to=len(MIGRATIONS))
+            schema_to=len(MIGRATIONS),
+            # What an operator who has to go back needs to know, where the upgrade is said.
+            way_back="the release before refuses this inventory now: restore the backup "
+                     "taken before the upgrade (docs/operator.md, Upgrading)")
+        return version
+    return None
 
 
 Table = tuple[str, tuple[str, ...], Iterator[tuple[Any, ...]]]
@@ -611,7 +617,7 @@ class SQLiteStore:
             w.execute("PRAGMA journal_mode=WAL")
             if not autocheckpoint:
                 w.execute("PRAGMA wal_autocheckpoint=0")
-            migrate(w, path)
+            self.migrated_from = migrate(w, path)
             self._reader = _connect(path)
         except sqlite3.DatabaseError as exc:
             if damaged(exc):
