@@ -27,7 +27,7 @@ from cryptography.x509 import ocsp
 from ca import __version__
 from ca.store.sqlite import MIGRATIONS
 from hsm import softhsm
-from tests.conftest import Daemon, hsmca, init_ca, require, start_daemon
+from tests.conftest import HSMCA, Daemon, hsmca, init_ca, require, start_daemon
 from tests.helpers import (
     _get,
     audit_verify,
@@ -210,6 +210,15 @@ def test_a_start_killed_before_it_was_under_way_is_said_at_the_next(tmp_path: Pa
     ca = init_ca(tmp_path)
     d = start_daemon(ca.state)
     assert d.stop() == 0
+    # A start refused its login (a wrong PIN) opened no session: nothing to say either.
+    pin = ca.token.pin_file.read_text()
+    ca.token.pin_file.write_text("0" * 12)
+    refused = subprocess.run([*HSMCA, "serve", "--config", ca.state / "hsmca.toml",
+                              "--listen", "127.0.0.1:0"], capture_output=True, text=True,
+                             timeout=60)
+    assert refused.returncode != 0 and "wrong PIN" in refused.stderr, refused.stderr
+    ca.token.pin_file.write_text(pin)
+    assert log_lines(ca.state)[-1]["event"] == "hsm.login"  # its refusal
     d = start_daemon(ca.state)  # a clean stop before: nothing to say
     try:
         assert not [x for x in d.stderr if "did not stop cleanly" in x], d.stderr

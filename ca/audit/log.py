@@ -901,7 +901,7 @@ _AFTER_STOP = frozenset({"hsm.open", "hsm.login", "hsm.error", "hsm.reconnect", 
 class LastRun:
     """How the log's last daemon run ended, as its last lines tell: `stopped` (its
     `daemon.stop` is there), `killed` (its `daemon.start` is, and no stop after it; or an
-    HSM session opened after the last start or stop was never logged out of), or
+    HSM login after the last start or stop was never logged out of), or
     `unknown` (neither is among the lines read at start); `open_signatures`, how many of
     the `hsm.sign` intents read after its start (or in all the lines read) have no
     outcome: signatures under way when it ended, never released; `unreleased`, the
@@ -951,8 +951,9 @@ def _last_run(lines: list[bytes]) -> LastRun:
         except (ValueError, RecursionError):
             continue
         event = obj.get("event") if isinstance(obj, dict) else None
-        if session is None and event in ("hsm.logout", "hsm.login", "hsm.open"):
-            session = event != "hsm.logout"
+        if session is None and event in ("hsm.logout", "hsm.login"):
+            # (a login refused, or a start that never got one, leaves nothing open)
+            session = event == "hsm.login" and obj.get("result") == "ok"
         if event == "daemon.stop":
             ended = ended or ("killed" if session else "stopped")
             break
