@@ -269,6 +269,11 @@ class Metrics:
 
         hsm.on_sign = signed
         hsm.on_health = health
+        # Set by each worker's signing thread as its queue changes: set at a scrape, by
+        # the worker answering it alone, the sum kept the others' values of their last
+        # scrape, and a scraper on one kept-alive connection saw 3 long after the
+        # queues were empty (an SRE trial).
+        hsm.on_backlog = self.hsm_queue.set
         count_sign_calls(hsm)
         self.hsm_up.set(1 if hsm.healthy else 0)
         self.reconnects.inc(0)  # exported from the start, at zero
@@ -277,7 +282,6 @@ class Metrics:
         """The whole daemon's metrics; `audit` is the primary's answer about its log,
         `store_healthy` whether the inventory answered this scrape."""
         from prometheus_client import CollectorRegistry, generate_latest, multiprocess
-        self.hsm_queue.set(hsm.queue_depth)
         families = list(multiprocess.MultiProcessCollector(None).collect())
         # hsmca_up{part="hsm"} is every worker's, as hsmca_hsm_up is: the answering
         # worker's alone flipped with whichever worker a scrape reached, and said 1 in

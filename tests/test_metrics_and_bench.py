@@ -3,6 +3,7 @@ benchmark still runs (tiny N: it is not a timing test)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -10,7 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 
+from ca.issuance.pipeline import SigningPipeline
 from tests.conftest import Daemon
 from tests.helpers import bootstrap_token, csr_pem, http, metric_samples
 
@@ -63,6 +67,25 @@ async def test_metrics_move_when_certificates_are_issued(daemon: Daemon) -> None
     assert started == after[("hsmca_start_time_seconds", ())] and 1.7e9 < started <= time.time()
     for kind in ("x509", "ssh-user", "ssh-host"):
         assert ("hsmca_issued_total", (("kind", kind), ("result", "ok"))) in before, kind
+
+
+async def test_the_hsm_queue_depth_is_set_by_the_signing_thread_as_it_works(
+        worker: SigningPipeline) -> None:
+    """hsmca_hsm_queue_depth was set by the worker that answered a scrape, for itself:
+    the other workers' values stayed as their last scrape left them, and a scraper on
+    one kept-alive connection read 3 long after every queue was empty (an SRE trial).
+    Each signing thread now reports its backlog as each round starts and ends."""
+    seen: list[int] = []
+    worker.on_backlog = seen.append
+    try:
+        key = await worker.generate_key("lab-backlog", "ec-p256")
+        await asyncio.gather(*(worker.sign(key.label, lambda k: k.sign(
+            b"queued", ec.ECDSA(hashes.SHA256())), purpose="x509", actor="local")
+            for _ in range(8)))
+        # Reported before the results of the round go out: nothing waits by now.
+        assert seen and max(seen) >= 1 and seen[-1] == 0, seen
+    finally:
+        worker.on_backlog = None
 
 
 def test_benchmark_runs_and_reports_every_figure(tmp_path: Path) -> None:

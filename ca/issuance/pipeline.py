@@ -130,6 +130,10 @@ class SigningPipeline:
         self.on_unreleased: Callable[[str, str, int], None] | None = None
         # Called on this thread when the session breaks (False) or is back (True).
         self.on_health: Callable[[bool], None] | None = None
+        # Called on this thread with the jobs waiting for it: what one round found
+        # queued, and what is left once it is done (0 unless more came), so that the
+        # metric is this worker's own whichever worker a scrape reaches.
+        self.on_backlog: Callable[[int], None] | None = None
         self._was_healthy = True
         # The operator's log says each problem of an outage once, and its end: the
         # audit log has every attempt, the operator only what changed.
@@ -163,10 +167,6 @@ class SigningPipeline:
     @property
     def problem(self) -> str | None:
         return self.hsm.broken
-
-    @property
-    def queue_depth(self) -> int:
-        return self._queue.qsize()
 
     # ---- calls -----------------------------------------------------------------------
 
@@ -365,6 +365,7 @@ class SigningPipeline:
                 # Everything queued meanwhile runs now and the results go out together;
                 # signing jobs next to each other in the queue are signed as one group.
                 items = drain_queue(self._queue, first)
+                self._backlog(len(items))
             item = items.pop(0)
             if isinstance(item, _Op):
                 group = [item]
@@ -382,8 +383,13 @@ class SigningPipeline:
             else:
                 self._run_one(*item, batch)
             if not items:
+                self._backlog(self._queue.qsize())  # before the results wake anyone
                 self._flush_events()
                 batch.flush()
+
+    def _backlog(self, jobs: int) -> None:
+        if self.on_backlog is not None:
+            self.on_backlog(jobs)
 
     def _tick(self) -> None:
         try:
@@ -518,6 +524,7 @@ class SigningPipeline:
                     batch.fail(op.sink, error)
             if withheld:  # said before the callers hear; its own failure fails nothing
                 self._append(withheld)
+            self._backlog(len(rest) + self._queue.qsize())  # the next group is under way
             batch.flush()  # released before the next group is signed
             ready = self._durable(started, written[len(outcomes):], batch)
         return rest
