@@ -25,6 +25,7 @@ handshake's time bound. Its place is given back when the connection's protocol l
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import errno
 import resource
 import socket
@@ -37,6 +38,11 @@ import structlog
 
 from ca.config import PER_ADDRESS
 from ca.server.throttle import Throttle
+
+# The client's address, in the context of everything its connection runs (its
+# transport's callbacks copy the context of the task that made it): the TLS layer's
+# refusal lines name it (an SRE trial had an alert and no client to go to).
+PEER: contextvars.ContextVar[str | None] = contextvars.ContextVar("peer", default=None)
 
 log = structlog.get_logger("hsmca.http")
 
@@ -254,7 +260,9 @@ class Listener:
             made.on_lost = release
             return made
 
-        task = self._loop.create_task(self._connect(conn, protocol, release))
+        context = contextvars.copy_context()
+        context.run(PEER.set, address)
+        task = self._loop.create_task(self._connect(conn, protocol, release), context=context)
         self._handshakes.add(task)
         task.add_done_callback(self._handshakes.discard)
 

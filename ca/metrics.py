@@ -21,6 +21,8 @@ from typing import Any
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# The reasons of hsmca_tls_handshakes_refused_total (ca/server/app.py `_kind`).
+TLS_REFUSALS = ("client-certificate", "server-certificate", "not-tls", "protocol", "other")
 FAST_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25)
 
 
@@ -229,6 +231,8 @@ class Metrics:
                                    "refused this daemon's), not-tls (plain HTTP, a probe), "
                                    "protocol (TLS 1.1 or older, no shared suite), other",
                                    ["reason"], registry=None)
+        for reason in TLS_REFUSALS:
+            self.tls_refused.labels(reason)  # exported from the start, at zero
         self.hsm_queue = Gauge("hsmca_hsm_queue_depth", "Jobs waiting for the HSM threads",
                                registry=None, multiprocess_mode="livesum")
         self.connections = Gauge("hsmca_connections_open", "Client connections the workers "

@@ -67,6 +67,12 @@ async def test_metrics_move_when_certificates_are_issued(daemon: Daemon) -> None
     assert started == after[("hsmca_start_time_seconds", ())] and 1.7e9 < started <= time.time()
     for kind in ("x509", "ssh-user", "ssh-host"):
         assert ("hsmca_issued_total", (("kind", kind), ("result", "ok"))) in before, kind
+    # Refused handshakes too: an alert on their increase missed the first refusals
+    # after each start, the series starting at 1 (an SRE trial).
+    for reason in ("client-certificate", "server-certificate", "not-tls", "protocol",
+                   "other"):
+        assert ("hsmca_tls_handshakes_refused_total", (("reason", reason),)) in before, \
+            reason
 
 
 async def test_the_hsm_queue_depth_is_set_by_the_signing_thread_as_it_works(

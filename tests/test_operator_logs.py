@@ -204,6 +204,10 @@ async def test_refused_tls_handshakes_are_logged_with_the_reason(served: Daemon,
     reasons = await said(served, "refused a TLS handshake",
                          lambda e: "unable to get local issuer certificate" in e["reason"])
     assert reasons, [e["reason"] for e in events(served, "refused a TLS handshake")]
+    # and which client it was: the alert the docs advise fires, and the on-call must
+    # find the host that presents another CA's certificate (an SRE trial).
+    assert {e.get("client") for e in events(served, "refused a TLS handshake")} == \
+        {"127.0.0.1"}, events(served, "refused a TLS handshake")
     # A client retrying in a loop is one line per worker and 10 s, and the rest are
     # counted: every refusal is accounted for once its interval is over.
     for _ in range(5):

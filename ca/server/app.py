@@ -20,6 +20,7 @@ from ca.config import AcmeConfig
 from ca.generations import Generations
 from ca.issuance.issue import Issuance
 from ca.lifecycle import KeyLifecycle
+from ca.listener import PEER
 from ca.metrics import Metrics
 from ca.revocation import Revocations
 from ca.server.audit_routes import routes as audit_routes
@@ -274,7 +275,7 @@ class _Refusals:
         if self.on_refused is not None:
             self.on_refused(_kind(exc))
         if (unlogged := self._throttle.allow(reason)) is not None:
-            log.warning("refused a TLS handshake", reason=reason,
+            log.warning("refused a TLS handshake", reason=reason, client=PEER.get(),
                         refused_since_last_line=unlogged + 1)
 
     @staticmethod
