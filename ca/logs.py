@@ -6,9 +6,11 @@ Nothing secret is ever passed to a logger; PINs are not even held after login.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Awaitable, Callable
@@ -75,6 +77,14 @@ def _warning_line(message: Warning | str, category: type[Warning], filename: str
     still shows each at most once per place."""
     structlog.get_logger("py.warnings").warning(
         str(message)[:300], category=category.__name__, at=f"{filename}:{lineno}")
+
+
+def logging_thread(target: Callable[[], object], name: str) -> threading.Thread:
+    """A daemon thread whose log lines carry what the creating code bound (a worker's
+    `worker=N`): structlog's context variables do not cross into threads, and an SRE
+    trial could not tell which process's HSM session a line was about."""
+    return threading.Thread(target=contextvars.copy_context().run, args=(target,),
+                            name=name, daemon=True)
 
 
 class Recurring:

@@ -38,6 +38,7 @@ from ca.handoff import (
     drain_queue,
     stop_thread,
 )
+from ca.logs import logging_thread
 from hsm.errors import AuditUnavailable
 
 ANSWER_TIMEOUT_S = 60.0
@@ -72,7 +73,7 @@ class AuditLink:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._coalescer = Coalescer(self._queue)
         self.problem: str | None = None  # why the link to the primary was lost, if it was
-        self._thread = threading.Thread(target=self._link, name="audit-link", daemon=True)
+        self._thread = logging_thread(self._link, "audit-link")
         self._thread.start()
 
     # ---- the audit sink ---------------------------------------------------------------

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import queue
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from ca.handoff import (
     drain_queue,
     stop_thread,
 )
-from ca.logs import Recurring
+from ca.logs import Recurring, logging_thread
 from hsm.errors import AuditUnavailable, HSMError, HSMUnavailable
 from hsm.ids import IdSource
 from hsm.session import HSM, HSMConfig, KeyInfo
@@ -113,7 +112,7 @@ class SigningPipeline:
         self._audit = audit
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._coalescer = Coalescer(self._queue)
-        self._thread = threading.Thread(target=self._loop, name="hsm", daemon=True)
+        self._thread = logging_thread(self._loop, "hsm")
         self._keys: dict[str, KeyInfo] = {}
         self._keys_seen = 0  # the session's reconnects when _keys was last trusted
         self._op_ids = IdSource()

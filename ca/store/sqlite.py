@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ca.handoff import STOP, Batch, Coalescer, Sink, async_sink, claim, drain_queue, stop_thread
+from ca.logs import logging_thread
 from ca.store.errors import SchemaTooNew, StoreDamaged, StoreUnavailable
 from ca.store.records import (
     AcmeAccount,
@@ -633,7 +634,7 @@ class SQLiteStore:
         # Damage found in the file: said by /health until a restart, whatever a later
         # transaction that misses the damaged pages does.
         self._damage: str | None = None
-        self._thread = threading.Thread(target=self._write_loop, name="store-writer", daemon=True)
+        self._thread = logging_thread(self._write_loop, "store-writer")
         self._thread.start()
 
     @property
