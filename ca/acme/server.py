@@ -679,7 +679,7 @@ async def finalize(request: web.Request) -> web.Response:
         raise
     log.info("issued", kind="acme", serial=issued.serial_hex, account=v.account.id,
              order=order.id, names=list(order.names), request_id=request.get("request_id"),
-             audit_seq=issued.outcome_seq)
+             audit_seq=issued.intent_seq)
     done = await server.store.acme_order(order.id)
     assert done is not None
     return _json(_order_obj(request, done), 200, url_of(request, f"order/{order.id}"))
@@ -894,7 +894,7 @@ async def revoke_cert(request: web.Request) -> web.Response:
         owner_account=link.account_id if link else None,
         spki_sha256=rec.spki_sha256 if rec else None))
     try:
-        await request.app[REVOCATIONS].revoke(order, request.get("request_id"))
+        done = await request.app[REVOCATIONS].revoke(order, request.get("request_id"))
     except RecordedNotCommitted as exc:
         # Recorded, so it stands and is committed once the inventory takes it: a 503
         # would have the client send it again, for a second line (a review).
@@ -903,7 +903,8 @@ async def revoke_cert(request: web.Request) -> web.Response:
                     actor=order.actor, request_id=request.get("request_id"))
         return web.Response(status=200)
     log.info("revoked", kind="acme", serial=format(serial, "x"), reason=order.reason,
-             actor=order.actor, request_id=request.get("request_id"))
+             actor=order.actor, request_id=request.get("request_id"),
+             audit_seq=done.audit_seq)
     return web.Response(status=200)
 
 

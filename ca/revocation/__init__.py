@@ -77,6 +77,7 @@ class Revocation:
     # Why their CRL and OCSP responses are not re-signed yet (the HSM or the log is
     # away; the refresher and the next CRL request sign them when it is back), or None.
     pending: str | None = None
+    audit_seq: int | None = None  # the cert.revoke line's
 
 
 class AuditAppend(Protocol):
@@ -225,7 +226,7 @@ class Revocations:
             log.warning("revoked certificates of a retired issuer: their CRL and OCSP cannot "
                         "say so", serials=[format(s, "x") for s in unpublished],
                         issuers=sorted(set(unpublished.values())), request_id=request_id)
-        return Revocation(now, list(done.serials), done.ssh_certs, unpublished, pending)
+        return Revocation(now, list(done.serials), done.ssh_certs, unpublished, pending, seq)
 
     async def _void(self, seq: int, lost: list[int] | None, request_id: str | None) -> None:
         """Say that the revocation line at `seq` changed nothing (or nothing for `lost`).

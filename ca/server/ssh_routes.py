@@ -33,7 +33,7 @@ async def _answer(request: web.Request, order: ra.SSHOrder, issued: IssuedSSH) -
                                           ssh_serial=cert.serial)
     log.info("issued", kind=f"ssh-{order.cert_type}", serial=str(cert.serial),
              key_id=issued.key_id, principals=list(order.principals), actor=order.actor,
-             request_id=request.get("request_id"), audit_seq=issued.outcome_seq)
+             request_id=request.get("request_id"), audit_seq=issued.intent_seq)
     return web.json_response({"serial": str(cert.serial),
                               "certificate": cert.public_bytes().decode(),
                               "valid_before": cert.valid_before}, status=201)

@@ -74,7 +74,7 @@ def _answer(request: web.Request, issued: Issued | Replayed) -> dict[str, Any]:
 def _logged(request: web.Request, order: ra.X509Order, issued: Issued) -> Issued:
     log.info("issued", kind="x509", serial=issued.serial_hex, role=order.role,
              names=[v for _, v in order.names], actor=order.actor,
-             request_id=request.get("request_id"), audit_seq=issued.outcome_seq)
+             request_id=request.get("request_id"), audit_seq=issued.intent_seq)
     return issued
 
 
@@ -363,7 +363,7 @@ async def revoke(request: web.Request) -> web.Response:
         return web.json_response(_recorded(exc, order))
     log.info("revoked", serials=[format(s, "x") for s in done.serials], reason=order.reason,
              ssh_certificates=done.ssh_certs, actor=order.actor,
-             request_id=request.get("request_id"))
+             request_id=request.get("request_id"), audit_seq=done.audit_seq)
     answer: dict[str, Any] = {"revoked_at": done.at.isoformat(),
                               "revoked": [format(s, "x") for s in done.serials],
                               "ssh_certificates": done.ssh_certs}
