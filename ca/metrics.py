@@ -165,6 +165,11 @@ class AuditMetrics:
                                      "and not exited: fewer than hsmca_workers while one "
                                      "cannot be started again", registry=None,
                                      multiprocess_mode="max")
+        self.workers_answering = Gauge(
+            "hsmca_workers_answering", "Worker processes serving that answer the primary's "
+            "pings: fewer than hsmca_workers_serving while one is stopped or stuck, its "
+            "connections hanging until it is killed ([server] worker-timeout-s)",
+            registry=None, multiprocess_mode="max")
         # Which release runs, and since when: a restart shows as a new start time, not
         # only as every counter going back to zero.
         from ca import __version__

@@ -373,6 +373,49 @@ async def test_a_worker_that_stops_answering_is_killed_and_replaced(tmp_path: Pa
     audit_verify(ca.state, ok=True)
 
 
+async def test_a_worker_that_does_not_answer_shows_in_health_and_metrics(
+        tmp_path: Path) -> None:
+    """An SRE trial stopped a worker (SIGSTOP): for the 30 s before it was killed, half
+    of the new connections hung while /health, answered by the other worker, said "2 of
+    2 serving" and /metrics nothing; one log line said it, and none that it answered
+    again. Both now say how many do not answer, and the log says when it answers."""
+    ca = init_ca(tmp_path)
+    set_config(ca.state, "server", "worker-timeout-s", 600)  # not killed meanwhile
+    d = start_daemon(ca.state, "--workers", "2")
+    stuck = worker_pids(d)[0]
+    try:
+        os.kill(stuck, signal.SIGSTOP)
+        assert d.wait_stderr(lambda: any("a worker does not answer the primary's pings" in x
+                                         for x in d.stderr), 60), "".join(d.stderr[-20:])
+
+        async def from_the_other(path: str) -> bytes:
+            for _ in range(MAX_CONNECTIONS):  # the stopped one's connections hang
+                try:
+                    async with asyncio.timeout(2):
+                        status, body, _ = await fresh("GET", f"{d.url}{path}", d.ssl())
+                except TimeoutError:
+                    continue
+                assert status in (200, 503), body
+                return body
+            raise AssertionError(f"no answer to {path}")
+        health = json.loads(await from_the_other("/health"))
+        assert health["status"] == "ok" and health["workers"].startswith(
+            "2 of 2 serving; 1 of them not answering the primary"), health
+        assert b"hsmca_workers_answering 1.0" in await from_the_other("/metrics")
+    finally:
+        os.kill(stuck, signal.SIGCONT)
+    try:
+        assert d.wait_stderr(lambda: any("a worker answers the primary's pings again" in x
+                                         for x in d.stderr), 60), "".join(d.stderr[-20:])
+        answers = await on_every_worker(2, lambda: fresh("GET", f"{d.url}/health", d.ssl()))
+        assert all(json.loads(body)["workers"] == "2 of 2 serving" for _, body in answers)
+        status, _, text = await http("GET", f"{d.url}/metrics", d.ssl())
+        assert status == 200 and b"hsmca_workers_answering 2.0" in text, text
+        assert stuck in worker_pids(d)  # the same worker: not killed
+    finally:
+        assert d.stop() == 0
+
+
 async def test_a_primary_that_was_paused_does_not_kill_its_workers(tmp_path: Path) -> None:
     """A fault trial: the primary stopped (SIGSTOP; a paused VM) past worker-timeout-s
     killed both of its healthy workers at SIGCONT, since none had answered the pings it

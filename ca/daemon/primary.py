@@ -148,12 +148,18 @@ class WorkerPool:
                  policies: control.PolicyFeed,
                  on_restart: Callable[[str], None] = lambda _reason: None,
                  on_serving: Callable[[int], None] = lambda _count: None,
-                 http_address: str | None = None) -> None:
+                 http_address: str | None = None,
+                 on_answering: Callable[[int], None] = lambda _count: None) -> None:
         self.http_address = http_address  # [server] http-listen, its port bound
         self.config, self.address, self.count, self.audit = config, address, count, audit
         self.generations, self.policies = generations, policies
         self.on_restart = on_restart  # counts restarts by reason (the primary's metrics)
         self.on_serving = on_serving  # how many workers run (the primary's metrics)
+        # How many of them answer its pings: a stopped or stuck worker holds its share
+        # of the connections until it is killed, and nothing but one log line said so
+        # (an SRE trial); the slots of those that do not.
+        self.on_answering = on_answering
+        self._silent: set[int] = set()
         witnesses = checkpointer.witnesses
         self.recorder = Recorder(audit, lambda: checkpointer.latest, self._lost,
                                  latest_cosigned=lambda: witnesses.cosigned if witnesses else None,
@@ -193,7 +199,7 @@ class WorkerPool:
         for slot, (proc, exited, alive) in enumerate(started):  # type: ignore[misc]
             self._supervisors.append(asyncio.create_task(
                 self._supervise(slot, proc, exited, alive)))
-        self.on_serving(len(self.pids))
+        self._say_workers()
 
     async def _start_one(self, slot: int) -> tuple[asyncio.subprocess.Process,
                                                    asyncio.Future[int], control.Liveness]:
@@ -251,11 +257,11 @@ class WorkerPool:
         delay = 0.5
         started = time.monotonic()
         while True:
-            silent = await self._until_gone(proc, exited, alive)
+            silent = await self._until_gone(slot, proc, exited, alive)
             code = await exited
             if self._stopping:
                 return
-            self.on_serving(len(self.pids))  # this one has exited
+            self._say_workers()  # this one has exited
             why = {"unanswered_s": round(silent)} if silent is not None else {}
             if silent is not None:
                 log.error("a worker stopped answering: killed, and started again",
@@ -281,7 +287,7 @@ class WorkerPool:
                 pin_before = _pin_mark(self.config.hsm.pin_source)  # what the worker reads
                 try:
                     proc, exited, alive = await self._start_one(slot)
-                    self.on_serving(len(self.pids))
+                    self._say_workers()
                     break
                 except PinStartError as exc:
                     # Offered again and again, a wrong PIN locks many HSMs' user PIN:
@@ -300,12 +306,29 @@ class WorkerPool:
                     delay = min(delay * 2, MAX_RESTART_DELAY_S)
             started = time.monotonic()
 
-    async def _until_gone(self, proc: asyncio.subprocess.Process,
+    def _say_workers(self) -> None:
+        serving = len(self.pids)
+        self.on_serving(serving)
+        self.on_answering(serving - len(self._silent))
+
+    def _answering(self, slot: int, answers: bool) -> None:
+        if answers != (slot not in self._silent):
+            (self._silent.discard if answers else self._silent.add)(slot)
+            self._say_workers()
+
+    async def _until_gone(self, slot: int, proc: asyncio.subprocess.Process,
                           exited: asyncio.Future[int], alive: control.Liveness
                           ) -> float | None:
         """Return once the worker exits (None), or kill it once it has not answered a
         ping for `[server] worker-timeout-s` (how long it had not: its exit follows)."""
-        warned = False
+        try:
+            return await self._watch(slot, proc, exited, alive)
+        finally:
+            self._answering(slot, True)  # gone: counted among the serving no more
+
+    async def _watch(self, slot: int, proc: asyncio.subprocess.Process,
+                     exited: asyncio.Future[int], alive: control.Liveness) -> float | None:
+        warned, warned_at = False, 0.0
         # From the worker's last answer (its ready, for a new one): a primary stopped
         # before this loop first ran (between its start's "listening on" and its first
         # round) is stalled as much as one stopped later (a parallel test run).
@@ -329,10 +352,15 @@ class WorkerPool:
                 proc.kill()  # SIGKILL: a stopped or stuck process cannot refuse it
                 return silent
             if silent > STUCK_AFTER_S and not warned:
-                log.warning("a worker does not answer the primary's pings", pid=proc.pid,
-                            unanswered_s=round(silent),
+                log.warning("a worker does not answer the primary's pings", worker=slot,
+                            pid=proc.pid, unanswered_s=round(silent),
                             killed_after_s=self.config.worker_timeout_s)
+                warned_at = now - silent
+            elif warned and silent <= STUCK_AFTER_S:
+                log.warning("a worker answers the primary's pings again", worker=slot,
+                            pid=proc.pid, unanswered_s=round(now - warned_at))
             warned = silent > STUCK_AFTER_S
+            self._answering(slot, not warned)
             await asyncio.wait({exited}, timeout=control.HEARTBEAT_S)
         return None
 
@@ -556,11 +584,15 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         def serving(n: int) -> None:  # the metric, and /health's `workers` in each worker
             audit_metrics.workers_serving.set(n)
             generations.set_gauge("workers_serving", n)
+
+        def answering(n: int) -> None:
+            audit_metrics.workers_answering.set(n)
+            generations.set_gauge("workers_answering", n)
         generations.set_gauge("workers_wanted", count)
         pool = WorkerPool(config, address, count, audit, checkpointer,
                           generations, policies,
                           lambda reason: audit_metrics.worker_restarts.labels(reason).inc(),
-                          serving, plain_address)
+                          serving, plain_address, answering)
         await pool.start()
         placeholder.close()  # the workers hold the port now
         if plain_placeholder is not None:

@@ -152,8 +152,18 @@ def _workers(generations: Generations) -> str | None:
     if not wanted or not generations.gauge("workers_serving"):
         return None  # not a daemon's worker (an app in a test), or the daemon starting
     serving = generations.gauge("workers_serving")
-    return (f"{serving} of {wanted} serving" + ("" if serving >= wanted else
-            "; the daemon's log says why the others do not (\"a worker failed to restart\")"))
+    silent = serving - generations.gauge("workers_answering")
+    said = f"{serving} of {wanted} serving"
+    if serving < wanted:
+        # Named by the lines there are: a worker killed a moment ago is being started
+        # again, and only one that cannot be is "failed to restart" (an SRE trial).
+        said += ("; the daemon's log says why the others do not (\"a worker exited; "
+                 "restarting it\", or \"a worker failed to restart\")")
+    if silent > 0:
+        # Its share of the connections hangs meanwhile (an SRE trial saw half of them).
+        said += (f"; {silent} of them not answering the primary (stopped or stuck: "
+                 "killed and started again after [server] worker-timeout-s)")
+    return said
 
 
 @routes.get("/health")
