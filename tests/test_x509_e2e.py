@@ -292,7 +292,10 @@ async def test_an_enrollment_whose_answer_was_lost_is_answered_again(
     # a new CSR of the same key (a client that rebuilds its request) will do
     status, again = await enroll_with(csr_pem(["retry.internal.example"], key))
     assert (status, again) == (200, first)
-    assert len(log_lines(daemon.state)) == lines  # nothing signed
+    # No certificate signed for it (the daemon's own lines go on meanwhile: the first
+    # certificate's OCSP responses, checkpoints; counting every line failed under load).
+    assert not [e for e in log_lines(daemon.state)[lines:] if e["event"] == "hsm.sign"
+                and e.get("purpose") == "x509"], log_lines(daemon.state)[lines:]
     status, other = await enroll_with(csr_pem(["retry.internal.example"]))
     assert status == 401 and "already been used" in other["detail"], other
     status, _, raw = await http("POST", f"{daemon.url}/v1/x509/revoke", daemon.admin_ssl(),
