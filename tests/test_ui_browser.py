@@ -402,7 +402,19 @@ def test_a_line_withheld_or_changed_inside_the_verified_log_turns_the_banner_red
 def test_a_rewritten_log_turns_the_banner_red_at_the_seq_the_state_names(world: World) -> None:
     w = world
     assert w.daemon.stop() == 0
-    page(w, "/")  # the UI cannot reach the daemon: its state stays as it was
+    # The UI cannot reach the daemon: its state stays as it was, and the banner says
+    # it is not checked now (a web trial's stayed green, its "checked" time moving on).
+
+    def unchecked(drv: WebDriver) -> bool:
+        page(w, "/")
+        return banner(w)[0] == "stale"
+
+    WebDriverWait(w.driver, 60, poll_frequency=1).until(unchecked)
+    _, text = banner(w)
+    assert text.startswith("NOT CHECKED since ") and "the daemon could not be asked" in \
+        text and "verified then up to seq " in text, text
+    page(w, "/")
+    assert banner(w) == ("stale", text)  # the time of the last check, not of this page
     saved = json.loads(w.state.read_text())
     victim = next(e for e in log_lines(w.ca_state) if e.get("serial") == w.web
                   and e.get("phase") == "intent")

@@ -57,6 +57,10 @@ class Verdict:
     # The audit keys of the verified log: the pinned one and those it handed over to.
     key: PinnedKey | None = None
     witnesses_pinned: int = 0  # witness keys given (--witness-key)
+    # False: this run could not ask the daemon, so the verdict is an earlier run's, as of
+    # its checked_at. Not green: a web trial's banner stayed green, its "checked" time
+    # moving on, while the daemon was down.
+    answered: bool = True
 
     @property
     def unwitnessed(self) -> bool:
@@ -70,6 +74,8 @@ class Verdict:
         """The page's colour: red if any log failed, not only the one shown."""
         if any(v.status == "failed" for v in (self, *self.others)):
             return "failed"
+        if self.status == "ok" and not self.answered:
+            return "stale"
         return "unwitnessed" if self.unwitnessed else self.status
 
     @property
@@ -85,6 +91,11 @@ class Verdict:
             return f"{prefix}FAILED{where}: {self.reason}"
         if self.status == "ok" and self.tree is not None and self.tree.size == 0:
             return f"{prefix}verified: the log has no line yet"
+        if self.status == "ok" and self.tree is not None and not self.answered:
+            size = self.checkpoint.size if self.checkpoint else 0
+            return (f"{prefix}NOT CHECKED since {self.checked_at:%Y-%m-%d %H:%M:%S} UTC: the "
+                    f"daemon could not be asked (verified then up to seq "
+                    f"{self.tree.size - 1}, checkpoint {size})")
         if self.status == "ok" and self.tree is not None:
             k = self.witnessed.count
             size = self.checkpoint.size if self.checkpoint else 0
@@ -265,7 +276,9 @@ class Follower:
         except ClientError as exc:
             tree, cp, text, key = self._saved()
             keep = self.latest
-            return replace(keep, problem=str(exc), checked_at=now,
+            # As of the last run that asked it: nothing was checked now.
+            return replace(keep, problem=str(exc), answered=False,
+                           checked_at=keep.checked_at if keep.status == "ok" else now,
                            tree=keep.tree or tree, checkpoint=keep.checkpoint or cp,
                            checkpoint_text=keep.checkpoint_text or text,
                            key=keep.key or key)
