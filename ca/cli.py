@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from ca.commands.args import state_file
 from ca.decimal_text import is_decimal
 from ca.errors import CLIError
 from hsm.errors import AuditUnavailable, HSMError
@@ -162,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "With --url a cosigned checkpoint the verified log does not extend fails "
                    "the run whether or not this is given: the audit key signed two histories")
     v.add_argument("--origin", help="expected checkpoint origin (default: taken from the log)")
-    v.add_argument("--state", type=Path,
+    v.add_argument("--state", type=state_file,
                    help="file remembering every line verified (their number, Merkle root and "
                    "last hash) and the last verified checkpoint; created if missing, updated "
                    "when all holds (required with --url)")

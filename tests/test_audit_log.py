@@ -629,12 +629,19 @@ def test_a_log_cut_with_its_tiles_and_checkpoint_is_refused_by_the_inventory(
 
 def test_a_state_file_in_a_directory_that_does_not_exist_is_named(ca: InitialisedCA,
                                                                    tmp_path: Path) -> None:
+    """Said before any work, in one line: by `audit verify`, and by the web view, which
+    started, verified the whole log and then said "the verification crashed:
+    FileNotFoundError" on every page (a web trial)."""
     state = tmp_path / "no-such-dir" / "auditor.json"
-    proc = hsmca("audit", "verify", "--log", ca.state / "audit/log.jsonl", "--key",
-                 ca.state / "audit/audit_key.pem", "--state", state, check=False)
-    assert proc.returncode == 1 and proc.stdout == ""
-    assert proc.stderr == (f"hsmca: error: --state {state}: the directory {state.parent} "
-                           "does not exist\n"), proc.stderr
+    key = ca.state / "audit/audit_key.pem"
+    for command in (["audit", "verify", "--log", ca.state / "audit/log.jsonl", "--key", key],
+                    ["ui", "--url", "https://127.0.0.1:1", "--ca", ca.state / "x509/root.pem",
+                     "--cert", ca.state / "admin/cert.pem", "--key",
+                     ca.state / "admin/key.pem", "--audit-key", key]):
+        proc = hsmca(*command, "--state", state, check=False)
+        assert proc.returncode == 2 and proc.stdout == "", proc
+        assert proc.stderr.count("\n") == 1 and f"argument --state: {state}: the directory " \
+            f"{state.parent} does not exist" in proc.stderr, proc.stderr
 
 
 def test_make_audit_log_grows_a_ca_log_twice_and_a_new_directory_once(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from ca.decimal_text import is_decimal
@@ -34,6 +35,16 @@ def check_url(url: str) -> str:
     if parts.query or parts.fragment or parts.username or parts.password:
         raise ValueError(f"{url}: give only https://HOST[:PORT][/PATH]")
     return text.rstrip("/")
+
+
+def state_file(text: str) -> Path:
+    """A --state a command saves to: its directory must exist, said before any work
+    (saving failed at the end, naming a temporary file; the web view crashed on every
+    page after a whole verification, a web trial found)."""
+    path = Path(text)
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: the directory {path.parent} does not exist")
+    return path
 
 
 def duration(text: str) -> int:

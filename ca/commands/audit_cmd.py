@@ -234,10 +234,6 @@ def _witnessed_line(seen: Any, lines: int) -> str:
 
 
 def verify(args: argparse.Namespace) -> int:
-    if args.state is not None and not args.state.parent.is_dir():
-        # Said before any work: saving would fail at the end, naming a temporary file.
-        raise CLIError(f"--state {args.state}: the directory {args.state.parent} does not "
-                       "exist")
     if args.url is not None:
         return _verify_remote(args)
     if args.client_cert or args.client_key or args.ca:

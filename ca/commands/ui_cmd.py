@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ca.commands.args import state_file
 from ca.config import split_listen
 from ca.errors import CLIError
 
@@ -46,7 +47,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                    help="its private key")
     u.add_argument("--audit-key", type=str, required=True, metavar="AUDIT_PUB",
                    help="the audit public key you pinned (audit/audit_key.pem)")
-    u.add_argument("--state", type=Path,
+    u.add_argument("--state", type=state_file,
                    help="your auditor state (as for `hsmca audit verify --url --state`): what "
                    "was verified before, so a rewrite since is caught; updated as the log is "
                    "verified. On a cluster, one file per node's log beside it "

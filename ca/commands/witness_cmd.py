@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ca.commands.args import state_file
 from ca.config import split_listen
 from ca.errors import CLIError
 
@@ -40,7 +41,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                    "CA's GET /v1/audit/key: name, verifier_key); repeat for more logs")
     s.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
                    help=f"where to listen (default {DEFAULT_LISTEN}; port 0 picks one)")
-    s.add_argument("--state", type=Path, help="the file holding the latest checkpoint "
+    s.add_argument("--state", type=state_file, help="the file holding the latest checkpoint "
                    "cosigned for each log (default: witness-state.json beside the key file)")
     s.set_defaults(command_key="witness-serve")
 
