@@ -141,6 +141,19 @@ class AuditMetrics:
         self.cosigned_size = Gauge("hsmca_witness_last_cosigned_size", "Tree size of the "
                                    "latest checkpoint a witness cosigned", ["witness"],
                                    registry=None, multiprocess_mode="mostrecent")
+        # What a relying party holds until: the classic CA outage is an expired CRL or
+        # OCSP response, and nothing said one was coming (an SRE trial).
+        self.crl_next_update = Gauge(
+            "hsmca_crl_next_update_timestamp_seconds", "The nextUpdate of each signing "
+            "issuer's CRL in the inventory (Unix time), read every 5 minutes: it is "
+            "re-signed half way, so less than 12 h ahead means re-signing fails",
+            ["issuer"], registry=None, multiprocess_mode="mostrecent")
+        self.ocsp_current = Gauge(
+            "hsmca_ocsp_current_timestamp_seconds", "When the OCSP refresher last found "
+            "every live certificate's response signed and not due (Unix time; on a "
+            "cluster, the node holding the refresh lease): responses are due 12 h before "
+            "they expire, so an age of minutes means signing falls behind",
+            registry=None, multiprocess_mode="mostrecent")
         self.worker_restarts = Counter(
             "hsmca_worker_restarts", "Worker processes started again, by reason: exited "
             "(it died), unanswered (its event loop stopped answering the primary's pings "

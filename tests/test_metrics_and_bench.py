@@ -67,12 +67,47 @@ async def test_metrics_move_when_certificates_are_issued(daemon: Daemon) -> None
     assert started == after[("hsmca_start_time_seconds", ())] and 1.7e9 < started <= time.time()
     for kind in ("x509", "ssh-user", "ssh-host"):
         assert ("hsmca_issued_total", (("kind", kind), ("result", "ok"))) in before, kind
+    # When what relying parties hold ends: each signing issuer's CRL (the issuing CA's,
+    # the root's), and when the OCSP refresher last had nothing due (an SRE trial found
+    # no signal of a coming CRL or OCSP expiry).
+    deadline = time.monotonic() + 60  # read by the primary's CRL round, first at start
+    while True:
+        crls = {dict(labels)["issuer"]: value for (name, labels), value in after.items()
+                if name == "hsmca_crl_next_update_timestamp_seconds"}
+        if {"issuing-ca", "root-ca"} <= set(crls) or time.monotonic() > deadline:
+            break
+        after = metric_samples((await http("GET", f"{daemon.url}/metrics", daemon.ssl()))[2]
+                               .decode())
+    assert {"issuing-ca", "root-ca"} <= set(crls) and all(
+        time.time() + 12 * 3600 < v <= time.time() + 25 * 3600 for v in crls.values()), crls
+    assert started <= after[("hsmca_ocsp_current_timestamp_seconds", ())] <= time.time() + 1
     # Refused handshakes too: an alert on their increase missed the first refusals
     # after each start, the series starting at 1 (an SRE trial).
     for reason in ("client-certificate", "server-certificate", "not-tls", "protocol",
                    "other"):
         assert ("hsmca_tls_handshakes_refused_total", (("reason", reason),)) in before, \
             reason
+
+
+async def test_every_metric_the_operator_guide_names_is_served_and_every_one_served_named(
+        daemon: Daemon) -> None:
+    """The metrics table and the alerting rules of docs/operator.md name what /metrics
+    has, and nothing /metrics has is left out of them (the witnesses' series appear
+    with witnesses configured, which this daemon has not)."""
+    import re
+
+    from prometheus_client.parser import text_string_to_metric_families
+    await http("GET", f"{daemon.url}/health", daemon.ssl())  # the requests' series
+    status, _, raw = await http("GET", f"{daemon.url}/metrics", daemon.ssl())
+    assert status == 200
+    served = {f.name + ("_total" if f.type == "counter" else "")
+              for f in text_string_to_metric_families(raw.decode())}
+    guide = (ROOT / "docs" / "operator.md").read_text()
+    named = {re.sub(r"_(bucket|count|sum)$", "", n)
+             for n in re.findall(r"\bhsmca_[a-z0-9_]*[a-z0-9]", guide)}
+    named = {n for n in named if not n.startswith("hsmca_witness")}
+    assert named - served == set(), named - served
+    assert served - named == set(), served - named
 
 
 async def test_the_hsm_queue_depth_is_set_by_the_signing_thread_as_it_works(

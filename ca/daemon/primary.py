@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeGuard
 
 import structlog
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import (
     load_pem_public_key,
@@ -67,6 +68,7 @@ from ca.revocation.from_log import complete_from_log
 from ca.revocation.ocsp import OCSPRefresher, OCSPSigner
 from ca.server_cert import ensure_server_cert
 from ca.store import Store, open_store
+from ca.store.errors import StoreUnavailable
 from ca.store.sqlite import SQLiteStore, damaged_error
 from ca.subject import spki_sha256
 from hsm.session import KeyInfo, describe_source
@@ -550,9 +552,10 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         await _settle_tokens(store, audit)
         # OCSP responses are signed ahead of time, by this process, off every request's
         # path: new certificates within a second, every live one before nextUpdate.
-        background.append(asyncio.create_task(_refresh_ocsp(issuance, store, policies)))
-        background.append(asyncio.create_task(_refresh_crls(issuance, store, audit,
-                                                            generations, policies)))
+        background.append(asyncio.create_task(_refresh_ocsp(
+            issuance, store, policies, audit_metrics.ocsp_current.set_to_current_time)))
+        background.append(asyncio.create_task(_refresh_crls(
+            issuance, store, audit, generations, policies, audit_metrics.crl_next_update)))
         background.append(asyncio.create_task(_resume_log(audit)))
         background.append(asyncio.create_task(_erase_expired_eab_keys(store)))
         background.append(asyncio.create_task(_purge_acme_orders(store)))
@@ -837,7 +840,6 @@ async def _check_it_is_this_cas(config: Config, store: Store,
         roots = [k for k in keys if k.kind == "root" and k.cert is not None]
         theirs = ""
         if roots:
-            from cryptography import x509
             name = x509.load_der_x509_certificate(roots[0].cert).subject.rfc4514_string()
             theirs = f" (its root is {name!r})"
         raise StartError(f"the database {where} holds another CA{theirs}: this state "
@@ -1082,7 +1084,8 @@ async def _revoke_unreleased(issuance: Issuance, store: Store, audit: AuditLog,
 
 
 async def _refresh_crls(issuance: Issuance, store: Store, audit: AuditLog,
-                        generations: Generations, policies: control.PolicyFeed) -> None:
+                        generations: Generations, policies: control.PolicyFeed,
+                        next_update: Any) -> None:
     """Every CRL that still signs (each issuing CA's, the root's) re-signed by the CA
     itself before half its validity has passed, so a relying party's GET is served from
     the inventory without a signature (SPEC 7: re-signed before nextUpdate, whether
@@ -1100,6 +1103,12 @@ async def _refresh_crls(issuance: Issuance, store: Store, audit: AuditLog,
             except Exception as exc:  # the HSM or the log away: the next round, or a GET
                 log.warning("cannot re-sign a CRL now", issuer=label,
                             error=str(exc) or type(exc).__name__)
+            try:  # what relying parties hold until (hsmca_crl_next_update_...)
+                if (kept := await store.latest_crl(label)) is not None:
+                    next_update.labels(label).set(
+                        x509.load_der_x509_crl(kept.der).next_update_utc.timestamp())
+            except (StoreUnavailable, ValueError, AttributeError):
+                pass  # the inventory away: said above and by /health
         await asyncio.sleep(CRL_REFRESH_S)  # periodic work, not synchronisation
 
 
@@ -1148,12 +1157,13 @@ async def _erase_expired_eab_keys(store: Store) -> None:
                                           "expired EAB keys can be erased again"), erase)
 
 
-async def _refresh_ocsp(issuance: Issuance, store: Store, policies: control.PolicyFeed
-                        ) -> None:
+async def _refresh_ocsp(issuance: Issuance, store: Store, policies: control.PolicyFeed,
+                        on_current: Callable[[], None]) -> None:
     """Pre-sign OCSP responses, as the registration authority orders them. In cluster
     mode one node at a time does it: the one holding the lease (an advisory lock that
     dies with its holder's connection)."""
-    refresher = OCSPRefresher(OCSPSigner(issuance, _context_now(issuance, policies)))
+    refresher = OCSPRefresher(OCSPSigner(issuance, _context_now(issuance, policies)),
+                              on_current=on_current)
     if not _cluster(store):
         await refresher.run()
         return

@@ -176,8 +176,10 @@ class OCSPRefresher:
     """Keeps every live certificate's response signed and fresh (a background task of
     one process: the primary)."""
 
-    def __init__(self, signer: OCSPSigner, interval: float = 1.0) -> None:
-        self.signer, self.interval = signer, interval
+    def __init__(self, signer: OCSPSigner, interval: float = 1.0,
+                 on_current: Callable[[], None] = lambda: None) -> None:
+        """`on_current`: called at each round that finds nothing left due (a metric)."""
+        self.signer, self.interval, self.on_current = signer, interval, on_current
 
     async def round(self) -> None:
         issuers = await self.signer.issuance.keys.refresh()
@@ -185,8 +187,11 @@ class OCSPRefresher:
         await self.signer.store.ocsp_settle(now, list(issuers.x509))
         while True:
             due = await self.signer.store.ocsp_due(now, BATCH, list(issuers.x509))
-            if not due or await self.signer.sign(due):  # failures: the HSM or the log is
-                return                                  # away; next round
+            if not due:
+                self.on_current()
+                return
+            if await self.signer.sign(due):  # failures: the HSM or the log is away; the
+                return                       # next round
 
     async def run(self) -> None:
         # Said once per error while it lasts (a cluster trial's node said it every 4 s
