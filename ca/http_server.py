@@ -124,6 +124,8 @@ class _ProblemRequestHandler(web.RequestHandler):
         finally:
             if self.on_lost is not None:
                 self.on_lost()
+            if isinstance(self._manager, _ProblemServer):
+                self._manager.received()  # a body awaited at a stop will not come
 
     def data_received(self, data: bytes) -> None:
         body_was_open = self._body is not None and not self._body.is_eof()
@@ -135,8 +137,17 @@ class _ProblemRequestHandler(web.RequestHandler):
             self._arm(began=True)  # a body still arriving
         elif self._request_count > count or body_was_open:
             self._disarm()  # this data finished a request
+            if body_was_open and isinstance(self._manager, _ProblemServer) and \
+                    self._manager.stopping:
+                self.close()  # whole now: answered, then closed (see pre_shutdown)
+                self._manager.received()
         elif data:
             self._arm(began=True)  # the first bytes of a head
+
+    def receiving(self) -> bool:
+        """Whether the request being handled still waits for its body."""
+        return self._request_in_progress and self._body is not None and \
+            not self._body.is_eof()
 
     def _arm(self, *, began: bool) -> None:
         if self._deadline is None:
@@ -199,12 +210,39 @@ class _ProblemServer(web.Server):
     def __call__(self) -> web.RequestHandler:
         return _ProblemRequestHandler(self, loop=self._loop, **self._kwargs)
 
+    _bodies: asyncio.Event | None = None  # set as each body awaited at a stop arrives
+
     def pre_shutdown(self) -> None:
         # Called once the listener is closed, before the connections known now are
         # closed and their requests awaited: any connection that completes its TLS
         # handshake after this is one the cleanup will not wait for.
         self.stopping = True
-        super().pre_shutdown()
+        self._bodies = asyncio.Event()
+        for conn in self._connections:
+            # A request whose body is still arriving is read to its end (aiohttp's own
+            # close drops what comes after it: an SRE trial's request, whole half a
+            # second after the SIGTERM, got no answer 10 s later); the connection
+            # closes once it is whole (data_received), or at the request timeout.
+            if not (isinstance(conn, _ProblemRequestHandler) and conn.receiving()):
+                conn.close()
+
+    def received(self) -> None:
+        if self._bodies is not None:
+            self._bodies.set()
+
+    async def bodies_in(self, timeout: float | None) -> None:
+        """Return once no request being handled waits for its body, or after `timeout`
+        (the request timeout ends each of them before then, with a 408)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + (timeout or 0.0)
+        while self._bodies is not None and any(
+                isinstance(c, _ProblemRequestHandler) and c.receiving()
+                for c in self._connections):
+            self._bodies.clear()
+            try:
+                await asyncio.wait_for(self._bodies.wait(), max(0.0, end - loop.time()))
+            except TimeoutError:
+                return
 
 
 class _ProblemAppRunner(web.AppRunner):
@@ -212,6 +250,13 @@ class _ProblemAppRunner(web.AppRunner):
                  **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
         self.request_timeout = request_timeout
+
+    async def shutdown(self) -> None:
+        # Between closing the idle connections and aiohttp's own wait for the requests
+        # under way, which stops reading the connections first: their bodies come in.
+        if isinstance(self._server, _ProblemServer):
+            await self._server.bodies_in(self._shutdown_timeout)
+        await super().shutdown()
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()

@@ -131,3 +131,49 @@ async def test_a_tls_handshake_finished_after_the_stop_gets_no_error_answer(
     # Closed without an answer, as if it had come a moment later: nothing was done for
     # it, and the client may ask another server. Never an error from a stopped server.
     assert not answer, bytes(answer[:300])
+
+
+async def test_a_request_whose_body_arrives_during_the_stop_is_answered(
+        tmp_path: Path) -> None:
+    """An SRE trial sent SIGTERM while a request's body was still arriving: its last
+    byte came half a second later and the client got nothing, 10 s after (aiohttp's
+    stop closes the connections it knows, and stops reading them, before it waits for
+    the requests under way). The body is now read to its end, the request answered,
+    and the connection closed after it."""
+    cert, key = _self_signed(tmp_path)
+    started = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.Response:
+        started.set()
+        return web.Response(body=b"got " + await request.read())
+
+    app = web.Application()
+    app.router.add_post("/", handler)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    runner = app_runner(app, shutdown_timeout=5.0)
+    await runner.setup()
+    site = tcp_site(runner, "127.0.0.1", 0, ssl_context=server_ctx)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+    async with asyncio.timeout(BOUND_S):
+        reader, writer = await asyncio.open_connection(host, port, ssl=client_ctx,
+                                                       server_hostname="localhost")
+        try:
+            writer.write(b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n{")
+            await writer.drain()
+            await started.wait()  # handled, and reading its body
+            server = runner.server
+            stopping = asyncio.create_task(runner.cleanup())
+            while not getattr(server, "stopping", False):  # the stop has begun
+                await asyncio.sleep(0)
+            writer.write(b"}")
+            await writer.drain()
+            answer = await reader.read()  # to the end: the server closes after it
+            await stopping
+        finally:
+            writer.close()
+    # (read to the end: the server closed the connection once it had answered)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and body == b"got {}", answer

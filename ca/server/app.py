@@ -75,6 +75,11 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         status = resp.status
         resp.headers["X-Request-Id"] = rid
         return resp
+    except asyncio.CancelledError:
+        # No answer went out (nginx's 499): a stop's grace ran out (an SRE trial's
+        # request was said as a 500 it never got), or the connection went.
+        status = ABANDONED
+        raise
     finally:
         elapsed = time.perf_counter() - started
         metrics = request.app[METRICS]
@@ -84,11 +89,19 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
             if unlogged:
                 _refused_requests_unlogged(status, unlogged)
             who = request.get("identity")
-            log.info("request refused", request_id=rid, method=request.method, route=route,
-                     status=status, ms=round(elapsed * 1000, 2), client=request.remote,
-                     **({"cert_serial": who.serial} if who is not None else {}),
-                     **({"account": a} if (a := request.get("acme_account")) else {}),
-                     **_problem_of(resp))
+            # A 500 is a fault to look into; a 503 says an outage the log says once by
+            # itself, and a 4xx the client's (an SRE trial: with log-level "warning" the
+            # 500s were gone too).
+            said = log.warning if status in (500, ABANDONED) else log.info
+            said("request abandoned: no answer was sent" if status == ABANDONED else
+                 "request refused", request_id=rid, method=request.method, route=route,
+                 status=status, ms=round(elapsed * 1000, 2), client=request.remote,
+                 **({"cert_serial": who.serial} if who is not None else {}),
+                 **({"account": a} if (a := request.get("acme_account")) else {}),
+                 **_problem_of(resp))
+
+
+ABANDONED = 499  # the status a request without an answer is counted and logged as
 
 
 def _problem_of(resp: web.StreamResponse | None) -> dict[str, str]:
