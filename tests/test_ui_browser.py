@@ -300,6 +300,15 @@ def test_a_revoked_certificate_shows_its_reason_everywhere(world: World) -> None
     assert text.count("keyCompromise") >= 3, text  # the inventory, the CRL and OCSP
     assert "CRL: revoked" in text and "OCSP: revoked" in text
     assert text.count("✓ signed by the certificate's issuer") == 2
+    # Who revoked it and why, by its line of the verified log (a web trial found only
+    # the issuance's lines: nothing said who, and a rewritten reason went unseen).
+    line = next(e for e in log_lines(w.ca_state) if e["event"] == "cert.revoke"
+                and w.gone in e["serials"])
+    audit = w.driver.find_element(By.XPATH, "//h2[.='In the audit log']/..").text
+    assert f"Revocation: seq {line['seq']}" in audit, audit
+    assert "✓ revoked by cert:" in audit and "CN=admin." in audit, audit
+    assert f"✓ line {line['seq']} is a cert.revoke naming serial {w.gone}" in audit
+    assert "✓ its reason is the inventory's (keyCompromise)" in audit, audit
     page(w, "/certificates?status=revoked")
     reasons = [r.text for r in w.driver.find_elements(By.CSS_SELECTOR, "td .reason")]
     assert reasons == ["keyCompromise"]

@@ -66,6 +66,50 @@ class AuditEvidence:
                 and self.outcome.verified and all(ok for _, ok in self.checks))
 
 
+@dataclass
+class RevocationEvidence:
+    """The cert.revoke line of a revoked certificate: who revoked it and why, as the log
+    has it, checked against what was verified and against the inventory's reason."""
+
+    line: proofs.Line | None = None
+    proof: proofs.Proof | None = None
+    checks: list[tuple[str, bool]] = field(default_factory=list)
+    problem: str | None = None
+
+    @property
+    def verified(self) -> bool:
+        return self.line is not None and self.line.verified and all(ok for _, ok in self.checks)
+
+
+async def revocation_evidence(ca: CA, tree: TreeHead | None, rec: dict[str, Any]
+                              ) -> RevocationEvidence:
+    """The line that revoked the certificate of `rec` (an inventory record), found by
+    the time the inventory keeps: a web trial's revoked certificate showed only its
+    issuance lines, so nothing said who revoked it, and a rewritten reason left its
+    page all ticks."""
+    found = RevocationEvidence()
+    serial = str(rec["serial"])
+    try:
+        at = dt.datetime.fromisoformat(str(rec["revoked_at"]))
+        located = await proofs.find_revocation(ca, tree, serial, at)
+        if located is None:
+            found.problem = (f"no cert.revoke line naming {serial} within "
+                             f"{proofs.REVOCATION_WINDOW.seconds} s of its revocation time in "
+                             "this log")
+            return found
+        found.line, found.proof = await proofs.proven(ca, tree, *located)
+    except (ClientError, ValueError) as exc:
+        found.problem = str(exc)
+        return found
+    said = found.line.get("reason") or "unspecified"
+    kept = rec.get("reason") or "unspecified"
+    found.checks.append((f"line {found.line.seq} is a cert.revoke naming serial {serial}", True))
+    found.checks.append((f"its reason is the inventory's ({kept})" if said == kept else
+                         f"its reason ({said}) is not the inventory's ({kept}); a later "
+                         "keyCompromise revocation keeps the first one's time", said == kept))
+    return found
+
+
 def fingerprint(cert: x509.Certificate) -> str:
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 

@@ -339,15 +339,36 @@ async def certificate(request: web.Request) -> web.Response:
     bundle_text, bundle_err = await _try(ui.ca.get("/v1/x509/bundle"))
     bundle = x509.load_pem_x509_certificates(bundle_text) if bundle_text else []
     links, issuer = certs.chain(cert, bundle, ui.root)
-    crl, ocsp, (audit, audit_log) = await asyncio.gather(
+    crl, ocsp, (audit, audit_log), (revoked, revoked_log) = await asyncio.gather(
         certs.crl_status(ui.ca, cert, issuer, rec.get("issuer")),
         certs.ocsp_status(ui.ca, cert, issuer),
-        _evidence(ui, verdict, rec, cert))
+        _evidence(ui, verdict, rec, cert), _revocation(ui, verdict, rec))
     verdict = await _report(request, verdict, audit_log, audit.intent, audit.outcome)
+    if revoked is not None:
+        verdict = await _report(request, verdict, revoked_log, revoked.line)
     return _render(request, "certificate.html", verdict, title=f"Certificate {serial}",
                    rec=rec, error=None, der_ok=der_ok, fields=certs.describe(cert),
                    pem=rec["pem"], links=links, bundle_err=bundle_err, crl=crl, ocsp=ocsp,
-                   audit=audit, audit_log_q=log_query(audit_log), summary=_summary)
+                   audit=audit, audit_log_q=log_query(audit_log), summary=_summary,
+                   revoked=revoked, revoked_log_q=log_query(revoked_log))
+
+
+async def _revocation(ui: UI, verdict: Verdict, rec: dict[str, Any]
+                      ) -> tuple[certs.RevocationEvidence | None, str | None]:
+    """The revocation line of a revoked certificate, and whose log it is in (cluster: any
+    node's, the one whose worker took the request)."""
+    if not rec.get("revoked_at") or not ui.logs.names:
+        return None, None
+    if not ui.logs.cluster:
+        return await certs.revocation_evidence(ui.ca, verdict.tree, rec), None
+    found = certs.RevocationEvidence()
+    for log in ui.logs.names:
+        tree = next((v.tree for v in (verdict, *verdict.others) if v.log == log), None)
+        found = await certs.revocation_evidence(ui.ca.for_log(log), tree, rec)
+        if found.line is not None:
+            return found, log
+    found.problem = "no node's log has a cert.revoke line naming it near its revocation time"
+    return found, None
 
 
 async def _evidence(ui: UI, verdict: Verdict, rec: dict[str, Any], cert: x509.Certificate
@@ -419,7 +440,7 @@ class Filters:
             actor = line.get("actor")
             if not (isinstance(actor, str) and self.actor.lower() in actor.lower()):
                 return False
-        ts = _ts(line)
+        ts = proofs.line_time(line)
         if self.since and (ts is None or ts < self.since):
             return False
         return not (self.until and (ts is None or ts > self.until))
@@ -429,16 +450,6 @@ class Filters:
              "since": self.since.strftime("%Y-%m-%dT%H:%M") if self.since else "",
              "until": self.until.strftime("%Y-%m-%dT%H:%M") if self.until else ""}
         return {k: v for k, v in q.items() if v}
-
-
-def _ts(line: proofs.Line) -> dt.datetime | None:
-    ts = line.get("ts")
-    if not isinstance(ts, str):
-        return None
-    try:
-        return dt.datetime.fromisoformat(ts.replace("Z", "+00:00"))
-    except ValueError:
-        return None
 
 
 def _when_param(raw: str | None) -> dt.datetime | None:
@@ -457,31 +468,6 @@ def _seq_param(request: web.Request, name: str) -> int | None:
     return int(raw) if is_decimal(raw) and len(raw) < 19 else None
 
 
-async def _log_end(ca: CA, tree: TreeHead | None) -> int:
-    """How many lines the daemon serves now (those verified and those after)."""
-    start = tree.size if tree else 0
-    while True:
-        got = await ca.entries(start, 1000)
-        start += len(got)
-        if len(got) < 1000:
-            return start
-
-
-async def _first_after(ca: CA, end: int, moment: dt.datetime) -> int:
-    """The first seq whose ts is after `moment` (end if none), by bisection: the lines'
-    times do not go backwards (one writer), so a time is a place in the log."""
-    lo, hi = 0, end
-    while lo < hi:
-        mid = (lo + hi) // 2
-        got = await ca.entries(mid, 1)
-        ts = _ts(proofs.Line(mid, got[0], proofs.parse(got[0]), False, "")) if got else None
-        if ts is not None and ts <= moment:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
-
-
 async def audit_log(request: web.Request) -> web.Response:
     ui = request.app[UI_KEY]
     verdict = await _verdict(request)
@@ -496,14 +482,14 @@ async def audit_log(request: web.Request) -> web.Response:
     error = None
     lowest = highest = end = 0
     try:
-        end = await _log_end(ca, tree)
+        end = await proofs.log_end(ca, tree)
         if after is not None:
             start, forward = after + 1, True
         else:
             if before is None:
                 before = end
                 if filters.until is not None:
-                    before = await _first_after(ca, end, filters.until)
+                    before = await proofs.first_after(ca, end, filters.until)
             start, forward = min(before, end), False
         shown, lowest, highest, lie = await _scan(ca, tree, filters, start, end, forward)
         verdict = await _report(request, verdict, verdict.log, lie)
@@ -560,11 +546,11 @@ async def _scan(ca: CA, tree: TreeHead | None, filters: Filters, start: int, end
             lowest, highest = min(lowest, line.seq), max(highest, line.seq)
             if len(found) == PAGE_SIZE:
                 break
-        if (not forward and filters.since and window and (_ts(window[0]) or filters.since)
-                < filters.since):
+        first = proofs.line_time(window[0]) if window else None
+        last = proofs.line_time(window[-1]) if window else None
+        if not forward and filters.since and window and (first or filters.since) < filters.since:
             break  # older lines are all before `since`
-        if forward and filters.until and window and (_ts(window[-1]) or filters.until) \
-                > filters.until:
+        if forward and filters.until and window and (last or filters.until) > filters.until:
             break
     found.sort(key=lambda line: -line.seq)
     if found:

@@ -22,6 +22,7 @@ carries a `contradiction`, and the page turns the verdict red for good.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -187,3 +188,72 @@ async def find_intent(ca: CA, outcome: Line, reach: int = 4000) -> tuple[int, by
                 return start + k, found[k]
         end = start
     return None
+
+
+def line_time(line: Line) -> dt.datetime | None:
+    ts = line.get("ts")
+    if not isinstance(ts, str):
+        return None
+    try:
+        return dt.datetime.fromisoformat(ts.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+async def log_end(ca: CA, tree: TreeHead | None) -> int:
+    """How many lines the daemon serves now (those verified and those after)."""
+    start = tree.size if tree else 0
+    while True:
+        got = await ca.entries(start, 1000)
+        start += len(got)
+        if len(got) < 1000:
+            return start
+
+
+async def first_after(ca: CA, end: int, moment: dt.datetime) -> int:
+    """The first seq whose ts is after `moment` (end if none), by bisection: the lines'
+    times do not go backwards (one writer), so a time is a place in the log."""
+    lo, hi = 0, end
+    while lo < hi:
+        mid = (lo + hi) // 2
+        got = await ca.entries(mid, 1)
+        ts = line_time(Line(mid, got[0], parse(got[0]), False, "")) if got else None
+        if ts is not None and ts <= moment:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+# A revocation's line is written as its time is taken, then committed: it is found
+# within seconds of the time the inventory keeps.
+REVOCATION_WINDOW = dt.timedelta(seconds=10)
+
+
+async def find_revocation(ca: CA, tree: TreeHead | None, serial: str, at: dt.datetime
+                          ) -> tuple[int, bytes] | None:
+    """(seq, bytes) of the cert.revoke line that revoked `serial` (hex) at `at`, as the
+    inventory has it: the first naming it within the window around that time that no
+    record.void line takes back for it (a racing request's line, voided after it lost)."""
+    start = await first_after(ca, await log_end(ca, tree), at - REVOCATION_WINDOW)
+    named: list[tuple[int, bytes]] = []
+    voided: set[int] = set()
+    while True:
+        found = await ca.entries(start, 1000)
+        for k, raw in enumerate(found):
+            obj = parse(raw)
+            if obj is None:
+                continue
+            if obj.get("event") == "cert.revoke" and serial in (obj.get("serials") or ()):
+                named.append((start + k, raw))
+            elif obj.get("event") == "record.void" and isinstance(obj.get("voids"), int) \
+                    and serial in (obj.get("serials") or [serial]):
+                voided.add(obj["voids"])
+            when = line_time(Line(start + k, raw, obj, False, ""))
+            if when is not None and when > at + REVOCATION_WINDOW:
+                found = []  # past the window: what was named is all there is
+                break
+        if len(found) < 1000:
+            break
+        start += len(found)
+    return next(((seq, raw) for seq, raw in named if seq not in voided), None)
