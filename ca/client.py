@@ -49,9 +49,11 @@ class ClientError(Exception):
     is away or overloaded), as opposed to a refusal or a local mistake."""
 
     def __init__(self, message: str, *, status: int | None = None,
-                 retryable: bool = False, unanswered: bool = False) -> None:
+                 retryable: bool = False, unanswered: bool = False,
+                 detail: str | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.detail = detail  # the daemon's own words for a refusal, without the request
         self.retryable = retryable
         # The request may have reached the daemon, which may have carried it out, but no
         # answer came back (the connection closed, or none within the time): a caller of
@@ -196,9 +198,9 @@ async def _request(session: aiohttp.ClientSession, method: str, url: str,
                                    ssl=ctx) as r:
             body = await r.read()
             if r.status not in (expect if isinstance(expect, tuple) else (expect,)):
-                raise ClientError(f"{method} {url}: {r.status} {r.reason}: "
-                                  f"{_problem_detail(body, r.content_type)}",
-                                  status=r.status,
+                detail = _problem_detail(body, r.content_type)
+                raise ClientError(f"{method} {url}: {r.status} {r.reason}: {detail}",
+                                  status=r.status, detail=detail,
                                   retryable=r.status >= 500 or r.status == 429)
             return r.content_type, body
     except aiohttp.ClientConnectorCertificateError as exc:

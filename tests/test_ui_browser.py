@@ -309,6 +309,14 @@ def test_a_revoked_certificate_shows_its_reason_everywhere(world: World) -> None
     assert "✓ revoked by cert:" in audit and "CN=admin." in audit, audit
     assert f"✓ line {line['seq']} is a cert.revoke naming serial {w.gone}" in audit
     assert "✓ its reason is the inventory's (keyCompromise)" in audit, audit
+    # The serial as the CLI takes it (openssl's colon form, 0x, leading zeros) leads to
+    # the same page, under the serial as hsmca prints it (a web trial got 404s).
+    padded = w.gone.rjust(40, "0")
+    for asked in (":".join(padded[i:i + 2] for i in range(0, 40, 2)), "0x" + w.gone.upper(),
+                  padded):
+        page(w, f"/certificates/{asked}")
+        assert w.driver.current_url == f"{w.base}/certificates/{w.gone}", asked
+        assert w.driver.find_element(By.TAG_NAME, "h1").text == f"Certificate {w.gone}"
     page(w, "/certificates?status=revoked")
     reasons = [r.text for r in w.driver.find_elements(By.CSS_SELECTOR, "td .reason")]
     assert reasons == ["keyCompromise"]
@@ -366,6 +374,19 @@ def test_strict_headers_and_only_loopback_host_names(world: World) -> None:
         rows = csv.read().decode().splitlines()
     assert rows[0].startswith("serial,status,reason") and len(rows) == 3  # it and its renewal
     assert all(SCRIPT_NAME in row for row in rows[1:])
+    # A search the daemon refuses is the page's 400, in the daemon's words without the
+    # API's address; a page past the last leads to the last (a web trial got 200 with
+    # the API's URL, and "page 99999 of 1 ... No certificate matches").
+    for path in ("/certificates?status=bogus", "/ssh?type=xx"):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(world.base + path, timeout=60)
+        text = refused.value.read().decode()
+        assert refused.value.code == 400 and "this search cannot be made: " in text, path
+        assert "/v1/inventory" not in text, text
+    with urllib.request.urlopen(world.base + "/certificates?q=ui.example&page=99999",
+                                timeout=60) as last:
+        assert last.url.endswith("/certificates?q=ui.example&page=1"), last.url
+        assert "No certificate matches" not in last.read().decode()
 
 
 def test_a_line_withheld_or_changed_inside_the_verified_log_turns_the_banner_red(

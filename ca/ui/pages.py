@@ -234,13 +234,29 @@ def _list_links(path: str, query: dict[str, str], page: int
     return link, sort_link
 
 
+async def _listed(request: web.Request, path: str, query: dict[str, str], page: int
+                  ) -> tuple[dict[str, Any] | None, str | None, int]:
+    """A page of an inventory list: (what was found, why not, the HTTP status). A
+    search the daemon refuses is the page's 400 in its words (a web trial got 200 and
+    the API's URL); a page past the last one leads to the last."""
+    try:
+        found = await request.app[UI_KEY].ca.json(path, **query, limit=PAGE_SIZE,
+                                                  offset=(page - 1) * PAGE_SIZE)
+    except ClientError as exc:
+        if exc.status == 400 and exc.detail:
+            return None, f"this search cannot be made: {exc.detail}", 400
+        return None, str(exc), 200
+    if page > _pages(found["total"]) and found["total"]:
+        raise web.HTTPFound(request.rel_url.update_query(page=_pages(found["total"])).path_qs)
+    return found, None, 200
+
+
 async def certificates(request: web.Request) -> web.Response:
     ui = request.app[UI_KEY]
     verdict = await _verdict(request)
     query = _cert_query(request)
     page = _page(request)
-    found, error = await _try(ui.ca.json("/v1/inventory/certificates", **query,
-                                         limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE))
+    found, error, status = await _listed(request, "/v1/inventory/certificates", query, page)
     total = found["total"] if found else 0
     pages = _pages(total)
     # A search names hosts and people: say when SSH certificates match it too.
@@ -251,8 +267,9 @@ async def certificates(request: web.Request) -> web.Response:
         ssh_total = ssh["total"] if ssh else 0
     link, sort_link = _list_links("/certificates", query, page)
     csv_link = "/certificates.csv" + (f"?{urlencode(query)}" if query else "")
-    return _render(request, "certificates.html", verdict, title="Certificates", query=query,
-                   found=found, error=error, page=page, pages=pages, total=total, link=link,
+    return _render(request, "certificates.html", verdict, status, title="Certificates",
+                   query=query, found=found, error=error, page=page, pages=pages, total=total,
+                   link=link,
                    sort_link=sort_link, csv_link=csv_link, ssh_total=ssh_total,
                    ssh_link="/ssh?" + urlencode({"q": query.get("q", "")}))
 
@@ -261,12 +278,11 @@ SSH_PARAMS = ("q", "status", "type", "sort", "order")
 
 
 async def ssh_certificates(request: web.Request) -> web.Response:
-    ui = request.app[UI_KEY]
     verdict = await _verdict(request)
     query = _cert_query(request, SSH_PARAMS)
     page = _page(request)
-    found, error = await _try(ui.ca.json("/v1/inventory/ssh-certificates", **query,
-                                         limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE))
+    found, error, status = await _listed(request, "/v1/inventory/ssh-certificates", query,
+                                         page)
     total = found["total"] if found else 0
     link, sort_link = _list_links("/ssh", query, page)
 
@@ -276,7 +292,7 @@ async def ssh_certificates(request: web.Request) -> web.Response:
         return "/audit?" + urlencode({
             "event": "hsm.sign", "since": at.strftime("%Y-%m-%dT%H:%M"),
             "until": (at + dt.timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M")})
-    return _render(request, "ssh.html", verdict, title="SSH certificates", query=query,
+    return _render(request, "ssh.html", verdict, status, title="SSH certificates", query=query,
                    found=found, error=error, page=page, pages=_pages(total),
                    total=total, link=link, sort_link=sort_link, audit_link=audit_link)
 
@@ -324,9 +340,17 @@ async def certificates_csv(request: web.Request) -> web.Response:
 async def certificate(request: web.Request) -> web.Response:
     ui = request.app[UI_KEY]
     verdict = await _verdict(request)
-    serial = request.match_info["serial"].lower()
-    if not _SERIAL.fullmatch(serial):
-        return not_found(request, verdict, "a certificate serial is up to 40 hex digits")
+    asked = request.match_info["serial"].lower()
+    # The forms the CLI takes (0x..., openssl's 1a:2b:...) lead to the one hsmca prints
+    # (a web trial got 404s for them; leading zeros were kept in the title).
+    serial = asked.removeprefix("0x").replace(":", "")
+    if not _SERIAL.fullmatch(serial.lstrip("0") or "0") or not int(serial or "0", 16):
+        return not_found(request, verdict, "a certificate serial is up to 40 hex digits, "
+                         "as hsmca prints it (1a2b...), with 0x, or as 1a:2b:...")
+    serial = format(int(serial, 16), "x")
+    if serial != asked:
+        raise web.HTTPFound(f"/certificates/{serial}" + (f"?{request.query_string}"
+                                                         if request.query_string else ""))
     try:
         rec = await ui.ca.json(f"/v1/inventory/certificates/{serial}")
     except ClientError as exc:
