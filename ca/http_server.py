@@ -119,13 +119,28 @@ class _ProblemRequestHandler(web.RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm()
+        manager = self._manager  # aiohttp lets go of it in connection_lost
         try:
             super().connection_lost(exc)
         finally:
             if self.on_lost is not None:
                 self.on_lost()
+            if isinstance(manager, _ProblemServer):
+                manager.received()  # a body awaited at a stop will not come
+
+    async def _handle_request(self, request: web.BaseRequest, start_time: float | None,
+                              request_handler: Any) -> tuple[web.StreamResponse, bool]:
+        try:
+            return await super()._handle_request(request, start_time, request_handler)
+        finally:
+            # Answered, its body read or not (a 403 before it): a stop need not wait for
+            # that body any more, nor linger for its rest (aiohttp reads up to 10 s of an
+            # unread body before it closes), and the connection closes.
             if isinstance(self._manager, _ProblemServer):
-                self._manager.received()  # a body awaited at a stop will not come
+                if self._manager.stopping:
+                    self._lingering_time = 0.0
+                    self.close()
+                self._manager.received()
 
     def data_received(self, data: bytes) -> None:
         body_was_open = self._body is not None and not self._body.is_eof()
@@ -253,9 +268,13 @@ class _ProblemAppRunner(web.AppRunner):
 
     async def shutdown(self) -> None:
         # Between closing the idle connections and aiohttp's own wait for the requests
-        # under way, which stops reading the connections first: their bodies come in.
-        if isinstance(self._server, _ProblemServer):
+        # under way, which stops reading the connections first: their bodies come in,
+        # within the one grace period (the wait that follows gets what is left of it).
+        if isinstance(self._server, _ProblemServer) and self._shutdown_timeout:
+            loop = asyncio.get_running_loop()
+            began = loop.time()
             await self._server.bodies_in(self._shutdown_timeout)
+            self._shutdown_timeout = max(0.0, self._shutdown_timeout - (loop.time() - began))
         await super().shutdown()
 
     async def _make_server(self) -> web.Server:

@@ -177,3 +177,47 @@ async def test_a_request_whose_body_arrives_during_the_stop_is_answered(
     # (read to the end: the server closed the connection once it had answered)
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and body == b"got {}", answer
+
+
+@pytest.mark.parametrize("then", ["the client goes", "the handler answers first"])
+async def test_a_stop_waits_for_no_body_that_will_not_come(tmp_path: Path, then: str) -> None:
+    """A review: a stop waiting for a request's body must end once the client has gone,
+    or once the handler has answered without reading it (a 403 before the body), not at
+    the end of the grace period (60 s here; the bound below is half of it)."""
+    cert, key = _self_signed(tmp_path)
+    started, go = asyncio.Event(), asyncio.Event()
+
+    async def handler(request: web.Request) -> web.Response:
+        started.set()
+        if then == "the handler answers first":
+            await go.wait()
+            return web.Response(status=403)
+        return web.Response(body=await request.read())
+
+    app = web.Application()
+    app.router.add_post("/", handler)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    runner = app_runner(app, shutdown_timeout=60.0)
+    await runner.setup()
+    await tcp_site(runner, "127.0.0.1", 0, ssl_context=server_ctx).start()
+    host, port = runner.addresses[0][:2]
+    reader, writer = await asyncio.open_connection(
+        host, port, ssl=ssl.create_default_context(cafile=str(cert)),
+        server_hostname="localhost")
+    try:
+        writer.write(b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: 9\r\n\r\n{")
+        await writer.drain()
+        async with asyncio.timeout(BOUND_S):
+            await started.wait()
+            stopping = asyncio.create_task(runner.cleanup())
+            while not getattr(runner.server, "stopping", False):  # the stop has begun
+                await asyncio.sleep(0)
+            if then == "the client goes":
+                writer.transport.abort()
+            else:
+                go.set()
+                assert (await reader.readline()).startswith(b"HTTP/1.1 403")
+            await stopping  # within the bound: nothing left to wait for
+    finally:
+        writer.close()
