@@ -27,7 +27,7 @@ SLOTS = {"revocations": 0, "ssh_revocations": 1, "keys": 2, "tls": 3}
 WORKERS_MOVE = ("revocations", "ssh_revocations", "keys")
 # Values the primary sets for the workers to read, not counters that `bump` moves.
 GAUGES = {"workers_serving": 16, "workers_wanted": 17, "inventory_damaged": 18,
-          "workers_answering": 19}
+          "workers_silent": 19}
 T = TypeVar("T")
 _U64 = struct.Struct("<Q")
 SIZE = 4096

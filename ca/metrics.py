@@ -145,8 +145,9 @@ class AuditMetrics:
         # OCSP response, and nothing said one was coming (an SRE trial).
         self.crl_next_update = Gauge(
             "hsmca_crl_next_update_timestamp_seconds", "The nextUpdate of each signing "
-            "issuer's CRL in the inventory (Unix time), read every 5 minutes: it is "
-            "re-signed half way, so less than 12 h ahead means re-signing fails",
+            "issuer's CRL in the inventory (Unix time), read every 5 minutes (NaN: the "
+            "issuer signs no more): it is re-signed half way, so less than 12 h ahead for "
+            "longer than 5 minutes means re-signing fails",
             ["issuer"], registry=None, multiprocess_mode="mostrecent")
         self.ocsp_current = Gauge(
             "hsmca_ocsp_current_timestamp_seconds", "When the OCSP refresher last found "
@@ -304,6 +305,9 @@ class Metrics:
         """The whole daemon's metrics; `audit` is the primary's answer about its log,
         `store_healthy` whether the inventory answered this scrape."""
         from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+        # This worker's own queue as of now, on top of what each signing thread says at
+        # its rounds: a hung C_Sign ends no round, and its queue grows meanwhile.
+        self.hsm_queue.set(hsm.queue_depth)
         families = list(multiprocess.MultiProcessCollector(None).collect())
         # hsmca_up{part="hsm"} is every worker's, as hsmca_hsm_up is: the answering
         # worker's alone flipped with whichever worker a scrape reached, and said 1 in

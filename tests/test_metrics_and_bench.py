@@ -74,7 +74,9 @@ async def test_metrics_move_when_certificates_are_issued(daemon: Daemon) -> None
     while True:
         crls = {dict(labels)["issuer"]: value for (name, labels), value in after.items()
                 if name == "hsmca_crl_next_update_timestamp_seconds"}
-        if {"issuing-ca", "root-ca"} <= set(crls) or time.monotonic() > deadline:
+        if ({"issuing-ca", "root-ca"} <= set(crls) and (
+                "hsmca_ocsp_current_timestamp_seconds", ()) in after) \
+                or time.monotonic() > deadline:
             break
         after = metric_samples((await http("GET", f"{daemon.url}/metrics", daemon.ssl()))[2]
                                .decode())

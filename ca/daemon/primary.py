@@ -68,7 +68,6 @@ from ca.revocation.from_log import complete_from_log
 from ca.revocation.ocsp import OCSPRefresher, OCSPSigner
 from ca.server_cert import ensure_server_cert
 from ca.store import Store, open_store
-from ca.store.errors import StoreUnavailable
 from ca.store.sqlite import SQLiteStore, damaged_error
 from ca.subject import spki_sha256
 from hsm.session import KeyInfo, describe_source
@@ -310,6 +309,9 @@ class WorkerPool:
 
     def _say_workers(self) -> None:
         serving = len(self.pids)
+        # /health reads the silent ones' count, not serving less answering: one word,
+        # not two written one after the other (a review saw "1 not answering" between).
+        self.generations.set_gauge("workers_silent", len(self._silent))
         self.on_serving(serving)
         self.on_answering(serving - len(self._silent))
 
@@ -590,7 +592,6 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
 
         def answering(n: int) -> None:
             audit_metrics.workers_answering.set(n)
-            generations.set_gauge("workers_answering", n)
         generations.set_gauge("workers_wanted", count)
         pool = WorkerPool(config, address, count, audit, checkpointer,
                           generations, policies,
@@ -1095,9 +1096,14 @@ async def _refresh_crls(issuance: Issuance, store: Store, audit: AuditLog,
     from ca.revocation import Revocations
     revocations = Revocations(store, audit, issuance, generations,
                               _context_now(issuance, policies))
+    watched: set[str] = set()
     while True:
         issuers = await issuance.keys.refresh()
-        for label in [*issuers.x509, issuers.root_issuer()]:
+        signing = [*issuers.x509, issuers.root_issuer()]
+        for gone in watched - set(signing):  # retired: its series says so, not a date
+            next_update.labels(gone).set(float("nan"))
+        watched = set(signing)
+        for label in signing:
             try:
                 await revocations.refresh_crl(None, label, only_if_stale=True)
             except Exception as exc:  # the HSM or the log away: the next round, or a GET
@@ -1107,8 +1113,8 @@ async def _refresh_crls(issuance: Issuance, store: Store, audit: AuditLog,
                 if (kept := await store.latest_crl(label)) is not None:
                     next_update.labels(label).set(
                         x509.load_der_x509_crl(kept.der).next_update_utc.timestamp())
-            except (StoreUnavailable, ValueError, AttributeError):
-                pass  # the inventory away: said above and by /health
+            except Exception:  # a metric must never end the re-signing (a review)
+                pass  # (the inventory away: said above and by /health)
         await asyncio.sleep(CRL_REFRESH_S)  # periodic work, not synchronisation
 
 

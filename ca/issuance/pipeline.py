@@ -386,6 +386,10 @@ class SigningPipeline:
                 self._flush_events()
                 batch.flush()
 
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
     def _backlog(self, jobs: int) -> None:
         if self.on_backlog is not None:
             self.on_backlog(jobs)

@@ -165,7 +165,7 @@ def _workers(generations: Generations) -> str | None:
     if not wanted or not generations.gauge("workers_serving"):
         return None  # not a daemon's worker (an app in a test), or the daemon starting
     serving = generations.gauge("workers_serving")
-    silent = serving - generations.gauge("workers_answering")
+    silent = generations.gauge("workers_silent")
     said = f"{serving} of {wanted} serving"
     if serving < wanted:
         # Named by the lines there are: a worker killed a moment ago is being started

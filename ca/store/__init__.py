@@ -61,9 +61,11 @@ class Store(Protocol):
 
     @property
     def migrated_from(self) -> int | None:
-        """The schema version this open migrated from (None: none migrated): the
-        daemon.start line records it too, and so an upgrade, or one cut short and
-        finished now, is in the audit log (an upgrade trial found neither)."""
+        """The schema version this store's open migrated from (None: it migrated
+        nothing; another process's open, `store move` or `key rotate-root`, may have):
+        the daemon.start line records it, so an upgrade is in the audit log, and one a
+        killed start cut short shows as migrating from the version between (an upgrade
+        trial found neither)."""
         ...
 
     @property
