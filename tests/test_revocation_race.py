@@ -332,7 +332,10 @@ async def test_revocations_racing_for_one_certificate_leave_one_standing_in_the_
             statuses = await asyncio.gather(*(
                 ask("POST", "/v1/x509/revoke", {"serial": serial, "reason": reason})
                 for reason in itertools.islice(itertools.cycle(reasons), CONNECTIONS)))
-        assert sorted(statuses) == [200] + [409] * (CONNECTIONS - 1), statuses
+        # One revokes it; the others lost the race to commit (409), or arrived after the
+        # revocation reached the mutual-TLS gate of their worker, which refuses the
+        # revoked certificate they present (403, nothing written: a loaded CI run).
+        assert statuses.count(200) == 1 and set(statuses) <= {200, 409, 403}, statuses
         lines = [json.loads(x) for x in ca_daemon.log.read_bytes().splitlines()]
         revokes = {x["seq"]: x for x in lines
                    if x["event"] == "cert.revoke" and x.get("serial") == serial}

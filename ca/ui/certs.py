@@ -104,9 +104,15 @@ async def revocation_evidence(ca: CA, tree: TreeHead | None, rec: dict[str, Any]
     said = found.line.get("reason") or "unspecified"
     kept = rec.get("reason") or "unspecified"
     found.checks.append((f"line {found.line.seq} is a cert.revoke naming serial {serial}", True))
-    found.checks.append((f"its reason is the inventory's ({kept})" if said == kept else
-                         f"its reason ({said}) is not the inventory's ({kept}); a later "
-                         "keyCompromise revocation keeps the first one's time", said == kept))
+    if said == kept:
+        found.checks.append((f"its reason is the inventory's ({kept})", True))
+    elif kept == "keyCompromise":
+        # A revocation for another reason turned keyCompromise later keeps its first
+        # time (docs/operator.md, section 5): the line found by that time is the first.
+        found.checks.append((f"its reason was {said}; the inventory's keyCompromise came "
+                             "with a later revocation, which kept this one's time", True))
+    else:
+        found.checks.append((f"its reason ({said}) is not the inventory's ({kept})", False))
     return found
 
 

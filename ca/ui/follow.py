@@ -89,13 +89,14 @@ class Verdict:
         if self.status == "failed":
             where = f" at seq {self.bad_seq}" if self.bad_seq is not None else ""
             return f"{prefix}FAILED{where}: {self.reason}"
-        if self.status == "ok" and self.tree is not None and self.tree.size == 0:
-            return f"{prefix}verified: the log has no line yet"
         if self.status == "ok" and self.tree is not None and not self.answered:
             size = self.checkpoint.size if self.checkpoint else 0
+            then = (f"verified then up to seq {self.tree.size - 1}, checkpoint {size}"
+                    if self.tree.size else "the log had no line then")
             return (f"{prefix}NOT CHECKED since {self.checked_at:%Y-%m-%d %H:%M:%S} UTC: the "
-                    f"daemon could not be asked (verified then up to seq "
-                    f"{self.tree.size - 1}, checkpoint {size})")
+                    f"daemon could not be asked ({then})")
+        if self.status == "ok" and self.tree is not None and self.tree.size == 0:
+            return f"{prefix}verified: the log has no line yet"
         if self.status == "ok" and self.tree is not None:
             k = self.witnessed.count
             size = self.checkpoint.size if self.checkpoint else 0

@@ -10,7 +10,7 @@
   var lastAnswer = new Date();
   function unanswered() {
     // The view's own server went away: what is shown is no longer being checked. A
-    // green banner left as it was read as verified (an auditor trial); it turns grey,
+    // green banner left as it was read as verified (an auditor trial); it turns amber,
     // and says since when.
     if (box.getAttribute("data-status") === "failed") { return; }  // red stays red
     box.className = "verdict verdict-unknown";
