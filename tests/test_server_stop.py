@@ -49,6 +49,20 @@ def _self_signed(tmp: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
+async def _served(app: web.Application, tmp: Path, grace: float
+                  ) -> tuple[web.AppRunner, str, int, Path]:
+    """`app` served over TLS on 127.0.0.1 as a worker serves (ca/http_server.py), with
+    `grace` seconds for a stop: its runner, host, port and certificate."""
+    cert, key = _self_signed(tmp)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    runner = app_runner(app, shutdown_timeout=grace)
+    await runner.setup()
+    await tcp_site(runner, "127.0.0.1", 0, ssl_context=server_ctx).start()
+    host, port = runner.addresses[0][:2]
+    return runner, host, port, cert
+
+
 def _closed_after(tls: ssl.SSLObject, incoming: ssl.MemoryBIO, data: bytes,
                   answer: bytearray) -> bool:
     """Take `data` from the server into `answer`; whether the server has closed the
@@ -70,7 +84,6 @@ def _closed_after(tls: ssl.SSLObject, incoming: ssl.MemoryBIO, data: bytes,
 
 async def test_a_tls_handshake_finished_after_the_stop_gets_no_error_answer(
         tmp_path: Path) -> None:
-    cert, key = _self_signed(tmp_path)
     # A server like a worker: its handlers read a database that closes with it.
     db = sqlite3.connect(":memory:")
 
@@ -83,13 +96,7 @@ async def test_a_tls_handshake_finished_after_the_stop_gets_no_error_answer(
     app = web.Application()
     app.router.add_get("/", handler)
     app.on_cleanup.append(close_db)
-    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_ctx.load_cert_chain(cert, key)
-    runner = app_runner(app, shutdown_timeout=5.0)
-    await runner.setup()
-    site = tcp_site(runner, "127.0.0.1", 0, ssl_context=server_ctx)
-    await site.start()
-    host, port = runner.addresses[0][:2]
+    runner, host, port, cert = await _served(app, tmp_path, 5.0)
 
     loop = asyncio.get_running_loop()
     client_ctx = ssl.create_default_context(cafile=str(cert))
@@ -140,7 +147,6 @@ async def test_a_request_whose_body_arrives_during_the_stop_is_answered(
     stop closes the connections it knows, and stops reading them, before it waits for
     the requests under way). The body is now read to its end, the request answered,
     and the connection closed after it."""
-    cert, key = _self_signed(tmp_path)
     started = asyncio.Event()
 
     async def handler(request: web.Request) -> web.Response:
@@ -149,13 +155,7 @@ async def test_a_request_whose_body_arrives_during_the_stop_is_answered(
 
     app = web.Application()
     app.router.add_post("/", handler)
-    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_ctx.load_cert_chain(cert, key)
-    runner = app_runner(app, shutdown_timeout=5.0)
-    await runner.setup()
-    site = tcp_site(runner, "127.0.0.1", 0, ssl_context=server_ctx)
-    await site.start()
-    host, port = runner.addresses[0][:2]
+    runner, host, port, cert = await _served(app, tmp_path, 5.0)
     client_ctx = ssl.create_default_context(cafile=str(cert))
     async with asyncio.timeout(BOUND_S):
         reader, writer = await asyncio.open_connection(host, port, ssl=client_ctx,
@@ -184,7 +184,6 @@ async def test_a_stop_waits_for_no_body_that_will_not_come(tmp_path: Path, then:
     """A review: a stop waiting for a request's body must end once the client has gone,
     or once the handler has answered without reading it (a 403 before the body), not at
     the end of the grace period (60 s here; the bound below is half of it)."""
-    cert, key = _self_signed(tmp_path)
     started, go = asyncio.Event(), asyncio.Event()
 
     async def handler(request: web.Request) -> web.Response:
@@ -196,12 +195,7 @@ async def test_a_stop_waits_for_no_body_that_will_not_come(tmp_path: Path, then:
 
     app = web.Application()
     app.router.add_post("/", handler)
-    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_ctx.load_cert_chain(cert, key)
-    runner = app_runner(app, shutdown_timeout=60.0)
-    await runner.setup()
-    await tcp_site(runner, "127.0.0.1", 0, ssl_context=server_ctx).start()
-    host, port = runner.addresses[0][:2]
+    runner, host, port, cert = await _served(app, tmp_path, 60.0)
     reader, writer = await asyncio.open_connection(
         host, port, ssl=ssl.create_default_context(cafile=str(cert)),
         server_hostname="localhost")
