@@ -148,19 +148,18 @@ class WorkerPool:
                  checkpointer: Checkpointer, generations: Generations,
                  policies: control.PolicyFeed,
                  on_restart: Callable[[str], None] = lambda _reason: None,
-                 on_serving: Callable[[int], None] = lambda _count: None,
-                 http_address: str | None = None,
-                 on_answering: Callable[[int], None] = lambda _count: None) -> None:
+                 on_workers: Callable[[int, int], None] = lambda _serving, _silent: None,
+                 http_address: str | None = None) -> None:
         self.http_address = http_address  # [server] http-listen, its port bound
         self.config, self.address, self.count, self.audit = config, address, count, audit
         self.generations, self.policies = generations, policies
         self.on_restart = on_restart  # counts restarts by reason (the primary's metrics)
-        self.on_serving = on_serving  # how many workers run (the primary's metrics)
-        # How many of them answer its pings: a stopped or stuck worker holds its share
-        # of the connections until it is killed, and nothing but one log line said so
-        # (an SRE trial); the slots of those that do not.
-        self.on_answering = on_answering
-        self._silent: set[int] = set()
+        # How many workers run, and how many of them do not answer its pings (a stopped
+        # or stuck worker holds its share of the connections until it is killed, and
+        # nothing but one log line said so: an SRE trial): the primary's metrics and
+        # /health's `workers`.
+        self.on_workers = on_workers
+        self._silent: set[int] = set()  # the slots of those that do not answer
         witnesses = checkpointer.witnesses
         self.recorder = Recorder(audit, lambda: checkpointer.latest, self._lost,
                                  latest_cosigned=lambda: witnesses.cosigned if witnesses else None,
@@ -308,12 +307,7 @@ class WorkerPool:
             started = time.monotonic()
 
     def _say_workers(self) -> None:
-        serving = len(self.pids)
-        # /health reads the silent ones' count, not serving less answering: one word,
-        # not two written one after the other (a review saw "1 not answering" between).
-        self.generations.set_gauge("workers_silent", len(self._silent))
-        self.on_serving(serving)
-        self.on_answering(serving - len(self._silent))
+        self.on_workers(len(self.pids), len(self._silent))
 
     def _answering(self, slot: int, answers: bool) -> None:
         if answers != (slot not in self._silent):
@@ -557,7 +551,8 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         background.append(asyncio.create_task(_refresh_ocsp(
             issuance, store, policies, audit_metrics.ocsp_current.set_to_current_time)))
         background.append(asyncio.create_task(_refresh_crls(
-            issuance, store, audit, generations, policies, audit_metrics.crl_next_update)))
+            issuance, store, audit, generations, policies,
+            lambda issuer, at: audit_metrics.crl_next_update.labels(issuer).set(at))))
         background.append(asyncio.create_task(_resume_log(audit)))
         background.append(asyncio.create_task(_erase_expired_eab_keys(store)))
         background.append(asyncio.create_task(_purge_acme_orders(store)))
@@ -586,17 +581,19 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         address = _bound(placeholder)
         plain_address = _bound(plain_placeholder) if plain_placeholder is not None else None
         audit_metrics.workers.set(count)
-        def serving(n: int) -> None:  # the metric, and /health's `workers` in each worker
-            audit_metrics.workers_serving.set(n)
-            generations.set_gauge("workers_serving", n)
-
-        def answering(n: int) -> None:
-            audit_metrics.workers_answering.set(n)
+        def workers(serving: int, silent: int) -> None:
+            """The metrics, and /health's `workers` in each worker. /health reads the
+            silent ones' count itself, not serving less answering: one word, not two
+            written one after the other (a review saw "1 not answering" between)."""
+            audit_metrics.workers_serving.set(serving)
+            audit_metrics.workers_answering.set(serving - silent)
+            generations.set_gauge("workers_silent", silent)
+            generations.set_gauge("workers_serving", serving)
         generations.set_gauge("workers_wanted", count)
         pool = WorkerPool(config, address, count, audit, checkpointer,
                           generations, policies,
                           lambda reason: audit_metrics.worker_restarts.labels(reason).inc(),
-                          serving, plain_address, answering)
+                          workers, plain_address)
         await pool.start()
         placeholder.close()  # the workers hold the port now
         if plain_placeholder is not None:
@@ -1086,7 +1083,7 @@ async def _revoke_unreleased(issuance: Issuance, store: Store, audit: AuditLog,
 
 async def _refresh_crls(issuance: Issuance, store: Store, audit: AuditLog,
                         generations: Generations, policies: control.PolicyFeed,
-                        next_update: Any) -> None:
+                        next_update: Callable[[str, float], None]) -> None:
     """Every CRL that still signs (each issuing CA's, the root's) re-signed by the CA
     itself before half its validity has passed, so a relying party's GET is served from
     the inventory without a signature (SPEC 7: re-signed before nextUpdate, whether
@@ -1101,7 +1098,7 @@ async def _refresh_crls(issuance: Issuance, store: Store, audit: AuditLog,
         issuers = await issuance.keys.refresh()
         signing = [*issuers.x509, issuers.root_issuer()]
         for gone in watched - set(signing):  # retired: its series says so, not a date
-            next_update.labels(gone).set(float("nan"))
+            next_update(gone, float("nan"))
         watched = set(signing)
         for label in signing:
             try:
@@ -1111,8 +1108,8 @@ async def _refresh_crls(issuance: Issuance, store: Store, audit: AuditLog,
                             error=str(exc) or type(exc).__name__)
             try:  # what relying parties hold until (hsmca_crl_next_update_...)
                 if (kept := await store.latest_crl(label)) is not None:
-                    next_update.labels(label).set(
-                        x509.load_der_x509_crl(kept.der).next_update_utc.timestamp())
+                    next_update(label, x509.load_der_x509_crl(kept.der)
+                                .next_update_utc.timestamp())
             except Exception:  # a metric must never end the re-signing (a review)
                 pass  # (the inventory away: said above and by /health)
         await asyncio.sleep(CRL_REFRESH_S)  # periodic work, not synchronisation

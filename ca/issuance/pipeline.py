@@ -167,6 +167,10 @@ class SigningPipeline:
     def problem(self) -> str | None:
         return self.hsm.broken
 
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
     # ---- calls -----------------------------------------------------------------------
 
     async def submit(self, job: SigningJob[T]) -> SignResult[T]:
@@ -385,10 +389,6 @@ class SigningPipeline:
                 self._backlog(self._queue.qsize())  # before the results wake anyone
                 self._flush_events()
                 batch.flush()
-
-    @property
-    def queue_depth(self) -> int:
-        return self._queue.qsize()
 
     def _backlog(self, jobs: int) -> None:
         if self.on_backlog is not None:
