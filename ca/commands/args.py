@@ -4,6 +4,7 @@ built for every command, `serve` included)."""
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -35,6 +36,28 @@ def check_url(url: str) -> str:
     if parts.query or parts.fragment or parts.username or parts.password:
         raise ValueError(f"{url}: give only https://HOST[:PORT][/PATH]")
     return text.rstrip("/")
+
+
+def serial_hex(text: str) -> str:
+    """A serial number as people copy it: hex as hsmca prints it ('1a2b...'), with a
+    0x prefix, in the colon form `openssl x509 -text` prints ('1a:2b:...'), or as
+    `openssl x509 -serial` prints it ('serial=1A2B...'); returned as the lowercase hex
+    without leading zeros the API takes, or ValueError saying what is wrong with it."""
+    t = text.strip().lower()
+    t = t.removeprefix("serial=").removeprefix("0x")
+    if ":" in t:
+        if not re.fullmatch(r"[0-9a-f]{1,2}(:[0-9a-f]{1,2})+", t):
+            raise ValueError(f"serial {text!r}: the colon form is pairs of hex digits, "
+                             "like 1a:2b:3c")
+        t = t.replace(":", "")
+    if re.fullmatch(r"[0-9a-f]+", t) and len(t.lstrip("0")) > 40:
+        # (leading zeros are no digits of it: openssl pads to whole bytes)
+        raise ValueError(f"serial {text!r} has {len(t.lstrip('0'))} hex digits: a "
+                         "certificate serial has at most 40 (20 bytes); a digit too many?")
+    if not re.fullmatch(r"[0-9a-f]+", t) or int(t, 16) == 0:
+        raise ValueError(f"serial {text!r} is not a certificate serial number in hex (as "
+                         "hsmca prints it, with 0x, or as 1a:2b:... from openssl x509 -text)")
+    return format(int(t, 16), "x")
 
 
 def state_file(text: str) -> Path:

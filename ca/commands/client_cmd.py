@@ -6,13 +6,12 @@ import argparse
 import asyncio
 import datetime as dt
 import os
-import re
 import ssl
 import sys
 from pathlib import Path
 from typing import Any
 
-from ca.commands.args import exec_timeout_flag, warn
+from ca.commands.args import exec_timeout_flag, serial_hex, warn
 from ca.config import Config, load
 from ca.decimal_text import is_decimal
 from ca.errors import CLIError, GaveUp
@@ -265,25 +264,12 @@ def _renew_daemon(args: argparse.Namespace, url: str) -> int:
 
 
 def parse_serial(text: str) -> str:
-    """A serial number as people copy it: hex as hsmca prints it ('1a2b...'), with a
-    0x prefix, in the colon form `openssl x509 -text` prints ('1a:2b:...'), or as
-    `openssl x509 -serial` prints it ('serial=1A2B...'); returned as the lowercase hex
-    without leading zeros the API takes."""
-    t = text.strip().lower()
-    t = t.removeprefix("serial=").removeprefix("0x")
-    if ":" in t:
-        if not re.fullmatch(r"[0-9a-f]{1,2}(:[0-9a-f]{1,2})+", t):
-            raise CLIError(f"serial {text!r}: the colon form is pairs of hex digits, "
-                           "like 1a:2b:3c")
-        t = t.replace(":", "")
-    if re.fullmatch(r"[0-9a-f]+", t) and len(t.lstrip("0")) > 40:
-        # (leading zeros are no digits of it: openssl pads to whole bytes)
-        raise CLIError(f"serial {text!r} has {len(t.lstrip('0'))} hex digits: a certificate "
-                       "serial has at most 40 (20 bytes); a digit too many?")
-    if not re.fullmatch(r"[0-9a-f]+", t) or int(t, 16) == 0:
-        raise CLIError(f"serial {text!r} is not a certificate serial number in hex (as hsmca "
-                       "prints it, with 0x, or as 1a:2b:... from openssl x509 -text)")
-    return format(int(t, 16), "x")
+    """A serial number as people copy it (args.serial_hex), or one line saying what is
+    wrong with it."""
+    try:
+        return serial_hex(text)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
 
 
 def _reason(text: str) -> str:

@@ -28,6 +28,7 @@ from ca.audit.merkle import TreeHead
 from ca.audit.note import NoteError
 from ca.audit.verify import PinnedKey
 from ca.client import ClientError
+from ca.commands.args import serial_hex
 from ca.decimal_text import is_decimal
 from ca.subject import spki_sha256
 from ca.ui import certs, charts, proofs
@@ -269,8 +270,7 @@ async def certificates(request: web.Request) -> web.Response:
     csv_link = "/certificates.csv" + (f"?{urlencode(query)}" if query else "")
     return _render(request, "certificates.html", verdict, status, title="Certificates",
                    query=query, found=found, error=error, page=page, pages=pages, total=total,
-                   link=link,
-                   sort_link=sort_link, csv_link=csv_link, ssh_total=ssh_total,
+                   link=link, sort_link=sort_link, csv_link=csv_link, ssh_total=ssh_total,
                    ssh_link="/ssh?" + urlencode({"q": query.get("q", "")}))
 
 
@@ -340,14 +340,13 @@ async def certificates_csv(request: web.Request) -> web.Response:
 async def certificate(request: web.Request) -> web.Response:
     ui = request.app[UI_KEY]
     verdict = await _verdict(request)
-    asked = request.match_info["serial"].lower()
+    asked = request.match_info["serial"]
     # The forms the CLI takes (0x..., openssl's 1a:2b:...) lead to the one hsmca prints
     # (a web trial got 404s for them; leading zeros were kept in the title).
-    serial = asked.removeprefix("0x").replace(":", "")
-    if not _SERIAL.fullmatch(serial.lstrip("0") or "0") or not int(serial or "0", 16):
-        return not_found(request, verdict, "a certificate serial is up to 40 hex digits, "
-                         "as hsmca prints it (1a2b...), with 0x, or as 1a:2b:...")
-    serial = format(int(serial, 16), "x")
+    try:
+        serial = serial_hex(asked)
+    except ValueError as exc:
+        return not_found(request, verdict, str(exc))
     if serial != asked:
         raise web.HTTPFound(f"/certificates/{serial}" + (f"?{request.query_string}"
                                                          if request.query_string else ""))

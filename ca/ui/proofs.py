@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -190,14 +191,19 @@ async def find_intent(ca: CA, outcome: Line, reach: int = 4000) -> tuple[int, by
     return None
 
 
-def line_time(line: Line) -> dt.datetime | None:
-    ts = line.get("ts")
+def time_of(obj: dict[str, Any] | None) -> dt.datetime | None:
+    """When a parsed line says it was written, if it says so readably."""
+    ts = obj.get("ts") if obj is not None else None
     if not isinstance(ts, str):
         return None
     try:
         return dt.datetime.fromisoformat(ts.replace("Z", "+00:00"))
     except ValueError:
         return None
+
+
+def line_time(line: Line) -> dt.datetime | None:
+    return time_of(line.obj)
 
 
 async def log_end(ca: CA, tree: TreeHead | None) -> int:
@@ -230,7 +236,7 @@ async def first_after(ca: CA, end: int, moment: dt.datetime) -> int:
     while lo < hi:
         mid = (lo + hi) // 2
         got = await ca.entries(mid, 1)
-        ts = line_time(Line(mid, got[0], parse(got[0]), False, "")) if got else None
+        ts = time_of(parse(got[0])) if got else None
         if ts is not None and ts <= moment:
             lo = mid + 1
         else:
@@ -251,22 +257,21 @@ async def find_revocation(ca: CA, tree: TreeHead | None, serial: str, at: dt.dat
     start = await first_after(ca, await log_end(ca, tree), at - REVOCATION_WINDOW)
     named: list[tuple[int, bytes]] = []
     voided: set[int] = set()
-    while True:
-        found = await ca.entries(start, 1000)
-        for k, raw in enumerate(found):
-            obj = parse(raw)
-            if obj is None:
-                continue
-            if obj.get("event") == "cert.revoke" and serial in (obj.get("serials") or ()):
-                named.append((start + k, raw))
-            elif obj.get("event") == "record.void" and isinstance(obj.get("voids"), int) \
-                    and serial in (obj.get("serials") or [serial]):
-                voided.add(obj["voids"])
-            when = line_time(Line(start + k, raw, obj, False, ""))
-            if when is not None and when > at + REVOCATION_WINDOW:
-                found = []  # past the window: what was named is all there is
-                break
-        if len(found) < 1000:
-            break
-        start += len(found)
+    async for seq, raw in _lines_from(ca, start):
+        obj = parse(raw) or {}
+        if obj.get("event") == "cert.revoke" and serial in (obj.get("serials") or ()):
+            named.append((seq, raw))
+        elif obj.get("event") == "record.void" and isinstance(obj.get("voids"), int) \
+                and serial in (obj.get("serials") or [serial]):
+            voided.add(obj["voids"])
+        if (when := time_of(obj)) is not None and when > at + REVOCATION_WINDOW:
+            break  # past the window: what was named is all there is
     return next(((seq, raw) for seq, raw in named if seq not in voided), None)
+
+
+async def _lines_from(ca: CA, start: int) -> AsyncIterator[tuple[int, bytes]]:
+    """(seq, bytes) of each line from `start` to the end the daemon serves."""
+    while found := await ca.entries(start, 1000):
+        for seq, raw in enumerate(found, start):
+            yield seq, raw
+        start += len(found)
