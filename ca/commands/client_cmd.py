@@ -67,7 +67,7 @@ def serve(args: argparse.Namespace) -> int:
     import socket
 
     from ca.config import check_state, secret_files, trusted_paths
-    from ca.daemon import main
+    from ca.daemon.primary import main
     from ca.fileutil import check_not_writable, check_private
     from ca.logs import LEVEL_ENV, LEVELS, configure
     cfg = _config(args)
