@@ -60,7 +60,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                   "orders, finalizes and revokes nothing more, and its pending authorizations "
                   "end. Its certificates stay valid: revoke them apart. Audited as "
                   "acme.account.deactivate.",
-                  ("account", "the account's id (hsmca acme account list)"))
+                  ("account", "the account's id (hsmca acme account list); one that "
+                   "begins with '-' goes after --: deactivate -- -Xy3..."))
 
 
 def _ask(args: argparse.Namespace, method: str, path: str, body: Any = None,
