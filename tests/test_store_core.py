@@ -142,11 +142,11 @@ def test_ssh_certificates_are_found_by_principal_key_id_serial_status_and_type(
     base = int(NOW.timestamp())
 
     def ssh(serial: int, kind: str, key_id: str, principals: tuple[str, ...],
-            hours: int, at: int, lived: int = 60) -> NewSSHCert:
+            hours: int, at: int, lived: int = 60, owner: str = "a") -> NewSSHCert:
         return NewSSHCert(serial=serial, key_id=key_id, cert_type=kind,
                           key_sha256=f"k{serial}", public_key="ssh-ed25519 AAAA",
                           principals=principals, valid_after=base - lived,
-                          valid_before=base + hours * 3600, owner_serial="a",
+                          valid_before=base + hours * 3600, owner_serial=owner,
                           issued_at=(NOW + dt.timedelta(seconds=at)).isoformat(),
                           issuer=f"ssh-{kind}-ca")
     for c in [ssh(11, "host", "web01.test", ("web01.test",), 24 * 30, 1),
@@ -154,7 +154,7 @@ def test_ssh_certificates_are_found_by_principal_key_id_serial_status_and_type(
               ssh(12, "user", "alice@laptop", ("alice", "deploy"), 2, 2, lived=14 * 3600),
               ssh(130, "user", "bob@laptop", ("bob",), -1, 3),
               ssh(14, "host", "db_1.test", ("db_1.test",), 24 * 30, 4),
-              ssh(15, "user", "carol@laptop", ("carol",), 3, 5)]:
+              ssh(15, "user", "carol@laptop", ("carol",), 3, 5, owner="1b")]:
         store.add_ssh_cert(c).result(timeout=10)
     run(store.revoke_ssh(SSHSelector(serial=14), NOW))
     soon = NOW + dt.timedelta(days=7)
@@ -169,6 +169,7 @@ def test_ssh_certificates_are_found_by_principal_key_id_serial_status_and_type(
     # 15 has 3 h left of 3 h: not yet two thirds of its life, so valid, not expiring
     assert find(status="expiring") == [12] and find(status="valid") == [15, 11]
     assert find(cert_type="host") == [14, 11]
+    assert find(owner=0x1b) == [15] and find(owner=0xa) == [14, 130, 12, 11]
     assert find(sort="serial", descending=False) == [11, 12, 14, 15, 130]
     assert find(sort="expires", descending=False) == [130, 12, 15, 11, 14]
     page = run(store.find_ssh_certs(SSHCertQuery(limit=1, offset=2), NOW, soon))

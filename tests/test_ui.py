@@ -64,9 +64,11 @@ async def test_the_inventory_api_is_for_auditors_and_admins(daemon: Daemon,
     for bad in ("/certificates?status=sideways", "/certificates?limit=100000",
                 "/certificates?sort=names", "/certificates/zz", "/issuance?hours=-1",
                 "/ssh-certificates?type=both", "/ssh-certificates?sort=principal",
-                "/ssh-certificates?status=sideways"):
+                "/ssh-certificates?status=sideways", "/ssh-certificates?owner=zz"):
         status, _, raw = await http("GET", base + bad, daemon.ssl(*auditor))
         assert status == 400, (bad, raw)
+        if "owner" in bad:  # the parameter named, not the path's serial
+            assert "owner must be the serial" in json.loads(raw)["detail"], raw
     status, _, _ = await http("GET", f"{base}/certificates/abcdef12", daemon.ssl(*auditor))
     assert status == 404
 

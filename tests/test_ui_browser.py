@@ -16,6 +16,8 @@ tests/test_ui_browser.py`).
 from __future__ import annotations
 
 import base64
+import csv
+import io
 import json
 import os
 import re
@@ -287,9 +289,28 @@ def test_ssh_certificates_are_found_by_principal_and_lead_to_who_asked(world: Wo
     hosts = [c.text for c in w.driver.find_elements(By.CSS_SELECTOR, "td[data-label='Key id']")]
     assert len(hosts) == 1 and "principals: web1.ui.example" in hosts[0], hosts
     page(w, "/ssh?q=alice")
+    # The list's download is the search's rows (docs said every list had one; the SSH
+    # list had none).
+    link = w.driver.find_element(By.PARTIAL_LINK_TEXT, "Download CSV").get_attribute("href")
+    assert link.endswith("/ssh.csv?q=alice"), link
+    with urllib.request.urlopen(link, timeout=60) as answer:
+        assert "ssh-certificates-" in answer.headers["Content-Disposition"]
+        rows = list(csv.DictReader(io.StringIO(answer.read().decode())))
+    assert [(r["serial"], r["type"], r["principals"], r["owner_serial"]) for r in rows] == [
+        (w.alice_ssh, "user", "alice", w.alice)], rows
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(w.base + "/ssh.csv?type=xx", timeout=60)
+    assert refused.value.code == 400 and "this search cannot be made: " in \
+        refused.value.read().decode()
     w.driver.find_element(By.CSS_SELECTOR, "td[data-label='Asked for by'] a").click()
     WebDriverWait(w.driver, 60).until(lambda drv: drv.current_url.endswith(w.alice))
     assert "alice@ui.example" in w.driver.find_element(By.TAG_NAME, "main").text
+    # And back: the X.509 certificate's page counts the SSH certificates it asked for,
+    # which revoking it revokes too (its page said nothing of them).
+    w.driver.find_element(By.PARTIAL_LINK_TEXT, "1 asked for with it").click()
+    WebDriverWait(w.driver, 60).until(lambda drv: f"/ssh?owner={w.alice}" in drv.current_url)
+    serials = [c.text for c in w.driver.find_elements(By.CSS_SELECTOR, "td[data-label='Serial']")]
+    assert serials == [w.alice_ssh], serials
     assert console_errors(w) == []
 
 

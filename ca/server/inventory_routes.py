@@ -6,7 +6,7 @@ what was signed; these say what the inventory holds, and `hsmca ui` shows both).
 
     GET /v1/inventory/certificates?q=&status=&role=&kind=&sort=&order=&limit=&offset=
     GET /v1/inventory/certificates/{serial hex}
-    GET /v1/inventory/ssh-certificates?q=&status=&type=&sort=&order=&limit=&offset=
+    GET /v1/inventory/ssh-certificates?q=&status=&type=&owner=&sort=&order=&limit=&offset=
     GET /v1/inventory/issuance?hours=
 """
 
@@ -117,13 +117,17 @@ def _page_json(query: CertQuery | SSHCertQuery, now: dt.datetime,
                               "as_of": now.isoformat(), "certificates": certs})
 
 
+def _serial(text: str) -> int:
+    # As people copy it: openssl's `serial=1A2B...`, `0x1a2b`, or `1a:2b:...` too (a
+    # service team's trial was refused the forms every CLI command takes)
+    text = text.strip().lower().removeprefix("serial=")
+    return parse_serial(text.removeprefix("0x").replace(":", ""))
+
+
 @routes.get("/v1/inventory/certificates/{serial}")
 async def certificate(request: web.Request) -> web.Response:
     await identity(request, *ROLES)
-    # As people copy it: openssl's `serial=1A2B...`, `0x1a2b`, or `1a:2b:...` too (a
-    # service team's trial was refused the forms every CLI command takes)
-    text = request.match_info["serial"].strip().lower().removeprefix("serial=")
-    serial = parse_serial(text.removeprefix("0x").replace(":", ""))
+    serial = _serial(request.match_info["serial"])
     store = request.app[STORE]
     found = await store.issued_cert(serial)
     if found is None:
@@ -161,7 +165,14 @@ async def ssh_certificates(request: web.Request) -> web.Response:
     """SSH certificates, searched and paged as X.509 ones; serials are decimal (as
     ssh-keygen -L shows them), as strings (they are 64-bit)."""
     await identity(request, *ROLES)
+    owner = request.query.get("owner")
+    try:
+        owner_serial = _serial(owner) if owner else None
+    except Problem:
+        raise Problem(400, "Bad Request", "owner must be the serial (hex) of the X.509 "
+                      "certificate that asked for the SSH certificates", "bad-query") from None
     query = SSHCertQuery(cert_type=_choice(request, "type", ("host", "user")),
+                         owner=owner_serial,
                          **_search(request, SSH_SORTS))
     now = _now()
     page = await request.app[STORE].find_ssh_certs(query, now, now + EXPIRING)

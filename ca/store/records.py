@@ -155,11 +155,13 @@ class SSHCertQuery:
     """A search of the SSH certificates (`find_ssh_certs`), as CertQuery is of the X.509
     ones: `text` matches a key id or a principal that contains it (ASCII
     case-insensitive), or the decimal serial it starts; `status` is one of
-    CERT_STATUSES, on validBefore; `cert_type` is "host" or "user"."""
+    CERT_STATUSES, on validBefore; `cert_type` is "host" or "user"; `owner` is the
+    X.509 certificate (its serial) that asked for them."""
 
     text: str | None = None
     status: str | None = None
     cert_type: str | None = None
+    owner: int | None = None
     sort: str = "issued"
     descending: bool = True
     limit: int = 50

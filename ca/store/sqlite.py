@@ -453,6 +453,9 @@ def _ssh_filter(query: SSHCertQuery, now: int, soon: int, integer: str
         args.append(query.cert_type)
     elif query.cert_type is not None:
         raise ValueError(f"unknown SSH certificate type {query.cert_type!r}")
+    if query.owner is not None:
+        where.append("owner_serial = ?")
+        args.append(format(query.owner, "x"))
     return (" WHERE " + " AND ".join(where)) if where else "", args
 
 

@@ -274,7 +274,7 @@ async def certificates(request: web.Request) -> web.Response:
                    ssh_link="/ssh?" + urlencode({"q": query.get("q", "")}))
 
 
-SSH_PARAMS = ("q", "status", "type", "sort", "order")
+SSH_PARAMS = ("q", "status", "type", "owner", "sort", "order")
 
 
 async def ssh_certificates(request: web.Request) -> web.Response:
@@ -292,9 +292,11 @@ async def ssh_certificates(request: web.Request) -> web.Response:
         return "/audit?" + urlencode({
             "event": "hsm.sign", "since": at.strftime("%Y-%m-%dT%H:%M"),
             "until": (at + dt.timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M")})
+    csv_link = "/ssh.csv" + (f"?{urlencode(query)}" if query else "")
     return _render(request, "ssh.html", verdict, status, title="SSH certificates", query=query,
                    found=found, error=error, page=page, pages=_pages(total),
-                   total=total, link=link, sort_link=sort_link, audit_link=audit_link)
+                   total=total, link=link, sort_link=sort_link, audit_link=audit_link,
+                   csv_link=csv_link)
 
 
 _FORMULA = ("=", "+", "-", "@", "\t", "\r")
@@ -311,30 +313,46 @@ def _cell(value: Any) -> str:
 CSV_COLUMNS = ("serial", "status", "reason", "kind", "role", "subject", "names", "principals",
                "not_before", "not_after", "issued_at", "revoked_at", "issuer", "renewed_from",
                "audit_seq", "audit_log", "fingerprint")
+SSH_CSV_COLUMNS = ("serial", "status", "type", "key_id", "principals", "valid_after",
+                   "valid_before", "issued_at", "revoked_at", "issuer", "owner_serial",
+                   "key_sha256")
 
 
-async def certificates_csv(request: web.Request) -> web.Response:
+async def _csv(request: web.Request, path: str, query: dict[str, str],
+               columns: tuple[str, ...], name: str) -> web.Response:
+    """Every record the search finds, up to CSV_MAX, as a spreadsheet's download."""
     ui = request.app[UI_KEY]
-    query = _cert_query(request)
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(CSV_COLUMNS)
+    writer.writerow(columns)
     offset = 0
     while offset < CSV_MAX:
         try:
-            found = await ui.ca.json("/v1/inventory/certificates", **query, limit=500,
-                                     offset=offset)
+            found = await ui.ca.json(path, **query, limit=500, offset=offset)
         except ClientError as exc:
+            if exc.status == 400 and exc.detail:
+                raise web.HTTPBadRequest(text=f"this search cannot be made: {exc.detail}\n"
+                                         ) from None
             raise web.HTTPBadGateway(text=f"the daemon could not be asked: {exc}\n") from None
         for rec in found["certificates"]:
-            writer.writerow([_cell(rec.get(c)) for c in CSV_COLUMNS])
+            writer.writerow([_cell(rec.get(c)) for c in columns])
         offset += len(found["certificates"])
         if not found["certificates"] or offset >= found["total"]:
             break
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     return web.Response(text=out.getvalue(), content_type="text/csv", charset="utf-8",
                         headers={"Content-Disposition":
-                                 f'attachment; filename="certificates-{stamp}.csv"'})
+                                 f'attachment; filename="{name}-{stamp}.csv"'})
+
+
+async def certificates_csv(request: web.Request) -> web.Response:
+    return await _csv(request, "/v1/inventory/certificates", _cert_query(request),
+                      CSV_COLUMNS, "certificates")
+
+
+async def ssh_csv(request: web.Request) -> web.Response:
+    return await _csv(request, "/v1/inventory/ssh-certificates",
+                      _cert_query(request, SSH_PARAMS), SSH_CSV_COLUMNS, "ssh-certificates")
 
 
 async def certificate(request: web.Request) -> web.Response:
@@ -362,10 +380,11 @@ async def certificate(request: web.Request) -> web.Response:
     bundle_text, bundle_err = await _try(ui.ca.get("/v1/x509/bundle"))
     bundle = x509.load_pem_x509_certificates(bundle_text) if bundle_text else []
     links, issuer = certs.chain(cert, bundle, ui.root)
-    crl, ocsp, (audit, audit_log), (revoked, revoked_log) = await asyncio.gather(
+    crl, ocsp, (audit, audit_log), (revoked, revoked_log), ssh = await asyncio.gather(
         certs.crl_status(ui.ca, cert, issuer, rec.get("issuer")),
         certs.ocsp_status(ui.ca, cert, issuer),
-        _evidence(ui, verdict, rec, cert), _revocation(ui, verdict, rec))
+        _evidence(ui, verdict, rec, cert), _revocation(ui, verdict, rec),
+        _ssh_asked(ui, serial))
     verdict = await _report(request, verdict, audit_log, audit.intent, audit.outcome)
     if revoked is not None:
         verdict = await _report(request, verdict, revoked_log, revoked.line)
@@ -373,7 +392,20 @@ async def certificate(request: web.Request) -> web.Response:
                    rec=rec, error=None, der_ok=der_ok, fields=certs.describe(cert),
                    pem=rec["pem"], links=links, bundle_err=bundle_err, crl=crl, ocsp=ocsp,
                    audit=audit, audit_log_q=log_query(audit_log), summary=_summary,
-                   revoked=revoked, revoked_log_q=log_query(revoked_log))
+                   revoked=revoked, revoked_log_q=log_query(revoked_log), ssh=ssh)
+
+
+async def _ssh_asked(ui: UI, serial: str) -> tuple[int, int] | None:
+    """How many SSH certificates this certificate asked for, and how many of those are
+    revoked (with it, or on their own); None if the daemon could not say. A web trial
+    found a revoked certificate's page silent about the SSH certificates revoked with it."""
+    (every, _), (revoked, _) = await asyncio.gather(
+        _try(ui.ca.json("/v1/inventory/ssh-certificates", owner=serial, limit=1)),
+        _try(ui.ca.json("/v1/inventory/ssh-certificates", owner=serial, status="revoked",
+                        limit=1)))
+    if every is None or revoked is None:
+        return None
+    return every["total"], revoked["total"]
 
 
 async def _revocation(ui: UI, verdict: Verdict, rec: dict[str, Any]
@@ -717,6 +749,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/certificates.csv", certificates_csv)
     app.router.add_get("/certificates/{serial}", certificate)
     app.router.add_get("/ssh", ssh_certificates)
+    app.router.add_get("/ssh.csv", ssh_csv)
     app.router.add_get("/audit", audit_log)
     app.router.add_get("/audit/go", go_to_line)
     app.router.add_get("/audit/{seq}", audit_line)
