@@ -631,7 +631,7 @@ def _token(ctx: Context, who: Requester, req: TokenRequest) -> TokenGrant:
     if raw_principals and role != "user":
         raise Refused("principals are granted to role user only (a host's principals are its "
                       "DNS names)")
-    principals = tuple(dict.fromkeys(policy.principal(x) for x in raw_principals))
+    principals = tuple(dict.fromkeys(policy.login(x) for x in raw_principals))
     if sum(len(v) for _, v in names) + sum(map(len, principals)) > MAX_GRANT_CHARS:
         # Its token.create line (and a certificate's intent) must fit an audit line.
         raise Refused(f"the names and principals of one token take at most "
@@ -755,7 +755,8 @@ def _principals(asked: object, allowed: tuple[str, ...], what: str) -> tuple[str
         return allowed
     if not isinstance(asked, list | tuple) or not asked or len(asked) > 100:
         raise Refused("principals must be a list of 1 to 100 strings")
-    out = tuple(dict.fromkeys(policy.principal(x) for x in asked))
+    check = policy.login if what == "logins" else policy.principal
+    out = tuple(dict.fromkeys(check(x) for x in asked))
     outside = [x for x in out if x not in allowed]
     if outside:
         raise Refused(f"principal(s) {', '.join(outside)} not granted; allowed: "
@@ -1051,9 +1052,17 @@ def _key(ctx: Context, who: Requester, req: KeyRequest) -> KeyOrder:
         if req.state not in ("previous", "next"):  # a staged key may be dropped unused
             raise Refused(f"{req.label!r} is {req.state} already", Reason.CONFLICT)
         if req.not_handed_over:  # retired now, those logs would verify with neither key
-            how = (" (the init log hands over at the root's next rotation, `hsmca key "
-                   "rotate-root`)" if CEREMONY_LOG in req.not_handed_over else " (a node hands "
-                   "over at its next checkpoint: start it, or wait for its heartbeat)")
+            # What to do for each kind of log it names: a cluster trial was left with a
+            # removed node's name and no way on.
+            hows = []
+            if set(req.not_handed_over) - {CEREMONY_LOG}:
+                hows.append("a node hands over at its next checkpoint: start it, or wait for "
+                            "its heartbeat; a node removed for good, start a node of its name "
+                            "once, anywhere (its log comes back from PostgreSQL)")
+            if CEREMONY_LOG in req.not_handed_over:
+                hows.append("the init log hands over at the root's next rotation, `hsmca key "
+                            "rotate-root`")
+            how = f" ({'; '.join(hows)})"
             raise Refused(f"{req.label!r} still signs the latest checkpoint of log(s) "
                           f"{', '.join(req.not_handed_over)}, which the active audit key has "
                           f"not signed yet: retired now, they would verify with neither "

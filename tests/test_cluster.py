@@ -56,6 +56,13 @@ def test_init_puts_the_ca_in_postgresql_and_each_node_keeps_its_own_files(
                  "--store-url", cluster.url, check=False)
     assert proc.returncode == 1 and "already holds a CA" in proc.stderr, proc.stderr
     assert not (cluster.state.parent / "again").exists()
+    # A misspelt database is a mistake to fix in the URL, not an outage to wait out.
+    proc = hsmca("init", "--state-dir", cluster.state.parent / "again", "--module",
+                 token.module, "--token", token.label, "--pin-file", token.pin_file,
+                 "--store-url", cluster.url + "-misspelt", check=False)
+    assert proc.returncode == 1 and "does not exist: check the database" in proc.stderr, \
+        proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     for name in NODES:
         local = cluster.state / "nodes" / name
         assert (local / "audit" / "log.jsonl").stat().st_size > 0
@@ -162,6 +169,8 @@ def test_the_web_view_verifies_every_nodes_log_through_any_node(cluster: Cluster
             "GET", f"{n3.url}/v1/inventory/certificates/{serial}", n3.admin_ssl()))[2]
         )["audit_seq"]
         assert f'href="/audit/{rec_seq}?log=node-2"' in page
+        # Its checks name the log, which the banner (another node's) does not
+        assert f"line {rec_seq} of log node-2 is an hsm.sign intent" in page, page
         status, page = _get(base + "/audit?log=node-2")
         assert status == 200 and "log node-2: verified up to seq" in page
         assert "other logs: " in page and "node-1 verified" in page
@@ -399,6 +408,22 @@ def refused_start(state: Path, node: str, listen: str = "127.0.0.1:0") -> tuple[
     errors = [line for line in proc.stderr.splitlines() if line.startswith("hsmca: error:")]
     assert len(errors) == 1, proc.stderr
     return errors[0], proc.stderr
+
+
+def test_a_node_on_a_copy_of_another_nodes_directory_is_told_whose_log_it_holds(
+        cluster: Cluster) -> None:
+    """A cluster trial copied node-2's directory to start another node on it, and was
+    told the database went back in time: it went looking for a restore. The refusal
+    now names the node whose log the directory holds."""
+    import shutil
+    mine = cluster.state / "nodes" / "node-9"
+    shutil.copytree(cluster.state / "nodes" / "node-2", mine)
+    try:
+        error, stderr = refused_start(cluster.state, "node-9")
+        assert "holds the audit log of node 'node-2', not of 'node-9'" in error, error
+        assert "went back in time" not in error and "Traceback" not in stderr
+    finally:
+        shutil.rmtree(mine)
 
 
 def test_a_second_node_of_the_same_name_is_refused_in_one_line(cluster: Cluster) -> None:

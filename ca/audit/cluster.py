@@ -281,12 +281,36 @@ def _refuse_a_store_gone_back(checkpoint: Path, node: str, held: int, have: int)
         f"checkpoint {checkpoint} signed {signed}, and a checkpoint is written only once "
         "its lines are committed there: the database went back in time (restored from "
         "an older backup, or failed over to a lagging replica). What the "
-        f"{have - held} lines it lacks did (revocations, spent tokens, CRL numbers) it no "
-        "longer knows. Refusing to start; see docs/cluster.md, 'Restoring PostgreSQL'")
+        f"{have - held} lines of the node's file ({have}) that it lacks did (revocations, "
+        "spent tokens, CRL numbers) it no longer knows. Refusing to start; see "
+        "docs/cluster.md, 'Restoring PostgreSQL'")
 
 
-def sync_local_log(path: Path, checkpoint: Path, store: PostgresStore, node: str) -> None:
-    """Bring the node's file and PostgreSQL level (see the module's docstring)."""
+def _refuse_another_nodes_log(checkpoint: Path, node: str, origin: str) -> None:
+    """A node started on a directory copied from another node (or with the wrong
+    --node) was told the database went back in time, or that a line was rewritten: a
+    trial went looking for a restore or tampering. The checkpoint names whose log it is."""
+    try:
+        found = parse_checkpoint(checkpoint.read_text("utf-8")).origin
+    except (OSError, UnicodeError, NoteError):
+        return  # none (a new disk), or unreadable: the log's own checks judge it
+    base = origin.removesuffix(f"/{node}")
+    if found == origin or not found.startswith(base + "/"):
+        return  # its own, or the single log a `store move` continued
+    other = found.removeprefix(base + "/")
+    raise AuditLogError(
+        f"{checkpoint.parent} holds the audit log of node {other!r}, not of {node!r} (its "
+        f"checkpoint's origin is {found}): the directory was copied from node {other!r}, "
+        f"or --node is wrong. Give this node its own name, with {checkpoint.parent} moved "
+        "aside (its log comes back from PostgreSQL); nothing was written")
+
+
+def sync_local_log(path: Path, checkpoint: Path, store: PostgresStore, node: str,
+                   origin: str | None = None) -> None:
+    """Bring the node's file and PostgreSQL level (see the module's docstring);
+    `origin`, the node's checkpoint origin, to refuse another node's log."""
+    if origin is not None:
+        _refuse_another_nodes_log(checkpoint, node, origin)
     held = store.audit_size_sync(node)
     have, last, end = complete_lines(path)
     if have < 0:

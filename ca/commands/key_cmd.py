@@ -52,7 +52,11 @@ PREVIOUS_DOES = {
     "issuing": "it keeps signing the CRL and OCSP responses of what it issued",
     "ssh-user": "it stays trusted: /v1/ssh/ca lists every key not retired",
     "ssh-host": "it stays trusted: /v1/ssh/ca lists every key not retired",
-    "audit": "it signs every checkpoint beside the new key, so verifiers pinned to it follow",
+    "audit": "it signs every checkpoint beside the new key, so verifiers pinned to it "
+             "follow; it can be retired once the new key has signed a checkpoint of every "
+             "log: each node's at its next checkpoint (a node not running, when a node of "
+             "its name starts), and on a cluster the init log's at the next `hsmca key "
+             "rotate-root`",
 }
 
 

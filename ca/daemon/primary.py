@@ -898,7 +898,8 @@ def _open_audit(config: Config, audit_key: AuditKeys, store: Store | None,
         return audit
     from ca.audit import cluster
     assert config.node is not None
-    cluster.sync_local_log(config.audit_log, config.checkpoint_path, store, config.node)
+    cluster.sync_local_log(config.audit_log, config.checkpoint_path, store, config.node,
+                           config.audit_origin)
     audit = AuditLog.open(config.audit_log, config.checkpoint_path, audit_key,
                           mirror=cluster.mirror(store, config.node, config.audit_log,
                                                 (lambda: name.lost) if name else lambda: None))

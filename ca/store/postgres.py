@@ -1573,9 +1573,24 @@ def _ssh_where(which: SSHSelector) -> tuple[str, str]:
     raise ValueError("an SSH selector names a serial, a key id or a key")
 
 
+# libpq's words for a mistake in the URL, not an outage, and what to check: "is
+# unavailable" alone read as "wait" to a cluster trial.
+_URL_MISTAKES = (
+    (("password authentication failed", "no password supplied"),
+     "check the user in the database URL ([store] url, or --store-url) and the password "
+     "libpq reads for it (~/.pgpass, PGPASSFILE or PGPASSWORD of the user hsmca runs as)"),
+    (("does not exist",), "check the database (and user) names in the database URL ([store] "
+     "url, or --store-url)"),
+    (("failed to resolve host", "could not translate host name"),
+     "check the host in the database URL ([store] url, or --store-url)"),
+)
+
+
 def _why(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    why = text[0] if text else type(exc).__name__
+    hint = next((h for words, h in _URL_MISTAKES if any(w in why for w in words)), None)
+    return f"{why}: {hint}" if hint else why
 
 
 _OUR_TABLES = tuple(sorted({m.group(1) for script in PG_MIGRATIONS for m in re.finditer(
@@ -1623,7 +1638,14 @@ async def migrate(conn: Conn) -> int | None:
             async with conn.transaction():
                 await conn.execute(script.encode())  # several statements: no parameters
                 await conn.execute("UPDATE schema_version SET version = %s", (number,))
-            log.info("inventory migrated", version=number)
-        return version if 0 < version < len(PG_MIGRATIONS) else None
+        if 0 < version < len(PG_MIGRATIONS):
+            # One line for the upgrade, as SQLite's says it; a new database is not news
+            # (init printed 16 lines of it, before its warnings and summary).
+            log.warning("inventory migrated", schema_from=version,
+                        schema_to=len(PG_MIGRATIONS),
+                        way_back="the release before refuses this database now: restore "
+                                 "the dump taken before the upgrade (docs/cluster.md)")
+            return version
+        return None
     finally:
         await conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))

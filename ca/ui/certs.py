@@ -81,8 +81,8 @@ class RevocationEvidence:
         return self.line is not None and self.line.verified and all(ok for _, ok in self.checks)
 
 
-async def revocation_evidence(ca: CA, tree: TreeHead | None, rec: dict[str, Any]
-                              ) -> RevocationEvidence:
+async def revocation_evidence(ca: CA, tree: TreeHead | None, rec: dict[str, Any],
+                              log: str | None = None) -> RevocationEvidence:
     """The line that revoked the certificate of `rec` (an inventory record), found by
     the time the inventory keeps: a web trial's revoked certificate showed only its
     issuance lines, so nothing said who revoked it, and a rewritten reason left its
@@ -103,7 +103,9 @@ async def revocation_evidence(ca: CA, tree: TreeHead | None, rec: dict[str, Any]
         return found
     said = found.line.get("reason") or "unspecified"
     kept = rec.get("reason") or "unspecified"
-    found.checks.append((f"line {found.line.seq} is a cert.revoke naming serial {serial}", True))
+    of = f" of log {log}" if log else ""
+    found.checks.append((f"line {found.line.seq}{of} is a cert.revoke naming serial {serial}",
+                         True))
     if said == kept:
         found.checks.append((f"its reason is the inventory's ({kept})", True))
     elif kept == "keyCompromise":
@@ -331,11 +333,13 @@ def intent_matches(intent: dict[str, Any], cert: x509.Certificate) -> list[tuple
 
 
 async def audit_evidence(ca: CA, tree: TreeHead | None, seq: int | None,
-                         cert: x509.Certificate) -> AuditEvidence:
+                         cert: x509.Certificate, log: str | None = None) -> AuditEvidence:
     """The intent (at the seq the inventory names, in the log `ca` reads: the one the
-    inventory names) and outcome lines of this certificate's signature, each proven in
-    `tree`, what was verified of that log, and that they are about this certificate."""
+    inventory names, `log` on a cluster) and outcome lines of this certificate's
+    signature, each proven in `tree`, what was verified of that log, and that they are
+    about this certificate."""
     found = AuditEvidence()
+    of = f" of log {log}" if log else ""  # a cluster's page shows one log's banner
     if seq is None:
         found.problem = ("the inventory does not say where its signature is in the log (it "
                          "was issued before hsmca recorded that)")
@@ -348,7 +352,7 @@ async def audit_evidence(ca: CA, tree: TreeHead | None, seq: int | None,
         found.intent, found.intent_proof = got
         intent = found.intent
         serial = format(cert.serial_number, "x")
-        found.checks.append((f"line {seq} is an hsm.sign intent for serial {serial}",
+        found.checks.append((f"line {seq}{of} is an hsm.sign intent for serial {serial}",
                              intent.get("event") == "hsm.sign"
                              and intent.get("phase") == "intent"
                              and intent.get("serial") == serial))
@@ -365,7 +369,7 @@ async def audit_evidence(ca: CA, tree: TreeHead | None, seq: int | None,
         found.problem = str(exc)
         return found
     outcome = found.outcome
-    found.checks.append((f"line {outcome.seq} is its outcome: result ok",
+    found.checks.append((f"line {outcome.seq}{of} is its outcome: result ok",
                          outcome.get("result") == "ok"))
     found.checks.append(("the outcome's fingerprint is this certificate's SHA-256",
                          outcome.get("fingerprint") == fingerprint(cert)))

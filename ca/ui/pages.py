@@ -419,7 +419,7 @@ async def _revocation(ui: UI, verdict: Verdict, rec: dict[str, Any]
     found = certs.RevocationEvidence()
     for log in ui.logs.names:
         tree = next((v.tree for v in (verdict, *verdict.others) if v.log == log), None)
-        found = await certs.revocation_evidence(ui.ca.for_log(log), tree, rec)
+        found = await certs.revocation_evidence(ui.ca.for_log(log), tree, rec, log)
         if found.line is not None:
             return found, log
     found.problem = "no node's log has a cert.revoke line naming it near its revocation time"
@@ -446,7 +446,7 @@ async def _evidence(ui: UI, verdict: Verdict, rec: dict[str, Any], cert: x509.Ce
                          f"{seq} (it was issued before hsmca recorded that)")
         return found, None
     tree = next((v.tree for v in (verdict, *verdict.others) if v.log == log), None)
-    return await certs.audit_evidence(ui.ca.for_log(log), tree, seq, cert), log
+    return await certs.audit_evidence(ui.ca.for_log(log), tree, seq, cert, log), log
 
 
 # ---- /audit ----------------------------------------------------------------------------------
