@@ -450,6 +450,19 @@ def principal(p: object) -> str:
     return p
 
 
+def login(p: object) -> str:
+    """A user principal: a login name, never a pattern."""
+    p = principal(p)
+    if any(c in p for c in "*?!"):
+        # An SSH trial's `--principal '*'` was taken, and read as "any login": sshd
+        # compares a certificate's principals with the login literally, so it grants
+        # nothing, and nobody should think it does.
+        raise Refused(f"principal {_show(p)} has a pattern character (*, ? or !): sshd "
+                      "takes a certificate's principals literally, not as patterns, so it "
+                      "would grant no login; give each login by its name", Reason.BAD_NAME)
+    return p
+
+
 def check_subject_key(key: object) -> str:
     """Accept EC P-256/P-384, Ed25519, RSA 2048-8192 with e = 65537; return a short
     description."""

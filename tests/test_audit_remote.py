@@ -327,6 +327,56 @@ async def test_audit_prove_shows_a_certificate_is_in_a_signed_checkpoint(
         proc.stderr
 
 
+async def test_audit_prove_shows_an_ssh_certificate_is_in_a_signed_checkpoint(
+        daemon: Daemon, tmp_path: Path) -> None:
+    """An SSH trial's auditor, handed a -cert.pub, was told it "holds no PEM
+    certificate", and by serial that the inventory had no such certificate (`hsmca ssh
+    list` listed it). Its line is found by the time it was issued, and proven; a file
+    of that serial the CA did not sign is not."""
+    from cryptography.hazmat.primitives import serialization
+
+    from tests.helpers import log_lines
+    from tests.test_revocation import ssh_user_cert
+    auditor = enroll(daemon, tmp_path, "auditor", ["auditor@ssh-prove.example"])
+    user = enroll(daemon, tmp_path, "user", ["proven@ssh-prove.example"], ["provenssh"])
+    cert_file = ssh_user_cert(daemon, tmp_path, user, "id_proven")
+    line = cert_file.read_text().split()
+    cert = serialization.load_ssh_public_identity(f"{line[0]} {line[1]}".encode())
+    assert isinstance(cert, serialization.SSHCertificate)
+    [intent] = [e for e in log_lines(daemon.state) if e.get("serial") == str(cert.serial)
+                and e.get("phase") == "intent"]
+    outcome = next(e["seq"] for e in log_lines(daemon.state)
+                   if e.get("op_id") == intent["op_id"] and e.get("phase") == "outcome")
+    deadline = asyncio.get_running_loop().time() + 30
+    while (await latest_checkpoint(daemon))[0] <= outcome:  # a checkpoint covers both
+        assert asyncio.get_running_loop().time() < deadline, "no checkpoint covers it"
+    base = ["audit", "prove", "--url", daemon.url, "--ca", daemon.root, "--client-cert",
+            auditor[0], "--client-key", auditor[1], "--key",
+            daemon.state / "audit" / "audit_key.pem"]
+    fingerprint = hashlib.sha256(f"{line[0]} {line[1]}".encode()).hexdigest()
+    proc = hsmca(*base, "--cert-file", cert_file, check=False)
+    assert proc.returncode == 0 and proc.stdout.startswith(
+        f"PROVEN: SSH certificate {cert.serial} (ssh-user, key id {intent['key_id']}, "
+        f"principals provenssh, SHA-256 {fingerprint}): its intent (seq {intent['seq']}) "
+        f"and successful outcome (seq {outcome})"), proc.stdout + proc.stderr
+    proc = hsmca(*base, "--ssh-serial", str(cert.serial), check=False)
+    assert proc.returncode == 0 and proc.stdout.startswith(
+        f"PROVEN: SSH certificate {cert.serial} (ssh-user"), proc.stdout + proc.stderr
+    # The same serial, signed by a key that is not the CA's
+    other = ed25519.Ed25519PrivateKey.generate()
+    forged = serialization.SSHCertificateBuilder().public_key(cert.public_key()) \
+        .serial(cert.serial).type(serialization.SSHCertificateType.USER) \
+        .key_id(cert.key_id).valid_principals(cert.valid_principals) \
+        .valid_after(cert.valid_after).valid_before(cert.valid_before).sign(other)
+    fake = tmp_path / "forged-cert.pub"
+    fake.write_bytes(forged.public_bytes())
+    proc = hsmca(*base, "--cert-file", fake, check=False)
+    assert proc.returncode == 1 and proc.stderr.startswith("NOT PROVEN: the outcome at seq ") \
+        and "did not sign" in proc.stderr, proc.stderr
+    proc = hsmca(*base, "--ssh-serial", "12345", check=False)
+    assert proc.returncode == 1 and "has no SSH certificate 12345" in proc.stderr, proc.stderr
+
+
 async def test_daemon_proofs_verify_with_an_independent_rfc9162(daemon: Daemon,
                                                                 tmp_path: Path) -> None:
     auditor = enroll(daemon, tmp_path, "auditor", ["auditor@example.com"])

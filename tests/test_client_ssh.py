@@ -260,8 +260,12 @@ def test_ssh_host_install_writes_an_absolute_drop_in_sshd_uses(daemon: Daemon,
     # The client's side from the CA itself (this sshd listens on another port, which
     # known_hosts patterns name apart), with the KRL ssh checks the host against.
     krl = tmp_path / "client.krl"
-    hsmca("ssh", "known-hosts", "--url", daemon.url, "--ca", daemon.root, "--hosts",
-          f"[localhost]:{sshd.port}", "--out", known, "--krl", krl)
+    # (relative paths, as typed; the ssh_config lines it suggests name them absolutely,
+    # since ssh runs from anywhere)
+    said = hsmca("ssh", "known-hosts", "--url", daemon.url, "--ca", daemon.root, "--hosts",
+                 f"[localhost]:{sshd.port}", "--out", known.name, "--krl", krl.name,
+                 cwd=tmp_path).stderr
+    assert f"RevokedHostKeys {krl}\n" in said and f"ssh_known_hosts {known}\n" in said, said
     assert [ln.split()[2:4] for ln in known.read_text().splitlines()
             if ln.startswith("@cert-authority ")] == [printed[2:4]]
     def log_in() -> subprocess.CompletedProcess[str]:

@@ -103,6 +103,9 @@ def test_a_token_grant_is_a_decision_with_every_name_normalised() -> None:
     assert isinstance(grant, ra.TokenGrant)
     assert grant.names == (("dns", "svc.internal.example"), ("ip", "10.1.2.3"))
     assert grant.ttl_s == 900 and grant.actor == admin().actor
+    # A login pattern is granted no more than it is asked for (sshd takes it literally)
+    refused(ra.decide(context(), admin(), ra.TokenRequest(
+        "user", ["dave@example.com"], ["*"], "15m")), Reason.BAD_NAME, "pattern character")
 
 
 @pytest.mark.parametrize("name, reason, words", [
@@ -388,6 +391,11 @@ def test_ssh_user_principals_lifetime_and_revoked_keys() -> None:
     assert order.identity == "alice@example.com" and order.owner_serial == "1234"
     refused(ra.decide(context(pol), alice, ra.SSHUserRequest(ssh_key(), ["root"])),
             Reason.PRINCIPAL_NOT_GRANTED, "root")
+    # A pattern is no login: sshd compares principals literally (an SSH trial's '*' was
+    # taken, and read as "any login")
+    for pattern in ("*", "dep?oy", "!root"):
+        refused(ra.decide(context(pol), alice, ra.SSHUserRequest(ssh_key(), [pattern])),
+                Reason.BAD_NAME, "pattern character")
     refused(ra.decide(context(pol), alice, ra.SSHUserRequest(ssh_key(), None, "3h")),
             Reason.LIFETIME, "the maximum of 2h")
     # A maximum that is no whole number of hours is said as it is (it was "0h").
@@ -821,9 +829,11 @@ def test_an_audit_key_is_retired_only_once_every_log_has_handed_over() -> None:
     refused(ra.decide(context(), admin(), dataclasses.replace(req, not_handed_over=("ca-2",))),
             Reason.CONFLICT, "'audit-old' still signs the latest checkpoint of log(s) ca-2",
             "start it")
+    # Both kinds named, both ways on are said (the init log's alone was, and a cluster
+    # trial with a removed node's log was left without one).
     refused(ra.decide(context(), admin(), dataclasses.replace(
         req, not_handed_over=("ca-2", "init"))), Reason.CONFLICT, "ca-2, init",
-        "hsmca key rotate-root")
+        "hsmca key rotate-root", "start a node of its name once")
 
 
 def test_the_root_is_rotated_by_the_ceremony_alone_and_once_at_a_time() -> None:

@@ -555,6 +555,9 @@ async def test_a_retired_or_destroyed_ssh_ca_key_keeps_its_revoked_certificates_
         revoked = hsmca("ssh", "revoke", "--serial", _ssh_serial(old_cert), "--config",
                         d.state / "hsmca.toml", "--url", d.url)
         assert "revoked" in revoked.stdout
+        # One certificate revoked leaves its holder able to ask for another: said, with
+        # what keeps them out (an SSH trial believed a host cut off)
+        assert "hsmca revoke --identity NAME" in revoked.stderr, revoked.stderr
         assert krl_says(d, tmp_path, old_cert) == "REVOKED"
         key_cmd(d, "rotate", "ssh-user")
         old = re.search(r"^(\S+)\s+ssh-user\s+previous", key_cmd(d, "list").stdout, re.M)

@@ -36,10 +36,13 @@ def add_parser(asub: Any, remote_flags: Any) -> None:
         "pinned audit key. Proven: the checkpoint's tree holds both lines, the outcome "
         "succeeded and names this certificate's SHA-256. Exit 0 proven, 1 not.")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--cert-file", dest="cert_file", type=Path, metavar="PEM",
-                       help="the certificate (PEM) to prove: its fingerprint must be the one "
-                       "the outcome line names")
+    which.add_argument("--cert-file", dest="cert_file", type=Path, metavar="FILE",
+                       help="the certificate to prove, X.509 (PEM) or OpenSSH (a -cert.pub "
+                       "file): its fingerprint must be the one the outcome line names")
     which.add_argument("--serial", help="the certificate's serial (hex), as the CA lists it")
+    which.add_argument("--ssh-serial", dest="ssh_serial", type=_ssh_serial, metavar="N",
+                       help="an SSH certificate's serial (decimal, as ssh-keygen -L shows "
+                       "it); its line is found by the time the inventory says it was issued")
     which.add_argument("--extends", type=Path, metavar="OLD_CHECKPOINT",
                        help="instead of a certificate: prove that the checkpoint (the "
                        "daemon's latest, or --checkpoint) extends this older one you saved, "
@@ -60,13 +63,53 @@ def add_parser(asub: Any, remote_flags: Any) -> None:
     p.set_defaults(command_key="audit-prove")
 
 
+def _ssh_serial(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 2**64:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an SSH certificate serial: a "
+                                         "decimal number from 1 to 2^64-1, as ssh-keygen -L "
+                                         "shows it")
+    return int(text)
+
+
 def prove(args: argparse.Namespace) -> int:
     from ca.commands.audit_cmd import _audit_key, _client_context
     ctx, pinned = _client_context(args), _audit_key(args.key)
     if args.extends is not None:
         return asyncio.run(_extends(args, ctx, pinned))
+    ssh = _ssh_which(args)
+    if ssh is not None:
+        return asyncio.run(_prove_ssh(args, ctx, pinned, *ssh))
     serial, der = _which(args)
     return asyncio.run(_prove(args, ctx, pinned, serial, der))
+
+
+def _ssh_which(args: argparse.Namespace) -> tuple[int, str | None] | None:
+    """An SSH certificate's serial and, from a -cert.pub file, the fingerprint its
+    outcome line must name (SHA-256 of its `TYPE BASE64`); None for an X.509 one. An
+    SSH trial's -cert.pub was refused as "holds no PEM certificate"."""
+    if args.ssh_serial is not None:
+        return args.ssh_serial, None
+    if args.cert_file is None:
+        return None
+    try:
+        text = args.cert_file.read_text("utf-8", errors="replace")
+    except OSError as exc:
+        raise CLIError(f"--cert-file {args.cert_file}: {exc.strerror}") from None
+    fields = text.split()
+    if len(fields) < 2 or not fields[0].endswith("-cert-v01@openssh.com"):
+        return None
+    from cryptography.hazmat.primitives.serialization import (
+        SSHCertificate,
+        load_ssh_public_identity,
+    )
+    line = f"{fields[0]} {fields[1]}"
+    try:
+        cert = load_ssh_public_identity(line.encode())
+    except (ValueError, TypeError):
+        raise CLIError(f"--cert-file {args.cert_file} is not an OpenSSH certificate that "
+                       "can be read") from None
+    assert isinstance(cert, SSHCertificate)
+    return cert.serial, hashlib.sha256(line.encode()).hexdigest()
 
 
 def _which(args: argparse.Namespace) -> tuple[str, bytes | None]:
@@ -148,9 +191,6 @@ async def _extends(args: argparse.Namespace, ctx: Any, pinned: Any) -> int:
 
 async def _prove(args: argparse.Namespace, ctx: Any, pinned: Any, serial: str,
                  der: bytes | None) -> int:
-    from ca.audit.merkle import leaf_hash, verify_inclusion
-    from ca.audit.note import NoteError
-    from ca.audit.remote import DaemonError
     from ca.client import ClientError, get_bytes
     async with _log_client(args, ctx, None) as inventory:
         try:
@@ -166,12 +206,9 @@ async def _prove(args: argparse.Namespace, ctx: Any, pinned: Any, serial: str,
                        "recorded by an hsmca before 0.4, or adopted after a restore): "
                        "`hsmca audit verify` covers it with the whole log")
     async with _log_client(args, ctx, node) as api:
-        try:
-            cp = _verified(await _the_checkpoint(args, api), pinned, args.state)
-        except (NoteError, ValueError) as exc:
-            return _failed(f"the checkpoint does not verify with the pinned audit key: {exc}")
-        where = f"the checkpoint {args.checkpoint}" if args.checkpoint else \
-            "the daemon's latest checkpoint"
+        cp, where, failed = await _checkpoint(args, api, pinned)
+        if failed is not None:
+            return failed
         if seq >= cp.size:
             return _failed(f"{where} covers {cp.size} lines, and the certificate's intent is "
                            f"at seq {seq}: not covered yet (the daemon signs a checkpoint "
@@ -180,33 +217,173 @@ async def _prove(args: argparse.Namespace, ctx: Any, pinned: Any, serial: str,
         found = _pair(lines, seq, serial)
         if isinstance(found, str):
             return _failed(found)
-        (intent_seq, intent), (outcome_seq, outcome) = found
-        for at, line in ((intent_seq, intent), (outcome_seq, outcome)):
-            try:
-                proof = await api.inclusion(at, cp.size)
-            except DaemonError as exc:
-                return _failed(str(exc))
-            if not verify_inclusion(leaf_hash(line), at, cp.size, proof, cp.root):
-                return _failed(f"line {at} as the daemon served it is not in {where} (its "
-                               "inclusion proof does not lead to the checkpoint's root): "
-                               "the log was changed since, or the daemon serves another")
-    fields = json.loads(outcome)
-    if fields.get("result") != "ok":
-        return _failed(f"the signing of certificate {serial} failed (outcome at seq "
-                       f"{outcome_seq}: {fields.get('result')})")
+        failed = await _included(api, cp, where, found)
+        if failed is not None:
+            return failed
+    (intent_seq, intent), (outcome_seq, outcome) = found
     want = hashlib.sha256(der).hexdigest() if der is not None else rec.get("fingerprint")
-    if fields.get("fingerprint") != want:
-        given = f"the certificate in {args.cert_file}" if der is not None else \
-            "the inventory's record"
-        return _failed(f"the outcome at seq {outcome_seq} names the certificate "
-                       f"{fields.get('fingerprint')}, not {given} ({want}): a certificate of "
-                       "that serial this CA did not sign here")
+    given = f"the certificate in {args.cert_file}" if der is not None else \
+        "the inventory's record"
+    failed = _outcome_names(outcome, outcome_seq, f"certificate {serial}", want, given)
+    if failed is not None:
+        return failed
     names = ", ".join(json.loads(intent).get("names") or []) or "-"
     print(f"PROVEN: certificate {serial} ({names}), SHA-256 {want}: its intent (seq "
           f"{intent_seq}) and successful outcome (seq {outcome_seq}) are in {where}, "
           f"{cp.size} lines, root {base64.b64encode(cp.root).decode()}, signed by the pinned "
           "audit key" + (f" (log {node})" if node else ""))
     return 0
+
+
+async def _checkpoint(args: argparse.Namespace, api: Any, pinned: Any
+                      ) -> tuple[Any, str, int | None]:
+    """The checkpoint to prove against, verified; what to call it; or the failure."""
+    from ca.audit.note import NoteError
+    where = f"the checkpoint {args.checkpoint}" if args.checkpoint else \
+        "the daemon's latest checkpoint"
+    try:
+        return _verified(await _the_checkpoint(args, api), pinned, args.state), where, None
+    except (NoteError, ValueError) as exc:
+        return None, where, _failed(f"the checkpoint does not verify with the pinned audit "
+                                    f"key: {exc}")
+
+
+async def _included(api: Any, cp: Any, where: str,
+                    found: tuple[tuple[int, bytes], tuple[int, bytes]]) -> int | None:
+    """None if both lines are in the checkpoint's tree; else the failure."""
+    from ca.audit.merkle import leaf_hash, verify_inclusion
+    from ca.audit.remote import DaemonError
+    for at, line in found:
+        try:
+            proof = await api.inclusion(at, cp.size)
+        except DaemonError as exc:
+            return _failed(str(exc))
+        if not verify_inclusion(leaf_hash(line), at, cp.size, proof, cp.root):
+            return _failed(f"line {at} as the daemon served it is not in {where} (its "
+                           "inclusion proof does not lead to the checkpoint's root): "
+                           "the log was changed since, or the daemon serves another")
+    return None
+
+
+def _outcome_names(outcome: bytes, seq: int, what: str, want: str | None, given: str
+                   ) -> int | None:
+    """None if the outcome succeeded and names the fingerprint `want`; else the failure."""
+    fields = json.loads(outcome)
+    if fields.get("result") != "ok":
+        return _failed(f"the signing of {what} failed (outcome at seq {seq}: "
+                       f"{fields.get('result')})")
+    if fields.get("fingerprint") != want:
+        return _failed(f"the outcome at seq {seq} names the certificate "
+                       f"{fields.get('fingerprint')}, not {given} ({want}): a certificate of "
+                       "that serial this CA did not sign here")
+    return None
+
+
+# An SSH certificate's intent is found by the time the inventory says it was issued:
+# written as that time is taken, it is within seconds of it (a minute for a slow disk).
+SSH_WINDOW_S = 60
+
+
+async def _prove_ssh(args: argparse.Namespace, ctx: Any, pinned: Any, serial: int,
+                     want: str | None) -> int:
+    import datetime as dt
+
+    from ca.audit.remote import list_logs
+    from ca.client import ClientError, get_bytes
+    async with _log_client(args, ctx, None) as inventory:
+        found = json.loads(await get_bytes(
+            inventory.session, f"{inventory.base}/v1/inventory/ssh-certificates?q={serial}"
+            "&limit=500", ctx))
+    rec = next((r for r in found["certificates"] if r["serial"] == str(serial)), None)
+    if rec is None:
+        raise CLIError(f"the CA's inventory has no SSH certificate {serial} (`hsmca ssh "
+                       "list` lists them)")
+    at = dt.datetime.fromisoformat(rec["issued_at"])
+    try:
+        logs = await list_logs(args.url, ctx)
+    except ClientError as exc:
+        raise CLIError(str(exc)) from None
+    why = f"no hsm.sign intent for SSH certificate {serial} within {SSH_WINDOW_S} s of its " \
+          f"issuance ({rec['issued_at']})"
+    for log in logs:
+        async with _log_client(args, ctx, log) as api:
+            cp, where, failed = await _checkpoint(args, api, pinned)
+            if failed is not None:
+                return failed
+            pair = await _ssh_pair(api, cp.size, str(serial), at)
+            if pair is None:
+                continue
+            if isinstance(pair, str):
+                why = pair
+                continue
+            failed = await _included(api, cp, where, pair)
+            if failed is not None:
+                return failed
+        (intent_seq, intent), (outcome_seq, outcome) = pair
+        if want is not None:  # a file: its fingerprint must be the outcome's
+            failed = _outcome_names(outcome, outcome_seq, f"SSH certificate {serial}", want,
+                                    f"the certificate in {args.cert_file}")
+            if failed is not None:
+                return failed
+        elif json.loads(outcome).get("result") != "ok":
+            return _failed(f"the signing of SSH certificate {serial} failed (outcome at seq "
+                           f"{outcome_seq}: {json.loads(outcome).get('result')})")
+        obj = json.loads(intent)
+        print(f"PROVEN: SSH certificate {serial} ({obj.get('purpose')}, key id "
+              f"{obj.get('key_id')}, principals {', '.join(obj.get('principals') or [])}"
+              + (f", SHA-256 {want}" if want else "") + f"): its intent (seq {intent_seq}) "
+              f"and successful outcome (seq {outcome_seq}) are in {where}, {cp.size} lines, "
+              f"root {base64.b64encode(cp.root).decode()}, signed by the pinned audit key"
+              + (f" (log {log})" if log else ""))
+        return 0
+    return _failed(f"{why}, in the lines the checkpoint covers: give a later checkpoint, or "
+                   "`hsmca audit verify` the whole log")
+
+
+async def _ssh_pair(api: Any, size: int, serial: str, at: Any
+                    ) -> tuple[tuple[int, bytes], tuple[int, bytes]] | str | None:
+    """The intent and outcome of SSH certificate `serial` among the first `size` lines,
+    its intent found near `at`: bisection by time (the lines' times never go back:
+    one writer per log), then a scan of the window. None if this log has no such intent."""
+    import datetime as dt
+    window = dt.timedelta(seconds=SSH_WINDOW_S)
+
+    async def ts(seq: int) -> Any:
+        raw = (await api.entries(seq, seq + 1)).split(b"\n")[0]
+        try:
+            return dt.datetime.fromisoformat(json.loads(raw)["ts"].replace("Z", "+00:00"))
+        except (ValueError, KeyError, TypeError):
+            return None
+    lo, hi = 0, size
+    while lo < hi:
+        mid = (lo + hi) // 2
+        when = await ts(mid)
+        if when is not None and when <= at - window:
+            lo = mid + 1
+        else:
+            hi = mid
+    seq = lo
+    while seq < size:
+        lines = (await api.entries(seq, min(seq + LOOK_AHEAD, size))).split(b"\n")[:-1]
+        for k, raw in enumerate(lines):
+            try:
+                obj = json.loads(raw)
+            except ValueError:
+                continue
+            if obj.get("event") == "hsm.sign" and obj.get("phase") == "intent" and \
+                    str(obj.get("purpose", "")).startswith("ssh-") and \
+                    obj.get("serial") == serial:
+                rest = (await api.entries(seq + k, min(seq + k + LOOK_AHEAD, size))
+                        ).split(b"\n")[:-1]
+                return _pair(rest, seq + k, serial)
+            when = obj.get("ts")
+            if isinstance(when, str) and dt.datetime.fromisoformat(
+                    when.replace("Z", "+00:00")) > at + window:
+                return None
+        if not lines:
+            break
+        seq += len(lines)
+    return None
 
 
 def _read_checkpoint(path: Path) -> str:

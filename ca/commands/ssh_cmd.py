@@ -273,7 +273,10 @@ def user(args: argparse.Namespace) -> int:
     # ssh finds NAME-cert.pub beside the key it tries, but tries only its default key
     # names (id_ed25519, ...) unless told: say which case this is.
     private = _private_path(args.pubkey)
-    how = ("ssh uses it automatically with its key" if private.name in _DEFAULT_KEYS else
+    # (only in ~/.ssh: an SSH trial's ./k2/id_ecdsa was said to be used automatically)
+    default = private.name in _DEFAULT_KEYS and \
+        private.resolve().parent == (Path.home() / ".ssh").resolve()
+    how = ("ssh uses it automatically with its key" if default else
            f"use it with: ssh -i {private} (ssh finds the certificate beside the key)")
     print(f"wrote {cert} (serial {issued['serial']}, valid until {until}); {how}")
     if lifetime is not None:
@@ -424,9 +427,12 @@ def known_hosts(args: argparse.Namespace) -> int:
     files = {**({args.out: text.encode()} if args.out else {}),
              **({args.krl: krl} if args.krl else {})}
     for changed in _write_if_changed(files):
+        # ssh_config's paths as absolute ones: ssh runs from anywhere (an SSH trial got
+        # the relative path it had typed)
+        where = Path(changed).resolve()
         print(f"wrote {changed}; ssh reads it with " + (
-            f"GlobalKnownHostsFile /etc/ssh/ssh_known_hosts {changed}"
-            if changed == str(args.out) else f"RevokedHostKeys {changed}"), file=sys.stderr)
+            f"GlobalKnownHostsFile /etc/ssh/ssh_known_hosts {where}"
+            if changed == str(args.out) else f"RevokedHostKeys {where}"), file=sys.stderr)
     return 0
 
 
@@ -464,6 +470,13 @@ def revoke(args: argparse.Namespace) -> int:
              + ("from now on" if committed else "once the inventory takes it")
              if out.get("revoked_key") else "")
           + ("; the KRL lists them now" if committed else ""))
+    if hit and "public_key" not in body:
+        # An SSH trial revoked a host's certificate by serial and believed the host cut
+        # off; its `ssh host --renew` had a new one at its next renewal.
+        print("note: its holder may ask for another with the credential it has (a host's "
+              "`ssh host --renew` does, at its next renewal or restart); to keep it out, "
+              "revoke that credential (hsmca revoke --identity NAME) or the key (hsmca ssh "
+              "revoke --pubkey FILE)", file=sys.stderr)
     for warning in out.get("warnings", []):
         warn(warning)
     return 0
