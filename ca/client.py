@@ -354,8 +354,11 @@ def ending(cert: Path, now: dt.datetime | None = None) -> str | None:
     now = now or dt.datetime.now(dt.UTC)
     if now < start + (end - start) * 2 / 3:
         return None
-    left = max(int((end - now).total_seconds()) // 60, 0)
-    return (f"--cert {cert} ends at {end.isoformat()} (in {left // 60} h {left % 60} min): "
+    seconds = max(int((end - now).total_seconds()), 0)
+    left = seconds // 60
+    # (in seconds below a minute: an SSH trial read "in 0 h 0 min")
+    when = f"{left // 60} h {left % 60} min" if left else f"{seconds} s"
+    return (f"--cert {cert} ends at {end.isoformat()} (in {when}): "
             f"renew it before then (hsmca renew --cert {cert} --key ...), or an admin must "
             "give you a new bootstrap token")
 

@@ -307,6 +307,14 @@ def test_revoke_refuses_what_is_not_a_serial(bad: str) -> None:
         parse_serial(bad)
 
 
+@pytest.mark.parametrize("bad", ["0x12", "0", "18446744073709551616", "-5", "1e3"])
+def test_an_ssh_serial_is_decimal_as_ssh_keygen_shows_it(bad: str) -> None:
+    """argparse's int said "invalid int value: '0x12'" to an SSH trial."""
+    proc = hsmca("ssh", "revoke", "--serial", bad, "--config", "hsmca.toml", check=False)
+    assert proc.returncode == 2 and f"{bad!r} is not an SSH certificate serial: a decimal " \
+        "number from 1 to 2^64-1" in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+
+
 def test_a_serial_with_a_digit_too_many_is_said_too_long_not_not_hex() -> None:
     from ca.errors import CLIError
     with pytest.raises(CLIError, match="has 41 hex digits: a certificate serial has at most "
@@ -1031,3 +1039,6 @@ def test_a_credential_in_its_last_third_is_announced(daemon: Daemon, tmp_path: P
     said = ending(cert, end - dt.timedelta(minutes=90))
     assert said is not None and said.startswith(
         f"--cert {cert} ends at {end.isoformat()} (in 1 h 30 min): renew it before then"), said
+    # The last minute in seconds (it was "in 0 h 0 min")
+    said = ending(cert, end - dt.timedelta(seconds=41))
+    assert said is not None and "(in 41 s)" in said, said

@@ -60,6 +60,16 @@ def serial_hex(text: str) -> str:
     return format(int(t, 16), "x")
 
 
+def ssh_serial(text: str) -> int:
+    """An SSH certificate's serial as ssh-keygen -L shows it (decimal): argparse's int
+    said "invalid int value: '0x12'" to an SSH trial."""
+    if not is_decimal(text) or not 0 < int(text) < 2**64:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an SSH certificate serial: a "
+                                         "decimal number from 1 to 2^64-1, as ssh-keygen -L "
+                                         "shows it")
+    return int(text)
+
+
 def state_file(text: str) -> Path:
     """A --state a command saves to: its directory must exist, said before any work
     (saving failed at the end, naming a temporary file; the web view crashed on every

@@ -28,6 +28,7 @@ LOOK_AHEAD = 1000  # lines after the intent in which its outcome is looked for
 
 
 def add_parser(asub: Any, remote_flags: Any) -> None:
+    from ca.commands.args import ssh_serial
     p = asub.add_parser(
         "prove", help="prove one certificate's signing is in the log a checkpoint signs",
         description="Fetch the certificate's intent and outcome lines from the daemon (the "
@@ -40,7 +41,7 @@ def add_parser(asub: Any, remote_flags: Any) -> None:
                        help="the certificate to prove, X.509 (PEM) or OpenSSH (a -cert.pub "
                        "file): its fingerprint must be the one the outcome line names")
     which.add_argument("--serial", help="the certificate's serial (hex), as the CA lists it")
-    which.add_argument("--ssh-serial", dest="ssh_serial", type=_ssh_serial, metavar="N",
+    which.add_argument("--ssh-serial", dest="ssh_serial", type=ssh_serial, metavar="N",
                        help="an SSH certificate's serial (decimal, as ssh-keygen -L shows "
                        "it); its line is found by the time the inventory says it was issued")
     which.add_argument("--extends", type=Path, metavar="OLD_CHECKPOINT",
@@ -61,14 +62,6 @@ def add_parser(asub: Any, remote_flags: Any) -> None:
                    "log handed over to since it began, to verify a checkpoint signed by one")
     remote_flags(p, key_alias=False)
     p.set_defaults(command_key="audit-prove")
-
-
-def _ssh_serial(text: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 2**64:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an SSH certificate serial: a "
-                                         "decimal number from 1 to 2^64-1, as ssh-keygen -L "
-                                         "shows it")
-    return int(text)
 
 
 def prove(args: argparse.Namespace) -> int:

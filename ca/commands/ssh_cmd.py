@@ -447,8 +447,6 @@ def revoke(args: argparse.Namespace) -> int:
     """`hsmca ssh revoke`: POST /v1/ssh/revoke with the admin credential."""
     from ca import client
     from ca.commands.client_cmd import _admin
-    if args.serial is not None and not 0 < args.serial < 2**64:
-        raise CLIError(f"--serial {args.serial} is not an SSH certificate serial (1 to 2^64-1)")
     if args.pubkey is not None and _is_ssh_cert(args.pubkey):
         raise CLIError(f"--pubkey {args.pubkey} is an SSH certificate: --ssh-cert "
                        f"{args.pubkey} revokes that certificate; --pubkey with the key it "
@@ -670,7 +668,7 @@ def _keep_host_fresh(args: argparse.Namespace, f: HostFiles, refresh_now: bool =
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from ca.commands.args import duration, exec_timeout_flag
+    from ca.commands.args import duration, exec_timeout_flag, ssh_serial
     from ca.commands.client_cmd import admin_flags, credential_flags
     from ca.store.records import CERT_STATUSES
     s = sub.add_parser("ssh", help="SSH host and user certificates")
@@ -757,7 +755,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                         "(/v1/ssh/krl) lists them at once; hosts that run `hsmca ssh host "
                         "--renew` fetch it every --refresh.")
     which = v.add_mutually_exclusive_group(required=True)
-    which.add_argument("--serial", type=int, metavar="N",
+    which.add_argument("--serial", type=ssh_serial, metavar="N",
                        help="the certificate's serial (decimal, as ssh-keygen -L prints it)")
     which.add_argument("--key-id", metavar="ID",
                        help="its key id (<identity>:<its serial>, as ssh-keygen -L and "
