@@ -261,6 +261,18 @@ async def test_the_audit_key_is_pinned_as_get_v1_audit_key_gives_it(daemon: Daem
 # ---- (b) the daemon's proofs, checked by the RFC's own algorithms -------------------------
 
 
+async def prove_command(daemon: Daemon, auditor: tuple[Path, Path], outcome: int
+                        ) -> list[str | Path]:
+    """`hsmca audit prove`'s arguments as an auditor gives them, once a checkpoint
+    covers line `outcome`."""
+    deadline = asyncio.get_running_loop().time() + 30
+    while (await latest_checkpoint(daemon))[0] <= outcome:  # a checkpoint covers both
+        assert asyncio.get_running_loop().time() < deadline, "no checkpoint covers it"
+    return ["audit", "prove", "--url", daemon.url, "--ca", daemon.root, "--client-cert",
+            auditor[0], "--client-key", auditor[1], "--key",
+            daemon.state / "audit" / "audit_key.pem"]
+
+
 async def test_audit_prove_shows_a_certificate_is_in_a_signed_checkpoint(
         daemon: Daemon, tmp_path: Path) -> None:
     """An auditor trial had to write its own RFC 9162 verifier to show that a
@@ -285,12 +297,7 @@ async def test_audit_prove_shows_a_certificate_is_in_a_signed_checkpoint(
     op = json.loads(raw.split(b"\n")[0])["op_id"]
     outcome = intent + next(k for k, line in enumerate(raw.split(b"\n")[:-1])
                             if json.loads(line).get("op_id") == op and k)
-    deadline = asyncio.get_running_loop().time() + 30
-    while (await latest_checkpoint(daemon))[0] <= outcome:  # a checkpoint covers both
-        assert asyncio.get_running_loop().time() < deadline, "no checkpoint covers it"
-    base = ["audit", "prove", "--url", daemon.url, "--ca", daemon.root, "--client-cert",
-            auditor[0], "--client-key", auditor[1], "--key",
-            daemon.state / "audit" / "audit_key.pem"]
+    base = await prove_command(daemon, auditor, outcome)
     proc = hsmca(*base, "--cert-file", cert, check=False)
     fingerprint = hashlib.sha256(issued.public_bytes(Encoding.DER)).hexdigest()
     assert proc.returncode == 0 and proc.stdout.startswith(
@@ -347,12 +354,7 @@ async def test_audit_prove_shows_an_ssh_certificate_is_in_a_signed_checkpoint(
                 and e.get("phase") == "intent"]
     outcome = next(e["seq"] for e in log_lines(daemon.state)
                    if e.get("op_id") == intent["op_id"] and e.get("phase") == "outcome")
-    deadline = asyncio.get_running_loop().time() + 30
-    while (await latest_checkpoint(daemon))[0] <= outcome:  # a checkpoint covers both
-        assert asyncio.get_running_loop().time() < deadline, "no checkpoint covers it"
-    base = ["audit", "prove", "--url", daemon.url, "--ca", daemon.root, "--client-cert",
-            auditor[0], "--client-key", auditor[1], "--key",
-            daemon.state / "audit" / "audit_key.pem"]
+    base = await prove_command(daemon, auditor, outcome)
     fingerprint = hashlib.sha256(f"{line[0]} {line[1]}".encode()).hexdigest()
     proc = hsmca(*base, "--cert-file", cert_file, check=False)
     assert proc.returncode == 0 and proc.stdout.startswith(
