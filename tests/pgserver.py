@@ -11,6 +11,7 @@ import itertools
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -64,6 +65,23 @@ class PostgresServer:
     def stop(self) -> None:
         self._run(self.bin / "pg_ctl", "-D", self.data, "-m", "fast", "-w", "-t", "60",
                   "stop")
+
+    def _processes(self) -> list[int]:
+        """The postmaster and every process it started (its backends)."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        children = subprocess.run(["pgrep", "-P", str(postmaster)], capture_output=True,
+                                  text=True, timeout=60).stdout.split()
+        return [postmaster, *map(int, children)]
+
+    def freeze(self) -> None:
+        """Stop the server answering without refusing anything (SIGSTOP): as a frozen
+        host, or a failover whose old primary vanished, does. thaw() ends it."""
+        for pid in self._processes():
+            os.kill(pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        for pid in self._processes():
+            os.kill(pid, signal.SIGCONT)
 
     def psql(self, sql: str, db: str = "postgres") -> str:
         proc = subprocess.run([str(self.bin / "psql"), "-h", "127.0.0.1", "-p",

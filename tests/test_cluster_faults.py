@@ -247,8 +247,6 @@ async def test_postgresql_that_hangs_makes_health_say_so(tmp_path: Path) -> None
     drops packets) is as unavailable as a stopped one: /health says so within its
     own time limit, for the load balancer to take the node out, and says ok again once
     the database answers."""
-    import os
-
     from tests.pgserver import PostgresServer
     server = await asyncio.to_thread(PostgresServer)  # its own: this test freezes it
     c = make_cluster(tmp_path, server.new_database())
@@ -256,30 +254,18 @@ async def test_postgresql_that_hangs_makes_health_say_so(tmp_path: Path) -> None
         node = c.start("h1")
         status, _, body = await call("GET", f"{node.url}/health", node.ssl())
         assert status == 200, body
-        main = int((server.data / "postmaster.pid").read_text().split()[0])
-        frozen = [main] + [int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit()
-                           and _parent(d) == main]
-        for pid in frozen:
-            os.kill(pid, signal.SIGSTOP)
+        await asyncio.to_thread(server.freeze)
         try:
             status, _, body = await call("GET", f"{node.url}/health", node.ssl())
             assert status == 503, body
             assert json.loads(body)["store"] == "unavailable: no answer within 2 s", body
         finally:
-            for pid in frozen:
-                os.kill(pid, signal.SIGCONT)
+            await asyncio.to_thread(server.thaw)
         status, body = await _until(node, "GET", "/health", node.ssl(), None)
         assert status == 200, body
     finally:
         c.stop()
         await asyncio.to_thread(server.close)
-
-
-def _parent(proc: Path) -> int | None:
-    try:
-        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 async def _sign_calls(node: Any) -> float:
@@ -333,3 +319,93 @@ async def test_a_node_on_a_new_disk_gets_its_log_back_from_postgresql(
         timeout=120)
     assert proc.returncode != 0 and "differs from PostgreSQL's" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_database_that_stops_answering_is_given_up_on_not_waited_for(
+        postgres_server: Any) -> None:
+    """A PostgreSQL that stops answering without refusing (SIGSTOP: a frozen host, a
+    failover whose old primary vanished) fails nothing: a cluster trial's requests hung
+    for the whole outage, one for minutes. A call is now given up after the store's
+    answer timeout, the store says it is unavailable, the calls after it are refused
+    too, and it answers again once the server does."""
+    import threading
+    import time
+
+    from ca.store.errors import StoreUnavailable
+    from ca.store.postgres import PostgresStore
+    store = PostgresStore(postgres_server.new_database(), answer_timeout_s=2.0)
+    try:
+        assert asyncio.run(store.issued_cert(1)) is None and store.healthy
+        said: list[str] = []
+
+        def ask() -> None:
+            try:
+                asyncio.run(store.issued_cert(1))
+                said.append("answered")
+            except StoreUnavailable as exc:
+                said.append(str(exc))
+        postgres_server.freeze()
+        try:
+            for _ in range(2):  # the call that waits, and one after it
+                asker = threading.Thread(target=ask)
+                asker.start()
+                asker.join(timeout=60)  # a bound for a hang, not a measurement
+                assert not asker.is_alive(), "the call still waits for a silent server"
+            assert said[0] == "the inventory (PostgreSQL) is unavailable: no answer within 2 s"
+            assert said[1].startswith("the inventory (PostgreSQL) is unavailable"), said
+            assert not store.healthy
+        finally:
+            postgres_server.thaw()
+        deadline = time.monotonic() + 60
+        while True:  # back once a call gets through (one tries every second)
+            try:
+                assert asyncio.run(store.issued_cert(1)) is None
+                break
+            except StoreUnavailable:
+                assert time.monotonic() < deadline, "the store did not come back"
+        assert store.healthy
+    finally:
+        store.close()
+
+
+async def test_requests_in_flight_when_postgresql_freezes_get_a_503_not_a_hang(
+        tmp_path: Path) -> None:
+    """The trial's frozen PostgreSQL held the requests in flight for its whole outage
+    (28 s, 71 s), then issued certificates to clients long gone. Frozen here until every
+    client has had two answers since: each is a 503 problem, none a client's timeout
+    (30 s), and the node serves again once the database answers."""
+    from tests.pgserver import PostgresServer
+    server = await asyncio.to_thread(PostgresServer)  # its own: this test freezes it
+    c = make_cluster(tmp_path, server.new_database())
+    try:
+        node = c.start("f1", workers=2)
+        creds = {}
+        for i in range(3):
+            cert, key = await asyncio.to_thread(enroll, node, tmp_path, "service",
+                                                [f"f{i}.test"])
+            creds[f"c{i}"] = (node, cert, key)
+        load = Load(creds)
+        load.start()
+        try:
+            await load.until(6)
+            await asyncio.to_thread(server.freeze)
+            try:
+                frozen, errors = len(load.statuses), len(load.errors)
+                await load.wait_for(lambda: all(
+                    sum(1 for n, _ in load.statuses[frozen:] if n == name) >= 2
+                    for name in creds), "two answers per client while frozen")
+                answered = load.statuses[frozen:]
+                timed_out = load.errors[errors:]
+            finally:
+                await asyncio.to_thread(server.thaw)
+            # (the first answer of each may have been signed before the freeze)
+            assert [s for _, s in answered].count(503) >= len(answered) - len(creds), answered
+            assert not timed_out, timed_out
+            await load.until(3)  # renewals go through again
+        finally:
+            await load.stop()
+        status, _, body = await call("GET", f"{node.url}/health", node.ssl())
+        assert status == 200, body
+    finally:
+        c.stop()
+        await asyncio.to_thread(server.close)

@@ -513,11 +513,18 @@ class SigningPipeline:
                             and isinstance(op.intent.get("serial"), str)):
                         self.on_unreleased(op.job.purpose, op.intent["serial"], seq)
                 if error is None and extra is not None:
-                    error = extra.exception()  # waits for the inventory's commit
+                    # Waits for the inventory's commit, which the store gives up on after
+                    # its answer timeout (a database that stopped answering).
+                    error = extra.exception()
                     if error is not None:  # signed and logged "ok", but never released
                         withheld.append(("sign.withheld", {
                             "op_id": op.intent["op_id"], "released": False,
                             "reason": f"{type(error).__name__}: {error}"[:500]}))
+                        # A commit given up on may still have landed: its row is revoked
+                        # once the store answers (nothing, if there is none).
+                        if (self.on_unreleased is not None
+                                and isinstance(op.intent.get("serial"), str)):
+                            self.on_unreleased(op.job.purpose, op.intent["serial"], seq)
                 if self.on_sign is not None:
                     self.on_sign(op.job.purpose, "ok" if error is None
                                  else type(error).__name__)

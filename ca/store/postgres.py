@@ -97,6 +97,13 @@ AUDIT_LOCK_CLASS = 0x6873_6D63  # "hsmc"
 CONNECT_TIMEOUT_S = 3  # a node answers 503 quickly rather than hang on a dead server
 RECONNECT_TIMEOUT_S = 5.0
 RETRY_S = 1.0  # once the pool could not connect, how often a call tries it again
+# How long a call may wait for PostgreSQL's answer. A server that stops answering
+# without refusing (a frozen host, a failover whose old primary vanished) fails
+# nothing: its kernel still accepts, acknowledges and answers keepalives, so neither
+# libpq nor the server's own timeouts end the wait, and a trial's requests hung for
+# the whole outage (28 s, 71 s, minutes). Given up after this, the call is refused as
+# when the server is down, and so are the next ones until one gets through.
+ANSWER_TIMEOUT_S = 10.0
 POLL_S = 0.25  # the fallback poll of the change counters (NOTIFY is the fast path)
 
 
@@ -185,6 +192,10 @@ class AuditGroupAbandoned(Exception):
     """A group of audit lines whose committer gave up before it reached PostgreSQL."""
 
 
+class _NoAnswer(Exception):
+    """A call PostgreSQL did not answer within the store's answer timeout."""
+
+
 class _Undo(Exception):
     """Raised inside a transaction to roll it back and hand `value` to the caller."""
 
@@ -196,11 +207,14 @@ class _Undo(Exception):
 class PostgresStore:
     schema_version = len(PG_MIGRATIONS)
 
-    def __init__(self, url: str, *, max_size: int = 8, existing: bool = False) -> None:
+    def __init__(self, url: str, *, max_size: int = 8, existing: bool = False,
+                 answer_timeout_s: float = ANSWER_TIMEOUT_S) -> None:
         """`existing`: the database must hold an inventory already (a node's start),
         else it is refused untouched; without, an empty one gets the schema (init, a
-        move)."""
+        move). `answer_timeout_s`: how long a call waits for an answer (the tests
+        shorten it)."""
         self.url = url
+        self.answer_timeout_s = answer_timeout_s
         self._existing = existing
         self.migrated_from: int | None = None
         self._down: str | None = None
@@ -229,19 +243,25 @@ class PostgresStore:
 
     # ---- the store's own loop -------------------------------------------------------------
 
-    def _spawn(self, coro: Coroutine[Any, Any, T], *, own: bool = False) -> cf.Future[T]:
-        return asyncio.run_coroutine_threadsafe(self._guard(coro, own), self._loop)
+    def _spawn(self, coro: Coroutine[Any, Any, T], *, own: bool = False,
+               bounded: bool = True) -> cf.Future[T]:
+        return asyncio.run_coroutine_threadsafe(
+            self._guard(coro, own, self.answer_timeout_s if bounded else None), self._loop)
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
-        return self._spawn(coro).result()
+        """`coro` run from a thread with no loop, unbounded: the start (migrations, the
+        log's lines brought back) and the admin's long copies take what they take."""
+        return self._spawn(coro, bounded=False).result()
 
-    async def _run(self, coro: Coroutine[Any, Any, T], *, own: bool = False) -> T:
-        return await asyncio.wrap_future(self._spawn(coro, own=own))
+    async def _run(self, coro: Coroutine[Any, Any, T], *, own: bool = False,
+                   bounded: bool = True) -> T:
+        return await asyncio.wrap_future(self._spawn(coro, own=own, bounded=bounded))
 
-    async def _guard(self, coro: Coroutine[Any, Any, T], own: bool = False) -> T:
+    async def _guard(self, coro: Coroutine[Any, Any, T], own: bool = False,
+                     deadline: float | None = None) -> T:
         """`coro`'s value, or StoreUnavailable. `own`: it uses a connection of its own,
         not the pool's (a lease): it neither waits on the pool nor says whether the pool
-        can connect."""
+        can connect. `deadline`: seconds to wait for it (None: as long as it takes)."""
         if not own and self._unreachable and (
                 self._trying or time.monotonic() < self._retry_at):
             # The pool could not connect within CONNECT_TIMEOUT_S, and another call is
@@ -255,7 +275,16 @@ class PostgresStore:
         trying = not own and self._unreachable
         self._trying = self._trying or trying
         try:
-            value = await coro
+            value = await (coro if deadline is None else self._within(coro, deadline))
+        except _NoAnswer:
+            self._down = f"no answer within {deadline:.0f} s"
+            if not own:  # the calls that follow are refused at once, one tries again
+                self._unreachable = True
+                self._retry_at = time.monotonic() + RETRY_S
+            log.warning("PostgreSQL did not answer in time: calls are refused until it "
+                        "does", within_s=deadline)
+            raise StoreUnavailable(f"the inventory (PostgreSQL) is unavailable: "
+                                   f"{self._down}") from None
         except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
             self._down = _why(exc)
             if isinstance(exc, PoolTimeout) and self._connect_error is not None:
@@ -271,6 +300,22 @@ class PostgresStore:
         self._down = None
         self._unreachable = False
         return value
+
+    @staticmethod
+    async def _within(coro: Coroutine[Any, Any, T], deadline: float) -> T:
+        """`coro`'s value, or _NoAnswer after `deadline` s. Not asyncio.wait_for, which
+        waits for the cancelled call to finish: its clean-up (a rollback, psycopg's
+        cancel) waits on the same silent server. It finishes on this loop alone."""
+        task = asyncio.ensure_future(coro)
+        try:
+            done, _ = await asyncio.wait({task}, timeout=deadline)
+        except BaseException:  # the caller went away: so does the call
+            task.cancel()
+            raise
+        if not done:
+            task.cancel()
+            raise _NoAnswer
+        return task.result()
 
     def _cannot_connect(self) -> bool:
         """After a wait for a connection in vain: whether the pool could not make one
@@ -369,9 +414,9 @@ class PostgresStore:
                 return await cur.fetchall()
         return await self._run(read())
 
-    async def _tx(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
+    async def _tx(self, fn: Callable[[Conn], Awaitable[T]], bounded: bool = True) -> T:
         """`fn(conn)` in one transaction, committed before this returns; _Undo rolls it
-        back and returns its value."""
+        back and returns its value. `bounded`: within the answer timeout."""
         async def run() -> T:
             async with self.pool.connection() as conn:
                 try:
@@ -379,7 +424,7 @@ class PostgresStore:
                         return await fn(conn)
                 except _Undo as undo:
                     return undo.value  # type: ignore[return-value]
-        return await self._run(run())
+        return await self._run(run(), bounded=bounded)
 
     def _tx_future(self, fn: Callable[[Conn], Awaitable[T]]) -> cf.Future[T]:
         """`_tx` for a caller on any thread (the signing thread)."""
@@ -1496,7 +1541,7 @@ class PostgresStore:
                                  "(%s, %s, %s, %s)", (node, checkpoint[0], checkpoint[1],
                                                       dt.datetime.now(dt.UTC).isoformat()))
             return counts
-        return self._call(self._tx(put))
+        return self._call(self._tx(put, bounded=False))  # a whole CA's copy
 
 
 class Lease:
