@@ -450,10 +450,14 @@ def principal(p: object) -> str:
     return p
 
 
+def is_pattern(p: str) -> bool:
+    return any(c in p for c in "*?!")
+
+
 def login(p: object) -> str:
     """A user principal: a login name, never a pattern."""
     p = principal(p)
-    if any(c in p for c in "*?!"):
+    if is_pattern(p):
         # An SSH trial's `--principal '*'` was taken, and read as "any login": sshd
         # compares a certificate's principals with the login literally, so it grants
         # nothing, and nobody should think it does.

@@ -746,6 +746,8 @@ def _same_names(csr: x509.CertificateSigningRequest, names: tuple[str, ...]) -> 
 
 
 def _principals(asked: object, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
+    if what == "logins":  # a pattern granted before they were refused is no login
+        allowed = tuple(p for p in allowed if not policy.is_pattern(p))
     if asked is None:
         if not allowed:
             how = (" (its token had no --principal): ask an admin for a token that grants "

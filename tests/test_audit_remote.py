@@ -1109,3 +1109,35 @@ def test_a_verifier_key_ending_in_a_slash_is_taken_whole() -> None:
             break
     assert text.endswith("/")
     assert _audit_key(text).public_bytes_raw() == public.public_bytes_raw()
+
+
+def test_an_ssh_intent_is_found_by_its_time_whatever_else_the_log_holds() -> None:
+    """`audit prove` finds an SSH certificate's intent by bisection on the lines' times,
+    reading what a daemon serves as untrusted (a review: a line that is not an object,
+    or a time without its zone, ended in a traceback): those lines have no time, and
+    the search still finds the intent among thousands of lines of one second."""
+    import datetime as dt
+
+    from ca.commands.audit_prove import _ssh_pair
+    at = dt.datetime(2026, 12, 6, 8, 0, tzinfo=dt.UTC)
+
+    def line(seq: int, **fields: Any) -> bytes:
+        return json.dumps({"seq": seq, **fields}).encode()
+    lines = [line(i, ts=(at - dt.timedelta(hours=1)).isoformat()) for i in range(3000)]
+    lines += [b"7", b"[]", line(3002, ts=7), line(3003, ts="2026-12-06T07:59:00"),
+              line(3004)]  # none of them has a time
+    lines += [line(i, ts=at.isoformat()) for i in range(3005, 8000)]
+    intent = line(8000, ts=at.isoformat(), event="hsm.sign", phase="intent",
+                  purpose="ssh-user", serial="77", op_id="op")
+    lines += [intent, line(8001, event="hsm.sign", phase="outcome", op_id="op",
+                           ts=at.isoformat(), result="ok")]
+    lines += [line(i, ts=(at + dt.timedelta(hours=1)).isoformat()) for i in range(8002, 9000)]
+
+    class Log:
+        async def entries(self, start: int, stop: int) -> bytes:
+            return b"".join(x + b"\n" for x in lines[start:stop])
+
+    found = asyncio.run(_ssh_pair(Log(), len(lines), "77", at))
+    assert found == ((8000, intent), (8001, lines[8001])), found
+    assert asyncio.run(_ssh_pair(Log(), len(lines), "78", at)) is None  # not in this log
+    assert asyncio.run(_ssh_pair(Log(), 8000, "77", at)) is None  # past what is covered

@@ -420,8 +420,13 @@ def test_a_node_on_a_copy_of_another_nodes_directory_is_told_whose_log_it_holds(
     shutil.copytree(cluster.state / "nodes" / "node-2", mine)
     try:
         error, stderr = refused_start(cluster.state, "node-9")
-        assert "holds the audit log of node 'node-2', not of 'node-9'" in error, error
+        assert "holds the audit log of node 'node-2', not node 'node-9''s" in error, error
         assert "went back in time" not in error and "Traceback" not in stderr
+        # init's own log (STATE_DIR/audit), copied in as a node's
+        shutil.rmtree(mine)
+        shutil.copytree(cluster.state / "audit", mine / "audit")
+        error, _ = refused_start(cluster.state, "node-9")
+        assert "holds the CA's init log" in error, error
     finally:
         shutil.rmtree(mine)
 

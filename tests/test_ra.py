@@ -396,6 +396,10 @@ def test_ssh_user_principals_lifetime_and_revoked_keys() -> None:
     for pattern in ("*", "dep?oy", "!root"):
         refused(ra.decide(context(pol), alice, ra.SSHUserRequest(ssh_key(), [pattern])),
                 Reason.BAD_NAME, "pattern character")
+    # ...nor carried from a grant made before patterns were refused
+    old_grant = dataclasses.replace(alice, principals=("alice", "*"))
+    order = ra.decide(context(pol), old_grant, ra.SSHUserRequest(ssh_key()))
+    assert isinstance(order, ra.SSHOrder) and order.principals == ("alice",)
     refused(ra.decide(context(pol), alice, ra.SSHUserRequest(ssh_key(), None, "3h")),
             Reason.LIFETIME, "the maximum of 2h")
     # A maximum that is no whole number of hours is said as it is (it was "0h").

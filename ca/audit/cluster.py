@@ -295,14 +295,17 @@ def _refuse_another_nodes_log(checkpoint: Path, node: str, origin: str) -> None:
     except (OSError, UnicodeError, NoteError):
         return  # none (a new disk), or unreadable: the log's own checks judge it
     base = origin.removesuffix(f"/{node}")
-    if found == origin or not found.startswith(base + "/"):
-        return  # its own, or the single log a `store move` continued
-    other = found.removeprefix(base + "/")
+    if found == base:  # STATE_DIR/audit: the ceremonies' log (`init`, a moved CA's log)
+        whose = "the CA's init log (the ceremonies' log, STATE_DIR/audit)"
+    elif found != origin and found.startswith(base + "/"):
+        whose = f"the audit log of node {found.removeprefix(base + '/')!r}"
+    else:
+        return  # its own, or another CA's (the log's own checks refuse that)
     raise AuditLogError(
-        f"{checkpoint.parent} holds the audit log of node {other!r}, not of {node!r} (its "
-        f"checkpoint's origin is {found}): the directory was copied from node {other!r}, "
-        f"or --node is wrong. Give this node its own name, with {checkpoint.parent} moved "
-        "aside (its log comes back from PostgreSQL); nothing was written")
+        f"{checkpoint.parent} holds {whose}, not node {node!r}'s (its checkpoint's origin "
+        f"is {found}): it was copied (or renamed) from there. Give this node a directory "
+        f"of its own, with {checkpoint.parent} moved aside (its log comes back from "
+        "PostgreSQL); nothing was written")
 
 
 def sync_local_log(path: Path, checkpoint: Path, store: PostgresStore, node: str,

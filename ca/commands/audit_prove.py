@@ -80,29 +80,14 @@ def _ssh_which(args: argparse.Namespace) -> tuple[int, str | None] | None:
     """An SSH certificate's serial and, from a -cert.pub file, the fingerprint its
     outcome line must name (SHA-256 of its `TYPE BASE64`); None for an X.509 one. An
     SSH trial's -cert.pub was refused as "holds no PEM certificate"."""
+    from ca.commands.ssh_cmd import _is_ssh_cert, _ssh_cert
     if args.ssh_serial is not None:
         return args.ssh_serial, None
-    if args.cert_file is None:
+    if args.cert_file is None or not _is_ssh_cert(args.cert_file):
         return None
-    try:
-        text = args.cert_file.read_text("utf-8", errors="replace")
-    except OSError as exc:
-        raise CLIError(f"--cert-file {args.cert_file}: {exc.strerror}") from None
-    fields = text.split()
-    if len(fields) < 2 or not fields[0].endswith("-cert-v01@openssh.com"):
-        return None
-    from cryptography.hazmat.primitives.serialization import (
-        SSHCertificate,
-        load_ssh_public_identity,
-    )
-    line = f"{fields[0]} {fields[1]}"
-    try:
-        cert = load_ssh_public_identity(line.encode())
-    except (ValueError, TypeError):
-        raise CLIError(f"--cert-file {args.cert_file} is not an OpenSSH certificate that "
-                       "can be read") from None
-    assert isinstance(cert, SSHCertificate)
-    return cert.serial, hashlib.sha256(line.encode()).hexdigest()
+    cert = _ssh_cert(args.cert_file)  # (its errors say what is wrong with the file)
+    fields = args.cert_file.read_text("utf-8", errors="replace").split()
+    return cert.serial, hashlib.sha256(f"{fields[0]} {fields[1]}".encode()).hexdigest()
 
 
 def _which(args: argparse.Namespace) -> tuple[str, bytes | None]:
@@ -228,17 +213,21 @@ async def _prove(args: argparse.Namespace, ctx: Any, pinned: Any, serial: str,
     return 0
 
 
-async def _checkpoint(args: argparse.Namespace, api: Any, pinned: Any
-                      ) -> tuple[Any, str, int | None]:
-    """The checkpoint to prove against, verified; what to call it; or the failure."""
+async def _checkpoint(args: argparse.Namespace, api: Any, pinned: Any, quiet: bool = False
+                      ) -> tuple[Any, str, Any]:
+    """The checkpoint to prove against, verified, what to call it, and None; or None,
+    that, and the failure (said, with its exit status; only its words, `quiet`)."""
     from ca.audit.note import NoteError
+    from ca.audit.remote import DaemonError
+    from ca.client import ClientError
     where = f"the checkpoint {args.checkpoint}" if args.checkpoint else \
         "the daemon's latest checkpoint"
     try:
         return _verified(await _the_checkpoint(args, api), pinned, args.state), where, None
-    except (NoteError, ValueError) as exc:
-        return None, where, _failed(f"the checkpoint does not verify with the pinned audit "
-                                    f"key: {exc}")
+    except (NoteError, ValueError, DaemonError, ClientError) as exc:
+        why = f"the checkpoint does not verify with the pinned audit key: {exc}" \
+            if isinstance(exc, NoteError | ValueError) else str(exc)
+        return None, where, why if quiet else _failed(why)
 
 
 async def _included(api: Any, cp: Any, where: str,
@@ -274,14 +263,15 @@ def _outcome_names(outcome: bytes, seq: int, what: str, want: str | None, given:
 
 # An SSH certificate's intent is found by the time the inventory says it was issued:
 # written as that time is taken, it is within seconds of it (a minute for a slow disk).
-SSH_WINDOW_S = 60
+# (The inventory keeps no seq for an SSH certificate, as it does for an X.509 one.)
+SSH_WINDOW = 60
 
 
 async def _prove_ssh(args: argparse.Namespace, ctx: Any, pinned: Any, serial: int,
                      want: str | None) -> int:
     import datetime as dt
 
-    from ca.audit.remote import list_logs
+    from ca.audit.remote import DaemonError, list_logs
     from ca.client import ClientError, get_bytes
     async with _log_client(args, ctx, None) as inventory:
         found = json.loads(await get_bytes(
@@ -296,23 +286,47 @@ async def _prove_ssh(args: argparse.Namespace, ctx: Any, pinned: Any, serial: in
         logs = await list_logs(args.url, ctx)
     except ClientError as exc:
         raise CLIError(str(exc)) from None
-    why = f"no hsm.sign intent for SSH certificate {serial} within {SSH_WINDOW_S} s of its " \
-          f"issuance ({rec['issued_at']})"
+    # A saved checkpoint is of one log, the one whose origin it has (a review's proof
+    # against another node's log ended in a 400)
+    saved = _origin(_read_checkpoint(args.checkpoint)) if args.checkpoint else None
+    problems: list[str] = []  # a log that cannot be checked: said if no log has it
     for log in logs:
         async with _log_client(args, ctx, log) as api:
-            cp, where, failed = await _checkpoint(args, api, pinned)
-            if failed is not None:
-                return failed
-            pair = await _ssh_pair(api, cp.size, str(serial), at)
-            if pair is None:
+            where = f"log {log}: " if log else ""
+            try:
+                if saved is not None and len(logs) > 1 and \
+                        _origin(await api.checkpoint()) != saved:
+                    continue
+            except (ClientError, CLIError, DaemonError) as exc:
+                problems.append(f"{where}{exc}")
                 continue
-            if isinstance(pair, str):
-                why = pair
+            cp, place, failed = await _checkpoint(args, api, pinned, quiet=True)
+            if cp is None:
+                problems.append(f"{where}{failed}")
                 continue
-            failed = await _included(api, cp, where, pair)
+            try:
+                pair = await _ssh_pair(api, cp.size, str(serial), at)
+                if isinstance(pair, str):
+                    return _failed(f"{where}{pair}")
+                if pair is None:
+                    continue
+                failed = await _included(api, cp, place, pair)
+            except (ClientError, DaemonError) as exc:
+                problems.append(f"{where}{exc}")
+                continue
             if failed is not None:
                 return failed
         (intent_seq, intent), (outcome_seq, outcome) = pair
+        obj = json.loads(intent)
+        said = {"key id": (obj.get("key_id"), rec.get("key_id")),
+                "principals": (obj.get("principals"), rec.get("principals")),
+                "type": (obj.get("purpose"), f"ssh-{rec.get('type')}")}
+        differ = [k for k, (log_says, inventory_says) in said.items()
+                  if log_says != inventory_says]
+        if differ:
+            return _failed(f"the intent at seq {intent_seq} and the inventory disagree on "
+                           f"SSH certificate {serial}'s {', '.join(differ)}: `hsmca audit "
+                           "verify` checks the whole log")
         if want is not None:  # a file: its fingerprint must be the outcome's
             failed = _outcome_names(outcome, outcome_seq, f"SSH certificate {serial}", want,
                                     f"the certificate in {args.cert_file}")
@@ -321,57 +335,52 @@ async def _prove_ssh(args: argparse.Namespace, ctx: Any, pinned: Any, serial: in
         elif json.loads(outcome).get("result") != "ok":
             return _failed(f"the signing of SSH certificate {serial} failed (outcome at seq "
                            f"{outcome_seq}: {json.loads(outcome).get('result')})")
-        obj = json.loads(intent)
         print(f"PROVEN: SSH certificate {serial} ({obj.get('purpose')}, key id "
               f"{obj.get('key_id')}, principals {', '.join(obj.get('principals') or [])}"
               + (f", SHA-256 {want}" if want else "") + f"): its intent (seq {intent_seq}) "
-              f"and successful outcome (seq {outcome_seq}) are in {where}, {cp.size} lines, "
+              f"and successful outcome (seq {outcome_seq}) are in {place}, {cp.size} lines, "
               f"root {base64.b64encode(cp.root).decode()}, signed by the pinned audit key"
               + (f" (log {log})" if log else ""))
         return 0
-    return _failed(f"{why}, in the lines the checkpoint covers: give a later checkpoint, or "
-                   "`hsmca audit verify` the whole log")
+    return _failed("; ".join([f"no hsm.sign intent for SSH certificate {serial} within "
+                              f"{SSH_WINDOW} s of its issuance ({rec['issued_at']}) in the "
+                              "lines the checkpoint covers: give a later checkpoint, or "
+                              "`hsmca audit verify` the whole log", *problems]))
+
+
+def _origin(checkpoint: str) -> str:
+    from ca.audit.note import NoteError, parse_checkpoint
+    try:
+        return parse_checkpoint(checkpoint).origin
+    except NoteError as exc:
+        raise CLIError(f"not a checkpoint: {exc}") from None
 
 
 async def _ssh_pair(api: Any, size: int, serial: str, at: Any
                     ) -> tuple[tuple[int, bytes], tuple[int, bytes]] | str | None:
     """The intent and outcome of SSH certificate `serial` among the first `size` lines,
-    its intent found near `at`: bisection by time (the lines' times never go back:
-    one writer per log), then a scan of the window. None if this log has no such intent."""
+    its intent found near `at`, a time with its zone; None if this log has no such
+    intent."""
     import datetime as dt
-    window = dt.timedelta(seconds=SSH_WINDOW_S)
 
-    async def ts(seq: int) -> Any:
-        raw = (await api.entries(seq, seq + 1)).split(b"\n")[0]
-        try:
-            return dt.datetime.fromisoformat(json.loads(raw)["ts"].replace("Z", "+00:00"))
-        except (ValueError, KeyError, TypeError):
-            return None
-    lo, hi = 0, size
-    while lo < hi:
-        mid = (lo + hi) // 2
-        when = await ts(mid)
-        if when is not None and when <= at - window:
-            lo = mid + 1
-        else:
-            hi = mid
-    seq = lo
+    from ca.audit.timeline import first_after, parse, time_of
+    window = dt.timedelta(seconds=SSH_WINDOW)
+
+    async def line(seq: int) -> bytes | None:
+        got = (await api.entries(seq, seq + 1)).split(b"\n")
+        return got[0] if got[0] else None
+    seq = await first_after(line, size, at - window)
     while seq < size:
         lines = (await api.entries(seq, min(seq + LOOK_AHEAD, size))).split(b"\n")[:-1]
         for k, raw in enumerate(lines):
-            try:
-                obj = json.loads(raw)
-            except ValueError:
-                continue
+            obj = parse(raw) or {}
             if obj.get("event") == "hsm.sign" and obj.get("phase") == "intent" and \
                     str(obj.get("purpose", "")).startswith("ssh-") and \
                     obj.get("serial") == serial:
                 rest = (await api.entries(seq + k, min(seq + k + LOOK_AHEAD, size))
                         ).split(b"\n")[:-1]
                 return _pair(rest, seq + k, serial)
-            when = obj.get("ts")
-            if isinstance(when, str) and dt.datetime.fromisoformat(
-                    when.replace("Z", "+00:00")) > at + window:
+            if (when := time_of(obj)) is not None and when > at + window:
                 return None
         if not lines:
             break

@@ -52,11 +52,14 @@ PREVIOUS_DOES = {
     "issuing": "it keeps signing the CRL and OCSP responses of what it issued",
     "ssh-user": "it stays trusted: /v1/ssh/ca lists every key not retired",
     "ssh-host": "it stays trusted: /v1/ssh/ca lists every key not retired",
-    "audit": "it signs every checkpoint beside the new key, so verifiers pinned to it "
-             "follow; it can be retired once the new key has signed a checkpoint of every "
-             "log: each node's at its next checkpoint (a node not running, when a node of "
-             "its name starts), and on a cluster the init log's at the next `hsmca key "
-             "rotate-root`",
+    "audit": "it signs every checkpoint beside the new key, so verifiers pinned to it follow",
+}
+# When a previous key may be retired, where that is not at once.
+RETIRE_WHEN = {
+    "audit": "It can be retired once the new key has signed a checkpoint of every log: the "
+             "daemon's (or each node's) at its next checkpoint, a node not running when a "
+             "node of its name starts, and on a cluster the init log's at the next `hsmca "
+             "key rotate-root`.",
 }
 
 
@@ -95,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
             return 0
         staged = " (staged before)" if out.get("staged") else ""
         print(f"rotated {out['kind']}: {out['label']} is active{staged}, {out['previous']} is "
-              f"previous ({PREVIOUS_DOES[out['kind']]} until you retire it)")
+              f"previous ({PREVIOUS_DOES[out['kind']]} until you retire it)"
+              + (f". {RETIRE_WHEN[out['kind']]}" if out["kind"] in RETIRE_WHEN else ""))
         return 0
     if action == "retire":
         if not args.yes:

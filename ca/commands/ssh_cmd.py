@@ -429,7 +429,7 @@ def known_hosts(args: argparse.Namespace) -> int:
     for changed in _write_if_changed(files):
         # ssh_config's paths as absolute ones: ssh runs from anywhere (an SSH trial got
         # the relative path it had typed)
-        where = Path(changed).resolve()
+        where = Path(changed).absolute()
         print(f"wrote {changed}; ssh reads it with " + (
             f"GlobalKnownHostsFile /etc/ssh/ssh_known_hosts {where}"
             if changed == str(args.out) else f"RevokedHostKeys {where}"), file=sys.stderr)

@@ -283,6 +283,10 @@ async def ssh_certificates(request: web.Request) -> web.Response:
     page = _page(request)
     found, error, status = await _listed(request, "/v1/inventory/ssh-certificates", query,
                                          page)
+    if found and query.get("owner") and any(r.get("owner_serial") != query["owner"]
+                                            for r in found["certificates"]):
+        found, error = None, ("the daemon does not search SSH certificates by the certificate "
+                              "that asked for them (an hsmca older than this view)")
     total = found["total"] if found else 0
     link, sort_link = _list_links("/ssh", query, page)
 
@@ -405,6 +409,8 @@ async def _ssh_asked(ui: UI, serial: str) -> tuple[int, int] | None:
                         limit=1)))
     if every is None or revoked is None:
         return None
+    if any(r.get("owner_serial") != serial for r in every["certificates"]):
+        return None  # a daemon older than owner=, which listed every SSH certificate
     return every["total"], revoked["total"]
 
 

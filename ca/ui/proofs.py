@@ -23,13 +23,14 @@ carries a `contradiction`, and the page turns the verdict red for good.
 from __future__ import annotations
 
 import datetime as dt
-import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from ca.audit import timeline
 from ca.audit.line import chain_hash
 from ca.audit.merkle import TreeHead, leaf_hash, verify_inclusion
+from ca.audit.timeline import parse, time_of
 from ca.client import ClientError
 from ca.ui.ca_api import CA
 
@@ -70,14 +71,6 @@ class Proof:
     ok: bool
     problem: str | None = None
     contradicts: bool = False  # the daemon answered, and its answer is not the verified log
-
-
-def parse(raw: bytes) -> dict[str, Any] | None:
-    try:
-        obj = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None
-    return obj if isinstance(obj, dict) else None
 
 
 async def prove(ca: CA, tree: TreeHead | None, seq: int, raw: bytes) -> Proof | None:
@@ -191,17 +184,6 @@ async def find_intent(ca: CA, outcome: Line, reach: int = 4000) -> tuple[int, by
     return None
 
 
-def time_of(obj: dict[str, Any] | None) -> dt.datetime | None:
-    """When a parsed line says it was written, if it says so readably."""
-    ts = obj.get("ts") if obj is not None else None
-    if not isinstance(ts, str):
-        return None
-    try:
-        return dt.datetime.fromisoformat(ts.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-
-
 def line_time(line: Line) -> dt.datetime | None:
     return time_of(line.obj)
 
@@ -230,18 +212,11 @@ async def log_end(ca: CA, tree: TreeHead | None) -> int:
 
 
 async def first_after(ca: CA, end: int, moment: dt.datetime) -> int:
-    """The first seq whose ts is after `moment` (end if none), by bisection: the lines'
-    times do not go backwards (one writer), so a time is a place in the log."""
-    lo, hi = 0, end
-    while lo < hi:
-        mid = (lo + hi) // 2
-        got = await ca.entries(mid, 1)
-        ts = time_of(parse(got[0])) if got else None
-        if ts is not None and ts <= moment:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
+    """The first seq whose ts is after `moment` (end if none): ca.audit.timeline."""
+    async def line(seq: int) -> bytes | None:
+        got = await ca.entries(seq, 1)
+        return got[0] if got else None
+    return await timeline.first_after(line, end, moment)
 
 
 # A revocation's line is written as its time is taken, then committed: it is found
