@@ -66,22 +66,32 @@ class PostgresServer:
         self._run(self.bin / "pg_ctl", "-D", self.data, "-m", "fast", "-w", "-t", "60",
                   "stop")
 
-    def _processes(self) -> list[int]:
-        """The postmaster and every process it started (its backends)."""
-        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
-        children = subprocess.run(["pgrep", "-P", str(postmaster)], capture_output=True,
-                                  text=True, timeout=60).stdout.split()
-        return [postmaster, *map(int, children)]
+    def _postmaster(self) -> int:
+        return int((self.data / "postmaster.pid").read_text().split()[0])
+
+    def _backends(self) -> list[int]:
+        return [int(pid) for pid in subprocess.run(
+            ["pgrep", "-P", str(self._postmaster())], capture_output=True, text=True,
+            timeout=60).stdout.split()]
 
     def freeze(self) -> None:
         """Stop the server answering without refusing anything (SIGSTOP): as a frozen
-        host, or a failover whose old primary vanished, does. thaw() ends it."""
-        for pid in self._processes():
-            os.kill(pid, signal.SIGSTOP)
+        host, or a failover whose old primary vanished, does. thaw() ends it; call it
+        in a `finally` that covers this call too. The postmaster first: it starts no
+        backend after that, so every one is listed."""
+        self._signal([self._postmaster()], signal.SIGSTOP)
+        self._signal(self._backends(), signal.SIGSTOP)
 
     def thaw(self) -> None:
-        for pid in self._processes():
-            os.kill(pid, signal.SIGCONT)
+        self._signal([self._postmaster(), *self._backends()], signal.SIGCONT)
+
+    @staticmethod
+    def _signal(pids: list[int], sig: signal.Signals) -> None:
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:  # a backend that ended meanwhile
+                pass
 
     def psql(self, sql: str, db: str = "postgres") -> str:
         proc = subprocess.run([str(self.bin / "psql"), "-h", "127.0.0.1", "-p",

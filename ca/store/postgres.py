@@ -97,12 +97,16 @@ AUDIT_LOCK_CLASS = 0x6873_6D63  # "hsmc"
 CONNECT_TIMEOUT_S = 3  # a node answers 503 quickly rather than hang on a dead server
 RECONNECT_TIMEOUT_S = 5.0
 RETRY_S = 1.0  # once the pool could not connect, how often a call tries it again
-# How long a call may wait for PostgreSQL's answer. A server that stops answering
-# without refusing (a frozen host, a failover whose old primary vanished) fails
-# nothing: its kernel still accepts, acknowledges and answers keepalives, so neither
-# libpq nor the server's own timeouts end the wait, and a trial's requests hung for
-# the whole outage (28 s, 71 s, minutes). Given up after this, the call is refused as
-# when the server is down, and so are the next ones until one gets through.
+# How long a request's point read or write (a certificate by serial or fingerprint, a
+# new certificate's row) may wait for PostgreSQL's answer. A server that stops
+# answering without refusing (a frozen host, a failover whose old primary vanished)
+# fails nothing: its kernel still accepts, acknowledges and answers keepalives, so
+# neither libpq nor the server's own timeouts end the wait, and a trial's requests hung
+# for the whole outage (28 s, 71 s, minutes). Given up after this, the call is refused
+# as when the server is down, and so are the next ones until one gets through. Only
+# those calls (`bounded`): one row by its key never takes this long from a server that
+# answers, where a revocation of thousands, a CRL's read or the refresher's backlog
+# may, and must not fail for it (a review of a first draft that bounded every call).
 ANSWER_TIMEOUT_S = 10.0
 POLL_S = 0.25  # the fallback poll of the change counters (NOTIFY is the fast path)
 
@@ -244,17 +248,15 @@ class PostgresStore:
     # ---- the store's own loop -------------------------------------------------------------
 
     def _spawn(self, coro: Coroutine[Any, Any, T], *, own: bool = False,
-               bounded: bool = True) -> cf.Future[T]:
+               bounded: bool = False) -> cf.Future[T]:
         return asyncio.run_coroutine_threadsafe(
             self._guard(coro, own, self.answer_timeout_s if bounded else None), self._loop)
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
-        """`coro` run from a thread with no loop, unbounded: the start (migrations, the
-        log's lines brought back) and the admin's long copies take what they take."""
-        return self._spawn(coro, bounded=False).result()
+        return self._spawn(coro).result()
 
     async def _run(self, coro: Coroutine[Any, Any, T], *, own: bool = False,
-                   bounded: bool = True) -> T:
+                   bounded: bool = False) -> T:
         return await asyncio.wrap_future(self._spawn(coro, own=own, bounded=bounded))
 
     async def _guard(self, coro: Coroutine[Any, Any, T], own: bool = False,
@@ -407,14 +409,15 @@ class PostgresStore:
         if not self._loop.is_running():
             self._loop.close()
 
-    async def _rows(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    async def _rows(self, sql: str, args: Sequence[Any] = (), bounded: bool = False
+                    ) -> list[tuple[Any, ...]]:
         async def read() -> list[tuple[Any, ...]]:
             async with self.pool.connection() as conn:
                 cur = await conn.execute(sql, args)
                 return await cur.fetchall()
-        return await self._run(read())
+        return await self._run(read(), bounded=bounded)
 
-    async def _tx(self, fn: Callable[[Conn], Awaitable[T]], bounded: bool = True) -> T:
+    async def _tx(self, fn: Callable[[Conn], Awaitable[T]], bounded: bool = False) -> T:
         """`fn(conn)` in one transaction, committed before this returns; _Undo rolls it
         back and returns its value. `bounded`: within the answer timeout."""
         async def run() -> T:
@@ -426,12 +429,13 @@ class PostgresStore:
                     return undo.value  # type: ignore[return-value]
         return await self._run(run(), bounded=bounded)
 
-    def _tx_future(self, fn: Callable[[Conn], Awaitable[T]]) -> cf.Future[T]:
+    def _tx_future(self, fn: Callable[[Conn], Awaitable[T]], bounded: bool = False
+                   ) -> cf.Future[T]:
         """`_tx` for a caller on any thread (the signing thread)."""
         async def run() -> T:
             async with self.pool.connection() as conn, conn.transaction():
                 return await fn(conn)
-        return self._spawn(run())
+        return self._spawn(run(), bounded=bounded)
 
     # ---- tokens -------------------------------------------------------------------------
 
@@ -531,17 +535,17 @@ class PostgresStore:
                 # Still `processing`: valid once released (release_acme_order).
                 await db.execute("UPDATE acme_orders SET cert_serial = %s, error = NULL "
                                  "WHERE id = %s", (serial, cert.acme_order))
-        return self._tx_future(insert)
+        return self._tx_future(insert, bounded=True)  # a request waits on it
 
     async def cert(self, serial: int) -> CertRecord | None:
         rows = await self._rows(f"SELECT {_CERT_COLS} FROM certs WHERE serial = %s",
-                                (format(serial, "x"),))
+                                (format(serial, "x"),), bounded=True)
         return _cert(rows[0]) if rows else None
 
     async def cert_by_fingerprint(self, fingerprint: str) -> CertRecord | None:
         # With its ACME order: a certificate issued over ACME is renewed over ACME only.
         rows = await self._rows(f"SELECT {_READ_COLS} FROM {_READ_FROM} WHERE "
-                                "c.fingerprint = %s", (fingerprint,))
+                                "c.fingerprint = %s", (fingerprint,), bounded=True)
         return _read_cert(rows[0]) if rows else None
 
     async def revoked_certs(self) -> list[tuple[int, dt.datetime, str | None, str | None]]:
@@ -640,7 +644,7 @@ class PostgresStore:
 
     async def issued_cert(self, serial: int) -> IssuedCert | None:
         rows = await self._rows(f"SELECT {_READ_COLS}, c.der FROM {_READ_FROM} WHERE "
-                                "c.serial = %s", (format(serial, "x"),))
+                                "c.serial = %s", (format(serial, "x"),), bounded=True)
         return IssuedCert(_read_cert(rows[0]), bytes(rows[0][-1])) if rows else None
 
     async def renewal_family(self, serial: int) -> list[CertRecord]:
@@ -1541,7 +1545,7 @@ class PostgresStore:
                                  "(%s, %s, %s, %s)", (node, checkpoint[0], checkpoint[1],
                                                       dt.datetime.now(dt.UTC).isoformat()))
             return counts
-        return self._call(self._tx(put, bounded=False))  # a whole CA's copy
+        return self._call(self._tx(put))
 
 
 class Lease:
