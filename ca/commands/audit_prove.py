@@ -281,7 +281,13 @@ async def _prove_ssh(args: argparse.Namespace, ctx: Any, pinned: Any, serial: in
     if rec is None:
         raise CLIError(f"the CA's inventory has no SSH certificate {serial} (`hsmca ssh "
                        "list` lists them)")
-    at = dt.datetime.fromisoformat(rec["issued_at"])
+    try:
+        at = dt.datetime.fromisoformat(rec["issued_at"])
+    except (TypeError, ValueError):
+        raise CLIError(f"the inventory keeps no issue time for SSH certificate {serial}, by "
+                       "which its line is found: `hsmca audit verify` covers it with the "
+                       "whole log") from None
+    at = at if at.tzinfo is not None else at.replace(tzinfo=dt.UTC)
     try:
         logs = await list_logs(args.url, ctx)
     except ClientError as exc:
