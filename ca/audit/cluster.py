@@ -201,6 +201,7 @@ def commit_group(store: PostgresStore, node: str, first_seq: int, lines: list[by
         store.append_audit(node, first_seq, lines, abandoned, COMMIT_TIMEOUT_S
                            ).result(timeout=COMMIT_TIMEOUT_S)
     except StoreUnavailable as exc:
+        abandoned.set()  # the store gave up on it (its answer timeout): as the wait below
         raise NotCommitted(errno.EIO, str(exc)) from None
     except AuditLinesMissing as exc:
         # Nothing more can be signed until an operator looks: every group would find the

@@ -1386,7 +1386,10 @@ class PostgresStore:
                                       "(%s, %s, %s)",
                                       [(node, first_seq + i, line)
                                        for i, line in enumerate(lines)])
-        return self._tx_future(put)
+        # Bounded as a request's own calls are: the committer gives up after as long
+        # (COMMIT_TIMEOUT_S), and the store refusing the next groups at once spares each
+        # a wait of its own (one after the other, a frozen server held requests 30 s).
+        return self._tx_future(put, bounded=True)
 
     def put_audit_tiles(self, node: str, tiles: Sequence[Tile], bundles: int
                         ) -> cf.Future[None]:
