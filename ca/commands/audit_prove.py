@@ -86,8 +86,7 @@ def _ssh_which(args: argparse.Namespace) -> tuple[int, str | None] | None:
     if args.cert_file is None or not _is_ssh_cert(args.cert_file):
         return None
     cert = _ssh_cert(args.cert_file)  # (its errors say what is wrong with the file)
-    fields = args.cert_file.read_text("utf-8", errors="replace").split()
-    return cert.serial, hashlib.sha256(f"{fields[0]} {fields[1]}".encode()).hexdigest()
+    return cert.serial, hashlib.sha256(cert.public_bytes()).hexdigest()  # `TYPE BASE64`
 
 
 def _which(args: argparse.Namespace) -> tuple[str, bytes | None]:
