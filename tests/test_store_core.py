@@ -192,6 +192,36 @@ def test_a_revocation_s_reason_becomes_keycompromise_and_keeps_its_time(store: S
     assert run(store.revoke_certs([0xc], later, "keyCompromise")).serials == ()
 
 
+def test_one_revocation_of_many_revokes_each_once_in_the_order_asked(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    # PostgreSQL revokes in chunks of set statements; small chunks here, so that a
+    # serial's fate must not depend on which chunk it fell in
+    monkeypatch.setattr("ca.store.postgres._REVOKE_CHUNK", 2)
+    for serial in range(0x20, 0x27):
+        store.add_cert(cert(serial)).result(timeout=10)
+        store.add_ssh_cert(NewSSHCert(
+            serial=serial, key_id=f"k{serial}", cert_type="user", key_sha256=f"k{serial}",
+            public_key="ssh-ed25519 AAAA", principals=("a",), valid_after=0,
+            valid_before=2**40, owner_serial=format(serial, "x"), issued_at=NOW.isoformat(),
+            issuer="ssh-user-ca")).result(timeout=10)
+    run(store.revoke_certs([0x22], NOW, "superseded"))
+    run(store.revoke_certs([0x25], NOW, "keyCompromise"))
+    asked = [0x26, 0x21, 0x99, 0x22, 0x25, 0x21, 0x20, 0x24]  # unknown, twice, revoked
+    done = run(store.revoke_certs(asked, LATER_DT, "keyCompromise"))
+    # 0x22 takes the reason (keeping its time); 0x25 had it; 0x99 is no certificate;
+    # the SSH certificates of those revoked before went with them then
+    assert done.serials == (0x26, 0x21, 0x22, 0x20, 0x24) and done.ssh_certs == 4
+    assert {s: (at, r) for s, at, r, _ in run(store.revoked_certs())} == {
+        0x20: (LATER_DT, "keyCompromise"), 0x21: (LATER_DT, "keyCompromise"),
+        0x22: (NOW, "keyCompromise"), 0x24: (LATER_DT, "keyCompromise"),
+        0x25: (NOW, "keyCompromise"), 0x26: (LATER_DT, "keyCompromise")}
+    assert run(store.lineage(0x23, NOW)) == [0x23]  # not asked, still live
+    assert sorted(s for _, s, _ in run(store.revoked_ssh_certs())) == [
+        0x20, 0x21, 0x22, 0x24, 0x25, 0x26]
+    assert run(store.revoke_certs(asked, LATER_DT, "keyCompromise")) == (
+        run(store.revoke_certs([], LATER_DT, "keyCompromise")))  # nothing left to do
+
+
 def test_crl_numbers_only_grow_and_the_latest_crl_is_served(store: Store) -> None:
     numbers = [run(store.next_crl_number()) for _ in range(3)]
     assert numbers == sorted(set(numbers)) and numbers[0] >= 1
@@ -288,6 +318,21 @@ def test_a_database_newer_than_the_code_is_refused_in_one_line(postgres_server: 
         PostgresStore(url)
     assert "\n" not in str(info.value)
 
+
+
+def test_every_node_s_log_is_listed_with_its_size_and_latest_checkpoint(
+        postgres_server: Any) -> None:
+    from ca.store.postgres import PostgresStore
+    store = PostgresStore(postgres_server.new_database())
+    try:
+        assert run(store.audit_logs()) == []
+        for node, lines in (("n2", 1), ("n1", 3), ("n10", 2)):
+            store.append_audit(node, 0, [b"x"] * lines).result(timeout=60)
+        run(store.put_audit_checkpoint("n1", 3, "note of n1", NOW))
+        assert run(store.audit_logs()) == [("n1", 3, "note of n1"), ("n10", 2, None),
+                                           ("n2", 1, None)]
+    finally:
+        store.close()
 
 
 def test_an_audit_group_its_node_gave_up_on_writes_nothing_when_it_comes(

@@ -108,6 +108,8 @@ RETRY_S = 1.0  # once the pool could not connect, how often a call tries it agai
 # answers, where a revocation of thousands, a CRL's read or the refresher's backlog
 # may, and must not fail for it (a review of a first draft that bounded every call).
 ANSWER_TIMEOUT_S = 10.0
+# Serials per statement in revoke_certs: one array parameter, well under any limit.
+_REVOKE_CHUNK = 2000
 POLL_S = 0.25  # the fallback poll of the change counters (NOTIFY is the fast path)
 
 
@@ -587,31 +589,36 @@ class PostgresStore:
         hexes = [format(s, "x") for s in serials]
 
         async def mark(db: Conn) -> Revoked:
-            done: list[int] = []
+            # Set statements over chunks, not three round trips per serial: a revocation
+            # of thousands (`revoke --identity`, a keyCompromise sweep) took seconds.
+            done: set[str] = set()
             ssh = 0
-            for h in hexes:
+            for i in range(0, len(hexes), _REVOKE_CHUNK):
+                chunk = hexes[i:i + _REVOKE_CHUNK]
                 cur = await db.execute("UPDATE certs SET revoked_at = %s, reason = %s WHERE "
-                                       "serial = %s AND revoked_at IS NULL RETURNING serial",
-                                       (at.isoformat(), reason, h))
-                row = await cur.fetchone()
-                if row is None and reason == "keyCompromise":  # see Store.revoke_certs
-                    cur = await db.execute("UPDATE certs SET reason = %s WHERE serial = %s AND "
-                                           "revoked_at IS NOT NULL AND reason IS DISTINCT "
-                                           "FROM %s RETURNING serial", (reason, h, reason))
-                    row = await cur.fetchone()
-                if row is not None:
-                    done.append(int(row[0], 16))
+                                       "serial = ANY(%s) AND revoked_at IS NULL "
+                                       "RETURNING serial", (at.isoformat(), reason, chunk))
+                hit = [r[0] for r in await cur.fetchall()]
+                if reason == "keyCompromise":  # see Store.revoke_certs; those just revoked
+                    # carry the reason already, so this touches only earlier revocations
+                    cur = await db.execute("UPDATE certs SET reason = %s WHERE serial = "
+                                           "ANY(%s) AND revoked_at IS NOT NULL AND reason "
+                                           "IS DISTINCT FROM %s RETURNING serial",
+                                           (reason, chunk, reason))
+                    hit += [r[0] for r in await cur.fetchall()]
+                if hit:
+                    done.update(hit)
                     await db.execute("UPDATE ocsp_responses SET refresh_at = '' WHERE "
-                                     "serial = %s", (h,))
+                                     "serial = ANY(%s)", (hit,))
                 cur = await db.execute("UPDATE ssh_certs SET revoked_at = %s WHERE "
-                                       "owner_serial = %s AND revoked_at IS NULL",
-                                       (at.isoformat(), h))
+                                       "owner_serial = ANY(%s) AND revoked_at IS NULL",
+                                       (at.isoformat(), chunk))
                 ssh += cur.rowcount
             if done:
                 await _changed(db, "revocations")
             if ssh:
                 await _changed(db, "ssh_revocations")
-            return Revoked(tuple(done), ssh)
+            return Revoked(tuple(int(h, 16) for h in dict.fromkeys(hexes) if h in done), ssh)
         return await self._tx(mark)
 
     # ---- reading the inventory ------------------------------------------------------------
@@ -1482,10 +1489,15 @@ class PostgresStore:
 
     async def audit_logs(self) -> list[tuple[str, int, str | None]]:
         """Every node's log: (node, lines held, its latest checkpoint)."""
+        # The nodes one by one through the primary key (a loose index scan), and each
+        # one's last line by it too: a GROUP BY read every line (2.8 s at 10 million).
         rows = await self._rows(
-            "SELECT n.node, n.size, c.note FROM (SELECT node, MAX(seq) + 1 AS size FROM "
-            "audit_lines GROUP BY node) n LEFT JOIN audit_checkpoints c ON c.node = n.node "
-            "ORDER BY n.node")
+            "WITH RECURSIVE n(node) AS (SELECT MIN(node) FROM audit_lines UNION ALL "
+            "SELECT (SELECT MIN(a.node) FROM audit_lines a WHERE a.node > n.node) FROM n "
+            "WHERE n.node IS NOT NULL) "
+            "SELECT n.node, (SELECT MAX(a.seq) + 1 FROM audit_lines a WHERE a.node = n.node), "
+            "c.note FROM n LEFT JOIN audit_checkpoints c ON c.node = n.node "
+            "WHERE n.node IS NOT NULL ORDER BY n.node")
         return [(r[0], int(r[1]), r[2]) for r in rows]
 
     async def audit_checkpoint(self, node: str) -> str | None:
