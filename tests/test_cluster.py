@@ -12,6 +12,8 @@ import asyncio
 import base64
 import hashlib
 import json
+import re
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -442,6 +444,46 @@ def test_a_second_node_of_the_same_name_is_refused_in_one_line(cluster: Cluster)
     status, _, _ = asyncio.run(call("GET", f"{cluster.nodes['node-1'].url}/health",
                                     cluster.nodes["node-1"].ssl()))
     assert status == 200
+
+
+def test_a_node_whose_policy_differs_is_named_in_every_nodes_health_and_log(
+        cluster: Cluster) -> None:
+    """Each node reads [policy] from its own hsmca.toml: a `deny` reloaded on one host
+    only off-boarded a service on that node alone, and no node said so (a cluster
+    trial). Now the node reloaded logs which nodes differ, and every node's /health
+    names them, until the nodes agree (a difference is said, not an outage: 200)."""
+    from tests.conftest import start_daemon
+    from tests.test_policy_e2e import set_policy
+    own = cluster.state / "node-p.toml"
+    own.write_bytes((cluster.state / "hsmca.toml").read_bytes())
+    own.chmod(0o600)
+    first = cluster.nodes["node-1"]
+
+    def health() -> dict[str, Any]:
+        status, _, raw = asyncio.run(call("GET", f"{first.url}/health", first.ssl()))
+        assert status == 200, raw
+        return json.loads(raw)
+    assert re.fullmatch(r"the same on \d running nodes", health()["policy"])
+    node = start_daemon(cluster.state, "--node", "node-p", "--config", str(own))
+    try:
+        set_policy(own, "deny", '["gone.example"]')
+        node.proc.send_signal(signal.SIGHUP)
+        assert node.wait_stderr(lambda: any("differs from other running nodes" in x
+                                            for x in node.stderr)), "".join(node.stderr)
+        assert '"node-1": "deny"' in "".join(node.stderr)
+        said = health()["policy"]
+        assert said.startswith("differs from node node-p in deny: give every node's "
+                               "hsmca.toml the same [policy]"), said
+        set_policy(own, "deny", "[]")  # put right, and said so at the reload
+        said_before = len(node.stderr)
+        node.proc.send_signal(signal.SIGHUP)
+        assert node.wait_stderr(lambda: any("the same on every running node" in x
+                                            for x in node.stderr[said_before:])), \
+            "".join(node.stderr)
+        assert health()["policy"].startswith("the same on ")
+    finally:
+        node.stop()
+    assert "node-p" not in health()["policy"]  # a stopped node is not compared
 
 
 def test_a_node_whose_port_is_taken_says_so_in_one_line_and_nothing_else(

@@ -68,6 +68,7 @@ from ca.revocation.from_log import complete_from_log
 from ca.revocation.ocsp import OCSPRefresher, OCSPSigner
 from ca.server_cert import ensure_server_cert
 from ca.store import Store, open_store
+from ca.store.errors import StoreUnavailable
 from ca.store.sqlite import SQLiteStore, damaged_error
 from ca.subject import spki_sha256
 from hsm.session import KeyInfo, describe_source
@@ -483,8 +484,12 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
     policies = control.PolicyFeed(config.policy)
     reloads: set[asyncio.Task[Any]] = set()  # held until done
 
+    async def reload_and_compare() -> None:
+        await reload_policy(config, policies, audit)
+        await _compare_policy(config, store, policies)  # changed or not: said again
+
     def reload() -> None:
-        task = loop.create_task(reload_policy(config, policies, audit))
+        task = loop.create_task(reload_and_compare())
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
@@ -535,6 +540,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
             # A revocation or key change committed by any node reaches this node's
             # processes: NOTIFY at once, a poll if a notification is lost.
             store.watch_changes(_on_change(config, store, generations, keys))
+            await _compare_policy(config, store, policies)
         issuance = Issuance(pipeline, store, keys, None, config.node)
         await ensure_server_cert(config, issuance)
         await _revoke_live_certs_of_compromised_keys(issuance, store, audit, generations,
@@ -946,6 +952,20 @@ async def _keep_node_name(name: Lease, store: PostgresStore) -> None:
             name.lost = (f"another process took this node's name ({name.name}) while "
                          "PostgreSQL was away; nothing is written or signed until it is back")
             log.error("another process holds this node's name", node=name.name)
+
+
+async def _compare_policy(config: Config, store: Store | None,
+                          policies: control.PolicyFeed) -> None:
+    """Cluster mode: record the [policy] in force and say whether the other running
+    nodes have the same (ca/cluster_policy.py)."""
+    if not _cluster(store) or config.node is None:
+        return
+    from ca import cluster_policy
+    try:
+        await cluster_policy.publish(store, config.node, policies.current)
+    except StoreUnavailable as exc:  # said at the next start or reload
+        log.warning("cannot compare this node's [policy] with the other nodes'",
+                    error=str(exc))
 
 
 async def _resume_log(audit: AuditLog) -> None:

@@ -16,6 +16,7 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from ca import cluster_policy
 from ca.config import AcmeConfig
 from ca.generations import Generations
 from ca.issuance.issue import Issuance
@@ -157,6 +158,18 @@ async def store_state(store: Store, generations: Generations) -> str:
     return "ok" if store.healthy else f"unavailable: {store.problem or 'not answering'}"
 
 
+async def policy_state(store: Store, node: str | None) -> str | None:
+    """Cluster mode: whether the running nodes have the same [policy] in force
+    (ca/cluster_policy.py); None on one node, or when the inventory cannot say."""
+    if node is None:
+        return None
+    try:
+        running = await asyncio.wait_for(store.running_node_policies(), timeout=2.0)
+    except (StoreUnavailable, TimeoutError):
+        return None  # "store" says why
+    return cluster_policy.describe(node, running) if node in running else None
+
+
 def _workers(generations: Generations) -> str | None:
     """How many of the daemon's workers serve: the answering worker speaks for its own
     HSM session only, and one that cannot start (its PIN file gone) left /health at 200
@@ -199,9 +212,10 @@ async def health(request: web.Request) -> web.Response:
     # At once, not one after the other: each may take its 2 s when its part is away, and
     # a load balancer's 5 s health check then saw a timeout instead of the 503 and its
     # reason (a cluster trial, with the database stopped under load: 6 s).
-    _, store, state = await asyncio.gather(ask_hsm(), store_state(request.app[STORE],
-                                                                       request.app[LIFECYCLE].generations),
-                                           audit_state(request.app[AUDIT]))
+    node = request.app[SETTINGS].node
+    _, store, state, policy = await asyncio.gather(
+        ask_hsm(), store_state(request.app[STORE], request.app[LIFECYCLE].generations),
+        audit_state(request.app[AUDIT]), policy_state(request.app[STORE], node))
     audit = "ok" if state["healthy"] else f"unavailable: {state['problem']}"
     parts = {"hsm": "ok" if hsm.healthy else f"unavailable: {hsm.problem or 'busy'}",
              "audit": audit, "store": store}
@@ -214,6 +228,8 @@ async def health(request: web.Request) -> web.Response:
             parts["audit_damaged_log"] = request.app[SETTINGS].node
     if workers := _workers(request.app[LIFECYCLE].generations):
         parts["workers"] = workers
+    if policy is not None:  # said, not judged: each node still decides by a policy
+        parts["policy"] = policy
     return web.json_response({"status": "ok" if ok else "unavailable", **parts},
                              status=200 if ok else 503)
 

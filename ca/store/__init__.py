@@ -251,6 +251,18 @@ class Store(Protocol):
 
     async def set_log_scanned(self, log: str, end: int) -> None: ...
 
+    # ---- several nodes: each one's [policy], compared (ca/cluster_policy.py) ----------
+
+    async def put_node_policy(self, node: str, settings: str) -> None:
+        """Record the [policy] settings `node` has in force (canonical JSON). A single
+        node (SQLite) has no other to compare with, and keeps nothing."""
+        ...
+
+    async def running_node_policies(self) -> dict[str, str]:
+        """The settings each running node recorded, by node: only the nodes whose
+        process holds its name now (a stopped node's are left out). Empty on SQLite."""
+        ...
+
     async def keep_crl_numbers_above(self, number: int) -> None:
         """Make every CRL number handed out from now on larger than `number`."""
         ...

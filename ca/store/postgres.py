@@ -786,6 +786,22 @@ class PostgresStore:
                              "UPDATE SET v = EXCLUDED.v", (f"log_scanned:{log}", str(end)))
         await self._tx(keep)
 
+    async def put_node_policy(self, node: str, settings: str) -> None:
+        async def keep(db: Conn) -> None:
+            await db.execute("INSERT INTO meta (k, v) VALUES (%s, %s) ON CONFLICT (k) DO "
+                             "UPDATE SET v = EXCLUDED.v", (f"policy:{node}", settings))
+        await self._tx(keep)
+
+    async def running_node_policies(self) -> dict[str, str]:
+        # Running: its primary holds the advisory lock of its name's lease (Lease), which
+        # pg_locks shows as the key's two 32-bit halves.
+        rows = await self._rows(
+            "SELECT substr(m.k, 8), m.v FROM meta m WHERE m.k LIKE 'policy:%%' AND EXISTS "
+            "(SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted AND "
+            "l.objsubid = 1 AND ((l.classid::bigint << 32) | l.objid::bigint) = "
+            "hashtextextended('lease:node:' || substr(m.k, 8), 0))")
+        return {r[0]: r[1] for r in rows}
+
     async def keep_crl_numbers_above(self, number: int) -> None:
         async def keep(db: Conn) -> None:
             # nextval until past `number`, never setval: another node's nextval between a

@@ -1135,6 +1135,12 @@ class SQLiteStore:
                        (f"log_scanned:{log}", str(end)))
         await self._write(keep)
 
+    async def put_node_policy(self, node: str, settings: str) -> None:
+        return None  # one node: nothing to compare its policy with
+
+    async def running_node_policies(self) -> dict[str, str]:
+        return {}
+
     async def keep_crl_numbers_above(self, number: int) -> None:
         def keep(db: sqlite3.Connection) -> None:
             row = db.execute("SELECT v FROM meta WHERE k = 'crl_number'").fetchone()

@@ -1,0 +1,84 @@
+"""Several nodes, one policy: each node says which [policy] it has in force, and the
+others compare.
+
+Every node reads `[policy]` from its own copy of hsmca.toml, and a SIGHUP reloads one
+node. A `deny` added to one host's file and reloaded there off-boarded a service on that
+node only: behind a load balancer its renewals went on through the others, and no
+node said a word (a cluster trial). So each node's primary records its settings in
+the inventory at start and at each reload, and says at once whether the running nodes
+agree; /health says it too, for as long as they differ. A difference is not an
+outage (each node still decides by a policy its operator wrote): /health stays 200.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import structlog
+
+from ca.policy import Policy
+from ca.store import Store
+
+log = structlog.get_logger("hsmca.policy")
+
+
+def settings_of(policy: Policy) -> dict[str, Any]:
+    """The policy's settings by their names in the config file. The CA's reserved
+    names are left out: they are each node's own server names."""
+    return {f.name.replace("_", "-"): _plain(getattr(policy, f.name))
+            for f in dataclasses.fields(Policy) if f.name != "reserved"}
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def differences(node: str, running: dict[str, str]) -> dict[str, list[str]]:
+    """For each other running node whose settings differ from `node`'s: the settings
+    that differ (by name), sorted. Empty when they agree, or `node`'s are not known."""
+    if node not in running:
+        return {}
+    own = _read(running[node])
+    apart: dict[str, list[str]] = {}
+    for other, text in sorted(running.items()):
+        theirs = _read(text)
+        if other != node and (names := sorted(k for k in own.keys() | theirs.keys()
+                                              if own.get(k) != theirs.get(k))):
+            apart[other] = names
+    return apart
+
+
+def _read(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def describe(node: str, running: dict[str, str]) -> str:
+    """What /health says: the same on N running nodes, or where they differ and what to
+    do about it."""
+    apart = differences(node, running)
+    if not apart:
+        return f"the same on {len(running)} running node{'s' if len(running) != 1 else ''}"
+    named = "; ".join(f"node {other} in {', '.join(names)}" for other, names in apart.items())
+    return (f"differs from {named}: give every node's hsmca.toml the same [policy] and "
+            "reload each node (SIGHUP)")
+
+
+async def publish(store: Store, node: str, policy: Policy) -> None:
+    """Record `node`'s settings and say whether the running nodes agree: an error log
+    line naming the others that differ, which stays until their [policy] is the same."""
+    await store.put_node_policy(node, json.dumps(settings_of(policy), sort_keys=True))
+    running = await store.running_node_policies()
+    apart = differences(node, running)
+    if apart:
+        log.error("this node's [policy] differs from other running nodes': a request "
+                  "is decided differently by the node that takes it; give every node's "
+                  "hsmca.toml the same [policy] and reload each node (SIGHUP)",
+                  node=node, differs_from={n: ", ".join(k) for n, k in apart.items()})
+    elif len(running) > 1:
+        log.info("[policy] is the same on every running node", running=len(running))
