@@ -315,6 +315,17 @@ def test_an_ssh_serial_is_decimal_as_ssh_keygen_shows_it(bad: str) -> None:
         "number from 1 to 2^64-1" in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
 
 
+@pytest.mark.parametrize(("given", "said"), [
+    ("0s", "'0s' must be more than 0"), ("90", "'90' has no unit"),
+    ("1.5h", "'1.5h' is not a duration like 90s, 15m, 8h, 30d or 1h30m")])
+def test_a_duration_flag_says_what_is_wrong_with_it_in_one_line(given: str, said: str) -> None:
+    """Read as the CA reads a requested lifetime (an SSH trial: `--refresh 0s` was "not a
+    duration", and `--ttl 1h30m` refused while the flags took it)."""
+    proc = hsmca("renew", "--exec-timeout", given, check=False)
+    assert proc.returncode == 2 and said in proc.stderr and proc.stderr.count("\n") <= 2, \
+        proc.stderr
+
+
 def test_a_serial_with_a_digit_too_many_is_said_too_long_not_not_hex() -> None:
     from ca.errors import CLIError
     with pytest.raises(CLIError, match="has 41 hex digits: a certificate serial has at most "

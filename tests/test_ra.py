@@ -302,9 +302,15 @@ def test_lifetime_caps_apply_now() -> None:
                        (600, 'is a number: give a duration as a string with its unit, like '
                         '"600s"'), ("10x", "is not a duration like 90s"),
                        ("0", "'0' has no unit: give a duration more than 0"),
-                       ("90", "'90' has no unit")):
+                       ("90", "'90' has no unit"), ("0h0m", "must be more than 0"),
+                       ("30m1h", "is not a duration like 90s, 15m, 8h, 30d or 1h30m"),
+                       ("1.5h", "is not a duration")):
         refused(ra.decide(context(pol), svc, ra.RenewRequest(ttl=ttl)),  # type: ignore[arg-type]
                 Reason.MALFORMED, words)
+    # Several units, largest first (an SSH trial's `--ttl 1h30m` was refused).
+    order = ra.decide(context(Policy()), svc, ra.RenewRequest(ttl="1h30m"))
+    assert isinstance(order, ra.X509Order) and order.not_after == NOW + dt.timedelta(
+        hours=1, minutes=30)
     # No leaf outlives its issuer.
     long = Policy(x509_max_ttl_s=10 * 365 * 86400)
     order = ra.decide(context(long), svc, ra.RenewRequest(ttl="3000d"))

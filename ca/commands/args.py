@@ -81,12 +81,13 @@ def state_file(text: str) -> Path:
 
 
 def duration(text: str) -> int:
-    """A duration flag like 90s, 5m, 1h or 2d, in seconds."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    t = text.strip()
-    if len(t) < 2 or t[-1] not in units or not is_decimal(t[:-1]) or int(t[:-1]) == 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 5m or 1h")
-    return int(t[:-1]) * units[t[-1]]
+    """A duration flag like 90s, 5m, 1h, 2d or 1h30m, in seconds: read as the CA reads
+    a requested lifetime, with its words when it is no such duration."""
+    from ca.policy import Refused, parse_ttl
+    try:
+        return parse_ttl(text, "")
+    except Refused as exc:
+        raise argparse.ArgumentTypeError(str(exc).strip()) from None
 
 
 def exec_timeout_flag(parser: argparse.ArgumentParser) -> None:
