@@ -231,6 +231,9 @@ class Metrics:
                               "ssh-user, ssh-host, ocsp, crl, checkpoint, ...) and result: "
                               "ok, or why it failed (failures included)",
                               ["kind", "result"], registry=None)
+        self.revoked = Counter("hsmca_revoked", "Certificates revoked, by kind (x509, ssh) "
+                               "and reason (RFC 5280's name; an SSH certificate revoked "
+                               "by itself: unspecified)", ["kind", "reason"], registry=None)
         self.requests = Counter("hsmca_http_requests", "HTTP requests by route and status",
                                 ["route", "status"], registry=None)
         self.latency = Histogram("hsmca_http_request_seconds", "HTTP request latency",

@@ -29,13 +29,20 @@ async def test_metrics_move_when_certificates_are_issued(daemon: Daemon) -> None
     issued_key = ("hsmca_issued_total", (("kind", "x509"), ("result", "ok")))
     for _ in range(3):
         token = await bootstrap_token(daemon, "service", ["metrics.internal.example"])
-        status, _, _ = await http("POST", f"{daemon.url}/v1/x509/enroll", daemon.ssl(),
-                                  body={"csr": csr_pem(["metrics.internal.example"])},
-                                  headers={"Authorization": f"Bearer {token}"})
+        status, _, raw = await http("POST", f"{daemon.url}/v1/x509/enroll", daemon.ssl(),
+                                    body={"csr": csr_pem(["metrics.internal.example"])},
+                                    headers={"Authorization": f"Bearer {token}"})
         assert status == 201
+    # One of them revoked, as a leak is handled: counted by kind and reason
+    status, _, _ = await http("POST", f"{daemon.url}/v1/x509/revoke", daemon.admin_ssl(),
+                              body={"serial": json.loads(raw)["serial"],
+                                    "reason": "keyCompromise"})
+    assert status == 200
     _, _, raw = await http("GET", f"{daemon.url}/metrics", daemon.ssl())
     after = metric_samples(raw.decode())
     assert after[issued_key] - before.get(issued_key, 0) == 3
+    revoked = ("hsmca_revoked_total", (("kind", "x509"), ("reason", "keyCompromise")))
+    assert after[revoked] - before.get(revoked, 0) == 1
     route = ("hsmca_http_request_seconds_count", (("route", "/v1/x509/enroll"),))
     assert after[route] - before.get(route, 0) == 3
     assert after[("hsmca_audit_commit_seconds_count", ())] > before[

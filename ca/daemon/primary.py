@@ -504,7 +504,11 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         # nowhere. Once its session is open: watched before, its hsmca_hsm_up stayed 0,
         # the lowest of all processes' (a docs trial).
         from ca.metrics import Metrics
-        Metrics().watch(pipeline)
+        own_metrics = Metrics()
+        own_metrics.watch(pipeline)
+        from ca.revocation import COUNTED  # its own revocations (at start, unreleased)
+        COUNTED.on_revoked = lambda kind, reason, n: own_metrics.child(
+            own_metrics.revoked, kind, reason).inc(n)
         if store is None:
             store = open_store(config.store_location)
         await seed(config, store, pipeline)

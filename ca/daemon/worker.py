@@ -43,7 +43,7 @@ from ca.listener import Places
 from ca.logs import configure
 from ca.metrics import Metrics
 from ca.process import raise_fd_limit, settle_heap
-from ca.revocation import Revocations
+from ca.revocation import COUNTED, Revocations
 from ca.revocation.unreleased import Unreleased, revoke_unreleased
 from ca.server.app import REFUSALS, TRUST, build_app, build_plain_http_app, tls_context
 from ca.server.common import Gate, Settings
@@ -137,6 +137,8 @@ async def run(config: Config, host: str, port: int, slot: int, sign_channel: soc
         metrics = Metrics()
         metrics.watch(pipeline)
         REFUSALS.on_refused = lambda reason: metrics.child(metrics.tls_refused, reason).inc()
+        COUNTED.on_revoked = lambda kind, reason, n: metrics.child(
+            metrics.revoked, kind, reason).inc(n)
         app = build_app(
             gate=gate, tokens=Tokens(store, link), issuance=issuance, revocations=revocations,
             audit=link, limit=ClusterTokenLimit(store) if config.cluster else control,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -84,6 +84,21 @@ class AuditAppend(Protocol):
     async def append(self, event: str, **fields: Any) -> int: ...
 
 
+class _Counted:
+    """Revocations the inventory took, for the daemon's metrics (hsmca_revoked_total):
+    each process that revokes sets `on_revoked`."""
+
+    def __init__(self) -> None:
+        self.on_revoked: Callable[[str, str, int], None] | None = None  # kind, reason, n
+
+    def add(self, kind: str, reason: str | None, count: int) -> None:
+        if count and self.on_revoked is not None:
+            self.on_revoked(kind, reason or "unspecified", count)
+
+
+COUNTED = _Counted()
+
+
 class Revocations:
     def __init__(self, store: Store, audit: AuditAppend, issuance: Issuance,
                  generations: Generations,
@@ -115,6 +130,13 @@ class Revocations:
                 self.generations.bump(counter)
         keep_trying(self._committing, log, f"{what} recorded in the audit log, committed",
                     attempt, COMMIT_RETRY_S, (StoreUnavailable,))
+
+    async def _revoke_certs(self, serials: Sequence[int], at: dt.datetime,
+                            reason: str | None) -> Reached:
+        done = await self.store.revoke_certs(serials, at, reason)
+        COUNTED.add("x509", reason, len(done.serials))
+        COUNTED.add("ssh", reason, done.ssh_certs)  # issued on the strength of those
+        return done
 
     async def _load(self) -> Revoked:
         return {serial: (at, reason, issuer)
@@ -179,10 +201,10 @@ class Revocations:
         # The record first: a revocation the log does not show never happened.
         seq = await self._record(order, targets, request_id)
         try:
-            done = await self.store.revoke_certs(targets, now, order.reason)
+            done = await self._revoke_certs(targets, now, order.reason)
         except StoreUnavailable as exc:
             async def commit() -> None:
-                late = await self.store.revoke_certs(targets, now, order.reason)
+                late = await self._revoke_certs(targets, now, order.reason)
                 late = await self._sweep(order, roots, late, now, None)
                 await self._revoke_renewed_since(order, roots, list(late.serials), now)
             self._commit_later("revocation", commit, ("revocations", "ssh_revocations"))
@@ -297,7 +319,7 @@ class Revocations:
                 seen.update(new)
                 if new:
                     await self._record(order, new, request_id, swept=True)
-            again = await self.store.revoke_certs([*sorted(serials), *new], now, order.reason)
+            again = await self._revoke_certs([*sorted(serials), *new], now, order.reason)
             if again.serials:
                 self.generations.bump("revocations")
             if again.ssh_certs:
@@ -329,7 +351,7 @@ class Revocations:
                     grew = True
         if new:
             await self._record(order, sorted(new), None, swept=True)
-            await self.store.revoke_certs(sorted(new), at, order.reason)
+            await self._revoke_certs(sorted(new), at, order.reason)
 
     async def settle(self, parent_hex: str, request_id: str | None, *,
                      child: int | None = None, ssh_serial: int | None = None) -> None:
@@ -519,6 +541,7 @@ class Revocations:
         at = prof.utcnow()
         try:
             hit = await self.store.revoke_ssh(which, at, key.line if key else None)
+            COUNTED.add("ssh", None, hit)
         except StoreUnavailable as exc:
             self._commit_later("SSH revocation", lambda: self.store.revoke_ssh(
                 which, at, key.line if key else None), ("ssh_revocations",))
