@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
+from ca.chains import presented
 from ca.commands.args import check_url
 from ca.config import CA_SERVER_NAME
 from ca.fileutil import copy_new
@@ -923,18 +924,24 @@ async def enroll(url: str, token: str, names: list[str], out: Path, ca: Path | N
                 # enrollment if the request never arrived.
                 if retry or not exc.unanswered:
                     raise
-        # cert.pem holds the leaf and its issuing CA: what a TLS server or client sends,
-        # so that a relying party needs only the root, and keeps working when the
-        # issuing key is rotated (a leaf alone failed at every relying party that pinned
-        # the old issuing certificate; a service team's trial). Renewals keep the shape.
-        issuing = x509.load_pem_x509_certificates(issued["chain"].encode())[0]
+        # cert.pem holds the leaf and the CA certificates above it but the root: what a
+        # TLS server or client sends, so that a relying party needs only the root, and
+        # keeps working when the issuing key is rotated (a leaf alone failed at every
+        # relying party that pinned the old issuing certificate; a service team's
+        # trial). Renewals keep the shape.
+        presented = issued["certificate"] + intermediates(issued["chain"])
     except BaseException:
         target.abort()
         raise
-    target.commit({"key.pem": key_pem(key), "cert.pem": issued["certificate"]
-                   + issuing.public_bytes(serialization.Encoding.PEM).decode(),
+    target.commit({"key.pem": key_pem(key), "cert.pem": presented,
                    "chain.pem": issued["chain"]})
     return issued
+
+
+def intermediates(chain_pem: str) -> str:
+    """The CA's chain as PEM without its self-signed root (ca/chains.py)."""
+    return "".join(c.public_bytes(serialization.Encoding.PEM).decode()
+                   for c in presented(x509.load_pem_x509_certificates(chain_pem.encode())))
 
 
 def _names(cert: x509.Certificate) -> list[str]:
@@ -1008,9 +1015,9 @@ async def _renew(url: str, cert: Path, key: Path, ca: Path | None, rekey: bool,
     except BaseException:
         files.abort()
         raise
-    chain = x509.load_pem_x509_certificates(issued["chain"].encode())
-    leaf = issued["certificate"] + "".join(  # as many CA certificates as it held before
-        c.public_bytes(serialization.Encoding.PEM).decode() for c in chain[:len(held) - 1])
+    # The leaf alone if that is what it held; with the CA certificates it needs to be
+    # accepted if it held any (after a root rotation: one more, for a while).
+    leaf = issued["certificate"] + (intermediates(issued["chain"]) if len(held) > 1 else "")
     data: dict[Path, bytes | str] = {cert.parent / "chain.pem": issued["chain"]}
     if combined:
         data[cert] = leaf + (key_pem(new).decode() if new is not None else _key_block(key))

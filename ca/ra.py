@@ -76,6 +76,10 @@ class Directory(Protocol):
         says `issuer` issued (None: the first issuing key); None once it is retired."""
         ...
 
+    def crl_labels(self) -> list[str]:
+        """The labels of every CRL the CA signs now."""
+        ...
+
     @property
     def root(self) -> x509.Certificate: ...
 
@@ -88,6 +92,7 @@ class NoIssuers:
         raise Refused("the CA has no issuers yet", Reason.CONFLICT)
 
     x509_issuer = x509_not_after = ssh_issuer = root_issuer = x509_signs_for = _none
+    crl_labels = _none
 
     @property
     def root(self) -> x509.Certificate:
@@ -949,9 +954,10 @@ def _crl(ctx: Context, who: Requester, req: CRLRequest) -> CRLOrder:
     if not isinstance(who, Local):
         raise Refused("CRLs are signed by the CA itself", Reason.WRONG_ROLE)
     issuer = req.issuer or ctx.issuers.x509_issuer()
-    # An issuing CA that still signs, for what it issued; or the root, for the CA
-    # certificates it issued (an empty list: issuing CAs end by retiring).
-    if issuer != ctx.issuers.root_issuer() and ctx.issuers.x509_signs_for(issuer) != issuer:
+    # An issuing CA that still signs, for what it issued; or a root (the previous one
+    # too, while it hands over), for the CA certificates it issued (an empty list:
+    # issuing CAs end by retiring).
+    if issuer not in ctx.issuers.crl_labels():
         raise Refused(f"no CRL of an issuer {issuer!r}: it signs nothing now",
                       Reason.NOT_FOUND)
     return CRLOrder(issuer, ctx.now, ctx.now + CRL_VALIDITY, who.actor)

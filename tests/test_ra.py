@@ -41,6 +41,10 @@ class Directory:
         return {None: "issuing-ca", "issuing-ca": "issuing-ca",
                 "issuing-ca-1": "issuing-ca-1"}.get(issuer)
 
+    def crl_labels(self) -> list[str]:
+        return ["issuing-ca", "issuing-ca-1", "root-ca",
+                *([self.previous_root] if self.previous_root else [])]
+
 
 def context(policy: Policy | None = None, revoked_keys: frozenset[str] = frozenset()
             ) -> ra.Context:

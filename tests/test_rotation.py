@@ -56,9 +56,13 @@ def token_labels(ca_state: Path, token: Any) -> list[str]:
     return re.findall(r"label:\s+(\S+)", out)
 
 
-def openssl_verify(root: Path, untrusted: Path, leaf: Path, *more: Path) -> bool:
-    """`openssl verify` with `untrusted` and each of `more` as -untrusted files."""
+def openssl_verify(root: Path, untrusted: Path, leaf: Path, *more: Path,
+                   crls: Path | None = None) -> bool:
+    """`openssl verify` with `untrusted` and each of `more` as -untrusted files; with
+    `crls`, every link of the chain checked against those CRLs."""
     extra = [arg for path in more for arg in ("-untrusted", path)]
+    if crls is not None:
+        extra += ["-crl_check_all", "-CRLfile", crls]
     return subprocess.run([require("openssl"), "verify", "-CAfile", root, "-untrusted",
                            untrusted, *extra, leaf], capture_output=True,
                           text=True).returncode == 0
@@ -477,6 +481,21 @@ async def test_rotate_the_root_offline_and_relying_parties_of_either_root_follow
         assert aki(load(new_cert)) != aki(load(old_cert))  # from the new issuing key
         assert openssl_verify(old_root, chain, new_cert)
         assert openssl_verify(ca.state / "x509/root.pem", chain, new_cert)
+        # cert.pem alone, as a service presents it in mutual TLS: it carries the new root
+        # certified by the old one, for relying parties of the old root (a key trial:
+        # it held the issuing CA alone, and they refused renewed services).
+        assert openssl_verify(old_root, new_cert, new_cert)
+        assert openssl_verify(ca.state / "x509/root.pem", new_cert, new_cert)
+        # The old root still signs its own CRL while it hands over: relying parties of
+        # the old root that check every link (nginx ssl_crl on crls.pem) need it; it was
+        # not served, and they refused every certificate, old and new.
+        status, _, raw = await http("GET", f"{d.url}/v1/x509/crl/root-ca", d.ssl())
+        assert status == 200
+        assert x509.load_der_x509_crl(raw).is_signature_valid(load(old_root).public_key())
+        crls = tmp_path / "crls.pem"
+        crls.write_bytes((await http("GET", f"{d.url}/v1/x509/crls.pem", d.ssl()))[2])
+        for root in (old_root, ca.state / "x509/root.pem"):
+            assert openssl_verify(root, new_cert, new_cert, crls=crls), root
         # What the old root anchors, a relying party of the new root alone accepts too,
         # as docs/keys.md says: the old chain's issuing CA and cross.pem, not the old
         # chain whole (it ends in the old root, where OpenSSL stops).
@@ -490,6 +509,7 @@ async def test_rotate_the_root_offline_and_relying_parties_of_either_root_follow
         # The credential from before renews over mutual TLS, into the new chain.
         hsmca("renew", "--url", d.url, "--ca", old_root, "--cert", old_cert, "--key", old_key)
         assert aki(load(old_cert)) == aki(load(new_cert))
+        assert openssl_verify(old_root, old_cert, old_cert)  # as it presents itself
         bundle = x509.load_pem_x509_certificates(
             (await http("GET", f"{d.url}/v1/x509/bundle", d.ssl()))[2])
         assert new_root in bundle and load(old_root) in bundle
@@ -499,6 +519,12 @@ async def test_rotate_the_root_offline_and_relying_parties_of_either_root_follow
         served = x509.load_pem_x509_certificates(
             (await http("GET", f"{d.url}/v1/x509/chain", d.ssl()))[2])
         assert served[-1] == new_root and len(served) == 2
+        # and a renewal presents the issuing CA alone again; the old root's CRL is gone
+        hsmca("renew", "--url", d.url, "--ca", ca.state / "x509/root.pem", "--cert",
+              old_cert, "--key", old_key)
+        assert len(pems(old_cert)) == 2
+        status, _, _ = await http("GET", f"{d.url}/v1/x509/crl/root-ca", d.ssl())
+        assert status == 404
     finally:
         assert d.stop() == 0
     # The daemon's own TLS chain follows at the next start.

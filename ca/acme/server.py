@@ -858,10 +858,17 @@ async def certificate(request: web.Request) -> web.Response:
         # Not released (its outcome line not durable yet, or never: revoked at a start
         # and its order ready again): the order offers no certificate, nor does this.
         raise AcmeProblem("malformed", "no such certificate (its order is not valid)", 404)
-    issuer = _issuer_cert(request, rec.issuer)
     leaf = x509.load_der_x509_certificate(bytes(rec.der))
-    return web.Response(text=pem(leaf) + (pem(issuer) if issuer is not None else ""),
-                        content_type=PEM_CHAIN)
+    # Its issuing CA, and while a root rotation hands over the new root certified by
+    # the old one (ca/chains.py): certbot's fullchain.pem is what a server sends.
+    issuers = request.app[ISSUANCE].issuers
+    label = issuers.x509_of(rec.issuer)
+    if label in issuers.x509:
+        above = issuers.x509[label].presented_pem
+    else:
+        issuer = issuers.past.get(label)
+        above = pem(issuer) if issuer is not None else ""
+    return web.Response(text=pem(leaf) + above, content_type=PEM_CHAIN)
 
 
 def _issuer_cert(request: web.Request, label: str | None) -> x509.Certificate | None:

@@ -1121,7 +1121,7 @@ async def _refresh_crls(issuance: Issuance, store: Store, audit: AuditLog,
     watched: set[str] = set()
     while True:
         issuers = await issuance.keys.refresh()
-        signing = [*issuers.x509, issuers.root_issuer()]
+        signing = issuers.crl_labels()
         for gone in watched - set(signing):  # retired: its series says so, not a date
             next_update(gone, float("nan"))
         watched = set(signing)

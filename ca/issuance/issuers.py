@@ -17,6 +17,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 
+from ca.chains import presented
 from ca.issuance import profiles as prof
 from ca.store.records import CrossCert, KeyRecord
 from hsm.session import KeyInfo
@@ -48,6 +49,11 @@ class X509Issuer:
     @property
     def chain(self) -> tuple[x509.Certificate, ...]:
         return (self.cert, *self.links) if self.links else (self.cert, self.root)
+
+    @functools.cached_property
+    def presented_pem(self) -> str:
+        """What a holder of its certificates sends above the leaf (ca/chains.py)."""
+        return "".join(prof.pem(c) for c in presented(self.chain))
 
     @functools.cached_property
     def chain_pem(self) -> str:
@@ -105,6 +111,9 @@ class Issuers:
     # sign nothing, but hosts and clients may trust them still: the KRL goes on naming
     # their revoked certificates.
     ssh_past: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # That previous root's key and certificate: it still signs its own CRL until it is
+    # retired, which relying parties that trust it alone and check every link need.
+    previous_root_issuer: X509Issuer | None = None
 
     def x509_issuer(self) -> str:
         return self.current_x509
@@ -127,7 +136,16 @@ class Issuers:
             return self.x509[label]
         if label == self.root_key.label:
             return X509Issuer(label, self.root_key, self.root, self.root)
+        if self.previous_root_issuer is not None and label == self.previous_root_issuer.id:
+            return self.previous_root_issuer
         return None
+
+    def crl_labels(self) -> list[str]:
+        """Every CRL the CA signs now: each issuing CA's that still signs, the root's, and
+        while a root rotation hands over, the previous root's (a key trial: relying
+        parties of the old root that check every link refused every certificate)."""
+        previous = [self.previous_root_issuer.id] if self.previous_root_issuer else []
+        return [*self.x509, self.root_key.label, *previous]
 
     @property
     def current(self) -> X509Issuer:
@@ -229,14 +247,18 @@ def build(records: list[KeyRecord], infos: dict[str, KeyInfo],
                 for kind, cert_type in (("ssh-user", "user"), ("ssh-host", "host"))
                 for r in by_kind[kind]
                 if r.state in ("retired", "destroyed") and r.ssh_public_key}
+    old_root = next((r for r in reversed(by_kind["root"]) if r.state == "previous"), None)
+    old_root_issuer = None
+    if old_root is not None and old_root.label in infos:
+        old_cert = roots[old_root.label]
+        old_root_issuer = X509Issuer(old_root.label, infos[old_root.label], old_cert, old_cert)
     return Issuers(root, infos[root_record.label], x, active("issuing").label, ssh,
                    current_ssh, infos[active("audit").label], first, first_ssh, past,
                    audit_previous,
                    roots=(root, *(c for label, c in reversed(roots.items())
                                   if label != root_record.label)),
-                   previous_root=next((r.label for r in reversed(by_kind["root"])
-                                       if r.state == "previous"), None),
-                   ssh_past=ssh_past)
+                   previous_root=old_root.label if old_root is not None else None,
+                   ssh_past=ssh_past, previous_root_issuer=old_root_issuer)
 
 
 def _root_of(cert: x509.Certificate, roots: dict[str, x509.Certificate]

@@ -430,12 +430,13 @@ def _crl_response(request: web.Request, der: bytes) -> web.Response:
 async def all_crls(request: web.Request) -> web.Response:
     """Every CRL a relying party that checks whole chains needs, in one PEM file: each
     issuing key's still in use (after a rotation, the previous key's certificates name
-    its CRL) and the root's. nginx's ssl_crl takes one file and refuses every client
-    whose chain lacks a CRL (a relying-party trial, after an issuing-key rotation)."""
+    its CRL), the root's, and during a root's hand-over the previous root's. nginx's
+    ssl_crl takes one file and refuses every client whose chain lacks a CRL (a
+    relying-party trial, after an issuing-key rotation)."""
     issuers = await request.app[ISSUANCE].keys.refresh()
     revocations = request.app[REVOCATIONS]
     crls = [x509.load_der_x509_crl(await revocations.crl(label))
-            for label in [*issuers.x509, issuers.root_issuer()]]
+            for label in issuers.crl_labels()]
     return revalidated(request, b"".join(c.public_bytes(serialization.Encoding.PEM)
                                          for c in crls), "application/x-pem-file",
                        modified=max(c.last_update_utc for c in crls))
