@@ -35,10 +35,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
-from ca.chains import presented
+from ca.chains import presented, self_signed
 from ca.commands.args import check_url
 from ca.config import CA_SERVER_NAME
-from ca.fileutil import copy_new
+from ca.fileutil import copy_new, write_atomic
 from ca.validity import ended
 
 TIMEOUT = aiohttp.ClientTimeout(total=60)
@@ -217,7 +217,9 @@ async def _request(session: aiohttp.ClientSession, method: str, url: str,
         if info.ca is not None:
             raise ClientError(f"cannot connect to {url}: the server's certificate chain does "
                               f"not verify against --ca {info.ca} ({reason}); is that file "
-                              "this CA's root.pem?") from None
+                              "this CA's root.pem? (After a root rotation whose old root is "
+                              "retired, it must hold the new root.pem: `hsmca renew` adds it "
+                              "while the old root hands over.)") from None
         raise ClientError(f"cannot connect to {url}: the server's certificate is not trusted "
                           f"({reason}); pass --ca with the CA's root.pem") from None
     except aiohttp.ClientConnectorError as exc:
@@ -950,13 +952,53 @@ def _names(cert: x509.Certificate) -> list[str]:
 
 
 async def renew(url: str, cert: Path, key: Path, ca: Path | None, rekey: bool, *,
-                ttl: str | None = None, warn: Any = None) -> dict[str, Any]:
+                ttl: str | None = None, warn: Any = None,
+                root_said: Any = None) -> dict[str, Any]:
     """Renew `cert` over mutual TLS and replace cert (and, with `rekey`, key) and the
     chain.pem beside the certificate, all or none, once the CA has answered. The files
     keep their shape: a certificate file that held the chain after the leaf gets the new
-    chain, and one file holding both certificate and key (haproxy's) keeps both."""
+    chain, and one file holding both certificate and key (haproxy's) keeps both. Then
+    `ca` follows a root rotation (`follow_root`, which says so through `root_said`)."""
     with _renewing(cert):
-        return await _renew(url, cert, key, ca, rekey, ttl, warn)
+        issued = await _renew(url, cert, key, ca, rekey, ttl, warn)
+    if ca is not None:
+        await follow_root(url, ca, issued["chain"], root_said or warn)
+    return issued
+
+
+async def follow_root(url: str, ca: Path, chain_pem: str, warn: Any = None) -> None:
+    """While the CA's root rotation hands over, its chain carries the new root certified
+    by the old one (RFC 4210's NewWithOld). A renewer whose --ca holds the old root adds
+    the new one to that file, on the old root's word: once the old root is retired, the
+    daemon's chain ends at the new root, and every renewer pinned to the old one failed
+    for good at its next connection (a key trial). Only a new root that certifies the
+    same key as a NewWithOld the pinned root signed is added."""
+    pinned = load_certificates(ca, "--ca")
+    keys = {_spki(c.public_key()) for c in pinned}
+    vouched = [c for c in x509.load_pem_x509_certificates(chain_pem.encode())
+               if c.subject == c.issuer and _spki(c.public_key()) not in keys
+               and not self_signed(c) and any(_issued_by(c, p) for p in pinned)]
+    if not vouched:
+        return
+    body = await get_raw(f"{url}/v1/x509/roots", ssl_context(ca))
+    new = [r for r in x509.load_pem_x509_certificates(body) if self_signed(r)
+           and any(_spki(r.public_key()) == _spki(c.public_key()) for c in vouched)]
+    if not new:
+        return
+    try:
+        real = ca.resolve()  # a link to it stays one
+        mode = stat.S_IMODE(real.stat().st_mode)
+        write_atomic(real, real.read_bytes().rstrip(b"\n") + b"\n" + b"".join(
+            r.public_bytes(serialization.Encoding.PEM) for r in new), mode)
+    except OSError as exc:
+        if warn is not None:
+            warn(f"the CA's root was rotated, and --ca {ca} cannot take the new root "
+                 f"({exc.strerror}): put the CA's new root.pem there before the old root "
+                 "is retired, or this renewer stops")
+        return
+    if warn is not None:
+        warn(f"the CA's root was rotated: --ca {ca} now holds the new root too, certified "
+             "by the root it held (give it to the relying parties you look after)")
 
 
 @contextlib.contextmanager

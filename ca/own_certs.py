@@ -46,6 +46,7 @@ from ca.server_cert import RENEW_BEFORE, ensure_server_cert
 from ca.store import Store
 
 CHECK_S = 3600.0
+KEYS_POLL_S = 1.0  # how soon a key change is looked at
 log = structlog.get_logger("hsmca.own_certs")
 
 
@@ -161,8 +162,15 @@ class OwnCerts:
 
     async def run(self) -> None:
         while True:
+            keys = self.generations.get("keys")
             try:
                 await self.check()
             except Exception:  # never the end of the task: the next round tries again
                 log.exception("the round of the daemon's own certificates failed")
-            await asyncio.sleep(CHECK_S)  # periodic work, not synchronisation
+            # Hourly, and at once when a key changed: the listener's chain follows a
+            # retired root when it is retired, not at some later restart, which hid the
+            # cause of the clients it cut off (a key trial).
+            for _ in range(int(CHECK_S / KEYS_POLL_S)):
+                await asyncio.sleep(KEYS_POLL_S)  # a poll of a shared counter's pace
+                if self.generations.get("keys") != keys:
+                    break

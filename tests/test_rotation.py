@@ -507,22 +507,38 @@ async def test_rotate_the_root_offline_and_relying_parties_of_either_root_follow
         assert openssl_verify(ca.state / "x509/root.pem", old_issuing, old_cert,
                               ca.state / "x509/cross.pem")
         # The credential from before renews over mutual TLS, into the new chain.
-        hsmca("renew", "--url", d.url, "--ca", old_root, "--cert", old_cert, "--key", old_key)
+        pinned = tmp_path / "pinned-root.pem"  # a renewer's --ca: the old root alone
+        pinned.write_bytes(old_root.read_bytes())
+        renewed = hsmca("renew", "--url", d.url, "--ca", pinned, "--cert", old_cert, "--key",
+                        old_key)
         assert aki(load(old_cert)) == aki(load(new_cert))
         assert openssl_verify(old_root, old_cert, old_cert)  # as it presents itself
+        # and it follows the rotation: the new root, on the old root's word, joins its
+        # --ca, so that it still connects once the old root is retired (a key trial's
+        # renewers all stopped for good then)
+        assert [c.public_key() for c in pems(pinned)] == [
+            load(old_root).public_key(), new_root.public_key()]
+        assert "the CA's root was rotated: --ca" in renewed.stderr, renewed.stderr
         bundle = x509.load_pem_x509_certificates(
             (await http("GET", f"{d.url}/v1/x509/bundle", d.ssl()))[2])
         assert new_root in bundle and load(old_root) in bundle
         # Once relying parties trust the new root: retire the old one, and chains end
         # at the new root alone.
+        said_before = len(d.stderr)
         key_cmd(d, "retire", "root-ca", "--yes")
         served = x509.load_pem_x509_certificates(
             (await http("GET", f"{d.url}/v1/x509/chain", d.ssl()))[2])
         assert served[-1] == new_root and len(served) == 2
-        # and a renewal presents the issuing CA alone again; the old root's CRL is gone
-        hsmca("renew", "--url", d.url, "--ca", ca.state / "x509/root.pem", "--cert",
-              old_cert, "--key", old_key)
-        assert len(pems(old_cert)) == 2
+        # The renewer that followed still connects, once the listener's chain follows
+        # the retirement (at once, not at the next start); its renewal presents the
+        # issuing CA alone again, and the old root's CRL is gone.
+        assert d.wait_stderr(lambda: any("TLS chain follows the CA's current chain" in x
+                                         for x in d.stderr[said_before:]), within=60)
+        assert pems(ca.state / "tls/server.pem")[1:] == served
+        renewed = hsmca("renew", "--url", d.url, "--ca", pinned, "--cert", old_cert, "--key",
+                        old_key, check=False)
+        assert renewed.returncode == 0, renewed.stderr
+        assert len(pems(old_cert)) == 2 and "root was rotated" not in renewed.stderr
         status, _, _ = await http("GET", f"{d.url}/v1/x509/crl/root-ca", d.ssl())
         assert status == 404
     finally:

@@ -241,7 +241,9 @@ def _renew_daemon(args: argparse.Namespace, url: str) -> int:
     async def run() -> dict[str, Any]:
         old = format(current().serial_number, "x")
         issued = await client.renew(url, cert, key, args.ca, args.rekey, ttl=args.ttl,
-                                    warn=lambda text: log.warning("renew.restored", detail=text))
+                                    warn=lambda text: log.warning("renew.restored", detail=text),
+                                    root_said=lambda text: log.warning("renew.root_rotated",
+                                                                       detail=text))
         return {"old_serial": old, "serial": issued["serial"],
                 "not_after": issued["not_after"], "rekey": args.rekey}
 
