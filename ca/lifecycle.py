@@ -60,9 +60,11 @@ class KeyLifecycle:
                 "fingerprint": r.fingerprint, "uri": r.uri,
                 "signed": counts.get(r.label, 0)} for r in reversed(records)]  # newest first
         for key in out:
-            # What retiring a previous key would cut off, for `key retire` to say before
-            # it asks (an SSH trial: said only once retired). Only those: each is a count.
-            if key["state"] == "previous":
+            # What retiring a previous key (or destroying a retired one) would cut off,
+            # for `key retire` and `key destroy` to say before they ask (an SSH trial: said
+            # only once retired; a key trial: destroy said it in the daemon's log alone).
+            # Only those: each is a count.
+            if key["state"] in ("previous", "retired"):
                 key["live"], key["live_until"] = await self.live(key["label"])
         return out
 

@@ -94,9 +94,13 @@ async def rotate_root(config: Config) -> RootRotated:
     try:
         if store is not None:
             nodes = await _hold_every_node(store)
-        pipeline.start()
         if store is None:
             store = open_store(config.store_location)
+        # Refused by the key records before the HSM is opened: a refused ceremony wrote
+        # its session's lines after the clean stop's checkpoint, and an offline `audit
+        # verify` failed on them until the daemon ran again (a key trial).
+        _decide(config, [r for r in await store.keys() if r.kind == "root"])
+        pipeline.start()
         await seed(config, store, pipeline)
         before = await load_issuers(store, pipeline)
         try:  # decided before any key is made
@@ -125,6 +129,24 @@ async def rotate_root(config: Config) -> RootRotated:
             lease.close()
         if store is not None:
             store.close()
+
+
+class _RecordedRoots(ra.NoIssuers):
+    """What the decision to rotate the root reads, from the key records alone."""
+
+    def __init__(self, previous_root: str | None) -> None:
+        self.previous_root = previous_root
+
+
+def _decide(config: Config, roots: list[KeyRecord]) -> None:
+    if not roots:  # records not seeded yet (an old CA): decided once they are
+        return
+    previous = next((r.label for r in reversed(roots) if r.state == "previous"), None)
+    try:
+        ra.order(decision_context(config.policy, _RecordedRoots(previous)), ra.Local(),
+                 ra.KeyRequest("rotate", "root"))
+    except Refused as exc:
+        raise CLIError(exc.detail) from None
 
 
 async def _hold_every_node(store: Store) -> list[Lease]:

@@ -206,6 +206,7 @@ async def test_rotate_issuing_and_ssh_keys_retire_and_destroy_while_renewals_run
         # and how many of them are still valid: what retiring it cuts off, said before
         assert re.search(r"certificate\(s\), \d+ still valid \(the last until ", no.stderr), \
             no.stderr
+        assert "relying parties that check them refuse its certificates" in no.stderr
         assert no.stderr.splitlines()[-1] == \
             "hsmca: error: not retired (confirm with yes, or pass --yes)", no.stderr
         row = next(line for line in key_cmd(d, "list").stdout.splitlines()
@@ -224,7 +225,7 @@ async def test_rotate_issuing_and_ssh_keys_retire_and_destroy_while_renewals_run
         # It still has live certificates (the user's, the host's): the operator is told
         # what retiring now means for them.
         assert "certificate(s) it signed are still valid" in retired.stderr, retired.stderr
-        assert "reaches no CRL or OCSP" in retired.stderr
+        assert "relying parties that check them refuse those certificates" in retired.stderr
         # A certificate of the retired key, revoked now: no CRL or OCSP response can say
         # so any more. OCSP stops saying good, and the operator is told.
         proc = hsmca("revoke", format(host_cert.serial_number, "x"), "--config",
@@ -239,7 +240,14 @@ async def test_rotate_issuing_and_ssh_keys_retire_and_destroy_while_renewals_run
         refused = key_cmd(d, "destroy", "not-a-key", "--yes", check=False)
         assert refused.returncode == 1 and "no key labelled" in refused.stderr
         assert old_label_text in token_labels(ca.state, ca.token)
-        key_cmd(d, "destroy", old_label_text, "--yes")
+        # asked first, with what it signed that is still valid (said in the daemon's
+        # log alone before: a key trial)
+        no = hsmca("key", "destroy", old_label_text, "--config", d.state / "hsmca.toml",
+                   "--url", d.url, input="no\n", check=False)
+        assert no.returncode == 1 and "certificate(s) it signed are still valid" in \
+            no.stderr, no.stderr
+        destroyed = key_cmd(d, "destroy", old_label_text, "--yes")
+        assert "certificate(s) it signed are still valid" in destroyed.stderr
         assert old_label_text not in token_labels(ca.state, ca.token)
         assert "destroyed" in key_cmd(d, "list").stdout
         stop.set()
@@ -436,11 +444,12 @@ async def test_rotate_the_root_offline_and_relying_parties_of_either_root_follow
         assert proc.returncode == 1 and "hsmca key rotate-root" in proc.stderr
         # Beside a running daemon the ceremony cannot start: the log is locked.
         proc = hsmca("key", "rotate-root", "--config", config, "--yes", check=False)
-        assert proc.returncode == 1 and "locked" in proc.stderr, proc.stderr
+        assert proc.returncode == 1 and "rotated with the daemon stopped; stop it" in \
+            proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
         # And it says so before asking for a "yes" it would not use (docs review).
         proc = hsmca("key", "rotate-root", "--config", config, check=False, input="yes\n")
-        assert proc.returncode == 1 and "locked" in proc.stderr, proc.stderr
+        assert proc.returncode == 1 and "daemon stopped" in proc.stderr, proc.stderr
         assert "Type yes" not in proc.stderr
     finally:
         assert d.stop() == 0
@@ -457,6 +466,16 @@ async def test_rotate_the_root_offline_and_relying_parties_of_either_root_follow
     assert proc.returncode == 1 and "one root rotation at a time" in proc.stderr, proc.stderr
     assert "hsmca key retire root-ca" in proc.stderr
     assert load(ca.state / "x509/root.pem") == new_root
+    # refused before the HSM was opened: nothing follows the stop's checkpoint, and an
+    # auditor's offline check of the stopped CA passes (a key trial's failed, on the
+    # refused run's HSM session lines)
+    audit_verify(ca.state, ok=True)
+    # The ceremony is refused, as `serve` is, on a PIN file others can read
+    pin = Path(re.search(r'(?m)^pin-source = "file:(.*)"', config.read_text())[1])
+    pin.chmod(0o644)
+    proc = hsmca("key", "rotate-root", "--config", config, "--yes", check=False)
+    pin.chmod(0o600)
+    assert proc.returncode == 1 and "must not be readable" in proc.stderr, proc.stderr
     # As a ceremony killed before it wrote the daemon's TLS certificate leaves it: the
     # start issues one from the new issuing CA (the CA's own root.pem did not verify the
     # old one, and `hsmca key list --config` failed).

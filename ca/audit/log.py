@@ -859,11 +859,11 @@ def held(path: Path, busy: Exception | None = None) -> Iterator[None]:
         os.close(fd)  # and the lock with it
 
 
-def ensure_unlocked(path: Path) -> None:
-    """AuditLogError now if a running daemon holds the log `path` (before a command
-    asks its operator anything)."""
+def ensure_unlocked(path: Path, busy: Exception | None = None) -> None:
+    """AuditLogError (or `busy`) now if a running daemon holds the log `path` (before a
+    command asks its operator anything)."""
     if path.exists():
-        with held(path):
+        with held(path, busy):
             pass
 
 

@@ -115,13 +115,25 @@ def run(args: argparse.Namespace) -> int:
         elif out.get("live"):
             print(f"hsmca: warning: {out['live']} certificate(s) it signed are still valid "
                   f"(the last until {out['live_until']}). hsmca still accepts its X.509 "
-                  "client certificates, but a revocation of one from now on reaches no CRL "
-                  "or OCSP response", file=sys.stderr)
+                  "client certificates, but its CRL and OCSP responses are signed no more: "
+                  "relying parties that check them refuse those certificates once the last "
+                  "ones expire (within a day; crls.pem leaves its CRL out now), and a "
+                  "revocation of one from now on reaches neither. Renew them (`hsmca renew`) "
+                  "to move them to the active key", file=sys.stderr)
         return 0
     if not args.yes:
-        confirm(f"Destroy {args.label} in the HSM? This cannot be undone.", "not destroyed")
+        key = _listed(args)
+        live = (f" {key['live']} certificate(s) it signed are still valid (the last until "
+                f"{key['live_until']}): their signatures stay good, but the CA can never "
+                "sign for this key again." if key and key.get("live") else "")
+        confirm(f"Destroy {args.label} in the HSM? This cannot be undone.{live}",
+                "not destroyed")
     out = _call(args, "POST", "/v1/keys/destroy", {"label": args.label, "confirm": True})
     print(f"destroyed {out['label']} (C_DestroyObject; the audit log records it)")
+    if out.get("live"):  # said in the daemon's log alone before (a key trial)
+        print(f"hsmca: warning: {out['live']} certificate(s) it signed are still valid: "
+              "they work where they are trusted until they expire, and the CA can sign "
+              "nothing for them any more (no CRL, no OCSP)", file=sys.stderr)
     for warning in out.get("warnings", []):
         print(f"hsmca: warning: {warning}", file=sys.stderr)
     return 0
@@ -131,23 +143,52 @@ def _confirm_retire(args: argparse.Namespace) -> None:
     """Retiring cannot be undone: ask, naming what the key is and what it issued. A key
     that cannot be retired (unknown, active, retired already) is not asked about: the
     daemon's refusal says why (for an unknown label, which labels there are)."""
-    keys = {k["label"]: k for k in _call(args, "GET", "/v1/keys")["keys"]}
-    key = keys.get(args.label)
+    key = _listed(args)
     if key is None or key["state"] in ("active", "retired", "destroyed"):
         return  # refused by the daemon, which says why: asked first, yes led to a refusal
     issued = f"; it issued {key['signed']} certificate(s)" if key.get("signed") else ""
     if key.get("live"):
         issued += f", {key['live']} still valid (the last until {key['live_until']})"
+    cuts = RETIRE_CUTS.get(key["kind"], "")
     confirm(f"Retire {args.label} ({key['kind']}, {key['state']}{issued})? It will sign "
-            "nothing any more, and a retired key is never used again.", "not retired")
+            f"nothing any more, and a retired key is never used again.{cuts}", "not retired")
+
+
+# What retiring a key of a kind takes away, said before the "yes" (a key trial retired
+# the previous root with nothing said, and its renewers stopped at the next restart).
+RETIRE_CUTS = {
+    "root": " The daemon's chain then ends at the current root alone: every client whose "
+            "--ca holds only this root stops connecting (renewers that renewed since the "
+            "rotation added the new root to their --ca; `ssh known-hosts --ca`, auditors "
+            "and relying parties need x509/root.pem first).",
+    "issuing": " Its CRL and OCSP responses are signed no more: relying parties that "
+               "check them refuse its certificates still valid within a day.",
+}
+
+
+def _listed(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The key `args.label` as `hsmca key list` shows it (None: no such key)."""
+    keys = {k["label"]: k for k in _call(args, "GET", "/v1/keys")["keys"]}
+    return keys.get(args.label)
 
 
 def _rotate_root(args: argparse.Namespace) -> int:
     from ca.commands.client_cmd import _config
     from ca.root_rotation import rotate_root
     config = _config(args)
-    from ca.audit.log import ensure_unlocked
-    ensure_unlocked(config.audit_log)  # a running daemon: said before the question
+    from ca.audit.log import AuditLogError, ensure_unlocked
+    from ca.config import secret_files, trusted_paths
+    from ca.fileutil import check_not_writable, check_private
+    # As `serve` refuses them: the PIN goes to the module a config names, and the
+    # ceremony writes the daemon's new TLS key (a key trial ran it with a 0644 PIN file
+    # and a config anyone could write).
+    check_private(secret_files(config))
+    check_not_writable(trusted_paths(config))
+    # A running daemon: said before the question, and as what to do.
+    ensure_unlocked(config.audit_log, AuditLogError(
+        f"the daemon (or another hsmca command) holds the audit log of "
+        f"{config.state_dir}: the root is rotated with the daemon stopped; stop it "
+        "(`systemctl stop hsmca`), then run hsmca key rotate-root again"))
     if not args.yes:
         confirm(f"Make a new root for the CA in {config.state_dir}? Relying parties must be "
                 "given the new root (x509/root.pem) before you retire the old one.",
