@@ -344,7 +344,7 @@ async def test_rotate_the_audit_key_and_verifiers_pinned_to_the_old_one_follow(
                      d.state / "admin/cert.pem", "--client-key", d.state / "admin/key.pem",
                      "--key", old_key, "--state", remote_state, check=False)
 
-    async def settled() -> None:
+    async def settled() -> Path:
         """Issue something, then wait for a checkpoint that covers it: the outcome line
         of its signature. (Not every line the file has by then: its last ones may be a
         checkpoint's own, signed meanwhile, which only the heartbeat's next checkpoint
@@ -361,7 +361,7 @@ async def test_rotate_the_audit_key_and_verifiers_pinned_to_the_old_one_follow(
         while True:
             cp = (await http("GET", f"{d.url}/v1/audit/checkpoint", d.ssl()))[2].decode()
             if int(cp.split("\n")[1]) >= size:
-                return
+                return cert
             assert asyncio.get_running_loop().time() < deadline, (
                 f"no checkpoint covers {size} lines within 30 s; the daemon said:\n"
                 + "".join(d.stderr[-30:]))
@@ -402,6 +402,21 @@ async def test_rotate_the_audit_key_and_verifiers_pinned_to_the_old_one_follow(
         # name the key, not their keygen (a review saw each call it not made in the HSM)
         assert "handed over" not in proc.stdout, proc.stdout
         assert json.loads(remote_state.read_text())["successors"]
+        # A proof reads no log lines: pinned to the first key, it follows the hand-over
+        # through the saved state, and says so when it is not given (a key trial did
+        # what the hint said, pinned the first key, and failed again).
+        proved = await settled()
+
+        def prove(*extra: str | Path) -> subprocess.CompletedProcess[str]:
+            return hsmca("audit", "prove", "--url", d.url, "--ca", d.root, "--client-cert",
+                         d.state / "admin/cert.pem", "--client-key",
+                         d.state / "admin/key.pem", "--key", old_key, "--cert-file", proved,
+                         *extra, check=False)
+        proc = prove()
+        assert proc.returncode == 1 and "follows a hand-over of the audit key only with " \
+            "--state" in proc.stderr, proc.stderr
+        proc = prove("--state", remote_state)
+        assert proc.returncode == 0 and "PROVEN" in proc.stdout, proc.stdout + proc.stderr
         assert (ca.state / "audit/audit_key.pem").read_bytes() != old_key.read_bytes()
     finally:
         assert d.stop() == 0

@@ -226,6 +226,13 @@ async def _checkpoint(args: argparse.Namespace, api: Any, pinned: Any, quiet: bo
     except (NoteError, ValueError, DaemonError, ClientError) as exc:
         why = f"the checkpoint does not verify with the pinned audit key: {exc}" \
             if isinstance(exc, NoteError | ValueError) else str(exc)
+        if args.state is None and "it is signed by key id" in why:
+            # The hint above is `verify`'s, which follows hand-overs through the log's
+            # lines; a proof reads none of them (a key trial pinned the first key, as the
+            # hint said, and failed again).
+            why += ("; `audit prove` follows a hand-over of the audit key only with "
+                    "--state FILE, as `hsmca audit verify --url URL --key KEY --state FILE` "
+                    "saves it (it follows every one); or pin the current audit_key.pem")
         return None, where, why if quiet else _failed(why)
 
 
