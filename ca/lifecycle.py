@@ -134,7 +134,7 @@ class KeyLifecycle:
         if cluster_logs is not None:
             logs = [(node, note) for node, _, note in await cluster_logs()]
         else:
-            logs = [("this CA's", await self.audit.checkpoint())]
+            logs = [(ra.SINGLE_LOG, await self.audit.checkpoint())]
         behind = []
         for name, note in logs:
             if note is None:

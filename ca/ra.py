@@ -996,6 +996,7 @@ LOCAL_RENEWAL_MAX = dt.timedelta(days=365)  # as `hsmca init` makes the admin cr
 ROTATABLE = ("issuing", "ssh-user", "ssh-host", "audit")
 STAGED = ("ssh-user", "ssh-host")  # kinds whose new key may be published before it signs
 CEREMONY_LOG = "init"  # ca.audit.cluster.CEREMONIES: the decisions load no audit code
+SINGLE_LOG = ""  # the one log of a CA on SQLite, as KeyRequest.not_handed_over names it
 
 
 def _rotate_root(ctx: Context, who: Requester) -> KeyOrder:
@@ -1059,6 +1060,12 @@ def _key(ctx: Context, who: Requester, req: KeyRequest) -> KeyOrder:
                           "then retire the previous one", Reason.CONFLICT)
         if req.state not in ("previous", "next"):  # a staged key may be dropped unused
             raise Refused(f"{req.label!r} is {req.state} already", Reason.CONFLICT)
+        if req.not_handed_over == (SINGLE_LOG,):  # one node: its next checkpoint
+            raise Refused(f"{req.label!r} still signs the audit log's latest checkpoint, "
+                          "which the active audit key has not signed yet: retired now, the "
+                          "log would verify with neither key. Its next checkpoint hands "
+                          "over (at the next issuance, or within [audit] heartbeat-s): try "
+                          "again then", Reason.CONFLICT)
         if req.not_handed_over:  # retired now, those logs would verify with neither key
             # What to do for each kind of log it names: a cluster trial was left with a
             # removed node's name and no way on.

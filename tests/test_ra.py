@@ -848,6 +848,13 @@ def test_an_audit_key_is_retired_only_once_every_log_has_handed_over() -> None:
     refused(ra.decide(context(), admin(), dataclasses.replace(
         req, not_handed_over=("ca-2", "init"))), Reason.CONFLICT, "ca-2, init",
         "hsmca key rotate-root", "start a node of its name once")
+    # One node: its own next checkpoint, in its own words (a key trial was told of
+    # clusters and PostgreSQL, in a garbled "log(s) this CA's")
+    said = ra.decide(context(), admin(), dataclasses.replace(
+        req, not_handed_over=(ra.SINGLE_LOG,)))
+    refused(said, Reason.CONFLICT, "still signs the audit log's latest checkpoint",
+            "Its next checkpoint hands over")
+    assert isinstance(said, ra.Refusal) and "node" not in said.detail
 
 
 def test_the_root_is_rotated_by_the_ceremony_alone_and_once_at_a_time() -> None:

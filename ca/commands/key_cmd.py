@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
               "CREATED")
         for k in keys:
             print(f"{k['label']:<36} {k['kind']:<9} {k['state']:<10} {k['algorithm']:<10} "
-                  f"{k['signed']:>7}  {k['created_at']}")
+                  f"{k['signed']:>7}  {_to_the_second(k['created_at'])}")
             print(f"    {k['uri']}  sha256:{k['fingerprint']}")
         return 0
     if action == "rotate-root":
@@ -137,6 +137,16 @@ def run(args: argparse.Namespace) -> int:
     for warning in out.get("warnings", []):
         print(f"hsmca: warning: {warning}", file=sys.stderr)
     return 0
+
+
+def _to_the_second(at: str) -> str:
+    """One shape in the column: init's times had whole seconds, a rotation's
+    microseconds (a key trial)."""
+    import datetime as dt
+    try:
+        return dt.datetime.fromisoformat(at).replace(microsecond=0).isoformat()
+    except ValueError:
+        return at
 
 
 def _confirm_retire(args: argparse.Namespace) -> None:
