@@ -219,8 +219,13 @@ async def test_rotate_issuing_and_ssh_keys_retire_and_destroy_while_renewals_run
                         "--url", d.url, input="", check=False)
         assert refused.returncode == 1 and "rotate first" in refused.stderr, refused.stderr
         assert "Retire " not in refused.stderr
+        crls_before = (await http("GET", f"{d.url}/v1/x509/crls.pem", d.ssl()))[2]
         retired = hsmca("key", "retire", old_label_text, "--config", d.state / "hsmca.toml",
                         "--url", d.url, input="yes\n")
+        # Its last CRL stays in crls.pem while it is valid: relying parties that check
+        # every link refused its certificates still valid the moment it was retired
+        crls_after = (await http("GET", f"{d.url}/v1/x509/crls.pem", d.ssl()))[2]
+        assert crls_after.count(b"BEGIN X509 CRL") == crls_before.count(b"BEGIN X509 CRL")
         assert "signs nothing" in retired.stdout
         # It still has live certificates (the user's, the host's): the operator is told
         # what retiring now means for them.

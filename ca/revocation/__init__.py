@@ -440,7 +440,7 @@ class Revocations:
             except (AuditUnavailable, HSMUnavailable) as exc:
                 # The HSM or the log is away: the last CRL stands until its nextUpdate
                 # (a revocation since is published when they are back: `revoke` says so).
-                still = await self._still_valid_crl(label)
+                still = await self.still_valid_crl(label)
                 if still is None:
                     raise
                 log.warning("serving the last CRL: it cannot be re-signed now",
@@ -460,7 +460,7 @@ class Revocations:
         return {s: (at, reason) for s, (at, reason, issuer) in revoked.items()
                 if self.issuance.issuers.x509_of(issuer) == label}
 
-    async def _still_valid_crl(self, label: str) -> bytes | None:
+    async def still_valid_crl(self, label: str) -> bytes | None:
         latest = await self.store.latest_crl(label)
         if latest is None:
             return None

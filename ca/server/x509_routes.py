@@ -437,6 +437,12 @@ async def all_crls(request: web.Request) -> web.Response:
     revocations = request.app[REVOCATIONS]
     crls = [x509.load_der_x509_crl(await revocations.crl(label))
             for label in issuers.crl_labels()]
+    # A retired issuing key's last CRL, while it is valid: its certificates still valid
+    # were refused by every such relying party the moment it was retired (a key trial);
+    # now when the CRL ends, as `key retire` says.
+    for label in issuers.past:
+        if (kept := await revocations.still_valid_crl(label)) is not None:
+            crls.append(x509.load_der_x509_crl(kept))
     return revalidated(request, b"".join(c.public_bytes(serialization.Encoding.PEM)
                                          for c in crls), "application/x-pem-file",
                        modified=max(c.last_update_utc for c in crls))
