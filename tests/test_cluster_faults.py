@@ -368,6 +368,59 @@ def test_a_database_that_stops_answering_is_given_up_on_not_waited_for(
         store.close()
 
 
+def test_calls_given_up_on_that_fill_the_pool_do_not_make_the_next_calls_wait(
+        postgres_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call given up on keeps its pooled connection while psycopg cancels it (up to
+    10 s). With the pool full of those, the calls waiting for a connection timed out as
+    if the pool were merely busy: the store took calls again, and each waited 3 s for a
+    connection (a review: 60 of 80 calls). They are refused at once now, named for the
+    silent server, until a probe of its own finds it answering."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ca.store.errors import StoreUnavailable
+    from ca.store.postgres import PostgresStore
+    # As in production, a call waits longer for its answer than for a pooled connection
+    # (10 s, 3 s); and the store tries again at once (not every second) once it refuses
+    monkeypatch.setattr("ca.store.postgres.RETRY_S", 0.0)
+    store = PostgresStore(postgres_server.new_database(), max_size=2, answer_timeout_s=4.0)
+    try:
+        warm = threading.Barrier(2)  # both pooled connections open before the freeze
+
+        def hold() -> None:
+            warm.wait(timeout=30)
+            asyncio.run(store.issued_cert(1))
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda _: hold(), range(2)))
+        assert store.pool.get_stats()["pool_size"] == 2
+
+        def ask(_: int) -> str:
+            try:
+                asyncio.run(store.issued_cert(1))
+                return "answered"
+            except StoreUnavailable as exc:
+                return str(exc)
+        silent = "the inventory (PostgreSQL) is unavailable: no answer within 4 s"
+        try:
+            postgres_server.freeze()
+            with ThreadPoolExecutor(4) as pool:
+                # two hold the pool until given up on, two time out waiting for it
+                assert list(pool.map(ask, range(4))).count(silent) >= 2
+                # the pool still held by the two given up on: refused at once, for the
+                # silent server (each waited for a connection, and timed out, before)
+                after = [list(pool.map(ask, range(4))) for _ in range(2)]
+            assert after == [[silent] * 4] * 2, after
+        finally:
+            postgres_server.thaw()
+        deadline = time.monotonic() + 60
+        while ask(0) != "answered":  # a probe of its own brings it back
+            assert time.monotonic() < deadline, "the store did not come back"
+        assert store.healthy
+    finally:
+        store.close()
+
+
 async def test_requests_in_flight_when_postgresql_freezes_get_a_503_not_a_hang(
         tmp_path: Path) -> None:
     """The trial's frozen PostgreSQL held the requests in flight for its whole outage
