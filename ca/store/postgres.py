@@ -436,6 +436,11 @@ class PostgresStore:
             for task in self._watchers:
                 task.cancel()
             await asyncio.gather(*self._watchers, return_exceptions=True)
+            # Calls given up on and a probe: a moment to end, not the pool's whole wait
+            # ("Task was destroyed but it is pending", a review saw at close)
+            ending = {*self._abandoned, *([self._probing] if self._probing else [])}
+            if ending:
+                await asyncio.wait(ending, timeout=2)
             if self._pool is not None:
                 await self._pool.close(timeout=5)
         if self._thread.is_alive():
