@@ -179,7 +179,8 @@ def tree_at(store: PostgresStore, node: str, size: int) -> TiledTree:
     loop."""
     tree = TiledTree(_StoredTiles(store, node))
     while tree.size < size:
-        lines = store.audit_lines_sync(node, tree.size, min(_PAGE, size - tree.size))
+        lines = store.audit_lines_sync(node, tree.size, min(_PAGE, size - tree.size),
+                                       bounded=True)
         if not lines:
             raise ValueError(f"the log of node {node!r} has only {tree.size} lines, "
                              f"not {size}")

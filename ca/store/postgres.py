@@ -257,8 +257,8 @@ class PostgresStore:
         return asyncio.run_coroutine_threadsafe(
             self._guard(coro, own, self.answer_timeout_s if bounded else None), self._loop)
 
-    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
-        return self._spawn(coro).result()
+    def _call(self, coro: Coroutine[Any, Any, T], bounded: bool = False) -> T:
+        return self._spawn(coro, bounded=bounded).result()
 
     async def _run(self, coro: Coroutine[Any, Any, T], *, own: bool = False,
                    bounded: bool = False) -> T:
@@ -1479,7 +1479,9 @@ class PostgresStore:
     def audit_tile_head_sync(self, node: str) -> tuple[int, dict[int, bytes]]:
         """(full entry bundles `node`'s stored tiles cover, and at that size the partial
         tile of each level above 0, by level), read in one snapshot; (0, {}) if the
-        node has stored none. Off any event loop: it waits for PostgreSQL."""
+        node has stored none. Off any event loop: it waits for PostgreSQL, within the
+        answer timeout (a request for another node's proof waited out a frozen server,
+        and held a thread of the default executor meanwhile: a review)."""
         async def head() -> tuple[int, dict[int, bytes]]:
             async with self.pool.connection() as conn:
                 await conn.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)
@@ -1500,7 +1502,7 @@ class PostgresStore:
                         return bundles, edges
                 finally:
                     await conn.set_isolation_level(None)
-        return self._call(head())
+        return self._call(head(), bounded=True)
 
     def audit_tile_sync(self, node: str, level: int, index: int) -> bytes | None:
         """A stored tile of `node`'s log, as stored (full, or the latest partial)."""
@@ -1510,7 +1512,7 @@ class PostgresStore:
                                          "level = %s AND idx = %s", (node, level, index))
                 row = await cur.fetchone()
                 return bytes(row[0]) if row else None
-        return self._call(read())
+        return self._call(read(), bounded=True)  # as the head
 
     def audit_size_sync(self, node: str) -> int:
         """How many lines of `node`'s log PostgreSQL holds (for a start, off any loop)."""
@@ -1522,13 +1524,15 @@ class PostgresStore:
                 return int(row[0]) if row else 0
         return self._call(size())
 
-    def audit_lines_sync(self, node: str, start: int, limit: int) -> list[bytes]:
+    def audit_lines_sync(self, node: str, start: int, limit: int,
+                         bounded: bool = False) -> list[bytes]:
+        """`bounded`: within the answer timeout (a request's read, not a start's)."""
         async def read() -> list[bytes]:
             async with self.pool.connection() as conn:
                 cur = await conn.execute("SELECT line FROM audit_lines WHERE node = %s AND "
                                          "seq >= %s ORDER BY seq LIMIT %s", (node, start, limit))
                 return [bytes(r[0]) for r in await cur.fetchall()]
-        return self._call(read())
+        return self._call(read(), bounded=bounded)
 
     async def audit_lines(self, node: str, start: int, limit: int) -> list[bytes]:
         rows = await self._rows("SELECT line FROM audit_lines WHERE node = %s AND seq >= %s "
