@@ -956,8 +956,9 @@ async def renew(url: str, cert: Path, key: Path, ca: Path | None, rekey: bool, *
                 root_said: Any = None) -> dict[str, Any]:
     """Renew `cert` over mutual TLS and replace cert (and, with `rekey`, key) and the
     chain.pem beside the certificate, all or none, once the CA has answered. The files
-    keep their shape: a certificate file that held the chain after the leaf gets the new
-    chain, and one file holding both certificate and key (haproxy's) keeps both. Then
+    keep their shape: a certificate file that held CA certificates after the leaf gets
+    the new chain's (without its self-signed root, which a peer never needs), and one
+    file holding both certificate and key (haproxy's) keeps both. Then
     `ca` follows a root rotation (`follow_root`, which says so through `root_said`)."""
     with _renewing(cert):
         issued = await _renew(url, cert, key, ca, rekey, ttl, warn)
@@ -971,34 +972,60 @@ async def follow_root(url: str, ca: Path, chain_pem: str, warn: Any = None) -> N
     by the old one (RFC 4210's NewWithOld). A renewer whose --ca holds the old root adds
     the new one to that file, on the old root's word: once the old root is retired, the
     daemon's chain ends at the new root, and every renewer pinned to the old one failed
-    for good at its next connection (a key trial). Only a new root that certifies the
-    same key as a NewWithOld the pinned root signed is added."""
-    pinned = load_certificates(ca, "--ca")
-    keys = {_spki(c.public_key()) for c in pinned}
-    vouched = [c for c in x509.load_pem_x509_certificates(chain_pem.encode())
-               if c.subject == c.issuer and _spki(c.public_key()) not in keys
-               and not self_signed(c) and any(_issued_by(c, p) for p in pinned)]
-    if not vouched:
+    for good at its next connection (a key trial). Never fails the renewal it follows:
+    its certificate is installed already (a review), so a failure is said, not raised."""
+    try:
+        added = await _followed_root(url, ca, chain_pem)
+    except (ClientError, OSError, ValueError) as exc:
+        if warn is not None:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            warn(f"the CA's root was rotated, and --ca {ca} could not take the new root "
+                 f"({reason}): put the CA's new root.pem there before the old root is "
+                 "retired, or this renewer stops then")
         return
+    if added and warn is not None:
+        warn(f"the CA's root was rotated: --ca {ca} now holds the new root too (SHA-256 "
+             f"{', '.join(added)}), certified by the root it held; give the CA's root.pem "
+             "to the relying parties you look after")
+
+
+async def _followed_root(url: str, ca: Path, chain_pem: str) -> list[str]:
+    """The new roots added to `ca` (their SHA-256 fingerprints). Only a root that is
+    in the served chain's path and vouched for is added: the chain's issuing CA is
+    signed by its key, a valid CA certificate of that key (NewWithOld) is signed by a
+    self-signed root `ca` holds, and the root itself is a valid self-signed CA."""
+    now = dt.datetime.now(dt.UTC)
+    pinned = [c for c in load_certificates(ca, "--ca") if self_signed(c)]
+    keys = {_spki(c.public_key()) for c in pinned}
+    chain = x509.load_pem_x509_certificates(chain_pem.encode())
+    if not chain:
+        return []
+    vouched = [c for c in chain[1:] if _usable_ca(c, now) and not self_signed(c)
+               and _spki(c.public_key()) not in keys and _issued_by(chain[0], c)
+               and any(_issued_by(c, p) for p in pinned)]
+    if not vouched:
+        return []
     body = await get_raw(f"{url}/v1/x509/roots", ssl_context(ca))
     new = [r for r in x509.load_pem_x509_certificates(body) if self_signed(r)
+           and _usable_ca(r, now)
            and any(_spki(r.public_key()) == _spki(c.public_key()) for c in vouched)]
     if not new:
-        return
+        return []
+    real = ca.resolve()  # a link to it stays one
+    st = real.stat()
+    write_atomic(real, real.read_bytes().rstrip(b"\n") + b"\n" + b"".join(
+        r.public_bytes(serialization.Encoding.PEM) for r in new), stat.S_IMODE(st.st_mode))
+    with contextlib.suppress(OSError):  # its owner and group, as the file had them
+        os.chown(real, st.st_uid, st.st_gid)
+    return [r.fingerprint(hashes.SHA256()).hex() for r in new]
+
+
+def _usable_ca(cert: x509.Certificate, now: dt.datetime) -> bool:
     try:
-        real = ca.resolve()  # a link to it stays one
-        mode = stat.S_IMODE(real.stat().st_mode)
-        write_atomic(real, real.read_bytes().rstrip(b"\n") + b"\n" + b"".join(
-            r.public_bytes(serialization.Encoding.PEM) for r in new), mode)
-    except OSError as exc:
-        if warn is not None:
-            warn(f"the CA's root was rotated, and --ca {ca} cannot take the new root "
-                 f"({exc.strerror}): put the CA's new root.pem there before the old root "
-                 "is retired, or this renewer stops")
-        return
-    if warn is not None:
-        warn(f"the CA's root was rotated: --ca {ca} now holds the new root too, certified "
-             "by the root it held (give it to the relying parties you look after)")
+        ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
+    return ca and cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
 
 
 @contextlib.contextmanager

@@ -32,7 +32,9 @@ def settings_of(policy: Policy) -> dict[str, Any]:
 
 
 def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
+    # Sorted: the lists are sets of names, and the same entries in another order on
+    # another node are the same policy (a review)
+    return sorted(value) if isinstance(value, tuple) else value
 
 
 def differences(node: str, running: dict[str, str]) -> dict[str, list[str]]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import fcntl
+import hashlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -57,9 +58,14 @@ def _first_cert(path: Path) -> x509.Certificate | None:
         return None
 
 
-def _fingerprint_of(path: Path) -> str | None:
-    cert = _first_cert(path)
-    return fingerprint(cert) if cert is not None else None
+def _digest_of(path: Path) -> str | None:
+    """The whole file's: the chain after the certificate changes alone when a root is
+    retired, and the listeners must load it then too (a review found them presenting
+    the old chain until a restart, while only the leaf's fingerprint was compared)."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 @contextmanager
@@ -93,7 +99,7 @@ class OwnCerts:
         self.policies, self.revocations = policies, revocations
         self._lock = asyncio.Lock()
         # What the workers' listeners loaded: the file as the start left it.
-        self._served = _fingerprint_of(config.tls_cert)
+        self._served = _digest_of(config.tls_cert)
         self._tls = Recurring(log, "cannot renew the daemon's TLS certificate now",
                               "the daemon's TLS certificate can be renewed again")
         self._admin = Recurring(log, "cannot renew this host's admin credential now",
@@ -116,10 +122,12 @@ class OwnCerts:
                     else:
                         self._admin.ok()
             # Renewed here or by another node of the same state directory: loaded.
-            now = _fingerprint_of(self.config.tls_cert)
+            now = _digest_of(self.config.tls_cert)
             if now is not None and now != self._served:
                 self._served = now
                 self.generations.bump("tls")
+                log.info("the listeners take the daemon's TLS certificate file anew at "
+                         "their next handshake")
             await self._say_ends()
 
     async def _say_ends(self) -> None:

@@ -457,6 +457,8 @@ async def test_rotate_the_root_offline_and_relying_parties_of_either_root_follow
     config = ca.state / "hsmca.toml"
     old_root = tmp_path / "old-root.pem"
     old_root.write_bytes((ca.state / "x509/root.pem").read_bytes())
+    old_root_only = tmp_path / "old-root-only.pem"  # a client that never follows
+    old_root_only.write_bytes(old_root.read_bytes())
     d = start_daemon(ca.state)
     try:
         old_cert, old_key = enroll(d, tmp_path, "service", ["old.internal.example"])
@@ -574,6 +576,15 @@ async def test_rotate_the_root_offline_and_relying_parties_of_either_root_follow
         assert d.wait_stderr(lambda: any("TLS chain follows the CA's current chain" in x
                                          for x in d.stderr[said_before:]), within=60)
         assert pems(ca.state / "tls/server.pem")[1:] == served
+        # and the listener presents it: a client that trusts only the old root, and
+        # never renewed to follow, is refused now, and told why (a review: the file
+        # changed, the listener kept the old chain until a restart)
+        assert d.wait_stderr(lambda: any("take the daemon's TLS certificate file anew" in x
+                                         for x in d.stderr[said_before:]), within=60)
+        refused = hsmca("renew", "--url", d.url, "--ca", old_root_only, "--cert", old_cert,
+                        "--key", old_key, check=False)
+        assert refused.returncode != 0 and "After a root rotation whose old root is " \
+            "retired" in refused.stderr, refused.stderr
         renewed = hsmca("renew", "--url", d.url, "--ca", pinned, "--cert", old_cert, "--key",
                         old_key, check=False)
         assert renewed.returncode == 0, renewed.stderr

@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
                   "still trust this CA key accept them until then (the KRL goes on naming "
                   "those revoked); those that refresh their SSH CA keys from /v1/ssh/ca "
                   "stop accepting them", file=sys.stderr)
-        elif out.get("live"):
+        elif out.get("live") and out.get("kind") == "issuing":
             print(f"hsmca: warning: {out['live']} certificate(s) it signed are still valid "
                   f"(the last until {out['live_until']}). hsmca still accepts its X.509 "
                   "client certificates, but its CRL and OCSP responses are signed no more: "

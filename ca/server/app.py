@@ -442,6 +442,19 @@ def _kind(exc: ssl.SSLError) -> str:
 X509_V_FLAG_NO_CHECK_TIME = 0x200000  # OpenSSL's; Python's ssl has no name for it
 
 
+class _ListenerContext(ssl.SSLContext):
+    """A connection's TLS object takes the context's certificate chain when it is made:
+    the daemon's renewed certificate (or its chain, after a root is retired) is loaded
+    before, not in its first handshake, which presented the old chain still (a review:
+    a client of the retired root alone got through a worker per connection)."""
+
+    def wrap_bio(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
+                 server_side: bool = False, server_hostname: str | None = None,
+                 session: ssl.SSLSession | None = None) -> ssl.SSLObject:
+        TRUST.check(self)
+        return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
+
+
 def tls_context(cert: Path, key: Path, client_ca: Path) -> ssl.SSLContext:
     """TLS 1.2+ (1.3 preferred by OpenSSL), asking for, not requiring, a client cert.
 
@@ -453,7 +466,7 @@ def tls_context(cert: Path, key: Path, client_ca: Path) -> ssl.SSLContext:
     clients do) could not even enroll again with a token. Routes answer 403 with what
     to do instead; a leaf never outlives its issuer, so the leaf's time is the chain's.
     """
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx = _ListenerContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(cert, key)
     ctx.load_verify_locations(cafile=str(client_ca))
