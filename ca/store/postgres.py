@@ -836,11 +836,13 @@ class PostgresStore:
 
     async def running_node_policies(self) -> dict[str, str]:
         # Running: its primary holds the advisory lock of its name's lease (Lease), which
-        # pg_locks shows as the key's two 32-bit halves.
+        # pg_locks shows as the key's two 32-bit halves; in this database (pg_locks shows
+        # every database's, and another CA's node may have the same name: a review).
         rows = await self._rows(
             "SELECT substr(m.k, 8), m.v FROM meta m WHERE m.k LIKE 'policy:%%' AND EXISTS "
             "(SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted AND "
-            "l.objsubid = 1 AND ((l.classid::bigint << 32) | l.objid::bigint) = "
+            "l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+            "AND l.objsubid = 1 AND ((l.classid::bigint << 32) | l.objid::bigint) = "
             "hashtextextended('lease:node:' || substr(m.k, 8), 0))")
         return {r[0]: r[1] for r in rows}
 
