@@ -523,10 +523,13 @@ def test_name_and_principal_parsers_fuzz(text: str) -> None:
         seconds = policy.parse_ttl(text)
     except policy.Refused as exc:
         assert exc.detail
-    else:  # a positive count of one unit, nothing else
-        number, unit = text.strip()[:-1], text.strip()[-1]
-        assert number.isdigit() and not number.startswith("0") and seconds > 0
-        assert seconds == int(number) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
+    else:  # counts of units, largest first, each once, nothing else, more than 0 in all
+        parts = re.findall(r"([0-9]+)([dhms])", text.strip())
+        assert "".join(n + u for n, u in parts) == text.strip() and seconds > 0
+        units = [u for _, u in parts]
+        assert units == sorted(set(units), key="dhms".index)
+        assert seconds == sum(int(n) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[u]
+                              for n, u in parts)
 
 
 @settings(max_examples=200, deadline=None)
