@@ -232,12 +232,19 @@ class KeyLifecycle:
 def write_chain_files(x509_dir: Path, issuers: Issuers) -> None:
     """The state directory's public files of the keys in use, as the inventory has
     them: x509/issuing.pem and chain.pem (the issuer new certificates come from, and
-    its chain, what the daemon's own TLS certificate is served with), and
-    ssh/user_ca.pub and host_ca.pub (every SSH CA key still trusted, newest first, as
-    /v1/ssh/ca serves them: what sshd's TrustedUserCAKeys and known_hosts take)."""
+    its chain, what the daemon's own TLS certificate is served with), root.pem and
+    roots.pem (the active root; every root, it first), and ssh/user_ca.pub and
+    host_ca.pub (every SSH CA key still trusted, newest first, as /v1/ssh/ca serves
+    them: what sshd's TrustedUserCAKeys and known_hosts take). The roots too: a node
+    whose host missed the copy of x509/ after a root rotation elsewhere kept the old
+    root.pem, and its own admin commands failed once the old root was retired (a
+    cluster trial). Each root's certificate is its own key's (Issuers checks)."""
     current = issuers.current
     write_atomic(x509_dir / "issuing.pem", pem(current.cert))
     write_atomic(x509_dir / "chain.pem", current.chain_pem)
+    write_atomic(x509_dir / "root.pem", pem(issuers.root))
+    write_atomic(x509_dir / "roots.pem", "".join(pem(c) for c in issuers.roots or
+                                                 (issuers.root,)))
     ssh_dir = x509_dir.parent / "ssh"
     for cert_type in ("user", "host"):
         lines = issuers.ssh_lines(cert_type, f"hsmca-{cert_type}-ca")

@@ -503,12 +503,16 @@ async def test_rotate_the_root_offline_and_relying_parties_of_either_root_follow
     # old one, and `hsmca key list --config` failed).
     for path, data in zip(tls, before_tls, strict=True):
         path.write_bytes(data)
+    # and as a node host that missed the ceremony's x509/ holds it: the old root (a
+    # cluster trial's node kept it, and its admin commands failed after the retirement)
+    (ca.state / "x509/root.pem").write_bytes(old_root.read_bytes())
     assert len(pems(ca.state / "x509/roots.pem")) == 2
     assert len(pems(ca.state / "x509/cross.pem")) == 2
     assert sum(label.startswith("root-ca") for label in token_labels(ca.state, ca.token)) == 2
 
     d = start_daemon(ca.state)
     try:
+        assert load(ca.state / "x509/root.pem") == new_root  # written from the inventory
         listing = key_cmd(d, "list").stdout
         assert re.search(r"^root-ca-\S+\s+root\s+active", listing, re.M), listing
         assert re.search(r"^root-ca\s+root\s+previous", listing, re.M), listing

@@ -210,8 +210,11 @@ def _rotate_root(args: argparse.Namespace) -> int:
           f"  {x509_dir / 'root.pem'}: the new root, for relying parties\n"
           f"  {x509_dir / 'roots.pem'}: every root, to trust both during the overlap\n"
           f"  {x509_dir / 'cross.pem'}: each root certified by the other\n"
-          f"Start the daemon: new certificates chain to the new root, served with the old "
-          f"root's certificate for it. Once every relying party trusts the new root: "
+          + ("Start the nodes (each writes its x509/root.pem and roots.pem from the "
+             "inventory; cross.pem is on this host only)" if config.cluster else
+             "Start the daemon")
+          + ": new certificates chain to the new root, served with the old root's "
+          f"certificate for it. Once every relying party trusts the new root: "
           f"hsmca key retire {done.previous}")
     return 0
 

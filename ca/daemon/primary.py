@@ -718,6 +718,8 @@ def _on_change(config: Config, store: PostgresStore, generations: Generations,
                             "key change or reconnection tries again", error=str(exc))
             failing = True
         else:
+            if failing:  # said as the failure was (a cluster trial saw no end to it)
+                log.info("the trust bundle is rewritten from the inventory again")
             failing = False
         generations.bump("keys")
         try:
