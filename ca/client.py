@@ -931,11 +931,11 @@ async def enroll(url: str, token: str, names: list[str], out: Path, ca: Path | N
         # keeps working when the issuing key is rotated (a leaf alone failed at every
         # relying party that pinned the old issuing certificate; a service team's
         # trial). Renewals keep the shape.
-        presented = issued["certificate"] + intermediates(issued["chain"])
+        cert_pem = issued["certificate"] + intermediates(issued["chain"])
     except BaseException:
         target.abort()
         raise
-    target.commit({"key.pem": key_pem(key), "cert.pem": presented,
+    target.commit({"key.pem": key_pem(key), "cert.pem": cert_pem,
                    "chain.pem": issued["chain"]})
     return issued
 
