@@ -149,6 +149,19 @@ def _decide(config: Config, roots: list[KeyRecord]) -> None:
         raise CLIError(exc.detail) from None
 
 
+async def refuse_running_nodes(config: Config) -> None:
+    """Cluster mode: CLIError now if a node runs, before the operator is asked (a
+    cluster trial was told only after its "yes"); rotate_root holds them all anyway."""
+    if not config.cluster:
+        return
+    store = open_store(config.store_location)
+    try:
+        for lease in await _hold_every_node(store):
+            lease.close()
+    finally:
+        store.close()
+
+
 async def _hold_every_node(store: Store) -> list[Lease]:
     """Cluster mode: the ceremony's lock is init's log, which no node holds; so take
     every node's name as well (the lock a running node holds, docs/cluster.md). A node

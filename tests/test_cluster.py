@@ -661,6 +661,10 @@ def test_the_roots_rotation_waits_for_every_node_to_stop(tmp_path: Path,
             "hsmca: error: node 'r1' is running: stop every node before the root's rotation "
             "(docs/keys.md), then start them again\n"), proc.stderr
         assert (c.state / "x509" / "root.pem").read_bytes() == before
+        # said before the "yes" is asked for (a cluster trial was told after it)
+        proc = hsmca("key", "rotate-root", "--config", config, input="yes\n", check=False)
+        assert proc.returncode == 1 and "node 'r1' is running" in proc.stderr, proc.stderr
+        assert "Make a new root" not in proc.stderr, proc.stderr
         c.nodes["r1"].stop()
         proc = hsmca("key", "rotate-root", "--config", config, "--yes", check=False)
         assert proc.returncode == 0 and "new root" in proc.stdout, proc.stderr

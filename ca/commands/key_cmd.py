@@ -184,7 +184,7 @@ def _listed(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def _rotate_root(args: argparse.Namespace) -> int:
     from ca.commands.client_cmd import _config
-    from ca.root_rotation import rotate_root
+    from ca.root_rotation import refuse_running_nodes, rotate_root
     config = _config(args)
     from ca.audit.log import AuditLogError, ensure_unlocked
     from ca.config import secret_files, trusted_paths
@@ -199,6 +199,7 @@ def _rotate_root(args: argparse.Namespace) -> int:
         f"the daemon (or another hsmca command) holds the audit log of "
         f"{config.state_dir}: the root is rotated with the daemon stopped; stop it "
         "(`systemctl stop hsmca`), then run hsmca key rotate-root again"))
+    asyncio.run(refuse_running_nodes(config))  # on a cluster: every node, before asking
     if not args.yes:
         confirm(f"Make a new root for the CA in {config.state_dir}? Relying parties must be "
                 "given the new root (x509/root.pem) before you retire the old one.",
