@@ -12,15 +12,21 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+
+
+def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """Whether `issuer` signed `cert` (its name and its signature; False for another
+    signer, another key type, an algorithm cryptography does not know)."""
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+        return False
+    return True
 
 
 def self_signed(cert: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(cert)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
+    return issued_by(cert, cert)
 
 
 def presented(chain: Iterable[x509.Certificate]) -> list[x509.Certificate]:

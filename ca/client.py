@@ -30,12 +30,12 @@ from typing import Any
 
 import aiohttp
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
-from ca.chains import presented, self_signed
+from ca.chains import issued_by, presented, self_signed
 from ca.commands.args import check_url
 from ca.config import CA_SERVER_NAME
 from ca.fileutil import copy_new, write_atomic
@@ -319,14 +319,6 @@ def _spki(key: Any) -> bytes:
                                   serialization.PublicFormat.SubjectPublicKeyInfo))
 
 
-def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature):  # other key type, other signer
-        return False
-    return True
-
-
 def check_credential(cert: Path, key: Path, now: dt.datetime | None = None
                      ) -> x509.Certificate:
     """The client certificate as the daemon will judge it, judged here first: readable,
@@ -377,7 +369,7 @@ async def check_issuer(url: str, anon: ssl.SSLContext, cert: Path,
         chain = x509.load_pem_x509_certificates(text.encode())
     except ValueError:
         raise ClientError(f"GET {url}/v1/x509/bundle: the daemon sent no PEM") from None
-    if not any(_issued_by(leaf, ca) for ca in chain):
+    if not any(issued_by(leaf, ca) for ca in chain):
         issuer = leaf.issuer.rfc4514_string()
         if any(ca.subject == leaf.issuer for ca in chain):
             # Same name, other key: another CA (staging and production, say), not this one.
@@ -1001,8 +993,8 @@ async def _followed_root(url: str, ca: Path, chain_pem: str) -> list[str]:
     if not chain:
         return []
     vouched = [c for c in chain[1:] if _usable_ca(c, now) and not self_signed(c)
-               and _spki(c.public_key()) not in keys and _issued_by(chain[0], c)
-               and any(_issued_by(c, p) for p in pinned)]
+               and _spki(c.public_key()) not in keys and issued_by(chain[0], c)
+               and any(issued_by(c, p) for p in pinned)]
     if not vouched:
         return []
     body = await get_raw(f"{url}/v1/x509/roots", ssl_context(ca))

@@ -12,9 +12,9 @@ import datetime as dt
 
 import structlog
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
+from ca.chains import issued_by
 from ca.config import CA_SERVER_NAME, Config
 from ca.fileutil import write_atomic
 from ca.issuance.issue import Issuance
@@ -44,9 +44,7 @@ def _needs_renewal(config: Config, now: dt.datetime, issuer: x509.Certificate) -
         return f"lacks {CA_SERVER_NAME}, which clients on this host check"
     if cert.not_valid_after_utc - now < RENEW_BEFORE:
         return f"expires {cert.not_valid_after_utc.isoformat()}"
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature):
+    if not issued_by(cert, issuer):
         # A root rotation cut short after the inventory changed and before this file was
         # written (a key lifecycle trial): the CA's own root.pem no longer verified it.
         return "not issued by the current issuing CA (a rotation since)"

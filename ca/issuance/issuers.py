@@ -14,10 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 
-from ca.chains import presented
+from ca.chains import issued_by, presented
 from ca.issuance import profiles as prof
 from ca.store.records import CrossCert, KeyRecord
 from hsm.session import KeyInfo
@@ -265,13 +264,7 @@ def _root_of(cert: x509.Certificate, roots: dict[str, x509.Certificate]
              ) -> x509.Certificate | None:
     """The root that signed `cert` (roots made by a rotation share their name: the
     signature tells them apart)."""
-    for candidate in roots.values():
-        try:
-            cert.verify_directly_issued_by(candidate)
-        except (ValueError, TypeError, InvalidSignature):
-            continue
-        return candidate
-    return None
+    return next((c for c in roots.values() if issued_by(cert, c)), None)
 
 
 def _links(active: KeyRecord, records: list[KeyRecord], roots: dict[str, x509.Certificate],

@@ -20,11 +20,11 @@ from typing import Any, Protocol
 
 import structlog
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from ca import ra
 from ca.audit.voided import void
+from ca.chains import issued_by
 from ca.generations import Generations, OnChange
 from ca.issuance import profiles as prof
 from ca.issuance.issue import Issuance
@@ -157,13 +157,8 @@ class Revocations:
         """The label of the issuing key in use whose signature `cert` carries, or None:
         what proves a certificate the inventory does not know is this CA's own."""
         issuers = await self.issuance.keys.refresh()
-        for label, issuer in issuers.x509.items():
-            try:
-                cert.verify_directly_issued_by(issuer.cert)
-            except (ValueError, TypeError, InvalidSignature):
-                continue
-            return label
-        return None
+        return next((label for label, issuer in issuers.x509.items()
+                     if issued_by(cert, issuer.cert)), None)
 
     async def adopt(self, cert: x509.Certificate, issuer: str, actor: str,
                     request_id: str | None) -> None:

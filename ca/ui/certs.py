@@ -19,6 +19,7 @@ from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtensionOID, SignatureAlgorithmOID
 
 from ca.audit.merkle import TreeHead
+from ca.chains import issued_by
 from ca.client import ClientError
 from ca.subject import spki_sha256
 from ca.ui import proofs
@@ -174,14 +175,6 @@ def describe(cert: x509.Certificate) -> list[tuple[str, str]]:
         name = ext.oid._name if ext.oid != ExtensionOID.SUBJECT_ALTERNATIVE_NAME else "SAN"
         out.append((f"{name}{' (critical)' if ext.critical else ''}", text))
     return out
-
-
-def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
-        return False
-    return True
 
 
 def chain(cert: x509.Certificate, bundle: list[x509.Certificate], root: x509.Certificate
