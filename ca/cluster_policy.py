@@ -12,29 +12,23 @@ outage (each node still decides by a policy its operator wrote): /health stays 2
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from typing import Any
 
 import structlog
 
-from ca.policy import Policy
+from ca.policy import Policy, settings
 from ca.store import Store
 
 log = structlog.get_logger("hsmca.policy")
 
 
 def settings_of(policy: Policy) -> dict[str, Any]:
-    """The policy's settings by their names in the config file. The CA's reserved
-    names are left out: they are each node's own server names."""
-    return {f.name.replace("_", "-"): _plain(getattr(policy, f.name))
-            for f in dataclasses.fields(Policy) if f.name != "reserved"}
-
-
-def _plain(value: Any) -> Any:
-    # Sorted: the lists are sets of names, and the same entries in another order on
-    # another node are the same policy (a review)
-    return sorted(value) if isinstance(value, tuple) else value
+    """The policy's settings (ca.policy.settings), each list sorted: the lists are sets
+    of names, and the same entries in another order on another node are the same
+    policy (a review)."""
+    return {name: sorted(value) if isinstance(value, list) else value
+            for name, value in settings(policy).items()}
 
 
 def differences(node: str, running: dict[str, str]) -> dict[str, list[str]]:

@@ -16,6 +16,7 @@ list and the CA's own names bind every role, the operators' own too.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import enum
 import functools
@@ -23,6 +24,7 @@ import ipaddress
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -117,6 +119,15 @@ class Policy:
         "permit-X11-forwarding", "permit-agent-forwarding", "permit-port-forwarding",
         "permit-pty", "permit-user-rc")
     token_max_ttl_s: int = 7 * 24 * 3600
+
+
+def settings(policy: Policy) -> dict[str, Any]:
+    """The policy's settings by their names in the config file, lists as lists. The
+    CA's reserved names are left out: they follow [server], each node's own."""
+    values = {f.name: getattr(policy, f.name) for f in dataclasses.fields(Policy)
+              if f.name != "reserved"}
+    return {name.replace("_", "-"): list(v) if isinstance(v, tuple) else v
+            for name, v in values.items()}
 
 
 # The extensions OpenSSH knows (PROTOCOL.certkeys); any other must be name@domain, a

@@ -26,7 +26,7 @@ from ca.config import Config, ConfigError, load
 from ca.daemon.control import PolicyFeed
 from ca.errors import CLIError
 from ca.fileutil import read_trusted
-from ca.policy import Policy
+from ca.policy import Policy, settings
 
 log = structlog.get_logger("hsmca.reload")
 WORKER_WAIT_S = 5.0
@@ -40,9 +40,8 @@ class Recorder(Protocol):
 
 def changed_settings(old: Policy, new: Policy) -> dict[str, Any]:
     """The policy settings that differ, by their names in the config file."""
-    return {f.name.replace("_", "-"): _plain(getattr(new, f.name))
-            for f in dataclasses.fields(Policy)
-            if f.name != "reserved" and getattr(old, f.name) != getattr(new, f.name)}
+    before = settings(old)
+    return {name: value for name, value in settings(new).items() if before[name] != value}
 
 
 def needs_restart(old: Config, new: Config) -> list[str]:
@@ -60,10 +59,6 @@ def needs_restart(old: Config, new: Config) -> list[str]:
 
 
 _ABSENT = object()
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
 
 
 def say_policy_gaps(config: Config, policy: Policy) -> None:

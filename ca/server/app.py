@@ -327,10 +327,10 @@ REFUSALS = _Refusals()
 
 
 class _Trust:
-    """The intermediates the TLS layer trusts for client certificates, reloaded in a
-    handshake's first step when a key rotation (in any process) moved the shared
-    `keys` counter: a certificate from a new intermediate, handed out by another
-    worker a moment ago, is accepted by this one at once."""
+    """The intermediates the TLS layer trusts for client certificates, reloaded before
+    a connection's TLS object is made (_ListenerContext) when a key rotation (in any
+    process) moved the shared `keys` counter: a certificate from a new intermediate,
+    handed out by another worker a moment ago, is accepted by this one at once."""
 
     def __init__(self) -> None:
         self.generations: Generations | None = None
@@ -391,7 +391,6 @@ class _CheckedSSLObject(ssl.SSLObject):
     sees 'connection reset' and the operator sees nothing. This says why."""
 
     def do_handshake(self) -> None:
-        TRUST.check(self.context)
         try:
             super().do_handshake()
         except ssl.SSLWantReadError:
