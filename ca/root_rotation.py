@@ -141,9 +141,10 @@ class _RecordedRoots(ra.NoIssuers):
 def _decide(config: Config, roots: list[KeyRecord]) -> None:
     if not roots:  # records not seeded yet (an old CA): decided once they are
         return
-    previous = next((r.label for r in reversed(roots) if r.state == "previous"), None)
+    previous = iss.previous_root(roots)
     try:
-        ra.order(decision_context(config.policy, _RecordedRoots(previous)), ra.Local(),
+        ra.order(decision_context(config.policy, _RecordedRoots(
+            previous.label if previous is not None else None)), ra.Local(),
                  ra.KeyRequest("rotate", "root"))
     except Refused as exc:
         raise CLIError(exc.detail) from None

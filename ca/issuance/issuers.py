@@ -246,7 +246,7 @@ def build(records: list[KeyRecord], infos: dict[str, KeyInfo],
                 for kind, cert_type in (("ssh-user", "user"), ("ssh-host", "host"))
                 for r in by_kind[kind]
                 if r.state in ("retired", "destroyed") and r.ssh_public_key}
-    old_root = next((r for r in reversed(by_kind["root"]) if r.state == "previous"), None)
+    old_root = previous_root(by_kind["root"])
     old_root_issuer = None
     if old_root is not None and old_root.label in infos:
         old_cert = roots[old_root.label]
@@ -258,6 +258,12 @@ def build(records: list[KeyRecord], infos: dict[str, KeyInfo],
                                   if label != root_record.label)),
                    previous_root=old_root.label if old_root is not None else None,
                    ssh_past=ssh_past, previous_root_issuer=old_root_issuer)
+
+
+def previous_root(roots: Sequence[KeyRecord]) -> KeyRecord | None:
+    """Of the root key records (oldest first), the newest previous one: the root a
+    rotation replaced, in its hand-over until it is retired."""
+    return next((r for r in reversed(roots) if r.state == "previous"), None)
 
 
 def _root_of(cert: x509.Certificate, roots: dict[str, x509.Certificate]

@@ -319,8 +319,7 @@ class PostgresStore:
         """While refusing calls: whether the server answers again, on a connection of
         its own (the pool's may all be held by calls given up on)."""
         try:
-            conn = await psycopg.AsyncConnection.connect(
-                self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
+            conn = await self.connect_own()
             try:
                 await self._within(conn.execute("SELECT 1"), CONNECT_TIMEOUT_S)
             finally:
@@ -358,6 +357,12 @@ class PostgresStore:
         if not task.cancelled():
             task.exception()  # read: its failure was the caller's StoreUnavailable
 
+    async def connect_own(self) -> Conn:
+        """A connection of its own, outside the pool (a start's migrations, a probe, a
+        lease, the change watcher), within the connect timeout."""
+        return await psycopg.AsyncConnection.connect(self.url, autocommit=True,
+                                                     connect_timeout=CONNECT_TIMEOUT_S)
+
     def _cannot_connect(self) -> bool:
         """After a wait for a connection in vain: whether the pool could not make one
         (fewer connections than it may have), not merely had all of its own busy (a slow
@@ -366,8 +371,7 @@ class PostgresStore:
         return stats["pool_size"] < stats["pool_max"]
 
     async def _open(self, max_size: int) -> None:
-        conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True,
-                                                     connect_timeout=CONNECT_TIMEOUT_S)
+        conn = await self.connect_own()
         try:
             if self._existing:
                 cur = await conn.execute("SELECT to_regclass('schema_version')")
@@ -1356,8 +1360,7 @@ class PostgresStore:
         lost = False  # the connection broke: a notification may have been missed
         while True:
             try:
-                conn = await psycopg.AsyncConnection.connect(
-                    self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
+                conn = await self.connect_own()
                 try:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     while True:
@@ -1648,8 +1651,7 @@ class Lease:
                 return True
             if self._conn is None or self._conn.closed:
                 self._held = False
-                self._conn = await psycopg.AsyncConnection.connect(
-                    self.store.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
+                self._conn = await self.store.connect_own()
             # A 64-bit hash of the name: with hashtext's 32 bits, two node names in
             # some tens of thousands collide, and the second node could not start.
             cur = await self._conn.execute(
