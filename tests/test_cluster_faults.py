@@ -368,6 +368,82 @@ def test_a_database_that_stops_answering_is_given_up_on_not_waited_for(
         store.close()
 
 
+# A COMMIT that ignores a cancel, as one waiting on a synchronous standby or a stalled
+# disk does: a deferred trigger waits for an advisory lock the test holds, and waits again
+# when cancelled.
+HELD_COMMIT = """
+CREATE FUNCTION held_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  LOOP
+    BEGIN
+      PERFORM pg_advisory_lock(4242);
+      PERFORM pg_advisory_unlock(4242);
+      RETURN NULL;
+    EXCEPTION WHEN query_canceled THEN
+      NULL;
+    END;
+  END LOOP;
+END $$;
+CREATE CONSTRAINT TRIGGER held AFTER INSERT ON certs DEFERRABLE INITIALLY DEFERRED
+  FOR EACH ROW EXECUTE FUNCTION held_commit();
+"""
+
+
+def test_a_certificate_whose_commit_was_given_up_on_is_not_called_absent_before_it_lands(
+        postgres_server: Any) -> None:
+    """A certificate's inventory commit the store gave up on (its answer timeout) may
+    land later: a COMMIT waiting on a synchronous standby or a stalled disk ignores the
+    cancel. The check for certificates signed and never released read the row once,
+    found nothing, and let it go: the row then landed live and OCSP-good, and nobody held
+    it (a review). The check now waits for such a commit, and is told it is still pending
+    (to try again) rather than that there is no row; once it lands, the row is found."""
+    import datetime as dt
+    import time
+
+    import psycopg
+
+    from ca.store.errors import StoreUnavailable
+    from ca.store.postgres import PostgresStore
+    from ca.store.records import NewCert
+    url = postgres_server.new_database()
+    store = PostgresStore(url, answer_timeout_s=2.0)
+    now = dt.datetime.now(dt.UTC)
+    serial = 0x5E771ED
+    holder = psycopg.connect(url, autocommit=True)
+    try:
+        holder.execute(HELD_COMMIT)
+        holder.execute("SELECT pg_advisory_lock(4242)")
+        given_up = store.add_cert(NewCert(
+            serial=serial, fingerprint="f" * 64, role="service", subject="CN=late.test",
+            names=("late.test",), principals=(), spki_sha256="e" * 64,
+            not_before=now.isoformat(), not_after=(now + dt.timedelta(days=1)).isoformat(),
+            issued_at=now.isoformat(), der=b"DER", issuer="issuing-ca", audit_seq=7))
+        with pytest.raises(StoreUnavailable, match="no answer within 2 s"):
+            given_up.result(timeout=60)
+        deadline = time.monotonic() + 60
+        while True:  # refused at once until the store's probe finds the server answering
+            try:
+                found = asyncio.run(store.settled_cert(serial))
+            except StoreUnavailable as exc:
+                said = str(exc)
+                if "still pending" in said:
+                    break
+                assert time.monotonic() < deadline, f"the store did not come back: {exc}"
+                continue
+            raise AssertionError(f"read while its commit was pending: {found}")
+        assert said == (f"a commit of certificate {serial:x}'s inventory row that was "
+                            "given up on is still pending in PostgreSQL (a synchronous "
+                            "standby or the disk holds it)")
+        assert store.healthy  # the server answers: it is not called silent for this
+        holder.execute("SELECT pg_advisory_unlock(4242)")  # the late COMMIT lands
+        issued = asyncio.run(store.settled_cert(serial))
+        assert issued is not None and issued.record.audit_seq == 7, issued
+        assert issued.record.revoked_at is None  # live, for the check to revoke
+    finally:
+        holder.close()
+        store.close()
+
+
 def test_calls_given_up_on_that_fill_the_pool_do_not_make_the_next_calls_wait(
         postgres_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """A call given up on keeps its pooled connection while psycopg cancels it (up to

@@ -88,7 +88,8 @@ async def _revoke_when_logged(queue: asyncio.Queue[Unreleased], store: Store,
                 break
             if revoked:
                 log.warning("revoked a certificate signed but never released (its outcome "
-                            "line could not be written); nobody holds it", serial=item[1])
+                            "line could not be written, or its inventory commit was given up "
+                            "on); nobody holds it", serial=item[1])
             break
 
 

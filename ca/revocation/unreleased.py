@@ -55,7 +55,8 @@ async def revoke_unreleased(items: Iterable[Unreleased], store: Store, audit: ob
                 serial, None, None, matching))
             await revocations.revoke_ssh(ssh_order, matching, None)
         else:
-            issued = await store.issued_cert(serial)  # the read that has its audit line
+            # The read that has its audit line, once a commit given up on has landed
+            issued = await store.settled_cert(serial)
             record = issued.record if issued is not None else None
             if (record is None or record.revoked_at is not None or record.audit_seq != seq
                     or record.audit_log != node):

@@ -173,6 +173,13 @@ class Store(Protocol):
         """A certificate's record and DER."""
         ...
 
+    async def settled_cert(self, serial: int) -> IssuedCert | None:
+        """issued_cert, read once no add_cert of `serial` can still commit. A commit the
+        store gave up on (PostgreSQL's answer timeout) may land later: read as absent
+        before it did, a row signed and never released was left live, OCSP-good, and
+        held by nobody (a review). StoreUnavailable while such a commit is pending."""
+        ...
+
     async def find_ssh_certs(self, query: SSHCertQuery, now: dt.datetime,
                              soon: dt.datetime) -> SSHCertPage:
         """The SSH certificates `query` matches, one page of them, as find_certs."""

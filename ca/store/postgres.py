@@ -94,6 +94,10 @@ MIGRATION_LOCK = 0x6873_6D63_6100_0001  # pg_advisory_lock key: "hsmca" + 1
 # pg_advisory_xact_lock(AUDIT_LOCK_CLASS, hashtext(node)): the lock a node's audit groups
 # take. The two-key form: its keys never meet the one-key locks (migrations, leases).
 AUDIT_LOCK_CLASS = 0x6873_6D63  # "hsmc"
+# pg_advisory_xact_lock(CERT_LOCK_CLASS, hashtext(serial)): held by the transaction that
+# adds a certificate's row, from its first statement to its COMMIT, so that a reader can
+# wait for a commit given up on that may still land (settled_cert).
+CERT_LOCK_CLASS = 0x6873_6365  # "hsce"
 CONNECT_TIMEOUT_S = 3  # a node answers 503 quickly rather than hang on a dead server
 RECONNECT_TIMEOUT_S = 5.0
 RETRY_S = 1.0  # once the pool could not connect, how often a call tries it again
@@ -561,6 +565,9 @@ class PostgresStore:
         serial = format(cert.serial, "x")
 
         async def insert(db: Conn) -> None:
+            # First, and held to the COMMIT: see settled_cert.
+            await db.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
+                             (CERT_LOCK_CLASS, serial))
             await db.execute(
                 "INSERT INTO certs (serial, fingerprint, role, subject, names, principals, "
                 "spki_sha256, not_before, not_after, issued_at, der, issuer, renewed_from, "
@@ -698,6 +705,41 @@ class PostgresStore:
     async def issued_cert(self, serial: int) -> IssuedCert | None:
         rows = await self._rows(f"SELECT {_READ_COLS}, c.der FROM {_READ_FROM} WHERE "
                                 "c.serial = %s", (format(serial, "x"),), bounded=True)
+        return IssuedCert(_read_cert(rows[0]), bytes(rows[0][-1])) if rows else None
+
+    async def settled_cert(self, serial: int) -> IssuedCert | None:
+        # The add's transaction holds the serial's lock from before its INSERT to its
+        # COMMIT, and its client sends that COMMIT only once the INSERT has run: a row
+        # that can still land is one whose lock is held. Waited for here, up to a little
+        # less than the answer timeout, so that the server says the wait was too long
+        # (lock_timeout), not the store's deadline, which would call the server silent.
+        key = format(serial, "x")
+        lock = ("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (CERT_LOCK_CLASS, key))
+        wait_ms = max(1, int(self.answer_timeout_s * 800))
+
+        async def read() -> tuple[bool, list[tuple[Any, ...]]]:
+            async with self.pool.connection() as conn:
+                try:
+                    async with conn.transaction():
+                        cur = await conn.execute(
+                            "SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))",
+                            (CERT_LOCK_CLASS, key))
+                        if not (await cur.fetchone() or (False,))[0]:
+                            log.warning("a commit of this certificate's inventory row that "
+                                        "was given up on is still pending; waiting for it",
+                                        serial=key)
+                            await conn.execute(f"SET LOCAL lock_timeout = {wait_ms}")
+                            await conn.execute(*lock)
+                        cur = await conn.execute(f"SELECT {_READ_COLS}, c.der FROM "
+                                                 f"{_READ_FROM} WHERE c.serial = %s", (key,))
+                        return True, await cur.fetchall()
+                except psycopg.errors.LockNotAvailable:
+                    return False, []
+        settled, rows = await self._run(read(), bounded=True)
+        if not settled:
+            raise StoreUnavailable(
+                f"a commit of certificate {key}'s inventory row that was given up on is "
+                "still pending in PostgreSQL (a synchronous standby or the disk holds it)")
         return IssuedCert(_read_cert(rows[0]), bytes(rows[0][-1])) if rows else None
 
     async def renewal_family(self, serial: int) -> list[CertRecord]:
