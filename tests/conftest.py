@@ -219,6 +219,11 @@ def start_daemon(state: Path, *extra: str, env: dict[str, str] | None = None,
         raise AssertionError(f"daemon did not start: {first!r}\n{''.join(stderr)}")
     threading.Thread(target=lambda: proc.stdout.read() if proc.stdout else None,
                      daemon=True).start()
+    # Its log is read by another thread: what it said while it started is there once
+    # its "listening" line is, which it logs right after the stdout line.
+    with changed:
+        changed.wait_for(lambda: ended.is_set() or any(
+            '"event": "listening"' in line for line in stderr), 60)
     return Daemon(first.split()[-1], proc, state, stderr, changed, ended)
 
 

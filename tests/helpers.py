@@ -304,6 +304,7 @@ class Running:
     raw: list[str] = field(default_factory=list)
     stdout: list[str] = field(default_factory=list)
     cond: threading.Condition = field(default_factory=threading.Condition)
+    ended: threading.Event = field(default_factory=threading.Event)  # its stderr is read
 
     @classmethod
     def start(cls, *args: str | Path, env: dict[str, str] | None = None,
@@ -327,8 +328,15 @@ class Running:
                 if isinstance(obj, dict):
                     self.lines.append(obj)
                 self.cond.notify_all()
+        self.ended.set()
         with self.cond:
             self.cond.notify_all()
+
+    def exit_code(self, deadline_s: float = 60) -> int:
+        """Its exit status once it has exited on its own and its last line is read."""
+        code = self.proc.wait(timeout=deadline_s)
+        assert self.ended.wait(deadline_s), "its stderr did not end"
+        return code
 
     def _drain_stdout(self) -> None:
         assert self.proc.stdout is not None

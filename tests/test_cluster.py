@@ -226,9 +226,18 @@ async def test_every_node_serves_every_log_and_one_node_verifies_them_all(
     logs = {entry["name"]: entry for entry in json.loads(body)["logs"]}
     assert set(logs) == {*NODES, "init"}  # init's own log: the key ceremony
     assert logs["node-3"]["self"] and not logs["node-2"]["self"]
-    # Node 2's checkpoint and lines, served by node 3, are node 2's own, byte for byte.
-    status, _, note = await call("GET", f"{n3.url}/v1/audit/checkpoint?log=node-2", n3.ssl())
-    assert status == 200 and note.decode().split("\n")[0].endswith("/node-2")
+    # Node 2's checkpoint and lines, served by node 3, are node 2's own, byte for byte;
+    # the same checkpoint under the prefix URL tlog tooling takes (asked twice if node 2
+    # signed its heartbeat checkpoint in between: a minute apart)
+    for _ in range(2):
+        status, _, note = await call("GET", f"{n3.url}/v1/audit/checkpoint?log=node-2",
+                                     n3.ssl())
+        assert status == 200 and note.decode().split("\n")[0].endswith("/node-2")
+        status, _, same = await call("GET", f"{n3.url}/v1/audit/logs/node-2/checkpoint",
+                                     n3.ssl())
+        if status == 200 and same == note:
+            break
+    assert status == 200 and same == note
     size = int(note.decode().split("\n")[1])
     status, ctype, lines = await call("GET", f"{n3.url}/v1/audit/entries?log=node-2&start=0"
                                       f"&limit={size}", n3.admin_ssl())
@@ -241,10 +250,7 @@ async def test_every_node_serves_every_log_and_one_node_verifies_them_all(
     assert b"this CA has no log named 'no-such-node'" in body, body
     status, ctype, _ = await call("GET", f"{n3.url}/v1/audit/checkpoint?log=../x", n3.ssl())
     assert status == 400 and ctype == "application/problem+json"
-    # The same checkpoint under the prefix URL tlog tooling takes; a path and a query
-    # that name two logs are refused.
-    status, _, same = await call("GET", f"{n3.url}/v1/audit/logs/node-2/checkpoint", n3.ssl())
-    assert status == 200 and same == note
+    # A path and a query that name two logs are refused.
     status, ctype, body = await call(
         "GET", f"{n3.url}/v1/audit/logs/node-2/checkpoint?log=node-1", n3.ssl())
     assert status == 400 and b"name one" in body

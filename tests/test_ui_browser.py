@@ -45,6 +45,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from tests.conftest import Daemon, hsmca, init_ca, require, set_config, start_daemon
 from tests.helpers import Running, cert_serial, enroll, log_lines
 from tests.lying_front import LyingFront
+from tests.ports import free_port
 from tests.test_audit_remote import _ATTACKER_SIGNS, REPO, rewrite_line
 from tests.test_witness import WitnessProcess, log_key
 
@@ -106,8 +107,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     witness = WitnessProcess(tmp, "w1.ui.example/witness", {origin: log_vkey})
     set_config(ca.state, "audit", "witnesses", [witness.url])
     set_config(ca.state, "audit", "witness-keys", [witness.vkey])
-    d = start_daemon(ca.state)
-    port = int(d.url.rsplit(":", 1)[1])
+    # Checkpoints only when the log grows: a heartbeat's, cosigned a moment later, would
+    # change the banner's witness part while the pages are read.
+    set_config(ca.state, "audit", "heartbeat-s", 86400)
+    # A port of this test worker's block: the daemon is restarted on it, and a
+    # kernel-chosen one may meanwhile be given to another worker's server.
+    port = free_port()
+    d = start_daemon(ca.state, "--listen", f"127.0.0.1:{port}")
     daemons = [d]
     ui = None
     driver = None

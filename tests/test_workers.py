@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
 from tests.conftest import HSMCA, Daemon, init_ca, set_config, start_daemon
-from tests.helpers import audit_verify, enroll, http, log_lines
+from tests.helpers import audit_verify, enroll, health_until, http, log_lines
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 MAX_CONNECTIONS = 64  # fresh connections tried before a worker counts as unreachable
@@ -289,13 +289,14 @@ async def test_a_worker_refused_its_pin_is_not_started_again_until_the_pin_chang
         ready = len(said("worker ready"))
         pin.write_text(good)  # put right: the worker starts with it
         assert d.wait_stderr(lambda: len(said("worker ready")) > ready, 60)
+        # (the worker's line comes before the primary has counted it: /health is waited
+        # for, and then /metrics says the same)
+        await health_until(d, lambda h: h["code"] == 200 and h["workers"] == "2 of 2 serving")
         status, _, text = await http("GET", f"{d.url}/metrics", d.ssl())
         assert "hsmca_workers_serving 2.0" in text.decode()
         refused = [x for x in log_lines(ca.state) if x["event"] == "hsm.login"
                    and x.get("result") == "PinIncorrect"]
         assert len(refused) == 1, refused  # offered once, never again
-        status, _, body = await http("GET", f"{d.url}/health", d.ssl())
-        assert status == 200 and json.loads(body)["workers"] == "2 of 2 serving", body
     finally:
         pin.write_text(good)
         assert d.stop() == 0
@@ -328,8 +329,8 @@ async def test_a_refused_pin_is_offered_once_by_the_whole_daemon(tmp_path: Path)
         ready = len(said("worker ready"))
         pin.write_text(good)
         assert d.wait_stderr(lambda: len(said("worker ready")) >= ready + 2, 60)
-        status, _, body = await http("GET", f"{d.url}/health", d.ssl())
-        assert status == 200 and json.loads(body)["workers"] == "2 of 2 serving", body
+        # (the workers' lines come before the primary has counted them)
+        await health_until(d, lambda h: h["code"] == 200 and h["workers"] == "2 of 2 serving")
     finally:
         pin.write_text(good)
         assert d.stop() == 0
