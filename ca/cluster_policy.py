@@ -65,16 +65,46 @@ def describe(node: str, running: dict[str, str]) -> str:
             "reload each node (SIGHUP)")
 
 
-async def publish(store: Store, node: str, policy: Policy) -> None:
-    """Record `node`'s settings and say whether the running nodes agree: an error log
-    line naming the others that differ, which stays until their [policy] is the same."""
-    await store.put_node_policy(node, json.dumps(settings_of(policy), sort_keys=True))
-    running = await store.running_node_policies()
-    apart = differences(node, running)
-    if apart:
-        log.error("this node's [policy] differs from other running nodes': a request "
-                  "is decided differently by the node that takes it; give every node's "
-                  "hsmca.toml the same [policy] and reload each node (SIGHUP)",
-                  node=node, differs_from={n: ", ".join(k) for n, k in apart.items()})
-    elif len(running) > 1:
-        log.info("[policy] is the same on every running node", running=len(running))
+class PolicyWatch:
+    """This node's side of the comparison: its settings recorded, and what it last said
+    of the running nodes'. Another node's reload or start moves the store's "policy"
+    counter, and every node says a change of the verdict too: before, only the node
+    reloaded said the nodes agreed again, and the other's log ended on its error (a
+    cluster trial)."""
+
+    def __init__(self, store: Store, node: str) -> None:
+        self.store, self.node = store, node
+        self.said: dict[str, list[str]] | None = None  # the differences last said
+        self._publishing = 0
+
+    async def publish(self, policy: Policy) -> None:
+        """Record this node's settings and say whether the running nodes agree (said at
+        every start and reload, changed or not): an error log line naming the others
+        that differ, which stays until their [policy] is the same."""
+        self._publishing += 1
+        try:
+            await self.store.put_node_policy(self.node, json.dumps(settings_of(policy),
+                                                                   sort_keys=True))
+            await self._say(always=True)
+        finally:
+            self._publishing -= 1
+
+    async def recheck(self) -> None:
+        """Another node recorded its settings: said only if the verdict changed."""
+        if not self._publishing:  # (its own publish says it, once)
+            await self._say(always=False)
+
+    async def _say(self, always: bool) -> None:
+        running = await self.store.running_node_policies()
+        apart = differences(self.node, running)
+        if not always and apart == self.said:
+            return
+        self.said = apart
+        if apart:
+            log.error("this node's [policy] differs from other running nodes': a request "
+                      "is decided differently by the node that takes it; give every "
+                      "node's hsmca.toml the same [policy] and reload each node (SIGHUP)",
+                      node=self.node,
+                      differs_from={n: ", ".join(k) for n, k in apart.items()})
+        elif len(running) > 1:
+            log.info("[policy] is the same on every running node", running=len(running))

@@ -472,11 +472,17 @@ def test_a_node_whose_policy_differs_is_named_in_every_nodes_health_and_log(
     assert re.fullmatch(r"the same on \d running nodes", health()["policy"])
     node = start_daemon(cluster.state, "--node", "node-p", "--config", str(own))
     try:
+        seen = len(first.stderr)
         set_policy(own, "deny", '["gone.example"]')
         node.proc.send_signal(signal.SIGHUP)
         assert node.wait_stderr(lambda: any("differs from other running nodes" in x
                                             for x in node.stderr)), "".join(node.stderr)
         assert '"node-1": "deny"' in "".join(node.stderr)
+        # The nodes not reloaded say it too, once
+        assert first.wait_stderr(lambda: any("differs from other running nodes" in x
+                                             for x in first.stderr[seen:]), 60), \
+            "".join(first.stderr[seen:])
+        assert '"node-p": "deny"' in "".join(first.stderr[seen:])
         said = health()["policy"]
         assert said.startswith("differs from node node-p in deny: give every node's "
                                "hsmca.toml the same [policy]"), said
@@ -487,6 +493,12 @@ def test_a_node_whose_policy_differs_is_named_in_every_nodes_health_and_log(
                                             for x in node.stderr[said_before:])), \
             "".join(node.stderr)
         assert health()["policy"].startswith("the same on ")
+        # and so does every other node: its log no longer ends on the difference (a
+        # cluster trial)
+        assert first.wait_stderr(lambda: any("the same on every running node" in x
+                                             for x in first.stderr[seen:]), 60), \
+            "".join(first.stderr[seen:])
+        assert sum("differs from other running nodes" in x for x in first.stderr[seen:]) == 1
     finally:
         node.stop()
     assert "node-p" not in health()["policy"]  # a stopped node is not compared

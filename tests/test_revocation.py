@@ -499,6 +499,7 @@ async def test_a_certificate_revoked_as_superseded_can_still_be_revoked_for_comp
     status, answer = await revoke("keyCompromise")
     assert status == 200, answer
     assert sorted(answer["revoked"]) == sorted([serial_a, format(cert_b.serial_number, "x")])
+    assert answer["revoked_at"] == first["revoked_at"], answer  # the time that stands
 
     after = await signed(d, load(a[0]), ocsp.OCSPCertStatus.REVOKED)
     assert after.revocation_reason == x509.ReasonFlags.key_compromise

@@ -236,7 +236,8 @@ async def test_rotate_issuing_and_ssh_keys_retire_and_destroy_while_renewals_run
         proc = hsmca("revoke", format(host_cert.serial_number, "x"), "--config",
                      d.state / "hsmca.toml", "--url", d.url)
         assert "revoked" in proc.stdout
-        assert "key retired or destroyed" in proc.stderr and old_label_text in proc.stderr, \
+        assert "it was issued by a key retired or destroyed" in proc.stderr \
+            and old_label_text in proc.stderr and "trust it until it expires" in proc.stderr, \
             proc.stderr
         resp, _ = await ask_ocsp(d, host_ocsp)
         assert resp.response_status == ocsp.OCSPResponseStatus.UNAUTHORIZED
@@ -783,8 +784,12 @@ async def test_after_two_rotations_the_bundle_and_the_key_list_are_newest_first(
     ca = init_ca(tmp_path)
     d = start_daemon(ca.state)
     try:
-        for _ in range(2):
-            key_cmd(d, "rotate", "issuing")
+        first, second = (key_cmd(d, "rotate", "issuing") for _ in range(2))
+        # The second rotation notes the key the first left previous, still signing
+        assert "still previous" not in first.stderr, first.stderr
+        assert second.stderr.startswith("hsmca: note: issuing-ca is still previous from an "
+                                        "earlier rotation (it keeps signing the CRL"), \
+            second.stderr
         status, _, raw = await http("GET", f"{d.url}/v1/keys", d.admin_ssl())
         assert status == 200
         listed = [k for k in json.loads(raw)["keys"] if k["kind"] == "issuing"]

@@ -63,6 +63,23 @@ RETIRE_WHEN = {
 }
 
 
+def _say_still_previous(args: argparse.Namespace, kind: str, previous: str) -> None:
+    """After a rotation: the keys of its kind an earlier rotation left previous, which go
+    on with what a previous key does (a key trial rotated twice, and two old issuing keys
+    went on signing CRLs and OCSP, with nothing said). Only a note: the rotation is done."""
+    try:
+        keys = _call(args, "GET", "/v1/keys")["keys"]
+    except CLIError:
+        return
+    older = [k["label"] for k in keys if k["kind"] == kind and k["state"] == "previous"
+             and k["label"] != previous]
+    if older:
+        print(f"hsmca: note: {', '.join(older)} {'is' if len(older) == 1 else 'are'} still "
+              f"previous from an earlier rotation ({PREVIOUS_DOES[kind]}); retire "
+              f"{'it' if len(older) == 1 else 'them'} when that is no longer needed "
+              f"(hsmca key retire LABEL)", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     action = args.key_command
     if action == "list":
@@ -100,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"rotated {out['kind']}: {out['label']} is active{staged}, {out['previous']} is "
               f"previous ({PREVIOUS_DOES[out['kind']]} until you retire it)"
               + (f". {RETIRE_WHEN[out['kind']]}" if out["kind"] in RETIRE_WHEN else ""))
+        _say_still_previous(args, out["kind"], out["previous"])
         return 0
     if action == "retire":
         if not args.yes:

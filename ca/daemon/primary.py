@@ -48,6 +48,7 @@ from ca.audit.log import AuditKeys, AuditLog
 from ca.audit.recorder import Recorder
 from ca.audit.witness import FileWitness
 from ca.audit.witnessing import HTTPWitness, Witnessing
+from ca.cluster_policy import PolicyWatch
 from ca.config import Config, split_listen, worker_count
 from ca.daemon import control
 from ca.daemon.keys import Keyring, open_keyring, seed
@@ -484,9 +485,11 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
     policies = control.PolicyFeed(config.policy)
     reloads: set[asyncio.Task[Any]] = set()  # held until done
 
+    policy_watch: PolicyWatch | None = None  # cluster mode, once the store is open
+
     async def reload_and_compare() -> None:
         await reload_policy(config, policies, audit)
-        await _compare_policy(config, store, policies)  # changed or not: said again
+        await _compare_policy(policy_watch, policies)  # changed or not: said again
 
     def reload() -> None:
         task = loop.create_task(reload_and_compare())
@@ -543,8 +546,10 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         if _cluster(store):
             # A revocation or key change committed by any node reaches this node's
             # processes: NOTIFY at once, a poll if a notification is lost.
-            store.watch_changes(_on_change(config, store, generations, keys))
-            await _compare_policy(config, store, policies)
+            if config.node is not None:
+                policy_watch = PolicyWatch(store, config.node)
+            store.watch_changes(_on_change(config, store, generations, keys, policy_watch))
+            await _compare_policy(policy_watch, policies)
         issuance = Issuance(pipeline, store, keys, None, config.node)
         await ensure_server_cert(config, issuance)
         await _revoke_live_certs_of_compromised_keys(issuance, store, audit, generations,
@@ -698,11 +703,12 @@ def _cluster(store: Store | None) -> TypeGuard[PostgresStore]:
 
 
 def _on_change(config: Config, store: PostgresStore, generations: Generations,
-               keys: Keyring) -> Callable[[str], None]:
+               keys: Keyring, policy_watch: PolicyWatch | None) -> Callable[[str], None]:
     """What a change another node committed means here (called on the store's thread):
     a revocation, this node's processes reload; a key change, the trust bundle of this
     host (another host's node rotated) is rewritten from the inventory first, and the
-    public files of the keys in use after it."""
+    public files of the keys in use after it; a node's [policy] recorded, the nodes'
+    are compared again."""
     loop = asyncio.get_running_loop()
     pending: set[asyncio.Task[None]] = set()
     failing = False  # said once per outage: the store marks keys moved at every retry
@@ -730,11 +736,23 @@ def _on_change(config: Config, store: PostgresStore, generations: Generations,
                 log.warning("cannot rewrite the public key files after a key change",
                             error=str(exc))
 
+    async def policy_recorded() -> None:
+        assert policy_watch is not None
+        try:
+            await policy_watch.recheck()
+        except StoreUnavailable:  # the next node's reload or start compares again
+            pass
+
     def on_loop(name: str) -> None:
-        if name != "keys":
+        if name == "policy":
+            if policy_watch is None:
+                return
+            task = loop.create_task(policy_recorded())
+        elif name != "keys":
             generations.bump(name)
             return
-        task = loop.create_task(keys_moved())
+        else:
+            task = loop.create_task(keys_moved())
         pending.add(task)
         task.add_done_callback(pending.discard)
 
@@ -960,15 +978,13 @@ async def _keep_node_name(name: Lease, store: PostgresStore) -> None:
             log.error("another process holds this node's name", node=name.name)
 
 
-async def _compare_policy(config: Config, store: Store | None,
-                          policies: control.PolicyFeed) -> None:
+async def _compare_policy(watch: PolicyWatch | None, policies: control.PolicyFeed) -> None:
     """Cluster mode: record the [policy] in force and say whether the other running
     nodes have the same (ca/cluster_policy.py)."""
-    if not _cluster(store) or config.node is None:
+    if watch is None:
         return
-    from ca import cluster_policy
     try:
-        await cluster_policy.publish(store, config.node, policies.current)
+        await watch.publish(policies.current)
     except StoreUnavailable as exc:  # said at the next start or reload
         log.warning("cannot compare this node's [policy] with the other nodes'",
                     error=str(exc))

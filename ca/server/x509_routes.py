@@ -364,7 +364,10 @@ async def revoke(request: web.Request) -> web.Response:
     log.info("revoked", serials=[format(s, "x") for s in done.serials], reason=order.reason,
              ssh_certificates=done.ssh_certs, actor=order.actor,
              request_id=request.get("request_id"), audit_seq=done.audit_seq)
-    answer: dict[str, Any] = {"revoked_at": done.at.isoformat(),
+    # A revoked certificate whose reason is changed keeps its revocation's time (the CRL
+    # and OCSP say that one): the answer said the second request's (a cluster trial).
+    standing = rec.revoked_at if rec is not None and rec.revoked_at is not None else None
+    answer: dict[str, Any] = {"revoked_at": standing or done.at.isoformat(),
                               "revoked": [format(s, "x") for s in done.serials],
                               "ssh_certificates": done.ssh_certs}
     if order.serial is not None:
@@ -373,11 +376,15 @@ async def revoke(request: web.Request) -> web.Response:
     if done.unpublished:
         labels = ", ".join(sorted(set(done.unpublished.values())))
         listed = ", ".join(format(s, "x") for s in done.unpublished)
+        one = len(done.serials) == 1
         warnings.append(
-            f"{len(done.unpublished)} of them ({listed}) were issued by a key retired or "
-            f"destroyed ({labels}), which signs nothing: their CRL and "
-            "OCSP cannot say they are revoked, so relying parties that check only those "
-            "trust them until they expire. hsmca itself refuses them")
+            (f"it was issued by a key retired or destroyed ({labels}), which signs nothing: "
+             "its CRL and OCSP cannot say it is revoked, so relying parties that check "
+             "only those trust it until it expires. hsmca itself refuses it") if one else
+            (f"{len(done.unpublished)} of them ({listed}) were issued by a key retired or "
+             f"destroyed ({labels}), which signs nothing: their CRL and "
+             "OCSP cannot say they are revoked, so relying parties that check only those "
+             "trust them until they expire. hsmca itself refuses them"))
         answer["unpublished"] = [format(s, "x") for s in done.unpublished]
     if rec is not None and order.reason != "superseded":
         # An SSH trial: "revoking Alice's certificate" by its serial left the one it was

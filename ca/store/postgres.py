@@ -878,6 +878,10 @@ class PostgresStore:
         async def keep(db: Conn) -> None:
             await db.execute("INSERT INTO meta (k, v) VALUES (%s, %s) ON CONFLICT (k) DO "
                              "UPDATE SET v = EXCLUDED.v", (f"policy:{node}", settings))
+            # Every node compares again (its counter is made by the first node to say)
+            await db.execute("INSERT INTO changes (name, n) VALUES ('policy', 0) "
+                             "ON CONFLICT (name) DO NOTHING")
+            await _changed(db, "policy")
         await self._tx(keep)
 
     async def running_node_policies(self) -> dict[str, str]:
