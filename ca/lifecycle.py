@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import secrets
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -40,6 +41,15 @@ LABEL_PREFIX = {"issuing": "issuing-ca", "ssh-user": "ssh-user-ca", "ssh-host": 
                 "audit": "audit"}
 
 
+def key_rows(records: Sequence[KeyRecord], counts: Mapping[str | None, int]
+             ) -> list[dict[str, Any]]:
+    """GET /v1/keys's rows (and `hsmca key list`'s, read beside a stopped daemon): each
+    key with how many certificates it signed, newest first."""
+    return [{"label": r.label, "kind": r.kind, "state": r.state, "algorithm": r.algorithm,
+             "created_at": r.created_at, "changed_at": r.changed_at,
+             "fingerprint": r.fingerprint, "uri": r.uri, "signed": counts.get(r.label, 0)}
+            for r in reversed(records)]
+
 class AuditAppend(Protocol):
     async def append(self, event: str, **fields: Any) -> int: ...
 
@@ -53,12 +63,7 @@ class KeyLifecycle:
         self.generations, self.bundle_path = generations, bundle_path
 
     async def listing(self) -> list[dict[str, Any]]:
-        records = await self.store.keys()
-        counts = await self.store.signed_by()
-        out = [{"label": r.label, "kind": r.kind, "state": r.state, "algorithm": r.algorithm,
-                "created_at": r.created_at, "changed_at": r.changed_at,
-                "fingerprint": r.fingerprint, "uri": r.uri,
-                "signed": counts.get(r.label, 0)} for r in reversed(records)]  # newest first
+        out = key_rows(await self.store.keys(), await self.store.signed_by())
         for key in out:
             # What retiring a previous key (or destroying a retired one) would cut off,
             # for `key retire` and `key destroy` to say before they ask (an SSH trial: said

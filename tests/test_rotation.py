@@ -279,6 +279,33 @@ async def test_rotate_issuing_and_ssh_keys_retire_and_destroy_while_renewals_run
     assert said[2]["live"] and all(e["actor"].startswith("cert:") for e in said), said
 
 
+async def test_key_list_reads_the_inventory_while_the_daemon_is_stopped(tmp_path: Path) -> None:
+    """A key trial could not list the keys during the stops the docs ask for (the root
+    ceremony, a token backup): `key list` needed the daemon. With none answering it reads
+    the inventory of --config, writing nothing, and says so."""
+    import sqlite3
+    ca = init_ca(tmp_path)
+    config = ("--config", ca.state / "hsmca.toml")
+    listed = hsmca("key", "list", *config)
+    assert listed.stderr.startswith("hsmca: note: no daemon answers at "), listed.stderr
+    rows = {line.split()[0]: line.split()[1:4] for line in listed.stdout.splitlines()[1:]
+            if not line.startswith(" ")}
+    assert rows["root-ca"] == ["root", "active", "ec-p256"], listed.stdout
+    assert rows["issuing-ca"][:2] == ["issuing", "active"], listed.stdout
+    assert "admin" not in rows  # keys only
+    # An inventory this release has not migrated yet is left as it is, and said
+    db = ca.state / "hsmca.sqlite3"
+    with sqlite3.connect(db) as conn:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        conn.execute(f"PRAGMA user_version = {version - 1}")
+    refused = hsmca("key", "list", *config, check=False)
+    assert refused.returncode == 1 and "older than this hsmca reads" in refused.stderr \
+        and "start the daemon once" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == version - 1
+
+
 async def test_what_the_ra_refuses_about_keys(tmp_path: Path) -> None:
     ca = init_ca(tmp_path)
     d = start_daemon(ca.state)

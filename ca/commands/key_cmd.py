@@ -63,13 +63,33 @@ RETIRE_WHEN = {
 }
 
 
+def _offline_keys(args: argparse.Namespace) -> list[dict[str, Any]] | None:
+    """The keys read from the inventory of --config when its daemon is stopped (a root
+    ceremony, a token backup: a key trial could not list them then), else None: the
+    running daemon answers. SQLite only: a cluster's nodes answer for each other."""
+    if args.url is not None or args.cert is not None or args.key is not None:
+        return None
+    from ca.commands.client_cmd import _config
+    from ca.config import answers
+    cfg = _config(args)
+    if cfg.cluster or answers(cfg.local_url):
+        return None
+    from ca.lifecycle import key_rows
+    from ca.store.sqlite import read_keys
+    keys = key_rows(*read_keys(cfg.db_path))
+    print(f"hsmca: note: no daemon answers at {cfg.local_url}: read from the inventory "
+          f"{cfg.db_path}", file=sys.stderr)
+    return keys
+
+
 def _say_still_previous(args: argparse.Namespace, kind: str, previous: str) -> None:
     """After a rotation: the keys of its kind an earlier rotation left previous, which go
     on with what a previous key does (a key trial rotated twice, and two old issuing keys
     went on signing CRLs and OCSP, with nothing said). Only a note: the rotation is done."""
+    from ca.client import ClientError
     try:
         keys = _call(args, "GET", "/v1/keys")["keys"]
-    except CLIError:
+    except (ClientError, CLIError):
         return
     older = [k["label"] for k in keys if k["kind"] == kind and k["state"] == "previous"
              and k["label"] != previous]
@@ -83,7 +103,9 @@ def _say_still_previous(args: argparse.Namespace, kind: str, previous: str) -> N
 def run(args: argparse.Namespace) -> int:
     action = args.key_command
     if action == "list":
-        keys = _call(args, "GET", "/v1/keys")["keys"]
+        keys = _offline_keys(args)
+        if keys is None:
+            keys = _call(args, "GET", "/v1/keys")["keys"]
         print(f"{'LABEL':<36} {'KIND':<9} {'STATE':<10} {'ALGORITHM':<10} {'ISSUED':>7}  "
               "CREATED")
         for k in keys:
@@ -258,7 +280,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         "previous, retired, destroyed), algorithm, creation time, PKCS#11 URI and "
         "SHA-256 fingerprint, and ISSUED: how many certificates in the inventory it "
         "issued (X.509 and SSH; CA certificates, CRLs, OCSP responses and checkpoints are "
-        "not counted: the audit log has every signature)."))
+        "not counted: the audit log has every signature). With --config and no daemon "
+        "answering (stopped for a ceremony or a backup), it reads the inventory itself, "
+        "writing nothing."))
     r = ksub.add_parser("rotate", help="a new key of a kind; the old one becomes previous",
                         description="Generate a new non-exportable key in the HSM; for "
                         "issuing, the root certifies it. New certificates (and checkpoints) "

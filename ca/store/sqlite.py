@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 from ca.handoff import STOP, Batch, Coalescer, Sink, async_sink, claim, drain_queue, stop_thread
 from ca.logs import logging_thread
-from ca.store.errors import SchemaTooNew, StoreDamaged, StoreUnavailable
+from ca.store.errors import NoInventory, SchemaTooNew, StoreDamaged, StoreUnavailable
 from ca.store.records import (
     AcmeAccount,
     AcmeAuthz,
@@ -503,6 +503,56 @@ def _connect(path: Path) -> sqlite3.Connection:
     db.execute("PRAGMA busy_timeout=5000")
     db.execute("PRAGMA synchronous=FULL")
     return db
+
+
+Read = Callable[..., list[tuple[Any, ...]]]  # (sql, args=()) -> rows
+
+
+def _keys(read: Read) -> list[KeyRecord]:
+    return [KeyRecord(*r) for r in read(
+        "SELECT label, kind, state, algorithm, created_at, fingerprint, uri, cert, "
+        "changed_at, ssh_public_key FROM ca_keys ORDER BY created_at, label")]
+
+
+def _signed_by(read: Read) -> dict[str | None, int]:
+    counts: dict[str | None, int] = {}
+    for issuer, n in read("SELECT issuer, COUNT(*) FROM certs GROUP BY issuer"):
+        counts[issuer] = counts.get(issuer, 0) + int(n)
+    for issuer, kind, n in read("SELECT issuer, cert_type, COUNT(*) FROM ssh_certs "
+                                "GROUP BY issuer, cert_type"):
+        key = issuer if issuer is not None else f"ssh-{kind}"
+        counts[key] = counts.get(key, 0) + int(n)
+    return counts
+
+
+def read_keys(path: Path) -> tuple[list[KeyRecord], dict[str | None, int]]:
+    """The key records and how many certificates each signed, read from the inventory at
+    `path` without the daemon (`hsmca key list` while it is stopped: a root ceremony, a
+    token backup), and without writing: an inventory the daemon has not migrated yet
+    is refused, since migrating it is the daemon's."""
+    if not path.exists():
+        raise NoInventory(f"the inventory {path} does not exist")
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)  # quoted: '#', '?'...
+    try:
+        db.execute("PRAGMA busy_timeout=5000")
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        if version > len(MIGRATIONS):
+            raise SchemaError(f"the inventory {path} has schema version {version}, newer "
+                              f"than this hsmca knows ({len(MIGRATIONS)}): upgrade hsmca")
+        if version < len(MIGRATIONS):
+            raise SchemaError(f"the inventory {path} has schema version {version}, older "
+                              f"than this hsmca reads ({len(MIGRATIONS)}): start the daemon "
+                              "once (it migrates the inventory), then look again")
+
+        def read(sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+            return db.execute(sql, args).fetchall()
+        return _keys(read), _signed_by(read)
+    except sqlite3.DatabaseError as exc:
+        if damaged(exc):
+            raise damaged_error(path, exc) from None
+        raise
+    finally:
+        db.close()
 
 
 def latest_audit_seq(path: Path, recent: int = 1000) -> int | None:
@@ -1170,9 +1220,7 @@ class SQLiteStore:
     # ---- the CA's keys ----------------------------------------------------------------------
 
     async def keys(self) -> list[KeyRecord]:
-        return [KeyRecord(*r) for r in self._read(
-            "SELECT label, kind, state, algorithm, created_at, fingerprint, uri, cert, "
-            "changed_at, ssh_public_key FROM ca_keys ORDER BY created_at, label")]
+        return _keys(self._read)
 
     async def add_keys(self, records: Sequence[KeyRecord]) -> None:
         def insert(db: sqlite3.Connection) -> None:
@@ -1238,14 +1286,7 @@ class SQLiteStore:
 
     async def signed_by(self) -> dict[str | None, int]:
         """How many certificates each issuer label signed (None: before labels were kept)."""
-        counts: dict[str | None, int] = {}
-        for issuer, n in self._read("SELECT issuer, COUNT(*) FROM certs GROUP BY issuer"):
-            counts[issuer] = counts.get(issuer, 0) + int(n)
-        for issuer, kind, n in self._read("SELECT issuer, cert_type, COUNT(*) FROM ssh_certs "
-                                          "GROUP BY issuer, cert_type"):
-            key = issuer if issuer is not None else f"ssh-{kind}"
-            counts[key] = counts.get(key, 0) + int(n)
-        return counts
+        return _signed_by(self._read)
 
     async def live_signed_by(self, issuer: str | None, now: dt.datetime
                              ) -> tuple[int, str | None]:
