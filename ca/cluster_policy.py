@@ -12,6 +12,7 @@ outage (each node still decides by a policy its operator wrote): /health stays 2
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -75,23 +76,30 @@ class PolicyWatch:
     def __init__(self, store: Store, node: str) -> None:
         self.store, self.node = store, node
         self.said: dict[str, list[str]] | None = None  # the differences last said
-        self._publishing = 0
+        # One comparison at a time, in order: a recheck that read the records before a
+        # later one must not say its older verdict after it; and this node's own record
+        # (whose notice comes back as a recheck) is said once, by its publish.
+        self._turn = asyncio.Lock()
 
     async def publish(self, policy: Policy) -> None:
         """Record this node's settings and say whether the running nodes agree (said at
         every start and reload, changed or not): an error log line naming the others
         that differ, which stays until their [policy] is the same."""
-        self._publishing += 1
-        try:
+        async with self._turn:
             await self.store.put_node_policy(self.node, json.dumps(settings_of(policy),
                                                                    sort_keys=True))
             await self._say(always=True)
-        finally:
-            self._publishing -= 1
+
+    async def withdraw(self) -> None:
+        """This node stops: it is compared no more, and the others say so if that makes
+        them agree (a node whose [policy] differed, taken out, left the others' logs on
+        their error: a review)."""
+        async with self._turn:
+            await self.store.put_node_policy(self.node, None)
 
     async def recheck(self) -> None:
-        """Another node recorded its settings: said only if the verdict changed."""
-        if not self._publishing:  # (its own publish says it, once)
+        """A node recorded its settings, or stopped: said only if the verdict changed."""
+        async with self._turn:
             await self._say(always=False)
 
     async def _say(self, always: bool) -> None:

@@ -44,7 +44,7 @@ def test_backoff_doubles_up_to_a_cap_and_leaves_time_before_expiry() -> None:
     assert all(backoff_s(a, 40, rng) <= 10 for a in range(12))
 
 
-def test_daemon_renews_a_30s_certificate_twice_retrying_while_the_ca_is_away(
+def test_daemon_renews_short_certificates_twice_retrying_while_the_ca_is_away(
         tmp_path: Path) -> None:
     openssl = require("openssl")
     port = free_port()

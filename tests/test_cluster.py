@@ -499,8 +499,19 @@ def test_a_node_whose_policy_differs_is_named_in_every_nodes_health_and_log(
                                              for x in first.stderr[seen:]), 60), \
             "".join(first.stderr[seen:])
         assert sum("differs from other running nodes" in x for x in first.stderr[seen:]) == 1
+        # Apart again, then stopped: the others say they agree once it is gone (their
+        # logs ended on the difference: a review)
+        set_policy(own, "deny", '["gone.example"]')
+        node.proc.send_signal(signal.SIGHUP)
+        assert first.wait_stderr(lambda: sum("differs from other running nodes" in x
+                                             for x in first.stderr[seen:]) == 2, 60), \
+            "".join(first.stderr[seen:])
+        agreed = sum("the same on every running node" in x for x in first.stderr[seen:])
     finally:
-        node.stop()
+        assert node.stop() == 0
+    assert first.wait_stderr(lambda: sum("the same on every running node" in x
+                                         for x in first.stderr[seen:]) == agreed + 1, 60), \
+        "".join(first.stderr[seen:])
     assert "node-p" not in health()["policy"]  # a stopped node is not compared
 
 

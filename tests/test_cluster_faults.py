@@ -368,9 +368,9 @@ def test_a_database_that_stops_answering_is_given_up_on_not_waited_for(
         store.close()
 
 
-# A COMMIT that ignores a cancel, as one waiting on a synchronous standby or a stalled
-# disk does: a deferred trigger waits for an advisory lock the test holds, and waits again
-# when cancelled.
+# A COMMIT that still lands after a cancel, as one held by a stalled disk does (one
+# waiting for a synchronous standby is committed locally at the cancel): a deferred
+# trigger waits for an advisory lock the test holds, and waits again when cancelled.
 HELD_COMMIT = """
 CREATE FUNCTION held_commit() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -392,11 +392,12 @@ CREATE CONSTRAINT TRIGGER held AFTER INSERT ON certs DEFERRABLE INITIALLY DEFERR
 def test_a_certificate_whose_commit_was_given_up_on_is_not_called_absent_before_it_lands(
         postgres_server: Any) -> None:
     """A certificate's inventory commit the store gave up on (its answer timeout) may
-    land later: a COMMIT waiting on a synchronous standby or a stalled disk ignores the
-    cancel. The check for certificates signed and never released read the row once,
-    found nothing, and let it go: the row then landed live and OCSP-good, and nobody held
-    it (a review). The check now waits for such a commit, and is told it is still pending
-    (to try again) rather than that there is no row; once it lands, the row is found."""
+    land later: one held by a stalled disk lands when the disk answers, one waiting for a
+    synchronous standby is committed locally at the cancel. The check for certificates
+    signed and never released read the row once, found nothing, and let it go: the row
+    then landed live and OCSP-good, and nobody held it (a review). The check now waits
+    for such a commit, and is told it is still pending (to try again) rather than that
+    there is no row; once it lands, the row is found."""
     import datetime as dt
     import time
 

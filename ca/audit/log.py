@@ -908,10 +908,11 @@ class LastRun:
     certificates that were signed and never released, as (purpose, serial as the intent
     writes it, the intent's seq), from every run since the last clean stop among the
     lines read: an intent without an outcome, or whose outcome says `released: false`
-    (or a `sign.withheld` line). The inventory may hold such a certificate: its row
-    commits while the outcome is written. `released`, the X.509 certificates (serials as
-    the intents write them) those runs did release, `enrolled`, the bootstrap tokens
-    (ids) those certificates were asked with, and `since`, when the first of those runs
+    (or a `sign.withheld` line), and those of the run that stop ended. The inventory may
+    hold such a certificate: its row commits while the outcome is written. `released`,
+    the X.509 certificates (serials as the intents write them) those runs did release,
+    `enrolled`, the bootstrap tokens (ids) those certificates were asked with, and
+    `since`, when the first of those runs
     started (None: no start among the lines read): a start settles the bootstrap tokens
     a kill left spent (ca/daemon/primary.py)."""
 
@@ -926,6 +927,14 @@ class LastRun:
 # The purposes whose signature makes a certificate of the inventory (an OCSP response's
 # intent names the certificate it is about, which was released long before).
 ISSUING = frozenset({"x509", "tls", "ssh-user", "ssh-host"})
+
+
+def _issuing(intent: dict[str, Any]) -> tuple[str, str, int] | None:
+    """(purpose, serial, seq) of an intent whose signature makes a certificate."""
+    purpose, serial, seq = intent.get("purpose"), intent.get("serial"), intent.get("seq")
+    if purpose in ISSUING and isinstance(serial, str) and isinstance(seq, int):
+        return purpose, serial, seq
+    return None
 
 
 def _last_run(lines: list[bytes]) -> LastRun:
@@ -945,6 +954,11 @@ def _last_run(lines: list[bytes]) -> LastRun:
     # never logged out of: a start killed before its daemon.start (during its
     # migrations, say) ends so, and reads as killed too (an upgrade trial's did not).
     session: bool | None = None
+    # Reading the run that ended with the last clean stop: of it, only what it withheld
+    # (its revocation check, in a worker, may have been cut short by the stop, and a
+    # commit given up on may have landed since: PostgreSQL); the check finds nothing to
+    # do for the others, which are revoked, or whose rows never landed.
+    clean = False
     for line in reversed(lines):
         try:
             obj = json.loads(line)
@@ -954,9 +968,20 @@ def _last_run(lines: list[bytes]) -> LastRun:
         if session is None and event in ("hsm.logout", "hsm.login"):
             # (a login refused, or a start that never got one, leaves nothing open)
             session = event == "hsm.login" and obj.get("result") == "ok"
+        if clean:
+            if event in ("daemon.start", "daemon.stop"):
+                break
+            if event == "sign.withheld" or (event == "hsm.sign" and obj.get("phase") ==
+                                            "outcome" and obj.get("released") is False):
+                withheld.add(obj.get("op_id"))
+            elif (event == "hsm.sign" and obj.get("phase") == "intent"
+                  and obj.get("op_id") in withheld and (item := _issuing(obj))):
+                named.append(item)
+            continue
         if event == "daemon.stop":
             ended = ended or ("killed" if session else "stopped")
-            break
+            clean = True
+            continue
         if event == "daemon.start":
             ended = ended or "killed"
             since = obj.get("ts") if isinstance(obj.get("ts"), str) else since
@@ -968,9 +993,8 @@ def _last_run(lines: list[bytes]) -> LastRun:
             op = obj.get("op_id")
             if op not in released and op not in withheld and ended is None:
                 open_signatures += 1
-            if (op not in released or op in withheld) and obj.get("purpose") in ISSUING \
-                    and isinstance(obj.get("serial"), str) and isinstance(obj.get("seq"), int):
-                named.append((obj["purpose"], obj["serial"], obj["seq"]))
+            if (op not in released or op in withheld) and (item := _issuing(obj)):
+                named.append(item)
             elif op in released and obj.get("purpose") == "x509" \
                     and isinstance(obj.get("serial"), str):
                 given.append(obj["serial"])

@@ -56,7 +56,7 @@ from ca.daemon.ratelimit import FailureLimiter
 from ca.daemon.reload import reload_policy, say_policy_gaps
 from ca.errors import CLIError
 from ca.fileutil import write_atomic
-from ca.generations import Generations
+from ca.generations import SLOTS, Generations
 from ca.issuance.issue import Issuance, decision_context
 from ca.issuance.pipeline import SigningPipeline
 from ca.issuance.profiles import utcnow
@@ -672,6 +672,12 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         if isinstance(copy, TileCopy) and not await asyncio.to_thread(copy.flush, TILE_COPY_S):
             # The next start copies what PostgreSQL lacks (ca/audit/cluster_tiles.py).
             log.warning("stopping before the audit log's last tiles reached PostgreSQL")
+        if policy_watch is not None:
+            try:
+                await policy_watch.withdraw()
+            except StoreUnavailable as exc:  # its next start records it again
+                log.warning("cannot withdraw this node's [policy] from the comparison",
+                            error=str(exc))
         if name_held is not None:
             name_held.close()
         if store is not None:
@@ -748,11 +754,12 @@ def _on_change(config: Config, store: PostgresStore, generations: Generations,
             if policy_watch is None:
                 return
             task = loop.create_task(policy_recorded())
-        elif name != "keys":
-            generations.bump(name)
-            return
-        else:
+        elif name == "keys":
             task = loop.create_task(keys_moved())
+        else:
+            if name in SLOTS:  # (a counter a newer release added means nothing here)
+                generations.bump(name)
+            return
         pending.add(task)
         task.add_done_callback(pending.discard)
 

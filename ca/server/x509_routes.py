@@ -376,15 +376,16 @@ async def revoke(request: web.Request) -> web.Response:
     if done.unpublished:
         labels = ", ".join(sorted(set(done.unpublished.values())))
         listed = ", ".join(format(s, "x") for s in done.unpublished)
-        one = len(done.serials) == 1
+        n = len(done.unpublished)
+        who = ("it was" if len(done.serials) == 1 else f"1 of them ({listed}) was" if n == 1
+               else f"{n} of them ({listed}) were")
+        it, its, is_, they = (("it", "its", "is", "it") if n == 1 else
+                              ("them", "their", "are", "they"))
         warnings.append(
-            (f"it was issued by a key retired or destroyed ({labels}), which signs nothing: "
-             "its CRL and OCSP cannot say it is revoked, so relying parties that check "
-             "only those trust it until it expires. hsmca itself refuses it") if one else
-            (f"{len(done.unpublished)} of them ({listed}) were issued by a key retired or "
-             f"destroyed ({labels}), which signs nothing: their CRL and "
-             "OCSP cannot say they are revoked, so relying parties that check only those "
-             "trust them until they expire. hsmca itself refuses them"))
+            f"{who} issued by a key retired or destroyed ({labels}), which signs nothing: "
+            f"{its} CRL and OCSP cannot say {they} {is_} revoked, so relying parties that "
+            f"check only those trust {it} until {they} expire{'s' if n == 1 else ''}. "
+            f"hsmca itself refuses {it}")
         answer["unpublished"] = [format(s, "x") for s in done.unpublished]
     if rec is not None and order.reason != "superseded":
         # An SSH trial: "revoking Alice's certificate" by its serial left the one it was

@@ -260,9 +260,10 @@ class Store(Protocol):
 
     # ---- several nodes: each one's [policy], compared (ca/cluster_policy.py) ----------
 
-    async def put_node_policy(self, node: str, settings: str) -> None:
-        """Record the [policy] settings `node` has in force (canonical JSON). A single
-        node (SQLite) has no other to compare with, and keeps nothing."""
+    async def put_node_policy(self, node: str, settings: str | None) -> None:
+        """Record the [policy] settings `node` has in force (canonical JSON); None: it
+        stops, and is compared no more. Every running node is told, to compare again. A
+        single node (SQLite) has no other to compare with, and keeps nothing."""
         ...
 
     async def running_node_policies(self) -> dict[str, str]:

@@ -236,6 +236,7 @@ class PostgresStore:
         self._retry_at = 0.0  # time.monotonic(): no probe before this
         # Calls given up on, still finishing (their connections held meanwhile).
         self._abandoned: set[asyncio.Future[Any]] = set()
+        self._said_pending: set[str] = set()  # serials whose commit was said to be pending
         # Why the pool's last attempt to connect failed (None once one succeeds): a
         # wait for a connection says only that it timed out, and running nodes said
         # "couldn't get a connection after 3.00 sec" for a changed password, which only
@@ -708,9 +709,12 @@ class PostgresStore:
         return IssuedCert(_read_cert(rows[0]), bytes(rows[0][-1])) if rows else None
 
     async def settled_cert(self, serial: int) -> IssuedCert | None:
-        # The add's transaction holds the serial's lock from before its INSERT to its
-        # COMMIT, and its client sends that COMMIT only once the INSERT has run: a row
-        # that can still land is one whose lock is held. Waited for here, up to a little
+        # A COMMIT given up on may still land: one held by a stalled disk whenever the
+        # disk answers, one waiting for a synchronous standby as soon as the cancel
+        # reaches it (committed locally all the same). The add's transaction holds the
+        # serial's lock from before its INSERT to its COMMIT, and its client sends that
+        # COMMIT only once the INSERT has run: a row that can still land is one whose
+        # lock is held. Waited for here, up to a little
         # less than the answer timeout, so that the server says the wait was too long
         # (lock_timeout), not the store's deadline, which would call the server silent.
         key = format(serial, "x")
@@ -721,13 +725,19 @@ class PostgresStore:
             async with self.pool.connection() as conn:
                 try:
                     async with conn.transaction():
+                        # Each statement sees what committed before it began (a server
+                        # whose default is REPEATABLE READ would show the row as it was
+                        # before the lock was waited for).
+                        await conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
                         cur = await conn.execute(
                             "SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))",
                             (CERT_LOCK_CLASS, key))
                         if not (await cur.fetchone() or (False,))[0]:
-                            log.warning("a commit of this certificate's inventory row that "
-                                        "was given up on is still pending; waiting for it",
-                                        serial=key)
+                            if key not in self._said_pending:  # once, not at every retry
+                                self._said_pending.add(key)
+                                log.warning("a commit of this certificate's inventory row "
+                                            "that was given up on is still pending; "
+                                            "waiting for it", serial=key)
                             await conn.execute(f"SET LOCAL lock_timeout = {wait_ms}")
                             await conn.execute(*lock)
                         cur = await conn.execute(f"SELECT {_READ_COLS}, c.der FROM "
@@ -736,6 +746,10 @@ class PostgresStore:
                 except psycopg.errors.LockNotAvailable:
                     return False, []
         settled, rows = await self._run(read(), bounded=True)
+        if settled and key in self._said_pending:
+            self._said_pending.discard(key)
+            log.info("the pending commit of this certificate's inventory row has ended",
+                     serial=key, landed=bool(rows))
         if not settled:
             raise StoreUnavailable(
                 f"a commit of certificate {key}'s inventory row that was given up on is "
@@ -874,10 +888,13 @@ class PostgresStore:
                              "UPDATE SET v = EXCLUDED.v", (f"log_scanned:{log}", str(end)))
         await self._tx(keep)
 
-    async def put_node_policy(self, node: str, settings: str) -> None:
+    async def put_node_policy(self, node: str, settings: str | None) -> None:
         async def keep(db: Conn) -> None:
-            await db.execute("INSERT INTO meta (k, v) VALUES (%s, %s) ON CONFLICT (k) DO "
-                             "UPDATE SET v = EXCLUDED.v", (f"policy:{node}", settings))
+            if settings is None:
+                await db.execute("DELETE FROM meta WHERE k = %s", (f"policy:{node}",))
+            else:
+                await db.execute("INSERT INTO meta (k, v) VALUES (%s, %s) ON CONFLICT (k) "
+                                 "DO UPDATE SET v = EXCLUDED.v", (f"policy:{node}", settings))
             # Every node compares again (its counter is made by the first node to say)
             await db.execute("INSERT INTO changes (name, n) VALUES ('policy', 0) "
                              "ON CONFLICT (name) DO NOTHING")
@@ -1419,7 +1436,8 @@ class PostgresStore:
                         elif lost:
                             # Back: whatever moved meanwhile (or just before the outage,
                             # its notice lost with the connection), every process reloads.
-                            for name in ("revocations", "ssh_revocations", "keys"):
+                            for name in ("revocations", "ssh_revocations", "keys",
+                                         "policy"):
                                 moved(name)
                             lost = False
                         seen = now

@@ -1188,7 +1188,7 @@ class SQLiteStore:
                        (f"log_scanned:{log}", str(end)))
         await self._write(keep)
 
-    async def put_node_policy(self, node: str, settings: str) -> None:
+    async def put_node_policy(self, node: str, settings: str | None) -> None:
         return None  # one node: nothing to compare its policy with
 
     async def running_node_policies(self) -> dict[str, str]:
