@@ -753,7 +753,9 @@ class PostgresStore:
         if not settled:
             raise StoreUnavailable(
                 f"a commit of certificate {key}'s inventory row that was given up on is "
-                "still pending in PostgreSQL (a synchronous standby or the disk holds it)")
+                "still pending in PostgreSQL (a synchronous standby or the disk holds it): "
+                "it ends when the standby answers (or synchronous_standby_names no longer "
+                "waits for it) or the disk does")
         return IssuedCert(_read_cert(rows[0]), bytes(rows[0][-1])) if rows else None
 
     async def renewal_family(self, serial: int) -> list[CertRecord]:
