@@ -912,9 +912,8 @@ class LastRun:
     hold such a certificate: its row commits while the outcome is written. `released`,
     the X.509 certificates (serials as the intents write them) those runs did release,
     `enrolled`, the bootstrap tokens (ids) those certificates were asked with, and
-    `since`, when the first of those runs
-    started (None: no start among the lines read): a start settles the bootstrap tokens
-    a kill left spent (ca/daemon/primary.py)."""
+    `since`, when the first of those runs started (None: no start among the lines read):
+    a start settles the bootstrap tokens a kill left spent (ca/daemon/primary.py)."""
 
     ended: str
     open_signatures: int

@@ -673,11 +673,11 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
             # The next start copies what PostgreSQL lacks (ca/audit/cluster_tiles.py).
             log.warning("stopping before the audit log's last tiles reached PostgreSQL")
         if policy_watch is not None:
-            try:
-                await policy_watch.withdraw()
-            except StoreUnavailable as exc:  # its next start records it again
+            try:  # (bounded: a database that stopped answering must not hold the stop)
+                await asyncio.wait_for(policy_watch.withdraw(), WITHDRAW_S)
+            except (StoreUnavailable, TimeoutError) as exc:  # its next start records it
                 log.warning("cannot withdraw this node's [policy] from the comparison",
-                            error=str(exc))
+                            error=str(exc) or "no answer in time")
         if name_held is not None:
             name_held.close()
         if store is not None:
@@ -691,6 +691,7 @@ ACME_PURGE_BATCH = 200  # orders a transaction
 ACME_PURGE_PACE_S = 0.05
 INVENTORY_CHECK_S = 24 * 3600.0  # quick_check reads every page: 280 MB took 0.2 s cached, 6 s cold
 TILE_COPY_S = 10.0  # how long a stop waits for the last tiles' copy to PostgreSQL
+WITHDRAW_S = 3.0  # and for this node's [policy] record to be withdrawn
 
 
 async def _cancel(tasks: list[asyncio.Task[None]]) -> None:

@@ -98,6 +98,7 @@ AUDIT_LOCK_CLASS = 0x6873_6D63  # "hsmc"
 # adds a certificate's row, from its first statement to its COMMIT, so that a reader can
 # wait for a commit given up on that may still land (settled_cert).
 CERT_LOCK_CLASS = 0x6873_6365  # "hsce"
+_CERT_LOCK = "SELECT pg_advisory_xact_lock(%s, hashtext(%s))"
 CONNECT_TIMEOUT_S = 3  # a node answers 503 quickly rather than hang on a dead server
 RECONNECT_TIMEOUT_S = 5.0
 RETRY_S = 1.0  # once the pool could not connect, how often a call tries it again
@@ -567,8 +568,7 @@ class PostgresStore:
 
         async def insert(db: Conn) -> None:
             # First, and held to the COMMIT: see settled_cert.
-            await db.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
-                             (CERT_LOCK_CLASS, serial))
+            await db.execute(_CERT_LOCK, (CERT_LOCK_CLASS, serial))
             await db.execute(
                 "INSERT INTO certs (serial, fingerprint, role, subject, names, principals, "
                 "spki_sha256, not_before, not_after, issued_at, der, issuer, renewed_from, "
@@ -714,11 +714,10 @@ class PostgresStore:
         # reaches it (committed locally all the same). The add's transaction holds the
         # serial's lock from before its INSERT to its COMMIT, and its client sends that
         # COMMIT only once the INSERT has run: a row that can still land is one whose
-        # lock is held. Waited for here, up to a little
-        # less than the answer timeout, so that the server says the wait was too long
-        # (lock_timeout), not the store's deadline, which would call the server silent.
+        # lock is held. Waited for here, up to a little less than the answer timeout, so
+        # that the server says the wait was too long (lock_timeout), not the store's
+        # deadline, which would call the server silent.
         key = format(serial, "x")
-        lock = ("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (CERT_LOCK_CLASS, key))
         wait_ms = max(1, int(self.answer_timeout_s * 800))
 
         async def read() -> tuple[bool, list[tuple[Any, ...]]]:
@@ -739,7 +738,7 @@ class PostgresStore:
                                             "that was given up on is still pending; "
                                             "waiting for it", serial=key)
                             await conn.execute(f"SET LOCAL lock_timeout = {wait_ms}")
-                            await conn.execute(*lock)
+                            await conn.execute(_CERT_LOCK, (CERT_LOCK_CLASS, key))
                         cur = await conn.execute(f"SELECT {_READ_COLS}, c.der FROM "
                                                  f"{_READ_FROM} WHERE c.serial = %s", (key,))
                         return True, await cur.fetchall()
