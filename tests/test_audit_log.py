@@ -466,6 +466,51 @@ FAIL_CLOSED = CHILD_SIGNER + textwrap.dedent("""
 """)
 
 
+# The log's disk fills once the intent is durable, so the outcome cannot be written, and
+# the inventory's commit is given up on (a database that stopped answering).
+OUTCOME_AND_ROW_FAIL = CHILD_SIGNER + textwrap.dedent("""
+        import concurrent.futures as cf
+        from ca.issuance.pipeline import SigningJob
+        from ca.store.errors import StoreUnavailable
+        handed = []
+        worker.on_unreleased = lambda purpose, serial, seq: handed.append([purpose, serial])
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+        def build(k):
+            out = k.sign(b"m", ec.ECDSA(hashes.SHA256()))
+            resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(path), hard))
+            return out
+
+        def record(out):
+            given_up = cf.Future()
+            given_up.set_exception(StoreUnavailable("no answer within 10 s"))
+            return given_up
+        try:
+            await worker.submit(SigningJob(key.label, "x509", "local", build,
+                                           {"serial": "5e771ed"}, record=record))
+            result = "released"
+        except Exception as exc:
+            result = type(exc).__name__
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        print(json.dumps({"result": result, "handed": handed}))
+        worker.close(); log.close()
+    asyncio.run(main())
+""")
+
+
+def test_a_certificate_whose_outcome_and_row_both_failed_goes_to_the_check(
+        ca: InitialisedCA, tmp_path: Path) -> None:
+    """A trial lost PostgreSQL's synchronous standby: a certificate's outcome line and its
+    inventory row were both given up on, so neither the 'outcome not written' path (which
+    waited for a row that committed) nor the 'row not committed' one (which needs the
+    outcome written) ran; the row landed later, live and OCSP-good, held by nobody. It is
+    handed to the check for certificates signed and never released, which waits for a
+    commit that may still land."""
+    out = run_signer_child(OUTCOME_AND_ROW_FAIL, ca, tmp_path / "log.jsonl")
+    assert out["result"] == "AuditUnavailable", out  # never released
+    assert out["handed"] == [["x509", "5e771ed"]], out
+
+
 def run_signer_child(script: str, ca: InitialisedCA, path: Path) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, "-c", script, str(path), ca.token.module,
                            ca.token.label, str(ca.token.pin_file)], capture_output=True,

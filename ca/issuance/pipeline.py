@@ -508,9 +508,13 @@ class SigningPipeline:
                 if error is None:
                     error = fut.exception()
                     if (error is not None and extra is not None
-                            and extra.exception() is None  # waits for the inventory's commit
                             and self.on_unreleased is not None
                             and isinstance(op.intent.get("serial"), str)):
+                        # Its row may be there, or land later: the inventory's commit is
+                        # waited for (SQLite's ends here), and one given up on as well,
+                        # since it may still land (PostgreSQL: a trial lost a synchronous
+                        # standby, and rows nobody received landed live and unrevoked).
+                        extra.exception()
                         self.on_unreleased(op.job.purpose, op.intent["serial"], seq)
                 if error is None and extra is not None:
                     # Waits for the inventory's commit, which the store gives up on after
