@@ -41,6 +41,7 @@ log = structlog.get_logger("hsmca.audit")
 # take it (`--node init` is refused).
 CEREMONIES = "init"
 COMMIT_TIMEOUT_S = 10.0
+CUTS_KEPT = 256  # cut groups at one seq a marker remembers (an outage retries every second)
 _PAGE = 5000
 
 
@@ -129,30 +130,48 @@ def _digest(lines: list[bytes]) -> str:
 
 
 def _remember_cut(path: Path, node: str, first_seq: int, lines: list[bytes]) -> None:
-    """Write, durably, which group of `node`'s lines the file is about to lose."""
+    """Write, durably, which group of `node`'s lines the file is about to lose, beside
+    the groups cut before it at the same seq: each may yet land in PostgreSQL (a COMMIT
+    held by a lost synchronous standby lands at the cancel, and the next group, waiting
+    for the node's lock, then commits too), and the marker of the last one alone did
+    not match a first group that landed, whose outcomes the next start then restored as
+    released (a trial). A group cut at a later seq means one went through before it:
+    the earlier ones are replaced in PostgreSQL, and forgotten here."""
     marker = _cut_marker(path)
     record = {"node": node, "first_seq": first_seq, "lines": len(lines),
               "sha256": _digest(lines)}
+    kept = [r for r in _cut_records(marker)
+            if r.get("node") == node and r.get("first_seq") == first_seq]
+    if len(kept) >= CUTS_KEPT:  # the first (the one most likely to land) and the latest
+        kept = [kept[0], *kept[len(kept) - CUTS_KEPT + 2:]]
     try:
-        write_atomic(marker, json.dumps(record).encode() + b"\n", 0o640)
+        write_atomic(marker, json.dumps([*kept, record]).encode() + b"\n", 0o640)
     except OSError as exc:  # the group still fails closed; only the restart case is open
         log.error("cannot remember the audit group PostgreSQL did not commit",
                   file=str(marker), error=exc.strerror or str(exc))
 
 
+def _cut_records(marker: Path) -> list[dict[str, Any]]:
+    """The cut groups a marker remembers (one object, as an older release wrote it, or
+    a list); none if there is no marker, or a crash tore it."""
+    try:
+        value = json.loads(marker.read_bytes())
+    except (FileNotFoundError, ValueError):
+        return []
+    return [r for r in (value if isinstance(value, list) else [value]) if isinstance(r, dict)]
+
+
 def _committed_after_cut(path: Path, store: PostgresStore, node: str, have: int,
                          held: int) -> list[dict[str, Any]] | None:
-    """PostgreSQL's lines past the file's `have`, parsed, if they are exactly the group
-    this node cut from its file because their commit failed (see mirror); else None."""
-    try:
-        record = json.loads(_cut_marker(path).read_bytes())
-    except (FileNotFoundError, ValueError):  # none, or torn by a crash: restore
+    """PostgreSQL's lines past the file's `have`, parsed, if they are exactly one of the
+    groups this node cut from its file because their commit failed (see mirror); else
+    None (none cut, or a later group went through: the marker is stale)."""
+    cut = {r.get("sha256") for r in _cut_records(_cut_marker(path)) if r.get("node") == node
+           and r.get("first_seq") == have and r.get("lines") == held - have}
+    if not cut:
         return None
-    if (not isinstance(record, dict) or record.get("node") != node
-            or record.get("first_seq") != have or record.get("lines") != held - have):
-        return None  # a later group went through: the marker is stale
     lines = store.audit_lines_sync(node, have, held - have)
-    if _digest(lines) != record.get("sha256"):
+    if _digest(lines) not in cut:
         return None
     return [json.loads(line) for line in lines]
 
