@@ -70,6 +70,9 @@ from hsm.errors import AuditUnavailable
 
 log = structlog.get_logger("hsmca.audit")
 TILES_DIR = "tiles"  # beside the log
+# A failed batch that took this long was given up on (a mirror's database that stopped
+# answering), not refused (a full disk refuses at once): see AuditLog._refusing.
+SLOW_FAILURE_S = 1.0
 _READ_BLOCK = 4 << 20  # bytes read at a time when a whole log is read (building tiles)
 
 
@@ -126,6 +129,12 @@ class AuditLog:
         self._coalescer = Coalescer(self._queue)
         self._problem: str | None = None
         self._failed: str | None = None  # why the last batch failed, until one goes through
+        # The last batch failed slowly (the mirror's database stopped answering, and its
+        # commit was given up after seconds): until one goes through, only the retry
+        # (a log.resume line, every second) tries; the others are refused at once. Each
+        # tried again and waited its own timeout, behind the write lock: a trial's
+        # clients waited 20 to 50 s for their 503, and a stop half a minute.
+        self._refusing = False
         # A line under the tiles that no longer hashes to its leaf (`check_on_disk`):
         # (its seq, why). Nothing is written while so.
         self._damage: tuple[int, str] | None = None
@@ -380,6 +389,8 @@ class AuditLog:
         futs: list[Settled[int]] = [Settled() for _ in entries]
         items = [(event, fields, fut) for (event, fields), fut in zip(entries, futs,
                                                                        strict=True)]
+        if self._refused(items):  # (not behind the write lock, which a retry may hold)
+            return futs
         with self._write_lock:
             self._commit(items)
         return futs
@@ -399,7 +410,20 @@ class AuditLog:
             if stop:
                 return
 
+    def _refused(self, items: list[tuple[str, Mapping[str, Any], Sink]]) -> bool:
+        """Refuse `items` at once, as a failed batch is (its outcomes owed), while the
+        log is refusing and they are not the retry."""
+        if not self._refusing or any(event == "log.resume" for event, _, _ in items):
+            return False
+        results = Batch()
+        self._owe_and_fail(items, AuditUnavailable(self._problem or "the audit log cannot "
+                                                   "be written"), results)
+        results.flush()
+        return True
+
     def _commit(self, items: list[tuple[str, Mapping[str, Any], Sink]]) -> None:
+        if self._refused(items):
+            return
         seq, prev = self._next_seq, self._prev
         chunks: list[bytes] = []
         leaves: list[bytes] = []
@@ -462,7 +486,9 @@ class AuditLog:
                 self._mirror(self._next_seq, [c[:-1] for c in chunks])
         except OSError as exc:
             self._fail_batch(done, exc, results)
+            self._refusing = time.perf_counter() - start >= SLOW_FAILURE_S
             return
+        self._refusing = False
         self.last_commit_s = time.perf_counter() - start
         pos = self._size_bytes
         with self._tree_lock:
@@ -719,15 +745,19 @@ class AuditLog:
             self._problem = (f"{reason}; cutting the failed batch off failed too "
                              f"({exc2.strerror}): restart hsmca to recover the log")
         self._failed = self._problem
-        error = AuditUnavailable(self._problem)
-        for fut, _, event, fields in done:
+        self._owe_and_fail([(event, fields, fut) for fut, _, event, fields in done],
+                           AuditUnavailable(self._problem), results)
+        results.flush()
+
+    def _owe_and_fail(self, items: list[tuple[str, Mapping[str, Any], Sink]],
+                      error: AuditUnavailable, results: Batch) -> None:
+        for event, fields, fut in items:
             if event == "hsm.sign" and fields.get("phase") == "outcome":
                 owed: cf.Future[int] = cf.Future()
                 self._owed.append((event, {**fields, "released": False}, owed))
             elif event == "sign.withheld":  # what it says of an "ok" outcome is owed too
                 self._owed.append((event, fields, cf.Future()))
             results.fail(fut, error)
-        results.flush()
 
     # ---- state --------------------------------------------------------------------------
 
