@@ -1229,14 +1229,20 @@ async def _refresh_ocsp(issuance: Issuance, store: Store, policies: control.Poli
                 # took over when another went away).
                 log.info("this node pre-signs the OCSP responses now (it holds the lease)")
                 task = asyncio.create_task(refresher.run())
+                stopping = False
                 try:
                     while await lease.try_take():
                         await asyncio.sleep(OCSP_LEASE_S)  # periodic check, not sync
+                except asyncio.CancelledError:
+                    stopping = True  # (the node stops: nothing lost, nothing to say)
+                    raise
                 finally:
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)
-                    log.info("this node no longer pre-signs the OCSP responses (the lease "
-                             "is lost: the database away, or another node holds it)")
+                    if not stopping:
+                        log.info("this node no longer pre-signs the OCSP responses (the "
+                                 "lease is lost: the database away, or another node "
+                                 "holds it)")
             await asyncio.sleep(OCSP_LEASE_S)  # another node holds it: ask again later
     finally:
         lease.close()

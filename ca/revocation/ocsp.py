@@ -159,7 +159,8 @@ class OCSPSigner:
             await self.store.put_ocsp(records)
         if unsigned:  # tried again at the refresher's next round
             self._failing.failed(str(unsigned[0][1]), certificates=len(unsigned),
-                                 serials=[format(s, "x") for s, _ in unsigned[:5]])
+                                 **{"serials" if len(unsigned) <= 5 else "first_serials":
+                                    [format(s, "x") for s, _ in unsigned[:5]]})
         elif records:
             self._failing.ok()
         return len(due) - len(records)
