@@ -446,9 +446,10 @@ class PostgresStore:
             for task in self._watchers:
                 task.cancel()
             await asyncio.gather(*self._watchers, return_exceptions=True)
-            # Calls given up on and a probe: a moment to end, not the pool's whole wait
-            # ("Task was destroyed but it is pending", a review saw at close)
-            ending = {*self._abandoned, *([self._probing] if self._probing else [])}
+            # Whatever still runs on this loop (calls given up on, a probe, a lease's
+            # connection being closed): a moment to end, not the pool's whole wait
+            # ("Task was destroyed but it is pending", a review and a trial saw at close)
+            ending = asyncio.all_tasks() - {asyncio.current_task()}
             if ending:
                 await asyncio.wait(ending, timeout=2)
             if self._pool is not None:
