@@ -525,6 +525,19 @@ def _signed_by(read: Read) -> dict[str | None, int]:
     return counts
 
 
+def _read_only(path: Path) -> sqlite3.Connection:
+    """A connection that cannot write the inventory (a read beside a stopped daemon)."""
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)  # quoted: '#', '?'...
+    db.execute("PRAGMA busy_timeout=5000")
+    return db
+
+
+def _too_new(path: Path, version: int) -> SchemaError:
+    return SchemaError(f"the inventory {path} has schema version {version}, newer than this "
+                       f"hsmca knows ({len(MIGRATIONS)}): upgrade hsmca, or restore a backup "
+                       "made for this version")
+
+
 def read_keys(path: Path) -> tuple[list[KeyRecord], dict[str | None, int]]:
     """The key records and how many certificates each signed, read from the inventory at
     `path` without the daemon (`hsmca key list` while it is stopped: a root ceremony, a
@@ -532,13 +545,11 @@ def read_keys(path: Path) -> tuple[list[KeyRecord], dict[str | None, int]]:
     is refused, since migrating it is the daemon's."""
     if not path.exists():
         raise NoInventory(f"the inventory {path} does not exist")
-    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)  # quoted: '#', '?'...
+    db = _read_only(path)
     try:
-        db.execute("PRAGMA busy_timeout=5000")
         version = int(db.execute("PRAGMA user_version").fetchone()[0])
         if version > len(MIGRATIONS):
-            raise SchemaError(f"the inventory {path} has schema version {version}, newer "
-                              f"than this hsmca knows ({len(MIGRATIONS)}): upgrade hsmca")
+            raise _too_new(path, version)
         if version < len(MIGRATIONS):
             raise SchemaError(f"the inventory {path} has schema version {version}, older "
                               f"than this hsmca reads ({len(MIGRATIONS)}): start the daemon "
@@ -562,9 +573,8 @@ def latest_audit_seq(path: Path, recent: int = 1000) -> int | None:
     inventory yet, or one from before certificates named their lines)."""
     if not path.exists():
         return None
-    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)  # quoted: '#', '?'...
+    db = _read_only(path)
     try:
-        db.execute("PRAGMA busy_timeout=5000")
         row = db.execute("SELECT MAX(audit_seq) FROM certs WHERE rowid > "
                          "(SELECT COALESCE(MAX(rowid), 0) FROM certs) - ?", (recent,)).fetchone()
     except sqlite3.DatabaseError as exc:
@@ -593,9 +603,7 @@ def migrate(db: sqlite3.Connection, path: Path) -> int | None:
     upgrade = version > 0 or db.execute(
         "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'certs'").fetchone()
     if version > len(MIGRATIONS):
-        raise SchemaError(f"the inventory {path} has schema version {version}, newer than this "
-                          f"hsmca knows ({len(MIGRATIONS)}): upgrade hsmca, or restore a "
-                          "backup made for this version")
+        raise _too_new(path, version)
     for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
         try:
             db.executescript(f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {number};\n"
