@@ -162,7 +162,11 @@ class OwnCerts:
             "admin", key.public_key(), rec.names, life, renewed_from=rec.serial))
         issued = await self.issuance.x509(order)
         # Revoked while it was signed: the new one goes with it, and is not written.
-        await self.revocations.settle(rec.serial, None, child=issued.cert.serial_number)
+        try:
+            await self.revocations.settle(rec.serial, None, child=issued.cert.serial_number)
+        except Exception as exc:  # not written: withheld, revoked by the next start
+            await self.issuance.withhold(issued, exc)
+            raise
         write_atomic(self.config.admin_key, key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption()), 0o600)

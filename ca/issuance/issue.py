@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import SSHCertificate
@@ -31,6 +32,8 @@ from ca.x509_reasons import REASON_FLAGS
 from hsm.session import KeyInfo
 from hsm.signers import HSMKey
 
+log = structlog.get_logger("hsmca.issue")
+
 
 @dataclass(frozen=True)
 class Issued:
@@ -40,6 +43,7 @@ class Issued:
     issuer: str
     intent_seq: int
     outcome_seq: int
+    signed: SignResult[x509.Certificate] | None = None  # what the pipeline released
 
     @property
     def serial_hex(self) -> str:
@@ -52,6 +56,7 @@ class IssuedSSH:
     key_id: str
     intent_seq: int
     outcome_seq: int
+    signed: SignResult[SSHCertificate] | None = None
 
 
 def decision_context(policy: Policy, issuers: Directory,
@@ -173,7 +178,7 @@ class Issuance:
                      "not_after": order.not_after.isoformat()},
             describe=describe, record=record)  # type: ignore[arg-type]
         result = await self.pipeline.submit(job)
-        return Issued(result.value, issuer.id, result.intent_seq, result.outcome_seq)
+        return Issued(result.value, issuer.id, result.intent_seq, result.outcome_seq, result)
 
     async def ssh(self, order: SSHOrder, request_id: str | None = None) -> IssuedSSH:
         await self._can_record()
@@ -218,7 +223,23 @@ class Issuance:
             describe=lambda c: {"fingerprint": hashlib.sha256(c.public_bytes()).hexdigest()},
             record=record)  # type: ignore[arg-type]
         result: SignResult[SSHCertificate] = await self.pipeline.submit(job)
-        return IssuedSSH(result.value, key_id, result.intent_seq, result.outcome_seq)
+        return IssuedSSH(result.value, key_id, result.intent_seq, result.outcome_seq, result)
+
+    async def withhold(self, issued: Issued | IssuedSSH, error: BaseException) -> None:
+        """`issued` is not sent after all: a check after its signing failed. Said in the
+        audit log, and revoked once the inventory answers (the pipeline's `withhold`);
+        a failure to say so fails nothing more, the next start looking again."""
+        if issued.signed is None:
+            return
+        serial = (issued.serial_hex if isinstance(issued, Issued)
+                  else str(issued.cert.serial))
+        try:
+            await self.pipeline.withhold(issued.signed, serial, error)
+        except Exception as exc:  # the signing thread gone: a stop under way
+            revoke = "hsmca revoke" if isinstance(issued, Issued) else "hsmca ssh revoke --serial"
+            log.error(f"a certificate signed and not sent cannot be revoked by hsmca: "
+                      f"revoke it by hand ({revoke} {serial})", serial=serial,
+                      error=str(exc) or type(exc).__name__)
 
     async def crl(self, order: CRLOrder, number: int,
                   revoked: Sequence[tuple[int, dt.datetime, str | None]],

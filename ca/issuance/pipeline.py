@@ -95,6 +95,8 @@ class SignResult(Generic[T]):
     value: T
     intent_seq: int
     outcome_seq: int
+    op_id: str = ""
+    purpose: str = ""
 
 
 @dataclass(slots=True)
@@ -102,6 +104,12 @@ class _Op:
     job: SigningJob[Any]
     sink: Sink
     intent: dict[str, Any] = field(default_factory=dict)
+
+
+def _withheld(op_id: str, error: BaseException) -> Entry:
+    """The line that says an "ok" outcome's result never reached its client."""
+    return ("sign.withheld", {"op_id": op_id, "released": False,
+                              "reason": f"{type(error).__name__}: {error}"[:500]})
 
 
 class SigningPipeline:
@@ -521,19 +529,16 @@ class SigningPipeline:
                     # its answer timeout (a database that stopped answering).
                     error = extra.exception()
                     if error is not None:  # signed and logged "ok", but never released
-                        withheld.append(("sign.withheld", {
-                            "op_id": op.intent["op_id"], "released": False,
-                            "reason": f"{type(error).__name__}: {error}"[:500]}))
+                        withheld.append(_withheld(op.intent["op_id"], error))
                         # A commit given up on may still have landed: its row is revoked
                         # once the store answers (nothing, if there is none).
-                        if (self.on_unreleased is not None
-                                and isinstance(op.intent.get("serial"), str)):
-                            self.on_unreleased(op.job.purpose, op.intent["serial"], seq)
+                        self._unreleased(op.job.purpose, op.intent.get("serial"), seq)
                 if self.on_sign is not None:
                     self.on_sign(op.job.purpose, "ok" if error is None
                                  else type(error).__name__)
                 if error is None:
-                    batch.ok(op.sink, SignResult(out, seq, fut.result()))
+                    batch.ok(op.sink, SignResult(out, seq, fut.result(), op.intent["op_id"],
+                                                 op.job.purpose))
                 else:
                     batch.fail(op.sink, error)
             if withheld:  # said before the callers hear; its own failure fails nothing
@@ -542,6 +547,23 @@ class SigningPipeline:
             batch.flush()  # released before the next group is signed
             ready = self._durable(started, written[len(outcomes):], batch)
         return rest
+
+    def _unreleased(self, purpose: str, serial: object, seq: int) -> None:
+        if self.on_unreleased is not None and isinstance(serial, str):
+            self.on_unreleased(purpose, serial, seq)
+
+    async def withhold(self, result: SignResult[Any], serial: str,
+                       error: BaseException) -> None:
+        """`result` was released to its caller, and its caller does not send it on: a
+        check after the signing failed (a renewal's revocation check met the inventory
+        away: a trial saw the 503, and the certificate left valid and OCSP good with
+        nobody holding it). Said as a `sign.withheld` line (owed, if the log cannot take
+        it now, so that a start after a stop still finds it), and its row revoked once
+        the inventory answers, as for a row whose commit was given up on."""
+        def say(_hsm: HSM) -> None:
+            self._append([_withheld(result.op_id, error)])  # its failure: owed
+            self._unreleased(result.purpose, serial, result.intent_seq)
+        await self.call(say)
 
     def _sign_one(self, op: _Op, info: KeyInfo, seq: int
                   ) -> tuple[Any, BaseException | None, dict[str, Any]]:

@@ -19,6 +19,7 @@ from ca.server.common import (
     identity,
     json_body,
     revalidated,
+    sent_or_withheld,
 )
 from ca.server.problems import Problem
 
@@ -29,8 +30,9 @@ log = structlog.get_logger("hsmca.issue")
 async def _answer(request: web.Request, order: ra.SSHOrder, issued: IssuedSSH) -> web.Response:
     cert = issued.cert
     # A revocation of the X.509 certificate it rests on may have run while it was signed.
-    await request.app[REVOCATIONS].settle(order.owner_serial, request.get("request_id"),
-                                          ssh_serial=cert.serial)
+    async with sent_or_withheld(request, issued):
+        await request.app[REVOCATIONS].settle(order.owner_serial, request.get("request_id"),
+                                              ssh_serial=cert.serial)
     log.info("issued", kind=f"ssh-{order.cert_type}", serial=str(cert.serial),
              key_id=issued.key_id, principals=list(order.principals), actor=order.actor,
              request_id=request.get("request_id"), audit_seq=issued.intent_seq)

@@ -37,6 +37,7 @@ from ca.server.common import (
     parse_csr,
     peer_der,
     revalidated,
+    sent_or_withheld,
 )
 from ca.server.problems import Problem
 from ca.server.throttle import Throttle
@@ -254,8 +255,9 @@ async def _renew(request: web.Request, csr: x509.CertificateSigningRequest | Non
     issued = await request.app[ISSUANCE].x509(order, request.get("request_id"))
     assert order.renewed_from is not None
     # A revocation of the presented certificate may have run while this was signed.
-    await request.app[REVOCATIONS].settle(order.renewed_from, request.get("request_id"),
-                                          child=issued.cert.serial_number)
+    async with sent_or_withheld(request, issued):
+        await request.app[REVOCATIONS].settle(order.renewed_from, request.get("request_id"),
+                                              child=issued.cert.serial_number)
     return _logged(request, order, issued)
 
 

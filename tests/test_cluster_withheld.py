@@ -1,0 +1,102 @@
+"""A certificate signed, recorded and logged "ok", whose request then fails before the
+answer, is withheld and revoked: never left valid and OCSP-good with nobody holding it.
+
+A re-trial lost PostgreSQL's synchronous standby under load: a renewal was signed, its
+row and outcome line committed, and then the check that no revocation raced it (its
+read of the presented certificate) was given up on. The client got a 503, and the new
+certificate stayed valid, OCSP "good", with nothing logged. Here PostgreSQL is made to
+hold exactly that read: the renewal's row commits, and a table lock taken in the same
+instant keeps the check from reading until the store gives up on it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.x509 import ocsp
+
+from tests.cluster_kit import call, make_cluster
+from tests.helpers import ask_ocsp, enroll, issuing, request_for
+from tests.helpers import load as load_cert
+
+# The renewal's row waits at its COMMIT for advisory lock 4343, which the test holds
+# until its own table lock is queued behind that commit: the lock is then granted the
+# moment the row commits, before the renewal's check can read.
+HELD_RENEWAL = """
+CREATE FUNCTION held_renewal() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF NEW.renewed_from IS NOT NULL THEN
+    PERFORM pg_advisory_lock(4343);
+    PERFORM pg_advisory_unlock(4343);
+  END IF;
+  RETURN NULL;
+END $$;
+CREATE CONSTRAINT TRIGGER held AFTER INSERT ON certs DEFERRABLE INITIALLY DEFERRED
+  FOR EACH ROW EXECUTE FUNCTION held_renewal();
+"""
+
+
+def _waiting(db: Any, what: str) -> None:
+    """Until a session waits for `what` (a lock, as pg_locks names it): observed, not
+    guessed. Bounded, so that a change that never waits fails with what was expected."""
+    deadline = time.monotonic() + 30
+    while not db.execute(f"SELECT 1 FROM pg_locks WHERE NOT granted AND {what}").fetchone():
+        assert time.monotonic() < deadline, f"nobody came to wait for {what}"
+
+
+async def test_a_renewal_whose_revocation_check_fails_after_its_row_committed_is_revoked(
+        tmp_path: Path, postgres_server: Any) -> None:
+    import psycopg
+    url = postgres_server.new_database()
+    c = make_cluster(tmp_path, url)
+    holder = await asyncio.to_thread(psycopg.connect, url, autocommit=True)
+    locker = await asyncio.to_thread(psycopg.connect, url)
+    watcher = await asyncio.to_thread(psycopg.connect, url, autocommit=True)
+    try:
+        node = c.start("w1")
+        cert, key = await asyncio.to_thread(enroll, node, tmp_path, "service", ["held.test"])
+        parent = format(load_cert(cert).serial_number, "x")
+        await asyncio.to_thread(holder.execute, HELD_RENEWAL)
+        await asyncio.to_thread(holder.execute, "SELECT pg_advisory_lock(4343)")
+        renewal = asyncio.create_task(call("POST", f"{node.url}/v1/x509/renew",
+                                           node.ssl(cert, key), {}))
+        # The renewal's row is at its COMMIT; a lock of the whole table queues behind it.
+        await asyncio.to_thread(_waiting, watcher, "locktype = 'advisory' AND objid = 4343")
+        queued = asyncio.create_task(asyncio.to_thread(
+            locker.execute, "LOCK TABLE certs IN ACCESS EXCLUSIVE MODE"))
+        await asyncio.to_thread(_waiting, watcher, "mode = 'AccessExclusiveLock' AND "
+                                "relation = 'certs'::regclass")
+        await asyncio.to_thread(holder.execute, "SELECT pg_advisory_unlock(4343)")
+        await queued  # the row committed, and nothing reads the table until the rollback
+        status, ctype, body = await renewal  # the check was given up on
+        await asyncio.to_thread(locker.rollback)
+
+        assert status == 503 and ctype == "application/problem+json", (status, body)
+        [(child, der)] = await asyncio.to_thread(lambda: watcher.execute(
+            "SELECT serial, der FROM certs WHERE renewed_from = %s", (parent,)).fetchall())
+        said = "revoked a certificate signed but never released"
+        assert await asyncio.to_thread(node.wait_stderr, lambda: any(
+            said in line and child in line for line in node.stderr), 60), node.stderr[-20:]
+
+        # What a relying party sees: the certificate nobody received is revoked.
+        new = x509.load_der_x509_certificate(bytes(der))
+        answer, _ = await ask_ocsp(node, request_for(new, issuing(node)))
+        assert answer.certificate_status == ocsp.OCSPCertStatus.REVOKED, answer
+        # And the audit log says why: withheld after its "ok" outcome, then unreleased.
+        lines = [json.loads(x) for x in (c.state / "nodes" / "w1" / "audit" / "log.jsonl")
+                 .read_text().splitlines()]
+        [intent] = [e for e in lines if e["event"] == "hsm.sign" and e.get("phase") ==
+                    "intent" and e.get("serial") == child and e["purpose"] == "x509"]
+        [withheld] = [e for e in lines if e["event"] == "sign.withheld"
+                      and e["op_id"] == intent["op_id"]]
+        assert withheld["released"] is False and "StoreUnavailable" in withheld["reason"]
+        [why] = [e for e in lines if e["event"] == "sign.unreleased"]
+        assert why["serial"] == child and why["intent_seq"] == intent["seq"], why
+    finally:
+        c.stop()
+        for conn in (holder, locker, watcher):
+            await asyncio.to_thread(conn.close)
