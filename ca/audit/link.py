@@ -66,6 +66,7 @@ class AuditLink:
         self._sign = sign_channel
         self._sign_lock = threading.Lock()
         self._asked_at: float | None = None  # monotonic time of the unanswered append
+        self._round_at: float | None = None  # and of the link thread's unanswered round
         self._chan = channel
         self._on_lost = on_lost
         self._ids = itertools.count(1)
@@ -84,6 +85,13 @@ class AuditLink:
         new signatures are refused at once meanwhile rather than queued behind it."""
         asked = self._asked_at
         return 0.0 if asked is None else time.monotonic() - asked
+
+    def waited(self) -> float:
+        """Seconds the oldest write under way has waited for the recorder
+        (0: none waits). The recorder answers nothing while a group commit waits for its
+        disk or PostgreSQL, so /health says that, not that the primary is gone."""
+        started = [t for t in (self._asked_at, self._round_at) if t is not None]
+        return time.monotonic() - min(started) if started else 0.0
 
     def durable_size(self) -> int:
         """The recorder hands out a seq only once its line is durable, and lines are
@@ -192,6 +200,10 @@ class AuditLink:
                     results.fail(sink, exc)  # not plain data: refused alone
                     continue
                 jobs[req_id] = sink
+            # (a round of questions alone waits as long, but is not a write that waits)
+            self._round_at = time.monotonic() if any(
+                isinstance(item, tuple) and isinstance(item[0], wire.Append)
+                for item in items) else None
             try:
                 if out:
                     self._chan.sendall(out)
@@ -213,6 +225,7 @@ class AuditLink:
                 results.flush()
                 self._lost(str(exc))
                 return
+            self._round_at = None
             results.flush()
             if stop:
                 return

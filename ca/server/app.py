@@ -137,8 +137,19 @@ async def audit_state(audit: AuditReader) -> dict[str, Any]:
         return {"healthy": h.healthy, "problem": h.problem, "size": h.size,
                 "damaged_seq": h.damaged_seq}
     except (AuditUnavailable, TimeoutError):
-        return {"healthy": False, "size": 0,
-                "problem": audit.problem or "the primary process does not answer"}
+        return {"healthy": False, "size": 0, "problem": audit.problem or _silent(audit.waited())}
+
+
+def _silent(waited: float) -> str:
+    """Why the primary did not answer: its recorder answers nothing while a group
+    commit waits (a trial's held PostgreSQL COMMIT read as "does not answer", with the
+    store "ok"), so a write this process has had waiting for seconds names that."""
+    if waited >= 1.0:
+        return (f"an audit log write has waited {waited:.0f} s: the log's disk, or "
+                "PostgreSQL in a cluster, does not finish it (signing waits, and fails "
+                "once the write is given up on)")
+    return ("the primary process does not answer within 2 s (it may be waiting for the "
+            "audit log's disk, or for PostgreSQL in a cluster: its log says)")
 
 
 async def store_state(store: Store, generations: Generations) -> str:

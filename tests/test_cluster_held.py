@@ -1,12 +1,13 @@
-"""A certificate signed, recorded and logged "ok", whose request then fails before the
-answer, is withheld and revoked: never left valid and OCSP-good with nobody holding it.
+"""PostgreSQL holding one COMMIT or one read, as a lost synchronous standby or a stalled
+disk holds them, at the moment that matters, made so by locks the test takes.
 
-A re-trial lost PostgreSQL's synchronous standby under load: a renewal was signed, its
-row and outcome line committed, and then the check that no revocation raced it (its
-read of the presented certificate) was given up on. The client got a 503, and the new
-certificate stayed valid, OCSP "good", with nothing logged. Here PostgreSQL is made to
-hold exactly that read: the renewal's row commits, and a table lock taken in the same
-instant keeps the check from reading until the store gives up on it."""
+A re-trial lost PostgreSQL's synchronous standby under load:
+- a renewal was signed, its row and outcome line committed, and then the check that no
+  revocation raced it (its read of the presented certificate) was given up on. The
+  client got a 503, and the new certificate stayed valid, OCSP "good", with nothing
+  logged. It is now withheld and revoked;
+- while an audit line's COMMIT was held, /health said "the primary process does not
+  answer", with the store "ok". It now says the audit log's write waits."""
 
 from __future__ import annotations
 
@@ -50,6 +51,9 @@ def _waiting(db: Any, what: str) -> None:
 
 async def test_a_renewal_whose_revocation_check_fails_after_its_row_committed_is_revoked(
         tmp_path: Path, postgres_server: Any) -> None:
+    """The renewal's row commits, and a table lock taken in the same instant keeps its
+    check from reading until the store gives up on it: 503, and the certificate nobody
+    received is revoked, with the audit lines that say why."""
     import psycopg
     url = postgres_server.new_database()
     c = make_cluster(tmp_path, url)
@@ -99,4 +103,53 @@ async def test_a_renewal_whose_revocation_check_fails_after_its_row_committed_is
     finally:
         c.stop()
         for conn in (holder, locker, watcher):
+            await asyncio.to_thread(conn.close)
+
+
+HELD_AUDIT = """
+CREATE FUNCTION held_audit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  PERFORM pg_advisory_lock(4444);
+  PERFORM pg_advisory_unlock(4444);
+  RETURN NULL;
+END $$;
+CREATE CONSTRAINT TRIGGER held AFTER INSERT ON audit_lines DEFERRABLE INITIALLY DEFERRED
+  FOR EACH ROW EXECUTE FUNCTION held_audit();
+"""
+
+
+async def test_health_names_an_audit_write_that_postgresql_holds(
+        tmp_path: Path, postgres_server: Any) -> None:
+    """While the audit log's COMMIT waits in PostgreSQL, /health names that wait (a
+    load balancer takes the node out, and the operator knows where to look), and is
+    healthy again once it ends."""
+    import psycopg
+    url = postgres_server.new_database()
+    c = make_cluster(tmp_path, url)
+    holder = await asyncio.to_thread(psycopg.connect, url, autocommit=True)
+    watcher = await asyncio.to_thread(psycopg.connect, url, autocommit=True)
+    try:
+        node = c.start("h1")
+        cert, key = await asyncio.to_thread(enroll, node, tmp_path, "service", ["wait.test"])
+        await asyncio.to_thread(holder.execute, HELD_AUDIT)
+        await asyncio.to_thread(holder.execute, "SELECT pg_advisory_lock(4444)")
+        try:
+            renewal = asyncio.create_task(call("POST", f"{node.url}/v1/x509/renew",
+                                               node.ssl(cert, key), {}))
+            await asyncio.to_thread(_waiting, watcher,
+                                    "locktype = 'advisory' AND objid = 4444")
+            status, _, body = await call("GET", f"{node.url}/health", node.ssl())
+        finally:
+            await asyncio.to_thread(holder.execute, "SELECT pg_advisory_unlock(4444)")
+        assert status == 503, body
+        audit = json.loads(body)["audit"]
+        assert audit.startswith("unavailable: an audit log write has waited "), audit
+        assert "PostgreSQL" in audit, audit
+        assert (await renewal)[0] in (201, 503)  # signed, or given up on: not hung
+        await asyncio.to_thread(holder.execute, "DROP TRIGGER held ON audit_lines")
+        status, _, body = await call("GET", f"{node.url}/health", node.ssl())
+        assert status == 200, body
+    finally:
+        c.stop()
+        for conn in (holder, watcher):
             await asyncio.to_thread(conn.close)
