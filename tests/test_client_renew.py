@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+import signal
 import subprocess
 from pathlib import Path
 
@@ -58,9 +59,8 @@ def test_daemon_renews_short_certificates_twice_retrying_while_the_ca_is_away(
         first = cert_serial(cert)
         hook_log = tmp_path / "hook.log"
         renewer = Running.start(
-            # Its renewals are 45 s: the second is due ~30 s after it is issued, and has
-            # ~15 s left when the CA comes back, whatever a cold start under load takes
-            # (a 30 s one left ~10 s, and expired is not retried).
+            # Its renewals are 45 s: the second has most of that left when the CA comes
+            # back, whatever a cold start under load takes (expired is not retried).
             "renew", "--daemon", "--url", d.url, "--ca", d.root, "--cert", cert, "--key", key,
             "--ttl", "45s", "--exec", f'echo "$HSMCA_SERIAL $HSMCA_CERT" >> {hook_log}')
 
@@ -72,8 +72,11 @@ def test_daemon_renews_short_certificates_twice_retrying_while_the_ca_is_away(
                                cert.parent / "chain.pem", cert], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
 
-        # The CA goes away: the renewer retries with back-off until it is back.
+        # The CA goes away, and an operator asks for a renewal now (SIGHUP, as
+        # `systemctl reload` sends it): the renewer retries with back-off until it is back.
         assert d.stop() == 0
+        renewer.proc.send_signal(signal.SIGHUP)
+        assert renewer.wait("renew.forced")["detail"] == "SIGHUP: due now"
         retry = renewer.wait("renew.retry", count=2)
         assert retry["attempt"] == 2 and "cannot connect" in retry["error"]
         d = start_daemon(ca.state, *listen)
@@ -83,11 +86,12 @@ def test_daemon_renews_short_certificates_twice_retrying_while_the_ca_is_away(
         renewer.wait("renew.hook.done", count=2)
         assert hook_log.read_text().split()[::2] == [done["serial"], second["serial"]]
         assert renewer.events("renew.scheduled")[0]["in_s"] <= 60
-        # Revoked, its next renewal is refused: it gives up with exit 3, which the docs'
-        # unit does not restart (RestartPreventExitStatus=3), instead of asking the CA
-        # the same question every minute.
+        # Revoked, its next renewal (asked now) is refused: it gives up with exit 3,
+        # which the docs' unit does not restart (RestartPreventExitStatus=3), instead of
+        # asking the CA the same question every minute.
         subprocess.run([*HSMCA, "revoke", "--config", ca.state / "hsmca.toml",
                         cert_serial(cert)], check=True, capture_output=True)
+        renewer.proc.send_signal(signal.SIGHUP)
         failed = renewer.wait("renew.failed")
         assert "revoked" in failed["error"], failed
         assert renewer.exit_code() == 3

@@ -437,7 +437,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                        "With --daemon, keep doing it: renew at two "
                        "thirds of each certificate's lifetime (with jitter), retry with "
                        "back-off while the CA is away, log each step as JSON on stderr, and "
-                       "run --exec after each renewal; SIGTERM stops it.")
+                       "run --exec after each renewal; SIGHUP renews at once (after a CA key "
+                       "rotation, say); SIGTERM stops it.")
     r.add_argument("--url", required=True, help="daemon URL, e.g. https://ca.example:8443")
     credential_flags(r, "the certificate to renew, also the client certificate")
     r.add_argument("--ca", type=Path, help="root CA PEM to trust the daemon with (default: "

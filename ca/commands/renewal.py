@@ -112,6 +112,14 @@ class Job:
     # one written by other means (a one-shot `renew --rekey`, an `enroll --force`) gets
     # the hook too, else the service keeps the old one in memory until it expires.
     identity: Callable[[], object] | None = None
+    # Set by SIGHUP: due now, whatever the schedule says (after a CA key rotation, to
+    # take a certificate from the new issuer; to try a changed --exec at once).
+    forced: bool = False
+
+    def force(self) -> None:
+        self.forced = True
+        if self.wake is not None:
+            self.wake.set()
 
 
 STUCK_RETRY_S = 600.0
@@ -163,17 +171,26 @@ async def keep(job: Job, log: Any) -> None:
         seen = current
         return True
 
+    if job.wake is None:  # for SIGHUP's
+        job.wake = asyncio.Event()
+
+    def due() -> dt.datetime:
+        return now() if job.forced else job.due()
+
     while True:
-        at = job.due()
+        at = due()
         log.info(f"{job.event}.scheduled", at=at.isoformat(),
                  in_s=round(max(0.0, (at - now()).total_seconds()), 1))
-        if not await sleep_until(job.due, job.wake, replaced):
+        if not await sleep_until(due, job.wake, replaced):
             log.info(f"{job.event}.replaced", credential=str(seen),
                      detail="written by other means (another renew, an enroll)"
                      + (": the hook runs for it" if job.hook else ""))
             if job.hook:
                 await _hook_until_done(job, log)
             continue
+        if job.forced:
+            log.info(f"{job.event}.forced", detail="SIGHUP: due now")
+            job.forced = False
         attempt = 0
         while True:
             log.info(f"{job.event}.start", attempt=attempt + 1)
@@ -224,7 +241,9 @@ async def _hook_until_done(job: Job, log: Any) -> None:
 def run_forever(jobs: list[Job], **context: Any) -> int:
     """Run the jobs until SIGTERM/SIGINT (exit 0) or a failure retrying cannot fix
     (GaveUp: exit 3, after logging it; the one-line error is printed by the CLI): a
-    refusal, or its own certificate or key missing or unreadable."""
+    refusal, or its own certificate or key missing or unreadable. SIGHUP makes every
+    job due now (`systemctl reload`: it used to end the process, as SIGHUP's default
+    does)."""
     from ca.logs import configure
     configure()
     log = structlog.get_logger().bind(**context)
@@ -236,6 +255,7 @@ def run_forever(jobs: list[Job], **context: Any) -> int:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: [job.force() for job in jobs])
         stopper = asyncio.create_task(stop.wait())
         try:
             done, _ = await asyncio.wait([*tasks, stopper],

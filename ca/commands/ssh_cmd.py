@@ -699,7 +699,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                    "/etc/ssh/sshd_config.d, which Debian's sshd_config includes)")
     h.add_argument("--renew", action="store_true",
                    help="keep running: renew the host certificate at two thirds of its "
-                   "lifetime and refresh the user CA key and the KRL every --refresh")
+                   "lifetime and refresh the user CA key and the KRL every --refresh; "
+                   "SIGHUP does all three at once, SIGTERM stops it")
     h.add_argument("--refresh", type=duration, metavar="DURATION",
                    help="with --renew: how often to fetch the KRL and the user CA key "
                    "(default 5m)")
