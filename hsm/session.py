@@ -390,7 +390,7 @@ class HSM:
             for handle in self._handles.values():
                 handle[pkcs11.Attribute.LABEL]
                 return
-            self._lib.get_token(token_label=self.config.token)
+            self._token(self.config.token)
         except SESSION_ERRORS as exc:
             self._mark_broken(exc)
             raise HSMUnavailable(f"HSM unavailable: {self.broken}") from None
@@ -647,7 +647,7 @@ class HSM:
         label = self.config.token
         for delay in (*retries, None):
             try:
-                return self._lib.get_token(token_label=label)
+                return self._token(label)
             except (pkcs11.exceptions.NoSuchToken, pkcs11.exceptions.GeneralError) as exc:
                 if delay is None:
                     if isinstance(exc, pkcs11.exceptions.GeneralError):
@@ -657,13 +657,35 @@ class HSM:
                 time.sleep(delay)  # a back-off before looking again, on the HSM thread
                 self._lib.reinitialize()
         # An empty label is a free slot SoftHSM keeps for the next token: not a token.
-        labels = sorted({s.get_token().label for s in self._lib.get_slots(token_present=True)}
-                        - {""})
+        labels = sorted({t.label for t in self._tokens()[0]} - {""})
         from hsm.softhsm import config_in_use
         conf = config_in_use(self.config.module)
         raise HSMError(f"no token labelled {label!r} in {self.config.module} (tokens present: "
                        f"{', '.join(repr(lbl) for lbl in labels) or 'none'}"
                        f"{f'; SoftHSM reads {conf}' if conf else ''})") from None
+
+    def _tokens(self) -> tuple[list[Any], int]:
+        """The tokens present that can be read, and how many slots could not be.
+        SoftHSM answers GeneralError for the slot of a token whose directory another
+        process deleted (softhsm2-util --delete-token beside a running hsmca) until the
+        library is initialised again, and python-pkcs11's get_token(token_label=...)
+        then fails for every label, this one's too: such a slot is left out."""
+        tokens, unreadable = [], 0
+        for slot in self._lib.get_slots(token_present=True):
+            try:
+                tokens.append(slot.get_token())
+            except pkcs11.exceptions.GeneralError:
+                unreadable += 1
+        return tokens, unreadable
+
+    def _token(self, label: str) -> Any:
+        tokens, unreadable = self._tokens()
+        for token in tokens:
+            if token.label == label:
+                return token
+        if unreadable:  # this one may be the token being rewritten: said as before
+            raise pkcs11.exceptions.GeneralError
+        raise pkcs11.exceptions.NoSuchToken
 
     def _close_session(self, quiet: bool) -> None:
         if self._session is None:

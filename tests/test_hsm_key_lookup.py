@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -188,3 +189,25 @@ def test_a_key_the_inventory_lists_and_the_token_lost_is_named_at_start(
                            "as active, and the token does not hold it: it was destroyed or "
                            "removed after this inventory was written"), proc.stderr
     assert "restore the newest backup" in said and "was `hsmca init` run" not in said
+
+
+def test_a_token_deleted_beside_a_running_session_leaves_it_usable(tmp_path: Path) -> None:
+    """SoftHSM answers GeneralError for the slot of a token whose directory was deleted
+    (`softhsm2-util --delete-token` of an old token beside a running hsmca) until the
+    library is initialised again, and a lookup of this token by label failed with it:
+    the HSM was called unavailable for another token's removal."""
+    from hsm import softhsm
+    ca = init_ca(tmp_path, private_hsm=True)
+    conf = tmp_path / "softhsm" / "softhsm2.conf"
+    env = {**os.environ, "SOFTHSM2_CONF": str(conf)}
+    tokens = tmp_path / "softhsm" / "tokens"
+    before = set(tokens.iterdir())
+    softhsm.init_token(conf, "old-one", tmp_path / "old-one.pin")
+    [old] = set(tokens.iterdir()) - before
+    session = Session(ca, env)  # it sees both tokens
+    try:
+        shutil.rmtree(old)
+        assert session.ask("probe", "-") == "ok"
+        assert session.ask("key", "issuing-ca") == "ok"
+    finally:
+        session.close()
