@@ -45,31 +45,24 @@ class Token:
 
 
 _counter = iter(range(1, 10**6))
-# The tokens a test made (a function-scoped fixture's too), removed once it has ended:
-# SoftHSM reads every token in its directory whenever a process initialises it, so each
-# daemon, worker and CLI run paid for every token the session had made before it
-# (measured: 0.15 s per start with 200 tokens of a CA's keys, 0.01 s with one).
-_made_by_test: list[tuple[Path, Path]] = []  # (token directory, PIN file)
-_fixture_scopes: list[str] = []  # of the fixtures being set up, innermost last
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_fixture_setup(fixturedef: pytest.FixtureDef[object]) -> Iterator[None]:
-    _fixture_scopes.append(fixturedef.scope)
-    try:
-        yield
-    finally:
-        _fixture_scopes.pop()
+# Every token made, so that those a test made (its function-scoped fixtures' too) are
+# removed once it has ended: SoftHSM reads every token in its directory whenever a
+# process initialises it, so each daemon, worker and CLI run paid for every token the
+# session had made before it (measured: 0.15 s per start with 200 tokens of a CA's
+# keys, 0.01 s with one).
+_made: dict[Path, Path] = {}  # token directory: its PIN file
 
 
 @pytest.fixture(autouse=True)
 def _remove_tokens_made_by_the_test() -> Iterator[None]:
-    """First set up, so last torn down: after the fixtures that stop the daemons."""
+    """Set up after the session's and modules' fixtures (pytest sets up wider scopes
+    first), so their tokens are kept; torn down last, after the fixtures that stop the
+    daemons."""
+    kept = set(_made)
     yield
-    while _made_by_test:
-        directory, pin = _made_by_test.pop()
+    for directory in set(_made) - kept:
         shutil.rmtree(directory, ignore_errors=True)
-        pin.unlink(missing_ok=True)
+        _made.pop(directory).unlink(missing_ok=True)
 
 
 def new_softhsm_token(prefix: str = "t") -> Token:
@@ -80,9 +73,8 @@ def new_softhsm_token(prefix: str = "t") -> Token:
     tokens = _SESSION_DIR / "softhsm" / "tokens"
     before = set(tokens.iterdir())
     softhsm.init_token(Path(os.environ["SOFTHSM2_CONF"]), label, pin)
-    if not _fixture_scopes or _fixture_scopes[-1] == "function":
-        # (this worker's directory: nobody else makes a token in it meanwhile)
-        _made_by_test.extend((made, pin) for made in set(tokens.iterdir()) - before)
+    # (this worker's directory: nobody else makes a token in it meanwhile)
+    _made.update((made, pin) for made in set(tokens.iterdir()) - before)
     return Token(label, pin, softhsm.module_path())
 
 
