@@ -14,13 +14,16 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from cryptography import x509
 from cryptography.x509 import ocsp
 
-from tests.cluster_kit import call, make_cluster
+from tests.cluster_kit import Cluster, call, make_cluster
+from tests.conftest import Daemon
 from tests.helpers import ask_ocsp, enroll, issuing, request_for
 from tests.helpers import load as load_cert
 
@@ -41,6 +44,17 @@ CREATE CONSTRAINT TRIGGER held AFTER INSERT ON certs DEFERRABLE INITIALLY DEFERR
 """
 
 
+@pytest.fixture(scope="module")
+def held(tmp_path_factory: pytest.TempPathFactory, postgres_server: Any
+         ) -> Iterator[tuple[Cluster, Daemon]]:
+    """One node for both tests (each holds a different table, and drops its trigger)."""
+    c = make_cluster(tmp_path_factory.mktemp("held"), postgres_server.new_database())
+    try:
+        yield c, c.start("w1")
+    finally:
+        c.stop()
+
+
 def _waiting(db: Any, what: str) -> None:
     """Until a session waits for `what` (a lock, as pg_locks names it): observed, not
     guessed. Bounded, so that a change that never waits fails with what was expected."""
@@ -50,18 +64,16 @@ def _waiting(db: Any, what: str) -> None:
 
 
 async def test_a_renewal_whose_revocation_check_fails_after_its_row_committed_is_revoked(
-        tmp_path: Path, postgres_server: Any) -> None:
+        tmp_path: Path, held: tuple[Cluster, Daemon]) -> None:
     """The renewal's row commits, and a table lock taken in the same instant keeps its
     check from reading until the store gives up on it: 503, and the certificate nobody
     received is revoked, with the audit lines that say why."""
     import psycopg
-    url = postgres_server.new_database()
-    c = make_cluster(tmp_path, url)
-    holder = await asyncio.to_thread(psycopg.connect, url, autocommit=True)
-    locker = await asyncio.to_thread(psycopg.connect, url)
-    watcher = await asyncio.to_thread(psycopg.connect, url, autocommit=True)
+    c, node = held
+    holder = await asyncio.to_thread(psycopg.connect, c.url, autocommit=True)
+    locker = await asyncio.to_thread(psycopg.connect, c.url)
+    watcher = await asyncio.to_thread(psycopg.connect, c.url, autocommit=True)
     try:
-        node = c.start("w1")
         cert, key = await asyncio.to_thread(enroll, node, tmp_path, "service", ["held.test"])
         parent = format(load_cert(cert).serial_number, "x")
         await asyncio.to_thread(holder.execute, HELD_RENEWAL)
@@ -101,7 +113,7 @@ async def test_a_renewal_whose_revocation_check_fails_after_its_row_committed_is
         [why] = [e for e in lines if e["event"] == "sign.unreleased"]
         assert why["serial"] == child and why["intent_seq"] == intent["seq"], why
     finally:
-        c.stop()
+        await asyncio.to_thread(holder.execute, "DROP TRIGGER IF EXISTS held ON certs")
         for conn in (holder, locker, watcher):
             await asyncio.to_thread(conn.close)
 
@@ -119,17 +131,15 @@ CREATE CONSTRAINT TRIGGER held AFTER INSERT ON audit_lines DEFERRABLE INITIALLY 
 
 
 async def test_health_names_an_audit_write_that_postgresql_holds(
-        tmp_path: Path, postgres_server: Any) -> None:
+        tmp_path: Path, held: tuple[Cluster, Daemon]) -> None:
     """While the audit log's COMMIT waits in PostgreSQL, /health names that wait (a
     load balancer takes the node out, and the operator knows where to look), and is
     healthy again once it ends."""
     import psycopg
-    url = postgres_server.new_database()
-    c = make_cluster(tmp_path, url)
-    holder = await asyncio.to_thread(psycopg.connect, url, autocommit=True)
-    watcher = await asyncio.to_thread(psycopg.connect, url, autocommit=True)
+    c, node = held
+    holder = await asyncio.to_thread(psycopg.connect, c.url, autocommit=True)
+    watcher = await asyncio.to_thread(psycopg.connect, c.url, autocommit=True)
     try:
-        node = c.start("h1")
         cert, key = await asyncio.to_thread(enroll, node, tmp_path, "service", ["wait.test"])
         await asyncio.to_thread(holder.execute, HELD_AUDIT)
         await asyncio.to_thread(holder.execute, "SELECT pg_advisory_lock(4444)")
@@ -150,6 +160,6 @@ async def test_health_names_an_audit_write_that_postgresql_holds(
         status, _, body = await call("GET", f"{node.url}/health", node.ssl())
         assert status == 200, body
     finally:
-        c.stop()
+        await asyncio.to_thread(holder.execute, "DROP TRIGGER IF EXISTS held ON audit_lines")
         for conn in (holder, watcher):
             await asyncio.to_thread(conn.close)
