@@ -228,6 +228,12 @@ class Config:
         return self.local_dir / "audit" / "log.jsonl"
 
     @property
+    def withheld_path(self) -> Path:
+        """Certificates withheld after their "ok" outcome, for the next start to revoke
+        (ca/issuance/withheld.py)."""
+        return self.local_dir / "audit" / "withheld.jsonl"
+
+    @property
     def checkpoint_path(self) -> Path:
         return self.local_dir / "audit" / "checkpoint"
 

@@ -161,16 +161,16 @@ class OwnCerts:
         order = ra.order(ctx, ra.Local(), ra.LocalCertRequest(
             "admin", key.public_key(), rec.names, life, renewed_from=rec.serial))
         issued = await self.issuance.x509(order)
-        # Revoked while it was signed: the new one goes with it, and is not written.
         try:
+            # Revoked while it was signed: the new one goes with it, and is not written.
             await self.revocations.settle(rec.serial, None, child=issued.cert.serial_number)
-        except Exception as exc:  # not written: withheld, revoked by the next start
-            await self.issuance.withhold(issued, exc)
+            write_atomic(self.config.admin_key, key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption()), 0o600)
+            write_atomic(path, pem(issued.cert), 0o644)
+        except BaseException as exc:  # not written (or half): withheld, and revoked
+            await asyncio.shield(self.issuance.withhold(issued, exc))
             raise
-        write_atomic(self.config.admin_key, key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()), 0o600)
-        write_atomic(path, pem(issued.cert), 0o644)
 
     async def run(self) -> None:
         while True:

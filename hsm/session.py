@@ -674,15 +674,20 @@ class HSM:
         for slot in self._lib.get_slots(token_present=True):
             try:
                 tokens.append(slot.get_token())
+            except (pkcs11.exceptions.TokenNotPresent,
+                    pkcs11.exceptions.TokenNotRecognised):
+                continue  # gone meanwhile, or a card that is not a token: as get_token did
             except pkcs11.exceptions.GeneralError:
                 unreadable += 1
         return tokens, unreadable
 
     def _token(self, label: str) -> Any:
         tokens, unreadable = self._tokens()
-        for token in tokens:
-            if token.label == label:
-                return token
+        found = [token for token in tokens if token.label == label]
+        if len(found) > 1:
+            raise pkcs11.exceptions.MultipleTokensReturned
+        if found:
+            return found[0]
         if unreadable:  # this one may be the token being rewritten: said as before
             raise pkcs11.exceptions.GeneralError
         raise pkcs11.exceptions.NoSuchToken

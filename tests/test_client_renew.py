@@ -77,11 +77,15 @@ def test_daemon_renews_short_certificates_twice_retrying_while_the_ca_is_away(
         assert d.stop() == 0
         renewer.proc.send_signal(signal.SIGHUP)
         assert renewer.wait("renew.forced")["detail"] == "SIGHUP: due now"
+        renewer.wait("renew.retry")
+        renewer.proc.send_signal(signal.SIGHUP)  # asked again: cuts the back-off short
         retry = renewer.wait("renew.retry", count=2)
         assert retry["attempt"] == 2 and "cannot connect" in retry["error"]
         d = start_daemon(ca.state, *listen)
 
         second = renewer.wait("renew.done", count=2)
+        # Both asks were for this renewal: the next is scheduled, not forced again.
+        assert renewer.wait("renew.scheduled", count=3)["in_s"] > 10
         assert second["old_serial"] == done["serial"] and second["serial"] == cert_serial(cert)
         renewer.wait("renew.hook.done", count=2)
         assert hook_log.read_text().split()[::2] == [done["serial"], second["serial"]]

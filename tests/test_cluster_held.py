@@ -94,6 +94,9 @@ async def test_a_renewal_whose_revocation_check_fails_after_its_row_committed_is
         assert status == 503 and ctype == "application/problem+json", (status, body)
         [(child, der)] = await asyncio.to_thread(lambda: watcher.execute(
             "SELECT serial, der FROM certs WHERE renewed_from = %s", (parent,)).fetchall())
+        # Noted for the next start before the 503 went, should the node stop first.
+        noted = c.state / "nodes" / "w1" / "audit" / "withheld.jsonl"
+        assert [json.loads(x)[1] for x in noted.read_text().splitlines()] == [child]
         said = "revoked a certificate signed but never released"
         assert await asyncio.to_thread(node.wait_stderr, lambda: any(
             said in line and child in line for line in node.stderr), 60), node.stderr[-20:]
@@ -113,6 +116,7 @@ async def test_a_renewal_whose_revocation_check_fails_after_its_row_committed_is
         [why] = [e for e in lines if e["event"] == "sign.unreleased"]
         assert why["serial"] == child and why["intent_seq"] == intent["seq"], why
     finally:
+        await asyncio.to_thread(locker.rollback)  # else the DROP waits for its lock
         await asyncio.to_thread(holder.execute, "DROP TRIGGER IF EXISTS held ON certs")
         for conn in (holder, locker, watcher):
             await asyncio.to_thread(conn.close)

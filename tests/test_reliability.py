@@ -475,6 +475,47 @@ async def test_a_certificate_whose_outcome_never_reached_the_log_is_revoked_at_t
     audit_verify(ca.state, ok=True)
 
 
+async def test_a_certificate_noted_as_withheld_is_revoked_by_the_next_start(
+        tmp_path: Path) -> None:
+    """A certificate withheld after its "ok" outcome (a renewal's revocation check that
+    PostgreSQL gave up on: tests/test_cluster_held.py) is noted in audit/withheld.jsonl
+    before its client hears, because its `sign.withheld` line may not be writable in
+    that outage, and a review lost it at a stop. The next start revokes what the file
+    names, only the row its intent made, and removes the file."""
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state)
+    try:
+        cert, _ = enroll(d, tmp_path, "service", [LOAD_NAME])
+        kept, _ = enroll(d, tmp_path, "service", [LOAD_NAME])
+    finally:
+        assert d.stop() == 0
+    serials = [format(cx.load_pem_x509_certificate(p.read_bytes()).serial_number, "x")
+               for p in (cert, kept)]
+    [intent] = [x for x in log_lines(ca.state) if x["event"] == "hsm.sign"
+                and x.get("phase") == "intent" and x.get("serial") == serials[0]
+                and x["purpose"] == "x509"]
+    noted = ca.state / "audit" / "withheld.jsonl"
+    # The first as the daemon notes it; the second named with another intent's seq,
+    # which is not its row's (left alone), then a torn line.
+    noted.write_text(json.dumps([intent["purpose"], serials[0], intent["seq"]]) + "\n"
+                     + json.dumps(["x509", serials[1], intent["seq"]]) + "\n[\"x509\", ")
+    d = start_daemon(ca.state)
+    try:
+        assert d.wait_stderr(lambda: any("never released" in x and serials[0] in x
+                                         for x in d.stderr)), "".join(d.stderr)
+        states = []
+        for serial in serials:
+            status, _, body = await http(
+                "GET", f"{d.url}/v1/inventory/certificates/{serial}", d.admin_ssl())
+            assert status == 200, body
+            states.append((json.loads(body)["status"], json.loads(body)["reason"]))
+        assert states == [("revoked", "cessationOfOperation"), ("valid", None)], states
+        assert not noted.exists()
+    finally:
+        assert d.stop() == 0
+    audit_verify(ca.state, ok=True)
+
+
 async def test_a_damaged_inventory_is_refused_at_start_in_one_line(tmp_path: Path) -> None:
     """A fault trial: an inventory with a damaged page started without a word, answered
     500s, and its next start died with a traceback. The start names the file and the

@@ -205,7 +205,8 @@ def _renew_daemon(args: argparse.Namespace, url: str) -> int:
 
     from ca import client
     log = structlog.get_logger("hsmca.renew")
-    from ca.commands.renewal import Job, now, renew_time, run_forever
+    from ca.commands.renewal import Job, hold_sighup, now, renew_time, run_forever
+    hold_sighup()
 
     cert, key = args.cert, args.key
     # A first mistake fails at once, not in a log hours later: the credential, a wrong

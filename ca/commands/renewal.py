@@ -190,9 +190,9 @@ async def keep(job: Job, log: Any) -> None:
             continue
         if job.forced:
             log.info(f"{job.event}.forced", detail="SIGHUP: due now")
-            job.forced = False
         attempt = 0
         while True:
+            job.forced = False  # a SIGHUP during a back-off is this attempt's
             log.info(f"{job.event}.start", attempt=attempt + 1)
             try:
                 fields = await job.run()
@@ -204,13 +204,13 @@ async def keep(job: Job, log: Any) -> None:
                         raise
                     log.error(f"{job.event}.stuck", retry_in_s=STUCK_RETRY_S,
                               detail="the other jobs go on; this one is tried again then")
-                    await asyncio.sleep(STUCK_RETRY_S)  # periodic: a person may fix it
+                    await _pause(job, STUCK_RETRY_S)  # periodic: a person may fix it
                     continue
                 delay = backoff_s(attempt, job.remaining_s())
                 attempt += 1
                 log.warning(f"{job.event}.retry", attempt=attempt, retry_in_s=round(delay, 1),
                             error=str(exc))
-                await asyncio.sleep(delay)
+                await _pause(job, delay)
             except Exception as exc:  # a local failure (unwritable file, bad cert file)
                 log.error(f"{job.event}.failed", error=str(exc))
                 raise
@@ -219,6 +219,23 @@ async def keep(job: Job, log: Any) -> None:
             seen = job.identity()
         if job.hook:
             await _hook_until_done(job, log)
+
+
+async def _pause(job: Job, seconds: float) -> None:
+    """A back-off that a SIGHUP cuts short (the operator asked for it now)."""
+    assert job.wake is not None
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            while not job.forced:
+                await job.wake.wait()
+                job.wake.clear()
+
+
+def hold_sighup() -> None:
+    """SIGHUP ignored until `run_forever` takes it: its default ends the process, and a
+    `systemctl reload` during the start's checks would have (systemd counts that a
+    clean exit, and does not restart it)."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 async def _hook_until_done(job: Job, log: Any) -> None:

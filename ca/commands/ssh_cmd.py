@@ -512,6 +512,9 @@ def host(args: argparse.Namespace) -> int:
         raise CLIError("--refresh says how often --renew fetches the KRL and the user CA "
                        "key: it needs --renew")
     args.refresh = args.refresh or DEFAULT_REFRESH_S
+    if args.renew:
+        from ca.commands.renewal import hold_sighup
+        hold_sighup()
     from ca.client import ClientError
     try:
         out = asyncio.run(_host_once(args, f))

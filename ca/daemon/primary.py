@@ -550,11 +550,12 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
                 policy_watch = PolicyWatch(store, config.node)
             store.watch_changes(_on_change(config, store, generations, keys, policy_watch))
             await _compare_policy(policy_watch, policies)
-        issuance = Issuance(pipeline, store, keys, None, config.node)
+        issuance = Issuance(pipeline, store, keys, None, config.node, config.withheld_path)
         await ensure_server_cert(config, issuance)
         await _revoke_live_certs_of_compromised_keys(issuance, store, audit, generations,
                                                      policies)
-        await _revoke_unreleased(issuance, store, audit, generations, policies, config.node)
+        await _revoke_unreleased(issuance, store, audit, generations, policies, config.node,
+                                 config.withheld_path)
         # An order left `processing` with a certificate of this node's log: one never
         # released was reopened just now, with its revocation; the others were released
         # before the stop, whose order was not said valid yet: valid now. (Before the
@@ -1115,21 +1116,26 @@ async def _settle_tokens(store: Store, audit: AuditLog) -> None:
 
 async def _revoke_unreleased(issuance: Issuance, store: Store, audit: AuditLog,
                              generations: Generations, policies: control.PolicyFeed,
-                             node: str | None) -> None:
+                             node: str | None, withheld_path: Path) -> None:
     """Before serving: what the runs since the last clean stop signed and never released
-    and the inventory holds is revoked (ca/revocation/unreleased.py)."""
+    and the inventory holds is revoked (ca/revocation/unreleased.py), and what a run
+    withheld after its "ok" outcome (ca/issuance/withheld.py), whose file then goes."""
+    from ca.issuance.withheld import read_withheld
     from ca.revocation import Revocations
     from ca.revocation.unreleased import revoke_unreleased
-    if not audit.last_run.unreleased:
-        return
-    context = _context_now(issuance, policies)
-    revoked = await revoke_unreleased(
-        audit.last_run.unreleased, store, audit,
-        Revocations(store, audit, issuance, generations, context), context, node)
-    if revoked:
-        log.warning("revoked certificates signed but never released (their outcome lines "
-                    "were never written, or say released: false); nobody holds them",
-                    serials=revoked)
+    withheld = await asyncio.to_thread(read_withheld, withheld_path)
+    items = list(dict.fromkeys([*audit.last_run.unreleased, *withheld]))
+    if items:
+        context = _context_now(issuance, policies)
+        revoked = await revoke_unreleased(
+            items, store, audit, Revocations(store, audit, issuance, generations, context),
+            context, node)
+        if revoked:
+            log.warning("revoked certificates signed but never released (their outcome "
+                        "lines were never written, or say released: false, or they were "
+                        "withheld); nobody holds them", serials=revoked)
+    if withheld:  # each revoked, or not the inventory's to revoke: done with
+        withheld_path.unlink(missing_ok=True)
 
 
 async def _refresh_crls(issuance: Issuance, store: Store, audit: AuditLog,

@@ -126,7 +126,8 @@ async def run(config: Config, host: str, port: int, slot: int, sign_channel: soc
         store = open_store(config.store_location, autocheckpoint=False)
         generations = Generations(config.generations_path)
         keys = await open_keyring(config, store, pipeline, generations)
-        issuance = Issuance(pipeline, store, keys, config.public_url, config.node)
+        issuance = Issuance(pipeline, store, keys, config.public_url, config.node,
+                            config.withheld_path)
         gate: Gate
         revocations = Revocations(store, link, issuance, generations, lambda: gate.context())
         gate = Gate(store, revocations, keys, lambda: control.policy)  # the primary's

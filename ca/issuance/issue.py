@@ -8,11 +8,13 @@ inventory row are durable (the pipeline's rule).
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import structlog
@@ -23,6 +25,7 @@ from cryptography.hazmat.primitives.serialization import SSHCertificate
 from ca.issuance import profiles as prof
 from ca.issuance.issuers import Issuers
 from ca.issuance.pipeline import SigningJob, SigningPipeline, SignResult
+from ca.issuance.withheld import note_withheld
 from ca.policy import Policy
 from ca.ra import CACertOrder, Context, CRLOrder, Directory, SSHOrder, X509Order
 from ca.store import NewCert, NewSSHCert, Store
@@ -103,12 +106,16 @@ class IssuerSource(Protocol):
 
 class Issuance:
     def __init__(self, pipeline: SigningPipeline, store: Store, keys: IssuerSource,
-                 public_url: str | None, audit_log: str | None = None) -> None:
+                 public_url: str | None, audit_log: str | None = None,
+                 withheld: Path | None = None) -> None:
         """`audit_log`: the name of the log this process's signatures go to (cluster
-        mode: the node's), recorded with each certificate; None: the CA's one log."""
+        mode: the node's), recorded with each certificate; None: the CA's one log.
+        `withheld`: where a certificate withheld is noted for the next start
+        (ca/issuance/withheld.py)."""
         self.pipeline, self.store, self.keys = pipeline, store, keys
         self.public_url = public_url
         self.audit_log = audit_log
+        self.withheld = withheld
 
     @property
     def issuers(self) -> Issuers:
@@ -226,20 +233,31 @@ class Issuance:
         return IssuedSSH(result.value, key_id, result.intent_seq, result.outcome_seq, result)
 
     async def withhold(self, issued: Issued | IssuedSSH, error: BaseException) -> None:
-        """`issued` is not sent after all: a check after its signing failed. Said in the
-        audit log, and revoked once the inventory answers (the pipeline's `withhold`);
-        a failure to say so fails nothing more, the next start looking again."""
+        """`issued` is not sent after all: a check after its signing failed. Noted for
+        the next start, said in the audit log, and revoked once the inventory answers
+        (the pipeline's `withhold`). Not to be cancelled: a stop that cancels the
+        request waits for it (the caller shields it)."""
         if issued.signed is None:
             return
         serial = (issued.serial_hex if isinstance(issued, Issued)
                   else str(issued.cert.serial))
+        revoke = "hsmca revoke" if isinstance(issued, Issued) else "hsmca ssh revoke --serial"
+        noted = False
+        try:
+            if self.withheld is not None:
+                await asyncio.to_thread(note_withheld, self.withheld, (
+                    issued.signed.purpose, serial, issued.intent_seq))
+                noted = True
+        except OSError as exc:  # a full disk: the audit line below may still say it
+            log.error("cannot note a certificate withheld for the next start",
+                      serial=serial, error=str(exc))
         try:
             await self.pipeline.withhold(issued.signed, serial, error)
-        except Exception as exc:  # the signing thread gone: a stop under way
-            revoke = "hsmca revoke" if isinstance(issued, Issued) else "hsmca ssh revoke --serial"
-            log.error(f"a certificate signed and not sent cannot be revoked by hsmca: "
-                      f"revoke it by hand ({revoke} {serial})", serial=serial,
-                      error=str(exc) or type(exc).__name__)
+        except Exception as exc:  # the signing thread gone (a stop under way)
+            log.error("a certificate signed and not sent may stay valid: "
+                      + ("the next start revokes it" if noted else
+                         f"revoke it by hand ({revoke} {serial}) if it still is"),
+                      serial=serial, error=str(exc) or type(exc).__name__)
 
     async def crl(self, order: CRLOrder, number: int,
                   revoked: Sequence[tuple[int, dt.datetime, str | None]],

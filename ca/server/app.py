@@ -145,9 +145,10 @@ def _silent(waited: float) -> str:
     commit waits (a trial's held PostgreSQL COMMIT read as "does not answer", with the
     store "ok"), so a write this process has had waiting for seconds names that."""
     if waited >= 1.0:
-        return (f"an audit log write has waited {waited:.0f} s: the log's disk, or "
-                "PostgreSQL in a cluster, does not finish it (signing waits, and fails "
-                "once the write is given up on)")
+        return (f"an audit log write has waited {waited:.0f} s for the primary process: "
+                "the log's disk, or PostgreSQL in a cluster, does not finish it, or the "
+                "primary itself is stuck (signing waits, and fails once the write is "
+                "given up on)")
     return ("the primary process does not answer within 2 s (it may be waiting for the "
             "audit log's disk, or for PostgreSQL in a cluster: its log says)")
 

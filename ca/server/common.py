@@ -3,6 +3,7 @@ bodies, CSR parsing. Routes parse and answer; the registration authority decides
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import email.utils
 import hashlib
@@ -21,8 +22,8 @@ from ca.audit import wire
 from ca.issuance.issue import Issuance, Issued, IssuedSSH, IssuerSource, decision_context
 from ca.lifecycle import KeyLifecycle
 from ca.metrics import Metrics
-from ca.policy import PARSE_ERRORS, Policy, parse_error
-from ca.revocation import Revocations
+from ca.policy import PARSE_ERRORS, Policy, Reason, Refused, parse_error
+from ca.revocation import RecordedNotCommitted, Revocations
 from ca.server.problems import Problem
 from ca.store import CertRecord, Store
 from ca.tokens import Tokens
@@ -190,8 +191,14 @@ async def sent_or_withheld(request: web.Request, issued: Issued | IssuedSSH
     withheld, so that it does not stay valid with nobody holding it."""
     try:
         yield
-    except Exception as exc:
-        await request.app[ISSUANCE].withhold(issued, exc)
+    except (RecordedNotCommitted, Refused) as exc:
+        # The check revoked it itself (a revocation raced the request), or its
+        # revocation stands recorded: withheld too, a second revocation would race it.
+        if isinstance(exc, Refused) and exc.reason is not Reason.REVOKED:
+            await asyncio.shield(request.app[ISSUANCE].withhold(issued, exc))
+        raise
+    except BaseException as exc:  # a stop's cancellation too: waited for, not cut short
+        await asyncio.shield(request.app[ISSUANCE].withhold(issued, exc))
         raise
 
 
