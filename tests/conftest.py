@@ -57,7 +57,9 @@ _made: dict[Path, Path] = {}  # token directory: its PIN file
 def _remove_tokens_made_by_the_test() -> Iterator[None]:
     """Set up after the session's and modules' fixtures (pytest sets up wider scopes
     first), so their tokens are kept; torn down last, after the fixtures that stop the
-    daemons."""
+    daemons. (A wider fixture first asked for with `request.getfixturevalue` inside a
+    test would count as the test's and lose its token: none is, and a conftest hook
+    cannot tell, since pytest calls it only for this directory's fixtures.)"""
     kept = set(_made)
     yield
     for directory in set(_made) - kept:
