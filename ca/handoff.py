@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures as cf
 import queue
 import threading
+from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 # Put on a worker thread's queue behind its last job: the thread ends after that job.
@@ -61,6 +62,8 @@ class Settled(Generic[T]):
         return self._error
 
 
+Dropped = Callable[[], None] | None
+
 # Where a result goes: a thread-safe future, one settled on the caller's thread, or an
 # asyncio future with its loop.
 Sink = cf.Future[Any] | Settled[Any] | tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]
@@ -82,10 +85,12 @@ def claim(sink: Sink) -> bool:
     return sink.set_running_or_notify_cancel()
 
 
-def _settle(items: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
-    for fut, ok, value in items:
-        if fut.done():
-            continue  # cancelled while the worker ran
+def _settle(items: list[tuple[asyncio.Future[Any], bool, Any, Dropped]]) -> None:
+    for fut, ok, value, dropped in items:
+        if fut.done():  # cancelled while the worker ran
+            if ok and dropped is not None:
+                dropped()
+            continue
         if ok:
             fut.set_result(value)
         else:
@@ -96,26 +101,30 @@ class Batch:
     def __init__(self) -> None:
         self._loops: dict[asyncio.AbstractEventLoop, list[Any]] = {}
 
-    def ok(self, sink: Sink, value: Any) -> None:
-        self._add(sink, True, value)
+    def ok(self, sink: Sink, value: Any, dropped: Dropped = None) -> None:
+        """`dropped`: called (on the caller's thread) instead, if the caller gave up
+        after the job ran: a result nobody will receive (a signed certificate)."""
+        self._add(sink, True, value, dropped)
 
     def fail(self, sink: Sink, exc: BaseException) -> None:
-        self._add(sink, False, exc)
+        self._add(sink, False, exc, None)
 
-    def _add(self, sink: Sink, ok: bool, value: Any) -> None:
+    def _add(self, sink: Sink, ok: bool, value: Any, dropped: Dropped) -> None:
         if isinstance(sink, Settled):
             sink.settle(ok, value)
             return
         if isinstance(sink, cf.Future):
-            if sink.cancelled():
-                return  # nobody is waiting
+            if sink.cancelled():  # nobody is waiting
+                if ok and dropped is not None:
+                    dropped()
+                return
             if ok:
                 sink.set_result(value)
             else:
                 sink.set_exception(value)
             return
         loop, fut = sink
-        self._loops.setdefault(loop, []).append((fut, ok, value))
+        self._loops.setdefault(loop, []).append((fut, ok, value, dropped))
 
     def flush(self) -> None:
         loops, self._loops = self._loops, {}

@@ -373,3 +373,46 @@ async def test_each_protective_attribute_alone_is_enforced(worker: SigningPipeli
     await session(worker, make)
     with pytest.raises(HSMError, match=f"has {name}="):
         await worker.load_key(label)
+
+
+async def test_a_signature_whose_caller_gave_up_meanwhile_is_handed_over_as_dropped(
+        worker: SigningPipeline) -> None:
+    """A request cancelled once its signature was under way (a stop cancels the requests
+    it waited 10 s for) left an "ok" certificate that nobody received, and nothing said
+    so (a review). The pipeline hands it over (the worker notes it for the next start
+    and revokes it), and its audit log gets a `sign.withheld` line."""
+    import threading
+    key: KeyInfo = await worker.load_key("issuing-ca")
+    started, release = threading.Event(), threading.Event()
+
+    def slow(k: Any) -> bytes:
+        started.set()
+        release.wait(60)  # the caller is cancelled meanwhile
+        return k.sign(b"cancelled", ec.ECDSA(hashes.SHA256()))  # type: ignore[no-any-return]
+
+    loop = asyncio.get_running_loop()
+    dropped: asyncio.Future[tuple[str, str, int]] = loop.create_future()
+    worker.on_dropped = lambda *item: dropped.set_result(item)
+    try:
+        task = asyncio.create_task(worker.submit(SigningJob(
+            key.label, "x509", "local", slow, {"serial": "5e1f0d"})))
+        assert await asyncio.to_thread(started.wait, 60)
+        task.cancel()
+        release.set()
+        purpose, serial, seq = await asyncio.wait_for(dropped, 60)
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        worker.on_dropped = None
+        release.set()
+    assert (purpose, serial) == ("x509", "5e1f0d")
+    audit = worker._audit
+    [intent] = [json.loads(x) for x in audit.read_lines(seq, 1).splitlines()]  # type: ignore[attr-defined]
+    assert intent["serial"] == "5e1f0d"
+    # The line comes from the signing thread: asking it something waits for it.
+    await worker.call(lambda _hsm: None)
+    lines = [json.loads(x) for x in audit.read_lines(  # type: ignore[attr-defined]
+        seq, audit.durable_size() - seq).splitlines()]
+    [withheld] = [x for x in lines if x["event"] == "sign.withheld"
+                  and x["op_id"] == intent["op_id"]]
+    assert withheld["released"] is False and "cancelled" in withheld["reason"], withheld

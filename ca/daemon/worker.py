@@ -23,6 +23,7 @@ import socket
 import sqlite3
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import structlog
 from aiohttp import web
@@ -38,6 +39,7 @@ from ca.generations import Generations
 from ca.http_server import app_runner, tcp_site
 from ca.issuance.issue import Issuance
 from ca.issuance.pipeline import SigningPipeline
+from ca.issuance.withheld import note_withheld
 from ca.lifecycle import KeyLifecycle
 from ca.listener import Places
 from ca.logs import configure
@@ -96,6 +98,20 @@ async def _revoke_when_logged(queue: asyncio.Queue[Unreleased], store: Store,
 UNRELEASED_RETRY_S = 1.0
 
 
+def _dropped(noted: Path, queue: asyncio.Queue[Unreleased], item: Unreleased) -> None:
+    """A certificate signed for a request cancelled meanwhile (a stop): noted for the
+    next start (a stop's loop may not live to revoke it), and revoked if it does."""
+    if item[0] not in ISSUING:
+        return
+    try:
+        note_withheld(noted, item)  # on the loop: rare, and one small fsync
+    except OSError as exc:
+        log.error("cannot note a certificate signed for a request that was cancelled: "
+                  "revoke it by hand if a stop comes before it is revoked",
+                  purpose=item[0], serial=item[1], error=str(exc))
+    queue.put_nowait(item)
+
+
 def _primary_gone(why: str) -> None:
     log.error("the primary process is gone; exiting, as nothing can be recorded", reason=why)
     os._exit(EXIT_PRIMARY_GONE)
@@ -134,6 +150,8 @@ async def run(config: Config, host: str, port: int, slot: int, sign_channel: soc
         unreleased: asyncio.Queue[Unreleased] = asyncio.Queue()
         pipeline.on_unreleased = lambda purpose, serial, seq: loop.call_soon_threadsafe(
             unreleased.put_nowait, (purpose, serial, seq)) if purpose in ISSUING else None
+        pipeline.on_dropped = lambda purpose, serial, seq: _dropped(
+            config.withheld_path, unreleased, (purpose, serial, seq))
         revoking = asyncio.create_task(_revoke_when_logged(
             unreleased, store, link, revocations, gate.context, config.node))
         metrics = Metrics()

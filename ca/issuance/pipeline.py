@@ -135,6 +135,11 @@ class SigningPipeline:
         # written later with released: false): a row nobody received, to be revoked
         # once the log is back (ca/revocation/unreleased.py).
         self.on_unreleased: Callable[[str, str, int], None] | None = None
+        # Called on the caller's thread with (purpose, serial, intent seq) when a
+        # signature went through and its caller had given up meanwhile (a stop cancels
+        # the requests it waited 10 s for): a certificate nobody receives, to be noted
+        # for the next start and revoked (a review). Its `sign.withheld` line is written.
+        self.on_dropped: Callable[[str, str, int], None] | None = None
         # Called on this thread when the session breaks (False) or is back (True).
         self.on_health: Callable[[bool], None] | None = None
         # Called on this thread with the jobs waiting for it: what one round found
@@ -538,7 +543,8 @@ class SigningPipeline:
                                  else type(error).__name__)
                 if error is None:
                     batch.ok(op.sink, SignResult(out, seq, fut.result(), op.intent["op_id"],
-                                                 op.job.purpose))
+                                                 op.job.purpose),
+                             lambda op=op, seq=seq: self._dropped(op, seq))
                 else:
                     batch.fail(op.sink, error)
             if withheld:  # said before the callers hear; its own failure fails nothing
@@ -547,6 +553,18 @@ class SigningPipeline:
             batch.flush()  # released before the next group is signed
             ready = self._durable(started, written[len(outcomes):], batch)
         return rest
+
+    def _dropped(self, op: _Op, seq: int) -> None:
+        """On the caller's thread: `op` signed, and its caller gone (Batch.ok)."""
+        serial = op.intent.get("serial")
+        if self.on_dropped is None or not isinstance(serial, str):
+            return
+        self.on_dropped(op.job.purpose, serial, seq)
+        gone = asyncio.CancelledError("its request was cancelled while it was signed")
+        # Said on the signing thread, which owns the audit sink (a stop's STOP may be
+        # queued first: the note on_dropped made is what the next start reads then).
+        self._queue.put((lambda _hsm: self._append([_withheld(op.intent["op_id"], gone)]),
+                         cf.Future()))
 
     def _unreleased(self, purpose: str, serial: object, seq: int) -> None:
         if self.on_unreleased is not None and isinstance(serial, str):
