@@ -392,7 +392,11 @@ async def test_a_signature_whose_caller_gave_up_meanwhile_is_handed_over_as_drop
 
     loop = asyncio.get_running_loop()
     dropped: asyncio.Future[tuple[str, str, int]] = loop.create_future()
-    worker.on_dropped = lambda *item: dropped.set_result(item)
+
+    def taken(*item: Any) -> bool:
+        dropped.set_result(item)
+        return True
+    worker.on_dropped = taken
     try:
         task = asyncio.create_task(worker.submit(SigningJob(
             key.label, "x509", "local", slow, {"serial": "5e1f0d"})))

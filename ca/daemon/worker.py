@@ -98,11 +98,11 @@ async def _revoke_when_logged(queue: asyncio.Queue[Unreleased], store: Store,
 UNRELEASED_RETRY_S = 1.0
 
 
-def _dropped(noted: Path, queue: asyncio.Queue[Unreleased], item: Unreleased) -> None:
+def _dropped(noted: Path, queue: asyncio.Queue[Unreleased], item: Unreleased) -> bool:
     """A certificate signed for a request cancelled meanwhile (a stop): noted for the
     next start (a stop's loop may not live to revoke it), and revoked if it does."""
     if item[0] not in ISSUING:
-        return
+        return False
     try:
         note_withheld(noted, item)  # on the loop: rare, and one small fsync
     except OSError as exc:
@@ -110,6 +110,7 @@ def _dropped(noted: Path, queue: asyncio.Queue[Unreleased], item: Unreleased) ->
                   "revoke it by hand if a stop comes before it is revoked",
                   purpose=item[0], serial=item[1], error=str(exc))
     queue.put_nowait(item)
+    return True
 
 
 def _primary_gone(why: str) -> None:

@@ -139,7 +139,8 @@ class SigningPipeline:
         # signature went through and its caller had given up meanwhile (a stop cancels
         # the requests it waited 10 s for): a certificate nobody receives, to be noted
         # for the next start and revoked (a review). Its `sign.withheld` line is written.
-        self.on_dropped: Callable[[str, str, int], None] | None = None
+        # True if it makes a certificate (an OCSP response's does not: nothing said).
+        self.on_dropped: Callable[[str, str, int], bool] | None = None
         # Called on this thread when the session breaks (False) or is back (True).
         self.on_health: Callable[[bool], None] | None = None
         # Called on this thread with the jobs waiting for it: what one round found
@@ -557,9 +558,9 @@ class SigningPipeline:
     def _dropped(self, op: _Op, seq: int) -> None:
         """On the caller's thread: `op` signed, and its caller gone (Batch.ok)."""
         serial = op.intent.get("serial")
-        if self.on_dropped is None or not isinstance(serial, str):
+        if (self.on_dropped is None or not isinstance(serial, str)
+                or not self.on_dropped(op.job.purpose, serial, seq)):
             return
-        self.on_dropped(op.job.purpose, serial, seq)
         gone = asyncio.CancelledError("its request was cancelled while it was signed")
         # Said on the signing thread, which owns the audit sink (a stop's STOP may be
         # queued first: the note on_dropped made is what the next start reads then).
