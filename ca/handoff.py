@@ -114,7 +114,7 @@ class Batch:
             sink.settle(ok, value)
             return
         if isinstance(sink, cf.Future):
-            if sink.cancelled():  # nobody is waiting
+            if sink.cancelled():  # nobody is waiting (and no loop: `dropped` runs here)
                 if ok and dropped is not None:
                     dropped()
                 return

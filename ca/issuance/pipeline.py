@@ -556,10 +556,16 @@ class SigningPipeline:
         return rest
 
     def _dropped(self, op: _Op, seq: int) -> None:
-        """On the caller's thread: `op` signed, and its caller gone (Batch.ok)."""
+        """On the caller's thread: `op` signed, and its caller gone (Batch.ok). Never
+        raises: the results settled after it in the same round must still go out."""
         serial = op.intent.get("serial")
-        if (self.on_dropped is None or not isinstance(serial, str)
-                or not self.on_dropped(op.job.purpose, serial, seq)):
+        try:
+            if (self.on_dropped is None or not isinstance(serial, str)
+                    or not self.on_dropped(op.job.purpose, serial, seq)):
+                return
+        except Exception:
+            log.exception("a certificate signed for a cancelled request could not be "
+                          "handed over: revoke it by hand if it stays valid", serial=serial)
             return
         gone = asyncio.CancelledError("its request was cancelled while it was signed")
         # Said on the signing thread, which owns the audit sink (a stop's STOP may be
@@ -576,9 +582,10 @@ class SigningPipeline:
         """`result` was released to its caller, and its caller does not send it on: a
         check after the signing failed (a renewal's revocation check met the inventory
         away: a trial saw the 503, and the certificate left valid and OCSP good with
-        nobody holding it). Said as a `sign.withheld` line (owed, if the log cannot take
-        it now, so that a start after a stop still finds it), and its row revoked once
-        the inventory answers, as for a row whose commit was given up on."""
+        nobody holding it). Said as a `sign.withheld` line (owed, in memory, if the log
+        cannot take it now: what a start after a stop reads is the note the caller made
+        before, ca/issuance/withheld.py), and its row revoked once the inventory
+        answers, as for a row whose commit was given up on."""
         def say(_hsm: HSM) -> None:
             self._append([_withheld(result.op_id, error)])  # its failure: owed
             self._unreleased(result.purpose, serial, result.intent_seq)
