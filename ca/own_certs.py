@@ -169,7 +169,7 @@ class OwnCerts:
                 serialization.NoEncryption()), 0o600)
             write_atomic(path, pem(issued.cert), 0o644)
         except BaseException as exc:  # not written (or half): withheld, and revoked
-            await asyncio.shield(self.issuance.withhold(issued, exc))
+            self.issuance.withhold(issued, exc)
             raise
 
     async def run(self) -> None:

@@ -396,7 +396,7 @@ async def test_a_signature_whose_caller_gave_up_meanwhile_is_handed_over_as_drop
     def taken(*item: Any) -> bool:
         dropped.set_result(item)
         return True
-    worker.on_dropped = taken
+    worker.on_withheld = taken
     try:
         task = asyncio.create_task(worker.submit(SigningJob(
             key.label, "x509", "local", slow, {"serial": "5e1f0d"})))
@@ -407,7 +407,7 @@ async def test_a_signature_whose_caller_gave_up_meanwhile_is_handed_over_as_drop
         with pytest.raises(asyncio.CancelledError):
             await task
     finally:
-        worker.on_dropped = None
+        worker.on_withheld = None
         release.set()
     assert (purpose, serial) == ("x509", "5e1f0d")
     audit = worker._audit

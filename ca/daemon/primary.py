@@ -44,7 +44,7 @@ from ca.audit.checkpointer import Checkpointer, keys_to_open_with, publish_key
 from ca.audit.cluster_tiles import TileCopy
 from ca.audit.cluster_tiles import catch_up as catch_up_tiles
 from ca.audit.cosignature import ALG_COSIGNATURE, parse_verifier_key
-from ca.audit.log import AuditKeys, AuditLog
+from ca.audit.log import ISSUING, AuditKeys, AuditLog
 from ca.audit.recorder import Recorder
 from ca.audit.witness import FileWitness
 from ca.audit.witnessing import HTTPWitness, Witnessing
@@ -60,6 +60,7 @@ from ca.generations import SLOTS, Generations
 from ca.issuance.issue import Issuance, decision_context
 from ca.issuance.pipeline import SigningPipeline
 from ca.issuance.profiles import utcnow
+from ca.issuance.withheld import withheld_noter
 from ca.lifecycle import write_bundle, write_chain_files
 from ca.logs import Recurring
 from ca.own_certs import OwnCerts
@@ -466,6 +467,8 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         let_go()
         raise
     pipeline = SigningPipeline(config.hsm_session, audit)
+    # Its own certificates withheld (the admin credential's): the next start revokes them.
+    pipeline.on_withheld = withheld_noter(config.withheld_path, ISSUING)
     generations = Generations.create(config.generations_path)
     witnessing = Witnessing(
         [*(FileWitness(w, audit_key, config.audit_origin) for w in config.witnesses),
@@ -550,7 +553,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
                 policy_watch = PolicyWatch(store, config.node)
             store.watch_changes(_on_change(config, store, generations, keys, policy_watch))
             await _compare_policy(policy_watch, policies)
-        issuance = Issuance(pipeline, store, keys, None, config.node, config.withheld_path)
+        issuance = Issuance(pipeline, store, keys, None, config.node)
         await ensure_server_cert(config, issuance)
         await _revoke_live_certs_of_compromised_keys(issuance, store, audit, generations,
                                                      policies)

@@ -23,7 +23,6 @@ import socket
 import sqlite3
 import sys
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import structlog
 from aiohttp import web
@@ -39,7 +38,7 @@ from ca.generations import Generations
 from ca.http_server import app_runner, tcp_site
 from ca.issuance.issue import Issuance
 from ca.issuance.pipeline import SigningPipeline
-from ca.issuance.withheld import note_withheld
+from ca.issuance.withheld import withheld_noter
 from ca.lifecycle import KeyLifecycle
 from ca.listener import Places
 from ca.logs import configure
@@ -98,21 +97,6 @@ async def _revoke_when_logged(queue: asyncio.Queue[Unreleased], store: Store,
 UNRELEASED_RETRY_S = 1.0
 
 
-def _dropped(noted: Path, queue: asyncio.Queue[Unreleased], item: Unreleased) -> bool:
-    """A certificate signed for a request cancelled meanwhile (a stop): noted for the
-    next start (a stop's loop may not live to revoke it), and revoked if it does."""
-    if item[0] not in ISSUING:
-        return False
-    try:
-        note_withheld(noted, item)  # on the loop: rare, and one small fsync
-    except OSError as exc:
-        log.error("cannot note a certificate signed for a request that was cancelled: "
-                  "revoke it by hand if a stop comes before it is revoked",
-                  purpose=item[0], serial=item[1], error=str(exc))
-    queue.put_nowait(item)
-    return True
-
-
 def _primary_gone(why: str) -> None:
     log.error("the primary process is gone; exiting, as nothing can be recorded", reason=why)
     os._exit(EXIT_PRIMARY_GONE)
@@ -143,16 +127,15 @@ async def run(config: Config, host: str, port: int, slot: int, sign_channel: soc
         store = open_store(config.store_location, autocheckpoint=False)
         generations = Generations(config.generations_path)
         keys = await open_keyring(config, store, pipeline, generations)
-        issuance = Issuance(pipeline, store, keys, config.public_url, config.node,
-                            config.withheld_path)
+        issuance = Issuance(pipeline, store, keys, config.public_url, config.node)
         gate: Gate
         revocations = Revocations(store, link, issuance, generations, lambda: gate.context())
         gate = Gate(store, revocations, keys, lambda: control.policy)  # the primary's
         unreleased: asyncio.Queue[Unreleased] = asyncio.Queue()
         pipeline.on_unreleased = lambda purpose, serial, seq: loop.call_soon_threadsafe(
             unreleased.put_nowait, (purpose, serial, seq)) if purpose in ISSUING else None
-        pipeline.on_dropped = lambda purpose, serial, seq: _dropped(
-            config.withheld_path, unreleased, (purpose, serial, seq))
+        pipeline.on_withheld = withheld_noter(config.withheld_path, ISSUING,
+                                              unreleased.put_nowait)
         revoking = asyncio.create_task(_revoke_when_logged(
             unreleased, store, link, revocations, gate.context, config.node))
         metrics = Metrics()

@@ -8,13 +8,11 @@ inventory row are durable (the pipeline's rule).
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import hashlib
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import structlog
@@ -25,7 +23,6 @@ from cryptography.hazmat.primitives.serialization import SSHCertificate
 from ca.issuance import profiles as prof
 from ca.issuance.issuers import Issuers
 from ca.issuance.pipeline import SigningJob, SigningPipeline, SignResult
-from ca.issuance.withheld import note_withheld
 from ca.policy import Policy
 from ca.ra import CACertOrder, Context, CRLOrder, Directory, SSHOrder, X509Order
 from ca.store import NewCert, NewSSHCert, Store
@@ -46,7 +43,7 @@ class Issued:
     issuer: str
     intent_seq: int
     outcome_seq: int
-    signed: SignResult[x509.Certificate] | None = None  # what the pipeline released
+    signed: SignResult[x509.Certificate]  # what the pipeline released
 
     @property
     def serial_hex(self) -> str:
@@ -59,7 +56,7 @@ class IssuedSSH:
     key_id: str
     intent_seq: int
     outcome_seq: int
-    signed: SignResult[SSHCertificate] | None = None
+    signed: SignResult[SSHCertificate]
 
 
 def decision_context(policy: Policy, issuers: Directory,
@@ -106,16 +103,12 @@ class IssuerSource(Protocol):
 
 class Issuance:
     def __init__(self, pipeline: SigningPipeline, store: Store, keys: IssuerSource,
-                 public_url: str | None, audit_log: str | None = None,
-                 withheld: Path | None = None) -> None:
+                 public_url: str | None, audit_log: str | None = None) -> None:
         """`audit_log`: the name of the log this process's signatures go to (cluster
-        mode: the node's), recorded with each certificate; None: the CA's one log.
-        `withheld`: where a certificate withheld is noted for the next start
-        (ca/issuance/withheld.py)."""
+        mode: the node's), recorded with each certificate; None: the CA's one log."""
         self.pipeline, self.store, self.keys = pipeline, store, keys
         self.public_url = public_url
         self.audit_log = audit_log
-        self.withheld = withheld
 
     @property
     def issuers(self) -> Issuers:
@@ -232,32 +225,20 @@ class Issuance:
         result: SignResult[SSHCertificate] = await self.pipeline.submit(job)
         return IssuedSSH(result.value, key_id, result.intent_seq, result.outcome_seq, result)
 
-    async def withhold(self, issued: Issued | IssuedSSH, error: BaseException) -> None:
+    def withhold(self, issued: Issued | IssuedSSH, error: BaseException) -> None:
         """`issued` is not sent after all: a check after its signing failed. Noted for
         the next start, said in the audit log, and revoked once the inventory answers
-        (the pipeline's `withhold`). Not to be cancelled: a stop that cancels the
-        request waits for it (the caller shields it)."""
-        if issued.signed is None:
-            return
+        (the pipeline's `withhold`); done before the caller answers, and not awaited, so
+        that a stop's cancellation cannot cut it short."""
         serial = (issued.serial_hex if isinstance(issued, Issued)
                   else str(issued.cert.serial))
-        revoke = "hsmca revoke" if isinstance(issued, Issued) else "hsmca ssh revoke --serial"
-        noted = False
         try:
-            if self.withheld is not None:
-                await asyncio.to_thread(note_withheld, self.withheld, (
-                    issued.signed.purpose, serial, issued.intent_seq))
-                noted = True
-        except OSError as exc:  # a full disk: the audit line below may still say it
-            log.error("cannot note a certificate withheld for the next start",
-                      serial=serial, error=str(exc))
-        try:
-            await self.pipeline.withhold(issued.signed, serial, error)
-        except Exception as exc:  # the signing thread gone (a stop under way)
-            log.error("a certificate signed and not sent may stay valid: "
-                      + ("the next start revokes it" if noted else
-                         f"revoke it by hand ({revoke} {serial}) if it still is"),
-                      serial=serial, error=str(exc) or type(exc).__name__)
+            self.pipeline.withhold(issued.signed, serial, error)
+        except Exception as exc:
+            revoke = "hsmca revoke" if isinstance(issued, Issued) else "hsmca ssh revoke --serial"
+            log.error(f"a certificate signed and not sent may stay valid: revoke it by hand "
+                      f"({revoke} {serial}) if it still is", serial=serial,
+                      error=str(exc) or type(exc).__name__)
 
     async def crl(self, order: CRLOrder, number: int,
                   revoked: Sequence[tuple[int, dt.datetime, str | None]],

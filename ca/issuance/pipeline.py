@@ -135,12 +135,12 @@ class SigningPipeline:
         # written later with released: false): a row nobody received, to be revoked
         # once the log is back (ca/revocation/unreleased.py).
         self.on_unreleased: Callable[[str, str, int], None] | None = None
-        # Called on the caller's thread with (purpose, serial, intent seq) when a
-        # signature went through and its caller had given up meanwhile (a stop cancels
-        # the requests it waited 10 s for): a certificate nobody receives, to be noted
-        # for the next start and revoked (a review). Its `sign.withheld` line is written.
-        # True if it makes a certificate (an OCSP response's does not: nothing said).
-        self.on_dropped: Callable[[str, str, int], bool] | None = None
+        # Called on the caller's loop with (purpose, serial, intent seq) for a result that
+        # went out "ok" and never reached its client: its caller gave up meanwhile (a
+        # stop cancels the requests it waited 10 s for), or did not send it (`withhold`).
+        # It notes the certificate for the next start and has it revoked; True if it
+        # makes a certificate (an OCSP response's does not: nothing is said then).
+        self.on_withheld: Callable[[str, str, int], bool] | None = None
         # Called on this thread when the session breaks (False) or is back (True).
         self.on_health: Callable[[bool], None] | None = None
         # Called on this thread with the jobs waiting for it: what one round found
@@ -556,40 +556,39 @@ class SigningPipeline:
         return rest
 
     def _dropped(self, op: _Op, seq: int) -> None:
-        """On the caller's thread: `op` signed, and its caller gone (Batch.ok). Never
+        """On the caller's loop: `op` signed, and its caller gone (Batch.ok). Never
         raises: the results settled after it in the same round must still go out."""
         serial = op.intent.get("serial")
+        if not isinstance(serial, str):
+            return
         try:
-            if (self.on_dropped is None or not isinstance(serial, str)
-                    or not self.on_dropped(op.job.purpose, serial, seq)):
-                return
+            self._withhold(op.job.purpose, serial, seq, op.intent["op_id"],
+                           asyncio.CancelledError("its request was cancelled while it "
+                                                  "was signed"))
         except Exception:
             log.exception("a certificate signed for a cancelled request could not be "
                           "handed over: revoke it by hand if it stays valid", serial=serial)
-            return
-        gone = asyncio.CancelledError("its request was cancelled while it was signed")
-        # Said on the signing thread, which owns the audit sink (a stop's STOP may be
-        # queued first: the note on_dropped made is what the next start reads then).
-        self._queue.put((lambda _hsm: self._append([_withheld(op.intent["op_id"], gone)]),
-                         cf.Future()))
 
     def _unreleased(self, purpose: str, serial: object, seq: int) -> None:
         if self.on_unreleased is not None and isinstance(serial, str):
             self.on_unreleased(purpose, serial, seq)
 
-    async def withhold(self, result: SignResult[Any], serial: str,
-                       error: BaseException) -> None:
+    def withhold(self, result: SignResult[Any], serial: str, error: BaseException) -> None:
         """`result` was released to its caller, and its caller does not send it on: a
         check after the signing failed (a renewal's revocation check met the inventory
         away: a trial saw the 503, and the certificate left valid and OCSP good with
-        nobody holding it). Said as a `sign.withheld` line (owed, in memory, if the log
-        cannot take it now: what a start after a stop reads is the note the caller made
-        before, ca/issuance/withheld.py), and its row revoked once the inventory
-        answers, as for a row whose commit was given up on."""
-        def say(_hsm: HSM) -> None:
-            self._append([_withheld(result.op_id, error)])  # its failure: owed
-            self._unreleased(result.purpose, serial, result.intent_seq)
-        await self.call(say)
+        nobody holding it). On the caller's loop, before it answers."""
+        self._withhold(result.purpose, serial, result.intent_seq, result.op_id, error)
+
+    def _withhold(self, purpose: str, serial: str, seq: int, op_id: str,
+                  error: BaseException) -> None:
+        """`on_withheld` notes it durably (what a start after a stop reads: the line
+        below may be owed, in memory, in the outage that failed the check), then a
+        `sign.withheld` line says so, written on the signing thread, which owns the
+        audit sink (a stop's STOP may be queued first: the note is what counts then)."""
+        if self.on_withheld is None or not self.on_withheld(purpose, serial, seq):
+            return
+        self._queue.put((lambda _hsm: self._append([_withheld(op_id, error)]), cf.Future()))
 
     def _sign_one(self, op: _Op, info: KeyInfo, seq: int
                   ) -> tuple[Any, BaseException | None, dict[str, Any]]:

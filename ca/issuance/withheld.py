@@ -12,9 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Collection
 from pathlib import Path
 
+import structlog
+
 from ca.fileutil import fsync_dir
+
+log = structlog.get_logger("hsmca.issue")
 
 # (purpose as the intent writes it, the serial as the intent writes it, the intent's seq)
 Withheld = tuple[str, str, int]
@@ -49,3 +54,25 @@ def read_withheld(path: Path) -> list[Withheld]:
         if isinstance(purpose, str) and isinstance(serial, str) and isinstance(seq, int):
             items.append((purpose, serial, seq))
     return items
+
+
+def withheld_noter(path: Path, issuing: Collection[str],
+                   then: Callable[[Withheld], None] | None = None
+                   ) -> Callable[[str, str, int], bool]:
+    """The signing pipeline's `on_withheld`: a certificate (of a purpose in `issuing`)
+    noted at `path`, on the caller's loop (rare, and one small fsync), then handed to
+    `then` (a worker's revocation queue; the primary has none, and its next start
+    revokes it)."""
+    def note(purpose: str, serial: str, seq: int) -> bool:
+        if purpose not in issuing:
+            return False
+        try:
+            note_withheld(path, (purpose, serial, seq))
+        except OSError as exc:
+            log.error("cannot note a certificate withheld for the next start: revoke it by "
+                      "hand if a stop comes before it is revoked", purpose=purpose,
+                      serial=serial, error=str(exc))
+        if then is not None:
+            then((purpose, serial, seq))
+        return True
+    return note

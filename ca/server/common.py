@@ -3,7 +3,6 @@ bodies, CSR parsing. Routes parse and answer; the registration authority decides
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import email.utils
 import hashlib
@@ -195,10 +194,10 @@ async def sent_or_withheld(request: web.Request, issued: Issued | IssuedSSH
         # The check revoked it itself (a revocation raced the request), or its
         # revocation stands recorded: withheld too, a second revocation would race it.
         if isinstance(exc, Refused) and exc.reason is not Reason.REVOKED:
-            await asyncio.shield(request.app[ISSUANCE].withhold(issued, exc))
+            request.app[ISSUANCE].withhold(issued, exc)
         raise
-    except BaseException as exc:  # a stop's cancellation too: waited for, not cut short
-        await asyncio.shield(request.app[ISSUANCE].withhold(issued, exc))
+    except BaseException as exc:  # a stop's cancellation too
+        request.app[ISSUANCE].withhold(issued, exc)
         raise
 
 
