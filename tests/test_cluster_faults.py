@@ -452,7 +452,6 @@ def test_calls_given_up_on_that_fill_the_pool_do_not_make_the_next_calls_wait(
     if the pool were merely busy: the store took calls again, and each waited 3 s for a
     connection (a review: 60 of 80 calls). They are refused at once now, named for the
     silent server, until a probe of its own finds it answering."""
-    import threading
     import time
     from concurrent.futures import ThreadPoolExecutor
 
@@ -463,13 +462,13 @@ def test_calls_given_up_on_that_fill_the_pool_do_not_make_the_next_calls_wait(
     monkeypatch.setattr("ca.store.postgres.RETRY_S", 0.0)
     store = PostgresStore(postgres_server.new_database(), max_size=2, answer_timeout_s=4.0)
     try:
-        warm = threading.Barrier(2)  # both pooled connections open before the freeze
-
-        def hold() -> None:
-            warm.wait(timeout=30)
-            asyncio.run(store.issued_cert(1))
-        with ThreadPoolExecutor(2) as pool:
-            list(pool.map(lambda _: hold(), range(2)))
+        async def hold_two() -> None:
+            # Both pooled connections open before the freeze, held at once: two calls
+            # made together could have shared one (the first done before the second
+            # asked), which a CI run saw.
+            async with store.pool.connection(), store.pool.connection():
+                pass
+        asyncio.run_coroutine_threadsafe(hold_two(), store._loop).result(timeout=30)
         assert store.pool.get_stats()["pool_size"] == 2
 
         def ask(_: int) -> str:
