@@ -7,7 +7,7 @@ import os
 import pwd
 import stat
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from ca.errors import CLIError
@@ -16,21 +16,34 @@ from ca.errors import CLIError
 def write_atomic(path: Path, data: bytes | str, mode: int = 0o644) -> None:
     """Replace `path` so that readers see the old or the new content, never a mix,
     and the new content survives a crash once this returns."""
-    path = Path(path)
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    write_atomic_together([(path, data, mode)])
+
+
+def write_atomic_together(files: Sequence[tuple[Path, bytes | str, int]]) -> None:
+    """Replace several files (`path, data, mode`) that belong together, a key and its
+    certificate: every new content is written and flushed beside its file before any
+    file is replaced, so a failed write (a full disk) leaves all of them old, never a
+    new key beside the old certificate. Only a crash between the renames can part
+    them, and the renames are moments apart."""
+    written: list[tuple[str, Path]] = []
     try:
-        os.fchmod(fd, mode)
-        os.write(fd, data)
-        os.fsync(fd)
-        os.close(fd)
-        os.replace(tmp, path)
+        for path, data, mode in files:
+            path = Path(path)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+            written.append((tmp, path))
+            with os.fdopen(fd, "wb") as fh:
+                os.fchmod(fh.fileno(), mode)
+                fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+                fh.flush()
+                os.fsync(fh.fileno())
     except BaseException:
-        os.close(fd) if _is_open(fd) else None
-        Path(tmp).unlink(missing_ok=True)
+        for tmp, _ in written:
+            Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    for tmp, path in written:
+        os.replace(tmp, path)
+    for directory in {path.parent for _, path in written}:
+        fsync_dir(directory)
 
 
 def fsync_dir(directory: Path) -> None:

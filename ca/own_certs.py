@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from ca import ra
 from ca.config import Config
 from ca.daemon.control import PolicyFeed
-from ca.fileutil import write_atomic
+from ca.fileutil import write_atomic_together
 from ca.issuance.issue import Issuance, decision_context
 from ca.issuance.profiles import fingerprint, pem
 from ca.logs import Recurring
@@ -164,10 +164,11 @@ class OwnCerts:
         try:
             # Revoked while it was signed: the new one goes with it, and is not written.
             await self.revocations.settle(rec.serial, None, child=issued.cert.serial_number)
-            write_atomic(self.config.admin_key, key.private_bytes(
+            # Both written before either is replaced: a full disk leaves the old pair
+            # whole, not a new key beside the old certificate (a review).
+            write_atomic_together([(self.config.admin_key, key.private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption()), 0o600)
-            write_atomic(path, pem(issued.cert), 0o644)
+                serialization.NoEncryption()), 0o600), (path, pem(issued.cert), 0o644)])
         except BaseException as exc:  # not written (or half): withheld, and revoked
             self.issuance.withhold(issued, exc)
             raise

@@ -46,7 +46,7 @@ from ca.audit.log import AuditKeys, AuditLog
 from ca.config import Config
 from ca.daemon.keys import load_issuers, seed
 from ca.errors import CLIError
-from ca.fileutil import write_atomic
+from ca.fileutil import write_atomic, write_atomic_together
 from ca.issuance import issuers as iss
 from ca.issuance import profiles as prof
 from ca.issuance.issue import Issuance, decision_context, sign_ca_cert
@@ -262,8 +262,8 @@ async def _ceremony(config: Config, store: Store, pipeline: SigningPipeline,
                         CEREMONIES if config.cluster else None)  # the log it signs in
     tls_pem, tls_key = await local_cert(issuance, config.policy, role="server",
                                         names=server_names(config.dns_name), days=TLS_DAYS)
-    write_atomic(config.tls_key, tls_key, 0o600)
-    write_atomic(config.tls_cert, tls_pem + after.current.chain_pem)
+    write_atomic_together([(config.tls_key, tls_key, 0o600),
+                           (config.tls_cert, tls_pem + after.current.chain_pem, 0o644)])
     written = [*files, x509_dir / "issuing.pem", x509_dir / "chain.pem", config.bundle_pem,
                config.tls_cert, config.tls_key]
     return RootRotated(new_key.label, old_key.label, issuing_key.label, tuple(written))

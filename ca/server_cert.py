@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from ca.chains import issued_by
 from ca.config import CA_SERVER_NAME, Config
-from ca.fileutil import write_atomic
+from ca.fileutil import write_atomic, write_atomic_together
 from ca.issuance.issue import Issuance
 from ca.local_certs import local_cert
 
@@ -85,7 +85,7 @@ async def ensure_server_cert(config: Config, issuance: Issuance) -> None:
                                          names=server_names(config.dns_name), days=TLS_DAYS)
     # The issuer's chain as the inventory has it now (after a rotation, the new one).
     chain = (await issuance.keys.refresh()).current.chain_pem
-    # Key first: a crash between the writes leaves a mismatch, which the next start
+    # Key first: a crash between the renames leaves a mismatch, which the next start
     # notices and repairs (above), never a certificate for a key that is gone.
-    write_atomic(config.tls_key, key_pem, 0o600)
-    write_atomic(config.tls_cert, cert_pem + chain)
+    write_atomic_together([(config.tls_key, key_pem, 0o600),
+                           (config.tls_cert, cert_pem + chain, 0o644)])

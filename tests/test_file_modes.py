@@ -92,3 +92,41 @@ def test_serve_refuses_a_file_it_trusts_that_another_user_owns(tmp_path: Path,
     [line] = proc.stderr.strip().splitlines()
     assert f"{path} is owned by nobody, not by root: its owner can change it" in line, line
     assert f"give it to root (chown root {path}), or run hsmca as nobody" in line, line
+
+
+def test_a_key_and_its_certificate_are_replaced_together_or_not_at_all(
+        tmp_path: Path) -> None:
+    """The daemon renews its admin credential and its TLS certificate as a key and a
+    certificate file. A full disk while the second was written left the new key beside
+    the old certificate, a credential that no longer matched (a review). Now neither is
+    replaced unless both were written."""
+    import subprocess
+    import sys
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    key.write_text("old key\n")
+    key.chmod(0o600)
+    cert.write_text("old certificate\n")
+    # The file size limit stands in for a full disk: the small key fits, the
+    # certificate does not (EFBIG, with SIGXFSZ ignored).
+    script = (
+        "import resource, signal, sys\n"
+        "from pathlib import Path\n"
+        "from ca.fileutil import write_atomic_together\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))\n"
+        "try:\n"
+        "    write_atomic_together([(Path(sys.argv[1]), 'new key\\n', 0o600),\n"
+        "                           (Path(sys.argv[2]), 'c' * 1000, 0o644)])\n"
+        "except OSError as exc:\n"
+        "    print(exc.strerror)\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(key), str(cert)],
+                          capture_output=True, text=True, timeout=60, check=True)
+    assert proc.stdout.strip() == "File too large", proc.stdout + proc.stderr
+    assert key.read_text() == "old key\n" and cert.read_text() == "old certificate\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cert.pem", "key.pem"]
+    assert mode(key) == 0o600
+    # Written whole, both are replaced, each with its own mode.
+    from ca.fileutil import write_atomic_together
+    write_atomic_together([(key, "new key\n", 0o600), (cert, "new certificate\n", 0o644)])
+    assert (key.read_text(), mode(key)) == ("new key\n", 0o600)
+    assert (cert.read_text(), mode(cert)) == ("new certificate\n", 0o644)
