@@ -38,28 +38,11 @@ from cryptography.x509.oid import NameOID
 from ca.chains import issued_by, presented, self_signed
 from ca.commands.args import check_url
 from ca.config import CA_SERVER_NAME
+from ca.errors import ClientError  # (there: a command's errors load no client)
 from ca.fileutil import copy_new, write_atomic
 from ca.validity import ended
 
 TIMEOUT = aiohttp.ClientTimeout(total=60)
-
-
-class ClientError(Exception):
-    """The daemon refused or could not be reached, or a local check failed; the
-    message says which and why. `retryable`: trying again later may succeed (the CA
-    is away or overloaded), as opposed to a refusal or a local mistake."""
-
-    def __init__(self, message: str, *, status: int | None = None,
-                 retryable: bool = False, unanswered: bool = False,
-                 detail: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.detail = detail  # the daemon's own words for a refusal, without the request
-        self.retryable = retryable
-        # The request may have reached the daemon, which may have carried it out, but no
-        # answer came back (the connection closed, or none within the time): a caller of
-        # a request that is not idempotent says to look before trying again.
-        self.unanswered = unanswered
 
 
 def base_url(url: str, flag: str = "--url") -> str:

@@ -19,7 +19,7 @@ from typing import Any
 from ca.decimal_text import is_decimal
 from ca.policy import AS_IP, Policy, Refused, name_pattern, ssh_extension, uri
 from ca.policy import dns_name as valid_dns_name
-from hsm.session import HSMConfig
+from hsm.config import HSMConfig
 from hsm.uri import URIError
 from hsm.uri import parse as parse_uri
 

@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa,
 from pkcs11 import MGF, Mechanism
 
 from hsm import keys
+from hsm.config import HSMConfig
 from hsm.errors import (
     HSMError,
     HSMUnavailable,
@@ -67,17 +68,6 @@ LOGIN_TURN_WAIT_S = 30.0  # how long a login waits for another process's (login_
 
 Event = tuple[str, dict[str, Any]]
 PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
-
-
-@dataclass(frozen=True)
-class HSMConfig:
-    module: str
-    token: str
-    pin_source: str  # "file:/path", "env:NAME", or a plain file path
-    # A file the processes of one daemon share (ca.config.Config.hsm_session): their
-    # logins take turns through it, and a PIN file the token refused is not offered
-    # again by any of them until it changes. Without it, each process remembers alone.
-    login_gate: str | None = None
 
 
 @contextlib.contextmanager

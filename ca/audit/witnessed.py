@@ -19,7 +19,7 @@ from ca.audit.cosignature import ALG_NOTE, VerifierKey, parse_verifier_key, vali
 from ca.audit.merkle import Growth, TreeHead, growth, needs_proof
 from ca.audit.note import SIG_PREFIX, NoteError, key_id, parse_note
 from ca.audit.verify import PinnedKey
-from ca.client import ClientError
+from ca.errors import ClientError
 
 
 @dataclass(frozen=True)

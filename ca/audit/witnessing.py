@@ -39,10 +39,9 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-import aiohttp
 import structlog
 
 from ca.audit.cosignature import VerifierKey, valid_cosignatures
@@ -50,6 +49,9 @@ from ca.audit.note import NoteError, parse_note
 from ca.audit.tiles import TileDamaged
 from ca.audit.witness import FileWitness, WitnessRefused
 from ca.fileutil import write_atomic
+
+if TYPE_CHECKING:  # loaded when a witness is called: `init` and logs without one
+    import aiohttp  # need no HTTP client (a fifth of every `init`)
 
 log = structlog.get_logger("hsmca.witness")
 TIMEOUT_S = 10.0
@@ -99,6 +101,7 @@ class HTTPWitness:
                              prove: Callable[[int, int], Awaitable[Sequence[bytes]]]) -> str:
         """POST the checkpoint (of `size` lines); its cosignature lines, or WitnessRefused
         / WitnessError. `prove(old, size)` is awaited for the consistency proof."""
+        import aiohttp
         for _ in range(_RETRIES):
             old = self.old_size
             proof = await prove(old, size) if 0 < old < size else []
@@ -278,6 +281,7 @@ class Witnessing:
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
+            import aiohttp
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT_S))
         return self._session
 

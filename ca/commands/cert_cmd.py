@@ -14,7 +14,7 @@ from ca.commands.output import table
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     from ca.commands.client_cmd import admin_flags
-    from ca.store.records import CERT_STATUSES
+    from ca.inventory_terms import CERT_STATUSES
     c = sub.add_parser("cert", help="the X.509 certificates the CA issued: list, show (admin)")
     csub = c.add_subparsers(dest="cert_command", metavar="SUBCOMMAND", required=True)
     ls = csub.add_parser(

@@ -9,12 +9,14 @@ import os
 import ssl
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ca.commands.args import exec_timeout_flag, serial_hex, warn
-from ca.config import Config, load
 from ca.decimal_text import is_decimal
 from ca.errors import CLIError, GaveUp
+
+if TYPE_CHECKING:  # the config and the HSM's library load when a command runs, not
+    from ca.config import Config  # for the parser every command builds (a start's tenth)
 
 TOKEN_ENV = "HSMCA_TOKEN"
 REASONS = ("unspecified", "keyCompromise", "cACompromise", "affiliationChanged", "superseded",
@@ -22,6 +24,7 @@ REASONS = ("unspecified", "keyCompromise", "cACompromise", "affiliationChanged",
 
 
 def _config(args: argparse.Namespace) -> Config:
+    from ca.config import load
     return load(args.config)
 
 

@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from ca.commands.args import warn
 from ca.errors import CLIError
 
@@ -624,6 +622,7 @@ def _keep_host_fresh(args: argparse.Namespace, f: HostFiles, refresh_now: bool =
 
     def warn_once(what: str, state: object, event: str, **fields: Any) -> None:
         if said.get(what) != state and state:
+            import structlog
             structlog.get_logger().bind(command="ssh host", cert=str(f.cert)).warning(
                 event, **fields)
         said[what] = state
@@ -673,7 +672,7 @@ def _keep_host_fresh(args: argparse.Namespace, f: HostFiles, refresh_now: bool =
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     from ca.commands.args import duration, exec_timeout_flag, ssh_serial
     from ca.commands.client_cmd import admin_flags, credential_flags
-    from ca.store.records import CERT_STATUSES
+    from ca.inventory_terms import CERT_STATUSES
     s = sub.add_parser("ssh", help="SSH host and user certificates")
     ssub = s.add_subparsers(dest="ssh_command", metavar="SUBCOMMAND", required=True)
 

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ca.commands.args import state_file
-from ca.config import split_listen
 from ca.errors import CLIError
 
 if TYPE_CHECKING:
@@ -74,6 +73,7 @@ def serve(args: argparse.Namespace) -> int:
             logs[origin] = parse_verifier_key(vkey, ALG_NOTE)
         except ValueError as exc:
             raise CLIError(f"--log {origin}: {exc}") from None
+    from ca.config import split_listen  # (not for the parser: a start's tenth)
     try:
         host, port = split_listen(args.listen, need_host=True)
     except ValueError as exc:

@@ -20,11 +20,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ca.decimal_text import is_decimal
+from ca.inventory_terms import CERT_SORTS, CERT_STATUSES, SSH_SORTS
 from ca.server.common import STORE, identity
 from ca.server.problems import Problem
 from ca.server.x509_routes import parse_serial
 from ca.store import CertQuery, CertRecord, SSHCertQuery, SSHCertRecord
-from ca.store.records import CERT_SORTS, CERT_STATUSES, SSH_SORTS
 
 routes = web.RouteTableDef()
 ROLES = ("auditor", "admin")

@@ -51,8 +51,6 @@ class NewCert:
     audit_log: str | None = None  # cluster mode: the issuing node, whose log that is in
 
 
-CERT_STATUSES = ("valid", "expiring", "expired", "revoked")
-CERT_SORTS = ("issued", "expires", "serial", "subject", "role")
 
 
 @dataclass(frozen=True)
@@ -147,7 +145,6 @@ class NewSSHCert:
     issuer: str | None = None  # the SSH CA key's label
 
 
-SSH_SORTS = ("issued", "expires", "serial", "key_id")
 
 
 @dataclass(frozen=True)
