@@ -457,8 +457,9 @@ class PostgresStore:
             # ("Task was destroyed but it is pending", a review and a trial saw at close).
             # Not the pool's own tasks, which run until it closes: waited for, they
             # made every close take the whole 2 s (each node's stop, each command).
-            ending = {task for task in asyncio.all_tasks() if task is not
-                      asyncio.current_task() and _ours(task)}
+            ending: set[asyncio.Future[Any]] = {
+                task for task in asyncio.all_tasks()
+                if task is not asyncio.current_task() and _ours(task)} | self._abandoned
             if ending:
                 await asyncio.wait(ending, timeout=2)
             if self._pool is not None:
