@@ -309,15 +309,15 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[object]:
 # next file in collection order as it finishes one, and a long file taken last left the
 # other worker idle at the end of the run (the suite neared its 15 minutes). Roughly
 # longest first (as a CI run measured them); the rest keep their order.
-LONG_FILES = ("test_cluster.py", "test_reliability.py", "test_cluster_faults.py",
-              "test_rotation.py", "test_client_cli.py", "test_workers.py",
-              "test_revocation_race.py", "test_audit_log.py", "test_audit_remote.py",
-              "test_store_move.py", "test_client_renew.py", "test_logged_revocations.py",
-              "test_acme_protocol.py", "test_operator_logs.py", "test_client_ssh.py",
-              "test_witness.py", "test_store_core.py", "test_verify.py",
-              "test_ui_browser.py", "test_revocation.py", "test_acme_store.py",
-              "test_cluster_held.py", "test_file_modes.py", "test_backup.py",
-              "test_acme_clients.py", "test_x509_e2e.py")
+LONG_FILES = ("test_reliability.py", "test_cluster.py", "test_rotation.py", "test_workers.py",
+              "test_client_cli.py", "test_cluster_faults.py", "test_client_ssh.py",
+              "test_audit_remote.py", "test_acme_protocol.py", "test_operator_logs.py",
+              "test_audit_log.py", "test_client_renew.py", "test_witness.py",
+              "test_logged_revocations.py", "test_revocation_race.py", "test_revocation.py",
+              "test_verify.py", "test_ui_browser.py", "test_store_move.py",
+              "test_acme_clients.py", "test_file_modes.py", "test_init.py", "test_backup.py",
+              "test_x509_e2e.py", "test_ssh_e2e.py", "test_bad_input.py",
+              "test_cluster_held.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
