@@ -237,7 +237,7 @@ class _VersionAction(argparse.Action):
 
     def __init__(self, option_strings: list[str], dest: str, **kwargs: object) -> None:
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
-                         help=str(kwargs.get("help")))
+                         help=kwargs.get("help"))  # type: ignore[arg-type]
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: object, option_string: str | None = None) -> None:
@@ -297,7 +297,7 @@ def _expected(exc: BaseException) -> bool:
     if isinstance(exc, CLIError | HSMError | AuditUnavailable | OSError | ClientError
                   | ValueError):
         return True
-    return any(isinstance(exc, getattr(sys.modules[module], name))
+    return any(isinstance(exc, getattr(sys.modules[module], name, ()))
                for module, name in _EXPECTED_ELSEWHERE if module in sys.modules)
 
 

@@ -23,26 +23,29 @@ def write_atomic_together(files: Sequence[tuple[Path, bytes | str, int]]) -> Non
     """Replace several files (`path, data, mode`) that belong together, a key and its
     certificate: every new content is written and flushed beside its file before any
     file is replaced, so a failed write (a full disk) leaves all of them old, never a
-    new key beside the old certificate. Only a crash between the renames can part
-    them, and the renames are moments apart."""
-    written: list[tuple[str, Path]] = []
+    new key beside the old certificate. Only a crash or a failed rename (a directory
+    in a file's place) between the renames can part them."""
+    written: list[tuple[str, Path]] = []  # the temporary files not yet renamed
     try:
         for path, data, mode in files:
             path = Path(path)
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
             written.append((tmp, path))
-            with os.fdopen(fd, "wb") as fh:
+            with open(fd, "wb") as fh:  # (closes fd)
                 os.fchmod(fh.fileno(), mode)
                 fh.write(data.encode("utf-8") if isinstance(data, str) else data)
                 fh.flush()
                 os.fsync(fh.fileno())
-    except BaseException:
+        directories = {path.parent for _, path in written}
+        while written:
+            tmp, path = written[0]
+            os.replace(tmp, path)
+            written.pop(0)
+    except BaseException:  # no temporary file left behind (a key's holds its bytes)
         for tmp, _ in written:
             Path(tmp).unlink(missing_ok=True)
         raise
-    for tmp, path in written:
-        os.replace(tmp, path)
-    for directory in {path.parent for _, path in written}:
+    for directory in directories:
         fsync_dir(directory)
 
 
@@ -95,14 +98,6 @@ def copy_new(src: int, length: int, path: Path | str, mode: int = 0o600,
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path, dir_fd=dir_fd)
         raise
-
-
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
 
 
 def _user(uid: int) -> str:

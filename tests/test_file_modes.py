@@ -125,8 +125,18 @@ def test_a_key_and_its_certificate_are_replaced_together_or_not_at_all(
     assert key.read_text() == "old key\n" and cert.read_text() == "old certificate\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cert.pem", "key.pem"]
     assert mode(key) == 0o600
-    # Written whole, both are replaced, each with its own mode.
+    # A rename that fails (a directory where the certificate was) leaves no temporary
+    # file behind, the key's bytes in it.
+    cert.rename(tmp_path / "old-cert.pem")
+    cert.mkdir()
     from ca.fileutil import write_atomic_together
+    with pytest.raises(IsADirectoryError):
+        write_atomic_together([(key, "new key\n", 0o600), (cert, "c", 0o644)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cert.pem", "key.pem",
+                                                         "old-cert.pem"]
+    cert.rmdir()
+    (tmp_path / "old-cert.pem").rename(cert)
+    # Written whole, both are replaced, each with its own mode.
     write_atomic_together([(key, "new key\n", 0o600), (cert, "new certificate\n", 0o644)])
     assert (key.read_text(), mode(key)) == ("new key\n", 0o600)
     assert (cert.read_text(), mode(cert)) == ("new certificate\n", 0o644)

@@ -218,7 +218,9 @@ class _Undo(Exception):
 def _ours(task: asyncio.Task[Any]) -> bool:
     """Whether `task` runs this module's code (a call, a probe), not the pool's."""
     code = getattr(task.get_coro(), "cr_code", None)
-    return code is not None and code.co_filename == __file__
+    # (this function's own file name, as the code objects have it: `__file__` ends in
+    # .pyc where only the bytecode is installed)
+    return code is not None and code.co_filename == _ours.__code__.co_filename
 
 
 class PostgresStore:

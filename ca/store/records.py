@@ -51,8 +51,6 @@ class NewCert:
     audit_log: str | None = None  # cluster mode: the issuing node, whose log that is in
 
 
-
-
 @dataclass(frozen=True)
 class CertQuery:
     """A search of the X.509 inventory, for auditors and operators (`find_certs`).
@@ -143,8 +141,6 @@ class NewSSHCert:
     owner_serial: str  # the X.509 certificate (hex serial) that asked for it
     issued_at: str
     issuer: str | None = None  # the SSH CA key's label
-
-
 
 
 @dataclass(frozen=True)
