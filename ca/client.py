@@ -38,7 +38,7 @@ from cryptography.x509.oid import NameOID
 from ca.chains import issued_by, presented, self_signed
 from ca.commands.args import check_url
 from ca.config import CA_SERVER_NAME
-from ca.errors import ClientError  # (there: a command's errors load no client)
+from ca.errors import ClientError  # defined there: a failed command loads no HTTP client
 from ca.fileutil import copy_new, write_atomic
 from ca.validity import ended
 
