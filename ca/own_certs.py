@@ -42,7 +42,7 @@ from ca.fileutil import write_atomic_together
 from ca.issuance.issue import Issuance, decision_context
 from ca.issuance.profiles import fingerprint, pem
 from ca.logs import Recurring
-from ca.revocation import Revocations
+from ca.revocation import Revocations, sent_or_withheld
 from ca.server_cert import RENEW_BEFORE, ensure_server_cert
 from ca.store import Store
 
@@ -161,7 +161,7 @@ class OwnCerts:
         order = ra.order(ctx, ra.Local(), ra.LocalCertRequest(
             "admin", key.public_key(), rec.names, life, renewed_from=rec.serial))
         issued = await self.issuance.x509(order)
-        try:
+        async with sent_or_withheld(self.issuance, issued):  # not written: revoked
             # Revoked while it was signed: the new one goes with it, and is not written.
             await self.revocations.settle(rec.serial, None, child=issued.cert.serial_number)
             # Both written before either is replaced: a full disk leaves the old pair
@@ -169,9 +169,6 @@ class OwnCerts:
             write_atomic_together([(self.config.admin_key, key.private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                 serialization.NoEncryption()), 0o600), (path, pem(issued.cert), 0o644)])
-        except BaseException as exc:  # not written (or half): withheld, and revoked
-            self.issuance.withhold(issued, exc)
-            raise
 
     async def run(self) -> None:
         while True:

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -27,7 +28,7 @@ from ca.audit.voided import void
 from ca.chains import issued_by
 from ca.generations import Generations, OnChange
 from ca.issuance import profiles as prof
-from ca.issuance.issue import Issuance
+from ca.issuance.issue import Issuance, Issued, IssuedSSH
 from ca.logs import keep_trying
 from ca.policy import Reason, Refused
 from ca.revocation.adopted import adopted, line_fields
@@ -62,6 +63,26 @@ class RecordedNotCommitted(StoreUnavailable):
                 f"audit log and stands, and {effect} once the inventory takes it, tried "
                 "every few seconds, at the latest at the daemon's next start"
                 f"{'; ' + meanwhile if meanwhile else ''}. Do not send it again")
+
+
+@asynccontextmanager
+async def sent_or_withheld(issuance: Issuance, issued: Issued | IssuedSSH
+                           ) -> AsyncIterator[None]:
+    """What runs between a certificate's signing and its delivery (a check that a
+    revocation did not race it, the files it is written to): if that fails, the
+    certificate is not delivered, and is withheld, so that it does not stay valid with
+    nobody holding it. For the routes and the daemon's own credential alike."""
+    try:
+        yield
+    except (RecordedNotCommitted, Refused) as exc:
+        # The check revoked it itself (a revocation raced the request), or that
+        # revocation stands recorded: not withheld, a second revocation would race it.
+        if isinstance(exc, Refused) and exc.reason is not Reason.REVOKED:
+            issuance.withhold(issued, exc)
+        raise
+    except BaseException as exc:  # a stop's cancellation too
+        issuance.withhold(issued, exc)
+        raise
 
 
 @dataclass(frozen=True)

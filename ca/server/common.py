@@ -8,8 +8,7 @@ import email.utils
 import hashlib
 import ssl
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -18,11 +17,11 @@ from cryptography import x509
 
 from ca import ra, strict_json
 from ca.audit import wire
-from ca.issuance.issue import Issuance, Issued, IssuedSSH, IssuerSource, decision_context
+from ca.issuance.issue import Issuance, IssuerSource, decision_context
 from ca.lifecycle import KeyLifecycle
 from ca.metrics import Metrics
-from ca.policy import PARSE_ERRORS, Policy, Reason, Refused, parse_error
-from ca.revocation import RecordedNotCommitted, Revocations
+from ca.policy import PARSE_ERRORS, Policy, parse_error
+from ca.revocation import Revocations
 from ca.server.problems import Problem
 from ca.store import CertRecord, Store
 from ca.tokens import Tokens
@@ -180,25 +179,6 @@ async def identity(request: web.Request, *roles: str) -> ra.CertHolder:
 async def decide(request: web.Request, who: ra.Requester, req: ra.Request) -> Any:
     """The registration authority's order for `req`, or its refusal raised."""
     return ra.order(await request.app[GATE].context(), who, req)
-
-
-@asynccontextmanager
-async def sent_or_withheld(request: web.Request, issued: Issued | IssuedSSH
-                           ) -> AsyncIterator[None]:
-    """What runs between a certificate's signing and its answer (a check that a
-    revocation did not race it): if that fails, the certificate is not sent, and is
-    withheld, so that it does not stay valid with nobody holding it."""
-    try:
-        yield
-    except (RecordedNotCommitted, Refused) as exc:
-        # The check revoked it itself (a revocation raced the request), or its
-        # revocation stands recorded: withheld too, a second revocation would race it.
-        if isinstance(exc, Refused) and exc.reason is not Reason.REVOKED:
-            request.app[ISSUANCE].withhold(issued, exc)
-        raise
-    except BaseException as exc:  # a stop's cancellation too
-        request.app[ISSUANCE].withhold(issued, exc)
-        raise
 
 
 async def json_body(request: web.Request, allowed: set[str] | None = None) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from aiohttp import web
 from ca import ra, ssh
 from ca.decimal_text import is_decimal
 from ca.issuance.issue import IssuedSSH
-from ca.revocation import RecordedNotCommitted
+from ca.revocation import RecordedNotCommitted, sent_or_withheld
 from ca.server.common import (
     ISSUANCE,
     REVOCATIONS,
@@ -19,7 +19,6 @@ from ca.server.common import (
     identity,
     json_body,
     revalidated,
-    sent_or_withheld,
 )
 from ca.server.problems import Problem
 
@@ -30,7 +29,7 @@ log = structlog.get_logger("hsmca.issue")
 async def _answer(request: web.Request, order: ra.SSHOrder, issued: IssuedSSH) -> web.Response:
     cert = issued.cert
     # A revocation of the X.509 certificate it rests on may have run while it was signed.
-    async with sent_or_withheld(request, issued):
+    async with sent_or_withheld(request.app[ISSUANCE], issued):
         await request.app[REVOCATIONS].settle(order.owner_serial, request.get("request_id"),
                                               ssh_serial=cert.serial)
     log.info("issued", kind=f"ssh-{order.cert_type}", serial=str(cert.serial),

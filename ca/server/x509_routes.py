@@ -20,7 +20,7 @@ from ca import ra
 from ca.issuance.issue import Issued
 from ca.issuance.profiles import fingerprint, pem, utcnow
 from ca.policy import Reason, Refused
-from ca.revocation import RecordedNotCommitted, ocsp
+from ca.revocation import RecordedNotCommitted, ocsp, sent_or_withheld
 from ca.server.common import (
     GATE,
     ISSUANCE,
@@ -37,7 +37,6 @@ from ca.server.common import (
     parse_csr,
     peer_der,
     revalidated,
-    sent_or_withheld,
 )
 from ca.server.problems import Problem
 from ca.server.throttle import Throttle
@@ -255,7 +254,7 @@ async def _renew(request: web.Request, csr: x509.CertificateSigningRequest | Non
     issued = await request.app[ISSUANCE].x509(order, request.get("request_id"))
     assert order.renewed_from is not None
     # A revocation of the presented certificate may have run while this was signed.
-    async with sent_or_withheld(request, issued):
+    async with sent_or_withheld(request.app[ISSUANCE], issued):
         await request.app[REVOCATIONS].settle(order.renewed_from, request.get("request_id"),
                                               child=issued.cert.serial_number)
     return _logged(request, order, issued)
