@@ -873,6 +873,28 @@ def test_names_waiting_for_validation_are_bounded_per_account(world: World) -> N
     assert c.order("z0.test").status == 429
 
 
+def test_orders_sent_at_once_stay_within_the_bound_on_names_waiting(world: World) -> None:
+    """The bound was counted before the order was written, so orders sent together
+    each passed a count none of the others had reached: eight orders of 15 names at
+    once, against a bound of 40, must leave at most 30 waiting, the others refused."""
+    c = Client(world.ca)
+    assert c.register(world.ca.eab("*.test")).status == 201
+    racers = [Client(world.ca, key=c.key, kid=c.kid) for _ in range(8)]
+    url = c.dir["newOrder"]
+    bodies = [json.dumps(r.jws(url, {"identifiers": [
+        {"type": "dns", "value": f"r{n}-{i}.test"} for i in range(15)]}))
+        for n, r in enumerate(racers)]
+    with ThreadPoolExecutor(len(racers)) as pool:
+        replies = list(pool.map(Client.raw, racers, [url] * len(racers), bodies))
+    assert sorted(r.status for r in replies) == [201] * 2 + [429] * 6, [
+        r.body for r in replies]
+    assert all(r.problem == "rateLimited" and "([acme] pending-authorizations;"
+               in r.json["detail"] for r in replies if r.status == 429), replies
+    over = c.order(*(f"s{i}.test" for i in range(11)))
+    assert over.status == 429 and "this account has 30 names waiting" in \
+        over.json["detail"], over.body
+
+
 def test_wildcards_allowed_without_a_resolver_are_said_when_put_in_force(
         tmp_path: Path) -> None:
     """An ACME trial turned allow-wildcards on and learned only at each order that ACME

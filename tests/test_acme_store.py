@@ -18,6 +18,7 @@ from ca.store import (
     NewCert,
     Store,
 )
+from ca.store.errors import TooManyPending
 
 NOW = dt.datetime(2026, 12, 2, 12, 0, tzinfo=dt.UTC)
 LATER = (NOW + dt.timedelta(hours=1)).isoformat()
@@ -33,14 +34,19 @@ def account(id_: str, thumb: str, eab: str | None = None) -> AcmeAccount:
                        NOW.isoformat())
 
 
-def order_with(store: Store, order_id: str, names: tuple[str, ...],
-               account_id: str = "acc") -> list[AcmeAuthz]:
-    authzs = [AcmeAuthz(f"{order_id}-{i}", order_id, account_id, n, False, "pending", LATER,
+def authzs_for(order_id: str, names: tuple[str, ...], account_id: str = "acc"
+               ) -> list[AcmeAuthz]:
+    return [AcmeAuthz(f"{order_id}-{i}", order_id, account_id, n, False, "pending", LATER,
                         (AcmeChallenge(f"{order_id}-{i}-h", f"{order_id}-{i}", "http-01", "tok",
                                        "pending"),
                          AcmeChallenge(f"{order_id}-{i}-t", f"{order_id}-{i}", "tls-alpn-01",
                                        "tok", "pending")))
               for i, n in enumerate(names)]
+
+
+def order_with(store: Store, order_id: str, names: tuple[str, ...],
+               account_id: str = "acc") -> list[AcmeAuthz]:
+    authzs = authzs_for(order_id, names, account_id)
     run(store.add_acme_order(AcmeOrder(order_id, account_id, "pending", names, LATER,
                                        NOW.isoformat()), authzs))
     return authzs
@@ -326,3 +332,28 @@ def test_an_accounts_order_list_leaves_out_invalid_and_expired_orders(store: Sto
     # Past its expiry a pending order is invalid too, and drops out.
     assert run(store.acme_order_ids("acc", LATER, 10)) == []
     assert run(store.acme_order_ids("other", NOW.isoformat(), 10)) == ["elsewhere"]
+
+
+def test_orders_inserted_at_once_stay_within_the_pending_bound(store: Store) -> None:
+    """The bound on an account's names waiting for validation was counted before the
+    order was inserted, so orders sent at once each passed a count that none of the
+    others had reached yet. Counted where the order is inserted, six orders of two names
+    at once against a bound of five: two are inserted, four refused with what waits."""
+    assert run(store.add_acme_account(account("acc", "t1"), NOW)) is True
+
+    async def at_once() -> list[object]:
+        return await asyncio.gather(*(
+            store.add_acme_order(AcmeOrder(f"o{i}", "acc", "pending", ("a.test", "b.test"),
+                                           LATER, NOW.isoformat()),
+                                 authzs_for(f"o{i}", ("a.test", "b.test")), pending_cap=5)
+            for i in range(6)), return_exceptions=True)
+
+    results = run(at_once())
+    assert isinstance(results, list)
+    assert results.count(True) == 2, results
+    refused = [r for r in results if isinstance(r, TooManyPending)]
+    assert len(refused) == 4 and {r.waiting for r in refused} == {4}, results
+    assert run(store.acme_pending_authzs("acc", NOW.isoformat())) == 4
+    assert run(store.add_acme_order(AcmeOrder("o9", "acc", "pending", ("c.test",), LATER,
+                                              NOW.isoformat()),
+                                    authzs_for("o9", ("c.test",)), pending_cap=5)) is True

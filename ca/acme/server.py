@@ -51,7 +51,7 @@ from ca.store import (
     CertRecord,
     Store,
 )
-from ca.store.errors import StoreDamaged, StoreUnavailable
+from ca.store.errors import StoreDamaged, StoreUnavailable, TooManyPending
 from ca.subject import spki_sha256
 from hsm.errors import AuditUnavailable, HSMUnavailable
 
@@ -565,14 +565,12 @@ async def new_order(request: web.Request) -> web.Response:
     # Names waiting for validation, bounded per account: each is a row kept until it
     # expires, and an account that never validates could fill the inventory's disk
     # (a security trial: 65 KB an order of 100 names, at 300 orders an hour).
+    # Counted here so that a refusal takes no order from the hourly limit, and again
+    # where the order is inserted: orders sent at once all passed this count alone.
+    cap = server.cfg.pending_authorizations
     waiting = await server.store.acme_pending_authzs(v.account.id, now.isoformat())
-    if waiting + len(grant.names) > server.cfg.pending_authorizations:
-        raise AcmeProblem("rateLimited", f"this account has {waiting} names waiting for "
-                          f"validation, and at most {server.cfg.pending_authorizations} may "
-                          "wait at once ([acme] pending-authorizations; deactivated ones "
-                          "count until their order expires): validate those first, or wait "
-                          "until they expire (7 days after their order)", 429,
-                          {"Retry-After": "3600"})
+    if waiting + len(grant.names) > cap:
+        raise _too_many_pending(waiting, cap)
     await _rate(request, "new-order", v.account.id, server.cfg.orders_per_hour, take=True)
     expires = (now + ORDER_LIFETIME).isoformat()
     order_id = _new_id()
@@ -588,10 +586,22 @@ async def new_order(request: web.Request) -> web.Response:
             for k in kinds)))
     order = AcmeOrder(order_id, v.account.id, "pending", grant.names, expires, now.isoformat(),
                       tuple(a.id for a in authzs), replaces=grant.replaces)
-    if not await server.store.add_acme_order(order, authzs):
+    try:
+        added = await server.store.add_acme_order(order, authzs, pending_cap=cap)
+    except TooManyPending as exc:
+        raise _too_many_pending(exc.waiting, cap) from None
+    if not added:
         raise AcmeProblem("alreadyReplaced", f"the certificate {grant.replaces} is already "
                           "being replaced by another order of this account", 409)
     return _json(_order_obj(request, order), 201, url_of(request, f"order/{order_id}"))
+
+
+def _too_many_pending(waiting: int, cap: int) -> AcmeProblem:
+    return AcmeProblem("rateLimited", f"this account has {waiting} names waiting for "
+                       f"validation, and at most {cap} may wait at once ([acme] "
+                       "pending-authorizations; deactivated ones count until their order "
+                       "expires): validate those first, or wait until they expire (7 days "
+                       "after their order)", 429, {"Retry-After": "3600"})
 
 
 async def _replaced(request: web.Request, text: object) -> ra.ReplacedCert:

@@ -378,10 +378,14 @@ class Store(Protocol):
         or another account has the new key."""
         ...
 
-    async def add_acme_order(self, order: AcmeOrder, authzs: Sequence[AcmeAuthz]) -> bool:
+    async def add_acme_order(self, order: AcmeOrder, authzs: Sequence[AcmeAuthz],
+                             pending_cap: int | None = None) -> bool:
         """Insert an order with its authorizations and their challenges; False (and
         nothing inserted) if the certificate it `replaces` is replaced by another order
-        already, one that has not failed (RFC 9773 5)."""
+        already, one that has not failed (RFC 9773 5). With `pending_cap`, raise
+        TooManyPending (nothing inserted) if the account's pending authorizations
+        (`acme_pending_authzs` at the order's creation) and these would exceed it:
+        counted in the inserting transaction, one account's orders one at a time."""
         ...
 
     async def acme_order(self, order_id: str) -> AcmeOrder | None: ...

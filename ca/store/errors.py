@@ -14,6 +14,16 @@ class StoreDamaged(StoreUnavailable):
     a client is not told that a retry will help."""
 
 
+class TooManyPending(Exception):
+    """An ACME order refused: with its names, the account would have more waiting for
+    validation than its bound. Counted in the transaction that would insert the order,
+    so that orders sent at once cannot all pass one count made before any landed."""
+
+    def __init__(self, waiting: int) -> None:
+        super().__init__(f"{waiting} names waiting")
+        self.waiting = waiting
+
+
 class SchemaTooNew(Exception):
     """The inventory was made by a newer hsmca: this code must not touch it."""
 

@@ -39,6 +39,7 @@ from ca.store.errors import (
     NoInventory,
     SchemaTooNew,
     StoreUnavailable,
+    TooManyPending,
 )
 from ca.store.records import (
     AcmeAccount,
@@ -99,6 +100,9 @@ AUDIT_LOCK_CLASS = 0x6873_6D63  # "hsmc"
 # wait for a commit given up on that may still land (settled_cert).
 CERT_LOCK_CLASS = 0x6873_6365  # "hsce"
 _CERT_LOCK = "SELECT pg_advisory_xact_lock(%s, hashtext(%s))"
+# An account's names waiting for validation (Store.acme_pending_authzs).
+_PENDING_AUTHZS = ("SELECT count(*) FROM acme_authzs WHERE account_id = %s AND status IN "
+                   "('pending', 'deactivated') AND expires > %s")
 CONNECT_TIMEOUT_S = 3  # a node answers 503 quickly rather than hang on a dead server
 RECONNECT_TIMEOUT_S = 5.0
 RETRY_S = 1.0  # once the pool could not connect, how often a call tries it again
@@ -1174,8 +1178,20 @@ class PostgresStore:
                 return False
         return await self._tx(update)
 
-    async def add_acme_order(self, order: AcmeOrder, authzs: Sequence[AcmeAuthz]) -> bool:
+    async def add_acme_order(self, order: AcmeOrder, authzs: Sequence[AcmeAuthz],
+                             pending_cap: int | None = None) -> bool:
         async def insert(db: Conn) -> bool:
+            if pending_cap is not None:
+                # The account's row locked: its orders, on any node, are counted and
+                # inserted one at a time (READ COMMITTED: the count, a statement after
+                # the lock, sees what the order before committed).
+                await db.execute("SELECT 1 FROM acme_accounts WHERE id = %s FOR UPDATE",
+                                 (order.account_id,))
+                cur = await db.execute(_PENDING_AUTHZS, (order.account_id, order.created_at))
+                row = await cur.fetchone()
+                waiting = int(row[0]) if row else 0
+                if waiting + len(authzs) > pending_cap:
+                    raise TooManyPending(waiting)
             if order.replaces is not None:  # an order that expired unfinished replaces nothing
                 await db.execute("UPDATE acme_orders SET status = 'invalid' WHERE replaces = %s "
                                  "AND status IN ('pending', 'ready') AND expires <= %s",
@@ -1208,9 +1224,7 @@ class PostgresStore:
         return [r[0] for r in rows]
 
     async def acme_pending_authzs(self, account_id: str, now: str) -> int:
-        rows = await self._rows(
-            "SELECT count(*) FROM acme_authzs WHERE account_id = %s AND status IN "
-            "('pending', 'deactivated') AND expires > %s", (account_id, now))
+        rows = await self._rows(_PENDING_AUTHZS, (account_id, now))
         return int(rows[0][0])
 
     async def purge_acme_orders(self, before: str, batch: int = 1000) -> int:

@@ -25,7 +25,13 @@ from typing import Any, TypeVar
 
 from ca.handoff import STOP, Batch, Coalescer, Sink, async_sink, claim, drain_queue, stop_thread
 from ca.logs import logging_thread
-from ca.store.errors import NoInventory, SchemaTooNew, StoreDamaged, StoreUnavailable
+from ca.store.errors import (
+    NoInventory,
+    SchemaTooNew,
+    StoreDamaged,
+    StoreUnavailable,
+    TooManyPending,
+)
 from ca.store.records import (
     AcmeAccount,
     AcmeAuthz,
@@ -56,6 +62,9 @@ from ca.store.records import (
 
 T = TypeVar("T")
 KEEP_CRLS = 16
+# An account's names waiting for validation (Store.acme_pending_authzs).
+_PENDING_AUTHZS = ("SELECT count(*) FROM acme_authzs WHERE account_id = ? AND status IN "
+                   "('pending', 'deactivated') AND expires > ?")
 
 def _latest(not_after: str | None, valid_before: int | None) -> str | None:
     """The later of an X.509 notAfter (ISO 8601) and an SSH validBefore (Unix seconds),
@@ -1419,8 +1428,16 @@ class SQLiteStore:
                 return False
         return await self._write(update)
 
-    async def add_acme_order(self, order: AcmeOrder, authzs: Sequence[AcmeAuthz]) -> bool:
+    async def add_acme_order(self, order: AcmeOrder, authzs: Sequence[AcmeAuthz],
+                             pending_cap: int | None = None) -> bool:
         def insert(db: sqlite3.Connection) -> bool:
+            # BEGIN IMMEDIATE: every process's writes one after the other, so the count
+            # sees the orders inserted before this one, in this batch or another's.
+            if pending_cap is not None:
+                waiting = int(db.execute(_PENDING_AUTHZS, (order.account_id,
+                                                           order.created_at)).fetchone()[0])
+                if waiting + len(authzs) > pending_cap:
+                    raise TooManyPending(waiting)
             if order.replaces is not None:  # an order that expired unfinished replaces nothing
                 db.execute("UPDATE acme_orders SET status = 'invalid' WHERE replaces = ? AND "
                            "status IN ('pending', 'ready') AND expires <= ?",
@@ -1451,9 +1468,7 @@ class SQLiteStore:
         return [r[0] for r in rows]
 
     async def acme_pending_authzs(self, account_id: str, now: str) -> int:
-        return int(self._read(
-            "SELECT count(*) FROM acme_authzs WHERE account_id = ? AND status IN "
-            "('pending', 'deactivated') AND expires > ?", (account_id, now))[0][0])
+        return int(self._read(_PENDING_AUTHZS, (account_id, now))[0][0])
 
     async def purge_acme_orders(self, before: str, batch: int = 1000) -> int:
         def purge(db: sqlite3.Connection) -> int:
