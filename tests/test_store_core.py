@@ -82,6 +82,25 @@ def test_a_token_is_spent_once_and_released_only_if_nothing_was_issued(store: St
     assert run(store.consume_token("tok1", NOW)) is False
 
 
+def test_a_certificate_whose_row_cannot_be_written_leaves_nothing_behind(
+        store: Store) -> None:
+    """A certificate's row, its OCSP row and its spent token are one transaction: a
+    serial taken already fails the whole of it, the token stays unspent on it, and the
+    next certificate is written as usual (the connection is not left in a failed
+    transaction)."""
+    for tid in ("tok1", "tok2"):
+        run(store.add_token(token(tid)))
+    store.add_cert(cert(0x30, token_id="tok1")).result(timeout=10)
+    with pytest.raises((sqlite3.IntegrityError, psycopg.errors.UniqueViolation)):
+        store.add_cert(cert(0x30, token_id="tok2")).result(timeout=10)
+    spent = run(store.token_by_secret("tok2".rjust(64, "0")))
+    assert spent is not None and spent.used_serial is None
+    store.add_cert(cert(0x31, token_id="tok2")).result(timeout=10)
+    got = run(store.cert(0x31))
+    assert got is not None and got.fingerprint == f"{0x31:064x}"
+    assert run(store.token_by_secret("tok2".rjust(64, "0"))).used_serial == "31"
+
+
 def test_tokens_a_kill_left_spent_are_settled(store: Store) -> None:
     for tid in ("before", "nothing", "issued", "other"):
         run(store.add_token(token(tid)))
