@@ -470,6 +470,15 @@ class PostgresStore:
                 await asyncio.wait(ending, timeout=2)
             if self._pool is not None:
                 await self._pool.close(timeout=5)
+            # Whatever is left (a call given up on still waiting for psycopg's
+            # cancellation, a lease's close spawned meanwhile) is cancelled and let end,
+            # as asyncio.run does at its end: stopped with the loop, it was destroyed
+            # pending, and said so on stderr after "stopped" now and then.
+            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in rest:
+                task.cancel()
+            if rest:
+                await asyncio.wait(rest, timeout=1)
         if self._thread.is_alive():
             try:
                 asyncio.run_coroutine_threadsafe(shut(), self._loop).result(timeout=15)
