@@ -457,17 +457,30 @@ class PostgresStore:
         async def shut() -> None:
             for task in self._watchers:
                 task.cancel()
-            await asyncio.gather(*self._watchers, return_exceptions=True)
-            # What of ours still runs on this loop (calls given up on, a probe, a lease's
-            # connection being closed): a moment to end, not the pool's whole wait
-            # ("Task was destroyed but it is pending", a review and a trial saw at close).
-            # Not the pool's own tasks, which run until it closes: waited for, they
-            # made every close take the whole 2 s (each node's stop, each command).
+            # What of ours still runs on this loop (the watchers just cancelled, calls
+            # given up on, a probe, a lease's connection being closed): a moment to end,
+            # not the pool's whole wait ("Task was destroyed but it is pending", a review
+            # and a trial saw at close). Not the pool's own tasks, which run until it
+            # closes: waited for, they made every close take the whole 2 s (each node's
+            # stop, each command).
             ending: set[asyncio.Future[Any]] = {
                 task for task in asyncio.all_tasks()
                 if task is not asyncio.current_task() and _ours(task)} | self._abandoned
             if ending:
-                await asyncio.wait(ending, timeout=2)
+                _, late = await asyncio.wait(ending, timeout=2)
+                # One still in psycopg's cancellation of its query, which waits 5 s for
+                # the server to take the cancel and 5 s more for the query to end (with
+                # PostgreSQL frozen, the change watcher's held a node's stop 10 s):
+                # cancelled again, psycopg closes its connection at once. What a call
+                # sent stays the server's to commit or not, as it was (the next start
+                # waits for such a commit).
+                for task in late:
+                    task.cancel()
+                if late:
+                    await asyncio.wait(late, timeout=1)
+                for task in ending:  # read, so that asyncio does not say it never was
+                    if task.done() and not task.cancelled():
+                        task.exception()
             if self._pool is not None:
                 await self._pool.close(timeout=5)
             # Whatever is left (a call given up on still waiting for psycopg's
