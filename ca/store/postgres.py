@@ -329,8 +329,12 @@ class PostgresStore:
                 self._retry_at = time.monotonic() + RETRY_S
             raise StoreUnavailable(f"the inventory (PostgreSQL) is unavailable: "
                                    f"{self._down}") from None
-        self._down = None
-        self._unreachable = False
+        if not own:
+            # A call of the pool's was answered. Not one on a connection of its own: a
+            # lease's close succeeds without the server, and once, at a stop with
+            # PostgreSQL frozen, let the last checkpoint wait its 10 s again.
+            self._down = None
+            self._unreachable = False
         return value
 
     async def _try_again(self) -> None:
