@@ -331,8 +331,8 @@ class PostgresStore:
                                    f"{self._down}") from None
         if not own:
             # A call of the pool's was answered. Not one on a connection of its own: a
-            # lease's close succeeds without the server, and once, at a stop with
-            # PostgreSQL frozen, let the last checkpoint wait its 10 s again.
+            # lease's close succeeds without the server, and at a stop with PostgreSQL
+            # frozen that let the last checkpoint wait its 10 s again.
             self._down = None
             self._unreachable = False
         return value
@@ -469,7 +469,8 @@ class PostgresStore:
             # stop, each command).
             ending: set[asyncio.Future[Any]] = {
                 task for task in asyncio.all_tasks()
-                if task is not asyncio.current_task() and _ours(task)} | self._abandoned
+                if task is not asyncio.current_task() and _ours(task)} | self._abandoned \
+                | set(self._watchers)
             if ending:
                 _, late = await asyncio.wait(ending, timeout=2)
                 # One still in psycopg's cancellation of its query, which waits 5 s for

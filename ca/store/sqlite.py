@@ -66,6 +66,7 @@ KEEP_CRLS = 16
 _PENDING_AUTHZS = ("SELECT count(*) FROM acme_authzs WHERE account_id = ? AND status IN "
                    "('pending', 'deactivated') AND expires > ?")
 
+
 def _latest(not_after: str | None, valid_before: int | None) -> str | None:
     """The later of an X.509 notAfter (ISO 8601) and an SSH validBefore (Unix seconds),
     as ISO 8601; None if neither."""
