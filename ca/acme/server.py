@@ -35,6 +35,7 @@ from ca.acme.problems import PREFIX, AcmeProblem, from_refusal
 from ca.acme.validation import Failed, Validator, longest_s
 from ca.audit.voided import void
 from ca.config import CA_SERVER_NAME, AcmeConfig
+from ca.http_body import read_body
 from ca.issuance.profiles import pem, utcnow
 from ca.logs import keep_trying
 from ca.policy import PARSE_ERRORS, Reason, Refused, parse_error
@@ -243,7 +244,7 @@ async def _unknown(request: web.Request) -> web.StreamResponse:
 
 async def _verified(request: web.Request, want: str = "kid") -> acme_jws.Verified:
     server = request.app[ACME]
-    raw = await request.read()
+    raw = await read_body(request)
     verified = await acme_jws.verify(
         raw, request.content_type, f"{base(request)}{request.path_qs}", server.nonces,
         want=want, account_of=server.store.acme_account,

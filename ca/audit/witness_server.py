@@ -48,6 +48,7 @@ from ca.audit.merkle import HASH_SIZE, verify_consistency
 from ca.audit.note import NoteError, parse_checkpoint, verify_checkpoint
 from ca.decimal_text import is_decimal
 from ca.fileutil import write_atomic
+from ca.http_body import read_body
 
 log = structlog.get_logger("hsmca.witness")
 MAX_BODY = 64 << 10  # a checkpoint and 63 proof lines are ~3 KB
@@ -212,7 +213,7 @@ def application(witness: Witness) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY)
 
     async def add_checkpoint(request: web.Request) -> web.Response:
-        body = await request.read()
+        body = await read_body(request)
         answer = witness.add_checkpoint(body)  # no await inside: atomic on this loop
         return web.Response(status=answer.status, text=answer.body,
                             content_type=answer.content_type, charset="utf-8")

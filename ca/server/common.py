@@ -17,6 +17,7 @@ from cryptography import x509
 
 from ca import ra, strict_json
 from ca.audit import wire
+from ca.http_body import read_body
 from ca.issuance.issue import Issuance, IssuerSource, decision_context
 from ca.lifecycle import KeyLifecycle
 from ca.metrics import Metrics
@@ -185,7 +186,7 @@ async def json_body(request: web.Request, allowed: set[str] | None = None) -> di
     if request.content_type != "application/json":
         raise Problem(415, "Unsupported Media Type", "send the body as JSON with "
                       "'Content-Type: application/json'")
-    raw = await request.read()
+    raw = await read_body(request)
     if not raw:
         return {}
     try:

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 
 from ca import ra
+from ca.http_body import read_body
 from ca.issuance.issue import Issued
 from ca.issuance.profiles import fingerprint, pem, utcnow
 from ca.policy import Reason, Refused
@@ -476,7 +477,7 @@ def _ocsp_response(request: web.Request, answer: ocsp.Answer) -> web.Response:
 
 @routes.post("/v1/x509/ocsp")
 async def ocsp_post(request: web.Request) -> web.Response:
-    der = await request.read()
+    der = await read_body(request)
     return _ocsp_response(request, await _ocsp_answer(request, der))
 
 
@@ -535,7 +536,7 @@ async def _est_csr(request: web.Request) -> x509.CertificateSigningRequest:
     if request.content_type != "application/pkcs10":
         raise Problem(415, "Unsupported Media Type", "EST enrollment takes a base64 DER PKCS#10 "
                       "body with 'Content-Type: application/pkcs10'")
-    raw = await request.read()
+    raw = await read_body(request)
     if raw.lstrip().startswith(b"-----BEGIN"):
         raise Problem(400, "Bad Request", "EST takes the CSR as base64 DER without PEM "
                       "armour (RFC 7030 4.2.1): send the lines between the BEGIN and END "
