@@ -264,6 +264,9 @@ class SSHRevokeRequest:
     public_key: SSHPublicKey | None = None
     matching: int = 0  # unrevoked SSH certificates the selector matches now
     revoked: int = 0  # and revoked ones
+    # The key is this CA's own SSH CA key that signs, or can (label, cert type, whether
+    # it is the active one): in the KRL it revokes every certificate it ever signed.
+    ca_key: tuple[str, str, bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -925,6 +928,20 @@ def _ssh_revoke(ctx: Context, who: Requester, req: SSHRevokeRequest) -> SSHRevok
     if not (isinstance(who, Local) or (isinstance(who, CertHolder) and who.role == "admin")):
         raise Refused("only an admin may revoke SSH certificates; a holder revokes the X.509 "
                       "certificate they were issued on, and they go with it", Reason.WRONG_ROLE)
+    if req.ca_key is not None:
+        # A security trial listed the user CA's own key: every user certificate, those
+        # signed after it too, was then refused by every sshd reading the KRL, and
+        # nothing could take it back out.
+        label, cert_type, active = req.ca_key
+        role = (f"which signs every new {cert_type} certificate" if active else
+                f"which signed {cert_type} certificates still in use")
+        how = (f"rotate it (`hsmca key rotate ssh-{cert_type}`), then retire it" if active
+               else "retire it first")
+        raise Refused(f"that is this CA's own SSH {cert_type} CA key {label!r}, {role}: in "
+                      "the KRL it would revoke every certificate it ever signed, new ones "
+                      f"included. To stop trusting it, {how} (`hsmca key retire {label}`, "
+                      "docs/keys.md); a retired CA key can be revoked here",
+                      Reason.CONFLICT)
     if req.matching == 0 and req.public_key is None:
         what = f"serial {req.serial}" if req.serial is not None else f"key id {req.key_id!r}"
         if req.revoked:  # a retry, say: told apart from a typo (an API client's trial)

@@ -275,3 +275,34 @@ async def test_a_revoked_key_gets_no_new_certificate(own_daemon: Daemon,
                                      daemon.ssl(user_cert, user_key), body={"public_key": pub})
     assert status == 403 and ctype == "application/problem+json"
     assert "has been revoked" in json.loads(body)["detail"]
+
+
+async def test_the_cas_own_ssh_ca_keys_are_not_put_in_the_krl(own_daemon: Daemon,
+                                                               tmp_path: Path) -> None:
+    """A security trial revoked the user CA's own key: every sshd reading the KRL then
+    refused every user certificate, those issued after it too, and nothing could take
+    it out again. Both CA keys are refused, saying how to stop trusting one, and a user
+    certificate issued afterwards passes the KRL."""
+    daemon = own_daemon
+    admin = ("--config", daemon.state / "hsmca.toml", "--url", daemon.url)
+    refused = hsmca("ssh", "revoke", "--pubkey", daemon.state / "ssh" / "user_ca.pub", *admin,
+                    check=False)
+    assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1, \
+        refused.stderr
+    assert "this CA's own SSH user CA key" in refused.stderr and \
+        "hsmca key rotate ssh-user" in refused.stderr, refused.stderr
+    host_ca = (daemon.state / "ssh" / "host_ca.pub").read_text().split()
+    status, _, body = await http("POST", f"{daemon.url}/v1/ssh/revoke", daemon.admin_ssl(),
+                                 body={"public_key": " ".join(host_ca[:2])})
+    assert status == 409 and json.loads(body)["type"].endswith("/conflict"), body
+    assert "own SSH host CA key" in json.loads(body)["detail"], body
+    user_cert, user_key = enroll(daemon, tmp_path, "user", ["erin@example.com"], ["erin"])
+    pub = keygen(tmp_path / "erin").read_text()
+    status, _, body = await http("POST", f"{daemon.url}/v1/ssh/user",
+                                 daemon.ssl(user_cert, user_key), body={"public_key": pub})
+    assert status == 201, body
+    (tmp_path / "erin-cert.pub").write_text(json.loads(body)["certificate"])
+    status, _, krl = await http("GET", f"{daemon.url}/v1/ssh/krl", daemon.ssl())
+    (tmp_path / "krl").write_bytes(krl)
+    assert krl_check(tmp_path / "krl", tmp_path / "erin-cert.pub") == {
+        tmp_path / "erin-cert.pub": "ok"}

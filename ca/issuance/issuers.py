@@ -170,6 +170,15 @@ class Issuers:
                                       if k != self.current_x509]
         return live + list(reversed(self.past.values()))
 
+    def ssh_ca_key(self, line: str) -> tuple[str, str] | None:
+        """(label, cert type) of the SSH CA key that still signs or can (the active one
+        of its type, or one rotated out and not retired) whose OpenSSH public key is
+        `line` ("<type> <base64>"); None for any other key."""
+        for label, issuer in self.ssh.items():
+            if issuer.authorized_key("").strip() == line:
+                return label, issuer.cert_type
+        return None
+
     def ssh_lines(self, cert_type: str, comment: str) -> list[str]:
         """authorized_keys lines of every SSH CA of a type still trusted, the one that
         signs first, then the others newest first (a staged one among them), each

@@ -100,8 +100,13 @@ async def ssh_revoke(request: web.Request) -> web.Response:
     matching = await revocations.count_ssh(serial, key_id, public_key)
     revoked = await revocations.count_ssh(serial, key_id, None, revoked=True) \
         if matching == 0 and public_key is None else 0
+    ca_key = None
+    if public_key is not None:
+        issuers = await request.app[ISSUANCE].keys.refresh()
+        if (found := issuers.ssh_ca_key(public_key.line)) is not None:
+            ca_key = (*found, issuers.current_ssh.get(found[1]) == found[0])
     order: ra.SSHRevokeOrder = await decide(request, who, ra.SSHRevokeRequest(
-        serial, key_id, public_key, matching, revoked))
+        serial, key_id, public_key, matching, revoked, ca_key))
     try:
         hit = await revocations.revoke_ssh(order, matching, request.get("request_id"))
     except RecordedNotCommitted as exc:
