@@ -132,8 +132,17 @@ class _ProblemRequestHandler(web.RequestHandler):
 
     async def _handle_request(self, request: web.BaseRequest, start_time: float | None,
                               request_handler: Any) -> tuple[web.StreamResponse, bool]:
+        async def answered(req: web.BaseRequest) -> web.StreamResponse:
+            try:
+                return await request_handler(req)  # type: ignore[no-any-return]
+            except web.HTTPExpectationFailed:
+                # aiohttp meets an Expect header before any middleware runs, and refused
+                # one it does not know in plain text (a security trial).
+                return problem(417, "Expectation Failed", "this server meets only "
+                               "'Expect: 100-continue'; send the request without the "
+                               "Expect header", "expectation-failed")
         try:
-            return await super()._handle_request(request, start_time, request_handler)
+            return await super()._handle_request(request, start_time, answered)
         finally:
             # Answered, its body read or not (a 403 before it): a stop need not wait for
             # that body any more, nor linger for its rest (aiohttp reads up to 10 s of an

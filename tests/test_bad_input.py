@@ -350,6 +350,8 @@ def corpus() -> list[Case]:
             ("deflate", "tokens", "/v1/tokens", "admin", JSON["Content-Type"])]:
         add(Case(f"{what} {coding} that is not", "POST", path, 400, "bad-request", who,
                  data=b"garbage", headers={"Content-Type": ctype, "Content-Encoding": coding}))
+    add(Case("expect 42-foo", "POST", "/v1/x509/enroll", 417, "expectation-failed", "none",
+             {}, headers={"Expect": "42-foo"}))
     # one this server does not read: aiohttp's parser refuses it, named as such
     add(Case("tokens in brotli", "POST", "/v1/tokens", 400, "not-http", "admin",
              data=b"garbage", headers={**JSON, "Content-Encoding": "br"}))
