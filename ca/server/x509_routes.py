@@ -557,14 +557,17 @@ async def est_cacerts(request: web.Request) -> web.Response:
 
 @routes.post("/.well-known/est/simpleenroll")
 async def est_simpleenroll(request: web.Request) -> web.Response:
-    csr = await _est_csr(request)
-    if request.headers.get("Authorization"):
-        issued = await _enroll(request, await _bearer(request), csr, None)
-    elif peer_der(request) is None:  # neither way in: say both (RFC 7030 3.2.3)
+    if not request.headers.get("Authorization") and peer_der(request) is None:
+        # Neither way in: said both (RFC 7030 3.2.3), before the body is read, so that a
+        # client without credentials hears that first, whatever it sent (a trial got
+        # bad-csr for a body it could not have sent anyway).
         raise Problem(401, "Unauthorized", "EST enrollment needs a bootstrap token "
                       "('Authorization: Bearer <token>', or as the HTTP Basic password) or "
                       "a client certificate issued by this CA (mutual TLS)",
                       "client-certificate-required", {"WWW-Authenticate": _challenge(request)})
+    csr = await _est_csr(request)
+    if request.headers.get("Authorization"):
+        issued = await _enroll(request, await _bearer(request), csr, None)
     else:
         issued = await _renew(request, csr, None)
     return _pkcs7_b64([issued.cert])
