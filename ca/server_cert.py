@@ -27,7 +27,27 @@ RENEW_BEFORE = dt.timedelta(days=30)
 log = structlog.get_logger("hsmca.tls")
 
 
+class CredentialMissing(ValueError):
+    """One of the listener's two files is missing and the other is there: a path
+    mistyped in the config, not a credential to replace (a new key would be made at
+    the mistyped path, and the certificate at the other overwritten)."""
+
+
+def _one_missing(config: Config) -> None:
+    cert, key = config.tls_cert.exists(), config.tls_key.exists()
+    if cert == key:
+        return  # both there (checked below), or both gone: made anew
+    gone, there = ((config.tls_key, config.tls_cert) if cert else
+                   (config.tls_cert, config.tls_key))
+    setting = "tls-key" if gone == config.tls_key else "tls-cert"
+    raise CredentialMissing(
+        f"[server] {setting} names {gone}, which does not exist, while "
+        f"{there} does: correct the path in the config (or remove both files, and the "
+        "daemon makes a new key and certificate)")
+
+
 def _needs_renewal(config: Config, now: dt.datetime, issuer: x509.Certificate) -> str | None:
+    _one_missing(config)
     try:
         cert = x509.load_pem_x509_certificates(config.tls_cert.read_bytes())[0]
         key = load_pem_private_key(config.tls_key.read_bytes(), None)
@@ -80,7 +100,10 @@ async def ensure_server_cert(config: Config, issuance: Issuance) -> None:
     if why is None:
         _follow_chain(config, current.chain_pem)
         return
-    log.info("renewing the daemon's TLS certificate", reason=why)
+    # Said louder when the files are not as the daemon left them (both gone, damaged,
+    # or not a pair): an operator's doing, which the log should show.
+    said = log.info if why.startswith(("expires", "lacks", "not issued")) else log.warning
+    said("renewing the daemon's TLS certificate", reason=why)
     cert_pem, key_pem = await local_cert(issuance, config.policy, role="server",
                                          names=server_names(config.dns_name), days=TLS_DAYS)
     # The issuer's chain as the inventory has it now (after a rotation, the new one).

@@ -140,3 +140,25 @@ def test_a_key_and_its_certificate_are_replaced_together_or_not_at_all(
     write_atomic_together([(key, "new key\n", 0o600), (cert, "new certificate\n", 0o644)])
     assert (key.read_text(), mode(key)) == ("new key\n", 0o600)
     assert (cert.read_text(), mode(cert)) == ("new certificate\n", 0o644)
+
+
+@pytest.mark.parametrize("setting", ["tls-key", "tls-cert"])
+def test_serve_refuses_a_listener_credential_path_that_names_nothing(
+        tmp_path: Path, setting: str) -> None:
+    """An operator's trial mistyped `tls-key`: the daemon made a new key at that path
+    and overwrote tls/server.pem with a certificate for it, saying so only at info
+    level. One of the pair missing is a path mistyped: refused in one line, naming the
+    setting, and neither file is touched."""
+    from tests.conftest import set_config
+    ca = init_ca(tmp_path)
+    tls = ca.state / "tls"
+    before = {p.name: p.read_bytes() for p in tls.iterdir()}
+    set_config(ca.state, "server", setting, "tls/sever.pem" if setting == "tls-cert"
+               else "tls/sever.key")
+    proc = hsmca("serve", "--config", ca.state / "hsmca.toml", "--listen", "127.0.0.1:0",
+                 check=False)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"[server] {setting} names " in lines[0] and \
+        "which does not exist" in lines[0], proc.stderr
+    assert {p.name: p.read_bytes() for p in tls.iterdir()} == before
