@@ -851,6 +851,9 @@ def revocation_reason(value: object) -> str | None:
         for name, code in REASON_CODES.items():
             if code == value:
                 return None if name == "unspecified" else name
+        if value == 8:  # RFC 5280's, but for delta CRLs only (an ACME trial)
+            raise Refused("reason code 8 (removeFromCRL) is for delta CRLs, not a revocation: "
+                          f"give one of {', '.join(REASON_CODES)}")
         raise Refused(f"reason code {value} is not an RFC 5280 revocation reason")
     if isinstance(value, str):
         wanted = value.replace("_", "").lower()

@@ -724,6 +724,14 @@ def revoke_with_a_reason_code_rfc_5280_does_not_have(w: World) -> Reply:
 
 
 @case(400, "badRevocationReason")
+def revoke_with_remove_from_crl(w: World) -> Reply:
+    r = w.a.post(url(w, "revokeCert"), {"certificate": der_b64(w.cert), "reason": 8})
+    # RFC 5280's code, for delta CRLs: not "not an RFC 5280 reason" (an ACME trial)
+    assert "removeFromCRL" in r.json["detail"], r.body
+    return r
+
+
+@case(400, "badRevocationReason")
 def revoke_with_a_reason_that_is_not_a_number(w: World) -> Reply:
     return w.a.post(url(w, "revokeCert"), {"certificate": der_b64(w.cert), "reason": "x"})
 

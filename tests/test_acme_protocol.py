@@ -192,6 +192,17 @@ def test_key_change_moves_the_account_to_the_new_key(world: World) -> None:
     assert any(line.get("event") == "acme.account.key-change" for line in audit_lines(world.ca))
 
 
+def test_a_key_change_to_the_current_key_says_so(world: World) -> None:
+    """An ACME trial changed to the key already in use and was told that another
+    account had it, with a 409 naming its own account."""
+    c = Client(world.ca)
+    assert c.register(world.ca.eab("*.test")).status == 201
+    r = key_change(c, c.key)
+    assert r.status == 400 and r.problem == "malformed" and \
+        "the new key is the account's current key" in r.json["detail"], r.body
+    assert c.post(c.kid).json["status"] == "valid"
+
+
 def test_account_changes_the_log_cannot_record_do_not_happen(tmp_path: Path) -> None:
     """While the audit log cannot grow, a new account, a key change and a deactivation
     are refused with 503 and change nothing: the client's old key still works and its
@@ -261,7 +272,11 @@ def test_a_deactivated_authorization_ends_its_order(world: World) -> None:
     assert other.status == 400 and other.problem == "malformed"
     again = c.post(authz_url, {"status": "deactivated"})
     assert again.status == 400 and again.problem == "malformed"
-    assert c.post(c.answer(order, "http-01")[0]["url"], {}).status == 200  # nothing to do
+    # Its challenge asked for: said that nothing will be validated (an ACME trial got
+    # 200 "pending", and waited for a validation that never came)
+    asked = c.post(c.answer(order, "http-01")[0]["url"], {})
+    assert asked.status == 400 and asked.problem == "malformed" and \
+        "the authorization is deactivated" in asked.json["detail"], asked.body
     assert c.post(authz_url).json["status"] == "deactivated"
 
 

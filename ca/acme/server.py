@@ -458,6 +458,9 @@ async def key_change(request: web.Request) -> web.Response:
     if acme_jws.thumbprint(old) != v.account.thumbprint:
         raise AcmeProblem("malformed", "oldKey is not the account's current key")
     new_thumb = acme_jws.thumbprint(new_jwk)
+    if new_thumb == v.account.thumbprint:  # not "another account has it" (an ACME trial)
+        raise AcmeProblem("malformed", "the new key is the account's current key: sign the "
+                          "inner JWS with the key to change to")
     other = await server.store.acme_account_by_thumbprint(new_thumb)
     if other is not None:
         raise AcmeProblem("malformed", "another account has the new key", 409,
@@ -775,7 +778,8 @@ async def challenge(request: web.Request) -> web.Response:
         if ch.status == "pending":
             await _rate(request, "failed-validation", v.account.id,
                         server.cfg.failed_validations_per_hour, take=False)
-            await _start(request, ch, authz, v)
+            if not await _start(request, ch, authz, v):
+                await _not_started(server, ch, authz)
         fresh = await server.store.acme_challenge(ch.id)
         assert fresh is not None
         ch = fresh
@@ -783,15 +787,34 @@ async def challenge(request: web.Request) -> web.Response:
 
 
 async def _start(request: web.Request, ch: AcmeChallenge, authz: AcmeAuthz,
-                 v: acme_jws.Verified) -> None:
+                 v: acme_jws.Verified) -> bool:
     """Validate `ch` in the background if this request is the one to: it was pending, or
-    its validation began so long ago that the worker running it must have gone away."""
+    its validation began so long ago that the worker running it must have gone away.
+    Whether it started."""
     server = request.app[ACME]
     assert v.account is not None
     now = utcnow()
     stale = now - dt.timedelta(seconds=longest_s(server.cfg)) - STALE_GRACE
-    if await server.store.start_acme_challenge(ch.id, now, stale):
-        server.spawn(_validate(server, ch, authz, v.jwk, v.account.id, _client(request)))
+    if not await server.store.start_acme_challenge(ch.id, now, stale):
+        return False
+    server.spawn(_validate(server, ch, authz, v.jwk, v.account.id, _client(request)))
+    return True
+
+
+async def _not_started(server: AcmeServer, ch: AcmeChallenge, authz: AcmeAuthz) -> None:
+    """Refuse a pending challenge's POST that started nothing, saying why: its
+    authorization is no longer pending, or another of its challenges is being
+    validated. Answered 200 "pending", a client waited for a validation that never came
+    (an ACME trial: RFC 8555 7.5.1 has the reply be the challenge as updated)."""
+    now = await server.store.acme_authz(authz.id) or authz
+    if now.status != "pending":
+        raise AcmeProblem("malformed", f"the authorization is {now.status}: only a pending "
+                          "authorization's challenges are validated")
+    busy = [c.type for c in now.challenges if c.status == "processing" and c.id != ch.id]
+    if busy:
+        raise AcmeProblem("malformed", f"this authorization's {busy[0]} challenge is being "
+                          "validated: poll the authorization for its result (one challenge "
+                          "of an authorization is validated at a time)")
 
 
 async def _restart_stale(request: web.Request, authz: AcmeAuthz,
