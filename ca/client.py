@@ -206,8 +206,8 @@ async def _request(session: aiohttp.ClientSession, method: str, url: str,
         raise ClientError(f"cannot connect to {url}: the server's certificate is not trusted "
                           f"({reason}); pass --ca with the CA's root.pem") from None
     except aiohttp.ClientConnectorError as exc:
-        raise ClientError(f"cannot connect to {url}: {exc.os_error.strerror or exc}; "
-                          f"{_connect_hint(exc.os_error)}", retryable=True) from None
+        raise ClientError(f"cannot connect to {url}: {_connect_failure(exc.os_error)}",
+                          retryable=True) from None
     except TimeoutError:
         raise ClientError(f"{method} {url}: no answer within {TIMEOUT.total:.0f} s",
                           retryable=True, unanswered=True) from None
@@ -220,6 +220,20 @@ async def _request(session: aiohttp.ClientSession, method: str, url: str,
                           retryable=True, unanswered=True) from None
     except aiohttp.ClientError as exc:
         raise ClientError(f"{method} {url} failed: {exc}", retryable=True) from None
+
+
+def _connect_failure(error: OSError) -> str:
+    """Why a connection failed, and what to check, in words: aiohttp's own text quotes
+    its SSLContext object, and a server that took the connection and never answered
+    came out as `ssl:<ca.client._CAContext object at 0x...> [None]` (an operator trial)."""
+    if isinstance(error, TimeoutError) or (error.strerror is None and not error.args):
+        return (f"no answer to the TLS handshake within {TIMEOUT.total:.0f} s (something "
+                "there takes connections and says nothing: is that the daemon's port, "
+                "and is the daemon stopped or stuck?)")
+    if isinstance(error, ssl.SSLError) and "WRONG_VERSION_NUMBER" in str(error):
+        return ("the server there does not speak TLS (a plain-HTTP port, say: the CRL and "
+                "OCSP listener?); hsmca serves its API over HTTPS on [server] listen")
+    return f"{error.strerror or error}; {_connect_hint(error)}"
 
 
 def _connect_hint(error: OSError) -> str:
@@ -1011,7 +1025,9 @@ def _renewing(cert: Path) -> Iterator[None]:
     try:
         fd = os.open(real.parent, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as exc:
-        raise ClientError(f"cannot open {real.parent}: {exc.strerror}") from None
+        # Said of the flag's file (an operator's trial read only a directory's name).
+        raise ClientError(f"--cert {cert}: cannot open its directory {real.parent}: "
+                          f"{exc.strerror}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import pwd
 import stat
@@ -19,6 +20,23 @@ def write_atomic(path: Path, data: bytes | str, mode: int = 0o644) -> None:
     write_atomic_together([(path, data, mode)])
 
 
+@functools.cache
+def _said_plainly(kind: type[OSError]) -> type[OSError]:
+    """`kind` whose text is its message alone, without "[Errno N]": still caught as
+    `kind`, with its errno (a full disk is told apart by it)."""
+    return type(kind.__name__, (kind,), {"__str__": lambda self: self.strerror or ""})
+
+
+def _failed(path: Path, doing: str, exc: OSError) -> OSError:
+    """The error said by the file's own name, not by the temporary file beside it (an
+    operator's trial read `[Errno 2] No such file or directory:
+    '/x/.server.pem._mccd0ta'`)."""
+    why = exc.strerror or str(exc)
+    if isinstance(exc, FileNotFoundError) and not path.parent.is_dir():
+        why = f"its directory {path.parent} does not exist"
+    return _said_plainly(type(exc))(exc.errno or 0, f"cannot {doing} {path}: {why}")
+
+
 def write_atomic_together(files: Sequence[tuple[Path, bytes | str, int]]) -> None:
     """Replace several files (`path, data, mode`) that belong together, a key and its
     certificate: every new content is written and flushed beside its file before any
@@ -29,7 +47,10 @@ def write_atomic_together(files: Sequence[tuple[Path, bytes | str, int]]) -> Non
     try:
         for path, data, mode in files:
             path = Path(path)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+            except OSError as exc:
+                raise _failed(path, "write", exc) from None
             written.append((tmp, path))
             with open(fd, "wb") as fh:  # (closes fd)
                 os.fchmod(fh.fileno(), mode)
@@ -39,7 +60,10 @@ def write_atomic_together(files: Sequence[tuple[Path, bytes | str, int]]) -> Non
         directories = {path.parent for _, path in written}
         while written:
             tmp, path = written[0]
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except OSError as exc:
+                raise _failed(path, "replace", exc) from None
             written.pop(0)
     except BaseException:  # no temporary file left behind (a key's holds its bytes)
         for tmp, _ in written:

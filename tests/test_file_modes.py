@@ -130,8 +130,14 @@ def test_a_key_and_its_certificate_are_replaced_together_or_not_at_all(
     cert.rename(tmp_path / "old-cert.pem")
     cert.mkdir()
     from ca.fileutil import write_atomic_together
-    with pytest.raises(IsADirectoryError):
+    with pytest.raises(IsADirectoryError) as failed:
         write_atomic_together([(key, "new key\n", 0o600), (cert, "c", 0o644)])
+    # said of the file, not of the temporary one beside it (an operator's trial)
+    assert str(failed.value) == f"cannot replace {cert}: Is a directory"
+    with pytest.raises(FileNotFoundError) as failed:
+        write_atomic_together([(tmp_path / "gone" / "c.pem", "c", 0o644)])
+    assert str(failed.value) == (f"cannot write {tmp_path / 'gone' / 'c.pem'}: its "
+                                 f"directory {tmp_path / 'gone'} does not exist")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cert.pem", "key.pem",
                                                          "old-cert.pem"]
     cert.rmdir()

@@ -107,7 +107,9 @@ async def _serve(witness: Witness, host: str, port: int) -> None:
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        raise CLIError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        # (the listener's own error says "cannot listen on" already: said once)
+        raise CLIError(exc.strerror if exc.strerror and exc.strerror.startswith(
+            "cannot listen on") else f"cannot listen on {host}:{port}: {exc.strerror}") from None
     bound = runner.addresses[0]
     shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
     stop = asyncio.Event()
