@@ -9,7 +9,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from ca.commands.args import state_file
 from ca.decimal_text import is_decimal
@@ -81,7 +81,25 @@ class OneLineParser(argparse.ArgumentParser):
     """Usage errors as one line on stderr (docs/operator.md), pointing at --help."""
 
     def error(self, message: str) -> NoReturn:
+        if "invalid choice: 'stop'" in message:  # (an operator's trial looked for one)
+            message += ("; a running `hsmca serve` stops on SIGTERM: `systemctl stop "
+                        "hsmca`, `kill PID`, or Ctrl-C")
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
+        # Extra arguments are found by the top parser, which named its own --help; the
+        # command's says which flags it has (an operator's trial: --tokn-file).
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            words = [self.prog]
+            word = getattr(parsed, "command", None)
+            while word:  # `hsmca acme eab create`: each level's choice is <word>_command
+                words.append(word)
+                word = getattr(parsed, f"{word}_command", None)
+            prog = " ".join(words)
+            self.exit(2, f"{self.prog}: error: unrecognized arguments: {' '.join(extra)} "
+                      f"(see `{prog} --help`)\n")
+        return parsed
 
 
 def build_parser() -> argparse.ArgumentParser:

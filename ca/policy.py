@@ -454,8 +454,12 @@ def check_allowed(names: Iterable[tuple[str, str]], policy: Policy,
                               Reason.NAME_RESERVED)
         if fleet and policy.allow and not any(_matches(kind, value, p, apex=False)
                                               for p in policy.allow):
+            hint = ""
+            if kind in ("email", "uri"):  # (an operator's trial added the address itself)
+                hint = (f"; {'e-mail names' if kind == 'email' else 'URIs'} match on their "
+                        f"host: allowing {_host(kind, value)!r} allows this one")
             raise refused(value, "is outside the CA's allow list ([policy] allow = "
-                          f"{', '.join(policy.allow)})", Reason.NAME_NOT_ALLOWED)
+                          f"{', '.join(policy.allow)}){hint}", Reason.NAME_NOT_ALLOWED)
 
 
 def principal(p: object) -> str:

@@ -360,6 +360,21 @@ def test_what_to_check_follows_why_the_connection_failed(tmp_path: Path) -> None
                      "--out", tmp_path / "out", check=False)
         assert proc.returncode != 0 and hint in proc.stderr, proc.stderr
         assert "connection limit" not in proc.stderr
+    # An https URL at a port that speaks plain HTTP: said so, not OpenSSL's
+    # "WRONG_VERSION_NUMBER" beside a hint about the connection limit (an operator trial)
+    import http.server
+    import threading
+    plain = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=plain.serve_forever, daemon=True).start()
+    try:
+        proc = hsmca("enroll", "--url", f"https://127.0.0.1:{plain.server_address[1]}",
+                     "--token-file", token, "--name", "x.example", "--out", tmp_path / "out",
+                     check=False)
+    finally:
+        plain.shutdown()
+        plain.server_close()
+    assert "the server there does not speak TLS" in one_line_error(proc), proc.stderr
+    assert "WRONG_VERSION" not in proc.stderr
 
 
 def test_revoke_with_the_openssl_colon_form_and_self_revocation(own_daemon: Daemon,
@@ -702,7 +717,8 @@ def test_a_hook_that_hangs_is_killed_and_said(daemon: Daemon, tmp_path: Path) ->
          key, "--exec", f"sleep 600 & echo $! > {child}; wait", "--exec-timeout", "1s"],
         capture_output=True, text=True, timeout=120)
     msg = one_line_error(proc)
-    assert msg.startswith("hsmca: error: renewed, but --exec") and "-9" in msg, msg
+    assert msg.startswith("hsmca: error: renewed, but --exec") and msg.endswith(
+        "did not finish within --exec-timeout (1 s) and was killed"), msg
     assert proc.stdout.startswith("renewed: serial ")
     # What the hook started went with it (its process group), not only the shell.
     stat_file = Path(f"/proc/{child.read_text().strip()}/stat")
@@ -1076,3 +1092,25 @@ def test_a_credential_in_its_last_third_is_announced(daemon: Daemon, tmp_path: P
     # The last minute in seconds (it was "in 0 h 0 min")
     said = ending(cert, end - dt.timedelta(seconds=41))
     assert said is not None and "(in 41 s)" in said, said
+
+
+def test_argument_mistakes_are_said_as_what_to_do(tmp_path: Path) -> None:
+    """An operator's trial: a mistyped flag was sent to `hsmca --help`, not the
+    command's; `hsmca stop` did not say how a daemon stops; a revoke given a serial and
+    --identity read as if given nothing; an empty token file was said to hold more than
+    the token."""
+    said = one_line_error(hsmca("key", "rotate", "issuing", "--tokn-file", "y", check=False), 2)
+    assert said.endswith("unrecognized arguments: --tokn-file y (see `hsmca key rotate "
+                         "--help`)"), said
+    said = one_line_error(hsmca("stop", check=False), 2)
+    assert "stops on SIGTERM" in said, said
+    config = tmp_path / "hsmca.toml"
+    said = one_line_error(hsmca("revoke", "1234", "--identity", "a.example", "--config",
+                                config, check=False))
+    assert said.endswith("give only one of the SERIAL to revoke, --identity NAME and "
+                         "--cert-file FILE"), said
+    empty = tmp_path / "empty.token"
+    empty.write_text("\n")
+    said = one_line_error(hsmca("enroll", "--url", "https://127.0.0.1:9", "--token-file", empty,
+                                "--name", "x.example", "--out", tmp_path / "out", check=False))
+    assert said.endswith(f"--token-file {empty} is empty: it must hold the token"), said

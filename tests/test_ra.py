@@ -116,10 +116,15 @@ def test_a_token_grant_is_a_decision_with_every_name_normalised() -> None:
     ("x.other.example", Reason.NAME_NOT_ALLOWED, ("allow list", "*.internal.example")),
     ("internal.example", Reason.NAME_NOT_ALLOWED, ("allow list",)),  # the apex is not allowed
     ("192.168.1.1", Reason.NAME_NOT_ALLOWED, ("allow list",)),
-    ("https://a.other.example/x", Reason.NAME_NOT_ALLOWED, ()),
+    ("https://a.other.example/x", Reason.NAME_NOT_ALLOWED,
+     ("URIs match on their host: allowing 'a.other.example' allows this one",)),
+    # an operator's trial put the address itself in the list, which refuses it
+    ("bob@example.com", Reason.NAME_NOT_ALLOWED,
+     ("e-mail names match on their host: allowing 'example.com' allows this one",)),
 ])
 def test_the_allow_list(name: str, reason: Reason, words: tuple[str, ...]) -> None:
-    refused(ra.decide(context(ALLOW), admin(), ra.TokenRequest("service", [name])),
+    role = "user" if "@" in name else "service"
+    refused(ra.decide(context(ALLOW), admin(), ra.TokenRequest(role, [name])),
             reason, *words)
 
 

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import datetime as dt
 import os
+import signal
 import ssl
 import sys
 from pathlib import Path
@@ -140,7 +141,9 @@ def read_token(args: argparse.Namespace) -> str:
         except UnicodeDecodeError:
             raise CLIError(f"--token-file {where} is not text") from None
         token = text.strip()
-        if not token or len(token.split()) != 1:
+        if not token:
+            raise CLIError(f"--token-file {where} is empty: it must hold the token")
+        if len(token.split()) != 1:
             raise CLIError(f"--token-file {where} must hold the token and nothing else")
         return token
     if args.token is not None:
@@ -197,6 +200,12 @@ def renew(args: argparse.Namespace) -> int:
         from ca.commands.renewal import run_hook
         status = asyncio.run(run_hook(args.exec, _hook_env(args.cert, args.key),
                                       timeout_s=args.exec_timeout))
+        if status == -signal.SIGKILL and args.exec_timeout is not None:
+            raise CLIError(f"renewed, but --exec {args.exec!r} did not finish within "
+                           f"--exec-timeout ({args.exec_timeout:g} s) and was killed")
+        if status < 0:
+            raise CLIError(f"renewed, but --exec {args.exec!r} was killed by signal "
+                           f"{signal.Signals(-status).name}")
         if status != 0:
             raise CLIError(f"renewed, but --exec {args.exec!r} exited with status {status}")
     return 0
@@ -315,7 +324,11 @@ def revoke(args: argparse.Namespace) -> int:
         ctx = asyncio.run(client.preflight(url, args.ca, args.cert, args.key))
         serial = parse_serial(args.serial) if args.serial else client.serial_of(args.cert)
     else:
-        if sum(x is not None for x in (args.serial, args.identity, args.cert_file)) != 1:
+        given = sum(x is not None for x in (args.serial, args.identity, args.cert_file))
+        if given > 1:  # (said as if none were given, an operator's trial read it so)
+            raise CLIError("give only one of the SERIAL to revoke, --identity NAME and "
+                           "--cert-file FILE")
+        if given == 0:
             raise CLIError("give the SERIAL to revoke, --identity NAME or --cert-file FILE (or "
                            "--cert and --key to revoke that certificate itself)")
         serial = parse_serial(args.serial) if args.serial else None
