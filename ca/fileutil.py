@@ -22,9 +22,11 @@ def write_atomic(path: Path, data: bytes | str, mode: int = 0o644) -> None:
 
 @functools.cache
 def _said_plainly(kind: type[OSError]) -> type[OSError]:
-    """`kind` whose text is its message alone, without "[Errno N]": still caught as
-    `kind`, with its errno (a full disk is told apart by it)."""
-    return type(kind.__name__, (kind,), {"__str__": lambda self: self.strerror or ""})
+    """`kind` whose text is its `said` alone, without "[Errno N]": still caught as
+    `kind`, with its errno (a full disk is told apart by it) and its strerror (which
+    callers put after their own words)."""
+    return type(kind.__name__, (kind,), {
+        "__str__": lambda self: getattr(self, "said", "") or OSError.__str__(self)})
 
 
 def _failed(path: Path, doing: str, exc: OSError) -> OSError:
@@ -34,7 +36,9 @@ def _failed(path: Path, doing: str, exc: OSError) -> OSError:
     why = exc.strerror or str(exc)
     if isinstance(exc, FileNotFoundError) and not path.parent.is_dir():
         why = f"its directory {path.parent} does not exist"
-    return _said_plainly(type(exc))(exc.errno or 0, f"cannot {doing} {path}: {why}")
+    failed = _said_plainly(type(exc))(exc.errno or 0, why, str(path))
+    failed.said = f"cannot {doing} {path}: {why}"  # type: ignore[attr-defined]
+    return failed
 
 
 def write_atomic_together(files: Sequence[tuple[Path, bytes | str, int]]) -> None:
