@@ -207,3 +207,48 @@ def test_a_revocation_that_lands_while_the_copy_is_taken_is_in_the_copy(
         (revoked_at,) = db.execute("SELECT revoked_at FROM certs WHERE serial = ?",
                                    (serial,)).fetchone()
     assert revoked_at is not None
+
+
+def test_a_copy_of_the_ca_does_not_serve_beside_it(tmp_path: Path) -> None:
+    """An operator's trial started a backup while the CA it copies ran: a second CA on
+    the same keys, with its own log, and only a reassuring line was said. Refused in
+    one line, naming what to do; the CA goes on serving, and once it stops the copy
+    starts."""
+    ca = init_ca(tmp_path)
+    live = start_daemon(ca.state)
+    copy = tmp_path / "copy"
+    try:
+        hsmca("backup", "--config", ca.state / "hsmca.toml", "--out", copy)
+        proc = hsmca("serve", "--config", copy / "hsmca.toml", "--listen", "127.0.0.1:0",
+                     check=False)
+        assert proc.returncode == 1, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "another hsmca serves the token" in lines[0] and \
+            f"state directory {ca.state}" in lines[0] and "One CA at a time" in lines[0], \
+            proc.stderr
+        assert live.proc.poll() is None
+    finally:
+        assert live.stop() == 0
+    restored = start_daemon(copy)
+    assert restored.stop() == 0
+
+
+def test_the_token_lock_is_skipped_rather_than_trusted_when_another_user_made_it(
+        tmp_path: Path) -> None:
+    """/run/lock is everyone's: a lock file someone else made there (its name can be
+    guessed) must not keep the CA from starting; one of the CA's own user is held."""
+    from ca.token_lock import TokenInUse, hold_token
+    args = ("/usr/lib/softhsm/libsofthsm2.so", None, "ca-token", tmp_path)
+    fd = hold_token(*args, lock_dir=tmp_path)
+    assert fd is not None
+    with pytest.raises(TokenInUse, match=f"state directory {tmp_path}, pid {os.getpid()}"):
+        hold_token(*args[:3], tmp_path / "copy", lock_dir=tmp_path)
+    # the same state directory: its audit log's lock says so, not this one
+    assert hold_token(*args, lock_dir=tmp_path) is None
+    os.close(fd)
+    again = hold_token(*args, lock_dir=tmp_path)
+    assert again is not None
+    os.close(again)
+    [lock] = tmp_path.glob("hsmca-token-*.lock")
+    os.chown(lock, 65534, 65534)  # another user's now
+    assert hold_token(*args, lock_dir=tmp_path) is None

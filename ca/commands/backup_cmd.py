@@ -37,9 +37,10 @@ def run(args: argparse.Namespace) -> int:
               "the copy holds it: keep the backup as secret as the PIN, or move the file out")
     else:
         print(f"  the PIN ({pin})")
-    print(f"to restore: put {done.out} where the state directory was and run hsmca serve "
-          f"--config <there>/{config.path.name}; what the CA did after this backup is not in "
-          "it (docs/operator.md, \"Backup and restore\")")
+    print(f"to restore: with this CA stopped, put {done.out} where the state directory was "
+          f"and run hsmca serve --config <there>/{config.path.name} (beside the running CA, "
+          "the copy would be a second CA on the same keys); what the CA did after this "
+          "backup is not in it (docs/operator.md, \"Backup and restore\")")
     return 0
 
 

@@ -73,6 +73,7 @@ from ca.store import Store, open_store
 from ca.store.errors import StoreUnavailable
 from ca.store.sqlite import SQLiteStore, damaged_error
 from ca.subject import spki_sha256
+from ca.token_lock import hold_token
 from hsm.session import KeyInfo, describe_source
 
 if TYPE_CHECKING:
@@ -437,6 +438,11 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         if store is not None:
             await _check_it_is_this_cas(config, store, audit_key)
         name_held = await _hold_node_name(config, store)
+        # Before the log is opened (which may rebuild its tiles): no copy of this CA
+        # serves beside it on this host (a second serve of this state directory is
+        # told so by the log's lock).
+        token_held = None if config.cluster else hold_token(
+            config.hsm.module, config.softhsm_conf, config.hsm.token, config.state_dir)
         # A node stopped during the audit key's rotation: see _open_audit.
         audit = _open_audit(config, audit_key if store is None else
                             await keys_to_open_with(config.audit_key_pem, store),
@@ -686,6 +692,8 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
             name_held.close()
         if store is not None:
             store.close()
+        if token_held is not None:  # the last: nothing of this run signs after it
+            os.close(token_held)
 
 
 INVENTORY_CHECKPOINT_S = 1.0

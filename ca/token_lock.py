@@ -1,0 +1,71 @@
+"""One CA at a time on a token: a lock on this host, held while `hsmca serve` runs.
+
+A copy of the CA (a restored backup, a state directory copied for a rehearsal) names
+the same module, token and PIN as the live CA. Started beside it, it is a second CA
+on the same keys: what it issues chains to the same root, and is in neither the live
+inventory nor the live log. docs/operator.md says so ("One CA at a time"), but an
+operator's trial started a backup beside the live CA, and only a reassuring line came
+of it. The token, as the daemon reaches it, is locked for as long as it serves.
+
+The lock names the module, the SoftHSM configuration (which says where the token's
+files are: a rehearsal on a copy of the token directory uses its own) and the token
+label. It guards this host only: a second host reaching the same network HSM is the
+operator's to prevent. Nodes of a cluster share their keys by design, and take no
+such lock. Where no lock file can be made, or the one there is another user's, the
+guard is skipped: it must never keep the CA itself from starting.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+from pathlib import Path
+
+from ca.errors import CLIError
+
+LOCK_DIR = Path("/run/lock")
+
+
+class TokenInUse(CLIError):
+    """Another `hsmca serve` on this host holds the same token."""
+
+
+def hold_token(module: str, softhsm_conf: str | None, token: str, state_dir: Path,
+               lock_dir: Path = LOCK_DIR) -> int | None:
+    """Lock the token for this process (the descriptor, kept open while it serves; None
+    where no lock file can be made); TokenInUse if another process holds it."""
+    conf = softhsm_conf or os.environ.get("SOFTHSM2_CONF", "")
+    ident = "\0".join([os.path.realpath(module), os.path.realpath(conf) if conf else "",
+                       token])
+    path = lock_dir / f"hsmca-token-{hashlib.sha256(ident.encode()).hexdigest()[:24]}.lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    except OSError:
+        return None  # no /run/lock here, or another user's file: best effort
+    if os.fstat(fd).st_uid != os.geteuid():
+        # Made by another user (/run/lock is everyone's): trusted, it would let anyone
+        # who can guess its name keep the CA from starting. Only the guard is lost.
+        os.close(fd)
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        if holder.startswith(f"state directory {state_dir}, "):
+            return None  # this CA itself: its audit log's lock says so, as ever
+        raise TokenInUse(
+            f"another hsmca serves the token {token!r} of {module} on this host ({holder}): "
+            "a second CA on the same keys would issue certificates that neither its log "
+            "nor its inventory holds. A copy of the CA (a restored backup) must not serve "
+            "beside the CA it copies; to rehearse a restore, give the copy a copy of the "
+            "token directory through its own [hsm] softhsm-conf (docs/operator.md, 'One "
+            "CA at a time')") from None
+    except OSError:
+        os.close(fd)
+        return None
+    said = f"state directory {state_dir}, pid {os.getpid()}\n".encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, said, 0)
+    return fd
