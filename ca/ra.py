@@ -396,6 +396,8 @@ class AcmeRevokeRequest:
     revoked_reason: str | None = None
     owner_account: str | None = None  # the ACME account it was issued to, if any
     spki_sha256: str | None = None  # its subject key
+    # The requesting account holds valid authorizations for every name it bears.
+    authorized: bool = False
 
 
 @dataclass(frozen=True)
@@ -1407,10 +1409,19 @@ def _acme_revoke(ctx: Context, who: Requester, req: AcmeRevokeRequest) -> Revoke
         raise Refused(exc.detail, Reason.REASON_NOT_ALLOWED) from None
     if isinstance(who, AcmeAccountHolder):
         _acme_account(who)
-        if not req.found or req.owner_account != who.account_id:
+        if not req.found or (req.owner_account != who.account_id and not req.authorized):
             # Not "not found": whether a serial exists is none of another account's business.
-            raise Refused("this account may revoke only certificates issued to it",
+            raise Refused("this account may revoke only certificates issued to it, or ones "
+                          "whose names it holds valid authorizations for (RFC 8555 7.6)",
                           Reason.UNAUTHORIZED)
+        if req.owner_account != who.account_id and reason not in (None,
+                                                                  "cessationOfOperation"):
+            # As Let's Encrypt does: holding the names says they are no longer the
+            # holder's, not that the key was compromised (which its own key shows).
+            raise Refused("an account that did not order the certificate revokes it for "
+                          "cessationOfOperation (5) or without a reason; keyCompromise is "
+                          "shown by signing the request with the certificate's key",
+                          Reason.REASON_NOT_ALLOWED)
     elif isinstance(who, CertKeyHolder):
         if not req.found or req.spki_sha256 != who.spki_sha256:
             raise Refused("the request is not signed by the certificate's key",

@@ -623,6 +623,39 @@ def test_a_key_revoked_for_compromise_is_refused_as_a_bad_csr(world: World) -> N
     assert fresh.status == 200, fresh.body
 
 
+def test_an_account_holding_every_name_may_revoke_a_certificate_it_did_not_order(
+        world: World) -> None:
+    """RFC 8555 7.6: the server MUST consider an account that holds authorizations for
+    all of a certificate's names (an ACME trial found it refused). Such an account
+    revokes for cessationOfOperation or no reason; one holding only some of the names
+    may not."""
+    from cryptography.hazmat.primitives import serialization
+    owner, other, partial = Client(world.ca), Client(world.ca), Client(world.ca)
+    for c in (owner, other, partial):
+        assert c.register(world.ca.eab("*.test")).status == 201
+    for name in ("held-a.test", "held-b.test"):
+        world.dns.records[(name, "A")] = ["127.0.0.1"]
+    order = owner.order("held-a.test", "held-b.test")
+    owner.validate_http01(order, world.responder)
+    done = owner.finalize(order, ["held-a.test", "held-b.test"])
+    der = x509.load_pem_x509_certificate(owner.post(done.json["certificate"]).body
+                                         ).public_bytes(serialization.Encoding.DER)
+    url = f"{world.ca.url}/acme/revoke-cert"
+    one = partial.order("held-a.test")
+    partial.validate_http01(one, world.responder)
+    refused = partial.post(url, {"certificate": b64(der)})
+    assert refused.status == 403 and refused.problem == "unauthorized", refused.body
+    both = other.order("held-a.test", "held-b.test")
+    other.validate_http01(both, world.responder)
+    compromise = other.post(url, {"certificate": b64(der), "reason": 1})
+    assert compromise.status == 400 and compromise.problem == "badRevocationReason" and \
+        "certificate's key" in compromise.json["detail"], compromise.body
+    revoked = other.post(url, {"certificate": b64(der), "reason": 5})
+    assert revoked.status == 200, revoked.body
+    again = owner.post(url, {"certificate": b64(der)})
+    assert again.problem == "alreadyRevoked", again.body
+
+
 def test_a_name_in_upper_case_is_ordered_and_issued_in_lower_case(world: World) -> None:
     """lego sends `-d WEB.example` as typed, in the order and in its CSR; it was refused
     "must be lower case" where Let's Encrypt lower-cases it (an ACME trial)."""

@@ -7,6 +7,7 @@ rate counts, shared secrets."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 
 from ca.store import (
@@ -357,3 +358,24 @@ def test_orders_inserted_at_once_stay_within_the_pending_bound(store: Store) -> 
     assert run(store.add_acme_order(AcmeOrder("o9", "acc", "pending", ("c.test",), LATER,
                                               NOW.isoformat()),
                                     authzs_for("o9", ("c.test",)), pending_cap=5)) is True
+
+
+def test_an_account_is_authorized_for_names_its_valid_authorizations_cover(
+        store: Store) -> None:
+    """What lets another account revoke a certificate (RFC 8555 7.6): a valid,
+    unexpired authorization for each name, a wildcard name's being a wildcard one."""
+    plain = authzs_for("o1", ("a.test",))
+    wild = [dataclasses.replace(a, wildcard=True) for a in authzs_for("o2", ("b.test",))]
+    for order_id, authzs in (("o1", plain), ("o2", wild)):
+        run(store.add_acme_order(AcmeOrder(order_id, "acc", "pending", tuple(
+            a.name for a in authzs), LATER, NOW.isoformat()), authzs))
+    now = NOW.isoformat()
+    assert run(store.acme_authorized("acc", ["a.test"], now)) is False  # pending yet
+    for authz in (*plain, *wild):
+        run(store.start_acme_challenge(authz.challenges[0].id, NOW, EARLIER))
+        run(store.finish_acme_challenge(authz.challenges[0].id, True, None, NOW))
+    assert run(store.acme_authorized("acc", ["a.test", "*.b.test"], now)) is True
+    assert run(store.acme_authorized("acc", ["a.test", "b.test"], now)) is False
+    assert run(store.acme_authorized("other", ["a.test"], now)) is False
+    assert run(store.acme_authorized("acc", ["a.test"], LATER)) is False  # expired
+    assert run(store.acme_authorized("acc", [], now)) is False

@@ -934,11 +934,16 @@ async def revoke_cert(request: web.Request) -> web.Response:
     found = rec is not None and rec.fingerprint == hashlib.sha256(der).hexdigest()
     who: ra.Requester = (_holder(v.account) if v.account is not None
                          else ra.CertKeyHolder(spki_sha256(acme_jws.crypto_key(v.jwk))))
+    owner = link.account_id if link else None
+    # Another account may revoke it if it holds the names (RFC 8555 7.6: a MUST, which an
+    # ACME trial found missing).
+    authorized = (found and rec is not None and v.account is not None
+                  and owner != v.account.id and await server.store.acme_authorized(
+                      v.account.id, rec.names, utcnow().isoformat()))
     order: ra.RevokeOrder = await decide(request, who, ra.AcmeRevokeRequest(
         serial, reason, found=found, revoked=rec is not None and rec.revoked_at is not None,
-        revoked_reason=rec.reason if rec is not None else None,
-        owner_account=link.account_id if link else None,
-        spki_sha256=rec.spki_sha256 if rec else None))
+        revoked_reason=rec.reason if rec is not None else None, owner_account=owner,
+        spki_sha256=rec.spki_sha256 if rec else None, authorized=authorized))
     try:
         done = await request.app[REVOCATIONS].revoke(order, request.get("request_id"))
     except RecordedNotCommitted as exc:

@@ -402,6 +402,13 @@ class Store(Protocol):
         filled the inventory with orders it never validated, a security trial)."""
         ...
 
+    async def acme_authorized(self, account_id: str, names: Sequence[str], now: str
+                              ) -> bool:
+        """Whether the account holds a valid, unexpired authorization for every one of
+        `names` (a wildcard name needs a wildcard authorization of its base name): RFC
+        8555 7.6 lets such an account revoke a certificate for them."""
+        ...
+
     async def purge_acme_orders(self, before: str, batch: int = 1000) -> int:
         """Delete at most `batch` orders that never became valid (pending, ready or
         invalid) and expired before `before`, with their authorizations and

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+
+def authz_keys(names: Iterable[str]) -> set[tuple[str, bool]]:
+    """(name, wildcard) of the ACME authorization each certificate name needs: a
+    wildcard name, one of its base name marked wildcard."""
+    return {(n.removeprefix("*."), n.startswith("*.")) for n in names}
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,7 @@ from ca.store.records import (
     SSHCertRecord,
     SSHSelector,
     TokenRecord,
+    authz_keys,
 )
 
 T = TypeVar("T")
@@ -1470,6 +1471,18 @@ class SQLiteStore:
 
     async def acme_pending_authzs(self, account_id: str, now: str) -> int:
         return int(self._read(_PENDING_AUTHZS, (account_id, now))[0][0])
+
+    async def acme_authorized(self, account_id: str, names: Sequence[str], now: str
+                              ) -> bool:
+        wanted = authz_keys(names)
+        bases = sorted({n for n, _ in wanted})
+        if not bases:
+            return False
+        rows = self._read(
+            f"SELECT DISTINCT name, wildcard FROM acme_authzs WHERE account_id = ? AND "
+            f"status = 'valid' AND expires > ? AND name IN ({', '.join('?' * len(bases))})",
+            (account_id, now, *bases))
+        return wanted <= {(r[0], bool(r[1])) for r in rows}
 
     async def purge_acme_orders(self, before: str, batch: int = 1000) -> int:
         def purge(db: sqlite3.Connection) -> int:
