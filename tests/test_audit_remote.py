@@ -304,6 +304,11 @@ async def test_audit_prove_shows_a_certificate_is_in_a_signed_checkpoint(
         f"PROVEN: certificate {serial} (proven.internal.example), SHA-256 {fingerprint}: "
         f"its intent (seq {intent}) and successful outcome (seq {outcome})"), \
         proc.stdout + proc.stderr
+    # The CA's own issuing certificate: not in the inventory, and said where its
+    # signature is checked (an auditor's trial was told only "no certificate")
+    proc = hsmca(*base, "--cert-file", daemon.state / "x509" / "issuing.pem", check=False)
+    assert proc.returncode == 1 and "proves the certificates the CA issued to its " \
+        "clients" in proc.stderr and "`hsmca audit verify`" in proc.stderr, proc.stderr
     # A certificate of the same serial that the CA did not sign
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "proven.internal.example")])

@@ -1165,8 +1165,23 @@ def test_a_line_altered_and_rechained_is_placed_between_two_checkpoints() -> Non
     lines[11] = rewrite(lines[11], serial="ffff")
     result = check(join(rechain(lines, 11)))
     assert not result.ok and result.bad_seq == len(lines) - 1, result
-    assert f"a line it covers was altered, one from seq {first} to {size - 1}" in (
-        result.reason or ""), result.reason
+    assert f"a line from seq {first} to {size - 1} was altered (the {first} lines before " \
+        "it match an earlier checkpoint) and the lines after it chained again to hide it" \
+        in (result.reason or ""), result.reason
+
+
+def test_a_line_altered_and_rechained_before_any_checkpoint_held_names_the_span() -> None:
+    """With no earlier checkpoint that verifies, the span starts at seq 0: an auditor's
+    trial read "a line it covers was altered, one of them", a sentence cut short."""
+    b = simple_log()  # its checkpoint (intent at seq 8) covers lines 0-7
+    size = json.loads(b.lines[8])["size"]
+    lines = list(b.lines)
+    lines[3] = rewrite(lines[3], serial="ffff")
+    result = check(join(rechain(lines, 3)))
+    assert not result.ok, result
+    assert f"a line from seq 0 to {size - 1} was altered and the lines after it chained " \
+        "again to hide it; which one, a copy of the log or an auditor's --state saved " \
+        "before tells" in (result.reason or ""), result.reason
 
 
 def test_open_intents_are_excused_only_where_a_copy_can_end() -> None:

@@ -220,11 +220,17 @@ def root_mismatch(seq: int, size: int, good: int = 0) -> Failure:
     `good`: the size of the largest checkpoint before it whose root did verify, so the
     altered line is at or after it (the failure names the checkpoint: the line itself
     cannot be told without the original)."""
-    where = (f"one from seq {good} to {size - 1} (the {good} lines before them match an "
-             "earlier checkpoint)" if 0 < good < size else "one of them")
+    first = good if 0 < good < size else 0
+    earlier = (f" (the {good} lines before it match an earlier checkpoint)"
+               if first else "")
+    # The hash chain held, so the lines were chained again after the change: which of
+    # them changed, only a copy of the log or an auditor's saved state can tell (an
+    # auditor's trial read "one of them" as a sentence cut short).
     return Failure(seq, Stage.CHECKPOINT_ROOT, (
-        f"the checkpoint's root is not the Merkle root of the first {size} lines: a line it "
-        f"covers was altered, {where}"))
+        f"the checkpoint's root is not the Merkle root of the first {size} lines: a line "
+        f"from seq {first} to {size - 1} was altered{earlier} and the lines after it "
+        "chained again to hide it; which one, a copy of the log or an auditor's --state "
+        "saved before tells"))
 
 
 def usable(checkpoints: Iterable[LoggedCheckpoint], failure: Failure | None
