@@ -520,6 +520,14 @@ async def test_remote_verify_is_incremental_and_catches_a_rewrite(tmp_path: Path
         assert saved["head"] == hashlib.sha256(
             log.read_bytes().splitlines()[first_lines - 1]).hexdigest()
         first_checkpoint = saved["checkpoint"]
+        # Another log's state (its origin another CA's): said so, as offline, not as a
+        # checkpoint that does not verify with a hint about rotated keys (a trial)
+        other = tmp_path / "other-state.json"
+        other.write_text(json.dumps({**saved, "checkpoint": "other.example/hsmca-audit\n"
+                                     + first_checkpoint.split("\n", 1)[1]}))
+        proc = remote_verify(d, auditor, other)
+        assert proc.returncode == 1 and "is for the log 'other.example/hsmca-audit', not " \
+            "this one" in proc.stderr and "rotated" not in proc.stderr, proc.stderr
 
         for i in range(3):
             enroll(d, tmp_path, "service", [f"svc{i}.audit.example"])

@@ -346,6 +346,21 @@ def _load(raw: dict[str, Any], public_key: Ed25519PublicKey, origin: str | None
     return name, state, None
 
 
+def _same_log(raw: dict[str, Any], served: str) -> None:
+    """ValueError (the state file's, not the log's) if the state is another log's: said
+    so, as the offline verifier does, not as a checkpoint that does not verify with a
+    hint about rotated keys (an auditor's trial)."""
+    saved = state_origin(raw)
+    try:
+        now = parse_checkpoint(served).origin
+    except NoteError:
+        return  # the run says what is wrong with the daemon's checkpoint
+    if saved is not None and saved != now:
+        raise ValueError(f"the state file is for the log {saved[:100]!r}, not this one "
+                         f"({now[:100]!r}, as the daemon's checkpoint says): another CA's, "
+                         "or another log's?")
+
+
 # ---- the run --------------------------------------------------------------------------------
 
 
@@ -356,11 +371,12 @@ def _failed(failure: Failure, lines: int, fetched: int = 0, checkpoints: int = 0
 
 async def _run(api: LogClient, public_key: Ed25519PublicKey, raw: dict[str, Any] | None,
                origin: str | None) -> RemoteResult:
+    text = await api.checkpoint()
     if raw is None:
         name, old, prior = origin, AuditorState.empty(), None
     else:
+        _same_log(raw, text)
         name, old, prior = _load(raw, public_key, origin)
-    text = await api.checkpoint()
     if name is None:  # first run, no --origin: the daemon's checkpoint names its key
         try:
             name = parse_checkpoint(text).origin

@@ -239,7 +239,9 @@ async def _checkpoint(args: argparse.Namespace, api: Any, pinned: Any, quiet: bo
             # hint said, and failed again).
             why += ("; `audit prove` follows a hand-over of the audit key only with "
                     "--state FILE, as `hsmca audit verify --url URL --key KEY --state FILE` "
-                    "saves it (it follows every one); or pin the current audit_key.pem")
+                    "saves it (it follows every one); or pin the current audit key, once "
+                    "you have it from the CA's operator by a channel you trust (not from "
+                    "the daemon you are checking)")
         return None, where, why if quiet else _failed(why)
 
 
