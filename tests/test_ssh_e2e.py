@@ -193,6 +193,18 @@ async def test_revocation_by_key_id_and_public_key(own_daemon: Daemon, tmp_path:
         "certificate" in refused.stderr, refused.stderr
     proc = hsmca("ssh", "revoke", "--ssh-cert", tmp_path / "k3-cert.pub", *admin)
     assert proc.stdout.startswith("revoked 1 SSH certificate(s)"), proc.stdout
+    # Another CA's certificate carrying k2's key id (a staging CA's, say) revoked k2's
+    # by that key id (an SSH trial): refused, nothing revoked
+    other_ca = keygen(tmp_path / "other-ca").with_suffix("")
+    forged = tmp_path / "forged.pub"
+    forged.write_text(pubs[2][0])
+    subprocess.run([require("ssh-keygen"), "-q", "-s", other_ca, "-I",
+                    f"bob@example.com:{pubs[2][1]['serial']}", "-z",
+                    str(pubs[2][1]["serial"]), "-n", "bob", forged], check=True)
+    refused = hsmca("ssh", "revoke", "--ssh-cert", tmp_path / "forged-cert.pub", *admin,
+                    check=False)
+    assert refused.returncode == 1 and "was not signed by an SSH CA key this CA trusts" in \
+        refused.stderr, refused.stderr
     status, _, krl = await http("GET", f"{daemon.url}/v1/ssh/krl", daemon.ssl())
     (tmp_path / "krl").write_bytes(krl)
     cert, key = (lambda i: tmp_path / f"k{i}-cert.pub"), (lambda i: tmp_path / f"k{i}.pub")

@@ -91,10 +91,35 @@ def _ssh_cert(path: Path) -> Any:
     from cryptography.hazmat.primitives import serialization
     try:
         cert = serialization.load_ssh_public_identity(path.read_bytes())
-    except (OSError, ValueError) as exc:
+    except OSError as exc:  # (its words, not Python's "[Errno 2] ...: 'path'")
+        raise CLIError(f"cannot read the SSH certificate {path}: {exc.strerror}") from None
+    except ValueError as exc:
         raise CLIError(f"cannot read the SSH certificate {path}: {exc}") from None
     if not isinstance(cert, serialization.SSHCertificate):
         raise CLIError(f"{path} is not an SSH certificate")
+    return cert
+
+
+def _this_cas(path: Path, cas: dict[str, str]) -> Any:
+    """The SSH certificate in `path`, if one of this CA's keys (`cas`, /v1/ssh/ca) signed
+    it; else CLIError. Its key id alone named what to revoke, and a certificate of
+    another CA that carried one of this CA's key ids revoked that one (an SSH trial: a
+    staging CA's, say)."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import serialization
+    cert = _ssh_cert(path)
+    try:
+        cert.verify_cert_signature()
+    except (InvalidSignature, ValueError):
+        raise CLIError(f"--ssh-cert {path}: its signature does not verify") from None
+    signer = " ".join(cert.signature_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode().split()[:2])
+    ours = {" ".join(line.split()[:2]) for kind in ("user", "host")
+            for line in cas.get(kind, "").splitlines() if line.strip()}
+    if signer not in ours:
+        raise CLIError(f"--ssh-cert {path} was not signed by an SSH CA key this CA trusts "
+                       "(GET /v1/ssh/ca): another CA's, nothing here to revoke (one of a "
+                       "retired CA key of this CA: give its --serial or --key-id)")
     return cert
 
 
@@ -449,15 +474,16 @@ def revoke(args: argparse.Namespace) -> int:
         raise CLIError(f"--pubkey {args.pubkey} is an SSH certificate: --ssh-cert "
                        f"{args.pubkey} revokes that certificate; --pubkey with the key it "
                        "certifies revokes every certificate for that key")
+    url, ctx = _admin(args)
     body: dict[str, Any] = (
         {"serial": args.serial} if args.serial is not None else
         {"key_id": args.key_id} if args.key_id is not None else
-        # By its key id (<identity>:<serial>), not its serial alone: a certificate of
-        # another CA with the same serial is then not found instead of another revoked.
-        {"key_id": _ssh_cert(args.ssh_cert).key_id.decode(errors="replace")}
+        # By its key id (<identity>:<serial>), not its serial alone, and only once it is
+        # known to be this CA's: see _this_cas.
+        {"key_id": _this_cas(args.ssh_cert, asyncio.run(client.call(
+            "GET", f"{url}/v1/ssh/ca", ctx))).key_id.decode(errors="replace")}
         if args.ssh_cert is not None else
         {"public_key": read_public_key(args.pubkey)})
-    url, ctx = _admin(args)
     out = asyncio.run(client.call("POST", f"{url}/v1/ssh/revoke", ctx, json_body=body))
     hit = out["revoked_certificates"]
     committed = out.get("committed", True)
