@@ -48,6 +48,7 @@ REASON_CODES = {"unspecified": 0, "keyCompromise": 1, "cACompromise": 2,
 # What a certificate's holder may say about their own certificate; an admin may give
 # any reason but certificateHold, which this CA never offers (a hold cannot be lifted
 # here, so it would be a revocation that lies about itself).
+SSH_USER_MIN_TTL_S = 60  # the shortest user certificate issued
 HOLDER_REASONS = frozenset({"unspecified", "keyCompromise", "superseded", "affiliationChanged",
                             "cessationOfOperation"})
 
@@ -830,6 +831,11 @@ def _ssh_user(ctx: Context, who: Requester, req: SSHUserRequest) -> SSHOrder:
     ttl = p.ssh_user_default_ttl_s
     if req.ttl is not None:
         ttl = policy.parse_ttl(req.ttl)
+        if ttl < SSH_USER_MIN_TTL_S:
+            # An SSH trial's `--ttl 1s` ended before it reached the agent, which then
+            # refused it, and it had replaced the user's working certificate meanwhile.
+            raise Refused(f"ttl {req.ttl} is under a minute: such a certificate ends before "
+                          "ssh can use it (give 1m or more)", Reason.LIFETIME)
         if ttl > p.ssh_user_max_ttl_s:
             raise Refused(f"ttl {req.ttl} exceeds the maximum of "
                           f"{policy.show_ttl(p.ssh_user_max_ttl_s)} for user certificates "

@@ -247,6 +247,9 @@ async def test_ssh_refusals(daemon: Daemon, tmp_path: Path) -> None:
          {"public_key": good, "principals": ["root"]}, 403, "not granted"),
         ("ttl over max", "/v1/ssh/user", user, {"public_key": good, "ttl": "48h"}, 400,
          "exceeds the maximum"),
+        # ended before the agent took it, after replacing a working one (an SSH trial)
+        ("ttl under a minute", "/v1/ssh/user", user, {"public_key": good, "ttl": "1s"}, 400,
+         "under a minute"),
         ("weak RSA", "/v1/ssh/user", user, {"public_key": weak}, 400, "1024 bits"),
         ("DSA", "/v1/ssh/user", user, {"public_key": "ssh-dss AAAAB3NzaC1kc3MAAACBAP"}, 400,
          "DSA keys"),
