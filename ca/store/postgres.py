@@ -66,7 +66,8 @@ from ca.store.records import (
     SSHCertQuery,
     SSHSelector,
     TokenRecord,
-    authz_keys,
+    authz_bases,
+    authz_cover,
 )
 from ca.store.sqlite import (
     _CERT_COLS,
@@ -1257,14 +1258,11 @@ class PostgresStore:
 
     async def acme_authorized(self, account_id: str, names: Sequence[str], now: str
                               ) -> bool:
-        wanted = authz_keys(names)
-        bases = sorted({n for n, _ in wanted})
-        if not bases:
-            return False
         rows = await self._rows(
             "SELECT DISTINCT name, wildcard FROM acme_authzs WHERE account_id = %s AND "
-            "status = 'valid' AND expires > %s AND name = ANY(%s)", (account_id, now, bases))
-        return wanted <= {(r[0], bool(r[1])) for r in rows}
+            "status = 'valid' AND expires > %s AND name = ANY(%s)",
+            (account_id, now, authz_bases(names)))
+        return authz_cover(names, rows)
 
     async def purge_acme_orders(self, before: str, batch: int = 1000) -> int:
         async def purge(db: Conn) -> int:

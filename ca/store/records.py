@@ -6,10 +6,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 
-def authz_keys(names: Iterable[str]) -> set[tuple[str, bool]]:
-    """(name, wildcard) of the ACME authorization each certificate name needs: a
-    wildcard name, one of its base name marked wildcard."""
-    return {(n.removeprefix("*."), n.startswith("*.")) for n in names}
+def authz_bases(names: Iterable[str]) -> list[str]:
+    """The names the ACME authorizations for certificate names are for."""
+    return sorted({n.removeprefix("*.") for n in names})
+
+
+def authz_cover(names: Iterable[str], held: Iterable[tuple[str, object]]) -> bool:
+    """Whether the valid authorizations `held` (name, wildcard) cover every one of
+    `names` (none: no): a wildcard name needs a wildcard one of its base name."""
+    wanted = {(n.removeprefix("*."), n.startswith("*.")) for n in names}
+    return bool(wanted) and wanted <= {(n, bool(w)) for n, w in held}
 
 
 @dataclass(frozen=True)

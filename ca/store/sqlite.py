@@ -58,7 +58,8 @@ from ca.store.records import (
     SSHCertRecord,
     SSHSelector,
     TokenRecord,
-    authz_keys,
+    authz_bases,
+    authz_cover,
 )
 
 T = TypeVar("T")
@@ -1474,15 +1475,11 @@ class SQLiteStore:
 
     async def acme_authorized(self, account_id: str, names: Sequence[str], now: str
                               ) -> bool:
-        wanted = authz_keys(names)
-        bases = sorted({n for n, _ in wanted})
-        if not bases:
-            return False
         rows = self._read(
-            f"SELECT DISTINCT name, wildcard FROM acme_authzs WHERE account_id = ? AND "
-            f"status = 'valid' AND expires > ? AND name IN ({', '.join('?' * len(bases))})",
-            (account_id, now, *bases))
-        return wanted <= {(r[0], bool(r[1])) for r in rows}
+            "SELECT DISTINCT name, wildcard FROM acme_authzs WHERE account_id = ? AND "
+            "status = 'valid' AND expires > ? AND name IN (SELECT value FROM json_each(?))",
+            (account_id, now, json.dumps(authz_bases(names))))
+        return authz_cover(names, rows)
 
     async def purge_acme_orders(self, before: str, batch: int = 1000) -> int:
         def purge(db: sqlite3.Connection) -> int:
