@@ -23,6 +23,9 @@ async def read_body(request: web.BaseRequest) -> bytes:
         return await request.read()
     except RequestPayloadError:
         coding = request.headers.get("Content-Encoding", "")[:40]
+        if not coding:  # (aiohttp says any body it cannot read so)
+            raise web.HTTPBadRequest(text="the body could not be read as its headers "
+                                     "describe it; nothing was done") from None
         raise web.HTTPBadRequest(text=f"the body does not decode as its Content-Encoding "
                                  f"({coding!r}) says; nothing was done (send it "
                                  "uncompressed, or compressed as that header says)") from None

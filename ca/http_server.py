@@ -60,8 +60,8 @@ _WHAT = {
                                    "header that may appear once given twice)",
     http_exceptions.ContentLengthError: "the body does not match its Content-Length",
     http_exceptions.TransferEncodingError: "the body is not valid chunked encoding",
-    http_exceptions.ContentEncodingError: "the body's Content-Encoding is not one this "
-                                          "server reads (gzip, deflate, or none)",
+    http_exceptions.ContentEncodingError: "the body's Content-Encoding is one this "
+                                          "server cannot decode (send it uncompressed)",
 }
 
 

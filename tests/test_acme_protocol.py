@@ -624,7 +624,7 @@ def test_a_key_revoked_for_compromise_is_refused_as_a_bad_csr(world: World) -> N
 
 
 def test_an_account_holding_every_name_may_revoke_a_certificate_it_did_not_order(
-        world: World) -> None:
+        world: World, tmp_path: Path) -> None:
     """RFC 8555 7.6: the server MUST consider an account that holds authorizations for
     all of a certificate's names (an ACME trial found it refused). Such an account
     revokes for cessationOfOperation or no reason; one holding only some of the names
@@ -654,6 +654,17 @@ def test_an_account_holding_every_name_may_revoke_a_certificate_it_did_not_order
     assert revoked.status == 200, revoked.body
     again = owner.post(url, {"certificate": b64(der)})
     assert again.problem == "alreadyRevoked", again.body
+    # Never a certificate the CA issued otherwise: a service's mutual-TLS identity is
+    # not the ACME account's to revoke for holding its name over http-01 (a review)
+    from tests.helpers import enroll
+    world.dns.records[("held-mtls.test", "A")] = ["127.0.0.1"]
+    svc, _ = enroll(world.ca.daemon, tmp_path, "service", ["held-mtls.test"])
+    svc_der = x509.load_pem_x509_certificate(svc.read_bytes()).public_bytes(
+        serialization.Encoding.DER)
+    held = other.order("held-mtls.test")
+    other.validate_http01(held, world.responder)
+    refused = other.post(url, {"certificate": b64(svc_der), "reason": 5})
+    assert refused.status == 403 and refused.problem == "unauthorized", refused.body
 
 
 def test_a_name_in_upper_case_is_ordered_and_issued_in_lower_case(world: World) -> None:

@@ -84,9 +84,9 @@ def test_a_token_is_spent_once_and_released_only_if_nothing_was_issued(store: St
 
 def test_a_certificate_whose_row_cannot_be_written_leaves_nothing_behind(
         store: Store) -> None:
-    """A certificate's row, its OCSP row and its spent token are one transaction: a
-    serial taken already fails the whole of it, the token stays unspent on it, and the
-    next certificate is written as usual (the connection is not left in a failed
+    """A certificate's row and its spent token are one transaction: a serial taken
+    already fails the whole of it, the token stays unspent on it, and the next
+    certificate is written as usual (the connection is not left in a failed
     transaction)."""
     for tid in ("tok1", "tok2"):
         run(store.add_token(token(tid)))

@@ -569,8 +569,9 @@ async def new_order(request: web.Request) -> web.Response:
     # Names waiting for validation, bounded per account: each is a row kept until it
     # expires, and an account that never validates could fill the inventory's disk
     # (a security trial: 65 KB an order of 100 names, at 300 orders an hour).
-    # Counted here so that a refusal takes no order from the hourly limit, and again
-    # where the order is inserted: orders sent at once all passed this count alone.
+    # Counted here, so that a refusal here takes no order from the hourly limit, and
+    # again where the order is inserted: orders sent at once all passed this count alone
+    # (one refused there has taken its order from the limit: a race's, and rare).
     cap = server.cfg.pending_authorizations
     waiting = await server.store.acme_pending_authzs(v.account.id, now.isoformat())
     if waiting + len(grant.names) > cap:
@@ -810,11 +811,13 @@ async def _not_started(server: AcmeServer, ch: AcmeChallenge, authz: AcmeAuthz) 
     if now.status != "pending":
         raise AcmeProblem("malformed", f"the authorization is {now.status}: only a pending "
                           "authorization's challenges are validated")
+    mine = next((c for c in now.challenges if c.id == ch.id), None)
+    if mine is not None and mine.status != "pending":
+        return  # started by another request meanwhile: the reply says how it goes
     busy = [c.type for c in now.challenges if c.status == "processing" and c.id != ch.id]
     if busy:
         raise AcmeProblem("malformed", f"this authorization's {busy[0]} challenge is being "
-                          "validated: poll the authorization for its result (one challenge "
-                          "of an authorization is validated at a time)")
+                          "validated: poll the authorization for its result")
 
 
 async def _restart_stale(request: web.Request, authz: AcmeAuthz,
@@ -935,9 +938,11 @@ async def revoke_cert(request: web.Request) -> web.Response:
     who: ra.Requester = (_holder(v.account) if v.account is not None
                          else ra.CertKeyHolder(spki_sha256(acme_jws.crypto_key(v.jwk))))
     owner = link.account_id if link else None
-    # Another account may revoke it if it holds the names (RFC 8555 7.6: a MUST, which an
-    # ACME trial found missing).
-    authorized = (found and rec is not None and v.account is not None
+    # Another account may revoke one issued over ACME if it holds the names (RFC 8555
+    # 7.6: a MUST, which an ACME trial found missing); never one the CA issued otherwise
+    # (a service's or host's mutual-TLS identity, a review: holding its name over http-01
+    # is not being that service).
+    authorized = (found and rec is not None and v.account is not None and owner is not None
                   and owner != v.account.id and await server.store.acme_authorized(
                       v.account.id, rec.names, utcnow().isoformat()))
     order: ra.RevokeOrder = await decide(request, who, ra.AcmeRevokeRequest(

@@ -489,7 +489,8 @@ async def _check_new_lines(api: LogClient, data: bytes, old: AuditorState,
 
     count = 0
     for cp in found.checkpoints:
-        if cp.size in roots:
+        proved = cp.size not in roots
+        if not proved:
             ok = roots[cp.size] == cp.root
         else:  # logged late, covering fewer lines than were verified before: ask for a proof
             # (sizes above `start` are all in `roots`: a checkpoint covers only lines before
@@ -498,7 +499,8 @@ async def _check_new_lines(api: LogClient, data: bytes, old: AuditorState,
             proof = await api.consistency(cp.size, start) if needs_proof(then, old.seen) else []
             ok = growth(then, old.seen, proof) in (Growth.SAME, Growth.EXTENDS)
         if not ok:
-            failure = earliest(failure, root_mismatch(cp.seq, cp.size))
+            # (the lines a previous run verified are vouched for: from there on)
+            failure = earliest(failure, root_mismatch(cp.seq, cp.size, old.size, proved))
             break  # in log order: the first mismatch is the one to report
         count += 1
     if prior is not None and prior.size in roots and roots[prior.size] != prior.root:

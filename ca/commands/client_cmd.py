@@ -200,12 +200,16 @@ def renew(args: argparse.Namespace) -> int:
         from ca.commands.renewal import run_hook
         status = asyncio.run(run_hook(args.exec, _hook_env(args.cert, args.key),
                                       timeout_s=args.exec_timeout))
-        if status == -signal.SIGKILL and args.exec_timeout is not None:
-            raise CLIError(f"renewed, but --exec {args.exec!r} did not finish within "
-                           f"--exec-timeout ({args.exec_timeout:g} s) and was killed")
+        if status == -signal.SIGKILL:  # (also what another process's kill -9 gives)
+            raise CLIError(f"renewed, but --exec {args.exec!r} was killed (SIGKILL): it "
+                           f"did not finish within --exec-timeout ({args.exec_timeout:g} s), "
+                           "or something else killed it")
         if status < 0:
-            raise CLIError(f"renewed, but --exec {args.exec!r} was killed by signal "
-                           f"{signal.Signals(-status).name}")
+            try:
+                name = signal.Signals(-status).name
+            except ValueError:  # a real-time signal has no name
+                name = f"number {-status}"
+            raise CLIError(f"renewed, but --exec {args.exec!r} was killed by signal {name}")
         if status != 0:
             raise CLIError(f"renewed, but --exec {args.exec!r} exited with status {status}")
     return 0

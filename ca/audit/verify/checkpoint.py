@@ -215,14 +215,21 @@ def check_logged(text: Any, seq: int, key: PinnedKey) -> LoggedCheckpoint:
     return LoggedCheckpoint(seq, cp.size, cp.root, text)
 
 
-def root_mismatch(seq: int, size: int, good: int = 0) -> Failure:
+def root_mismatch(seq: int, size: int, good: int = 0, proved: bool = False) -> Failure:
     """The failure of the checkpoint at `seq` whose root is not that of its `size` lines;
-    `good`: the size of the largest checkpoint before it whose root did verify, so the
-    altered line is at or after it (the failure names the checkpoint: the line itself
-    cannot be told without the original)."""
+    `good`: how many lines before it were vouched for (an earlier checkpoint whose root
+    did verify, or a previous run), so the altered line is at or after it (the failure
+    names the checkpoint: the line itself cannot be told without the original).
+    `proved`: its lines were verified by an earlier run, and only the daemon's
+    consistency proof relates the two: either may be what is wrong."""
+    if proved:
+        return Failure(seq, Stage.CHECKPOINT_ROOT, (
+            f"the checkpoint's root is not that of the first {size} lines as a previous "
+            "run verified them, by the consistency proof the daemon served: the log was "
+            "rewritten since, or the daemon served a bad proof"))
     first = good if 0 < good < size else 0
-    earlier = (f" (the {good} lines before it match an earlier checkpoint)"
-               if first else "")
+    earlier = (f" (the {good} lines before it were vouched for by an earlier checkpoint "
+               "or run)" if first else "")
     # The hash chain held, so the lines were chained again after the change: which of
     # them changed, only a copy of the log or an auditor's saved state can tell (an
     # auditor's trial read "one of them" as a sentence cut short).
