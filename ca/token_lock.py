@@ -17,9 +17,11 @@ guard is skipped: it must never keep the CA itself from starting.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from ca.errors import CLIError
@@ -31,14 +33,49 @@ class TokenInUse(CLIError):
     """Another `hsmca serve` on this host holds the same token."""
 
 
+@dataclass(frozen=True)
+class TokenLock:
+    """The lock `hold_token` took: its file, and the descriptor that holds it."""
+
+    path: Path
+    fd: int
+
+    def close(self) -> None:
+        """Remove the lock file, then let go of it (/run/lock keeps no file per token
+        ever served: a test run made hundreds). One who opened it meanwhile finds it
+        no longer at its path once it has the lock, and makes a new one."""
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        os.close(self.fd)
+
+
 def hold_token(module: str, softhsm_conf: str | None, token: str, state_dir: Path,
-               lock_dir: Path = LOCK_DIR) -> int | None:
-    """Lock the token for this process (the descriptor, kept open while it serves; None
-    where no lock file can be made); TokenInUse if another process holds it."""
+               lock_dir: Path = LOCK_DIR) -> TokenLock | None:
+    """Lock the token for this process (held while it serves; None where no lock file
+    can be made); TokenInUse if another process holds it."""
     conf = softhsm_conf or os.environ.get("SOFTHSM2_CONF", "")
     ident = "\0".join([os.path.realpath(module), os.path.realpath(conf) if conf else "",
                        token])
     path = lock_dir / f"hsmca-token-{hashlib.sha256(ident.encode()).hexdigest()[:24]}.lock"
+    for _ in range(3):  # the file removed under us by the holder's close: again
+        fd = _locked(path, module, token, state_dir)
+        if fd is None:
+            return None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            said = f"state directory {state_dir}, pid {os.getpid()}\n".encode()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, said, 0)
+            return TokenLock(path, fd)
+        os.close(fd)
+    return None
+
+
+def _locked(path: Path, module: str, token: str, state_dir: Path) -> int | None:
+    """The lock file, open and locked; None where it cannot be (best effort)."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
     except OSError:
@@ -65,7 +102,4 @@ def hold_token(module: str, softhsm_conf: str | None, token: str, state_dir: Pat
     except OSError:
         os.close(fd)
         return None
-    said = f"state directory {state_dir}, pid {os.getpid()}\n".encode()
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, said, 0)
     return fd

@@ -239,16 +239,17 @@ def test_the_token_lock_is_skipped_rather_than_trusted_when_another_user_made_it
     guessed) must not keep the CA from starting; one of the CA's own user is held."""
     from ca.token_lock import TokenInUse, hold_token
     args = ("/usr/lib/softhsm/libsofthsm2.so", None, "ca-token", tmp_path)
-    fd = hold_token(*args, lock_dir=tmp_path)
-    assert fd is not None
+    held = hold_token(*args, lock_dir=tmp_path)
+    assert held is not None
     with pytest.raises(TokenInUse, match=f"state directory {tmp_path}, pid {os.getpid()}"):
         hold_token(*args[:3], tmp_path / "copy", lock_dir=tmp_path)
     # the same state directory: its audit log's lock says so, not this one
     assert hold_token(*args, lock_dir=tmp_path) is None
-    os.close(fd)
+    lock = held.path
+    held.close()
+    assert not lock.exists()  # /run/lock keeps no file per token ever served
     again = hold_token(*args, lock_dir=tmp_path)
-    assert again is not None
-    os.close(again)
-    [lock] = tmp_path.glob("hsmca-token-*.lock")
+    assert again is not None and again.path == lock
+    os.close(again.fd)  # as a kill leaves it: the file stays, unlocked
     os.chown(lock, 65534, 65534)  # another user's now
     assert hold_token(*args, lock_dir=tmp_path) is None

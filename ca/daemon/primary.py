@@ -73,7 +73,7 @@ from ca.store import Store, open_store
 from ca.store.errors import StoreUnavailable
 from ca.store.sqlite import SQLiteStore, damaged_error
 from ca.subject import spki_sha256
-from ca.token_lock import hold_token
+from ca.token_lock import TokenLock, hold_token
 from hsm.session import KeyInfo, describe_source
 
 if TYPE_CHECKING:
@@ -428,12 +428,15 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
     # Cluster mode: the store first, since the audit log is made durable in it too.
     store: Store | None = open_store(config.store_location) if config.cluster else None
     name_held: Lease | None = None
+    token_held: TokenLock | None = None
 
     def let_go() -> None:  # a start that fails: no pool task or lock outlives it
         if name_held is not None:
             name_held.close()
         if store is not None:
             store.close()
+        if token_held is not None:
+            token_held.close()
     try:
         if store is not None:
             await _check_it_is_this_cas(config, store, audit_key)
@@ -693,7 +696,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         if store is not None:
             store.close()
         if token_held is not None:  # the last: nothing of this run signs after it
-            os.close(token_held)
+            token_held.close()
 
 
 INVENTORY_CHECKPOINT_S = 1.0
