@@ -31,7 +31,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
-from aiohttp import http_exceptions, web
+from aiohttp import hdrs, http_exceptions, web
 from aiohttp.streams import StreamReader
 
 from ca.config import REQUEST_TIMEOUT_S
@@ -141,8 +141,11 @@ class _ProblemRequestHandler(web.RequestHandler):
                 return problem(417, "Expectation Failed", "this server meets only "
                                "'Expect: 100-continue'; send the request without the "
                                "Expect header", "expectation-failed")
+        # Only a request with an Expect header can meet that refusal: the others, every
+        # renewal among them, go on without the extra coroutine.
+        handler = answered if hdrs.EXPECT in request.headers else request_handler
         try:
-            return await super()._handle_request(request, start_time, answered)
+            return await super()._handle_request(request, start_time, handler)
         finally:
             # Answered, its body read or not (a 403 before it): a stop need not wait for
             # that body any more, nor linger for its rest (aiohttp reads up to 10 s of an
