@@ -334,6 +334,14 @@ class _BoundedTCPSite(web.TCPSite):
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
 
 
+def listen_failure(exc: OSError, host: str, port: int) -> str:
+    """Why a site could not listen, in one line: the listener's own error says "cannot
+    listen on" already (said twice, an operator's trial read)."""
+    said = exc.strerror or str(exc)
+    return said if said.startswith("cannot listen on") else \
+        f"cannot listen on {host}:{port}: {said}"
+
+
 def tcp_site(runner: web.AppRunner, host: str, port: int,
              ssl_context: ssl.SSLContext | None = None, *, places: Places | None = None,
              on_refused: OnRefused | None = None, **kwargs: Any) -> web.TCPSite:

@@ -160,7 +160,7 @@ async def _serve(url: str, ctx: ssl.SSLContext, root: x509.Certificate,
     await _check_role(ca)
     logs = Logs(ca, audit_key, state, origin, witness_keys)
     ui = UI(ca, logs, root, audit_key, witness_keys, environment())
-    from ca.http_server import app_runner, tcp_site
+    from ca.http_server import app_runner, listen_failure, tcp_site
     runner = app_runner(build_app(ui))
     await runner.setup()
     site = tcp_site(runner, host, port, ssl_context=tls)
@@ -168,9 +168,7 @@ async def _serve(url: str, ctx: ssl.SSLContext, root: x509.Certificate,
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        # (the listener's own error says "cannot listen on" already: said once)
-        raise CLIError(exc.strerror if exc.strerror and exc.strerror.startswith(
-            "cannot listen on") else f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        raise CLIError(listen_failure(exc, host, port)) from None
     bound = runner.addresses[0]
     shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
     if not public:

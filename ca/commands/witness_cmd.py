@@ -99,7 +99,7 @@ def serve(args: argparse.Namespace) -> int:
 async def _serve(witness: Witness, host: str, port: int) -> None:
 
     from ca.audit.witness_server import application
-    from ca.http_server import app_runner, tcp_site
+    from ca.http_server import app_runner, listen_failure, tcp_site
     runner = app_runner(application(witness))
     await runner.setup()
     site = tcp_site(runner, host, port)
@@ -107,9 +107,7 @@ async def _serve(witness: Witness, host: str, port: int) -> None:
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        # (the listener's own error says "cannot listen on" already: said once)
-        raise CLIError(exc.strerror if exc.strerror and exc.strerror.startswith(
-            "cannot listen on") else f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        raise CLIError(listen_failure(exc, host, port)) from None
     bound = runner.addresses[0]
     shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
     stop = asyncio.Event()
