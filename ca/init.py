@@ -152,12 +152,12 @@ async def run_init(opts: InitOptions) -> list[Path]:
                 issuers.from_certs(root, issuing, keys)), None,
                 None if cluster_store is None else cluster.CEREMONIES)
             policy = Policy()
-            tls_pem, tls_key = await local_cert(issuance, policy, role="server",
-                                                names=server_names(opts.dns_name),
-                                                days=TLS_DAYS)
-            admin_pem, admin_key = await local_cert(issuance, policy, role="admin",
-                                                    names=[f"admin.{opts.dns_name}"],
-                                                    days=ADMIN_DAYS)
+            tls_pem, tls_key, _ = await local_cert(issuance, policy, role="server",
+                                                   names=server_names(opts.dns_name),
+                                                   days=TLS_DAYS)
+            admin_pem, admin_key, _ = await local_cert(issuance, policy, role="admin",
+                                                       names=[f"admin.{opts.dns_name}"],
+                                                       days=ADMIN_DAYS)
         finally:
             if cluster_store is None:
                 store.close()

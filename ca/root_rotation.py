@@ -260,8 +260,9 @@ async def _ceremony(config: Config, store: Store, pipeline: SigningPipeline,
     # both roots' relying parties can follow.
     issuance = Issuance(pipeline, store, iss.Fixed(after), None,
                         CEREMONIES if config.cluster else None)  # the log it signs in
-    tls_pem, tls_key = await local_cert(issuance, config.policy, role="server",
-                                        names=server_names(config.dns_name), days=TLS_DAYS)
+    tls_pem, tls_key, _ = await local_cert(issuance, config.policy, role="server",
+                                           names=server_names(config.dns_name),
+                                           days=TLS_DAYS)
     write_atomic_together([(config.tls_key, tls_key, 0o600),
                            (config.tls_cert, tls_pem + after.current.chain_pem, 0o644)])
     written = [*files, x509_dir / "issuing.pem", x509_dir / "chain.pem", config.bundle_pem,

@@ -104,10 +104,18 @@ async def ensure_server_cert(config: Config, issuance: Issuance) -> None:
     # or not a pair): an operator's doing, which the log should show.
     said = log.info if why.startswith(("expires", "lacks", "not issued")) else log.warning
     said("renewing the daemon's TLS certificate", reason=why)
-    cert_pem, key_pem = await local_cert(issuance, config.policy, role="server",
-                                         names=server_names(config.dns_name), days=TLS_DAYS)
-    # The issuer's chain as the inventory has it now (after a rotation, the new one).
-    chain = (await issuance.keys.refresh()).current.chain_pem
+    cert_pem, key_pem, signer = await local_cert(
+        issuance, config.policy, role="server", names=server_names(config.dns_name),
+        days=TLS_DAYS)
+    # The chain of the key that signed it, as the inventory has it now (after a root
+    # rotation, with its links). Not the current issuer's: a rotation committed while
+    # this was signed left the new leaf served above another issuer's certificate,
+    # which no client could verify until the next round (a CI run).
+    issuer = (await issuance.keys.refresh()).x509.get(signer)
+    if issuer is None:  # retired meanwhile: renewed by the next round
+        raise ValueError(f"the issuing key {signer} was retired while it signed the "
+                         "daemon's TLS certificate")
+    chain = issuer.chain_pem
     # Key first: a crash between the renames leaves a mismatch, which the next start
     # notices and repairs (above), never a certificate for a key that is gone.
     write_atomic_together([(config.tls_key, key_pem, 0o600),

@@ -9,6 +9,7 @@ import json
 import re
 import socket
 import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -833,6 +834,74 @@ async def test_after_two_rotations_the_bundle_and_the_key_list_are_newest_first(
             text.index("issuing-ca "), text
     finally:
         assert d.stop() == 0
+
+
+_RENEW_LISTENER_SCRIPT = """
+import asyncio, dataclasses, sys
+from pathlib import Path
+from ca.audit.log import AuditLog
+from ca.config import load
+from ca.daemon.keys import load_issuers
+from ca.issuance.issue import Issuance
+from ca.issuance.pipeline import SigningPipeline
+from ca.server_cert import ensure_server_cert
+from ca.store import open_store
+
+
+class RotatedWhileSigning:
+    # The issuers as a refresh finds them: the key rotated out is still current at
+    # the first look and while it signs, the new one from the next look on (another
+    # process's rotation committed while the listener's certificate was signed).
+    def __init__(self, before, after):
+        self.issuers, self._after, self._looked = before, after, False
+
+    async def refresh(self):
+        if self._looked:
+            self.issuers = self._after
+        self._looked = True
+        return self.issuers
+
+
+async def main():
+    config = load(Path(sys.argv[1]))
+    pipeline = SigningPipeline(config.hsm_session, AuditLog.open(Path(sys.argv[2])))
+    pipeline.start()
+    store = open_store(config.store_location)
+    after = await load_issuers(store, pipeline)
+    old = next(i for i in after.x509 if i != after.current_x509)
+    source = RotatedWhileSigning(dataclasses.replace(after, current_x509=old), after)
+    await ensure_server_cert(config, Issuance(pipeline, store, source, None))
+    print(old)
+    store.close()
+    pipeline.close()
+
+asyncio.run(main())
+"""
+
+
+async def test_the_listener_renewed_across_a_rotation_is_served_with_its_own_issuer(
+        tmp_path: Path) -> None:
+    """A CI run: the daemon's certificate, renewed after one rotation while a second
+    committed, was written above the newer issuing CA's certificate, and clients that
+    trust the root refused the daemon ("unable to get local issuer certificate") until
+    the next round. The chain written is the one of the key that signed."""
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state)
+    try:
+        key_cmd(d, "rotate", "issuing")
+    finally:
+        assert d.stop() == 0
+    tls = ca.state / "tls"
+    for name in ("server.pem", "server.key"):  # gone: made anew
+        (tls / name).unlink()
+    proc = subprocess.run([sys.executable, "-c", _RENEW_LISTENER_SCRIPT,
+                           ca.state / "hsmca.toml", tmp_path / "scratch.jsonl"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    served = pems(tls / "server.pem")
+    assert served[1].subject == served[0].issuer, [c.subject for c in served]
+    assert openssl_verify(ca.state / "x509" / "root.pem", tls / "server.pem",
+                          tls / "server.pem")
 
 
 async def test_a_staged_ssh_ca_key_is_trusted_before_it_signs(tmp_path: Path) -> None:
