@@ -432,6 +432,10 @@ def test_ssh_host_renew_keeps_the_krl_fresh_when_its_credential_no_longer_works(
         assert krl.exists()
         told = "".join(runner.raw)
         assert "has been revoked" in told and "keeping the KRL and the user CA fresh" in told
+        # Not "every 10 minutes" from now: the certificate is tried again at its time.
+        assert "renewing the certificate when it is due" in told, told
+        scheduled = runner.wait("ssh.host.renew.scheduled")
+        assert scheduled["in_s"] > 600, scheduled
         # The KRL it fetched lists the host certificate, revoked with its credential.
         query = subprocess.run([require("ssh-keygen"), "-Q", "-f", krl,
                                 tmp_path / "keys" / "ssh_host_ed25519_key-cert.pub"],

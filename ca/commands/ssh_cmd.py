@@ -554,9 +554,15 @@ def host(args: argparse.Namespace) -> int:
                 from ca.errors import GaveUp
                 raise GaveUp(str(exc)) from None
             raise
+        # When: at its time (two thirds into its life), which may be weeks away; the
+        # warning said "every 10 minutes", which only a refusal gets, once it is due
+        # (a trial waited for a retry that the log had scheduled days later).
+        again = ("with back-off while the CA cannot be reached" if exc.retryable else
+                 "every 10 minutes while the CA refuses")
         print(f"hsmca: warning: {exc}; {f.cert} is valid until {valid_before.isoformat()}: "
-              "keeping the KRL and the user CA fresh, and trying the certificate again "
-              "every 10 minutes", file=sys.stderr, flush=True)
+              "keeping the KRL and the user CA fresh, and renewing the certificate when it "
+              f"is due (the ssh.host.renew.scheduled line says when), {again}",
+              file=sys.stderr, flush=True)
         return _keep_host_fresh(args, f, refresh_now=True)
     wrote = [f.cert, f.user_ca, f.krl] + ([f.drop_in] if f.drop_in else [])
     print(f"wrote {', '.join(map(str, wrote))} (serial {out['serial']}).")
