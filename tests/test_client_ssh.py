@@ -353,6 +353,20 @@ def test_ssh_host_install_refuses_a_missing_host_key_or_directory(tmp_path: Path
     assert not (tmp_path / "none").exists()  # nothing made on the way to a refusal
 
 
+def test_ssh_host_install_leaves_no_directory_when_the_ca_refuses(
+        own_daemon: Daemon, tmp_path: Path) -> None:
+    """A trial's first run was refused (a principal it may not have), and the new drop-in
+    directory stayed behind, as if the host had been set up."""
+    cert, key = enroll(own_daemon, tmp_path, "host", ["localhost"])
+    pub = keygen(tmp_path / "ssh_host_ed25519_key")
+    proc = hsmca("ssh", "host", "--url", own_daemon.url, "--ca", own_daemon.root, "--cert",
+                 cert, "--key", key, "--pubkey", pub, "--principal", "db9.example.net",
+                 "--install", tmp_path / "sshd_config.d", check=False)
+    assert proc.returncode == 1 and "403" in proc.stderr, proc.stderr
+    assert not (tmp_path / "sshd_config.d").exists()
+    assert "made" not in proc.stderr, proc.stderr
+
+
 def test_ssh_host_renew_keeps_certificate_user_ca_and_krl_fresh(tmp_path: Path) -> None:
     ca = init_ca(tmp_path)
     set_config(ca.state, "policy", "ssh-host-ttl-s", 30)  # renewed ~20 s after issue

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import ipaddress
 import os
@@ -398,14 +399,15 @@ def _check_host_paths(f: HostFiles) -> None:
         if not f.host_key.is_file():
             raise CLIError(f"the host's private key {f.host_key} is missing; the drop-in's "
                            "HostKey must name it (give --pubkey beside its private key)")
-        # A new drop-in directory, in an existing one: made writable by its owner only,
-        # as sshd expects. sshd reads it only if sshd_config Includes it: say so, since a
-        # mistyped path would otherwise pass unnoticed.
-        if not directory.exists():
-            directory.mkdir(mode=0o755)
-            print(f"hsmca: made {directory}: sshd reads it only if sshd_config has "
-                  f"`Include {directory}/*.conf` (Debian's includes /etc/ssh/sshd_config.d)",
-                  file=sys.stderr)
+
+
+def _new_drop_in_dir(f: HostFiles) -> Path | None:
+    """The drop-in directory, made now if it is not there (in an existing one, writable
+    by its owner only, as sshd expects); None if it was there."""
+    if f.drop_in is None or f.drop_in.parent.exists():
+        return None
+    f.drop_in.parent.mkdir(mode=0o755)
+    return f.drop_in.parent
 
 
 async def _host_once(args: argparse.Namespace, f: HostFiles) -> dict[str, Any]:
@@ -413,14 +415,29 @@ async def _host_once(args: argparse.Namespace, f: HostFiles) -> dict[str, Any]:
     from ca import client
     ctx = await client.preflight(args.url, args.ca, args.cert, args.key)
     targets = [f.cert, f.user_ca, f.krl] + ([f.drop_in] if f.drop_in else [])
-    staged = client.Staged({p: (0o644, False) for p in targets}).prepare()
+    made = _new_drop_in_dir(f)
     try:
-        body = {"principals": args.principal} if args.principal else {}
-        issued = await _issue(args, ctx, "/v1/ssh/host", body)
-        cas, krl = await _fetch_trust(args.url, client.ssl_context(args.ca))
+        staged = client.Staged({p: (0o644, False) for p in targets}).prepare()
+        try:
+            body = {"principals": args.principal} if args.principal else {}
+            issued = await _issue(args, ctx, "/v1/ssh/host", body)
+            cas, krl = await _fetch_trust(args.url, client.ssl_context(args.ca))
+        except BaseException:
+            staged.abort()
+            raise
     except BaseException:
-        staged.abort()
+        # Not left behind by a run that wrote nothing in it (a trial found the
+        # directory of a refused first run, which looked as if it had been set up).
+        if made is not None:
+            with contextlib.suppress(OSError):
+                made.rmdir()
         raise
+    if made is not None:
+        # sshd reads it only if sshd_config Includes it: said, since a mistyped path
+        # would otherwise pass unnoticed.
+        print(f"hsmca: made {made}: sshd reads it only if sshd_config has "
+              f"`Include {made}/*.conf` (Debian's includes /etc/ssh/sshd_config.d)",
+              file=sys.stderr)
     data: dict[Path, bytes | str] = {f.cert: issued["certificate"] + "\n",
                                      f.user_ca: cas["user"] + "\n", f.krl: krl}
     if f.drop_in is not None:
