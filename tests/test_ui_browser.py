@@ -456,6 +456,39 @@ def test_a_line_withheld_or_changed_inside_the_verified_log_turns_the_banner_red
         front.close()
 
 
+def test_one_line_changed_is_the_one_row_marked_not_every_row_below_it(
+        world: World, tmp_path: Path) -> None:
+    """A web trial changed one line and the page of the 50 lines ending at it marked all
+    50 not verified (one proof for the page, which failed), while each of the others,
+    opened alone, was verified."""
+    w = world
+    victim = next(e["seq"] for e in log_lines(w.ca_state) if e.get("serial") == w.web
+                  and e.get("phase") == "intent")
+    front = LyingFront(w.daemon.url, w.daemon.root, w.auditor,
+                       (w.ca_state / "tls" / "server.pem", w.ca_state / "tls" / "server.key"))
+    ui = None
+    try:
+        ui = Running.start("ui", "--url", front.url, "--ca", w.daemon.root, "--cert",
+                           w.auditor[0], "--key", w.auditor[1], "--audit-key",
+                           w.ca_state / "audit" / "audit_key.pem", "--state",
+                           tmp_path / "one.state", "--listen", "127.0.0.1:0")
+        base = ui.listening_url()
+        WebDriverWait(w.driver, 60, poll_frequency=0.5).until(
+            lambda drv: shown_at(w, base + "/")[0] == "ok")
+        front.alter = victim
+        shown_at(w, base + f"/audit?before={victim + 3}")
+        rows = {int(r.find_element(By.CSS_SELECTOR, "td[data-label=Seq]").text):
+                r.find_element(By.CSS_SELECTOR, "td[data-label=Verified]").text
+                for r in w.driver.find_elements(By.CSS_SELECTOR, "table.log tbody tr")}
+        assert rows[victim] == "✗ not verified", rows
+        others = {seq: mark for seq, mark in rows.items() if seq != victim}
+        assert len(others) >= 10 and set(others.values()) == {"✓ verified"}, rows
+    finally:
+        if ui is not None:
+            ui.stop()
+        front.close()
+
+
 def test_a_rewritten_log_turns_the_banner_red_at_the_seq_the_state_names(world: World) -> None:
     w = world
     assert w.daemon.stop() == 0
