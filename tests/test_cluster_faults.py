@@ -368,6 +368,36 @@ def test_a_database_that_stops_answering_is_given_up_on_not_waited_for(
         store.close()
 
 
+def test_a_store_no_call_reached_is_back_once_postgresql_is(postgres_server: Any) -> None:
+    """A cluster trial: a worker that no request reached after PostgreSQL came back
+    refused its first one, a minute later still, with the outage's reason (/health
+    too), because only a refused call set off the probe. The store now probes on its
+    own until the server answers; the first call after that goes through."""
+    from concurrent.futures import Future
+
+    from ca.store.errors import StoreUnavailable
+    from ca.store.postgres import PostgresStore
+    store = PostgresStore(postgres_server.new_database(), answer_timeout_s=2.0)
+    try:
+        try:
+            postgres_server.freeze()
+            with pytest.raises(StoreUnavailable, match="no answer within 2 s"):
+                asyncio.run(store.issued_cert(1))
+        finally:
+            postgres_server.thaw()
+        # No call from here on until the store's own probe has ended: it found the
+        # server answering (a bound for a hang, not a measurement).
+        probe = store._probing
+        assert probe is not None, "nothing probes the server while no call comes"
+        ended: Future[None] = asyncio.run_coroutine_threadsafe(
+            asyncio.wait({probe}), store._loop)  # type: ignore[arg-type]
+        ended.result(timeout=60)
+        assert store.healthy
+        assert asyncio.run(store.issued_cert(1)) is None  # the first call: answered
+    finally:
+        store.close()
+
+
 # A COMMIT that still lands after a cancel, as one held by a stalled disk does (one
 # waiting for a synchronous standby is committed locally at the cancel): a deferred
 # trigger waits for an advisory lock the test holds, and waits again when cancelled.

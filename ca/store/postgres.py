@@ -233,21 +233,23 @@ class PostgresStore:
     schema_version = len(PG_MIGRATIONS)
 
     def __init__(self, url: str, *, max_size: int = 8, existing: bool = False,
-                 answer_timeout_s: float = ANSWER_TIMEOUT_S) -> None:
+                 answer_timeout_s: float = ANSWER_TIMEOUT_S, reading: bool = False) -> None:
         """`existing`: the database must hold an inventory already (a node's start),
         else it is refused untouched; without, an empty one gets the schema (init, a
         move). `answer_timeout_s`: how long a call waits for an answer (the tests
-        shorten it)."""
+        shorten it). `reading`: a command that only reads (`hsmca key list` while
+        every node is stopped): a schema other than this code's is refused, never
+        migrated, which is a node's start to do."""
         self.url = url
         self.answer_timeout_s = answer_timeout_s
-        self._existing = existing
+        self._existing = existing or reading
+        self._reading = reading
         self.migrated_from: int | None = None
         self._down: str | None = None
         # The last call waited CONNECT_TIMEOUT_S for a connection in vain; whether a
         # call is trying again, and when the next may (see _guard).
         self._unreachable = False
-        self._trying = False  # a probe (_try_again) is under way
-        self._probing: asyncio.Future[None] | None = None  # held while it runs
+        self._probing: asyncio.Future[None] | None = None  # probes until it answers
         self._retry_at = 0.0  # time.monotonic(): no probe before this
         # Calls given up on, still finishing (their connections held meanwhile).
         self._abandoned: set[asyncio.Future[Any]] = set()
@@ -297,9 +299,7 @@ class PostgresStore:
             # answers again, every RETRY_S: a request made the trial, and waited the
             # whole answer timeout each time (a review: one client had 5 of 21 calls
             # at 10 s).
-            if not self._trying and time.monotonic() >= self._retry_at:
-                self._trying = True
-                self._probing = asyncio.ensure_future(self._try_again())
+            self._keep_probing()
             coro.close()
             raise StoreUnavailable(f"the inventory (PostgreSQL) is unavailable: "
                                    f"{self._down}")
@@ -310,6 +310,7 @@ class PostgresStore:
             if not own:  # the calls that follow are refused at once, one tries again
                 self._unreachable = True
                 self._retry_at = time.monotonic() + RETRY_S
+                self._keep_probing()
             log.warning("PostgreSQL did not answer in time: calls are refused until it "
                         "does", within_s=deadline)
             raise StoreUnavailable(f"the inventory (PostgreSQL) is unavailable: "
@@ -329,6 +330,8 @@ class PostgresStore:
                 self._unreachable = isinstance(exc, PoolTimeout) and (
                     silent or self._cannot_connect())
                 self._retry_at = time.monotonic() + RETRY_S
+                if self._unreachable:
+                    self._keep_probing()
             raise StoreUnavailable(f"the inventory (PostgreSQL) is unavailable: "
                                    f"{self._down}") from None
         if not own:
@@ -338,6 +341,21 @@ class PostgresStore:
             self._down = None
             self._unreachable = False
         return value
+
+    def _keep_probing(self) -> None:
+        """Probe every RETRY_S until the server answers, whether or not calls come: a
+        process that no call reached after the database came back (a worker, /health)
+        refused its first one, a minute later still, with the outage's reason (a
+        cluster trial)."""
+        if self._probing is None or self._probing.done():
+            self._probing = asyncio.ensure_future(self._probe_until_back())
+
+    async def _probe_until_back(self) -> None:
+        while self._unreachable and not self._closed:
+            await asyncio.sleep(max(0.0, self._retry_at - time.monotonic()))
+            if not self._unreachable or self._closed:
+                return
+            await self._try_again()
 
     async def _try_again(self) -> None:
         """While refusing calls: whether the server answers again, on a connection of
@@ -355,8 +373,6 @@ class PostgresStore:
         else:
             self._down = None
             self._unreachable = False
-        finally:
-            self._trying = False
 
     async def _within(self, coro: Coroutine[Any, Any, T], deadline: float) -> T:
         """`coro`'s value, or _NoAnswer after `deadline` s. Not asyncio.wait_for, which
@@ -405,7 +421,10 @@ class PostgresStore:
                     raise NoInventory(f"the database {database_name(self.url)} holds no hsmca "
                                       "inventory: is it the one `hsmca init --store-url` "
                                       "made the CA in? (nothing was written to it)")
-            self.migrated_from = await migrate(conn)
+            if self._reading:
+                await _same_schema(conn)
+            else:
+                self.migrated_from = await migrate(conn)
         finally:
             await conn.close()
         store = self
@@ -463,6 +482,8 @@ class PostgresStore:
         async def shut() -> None:
             for task in self._watchers:
                 task.cancel()
+            if self._probing is not None:  # nothing to wait for: the store closes
+                self._probing.cancel()
             # What of ours still runs on this loop (the watchers just cancelled, calls
             # given up on, a probe, a lease's connection being closed): a moment to end,
             # not the pool's whole wait ("Task was destroyed but it is pending", a review
@@ -1873,6 +1894,20 @@ async def _refuse_foreign_tables(conn: Conn) -> None:
         raise NoInventory(f"the database {conn.info.dbname!r} already has tables hsmca would "
                           f"make, which hsmca did not make ({', '.join(taken[:5])}): give "
                           "hsmca a database of its own (nothing was written to it)")
+
+
+async def _same_schema(conn: Conn) -> None:
+    """Refuse to read an inventory of another schema than this code's."""
+    cur = await conn.execute("SELECT version FROM schema_version")
+    row = await cur.fetchone()
+    version = int(row[0]) if row else 0
+    if version > len(PG_MIGRATIONS):
+        raise SchemaTooNew(f"the inventory (PostgreSQL) has schema version {version}, newer "
+                           f"than this hsmca knows ({len(PG_MIGRATIONS)}): upgrade hsmca here")
+    if version < len(PG_MIGRATIONS):
+        raise SchemaTooNew(f"the inventory (PostgreSQL) has schema version {version}, older "
+                           f"than this hsmca reads ({len(PG_MIGRATIONS)}): start a node once "
+                           "(it migrates the inventory), then look again")
 
 
 async def migrate(conn: Conn) -> int | None:
