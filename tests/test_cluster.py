@@ -700,6 +700,12 @@ def test_the_roots_rotation_waits_for_every_node_to_stop(tmp_path: Path,
         assert proc.returncode == 1 and "node 'r1' is running" in proc.stderr, proc.stderr
         assert "Make a new root" not in proc.stderr, proc.stderr
         c.nodes["r1"].stop()
+        # The ceremony's first step lists the keys: with every node stopped, from
+        # PostgreSQL (a cluster trial was told to give another node's --url).
+        listed = hsmca("key", "list", "--config", config, check=False)
+        assert listed.returncode == 0, listed.stderr
+        assert "read from the inventory in PostgreSQL (database " in listed.stderr
+        assert "issuing-ca " in listed.stdout and "root" in listed.stdout, listed.stdout
         proc = hsmca("key", "rotate-root", "--config", config, "--yes", check=False)
         assert proc.returncode == 0 and "new root" in proc.stdout, proc.stderr
         assert "Warning" not in proc.stderr, proc.stderr

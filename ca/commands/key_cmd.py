@@ -66,19 +66,32 @@ RETIRE_WHEN = {
 def _offline_keys(args: argparse.Namespace) -> list[dict[str, Any]] | None:
     """The keys read from the inventory of --config when its daemon is stopped (a root
     ceremony, a token backup: a key trial could not list them then), else None: the
-    running daemon answers. SQLite only: a cluster's nodes answer for each other."""
+    running daemon answers. On a cluster, PostgreSQL is read (every node stopped for
+    `key rotate-root`, whose steps list the keys: a cluster trial could not)."""
     if args.url is not None or args.cert is not None or args.key is not None:
         return None
     from ca.commands.client_cmd import _config
     from ca.config import answers
     cfg = _config(args)
-    if cfg.cluster or answers(cfg.local_url):
+    if answers(cfg.local_url):
         return None
     from ca.lifecycle import key_rows
-    from ca.store.sqlite import read_keys
-    keys = key_rows(*read_keys(cfg.db_path))
-    print(f"hsmca: note: no daemon answers at {cfg.local_url}: read from the inventory "
-          f"{cfg.db_path}", file=sys.stderr)
+    if cfg.cluster:
+        import asyncio
+
+        from ca.store.postgres import PostgresStore
+        from ca.store_move import database_name
+        store = PostgresStore(str(cfg.store_location), max_size=1, reading=True)
+        try:
+            keys = key_rows(asyncio.run(store.keys()), asyncio.run(store.signed_by()))
+        finally:
+            store.close()
+        where = f"the inventory in PostgreSQL (database {database_name(cfg.store_location)})"
+    else:
+        from ca.store.sqlite import read_keys
+        keys, where = key_rows(*read_keys(cfg.db_path)), f"the inventory {cfg.db_path}"
+    print(f"hsmca: note: no daemon answers at {cfg.local_url}: read from {where}",
+          file=sys.stderr)
     return keys
 
 
@@ -282,7 +295,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         "issued (X.509 and SSH; CA certificates, CRLs, OCSP responses and checkpoints are "
         "not counted: the audit log has every signature). With --config and no daemon "
         "answering (stopped for a ceremony or a backup), it reads the inventory itself, "
-        "writing nothing."))
+        "writing nothing (on a cluster PostgreSQL, with the password from PGPASSWORD or "
+        "~/.pgpass as for the nodes)."))
     r = ksub.add_parser("rotate", help="a new key of a kind; the old one becomes previous",
                         description="Generate a new non-exportable key in the HSM; for "
                         "issuing, the root certifies it. New certificates (and checkpoints) "
