@@ -286,6 +286,10 @@ async def test_every_node_serves_every_log_and_one_node_verifies_them_all(
     assert "log of init's ceremonies" in proc.stderr and "node-2" in proc.stderr
     proc = await asyncio.to_thread(hsmca, *local, "--node", "node-2")
     assert proc.stderr == "" and len(proc.stdout.splitlines()) >= size
+    proc = await asyncio.to_thread(hsmca, *local, "--node", "nope", check=False)
+    assert proc.returncode == 1 and proc.stderr == (  # not "No such file or directory"
+        f"hsmca: error: no node 'nope' keeps a log in {cluster.state / 'nodes'} "
+        f"({', '.join(NODES)} here)\n"), proc.stderr
     # An auditor verifies all three logs through node 1, keeping one state per log,
     # and a second run continues from those states (consistency proofs, for node 2's
     # and 3's logs computed by node 1 from PostgreSQL).

@@ -373,15 +373,21 @@ def show(args: argparse.Namespace) -> int:
     if path is None:
         from ca.config import load
         config = load(args.config)
+        if config.cluster:
+            nodes = sorted(p.parent.parent.name
+                           for p in (config.state_dir / "nodes").glob("*/audit/log.jsonl"))
+            here = f" ({', '.join(nodes)} here)" if nodes else ""
         if args.node is not None:
             if not config.cluster:
                 raise CLIError(f"{config.path} is a single node's CA: it has no --node")
             config = config.for_node(args.node)
+            if not config.audit_log.exists() and args.node not in nodes:
+                # As --url says it (a cluster trial got the bare file error).
+                raise CLIError(f"no node {args.node!r} keeps a log in "
+                               f"{config.state_dir / 'nodes'}{here or ' (no node does yet)'}")
         elif config.cluster:  # the CA's own log, which no node writes: say whose it is
-            nodes = sorted(p.parent.parent.name
-                           for p in (config.state_dir / "nodes").glob("*/audit/log.jsonl"))
-            print("hsmca: this is the log of init's ceremonies; a node's own: --node NAME"
-                  + (f" ({', '.join(nodes)} here)" if nodes else ""), file=sys.stderr)
+            print(f"hsmca: this is the log of init's ceremonies; a node's own: --node NAME"
+                  f"{here}", file=sys.stderr)
         path = config.audit_log
     try:
         fh = open(path, "rb")  # noqa: SIM115 - kept open for --follow
