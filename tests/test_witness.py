@@ -509,11 +509,16 @@ def test_after_an_audit_key_rotation_the_view_still_counts_the_witness(tmp_path:
         with urllib.request.urlopen(f"{base}/", timeout=60) as answer:
             overview = answer.read().decode()
         assert "does not verify" not in overview and witness.name in overview
+        # Signed by the key handed over to, and said so (a web trial read "the pinned
+        # audit key" on a checkpoint that key never signed).
+        handed = (f"the audit key {new_vkey.split('+')[1]}, which the pinned key handed "
+                  "the log over to")
+        assert f"✓ {handed}" in overview, overview
         with urllib.request.urlopen(f"{base}/audit", timeout=60) as answer:
             audit_page = answer.read().decode()
         # The latest checkpoint, the new key's alone, verifies with the keys followed.
         assert "does not verify" not in audit_page and "no signature by" not in audit_page
-        assert "signature verified with the pinned audit key" in audit_page
+        assert f"signature verified with {handed}" in audit_page, audit_page
     finally:
         if ui is not None:
             ui.stop()

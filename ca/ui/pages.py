@@ -12,7 +12,7 @@ import datetime as dt
 import io
 import json
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlencode
@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from ca.audit.cluster import CEREMONIES
 from ca.audit.cosignature import VerifierKey
 from ca.audit.merkle import TreeHead
-from ca.audit.note import NoteError
+from ca.audit.note import NoteError, NoteSignature, key_id
 from ca.audit.verify import PinnedKey
 from ca.client import ClientError
 from ca.commands.args import serial_hex
@@ -175,7 +175,10 @@ async def overview(request: web.Request) -> web.Response:
     latency_chart = charts.latency(scrape.latency) if scrape and scrape.latency else None
     last_line = last[0][0] if last and last[0] else None
     verdict = await _report(request, verdict, verdict.log, last_line)
+    signer = (_signer(verdict.checkpoint.signatures, _pinned(ui, verdict))
+              if verdict.checkpoint else "")
     return _render(request, "overview.html", verdict, title="Overview", health=health,
+                   signer=signer,
                    health_err=health_err, scrape=scrape, metrics_err=metrics_err,
                    issuance_chart=issuance_chart, issued_err=issued_err, by_kind=by_kind,
                    latency_chart=latency_chart, last_line=last_line,
@@ -637,6 +640,24 @@ class CheckpointView:
     signatures: tuple[tuple[str, str], ...]  # (key name, key id hex)
     verified: bool
     problem: str | None
+    signer: str = ""  # which trusted key verified it, in words
+
+
+def _signer(signatures: Sequence[NoteSignature], key: PinnedKey | None) -> str:
+    """Which of the keys the auditor trusts signed a verified checkpoint: the pinned
+    one, or one it handed the log over to. After a rotation and the old key's
+    retirement only the new key signs, and the page said "the pinned audit key" all
+    the same (a web trial)."""
+    if key is None:
+        return "the pinned audit key"
+    ids = {s.key_id for s in signatures if s.name == key.name}
+    if key_id(key.name, key.public_key) in ids:
+        return "the pinned audit key"
+    handed = [k for k in key.trusted() if key_id(key.name, k) in ids]
+    if not handed:
+        return "the pinned audit key"  # not reached: verified means one of them signed
+    return (f"the audit key {key_id(key.name, handed[0]).hex()}, which the pinned key "
+            "handed the log over to")
 
 
 def _checkpoint_view(text: str, key: PinnedKey | None,
@@ -657,7 +678,8 @@ def _checkpoint_view(text: str, key: PinnedKey | None,
         key.verify(text, seq)
     except NoteError as exc:
         return CheckpointView(text, cp.size, root, sigs, False, str(exc))
-    return CheckpointView(text, cp.size, root, sigs, True, None)
+    return CheckpointView(text, cp.size, root, sigs, True, None,
+                          _signer(cp.signatures, key))
 
 
 def _checkpoint_of(line: proofs.Line, key: PinnedKey | None) -> CheckpointView:
