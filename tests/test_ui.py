@@ -251,6 +251,30 @@ def test_an_intent_about_another_request_is_not_taken_for_the_certificates() -> 
     assert [ok for _, ok in intent_matches({"serial": "1234"}, cert)] == [False, False, False]
 
 
+async def test_an_ocsp_response_not_signed_yet_is_pending_not_a_failure() -> None:
+    """A web trial opened a certificate's page right after its enrollment and read a
+    red "signature not verified" for OCSP: the responder's unsigned tryLater, which it
+    answers until the refresher has signed the new certificate's response."""
+    from cryptography.x509 import ocsp
+
+    from ca.ui.certs import ocsp_status
+
+    class Responder:  # the daemon's answer, as the view receives it
+        async def post(self, path: str, body: bytes, ctype: str) -> bytes:
+            return ocsp.OCSPResponseBuilder.build_unsuccessful(
+                ocsp.OCSPResponseStatus.TRY_LATER).public_bytes(serialization.Encoding.DER)
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "CA")])
+    start = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(0x1234)
+            .not_valid_before(start).not_valid_after(start + dt.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    said = await ocsp_status(Responder(), cert, cert)  # type: ignore[arg-type]
+    assert said.status == "pending" and "signed within seconds" in (said.problem or ""), said
+
+
 async def test_a_wrong_audit_key_is_named_on_the_keys_page(daemon: Daemon,
                                                           tmp_path: Path) -> None:
     """A pinned audit key that is none of the CA's is said so on /keys, not only left

@@ -45,7 +45,7 @@ class Revocation:
 
     source: str
     signed: bool  # its signature verified with the issuer's key
-    status: str  # good | revoked | not listed | unknown | unavailable
+    status: str  # good | revoked | not listed | pending | unknown | unavailable
     revoked_at: str | None = None
     reason: str | None = None
     details: tuple[tuple[str, str], ...] = ()
@@ -279,6 +279,13 @@ async def ocsp_status(ca: CA, cert: x509.Certificate, issuer: x509.Certificate |
     except ValueError:
         return Revocation("OCSP", False, "unavailable",
                           problem="the daemon's OCSP response does not parse")
+    if response.response_status == ocsp.OCSPResponseStatus.TRY_LATER:
+        # Not a failure: the CA signs a new certificate's responses within seconds (a
+        # web trial saw a red cross on a certificate just enrolled).
+        return Revocation("OCSP", False, "pending", problem="the responder answered "
+                          "try_later: a new certificate's response is signed within "
+                          "seconds of its issue (or the CA cannot sign right now); look "
+                          "again shortly")
     if response.response_status != ocsp.OCSPResponseStatus.SUCCESSFUL:
         return Revocation("OCSP", False, "unknown", problem="the responder answered "
                           f"{response.response_status.name.lower()} (unsigned)")
