@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
@@ -332,6 +333,35 @@ async def test_the_view_serves_only_its_own_user_and_its_own_pages(daemon: Daemo
             except urllib.error.HTTPError as exc:
                 got = exc.code
             assert got == status, site
+    finally:
+        ui.stop()
+
+
+async def test_a_filter_the_view_cannot_read_is_refused_not_dropped(daemon: Daemon,
+                                                                    tmp_path: Path) -> None:
+    """A web trial's `/audit?since=garbage` showed the whole log as if filtered, with the
+    field emptied and no word; a seq or page that is no number went to the first page.
+    Each is now a 400 page that says what the value must be."""
+    auditor = enroll(daemon, tmp_path, "auditor", ["filters-auditor@example.com"])
+    ui = Running.start("ui", "--url", daemon.url, "--ca", daemon.root, "--cert", auditor[0],
+                       "--key", auditor[1], "--audit-key", daemon.state / "audit/audit_key.pem",
+                       "--state", tmp_path / "ui.state", "--listen", "127.0.0.1:0")
+    try:
+        base = ui.listening_url()
+        for path, said in (
+                ("/audit?since=garbage", "since must be a time such as 2026-12-01T08:00"),
+                ("/audit?before=ten", "before must be a line&#39;s seq"),
+                ("/audit/go?seq=abc", "no line to open: seq must be a line&#39;s seq"),
+                ("/certificates?page=-1", "page must be a page number (1, 2, ...)"),
+                ("/ssh?page=abc", "page must be a page number (1, 2, ...)")):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(base + path, timeout=60)
+            page = refused.value.read().decode()
+            assert refused.value.code == 400 and said in page, (path, page[-600:])
+        # What can be read is served as before.
+        with urllib.request.urlopen(f"{base}/audit?since=2026-01-01T00:00&page=1",
+                                    timeout=60) as answer:
+            assert answer.status == 200
     finally:
         ui.stop()
 

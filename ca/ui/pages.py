@@ -217,9 +217,16 @@ def _pages(total: int) -> int:
     return max(1, -(-total // PAGE_SIZE))
 
 
-def _page(request: web.Request) -> int:
+def _page(request: web.Request) -> int | None:
+    """The page asked for; None for one that is no page number (it showed page 1)."""
     raw = request.query.get("page", "1")
-    return int(raw) if is_decimal(raw) and 0 < int(raw) < 10**6 else 1
+    return int(raw) if is_decimal(raw) and len(raw) < 7 and int(raw) > 0 else None
+
+
+def _no_page(request: web.Request, verdict: Verdict) -> web.Response:
+    raw = request.query.get("page", "")
+    return bad_request(request, verdict, f"page must be a page number (1, 2, ...), not "
+                       f"{raw[:40]!r}")
 
 
 def _list_links(path: str, query: dict[str, str], page: int
@@ -260,6 +267,8 @@ async def certificates(request: web.Request) -> web.Response:
     verdict = await _verdict(request)
     query = _cert_query(request)
     page = _page(request)
+    if page is None:
+        return _no_page(request, verdict)
     found, error, status = await _listed(request, "/v1/inventory/certificates", query, page)
     total = found["total"] if found else 0
     pages = _pages(total)
@@ -284,6 +293,8 @@ async def ssh_certificates(request: web.Request) -> web.Response:
     verdict = await _verdict(request)
     query = _cert_query(request, SSH_PARAMS)
     page = _page(request)
+    if page is None:
+        return _no_page(request, verdict)
     found, error, status = await _listed(request, "/v1/inventory/ssh-certificates", query,
                                          page)
     if found and query.get("owner") and any(r.get("owner_serial") != query["owner"]
@@ -532,11 +543,35 @@ def _seq_param(request: web.Request, name: str) -> int | None:
     return int(raw) if is_decimal(raw) and len(raw) < 19 else None
 
 
+def _unreadable(request: web.Request, seqs: tuple[str, ...], times: tuple[str, ...] = ()
+                ) -> str | None:
+    """What of the query cannot be read, in words; None if all can. A value that could
+    not be read was dropped without a word, and the whole log was shown as if it had
+    been filtered (a web trial), where the inventory's searches say why (400)."""
+    for name in seqs:
+        raw = request.query.get(name)
+        if raw and _seq_param(request, name) is None:
+            return f"{name} must be a line's seq (0, 1, 2, ...), not {raw[:40]!r}"
+    for name in times:
+        raw = request.query.get(name)
+        if raw and raw.strip() and _when_param(raw) is None:
+            return (f"{name} must be a time such as 2026-12-01T08:00 (UTC), not "
+                    f"{raw[:40]!r}")
+    return None
+
+
+def bad_request(request: web.Request, verdict: Verdict, what: str) -> web.Response:
+    return _render(request, "missing.html", verdict, status=400, title="Bad request",
+                   what=what)
+
+
 async def audit_log(request: web.Request) -> web.Response:
     ui = request.app[UI_KEY]
     verdict = await _verdict(request)
     ca = ui.ca.for_log(verdict.log)
     tree = verdict.tree
+    if bad := _unreadable(request, ("before", "after"), ("since", "until")):
+        return bad_request(request, verdict, f"this search cannot be made: {bad}")
     filters = Filters(request.query.get("event", "")[:64].strip(),
                       request.query.get("actor", "")[:256].strip(),
                       _when_param(request.query.get("since")),
@@ -739,6 +774,8 @@ async def audit_line(request: web.Request) -> web.Response:
 async def go_to_line(request: web.Request) -> web.Response:
     """The "open a seq" form, which works without JavaScript."""
     seq = _seq_param(request, "seq")
+    if bad := _unreadable(request, ("seq",)):
+        return bad_request(request, await _verdict(request), f"no line to open: {bad}")
     stay = log_query(request.query.get("log") or None)
     raise web.HTTPSeeOther(("/audit" if seq is None else f"/audit/{seq}") + stay)
 
