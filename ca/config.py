@@ -382,6 +382,13 @@ def load(path: Path, data: bytes | None = None) -> Config:
     if pin_source.startswith("file:"):
         pin_source = "file:" + str(rel(pin_source[5:]))
     elif not pin_source.startswith("env:"):
+        if not rel(pin_source).exists():
+            # Not quoted: a PIN pasted here went into the error, and so into the journal
+            # (a trial). A path given as file:PATH is quoted, as it is surely one.
+            raise ConfigError(f"{where.at('pin-source')}: pin-source names no file that "
+                              "exists (the value is not repeated, in case it is the PIN "
+                              "itself): give file:/path to a file of mode 0600 holding the "
+                              "PIN, or env:NAME")
         pin_source = "file:" + str(rel(pin_source))
     softhsm_conf = hsm.get("softhsm-conf")
     hsm_cfg = HSMConfig(module=_get(hsm, "module", str, where),

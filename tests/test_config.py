@@ -58,6 +58,20 @@ def test_an_unknown_setting_is_refused_with_its_name_and_line(tmp_path: Path) ->
     assert "did you mean 'heartbeat-s'" in msg and "\n" not in msg
 
 
+def test_a_pin_pasted_as_pin_source_is_not_repeated_in_the_error(tmp_path: Path) -> None:
+    """A trial pasted the PIN itself as pin-source: taken for a file name, it went into
+    "cannot read the PIN file .../1234", and so into the journal."""
+    path = rendered(tmp_path, pin_source="739201")
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    assert "739201" not in str(err.value), err.value
+    assert "pin-source names no file that exists" in str(err.value)
+    assert "[hsm]" in str(err.value) and "env:NAME" in str(err.value)
+    (tmp_path / "pin").write_text("739201\n")  # a bare name of a file that exists: taken
+    assert load(rendered(tmp_path, pin_source="pin")).hsm.pin_source == \
+        f"file:{tmp_path / 'pin'}"
+
+
 def test_a_default_lifetime_above_its_maximum_is_refused_not_cut(tmp_path: Path) -> None:
     path = rendered(tmp_path)
     text = path.read_text()
