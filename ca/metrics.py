@@ -11,6 +11,7 @@ of every metric at import.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import stat
@@ -48,16 +49,38 @@ def prepare(state_dir: Path) -> Path:
         try:
             directory = Path(tempfile.mkdtemp(prefix=PREFIX, dir=SHM))
             (directory / OWNER).write_text(f"{os.getpid()}\n")
-            pointer.write_text(f"{directory}\n")
         except OSError:
             if directory is not None:
                 shutil.rmtree(directory, ignore_errors=True)
             directory = None
-    if directory is None:
+    if directory is not None:
+        try:
+            pointer.write_text(f"{directory}\n")
+        except OSError:
+            # A full state disk: the directory stays in memory all the same (a later
+            # start sweeps it once its owner is gone). Falling back to the full disk
+            # killed the start with SIGBUS at the first metric (a disaster trial).
+            pass
+    else:
         directory = run / "metrics"
         directory.mkdir(mode=0o700)
+        _room_for_metrics(directory)
     os.environ[ENV] = str(directory)
     return directory
+
+
+# What prometheus-client maps for each process's first file, and some more: a page it
+# maps and the disk cannot hold kills the process with SIGBUS, without a word.
+METRICS_ROOM = 16 << 20
+
+
+def _room_for_metrics(directory: Path) -> None:
+    st = os.statvfs(directory)
+    free = st.f_bavail * st.f_frsize
+    if free < METRICS_ROOM:
+        raise OSError(errno.ENOSPC, f"the disk of {directory} has {free >> 20} MiB free, "
+                      f"less than the {METRICS_ROOM >> 20} MiB the metrics files need (/dev/shm "
+                      "is not writable here, where they go otherwise): make room on it")
 
 
 SHM = "/dev/shm"

@@ -255,6 +255,27 @@ async def test_metric_files_live_in_memory_and_go_with_the_run(tmp_path: Path) -
     assert not second.exists() and not pointer.exists()
 
 
+async def test_metric_files_stay_in_memory_when_the_state_disk_cannot_take_their_pointer(
+        tmp_path: Path) -> None:
+    """A disaster trial started the daemon on a full state disk: the file naming the
+    run's directory in /dev/shm could not be written, the metrics fell back to the full
+    disk, and the start died with SIGBUS ("Bus error", nothing else). The directory
+    stays in memory (any later start sweeps it once its owner is gone)."""
+    import shutil
+    import sys
+    (tmp_path / "run" / "metrics-dir").mkdir(parents=True)  # a write there fails
+    proc = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
+                           "from ca.metrics import prepare; print(prepare(Path(sys.argv[1])))",
+                           tmp_path], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    chosen = Path(proc.stdout.strip())
+    try:
+        assert chosen.parent == Path("/dev/shm"), chosen
+        assert not (tmp_path / "run" / "metrics").exists()
+    finally:
+        shutil.rmtree(chosen, ignore_errors=True)
+
+
 async def test_a_worker_refused_its_pin_is_not_started_again_until_the_pin_changes(
         tmp_path: Path) -> None:
     """The PIN file edited wrong under a running daemon, then a worker restarted: it
