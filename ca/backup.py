@@ -84,6 +84,12 @@ def backup(config: Config, out: Path) -> Backup:
                           "own backups) and each node's state directory; `hsmca backup` "
                           "copies a single node's SQLite CA")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if out.is_dir() and all(p.name.startswith(".partial-") for p in out.iterdir()):
+            # A backup killed while it copied (kill -9, a power cut: its own clean-up
+            # never ran) left only its unfinished copy (a trial was told only "exists").
+            raise BackupError(f"--out {out} holds only the unfinished copy of a backup that "
+                              "was stopped while it ran: remove it (it holds the admin's "
+                              "key: rm -r), or name a new --out")
         raise BackupError(f"--out {out} exists and is not an empty directory; name a new one "
                           "(a backup never overwrites another)")
     state = config.state_dir

@@ -135,6 +135,15 @@ def test_a_backup_never_overwrites_and_says_what_it_cannot_copy(tmp_path: Path) 
     assert proc.stderr.strip().endswith(f"--out {out} exists and is not an empty directory; "
                                         "name a new one (a backup never overwrites another)")
     assert (out / "earlier").read_text() == "a backup made before\n"
+    # What a backup killed while it copied leaves: said so (a trial was told "exists").
+    killed = tmp_path / "killed"
+    (killed / ".partial-0").mkdir(parents=True)
+    proc = hsmca("backup", "--config", ca.state / "hsmca.toml", "--out", killed, check=False)
+    assert proc.returncode == 1 and proc.stderr == (
+        f"hsmca: error: --out {killed} holds only the unfinished copy of a backup that was "
+        "stopped while it ran: remove it (it holds the admin's key: rm -r), or name a new "
+        "--out\n"), proc.stderr
+    assert (killed / ".partial-0").is_dir()  # not removed by this run: the operator's
     config = ca.state / "hsmca.toml"
     config.write_text(config.read_text() + '\n[store]\nurl = "postgresql://db.example/ca"\n')
     proc = hsmca("backup", "--config", config, "--out", tmp_path / "new", check=False)
