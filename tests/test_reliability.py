@@ -600,6 +600,67 @@ async def test_a_missing_inventory_is_refused_at_start_not_made_anew(tmp_path: P
     assert d.stop() == 0
 
 
+async def test_an_inventory_deleted_or_emptied_is_never_served_as_a_new_one(
+        tmp_path: Path) -> None:
+    """A disaster trial deleted the inventory under the running daemon: /health said
+    ok, renewals went on into the deleted file, a background checkpoint made a new,
+    empty one at the path, and the next start took it for the inventory, forgetting
+    every certificate and revocation (a keyCompromise revocation left the CRL). Now
+    nothing is signed while the file is gone, /health says why, nothing is made at the
+    path, and once the file is back it is served again. A start refuses an inventory
+    emptied to 0 bytes, or one holding neither key nor certificate."""
+    ca = init_ca(tmp_path)
+    db_path = ca.state / "hsmca.sqlite3"
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    d = start_daemon(ca.state)
+    try:
+        cert, key = enroll(d, tmp_path, "service", [LOAD_NAME])
+        ctx = d.ssl(cert, key)
+        before = await signing_metrics(d)
+        moved = [p for p in ca.state.glob("hsmca.sqlite3*")]
+        for path in moved:
+            path.rename(aside / path.name)
+        try:
+            for _ in range(2):
+                status, ctype, body = await http("POST", f"{d.url}/v1/x509/renew", ctx,
+                                                 body={})
+                assert status == 503 and ctype == "application/problem+json", body
+            status, _, body = await http("GET", f"{d.url}/health", d.ssl())
+            assert status == 503 and f"the inventory {db_path} was deleted while the " \
+                "daemon ran: nothing is signed" in json.loads(body)["store"], body
+            assert await signing_metrics(d) == before  # not one C_Sign
+            assert not db_path.exists()  # nothing new made where it was
+        finally:
+            for path in moved:
+                (aside / path.name).rename(path)
+        await assert_served_again(d, ctx)
+    finally:
+        assert d.stop() == 0
+    from tests.conftest import hsmca
+    kept = db_path.read_bytes()
+
+    def refused() -> str:
+        proc = hsmca("serve", "--config", ca.state / "hsmca.toml", "--listen",
+                     "127.0.0.1:0", check=False)
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+        return proc.stderr
+    db_path.write_bytes(b"")
+    assert refused().startswith(f"hsmca: error: the inventory {db_path} is empty (0 bytes")
+    db_path.unlink()
+    sqlite3.connect(db_path).execute("PRAGMA journal_mode=WAL").close()  # a new database
+    db_path.chmod(0o600)
+    said = refused()
+    assert said.startswith(f"hsmca: error: the inventory {db_path} holds no key and no "
+                           "certificate"), said
+    assert "Restore the newest backup" in said
+    for path in ca.state.glob("hsmca.sqlite3*"):
+        path.unlink()
+    db_path.write_bytes(kept)
+    d = start_daemon(ca.state)
+    assert d.stop() == 0
+
+
 async def test_audit_log_made_read_only_means_503_until_writable(tmp_path: Path) -> None:
     """The log file made unmodifiable under the running daemon (chattr +i: root
     ignores file modes, not this): nothing is signed, /health says why, and once the

@@ -85,6 +85,16 @@ async def seed(config: Config, store: Store, pipeline: SigningPipeline) -> None:
                             "keys in use are the inventory's (hsmca key list), so it is "
                             "ignored", purpose=purpose, label=label, config=str(config.path))
         return
+    if not sum((await store.signed_by()).values()):
+        # Not a state directory from before keys were recorded (its inventory holds the
+        # certificates init made): an empty one, which taken as it is forgot every
+        # certificate and revocation (a disaster trial).
+        from ca.store.errors import NoInventory
+        raise NoInventory(
+            f"the inventory {config.store_location} holds no key and no certificate, while "
+            "hsmca init records both: it is not this CA's (emptied, or made anew). Restore "
+            "the newest backup (docs/operator.md, \"Backup and restore\"); served as it "
+            "is, it would forget every certificate and revocation")
     keys = {purpose: await pipeline.load_key(config.key_label(purpose))
             for purpose in KEY_LABELS}
     root = x509.load_pem_x509_certificate(config.root_pem.read_bytes())

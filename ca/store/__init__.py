@@ -517,6 +517,15 @@ def open_store(location: object, *, autocheckpoint: bool = True, new: bool = Fal
 
     from ca.store.sqlite import SQLiteStore
     path = Path(str(location))
+    wal = path.with_name(path.name + "-wal")
+    if not new and path.exists() and path.stat().st_size == 0 and not (
+            wal.exists() and wal.stat().st_size > 0):  # (pages not yet copied from its WAL)
+        # An empty file is no inventory either: taken for a new one, it forgot every
+        # certificate and revocation as a missing one did (a disaster trial).
+        raise NoInventory(
+            f"the inventory {path} is empty (0 bytes; hsmca init made it, and every "
+            "certificate and revocation is in it): was it truncated or replaced? Restore "
+            "the newest backup (docs/operator.md, \"Backup and restore\")")
     if not new and not path.exists():
         # A start on a new, empty inventory forgot every certificate and revocation, and
         # refused every client, the admin's too (a chaos trial moved the file away).

@@ -511,7 +511,11 @@ def damaged_error(path: Path, exc: BaseException) -> StoreUnavailable:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    # mode=rw: never a new, empty file where the inventory was deleted (a background
+    # checkpoint made one under a running daemon, which the next start took for the
+    # inventory and forgot every certificate and revocation: a disaster trial).
+    db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=rw", uri=True,
+                         check_same_thread=False, isolation_level=None)
     db.execute("PRAGMA busy_timeout=5000")
     db.execute("PRAGMA synchronous=FULL")
     return db
@@ -675,7 +679,9 @@ class SQLiteStore:
         # inventory names every client, and holds tokens' hashes.
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            mode = stat.S_IMODE(os.fstat(fd).st_mode)
+            st = os.fstat(fd)
+            self._file = (st.st_dev, st.st_ino)  # the file it opened: see _gone
+            mode = stat.S_IMODE(st.st_mode)
             if mode & 0o077:
                 # Made by an older release (the first made it 0644): brought to 0600, and
                 # said, since it has been readable to others until now (an upgrade trial).
@@ -712,18 +718,41 @@ class SQLiteStore:
 
     @property
     def healthy(self) -> bool:
-        return self._thread.is_alive() and self._problem is None and self._damage is None
+        # The file's presence too (a stat, asked before each signature): nothing is
+        # signed whose record would go into a file deleted under the daemon.
+        return self._thread.is_alive() and self._problem is None and \
+            self._damage is None and self._gone() is None
 
     @property
     def problem(self) -> str | None:
-        return self._damage or self._problem
+        return self._damage or self._problem or self._gone()
+
+    def _gone(self) -> str | None:
+        """Why the path no longer names the file this store opened, or None. Deleted or
+        replaced under the daemon, every write went on into a file the next start never
+        sees (a disaster trial: /health said ok, and the next start forgot every
+        certificate and revocation)."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            how = "deleted"
+        else:
+            if (st.st_dev, st.st_ino) == self._file:
+                return None
+            how = "replaced by another file"
+        return (f"the inventory {self.path} was {how} while the daemon ran: nothing is "
+                "signed, since its record would be lost at the next start; stop the daemon, "
+                "then put the inventory back or restore the newest backup (docs/operator.md, "
+                "\"Backup and restore\")")
 
     async def probe(self) -> None:
         """A file in this process: `healthy` says whether its writer runs and its last
-        transaction committed. After one that failed, a transaction that writes (and
-        leaves nothing behind) tries again, so a disk with room again is noticed
-        without a request that writes: a load balancer sends none to a node it took
-        out."""
+        transaction committed, and whether the file is still at its path. After one
+        that failed, a transaction that writes (and leaves nothing behind) tries again,
+        so a disk with room again is noticed without a request that writes: a load
+        balancer sends none to a node it took out."""
+        if self._problem is None and (gone := self._gone()) is not None:
+            self._problem = gone
         if self._problem is None:
             return
 
@@ -769,6 +798,8 @@ class SQLiteStore:
         claimed: list[Sink] = []
         out = Batch()
         try:
+            if (gone := self._gone()) is not None:
+                raise sqlite3.OperationalError(gone)
             db.execute("BEGIN IMMEDIATE")
             for fn, fut in jobs:
                 if not claim(fut):
@@ -809,7 +840,8 @@ class SQLiteStore:
                             "a sqlite3 shell, a backup, or a process of the daemon that "
                             "stopped answering, which is killed after [server] "
                             "worker-timeout-s)")
-                self._problem = f"cannot write the inventory {self.path}: {why}"
+                self._problem = why if why.startswith("the inventory ") else \
+                    f"cannot write the inventory {self.path}: {why}"
                 error = StoreUnavailable(f"the inventory (SQLite) is unavailable: {why}")
             # The whole transaction is gone: every job failed, those not reached yet
             # too (BEGIN itself may be what failed: a lock held past the busy timeout).
