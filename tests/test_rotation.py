@@ -418,6 +418,28 @@ async def test_rotate_the_audit_key_and_verifiers_pinned_to_the_old_one_follow(
         # made anywhere was followed in silence)
         assert re.search(r"note: the audit key was handed over at seq \d+ to key id "
                          r"[0-9a-f]{8}, made in the HSM at seq \d+", proc.stdout), proc.stdout
+        # An auditor whose last run ended after the new key's keygen line and before the
+        # hand-over: the next run says the key was made in the HSM, from the state (a
+        # trial's said "no hsm.keygen line among these lines ... made outside the HSM").
+        lines = (ca.state / "audit/log.jsonl").read_bytes().splitlines(keepends=True)
+        made = max(e["seq"] for e in map(json.loads, lines)
+                   if e["event"] == "hsm.keygen" and e.get("phase") == "outcome")
+        cut = [json.loads(x) for x in lines[:made + 1]]
+        signed = [e["checkpoint"] for e in cut if e["event"] == "hsm.sign"
+                  and e.get("phase") == "outcome" and e.get("checkpoint")][-1]
+        (tmp_path / "cut.jsonl").write_bytes(b"".join(lines[:made + 1]))
+        (tmp_path / "cut.checkpoint").write_text(signed)
+        step = tmp_path / "step.state"
+        hsmca("audit", "verify", "--log", tmp_path / "cut.jsonl", "--checkpoint",
+              tmp_path / "cut.checkpoint", "--key", old_key, "--state", step,
+              "--allow-unsigned")
+        assert json.loads(step.read_text())["size"] == made + 1
+        proc = hsmca("audit", "verify", "--url", d.url, "--ca", d.root, "--client-cert",
+                     d.state / "admin/cert.pem", "--client-key", d.state / "admin/key.pem",
+                     "--key", old_key, "--state", step, check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert f"made in the HSM at seq {made} (its hsm.keygen line)" in proc.stdout, \
+            proc.stdout
         # A third key while two sign would give every checkpoint three signatures, and
         # a log stopped then closing lines no verify accepts (fault review): refused.
         again = key_cmd(d, "rotate", "audit", check=False)

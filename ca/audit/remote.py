@@ -66,6 +66,7 @@ from ca.audit.verify import (
     earliest,
     followed,
     hand_overs,
+    keygens,
     load_state,
     root_mismatch,
     save_state,
@@ -527,10 +528,12 @@ async def _check_new_lines(api: LogClient, data: bytes, old: AuditorState,
     head = chain_hash(data[:end - 1].rsplit(b"\n", 1)[-1]) if n else old.head
     new = AuditorState(latest.size, latest.root, head, frontier, text,
                        SignedPrefix(latest.size, latest.root, text), still_open,
-                       tuple((seq, verifier_key(key.name, k)) for seq, k in key.successors))
+                       tuple((seq, verifier_key(key.name, k)) for seq, k in key.successors),
+                       {**old.keygens, **keygens(data[:end], start)})
     return RemoteResult(True, latest.size, n, count + 1, None, None, new.to_json(),
                         # Said once, in the run that first follows it: every checkpoint
                         # of a hand-over announces the key again (a review saw each later
                         # run call it "not made in the HSM", its keygen in an earlier run).
-                        note=say_hand_overs([h for h in hand_overs(data[:end], start, key.name)
+                        note=say_hand_overs([h for h in hand_overs(data[:end], start, key.name,
+                                                                   old.keygens)
                                              if h.key_id not in known]))

@@ -48,6 +48,7 @@ from ca.audit.verify.checkpoint import (
     PinnedKey,
     SignedPrefix,
     hand_overs,
+    keygens,
     root_mismatch,
     say_hand_overs,
 )
@@ -76,6 +77,7 @@ __all__ = [
     "earliest",
     "followed",
     "hand_overs",
+    "keygens",
     "load_state",
     "root_mismatch",
     "save_state",

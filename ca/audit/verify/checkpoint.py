@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -130,39 +130,50 @@ class HandOver(NamedTuple):
 _KEYGEN = b'"event":"hsm.keygen"'
 
 
-def hand_overs(data: bytes, first: int, name: str) -> list[HandOver]:
-    """The hand-overs of the audit key in `data` (complete log lines from seq `first`),
-    each with the keygen line that made its key, if these lines have one. One HSM
-    signature can hand the trust over to a key made anywhere (an auditor trial handed
-    it to a software key and every verifier followed in silence), so each is said, with
-    where the key came from. On a cluster, the node where `hsmca key rotate audit` ran
-    has the keygen; the others hand over at their next checkpoint without it."""
+def _ok_lines(data: bytes, mark: bytes, first: int) -> Iterator[tuple[int, dict[str, Any]]]:
+    for seq, line in lines_holding(data, mark, first):
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue  # the scan says what is wrong with it
+        if isinstance(obj, dict) and obj.get("result") == "ok":
+            yield seq, obj
+
+
+def keygens(data: bytes, first: int) -> dict[str, int]:
+    """The keys `data` (complete log lines from seq `first`) shows made in the HSM: the
+    SHA-256 of each public key, with the seq of its hsm.keygen outcome."""
     made: dict[str, int] = {}
+    for seq, obj in _ok_lines(data, _KEYGEN, first):
+        if isinstance(obj.get("public_key_sha256"), str):
+            made.setdefault(obj["public_key_sha256"], seq)
+    return made
+
+
+def hand_overs(data: bytes, first: int, name: str,
+               made_before: Mapping[str, int] | None = None) -> list[HandOver]:
+    """The hand-overs of the audit key in `data` (complete log lines from seq `first`),
+    each with the keygen line that made its key, if these lines (or `made_before`, the
+    keygens a run before saw) have one. One HSM signature can hand the trust over to a
+    key made anywhere (an auditor trial handed it to a software key and every verifier
+    followed in silence), so each is said, with where the key came from. On a cluster,
+    the node where `hsmca key rotate audit` ran has the keygen; the others hand over at
+    their next checkpoint without it."""
+    made = {**(made_before or {}), **keygens(data, first)}
     found: list[HandOver] = []
-    for mark in (_KEYGEN, NEXT_KEY.encode()):
-        for seq, line in lines_holding(data, mark, first):
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                continue  # the scan says what is wrong with it
-            if not isinstance(obj, dict) or obj.get("result") != "ok":
+    for seq, obj in _ok_lines(data, NEXT_KEY.encode(), first):
+        text = obj.get("checkpoint") if obj.get("event") == "hsm.sign" else None
+        try:
+            announced = parse_checkpoint(text).announced_key() \
+                if isinstance(text, str) else None
+            if announced is None:
                 continue
-            if mark is _KEYGEN:
-                if isinstance(obj.get("public_key_sha256"), str):
-                    made.setdefault(obj["public_key_sha256"], seq)
-                continue
-            text = obj.get("checkpoint") if obj.get("event") == "hsm.sign" else None
-            try:
-                announced = parse_checkpoint(text).announced_key() \
-                    if isinstance(text, str) else None
-                if announced is None:
-                    continue
-                key = parse_verifier_key(announced, ALG_NOTE).public_key
-            except (NoteError, ValueError):
-                continue
-            kid, at = key_id(name, key).hex(), made.get(spki_sha256(key))
-            if not any(h.key_id == kid for h in found):  # said once: where it began
-                found.append(HandOver(seq, kid, at if at is not None and at < seq else None))
+            key = parse_verifier_key(announced, ALG_NOTE).public_key
+        except (NoteError, ValueError):
+            continue
+        kid, at = key_id(name, key).hex(), made.get(spki_sha256(key))
+        if not any(h.key_id == kid for h in found):  # said once: where it began
+            found.append(HandOver(seq, kid, at if at is not None and at < seq else None))
     return found
 
 

@@ -30,6 +30,7 @@ from ca.audit.verify.checkpoint import (
     check_roots,
     closing_lines,
     hand_overs,
+    keygens,
     say_hand_overs,
     still_extends,
     usable,
@@ -168,7 +169,8 @@ def _verify(data: bytes, key: PinnedKey, latest_text: str | None,
         # Every intent still open has a daemon.start after it (`_end_of_log` saw to it).
         still_open = {op: (seq, seq < last_start) for op, seq in open_intents.items()}
         new_state = AuditorState(n, merkle.root(n), head, merkle.compact_range(n), best.text,
-                                 best, still_open, _successors(key)).to_json()
+                                 best, still_open, _successors(key),
+                                 keygens(data[:end], 0)).to_json()
     return VerifyResult(True, n, None, None, verified, new_state, signed, closing,
                         n - signed - closing,
                         sum(seq > last_start for seq in open_intents.values()))  # excused

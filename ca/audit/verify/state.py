@@ -55,6 +55,11 @@ class AuditorState:
     open_intents: dict[str, tuple[int, bool]] = field(default_factory=dict)  # seq, restarted
     # The audit keys the log handed over to, with the seq of each hand-over (docs/keys.md).
     successors: tuple[tuple[int, str], ...] = ()
+    # The keys the verified lines show made in the HSM (public key SHA-256 -> the seq of
+    # its hsm.keygen outcome): a hand-over in a later run's lines is to a key made here
+    # (a trial's second run called the key "made outside the HSM", its keygen verified
+    # by the first).
+    keygens: dict[str, int] = field(default_factory=dict)
 
     @property
     def seen(self) -> TreeHead:
@@ -107,6 +112,7 @@ class AuditorState:
             raise ValueError("the state's root is not that of its checkpoint")
         state = cls(size, root, head, frontier, signed.text, signed)
         state.open_intents = _open_intents(raw.get("open_intents"), size)
+        state.keygens = _keygens(raw.get("keygens", {}), size)
         return state
 
     @classmethod
@@ -148,7 +154,17 @@ class AuditorState:
             "open_intents": {op: {"seq": seq, "restarted": restarted}
                              for op, (seq, restarted) in sorted(self.open_intents.items())},
             "successors": [{"seq": seq, "key": vkey} for seq, vkey in self.successors],
+            "keygens": dict(sorted(self.keygens.items())),
         }
+
+
+def _keygens(raw: Any, size: int) -> dict[str, int]:
+    if not isinstance(raw, dict) or not all(
+            type(k) is str and _HEX64.fullmatch(k) and type(v) is int and 0 <= v < size
+            for k, v in raw.items()):
+        raise ValueError("state keygens must map public key SHA-256 hex digests to the seq "
+                         "of a line verified")
+    return dict(raw)
 
 
 def _hash(text: Any, what: str) -> bytes:
