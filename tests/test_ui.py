@@ -362,6 +362,16 @@ async def test_a_filter_the_view_cannot_read_is_refused_not_dropped(daemon: Daem
         with urllib.request.urlopen(f"{base}/audit?since=2026-01-01T00:00&page=1",
                                     timeout=60) as answer:
             assert answer.status == 200
+        # A path it has no page for is a page that says so, with the menu, not a bare
+        # "404: Not Found"; the banner of a page about a log the daemon does not serve
+        # refreshes as the page shows it (its 404 turned it to "does not answer").
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(f"{base}/nope", timeout=60)
+        page = missing.value.read().decode()
+        assert missing.value.code == 404 and "this view has no page &#39;/nope&#39;" in page
+        assert '<nav aria-label="pages">' in page
+        with urllib.request.urlopen(f"{base}/status.json?log=nope", timeout=60) as answer:
+            assert answer.status == 200 and "banner" in json.loads(answer.read())
     finally:
         ui.stop()
 

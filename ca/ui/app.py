@@ -105,6 +105,9 @@ def build_app(ui: UI) -> web.Application:
 
     app.router.add_get("/static/{name}", asset)
     app.router.add_get("/favicon.ico", favicon)
+    # Last: any other path is a page that says so, with the banner and the way back,
+    # not aiohttp's bare "404: Not Found" (a web trial).
+    app.router.add_get("/{tail:.*}", pages.no_such_page)
 
     async def close(_app: web.Application) -> None:
         await ui.logs.close()

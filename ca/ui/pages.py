@@ -114,9 +114,10 @@ def default_log(names: list[str | None]) -> str | None:
     return (nodes or names or [None])[0]
 
 
-async def _verdict(request: web.Request) -> Verdict:
+async def _verdict(request: web.Request, strict: bool = True) -> Verdict:
     """The verdict on the log the page is about (`?log=NODE` on a cluster), with the
-    other logs' beside it; 404 for a log the daemon does not serve."""
+    other logs' beside it; 404 for a log the daemon does not serve (with `strict`: not
+    for the banner's refresh of that 404 page, which shows the default log's)."""
     ui = request.app[UI_KEY]
     if ui.whoami is None:
         ui.whoami, _ = await _try(ui.ca.json("/v1/whoami"))
@@ -124,7 +125,7 @@ async def _verdict(request: web.Request) -> Verdict:
     asked = request.query.get("log") or None
     known = asked is None or asked in names or not names
     verdict = await ui.logs.verdict(asked if asked in names else default_log(names))
-    if not known:
+    if not known and strict:
         served = ", ".join(str(n) for n in names if n is not None) or "one unnamed log"
         raise web.HTTPNotFound(text=_html(
             request, "missing.html", verdict, title="Not found",
@@ -147,6 +148,12 @@ async def _report(request: web.Request, verdict: Verdict, log: str | None,
 
 def not_found(request: web.Request, verdict: Verdict, what: str) -> web.Response:
     return _render(request, "missing.html", verdict, status=404, title="Not found", what=what)
+
+
+async def no_such_page(request: web.Request) -> web.Response:
+    return not_found(request, await _verdict(request, strict=False),
+                     f"this view has no page {request.path[:80]!r}: its pages are in the "
+                     "menu above")
 
 
 # ---- / -------------------------------------------------------------------------------------
@@ -802,8 +809,10 @@ async def keys(request: web.Request) -> web.Response:
 
 
 async def status(request: web.Request) -> web.Response:
-    """The banner of a page (`?log=` as the page has it)."""
-    verdict = await _verdict(request)
+    """The banner of a page (`?log=` as the page has it). A page's 404 for a log the
+    daemon does not serve shows the default log's banner, and so does its refresh: a
+    404 here turned the banner to "hsmca ui does not answer" (a web trial)."""
+    verdict = await _verdict(request, strict=False)
     return web.json_response({"status": verdict.overall, "banner": verdict.banner,
                               "detail": verdict.detail})
 
