@@ -43,6 +43,10 @@ async def test_the_inventory_api_is_for_auditors_and_admins(daemon: Daemon,
     assert status == 200, raw
     found = json.loads(raw)
     assert found["total"] == 1 and found["certificates"][0]["serial"] == serial
+    # A NUL in the search matched every certificate (a web trial): refused, said why.
+    status, _, said = await http("GET", f"{base}/certificates?q=%00", daemon.ssl(*auditor))
+    assert status == 400 and "q cannot hold control characters" in \
+        json.loads(said)["detail"], said
     rec = found["certificates"][0]
     # a day's certificate just issued is valid; expiring only in its last third
     assert (rec["status"], rec["kind"], rec["role"]) == ("valid", "x509", "service")

@@ -104,6 +104,10 @@ def _search(request: web.Request, sorts: tuple[str, ...]) -> dict[str, Any]:
     text = request.query.get("q", "")
     if len(text) > 256:
         raise Problem(400, "Bad Request", "q is at most 256 characters", "bad-query")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        # A NUL matched every certificate, and the web view echoed it raw (a web trial).
+        raise Problem(400, "Bad Request", "q cannot hold control characters (a NUL, a "
+                      "newline, ...): search for printable text", "bad-query")
     return {"text": text or None, "status": _choice(request, "status", CERT_STATUSES),
             "sort": _choice(request, "sort", sorts) or "issued",
             "descending": (_choice(request, "order", ("asc", "desc")) or "desc") == "desc",
