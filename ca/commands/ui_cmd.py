@@ -36,7 +36,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         "verify --url`, and every page says 'verified up to seq N' in green or 'FAILED at "
         "seq N: why' in red; audit lines are marked verified only when checked against "
         "the tree you verified. Listens on loopback only, unless --listen-public with "
-        "--tls-cert and --tls-key. Prints its URL and serves until SIGTERM.")
+        "--tls-cert and --tls-key. Prints its URL and serves until SIGTERM. It reads a "
+        "running daemon only: a log file or a backup is verified with `hsmca audit "
+        "verify --log FILE` instead.")
     u.add_argument("--url", required=True, help="the daemon's URL (https://HOST:PORT)")
     u.add_argument("--ca", type=Path, required=True,
                    help="root.pem: the CA root you pinned (for TLS, and the chains shown)")

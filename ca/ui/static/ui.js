@@ -34,4 +34,7 @@
   }
   window.setInterval(refresh, 15000);
   box.addEventListener("click", refresh);  // a click checks again at once
+  box.addEventListener("keydown", function (e) {  // and the keyboard's Enter or Space
+    if (e.key === "Enter" || e.key === " ") { e.preventDefault(); refresh(); }
+  });
 })();
