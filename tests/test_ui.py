@@ -303,16 +303,22 @@ async def test_a_wrong_audit_key_is_named_on_the_keys_page(daemon: Daemon,
     assert "✓ the root you pinned (--ca)" in text
 
 
+def auditors_view(daemon: Daemon, tmp_path: Path, auditor_name: str) -> Running:
+    """`hsmca ui` on loopback, as an auditor enrolled now, pinned to the daemon's key."""
+    auditor = enroll(daemon, tmp_path, "auditor", [auditor_name])
+    return Running.start("ui", "--url", daemon.url, "--ca", daemon.root, "--cert",
+                         auditor[0], "--key", auditor[1], "--audit-key",
+                         daemon.state / "audit/audit_key.pem", "--state",
+                         tmp_path / "ui.state", "--listen", "127.0.0.1:0")
+
+
 async def test_the_view_serves_only_its_own_user_and_its_own_pages(daemon: Daemon,
                                                                   tmp_path: Path) -> None:
     """It reads with its user's client certificate, which no other user may read: a
     security review fetched the whole inventory through it as `nobody`, and any web page
     could make the auditor's browser load the daemon through it."""
     import subprocess
-    auditor = enroll(daemon, tmp_path, "auditor", ["own-user-auditor@example.com"])
-    ui = Running.start("ui", "--url", daemon.url, "--ca", daemon.root, "--cert", auditor[0],
-                       "--key", auditor[1], "--audit-key", daemon.state / "audit/audit_key.pem",
-                       "--state", tmp_path / "ui.state", "--listen", "127.0.0.1:0")
+    ui = auditors_view(daemon, tmp_path, "own-user-auditor@example.com")
     try:
         base = ui.listening_url()
         port = base.rsplit(":", 1)[1]
@@ -346,10 +352,7 @@ async def test_a_filter_the_view_cannot_read_is_refused_not_dropped(daemon: Daem
     """A web trial's `/audit?since=garbage` showed the whole log as if filtered, with the
     field emptied and no word; a seq or page that is no number went to the first page.
     Each is now a 400 page that says what the value must be."""
-    auditor = enroll(daemon, tmp_path, "auditor", ["filters-auditor@example.com"])
-    ui = Running.start("ui", "--url", daemon.url, "--ca", daemon.root, "--cert", auditor[0],
-                       "--key", auditor[1], "--audit-key", daemon.state / "audit/audit_key.pem",
-                       "--state", tmp_path / "ui.state", "--listen", "127.0.0.1:0")
+    ui = auditors_view(daemon, tmp_path, "filters-auditor@example.com")
     try:
         base = ui.listening_url()
         for path, said in (
