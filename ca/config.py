@@ -382,9 +382,10 @@ def load(path: Path, data: bytes | None = None) -> Config:
     if pin_source.startswith("file:"):
         pin_source = "file:" + str(rel(pin_source[5:]))
     elif not pin_source.startswith("env:"):
-        if not rel(pin_source).exists():
+        if "/" not in pin_source and not _exists(rel(pin_source)):
             # Not quoted: a PIN pasted here went into the error, and so into the journal
-            # (a trial). A path given as file:PATH is quoted, as it is surely one.
+            # (a trial). A value with a slash, or given as file:PATH, is a path: quoted
+            # when it cannot be read, as it surely is one.
             raise ConfigError(f"{where.at('pin-source')}: pin-source names no file that "
                               "exists (the value is not repeated, in case it is the PIN "
                               "itself): give file:/path to a file of mode 0600 holding the "
@@ -949,6 +950,13 @@ _NOTES = {
                "ssh-user-default-ttl-s, ssh-user-max-ttl-s, ssh-host-ttl-s, token-max-ttl-s.",
                "ssh-user-extensions: the extensions SSH user certificates carry."],
 }
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a directory this user cannot search: read (and said) at login
+        return True
 
 
 def render(*, module: str, token: str, pin_source: str, softhsm_conf: str | None,

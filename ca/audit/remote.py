@@ -529,7 +529,7 @@ async def _check_new_lines(api: LogClient, data: bytes, old: AuditorState,
     new = AuditorState(latest.size, latest.root, head, frontier, text,
                        SignedPrefix(latest.size, latest.root, text), still_open,
                        tuple((seq, verifier_key(key.name, k)) for seq, k in key.successors),
-                       {**old.keygens, **keygens(data[:end], start)})
+                       {**keygens(data[:end], start), **old.keygens})  # first one kept
     return RemoteResult(True, latest.size, n, count + 1, None, None, new.to_json(),
                         # Said once, in the run that first follows it: every checkpoint
                         # of a hand-over announces the key again (a review saw each later

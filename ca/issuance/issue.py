@@ -114,7 +114,7 @@ class Issuance:
     def issuers(self) -> Issuers:
         return self.keys.issuers
 
-    async def _can_record(self) -> None:
+    async def can_record(self) -> None:
         """Nothing is signed that the inventory could not record: while its last write
         failed (a full disk), each request first tries it again, and is refused with
         StoreUnavailable (503) until it goes through."""
@@ -124,7 +124,7 @@ class Issuance:
                 raise StoreUnavailable("the inventory cannot be written")
 
     async def x509(self, order: X509Order, request_id: str | None = None) -> Issued:
-        await self._can_record()
+        await self.can_record()
         issuer = self.issuers.x509[order.issuer]
         by_kind: dict[str, list[str]] = {"dns": [], "ip": [], "uri": [], "email": []}
         for kind, value in order.names:
@@ -181,7 +181,7 @@ class Issuance:
         return Issued(result.value, issuer.id, result.intent_seq, result.outcome_seq, result)
 
     async def ssh(self, order: SSHOrder, request_id: str | None = None) -> IssuedSSH:
-        await self._can_record()
+        await self.can_record()
         issuer = self.issuers.ssh[order.issuer]
         serial = 0
         while serial == 0:

@@ -111,7 +111,9 @@ class OCSPSigner:
                    request_id: str | None = None) -> int:
         """Sign and store the responses of each; how many could not be signed (a
         retired issuer's certificates are passed over, not failed). The jobs go in
-        together, so the pipeline signs them as one group."""
+        together, so the pipeline signs them as one group. Not while the inventory that
+        stores them cannot be written: each would be a signature for nothing."""
+        await self.issuance.can_record()
         orders = await self._orders(due)
         jobs: list[SigningJob[ocsp.OCSPResponse]] = []
         due = [d for d in due if d.issuer in orders]

@@ -355,7 +355,11 @@ class PostgresStore:
             await asyncio.sleep(max(0.0, self._retry_at - time.monotonic()))
             if not self._unreachable or self._closed:
                 return
-            await self._try_again()
+            try:
+                await self._try_again()
+            except Exception as exc:  # not psycopg's: said, and tried again
+                log.warning("the probe of PostgreSQL failed", error=str(exc) or repr(exc))
+                self._retry_at = time.monotonic() + RETRY_S
 
     async def _try_again(self) -> None:
         """While refusing calls: whether the server answers again, on a connection of
@@ -1896,14 +1900,22 @@ async def _refuse_foreign_tables(conn: Conn) -> None:
                           "hsmca a database of its own (nothing was written to it)")
 
 
-async def _same_schema(conn: Conn) -> None:
-    """Refuse to read an inventory of another schema than this code's."""
+async def _schema_version(conn: Conn) -> int | None:
+    """The inventory's schema version (None: no row yet); SchemaTooNew if this code
+    does not know it."""
     cur = await conn.execute("SELECT version FROM schema_version")
     row = await cur.fetchone()
     version = int(row[0]) if row else 0
     if version > len(PG_MIGRATIONS):
-        raise SchemaTooNew(f"the inventory (PostgreSQL) has schema version {version}, newer "
-                           f"than this hsmca knows ({len(PG_MIGRATIONS)}): upgrade hsmca here")
+        raise SchemaTooNew(
+            f"the inventory (PostgreSQL) has schema version {version}, newer than this "
+            f"hsmca knows ({len(PG_MIGRATIONS)}): upgrade hsmca on this node")
+    return version if row else None
+
+
+async def _same_schema(conn: Conn) -> None:
+    """Refuse to read an inventory of another schema than this code's."""
+    version = await _schema_version(conn) or 0
     if version < len(PG_MIGRATIONS):
         raise SchemaTooNew(f"the inventory (PostgreSQL) has schema version {version}, older "
                            f"than this hsmca reads ({len(PG_MIGRATIONS)}): start a node once "
@@ -1919,15 +1931,10 @@ async def migrate(conn: Conn) -> int | None:
     try:
         await _refuse_foreign_tables(conn)
         await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
-        cur = await conn.execute("SELECT version FROM schema_version")
-        row = await cur.fetchone()
-        version = int(row[0]) if row else 0
-        if row is None:
+        known = await _schema_version(conn)
+        version = known or 0
+        if known is None:
             await conn.execute("INSERT INTO schema_version (version) VALUES (0)")
-        if version > len(PG_MIGRATIONS):
-            raise SchemaTooNew(
-                f"the inventory (PostgreSQL) has schema version {version}, newer than this "
-                f"hsmca knows ({len(PG_MIGRATIONS)}): upgrade hsmca on this node")
         for number, script in enumerate(PG_MIGRATIONS[version:], start=version + 1):
             async with conn.transaction():
                 await conn.execute(script.encode())  # several statements: no parameters

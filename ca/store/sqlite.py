@@ -736,14 +736,18 @@ class SQLiteStore:
             st = os.stat(self.path)
         except FileNotFoundError:
             how = "deleted"
+        except OSError as exc:  # its directory made unreadable, an I/O error: fail closed
+            return (f"cannot look at the inventory {self.path} ({exc.strerror or exc}): "
+                    "no certificate or OCSP response is signed until it can be")
         else:
             if (st.st_dev, st.st_ino) == self._file:
                 return None
             how = "replaced by another file"
-        return (f"the inventory {self.path} was {how} while the daemon ran: nothing is "
-                "signed, since its record would be lost at the next start; stop the daemon, "
-                "then put the inventory back or restore the newest backup (docs/operator.md, "
-                "\"Backup and restore\")")
+        return (f"the inventory {self.path} was {how} while the daemon ran: no "
+                "certificate or OCSP response is signed, since its record would be lost at "
+                "the next start; move the file back (a copy is another file), or stop the "
+                "daemon and restore the newest backup (docs/operator.md, \"Backup and "
+                "restore\")")
 
     async def probe(self) -> None:
         """A file in this process: `healthy` says whether its writer runs and its last
@@ -858,10 +862,18 @@ class SQLiteStore:
                 out.fail(fut, value)
         out.flush()
 
+    def _connect_again(self) -> sqlite3.Connection:
+        """Another connection to the file this store opened, never to one put at its
+        path since: a checkpoint into a file restored under the daemon copied the live
+        WAL's pages into it and destroyed it (a review)."""
+        if (gone := self._gone()) is not None:
+            raise sqlite3.OperationalError(gone)
+        return _connect(self.path)
+
     def wal_checkpoint(self) -> None:
         """Copy the WAL into the database without waiting for, or blocking, anyone
         (PASSIVE); blocking, for a thread of its own."""
-        db = _connect(self.path)
+        db = self._connect_again()
         try:
             db.execute("PRAGMA wal_checkpoint(PASSIVE)")
         finally:
@@ -872,7 +884,7 @@ class SQLiteStore:
         or None. Reads every page, on a connection of its own; blocking, for a thread.
         A damaged page that no start reads (an index, old rows) is otherwise found only
         by the request that reads it (an operator trial)."""
-        db = _connect(self.path)
+        db = self._connect_again()
         try:
             found = [str(r[0]) for r in db.execute("PRAGMA quick_check(5)")]
         except sqlite3.DatabaseError as exc:
@@ -908,7 +920,9 @@ class SQLiteStore:
         pool: a burst of searches would queue the name lookups waiting there (a review)."""
         def run() -> list[list[tuple[Any, ...]]]:
             if self._searcher is None:
-                self._searcher = _connect(self.path)
+                if (gone := self._gone()) is not None:  # a 503 that says why
+                    raise StoreUnavailable(gone)
+                self._searcher = self._connect_again()
             return [self._guarded(self._searcher, sql, args) for sql, args in queries]
         return await asyncio.get_running_loop().run_in_executor(self._search_thread, run)
 

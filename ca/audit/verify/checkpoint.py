@@ -161,7 +161,7 @@ def hand_overs(data: bytes, first: int, name: str,
     followed in silence), so each is said, with where the key came from. On a cluster,
     the node where `hsmca key rotate audit` ran has the keygen; the others hand over at
     their next checkpoint without it."""
-    made = {**(made_before or {}), **keygens(data, first)}
+    made = {**keygens(data, first), **(made_before or {})}  # the first keygen of a key
     found: list[HandOver] = []
     for seq, obj in _ok_lines(data, NEXT_KEY.encode(), first):
         text = obj.get("checkpoint") if obj.get("event") == "hsm.sign" else None
