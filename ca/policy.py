@@ -501,7 +501,9 @@ def check_subject_key(key: object) -> str:
         return f"rsa-{key.key_size}"
     if isinstance(key, dsa.DSAPublicKey):
         raise Refused("DSA keys are not accepted", Reason.BAD_KEY)
-    raise Refused(f"key type {type(key).__name__} is not accepted", Reason.BAD_KEY)
+    raise Refused(f"key type {type(key).__name__.removesuffix('PublicKey')} is not accepted "
+                  "(use EC P-256 or P-384, Ed25519, or RSA of 2048 to 8192 bits)",
+                  Reason.BAD_KEY)
 
 
 def check_rsa(key: rsa.RSAPublicKey, min_bits: int, max_bits: int) -> None:
@@ -545,6 +547,13 @@ def check_csr(csr: x509.CertificateSigningRequest) -> None:
     except PARSE_ERRORS as exc:
         raise Refused(f"the CSR's public key cannot be read: {parse_error(exc)}",
                       Reason.BAD_CSR) from None
+    if csr.public_key_algorithm_oid == x509.oid.PublicKeyAlgorithmOID.RSASSA_PSS:
+        # Read as a plain RSA key, it was certified as one: the certificate dropped the
+        # key's restriction to PSS, and its holder's TLS library refused the pair (a
+        # relying-party trial; RFC 4055 3.1).
+        raise Refused("an RSA-PSS key (id-RSASSA-PSS) is not accepted: the certificate "
+                      "would name it as a plain RSA key; make an RSA key (openssl genpkey "
+                      "-algorithm RSA) or an EC one", Reason.BAD_KEY)
     check_subject_key(key)
     try:
         digest = csr.signature_hash_algorithm

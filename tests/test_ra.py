@@ -353,6 +353,33 @@ def test_key_policy(make: Any, words: tuple[str, ...]) -> None:
             Reason.BAD_KEY, *words)
 
 
+def test_key_types_not_accepted_are_refused_saying_which_are(tmp_path: Any) -> None:
+    """A relying-party trial enrolled an RSA-PSS key: read as a plain RSA key, it was
+    certified as one, and its holder's TLS library refused the pair (RFC 4055 3.1). An
+    Ed448 key's refusal named no type that is accepted."""
+    import subprocess
+
+    from tests.conftest import require
+    openssl = require("openssl")
+    subprocess.run([openssl, "genpkey", "-algorithm", "RSA-PSS", "-pkeyopt",
+                    "rsa_keygen_bits:2048", "-out", tmp_path / "pss.key"], check=True,
+                   capture_output=True)
+    subprocess.run([openssl, "req", "-new", "-key", tmp_path / "pss.key", "-subj",
+                    "/CN=svc.example", "-addext", "subjectAltName=DNS:svc.example", "-out",
+                    tmp_path / "pss.csr"], check=True, capture_output=True)
+    pss = x509.load_pem_x509_csr((tmp_path / "pss.csr").read_bytes())
+    t = token("service", (("dns", "svc.example"),))
+    refused(ra.decide(context(), t, ra.EnrollRequest(pss)), Reason.BAD_KEY,
+            "RSA-PSS key (id-RSASSA-PSS) is not accepted")
+    from cryptography.hazmat.primitives.asymmetric import ed448
+    ed = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+          .add_extension(x509.SubjectAlternativeName([x509.DNSName("svc.example")]),
+                         critical=False)
+          .sign(ed448.Ed448PrivateKey.generate(), None))
+    refused(ra.decide(context(), t, ra.EnrollRequest(ed)), Reason.BAD_KEY,
+            "key type Ed448 is not accepted (use EC P-256 or P-384, Ed25519")
+
+
 def test_enrollment_needs_a_token_and_renewal_a_certificate() -> None:
     refused(ra.decide(context(), holder("service", ("s.example",)), ra.EnrollRequest(csr())),
             Reason.WRONG_ROLE)
