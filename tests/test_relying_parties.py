@@ -13,6 +13,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import hsmca, init_ca, set_config, start_daemon
 from tests.helpers import enroll
 from tests.ports import free_port
@@ -32,11 +34,14 @@ def _ocsp_status(url: str, state: Path, leaf: Path) -> str:
     return proc.stdout + proc.stderr
 
 
+# With a path too: the addresses written into certificates are public-url's, and a
+# relying-party trial's "/pki" got 404 from every one of them.
+@pytest.mark.parametrize("path", ["", "/pki"])
 def test_openssl_fetches_crls_and_ocsp_over_plain_http_from_the_addresses_in_a_cert(
-        tmp_path: Path) -> None:
+        tmp_path: Path, path: str) -> None:
     ca = init_ca(tmp_path)
     port = free_port()
-    set_config(ca.state, "server", "public-url", f"http://127.0.0.1:{port}")
+    set_config(ca.state, "server", "public-url", f"http://127.0.0.1:{port}{path}")
     set_config(ca.state, "server", "http-listen", f"127.0.0.1:{port}")
     d = start_daemon(ca.state)
     try:
@@ -47,9 +52,9 @@ def test_openssl_fetches_crls_and_ocsp_over_plain_http_from_the_addresses_in_a_c
         leaf.write_text(cert.read_text().split("-----END CERTIFICATE-----")[0]
                         + "-----END CERTIFICATE-----\n")
         url = _openssl("x509", "-in", leaf, "-noout", "-ocsp_uri").stdout.strip()
-        assert url == f"http://127.0.0.1:{port}/v1/x509/ocsp"
+        assert url == f"http://127.0.0.1:{port}{path}/v1/x509/ocsp"
         cdp = _openssl("x509", "-in", leaf, "-noout", "-ext", "crlDistributionPoints").stdout
-        assert f"URI:http://127.0.0.1:{port}/v1/x509/crl/" in cdp, cdp
+        assert f"URI:http://127.0.0.1:{port}{path}/v1/x509/crl/" in cdp, cdp
         # OCSP as the certificate says to ask it: good once pre-signed (within seconds)
         deadline = time.monotonic() + 30
         while f"{leaf}: good" not in (said := _ocsp_status(url, ca.state, leaf)):
@@ -67,18 +72,19 @@ def test_openssl_fetches_crls_and_ocsp_over_plain_http_from_the_addresses_in_a_c
         proc = _openssl(*verify)
         assert proc.returncode != 0 and "certificate revoked" in proc.stdout + proc.stderr
         # Nothing else is there: no token, name or key goes over plain HTTP
-        for method, path in (("GET", "/health"), ("GET", "/v1/whoami"),
-                             ("POST", "/v1/x509/enroll"), ("POST", "/v1/tokens"),
-                             ("GET", "/v1/x509/roots"), ("GET", "/v1/ssh/krl")):
-            request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
+        for method, where in (("GET", "/health"), ("GET", "/v1/whoami"),
+                              ("POST", "/v1/x509/enroll"), ("POST", "/v1/tokens"),
+                              ("GET", "/v1/x509/roots"), ("GET", "/v1/ssh/krl"),
+                              ("GET", f"{path}/v1/whoami")):
+            request = urllib.request.Request(f"http://127.0.0.1:{port}{where}", method=method,
                                              data=b"{}" if method == "POST" else None)
             try:
                 urllib.request.urlopen(request, timeout=30)
-                raise AssertionError(f"{method} {path} answered over plain HTTP")
+                raise AssertionError(f"{method} {where} answered over plain HTTP")
             except urllib.error.HTTPError as exc:
-                assert exc.code in (404, 405), (path, exc.code)
+                assert exc.code in (404, 405), (where, exc.code)
                 assert json.loads(exc.read())["type"].endswith(("not-found", "no-route",
-                                                                "method-not-allowed")), path
+                                                                "method-not-allowed")), where
     finally:
         assert d.stop() == 0
 

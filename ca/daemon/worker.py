@@ -46,7 +46,15 @@ from ca.metrics import Metrics
 from ca.process import raise_fd_limit, settle_heap
 from ca.revocation import COUNTED, Revocations
 from ca.revocation.unreleased import Unreleased, revoke_unreleased
-from ca.server.app import REFUSALS, TRUST, build_app, build_plain_http_app, tls_context
+from ca.server.app import (
+    REFUSALS,
+    TRUST,
+    add_revocation_routes,
+    build_app,
+    build_plain_http_app,
+    public_prefix,
+    tls_context,
+)
 from ca.server.common import Gate, Settings
 from ca.store import Store, open_store
 from ca.store.errors import NoInventory, SchemaTooNew, StoreUnavailable
@@ -153,6 +161,8 @@ async def run(config: Config, host: str, port: int, slot: int, sign_channel: soc
                               own_names=(*config.policy.reserved, "localhost", "127.0.0.1",
                                          "::1")),
             acme=config.acme)
+        if prefix := public_prefix(config.public_url):  # an https public-url with a path
+            add_revocation_routes(app.router, prefix)
         runner = app_runner(app, config.request_timeout_s, shutdown_timeout=10.0)
         await runner.setup()
         TRUST.generations, TRUST.bundle = generations, config.bundle_pem
@@ -170,8 +180,8 @@ async def run(config: Config, host: str, port: int, slot: int, sign_channel: soc
             places=places, on_refused=refused)
         await site.start()
         if http_listen is not None:
-            plain = app_runner(build_plain_http_app(app), config.request_timeout_s,
-                               shutdown_timeout=10.0)
+            plain = app_runner(build_plain_http_app(app, public_prefix(config.public_url)),
+                               config.request_timeout_s, shutdown_timeout=10.0)
             await plain.setup()
             await tcp_site(plain, *http_listen, ssl_context=None, backlog=1024,
                            reuse_port=True, places=places, on_refused=refused).start()

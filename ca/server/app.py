@@ -294,22 +294,39 @@ def build_app(*, gate: Gate, tokens: Tokens, issuance: Issuance, revocations: Re
     return app
 
 
-def build_plain_http_app(app: web.Application) -> web.Application:
-    """What `[server] http-listen` serves: the CRLs and OCSP of `app`, and nothing else.
-    They are signed, so they need no TLS; most relying parties fetch them only over
-    plain HTTP (nginx's ssl_ocsp and ssl_stapling, OpenSSL's -crl_download: RFC 5280
-    and RFC 6960 Appendix A speak of http), and none could use the https addresses
-    (a service team's trial). Nothing that takes a token, a key or a name is here."""
+def add_revocation_routes(router: web.UrlDispatcher, prefix: str) -> None:
+    """The CRLs and OCSP under `prefix` (the path of `[server] public-url`, "" for
+    none): the addresses written into certificates are public-url's, so a public-url
+    with a path named addresses that nothing served, 404 for good (a relying-party
+    trial). A proxy that strips the path before the daemon finds them at the root."""
     from ca.server import x509_routes as x
+    router.add_get(f"{prefix}/v1/x509/crl", x.crl)
+    router.add_get(f"{prefix}/v1/x509/crl/{{issuer}}", x.issuer_crl)
+    router.add_get(f"{prefix}/v1/x509/crls.pem", x.all_crls)
+    router.add_post(f"{prefix}/v1/x509/ocsp", x.ocsp_post)
+    router.add_get(f"{prefix}/v1/x509/ocsp/{{b64:.+}}", x.ocsp_get)
+
+
+def public_prefix(public_url: str | None) -> str:
+    """The path of `[server] public-url` ("" for none or "/")."""
+    from urllib.parse import urlsplit
+    return urlsplit(public_url).path.rstrip("/") if public_url else ""
+
+
+def build_plain_http_app(app: web.Application, prefix: str = "") -> web.Application:
+    """What `[server] http-listen` serves: the CRLs and OCSP of `app`, and nothing else
+    (at the root, and under `prefix`, the path of public-url). They are signed, so they
+    need no TLS; most relying parties fetch them only over plain HTTP (nginx's ssl_ocsp
+    and ssl_stapling, OpenSSL's -crl_download: RFC 5280 and RFC 6960 Appendix A speak
+    of http), and none could use the https addresses (a service team's trial). Nothing
+    that takes a token, a key or a name is here."""
     public = web.Application(client_max_size=MAX_BODY,
                              middlewares=[request_middleware, problem_middleware])
     for key in app:
         public[key] = app[key]
-    public.router.add_get("/v1/x509/crl", x.crl)
-    public.router.add_get("/v1/x509/crl/{issuer}", x.issuer_crl)
-    public.router.add_get("/v1/x509/crls.pem", x.all_crls)
-    public.router.add_post("/v1/x509/ocsp", x.ocsp_post)
-    public.router.add_get("/v1/x509/ocsp/{b64:.+}", x.ocsp_get)
+    add_revocation_routes(public.router, "")
+    if prefix:
+        add_revocation_routes(public.router, prefix)
     return public
 
 
