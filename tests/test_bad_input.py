@@ -339,6 +339,8 @@ def corpus() -> list[Case]:
              "client-certificate-required", "none", data=good_b64, headers=PKCS10))
     add(Case("est enroll no credentials junk body", "POST", "/.well-known/est/simpleenroll",
              401, "client-certificate-required", "none", data=b"%%%%", headers=PKCS10))
+    add(Case("est reenroll no cert junk body", "POST", "/.well-known/est/simplereenroll",
+             403, "client-certificate-required", "none", data=b"%%%%", headers=PKCS10))
     add(Case("est reenroll token only", "POST", "/.well-known/est/simplereenroll", 403,
              "client-certificate-required", "token", data=good_b64, headers=PKCS10))
     add(Case("est reenroll json", "POST", "/.well-known/est/simplereenroll", 415,

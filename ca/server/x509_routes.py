@@ -575,8 +575,9 @@ async def est_simpleenroll(request: web.Request) -> web.Response:
 
 @routes.post("/.well-known/est/simplereenroll")
 async def est_simplereenroll(request: web.Request) -> web.Response:
-    csr = await _est_csr(request)
     if peer_der(request) is None:
+        # Before the body is read (as simpleenroll's 401): without a certificate, a bad
+        # body was answered "bad-csr" (a relying-party trial).
         # Not 401: that status must name an HTTP scheme that would do (RFC 9110 15.5.2),
         # and none would: re-enrollment is authenticated by the certificate it renews,
         # over TLS (RFC 7030 4.2.2). A service team's trial found the 401 without one.
@@ -584,4 +585,5 @@ async def est_simplereenroll(request: web.Request) -> web.Response:
                       "certificate being renewed: connect with it as the TLS client "
                       "certificate (mutual TLS); a first enrollment is simpleenroll, with a "
                       "bootstrap token", "client-certificate-required")
+    csr = await _est_csr(request)
     return _pkcs7_b64([(await _renew(request, csr, None)).cert])
