@@ -124,9 +124,24 @@ class HandOver(NamedTuple):
     """A checkpoint that hands the audit key over, and whether the log shows the new
     key made in the HSM (an `hsm.keygen` outcome for it, before)."""
 
-    seq: int
+    seq: int | None  # the line that logs it; None: the daemon's latest checkpoint
     key_id: str  # hex, as signature lines name it
     made_at: int | None  # the seq of its hsm.keygen outcome; None: not in these lines
+
+
+def announced(text: str, name: str, made: Mapping[str, int]) -> HandOver | None:
+    """The hand-over a checkpoint's text announces, if any, as one not yet logged
+    (seq None): the daemon's latest checkpoint, whose own line no checkpoint covers
+    yet. A log that no node writes any more (a cluster's init log after a root
+    rotation) would otherwise never show it to a remote verifier (a cluster trial)."""
+    try:
+        text_key = parse_checkpoint(text).announced_key()
+        if text_key is None:
+            return None
+        key = parse_verifier_key(text_key, ALG_NOTE).public_key
+    except (NoteError, ValueError):
+        return None
+    return HandOver(None, key_id(name, key).hex(), made.get(spki_sha256(key)))
 
 
 _KEYGEN = b'"event":"hsm.keygen"'
@@ -185,14 +200,15 @@ def say_hand_overs(found: list[HandOver]) -> str | None:
         return None
     parts = []
     for h in found:
+        at = (f"at seq {h.seq}" if h.seq is not None else
+              "by the daemon's latest checkpoint (its line is covered by the next one)")
         where = (f"made in the HSM at seq {h.made_at} (its hsm.keygen line)"
                  if h.made_at is not None else
                  "no hsm.keygen line among these lines shows it made in the HSM: on a CA of "
                  "several nodes the node where `hsmca key rotate audit` ran shows it; "
                  "otherwise ask how it was made, since a key made outside the HSM signs "
                  "for the log from here on")
-        parts.append(f"the audit key was handed over at seq {h.seq} to key id {h.key_id}, "
-                     f"{where}")
+        parts.append(f"the audit key was handed over {at} to key id {h.key_id}, {where}")
     return "; ".join(parts)
 
 
