@@ -534,4 +534,4 @@ def open_store(location: object, *, autocheckpoint: bool = True, new: bool = Fal
             "and revocation is in it): was it moved or deleted? Put it back, or restore "
             "the newest backup (docs/operator.md, \"Backup and restore\"); a new, empty "
             "one would forget them all")
-    return SQLiteStore(path, autocheckpoint=autocheckpoint)
+    return SQLiteStore(path, autocheckpoint=autocheckpoint, create=new)

@@ -669,15 +669,17 @@ def export_inventory(path: Path) -> Iterator[Table]:
 class SQLiteStore:
     schema_version = len(MIGRATIONS)
 
-    def __init__(self, path: Path, autocheckpoint: bool = True) -> None:
+    def __init__(self, path: Path, autocheckpoint: bool = True, create: bool = True) -> None:
         """`autocheckpoint=False` for the workers: the commit that fills the WAL would
         otherwise copy it into the database there and then (hundreds of milliseconds
         on a slow disk), stalling its worker's every signature behind it; the primary
-        checkpoints in the background instead (`wal_checkpoint`)."""
+        checkpoints in the background instead (`wal_checkpoint`). `create=False`: the
+        file must be there (a worker started after the inventory was deleted made a new
+        one, a review of the deletion's guard)."""
         self.path = path
         # Made 0600 before SQLite makes it (its WAL and SHM files take its mode): the
         # inventory names every client, and holds tokens' hashes.
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o600)
         try:
             st = os.fstat(fd)
             self._file = (st.st_dev, st.st_ino)  # the file it opened: see _gone
