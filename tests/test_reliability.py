@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import os
 import random
 import resource
 import signal
@@ -609,6 +610,7 @@ async def test_an_inventory_deleted_or_emptied_is_never_served_as_a_new_one(
     nothing is signed while the file is gone, /health says why, nothing is made at the
     path, and once the file is back it is served again. A start refuses an inventory
     emptied to 0 bytes, or one holding neither key nor certificate."""
+    from tests.test_workers import worker_pids
     ca = init_ca(tmp_path)
     db_path = ca.state / "hsmca.sqlite3"
     aside = tmp_path / "aside"
@@ -638,6 +640,13 @@ async def test_an_inventory_deleted_or_emptied_is_never_served_as_a_new_one(
                 "daemon ran: no certificate or OCSP response is signed" in \
                 json.loads(body)["store"], body
             assert issued() == before  # not one signature but the log's own checkpoints
+            # A worker started meanwhile does not make one either: it cannot start.
+            lines = len(d.stderr)
+            os.kill(worker_pids(d)[0], signal.SIGKILL)
+            assert d.wait_stderr(lambda: any("a worker failed to restart" in x or
+                                             "worker ready" in x for x in d.stderr[lines:]),
+                                 within=60), d.stderr[lines:]
+            assert not any("worker ready" in x for x in d.stderr[lines:]), d.stderr[lines:]
             assert not db_path.exists()  # nothing new made where it was
         finally:
             for path in moved:
