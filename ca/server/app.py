@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import os
 import ssl
 import time
 from collections.abc import Callable
@@ -397,11 +398,12 @@ class _Trust:
             # Checked first: OpenSSL drops the context's key when the new certificate
             # does not match it, and a failed load then left a listener no handshake
             # could complete with (a review); a pair that does not match is kept out.
-            cert = x509.load_pem_x509_certificates(self.listener[0].read_bytes())[0]
-            key = serialization.load_pem_private_key(self.listener[1].read_bytes(), None)
+            cert_pem, key_pem = self.listener[0].read_bytes(), self.listener[1].read_bytes()
+            cert = x509.load_pem_x509_certificates(cert_pem)[0]
+            key = serialization.load_pem_private_key(key_pem, None)
             if cert.public_key() != key.public_key():
                 raise ValueError("the certificate and the key do not match")
-            context.load_cert_chain(*self.listener)
+            _load_pair(context, cert_pem, key_pem)
         except (OSError, ValueError, IndexError, TypeError, ssl.SSLError) as exc:
             if self._said.allow("listener") is not None:  # tried at the next handshake
                 log.error("cannot load the daemon's renewed TLS certificate",
@@ -409,6 +411,22 @@ class _Trust:
         else:
             self.listener_gen = gen
             log.info("the listener presents the daemon's renewed TLS certificate")
+
+
+def _load_pair(context: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
+    """The very bytes just checked, loaded from memory: OpenSSL reads only files, and
+    read again from the state directory, a renewal landing between the check and the
+    load could hand it another pair than the one checked (a flake review)."""
+    fds = []
+    try:
+        for data in (cert_pem, key_pem):
+            fds.append(os.memfd_create("hsmca-listener", os.MFD_CLOEXEC))
+            with open(fds[-1], "wb", closefd=False) as fh:
+                fh.write(data)
+        context.load_cert_chain(*(f"/proc/self/fd/{fd}" for fd in fds))
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 TRUST = _Trust()
