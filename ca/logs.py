@@ -25,14 +25,30 @@ class _HTTPServerErrors(logging.Handler):
     error's type and the peer, never the error's text, which quotes the request's bytes
     (an Authorization header's, say). Anything else keeps its traceback."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        from ca.server.throttle import Throttle
+        # Anyone can send them by the thousand: at most 10 lines of a kind per 10 s, the
+        # rest counted (a soak trial saw one line per request).
+        self.throttle = Throttle(burst=10, on_quiet=self._unlogged)
+
+    @staticmethod
+    def _unlogged(error: object, count: int) -> None:
+        structlog.get_logger("hsmca.http").warning(
+            "requests that are not valid HTTP, not logged one by one", error=error,
+            unlogged=count)
+
     def emit(self, record: logging.LogRecord) -> None:
         from aiohttp.http_exceptions import HttpProcessingError
         exc = record.exc_info[1] if record.exc_info else None
         peer = record.args[0] if isinstance(record.args, tuple) and record.args else None
         log = structlog.get_logger("hsmca.http")
         if isinstance(exc, HttpProcessingError):
-            log.warning("refused a request that is not valid HTTP", peer=str(peer),
-                        error=type(exc).__name__, status=exc.code)
+            unlogged = self.throttle.allow(type(exc).__name__)
+            if unlogged is not None:
+                log.warning("refused a request that is not valid HTTP", peer=str(peer),
+                            error=type(exc).__name__, status=exc.code,
+                            **({"unlogged_before": unlogged} if unlogged else {}))
         else:
             log.error("HTTP server error", peer=str(peer), message=record.getMessage(),
                       exc_info=record.exc_info)

@@ -14,10 +14,19 @@ from aiohttp import web
 
 from ca.audit.link import AuditUnreadable
 from ca.policy import Refused
+from ca.server.throttle import Throttle
 from ca.store.errors import StoreDamaged, StoreUnavailable
 from hsm.errors import AuditUnavailable, HSMUnavailable
 
 log = structlog.get_logger("hsmca.http")
+
+
+def _left_unlogged(_key: object, count: int) -> None:
+    log.info("clients that closed the connection before their request arrived whole, "
+             "not logged one by one", unlogged=count)
+
+
+_LEFT = Throttle(burst=10, on_quiet=_left_unlogged)
 TYPE_BASE = "https://hsmca.dev/problems/"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -123,8 +132,11 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         rid = request.get("request_id", "-")
         if isinstance(exc, ConnectionResetError) and _client_left(request):
             # Its doing, not a fault (its body stopped halfway); the answer reaches nobody.
-            log.info("the client closed the connection before its request arrived whole",
-                     request_id=rid, path=request.path[:200])
+            # Bounded as every line anyone can cause (a soak trial: one per request).
+            if (unlogged := _LEFT.allow("left")) is not None:
+                log.info("the client closed the connection before its request arrived "
+                         "whole", request_id=rid, path=request.path[:200],
+                         **({"unlogged_before": unlogged} if unlogged else {}))
             return problem(400, "Bad Request", "the connection closed before the request "
                            "arrived whole", "incomplete-request")
         log.exception("unhandled error", request_id=rid, path=request.path)
