@@ -767,6 +767,16 @@ def _public_url(value: str | None, where: str) -> str | None:
         raise ConfigError(f"{where}: public-url must be an http:// or https:// URL like "
                           f"\"https://ca.example:8443\" (it goes into every certificate's CRL "
                           f"and OCSP addresses), not {value!r}") from None
+    path = value.split("://", 1)[1].partition("/")[2].rstrip("/")
+    segments = path.split("/") if path else []
+    if any(not re.fullmatch(r"[A-Za-z0-9_~-][A-Za-z0-9._~-]*", s) or s in (".", "..")
+           for s in segments) or (segments and segments[0] in ("v1", "acme", ".well-known")):
+        # The listeners serve the CRLs and OCSP under this path as written (a path that
+        # only decodes to it, or one of the daemon's own, would name addresses that
+        # answer 404 or answer something else).
+        raise ConfigError(f"{where}: public-url's path {'/' + path!r} must be plain words "
+                          "(letters, digits, '-', '_', '.', '~') and not begin with v1, acme "
+                          "or .well-known, the daemon's own paths")
     return value.rstrip("/")
 
 

@@ -542,11 +542,6 @@ def parse_error(exc: Exception) -> str:
 
 def check_csr(csr: x509.CertificateSigningRequest) -> None:
     """Signature valid, key acceptable, no CA:TRUE request."""
-    try:
-        key = csr.public_key()
-    except PARSE_ERRORS as exc:
-        raise Refused(f"the CSR's public key cannot be read: {parse_error(exc)}",
-                      Reason.BAD_CSR) from None
     if csr.public_key_algorithm_oid == x509.oid.PublicKeyAlgorithmOID.RSASSA_PSS:
         # Read as a plain RSA key, it was certified as one: the certificate dropped the
         # key's restriction to PSS, and its holder's TLS library refused the pair (a
@@ -554,6 +549,11 @@ def check_csr(csr: x509.CertificateSigningRequest) -> None:
         raise Refused("an RSA-PSS key (id-RSASSA-PSS) is not accepted: the certificate "
                       "would name it as a plain RSA key; make an RSA key (openssl genpkey "
                       "-algorithm RSA) or an EC one", Reason.BAD_KEY)
+    try:
+        key = csr.public_key()
+    except PARSE_ERRORS as exc:
+        raise Refused(f"the CSR's public key cannot be read: {parse_error(exc)}",
+                      Reason.BAD_CSR) from None
     check_subject_key(key)
     try:
         digest = csr.signature_hash_algorithm

@@ -395,6 +395,29 @@ def test_a_public_url_with_a_trailing_slash_makes_no_double_slash(tmp_path: Path
     assert (cfg.public_url, cfg.dns_name) == ("https://ca.example:8443/PKI", "ca.example")
 
 
+@pytest.mark.parametrize("url", ["https://ca.example/p%20ki", "http://ca.example/a/../pki",
+                                 "http://ca.example/v1", "https://ca.example/acme/x"])
+def test_a_public_url_path_the_listeners_could_not_serve_is_refused(tmp_path: Path,
+                                                                    url: str) -> None:
+    """The CRLs and OCSP are served under public-url's path as written (a review): a
+    path that only decodes to another, or one of the daemon's own, would put addresses
+    into certificates that answer 404 or something else."""
+    path = rendered(tmp_path)
+    path.write_text(path.read_text().replace("[server]\n", f'[server]\npublic-url = "{url}"\n',
+                                             1))
+    with pytest.raises(ConfigError, match=r"public-url's path .* must be plain words"):
+        load(path)
+
+
+def test_a_sqlite_inventory_is_made_only_when_asked(tmp_path: Path) -> None:
+    """Only init makes the file: any other open of a missing one fails, and makes
+    nothing (a worker's start raced a deletion of the inventory)."""
+    from ca.store.sqlite import SQLiteStore
+    with pytest.raises(FileNotFoundError):
+        SQLiteStore(tmp_path / "gone.sqlite3", create=False)
+    assert not (tmp_path / "gone.sqlite3").exists()
+
+
 @pytest.mark.parametrize(("url", "said"), [
     ("mysql://ca@db/hsmca", "must be a postgresql:// URL"),
     ("postgresql://ca:s3cret@db/hsmca?sslmod=require", 'invalid URI query parameter: "sslmod"'),

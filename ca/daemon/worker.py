@@ -161,7 +161,7 @@ async def run(config: Config, host: str, port: int, slot: int, sign_channel: soc
                               own_names=(*config.policy.reserved, "localhost", "127.0.0.1",
                                          "::1")),
             acme=config.acme)
-        if prefix := public_prefix(config.public_url):  # an https public-url with a path
+        if prefix := public_prefix(config.public_url):  # public-url's path, http or https
             add_revocation_routes(app.router, prefix)
         runner = app_runner(app, config.request_timeout_s, shutdown_timeout=10.0)
         await runner.setup()
