@@ -528,20 +528,19 @@ async def _check_new_lines(api: LogClient, data: bytes, old: AuditorState,
                   for op, seq in found.open_intents.items()}
     head = chain_hash(data[:end - 1].rsplit(b"\n", 1)[-1]) if n else old.head
     made = {**keygens(data[:end], start), **old.keygens}  # the first keygen of a key kept
-    new = AuditorState(latest.size, latest.root, head, frontier, text,
-                       SignedPrefix(latest.size, latest.root, text), still_open,
-                       tuple((seq, verifier_key(key.name, k)) for seq, k in key.successors),
-                       made)
     # Said once, in the run that first meets it: every checkpoint of a hand-over
     # announces the key again (a review saw each later run call it "not made in the
-    # HSM", its keygen in an earlier run), and a run that met it in the daemon's latest
-    # checkpoint has it in the state's checkpoint.
-    before = announced(old.checkpoint, key.name, {}) if old.checkpoint else None
-    said = known | ({before.key_id} if before else set())
+    # HSM", its keygen in an earlier run). What was said is kept in the state, not
+    # inferred from its checkpoint, which runs that say nothing set too (a review).
+    said = known | set(old.hand_overs_said)
     found = [h for h in hand_overs(data[:end], start, key.name, old.keygens)
              if h.key_id not in said]
     latest_one = announced(text, key.name, made)
     if latest_one is not None and latest_one.key_id not in said | {h.key_id for h in found}:
         found.append(latest_one)
+    new = AuditorState(latest.size, latest.root, head, frontier, text,
+                       SignedPrefix(latest.size, latest.root, text), still_open,
+                       tuple((seq, verifier_key(key.name, k)) for seq, k in key.successors),
+                       made, (*old.hand_overs_said, *(h.key_id for h in found)))
     return RemoteResult(True, latest.size, n, count + 1, None, None, new.to_json(),
                         note=say_hand_overs(found))

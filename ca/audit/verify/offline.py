@@ -170,7 +170,8 @@ def _verify(data: bytes, key: PinnedKey, latest_text: str | None,
         still_open = {op: (seq, seq < last_start) for op, seq in open_intents.items()}
         new_state = AuditorState(n, merkle.root(n), head, merkle.compact_range(n), best.text,
                                  best, still_open, _successors(key),
-                                 keygens(data[:end], 0)).to_json()
+                                 keygens(data[:end], 0),
+                                 prior.hand_overs_said if prior else ()).to_json()
     return VerifyResult(True, n, None, None, verified, new_state, signed, closing,
                         n - signed - closing,
                         sum(seq > last_start for seq in open_intents.values()))  # excused

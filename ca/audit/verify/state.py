@@ -60,6 +60,8 @@ class AuditorState:
     # (a trial's second run called the key "made outside the HSM", its keygen verified
     # by the first).
     keygens: dict[str, int] = field(default_factory=dict)
+    # The audit key hand-overs a remote run has said (key ids, hex): said once.
+    hand_overs_said: tuple[str, ...] = ()
 
     @property
     def seen(self) -> TreeHead:
@@ -113,6 +115,11 @@ class AuditorState:
         state = cls(size, root, head, frontier, signed.text, signed)
         state.open_intents = _open_intents(raw.get("open_intents"), size)
         state.keygens = _keygens(raw.get("keygens", {}), size)
+        said = raw.get("hand_overs_said", [])
+        if not isinstance(said, list) or not all(
+                type(k) is str and re.fullmatch(r"[0-9a-f]{8}", k) for k in said):
+            raise ValueError("state hand_overs_said must be a list of key ids (8 hex digits)")
+        state.hand_overs_said = tuple(said)
         return state
 
     @classmethod
@@ -155,6 +162,7 @@ class AuditorState:
                              for op, (seq, restarted) in sorted(self.open_intents.items())},
             "successors": [{"seq": seq, "key": vkey} for seq, vkey in self.successors],
             "keygens": dict(sorted(self.keygens.items())),
+            "hand_overs_said": list(self.hand_overs_said),
         }
 
 
