@@ -533,7 +533,7 @@ async def _check_new_lines(api: LogClient, data: bytes, old: AuditorState,
     # HSM", its keygen in an earlier run). What was said is kept in the state, not
     # inferred from its checkpoint, which runs that say nothing set too (a review).
     said = known | set(old.hand_overs_said)
-    found = [h for h in hand_overs(data[:end], start, key.name, old.keygens)
+    found = [h for h in hand_overs(data[:end], start, key.name, made)
              if h.key_id not in said]
     latest_one = announced(text, key.name, made)
     if latest_one is not None and latest_one.key_id not in said | {h.key_id for h in found}:

@@ -1277,7 +1277,7 @@ async def _checkpoint_inventory(store: SQLiteStore) -> None:
         await asyncio.sleep(INVENTORY_CHECKPOINT_S)  # periodic work, not synchronisation
         try:
             await asyncio.to_thread(store.wal_checkpoint)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, StoreUnavailable) as exc:  # the latter: the file replaced
             failing.failed(str(exc))
         else:
             failing.ok()

@@ -49,7 +49,6 @@ from ca.revocation.unreleased import Unreleased, revoke_unreleased
 from ca.server.app import (
     REFUSALS,
     TRUST,
-    add_revocation_routes,
     build_app,
     build_plain_http_app,
     public_prefix,
@@ -160,9 +159,7 @@ async def run(config: Config, host: str, port: int, slot: int, sign_channel: soc
                               config.audit_origin, config.node,
                               own_names=(*config.policy.reserved, "localhost", "127.0.0.1",
                                          "::1")),
-            acme=config.acme)
-        if prefix := public_prefix(config.public_url):  # public-url's path, http or https
-            add_revocation_routes(app.router, prefix)
+            acme=config.acme, public_path=public_prefix(config.public_url))
         runner = app_runner(app, config.request_timeout_s, shutdown_timeout=10.0)
         await runner.setup()
         TRUST.generations, TRUST.bundle = generations, config.bundle_pem

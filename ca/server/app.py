@@ -280,7 +280,9 @@ def build_app(*, gate: Gate, tokens: Tokens, issuance: Issuance, revocations: Re
               audit: AuditReader, limit: TokenLimit, hsm: Health, store: Store,
               settings: Settings, lifecycle: KeyLifecycle,
               metrics: Metrics | None = None,
-              acme: AcmeConfig | None = None) -> web.Application:
+              acme: AcmeConfig | None = None, public_path: str = "") -> web.Application:
+    """`public_path`: the path of `[server] public-url`, under which the CRLs and OCSP
+    are served too (add_revocation_routes)."""
     app = web.Application(client_max_size=MAX_BODY,
                           middlewares=[request_middleware, problem_middleware])
     app[GATE], app[TOKENS], app[ISSUANCE], app[REVOCATIONS] = gate, tokens, issuance, revocations
@@ -289,6 +291,9 @@ def build_app(*, gate: Gate, tokens: Tokens, issuance: Issuance, revocations: Re
     app[METRICS] = metrics or Metrics()
     for table in (routes, x509_routes, ssh_routes, audit_routes, key_routes, inventory_routes):
         app.add_routes(table)
+    add_revocation_routes(app.router, "")
+    if public_path:
+        add_revocation_routes(app.router, public_path)
     if acme is not None:  # ACME is on whenever the config has an [acme] section
         from ca.acme.server import install
         install(app, acme)

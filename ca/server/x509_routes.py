@@ -418,13 +418,11 @@ async def revoke(request: web.Request) -> web.Response:
     return web.json_response(answer)
 
 
-@routes.get("/v1/x509/crl")
 async def crl(request: web.Request) -> web.Response:
     """The current issuer's CRL."""
     return _crl_response(request, await request.app[REVOCATIONS].crl())
 
 
-@routes.get("/v1/x509/crl/{issuer}")
 async def issuer_crl(request: web.Request) -> web.Response:
     """An issuer's CRL, by its key's label (the CRL distribution point of its leaves)."""
     return _crl_response(request,
@@ -436,7 +434,6 @@ def _crl_response(request: web.Request, der: bytes) -> web.Response:
                        modified=x509.load_der_x509_crl(der).last_update_utc)
 
 
-@routes.get("/v1/x509/crls.pem")
 async def all_crls(request: web.Request) -> web.Response:
     """Every CRL a relying party that checks whole chains needs, in one PEM file: each
     issuing key's still in use (after a rotation, the previous key's certificates name
@@ -475,13 +472,11 @@ def _ocsp_response(request: web.Request, answer: ocsp.Answer) -> web.Response:
                         headers=headers)
 
 
-@routes.post("/v1/x509/ocsp")
 async def ocsp_post(request: web.Request) -> web.Response:
     der = await read_body(request)
     return _ocsp_response(request, await _ocsp_answer(request, der))
 
 
-@routes.get("/v1/x509/ocsp/{b64:.+}")
 async def ocsp_get(request: web.Request) -> web.Response:
     text = request.match_info["b64"]
     try:

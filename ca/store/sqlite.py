@@ -757,10 +757,8 @@ class SQLiteStore:
         that failed, a transaction that writes (and leaves nothing behind) tries again,
         so a disk with room again is noticed without a request that writes: a load
         balancer sends none to a node it took out."""
-        if self._problem is None and (gone := self._gone()) is not None:
-            self._problem = gone
         if self._problem is None:
-            return
+            return  # (a file gone is said by `healthy` and `problem` themselves)
 
         def touch(db: sqlite3.Connection) -> None:
             db.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('probe', '1')")
@@ -869,7 +867,7 @@ class SQLiteStore:
         path since: a checkpoint into a file restored under the daemon copied the live
         WAL's pages into it and destroyed it (a review)."""
         if (gone := self._gone()) is not None:
-            raise sqlite3.OperationalError(gone)
+            raise StoreUnavailable(gone)
         return _connect(self.path)
 
     def wal_checkpoint(self) -> None:
@@ -922,9 +920,7 @@ class SQLiteStore:
         pool: a burst of searches would queue the name lookups waiting there (a review)."""
         def run() -> list[list[tuple[Any, ...]]]:
             if self._searcher is None:
-                if (gone := self._gone()) is not None:  # a 503 that says why
-                    raise StoreUnavailable(gone)
-                self._searcher = self._connect_again()
+                self._searcher = self._connect_again()  # a 503 that says why, if gone
             return [self._guarded(self._searcher, sql, args) for sql, args in queries]
         return await asyncio.get_running_loop().run_in_executor(self._search_thread, run)
 

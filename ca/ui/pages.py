@@ -690,16 +690,12 @@ def _signer(signatures: Sequence[NoteSignature], key: PinnedKey | None) -> str:
     one, or one it handed the log over to. After a rotation and the old key's
     retirement only the new key signs, and the page said "the pinned audit key" all
     the same (a web trial)."""
-    if key is None:
+    ids = {s.key_id for s in signatures if key is not None and s.name == key.name}
+    if key is None or key_id(key.name, key.public_key) in ids:
         return "the pinned audit key"
-    ids = {s.key_id for s in signatures if s.name == key.name}
-    if key_id(key.name, key.public_key) in ids:
-        return "the pinned audit key"
-    handed = [k for k in key.trusted() if key_id(key.name, k) in ids]
-    if not handed:
-        return "the pinned audit key"  # not reached: verified means one of them signed
-    return (f"the audit key {key_id(key.name, handed[0]).hex()}, which the pinned key "
-            "handed the log over to")
+    # Verified, so one of the keys handed over to signed it
+    handed = next(key_id(key.name, k) for k in key.trusted() if key_id(key.name, k) in ids)
+    return f"the audit key {handed.hex()}, which the pinned key handed the log over to"
 
 
 def _checkpoint_view(text: str, key: PinnedKey | None,

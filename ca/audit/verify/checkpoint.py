@@ -168,29 +168,22 @@ def keygens(data: bytes, first: int) -> dict[str, int]:
 
 
 def hand_overs(data: bytes, first: int, name: str,
-               made_before: Mapping[str, int] | None = None) -> list[HandOver]:
+               made: Mapping[str, int] | None = None) -> list[HandOver]:
     """The hand-overs of the audit key in `data` (complete log lines from seq `first`),
-    each with the keygen line that made its key, if these lines (or `made_before`, the
-    keygens a run before saw) have one. One HSM signature can hand the trust over to a
-    key made anywhere (an auditor trial handed it to a software key and every verifier
-    followed in silence), so each is said, with where the key came from. On a cluster,
-    the node where `hsmca key rotate audit` ran has the keygen; the others hand over at
-    their next checkpoint without it."""
-    made = {**keygens(data, first), **(made_before or {})}  # the first keygen of a key
+    each with the keygen line that made its key, among `made` (default: the keygens
+    of these lines; a remote run adds those an earlier run saw). One HSM signature can
+    hand the trust over to a key made anywhere (an auditor trial handed it to a
+    software key and every verifier followed in silence), so each is said, with where
+    the key came from. On a cluster, the node where `hsmca key rotate audit` ran has
+    the keygen; the others hand over at their next checkpoint without it."""
+    made = keygens(data, first) if made is None else made
     found: list[HandOver] = []
     for seq, obj in _ok_lines(data, NEXT_KEY.encode(), first):
         text = obj.get("checkpoint") if obj.get("event") == "hsm.sign" else None
-        try:
-            announced = parse_checkpoint(text).announced_key() \
-                if isinstance(text, str) else None
-            if announced is None:
-                continue
-            key = parse_verifier_key(announced, ALG_NOTE).public_key
-        except (NoteError, ValueError):
-            continue
-        kid, at = key_id(name, key).hex(), made.get(spki_sha256(key))
-        if not any(h.key_id == kid for h in found):  # said once: where it began
-            found.append(HandOver(seq, kid, at if at is not None and at < seq else None))
+        h = announced(text, name, made) if isinstance(text, str) else None
+        if h is not None and not any(f.key_id == h.key_id for f in found):  # said once
+            at = h.made_at if h.made_at is not None and h.made_at < seq else None
+            found.append(h._replace(seq=seq, made_at=at))
     return found
 
 
