@@ -273,10 +273,17 @@ class Listener:
                 protocol, conn, ssl=self._ssl,
                 # (asyncio refuses a handshake timeout without TLS: [server] http-listen)
                 **({"ssl_handshake_timeout": self._handshake_timeout} if self._ssl else {}))
-        except OSError:
+        except OSError as exc:
             # A failed or timed-out handshake (a refused client certificate is logged by
             # the TLS layer, ca/server/app.py), or a client gone: its transport closed it.
             release()
+            # The exception's traceback holds asyncio's frames, which hold the connection
+            # (with its 256 KiB read buffer) and the exception again: a cycle only the
+            # garbage collector frees (CPython gh-109534, mended in 3.12 but not in
+            # Debian's 3.11). Under this daemon's collector thresholds (ca/process.py) a
+            # port scan or plain HTTP to this port left hundreds of them, 45-280 MB per
+            # worker. Cut here, the connection is freed when it closes.
+            exc.__traceback__ = None
         except BaseException:  # cancelled as the loop ends: asyncio closes the transport
             release()
             raise
