@@ -193,6 +193,72 @@ def test_a_line_rewritten_under_the_tiles_stops_signing_until_it_is_put_back(
         log.close()
 
 
+def test_a_line_rewritten_behind_a_damaged_tile_is_found_and_never_served(
+        tmp_path: Path) -> None:
+    """A line rewritten in place and one bit flipped in its tile: the background check
+    passed the bundle over (a damaged tile "not its to judge"), /health said ok,
+    renewals went on and the rewritten line was served (an auditor trial). The lines
+    are judged by the tile above now; and once a rewrite is found, its lines are not
+    served (they were, after the damage was known: the same trial)."""
+    from ca.audit.log import LinesRewritten
+    path_ = tmp_path / "log.jsonl"
+    log = AuditLog.open(path_)
+    fill(log, random.Random(3), 5000)  # 19 full bundles
+    log.close()
+    original = lines_of(path_)[4500]  # bundle 17 (4352..4607)
+    at = path_.read_bytes().index(original)
+    with path_.open("r+b") as f:
+        f.seek(at + len(original) // 2)
+        f.write(b"X")
+    level0 = tmp_path / "tiles" / "level-0"
+    data = bytearray(level0.read_bytes())
+    data[(17 * 256 + 248) * 32] ^= 1  # the hash of line 4600, another line of the bundle
+    level0.write_bytes(bytes(data))
+    log = AuditLog.open(path_)
+    try:
+        assert log.check_on_disk(0) == 16 and log.damaged_seq is None
+        log.check_on_disk(16)
+        assert log.damaged_seq == 4352 and not log.healthy
+        assert "a line from 4352 to 4607 of the audit log" in (log.problem or "")
+        assert "its tile (audit/tiles, 0/17) is damaged too" in (log.problem or "")
+        for read in (lambda: log.read_entries(17, 256), lambda: log.read_lines(4500, 1)):
+            with pytest.raises(LinesRewritten, match="a line from 4352 to 4607"):
+                read()
+        assert log.read_lines(4000, 2).count(b"\n") == 2  # the other bundles are served
+        with path_.open("r+b") as f:  # the line put back, the tile still damaged
+            f.seek(at)
+            f.write(original)
+        log.check_on_disk(16)
+        assert log.damaged_seq is None and log.healthy
+        assert log.read_lines(4500, 1) == original + b"\n"
+    finally:
+        log.close()
+
+
+def test_a_line_rewritten_under_the_tiles_is_not_served_once_found(tmp_path: Path) -> None:
+    """The first read of a rewritten line finds it (and stops signing); neither that read
+    nor any later one hands it out as the log's (an auditor trial: served twice)."""
+    from ca.audit.log import LinesRewritten
+    path_ = tmp_path / "log.jsonl"
+    log = AuditLog.open(path_)
+    fill(log, random.Random(4), 1000)
+    log.close()
+    original = lines_of(path_)[500]
+    at = path_.read_bytes().index(original)
+    with path_.open("r+b") as f:
+        f.seek(at + len(original) // 2)
+        f.write(b"X")
+    log = AuditLog.open(path_)
+    try:
+        for _ in range(2):
+            for read in (lambda: log.read_entries(1, 256), lambda: log.read_lines(500, 1)):
+                with pytest.raises(LinesRewritten, match="line 500 of the audit log"):
+                    read()
+        assert log.damaged_seq == 500 and not log.healthy
+    finally:
+        log.close()
+
+
 def test_a_crash_before_the_commit_point_is_tiled_again_at_start(tmp_path: Path) -> None:
     """The lines of a batch are durable, the tiles it completed are not recorded: the
     tile directory is as it was before the batch (its new tile maybe written), the
@@ -295,6 +361,39 @@ def test_a_missing_tile_directory_is_built_from_the_whole_log_and_checked(
                       + data[at + len(lines[3]):])
     with pytest.raises(AuditLogError, match=r"no longer match .*the log was rewritten"):
         AuditLog.open(path_, checkpoint, key.public_key())
+
+
+def test_a_damaged_tile_at_start_is_not_blamed_on_the_log_alone(tmp_path: Path) -> None:
+    """One hash flipped in the top tile: the tree read from the tiles no longer matches
+    the checkpoint. The start said "the log was rewritten" of a log that verified (an
+    auditor trial); it names the tiles too, and moving them aside, as it says, works."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from ca.audit.note import sign_checkpoint
+    path_ = tmp_path / "log.jsonl"
+    log = AuditLog.open(path_)
+    fill(log, random.Random(9), 1000)
+    log.close()
+    key = ed25519.Ed25519PrivateKey.generate()
+    lines = lines_of(path_)
+    checkpoint = tmp_path / "checkpoint"
+    root = MerkleTree(leaf_hash(line) for line in lines[:-2]).root()
+    checkpoint.write_text(sign_checkpoint("t.example/audit", len(lines) - 2, root,
+                                          "t.example/audit", key.public_key(), key.sign))
+    level1 = tmp_path / "tiles" / "level-1"
+    data = bytearray(level1.read_bytes())
+    data[32] ^= 1  # bundle 1's entry
+    level1.write_bytes(bytes(data))
+    with pytest.raises(AuditLogError, match=(
+            r"as its tiles \(.*tiles\) hold them, no longer match .*: the log was rewritten, "
+            r"or the tiles damaged.* if it passes, the tiles are at fault: move them aside")):
+        AuditLog.open(path_, checkpoint, key.public_key())
+    shutil.move(tmp_path / "tiles", tmp_path / "tiles.damaged")
+    log = AuditLog.open(path_, checkpoint, key.public_key())
+    try:
+        agrees(log, lines, random.Random(10))
+    finally:
+        log.close()
 
 
 def test_an_older_tile_damaged_behind_the_daemon_is_never_served(tmp_path: Path) -> None:

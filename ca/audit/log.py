@@ -89,6 +89,11 @@ class _NotTheLog(OSError):
     """The open file is no longer the log at its path, as hsmca wrote it."""
 
 
+class LinesRewritten(TileDamaged):
+    """Lines asked for that no longer hash to their leaves: not served. The recorder
+    answers it as it does a damaged tile (503, saying why)."""
+
+
 class AuditLogError(Exception):
     """The log cannot be opened safely; the message tells the operator what to look at."""
 
@@ -138,6 +143,7 @@ class AuditLog:
         # A line under the tiles that no longer hashes to its leaf (`check_on_disk`):
         # (its seq, why). Nothing is written while so.
         self._damage: tuple[int, str] | None = None
+        self._tiles_said: set[int] = set()  # bundles whose damaged tile was said
         self._saved: Path | None = None  # where the lines of a deleted log file were saved
         self._save_again_at = 0.0  # time.monotonic(): a failed save is tried again then
         self._poisoned = False
@@ -200,14 +206,16 @@ class AuditLog:
     @classmethod
     def _recover(cls, path: Path, fd: int, tiles: Path, checkpoint_path: Path | None,
                  audit_key: AuditKeys, mirror: Mirror | None) -> AuditLog:
-        if not tiles.exists():
+        built = not tiles.exists()
+        if built:
             _build_tiles(path, fd, tiles)
         try:
             store = FileTileStore(tiles)
         except TileDamaged as exc:
             raise _damaged(tiles, str(exc)) from None
         try:
-            return cls._resume(path, fd, store, tiles, checkpoint_path, audit_key, mirror)
+            return cls._resume(path, fd, store, tiles, checkpoint_path, audit_key, mirror,
+                               read_tiles=not built)
         except TileDamaged as exc:
             store.close()
             raise _damaged(tiles, str(exc)) from None
@@ -218,7 +226,8 @@ class AuditLog:
     @classmethod
     def _resume(cls, path: Path, fd: int, store: FileTileStore, tiles: Path,
                 checkpoint_path: Path | None, audit_key: AuditKeys,
-                mirror: Mirror | None) -> AuditLog:
+                mirror: Mirror | None, read_tiles: bool = True) -> AuditLog:
+        """`read_tiles`: False when the tiles were just built from the whole log."""
         bundles = store.committed()
         covered = bundles * TILE_WIDTH  # lines the tiles hold
         base = store.bundle_end(bundles - 1) if bundles else 0  # bytes they cover
@@ -275,7 +284,8 @@ class AuditLog:
                 ends.append(pos)
                 edge = []
         if checkpoint_path is not None:
-            cp = cls._check_against_checkpoint(path, checkpoint_path, tree, fd, pos, audit_key)
+            cp = cls._check_against_checkpoint(path, checkpoint_path, tree, fd, pos, audit_key,
+                                               tiles if read_tiles else None)
             if cp is not None and 0 < cp.size <= n:
                 # The lines from the one the checkpoint ends with (seq cp.size - 1) on:
                 # those read above, and before them, if it is older, from the file.
@@ -307,11 +317,12 @@ class AuditLog:
 
     @staticmethod
     def _check_against_checkpoint(path: Path, checkpoint_path: Path, tree: TiledTree,
-                                  fd: int, size_bytes: int, audit_key: AuditKeys
-                                  ) -> Checkpoint | None:
+                                  fd: int, size_bytes: int, audit_key: AuditKeys,
+                                  tiles: Path | None) -> Checkpoint | None:
         """The log must still hold what the last checkpoint signed. That is the
         checkpoint file, or, if it is gone, the last checkpoint recorded in the log
-        itself (deleting one file must not switch the check off). The checkpoint."""
+        itself (deleting one file must not switch the check off). The checkpoint.
+        `tiles`: the directory `tree` was read from, None if built from the log now."""
         n = tree.size
         in_file = checkpoint_path.exists()
         if in_file:
@@ -340,9 +351,18 @@ class AuditLog:
                 f"{cp.size}: the log was truncated or replaced (tampering or loss). Refusing to "
                 "start; restore the log and run `hsmca audit verify`")
         if verdict is Growth.FORKED:
+            # Read from the tiles (the start reads only the lines they do not hold), the
+            # tree may be wrong where the log is not: a damaged tile was blamed on the log,
+            # which verified (an auditor trial).
             raise AuditLogError(
                 f"the first {cp.size} lines of the audit log {path} no longer match {where}: "
-                "the log was rewritten. Refusing to start; run `hsmca audit verify`")
+                "the log was rewritten. Refusing to start; run `hsmca audit verify`"
+                if tiles is None else
+                f"the first {cp.size} lines of the audit log {path}, as its tiles ({tiles}) "
+                f"hold them, no longer match {where}: the log was rewritten, or the tiles "
+                "damaged. Refusing to start; run `hsmca audit verify` on the log: if it "
+                "passes, the tiles are at fault: move them aside and start again (hsmca "
+                "builds them anew from the log, and checks that against the checkpoint)")
         if in_file and n < cp.size + 2:
             # The file is written once the checkpoint's signing is in the log: its intent
             # (seq cp.size, durable before C_Sign) and its outcome, which carries the note.
@@ -650,32 +670,30 @@ class AuditLog:
         if bundle >= full:
             return 0
         end = min(bundle + self.CHECK_BUNDLES, full)
-        seq = self._first_mismatch(bundle, end - bundle)
-        if seq is not None:
-            self._rewritten(seq)
+        found = self._first_mismatch(bundle, end - bundle)
+        if found is not None:
+            self._rewritten(*found)
             return bundle
         return end if end < full else 0
 
-    def _rewritten(self, seq: int) -> None:
-        """Line `seq` no longer hashes to its leaf: nothing is signed, /health says so."""
-        self._damage = (seq, (
-            f"line {seq} of the audit log {self.path} no longer hashes to its leaf in the "
-            "log's Merkle tree (audit/tiles): it was rewritten on disk after it was "
-            "written (tampering, or a failing disk). Nothing is signed until it is put "
-            "back: stop hsmca, restore that line from a backup of the log (a line never "
-            "changes once written), check the log with `hsmca audit verify` and start "
-            "again"))
+    def _rewritten(self, seq: int, somewhere: bool = False) -> None:
+        """Line `seq` no longer hashes to its leaf (`somewhere`: a line of the bundle from
+        `seq`, whose tile is damaged too): nothing is signed, /health says so."""
+        if self._damage is not None:
+            return
+        self._damage = (seq, _rewritten_text(self.path, seq, somewhere))
         log.error("an audit log line was rewritten on disk: nothing is signed until it "
-                  "is put back", seq=seq, log=str(self.path))
+                  "is put back", seq=seq, log=str(self.path),
+                  **({"last_seq": seq + TILE_WIDTH - 1} if somewhere else {}))
 
     def _check_served(self, first: int, lines: list[bytes]) -> None:
         """Lines about to be served (from seq `first`, without newlines), against the
         leaf hashes of their full bundles' tiles: a line rewritten on disk was served
         as the log's until the hourly pass came to it, and an auditor's incremental run
         said OK meanwhile (an auditor trial). One SHA-256 a line; a mismatch is the
-        damage `check_on_disk` finds, at once (the auditor's run then fails on it)."""
-        if self._damage is not None:
-            return
+        damage `check_on_disk` finds, at once (the auditor's run then fails on it), and
+        the lines are not served (LinesRewritten: 503, as for a damaged tile), then or
+        later: they were served all the same once the damage was known (a trial)."""
         with self._tree_lock:
             full = self._tree.size // TILE_WIDTH
         seq, stop = first, first + len(lines)
@@ -684,42 +702,63 @@ class AuditLog:
             if bundle >= full:
                 return  # the edge: in memory, and checked at every start
             take = min(TILE_WIDTH - k, stop - seq)
+            hashes = leaf_hashes(lines[seq - first:seq - first + take])
             try:
                 with self._tree_lock:
                     tile = self._tree.checked_leaves(bundle)
             except TileDamaged:
-                seq += take
-                continue  # a proof that needs it names it
-            want = tile[k * HASH_SIZE:(k + take) * HASH_SIZE]
-            hashes = leaf_hashes(lines[seq - first:seq - first + take])
-            if hashes != want:
-                self._rewritten(seq + next(
+                # Judged whole, by the tile above (a part of a bundle cannot be).
+                found = self._first_mismatch(bundle, 1)
+            else:
+                want = tile[k * HASH_SIZE:(k + take) * HASH_SIZE]
+                found = None if hashes == want else (seq + next(
                     i for i in range(take) if hashes[i * HASH_SIZE:(i + 1) * HASH_SIZE]
-                    != want[i * HASH_SIZE:(i + 1) * HASH_SIZE]))
-                return
+                    != want[i * HASH_SIZE:(i + 1) * HASH_SIZE]), False)
+            if found is not None:
+                self._rewritten(*found)
+                raise LinesRewritten(_rewritten_text(self.path, *found))
             seq += take
 
-    def _first_mismatch(self, first: int, count: int) -> int | None:
-        """The seq of the first line of full bundles [first, first + count) that does not
-        hash to the leaf its tile holds, or None. A damaged tile is not this check's to
-        judge (a proof that needs it names it): its bundle is passed over."""
+    def _first_mismatch(self, first: int, count: int) -> tuple[int, bool] | None:
+        """The first line of full bundles [first, first + count) that does not hash to the
+        leaf its tile holds, or None: (its seq, False); or (the bundle's first seq, True)
+        when the bundle's tile is damaged and its lines do not hash to what the tile
+        above holds for it (which line, the tile cannot tell). A damaged tile whose
+        lines do agree with the tile above is said in the daemon's log and passed over:
+        the lines are the log's, and a proof that needs the tile names it."""
         with self._tree_lock:
             lo, hi = self._bundle_start(first), self._bundle_start(first + count)
         # Full bundles never change once written: read outside the lock.
         lines = os.pread(self._fd, hi - lo, lo).split(b"\n")
         for k in range(count):
-            chunk = lines[k * TILE_WIDTH:(k + 1) * TILE_WIDTH]
+            bundle = first + k
+            hashes = leaf_hashes(lines[k * TILE_WIDTH:(k + 1) * TILE_WIDTH])
             try:
                 with self._tree_lock:
-                    tile = self._tree.checked_leaves(first + k)
-            except TileDamaged:
+                    tile = self._tree.checked_leaves(bundle)
+            except TileDamaged as exc:
+                if not self._agree_without_tile(bundle, hashes, exc):
+                    return bundle * TILE_WIDTH, True
                 continue
-            hashes = leaf_hashes(chunk)
             if hashes != tile:
                 at = next((i for i in range(TILE_WIDTH) if hashes[i * HASH_SIZE:(i + 1) *
                            HASH_SIZE] != tile[i * HASH_SIZE:(i + 1) * HASH_SIZE]), 0)
-                return (first + k) * TILE_WIDTH + at
+                return bundle * TILE_WIDTH + at, False
         return None
+
+    def _agree_without_tile(self, bundle: int, hashes: bytes, damage: TileDamaged) -> bool:
+        """Bundle `bundle`'s lines (`hashes`), judged by the tile above when their own
+        tile is damaged (`damage`); True when that cannot be judged either."""
+        try:
+            with self._tree_lock:
+                agree = self._tree.leaves_agree(bundle, hashes)
+        except TileDamaged:
+            agree = True  # the tile above is damaged too: a proof that needs it names it
+        if agree and bundle not in self._tiles_said:
+            self._tiles_said.add(bundle)
+            log.error("an audit log tile is damaged; the lines under it are intact",
+                      error=str(damage), first_seq=bundle * TILE_WIDTH)
+        return agree
 
     @property
     def damaged_seq(self) -> int | None:
@@ -1103,6 +1142,20 @@ def _check_chain(path: Path, before: bytes | None, lines: list[bytes], first: in
 def _leaves(lines: list[bytes]) -> list[bytes]:
     blob = leaf_hashes(lines)
     return [blob[i:i + 32] for i in range(0, len(blob), 32)]
+
+
+def _rewritten_text(path: Path, seq: int, somewhere: bool) -> str:
+    """What /health and a refused read say of line `seq` rewritten on disk (`somewhere`:
+    a line of the bundle from `seq`, whose tile is damaged too)."""
+    what = f"a line from {seq} to {seq + TILE_WIDTH - 1}" if somewhere else f"line {seq}"
+    tile = (f", and its tile (audit/tiles, 0/{seq // TILE_WIDTH}) is damaged too, so the "
+            "tile cannot tell which line (`hsmca audit verify` on the log names it)"
+            if somewhere else "")
+    return (f"{what} of the audit log {path} no longer hashes to its leaf in the log's "
+            "Merkle tree (audit/tiles): it was rewritten on disk after it was written "
+            f"(tampering, or a failing disk){tile}. Nothing is signed until it is put back: "
+            "stop hsmca, restore that line from a backup of the log (a line never changes "
+            "once written), check the log with `hsmca audit verify` and start again")
 
 
 def _damaged(tiles: Path, what: str) -> AuditLogError:

@@ -151,8 +151,9 @@ async def _rewritten_on_disk(api: LogClient, result: RemoteResult) -> RemoteResu
     if seq is None:
         return result
     return _failed(Failure(seq, Stage.LINE, (
-        f"the daemon reports that line {seq} of its log file no longer hashes to its leaf "
-        "in the log's Merkle tree: it was rewritten on disk after it was written. The "
+        f"the daemon reports that line {seq} of its log file (or, where that line's tile "
+        "is damaged too, one of the 255 after it) no longer hashes to its leaf in the "
+        "log's Merkle tree: it was rewritten on disk after it was written. The "
         "lines this run fetched verified; an offline verification of a copy of the log "
         "(hsmca audit verify --log) names what changed")), result.lines, result.fetched,
         result.checkpoints)

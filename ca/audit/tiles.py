@@ -424,6 +424,15 @@ class TiledTree(SubtreeHashes):
             self._check_against_parent(0, index, data)
         return data
 
+    def leaves_agree(self, index: int, hashes: bytes) -> bool:
+        """Whether `hashes`, the leaf hashes of full bundle `index` as its lines on disk
+        hash now, hash to what the tile above holds for the bundle. How lines are judged
+        when their own tile 0/`index` is damaged: passed over, a rewritten line hid
+        behind one flipped bit in its tile (an auditor trial). TileDamaged if the tile
+        above is damaged too."""
+        entry = self._parent_entry(0, index)
+        return entry is None or tile_root(hashes) == entry
+
     # ---- internals -----------------------------------------------------------------------
 
     def _edge_index(self, level: int) -> int:
@@ -468,21 +477,27 @@ class TiledTree(SubtreeHashes):
         it, or TileDamaged: start-up reads only the last bundle's tile, and a damaged
         older one would be served, and its proofs with it, as the log's (auditor
         trial). 255 hashes, once per tile the cache takes in."""
+        entry = self._parent_entry(level, index)
+        if entry is not None and tile_root(data) != entry:
+            raise TileDamaged(f"tile {level}/{index} does not hash to the entry its parent "
+                              f"tile {level + 1}/{index // TILE_WIDTH} holds for it: the "
+                              "tiles were damaged or altered on disk (the start reads only the "
+                              "newest of them, so this may be older than this run). If `hsmca "
+                              "audit verify` passes on the log, stop the daemon, move the tile "
+                              "directory aside and start again (it is built anew)")
+
+    def _parent_entry(self, level: int, index: int) -> bytes | None:
+        """The hash the tile above holds for full tile `level`/`index` (that tile checked
+        as reads are: TileDamaged if it is not whole), or None at the top."""
         parent_index, slot = divmod(index, TILE_WIDTH)
         if level + 1 >= len(self._edges):
-            return
+            return None
         if parent_index == self._edge_index(level + 1):
             parent: bytes | bytearray = self._edges[level + 1]
         else:
             parent = self._full(level + 1, parent_index)
         entry = bytes(parent[slot * HASH_SIZE:(slot + 1) * HASH_SIZE])
-        if len(entry) == HASH_SIZE and tile_root(data) != entry:
-            raise TileDamaged(f"tile {level}/{index} does not hash to the entry its parent "
-                              f"tile {level + 1}/{parent_index} holds for it: the tiles were "
-                              "damaged or altered on disk (the start reads only the newest "
-                              "of them, so this may be older than this run). If `hsmca audit "
-                              "verify` passes on the log, stop the daemon, move the tile "
-                              "directory aside and start again (it is built anew)")
+        return entry if len(entry) == HASH_SIZE else None
 
     def _keep(self, level: int, index: int, data: bytes) -> None:
         self._cache[(level, index)] = data
