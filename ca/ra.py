@@ -793,6 +793,14 @@ def _valid_now(name: str) -> bool:
     return True
 
 
+# A security trial: OpenSSH (9.2) compares a host certificate's principals with the
+# name the user typed, so a wildcard one matched no host at all; and a client that took
+# it as a pattern would match names any depth below it (`*` crosses dots there), some of
+# which the policy denies, where an X.509 wildcard covers one label.
+_NO_WILDCARD = ("a wildcard is no SSH host principal (OpenSSH matches a host "
+                "certificate's principals with the exact name the user typed)")
+
+
 def _ssh_host(ctx: Context, who: Requester, req: SSHHostRequest) -> SSHOrder:
     _need_role(who, "host")
     assert isinstance(who, CertHolder)
@@ -801,18 +809,20 @@ def _ssh_host(ctx: Context, who: Requester, req: SSHHostRequest) -> SSHOrder:
     kinds = {n: policy.lookup(n)[0] for n in who.names}
     names = tuple(n for n, kind in kinds.items()
                   if kind == "dns" or (kind == "ip" and _valid_now(n)))
-    if req.principals is None:  # by default, the names the policy in force still allows
-        kept = tuple(n for n in names if ctx.policy.allow_wildcards or not n.startswith("*."))
+    if req.principals is None:  # by default, its names but wildcards (_NO_WILDCARD)
+        kept = tuple(n for n in names if not n.startswith("*."))
         if names and not kept:  # an SSH trial: "no host names were granted" named no cause
-            raise Refused(f"this certificate's names ({', '.join(names)}) are wildcards, which "
-                          "the CA no longer makes SSH principals ([policy] allow-wildcards is "
-                          "off): enroll the host again with its own names",
+            raise Refused(f"this certificate's names ({', '.join(names)}) are wildcards: "
+                          f"{_NO_WILDCARD}; enroll the host with its own names",
                           Reason.PRINCIPAL_NOT_GRANTED)
         names = kept
     principals = _principals(req.principals, names, "host names")
     for name in principals:
         if kinds[name] == "dns":
             policy.dns_name(name, ctx.policy.allow_wildcards)  # an asked-for wildcard
+            if name.startswith("*."):
+                raise Refused(f"principal {name}: {_NO_WILDCARD}",
+                              Reason.PRINCIPAL_NOT_GRANTED)
     policy.check_allowed([(kinds[x], x) for x in principals], ctx.policy, "host")
     _ssh_key(ctx, req.public_key)
     now = int(ctx.now.timestamp())

@@ -265,9 +265,6 @@ def test_wildcards_turned_off_reach_renewals_and_ssh_host_certificates() -> None
     refused(ra.decide(context(), svc, ra.RenewRequest()), Reason.BAD_NAME,
             "*.w.example", "wildcards are not enabled")
     host = holder("host", ("*.w.example", "web.w.example"))
-    order = ra.decide(on, host, ra.SSHHostRequest(ssh_key()))
-    assert isinstance(order, ra.SSHOrder) and order.principals == ("*.w.example",
-                                                                    "web.w.example")
     order = ra.decide(context(), host, ra.SSHHostRequest(ssh_key()))
     assert isinstance(order, ra.SSHOrder) and order.principals == ("web.w.example",)
     refused(ra.decide(context(), host, ra.SSHHostRequest(ssh_key(), ["*.w.example"])),
@@ -275,8 +272,26 @@ def test_wildcards_turned_off_reach_renewals_and_ssh_host_certificates() -> None
     # A host named only by a wildcard is told why it gets no principal (an SSH trial).
     only = holder("host", ("*.w.example",))
     refused(ra.decide(context(), only, ra.SSHHostRequest(ssh_key())),
-            Reason.PRINCIPAL_NOT_GRANTED, "are wildcards, which the CA no longer makes SSH "
-            "principals ([policy] allow-wildcards is off)")
+            Reason.PRINCIPAL_NOT_GRANTED, "are wildcards: a wildcard is no SSH host principal")
+
+
+def test_a_wildcard_is_never_an_ssh_host_principal() -> None:
+    """A security trial: with wildcards on, a host enrolled as *.prod.w.example got it as
+    its host certificate's principal, which OpenSSH 9.2 matched with no host name at
+    all; a client matching it as a pattern would take it for db.eu.prod.w.example, which
+    the policy denies (X.509's wildcard covers one label)."""
+    on = context(Policy(allow_wildcards=True, deny=("db.eu.prod.w.example",)))
+    host = holder("host", ("*.prod.w.example", "web.prod.w.example"))
+    order = ra.decide(on, host, ra.SSHHostRequest(ssh_key()))
+    assert isinstance(order, ra.SSHOrder) and order.principals == ("web.prod.w.example",)
+    refused(ra.decide(on, host, ra.SSHHostRequest(ssh_key(), ["*.prod.w.example"])),
+            Reason.PRINCIPAL_NOT_GRANTED, "principal *.prod.w.example: a wildcard is no SSH "
+            "host principal (OpenSSH matches a host certificate's principals with the exact "
+            "name the user typed)")
+    refused(ra.decide(on, holder("host", ("*.prod.w.example",)),
+                      ra.SSHHostRequest(ssh_key())),
+            Reason.PRINCIPAL_NOT_GRANTED, "are wildcards: a wildcard is no SSH host principal",
+            "enroll the host with its own names")
 
 
 def test_renewal_keeps_the_presented_key_unless_a_csr_brings_a_new_one() -> None:
