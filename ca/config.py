@@ -382,6 +382,12 @@ def load(path: Path, data: bytes | None = None) -> Config:
     if pin_source.startswith("file:"):
         pin_source = "file:" + str(rel(pin_source[5:]))
     elif not pin_source.startswith("env:"):
+        if re.match(r"[A-Za-z][\w+.-]*:", pin_source) and not _exists(rel(pin_source)):
+            # A mistyped prefix ("fiel:/srv/pin") was read as a relative file name (a
+            # docs trial). Not quoted either: the part before the colon may be a PIN's.
+            raise ConfigError(f"{where.at('pin-source')}: pin-source begins with a prefix "
+                              "hsmca does not know, and names no file that exists: give "
+                              "file:/path to a file of mode 0600 holding the PIN, or env:NAME")
         if "/" not in pin_source and not _exists(rel(pin_source)):
             # Not quoted: a PIN pasted here went into the error, and so into the journal
             # (a trial). A value with a slash, or given as file:PATH, is a path: quoted

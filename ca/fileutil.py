@@ -142,8 +142,11 @@ def _check_owner(path: Path, st: os.stat_result) -> None:
     if st.st_uid not in (0, os.geteuid()):
         me, owner = _user(os.geteuid()), _user(st.st_uid)
         if os.geteuid() == 0:  # (a check run as root, of a daemon that runs as `owner`?)
-            fix = (f"give it to root (chown root {path}), or run hsmca as {owner} (its "
-                   "unit's User=; check as that user: runuser -u USER -- hsmca ...)")
+            # Running as the owner first: a docs trial ran the root ceremony as root,
+            # and `chown root` on the PIN file would have kept the daemon from its PIN.
+            fix = (f"run hsmca as {owner}, the daemon's user (runuser -u {owner} -- hsmca "
+                   f"...), or, if the daemon runs as root, give it to root (chown root "
+                   f"{path})")
         else:
             fix = f"run chown {me} {path}, or chown root and keep it readable by {me}"
         trusted = me if os.geteuid() == 0 else f"{me} or root"

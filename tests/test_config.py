@@ -72,6 +72,19 @@ def test_a_pin_pasted_as_pin_source_is_not_repeated_in_the_error(tmp_path: Path)
         f"file:{tmp_path / 'pin'}"
 
 
+def test_a_mistyped_pin_source_prefix_is_refused_not_read_as_a_file(tmp_path: Path) -> None:
+    """A docs trial wrote `fiel:/srv/pin`: taken for a relative file name, it got "cannot
+    read the PIN file .../ca/fiel:/srv/pin" at the start."""
+    (tmp_path / "pin").write_text("739201\n")
+    for typo in (f"fiel:{tmp_path / 'pin'}", f"File:{tmp_path / 'pin'}", "evn:HSM_PIN"):
+        with pytest.raises(ConfigError) as err:
+            load(rendered(tmp_path, pin_source=typo))
+        msg = str(err.value)
+        assert "pin-source begins with a prefix hsmca does not know" in msg, msg
+        assert "file:/path" in msg and "env:NAME" in msg and "\n" not in msg
+        assert typo.split(":")[0] not in msg.split(": pin-source")[1], msg  # not quoted
+
+
 def test_a_default_lifetime_above_its_maximum_is_refused_not_cut(tmp_path: Path) -> None:
     path = rendered(tmp_path)
     text = path.read_text()

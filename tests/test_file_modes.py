@@ -91,7 +91,8 @@ def test_serve_refuses_a_file_it_trusts_that_another_user_owns(tmp_path: Path,
     assert proc.returncode == 1 and proc.stdout == "", proc.stderr
     [line] = proc.stderr.strip().splitlines()
     assert f"{path} is owned by nobody, not by root: its owner can change it" in line, line
-    assert f"give it to root (chown root {path}), or run hsmca as nobody" in line, line
+    assert (f"run hsmca as nobody, the daemon's user (runuser -u nobody -- hsmca ...), or, "
+            f"if the daemon runs as root, give it to root (chown root {path})") in line, line
 
 
 def test_a_key_and_its_certificate_are_replaced_together_or_not_at_all(

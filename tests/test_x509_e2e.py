@@ -195,13 +195,21 @@ async def test_est_round_trip(daemon: Daemon, tmp_path: Path) -> None:
         -addext subjectAltName=DNS:est.internal.example -outform DER | base64 > csr.b64
     curl -sf --cacert {daemon.root} -H @header-file -H 'Content-Type: application/pkcs10' \\
         --data-binary @csr.b64 {daemon.url}/.well-known/est/simpleenroll \\
-        | base64 -d | openssl pkcs7 -inform DER -print_certs > cert.pem"""
+        | base64 -d | openssl pkcs7 -inform DER -print_certs > cert.pem
+    curl -sf --cacert {daemon.root} {daemon.url}/v1/x509/chain | openssl x509 >> cert.pem"""
     proc = await asyncio.to_thread(subprocess.run, [require("bash"), "-c", recipe],
                                    cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    pem = (tmp_path / "cert.pem").read_text()
-    issued = x509.load_pem_x509_certificate(pem.encode())
-    assert issued.public_key() == key.public_key()
+    # The leaf, then its issuing CA: what a service presents, which a peer holding the
+    # root alone verifies (a docs trial: the recipe gave the leaf alone).
+    leaf, issuing = x509.load_pem_x509_certificates((tmp_path / "cert.pem").read_bytes())
+    assert leaf.public_key() == key.public_key() and leaf.issuer == issuing.subject
+    verified = subprocess.run([openssl, "verify", "-CAfile", daemon.root, "-untrusted",
+                               tmp_path / "cert.pem", tmp_path / "cert.pem"],
+                              capture_output=True, text=True)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    pem = leaf.public_bytes(serialization.Encoding.PEM).decode()
+    issued = leaf
 
     # simplereenroll over mutual TLS with the certificate just issued
     (tmp_path / "c.pem").write_text(pem)
