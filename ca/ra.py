@@ -209,6 +209,7 @@ class EnrollAgainRequest:
     not_after: dt.datetime
     issuer_in_use: bool  # its issuing key still among the issuers
     spki_sha256: str  # of its key
+    ttl: object = None  # as the retry asks it: one the first request could have asked
 
 
 @dataclass(frozen=True)
@@ -704,6 +705,9 @@ def _enroll_again(ctx: Context, who: Requester, req: EnrollAgainRequest) -> Enro
     if not isinstance(who, TokenHolder):
         raise Refused("sending an enrolled certificate again needs its bootstrap token",
                       Reason.WRONG_ROLE)
+    # A retry is the same request: one the first answer would have refused is refused
+    # (a docs trial got the certificate back for "ttl": "7 days", which is 400 at first).
+    _lifetime(ctx, req.ttl)
     if not req.released:
         raise Refused("the certificate it enrolled is not known to have been released, so "
                       "it is not sent again", Reason.TOKEN_SPENT)

@@ -982,3 +982,10 @@ def test_a_spent_token_gets_its_certificate_again_only_released_live_and_for_its
         refused(ra.decide(context(), who, dataclasses.replace(good, **change)),
                 Reason.TOKEN_SPENT, said)
     refused(ra.decide(context(), admin(), good), Reason.WRONG_ROLE)
+    # A retry asks what the first request could have (a docs trial got the certificate
+    # back for a ttl that is 400 at first); a lifetime the first could ask is not used.
+    assert ra.decide(context(), who, dataclasses.replace(good, ttl="2h")) == (
+        ra.EnrollAgainOrder(0x99))
+    refused(ra.decide(context(), who, dataclasses.replace(good, ttl="7 days")),
+            Reason.MALFORMED, "is not a duration")
+    refused(ra.decide(context(), who, dataclasses.replace(good, ttl="999d")), Reason.LIFETIME)

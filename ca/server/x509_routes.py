@@ -192,7 +192,7 @@ async def _token_used(request: web.Request, token: Any, why: str | None = None) 
 
 
 async def _replay(request: web.Request, holder: ra.TokenHolder, token: Any,
-                  csr: x509.CertificateSigningRequest) -> Replayed:
+                  csr: x509.CertificateSigningRequest, ttl: object) -> Replayed:
     """The certificate `token` enrolled, sent again if the registration authority says
     so (ra.EnrollAgainRequest): the client whose 201 was lost (a timeout, a reset) would
     otherwise hold a spent token and no certificate (an API client's trial). Nothing is
@@ -208,7 +208,7 @@ async def _replay(request: web.Request, holder: ra.TokenHolder, token: Any,
             csr, int(record.serial, 16), released=token.released_at is not None,
             revoked=record.revoked_at is not None,
             not_after=dt.datetime.fromisoformat(record.not_after),
-            issuer_in_use=issuer in issuers.x509, spki_sha256=record.spki_sha256))
+            issuer_in_use=issuer in issuers.x509, spki_sha256=record.spki_sha256, ttl=ttl))
     except Refused as exc:
         if exc.reason is not Reason.TOKEN_SPENT:
             raise
@@ -222,7 +222,7 @@ async def _enroll(request: web.Request, bearer: tuple[ra.TokenHolder, Any],
                   csr: x509.CertificateSigningRequest, ttl: object) -> Issued | Replayed:
     holder, token = bearer
     if token.used_at is not None:
-        return await _replay(request, holder, token, csr)
+        return await _replay(request, holder, token, csr, ttl)
     order: ra.X509Order = await decide(request, holder, ra.EnrollRequest(csr, ttl))
     tokens = request.app[TOKENS]
     # Spent after the decision, so a refused CSR does not burn the token.
