@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "its path, never the PIN)")
     i.add_argument("--key-type", default="ec-p256",
                    choices=["ec-p256", "ec-p384", "ed25519", "rsa-3072"],
-                   help="type of the CA keys (the audit key is always Ed25519)")
+                   help="type of the CA keys (default ec-p256; the audit key is always "
+                   "Ed25519)")
     i.add_argument("--name", type=_ca_name, default="hsmca", metavar="NAME",
                    help="the CA's name: its certificates are 'NAME Root CA' and 'NAME "
                    "Issuing CA', so relying parties and errors tell this CA from another "
@@ -221,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     ui_cmd.add_parsers(sub)
     store_cmd.add_parsers(sub)
     backup_cmd.add_parsers(sub)
+    from ca.commands.examples import add_examples
+    add_examples(p)
     return p
 
 

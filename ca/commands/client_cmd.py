@@ -420,7 +420,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     tc.add_argument("--name", required=True, nargs="+",
                     help="names the certificate may carry (DNS, IP, URI; e-mail for users)")
     tc.add_argument("--principal", nargs="+", help="SSH logins a user may get (role user)")
-    tc.add_argument("--ttl", default="15m", help="how long the token is valid (default 15m)")
+    tc.add_argument("--ttl", default="15m", help="how long the token is valid (default 15m; "
+                    "at most [policy] token-max-ttl-s, 7d unless set)")
     admin_flags(tc)
     tc.set_defaults(command_key="token-create")
 
@@ -501,7 +502,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     v.add_argument("--reason", type=_reason, metavar="REASON",
                    help="RFC 5280 reason, as keyCompromise, key_compromise or its code: "
                    f"{', '.join(REASONS)}; a certificate's holder may give unspecified, "
-                   "keyCompromise, superseded, affiliationChanged, cessationOfOperation")
+                   "keyCompromise, superseded, affiliationChanged, cessationOfOperation "
+                   "(default unspecified)")
     admin_flags(v)
     credential_flags(v, "the client certificate to authenticate with instead of the "
                      "admin credential of --config: your own, to revoke it (SERIAL defaults "
