@@ -300,8 +300,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if not _expected(exc):
             raise
-        print(f"hsmca: error: {exc}", file=sys.stderr)
+        said = _with_setting(exc, getattr(args, "config", None))
+        print(f"hsmca: error: {said}", file=sys.stderr)
         return exc.exit_status if isinstance(exc, CLIError) else 1
+
+
+# The HSM's errors know nothing of hsmca.toml (hsm/ is a plain executor); a docs trial
+# read "PKCS#11 module not found" with nothing on where the path came from.
+_HSM_SETTINGS = (("PKCS#11 module not found", "module"),
+                 ("cannot load PKCS#11 module", "module"),
+                 ("no token labelled", "token (and, for SoftHSM, softhsm-conf)"),
+                 ("wrong PIN", "pin-source: the file or variable it names"))
+
+
+def _with_setting(exc: BaseException, config: object) -> str:
+    """`exc`'s message, naming the hsmca.toml setting behind it where it is the HSM's."""
+    text = str(exc)
+    if isinstance(exc, HSMError) and isinstance(config, Path):
+        for start, setting in _HSM_SETTINGS:
+            if text.startswith(start):
+                return f"{text} (check [hsm] {setting} in {config})"
+    return text
 
 
 # Expected failures defined beside the code that raises them: an exception of one of

@@ -373,7 +373,13 @@ def load(path: Path, data: bytes | None = None) -> Config:
         q = Path(p)
         return q if q.is_absolute() else (base / q).resolve()
 
-    hsm = raw.get("hsm", {})
+    if "hsm" not in raw:
+        # An empty file, or another program's: every config `hsmca init` writes has
+        # [hsm] (a docs trial got "missing setting 'pin-source'" from an empty one).
+        raise ConfigError(f"{path} has no [hsm] section: not a config `hsmca init` wrote "
+                          "(pass the hsmca.toml in the CA's state directory, or run "
+                          "`hsmca init` first)")
+    hsm = raw["hsm"]
     where = Where(path, text, "hsm")
     if "pin" in hsm:
         raise ConfigError(f"{where.at('pin')}: a PIN must not be in the config; use pin-source = "

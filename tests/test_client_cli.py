@@ -9,6 +9,7 @@ import dataclasses
 import datetime as dt
 import json
 import os
+import re
 import shlex
 import sqlite3
 import ssl
@@ -468,6 +469,32 @@ def test_init_with_a_missing_token_hints_at_softhsm2_conf(tmp_path: Path,
     msg = one_line_error(proc)
     assert f"no token labelled {ca.token.label!r}" in msg
     assert f"SOFTHSM2_CONF={tmp_path / 'elsewhere.conf'}" in msg and "export SOFTHSM2_CONF" in msg
+
+
+def test_an_hsm_error_at_the_start_names_the_setting_behind_it(tmp_path: Path) -> None:
+    """A docs trial read "PKCS#11 module not found: ..." and "wrong PIN ..." with nothing
+    on where the path or the PIN came from: the start names the [hsm] setting and the
+    config file now (hsm/ knows nothing of either)."""
+    ca = init_ca(tmp_path)
+    config = ca.state / "hsmca.toml"
+    text = config.read_text()
+    assert f'module = "{ca.token.module}"' in text
+    config.write_text(text.replace(f'module = "{ca.token.module}"',
+                                   'module = "/usr/lib/softhsm/libsofthsm.so"'))
+    msg = one_line_error(hsmca("serve", "--config", config, "--listen", "127.0.0.1:0",
+                               check=False))
+    assert msg == ("hsmca: error: PKCS#11 module not found: /usr/lib/softhsm/libsofthsm.so "
+                   f"(check [hsm] module in {config})"), msg
+    wrong = tmp_path / "wrong-pin"
+    wrong.write_text("000000\n")
+    wrong.chmod(0o600)
+    config.write_text(re.sub(r'pin-source = ".*"', f'pin-source = "file:{wrong}"', text))
+    msg = one_line_error(hsmca("serve", "--config", config, "--listen", "127.0.0.1:0",
+                               check=False))
+    assert msg.startswith(f"hsmca: error: wrong PIN for token {ca.token.label!r} (PIN from "
+                          f"file {wrong})"), msg
+    assert msg.endswith(f"(check [hsm] pin-source: the file or variable it names in {config})")
+    assert "000000" not in msg
 
 
 def test_hsmca_module_runs_without_an_installed_entry_point() -> None:

@@ -72,6 +72,19 @@ def test_a_pin_pasted_as_pin_source_is_not_repeated_in_the_error(tmp_path: Path)
         f"file:{tmp_path / 'pin'}"
 
 
+def test_a_file_with_no_hsm_section_is_said_to_be_no_config_of_init(tmp_path: Path) -> None:
+    """A docs trial passed an empty file as --config: "[hsm]: missing setting
+    'pin-source'", even to `token create`, which needs no PIN."""
+    for text in ("", "[server]\nlisten = \"127.0.0.1:8443\"\n"):
+        path = tmp_path / "other.toml"
+        path.write_text(text)
+        with pytest.raises(ConfigError) as err:
+            load(path)
+        assert str(err.value) == (f"{path} has no [hsm] section: not a config `hsmca init` "
+                                  "wrote (pass the hsmca.toml in the CA's state directory, "
+                                  "or run `hsmca init` first)"), err.value
+
+
 def test_a_mistyped_pin_source_prefix_is_refused_not_read_as_a_file(tmp_path: Path) -> None:
     """A docs trial wrote `fiel:/srv/pin`: taken for a relative file name, it got "cannot
     read the PIN file .../ca/fiel:/srv/pin" at the start."""
