@@ -598,7 +598,7 @@ def test_outcome_owed_after_a_failed_write_is_written_first(ca: InitialisedCA,
     # though nothing but the next signature wrote it.
     resume = lines[late[0] - 1]
     assert resume["event"] == "log.resume", resume
-    assert resume["after"].startswith("cannot write the audit log: "), resume
+    assert resume["after"].startswith(f"cannot write the audit log {path}: "), resume
 
 
 @pytest.mark.asyncio(loop_scope="session")

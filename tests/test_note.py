@@ -79,6 +79,16 @@ def test_the_reference_note_fails_when_altered() -> None:
         verify_note(corrupted, "PeterNeumann", pub)
 
 
+def test_a_blank_line_after_the_signatures_is_named_as_such() -> None:
+    """An auditor trial added a blank line at the end of a checkpoint file: "a note
+    needs at least one signature line", of a note that has one."""
+    pub = go_key().public_key()
+    with pytest.raises(NoteError, match="this one has a blank line after its signatures"):
+        verify_note(GO_NOTE + "\n", "PeterNeumann", pub)
+    with pytest.raises(NoteError, match="needs at least one signature line"):
+        verify_note(GO_TEXT + "\n", "PeterNeumann", pub)
+
+
 # ---- checkpoints ----------------------------------------------------------------------------
 
 

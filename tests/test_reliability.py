@@ -389,7 +389,9 @@ async def test_audit_log_that_cannot_grow_means_503_and_nothing_signed(tmp_path:
         ctx = d.ssl(cert, key)
         size = (ca.state / "audit/log.jsonl").stat().st_size
         resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE, (size + 10, resource.RLIM_INFINITY))
-        await assert_nothing_signed(d, ctx, "cannot write the audit log")
+        # The file named (an auditor trial's immutable log: /health named none).
+        await assert_nothing_signed(
+            d, ctx, f"cannot write the audit log {ca.state / 'audit/log.jsonl'}: File too large")
         resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE,
                          (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
         await assert_served_again(d, ctx)

@@ -1167,7 +1167,8 @@ def test_a_line_altered_and_rechained_is_placed_between_two_checkpoints() -> Non
     assert not result.ok and result.bad_seq == len(lines) - 1, result
     assert f"a line from seq {first} to {size - 1} was altered (the {first} lines before " \
         "it were vouched for by an earlier checkpoint or run) and the lines after it " \
-        "chained again to hide it" in (result.reason or ""), result.reason
+        "chained again to hide it; which one, a copy of the log from before the change " \
+        "tells" in (result.reason or ""), result.reason
 
 
 def test_a_line_altered_and_rechained_before_any_checkpoint_held_names_the_span() -> None:

@@ -767,7 +767,10 @@ class AuditLog:
 
     def _fail_batch(self, done: list[tuple[Sink, int, str, Mapping[str, Any]]], exc: OSError,
                     results: Batch) -> None:
-        reason = f"cannot write the audit log: {exc.strerror or exc}"
+        # The file named where the error is the system's (EPERM of an immutable file,
+        # EROFS, ENOSPC: an auditor trial's /health named no file); a _NotTheLog's says it.
+        reason = ("cannot write the audit log: " if isinstance(exc, _NotTheLog) else
+                  f"cannot write the audit log {self.path}: ") + str(exc.strerror or exc)
         try:  # cut whatever part of the batch reached the file, so the chain stays whole
             if isinstance(exc, _NotTheLog):
                 pass  # nothing was written, and the file is not the log's to cut

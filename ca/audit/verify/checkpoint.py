@@ -255,11 +255,14 @@ def root_mismatch(seq: int, size: int, good: int = 0, proved: bool = False) -> F
     # The hash chain held, so the lines were chained again after the change: which of
     # them changed, only a copy of the log or an auditor's saved state can tell (an
     # auditor's trial read "one of them" as a sentence cut short).
+    # With lines vouched for already (by a --state too), a state cannot narrow it more
+    # (an auditor trial, --state given, was told a --state would tell).
+    tells = ("a copy of the log from before the change" if first else
+             "a copy of the log or an auditor's --state saved before")
     return Failure(seq, Stage.CHECKPOINT_ROOT, (
         f"the checkpoint's root is not the Merkle root of the first {size} lines: a line "
         f"from seq {first} to {size - 1} was altered{earlier} and the lines after it "
-        "chained again to hide it; which one, a copy of the log or an auditor's --state "
-        "saved before tells"))
+        f"chained again to hide it; which one, {tells} tells"))
 
 
 def usable(checkpoints: Iterable[LoggedCheckpoint], failure: Failure | None
