@@ -18,6 +18,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ca.audit.log import AuditLog, AuditLogError
 from ca.audit.merkle import MerkleTree, leaf_hash
@@ -153,21 +154,30 @@ def test_start_reads_only_what_the_tiles_do_not_hold(tmp_path: Path) -> None:
         AuditLog.open(path_)
 
 
+def rewritten(tmp_path: Path, rng: random.Random, size: int, seq: int
+              ) -> tuple[Path, bytes, int]:
+    """A log of `size` lines whose line `seq` was then rewritten in place, at the same
+    length: the log, the line as written, and where it starts in the file."""
+    path_ = tmp_path / "log.jsonl"
+    log = AuditLog.open(path_)
+    fill(log, rng, size)
+    log.close()
+    original = lines_of(path_)[seq]
+    at = path_.read_bytes().index(original)
+    with path_.open("r+b") as f:
+        f.seek(at + len(original) // 2)
+        f.write(b"X")
+    return path_, original, at
+
+
 def test_a_line_rewritten_under_the_tiles_stops_signing_until_it_is_put_back(
         tmp_path: Path) -> None:
     """What start-up does not read, the daemon reads again in the background
     (`check_on_disk`, a few bundles per call): a line rewritten in place, at the same
     length, passed the start and was served as the log's (auditor trial, H3). Once
     found, nothing is written (the caller hears which line and why) until it is back."""
-    path_ = tmp_path / "log.jsonl"
-    log = AuditLog.open(path_)
-    fill(log, random.Random(2), 5000)  # 19 full bundles
-    log.close()
-    original = lines_of(path_)[4500]  # bundle 17: not the last full one, which start reads
-    at = path_.read_bytes().index(original)
-    with path_.open("r+b") as f:
-        f.seek(at + len(original) // 2)
-        f.write(b"X")
+    # 19 full bundles; line 4500 is in bundle 17: not the last full one, which start reads
+    path_, original, at = rewritten(tmp_path, random.Random(2), 5000, 4500)
     log = AuditLog.open(path_)
     try:
         assert log.healthy
@@ -201,15 +211,8 @@ def test_a_line_rewritten_behind_a_damaged_tile_is_found_and_never_served(
     are judged by the tile above now; and once a rewrite is found, its lines are not
     served (they were, after the damage was known: the same trial)."""
     from ca.audit.log import LinesRewritten
-    path_ = tmp_path / "log.jsonl"
-    log = AuditLog.open(path_)
-    fill(log, random.Random(3), 5000)  # 19 full bundles
-    log.close()
-    original = lines_of(path_)[4500]  # bundle 17 (4352..4607)
-    at = path_.read_bytes().index(original)
-    with path_.open("r+b") as f:
-        f.seek(at + len(original) // 2)
-        f.write(b"X")
+    # 19 full bundles; line 4500 is in bundle 17 (4352..4607)
+    path_, original, at = rewritten(tmp_path, random.Random(3), 5000, 4500)
     level0 = tmp_path / "tiles" / "level-0"
     data = bytearray(level0.read_bytes())
     data[(17 * 256 + 248) * 32] ^= 1  # the hash of line 4600, another line of the bundle
@@ -239,15 +242,7 @@ def test_a_line_rewritten_under_the_tiles_is_not_served_once_found(tmp_path: Pat
     """The first read of a rewritten line finds it (and stops signing); neither that read
     nor any later one hands it out as the log's (an auditor trial: served twice)."""
     from ca.audit.log import LinesRewritten
-    path_ = tmp_path / "log.jsonl"
-    log = AuditLog.open(path_)
-    fill(log, random.Random(4), 1000)
-    log.close()
-    original = lines_of(path_)[500]
-    at = path_.read_bytes().index(original)
-    with path_.open("r+b") as f:
-        f.seek(at + len(original) // 2)
-        f.write(b"X")
+    path_, _, _ = rewritten(tmp_path, random.Random(4), 1000, 500)
     log = AuditLog.open(path_)
     try:
         for _ in range(2):
@@ -328,27 +323,35 @@ def test_a_log_cut_below_its_tiles_is_refused(tmp_path: Path) -> None:
         AuditLog.open(path_)
 
 
-def test_a_missing_tile_directory_is_built_from_the_whole_log_and_checked(
-        tmp_path: Path) -> None:
-    """The first start with tiles, or a directory moved aside: the whole log is read,
-    and a line rewritten anywhere is found against the checkpoint, as before tiles."""
+def signed_log(tmp_path: Path, rng: random.Random
+               ) -> tuple[Path, list[bytes], Path, Ed25519PublicKey]:
+    """A log of 1000 lines with its tiles, and a checkpoint over all but its last two
+    lines, as the daemon's own are (its signing's intent and outcome come after the
+    lines it signs, before the file is written): the log, its lines, the checkpoint
+    file and the public audit key."""
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
     from ca.audit.note import sign_checkpoint
     path_ = tmp_path / "log.jsonl"
     log = AuditLog.open(path_)
-    fill(log, random.Random(6), 1000)
+    fill(log, rng, 1000)
     log.close()
     key = ed25519.Ed25519PrivateKey.generate()
     lines = lines_of(path_)
     checkpoint = tmp_path / "checkpoint"
-    # Over all but the last two lines, as the daemon's own are: its signing's intent and
-    # outcome come after the lines it signs, before the file is written.
     root = MerkleTree(leaf_hash(line) for line in lines[:-2]).root()
     checkpoint.write_text(sign_checkpoint("t.example/audit", len(lines) - 2, root,
                                           "t.example/audit", key.public_key(), key.sign))
+    return path_, lines, checkpoint, key.public_key()
+
+
+def test_a_missing_tile_directory_is_built_from_the_whole_log_and_checked(
+        tmp_path: Path) -> None:
+    """The first start with tiles, or a directory moved aside: the whole log is read,
+    and a line rewritten anywhere is found against the checkpoint, as before tiles."""
+    path_, lines, checkpoint, key = signed_log(tmp_path, random.Random(6))
     shutil.rmtree(tmp_path / "tiles")
-    log = AuditLog.open(path_, checkpoint, key.public_key())
+    log = AuditLog.open(path_, checkpoint, key)
     try:
         agrees(log, lines, random.Random(7))
     finally:
@@ -360,26 +363,14 @@ def test_a_missing_tile_directory_is_built_from_the_whole_log_and_checked(
     path_.write_bytes(data[:at] + lines[3].replace(b'"test.line"', b'"test.lime"')
                       + data[at + len(lines[3]):])
     with pytest.raises(AuditLogError, match=r"no longer match .*the log was rewritten"):
-        AuditLog.open(path_, checkpoint, key.public_key())
+        AuditLog.open(path_, checkpoint, key)
 
 
 def test_a_damaged_tile_at_start_is_not_blamed_on_the_log_alone(tmp_path: Path) -> None:
     """One hash flipped in the top tile: the tree read from the tiles no longer matches
     the checkpoint. The start said "the log was rewritten" of a log that verified (an
     auditor trial); it names the tiles too, and moving them aside, as it says, works."""
-    from cryptography.hazmat.primitives.asymmetric import ed25519
-
-    from ca.audit.note import sign_checkpoint
-    path_ = tmp_path / "log.jsonl"
-    log = AuditLog.open(path_)
-    fill(log, random.Random(9), 1000)
-    log.close()
-    key = ed25519.Ed25519PrivateKey.generate()
-    lines = lines_of(path_)
-    checkpoint = tmp_path / "checkpoint"
-    root = MerkleTree(leaf_hash(line) for line in lines[:-2]).root()
-    checkpoint.write_text(sign_checkpoint("t.example/audit", len(lines) - 2, root,
-                                          "t.example/audit", key.public_key(), key.sign))
+    path_, lines, checkpoint, key = signed_log(tmp_path, random.Random(9))
     level1 = tmp_path / "tiles" / "level-1"
     data = bytearray(level1.read_bytes())
     data[32] ^= 1  # bundle 1's entry
@@ -387,9 +378,9 @@ def test_a_damaged_tile_at_start_is_not_blamed_on_the_log_alone(tmp_path: Path) 
     with pytest.raises(AuditLogError, match=(
             r"as its tiles \(.*tiles\) hold them, no longer match .*: the log was rewritten, "
             r"or the tiles damaged.* if it passes, the tiles are at fault: move them aside")):
-        AuditLog.open(path_, checkpoint, key.public_key())
+        AuditLog.open(path_, checkpoint, key)
     shutil.move(tmp_path / "tiles", tmp_path / "tiles.damaged")
-    log = AuditLog.open(path_, checkpoint, key.public_key())
+    log = AuditLog.open(path_, checkpoint, key)
     try:
         agrees(log, lines, random.Random(10))
     finally:
