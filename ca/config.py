@@ -379,7 +379,7 @@ def load(path: Path, data: bytes | None = None) -> Config:
         raise ConfigError(f"{path} has no [hsm] section: not a config `hsmca init` wrote "
                           "(pass the hsmca.toml in the CA's state directory, or run "
                           "`hsmca init` first)")
-    hsm = raw["hsm"]
+    hsm = raw.get("hsm", {})
     where = Where(path, text, "hsm")
     if "pin" in hsm:
         raise ConfigError(f"{where.at('pin')}: a PIN must not be in the config; use pin-source = "
