@@ -823,10 +823,10 @@ def _ssh_host(ctx: Context, who: Requester, req: SSHHostRequest) -> SSHOrder:
     principals = _principals(req.principals, names, "host names")
     for name in principals:
         if kinds[name] == "dns":
-            policy.dns_name(name, ctx.policy.allow_wildcards)  # an asked-for wildcard
-            if name.startswith("*."):
+            if name.startswith("*."):  # before "wildcards are not enabled": no switch helps
                 raise Refused(f"principal {name}: {_NO_WILDCARD}",
                               Reason.PRINCIPAL_NOT_GRANTED)
+            policy.dns_name(name, ctx.policy.allow_wildcards)
     policy.check_allowed([(kinds[x], x) for x in principals], ctx.policy, "host")
     _ssh_key(ctx, req.public_key)
     now = int(ctx.now.timestamp())

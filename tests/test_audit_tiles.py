@@ -238,6 +238,58 @@ def test_a_line_rewritten_behind_a_damaged_tile_is_found_and_never_served(
         log.close()
 
 
+def test_lines_under_a_damaged_tile_above_are_not_taken_for_intact(tmp_path: Path) -> None:
+    """A review: one bit flipped in tile 1/0 (a full tile past 65,536 lines, which the
+    start does not read) made every bundle under it unjudgeable, and each was logged
+    "intact": a line rewritten there passed the check and was served. Lines that
+    cannot be checked stop signing and are not served, saying what to do."""
+    from ca.audit.log import LinesRewritten
+    path_, _, _ = rewritten(tmp_path, random.Random(11), 66000, 4500)  # bundle 17
+    level1 = tmp_path / "tiles" / "level-1"
+    data = bytearray(level1.read_bytes())
+    data[5 * 32] ^= 1  # bundle 5's entry in tile 1/0; bundle 17's own is intact
+    level1.write_bytes(bytes(data))
+    log = AuditLog.open(path_)
+    try:
+        assert log.healthy
+        log.check_on_disk(0)
+        assert log.damaged_seq == 0 and not log.healthy  # the first bundle under 1/0
+        assert ("lines 0 to 255 of the audit log" in (log.problem or "") and
+                "cannot be checked: the tiles that hold their hashes are damaged (tile 1/0 "
+                "does not hash" in (log.problem or "")), log.problem
+        with pytest.raises(LinesRewritten, match=r"lines 4352 to 4607 .* cannot be checked"):
+            log.read_lines(4500, 1)
+    finally:
+        log.close()
+
+
+def test_each_rewritten_bundle_is_remembered_until_it_is_put_back(tmp_path: Path) -> None:
+    """A review: a second rewrite found (by a read) while a first was recorded was
+    forgotten, and signing resumed once the first was put back."""
+    from ca.audit.log import LinesRewritten
+    path_, original, at = rewritten(tmp_path, random.Random(12), 5000, 1000)  # bundle 3
+    second = lines_of(path_)[4500]  # bundle 17
+    at2 = path_.read_bytes().index(second)
+    with path_.open("r+b") as f:
+        f.seek(at2 + len(second) // 2)
+        f.write(b"X")
+    log = AuditLog.open(path_)
+    try:
+        log.check_on_disk(0)
+        assert log.damaged_seq == 1000
+        with pytest.raises(LinesRewritten, match="line 4500 of the audit log"):
+            log.read_lines(4500, 1)
+        for seq, where, line in ((1000, at, original), (4500, at2, second)):
+            assert log.damaged_seq == seq and not log.healthy
+            with path_.open("r+b") as f:  # put back, in place
+                f.seek(where)
+                f.write(line)
+            log.check_on_disk(0)
+        assert log.damaged_seq is None and log.healthy
+    finally:
+        log.close()
+
+
 def test_a_line_rewritten_under_the_tiles_is_not_served_once_found(tmp_path: Path) -> None:
     """The first read of a rewritten line finds it (and stops signing); neither that read
     nor any later one hands it out as the log's (an auditor trial: served twice)."""

@@ -264,6 +264,6 @@ def test_connections_that_fail_their_handshake_are_freed_when_they_close(
 
     gc.disable()
     try:
-        assert asyncio.run(probe()) == 0
+        assert asyncio.run(probe()) <= 0  # (another test's may go meanwhile)
     finally:
         gc.enable()

@@ -268,7 +268,7 @@ def test_wildcards_turned_off_reach_renewals_and_ssh_host_certificates() -> None
     order = ra.decide(context(), host, ra.SSHHostRequest(ssh_key()))
     assert isinstance(order, ra.SSHOrder) and order.principals == ("web.w.example",)
     refused(ra.decide(context(), host, ra.SSHHostRequest(ssh_key(), ["*.w.example"])),
-            Reason.BAD_NAME, "wildcards are not enabled")
+            Reason.PRINCIPAL_NOT_GRANTED, "a wildcard is no SSH host principal")
     # A host named only by a wildcard is told why it gets no principal (an SSH trial).
     only = holder("host", ("*.w.example",))
     refused(ra.decide(context(), only, ra.SSHHostRequest(ssh_key())),

@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -142,7 +142,11 @@ class AuditLog:
         self._refusing = False
         # A line under the tiles that no longer hashes to its leaf (`check_on_disk`):
         # (its seq, why). Nothing is written while so.
-        self._damage: tuple[int, str] | None = None
+        # Bundles whose lines no longer hash to their leaves, or cannot be checked:
+        # (first seq, what to say), found by the recorder's reads and by check_on_disk's
+        # thread alike, each cleared on its own when put back.
+        self._damage: dict[int, tuple[int, str]] = {}
+        self._damage_lock = threading.Lock()
         self._tiles_said: set[int] = set()  # bundles whose damaged tile was said
         self._saved: Path | None = None  # where the lines of a deleted log file were saved
         self._save_again_at = 0.0  # time.monotonic(): a failed save is tried again then
@@ -564,8 +568,8 @@ class AuditLog:
         written to it would vanish with the file), replaced, or cut or written to by
         something else (lines after it would not chain). Nothing is signed while so;
         once the log is back as it was, writing goes on."""
-        if self._damage is not None:
-            raise _NotTheLog(errno.EBADMSG, self._damage[1])
+        if (damage := self._damage_said()) is not None:
+            raise _NotTheLog(errno.EBADMSG, damage)
         mine = os.fstat(self._fd)
         try:
             named = os.stat(self.path)
@@ -657,34 +661,44 @@ class AuditLog:
         A line that no longer matches is tampering or a failing disk, as a log cut
         under its last checkpoint is at start: nothing is signed (`_check_file`), and
         /health says which line (`damaged_seq`), until it is put back; meanwhile only
-        its bundle is checked again, at each call.
+        the damaged bundles are checked again, at each call, each cleared on its own.
         """
-        if self._damage is not None:
-            if self._first_mismatch(self._damage[0] // TILE_WIDTH, 1) is None:
-                log.warning("the rewritten audit line matches its leaf again",
-                            seq=self._damage[0])
-                self._damage = None
+        with self._damage_lock:
+            damaged = sorted(self._damage)
+        if damaged:
+            for b in damaged:
+                if self._judge(b, self._bundle_lines(b, 1)[0]) is None:
+                    with self._damage_lock:
+                        seq, _ = self._damage.pop(b)
+                    log.warning("the rewritten audit line matches its leaf again", seq=seq)
             return bundle
         with self._tree_lock:
             full = self._tree.size // TILE_WIDTH
         if bundle >= full:
             return 0
         end = min(bundle + self.CHECK_BUNDLES, full)
-        found = self._first_mismatch(bundle, end - bundle)
-        if found is not None:
-            self._rewritten(*found)
-            return bundle
+        for k, lines in enumerate(self._bundle_lines(bundle, end - bundle)):
+            if (found := self._judge(bundle + k, lines)) is not None:
+                self._found(found)
+                return bundle
         return end if end < full else 0
 
-    def _rewritten(self, seq: int, somewhere: bool = False) -> None:
-        """Line `seq` no longer hashes to its leaf (`somewhere`: a line of the bundle from
-        `seq`, whose tile is damaged too): nothing is signed, /health says so."""
-        if self._damage is not None:
-            return
-        self._damage = (seq, _rewritten_text(self.path, seq, somewhere))
-        log.error("an audit log line was rewritten on disk: nothing is signed until it "
-                  "is put back", seq=seq, log=str(self.path),
-                  **({"last_seq": seq + TILE_WIDTH - 1} if somewhere else {}))
+    def _found(self, found: _Finding) -> None:
+        """`found` stops signing, and /health says so, until it is put back."""
+        bundle = found.seq // TILE_WIDTH
+        with self._damage_lock:
+            if bundle in self._damage:
+                return
+            self._damage[bundle] = (found.seq, found.text(self.path))
+        if found.kind == "unchecked":
+            log.error("audit log lines cannot be checked, their tiles are damaged: nothing "
+                      "is signed until they can be", seq=found.seq, log=str(self.path),
+                      error=found.why)
+        else:
+            log.error("an audit log line was rewritten on disk: nothing is signed until it "
+                      "is put back", seq=found.seq, log=str(self.path),
+                      **({"last_seq": found.seq + TILE_WIDTH - 1}
+                         if found.kind == "bundle" else {}))
 
     def _check_served(self, first: int, lines: list[bytes]) -> None:
         """Lines about to be served (from seq `first`, without newlines), against the
@@ -702,68 +716,65 @@ class AuditLog:
             if bundle >= full:
                 return  # the edge: in memory, and checked at every start
             take = min(TILE_WIDTH - k, stop - seq)
-            hashes = leaf_hashes(lines[seq - first:seq - first + take])
-            try:
-                with self._tree_lock:
-                    tile = self._tree.checked_leaves(bundle)
-            except TileDamaged:
-                # Judged whole, by the tile above (a part of a bundle cannot be).
-                found = self._first_mismatch(bundle, 1)
-            else:
-                want = tile[k * HASH_SIZE:(k + take) * HASH_SIZE]
-                found = None if hashes == want else (seq + next(
-                    i for i in range(take) if hashes[i * HASH_SIZE:(i + 1) * HASH_SIZE]
-                    != want[i * HASH_SIZE:(i + 1) * HASH_SIZE]), False)
-            if found is not None:
-                self._rewritten(*found)
-                raise LinesRewritten(_rewritten_text(self.path, *found))
+            served = lines[seq - first:seq - first + take]
+            if take < TILE_WIDTH:  # judged whole, should its tile be damaged: these lines
+                whole = self._bundle_lines(bundle, 1)[0]  # in it, as they are served
+                served = whole[:k] + served + whole[k + take:]
+            if (found := self._judge(bundle, served)) is not None:
+                self._found(found)
+                raise LinesRewritten(found.text(self.path))
             seq += take
 
-    def _first_mismatch(self, first: int, count: int) -> tuple[int, bool] | None:
-        """The first line of full bundles [first, first + count) that does not hash to the
-        leaf its tile holds, or None: (its seq, False); or (the bundle's first seq, True)
-        when the bundle's tile is damaged and its lines do not hash to what the tile
-        above holds for it (which line, the tile cannot tell). A damaged tile whose
-        lines do agree with the tile above is said in the daemon's log and passed over:
-        the lines are the log's, and a proof that needs the tile names it."""
+    def _bundle_lines(self, first: int, count: int) -> list[list[bytes]]:
+        """The lines of full bundles [first, first + count), as they are on disk now."""
         with self._tree_lock:
             lo, hi = self._bundle_start(first), self._bundle_start(first + count)
         # Full bundles never change once written: read outside the lock.
         lines = os.pread(self._fd, hi - lo, lo).split(b"\n")
-        for k in range(count):
-            bundle = first + k
-            hashes = leaf_hashes(lines[k * TILE_WIDTH:(k + 1) * TILE_WIDTH])
-            try:
-                with self._tree_lock:
-                    tile = self._tree.checked_leaves(bundle)
-            except TileDamaged as exc:
-                if not self._agree_without_tile(bundle, hashes, exc):
-                    return bundle * TILE_WIDTH, True
-                continue
-            if hashes != tile:
-                at = next((i for i in range(TILE_WIDTH) if hashes[i * HASH_SIZE:(i + 1) *
-                           HASH_SIZE] != tile[i * HASH_SIZE:(i + 1) * HASH_SIZE]), 0)
-                return bundle * TILE_WIDTH + at, False
-        return None
+        return [lines[k * TILE_WIDTH:(k + 1) * TILE_WIDTH] for k in range(count)]
 
-    def _agree_without_tile(self, bundle: int, hashes: bytes, damage: TileDamaged) -> bool:
-        """Bundle `bundle`'s lines (`hashes`), judged by the tile above when their own
-        tile is damaged (`damage`); True when that cannot be judged either."""
+    def _judge(self, bundle: int, lines: list[bytes]) -> _Finding | None:
+        """Full bundle `bundle`'s `lines` against the leaf hashes its tile holds: what is
+        wrong with them, or None. When that tile is damaged, against the entry the tile
+        above holds for the bundle: a rewritten line hid behind one flipped bit in its
+        tile (an auditor trial). Lines that agree with it are the log's: the damaged
+        tile is said in the daemon's log, once, and a proof that needs it names it.
+        When the tile above cannot be read whole either, the lines cannot be judged,
+        and are not taken for intact: one flipped bit there hid them (a review)."""
+        hashes = leaf_hashes(lines)
         try:
             with self._tree_lock:
-                agree = self._tree.leaves_agree(bundle, hashes)
-        except TileDamaged:
-            agree = True  # the tile above is damaged too: a proof that needs it names it
-        if agree and bundle not in self._tiles_said:
-            self._tiles_said.add(bundle)
-            log.error("an audit log tile is damaged; the lines under it are intact",
-                      error=str(damage), first_seq=bundle * TILE_WIDTH)
-        return agree
+                tile = self._tree.checked_leaves(bundle)
+        except TileDamaged as damage:
+            try:
+                with self._tree_lock:
+                    agree = self._tree.leaves_agree(bundle, hashes)
+            except TileDamaged as above:
+                return _Finding(bundle * TILE_WIDTH, "unchecked", str(above))
+            if not agree:
+                return _Finding(bundle * TILE_WIDTH, "bundle")
+            if bundle not in self._tiles_said:
+                self._tiles_said.add(bundle)
+                log.error("an audit log tile is damaged; the lines under it are intact",
+                          error=str(damage), first_seq=bundle * TILE_WIDTH)
+            return None
+        if hashes == tile:
+            return None
+        at = next(i for i in range(len(lines)) if hashes[i * HASH_SIZE:(i + 1) * HASH_SIZE]
+                  != tile[i * HASH_SIZE:(i + 1) * HASH_SIZE])
+        return _Finding(bundle * TILE_WIDTH + at, "line")
 
     @property
     def damaged_seq(self) -> int | None:
-        """The line `check_on_disk` found rewritten, until it is put back."""
-        return self._damage[0] if self._damage is not None else None
+        """The first line `check_on_disk` (or a read) found rewritten, until it is put
+        back."""
+        with self._damage_lock:
+            return min((seq for seq, _ in self._damage.values()), default=None)
+
+    def _damage_said(self) -> str | None:
+        """What /health and a refused write say of the first damage found, or None."""
+        with self._damage_lock:
+            return min(self._damage.values())[1] if self._damage else None
 
     def _fail_batch(self, done: list[tuple[Sink, int, str, Mapping[str, Any]]], exc: OSError,
                     results: Batch) -> None:
@@ -886,9 +897,9 @@ class AuditLog:
 
     @property
     def problem(self) -> str | None:
-        if self._problem is None and self._damage is not None:
+        if self._problem is None and (damage := self._damage_said()) is not None:
             # Found between writes: the next write fails with the same words.
-            return f"cannot write the audit log: {self._damage[1]}"
+            return f"cannot write the audit log: {damage}"
         return self._problem
 
     def close(self) -> None:
@@ -1147,18 +1158,34 @@ def _leaves(lines: list[bytes]) -> list[bytes]:
     return [blob[i:i + 32] for i in range(0, len(blob), 32)]
 
 
-def _rewritten_text(path: Path, seq: int, somewhere: bool) -> str:
-    """What /health and a refused read say of line `seq` rewritten on disk (`somewhere`:
-    a line of the bundle from `seq`, whose tile is damaged too)."""
-    what = f"a line from {seq} to {seq + TILE_WIDTH - 1}" if somewhere else f"line {seq}"
-    tile = (f", and its tile (audit/tiles, 0/{seq // TILE_WIDTH}) is damaged too, so the "
-            "tile cannot tell which line (`hsmca audit verify` on the log names it)"
-            if somewhere else "")
-    return (f"{what} of the audit log {path} no longer hashes to its leaf in the log's "
-            "Merkle tree (audit/tiles): it was rewritten on disk after it was written "
-            f"(tampering, or a failing disk){tile}. Nothing is signed until it is put back: "
-            "stop hsmca, restore that line from a backup of the log (a line never changes "
-            "once written), check the log with `hsmca audit verify` and start again")
+class _Finding(NamedTuple):
+    """What a check of a full bundle's lines found."""
+
+    seq: int  # the line rewritten; for "bundle" and "unchecked", the bundle's first
+    kind: str  # "line"; "bundle": a line of it, its tile damaged; "unchecked": no tile
+    why: str = ""  # for "unchecked": which tile is damaged
+
+    def text(self, path: Path) -> str:
+        """What /health and a refused read or write say of it."""
+        last = self.seq + TILE_WIDTH - 1
+        if self.kind == "unchecked":
+            return (f"lines {self.seq} to {last} of the audit log {path} cannot be checked: "
+                    f"the tiles that hold their hashes are damaged ({self.why}). Nothing is "
+                    "signed until they can be: stop hsmca, run `hsmca audit verify` on the "
+                    "log; if it passes, move its tile directory (audit/tiles) aside and "
+                    "start again (hsmca builds it anew from the log, and checks that "
+                    "against the last checkpoint)")
+        what = f"a line from {self.seq} to {last}" if self.kind == "bundle" else \
+            f"line {self.seq}"
+        tile = (f", and its tile (audit/tiles, 0/{self.seq // TILE_WIDTH}) is damaged too, "
+                "so the tile cannot tell which line (`hsmca audit verify` on the log names "
+                "it)" if self.kind == "bundle" else "")
+        return (f"{what} of the audit log {path} no longer hashes to its leaf in the log's "
+                "Merkle tree (audit/tiles): it was rewritten on disk after it was written "
+                f"(tampering, or a failing disk){tile}. Nothing is signed until it is put "
+                "back: stop hsmca, restore that line from a backup of the log (a line never "
+                "changes once written), check the log with `hsmca audit verify` and start "
+                "again")
 
 
 def _damaged(tiles: Path, what: str) -> AuditLogError:

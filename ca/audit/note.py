@@ -175,7 +175,7 @@ def parse_note(text: str) -> Note:
     body, sig_block = text[:split + 1], text[split + 2:]
     lines = sig_block[:-1].split("\n") if sig_block else []
     if not lines:
-        if text.rstrip("\n").rfind("\n\n") > 0:  # signatures, then blank lines
+        if text.rstrip("\n").rsplit("\n", 1)[-1].startswith(SIG_PREFIX):  # then blank
             # (an auditor trial: a checkpoint file with a blank line added at its end
             # was said to have no signature line)
             raise NoteError("a note ends with its last signature line; this one has a "
