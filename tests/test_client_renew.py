@@ -3,13 +3,15 @@ away and comes back. No sleeps: the test waits on the renewer's JSON log lines."
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import random
 import signal
 import subprocess
 from pathlib import Path
 
-from ca.commands.renewal import MAX_BACKOFF_S, backoff_s, renew_time
+from ca.commands.renewal import MAX_BACKOFF_S, Job, backoff_s, keep, renew_time
+from ca.errors import ClientError
 from tests.conftest import init_ca, require, start_daemon
 from tests.helpers import HSMCA, Running, cert_serial, enroll
 from tests.ports import free_port
@@ -43,6 +45,92 @@ def test_backoff_doubles_up_to_a_cap_and_leaves_time_before_expiry() -> None:
     assert all(0.5 <= backoff_s(0, None, rng) <= 1 for _ in range(50))
     # With 40 s left, no wait longer than 10 s: a few more tries before the expiry.
     assert all(backoff_s(a, 40, rng) <= 10 for a in range(12))
+    # Expired, it doubles again (an SSH trial's host retried every second, for as long
+    # as the CA was away: about 170,000 log lines a day).
+    assert [backoff_s(a, -5, Top()) for a in range(12)] == upper
+
+
+class _Log:
+    """A structlog-like logger that keeps the events, and says when one comes."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, object]]] = []
+        self.came = asyncio.Event()
+
+    def _add(self, event: str, **fields: object) -> None:
+        self.events.append((event, fields))
+        self.came.set()
+
+    info = warning = error = _add
+
+    async def until(self, event: str) -> dict[str, object]:
+        async with asyncio.timeout(60):  # a bound, not a synchronisation
+            while not (found := [f for e, f in self.events if e == event]):
+                self.came.clear()
+                await self.came.wait()
+        return found[0]
+
+
+def test_a_stuck_job_is_tried_again_when_its_wake_says_it_may_be_due() -> None:
+    """An SSH trial: a host enrolled again after its host certificate was revoked kept
+    the revoked one for 10 minutes, as its renewal sat out the pause of a refusal
+    (`.stuck`) while its refresh said it was due. The wake now ends any pause."""
+    tries: list[int] = []
+
+    async def run() -> dict[str, object]:
+        tries.append(1)
+        if len(tries) == 1:
+            raise ClientError("the CA no longer takes this credential", status=403)
+        return {"serial": "2a"}
+
+    async def scenario() -> None:
+        log = _Log()
+        def due() -> dt.datetime:  # due now, then in a day once renewed
+            return dt.datetime.now(dt.UTC) + dt.timedelta(days=len(tries) // 2)
+
+        job = Job("ssh.host.renew", due, run, lambda: 3600.0, keeps_going=True,
+                  wake=asyncio.Event())
+        task = asyncio.create_task(keep(job, log))
+        try:
+            stuck = await log.until("ssh.host.renew.stuck")
+            assert stuck["retry_in_s"] == 600.0
+            assert job.wake is not None
+            job.wake.set()  # the refresh: enrolled again, due now
+            assert await log.until("ssh.host.renew.done") == {"serial": "2a"}
+            assert len(tries) == 2
+        finally:
+            task.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_an_expiry_while_the_ca_is_away_is_said_once() -> None:
+    """The same trial: its host certificate expired while the CA was away, and nothing
+    said so but clients refusing the host."""
+    async def run() -> dict[str, object]:
+        raise ClientError("cannot connect", retryable=True)
+
+    async def scenario() -> None:
+        log = _Log()
+        job = Job("ssh.host.renew", lambda: dt.datetime.now(dt.UTC), run, lambda: -1.0,
+                  wake=asyncio.Event())
+        task = asyncio.create_task(keep(job, log))
+        try:
+            said = await log.until("ssh.host.renew.expired")
+            assert "has expired while it could not be renewed" in str(said["detail"])
+            assert job.wake is not None
+            for _ in range(2):  # two more retries, cut short as a SIGHUP would
+                before = len(log.events)
+                job.force()
+                while len(log.events) < before + 2:
+                    await log.until("ssh.host.renew.retry")
+                    log.came.clear()
+                    await log.came.wait()
+            assert [e for e, _ in log.events].count("ssh.host.renew.expired") == 1
+        finally:
+            task.cancel()
+
+    asyncio.run(scenario())
 
 
 def test_daemon_renews_short_certificates_twice_retrying_while_the_ca_is_away(

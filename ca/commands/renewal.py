@@ -56,11 +56,13 @@ def renew_time(not_before: dt.datetime, not_after: dt.datetime,
 
 def backoff_s(attempt: int, remaining_s: float | None, rng: random.Random = _rng) -> float:
     """Seconds before retry number `attempt` + 1: doubling from 1 s up to 5 min, never
-    more than a quarter of the time the credential has left (so there are still a few
-    tries before it expires), and randomised down to half so that clients that lost
-    the CA together do not come back together."""
+    more than a quarter of the time the credential has left, while it has some (so
+    there are still a few tries before it expires), and randomised down to half so
+    that clients that lost the CA together do not come back together."""
     delay = min(MAX_BACKOFF_S, 2.0 ** attempt)
-    if remaining_s is not None:
+    if remaining_s is not None and remaining_s > 0:
+        # (Once expired, nothing is left to save: the doubling goes on, where this cap
+        # made an SSH host retry every second while the CA was away, an SSH trial.)
         delay = min(delay, max(1.0, remaining_s / 4))
     return delay * rng.uniform(0.5, 1.0)
 
@@ -190,7 +192,7 @@ async def keep(job: Job, log: Any) -> None:
             continue
         if job.forced:
             log.info(f"{job.event}.forced", detail="SIGHUP: due now")
-        attempt = 0
+        attempt, expired_said = 0, False
         while True:
             job.forced = False  # a SIGHUP during a back-off is this attempt's
             log.info(f"{job.event}.start", attempt=attempt + 1)
@@ -206,7 +208,13 @@ async def keep(job: Job, log: Any) -> None:
                               detail="the other jobs go on; this one is tried again then")
                     await _pause(job, STUCK_RETRY_S)  # periodic: a person may fix it
                     continue
-                delay = backoff_s(attempt, job.remaining_s())
+                left = job.remaining_s()
+                if left is not None and left <= 0 and not expired_said:
+                    expired_said = True  # once: the retries say the rest
+                    log.error(f"{job.event}.expired", detail="the credential has expired "
+                              "while it could not be renewed: what checks it refuses it "
+                              "until a renewal works (tried again as below)")
+                delay = backoff_s(attempt, left)
                 attempt += 1
                 log.warning(f"{job.event}.retry", attempt=attempt, retry_in_s=round(delay, 1),
                             error=str(exc))
@@ -222,13 +230,14 @@ async def keep(job: Job, log: Any) -> None:
 
 
 async def _pause(job: Job, seconds: float) -> None:
-    """A back-off that a SIGHUP cuts short (the operator asked for it now)."""
+    """A back-off that a SIGHUP cuts short (the operator asked for it now), and so does
+    the job's wake: it may be due sooner (a host enrolled again after its host
+    certificate was revoked waited out the 10 minutes of a stuck job: an SSH trial)."""
     assert job.wake is not None
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(seconds):
-            while not job.forced:
-                await job.wake.wait()
-                job.wake.clear()
+            await job.wake.wait()
+    job.wake.clear()
 
 
 def hold_sighup() -> None:
