@@ -47,8 +47,20 @@ def key_rows(records: Sequence[KeyRecord], counts: Mapping[str | None, int]
     key with how many certificates it signed, newest first."""
     return [{"label": r.label, "kind": r.kind, "state": r.state, "algorithm": r.algorithm,
              "created_at": r.created_at, "changed_at": r.changed_at,
-             "fingerprint": r.fingerprint, "uri": r.uri, "signed": counts.get(r.label, 0)}
+             "fingerprint": r.fingerprint, "uri": r.uri, "signed": counts.get(r.label, 0),
+             **({"ssh_fingerprint": _ssh_fingerprint(r.ssh_public_key)}
+                if r.ssh_public_key else {})}
             for r in reversed(records)]
+
+
+def _ssh_fingerprint(line: str) -> str | None:
+    """An SSH CA key's fingerprint as sshd logs it and ssh-keygen -l prints it
+    (SHA256:base64): an SSH trial could not tell from the SPKI's which key sshd named."""
+    from ca.ssh import parse_public_key
+    try:
+        return parse_public_key(line).sha256
+    except Refused:
+        return None
 
 class AuditAppend(Protocol):
     async def append(self, event: str, **fields: Any) -> int: ...

@@ -294,6 +294,13 @@ async def test_key_list_reads_the_inventory_while_the_daemon_is_stopped(tmp_path
     assert rows["root-ca"] == ["root", "active", "ec-p256"], listed.stdout
     assert rows["issuing-ca"][:2] == ["issuing", "active"], listed.stdout
     assert "admin" not in rows  # keys only
+    # An SSH CA key's line also has its fingerprint as sshd logs it and ssh-keygen -l
+    # prints it (an SSH trial could not match the SPKI's to sshd's "CA ECDSA SHA256:").
+    keygen = subprocess.run([require("ssh-keygen"), "-lf", ca.state / "ssh" / "user_ca.pub"],
+                            capture_output=True, text=True, check=True).stdout.split()[1]
+    lines = listed.stdout.splitlines()
+    uri = lines[next(i for i, line in enumerate(lines) if line.startswith("ssh-user-ca")) + 1]
+    assert keygen.startswith("SHA256:") and uri.split()[-1] == keygen, (keygen, uri)
     # An inventory this release has not migrated yet is left as it is, and said
     db = ca.state / "hsmca.sqlite3"
     with sqlite3.connect(db) as conn:

@@ -124,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
         for k in keys:
             print(f"{k['label']:<36} {k['kind']:<9} {k['state']:<10} {k['algorithm']:<10} "
                   f"{k['signed']:>7}  {_to_the_second(k['created_at'])}")
-            print(f"    {k['uri']}  sha256:{k['fingerprint']}")
+            ssh = f"  {k['ssh_fingerprint']}" if k.get("ssh_fingerprint") else ""
+            print(f"    {k['uri']}  sha256:{k['fingerprint']}{ssh}")
         return 0
     if action == "rotate-root":
         return _rotate_root(args)
