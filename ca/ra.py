@@ -677,9 +677,14 @@ def _x509(ctx: Context, who: Requester, *, role: str, names: tuple[tuple[str, st
     if ctx.key_compromised(subject.spki_sha256):
         # Re-enrolled with the same key (EST clients keep theirs), its thief would get a
         # new certificate for it: a stolen key must not outlive its revocation.
+        # An ACME client that keeps its key sends it at every renewal (an ACME trial's
+        # certbot --reuse-key): it is told the switch.
+        acme = (" (certbot: renew with --no-reuse-key once, or drop reuse_key from its "
+                "renewal file; lego: without --reuse-key)"
+                if isinstance(who, AcmeAccountHolder) else "")
         raise Refused(f"this key (SPKI SHA-256 {subject.spki_sha256}) was reported "
                       "compromised: a certificate for it was revoked for keyCompromise. "
-                      "Make a new key and send a CSR for it", Reason.REVOKED_KEY)
+                      f"Make a new key and send a CSR for it{acme}", Reason.REVOKED_KEY)
     issuer = ctx.issuers.x509_issuer()
     not_after = min(ctx.now + lifetime, ctx.issuers.x509_not_after(issuer))
     return X509Order(issuer, "leaf", role, names, principals, subject, ctx.now - BACKDATE,
@@ -1265,6 +1270,7 @@ def _acme_eab(ctx: Context, who: Requester, req: AcmeEABRequest) -> AcmeEABGrant
         # A name the pattern covers: the exact name, or one label below a wildcard's.
         example = "name" + pattern[1:] if pattern.startswith("*.") else pattern
         try:
+            _not_loopback(example)
             policy.check_allowed([("dns", example)], ctx.policy, "service")
         except Refused as exc:
             warnings.append(f"{pattern}: names like {example} are refused by the CA's "
@@ -1308,6 +1314,18 @@ def _acme_names(ctx: Context, who: AcmeAccountHolder, names: list[str]) -> None:
     policy.check_allowed([("dns", n) for n in names], ctx.policy, "service", reveal=False)
 
 
+def _not_loopback(name: str) -> None:
+    """No ACME certificate for localhost or a name under it: its validation reaches the
+    CA's own host, where the daemon's HTTPS certificate bears that name (an ACME trial
+    got one, which every client of a CA at https://localhost would have taken for it;
+    the fleet's own `localhost` hosts enroll with a token, docs/operator.md)."""
+    bare = name.removeprefix("*.")
+    if bare == "localhost" or bare.endswith(".localhost"):
+        raise Refused(f"name {name!r} is a loopback name: its validation would reach the "
+                      "CA's own host, so no ACME certificate is issued for it",
+                      Reason.NAME_RESERVED)
+
+
 def _acme_account(who: Requester) -> AcmeAccountHolder:
     if not isinstance(who, AcmeAccountHolder):
         raise Refused("this needs an ACME account", Reason.WRONG_ROLE)
@@ -1330,6 +1348,7 @@ def _acme_identifier(ctx: Context, account: AcmeAccountHolder, req: AcmeOrderReq
                       "enroll with a bootstrap token (hsmca enroll)",
                       Reason.UNSUPPORTED_IDENTIFIER)
     name = policy.dns_name(_acme_case(ident["value"]), ctx.policy.allow_wildcards)
+    _not_loopback(name)
     if name.startswith("*.") and not req.dns01_available:
         raise Refused(f"wildcard name {name!r} needs dns-01 validation, which needs "
                       "[acme] resolver", Reason.BAD_NAME)

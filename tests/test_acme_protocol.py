@@ -479,6 +479,8 @@ def test_an_admin_lists_withdraws_eab_keys_and_deactivates_accounts(world: World
     thief = Client(ca)
     r = thief.register((leaked_kid, leaked_hmac))
     assert r.status == 403 and r.problem == "unauthorized", r.body
+    # "withdrawn" among what it may be (an ACME trial's lego said the four others)
+    assert "unknown, used, expired, withdrawn or wrongly MACed" in r.json["detail"], r.body
     again = hsmca("acme", "eab", "withdraw", leaked_kid, "--config", ca.config, check=False)
     assert again.returncode == 1 and "is withdrawn already" in again.stderr
     assert "deactivate the account" not in again.stderr  # it bound none
@@ -619,6 +621,8 @@ def test_a_key_revoked_for_compromise_is_refused_as_a_bad_csr(world: World) -> N
     again = c.finalize(order, ["kc.test"], key)
     assert again.status == 400 and again.problem == "badCSR", again.body
     assert "keyCompromise" in again.json["detail"], again.json
+    # and how to make certbot stop sending it (an ACME trial's --reuse-key never could)
+    assert "certbot: renew with --no-reuse-key once" in again.json["detail"], again.json
     fresh = c.finalize(order, ["kc.test"])  # a new key: the order is still ready for it
     assert fresh.status == 200, fresh.body
 

@@ -661,6 +661,21 @@ def test_an_acme_order_is_bounded_by_the_eab_patterns_and_the_lists() -> None:
     assert isinstance(upper, ra.AcmeOrderGrant) and upper.names == ("a.test",), upper
 
 
+def test_no_acme_certificate_for_a_loopback_name() -> None:
+    """An ACME trial bound an EAB key to `localhost` and got a certificate for it: its
+    validation reached the CA's own host, whose HTTPS certificate bears that name, so
+    every client of a CA at https://localhost would have taken its holder for the CA.
+    Refused, and the EAB key that can only order such names is warned of."""
+    for name in ("localhost", "x.localhost", "*.localhost"):
+        r = ra.decide(context(Policy(allow_wildcards=True)), acme_account((), eab=False),
+                      ra.AcmeOrderRequest(dns_ids(name)))
+        refused(r, Reason.NAME_RESERVED, f"name {name!r} is a loopback name: its "
+                "validation would reach the CA's own host")
+    grant = ra.decide(context(), admin(), ra.AcmeEABRequest(["localhost", "*.test"]))
+    assert isinstance(grant, ra.AcmeEABGrant), grant
+    assert [w.split(":")[0] for w in grant.warnings] == ["localhost"], grant.warnings
+
+
 @pytest.mark.parametrize("identifiers, reason", [
     ([], Reason.MALFORMED), ("a.test", Reason.MALFORMED), (None, Reason.MALFORMED),
     ([{"type": "ip", "value": "10.0.0.1"}], Reason.UNSUPPORTED_IDENTIFIER),

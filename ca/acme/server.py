@@ -356,8 +356,8 @@ async def new_account(request: web.Request) -> web.Response:
             log.info("ACME account refused: its external account binding is " + why,
                      request_id=request.get("request_id", "-"), kid=kid[:80])
             raise AcmeProblem("unauthorized", "the external account binding is unknown, "
-                              "used, expired or wrongly MACed: ask the CA's operator for a "
-                              "new EAB key (hsmca acme eab create)", 403)
+                              "used, expired, withdrawn or wrongly MACed: ask the CA's "
+                              "operator for a new EAB key (hsmca acme eab create)", 403)
         names = eab.names
     elif server.cfg.eab_required:
         raise AcmeProblem("externalAccountRequired", "this CA requires an external account "
