@@ -48,8 +48,8 @@ def key_rows(records: Sequence[KeyRecord], counts: Mapping[str | None, int]
     return [{"label": r.label, "kind": r.kind, "state": r.state, "algorithm": r.algorithm,
              "created_at": r.created_at, "changed_at": r.changed_at,
              "fingerprint": r.fingerprint, "uri": r.uri, "signed": counts.get(r.label, 0),
-             **({"ssh_fingerprint": _ssh_fingerprint(r.ssh_public_key)}
-                if r.ssh_public_key else {})}
+             **({"ssh_fingerprint": fp} if r.ssh_public_key
+                and (fp := _ssh_fingerprint(r.ssh_public_key)) else {})}
             for r in reversed(records)]
 
 

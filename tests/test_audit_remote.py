@@ -647,8 +647,10 @@ async def test_a_line_rewritten_in_place_stops_signing_and_fails_the_incremental
         before = state.read_bytes()
         proc = remote_verify(d, auditor, state)
         assert proc.returncode == 1, proc.stdout + proc.stderr
-        assert proc.stderr.startswith(f"FAILED at seq {victim}: the daemon reports that line "
-                                      f"{victim} of its log file"), proc.stderr
+        assert proc.stderr.startswith(f"FAILED at seq {victim}: the daemon reports its log "
+                                      f"file damaged at line {victim}: line {victim} of the "
+                                      "audit log"), proc.stderr
+        assert "no longer hashes to its leaf" in proc.stderr, proc.stderr
         assert state.read_bytes() == before  # nothing is saved from a failed run
 
         with log.open("r+b") as f:  # put back in place, the daemon running

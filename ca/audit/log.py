@@ -669,8 +669,9 @@ class AuditLog:
             for b in damaged:
                 if self._judge(b, self._bundle_lines(b, 1)[0]) is None:
                     with self._damage_lock:
-                        seq, _ = self._damage.pop(b)
-                    log.warning("the rewritten audit line matches its leaf again", seq=seq)
+                        gone = self._damage.pop(b, None)
+                    if gone is not None:
+                        log.warning("the damaged audit lines check out again", seq=gone[0])
             return bundle
         with self._tree_lock:
             full = self._tree.size // TILE_WIDTH
@@ -760,8 +761,8 @@ class AuditLog:
             return None
         if hashes == tile:
             return None
-        at = next(i for i in range(len(lines)) if hashes[i * HASH_SIZE:(i + 1) * HASH_SIZE]
-                  != tile[i * HASH_SIZE:(i + 1) * HASH_SIZE])
+        at = next((i for i in range(len(lines)) if hashes[i * HASH_SIZE:(i + 1) * HASH_SIZE]
+                   != tile[i * HASH_SIZE:(i + 1) * HASH_SIZE]), len(lines))
         return _Finding(bundle * TILE_WIDTH + at, "line")
 
     @property

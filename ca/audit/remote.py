@@ -147,15 +147,16 @@ async def _rewritten_on_disk(api: LogClient, result: RemoteResult) -> RemoteResu
     tiles again in the background, and stops signing when one no longer matches
     (`AuditLog.check_on_disk`); an auditor's run must not say OK meanwhile. A daemon
     that says so falsely only makes the run fail."""
-    seq = await api.damaged_seq()
-    if seq is None:
+    found = await api.damage()
+    if found is None:
         return result
+    seq, said = found
+    # In the daemon's own words: a line rewritten, or lines its damaged tiles no longer
+    # let it check, which is not a rewrite (a review: every kind was called one here).
     return _failed(Failure(seq, Stage.LINE, (
-        f"the daemon reports that line {seq} of its log file (or, where that line's tile "
-        "is damaged too, one of the 255 after it) no longer hashes to its leaf in the "
-        "log's Merkle tree: it was rewritten on disk after it was written. The "
-        "lines this run fetched verified; an offline verification of a copy of the log "
-        "(hsmca audit verify --log) names what changed")), result.lines, result.fetched,
+        f"the daemon reports its log file damaged at line {seq}: {said}. The lines this "
+        "run fetched verified; an offline verification of a copy of the log (hsmca audit "
+        "verify --log) names what changed")), result.lines, result.fetched,
         result.checkpoints)
 
 
@@ -259,9 +260,10 @@ class LogClient:
             path += ("&" if "?" in path else "?") + "log=" + quote(self.log, safe="")
         return await client.get_bytes(self.session, self.base + path, self.ctx)
 
-    async def damaged_seq(self) -> int | None:
-        """The line of its own log file the daemon says was rewritten on disk
-        (`audit_damaged_seq` in /health, answered with 200 or 503), if any."""
+    async def damage(self) -> tuple[int, str] | None:
+        """The first line of its own log file the daemon says is damaged
+        (`audit_damaged_seq` in /health, answered with 200 or 503), with what its
+        `audit` part says of it, if any."""
         try:
             async with self.session.get(self.base + "/health", ssl=self.ctx) as r:
                 body = json.loads(await r.read())
@@ -270,7 +272,12 @@ class LogClient:
         if not isinstance(body, dict) or body.get("audit_damaged_log") != self.log:
             return None  # on a cluster, the answering node's own log only
         seq = body.get("audit_damaged_seq")
-        return seq if type(seq) is int and seq >= 0 else None
+        if type(seq) is not int or seq < 0:
+            return None
+        said = str(body.get("audit", ""))[:1000]
+        for prefix in ("unavailable: ", "cannot write the audit log: "):
+            said = said.removeprefix(prefix)
+        return seq, said
 
     async def cosigned(self) -> str | None:
         """The latest checkpoint witnesses cosigned; None before any did. A node serves

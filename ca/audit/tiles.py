@@ -431,7 +431,7 @@ class TiledTree(SubtreeHashes):
         behind one flipped bit in its tile (an auditor trial). TileDamaged if the tile
         above is damaged too."""
         entry = self._parent_entry(0, index)
-        return entry is None or tile_root(hashes) == entry
+        return entry is not None and tile_root(hashes) == entry  # none to judge by: no
 
     # ---- internals -----------------------------------------------------------------------
 

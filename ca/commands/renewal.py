@@ -27,6 +27,7 @@ from ca.ra import BACKDATE
 RENEW_AT = 2 / 3   # of the lifetime, as step-ca and cert-manager do
 JITTER = 1 / 20    # +- of the lifetime, so that a fleet enrolled together spreads out
 MAX_BACKOFF_S = 300.0
+EXPIRED_MAX_BACKOFF_S = 60.0  # an expired credential's retries: what it serves is refused
 # Sleeps are cut into slices this long and the wall clock read again after each:
 # monotonic time stands still while a machine is suspended, a certificate's does not.
 # The credential's files are looked at then too (a stat and a small read), so that one
@@ -57,13 +58,17 @@ def renew_time(not_before: dt.datetime, not_after: dt.datetime,
 def backoff_s(attempt: int, remaining_s: float | None, rng: random.Random = _rng) -> float:
     """Seconds before retry number `attempt` + 1: doubling from 1 s up to 5 min, never
     more than a quarter of the time the credential has left, while it has some (so
-    there are still a few tries before it expires), and randomised down to half so
-    that clients that lost the CA together do not come back together."""
+    there are still a few tries before it expires), nor than a minute once it has
+    expired, and randomised down to half so that clients that lost the CA together do
+    not come back together."""
     delay = min(MAX_BACKOFF_S, 2.0 ** attempt)
     if remaining_s is not None and remaining_s > 0:
-        # (Once expired, nothing is left to save: the doubling goes on, where this cap
-        # made an SSH host retry every second while the CA was away, an SSH trial.)
         delay = min(delay, max(1.0, remaining_s / 4))
+    elif remaining_s is not None:
+        # Expired: doubling to a minute, where the cap above held at 1 s and an SSH
+        # host retried every second while the CA was away (an SSH trial); not to 5 min,
+        # since what it keeps serving meanwhile is refused (a review).
+        delay = min(delay, EXPIRED_MAX_BACKOFF_S)
     return delay * rng.uniform(0.5, 1.0)
 
 

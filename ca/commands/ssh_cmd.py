@@ -702,9 +702,12 @@ def _keep_host_fresh(args: argparse.Namespace, f: HostFiles, refresh_now: bool =
                   "be renewed until the host is enrolled again")
         span, holder = _ssh_cert_times(f.cert), credential()
         first = revoked_under.setdefault(span, holder) if revoked else None
+        was = revoked_span[0]
         revoked_span[0] = span if (revoked and standing is None
                                    and holder not in (first, None)) else None
-        if revoked_span[0] is not None:
+        if revoked_span[0] is not None and revoked_span[0] != was:
+            # Once, when it becomes so: a wake ends a refused renewal's pause too, and a
+            # renewal refused again would otherwise be tried at every refresh (a review).
             renew_now.set()
         return fields
 
