@@ -140,11 +140,10 @@ class AuditLog:
         # tried again and waited its own timeout, behind the write lock: a trial's
         # clients waited 20 to 50 s for their 503, and a stop half a minute.
         self._refusing = False
-        # A line under the tiles that no longer hashes to its leaf (`check_on_disk`):
-        # (its seq, why). Nothing is written while so.
-        # Bundles whose lines no longer hash to their leaves, or cannot be checked:
-        # (first seq, what to say), found by the recorder's reads and by check_on_disk's
-        # thread alike, each cleared on its own when put back.
+        # Bundles under the tiles whose lines no longer hash to their leaves, or cannot
+        # be checked: (first seq, what to say), found by the recorder's reads and by
+        # check_on_disk's thread alike, each cleared on its own when put back. Nothing
+        # is written while any is.
         self._damage: dict[int, tuple[int, str]] = {}
         self._damage_lock = threading.Lock()
         self._tiles_said: set[int] = set()  # bundles whose damaged tile was said
