@@ -32,7 +32,7 @@ EPILOG = r"""examples:
   hsmca ui --url https://ca.example:8443 --ca root.pem --cert a/cert.pem --key a/key.pem \
       --audit-key audit_key.pem --state audit-state.json --listen 127.0.0.1:8480
 
-Run `hsmca COMMAND --help` for the flags of one command.
+Run `hsmca COMMAND --help` for the flags of one command, and more examples.
 """
 
 
