@@ -12,25 +12,14 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ca.commands.args import state_file
+from ca.commands.examples import add_examples, tour
 from ca.decimal_text import is_decimal
 from ca.errors import ClientError, CLIError
 from hsm.errors import AuditUnavailable, HSMError
 
-# Raw: a backslash at the end of an example line is the shell's line continuation and
-# must reach the reader (in a plain string it joined the two lines).
-EPILOG = r"""examples:
-  hsmca init --state-dir var/ca --module /usr/lib/softhsm/libsofthsm2.so \
-      --token hsmca --pin-file var/pin
-  hsmca serve --config var/ca/hsmca.toml --listen 127.0.0.1:8443
-  hsmca enroll --url https://ca.example:8443 --ca root.pem --token-file svc.token \
-      --name svc.internal.example --out svc
-  hsmca renew --daemon --url https://ca.example:8443 --ca root.pem \
-      --cert svc/cert.pem --key svc/key.pem --exec 'systemctl reload nginx'
-  hsmca audit verify --log var/ca/audit/log.jsonl --key var/ca/audit/audit_key.pem
-  hsmca audit verify --url https://ca.example:8443 --ca root.pem --client-cert a/cert.pem \
-      --client-key a/key.pem --key audit_key.pem --state audit-state.json
-  hsmca ui --url https://ca.example:8443 --ca root.pem --cert a/cert.pem --key a/key.pem \
-      --audit-key audit_key.pem --state audit-state.json --listen 127.0.0.1:8480
+# Each command's help ends with its own examples (ca/commands/examples.py); this one
+# with a tour of them, and where the rest are.
+EPILOG = tour() + """
 
 Run `hsmca COMMAND --help` for the flags of one command, and more examples.
 """
@@ -222,7 +211,6 @@ def build_parser() -> argparse.ArgumentParser:
     ui_cmd.add_parsers(sub)
     store_cmd.add_parsers(sub)
     backup_cmd.add_parsers(sub)
-    from ca.commands.examples import add_examples
     add_examples(p)
     return p
 

@@ -15,14 +15,15 @@ HEADING = "examples:"
 
 EXAMPLES: dict[str, tuple[str, ...]] = {
     "init": (
-        "hsmca init --state-dir /srv/hsmca/ca --module /usr/lib/softhsm/libsofthsm2.so \\\n"
-        "    --token hsmca --pin-file /srv/hsmca/pin --dns-name ca.example",
         "hsmca init --state-dir var/ca --module /usr/lib/softhsm/libsofthsm2.so \\\n"
-        "    --token hsmca --pin-file var/pin --key-type ec-p384 --name 'Example staging'",
+        "    --token hsmca --pin-file var/pin",
+        "hsmca init --state-dir /srv/hsmca/ca --module /usr/lib/softhsm/libsofthsm2.so \\\n"
+        "    --token hsmca --pin-file /srv/hsmca/pin --dns-name ca.example \\\n"
+        "    --key-type ec-p384 --name 'Example staging'",
     ),
     "serve": (
-        "hsmca serve --config /srv/hsmca/ca/hsmca.toml --listen 0.0.0.0:8443",
-        "hsmca serve --config var/ca/hsmca.toml --listen 127.0.0.1:0 --workers 1",
+        "hsmca serve --config var/ca/hsmca.toml --listen 127.0.0.1:8443",
+        "hsmca serve --config /srv/hsmca/ca/hsmca.toml --listen 0.0.0.0:8443 --workers 1",
     ),
     "token create": (
         "(umask 077 && hsmca token create --config hsmca.toml --role service \\\n"
@@ -31,14 +32,14 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         "    --principal alice deploy",
     ),
     "enroll": (
-        "hsmca enroll --url https://ca.example:8443 --ca root.pem --token-file api.token \\\n"
-        "    --name api.internal.example --out /etc/api/tls",
+        "hsmca enroll --url https://ca.example:8443 --ca root.pem --token-file svc.token \\\n"
+        "    --name svc.internal.example --out svc",
     ),
     "renew": (
+        "hsmca renew --daemon --url https://ca.example:8443 --ca root.pem \\\n"
+        "    --cert svc/cert.pem --key svc/key.pem --exec 'systemctl reload nginx'",
         "hsmca renew --url https://ca.example:8443 --ca root.pem \\\n"
         "    --cert /etc/api/tls/cert.pem --key /etc/api/tls/key.pem",
-        "hsmca renew --daemon --url https://ca.example:8443 --ca root.pem --cert cert.pem \\\n"
-        "    --key key.pem --exec 'systemctl reload nginx'",
     ),
     "revoke": (
         "hsmca revoke 4f3a9c0e12 --reason keyCompromise --config hsmca.toml",
@@ -86,10 +87,10 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "acme account list": ("hsmca acme account list --config hsmca.toml",),
     "acme account deactivate": ("hsmca acme account deactivate Yx4hQ2 --config hsmca.toml",),
     "audit verify": (
-        "hsmca audit verify --log audit/log.jsonl --key audit_key.pem --state audit-state.json",
-        "hsmca audit verify --url https://ca.example:8443 --ca root.pem \\\n"
-        "    --client-cert a/cert.pem --client-key a/key.pem --key audit_key.pem \\\n"
-        "    --state audit-state.json",
+        "hsmca audit verify --log var/ca/audit/log.jsonl --key var/ca/audit/audit_key.pem",
+        "hsmca audit verify --url https://ca.example:8443 --ca root.pem "
+        "--client-cert a/cert.pem \\\n"
+        "    --client-key a/key.pem --key audit_key.pem --state audit-state.json",
     ),
     "audit show": (
         "hsmca audit show --config hsmca.toml --from 1200",
@@ -106,14 +107,31 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         "    --log ca.example/hsmca-audit=ca.example/hsmca-audit+8ff839b8+AQOh...",
     ),
     "ui": (
-        "hsmca ui --url https://ca.example:8443 --ca root.pem --cert a/cert.pem \\\n"
-        "    --key a/key.pem --audit-key audit_key.pem --state audit-state.json",
+        "hsmca ui --url https://ca.example:8443 --ca root.pem --cert a/cert.pem "
+        "--key a/key.pem \\\n"
+        "    --audit-key audit_key.pem --state audit-state.json --listen 127.0.0.1:8480",
     ),
     "store move": (
         "hsmca store move --config hsmca.toml --store-url postgresql://hsmca@db.example/hsmca",
     ),
     "backup": ("hsmca backup --config /srv/hsmca/ca/hsmca.toml --out /var/backups/hsmca",),
 }
+
+
+# `hsmca --help`'s examples: a tour, one or two of each command's own (so the suite's
+# check of those covers them too), by command and index.
+TOUR = (("init", 0), ("serve", 0), ("enroll", 0), ("renew", 0), ("audit verify", 0),
+        ("audit verify", 1), ("ui", 0))
+
+
+def shown(examples: tuple[str, ...]) -> str:
+    """`examples` as a help text ends: a heading, then each line indented."""
+    return HEADING + "\n" + "\n".join(
+        "  " + line for example in examples for line in example.splitlines())
+
+
+def tour() -> str:
+    return shown(tuple(EXAMPLES[name][i] for name, i in TOUR))
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -140,8 +158,6 @@ def commands(parser: argparse.ArgumentParser,
 
 def add_examples(top: argparse.ArgumentParser) -> None:
     for name, parser in commands(top).items():
-        shown = EXAMPLES.get(name)
-        if shown:
+        if examples := EXAMPLES.get(name):
             parser.formatter_class = HelpFormatter
-            parser.epilog = HEADING + "\n" + "\n".join(
-                "  " + line for example in shown for line in example.splitlines())
+            parser.epilog = shown(examples)
