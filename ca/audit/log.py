@@ -141,10 +141,10 @@ class AuditLog:
         # clients waited 20 to 50 s for their 503, and a stop half a minute.
         self._refusing = False
         # Bundles under the tiles whose lines no longer hash to their leaves, or cannot
-        # be checked: (first seq, what to say), found by the recorder's reads and by
-        # check_on_disk's thread alike, each cleared on its own when put back. Nothing
-        # is written while any is.
-        self._damage: dict[int, tuple[int, str]] = {}
+        # be checked, and what was found, by the recorder's reads and by check_on_disk's
+        # thread alike, each cleared on its own when put back. Nothing is written while
+        # any is.
+        self._damage: dict[int, _Finding] = {}
         self._damage_lock = threading.Lock()
         self._tiles_said: set[int] = set()  # bundles whose damaged tile was said
         self._saved: Path | None = None  # where the lines of a deleted log file were saved
@@ -670,7 +670,7 @@ class AuditLog:
                     with self._damage_lock:
                         gone = self._damage.pop(b, None)
                     if gone is not None:
-                        log.warning("the damaged audit lines check out again", seq=gone[0])
+                        log.warning("the damaged audit lines check out again", seq=gone.seq)
             return bundle
         with self._tree_lock:
             full = self._tree.size // TILE_WIDTH
@@ -689,7 +689,7 @@ class AuditLog:
         with self._damage_lock:
             if bundle in self._damage:
                 return
-            self._damage[bundle] = (found.seq, found.text(self.path))
+            self._damage[bundle] = found
         if found.kind == "unchecked":
             log.error("audit log lines cannot be checked, their tiles are damaged: nothing "
                       "is signed until they can be", seq=found.seq, log=str(self.path),
@@ -764,17 +764,22 @@ class AuditLog:
                    != tile[i * HASH_SIZE:(i + 1) * HASH_SIZE]), len(lines))
         return _Finding(bundle * TILE_WIDTH + at, "line")
 
+    def _first_damage(self) -> _Finding | None:
+        """The damage found first in the log (lowest seq), until it is put back."""
+        with self._damage_lock:
+            return min(self._damage.values(), default=None)
+
     @property
     def damaged_seq(self) -> int | None:
-        """The first line `check_on_disk` (or a read) found rewritten, until it is put
+        """The first line `check_on_disk` (or a read) found damaged, until it is put
         back."""
-        with self._damage_lock:
-            return min((seq for seq, _ in self._damage.values()), default=None)
+        first = self._first_damage()
+        return first.seq if first is not None else None
 
     def _damage_said(self) -> str | None:
         """What /health and a refused write say of the first damage found, or None."""
-        with self._damage_lock:
-            return min(self._damage.values())[1] if self._damage else None
+        first = self._first_damage()
+        return first.text(self.path) if first is not None else None
 
     def _fail_batch(self, done: list[tuple[Sink, int, str, Mapping[str, Any]]], exc: OSError,
                     results: Batch) -> None:
