@@ -24,9 +24,6 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 if TYPE_CHECKING:
     from ca.ra import CACertOrder
 
-BACKDATE = dt.timedelta(minutes=1)
-
-
 class _SerialSource:
     """159-bit serials from the OS CSPRNG, drawn 4 KiB at a time: one getrandom()
     per ~200 certificates instead of one per certificate."""
