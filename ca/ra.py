@@ -45,12 +45,15 @@ LOCAL = "local"
 REASON_CODES = {"unspecified": 0, "keyCompromise": 1, "cACompromise": 2,
                 "affiliationChanged": 3, "superseded": 4, "cessationOfOperation": 5,
                 "certificateHold": 6, "privilegeWithdrawn": 9, "aACompromise": 10}
-# What a certificate's holder may say about their own certificate; an admin may give
-# any reason but certificateHold, which this CA never offers (a hold cannot be lifted
-# here, so it would be a revocation that lies about itself).
 SSH_USER_MIN_TTL_S = 60  # the shortest user certificate issued
+# What a certificate's holder may say about their own certificate; an admin may also say
+# privilegeWithdrawn. Never certificateHold, which this CA does not offer (a hold cannot
+# be lifted here, so it would be a revocation that lies about itself), nor cACompromise
+# and aACompromise, which X.509 and the CA/B Baseline Requirements (7.2.2) keep for CA
+# and attribute authority certificates: every certificate revoked here is a leaf.
 HOLDER_REASONS = frozenset({"unspecified", "keyCompromise", "superseded", "affiliationChanged",
                             "cessationOfOperation"})
+LEAF_REASONS = HOLDER_REASONS | {"privilegeWithdrawn"}
 
 
 class Directory(Protocol):
@@ -891,11 +894,25 @@ def revocation_reason(value: object) -> str | None:
                   "the numeric codes work too)")
 
 
-def _revoke(ctx: Context, who: Requester, req: RevokeRequest) -> RevokeOrder:
-    reason = revocation_reason(req.reason)
-    if reason == "certificateHold":  # for anyone: not "for an admin", who gets it neither
+def _leaf_reason(value: object) -> str | None:
+    """The reason a leaf may be revoked for, for anyone (an admin too)."""
+    reason = revocation_reason(value)
+    if reason == "certificateHold":
         raise Refused("certificateHold is not offered: a revocation here is final",
                       Reason.REASON_NOT_ALLOWED)
+    if (reason or "unspecified") not in LEAF_REASONS:
+        # A relying party reads it as "the issuing CA's key leaked", which revoking a
+        # leaf does not make true (a relying-party trial).
+        raise Refused(f"{reason} is a reason for revoking a CA's certificate, not a leaf "
+                      "(CA/B Baseline Requirements 7.2.2): give keyCompromise if this "
+                      "certificate's own key leaked; for an issuing key feared compromised, "
+                      "`hsmca key rotate issuing` and retire the old key (docs/keys.md)",
+                      Reason.REASON_NOT_ALLOWED)
+    return reason
+
+
+def _revoke(ctx: Context, who: Requester, req: RevokeRequest) -> RevokeOrder:
+    reason = _leaf_reason(req.reason)
     admin = isinstance(who, Local) or (isinstance(who, CertHolder) and who.role == "admin")
     if not admin:
         if not isinstance(who, CertHolder) or req.serial != int(who.serial, 16):
@@ -946,10 +963,7 @@ def _revoked_again(serial: int, was: str | None, reason: str | None, why: Reason
 def _revoke_identity(ctx: Context, who: Requester, req: RevokeIdentityRequest) -> RevokeOrder:
     if not (isinstance(who, Local) or (isinstance(who, CertHolder) and who.role == "admin")):
         raise Refused("only an admin may revoke everything issued to a name", Reason.WRONG_ROLE)
-    reason = revocation_reason(req.reason)
-    if reason == "certificateHold":
-        raise Refused("certificateHold is not offered: a revocation here is final",
-                      Reason.REASON_NOT_ALLOWED)
+    reason = _leaf_reason(req.reason)
     _kind, name = policy.lookup(req.name)
     return RevokeOrder(None, reason, who.actor, lineage=True, identity=name)
 

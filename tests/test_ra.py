@@ -492,14 +492,23 @@ def test_revocation_reasons_in_every_spelling(given: object, name: str | None) -
     assert isinstance(order, ra.RevokeOrder) and order.reason == name
 
 
-@pytest.mark.parametrize("given", ["cACompromise", "ca_compromise", 2, "aACompromise",
-                                   "privilegeWithdrawn"])
-def test_a_holder_may_not_claim_what_only_an_admin_knows(given: object) -> None:
+def test_a_holder_may_not_claim_what_only_an_admin_knows() -> None:
     svc = holder("service", ("s.example",))
-    refused(ra.decide(context(), svc, ra.RevokeRequest(0x1234, given)),
-            Reason.REASON_NOT_ALLOWED)
-    assert isinstance(ra.decide(context(), admin(), ra.RevokeRequest(0x1234, given)),
+    refused(ra.decide(context(), svc, ra.RevokeRequest(0x1234, "privilegeWithdrawn")),
+            Reason.REASON_NOT_ALLOWED, "is for an admin")
+    assert isinstance(ra.decide(context(), admin(), ra.RevokeRequest(0x1234,
+                                                                     "privilegeWithdrawn")),
                       ra.RevokeOrder)
+
+
+@pytest.mark.parametrize("given", ["cACompromise", "ca_compromise", 2, "aACompromise", 10])
+def test_a_leaf_is_never_revoked_for_a_ca_s_reasons(given: object) -> None:
+    # pkilint's BR profile flags them on a leaf's CRL entry (a relying-party trial)
+    for who in (holder("service", ("s.example",)), admin()):
+        refused(ra.decide(context(), who, ra.RevokeRequest(0x1234, given)),
+                Reason.REASON_NOT_ALLOWED, "a reason for revoking a CA's certificate")
+    refused(ra.decide(context(), admin(), ra.RevokeIdentityRequest("s.example", given)),
+            Reason.REASON_NOT_ALLOWED, "keyCompromise if this certificate's own key leaked")
 
 
 def test_certificate_hold_is_never_offered_and_others_are_for_admins() -> None:

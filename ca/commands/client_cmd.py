@@ -20,8 +20,8 @@ if TYPE_CHECKING:  # the config and the HSM's library load when a command runs, 
     from ca.config import Config  # for the parser every command builds (a start's tenth)
 
 TOKEN_ENV = "HSMCA_TOKEN"
-REASONS = ("unspecified", "keyCompromise", "cACompromise", "affiliationChanged", "superseded",
-           "cessationOfOperation", "privilegeWithdrawn", "aACompromise")
+REASONS = ("unspecified", "keyCompromise", "affiliationChanged", "superseded",
+           "cessationOfOperation", "privilegeWithdrawn")  # a leaf's (ca.ra.LEAF_REASONS)
 
 
 def _config(args: argparse.Namespace) -> Config:
