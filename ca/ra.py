@@ -277,6 +277,7 @@ class SSHRevokeRequest:
 @dataclass(frozen=True)
 class CRLRequest:
     issuer: str | None = None
+    previous: dt.datetime | None = None  # the thisUpdate of the issuer's latest CRL
 
 
 @dataclass(frozen=True)
@@ -1021,7 +1022,16 @@ def _crl(ctx: Context, who: Requester, req: CRLRequest) -> CRLOrder:
     if issuer not in ctx.issuers.crl_labels():
         raise Refused(f"no CRL of an issuer {issuer!r}: it signs nothing now",
                       Reason.NOT_FOUND)
-    return CRLOrder(issuer, ctx.now, ctx.now + CRL_VALIDITY, who.actor)
+    # Backdated as certificates are: a CRL signed at a revocation and fetched at once by a
+    # relying party whose clock is a second behind was "not yet valid" to OpenSSL, which
+    # allows CRLs no skew, so every certificate it checked failed (a relying-party
+    # trial). And after the previous one, by a second (the encoding's resolution):
+    # OpenSSL chooses among CRLs of one issuer by thisUpdate, not by number, and took a
+    # stale one signed in the same second.
+    this_update = ctx.now - BACKDATE
+    if req.previous is not None and this_update <= req.previous:
+        this_update = min(req.previous + dt.timedelta(seconds=1), ctx.now)
+    return CRLOrder(issuer, this_update, ctx.now + CRL_VALIDITY, who.actor)
 
 
 def _ocsp(ctx: Context, who: Requester, req: OCSPRequest) -> OCSPOrder:
@@ -1033,7 +1043,9 @@ def _ocsp(ctx: Context, who: Requester, req: OCSPRequest) -> OCSPOrder:
         # A retired key signs nothing: its certificates' last responses age out.
         raise Refused(f"the issuer {req.issuer!r} is retired and signs no OCSP responses",
                       Reason.NOT_FOUND)
-    return OCSPOrder(issuer, ctx.now, ctx.now + OCSP_VALIDITY, who.actor)
+    # Backdated as certificates and CRLs are (clients allow OCSP a few minutes' skew,
+    # but not all of them).
+    return OCSPOrder(issuer, ctx.now - BACKDATE, ctx.now + OCSP_VALIDITY, who.actor)
 
 
 def _local_cert(ctx: Context, who: Requester, req: LocalCertRequest) -> X509Order:

@@ -564,7 +564,14 @@ def test_ssh_revocation_is_for_admins_and_needs_a_match_unless_it_bans_a_key() -
 def test_crls_are_ordered_by_the_ca_itself() -> None:
     order = ra.decide(context(), ra.Local(), ra.CRLRequest())
     assert isinstance(order, ra.CRLOrder) and order.issuer == "issuing-ca"
-    assert order.next_update - order.this_update == ra.CRL_VALIDITY
+    assert order.this_update == NOW - ra.BACKDATE and order.next_update == NOW + ra.CRL_VALIDITY
+    # thisUpdate moves on from the previous CRL's, by a second at least (OpenSSL chooses
+    # by it), but never past now
+    for previous, then in ((NOW - ra.BACKDATE * 2, NOW - ra.BACKDATE),
+                           (NOW - ra.BACKDATE, NOW - ra.BACKDATE + dt.timedelta(seconds=1)),
+                           (NOW - dt.timedelta(seconds=0.5), NOW), (NOW, NOW)):
+        order = ra.decide(context(), ra.Local(), ra.CRLRequest(previous=previous))
+        assert isinstance(order, ra.CRLOrder) and order.this_update == then, previous
     refused(ra.decide(context(), admin(), ra.CRLRequest()), Reason.WRONG_ROLE)
     # The root signs one for the CA certificates it issued; a retired issuer, none.
     order = ra.decide(context(), ra.Local(), ra.CRLRequest("root-ca"))
@@ -576,7 +583,7 @@ def test_ocsp_responses_are_ordered_by_the_ca_itself_from_the_issuer_that_still_
         ) -> None:
     order = ra.decide(context(), ra.Local(), ra.OCSPRequest("issuing-ca-1"))
     assert isinstance(order, ra.OCSPOrder) and order.issuer == "issuing-ca-1"
-    assert order.this_update == NOW and order.next_update - NOW == ra.OCSP_VALIDITY
+    assert order.this_update == NOW - ra.BACKDATE and order.next_update - NOW == ra.OCSP_VALIDITY
     order = ra.decide(context(), ra.Local(), ra.OCSPRequest(None))  # a record from before
     assert isinstance(order, ra.OCSPOrder) and order.issuer == "issuing-ca"
     refused(ra.decide(context(), ra.Local(), ra.OCSPRequest("issuing-ca-0")), Reason.NOT_FOUND,

@@ -202,6 +202,41 @@ async def test_crls_and_the_krl_answer_a_conditional_get_until_a_revocation_chan
                 assert r.status == 200 and r.headers["ETag"] != first[path]["ETag"], path
 
 
+def test_a_crl_signed_at_a_revocation_holds_for_a_relying_party_a_little_behind(
+        own_daemon: Daemon, tmp_path: Path) -> None:
+    """A relying-party trial: the CRL re-signed at a revocation, fetched at once by a
+    machine whose clock was 2 s behind, was "not yet valid" to OpenSSL, which allows a
+    CRL no skew, so every certificate checked with it failed, the unrevoked ones too;
+    and two CRLs signed in one second had one thisUpdate, by which OpenSSL chooses, and
+    it took the stale one."""
+    d = own_daemon
+    kept = enroll(d, tmp_path, "service", ["kept.internal.example"])[0]
+    gone = [enroll(d, tmp_path, "service", [f"gone{i}.internal.example"])[0]
+            for i in range(2)]
+    crls, issuing_crls = [], []
+    for cert in gone:
+        hsmca("revoke", format(load(cert).serial_number, "x"), "--config",
+              d.state / "hsmca.toml", "--url", d.url)
+        crls.append(tmp_path / f"crls{len(crls)}.pem")
+        crls[-1].write_bytes(_fetch(d, "/v1/x509/crls.pem"))
+        issuing_crls.append(x509.load_der_x509_crl(_fetch(d, "/v1/x509/crl")))
+    behind = str(int(time.time()) - 30)
+
+    def verify(cert: Path, crl: Path) -> str:
+        proc = subprocess.run(
+            [require("openssl"), "verify", "-attime", behind, "-crl_check_all", "-CRLfile",
+             crl, "-CAfile", d.root, "-untrusted", d.state / "x509" / "issuing.pem", cert],
+            capture_output=True, text=True)
+        return (proc.stdout + proc.stderr).strip()
+    assert verify(kept, crls[1]) == f"{kept}: OK"
+    assert "certificate revoked" in verify(gone[1], crls[1])
+    # Both CRLs in one file, the older last: OpenSSL must take the newer
+    both = tmp_path / "both.pem"
+    both.write_bytes(crls[1].read_bytes() + crls[0].read_bytes())
+    assert "certificate revoked" in verify(gone[1], both)
+    assert issuing_crls[0].last_update_utc < issuing_crls[1].last_update_utc
+
+
 # ---- revocation reaches the lineage and SSH ---------------------------------------------
 
 
