@@ -193,6 +193,10 @@ async def test_rotate_issuing_and_ssh_keys_retire_and_destroy_while_renewals_run
         # Retire, then destroy the old issuing key: issuance goes on with the new one.
         host_cert = load(host[0])
         host_ocsp = request_for(host_cert, old_inter)
+        # Renewed with its key (no --rekey): the new one stays live when the old one is
+        # revoked below, and the revoker is told (that answer was a 500: a key trial)
+        status, _, raw = await http("POST", f"{d.url}/v1/x509/renew", d.ssl(*host), body={})
+        assert status == 201, raw
         deadline = asyncio.get_running_loop().time() + 30
         while (resp := (await ask_ocsp(d, host_ocsp))[0]).response_status != \
                 ocsp.OCSPResponseStatus.SUCCESSFUL:  # pre-signed within seconds
@@ -240,6 +244,7 @@ async def test_rotate_issuing_and_ssh_keys_retire_and_destroy_while_renewals_run
         assert "it was issued by a key retired or destroyed" in proc.stderr \
             and old_label_text in proc.stderr and "trust it until it expires" in proc.stderr, \
             proc.stderr
+        assert "other live certificate(s) of the same key" in proc.stderr, proc.stderr
         resp, _ = await ask_ocsp(d, host_ocsp)
         assert resp.response_status == ocsp.OCSPResponseStatus.UNAUTHORIZED
         later = enroll(d, tmp_path, "service", ["later.internal.example"])

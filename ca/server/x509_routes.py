@@ -379,12 +379,12 @@ async def revoke(request: web.Request) -> web.Response:
         labels = ", ".join(sorted(set(done.unpublished.values())))
         listed = ", ".join(format(s, "x") for s in done.unpublished)
         n = len(done.unpublished)
-        who = ("it was" if len(done.serials) == 1 else f"1 of them ({listed}) was" if n == 1
-               else f"{n} of them ({listed}) were")
+        which = ("it was" if len(done.serials) == 1 else f"1 of them ({listed}) was"
+                 if n == 1 else f"{n} of them ({listed}) were")
         it, its, is_, they = (("it", "its", "is", "it") if n == 1 else
                               ("them", "their", "are", "they"))
         warnings.append(
-            f"{who} issued by a key retired or destroyed ({labels}), which signs nothing: "
+            f"{which} issued by a key retired or destroyed ({labels}), which signs nothing: "
             f"{its} CRL and OCSP cannot say {they} {is_} revoked, so relying parties that "
             f"check only those trust {it} until {they} expire{'s' if n == 1 else ''}. "
             f"hsmca itself refuses {it}")
