@@ -523,8 +523,10 @@ class Revocations:
                 if only_if_stale and await self._current_crl(label) is not None:
                     continue  # another request re-signed it while this one waited
                 latest = await self.store.latest_crl(label)
-                order = ra.order(await self._context(), ra.Local(), ra.CRLRequest(
-                    label, latest and dt.datetime.fromisoformat(latest.this_update)))
+                previous = (None if latest is None
+                            else dt.datetime.fromisoformat(latest.this_update))
+                order = ra.order(await self._context(), ra.Local(),
+                                 ra.CRLRequest(label, previous))
                 number, revoked = await self._numbered(label)
                 crl = await self.issuance.crl(
                     order, number, [(s, at, r) for s, (at, r) in revoked.items()], request_id)
