@@ -456,6 +456,12 @@ async def all_crls(request: web.Request) -> web.Response:
 
 
 def _ocsp_response(request: web.Request, answer: ocsp.Answer) -> web.Response:
+    if request.method == "POST":
+        # RFC 5019 5: caching is what GET is for. An HTTP cache told to keep POSTs keys
+        # them by URL alone, and would answer every certificate with one's response (a
+        # relying-party trial).
+        return web.Response(body=answer.der, content_type="application/ocsp-response",
+                            headers={"Cache-Control": "no-store"})
     cache = f"max-age={answer.max_age}, public, no-transform, must-revalidate" \
         if answer.max_age else "no-cache"
     headers = {"Cache-Control": cache}
@@ -480,8 +486,11 @@ async def ocsp_post(request: web.Request) -> web.Response:
 async def ocsp_get(request: web.Request) -> web.Response:
     text = request.match_info["b64"]
     try:
+        # Strictly: loosely, any junk around a request (`!!!`, spaces) got the same
+        # cacheable response, an unbounded number of cache keys for one (a relying-party
+        # trial). Unpadded and base64url are taken, as clients send both.
         der = base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_"
-                               if "-" in text or "_" in text else None, validate=False)
+                               if "-" in text or "_" in text else None, validate=True)
     except (binascii.Error, ValueError):
         der = b""
     return _ocsp_response(request, await _ocsp_answer(request, der))
