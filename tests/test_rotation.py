@@ -5,6 +5,7 @@ while renewals run, retire and destroy the old ones, and every step is audited
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import re
 import socket
@@ -17,6 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
 
@@ -635,6 +637,8 @@ async def test_rotate_the_root_offline_and_relying_parties_of_either_root_follow
         old_issuing.write_text(run_openssl("x509", "-in", old_chain))
         assert openssl_verify(ca.state / "x509/root.pem", old_issuing, old_cert,
                               ca.state / "x509/cross.pem")
+        pre = tmp_path / "pre-rotation.pem"  # a leaf of the old root, as issued
+        pre.write_bytes(old_cert.read_bytes())
         # The credential from before renews over mutual TLS, into the new chain.
         pinned = tmp_path / "pinned-root.pem"  # a renewer's --ca: the old root alone
         pinned.write_bytes(old_root.read_bytes())
@@ -677,8 +681,17 @@ async def test_rotate_the_root_offline_and_relying_parties_of_either_root_follow
                         old_key, check=False)
         assert renewed.returncode == 0, renewed.stderr
         assert len(pems(old_cert)) == 2 and "root was rotated" not in renewed.stderr
-        status, _, _ = await http("GET", f"{d.url}/v1/x509/crl/root-ca", d.ssl())
-        assert status == 404
+        # The old root's last CRL is served while it is valid, as a retired issuing
+        # key's: relying parties that trust both roots (roots.pem) and check every link
+        # refused the old root's certificates still valid, their CRL gone (a key trial)
+        status, _, raw = await http("GET", f"{d.url}/v1/x509/crl/root-ca", d.ssl())
+        assert status == 200, raw
+        last = x509.load_der_x509_crl(raw)
+        assert last.is_signature_valid(load(old_root).public_key())
+        assert last.next_update_utc > dt.datetime.now(dt.UTC)
+        crls.write_bytes((await http("GET", f"{d.url}/v1/x509/crls.pem", d.ssl()))[2])
+        assert last.public_bytes(serialization.Encoding.PEM) in crls.read_bytes()
+        assert openssl_verify(ca.state / "x509/roots.pem", old_issuing, pre, crls=crls)
     finally:
         assert d.stop() == 0
     # The daemon's own TLS chain follows at the next start.

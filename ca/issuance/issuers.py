@@ -113,6 +113,9 @@ class Issuers:
     # That previous root's key and certificate: it still signs its own CRL until it is
     # retired, which relying parties that trust it alone and check every link need.
     previous_root_issuer: X509Issuer | None = None
+    # Roots retired or destroyed: they sign nothing, and their last CRL is served while
+    # it is valid, as a retired issuing key's is.
+    past_roots: tuple[str, ...] = ()
 
     def x509_issuer(self) -> str:
         return self.current_x509
@@ -145,6 +148,13 @@ class Issuers:
         parties of the old root that check every link refused every certificate)."""
         previous = [self.previous_root_issuer.id] if self.previous_root_issuer else []
         return [*self.x509, self.root_key.label, *previous]
+
+    def crl_past(self) -> list[str]:
+        """The keys that sign no CRL any more, whose last CRL is served while it is valid:
+        retired and destroyed issuing keys and roots (a key trial: a retired root's CRL
+        went at once, and relying parties that trust it and check every link refused the
+        certificates still valid under it)."""
+        return [*self.past, *self.past_roots]
 
     @property
     def current(self) -> X509Issuer:
@@ -266,7 +276,9 @@ def build(records: list[KeyRecord], infos: dict[str, KeyInfo],
                    roots=(root, *(c for label, c in reversed(roots.items())
                                   if label != root_record.label)),
                    previous_root=old_root.label if old_root is not None else None,
-                   ssh_past=ssh_past, previous_root_issuer=old_root_issuer)
+                   ssh_past=ssh_past, previous_root_issuer=old_root_issuer,
+                   past_roots=tuple(r.label for r in by_kind["root"]
+                                    if r.state in ("retired", "destroyed")))
 
 
 def previous_root(roots: Sequence[KeyRecord]) -> KeyRecord | None:

@@ -443,7 +443,8 @@ class Revocations:
         issuers = await self.issuance.keys.refresh()
         label = issuer or issuers.current_x509
         if issuers.crl_signer(label) is None:
-            latest = await self.store.latest_crl(label) if label in issuers.past else None
+            latest = (await self.store.latest_crl(label) if label in issuers.crl_past()
+                      else None)
             if latest is None:
                 raise Refused(f"no CRL of an issuer {label!r}", Reason.NOT_FOUND)
             return label, latest.der

@@ -447,7 +447,7 @@ async def all_crls(request: web.Request) -> web.Response:
     # A retired issuing key's last CRL, while it is valid: its certificates still valid
     # were refused by every such relying party the moment it was retired (a key trial);
     # now when the CRL ends, as `key retire` says.
-    for label in issuers.past:
+    for label in issuers.crl_past():
         if (kept := await revocations.still_valid_crl(label)) is not None:
             crls.append(x509.load_der_x509_crl(kept))
     return revalidated(request, b"".join(c.public_bytes(serialization.Encoding.PEM)
