@@ -752,10 +752,19 @@ async def test_a_retired_or_destroyed_ssh_ca_key_keeps_its_revoked_certificates_
         # what keeps them out (an SSH trial believed a host cut off)
         assert "hsmca revoke --identity NAME" in revoked.stderr, revoked.stderr
         assert krl_says(d, tmp_path, old_cert) == "REVOKED"
+        kept = ssh_user_cert(d, tmp_path, user, "id_kept")
         key_cmd(d, "rotate", "ssh-user")
         old = re.search(r"^(\S+)\s+ssh-user\s+previous", key_cmd(d, "list").stdout, re.M)
         assert old, key_cmd(d, "list").stdout
         key_cmd(d, "retire", old.group(1), "--yes")
+        # Valid by its dates, its CA key retired: `ssh list` says both (a key trial took
+        # `--status valid` at its word while every refreshed host refused it)
+        listed = hsmca("ssh", "list", "--status", "valid", "--config", d.state / "hsmca.toml",
+                       "--url", d.url).stdout
+        row = next(line.split() for line in listed.splitlines()
+                   if line.startswith(_ssh_serial(kept) + " "))
+        assert row[2:4] == ["valid", "retired"], listed
+        assert "refused by the hosts and clients that refreshed" in listed, listed
         # A revocation after it builds the KRL again: the retired key's section stays.
         new_cert = ssh_user_cert(d, tmp_path, user, "id_new")
         hsmca("ssh", "revoke", "--serial", _ssh_serial(new_cert), "--config",

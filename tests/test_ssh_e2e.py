@@ -215,8 +215,10 @@ async def test_revocation_by_key_id_and_public_key(own_daemon: Daemon, tmp_path:
         cert(3): "REVOKED", key(3): "ok"}  # by its file: the certificate, not its key
     # What the operator then sees of bob's certificates: `hsmca ssh list`
     listed = hsmca("ssh", "list", "--search", "bob@example.com", *admin).stdout.splitlines()
-    assert listed[0].split() == ["SERIAL", "TYPE", "STATUS", "VALID_BEFORE", "KEY_ID"]
+    assert listed[0].split() == ["SERIAL", "TYPE", "STATUS", "CA_KEY", "VALID_BEFORE",
+                                 "KEY_ID"]
     status_of = {line.split()[0]: line.split()[2] for line in listed[1:]}
+    assert {line.split()[3] for line in listed[1:]} == {"active"}, listed
     assert status_of == {str(issued["serial"]): "revoked" if i != 2 else "valid"
                          for i, (_, issued) in enumerate(pubs)}, listed
     assert all(line.endswith("[bob]") for line in listed[1:]), listed

@@ -535,11 +535,16 @@ def list_certs(args: argparse.Namespace) -> int:
     shown = table(page["certificates"], "no SSH certificate matches", [
         ("SERIAL", 20, lambda c: c["serial"]), ("TYPE", 4, lambda c: c["type"]),
         ("STATUS", 8, lambda c: c["status"]),
+        ("CA_KEY", 9, lambda c: c.get("ca_key_state") or "-"),
         ("VALID_BEFORE", 25, lambda c: c["valid_before"]),
         ("KEY_ID", 0, lambda c: f"{c['key_id']}  [{','.join(c['principals'])}]")])
     if page["total"] > len(page["certificates"]):
         print(f"({page['total']} match; the newest {len(page['certificates'])} shown: "
               "narrow with --search, --type or --status, or raise --limit)")
+    if any(c.get("ca_key_state") in ("retired", "destroyed") and c["status"] in (
+            "valid", "expiring") for c in page["certificates"]):
+        print("(CA_KEY retired or destroyed: valid by its dates, and refused by the hosts "
+              "and clients that refreshed the SSH CA keys they trust from /v1/ssh/ca)")
     return shown
 
 
@@ -824,8 +829,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     ls = ssub.add_parser(
         "list", help="the SSH certificates the CA issued (admin)",
         description="List SSH certificates from the inventory, newest first: serial "
-        "(decimal, as ssh-keygen -L prints it), type, status, validBefore, key id, "
-        "principals. --search matches key ids, principals and serials.")
+        "(decimal, as ssh-keygen -L prints it), type, status, the state of the CA key "
+        "that signed it (a retired key's certificates are refused wherever the trusted "
+        "CA keys were refreshed), validBefore, key id, principals. --search matches key "
+        "ids, principals and serials.")
     ls.add_argument("--search", metavar="TEXT",
                     help="a key id, a principal, part of one, or a serial")
     ls.add_argument("--type", choices=("host", "user"), help="only host or user certificates")

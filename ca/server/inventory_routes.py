@@ -155,8 +155,10 @@ def ssh_status(rec: SSHCertRecord, now: dt.datetime) -> str:
                    dt.datetime.fromtimestamp(rec.valid_before, dt.UTC), now)
 
 
-def ssh_record_json(rec: SSHCertRecord, now: dt.datetime) -> dict[str, Any]:
+def ssh_record_json(rec: SSHCertRecord, now: dt.datetime,
+                    ca_key_state: str | None = None) -> dict[str, Any]:
     return {"serial": str(rec.serial), "type": rec.cert_type, "key_id": rec.key_id,
+            "ca_key_state": ca_key_state,
             "principals": list(rec.principals), "key_sha256": rec.key_sha256,
             "valid_after": _unix_iso(rec.valid_after),
             "valid_before": _unix_iso(rec.valid_before), "issued_at": rec.issued_at,
@@ -179,8 +181,22 @@ async def ssh_certificates(request: web.Request) -> web.Response:
                          owner=owner_serial,
                          **_search(request, SSH_SORTS))
     now = _now()
-    page = await request.app[STORE].find_ssh_certs(query, now, now + EXPIRING)
-    return _page_json(query, now, [ssh_record_json(r, now) for r in page.certs], page.total)
+    store = request.app[STORE]
+    page = await store.find_ssh_certs(query, now, now + EXPIRING)
+    # Its CA key's state beside its own: a certificate of a retired CA key is valid by
+    # its dates, and refused by every host and client that refreshed the CA keys they
+    # trust (a key trial took `--status valid` at its word). Records from before
+    # issuers were named name none: the first key of their type signed them.
+    keys = await store.keys()  # oldest first
+    states = {k.label: k.state for k in keys}
+    first = {}
+    for k in keys:
+        first.setdefault(k.kind, k.label)
+
+    def ca_key_state(rec: SSHCertRecord) -> str | None:
+        return states.get(rec.issuer or first.get(f"ssh-{rec.cert_type}", ""))
+    return _page_json(query, now, [ssh_record_json(r, now, ca_key_state(r))
+                                   for r in page.certs], page.total)
 
 
 @routes.get("/v1/inventory/issuance")
