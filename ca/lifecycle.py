@@ -134,6 +134,7 @@ class KeyLifecycle:
                                 if order.action == "retire" else "destroyed",
                                 "live": live, "live_until": until}
         if absent:
+            done["absent_from_token"] = True  # no C_DestroyObject: the CLI says so
             done["warnings"] = [f"the token no longer held {order.label!r} (an earlier destroy "
                                 "cut short, or a removal outside hsmca); it is recorded as "
                                 "destroyed"]

@@ -1157,9 +1157,11 @@ def _key(ctx: Context, who: Requester, req: KeyRequest) -> KeyOrder:
                           f"key{how}", Reason.CONFLICT)
         return KeyOrder("retire", req.kind, req.label, who.actor)
     if req.action == "destroy":
+        if req.state == "destroyed":  # as retire says "retired already" (a key trial)
+            raise Refused(f"{req.label!r} is destroyed already", Reason.CONFLICT)
         if req.state != "retired":
             first = (f": retire it first (hsmca key retire {req.label})"
-                     if req.state == "previous" else "")
+                     if req.state in ("previous", "next") else "")
             raise Refused(f"only a retired key is destroyed; {req.label!r} is {req.state}"
                           f"{first}", Reason.CONFLICT)
         if not req.confirmed:

@@ -147,6 +147,12 @@ def test_a_destroy_cut_short_after_the_hsm_call_can_be_finished(tmp_path: Path) 
         proc = key_cmd(d, "destroy", "ssh-host-ca", "--yes", check=False)
         assert proc.returncode == 0, proc.stderr
         assert "no longer held 'ssh-host-ca'" in proc.stderr, proc.stderr
+        # and the line on stdout claims no C_DestroyObject that was never called
+        assert proc.stdout.startswith("destroyed ssh-host-ca: recorded as destroyed, the "
+                                      "token no longer holding it"), proc.stdout
+        again = key_cmd(d, "destroy", "ssh-host-ca", "--yes", check=False)
+        assert again.returncode == 1 and "'ssh-host-ca' is destroyed already" in \
+            again.stderr, again.stderr
         listed = key_cmd(d, "list").stdout
         assert re.search(r"^ssh-host-ca\s+\S+\s+destroyed", listed, re.M), listed
         assert [line for line in log_lines(ca.state) if line["event"] == "key.destroy"

@@ -253,6 +253,13 @@ async def test_rotate_issuing_and_ssh_keys_retire_and_destroy_while_renewals_run
         assert aki(load(later[0])) == aki(load(after[0]))
         refused = key_cmd(d, "destroy", "not-a-key", "--yes", check=False)
         assert refused.returncode == 1 and "no key labelled" in refused.stderr
+        # Without --yes, a key that cannot be destroyed is refused before any question
+        # (a key trial typed yes, then was told)
+        for label in ("not-a-key", active):
+            refused = hsmca("key", "destroy", label, "--config", d.state / "hsmca.toml",
+                            "--url", d.url, input="", check=False)
+            assert refused.returncode == 1 and "Destroy " not in refused.stderr, \
+                refused.stderr
         assert old_label_text in token_labels(ca.state, ca.token)
         # asked first, with what it signed that is still valid (said in the daemon's
         # log alone before: a key trial)
@@ -756,6 +763,13 @@ async def test_a_retired_or_destroyed_ssh_ca_key_keeps_its_revoked_certificates_
         key_cmd(d, "rotate", "ssh-user")
         old = re.search(r"^(\S+)\s+ssh-user\s+previous", key_cmd(d, "list").stdout, re.M)
         assert old, key_cmd(d, "list").stdout
+        # What retiring it cuts off is said before the yes (after it alone, before: a
+        # key trial)
+        no = hsmca("key", "retire", old.group(1), "--config", d.state / "hsmca.toml",
+                   "--url", d.url, input="no\n", check=False)
+        assert no.returncode == 1 and "hosts that refresh their trusted user CA keys from " \
+            "it (`hsmca ssh host --renew`) refuse its certificates still valid" in no.stderr, \
+            no.stderr
         key_cmd(d, "retire", old.group(1), "--yes")
         # Valid by its dates, its CA key retired: `ssh list` says both (a key trial took
         # `--status valid` at its word while every refreshed host refused it)

@@ -177,17 +177,26 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.yes:
         key = _listed(args)
-        live = (f" {key['live']} certificate(s) it signed are still valid (the last until "
-                f"{key['live_until']}): their signatures stay good, but the CA can never "
-                "sign for this key again." if key and key.get("live") else "")
-        confirm(f"Destroy {args.label} in the HSM? This cannot be undone.{live}",
-                "not destroyed")
+        # A key that cannot be destroyed (unknown, not retired) is not asked about: the
+        # daemon's refusal says why (a key trial typed yes, then was told).
+        if key is not None and key["state"] == "retired":
+            live = (f" {key['live']} certificate(s) it signed are still valid (the last "
+                    f"until {key['live_until']}): their signatures stay good, but the CA "
+                    "can never sign for this key again." if key.get("live") else "")
+            confirm(f"Destroy {args.label} in the HSM? This cannot be undone.{live}",
+                    "not destroyed")
     out = _call(args, "POST", "/v1/keys/destroy", {"label": args.label, "confirm": True})
-    print(f"destroyed {out['label']} (C_DestroyObject; the audit log records it)")
+    if out.get("absent_from_token"):  # no C_DestroyObject was called (a key trial)
+        print(f"destroyed {out['label']}: recorded as destroyed, the token no longer "
+              "holding it (the audit log records it)")
+    else:
+        print(f"destroyed {out['label']} (C_DestroyObject; the audit log records it)")
     if out.get("live"):  # said in the daemon's log alone before (a key trial)
+        nothing = ("no CRL, no OCSP" if out.get("kind") in ("issuing", "root")
+                   else "no SSH certificate")
         print(f"hsmca: warning: {out['live']} certificate(s) it signed are still valid: "
               "they work where they are trusted until they expire, and the CA can sign "
-              "nothing for them any more (no CRL, no OCSP)", file=sys.stderr)
+              f"nothing for them any more ({nothing})", file=sys.stderr)
     for warning in out.get("warnings", []):
         print(f"hsmca: warning: {warning}", file=sys.stderr)
     return 0
@@ -227,6 +236,14 @@ RETIRE_CUTS = {
             "and relying parties need x509/root.pem first).",
     "issuing": " Its CRL and OCSP responses are signed no more: relying parties that "
                "check them refuse its certificates still valid within a day.",
+    # Said after the yes alone before (a key trial): for a host CA key, "Host key
+    # verification failed" on every client that refreshed, for each host not yet moved.
+    "ssh-user": " /v1/ssh/ca stops listing it: hosts that refresh their trusted user CA "
+                "keys from it (`hsmca ssh host --renew`) refuse its certificates still "
+                "valid.",
+    "ssh-host": " /v1/ssh/ca stops listing it: clients that refresh their known_hosts from "
+                "it (`hsmca ssh known-hosts`) refuse every host still presenting a "
+                "certificate of it (\"Host key verification failed\").",
 }
 
 
@@ -290,8 +307,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 
     common(ksub.add_parser(
         "list", help="every key: label, kind, state, algorithm, fingerprint, PKCS#11 URI",
-        description="Every key of the CA, newest first: its label, kind, state (active, "
-        "previous, retired, destroyed), algorithm, creation time, PKCS#11 URI and "
+        description="Every key of the CA, newest first: its label, kind, state (next: an "
+        "SSH key staged, published and signing nothing; active, previous, retired, "
+        "destroyed), algorithm, creation time, PKCS#11 URI and "
         "SHA-256 fingerprint, and ISSUED: how many certificates in the inventory it "
         "issued (X.509 and SSH; CA certificates, CRLs, OCSP responses and checkpoints are "
         "not counted: the audit log has every signature). With --config and no daemon "
