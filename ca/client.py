@@ -802,7 +802,7 @@ class OutputDir:
         if out.exists() or out.is_symlink():
             if not out.is_dir():
                 raise ClientError(f"--out {out} exists and is not a directory")
-            if any(out.iterdir()) and not self.force:
+            if any(p.name != f".{KEPT_KEY}" for p in out.iterdir()) and not self.force:
                 raise ClientError(f"--out {out} already exists and is not empty; pass --force "
                                   f"to replace {', '.join(CREDENTIAL_FILES)} in it")
             self._files = Staged({out / n: (0o600 if n == "key.pem" else 0o644,
@@ -893,12 +893,66 @@ class OutputDir:
         self._created.clear()
 
 
+KEPT_KEY = "hsmca-enroll-key.pem"
+
+
+def kept_key_paths(out: Path) -> tuple[Path, Path]:
+    """Where `enroll` keeps its new key from before its request until its files are in
+    place: inside --out when that directory exists, else beside it."""
+    return out / f".{KEPT_KEY}", out.parent / f".{out.name}.{KEPT_KEY}"
+
+
+def _kept_key(out: Path) -> tuple[Path, Any] | None:
+    """The key an earlier enrollment into `out` kept, its files never written."""
+    for path in kept_key_paths(out):
+        if path.is_file() and not path.is_symlink():
+            return path, load_private_key(path, "the kept key")
+    return None
+
+
+def _keep_key(out: Path, key: Any) -> Path:
+    """Write `key` (0600, flushed) where a later run finds it, before the token is used:
+    a disk too full for it fails here, the token still valid."""
+    path = kept_key_paths(out)[0 if out.is_dir() else 1]
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(key_pem(key))
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise ClientError(f"cannot write the new key to {path}: {exc.strerror} (checked "
+                          "before the token was used: it is still valid)") from None
+    return path
+
+
 async def enroll(url: str, token: str, names: list[str], out: Path, ca: Path | None, *,
-                 force: bool = False, ttl: str | None = None) -> dict[str, Any]:
+                 force: bool = False, ttl: str | None = None,
+                 warn: Any = None) -> dict[str, Any]:
+    """Enroll with a new key into `out`. The key is written before the request, and kept
+    until the files are in place: when they cannot be written (a full disk) after the CA
+    answered, the token is spent, and running the same enrollment again sends the kept
+    key, which the CA answers with that certificate again (the key was lost with the
+    token before: a client trial)."""
     ctx = ssl_context(ca)
     target = OutputDir(out, force).prepare()
+    kept = _kept_key(out)
     try:
-        key = new_key()
+        if kept is not None:
+            kept_path, key = kept
+            if warn is not None:
+                warn(f"using the key an earlier enrollment kept in {kept_path}, its files "
+                     "never written: the CA sends the certificate it issued to it again")
+        else:
+            key = new_key()
+            kept_path = _keep_key(out, key)
+    except BaseException:
+        target.abort()
+        raise
+    try:
         body: dict[str, Any] = {"csr": make_csr(names, key)}
         if ttl is not None:
             body["ttl"] = ttl
@@ -921,11 +975,23 @@ async def enroll(url: str, token: str, names: list[str], out: Path, ca: Path | N
         # relying party that pinned the old issuing certificate; a service team's
         # trial). Renewals keep the shape.
         cert_pem = issued["certificate"] + intermediates(issued["chain"])
-    except BaseException:
+    except BaseException as exc:
         target.abort()
+        if kept is None and isinstance(exc, ClientError) and exc.status is not None:
+            kept_path.unlink(missing_ok=True)  # refused: no certificate names this key
         raise
-    target.commit({"key.pem": key_pem(key), "cert.pem": cert_pem,
-                   "chain.pem": issued["chain"]})
+    try:
+        target.commit({"key.pem": key_pem(key), "cert.pem": cert_pem,
+                       "chain.pem": issued["chain"]})
+    except (OSError, ClientError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ClientError(
+            f"the CA issued certificate {issued['serial']} to the new key, and --out {out} "
+            f"could not be written: {reason}. The token is spent on it; the key is kept "
+            f"in {kept_path}: once that is mended, run the same enrollment again, before "
+            "the token's expiry: it sends the kept key, and the CA answers with that "
+            "certificate again") from None
+    kept_path.unlink(missing_ok=True)
     return issued
 
 

@@ -10,17 +10,21 @@ import datetime as dt
 import json
 import os
 import re
+import resource
 import shlex
+import signal
 import sqlite3
 import ssl
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from ca.cli import EPILOG, build_parser
 from ca.commands.client_cmd import parse_serial
@@ -98,6 +102,45 @@ def test_enroll_into_an_existing_empty_directory(daemon: Daemon, tmp_path: Path)
     proc = enroll_cmd(daemon, token_file(daemon, tmp_path, "service", [NAME]), out)
     assert proc.returncode == 0, proc.stderr
     assert (out / "cert.pem").is_file() and out.stat().st_mode & 0o777 == 0o750
+
+
+def _file_size_limit(limit: int) -> Callable[[], None]:
+    """For a child process: files of at most `limit` bytes, as a disk filling up gives
+    (writes past it fail with EFBIG rather than killing the process)."""
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_an_enrollment_whose_files_cannot_be_written_keeps_its_key_for_the_next_run(
+        daemon: Daemon, tmp_path: Path) -> None:
+    """A client trial on a full disk: the CA answered, the files could not be written,
+    and the key went with the staging directory: the token spent, a certificate live
+    for a key nobody had, and a bare "[Errno 28] No space left on device". The key is
+    written before the request and kept; the same command again gets the certificate."""
+    token = token_file(daemon, tmp_path, "service", [NAME])
+    out = tmp_path / "svc"
+    # Room for the key (about 240 bytes), not for the certificate (about 1.5 KB)
+    msg = one_line_error(enroll_cmd(daemon, token, out, preexec_fn=_file_size_limit(600)))
+    assert "the CA issued certificate" in msg and "File too large" in msg, msg
+    assert "The token is spent on it" in msg and "run the same enrollment again" in msg, msg
+    kept = tmp_path / ".svc.hsmca-enroll-key.pem"
+    assert str(kept) in msg and kept.stat().st_mode & 0o777 == 0o600 and not out.exists()
+    proc = enroll_cmd(daemon, token, out)
+    assert proc.returncode == 0, proc.stderr
+    assert "using the key an earlier enrollment kept" in proc.stderr, proc.stderr
+    cert = x509.load_pem_x509_certificate((out / "cert.pem").read_bytes())
+    key = serialization.load_pem_private_key((out / "key.pem").read_bytes(), None)
+    assert cert.public_key() == key.public_key() and format(cert.serial_number, "x") in msg
+    assert not kept.exists() and sorted(p.name for p in tmp_path.iterdir()
+                                        if p.name.startswith(".svc")) == []
+    # A key too large for the disk is said before the token is used
+    again = token_file(daemon, tmp_path, "service", [NAME])
+    msg = one_line_error(enroll_cmd(daemon, again, tmp_path / "none",
+                                    preexec_fn=_file_size_limit(100)))
+    assert "cannot write the new key" in msg and "it is still valid" in msg, msg
+    assert enroll_cmd(daemon, again, tmp_path / "none").returncode == 0
 
 
 # ---- the token stays off argv (issue 13, item 5) ---------------------------------------

@@ -168,7 +168,7 @@ def enroll(args: argparse.Namespace) -> int:
     url = args.url
     token = read_token(args)
     issued = asyncio.run(client.enroll(url, token, args.name, args.out, args.ca,
-                                       force=args.force, ttl=args.ttl))
+                                       force=args.force, ttl=args.ttl, warn=warn))
     for text in issued.get("warnings", []):
         warn(text)
     print(f"enrolled: serial {issued['serial']}, valid until {issued['not_after']}; wrote "
