@@ -1110,16 +1110,19 @@ def _renewing(cert: Path) -> Iterator[None]:
 async def _renew(url: str, cert: Path, key: Path, ca: Path | None, rekey: bool,
                  ttl: str | None, warn: Any) -> dict[str, Any]:
     mend(cert, key, warn)
-    ctx = await preflight(url, ca, cert, key)
     waiting = _UNINSTALLED.pop((cert, key), None)
     if waiting is not None and load_certificates(cert, "--cert")[0].serial_number == \
             waiting[1]:
         # The CA answered last time, but the files could not be replaced: install that
-        # answer rather than ask for (and have the HSM sign) another.
+        # answer rather than ask for (and have the HSM sign) another. Before the checks
+        # of the credential on disk, which may have expired meanwhile: a client trial's
+        # disk stayed full past its end, and the agent threw away the valid certificate
+        # it held, and told its host to enroll again.
         issued, held_serial, data, targets = waiting
         files = Staged(targets).prepare()
         _commit_or_keep(files, data, cert, key, issued, held_serial, targets)
         return issued
+    ctx = await preflight(url, ca, cert, key)
     held = load_certificates(cert, "--cert")
     current = held[0]
     combined = cert.resolve() == key.resolve()

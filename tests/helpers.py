@@ -308,9 +308,11 @@ class Running:
 
     @classmethod
     def start(cls, *args: str | Path, env: dict[str, str] | None = None,
-              cwd: Path | None = None) -> Running:
+              cwd: Path | None = None, preexec_fn: Callable[[], None] | None = None
+              ) -> Running:
         proc = subprocess.Popen([*HSMCA, *map(str, args)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
+                                stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
+                                preexec_fn=preexec_fn)
         r = cls(proc)
         threading.Thread(target=r._drain, daemon=True).start()
         threading.Thread(target=r._drain_stdout, daemon=True).start()

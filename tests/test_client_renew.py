@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import random
+import resource
 import signal
 import subprocess
 from pathlib import Path
@@ -252,6 +253,78 @@ def test_a_hook_that_fails_is_run_again_before_the_next_renewal(tmp_path: Path) 
         renewer.wait("renew.hook.done")
         assert ok.exists() and runs.read_text().count("run") == 2
         assert len(renewer.events("renew.done")) == 1  # run again, not renewed again
+    finally:
+        if renewer is not None:
+            renewer.stop()
+        d.stop()
+
+
+def test_a_certificate_file_unreadable_for_a_moment_keeps_the_schedule(
+        tmp_path: Path) -> None:
+    """A client trial: cert.pem emptied for a moment (configuration management's copy, a
+    plain cp) or removed ended the agent for good (exit 3, which its unit does not
+    restart), 42 minutes before its renewal; the certificate then expired. The schedule
+    stands, the file is said unreadable once per error, and the renewal works once the
+    file is back."""
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state)
+    renewer = None
+    try:
+        cert, key = enroll(d, tmp_path, "service", ["blink.internal.example"], [],
+                           "--ttl", "1h")  # not due for 40 minutes
+        first, saved = cert_serial(cert), cert.read_bytes()
+        renewer = Running.start("renew", "--daemon", "--url", d.url, "--ca", d.root,
+                                "--cert", cert, "--key", key)
+        renewer.wait("renew.scheduled")
+        cert.write_bytes(b"")
+        assert "holds no PEM certificate" in renewer.wait("renew.unreadable")["error"]
+        cert.unlink()
+        assert "no such file" in renewer.wait("renew.unreadable", count=2)["error"]
+        cert.write_bytes(saved)
+        renewer.proc.send_signal(signal.SIGHUP)  # due now: it renews the file put back
+        done = renewer.wait("renew.done")
+        assert done["old_serial"] == first and cert_serial(cert) == done["serial"] != first
+        assert renewer.proc.poll() is None
+    finally:
+        if renewer is not None:
+            renewer.stop()
+        d.stop()
+
+
+def test_an_answer_held_through_a_full_disk_is_installed_after_the_old_one_expired(
+        tmp_path: Path) -> None:
+    """A client trial: the disk full at renewal, the agent kept the CA's answer to
+    install later (asking again would have the HSM sign again); the disk stayed full
+    past the old certificate's end, and once there was room the agent judged the expired
+    file first, threw the valid certificate it held away and exited 3 ("enroll again").
+    The held answer is installed first."""
+    def small_files() -> None:  # a disk filling up: files stop at 600 bytes, for now
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (600, resource.RLIM_INFINITY))
+
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state)
+    renewer = None
+    try:
+        cert, key = enroll(d, tmp_path, "service", ["full.internal.example"], [],
+                           "--ttl", "15s")  # due ~10 s after its issue
+        first = cert_serial(cert)
+        renewer = Running.start("renew", "--daemon", "--url", d.url, "--ca", d.root,
+                                "--cert", cert, "--key", key, "--ttl", "10m",
+                                preexec_fn=small_files)
+        assert "File too large" in renewer.wait("renew.retry")["error"]
+        renewer.wait("renew.expired")  # still held, the file behind it expired
+        resource.prlimit(renewer.proc.pid, resource.RLIMIT_FSIZE,
+                         (resource.RLIM_INFINITY, resource.RLIM_INFINITY))  # room again
+        # Its next try, after the back-off (half a minute or so: not cut short, so that
+        # the file is well past its end, not in its last second)
+        done = renewer.wait("renew.done")
+        assert done["old_serial"] == first and cert_serial(cert) == done["serial"]
+        listed = subprocess.run([*HSMCA, "cert", "list", "--config", ca.state / "hsmca.toml",
+                                 "--search", "full.internal.example"], check=True,
+                                capture_output=True, text=True).stdout
+        assert len(listed.splitlines()) == 3, listed  # a header, the first, one renewal
+        assert renewer.proc.poll() is None
     finally:
         if renewer is not None:
             renewer.stop()

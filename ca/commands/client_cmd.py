@@ -246,8 +246,23 @@ def _renew_daemon(args: argparse.Namespace, url: str) -> int:
     def current() -> Any:
         return client.load_certificates(cert, "--cert")[0]
 
+    unreadable: list[str] = []  # what was said of the files while they cannot be read
+
     def due() -> dt.datetime:
-        leaf = current()
+        try:
+            leaf = current()
+        except client.ClientError as exc:
+            if not schedule:
+                raise
+            # Being replaced by other means (configuration management's copy, a plain
+            # cp): the schedule stands, and a renewal fails only if the file is still so
+            # then (a client trial's agent ended for good, hours before its renewal).
+            if str(exc) not in unreadable:
+                unreadable.append(str(exc))
+                log.warning("renew.unreadable", error=str(exc), detail="the renewal "
+                            "stays as scheduled, and fails only if it is still so then")
+            return next(iter(schedule.values()))
+        unreadable.clear()
         # Drawn once per certificate: the jitter must not be re-rolled on every look.
         if leaf.serial_number not in schedule:
             schedule.clear()
