@@ -977,8 +977,10 @@ async def enroll(url: str, token: str, names: list[str], out: Path, ca: Path | N
         cert_pem = issued["certificate"] + intermediates(issued["chain"])
     except BaseException as exc:
         target.abort()
-        if kept is None and isinstance(exc, ClientError) and exc.status is not None:
-            kept_path.unlink(missing_ok=True)  # refused: no certificate names this key
+        if kept is None and isinstance(exc, ClientError) and not exc.unanswered:
+            # Refused, or never sent: no certificate names this key. (A request that may
+            # have been carried out keeps it, for the next run to ask with.)
+            kept_path.unlink(missing_ok=True)
         raise
     try:
         target.commit({"key.pem": key_pem(key), "cert.pem": cert_pem,
