@@ -49,7 +49,9 @@ def key_rows(records: Sequence[KeyRecord], counts: Mapping[str | None, int]
              "created_at": r.created_at, "changed_at": r.changed_at,
              "fingerprint": r.fingerprint, "uri": r.uri, "signed": counts.get(r.label, 0),
              **({"ssh_fingerprint": fp} if r.ssh_public_key
-                and (fp := _ssh_fingerprint(r.ssh_public_key)) else {})}
+                and (fp := _ssh_fingerprint(r.ssh_public_key)) else {}),
+             **({"revoked_at": r.revoked_at, "revocation_reason": r.revocation_reason}
+                if r.revoked_at else {})}
             for r in reversed(records)]
 
 
@@ -86,7 +88,9 @@ class KeyLifecycle:
         return out
 
     async def request(self, action: str, kind: str | None, label: str | None,
-                      confirmed: bool = False, stage: bool = False) -> ra.KeyRequest:
+                      confirmed: bool = False, stage: bool = False,
+                      reason: object = None, asker_issuer: str | None = None
+                      ) -> ra.KeyRequest:
         """The RA's request, with what the inventory says of the key named (a rotation:
         of the kind's staged key, if it has one)."""
         if label is None:
@@ -96,8 +100,18 @@ class KeyLifecycle:
         record = next((r for r in await self.store.keys() if r.label == label), None)
         behind = (await self._not_handed_over() if action == "retire" and record is not None
                   and record.kind == "audit" else ())
+        root_signs = asked_with_it = False
+        if action == "revoke" and record is not None and record.cert is not None \
+                and record.kind == "issuing":
+            issuers = await self.issuance.keys.refresh()
+            root_signs = issuers.certifying_root(
+                x509.load_der_x509_certificate(record.cert)) is not None
+            asked_with_it = asker_issuer is not None and issuers.x509_of(asker_issuer) == label
         return ra.KeyRequest(action, record.kind if record else "", label,
-                             record.state if record else None, confirmed, behind)
+                             record.state if record else None, confirmed, behind,
+                             reason=reason, root_signs=root_signs,
+                             revoked=record is not None and record.revoked_at is not None,
+                             asked_with_its_cert=asked_with_it)
 
     async def carry_out(self, order: ra.KeyOrder, context: ra.Context,
                         request_id: str | None) -> dict[str, Any]:
@@ -106,6 +120,8 @@ class KeyLifecycle:
         if order.action == "promote":
             return await self._promote(order, request_id)
         assert order.label is not None
+        if order.action == "revoke":
+            return await self._revoke(order, request_id)
         absent = False  # a destroy that found the key gone from the token already
         if order.action == "retire":
             await self.audit.append("key.retire", label=order.label, kind=order.kind,
@@ -139,6 +155,28 @@ class KeyLifecycle:
                                 "cut short, or a removal outside hsmca); it is recorded as "
                                 "destroyed"]
         return done
+
+    async def _revoke(self, order: ra.KeyOrder, request_id: str | None) -> dict[str, Any]:
+        """The CA certificate of the issuing key `order.label`, revoked: recorded in the
+        log first (a revocation the log does not show never happened), then in the
+        inventory; the caller has its root's CRL signed again."""
+        assert order.label is not None
+        record = next(r for r in await self.store.keys() if r.label == order.label)
+        assert record.cert is not None
+        cert = x509.load_der_x509_certificate(record.cert)
+        await self.audit.append("key.revoke", label=order.label, kind=order.kind,
+                                serial=format(cert.serial_number, "x"), reason=order.reason,
+                                actor=order.actor, request_id=request_id)
+        at = utcnow()
+        if not await self.store.revoke_ca_key(order.label, at, order.reason):
+            raise Refused(f"the CA certificate of {order.label!r} is revoked already",
+                          Reason.ALREADY_REVOKED)
+        await self._published()
+        issuers = await self.issuance.keys.refresh()
+        return {"label": order.label, "kind": order.kind, "state": record.state,
+                "serial": format(cert.serial_number, "x"), "reason": order.reason,
+                "revoked_at": at.isoformat(), "root": issuers.certifying_root(cert),
+                "live": (await self.live(order.label))[0]}
 
     async def _not_handed_over(self) -> tuple[str, ...]:
         """The logs whose latest checkpoint the active audit key has not signed yet (a

@@ -303,6 +303,13 @@ class KeyRequest:
     # the kind's staged key if it has one (a rotation puts that one in use).
     stage: bool = False
     staged: str | None = None
+    # A revocation of an issuing key's CA certificate by its root: the reason given,
+    # whether it is revoked already, and whether the root that certified it still signs
+    # a CRL (the active root, or the previous one while a root rotation hands over).
+    reason: object = None
+    revoked: bool = False
+    root_signs: bool = False
+    asked_with_its_cert: bool = False  # the requester's own certificate is of that key
 
 
 @dataclass(frozen=True)
@@ -544,10 +551,11 @@ class OCSPOrder:
 
 @dataclass(frozen=True)
 class KeyOrder:
-    action: str  # rotate | stage | promote (the staged key `label`) | retire | destroy
-    kind: str
+    action: str  # rotate | stage | promote (the staged key `label`) | retire | destroy |
+    kind: str    # revoke (its CA certificate, by its root)
     label: str | None
     actor: str
+    reason: str | None = None  # a revocation's RFC 5280 reason (None: unspecified)
 
 
 @dataclass(frozen=True)
@@ -907,7 +915,8 @@ def _leaf_reason(value: object) -> str | None:
         raise Refused(f"{reason} is a reason for revoking a CA's certificate, not a leaf "
                       "(CA/B Baseline Requirements 7.2.2): give keyCompromise if this "
                       "certificate's own key leaked; for an issuing key feared compromised, "
-                      "`hsmca key rotate issuing` and retire the old key (docs/keys.md)",
+                      "`hsmca key rotate issuing`, retire the old key, and revoke its CA "
+                      "certificate with `hsmca key revoke` (docs/keys.md)",
                       Reason.REASON_NOT_ALLOWED)
     return reason
 
@@ -1168,7 +1177,64 @@ def _key(ctx: Context, who: Requester, req: KeyRequest) -> KeyOrder:
             raise Refused("destroying a key cannot be undone: confirm it (--yes, or "
                           "\"confirm\": true)")
         return KeyOrder("destroy", req.kind, req.label, who.actor)
+    if req.action == "revoke":
+        return _revoke_ca(who, req)
     raise Refused(f"no key action {req.action!r}")
+
+
+# What a CA certificate may be revoked for (RFC 5280 5.3.1): keyCompromise is a leaf's,
+# cACompromise the CA's own key's.
+CA_REASONS = frozenset({"unspecified", "cACompromise", "affiliationChanged", "superseded",
+                        "cessationOfOperation"})
+
+
+def _revoke_ca(who: Requester, req: KeyRequest) -> KeyOrder:
+    """An issuing key's CA certificate, revoked by the root that certified it: relying
+    parties that check the root's CRL refuse everything the key issued, as after a
+    compromise of the key (a relying-party trial found no way to say so: retiring only
+    stops hsmca's own use). Only a retired key's, so that the CA has stopped using it."""
+    if req.kind != "issuing":
+        why = {"root": "a root is not revoked: relying parties stop trusting it (take it "
+                       "out of their trust stores); rotate it with `hsmca key rotate-root`",
+               "ssh-user": "an SSH CA key has no certificate to revoke: retire it, and hosts "
+                           "that refresh their trusted keys from /v1/ssh/ca stop trusting it",
+               "ssh-host": "an SSH CA key has no certificate to revoke: retire it, and "
+                           "clients that refresh known_hosts stop trusting it",
+               "audit": "the audit key has no certificate to revoke: rotate it"}
+        raise Refused(f"only an issuing key's CA certificate is revoked; {req.label!r}: "
+                      f"{why.get(req.kind, 'not an issuing key')}", Reason.CONFLICT)
+    reason = revocation_reason(req.reason)
+    if (reason or "unspecified") not in CA_REASONS:
+        hint = " (for the CA's key: cACompromise)" if reason == "keyCompromise" else ""
+        raise Refused(f"a CA certificate is revoked as one of "
+                      f"{', '.join(sorted(CA_REASONS))}, not {reason}{hint}",
+                      Reason.REASON_NOT_ALLOWED)
+    if req.revoked:
+        raise Refused(f"the CA certificate of {req.label!r} is revoked already",
+                      Reason.ALREADY_REVOKED)
+    if req.state not in ("retired", "destroyed"):
+        first = ("rotate first (hsmca key rotate issuing), then " if req.state == "active"
+                 else "")
+        raise Refused(f"{req.label!r} is {req.state}: {first}retire it (hsmca key retire "
+                      f"{req.label}) so that nothing signs with it, then revoke its CA "
+                      "certificate", Reason.CONFLICT)
+    if req.asked_with_its_cert:
+        # An admin cut off from the CA by their own revocation (a first test did it to
+        # itself with init's admin credential, which every later command uses).
+        raise Refused(f"the certificate you ask with was issued by {req.label!r}: once its "
+                      "CA certificate is revoked, it authenticates no more. Renew it first "
+                      "(hsmca renew --cert CERT --key KEY, for init's admin credential "
+                      "STATE/admin/cert.pem and key.pem), which moves it to the active key",
+                      Reason.CONFLICT)
+    if not req.root_signs:
+        raise Refused(f"the root that certified {req.label!r} is retired and signs no CRL: "
+                      "relying parties that still trust it must take it out of their trust "
+                      "stores", Reason.CONFLICT)
+    if not req.confirmed:
+        raise Refused("revoking a CA certificate cannot be undone, and every certificate "
+                      "it issued is refused where the root's CRL is checked: confirm it "
+                      "(--yes, or \"confirm\": true)")
+    return KeyOrder("revoke", req.kind, req.label, who.actor, reason)
 
 
 def _ceremony(who: Requester, what: str) -> None:

@@ -1020,3 +1020,34 @@ def test_a_spent_token_gets_its_certificate_again_only_released_live_and_for_its
     refused(ra.decide(context(), who, dataclasses.replace(good, ttl="7 days")),
             Reason.MALFORMED, "is not a duration")
     refused(ra.decide(context(), who, dataclasses.replace(good, ttl="999d")), Reason.LIFETIME)
+
+
+def test_an_issuing_key_s_ca_certificate_is_revoked_once_retired_for_a_ca_s_reasons() -> None:
+    """A relying-party trial: an issuing key feared compromised could be rotated and
+    retired, and its CA certificate never revoked, so relying parties went on taking
+    what it signed until 2031."""
+    def ask(who: Any = None, **kw: Any) -> Any:
+        fields: dict[str, Any] = {"kind": "issuing", "label": "iss-1", "state": "retired",
+                                  "reason": "cACompromise", "root_signs": True,
+                                  "confirmed": True, **kw}
+        return ra.decide(context(), who or admin(), ra.KeyRequest("revoke", **fields))
+
+    order = ask()
+    assert isinstance(order, ra.KeyOrder) and (order.action, order.label, order.reason) == \
+        ("revoke", "iss-1", "cACompromise")
+    assert isinstance(ask(state="destroyed", reason=None), ra.KeyOrder)
+    assert ask(reason="superseded").reason == "superseded"
+    refused(ask(holder("service", ("s.example",))), Reason.WRONG_ROLE)
+    refused(ask(state="active"), Reason.CONFLICT, "rotate first")
+    refused(ask(state="previous"), Reason.CONFLICT, "retire it (hsmca key retire iss-1)")
+    refused(ask(reason="keyCompromise"), Reason.REASON_NOT_ALLOWED, "cACompromise")
+    refused(ask(reason="privilegeWithdrawn"), Reason.REASON_NOT_ALLOWED)
+    refused(ask(revoked=True), Reason.ALREADY_REVOKED, "revoked already")
+    refused(ask(root_signs=False), Reason.CONFLICT, "root that certified")
+    refused(ask(asked_with_its_cert=True), Reason.CONFLICT, "Renew it first")
+    refused(ask(confirmed=False), Reason.MALFORMED, "cannot be undone")
+    for kind, said in (("root", "trust stores"), ("ssh-user", "no certificate"),
+                       ("audit", "no certificate")):
+        refused(ask(kind=kind), Reason.CONFLICT, said)
+    refused(ra.decide(context(), admin(), ra.KeyRequest("revoke", "", "nope", None)),
+            Reason.NOT_FOUND)

@@ -1073,3 +1073,73 @@ async def test_a_staged_ssh_ca_key_is_trusted_before_it_signs(tmp_path: Path) ->
     finally:
         assert d.stop() == 0
     audit_verify(ca.state, ok=True)
+
+
+async def test_a_retired_issuing_key_s_ca_certificate_revoked_is_on_its_root_s_crl(
+        tmp_path: Path) -> None:
+    """A relying-party trial: an issuing key feared compromised could be rotated and
+    retired, which stops hsmca's own use of it, but its CA certificate could not be
+    revoked, and relying parties that trust the root went on taking whatever it had
+    signed until the certificate's end, five years on. Now the root's CRL lists it, and
+    hsmca refuses the client certificates it issued."""
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state)
+    config = ("--config", d.state / "hsmca.toml", "--url", d.url)
+    try:
+        old_leaf = enroll(d, tmp_path, "service", ["before.internal.example"])
+        old_issuing = tmp_path / "old-issuing.pem"
+        old_issuing.write_bytes((ca.state / "x509/issuing.pem").read_bytes())
+        old = re.search(r"^(\S+)\s+issuing\s+active", key_cmd(d, "list").stdout, re.M)
+        assert old, key_cmd(d, "list").stdout
+        label = old.group(1)
+        refused = key_cmd(d, "revoke", label, "--yes", check=False)
+        assert refused.returncode == 1 and "rotate first" in refused.stderr, refused.stderr
+        key_cmd(d, "rotate", "issuing")
+        new_leaf = enroll(d, tmp_path, "service", ["after.internal.example"])
+        refused = key_cmd(d, "revoke", label, "--yes", check=False)
+        assert refused.returncode == 1 and f"retire it (hsmca key retire {label})" in \
+            refused.stderr, refused.stderr
+        key_cmd(d, "retire", label, "--yes")
+        # init's admin credential is of that key: revoked, the admin would be locked out
+        refused = key_cmd(d, "revoke", label, "--yes", check=False)
+        assert refused.returncode == 1 and "Renew it first" in refused.stderr, refused.stderr
+        admin = (ca.state / "admin/cert.pem", ca.state / "admin/key.pem")
+        hsmca("renew", "--url", d.url, "--ca", d.root, "--cert", admin[0], "--key", admin[1])
+        no = hsmca("key", "revoke", label, *config, input="no\n", check=False)
+        assert no.returncode == 1 and f"Revoke the CA certificate of {label} (cACompromise)" \
+            in no.stderr and "must enroll again" in no.stderr, no.stderr
+        done = key_cmd(d, "revoke", label, "--yes").stdout
+        assert done.startswith(f"revoked the CA certificate of {label} (serial ") and \
+            "cACompromise): the CRL of root-ca lists it" in done, done
+
+        root_crl = x509.load_der_x509_crl(
+            (await http("GET", f"{d.url}/v1/x509/crl/root-ca", d.ssl()))[2])
+        entry = root_crl.get_revoked_certificate_by_serial_number(load(old_issuing).serial_number)
+        assert entry is not None
+        assert entry.extensions.get_extension_for_class(x509.CRLReason).value.reason == \
+            x509.ReasonFlags.ca_compromise
+        crls = tmp_path / "crls.pem"
+        crls.write_bytes((await http("GET", f"{d.url}/v1/x509/crls.pem", d.ssl()))[2])
+        assert not openssl_verify(d.root, old_issuing, old_leaf[0], crls=crls)
+        assert openssl_verify(d.root, ca.state / "x509/issuing.pem", new_leaf[0], crls=crls)
+        # hsmca takes nothing the revoked CA issued
+        status, _, raw = await http("POST", f"{d.url}/v1/x509/renew", d.ssl(*old_leaf), body={})
+        assert status == 403 and "was revoked (cACompromise)" in raw.decode(), raw
+        status, _, raw = await http("POST", f"{d.url}/v1/x509/renew", d.ssl(*new_leaf), body={})
+        assert status == 201, raw
+        assert "its CA certificate revoked" in key_cmd(d, "list").stdout
+        again = key_cmd(d, "revoke", label, "--yes", check=False)
+        assert again.returncode == 1 and "revoked already" in again.stderr, again.stderr
+    finally:
+        assert d.stop() == 0
+    audit_verify(ca.state, ok=True)
+    assert [e for e in log_lines(ca.state) if e["event"] == "key.revoke"
+            and e["label"] == label and e["reason"] == "cACompromise"]
+    d = start_daemon(ca.state)  # and after a restart, the root's CRL still lists it
+    try:
+        root_crl = x509.load_der_x509_crl(
+            (await http("GET", f"{d.url}/v1/x509/crl/root-ca", d.ssl()))[2])
+        assert root_crl.get_revoked_certificate_by_serial_number(
+            load(old_issuing).serial_number) is not None
+    finally:
+        assert d.stop() == 0

@@ -79,6 +79,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     # (after a rotation: the key init made; `hsmca key list` names them all)
     "key retire": ("hsmca key retire issuing-ca --config hsmca.toml",),
     "key destroy": ("hsmca key destroy issuing-ca --config hsmca.toml",),
+    "key revoke": ("hsmca key revoke issuing-ca --reason cACompromise --config hsmca.toml",),
     "acme eab create": (
         "hsmca acme eab create --config hsmca.toml --names '*.web.internal.example' --ttl 7d",
     ),

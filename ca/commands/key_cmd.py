@@ -126,6 +126,9 @@ def run(args: argparse.Namespace) -> int:
                   f"{k['signed']:>7}  {_to_the_second(k['created_at'])}")
             ssh = f"  {k['ssh_fingerprint']}" if k.get("ssh_fingerprint") else ""
             print(f"    {k['uri']}  sha256:{k['fingerprint']}{ssh}")
+            if k.get("revoked_at"):
+                print(f"    its CA certificate revoked {_to_the_second(k['revoked_at'])} "
+                      f"({k.get('revocation_reason') or 'unspecified'})")
         return 0
     if action == "rotate-root":
         return _rotate_root(args)
@@ -175,6 +178,8 @@ def run(args: argparse.Namespace) -> int:
                   "revocation of one from now on reaches neither. Renew them (`hsmca renew`) "
                   "to move them to the active key", file=sys.stderr)
         return 0
+    if action == "revoke":
+        return _revoke(args)
     if not args.yes:
         key = _listed(args)
         # A key that cannot be destroyed (unknown, not retired) is not asked about: the
@@ -197,6 +202,29 @@ def run(args: argparse.Namespace) -> int:
         print(f"hsmca: warning: {out['live']} certificate(s) it signed are still valid: "
               "they work where they are trusted until they expire, and the CA can sign "
               f"nothing for them any more ({nothing})", file=sys.stderr)
+    for warning in out.get("warnings", []):
+        print(f"hsmca: warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    if not args.yes:
+        key = _listed(args)
+        # Asked only of a key it can be done to: the daemon's refusal says why otherwise
+        if key is not None and key["kind"] == "issuing" and key["state"] in (
+                "retired", "destroyed") and not key.get("revoked_at"):
+            live = (f" It issued {key['live']} certificate(s) still valid (the last until "
+                    f"{key['live_until']}): their holders must enroll again."
+                    if key.get("live") else "")
+            confirm(f"Revoke the CA certificate of {args.label} ({args.reason})? Relying "
+                    "parties that check its root's CRL refuse everything it issued, and "
+                    f"hsmca no longer takes its client certificates.{live} This cannot be "
+                    "undone.", "not revoked")
+    out = _call(args, "POST", "/v1/keys/revoke", {"label": args.label, "reason": args.reason,
+                                                   "confirm": True})
+    print(f"revoked the CA certificate of {out['label']} (serial {out['serial']}, "
+          f"{out['reason'] or 'unspecified'}): the CRL of {out['root']} lists it "
+          "(/v1/x509/crls.pem)")
     for warning in out.get("warnings", []):
         print(f"hsmca: warning: {warning}", file=sys.stderr)
     return 0
@@ -361,3 +389,18 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     d.add_argument("label", help="the key's label (hsmca key list)")
     d.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     common(d)
+    v = ksub.add_parser("revoke", help="put a retired issuing key's CA certificate on its "
+                        "root's CRL",
+                        description="Revoke the CA certificate of a retired (or destroyed) "
+                        "issuing key: its root's CRL lists it from now on, so relying "
+                        "parties that check every link of a chain (openssl verify "
+                        "-crl_check_all, nginx ssl_crl with crls.pem) refuse everything the "
+                        "key issued, and hsmca no longer takes its client certificates. For "
+                        "an issuing key feared compromised: `hsmca key rotate issuing`, "
+                        "`hsmca key retire OLD`, then this (docs/keys.md). Cannot be undone.")
+    v.add_argument("label", help="the issuing key's label (hsmca key list)")
+    v.add_argument("--reason", default="cACompromise", metavar="REASON",
+                   help="RFC 5280 reason for a CA certificate: cACompromise (the default), "
+                   "superseded, cessationOfOperation, affiliationChanged or unspecified")
+    v.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    common(v)

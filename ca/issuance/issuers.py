@@ -116,6 +116,11 @@ class Issuers:
     # Roots retired or destroyed: they sign nothing, and their last CRL is served while
     # it is valid, as a retired issuing key's is.
     past_roots: tuple[str, ...] = ()
+    # Issuing keys whose CA certificate its root revoked (`hsmca key revoke`): label ->
+    # (the certificate, when, the RFC 5280 reason or None). The root's CRL lists them,
+    # and the client certificates they issued no longer authenticate.
+    revoked_ca: dict[str, tuple[x509.Certificate, str, str | None]] = field(
+        default_factory=dict)
 
     def x509_issuer(self) -> str:
         return self.current_x509
@@ -131,9 +136,8 @@ class Issuers:
 
     def crl_signer(self, label: str) -> X509Issuer | None:
         """Who signs the CRL named `label`: an issuing CA that still signs, or the root
-        (its CRL lists the CA certificates it revoked: none, as an issuing CA ends by
-        retiring; relying parties that check every link of the chain need it all the
-        same)."""
+        (its CRL lists the issuing CA certificates it revoked, `hsmca key revoke`;
+        relying parties that check every link of the chain need it, empty or not)."""
         if label in self.x509:
             return self.x509[label]
         if label == self.root_key.label:
@@ -148,6 +152,25 @@ class Issuers:
         parties of the old root that check every link refused every certificate)."""
         previous = [self.previous_root_issuer.id] if self.previous_root_issuer else []
         return [*self.x509, self.root_key.label, *previous]
+
+    def certifying_root(self, cert: x509.Certificate) -> str | None:
+        """The label of the root that certified the CA certificate `cert`, if it still
+        signs a CRL (the active root, or the previous one while it hands over)."""
+        aki = cert.extensions.get_extension_for_class(
+            x509.AuthorityKeyIdentifier).value.key_identifier
+        for label in (self.root_key.label, self.previous_root):
+            signer = self.crl_signer(label) if label is not None else None
+            if signer is not None and signer.cert.extensions.get_extension_for_class(
+                    x509.SubjectKeyIdentifier).value.digest == aki:
+                return label
+        return None
+
+    def revoked_by_root(self, label: str) -> dict[int, tuple[dt.datetime, str | None]]:
+        """The CA certificates the root `label` certified and revoked, by serial: what its
+        CRL lists (empty for any other label)."""
+        return {cert.serial_number: (dt.datetime.fromisoformat(at), reason)
+                for cert, at, reason in self.revoked_ca.values()
+                if self.certifying_root(cert) == label}
 
     def crl_past(self) -> list[str]:
         """The keys that sign no CRL any more, whose last CRL is served while it is valid:
@@ -278,7 +301,9 @@ def build(records: list[KeyRecord], infos: dict[str, KeyInfo],
                    previous_root=old_root.label if old_root is not None else None,
                    ssh_past=ssh_past, previous_root_issuer=old_root_issuer,
                    past_roots=tuple(r.label for r in by_kind["root"]
-                                    if r.state in ("retired", "destroyed")))
+                                    if r.state in ("retired", "destroyed")),
+                   revoked_ca={r.label: (cert_of(r), r.revoked_at, r.revocation_reason)
+                               for r in by_kind["issuing"] if r.revoked_at is not None})
 
 
 def previous_root(roots: Sequence[KeyRecord]) -> KeyRecord | None:

@@ -474,8 +474,12 @@ class Revocations:
         inventory holds it now (another node's revocation reaches the process a
         moment after its commit)."""
         revoked = await self._load() if fresh else (await self.revoked.get())[1]
-        return {s: (at, reason) for s, (at, reason, issuer) in revoked.items()
-                if self.issuance.issuers.x509_of(issuer) == label}
+        issuers = self.issuance.issuers
+        if fresh:  # another process's revocation of a CA certificate counts too
+            issuers = await self.issuance.keys.refresh()
+        return {**{s: (at, reason) for s, (at, reason, issuer) in revoked.items()
+                   if issuers.x509_of(issuer) == label},
+                **issuers.revoked_by_root(label)}
 
     async def still_valid_crl(self, label: str) -> bytes | None:
         latest = await self.store.latest_crl(label)

@@ -164,6 +164,13 @@ async def identity(request: web.Request, *roles: str) -> ra.CertHolder:
                           "revoked: it can no longer renew or ask for anything; enroll "
                           "again with a new bootstrap token from an admin",
                           "revoked-certificate")
+        issuers = await request.app[ISSUANCE].keys.refresh()  # a counter read
+        if issuers.revoked_ca and (by := issuers.x509_of(rec.issuer)) in issuers.revoked_ca:
+            reason = issuers.revoked_ca[by][2] or "unspecified"
+            raise Problem(403, "Forbidden", f"the CA certificate of {by}, which issued the "
+                          f"client certificate {rec.serial}, was revoked ({reason}): nothing "
+                          "it issued authenticates any more; enroll again with a new "
+                          "bootstrap token from an admin", "revoked-certificate")
         if ended(dt.datetime.fromisoformat(rec.not_after), dt.datetime.now(dt.UTC)):
             raise Problem(403, "Forbidden", "the client certificate has expired: enroll "
                           "again with a new bootstrap token from an admin",

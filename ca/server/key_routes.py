@@ -1,4 +1,5 @@
-"""The CA's keys: list (admin or auditor), rotate, retire, destroy (admin)."""
+"""The CA's keys: list (admin or auditor), rotate, retire, destroy, and revoke an issuing
+key's CA certificate (admin)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,22 @@ import structlog
 from aiohttp import web
 
 from ca import ra
-from ca.server.common import GATE, LIFECYCLE, decide, field, identity, json_body
+from ca.server.common import (
+    GATE,
+    LIFECYCLE,
+    REVOCATIONS,
+    decide,
+    field,
+    identity,
+    json_body,
+)
 from ca.server.problems import Problem
+from hsm.errors import AuditUnavailable, HSMUnavailable
 
 routes = web.RouteTableDef()
 log = structlog.get_logger("hsmca.keys")
-_DONE = {"rotate": "key rotated", "retire": "key retired", "destroy": "key destroyed"}
+_DONE = {"rotate": "key rotated", "retire": "key retired", "destroy": "key destroyed",
+         "revoke": "CA certificate revoked"}
 
 
 @routes.get("/v1/keys")
@@ -31,15 +42,29 @@ async def _act(request: web.Request, action: str) -> web.Response:
                           "bad-field")
         req = await lifecycle.request(action, field(body, "kind", str), None, stage=stage)
     else:
-        body = await json_body(request, {"label", "confirm"})
+        body = await json_body(request, {"label", "confirm"} | (
+            {"reason"} if action == "revoke" else set()))
         confirm = body.get("confirm", False)
         if not isinstance(confirm, bool):
             raise Problem(400, "Bad Request", "field 'confirm' must be true or false",
                           "bad-field")
-        req = await lifecycle.request(action, None, field(body, "label", str), confirm)
+        asker = None
+        if action == "revoke" and isinstance(who, ra.CertHolder):
+            rec = await request.app[GATE].record(who.fingerprint)
+            asker = rec.issuer if rec is not None and rec.issuer else ""
+        req = await lifecycle.request(action, None, field(body, "label", str), confirm,
+                                      reason=body.get("reason"), asker_issuer=asker)
     order: ra.KeyOrder = await decide(request, who, req)
     context = await request.app[GATE].context()
     done = await lifecycle.carry_out(order, context, request.get("request_id"))
+    if order.action == "revoke" and done.get("root"):
+        # Its root's CRL says so now, not at its next round (half a day away)
+        try:
+            await request.app[REVOCATIONS].refresh_crl(request.get("request_id"),
+                                                       done["root"])
+        except (AuditUnavailable, HSMUnavailable) as exc:
+            done["warnings"] = [f"the root's CRL is not re-signed yet ({exc}): it will be "
+                                "when the HSM and the audit log are back"]
     # The operator reads the daemon's log, not the audit log: a change of the CA's keys
     # is said there too (a key lifecycle trial found none).
     log.warning("key staged" if order.action == "stage" else _DONE[action],
@@ -63,3 +88,9 @@ async def retire(request: web.Request) -> web.Response:
 @routes.post("/v1/keys/destroy")
 async def destroy(request: web.Request) -> web.Response:
     return await _act(request, "destroy")
+
+
+@routes.post("/v1/keys/revoke")
+async def revoke(request: web.Request) -> web.Response:
+    """A retired issuing key's CA certificate, revoked by its root (its CRL lists it)."""
+    return await _act(request, "revoke")

@@ -310,6 +310,11 @@ class Store(Protocol):
         """Move a key from state `expect` to `state`; False if it was not in `expect`."""
         ...
 
+    async def revoke_ca_key(self, label: str, at: dt.datetime, reason: str | None) -> bool:
+        """The issuing key `label`'s CA certificate revoked by its root (its CRL lists it);
+        False if it was revoked already."""
+        ...
+
     async def name_first_issuers(self, x509_label: str, ssh: dict[str, str]) -> None:
         """Records made before issuers were named get the keys `init` made."""
         ...

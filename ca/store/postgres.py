@@ -1014,10 +1014,11 @@ class PostgresStore:
     # ---- the CA's keys ----------------------------------------------------------------------
 
     async def keys(self) -> list[KeyRecord]:
-        return [KeyRecord(*r[:7], bytes(r[7]) if r[7] is not None else None, r[8], r[9])
+        return [KeyRecord(*r[:7], bytes(r[7]) if r[7] is not None else None, *r[8:])
                 for r in await self._rows(
                     "SELECT label, kind, state, algorithm, created_at, fingerprint, uri, cert, "
-                    "changed_at, ssh_public_key FROM ca_keys ORDER BY created_at, label")]
+                    "changed_at, ssh_public_key, revoked_at, revocation_reason FROM ca_keys "
+                    "ORDER BY created_at, label")]
 
     async def add_keys(self, records: Sequence[KeyRecord]) -> None:
         async def insert(db: Conn) -> None:
@@ -1081,6 +1082,16 @@ class PostgresStore:
                 await _changed(db, "keys")
             return cur.rowcount
         return await self._tx(change) == 1
+
+    async def revoke_ca_key(self, label: str, at: dt.datetime, reason: str | None) -> bool:
+        async def revoke(db: Conn) -> int:
+            cur = await db.execute("UPDATE ca_keys SET revoked_at = %s, revocation_reason = %s "
+                                   "WHERE label = %s AND revoked_at IS NULL",
+                                   (at.isoformat(), reason, label))
+            if cur.rowcount:
+                await _changed(db, "keys")
+            return cur.rowcount
+        return await self._tx(revoke) == 1
 
     async def name_first_issuers(self, x509_label: str, ssh: dict[str, str]) -> None:
         async def name(db: Conn) -> None:

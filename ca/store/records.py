@@ -229,6 +229,10 @@ class KeyRecord:
     # An SSH CA key's public key (OpenSSH), kept after it is retired or destroyed: the KRL
     # names its revoked certificates for as long as anyone may trust it.
     ssh_public_key: str | None = None
+    # An issuing key's CA certificate revoked by its root: when, and the RFC 5280 reason
+    # (None: unspecified). Its root's CRL lists it.
+    revoked_at: str | None = None
+    revocation_reason: str | None = None
 
 
 @dataclass(frozen=True)

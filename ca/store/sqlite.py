@@ -337,6 +337,12 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX acme_authzs_account ON acme_authzs(account_id, status, expires);
     CREATE INDEX acme_orders_expires ON acme_orders(expires);
     """,
+    # 17: an issuing key's CA certificate revoked by its root (`hsmca key revoke`): the
+    # root's CRL lists it.
+    """
+    ALTER TABLE ca_keys ADD COLUMN revoked_at TEXT;
+    ALTER TABLE ca_keys ADD COLUMN revocation_reason TEXT;
+    """,
 )
 
 _CERT_COLS = ("serial, fingerprint, role, subject, names, principals, spki_sha256, not_before, "
@@ -527,7 +533,8 @@ Read = Callable[..., list[tuple[Any, ...]]]  # (sql, args=()) -> rows
 def _keys(read: Read) -> list[KeyRecord]:
     return [KeyRecord(*r) for r in read(
         "SELECT label, kind, state, algorithm, created_at, fingerprint, uri, cert, "
-        "changed_at, ssh_public_key FROM ca_keys ORDER BY created_at, label")]
+        "changed_at, ssh_public_key, revoked_at, revocation_reason FROM ca_keys "
+        "ORDER BY created_at, label")]
 
 
 def _signed_by(read: Read) -> dict[str | None, int]:
@@ -1333,6 +1340,13 @@ class SQLiteStore:
             return db.execute("UPDATE ca_keys SET state = ?, changed_at = ? WHERE label = ? "
                               "AND state = ?", (state, at.isoformat(), label, expect)).rowcount
         return await self._write(change) == 1
+
+    async def revoke_ca_key(self, label: str, at: dt.datetime, reason: str | None) -> bool:
+        def revoke(db: sqlite3.Connection) -> int:
+            return db.execute("UPDATE ca_keys SET revoked_at = ?, revocation_reason = ? "
+                              "WHERE label = ? AND revoked_at IS NULL",
+                              (at.isoformat(), reason, label)).rowcount
+        return await self._write(revoke) == 1
 
     async def name_first_issuers(self, x509_label: str, ssh: dict[str, str]) -> None:
         def name(db: sqlite3.Connection) -> None:
