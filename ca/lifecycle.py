@@ -229,7 +229,8 @@ class KeyLifecycle:
         cert_der = None
         if order.kind == "issuing":
             made = ra.order(context, ra.Local(order.actor), ra.IntermediateRequest(
-                info.public_key, issuing_ca_name(ca_name(issuers.root), stamp)))
+                info.public_key, issuing_ca_name(ca_name(issuers.root), stamp),
+                public_url=self.issuance.public_url))
             cert = await sign_ca_cert(self.issuance.pipeline, issuers.root_key, made,
                                       request_id)
             cert_der = cert.public_bytes(serialization.Encoding.DER)

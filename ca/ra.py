@@ -344,6 +344,7 @@ class IntermediateRequest:
     lifetime: dt.timedelta = INTERMEDIATE_LIFETIME
     signer: str | None = None
     issuer: x509.Certificate | None = None
+    public_url: str | None = None  # [server] public-url: where its root's CRL is
 
 
 @dataclass(frozen=True)
@@ -572,6 +573,7 @@ class CACertOrder:
     not_before: dt.datetime
     not_after: dt.datetime
     actor: str
+    crl_url: str | None = None  # an issuing CA's: its root's CRL (RFC 5280 4.2.1.13)
 
 
 @dataclass(frozen=True)
@@ -1310,10 +1312,15 @@ def _intermediate(ctx: Context, who: Requester, req: IntermediateRequest) -> CAC
     if not req.common_name:
         raise Refused("an issuing CA needs a common name")
     not_after = min(ctx.now + req.lifetime, issuer.not_valid_after_utc)
+    # Where its root's CRL is, for relying parties that fetch what a chain names (Java,
+    # Windows, .NET, openssl -crl_download): without it they could not check the issuing
+    # CA, and failed or passed over it (a relying-party trial).
+    crl_url = f"{req.public_url}/v1/x509/crl/{signer}" if req.public_url else None
     return CACertOrder("issuing", signer, req.public_key,
                        x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME,
                                                      req.common_name)]),
-                       issuer.subject, key_id, 0, ctx.now - BACKDATE, not_after, who.actor)
+                       issuer.subject, key_id, 0, ctx.now - BACKDATE, not_after, who.actor,
+                       crl_url)
 
 
 def _need_role(who: Requester, role: str) -> None:

@@ -232,7 +232,7 @@ async def _ceremony(config: Config, store: Store, pipeline: SigningPipeline,
                                               before.current.key.key_type)
     issuing = await make(new_key, ra.IntermediateRequest(
         issuing_key.public_key, prof.issuing_ca_name(prof.ca_name(old_root), suffix),
-        signer=new_key.label, issuer=root))
+        signer=new_key.label, issuer=root, public_url=config.public_url))
 
     at = prof.utcnow().isoformat()
 

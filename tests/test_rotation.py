@@ -112,6 +112,12 @@ async def test_rotate_issuing_and_ssh_keys_retire_and_destroy_while_renewals_run
         assert "rotated issuing" in out and old_label_text in out
         after = enroll(d, tmp_path, "service", ["new.internal.example"])
         assert aki(load(after[0])) != aki(load(before[0]))
+        # The new issuing CA names its root's CRL, for relying parties that fetch what a
+        # chain names (a relying-party trial: Java and Windows check the issuing CA too)
+        points = load(ca.state / "x509/issuing.pem").extensions.get_extension_for_class(
+            x509.CRLDistributionPoints).value
+        assert [p.full_name[0].value for p in points] == [  # type: ignore[index]
+            "https://ca.test/v1/x509/crl/root-ca"]
         named = "CN=Example Corporation staging east"
         assert load(before[0]).issuer.rfc4514_string() == f"{named} Issuing CA"
         assert re.fullmatch(rf"{named} Issuing CA \d{{14}}-[0-9a-f]{{4}}",

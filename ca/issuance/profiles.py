@@ -99,8 +99,9 @@ def ca_builder(order: CACertOrder, serial: int) -> x509.CertificateBuilder:
     """A CA certificate exactly as the registration authority ordered it: a root, a
     cross-certificate between two roots of the same name (self-issued, so it does not
     count against the roots' path length, and told apart from the root of that name by
-    its key identifiers), or an issuing CA."""
-    return (x509.CertificateBuilder()
+    its key identifiers), or an issuing CA (with its root's CRL address, when the CA
+    has a public URL)."""
+    builder = (x509.CertificateBuilder()
             .subject_name(order.subject).issuer_name(order.issuer_name)
             .public_key(order.public_key)
             .serial_number(serial)
@@ -112,6 +113,11 @@ def ca_builder(order: CACertOrder, serial: int) -> x509.CertificateBuilder:
                            critical=False)
             .add_extension(x509.AuthorityKeyIdentifier(order.issuer_key_id, None, None),
                            critical=False))
+    if order.crl_url:
+        builder = builder.add_extension(x509.CRLDistributionPoints([x509.DistributionPoint(
+            [x509.UniformResourceIdentifier(order.crl_url)], None, None, None)]),
+            critical=False)
+    return builder
 
 
 @dataclass(frozen=True)
