@@ -172,15 +172,17 @@ class OwnCerts:
 
     async def run(self) -> None:
         while True:
-            keys = self.generations.get("keys")
+            seen = (self.generations.get("keys"), self.generations.get("revocations"))
             try:
                 await self.check()
             except Exception:  # never the end of the task: the next round tries again
                 log.exception("the round of the daemon's own certificates failed")
-            # Hourly, and at once when a key changed: the listener's chain follows a
+            # Hourly, and at once when a key changed (the listener's chain follows a
             # retired root when it is retired, not at some later restart, which hid the
-            # cause of the clients it cut off (a key trial).
+            # cause of the clients it cut off: a key trial) or a certificate was revoked
+            # (the listener's own, revoked, is replaced at once: a relying-party trial).
             for _ in range(int(CHECK_S / KEYS_POLL_S)):
                 await asyncio.sleep(KEYS_POLL_S)  # a poll of a shared counter's pace
-                if self.generations.get("keys") != keys:
+                if (self.generations.get("keys"),
+                        self.generations.get("revocations")) != seen:
                     break

@@ -18,6 +18,7 @@ from ca.chains import issued_by
 from ca.config import CA_SERVER_NAME, Config
 from ca.fileutil import write_atomic, write_atomic_together
 from ca.issuance.issue import Issuance
+from ca.issuance.profiles import fingerprint
 from ca.local_certs import local_cert
 
 TLS_DAYS = 365
@@ -71,6 +72,18 @@ def _needs_renewal(config: Config, now: dt.datetime, issuer: x509.Certificate) -
     return None
 
 
+async def _revoked(config: Config, issuance: Issuance) -> str | None:
+    """Why the listener's certificate must be replaced, with a new key, if it was
+    revoked: relying parties that check see it revoked, and one revoked as keyCompromise
+    says its key is another's (a relying-party trial: the daemon presented it on,
+    through SIGHUPs and restarts)."""
+    cert = x509.load_pem_x509_certificates(config.tls_cert.read_bytes())[0]
+    rec = await issuance.store.cert_by_fingerprint(fingerprint(cert))
+    if rec is None or rec.revoked_at is None:
+        return None
+    return f"revoked ({rec.reason or 'unspecified'}) at {rec.revoked_at}"
+
+
 def _follow_chain(config: Config, chain_pem: str) -> None:
     """The chain served after the certificate, as the inventory has it now: after the
     previous root is retired it ends at the new root alone (docs/keys.md)."""
@@ -98,11 +111,14 @@ async def ensure_server_cert(config: Config, issuance: Issuance) -> None:
     current = (await issuance.keys.refresh()).current
     why = _needs_renewal(config, dt.datetime.now(dt.UTC), current.cert)
     if why is None:
+        why = await _revoked(config, issuance)
+    if why is None:
         _follow_chain(config, current.chain_pem)
         return
     # Said louder when the files are not as the daemon left them (both gone, damaged,
     # or not a pair): an operator's doing, which the log should show.
     said = log.info if why.startswith(("expires", "lacks", "not issued")) else log.warning
+    # (revoked: a new key as well, as every renewal here makes)
     said("renewing the daemon's TLS certificate", reason=why)
     cert_pem, key_pem, signer = await local_cert(
         issuance, config.policy, role="server", names=server_names(config.dns_name),

@@ -614,3 +614,33 @@ async def test_key_compromise_revokes_every_certificate_of_the_key(
     assert gone.revocation_reason == x509.ReasonFlags.key_compromise
     # The same name with another key is not the compromised key's: it stays good.
     await signed(d, load(other[0]), ocsp.OCSPCertStatus.GOOD)
+
+
+def _served(d: Daemon) -> x509.Certificate:
+    ctx = ssl.create_default_context(cafile=str(d.root))
+    ctx.check_hostname = False
+    host, port = d.url.removeprefix("https://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as raw, \
+            ctx.wrap_socket(raw) as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+def test_the_daemon_s_own_tls_certificate_revoked_is_replaced_with_a_new_key(
+        own_daemon: Daemon) -> None:
+    """A relying-party trial revoked the daemon's TLS certificate as keyCompromise (its
+    key leaked, say): the daemon presented it on, through SIGHUPs and restarts, and
+    relying parties that check saw the CA's own endpoint revoked. It is replaced at
+    once, with a new key."""
+    d = own_daemon
+    before = _served(d)
+    hsmca("revoke", format(before.serial_number, "x"), "--reason", "keyCompromise",
+          "--config", d.state / "hsmca.toml", "--url", d.url)
+    deadline = time.monotonic() + 60
+    while (now := _served(d)).serial_number == before.serial_number:  # paced by handshakes
+        assert time.monotonic() < deadline, "still presenting the revoked certificate"
+    assert now.public_key() != before.public_key()
+    assert d.wait_stderr(lambda: any("renewing the daemon's TLS certificate" in line
+                                     and "revoked (keyCompromise)" in line
+                                     for line in d.stderr), within=30)
