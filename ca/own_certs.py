@@ -107,6 +107,7 @@ class OwnCerts:
 
     async def check(self) -> None:
         async with self._lock:  # the hourly round and a SIGHUP's: one at a time
+            before = _first_cert(self.config.tls_cert)
             with _renewing(self.config.tls_cert.parent) as mine:
                 if mine:
                     try:
@@ -128,7 +129,33 @@ class OwnCerts:
                 self.generations.bump("tls")
                 log.info("the listeners take the daemon's TLS certificate file anew at "
                          "their next handshake")
+                if mine:
+                    await self._supersede(before)
             await self._say_ends()
+
+    async def _supersede(self, before: x509.Certificate | None) -> None:
+        """The listener's certificate it replaced, revoked as superseded once the new one
+        is served: it stayed valid for its year, and every issuing key retired after a
+        rotation counted it among its live certificates, so `key retire` named its end,
+        a year on, as the time to wait for (a key trial)."""
+        after = _first_cert(self.config.tls_cert)
+        if before is None or after is None or before.serial_number == after.serial_number:
+            return
+        try:
+            rec = await self.store.cert_by_fingerprint(fingerprint(before))
+            if rec is None or rec.revoked_at is not None or rec.role != "server":
+                return  # not this CA's, revoked already (a leaked key's), or not its own
+            ctx = decision_context(self.policies.current, self.issuance.issuers)
+            order = ra.order(ctx, ra.Local(), ra.RevokeRequest(before.serial_number,
+                                                               "superseded"))
+            await self.revocations.revoke(order, None)
+        except Exception as exc:  # the HSM or the inventory away: it ends on its own
+            log.warning("the daemon's previous TLS certificate is not revoked as "
+                        "superseded", serial=format(before.serial_number, "x"),
+                        error=str(exc) or type(exc).__name__)
+        else:
+            log.info("the daemon's previous TLS certificate is revoked as superseded",
+                     serial=format(before.serial_number, "x"))
 
     async def _say_ends(self) -> None:
         ends = {"tls": _first_cert(self.config.tls_cert),

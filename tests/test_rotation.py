@@ -1149,3 +1149,29 @@ async def test_a_retired_issuing_key_s_ca_certificate_revoked_is_on_its_root_s_c
             load(old_issuing).serial_number) is not None
     finally:
         assert d.stop() == 0
+
+
+async def test_the_listener_certificate_a_rotation_replaced_is_revoked_as_superseded(
+        tmp_path: Path) -> None:
+    """A key trial: after each rotation the daemon's previous TLS certificate stayed
+    valid for its year, so the previous key's `key retire` counted it still valid and
+    named its end, a year on, as the time to wait for. Once replaced, it is revoked as
+    superseded."""
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state)
+    try:
+        old = load(ca.state / "tls/server.pem")
+        label = re.search(r"^(\S+)\s+issuing\s+active", key_cmd(d, "list").stdout, re.M)
+        assert label
+        key_cmd(d, "rotate", "issuing")
+        assert d.wait_stderr(lambda: any("revoked as superseded" in line
+                                         for line in d.stderr), within=60), d.stderr
+        shown = hsmca("cert", "show", format(old.serial_number, "x"), "--config",
+                      d.state / "hsmca.toml", "--url", d.url).stdout
+        assert re.search(r"(?m)^status\s+revoked", shown) and "superseded" in shown, shown
+        # what the old key issued that is still valid: init's admin credential alone
+        no = hsmca("key", "retire", label.group(1), "--config", d.state / "hsmca.toml",
+                   "--url", d.url, input="no\n", check=False)
+        assert "it issued 2 certificate(s), 1 still valid" in no.stderr, no.stderr
+    finally:
+        assert d.stop() == 0
