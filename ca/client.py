@@ -12,6 +12,7 @@ import contextlib
 import datetime as dt
 import errno
 import fcntl
+import hashlib
 import ipaddress
 import json
 import os
@@ -802,7 +803,8 @@ class OutputDir:
         if out.exists() or out.is_symlink():
             if not out.is_dir():
                 raise ClientError(f"--out {out} exists and is not a directory")
-            if any(p.name != f".{KEPT_KEY}" for p in out.iterdir()) and not self.force:
+            if any(not p.name.startswith(f".{KEPT_KEY}-") for p in out.iterdir()) \
+                    and not self.force:
                 raise ClientError(f"--out {out} already exists and is not empty; pass --force "
                                   f"to replace {', '.join(CREDENTIAL_FILES)} in it")
             self._files = Staged({out / n: (0o600 if n == "key.pem" else 0o644,
@@ -893,27 +895,48 @@ class OutputDir:
         self._created.clear()
 
 
-KEPT_KEY = "hsmca-enroll-key.pem"
+KEPT_KEY = "hsmca-enroll-key"
 
 
-def kept_key_paths(out: Path) -> tuple[Path, Path]:
+def kept_key_paths(out: Path, token: str) -> tuple[Path, Path]:
     """Where `enroll` keeps its new key from before its request until its files are in
-    place: inside --out when that directory exists, else beside it."""
-    return out / f".{KEPT_KEY}", out.parent / f".{out.name}.{KEPT_KEY}"
+    place: inside --out when that directory exists, else beside it; named after the
+    token (a hash of it), so that only the same enrollment takes it up again."""
+    name = f"{KEPT_KEY}-{hashlib.sha256(token.encode()).hexdigest()[:16]}.pem"
+    return out / f".{name}", out.parent / f".{out.name}.{name}"
 
 
-def _kept_key(out: Path) -> tuple[Path, Any] | None:
-    """The key an earlier enrollment into `out` kept, its files never written."""
-    for path in kept_key_paths(out):
-        if path.is_file() and not path.is_symlink():
-            return path, load_private_key(path, "the kept key")
+def _kept_key(out: Path, token: str) -> tuple[Path, Any] | None:
+    """The key an earlier enrollment into `out` with this token kept, its files never
+    written: only a file of this user's, readable by nobody else, that is no link (a
+    review planted a key of its own in a shared directory, and the enrollment certified
+    it)."""
+    for path in kept_key_paths(out, token):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise ClientError(f"cannot read the kept key {path}: {exc.strerror}") from None
+        with os.fdopen(fd, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() \
+                    or st.st_mode & 0o077:
+                raise ClientError(f"{path} is not a key an enrollment of yours kept (another "
+                                  "owner, or readable by others): remove it and try again")
+            data = fh.read()
+        try:
+            return path, serialization.load_pem_private_key(data, password=None)
+        except (ValueError, TypeError):
+            raise ClientError(f"the kept key {path} is damaged: remove it (its token "
+                              "may be spent: then ask an admin for a new one)") from None
     return None
 
 
-def _keep_key(out: Path, key: Any) -> Path:
+def _keep_key(out: Path, token: str, key: Any) -> Path:
     """Write `key` (0600, flushed) where a later run finds it, before the token is used:
     a disk too full for it fails here, the token still valid."""
-    path = kept_key_paths(out)[0 if out.is_dir() else 1]
+    path = kept_key_paths(out, token)[0 if out.is_dir() else 1]
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                      | os.O_CLOEXEC, 0o600)
@@ -939,8 +962,8 @@ async def enroll(url: str, token: str, names: list[str], out: Path, ca: Path | N
     token before: a client trial)."""
     ctx = ssl_context(ca)
     target = OutputDir(out, force).prepare()
-    kept = _kept_key(out)
     try:
+        kept = _kept_key(out, token)
         if kept is not None:
             kept_path, key = kept
             if warn is not None:
@@ -948,7 +971,7 @@ async def enroll(url: str, token: str, names: list[str], out: Path, ca: Path | N
                      "never written: the CA sends the certificate it issued to it again")
         else:
             key = new_key()
-            kept_path = _keep_key(out, key)
+            kept_path = _keep_key(out, token, key)
     except BaseException:
         target.abort()
         raise

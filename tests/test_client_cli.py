@@ -125,8 +125,17 @@ def test_an_enrollment_whose_files_cannot_be_written_keeps_its_key_for_the_next_
     msg = one_line_error(enroll_cmd(daemon, token, out, preexec_fn=_file_size_limit(600)))
     assert "the CA issued certificate" in msg and "File too large" in msg, msg
     assert "The token is spent on it" in msg and "run the same enrollment again" in msg, msg
-    kept = tmp_path / ".svc.hsmca-enroll-key.pem"
+    kept = next(tmp_path.glob(".svc.hsmca-enroll-key-*.pem"))
     assert str(kept) in msg and kept.stat().st_mode & 0o777 == 0o600 and not out.exists()
+    # Another enrollment (another token) does not take it up
+    other = token_file(daemon, tmp_path, "service", [NAME])
+    proc = enroll_cmd(daemon, other, tmp_path / "other")
+    assert proc.returncode == 0 and "earlier enrollment" not in proc.stderr, proc.stderr
+    # Nor a key someone else could have put there: readable by others, it is refused
+    kept.chmod(0o644)
+    refusal = one_line_error(enroll_cmd(daemon, token, out))
+    assert "is not a key an enrollment of yours kept" in refusal, refusal
+    kept.chmod(0o600)
     proc = enroll_cmd(daemon, token, out)
     assert proc.returncode == 0, proc.stderr
     assert "using the key an earlier enrollment kept" in proc.stderr, proc.stderr
