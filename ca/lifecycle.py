@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ca import ra
 from ca.audit.note import NoteError, verify_note
+from ca.audit.voided import void
 from ca.fileutil import write_atomic
 from ca.generations import Generations
 from ca.issuance.issue import Issuance, sign_ca_cert
@@ -164,11 +165,16 @@ class KeyLifecycle:
         record = next(r for r in await self.store.keys() if r.label == order.label)
         assert record.cert is not None
         cert = x509.load_der_x509_certificate(record.cert)
-        await self.audit.append("key.revoke", label=order.label, kind=order.kind,
-                                serial=format(cert.serial_number, "x"), reason=order.reason,
-                                actor=order.actor, request_id=request_id)
+        seq = await self.audit.append("key.revoke", label=order.label, kind=order.kind,
+                                      serial=format(cert.serial_number, "x"),
+                                      reason=order.reason, actor=order.actor,
+                                      request_id=request_id)
         at = utcnow()
         if not await self.store.revoke_ca_key(order.label, at, order.reason):
+            # Another revocation won the race: this line changed nothing, and says so (a
+            # review found three key.revoke lines, three reasons, for one revocation).
+            await void(self.audit, seq, "key.revoke", "the CA certificate was revoked "
+                       "already when this committed", request_id)
             raise Refused(f"the CA certificate of {order.label!r} is revoked already",
                           Reason.ALREADY_REVOKED)
         await self._published()

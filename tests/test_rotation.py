@@ -1128,6 +1128,10 @@ async def test_a_retired_issuing_key_s_ca_certificate_revoked_is_on_its_root_s_c
         crls.write_bytes((await http("GET", f"{d.url}/v1/x509/crls.pem", d.ssl()))[2])
         assert not openssl_verify(d.root, old_issuing, old_leaf[0], crls=crls)
         assert openssl_verify(d.root, ca.state / "x509/issuing.pem", new_leaf[0], crls=crls)
+        # and /v1/x509/bundle, a trust store to some (Go, Java check no anchor), lacks it
+        bundle = x509.load_pem_x509_certificates(
+            (await http("GET", f"{d.url}/v1/x509/bundle", d.ssl()))[2])
+        assert load(old_issuing) not in bundle and load(ca.state / "x509/issuing.pem") in bundle
         # hsmca takes nothing the revoked CA issued
         status, _, raw = await http("POST", f"{d.url}/v1/x509/renew", d.ssl(*old_leaf), body={})
         assert status == 403 and "was revoked (cACompromise)" in raw.decode(), raw
@@ -1175,3 +1179,34 @@ async def test_the_listener_certificate_a_rotation_replaced_is_revoked_as_supers
         assert "it issued 2 certificate(s), 1 still valid" in no.stderr, no.stderr
     finally:
         assert d.stop() == 0
+
+
+async def test_revocations_of_one_ca_certificate_at_once_leave_one_standing_line(
+        tmp_path: Path) -> None:
+    """A review: three `key revoke`s of one key at once answered 200, 409, 409, and the
+    log kept three key.revoke lines with three reasons for the one revocation made. The
+    lines whose commit lost are voided."""
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state)
+    try:
+        label = re.search(r"^(\S+)\s+issuing\s+active", key_cmd(d, "list").stdout, re.M)
+        assert label
+        key_cmd(d, "rotate", "issuing")
+        hsmca("renew", "--url", d.url, "--ca", d.root, "--cert", ca.state / "admin/cert.pem",
+              "--key", ca.state / "admin/key.pem")
+        key_cmd(d, "retire", label.group(1), "--yes")
+        reasons = ("cACompromise", "superseded", "cessationOfOperation")
+        answers = await asyncio.gather(*(http(
+            "POST", f"{d.url}/v1/keys/revoke", d.admin_ssl(),
+            body={"label": label.group(1), "reason": r, "confirm": True}) for r in reasons))
+        assert sorted(a[0] for a in answers) == [200, 409, 409], answers
+    finally:
+        assert d.stop() == 0
+    lines = log_lines(ca.state)
+    revokes = [e for e in lines if e["event"] == "key.revoke"]
+    voided = {e["voids"] for e in lines if e["event"] == "record.void"}
+    standing = [e for e in revokes if e["seq"] not in voided]
+    assert len(revokes) == 3 and len(standing) == 1, revokes
+    won = next(r for a, r in zip(answers, reasons, strict=True) if a[0] == 200)
+    assert standing[0]["reason"] == won
+    audit_verify(ca.state, ok=True)

@@ -196,12 +196,16 @@ class Issuers:
 
     def intermediates(self) -> list[x509.Certificate]:
         """Every issuing CA certificate still anchoring a client certificate, newest
-        first: the current chain's, the previous ones, the retired ones."""
+        first: the current chain's, the previous ones, the retired ones (but those whose
+        certificate was revoked)."""
         # Both dicts are in the inventory's order, oldest first, hence reversed (a key
         # lifecycle trial: the bundle listed the oldest previous CA before newer ones).
         live = [self.current.cert] + [i.cert for k, i in reversed(self.x509.items())
                                       if k != self.current_x509]
-        return live + list(reversed(self.past.values()))
+        # Not one its root revoked: relying parties that take this list as their trust
+        # store (Go, Java) check no anchor's revocation, and took it on (a review).
+        return live + [c for label, c in reversed(self.past.items())
+                       if label not in self.revoked_ca]
 
     def ssh_ca_key(self, line: str) -> tuple[str, str] | None:
         """(label, cert type) of the SSH CA key that still signs or can (the active one
