@@ -152,7 +152,8 @@ async def test_anonymous_ocsp_costs_no_signature_and_no_audit_line(
             assert r.headers["Cache-Control"] == "no-store" and "ETag" not in r.headers
         # Junk around a GET's request is not the request: one cache key per response
         std = base64.b64encode(request_for(cert, ca)).decode()
-        for path in (f"{url}!!!", f"{url}%20%20", f"{d.url}/v1/x509/ocsp/@@{std}"):
+        for path in (f"{url}!!!", f"{url}%20%20", f"{d.url}/v1/x509/ocsp/@@{std}",
+                     f"{url.rstrip('=')}===", f"{url.rstrip('=')}===="):
             async with s.get(path, ssl=d.ssl()) as r:
                 assert ocsp.load_der_ocsp_response(await r.read()).response_status == \
                     ocsp.OCSPResponseStatus.MALFORMED_REQUEST, path
