@@ -1206,7 +1206,9 @@ async def test_revocations_of_one_ca_certificate_at_once_leave_one_standing_line
     revokes = [e for e in lines if e["event"] == "key.revoke"]
     voided = {e["voids"] for e in lines if e["event"] == "record.void"}
     standing = [e for e in revokes if e["seq"] not in voided]
-    assert len(revokes) == 3 and len(standing) == 1, revokes
+    # (a request that reads the inventory after the first commit is refused before its
+    # line: one to three lines, one standing)
+    assert len(standing) == 1, revokes
     won = next(r for a, r in zip(answers, reasons, strict=True) if a[0] == 200)
     assert standing[0]["reason"] == won
     audit_verify(ca.state, ok=True)

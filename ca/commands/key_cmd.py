@@ -180,17 +180,21 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if action == "revoke":
         return _revoke(args)
+    confirmed = args.yes
     if not args.yes:
         key = _listed(args)
         # A key that cannot be destroyed (unknown, not retired) is not asked about: the
-        # daemon's refusal says why (a key trial typed yes, then was told).
+        # daemon's refusal says why (a key trial typed yes, then was told). Confirmed
+        # only if asked: one retired after this look is refused, not destroyed unasked.
         if key is not None and key["state"] == "retired":
             live = (f" {key['live']} certificate(s) it signed are still valid (the last "
                     f"until {key['live_until']}): their signatures stay good, but the CA "
                     "can never sign for this key again." if key.get("live") else "")
             confirm(f"Destroy {args.label} in the HSM? This cannot be undone.{live}",
                     "not destroyed")
-    out = _call(args, "POST", "/v1/keys/destroy", {"label": args.label, "confirm": True})
+            confirmed = True
+    out = _call(args, "POST", "/v1/keys/destroy", {"label": args.label,
+                                                    "confirm": confirmed})
     if out.get("absent_from_token"):  # no C_DestroyObject was called (a key trial)
         print(f"destroyed {out['label']}: recorded as destroyed, the token no longer "
               "holding it (the audit log records it)")
@@ -208,6 +212,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _revoke(args: argparse.Namespace) -> int:
+    confirmed = args.yes
     if not args.yes:
         key = _listed(args)
         # Asked only of a key it can be done to: the daemon's refusal says why otherwise
@@ -220,8 +225,11 @@ def _revoke(args: argparse.Namespace) -> int:
                     "parties that check its root's CRL refuse everything it issued, and "
                     f"hsmca no longer takes its client certificates.{live} This cannot be "
                     "undone.", "not revoked")
+            confirmed = True
+    # Confirmed only if asked (or --yes): a key that became revocable after the look
+    # above is refused for want of it, not revoked unasked (a review)
     out = _call(args, "POST", "/v1/keys/revoke", {"label": args.label, "reason": args.reason,
-                                                   "confirm": True})
+                                                   "confirm": confirmed})
     print(f"revoked the CA certificate of {out['label']} (serial {out['serial']}, "
           f"{out['reason'] or 'unspecified'}): the CRL of {out['root']} lists it "
           "(/v1/x509/crls.pem)")
