@@ -179,7 +179,12 @@ class OwnCerts:
             return  # not this CA's, revoked, or not an admin's: not renewed
         life = cert.not_valid_after_utc - cert.not_valid_before_utc
         left = cert.not_valid_after_utc - dt.datetime.now(dt.UTC)
-        if left >= min(RENEW_BEFORE, life / 3) or left <= dt.timedelta(0):
+        issuers = await self.issuance.keys.refresh()
+        # Its issuing CA's certificate revoked (`hsmca key revoke`): it authenticates no
+        # more, so it is renewed now, not months later in its last third (a review: each
+        # node's own admin credential was locked out).
+        cut_off = issuers.x509_of(rec.issuer) in issuers.revoked_ca
+        if left <= dt.timedelta(0) or (left >= min(RENEW_BEFORE, life / 3) and not cut_off):
             return  # not due; or expired, which renews nothing (as over mutual TLS)
         log.info("renewing this host's admin credential", path=str(path),
                  ends=cert.not_valid_after_utc.isoformat(), serial=rec.serial)
@@ -196,6 +201,9 @@ class OwnCerts:
             write_atomic_together([(self.config.admin_key, key.private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                 serialization.NoEncryption()), 0o600), (path, pem(issued.cert), 0o644)])
+        log.info("this host's admin credential is renewed", path=str(path),
+                 serial=format(issued.cert.serial_number, "x"),
+                 ends=issued.cert.not_valid_after_utc.isoformat())
 
     async def run(self) -> None:
         while True:

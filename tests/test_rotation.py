@@ -1090,7 +1090,6 @@ async def test_a_retired_issuing_key_s_ca_certificate_revoked_is_on_its_root_s_c
     hsmca refuses the client certificates it issued."""
     ca = init_ca(tmp_path)
     d = start_daemon(ca.state)
-    config = ("--config", d.state / "hsmca.toml", "--url", d.url)
     try:
         old_leaf = enroll(d, tmp_path, "service", ["before.internal.example"])
         old_issuing = tmp_path / "old-issuing.pem"
@@ -1109,14 +1108,20 @@ async def test_a_retired_issuing_key_s_ca_certificate_revoked_is_on_its_root_s_c
         # init's admin credential is of that key: revoked, the admin would be locked out
         refused = key_cmd(d, "revoke", label, "--yes", check=False)
         assert refused.returncode == 1 and "Renew it first" in refused.stderr, refused.stderr
-        admin = (ca.state / "admin/cert.pem", ca.state / "admin/key.pem")
-        hsmca("renew", "--url", d.url, "--ca", d.root, "--cert", admin[0], "--key", admin[1])
-        no = hsmca("key", "revoke", label, *config, input="no\n", check=False)
+        # Another admin, of the new key, revokes it
+        other = enroll(d, tmp_path, "admin", ["ops.localhost"])
+        as_other = ("--url", d.url, "--ca", d.root, "--cert", other[0], "--key", other[1])
+        no = hsmca("key", "revoke", label, *as_other, input="no\n", check=False)
         assert no.returncode == 1 and f"Revoke the CA certificate of {label} (cACompromise)" \
             in no.stderr and "must enroll again" in no.stderr, no.stderr
-        done = key_cmd(d, "revoke", label, "--yes").stdout
+        done = hsmca("key", "revoke", label, "--yes", *as_other).stdout
         assert done.startswith(f"revoked the CA certificate of {label} (serial ") and \
             "cACompromise): the CRL of root-ca lists it" in done, done
+        # and this host's admin credential, init's, of the revoked key, is renewed at once
+        # from the active one (it would authenticate no more)
+        assert d.wait_stderr(lambda: any("this host's admin credential is renewed" in line
+                                         for line in d.stderr), within=60), d.stderr
+        assert aki(load(ca.state / "admin/cert.pem")) == aki(load(new_leaf[0]))
 
         root_crl = x509.load_der_x509_crl(
             (await http("GET", f"{d.url}/v1/x509/crl/root-ca", d.ssl()))[2])
