@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 
 from ca.decimal_text import is_decimal
 from ca.inventory_terms import CERT_SORTS, CERT_STATUSES, SSH_SORTS
-from ca.server.common import STORE, identity
+from ca.server.common import ISSUANCE, STORE, identity
 from ca.server.problems import Problem
 from ca.server.x509_routes import parse_serial
 from ca.store import CertQuery, CertRecord, SSHCertQuery, SSHCertRecord
@@ -185,18 +185,12 @@ async def ssh_certificates(request: web.Request) -> web.Response:
     page = await store.find_ssh_certs(query, now, now + EXPIRING)
     # Its CA key's state beside its own: a certificate of a retired CA key is valid by
     # its dates, and refused by every host and client that refreshed the CA keys they
-    # trust (a key trial took `--status valid` at its word). Records from before
-    # issuers were named name none: the first key of their type signed them.
-    keys = await store.keys()  # oldest first
-    states = {k.label: k.state for k in keys}
-    first = {}
-    for k in keys:
-        first.setdefault(k.kind, k.label)
-
-    def ca_key_state(rec: SSHCertRecord) -> str | None:
-        return states.get(rec.issuer or first.get(f"ssh-{rec.cert_type}", ""))
-    return _page_json(query, now, [ssh_record_json(r, now, ca_key_state(r))
-                                   for r in page.certs], page.total)
+    # trust (a key trial took `--status valid` at its word).
+    states = {k.label: k.state for k in await store.keys()}
+    issuers = await request.app[ISSUANCE].keys.refresh()
+    return _page_json(query, now, [ssh_record_json(
+        r, now, states.get(issuers.ssh_of(r.issuer, r.cert_type))) for r in page.certs],
+        page.total)
 
 
 @routes.get("/v1/inventory/issuance")
