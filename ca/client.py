@@ -1151,11 +1151,7 @@ async def _renew(url: str, cert: Path, key: Path, ca: Path | None, rekey: bool,
     held = load_certificates(cert, "--cert")
     current = held[0]
     combined = cert.resolve() == key.resolve()
-    targets: dict[Path, tuple[int, bool]] = {}
-    if rekey and not combined:
-        targets[key] = (0o600, True)
-    targets[cert] = (0o600, True) if combined else (0o644, False)
-    targets[cert.parent / "chain.pem"] = (0o644, False)
+    targets = renewal_targets(cert, key, rekey)
     files = Staged(targets).prepare()
     try:
         body: dict[str, Any] = {}
@@ -1181,6 +1177,26 @@ async def _renew(url: str, cert: Path, key: Path, ca: Path | None, rekey: bool,
             data[key] = key_pem(new)
     _commit_or_keep(files, data, cert, key, issued, current.serial_number, targets)
     return issued
+
+
+def renewal_targets(cert: Path, key: Path, rekey: bool) -> dict[Path, tuple[int, bool]]:
+    """The files a renewal replaces, each with the mode of a new one and whether it is
+    private: the certificate (with the key, when one file holds both), chain.pem beside
+    it, and with `rekey` the key."""
+    combined = cert.resolve() == key.resolve()
+    targets: dict[Path, tuple[int, bool]] = {}
+    if rekey and not combined:
+        targets[key] = (0o600, True)
+    targets[cert] = (0o600, True) if combined else (0o644, False)
+    targets[cert.parent / "chain.pem"] = (0o644, False)
+    return targets
+
+
+def check_writable(cert: Path, key: Path, rekey: bool) -> None:
+    """What a renewal would find when it replaces its files, found now: `renew --daemon`
+    asks at its start (a client trial's, on a read-only mount, scheduled its renewal
+    15 h ahead and failed then)."""
+    Staged(renewal_targets(cert, key, rekey)).prepare().abort()
 
 
 # Answers of the CA that could not be installed (a file that cannot be replaced), by

@@ -329,3 +329,29 @@ def test_an_answer_held_through_a_full_disk_is_installed_after_the_old_one_expir
         if renewer is not None:
             renewer.stop()
         d.stop()
+
+
+def test_a_directory_the_renewer_cannot_write_fails_at_its_start(tmp_path: Path) -> None:
+    """A client trial: `renew --daemon` on a read-only directory (a read-only mount, a
+    unit without ReadWritePaths) scheduled its renewal 15 h ahead, and failed then. It
+    fails at once, as a one-shot renew does."""
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state)
+    chattr = require("chattr")
+    cert, key = enroll(d, tmp_path, "service", ["ro.internal.example"], [], "--ttl", "1h")
+    locked = subprocess.run([chattr, "+i", cert.parent], capture_output=True, text=True)
+    assert locked.returncode == 0, f"needs a filesystem with chattr +i: {locked.stderr}"
+    renewer = None
+    try:
+        renewer = Running.start("renew", "--daemon", "--url", d.url, "--ca", d.root,
+                                "--cert", cert, "--key", key)
+        assert renewer.exit_code() == 3
+        said = renewer.raw[-1]
+        assert said.startswith(f"hsmca: error: cannot write to {cert.parent}") and \
+            "nothing was spent" in said, renewer.raw
+        assert renewer.events("renew.scheduled") == []
+    finally:
+        subprocess.run([chattr, "-i", cert.parent], check=True)
+        if renewer is not None:
+            renewer.stop()
+        d.stop()

@@ -233,6 +233,7 @@ def _renew_daemon(args: argparse.Namespace, url: str) -> int:
         # What every renewal would refuse (a foreign link, a directory anyone can write)
         for path in dict.fromkeys((key, cert, cert.parent / "chain.pem")):
             client.replaceable(path)
+        client.check_writable(cert, key, args.rekey)  # a read-only mount, say
     except client.ClientError as exc:
         raise GaveUp(str(exc)) from None
     try:
