@@ -1218,3 +1218,15 @@ def test_argument_mistakes_are_said_as_what_to_do(tmp_path: Path) -> None:
     said = one_line_error(hsmca("enroll", "--url", "https://127.0.0.1:9", "--token-file", empty,
                                 "--name", "x.example", "--out", tmp_path / "out", check=False))
     assert said.endswith(f"--token-file {empty} is empty: it must hold the token"), said
+
+
+def test_a_key_every_user_can_read_is_said_at_renewal(daemon: Daemon, tmp_path: Path) -> None:
+    """A client trial: a key.pem of mode 0644 went unremarked by every renewal. It is said
+    (and left as it is: its owner chooses its group's access)."""
+    cert, key = enroll(daemon, tmp_path, "service", [NAME])
+    key.chmod(0o644)
+    proc = hsmca("renew", "--url", daemon.url, "--ca", daemon.root, "--cert", cert, "--key", key)
+    assert f"--key {key} is readable by every user (mode 0644): `chmod o-rwx" in proc.stderr
+    key.chmod(0o640)
+    proc = hsmca("renew", "--url", daemon.url, "--ca", daemon.root, "--cert", cert, "--key", key)
+    assert "readable by every user" not in proc.stderr, proc.stderr

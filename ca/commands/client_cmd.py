@@ -185,9 +185,23 @@ def _hook_env(cert: Path, key: Path) -> dict[str, str]:
             "HSMCA_NOT_AFTER": leaf.not_valid_after_utc.isoformat()}
 
 
+def _say_if_exposed(key: Path) -> None:
+    """A private key others can read is said, not changed: the renewal keeps its mode
+    (a service's group may read it), but a key any user reads is nobody's own (a client
+    trial's 0644 key.pem went unremarked)."""
+    try:
+        mode = key.stat().st_mode
+    except OSError:
+        return  # the renewal says what is wrong with it
+    if mode & 0o007:
+        warn(f"--key {key} is readable by every user (mode {mode & 0o777:04o}): `chmod o-rwx "
+             f"{key}` (0600, or 0640 for a service's group)")
+
+
 def renew(args: argparse.Namespace) -> int:
     from ca import client  # aiohttp: not loaded by `serve`
     url = args.url
+    _say_if_exposed(args.key)
     if args.daemon:
         return _renew_daemon(args, url)
     issued = asyncio.run(client.renew(url, args.cert, args.key, args.ca, args.rekey,
