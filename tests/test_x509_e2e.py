@@ -189,17 +189,29 @@ async def test_est_round_trip(daemon: Daemon, tmp_path: Path) -> None:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()))
     (tmp_path / "header-file").write_text(f"Authorization: Bearer {token}\n")
-    # simpleenroll with openssl, base64 and curl, as docs/operator.md shows it
-    recipe = f"""set -euo pipefail
-    openssl req -new -key key.pem -subj /CN=est.internal.example \\
-        -addext subjectAltName=DNS:est.internal.example -outform DER | base64 > csr.b64
-    curl -sf --cacert {daemon.root} -H @header-file -H 'Content-Type: application/pkcs10' \\
-        --data-binary @csr.b64 {daemon.url}/.well-known/est/simpleenroll \\
-        | base64 -d | openssl pkcs7 -inform DER -print_certs > cert.pem
-    curl -sf --cacert {daemon.root} {daemon.url}/v1/x509/chain | openssl x509 >> cert.pem"""
+    # simpleenroll with openssl, base64 and curl, as docs/operator.md shows it (read
+    # from there: the recipe a docs trial followed gave the leaf alone)
+    text = (Path(__file__).resolve().parents[1] / "docs/operator.md").read_text()
+    start = text.index("    openssl req -new -key key.pem -subj /CN=api.internal.example")
+    end = text.index("| openssl x509 >> cert.pem\n", start) + len("| openssl x509 >> cert.pem")
+    recipe = "set -euo pipefail\n" + text[start:end].replace(
+        "root.pem", str(daemon.root)).replace("https://ca.example:8443", daemon.url).replace(
+        "api.internal.example", "est.internal.example")
     proc = await asyncio.to_thread(subprocess.run, [require("bash"), "-c", recipe],
                                    cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+    # Again with another key, the token spent: curl fails, cert.p7 says why, cert.pem is
+    # as it was (a client trial's re-run, without -f, left an empty cert.pem and no
+    # reason). (With the same key, the same certificate again: a lost answer's retry.)
+    kept = (tmp_path / "cert.pem").read_bytes()
+    (tmp_path / "key.pem").write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    again = await asyncio.to_thread(subprocess.run, [require("bash"), "-c", recipe],
+                                    cwd=tmp_path, capture_output=True, text=True)
+    assert again.returncode == 22, again.stderr
+    assert b"already been used" in (tmp_path / "cert.p7").read_bytes()
+    assert (tmp_path / "cert.pem").read_bytes() == kept
     # The leaf, then its issuing CA: what a service presents, which a peer holding the
     # root alone verifies (a docs trial: the recipe gave the leaf alone).
     leaf, issuing = x509.load_pem_x509_certificates((tmp_path / "cert.pem").read_bytes())
