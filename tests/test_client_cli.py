@@ -204,6 +204,11 @@ def test_url_and_ca_mistakes_are_one_clear_line(daemon: Daemon, tmp_path: Path) 
                                token, "--name", NAME, "--out", tmp_path / "o", check=False),
                          code=2)
     assert "the port 99999 is not between 1 and 65535" in msg
+    # the API's own path given as the base (a client trial was told "no such endpoint:
+    # /v1/v1/x509/enroll", its token kept, but no word of what to give)
+    msg = one_line_error(hsmca("enroll", "--url", f"{daemon.url}/v1", "--token-file", token,
+                               "--name", NAME, "--out", tmp_path / "o", check=False), code=2)
+    assert f"give the daemon's base URL, {daemon.url}: hsmca adds the API's paths" in msg
 
     missing = tmp_path / "nowhere" / "root.pem"
     msg = one_line_error(hsmca("enroll", "--url", daemon.url, "--ca", missing, "--token-file",

@@ -35,6 +35,15 @@ def check_url(url: str) -> str:
         raise ValueError(f"{url} names no host")
     if parts.query or parts.fragment or parts.username or parts.password:
         raise ValueError(f"{url}: give only https://HOST[:PORT][/PATH]")
+    # A path of the API's own (a client trial gave --url .../v1 and was told "no such
+    # endpoint: /v1/v1/x509/enroll"); a proxy's prefix, as /ca, is taken.
+    segments = [p for p in parts.path.split("/") if p]
+    if "v1" in segments or ".well-known" in segments:
+        own = "/" + "/".join(segments[segments.index(
+            "v1" if "v1" in segments else ".well-known"):])
+        base = text[:len(text) - len(parts.path)] + parts.path[:parts.path.index(own)]
+        raise ValueError(f"{url}: give the daemon's base URL, {base.rstrip('/')}: hsmca "
+                         f"adds the API's paths ({own} is one)")
     return text.rstrip("/")
 
 
