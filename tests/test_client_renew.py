@@ -355,3 +355,32 @@ def test_a_directory_the_renewer_cannot_write_fails_at_its_start(tmp_path: Path)
         if renewer is not None:
             renewer.stop()
         d.stop()
+
+
+def test_a_hook_running_when_the_renewer_stops_goes_with_it(tmp_path: Path) -> None:
+    """A client trial: SIGTERM to `renew --daemon` while its --exec hung left the hook
+    and what it started running, reparented to init. They are ended with it."""
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state)
+    renewer = None
+    try:
+        cert, key = enroll(d, tmp_path, "service", ["stop.internal.example"], [],
+                           "--ttl", "1h")
+        renewer = Running.start("renew", "--daemon", "--url", d.url, "--ca", d.root,
+                                "--cert", cert, "--key", key,
+                                "--exec", "sleep 600 & echo hook-child $!; wait")
+        renewer.wait("renew.scheduled")
+        renewer.proc.send_signal(signal.SIGHUP)
+        renewer.wait("renew.hook")
+        with renewer.cond:
+            assert renewer.cond.wait_for(lambda: any(
+                line.startswith("hook-child ") for line in renewer.stdout), timeout=60)
+            child = next(line.split()[1] for line in renewer.stdout
+                         if line.startswith("hook-child "))
+        assert renewer.stop() == 0
+        stat_file = Path(f"/proc/{child}/stat")
+        assert not stat_file.exists() or stat_file.read_text().split(") ")[1][0] == "Z"
+    finally:
+        if renewer is not None:
+            renewer.stop()
+        d.stop()

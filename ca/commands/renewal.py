@@ -145,6 +145,12 @@ async def run_hook(command: str, env: dict[str, str], log: Any = None,
         stdin=asyncio.subprocess.DEVNULL, start_new_session=True)
     try:
         status = await asyncio.wait_for(proc.wait(), timeout_s)
+    except asyncio.CancelledError:
+        # The renewer stops (SIGTERM): the hook and what it started go with it, not on
+        # as orphans (a client trial found a hung reload's children reparented to 1).
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        raise
     except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
