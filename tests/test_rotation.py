@@ -785,6 +785,11 @@ async def test_a_retired_or_destroyed_ssh_ca_key_keeps_its_revoked_certificates_
                    if line.startswith(_ssh_serial(kept) + " "))
         assert row[2:4] == ["valid", "retired"], listed
         assert "refused by the hosts and clients that refreshed" in listed, listed
+        # revoked by its file, its CA key retired (a key trial was told "another CA's")
+        proc = hsmca("ssh", "revoke", "--ssh-cert", kept, "--config",
+                     d.state / "hsmca.toml", "--url", d.url)
+        assert proc.stdout.startswith("revoked 1 SSH certificate(s)"), proc.stdout
+        assert krl_says(d, tmp_path, kept) == "REVOKED"
         # A revocation after it builds the KRL again: the retired key's section stays.
         new_cert = ssh_user_cert(d, tmp_path, user, "id_new")
         hsmca("ssh", "revoke", "--serial", _ssh_serial(new_cert), "--config",

@@ -203,7 +203,7 @@ async def test_revocation_by_key_id_and_public_key(own_daemon: Daemon, tmp_path:
                     str(pubs[2][1]["serial"]), "-n", "bob", forged], check=True)
     refused = hsmca("ssh", "revoke", "--ssh-cert", tmp_path / "forged-cert.pub", *admin,
                     check=False)
-    assert refused.returncode == 1 and "was not signed by an SSH CA key this CA trusts" in \
+    assert refused.returncode == 1 and "was not signed by an SSH CA key of this CA" in \
         refused.stderr, refused.stderr
     status, _, krl = await http("GET", f"{daemon.url}/v1/ssh/krl", daemon.ssl())
     (tmp_path / "krl").write_bytes(krl)

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import datetime as dt
+import hashlib
 import ipaddress
 import os
 import ssl
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,11 +104,12 @@ def _ssh_cert(path: Path) -> Any:
     return cert
 
 
-def _this_cas(path: Path, cas: dict[str, str]) -> Any:
-    """The SSH certificate in `path`, if one of this CA's keys (`cas`, /v1/ssh/ca) signed
-    it; else CLIError. Its key id alone named what to revoke, and a certificate of
-    another CA that carried one of this CA's key ids revoked that one (an SSH trial: a
-    staging CA's, say)."""
+def _this_cas(path: Path, cas: dict[str, str],
+              keys: Callable[[], list[dict[str, Any]]] = list) -> Any:
+    """The SSH certificate in `path`, if one of this CA's keys (`cas`, /v1/ssh/ca, or a
+    retired one of `keys()`, /v1/keys) signed it; else CLIError. Its key id alone named
+    what to revoke, and a certificate of another CA that carried one of this CA's key
+    ids revoked that one (an SSH trial: a staging CA's, say)."""
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives import serialization
     cert = _ssh_cert(path)
@@ -117,11 +121,16 @@ def _this_cas(path: Path, cas: dict[str, str]) -> Any:
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode().split()[:2])
     ours = {" ".join(line.split()[:2]) for kind in ("user", "host")
             for line in cas.get(kind, "").splitlines() if line.strip()}
-    if signer not in ours:
-        raise CLIError(f"--ssh-cert {path} was not signed by an SSH CA key this CA trusts "
-                       "(GET /v1/ssh/ca): another CA's, nothing here to revoke (one of a "
-                       "retired CA key of this CA: give its --serial or --key-id)")
-    return cert
+    if signer in ours:
+        return cert
+    # A retired SSH CA key of this CA (a key trial was told "another CA's")
+    blob = base64.b64decode(signer.split()[1])
+    fp = "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+    if any(k.get("ssh_fingerprint") == fp for k in keys()):
+        return cert
+    raise CLIError(f"--ssh-cert {path} was not signed by an SSH CA key of this CA (its "
+                   f"CA key is {fp}, which `hsmca key list` does not list): another CA's, "
+                   "nothing here to revoke")
 
 
 def _is_ssh_cert(path: Path) -> bool:
@@ -498,7 +507,8 @@ def revoke(args: argparse.Namespace) -> int:
         # By its key id (<identity>:<serial>), not its serial alone, and only once it is
         # known to be this CA's: see _this_cas.
         {"key_id": _this_cas(args.ssh_cert, asyncio.run(client.call(
-            "GET", f"{url}/v1/ssh/ca", ctx))).key_id.decode(errors="replace")}
+            "GET", f"{url}/v1/ssh/ca", ctx)), lambda: asyncio.run(client.call(
+                "GET", f"{url}/v1/keys", ctx))["keys"]).key_id.decode(errors="replace")}
         if args.ssh_cert is not None else
         {"public_key": read_public_key(args.pubkey)})
     out = asyncio.run(client.call("POST", f"{url}/v1/ssh/revoke", ctx, json_body=body))
