@@ -164,7 +164,10 @@ async def test_rotate_issuing_and_ssh_keys_retire_and_destroy_while_renewals_run
                            check=True)
         hsmca("ssh", "user", "--url", d.url, "--ca", d.root, "--cert", user[0], "--key",
               user[1], "--pubkey", tmp_path / "id_before.pub")
-        key_cmd(d, "rotate", "ssh-user")
+        unstaged = key_cmd(d, "rotate", "ssh-user")
+        # signing at once: said whom its certificates are refused by until they refresh
+        assert "are refused by hosts (sshd's TrustedUserCAKeys) until they refresh" in \
+            unstaged.stderr and "--stage" in unstaged.stderr, unstaged.stderr
         hsmca("ssh", "user", "--url", d.url, "--ca", d.root, "--cert", user[0], "--key",
               user[1], "--pubkey", tmp_path / "id_after.pub")
         hsmca("ssh", "host", "--url", d.url, "--ca", d.root, "--cert", host[0], "--key",
@@ -1050,9 +1053,11 @@ async def test_a_staged_ssh_ca_key_is_trusted_before_it_signs(tmp_path: Path) ->
 
         # The host fetches the list once, while the key is staged, and never again.
         (tmp_path / "user_cas.pub").write_text(cas["user"] + "\n")
-        rotated = key_cmd(d, "rotate", "ssh-user").stdout
+        promoted = key_cmd(d, "rotate", "ssh-user")
+        rotated = promoted.stdout
         assert f"rotated ssh-user: {label} is active (staged before), ssh-user-ca is " \
             "previous" in rotated, rotated
+        assert "are refused by hosts" not in promoted.stderr  # staged: trusted already
         assert user_cert("id_after") == new_ca
         hsmca("ssh", "host", "--url", d.url, "--ca", d.root, "--cert", host[0], "--key",
               host[1], "--pubkey", tmp_path / "hostkey.pub")

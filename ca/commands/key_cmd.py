@@ -156,6 +156,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"rotated {out['kind']}: {out['label']} is active{staged}, {out['previous']} is "
               f"previous ({PREVIOUS_DOES[out['kind']]} until you retire it)"
               + (f". {RETIRE_WHEN[out['kind']]}" if out["kind"] in RETIRE_WHEN else ""))
+        if out["kind"] in ("ssh-user", "ssh-host") and not out.get("staged"):
+            # Signing at once: a key trial's sshd refused the new certificates until its
+            # `ssh host --renew` refreshed, with nothing said.
+            who = ("hosts (sshd's TrustedUserCAKeys)" if out["kind"] == "ssh-user"
+                   else "clients (known_hosts' @cert-authority lines)")
+            print(f"hsmca: warning: certificates from {out['label']} are refused by {who} "
+                  "until they refresh their trusted CA keys from /v1/ssh/ca; staging a key "
+                  f"first (`hsmca key rotate {out['kind']} --stage`) lets them refresh "
+                  "before it signs (docs/keys.md)", file=sys.stderr)
         _say_still_previous(args, out["kind"], out["previous"])
         return 0
     if action == "retire":
