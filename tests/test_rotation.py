@@ -1227,3 +1227,28 @@ async def test_revocations_of_one_ca_certificate_at_once_leave_one_standing_line
     won = next(r for a, r in zip(answers, reasons, strict=True) if a[0] == 200)
     assert standing[0]["reason"] == won
     audit_verify(ca.state, ok=True)
+
+
+async def test_a_start_names_the_keys_in_use_and_a_config_naming_a_retired_one(
+        tmp_path: Path) -> None:
+    """A key trial: no start said which keys sign, while hsmca.toml's [keys] (init's
+    keys) named keys retired and destroyed long before, unremarked."""
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state)
+    try:
+        key_cmd(d, "rotate", "issuing")
+        key_cmd(d, "retire", "issuing-ca", "--yes")
+        new = re.search(r"^(\S+)\s+issuing\s+active", key_cmd(d, "list").stdout, re.M)
+        assert new
+    finally:
+        assert d.stop() == 0
+    d = start_daemon(ca.state)
+    try:
+        logged = [json.loads(line) for line in d.stderr if line.startswith("{")]
+        listening = next(e for e in logged if e["event"] == "listening")
+        assert listening["keys"]["issuing"] == new.group(1), listening
+        assert listening["keys"]["root"] == "root-ca", listening
+        said = [e for e in logged if "names a key that is retired now" in e["event"]]
+        assert [(e["label"], e["state"]) for e in said] == [("issuing-ca", "retired")], said
+    finally:
+        assert d.stop() == 0

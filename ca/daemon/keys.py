@@ -77,13 +77,20 @@ async def seed(config: Config, store: Store, pipeline: SigningPipeline) -> None:
     records = await store.keys()
     if records:
         await _keep_ssh_public_keys(store, pipeline, records)
-        known = {r.label for r in records}
+        known = {r.label: r.state for r in records}
         for purpose in KEY_LABELS:
             label = config.key_label(purpose)
             if label not in known:
                 log.warning("the config's [keys] names a key this CA does not have; the "
                             "keys in use are the inventory's (hsmca key list), so it is "
                             "ignored", purpose=purpose, label=label, config=str(config.path))
+            elif known[label] in ("retired", "destroyed"):
+                # Said, not a fault: [keys] names the keys init made, and rotations change
+                # the inventory alone (a key trial read it as the keys in use).
+                log.info("the config's [keys] names a key that is retired now; the keys in "
+                         "use are the inventory's (hsmca key list; the start's "
+                         "\"listening\" line names them)", purpose=purpose, label=label,
+                         state=known[label], config=str(config.path))
         return
     if not sum((await store.signed_by()).values()):
         # Not a state directory from before keys were recorded (its inventory holds the

@@ -634,7 +634,13 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         write_atomic(config.url_file, url + "\n")
         settle_heap()
         print(f"listening on {url}", flush=True)
-        log.info("listening", url=url, workers=count, pids=pool.pids)
+        # Which keys sign, by label, as `hsmca key list` names them: a key trial's starts
+        # said nothing of it, while hsmca.toml's [keys] named keys long destroyed.
+        issuers = await keys.refresh()
+        log.info("listening", url=url, workers=count, pids=pool.pids, keys={
+            "root": issuers.root_key.label, "issuing": issuers.current_x509,
+            "ssh-user": issuers.current_ssh["user"], "ssh-host": issuers.current_ssh["host"],
+            "audit": issuers.audit.label})
         background.append(asyncio.create_task(checkpointer.run()))
         # Once serving: a line found rewritten stops signing, as a log moved under
         # the daemon does, whatever the log's size (not a start that fails or not
