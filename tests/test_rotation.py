@@ -1192,6 +1192,11 @@ async def test_the_listener_certificate_a_rotation_replaced_is_revoked_as_supers
         no = hsmca("key", "retire", label.group(1), "--config", d.state / "hsmca.toml",
                    "--url", d.url, input="no\n", check=False)
         assert "it issued 2 certificate(s), 1 still valid" in no.stderr, no.stderr
+        # and `key list` says as much, without starting a retire
+        lines = key_cmd(d, "list").stdout.splitlines()
+        at = next(i for i, line in enumerate(lines) if line.startswith(label.group(1) + " "))
+        assert lines[at + 2].startswith("    1 certificate(s) it issued still valid, the "
+                                        "last until "), lines
     finally:
         assert d.stop() == 0
 

@@ -129,6 +129,10 @@ def run(args: argparse.Namespace) -> int:
             if k.get("revoked_at"):
                 print(f"    its CA certificate revoked {_to_the_second(k['revoked_at'])} "
                       f"({k.get('revocation_reason') or 'unspecified'})")
+            if k.get("live"):  # what retiring or destroying it cuts off (a key trial
+                # had to start a retire and answer no to learn it)
+                print(f"    {k['live']} certificate(s) it issued still valid, the last until "
+                      f"{_to_the_second(k['live_until'])}")
         return 0
     if action == "rotate-root":
         return _rotate_root(args)
