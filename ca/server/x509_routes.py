@@ -387,7 +387,8 @@ async def revoke(request: web.Request) -> web.Response:
             f"{which} issued by a key retired or destroyed ({labels}), which signs nothing: "
             f"{its} CRL and OCSP cannot say {they} {is_} revoked, so relying parties that "
             f"check only those trust {it} until {they} expire{'s' if n == 1 else ''}. "
-            f"hsmca itself refuses {it}")
+            f"hsmca itself refuses {it}. To have relying parties refuse everything that "
+            f"key issued, revoke its CA certificate: hsmca key revoke LABEL")
         answer["unpublished"] = [format(s, "x") for s in done.unpublished]
     if rec is not None and order.reason != "superseded":
         # An SSH trial: "revoking Alice's certificate" by its serial left the one it was
