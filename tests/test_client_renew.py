@@ -4,18 +4,40 @@ away and comes back. No sleeps: the test waits on the renewer's JSON log lines."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import random
 import resource
 import signal
 import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from ca.commands.renewal import MAX_BACKOFF_S, Job, backoff_s, keep, renew_time
 from ca.errors import ClientError
-from tests.conftest import init_ca, require, start_daemon
+from tests.conftest import Daemon, InitialisedCA, init_ca, require, start_daemon
 from tests.helpers import HSMCA, Running, cert_serial, enroll
 from tests.ports import free_port
+
+
+@contextlib.contextmanager
+def renewing(tmp_path: Path) -> Iterator[tuple[InitialisedCA, Daemon,
+                                               Callable[..., Running]]]:
+    """A CA of the test's own, served, and a way to start renewers that end with it."""
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state)
+    started: list[Running] = []
+
+    def start(*args: str | Path, **kw: Any) -> Running:
+        started.append(Running.start(*args, **kw))
+        return started[-1]
+    try:
+        yield ca, d, start
+    finally:
+        for renewer in started:
+            renewer.stop()
+        d.stop()
 
 
 def test_renew_time_is_two_thirds_of_the_lifetime_with_jitter() -> None:
@@ -203,14 +225,11 @@ def test_a_credential_renewed_by_other_means_gets_the_hook(tmp_path: Path) -> No
     the daemon's schedule to the new certificate, but nothing reloaded nginx, which
     served the old certificate past its expiry. The daemon runs its hook for a
     credential written by other means, without renewing it again."""
-    ca = init_ca(tmp_path)
-    d = start_daemon(ca.state)
-    renewer = None
-    try:
+    with renewing(tmp_path) as (_ca, d, start):
         cert, key = enroll(d, tmp_path, "service", ["replaced.internal.example"], [],
                            "--ttl", "1h")  # not due for 40 minutes
         seen = tmp_path / "reloaded-with"
-        renewer = Running.start("renew", "--daemon", "--url", d.url, "--ca", d.root,
+        renewer = start("renew", "--daemon", "--url", d.url, "--ca", d.root,
                                 "--cert", cert, "--key", key,
                                 "--exec", f'echo "$HSMCA_SERIAL" >> {seen}')
         renewer.wait("renew.scheduled")
@@ -224,26 +243,19 @@ def test_a_credential_renewed_by_other_means_gets_the_hook(tmp_path: Path) -> No
         assert seen.read_text().split() == [new]  # the hook ran for the new certificate
         assert renewer.events("renew.done") == []  # and the daemon renewed nothing itself
         assert renewer.wait("renew.scheduled", count=2)  # for the new one
-    finally:
-        if renewer is not None:
-            renewer.stop()
-        d.stop()
 
 
 def test_a_hook_that_fails_is_run_again_before_the_next_renewal(tmp_path: Path) -> None:
     """A client trial: a reload that failed once waited for the next renewal, while the
     service served its old certificate from memory past its expiry. The hook is run
     again, with a back-off, until it succeeds (here: at its second run)."""
-    ca = init_ca(tmp_path)
-    d = start_daemon(ca.state)
-    renewer = None
-    try:
+    with renewing(tmp_path) as (_ca, d, start):
         cert, key = enroll(d, tmp_path, "service", ["hooked.internal.example"], [],
                            "--ttl", "15s")  # renewed ~10 s after its issue
         runs, ok = tmp_path / "runs", tmp_path / "reloaded"
         hook = (f'echo run >> {runs}; if [ "$(wc -l < {runs})" -lt 2 ]; then exit 3; fi; '
                 f'touch {ok}')
-        renewer = Running.start("renew", "--daemon", "--url", d.url, "--ca", d.root,
+        renewer = start("renew", "--daemon", "--url", d.url, "--ca", d.root,
                                 "--cert", cert, "--key", key, "--ttl", "10m", "--exec", hook)
         renewer.wait("renew.done")
         failed = renewer.wait("renew.hook.failed")
@@ -253,10 +265,6 @@ def test_a_hook_that_fails_is_run_again_before_the_next_renewal(tmp_path: Path) 
         renewer.wait("renew.hook.done")
         assert ok.exists() and runs.read_text().count("run") == 2
         assert len(renewer.events("renew.done")) == 1  # run again, not renewed again
-    finally:
-        if renewer is not None:
-            renewer.stop()
-        d.stop()
 
 
 def test_a_certificate_file_unreadable_for_a_moment_keeps_the_schedule(
@@ -266,14 +274,11 @@ def test_a_certificate_file_unreadable_for_a_moment_keeps_the_schedule(
     restart), 42 minutes before its renewal; the certificate then expired. The schedule
     stands, the file is said unreadable once per error, and the renewal works once the
     file is back."""
-    ca = init_ca(tmp_path)
-    d = start_daemon(ca.state)
-    renewer = None
-    try:
+    with renewing(tmp_path) as (_ca, d, start):
         cert, key = enroll(d, tmp_path, "service", ["blink.internal.example"], [],
                            "--ttl", "1h")  # not due for 40 minutes
         first, saved = cert_serial(cert), cert.read_bytes()
-        renewer = Running.start("renew", "--daemon", "--url", d.url, "--ca", d.root,
+        renewer = start("renew", "--daemon", "--url", d.url, "--ca", d.root,
                                 "--cert", cert, "--key", key)
         renewer.wait("renew.scheduled")
         cert.write_bytes(b"")
@@ -285,10 +290,6 @@ def test_a_certificate_file_unreadable_for_a_moment_keeps_the_schedule(
         done = renewer.wait("renew.done")
         assert done["old_serial"] == first and cert_serial(cert) == done["serial"] != first
         assert renewer.proc.poll() is None
-    finally:
-        if renewer is not None:
-            renewer.stop()
-        d.stop()
 
 
 def test_an_answer_held_through_a_full_disk_is_installed_after_the_old_one_expired(
@@ -302,14 +303,11 @@ def test_an_answer_held_through_a_full_disk_is_installed_after_the_old_one_expir
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (600, resource.RLIM_INFINITY))
 
-    ca = init_ca(tmp_path)
-    d = start_daemon(ca.state)
-    renewer = None
-    try:
+    with renewing(tmp_path) as (ca, d, start):
         cert, key = enroll(d, tmp_path, "service", ["full.internal.example"], [],
                            "--ttl", "15s")  # due ~10 s after its issue
         first = cert_serial(cert)
-        renewer = Running.start("renew", "--daemon", "--url", d.url, "--ca", d.root,
+        renewer = start("renew", "--daemon", "--url", d.url, "--ca", d.root,
                                 "--cert", cert, "--key", key, "--ttl", "10m",
                                 preexec_fn=small_files)
         assert "File too large" in renewer.wait("renew.retry")["error"]
@@ -325,48 +323,36 @@ def test_an_answer_held_through_a_full_disk_is_installed_after_the_old_one_expir
                                 capture_output=True, text=True).stdout
         assert len(listed.splitlines()) == 3, listed  # a header, the first, one renewal
         assert renewer.proc.poll() is None
-    finally:
-        if renewer is not None:
-            renewer.stop()
-        d.stop()
 
 
 def test_a_directory_the_renewer_cannot_write_fails_at_its_start(tmp_path: Path) -> None:
     """A client trial: `renew --daemon` on a read-only directory (a read-only mount, a
     unit without ReadWritePaths) scheduled its renewal 15 h ahead, and failed then. It
     fails at once, as a one-shot renew does."""
-    ca = init_ca(tmp_path)
-    d = start_daemon(ca.state)
     chattr = require("chattr")
-    cert, key = enroll(d, tmp_path, "service", ["ro.internal.example"], [], "--ttl", "1h")
-    locked = subprocess.run([chattr, "+i", cert.parent], capture_output=True, text=True)
-    assert locked.returncode == 0, f"needs a filesystem with chattr +i: {locked.stderr}"
-    renewer = None
-    try:
-        renewer = Running.start("renew", "--daemon", "--url", d.url, "--ca", d.root,
-                                "--cert", cert, "--key", key)
-        assert renewer.exit_code() == 3
+    with renewing(tmp_path) as (_, d, start):
+        cert, key = enroll(d, tmp_path, "service", ["ro.internal.example"], [], "--ttl", "1h")
+        locked = subprocess.run([chattr, "+i", cert.parent], capture_output=True, text=True)
+        assert locked.returncode == 0, f"needs a filesystem with chattr +i: {locked.stderr}"
+        try:
+            renewer = start("renew", "--daemon", "--url", d.url, "--ca", d.root,
+                            "--cert", cert, "--key", key)
+            assert renewer.exit_code() == 3
+        finally:
+            subprocess.run([chattr, "-i", cert.parent], check=True)
         said = renewer.raw[-1]
         assert said.startswith(f"hsmca: error: cannot write to {cert.parent}") and \
             "nothing was spent" in said, renewer.raw
         assert renewer.events("renew.scheduled") == []
-    finally:
-        subprocess.run([chattr, "-i", cert.parent], check=True)
-        if renewer is not None:
-            renewer.stop()
-        d.stop()
 
 
 def test_a_hook_running_when_the_renewer_stops_goes_with_it(tmp_path: Path) -> None:
     """A client trial: SIGTERM to `renew --daemon` while its --exec hung left the hook
     and what it started running, reparented to init. They are ended with it."""
-    ca = init_ca(tmp_path)
-    d = start_daemon(ca.state)
-    renewer = None
-    try:
+    with renewing(tmp_path) as (_ca, d, start):
         cert, key = enroll(d, tmp_path, "service", ["stop.internal.example"], [],
                            "--ttl", "1h")
-        renewer = Running.start("renew", "--daemon", "--url", d.url, "--ca", d.root,
+        renewer = start("renew", "--daemon", "--url", d.url, "--ca", d.root,
                                 "--cert", cert, "--key", key,
                                 "--exec", "sleep 600 & echo hook-child $!; wait")
         renewer.wait("renew.scheduled")
@@ -380,7 +366,3 @@ def test_a_hook_running_when_the_renewer_stops_goes_with_it(tmp_path: Path) -> N
         assert renewer.stop() == 0
         stat_file = Path(f"/proc/{child}/stat")
         assert not stat_file.exists() or stat_file.read_text().split(") ")[1][0] == "Z"
-    finally:
-        if renewer is not None:
-            renewer.stop()
-        d.stop()
