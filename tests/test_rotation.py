@@ -1151,6 +1151,11 @@ async def test_a_retired_issuing_key_s_ca_certificate_revoked_is_on_its_root_s_c
         # hsmca takes nothing the revoked CA issued
         status, _, raw = await http("POST", f"{d.url}/v1/x509/renew", d.ssl(*old_leaf), body={})
         assert status == 403 and "was revoked (cACompromise)" in raw.decode(), raw
+        # and its holder's client says so, not "another CA" (a docs trial)
+        proc = hsmca("renew", "--url", d.url, "--ca", d.root, "--cert", old_leaf[0], "--key",
+                     old_leaf[1], check=False)
+        assert proc.returncode == 1 and "was revoked (cACompromise)" in proc.stderr, \
+            proc.stderr
         status, _, raw = await http("POST", f"{d.url}/v1/x509/renew", d.ssl(*new_leaf), body={})
         assert status == 201, raw
         assert "its CA certificate revoked" in key_cmd(d, "list").stdout
