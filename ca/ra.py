@@ -1225,9 +1225,9 @@ def _revoke_ca(who: Requester, req: KeyRequest) -> KeyOrder:
         # itself with init's admin credential, which every later command uses).
         raise Refused(f"the certificate you ask with was issued by {req.label!r}: once its "
                       "CA certificate is revoked, it authenticates no more. Renew it first "
-                      "(hsmca renew --cert CERT --key KEY, for init's admin credential "
-                      "STATE/admin/cert.pem and key.pem), which moves it to the active key",
-                      Reason.CONFLICT)
+                      "(hsmca renew --cert CERT --key KEY), which moves it to the active "
+                      "key, or ask with a node's own admin credential (--config), which its "
+                      "daemon renews at once", Reason.CONFLICT)
     if not req.root_signs:
         raise Refused(f"the root that certified {req.label!r} is retired and signs no CRL: "
                       "relying parties that still trust it must take it out of their trust "

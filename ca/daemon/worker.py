@@ -158,7 +158,7 @@ async def run(config: Config, host: str, port: int, slot: int, sign_channel: soc
             settings=Settings(tuple(ipaddress.ip_network(n) for n in config.metrics_allow),
                               config.audit_origin, config.node,
                               own_names=(*config.policy.reserved, "localhost", "127.0.0.1",
-                                         "::1")),
+                                         "::1"), admin_cert=config.admin_cert),
             acme=config.acme, public_path=public_prefix(config.public_url))
         runner = app_runner(app, config.request_timeout_s, shutdown_timeout=10.0)
         await runner.setup()

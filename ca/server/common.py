@@ -10,6 +10,7 @@ import ssl
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -69,6 +70,8 @@ class Settings:
     # The names clients reach the daemon by (its certificate's, the public URL's host,
     # loopback): the only Host an ACME request may name, since its URLs are built on it
     own_names: tuple[str, ...] = ()
+    # This node's own admin credential (STATE/admin/cert.pem), which its daemon renews
+    admin_cert: Path | None = None
 
 
 class Gate:
