@@ -346,15 +346,21 @@ def test_a_directory_the_renewer_cannot_write_fails_at_its_start(tmp_path: Path)
         assert renewer.events("renew.scheduled") == []
 
 
-def test_a_hook_running_when_the_renewer_stops_goes_with_it(tmp_path: Path) -> None:
+def test_a_hook_running_when_the_renewer_stops_goes_with_it_and_runs_at_its_next_start(
+        tmp_path: Path) -> None:
     """A client trial: SIGTERM to `renew --daemon` while its --exec hung left the hook
-    and what it started running, reparented to init. They are ended with it."""
+    and what it started running, reparented to init. They are ended with it; and, a
+    docs trial: nothing was said, and the next start never ran the hook again, so the
+    service kept the old certificate until the next renewal. It is said, and run then."""
+    flag = tmp_path / "ran-once"
+    hook = (f"if [ -e {flag} ]; then echo hook-again; else touch {flag}; "
+            "sleep 600 & echo hook-child $!; wait; fi")
     with renewing(tmp_path) as (_ca, d, start):
         cert, key = enroll(d, tmp_path, "service", ["stop.internal.example"], [],
                            "--ttl", "1h")
-        renewer = start("renew", "--daemon", "--url", d.url, "--ca", d.root,
-                                "--cert", cert, "--key", key,
-                                "--exec", "sleep 600 & echo hook-child $!; wait")
+        args = ("renew", "--daemon", "--url", d.url, "--ca", d.root, "--cert", cert,
+                "--key", key, "--exec", hook)
+        renewer = start(*args)
         renewer.wait("renew.scheduled")
         renewer.proc.send_signal(signal.SIGHUP)
         renewer.wait("renew.hook")
@@ -364,5 +370,13 @@ def test_a_hook_running_when_the_renewer_stops_goes_with_it(tmp_path: Path) -> N
             child = next(line.split()[1] for line in renewer.stdout
                          if line.startswith("hook-child "))
         assert renewer.stop() == 0
+        assert renewer.events("renew.hook.interrupted"), renewer.raw
         stat_file = Path(f"/proc/{child}/stat")
         assert not stat_file.exists() or stat_file.read_text().split(") ")[1][0] == "Z"
+        again = start(*args)
+        again.wait("renew.hook.pending")
+        again.wait("renew.hook.done")
+        assert any(line.startswith("hook-again") for line in again.stdout), again.stdout
+        assert not (cert.parent / f".{cert.name}.hsmca-hook-pending").exists()
+        again.wait("renew.scheduled")  # and on as before, without renewing again
+        assert again.events("renew.done") == []

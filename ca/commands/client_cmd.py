@@ -308,7 +308,8 @@ def _renew_daemon(args: argparse.Namespace, url: str) -> int:
 
     job = Job("renew", due, run, remaining_s, hook=args.exec,
               hook_env=lambda: _hook_env(cert, key), hook_timeout_s=args.exec_timeout,
-              identity=identity)
+              identity=identity,
+              hook_pending=cert.parent / f".{cert.name}.hsmca-hook-pending")
     return run_forever([job], command="renew", cert=str(cert.absolute()))
 
 

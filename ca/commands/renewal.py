@@ -16,6 +16,7 @@ import random
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -113,6 +114,10 @@ class Job:
     # The credential was written just before (ssh host --renew certifies the host key
     # when it starts): the hook runs for it too, as for any new one.
     hook_at_start: bool = False
+    # A file that stands while the hook has not succeeded for the credential in place:
+    # a renewer stopped during its hook runs it at its next start (a docs trial's stop
+    # cut a reload short, and the service kept the old certificate until the next one).
+    hook_pending: Path | None = None
     # Set when the job may be due sooner than it said: its due time is asked again.
     wake: asyncio.Event | None = None
     # What tells one credential on disk from another (a serial; None while unreadable):
@@ -150,6 +155,9 @@ async def run_hook(command: str, env: dict[str, str], log: Any = None,
         # as orphans (a client trial found a hung reload's children reparented to 1).
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
+        if log is not None:
+            log.warning(f"{event}.hook.interrupted", command=command,
+                        detail="the renewer stops: ended with it")
         raise
     except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
@@ -170,7 +178,10 @@ async def run_hook(command: str, env: dict[str, str], log: Any = None,
 async def keep(job: Job, log: Any) -> None:
     """Run `job` whenever it is due, forever; raise ClientError on a failure that
     retrying cannot fix (a refusal, an expired or foreign certificate)."""
-    if job.hook and job.hook_at_start:
+    if job.hook and (job.hook_at_start or (job.hook_pending and job.hook_pending.exists())):
+        if not job.hook_at_start:
+            log.warning(f"{job.event}.hook.pending", detail="its last run did not finish "
+                        "(the renewer stopped meanwhile): run now")
         await _hook_until_done(job, log)
     seen = job.identity() if job.identity else None
 
@@ -264,6 +275,9 @@ async def _hook_until_done(job: Job, log: Any) -> None:
     wait for the next renewal: the service kept its old certificate in memory past its
     expiry, though the files held the new one (a client trial)."""
     assert job.hook
+    if job.hook_pending is not None:
+        with contextlib.suppress(OSError):  # best effort: it only says "run it again"
+            job.hook_pending.touch(mode=0o600)
     attempt = 0
     while await run_hook(job.hook, job.hook_env() if job.hook_env else {}, log, job.event,
                          job.hook_timeout_s) != 0:
@@ -273,6 +287,9 @@ async def _hook_until_done(job: Job, log: Any) -> None:
             return
         log.warning(f"{job.event}.hook.retry", attempt=attempt, retry_in_s=round(delay, 1))
         await asyncio.sleep(delay)  # a back-off, not synchronisation
+    if job.hook_pending is not None:
+        with contextlib.suppress(OSError):
+            job.hook_pending.unlink(missing_ok=True)
 
 
 def run_forever(jobs: list[Job], **context: Any) -> int:
