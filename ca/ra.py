@@ -277,7 +277,6 @@ class SSHRevokeRequest:
 @dataclass(frozen=True)
 class CRLRequest:
     issuer: str | None = None
-    previous: dt.datetime | None = None  # the thisUpdate of the issuer's latest CRL
 
 
 @dataclass(frozen=True)
@@ -1036,13 +1035,9 @@ def _crl(ctx: Context, who: Requester, req: CRLRequest) -> CRLOrder:
     # Backdated as certificates are: a CRL signed at a revocation and fetched at once by a
     # relying party whose clock is a second behind was "not yet valid" to OpenSSL, which
     # allows CRLs no skew, so every certificate it checked failed (a relying-party
-    # trial). And after the previous one, by a second (the encoding's resolution):
-    # OpenSSL chooses among CRLs of one issuer by thisUpdate, not by number, and took a
-    # stale one signed in the same second.
-    this_update = ctx.now - BACKDATE
-    if req.previous is not None and this_update <= req.previous:
-        this_update = min(req.previous + dt.timedelta(seconds=1), ctx.now)
-    return CRLOrder(issuer, this_update, ctx.now + CRL_VALIDITY, who.actor)
+    # trial). (At least this: the time its number is taken sets it, so that one numbered
+    # later is never older, ca/revocation.)
+    return CRLOrder(issuer, ctx.now - BACKDATE, ctx.now + CRL_VALIDITY, who.actor)
 
 
 def _ocsp(ctx: Context, who: Requester, req: OCSPRequest) -> OCSPOrder:

@@ -225,9 +225,8 @@ def test_a_crl_signed_at_a_revocation_holds_for_a_relying_party_a_little_behind(
         own_daemon: Daemon, tmp_path: Path) -> None:
     """A relying-party trial: the CRL re-signed at a revocation, fetched at once by a
     machine whose clock was 2 s behind, was "not yet valid" to OpenSSL, which allows a
-    CRL no skew, so every certificate checked with it failed, the unrevoked ones too;
-    and two CRLs signed in one second had one thisUpdate, by which OpenSSL chooses, and
-    it took the stale one."""
+    CRL no skew, so every certificate checked with it failed, the unrevoked ones too. And
+    a CRL numbered later never has an earlier thisUpdate, by which OpenSSL chooses."""
     d = own_daemon
     kept = enroll(d, tmp_path, "service", ["kept.internal.example"])[0]
     gone = [enroll(d, tmp_path, "service", [f"gone{i}.internal.example"])[0]
@@ -253,7 +252,7 @@ def test_a_crl_signed_at_a_revocation_holds_for_a_relying_party_a_little_behind(
     both = tmp_path / "both.pem"
     both.write_bytes(crls[1].read_bytes() + crls[0].read_bytes())
     assert "certificate revoked" in verify(gone[1], both)
-    assert issuing_crls[0].last_update_utc < issuing_crls[1].last_update_utc
+    assert issuing_crls[0].last_update_utc <= issuing_crls[1].last_update_utc
 
 
 # ---- revocation reaches the lineage and SSH ---------------------------------------------

@@ -242,8 +242,11 @@ def test_one_revocation_of_many_revokes_each_once_in_the_order_asked(
 
 
 def test_crl_numbers_only_grow_and_the_latest_crl_is_served(store: Store) -> None:
-    numbers = [run(store.next_crl_number()) for _ in range(3)]
+    taken = [run(store.next_crl_number()) for _ in range(3)]
+    numbers = [n for n, _ in taken]
     assert numbers == sorted(set(numbers)) and numbers[0] >= 1
+    # and when: a later number, no earlier a time (a CRL's thisUpdate comes from it)
+    assert [at for _, at in taken] == sorted(at for _, at in taken)
     for n in numbers:
         run(store.add_crl(CRLRecord(n, 0, NOW.isoformat(), b"CRL%d" % n, "issuing-ca")))
     latest = run(store.latest_crl("issuing-ca"))
@@ -319,8 +322,9 @@ def test_two_nodes_racing_for_one_token_issue_exactly_once(postgres_server: Any)
                                           for i in range(40)))
         assert sorted(run(race())) == [False] * 39 + [True]
         # A number handed out on one node is never handed out on the other.
-        numbers = [run(nodes[i % 2].next_crl_number()) for i in range(6)]
-        assert numbers == sorted(set(numbers))
+        taken = [run(nodes[i % 2].next_crl_number()) for i in range(6)]
+        assert [n for n, _ in taken] == sorted({n for n, _ in taken})
+        assert [at for _, at in taken] == sorted(at for _, at in taken)
     finally:
         for n in nodes:
             n.close()
@@ -542,11 +546,11 @@ def test_node_names_whose_32_bit_hashes_collide_each_hold_their_own_lease(
 def test_crl_numbers_move_past_a_floor_and_never_back(store: Store) -> None:
     """The start moves the CRL counter past every number its log shows signed (a
     restored inventory signed a number again); never backwards, whatever it is given."""
-    first = run(store.next_crl_number())
+    first = run(store.next_crl_number())[0]
     run(store.keep_crl_numbers_above(first + 5))
-    assert run(store.next_crl_number()) == first + 6
+    assert run(store.next_crl_number())[0] == first + 6
     run(store.keep_crl_numbers_above(first + 2))  # behind the counter: nothing moves
-    assert run(store.next_crl_number()) == first + 7
+    assert run(store.next_crl_number())[0] == first + 7
     assert run(store.log_scanned("n1")) == 0
     run(store.set_log_scanned("n1", 4096))
     assert run(store.log_scanned("n1")) == 4096 and run(store.log_scanned("n2")) == 0

@@ -13,6 +13,7 @@ the issuers.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -497,9 +498,9 @@ class Revocations:
         age = prof.utcnow() - dt.datetime.fromisoformat(latest.this_update)
         return latest.der if latest.revoked >= len(revoked) and age <= CRL_VALIDITY / 2 else None
 
-    async def _numbered(self, label: str) -> tuple[int, dict[int, tuple[dt.datetime,
-                                                                   str | None]]]:
-        """A CRL number and what `label` had revoked when it was taken. A relying party
+    async def _numbered(self, label: str) -> tuple[int, dt.datetime,
+                                                   dict[int, tuple[dt.datetime, str | None]]]:
+        """A CRL number, when it was taken, and what `label` had revoked then. A relying party
         takes a higher number as superseding (RFC 5280 5.2.3), so a CRL must list what
         every lower-numbered one did, across processes and nodes. What is revoked is
         read from the inventory itself (another node's revocation reaches this
@@ -511,12 +512,12 @@ class Revocations:
         number; after a few, the last reads are taken (the next CRL mends them)."""
         revoked = await self._revoked_by(label, fresh=True)
         for _ in range(CRL_NUMBER_TRIES):
-            number = await self.store.next_crl_number()
+            number, at = await self.store.next_crl_number()
             after = await self._revoked_by(label, fresh=True)
             if after == revoked:
                 break
             revoked = after
-        return number, after
+        return number, at, after
 
     async def refresh_crl(self, request_id: str | None, issuer: str | None = None,
                           only_if_stale: bool = False) -> None:
@@ -527,12 +528,13 @@ class Revocations:
             async with lock:
                 if only_if_stale and await self._current_crl(label) is not None:
                     continue  # another request re-signed it while this one waited
-                latest = await self.store.latest_crl(label)
-                previous = (None if latest is None
-                            else dt.datetime.fromisoformat(latest.this_update))
-                order = ra.order(await self._context(), ra.Local(),
-                                 ra.CRLRequest(label, previous))
-                number, revoked = await self._numbered(label)
+                order = ra.order(await self._context(), ra.Local(), ra.CRLRequest(label))
+                number, at, revoked = await self._numbered(label)
+                # thisUpdate as of its number: a CRL numbered later has a later (or the
+                # same) one, whichever process or node signs it. (A worker's own reading
+                # of the last CRL's, a second added, gave one numbered later an earlier
+                # thisUpdate under concurrent revocations: a cluster trial.)
+                order = dataclasses.replace(order, this_update=at - ra.BACKDATE)
                 crl = await self.issuance.crl(
                     order, number, [(s, at, r) for s, (at, r) in revoked.items()], request_id)
                 await self.store.add_crl(CRLRecord(

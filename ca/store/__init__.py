@@ -247,8 +247,10 @@ class Store(Protocol):
 
     # ---- CRLs ------------------------------------------------------------------------------
 
-    async def next_crl_number(self) -> int:
-        """A CRL number larger than any handed out before."""
+    async def next_crl_number(self) -> tuple[int, dt.datetime]:
+        """A CRL number larger than any handed out before, and when it was taken: a
+        larger number, a time no earlier, whichever process or node took it (a CRL's
+        thisUpdate comes from it, and OpenSSL chooses among CRLs by thisUpdate)."""
         ...
 
     async def log_scanned(self, log: str) -> int:

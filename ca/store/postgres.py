@@ -946,9 +946,11 @@ class PostgresStore:
 
     # ---- CRLs -----------------------------------------------------------------------------
 
-    async def next_crl_number(self) -> int:
-        # A sequence: numbers only grow, whichever node asks, and none is handed out twice.
-        return int((await self._rows("SELECT nextval('crl_numbers')"))[0][0])
+    async def next_crl_number(self) -> tuple[int, dt.datetime]:
+        # A sequence: numbers only grow, whichever node asks, and none is handed out twice;
+        # the time by the database's one clock, not the nodes'.
+        number, at = (await self._rows("SELECT nextval('crl_numbers'), clock_timestamp()"))[0]
+        return int(number), at
 
     async def log_scanned(self, log: str) -> int:
         rows = await self._rows("SELECT v FROM meta WHERE k = %s", (f"log_scanned:{log}",))

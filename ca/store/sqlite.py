@@ -1240,13 +1240,13 @@ class SQLiteStore:
 
     # ---- CRLs ---------------------------------------------------------------------------------
 
-    async def next_crl_number(self) -> int:
-        def bump(db: sqlite3.Connection) -> int:
+    async def next_crl_number(self) -> tuple[int, dt.datetime]:
+        def bump(db: sqlite3.Connection) -> tuple[int, dt.datetime]:
             row = db.execute("SELECT v FROM meta WHERE k = 'crl_number'").fetchone()
             number = int(row[0]) + 1 if row else 1
             db.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('crl_number', ?)",
                        (str(number),))
-            return number
+            return number, dt.datetime.now(dt.UTC)  # under the write lock: in order
         return await self._write(bump)
 
     async def log_scanned(self, log: str) -> int:

@@ -61,13 +61,13 @@ def _install(gates: Path) -> None:
 
     for store in (PostgresStore, SQLiteStore):
         def numbered(real: Any) -> Any:
-            async def next_crl_number(self: Any) -> int:
+            async def next_crl_number(self: Any) -> Any:
                 if (gates / "hold-crl").exists():
                     await _wait(gates, "crl")
-                number = int(await real(self))
+                taken = await real(self)
                 if (gates / "hold-crl-numbered").exists():
                     await _wait(gates, "crl-numbered")
-                return number
+                return taken
             return next_crl_number
 
         store.next_crl_number = numbered(store.next_crl_number)  # type: ignore[method-assign]
