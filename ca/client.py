@@ -546,8 +546,9 @@ class Staged:
             self.abort()
             raise ClientError(
                 f"cannot replace {failed}: {exc.strerror or exc}; every file is as it was "
-                "before (the new certificate was issued but not installed: renew again "
-                "once the file can be replaced)", retryable=True) from None
+                "before (the new certificate was issued but not installed: `renew "
+                "--daemon` installs it once the file can be replaced, a one-shot renew "
+                "asks again then)", retryable=True) from None
         for slot in slots.values():
             os.fsync(slot.dfd)
         for path in kept:

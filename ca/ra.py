@@ -1200,7 +1200,11 @@ def _revoke_ca(who: Requester, req: KeyRequest) -> KeyOrder:
                "audit": "the audit key has no certificate to revoke: rotate it"}
         raise Refused(f"only an issuing key's CA certificate is revoked; {req.label!r}: "
                       f"{why.get(req.kind, 'not an issuing key')}", Reason.CONFLICT)
-    reason = revocation_reason(req.reason)
+    try:
+        reason = revocation_reason(req.reason)
+    except Refused:  # named among a CA certificate's, not a leaf's (a docs trial)
+        raise Refused(f"reason {req.reason!r}: a CA certificate is revoked as one of "
+                      f"{', '.join(sorted(CA_REASONS))}") from None
     if (reason or "unspecified") not in CA_REASONS:
         hint = " (for the CA's key: cACompromise)" if reason == "keyCompromise" else ""
         raise Refused(f"a CA certificate is revoked as one of "

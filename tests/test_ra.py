@@ -1035,6 +1035,8 @@ def test_an_issuing_key_s_ca_certificate_is_revoked_once_retired_for_a_ca_s_reas
     refused(ask(state="previous"), Reason.CONFLICT, "retire it (hsmca key retire iss-1)")
     refused(ask(reason="keyCompromise"), Reason.REASON_NOT_ALLOWED, "cACompromise")
     refused(ask(reason="privilegeWithdrawn"), Reason.REASON_NOT_ALLOWED)
+    refused(ask(reason="bogus"), Reason.MALFORMED, "a CA certificate is revoked as one of "
+            "affiliationChanged, cACompromise, cessationOfOperation, superseded, unspecified")
     refused(ask(revoked=True), Reason.ALREADY_REVOKED, "revoked already")
     refused(ask(root_signs=False), Reason.CONFLICT, "root that certified")
     refused(ask(asked_with_its_cert=True), Reason.CONFLICT, "Renew it first")

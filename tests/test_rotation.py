@@ -256,7 +256,7 @@ async def test_rotate_issuing_and_ssh_keys_retire_and_destroy_while_renewals_run
             and old_label_text in proc.stderr and "trust it until it expires" in proc.stderr, \
             proc.stderr
         assert "other live certificate(s) of the same key" in proc.stderr, proc.stderr
-        assert "revoke its CA certificate: hsmca key revoke LABEL" in proc.stderr
+        assert f"revoke its CA certificate: hsmca key revoke {old_label_text}" in proc.stderr
         resp, _ = await ask_ocsp(d, host_ocsp)
         assert resp.response_status == ocsp.OCSPResponseStatus.UNAUTHORIZED
         later = enroll(d, tmp_path, "service", ["later.internal.example"])

@@ -275,7 +275,8 @@ def _renew_daemon(args: argparse.Namespace, url: str) -> int:
             if str(exc) not in unreadable:
                 unreadable.append(str(exc))
                 log.warning("renew.unreadable", error=str(exc), detail="the renewal "
-                            "stays as scheduled, and fails only if it is still so then")
+                            "stays as scheduled, and is tried again if it is still so then",
+                            command="renew", cert=str(cert.absolute()))
             return next(iter(schedule.values()))
         unreadable.clear()
         # Drawn once per certificate: the jitter must not be re-rolled on every look.
@@ -286,7 +287,10 @@ def _renew_daemon(args: argparse.Namespace, url: str) -> int:
         return schedule[leaf.serial_number]
 
     async def run() -> dict[str, Any]:
-        old = format(current().serial_number, "x")
+        try:
+            old = format(current().serial_number, "x")
+        except client.ClientError as exc:  # being rewritten, due now: tried again (a
+            raise client.ClientError(str(exc), retryable=True) from None  # docs trial)
         issued = await client.renew(url, cert, key, args.ca, args.rekey, ttl=args.ttl,
                                     warn=lambda text: log.warning("renew.restored", detail=text),
                                     root_said=lambda text: log.warning("renew.root_rotated",

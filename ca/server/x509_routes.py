@@ -383,12 +383,18 @@ async def revoke(request: web.Request) -> web.Response:
                  if n == 1 else f"{n} of them ({listed}) were")
         it, its, is_, they = (("it", "its", "is", "it") if n == 1 else
                               ("them", "their", "are", "they"))
+        revoked_ca = (await request.app[ISSUANCE].keys.refresh()).revoked_ca
+        standing = sorted(set(done.unpublished.values()) - set(revoked_ca))
+        # (a docs trial was told to revoke a CA certificate revoked already, by "LABEL")
+        then = (f"To have relying parties refuse everything that key issued, revoke its CA "
+                f"certificate: hsmca key revoke {' / '.join(standing)}" if standing else
+                "Its CA certificate is revoked already: relying parties that check its "
+                "root's CRL refuse everything it issued")
         warnings.append(
             f"{which} issued by a key retired or destroyed ({labels}), which signs nothing: "
             f"{its} CRL and OCSP cannot say {they} {is_} revoked, so relying parties that "
             f"check only those trust {it} until {they} expire{'s' if n == 1 else ''}. "
-            f"hsmca itself refuses {it}. To have relying parties refuse everything that "
-            f"key issued, revoke its CA certificate: hsmca key revoke LABEL")
+            f"hsmca itself refuses {it}. {then}")
         answer["unpublished"] = [format(s, "x") for s in done.unpublished]
     if rec is not None and order.reason != "superseded":
         # An SSH trial: "revoking Alice's certificate" by its serial left the one it was
