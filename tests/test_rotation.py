@@ -1117,6 +1117,11 @@ async def test_a_retired_issuing_key_s_ca_certificate_revoked_is_on_its_root_s_c
         assert refused.returncode == 1 and f"retire it (hsmca key retire {label})" in \
             refused.stderr, refused.stderr
         key_cmd(d, "retire", label, "--yes")
+        # Another admin's credential with --config: its daemon and root are the defaults
+        # (a cluster trial's --cert lost them)
+        listed = hsmca("key", "list", "--config", d.state / "hsmca.toml", "--cert",
+                       old_admin[0], "--key", old_admin[1])
+        assert label in listed.stdout
         # An admin credential of that key would lock its holder out: refused
         as_old_admin = ("--url", d.url, "--ca", d.root, "--cert", old_admin[0], "--key",
                         old_admin[1])

@@ -22,11 +22,21 @@ def _context(args: argparse.Namespace) -> tuple[str, Any]:
     from ca import client
     from ca.commands.client_cmd import _admin
     if args.cert is not None or args.key is not None:
-        if args.cert is None or args.key is None or args.url is None:
-            raise CLIError("--cert needs --key and --url too (or use --config's admin "
-                           "credential)")
-        url = client.base_url(args.url)
-        return url, asyncio.run(client.preflight(url, args.ca, args.cert, args.key))
+        if args.cert is None or args.key is None:
+            raise CLIError("--cert needs --key too (or use --config's admin credential)")
+        url, ca = args.url, args.ca
+        if url is None or ca is None:
+            # From --config, as its help says, for the credential given (a cluster trial's
+            # --cert lost --ca's default, a docs trial's --url's)
+            from ca.commands.client_cmd import _config
+            try:
+                cfg = _config(args)
+            except CLIError as exc:
+                raise CLIError(f"--cert needs --url and --ca, or a --config they default "
+                               f"from ({exc})") from None
+            url, ca = url or cfg.local_url, ca or cfg.root_pem
+        url = client.base_url(url)
+        return url, asyncio.run(client.preflight(url, ca, args.cert, args.key))
     return _admin(args)
 
 
