@@ -1167,6 +1167,11 @@ async def test_a_retired_issuing_key_s_ca_certificate_revoked_is_on_its_root_s_c
         status, _, raw = await http("POST", f"{d.url}/v1/x509/renew", d.ssl(*new_leaf), body={})
         assert status == 201, raw
         assert "its CA certificate revoked" in key_cmd(d, "list").stdout
+        # who must enroll again: what the key signed that is still valid
+        listed = hsmca("cert", "list", "--issuer", label, "--status", "valid", "--config",
+                       d.state / "hsmca.toml", "--url", d.url).stdout
+        assert format(load(old_leaf[0]).serial_number, "x") in listed, listed
+        assert format(load(new_leaf[0]).serial_number, "x") not in listed, listed
         again = key_cmd(d, "revoke", label, "--yes", check=False)
         assert again.returncode == 1 and "revoked already" in again.stderr, again.stderr
     finally:

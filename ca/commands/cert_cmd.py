@@ -32,6 +32,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                     help="only those issued over ACME, or only the others")
     ls.add_argument("--account", metavar="ID",
                     help="only those issued to this ACME account (hsmca acme account list)")
+    ls.add_argument("--issuer", metavar="LABEL",
+                    help="only those this issuing key signed (hsmca key list): who must "
+                    "enroll again once its CA certificate is revoked, say")
     ls.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
     admin_flags(ls)
     ls.set_defaults(command_key="cert-list")
@@ -61,7 +64,7 @@ def list_certs(args: argparse.Namespace) -> int:
     if args.search:
         # openssl x509 -serial prints serial=...: searched for as the serial
         query["q"] = args.search.removeprefix("serial=")
-    for name in ("status", "kind", "account"):
+    for name in ("status", "kind", "account", "issuer"):
         if getattr(args, name):
             query[name] = getattr(args, name)
     page = _get(args, f"/v1/inventory/certificates?{urlencode(query)}")

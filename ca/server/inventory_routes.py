@@ -92,8 +92,11 @@ async def certificates(request: web.Request) -> web.Response:
     account = request.query.get("account") or None
     if account is not None and len(account) > 100:
         raise Problem(400, "Bad Request", "account is at most 100 characters", "bad-query")
+    issuer = request.query.get("issuer") or None
+    if issuer is not None and len(issuer) > 128:
+        raise Problem(400, "Bad Request", "issuer is at most 128 characters", "bad-query")
     query = CertQuery(role=role, kind=_choice(request, "kind", ("acme", "x509")),
-                      account=account, **_search(request, CERT_SORTS))
+                      account=account, issuer=issuer, **_search(request, CERT_SORTS))
     now = _now()
     page = await request.app[STORE].find_certs(query, now, now + EXPIRING)
     return _page_json(query, now, [record_json(r, now) for r in page.certs], page.total)

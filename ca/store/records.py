@@ -74,7 +74,8 @@ class CertQuery:
     disjoint from the others: revoked; expired (not revoked, past not_after);
     expiring (live, ending before the `soon` given to the search and past two thirds
     of its lifetime); valid (the other live ones). `kind` is "acme" (issued through
-    ACME) or "x509" (the others); `account` the ACME account it was issued to. Sorted by
+    ACME) or "x509" (the others); `account` the ACME account it was issued to; `issuer`
+    the label of the key that signed it. Sorted by
     one of CERT_SORTS, ties broken by serial."""
 
     text: str | None = None
@@ -82,6 +83,7 @@ class CertQuery:
     role: str | None = None
     kind: str | None = None
     account: str | None = None
+    issuer: str | None = None  # the issuing key's label (`hsmca key list`)
     sort: str = "issued"
     descending: bool = True
     limit: int = 50

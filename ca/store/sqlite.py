@@ -438,6 +438,9 @@ def _cert_filter(query: CertQuery, now: dt.datetime, soon: dt.datetime, epoch: s
     if query.account is not None:  # acme_certs_account indexes it
         where.append("a.account_id = ?")
         args.append(query.account)
+    if query.issuer is not None:
+        where.append("c.issuer = ?")
+        args.append(query.issuer)
     return (" WHERE " + " AND ".join(where)) if where else "", args
 
 
