@@ -1166,7 +1166,9 @@ async def test_a_retired_issuing_key_s_ca_certificate_revoked_is_on_its_root_s_c
             proc.stderr
         status, _, raw = await http("POST", f"{d.url}/v1/x509/renew", d.ssl(*new_leaf), body={})
         assert status == 201, raw
-        assert "its CA certificate revoked" in key_cmd(d, "list").stdout
+        keys = key_cmd(d, "list").stdout
+        assert "its CA certificate revoked" in keys and "not expired yet, refused with its " \
+            f"CA certificate: `hsmca cert list --issuer {label}`" in keys, keys
         # who must enroll again: what the key signed that is still valid
         listed = hsmca("cert", "list", "--issuer", label, "--status", "valid", "--config",
                        d.state / "hsmca.toml", "--url", d.url).stdout

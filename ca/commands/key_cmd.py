@@ -141,8 +141,13 @@ def run(args: argparse.Namespace) -> int:
                       f"({k.get('revocation_reason') or 'unspecified'})")
             if k.get("live"):  # what retiring or destroying it cuts off (a key trial
                 # had to start a retire and answer no to learn it)
-                print(f"    {k['live']} certificate(s) it issued still valid, the last until "
-                      f"{_to_the_second(k['live_until'])}")
+                if k.get("revoked_at"):  # not "valid" to anyone now (a cluster trial)
+                    print(f"    {k['live']} certificate(s) it issued not expired yet, refused "
+                          "with its CA certificate: `hsmca cert list --issuer "
+                          f"{k['label']}` lists their holders")
+                else:
+                    print(f"    {k['live']} certificate(s) it issued still valid, the last "
+                          f"until {_to_the_second(k['live_until'])}")
         return 0
     if action == "rotate-root":
         return _rotate_root(args)
