@@ -242,11 +242,17 @@ def test_one_revocation_of_many_revokes_each_once_in_the_order_asked(
 
 
 def test_crl_numbers_only_grow_and_the_latest_crl_is_served(store: Store) -> None:
-    taken = [run(store.next_crl_number()) for _ in range(3)]
+    taken = [run(store.next_crl_number(lead=dt.timedelta(minutes=1))) for _ in range(3)]
     numbers = [n for n, _ in taken]
     assert numbers == sorted(set(numbers)) and numbers[0] >= 1
-    # and when: a later number, no earlier a time (a CRL's thisUpdate comes from it)
-    assert [at for _, at in taken] == sorted(at for _, at in taken)
+    # and when: a later number, a later time, in whole seconds, at most the lead ahead
+    # (a CRL's thisUpdate comes from it; OpenSSL keeps the first of equal ones)
+    times = [at for _, at in taken]
+    now = dt.datetime.now(dt.UTC)
+    assert times == sorted(set(times)) and all(t.microsecond == 0 for t in times)
+    assert times[-1] <= now + dt.timedelta(minutes=1)
+    # without a lead, never ahead of now
+    assert run(store.next_crl_number())[1] <= dt.datetime.now(dt.UTC)
     for n in numbers:
         run(store.add_crl(CRLRecord(n, 0, NOW.isoformat(), b"CRL%d" % n, "issuing-ca")))
     latest = run(store.latest_crl("issuing-ca"))
@@ -321,10 +327,17 @@ def test_two_nodes_racing_for_one_token_issue_exactly_once(postgres_server: Any)
             return await asyncio.gather(*(nodes[i % 2].consume_token("tok1", NOW)
                                           for i in range(40)))
         assert sorted(run(race())) == [False] * 39 + [True]
-        # A number handed out on one node is never handed out on the other.
-        taken = [run(nodes[i % 2].next_crl_number()) for i in range(6)]
-        assert [n for n, _ in taken] == sorted({n for n, _ in taken})
-        assert [at for _, at in taken] == sorted(at for _, at in taken)
+        # A number handed out on one node is never handed out on the other; taken at once
+        # on both, a larger number has a later time (a review saw nextval's order and
+        # clock_timestamp()'s differ)
+        async def numbers() -> list[tuple[int, dt.datetime]]:
+            return await asyncio.gather(*(nodes[i % 2].next_crl_number(
+                lead=dt.timedelta(minutes=1)) for i in range(24)))
+        taken = sorted(run(numbers()))
+        assert len({n for n, _ in taken}) == 24
+        times = [at for _, at in taken]
+        assert times == sorted(set(times)) and all(t.utcoffset() == dt.timedelta(0)
+                                                   for t in times), times
     finally:
         for n in nodes:
             n.close()

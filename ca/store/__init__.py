@@ -247,10 +247,13 @@ class Store(Protocol):
 
     # ---- CRLs ------------------------------------------------------------------------------
 
-    async def next_crl_number(self) -> tuple[int, dt.datetime]:
-        """A CRL number larger than any handed out before, and when it was taken: a
-        larger number, a time no earlier, whichever process or node took it (a CRL's
-        thisUpdate comes from it, and OpenSSL chooses among CRLs by thisUpdate)."""
+    async def next_crl_number(self, lead: dt.timedelta = dt.timedelta(0)
+                              ) -> tuple[int, dt.datetime]:
+        """A CRL number larger than any handed out before, and a time for it in whole
+        seconds: now, or a second after the last one handed out if that is later, but at
+        most `lead` ahead of now; so a larger number gets a later time (a CRL's
+        thisUpdate comes from it, and OpenSSL chooses among CRLs by thisUpdate, keeping
+        the first of equal ones), whichever process or node took it."""
         ...
 
     async def log_scanned(self, log: str) -> int:

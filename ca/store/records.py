@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -62,6 +63,17 @@ class NewCert:
     acme_order: str | None = None
     audit_seq: int | None = None  # the seq of its hsm.sign intent line
     audit_log: str | None = None  # cluster mode: the issuing node, whose log that is in
+
+
+def crl_time(now: dt.datetime, last: str | None, lead: dt.timedelta) -> dt.datetime:
+    """The time handed out with a CRL number (Store.next_crl_number): `now` in whole
+    seconds, or a second after `last` (the one before) if that is later, at most `lead`
+    ahead of now."""
+    at = now.replace(microsecond=0)
+    if last:
+        at = min(max(at, dt.datetime.fromisoformat(last) + dt.timedelta(seconds=1)),
+                 at + lead)
+    return at
 
 
 @dataclass(frozen=True)

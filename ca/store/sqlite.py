@@ -60,6 +60,7 @@ from ca.store.records import (
     TokenRecord,
     authz_bases,
     authz_cover,
+    crl_time,
 )
 
 T = TypeVar("T")
@@ -1243,13 +1244,18 @@ class SQLiteStore:
 
     # ---- CRLs ---------------------------------------------------------------------------------
 
-    async def next_crl_number(self) -> tuple[int, dt.datetime]:
+    async def next_crl_number(self, lead: dt.timedelta = dt.timedelta(0)
+                              ) -> tuple[int, dt.datetime]:
         def bump(db: sqlite3.Connection) -> tuple[int, dt.datetime]:
             row = db.execute("SELECT v FROM meta WHERE k = 'crl_number'").fetchone()
             number = int(row[0]) + 1 if row else 1
             db.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('crl_number', ?)",
                        (str(number),))
-            return number, dt.datetime.now(dt.UTC)  # under the write lock: in order
+            last = db.execute("SELECT v FROM meta WHERE k = 'crl_time'").fetchone()
+            at = crl_time(dt.datetime.now(dt.UTC), last[0] if last else None, lead)
+            db.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('crl_time', ?)",
+                       (at.isoformat(),))
+            return number, at  # under the write lock: in order with the number
         return await self._write(bump)
 
     async def log_scanned(self, log: str) -> int:
