@@ -61,10 +61,10 @@ def _install(gates: Path) -> None:
 
     for store in (PostgresStore, SQLiteStore):
         def numbered(real: Any) -> Any:
-            async def next_crl_number(self: Any) -> Any:
+            async def next_crl_number(self: Any, *args: Any, **kw: Any) -> Any:
                 if (gates / "hold-crl").exists():
                     await _wait(gates, "crl")
-                taken = await real(self)
+                taken = await real(self, *args, **kw)
                 if (gates / "hold-crl-numbered").exists():
                     await _wait(gates, "crl-numbered")
                 return taken
