@@ -384,3 +384,20 @@ def test_a_hook_running_when_the_renewer_stops_goes_with_it_and_runs_at_its_next
         assert not (cert.parent / f".{cert.name}.hsmca-hook-pending").exists()
         again.wait("renew.scheduled")  # and on as before, without renewing again
         assert again.events("renew.done") == []
+
+
+def test_the_hook_marker_never_follows_a_link(tmp_path: Path) -> None:
+    """A review: a link planted where the renewer marks a pending hook (a directory a
+    service's group may write) had the renewer, running as root, create the file it
+    named."""
+    from ca.commands.renewal import _mark, _marked, _unmark
+    marker, victim = tmp_path / ".cert.pem.hsmca-hook-pending", tmp_path / "victim"
+    marker.symlink_to(victim)
+    _mark(marker)
+    assert not victim.exists() and not _marked(marker)
+    _unmark(marker)
+    assert not marker.is_symlink()
+    _mark(marker)
+    assert _marked(marker) and marker.stat().st_mode & 0o777 == 0o600
+    _unmark(marker)
+    assert not _marked(marker)

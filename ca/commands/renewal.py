@@ -14,6 +14,7 @@ import datetime as dt
 import os
 import random
 import signal
+import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,7 +179,7 @@ async def run_hook(command: str, env: dict[str, str], log: Any = None,
 async def keep(job: Job, log: Any) -> None:
     """Run `job` whenever it is due, forever; raise ClientError on a failure that
     retrying cannot fix (a refusal, an expired or foreign certificate)."""
-    if job.hook and (job.hook_at_start or (job.hook_pending and job.hook_pending.exists())):
+    if job.hook and (job.hook_at_start or (job.hook_pending and _marked(job.hook_pending))):
         if not job.hook_at_start:
             log.warning(f"{job.event}.hook.pending", detail="its last run did not finish "
                         "(the renewer stopped meanwhile): run now")
@@ -276,8 +277,7 @@ async def _hook_until_done(job: Job, log: Any) -> None:
     expiry, though the files held the new one (a client trial)."""
     assert job.hook
     if job.hook_pending is not None:
-        with contextlib.suppress(OSError):  # best effort: it only says "run it again"
-            job.hook_pending.touch(mode=0o600)
+        _mark(job.hook_pending)
     attempt = 0
     while await run_hook(job.hook, job.hook_env() if job.hook_env else {}, log, job.event,
                          job.hook_timeout_s) != 0:
@@ -288,8 +288,35 @@ async def _hook_until_done(job: Job, log: Any) -> None:
         log.warning(f"{job.event}.hook.retry", attempt=attempt, retry_in_s=round(delay, 1))
         await asyncio.sleep(delay)  # a back-off, not synchronisation
     if job.hook_pending is not None:
-        with contextlib.suppress(OSError):
-            job.hook_pending.unlink(missing_ok=True)
+        _unmark(job.hook_pending)
+
+
+# The hook's marker beside the certificate, in a directory others may write (a service's
+# group): made, read and removed through the directory's descriptor, never following a
+# link (a review had a renewer running as root create a file a planted link named).
+# Best effort: it only says "run the hook again".
+
+def _mark(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.close(os.open(path.name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, 0o600, dir_fd=dfd))
+        finally:
+            os.close(dfd)
+
+
+def _marked(path: Path) -> bool:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
+
+
+def _unmark(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)  # (removes a link, never what it names)
 
 
 def run_forever(jobs: list[Job], **context: Any) -> int:
