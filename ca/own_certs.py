@@ -42,6 +42,7 @@ from ca.fileutil import write_atomic_together
 from ca.issuance.issue import Issuance, decision_context
 from ca.issuance.profiles import fingerprint, pem
 from ca.logs import Recurring
+from ca.policy import Reason, Refused
 from ca.revocation import Revocations, sent_or_withheld
 from ca.server_cert import RENEW_BEFORE, ensure_server_cert
 from ca.store import Store
@@ -150,6 +151,8 @@ class OwnCerts:
                                                                "superseded"))
             await self.revocations.revoke(order, None)
         except Exception as exc:  # the HSM or the inventory away: it ends on its own
+            if isinstance(exc, Refused) and exc.reason is Reason.ALREADY_REVOKED:
+                return  # another node of this state directory did (a review)
             log.warning("the daemon's previous TLS certificate is not revoked as "
                         "superseded", serial=format(before.serial_number, "x"),
                         error=str(exc) or type(exc).__name__)
