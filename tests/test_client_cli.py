@@ -1235,3 +1235,22 @@ def test_a_key_every_user_can_read_is_said_at_renewal(daemon: Daemon, tmp_path: 
     key.chmod(0o640)
     proc = hsmca("renew", "--url", daemon.url, "--ca", daemon.root, "--cert", cert, "--key", key)
     assert "readable by every user" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("given, base", [
+    ("https://ca.example/v1", "https://ca.example"),
+    ("https://ca.example:8443/v1/", "https://ca.example:8443"),
+    ("https://ca.example/ca/v1/x509", "https://ca.example/ca"),
+    ("https://ca.example/v1//x509", "https://ca.example"),  # a review: a bare ValueError
+    ("https://ca.example/.well-known/est", "https://ca.example"),
+])
+def test_a_url_with_the_api_s_own_path_names_the_base_to_give(given: str, base: str) -> None:
+    from ca.commands.args import check_url
+    with pytest.raises(ValueError, match=f"give the daemon's base URL, {re.escape(base)}:"):
+        check_url(given)
+
+
+@pytest.mark.parametrize("given", ["https://ca.example/ca", "https://ca.example/api/v1/hsmca"])
+def test_a_proxy_s_prefix_is_taken_as_the_base(given: str) -> None:
+    from ca.commands.args import check_url
+    assert check_url(given) == given

@@ -36,15 +36,19 @@ def check_url(url: str) -> str:
     if parts.query or parts.fragment or parts.username or parts.password:
         raise ValueError(f"{url}: give only https://HOST[:PORT][/PATH]")
     # A path of the API's own (a client trial gave --url .../v1 and was told "no such
-    # endpoint: /v1/v1/x509/enroll"); a proxy's prefix, as /ca, is taken.
+    # endpoint: /v1/v1/x509/enroll"); a proxy's prefix, as /ca or /api/v1/hsmca, is taken.
     segments = [p for p in parts.path.split("/") if p]
-    if "v1" in segments or ".well-known" in segments:
-        own = "/" + "/".join(segments[segments.index(
-            "v1" if "v1" in segments else ".well-known"):])
-        base = text[:len(text) - len(parts.path)] + parts.path[:parts.path.index(own)]
-        raise ValueError(f"{url}: give the daemon's base URL, {base.rstrip('/')}: hsmca "
-                         f"adds the API's paths ({own} is one)")
+    for i, segment in enumerate(segments):
+        if segment in _API and (i + 1 == len(segments) or segments[i + 1] in _API[segment]):
+            base = f"{parts.scheme}://{parts.netloc}" + "".join(f"/{s}" for s in segments[:i])
+            raise ValueError(f"{url}: give the daemon's base URL, {base}: hsmca adds the "
+                             f"API's paths ({'/' + '/'.join(segments[i:])} is one)")
     return text.rstrip("/")
+
+
+# The API's own paths: a first segment, and what may follow it
+_API = {"v1": {"x509", "ssh", "audit", "keys", "inventory", "tokens", "whoami", "acme"},
+        ".well-known": {"est", "acme-challenge"}}
 
 
 def serial_hex(text: str) -> str:
