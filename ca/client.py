@@ -487,7 +487,8 @@ class Staged:
             os.close(dfd)
             raise ClientError(f"cannot write to {real.parent}: {exc.strerror} (checked "
                               "before contacting the CA: nothing was spent)",
-                              retryable=True) from None
+                              retryable=True,
+                              full=exc.errno in (errno.ENOSPC, errno.EDQUOT)) from None
         except ClientError:
             os.close(dfd)
             raise

@@ -26,9 +26,10 @@ class ClientError(Exception):
 
     def __init__(self, message: str, *, status: int | None = None,
                  retryable: bool = False, unanswered: bool = False,
-                 detail: str | None = None) -> None:
+                 detail: str | None = None, full: bool = False) -> None:
         super().__init__(message)
         self.status = status
+        self.full = full  # a local disk full (or over quota): room may come by itself
         self.detail = detail  # the daemon's own words for a refusal, without the request
         self.retryable = retryable
         # The request may have reached the daemon, which may have carried it out, but no

@@ -249,7 +249,9 @@ def _renew_daemon(args: argparse.Namespace, url: str) -> int:
             client.replaceable(path)
         client.check_writable(cert, key, args.rekey)  # a read-only mount, say
     except client.ClientError as exc:
-        raise GaveUp(str(exc)) from None
+        if not exc.full:  # a read-only mount or a missing permission is a mistake to say
+            raise GaveUp(str(exc)) from None
+        warn(f"{exc}; renewing when due all the same")  # a full disk may have room then
     try:
         asyncio.run(client.check_standing(url, args.ca, cert, key))
     except client.ClientError as exc:
@@ -262,10 +264,12 @@ def _renew_daemon(args: argparse.Namespace, url: str) -> int:
         return client.load_certificates(cert, "--cert")[0]
 
     unreadable: list[str] = []  # what was said of the files while they cannot be read
+    held: list[dt.datetime] = []  # the end of the last certificate read
 
     def due() -> dt.datetime:
         try:
             leaf = current()
+            held[:] = [leaf.not_valid_after_utc]
         except client.ClientError as exc:
             if not schedule:
                 raise
@@ -290,7 +294,11 @@ def _renew_daemon(args: argparse.Namespace, url: str) -> int:
         try:
             old = format(current().serial_number, "x")
         except client.ClientError as exc:  # being rewritten, due now: tried again (a
-            raise client.ClientError(str(exc), retryable=True) from None  # docs trial)
+            # docs trial), until the certificate it held has ended (a review)
+            if held and held[0] <= now():
+                raise client.ClientError(f"{exc}, and the certificate it held ended at "
+                                         f"{held[0].isoformat()}: enroll again") from None
+            raise client.ClientError(str(exc), retryable=True) from None
         issued = await client.renew(url, cert, key, args.ca, args.rekey, ttl=args.ttl,
                                     warn=lambda text: log.warning("renew.restored", detail=text),
                                     root_said=lambda text: log.warning("renew.root_rotated",
