@@ -10,9 +10,19 @@ by its signature, not by its names."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+
+
+def first_cert(path: Path) -> x509.Certificate | None:
+    """The first certificate of a PEM file (a credential's leaf); None if it has none
+    or cannot be read."""
+    try:
+        return x509.load_pem_x509_certificates(path.read_bytes())[0]
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:

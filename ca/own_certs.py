@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ca import ra
+from ca.chains import first_cert
 from ca.config import Config
 from ca.daemon.control import PolicyFeed
 from ca.fileutil import write_atomic_together
@@ -50,13 +51,6 @@ from ca.store import Store
 CHECK_S = 3600.0
 KEYS_POLL_S = 1.0  # how soon a key change is looked at
 log = structlog.get_logger("hsmca.own_certs")
-
-
-def _first_cert(path: Path) -> x509.Certificate | None:
-    try:
-        return x509.load_pem_x509_certificates(path.read_bytes())[0]
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def _digest_of(path: Path) -> str | None:
@@ -108,7 +102,7 @@ class OwnCerts:
 
     async def check(self) -> None:
         async with self._lock:  # the hourly round and a SIGHUP's: one at a time
-            before = _first_cert(self.config.tls_cert)
+            before = first_cert(self.config.tls_cert)
             with _renewing(self.config.tls_cert.parent) as mine:
                 if mine:
                     try:
@@ -139,7 +133,7 @@ class OwnCerts:
         is served: it stayed valid for its year, and every issuing key retired after a
         rotation counted it among its live certificates, so `key retire` named its end,
         a year on, as the time to wait for (a key trial)."""
-        after = _first_cert(self.config.tls_cert)
+        after = first_cert(self.config.tls_cert)
         if before is None or after is None or before.serial_number == after.serial_number:
             return
         try:
@@ -161,8 +155,8 @@ class OwnCerts:
                      serial=format(before.serial_number, "x"))
 
     async def _say_ends(self) -> None:
-        ends = {"tls": _first_cert(self.config.tls_cert),
-                "admin": _first_cert(self.config.admin_cert)}
+        ends = {"tls": first_cert(self.config.tls_cert),
+                "admin": first_cert(self.config.admin_cert)}
         try:
             issuers = await self.issuance.keys.refresh()
             ends |= {"root": issuers.current.root, "issuing": issuers.current.cert}
@@ -174,7 +168,7 @@ class OwnCerts:
 
     async def _renew_admin(self) -> None:
         path = self.config.admin_cert
-        cert = _first_cert(path)
+        cert = first_cert(path)
         if cert is None:  # taken away: the operator's choice
             return
         rec = await self.store.cert_by_fingerprint(fingerprint(cert))

@@ -13,7 +13,6 @@ import asyncio
 import base64
 import contextlib
 import datetime as dt
-import hashlib
 import ipaddress
 import os
 import ssl
@@ -124,8 +123,12 @@ def _this_cas(path: Path, cas: dict[str, str],
     if signer in ours:
         return cert
     # A retired SSH CA key of this CA (a key trial was told "another CA's")
-    blob = base64.b64decode(signer.split()[1])
-    fp = "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+    from ca.policy import Refused
+    from ca.ssh import parse_public_key
+    try:
+        fp = parse_public_key(signer).sha256
+    except Refused:  # no key type this CA makes
+        fp = signer
     if any(k.get("ssh_fingerprint") == fp for k in keys()):
         return cert
     raise CLIError(f"--ssh-cert {path} was not signed by an SSH CA key of this CA (its "
@@ -238,7 +241,6 @@ async def _drop_earlier(agent: Any, cert_line: str) -> None:
     ids <identity>:<serial>, which this CA makes): they piled up until they expired,
     and after a rotation of the user CA ssh offered the old one first (an operator
     trial). Those of the key for another identity are left alone."""
-    import base64
     import struct
 
     from cryptography.exceptions import UnsupportedAlgorithm
