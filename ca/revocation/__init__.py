@@ -512,12 +512,12 @@ class Revocations:
         number; after a few, the last reads are taken (the next CRL mends them)."""
         revoked = await self._revoked_by(label, fresh=True)
         for _ in range(CRL_NUMBER_TRIES):
-            number, at = await self.store.next_crl_number(lead=ra.BACKDATE)
+            number, taken = await self.store.next_crl_number(lead=ra.BACKDATE)
             after = await self._revoked_by(label, fresh=True)
             if after == revoked:
                 break
             revoked = after
-        return number, at, after
+        return number, taken, after
 
     async def refresh_crl(self, request_id: str | None, issuer: str | None = None,
                           only_if_stale: bool = False) -> None:
@@ -529,14 +529,14 @@ class Revocations:
                 if only_if_stale and await self._current_crl(label) is not None:
                     continue  # another request re-signed it while this one waited
                 order = ra.order(await self._context(), ra.Local(), ra.CRLRequest(label))
-                number, at, revoked = await self._numbered(label)
+                number, taken, revoked = await self._numbered(label)
                 # thisUpdate as of its number, a minute back: a CRL numbered later has a
                 # later one, whichever process or node signs it, a second later at least
                 # while no more than one a second are signed for a minute (OpenSSL keeps
                 # the first of equal ones: a review). A worker's own reading of the last
                 # CRL's, a second added, gave one numbered later an earlier thisUpdate
                 # under concurrent revocations (a cluster trial).
-                order = dataclasses.replace(order, this_update=at - ra.BACKDATE)
+                order = dataclasses.replace(order, this_update=taken - ra.BACKDATE)
                 crl = await self.issuance.crl(
                     order, number, [(s, at, r) for s, (at, r) in revoked.items()], request_id)
                 await self.store.add_crl(CRLRecord(

@@ -20,6 +20,7 @@ from ca.server.common import (
     json_body,
 )
 from ca.server.problems import Problem
+from ca.store.errors import StoreUnavailable
 from hsm.errors import AuditUnavailable, HSMUnavailable
 
 routes = web.RouteTableDef()
@@ -66,9 +67,11 @@ async def _act(request: web.Request, action: str) -> web.Response:
         try:
             await request.app[REVOCATIONS].refresh_crl(request.get("request_id"),
                                                        done["root"])
-        except (AuditUnavailable, HSMUnavailable) as exc:
+        except (AuditUnavailable, HSMUnavailable, StoreUnavailable) as exc:
+            # Revoked all the same (committed): the root's CRL, found stale, is signed
+            # again at its next round or GET
             done["warnings"] = [f"the root's CRL is not re-signed yet ({exc}): it will be "
-                                "when the HSM and the audit log are back"]
+                                "when the HSM, the audit log and the inventory answer"]
     # The operator reads the daemon's log, not the audit log: a change of the CA's keys
     # is said there too (a key lifecycle trial found none).
     log.warning("key staged" if order.action == "stage" else _DONE[action],
