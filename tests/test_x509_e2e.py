@@ -709,7 +709,12 @@ async def test_the_daemons_own_certificates_are_renewed_while_it_runs(tmp_path: 
                 in metric_samples(raw.decode()).items()
                 if name == "hsmca_certificate_not_after_timestamp_seconds"}
         assert set(ends) == {"root", "issuing", "tls", "admin"}, ends
-        assert ends["admin"] == admin.not_valid_after_utc.timestamp()
+        # (a credential of 30 s is due again as soon as it is renewed, and another round,
+        # woken by the old listener certificate's revocation, may renew it once more:
+        # the metric names the one in the file then)
+        latest = _first(ca.state / "admin" / "cert.pem")
+        assert ends["admin"] in (admin.not_valid_after_utc.timestamp(),
+                                 latest.not_valid_after_utc.timestamp()), (ends, latest)
     finally:
         assert d.stop() == 0
     audit_verify(ca.state, ok=True)
