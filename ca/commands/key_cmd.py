@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -208,19 +209,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if action == "revoke":
         return _revoke(args)
-    confirmed = args.yes
-    if not args.yes:
-        key = _listed(args)
-        # A key that cannot be destroyed (unknown, not retired) is not asked about: the
-        # daemon's refusal says why (a key trial typed yes, then was told). Confirmed
-        # only if asked: one retired after this look is refused, not destroyed unasked.
-        if key is not None and key["state"] == "retired":
-            live = (f" {key['live']} certificate(s) it signed are still valid (the last "
-                    f"until {key['live_until']}): their signatures stay good, but the CA "
-                    "can never sign for this key again." if key.get("live") else "")
-            confirm(f"Destroy {args.label} in the HSM? This cannot be undone.{live}",
-                    "not destroyed")
-            confirmed = True
+    def destroy_question(key: dict[str, Any]) -> str:
+        live = (f" {key['live']} certificate(s) it signed are still valid (the last until "
+                f"{key['live_until']}): their signatures stay good, but the CA can never "
+                "sign for this key again." if key.get("live") else "")
+        return f"Destroy {args.label} in the HSM? This cannot be undone.{live}"
+    confirmed = _confirmed(args, lambda key: key["state"] == "retired", destroy_question,
+                           "not destroyed")
     out = _call(args, "POST", "/v1/keys/destroy", {"label": args.label,
                                                     "confirm": confirmed})
     if out.get("absent_from_token"):  # no C_DestroyObject was called (a key trial)
@@ -240,22 +235,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _revoke(args: argparse.Namespace) -> int:
-    confirmed = args.yes
-    if not args.yes:
-        key = _listed(args)
-        # Asked only of a key it can be done to: the daemon's refusal says why otherwise
-        if key is not None and key["kind"] == "issuing" and key["state"] in (
-                "retired", "destroyed") and not key.get("revoked_at"):
-            live = (f" It issued {key['live']} certificate(s) still valid (the last until "
-                    f"{key['live_until']}): their holders must enroll again."
-                    if key.get("live") else "")
-            confirm(f"Revoke the CA certificate of {args.label} ({args.reason})? Relying "
-                    "parties that check its root's CRL refuse everything it issued, and "
-                    f"hsmca no longer takes its client certificates.{live} This cannot be "
-                    "undone.", "not revoked")
-            confirmed = True
-    # Confirmed only if asked (or --yes): a key that became revocable after the look
-    # above is refused for want of it, not revoked unasked (a review)
+    def question(key: dict[str, Any]) -> str:
+        live = (f" It issued {key['live']} certificate(s) still valid (the last until "
+                f"{key['live_until']}): their holders must enroll again."
+                if key.get("live") else "")
+        return (f"Revoke the CA certificate of {args.label} ({args.reason})? Relying parties "
+                "that check its root's CRL refuse everything it issued, and hsmca no longer "
+                f"takes its client certificates.{live} This cannot be undone.")
+    confirmed = _confirmed(args, lambda key: key["kind"] == "issuing" and key["state"] in (
+        "retired", "destroyed") and not key.get("revoked_at"), question, "not revoked")
     out = _call(args, "POST", "/v1/keys/revoke", {"label": args.label, "reason": args.reason,
                                                    "confirm": confirmed})
     print(f"revoked the CA certificate of {out['label']} (serial {out['serial']}, "
@@ -276,19 +264,33 @@ def _to_the_second(at: str) -> str:
         return at
 
 
-def _confirm_retire(args: argparse.Namespace) -> None:
-    """Retiring cannot be undone: ask, naming what the key is and what it issued. A key
-    that cannot be retired (unknown, active, retired already) is not asked about: the
-    daemon's refusal says why (for an unknown label, which labels there are)."""
+def _confirmed(args: argparse.Namespace, can: Callable[[dict[str, Any]], bool],
+               question: Callable[[dict[str, Any]], str], refused: str) -> bool:
+    """--yes, or a yes to `question` about the key as `hsmca key list` shows it now. A
+    key the action cannot be done to (unknown, in the wrong state) is not asked about:
+    the daemon's refusal says why (a key trial typed yes, then was told). Confirmed only
+    if asked, so one that became so after this look is refused for want of it, not acted
+    on unasked (a review)."""
+    if args.yes:
+        return True
     key = _listed(args)
-    if key is None or key["state"] in ("active", "retired", "destroyed"):
-        return  # refused by the daemon, which says why: asked first, yes led to a refusal
-    issued = f"; it issued {key['signed']} certificate(s)" if key.get("signed") else ""
-    if key.get("live"):
-        issued += f", {key['live']} still valid (the last until {key['live_until']})"
-    cuts = RETIRE_CUTS.get(key["kind"], "")
-    confirm(f"Retire {args.label} ({key['kind']}, {key['state']}{issued})? It will sign "
-            f"nothing any more, and a retired key is never used again.{cuts}", "not retired")
+    if key is None or not can(key):
+        return False
+    confirm(question(key), refused)
+    return True
+
+
+def _confirm_retire(args: argparse.Namespace) -> None:
+    """Retiring cannot be undone: ask, naming what the key is and what it issued."""
+    def question(key: dict[str, Any]) -> str:
+        issued = f"; it issued {key['signed']} certificate(s)" if key.get("signed") else ""
+        if key.get("live"):
+            issued += f", {key['live']} still valid (the last until {key['live_until']})"
+        return (f"Retire {args.label} ({key['kind']}, {key['state']}{issued})? It will "
+                "sign nothing any more, and a retired key is never used again."
+                + RETIRE_CUTS.get(key["kind"], ""))
+    _confirmed(args, lambda key: key["state"] in ("previous", "next"), question,
+               "not retired")
 
 
 # What retiring a key of a kind takes away, said before the "yes" (a key trial retired
