@@ -39,13 +39,13 @@ from ca import ra
 from ca.chains import first_cert
 from ca.config import Config
 from ca.daemon.control import PolicyFeed
-from ca.fileutil import write_atomic_together
+from ca.fileutil import write_atomic, write_atomic_together
 from ca.issuance.issue import Issuance, decision_context
 from ca.issuance.profiles import fingerprint, pem
 from ca.logs import Recurring
 from ca.policy import Reason, Refused
 from ca.revocation import Revocations, sent_or_withheld
-from ca.server_cert import RENEW_BEFORE, ensure_server_cert
+from ca.server_cert import RENEW_BEFORE, ensure_server_cert, superseded_path
 from ca.store import Store
 
 CHECK_S = 3600.0
@@ -102,7 +102,6 @@ class OwnCerts:
 
     async def check(self) -> None:
         async with self._lock:  # the hourly round and a SIGHUP's: one at a time
-            before = first_cert(self.config.tls_cert)
             with _renewing(self.config.tls_cert.parent) as mine:
                 if mine:
                     try:
@@ -124,35 +123,61 @@ class OwnCerts:
                 self.generations.bump("tls")
                 log.info("the listeners take the daemon's TLS certificate file anew at "
                          "their next handshake")
-                if mine:
-                    await self._supersede(before)
+            if mine:
+                await self._supersede_noted()
             await self._say_ends()
 
-    async def _supersede(self, before: x509.Certificate | None) -> None:
-        """The listener's certificate it replaced, revoked as superseded once the new one
-        is served: it stayed valid for its year, and every issuing key retired after a
+    async def _supersede_noted(self) -> None:
+        """The listener's certificates replaced (by a round, a start, the root's
+        ceremony: ca/server_cert.py notes each), revoked as superseded once the new one
+        is served: each stayed valid for its year, and every issuing key retired after a
         rotation counted it among its live certificates, so `key retire` named its end,
-        a year on, as the time to wait for (a key trial)."""
-        after = first_cert(self.config.tls_cert)
-        if before is None or after is None or before.serial_number == after.serial_number:
-            return
+        a year on, as the time to wait for (a key trial). One that cannot be revoked now
+        (the HSM or the inventory away) stays noted for the next round."""
+        noted = superseded_path(self.config)
         try:
-            rec = await self.store.cert_by_fingerprint(fingerprint(before))
+            replaced = x509.load_pem_x509_certificates(noted.read_bytes())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:  # a damaged note: said, then dropped
+            log.warning("cannot read the daemon's replaced TLS certificates: not revoked",
+                        path=str(noted), error=str(exc))
+            replaced = []
+        served = first_cert(self.config.tls_cert)
+        if served is None:
+            return  # the pair being made again: not yet
+        # (the one served now, noted by a replacement a crash cut short, stays)
+        left = [cert for cert in replaced if cert.serial_number != served.serial_number
+                and not await self._supersede(cert)]
+        if left:
+            write_atomic(noted, "".join(pem(cert) for cert in left))
+        else:
+            noted.unlink(missing_ok=True)
+
+    async def _supersede(self, cert: x509.Certificate) -> bool:
+        """Revoke `cert`, the listener's former one, as superseded; False if it must be
+        tried again."""
+        serial = format(cert.serial_number, "x")
+        try:
+            rec = await self.store.cert_by_fingerprint(fingerprint(cert))
             if rec is None or rec.revoked_at is not None or rec.role != "server":
-                return  # not this CA's, revoked already (a leaked key's), or not its own
+                return True  # not this CA's, revoked already (a leaked key's), not its own
             ctx = decision_context(self.policies.current, self.issuance.issuers)
-            order = ra.order(ctx, ra.Local(), ra.RevokeRequest(before.serial_number,
+            order = ra.order(ctx, ra.Local(), ra.RevokeRequest(cert.serial_number,
                                                                "superseded"))
             await self.revocations.revoke(order, None)
-        except Exception as exc:  # the HSM or the inventory away: it ends on its own
-            if isinstance(exc, Refused) and exc.reason is Reason.ALREADY_REVOKED:
-                return  # another node of this state directory did (a review)
+        except Refused as exc:  # for good: not tried again
+            if exc.reason is not Reason.ALREADY_REVOKED:  # (another node of this state
+                log.warning("the daemon's previous TLS certificate is not revoked as "
+                            "superseded", serial=serial, error=exc.detail)  # directory's)
+            return True
+        except Exception as exc:  # the HSM or the inventory away: the next round
             log.warning("the daemon's previous TLS certificate is not revoked as "
-                        "superseded", serial=format(before.serial_number, "x"),
-                        error=str(exc) or type(exc).__name__)
-        else:
-            log.info("the daemon's previous TLS certificate is revoked as superseded",
-                     serial=format(before.serial_number, "x"))
+                        "superseded yet", serial=serial, error=str(exc) or type(exc).__name__)
+            return False
+        log.info("the daemon's previous TLS certificate is revoked as superseded",
+                 serial=serial)
+        return True
 
     async def _say_ends(self) -> None:
         ends = {"tls": first_cert(self.config.tls_cert),

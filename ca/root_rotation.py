@@ -46,7 +46,7 @@ from ca.audit.log import AuditKeys, AuditLog
 from ca.config import Config
 from ca.daemon.keys import load_issuers, seed
 from ca.errors import CLIError
-from ca.fileutil import write_atomic, write_atomic_together
+from ca.fileutil import write_atomic
 from ca.issuance import issuers as iss
 from ca.issuance import profiles as prof
 from ca.issuance.issue import Issuance, decision_context, sign_ca_cert
@@ -54,7 +54,7 @@ from ca.issuance.pipeline import SigningPipeline
 from ca.lifecycle import write_bundle, write_chain_files
 from ca.local_certs import local_cert
 from ca.policy import Refused
-from ca.server_cert import TLS_DAYS, server_names
+from ca.server_cert import TLS_DAYS, replace_pair, server_names
 from ca.store import CrossCert, KeyRecord, Store, open_store
 from hsm.session import KeyInfo
 
@@ -263,8 +263,8 @@ async def _ceremony(config: Config, store: Store, pipeline: SigningPipeline,
     tls_pem, tls_key, _ = await local_cert(issuance, config.policy, role="server",
                                            names=server_names(config.dns_name),
                                            days=TLS_DAYS)
-    write_atomic_together([(config.tls_key, tls_key, 0o600),
-                           (config.tls_cert, tls_pem + after.current.chain_pem, 0o644)])
+    # (the one it replaces is revoked as superseded by the daemon's first round)
+    replace_pair(config, tls_key, tls_pem + after.current.chain_pem)
     written = [*files, x509_dir / "issuing.pem", x509_dir / "chain.pem", config.bundle_pem,
                config.tls_cert, config.tls_key]
     return RootRotated(new_key.label, old_key.label, issuing_key.label, tuple(written))

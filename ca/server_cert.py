@@ -9,16 +9,17 @@ in the HSM through the audited path (ca/local_certs.py).
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from ca.chains import issued_by
+from ca.chains import first_cert, issued_by
 from ca.config import CA_SERVER_NAME, Config
 from ca.fileutil import write_atomic, write_atomic_together
 from ca.issuance.issue import Issuance
-from ca.issuance.profiles import fingerprint
+from ca.issuance.profiles import fingerprint, pem
 from ca.local_certs import local_cert
 
 TLS_DAYS = 365
@@ -132,7 +133,28 @@ async def ensure_server_cert(config: Config, issuance: Issuance) -> None:
         raise ValueError(f"the issuing key {signer} was retired while it signed the "
                          "daemon's TLS certificate")
     chain = issuer.chain_pem
+    replace_pair(config, key_pem, cert_pem + chain)
+
+
+def superseded_path(config: Config) -> Path:
+    """Where the listener's certificates replaced and not yet revoked are kept, for
+    the daemon's round to revoke (ca/own_certs.py)."""
+    return config.tls_cert.parent / ".superseded.pem"
+
+
+def replace_pair(config: Config, key_pem: str, cert_pem: str) -> None:
+    """The listener's new key and certificate, the certificate they replace noted
+    first: a start's renewal and the root's ceremony left it valid for its year, which
+    `key retire` of its issuing key counted and named as the time to wait for (a
+    review), as a running daemon's rotations did (a key trial)."""
+    old = first_cert(config.tls_cert)
+    if old is not None:
+        noted = superseded_path(config)
+        try:
+            before = noted.read_text()
+        except OSError:
+            before = ""
+        write_atomic(noted, before + pem(old), mode=0o644)
     # Key first: a crash between the renames leaves a mismatch, which the next start
     # notices and repairs (above), never a certificate for a key that is gone.
-    write_atomic_together([(config.tls_key, key_pem, 0o600),
-                           (config.tls_cert, cert_pem + chain, 0o644)])
+    write_atomic_together([(config.tls_key, key_pem, 0o600), (config.tls_cert, cert_pem, 0o644)])

@@ -220,7 +220,7 @@ async def test_crls_and_the_krl_answer_a_conditional_get_until_a_revocation_chan
                 assert r.status == 200 and r.headers["ETag"] != first[path]["ETag"], path
 
 
-def test_a_crl_signed_at_a_revocation_holds_for_a_relying_party_a_little_behind(
+async def test_a_crl_signed_at_a_revocation_holds_for_a_relying_party_a_little_behind(
         own_daemon: Daemon, tmp_path: Path) -> None:
     """A relying-party trial: the CRL re-signed at a revocation, fetched at once by a
     machine whose clock was 2 s behind, was "not yet valid" to OpenSSL, which allows a
@@ -628,7 +628,7 @@ def _served(d: Daemon) -> x509.Certificate:
     return x509.load_der_x509_certificate(der)
 
 
-def test_the_daemon_s_own_tls_certificate_revoked_is_replaced_with_a_new_key(
+async def test_the_daemon_s_own_tls_certificate_revoked_is_replaced_with_a_new_key(
         own_daemon: Daemon) -> None:
     """A relying-party trial revoked the daemon's TLS certificate as keyCompromise (its
     key leaked, say): the daemon presented it on, through SIGHUPs and restarts, and

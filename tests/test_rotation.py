@@ -1222,6 +1222,43 @@ async def test_the_listener_certificate_a_rotation_replaced_is_revoked_as_supers
         assert d.stop() == 0
 
 
+async def test_the_listener_certificates_a_start_and_the_root_ceremony_replaced_are_revoked(
+        tmp_path: Path) -> None:
+    """A review: only a running daemon's round revoked the listener certificate it
+    replaced; one replaced by the root's ceremony, or by a start (here: its key file
+    replaced, so the pair no longer matched), stayed valid for its year, and `key
+    retire` of its issuing key counted it and named its end as the time to wait for."""
+    ca = init_ca(tmp_path)
+    first = load(ca.state / "tls/server.pem")
+    hsmca("key", "rotate-root", "--config", ca.state / "hsmca.toml", "--yes")
+    second = load(ca.state / "tls/server.pem")
+    assert second.serial_number != first.serial_number
+    # a start that must make the pair again: the key is not the certificate's
+    key = ec.generate_private_key(ec.SECP256R1())
+    (ca.state / "tls/server.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    d = start_daemon(ca.state)
+    try:
+        third = load(ca.state / "tls/server.pem")
+        assert third.serial_number not in (first.serial_number, second.serial_number)
+        for cert in (first, second):
+            serial = format(cert.serial_number, "x")
+            assert d.wait_stderr(lambda serial=serial: any(
+                "revoked as superseded" in line and serial in line for line in d.stderr),
+                within=60), d.stderr
+            shown = hsmca("cert", "show", serial, "--config", d.state / "hsmca.toml",
+                          "--url", d.url).stdout
+            assert re.search(r"(?m)^status\s+revoked", shown) and "superseded" in shown, \
+                shown
+        shown = hsmca("cert", "show", format(third.serial_number, "x"), "--config",
+                      d.state / "hsmca.toml", "--url", d.url).stdout
+        assert re.search(r"(?m)^status\s+valid", shown), shown
+        assert not (ca.state / "tls/.superseded.pem").exists()
+    finally:
+        assert d.stop() == 0
+
+
 async def test_revocations_of_one_ca_certificate_at_once_leave_one_standing_line(
         tmp_path: Path) -> None:
     """A review: three `key revoke`s of one key at once answered 200, 409, 409, and the
