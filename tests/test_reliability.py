@@ -841,6 +841,38 @@ async def test_tokens_a_kill_left_spent_are_settled_at_the_next_start(tmp_path: 
     audit_verify(ca.state, ok=True)
 
 
+async def test_a_token_a_kill_left_spent_after_a_long_run_is_given_back(
+        tmp_path: Path) -> None:
+    """A crash trial: a kill after a run of 8,000 lines left a token spent on nothing,
+    and the retry with it was told it was spent. The start read the log's last few
+    hundred lines for the killed run's start, found none, and gave nothing back. It
+    looks back through the log to the run's start."""
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state, "--workers", "1")
+    spent_on_nothing = await bootstrap_token(d, "service", [LOAD_NAME])
+    for _ in range(30):  # more than two tiles' width of lines after the start
+        await asyncio.gather(*(bootstrap_token(d, "service", [LOAD_NAME]) for _ in range(20)))
+    lines = log_lines(ca.state)
+    start = max(x["seq"] for x in lines if x["event"] == "daemon.start")
+    assert len(lines) - start > 2 * 256, (len(lines), start)
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait()
+    with sqlite3.connect(ca.state / "hsmca.sqlite3") as db:  # as a kill leaves it
+        db.execute("UPDATE tokens SET used_at = ? WHERE id = ?",
+                   (dt.datetime.now(dt.UTC).isoformat(), spent_on_nothing.split("-")[1]))
+    d = start_daemon(ca.state, "--workers", "1")
+    try:
+        assert d.wait_stderr(lambda: any("tokens a kill left spent are settled" in x
+                                         for x in d.stderr)), "".join(d.stderr)
+        status, _, body = await http("POST", f"{d.url}/v1/x509/enroll", d.ssl(),
+                                     body={"csr": csr_pem([LOAD_NAME])},
+                                     headers={"Authorization": f"Bearer {spent_on_nothing}"})
+        assert status == 201, body
+    finally:
+        assert d.stop() == 0
+    audit_verify(ca.state, ok=True)
+
+
 async def test_a_token_whose_certificate_was_never_released_enrolls_again(
         tmp_path: Path) -> None:
     """A left-over finding: an enrollment answered 503 because its outcome could not be

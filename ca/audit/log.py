@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import dataclasses
 import errno
 import fcntl
 import hashlib
 import json
+import mmap
 import os
 import queue
 import secrets
@@ -302,7 +304,14 @@ class AuditLog:
                 _check_after_clean_stop(path, window[cp.size - 1 - first:], cp.size)
         prev = chain_hash(final) if final is not None else GENESIS
         audit = cls(path, fd, store, tree, pos, prev, edge, ends, mirror)
-        audit.last_run = _last_run((last if bundles else []) + lines)
+        window = (last if bundles else []) + lines
+        audit.last_run = _last_run(window)
+        if start > 0 and not any(_STOP in line for line in window):
+            # The runs since the last clean stop began before the lines read: the first
+            # one's start, looked for back through the log (a crash trial's kill after
+            # 8,000 lines left a token spent on nothing, given back to nobody).
+            since = _first_start_since_stop(fd, start) or audit.last_run.since
+            audit.last_run = dataclasses.replace(audit.last_run, since=since)
         if torn:
             os.ftruncate(fd, pos)
             os.fsync(fd)
@@ -1091,6 +1100,32 @@ def _last_run(lines: list[bytes]) -> LastRun:
     return LastRun(ended or ("killed" if session else "unknown"), open_signatures,
                    tuple(reversed(named)),
                    tuple(reversed(given)), tuple(tokens), since)
+
+
+_STOP = b'"event":"daemon.stop"'
+_START_OR_STOP = b'"event":"daemon.st'
+
+
+def _first_start_since_stop(fd: int, end: int) -> str | None:
+    """The `ts` of the first `daemon.start` after the last `daemon.stop` in the log's
+    first `end` bytes, found by reading back from `end` (a whole line always ends at
+    a bundle's end). A string value cannot hold these bytes: its quotes are escaped."""
+    first = None
+    with mmap.mmap(fd, end, access=mmap.ACCESS_READ) as log_bytes:
+        at = end
+        while (found := log_bytes.rfind(_START_OR_STOP, 0, at)) >= 0:
+            at = log_bytes.rfind(b"\n", 0, found) + 1
+            try:
+                obj = json.loads(log_bytes[at:log_bytes.find(b"\n", found)])
+            except (ValueError, RecursionError):
+                continue
+            if not isinstance(obj, dict):
+                continue
+            if obj.get("event") == "daemon.stop":
+                break
+            if obj.get("event") == "daemon.start" and isinstance(obj.get("ts"), str):
+                first = obj["ts"]
+    return first
 
 
 def _check_after_clean_stop(path: Path, lines: list[bytes], signed: int) -> None:
