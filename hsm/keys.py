@@ -96,10 +96,11 @@ def find_private(session: pkcs11.Session, label: str, required: bool = True) -> 
     return found[0]
 
 
-def private_labels(session: pkcs11.Session) -> list[str]:
-    """The label of every private key in the token (a key without one: '')."""
-    return sorted(str(k.label or "") for k in session.get_objects(
-        {Attribute.CLASS: ObjectClass.PRIVATE_KEY}))
+def key_labels(session: pkcs11.Session, public: bool = False) -> list[str]:
+    """The label of every private (or public) key in the token (a key without one:
+    '')."""
+    return sorted(str(k.label or "") for k in session.get_objects({
+        Attribute.CLASS: ObjectClass.PUBLIC_KEY if public else ObjectClass.PRIVATE_KEY}))
 
 
 def find_objects(session: pkcs11.Session, label: str, public: bool) -> list[Any]:

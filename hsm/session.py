@@ -352,13 +352,13 @@ class HSM:
         self._handles.pop(label, None)
         self._keys.pop(label, None)
 
-    def private_labels(self) -> list[str]:
-        """The labels of the token's private keys (for the start's check that the CA
-        knows every key in it)."""
+    def key_labels(self, public: bool = False) -> list[str]:
+        """The labels of the token's private (or public) keys (for the start's check
+        that the CA knows every key in it)."""
         self._claim()
         self._ready()
         try:
-            return keys.private_labels(self._session)
+            return keys.key_labels(self._session, public)
         except SESSION_ERRORS as exc:
             self._mark_broken(exc)
             raise HSMUnavailable(f"HSM unavailable: {self.broken}") from None

@@ -364,13 +364,24 @@ async def test_a_key_in_the_token_the_ca_does_not_know_is_named_at_start(
     from tests.conftest import require
     ca = init_ca(tmp_path)
     t = ca.token
-    for label in ("issuing-ca-orphan", "root-ca-20261204230519-5faa"):
+    def tool(*args: str) -> None:
         subprocess.run([require("pkcs11-tool"), "--module", t.module, "--token-label",
-                        t.label, "--login", "--pin", t.pin_file.read_text().strip(),
-                        "--keypairgen", "--key-type", "EC:prime256v1", "--label", label],
+                        t.label, "--login", "--pin", t.pin_file.read_text().strip(), *args],
                        capture_output=True, check=True)
+    for label in ("issuing-ca-orphan", "root-ca-20261204230519-5faa",
+                  "ssh-user-ca-20261207090444-c46f"):
+        tool("--keypairgen", "--key-type", "EC:prime256v1", "--label", label)
+    # A crash trial's kill during a rotation's key generation left the public half alone.
+    tool("--delete-object", "--type", "privkey", "--label", "ssh-user-ca-20261207090444-c46f")
     d = start_daemon(ca.state)
     try:
+        found = await said(d, "the token holds a public key with no private key, which this "
+                              "CA's inventory does not know: a key generation cut short (a "
+                              "rotation killed while it made its key). hsmca never uses it; "
+                              "remove it with the HSM's own tools (pkcs11-tool "
+                              "--delete-object --type pubkey --label LABEL) once you are "
+                              "sure whose it is", lambda e: True)
+        assert [e["label"] for e in found] == ["ssh-user-ca-20261207090444-c46f"], found
         found = await said(d, "the token holds a private key this CA does not know (another "
                               "application's key, or one of hsmca's cut short); hsmca never "
                               "uses it, and it can be removed with the HSM's own tools once "

@@ -794,7 +794,17 @@ async def _name_unknown_keys(store: Store, pipeline: SigningPipeline) -> None:
     (hsmca never uses it, nor can it retire or destroy it), and so would a key put there
     by something else."""
     known = {r.label for r in await store.keys() if r.state != "destroyed"}
-    for label in await pipeline.call(lambda hsm: hsm.private_labels()):
+    private = await pipeline.call(lambda hsm: hsm.key_labels())
+    public = await pipeline.call(lambda hsm: hsm.key_labels(public=True))
+    for label in sorted(set(public) - set(private) - known):
+        # A kill during a rotation's C_GenerateKeyPair (a crash trial): SoftHSM had
+        # stored the public half alone. Nothing can sign with it; said, not removed.
+        log.warning("the token holds a public key with no private key, which this CA's "
+                    "inventory does not know: a key generation cut short (a rotation "
+                    "killed while it made its key). hsmca never uses it; remove it with "
+                    "the HSM's own tools (pkcs11-tool --delete-object --type pubkey "
+                    "--label LABEL) once you are sure whose it is", label=label)
+    for label in private:
         if label in known:
             continue
         if _ROTATED_LABEL.fullmatch(label):
