@@ -793,10 +793,12 @@ async def _name_unknown_keys(store: Store, pipeline: SigningPipeline) -> None:
     a rotation that died between its hsm.keygen line and its inventory row leaves one
     (hsmca never uses it, nor can it retire or destroy it), and so would a key put there
     by something else."""
-    known = {r.label for r in await store.keys() if r.state != "destroyed"}
+    records = await store.keys()
+    known = {r.label for r in records if r.state != "destroyed"}
     private = await pipeline.call(lambda hsm: hsm.key_labels())
     public = await pipeline.call(lambda hsm: hsm.key_labels(public=True))
-    for label in sorted(set(public) - set(private) - known):
+    # (a destroyed key's public half, a destroy cut short between the two, is not one)
+    for label in sorted(set(public) - set(private) - {r.label for r in records}):
         # A kill during a rotation's C_GenerateKeyPair (a crash trial): SoftHSM had
         # stored the public half alone. Nothing can sign with it; said, not removed.
         log.warning("the token holds a public key with no private key, which this CA's "
