@@ -9,6 +9,7 @@ import datetime as dt
 import json
 import re
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -1290,6 +1291,25 @@ async def test_revocations_of_one_ca_certificate_at_once_leave_one_standing_line
     won = next(r for a, r in zip(answers, reasons, strict=True) if a[0] == 200)
     assert standing[0]["reason"] == won
     audit_verify(ca.state, ok=True)
+    # A stop between the line and its commit (a review): the next start completes it,
+    # with the standing line's reason, not a voided one's.
+    with sqlite3.connect(ca.state / "hsmca.sqlite3") as db:
+        db.execute("UPDATE ca_keys SET revoked_at = NULL, revocation_reason = NULL "
+                   "WHERE label = ?", (label.group(1),))
+    d = start_daemon(ca.state)
+    try:
+        assert d.wait_stderr(lambda: any("completed revocations the audit log records" in x
+                                         and standing[0]["serial"] in x for x in d.stderr))
+        status, _, raw = await http("GET", f"{d.url}/v1/keys", d.admin_ssl())
+        assert status == 200, raw
+        key = next(k for k in json.loads(raw)["keys"] if k["label"] == label.group(1))
+        assert key["revocation_reason"] == won and key["revoked_at"], key
+        root_crl = x509.load_der_x509_crl(
+            (await http("GET", f"{d.url}/v1/x509/crl/root-ca", d.ssl()))[2])
+        assert root_crl.get_revoked_certificate_by_serial_number(
+            int(standing[0]["serial"], 16)) is not None
+    finally:
+        assert d.stop() == 0
 
 
 async def test_a_start_names_the_keys_in_use_and_a_config_naming_a_retired_one(

@@ -7,7 +7,9 @@ revocation the log records and the inventory does not: the certificate would be
 served as good, renewed and accepted. The log is the record, so before the daemon
 serves (and before `store move` copies the inventory) each serial a `cert.revoke`
 line names that the inventory has but does not show revoked is revoked, with the
-line's reason and time (and, for keyCompromise, the lineage recorded meanwhile).
+line's reason and time (and, for keyCompromise, the lineage recorded meanwhile); and
+each issuing key a `key.revoke` line names whose CA certificate the inventory does
+not show revoked.
 
 Likewise the CRL numbers: an inventory older than its log (a restored backup) would
 hand out numbers its log shows signed already, and a relying party holding the
@@ -42,6 +44,7 @@ _SSH_MARK = b'"event":"ssh.revoke"'
 _CRL_MARK = b'"purpose":"crl"'
 _ADOPT_MARK = b'"event":"cert.adopt"'
 _VOID_MARK = b'"event":"record.void"'
+_KEY_MARK = b'"event":"key.revoke"'
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,8 @@ class Scanned:
     end: int  # the byte after the last whole line read
     ssh_revocations: list[LoggedSSH] = field(default_factory=list)
     adoptions: list[dict[str, Any]] = field(default_factory=list)  # cert.adopt lines
+    # key.revoke lines: (the revocation of an issuing key's CA certificate, label)
+    key_revocations: list[tuple[Logged, str]] = field(default_factory=list)
 
 
 def scan(path: Path, start: int) -> Scanned:
@@ -76,6 +81,7 @@ def scan(path: Path, start: int) -> Scanned:
     revocations: list[Logged] = []
     ssh: list[LoggedSSH] = []
     adoptions: list[dict[str, Any]] = []
+    keys: list[tuple[Logged, str]] = []
     voids: dict[int, set[int] | None] = {}  # a revocation's seq: the serials it lost, or all
     highest = 0
     try:
@@ -90,10 +96,14 @@ def scan(path: Path, start: int) -> Scanned:
             end = data.rfind(b"\n") + 1  # a torn last line: start-up recovery cuts it
             if not 0 < start <= end or data[start - 1:start] != b"\n":
                 start = 0
-            for mark in (_MARK, _SSH_MARK, _CRL_MARK, _ADOPT_MARK, _VOID_MARK):
+            for mark in (_MARK, _SSH_MARK, _CRL_MARK, _ADOPT_MARK, _VOID_MARK, _KEY_MARK):
                 for line in _lines_with(data, mark, start, end):
                     if mark is _VOID_MARK:
                         _void(line, voids)
+                    elif mark is _KEY_MARK:
+                        if (entry := _revocation(line, "serial")) is not None and \
+                                isinstance(label := line.get("label"), str):
+                            keys.append((entry, label))
                     elif mark is _ADOPT_MARK:
                         adoptions.append(line)
                     elif mark is _MARK:
@@ -110,7 +120,8 @@ def scan(path: Path, start: int) -> Scanned:
     # request's, at once) is not replayed: the other's reason and time are the ones.
     revocations = [kept for e in sorted(revocations, key=lambda e: e.seq)
                    if (kept := _unvoided(e, voids)) is not None]
-    return Scanned(revocations, highest, end, sorted(ssh, key=lambda e: e.seq), adoptions)
+    return Scanned(revocations, highest, end, sorted(ssh, key=lambda e: e.seq), adoptions,
+                   [(e, label) for e, label in keys if e.seq not in voids])
 
 
 def _lines_with(data: mmap.mmap, mark: bytes, start: int, end: int
@@ -131,9 +142,11 @@ def _lines_with(data: mmap.mmap, mark: bytes, start: int, end: int
         at = data.find(mark, last, end)
 
 
-def _revocation(line: dict[str, Any]) -> Logged | None:
+def _revocation(line: dict[str, Any], one: str | None = None) -> Logged | None:
+    """A cert.revoke line (its `serials`), or with `one` a line naming one serial."""
     try:
-        return Logged(int(line["seq"]), tuple(int(s, 16) for s in line.get("serials") or ()),
+        serials = [line[one]] if one else line.get("serials") or ()
+        return Logged(int(line["seq"]), tuple(int(s, 16) for s in serials),
                       line.get("reason"), dt.datetime.fromisoformat(line["ts"]),
                       line.get("lineage") is True)
     except (ValueError, KeyError, TypeError):
@@ -142,7 +155,7 @@ def _revocation(line: dict[str, Any]) -> Logged | None:
 
 def _void(line: dict[str, Any], voids: dict[int, set[int] | None]) -> None:
     seq, serials = line.get("voids"), line.get("serials")
-    if line.get("voided") != "cert.revoke" or type(seq) is not int:
+    if line.get("voided") not in ("cert.revoke", "key.revoke") or type(seq) is not int:
         return
     try:
         voids[seq] = None if serials is None else {int(s, 16) for s in serials}
@@ -175,7 +188,8 @@ def _ssh_revocation(line: dict[str, Any]) -> LoggedSSH | None:
 
 async def complete_from_log(path: Path, store: Store, log: str) -> list[Logged]:
     """Complete in the inventory what the log `log` (its file at `path`) records since
-    the inventory's mark: revocations, the CRL counter; then move the mark. The
+    the inventory's mark: revocations (of CA certificates too), the CRL counter; then
+    move the mark. The
     revocation lines that had a serial to complete."""
     found = await asyncio.to_thread(scan, path, await store.log_scanned(log))
     if found.highest_crl_number:
@@ -187,6 +201,10 @@ async def complete_from_log(path: Path, store: Store, log: str) -> list[Logged]:
         if new is not None and await store.cert(new.serial) is None:
             await asyncio.wrap_future(store.add_cert(new))
     completed = await _revoke(found.revocations, store)
+    # An issuing key's CA certificate (`hsmca key revoke`): its line, then the commit.
+    for entry, label in found.key_revocations:
+        if await store.revoke_ca_key(label, entry.at, entry.reason):
+            completed.append(entry)
     for entry in found.ssh_revocations:  # idempotent: it marks only what is unmarked
         await store.revoke_ssh(entry.which, entry.at, entry.public_key)
     await store.set_log_scanned(log, found.end)
