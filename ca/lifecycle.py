@@ -89,7 +89,7 @@ class KeyLifecycle:
         return out
 
     async def request(self, action: str, kind: str | None, label: str | None,
-                      confirmed: bool = False, stage: bool = False,
+                      confirmed: bool | None = None, stage: bool = False,
                       reason: object = None, asker_issuer: str | None = None
                       ) -> ra.KeyRequest:
         """The RA's request, with what the inventory says of the key named (a rotation:

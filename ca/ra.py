@@ -295,7 +295,9 @@ class KeyRequest:
     kind: str
     label: str | None = None
     state: str | None = None
-    confirmed: bool = False
+    # True: asked and confirmed; False: not (the CLI asked nothing: the key could not be
+    # retired when it looked); None: not said (an API client's retire)
+    confirmed: bool | None = None
     # An audit key's retirement: the logs whose latest checkpoint only it still signs.
     not_handed_over: tuple[str, ...] = ()
     # A rotation: whether to stage the new key (published, signing nothing yet), and
@@ -1161,6 +1163,13 @@ def _key(ctx: Context, who: Requester, req: KeyRequest) -> KeyOrder:
                           f"{', '.join(req.not_handed_over)}, which the active audit key has "
                           f"not signed yet: retired now, they would verify with neither "
                           f"key{how}", Reason.CONFLICT)
+        if req.confirmed is False:
+            # The CLI looked, found nothing it could retire, so asked nothing; the key
+            # became retirable since (another admin's rotation): never retired unasked
+            # (a review).
+            raise Refused(f"{req.label!r} is {req.state} now, but was not when you were "
+                          "asked: retiring it cannot be undone, so it is not retired unasked; "
+                          "run the command again", Reason.CONFLICT)
         return KeyOrder("retire", req.kind, req.label, who.actor)
     if req.action == "destroy":
         if req.state == "destroyed":  # as retire says "retired already" (a key trial)

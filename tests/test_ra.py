@@ -951,6 +951,20 @@ def test_a_refused_key_action_names_the_command_to_run_first() -> None:
             Reason.NOT_FOUND, "no key labelled 'typo' (`hsmca key list` lists the labels)")
 
 
+def test_a_key_the_cli_asked_nothing_about_is_not_retired_unasked() -> None:
+    """A review: `key retire` asked nothing of a key it could not retire when it looked
+    (active), and a rotation by another admin before its request made it previous: it
+    was retired, unasked. Unconfirmed is refused; an API client's retire that says
+    nothing goes on, as before."""
+    refused(ra.decide(context(), admin(), ra.KeyRequest("retire", "issuing", "iss-1",
+                                                         "previous", False)),
+            Reason.CONFLICT, "'iss-1' is previous now, but was not when you were asked",
+            "run the command again")
+    for said in (True, None):
+        assert isinstance(ra.decide(context(), admin(), ra.KeyRequest(
+            "retire", "issuing", "iss-1", "previous", said)), ra.KeyOrder)
+
+
 def test_a_tokens_names_fit_an_audit_line() -> None:
     """100 URIs of 2000 characters each would make a token.create line longer than an
     audit line may be (a 500, after review): refused, saying the limit."""

@@ -188,9 +188,8 @@ def run(args: argparse.Namespace) -> int:
         _say_still_previous(args, out["kind"], out["previous"])
         return 0
     if action == "retire":
-        if not args.yes:
-            _confirm_retire(args)
-        out = _call(args, "POST", "/v1/keys/retire", {"label": args.label})
+        out = _call(args, "POST", "/v1/keys/retire", {"label": args.label,
+                                                      "confirm": _confirm_retire(args)})
         print(f"retired {out['label']}: it signs nothing any more")
         if out.get("live") and out.get("kind") in ("ssh-user", "ssh-host"):
             print(f"hsmca: warning: {out['live']} SSH certificate(s) it signed are still "
@@ -280,7 +279,7 @@ def _confirmed(args: argparse.Namespace, can: Callable[[dict[str, Any]], bool],
     return True
 
 
-def _confirm_retire(args: argparse.Namespace) -> None:
+def _confirm_retire(args: argparse.Namespace) -> bool:
     """Retiring cannot be undone: ask, naming what the key is and what it issued."""
     def question(key: dict[str, Any]) -> str:
         issued = f"; it issued {key['signed']} certificate(s)" if key.get("signed") else ""
@@ -289,8 +288,8 @@ def _confirm_retire(args: argparse.Namespace) -> None:
         return (f"Retire {args.label} ({key['kind']}, {key['state']}{issued})? It will "
                 "sign nothing any more, and a retired key is never used again."
                 + RETIRE_CUTS.get(key["kind"], ""))
-    _confirmed(args, lambda key: key["state"] in ("previous", "next"), question,
-               "not retired")
+    return _confirmed(args, lambda key: key["state"] in ("previous", "next"), question,
+                      "not retired")
 
 
 # What retiring a key of a kind takes away, said before the "yes" (a key trial retired

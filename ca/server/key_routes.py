@@ -48,8 +48,8 @@ async def _act(request: web.Request, action: str) -> web.Response:
     else:
         body = await json_body(request, {"label", "confirm"} | (
             {"reason"} if action == "revoke" else set()))
-        confirm = body.get("confirm", False)
-        if not isinstance(confirm, bool):
+        confirm = body.get("confirm")  # (None: not said; a retire goes on, see ra)
+        if confirm is not None and not isinstance(confirm, bool):
             raise Problem(400, "Bad Request", "field 'confirm' must be true or false",
                           "bad-field")
         asker = None
