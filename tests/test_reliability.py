@@ -799,6 +799,12 @@ async def test_a_certificate_whose_outcome_could_not_be_written_is_revoked_once_
     audit_verify(ca.state, ok=True)
 
 
+async def enroll_by_token(d: Daemon, token: str, csr: str) -> tuple[int, Any, bytes]:
+    """POST /v1/x509/enroll with a bootstrap token: (status, headers, body)."""
+    return await http("POST", f"{d.url}/v1/x509/enroll", d.ssl(), body={"csr": csr},
+                      headers={"Authorization": f"Bearer {token}"})
+
+
 async def test_tokens_a_kill_left_spent_are_settled_at_the_next_start(tmp_path: Path) -> None:
     """A chaos trial killed the daemon under enrollments: 15 of 76 retries with the same
     key were told the token was spent, some with nothing issued (the kill came after
@@ -812,8 +818,7 @@ async def test_tokens_a_kill_left_spent_are_settled_at_the_next_start(tmp_path: 
                                   for _ in range(2)]
     key = ec.generate_private_key(ec.SECP256R1())
     csr = csr_pem([LOAD_NAME], key)
-    status, _, body = await http("POST", f"{d.url}/v1/x509/enroll", d.ssl(), body={"csr": csr},
-                                 headers={"Authorization": f"Bearer {released}"})
+    status, _, body = await enroll_by_token(d, released, csr)
     assert status == 201, body
     issued = json.loads(body)["certificate"]
     d.proc.send_signal(signal.SIGKILL)
@@ -828,13 +833,9 @@ async def test_tokens_a_kill_left_spent_are_settled_at_the_next_start(tmp_path: 
                                          for x in d.stderr)), "".join(d.stderr)
         settled = json.loads(next(x for x in d.stderr if "left spent are settled" in x))
         assert (settled["released"], settled["given_back"]) == (1, 1), settled
-        status, _, body = await http("POST", f"{d.url}/v1/x509/enroll", d.ssl(),
-                                     body={"csr": csr},
-                                     headers={"Authorization": f"Bearer {released}"})
+        status, _, body = await enroll_by_token(d, released, csr)
         assert status == 200 and json.loads(body)["certificate"] == issued, body
-        status, _, body = await http("POST", f"{d.url}/v1/x509/enroll", d.ssl(),
-                                     body={"csr": csr_pem([LOAD_NAME])},
-                                     headers={"Authorization": f"Bearer {spent_on_nothing}"})
+        status, _, body = await enroll_by_token(d, spent_on_nothing, csr_pem([LOAD_NAME]))
         assert status == 201, body
     finally:
         assert d.stop() == 0
@@ -864,9 +865,7 @@ async def test_a_token_a_kill_left_spent_after_a_long_run_is_given_back(
     try:
         assert d.wait_stderr(lambda: any("tokens a kill left spent are settled" in x
                                          for x in d.stderr)), "".join(d.stderr)
-        status, _, body = await http("POST", f"{d.url}/v1/x509/enroll", d.ssl(),
-                                     body={"csr": csr_pem([LOAD_NAME])},
-                                     headers={"Authorization": f"Bearer {spent_on_nothing}"})
+        status, _, body = await enroll_by_token(d, spent_on_nothing, csr_pem([LOAD_NAME]))
         assert status == 201, body
     finally:
         assert d.stop() == 0
@@ -891,9 +890,7 @@ async def test_a_token_whose_certificate_was_never_released_enrolls_again(
         return await enroll_with(tokens.pop(0), key if not tokens else None)
 
     async def enroll_with(secret: str, with_key: Any = None) -> tuple[int, bytes]:
-        status, _, body = await http("POST", f"{d.url}/v1/x509/enroll", d.ssl(),
-                                     body={"csr": csr_pem([LOAD_NAME], with_key)},
-                                     headers={"Authorization": f"Bearer {secret}"})
+        status, _, body = await enroll_by_token(d, secret, csr_pem([LOAD_NAME], with_key))
         return status, body
     try:
         try:
