@@ -36,3 +36,9 @@ class ClientError(Exception):
         # answer came back (the connection closed, or none within the time): a caller of
         # a request that is not idempotent says to look before trying again.
         self.unanswered = unanswered
+
+
+class NotDone(Exception):
+    """The daemon could not carry out an operator's request for a reason of its host (a
+    file it must write, the HSM's own storage), with nothing of it recorded: answered
+    503 with these words, which say what to free or fix, then to try again."""

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -29,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from ca import ra
 from ca.audit.note import NoteError, verify_note
 from ca.audit.voided import void
+from ca.errors import NotDone
 from ca.fileutil import write_atomic
 from ca.generations import Generations
 from ca.issuance.issue import Issuance, sign_ca_cert
@@ -37,9 +39,12 @@ from ca.issuance.profiles import ca_name, issuing_ca_name, pem, utcnow
 from ca.policy import Reason, Refused
 from ca.store import KeyRecord, Store
 from ca.store.errors import StoreUnavailable
+from hsm.errors import HSMError
 
 LABEL_PREFIX = {"issuing": "issuing-ca", "ssh-user": "ssh-user-ca", "ssh-host": "ssh-host-ca",
                 "audit": "audit"}
+
+log = structlog.get_logger("hsmca.keys")
 
 
 def key_rows(records: Sequence[KeyRecord], counts: Mapping[str | None, int]
@@ -223,7 +228,10 @@ class KeyLifecycle:
 
     async def _rotate(self, order: ra.KeyOrder, context: ra.Context,
                       request_id: str | None) -> dict[str, Any]:
-        issuers = self.issuance.issuers
+        # As the inventory has it now: a rotation whose publication failed left this
+        # process's view behind, and the next one's line named as previous a key two
+        # rotations old (a full-disk trial).
+        issuers = await self.issuance.keys.refresh()
         current = {"issuing": issuers.current.key,
                    "ssh-user": issuers.ssh[issuers.current_ssh["user"]].key,
                    "ssh-host": issuers.ssh[issuers.current_ssh["host"]].key,
@@ -231,7 +239,58 @@ class KeyLifecycle:
         now = utcnow()
         stamp = f"{now:%Y%m%d%H%M%S}-{secrets.token_hex(2)}"
         label = f"{LABEL_PREFIX[order.kind]}-{stamp}"
-        info = await self.issuance.pipeline.generate_key(label, current.key_type)
+        try:
+            info = await self.issuance.pipeline.generate_key(label, current.key_type)
+        except HSMError as exc:
+            # A 500 before (a full-disk trial: SoftHSM's token directory was full, and
+            # C_GenerateKeyPair failed; a directory that takes no file breaks the session).
+            raise NotDone(f"the HSM did not make the new {order.kind} key ({exc}); nothing "
+                          "was rotated. If the HSM is otherwise up (GET /health), with SoftHSM "
+                          "this is most often a full disk under its token directory: free "
+                          "space there, then rotate again") from None
+        staged = order.action == "stage"
+        try:
+            record = await self._new_record(order, context, issuers, stamp, label, info,
+                                            request_id)
+            if staged:
+                await self.audit.append("key.stage", kind=order.kind, label=label,
+                                        active=current.label, fingerprint=info.spki_sha256,
+                                        actor=order.actor, request_id=request_id)
+            else:
+                await self.audit.append("key.rotate", kind=order.kind, label=label,
+                                        previous=current.label, fingerprint=info.spki_sha256,
+                                        actor=order.actor, request_id=request_id)
+        except BaseException as exc:
+            # The key stays in the token, recorded nowhere: named now, when the operator
+            # can tell why (a full-disk trial found it only at a later start, told there it
+            # might be the CA's current key from a newer backup).
+            log.warning("the rotation stopped after it made its key in the token: that key "
+                        "is recorded nowhere and never used; remove it with the HSM's own "
+                        "tools (docs/keys.md)", label=label, kind=order.kind,
+                        error=str(exc) or type(exc).__name__)
+            if isinstance(exc, OSError):
+                raise NotDone(f"cannot write {exc.filename or 'a file'}: "
+                              f"{exc.strerror or exc}; nothing was rotated (the key {label} "
+                              "made in the token is recorded nowhere and never used: remove "
+                              "it, docs/keys.md). Free space, then rotate again") from None
+            raise
+        if staged:
+            await self.store.add_keys([record])  # as `next`: published, signing nothing
+            await self._published()
+            return {"label": label, "kind": order.kind, "state": "next",
+                    "active": current.label, "fingerprint": info.spki_sha256}
+        await self.store.rotate_keys([record])
+        await self._published()
+        return {"label": label, "kind": order.kind, "previous": current.label,
+                "fingerprint": info.spki_sha256}
+
+    async def _new_record(self, order: ra.KeyOrder, context: ra.Context, issuers: Issuers,
+                          stamp: str, label: str, info: Any, request_id: str | None
+                          ) -> KeyRecord:
+        """The new key's inventory record, its CA certificate signed (an issuing key's),
+        and written into the bundle the TLS layer trusts before the rotation is recorded:
+        written after, a full disk left a rotation recorded and committed that no process
+        took up (a 500, and the daemon issued on with the old key: a full-disk trial)."""
         cert_der = None
         if order.kind == "issuing":
             made = ra.order(context, ra.Local(order.actor), ra.IntermediateRequest(
@@ -242,26 +301,13 @@ class KeyLifecycle:
             cert_der = cert.public_bytes(serialization.Encoding.DER)
         # To the microsecond: the inventory lists keys by creation time, and two rotations
         # in one second were otherwise listed by their labels' random suffixes.
-        made = dt.datetime.now(dt.UTC).isoformat()
-        staged = order.action == "stage"
-        record = KeyRecord(label, order.kind, "next" if staged else "active", info.key_type,
-                           made, info.spki_sha256, info.uri, cert_der, made,
+        at = dt.datetime.now(dt.UTC).isoformat()
+        record = KeyRecord(label, order.kind, "next" if order.action == "stage" else "active",
+                           info.key_type, at, info.spki_sha256, info.uri, cert_der, at,
                            ssh_public_key(order.kind, info))
-        if staged:
-            await self.audit.append("key.stage", kind=order.kind, label=label,
-                                    active=current.label, fingerprint=info.spki_sha256,
-                                    actor=order.actor, request_id=request_id)
-            await self.store.add_keys([record])  # as `next`: published, signing nothing
-            await self._published()
-            return {"label": label, "kind": order.kind, "state": "next",
-                    "active": current.label, "fingerprint": info.spki_sha256}
-        await self.audit.append("key.rotate", kind=order.kind, label=label,
-                                previous=current.label, fingerprint=info.spki_sha256,
-                                actor=order.actor, request_id=request_id)
-        await self.store.rotate_keys([record])
-        await self._published()
-        return {"label": label, "kind": order.kind, "previous": current.label,
-                "fingerprint": info.spki_sha256}
+        if cert_der is not None:  # (trusting it early is harmless: it has signed nothing)
+            await write_bundle(self.bundle_path, self.store, [record])
+        return record
 
     async def _promote(self, order: ra.KeyOrder, request_id: str | None) -> dict[str, Any]:
         """The kind's staged key, trusted since it was staged, signs from now on; the
@@ -286,10 +332,16 @@ class KeyLifecycle:
         """Every process picks the change up: this one now, the others at their next
         request or handshake. The bundle the TLS layer trusts is written before the
         counter moves, so a handshake that sees the move finds the new intermediate."""
-        await write_bundle(self.bundle_path, self.store)
+        await write_bundle(self.bundle_path, self.store)  # (unchanged: not written)
         self.generations.bump("keys")
-        await asyncio.to_thread(write_chain_files, self.bundle_path.parent,
-                                await self.issuance.keys.refresh())
+        issuers = await self.issuance.keys.refresh()
+        try:
+            await asyncio.to_thread(write_chain_files, self.bundle_path.parent, issuers)
+        except OSError as exc:  # copies for people and sshd, written again at every start
+            log.warning("cannot write the CA's public files now: they still show the keys "
+                        "before this change until the next key change or start",
+                        path=str(exc.filename or self.bundle_path.parent),
+                        error=exc.strerror or str(exc))
 
 
 def write_chain_files(x509_dir: Path, issuers: Issuers) -> None:
@@ -314,14 +366,19 @@ def write_chain_files(x509_dir: Path, issuers: Issuers) -> None:
         write_atomic(ssh_dir / f"{cert_type}_ca.pub", "".join(f"{line}\n" for line in lines))
 
 
-async def write_bundle(path: Path, store: Store) -> None:
+async def write_bundle(path: Path, store: Store, extra: Sequence[KeyRecord] = ()) -> None:
     """Every issuing CA certificate ever made, newest first, then every root: what the
     TLS layer trusts for client certificates (destroyed keys' certificates included:
     what they issued stays valid until it expires or is revoked). Not the roots'
     cross-certificates: among trust anchors, two roots of one name that certify each
     other make a loop OpenSSL follows until the chain is too long."""
-    records = await store.keys()
+    records = [*await store.keys(), *extra]  # `extra`: a key about to be recorded
     issuing = [r.cert for r in reversed(records) if r.kind == "issuing" and r.cert]
     roots = [r.cert for r in reversed(records) if r.kind == "root" and r.cert]
     text = "".join(pem(x509.load_der_x509_certificate(der)) for der in issuing + roots)
+    try:
+        if path.read_text() == text:
+            return  # as it is: nothing to write (a full disk then fails nothing)
+    except (OSError, ValueError):
+        pass
     await asyncio.to_thread(write_atomic, path, text)  # fsyncs: off the event loop

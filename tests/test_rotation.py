@@ -1260,6 +1260,64 @@ async def test_the_listener_certificates_a_start_and_the_root_ceremony_replaced_
         assert d.stop() == 0
 
 
+async def test_a_rotation_that_cannot_write_the_trust_bundle_is_not_recorded(
+        tmp_path: Path) -> None:
+    """A full-disk trial: `key rotate issuing` answered 500 after its key.rotate line and
+    inventory commit, the bundle the TLS layer trusts unwritten: no process took the
+    rotation up, the daemon issued on with the old key, and the next rotation's line
+    named that old key as previous. Now the bundle is written before the rotation is
+    recorded: the rotation is refused (503, saying what to free), nothing is recorded,
+    and the key it made is named."""
+    ca = init_ca(tmp_path)
+    bundle = ca.state / "x509/bundle.pem"
+    d = start_daemon(ca.state)
+    try:
+        kept = bundle.read_bytes()  # (written by the start)
+        bundle.unlink()
+        bundle.mkdir()  # not writable as a file, even by root (the trial's full disk)
+        proc = key_cmd(d, "rotate", "issuing", check=False)
+        assert proc.returncode == 1 and "cannot write" in proc.stderr and \
+            "nothing was rotated" in proc.stderr and "Traceback" not in proc.stderr, \
+            proc.stderr
+        orphan = re.search(r"the key (issuing-ca-\S+) made in the token", proc.stderr)
+        assert orphan, proc.stderr
+        assert d.wait_stderr(lambda: any("the rotation stopped after it made its key" in x
+                                         and orphan.group(1) in x for x in d.stderr))
+        assert re.search(r"(?m)^issuing-ca\s+issuing\s+active", key_cmd(d, "list").stdout)
+        bundle.rmdir()
+        bundle.write_bytes(kept)
+        out = key_cmd(d, "rotate", "issuing").stdout
+        assert "issuing-ca is previous" in out, out
+    finally:
+        assert d.stop() == 0
+    rotations = [e for e in log_lines(ca.state) if e["event"] == "key.rotate"]
+    assert [e["previous"] for e in rotations] == ["issuing-ca"], rotations
+    audit_verify(ca.state, ok=True)
+
+
+async def test_a_key_the_hsm_cannot_store_is_a_503_that_says_where_to_look(
+        tmp_path: Path) -> None:
+    """A full-disk trial: with SoftHSM's token directory on the full disk, `key rotate`
+    answered 500 (C_GenerateKeyPair: FunctionFailed). It is a 503 that says what most
+    often causes it. Here the token's directory takes no new file (immutable)."""
+    ca = init_ca(tmp_path, private_hsm=True)
+    token_dir = next((tmp_path / "softhsm").rglob("token.object")).parent
+    d = start_daemon(ca.state)
+    try:
+        subprocess.run(["chattr", "+i", token_dir], check=True)
+        try:
+            proc = key_cmd(d, "rotate", "ssh-user", check=False)
+        finally:
+            subprocess.run(["chattr", "-i", token_dir], check=True)
+        assert proc.returncode == 1 and "503" in proc.stderr and \
+            "the HSM did not make the new ssh-user key" in proc.stderr and \
+            "full disk under its token directory" in proc.stderr, proc.stderr
+        key_cmd(d, "rotate", "ssh-user")  # and once there is room, it rotates
+    finally:
+        assert d.stop() == 0
+    audit_verify(ca.state, ok=True)
+
+
 async def test_revocations_of_one_ca_certificate_at_once_leave_one_standing_line(
         tmp_path: Path) -> None:
     """A review: three `key revoke`s of one key at once answered 200, 409, 409, and the

@@ -13,6 +13,7 @@ import structlog
 from aiohttp import web
 
 from ca.audit.link import AuditUnreadable
+from ca.errors import NotDone
 from ca.policy import Refused
 from ca.server.throttle import Throttle
 from ca.store.errors import StoreDamaged, StoreUnavailable
@@ -89,6 +90,9 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     except Refused as r:
         status = r.reason.status
         return problem(status, TITLES.get(status, "Refused"), r.detail, r.reason.type)
+    except NotDone as exc:  # the host's doing, in words that say what to free or fix
+        return problem(503, "Service Unavailable", str(exc), "unavailable",
+                       headers={"Retry-After": "30"})
     except AuditUnreadable as exc:  # a question, not a signature: say what is wrong
         return problem(503, "Service Unavailable", f"the audit log cannot answer this: {exc}",
                        "unavailable", headers={"Retry-After": "1"})
