@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.conftest import Daemon, hsmca, init_ca, start_daemon
+from tests.helpers import whole_lines
 from tests.ports import free_port
 
 JOSE = "application/jose+json"
@@ -286,6 +287,6 @@ def sha256_hex(der: bytes) -> str:
 
 
 def audit_lines(ca: AcmeCA) -> Iterator[dict[str, Any]]:
-    for line in (ca.daemon.state / "audit" / "log.jsonl").read_text().splitlines():
+    for line in whole_lines((ca.daemon.state / "audit" / "log.jsonl").read_bytes()):
         if line:
             yield json.loads(line)

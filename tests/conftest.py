@@ -183,7 +183,7 @@ class Daemon:
     # Set by that reader once stderr is closed: every process's last line is in.
     stderr_ended: threading.Event = field(default_factory=threading.Event)
 
-    def wait_stderr(self, done: Callable[[], bool], within: float = 10.0) -> bool:
+    def wait_stderr(self, done: Callable[[], bool], within: float = 60.0) -> bool:
         """Whether `done()` came to hold within `within` seconds, woken by each line."""
         with self.stderr_changed:
             return self.stderr_changed.wait_for(done, within)
@@ -200,13 +200,20 @@ class Daemon:
         return self.ssl(self.state / "admin" / "cert.pem", self.state / "admin" / "key.pem")
 
     def stop(self) -> int:
+        """SIGTERM, and the exit status once every line it wrote to stderr is read (a
+        line logged during the stop was missed by a test reading right after)."""
         if self.proc.poll() is None:
             self.proc.send_signal(15)
             try:
-                self.proc.wait(timeout=60)
+                # The daemon's own stop limits (30 s a worker, 30 s the recorder, ...)
+                # add up past a minute on a loaded CI machine.
+                self.proc.wait(timeout=150)
             except subprocess.TimeoutExpired:
+                print("the daemon did not stop within 150 s; its last lines:",
+                      *self.stderr[-40:], sep="\n", file=sys.stderr)
                 self.proc.kill()
                 self.proc.wait()
+        self.stderr_ended.wait(60)
         return self.proc.returncode
 
 

@@ -118,11 +118,32 @@ def enroll(d: Daemon, tmp: Path, role: str, names: list[str], principals: list[s
     return out / "cert.pem", out / "key.pem"
 
 
+def gone(pid: str, within_s: float = 30.0) -> bool:
+    """Whether process `pid` has ended (gone, or a zombie) within `within_s`: a signal
+    to its group is delivered when it next runs, on a loaded machine a moment later."""
+    stat_file = Path(f"/proc/{pid}/stat")
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            if stat_file.read_text().split(") ")[1][0] == "Z":
+                return True
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        time.sleep(0.05)  # a poll of /proc, bounded above
+    return False
+
+
 # ---- the audit log ---------------------------------------------------------------------
 
 def log_lines(state: Path) -> list[dict[str, Any]]:
-    """The durable lines of a CA's audit log, parsed."""
-    return [json.loads(line) for line in (state / "audit/log.jsonl").read_bytes().splitlines()]
+    """The whole lines of a CA's audit log, parsed: a running daemon's batch that
+    crosses a page shows page by page, so a read may end in part of a line."""
+    return [json.loads(line) for line in whole_lines((state / "audit/log.jsonl").read_bytes())]
+
+
+def whole_lines(data: bytes) -> list[bytes]:
+    """`data`'s lines up to its last newline."""
+    return data[:data.rfind(b"\n") + 1].splitlines()
 
 
 def audit_verify(state: Path, *extra: str | Path, log: Path | None = None,
@@ -385,6 +406,8 @@ class Running:
                              f"deadline {'not ' if ok else ''}reached):\n{''.join(self.raw)}")
 
     def stop(self) -> int:
+        """SIGTERM, and the exit status once its output is read to the end (a line
+        logged at the stop was missed by a test reading right after)."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -392,6 +415,7 @@ class Running:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.ended.wait(60)
         return self.proc.returncode
 
 

@@ -24,7 +24,7 @@ from cryptography.x509 import ocsp
 
 from tests.cluster_kit import Cluster, call, make_cluster
 from tests.conftest import Daemon
-from tests.helpers import ask_ocsp, enroll, issuing, request_for
+from tests.helpers import ask_ocsp, enroll, issuing, request_for, whole_lines
 from tests.helpers import load as load_cert
 
 # The renewal's row waits at its COMMIT for advisory lock 4343, which the test holds
@@ -106,8 +106,8 @@ async def test_a_renewal_whose_revocation_check_fails_after_its_row_committed_is
         answer, _ = await ask_ocsp(node, request_for(new, issuing(node)))
         assert answer.certificate_status == ocsp.OCSPCertStatus.REVOKED, answer
         # And the audit log says why: withheld after its "ok" outcome, then unreleased.
-        lines = [json.loads(x) for x in (c.state / "nodes" / "w1" / "audit" / "log.jsonl")
-                 .read_text().splitlines()]
+        lines = [json.loads(x) for x in whole_lines(
+            (c.state / "nodes" / "w1" / "audit" / "log.jsonl").read_bytes())]
         [intent] = [e for e in lines if e["event"] == "hsm.sign" and e.get("phase") ==
                     "intent" and e.get("serial") == child and e["purpose"] == "x509"]
         [withheld] = [e for e in lines if e["event"] == "sign.withheld"

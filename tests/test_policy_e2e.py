@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from ca.client import make_csr
 from tests.conftest import init_ca, require, start_daemon
-from tests.helpers import audit_verify, bootstrap_token, http
+from tests.helpers import audit_verify, bootstrap_token, http, log_lines
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -128,7 +128,7 @@ async def test_sighup_puts_a_new_policy_in_force_in_every_worker_and_refuses_a_b
                                         body={})
             problem = json.loads(raw)
             assert status == 403 and problem["type"].endswith("name-denied"), raw
-        lines = [json.loads(x) for x in (ca.state / "audit/log.jsonl").read_text().splitlines()]
+        lines = log_lines(ca.state)
         [reload] = [x for x in lines if x["event"] == "policy.reload"]
         assert reload["changed"] == {"deny": [name]}
         assert reload["config_sha256"] == hashlib.sha256(config.read_bytes()).hexdigest()

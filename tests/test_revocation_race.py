@@ -20,7 +20,7 @@ import pytest
 from cryptography import x509
 
 from tests.conftest import Daemon, init_ca, require, start_daemon
-from tests.helpers import audit_verify, enroll, http, load
+from tests.helpers import audit_verify, enroll, http, load, whole_lines
 from tests.test_revocation import _fetch, krl_says
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -340,7 +340,7 @@ async def test_revocations_racing_for_one_certificate_leave_one_standing_in_the_
         # revocation reached the mutual-TLS gate of their worker, which refuses the
         # revoked certificate they present (403, nothing written: a loaded CI run).
         assert statuses.count(200) == 1 and set(statuses) <= {200, 409, 403}, statuses
-        lines = [json.loads(x) for x in ca_daemon.log.read_bytes().splitlines()]
+        lines = [json.loads(x) for x in whole_lines(ca_daemon.log.read_bytes())]
         revokes = {x["seq"]: x for x in lines
                    if x["event"] == "cert.revoke" and x.get("serial") == serial}
         voided = {x["voids"] for x in lines if x["event"] == "record.void"

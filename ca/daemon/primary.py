@@ -353,16 +353,19 @@ class WorkerPool:
             if silent >= self.config.worker_timeout_s and not self._stopping:
                 proc.kill()  # SIGKILL: a stopped or stuck process cannot refuse it
                 return silent
-            if silent > STUCK_AFTER_S and not warned:
+            # /health and the metrics first, then the line: what the line says shows
+            # there by the time anyone reads it (a flake hunt: a read right after the
+            # line found the count before it).
+            was, warned = warned, silent > STUCK_AFTER_S
+            self._answering(slot, not warned)
+            if warned and not was:
                 log.warning("a worker does not answer the primary's pings", worker=slot,
                             pid=proc.pid, unanswered_s=round(silent),
                             killed_after_s=self.config.worker_timeout_s)
                 warned_at = now - silent
-            elif warned and silent <= STUCK_AFTER_S:
+            elif was and not warned:
                 log.warning("a worker answers the primary's pings again", worker=slot,
                             pid=proc.pid, unanswered_s=round(now - warned_at))
-            warned = silent > STUCK_AFTER_S
-            self._answering(slot, not warned)
             await asyncio.wait({exited}, timeout=control.HEARTBEAT_S)
         return None
 
