@@ -546,6 +546,24 @@ async def test_a_damaged_inventory_is_refused_at_start_in_one_line(tmp_path: Pat
     assert "restore it from a backup" in proc.stderr and "Traceback" not in proc.stderr
 
 
+async def test_an_inventory_that_cannot_be_opened_is_refused_at_start_in_one_line(
+        tmp_path: Path) -> None:
+    """A full-disk trial: a start on a full state disk died with a traceback (SQLite's
+    "disk I/O error" opening the inventory). Here its write-ahead log cannot be made
+    (a directory holds its name): one line that names the file."""
+    from tests.conftest import hsmca
+    ca = init_ca(tmp_path)
+    db_path = ca.state / "hsmca.sqlite3"
+    for name in ("hsmca.sqlite3-wal", "hsmca.sqlite3-shm"):
+        (ca.state / name).unlink(missing_ok=True)
+    (ca.state / "hsmca.sqlite3-wal").mkdir()
+    proc = hsmca("serve", "--config", ca.state / "hsmca.toml", "--listen", "127.0.0.1:0",
+                 check=False)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"hsmca: error: cannot open the inventory {db_path}: "), \
+        proc.stderr
+
+
 async def test_a_damage_found_while_serving_is_not_answered_retry_later(
         tmp_path: Path) -> None:
     """A chaos trial: damage the start does not read was answered "the inventory is

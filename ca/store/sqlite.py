@@ -520,6 +520,15 @@ def damaged_error(path: Path, exc: BaseException) -> StoreUnavailable:
                             "(docs/operator.md, Backup and restore)")
 
 
+def _with_hint(why: str, path: Path) -> str:
+    """SQLite's words for a full disk (or one failing writes: a full one can show as
+    "disk I/O error"), with what to do (a full-disk trial read them bare)."""
+    if "disk is full" in why or "disk I/O error" in why:
+        return (f"{why} (free space on the disk of {path.parent}, or check that disk: "
+                "the daemon takes writes again once it can)")
+    return why
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     # mode=rw: never a new, empty file where the inventory was deleted (a background
     # checkpoint made one under a running daemon, which the next start took for the
@@ -715,6 +724,9 @@ class SQLiteStore:
         except sqlite3.DatabaseError as exc:
             if damaged(exc):
                 raise damaged_error(path, exc) from None
+            if isinstance(exc, sqlite3.OperationalError):  # a traceback at start before
+                raise StoreUnavailable(f"cannot open the inventory {path}: "
+                                       f"{_with_hint(str(exc), path)}") from None
             raise
         self._writer_db = w
         self._read_lock = threading.Lock()
@@ -855,6 +867,7 @@ class SQLiteStore:
                             "a sqlite3 shell, a backup, or a process of the daemon that "
                             "stopped answering, which is killed after [server] "
                             "worker-timeout-s)")
+                why = _with_hint(why, self.path)
                 self._problem = why if why.startswith("the inventory ") else \
                     f"cannot write the inventory {self.path}: {why}"
                 error = StoreUnavailable(f"the inventory (SQLite) is unavailable: {why}")
