@@ -35,7 +35,10 @@ class CredentialMissing(ValueError):
     the mistyped path, and the certificate at the other overwritten)."""
 
 
-def _one_missing(config: Config) -> None:
+def one_missing(config: Config) -> None:
+    """CredentialMissing if one of the listener's two files is missing and the other
+    is there (checked at the start's outset too: the pre-flight `serve` beside the
+    running daemon found it only after the stop, an upgrade trial)."""
     cert, key = config.tls_cert.exists(), config.tls_key.exists()
     if cert == key:
         return  # both there (checked below), or both gone: made anew
@@ -43,13 +46,13 @@ def _one_missing(config: Config) -> None:
                    (config.tls_cert, config.tls_key))
     setting = "tls-key" if gone == config.tls_key else "tls-cert"
     raise CredentialMissing(
-        f"[server] {setting} names {gone}, which does not exist, while "
+        f"[server] {setting} in {config.path} names {gone}, which does not exist, while "
         f"{there} does: correct the path in the config (or remove both files, and the "
         "daemon makes a new key and certificate)")
 
 
 def _needs_renewal(config: Config, now: dt.datetime, issuer: x509.Certificate) -> str | None:
-    _one_missing(config)
+    one_missing(config)
     try:
         cert = x509.load_pem_x509_certificates(config.tls_cert.read_bytes())[0]
         key = load_pem_private_key(config.tls_key.read_bytes(), None)

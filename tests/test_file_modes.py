@@ -155,17 +155,23 @@ def test_serve_refuses_a_listener_credential_path_that_names_nothing(
     """An operator's trial mistyped `tls-key`: the daemon made a new key at that path
     and overwrote tls/server.pem with a certificate for it, saying so only at info
     level. One of the pair missing is a path mistyped: refused in one line, naming the
-    setting, and neither file is touched."""
-    from tests.conftest import set_config
+    setting, and neither file is touched; and (an upgrade trial) by the pre-flight
+    `serve` beside the running daemon, which found it only once the daemon was
+    stopped."""
+    from tests.conftest import set_config, start_daemon
     ca = init_ca(tmp_path)
     tls = ca.state / "tls"
-    before = {p.name: p.read_bytes() for p in tls.iterdir()}
-    set_config(ca.state, "server", setting, "tls/sever.pem" if setting == "tls-cert"
-               else "tls/sever.key")
-    proc = hsmca("serve", "--config", ca.state / "hsmca.toml", "--listen", "127.0.0.1:0",
-                 check=False)
+    d = start_daemon(ca.state)
+    try:
+        before = {p.name: p.read_bytes() for p in tls.iterdir()}
+        set_config(ca.state, "server", setting, "tls/sever.pem" if setting == "tls-cert"
+                   else "tls/sever.key")
+        proc = hsmca("serve", "--config", ca.state / "hsmca.toml", "--listen",
+                     "127.0.0.1:0", check=False)
+    finally:
+        assert d.stop() == 0
     assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and f"[server] {setting} names " in lines[0] and \
-        "which does not exist" in lines[0], proc.stderr
+    assert len(lines) == 1 and f"[server] {setting} in {ca.state / 'hsmca.toml'} names " \
+        in lines[0] and "which does not exist" in lines[0], proc.stderr
     assert {p.name: p.read_bytes() for p in tls.iterdir()} == before

@@ -68,7 +68,7 @@ from ca.policy import Reason, Refused
 from ca.process import raise_fd_limit, settle_heap
 from ca.revocation.from_log import complete_from_log
 from ca.revocation.ocsp import OCSPRefresher, OCSPSigner
-from ca.server_cert import ensure_server_cert
+from ca.server_cert import ensure_server_cert, one_missing
 from ca.store import Store, open_store
 from ca.store.errors import StoreUnavailable
 from ca.store.sqlite import SQLiteStore, damaged_error
@@ -428,6 +428,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         raise StartError(f"this CA was moved into PostgreSQL (`hsmca store move`), but "
                          f"{config.path} has no [store] url: run `hsmca store move --config "
                          f"{config.path}` again to finish the move")
+    one_missing(config)  # before anything is opened: the pre-flight finds it
     # Cluster mode: the store first, since the audit log is made durable in it too.
     store: Store | None = open_store(config.store_location) if config.cluster else None
     name_held: Lease | None = None
