@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import serialization
 
 from ca.cli import EPILOG, build_parser
 from ca.commands.client_cmd import parse_serial
-from tests.conftest import HSMCA, Daemon, InitialisedCA, hsmca, init_ca, require
+from tests.conftest import HSMCA, Daemon, InitialisedCA, hsmca, init_ca, require, start_daemon
 from tests.helpers import (
     Running,
     bootstrap_token,
@@ -544,10 +544,14 @@ def test_an_hsm_error_at_the_start_names_the_setting_behind_it(tmp_path: Path) -
     config = ca.state / "hsmca.toml"
     text = config.read_text()
     assert f'module = "{ca.token.module}"' in text
-    config.write_text(text.replace(f'module = "{ca.token.module}"',
-                                   'module = "/usr/lib/softhsm/libsofthsm.so"'))
-    msg = one_line_error(hsmca("serve", "--config", config, "--listen", "127.0.0.1:0",
-                               check=False))
+    d = start_daemon(ca.state)  # and found by the pre-flight beside the running daemon
+    try:                        # (an upgrade trial's ended at the audit log's lock)
+        config.write_text(text.replace(f'module = "{ca.token.module}"',
+                                       'module = "/usr/lib/softhsm/libsofthsm.so"'))
+        msg = one_line_error(hsmca("serve", "--config", config, "--listen", "127.0.0.1:0",
+                                   check=False))
+    finally:
+        assert d.stop() == 0
     assert msg == ("hsmca: error: PKCS#11 module not found: /usr/lib/softhsm/libsofthsm.so "
                    f"(check [hsm] module in {config})"), msg
     wrong = tmp_path / "wrong-pin"

@@ -74,6 +74,7 @@ from ca.store.errors import StoreUnavailable
 from ca.store.sqlite import SQLiteStore, damaged_error
 from ca.subject import spki_sha256
 from ca.token_lock import TokenLock, hold_token
+from hsm.errors import HSMError
 from hsm.session import KeyInfo, describe_source
 
 if TYPE_CHECKING:
@@ -428,7 +429,11 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         raise StartError(f"this CA was moved into PostgreSQL (`hsmca store move`), but "
                          f"{config.path} has no [store] url: run `hsmca store move --config "
                          f"{config.path}` again to finish the move")
-    one_missing(config)  # before anything is opened: the pre-flight finds it
+    # Before anything is opened, so that the pre-flight beside the running daemon finds
+    # them (an upgrade trial's passed it, and failed the start after the stop).
+    one_missing(config)
+    if not os.path.exists(config.hsm.module):
+        raise HSMError(f"PKCS#11 module not found: {config.hsm.module}")  # (as HSM opens)
     # Cluster mode: the store first, since the audit log is made durable in it too.
     store: Store | None = open_store(config.store_location) if config.cluster else None
     name_held: Lease | None = None
