@@ -40,7 +40,14 @@ class _HTTPServerErrors(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         from aiohttp.http_exceptions import HttpProcessingError
+        from aiohttp.web_protocol import RequestPayloadError
         exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, RequestPayloadError) and \
+                isinstance(exc.__cause__, HttpProcessingError):
+            # A body that does not decode as its Content-Encoding says, met again by
+            # aiohttp after the 400 was sent: the client's mistake, not the server's (an
+            # upgrade trial saw an error and a traceback per request, from anyone).
+            exc = exc.__cause__
         peer = record.args[0] if isinstance(record.args, tuple) and record.args else None
         log = structlog.get_logger("hsmca.http")
         if isinstance(exc, HttpProcessingError):

@@ -402,6 +402,10 @@ async def served(tmp_path_factory: pytest.TempPathFactory) -> Any:
     yield Served(d, creds, tokens)
     assert d.stop() == 0
     audit_verify(ca.state, ok=True)
+    # A client's mistake is no server error in the log (an upgrade trial saw an error
+    # and a traceback for each body that did not decode, from anyone who could connect)
+    errors = [line for line in d.stderr if '"level": "error"' in line]
+    assert not errors, errors[:3]
 
 
 def test_corpus_is_large_enough() -> None:
