@@ -458,19 +458,22 @@ class Staged:
     owner put in place of its temporary file). `abort` removes the temporary files."""
 
     targets: dict[Path, tuple[int, bool]]  # path -> (mode for a new file, private)
+    # Take the room for each file now (see _reserve): for who would rather not ask
+    # than hold an answer it cannot write (a one-shot renew, which cannot hold it)
+    reserve: bool = False
     _slots: dict[Path, _Slot] = field(default_factory=dict)
 
     def prepare(self) -> Staged:
         for path in self.targets:
             try:
-                self._slots[path] = self._slot(path)
+                self._slots[path] = self._slot(path, self.reserve)
             except ClientError:
                 self.abort()
                 raise
         return self
 
     @staticmethod
-    def _slot(path: Path) -> _Slot:
+    def _slot(path: Path, reserve: bool) -> _Slot:
         real = replaceable(path)
         _sweep(real.parent, f".{real.name}.", files=True)
         if real.is_dir():
@@ -483,6 +486,13 @@ class Staged:
                 raise ClientError(f"{real.parent} is writable by every user: "
                                   f"`chmod o-w {real.parent}`")
             tmp, fd = _new_file(dfd, f".{real.name}.")
+            try:
+                if reserve:
+                    _reserve(fd)
+            except OSError:
+                os.close(fd)
+                _unlink(dfd, tmp)
+                raise
         except OSError as exc:  # a full or read-only disk may be fixed: retryable
             os.close(dfd)
             raise ClientError(f"cannot write to {real.parent}: {exc.strerror} (checked "
@@ -568,8 +578,10 @@ class Staged:
             except PermissionError:
                 pass  # not root: the file becomes ours, as any editor would do
         view = memoryview(payload.encode() if isinstance(payload, str) else payload)
+        size = len(view)
         while view:
             view = view[os.write(slot.fd, view):]
+        os.ftruncate(slot.fd, size)  # what _reserve took beyond it
         os.fsync(slot.fd)
 
     def abort(self) -> None:
@@ -609,6 +621,25 @@ def opened_dir(directory: Path) -> int:
         raise ClientError(f"cannot open {directory}: {exc.strerror} (checked before "
                           "contacting the CA: nothing was spent)") from None
     return fd
+
+
+# Room taken for each new file before the CA is asked: a certificate, its chain and a
+# key in one file take under 8 KiB. An empty file is made on a full disk, so the check
+# found no want of room, and each one-shot renewal on one was issued and thrown away (a
+# full-disk trial: four certificates for nobody). `renew --daemon` asks all the same and
+# holds the answer until it can be written: through a long full disk, the certificate
+# it renews may expire meanwhile, and the answer held is then the only way on.
+RESERVED = 16 * 1024
+
+
+def _reserve(fd: int) -> None:
+    """Take RESERVED bytes of the disk for `fd` now (OSError ENOSPC on a full one), so
+    that writing the answer into it later cannot run out of room."""
+    try:
+        os.posix_fallocate(fd, 0, RESERVED)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a filesystem without it
+            raise
 
 
 def _new_file(dfd: int, prefix: str) -> tuple[str, int]:
@@ -1042,15 +1073,16 @@ def _names(cert: x509.Certificate) -> list[str]:
 
 async def renew(url: str, cert: Path, key: Path, ca: Path | None, rekey: bool, *,
                 ttl: str | None = None, warn: Any = None,
-                root_said: Any = None) -> dict[str, Any]:
+                root_said: Any = None, reserve_room: bool = False) -> dict[str, Any]:
     """Renew `cert` over mutual TLS and replace cert (and, with `rekey`, key) and the
     chain.pem beside the certificate, all or none, once the CA has answered. The files
     keep their shape: a certificate file that held CA certificates after the leaf gets
     the new chain's (without its self-signed root, which a peer never needs), and one
     file holding both certificate and key (haproxy's) keeps both. Then
-    `ca` follows a root rotation (`follow_root`, which says so through `root_said`)."""
+    `ca` follows a root rotation (`follow_root`, which says so through `root_said`).
+    `reserve_room`: the room for the files is taken before the CA is asked (Staged)."""
     with _renewing(cert):
-        issued = await _renew(url, cert, key, ca, rekey, ttl, warn)
+        issued = await _renew(url, cert, key, ca, rekey, ttl, warn, reserve_room)
     if ca is not None:
         await follow_root(url, ca, issued["chain"], root_said or warn)
     return issued
@@ -1142,7 +1174,7 @@ def _renewing(cert: Path) -> Iterator[None]:
 
 
 async def _renew(url: str, cert: Path, key: Path, ca: Path | None, rekey: bool,
-                 ttl: str | None, warn: Any) -> dict[str, Any]:
+                 ttl: str | None, warn: Any, reserve_room: bool = False) -> dict[str, Any]:
     mend(cert, key, warn)
     waiting = _UNINSTALLED.pop((cert, key), None)
     if waiting is not None and load_certificates(cert, "--cert")[0].serial_number == \
@@ -1161,7 +1193,7 @@ async def _renew(url: str, cert: Path, key: Path, ca: Path | None, rekey: bool,
     current = held[0]
     combined = cert.resolve() == key.resolve()
     targets = renewal_targets(cert, key, rekey)
-    files = Staged(targets).prepare()
+    files = Staged(targets, reserve_room).prepare()
     try:
         body: dict[str, Any] = {}
         new = None

@@ -761,6 +761,32 @@ def test_a_new_key_at_renew_is_of_the_kind_and_size_of_the_old(daemon: Daemon,
         assert new.public_key() != old.public_key()
 
 
+def test_renew_with_no_room_for_its_files_asks_the_ca_nothing(daemon: Daemon,
+                                                                tmp_path: Path) -> None:
+    """A full-disk trial: each `hsmca renew` on a full disk had a certificate issued,
+    then failed to write it and threw it away (four for nobody). The room for the files
+    is taken first: no room, nothing asked. (A file size limit stands for the disk.)"""
+    cert, key = enroll(daemon, tmp_path, "service", [NAME])
+    files = {p: p.read_bytes() for p in (cert, key)}
+    before = daemon_serials(daemon)
+    proc = subprocess.run(["prlimit", "--fsize=600", *HSMCA, "renew", "--url", daemon.url,
+                           "--ca", daemon.root, "--cert", cert, "--key", key, "--rekey"],
+                          capture_output=True, text=True, timeout=120)
+    msg = one_line_error(proc)
+    assert msg == (f"hsmca: error: cannot write to {cert.parent}: File too large (checked "
+                   "before contacting the CA: nothing was spent)"), msg
+    assert daemon_serials(daemon) == before
+    assert {p: p.read_bytes() for p in (cert, key)} == files
+
+
+def daemon_serials(d: Daemon) -> set[str]:
+    """The serials the CA has issued, as `hsmca cert list` shows them."""
+    listed = subprocess.run([*HSMCA, "cert", "list", "--config", d.state / "hsmca.toml",
+                             "--url", d.url], capture_output=True, text=True,
+                            check=True).stdout.splitlines()[1:]
+    return {line.split()[0] for line in listed}
+
+
 def test_renew_replaces_all_files_or_none_and_mends_one_cut_short(daemon: Daemon,
                                                                   tmp_path: Path) -> None:
     cert, key = enroll(daemon, tmp_path, "service", [NAME])

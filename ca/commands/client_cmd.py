@@ -204,8 +204,10 @@ def renew(args: argparse.Namespace) -> int:
     _say_if_exposed(args.key)
     if args.daemon:
         return _renew_daemon(args, url)
+    # No room for the files: nothing is asked (a full-disk trial's each try had a
+    # certificate issued and thrown away; one command cannot hold an answer for later)
     issued = asyncio.run(client.renew(url, args.cert, args.key, args.ca, args.rekey,
-                                      ttl=args.ttl, warn=warn))
+                                      ttl=args.ttl, warn=warn, reserve_room=True))
     for text in issued.get("warnings", []):
         warn(text)
     print(f"renewed: serial {issued['serial']}, valid until {issued['not_after']}"
