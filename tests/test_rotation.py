@@ -1175,6 +1175,11 @@ async def test_a_retired_issuing_key_s_ca_certificate_revoked_is_on_its_root_s_c
                        d.state / "hsmca.toml", "--url", d.url).stdout
         assert format(load(old_leaf[0]).serial_number, "x") in listed, listed
         assert format(load(new_leaf[0]).serial_number, "x") not in listed, listed
+        # a mistyped label is said, not listed as a key that signed nothing
+        typo = hsmca("cert", "list", "--issuer", label + "x", "--config",
+                     d.state / "hsmca.toml", "--url", d.url, check=False)
+        assert typo.returncode == 1 and f"the CA has no key labelled '{label}x'" in \
+            typo.stderr, typo.stderr
         again = key_cmd(d, "revoke", label, "--yes", check=False)
         assert again.returncode == 1 and "revoked already" in again.stderr, again.stderr
     finally:

@@ -95,6 +95,10 @@ async def certificates(request: web.Request) -> web.Response:
     issuer = request.query.get("issuer") or None
     if issuer is not None and len(issuer) > 128:
         raise Problem(400, "Bad Request", "issuer is at most 128 characters", "bad-query")
+    if issuer is not None and issuer not in {r.label for r in await request.app[STORE].keys()}:
+        # A mistyped label read as a key that signed nothing (an upgrade trial)
+        raise Problem(404, "Not Found", f"the CA has no key labelled {issuer!r} (`hsmca key "
+                      "list` lists the labels)", "not-found")
     query = CertQuery(role=role, kind=_choice(request, "kind", ("acme", "x509")),
                       account=account, issuer=issuer, **_search(request, CERT_SORTS))
     now = _now()
