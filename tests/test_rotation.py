@@ -1298,6 +1298,14 @@ async def test_a_rotation_that_cannot_write_the_trust_bundle_is_not_recorded(
     rotations = [e for e in log_lines(ca.state) if e["event"] == "key.rotate"]
     assert [e["previous"] for e in rotations] == ["issuing-ca"], rotations
     audit_verify(ca.state, ok=True)
+    # and every start says what that key is: not an older backup's, as it said before
+    d = start_daemon(ca.state)
+    try:
+        assert d.wait_stderr(lambda: any(
+            "a rotation made and stopped before it recorded" in x and orphan.group(1) in x
+            for x in d.stderr)), d.stderr
+    finally:
+        assert d.stop() == 0
 
 
 async def test_a_key_the_hsm_cannot_store_is_a_503_that_says_where_to_look(

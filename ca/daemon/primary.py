@@ -46,6 +46,7 @@ from ca.audit.cluster_tiles import catch_up as catch_up_tiles
 from ca.audit.cosignature import ALG_COSIGNATURE, parse_verifier_key
 from ca.audit.log import ISSUING, AuditKeys, AuditLog
 from ca.audit.recorder import Recorder
+from ca.audit.scan import made_unrecorded
 from ca.audit.witness import FileWitness
 from ca.audit.witnessing import HTTPWitness, Witnessing
 from ca.cluster_policy import PolicyWatch
@@ -552,7 +553,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
                         serials=sorted({format(s, "x") for e in completed
                                         for s in e.serials})[:20])
         keys = await open_keyring(config, store, pipeline, generations)
-        await _name_unknown_keys(store, pipeline)
+        await _name_unknown_keys(store, pipeline, config.audit_log)
         await write_bundle(config.bundle_pem, store)  # what the workers' TLS layer trusts
         # This host's copies of the public files follow the inventory: a key rotated
         # through another node, or while this host was away.
@@ -797,7 +798,8 @@ def _on_change(config: Config, store: PostgresStore, generations: Generations,
     return lambda name: loop.call_soon_threadsafe(on_loop, name)
 
 
-async def _name_unknown_keys(store: Store, pipeline: SigningPipeline) -> None:
+async def _name_unknown_keys(store: Store, pipeline: SigningPipeline,
+                             log_path: Path) -> None:
     """A private key in the token that the inventory does not know is named at start:
     a rotation that died between its hsm.keygen line and its inventory row leaves one
     (hsmca never uses it, nor can it retire or destroy it), and so would a key put there
@@ -818,7 +820,15 @@ async def _name_unknown_keys(store: Store, pipeline: SigningPipeline) -> None:
     for label in private:
         if label in known:
             continue
-        if _ROTATED_LABEL.fullmatch(label):
+        if _ROTATED_LABEL.fullmatch(label) and (
+                seq := await asyncio.to_thread(made_unrecorded, log_path, label)):
+            # This log made it and never recorded the rotation: not an older backup's
+            # (a full-disk trial was told to think of restoring one).
+            log.warning("the token holds a key that a rotation made and stopped before it "
+                        "recorded (its hsm.keygen line, and no key.rotate line naming it): "
+                        "hsmca never uses it; remove it with the HSM's own tools "
+                        "(docs/keys.md)", label=label, keygen_seq=seq)
+        elif _ROTATED_LABEL.fullmatch(label):
             # Labelled as a rotation labels its keys: a rotation cut short, or an
             # inventory older than the key (a restore from a backup taken before a
             # rotation: the key may be the CA's current root or issuing key).

@@ -29,13 +29,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
-import json
 import mmap
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ca.audit.scan import lines_with
 from ca.revocation.adopted import from_line
 from ca.store import SSHSelector, Store
 
@@ -97,7 +96,7 @@ def scan(path: Path, start: int) -> Scanned:
             if not 0 < start <= end or data[start - 1:start] != b"\n":
                 start = 0
             for mark in (_MARK, _SSH_MARK, _CRL_MARK, _ADOPT_MARK, _VOID_MARK, _KEY_MARK):
-                for line in _lines_with(data, mark, start, end):
+                for line in lines_with(data, mark, start, end):
                     if mark is _VOID_MARK:
                         _void(line, voids)
                     elif mark is _KEY_MARK:
@@ -122,24 +121,6 @@ def scan(path: Path, start: int) -> Scanned:
                    if (kept := _unvoided(e, voids)) is not None]
     return Scanned(revocations, highest, end, sorted(ssh, key=lambda e: e.seq), adoptions,
                    [(e, label) for e, label in keys if e.seq not in voids])
-
-
-def _lines_with(data: mmap.mmap, mark: bytes, start: int, end: int
-                ) -> Iterator[dict[str, Any]]:
-    """The whole lines between `start` and `end` that hold `mark`, parsed."""
-    at = data.find(mark, start, end)
-    while at >= 0:
-        first = max(data.rfind(b"\n", start, at) + 1, start)
-        last = data.find(b"\n", at, end)
-        if last < 0:
-            return
-        try:
-            line = json.loads(data[first:last])
-        except ValueError:
-            line = None  # not a line the log wrote: `hsmca audit verify` says so
-        if isinstance(line, dict):
-            yield line
-        at = data.find(mark, last, end)
 
 
 def _revocation(line: dict[str, Any], one: str | None = None) -> Logged | None:
