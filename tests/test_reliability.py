@@ -546,6 +546,28 @@ async def test_a_damaged_inventory_is_refused_at_start_in_one_line(tmp_path: Pat
     assert "restore it from a backup" in proc.stderr and "Traceback" not in proc.stderr
 
 
+async def test_a_stop_the_log_cannot_record_says_so_and_the_next_start_settles_it(
+        tmp_path: Path) -> None:
+    """A full-disk trial: SIGTERM with the log's disk full exited 1 with "cannot write the
+    audit log ...: No space left on device", not saying what the stop had left. It says
+    the stop was not recorded, and that the next start settles it; which it does. (A
+    file size limit on the primary stands for the full disk.)"""
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state, "--workers", "1")
+    size = (ca.state / "audit/log.jsonl").stat().st_size
+    resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE, (size, resource.RLIM_INFINITY))
+    assert d.stop() == 1
+    last = d.stderr[-1]
+    assert last.startswith("hsmca: error: stopped, but the stop could not be recorded: ") \
+        and "The next start says the last run did not stop cleanly" in last, d.stderr[-5:]
+    d = start_daemon(ca.state, "--workers", "1")
+    try:
+        assert d.wait_stderr(lambda: any("did not stop cleanly" in x for x in d.stderr))
+    finally:
+        assert d.stop() == 0
+    audit_verify(ca.state, ok=True)
+
+
 async def test_an_inventory_that_cannot_be_opened_is_refused_at_start_in_one_line(
         tmp_path: Path) -> None:
     """A full-disk trial: a start on a full state disk died with a traceback (SQLite's

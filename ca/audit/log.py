@@ -96,6 +96,15 @@ class LinesRewritten(TileDamaged):
     answers it as it does a damaged tile (503, saying why)."""
 
 
+def _said(exc: OSError) -> str:
+    """A write error's words, and for a full disk what to do (a full-disk trial read
+    only "No space left on device")."""
+    said = str(exc.strerror or exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        said += " (free space on that disk: signing resumes by itself once it can write)"
+    return said
+
+
 class AuditLogError(Exception):
     """The log cannot be opened safely; the message tells the operator what to look at."""
 
@@ -545,7 +554,7 @@ class AuditLog:
         try:
             self._store_tiles()
         except OSError as exc:  # the next batch tries again first, and fails closed
-            self._problem = f"cannot write the audit log's tiles: {exc.strerror or exc}"
+            self._problem = f"cannot write the audit log's tiles: {_said(exc)}"
 
     def _store_tiles(self) -> None:
         """Store the tiles and bundle ends the tree has and the store has not (under
@@ -795,7 +804,7 @@ class AuditLog:
         # The file named where the error is the system's (EPERM of an immutable file,
         # EROFS, ENOSPC: an auditor trial's /health named no file); a _NotTheLog's says it.
         reason = ("cannot write the audit log: " if isinstance(exc, _NotTheLog) else
-                  f"cannot write the audit log {self.path}: ") + str(exc.strerror or exc)
+                  f"cannot write the audit log {self.path}: ") + _said(exc)
         try:  # cut whatever part of the batch reached the file, so the chain stays whole
             if isinstance(exc, _NotTheLog):
                 pass  # nothing was written, and the file is not the log's to cut

@@ -281,7 +281,7 @@ class FileTileStore:
         for tile in tiles:
             fd = self._file(tile.level, create=True)
             if os.pwrite(fd, tile.data, tile.index * TILE_BYTES) != len(tile.data):
-                raise OSError(errno.ENOSPC, "short write")
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + " (a short write)")
             touched.add(fd)
         if self._sync:
             for fd in touched:
@@ -289,7 +289,7 @@ class FileTileStore:
         if ends:
             blob = b"".join(_END.pack(end) for end in ends)
             if os.pwrite(self._fd, blob, self._count * _END.size) != len(blob):
-                raise OSError(errno.ENOSPC, "short write")
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + " (a short write)")
             if self._sync:
                 os.fdatasync(self._fd)
             self._count += len(ends)

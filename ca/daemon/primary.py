@@ -75,7 +75,7 @@ from ca.store.errors import StoreUnavailable
 from ca.store.sqlite import SQLiteStore, damaged_error
 from ca.subject import spki_sha256
 from ca.token_lock import TokenLock, hold_token
-from hsm.errors import HSMError
+from hsm.errors import AuditUnavailable, HSMError
 from hsm.session import KeyInfo, describe_source
 
 if TYPE_CHECKING:
@@ -674,8 +674,15 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         # Everything served is signed over before the stop is recorded, so that an
         # auditor can tell a log cut back into the serving from one that merely lost
         # the stop's own lines: a checkpoint cannot cover its own signing.
-        await checkpointer.checkpoint()
-        await audit.append("daemon.stop", pid=os.getpid())
+        try:
+            await checkpointer.checkpoint()
+            await audit.append("daemon.stop", pid=os.getpid())
+        except (AuditUnavailable, OSError) as exc:
+            # Said so, not only the write's error (a full-disk trial read "cannot write
+            # the audit log ...", exit 1, and wondered what the stop had left).
+            raise CLIError(f"stopped, but the stop could not be recorded: {exc}. The next "
+                           "start says the last run did not stop cleanly, and settles what "
+                           "was under way") from None
         # Only a stop the log records removes the URL file: the next start tells a run
         # that ended otherwise by it (a stop that could not write its line left nothing
         # to say so; a fault trial).
