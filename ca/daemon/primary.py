@@ -643,6 +643,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         # whatever --listen chose.
         write_atomic(config.url_file, url + "\n")
         settle_heap()
+        _say_little_room(config)
         print(f"listening on {url}", flush=True)
         # Which keys sign, by label, as `hsmca key list` names them: a key trial's starts
         # said nothing of it, while hsmca.toml's [keys] named keys long destroyed.
@@ -720,6 +721,25 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
             store.close()
         if token_held is not None:  # the last: nothing of this run signs after it
             token_held.close()
+
+
+# Below this, the start says so: about a day of a busy CA's audit lines and inventory
+# rows (a full-disk trial's start with 64 KiB free said nothing, and signed for minutes).
+LITTLE_ROOM = 256 << 20
+
+
+def _say_little_room(config: Config) -> None:
+    for where in dict.fromkeys((config.state_dir, config.audit_log.parent)):
+        try:
+            st = os.statvfs(where)
+        except OSError:
+            continue
+        free = st.f_bavail * st.f_frsize
+        if free < LITTLE_ROOM:
+            log.warning("little room is left on the disk of the state directory: once it is "
+                        "full nothing can be signed until room is made (the audit log and "
+                        "the inventory grow with every certificate)", path=str(where),
+                        free_mib=free >> 20)
 
 
 INVENTORY_CHECKPOINT_S = 1.0
