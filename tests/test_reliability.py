@@ -887,10 +887,16 @@ async def test_a_token_a_kill_left_spent_after_a_long_run_is_given_back(
     """A crash trial: a kill after a run of 8,000 lines left a token spent on nothing,
     and the retry with it was told it was spent. The start read the log's last few
     hundred lines for the killed run's start, found none, and gave nothing back. It
-    looks back through the log to the run's start."""
+    looks back through the log to the run's start; and (a review) gives back no token
+    that a signature of those runs was asked with, which the last lines alone did not
+    show: one whose certificate was released, its inventory row's token link lost (an
+    inventory restored from a backup taken mid-enrollment), enrolled twice."""
     ca = init_ca(tmp_path)
     d = start_daemon(ca.state, "--workers", "1")
     spent_on_nothing = await bootstrap_token(d, "service", [LOAD_NAME])
+    enrolled = await bootstrap_token(d, "service", [LOAD_NAME])
+    status, _, body = await enroll_by_token(d, enrolled, csr_pem([LOAD_NAME]))
+    assert status == 201, body
     for _ in range(30):  # more than two tiles' width of lines after the start
         await asyncio.gather(*(bootstrap_token(d, "service", [LOAD_NAME]) for _ in range(20)))
     lines = log_lines(ca.state)
@@ -901,12 +907,16 @@ async def test_a_token_a_kill_left_spent_after_a_long_run_is_given_back(
     with sqlite3.connect(ca.state / "hsmca.sqlite3") as db:  # as a kill leaves it
         db.execute("UPDATE tokens SET used_at = ? WHERE id = ?",
                    (dt.datetime.now(dt.UTC).isoformat(), spent_on_nothing.split("-")[1]))
+        db.execute("UPDATE tokens SET used_serial = NULL, released_at = NULL WHERE id = ?",
+                   (enrolled.split("-")[1],))
     d = start_daemon(ca.state, "--workers", "1")
     try:
         assert d.wait_stderr(lambda: any("tokens a kill left spent are settled" in x
                                          for x in d.stderr)), "".join(d.stderr)
         status, _, body = await enroll_by_token(d, spent_on_nothing, csr_pem([LOAD_NAME]))
         assert status == 201, body
+        status, _, body = await enroll_by_token(d, enrolled, csr_pem([LOAD_NAME]))
+        assert status == 401 and b"token-spent" in body, body
     finally:
         assert d.stop() == 0
     audit_verify(ca.state, ok=True)

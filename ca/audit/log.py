@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
-import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -45,6 +44,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from ca.audit.line import CHECKPOINT_FIELD, GENESIS, chain_hash, line_bytes
 from ca.audit.merkle import HASH_SIZE, Growth, TreeHead, growth, leaf_hash, leaf_hashes
 from ca.audit.note import Checkpoint, NoteError, parse_checkpoint, verify_checkpoint
+from ca.audit.scan import lines_with
 from ca.audit.tiles import (
     MAX_ENTRY_BYTES,
     TILE_WIDTH,
@@ -173,6 +173,7 @@ class AuditLog:
         # how many full bundles the store covers now). Cluster mode copies them.
         self.on_tiles: Callable[[Sequence[Tile], int], None] | None = None
         self.last_run = LastRun("unknown", 0)  # set by `open`, from the last lines
+        self._read_from = 0  # where the lines last_run was read from begin (bytes)
         self._thread = threading.Thread(target=self._writer, name="audit-writer", daemon=True)
         self._thread.start()
 
@@ -313,14 +314,8 @@ class AuditLog:
                 _check_after_clean_stop(path, window[cp.size - 1 - first:], cp.size)
         prev = chain_hash(final) if final is not None else GENESIS
         audit = cls(path, fd, store, tree, pos, prev, edge, ends, mirror)
-        window = (last if bundles else []) + lines
-        audit.last_run = _last_run(window)
-        if start > 0 and not any(_STOP in line for line in window):
-            # The runs since the last clean stop began before the lines read: the first
-            # one's start, looked for back through the log (a crash trial's kill after
-            # 8,000 lines left a token spent on nothing, given back to nobody).
-            since = _first_start_since_stop(fd, start) or audit.last_run.since
-            audit.last_run = dataclasses.replace(audit.last_run, since=since)
+        audit.last_run = _last_run((last if bundles else []) + lines)
+        audit._read_from = start
         if torn:
             os.ftruncate(fd, pos)
             os.fsync(fd)
@@ -925,6 +920,18 @@ class AuditLog:
             return f"cannot write the audit log: {damage}"
         return self._problem
 
+    def earlier_runs(self) -> tuple[str | None, frozenset[str]]:
+        """When the first run since the last clean stop began, and the bootstrap tokens
+        the runs since asked signatures with, where those runs began before the lines
+        `last_run` was read from: (None, nothing) otherwise. A crash trial's kill after
+        8,000 lines left a token spent on nothing that the start, finding no start among
+        the last lines, gave back to nobody; a token any of those runs signed for is not
+        given back (a review: one released, its row lost, would enroll twice). Reads back
+        through the log: at a start, after a kill."""
+        if self.last_run.to_stop or self._read_from == 0:
+            return None, frozenset()
+        return _earlier_runs(self._fd, self._read_from)
+
     def close(self) -> None:
         stop_thread(self._thread, self._queue)
         with self._write_lock:
@@ -1027,6 +1034,7 @@ class LastRun:
     released: tuple[str, ...] = ()
     enrolled: tuple[str, ...] = ()
     since: str | None = None
+    to_stop: bool = False  # the lines read reach back to the last clean stop
 
 
 # The purposes whose signature makes a certificate of the inventory (an OCSP response's
@@ -1108,24 +1116,25 @@ def _last_run(lines: list[bytes]) -> LastRun:
                     tokens.append(actor.removeprefix("bootstrap-token:"))
     return LastRun(ended or ("killed" if session else "unknown"), open_signatures,
                    tuple(reversed(named)),
-                   tuple(reversed(given)), tuple(tokens), since)
+                   tuple(reversed(given)), tuple(tokens), since, clean)
 
 
-_STOP = b'"event":"daemon.stop"'
 _START_OR_STOP = b'"event":"daemon.st'
+_BY_TOKEN = b'"actor":"bootstrap-token:'
 
 
-def _first_start_since_stop(fd: int, end: int) -> str | None:
-    """The `ts` of the first `daemon.start` after the last `daemon.stop` in the log's
-    first `end` bytes, found by reading back from `end` (a whole line always ends at
-    a bundle's end). A string value cannot hold these bytes: its quotes are escaped."""
-    first = None
-    with mmap.mmap(fd, end, access=mmap.ACCESS_READ) as log_bytes:
+def _earlier_runs(fd: int, end: int) -> tuple[str | None, frozenset[str]]:
+    """Of the runs since the last `daemon.stop` in the log's first `end` bytes: when the
+    first began (its `daemon.start`'s `ts`), and the bootstrap tokens their signatures
+    were asked with. Read back from `end` (a whole line always ends at a bundle's end);
+    a string value cannot hold these bytes: its quotes are escaped."""
+    first, first_at = None, end
+    with mmap.mmap(fd, end, access=mmap.ACCESS_READ) as data:
         at = end
-        while (found := log_bytes.rfind(_START_OR_STOP, 0, at)) >= 0:
-            at = log_bytes.rfind(b"\n", 0, found) + 1
+        while (found := data.rfind(_START_OR_STOP, 0, at)) >= 0:
+            at = data.rfind(b"\n", 0, found) + 1
             try:
-                obj = json.loads(log_bytes[at:log_bytes.find(b"\n", found)])
+                obj = json.loads(data[at:data.find(b"\n", found)])
             except (ValueError, RecursionError):
                 continue
             if not isinstance(obj, dict):
@@ -1133,8 +1142,12 @@ def _first_start_since_stop(fd: int, end: int) -> str | None:
             if obj.get("event") == "daemon.stop":
                 break
             if obj.get("event") == "daemon.start" and isinstance(obj.get("ts"), str):
-                first = obj["ts"]
-    return first
+                first, first_at = obj["ts"], at
+        tokens = frozenset(
+            line["actor"].removeprefix("bootstrap-token:")
+            for line in lines_with(data, _BY_TOKEN, first_at, end)
+            if line.get("event") == "hsm.sign" and isinstance(line.get("actor"), str))
+    return first, tokens
 
 
 def _check_after_clean_stop(path: Path, lines: list[bytes], signed: int) -> None:
