@@ -16,6 +16,7 @@ inventory, and picked up by every process at once (the shared `keys` counter).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import secrets
 from collections.abc import Mapping, Sequence
@@ -245,44 +246,75 @@ class KeyLifecycle:
             # A 500 before (a full-disk trial: SoftHSM's token directory was full, and
             # C_GenerateKeyPair failed; a directory that takes no file breaks the session).
             raise NotDone(f"the HSM did not make the new {order.kind} key ({exc}); nothing "
-                          "was rotated. If the HSM is otherwise up (GET /health), with SoftHSM "
-                          "this is most often a full disk under its token directory: free "
-                          "space there, then rotate again") from None
+                          f"was rotated (if the token holds {label} now, hsmca never uses "
+                          "it: remove it, docs/keys.md). If the HSM is otherwise up (GET "
+                          "/health), with SoftHSM this is most often a full disk under its "
+                          "token directory: free space there, then rotate again") from None
         staged = order.action == "stage"
         try:
             record = await self._new_record(order, context, issuers, stamp, label, info,
                                             request_id)
             if staged:
-                await self.audit.append("key.stage", kind=order.kind, label=label,
-                                        active=current.label, fingerprint=info.spki_sha256,
-                                        actor=order.actor, request_id=request_id)
+                seq = await self.audit.append(
+                    "key.stage", kind=order.kind, label=label, active=current.label,
+                    fingerprint=info.spki_sha256, actor=order.actor, request_id=request_id)
             else:
-                await self.audit.append("key.rotate", kind=order.kind, label=label,
-                                        previous=current.label, fingerprint=info.spki_sha256,
-                                        actor=order.actor, request_id=request_id)
+                seq = await self.audit.append(
+                    "key.rotate", kind=order.kind, label=label, previous=current.label,
+                    fingerprint=info.spki_sha256, actor=order.actor, request_id=request_id)
         except BaseException as exc:
-            # The key stays in the token, recorded nowhere: named now, when the operator
-            # can tell why (a full-disk trial found it only at a later start, told there it
-            # might be the CA's current key from a newer backup).
-            log.warning("the rotation stopped after it made its key in the token: that key "
-                        "is recorded nowhere and never used; remove it with the HSM's own "
-                        "tools (docs/keys.md)", label=label, kind=order.kind,
-                        error=str(exc) or type(exc).__name__)
+            self._orphaned(label, order.kind, exc)
             if isinstance(exc, OSError):
                 raise NotDone(f"cannot write {exc.filename or 'a file'}: "
                               f"{exc.strerror or exc}; nothing was rotated (the key {label} "
                               "made in the token is recorded nowhere and never used: remove "
                               "it, docs/keys.md). Free space, then rotate again") from None
             raise
+        try:
+            if staged:
+                await self.store.add_keys([record])  # as `next`: published, signing nothing
+            else:
+                await self.store.rotate_keys([record])
+        except Exception as exc:
+            await self._not_committed(label, order.kind, seq, "key.stage" if staged
+                                      else "key.rotate", exc, request_id)
+        await self._published()
         if staged:
-            await self.store.add_keys([record])  # as `next`: published, signing nothing
-            await self._published()
             return {"label": label, "kind": order.kind, "state": "next",
                     "active": current.label, "fingerprint": info.spki_sha256}
-        await self.store.rotate_keys([record])
-        await self._published()
         return {"label": label, "kind": order.kind, "previous": current.label,
                 "fingerprint": info.spki_sha256}
+
+    @staticmethod
+    def _orphaned(label: str, kind: str, exc: BaseException) -> None:
+        """The key a rotation made stays in the token, recorded nowhere: named now, when
+        the operator can tell why (a full-disk trial found it only at a later start,
+        told there it might be the CA's current key from a newer backup)."""
+        log.warning("the rotation stopped after it made its key in the token: that key is "
+                    "recorded nowhere and never used; remove it with the HSM's own tools "
+                    "(docs/keys.md)", label=label, kind=kind,
+                    error=str(exc) or type(exc).__name__)
+
+    async def _not_committed(self, label: str, kind: str, seq: int, event: str,
+                             exc: Exception, request_id: str | None) -> None:
+        """The rotation's line is written and its commit failed: unless the inventory
+        took it all the same (PostgreSQL's answer lost), the line is voided, so that no
+        line says a key was put in use that no process uses (a review), and the error
+        raised. Returns if the commit landed."""
+        try:
+            landed = any(r.label == label for r in await self.store.keys())
+        except Exception:  # the inventory away: whether it landed is unknown, and said
+            log.warning("a rotation's commit failed, and whether it landed cannot be read "
+                        "now: `hsmca key list` says, once the inventory answers", label=label,
+                        kind=kind, error=str(exc) or type(exc).__name__)
+            raise exc from None
+        if landed:
+            return
+        self._orphaned(label, kind, exc)
+        with contextlib.suppress(Exception):  # best effort: the log may be away too
+            await void(self.audit, seq, event, "the inventory did not take the new key",
+                       request_id)
+        raise exc
 
     async def _new_record(self, order: ra.KeyOrder, context: ra.Context, issuers: Issuers,
                           stamp: str, label: str, info: Any, request_id: str | None

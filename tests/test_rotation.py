@@ -1308,6 +1308,42 @@ async def test_a_rotation_that_cannot_write_the_trust_bundle_is_not_recorded(
         assert d.stop() == 0
 
 
+async def test_a_rotation_the_inventory_does_not_take_is_voided_in_the_log(
+        tmp_path: Path) -> None:
+    """A review: a rotation whose inventory commit failed after its key.rotate line left
+    the line standing, with no process using the key it named, and the key unnamed; the
+    next start then took the line for a recorded rotation and spoke of older backups.
+    Here a trigger in the inventory refuses the key's row."""
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state)
+    try:
+        with sqlite3.connect(ca.state / "hsmca.sqlite3") as db:
+            db.execute("CREATE TRIGGER no_keys BEFORE INSERT ON ca_keys BEGIN "
+                       "SELECT RAISE(ABORT, 'refused for the test'); END")
+        proc = key_cmd(d, "rotate", "ssh-user", check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        with sqlite3.connect(ca.state / "hsmca.sqlite3") as db:
+            db.execute("DROP TRIGGER no_keys")
+        assert d.wait_stderr(lambda: any("the rotation stopped after it made its key" in x
+                                         for x in d.stderr))
+        orphan = json.loads(next(x for x in d.stderr if "the rotation stopped" in x))["label"]
+        assert re.search(r"(?m)^ssh-user-ca\s+ssh-user\s+active", key_cmd(d, "list").stdout)
+    finally:
+        assert d.stop() == 0
+    lines = log_lines(ca.state)
+    [rotate] = [e for e in lines if e["event"] == "key.rotate"]
+    assert rotate["label"] == orphan
+    assert [e for e in lines if e["event"] == "record.void" and e["voids"] == rotate["seq"]]
+    audit_verify(ca.state, ok=True)
+    d = start_daemon(ca.state)
+    try:
+        assert d.wait_stderr(lambda: any(
+            "a rotation made and stopped before it recorded" in x and orphan in x
+            for x in d.stderr)), d.stderr
+    finally:
+        assert d.stop() == 0
+
+
 async def test_a_key_the_hsm_cannot_store_is_a_503_that_says_where_to_look(
         tmp_path: Path) -> None:
     """A full-disk trial: with SoftHSM's token directory on the full disk, `key rotate`

@@ -30,10 +30,10 @@ def lines_with(data: mmap.mmap, mark: bytes, start: int, end: int
 
 def made_unrecorded(path: Path, label: str) -> int | None:
     """The seq of the `hsm.keygen` line of the log at `path` that made the key `label`,
-    if no line records that key (`key.rotate`, `key.stage`, the root's `key.ceremony`):
-    a rotation that stopped between the two. Else None. Labels carry a time and random
-    letters: few lines name one."""
-    made, recorded = None, False
+    if no line records that key (`key.rotate`, `key.stage`, the root's `key.ceremony`),
+    or each that did is voided: a rotation that stopped between the two. Else None.
+    Labels carry a time and random letters: few lines name one."""
+    made, recording = None, set()
     try:
         with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
             end = data.rfind(b"\n") + 1
@@ -41,7 +41,11 @@ def made_unrecorded(path: Path, label: str) -> int | None:
                 if line.get("event") == "hsm.keygen" and line.get("label") == label:
                     made = made if made is not None else line.get("seq")
                 elif line.get("event") in ("key.rotate", "key.stage", "key.ceremony"):
-                    recorded = True
+                    recording.add(line.get("seq"))
+            if recording:  # a line whose commit failed is voided (ca/lifecycle.py)
+                recording -= {line.get("voids") for line in lines_with(
+                    data, b'"event":"record.void"', 0, end)
+                    if line.get("voided") in ("key.rotate", "key.stage")}
     except (OSError, ValueError):  # (an empty file cannot be mapped)
         return None
-    return made if isinstance(made, int) and not recorded else None
+    return made if isinstance(made, int) and not recording else None
