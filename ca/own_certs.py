@@ -45,7 +45,7 @@ from ca.issuance.profiles import fingerprint, pem
 from ca.logs import Recurring
 from ca.policy import Reason, Refused
 from ca.revocation import Revocations, sent_or_withheld
-from ca.server_cert import RENEW_BEFORE, ensure_server_cert, superseded_path
+from ca.server_cert import RENEW_BEFORE, ensure_server_cert, noted_certs, superseded_path
 from ca.store import Store
 
 CHECK_S = 3600.0
@@ -116,16 +116,20 @@ class OwnCerts:
                         self._admin.failed(str(exc) or type(exc).__name__)
                     else:
                         self._admin.ok()
-            # Renewed here or by another node of the same state directory: loaded.
-            now = _digest_of(self.config.tls_cert)
-            if now is not None and now != self._served:
-                self._served = now
-                self.generations.bump("tls")
-                log.info("the listeners take the daemon's TLS certificate file anew at "
-                         "their next handshake")
-            if mine:
-                await self._supersede_noted()
+                    self._load_if_changed()
+                    # Under the lock: another node of this state directory notes what
+                    # it replaces in the same file (a review).
+                    await self._supersede_noted()
+            self._load_if_changed()  # renewed by another node of the state directory
             await self._say_ends()
+
+    def _load_if_changed(self) -> None:
+        now = _digest_of(self.config.tls_cert)
+        if now is not None and now != self._served:
+            self._served = now
+            self.generations.bump("tls")
+            log.info("the listeners take the daemon's TLS certificate file anew at their "
+                     "next handshake")
 
     async def _supersede_noted(self) -> None:
         """The listener's certificates replaced (by a round, a start, the root's
@@ -135,20 +139,18 @@ class OwnCerts:
         a year on, as the time to wait for (a key trial). One that cannot be revoked now
         (the HSM or the inventory away) stays noted for the next round."""
         noted = superseded_path(self.config)
-        try:
-            replaced = x509.load_pem_x509_certificates(noted.read_bytes())
-        except FileNotFoundError:
+        if not noted.exists():
             return
-        except (OSError, ValueError) as exc:  # a damaged note: said, then dropped
-            log.warning("cannot read the daemon's replaced TLS certificates: not revoked",
-                        path=str(noted), error=str(exc))
-            replaced = []
         served = first_cert(self.config.tls_cert)
         if served is None:
             return  # the pair being made again: not yet
-        # (the one served now, noted by a replacement a crash cut short, stays)
-        left = [cert for cert in replaced if cert.serial_number != served.serial_number
-                and not await self._supersede(cert)]
+        # (the one served now, noted by a replacement a crash cut short, is dropped)
+        done = {served.serial_number} | {
+            cert.serial_number for cert in noted_certs(noted)
+            if cert.serial_number != served.serial_number and await self._supersede(cert)}
+        # Read again: a start of another node of this state directory, which takes no
+        # lock, may have noted one meanwhile. What was not revoked stays noted.
+        left = [cert for cert in noted_certs(noted) if cert.serial_number not in done]
         if left:
             write_atomic(noted, "".join(pem(cert) for cert in left))
         else:

@@ -145,6 +145,23 @@ def superseded_path(config: Config) -> Path:
     return config.tls_cert.parent / ".superseded.pem"
 
 
+def noted_certs(noted: Path) -> list[x509.Certificate]:
+    """The certificates a note holds, each PEM block alone: a damaged block (or a file
+    that is no text) costs itself only, never a start (a review: a start that had to
+    renew the pair stopped on a note it could not decode)."""
+    try:
+        text = noted.read_bytes()
+    except OSError:
+        return []
+    certs = []
+    for block in text.split(b"-----END CERTIFICATE-----")[:-1]:
+        try:
+            certs.append(x509.load_pem_x509_certificate(block + b"-----END CERTIFICATE-----\n"))
+        except ValueError:
+            continue
+    return certs
+
+
 def replace_pair(config: Config, key_pem: str, cert_pem: str) -> None:
     """The listener's new key and certificate, the certificate they replace noted
     first: a start's renewal and the root's ceremony left it valid for its year, which
@@ -153,11 +170,7 @@ def replace_pair(config: Config, key_pem: str, cert_pem: str) -> None:
     old = first_cert(config.tls_cert)
     if old is not None:
         noted = superseded_path(config)
-        try:
-            before = noted.read_text()
-        except OSError:
-            before = ""
-        write_atomic(noted, before + pem(old), mode=0o644)
+        write_atomic(noted, "".join(pem(c) for c in [*noted_certs(noted), old]), mode=0o644)
     # Key first: a crash between the renames leaves a mismatch, which the next start
     # notices and repairs (above), never a certificate for a key that is gone.
     write_atomic_together([(config.tls_key, key_pem, 0o600), (config.tls_cert, cert_pem, 0o644)])

@@ -377,10 +377,11 @@ async def test_a_key_in_the_token_the_ca_does_not_know_is_named_at_start(
     try:
         found = await said(d, "the token holds a public key with no private key, which this "
                               "CA's inventory does not know: a key generation cut short (a "
-                              "rotation killed while it made its key). hsmca never uses it; "
-                              "remove it with the HSM's own tools (pkcs11-tool "
-                              "--delete-object --type pubkey --label LABEL) once you are "
-                              "sure whose it is", lambda e: True)
+                              "rotation killed while it made its key), or another "
+                              "application's public key. hsmca never uses it; remove it "
+                              "with the HSM's own tools (pkcs11-tool --delete-object --type "
+                              "pubkey --label LABEL) once you are sure whose it is",
+                           lambda e: True)
         assert [e["label"] for e in found] == ["ssh-user-ca-20261207090444-c46f"], found
         found = await said(d, "the token holds a private key this CA does not know (another "
                               "application's key, or one of hsmca's cut short); hsmca never "

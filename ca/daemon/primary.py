@@ -841,9 +841,10 @@ async def _name_unknown_keys(store: Store, pipeline: SigningPipeline,
         # stored the public half alone. Nothing can sign with it; said, not removed.
         log.warning("the token holds a public key with no private key, which this CA's "
                     "inventory does not know: a key generation cut short (a rotation "
-                    "killed while it made its key). hsmca never uses it; remove it with "
-                    "the HSM's own tools (pkcs11-tool --delete-object --type pubkey "
-                    "--label LABEL) once you are sure whose it is", label=label)
+                    "killed while it made its key), or another application's public key. "
+                    "hsmca never uses it; remove it with the HSM's own tools (pkcs11-tool "
+                    "--delete-object --type pubkey --label LABEL) once you are sure whose "
+                    "it is", label=label)
     for label in private:
         if label in known:
             continue

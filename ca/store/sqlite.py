@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import contextlib
 import datetime as dt
 import json
 import os
@@ -520,6 +521,12 @@ def damaged_error(path: Path, exc: BaseException) -> StoreUnavailable:
                             "(docs/operator.md, Backup and restore)")
 
 
+# SQLite's result codes of the host's doing, not the statement's (by prefix: the extended
+# codes, SQLITE_IOERR_WRITE and the like, begin so).
+_THE_HOSTS = ("SQLITE_IOERR", "SQLITE_FULL", "SQLITE_CANTOPEN", "SQLITE_BUSY", "SQLITE_LOCKED",
+              "SQLITE_READONLY", "SQLITE_PERM", "SQLITE_AUTH", "SQLITE_PROTOCOL")
+
+
 def _with_hint(why: str, path: Path) -> str:
     """SQLite's words for a full disk (or one failing writes: a full one can show as
     "disk I/O error"), with what to do (a full-disk trial read them bare)."""
@@ -724,7 +731,11 @@ class SQLiteStore:
         except sqlite3.DatabaseError as exc:
             if damaged(exc):
                 raise damaged_error(path, exc) from None
-            if isinstance(exc, sqlite3.OperationalError):  # a traceback at start before
+            if getattr(exc, "sqlite_errorname", "").startswith(_THE_HOSTS):
+                # The disk's or the file's doing (a full disk, a file it cannot open): one
+                # line, where a start gave a traceback. A statement's error stays one.
+                with contextlib.suppress(NameError, sqlite3.Error):
+                    w.close()
                 raise StoreUnavailable(f"cannot open the inventory {path}: "
                                        f"{_with_hint(str(exc), path)}") from None
             raise
