@@ -297,19 +297,25 @@ class KeyLifecycle:
 
     async def _not_committed(self, label: str, kind: str, seq: int, event: str,
                              exc: Exception, request_id: str | None) -> None:
-        """The rotation's line is written and its commit failed: unless the inventory
-        took it all the same (PostgreSQL's answer lost), the line is voided, so that no
-        line says a key was put in use that no process uses (a review), and the error
-        raised. Returns if the commit landed."""
+        """The rotation's line is written and its commit failed. Where the failure is
+        known to have committed nothing (SQLite rolls back; a statement's error comes
+        before the commit) and the inventory does not hold the key, the line is voided,
+        so that no line says a key was put in use that no process uses (a review), and
+        the error raised. A PostgreSQL commit whose answer was lost may land after any
+        look: that is said, not voided (a review). Returns if the commit landed."""
+        definite = not isinstance(exc, StoreUnavailable) or not _distributed(self.store)
         try:
             landed = any(r.label == label for r in await self.store.keys())
-        except Exception:  # the inventory away: whether it landed is unknown, and said
-            log.warning("a rotation's commit failed, and whether it landed cannot be read "
-                        "now: `hsmca key list` says, once the inventory answers", label=label,
-                        kind=kind, error=str(exc) or type(exc).__name__)
-            raise exc from None
+        except Exception:
+            landed = None
         if landed:
             return
+        if landed is None or not definite:
+            log.warning("a rotation's commit failed, and whether it landed cannot be told "
+                        "now: `hsmca key list` says once the inventory answers; if the key "
+                        "is not there, it is recorded nowhere and never used (docs/keys.md)",
+                        label=label, kind=kind, error=str(exc) or type(exc).__name__)
+            raise exc
         self._orphaned(label, kind, exc)
         with contextlib.suppress(Exception):  # best effort: the log may be away too
             await void(self.audit, seq, event, "the inventory did not take the new key",
@@ -374,6 +380,16 @@ class KeyLifecycle:
                         "before this change until the next key change or start",
                         path=str(exc.filename or self.bundle_path.parent),
                         error=exc.strerror or str(exc))
+
+
+def _distributed(store: Store) -> bool:
+    """A store whose commit may land after its answer was lost (PostgreSQL). Without
+    loading psycopg: if its module is not loaded, no store can be of its class."""
+    import sys
+    if "ca.store.postgres" not in sys.modules:
+        return False
+    from ca.store.postgres import PostgresStore
+    return isinstance(store, PostgresStore)
 
 
 def write_chain_files(x509_dir: Path, issuers: Issuers) -> None:

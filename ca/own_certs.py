@@ -144,15 +144,18 @@ class OwnCerts:
         served = first_cert(self.config.tls_cert)
         if served is None:
             return  # the pair being made again: not yet
-        # (the one served now, noted by a replacement a crash cut short, is dropped)
-        done = {served.serial_number} | {
-            cert.serial_number for cert in noted_certs(noted)
-            if cert.serial_number != served.serial_number and await self._supersede(cert)}
-        # Read again: a start of another node of this state directory, which takes no
-        # lock, may have noted one meanwhile. What was not revoked stays noted.
-        left = [cert for cert in noted_certs(noted) if cert.serial_number not in done]
+        revoked = {cert.serial_number for cert in noted_certs(noted)
+                   if cert.serial_number != served.serial_number
+                   and await self._supersede(cert)}
+        # Read again, the pair too: a start of another node of this state directory,
+        # which takes no lock, may have noted one meanwhile, and replaced the pair. What
+        # was not revoked stays noted; the one served now (noted by a replacement a crash
+        # cut short) is dropped.
+        served = first_cert(self.config.tls_cert) or served
+        left = [cert for cert in noted_certs(noted) if cert.serial_number not in revoked
+                and cert.serial_number != served.serial_number]
         if left:
-            write_atomic(noted, "".join(pem(cert) for cert in left))
+            write_atomic(noted, "".join(pem(cert) for cert in left), mode=0o644)
         else:
             noted.unlink(missing_ok=True)
 

@@ -151,14 +151,16 @@ def noted_certs(noted: Path) -> list[x509.Certificate]:
     renew the pair stopped on a note it could not decode)."""
     try:
         text = noted.read_bytes()
-    except OSError:
+    except FileNotFoundError:
         return []
     certs = []
     for block in text.split(b"-----END CERTIFICATE-----")[:-1]:
         try:
             certs.append(x509.load_pem_x509_certificate(block + b"-----END CERTIFICATE-----\n"))
-        except ValueError:
-            continue
+        except ValueError as exc:
+            log.warning("a damaged entry of the daemon's replaced TLS certificates is "
+                        "dropped: that certificate is not revoked as superseded",
+                        path=str(noted), error=str(exc))
     return certs
 
 
@@ -170,7 +172,14 @@ def replace_pair(config: Config, key_pem: str, cert_pem: str) -> None:
     old = first_cert(config.tls_cert)
     if old is not None:
         noted = superseded_path(config)
-        write_atomic(noted, "".join(pem(c) for c in [*noted_certs(noted), old]), mode=0o644)
+        try:
+            before = noted_certs(noted)
+        except OSError as exc:  # never the renewal's end: the entries it held are lost
+            log.warning("cannot read the daemon's replaced TLS certificates: those it "
+                        "held are not revoked as superseded", path=str(noted),
+                        error=exc.strerror or str(exc))
+            before = []
+        write_atomic(noted, "".join(pem(c) for c in [*before, old]), mode=0o644)
     # Key first: a crash between the renames leaves a mismatch, which the next start
     # notices and repairs (above), never a certificate for a key that is gone.
     write_atomic_together([(config.tls_key, key_pem, 0o600), (config.tls_cert, cert_pem, 0o644)])

@@ -853,9 +853,9 @@ async def _name_unknown_keys(store: Store, pipeline: SigningPipeline,
             # This log made it and never recorded the rotation: not an older backup's
             # (a full-disk trial was told to think of restoring one).
             log.warning("the token holds a key that a rotation made and stopped before it "
-                        "recorded (its hsm.keygen line, and no key.rotate line naming it): "
-                        "hsmca never uses it; remove it with the HSM's own tools "
-                        "(docs/keys.md)", label=label, keygen_seq=seq)
+                        "recorded (its hsm.keygen line, and no key.rotate line naming it "
+                        "that stands): hsmca never uses it; remove it with the HSM's own "
+                        "tools (docs/keys.md)", label=label, keygen_seq=seq)
         elif _ROTATED_LABEL.fullmatch(label):
             # Labelled as a rotation labels its keys: a rotation cut short, or an
             # inventory older than the key (a restore from a backup taken before a
