@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import errno
 import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -265,10 +266,14 @@ class KeyLifecycle:
         except BaseException as exc:
             self._orphaned(label, order.kind, exc)
             if isinstance(exc, OSError):
+                # What to do, by what failed (a docs trial was told to free space for a
+                # directory in the file's place).
+                then = ("Free space, then rotate again" if exc.errno in (
+                    errno.ENOSPC, errno.EDQUOT) else "Fix that, then rotate again")
                 raise NotDone(f"cannot write {exc.filename or 'a file'}: "
                               f"{exc.strerror or exc}; nothing was rotated (the key {label} "
                               "made in the token is recorded nowhere and never used: remove "
-                              "it, docs/keys.md). Free space, then rotate again") from None
+                              f"it, docs/keys.md). {then}") from None
             raise
         try:
             if staged:
