@@ -416,7 +416,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                         "response (it signs none), so retire a previous issuing key once its "
                         "certificates have expired. A retired SSH CA key's revoked "
                         "certificates stay in the KRL (it is not signed). Says how many "
-                        "are still valid.")
+                        "are still valid, and asks. Only a previous key, or a staged SSH "
+                        "key never used, can be retired: an active one is refused (rotate "
+                        "first); one that became retirable after the question was put (an "
+                        "admin rotated meanwhile) is refused too, and asked about again.")
     t.add_argument("label", help="the key's label (hsmca key list)")
     t.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     common(t)
