@@ -159,13 +159,14 @@ class OwnCerts:
         else:
             noted.unlink(missing_ok=True)
 
-    async def _supersede(self, cert: x509.Certificate) -> bool:
-        """Revoke `cert`, the listener's former one, as superseded; False if it must be
-        tried again."""
+    async def _supersede(self, cert: x509.Certificate, role: str = "server",
+                         what: str = "the daemon's previous TLS certificate") -> bool:
+        """Revoke `cert`, this daemon's former certificate of `role`, as superseded;
+        False if it must be tried again."""
         serial = format(cert.serial_number, "x")
         try:
             rec = await self.store.cert_by_fingerprint(fingerprint(cert))
-            if rec is None or rec.revoked_at is not None or rec.role != "server":
+            if rec is None or rec.revoked_at is not None or rec.role != role:
                 return True  # not this CA's, revoked already (a leaked key's), not its own
             ctx = decision_context(self.policies.current, self.issuance.issuers)
             order = ra.order(ctx, ra.Local(), ra.RevokeRequest(cert.serial_number,
@@ -173,15 +174,14 @@ class OwnCerts:
             await self.revocations.revoke(order, None)
         except Refused as exc:  # for good: not tried again
             if exc.reason is not Reason.ALREADY_REVOKED:  # (another node of this state
-                log.warning("the daemon's previous TLS certificate is not revoked as "
-                            "superseded", serial=serial, error=exc.detail)  # directory's)
+                log.warning(f"{what} is not revoked as superseded", serial=serial,
+                            error=exc.detail)  # directory's)
             return True
-        except Exception as exc:  # the HSM or the inventory away: the next round
-            log.warning("the daemon's previous TLS certificate is not revoked as "
-                        "superseded yet", serial=serial, error=str(exc) or type(exc).__name__)
+        except Exception as exc:  # the HSM or the inventory away
+            log.warning(f"{what} is not revoked as superseded now", serial=serial,
+                        error=str(exc) or type(exc).__name__)
             return False
-        log.info("the daemon's previous TLS certificate is revoked as superseded",
-                 serial=serial)
+        log.info(f"{what} is revoked as superseded", serial=serial)
         return True
 
     async def _say_ends(self) -> None:
@@ -231,6 +231,8 @@ class OwnCerts:
         log.info("this host's admin credential is renewed", path=str(path),
                  serial=format(issued.cert.serial_number, "x"),
                  ends=issued.cert.not_valid_after_utc.isoformat())
+        if cut_off:  # its CA revoked: not left "valid" among what must enroll again
+            await self._supersede(cert, "admin", "this host's previous admin credential")
 
     async def run(self) -> None:
         while True:

@@ -1110,6 +1110,7 @@ async def test_a_retired_issuing_key_s_ca_certificate_revoked_is_on_its_root_s_c
         old = re.search(r"^(\S+)\s+issuing\s+active", key_cmd(d, "list").stdout, re.M)
         assert old, key_cmd(d, "list").stdout
         label = old.group(1)
+        hosts_admin = load(ca.state / "admin/cert.pem")  # init's, of that key
         refused = key_cmd(d, "revoke", label, "--yes", check=False)
         assert refused.returncode == 1 and "rotate first" in refused.stderr, refused.stderr
         key_cmd(d, "rotate", "issuing")
@@ -1175,6 +1176,13 @@ async def test_a_retired_issuing_key_s_ca_certificate_revoked_is_on_its_root_s_c
                        d.state / "hsmca.toml", "--url", d.url).stdout
         assert format(load(old_leaf[0]).serial_number, "x") in listed, listed
         assert format(load(new_leaf[0]).serial_number, "x") not in listed, listed
+        # nor the host's own admin credential the daemon renewed: revoked as superseded
+        # (a docs trial found it listed among those to enroll again)
+        assert d.wait_stderr(lambda: any("this host's previous admin credential is revoked "
+                                         "as superseded" in line for line in d.stderr))
+        listed = hsmca("cert", "list", "--issuer", label, "--status", "valid", "--config",
+                       d.state / "hsmca.toml", "--url", d.url).stdout
+        assert format(hosts_admin.serial_number, "x") not in listed, listed
         # a mistyped label is said, not listed as a key that signed nothing
         typo = hsmca("cert", "list", "--issuer", label + "x", "--config",
                      d.state / "hsmca.toml", "--url", d.url, check=False)
