@@ -303,6 +303,64 @@ async def test_a_wrong_audit_key_is_named_on_the_keys_page(daemon: Daemon,
     assert "✓ the root you pinned (--ca)" in text
 
 
+async def test_a_certificate_page_shows_the_certificate_s_names_and_its_revoked_issuer(
+        tmp_path: Path) -> None:
+    """A web trial: names changed in the inventory were shown beside every ✓; a revoked
+    issuing CA certificate (`hsmca key revoke`) showed nowhere, its certificates green;
+    and a revocation the inventory lost went unremarked beside the signed CRL and OCSP
+    saying revoked."""
+    import re
+    import sqlite3
+
+    from tests.conftest import init_ca, start_daemon
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state)
+    try:
+        old_cert, _ = enroll(d, tmp_path, "service", ["old-key.internal.example"])
+        label = re.search(r"^(\S+)\s+issuing\s+active", hsmca(
+            "key", "list", "--config", d.state / "hsmca.toml", "--url", d.url).stdout, re.M)
+        assert label
+        for step in (("rotate", "issuing"), ("retire", label.group(1), "--yes"),
+                     ("revoke", label.group(1), "--yes")):
+            hsmca("key", *step, "--config", d.state / "hsmca.toml", "--url", d.url)
+        # (the admin credential of the revoked key authenticates no more: renewed first)
+        assert d.wait_stderr(lambda: any("this host's admin credential is renewed" in x
+                                         for x in d.stderr))
+        lost, _ = enroll(d, tmp_path, "service", ["lost.internal.example"])
+        lost_serial = cert_serial(lost)
+        status, _, raw = await http("POST", f"{d.url}/v1/x509/revoke", d.admin_ssl(),
+                                    body={"serial": lost_serial})
+        assert status == 200, raw
+        changed, _ = enroll(d, tmp_path, "service", ["honest.internal.example"])
+        with sqlite3.connect(ca.state / "hsmca.sqlite3") as db:  # someone at the CA host
+            db.execute("UPDATE certs SET names = '[\"evil.example\"]' WHERE serial = ?",
+                       (cert_serial(changed),))
+            db.execute("UPDATE certs SET revoked_at = NULL, reason = NULL WHERE serial = ?",
+                       (lost_serial,))
+        ui = auditors_view(d, tmp_path, "names-page-auditor@example.com")
+        try:
+            base = ui.listening_url()
+
+            def page(path: str) -> str:
+                try:
+                    with urllib.request.urlopen(f"{base}{path}", timeout=60) as answer:
+                        return answer.read().decode().replace("&#39;", "'")
+                except urllib.error.HTTPError as exc:
+                    raise AssertionError(f"{path}: {exc}: {''.join(ui.raw[-30:])}") from None
+            shown = page(f"/certificates/{cert_serial(changed)}")
+            assert "honest.internal.example" in shown and \
+                "✗ the inventory lists other names: evil.example" in shown, shown
+            shown = page(f"/certificates/{cert_serial(old_cert)}")
+            assert "its CA certificate revoked" in shown and "cACompromise" in shown, shown
+            assert "CA certificate revoked" in page("/keys")
+            shown = page(f"/certificates/{lost_serial}")
+            assert "✗ the inventory says not revoked, but the CA's signed" in shown, shown
+        finally:
+            ui.stop()
+    finally:
+        assert d.stop() == 0
+
+
 def auditors_view(daemon: Daemon, tmp_path: Path, auditor_name: str) -> Running:
     """`hsmca ui` on loopback, as an auditor enrolled now, pinned to the daemon's key."""
     auditor = enroll(daemon, tmp_path, "auditor", [auditor_name])

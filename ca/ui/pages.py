@@ -405,11 +405,16 @@ async def certificate(request: web.Request) -> web.Response:
     bundle_text, bundle_err = await _try(ui.ca.get("/v1/x509/bundle"))
     bundle = x509.load_pem_x509_certificates(bundle_text) if bundle_text else []
     links, issuer = certs.chain(cert, bundle, ui.root)
-    crl, ocsp, (audit, audit_log), (revoked, revoked_log), ssh = await asyncio.gather(
-        certs.crl_status(ui.ca, cert, issuer, rec.get("issuer")),
-        certs.ocsp_status(ui.ca, cert, issuer),
-        _evidence(ui, verdict, rec, cert), _revocation(ui, verdict, rec),
-        _ssh_asked(ui, serial))
+    crl, ocsp, (audit, audit_log), (revoked, revoked_log), ssh, (keys, _) = \
+        await asyncio.gather(
+            certs.crl_status(ui.ca, cert, issuer, rec.get("issuer")),
+            certs.ocsp_status(ui.ca, cert, issuer),
+            _evidence(ui, verdict, rec, cert), _revocation(ui, verdict, rec),
+            _ssh_asked(ui, serial), _try(ui.ca.json("/v1/keys")))
+    # Its issuing CA's certificate revoked (`hsmca key revoke`): said here, where the
+    # certificate looked valid (a web trial).
+    issuer_revoked = next((k for k in (keys or {}).get("keys", []) if k.get("revoked_at")
+                           and k.get("label") == rec.get("issuer")), None)
     verdict = await _report(request, verdict, audit_log, audit.intent, audit.outcome)
     if revoked is not None:
         verdict = await _report(request, verdict, revoked_log, revoked.line)
@@ -417,7 +422,10 @@ async def certificate(request: web.Request) -> web.Response:
                    rec=rec, error=None, der_ok=der_ok, fields=certs.describe(cert),
                    pem=rec["pem"], links=links, bundle_err=bundle_err, crl=crl, ocsp=ocsp,
                    audit=audit, audit_log_q=log_query(audit_log), summary=_summary,
-                   revoked=revoked, revoked_log_q=log_query(revoked_log), ssh=ssh)
+                   revoked=revoked, revoked_log_q=log_query(revoked_log), ssh=ssh,
+                   # the certificate's own names, not the inventory's (a web trial saw
+                   # names changed in the inventory shown beside every ✓)
+                   cert_names=certs.san_values(cert), issuer_revoked=issuer_revoked)
 
 
 async def _ssh_asked(ui: UI, serial: str) -> tuple[int, int] | None:
