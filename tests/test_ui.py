@@ -352,6 +352,10 @@ async def test_a_certificate_page_shows_the_certificate_s_names_and_its_revoked_
                 "✗ the inventory lists other names: evil.example" in shown, shown
             shown = page(f"/certificates/{cert_serial(old_cert)}")
             assert "its CA certificate revoked" in shown and "cACompromise" in shown, shown
+            # its CRL cannot be checked (the daemon serves that CA certificate no more):
+            # said so, not "does not verify" beside a verdict (a web trial)
+            assert "its CRL cannot be checked" in shown and "does not verify" not in shown, \
+                shown
             assert "CA certificate revoked" in page("/keys")
             shown = page(f"/certificates/{lost_serial}")
             assert "✗ the inventory says not revoked, but the CA's signed" in shown, shown

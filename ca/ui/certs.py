@@ -244,7 +244,15 @@ async def crl_status(ca: CA, cert: x509.Certificate, issuer: x509.Certificate | 
         return Revocation("CRL", False, "unavailable", problem=str(exc))
     except ValueError:
         return Revocation("CRL", False, "unavailable", problem="the daemon's CRL does not parse")
-    signed = issuer is not None and crl.issuer == issuer.subject and \
+    if issuer is None:
+        # Nothing to check it with (a web trial read "does not verify" where no check
+        # was made): the daemon serves no CA certificate that signed this one, as for a
+        # key retired with its CA certificate revoked. No verdict from an unchecked CRL.
+        return Revocation("CRL", False, "unchecked", problem="the daemon serves no CA "
+                          "certificate that signed this certificate (its issuing key's CA "
+                          "certificate revoked, or this is not the CA's certificate), so "
+                          "its CRL cannot be checked")
+    signed = crl.issuer == issuer.subject and \
         crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]
     number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number \
         if any(isinstance(e.value, x509.CRLNumber) for e in crl.extensions) else None
@@ -268,7 +276,9 @@ async def crl_status(ca: CA, cert: x509.Certificate, issuer: x509.Certificate | 
 async def ocsp_status(ca: CA, cert: x509.Certificate, issuer: x509.Certificate | None
                       ) -> Revocation:
     if issuer is None:
-        return Revocation("OCSP", False, "unavailable", problem="the issuer is unknown")
+        return Revocation("OCSP", False, "unchecked", problem="the daemon serves no CA "
+                          "certificate that signed this certificate, so no OCSP request "
+                          "can name it")
     request = ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, hashes.SHA256()).build()
     try:
         der = await ca.post("/v1/x509/ocsp", request.public_bytes(serialization.Encoding.DER),
