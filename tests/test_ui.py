@@ -332,6 +332,14 @@ async def test_a_certificate_page_shows_the_certificate_s_names_and_its_revoked_
                                     body={"serial": lost_serial})
         assert status == 200, raw
         changed, _ = enroll(d, tmp_path, "service", ["honest.internal.example"])
+        with sqlite3.connect(ca.state / "hsmca.sqlite3") as db:  # a rotation not taken
+            db.execute("CREATE TRIGGER no_keys BEFORE INSERT ON ca_keys BEGIN "
+                       "SELECT RAISE(ABORT, 'refused for the test'); END")
+        hsmca("key", "rotate", "ssh-user", "--config", d.state / "hsmca.toml", "--url",
+              d.url, check=False)
+        with sqlite3.connect(ca.state / "hsmca.sqlite3") as db:
+            db.execute("DROP TRIGGER no_keys")
+        [void] = [e for e in log_lines(ca.state) if e["event"] == "record.void"]
         with sqlite3.connect(ca.state / "hsmca.sqlite3") as db:  # someone at the CA host
             db.execute("UPDATE certs SET names = '[\"evil.example\"]' WHERE serial = ?",
                        (cert_serial(changed),))
@@ -359,6 +367,11 @@ async def test_a_certificate_page_shows_the_certificate_s_names_and_its_revoked_
             assert "CA certificate revoked" in page("/keys")
             shown = page(f"/certificates/{lost_serial}")
             assert "✗ the inventory says not revoked, but the CA's signed" in shown, shown
+            # a voided line says so, and its void names it (a web trial saw it as any)
+            shown = page(f"/audit/{void['voids']}")
+            assert f"voided: it changed nothing, says: seq {void['seq']}" in shown, shown
+            shown = page(f"/audit/{void['seq']}")
+            assert f"the line it says changed nothing: seq {void['voids']}" in shown, shown
         finally:
             ui.stop()
     finally:

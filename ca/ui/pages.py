@@ -768,6 +768,13 @@ async def audit_line(request: web.Request) -> web.Response:
         elif line.get("phase") == "outcome":
             at = await proofs.find_intent(ca, line)
             related = ("its intent", at[0]) if at else None
+        elif line.get("event") == "record.void" and isinstance(line.get("voids"), int):
+            related = ("the line it says changed nothing", line.get("voids"))
+        elif line.get("event") in proofs.VOIDABLE:
+            # A web trial saw a voided revocation shown as any other line.
+            void = await proofs.find_void(ca, line)
+            related = ("voided: it changed nothing, says", void) if void is not None \
+                else None
     except ClientError:
         related = None
     serial = line.get("serial")

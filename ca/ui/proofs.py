@@ -189,6 +189,27 @@ async def find_outcome(ca: CA, intent: Line, reach: int = 4000) -> tuple[int, by
     return None
 
 
+# The lines a later record.void may say changed nothing (ca/audit/voided.py)
+VOIDABLE = frozenset({"cert.revoke", "key.revoke", "key.rotate", "key.stage"})
+
+
+async def find_void(ca: CA, line: Line, reach: int = 4000) -> int | None:
+    """The seq of the record.void line that voids `line`, searched in the `reach` lines
+    after it (a void follows its line's failed commit at once)."""
+    start = line.seq + 1
+    while start < line.seq + 1 + reach:
+        found = await ca.entries(start, 1000)
+        if not found:
+            return None
+        for k, raw in enumerate(found):
+            obj = parse(raw)
+            if obj is not None and obj.get("event") == "record.void" and \
+                    obj.get("voids") == line.seq:
+                return start + k
+        start += len(found)
+    return None
+
+
 async def find_intent(ca: CA, outcome: Line, reach: int = 4000) -> tuple[int, bytes] | None:
     """(seq, bytes) of an outcome's intent line, searched in the `reach` lines before it."""
     op_id = outcome.get("op_id")
