@@ -27,7 +27,7 @@
         lastAnswer = new Date();
         box.className = "verdict verdict-" + (v.status === "ok" || v.status === "failed" ? v.status : "unknown");
         box.setAttribute("data-status", v.status);
-        banner.textContent = v.banner;
+        if (banner.textContent !== v.banner) { banner.textContent = v.banner; }
         detail.textContent = v.detail;
       })
       .catch(unanswered);
