@@ -23,7 +23,7 @@ carries a `contradiction`, and the page turns the verdict red for good.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,23 +170,30 @@ async def line(ca: CA, tree: TreeHead | None, seq: int) -> tuple[Line, Proof | N
     return await proven(ca, tree, seq, found[0]) if found else None
 
 
+async def _find_after(ca: CA, line: Line, reach: int,
+                      wanted: Callable[[dict[str, Any]], bool]) -> tuple[int, bytes] | None:
+    """(seq, bytes) of the first of the `reach` lines after `line` that is `wanted`."""
+    start = line.seq + 1
+    while start < line.seq + 1 + reach:
+        found = await ca.entries(start, 1000)
+        if not found:
+            return None
+        for k, raw in enumerate(found):
+            obj = parse(raw)
+            if obj is not None and wanted(obj):
+                return start + k, raw
+        start += len(found)
+    return None
+
+
 async def find_outcome(ca: CA, intent: Line, reach: int = 4000) -> tuple[int, bytes] | None:
     """(seq, bytes) of an intent's outcome line (same op_id), searched in the `reach`
     lines after it (outcomes follow within a group commit or two)."""
     op_id = intent.get("op_id")
     if not isinstance(op_id, str):
         return None
-    start = intent.seq + 1
-    while start < intent.seq + 1 + reach:
-        found = await ca.entries(start, 1000)
-        if not found:
-            return None
-        for k, raw in enumerate(found):
-            obj = parse(raw)
-            if obj is not None and obj.get("op_id") == op_id and obj.get("phase") == "outcome":
-                return start + k, raw
-        start += len(found)
-    return None
+    return await _find_after(ca, intent, reach, lambda obj: obj.get("op_id") == op_id
+                             and obj.get("phase") == "outcome")
 
 
 # The lines a later record.void may say changed nothing (ca/audit/voided.py)
@@ -196,18 +203,9 @@ VOIDABLE = frozenset({"cert.revoke", "key.revoke", "key.rotate", "key.stage"})
 async def find_void(ca: CA, line: Line, reach: int = 4000) -> int | None:
     """The seq of the record.void line that voids `line`, searched in the `reach` lines
     after it (a void follows its line's failed commit at once)."""
-    start = line.seq + 1
-    while start < line.seq + 1 + reach:
-        found = await ca.entries(start, 1000)
-        if not found:
-            return None
-        for k, raw in enumerate(found):
-            obj = parse(raw)
-            if obj is not None and obj.get("event") == "record.void" and \
-                    obj.get("voids") == line.seq:
-                return start + k
-        start += len(found)
-    return None
+    found = await _find_after(ca, line, reach, lambda obj: obj.get("event") == "record.void"
+                              and obj.get("voids") == line.seq)
+    return found[0] if found is not None else None
 
 
 async def find_intent(ca: CA, outcome: Line, reach: int = 4000) -> tuple[int, bytes] | None:
