@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import select
 import socket
 import ssl
 import subprocess
@@ -120,17 +121,16 @@ def enroll(d: Daemon, tmp: Path, role: str, names: list[str], principals: list[s
 
 def gone(pid: str, within_s: float = 30.0) -> bool:
     """Whether process `pid` has ended (gone, or a zombie) within `within_s`: a signal
-    to its group is delivered when it next runs, on a loaded machine a moment later."""
-    stat_file = Path(f"/proc/{pid}/stat")
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        try:
-            if stat_file.read_text().split(") ")[1][0] == "Z":
-                return True
-        except (FileNotFoundError, ProcessLookupError):
-            return True
-        time.sleep(0.05)  # a poll of /proc, bounded above
-    return False
+    to its group is delivered when it next runs, on a loaded machine a moment later.
+    Waited for on a pidfd, which becomes readable when the process ends."""
+    try:
+        fd = os.pidfd_open(int(pid))
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], within_s)[0])
+    finally:
+        os.close(fd)
 
 
 # ---- the audit log ---------------------------------------------------------------------
