@@ -39,7 +39,7 @@ from ca.issuance.issue import Issuance, sign_ca_cert
 from ca.issuance.issuers import Issuers, ssh_public_key
 from ca.issuance.profiles import ca_name, issuing_ca_name, pem, utcnow
 from ca.policy import Reason, Refused
-from ca.store import KeyRecord, Store
+from ca.store import KeyRecord, Store, clustered
 from ca.store.errors import StoreUnavailable
 from hsm.errors import HSMError
 
@@ -308,7 +308,7 @@ class KeyLifecycle:
         so that no line says a key was put in use that no process uses (a review), and
         the error raised. A PostgreSQL commit whose answer was lost may land after any
         look: that is said, not voided (a review). Returns if the commit landed."""
-        definite = not isinstance(exc, StoreUnavailable) or not _distributed(self.store)
+        definite = not isinstance(exc, StoreUnavailable) or not clustered(self.store)
         try:
             landed = any(r.label == label for r in await self.store.keys())
         except Exception:
@@ -385,16 +385,6 @@ class KeyLifecycle:
                         "before this change until the next key change or start",
                         path=str(exc.filename or self.bundle_path.parent),
                         error=exc.strerror or str(exc))
-
-
-def _distributed(store: Store) -> bool:
-    """A store whose commit may land after its answer was lost (PostgreSQL). Without
-    loading psycopg: if its module is not loaded, no store can be of its class."""
-    import sys
-    if "ca.store.postgres" not in sys.modules:
-        return False
-    from ca.store.postgres import PostgresStore
-    return isinstance(store, PostgresStore)
 
 
 def write_chain_files(x509_dir: Path, issuers: Issuers) -> None:

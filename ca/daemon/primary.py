@@ -30,7 +30,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from cryptography import x509
@@ -70,7 +70,7 @@ from ca.process import raise_fd_limit, settle_heap
 from ca.revocation.from_log import complete_from_log
 from ca.revocation.ocsp import OCSPRefresher, OCSPSigner
 from ca.server_cert import ensure_server_cert, one_missing
-from ca.store import Store, open_store
+from ca.store import Store, clustered, open_store
 from ca.store.errors import StoreUnavailable
 from ca.store.sqlite import SQLiteStore, damaged_error
 from ca.subject import spki_sha256
@@ -541,7 +541,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         # `processing` without a certificate was cut short by a kill before it issued;
         # its client finalizes again. (Several nodes: another may be finalizing it.)
         # One with a certificate is settled once the unreleased are revoked, below.
-        if not _cluster(store) and (reopened := await store.reopen_acme_finalizes()):
+        if not clustered(store) and (reopened := await store.reopen_acme_finalizes()):
             log.warning("ACME orders cut short while finalizing are ready again",
                         orders=reopened)
         # Revocations the log records and the inventory lacks (a stop between the line
@@ -565,7 +565,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         if isinstance(store, SQLiteStore):
             background.append(asyncio.create_task(_checkpoint_inventory(store)))
             background.append(asyncio.create_task(_check_inventory(store, generations)))
-        if _cluster(store):
+        if clustered(store):
             # A revocation or key change committed by any node reaches this node's
             # processes: NOTIFY at once, a poll if a notification is lost.
             if config.node is not None:
@@ -599,7 +599,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
                              Revocations(store, audit, issuance, generations,
                                          _context_now(issuance, policies)))
         background.append(asyncio.create_task(own_certs.run()))
-        if _cluster(store):
+        if clustered(store):
             assert name_held is not None
             background.append(asyncio.create_task(_keep_node_name(name_held, store)))
 
@@ -758,15 +758,6 @@ async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _cluster(store: Store | None) -> TypeGuard[PostgresStore]:
-    """A PostgreSQL store (several nodes). A single node never loads psycopg: if the
-    module is not loaded, no store can be of its class."""
-    if store is None or "ca.store.postgres" not in sys.modules:
-        return False
-    from ca.store.postgres import PostgresStore
-    return isinstance(store, PostgresStore)
-
-
 def _on_change(config: Config, store: PostgresStore, generations: Generations,
                keys: Keyring, policy_watch: PolicyWatch | None) -> Callable[[str], None]:
     """What a change another node committed means here (called on the store's thread):
@@ -848,15 +839,15 @@ async def _name_unknown_keys(store: Store, pipeline: SigningPipeline,
     for label in private:
         if label in known:
             continue
-        if _ROTATED_LABEL.fullmatch(label) and (
-                seq := await asyncio.to_thread(made_unrecorded, log_path, label)):
+        rotated = _ROTATED_LABEL.fullmatch(label) is not None
+        if rotated and (seq := await asyncio.to_thread(made_unrecorded, log_path, label)):
             # This log made it and never recorded the rotation: not an older backup's
             # (a full-disk trial was told to think of restoring one).
             log.warning("the token holds a key that a rotation made and stopped before it "
                         "recorded (its hsm.keygen line, and no key.rotate line naming it "
                         "that stands): hsmca never uses it; remove it with the HSM's own "
                         "tools (docs/keys.md)", label=label, keygen_seq=seq)
-        elif _ROTATED_LABEL.fullmatch(label):
+        elif rotated:
             # Labelled as a rotation labels its keys: a rotation cut short, or an
             # inventory older than the key (a restore from a backup taken before a
             # rotation: the key may be the CA's current root or issuing key).
@@ -968,7 +959,7 @@ async def _hold_node_name(config: Config, store: Store | None) -> Lease | None:
     """Cluster mode: the node's name, held in PostgreSQL for the life of this process
     (an advisory lock that goes with its connection). Two nodes of one name would
     write one log from two places; the second is refused before it writes a line."""
-    if not _cluster(store):
+    if not clustered(store):
         return None
     lease = store.lease(f"node:{config.node}")
     if not await lease.try_take():
@@ -1002,7 +993,7 @@ def _open_audit(config: Config, audit_key: AuditKeys, store: Store | None,
     `audit_key` holds the previous audit key too while one is in use: another node's
     hand-over made the new key the state directory's, and this node's log, stopped
     during the rotation, ends with a checkpoint of the previous key alone."""
-    if not _cluster(store):
+    if not clustered(store):
         from ca.audit.cluster import complete_lines
         counted = complete_lines(config.audit_log)[0]
         _check_against_inventory(config, counted)  # before opening builds anything
@@ -1033,7 +1024,7 @@ def _open_audit(config: Config, audit_key: AuditKeys, store: Store | None,
 def _publisher(config: Config, store: Store | None
                ) -> Callable[[int, str], Awaitable[None]] | None:
     """Cluster mode: each checkpoint goes to PostgreSQL, whence every node serves it."""
-    if not _cluster(store) or config.node is None:
+    if not clustered(store) or config.node is None:
         return None
     from ca.audit import cluster
     return cluster.publisher(store, config.node)
@@ -1179,7 +1170,7 @@ async def _settle_tokens(store: Store, audit: AuditLog) -> None:
     a kill left unanswered, 15 retries were told the token was spent."""
     run = audit.last_run
     since, asked = None, run.enrolled
-    if not _cluster(store):
+    if not clustered(store):
         first, earlier = await asyncio.to_thread(audit.earlier_runs)
         asked = (*asked, *earlier)
         try:
@@ -1305,7 +1296,7 @@ async def _refresh_ocsp(issuance: Issuance, store: Store, policies: control.Poli
     dies with its holder's connection)."""
     refresher = OCSPRefresher(OCSPSigner(issuance, _context_now(issuance, policies)),
                               on_current=on_current)
-    if not _cluster(store):
+    if not clustered(store):
         await refresher.run()
         return
     lease = store.lease("ocsp-refresh")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import datetime as dt
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, TypeGuard
 
 from ca.store.errors import NoInventory
 from ca.store.records import (
@@ -44,6 +44,9 @@ from ca.store.records import (
     SSHSelector,
     TokenRecord,
 )
+
+if TYPE_CHECKING:
+    from ca.store.postgres import PostgresStore
 
 __all__ = ["AcmeAccount", "AcmeAuthz", "AcmeCert", "AcmeChallenge", "AcmeEAB", "AcmeOrder",
            "CRLRecord", "CertPage", "CertQuery", "CertRecord", "CrossCert", "IssuanceCount",
@@ -514,6 +517,17 @@ class Store(Protocol):
 
 def is_postgres(location: object) -> bool:
     return str(location).startswith(("postgresql://", "postgres://"))
+
+
+def clustered(store: Store | None) -> TypeGuard[PostgresStore]:
+    """A PostgreSQL store (several nodes; a commit whose answer was lost may land
+    later). A single node never loads psycopg: if the module is not loaded, no store
+    can be of its class."""
+    import sys
+    if store is None or "ca.store.postgres" not in sys.modules:
+        return False
+    from ca.store.postgres import PostgresStore
+    return isinstance(store, PostgresStore)
 
 
 def open_store(location: object, *, autocheckpoint: bool = True, new: bool = False) -> Store:
