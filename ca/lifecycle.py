@@ -157,6 +157,13 @@ class KeyLifecycle:
         done: dict[str, Any] = {"label": order.label, "kind": order.kind, "state": "retired"
                                 if order.action == "retire" else "destroyed",
                                 "live": live, "live_until": until}
+        if order.action == "destroy":
+            record = next((r for r in await self.store.keys() if r.label == order.label),
+                          None)
+            if record is not None and record.revoked_at:
+                # Its certificates are refused already wherever the root's CRL is
+                # checked: the CLI must not say they "work where trusted" (a review).
+                done["revoked_at"] = record.revoked_at
         if absent:
             done["absent_from_token"] = True  # no C_DestroyObject: the CLI says so
             done["warnings"] = [f"the token no longer held {order.label!r} (an earlier destroy "

@@ -1190,6 +1190,16 @@ async def test_a_retired_issuing_key_s_ca_certificate_revoked_is_on_its_root_s_c
             typo.stderr, typo.stderr
         again = key_cmd(d, "revoke", label, "--yes", check=False)
         assert again.returncode == 1 and "revoked already" in again.stderr, again.stderr
+        # Destroying it says that what it issued is refused already, not that it "works
+        # where it is trusted" (a review)
+        no = hsmca("key", "destroy", label, "--config", d.state / "hsmca.toml", "--url",
+                   d.url, input="no\n", check=False)
+        assert no.returncode == 1 and "refused already where its root's CRL is checked" \
+            in no.stderr, no.stderr
+        gone = key_cmd(d, "destroy", label, "--yes")
+        assert "its CA certificate is revoked: relying parties that check its root's CRL " \
+            "refuse them already" in gone.stderr and "work where they are trusted" not in \
+            gone.stderr, gone.stderr
     finally:
         assert d.stop() == 0
     audit_verify(ca.state, ok=True)

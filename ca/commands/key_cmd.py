@@ -209,7 +209,11 @@ def run(args: argparse.Namespace) -> int:
     if action == "revoke":
         return _revoke(args)
     def destroy_question(key: dict[str, Any]) -> str:
-        live = (f" {key['live']} certificate(s) it signed are still valid (the last until "
+        live = (f" {key['live']} certificate(s) it signed are unexpired (the last until "
+                f"{key['live_until']}), refused already where its root's CRL is checked, "
+                "since its CA certificate is revoked." if key.get("live")
+                and key.get("revoked_at") else
+                f" {key['live']} certificate(s) it signed are still valid (the last until "
                 f"{key['live_until']}): their signatures stay good, but the CA can never "
                 "sign for this key again." if key.get("live") else "")
         return f"Destroy {args.label} in the HSM? This cannot be undone.{live}"
@@ -222,7 +226,11 @@ def run(args: argparse.Namespace) -> int:
               "holding it (the audit log records it)")
     else:
         print(f"destroyed {out['label']} (C_DestroyObject; the audit log records it)")
-    if out.get("live"):  # said in the daemon's log alone before (a key trial)
+    if out.get("live") and out.get("revoked_at"):
+        print(f"hsmca: warning: {out['live']} certificate(s) it signed are unexpired, but "
+              "its CA certificate is revoked: relying parties that check its root's CRL "
+              "refuse them already, and hsmca takes none of them", file=sys.stderr)
+    elif out.get("live"):  # said in the daemon's log alone before (a key trial)
         nothing = ("no CRL, no OCSP" if out.get("kind") in ("issuing", "root")
                    else "no SSH certificate")
         print(f"hsmca: warning: {out['live']} certificate(s) it signed are still valid: "
