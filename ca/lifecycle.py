@@ -285,9 +285,22 @@ class KeyLifecycle:
         try:
             if staged:
                 await self.store.add_keys([record])  # as `next`: published, signing nothing
-            else:
-                await self.store.rotate_keys([record])
+            elif await self.store.rotate_keys([record], replacing={order.kind: current.label}
+                                              ) is None:
+                # Another rotation of this kind committed since `current` was read: this
+                # line names a previous key that is not (a review: two at once both said
+                # the same previous key was replaced).
+                self._orphaned(label, order.kind, RotatedMeanwhile())
+                await void(self.audit, seq, "key.rotate", f"another rotation replaced "
+                           f"{current.label} first", request_id)
+                raise Refused(f"another rotation of the {order.kind} key finished while this "
+                              f"one ran; nothing was rotated by this one (the key {label} it "
+                              "made is recorded nowhere and never used: remove it, "
+                              "docs/keys.md). `hsmca key list` shows the keys now",
+                              Reason.CONFLICT)
         except Exception as exc:
+            if isinstance(exc, Refused):
+                raise
             await self._not_committed(label, order.kind, seq, "key.stage" if staged
                                       else "key.rotate", exc, request_id)
         await self._published()
@@ -368,12 +381,18 @@ class KeyLifecycle:
         current = issuers.current_ssh[cert_type]
         staged = issuers.ssh.get(order.label)
         fingerprint = staged.key.spki_sha256 if staged is not None else None
-        await self.audit.append("key.rotate", kind=order.kind, label=order.label,
-                                previous=current, fingerprint=fingerprint, staged=True,
-                                actor=order.actor, request_id=request_id)
+        seq = await self.audit.append("key.rotate", kind=order.kind, label=order.label,
+                                      previous=current, fingerprint=fingerprint, staged=True,
+                                      actor=order.actor, request_id=request_id)
         if await self.store.promote_key(order.label, order.kind,
-                                        dt.datetime.now(dt.UTC).isoformat()) is None:
-            raise Refused(f"{order.label!r} changed meanwhile", Reason.CONFLICT)
+                                        dt.datetime.now(dt.UTC).isoformat(),
+                                        replacing=current) is None:
+            # The line stood for a change that did not happen (a review found it left).
+            await void(self.audit, seq, "key.rotate", f"{order.label} or {current} changed "
+                       "before this committed", request_id)
+            raise Refused(f"{order.label!r} or the active {order.kind} key changed meanwhile "
+                          "(another rotation); nothing was rotated by this one. `hsmca key "
+                          "list` shows the keys now", Reason.CONFLICT)
         await self._published()
         return {"label": order.label, "kind": order.kind, "previous": current,
                 "fingerprint": fingerprint, "staged": True}
@@ -392,6 +411,13 @@ class KeyLifecycle:
                         "before this change until the next key change or start",
                         path=str(exc.filename or self.bundle_path.parent),
                         error=exc.strerror or str(exc))
+
+
+class RotatedMeanwhile(Exception):
+    """Why a rotation's key was left unused: another rotation of its kind won."""
+
+    def __str__(self) -> str:
+        return "another rotation of the same kind committed first"
 
 
 def write_chain_files(x509_dir: Path, issuers: Issuers) -> None:

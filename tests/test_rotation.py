@@ -1471,3 +1471,38 @@ async def test_a_start_names_the_keys_in_use_and_a_config_naming_a_retired_one(
         assert [(e["label"], e["state"]) for e in said] == [("issuing-ca", "retired")], said
     finally:
         assert d.stop() == 0
+
+
+async def test_rotations_of_one_kind_at_once_each_standing_line_names_the_key_it_replaced(
+        tmp_path: Path) -> None:
+    """A review: two rotations of one kind at once both read the same active key, and
+    both lines named it as the key replaced, though the second replaced the first's new
+    key. A rotation that finds the active key changed when it commits is refused (409),
+    its line voided, so the standing lines chain one key to the next."""
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state)
+    try:
+        first = re.search(r"^(\S+)\s+ssh-user\s+active", key_cmd(d, "list").stdout, re.M)
+        assert first
+        answers = await asyncio.gather(*(http(
+            "POST", f"{d.url}/v1/keys/rotate", d.admin_ssl(), body={"kind": "ssh-user"})
+            for _ in range(4)))
+        codes = sorted(a[0] for a in answers)
+        assert codes[0] == 201 and set(codes) <= {201, 409}, answers
+        for status, _, raw in answers:
+            if status == 409:
+                assert "another rotation of the ssh-user key finished while this one ran" \
+                    in json.loads(raw)["detail"], raw
+        listed = key_cmd(d, "list").stdout
+    finally:
+        assert d.stop() == 0
+    lines = log_lines(ca.state)
+    voided = {e["voids"] for e in lines if e["event"] == "record.void"}
+    standing = [e for e in lines if e["event"] == "key.rotate" and e["kind"] == "ssh-user"
+                and e["seq"] not in voided]
+    assert len(standing) == codes.count(201), (standing, answers)
+    assert [e["previous"] for e in standing] == \
+        [first.group(1)] + [e["label"] for e in standing[:-1]], standing
+    active = re.search(r"^(\S+)\s+ssh-user\s+active", listed, re.M)
+    assert active and active.group(1) == standing[-1]["label"], listed
+    audit_verify(ca.state, ok=True)

@@ -271,6 +271,14 @@ def test_keys_rotate_and_change_state_once(store: Store) -> None:
     assert states == {"issuing-ca": "previous", "issuing-2": "active"}
     assert run(store.set_key_state("issuing-ca", "retired", NOW, "previous")) is True
     assert run(store.set_key_state("issuing-ca", "retired", NOW, "previous")) is False
+    # A rotation that would replace a key no longer active (another rotation committed
+    # first) changes nothing (a review: both lines named the same key as replaced)
+    assert run(store.rotate_keys([key("issuing-3")], replacing={"issuing": "issuing-ca"})) \
+        is None
+    assert {k.label: k.state for k in run(store.keys())} == {
+        "issuing-ca": "retired", "issuing-2": "active"}
+    assert run(store.rotate_keys([key("issuing-3")], replacing={"issuing": "issuing-2"})) \
+        == ["issuing-2"]
 
 
 def test_a_staged_ssh_key_is_promoted_once_and_the_active_one_becomes_previous(
@@ -283,6 +291,8 @@ def test_a_staged_ssh_key_is_promoted_once_and_the_active_one_becomes_previous(
     assert {k.label: k.state for k in run(store.keys())} == {
         "ssh-user-ca": "active", "ssh-user-2": "next"}
     assert run(store.promote_key("ssh-user-2", "ssh-host", LATER)) is None  # another kind
+    assert run(store.promote_key("ssh-user-2", "ssh-user", LATER, replacing="ssh-user-0")) \
+        is None  # the active key is another than the one it would replace
     assert run(store.promote_key("ssh-user-2", "ssh-user", LATER)) == ["ssh-user-ca"]
     assert run(store.promote_key("ssh-user-2", "ssh-user", LATER)) is None  # done already
     assert {k.label: (k.state, k.changed_at) for k in run(store.keys())} == {
@@ -338,6 +348,20 @@ def test_two_nodes_racing_for_one_token_issue_exactly_once(postgres_server: Any)
         times = [at for _, at in taken]
         assert times == sorted(set(times)) and all(t.utcoffset() == dt.timedelta(0)
                                                    for t in times), times
+        # Rotations of one kind on both nodes at once, each replacing the key it read as
+        # active: one commits, the others change nothing
+        run(nodes[0].add_keys([KeyRecord("ssh-user-ca", "ssh-user", "active", "ed25519",
+                                         NOW.isoformat(), "f" * 64, "pkcs11:object=a", None,
+                                         NOW.isoformat())]))
+
+        async def rotations() -> list[list[str] | None]:
+            return await asyncio.gather(*(nodes[i % 2].rotate_keys(
+                [KeyRecord(f"ssh-user-{i}", "ssh-user", "active", "ed25519", NOW.isoformat(),
+                           "f" * 64, f"pkcs11:object={i}", None, NOW.isoformat())],
+                replacing={"ssh-user": "ssh-user-ca"}) for i in range(8)))
+        done = [r for r in run(rotations()) if r is not None]
+        assert done == [["ssh-user-ca"]], done
+        assert sorted(k.state for k in run(nodes[1].keys())) == ["active", "previous"]
     finally:
         for n in nodes:
             n.close()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol, TypeGuard
 
 from ca.store.errors import NoInventory
@@ -298,19 +298,23 @@ class Store(Protocol):
         they lack: recorded before the inventory kept it)."""
         ...
 
-    async def rotate_keys(self, new: Sequence[KeyRecord],
-                          cross: Sequence[CrossCert] = ()) -> list[str]:
+    async def rotate_keys(self, new: Sequence[KeyRecord], cross: Sequence[CrossCert] = (),
+                          replacing: Mapping[str, str] | None = None) -> list[str] | None:
         """Make each of `new` its kind's active key and the one active before it
         previous, and record `cross`, all in one transaction (a root ceremony's new
         root, its cross certificates and its new issuing key are there together or not
-        at all); the labels that became previous."""
+        at all); the labels that became previous. `replacing`, kind to label: the
+        active key each kind must still have; if one has another (a rotation of the same
+        kind committed meanwhile), nothing changes and None is returned."""
         ...
 
-    async def promote_key(self, label: str, kind: str, at: str) -> list[str] | None:
+    async def promote_key(self, label: str, kind: str, at: str,
+                          replacing: str | None = None) -> list[str] | None:
         """The `next` key `label` (staged with `add_keys`: published, signing nothing)
         becomes its kind's active key and the active one
         previous, in one transaction; the labels that became previous, or None when
-        `label` is not a next key of `kind` (it changed meanwhile: nothing changed)."""
+        `label` is not a next key of `kind`, or the kind's active key is not `replacing`
+        when that is given (it changed meanwhile: nothing changed)."""
         ...
 
     async def set_key_state(self, label: str, state: str, at: dt.datetime,

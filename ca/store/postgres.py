@@ -24,7 +24,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import psycopg
@@ -1049,9 +1049,12 @@ class PostgresStore:
             await _changed(db, "keys")
         await self._tx(insert)
 
-    async def rotate_keys(self, new: Sequence[KeyRecord],
-                          cross: Sequence[CrossCert] = ()) -> list[str]:
-        async def rotate(db: Conn) -> list[str]:
+    async def rotate_keys(self, new: Sequence[KeyRecord], cross: Sequence[CrossCert] = (),
+                          replacing: Mapping[str, str] | None = None) -> list[str] | None:
+        async def rotate(db: Conn) -> list[str] | None:
+            for kind, label in (replacing or {}).items():
+                if await _active_labels(db, kind) != [label]:
+                    return None
             old: list[str] = []
             for key in new:
                 cur = await db.execute(
@@ -1072,8 +1075,11 @@ class PostgresStore:
             return old
         return await self._tx(rotate)
 
-    async def promote_key(self, label: str, kind: str, at: str) -> list[str] | None:
+    async def promote_key(self, label: str, kind: str, at: str,
+                          replacing: str | None = None) -> list[str] | None:
         async def promote(db: Conn) -> list[str] | None:
+            if replacing is not None and await _active_labels(db, kind) != [replacing]:
+                return None
             cur = await db.execute("UPDATE ca_keys SET state = 'active', changed_at = %s "
                                    "WHERE label = %s AND kind = %s AND state = 'next'",
                                    (at, label, kind))
@@ -1976,3 +1982,12 @@ async def migrate(conn: Conn) -> int | None:
         return None
     finally:
         await conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+
+
+async def _active_labels(db: Conn, kind: str) -> list[str]:
+    """The kind's active key, its row locked: a rotation of the same kind on another
+    node waits for this transaction, then finds the key it would replace gone from
+    `active` (read committed re-checks a locked row) and changes nothing."""
+    cur = await db.execute("SELECT label FROM ca_keys WHERE kind = %s AND state = 'active' "
+                           "FOR UPDATE", (kind,))
+    return [r[0] for r in await cur.fetchall()]

@@ -20,7 +20,7 @@ import queue
 import sqlite3
 import stat
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -1337,9 +1337,12 @@ class SQLiteStore:
                   r.cert, r.changed_at, r.ssh_public_key) for r in records])
         await self._write(insert)
 
-    async def rotate_keys(self, new: Sequence[KeyRecord],
-                          cross: Sequence[CrossCert] = ()) -> list[str]:
-        def rotate(db: sqlite3.Connection) -> list[str]:
+    async def rotate_keys(self, new: Sequence[KeyRecord], cross: Sequence[CrossCert] = (),
+                          replacing: Mapping[str, str] | None = None) -> list[str] | None:
+        def rotate(db: sqlite3.Connection) -> list[str] | None:
+            for kind, label in (replacing or {}).items():
+                if _active_labels(db, kind) != [label]:
+                    return None
             old: list[str] = []
             for key in new:
                 old += [r[0] for r in db.execute(
@@ -1357,8 +1360,11 @@ class SQLiteStore:
             return old
         return await self._write(rotate)
 
-    async def promote_key(self, label: str, kind: str, at: str) -> list[str] | None:
+    async def promote_key(self, label: str, kind: str, at: str,
+                          replacing: str | None = None) -> list[str] | None:
         def promote(db: sqlite3.Connection) -> list[str] | None:
+            if replacing is not None and _active_labels(db, kind) != [replacing]:
+                return None
             if db.execute("UPDATE ca_keys SET state = 'active', changed_at = ? WHERE label = ? "
                           "AND kind = ? AND state = 'next'", (at, label, kind)).rowcount != 1:
                 return None
@@ -1769,6 +1775,11 @@ def _rate_over(db: sqlite3.Connection, kind: str, keys: Sequence[str], since: dt
         if n >= limit:
             return key
     return None
+
+
+def _active_labels(db: sqlite3.Connection, kind: str) -> list[str]:
+    return [r[0] for r in db.execute("SELECT label FROM ca_keys WHERE kind = ? AND state = "
+                                     "'active'", (kind,))]
 
 
 class _Undo(Exception):
