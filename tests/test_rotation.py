@@ -1506,3 +1506,66 @@ async def test_rotations_of_one_kind_at_once_each_standing_line_names_the_key_it
     active = re.search(r"^(\S+)\s+ssh-user\s+active", listed, re.M)
     assert active and active.group(1) == standing[-1]["label"], listed
     audit_verify(ca.state, ok=True)
+
+
+def _undo_rotation_in_inventory(state: Path, kind: str) -> str:
+    """The inventory as a kill between a rotation's line and its commit leaves it: the
+    newest key of `kind` gone, the one it replaced active again. Returns its label."""
+    with sqlite3.connect(state / "hsmca.sqlite3") as db:
+        new, old = (r[0] for r in db.execute(
+            "SELECT label FROM ca_keys WHERE kind = ? ORDER BY created_at DESC LIMIT 2",
+            (kind,)))
+        db.execute("DELETE FROM ca_keys WHERE label = ?", (new,))
+        db.execute("UPDATE ca_keys SET state = 'active' WHERE label = ?", (old,))
+    return str(new)
+
+
+async def test_a_rotation_killed_before_its_commit_is_voided_at_the_next_start(
+        tmp_path: Path) -> None:
+    """A review: a rotation killed between its key.rotate line and its inventory commit
+    left the line standing, saying a key was put in use that no process ever used, and
+    each start then spoke of an inventory restored from an older backup. The start
+    voids it, on one node, when nothing ever signed with the key; a key that signed
+    (an inventory older than the rotation) is left to the operator."""
+    from tests.test_revocation import ssh_user_cert
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state)
+    try:
+        key_cmd(d, "rotate", "ssh-user")
+    finally:
+        assert d.stop() == 0
+    never = _undo_rotation_in_inventory(ca.state, "ssh-user")
+    d = start_daemon(ca.state)
+    try:
+        assert d.wait_stderr(lambda: any(
+            "a rotation stopped between its audit line and its inventory commit: its line "
+            "is voided" in x and never in x for x in d.stderr)), d.stderr
+        assert re.search(r"(?m)^ssh-user-ca\s+ssh-user\s+active", key_cmd(d, "list").stdout)
+        # and a rotation that signed, whose row the inventory then lost, is not voided
+        key_cmd(d, "rotate", "ssh-user")
+        user = enroll(d, tmp_path, "user", ["bob@example.org"], ["bob"])
+        ssh_user_cert(d, tmp_path, user, "id_new")
+    finally:
+        assert d.stop() == 0
+    used = _undo_rotation_in_inventory(ca.state, "ssh-user")
+    lines = log_lines(ca.state)
+    voids = {e["voids"] for e in lines if e["event"] == "record.void"}
+    rotations = {e["label"]: e["seq"] for e in lines if e["event"] == "key.rotate"}
+    assert rotations[never] in voids and rotations[used] not in voids
+    audit_verify(ca.state, ok=True)
+    d = start_daemon(ca.state)
+    try:
+        assert d.wait_stderr(lambda: any(
+            "an inventory restored from a backup older than that rotation" in x and used in x
+            for x in d.stderr)), d.stderr
+        # the voided one is named as a key a rotation made and never recorded
+        assert any("a rotation made and stopped before it recorded" in x and never in x
+                   for x in d.stderr), d.stderr
+        assert not any("its line is voided" in x for x in d.stderr), d.stderr
+    finally:
+        assert d.stop() == 0
+    lines = log_lines(ca.state)
+    assert [e["voids"] for e in lines if e["event"] == "record.void"].count(
+        rotations[never]) == 1
+    assert rotations[used] not in {e["voids"] for e in lines if e["event"] == "record.void"}
+    audit_verify(ca.state, ok=True)

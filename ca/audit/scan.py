@@ -28,24 +28,54 @@ def lines_with(data: mmap.mmap, mark: bytes, start: int, end: int
         at = data.find(mark, last, end)
 
 
+RECORDING = ("key.rotate", "key.stage", "key.ceremony")
+
+
 def made_unrecorded(path: Path, label: str) -> int | None:
     """The seq of the `hsm.keygen` line of the log at `path` that made the key `label`,
     if no line records that key (`key.rotate`, `key.stage`, the root's `key.ceremony`),
     or each that did is voided: a rotation that stopped between the two. Else None.
     Labels carry a time and random letters: few lines name one."""
-    made, recording = None, set()
+    made, standing, _ = _key_lines(path, label)
+    return made if made is not None and not standing else None
+
+
+def rotation_never_committed(path: Path, label: str) -> dict[str, Any] | None:
+    """The standing `key.rotate` or `key.stage` line of the key `label`, which the log
+    at `path` made, when nothing ever signed with that key: for a key the inventory
+    lacks, a rotation stopped between its line and its commit (a kill), whose line
+    stands for a change that never happened. Else None."""
+    made, standing, used = _key_lines(path, label)
+    if made is None or used or len(standing) != 1 \
+            or standing[0].get("event") not in ("key.rotate", "key.stage") \
+            or standing[0].get("label") != label:
+        return None
+    return standing[0]
+
+
+def _key_lines(path: Path, label: str) -> tuple[int | None, list[dict[str, Any]], bool]:
+    """The seq of the hsm.keygen line that made `label`, the lines recording it that
+    stand (not voided), and whether an hsm.sign intent used it."""
+    made: int | None = None
+    recording: list[dict[str, Any]] = []
+    used = False
     try:
         with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
             end = data.rfind(b"\n") + 1
             for line in lines_with(data, json.dumps(label).encode(), 0, end):
                 if line.get("event") == "hsm.keygen" and line.get("label") == label:
-                    made = made if made is not None else line.get("seq")
-                elif line.get("event") in ("key.rotate", "key.stage", "key.ceremony"):
-                    recording.add(line.get("seq"))
+                    seq = line.get("seq")
+                    made = made if made is not None or not isinstance(seq, int) else seq
+                elif line.get("event") in RECORDING:
+                    recording.append(line)
+            # (an intent names its key by URI: ...;object=LABEL;type=private)
+            used = any(line.get("event") == "hsm.sign" for line in lines_with(
+                data, f"object={label};".encode(), 0, end))
             if recording:  # a line whose commit failed is voided (ca/lifecycle.py)
-                recording -= {line.get("voids") for line in lines_with(
+                voided = {line.get("voids") for line in lines_with(
                     data, b'"event":"record.void"', 0, end)
                     if line.get("voided") in ("key.rotate", "key.stage")}
+                recording = [r for r in recording if r.get("seq") not in voided]
     except (OSError, ValueError):  # (an empty file cannot be mapped)
-        return None
-    return made if isinstance(made, int) and not recording else None
+        return None, [], False
+    return made, recording, used

@@ -46,7 +46,8 @@ from ca.audit.cluster_tiles import catch_up as catch_up_tiles
 from ca.audit.cosignature import ALG_COSIGNATURE, parse_verifier_key
 from ca.audit.log import ISSUING, AuditKeys, AuditLog
 from ca.audit.recorder import Recorder
-from ca.audit.scan import made_unrecorded
+from ca.audit.scan import made_unrecorded, rotation_never_committed
+from ca.audit.voided import void
 from ca.audit.witness import FileWitness
 from ca.audit.witnessing import HTTPWitness, Witnessing
 from ca.cluster_policy import PolicyWatch
@@ -553,7 +554,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
                         serials=sorted({format(s, "x") for e in completed
                                         for s in e.serials})[:20])
         keys = await open_keyring(config, store, pipeline, generations)
-        await _name_unknown_keys(store, pipeline, config.audit_log)
+        await _name_unknown_keys(store, pipeline, config.audit_log, audit)
         await write_bundle(config.bundle_pem, store)  # what the workers' TLS layer trusts
         # This host's copies of the public files follow the inventory: a key rotated
         # through another node, or while this host was away.
@@ -817,11 +818,12 @@ def _on_change(config: Config, store: PostgresStore, generations: Generations,
 
 
 async def _name_unknown_keys(store: Store, pipeline: SigningPipeline,
-                             log_path: Path) -> None:
+                             log_path: Path, audit: AuditLog) -> None:
     """A private key in the token that the inventory does not know is named at start:
     a rotation that died between its hsm.keygen line and its inventory row leaves one
     (hsmca never uses it, nor can it retire or destroy it), and so would a key put there
-    by something else."""
+    by something else. A rotation killed between its line and its commit is voided
+    here, on one node (a review: its line said a key was put in use that never was)."""
     records = await store.keys()
     known = {r.label for r in records if r.state != "destroyed"}
     private = await pipeline.call(lambda hsm: hsm.key_labels())
@@ -840,7 +842,20 @@ async def _name_unknown_keys(store: Store, pipeline: SigningPipeline,
         if label in known:
             continue
         rotated = _ROTATED_LABEL.fullmatch(label) is not None
-        if rotated and (seq := await asyncio.to_thread(made_unrecorded, log_path, label)):
+        # One node only: on several, another node's PostgreSQL commit of it may still
+        # land, and its line is that node's to settle.
+        line = await asyncio.to_thread(rotation_never_committed, log_path, label) \
+            if rotated and not clustered(store) else None
+        if line is not None:
+            await void(audit, line["seq"], line["event"], "the rotation stopped before the "
+                       "inventory took its key (completed at the next start)",
+                       line.get("request_id"))
+            log.warning("a rotation stopped between its audit line and its inventory "
+                        "commit: its line is voided, and the key it made is recorded "
+                        "nowhere and never used; remove it with the HSM's own tools "
+                        "(docs/keys.md), and rotate again if you still mean to",
+                        label=label, line=line["seq"])
+        elif rotated and (seq := await asyncio.to_thread(made_unrecorded, log_path, label)):
             # This log made it and never recorded the rotation: not an older backup's
             # (a full-disk trial was told to think of restoring one).
             log.warning("the token holds a key that a rotation made and stopped before it "
