@@ -509,3 +509,27 @@ def test_ssh_user_source_address_is_asked_for_from_the_cli(daemon: Daemon,
           "--source-address", "192.0.2.7")
     options = ssh_cert(tmp_path / "id_ed25519-cert.pub").critical_options
     assert options == {b"source-address": b"10.0.0.0/8,192.0.2.7/32"}, options
+
+
+@pytest.mark.parametrize("kind", ["user", "host"])
+def test_ssh_with_no_room_for_its_files_asks_the_ca_nothing(daemon: Daemon, tmp_path: Path,
+                                                            kind: str) -> None:
+    """As `hsmca renew` (a full-disk trial): a certificate the CA signs and the client
+    cannot write is thrown away. The room for the files is taken before the request. (A
+    file size limit stands for the full disk.)"""
+    cert, key = enroll(daemon, tmp_path, kind, ["localhost" if kind == "host"
+                                                else "ann@example.com"],
+                       [] if kind == "host" else ["ann"])
+    pub = keygen(tmp_path / "id_ed25519")
+    listed = [*HSMCA, "ssh", "list", "--config", daemon.state / "hsmca.toml", "--url",
+              daemon.url]
+    before = subprocess.run(listed, capture_output=True, text=True, check=True).stdout
+    proc = subprocess.run(["prlimit", "--fsize=600", *HSMCA, "ssh", kind, "--url", daemon.url,
+                           "--ca", daemon.root, "--cert", cert, "--key", key, "--pubkey",
+                           pub], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr == (
+        f"hsmca: error: cannot write to {tmp_path}: File too large (checked before "
+        "contacting the CA: nothing was spent)\n"), proc.stderr
+    assert subprocess.run(listed, capture_output=True, text=True,
+                          check=True).stdout == before
+    assert not (tmp_path / "id_ed25519-cert.pub").exists()

@@ -291,7 +291,9 @@ def user(args: argparse.Namespace) -> int:
         if key is not None:  # reachable before anything is signed (an SSH trial: after)
             await _agent_reachable()
         ctx = await client.preflight(args.url, args.ca, args.cert, args.key)
-        files = client.Staged({cert: (0o644, False)}).prepare()
+        # The room taken first: a certificate signed and then not written is one spent
+        # for nothing (as a one-shot `hsmca renew`, a full-disk trial)
+        files = client.Staged({cert: (0o644, False)}, reserve=True).prepare()
         try:
             issued = await _issue(args, ctx, "/v1/ssh/user", body)
         except BaseException:
@@ -428,7 +430,7 @@ async def _host_once(args: argparse.Namespace, f: HostFiles) -> dict[str, Any]:
     targets = [f.cert, f.user_ca, f.krl] + ([f.drop_in] if f.drop_in else [])
     made = _new_drop_in_dir(f)
     try:
-        staged = client.Staged({p: (0o644, False) for p in targets}).prepare()
+        staged = client.Staged({p: (0o644, False) for p in targets}, reserve=True).prepare()
         try:
             body = {"principals": args.principal} if args.principal else {}
             issued = await _issue(args, ctx, "/v1/ssh/host", body)
