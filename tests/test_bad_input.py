@@ -200,6 +200,9 @@ def corpus() -> list[Case]:
                                     "-----END CERTIFICATE REQUEST-----\n"}, 400, "bad-csr"),
             ("csr a cert", {"csr": good.replace("CERTIFICATE REQUEST", "CERTIFICATE")}, 400,
              "bad-csr"),
+            # A second block, unread before (a security trial): refused, not ignored
+            ("csr two blocks", {"csr": good + csr_pem(["evil.example.com"])}, 400,
+             "bad-csr"),
             ("csr wrong names", {"csr": csr_pem(["evil.example.com"])}, 403,
              "name-not-granted"),
             ("csr ip not granted", {"csr": csr_pem(["10.9.9.9"])}, 403, "name-not-granted"),
@@ -671,6 +674,26 @@ def test_a_csr_in_the_older_pem_label_is_read_and_a_sha1_one_is_named_as_such(
     with pytest.raises(Refused, match="signed with SHA1, which is not accepted: sign it "
                                       "with SHA-256"):
         policy.check_csr(parse_csr((tmp_path / "sha1.csr").read_bytes()))
+
+
+def test_a_pem_of_two_csrs_is_refused_and_openssl_s_text_dump_before_one_is_read(
+        tmp_path: Path) -> None:
+    """A security trial: a second CSR after the first (other names, CA:TRUE) was
+    accepted unread, the first one issued. Refused now, saying why; the dump `openssl req
+    -text` writes before the block is still read past."""
+    one = csr_pem(["ok.internal.example"], ec.generate_private_key(ec.SECP256R1()))
+    two = one + csr_pem(["evil.example.com"], ec.generate_private_key(ec.SECP256R1()))
+    with pytest.raises(Problem) as refused:
+        parse_csr(two)
+    assert refused.value.status_code == 400 and "the PEM holds more than one block; send one " \
+        "CERTIFICATE REQUEST" in refused.value.detail, refused.value.detail
+    subprocess.run([require("openssl"), "req", "-new", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:P-256", "-nodes", "-keyout", tmp_path / "key.pem",
+                    "-subj", "/CN=ok.internal.example", "-text", "-out", tmp_path / "t.csr"],
+                   check=True, capture_output=True)
+    dumped = (tmp_path / "t.csr").read_bytes()
+    assert dumped.startswith(b"Certificate Request:"), dumped[:40]
+    assert parse_csr(dumped).subject.rfc4514_string() == "CN=ok.internal.example"
 
 
 # ---- hypothesis against the live daemon: the HTTP request parsers ----------------------

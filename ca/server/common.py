@@ -244,6 +244,12 @@ def parse_csr(data: str | bytes, der: bool = False) -> x509.CertificateSigningRe
             b"-----END NEW CERTIFICATE REQUEST-----", b"-----END CERTIFICATE REQUEST-----")
         if b"-----BEGIN CERTIFICATE REQUEST-----" not in text:
             raise ValueError("no PEM CERTIFICATE REQUEST block")
+        # One block: cryptography reads the first alone, and a second one (other names,
+        # CA:TRUE) was accepted unread (a security trial). Text around it is left alone
+        # (`openssl req -text` writes the request's dump before it).
+        if text.count(b"-----BEGIN ") != 1:
+            raise ValueError("the PEM holds more than one block; send one CERTIFICATE "
+                             "REQUEST")
         return x509.load_pem_x509_csr(text)
     except (*PARSE_ERRORS, UnicodeError) as exc:
         raise Problem(400, "Bad Request", f"the CSR cannot be parsed: {parse_error(exc)}",
