@@ -229,6 +229,7 @@ class _ProblemRequestHandler(web.RequestHandler):
             answer = problem(status, "Bad Request", f"{_what(exc)}; nothing was done",
                              "not-http")
         answer.force_close()
+        answer.headers["Server"] = "hsmca"  # as every other answer (ca/server/app.py)
         return answer
 
 

@@ -475,6 +475,34 @@ async def test_a_body_declared_over_the_limit_is_refused_before_it_arrives(
     assert body["detail"] == "request bodies are limited to 64 KiB", body
 
 
+async def test_a_request_line_without_a_version_is_refused_and_no_versions_are_named(
+        served: Served) -> None:
+    """A security trial: `GET /health` with no HTTP version (HTTP/0.9 to aiohttp) was
+    answered 200, where docs/api.md says not-http; and every answer named aiohttp's and
+    Python's versions in its Server header."""
+    d = served.daemon
+    url = yarl.URL(d.url)
+    for request in (b"GET /health\r\n\r\n",
+                    f"GET /health HTTP/1.1\r\nHost: {url.host}\r\n\r\n".encode()):
+        reader, writer = await asyncio.open_connection(
+            url.host, url.port, ssl=served.creds["admin"], server_hostname=url.host)
+        try:
+            writer.write(request)
+            await writer.drain()
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)content-length: (\d+)", head)[1])  # type: ignore[index]
+            body = json.loads(await reader.readexactly(length))
+        finally:
+            writer.close()
+        assert re.search(rb"(?im)^server: hsmca\r$", head), head
+        assert b"aiohttp" not in head and b"Python" not in head, head
+        if b"HTTP/1.1" in request:
+            assert head.startswith(b"HTTP/1.1 200 ") and body["status"] == "ok", head
+        else:
+            assert b" 400 " in head.split(b"\r\n")[0], head
+            assert body["type"] == TYPES + "not-http" and "HTTP/0.9" in body["detail"], body
+
+
 # ---- hypothesis: the request parsers refuse cleanly, whatever they are given -----------
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=40),

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from aiohttp import web
+from aiohttp import HttpVersion10, web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -47,7 +47,7 @@ from ca.server.common import (
 )
 from ca.server.inventory_routes import routes as inventory_routes
 from ca.server.key_routes import routes as key_routes
-from ca.server.problems import Handler, Problem, problem_middleware
+from ca.server.problems import Handler, Problem, problem, problem_middleware
 from ca.server.ssh_routes import routes as ssh_routes
 from ca.server.throttle import Throttle
 from ca.server.x509_routes import routes as x509_routes
@@ -73,9 +73,18 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     status = 500
     resp: web.StreamResponse | None = None
     try:
-        resp = await handler(request)
+        if request.version < HttpVersion10:
+            # aiohttp takes a request line without a version for HTTP/0.9, and answered
+            # it (a security trial; docs/api.md says not-http)
+            resp = problem(400, "Bad Request", "a request line without an HTTP version "
+                           "(HTTP/0.9) is not served: send HTTP/1.1; nothing was done",
+                           "not-http")
+            resp.force_close()
+        else:
+            resp = await handler(request)
         status = resp.status
         resp.headers["X-Request-Id"] = rid
+        resp.headers["Server"] = SERVER  # not aiohttp's and Python's versions
         return resp
     except asyncio.CancelledError:
         # No answer went out (nginx's 499): a stop's grace ran out (an SRE trial's
@@ -103,6 +112,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
                  **_problem_of(resp))
 
 
+SERVER = "hsmca"  # the Server header: which software, not which versions to look up
 ABANDONED = 499  # the status a request without an answer is counted and logged as
 
 
