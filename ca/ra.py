@@ -75,6 +75,11 @@ class Directory(Protocol):
         """The root key's label: it signs issuing CA certificates."""
         ...
 
+    def ssh_ca_key(self, line: str) -> tuple[str, str] | None:
+        """(label, cert type) of the CA's SSH CA key whose OpenSSH public key is `line`
+        ("<type> <base64>"); None for any other key."""
+        ...
+
     def x509_signs_for(self, issuer: str | None) -> str | None:
         """The issuer that signs CRLs and OCSP for the certificates an inventory record
         says `issuer` issued (None: the first issuing key); None once it is retired."""
@@ -96,7 +101,7 @@ class NoIssuers:
         raise Refused("the CA has no issuers yet", Reason.CONFLICT)
 
     x509_issuer = x509_not_after = ssh_issuer = root_issuer = x509_signs_for = _none
-    crl_labels = _none
+    crl_labels = ssh_ca_key = _none
 
     @property
     def root(self) -> x509.Certificate:
@@ -802,6 +807,12 @@ def _principals(asked: object, allowed: tuple[str, ...], what: str) -> tuple[str
 
 
 def _ssh_key(ctx: Context, key: SSHPublicKey) -> None:
+    if ctx.issuers.ssh_ca_key(key.line) is not None:
+        # A certificate for the CA's own key (a security trial): no one can use it (SSH
+        # asks no proof of possession), and its key revoked would be the CA's.
+        raise Refused(f"the public key {key.sha256} is one of this CA's own SSH CA keys, "
+                      "not a key of yours: give your own public key (e.g. ~/.ssh/"
+                      "id_ed25519.pub)", Reason.BAD_KEY)
     if ctx.ssh_key_revoked(key.line):
         raise Refused(f"the public key {key.sha256} has been revoked; make a new key",
                       Reason.REVOKED_KEY)

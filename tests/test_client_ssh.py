@@ -533,3 +533,20 @@ def test_ssh_with_no_room_for_its_files_asks_the_ca_nothing(daemon: Daemon, tmp_
     assert subprocess.run(listed, capture_output=True, text=True,
                           check=True).stdout == before
     assert not (tmp_path / "id_ed25519-cert.pub").exists()
+
+
+async def test_the_cas_own_ssh_key_is_not_certified(daemon: Daemon, tmp_path: Path) -> None:
+    """A security trial had the user CA's and the host CA's own keys certified."""
+    status, _, raw = await http("GET", f"{daemon.url}/v1/ssh/ca", daemon.ssl())
+    assert status == 200, raw
+    cas = json.loads(raw)
+    for kind, name, principals in (("user", "ann@example.com", ["ann"]),
+                                   ("host", "localhost", [])):
+        cert, key = enroll(daemon, tmp_path, kind, [name], principals)
+        line = " ".join(cas[kind].splitlines()[0].split()[:2])
+        status, _, raw = await http("POST", f"{daemon.url}/v1/ssh/{kind}",
+                                    daemon.ssl(cert, key), body={"public_key": line})
+        assert status == 400, raw
+        said = json.loads(raw)
+        assert said["type"].endswith("/bad-key") and "is one of this CA's own SSH CA keys" \
+            in said["detail"], said

@@ -36,6 +36,9 @@ class Directory:
     def root_issuer(self) -> str:
         return "root-ca"
 
+    def ssh_ca_key(self, line: str) -> tuple[str, str] | None:
+        return ("ssh-user-ca", "user") if line == CA_SSH_KEY.line else None
+
     def x509_signs_for(self, issuer: str | None) -> str | None:
         # "issuing-ca" and an older "issuing-ca-1" still sign; "issuing-ca-0" is retired.
         return {None: "issuing-ca", "issuing-ca": "issuing-ca",
@@ -95,6 +98,7 @@ def refused(decision: object, reason: Reason, *words: str) -> None:
         assert w in decision.detail, decision.detail
 
 
+CA_SSH_KEY = ssh_key()  # the CA's own user CA key, as Directory has it
 ALLOW = Policy(allow=("*.internal.example", "10.0.0.0/8"))
 DENY = Policy(deny=("*.secret.internal.example", "bad.internal.example"))
 
@@ -273,6 +277,18 @@ def test_wildcards_turned_off_reach_renewals_and_ssh_host_certificates() -> None
     only = holder("host", ("*.w.example",))
     refused(ra.decide(context(), only, ra.SSHHostRequest(ssh_key())),
             Reason.PRINCIPAL_NOT_GRANTED, "are wildcards: a wildcard is no SSH host principal")
+
+
+def test_a_certificate_for_the_cas_own_ssh_key_is_refused() -> None:
+    """A security trial: POST /v1/ssh/user (and host) with the user CA's own public key,
+    from /v1/ssh/ca, had it certified. No one can use such a certificate, and the
+    key is the CA's: refused, saying to give one's own key."""
+    for who, request in ((holder("user", ("ann@example.com",), ("ann",)),
+                          ra.SSHUserRequest(CA_SSH_KEY)),
+                         (holder("host", ("web.example",)), ra.SSHHostRequest(CA_SSH_KEY))):
+        refused(ra.decide(context(), who, request), Reason.BAD_KEY,
+                f"the public key {CA_SSH_KEY.sha256} is one of this CA's own SSH CA keys")
+        assert isinstance(ra.decide(context(), who, type(request)(ssh_key())), ra.SSHOrder)
 
 
 def test_a_wildcard_is_never_an_ssh_host_principal() -> None:
