@@ -582,8 +582,14 @@ async def test_remote_verify_is_incremental_and_catches_a_rewrite(tmp_path: Path
         before = state.read_bytes()
         proc = remote_verify(d, auditor, state)
         assert proc.returncode == 1, proc.stdout + proc.stderr
-        assert proc.stderr.startswith(f"FAILED at seq {second_lines - 1}: "), proc.stderr
         assert "the log was cut or rewritten since it was verified last time" in proc.stderr
+        # and where: not the last line verified last time, but the span the first
+        # checkpoint that no longer verifies shows the change in, the victim among it, as
+        # a first run (or the offline verifier) names it (a review)
+        named = re.match(r"FAILED at seq (\d+): ", proc.stderr)
+        span = re.search(r"a line from seq (\d+) to (\d+) was altered", proc.stderr)
+        assert named and span and int(named[1]) < second_lines - 1, proc.stderr
+        assert int(span[1]) <= victim <= int(span[2]) < int(named[1]), (victim, proc.stderr)
         assert state.read_bytes() == before  # nothing is saved from a failed run
 
         # The witness refuses the attacker's checkpoint and keeps the honest one.

@@ -534,13 +534,14 @@ def test_a_rewritten_log_turns_the_banner_red_at_the_seq_the_state_names(world: 
 
     WebDriverWait(w.driver, 120, poll_frequency=1).until(red)
     _, text = banner(w)
-    # Whichever sees it first: the follower's run, or the page proving the last line
-    # verified (which the daemon's log no longer holds as it was).
-    assert text.startswith((f"FAILED at seq {saved['size'] - 1}: the log was cut or rewritten "
-                            "since it was verified last time",
-                            f"FAILED at seq {saved['size'] - 1}: this line and its inclusion "
-                            "proof, as the daemon served them, do not lead to the verified "
-                            "root")), text
+    # Whichever sees it first: the follower's run, which names the span the change is
+    # in, the victim among it (it named the last line verified: a review), or the page
+    # proving the last line verified (which the daemon's log no longer holds as it was).
+    span = re.search(r"^FAILED at seq \d+: the log was cut or rewritten since it was "
+                     r"verified last time: .* a line from seq (\d+) to (\d+) was altered", text)
+    assert (span and int(span[1]) <= victim["seq"] <= int(span[2])) or text.startswith(
+        f"FAILED at seq {saved['size'] - 1}: this line and its inclusion proof, as the "
+        "daemon served them, do not lead to the verified root"), text
     assert json.loads(w.state.read_text()) == saved  # a failed run saves nothing
     screenshot(w, "failed")
     # The card of the verified checkpoint gives its root as its note writes it, and no

@@ -439,14 +439,16 @@ async def _run(api: LogClient, public_key: Ed25519PublicKey, raw: dict[str, Any]
     proof = await api.consistency(old.size, latest.size) if needs_proof(old.seen, now) else []
     verdict = growth(old.seen, now, proof)
     if verdict is Growth.FORKED and latest.size == old.size:
-        return _failed(Failure(max(old.size - 1, 0), Stage.PREFIX, (
-            f"{CUT}: the daemon's latest checkpoint covers the same {old.size} lines with a "
-            "different root")), old.size)
+        return await _located(api, public_key, name, old.size, Failure(
+            max(old.size - 1, 0), Stage.PREFIX, (
+                f"{CUT}: the daemon's latest checkpoint covers the same {old.size} lines "
+                "with a different root")))
     if verdict is Growth.FORKED:
-        return _failed(Failure(old.size - 1, Stage.PREFIX, (
-            f"{CUT}: the daemon's consistency proof from {old.size} to {latest.size} lines "
-            f"does not verify against the root verified last time, so the first {old.size} "
-            "lines are no longer those verified")), old.size)
+        return await _located(api, public_key, name, old.size, Failure(
+            old.size - 1, Stage.PREFIX, (
+                f"{CUT}: the daemon's consistency proof from {old.size} to {latest.size} "
+                f"lines does not verify against the root verified last time, so the first "
+                f"{old.size} lines are no longer those verified")))
     if verdict is Growth.SAME:
         old.checkpoint, old.signed = text, SignedPrefix(latest.size, latest.root, text)
         return RemoteResult(True, old.size, 0, 1, None, None, old.to_json())
@@ -454,6 +456,33 @@ async def _run(api: LogClient, public_key: Ed25519PublicKey, raw: dict[str, Any]
         data = await api.entries(old.size, latest.size)
     key = key.discover(data[:data.rfind(b"\n") + 1], old.size)
     return await _check_new_lines(api, data, old, prior, latest, text, key, known)
+
+
+# The most lines read again, from the first, to find where a log verified before was
+# changed: beyond it (a full download) the run says how to find it instead.
+LOCATE_LINES = 1_000_000
+
+
+async def _located(api: LogClient, public_key: Ed25519PublicKey, name: str, size: int,
+                   failure: Failure) -> RemoteResult:
+    """`failure` (the first `size` lines verified last time are no longer those), with
+    where the change is: the state keeps the tree's root, not the lines, so the log as
+    served now is read from its first line, as a first run reads it, and the first line
+    or span that does not verify on its own is named. Before, the run named only the
+    last line verified last time, where the offline verifier and a first run name the
+    changed line (a review)."""
+    if size > LOCATE_LINES:
+        return _failed(failure._replace(reason=(
+            f"{failure.reason}. To find the line changed, verify a copy of the log offline "
+            "(hsmca audit verify --log) or run again with a new --state file")), size)
+    fresh = await _run(api, public_key, None, name)
+    if fresh.ok or fresh.bad_seq is None or fresh.bad_seq >= size:
+        # Verifying on its own (rewritten and re-signed throughout): only the saved state
+        # tells, and it tells no more than this.
+        return _failed(failure, size)
+    return _failed(Failure(fresh.bad_seq, failure.stage, (
+        f"{failure.reason}. Read from its first line, the log the daemon serves now fails "
+        f"at seq {fresh.bad_seq}: {fresh.reason}")), size)
 
 
 async def _behind(api: LogClient, old: AuditorState, latest: Checkpoint, text: str
@@ -510,6 +539,7 @@ async def _check_new_lines(api: LogClient, data: bytes, old: AuditorState,
             roots[frontier.size] = frontier.root()
 
     count = 0
+    vouched = old.size  # lines a run or a checkpoint verified: a change is after them
     for cp in found.checkpoints:
         proved = cp.size not in roots
         if not proved:
@@ -522,9 +552,10 @@ async def _check_new_lines(api: LogClient, data: bytes, old: AuditorState,
             ok = growth(then, old.seen, proof) in (Growth.SAME, Growth.EXTENDS)
         if not ok:
             # (the lines a previous run verified are vouched for: from there on)
-            failure = earliest(failure, root_mismatch(cp.seq, cp.size, old.size, proved))
+            failure = earliest(failure, root_mismatch(cp.seq, cp.size, vouched, proved))
             break  # in log order: the first mismatch is the one to report
         count += 1
+        vouched = max(vouched, cp.size)
     if prior is not None and prior.size in roots and roots[prior.size] != prior.root:
         failure = earliest(failure, Failure(prior.size - 1, Stage.PREFIX, (
             f"rewritten: the first {prior.size} lines no longer match the checkpoint verified "
