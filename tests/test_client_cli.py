@@ -779,6 +779,29 @@ def test_renew_with_no_room_for_its_files_asks_the_ca_nothing(daemon: Daemon,
     assert {p: p.read_bytes() for p in (cert, key)} == files
 
 
+def test_renew_if_due_asks_the_ca_nothing_before_two_thirds(daemon: Daemon,
+                                                              tmp_path: Path) -> None:
+    """An SSH trial followed docs/ssh.md ("renew before `ssh user`: it renews from two
+    thirds of its lifetime") and each run renewed, piling up live credentials of one
+    key. With --if-due a run before two thirds says when, and asks nothing."""
+    cert, key = enroll(daemon, tmp_path, "service", [NAME])
+    before, pem = daemon_serials(daemon), cert.read_bytes()
+    proc = hsmca("renew", "--if-due", "--url", daemon.url, "--ca", daemon.root, "--cert",
+                 cert, "--key", key)
+    made = x509.load_pem_x509_certificate(cert.read_bytes())
+    due = made.not_valid_before_utc + (made.not_valid_after_utc
+                                       - made.not_valid_before_utc) * 2 / 3
+    said = re.fullmatch(r"not renewed: not due until (\S+) \(two thirds of its lifetime; "
+                        r"--if-due\)\n", proc.stdout)
+    assert said and abs(dt.datetime.fromisoformat(said[1]) - due) < dt.timedelta(minutes=2), \
+        proc.stdout
+    assert daemon_serials(daemon) == before and cert.read_bytes() == pem
+    # without it, a renewal as before
+    assert hsmca("renew", "--url", daemon.url, "--ca", daemon.root, "--cert", cert, "--key",
+                 key).stdout.startswith("renewed: serial ")
+    assert len(daemon_serials(daemon) - before) == 1
+
+
 def daemon_serials(d: Daemon) -> set[str]:
     """The serials the CA has issued, as `hsmca cert list` shows them."""
     listed = subprocess.run([*HSMCA, "cert", "list", "--config", d.state / "hsmca.toml",

@@ -204,6 +204,10 @@ def renew(args: argparse.Namespace) -> int:
     _say_if_exposed(args.key)
     if args.daemon:
         return _renew_daemon(args, url)
+    if args.if_due and (due := _not_due(args.cert)) is not None:
+        print(f"not renewed: not due until {due} (two thirds of its lifetime; --if-due)",
+              flush=True)
+        return 0
     # No room for the files: nothing is asked (a full-disk trial's each try had a
     # certificate issued and thrown away; one command cannot hold an answer for later)
     issued = asyncio.run(client.renew(url, args.cert, args.key, args.ca, args.rekey,
@@ -229,6 +233,21 @@ def renew(args: argparse.Namespace) -> int:
         if status != 0:
             raise CLIError(f"renewed, but --exec {args.exec!r} exited with status {status}")
     return 0
+
+
+def _not_due(path: Path) -> str | None:
+    """When the certificate at `path` is due for renewal, if it is not yet: a person
+    renewing before each `ssh user` (docs/ssh.md) piled up live credentials of one key,
+    one per run (an SSH trial), where the docs promised it renews from two thirds."""
+    from cryptography import x509
+
+    from ca.commands.renewal import now, renew_time
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError):
+        return None  # renew says what is wrong with it
+    due = renew_time(cert.not_valid_before_utc, cert.not_valid_after_utc, rng=None)
+    return due.replace(microsecond=0).isoformat() if now() < due else None
 
 
 def _renew_daemon(args: argparse.Namespace, url: str) -> int:
@@ -518,6 +537,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     r.add_argument("--daemon", action="store_true",
                    help="keep running and renew whenever two thirds of the lifetime have "
                    "passed")
+    r.add_argument("--if-due", dest="if_due", action="store_true",
+                   help="renew only once two thirds of the certificate's lifetime have "
+                   "passed, else say when and exit 0 without asking the CA (for a login "
+                   "script or cron; each renewal otherwise makes another live certificate "
+                   "of the same key)")
     r.add_argument("--exec", metavar="CMD",
                    help="shell command to run after each renewal, e.g. 'systemctl reload "
                    "nginx'; it gets HSMCA_CERT, HSMCA_KEY, HSMCA_SERIAL and HSMCA_NOT_AFTER")

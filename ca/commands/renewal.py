@@ -46,15 +46,17 @@ def now() -> dt.datetime:
 
 
 def renew_time(not_before: dt.datetime, not_after: dt.datetime,
-               rng: random.Random = _rng) -> dt.datetime:
+               rng: random.Random | None = _rng) -> dt.datetime:
     """Two thirds into the validity period, give or take a twentieth of it (the period
     counted from the issue, not from the start hsmca backdates for hosts whose clocks
     lag: counted from there, a life of a minute or less was due at once, and a client
-    trial's 30 s certificate was renewed five times in five seconds)."""
+    trial's 30 s certificate was renewed five times in five seconds). `rng` None: no
+    give or take (one command, not a fleet renewing at once)."""
     if not_after - not_before > BACKDATE:
         not_before += BACKDATE
     life = not_after - not_before
-    return not_before + life * RENEW_AT + life * rng.uniform(-JITTER, JITTER)
+    return not_before + life * RENEW_AT + (life * rng.uniform(-JITTER, JITTER)
+                                           if rng is not None else dt.timedelta(0))
 
 
 def backoff_s(attempt: int, remaining_s: float | None, rng: random.Random = _rng) -> float:
