@@ -35,6 +35,7 @@ from tests.helpers import (
     cert_serial,
     enroll,
     gone,
+    log_lines,
     other_ca,
     token_file,
 )
@@ -800,6 +801,25 @@ def test_renew_if_due_asks_the_ca_nothing_before_two_thirds(daemon: Daemon,
     assert hsmca("renew", "--url", daemon.url, "--ca", daemon.root, "--cert", cert, "--key",
                  key).stdout.startswith("renewed: serial ")
     assert len(daemon_serials(daemon) - before) == 1
+
+
+def test_a_flag_given_twice_adds_to_the_first(daemon: Daemon, tmp_path: Path) -> None:
+    """An operator trial: `--name a --name b` (and `--principal`) kept the last alone,
+    and the certificate carried one of the two names, with nothing said."""
+    config = ("--config", daemon.state / "hsmca.toml", "--url", daemon.url)
+    names = ["m1.internal.example", "m2.internal.example"]
+    token = tmp_path / "m.token"
+    token.write_text(hsmca("token", "create", *config, "--role", "service", "--name",
+                           names[0], "--name", names[1]).stdout)
+    hsmca("enroll", "--url", daemon.url, "--ca", daemon.root, "--token-file", token,
+          "--name", names[0], "--name", names[1], "--out", tmp_path / "m")
+    cert = x509.load_pem_x509_certificate((tmp_path / "m" / "cert.pem").read_bytes())
+    assert cert.extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName) == names
+    hsmca("token", "create", *config, "--role", "user", "--name", "ann@example.com",
+          "--principal", "ann", "--principal", "deploy")
+    grant = [e for e in log_lines(daemon.state) if e.get("event") == "token.create"][-1]
+    assert grant["principals"] == ["ann", "deploy"], grant
 
 
 def daemon_serials(d: Daemon) -> set[str]:

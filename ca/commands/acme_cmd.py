@@ -26,7 +26,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         "lines, kid=... and hmac=... (base64url, no padding), for certbot's --eab-kid and "
         "--eab-hmac-key or lego's --kid and --hmac. The HMAC key is shown once; the CA "
         "erases it when an account binds it.")
-    c.add_argument("--names", required=True, nargs="+", metavar="PATTERN",
+    c.add_argument("--names", required=True, nargs="+", action="extend", metavar="PATTERN",
                    help="DNS names the account may order: example.com exactly, or "
                    "*.example.com for every name below it")
     c.add_argument("--ttl", default="24h", help="how long the key may be bound (default 24h)")

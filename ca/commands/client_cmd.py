@@ -481,9 +481,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     tc.add_argument("--role", required=True,
                     choices=["service", "host", "user", "auditor", "admin"],
                     help="what the certificate may do")
-    tc.add_argument("--name", required=True, nargs="+",
+    tc.add_argument("--name", required=True, nargs="+", action="extend",
                     help="names the certificate may carry (DNS, IP, URI; e-mail for users)")
-    tc.add_argument("--principal", nargs="+", help="SSH logins a user may get (role user)")
+    # extend: `--name a --name b` is both (the last alone before: an operator trial's
+    # certificate carried one of two names, silently)
+    tc.add_argument("--principal", nargs="+", action="extend",
+                    help="SSH logins a user may get (role user)")
     tc.add_argument("--ttl", default="15m", help="how long the token is valid (default 15m; "
                     "at most [policy] token-max-ttl-s, 7d unless set)")
     admin_flags(tc)
@@ -504,7 +507,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     e.add_argument("--token", metavar="TOKEN",
                    help=f"the token itself (visible in the process list: prefer --token-file "
                    f"or {TOKEN_ENV})")
-    e.add_argument("--name", required=True, nargs="+", help="names to put in the certificate")
+    e.add_argument("--name", required=True, nargs="+", action="extend",
+                   help="names to put in the certificate (several, or the flag again)")
     e.add_argument("--out", required=True, type=Path, help="directory to write to")
     e.add_argument("--force", action="store_true",
                    help="replace key.pem, cert.pem and chain.pem in an existing --out")

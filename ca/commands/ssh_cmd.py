@@ -756,7 +756,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                        help=f"SSH public key to certify (default {default_pub}); the "
                        "certificate is written beside it as <key>-cert.pub. A private key "
                        "is refused before anything is sent")
-        p.add_argument("--principal", nargs="+", metavar="PRINCIPAL",
+        p.add_argument("--principal", nargs="+", action="extend", metavar="PRINCIPAL",
                        help="principals to ask for (default: all you may get)")
 
     h = ssub.add_parser("host", help="certify this host's SSH key (role host)",
