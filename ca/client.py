@@ -445,6 +445,19 @@ class _Slot:
     fd: int  # the temporary file, open since it was made
 
 
+def not_regular(path: Path, real: Path | None = None) -> None:
+    """Refuses a path that is there and is no regular file: a device, a pipe, a socket
+    (an operator trial's `--out` replaced a device node with a file, hung on a pipe, and
+    on /dev/full was killed reading zeros for ever, with nothing said)."""
+    try:
+        mode = (real or path).stat().st_mode
+    except OSError:
+        return  # not there (or unreadable: the write says why)
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        raise ClientError(f"{path} is not a regular file (a device, a pipe or a socket); "
+                          "give the path of a file to write")
+
+
 @dataclass
 class Staged:
     """Files to replace, each prepared as a temporary file beside it before anything
@@ -478,6 +491,7 @@ class Staged:
         _sweep(real.parent, f".{real.name}.", files=True)
         if real.is_dir():
             raise ClientError(f"{path} is a directory; it would be replaced by a file")
+        not_regular(path, real)
         if not real.parent.exists():
             raise ClientError(f"cannot write {path}: {real.parent} does not exist")
         dfd = opened_dir(real.parent)

@@ -1224,6 +1224,25 @@ async def test_a_host_certified_for_a_loopback_name_cannot_answer_in_the_cas_pla
     assert "is one of the CA's own names" in one_line_error(proc)
 
 
+def test_known_hosts_out_to_a_pipe_is_refused_and_a_star_is_warned_about(
+        daemon: Daemon, tmp_path: Path) -> None:
+    """An operator trial: `ssh known-hosts --out` on a pipe hung for ever (it read the
+    file to compare), on a device node replaced the node with a file, and --hosts '*'
+    trusted the host CA for every host unremarked."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    proc = subprocess.run([*HSMCA, "ssh", "known-hosts", "--url", daemon.url, "--ca",
+                           daemon.root, "--hosts", "*.internal.example", "--out", fifo],
+                          capture_output=True, text=True, timeout=60)
+    assert one_line_error(proc) == (f"hsmca: error: {fifo} is not a regular file (a device, "
+                                    "a pipe or a socket); give the path of a file to write")
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    proc = hsmca("ssh", "known-hosts", "--url", daemon.url, "--ca", daemon.root, "--hosts",
+                 "*")
+    assert "@cert-authority * " in proc.stdout and "trusts the host CA for every host name" \
+        in proc.stderr, proc.stderr
+
+
 def test_a_listener_certificate_of_an_older_release_is_renewed_at_start(
         daemon: Daemon, tmp_path: Path) -> None:
     """0.2.0's listener certificate lacks ca-server.hsmca.invalid, which clients at

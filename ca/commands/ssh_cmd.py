@@ -394,7 +394,9 @@ def _meaning(data: bytes) -> bytes:
 
 def _write_if_changed(files: dict[Path, bytes]) -> list[str]:
     """Atomically replace the files whose content differs; the names of those."""
-    from ca.client import Staged
+    from ca.client import Staged, not_regular
+    for path in files:
+        not_regular(path)  # before it is read to compare
     changed = {p: d for p, d in files.items()
                if not p.exists() or _meaning(p.read_bytes()) != _meaning(d)}
     if changed:
@@ -471,6 +473,13 @@ def known_hosts(args: argparse.Namespace) -> int:
     if any(c.isspace() for c in patterns) or not patterns:
         raise CLIError(f"--hosts {patterns!r}: known_hosts patterns, without spaces, such "
                        "as '*.example.com' (repeat --hosts for more)")
+    for path in (args.out, args.krl):
+        if path is not None:
+            client.not_regular(path)
+    if any(p in ("*", "*.*") for p in args.hosts):
+        print(f"hsmca: warning: --hosts {patterns!r} trusts the host CA for every host "
+              "name ssh connects to, those of hosts outside this CA too; give your hosts' "
+              "domains (e.g. '*.example.com')", file=sys.stderr)
     cas, krl = asyncio.run(_fetch_trust(args.url, client.ssl_context(args.ca)))
     lines = _cert_authority_lines(patterns, str(cas["host"]))
     text = ("# Written by `hsmca ssh known-hosts`: the host CA keys of "
