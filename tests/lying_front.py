@@ -24,6 +24,7 @@ class LyingFront:
         self.upstream = upstream.rstrip("/")
         self.drop: int | None = None  # leave out the line with this seq
         self.alter: int | None = None  # change a byte of the line with this seq
+        self.refuse_from: int | None = None  # answer 500 to entries from this seq
         self._up = ssl.create_default_context(cafile=str(root))
         self._up.load_cert_chain(*map(str, client))
         self._down = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -53,6 +54,9 @@ class LyingFront:
         self._session = aiohttp.ClientSession()
 
     async def _forward(self, request: web.Request) -> web.Response:
+        if request.path == "/v1/audit/entries" and self.refuse_from is not None \
+                and request.query.get("start") == str(self.refuse_from):
+            return web.Response(status=500, text="refused by the lying front")
         async with self._session.get(self.upstream + request.path_qs, ssl=self._up) as up:
             body = await up.read()
             status, ctype = up.status, up.headers.get("Content-Type", "")

@@ -53,8 +53,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ca import client
 from ca.audit.cosignature import VerifierKey
-from ca.audit.line import chain_hash
-from ca.audit.merkle import HASH_SIZE, Growth, TreeHead, growth, needs_proof
+from ca.audit.line import GENESIS, chain_hash
+from ca.audit.merkle import HASH_SIZE, CompactRange, Growth, TreeHead, growth, needs_proof
 from ca.audit.note import Checkpoint, NoteError, key_id, parse_checkpoint, verifier_key
 from ca.audit.verify import (
     AuditorState,
@@ -101,7 +101,8 @@ class DaemonError(Exception):
 async def verify_remote(url: str, ssl_ctx: ssl.SSLContext, public_key: Ed25519PublicKey,
                         state_path: str | os.PathLike[str], *,
                         origin: str | None = None, log: str | None = None,
-                        witness_keys: list[VerifierKey] | None = None) -> RemoteResult:
+                        witness_keys: list[VerifierKey] | None = None,
+                        locate: bool = True) -> RemoteResult:
     """Verify the daemon at `url` from the state in `state_path` (created if missing).
 
     `ssl_ctx` carries an auditor or admin client certificate. The state is replaced
@@ -111,7 +112,9 @@ async def verify_remote(url: str, ssl_ctx: ssl.SSLContext, public_key: Ed25519Pu
     log to verify, on a cluster (any node serves every node's log). Then the
     witnesses' cosigned checkpoint is judged against the verified tree
     (ca.audit.witnessed, `witness_keys` the pinned ones): one the audit key signed and
-    the tree does not extend fails the run.
+    the tree does not extend fails the run. `locate`: where lines verified before were
+    changed, read them again to name where (`_located`); a caller that knows the log
+    failed already (the web view, every few seconds) says False.
     """
     raw = load_state(state_path)
     async with aiohttp.ClientSession(timeout=client.TIMEOUT) as session:
@@ -125,7 +128,7 @@ async def verify_remote(url: str, ssl_ctx: ssl.SSLContext, public_key: Ed25519Pu
         except client.ClientError as exc:
             cosigned = exc
         try:
-            result = await _run(api, public_key, raw, origin)
+            result = await _run(api, public_key, raw, origin, locate)
         except DaemonError as exc:
             result = RemoteResult(False, 0, 0, 0, None, str(exc), None)
         except client.ClientError as exc:
@@ -392,7 +395,7 @@ def _failed(failure: Failure, lines: int, fetched: int = 0, checkpoints: int = 0
 
 
 async def _run(api: LogClient, public_key: Ed25519PublicKey, raw: dict[str, Any] | None,
-               origin: str | None) -> RemoteResult:
+               origin: str | None, locate: bool = True) -> RemoteResult:
     text = await api.checkpoint()
     if raw is None:
         name, old, prior = origin, AuditorState.empty(), None
@@ -439,12 +442,12 @@ async def _run(api: LogClient, public_key: Ed25519PublicKey, raw: dict[str, Any]
     proof = await api.consistency(old.size, latest.size) if needs_proof(old.seen, now) else []
     verdict = growth(old.seen, now, proof)
     if verdict is Growth.FORKED and latest.size == old.size:
-        return await _located(api, public_key, name, old.size, Failure(
+        return await _located(api, key, old.size, old.root, locate, Failure(
             max(old.size - 1, 0), Stage.PREFIX, (
                 f"{CUT}: the daemon's latest checkpoint covers the same {old.size} lines "
                 "with a different root")))
     if verdict is Growth.FORKED:
-        return await _located(api, public_key, name, old.size, Failure(
+        return await _located(api, key, old.size, old.root, locate, Failure(
             old.size - 1, Stage.PREFIX, (
                 f"{CUT}: the daemon's consistency proof from {old.size} to {latest.size} "
                 f"lines does not verify against the root verified last time, so the first "
@@ -459,30 +462,71 @@ async def _run(api: LogClient, public_key: Ed25519PublicKey, raw: dict[str, Any]
 
 
 # The most lines read again, from the first, to find where a log verified before was
-# changed: beyond it (a full download) the run says how to find it instead.
+# changed (the lines verified last time, no more): beyond, the run says how to find it.
 LOCATE_LINES = 1_000_000
 
 
-async def _located(api: LogClient, public_key: Ed25519PublicKey, name: str, size: int,
+async def _located(api: LogClient, key: PinnedKey, size: int, root: bytes, locate: bool,
                    failure: Failure) -> RemoteResult:
     """`failure` (the first `size` lines verified last time are no longer those), with
-    where the change is: the state keeps the tree's root, not the lines, so the log as
-    served now is read from its first line, as a first run reads it, and the first line
-    or span that does not verify on its own is named. Before, the run named only the
-    last line verified last time, where the offline verifier and a first run name the
-    changed line (a review)."""
+    where the change is. The state keeps the tree's root, not the lines, so those
+    `size` lines are read again as served now, from the first, and checked on their
+    own: the first line that fails, or the span the first checkpoint among them that no
+    longer verifies shows the change in, or the lines after the last one that does.
+    Before, the run named only the last line verified last time (a review). The verdict
+    never depends on this reading: if it fails, the failure stands as it is."""
+    if not locate or size == 0:
+        return _failed(failure, size)
     if size > LOCATE_LINES:
         return _failed(failure._replace(reason=(
-            f"{failure.reason}. To find the line changed, verify a copy of the log offline "
-            "(hsmca audit verify --log) or run again with a new --state file")), size)
-    fresh = await _run(api, public_key, None, name)
-    if fresh.ok or fresh.bad_seq is None or fresh.bad_seq >= size:
-        # Verifying on its own (rewritten and re-signed throughout): only the saved state
-        # tells, and it tells no more than this.
+            f"{failure.reason}. Keep the state file: it is the evidence. To find the line "
+            "changed, verify a copy of the log from before the change offline "
+            "(hsmca audit verify --log)")), size)
+    try:
+        data = await api.entries(0, size)
+    except (client.ClientError, DaemonError) as exc:
+        return _failed(failure._replace(reason=(
+            f"{failure.reason} (where, this run cannot tell: reading those lines again "
+            f"failed: {exc})")), size)
+    end = data.rfind(b"\n") + 1
+    found = check_lines(data[:end], 0, GENESIS, {}, key.discover(data[:end], 0))
+    where = found.failure
+    if where is None and found.lines < size:
+        where = Failure(found.lines, Stage.LINE, f"the daemon serves only {found.lines} of "
+                        f"the {size} lines verified last time")
+    frontier, roots = CompactRange(), {}
+    wanted = {cp.size for cp in found.checkpoints}
+    for k in range(found.good):
+        frontier.append(found.leaves[k * HASH_SIZE:(k + 1) * HASH_SIZE])
+        if frontier.size in wanted:
+            roots[frontier.size] = frontier.root()
+    vouched = 0  # lines a checkpoint among them vouches for: the change is after them
+    for cp in found.checkpoints:
+        if cp.size not in roots:
+            continue
+        if roots[cp.size] != cp.root:
+            # (named by the span's first line: the checkpoint's own line is unchanged)
+            span = root_mismatch(cp.seq, cp.size, vouched)
+            first = vouched if 0 < vouched < cp.size else 0
+            where = earliest(where, Failure(first, span.stage, span.reason))
+            break
+        vouched = max(vouched, cp.size)
+    if where is None and found.good == size:
+        if frontier.root() == root:
+            return _failed(failure._replace(reason=(
+                f"{failure.reason}. Yet the {size} lines it serves now are those verified "
+                "last time: its latest checkpoint commits to other lines than these (its "
+                "log forked after them, or its proof is wrong)")), size)
+        before = f"; the {vouched} lines before are vouched for by one" if vouched else ""
+        where = Failure(vouched, Stage.PREFIX, (
+            f"a line from seq {vouched} to {size - 1} was altered (no checkpoint among "
+            f"them shows it{before}) and the lines after it chained again to hide it; "
+            "which one, a copy of the log from before the change tells"))
+    if where is None:
         return _failed(failure, size)
-    return _failed(Failure(fresh.bad_seq, failure.stage, (
-        f"{failure.reason}. Read from its first line, the log the daemon serves now fails "
-        f"at seq {fresh.bad_seq}: {fresh.reason}")), size)
+    return _failed(Failure(where.seq, failure.stage, (
+        f"{failure.reason}. Read again from its first line, the log the daemon serves now "
+        f"fails at seq {where.seq}: {where.reason}")), size)
 
 
 async def _behind(api: LogClient, old: AuditorState, latest: Checkpoint, text: str

@@ -244,6 +244,9 @@ class Follower:
             # Sticky: see the module's docstring.
             verdict = replace(self.latest, checked_at=verdict.checked_at,
                               note="a later check passed, but this failure stands")
+        elif self.latest.status == "failed":
+            # The first failure, with where it is, stands (later runs do not locate it)
+            verdict = replace(self.latest, checked_at=verdict.checked_at)
         elif verdict.status == "failed" and self.latest.status != "failed":
             log.error("audit log verification FAILED", seq=verdict.bad_seq,
                       reason=verdict.reason)
@@ -271,9 +274,12 @@ class Follower:
         try:
             # (It fails a log whose audit key signed a cosigned checkpoint the verified
             # tree does not extend: an auditor trial saw the view green beside one.)
+            # Where a failure is, is read once: the failure stands (sticky, below), and
+            # reading up to a million lines again every few seconds is the CA's load.
             result = await verify_remote(self.ca.url, self.ca.ctx, self.key, self.state,
                                          origin=self.origin, log=self.log,
-                                         witness_keys=self.witness_keys)
+                                         witness_keys=self.witness_keys,
+                                         locate=self.latest.status != "failed")
         except ClientError as exc:
             tree, cp, text, key = self._saved()
             keep = self.latest
