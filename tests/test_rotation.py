@@ -1569,3 +1569,32 @@ async def test_a_rotation_killed_before_its_commit_is_voided_at_the_next_start(
         rotations[never]) == 1
     assert rotations[used] not in {e["voids"] for e in lines if e["event"] == "record.void"}
     audit_verify(ca.state, ok=True)
+
+
+async def test_a_staged_key_retired_is_never_voided_at_start(tmp_path: Path) -> None:
+    """A review: a staged key signs nothing, so a start took its key.stage line for a
+    rotation killed before its commit and voided it, though the staging committed and
+    the key was retired since (its token restored from a backup after a destroy). A
+    key the inventory has a row for, or that a later line acted on, is never voided."""
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state)
+    try:
+        out = key_cmd(d, "rotate", "ssh-user", "--stage").stdout
+        label = re.search(r"(ssh-user-ca-\d{14}-[0-9a-f]{4})", out)
+        assert label, out
+        key_cmd(d, "retire", label[1], "--yes")
+    finally:
+        assert d.stop() == 0
+    db = ca.state / "hsmca.sqlite3"
+    # the inventory says destroyed, the token still holds it (restored from a backup)
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE ca_keys SET state = 'destroyed' WHERE label = ?", (label[1],))
+    for _ in range(2):
+        d = start_daemon(ca.state)
+        assert d.stop() == 0
+        assert not [e for e in log_lines(ca.state) if e["event"] == "record.void"]
+        # and with no row at all (an inventory from before the staging), its retire line
+        # says the staging committed
+        with sqlite3.connect(db) as conn:
+            conn.execute("DELETE FROM ca_keys WHERE label = ?", (label[1],))
+    audit_verify(ca.state, ok=True)

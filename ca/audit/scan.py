@@ -29,6 +29,8 @@ def lines_with(data: mmap.mmap, mark: bytes, start: int, end: int
 
 
 RECORDING = ("key.rotate", "key.stage", "key.ceremony")
+# Lines that act on a key the inventory held: a change recorded for it committed.
+TAKEN_UP = ("key.retire", "key.destroy", "key.revoke", "hsm.destroy")
 
 
 def made_unrecorded(path: Path, label: str) -> int | None:
@@ -55,7 +57,9 @@ def rotation_never_committed(path: Path, label: str) -> dict[str, Any] | None:
 
 def _key_lines(path: Path, label: str) -> tuple[int | None, list[dict[str, Any]], bool]:
     """The seq of the hsm.keygen line that made `label`, the lines recording it that
-    stand (not voided), and whether an hsm.sign intent used it."""
+    stand (not voided), and whether it was taken up: an hsm.sign intent used it, or a
+    line retired, destroyed or revoked it (a staged key signs nothing: a review saw
+    one voided after its retire and destroy, its token restored from a backup)."""
     made: int | None = None
     recording: list[dict[str, Any]] = []
     used = False
@@ -68,8 +72,10 @@ def _key_lines(path: Path, label: str) -> tuple[int | None, list[dict[str, Any]]
                     made = made if made is not None or not isinstance(seq, int) else seq
                 elif line.get("event") in RECORDING:
                     recording.append(line)
+                elif line.get("event") in TAKEN_UP and line.get("label") == label:
+                    used = True
             # (an intent names its key by URI: ...;object=LABEL;type=private)
-            used = any(line.get("event") == "hsm.sign" for line in lines_with(
+            used = used or any(line.get("event") == "hsm.sign" for line in lines_with(
                 data, f"object={label};".encode(), 0, end))
             if recording:  # a line whose commit failed is voided (ca/lifecycle.py)
                 voided = {line.get("voids") for line in lines_with(

@@ -826,6 +826,7 @@ async def _name_unknown_keys(store: Store, pipeline: SigningPipeline,
     here, on one node (a review: its line said a key was put in use that never was)."""
     records = await store.keys()
     known = {r.label for r in records if r.state != "destroyed"}
+    recorded = {r.label for r in records}
     private = await pipeline.call(lambda hsm: hsm.key_labels())
     public = await pipeline.call(lambda hsm: hsm.key_labels(public=True))
     # (a destroyed key's public half, a destroy cut short between the two, is not one)
@@ -844,8 +845,10 @@ async def _name_unknown_keys(store: Store, pipeline: SigningPipeline,
         rotated = _ROTATED_LABEL.fullmatch(label) is not None
         # One node only: on several, another node's PostgreSQL commit of it may still
         # land, and its line is that node's to settle.
+        # Nor a key the inventory has a row for, in any state (a destroyed one whose
+        # token was restored from a backup: a review)
         line = await asyncio.to_thread(rotation_never_committed, log_path, label) \
-            if rotated and not clustered(store) else None
+            if rotated and not clustered(store) and label not in recorded else None
         if line is not None:
             await void(audit, line["seq"], line["event"], "the rotation stopped before the "
                        "inventory took its key (completed at the next start)",
