@@ -282,27 +282,31 @@ class KeyLifecycle:
                               "made in the token is recorded nowhere and never used: remove "
                               f"it, docs/keys.md). {then}") from None
             raise
+        event = "key.stage" if staged else "key.rotate"
         try:
-            if staged:
-                await self.store.add_keys([record])  # as `next`: published, signing nothing
-            elif await self.store.rotate_keys([record], replacing={order.kind: current.label}
-                                              ) is None:
-                # Another rotation of this kind committed since `current` was read: this
-                # line names a previous key that is not (a review: two at once both said
-                # the same previous key was replaced).
-                self._orphaned(label, order.kind, RotatedMeanwhile())
-                await void(self.audit, seq, "key.rotate", f"another rotation replaced "
-                           f"{current.label} first", request_id)
-                raise Refused(f"another rotation of the {order.kind} key finished while this "
-                              f"one ran; nothing was rotated by this one (the key {label} it "
-                              "made is recorded nowhere and never used: remove it, "
-                              "docs/keys.md). `hsmca key list` shows the keys now",
-                              Reason.CONFLICT)
+            # Only if the kind's active key is still `current` (and, staging, the kind has
+            # no staged key yet): a review saw two rotations at once both name the same
+            # previous key, and four stagings at once leave four staged keys.
+            if staged:  # as `next`: published, signing nothing
+                taken = await self.store.stage_key(record, current.label)
+            else:
+                taken = await self.store.rotate_keys(
+                    [record], replacing={order.kind: current.label}) is not None
         except Exception as exc:
-            if isinstance(exc, Refused):
-                raise
-            await self._not_committed(label, order.kind, seq, "key.stage" if staged
-                                      else "key.rotate", exc, request_id)
+            await self._not_committed(label, order.kind, seq, event, exc, request_id)
+            taken = True  # (it raises unless the commit landed after all)
+        if not taken:
+            self._orphaned(label, order.kind, RotatedMeanwhile())
+            await void(self.audit, seq, event, f"another rotation or staging of the "
+                       f"{order.kind} key committed first", request_id)
+            if order.kind == "issuing":  # its CA certificate out of the trusted bundle
+                with contextlib.suppress(Exception):
+                    await write_bundle(self.bundle_path, self.store)
+            raise Refused(f"another rotation or staging of the {order.kind} key finished "
+                          f"while this one ran; nothing was {'staged' if staged else 'rotated'}"
+                          f" by this one (the key {label} it made is recorded nowhere and "
+                          "never used: remove it, docs/keys.md). `hsmca key list` shows the "
+                          "keys now", Reason.CONFLICT)
         await self._published()
         if staged:
             return {"label": label, "kind": order.kind, "state": "next",
@@ -417,7 +421,7 @@ class RotatedMeanwhile(Exception):
     """Why a rotation's key was left unused: another rotation of its kind won."""
 
     def __str__(self) -> str:
-        return "another rotation of the same kind committed first"
+        return "another rotation or staging of the same kind committed first"
 
 
 def write_chain_files(x509_dir: Path, issuers: Issuers) -> None:

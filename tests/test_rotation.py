@@ -1491,9 +1491,16 @@ async def test_rotations_of_one_kind_at_once_each_standing_line_names_the_key_it
         assert codes[0] == 201 and set(codes) <= {201, 409}, answers
         for status, _, raw in answers:
             if status == 409:
-                assert "another rotation of the ssh-user key finished while this one ran" \
-                    in json.loads(raw)["detail"], raw
+                assert "another rotation or staging of the ssh-user key finished while this " \
+                    "one ran" in json.loads(raw)["detail"], raw
         listed = key_cmd(d, "list").stdout
+        # Stagings at once, of another kind: one staged key, the others refused and voided
+        staged = await asyncio.gather(*(http(
+            "POST", f"{d.url}/v1/keys/rotate", d.admin_ssl(),
+            body={"kind": "ssh-host", "stage": True}) for _ in range(4)))
+        assert sorted(a[0] for a in staged)[0] == 201, staged
+        keys = json.loads((await http("GET", f"{d.url}/v1/keys", d.admin_ssl()))[2])["keys"]
+        assert [k["state"] for k in keys if k["kind"] == "ssh-host"].count("next") == 1, keys
     finally:
         assert d.stop() == 0
     lines = log_lines(ca.state)
@@ -1505,6 +1512,8 @@ async def test_rotations_of_one_kind_at_once_each_standing_line_names_the_key_it
         [first.group(1)] + [e["label"] for e in standing[:-1]], standing
     active = re.search(r"^(\S+)\s+ssh-user\s+active", listed, re.M)
     assert active and active.group(1) == standing[-1]["label"], listed
+    stages = [e for e in lines if e["event"] == "key.stage" and e["seq"] not in voided]
+    assert len(stages) == 1 == [a[0] for a in staged].count(201), (stages, staged)
     audit_verify(ca.state, ok=True)
 
 

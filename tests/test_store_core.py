@@ -293,10 +293,17 @@ def test_a_staged_ssh_key_is_promoted_once_and_the_active_one_becomes_previous(
     assert run(store.promote_key("ssh-user-2", "ssh-host", LATER)) is None  # another kind
     assert run(store.promote_key("ssh-user-2", "ssh-user", LATER, replacing="ssh-user-0")) \
         is None  # the active key is another than the one it would replace
+    # a second staging, or one whose active key changed, is not taken
+    assert run(store.stage_key(dataclasses.replace(key("ssh-user-3"), state="next"),
+                               "ssh-user-ca")) is False
     assert run(store.promote_key("ssh-user-2", "ssh-user", LATER)) == ["ssh-user-ca"]
     assert run(store.promote_key("ssh-user-2", "ssh-user", LATER)) is None  # done already
     assert {k.label: (k.state, k.changed_at) for k in run(store.keys())} == {
         "ssh-user-ca": ("previous", LATER), "ssh-user-2": ("active", LATER)}
+    third = dataclasses.replace(key("ssh-user-3"), state="next")
+    assert run(store.stage_key(third, "ssh-user-ca")) is False  # not the active one now
+    assert run(store.stage_key(third, "ssh-user-2")) is True
+    assert {k.label: k.state for k in run(store.keys())}["ssh-user-3"] == "next"
 
 
 def test_a_root_ceremonys_records_land_together_or_not_at_all(store: Store) -> None:

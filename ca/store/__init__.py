@@ -298,6 +298,12 @@ class Store(Protocol):
         they lack: recorded before the inventory kept it)."""
         ...
 
+    async def stage_key(self, record: KeyRecord, active: str) -> bool:
+        """Record `record` as its kind's `next` key, in one transaction, if the kind's
+        active key is still `active` and it has no next key yet; else change nothing
+        and return False (another staging or a rotation of the kind committed first)."""
+        ...
+
     async def rotate_keys(self, new: Sequence[KeyRecord], cross: Sequence[CrossCert] = (),
                           replacing: Mapping[str, str] | None = None) -> list[str] | None:
         """Make each of `new` its kind's active key and the one active before it

@@ -1049,6 +1049,26 @@ class PostgresStore:
             await _changed(db, "keys")
         await self._tx(insert)
 
+    async def stage_key(self, record: KeyRecord, active: str) -> bool:
+        async def stage(db: Conn) -> bool:
+            # (the active row locked: a staging or rotation of the kind on another node
+            # waits, then finds it changed, as rotate_keys)
+            if await _active_labels(db, record.kind) != [active]:
+                return False
+            cur = await db.execute("SELECT 1 FROM ca_keys WHERE kind = %s AND state = 'next'",
+                                   (record.kind,))
+            if await cur.fetchone() is not None:
+                return False
+            await db.execute("INSERT INTO ca_keys (label, kind, state, algorithm, created_at, "
+                             "fingerprint, uri, cert, changed_at, ssh_public_key) VALUES "
+                             "(%s,%s,'next',%s,%s,%s,%s,%s,%s,%s)",
+                             (record.label, record.kind, record.algorithm,
+                              record.created_at, record.fingerprint, record.uri, record.cert,
+                              record.changed_at, record.ssh_public_key))
+            await _changed(db, "keys")
+            return True
+        return await self._tx(stage)
+
     async def rotate_keys(self, new: Sequence[KeyRecord], cross: Sequence[CrossCert] = (),
                           replacing: Mapping[str, str] | None = None) -> list[str] | None:
         async def rotate(db: Conn) -> list[str] | None:

@@ -1337,6 +1337,21 @@ class SQLiteStore:
                   r.cert, r.changed_at, r.ssh_public_key) for r in records])
         await self._write(insert)
 
+    async def stage_key(self, record: KeyRecord, active: str) -> bool:
+        def stage(db: sqlite3.Connection) -> bool:
+            if _active_labels(db, record.kind) != [active] or db.execute(
+                    "SELECT 1 FROM ca_keys WHERE kind = ? AND state = 'next'",
+                    (record.kind,)).fetchone() is not None:
+                return False
+            db.execute("INSERT INTO ca_keys (label, kind, state, algorithm, created_at, "
+                       "fingerprint, uri, cert, changed_at, ssh_public_key) VALUES "
+                       "(?,?,'next',?,?,?,?,?,?,?)",
+                       (record.label, record.kind, record.algorithm, record.created_at,
+                        record.fingerprint, record.uri, record.cert, record.changed_at,
+                        record.ssh_public_key))
+            return True
+        return await self._write(stage)
+
     async def rotate_keys(self, new: Sequence[KeyRecord], cross: Sequence[CrossCert] = (),
                           replacing: Mapping[str, str] | None = None) -> list[str] | None:
         def rotate(db: sqlite3.Connection) -> list[str] | None:
