@@ -158,8 +158,11 @@ class KeyLifecycle:
                                 if order.action == "retire" else "destroyed",
                                 "live": live, "live_until": until}
         if order.action == "destroy":
-            record = next((r for r in await self.store.keys() if r.label == order.label),
-                          None)
+            try:  # (the destroy is done: a store away now must not fail its answer)
+                record = next((r for r in await self.store.keys()
+                               if r.label == order.label), None)
+            except StoreUnavailable:
+                record = None
             if record is not None and record.revoked_at:
                 # Its certificates are refused already wherever the root's CRL is
                 # checked: the CLI must not say they "work where trusted" (a review).

@@ -202,6 +202,8 @@ def test_witness_answers_as_c2sp_says_and_keeps_its_state(tmp_path: Path) -> Non
     try:
         status, _, body = w.add(0, [], cp(lines, 10))  # trusted on first use
         assert status == 200, body
+        with urllib.request.urlopen(f"{w.url}/", timeout=30) as resp:  # (a security trial)
+            assert resp.headers["Server"] == "hsmca-witness", resp.headers
         assert cosignatures_by(cp(lines, 10) + body, w.name, w.pub)
         assert w.state == {origin: 10}
 

@@ -209,8 +209,13 @@ class Witness:
                   held=held.size if held else 0, status=status, reason=reason, checkpoint=note)
 
 
+async def _server_header(_request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = "hsmca-witness"  # not aiohttp's and Python's versions
+
+
 def application(witness: Witness) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY)
+    app.on_response_prepare.append(_server_header)
 
     async def add_checkpoint(request: web.Request) -> web.Response:
         body = await read_body(request)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import weakref
 from importlib import resources
 
-from aiohttp import web
+from aiohttp import HttpVersion10, web
 
 from ca.ui import pages, peer
 from ca.ui.pages import UI, UI_KEY
@@ -74,6 +74,9 @@ def _refusal(request: web.Request, ui: UI) -> web.Response | None:
 @web.middleware
 async def guard(request: web.Request, handler: pages.Handler) -> web.StreamResponse:
     refused = _refusal(request, request.app[UI_KEY])
+    if request.version < HttpVersion10:  # (aiohttp's HTTP/0.9, as the daemon's API)
+        refused = web.Response(status=400, text="send HTTP/1.1\n")
+        refused.force_close()
     if refused is not None:
         response: web.StreamResponse = refused
     else:
