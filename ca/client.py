@@ -502,7 +502,9 @@ class Staged:
             tmp, fd = _new_file(dfd, f".{real.name}.")
             try:
                 if reserve:
-                    _reserve(fd)
+                    # At least what the file holds now, twice: a KRL grows past the
+                    # fixed room (a review)
+                    _reserve(fd, max(RESERVED, 2 * _size(real)))
             except OSError:
                 os.close(fd)
                 _unlink(dfd, tmp)
@@ -646,11 +648,18 @@ def opened_dir(directory: Path) -> int:
 RESERVED = 16 * 1024
 
 
-def _reserve(fd: int) -> None:
-    """Take RESERVED bytes of the disk for `fd` now (OSError ENOSPC on a full one), so
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _reserve(fd: int, size: int = RESERVED) -> None:
+    """Take `size` bytes of the disk for `fd` now (OSError ENOSPC on a full one), so
     that writing the answer into it later cannot run out of room."""
     try:
-        os.posix_fallocate(fd, 0, RESERVED)
+        os.posix_fallocate(fd, 0, size)
     except OSError as exc:
         if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a filesystem without it
             raise
