@@ -1607,3 +1607,37 @@ async def test_a_staged_key_retired_is_never_voided_at_start(tmp_path: Path) -> 
         with sqlite3.connect(db) as conn:
             conn.execute("DELETE FROM ca_keys WHERE label = ?", (label[1],))
     audit_verify(ca.state, ok=True)
+
+
+async def test_a_promotion_killed_before_its_commit_is_voided_at_the_next_start(
+        tmp_path: Path) -> None:
+    """A review: a promotion of a staged key killed between its key.rotate line and its
+    commit left the line standing (the key put in use) and the key still staged."""
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state)
+    try:
+        out = key_cmd(d, "rotate", "ssh-user", "--stage").stdout
+        label = re.search(r"(ssh-user-ca-\d{14}-[0-9a-f]{4})", out)
+        assert label, out
+        key_cmd(d, "rotate", "ssh-user")
+    finally:
+        assert d.stop() == 0
+    with sqlite3.connect(ca.state / "hsmca.sqlite3") as db:  # as the kill left it
+        db.execute("UPDATE ca_keys SET state = 'next' WHERE label = ?", (label[1],))
+        db.execute("UPDATE ca_keys SET state = 'active' WHERE label = 'ssh-user-ca'")
+    [promoted] = [e for e in log_lines(ca.state) if e["event"] == "key.rotate"]
+    assert promoted["label"] == label[1] and promoted["staged"] is True
+    said = []
+    for _ in range(2):  # voided once, by the first start, which says so
+        d = start_daemon(ca.state)
+        try:
+            listed = key_cmd(d, "list").stdout
+            assert re.search(rf"(?m)^{label[1]}\s+ssh-user\s+next", listed), listed
+        finally:
+            assert d.stop() == 0
+        said.append(any("a promotion of a staged key stopped between its audit line" in x
+                        and label[1] in x for x in d.stderr))
+        voids = [e for e in log_lines(ca.state) if e["event"] == "record.void"]
+        assert [e["voids"] for e in voids] == [promoted["seq"]], voids
+    assert said == [True, False]
+    audit_verify(ca.state, ok=True)

@@ -55,6 +55,15 @@ def rotation_never_committed(path: Path, label: str) -> dict[str, Any] | None:
     return standing[0]
 
 
+def promotions_never_committed(path: Path, label: str) -> list[dict[str, Any]]:
+    """The standing `key.rotate` lines that put the staged key `label` in use: for a key
+    the inventory still holds as staged, a promotion stopped between its line and its
+    commit (a kill), whose line stands for a change that never happened (a review)."""
+    _, standing, _ = _key_lines(path, label)
+    return [line for line in standing if line.get("event") == "key.rotate"
+            and line.get("label") == label and line.get("staged") is True]
+
+
 def _key_lines(path: Path, label: str) -> tuple[int | None, list[dict[str, Any]], bool]:
     """The seq of the hsm.keygen line that made `label`, the lines recording it that
     stand (not voided), and whether it was taken up: an hsm.sign intent used it, or a

@@ -46,7 +46,11 @@ from ca.audit.cluster_tiles import catch_up as catch_up_tiles
 from ca.audit.cosignature import ALG_COSIGNATURE, parse_verifier_key
 from ca.audit.log import ISSUING, AuditKeys, AuditLog
 from ca.audit.recorder import Recorder
-from ca.audit.scan import made_unrecorded, rotation_never_committed
+from ca.audit.scan import (
+    made_unrecorded,
+    promotions_never_committed,
+    rotation_never_committed,
+)
 from ca.audit.voided import void
 from ca.audit.witness import FileWitness
 from ca.audit.witnessing import HTTPWitness, Witnessing
@@ -839,6 +843,18 @@ async def _name_unknown_keys(store: Store, pipeline: SigningPipeline,
                     "hsmca never uses it; remove it with the HSM's own tools (pkcs11-tool "
                     "--delete-object --type pubkey --label LABEL) once you are sure whose "
                     "it is", label=label)
+    for record in records:
+        if record.state != "next" or clustered(store):
+            continue
+        for line in await asyncio.to_thread(promotions_never_committed, log_path,
+                                            record.label):
+            await void(audit, line["seq"], "key.rotate", "the promotion stopped before the "
+                       "inventory took it (completed at the next start)",
+                       line.get("request_id"))
+            log.warning("a promotion of a staged key stopped between its audit line and its "
+                        "inventory commit: its line is voided, and the key is still staged "
+                        "(published, signing nothing); `hsmca key rotate` puts it in use",
+                        label=record.label, line=line["seq"])
     for label in private:
         if label in known:
             continue
