@@ -254,8 +254,23 @@ class _VersionAction(argparse.Action):
         parser.exit()
 
 
+# What to do after a Ctrl-C, by command: one stopped silently with the token spent, and
+# its user was told by the next try to ask an admin for another (an operator trial).
+INTERRUPTED = {
+    "enroll": "if the CA took the token already, run the same enroll again with the same "
+              "--out: it uses the key it kept beside it, and the token lets that key in again",
+    "renew": "run renew again: it finishes or undoes a replacement of the files cut "
+             "short, and renews",
+    "ssh-user": "the certificate file is whole; run it again for a new certificate",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:  # (a Ctrl-C while Python loads: a traceback before)
+        print("hsmca: interrupted", file=sys.stderr)
+        return 130
     if getattr(args, "url", None) is not None:
         # Every --url is checked here, once, before a command can connect anywhere.
         from ca.commands.args import check_url
@@ -281,6 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _command(args.command_key)(args)
     except KeyboardInterrupt:
+        then = INTERRUPTED.get(args.command_key)
+        print(f"hsmca: interrupted{f': {then}' if then else ''}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

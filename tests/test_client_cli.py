@@ -13,6 +13,7 @@ import re
 import resource
 import shlex
 import signal
+import socket
 import sqlite3
 import ssl
 import stat
@@ -103,6 +104,28 @@ def test_enroll_checks_the_output_before_spending_the_token(daemon: Daemon,
     # The replaced file was 0644: its group keeps access (a service's group may read its
     # key), others lose it.
     assert (full / "key.pem").stat().st_mode & 0o777 == 0o640
+
+
+def test_enroll_interrupted_says_how_to_go_on(daemon: Daemon, tmp_path: Path) -> None:
+    """An operator trial: Ctrl-C during an enroll exited 130 with nothing said, the token
+    spent, and the next try, from elsewhere, sent its user to an admin for a new token."""
+    token = token_file(daemon, tmp_path, "service", [NAME])
+    with socket.socket() as listener:  # a CA that never answers: the enroll waits on it
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(60)
+        proc = subprocess.Popen(
+            [*HSMCA, "enroll", "--url", f"https://127.0.0.1:{listener.getsockname()[1]}",
+             "--ca", daemon.root, "--token-file", token, "--name", NAME, "--out",
+             tmp_path / "svc"], stderr=subprocess.PIPE, text=True)
+        conn, _ = listener.accept()  # it is connected and waits for the handshake
+        with conn:
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err == (
+        "hsmca: interrupted: if the CA took the token already, run the same enroll again "
+        "with the same --out: it uses the key it kept beside it, and the token lets that "
+        "key in again\n"), err
 
 
 def test_enroll_into_an_existing_empty_directory(daemon: Daemon, tmp_path: Path) -> None:
