@@ -106,6 +106,15 @@ def test_enroll_checks_the_output_before_spending_the_token(daemon: Daemon,
     assert (full / "key.pem").stat().st_mode & 0o777 == 0o640
 
 
+def test_a_token_file_saved_by_notepad_is_read(daemon: Daemon, tmp_path: Path) -> None:
+    """An operator trial: a token file saved as "UTF-8 with BOM", CRLF, was an unknown
+    token (401)."""
+    token = token_file(daemon, tmp_path, "service", [NAME])
+    token.write_bytes(b"\xef\xbb\xbf" + token.read_bytes().strip() + b"\r\n")
+    proc = enroll_cmd(daemon, token, tmp_path / "svc")
+    assert proc.returncode == 0 and (tmp_path / "svc" / "cert.pem").is_file(), proc.stderr
+
+
 def test_enroll_interrupted_says_how_to_go_on(daemon: Daemon, tmp_path: Path) -> None:
     """An operator trial: Ctrl-C during an enroll exited 130 with nothing said, the token
     spent, and the next try, from elsewhere, sent its user to an admin for a new token."""

@@ -140,7 +140,7 @@ def read_token(args: argparse.Namespace) -> str:
             raise CLIError(f"--token-file {where}: {exc.strerror}") from None
         except UnicodeDecodeError:
             raise CLIError(f"--token-file {where} is not text") from None
-        token = text.strip()
+        token = text.lstrip("\ufeff").strip()  # (Notepad's "UTF-8 with BOM": an operator trial)
         if not token:
             raise CLIError(f"--token-file {where} is empty: it must hold the token")
         if len(token.split()) != 1:
