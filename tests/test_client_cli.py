@@ -365,6 +365,23 @@ def test_credential_flags_have_one_name_and_accept_the_other(daemon: Daemon,
                  ["audit", "verify"]):
         text = hsmca(*argv, "--help").stdout
         assert "--client-cert" in text and "--cert" in text and "same flag" in text, argv
+    # --from past the end says so, here and offline (an operator trial got nothing)
+    past = hsmca("audit", "show", "--url", daemon.url, "--ca", daemon.root, "--cert",
+                 admin / "cert.pem", "--key", admin / "key.pem", "--from", "1000000")
+    assert past.stdout == "" and past.stderr == (
+        "hsmca: no line from seq 1000000: the log ends before it\n"), past.stderr
+    lines = len((daemon.state / "audit" / "log.jsonl").read_bytes().splitlines())
+    past = hsmca("audit", "show", "--log", daemon.state / "audit" / "log.jsonl", "--from",
+                 "1000000")
+    assert past.stdout == "" and re.fullmatch(
+        r"hsmca: no line from seq 1000000: the log ends before it \(it has (\d+) lines, seq "
+        r"0 to \d+\)\n", past.stderr) and int(past.stderr.split("has ")[1].split()[0]) >= \
+        lines, past.stderr
+    # and a --limit that shows nothing is refused (0 and -3 showed one row)
+    for bad in ("0", "-3"):
+        said = one_line_error(hsmca("cert", "list", "--config", daemon.state / "hsmca.toml",
+                                    "--limit", bad, check=False), 2)
+        assert f"must be a whole number of 1 or more, not '{bad}'" in said, said
 
 
 # ---- CLI polish (item 12) --------------------------------------------------------------

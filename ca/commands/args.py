@@ -83,6 +83,13 @@ def ssh_serial(text: str) -> int:
     return int(text)
 
 
+def positive(text: str) -> int:
+    """A count of 1 or more (--limit 0 and -3 showed one row: an operator trial)."""
+    if not is_decimal(text) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of 1 or more, not {text!r}")
+    return int(text)
+
+
 def state_file(text: str) -> Path:
     """A --state a command saves to: its directory must exist, said before any work
     (saving failed at the end, naming a temporary file; the web view crashed on every

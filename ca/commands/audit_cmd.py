@@ -331,6 +331,12 @@ def _describe(obj: dict[str, Any]) -> str:
     return f"{obj.get('seq'):>7} {obj.get('ts')} {obj.get('event'):<14} {rest}"
 
 
+def _nothing_from(start: int, lines: int | None) -> None:
+    """Said when --from is past the end (an operator trial got nothing, exit 0)."""
+    length = f" (it has {lines} lines, seq 0 to {lines - 1})" if lines else ""
+    print(f"hsmca: no line from seq {start}: the log ends before it{length}", file=sys.stderr)
+
+
 async def _show_remote(args: argparse.Namespace) -> int:
     import aiohttp
 
@@ -358,6 +364,8 @@ async def _show_remote(args: argparse.Namespace) -> int:
             if lines:
                 continue
             if not args.follow:
+                if seq == args.start > 0:
+                    _nothing_from(args.start, None)
                 return 0
             # Polling: the API has no push; one request a second is cheap for the daemon.
             await asyncio.sleep(1)
@@ -416,5 +424,7 @@ def show(args: argparse.Namespace) -> int:
                     print(_describe(obj), flush=True)
                 continue
             if not args.follow:
+                if 0 < number <= args.start:
+                    _nothing_from(args.start, number)
                 return 0
             time.sleep(0.2)  # polling a file: there is nothing to wait on portably

@@ -13,6 +13,7 @@ from ca.commands.output import table
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from ca.commands.args import positive
     from ca.commands.client_cmd import admin_flags
     from ca.inventory_terms import CERT_STATUSES
     c = sub.add_parser("cert", help="the X.509 certificates the CA issued: list, show (admin)")
@@ -35,7 +36,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     ls.add_argument("--issuer", metavar="LABEL",
                     help="only those this issuing key signed (hsmca key list): who must "
                     "enroll again once its CA certificate is revoked, say")
-    ls.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    ls.add_argument("--limit", type=positive, default=50, help="at most this many (default 50)")
     admin_flags(ls)
     ls.set_defaults(command_key="cert-list")
     sh = csub.add_parser(

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ca.commands.args import warn
+from ca.commands.args import positive, warn
 from ca.errors import CLIError
 
 DROP_IN = "hsmca.conf"
@@ -862,6 +862,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     ls.add_argument("--status", choices=CERT_STATUSES,
                     help="only these (expiring: in its last 7 days, or in its last third "
                     "when that is shorter)")
-    ls.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    ls.add_argument("--limit", type=positive, default=50, help="at most this many (default 50)")
     admin_flags(ls)
     ls.set_defaults(command_key="ssh-list")
