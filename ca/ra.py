@@ -1015,7 +1015,14 @@ def _ssh_revoke(ctx: Context, who: Requester, req: SSHRevokeRequest) -> SSHRevok
         if req.revoked:  # a retry, say: told apart from a typo (an API client's trial)
             raise Refused(f"the SSH certificate with {what} is already revoked",
                           Reason.ALREADY_REVOKED)
-        raise Refused(f"no SSH certificate with {what} was issued by this CA",
+        hint = ""
+        if req.key_id is not None and ":" not in req.key_id:
+            # A key id is <identity>:<serial>: the bare identity matched nothing (an SSH
+            # trial, from the help's own example, took it for "has none")
+            hint = (f"; a key id is <identity>:<serial>: `hsmca ssh list --search "
+                    f"{req.key_id}` lists that identity's, and `hsmca revoke --identity "
+                    f"{req.key_id}` revokes everything issued to it")
+        raise Refused(f"no SSH certificate with {what} was issued by this CA{hint}",
                       Reason.NOT_FOUND)
     return SSHRevokeOrder(req.serial, req.key_id, req.public_key, who.actor)
 

@@ -566,6 +566,10 @@ def test_ssh_revocation_is_for_admins_and_needs_a_match_unless_it_bans_a_key() -
             "serial 7")
     refused(ra.decide(context(), admin(), ra.SSHRevokeRequest(key_id="bob:1")), Reason.NOT_FOUND,
             "'bob:1'")
+    # the identity alone, as a key id (an SSH trial, from the help's example): said how
+    refused(ra.decide(context(), admin(), ra.SSHRevokeRequest(key_id="bob@example.com")),
+            Reason.NOT_FOUND, "a key id is <identity>:<serial>: `hsmca ssh list --search "
+            "bob@example.com` lists", "`hsmca revoke --identity bob@example.com`")
     # A retry, told apart from a typo (an API client's trial).
     refused(ra.decide(context(), admin(), ra.SSHRevokeRequest(serial=7, revoked=1)),
             Reason.ALREADY_REVOKED, "serial 7 is already revoked")

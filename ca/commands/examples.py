@@ -64,7 +64,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         "    --hosts '*.internal.example' --out ~/.ssh/known_hosts.d/hsmca",
     ),
     "ssh revoke": (
-        "hsmca ssh revoke --key-id alice@example.com --config hsmca.toml",
+        "hsmca ssh revoke --key-id alice@example.com:4242 --config hsmca.toml",
         "hsmca ssh revoke --pubkey stolen_id_ed25519.pub --config hsmca.toml",
     ),
     "ssh list": ("hsmca ssh list --config hsmca.toml --type host --status valid",),

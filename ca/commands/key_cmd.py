@@ -366,7 +366,8 @@ def _rotate_root(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     from ca.commands.client_cmd import admin_flags, credential_flags
-    k = sub.add_parser("key", help="the CA's keys: list, rotate, retire, destroy (admin)",
+    k = sub.add_parser("key", help="the CA's keys: list, rotate, retire, destroy, revoke, "
+                       "rotate-root (admin)",
                        description="Manage the CA's keys in the HSM while the daemon runs: "
                        "no step needs a restart or interrupts issuance. Uses the admin "
                        "credential of --config, or --url/--ca/--cert/--key.")
