@@ -711,7 +711,18 @@ def _keep_host_fresh(args: argparse.Namespace, f: HostFiles, refresh_now: bool =
         fields: dict[str, Any] = {"changed": changed}
         # A revocation of this host reaches it only as a KRL line and a refusal at its
         # next renewal, weeks away: say so now, once, where the operator looks.
+        checked = _ssh_cert_times(f.cert)
         revoked = await asyncio.to_thread(_revoked_in_krl, f.krl, f.cert)
+        try:
+            await client.call("GET", f"{args.url}/v1/whoami",
+                              client.ssl_context(args.ca, args.cert, args.key))
+            standing = None
+        except client.ClientError as exc:
+            standing = str(exc) if exc.status in (401, 403) else None
+        if revoked and _ssh_cert_times(f.cert) != checked:
+            # The renewal job replaced the certificate meanwhile: ask about the new one
+            # (an SSH trial's log said "revoked" just after the revoked one was replaced)
+            revoked = await asyncio.to_thread(_revoked_in_krl, f.krl, f.cert)
         if revoked:
             fields["host_certificate"] = "revoked"
         warn_once("host", revoked and _ssh_cert_times(f.cert), "ssh.host.revoked",
@@ -719,12 +730,6 @@ def _keep_host_fresh(args: argparse.Namespace, f: HostFiles, refresh_now: bool =
                   "host. Ask an admin why: if its host key leaked, make a new host key and "
                   "certify it; else enroll the host again (a new credential), and the next "
                   "refresh renews the host certificate")
-        try:
-            await client.call("GET", f"{args.url}/v1/whoami",
-                              client.ssl_context(args.ca, args.cert, args.key))
-            standing = None
-        except client.ClientError as exc:
-            standing = str(exc) if exc.status in (401, 403) else None
         warn_once("credential", standing, "ssh.host.credential.refused", error=standing,
                   detail=f"the CA no longer takes {args.cert}: the host certificate cannot "
                   "be renewed until the host is enrolled again")
