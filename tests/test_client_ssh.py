@@ -550,3 +550,21 @@ async def test_the_cas_own_ssh_key_is_not_certified(daemon: Daemon, tmp_path: Pa
         said = json.loads(raw)
         assert said["type"].endswith("/bad-key") and "is one of this CA's own SSH CA keys" \
             in said["detail"], said
+
+
+def test_ssh_user_does_not_replace_a_host_certificate(daemon: Daemon, tmp_path: Path) -> None:
+    """An SSH trial's `ssh user --pubkey` of a host key replaced the host certificate
+    sshd served with a user certificate, and nothing said so."""
+    hcert, hkey = enroll(daemon, tmp_path, "host", ["localhost"])
+    host_pub = keygen(tmp_path / "ssh_host_ed25519_key")
+    hsmca("ssh", "host", "--url", daemon.url, "--ca", daemon.root, "--cert", hcert, "--key",
+          hkey, "--pubkey", host_pub)
+    served = (tmp_path / "ssh_host_ed25519_key-cert.pub").read_bytes()
+    ucert, ukey = enroll(daemon, tmp_path, "user", ["ann@example.com"], ["ann"])
+    proc = hsmca("ssh", "user", "--url", daemon.url, "--ca", daemon.root, "--cert", ucert,
+                 "--key", ukey, "--pubkey", host_pub, check=False)
+    assert proc.returncode == 1 and proc.stderr == (
+        f"hsmca: error: {tmp_path / 'ssh_host_ed25519_key-cert.pub'} holds a host "
+        "certificate (sshd's HostCertificate?): --pubkey is a host key, not yours; give "
+        "your own public key (e.g. ~/.ssh/id_ed25519.pub)\n"), proc.stderr
+    assert (tmp_path / "ssh_host_ed25519_key-cert.pub").read_bytes() == served

@@ -36,6 +36,22 @@ def _cert_path(pubkey: Path) -> Path:
     return pubkey.with_name(f"{name}-cert.pub")
 
 
+def _not_a_host_certificate(cert: Path) -> None:
+    """`ssh user` on a host key (/etc/ssh/ssh_host_*_key.pub, a slip of the finger)
+    replaced the host certificate sshd serves with a user certificate, unremarked (an
+    SSH trial): a host certificate there is not replaced."""
+    from cryptography.hazmat.primitives import serialization
+    try:
+        held = serialization.load_ssh_public_identity(cert.read_bytes())
+    except (OSError, ValueError):
+        return
+    if isinstance(held, serialization.SSHCertificate) and \
+            held.type == serialization.SSHCertificateType.HOST:
+        raise CLIError(f"{cert} holds a host certificate (sshd's HostCertificate?): --pubkey "
+                       "is a host key, not yours; give your own public key (e.g. "
+                       "~/.ssh/id_ed25519.pub)")
+
+
 def _private_path(pubkey: Path) -> Path:
     return pubkey.with_name(pubkey.name.removesuffix(".pub"))
 
@@ -279,6 +295,7 @@ def user(args: argparse.Namespace) -> int:
     read_public_key(args.pubkey)
     key = _agent_key(args) if args.agent else None
     cert = _cert_path(args.pubkey)
+    _not_a_host_certificate(cert)
     body: dict[str, Any] = {}
     if args.ttl:
         body["ttl"] = args.ttl
