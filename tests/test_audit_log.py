@@ -266,7 +266,9 @@ def test_one_writer_only_and_refusal_of_a_shorter_or_rewritten_log(tmp_path: Pat
         second = hsmca("serve", "--config", ca.state / "hsmca.toml", "--listen", "127.0.0.1:0",
                        check=False)
         assert second.returncode == 1
-        assert "locked by another process" in second.stderr
+        # naming the daemon that holds it (an operator trial was left to guess)
+        assert f"locked by another process (an hsmca serve runs on this state directory, " \
+            f"at {d.url})" in second.stderr, second.stderr
         assert second.stderr.count("\n") == 1
     finally:
         assert d.stop() == 0

@@ -955,9 +955,20 @@ def _lock(fd: int, path: Path, busy: Exception | None = None) -> None:
         os.close(fd)
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
             raise busy or AuditLogError(
-                f"the audit log {path} is locked by another process (is another hsmca "
-                "running on this state directory?)") from None
+                f"the audit log {path} is locked by another process ({_who_runs(path)})"
+            ) from None
         raise
+
+
+def _who_runs(path: Path) -> str:
+    """The daemon a locked log is likely held by: its serve.url (beside the log's
+    directory, a node's too), which a second `serve` did not name (an operator trial)."""
+    try:
+        url = (path.parent.parent / "serve.url").read_text().strip()
+    except OSError:
+        url = ""
+    return (f"an hsmca serve runs on this state directory, at {url}" if url else
+            "is another hsmca running on this state directory?")
 
 
 @contextmanager
