@@ -276,6 +276,11 @@ def test_renew_names_an_expired_certificate_or_one_from_another_ca(daemon: Daemo
                            now - dt.timedelta(days=1))
     msg = one_line_error(hsmca(*base, "--cert", cert, "--key", key, check=False))
     assert f"--cert {cert} expired at" in msg and "enroll again" in msg
+    # revoking it: not told to enroll again (an operator trial), but where the CRL is
+    msg = one_line_error(hsmca("revoke", "--url", daemon.url, "--ca", daemon.root, "--cert",
+                               cert, "--key", key, check=False))
+    assert f"--cert {cert} expired at" in msg and "cannot authenticate to revoke itself" in \
+        msg and "--reason keyCompromise --config" in msg and "enroll" not in msg, msg
 
     cert, key = other.leaf(tmp_path, "foreign.example", now - dt.timedelta(hours=1),
                            now + dt.timedelta(days=1))

@@ -389,6 +389,16 @@ def revoke(args: argparse.Namespace) -> int:
         if args.cert is None or args.key is None or args.url is None:
             raise CLIError("revoking with --cert needs --key and --url too")
         url = args.url
+        from ca.validity import ended
+        leaf = client.load_certificates(args.cert, "--cert")[0]
+        if ended(leaf.not_valid_after_utc, dt.datetime.now(dt.UTC)):
+            # (told to enroll again before: no help to one revoking a leaked key)
+            raise CLIError(f"--cert {args.cert} expired at "
+                           f"{leaf.not_valid_after_utc.isoformat()}: it cannot authenticate "
+                           "to revoke itself, and everything refuses it already. If its key "
+                           "leaked, an admin can put it on the CRL: hsmca revoke "
+                           f"{format(leaf.serial_number, 'x')} --reason keyCompromise "
+                           "--config ...")
         ctx = asyncio.run(client.preflight(url, args.ca, args.cert, args.key))
         serial = parse_serial(args.serial) if args.serial else client.serial_of(args.cert)
     else:
