@@ -895,9 +895,14 @@ class OutputDir:
             raise
         except OSError as exc:
             self.abort()
-            raise ClientError(f"cannot create --out {out}: {exc.strerror} in "
-                              f"{exc.filename or out.parent} (checked before the token was "
-                              "used: it is still valid)") from None
+            # In the directory the user named, not our staging directory's name (an
+            # operator trial read ".o1.enroll-267713fb")
+            where = Path(exc.filename) if exc.filename else out.parent
+            if where.name.startswith(f".{out.name}.enroll-"):
+                where = out.parent
+            raise ClientError(f"cannot create --out {out}: {exc.strerror} in {where} "
+                              "(checked before the token was used: it is still valid)"
+                              ) from None
         return self
 
     def commit(self, files: dict[str, bytes | str]) -> None:

@@ -87,6 +87,10 @@ def test_enroll_checks_the_output_before_spending_the_token(daemon: Daemon,
     finally:
         subprocess.run([chattr, "-i", locked], check=True)
     assert f"cannot create --out {locked / 'out'}" in msg and "still valid" in msg
+    # said in the directory named, not in the staging directory's hidden name (an
+    # operator trial read ".o1.enroll-267713fb")
+    assert f": Operation not permitted in {locked} (checked" in msg and ".enroll-" not in msg, \
+        msg
 
     # The token was never spent: it enrolls now, into a directory made whole at once.
     fresh = tmp_path / "deep" / "fresh"
