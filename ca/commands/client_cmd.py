@@ -191,9 +191,12 @@ def _say_if_exposed(key: Path) -> None:
     trial's 0644 key.pem went unremarked)."""
     try:
         mode = key.stat().st_mode
+        # Only a private key: a certificate given as --key by mistake was warned of, then
+        # refused, two lines (an operator trial); the refusal says it alone.
+        private = b"PRIVATE KEY-----" in key.read_bytes()[:64 * 1024] if mode & 0o007 else False
     except OSError:
         return  # the renewal says what is wrong with it
-    if mode & 0o007:
+    if private:
         warn(f"--key {key} is readable by every user (mode {mode & 0o777:04o}): `chmod o-rwx "
              f"{key}` (0600, or 0640 for a service's group)")
 
