@@ -451,25 +451,32 @@ async def test_bad_request_gets_a_problem(served: Served, case: Case) -> None:
         assert r.status == 200, "the daemon is unhealthy after: " + case.what
 
 
+async def raw_request(served: Served, request: bytes) -> tuple[bytes, Any]:
+    """`request`'s bytes as they are, over TLS with the admin credential: the answer's
+    head and its JSON body."""
+    url = yarl.URL(served.daemon.url)
+    reader, writer = await asyncio.open_connection(
+        url.host, url.port, ssl=served.creds["admin"], server_hostname=url.host)
+    try:
+        writer.write(request)
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: (\d+)", head)[1])  # type: ignore[index]
+        return head, json.loads(await reader.readexactly(length))
+    finally:
+        writer.close()
+
+
 @pytest.mark.asyncio(loop_scope="session")
 @pytest.mark.parametrize("path", ["/v1/tokens", "/v1/x509/ocsp"])
 async def test_a_body_declared_over_the_limit_is_refused_before_it_arrives(
         served: Served, path: str) -> None:
     """A security trial's request claimed 999,999,999 bytes and sent two: it waited for
     the body's timeout and got a 408. The declared length is enough to refuse it."""
-    d = served.daemon
-    url = yarl.URL(d.url)
-    reader, writer = await asyncio.open_connection(
-        url.host, url.port, ssl=served.creds["admin"], server_hostname=url.host)
-    try:
-        writer.write(f"POST {path} HTTP/1.1\r\nHost: {url.host}\r\nContent-Type: "
-                     "application/json\r\nContent-Length: 999999999\r\n\r\n{{}}".encode())
-        await writer.drain()
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = int(re.search(rb"(?i)content-length: (\d+)", head)[1])  # type: ignore[index]
-        body = json.loads(await reader.readexactly(length))
-    finally:
-        writer.close()
+    host = yarl.URL(served.daemon.url).host
+    head, body = await raw_request(served, (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        "Content-Length: 999999999\r\n\r\n{{}}").encode())
     assert head.startswith(b"HTTP/1.1 413 "), head
     assert body["type"] == TYPES + "request-entity-too-large", body
     assert body["detail"] == "request bodies are limited to 64 KiB", body
@@ -480,20 +487,10 @@ async def test_a_request_line_without_a_version_is_refused_and_no_versions_are_n
     """A security trial: `GET /health` with no HTTP version (HTTP/0.9 to aiohttp) was
     answered 200, where docs/api.md says not-http; and every answer named aiohttp's and
     Python's versions in its Server header."""
-    d = served.daemon
-    url = yarl.URL(d.url)
+    host = yarl.URL(served.daemon.url).host
     for request in (b"GET /health\r\n\r\n",
-                    f"GET /health HTTP/1.1\r\nHost: {url.host}\r\n\r\n".encode()):
-        reader, writer = await asyncio.open_connection(
-            url.host, url.port, ssl=served.creds["admin"], server_hostname=url.host)
-        try:
-            writer.write(request)
-            await writer.drain()
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = int(re.search(rb"(?i)content-length: (\d+)", head)[1])  # type: ignore[index]
-            body = json.loads(await reader.readexactly(length))
-        finally:
-            writer.close()
+                    f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()):
+        head, body = await raw_request(served, request)
         assert re.search(rb"(?im)^server: hsmca\r$", head), head
         assert b"aiohttp" not in head and b"Python" not in head, head
         if b"HTTP/1.1" in request:
