@@ -992,12 +992,7 @@ async def test_the_listener_renewed_across_a_rotation_is_served_with_its_own_iss
     committed, was written above the newer issuing CA's certificate, and clients that
     trust the root refused the daemon ("unable to get local issuer certificate") until
     the next round. The chain written is the one of the key that signed."""
-    ca = init_ca(tmp_path)
-    d = start_daemon(ca.state)
-    try:
-        key_cmd(d, "rotate", "issuing")
-    finally:
-        assert d.stop() == 0
+    ca = rotated_once(tmp_path, "issuing")
     tls = ca.state / "tls"
     for name in ("server.pem", "server.key"):  # gone: made anew
         (tls / name).unlink()
@@ -1517,6 +1512,25 @@ async def test_rotations_of_one_kind_at_once_each_standing_line_names_the_key_it
     audit_verify(ca.state, ok=True)
 
 
+def rotated_once(tmp_path: Path, kind: str) -> Any:
+    """A new CA whose `kind` key was rotated once, its daemon stopped."""
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state)
+    try:
+        key_cmd(d, "rotate", kind)
+    finally:
+        assert d.stop() == 0
+    return ca
+
+
+def staged_ssh_user_key(d: Daemon) -> str:
+    """The label of an SSH user CA key staged now."""
+    out = key_cmd(d, "rotate", "ssh-user", "--stage").stdout
+    label = re.search(r"(ssh-user-ca-\d{14}-[0-9a-f]{4})", out)
+    assert label, out
+    return label[1]
+
+
 def _undo_rotation_in_inventory(state: Path, kind: str) -> str:
     """The inventory as a kill between a rotation's line and its commit leaves it: the
     newest key of `kind` gone, the one it replaced active again. Returns its label."""
@@ -1537,12 +1551,7 @@ async def test_a_rotation_killed_before_its_commit_is_voided_at_the_next_start(
     voids it, on one node, when nothing ever signed with the key; a key that signed
     (an inventory older than the rotation) is left to the operator."""
     from tests.test_revocation import ssh_user_cert
-    ca = init_ca(tmp_path)
-    d = start_daemon(ca.state)
-    try:
-        key_cmd(d, "rotate", "ssh-user")
-    finally:
-        assert d.stop() == 0
+    ca = rotated_once(tmp_path, "ssh-user")
     never = _undo_rotation_in_inventory(ca.state, "ssh-user")
     d = start_daemon(ca.state)
     try:
@@ -1588,16 +1597,14 @@ async def test_a_staged_key_retired_is_never_voided_at_start(tmp_path: Path) -> 
     ca = init_ca(tmp_path)
     d = start_daemon(ca.state)
     try:
-        out = key_cmd(d, "rotate", "ssh-user", "--stage").stdout
-        label = re.search(r"(ssh-user-ca-\d{14}-[0-9a-f]{4})", out)
-        assert label, out
-        key_cmd(d, "retire", label[1], "--yes")
+        label = staged_ssh_user_key(d)
+        key_cmd(d, "retire", label, "--yes")
     finally:
         assert d.stop() == 0
     db = ca.state / "hsmca.sqlite3"
     # the inventory says destroyed, the token still holds it (restored from a backup)
     with sqlite3.connect(db) as conn:
-        conn.execute("UPDATE ca_keys SET state = 'destroyed' WHERE label = ?", (label[1],))
+        conn.execute("UPDATE ca_keys SET state = 'destroyed' WHERE label = ?", (label,))
     for _ in range(2):
         d = start_daemon(ca.state)
         assert d.stop() == 0
@@ -1605,7 +1612,7 @@ async def test_a_staged_key_retired_is_never_voided_at_start(tmp_path: Path) -> 
         # and with no row at all (an inventory from before the staging), its retire line
         # says the staging committed
         with sqlite3.connect(db) as conn:
-            conn.execute("DELETE FROM ca_keys WHERE label = ?", (label[1],))
+            conn.execute("DELETE FROM ca_keys WHERE label = ?", (label,))
     audit_verify(ca.state, ok=True)
 
 
@@ -1616,27 +1623,25 @@ async def test_a_promotion_killed_before_its_commit_is_voided_at_the_next_start(
     ca = init_ca(tmp_path)
     d = start_daemon(ca.state)
     try:
-        out = key_cmd(d, "rotate", "ssh-user", "--stage").stdout
-        label = re.search(r"(ssh-user-ca-\d{14}-[0-9a-f]{4})", out)
-        assert label, out
+        label = staged_ssh_user_key(d)
         key_cmd(d, "rotate", "ssh-user")
     finally:
         assert d.stop() == 0
     with sqlite3.connect(ca.state / "hsmca.sqlite3") as db:  # as the kill left it
-        db.execute("UPDATE ca_keys SET state = 'next' WHERE label = ?", (label[1],))
+        db.execute("UPDATE ca_keys SET state = 'next' WHERE label = ?", (label,))
         db.execute("UPDATE ca_keys SET state = 'active' WHERE label = 'ssh-user-ca'")
     [promoted] = [e for e in log_lines(ca.state) if e["event"] == "key.rotate"]
-    assert promoted["label"] == label[1] and promoted["staged"] is True
+    assert promoted["label"] == label and promoted["staged"] is True
     said = []
     for _ in range(2):  # voided once, by the first start, which says so
         d = start_daemon(ca.state)
         try:
             listed = key_cmd(d, "list").stdout
-            assert re.search(rf"(?m)^{label[1]}\s+ssh-user\s+next", listed), listed
+            assert re.search(rf"(?m)^{label}\s+ssh-user\s+next", listed), listed
         finally:
             assert d.stop() == 0
         said.append(any("a promotion of a staged key stopped between its audit line" in x
-                        and label[1] in x for x in d.stderr))
+                        and label in x for x in d.stderr))
         voids = [e for e in log_lines(ca.state) if e["event"] == "record.void"]
         assert [e["voids"] for e in voids] == [promoted["seq"]], voids
     assert said == [True, False]
