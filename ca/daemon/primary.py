@@ -863,8 +863,9 @@ async def _name_unknown_keys(store: Store, pipeline: SigningPipeline,
         # land, and its line is that node's to settle.
         # Nor a key the inventory has a row for, in any state (a destroyed one whose
         # token was restored from a backup: a review)
-        line = await asyncio.to_thread(rotation_never_committed, log_path, label) \
-            if rotated and not clustered(store) and label not in recorded else None
+        line: dict[str, Any] | None = None
+        if rotated and not clustered(store) and label not in recorded:
+            line = await asyncio.to_thread(rotation_never_committed, log_path, label)
         if line is not None:
             await void(audit, line["seq"], line["event"], "the rotation stopped before the "
                        "inventory took its key (completed at the next start)",
