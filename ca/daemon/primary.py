@@ -846,15 +846,15 @@ async def _name_unknown_keys(store: Store, pipeline: SigningPipeline,
     for record in records:
         if record.state != "next" or clustered(store):
             continue
-        for line in await asyncio.to_thread(promotions_never_committed, log_path,
-                                            record.label):
-            await void(audit, line["seq"], "key.rotate", "the promotion stopped before the "
-                       "inventory took it (completed at the next start)",
-                       line.get("request_id"))
+        for promoted in await asyncio.to_thread(promotions_never_committed, log_path,
+                                                record.label):
+            await void(audit, promoted["seq"], "key.rotate", "the promotion stopped before "
+                       "the inventory took it (completed at the next start)",
+                       promoted.get("request_id"))
             log.warning("a promotion of a staged key stopped between its audit line and its "
                         "inventory commit: its line is voided, and the key is still staged "
                         "(published, signing nothing); `hsmca key rotate` puts it in use",
-                        label=record.label, line=line["seq"])
+                        label=record.label, line=promoted["seq"])
     for label in private:
         if label in known:
             continue
@@ -863,7 +863,7 @@ async def _name_unknown_keys(store: Store, pipeline: SigningPipeline,
         # land, and its line is that node's to settle.
         # Nor a key the inventory has a row for, in any state (a destroyed one whose
         # token was restored from a backup: a review)
-        line: dict[str, Any] | None = None
+        line = None
         if rotated and not clustered(store) and label not in recorded:
             line = await asyncio.to_thread(rotation_never_committed, log_path, label)
         if line is not None:
