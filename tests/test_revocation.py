@@ -200,7 +200,9 @@ async def test_crls_and_the_krl_answer_a_conditional_get_until_a_revocation_chan
                 assert r.status == 200 and r.headers["Cache-Control"] == "no-cache"
                 first[path] = r.headers
                 body = await r.read()
-            if path != "/v1/ssh/krl":
+            if path == "/v1/ssh/krl":  # nothing revoked: version 0, whatever the clock
+                assert struct.unpack(">QQ", body[12:28]) == (0, 0), body[:28]
+            else:
                 when = parsedate_to_datetime(r.headers["Last-Modified"])
                 if path == "/v1/x509/crl":
                     assert when == x509.load_der_x509_crl(body).last_update_utc
@@ -218,6 +220,24 @@ async def test_crls_and_the_krl_answer_a_conditional_get_until_a_revocation_chan
             async with s.get(f"{d.url}{path}", ssl=d.ssl(),
                              headers={"If-None-Match": first[path]["ETag"]}) as r:
                 assert r.status == 200 and r.headers["ETag"] != first[path]["ETag"], path
+    # Every worker serves the one KRL, its version the newest revocation's: each built
+    # its own, stamped with its own clock, and a poller's If-None-Match got 200 and 304 by
+    # turns (a relying-party trial)
+    line = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    status, _, raw = await http("POST", f"{d.url}/v1/ssh/revoke", d.admin_ssl(),
+                                body={"public_key": line})
+    assert status == 200, raw
+    seen = set()
+    for _ in range(12):  # a connection each: the workers take them by turns
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) \
+                as one, one.get(f"{d.url}/v1/ssh/krl", ssl=d.ssl()) as r:
+            seen.add((r.headers["ETag"], await r.read()))
+    assert len(seen) == 1, seen
+    [(_, krl)] = seen
+    version, generated = struct.unpack(">QQ", krl[12:28])
+    revoked_at = time.time()
+    assert version == generated and revoked_at - 120 < version <= revoked_at, version
 
 
 async def test_a_crl_signed_at_a_revocation_holds_for_a_relying_party_a_little_behind(

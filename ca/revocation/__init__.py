@@ -594,8 +594,13 @@ class Revocations:
         for label, (cert_type, line) in issuers.ssh_past.items():
             if revoked := serials(label, cert_type):
                 groups.append(RevokedCerts(parse_public_key(line).blob, revoked, []))
-        now = int(prof.utcnow().timestamp())
-        return build_krl(now, now, groups, [parse_public_key(k).blob for k in keys])
+        # Its version and date are the newest revocation's, not this process's clock:
+        # each worker builds its own KRL, and their versions differed by a second, so
+        # a poller's If-None-Match got 200 from one and 304 from another, and a version
+        # went backwards between two polls (a relying-party trial).
+        latest = await self.store.latest_ssh_revocation()
+        at = int(latest.timestamp()) if latest is not None else 0
+        return build_krl(at, at, groups, [parse_public_key(k).blob for k in keys])
 
 
 def _selector(serial: int | None, key_id: str | None,

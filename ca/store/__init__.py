@@ -224,6 +224,11 @@ class Store(Protocol):
 
     async def revoked_ssh_keys(self) -> list[str]: ...
 
+    async def latest_ssh_revocation(self) -> dt.datetime | None:
+        """When the newest SSH revocation (of a certificate or a key) was made: the KRL's
+        version, the same in every process that builds it."""
+        ...
+
     # ---- pre-signed OCSP responses ------------------------------------------------------
 
     async def ocsp_settle(self, now: dt.datetime, issuers: Sequence[str]) -> int:

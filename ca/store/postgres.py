@@ -69,6 +69,7 @@ from ca.store.records import (
     authz_bases,
     authz_cover,
     crl_time,
+    latest_of,
 )
 from ca.store.sqlite import (
     _CERT_COLS,
@@ -892,6 +893,10 @@ class PostgresStore:
 
     async def revoked_ssh_keys(self) -> list[str]:
         return [r[0] for r in await self._rows("SELECT public_key FROM ssh_revoked_keys")]
+
+    async def latest_ssh_revocation(self) -> dt.datetime | None:
+        return latest_of((await self._rows("SELECT (SELECT MAX(revoked_at) FROM ssh_certs), "
+            "(SELECT MAX(revoked_at) FROM ssh_revoked_keys)"))[0])
 
     # ---- pre-signed OCSP responses ------------------------------------------------------
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 
@@ -375,3 +375,8 @@ class AcmeCert:
     not_after: str
     revoked_at: str | None
     spki_sha256: str
+
+
+def latest_of(times: Sequence[str | None]) -> dt.datetime | None:
+    """The latest of ISO 8601 times as the stores keep them (None for none)."""
+    return max((dt.datetime.fromisoformat(t) for t in times if t), default=None)

@@ -62,6 +62,7 @@ from ca.store.records import (
     authz_bases,
     authz_cover,
     crl_time,
+    latest_of,
 )
 
 T = TypeVar("T")
@@ -1216,6 +1217,10 @@ class SQLiteStore:
 
     async def revoked_ssh_keys(self) -> list[str]:
         return [r[0] for r in self._read("SELECT public_key FROM ssh_revoked_keys")]
+
+    async def latest_ssh_revocation(self) -> dt.datetime | None:
+        return latest_of(self._read("SELECT (SELECT MAX(revoked_at) FROM ssh_certs), "
+            "(SELECT MAX(revoked_at) FROM ssh_revoked_keys)")[0])
 
     # ---- pre-signed OCSP responses -----------------------------------------------------
 
