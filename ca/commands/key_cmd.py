@@ -201,8 +201,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"hsmca: warning: {out['live']} certificate(s) it signed are still valid "
                   f"(the last until {out['live_until']}). hsmca still accepts its X.509 "
                   "client certificates, but its CRL and OCSP responses are signed no more: "
-                  "relying parties that check them refuse those certificates once the last "
-                  "ones expire (within a day), and a "
+                  "relying parties that check them refuse those certificates once its last "
+                  "CRL and OCSP responses expire (within a day), and a "
                   "revocation of one from now on reaches neither. Renew them (`hsmca renew`) "
                   "to move them to the active key", file=sys.stderr)
         return 0
