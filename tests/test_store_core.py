@@ -304,6 +304,10 @@ def test_a_staged_ssh_key_is_promoted_once_and_the_active_one_becomes_previous(
     assert run(store.stage_key(third, "ssh-user-ca")) is False  # not the active one now
     assert run(store.stage_key(third, "ssh-user-2")) is True
     assert {k.label: k.state for k in run(store.keys())}["ssh-user-3"] == "next"
+    # a rotation that read no staged key, one staged since (another node's): it would
+    # have promoted that one, so nothing changes (a cluster trial had both take)
+    assert run(store.rotate_keys([key("ssh-user-4")], replacing={"ssh-user": "ssh-user-2"})) \
+        is None
 
 
 def test_a_root_ceremonys_records_land_together_or_not_at_all(store: Store) -> None:

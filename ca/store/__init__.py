@@ -315,8 +315,9 @@ class Store(Protocol):
         previous, and record `cross`, all in one transaction (a root ceremony's new
         root, its cross certificates and its new issuing key are there together or not
         at all); the labels that became previous. `replacing`, kind to label: the
-        active key each kind must still have; if one has another (a rotation of the same
-        kind committed meanwhile), nothing changes and None is returned."""
+        active key each kind must still have, and no staged key; if one has another, or
+        a staged key (a rotation or staging of the same kind committed meanwhile, which
+        this rotation would have promoted), nothing changes and None is returned."""
         ...
 
     async def promote_key(self, label: str, kind: str, at: str,

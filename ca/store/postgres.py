@@ -1058,11 +1058,8 @@ class PostgresStore:
         async def stage(db: Conn) -> bool:
             # (the active row locked: a staging or rotation of the kind on another node
             # waits, then finds it changed, as rotate_keys)
-            if await _active_labels(db, record.kind) != [active]:
-                return False
-            cur = await db.execute("SELECT 1 FROM ca_keys WHERE kind = %s AND state = 'next'",
-                                   (record.kind,))
-            if await cur.fetchone() is not None:
+            if await _active_labels(db, record.kind) != [active] \
+                    or await _has_next(db, record.kind):
                 return False
             await db.execute("INSERT INTO ca_keys (label, kind, state, algorithm, created_at, "
                              "fingerprint, uri, cert, changed_at, ssh_public_key) VALUES "
@@ -1078,7 +1075,7 @@ class PostgresStore:
                           replacing: Mapping[str, str] | None = None) -> list[str] | None:
         async def rotate(db: Conn) -> list[str] | None:
             for kind, label in (replacing or {}).items():
-                if await _active_labels(db, kind) != [label]:
+                if await _active_labels(db, kind) != [label] or await _has_next(db, kind):
                     return None
             old: list[str] = []
             for key in new:
@@ -2016,3 +2013,10 @@ async def _active_labels(db: Conn, kind: str) -> list[str]:
     cur = await db.execute("SELECT label FROM ca_keys WHERE kind = %s AND state = 'active' "
                            "FOR UPDATE", (kind,))
     return [r[0] for r in await cur.fetchall()]
+
+
+async def _has_next(db: Conn, kind: str) -> bool:
+    """Whether the kind has a staged key (read after `_active_labels` locked its active
+    row: a staging committed meanwhile on another node is seen)."""
+    cur = await db.execute("SELECT 1 FROM ca_keys WHERE kind = %s AND state = 'next'", (kind,))
+    return await cur.fetchone() is not None

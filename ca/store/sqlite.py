@@ -1344,9 +1344,7 @@ class SQLiteStore:
 
     async def stage_key(self, record: KeyRecord, active: str) -> bool:
         def stage(db: sqlite3.Connection) -> bool:
-            if _active_labels(db, record.kind) != [active] or db.execute(
-                    "SELECT 1 FROM ca_keys WHERE kind = ? AND state = 'next'",
-                    (record.kind,)).fetchone() is not None:
+            if _active_labels(db, record.kind) != [active] or _has_next(db, record.kind):
                 return False
             db.execute("INSERT INTO ca_keys (label, kind, state, algorithm, created_at, "
                        "fingerprint, uri, cert, changed_at, ssh_public_key) VALUES "
@@ -1361,7 +1359,7 @@ class SQLiteStore:
                           replacing: Mapping[str, str] | None = None) -> list[str] | None:
         def rotate(db: sqlite3.Connection) -> list[str] | None:
             for kind, label in (replacing or {}).items():
-                if _active_labels(db, kind) != [label]:
+                if _active_labels(db, kind) != [label] or _has_next(db, kind):
                     return None
             old: list[str] = []
             for key in new:
@@ -1795,6 +1793,11 @@ def _rate_over(db: sqlite3.Connection, kind: str, keys: Sequence[str], since: dt
         if n >= limit:
             return key
     return None
+
+
+def _has_next(db: sqlite3.Connection, kind: str) -> bool:
+    return db.execute("SELECT 1 FROM ca_keys WHERE kind = ? AND state = 'next'",
+                      (kind,)).fetchone() is not None
 
 
 def _active_labels(db: sqlite3.Connection, kind: str) -> list[str]:
