@@ -925,3 +925,89 @@ def test_a_node_stopped_during_the_audit_keys_rotation_starts_and_hands_over(
         assert "still signs the latest checkpoint of log(s) init," in proc.stderr, proc.stderr
     finally:
         c.stop()
+
+
+def test_a_rotation_killed_on_a_node_before_its_commit_is_voided_at_that_nodes_start(
+        tmp_path: Path, postgres_server: Any) -> None:
+    """A cluster trial: a rotation killed on a node between its key.rotate line and its
+    PostgreSQL commit stood in that node's log for good (voided on one node only), and
+    every start spoke of backups. The node's own next start voids it, once no session of
+    its previous run is still running a statement."""
+    import psycopg
+
+    from tests.helpers import log_lines
+    from tests.test_rotation import key_cmd
+    c = make_cluster(tmp_path, postgres_server.new_database())
+    try:
+        node = c.start("ca-1")
+        key_cmd(node, "rotate", "ssh-user")
+        node.stop()
+        with psycopg.connect(c.url) as conn:  # as the kill left it: the commit never came
+            new = conn.execute("SELECT label FROM ca_keys WHERE kind = 'ssh-user' AND "
+                               "state = 'active'").fetchone()[0]
+            conn.execute("DELETE FROM ca_keys WHERE label = %s", (new,))
+            conn.execute("UPDATE ca_keys SET state = 'active' WHERE label = 'ssh-user-ca'")
+        node = c.start("ca-1")
+        assert node.wait_stderr(lambda: any(
+            "a rotation stopped between its audit line and its inventory commit" in x
+            and new in x for x in node.stderr)), node.stderr
+        node.stop()
+        lines = log_lines(c.state / "nodes" / "ca-1")
+        [rotate] = [e for e in lines if e["event"] == "key.rotate"]
+        assert rotate["label"] == new
+        assert [e["voids"] for e in lines if e["event"] == "record.void"] == [rotate["seq"]]
+    finally:
+        c.stop()
+
+
+def test_a_rotation_whose_commit_may_still_land_is_not_voided(
+        tmp_path: Path, postgres_server: Any) -> None:
+    """The void above waits while a session named for the node (its killed run's, whose
+    COMMIT may be under way) still runs a statement: said, and settled by a later start."""
+    import contextlib
+    import threading
+
+    import psycopg
+
+    from tests.helpers import log_lines
+    from tests.test_rotation import key_cmd
+    c = make_cluster(tmp_path, postgres_server.new_database())
+    try:
+        node = c.start("ca-1")
+        key_cmd(node, "rotate", "ssh-user")
+        node.stop()
+        with psycopg.connect(c.url) as conn:
+            new = conn.execute("SELECT label FROM ca_keys WHERE kind = 'ssh-user' AND "
+                               "state = 'active'").fetchone()[0]
+            conn.execute("DELETE FROM ca_keys WHERE label = %s", (new,))
+            conn.execute("UPDATE ca_keys SET state = 'active' WHERE label = 'ssh-user-ca'")
+        # the killed run's session, still at work
+        held = psycopg.connect(c.url, application_name="hsmca ca-1 worker 0")
+        pid = held.info.backend_pid
+        def sleep() -> None:
+            with contextlib.suppress(psycopg.errors.AdminShutdown):  # (ended below)
+                held.execute("SELECT pg_sleep(300)")
+        busy = threading.Thread(target=sleep, daemon=True)
+        busy.start()
+        with psycopg.connect(c.url) as conn:  # it runs before the node starts
+            while conn.execute("SELECT state FROM pg_stat_activity WHERE pid = %s",
+                               (pid,)).fetchone()[0] != "active":
+                conn.execute("SELECT pg_stat_clear_snapshot()")
+        try:
+            node = c.start("ca-1")
+            assert node.wait_stderr(lambda: any(
+                "whether it commits cannot be told yet" in x and new in x
+                for x in node.stderr)), node.stderr
+            node.stop()
+            assert not [e for e in log_lines(c.state / "nodes" / "ca-1")
+                        if e["event"] == "record.void"]
+        finally:
+            with psycopg.connect(c.url) as conn:
+                conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            busy.join(60)
+            held.close()
+        node = c.start("ca-1")
+        assert node.wait_stderr(lambda: any("its line is voided" in x and new in x
+                                            for x in node.stderr)), node.stderr
+    finally:
+        c.stop()

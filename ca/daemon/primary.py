@@ -558,7 +558,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
                         serials=sorted({format(s, "x") for e in completed
                                         for s in e.serials})[:20])
         keys = await open_keyring(config, store, pipeline, generations)
-        await _name_unknown_keys(store, pipeline, config.audit_log, audit)
+        await _name_unknown_keys(store, pipeline, config.audit_log, audit, config.node)
         await write_bundle(config.bundle_pem, store)  # what the workers' TLS layer trusts
         # This host's copies of the public files follow the inventory: a key rotated
         # through another node, or while this host was away.
@@ -821,8 +821,22 @@ def _on_change(config: Config, store: PostgresStore, generations: Generations,
     return lambda name: loop.call_soon_threadsafe(on_loop, name)
 
 
+async def _settled(store: Store, node: str | None) -> bool:
+    """Whether what this node's previous run recorded and did not commit never will be:
+    always on one node (its process is gone); on several, when no session of its
+    previous run is still running a statement (a cluster trial: a rotation killed on a
+    node before its commit stood in that node's log for good)."""
+    if not clustered(store) or node is None:
+        return not clustered(store)
+    from ca.store.postgres import PostgresStore
+    try:
+        return isinstance(store, PostgresStore) and await store.node_sessions_busy(node) == 0
+    except StoreUnavailable:
+        return False
+
+
 async def _name_unknown_keys(store: Store, pipeline: SigningPipeline,
-                             log_path: Path, audit: AuditLog) -> None:
+                             log_path: Path, audit: AuditLog, node: str | None) -> None:
     """A private key in the token that the inventory does not know is named at start:
     a rotation that died between its hsm.keygen line and its inventory row leaves one
     (hsmca never uses it, nor can it retire or destroy it), and so would a key put there
@@ -843,8 +857,9 @@ async def _name_unknown_keys(store: Store, pipeline: SigningPipeline,
                     "hsmca never uses it; remove it with the HSM's own tools (pkcs11-tool "
                     "--delete-object --type pubkey --label LABEL) once you are sure whose "
                     "it is", label=label)
+    settled = await _settled(store, node)
     for record in records:
-        if record.state != "next" or clustered(store):
+        if record.state != "next" or not settled:
             continue
         for promoted in await asyncio.to_thread(promotions_never_committed, log_path,
                                                 record.label):
@@ -859,14 +874,19 @@ async def _name_unknown_keys(store: Store, pipeline: SigningPipeline,
         if label in known:
             continue
         rotated = _ROTATED_LABEL.fullmatch(label) is not None
-        # One node only: on several, another node's PostgreSQL commit of it may still
-        # land, and its line is that node's to settle.
-        # Nor a key the inventory has a row for, in any state (a destroyed one whose
-        # token was restored from a backup: a review)
+        # Only this log's lines (this node's rotations), when they can no longer commit
+        # (`_settled`); nor a key the inventory has a row for, in any state (a destroyed
+        # one whose token was restored from a backup: a review)
         line = None
-        if rotated and not clustered(store) and label not in recorded:
+        if rotated and label not in recorded:
             line = await asyncio.to_thread(rotation_never_committed, log_path, label)
-        if line is not None:
+        if line is not None and not settled:
+            log.warning("a rotation on this node stopped between its audit line and its "
+                        "inventory commit, and a session of this node's earlier run still "
+                        "runs a statement in PostgreSQL, so whether it commits cannot be "
+                        "told yet: a start after it ends settles the line", label=label,
+                        line=line["seq"])
+        elif line is not None:
             await void(audit, line["seq"], line["event"], "the rotation stopped before the "
                        "inventory took its key (completed at the next start)",
                        line.get("request_id"))
@@ -882,6 +902,16 @@ async def _name_unknown_keys(store: Store, pipeline: SigningPipeline,
                         "recorded (its hsm.keygen line, and no key.rotate line naming it "
                         "that stands): hsmca never uses it; remove it with the HSM's own "
                         "tools (docs/keys.md)", label=label, keygen_seq=seq)
+        elif rotated and clustered(store):
+            # Another node's, most likely: this node reads its own log alone (a cluster
+            # trial's every start told of backups for keys that lost races elsewhere)
+            log.warning("the token holds a key that an hsmca rotation made and the "
+                        "inventory does not know, and this node's log does not say why: a "
+                        "rotation on another node that lost to another at once or stopped "
+                        "before it recorded (that node names it at its start), or an "
+                        "inventory restored from a backup older than that rotation; "
+                        "`hsmca audit show --node NODE` finds its hsm.keygen line, and hsmca "
+                        "never uses the key", label=label)
         elif rotated:
             # Labelled as a rotation labels its keys: a rotation cut short, or an
             # inventory older than the key (a restore from a backup taken before a

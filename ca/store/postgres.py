@@ -894,6 +894,19 @@ class PostgresStore:
     async def revoked_ssh_keys(self) -> list[str]:
         return [r[0] for r in await self._rows("SELECT public_key FROM ssh_revoked_keys")]
 
+    async def node_sessions_busy(self, node: str) -> int:
+        """How many sessions of the node `node`'s processes (by their application name),
+        other than this one, are running a statement: at that node's start, before it
+        serves, any is its previous run's, killed, whose last COMMIT may still land.
+        With none, what that run left uncommitted never will be (its statements are sent
+        one at a time, COMMIT last; a session whose client died aborts)."""
+        rows = await self._rows(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND "
+            "datname = current_database() AND state = 'active' AND (application_name = "
+            "%s OR application_name LIKE %s)",
+            (f"hsmca {node} primary", f"hsmca {node} worker %"))
+        return int(rows[0][0])
+
     async def latest_ssh_revocation(self) -> dt.datetime | None:
         return latest_of((await self._rows("SELECT (SELECT MAX(revoked_at) FROM ssh_certs), "
             "(SELECT MAX(revoked_at) FROM ssh_revoked_keys)"))[0])
