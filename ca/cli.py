@@ -233,11 +233,11 @@ def _remote_flags(p: argparse.ArgumentParser, key_alias: bool) -> None:
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version("hsmca")
-    except PackageNotFoundError:
-        return "(not installed)"
+    # The code's own, as daemon.start logs it: the installed metadata stays at the
+    # version pip installed, and a checkout updated since (its venv kept: setup installs
+    # again only for a changed pyproject.toml) said 0.3.1 while running 0.3.3.
+    from ca import __version__
+    return __version__
 
 
 class _VersionAction(argparse.Action):
