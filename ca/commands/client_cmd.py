@@ -522,7 +522,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                    f"or {TOKEN_ENV})")
     e.add_argument("--name", required=True, nargs="+", action="extend",
                    help="names to put in the certificate (several, or the flag again)")
-    e.add_argument("--out", required=True, type=Path, help="directory to write to")
+    e.add_argument("--out", required=True, type=Path,
+                   help="directory to write to (its missing parents are made, as mkdir -p "
+                   "does, and removed again if the enrollment fails)")
     e.add_argument("--force", action="store_true",
                    help="replace key.pem, cert.pem and chain.pem in an existing --out")
     e.add_argument("--ttl", help="lifetime to ask for, e.g. 24h or 90s (default: the CA's "
