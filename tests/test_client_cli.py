@@ -285,6 +285,11 @@ def test_renew_names_an_expired_certificate_or_one_from_another_ca(daemon: Daemo
                                cert, "--key", key, check=False))
     assert f"--cert {cert} expired at" in msg and "cannot authenticate to revoke itself" in \
         msg and "--reason keyCompromise --config" in msg and "enroll" not in msg, msg
+    # an expired credential revoking another serial is not told to revoke itself (a
+    # review)
+    msg = one_line_error(hsmca("revoke", "1234", "--url", daemon.url, "--ca", daemon.root,
+                               "--cert", cert, "--key", key, check=False))
+    assert f"--cert {cert} expired at" in msg and "revoke itself" not in msg, msg
 
     cert, key = other.leaf(tmp_path, "foreign.example", now - dt.timedelta(hours=1),
                            now + dt.timedelta(days=1))

@@ -1658,3 +1658,20 @@ async def test_a_promotion_killed_before_its_commit_is_voided_at_the_next_start(
         assert [e["voids"] for e in voids] == [promoted["seq"]], voids
     assert said == [True, False]
     audit_verify(ca.state, ok=True)
+    # A promotion that committed, its key then used, is never voided, though an
+    # inventory from before it holds the key as staged (a review)
+    from tests.test_revocation import ssh_user_cert
+    d = start_daemon(ca.state)
+    try:
+        key_cmd(d, "rotate", "ssh-user")  # puts the staged key in use
+        user = enroll(d, tmp_path, "user", ["bob@example.org"], ["bob"])
+        ssh_user_cert(d, tmp_path, user, "id_new")
+    finally:
+        assert d.stop() == 0
+    with sqlite3.connect(ca.state / "hsmca.sqlite3") as db:
+        db.execute("UPDATE ca_keys SET state = 'next' WHERE label = ?", (label,))
+        db.execute("UPDATE ca_keys SET state = 'active' WHERE label = 'ssh-user-ca'")
+    d = start_daemon(ca.state)
+    assert d.stop() == 0
+    voids = [e["voids"] for e in log_lines(ca.state) if e["event"] == "record.void"]
+    assert voids == [promoted["seq"]], voids

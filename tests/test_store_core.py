@@ -11,6 +11,7 @@ it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -376,6 +377,41 @@ def test_two_nodes_racing_for_one_token_issue_exactly_once(postgres_server: Any)
     finally:
         for n in nodes:
             n.close()
+
+
+def test_a_nodes_busy_sessions_are_found_however_long_its_name(postgres_server: Any) -> None:
+    """A review: PostgreSQL keeps 63 bytes of an application name, and a node named by a
+    long host name matched no pattern, its killed run's busy sessions unseen."""
+    import threading
+
+    import psycopg
+
+    from ca.store.postgres import PostgresStore
+    url = postgres_server.new_database()
+    store = PostgresStore(url)
+    node = "node-" + "x" * 50 + ".example"  # 63 characters, as NODE_NAME allows
+    held = psycopg.connect(url, application_name=f"hsmca {node} worker 1")
+    pid = held.info.backend_pid
+
+    def sleep() -> None:
+        with contextlib.suppress(psycopg.errors.AdminShutdown):  # (ended below)
+            held.execute("SELECT pg_sleep(300)")
+    busy = threading.Thread(target=sleep, daemon=True)
+    try:
+        assert run(store.node_sessions_busy(node)) == 0  # connected, idle
+        busy.start()
+        with psycopg.connect(url) as conn:
+            while conn.execute("SELECT state FROM pg_stat_activity WHERE pid = %s",
+                               (pid,)).fetchone()[0] != "active":
+                conn.execute("SELECT pg_stat_clear_snapshot()")
+        assert run(store.node_sessions_busy(node)) == 1
+        assert run(store.node_sessions_busy("node-y")) == 0
+    finally:
+        with psycopg.connect(url) as conn:
+            conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        busy.join(60)
+        held.close()
+        store.close()
 
 
 def test_a_database_newer_than_the_code_is_refused_in_one_line(postgres_server: Any) -> None:

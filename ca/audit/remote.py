@@ -517,7 +517,11 @@ async def _located(api: LogClient, key: PinnedKey, size: int, root: bytes, locat
                 f"{failure.reason}. Yet the {size} lines it serves now are those verified "
                 "last time: its latest checkpoint commits to other lines than these (its "
                 "log forked after them, or its proof is wrong)")), size)
-        before = f"; the {vouched} lines before are vouched for by one" if vouched else ""
+        # (Checkpoints among them that verify vouch for their lines unless they were
+        # signed again after the change, with the audit key: said, not assumed)
+        before = (f": after the checkpoint of the first {vouched} lines, unless that "
+                  "checkpoint was signed again after the change with the audit key"
+                  if vouched else "")
         where = Failure(vouched, Stage.PREFIX, (
             f"a line from seq {vouched} to {size - 1} was altered (no checkpoint among "
             f"them shows it{before}) and the lines after it chained again to hide it; "

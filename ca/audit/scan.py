@@ -59,7 +59,11 @@ def promotions_never_committed(path: Path, label: str) -> list[dict[str, Any]]:
     """The standing `key.rotate` lines that put the staged key `label` in use: for a key
     the inventory still holds as staged, a promotion stopped between its line and its
     commit (a kill), whose line stands for a change that never happened (a review)."""
-    _, standing, _ = _key_lines(path, label)
+    _, standing, used = _key_lines(path, label)
+    if used or any(line.get("previous") == label for line in standing):
+        # It signed, or a later rotation replaced it: the promotion committed (an
+        # inventory restored from before it holds the key as staged: a review)
+        return []
     return [line for line in standing if line.get("event") == "key.rotate"
             and line.get("label") == label and line.get("staged") is True]
 

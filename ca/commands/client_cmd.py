@@ -394,7 +394,10 @@ def revoke(args: argparse.Namespace) -> int:
         url = args.url
         from ca.validity import ended
         leaf = client.load_certificates(args.cert, "--cert")[0]
-        if ended(leaf.not_valid_after_utc, dt.datetime.now(dt.UTC)):
+        itself = args.identity is None and args.cert_file is None and (
+            args.serial is None or parse_serial(args.serial)
+            == format(leaf.serial_number, "x"))
+        if itself and ended(leaf.not_valid_after_utc, dt.datetime.now(dt.UTC)):
             # (told to enroll again before: no help to one revoking a leaked key)
             raise CLIError(f"--cert {args.cert} expired at "
                            f"{leaf.not_valid_after_utc.isoformat()}: it cannot authenticate "

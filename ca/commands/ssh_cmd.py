@@ -40,10 +40,11 @@ def _not_a_host_certificate(cert: Path) -> None:
     """`ssh user` on a host key (/etc/ssh/ssh_host_*_key.pub, a slip of the finger)
     replaced the host certificate sshd serves with a user certificate, unremarked (an
     SSH trial): a host certificate there is not replaced."""
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
     try:
         held = serialization.load_ssh_public_identity(cert.read_bytes())
-    except (OSError, ValueError):
+    except (OSError, ValueError, UnsupportedAlgorithm):  # (an sk- or dss certificate)
         return
     if isinstance(held, serialization.SSHCertificate) and \
             held.type == serialization.SSHCertificateType.HOST:
