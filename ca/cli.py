@@ -31,6 +31,7 @@ COMMANDS = {
     "audit-prove": "audit_prove:prove",
     "serve": "client_cmd:serve", "token-create": "client_cmd:token_create",
     "enroll": "client_cmd:enroll", "renew": "client_cmd:renew", "revoke": "client_cmd:revoke",
+    "status": "client_cmd:status",
     "ssh-host": "ssh_cmd:host", "ssh-user": "ssh_cmd:user", "ssh-revoke": "ssh_cmd:revoke",
     "ssh-list": "ssh_cmd:list_certs",
     "ssh-known-hosts": "ssh_cmd:known_hosts",

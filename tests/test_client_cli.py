@@ -110,6 +110,21 @@ def test_enroll_checks_the_output_before_spending_the_token(daemon: Daemon,
     assert (full / "key.pem").stat().st_mode & 0o777 == 0o640
 
 
+def test_status_says_how_the_daemon_is(daemon: Daemon) -> None:
+    """An operator trial found no command for the daemon's health, only curl."""
+    config = ("--config", daemon.state / "hsmca.toml")
+    proc = hsmca("status", *config, "--url", daemon.url)
+    lines = proc.stdout.splitlines()
+    assert lines[0] == f"{daemon.url}: ok" and "  hsm: ok" in lines and "  audit: ok" in \
+        lines and "  store: ok" in lines and any(x.startswith("  workers: ") for x in lines), \
+        proc.stdout
+    assert json.loads(hsmca("status", *config, "--url", daemon.url, "--json").stdout)[
+        "status"] == "ok"
+    gone = f"https://127.0.0.1:{free_port()}"
+    said = one_line_error(hsmca("status", *config, "--url", gone, check=False))
+    assert gone in said and "is `hsmca serve` running there" in said, said
+
+
 def test_a_token_file_saved_by_notepad_is_read(daemon: Daemon, tmp_path: Path) -> None:
     """An operator trial: a token file saved as "UTF-8 with BOM", CRLF, was an unknown
     token (401)."""
