@@ -256,6 +256,12 @@ def test_a_deactivated_account_orders_nothing_more(world: World) -> None:
     assert r.status == 401 and r.problem == "unauthorized"  # RFC 8555 7.3.6
     # and what to do: clients cannot switch accounts by themselves (an ACME trial)
     assert "ask the CA's operator for a new EAB key" in r.json["detail"], r.json
+    assert "revoke one of" not in r.json["detail"], r.json
+    # a revocation through it is told the way that works at once (an ACME trial)
+    r = c.post(c.dir["revokeCert"], {"certificate": "AAAA"})
+    assert r.status == 401 and "to revoke one of its certificates now, sign with that " \
+        "certificate's key (certbot revoke --cert-path CERT --key-path KEY)" in \
+        r.json["detail"], r.json
 
 
 def test_a_deactivated_authorization_ends_its_order(world: World) -> None:

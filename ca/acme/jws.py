@@ -213,10 +213,15 @@ async def verify(raw: bytes, content_type: str, url: str, nonces: Nonces, *,
                           f"({url})", 401)
     if account is not None and account.status != "valid":
         # RFC 8555 7.3.6: a deactivated account's requests get 401 unauthorized.
+        # A revocation can go on at once, signed with the certificate's own key (an
+        # ACME trial's lego was sent to the operator for a new EAB key to revoke)
+        now = (": to revoke one of its certificates now, sign with that certificate's "
+               "key (certbot revoke --cert-path CERT --key-path KEY)"
+               if url.endswith("/revoke-cert") else "")
         raise AcmeProblem("unauthorized", f"the account is {account.status}: ask the CA's "
                           "operator for a new EAB key and register a new account with it "
                           "(docs/acme.md, \"Replacing an account\"); certificates it got "
-                          "stay valid until they expire or are revoked", 401)
+                          f"stay valid until they expire or are revoked{now}", 401)
     return Verified(jws.payload, jwk, account, url)
 
 
