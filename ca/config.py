@@ -254,12 +254,16 @@ class Config:
     @property
     def local_url(self) -> str:
         try:
-            return self.url_file.read_text().strip()
+            own = self.url_file.read_text().strip()
         except OSError:
-            pass
+            own = None
+        # On a cluster a node killed (-9) leaves its file behind: another node that
+        # answers serves as well (a review: "no node runs" while one did)
+        if own is not None and (not self.cluster or answers(own)):
+            return own
         # Cluster mode, a command without a node: any node running on this state dir.
         # A node killed (-9) leaves its file behind: the first that takes a connection.
-        found = []
+        found = [own] if own is not None else []
         for other in sorted((self.state_dir / "nodes").glob("*/serve.url")):
             try:
                 found.append(other.read_text().strip())

@@ -124,6 +124,36 @@ def test_status_says_how_the_daemon_is(daemon: Daemon) -> None:
     said = one_line_error(hsmca("status", *config, "--url", gone, check=False))
     assert gone in said and "is `hsmca serve` running there" in said, said
 
+    # A load balancer's own 503 page in front: one line, not a traceback (a review)
+    import http.server
+    import threading
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"<html><body>503 Service Unavailable</body></html>"
+            self.send_response(503)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: object) -> None:
+            pass
+    front = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(daemon.state / "tls" / "server.pem", daemon.state / "tls" / "server.key")
+    front.socket = tls.wrap_socket(front.socket, server_side=True)
+    threading.Thread(target=front.serve_forever, daemon=True).start()
+    try:
+        said = one_line_error(hsmca("status", *config, "--url",
+                                    f"https://127.0.0.1:{front.server_address[1]}",
+                                    check=False))
+    finally:
+        front.shutdown()
+        front.server_close()
+    assert "the answer is not the daemon's health (a proxy or load balancer in front?)" \
+        in said, said
+
 
 def test_a_token_file_saved_by_notepad_is_read(daemon: Daemon, tmp_path: Path) -> None:
     """An operator trial: a token file saved as "UTF-8 with BOM", CRLF, was an unknown

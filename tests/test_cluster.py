@@ -990,8 +990,10 @@ def test_a_rotation_whose_commit_may_still_land_is_not_voided(
         busy = threading.Thread(target=sleep, daemon=True)
         busy.start()
         with psycopg.connect(c.url) as conn:  # it runs before the node starts
+            deadline = time.monotonic() + 60  # a watchdog, not a wait
             while conn.execute("SELECT state FROM pg_stat_activity WHERE pid = %s",
                                (pid,)).fetchone()[0] != "active":
+                assert time.monotonic() < deadline, "the session never ran its statement"
                 conn.execute("SELECT pg_stat_clear_snapshot()")
         try:
             node = c.start("ca-1")

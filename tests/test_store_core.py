@@ -16,6 +16,7 @@ import dataclasses
 import datetime as dt
 import json
 import sqlite3
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -401,8 +402,10 @@ def test_a_nodes_busy_sessions_are_found_however_long_its_name(postgres_server: 
         assert run(store.node_sessions_busy(node)) == 0  # connected, idle
         busy.start()
         with psycopg.connect(url) as conn:
+            deadline = time.monotonic() + 60  # a watchdog, not a wait
             while conn.execute("SELECT state FROM pg_stat_activity WHERE pid = %s",
                                (pid,)).fetchone()[0] != "active":
+                assert time.monotonic() < deadline, "the session never ran its statement"
                 conn.execute("SELECT pg_stat_clear_snapshot()")
         assert run(store.node_sessions_busy(node)) == 1
         assert run(store.node_sessions_busy("node-y")) == 0

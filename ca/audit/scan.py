@@ -60,9 +60,11 @@ def promotions_never_committed(path: Path, label: str) -> list[dict[str, Any]]:
     the inventory still holds as staged, a promotion stopped between its line and its
     commit (a kill), whose line stands for a change that never happened (a review)."""
     _, standing, used = _key_lines(path, label)
-    if used or any(line.get("previous") == label for line in standing):
-        # It signed, or a later rotation replaced it: the promotion committed (an
-        # inventory restored from before it holds the key as staged: a review)
+    if used or any(line.get("previous") == label or line.get("active") == label
+                   for line in standing):
+        # It signed, or a later rotation replaced it or staging named it active: the
+        # promotion committed (an inventory restored from before it holds the key as
+        # staged: a review)
         return []
     return [line for line in standing if line.get("event") == "key.rotate"
             and line.get("label") == label and line.get("staged") is True]
