@@ -166,6 +166,20 @@ def test_ssh_user_agent_needs_an_agent_before_any_request(tmp_path: Path) -> Non
     assert proc.returncode == 1 and "SSH_AUTH_SOCK is not set" in proc.stderr
 
 
+def test_ssh_user_without_a_key_says_how_to_make_one(tmp_path: Path) -> None:
+    """A new user's first `ssh user`: "No such file or directory", and no word of
+    ssh-keygen (a docs trial)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    proc = hsmca("ssh", "user", "--url", "https://127.0.0.1:1", "--cert", tmp_path / "c",
+                 "--key", tmp_path / "k", env={**os.environ, "HOME": str(home)}, check=False)
+    ssh_dir = home / ".ssh"
+    assert proc.returncode == 1 and proc.stderr == (
+        f"hsmca: error: --pubkey {ssh_dir / 'id_ed25519.pub'}: no such file: make a key with "
+        f"`mkdir -p -m 700 {ssh_dir} && ssh-keygen -t ed25519 -f {ssh_dir / 'id_ed25519'}`, "
+        "or give --pubkey your key's .pub file\n"), proc.stderr
+
+
 def test_ssh_user_default_lifetime_is_the_servers(daemon: Daemon, tmp_path: Path) -> None:
     cert, key = enroll(daemon, tmp_path, "user", ["bob@example.com"], ["bob"])
     pub = keygen(tmp_path / "id_ed25519")

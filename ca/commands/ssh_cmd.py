@@ -64,6 +64,12 @@ def read_public_key(path: Path) -> str:
     from cryptography.hazmat.primitives import serialization
     try:
         text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        # (a new user's first `ssh user`: the file named, not how to make it)
+        raise CLIError(f"--pubkey {path}: no such file: make a key with `mkdir -p -m 700 "
+                       f"{path.parent} && ssh-keygen -t ed25519 -f "
+                       f"{path.with_name(path.name.removesuffix('.pub'))}`, or give --pubkey "
+                       "your key's .pub file") from None
     except OSError as exc:
         raise CLIError(f"--pubkey {path}: {exc.strerror}") from None
     if "PRIVATE KEY" in text:
