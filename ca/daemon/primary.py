@@ -840,8 +840,9 @@ async def _name_unknown_keys(store: Store, pipeline: SigningPipeline,
     """A private key in the token that the inventory does not know is named at start:
     a rotation that died between its hsm.keygen line and its inventory row leaves one
     (hsmca never uses it, nor can it retire or destroy it), and so would a key put there
-    by something else. A rotation killed between its line and its commit is voided
-    here, on one node (a review: its line said a key was put in use that never was)."""
+    by something else. A rotation or promotion this node's earlier run recorded and
+    never committed is voided here, once it cannot commit any more (`_settled`): its
+    line said a key was put in use that never was (a review, a cluster trial)."""
     records = await store.keys()
     known = {r.label for r in records if r.state != "destroyed"}
     recorded = {r.label for r in records}
