@@ -253,6 +253,12 @@ def test_an_intent_about_another_request_is_not_taken_for_the_certificates() -> 
     wrong = {**intent, "names": ["svc9.test"], "spki_sha256": spki_sha256(other),
              "not_after": (start + dt.timedelta(days=2)).isoformat()}
     assert [ok for _, ok in intent_matches(wrong, cert)] == [False, False, False]
+    # a failed check says what differs, not the sentence of a passed one (a web trial)
+    said = [text for text, _ in intent_matches(wrong, cert)]
+    assert said[0] == "the intent's names (svc9.test) are not the certificate's (10.0.0.2, " \
+        "svc2.test)" and said[1] == "the intent's public key is not the certificate's" and \
+        said[2].startswith("the intent's notAfter (") and " is not the certificate's (" in \
+        said[2], said
     assert [ok for _, ok in intent_matches({"serial": "1234"}, cert)] == [False, False, False]
 
 

@@ -327,18 +327,27 @@ def san_values(cert: x509.Certificate) -> list[str]:
 
 def intent_matches(intent: dict[str, Any], cert: x509.Certificate) -> list[tuple[str, bool]]:
     """The intent line's decision against the certificate: names, public key, validity."""
+    # Each said as it came out, with what differs: "✗ the intent's names are the
+    # certificate's" read as the opposite of what it meant (a web view trial)
     names = intent.get("names")
-    checks = [("the intent's names are the certificate's",
-               isinstance(names, list) and sorted(map(str, names)) == sorted(san_values(cert))),
-              ("the intent's public key is the certificate's",
-               intent.get("spki_sha256") == spki_sha256(cert.public_key()))]
+    has = sorted(san_values(cert))
+    same_names = isinstance(names, list) and sorted(map(str, names)) == has
+    said = ", ".join(map(str, names)) if isinstance(names, list) else repr(names)
+    checks = [("the intent's names are the certificate's" if same_names else
+               f"the intent's names ({said}) are not the certificate's ({', '.join(has)})",
+               same_names)]
+    same_key = intent.get("spki_sha256") == spki_sha256(cert.public_key())
+    checks.append(("the intent's public key is the certificate's" if same_key else
+                   "the intent's public key is not the certificate's", same_key))
     ends = intent.get("not_after")
     try:
         same_end = isinstance(ends, str) and dt.datetime.fromisoformat(ends) == \
             cert.not_valid_after_utc
     except ValueError:
         same_end = False
-    checks.append(("the intent's notAfter is the certificate's", same_end))
+    checks.append(("the intent's notAfter is the certificate's" if same_end else
+                   f"the intent's notAfter ({ends}) is not the certificate's "
+                   f"({cert.not_valid_after_utc.isoformat()})", same_end))
     return checks
 
 
