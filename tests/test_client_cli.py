@@ -120,6 +120,9 @@ def test_status_says_how_the_daemon_is(daemon: Daemon) -> None:
         proc.stdout
     assert json.loads(hsmca("status", *config, "--url", daemon.url, "--json").stdout)[
         "status"] == "ok"
+    # on a client host, with no hsmca.toml: --url and --ca (an upgrade trial)
+    elsewhere = hsmca("status", "--url", daemon.url, "--ca", daemon.root, cwd=daemon.state.parent)
+    assert elsewhere.stdout.splitlines()[0] == f"{daemon.url}: ok", elsewhere.stdout
     gone = f"https://127.0.0.1:{free_port()}"
     said = one_line_error(hsmca("status", *config, "--url", gone, check=False))
     assert gone in said and "is `hsmca serve` running there" in said, said

@@ -1132,6 +1132,9 @@ async def test_a_retired_issuing_key_s_ca_certificate_revoked_is_on_its_root_s_c
         done = key_cmd(d, "revoke", label, "--yes").stdout
         assert done.startswith(f"revoked the CA certificate of {label} (serial ") and \
             "cACompromise): the CRL of root-ca lists it" in done, done
+        # the next admin command at once is not refused: the revoke waited for this
+        # host's credential to be renewed (an upgrade trial's was told to enroll again)
+        assert label in key_cmd(d, "list").stdout
         assert d.wait_stderr(lambda: any("this host's admin credential is renewed" in line
                                          for line in d.stderr), within=60), d.stderr
         renewed = load(ca.state / "admin/cert.pem")  # from the active key, for its year

@@ -65,9 +65,13 @@ def status(args: argparse.Namespace) -> int:
     # The URL and root of --config, no client certificate: /health asks for none, and
     # an expired admin credential or a proxy that does not take it would fail the ask
     # (a review)
-    cfg = _config(args)
-    url = _daemon_url(args, cfg)
-    ctx = client.ssl_context(args.ca or cfg.root_pem)
+    if args.url is not None and (args.ca is not None or not args.config.exists()):
+        # A client host has no hsmca.toml: --url (and --ca) are enough (an upgrade trial)
+        url, ctx = args.url, client.ssl_context(args.ca)
+    else:
+        cfg = _config(args)
+        url = _daemon_url(args, cfg)
+        ctx = client.ssl_context(args.ca or cfg.root_pem)
 
     async def ask() -> Any:
         try:  # (its handler takes at most about 2 s: longer is a stuck worker)

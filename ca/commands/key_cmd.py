@@ -258,7 +258,53 @@ def _revoke(args: argparse.Namespace) -> int:
           "(/v1/x509/crls.pem)")
     for warning in out.get("warnings", []):
         print(f"hsmca: warning: {warning}", file=sys.stderr)
+    if args.cert is None:
+        _await_own_credential(args)
     return 0
+
+
+def _await_own_credential(args: argparse.Namespace, wait_s: float = 30) -> None:
+    """After a key revoke with --config's admin credential: when that credential was of
+    the revoked key, its daemon renews it from the active key just after answering, and
+    an admin command at once was refused ("enroll again": an upgrade trial). Waits,
+    looking at the file, until it is renewed, and says so."""
+    import time
+
+    from ca.commands.client_cmd import _config
+    cfg = _config(args)
+    try:
+        before = cfg.admin_cert.read_bytes()
+        asyncio.run(_whoami(args))
+        return  # still taken: not of that key, or renewed already
+    except OSError:
+        return
+    except CLIError as exc:
+        if "was revoked" not in str(exc):
+            return  # not this (the daemon away, say): the next command says it
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        time.sleep(0.2)  # the daemon writes the file: nothing to wait on but it
+        try:
+            if cfg.admin_cert.read_bytes() != before:
+                print(f"this host's admin credential ({cfg.admin_cert}) was of that key: "
+                      "its daemon renewed it from the active key (an `hsmca ui` started "
+                      "with the old one needs a restart)")
+                return
+        except OSError:
+            continue
+    print(f"hsmca: warning: this host's admin credential ({cfg.admin_cert}) was of that "
+          f"key and is not renewed yet after {wait_s:.0f} s: its daemon renews it (its log "
+          "says `this host's admin credential is renewed`); until then admin commands with "
+          "it are refused", file=sys.stderr)
+
+
+async def _whoami(args: argparse.Namespace) -> None:
+    from ca import client
+    url, ctx = _context(args)
+    try:
+        await client.call("GET", f"{url}/v1/whoami", ctx)
+    except client.ClientError as exc:
+        raise CLIError(str(exc)) from None
 
 
 def _to_the_second(at: str) -> str:

@@ -900,9 +900,10 @@ async def _name_unknown_keys(store: Store, pipeline: SigningPipeline,
             # This log made it and never recorded the rotation: not an older backup's
             # (a full-disk trial was told to think of restoring one).
             log.warning("the token holds a key that a rotation made and stopped before it "
-                        "recorded (its hsm.keygen line, and no key.rotate line naming it "
-                        "that stands): hsmca never uses it; remove it with the HSM's own "
-                        "tools (docs/keys.md)", label=label, keygen_seq=seq)
+                        "recorded, or that lost to another rotation at once (its hsm.keygen "
+                        "line, and no key.rotate line naming it that stands): hsmca never "
+                        "uses it; remove it with the HSM's own tools (docs/keys.md)",
+                        label=label, keygen_seq=seq)
         elif rotated and clustered(store):
             # Another node's, most likely: this node reads its own log alone (a cluster
             # trial's every start told of backups for keys that lost races elsewhere)
