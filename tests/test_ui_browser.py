@@ -557,6 +557,17 @@ def test_a_rewritten_log_turns_the_banner_red_at_the_seq_the_state_names(world: 
     page(w, "/audit")
     marks = [e.text for e in w.driver.find_elements(By.CSS_SELECTOR, "table.log td:last-child")]
     assert marks and not any("✓" in m for m in marks)
+    # and the lines after the verified ones are not "not yet covered", as if they would be
+    # (a web view trial), nor is the rewrite's checkpoint left at its signature's ✓
+    assert not any("not yet covered" in m for m in marks), marks
+    assert any("not covered: the log failed verification" in m for m in marks), marks
+    newest = int(w.driver.find_element(By.CSS_SELECTOR, "table.log tbody tr td").text)
+    checkpoint = next(e for e in reversed(log_lines(w.ca_state))
+                      if e.get("event") == "hsm.sign" and e.get("phase") == "outcome"
+                      and "checkpoint" in e and e["seq"] <= newest)
+    page(w, f"/audit/{checkpoint['seq']}")
+    assert "but the log failed verification: this checkpoint covers lines you cannot " \
+        "verify" in w.driver.find_element(By.TAG_NAME, "main").text
     page(w, f"/certificates/{w.renewed}")
     assert banner(w)[0] == "failed"
     audit = w.driver.find_element(By.XPATH, "//h2[.='In the audit log']/..").text
