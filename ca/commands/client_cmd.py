@@ -65,7 +65,8 @@ def status(args: argparse.Namespace) -> int:
     # The URL and root of --config, no client certificate: /health asks for none, and
     # an expired admin credential or a proxy that does not take it would fail the ask
     # (a review)
-    if args.url is not None and (args.ca is not None or not args.config.exists()):
+    if args.url is not None and (args.ca is not None or (
+            args.config == Path("hsmca.toml") and not args.config.exists())):
         # A client host has no hsmca.toml: --url (and --ca) are enough (an upgrade trial)
         url, ctx = args.url, client.ssl_context(args.ca)
     else:

@@ -270,6 +270,7 @@ def _await_own_credential(args: argparse.Namespace, wait_s: float = 30) -> None:
     looking at the file, until it is renewed, and says so."""
     import time
 
+    from ca import client
     from ca.commands.client_cmd import _config
     cfg = _config(args)
     try:
@@ -278,9 +279,19 @@ def _await_own_credential(args: argparse.Namespace, wait_s: float = 30) -> None:
         return  # still taken: not of that key, or renewed already
     except OSError:
         return
+    except client.ClientError:
+        pass  # read while the daemon replaced the pair: being renewed, look at the file
     except CLIError as exc:
         if "was revoked" not in str(exc):
             return  # not this (the daemon away, say): the next command says it
+    if args.url is not None and client.base_url(args.url) != client.base_url(cfg.local_url):
+        # The daemon is elsewhere: it renews the credential in its own state directory,
+        # not in this copy (a review: this waited 30 s, then said to wait)
+        print(f"hsmca: warning: this --config's admin credential ({cfg.admin_cert}) was of "
+              "that key: the daemon renews its own copy on its host; copy the renewed "
+              "STATE_DIR/admin from there to go on with admin commands here",
+              file=sys.stderr)
+        return
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         time.sleep(0.2)  # the daemon writes the file: nothing to wait on but it
@@ -299,6 +310,8 @@ def _await_own_credential(args: argparse.Namespace, wait_s: float = 30) -> None:
 
 
 async def _whoami(args: argparse.Namespace) -> None:
+    """GET /v1/whoami with --config's admin credential: CLIError if the daemon refuses
+    it; ClientError (from loading the pair) while the daemon is replacing it."""
     from ca import client
     url, ctx = _context(args)
     try:

@@ -332,9 +332,12 @@ def intent_matches(intent: dict[str, Any], cert: x509.Certificate) -> list[tuple
     names = intent.get("names")
     has = sorted(san_values(cert))
     same_names = isinstance(names, list) and sorted(map(str, names)) == has
-    said = ", ".join(map(str, names)) if isinstance(names, list) else repr(names)
+    def listed(values: list[Any]) -> str:
+        shown = ", ".join(map(str, values[:10])) or "none"
+        return shown + (f", ... ({len(values)} in all)" if len(values) > 10 else "")
+    said = listed(names) if isinstance(names, list) else repr(names)
     checks = [("the intent's names are the certificate's" if same_names else
-               f"the intent's names ({said}) are not the certificate's ({', '.join(has)})",
+               f"the intent's names ({said}) are not the certificate's ({listed(has)})",
                same_names)]
     same_key = intent.get("spki_sha256") == spki_sha256(cert.public_key())
     checks.append(("the intent's public key is the certificate's" if same_key else

@@ -418,7 +418,14 @@ async def certificate(request: web.Request) -> web.Response:
     verdict = await _report(request, verdict, audit_log, audit.intent, audit.outcome)
     if revoked is not None:
         verdict = await _report(request, verdict, revoked_log, revoked.line)
+
+    def failed(log: str | None) -> bool:
+        """Whether the log a line is in failed (on a cluster, it may not be the page's:
+        a review)."""
+        return next((v.status for v in (verdict, *verdict.others) if v.log == log),
+                    verdict.status) == "failed"
     return _render(request, "certificate.html", verdict, title=f"Certificate {serial}",
+                   audit_failed=failed(audit_log), revoked_failed=failed(revoked_log),
                    rec=rec, error=None, der_ok=der_ok, fields=certs.describe(cert),
                    pem=rec["pem"], links=links, bundle_err=bundle_err, crl=crl, ocsp=ocsp,
                    audit=audit, audit_log_q=log_query(audit_log), summary=_summary,
