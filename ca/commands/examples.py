@@ -69,6 +69,10 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     ),
     "ssh list": ("hsmca ssh list --config hsmca.toml --type host --status valid",),
     "key list": ("hsmca key list --config hsmca.toml",),
+    "status": (
+        "hsmca status --config hsmca.toml",
+        "hsmca status --url https://ca.example:8443 --ca root.pem --json",
+    ),
     "key rotate": (
         "hsmca key rotate issuing --config hsmca.toml",
         "hsmca key rotate ssh-user --stage --config hsmca.toml",
