@@ -378,6 +378,13 @@ async def test_a_certificate_page_shows_the_certificate_s_names_and_its_revoked_
             assert f"voided: it changed nothing, says: seq {void['seq']}" in shown, shown
             shown = page(f"/audit/{void['seq']}")
             assert f"the line it says changed nothing: seq {void['voids']}" in shown, shown
+            # and in the log's list, both rows say it (a web view trial saw the voided
+            # row as any other): the void follows its line, on the same page
+            shown = page("/audit")
+            assert f'voided by <a href="/audit/{void["seq"]}">seq {void["seq"]}</a>' in shown, \
+                shown
+            assert f'says seq <a href="/audit/{void["voids"]}">{void["voids"]}</a> changed ' \
+                "nothing" in shown, shown
         finally:
             ui.stop()
     finally:
