@@ -42,6 +42,7 @@ from ca.store.errors import (
     TooManyPending,
 )
 from ca.store.records import (
+    KEY_COLUMNS,
     AcmeAccount,
     AcmeAuthz,
     AcmeCert,
@@ -69,6 +70,7 @@ from ca.store.records import (
     authz_bases,
     authz_cover,
     crl_time,
+    key_row,
     latest_of,
 )
 from ca.store.sqlite import (
@@ -1061,13 +1063,11 @@ class PostgresStore:
         async def insert(db: Conn) -> None:
             async with db.cursor() as cur:
                 await cur.executemany(
-                    "INSERT INTO ca_keys (label, kind, state, algorithm, created_at, "
-                    "fingerprint, uri, cert, changed_at, ssh_public_key) VALUES "
-                    "(%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) ON CONFLICT (label) DO UPDATE SET "
+                    f"INSERT INTO ca_keys ({KEY_COLUMNS}) VALUES {_KEY_VALUES} "
+                    "ON CONFLICT (label) DO UPDATE SET "
                     "ssh_public_key = COALESCE(ca_keys.ssh_public_key, "
                     "EXCLUDED.ssh_public_key)",
-                    [(r.label, r.kind, r.state, r.algorithm, r.created_at, r.fingerprint,
-                      r.uri, r.cert, r.changed_at, r.ssh_public_key) for r in records])
+                    [key_row(r) for r in records])
             await _changed(db, "keys")
         await self._tx(insert)
 
@@ -1078,12 +1078,8 @@ class PostgresStore:
             if await _active_labels(db, record.kind) != [active] \
                     or await _has_next(db, record.kind):
                 return False
-            await db.execute("INSERT INTO ca_keys (label, kind, state, algorithm, created_at, "
-                             "fingerprint, uri, cert, changed_at, ssh_public_key) VALUES "
-                             "(%s,%s,'next',%s,%s,%s,%s,%s,%s,%s)",
-                             (record.label, record.kind, record.algorithm,
-                              record.created_at, record.fingerprint, record.uri, record.cert,
-                              record.changed_at, record.ssh_public_key))
+            await db.execute(f"INSERT INTO ca_keys ({KEY_COLUMNS}) VALUES {_KEY_VALUES}",
+                             key_row(record, "next"))
             await _changed(db, "keys")
             return True
         return await self._tx(stage)
@@ -1100,12 +1096,8 @@ class PostgresStore:
                     "UPDATE ca_keys SET state = 'previous', changed_at = %s WHERE kind = %s "
                     "AND state = 'active' RETURNING label", (key.changed_at, key.kind))
                 old += [r[0] for r in await cur.fetchall()]
-                await db.execute("INSERT INTO ca_keys (label, kind, state, algorithm, "
-                                 "created_at, fingerprint, uri, cert, changed_at, "
-                                 "ssh_public_key) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
-                                 (key.label, key.kind, "active", key.algorithm,
-                                  key.created_at, key.fingerprint, key.uri, key.cert,
-                                  key.changed_at, key.ssh_public_key))
+                await db.execute(f"INSERT INTO ca_keys ({KEY_COLUMNS}) VALUES {_KEY_VALUES}",
+                                 key_row(key, "active"))
             for c in cross:
                 await db.execute("INSERT INTO cross_certs (der, subject_label, issuer_label, "
                                  "made_at) VALUES (%s,%s,%s,%s) ON CONFLICT DO NOTHING",
@@ -2021,6 +2013,9 @@ async def migrate(conn: Conn) -> int | None:
         return None
     finally:
         await conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+
+
+_KEY_VALUES = "(" + ",".join(["%s"] * 10) + ")"  # one per KEY_COLUMNS
 
 
 async def _active_labels(db: Conn, kind: str) -> list[str]:

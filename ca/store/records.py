@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 def authz_bases(names: Iterable[str]) -> list[str]:
@@ -375,6 +376,17 @@ class AcmeCert:
     not_after: str
     revoked_at: str | None
     spki_sha256: str
+
+
+# The columns a key's row is inserted with, in the order of `key_row`.
+KEY_COLUMNS = ("label, kind, state, algorithm, created_at, fingerprint, uri, cert, "
+               "changed_at, ssh_public_key")
+
+
+def key_row(r: KeyRecord, state: str | None = None) -> tuple[Any, ...]:
+    """`r` as the values of KEY_COLUMNS (with `state` instead of its own, if given)."""
+    return (r.label, r.kind, state or r.state, r.algorithm, r.created_at, r.fingerprint,
+            r.uri, r.cert, r.changed_at, r.ssh_public_key)
 
 
 def latest_of(times: Sequence[str | None]) -> dt.datetime | None:

@@ -34,6 +34,7 @@ from ca.store.errors import (
     TooManyPending,
 )
 from ca.store.records import (
+    KEY_COLUMNS,
     AcmeAccount,
     AcmeAuthz,
     AcmeCert,
@@ -62,6 +63,7 @@ from ca.store.records import (
     authz_bases,
     authz_cover,
     crl_time,
+    key_row,
     latest_of,
 )
 
@@ -1334,24 +1336,18 @@ class SQLiteStore:
     async def add_keys(self, records: Sequence[KeyRecord]) -> None:
         def insert(db: sqlite3.Connection) -> None:
             db.executemany(
-                "INSERT INTO ca_keys (label, kind, state, algorithm, created_at, fingerprint, "
-                "uri, cert, changed_at, ssh_public_key) VALUES (?,?,?,?,?,?,?,?,?,?) "
+                f"INSERT INTO ca_keys ({KEY_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?) "
                 "ON CONFLICT (label) DO UPDATE SET ssh_public_key = "
                 "COALESCE(ca_keys.ssh_public_key, excluded.ssh_public_key)",
-                [(r.label, r.kind, r.state, r.algorithm, r.created_at, r.fingerprint, r.uri,
-                  r.cert, r.changed_at, r.ssh_public_key) for r in records])
+                [key_row(r) for r in records])
         await self._write(insert)
 
     async def stage_key(self, record: KeyRecord, active: str) -> bool:
         def stage(db: sqlite3.Connection) -> bool:
             if _active_labels(db, record.kind) != [active] or _has_next(db, record.kind):
                 return False
-            db.execute("INSERT INTO ca_keys (label, kind, state, algorithm, created_at, "
-                       "fingerprint, uri, cert, changed_at, ssh_public_key) VALUES "
-                       "(?,?,'next',?,?,?,?,?,?,?)",
-                       (record.label, record.kind, record.algorithm, record.created_at,
-                        record.fingerprint, record.uri, record.cert, record.changed_at,
-                        record.ssh_public_key))
+            db.execute(f"INSERT INTO ca_keys ({KEY_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                       key_row(record, "next"))
             return True
         return await self._write(stage)
 
@@ -1366,12 +1362,8 @@ class SQLiteStore:
                 old += [r[0] for r in db.execute(
                     "UPDATE ca_keys SET state = 'previous', changed_at = ? WHERE kind = ? "
                     "AND state = 'active' RETURNING label", (key.changed_at, key.kind))]
-                db.execute("INSERT INTO ca_keys (label, kind, state, algorithm, created_at, "
-                           "fingerprint, uri, cert, changed_at, ssh_public_key) VALUES "
-                           "(?,?,?,?,?,?,?,?,?,?)",
-                           (key.label, key.kind, "active", key.algorithm, key.created_at,
-                            key.fingerprint, key.uri, key.cert, key.changed_at,
-                            key.ssh_public_key))
+                db.execute(f"INSERT INTO ca_keys ({KEY_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                           key_row(key, "active"))
             db.executemany("INSERT INTO cross_certs (der, subject_label, issuer_label, made_at) "
                            "VALUES (?,?,?,?) ON CONFLICT DO NOTHING",
                            [(c.der, c.subject_label, c.issuer_label, c.made_at) for c in cross])
