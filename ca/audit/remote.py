@@ -59,6 +59,7 @@ from ca.audit.note import Checkpoint, NoteError, key_id, parse_checkpoint, verif
 from ca.audit.verify import (
     AuditorState,
     Failure,
+    LineCheck,
     PinnedKey,
     SignedPrefix,
     Stage,
@@ -494,12 +495,8 @@ async def _located(api: LogClient, key: PinnedKey, size: int, root: bytes, locat
     if where is None and found.lines < size:
         where = Failure(found.lines, Stage.LINE, f"the daemon serves only {found.lines} of "
                         f"the {size} lines verified last time")
-    frontier, roots = CompactRange(), {}
-    wanted = {cp.size for cp in found.checkpoints}
-    for k in range(found.good):
-        frontier.append(found.leaves[k * HASH_SIZE:(k + 1) * HASH_SIZE])
-        if frontier.size in wanted:
-            roots[frontier.size] = frontier.root()
+    frontier = CompactRange()
+    roots = _grow(frontier, found, {cp.size for cp in found.checkpoints})
     vouched = 0  # lines a checkpoint among them vouches for: the change is after them
     for cp in found.checkpoints:
         if cp.size not in roots:
@@ -563,6 +560,17 @@ async def _behind(api: LogClient, old: AuditorState, latest: Checkpoint, text: s
         f"other {seen - size} are still there unchanged, but no checkpoint signs them yet"))
 
 
+def _grow(frontier: CompactRange, found: LineCheck, wanted: set[int]) -> dict[int, bytes]:
+    """`frontier` extended over the lines of `found` that passed; the root at each size
+    in `wanted` it passes."""
+    roots = {}
+    for k in range(found.good):
+        frontier.append(found.leaves[k * HASH_SIZE:(k + 1) * HASH_SIZE])
+        if frontier.size in wanted:
+            roots[frontier.size] = frontier.root()
+    return roots
+
+
 async def _check_new_lines(api: LogClient, data: bytes, old: AuditorState,
                            prior: SignedPrefix | None, latest: Checkpoint, text: str,
                            key: PinnedKey, known: set[str]) -> RemoteResult:
@@ -580,11 +588,7 @@ async def _check_new_lines(api: LogClient, data: bytes, old: AuditorState,
     if prior is not None:
         wanted.add(prior.size)
     frontier = old.frontier.copy()
-    roots = {start: old.root}
-    for k in range(found.good):
-        frontier.append(found.leaves[k * HASH_SIZE:(k + 1) * HASH_SIZE])
-        if frontier.size in wanted:
-            roots[frontier.size] = frontier.root()
+    roots = {start: old.root, **_grow(frontier, found, wanted)}
 
     count = 0
     vouched = old.size  # lines a run or a checkpoint verified: a change is after them
