@@ -262,3 +262,55 @@ def test_the_token_lock_is_skipped_rather_than_trusted_when_another_user_made_it
     os.close(again.fd)  # as a kill leaves it: the file stays, unlocked
     os.chown(lock, 65534, 65534)  # another user's now
     assert hold_token(*args, lock_dir=tmp_path) is None
+
+
+def test_a_restored_inventory_is_not_mended_with_the_killed_daemons_write_ahead_log(
+        tmp_path: Path) -> None:
+    """A restore trial put a backup's inventory where a killed daemon's had been: its
+    write-ahead log stayed beside it, SQLite applied it to the copy, and the daemon
+    served on a damaged inventory (rows of one client read as another's). The start
+    refuses in one line that names the log to remove; removed, the copy serves whole."""
+    import signal
+
+    from tests.test_workers import worker_pids
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state, "--workers", "1")
+    kept = enroll(d, tmp_path, "service", ["kept.internal.example"])
+    out = tmp_path / "backup"
+    hsmca("backup", "--config", ca.state / "hsmca.toml", "--out", out)
+    for i in range(3):  # after the backup, in the WAL only
+        enroll(d, tmp_path, "service", [f"later{i}.internal.example"])
+    # Killed as a power cut kills it: every process at once, none closing the inventory.
+    pids = [d.proc.pid, *worker_pids(d)]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    d.proc.wait()
+    wal = ca.state / "hsmca.sqlite3-wal"
+    assert wal.stat().st_size > 0
+    shutil.copyfile(out / "hsmca.sqlite3", ca.state / "hsmca.sqlite3")  # the restore
+
+    proc = hsmca("serve", "--config", ca.state / "hsmca.toml", "--listen", "127.0.0.1:0",
+                 check=False)
+    # (after the warning that the last run was killed, which it was)
+    said = proc.stderr.splitlines()[-1]
+    assert proc.returncode == 1 and said.startswith("hsmca: error: "), proc.stderr
+    assert f"{wal} is beside it" in said and "remove hsmca.sqlite3-wal and " \
+        "hsmca.sqlite3-shm" in said and "Traceback" not in proc.stderr, proc.stderr
+    # untouched by the start it refused
+    assert (ca.state / "hsmca.sqlite3").read_bytes() == (out / "hsmca.sqlite3").read_bytes()
+
+    wal.unlink()
+    (ca.state / "hsmca.sqlite3-shm").unlink(missing_ok=True)
+    restored = start_daemon(ca.state, "--workers", "1")
+    try:
+        renewed = hsmca("renew", "--url", restored.url, "--ca", restored.root, "--cert",
+                        kept[0], "--key", kept[1])
+        assert renewed.stdout.startswith("renewed: serial "), renewed.stderr
+    finally:
+        assert restored.stop() == 0
+    assert not any("is damaged" in line for line in restored.stderr), restored.stderr
+    with sqlite3.connect(ca.state / "hsmca.sqlite3") as db:
+        assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    audit_verify(ca.state, ok=True)

@@ -613,6 +613,18 @@ async def test_a_damage_found_while_serving_is_not_answered_retry_later(
             "backup" in health["store"], health
         assert d.wait_stderr(lambda: any(f"the inventory {db_path} is damaged (" in x
                                          for x in d.stderr)), "".join(d.stderr)
+        # Nor is anything signed whose record would go into the damaged file, though the
+        # certificates' own pages are whole (a restore trial: six issued on a damaged
+        # inventory, their rows then garbled).
+        def leaves() -> int:
+            return sum(1 for x in log_lines(ca.state) if x.get("purpose") == "x509")
+        signed = leaves()
+        status, _, body = await http("POST", f"{d.url}/v1/x509/renew", d.admin_ssl(),
+                                     body={})
+        problem = json.loads(body)
+        assert status == 503 and "damaged, so nothing can be signed right now" in \
+            problem["detail"] and "restore it from a backup" in problem["detail"], body
+        assert leaves() == signed
         status, _, body = await http("POST", f"{d.url}/v1/tokens", d.admin_ssl(),
                                      body={"role": "service", "names": [LOAD_NAME]})
         problem = json.loads(body)

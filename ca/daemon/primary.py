@@ -1412,11 +1412,13 @@ async def _check_inventory(store: SQLiteStore, generations: Generations) -> None
     """Every page of the inventory read once at start and then daily (SQLite's
     quick_check, in a thread): a damaged page is said in the log and by every worker's
     /health (503) at once, not when a request first reads it, which may be a revocation
-    check. The daemon goes on serving what it can read; the way back is a restore."""
+    check. The daemon goes on serving what it can read, and signs nothing more, whose
+    record would go into the damaged file; the way back is a restore."""
     async def check() -> None:
         damage = await asyncio.to_thread(store.find_damage)
         if damage is not None and not generations.gauge("inventory_damaged"):
-            generations.set_gauge("inventory_damaged", 1)
+            store.note_damage(damage)  # the primary's own signatures (OCSP, CRLs) stop
+            generations.set_gauge("inventory_damaged", 1)  # and the workers' (their stores)
             log.error(str(damaged_error(store.path, damage)))
     await _every(INVENTORY_CHECK_S, Recurring(log, "cannot check the inventory now",
                                               "the inventory is checked"), check)

@@ -57,6 +57,7 @@ from ca.server.app import (
 from ca.server.common import Gate, Settings
 from ca.store import Store, open_store
 from ca.store.errors import NoInventory, SchemaTooNew, StoreUnavailable
+from ca.store.sqlite import SQLiteStore
 from ca.tokens import Tokens
 from hsm.errors import AuditUnavailable, HSMError, PinRefused
 
@@ -133,6 +134,8 @@ async def run(config: Config, host: str, port: int, slot: int, sign_channel: soc
         # SQLite: the primary checkpoints the WAL; PostgreSQL: a pool of this process's.
         store = open_store(config.store_location, autocheckpoint=False)
         generations = Generations(config.generations_path)
+        if isinstance(store, SQLiteStore):  # damage the primary's check of it found
+            store.damage_found = lambda: bool(generations.gauge("inventory_damaged"))
         keys = await open_keyring(config, store, pipeline, generations)
         issuance = Issuance(pipeline, store, keys, config.public_url, config.node)
         gate: Gate

@@ -46,6 +46,8 @@ from ca.store.records import (
 )
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from ca.store.postgres import PostgresStore
 
 __all__ = ["AcmeAccount", "AcmeAuthz", "AcmeCert", "AcmeChallenge", "AcmeEAB", "AcmeOrder",
@@ -546,6 +548,24 @@ def clustered(store: Store | None) -> TypeGuard[PostgresStore]:
     return isinstance(store, PostgresStore)
 
 
+def _wal_of_another_file(path: Path) -> Path | None:
+    """The write-ahead log beside an inventory in rollback-journal mode, which cannot be
+    its own: a backup (`hsmca backup` turns WAL off in its copy) put where a killed
+    daemon's inventory was. SQLite applies whatever log it finds to the file it opens,
+    and the restored inventory was damaged, and served on (a restore trial)."""
+    wal = path.with_name(path.name + "-wal")
+    try:
+        if wal.stat().st_size == 0:
+            return None
+        with open(path, "rb") as fh:
+            header = fh.read(20)
+    except OSError:
+        return None  # no log, or no file: the checks below and SQLite say the rest
+    # The file format's write and read versions: 1 rollback journal, 2 WAL.
+    rollback = header.startswith(b"SQLite format 3\x00") and header[18:20] == b"\x01\x01"
+    return wal if rollback else None
+
+
 def open_store(location: object, *, autocheckpoint: bool = True, new: bool = False) -> Store:
     """The configured inventory: a `postgresql://` URL ([store] url, several nodes:
     docs/cluster.md), else the SQLite file at `location` (the embedded default), which
@@ -566,6 +586,13 @@ def open_store(location: object, *, autocheckpoint: bool = True, new: bool = Fal
             f"the inventory {path} is empty (0 bytes; hsmca init made it, and every "
             "certificate and revocation is in it): was it truncated or replaced? Restore "
             "the newest backup (docs/operator.md, \"Backup and restore\")")
+    if not new and (foreign := _wal_of_another_file(path)) is not None:
+        raise NoInventory(
+            f"the inventory {path} is a copy without a write-ahead log (as `hsmca backup` "
+            f"writes it), yet {foreign} is beside it: the write-ahead log of the file it "
+            "replaced, left by a stop that was not clean. SQLite would apply it to this "
+            f"file and damage it: remove {foreign.name} and {path.name}-shm (they belong "
+            "to the replaced file), then start again")
     if not new and not path.exists():
         # A start on a new, empty inventory forgot every certificate and revocation, and
         # refused every client, the admin's too (a chaos trial moved the file away).

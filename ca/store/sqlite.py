@@ -517,7 +517,7 @@ def damaged(exc: BaseException) -> bool:
         or type(exc) is sqlite3.DatabaseError)
 
 
-def damaged_error(path: Path, exc: BaseException) -> StoreUnavailable:
+def damaged_error(path: Path, exc: BaseException | str) -> StoreUnavailable:
     """What a damaged inventory is answered with: 503 and /health, one line at start."""
     return StoreDamaged(f"the inventory {path} is damaged ({exc}): nothing can be "
                             "recorded; stop hsmca and restore it from a backup "
@@ -752,6 +752,11 @@ class SQLiteStore:
         # Damage found in the file: said by /health until a restart, whatever a later
         # transaction that misses the damaged pages does.
         self._damage: str | None = None
+        # Damage the primary's check of every page found, for the workers' stores (the
+        # daemon's shared gauge): theirs missed it while their statements missed the
+        # damaged pages, and went on signing into the damaged file (a restore trial:
+        # six certificates issued, their rows then garbled).
+        self.damage_found: Callable[[], bool] = lambda: False
         self._thread = logging_thread(self._write_loop, "store-writer")
         self._thread.start()
 
@@ -760,11 +765,19 @@ class SQLiteStore:
         # The file's presence too (a stat, asked before each signature): nothing is
         # signed whose record would go into a file deleted under the daemon.
         return self._thread.is_alive() and self._problem is None and \
-            self._damage is None and self._gone() is None
+            self._damage is None and not self.damage_found() and self._gone() is None
 
     @property
     def problem(self) -> str | None:
+        if self._damage is None and self.damage_found():
+            return str(damaged_error(self.path, "a check of its every page found damage, "
+                                                "which the daemon's log names"))
         return self._damage or self._problem or self._gone()
+
+    def note_damage(self, found: str) -> None:
+        """Damage a check of every page found (`find_damage`): nothing more is signed
+        into this file, as after a statement that met it."""
+        self._damage = str(damaged_error(self.path, found))
 
     def _gone(self) -> str | None:
         """Why the path no longer names the file this store opened, or None. Deleted or
@@ -794,6 +807,10 @@ class SQLiteStore:
         that failed, a transaction that writes (and leaves nothing behind) tries again,
         so a disk with room again is noticed without a request that writes: a load
         balancer sends none to a node it took out."""
+        if self._damage is not None or self.damage_found():
+            # No retry mends it: the restore the answer names does (a write to try
+            # would go into the damaged file).
+            raise StoreDamaged(self.problem or "the inventory is damaged")
         if self._problem is None:
             return  # (a file gone is said by `healthy` and `problem` themselves)
 
