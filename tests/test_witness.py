@@ -89,10 +89,11 @@ class WitnessProcess:
                      "--listen", f"127.0.0.1:{free_port()}"]
         for origin, vkey in logs.items():
             self.args += ["--log", f"{origin}={vkey}"]
-        self.start()
+        self.start(new=True)
 
-    def start(self) -> None:
-        self.run = Running.start(*self.args)
+    def start(self, new: bool = False) -> None:
+        """`new`: its first run, which makes its state file."""
+        self.run = Running.start(*self.args, *(["--new-state"] if new else []))
         with self.run.cond:
             self.run.cond.wait_for(lambda: len(self.run.stdout) >= 2
                                    or self.run.proc.poll() is not None, timeout=60)
@@ -246,6 +247,21 @@ def test_witness_answers_as_c2sp_says_and_keeps_its_state(tmp_path: Path) -> Non
         assert w.add(0, [], cp(lines, 40)) == (409, "text/x.tlog.size", "20\n")
         second = hsmca(*w.args, check=False)  # one process per state file
         assert second.returncode == 1 and "in use by another witness" in second.stderr
+        assert w.run.stop() == 0
+        # --new-state left in a unit file would start over once the state is lost:
+        # refused while the state exists
+        again = hsmca(*w.args, "--new-state", check=False)
+        assert again.returncode == 1 and "--new-state is for a witness's first run only" \
+            in again.stderr, again.stderr
+        # A lost state (an auditor trial: the witness started over without a word and
+        # cosigned a log rolled back meanwhile) stops it, saying what to do.
+        state = w.dir / "witness-state.json"
+        state.rename(w.dir / "elsewhere.json")
+        lost = hsmca(*w.args, check=False)
+        assert lost.returncode == 1 and lost.stderr.count("\n") == 1, lost.stderr
+        assert f"the witness state {state} does not exist" in lost.stderr and \
+            "restore it from a backup" in lost.stderr and "--new-state" in lost.stderr
+        assert not state.exists()
     finally:
         w.run.stop()
 

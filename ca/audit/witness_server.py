@@ -71,7 +71,8 @@ class WitnessState:
     """The latest cosigned checkpoint of each log, in one JSON file, with a lock file
     beside it so that two witness processes cannot share it."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, new: bool = False) -> None:
+        """`new`: a witness's first run, which makes the file; otherwise it must exist."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lock = self.path.with_name(self.path.name + ".lock")
@@ -83,6 +84,11 @@ class WitnessState:
             raise WitnessStateError(f"the witness state {self.path} is in use by another "
                                     "witness process") from None
         self.logs: dict[str, Held] = {}
+        try:
+            self._first_run(new)
+        except WitnessStateError:
+            os.close(self._lock)
+            raise
         if self.path.exists():
             try:
                 raw = json.loads(self.path.read_text("utf-8"))
@@ -99,6 +105,25 @@ class WitnessState:
                 raise WitnessStateError(f"the witness state {self.path} cannot be read ({exc}); "
                                         "it is the evidence of what was witnessed: look at "
                                         "it before anything else") from None
+
+    def _first_run(self, new: bool) -> None:
+        """A missing state was taken for a first run: a witness whose file was lost
+        started over without a word and cosigned a log rolled back meanwhile (an
+        auditor trial). Starting with nothing held is asked for, once."""
+        if new and self.path.exists():
+            # So that it cannot stay in a unit file, where a lost state would start over.
+            raise WitnessStateError(f"the witness state {self.path} exists: --new-state is "
+                                    "for a witness's first run only; leave it out")
+        if new:
+            write_atomic(self.path, json.dumps({"version": STATE_VERSION, "logs": {}},
+                                               indent=1) + "\n", 0o600)
+        elif not self.path.exists():
+            raise WitnessStateError(
+                f"the witness state {self.path} does not exist. On this witness's first "
+                "run, pass --new-state once: it starts holding no checkpoint and trusts "
+                "the first one each log offers. If it ran before, its state is lost: "
+                "restore it from a backup (starting over would let a log rewritten "
+                "meanwhile through)")
 
     def record(self, origin: str, held: Held) -> None:
         logs = {**self.logs, origin: held}

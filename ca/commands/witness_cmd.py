@@ -42,6 +42,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                    help=f"where to listen (default {DEFAULT_LISTEN}; port 0 picks one)")
     s.add_argument("--state", type=state_file, help="the file holding the latest checkpoint "
                    "cosigned for each log (default: witness-state.json beside the key file)")
+    s.add_argument("--new-state", action="store_true",
+                   help="this witness's first run: make --state, holding no checkpoint "
+                   "(it then trusts the first one each log offers). Refused when the "
+                   "state exists; without it, a missing state is refused, since a witness "
+                   "that starts over lets a log rewritten meanwhile through")
     s.set_defaults(command_key="witness-serve")
 
 
@@ -80,7 +85,8 @@ def serve(args: argparse.Namespace) -> int:
         raise CLIError(f"--listen {exc}") from None
     name = args.name or f"{socket.getfqdn()}/hsmca-witness"
     try:
-        state = WitnessState(args.state or args.key_file.parent / "witness-state.json")
+        state = WitnessState(args.state or args.key_file.parent / "witness-state.json",
+                             new=args.new_state)
     except WitnessStateError as exc:
         raise CLIError(str(exc)) from None
     try:
