@@ -9,6 +9,7 @@ in the HSM through the audited path (ca/local_certs.py).
 from __future__ import annotations
 
 import datetime as dt
+import os
 from pathlib import Path
 
 import structlog
@@ -51,13 +52,81 @@ def one_missing(config: Config) -> None:
         "daemon makes a new key and certificate)")
 
 
+class NotTheListeners(ValueError):
+    """A file `[server] tls-cert` or `tls-key` names that is not the listener's own:
+    never replaced. A config trial pointed tls-cert at the inventory and tls-key at the
+    admin credential's key, and the start's renewal overwrote both; an operator's
+    certificate of another PKI was replaced as silently."""
+
+
+def _ca_files(config: Config) -> dict[str, Path]:
+    return {"the inventory": config.db_path, "the audit log": config.audit_log,
+            "the admin credential's certificate": config.admin_cert,
+            "the admin credential's key": config.admin_key, "the config": config.path,
+            "the CA's root certificate": config.root_pem,
+            "the CA's issuing certificate": config.issuing_pem,
+            "the CA's chain": config.chain_pem, "the CA's bundle": config.bundle_pem,
+            "the audit log's checkpoint": config.checkpoint_path,
+            "the audit public key": config.audit_key_pem}
+
+
+def _not_the_listeners(config: Config, setting: str, path: Path, why: str) -> NotTheListeners:
+    return NotTheListeners(
+        f"[server] {setting} in {config.path} names {path}, which {why}: the daemon "
+        "replaces only its listener's own files. Correct the path (tls/server.pem and "
+        "tls/server.key in the state directory by default), or remove both files for a "
+        "new key and certificate")
+
+
+def listener_files(config: Config) -> None:
+    """NotTheListeners if either of the listener's paths names another file of the CA
+    (checked at the start's outset, before anything reads or writes them)."""
+    for setting, path in (("tls-cert", config.tls_cert), ("tls-key", config.tls_key)):
+        for what, other in _ca_files(config).items():
+            try:
+                same = os.path.samefile(path, other)
+            except OSError:  # either missing: not the same file
+                continue
+            if same:
+                raise _not_the_listeners(config, setting, path, f"is {what}")
+
+
+def _ours(config: Config, cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """Whether one of this CA's issuing keys signed `cert` (the current one, or one in
+    the bundle of every issuing CA and root it has had)."""
+    try:
+        known = x509.load_pem_x509_certificates(config.bundle_pem.read_bytes())
+    except (OSError, ValueError):
+        known = []
+    return any(issued_by(cert, ca) for ca in [issuer, *known])
+
+
 def _needs_renewal(config: Config, now: dt.datetime, issuer: x509.Certificate) -> str | None:
     one_missing(config)
+    listener_files(config)
+    if not config.tls_cert.exists():
+        return "no certificate yet (both files gone)"  # made anew, as one_missing says
     try:
         cert = x509.load_pem_x509_certificates(config.tls_cert.read_bytes())[0]
+    except OSError as exc:
+        raise _not_the_listeners(config, "tls-cert", config.tls_cert,
+                                 f"cannot be read ({exc.strerror or exc})") from None
+    except (ValueError, IndexError):
+        raise _not_the_listeners(config, "tls-cert", config.tls_cert,
+                                 "holds no PEM certificate") from None
+    try:
         key = load_pem_private_key(config.tls_key.read_bytes(), None)
-    except (OSError, ValueError, IndexError) as exc:
-        return f"unreadable ({exc})"
+    except OSError as exc:
+        raise _not_the_listeners(config, "tls-key", config.tls_key,
+                                 f"cannot be read ({exc.strerror or exc})") from None
+    except (ValueError, TypeError):
+        raise _not_the_listeners(config, "tls-key", config.tls_key,
+                                 "holds no unencrypted PEM private key") from None
+    if not _ours(config, cert, issuer):
+        raise _not_the_listeners(config, "tls-cert", config.tls_cert, (
+            f"holds a certificate this CA did not issue ({cert.issuer.rfc4514_string()}): "
+            "the listener presents a certificate of its own issuing CA, which the "
+            "clients' --ca root.pem verifies"))
     if cert.public_key() != key.public_key():
         return "certificate and key do not match"
     try:

@@ -4,6 +4,7 @@ PIN or private key file that group or others can read."""
 from __future__ import annotations
 
 import os
+import sqlite3
 import stat
 from pathlib import Path
 
@@ -175,3 +176,67 @@ def test_serve_refuses_a_listener_credential_path_that_names_nothing(
     assert len(lines) == 1 and f"[server] {setting} in {ca.state / 'hsmca.toml'} names " \
         in lines[0] and "which does not exist" in lines[0], proc.stderr
     assert {p.name: p.read_bytes() for p in tls.iterdir()} == before
+
+
+def test_serve_never_overwrites_a_file_the_listener_paths_name_that_is_not_its_own(
+        tmp_path: Path) -> None:
+    """A config trial pointed `tls-cert` at the inventory and `tls-key` at the admin
+    credential's key: the start's renewal replaced the inventory with a certificate
+    (every certificate and revocation gone) and the admin key with a TLS key; a text
+    file, and an operator's own pair of another PKI, were replaced as silently. Each is
+    refused in one line that names the setting and what the file is, and no file
+    changes."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from tests.conftest import set_config, start_daemon
+    ca = init_ca(tmp_path)
+    own_key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ca.example")])
+    now = dt.datetime.now(dt.UTC)
+    own_cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                .public_key(own_key.public_key()).serial_number(1).not_valid_before(now)
+                .not_valid_after(now + dt.timedelta(days=90)).sign(own_key, hashes.SHA256()))
+    (tmp_path / "own.pem").write_bytes(own_cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "own.key").write_bytes(own_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    (tmp_path / "own.key").chmod(0o600)
+    (tmp_path / "notes.txt").write_text("not a certificate\n")
+    cases = [
+        ({"tls-cert": ca.state / "hsmca.sqlite3"}, "tls-cert", "which is the inventory"),
+        ({"tls-key": ca.state / "admin" / "key.pem"}, "tls-key",
+         "which is the admin credential's key"),
+        ({"tls-cert": tmp_path / "notes.txt"}, "tls-cert", "which holds no PEM certificate"),
+        ({"tls-cert": tmp_path / "own.pem", "tls-key": tmp_path / "own.key"}, "tls-cert",
+         "which holds a certificate this CA did not issue (CN=ca.example)"),
+    ]
+    files = [ca.state / "admin" / "key.pem", tmp_path / "notes.txt", tmp_path / "own.pem",
+             tmp_path / "own.key", *sorted((ca.state / "tls").iterdir())]
+    before = {f: f.read_bytes() for f in files}
+
+    def certificates() -> list[tuple[str, ...]]:  # (a start writes to it: its rows, then)
+        with sqlite3.connect(ca.state / "hsmca.sqlite3") as db:
+            return db.execute("SELECT serial, role FROM certs ORDER BY serial").fetchall()
+    issued = certificates()
+    for settings, setting, why in cases:
+        for key in ("tls-cert", "tls-key"):
+            set_config(ca.state, "server", key, str(settings.get(
+                key, ca.state / "tls" / ("server.pem" if key == "tls-cert" else "server.key"))))
+        proc = hsmca("serve", "--config", ca.state / "hsmca.toml", "--listen",
+                     "127.0.0.1:0", check=False)
+        said = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+        assert proc.returncode == 1 and said.startswith(
+            f"hsmca: error: [server] {setting} in {ca.state / 'hsmca.toml'} names ") \
+            and why in said and "Traceback" not in proc.stderr, (settings, proc.stderr)
+        assert {f: f.read_bytes() for f in files} == before, settings
+        assert certificates() == issued, settings
+    # The listener's own files again: it serves, and the inventory is whole.
+    set_config(ca.state, "server", "tls-cert", str(ca.state / "tls" / "server.pem"))
+    set_config(ca.state, "server", "tls-key", str(ca.state / "tls" / "server.key"))
+    d = start_daemon(ca.state)
+    assert d.stop() == 0
