@@ -321,6 +321,70 @@ async def test_a_node_on_a_new_disk_gets_its_log_back_from_postgresql(
     assert "Traceback" not in proc.stderr
 
 
+async def test_a_node_whose_name_another_process_took_stops_and_writes_nothing(
+        two_or_three: Cluster, tmp_path: Path) -> None:
+    """A PostgreSQL trial ended a node's sessions while a copy of its state directory,
+    started as the same node, was being restarted: the copy took the name and signed,
+    and the first process, its name back, wrote its own lines over the copy's (lines
+    of certificates the copy had released were gone). Once another process holds its
+    name, the node stops at once, in one line, writing nothing more; started again
+    once the other is gone, it goes on and its log verifies. (The test's own session
+    stands for the other process, taking the name the moment the node's sessions end.)"""
+    import psycopg
+
+    from ca.store.postgres import AUDIT_LOCK_CLASS
+    from tests.conftest import hsmca
+    c = two_or_three
+    node = c.start("twin")
+    cred = await asyncio.to_thread(enroll, node, tmp_path, "service", ["twin.test"])
+    other = await asyncio.to_thread(psycopg.connect, c.url, autocommit=True)
+    try:
+        await asyncio.to_thread(
+            other.execute, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+            "application_name = 'hsmca twin primary'")
+        # Queued before the node's ended session lets go of it: the other's, first;
+        # then its claim of the node's log, as its start makes it.
+        await asyncio.to_thread(other.execute, "SELECT pg_advisory_lock(hashtextextended("
+                                "'lease:node:twin', 0))")
+
+        def claim() -> Any:
+            with other.transaction():
+                other.execute("SELECT pg_advisory_xact_lock(%s, hashtext('twin'))",
+                              (AUDIT_LOCK_CLASS,))
+                other.execute("UPDATE meta SET v = 'the other' WHERE k = 'holder:twin'")
+                return other.execute("SELECT count(*) FROM audit_lines WHERE node = 'twin'"
+                                     ).fetchone()
+        lines = await asyncio.to_thread(claim)
+        # Whatever it has not noticed yet, it signs nothing more into that log.
+        try:
+            status = (await call("POST", f"{node.url}/v1/x509/renew", node.ssl(*cred), {}))[0]
+        except aiohttp.ClientError:
+            status = 0  # stopped already
+        assert status not in (200, 201), status
+        assert await asyncio.to_thread(node.proc.wait, 90) == 1
+        assert node.stderr_ended.wait(60)
+        said = node.stderr[-1]
+        assert said.startswith("hsmca: error: another process took this node's name "
+                               "(twin) while PostgreSQL was away") and \
+            "Stop one of the two" in said, node.stderr[-5:]
+        assert await asyncio.to_thread(lambda: other.execute(
+            "SELECT count(*) FROM audit_lines WHERE node = 'twin'").fetchone()) == lines
+        # While the other holds it, a start of the same name is refused.
+        proc = await asyncio.to_thread(hsmca, "serve", "--config", c.state / "hsmca.toml",
+                                       "--listen", "127.0.0.1:0", "--node", "twin",
+                                       check=False)
+        assert proc.returncode == 1 and "already running" in proc.stderr, proc.stderr
+    finally:
+        await asyncio.to_thread(other.close)
+    node = c.start("twin")
+    try:
+        proc = await asyncio.to_thread(_verify, c, node, tmp_path / "state.json")
+        assert proc.returncode == 0 and "log twin: OK:" in proc.stdout, \
+            proc.stdout + proc.stderr
+    finally:
+        assert node.stop() == 0
+
+
 def test_a_database_that_stops_answering_is_given_up_on_not_waited_for(
         postgres_server: Any) -> None:
     """A PostgreSQL that stops answering without refusing (SIGSTOP: a frozen host, a

@@ -30,7 +30,7 @@ from ca.audit.line import ENVELOPE, GENESIS, chain_hash, line_bytes
 from ca.audit.log import TILES_DIR, AuditLogError, Mirror, utc_now
 from ca.audit.note import NoteError, parse_checkpoint
 from ca.fileutil import write_atomic
-from ca.store.errors import AuditLinesMissing, StoreUnavailable
+from ca.store.errors import AuditLinesMissing, NodeNameTaken, StoreUnavailable
 
 if TYPE_CHECKING:  # psycopg is loaded only where a cluster runs
     from ca.store.postgres import PostgresStore
@@ -222,6 +222,8 @@ def commit_group(store: PostgresStore, node: str, first_seq: int, lines: list[by
     except StoreUnavailable as exc:
         abandoned.set()  # the store gave up on it (its answer timeout): as the wait below
         raise NotCommitted(errno.EIO, str(exc)) from None
+    except NodeNameTaken as exc:  # the node's other process stops this one (primary.py)
+        raise NotCommitted(errno.EPERM, str(exc)) from None
     except AuditLinesMissing as exc:
         # Nothing more can be signed until an operator looks: every group would find the
         # same hole. The start refuses such a database too (sync_local_log).

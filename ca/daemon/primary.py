@@ -607,7 +607,8 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         background.append(asyncio.create_task(own_certs.run()))
         if clustered(store):
             assert name_held is not None
-            background.append(asyncio.create_task(_keep_node_name(name_held, store)))
+            background.append(asyncio.create_task(_keep_node_name(name_held, store,
+                                                                  stop.set)))
 
         async def audit_keys() -> list[KeyInfo]:
             issuers = await keys.refresh()  # a rotation in a worker shows here
@@ -677,6 +678,8 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         await pool.stop()  # stop accepting; in-flight requests finish
         await _cancel(background)
         await pipeline.drain()
+        if name_held is not None and name_held.lost is not None:
+            raise CLIError(name_held.lost)  # its log is another process's to write now
         log.info("stopping: the last checkpoints")
         # Everything served is signed over before the stop is recorded, so that an
         # auditor can tell a log cut back into the serving from one that merely lost
@@ -1035,6 +1038,8 @@ async def _hold_node_name(config: Config, store: Store | None) -> Lease | None:
         raise StartError(f"node {config.node!r} is already running (another `hsmca serve "
                          f"--node {config.node}` holds its name in PostgreSQL): give each "
                          "node its own name")
+    # Before its log is read (the claim waits for a group of another process under way)
+    await store.claim_node(config.node, lease.token)
     return lease
 
 
@@ -1104,25 +1109,38 @@ LOG_RETRY_S = 1.0
 NAME_CHECK_S = 1.0
 
 
-async def _keep_node_name(name: Lease, store: PostgresStore) -> None:
+async def _keep_node_name(name: Lease, store: PostgresStore, stop: Callable[[], None]
+                          ) -> None:
     """The node's name lock goes with its connection, so a restart of PostgreSQL drops
-    it: take it again once the database is back. If another process took it
-    meanwhile, this node writes nothing more to the log (the mirror refuses, so it
-    signs nothing and answers 503) until it has its name back."""
+    it: take it again once the database is back. If another process took it meanwhile,
+    that process is the node now: this one writes nothing more to the log (the mirror
+    refuses, so it signs nothing) and stops. It used to wait for the name and go on:
+    a PostgreSQL trial's twin (a copy of the state directory started as the same node)
+    wrote lines while it held the name, and the first process, its name back, wrote
+    its own lines over theirs, deleting lines whose certificates had been released."""
+    node = name.name.removeprefix("node:")
     while True:
         await asyncio.sleep(NAME_CHECK_S)  # a check pace, not synchronisation
         held = await name.try_take()
         if held:
-            if name.lost:
-                log.warning("this node has its name back", node=name.name)
-            name.lost = None
-        elif held is False and store.healthy and name.lost is None:
+            try:  # held again after PostgreSQL was away: had another claimed it meanwhile?
+                held = await store.node_claimed(node, name.token)
+            except StoreUnavailable:
+                continue  # asked again in a second
+        if held is False and store.healthy:
             # (None: the lease's own connection was lost, as a restart or a restore of
             # PostgreSQL ends it; asked again in a second on a new one. It was said to be
             # another process's, over what /health should have said: a CI run.)
-            name.lost = (f"another process took this node's name ({name.name}) while "
-                         "PostgreSQL was away; nothing is written or signed until it is back")
-            log.error("another process holds this node's name", node=name.name)
+            name.lost = (
+                f"another process took this node's name ({node}) while PostgreSQL was "
+                f"away (a second `hsmca serve --node {node}`, or a copy of this state "
+                "directory started as this node): it is the node now, and this process "
+                "stopped, writing and signing nothing more. Stop one of the two; to go on "
+                "with this one, start it again once the other has stopped: it takes up "
+                "the node's log as the other left it")
+            log.error("another process holds this node's name: stopping", node=node)
+            stop()
+            return
 
 
 async def _compare_policy(watch: PolicyWatch | None, policies: control.PolicyFeed) -> None:

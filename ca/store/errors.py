@@ -37,6 +37,12 @@ class NoInventory(Exception):
     be given one (and this node's log) on the way to the refusal."""
 
 
+class NodeNameTaken(Exception):
+    """Another process claimed the node whose log this process writes (a second
+    `hsmca serve --node` of its name, which took the name while PostgreSQL was away):
+    that process writes the log now, and this one's group is refused."""
+
+
 class AuditLinesMissing(Exception):
     """The store lacks the line just before a group of a node's audit lines: lines it
     had committed are gone (the database was restored from an older backup, or failed

@@ -22,6 +22,7 @@ import concurrent.futures as cf
 import datetime as dt
 import json
 import re
+import secrets
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
@@ -36,6 +37,7 @@ from ca.audit.tiles import HASH_SIZE, TILE_WIDTH, Tile, partial_tiles
 from ca.store.errors import (
     AuditLinesMissing,
     CAExists,
+    NodeNameTaken,
     NoInventory,
     SchemaTooNew,
     StoreUnavailable,
@@ -250,6 +252,9 @@ class PostgresStore:
         self._reading = reading
         self.migrated_from: int | None = None
         self._down: str | None = None
+        # (node, token) once this process claimed a node (claim_node): its every group
+        # of that node's lines checks that no other process claimed it since.
+        self._claimed: tuple[str, str] | None = None
         # The last call waited CONNECT_TIMEOUT_S for a connection in vain; whether a
         # call is trying again, and when the next may (see _guard).
         self._unreachable = False
@@ -1619,6 +1624,28 @@ class PostgresStore:
 
     # ---- several nodes: the audit logs -------------------------------------------------------
 
+    async def claim_node(self, node: str, token: str) -> None:
+        """This process writes `node`'s log from now on (it holds the node's name).
+        The name is a lock that goes with its connection, so while PostgreSQL is away
+        another process of the same name may take it, and the first not know yet: a
+        PostgreSQL trial's twin wrote lines, and the first process's next group deleted
+        them (its DELETE from its own seq on). The claim is a fencing token, written
+        under the lock each group of the node's lines takes: a group finds the token
+        its process wrote, or is refused (NodeNameTaken); and a claim waits for a group
+        under way, so the claimant's start reads every line that group committed."""
+        async def claim(db: Conn) -> None:
+            await db.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
+                             (AUDIT_LOCK_CLASS, node))
+            await db.execute("INSERT INTO meta (k, v) VALUES (%s, %s) ON CONFLICT (k) DO "
+                             "UPDATE SET v = EXCLUDED.v", (f"holder:{node}", token))
+        await self._tx(claim)
+        self._claimed = (node, token)
+
+    async def node_claimed(self, node: str, token: str) -> bool:
+        """Whether `token` is still `node`'s claim (no other process claimed it)."""
+        rows = await self._rows("SELECT v FROM meta WHERE k = %s", (f"holder:{node}",))
+        return bool(rows) and rows[0][0] == token
+
     def append_audit(self, node: str, first_seq: int, lines: Sequence[bytes],
                      abandoned: threading.Event | None = None, wait_s: float = 10.0
                      ) -> cf.Future[None]:
@@ -1652,6 +1679,13 @@ class PostgresStore:
                             lines=len(lines))
                 raise AuditGroupAbandoned(f"a group of {len(lines)} audit lines of node "
                                           f"{node!r} from seq {first_seq} came too late")
+            if self._claimed is not None and self._claimed[0] == node:
+                cur = await db.execute("SELECT v FROM meta WHERE k = %s", (f"holder:{node}",))
+                row = await cur.fetchone()
+                if row is None or row[0] != self._claimed[1]:
+                    raise NodeNameTaken(
+                        f"another process took the name of node {node!r} (its lines are "
+                        "that process's to write now): nothing is written or signed here")
             # The group must follow a line the database holds: a node's lines reach it
             # only in order, each group after the last acknowledged one. A database that
             # lacks that line went back in time under the running node; the group would
@@ -1857,6 +1891,7 @@ class Lease:
         self._conn: Conn | None = None
         self._held = False
         self.lost: str | None = None  # why its holder must stop (set by its holder)
+        self.token = secrets.token_hex(16)  # this holder's, for a claim (claim_node)
 
     async def try_take(self) -> bool | None:
         """True if held, False if another session holds it, None if PostgreSQL could not
