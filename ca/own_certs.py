@@ -10,8 +10,9 @@ with nothing said (an operator trial). Checked every hour and at each SIGHUP:
   worker's listener loads it at its next handshake (the `tls` counter);
 - the admin credential is renewed in the last third of its life (at most 30 days before
   its end) for as long as it lived, as a renewal of it (its lineage, and revoked with it
-  if a revocation of it commits meanwhile); not one revoked, not one whose role is not
-  admin, not one whose files were taken away;
+  if a revocation of it commits meanwhile); one revoked or expired is replaced by a new
+  one with a new key (a lineage of its own); not one whose role is not admin, not one
+  whose files were taken away;
 - /metrics says when each of the CA's own certificates ends, whatever failed.
 
 Renewals of one state directory take a lock on a file in it, so two nodes sharing it
@@ -202,27 +203,43 @@ class OwnCerts:
         if cert is None:  # taken away: the operator's choice
             return
         rec = await self.store.cert_by_fingerprint(fingerprint(cert))
-        if rec is None or rec.revoked_at is not None or rec.role != "admin":
-            return  # not this CA's, revoked, or not an admin's: not renewed
+        if rec is None or rec.role != "admin":
+            return  # not this CA's, or not an admin's: not renewed
         life = cert.not_valid_after_utc - cert.not_valid_before_utc
         left = cert.not_valid_after_utc - dt.datetime.now(dt.UTC)
+        # Revoked or expired, it authenticates no more, and an API trial that revoked
+        # the CA's only admin credential found no way back: no admin could ask for
+        # another, and `init` refuses an existing CA. Whoever may read this directory
+        # holds the admin credential anyway, so the daemon makes a new one in its place,
+        # with a new key and a lineage of its own (the revoked one's would take it too).
+        # Removing the files says "no admin credential here" (not replaced).
+        dead = ("revoked" if rec.revoked_at is not None
+                else "expired" if left <= dt.timedelta(0) else None)
         issuers = await self.issuance.keys.refresh()
         # Its issuing CA's certificate revoked (`hsmca key revoke`): it authenticates no
         # more, so it is renewed now, not months later in its last third (a review: each
         # node's own admin credential was locked out).
         cut_off = issuers.x509_of(rec.issuer) in issuers.revoked_ca
-        if left <= dt.timedelta(0) or (left >= min(RENEW_BEFORE, life / 3) and not cut_off):
-            return  # not due; or expired, which renews nothing (as over mutual TLS)
-        log.info("renewing this host's admin credential", path=str(path),
-                 ends=cert.not_valid_after_utc.isoformat(), serial=rec.serial)
+        if dead is None and left >= min(RENEW_BEFORE, life / 3) and not cut_off:
+            return  # not due
+        if dead is not None:
+            log.warning(f"this host's admin credential was {dead}: a new one, with a new "
+                        "key, replaces it (remove the files for none)", path=str(path),
+                        serial=rec.serial)
+        else:
+            log.info("renewing this host's admin credential", path=str(path),
+                     ends=cert.not_valid_after_utc.isoformat(), serial=rec.serial)
         key = ec.generate_private_key(ec.SECP256R1())
         ctx = decision_context(self.policies.current, self.issuance.issuers)
         order = ra.order(ctx, ra.Local(), ra.LocalCertRequest(
-            "admin", key.public_key(), rec.names, life, renewed_from=rec.serial))
+            "admin", key.public_key(), rec.names, life,
+            renewed_from=None if dead else rec.serial))
         issued = await self.issuance.x509(order)
         async with sent_or_withheld(self.issuance, issued):  # not written: revoked
             # Revoked while it was signed: the new one goes with it, and is not written.
-            await self.revocations.settle(rec.serial, None, child=issued.cert.serial_number)
+            if dead is None:
+                await self.revocations.settle(rec.serial, None,
+                                              child=issued.cert.serial_number)
             # Both written before either is replaced: a full disk leaves the old pair
             # whole, not a new key beside the old certificate (a review).
             write_atomic_together([(self.config.admin_key, key.private_bytes(

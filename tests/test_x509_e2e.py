@@ -720,5 +720,43 @@ async def test_the_daemons_own_certificates_are_renewed_while_it_runs(tmp_path: 
     audit_verify(ca.state, ok=True)
 
 
+async def test_a_revoked_admin_credential_of_this_host_is_replaced_with_a_new_key(
+        tmp_path: Path) -> None:
+    """An API trial revoked the CA's only admin credential (STATE/admin) and found no
+    way back: every admin command was refused, a restart did not renew a revoked
+    credential, and `init` refuses an existing CA. The daemon replaces it at once with
+    a new key and a lineage of its own; the revoked one stays revoked."""
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state)
+    try:
+        old = _first(ca.state / "admin" / "cert.pem")
+        old_key = (ca.state / "admin" / "key.pem").read_bytes()
+        status, _, body = await http("POST", f"{d.url}/v1/x509/revoke", d.admin_ssl(),
+                                     body={"certificate": old.public_bytes(
+                                         serialization.Encoding.PEM).decode(),
+                                         "reason": "keyCompromise"})
+        assert status == 200, body
+        assert d.wait_stderr(lambda: any("this host's admin credential was revoked: a new "
+                                         "one, with a new key, replaces it" in x
+                                         for x in d.stderr), 60), "".join(d.stderr[-10:])
+        assert d.wait_stderr(lambda: any("this host's admin credential is renewed" in x
+                                         for x in d.stderr), 60), "".join(d.stderr[-10:])
+        new = _first(ca.state / "admin" / "cert.pem")
+        assert new.serial_number != old.serial_number
+        assert (ca.state / "admin" / "key.pem").read_bytes() != old_key
+        # The next admin command works, with the files as they are now.
+        made = hsmca("token", "create", "--config", ca.state / "hsmca.toml", "--role",
+                     "service", "--name", "after.example", "--url", d.url)
+        assert made.stdout.strip(), made.stderr
+        admin = ("--config", ca.state / "hsmca.toml", "--url", d.url)
+        shown = hsmca("cert", "show", format(old.serial_number, "x"), *admin).stdout
+        assert "revoked" in shown, shown
+        # its own lineage: the revoked one's renewals do not name it
+        assert format(new.serial_number, "x") not in shown, shown
+    finally:
+        assert d.stop() == 0
+    audit_verify(ca.state, ok=True)
+
+
 def _first(path: Path) -> x509.Certificate:
     return x509.load_pem_x509_certificates(path.read_bytes())[0]
