@@ -240,3 +240,28 @@ def test_serve_never_overwrites_a_file_the_listener_paths_name_that_is_not_its_o
     set_config(ca.state, "server", "tls-key", str(ca.state / "tls" / "server.key"))
     d = start_daemon(ca.state)
     assert d.stop() == 0
+
+
+def test_serve_refuses_an_audit_origin_other_than_its_logs(tmp_path: Path) -> None:
+    """A config trial changed `[audit] origin`: the start signed checkpoints of the new
+    origin into the log, which then failed verification whichever origin was given,
+    even once the setting was put back. Refused in one line, the log untouched."""
+    from tests.conftest import set_config, start_daemon
+    from tests.helpers import audit_verify
+    ca = init_ca(tmp_path)
+    log = ca.state / "audit" / "log.jsonl"
+    before = log.read_bytes()
+    set_config(ca.state, "audit", "origin", "other.example/hsmca-audit")
+    proc = hsmca("serve", "--config", ca.state / "hsmca.toml", "--listen", "127.0.0.1:0",
+                 check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"hsmca: error: [audit] origin in {ca.state / 'hsmca.toml'} "
+                               "is 'other.example/hsmca-audit', but this audit log's "
+                               "checkpoints are signed as 'localhost/hsmca-audit'") and \
+        "Set origin back to 'localhost/hsmca-audit'" in lines[0], proc.stderr
+    assert log.read_bytes() == before
+    set_config(ca.state, "audit", "origin", "localhost/hsmca-audit")
+    d = start_daemon(ca.state)
+    assert d.stop() == 0
+    audit_verify(ca.state, ok=True)

@@ -1059,6 +1059,30 @@ def _say_how_the_last_run_ended(config: Config, audit: AuditLog) -> None:
                     signatures_under_way=run.open_signatures)
 
 
+def _refuse_a_changed_origin(config: Config) -> None:
+    """A log keeps its checkpoint origin for good: a config trial changed `[audit]
+    origin`, the start signed checkpoints of the new one into the log, and the log
+    failed verification from then on, whichever origin the auditor gave, even once the
+    setting was put back."""
+    from ca.audit.note import NoteError, parse_checkpoint
+    try:
+        found = parse_checkpoint(config.checkpoint_path.read_text("utf-8")).origin
+    except (OSError, UnicodeError, NoteError):
+        return  # none yet, or unreadable: the log's own checks judge it
+    if found == config.audit_origin:
+        return
+    suffix = f"/{config.node}" if config.node else ""
+    if suffix and not found.endswith(suffix):
+        return  # another node's or the ceremonies' log: sync_local_log says so
+    raise StartError(
+        f"[audit] origin in {config.path} is {config.audit_origin.removesuffix(suffix)!r}, "
+        f"but this audit log's checkpoints are signed as {found.removesuffix(suffix)!r} "
+        f"({config.checkpoint_path}): a log keeps its origin for good (auditors and "
+        "witnesses know it by it, and a checkpoint of another origin in it fails its "
+        f"verification). Set origin back to {found.removesuffix(suffix)!r}; the log is "
+        "untouched")
+
+
 def _open_audit(config: Config, audit_key: AuditKeys, store: Store | None,
                 name: Lease | None = None) -> AuditLog:
     """The node's audit log; in cluster mode level with PostgreSQL first, and each
@@ -1068,6 +1092,7 @@ def _open_audit(config: Config, audit_key: AuditKeys, store: Store | None,
     during the rotation, ends with a checkpoint of the previous key alone."""
     if not clustered(store):
         from ca.audit.cluster import complete_lines
+        _refuse_a_changed_origin(config)
         counted = complete_lines(config.audit_log)[0]
         _check_against_inventory(config, counted)  # before opening builds anything
         audit = AuditLog.open(config.audit_log, config.checkpoint_path, audit_key)
@@ -1082,6 +1107,7 @@ def _open_audit(config: Config, audit_key: AuditKeys, store: Store | None,
     assert config.node is not None
     cluster.sync_local_log(config.audit_log, config.checkpoint_path, store, config.node,
                            config.audit_origin)
+    _refuse_a_changed_origin(config)
     audit = AuditLog.open(config.audit_log, config.checkpoint_path, audit_key,
                           mirror=cluster.mirror(store, config.node, config.audit_log,
                                                 (lambda: name.lost) if name else lambda: None))
