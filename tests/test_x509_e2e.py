@@ -758,5 +758,22 @@ async def test_a_revoked_admin_credential_of_this_host_is_replaced_with_a_new_ke
     audit_verify(ca.state, ok=True)
 
 
+async def test_a_new_dns_name_is_in_the_listeners_certificate_from_the_next_start(
+        tmp_path: Path) -> None:
+    """operator.md says a start renews the listener's certificate for a `[server]
+    dns-name` given since; a config trial found the old names served until the yearly
+    renewal."""
+    ca = init_ca(tmp_path)
+    set_config(ca.state, "server", "dns-name", "ca.example")
+    d = start_daemon(ca.state)
+    try:
+        served = _first(ca.state / "tls" / "server.pem")
+        names = served.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+        assert "ca.example" in names and "localhost" in names, names
+    finally:
+        assert d.stop() == 0
+
+
 def _first(path: Path) -> x509.Certificate:
     return x509.load_pem_x509_certificates(path.read_bytes())[0]
