@@ -439,9 +439,11 @@ def load(path: Path, data: bytes | None = None) -> Config:
     at = wp.at
     def ttl(key: str, default_s: int) -> int:
         value = _get(pol, key, int, at(key), default_s)
-        if value <= 0:
-            raise ConfigError(f"{at(key)}: {key} must be a number of seconds greater than 0, "
-                              f"not {value}")
+        if not 0 < value <= TTL_CEILING_S:
+            # A config trial's 9999999999999 was taken, then failed requests with a 500
+            # (a date past the year 9999) and made a bootstrap token of 273 years.
+            raise ConfigError(f"{at(key)}: {key} must be a number of seconds greater than 0 "
+                              f"and at most {TTL_CEILING_S} (10 years), not {value}")
         return value
 
     def entries(key: str, check: Callable[[str], str], default: list[str]
@@ -574,6 +576,9 @@ def _port(value: int, key: str, where: str) -> int:
     if not 1 <= value <= 65535:
         raise ConfigError(f"{_at(where, key)}: {key!r} must be a port from 1 to 65535, not {value}")
     return value
+
+
+TTL_CEILING_S = 10 * 365 * 86400  # any lifetime the policy allows, at most
 
 
 def _positive(value: Any, key: str, where: str) -> Any:

@@ -26,6 +26,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -163,20 +164,37 @@ _RSA_PSS = {"sha256": (Mechanism.SHA256_RSA_PKCS_PSS, Mechanism.SHA256, MGF.SHA2
 _PREHASHED = {name: ec.ECDSA(utils.Prehashed(h)) for name, h in _HASHES.items()}
 
 
+_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
+
+
+def _may_be_a_pin(name: str) -> bool:
+    """Whether a name that names nothing could be the PIN itself, pasted after `env:`
+    or `file:` (a config trial saw it repeated in the start's error, which systemd keeps
+    in the journal): any but an upper-case variable name, or a file name with a dot
+    or without a digit (`pin`, `hsm.pin`)."""
+    return not (_ENV_NAME.fullmatch(name) or "." in name or not any(c.isdigit() for c in name))
+
+
 def read_pin(source: str) -> str:
     """Read the user PIN; errors name the source, never the PIN."""
     if source.startswith("env:"):
         name = source[4:]
         pin = os.environ.get(name)
         if not pin:
-            raise HSMError(f"PIN source {source}: environment variable {name} is not set")
+            said = ("env:… (a name that is no upper-case variable name, not repeated in "
+                    "case it is the PIN itself)" if not _ENV_NAME.fullmatch(name) else source)
+            raise HSMError(f"PIN source {said}: that environment variable is not set")
         return pin
     path = source[5:] if source.startswith("file:") else source
     try:
         with open(path, encoding="utf-8") as fh:
             pin = fh.read().strip()
     except OSError as exc:
-        raise HSMError(f"cannot read the PIN file {path}: {exc.strerror}") from None
+        said = path
+        if isinstance(exc, FileNotFoundError) and _may_be_a_pin(os.path.basename(path)):
+            said = (f"{os.path.join(os.path.dirname(path), '…')} (its name is not repeated, "
+                    "in case it is the PIN itself)")
+        raise HSMError(f"cannot read the PIN file {said}: {exc.strerror}") from None
     if not pin:
         raise HSMError(f"the PIN file {path} is empty")
     return pin

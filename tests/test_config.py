@@ -72,6 +72,26 @@ def test_a_pin_pasted_as_pin_source_is_not_repeated_in_the_error(tmp_path: Path)
         f"file:{tmp_path / 'pin'}"
 
 
+def test_a_pin_pasted_after_env_or_file_is_not_repeated_either() -> None:
+    """A config trial pasted the PIN after `env:` and after `file:`: the start said
+    "environment variable 580d25f3... is not set" and "cannot read the PIN file
+    .../580d25f3...". Names that could be a PIN are not repeated; a variable's or a
+    file's name that could not be still is."""
+    from hsm.errors import HSMError
+    from hsm.session import read_pin
+    for source in ("env:580d25f3c1a9", "env:a80d25f3c1a9", "file:/nowhere/580d25f3c1a9"):
+        with pytest.raises(HSMError) as err:
+            read_pin(source)
+        assert "580d25f3c1a9" not in str(err.value) and "80d25f3c1a9" not in str(err.value)
+        assert "in case it is the PIN itself" in str(err.value), err.value
+    for source, named in (("env:HSMCA_PIN_UNSET", "env:HSMCA_PIN_UNSET"),
+                          ("file:/nowhere/hsm.pin", "/nowhere/hsm.pin"),
+                          ("file:/nowhere/pin", "/nowhere/pin")):
+        with pytest.raises(HSMError) as err:
+            read_pin(source)
+        assert named in str(err.value), err.value
+
+
 def test_a_file_with_no_hsm_section_is_said_to_be_no_config_of_init(tmp_path: Path) -> None:
     """A docs trial passed an empty file as --config: "[hsm]: missing setting
     'pin-source'", even to `token create`, which needs no PIN."""
@@ -304,6 +324,11 @@ def test_the_request_timeout_is_a_sane_number_of_seconds(tmp_path: Path) -> None
     ("ssh-host-ttl-s", "0", "ssh-host-ttl-s must be a number of seconds greater than 0"),
     ("token-max-ttl-s", "-1", "token-max-ttl-s must be a number of seconds greater than 0"),
     ("x509-max-ttl-s", "0", "x509-max-ttl-s must be a number of seconds greater than 0"),
+    # (a config trial: taken, then a 500 for a date past the year 9999, and a token of
+    # 273 years)
+    ("x509-max-ttl-s", "9999999999999", "and at most 315360000 (10 years), not 9999999999999"),
+    ("token-max-ttl-s", "999999999999", "and at most 315360000 (10 years)"),
+    ("ssh-host-ttl-s", "99999999999999", "and at most 315360000 (10 years)"),
     ("ssh-user-extensions", '["permit-ptyy"]', "did you mean 'permit-pty'?"),
     ("ssh-user-extensions", '["permit-pty", 7]', "holds strings in quotes"),
 ])
