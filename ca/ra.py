@@ -879,8 +879,9 @@ def _ssh_user(ctx: Context, who: Requester, req: SSHUserRequest) -> SSHOrder:
         if ttl < SSH_USER_MIN_TTL_S:
             # An SSH trial's `--ttl 1s` ended before it reached the agent, which then
             # refused it, and it had replaced the user's working certificate meanwhile.
+            # (bad-request: `lifetime-too-long` tells a client to shorten it: an API trial)
             raise Refused(f"ttl {req.ttl} is under a minute: such a certificate ends before "
-                          "ssh can use it (give 1m or more)", Reason.LIFETIME)
+                          "ssh can use it (give 1m or more)")
         if ttl > p.ssh_user_max_ttl_s:
             raise Refused(f"ttl {req.ttl} exceeds the maximum of "
                           f"{policy.show_ttl(p.ssh_user_max_ttl_s)} for user certificates "

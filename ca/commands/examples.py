@@ -109,10 +109,9 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     ),
     "witness serve": (
         "hsmca witness serve --key-file /srv/witness/witness.key --name witness.example/w1 \\\n"
-        "    --log ca.example/hsmca-audit=ca.example/hsmca-audit+8ff839b8+AQOh... "
-        "--new-state   # first run",
+        "    --log ca.example/hsmca-audit=ca.example/hsmca-audit+8ff839b8+AQOh... --new-state",
         "hsmca witness serve --key-file /srv/witness/witness.key --name witness.example/w1 \\\n"
-        "    --log ca.example/hsmca-audit=ca.example/hsmca-audit+8ff839b8+AQOh...   # after",
+        "    --log ca.example/hsmca-audit=ca.example/hsmca-audit+8ff839b8+AQOh...",
     ),
     "ui": (
         "hsmca ui --url https://ca.example:8443 --ca root.pem --cert a/cert.pem "

@@ -65,10 +65,23 @@ def record_json(rec: CertRecord, now: dt.datetime) -> dict[str, Any]:
             "kind": "acme" if rec.acme_order else "x509", "status": status(rec, now)}
 
 
-def _choice(request: web.Request, name: str, allowed: tuple[str, ...]) -> str | None:
+SEARCH_PARAMS = ("q", "status", "sort", "order", "limit", "offset")
+
+
+def _known(request: web.Request, *names: str) -> None:
+    """A parameter the endpoint does not take is refused, as a body's unknown field is:
+    an API trial's misspelt `?stauts=revoked` listed every certificate."""
+    unknown = sorted(set(request.query) - set(names))
+    if unknown:
+        raise Problem(400, "Bad Request", f"unknown query parameter(s): {', '.join(unknown)} "
+                      f"(this endpoint takes {', '.join(names)})", "bad-query")
+
+
+def _choice(request: web.Request, name: str, allowed: tuple[str, ...],
+            hint: str = "") -> str | None:
     value = request.query.get(name) or None
     if value is not None and value not in allowed:
-        raise Problem(400, "Bad Request", f"{name} must be one of {', '.join(allowed)}",
+        raise Problem(400, "Bad Request", f"{name} must be one of {', '.join(allowed)}{hint}",
                       "bad-query")
     return value
 
@@ -86,6 +99,7 @@ def _number(request: web.Request, name: str, default: int, most: int) -> int:
 @routes.get("/v1/inventory/certificates")
 async def certificates(request: web.Request) -> web.Response:
     await identity(request, *ROLES)
+    _known(request, "role", "kind", "account", "issuer", *SEARCH_PARAMS)
     role = request.query.get("role") or None
     if role is not None and len(role) > 64:
         raise Problem(400, "Bad Request", "role is at most 64 characters", "bad-query")
@@ -99,7 +113,9 @@ async def certificates(request: web.Request) -> web.Response:
         # A mistyped label read as a key that signed nothing (an upgrade trial)
         raise Problem(404, "Not Found", f"the CA has no key labelled {issuer!r} (`hsmca key "
                       "list` lists the labels)", "not-found")
-    query = CertQuery(role=role, kind=_choice(request, "kind", ("acme", "x509")),
+    query = CertQuery(role=role, kind=_choice(
+        request, "kind", ("acme", "x509"),
+        " (SSH certificates: GET /v1/inventory/ssh-certificates)"),
                       account=account, issuer=issuer, **_search(request, CERT_SORTS))
     now = _now()
     page = await request.app[STORE].find_certs(query, now, now + EXPIRING)
@@ -178,6 +194,7 @@ async def ssh_certificates(request: web.Request) -> web.Response:
     """SSH certificates, searched and paged as X.509 ones; serials are decimal (as
     ssh-keygen -L shows them), as strings (they are 64-bit)."""
     await identity(request, *ROLES)
+    _known(request, "type", "owner", *SEARCH_PARAMS)
     owner = request.query.get("owner")
     try:
         owner_serial = _serial(owner) if owner else None
@@ -205,6 +222,7 @@ async def issuance(request: web.Request) -> web.Response:
     """Certificates issued per kind and hour, over the last `hours` hours (default 168),
     the current hour included."""
     await identity(request, *ROLES)
+    _known(request, "hours")
     hours = max(1, _number(request, "hours", 168, MAX_HOURS))
     until = _now().replace(minute=0, second=0) + dt.timedelta(hours=1)
     since = until - dt.timedelta(hours=hours)

@@ -56,7 +56,7 @@ async def ssh_host(request: web.Request) -> web.Response:
     body = await json_body(request, {"public_key", "principals"})
     key = ssh.parse_public_key(field(body, "public_key", str))
     order: ra.SSHOrder = await decide(request, who, ra.SSHHostRequest(
-        key, body.get("principals")))
+        key, field(body, "principals", list, required=False)))
     return await _answer(request, order, await request.app[ISSUANCE].ssh(
         order, request.get("request_id")))
 
@@ -67,8 +67,9 @@ async def ssh_user(request: web.Request) -> web.Response:
     body = await json_body(request, {"public_key", "principals", "ttl", "source_address"})
     key = ssh.parse_public_key(field(body, "public_key", str))
     order: ra.SSHOrder = await decide(request, who, ra.SSHUserRequest(
-        key, body.get("principals"), body.get("ttl"),
-        ssh.source_addresses(body.get("source_address"))))
+        key, field(body, "principals", list, required=False),
+        field(body, "ttl", str, required=False),
+        ssh.source_addresses(field(body, "source_address", list, required=False))))
     return await _answer(request, order, await request.app[ISSUANCE].ssh(
         order, request.get("request_id")))
 

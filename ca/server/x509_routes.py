@@ -83,8 +83,11 @@ def _logged(request: web.Request, order: ra.X509Order, issued: Issued) -> Issued
 async def create_token(request: web.Request) -> web.Response:
     who = await identity(request)
     body = await json_body(request, {"role", "names", "principals", "ttl"})
+    # Each field's JSON type here (400 bad-field, as api.md says), its value in the RA.
     grant: ra.TokenGrant = await decide(request, who, ra.TokenRequest(
-        body.get("role"), body.get("names"), body.get("principals", []), body.get("ttl", "1h")))
+        field(body, "role", str), field(body, "names", list),
+        field(body, "principals", list, required=False) or [],
+        field(body, "ttl", str, required=False) or "1h"))
     made = await request.app[TOKENS].create(grant)
     return web.json_response({"token": made.secret, "id": made.id, "expires": made.expires},
                              status=201)
