@@ -1023,7 +1023,12 @@ def _ssh_revoke(ctx: Context, who: Requester, req: SSHRevokeRequest) -> SSHRevok
             hint = (f"; a key id is <identity>:<serial>: `hsmca ssh list --search "
                     f"{req.key_id}` lists that identity's, and `hsmca revoke --identity "
                     f"{req.key_id}` revokes everything issued to it")
-        raise Refused(f"no SSH certificate with {what} was issued by this CA{hint}",
+        # "Was issued by this CA" was false for one issued after the backup the CA was
+        # restored from (a restore trial): its key still revokes it, in the KRL.
+        raise Refused(f"no SSH certificate with {what} is in this CA's inventory{hint}; "
+                      "one it issued after the backup it was restored from (or another "
+                      "CA's) is revoked by its public key (`hsmca ssh revoke --pubkey FILE`, "
+                      "the API's {\"public_key\"}), which the KRL then lists",
                       Reason.NOT_FOUND)
     return SSHRevokeOrder(req.serial, req.key_id, req.public_key, who.actor)
 

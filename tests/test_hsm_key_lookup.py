@@ -192,8 +192,12 @@ def test_a_key_the_inventory_lists_and_the_token_lost_is_named_at_start(
     assert proc.returncode == 1, proc.stdout + proc.stderr
     said = proc.stderr.strip().splitlines()[-1]
     assert said.startswith("hsmca: error: the inventory lists the issuing key 'issuing-ca' "
-                           "as active, and the token does not hold it: it was destroyed or "
-                           "removed after this inventory was written"), proc.stderr
+                           "(made "), proc.stderr
+    assert "as active, and the token does not hold it: the token was restored from a " \
+        "backup taken before that key was made (restore a token backup taken since" in said
+    # (a restore trial's token backup was older than a rotation, and it was told the key
+    # had been destroyed)
+    assert "or the key was destroyed or removed after this inventory was written" in said
     assert "restore the newest backup" in said and "was `hsmca init` run" not in said
 
 

@@ -562,8 +562,11 @@ def test_ssh_revocation_is_for_admins_and_needs_a_match_unless_it_bans_a_key() -
     for role, principals in (("user", ("alice",)), ("host", ())):
         refused(ra.decide(context(), holder(role, ("h.example",), principals),
                           ra.SSHRevokeRequest(serial=7, matching=1)), Reason.WRONG_ROLE, "admin")
+    # not "was issued by this CA": one issued after the backup the CA was restored from
+    # is revoked by its key (a restore trial)
     refused(ra.decide(context(), admin(), ra.SSHRevokeRequest(serial=7)), Reason.NOT_FOUND,
-            "serial 7")
+            "no SSH certificate with serial 7 is in this CA's inventory",
+            "after the backup it was restored from", "`hsmca ssh revoke --pubkey FILE`")
     refused(ra.decide(context(), admin(), ra.SSHRevokeRequest(key_id="bob:1")), Reason.NOT_FOUND,
             "'bob:1'")
     # the identity alone, as a key id (an SSH trial, from the help's example): said how

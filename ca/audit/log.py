@@ -251,8 +251,9 @@ class AuditLog:
             raise AuditLogError(
                 f"the audit log {path} has {file_size} bytes but its tiles ({tiles}) cover "
                 f"its first {covered} lines, {base} bytes: the log was truncated or replaced "
-                "(tampering or loss). Refusing to start; restore the log and run `hsmca "
-                "audit verify`")
+                "(tampering or loss; or a backup was copied over the state directory, whose "
+                "old tiles then stay: move them aside, and the start builds them from the "
+                "log). Refusing to start; restore the log and run `hsmca audit verify`")
         # The last full bundle again, to check the log against the tiles where they
         # meet, then everything after it.
         start = store.bundle_end(bundles - 2) if bundles >= 2 else 0

@@ -58,9 +58,14 @@ async def load_issuers(store: Store, pipeline: SigningPipeline) -> iss.Issuers:
             # key gone since (destroyed after a backup restored now, removed by hand) is
             # likelier than another token (a key lifecycle trial: "was `hsmca init` run
             # against this token?" sent the operator looking for another token).
+            # Or the token is the older copy: a restore trial put back a token backup
+            # taken before a rotation beside the newest state backup, and was told the
+            # key was destroyed.
             raise KeyNotFound(
-                f"the inventory lists the {r.kind} key {r.label!r} as {r.state}, and the "
-                f"token does not hold it: it was destroyed or removed after this inventory "
+                f"the inventory lists the {r.kind} key {r.label!r} (made {r.created_at}) as "
+                f"{r.state}, and the token does not hold it: the token was restored from a "
+                f"backup taken before that key was made (restore a token backup taken since, "
+                f"which holds it), or the key was destroyed or removed after this inventory "
                 f"was written (a backup restored from before `hsmca key destroy`? restore the "
                 f"newest backup: docs/operator.md, \"Backup and restore\"), or [hsm] in "
                 f"hsmca.toml names another token") from None
