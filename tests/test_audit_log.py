@@ -662,16 +662,59 @@ def test_a_log_cut_with_its_tiles_and_checkpoint_is_refused_by_the_inventory(
     shutil.move(ca.state / "audit/checkpoint", tmp_path / "checkpoint")
     proc = hsmca("serve", "--config", ca.state / "hsmca.toml", "--listen", "127.0.0.1:0",
                  check=False)
-    assert proc.returncode == 1 and proc.stderr == (
-        f"hsmca: error: the audit log {log} has {signed} lines, but the inventory "
-        f"({ca.state / 'hsmca.sqlite3'}) records a certificate whose intent is line "
-        f"{signed}: the log was cut or replaced (tampering or loss). Refusing to start; "
-        "restore the log and run `hsmca audit verify`\n"), proc.stderr
+    said = (f"hsmca: error: the audit log {log} has {signed} lines, but the inventory "
+            f"({ca.state / 'hsmca.sqlite3'}) records a certificate whose intent, or a "
+            "checkpoint that covered, line ")
+    assert proc.returncode == 1 and proc.stderr.startswith(said) and proc.stderr.endswith(
+        ": the log was cut or replaced (tampering or loss). Refusing to start; restore the "
+        "log and run `hsmca audit verify`\n") and proc.stderr.count("\n") == 1, proc.stderr
+    assert int(proc.stderr[len(said):].split(":")[0]) >= signed
     assert not (ca.state / "audit/tiles").exists()  # refused before building anything
     log.write_bytes(original)
     shutil.move(tmp_path / "tiles", ca.state / "audit/tiles")
     shutil.move(tmp_path / "checkpoint", ca.state / "audit/checkpoint")
     assert audit_verify(ca.state).returncode == 0
+
+
+def test_a_log_cut_back_past_ssh_certificates_is_refused_by_the_inventory(
+        tmp_path: Path) -> None:
+    """An auditor trial put back an older copy of the log, its checkpoint and tiles,
+    cut before 150 SSH certificates (which name no line in the inventory) and after the
+    last X.509 one: the daemon started, and signed the shorter, forked history. The
+    inventory notes the size each checkpoint covered, and the start refuses a log
+    shorter than that."""
+    import subprocess
+
+    from tests.helpers import enroll
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state)
+    try:
+        cred = enroll(d, tmp_path, "user", ["carol@example.com"], ("--principal", "carol"))
+    finally:
+        assert d.stop() == 0
+    older = tmp_path / "older"
+    shutil.copytree(ca.state / "audit", older)
+    d = start_daemon(ca.state)
+    try:
+        key = tmp_path / "id_carol"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
+                       check=True)
+        for _ in range(3):
+            hsmca("ssh", "user", "--url", d.url, "--ca", d.root, "--cert", cred[0], "--key",
+                  cred[1], "--pubkey", f"{key}.pub")
+    finally:
+        assert d.stop() == 0
+    newer = tmp_path / "newer"
+    shutil.move(ca.state / "audit", newer)
+    shutil.copytree(older, ca.state / "audit")
+    proc = hsmca("serve", "--config", ca.state / "hsmca.toml", "--listen", "127.0.0.1:0",
+                 check=False)
+    assert proc.returncode == 1 and "but the inventory" in proc.stderr and \
+        "the log was cut or replaced" in proc.stderr, proc.stderr
+    shutil.rmtree(ca.state / "audit")
+    shutil.move(newer, ca.state / "audit")
+    d = start_daemon(ca.state)
+    assert d.stop() == 0
 
 
 def test_a_state_file_in_a_directory_that_does_not_exist_is_named(ca: InitialisedCA,

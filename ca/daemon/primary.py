@@ -952,9 +952,9 @@ def _check_against_inventory(config: Config, lines: int) -> None:
     if seq is not None and seq >= lines:
         raise StartError(
             f"the audit log {config.audit_log} has {lines} lines, but the inventory "
-            f"({config.db_path}) records a certificate whose intent is line {seq}: the log "
-            "was cut or replaced (tampering or loss). Refusing to start; restore the log "
-            "and run `hsmca audit verify`")
+            f"({config.db_path}) records a certificate whose intent, or a checkpoint that "
+            f"covered, line {seq}: the log was cut or replaced (tampering or loss). Refusing "
+            "to start; restore the log and run `hsmca audit verify`")
 
 
 def _pin_mark(source: str) -> tuple[int, int, int] | None:
@@ -1122,7 +1122,17 @@ def _open_audit(config: Config, audit_key: AuditKeys, store: Store | None,
 
 def _publisher(config: Config, store: Store | None
                ) -> Callable[[int, str], Awaitable[None]] | None:
-    """Cluster mode: each checkpoint goes to PostgreSQL, whence every node serves it."""
+    """Cluster mode: each checkpoint goes to PostgreSQL, whence every node serves it.
+    One node: its size is noted in the inventory, for a start on a log cut back."""
+    if isinstance(store, SQLiteStore):
+        sqlite_store = store
+
+        async def note(size: int, _text: str) -> None:
+            try:
+                await sqlite_store.note_audit_size(size)
+            except StoreUnavailable:  # the next checkpoint notes it again
+                pass
+        return note
     if not clustered(store) or config.node is None:
         return None
     from ca.audit import cluster

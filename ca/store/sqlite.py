@@ -614,7 +614,8 @@ def read_keys(path: Path) -> tuple[list[KeyRecord], dict[str | None, int]]:
 
 def latest_audit_seq(path: Path, recent: int = 1000) -> int | None:
     """The highest audit line a certificate of the inventory at `path` names (the seq
-    of its intent), among the last `recent` written: evidence of how long the CA's
+    of its intent), among the last `recent` written, or the last line a checkpoint
+    covered as the daemon noted it, whichever is higher: evidence of how long the CA's
     log was, for a start-up that finds it shorter. None: no such certificate (or no
     inventory yet, or one from before certificates named their lines)."""
     if not path.exists():
@@ -623,6 +624,9 @@ def latest_audit_seq(path: Path, recent: int = 1000) -> int | None:
     try:
         row = db.execute("SELECT MAX(audit_seq) FROM certs WHERE rowid > "
                          "(SELECT COALESCE(MAX(rowid), 0) FROM certs) - ?", (recent,)).fetchone()
+        # and the last line a checkpoint covered, as the daemon noted it (note_audit_size)
+        seen = db.execute("SELECT CAST(v AS INTEGER) - 1 FROM meta WHERE k = 'audit_seen'"
+                          ).fetchone()
     except sqlite3.DatabaseError as exc:
         if damaged(exc):
             raise damaged_error(path, exc) from None
@@ -632,7 +636,8 @@ def latest_audit_seq(path: Path, recent: int = 1000) -> int | None:
         return None
     finally:
         db.close()
-    return int(row[0]) if row and row[0] is not None else None
+    found = [int(r[0]) for r in (row, seen) if r and r[0] is not None]
+    return max(found) if found else None
 
 
 class SchemaError(SchemaTooNew, sqlite3.DatabaseError):
@@ -1309,6 +1314,17 @@ class SQLiteStore:
     async def log_scanned(self, log: str) -> int:
         rows = self._read("SELECT v FROM meta WHERE k = ?", (f"log_scanned:{log}",))
         return int(rows[0][0]) if rows else 0
+
+    async def note_audit_size(self, size: int) -> None:
+        """The log reached `size` lines, covered by a checkpoint: evidence for a start
+        that finds it shorter (latest_audit_seq), which the certificates' own seqs gave
+        only for X.509 ones (an auditor trial's log, cut back past 150 SSH
+        certificates, was started on and signed)."""
+        def keep(db: sqlite3.Connection) -> None:
+            db.execute("INSERT INTO meta (k, v) VALUES ('audit_seen', ?) ON CONFLICT (k) DO "
+                       "UPDATE SET v = excluded.v WHERE CAST(excluded.v AS INTEGER) > "
+                       "CAST(meta.v AS INTEGER)", (str(size),))
+        await self._write(keep)
 
     async def set_log_scanned(self, log: str, end: int) -> None:
         def keep(db: sqlite3.Connection) -> None:
