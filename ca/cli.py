@@ -294,6 +294,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A write past RLIMIT_FSIZE must fail with EFBIG (and the log fail closed), not kill us.
     if hasattr(signal, "SIGXFSZ"):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    if args.command_key == "serve":
+        # A reload before the daemon's handler exists would kill it (a config trial's
+        # SIGHUP 0.2 s after launch: exit 129); the start reads the config anyway.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         return _command(args.command_key)(args)
     except KeyboardInterrupt:
