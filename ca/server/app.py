@@ -275,8 +275,10 @@ async def metrics(request: web.Request) -> web.Response:
     except ValueError:
         remote = None
     if remote is None or not any(remote in net for net in allowed):
-        raise Problem(403, "Forbidden", f"/metrics is served to {', '.join(map(str, allowed))}"
-                      " only ([server] metrics-allow in hsmca.toml)", "metrics-forbidden")
+        to = (f"is served to {', '.join(map(str, allowed))} only" if allowed else
+              "is served to no address")  # (an empty list read "served to  only")
+        raise Problem(403, "Forbidden", f"/metrics {to} ([server] metrics-allow in "
+                      "hsmca.toml)", "metrics-forbidden")
     body = request.app[METRICS].render(request.app[HSM_HEALTH],
                                        await audit_state(request.app[AUDIT]),
                                        await store_state(
