@@ -150,8 +150,12 @@ def test_start_reads_only_what_the_tiles_do_not_hold(tmp_path: Path) -> None:
     AuditLog.open(path_).close()
     edge = data.index(lines[700])  # in the last full bundle (512..767)
     path_.write_bytes(data[:edge] + b"#" + data[edge + 1:])
-    with pytest.raises(AuditLogError, match=r"lines 512 to 767 .* no longer match its tiles"):
+    with pytest.raises(AuditLogError, match=r"lines 512 to 767 .* no longer match its tiles"
+                       ) as refused:
         AuditLog.open(path_)
+    # and the way on when the log verifies (an auditor trial was left at "run audit verify")
+    assert "if it passes, the tiles are at fault" in str(refused.value)
+    assert "move them aside and start again" in str(refused.value)
 
 
 def rewritten(tmp_path: Path, rng: random.Random, size: int, seq: int

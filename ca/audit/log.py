@@ -265,7 +265,10 @@ class AuditLog:
                 raise AuditLogError(
                     f"lines {covered - TILE_WIDTH} to {covered - 1} of the audit log {path} no "
                     f"longer match its tiles ({tiles}): the log was rewritten, or the tiles "
-                    "damaged. Refusing to start; run `hsmca audit verify` on the log")
+                    "damaged. Refusing to start; run `hsmca audit verify` on the log: if it "
+                    "passes, the tiles are at fault (built from another log, say, by a start "
+                    "that then refused it): move them aside and start again, which builds "
+                    "them from the log")
             before = last[-1]
         else:
             before = None
