@@ -1197,20 +1197,19 @@ async def _resume_log(audit: AuditLog) -> None:
     is healthy again (and the outcome lines owed from failed writes are written) as
     soon as it can be, not only when the next request or heartbeat happens to write:
     a load balancer that took the node out on /health would otherwise send it none."""
-    said: str | None = None
+    # Each error once while the outage lasts (every 10 minutes again), and its end once:
+    # said at each change of text, a PostgreSQL outage whose libpq error alternated
+    # between two wordings was logged at every other retry (a cluster trial).
+    said = Recurring(log, "the audit log cannot be written: nothing is signed until it can",
+                     "the audit log can be written again", level="error")
     while True:
         await asyncio.sleep(LOG_RETRY_S)  # a retry pace, not synchronisation
         await asyncio.to_thread(audit.watch_file)  # moved or replaced while idle
         problem = audit.problem
-        if problem != said:  # the operator's log says each change once
-            if problem is not None:
-                log.error("the audit log cannot be written: nothing is signed until it "
-                          "can", problem=problem)
-            else:
-                log.info("the audit log can be written again")
-            said = problem
         if problem is None:
+            said.ok()
             continue
+        said.failed(problem)
         try:
             await audit.append("log.resume", after=problem)
         except Exception as exc:  # still away: the next try in a second
