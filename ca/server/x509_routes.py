@@ -532,9 +532,11 @@ async def bundle(request: web.Request) -> web.Response:
     a rotation, the previous ones too), then every root, the active one first (not the
     roots' cross-certificates: as trust anchors they make a loop; x509/cross.pem)."""
     issuers = await request.app[ISSUANCE].keys.refresh()
-    return web.Response(text="".join(pem(c) for c in [
-        *issuers.intermediates(), *(issuers.roots or (issuers.root,))]),
-        content_type="application/x-pem-file")
+    # Revalidated as roots and chain are: it is the document that changes when an
+    # issuing CA certificate is revoked or retired (an API trial found no ETag on it).
+    return revalidated(request, "".join(pem(c) for c in [
+        *issuers.intermediates(), *(issuers.roots or (issuers.root,))]).encode(),
+        "application/x-pem-file")
 
 
 # ---- EST (RFC 7030) ---------------------------------------------------------------------
