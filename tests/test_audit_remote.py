@@ -332,6 +332,13 @@ async def test_audit_prove_shows_a_certificate_is_in_a_signed_checkpoint(
         r"PROVEN: the checkpoint of \d+ lines \(root \S+\) extends the older one of "
         f"{old_size} lines \\(root \\S+\\): the log only grew in between, both signed by "
         "the pinned audit key\n", proc.stdout), proc.stdout + proc.stderr
+    # The two the other way round: said as the slip it likely is, not only as a cut log
+    # (an auditor trial was accused of finding a cut log)
+    latest = tmp_path / "latest.checkpoint"
+    latest.write_text((daemon.state / "audit" / "checkpoint").read_text())
+    proc = hsmca(*base, "--extends", latest, "--checkpoint", before, check=False)
+    assert proc.returncode == 1 and "unless the two were given the other way round" in \
+        proc.stderr, proc.stderr
     # A checkpoint of another history, signed by the real key, does not
     forged = tmp_path / "other-history.checkpoint"
     forged.write_text(_resigned(daemon, before.read_text()))

@@ -147,8 +147,12 @@ async def _extends(args: argparse.Namespace, ctx: Any, pinned: Any) -> int:
         if old.origin != new.origin:
             return _failed(f"the checkpoints are of two logs ({old.origin!r}, {new.origin!r})")
         if new.size < old.size:
+            # (or the two given the other way round: an auditor trial was accused of
+            # finding a cut log for its own slip)
             return _failed(f"the checkpoint covers {new.size} lines, fewer than the "
-                           f"{old.size} of the older one: the log was cut")
+                           f"{old.size} of the one given to --extends: the log was cut, "
+                           "unless the two were given the other way round (--extends takes "
+                           "the older checkpoint, --checkpoint the newer)")
         head, then = TreeHead(new.size, new.root), TreeHead(old.size, old.root)
         try:
             proof = await api.consistency(old.size, new.size) if needs_proof(then, head) \
