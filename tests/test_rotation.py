@@ -388,6 +388,11 @@ async def test_an_audit_key_rotation_is_handed_over_without_waiting_for_the_hear
     try:
         old = re.search(r"^(\S+)\s+audit\s+active", key_cmd(d, "list").stdout,
                         re.M).group(1)  # type: ignore[union-attr]
+        admin = ("--url", d.url, "--ca", d.root, "--client-cert", d.state / "admin/cert.pem",
+                 "--client-key", d.state / "admin/key.pem", "--key",
+                 tmp_path / "first_audit_key.pem")
+        before = tmp_path / "before-hand-over.state"
+        hsmca("audit", "verify", *admin, "--state", before)
         key_cmd(d, "rotate", "audit")
         handover = await served_until("naming the new key", lambda cp: any(
             e.startswith(NEXT_KEY) for e in cp.extensions))
@@ -411,6 +416,13 @@ async def test_an_audit_key_rotation_is_handed_over_without_waiting_for_the_hear
         key_cmd(d, "retire", old, "--yes")  # refused until a checkpoint hands over
         await served_until("of the new key alone", lambda cp: len(cp.signatures) == 1
                            and cp.size > handover.size)
+        # `audit prove` with a state saved before the hand-over knows the first key only:
+        # said so, and how to bring the state past it (an auditor trial was told to pin
+        # the key it had pinned)
+        proc = hsmca("audit", "prove", *admin, "--state", before, "--cert-file",
+                     d.state / "admin/cert.pem", check=False)
+        assert proc.returncode == 1 and f"or --state {before} (saved at " in proc.stderr \
+            and "predates an audit key hand-over" in proc.stderr, proc.stdout + proc.stderr
         assert "handed over" not in remote()
         assert re.search(r"note: the audit key was handed over at seq \d+ to key id "
                          r"[0-9a-f]{8}, made in the HSM", remote(tmp_path / "unsaid.state"))

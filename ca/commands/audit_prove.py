@@ -102,12 +102,23 @@ def _which(args: argparse.Namespace) -> tuple[str, bytes | None]:
 def _verified(text: str, pinned: Any, state: Path | None) -> Any:
     """The checkpoint `text` if it verifies with the pinned audit key (or, with the
     auditor's `state`, a key the log handed over to); NoteError or ValueError if not."""
-    from ca.audit.note import parse_checkpoint
+    from ca.audit.note import NoteError, parse_checkpoint
     from ca.audit.verify import PinnedKey, followed, load_state
     key = PinnedKey(pinned, parse_checkpoint(text).origin)
-    if state is not None and (saved := load_state(state)) is not None:
+    saved = load_state(state) if state is not None else None
+    if saved is not None:
         key = followed(saved, key)
-    return key.verify(text)
+    try:
+        return key.verify(text)
+    except NoteError as exc:
+        if saved is None:
+            raise
+        # The keys a state knows are those handed over before it was saved: an auditor
+        # trial's state predated the hand-over, and was told to pin the key it had pinned.
+        raise NoteError(f"{exc}; or --state {state} (saved at {saved.get('size')} lines) "
+                        "predates an audit key hand-over the log made since: `hsmca audit "
+                        "verify --url ... --state` follows the log past it and updates the "
+                        "state") from None
 
 
 @asynccontextmanager
