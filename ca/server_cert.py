@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import structlog
 from cryptography import x509
@@ -28,6 +30,7 @@ ADMIN_DAYS = 365  # as `hsmca init` makes it (ra.LOCAL_RENEWAL_MAX caps its rene
 
 RENEW_BEFORE = dt.timedelta(days=30)
 log = structlog.get_logger("hsmca.tls")
+T = TypeVar("T")
 
 
 class CredentialMissing(ValueError):
@@ -101,27 +104,27 @@ def _ours(config: Config, cert: x509.Certificate, issuer: x509.Certificate) -> b
     return any(issued_by(cert, ca) for ca in [issuer, *known])
 
 
+def _read(config: Config, setting: str, path: Path, kind: str,
+          load: Callable[[bytes], T]) -> T:
+    """The listener's file `path` loaded, or NotTheListeners saying why it is not."""
+    try:
+        return load(path.read_bytes())
+    except OSError as exc:
+        raise _not_the_listeners(config, setting, path,
+                                 f"cannot be read ({exc.strerror or exc})") from None
+    except (ValueError, TypeError, IndexError):
+        raise _not_the_listeners(config, setting, path, f"holds no {kind}") from None
+
+
 def _needs_renewal(config: Config, now: dt.datetime, issuer: x509.Certificate) -> str | None:
     one_missing(config)
     listener_files(config)
     if not config.tls_cert.exists():
         return "no certificate yet (both files gone)"  # made anew, as one_missing says
-    try:
-        cert = x509.load_pem_x509_certificates(config.tls_cert.read_bytes())[0]
-    except OSError as exc:
-        raise _not_the_listeners(config, "tls-cert", config.tls_cert,
-                                 f"cannot be read ({exc.strerror or exc})") from None
-    except (ValueError, IndexError):
-        raise _not_the_listeners(config, "tls-cert", config.tls_cert,
-                                 "holds no PEM certificate") from None
-    try:
-        key = load_pem_private_key(config.tls_key.read_bytes(), None)
-    except OSError as exc:
-        raise _not_the_listeners(config, "tls-key", config.tls_key,
-                                 f"cannot be read ({exc.strerror or exc})") from None
-    except (ValueError, TypeError):
-        raise _not_the_listeners(config, "tls-key", config.tls_key,
-                                 "holds no unencrypted PEM private key") from None
+    cert = _read(config, "tls-cert", config.tls_cert, "PEM certificate",
+                 lambda data: x509.load_pem_x509_certificates(data)[0])
+    key = _read(config, "tls-key", config.tls_key, "unencrypted PEM private key",
+                lambda data: load_pem_private_key(data, None))
     if not _ours(config, cert, issuer):
         raise _not_the_listeners(config, "tls-cert", config.tls_cert, (
             f"holds a certificate this CA did not issue ({cert.issuer.rfc4514_string()}): "
