@@ -1039,6 +1039,7 @@ async def _hold_node_name(config: Config, store: Store | None) -> Lease | None:
                          f"--node {config.node}` holds its name in PostgreSQL): give each "
                          "node its own name")
     # Before its log is read (the claim waits for a group of another process under way)
+    assert config.node is not None  # (cluster mode: a node always has its name)
     await store.claim_node(config.node, lease.token)
     return lease
 
