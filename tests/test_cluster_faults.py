@@ -342,16 +342,27 @@ async def test_a_node_whose_name_another_process_took_stops_and_writes_nothing(
         await asyncio.to_thread(
             other.execute, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
             "application_name = 'hsmca twin primary'")
-        # Queued before the node's ended session lets go of it: the other's, first;
-        # then its claim of the node's log, as its start makes it.
+        # Queued before the node's ended session lets go of it: the other's, first.
         await asyncio.to_thread(other.execute, "SELECT pg_advisory_lock(hashtextextended("
                                 "'lease:node:twin', 0))")
+        # The name's lock alone is no claim: a session of the node's own that PostgreSQL
+        # has not seen end yet holds it the same way (a review: the node stopped itself).
+        # Nor is a claim older than the node's, as a database restored from a dump taken
+        # before its start holds (the lines' own check says what was lost).
+        [(claimed,)] = await asyncio.to_thread(lambda: other.execute(
+            "SELECT v FROM meta WHERE k = 'holder:twin'").fetchall())
+        epoch = int(claimed.split(":")[0])
+        await asyncio.to_thread(other.execute, "UPDATE meta SET v = %s WHERE k = "
+                                "'holder:twin'", (f"{epoch - 1}:an older run",))
+        status, _, body = await call("POST", f"{node.url}/v1/x509/renew", node.ssl(*cred), {})
+        assert status == 201, body
 
-        def claim() -> Any:
+        def claim() -> Any:  # the other's claim, as its start makes it
             with other.transaction():
                 other.execute("SELECT pg_advisory_xact_lock(%s, hashtext('twin'))",
                               (AUDIT_LOCK_CLASS,))
-                other.execute("UPDATE meta SET v = 'the other' WHERE k = 'holder:twin'")
+                other.execute("UPDATE meta SET v = %s WHERE k = 'holder:twin'",
+                              (f"{epoch + 1}:the other",))
                 return other.execute("SELECT count(*) FROM audit_lines WHERE node = 'twin'"
                                      ).fetchone()
         lines = await asyncio.to_thread(claim)

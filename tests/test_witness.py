@@ -17,6 +17,7 @@ import hashlib
 import json
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 import urllib.error
@@ -402,6 +403,13 @@ def test_a_log_cut_and_grown_again_fails_against_its_own_cosigned_checkpoint(
         log.write_bytes(b"".join(lines[:keep]))
         (ca.state / "audit" / "checkpoint").unlink()
         shutil.rmtree(ca.state / "audit" / "tiles")
+        # The inventory noted what the checkpoints covered: the start refuses the cut...
+        refused = hsmca("serve", "--config", cfg, "--listen", "127.0.0.1:0", check=False)
+        assert refused.returncode == 1 and "the log was cut or replaced" in refused.stderr, \
+            refused.stderr
+        # ...unless the operator rewrites that note too, as one who cuts logs would.
+        with sqlite3.connect(ca.state / "hsmca.sqlite3") as db:
+            db.execute("DELETE FROM meta WHERE k = 'audit_seen'")
         d, url = serve(cfg)
         daemons.append(d)
         handle = Daemon(url, d.proc, ca.state, [])

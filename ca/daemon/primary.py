@@ -1144,6 +1144,7 @@ LOG_RETRY_S = 1.0
 
 
 NAME_CHECK_S = 1.0
+CLAIM_CHECK_ROUNDS = 10  # the claim asked every tenth round while the name is held
 
 
 async def _keep_node_name(name: Lease, store: PostgresStore, stop: Callable[[], None]
@@ -1156,18 +1157,28 @@ async def _keep_node_name(name: Lease, store: PostgresStore, stop: Callable[[], 
     wrote lines while it held the name, and the first process, its name back, wrote
     its own lines over theirs, deleting lines whose certificates had been released."""
     node = name.name.removeprefix("node:")
+    unsure, rounds = False, 0
     while True:
         await asyncio.sleep(NAME_CHECK_S)  # a check pace, not synchronisation
+        rounds += 1
         held = await name.try_take()
-        if held:
-            try:  # held again after PostgreSQL was away: had another claimed it meanwhile?
-                held = await store.node_claimed(node, name.token)
-            except StoreUnavailable:
-                continue  # asked again in a second
-        if held is False and store.healthy:
-            # (None: the lease's own connection was lost, as a restart or a restore of
-            # PostgreSQL ends it; asked again in a second on a new one. It was said to be
-            # another process's, over what /health should have said: a CI run.)
+        if held is None:  # its connection lost, as a restart of PostgreSQL ends it
+            unsure = True
+            continue
+        if held and not unsure and rounds % CLAIM_CHECK_ROUNDS:
+            continue
+        unsure = not held
+        # Not held (another session has it), held again after an outage, or now and
+        # then (a group refused for a later claim stops the process too): only a later
+        # claim says another process is the node. Held by a session of this process's
+        # that PostgreSQL has not yet seen end (a network blip: until keepalive ends it),
+        # or by a root rotation's ceremony, it is not (a review: the node stopped
+        # itself, and every restart was refused while that session lived).
+        try:
+            claimed = await store.node_claimed(node)
+        except StoreUnavailable:
+            continue  # asked again in a second
+        if claimed is False:
             name.lost = (
                 f"another process took this node's name ({node}) while PostgreSQL was "
                 f"away (a second `hsmca serve --node {node}`, or a copy of this state "

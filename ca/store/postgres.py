@@ -252,9 +252,9 @@ class PostgresStore:
         self._reading = reading
         self.migrated_from: int | None = None
         self._down: str | None = None
-        # (node, token) once this process claimed a node (claim_node): its every group
-        # of that node's lines checks that no other process claimed it since.
-        self._claimed: tuple[str, str] | None = None
+        # (node, epoch, token) once this process claimed a node (claim_node): its every
+        # group of that node's lines checks that no other process claimed it since.
+        self._claimed: tuple[str, int, str] | None = None
         # The last call waited CONNECT_TIMEOUT_S for a connection in vain; whether a
         # call is trying again, and when the next may (see _guard).
         self._unreachable = False
@@ -1629,22 +1629,32 @@ class PostgresStore:
         The name is a lock that goes with its connection, so while PostgreSQL is away
         another process of the same name may take it, and the first not know yet: a
         PostgreSQL trial's twin wrote lines, and the first process's next group deleted
-        them (its DELETE from its own seq on). The claim is a fencing token, written
-        under the lock each group of the node's lines takes: a group finds the token
-        its process wrote, or is refused (NodeNameTaken); and a claim waits for a group
-        under way, so the claimant's start reads every line that group committed."""
-        async def claim(db: Conn) -> None:
+        them (its DELETE from its own seq on). The claim is a fencing token with an
+        epoch one above the last claim's, written under the lock each group of the
+        node's lines takes: a group of a process whose claim a later one replaced is
+        refused (NodeNameTaken); and a claim waits for a group under way, so the
+        claimant's start reads every line that group committed."""
+        async def claim(db: Conn) -> int:
             await db.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
                              (AUDIT_LOCK_CLASS, node))
+            row = await (await db.execute("SELECT v FROM meta WHERE k = %s",
+                                          (f"holder:{node}",))).fetchone()
+            epoch = _claim_of(row[0] if row else None)[0] + 1
             await db.execute("INSERT INTO meta (k, v) VALUES (%s, %s) ON CONFLICT (k) DO "
-                             "UPDATE SET v = EXCLUDED.v", (f"holder:{node}", token))
-        await self._tx(claim)
-        self._claimed = (node, token)
+                             "UPDATE SET v = EXCLUDED.v", (f"holder:{node}",
+                                                           f"{epoch}:{token}"))
+            return epoch
+        epoch = await self._tx(claim)
+        self._claimed = (node, epoch, token)
 
-    async def node_claimed(self, node: str, token: str) -> bool:
-        """Whether `token` is still `node`'s claim (no other process claimed it)."""
+    async def node_claimed(self, node: str) -> bool | None:
+        """Whether this process's claim of `node` stands: True; False once another
+        process claimed it since (a later epoch); None if the database lost it (an
+        older epoch, or none: restored from a dump taken before the claim), which is no
+        other process's doing, and the lines' own check says what was lost."""
+        assert self._claimed is not None and self._claimed[0] == node
         rows = await self._rows("SELECT v FROM meta WHERE k = %s", (f"holder:{node}",))
-        return bool(rows) and rows[0][0] == token
+        return _claim_stands(rows[0][0] if rows else None, self._claimed)
 
     def append_audit(self, node: str, first_seq: int, lines: Sequence[bytes],
                      abandoned: threading.Event | None = None, wait_s: float = 10.0
@@ -1682,10 +1692,11 @@ class PostgresStore:
             if self._claimed is not None and self._claimed[0] == node:
                 cur = await db.execute("SELECT v FROM meta WHERE k = %s", (f"holder:{node}",))
                 row = await cur.fetchone()
-                if row is None or row[0] != self._claimed[1]:
+                if _claim_stands(row[0] if row else None, self._claimed) is False:
                     raise NodeNameTaken(
                         f"another process took the name of node {node!r} (its lines are "
                         "that process's to write now): nothing is written or signed here")
+                # (lost with a restore of the database: the line check below says so)
             # The group must follow a line the database holds: a node's lines reach it
             # only in order, each group after the last acknowledged one. A database that
             # lacks that line went back in time under the running node; the group would
@@ -1879,6 +1890,21 @@ class PostgresStore:
                                                       dt.datetime.now(dt.UTC).isoformat()))
             return counts
         return self._call(self._tx(put))
+
+
+def _claim_of(value: str | None) -> tuple[int, str]:
+    """(epoch, token) of a node's claim as stored; (0, "") for none."""
+    epoch, _, token = (value or "").partition(":")
+    return (int(epoch), token) if epoch.isdigit() else (0, "")
+
+
+def _claim_stands(value: str | None, mine: tuple[str, int, str]) -> bool | None:
+    """True: the stored claim is this process's; False: a later one replaced it;
+    None: the database lost it (older, or none)."""
+    epoch, token = _claim_of(value)
+    if (epoch, token) == mine[1:]:
+        return True
+    return False if epoch >= mine[1] else None
 
 
 class Lease:
