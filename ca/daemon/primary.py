@@ -75,7 +75,7 @@ from ca.process import raise_fd_limit, settle_heap
 from ca.revocation.from_log import complete_from_log
 from ca.revocation.ocsp import OCSPRefresher, OCSPSigner
 from ca.server_cert import ensure_server_cert, listener_files, one_missing
-from ca.store import Store, clustered, open_store
+from ca.store import Store, clustered, open_store, refuse_another_files_wal
 from ca.store.errors import StoreUnavailable
 from ca.store.sqlite import SQLiteStore, damaged_error
 from ca.subject import spki_sha256
@@ -439,6 +439,8 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
     # them (an upgrade trial's passed it, and failed the start after the stop).
     one_missing(config)
     listener_files(config)
+    if not config.cluster:
+        refuse_another_files_wal(config.db_path)
     if not os.path.exists(config.hsm.module):
         raise HSMError(f"PKCS#11 module not found: {config.hsm.module}")  # (as HSM opens)
     # Cluster mode: the store first, since the audit log is made durable in it too.

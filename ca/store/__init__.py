@@ -566,6 +566,20 @@ def _wal_of_another_file(path: Path) -> Path | None:
     return wal if rollback else None
 
 
+def refuse_another_files_wal(path: Path) -> None:
+    """NoInventory if a write-ahead log that cannot be the inventory's is beside it
+    (_wal_of_another_file). Asked at a start's outset, before anything opens the file:
+    a read-only look at it applies the log as well (a review: the start's check of the
+    log against the inventory read the damaged copy, and blamed the log)."""
+    if (foreign := _wal_of_another_file(path)) is not None:
+        raise NoInventory(
+            f"the inventory {path} is a copy without a write-ahead log (as `hsmca backup` "
+            f"writes it), yet {foreign} is beside it: the write-ahead log of the file it "
+            "replaced, left by a stop that was not clean. SQLite would apply it to this "
+            f"file and damage it: remove {foreign.name} and {path.name}-shm (they belong "
+            "to the replaced file), then start again")
+
+
 def open_store(location: object, *, autocheckpoint: bool = True, new: bool = False) -> Store:
     """The configured inventory: a `postgresql://` URL ([store] url, several nodes:
     docs/cluster.md), else the SQLite file at `location` (the embedded default), which
@@ -586,13 +600,8 @@ def open_store(location: object, *, autocheckpoint: bool = True, new: bool = Fal
             f"the inventory {path} is empty (0 bytes; hsmca init made it, and every "
             "certificate and revocation is in it): was it truncated or replaced? Restore "
             "the newest backup (docs/operator.md, \"Backup and restore\")")
-    if not new and (foreign := _wal_of_another_file(path)) is not None:
-        raise NoInventory(
-            f"the inventory {path} is a copy without a write-ahead log (as `hsmca backup` "
-            f"writes it), yet {foreign} is beside it: the write-ahead log of the file it "
-            "replaced, left by a stop that was not clean. SQLite would apply it to this "
-            f"file and damage it: remove {foreign.name} and {path.name}-shm (they belong "
-            "to the replaced file), then start again")
+    if not new:
+        refuse_another_files_wal(path)
     if not new and not path.exists():
         # A start on a new, empty inventory forgot every certificate and revocation, and
         # refused every client, the admin's too (a chaos trial moved the file away).
