@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -69,6 +69,7 @@ def _ca_files(config: Config) -> dict[str, Path]:
             "the CA's root certificate": config.root_pem,
             "the CA's issuing certificate": config.issuing_pem,
             "the CA's chain": config.chain_pem, "the CA's bundle": config.bundle_pem,
+            "the CA's roots": config.root_pem.with_name("roots.pem"),
             "the audit log's checkpoint": config.checkpoint_path,
             "the audit public key": config.audit_key_pem}
 
@@ -94,14 +95,16 @@ def listener_files(config: Config) -> None:
                 raise _not_the_listeners(config, setting, path, f"is {what}")
 
 
-def _ours(config: Config, cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    """Whether one of this CA's issuing keys signed `cert` (the current one, or one in
-    the bundle of every issuing CA and root it has had)."""
+def _ours(config: Config, cert: x509.Certificate, issuers: Sequence[x509.Certificate]
+          ) -> bool:
+    """Whether one of this CA's issuing keys signed `cert`: one the keyring has now, or
+    one in the bundle of every issuing CA and root it has had (a file a start writes:
+    on a cluster another node's rotation may be missing from it)."""
     try:
         known = x509.load_pem_x509_certificates(config.bundle_pem.read_bytes())
     except (OSError, ValueError):
         known = []
-    return any(issued_by(cert, ca) for ca in [issuer, *known])
+    return any(issued_by(cert, ca) for ca in [*issuers, *known])
 
 
 def _read(config: Config, setting: str, path: Path, kind: str,
@@ -116,7 +119,10 @@ def _read(config: Config, setting: str, path: Path, kind: str,
         raise _not_the_listeners(config, setting, path, f"holds no {kind}") from None
 
 
-def _needs_renewal(config: Config, now: dt.datetime, issuer: x509.Certificate) -> str | None:
+def _needs_renewal(config: Config, now: dt.datetime, issuer: x509.Certificate,
+                   issuers: Sequence[x509.Certificate] = ()) -> str | None:
+    """Why the listener's pair is to be renewed, or None; `issuer` the current issuing
+    CA certificate, `issuers` the keyring's others."""
     one_missing(config)
     listener_files(config)
     if not config.tls_cert.exists():
@@ -125,7 +131,7 @@ def _needs_renewal(config: Config, now: dt.datetime, issuer: x509.Certificate) -
                  lambda data: x509.load_pem_x509_certificates(data)[0])
     key = _read(config, "tls-key", config.tls_key, "unencrypted PEM private key",
                 lambda data: load_pem_private_key(data, None))
-    if not _ours(config, cert, issuer):
+    if not _ours(config, cert, [issuer, *issuers]):
         raise _not_the_listeners(config, "tls-cert", config.tls_cert, (
             f"holds a certificate this CA did not issue ({cert.issuer.rfc4514_string()}): "
             "the listener presents a certificate of its own issuing CA, which the "
@@ -190,8 +196,10 @@ def server_names(dns_name: str) -> list[str]:
 async def ensure_server_cert(config: Config, issuance: Issuance) -> None:
     """Renew the listener's certificate if due, or make it follow the CA's chain (the
     workers' listeners load a changed file: ca/own_certs.py)."""
-    current = (await issuance.keys.refresh()).current
-    why = _needs_renewal(config, dt.datetime.now(dt.UTC), current.cert)
+    keyring = await issuance.keys.refresh()
+    current = keyring.current
+    why = _needs_renewal(config, dt.datetime.now(dt.UTC), current.cert,
+                         [i.cert for i in keyring.x509.values()])
     if why is None:
         why = await _revoked(config, issuance)
     if why is None:

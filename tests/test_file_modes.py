@@ -212,6 +212,9 @@ def test_serve_never_overwrites_a_file_the_listener_paths_name_that_is_not_its_o
         ({"tls-key": ca.state / "admin" / "key.pem"}, "tls-key",
          "which is the admin credential's key"),
         ({"tls-cert": tmp_path / "notes.txt"}, "tls-cert", "which holds no PEM certificate"),
+        # (a review: x509/roots.pem holds this CA's own certificates, and was missed)
+        ({"tls-cert": ca.state / "x509" / "root.pem", "tls-key": tmp_path / "own.key"},
+         "tls-cert", "which is the CA's root certificate"),
         ({"tls-cert": tmp_path / "own.pem", "tls-key": tmp_path / "own.key"}, "tls-cert",
          "which holds a certificate this CA did not issue (CN=ca.example)"),
     ]
