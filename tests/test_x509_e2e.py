@@ -736,6 +736,9 @@ async def test_a_revoked_admin_credential_of_this_host_is_replaced_with_a_new_ke
                                          serialization.Encoding.PEM).decode(),
                                          "reason": "keyCompromise"})
         assert status == 200, body
+        # and the revoker is told where the new one goes, and how to have none (a review)
+        assert any("it was the CA host's own admin credential" in w and "remove both "
+                   "files there" in w for w in json.loads(body)["warnings"]), body
         assert d.wait_stderr(lambda: any("this host's admin credential was revoked: a new "
                                          "one, with a new key, replaces it" in x
                                          for x in d.stderr), 60), "".join(d.stderr[-10:])

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 
 from ca import ra
+from ca.chains import first_cert
 from ca.http_body import read_body
 from ca.issuance.issue import Issued
 from ca.issuance.profiles import fingerprint, pem, utcnow
@@ -27,6 +28,7 @@ from ca.server.common import (
     ISSUANCE,
     LIMIT,
     REVOCATIONS,
+    SETTINGS,
     STORE,
     TOKENS,
     decide,
@@ -418,6 +420,15 @@ async def revoke(request: web.Request) -> web.Response:
                 "who can renew with them and ask for SSH certificates until they expire; "
                 f"to cut the holder off, {how}")
             answer["same_key_live"] = [format(s, "x") for s in same_key]
+    host_admin = request.app[SETTINGS].admin_cert
+    held = first_cert(host_admin) if host_admin else None
+    if held is not None and held.serial_number in done.serials:
+        # The daemon replaces it with a new key (ca/own_certs.py); a revoker who revoked
+        # it because the directory leaked must know where the new one is (a review).
+        warnings.append(f"it was the CA host's own admin credential ({host_admin}): the "
+                        "daemon replaces it at once with a new key in the same directory; "
+                        "if that directory was exposed, remove both files there (no "
+                        "credential is then made) and enroll admins with admin tokens")
     if done.pending is not None:
         warnings.append(f"the CRL and OCSP responses are not re-signed yet ({done.pending}): "
                         "they will be when the HSM and the audit log are back, without "
