@@ -144,6 +144,7 @@ class AuditLog:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._coalescer = Coalescer(self._queue)
         self._problem: str | None = None
+        self._writing_since: float | None = None  # time.monotonic() of the commit under way
         self._failed: str | None = None  # why the last batch failed, until one goes through
         # The last batch failed slowly (the mirror's database stopped answering, and its
         # commit was given up after seconds): until one goes through, only the retry
@@ -511,6 +512,7 @@ class AuditLog:
             return
         blob = b"".join(chunks)
         start = time.perf_counter()
+        self._writing_since = time.monotonic()
         try:
             if self._poisoned:
                 raise OSError(errno.EIO, "the log tail is in an unknown state")
@@ -528,6 +530,8 @@ class AuditLog:
             self._fail_batch(done, exc, results)
             self._refusing = time.perf_counter() - start >= SLOW_FAILURE_S
             return
+        finally:
+            self._writing_since = None
         self._refusing = False
         self.last_commit_s = time.perf_counter() - start
         pos = self._size_bytes
@@ -916,6 +920,12 @@ class AuditLog:
     @property
     def healthy(self) -> bool:
         return self.problem is None and self._thread.is_alive()
+
+    def write_waited(self) -> float:
+        """Seconds the group commit under way has waited for its disk (or PostgreSQL,
+        in a cluster); 0 while none is under way."""
+        since = self._writing_since
+        return time.monotonic() - since if since is not None else 0.0
 
     @property
     def problem(self) -> str | None:

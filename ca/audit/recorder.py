@@ -172,6 +172,11 @@ class Recorder:
         audit = self.audit
         if isinstance(msg, wire.AskHealth):
             trouble = self._checkpoint_trouble()
+            # A commit of the primary's own lines (a checkpoint's, an OCSP response's)
+            # waiting on PostgreSQL left this thread free to answer "ok" (a CI run's
+            # flaky /health test): a write waiting is said whoever's it is.
+            if trouble is None and (waited := audit.write_waited()) >= wire.WRITE_WAIT_SAID_S:
+                trouble = wire.write_waits(waited)
             return wire.Health(msg.id, audit.healthy and trouble is None,
                                audit.problem or trouble, audit.size, audit.damaged_seq)
         if isinstance(msg, wire.AskCheckpoint):

@@ -136,3 +136,13 @@ class Broken(msgspec.Struct, tag="broken", frozen=True):
 
 
 Reply = Appended | Lines | Proof | Blob | Health | Checkpoint | Refused | Broken
+
+
+WRITE_WAIT_SAID_S = 1.0  # a write waiting longer is said by /health
+
+
+def write_waits(waited: float) -> str:
+    """/health's words for a write of the log that has waited `waited` seconds."""
+    return (f"an audit log write has waited {waited:.0f} s: the log's disk, or PostgreSQL "
+            "in a cluster, does not finish it, or the primary process itself is stuck "
+            "(signing waits, and fails once the write is given up on)")

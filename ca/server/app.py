@@ -18,6 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ca import cluster_policy
+from ca.audit import wire
 from ca.config import AcmeConfig
 from ca.generations import Generations
 from ca.issuance.issue import Issuance
@@ -155,11 +156,8 @@ def _silent(waited: float) -> str:
     """Why the primary did not answer: its recorder answers nothing while a group
     commit waits (a trial's held PostgreSQL COMMIT read as "does not answer", with the
     store "ok"), so a write this process has had waiting for seconds names that."""
-    if waited >= 1.0:
-        return (f"an audit log write has waited {waited:.0f} s for the primary process: "
-                "the log's disk, or PostgreSQL in a cluster, does not finish it, or the "
-                "primary itself is stuck (signing waits, and fails once the write is "
-                "given up on)")
+    if waited >= wire.WRITE_WAIT_SAID_S:
+        return wire.write_waits(waited)
     return ("the primary process does not answer within 2 s (it may be waiting for the "
             "audit log's disk, or for PostgreSQL in a cluster: its log says)")
 
