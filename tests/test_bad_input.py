@@ -210,7 +210,7 @@ def corpus() -> list[Case]:
              "name-not-granted"),
             ("csr ip not granted", {"csr": csr_pem(["10.9.9.9"])}, 403, "name-not-granted"),
             ("ttl too long", {"csr": good, "ttl": "400d"}, 400, "lifetime-too-long"),
-            ("ttl type", {"csr": good, "ttl": ["1h"]}, 400, "bad-request"),
+            ("ttl type", {"csr": good, "ttl": ["1h"]}, 400, "bad-field"),
             ("no csr", {}, 400, "bad-field")]:
         add(Case(f"enroll {what}", "POST", "/v1/x509/enroll", status, kind, "token", body))
     for auth in ["", "Bearer", "Bearer ", "Basic abc", "Bearer " + "x" * 5000,

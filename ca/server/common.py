@@ -220,16 +220,23 @@ _JSON_KINDS = {str: "a string", int: "a whole number", float: "a number",
                bool: "true or false", list: "a list", dict: "an object"}
 
 
+# What a field's value looks like, said when its type is wrong (a `ttl` of 60 was
+# told "must be a string" where the RA had said "like \"60s\"": a review).
+_LIKE = {"ttl": ' (a duration such as "900s", "15m", "24h" or "7d")'}
+
+
 def field(body: dict[str, Any], name: str, kind: type, required: bool = True) -> Any:
-    if name not in body:
+    """`body[name]` if it is of JSON type `kind`; a missing optional field, or one
+    given as null, is None."""
+    if body.get(name) is None:
         if required:
             raise Problem(400, "Bad Request", f"missing field {name!r}", "bad-field")
         return None
     value = body[name]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise Problem(400, "Bad Request",
-                      f"field {name!r} must be {_JSON_KINDS.get(kind, kind.__name__)}",
-                      "bad-field")
+                      f"field {name!r} must be {_JSON_KINDS.get(kind, kind.__name__)}"
+                      f"{_LIKE.get(name, '')}", "bad-field")
     return value
 
 

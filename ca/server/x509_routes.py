@@ -271,7 +271,7 @@ async def enroll(request: web.Request) -> web.Response:
     bearer = await _bearer(request)
     body = await json_body(request, {"csr", "ttl"})  # a misspelt ttl is not ignored
     csr = parse_csr(field(body, "csr", str))
-    issued = await _enroll(request, bearer, csr, body.get("ttl"))
+    issued = await _enroll(request, bearer, csr, field(body, "ttl", str, required=False))
     return web.json_response(_answer(request, issued),
                              status=200 if isinstance(issued, Replayed) else 201)
 
@@ -280,7 +280,7 @@ async def enroll(request: web.Request) -> web.Response:
 async def renew(request: web.Request) -> web.Response:
     body = await json_body(request, {"csr", "ttl"})
     csr = parse_csr(field(body, "csr", str)) if "csr" in body else None
-    issued = await _renew(request, csr, body.get("ttl"))
+    issued = await _renew(request, csr, field(body, "ttl", str, required=False))
     return web.json_response(_answer(request, issued), status=201)
 
 
@@ -364,6 +364,9 @@ async def revoke(request: web.Request) -> web.Response:
             log.warning("recorded a certificate this CA signed and its inventory lacked, to "
                         "revoke it", serial=format(serial, "x"), issuer=issuer,
                         actor=order.actor)
+    # Read before: the daemon may replace it the moment the revocation commits.
+    host_admin = request.app[SETTINGS].admin_cert
+    held = first_cert(host_admin) if host_admin else None
     try:
         done = await request.app[REVOCATIONS].revoke(order, request.get("request_id"))
     except RecordedNotCommitted as exc:
@@ -420,8 +423,6 @@ async def revoke(request: web.Request) -> web.Response:
                 "who can renew with them and ask for SSH certificates until they expire; "
                 f"to cut the holder off, {how}")
             answer["same_key_live"] = [format(s, "x") for s in same_key]
-    host_admin = request.app[SETTINGS].admin_cert
-    held = first_cert(host_admin) if host_admin else None
     if held is not None and held.serial_number in done.serials:
         # The daemon replaces it with a new key (ca/own_certs.py); a revoker who revoked
         # it because the directory leaked must know where the new one is (a review).
