@@ -473,6 +473,40 @@ def test_a_store_no_call_reached_is_back_once_postgresql_is(postgres_server: Any
         store.close()
 
 
+def test_the_first_call_after_postgresql_restarted_is_answered(tmp_path: Path) -> None:
+    """A PostgreSQL trial: stopped, started again, then the first request to a node that
+    no call had reached meanwhile waited 3 s and got a 503, and so did every request
+    in the second after it. Its worker's pool still held the connections the restart
+    had dropped, and handed them out one after another, with a pause before each,
+    until the call's wait for a connection was over. Found dropped, they are replaced
+    at once now: the first call after the restart is answered."""
+    import contextlib
+
+    from ca.store.postgres import PostgresStore
+    from tests.pgserver import PostgresServer
+    server = PostgresServer()  # its own: this test restarts it
+    try:
+        store = PostgresStore(server.new_database())
+        try:
+            async def hold_all() -> None:
+                # Every pooled connection open, held at once (calls made together could
+                # share one): idle in the pool afterwards, as a worker's are after load.
+                async with contextlib.AsyncExitStack() as held:
+                    for _ in range(store.pool.max_size):
+                        await held.enter_async_context(store.pool.connection())
+            asyncio.run_coroutine_threadsafe(hold_all(), store._loop).result(timeout=60)
+            assert store.pool.get_stats()["pool_available"] == store.pool.max_size
+            server.stop()
+            server.start()  # no call meanwhile: the pool has not seen the restart
+            assert asyncio.run(store.issued_cert(1)) is None  # answered, not refused
+            assert store.healthy
+            assert asyncio.run(store.issued_cert(1)) is None
+        finally:
+            store.close()
+    finally:
+        server.close()
+
+
 # A COMMIT that still lands after a cancel, as one held by a stalled disk does (one
 # waiting for a synchronous standby is committed locally at the cancel): a deferred
 # trigger waits for an advisory lock the test holds, and waits again when cancelled.

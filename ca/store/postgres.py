@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import contextlib
 import datetime as dt
 import json
 import re
@@ -259,6 +260,7 @@ class PostgresStore:
         # call is trying again, and when the next may (see _guard).
         self._unreachable = False
         self._probing: asyncio.Future[None] | None = None  # probes until it answers
+        self._checking: asyncio.Future[None] | None = None  # see _check_idle
         self._retry_at = 0.0  # time.monotonic(): no probe before this
         # Calls given up on, still finishing (their connections held meanwhile).
         self._abandoned: set[asyncio.Future[Any]] = set()
@@ -453,18 +455,45 @@ class PostgresStore:
                 store._connect_error = None
                 return conn
 
+        async def check(conn: Any) -> None:
+            # A connection the server dropped (a restart) is found out before use, and
+            # with it the others idle in the pool (_check_idle).
+            try:
+                await AsyncConnectionPool.check_connection(conn)
+            except Exception:
+                await store._check_idle()
+                raise
+
         self._pool = AsyncConnectionPool(
             self.url, min_size=1, max_size=max_size, open=False, timeout=CONNECT_TIMEOUT_S,
             connection_class=Remembering,
             kwargs={"connect_timeout": CONNECT_TIMEOUT_S},
-            # A connection the server dropped (a restart) is found out before use.
-            check=AsyncConnectionPool.check_connection,
+            check=check,
             # The pool's own attempts to reconnect back off exponentially (1, 2, 4 ...
             # 64 s): after a minute's outage a node stayed down for most of another.
             # Given up after a few seconds instead, the next request that wants a
             # connection (every second, the probe that brings /health back) tries anew.
             reconnect_timeout=RECONNECT_TIMEOUT_S)
         await self._pool.open(wait=True, timeout=CONNECT_TIMEOUT_S * 2)
+
+    async def _check_idle(self) -> None:
+        """One pooled connection found dropped: the others idle in the pool are checked
+        at once, the dropped ones replaced. A restart of the server drops them all, and
+        the pool hands a call the next one only after a pause (none, 1 s, then 2 s) to
+        the end of its wait for a connection: a worker no call reached during an outage
+        kept its dead connections, and the first call after it waited 3 s and was
+        refused, with the calls in the second after it, while the server answered (a
+        PostgreSQL trial). One check at a time, on a task of its own: finished even if
+        the call that asked is cancelled (the pool's check holds the connections it
+        checks meanwhile), and waited for no longer than a connection is (a server that
+        stopped answering holds it)."""
+        if self._checking is None or self._checking.done():
+            self._checking = asyncio.ensure_future(self._check_pool())
+        await asyncio.wait({self._checking}, timeout=CONNECT_TIMEOUT_S)
+
+    async def _check_pool(self) -> None:
+        with contextlib.suppress(Exception):  # a pool that closes meanwhile
+            await self.pool.check()
 
     @property
     def pool(self) -> AsyncConnectionPool[Any]:
