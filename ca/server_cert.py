@@ -74,25 +74,39 @@ def _ca_files(config: Config) -> dict[str, Path]:
             "the audit public key": config.audit_key_pem}
 
 
-def _not_the_listeners(config: Config, setting: str, path: Path, why: str) -> NotTheListeners:
+def _not_the_listeners(config: Config, setting: str, path: Path, why: str,
+                       removable: bool = True) -> NotTheListeners:
+    """`removable`: the file may be removed for a new pair (not another file of the
+    CA's: a restore trial read "remove both files" as the inventory's removal)."""
     return NotTheListeners(
         f"[server] {setting} in {config.path} names {path}, which {why}: the daemon "
         "replaces only its listener's own files. Correct the path (tls/server.pem and "
-        "tls/server.key in the state directory by default), or remove both files for a "
-        "new key and certificate")
+        "tls/server.key in the state directory by default)"
+        + (", or remove both files for a new key and certificate" if removable else ""))
 
 
 def listener_files(config: Config) -> None:
-    """NotTheListeners if either of the listener's paths names another file of the CA
-    (checked at the start's outset, before anything reads or writes them)."""
+    """NotTheListeners if either of the listener's paths names another file of the CA,
+    or both name one file (checked at the start's outset, before anything reads or
+    writes them)."""
+    if _same(config.tls_cert, config.tls_key) or config.tls_cert == config.tls_key:
+        # The pair's writes went to one path, the key lost to the certificate, and every
+        # start after it failed in the workers (a start-guard trial's combined PEM).
+        raise _not_the_listeners(config, "tls-key", config.tls_key,
+                                 "tls-cert names too: the key and the certificate are kept "
+                                 "in two files", removable=False)
     for setting, path in (("tls-cert", config.tls_cert), ("tls-key", config.tls_key)):
         for what, other in _ca_files(config).items():
-            try:
-                same = os.path.samefile(path, other)
-            except OSError:  # either missing: not the same file
-                continue
-            if same:
-                raise _not_the_listeners(config, setting, path, f"is {what}")
+            if _same(path, other):
+                raise _not_the_listeners(config, setting, path, f"is {what}",
+                                         removable=False)
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either missing: not the same file
+        return False
 
 
 def _ours(config: Config, cert: x509.Certificate, issuers: Sequence[x509.Certificate]

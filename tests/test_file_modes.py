@@ -207,6 +207,9 @@ def test_serve_never_overwrites_a_file_the_listener_paths_name_that_is_not_its_o
         serialization.NoEncryption()))
     (tmp_path / "own.key").chmod(0o600)
     (tmp_path / "notes.txt").write_text("not a certificate\n")
+    (tmp_path / "combined.pem").write_bytes((ca.state / "tls" / "server.pem").read_bytes()
+                                            + (ca.state / "tls" / "server.key").read_bytes())
+    (tmp_path / "combined.pem").chmod(0o600)
     cases = [
         ({"tls-cert": ca.state / "hsmca.sqlite3"}, "tls-cert", "which is the inventory"),
         ({"tls-key": ca.state / "admin" / "key.pem"}, "tls-key",
@@ -217,9 +220,13 @@ def test_serve_never_overwrites_a_file_the_listener_paths_name_that_is_not_its_o
          "tls-cert", "which is the CA's root certificate"),
         ({"tls-cert": tmp_path / "own.pem", "tls-key": tmp_path / "own.key"}, "tls-cert",
          "which holds a certificate this CA did not issue (CN=ca.example)"),
+        # one file for both: the key was lost to the certificate (a start-guard trial)
+        ({"tls-cert": tmp_path / "combined.pem", "tls-key": tmp_path / "combined.pem"},
+         "tls-key", "which tls-cert names too"),
     ]
     files = [ca.state / "admin" / "key.pem", tmp_path / "notes.txt", tmp_path / "own.pem",
-             tmp_path / "own.key", *sorted((ca.state / "tls").iterdir())]
+             tmp_path / "own.key", tmp_path / "combined.pem",
+             *sorted((ca.state / "tls").iterdir())]
     before = {f: f.read_bytes() for f in files}
 
     def certificates() -> list[tuple[str, ...]]:  # (a start writes to it: its rows, then)
@@ -236,6 +243,9 @@ def test_serve_never_overwrites_a_file_the_listener_paths_name_that_is_not_its_o
         assert proc.returncode == 1 and said.startswith(
             f"hsmca: error: [server] {setting} in {ca.state / 'hsmca.toml'} names ") \
             and why in said and "Traceback" not in proc.stderr, (settings, proc.stderr)
+        # "remove both files" only where that is the way on: never for the CA's own
+        assert ("remove both files" in said) == ("this CA did not issue" in why or
+                                                  "holds no" in why), said
         assert {f: f.read_bytes() for f in files} == before, settings
         assert certificates() == issued, settings
     # The listener's own files again: it serves, and the inventory is whole.
