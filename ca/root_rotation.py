@@ -180,6 +180,10 @@ async def _hold_every_node(store: Store) -> list[Lease]:
             if not await lease.try_take():
                 raise CLIError(f"node {node!r} is running: stop every node before the "
                                     "root's rotation (docs/keys.md), then start them again")
+            # And its log claimed: a node whose name's session had just ended (a
+            # PostgreSQL restart) went on serving beside the ceremony (a fencing trial);
+            # its groups are refused until it has its name back, after the ceremony.
+            await store.claim_node(node, lease.token)
     except BaseException:
         for lease in held:
             lease.close()

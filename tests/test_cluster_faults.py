@@ -327,9 +327,10 @@ async def test_a_node_whose_name_another_process_took_stops_and_writes_nothing(
     started as the same node, was being restarted: the copy took the name and signed,
     and the first process, its name back, wrote its own lines over the copy's (lines
     of certificates the copy had released were gone). Once another process holds its
-    name, the node stops at once, in one line, writing nothing more; started again
-    once the other is gone, it goes on and its log verifies. (The test's own session
-    stands for the other process, taking the name the moment the node's sessions end.)"""
+    name and has claimed its log, the node signs nothing; once that process has written
+    a line, the node stops in one line; a claimant gone having written nothing (a start
+    that failed) leaves the node going on. Started again once the other is gone, it goes
+    on and its log verifies. (The test's own session stands for the other process.)"""
     import psycopg
 
     from ca.store.postgres import AUDIT_LOCK_CLASS
@@ -357,34 +358,60 @@ async def test_a_node_whose_name_another_process_took_stops_and_writes_nothing(
         status, _, body = await call("POST", f"{node.url}/v1/x509/renew", node.ssl(*cred), {})
         assert status == 201, body
 
-        def claim() -> Any:  # the other's claim, as its start makes it
+        def claim(epoch: int) -> int:  # the other's claim, as its start makes it
             with other.transaction():
                 other.execute("SELECT pg_advisory_xact_lock(%s, hashtext('twin'))",
                               (AUDIT_LOCK_CLASS,))
                 other.execute("UPDATE meta SET v = %s WHERE k = 'holder:twin'",
-                              (f"{epoch + 1}:the other",))
-                return other.execute("SELECT count(*) FROM audit_lines WHERE node = 'twin'"
-                                     ).fetchone()
-        lines = await asyncio.to_thread(claim)
-        # Whatever it has not noticed yet, it signs nothing more into that log.
-        try:
-            status = (await call("POST", f"{node.url}/v1/x509/renew", node.ssl(*cred), {}))[0]
-        except aiohttp.ClientError:
-            status = 0  # stopped already
-        assert status not in (200, 201), status
+                              (f"{epoch}:the other",))
+                return int(other.execute("SELECT count(*) FROM audit_lines WHERE node = "
+                                         "'twin'").fetchone()[0])
+
+        async def renewed() -> int:
+            try:
+                return (await call("POST", f"{node.url}/v1/x509/renew", node.ssl(*cred),
+                                   {}))[0]
+            except aiohttp.ClientError:
+                return 0  # stopped already
+        # A start that claims and then fails (its port in use: a fencing trial's running
+        # node stopped for it, and nobody served): refused while it holds the claim...
+        await asyncio.to_thread(claim, epoch + 1)
+        assert await renewed() not in (200, 201)
+        # ...and, that process gone having written nothing, the node claims anew.
+        await asyncio.to_thread(other.execute, "SELECT pg_advisory_unlock_all()")
+        assert await asyncio.to_thread(node.wait_stderr, lambda: any(
+            "this node has its name back and goes on" in x for x in node.stderr), 60), \
+            node.stderr[-5:]
+        assert await renewed() == 201
+
+        # A twin that claims and writes: the node stops, writing nothing more.
+        await asyncio.to_thread(
+            other.execute, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+            "application_name = 'hsmca twin primary'")
+        await asyncio.to_thread(other.execute, "SELECT pg_advisory_lock(hashtextextended("
+                                "'lease:node:twin', 0))")
+        [(claimed,)] = await asyncio.to_thread(lambda: other.execute(
+            "SELECT v FROM meta WHERE k = 'holder:twin'").fetchall())
+        lines = await asyncio.to_thread(claim, int(claimed.split(":")[0]) + 1)
+        await asyncio.to_thread(other.execute, "INSERT INTO audit_lines (node, seq, line) "
+                                "VALUES ('twin', %s, %s)", (lines, b"the twin's line"))
+        assert await renewed() not in (200, 201)  # whatever it has not noticed yet
         assert await asyncio.to_thread(node.proc.wait, 90) == 1
         assert node.stderr_ended.wait(60)
         said = node.stderr[-1]
         assert said.startswith("hsmca: error: another process took this node's name "
-                               "(twin) while PostgreSQL was away") and \
+                               "(twin) and wrote its log") and \
             "Stop one of the two" in said, node.stderr[-5:]
         assert await asyncio.to_thread(lambda: other.execute(
-            "SELECT count(*) FROM audit_lines WHERE node = 'twin'").fetchone()) == lines
+            "SELECT count(*) FROM audit_lines WHERE node = 'twin'").fetchone()) == (lines + 1,)
         # While the other holds it, a start of the same name is refused.
         proc = await asyncio.to_thread(hsmca, "serve", "--config", c.state / "hsmca.toml",
                                        "--listen", "127.0.0.1:0", "--node", "twin",
                                        check=False)
         assert proc.returncode == 1 and "already running" in proc.stderr, proc.stderr
+        # (the stand-in twin's line taken back: the next start takes up PostgreSQL's)
+        await asyncio.to_thread(other.execute, "DELETE FROM audit_lines WHERE node = "
+                                "'twin' AND seq = %s", (lines,))
     finally:
         await asyncio.to_thread(other.close)
     node = c.start("twin")

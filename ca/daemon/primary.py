@@ -609,8 +609,8 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         background.append(asyncio.create_task(own_certs.run()))
         if clustered(store):
             assert name_held is not None
-            background.append(asyncio.create_task(_keep_node_name(name_held, store,
-                                                                  stop.set)))
+            background.append(asyncio.create_task(_keep_node_name(
+                name_held, store, stop.set, lambda: audit.size)))
 
         async def audit_keys() -> list[KeyInfo]:
             issuers = await keys.refresh()  # a rotation in a worker shows here
@@ -1149,15 +1149,22 @@ NAME_CHECK_S = 1.0
 CLAIM_CHECK_ROUNDS = 10  # the claim asked every tenth round while the name is held
 
 
-async def _keep_node_name(name: Lease, store: PostgresStore, stop: Callable[[], None]
-                          ) -> None:
+async def _keep_node_name(name: Lease, store: PostgresStore, stop: Callable[[], None],
+                          lines: Callable[[], int]) -> None:
     """The node's name lock goes with its connection, so a restart of PostgreSQL drops
-    it: take it again once the database is back. If another process took it meanwhile,
-    that process is the node now: this one writes nothing more to the log (the mirror
-    refuses, so it signs nothing) and stops. It used to wait for the name and go on:
-    a PostgreSQL trial's twin (a copy of the state directory started as the same node)
-    wrote lines while it held the name, and the first process, its name back, wrote
-    its own lines over theirs, deleting lines whose certificates had been released."""
+    it: take it again once the database is back. Another process may take it
+    meanwhile, and claim the node's log (PostgresStore.claim_node): this one's groups
+    are refused from then on. Once that process has written a line of the log, it is
+    the node: this one stops (`lines()`: the lines this process's log holds). It used
+    to go on once it had its name back: a PostgreSQL trial's twin (a copy of the state
+    directory started as the same node) wrote lines meanwhile, and the first process
+    wrote its own over them, deleting lines whose certificates had been released.
+
+    A claim whose process wrote nothing is no reason to stop: a start that claimed and
+    then failed (its port in use, its PIN refused: a fencing trial's running node
+    stopped for it, and nobody served), or a root rotation's ceremony, which claims
+    every node while it runs. Once the name is this process's again it claims anew
+    and goes on."""
     node = name.name.removeprefix("node:")
     unsure, rounds = False, 0
     while True:
@@ -1170,27 +1177,34 @@ async def _keep_node_name(name: Lease, store: PostgresStore, stop: Callable[[], 
         if held and not unsure and rounds % CLAIM_CHECK_ROUNDS:
             continue
         unsure = not held
-        # Not held (another session has it), held again after an outage, or now and
-        # then (a group refused for a later claim stops the process too): only a later
-        # claim says another process is the node. Held by a session of this process's
-        # that PostgreSQL has not yet seen end (a network blip: until keepalive ends it),
-        # or by a root rotation's ceremony, it is not (a review: the node stopped
-        # itself, and every restart was refused while that session lived).
+        # Not held (another session has it: maybe one of this process's own that
+        # PostgreSQL has not seen end yet), held again after an outage, or now and then
+        # (a group refused for a later claim): the claim and the log say what happened.
         try:
             claimed = await store.node_claimed(node)
+            if claimed is not False:
+                continue
+            theirs = await store.audit_size(node)
+            if theirs <= lines():  # claimed, and nothing written by the claimant
+                if held:
+                    await store.claim_node(node, name.token)
+                    log.warning("another process claimed this node's log and wrote "
+                                "nothing (a start that failed, or a root rotation's "
+                                "ceremony); this node has its name back and goes on",
+                                node=node)
+                continue  # (not held: that process may still start; its first line says)
         except StoreUnavailable:
             continue  # asked again in a second
-        if claimed is False:
-            name.lost = (
-                f"another process took this node's name ({node}) while PostgreSQL was "
-                f"away (a second `hsmca serve --node {node}`, or a copy of this state "
-                "directory started as this node): it is the node now, and this process "
-                "stopped, writing and signing nothing more. Stop one of the two; to go on "
-                "with this one, start it again once the other has stopped: it takes up "
-                "the node's log as the other left it")
-            log.error("another process holds this node's name: stopping", node=node)
-            stop()
-            return
+        name.lost = (
+            f"another process took this node's name ({node}) and wrote its log (a second "
+            f"`hsmca serve --node {node}`, or a copy of this state directory started as "
+            "this node, while this one's sessions were gone): it is the node now, and "
+            "this process stopped, writing and signing nothing more. Stop one of the two; "
+            "to go on with this one, start it again once the other has stopped: it takes "
+            "up the node's log as the other left it")
+        log.error("another process holds this node's name: stopping", node=node)
+        stop()
+        return
 
 
 async def _compare_policy(watch: PolicyWatch | None, policies: control.PolicyFeed) -> None:

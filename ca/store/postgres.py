@@ -1810,6 +1810,12 @@ class PostgresStore:
                 return bytes(row[0]) if row else None
         return self._call(read(), bounded=True)  # as the head
 
+    async def audit_size(self, node: str) -> int:
+        """How many lines of `node`'s log PostgreSQL holds."""
+        rows = await self._rows("SELECT COALESCE(MAX(seq) + 1, 0) FROM audit_lines "
+                                "WHERE node = %s", (node,))
+        return int(rows[0][0]) if rows else 0
+
     def audit_size_sync(self, node: str) -> int:
         """How many lines of `node`'s log PostgreSQL holds (for a start, off any loop)."""
         async def size() -> int:
