@@ -37,6 +37,10 @@ class Generations:
     def __init__(self, path: Path) -> None:
         self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         self._map = mmap.mmap(self._fd, SIZE)
+        # Closed at the daemon's stop, while another node's change may still come in:
+        # a bump then moved nothing but raised "Bad file descriptor" into the stop's
+        # last lines, eight tracebacks at a time (a fencing trial).
+        self._closed = False
 
     @classmethod
     def create(cls, path: Path) -> Generations:
@@ -59,6 +63,8 @@ class Generations:
     def bump(self, *names: str) -> None:
         """Move counters (all that workers move if none is named), under a lock: two
         processes moving one at once must both count."""
+        if self._closed:
+            return  # the daemon stops: nobody reads them any more
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
             for name in names or WORKERS_MOVE:
@@ -68,12 +74,16 @@ class Generations:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def set_gauge(self, name: str, value: int) -> None:
-        _U64.pack_into(self._map, GAUGES[name] * 8, value)  # one writer: the primary
+        if not self._closed:
+            _U64.pack_into(self._map, GAUGES[name] * 8, value)  # one writer: the primary
 
     def gauge(self, name: str) -> int:
         return int(_U64.unpack_from(self._map, GAUGES[name] * 8)[0])
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         self._map.close()
         os.close(self._fd)
 

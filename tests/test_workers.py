@@ -513,3 +513,18 @@ async def test_signatures_asked_while_the_primary_is_stopped_are_refused_at_once
     assert status == 201, body
     assert d.stop() == 0
     audit_verify(ca.state, ok=True)
+
+
+async def test_a_counter_moved_after_the_stop_closed_them_is_no_error(tmp_path: Path) -> None:
+    """A fencing trial ended a node's PostgreSQL sessions while it stopped: another
+    node's change came in after the shared counters were closed, and each bump raised
+    "Bad file descriptor" into the stop's last lines (eight tracebacks). A bump after
+    the close moves nothing, and says nothing."""
+    from ca.generations import Generations
+    counters = Generations.create(tmp_path / "generations")
+    counters.bump("revocations")
+    assert counters.get("revocations") == 1
+    counters.close()
+    counters.bump("revocations")  # (raised OSError: [Errno 9] Bad file descriptor)
+    counters.set_gauge("workers_serving", 2)
+    counters.close()  # and a second close, as a stop's cleanup after a failure makes
