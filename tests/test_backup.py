@@ -275,11 +275,15 @@ def test_a_restored_inventory_is_not_mended_with_the_killed_daemons_write_ahead_
     from tests.test_workers import worker_pids
     ca = init_ca(tmp_path)
     d = start_daemon(ca.state, "--workers", "1")
-    kept = enroll(d, tmp_path, "service", ["kept.internal.example"])
-    out = tmp_path / "backup"
-    hsmca("backup", "--config", ca.state / "hsmca.toml", "--out", out)
-    for i in range(3):  # after the backup, in the WAL only
-        enroll(d, tmp_path, "service", [f"later{i}.internal.example"])
+    try:
+        kept = enroll(d, tmp_path, "service", ["kept.internal.example"])
+        out = tmp_path / "backup"
+        hsmca("backup", "--config", ca.state / "hsmca.toml", "--out", out)
+        for i in range(3):  # after the backup, in the WAL only
+            enroll(d, tmp_path, "service", [f"later{i}.internal.example"])
+    except BaseException:
+        d.stop()  # (not left running by a failure before the kill below)
+        raise
     # Killed as a power cut kills it: every process at once, none closing the inventory.
     pids = [d.proc.pid, *worker_pids(d)]
     for pid in pids:
