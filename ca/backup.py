@@ -176,6 +176,13 @@ def _changed(log: Path, since: int) -> bool:
         return any(_CHANGING.search(line) for line in fh)
 
 
+def _damaged(db: Path, why: str) -> BackupError:
+    why = " ".join(why.split())  # (SQLite's report runs over lines: the error is one)
+    return BackupError(f"the inventory {db} is damaged ({why}): a copy of it would be too, "
+                       "so none is kept. Keep the backups you have, stop hsmca and restore "
+                       "the newest (docs/operator.md, \"Backup and restore\")")
+
+
 def _inventory(db: Path, target: Path) -> int:
     source = sqlite3.connect(db, timeout=30)
     try:
@@ -184,11 +191,22 @@ def _inventory(db: Path, target: Path) -> int:
         try:
             source.backup(copy)  # one consistent snapshot, page by page
             copy.execute("PRAGMA journal_mode = DELETE")  # one self-contained file
+            # Every page of the copy read: SQLite copies a damaged page as it is, and a
+            # start-guard trial's nightly backup of a damaged inventory said it was done,
+            # which would have replaced the good copies with damaged ones.
+            found = [str(r[0]) for r in copy.execute("PRAGMA quick_check(5)")]
+            if found != ["ok"]:
+                raise _damaged(db, "; ".join(found))
             return int(copy.execute("SELECT count(*) FROM certs").fetchone()[0])
         finally:
             copy.close()
+    except BackupError:
+        target.unlink(missing_ok=True)
+        raise
     except sqlite3.Error as exc:
         target.unlink(missing_ok=True)
+        if getattr(exc, "sqlite_errorname", "") in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
+            raise _damaged(db, str(exc)) from None
         raise BackupError(f"cannot copy the inventory {db}: {exc}") from None
     finally:
         source.close()

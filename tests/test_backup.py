@@ -322,3 +322,25 @@ def test_a_restored_inventory_is_not_mended_with_the_killed_daemons_write_ahead_
     with sqlite3.connect(ca.state / "hsmca.sqlite3") as db:
         assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
     audit_verify(ca.state, ok=True)
+
+
+def test_a_damaged_inventory_is_not_backed_up_as_if_whole(tmp_path: Path) -> None:
+    """A start-guard trial backed up an inventory whose index page was damaged: the
+    command said it was done, and the copy held the damage, which a nightly job would
+    have put in place of the good copies. Refused in one line, nothing kept."""
+    ca = init_ca(tmp_path)
+    db_path = ca.state / "hsmca.sqlite3"
+    with sqlite3.connect(db_path) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        [(root,)] = db.execute("SELECT rootpage FROM sqlite_master WHERE name = "
+                               "'sqlite_autoindex_tokens_2'")  # read by no backup
+        [(page,)] = db.execute("PRAGMA page_size")
+    with open(db_path, "r+b") as fh:
+        fh.seek((root - 1) * page)
+        fh.write(b"\x55" * page)
+    out = tmp_path / "nightly"
+    proc = hsmca("backup", "--config", ca.state / "hsmca.toml", "--out", out, check=False)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"hsmca: error: the inventory {db_path} is damaged (") \
+        and "so none is kept" in proc.stderr, proc.stderr
+    assert not out.exists() or not any(out.iterdir())
