@@ -339,20 +339,20 @@ async def test_a_node_whose_name_another_process_took_stops_and_writes_nothing(
     node = c.start("twin")
     cred = await asyncio.to_thread(enroll, node, tmp_path, "service", ["twin.test"])
     other = await asyncio.to_thread(psycopg.connect, c.url, autocommit=True)
+    def take_the_name() -> int:
+        """The node's sessions ended, and its name taken by the other (queued before
+        the node's ended session lets go of it: the other's, first); the claim's epoch."""
+        other.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                      "application_name = 'hsmca twin primary'")
+        other.execute("SELECT pg_advisory_lock(hashtextextended('lease:node:twin', 0))")
+        [(claimed,)] = other.execute("SELECT v FROM meta WHERE k = 'holder:twin'").fetchall()
+        return int(claimed.split(":")[0])
     try:
-        await asyncio.to_thread(
-            other.execute, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
-            "application_name = 'hsmca twin primary'")
-        # Queued before the node's ended session lets go of it: the other's, first.
-        await asyncio.to_thread(other.execute, "SELECT pg_advisory_lock(hashtextextended("
-                                "'lease:node:twin', 0))")
         # The name's lock alone is no claim: a session of the node's own that PostgreSQL
         # has not seen end yet holds it the same way (a review: the node stopped itself).
         # Nor is a claim older than the node's, as a database restored from a dump taken
         # before its start holds (the lines' own check says what was lost).
-        [(claimed,)] = await asyncio.to_thread(lambda: other.execute(
-            "SELECT v FROM meta WHERE k = 'holder:twin'").fetchall())
-        epoch = int(claimed.split(":")[0])
+        epoch = await asyncio.to_thread(take_the_name)
         await asyncio.to_thread(other.execute, "UPDATE meta SET v = %s WHERE k = "
                                 "'holder:twin'", (f"{epoch - 1}:an older run",))
         status, _, body = await call("POST", f"{node.url}/v1/x509/renew", node.ssl(*cred), {})
@@ -385,14 +385,7 @@ async def test_a_node_whose_name_another_process_took_stops_and_writes_nothing(
         assert await renewed() == 201
 
         # A twin that claims and writes: the node stops, writing nothing more.
-        await asyncio.to_thread(
-            other.execute, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
-            "application_name = 'hsmca twin primary'")
-        await asyncio.to_thread(other.execute, "SELECT pg_advisory_lock(hashtextextended("
-                                "'lease:node:twin', 0))")
-        [(claimed,)] = await asyncio.to_thread(lambda: other.execute(
-            "SELECT v FROM meta WHERE k = 'holder:twin'").fetchall())
-        lines = await asyncio.to_thread(claim, int(claimed.split(":")[0]) + 1)
+        lines = await asyncio.to_thread(claim, await asyncio.to_thread(take_the_name) + 1)
         await asyncio.to_thread(other.execute, "INSERT INTO audit_lines (node, seq, line) "
                                 "VALUES ('twin', %s, %s)", (lines, b"the twin's line"))
         assert await renewed() not in (200, 201)  # whatever it has not noticed yet

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +134,31 @@ CREATE CONSTRAINT TRIGGER held AFTER INSERT ON audit_lines DEFERRABLE INITIALLY 
 """
 
 
+async def _health_while_an_audit_write_is_held(node: Daemon, holder: Any, watcher: Any,
+                                               write: Callable[[], None]) -> None:
+    """Hold every audit line's COMMIT (HELD_AUDIT), have `write()` write one, and see
+    /health say the write waits on PostgreSQL: said once it has waited a second,
+    whichever commit waits (the primary's own, an OCSP response's or a checkpoint's,
+    left the recorder free to answer "ok": a CI run), asked until then within the
+    commit's own limit (10 s)."""
+    await asyncio.to_thread(holder.execute, HELD_AUDIT)
+    await asyncio.to_thread(holder.execute, "SELECT pg_advisory_lock(4444)")
+    try:
+        write()
+        await asyncio.to_thread(_waiting, watcher, "locktype = 'advisory' AND objid = 4444")
+        deadline = time.monotonic() + 8
+        while True:
+            status, _, body = await call("GET", f"{node.url}/health", node.ssl())
+            if status == 503 or time.monotonic() > deadline:
+                break
+    finally:
+        await asyncio.to_thread(holder.execute, "SELECT pg_advisory_unlock(4444)")
+    assert status == 503, body
+    audit = json.loads(body)["audit"]
+    assert audit.startswith("unavailable: an audit log write has waited "), audit
+    assert "PostgreSQL" in audit, audit
+
+
 async def test_health_names_an_audit_write_that_postgresql_holds(
         tmp_path: Path, held: tuple[Cluster, Daemon]) -> None:
     """While the audit log's COMMIT waits in PostgreSQL, /health names that wait (a
@@ -145,28 +170,13 @@ async def test_health_names_an_audit_write_that_postgresql_holds(
     watcher = await asyncio.to_thread(psycopg.connect, c.url, autocommit=True)
     try:
         cert, key = await asyncio.to_thread(enroll, node, tmp_path, "service", ["wait.test"])
-        await asyncio.to_thread(holder.execute, HELD_AUDIT)
-        await asyncio.to_thread(holder.execute, "SELECT pg_advisory_lock(4444)")
-        try:
-            renewal = asyncio.create_task(call("POST", f"{node.url}/v1/x509/renew",
-                                               node.ssl(cert, key), {}))
-            await asyncio.to_thread(_waiting, watcher,
-                                    "locktype = 'advisory' AND objid = 4444")
-            # Said once the write has waited a second, whichever commit waits: the
-            # primary's own (an OCSP response's, a checkpoint's) left the recorder free
-            # to answer "ok" (a CI run). Asked until then, within the commit's own limit.
-            deadline = time.monotonic() + 8
-            while True:
-                status, _, body = await call("GET", f"{node.url}/health", node.ssl())
-                if status == 503 or time.monotonic() > deadline:
-                    break
-        finally:
-            await asyncio.to_thread(holder.execute, "SELECT pg_advisory_unlock(4444)")
-        assert status == 503, body
-        audit = json.loads(body)["audit"]
-        assert audit.startswith("unavailable: an audit log write has waited "), audit
-        assert "PostgreSQL" in audit, audit
-        assert (await renewal)[0] in (201, 503)  # signed, or given up on: not hung
+        renewal: list[asyncio.Task[Any]] = []
+
+        def renew() -> None:
+            renewal.append(asyncio.create_task(call(
+                "POST", f"{node.url}/v1/x509/renew", node.ssl(cert, key), {})))
+        await _health_while_an_audit_write_is_held(node, holder, watcher, renew)
+        assert (await renewal[0])[0] in (201, 503)  # signed, or given up on: not hung
         await asyncio.to_thread(holder.execute, "DROP TRIGGER held ON audit_lines")
         status, _, body = await call("GET", f"{node.url}/health", node.ssl())
         assert status == 200, body
@@ -190,23 +200,9 @@ async def test_health_names_a_write_of_the_primarys_own_lines_that_postgresql_ho
     holder = await asyncio.to_thread(psycopg.connect, c.url, autocommit=True)
     watcher = await asyncio.to_thread(psycopg.connect, c.url, autocommit=True)
     try:
-        await asyncio.to_thread(holder.execute, HELD_AUDIT)
-        await asyncio.to_thread(holder.execute, "SELECT pg_advisory_lock(4444)")
-        try:
-            os.kill(node.proc.pid, signal.SIGHUP)  # a policy.reload line, the primary's
-            await asyncio.to_thread(_waiting, watcher,
-                                    "locktype = 'advisory' AND objid = 4444")
-            deadline = time.monotonic() + 8  # (the write is given up on after 10 s)
-            while True:
-                status, _, body = await call("GET", f"{node.url}/health", node.ssl())
-                if status == 503 or time.monotonic() > deadline:
-                    break
-        finally:
-            await asyncio.to_thread(holder.execute, "SELECT pg_advisory_unlock(4444)")
-        assert status == 503, body
-        audit = json.loads(body)["audit"]
-        assert audit.startswith("unavailable: an audit log write has waited "), audit
-        assert "PostgreSQL" in audit, audit
+        # a policy.reload line, the primary's own
+        await _health_while_an_audit_write_is_held(
+            node, holder, watcher, lambda: os.kill(node.proc.pid, signal.SIGHUP))
     finally:
         await asyncio.to_thread(holder.execute, "DROP TRIGGER IF EXISTS held ON audit_lines")
         for conn in (holder, watcher):
