@@ -1666,9 +1666,7 @@ class PostgresStore:
         async def claim(db: Conn) -> int:
             await db.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
                              (AUDIT_LOCK_CLASS, node))
-            row = await (await db.execute("SELECT v FROM meta WHERE k = %s",
-                                          (f"holder:{node}",))).fetchone()
-            epoch = _claim_of(row[0] if row else None)[0] + 1
+            epoch = _claim_of(await _stored_claim(db, node))[0] + 1
             await db.execute("INSERT INTO meta (k, v) VALUES (%s, %s) ON CONFLICT (k) DO "
                              "UPDATE SET v = EXCLUDED.v", (f"holder:{node}",
                                                            f"{epoch}:{token}"))
@@ -1682,8 +1680,12 @@ class PostgresStore:
         older epoch, or none: restored from a dump taken before the claim), which is no
         other process's doing, and the lines' own check says what was lost."""
         assert self._claimed is not None and self._claimed[0] == node
-        rows = await self._rows("SELECT v FROM meta WHERE k = %s", (f"holder:{node}",))
-        return _claim_stands(rows[0][0] if rows else None, self._claimed)
+        claimed = self._claimed
+
+        async def read() -> bool | None:
+            async with self.pool.connection() as conn:
+                return _claim_stands(await _stored_claim(conn, node), claimed)
+        return await self._run(read())
 
     def append_audit(self, node: str, first_seq: int, lines: Sequence[bytes],
                      abandoned: threading.Event | None = None, wait_s: float = 10.0
@@ -1718,14 +1720,12 @@ class PostgresStore:
                             lines=len(lines))
                 raise AuditGroupAbandoned(f"a group of {len(lines)} audit lines of node "
                                           f"{node!r} from seq {first_seq} came too late")
-            if self._claimed is not None and self._claimed[0] == node:
-                cur = await db.execute("SELECT v FROM meta WHERE k = %s", (f"holder:{node}",))
-                row = await cur.fetchone()
-                if _claim_stands(row[0] if row else None, self._claimed) is False:
-                    raise NodeNameTaken(
-                        f"another process took the name of node {node!r} (its lines are "
-                        "that process's to write now): nothing is written or signed here")
-                # (lost with a restore of the database: the line check below says so)
+            # (a claim lost with a restore of the database: the line check below says so)
+            if self._claimed is not None and self._claimed[0] == node and _claim_stands(
+                    await _stored_claim(db, node), self._claimed) is False:
+                raise NodeNameTaken(
+                    f"another process took the name of node {node!r} (its lines are that "
+                    "process's to write now): nothing is written or signed here")
             # The group must follow a line the database holds: a node's lines reach it
             # only in order, each group after the last acknowledged one. A database that
             # lacks that line went back in time under the running node; the group would
@@ -1810,21 +1810,20 @@ class PostgresStore:
                 return bytes(row[0]) if row else None
         return self._call(read(), bounded=True)  # as the head
 
+    async def _audit_size(self, node: str) -> int:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute("SELECT COALESCE(MAX(seq) + 1, 0) FROM audit_lines "
+                                     "WHERE node = %s", (node,))
+            row = await cur.fetchone()
+            return int(row[0]) if row else 0
+
     async def audit_size(self, node: str) -> int:
         """How many lines of `node`'s log PostgreSQL holds."""
-        rows = await self._rows("SELECT COALESCE(MAX(seq) + 1, 0) FROM audit_lines "
-                                "WHERE node = %s", (node,))
-        return int(rows[0][0]) if rows else 0
+        return await self._run(self._audit_size(node))
 
     def audit_size_sync(self, node: str) -> int:
-        """How many lines of `node`'s log PostgreSQL holds (for a start, off any loop)."""
-        async def size() -> int:
-            async with self.pool.connection() as conn:
-                cur = await conn.execute("SELECT COALESCE(MAX(seq) + 1, 0) FROM audit_lines "
-                                         "WHERE node = %s", (node,))
-                row = await cur.fetchone()
-                return int(row[0]) if row else 0
-        return self._call(size())
+        """audit_size, for a start, off any loop."""
+        return self._call(self._audit_size(node))
 
     def audit_lines_sync(self, node: str, start: int, limit: int,
                          bounded: bool = False) -> list[bytes]:
@@ -1925,6 +1924,13 @@ class PostgresStore:
                                                       dt.datetime.now(dt.UTC).isoformat()))
             return counts
         return self._call(self._tx(put))
+
+
+async def _stored_claim(db: Conn, node: str) -> str | None:
+    """The claim of `node`'s log as stored (`<epoch>:<token>`), or None."""
+    row = await (await db.execute("SELECT v FROM meta WHERE k = %s",
+                                  (f"holder:{node}",))).fetchone()
+    return row[0] if row else None
 
 
 def _claim_of(value: str | None) -> tuple[int, str]:
