@@ -1720,22 +1720,25 @@ class PostgresStore:
                             lines=len(lines))
                 raise AuditGroupAbandoned(f"a group of {len(lines)} audit lines of node "
                                           f"{node!r} from seq {first_seq} came too late")
-            # (a claim lost with a restore of the database: the line check below says so)
-            if self._claimed is not None and self._claimed[0] == node and _claim_stands(
-                    await _stored_claim(db, node), self._claimed) is False:
-                raise NodeNameTaken(
-                    f"another process took the name of node {node!r} (its lines are that "
-                    "process's to write now): nothing is written or signed here")
             # The group must follow a line the database holds: a node's lines reach it
             # only in order, each group after the last acknowledged one. A database that
             # lacks that line went back in time under the running node; the group would
             # leave a gap, and the commits lost with it (revocations, spent tokens, CRL
             # numbers) would stay undone. (The look sees the rows before the DELETE.)
+            # And the node's claim, in the same round trip: a DELETE a refusal below
+            # follows is rolled back with it.
             cur = await db.execute(
                 "WITH gone AS (DELETE FROM audit_lines WHERE node = %s AND seq >= %s) "
                 "SELECT %s = 0 OR EXISTS (SELECT 1 FROM audit_lines WHERE node = %s "
-                "AND seq = %s)", (node, first_seq, first_seq, node, first_seq - 1))
+                "AND seq = %s), (SELECT v FROM meta WHERE k = %s)",
+                (node, first_seq, first_seq, node, first_seq - 1, f"holder:{node}"))
             row = await cur.fetchone()
+            # (a claim lost with a restore of the database: the line check says so)
+            if self._claimed is not None and self._claimed[0] == node and _claim_stands(
+                    row[1] if row else None, self._claimed) is False:
+                raise NodeNameTaken(
+                    f"another process took the name of node {node!r} (its lines are that "
+                    "process's to write now): nothing is written or signed here")
             if not (row and row[0]):
                 raise AuditLinesMissing(
                     first_seq - 1, f"PostgreSQL lacks line {first_seq - 1} of the audit log "
