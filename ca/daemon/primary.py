@@ -950,13 +950,12 @@ def _check_against_inventory(config: Config, lines: int) -> None:
     PostgreSQL is the record, and the file is made level with it first.) `lines`: the
     log's count, or below 0 when its tail cannot say (opening it will)."""
     from ca.store.sqlite import latest_audit_seq
-    seq = latest_audit_seq(config.db_path) if lines >= 0 else None
-    if seq is not None and seq >= lines:
+    evidence = latest_audit_seq(config.db_path) if lines >= 0 else None
+    if evidence is not None and evidence[0] >= lines:
         raise StartError(
             f"the audit log {config.audit_log} has {lines} lines, but the inventory "
-            f"({config.db_path}) records a certificate whose intent, or a checkpoint that "
-            f"covered, line {seq}: the log was cut or replaced (tampering or loss). Refusing "
-            "to start; restore the log and run `hsmca audit verify`")
+            f"({config.db_path}) {evidence[1]}: the log was cut or replaced (tampering "
+            "or loss). Refusing to start; restore the log and run `hsmca audit verify`")
 
 
 def _pin_mark(source: str) -> tuple[int, int, int] | None:

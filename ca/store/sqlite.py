@@ -612,12 +612,14 @@ def read_keys(path: Path) -> tuple[list[KeyRecord], dict[str | None, int]]:
         db.close()
 
 
-def latest_audit_seq(path: Path, recent: int = 1000) -> int | None:
+def latest_audit_seq(path: Path, recent: int = 1000) -> tuple[int, str] | None:
     """The highest audit line a certificate of the inventory at `path` names (the seq
     of its intent), among the last `recent` written, or the last line a checkpoint
     covered as the daemon noted it, whichever is higher: evidence of how long the CA's
-    log was, for a start-up that finds it shorter. None: no such certificate (or no
-    inventory yet, or one from before certificates named their lines)."""
+    log was, for a start-up that finds it shorter. With it, which of the two it is, in
+    words for the refusal (a trial could not tell from "a certificate's intent, or a
+    checkpoint"). None: no such certificate (or no inventory yet, or one from before
+    certificates named their lines)."""
     if not path.exists():
         return None
     db = _read_only(path)
@@ -636,7 +638,14 @@ def latest_audit_seq(path: Path, recent: int = 1000) -> int | None:
         return None
     finally:
         db.close()
-    found = [int(r[0]) for r in (row, seen) if r and r[0] is not None]
+    found = []
+    if row and row[0] is not None:
+        seq = int(row[0])
+        found.append((seq, f"records a certificate whose intent is the log's line {seq} "
+                           f"(seq, from 0)"))
+    if seen and seen[0] is not None:
+        seq = int(seen[0])
+        found.append((seq, f"noted a checkpoint of the log's first {seq + 1} lines"))
     return max(found) if found else None
 
 
