@@ -126,6 +126,11 @@ def test_status_says_how_the_daemon_is(daemon: Daemon) -> None:
     gone = f"https://127.0.0.1:{free_port()}"
     said = one_line_error(hsmca("status", *config, "--url", gone, check=False))
     assert gone in said and "is `hsmca serve` running there" in said, said
+    # --json still gives a monitor a document to read (a trial's got nothing on stdout)
+    down = hsmca("status", *config, "--url", gone, "--json", check=False)
+    assert down.returncode == 1 and json.loads(down.stdout) == {
+        "status": "unreachable", "url": gone, "error": said.removeprefix("hsmca: error: ")
+    }, down.stdout
 
     # A load balancer's own 503 page in front: one line, not a traceback (a review)
     import http.server

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ca.commands.args import exec_timeout_flag, serial_hex, warn
 from ca.decimal_text import is_decimal
-from ca.errors import CLIError, GaveUp
+from ca.errors import ClientError, CLIError, GaveUp
 
 if TYPE_CHECKING:  # the config and the HSM's library load when a command runs, not
     from ca.config import Config  # for the parser every command builds (a start's tenth)
@@ -82,13 +82,21 @@ def status(args: argparse.Namespace) -> int:
             raise CLIError(f"{url} took the connection, but /health did not answer within "
                            f"{STATUS_WAIT_S} s: a worker process may be stuck (the daemon's "
                            "log says; it kills one after [server] worker-timeout-s)") from None
-    health = asyncio.run(ask())
-    if not isinstance(health, dict) or not isinstance(health.get("status"), str) or \
-            "type" in health:
-        # A load balancer's own 503 page, or a problem of a proxy: not the daemon's words
-        # (a review's got a traceback)
-        raise CLIError(f"GET {url}/health: the answer is not the daemon's health (a proxy "
-                       f"or load balancer in front?): {str(health)[:100]!r}")
+    try:
+        health = asyncio.run(ask())
+        if not isinstance(health, dict) or not isinstance(health.get("status"), str) or \
+                "type" in health:
+            # A load balancer's own 503 page, or a problem of a proxy: not the daemon's
+            # words (a review's got a traceback)
+            raise CLIError(f"GET {url}/health: the answer is not the daemon's health (a "
+                           f"proxy or load balancer in front?): {str(health)[:100]!r}")
+    except (CLIError, ClientError) as exc:
+        if args.json:
+            # A monitor that reads --json got nothing on stdout when the daemon was down
+            # (a trial): a document still comes, the line to stderr as well.
+            print(json.dumps({"status": "unreachable", "url": url, "error": str(exc)},
+                             indent=2))
+        raise
     if args.json:
         print(json.dumps(health, indent=2))
     else:
@@ -628,10 +636,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                         "audit log, inventory and worker processes, as GET /health says "
                         "(a load balancer asks /health itself). Exit status 0 when /health "
                         "says ok, 1 when a part is not (the line says why), 1 with one line "
-                        "when nothing answers. A worker that cannot start is said in "
+                        "when nothing answers (with --json, also a document whose status "
+                        "is \"unreachable\"). A worker that cannot start is said in "
                         "'workers' with status ok: the node still serves.")
     admin_flags(st)
-    st.add_argument("--json", action="store_true", help="print /health's JSON as it is")
+    st.add_argument("--json", action="store_true",
+                    help="print /health's JSON as it is; when nothing answers, "
+                    "{\"status\": \"unreachable\", \"url\": ..., \"error\": ...} and exit 1")
     st.set_defaults(command_key="status")
 
     v = sub.add_parser("revoke", help="revoke a certificate (admin, or your own)",
