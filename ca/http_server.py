@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import asyncio.sslproto
 import json
+import re
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -35,6 +36,7 @@ from aiohttp import hdrs, http_exceptions, web
 from aiohttp.streams import StreamReader
 
 from ca.config import REQUEST_TIMEOUT_S
+from ca.http_body import ACCEPTED, unsupported_coding
 from ca.listener import Listener, OnRefused, Places, listening_sockets
 from ca.logs import http_server_logger
 from ca.server.problems import TYPE_BASE, problem
@@ -60,8 +62,6 @@ _WHAT = {
                                    "header that may appear once given twice)",
     http_exceptions.ContentLengthError: "the body does not match its Content-Length",
     http_exceptions.TransferEncodingError: "the body is not valid chunked encoding",
-    http_exceptions.ContentEncodingError: "the body's Content-Encoding is one this "
-                                          "server cannot decode (send it uncompressed)",
 }
 
 
@@ -225,6 +225,15 @@ class _ProblemRequestHandler(web.RequestHandler):
             answer = problem(status, "Internal Server Error",
                              "an unexpected error occurred; the operator can find it in "
                              "the logs", "internal")
+        elif isinstance(exc, http_exceptions.ContentEncodingError):
+            # br or zstd, whose decoder aiohttp does not have: the client's coding, not
+            # its HTTP (RFC 9110 15.5.16), as read_body answers the codings aiohttp does
+            # not know at all. The request's headers are gone by now; aiohttp's text
+            # names the coding: "... brotli (br). Please install ...".
+            named = re.search(r"\((\w+)\)", str(exc))
+            answer = problem(415, "Unsupported Media Type",
+                             unsupported_coding(named[1] if named else None),
+                             "unsupported-media-type", headers={"Accept-Encoding": ACCEPTED})
         else:
             answer = problem(status, "Bad Request", f"{_what(exc)}; nothing was done",
                              "not-http")

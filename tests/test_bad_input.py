@@ -366,6 +366,12 @@ def corpus() -> list[Case]:
             ("deflate", "tokens", "/v1/tokens", "admin", JSON["Content-Type"])]:
         add(Case(f"{what} {coding} that is not", "POST", path, 400, "bad-request", who,
                  data=b"garbage", headers={"Content-Type": ctype, "Content-Encoding": coding}))
+    # A coding the server does not decode at all: 415, which RFC 9110 (15.5.16) gives
+    # an unsupported content coding, not not-http's 400 (an API trial)
+    for coding in ("br", "zstd", "compress"):
+        add(Case(f"enroll {coding} not decoded", "POST", "/v1/x509/enroll", 415,
+                 "unsupported-media-type", "token", data=b"garbage",
+                 headers={"Content-Type": JSON["Content-Type"], "Content-Encoding": coding}))
     add(Case("expect 42-foo", "POST", "/v1/x509/enroll", 417, "expectation-failed", "none",
              {}, headers={"Expect": "42-foo"}))
     for path in ["/v1/nothing", "/v1/x509/../../etc/passwd", "/%2e%2e/%2e%2e/etc/passwd",
@@ -448,6 +454,9 @@ async def test_bad_request_gets_a_problem(served: Served, case: Case) -> None:
         assert problem["status"] == r.status
         if r.status == 405:  # which methods do work (RFC 9110 15.5.6)
             assert case.method not in r.headers.get("Allow", case.method), r.headers
+        if "not decoded" in case.what:  # the codings taken (RFC 9110 15.5.16), and its own
+            assert r.headers.get("Accept-Encoding") == "gzip, deflate", r.headers
+            assert repr(headers["Content-Encoding"]) in problem["detail"], problem
         if case.kind == "bad-token" or case.what.startswith("est enroll no credentials"):
             # which scheme would do (RFC 9110 11.6.1); EST clients speak HTTP Basic
             assert r.headers.get("WWW-Authenticate") == (

@@ -194,7 +194,7 @@ def acme_route(fn: Handler) -> Handler:
                       else own or exc.reason)
             resp = _problem_response(AcmeProblem(
                 "malformed", detail, exc.status_code,
-                {k: v for k, v in exc.headers.items() if k == "Allow"}))
+                {k: v for k, v in exc.headers.items() if k in ("Allow", "Accept-Encoding")}))
         except UnicodeError:  # a client's text that no encoder takes
             resp = _problem_response(AcmeProblem("malformed", NOT_UNICODE))
         except ConnectionResetError:

@@ -124,8 +124,10 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             detail = f"{request.method} is not allowed on {request.path}"
         elif exc.status_code == 404:
             detail = f"no such endpoint: {request.path[:200]}" + _hint(request)
-        # A 405 names the methods that work (Allow: RFC 9110 15.5.6), a 401 its scheme.
-        kept = {k: v for k, v in exc.headers.items() if k in ("Allow", "WWW-Authenticate")}
+        # A 405 names the methods that work (Allow: RFC 9110 15.5.6), a 401 its scheme,
+        # a 415 of a coding names those taken (Accept-Encoding: RFC 9110 15.5.16).
+        kept = {k: v for k, v in exc.headers.items()
+                if k in ("Allow", "WWW-Authenticate", "Accept-Encoding")}
         return problem(exc.status_code, TITLES.get(exc.status_code, exc.reason), detail,
                        headers=kept or None)
     except UnicodeError as exc:  # a client's text no encoder takes, past every parser's check
