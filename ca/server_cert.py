@@ -133,23 +133,35 @@ def _read(config: Config, setting: str, path: Path, kind: str,
         raise _not_the_listeners(config, setting, path, f"holds no {kind}") from None
 
 
+def listener_cert(config: Config, issuers: Sequence[x509.Certificate]
+                  ) -> x509.Certificate | None:
+    """The listener's certificate, None when there is none yet; NotTheListeners when
+    its file holds none, or one no issuing key of this CA (`issuers`, the keyring's)
+    signed. Asked before the start's `daemon.start` line too: a trial's start on
+    another CA's pair logged the start, then refused."""
+    if not config.tls_cert.exists():
+        return None
+    cert = _read(config, "tls-cert", config.tls_cert, "PEM certificate",
+                 lambda data: x509.load_pem_x509_certificates(data)[0])
+    if not _ours(config, cert, issuers):
+        raise _not_the_listeners(config, "tls-cert", config.tls_cert, (
+            f"holds a certificate this CA did not issue ({cert.issuer.rfc4514_string()}): "
+            "the listener presents a certificate of its own issuing CA, which the "
+            "clients' --ca root.pem verifies"))
+    return cert
+
+
 def _needs_renewal(config: Config, now: dt.datetime, issuer: x509.Certificate,
                    issuers: Sequence[x509.Certificate] = ()) -> str | None:
     """Why the listener's pair is to be renewed, or None; `issuer` the current issuing
     CA certificate, `issuers` the keyring's others."""
     one_missing(config)
     listener_files(config)
-    if not config.tls_cert.exists():
+    cert = listener_cert(config, [issuer, *issuers])
+    if cert is None:
         return "no certificate yet (both files gone)"  # made anew, as one_missing says
-    cert = _read(config, "tls-cert", config.tls_cert, "PEM certificate",
-                 lambda data: x509.load_pem_x509_certificates(data)[0])
     key = _read(config, "tls-key", config.tls_key, "unencrypted PEM private key",
                 lambda data: load_pem_private_key(data, None))
-    if not _ours(config, cert, [issuer, *issuers]):
-        raise _not_the_listeners(config, "tls-cert", config.tls_cert, (
-            f"holds a certificate this CA did not issue ({cert.issuer.rfc4514_string()}): "
-            "the listener presents a certificate of its own issuing CA, which the "
-            "clients' --ca root.pem verifies"))
     if cert.public_key() != key.public_key():
         return "certificate and key do not match"
     try:

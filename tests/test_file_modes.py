@@ -233,6 +233,10 @@ def test_serve_never_overwrites_a_file_the_listener_paths_name_that_is_not_its_o
         with sqlite3.connect(ca.state / "hsmca.sqlite3") as db:
             return db.execute("SELECT serial, role FROM certs ORDER BY serial").fetchall()
     issued = certificates()
+
+    def starts() -> int:  # a refused start logs none (one on another CA's pair did)
+        return (ca.state / "audit" / "log.jsonl").read_text().count('"daemon.start"')
+    started = starts()
     for settings, setting, why in cases:
         for key in ("tls-cert", "tls-key"):
             set_config(ca.state, "server", key, str(settings.get(
@@ -247,7 +251,7 @@ def test_serve_never_overwrites_a_file_the_listener_paths_name_that_is_not_its_o
         assert ("remove both files" in said) == ("this CA did not issue" in why or
                                                   "holds no" in why), said
         assert {f: f.read_bytes() for f in files} == before, settings
-        assert certificates() == issued, settings
+        assert certificates() == issued and starts() == started, settings
     # The listener's own files again: it serves, and the inventory is whole.
     set_config(ca.state, "server", "tls-cert", str(ca.state / "tls" / "server.pem"))
     set_config(ca.state, "server", "tls-key", str(ca.state / "tls" / "server.key"))

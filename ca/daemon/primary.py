@@ -74,7 +74,7 @@ from ca.policy import Reason, Refused
 from ca.process import raise_fd_limit, settle_heap
 from ca.revocation.from_log import complete_from_log
 from ca.revocation.ocsp import OCSPRefresher, OCSPSigner
-from ca.server_cert import ensure_server_cert, listener_files, one_missing
+from ca.server_cert import ensure_server_cert, listener_cert, listener_files, one_missing
 from ca.store import Store, clustered, open_store, refuse_another_files_wal
 from ca.store.errors import StoreUnavailable
 from ca.store.sqlite import SQLiteStore, damaged_error
@@ -566,6 +566,7 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         # This host's copies of the public files follow the inventory: a key rotated
         # through another node, or while this host was away.
         await asyncio.to_thread(write_chain_files, config.root_pem.parent, keys.issuers)
+        listener_cert(config, [i.cert for i in (await keys.refresh()).x509.values()])
         migrated = {} if store.migrated_from is None else {"schema_from": store.migrated_from}
         await audit.append("daemon.start", version=__version__, schema=store.schema_version,
                            **migrated, pid=os.getpid(), workers=count,
