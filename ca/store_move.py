@@ -47,7 +47,7 @@ from ca.daemon.keys import load_issuers
 from ca.fileutil import write_atomic
 from ca.issuance.pipeline import SigningPipeline
 from ca.revocation.from_log import complete_from_log
-from ca.store import open_store
+from ca.store import open_store, refuse_another_files_wal
 from ca.store.errors import CAExists, StoreUnavailable
 from ca.store.sqlite import export_inventory
 
@@ -93,6 +93,9 @@ async def move(config: Config, url: str) -> Moved:
     new_config = _config_with_store(config.path, url)  # checked before anything moves
     if not config.db_path.exists() and not config.moved_db_path.exists():
         raise MoveError(f"no SQLite inventory at {config.db_path}")
+    # Before the audit log's store.move line and anything PostgreSQL is asked: the move
+    # reached this refusal only when it opened the inventory, its line written (a trial).
+    refuse_another_files_wal(config.db_path)
     if config.softhsm_conf:
         os.environ["SOFTHSM2_CONF"] = config.softhsm_conf
     audit_key = load_pem_public_key(config.audit_key_pem.read_bytes())

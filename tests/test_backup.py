@@ -308,6 +308,14 @@ def test_a_restored_inventory_is_not_mended_with_the_killed_daemons_write_ahead_
         "hsmca.sqlite3-shm" in said and "Traceback" not in proc.stderr, proc.stderr
     # untouched by the start it refused
     assert (ca.state / "hsmca.sqlite3").read_bytes() == (out / "hsmca.sqlite3").read_bytes()
+    # and by a move into PostgreSQL, refused as first (a trial's wrote its line in the
+    # log, then refused on opening the inventory): here, before asking PostgreSQL
+    log = (ca.state / "audit" / "log.jsonl").read_bytes()
+    moved = hsmca("store", "move", "--config", ca.state / "hsmca.toml", "--yes",
+                  "--store-url", "postgresql://hsmca@127.0.0.1:1/ca", check=False)
+    assert moved.returncode == 1 and moved.stderr.count("\n") == 1 and \
+        f"{wal} is beside it" in moved.stderr, moved.stderr
+    assert (ca.state / "audit" / "log.jsonl").read_bytes() == log
 
     wal.unlink()
     (ca.state / "hsmca.sqlite3-shm").unlink(missing_ok=True)
