@@ -207,3 +207,29 @@ async def test_health_names_a_write_of_the_primarys_own_lines_that_postgresql_ho
         await asyncio.to_thread(holder.execute, "DROP TRIGGER IF EXISTS held ON audit_lines")
         for conn in (holder, watcher):
             await asyncio.to_thread(conn.close)
+
+
+async def test_health_names_a_lock_another_session_holds_on_the_cas_tables(
+        held: tuple[Cluster, Daemon]) -> None:
+    """A PostgreSQL trial locked a table of the CA from psql (as `CREATE INDEX` or
+    `VACUUM FULL` does): every issuance waited, and /health said "ok". It says which
+    table, which lock and whose session, and is healthy again once it is released."""
+    import psycopg
+    c, node = held
+    locker = await asyncio.to_thread(psycopg.connect, c.url)  # its transaction held open
+    try:
+        pid = await asyncio.to_thread(
+            lambda: locker.execute("SELECT pg_backend_pid()").fetchone()[0])
+        await asyncio.to_thread(locker.execute, "LOCK TABLE certs IN SHARE MODE")
+        status, _, body = await call("GET", f"{node.url}/health", node.ssl())
+        assert status == 503, body
+        assert json.loads(body)["store"] == (
+            f"unavailable: writes wait on a lock another session holds (certs: ShareLock of "
+            f"PostgreSQL session {pid}), so nothing is signed until it is released: see "
+            "pg_locks and pg_stat_activity for what it runs"), body
+        await asyncio.to_thread(locker.rollback)
+        status, _, body = await call("GET", f"{node.url}/health", node.ssl())
+        assert status == 200 and json.loads(body)["store"] == "ok", body
+    finally:
+        await asyncio.to_thread(locker.rollback)
+        await asyncio.to_thread(locker.close)

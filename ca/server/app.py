@@ -171,11 +171,15 @@ async def store_state(store: Store, generations: Generations) -> str:
                 "backup (docs/operator.md, Backup and restore)")
     try:
         await asyncio.wait_for(store.probe(), timeout=2.0)
+        held = await asyncio.wait_for(store.writes_held(), timeout=2.0) \
+            if store.healthy else None
     except StoreUnavailable:
-        pass  # `healthy` below says so
+        held = None  # `healthy` below says so
     except TimeoutError:  # a database that hangs takes requests' time as well
         # with why the last attempt failed, when it is known (a refused password)
         return f"unavailable: {store.problem or 'no answer within 2 s'}"
+    if held is not None:
+        return f"unavailable: {held}"
     return "ok" if store.healthy else f"unavailable: {store.problem or 'not answering'}"
 
 

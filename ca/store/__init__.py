@@ -86,6 +86,11 @@ class Store(Protocol):
         it; raises StoreUnavailable when it does not."""
         ...
 
+    async def writes_held(self) -> str | None:
+        """Why the CA's writes wait on another session's lock, for /health; None when
+        they do not (PostgreSQL's is asked; a SQLite file's writers are this daemon's)."""
+        ...
+
     def close(self) -> None: ...
 
     # ---- bootstrap tokens (only the SHA-256 of a secret is ever stored) ------------------

@@ -220,6 +220,30 @@ class _NoAnswer(Exception):
     """A call PostgreSQL did not answer within the store's answer timeout."""
 
 
+# The tables a certificate's issuance writes (its audit lines, its row, its OCSP
+# responses, the token it spends, the change counters), and how long /health waits for
+# a writer's lock on them before it asks who holds it.
+WRITTEN_TABLES = ("audit_lines", "certs", "ssh_certs", "ocsp_responses", "tokens",
+                  "changes", "meta")
+HELD_LOOK_MS = 300
+# Who holds a lock that a writer's ROW EXCLUSIVE waits for, on those tables.
+_HOLDERS = """
+SELECT c.relname, l.mode, l.pid FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
+ WHERE l.granted AND l.pid <> pg_backend_pid() AND c.relname = ANY(%s)
+   AND c.relnamespace = current_schema()::regnamespace
+   AND l.mode IN ('ShareLock', 'ShareRowExclusiveLock', 'ExclusiveLock',
+                  'AccessExclusiveLock')
+ ORDER BY c.relname, l.pid"""
+
+
+def _held_words(rows: Sequence[tuple[Any, ...]]) -> str:
+    """/health's words for the locks that hold writes back."""
+    who = "; ".join(f"{table}: {mode} of PostgreSQL session {pid}"
+                    for table, mode, pid in rows[:3]) or "a lock another session holds"
+    return (f"writes wait on a lock another session holds ({who}), so nothing is signed "
+            "until it is released: see pg_locks and pg_stat_activity for what it runs")
+
+
 class _Undo(Exception):
     """Raised inside a transaction to roll it back and hand `value` to the caller."""
 
@@ -515,6 +539,24 @@ class PostgresStore:
         database came back is healthy again before any other request reaches it (a
         load balancer sends none to a node its health check marked down)."""
         await self._rows("SELECT 1")
+
+    async def writes_held(self) -> str | None:
+        """Whether another session holds a lock that stops this CA's writes (for
+        /health): a DBA's `LOCK TABLE`, `VACUUM FULL` or `CREATE INDEX` on certs, say,
+        held every renewal while /health said "ok" (a PostgreSQL trial). Asked as a
+        writer asks, with a lock no reader or writer of the CA's conflicts with, given
+        up on after a moment and rolled back: which table waits, and who holds it."""
+        async def look(db: Conn) -> str | None:  # (its answer comes in _Undo)
+            await db.execute(f"SET LOCAL lock_timeout = {HELD_LOOK_MS}")
+            try:
+                async with db.transaction():
+                    await db.execute(f"LOCK TABLE {', '.join(WRITTEN_TABLES)} IN ROW "
+                                     "EXCLUSIVE MODE")
+            except psycopg.errors.LockNotAvailable:
+                cur = await db.execute(_HOLDERS, (list(WRITTEN_TABLES),))
+                raise _Undo(_held_words(await cur.fetchall())) from None
+            raise _Undo(None)
+        return await self._tx(look, bounded=True)
 
     def close(self) -> None:
         if self._closed:

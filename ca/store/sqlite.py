@@ -815,6 +815,9 @@ class SQLiteStore:
                 "daemon and restore the newest backup (docs/operator.md, \"Backup and "
                 "restore\")")
 
+    async def writes_held(self) -> str | None:
+        return None  # its writers are this daemon's own processes
+
     async def probe(self) -> None:
         """A file in this process: `healthy` says whether its writer runs and its last
         transaction committed, and whether the file is still at its path. After one
