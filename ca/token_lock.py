@@ -12,7 +12,10 @@ files are: a rehearsal on a copy of the token directory uses its own) and the to
 label. It guards this host only: a second host reaching the same network HSM is the
 operator's to prevent. Nodes of a cluster share their keys by design, and take no
 such lock. Where no lock file can be made, or the one there is another user's, the
-guard is skipped: it must never keep the CA itself from starting.
+guard is skipped: it must never keep the CA itself from starting. It is skipped out
+loud (`Skipped`, which the daemon logs as a warning): the documented systemd unit once
+left /run/lock read-only, and a new-user trial's restored copy then served beside the
+live CA with nothing said.
 """
 
 from __future__ import annotations
@@ -34,6 +37,14 @@ class TokenInUse(CLIError):
 
 
 @dataclass(frozen=True)
+class Skipped:
+    """No lock was taken, so a copy of the CA started on this host is not refused:
+    why, in words for the daemon's warning."""
+
+    why: str
+
+
+@dataclass(frozen=True)
 class TokenLock:
     """The lock `hold_token` took: its file, and the descriptor that holds it."""
 
@@ -50,17 +61,18 @@ class TokenLock:
 
 
 def hold_token(module: str, softhsm_conf: str | None, token: str, state_dir: Path,
-               lock_dir: Path = LOCK_DIR) -> TokenLock | None:
-    """Lock the token for this process (held while it serves; None where no lock file
-    can be made); TokenInUse if another process holds it."""
+               lock_dir: Path = LOCK_DIR) -> TokenLock | Skipped | None:
+    """Lock the token for this process (held while it serves); Skipped where no lock
+    can be taken, None where this CA's own state directory holds it (its audit log's
+    lock says so); TokenInUse if another process holds it."""
     conf = softhsm_conf or os.environ.get("SOFTHSM2_CONF", "")
     ident = "\0".join([os.path.realpath(module), os.path.realpath(conf) if conf else "",
                        token])
     path = lock_dir / f"hsmca-token-{hashlib.sha256(ident.encode()).hexdigest()[:24]}.lock"
     for _ in range(3):  # the file removed under us by the holder's close: again
         fd = _locked(path, module, token, state_dir)
-        if fd is None:
-            return None
+        if fd is None or isinstance(fd, Skipped):
+            return fd
         try:
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
@@ -71,20 +83,23 @@ def hold_token(module: str, softhsm_conf: str | None, token: str, state_dir: Pat
             os.pwrite(fd, said, 0)
             return TokenLock(path, fd)
         os.close(fd)
-    return None
+    return Skipped(f"{path} was removed again and again as it was locked")
 
 
-def _locked(path: Path, module: str, token: str, state_dir: Path) -> int | None:
-    """The lock file, open and locked; None where it cannot be (best effort)."""
+def _locked(path: Path, module: str, token: str, state_dir: Path) -> int | Skipped | None:
+    """The lock file, open and locked; Skipped where it cannot be (best effort); None
+    where this state directory's daemon holds it."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
-    except OSError:
-        return None  # no /run/lock here, or another user's file: best effort
+    except OSError as exc:  # no /run/lock here, or one this user may not write
+        return Skipped(f"{path} cannot be made ({exc.strerror or exc}): let the daemon's "
+                       f"user write {path.parent} (with systemd, ReadWritePaths={path.parent})")
     if os.fstat(fd).st_uid != os.geteuid():
         # Made by another user (/run/lock is everyone's): trusted, it would let anyone
         # who can guess its name keep the CA from starting. Only the guard is lost.
         os.close(fd)
-        return None
+        return Skipped(f"{path} is another user's file (uid {os.stat(path).st_uid}): "
+                       "remove it, with the daemon stopped")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -99,7 +114,7 @@ def _locked(path: Path, module: str, token: str, state_dir: Path) -> int | None:
             "beside the CA it copies; to rehearse a restore, give the copy a copy of the "
             "token directory through its own [hsm] softhsm-conf (docs/operator.md, 'One "
             "CA at a time')") from None
-    except OSError:
+    except OSError as exc:
         os.close(fd)
-        return None
+        return Skipped(f"{path} cannot be locked ({exc.strerror or exc})")
     return fd

@@ -9,6 +9,7 @@ the backup is missing, as the command said it would be.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import sqlite3
@@ -246,7 +247,7 @@ def test_the_token_lock_is_skipped_rather_than_trusted_when_another_user_made_it
         tmp_path: Path) -> None:
     """/run/lock is everyone's: a lock file someone else made there (its name can be
     guessed) must not keep the CA from starting; one of the CA's own user is held."""
-    from ca.token_lock import TokenInUse, hold_token
+    from ca.token_lock import Skipped, TokenInUse, hold_token
     args = ("/usr/lib/softhsm/libsofthsm2.so", None, "ca-token", tmp_path)
     held = hold_token(*args, lock_dir=tmp_path)
     assert held is not None
@@ -261,7 +262,40 @@ def test_the_token_lock_is_skipped_rather_than_trusted_when_another_user_made_it
     assert again is not None and again.path == lock
     os.close(again.fd)  # as a kill leaves it: the file stays, unlocked
     os.chown(lock, 65534, 65534)  # another user's now
-    assert hold_token(*args, lock_dir=tmp_path) is None
+    skipped = hold_token(*args, lock_dir=tmp_path)
+    assert isinstance(skipped, Skipped) and skipped.why == (
+        f"{lock} is another user's file (uid 65534): remove it, with the daemon stopped")
+    # a lock directory the daemon may not write (the documented unit's /run/lock was
+    # read-only: a new-user trial)
+    skipped = hold_token(*args, lock_dir=tmp_path / "no-such")
+    assert isinstance(skipped, Skipped) and "cannot be made (No such file or directory): " \
+        f"let the daemon's user write {tmp_path / 'no-such'}" in skipped.why, skipped
+
+
+def test_a_start_that_cannot_take_the_token_lock_says_so(tmp_path: Path) -> None:
+    """The documented systemd unit left /run/lock read-only, and a restored copy served
+    beside the live CA with nothing said (a new-user trial). A start without the lock
+    warns that a copy would not be refused, and why."""
+    import hashlib
+
+    from ca.config import load
+    from ca.token_lock import LOCK_DIR
+    ca = init_ca(tmp_path)
+    config = load(ca.state / "hsmca.toml")
+    conf = config.softhsm_conf or os.environ.get("SOFTHSM2_CONF", "")
+    ident = "\0".join([os.path.realpath(config.hsm.module), os.path.realpath(conf),
+                       config.hsm.token])
+    lock = LOCK_DIR / f"hsmca-token-{hashlib.sha256(ident.encode()).hexdigest()[:24]}.lock"
+    lock.touch()
+    try:
+        os.chown(lock, 65534, 65534)  # another user's: not trusted, so not taken
+        d = start_daemon(ca.state)
+        assert d.stop() == 0
+    finally:
+        lock.unlink()
+    [said] = [json.loads(line) for line in d.stderr
+              if "the token's lock on this host could not be taken" in line]
+    assert said["level"] == "warning" and said["why"].startswith(f"{lock} is another user's")
 
 
 def test_a_restored_inventory_is_not_mended_with_the_killed_daemons_write_ahead_log(

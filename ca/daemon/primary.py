@@ -79,7 +79,7 @@ from ca.store import Store, clustered, open_store, refuse_another_files_wal
 from ca.store.errors import StoreUnavailable
 from ca.store.sqlite import SQLiteStore, damaged_error
 from ca.subject import spki_sha256
-from ca.token_lock import TokenLock, hold_token
+from ca.token_lock import Skipped, TokenLock, hold_token
 from hsm.errors import AuditUnavailable, HSMError
 from hsm.session import KeyInfo, describe_source
 
@@ -462,8 +462,13 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         # Before the log is opened (which may rebuild its tiles): no copy of this CA
         # serves beside it on this host (a second serve of this state directory is
         # told so by the log's lock).
-        token_held = None if config.cluster else hold_token(
+        held = None if config.cluster else hold_token(
             config.hsm.module, config.softhsm_conf, config.hsm.token, config.state_dir)
+        if isinstance(held, Skipped):
+            log.warning("the token's lock on this host could not be taken, so a copy of "
+                        "this CA (a restored backup) started here would not be refused "
+                        "(docs/operator.md, 'One CA at a time')", why=held.why)
+        token_held = held if isinstance(held, TokenLock) else None
         # A node stopped during the audit key's rotation: see _open_audit.
         audit = _open_audit(config, audit_key if store is None else
                             await keys_to_open_with(config.audit_key_pem, store),
