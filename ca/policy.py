@@ -28,7 +28,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa
 
 from ca.decimal_text import is_decimal
@@ -495,6 +495,7 @@ def check_subject_key(key: object) -> str:
         raise Refused(f"EC curve {key.curve.name} is not accepted (use P-256 or P-384)",
                       Reason.BAD_KEY)
     if isinstance(key, ed25519.Ed25519PublicKey):
+        check_ed25519(key)
         return "ed25519"
     if isinstance(key, rsa.RSAPublicKey):
         check_rsa(key, 2048, 8192)
@@ -504,6 +505,15 @@ def check_subject_key(key: object) -> str:
     raise Refused(f"key type {type(key).__name__.removesuffix('PublicKey')} is not accepted "
                   "(use EC P-256 or P-384, Ed25519, or RSA of 2048 to 8192 bits)",
                   Reason.BAD_KEY)
+
+
+def check_ed25519(key: ed25519.Ed25519PublicKey) -> None:
+    """Refuse an Ed25519 "key" anyone can sign for (ca/ed25519_points.py)."""
+    from ca.ed25519_points import weakness
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    if (why := weakness(raw)) is not None:
+        raise Refused(f"this Ed25519 public key {why}: generate a key pair (ssh-keygen -t "
+                      "ed25519, openssl genpkey -algorithm ED25519)", Reason.BAD_KEY)
 
 
 def check_rsa(key: rsa.RSAPublicKey, min_bits: int, max_bits: int) -> None:

@@ -20,7 +20,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from ca.policy import Reason, Refused, check_rsa
+from ca.policy import Reason, Refused, check_ed25519, check_rsa
 
 SSH_CURVES = {"secp256r1", "secp384r1", "secp521r1"}
 
@@ -64,7 +64,9 @@ def parse_public_key(text: object) -> SSHPublicKey:
     elif isinstance(key, ec.EllipticCurvePublicKey):
         if key.curve.name not in SSH_CURVES:
             raise Refused(f"EC curve {key.curve.name} is not accepted", Reason.BAD_KEY)
-    elif not isinstance(key, ed25519.Ed25519PublicKey):
+    elif isinstance(key, ed25519.Ed25519PublicKey):
+        check_ed25519(key)
+    else:
         raise Refused(f"key type {kind} is not accepted", Reason.BAD_KEY)
     line = key.public_bytes(serialization.Encoding.OpenSSH,
                             serialization.PublicFormat.OpenSSH).decode()

@@ -92,6 +92,33 @@ def x400_san_csr() -> str:
     return der_to_pem(tlv(0x30, tbs + alg + tlv(0x03, b"\x00" + sig)))
 
 
+# Ed25519 "keys" of small order, for which R = the point, S = 0 is a signature of
+# every message (an SSH trial logged in to sshd as root with such a certificate
+# alone): the identity, and a point of order 8.
+SMALL_ORDER = [bytes.fromhex("01" + "00" * 31), bytes.fromhex(
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05")]
+
+
+def ssh_ed25519_line(raw: bytes) -> str:
+    blob = b"".join(len(x).to_bytes(4, "big") + x for x in (b"ssh-ed25519", raw))
+    return "ssh-ed25519 " + base64.b64encode(blob).decode()
+
+
+def small_order_csr(names: list[str]) -> str:
+    """A CSR of the identity point, its signature (R = the identity, S = 0) valid: a
+    real key's CSR with both swapped, as the lengths are the same."""
+    key = ed25519.Ed25519PrivateKey.generate()
+    der = pem_der(csr_pem(names, key))
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw,
+                                        serialization.PublicFormat.Raw)
+    signature = parse_csr(csr_pem(names, key)).signature  # (Ed25519: the same each time)
+    assert der.count(raw) == 1 and der.endswith(signature)
+    der = der.replace(raw, SMALL_ORDER[0])
+    forged = der_to_pem(der[:-64] + SMALL_ORDER[0] + bytes(32))
+    assert parse_csr(forged).is_signature_valid  # what makes the key a bearer's
+    return forged
+
+
 def der_to_pem(der: bytes) -> str:
     return ("-----BEGIN CERTIFICATE REQUEST-----\n" + base64.encodebytes(der).decode()
             + "-----END CERTIFICATE REQUEST-----\n")
@@ -211,7 +238,9 @@ def corpus() -> list[Case]:
             ("csr ip not granted", {"csr": csr_pem(["10.9.9.9"])}, 403, "name-not-granted"),
             ("ttl too long", {"csr": good, "ttl": "400d"}, 400, "lifetime-too-long"),
             ("ttl type", {"csr": good, "ttl": ["1h"]}, 400, "bad-field"),
-            ("no csr", {}, 400, "bad-field")]:
+            ("no csr", {}, 400, "bad-field"),
+            ("csr ed25519 small order", {"csr": small_order_csr(["ok.internal.example"])},
+             400, "bad-key")]:
         add(Case(f"enroll {what}", "POST", "/v1/x509/enroll", status, kind, "token", body))
     for auth in ["", "Bearer", "Bearer ", "Basic abc", "Bearer " + "x" * 5000,
                  "Bearer hsmca-ffff-forged", "Bearer \u00e9t\u00e9", "Bearer \udce9"]:
@@ -267,7 +296,12 @@ def corpus() -> list[Case]:
             ("type only", "ssh-ed25519", 400, "bad-request"),
             ("bad b64", "ssh-ed25519 ####", 400, "bad-key"),
             ("mismatched type", "ssh-rsa " + GOOD_SSH.split()[1], 400, "bad-key"),
-            ("huge", "ssh-ed25519 " + "A" * 20000, 400, "bad-request")]:
+            ("huge", "ssh-ed25519 " + "A" * 20000, 400, "bad-request"),
+            ("ed25519 identity", ssh_ed25519_line(SMALL_ORDER[0]), 400, "bad-key"),
+            ("ed25519 order 8", ssh_ed25519_line(SMALL_ORDER[1]), 400, "bad-key"),
+            ("ed25519 zeros", ssh_ed25519_line(bytes(32)), 400, "bad-key"),
+            ("ed25519 not on curve", ssh_ed25519_line(bytes.fromhex("ed" + "ff" * 30 + "7f")),
+             400, "bad-key")]:
         add(Case(f"ssh user key {what}", "POST", "/v1/ssh/user", status, kind, "user",
                  {"public_key": key}))
     for what, body, status, kind in [
@@ -290,6 +324,8 @@ def corpus() -> list[Case]:
                  {"public_key": GOOD_SSH, **body}))
     add(Case("ssh host other name", "POST", "/v1/ssh/host", 403, "principal-not-granted",
              "host", {"public_key": GOOD_SSH, "principals": ["other.example"]}))
+    add(Case("ssh host small-order key", "POST", "/v1/ssh/host", 400, "bad-key", "host",
+             {"public_key": ssh_ed25519_line(SMALL_ORDER[1])}))
     add(Case("ssh host as user", "POST", "/v1/ssh/host", 403, "wrong-role", "user",
              {"public_key": GOOD_SSH}))
     add(Case("ssh user as host", "POST", "/v1/ssh/user", 403, "wrong-role", "host",

@@ -141,7 +141,9 @@ def _verify(data: bytes, key: PinnedKey, latest_text: str | None,
             failure = earliest(failure, Failure(prefix.size - 1, Stage.PREFIX, (
                 f"rewritten: the first {prefix.size} lines no longer match {what} (a line "
                 f"at or before seq {prefix.size - 1} was changed, removed or inserted; "
-                "the log's own checkpoints narrow it down when they do not match)")))
+                "the log's own checkpoints narrow it down when they do not match; a CA "
+                "restored from a backup older than those lines forks its log so, after "
+                "the backup's last line)")))
     verified += latest is not None
 
     last_start = max(c.last_start for c in chunks)
