@@ -1584,7 +1584,10 @@ def _acme_revoke(ctx: Context, who: Requester, req: AcmeRevokeRequest) -> Revoke
         if not req.found or (req.owner_account != who.account_id and not req.authorized):
             # Not "not found": whether a serial exists is none of another account's business.
             raise Refused("this account may revoke only certificates issued to it, or ones "
-                          "whose names it holds valid authorizations for (RFC 8555 7.6)",
+                          "issued over ACME whose names it holds valid authorizations for "
+                          "(RFC 8555 7.6); a certificate the CA issued otherwise (a "
+                          "service's mutual-TLS identity) is revoked with its own key, as "
+                          "the signer of revokeCert, or by the CA's admin",
                           Reason.UNAUTHORIZED)
         if req.owner_account != who.account_id and reason not in (None,
                                                                   "cessationOfOperation"):

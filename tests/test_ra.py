@@ -825,6 +825,12 @@ def test_acme_revocation_by_the_account_or_the_certificate_key_only() -> None:
     theirs = dataclasses.replace(mine, owner_account="acct2")
     r = ra.decide(context(), acme_account(), theirs)
     assert isinstance(r, ra.Refusal) and r.reason is Reason.UNAUTHORIZED
+    # One the CA issued otherwise (no account owns it) is not an account's to revoke,
+    # whatever names it holds, and the refusal says so (an ACME trial was told only
+    # "ones whose names it holds valid authorizations for", and held them)
+    r = ra.decide(context(), acme_account(), dataclasses.replace(mine, owner_account=None))
+    assert isinstance(r, ra.Refusal) and r.reason is Reason.UNAUTHORIZED
+    assert "issued over ACME" in r.detail and "with its own key" in r.detail, r.detail
     by_key = ra.decide(context(), ra.CertKeyHolder("b" * 64), theirs)
     assert isinstance(by_key, ra.RevokeOrder)
     wrong_key = ra.decide(context(), ra.CertKeyHolder("c" * 64), theirs)
