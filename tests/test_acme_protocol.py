@@ -735,6 +735,18 @@ def test_one_eab_key_bound_by_racing_accounts_leaves_one_account_in_the_log(
               and x["voided"] == "acme.account.create" and x["voids"] in created}
     assert [a for seq, a in created.items() if seq not in voided] == [
         won.headers["Location"].rsplit("/", 1)[1]], (created, voided)
+    # Each loser is told what to do, and the operator's log names the key for each
+    # (an ACME trial: those that lost the race at the commit had neither)
+    for r in replies:
+        if r.status == 403:
+            assert "ask the CA's operator for a new EAB key" in r.json["detail"], r.json
+
+    def refusals() -> int:
+        return sum(1 for e in (json.loads(x) for x in list(world.ca.daemon.stderr)
+                               if x.startswith("{"))
+                   if e.get("event", "").startswith("ACME account refused: ")
+                   and e.get("kid") == kid)
+    assert world.ca.daemon.wait_stderr(lambda: refusals() >= 7) and refusals() == 7
 
 
 def test_a_refusal_does_not_tell_an_account_the_cas_lists(world: World) -> None:

@@ -384,10 +384,16 @@ async def new_account(request: web.Request) -> web.Response:
                    else "the same key was registered meanwhile", request.get("request_id"),
                    account=account.id)
         again = await server.store.acme_account_by_thumbprint(thumb)
-        if again is not None and kid is None:  # the same key registered meanwhile
+        if again is not None and again.eab_kid == kid:  # this key, registered meanwhile
             return _json(_account_obj(request, again), 200, url_of(request, f"acct/{again.id}"))
-        raise AcmeProblem("unauthorized", "the external account binding was used meanwhile",
-                          403)
+        # Said to the operator as every refused binding is, with its kid (a trial's
+        # registrations that lost the race left no such line)
+        log.info("ACME account refused: its external account binding is used (by another "
+                 "account's registration at the same moment)",
+                 request_id=request.get("request_id", "-"), kid=(kid or "")[:80])
+        raise AcmeProblem("unauthorized", "the external account binding was used meanwhile, "
+                          "by another account's registration: ask the CA's operator for a "
+                          "new EAB key (hsmca acme eab create)", 403)
     log.info("acme account created", account=account.id, eab_kid=kid,
              request_id=request.get("request_id"))
     return _json(_account_obj(request, account), 201, url_of(request, f"acct/{account.id}"))
