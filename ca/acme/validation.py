@@ -320,12 +320,23 @@ class Validator:
             raise Failed("tls", f"tls-alpn-01 for {name}: no certificate")
         try:
             cert = x509.load_der_x509_certificate(der)
-            sans = cert.extensions.get_extension_for_class(
-                x509.SubjectAlternativeName).value
-            ext = cert.extensions.get_extension_for_oid(ID_PE_ACME_IDENTIFIER)
-        except (ValueError, x509.ExtensionNotFound) as exc:
-            raise Failed("incorrectResponse", f"tls-alpn-01 for {name}: the certificate lacks "
-                         f"a SAN or the acmeIdentifier extension ({exc})") from None
+            extensions = cert.extensions
+        except ValueError:
+            raise Failed("incorrectResponse", f"tls-alpn-01 for {name}: the certificate "
+                         "cannot be parsed") from None
+        # Each missing part named in words (cryptography's text quoted an ObjectIdentifier
+        # object: an ACME trial)
+        try:
+            sans = extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            raise Failed("incorrectResponse", f"tls-alpn-01 for {name}: the certificate "
+                         "has no subjectAltName extension") from None
+        try:
+            ext = extensions.get_extension_for_oid(ID_PE_ACME_IDENTIFIER)
+        except x509.ExtensionNotFound:
+            raise Failed("incorrectResponse", f"tls-alpn-01 for {name}: the certificate "
+                         "has no acmeIdentifier extension (1.3.6.1.5.5.7.1.31, RFC 8737 "
+                         "3)") from None
         if list(sans) != [x509.DNSName(name)]:
             raise Failed("incorrectResponse", f"tls-alpn-01 for {name}: the certificate must "
                          f"name exactly {name}")
