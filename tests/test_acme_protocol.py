@@ -631,6 +631,14 @@ def test_a_key_revoked_for_compromise_is_refused_as_a_bad_csr(world: World) -> N
     assert "certbot: renew with --no-reuse-key once" in again.json["detail"], again.json
     fresh = c.finalize(order, ["kc.test"])  # a new key: the order is still ready for it
     assert fresh.status == 200, fresh.body
+    # Nor as an account's key, new or changed to (an ACME trial registered one with
+    # it), as Boulder refuses blocked keys: badPublicKey, which is the JWS key's
+    barred = Client(world.ca, key=jose.JWKEC(key=key))
+    r = barred.register(world.ca.eab("*.test"))
+    assert r.status == 400 and r.problem == "badPublicKey", r.body
+    assert "reported compromised" in r.json["detail"], r.json
+    r = key_change(c, jose.JWKEC(key=key))
+    assert r.status == 400 and r.problem == "badPublicKey", r.body
 
 
 def test_an_account_holding_every_name_may_revoke_a_certificate_it_did_not_order(

@@ -322,6 +322,16 @@ def _contact(value: object) -> tuple[str, ...]:
     return tuple(out)
 
 
+async def _not_compromised(request: web.Request, jwk: jose.JWK) -> None:
+    """badPublicKey for a key a certificate of which was revoked for keyCompromise, as
+    Boulder refuses blocked keys: its thief would otherwise hold an account (an ACME
+    trial registered one with such a key, which every CSR refuses)."""
+    _, compromised = await request.app[REVOCATIONS].compromised_keys.get()
+    if spki_sha256(acme_jws.crypto_key(jwk)) in compromised:
+        raise AcmeProblem("badPublicKey", "this key was reported compromised (a certificate "
+                          "of it was revoked for keyCompromise): make a new account key")
+
+
 @routes.post("/acme/new-account")
 @acme_route
 async def new_account(request: web.Request) -> web.Response:
@@ -338,6 +348,7 @@ async def new_account(request: web.Request) -> web.Response:
         return _json(_account_obj(request, existing), 200, url_of(request, f"acct/{existing.id}"))
     if body.get("onlyReturnExisting") is True:
         raise AcmeProblem("accountDoesNotExist", "no account has this key")
+    await _not_compromised(request, v.jwk)
     contact = _contact(body.get("contact"))
     now = utcnow()
     kid: str | None = None
@@ -467,6 +478,7 @@ async def key_change(request: web.Request) -> web.Response:
     if new_thumb == v.account.thumbprint:  # not "another account has it" (an ACME trial)
         raise AcmeProblem("malformed", "the new key is the account's current key: sign the "
                           "inner JWS with the key to change to")
+    await _not_compromised(request, new_jwk)
     other = await server.store.acme_account_by_thumbprint(new_thumb)
     if other is not None:
         raise AcmeProblem("malformed", "another account has the new key", 409,
