@@ -92,3 +92,37 @@ def test_without_bindings_one_address_makes_so_many_accounts_an_hour(
     # An account the operator bound is theirs to hand out: not counted.
     bound = Client(ca)  # type: ignore[arg-type]
     assert bound.register(ca.eab("x.test")).status == 201  # type: ignore[attr-defined]
+
+
+def test_with_bindings_optional_a_bound_account_is_not_held_by_its_addresss_failures(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """With eab-required = false, failed validations count per client address too, for
+    the accounts anyone may open; an ACME trial's account bound to an EAB key (one the
+    operator handed out, as a fleet behind one NAT has) was refused for failures of
+    other accounts at its address."""
+    ca = start_acme_ca(tmp_path_factory.mktemp("mixed"), ("a.test", "b.test", "c.test"),
+                       **{"eab-required": False, "failed-validations-per-hour": 2})
+    try:
+        def ready(client: Client, name: str) -> int:
+            """The client says it is ready for tls-alpn-01 on `name` (nothing listens
+            there, so it fails at once): the status of that request."""
+            order = client.order(name)
+            authz = client.post(order.json["authorizations"][0]).json
+            ch = next(c for c in authz["challenges"] if c["type"] == "tls-alpn-01")
+            status = client.post(ch["url"], {}).status
+            if status == 200:
+                assert client.wait_authz(order.json["authorizations"][0])["status"] == \
+                    "invalid"
+            return status
+
+        anyone = Client(ca)
+        assert anyone.register(None).status == 201
+        assert [ready(anyone, "a.test") for _ in range(3)] == [200, 200, 429]
+        other = Client(ca)  # another account anyone may open, at the same address
+        assert other.register(None).status == 201
+        assert ready(other, "b.test") == 429
+        bound = Client(ca)
+        assert bound.register(ca.eab("*.test")).status == 201
+        assert ready(bound, "c.test") == 200  # its own count only
+    finally:
+        assert ca.daemon.stop() == 0

@@ -532,14 +532,15 @@ RATE_SETTINGS = {"new-order": "orders-per-hour",
                  "new-account": "accounts-per-hour"}
 
 
-async def _rate(request: web.Request, kind: str, account_id: str, limit: int,
+async def _rate(request: web.Request, kind: str, account: AcmeAccount, limit: int,
                 take: bool) -> None:
     server = request.app[ACME]
     now = utcnow()
-    # Per client address too only where anyone may open accounts: with bindings, each
-    # account is one the operator handed out, and a fleet behind one NAT, proxy or load
-    # balancer would otherwise share one count that any account could use up.
-    keys = [f"account:{account_id}"] + ([] if server.cfg.eab_required
+    # Per client address too only for accounts anyone may open: one bound to an EAB key
+    # is one the operator handed out, and a fleet behind one NAT, proxy or load balancer
+    # would otherwise share one count that any account could use up (with eab-required
+    # = false, an ACME trial's unbound accounts used up a bound one's).
+    keys = [f"account:{account.id}"] + ([] if server.cfg.eab_required or account.eab_kid
                                         else [f"ip:{_client(request)}"])
     if take:
         over = await server.store.acme_rate_take(kind, keys, now, now - RATE_WINDOW, limit)
@@ -594,7 +595,7 @@ async def new_order(request: web.Request) -> web.Response:
     waiting = await server.store.acme_pending_authzs(v.account.id, now.isoformat())
     if waiting + len(grant.names) > cap:
         raise _too_many_pending(waiting, cap)
-    await _rate(request, "new-order", v.account.id, server.cfg.orders_per_hour, take=True)
+    await _rate(request, "new-order", v.account, server.cfg.orders_per_hour, take=True)
     expires = (now + ORDER_LIFETIME).isoformat()
     order_id = _new_id()
     authzs = []
@@ -795,7 +796,7 @@ async def challenge(request: web.Request) -> web.Response:
         if authz.status == "pending" and authz.expires <= utcnow().isoformat():
             raise AcmeProblem("malformed", "the authorization has expired")
         if ch.status == "pending":
-            await _rate(request, "failed-validation", v.account.id,
+            await _rate(request, "failed-validation", v.account,
                         server.cfg.failed_validations_per_hour, take=False)
             if not await _start(request, ch, authz, v):
                 await _not_started(server, ch, authz)
