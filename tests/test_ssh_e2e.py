@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from tests.conftest import Daemon, hsmca, require
-from tests.helpers import enroll, http
+from tests.helpers import enroll, http, whole_lines
 from tests.ports import free_port
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -121,6 +121,14 @@ async def test_host_and_user_certificates_with_real_openssh(
                                  capture_output=True, text=True, check=True).stdout
         assert 'Key ID: "alice@example.com:' in listing
         serials.append(listing.split("Serial: ")[1].split()[0])
+        # What it permits is in its intent line too, as ssh-keygen reads it from the
+        # certificate: a reload may change them (an SSH trial's auditor could not tell)
+        [intent] = [e for e in map(json.loads, whole_lines(
+            (daemon.state / "audit" / "log.jsonl").read_bytes()))
+            if e.get("purpose") == "ssh-user" and e.get("phase") == "intent"
+            and e.get("serial") == serials[-1]]
+        permits = listing.split("Extensions:")[1].split()
+        assert permits and intent["extensions"] == sorted(permits), (intent, listing)
     serial = serials[0]
     ssh_user_cert = tmp_path / "id_ed25519-cert.pub"
     other_cert = tmp_path / "other_ed25519-cert.pub"

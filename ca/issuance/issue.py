@@ -217,6 +217,9 @@ class Issuance:
                      "public_key_sha256": order.public_key.sha256,
                      "valid_after": order.valid_after, "valid_before": order.valid_before,
                      "source_address": order.source_address,
+                     # What it permits (port forwarding, a pty...), which a reload may
+                     # change: an auditor could not tell it from the log (an SSH trial)
+                     "extensions": sorted(order.extensions),
                      # The X.509 certificate it is issued on the strength of: a revocation
                      # of that one (its cert.revoke line) revokes this one too.
                      "owner_serial": order.owner_serial},
