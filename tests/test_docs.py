@@ -127,6 +127,27 @@ def test_units_in_the_docs_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     assert proc.returncode == 0 and not findings, proc.stdout + proc.stderr
 
 
+def test_the_renewal_timer_looks_several_times_within_the_last_third_of_a_life() -> None:
+    """`renew --if-due` renews once two thirds of the life have passed: a timer whose
+    runs are as far apart as that last third, each late by its random delay, let about
+    one renewal in six find the certificate expired (an enrollment trial's simulation
+    of the 8-hour timer the docs showed). At least three looks in the last third of a
+    default certificate's life."""
+    import datetime as dt
+    import itertools
+    timer = units()["hsmca-renew-api-once.timer"]
+    calendar = re.search(r"^OnCalendar=(.+)$", timer, re.M)[1]  # type: ignore[index]
+    delay = re.search(r"^RandomizedDelaySec=(\d+)m$", timer, re.M)
+    out = subprocess.run([require("systemd-analyze"), "calendar", "--iterations=6",
+                          calendar], capture_output=True, text=True, check=True).stdout
+    runs = [dt.datetime.strptime(m, "%Y-%m-%d %H:%M:%S")
+            for m in re.findall(r"(?:Next elapse|Iter\. #\d+): \w+ (\S+ \S+)", out)]
+    gap = max(b - a for a, b in itertools.pairwise(runs))
+    late = dt.timedelta(minutes=int(delay[1]) if delay else 0) + dt.timedelta(minutes=1)
+    last_third = dt.timedelta(seconds=Policy().x509_default_ttl_s / 3)
+    assert 3 * (gap + late) <= last_third, (calendar, gap, late, last_third)
+
+
 def test_ssh_user_default_lifetime_is_the_servers_everywhere() -> None:
     from ca.cli import build_parser
     hours = Policy().ssh_user_default_ttl_s // 3600
