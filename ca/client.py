@@ -1060,6 +1060,7 @@ async def enroll(url: str, token: str, names: list[str], out: Path, ca: Path | N
                 # enrollment if the request never arrived.
                 if retry or not exc.unanswered:
                     raise
+        check_answer(url, issued, key.public_key(), ca)
         # cert.pem holds the leaf and the CA certificates above it but the root: what a
         # TLS server or client sends, so that a relying party needs only the root, and
         # keeps working when the issuing key is rotated (a leaf alone failed at every
@@ -1068,7 +1069,8 @@ async def enroll(url: str, token: str, names: list[str], out: Path, ca: Path | N
         cert_pem = issued["certificate"] + intermediates(issued["chain"])
     except BaseException as exc:
         target.abort()
-        if kept is None and isinstance(exc, ClientError) and not exc.unanswered:
+        if kept is None and isinstance(exc, ClientError) and not exc.unanswered and \
+                not isinstance(exc, BadAnswer):  # (spent, maybe on a good one: kept)
             # Refused, or never sent: no certificate names this key. (A request that may
             # have been carried out keeps it, for the next run to ask with.)
             kept_path.unlink(missing_ok=True)
@@ -1086,6 +1088,37 @@ async def enroll(url: str, token: str, names: list[str], out: Path, ca: Path | N
             "certificate again") from None
     kept_path.unlink(missing_ok=True)
     return issued
+
+
+class BadAnswer(ClientError):
+    """The CA answered with what cannot be its certificate for this key (check_answer);
+    trying again may get the real one."""
+
+
+def check_answer(url: str, issued: Any, public_key: Any, ca: Path | None) -> None:
+    """BadAnswer unless the CA's answer holds a certificate of `public_key` that its
+    chain's issuing CA signed, and (with --ca) a chain that leads to a root of `ca`:
+    checked before anything is replaced. A faulty CA, node or proxy's answer was
+    installed as it came (another key's certificate, a self-signed one), the --exec hook
+    ran on it, and every renewal after it failed on the mismatch (an enrollment trial)."""
+    def bad(what: str) -> BadAnswer:
+        return BadAnswer(f"the CA's answer at {url} {what}: nothing was written (a retry "
+                         "asks again)", retryable=True)
+    try:
+        leaf = x509.load_pem_x509_certificate(str(issued["certificate"]).encode())
+        chain = x509.load_pem_x509_certificates(str(issued["chain"]).encode())
+    except (KeyError, TypeError, ValueError):
+        raise bad("holds no PEM certificate and chain (a proxy's page?)") from None
+    if _spki(leaf.public_key()) != _spki(public_key):
+        raise bad(f"is a certificate of another key (serial {leaf.serial_number:x}), not "
+                  "of the key sent")
+    if not chain or not issued_by(leaf, chain[0]):
+        raise bad(f"is a certificate its chain's issuing CA did not sign (issuer "
+                  f"'{leaf.issuer.rfc4514_string()}')")
+    if ca is not None:
+        roots = load_certificates(ca, "--ca")
+        if not any(c == r or issued_by(c, r) for c in chain for r in roots):
+            raise bad(f"has a chain that leads to no root of --ca {ca}")
 
 
 def intermediates(chain_pem: str) -> str:
@@ -1231,6 +1264,7 @@ async def _renew(url: str, cert: Path, key: Path, ca: Path | None, rekey: bool,
         if ttl is not None:
             body["ttl"] = ttl
         issued = await call("POST", f"{url}/v1/x509/renew", ctx, json_body=body, expect=201)
+        check_answer(url, issued, (new or current).public_key(), ca)
     except BaseException:
         files.abort()
         raise

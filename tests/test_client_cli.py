@@ -1477,3 +1477,76 @@ def test_a_url_with_the_api_s_own_path_names_the_base_to_give(given: str, base: 
 def test_a_proxy_s_prefix_is_taken_as_the_base(given: str) -> None:
     from ca.commands.args import check_url
     assert check_url(given) == given
+
+
+def test_an_answer_that_is_not_the_keys_certificate_is_not_installed(
+        daemon: Daemon, tmp_path: Path) -> None:
+    """An enrollment trial put a fake CA (on the daemon's own TLS credential) in front:
+    `renew` installed another key's certificate, ran its --exec hook and exited 0, and
+    every renewal after it failed on the mismatch; `enroll` wrote a self-signed one. The
+    answer is checked before anything is written, and said in one line."""
+    import http.server
+    import threading
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    cert, key = enroll(daemon, tmp_path, "service", [NAME])
+    bundle = daemon.state.joinpath("x509", "bundle.pem").read_bytes()
+    chain = (daemon.state / "x509" / "chain.pem").read_text()
+    stranger = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "ss")])
+    now = dt.datetime.now(dt.UTC)
+    selfsigned = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                  .public_key(stranger.public_key()).serial_number(1).not_valid_before(now)
+                  .not_valid_after(now + dt.timedelta(days=1)).sign(stranger, hashes.SHA256())
+                  ).public_bytes(serialization.Encoding.PEM).decode()
+    answers = {"/v1/x509/renew": {"serial": "1", "certificate": selfsigned, "chain": chain,
+                                  "not_after": "2030-01-01T00:00:00Z"},
+               "/v1/x509/enroll": {"serial": "1", "certificate": "not a pem", "chain": chain,
+                                   "not_after": "2030-01-01T00:00:00Z"}}
+
+    class FakeCA(http.server.BaseHTTPRequestHandler):
+        def reply(self, status: int, body: bytes, ctype: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:  # the client's look at the CA's issuers
+            self.reply(200, bundle, "application/pem-certificate-chain")
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.reply(201, json.dumps(answers[self.path]).encode(), "application/json")
+
+        def log_message(self, *_: object) -> None:
+            pass
+    fake = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeCA)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(daemon.state / "tls" / "server.pem", daemon.state / "tls" / "server.key")
+    fake.socket = tls.wrap_socket(fake.socket, server_side=True)
+    threading.Thread(target=fake.serve_forever, daemon=True).start()
+    url = f"https://127.0.0.1:{fake.server_address[1]}"
+    try:
+        before = cert.read_bytes()
+        hook = tmp_path / "hook-ran"
+        said = one_line_error(hsmca("renew", "--url", url, "--ca", daemon.root, "--cert", cert,
+                                    "--key", key, "--exec", f"touch {hook}", check=False))
+        assert said == (f"hsmca: error: the CA's answer at {url} is a certificate of another "
+                        "key (serial 1), not of the key sent: nothing was written (a retry "
+                        "asks again)"), said
+        assert cert.read_bytes() == before and not hook.exists()
+        token = token_file(daemon, tmp_path, "service", [NAME])
+        out = tmp_path / "fresh"
+        said = one_line_error(enroll_cmd(Daemon(url, daemon.proc, daemon.state, []), token,
+                                         out))
+        assert said.startswith(f"hsmca: error: the CA's answer at {url} holds no PEM "
+                               "certificate and chain"), said
+        assert not (out / "cert.pem").exists()
+    finally:
+        fake.shutdown()
+        fake.server_close()
+    # The real CA answers as ever, to the same credential and the kept key alike.
+    assert hsmca("renew", "--url", daemon.url, "--ca", daemon.root, "--cert", cert, "--key",
+                 key).stdout.startswith("renewed: serial ")
