@@ -236,9 +236,15 @@ async def keep(job: Job, log: Any) -> None:
                 left = job.remaining_s()
                 if left is not None and left <= 0 and not expired_said:
                     expired_said = True  # once: the retries say the rest
+                    # (not "until a renewal works": an expired credential never renews,
+                    # and an enrollment trial waited on it; only an answer the CA gave
+                    # before, held for room to write it, still installs)
+                    ends = ("is stuck until a person acts" if job.keeps_going
+                            else "ends this renewer (exit 3)")
                     log.error(f"{job.event}.expired", detail="the credential has expired "
-                              "while it could not be renewed: what checks it refuses it "
-                              "until a renewal works (tried again as below)")
+                              "while it could not be renewed: the next try installs an "
+                              f"answer the CA gave before if one is held, and otherwise {ends}"
+                              ": enroll again with a new token")
                 delay = backoff_s(attempt, left)
                 attempt += 1
                 log.warning(f"{job.event}.retry", attempt=attempt, retry_in_s=round(delay, 1),
