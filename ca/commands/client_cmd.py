@@ -572,8 +572,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     e = sub.add_parser("enroll", help="enroll with a bootstrap token",
                        description="Make a P-256 key locally, enroll with a bootstrap token, "
                        "and write key.pem (0600), cert.pem and chain.pem to --out. Everything "
-                       "is checked before the one-time token is used: --out must not exist, "
-                       "be an empty directory, or come with --force, and must be writable. A "
+                       "is checked before the one-time token is used: --out is a directory "
+                       "that does not exist yet or is empty (one with files needs --force), "
+                       "and must be writable. A "
                        f"new --out appears complete or not at all. The token comes from "
                        f"--token-file, or the environment variable {TOKEN_ENV}. The "
                        "certificate names what --name asks that the token allows (its "
