@@ -141,8 +141,10 @@ class KeyLifecycle:
                                                       expect="next")):
                 raise Refused(f"{order.label!r} changed meanwhile", Reason.CONFLICT)
         else:
-            seq = await self.issuance.pipeline.destroy_key(order.label, order.actor, request_id)
-            absent = seq is None
+            destroyed = await self.issuance.pipeline.destroy_key(order.label, order.actor,
+                                                                 request_id)
+            absent = destroyed is None
+            half = destroyed[1] if destroyed is not None else None
             if absent:
                 # The token no longer holds it: a destroy cut short after C_DestroyObject
                 # (its hsm.destroy lines are in the log), or a removal outside hsmca.
@@ -172,6 +174,15 @@ class KeyLifecycle:
             done["warnings"] = [f"the token no longer held {order.label!r} (an earlier destroy "
                                 "cut short, or a removal outside hsmca); it is recorded as "
                                 "destroyed"]
+        elif order.action == "destroy" and half is not None:
+            # One half gone before this destroy: said, not passed over as a destroy of the
+            # pair (a key lifecycle trial deleted the private key with pkcs11-tool, and
+            # `key destroy` said only "destroyed")
+            gone = "private key" if half == "public" else "public key"
+            done["warnings"] = [f"the token held only the {half} half of {order.label!r}: "
+                                f"its {gone} was gone before this destroy (an earlier destroy "
+                                "cut short, whose hsm.destroy intent is in the audit log, or a "
+                                "removal outside hsmca: if neither, find out who removed it)"]
         return done
 
     async def _revoke(self, order: ra.KeyOrder, request_id: str | None) -> dict[str, Any]:

@@ -40,6 +40,10 @@ for line in sys.stdin:
             from hsm import keys
             hsm.session_call(lambda s: [o.destroy() for o in keys.find_objects(
                 s, label, public=True)])
+        elif verb == "drop-private":  # pkcs11-tool --delete-object --type privkey
+            from hsm import keys
+            hsm.session_call(lambda s: [o.destroy() for o in keys.find_objects(
+                s, label, public=False)])
         elif verb == "remnants":
             print(*hsm.remnants(label), flush=True)
         else:
@@ -170,6 +174,19 @@ def test_a_destroy_cut_short_after_the_hsm_call_can_be_finished(tmp_path: Path) 
         intent = [line for line in log_lines(ca.state) if line["event"] == "hsm.destroy"
                   and line.get("label") == "ssh-user-ca" and line["phase"] == "intent"]
         assert len(intent) == 1 and intent[0]["remaining"] == "private"
+        # The private half deleted outside hsmca (docs/keys.md's pkcs11-tool line): the
+        # destroy says so, where it said only "destroyed" (a key lifecycle trial)
+        [label] = re.findall(r"^(\S+)\s+ssh-user\s+active", key_cmd(d, "list").stdout,
+                             re.M)
+        key_cmd(d, "rotate", "ssh-user")
+        key_cmd(d, "retire", label, "--yes")
+        outside = Session(ca, dict(os.environ))
+        assert outside.ask("drop-private", label) == "ok"
+        outside.close()
+        proc = key_cmd(d, "destroy", label, "--yes", check=False)
+        assert proc.returncode == 0, proc.stderr
+        assert f"the token held only the public half of '{label}': its private key was " \
+            "gone before this destroy" in proc.stderr, proc.stderr
     finally:
         assert d.stop() == 0
     audit_verify(ca.state, ok=True)

@@ -262,13 +262,14 @@ class SigningPipeline:
             return info
         return await self.call(gen)
 
-    async def destroy_key(self, label: str, actor: str,
-                          request_id: str | None = None) -> int | None:
+    async def destroy_key(self, label: str, actor: str, request_id: str | None = None
+                          ) -> tuple[int, str | None] | None:
         """Destroy a key pair in the token, recorded like a signature: an `hsm.destroy`
-        intent durable before C_DestroyObject, an outcome after it; the outcome's seq.
+        intent durable before C_DestroyObject, an outcome after it; the outcome's seq,
+        and which half alone the token still held ("public", "private"), if only one.
         None when the token holds no such key (a destroy cut short after
         C_DestroyObject, before the inventory said so): nothing to do in the HSM."""
-        def destroy(hsm: HSM) -> int | None:
+        def destroy(hsm: HSM) -> tuple[int, str | None] | None:
             private, public = hsm.remnants(label)  # the token's word, not a memory of it
             if not private and not public:
                 self._keys.pop(label, None)
@@ -293,7 +294,8 @@ class SigningPipeline:
                 self._append([("hsm.destroy", outcome)])[0].result()
                 raise
             self._keys.pop(label, None)
-            return self._append([("hsm.destroy", outcome)])[0].result()
+            return (self._append([("hsm.destroy", outcome)])[0].result(),
+                    intent.get("remaining"))
         return await self.call(destroy)
 
     async def probe(self, max_wait: float = 1.0) -> None:
