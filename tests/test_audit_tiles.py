@@ -207,6 +207,29 @@ def test_a_line_rewritten_under_the_tiles_stops_signing_until_it_is_put_back(
         log.close()
 
 
+def test_a_line_put_back_before_any_write_still_leaves_its_outage_in_the_log(
+        tmp_path: Path) -> None:
+    """A web view trial rewrote a line and put it back within a second: the daemon
+    found it and stopped signing, no write was refused meanwhile, and the log itself
+    kept no trace of it (no log.resume line), only the daemon's stderr did."""
+    path_, original, at = rewritten(tmp_path, random.Random(3), 5000, 4500)
+    log = AuditLog.open(path_)
+    try:
+        log.check_on_disk(16)
+        assert log.damaged_seq == 4500 and not log.resume_owed
+        with path_.open("r+b") as f:  # put back, in place, before anything was written
+            f.seek(at)
+            f.write(original)
+        log.check_on_disk(16)
+        assert log.damaged_seq is None and log.healthy and log.resume_owed
+        [written] = log.append_durable([("test.line", {"n": 5000})])
+        assert written.result() == 5001 and not log.resume_owed
+        resumed = json.loads(lines_of(path_)[5000])
+        assert resumed["event"] == "log.resume" and "line 4500" in resumed["after"], resumed
+    finally:
+        log.close()
+
+
 def test_a_line_rewritten_behind_a_damaged_tile_is_found_and_never_served(
         tmp_path: Path) -> None:
     """A line rewritten in place and one bit flipped in its tile: the background check

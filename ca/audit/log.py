@@ -692,6 +692,7 @@ class AuditLog:
                         gone = self._damage.pop(b, None)
                     if gone is not None:
                         log.warning("the damaged audit lines check out again", seq=gone.seq)
+                        self._owe_resume(f"cannot write the audit log: {gone.text(self.path)}")
             return bundle
         with self._tree_lock:
             full = self._tree.size // TILE_WIDTH
@@ -703,6 +704,21 @@ class AuditLog:
                 self._found(found)
                 return bundle
         return end if end < full else 0
+
+    def _owe_resume(self, why: str) -> None:
+        """The next batch begins with a `log.resume` line saying `why` signing stopped,
+        as after a failed write: damage put back before any write was refused left no
+        trace in the log (a web view trial's line, rewritten and put back within a
+        second; only the daemon's stderr said it). The daemon's retry writes it at once
+        (`resume_owed`)."""
+        with self._write_lock:
+            if self._failed is None:
+                self._failed = why
+
+    @property
+    def resume_owed(self) -> bool:
+        """A `log.resume` line is owed (`_owe_resume`, or a failed write's)."""
+        return self._failed is not None
 
     def _found(self, found: _Finding) -> None:
         """`found` stops signing, and /health says so, until it is put back."""

@@ -1241,9 +1241,11 @@ async def _resume_log(audit: AuditLog) -> None:
         problem = audit.problem
         if problem is None:
             said.ok()
-            continue
-        said.failed(problem)
-        try:
+            if not audit.resume_owed:
+                continue
+        else:
+            said.failed(problem)
+        try:  # (the line says why it stopped: the failure it owes, not this text)
             await audit.append("log.resume", after=problem)
         except Exception as exc:  # still away: the next try in a second
             log.debug("the audit log still cannot be committed", error=str(exc))
