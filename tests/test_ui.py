@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -488,3 +489,55 @@ def test_the_owner_of_a_loopback_connection_is_found_over_ipv4_and_ipv6() -> Non
     # /proc/net/tcp6 writes ::ffff:127.0.0.1 and ::1 in 32-bit little-endian words
     assert peer._address("0000000000000000FFFF00000100007F:1F90") == ("127.0.0.1", 8080)
     assert peer._address("00000000000000000000000001000000:0050") == ("::1", 80)
+
+
+async def test_a_page_the_daemon_refuses_for_a_damaged_line_is_red_at_once(
+        own_daemon: Daemon, tmp_path: Path) -> None:
+    """A web view trial rewrote line 150 in place and opened /audit/150 within seconds:
+    the page quoted the daemon's 503 ("... was rewritten on disk") under a green banner,
+    the verdict of a run a few seconds old. A page the daemon answers 503 asks the
+    verification again, now."""
+    d = own_daemon
+    for i in range(260):  # a full bundle of 256 lines, which the daemon checks as served
+        status, _, _ = await http("POST", f"{d.url}/v1/tokens", d.admin_ssl(), body={
+            "role": "service", "names": [f"t{i}.ui.example"], "ttl": "5m"})
+        assert status == 201
+    ui = Running.start("ui", "--url", d.url, "--ca", d.root, "--cert",
+                       d.state / "admin" / "cert.pem", "--key", d.state / "admin" / "key.pem",
+                       "--audit-key", d.state / "audit" / "audit_key.pem", "--state",
+                       tmp_path / "ui.state", "--listen", "127.0.0.1:0")
+    log = d.state / "audit" / "log.jsonl"
+    line = log.read_bytes().splitlines(keepends=True)[100]
+    at = log.read_bytes().index(line)
+
+    def put(text: bytes) -> None:  # in place: the daemon appends meanwhile
+        with log.open("r+b") as f:
+            f.seek(at)
+            f.write(text)
+    try:
+        base = ui.listening_url()
+
+        def get(path: str) -> str:
+            try:
+                with urllib.request.urlopen(base + path, timeout=60) as answer:
+                    return answer.read().decode()
+            except urllib.error.HTTPError as exc:
+                return exc.read().decode()
+        assert 'data-status="ok"' in get("/")
+        assert b'"seq":100,' in line
+        put(line.replace(b'"seq":100,', b'"seq":101,'))
+        shown = get("/audit/100")
+        assert "rewritten on disk" in shown, shown
+        assert 'data-status="failed"' in shown, shown
+    finally:
+        put(line)
+        ui.stop()
+    # Put back: the daemon signs again (and its stop can be written) once it has seen so.
+    deadline = time.monotonic() + 30
+    while (await http("GET", f"{d.url}/health", d.ssl()))[0] != 200:
+        assert time.monotonic() < deadline, "the daemon did not see the line put back"
+    # and the outage is in the log itself, though no write was refused meanwhile (the
+    # daemon's retry writes it within a second of seeing the line back)
+    while not any(e["event"] == "log.resume" and "line 100" in e["after"]
+                  for e in log_lines(d.state)):
+        assert time.monotonic() < deadline, "no log.resume line"

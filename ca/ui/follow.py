@@ -203,11 +203,12 @@ class Follower:
             self._run_task = asyncio.create_task(self._run())
         return self._run_task
 
-    async def verdict(self, wait_s: float = 20.0) -> Verdict:
-        """The verdict, refreshed if older than `fresh_s`; if a run takes longer than
-        `wait_s` (a long log's first run), the previous one, marked as such."""
-        if time.monotonic() - self._at < self.fresh_s and self._run_task is not None \
-                and self._run_task.done():
+    async def verdict(self, wait_s: float = 20.0, fresh: bool = False) -> Verdict:
+        """The verdict, refreshed if older than `fresh_s` (or at once, `fresh`); if a run
+        takes longer than `wait_s` (a long log's first run), the previous one, marked as
+        such."""
+        if not fresh and time.monotonic() - self._at < self.fresh_s and \
+                self._run_task is not None and self._run_task.done():
             return self.latest
         task = self._spawn()
         try:
@@ -361,15 +362,17 @@ class Logs:
                 self.origin if name is None else None, self.witness_keys, self.fresh_s, name)
         return self._followers[name]
 
-    async def verdict(self, name: str | None) -> Verdict:
-        """`name`'s verdict, with every other log's beside it."""
+    async def verdict(self, name: str | None, fresh: bool = False) -> Verdict:
+        """`name`'s verdict, with every other log's beside it; `fresh`: `name`'s from a
+        run begun now, not one of the last `fresh_s`."""
         names = await self.list()
         if not names:
             return Verdict("unknown", None, None, "", _now(), problem=self.problem)
         if self.gone is not None:
             return Verdict("failed", None, None, "", _now(), reason=self.gone, log=name)
         wanted = [name, *(n for n in names if n != name)]
-        mine, *others = await asyncio.gather(*(self.follower(n).verdict() for n in wanted))
+        mine, *others = await asyncio.gather(*(self.follower(n).verdict(fresh=fresh and n == name)
+                                               for n in wanted))
         return replace(mine, others=tuple(others))
 
     async def close(self) -> None:

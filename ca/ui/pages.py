@@ -135,6 +135,15 @@ async def _verdict(request: web.Request, strict: bool = True) -> Verdict:
     return verdict
 
 
+async def _refused(request: web.Request, verdict: Verdict, exc: ClientError) -> Verdict:
+    """The verdict to show beside a daemon's 503 (its log damaged, say): from a run
+    begun now, not the one of the last seconds. A web view trial's page quoted the
+    daemon's "line 150 ... was rewritten on disk" under a green banner."""
+    if exc.status != 503:
+        return verdict
+    return await request.app[UI_KEY].logs.verdict(verdict.log, fresh=True)
+
+
 async def _report(request: web.Request, verdict: Verdict, log: str | None,
                   *lines: proofs.Line | None) -> Verdict:
     """A line the daemon served against what the auditor verified of `log` turns that
@@ -183,6 +192,10 @@ async def overview(request: web.Request) -> web.Response:
     latency_chart = charts.latency(scrape.latency) if scrape and scrape.latency else None
     last_line = last[0][0] if last and last[0] else None
     verdict = await _report(request, verdict, verdict.log, last_line)
+    if isinstance(health, dict) and health.get("audit_damaged_seq") is not None:
+        # The daemon says its log is damaged: the banner from a run begun now, not a
+        # green one of the last seconds above that word (a web view trial)
+        verdict = await ui.logs.verdict(verdict.log, fresh=True)
     signer = (_signer(verdict.checkpoint.signatures, _pinned(ui, verdict))
               if verdict.checkpoint else "")
     return _render(request, "overview.html", verdict, title="Overview", health=health,
@@ -190,7 +203,10 @@ async def overview(request: web.Request) -> web.Response:
                    health_err=health_err, scrape=scrape, metrics_err=metrics_err,
                    issuance_chart=issuance_chart, issued_err=issued_err, by_kind=by_kind,
                    latency_chart=latency_chart, last_line=last_line,
-                   stale=_stale(last_line.get("ts") if last_line else None))
+                   # (not once the view failed: it stopped following there, and the
+                   # daemon was blamed for the checkpoint's age: a web view trial)
+                   stale=verdict.status != "failed" and _stale(
+                       last_line.get("ts") if last_line else None))
 
 
 STALE_S = 300  # five heartbeats at the default [audit] heartbeat-s
@@ -761,8 +777,9 @@ async def audit_line(request: web.Request) -> web.Response:
     try:
         got = await proofs.line(ca, verdict.tree, seq)
     except ClientError as exc:
-        return _render(request, "line.html", verdict, title=f"Audit line {seq}", seq=seq,
-                       line=None, proof=None, error=str(exc))
+        return _render(request, "line.html", await _refused(request, verdict, exc),
+                       title=f"Audit line {seq}", seq=seq, line=None, proof=None,
+                       error=str(exc))
     if got is None:
         tree = verdict.tree
         if tree is None or seq >= tree.size:
