@@ -541,3 +541,25 @@ async def test_a_page_the_daemon_refuses_for_a_damaged_line_is_red_at_once(
     while not any(e["event"] == "log.resume" and "line 100" in e["after"]
                   for e in log_lines(d.state)):
         assert time.monotonic() < deadline, "no log.resume line"
+
+
+def test_the_view_refuses_at_start_a_certificate_the_daemon_refuses(daemon: Daemon,
+                                                                      tmp_path: Path) -> None:
+    """A web view trial started `hsmca ui` with a revoked certificate: it served amber
+    pages that said "the daemon could not be asked", the revocation only in small print,
+    where a certificate of another role is refused at once. Both are, in one line."""
+    def view(cred: tuple[Path, Path]) -> str:
+        proc = hsmca("ui", "--url", daemon.url, "--ca", daemon.root, "--cert", cred[0],
+                     "--key", cred[1], "--audit-key",
+                     daemon.state / "audit" / "audit_key.pem", "--state",
+                     tmp_path / "ui.state", "--listen", "127.0.0.1:0", check=False)
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+        return proc.stderr
+    user = enroll(daemon, tmp_path, "user", ["view-user@example.com"])
+    assert "--cert has role user: the web view reads the audit log" in view(user)
+    auditor = enroll(daemon, tmp_path, "auditor", ["view-revoked@example.com"])
+    hsmca("revoke", cert_serial(auditor[0]), "--config", daemon.state / "hsmca.toml",
+          "--url", daemon.url)
+    said = view(auditor)
+    assert said.startswith("hsmca: error: the daemon refuses --cert: ") and "revoked" in \
+        said, said

@@ -133,12 +133,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _check_role(ca: CA) -> None:
-    """A certificate the daemon knows under another role would get a 403 on every page:
-    say so now. A daemon that cannot be reached yet is the view's to show and retry."""
+    """A certificate the daemon knows under another role, or refuses (revoked, say),
+    would get a 403 on every page: say so now (a web view trial's revoked certificate
+    served amber pages, "the daemon could not be asked"). A daemon that cannot be
+    reached yet is the view's to show and retry."""
     from ca.client import ClientError
     try:
         role = (await ca.json("/v1/whoami")).get("role")
-    except ClientError:
+    except ClientError as exc:
+        if exc.status in (401, 403):
+            await ca.close()
+            raise CLIError(f"the daemon refuses --cert: {exc}") from None
         return
     if role not in ("auditor", "admin"):
         await ca.close()
