@@ -263,6 +263,43 @@ def test_an_intent_about_another_request_is_not_taken_for_the_certificates() -> 
     assert [ok for _, ok in intent_matches({"serial": "1234"}, cert)] == [False, False, False]
 
 
+async def test_a_failed_check_of_the_signatures_lines_says_what_failed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A web view trial's proxy served another line for a certificate's intent and an
+    outcome of another fingerprint: the page read "✗ line 77 is an hsm.sign intent for
+    serial ..." and "✗ the outcome's fingerprint is this certificate's SHA-256", the
+    passed sentences with a cross, which read as the opposite."""
+    from ca.ui import certs, proofs
+    key = ec.generate_private_key(ec.SECP256R1())
+    start = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "CA")]))
+            .public_key(key.public_key()).serial_number(0x4d56)
+            .not_valid_before(start).not_valid_after(start + dt.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    served = {77: {"event": "token.create", "seq": 77},
+              78: {"event": "hsm.sign", "phase": "outcome", "result": "ok",
+                   "fingerprint": "00" * 32}}
+
+    async def line(_ca: object, _tree: object, seq: int) -> tuple[proofs.Line, None]:
+        return proofs.Line(seq, b"{}", served[seq], False, "not covered"), None
+
+    async def find_outcome(_ca: object, _intent: object) -> tuple[int, bytes]:
+        return 78, b"{}"
+
+    async def proven(_ca: object, _tree: object, seq: int, _raw: bytes
+                     ) -> tuple[proofs.Line, None]:
+        return proofs.Line(seq, b"{}", served[seq], False, "not covered"), None
+    monkeypatch.setattr(proofs, "line", line)
+    monkeypatch.setattr(proofs, "find_outcome", find_outcome)
+    monkeypatch.setattr(proofs, "proven", proven)
+    found = await certs.audit_evidence(object(), None, 77, cert)  # type: ignore[arg-type]
+    said = dict(found.checks)
+    assert said["line 77 is not an hsm.sign intent for serial 4d56"] is False, said
+    assert said["the outcome's fingerprint is not this certificate's SHA-256"] is False, said
+    assert said["line 78 is its outcome: result ok"] is True, said
+
+
 async def test_an_ocsp_response_not_signed_yet_is_pending_not_a_failure() -> None:
     """A web trial opened a certificate's page right after its enrollment and read a
     red "signature not verified" for OCSP: the responder's unsigned tryLater, which it

@@ -374,25 +374,32 @@ async def audit_evidence(ca: CA, tree: TreeHead | None, seq: int | None,
         found.intent, found.intent_proof = got
         intent = found.intent
         serial = format(cert.serial_number, "x")
-        found.checks.append((f"line {seq}{of} is an hsm.sign intent for serial {serial}",
-                             intent.get("event") == "hsm.sign"
-                             and intent.get("phase") == "intent"
-                             and intent.get("serial") == serial))
+        # Each check said as it came out (a web view trial read "✗ line 77 is an
+        # hsm.sign intent for serial ..." as the opposite of what it meant)
+        is_intent = intent.get("event") == "hsm.sign" and intent.get("phase") == "intent" \
+            and intent.get("serial") == serial
+        found.checks.append((f"line {seq}{of} is an hsm.sign intent for serial {serial}"
+                             if is_intent else f"line {seq}{of} is not an hsm.sign intent "
+                             f"for serial {serial}", is_intent))
         # What was decided is what was signed: a line about the serial alone could
         # belong to another request.
         found.checks += intent_matches(intent.obj or {}, cert)
         at = await proofs.find_outcome(ca, intent)
         if at is None:
             found.problem = "no outcome line with its op_id follows it"
-            found.checks.append(("its outcome is in the log", False))
+            found.checks.append(("its outcome is not in the log", False))
             return found
         found.outcome, found.outcome_proof = await proofs.proven(ca, tree, *at)
     except ClientError as exc:
         found.problem = str(exc)
         return found
     outcome = found.outcome
-    found.checks.append((f"line {outcome.seq}{of} is its outcome: result ok",
-                         outcome.get("result") == "ok"))
-    found.checks.append(("the outcome's fingerprint is this certificate's SHA-256",
-                         outcome.get("fingerprint") == fingerprint(cert)))
+    ok = outcome.get("result") == "ok"
+    found.checks.append((f"line {outcome.seq}{of} is its outcome: result ok" if ok else
+                         f"line {outcome.seq}{of} is its outcome, and its result is not ok "
+                         f"({outcome.get('result')!r})", ok))
+    same = outcome.get("fingerprint") == fingerprint(cert)
+    found.checks.append(("the outcome's fingerprint is this certificate's SHA-256" if same
+                         else "the outcome's fingerprint is not this certificate's SHA-256",
+                         same))
     return found
