@@ -256,3 +256,15 @@ def test_a_witness_counts_once_and_only_at_a_time_it_could_have_signed(
     assert valid_cosignatures(text + line(2**63), [vkey]) == []
     assert valid_cosignatures(text + line(2**63 - 1), [vkey]) == [line(2**63 - 1)]
     assert valid_cosignatures(text + line(2**63 - 1), [vkey], not_after=1_800_000_000) == []
+
+
+def test_an_origin_other_than_the_checkpoints_is_said_as_such(key: Ed25519PrivateKey) -> None:
+    """A web view trial gave `--origin other.example/log`: the refusal said the note had
+    no signature "with a trusted key", and the key was right. It names the origin."""
+    from ca.audit.verify.checkpoint import PinnedKey
+    pinned = PinnedKey(key.public_key(), "other.example/log", "other.example/log")
+    with pytest.raises(NoteError) as said:
+        pinned.verify(checkpoint(key))
+    assert f"this checkpoint's origin is {ORIGIN!r}, not 'other.example/log': give " \
+        f"--origin {ORIGIN}" in str(said.value), said.value
+    assert PinnedKey(key.public_key(), ORIGIN, ORIGIN).verify(checkpoint(key)).size == 42
