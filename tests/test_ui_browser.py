@@ -248,6 +248,17 @@ def test_every_page_is_green_on_a_good_log_without_console_errors(world: World) 
             w.driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
         assert wide <= 390, (path, wide)
     assert console_errors(w) == []
+    # For the keyboard and screen readers (a web view trial): the list says which column
+    # it is sorted by, and which way; the first tab stop skips to the content; the
+    # banner is a stop only where it does something (with JavaScript, as here)
+    page(w, "/certificates?sort=serial&order=asc")
+    heads = {th.text.split(" ")[0]: th.get_attribute("aria-sort")
+             for th in w.driver.find_elements(By.CSS_SELECTOR, "table.list th")}
+    assert heads["Serial"] == "ascending" and heads["Issued"] is None, heads
+    first = w.driver.find_element(By.CSS_SELECTOR, "body > a")
+    assert first.get_attribute("class") == "skip" and first.get_attribute("href").endswith(
+        "#main"), first.get_attribute("outerHTML")
+    assert w.driver.find_element(By.ID, "verdict").get_attribute("tabindex") == "0"
 
 
 def test_a_certificate_found_by_name_shows_its_verified_inclusion_proof(world: World) -> None:
