@@ -393,7 +393,10 @@ async def test_bad_input_gets_problem_json_and_leaves_the_log_valid(tmp_path: Pa
             ("names outside token", 403, "name-not-granted", "not among the names",
              {"csr": csr_pem(["evil.example.com"])}),
             ("csr not a string", 400, "bad-field", "must be a string", {"csr": 42}),
-            ("missing csr", 400, "bad-field", "missing field 'csr'", {}),
+            ("missing csr", 400, "bad-field", "missing field 'csr': it is required, as a "
+             "string", {}),
+            # null is not "missing" (an SSH trial's was told so)
+            ("null csr", 400, "bad-field", "field 'csr' is null: it is required", {"csr": None}),
         ]
         for what, want, kind, message, body in cases:
             token = await bootstrap_token(d, "service", ["ok.internal.example"])

@@ -229,8 +229,11 @@ def field(body: dict[str, Any], name: str, kind: type, required: bool = True) ->
     """`body[name]` if it is of JSON type `kind`; a missing optional field, or one
     given as null, is None."""
     if body.get(name) is None:
-        if required:
-            raise Problem(400, "Bad Request", f"missing field {name!r}", "bad-field")
+        if required:  # (null said as such: an SSH trial's was told "missing")
+            said = f"field {name!r} is null" if name in body else f"missing field {name!r}"
+            raise Problem(400, "Bad Request", f"{said}: it is required, as "
+                          f"{_JSON_KINDS.get(kind, kind.__name__)}{_LIKE.get(name, '')}",
+                          "bad-field")
         return None
     value = body[name]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
