@@ -95,6 +95,10 @@ async def ssh_revoke(request: web.Request) -> web.Response:
         serial = int(raw)
     elif "key_id" in body:
         key_id = field(body, "key_id", str)
+        if not key_id.strip():  # (an SSH trial's '' was answered with blanks in its advice)
+            raise Problem(400, "Bad Request", "key_id is empty: give the key id of the "
+                          "certificate to revoke (IDENTITY:SERIAL, as `ssh-keygen -L` shows "
+                          "it)", "bad-field")
     else:
         public_key = ssh.parse_public_key(field(body, "public_key", str))
     revocations = request.app[REVOCATIONS]
