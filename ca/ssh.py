@@ -38,9 +38,8 @@ class SSHPublicKey:
             "=")
 
 
-def parse_public_key(text: object) -> SSHPublicKey:
-    """An OpenSSH public key line of an accepted type (docs/ssh.md): Ed25519, ECDSA
-    P-256/384/521, RSA 2048-8192 bits with e = 65537."""
+def _key_fields(text: object) -> list[str]:
+    """The fields of one OpenSSH public key line: type, base64, comment..."""
     if not isinstance(text, str) or not text.strip():
         raise Refused("public_key must be an OpenSSH public key line, e.g. 'ssh-ed25519 AAAA...'")
     if len(text) > 16384 or "\n" in text.strip():
@@ -48,11 +47,37 @@ def parse_public_key(text: object) -> SSHPublicKey:
     fields = text.strip().split()
     if len(fields) < 2:
         raise Refused("public_key must be '<type> <base64> [comment]'")
+    if "cert-v01" in fields[0]:
+        raise Refused("give the public key itself, not a certificate")
+    return fields
+
+
+def revocable_key(text: object) -> SSHPublicKey:
+    """Any well-formed OpenSSH public key line, for the KRL: a leaked key of a type the
+    CA never certifies (DSA, RSA of 1024 bits, a security key) is one sshd's
+    RevokedKeys still refuses, for its plain authorized_keys too, and the KRL every
+    host fetches is where to list it (an SSH trial was refused it). Its blob is read
+    as far as its type: the KRL lists the blob's SHA-256, as ssh-keygen names it."""
+    fields = _key_fields(text)
+    try:
+        blob = base64.b64decode(fields[1], validate=True)
+    except ValueError:
+        raise Refused("public_key cannot be parsed: its key is not base64",
+                      Reason.BAD_KEY) from None
+    size = int.from_bytes(blob[:4], "big") if len(blob) >= 4 else -1
+    if size < 0 or blob[4:4 + size] != fields[0].encode() or len(blob) <= 4 + size:
+        raise Refused(f"public_key cannot be parsed: its key is not of type {fields[0]}",
+                      Reason.BAD_KEY)
+    return SSHPublicKey(None, blob, f"{fields[0]} {base64.b64encode(blob).decode()}")
+
+
+def parse_public_key(text: object) -> SSHPublicKey:
+    """An OpenSSH public key line of an accepted type (docs/ssh.md): Ed25519, ECDSA
+    P-256/384/521, RSA 2048-8192 bits with e = 65537."""
+    fields = _key_fields(text)
     kind = fields[0]
     if kind == "ssh-dss":
         raise Refused("DSA keys (ssh-dss) are not accepted; use ssh-ed25519", Reason.BAD_KEY)
-    if "cert-v01" in kind:
-        raise Refused("give the public key itself, not a certificate")
     if kind.startswith("sk-"):
         raise Refused(f"{kind} (security key) public keys are not accepted yet", Reason.BAD_KEY)
     try:

@@ -213,8 +213,18 @@ async def test_revocation_by_key_id_and_public_key(own_daemon: Daemon, tmp_path:
                     check=False)
     assert refused.returncode == 1 and "was not signed by an SSH CA key of this CA" in \
         refused.stderr, refused.stderr
+    # A leaked key of a kind the CA never certifies, which sshd still takes from plain
+    # authorized_keys: listed in the KRL all the same (an SSH trial was refused it)
+    legacy = []
+    for name, kind in (("dsa", ["-t", "dsa"]), ("rsa1024", ["-t", "rsa", "-b", "1024"])):
+        subprocess.run([require("ssh-keygen"), "-q", *kind, "-N", "", "-f",
+                        tmp_path / name], check=True)
+        legacy.append(tmp_path / f"{name}.pub")
+        proc = hsmca("ssh", "revoke", "--pubkey", legacy[-1], *admin)
+        assert "is refused from now on" in proc.stdout, proc.stdout
     status, _, krl = await http("GET", f"{daemon.url}/v1/ssh/krl", daemon.ssl())
     (tmp_path / "krl").write_bytes(krl)
+    assert krl_check(tmp_path / "krl", *legacy) == {k: "REVOKED" for k in legacy}
     cert, key = (lambda i: tmp_path / f"k{i}-cert.pub"), (lambda i: tmp_path / f"k{i}.pub")
     assert krl_check(tmp_path / "krl", *(f(i) for i in range(4) for f in (cert, key))) == {
         cert(0): "REVOKED", key(0): "ok",  # by key id: the certificate, not its key

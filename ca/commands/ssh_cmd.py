@@ -57,9 +57,10 @@ def _private_path(pubkey: Path) -> Path:
     return pubkey.with_name(pubkey.name.removesuffix(".pub"))
 
 
-def read_public_key(path: Path) -> str:
+def read_public_key(path: Path, any_kind: bool = False) -> str:
     """The OpenSSH public key line in `path`, checked here, before any request: a
-    private key (the .pub forgotten) must never be sent anywhere."""
+    private key (the .pub forgotten) must never be sent anywhere. `any_kind`: a key of
+    a type the CA does not certify too (DSA, a security key: to revoke one)."""
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
     try:
@@ -87,6 +88,8 @@ def read_public_key(path: Path) -> str:
     if len(fields) >= 2 and "-cert-v01@openssh.com" in fields[0]:
         raise CLIError(f"--pubkey {path} is an SSH certificate; give the public key it "
                        "certifies")
+    if any_kind and len(fields) >= 2:
+        return lines[0].strip()  # the daemon reads its type (ca.ssh.revocable_key)
     if fields and fields[0] == "ssh-dss":  # (cryptography would warn it is deprecated)
         raise CLIError(f"--pubkey {path} is a DSA key (ssh-dss), which the CA does not "
                        "certify; make an Ed25519 one: ssh-keygen -t ed25519")
@@ -547,7 +550,7 @@ def revoke(args: argparse.Namespace) -> int:
             "GET", f"{url}/v1/ssh/ca", ctx)), lambda: asyncio.run(client.call(
                 "GET", f"{url}/v1/keys", ctx))["keys"]).key_id.decode(errors="replace")}
         if args.ssh_cert is not None else
-        {"public_key": read_public_key(args.pubkey)})
+        {"public_key": read_public_key(args.pubkey, any_kind=True)})
     out = asyncio.run(client.call("POST", f"{url}/v1/ssh/revoke", ctx, json_body=body))
     hit = out["revoked_certificates"]
     committed = out.get("committed", True)

@@ -34,7 +34,14 @@ from ca.logs import keep_trying
 from ca.policy import Reason, Refused
 from ca.revocation.adopted import adopted, line_fields
 from ca.revocation.ocsp import OCSPSigner
-from ca.ssh import RevokedCerts, SSHPublicKey, blob_of, build_krl, parse_public_key
+from ca.ssh import (
+    RevokedCerts,
+    SSHPublicKey,
+    blob_of,
+    build_krl,
+    parse_public_key,
+    revocable_key,
+)
 from ca.store import CertRecord, CRLRecord, OCSPDue, SSHSelector, Store
 from ca.store.errors import StoreUnavailable
 from ca.store.records import Revoked as Reached
@@ -600,7 +607,7 @@ class Revocations:
         # went backwards between two polls (a relying-party trial).
         latest = await self.store.latest_ssh_revocation()
         at = int(latest.timestamp()) if latest is not None else 0
-        return build_krl(at, at, groups, [parse_public_key(k).blob for k in keys])
+        return build_krl(at, at, groups, [revocable_key(k).blob for k in keys])
 
 
 def _selector(serial: int | None, key_id: str | None,

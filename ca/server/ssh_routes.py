@@ -99,8 +99,8 @@ async def ssh_revoke(request: web.Request) -> web.Response:
             raise Problem(400, "Bad Request", "key_id is empty: give the key id of the "
                           "certificate to revoke (IDENTITY:SERIAL, as `ssh-keygen -L` shows "
                           "it)", "bad-field")
-    else:
-        public_key = ssh.parse_public_key(field(body, "public_key", str))
+    else:  # any key: the KRL refuses it everywhere, whether this CA certifies its kind
+        public_key = ssh.revocable_key(field(body, "public_key", str))
     revocations = request.app[REVOCATIONS]
     matching = await revocations.count_ssh(serial, key_id, public_key)
     revoked = await revocations.count_ssh(serial, key_id, None, revoked=True) \
