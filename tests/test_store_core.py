@@ -165,7 +165,7 @@ def test_ssh_certificates_are_found_by_principal_key_id_serial_status_and_type(
     def ssh(serial: int, kind: str, key_id: str, principals: tuple[str, ...],
             hours: int, at: int, lived: int = 60, owner: str = "a") -> NewSSHCert:
         return NewSSHCert(serial=serial, key_id=key_id, cert_type=kind,
-                          key_sha256=f"k{serial}", public_key="ssh-ed25519 AAAA",
+                          key_sha256=f"SHA256:Key{serial}", public_key="ssh-ed25519 AAAA",
                           principals=principals, valid_after=base - lived,
                           valid_before=base + hours * 3600, owner_serial=owner,
                           issued_at=(NOW + dt.timedelta(seconds=at)).isoformat(),
@@ -186,6 +186,8 @@ def test_ssh_certificates_are_found_by_principal_key_id_serial_status_and_type(
     assert find(text="DEPLOY") == [12] and find(text="web01") == [11]
     assert find(text="13") == [130]  # a serial starts with it
     assert find(text="db_") == [14] and find(text="db%") == []  # LIKE's wildcards are text
+    # by the key's fingerprint, whole, as ssh-keygen -l prints it (an SSH trial's leaked key)
+    assert find(text="SHA256:Key12") == [12] and find(text="SHA256:key12") == []
     assert find(status="revoked") == [14] and find(status="expired") == [130]
     # 15 has 3 h left of 3 h: not yet two thirds of its life, so valid, not expiring
     assert find(status="expiring") == [12] and find(status="valid") == [15, 11]

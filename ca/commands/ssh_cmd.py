@@ -887,9 +887,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         "(decimal, as ssh-keygen -L prints it), type, status, the state of the CA key "
         "that signed it (a retired key's certificates are refused wherever the trusted "
         "CA keys were refreshed), validBefore, key id, principals. --search matches key "
-        "ids, principals and serials.")
+        "ids, principals, serials and the key's SHA256: fingerprint (ssh-keygen -l).")
     ls.add_argument("--search", metavar="TEXT",
-                    help="a key id, a principal, part of one, or a serial")
+                    help="a key id, a principal, part of one, a serial, or a public key's "
+                    "fingerprint (SHA256:..., as ssh-keygen -l prints it)")
     ls.add_argument("--type", choices=("host", "user"), help="only host or user certificates")
     ls.add_argument("--status", choices=CERT_STATUSES,
                     help="only these (expiring: in its last 7 days, or in its last third "

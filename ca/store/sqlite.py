@@ -470,6 +470,9 @@ def _ssh_filter(query: SSHCertQuery, now: int, soon: int, integer: str
         if text.isdigit():
             alts.append("serial LIKE ?")
             args.append(text.lstrip("0") + "%")
+        if text.startswith("SHA256:"):  # the key's, as ssh-keygen -l prints it (when a
+            alts.append("key_sha256 = ?")  # key leaks, what is known of it: an SSH trial)
+            args.append(text)
         where.append("(" + " OR ".join(alts) + ")")
     if query.status is not None:
         _status_clause(query.status, "revoked_at", until, now, soon, where, args,
