@@ -390,6 +390,12 @@ async def test_audit_prove_shows_an_ssh_certificate_is_in_a_signed_checkpoint(
         and "did not sign" in proc.stderr, proc.stderr
     proc = hsmca(*base, "--ssh-serial", "12345", check=False)
     assert proc.returncode == 1 and "has no SSH certificate 12345" in proc.stderr, proc.stderr
+    # The public key instead of its certificate: said so, not "holds no PEM certificate"
+    pub = cert_file.with_name(cert_file.name.replace("-cert.pub", ".pub"))
+    assert pub.exists()
+    proc = hsmca(*base, "--cert-file", pub, check=False)
+    assert proc.returncode == 1 and f"--cert-file {pub} is an SSH public key (ssh-ed25519)" \
+        ", not a certificate: give its certificate (the -cert.pub" in proc.stderr, proc.stderr
 
 
 async def test_daemon_proofs_verify_with_an_independent_rfc9162(daemon: Daemon,

@@ -95,6 +95,16 @@ def _which(args: argparse.Namespace) -> tuple[str, bytes | None]:
     from ca.commands.client_cmd import parse_serial
     if args.cert_file is None:
         return parse_serial(args.serial), None
+    try:
+        head = args.cert_file.read_text(errors="replace")[:200].split()
+    except OSError:
+        head = []  # (load_certificates names the file and why)
+    if head and (head[0].startswith(("ssh-", "ecdsa-sha2-", "sk-")) or head[0] == "ssh-dss"):
+        # A public key is no certificate (an SSH trial gave id_ed25519.pub: "holds no PEM
+        # certificate")
+        raise CLIError(f"--cert-file {args.cert_file} is an SSH public key ({head[0]}), "
+                       "not a certificate: give its certificate (the -cert.pub file beside "
+                       "it), or --ssh-serial with the serial ssh-keygen -L prints")
     cert = load_certificates(args.cert_file, "--cert-file")[0]
     return format(cert.serial_number, "x"), cert.public_bytes(Encoding.DER)
 
