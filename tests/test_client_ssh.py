@@ -582,3 +582,14 @@ def test_ssh_user_does_not_replace_a_host_certificate(daemon: Daemon, tmp_path: 
         "certificate (sshd's HostCertificate?): --pubkey is a host key, not yours; give "
         "your own public key (e.g. ~/.ssh/id_ed25519.pub)\n"), proc.stderr
     assert (tmp_path / "ssh_host_ed25519_key-cert.pub").read_bytes() == served
+
+
+def test_a_long_list_of_principals_is_cut_short_in_the_listing() -> None:
+    """61 principals of 256 characters made one `ssh list` row of 15 KB (an SSH
+    trial): the row shows the first of them and how many there are."""
+    from ca.commands.ssh_cmd import PRINCIPALS_SHOWN, _principals
+    assert _principals(["alice", "deploy"]) == "alice,deploy"
+    many = [f"p{i:03d}" + "x" * 250 for i in range(61)]
+    shown = _principals(many)
+    assert shown.startswith("p000") and shown.endswith("... (61 in all)")
+    assert len(shown) < PRINCIPALS_SHOWN + 20, len(shown)
