@@ -543,6 +543,9 @@ def test_a_serial_with_a_digit_too_many_is_said_too_long_not_not_hex() -> None:
         parse_serial("1" + "75e629" * 6 + "abcd")
     # openssl pads a serial to whole bytes: its leading zeros are no digits of it
     assert parse_serial("00" + "8" + "1" * 39) == "8" + "1" * 39
+    # zero is hex, and no serial (a web trial's '00' was told "not ... in hex")
+    with pytest.raises(CLIError, match="serial '00' is zero, which no certificate has"):
+        parse_serial("00")
 
 
 def test_a_path_given_as_the_token_itself_is_told_to_be_a_token_file(

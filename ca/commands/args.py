@@ -67,7 +67,10 @@ def serial_hex(text: str) -> str:
         # (leading zeros are no digits of it: openssl pads to whole bytes)
         raise ValueError(f"serial {text!r} has {len(t.lstrip('0'))} hex digits: a "
                          "certificate serial has at most 40 (20 bytes); a digit too many?")
-    if not re.fullmatch(r"[0-9a-f]+", t) or int(t, 16) == 0:
+    if re.fullmatch(r"[0-9a-f]+", t) and int(t, 16) == 0:  # ('00' is hex: a web trial)
+        raise ValueError(f"serial {text!r} is zero, which no certificate has (RFC 5280 "
+                         "4.1.2.2: serials are positive)")
+    if not re.fullmatch(r"[0-9a-f]+", t):
         raise ValueError(f"serial {text!r} is not a certificate serial number in hex (as "
                          "hsmca prints it, with 0x, or as 1a:2b:... from openssl x509 -text)")
     return format(int(t, 16), "x")
