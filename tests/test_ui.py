@@ -600,3 +600,16 @@ def test_the_view_refuses_at_start_a_certificate_the_daemon_refuses(daemon: Daem
     said = view(auditor)
     assert said.startswith("hsmca: error: the daemon refuses --cert: ") and "revoked" in \
         said, said
+
+
+def test_the_issuance_chart_says_its_figures_to_a_screen_reader() -> None:
+    """Its per-hour numbers were only in each bar's title, which assistive technology
+    does not read out (a web view trial): the image's label carries the totals and the
+    busiest hour."""
+    from ca.ui import charts
+    since = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
+    chart = charts.issuance([("x509", "2026-12-01T03", 4), ("ssh-user", "2026-12-01T03", 2),
+                             ("x509", "2026-12-02T10", 1)], since, 168)
+    assert chart.label.startswith("certificates issued per hour over the last 7 days, by "
+                                  "kind: 7 in all (")
+    assert chart.label.endswith("; the busiest hour 2026-12-01T03:00 UTC, with 6"), chart.label

@@ -111,6 +111,14 @@ def issuance(counts: list[tuple[str, str, int]], since: dt.datetime, hours: int)
     c.legend = [(kind_label(k), classes[k], totals[k]) for k in kinds]
     c.empty = not counts
     c.latest_right = True
+    if per_hour:
+        # What a screen reader says of the image: its figures, not only its title (the
+        # per-hour numbers are in each bar's title, which it does not read: a web trial)
+        busiest = max(per_hour, key=lambda h: (sum(per_hour[h].values()), h))
+        c.label += (f": {sum(totals.values())} in all ("
+                    + ", ".join(f"{kind_label(k)} {totals[k]}" for k in kinds)
+                    + f"); the busiest hour {busiest}:00 UTC, with "
+                    f"{sum(per_hour[busiest].values())}")
     return c
 
 
