@@ -13,6 +13,7 @@ import base64
 import hashlib
 import ipaddress
 import struct
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -53,22 +54,66 @@ def _key_fields(text: object) -> list[str]:
 
 
 def revocable_key(text: object) -> SSHPublicKey:
-    """Any well-formed OpenSSH public key line, for the KRL: a leaked key of a type the
-    CA never certifies (DSA, RSA of 1024 bits, a security key) is one sshd's
+    """Any OpenSSH public key of a type sshd knows, for the KRL: a leaked key of a type
+    the CA never certifies (DSA, RSA of 1024 bits, a security key) is one sshd's
     RevokedKeys still refuses, for its plain authorized_keys too, and the KRL every
-    host fetches is where to list it (an SSH trial was refused it). Its blob is read
-    as far as its type: the KRL lists the blob's SHA-256, as ssh-keygen names it."""
+    host fetches is where to list it (an SSH trial was refused it). The key is read
+    whole, as sshd reads it, and listed re-encoded as sshd hashes it: a key cut short
+    when pasted, or with bytes after it, would list the SHA-256 of no key at all, the
+    leaked one still logging in (a review)."""
     fields = _key_fields(text)
+    kind = fields[0]
+    if kind in _SK_TYPES:
+        blob = _sk_blob(kind, fields[1])
+        return SSHPublicKey(None, blob, f"{kind} {base64.b64encode(blob).decode()}")
     try:
-        blob = base64.b64decode(fields[1], validate=True)
-    except ValueError:
-        raise Refused("public_key cannot be parsed: its key is not base64",
+        with warnings.catch_warnings():  # DSA's deprecation, to the daemon's stderr
+            warnings.simplefilter("ignore")
+            key = serialization.load_ssh_public_key(f"{kind} {fields[1]}".encode())
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise Refused(f"public_key cannot be parsed as an OpenSSH public key: {exc}",
                       Reason.BAD_KEY) from None
-    size = int.from_bytes(blob[:4], "big") if len(blob) >= 4 else -1
-    if size < 0 or blob[4:4 + size] != fields[0].encode() or len(blob) <= 4 + size:
-        raise Refused(f"public_key cannot be parsed: its key is not of type {fields[0]}",
-                      Reason.BAD_KEY)
-    return SSHPublicKey(None, blob, f"{fields[0]} {base64.b64encode(blob).decode()}")
+    line = key.public_bytes(serialization.Encoding.OpenSSH,
+                            serialization.PublicFormat.OpenSSH).decode()
+    return SSHPublicKey(key, base64.b64decode(line.split()[1]), line)
+
+
+# Security keys' public key types (OpenSSH PROTOCOL.u2f), which cryptography does not
+# read: their key, and the application string the key was made for.
+_SK_TYPES = {"sk-ssh-ed25519@openssh.com": 3, "sk-ecdsa-sha2-nistp256@openssh.com": 4}
+
+
+def _sk_blob(kind: str, text: str) -> bytes:
+    """A security key's public key blob, checked whole: its type, its key (a point of
+    its curve) and its application, nothing missing and nothing after."""
+    def bad(why: str) -> Refused:
+        return Refused(f"public_key cannot be parsed as a {kind} key: {why}", Reason.BAD_KEY)
+    try:
+        blob = base64.b64decode(text, validate=True)
+    except ValueError:
+        raise bad("it is not base64") from None
+    parts, at = [], 0
+    while at < len(blob):
+        size = int.from_bytes(blob[at:at + 4], "big")
+        if at + 4 > len(blob) or at + 4 + size > len(blob):
+            raise bad("it is cut short")
+        parts.append(blob[at + 4:at + 4 + size])
+        at += 4 + size
+    if len(parts) != _SK_TYPES[kind] or parts[0] != kind.encode():
+        raise bad("its fields are not those of its type")
+    application = parts[-1]
+    if not application or not all(0x21 <= c < 0x7f for c in application):
+        raise bad("its application is not printable text (such as ssh:)")
+    try:
+        if kind.startswith("sk-ssh-ed25519"):
+            ed25519.Ed25519PublicKey.from_public_bytes(parts[1])
+        else:
+            if parts[1] != b"nistp256":
+                raise ValueError
+            ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), parts[2])
+    except ValueError:
+        raise bad("its key is not a point of its curve") from None
+    return blob
 
 
 def parse_public_key(text: object) -> SSHPublicKey:

@@ -345,6 +345,21 @@ def corpus() -> list[Case]:
             ({"public_key": "junk"}, 400, "bad-request")]:
         add(Case(f"ssh revoke {json.dumps(body)[:40]}", "POST", "/v1/ssh/revoke", status, kind,
                  "admin", body))
+    # Keys the KRL would list as no key at all (a review): a NUL in the type (which
+    # PostgreSQL refused after the revocation's audit line, and every start after it
+    # failed on), a key cut short when pasted, bytes after the key, a type sshd lacks
+    blob = base64.b64decode(GOOD_SSH.split()[1])
+    for what, key in [
+            ("nul type", "ssh-ed25519\u0000 " + base64.b64encode(
+                b"\x00\x00\x00\x0cssh-ed25519\x00x").decode()),
+            ("cut short", "ssh-ed25519 " + GOOD_SSH.split()[1][:40]),
+            ("bytes after", "ssh-ed25519 " + base64.b64encode(blob + b"x").decode()),
+            ("unknown type", "foo AAAAA2Zvb3g="),
+            ("sk cut short", "sk-ssh-ed25519@openssh.com " + base64.b64encode(
+                b"\x00\x00\x00\x1ask-ssh-ed25519@openssh.com\x00\x00\x00\x20"
+                + bytes(31)).decode())]:
+        add(Case(f"ssh revoke key {what}", "POST", "/v1/ssh/revoke", 400, "bad-key", "admin",
+                 {"public_key": key}))
     # --- audit --------------------------------------------------------------------------
     for q in ["start=-1", "start=abc", "limit=1e9", "start=99999999999999999999",
               "start=%C2%B2", "start=%EF%BC%95", "limit=%D9%A3"]:

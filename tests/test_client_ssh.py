@@ -593,3 +593,35 @@ def test_a_long_list_of_principals_is_cut_short_in_the_listing() -> None:
     shown = _principals(many)
     assert shown.startswith("p000") and shown.endswith("... (61 in all)")
     assert len(shown) < PRINCIPALS_SHOWN + 20, len(shown)
+
+
+def test_a_security_keys_public_key_is_read_whole_for_the_krl() -> None:
+    """Revocable (an SSH trial could not list a leaked one), and read whole: a blob cut
+    short, or with bytes after it, lists no key at all (a review)."""
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+    from ca.policy import Refused
+    from ca.ssh import revocable_key
+
+    def string(b: bytes) -> bytes:
+        return len(b).to_bytes(4, "big") + b
+    point = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    kind = b"sk-ssh-ed25519@openssh.com"
+    blob = string(kind) + string(point) + string(b"ssh:")
+    got = revocable_key(f"{kind.decode()} {base64.b64encode(blob).decode()} yubikey")
+    assert got.blob == blob and got.line == f"{kind.decode()} {base64.b64encode(blob).decode()}"
+    ecdsa = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+    kind2 = b"sk-ecdsa-sha2-nistp256@openssh.com"
+    blob2 = string(kind2) + string(b"nistp256") + string(ecdsa) + string(b"ssh:")
+    assert revocable_key(f"{kind2.decode()} {base64.b64encode(blob2).decode()}").blob == blob2
+    for bad in (blob + b"x", blob[:-2], string(kind) + string(point) + string(b""),
+                string(kind2) + string(b"nistp256") + string(b"\x04" + bytes(64))
+                + string(b"ssh:")):
+        name = (kind if bad.startswith(string(kind)) else kind2).decode()
+        with pytest.raises(Refused, match="cannot be parsed as a sk-"):
+            revocable_key(f"{name} {base64.b64encode(bad).decode()}")
