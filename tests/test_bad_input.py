@@ -335,6 +335,8 @@ def corpus() -> list[Case]:
     for body, status, kind in [
             ({}, 400, "bad-field"), ({"serial": "1", "key_id": "x"}, 400, "bad-field"),
             ({"key_id": ""}, 400, "bad-field"), ({"key_id": "  "}, 400, "bad-field"),
+            ({"key_id": "a@b:1\u0000"}, 400, "bad-field"),
+            ({"key_id": "a@b:1\n"}, 400, "bad-field"),
             ({"serial": "abc"}, 400, "bad-field"), ({"serial": True}, 400, "bad-field"),
             ({"serial": "99999999999999999999999"}, 400, "bad-field"),
             # more digits than int() reads (4300): a 500 before (security review)

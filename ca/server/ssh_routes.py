@@ -99,6 +99,11 @@ async def ssh_revoke(request: web.Request) -> web.Response:
             raise Problem(400, "Bad Request", "key_id is empty: give the key id of the "
                           "certificate to revoke (IDENTITY:SERIAL, as `ssh-keygen -L` shows "
                           "it)", "bad-field")
+        if any(ord(c) < 0x20 or 0x7f <= ord(c) < 0xa0 for c in key_id):
+            # No key id the CA writes holds one; a NUL, recorded in the audit line, was
+            # refused by PostgreSQL after it (a review found the like of it in a key)
+            raise Problem(400, "Bad Request", "key_id cannot hold control characters (a "
+                          "NUL, a newline): no key id this CA issues does", "bad-field")
     else:  # any key: the KRL refuses it everywhere, whether this CA certifies its kind
         public_key = ssh.revocable_key(field(body, "public_key", str))
     revocations = request.app[REVOCATIONS]
