@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from ca import policy
 from ca.policy import PARSE_ERRORS, Policy, Reason, Refused
@@ -1368,8 +1369,14 @@ def _need_role(who: Requester, role: str) -> None:
 # saw 4,096 of them among what grew a worker by 4 KB a certificate).
 @functools.lru_cache(maxsize=256)
 def presented_subject_key(der: bytes) -> SubjectKey:
-    """The key of a presented client certificate (a renewal that keeps its key)."""
-    return subject_key(x509.load_der_x509_certificate(der).public_key())
+    """The key of a presented client certificate (a renewal that keeps its key). An
+    Ed25519 one is checked again: a key of small order certified before the CA refused
+    them would otherwise renew for good, a credential of whoever holds a copy of the
+    certificate (a review). The other kinds were checked when first certified."""
+    key = x509.load_der_x509_certificate(der).public_key()
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        policy.check_ed25519(key)
+    return subject_key(key)
 
 
 # ---- ACME (RFC 8555) -------------------------------------------------------------------------

@@ -320,6 +320,26 @@ def test_renewal_keeps_the_presented_key_unless_a_csr_brings_a_new_one() -> None
     assert isinstance(order, ra.X509Order) and order.subject.public_key == new.public_key()
 
 
+def test_a_small_order_ed25519_key_certified_before_is_not_renewed() -> None:
+    """Certified before the CA refused them, it would renew for good over mutual TLS,
+    anyone's with a copy of the certificate (a review): the presented key is checked
+    again, and a new key in a CSR is the way on."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    signer = ec.generate_private_key(ec.SECP256R1())
+    identity = ed25519.Ed25519PublicKey.from_public_bytes(bytes([1]) + bytes(31))
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "svc.example")]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ca")]))
+            .public_key(identity).serial_number(0x1234)
+            .not_valid_before(NOW).not_valid_after(NOW + dt.timedelta(days=1))
+            .sign(signer, hashes.SHA256()))
+    svc = ra.CertHolder("1234", "f" * 64, "CN=svc.example", "service", ("svc.example",), (),
+                        cert.public_bytes(serialization.Encoding.DER))
+    refused(ra.decide(context(), svc, ra.RenewRequest()), Reason.BAD_KEY, "small order")
+    order = ra.decide(context(), svc, ra.RenewRequest(csr("svc.example")))
+    assert isinstance(order, ra.X509Order)
+
+
 def test_a_rekey_csr_names_the_certificates_names_or_none() -> None:
     svc = holder("service", ("svc.example", "10.0.0.7"))
     for names in (("svc.example", "10.0.0.7"), ("10.0.0.7", "SVC.example"), ()):
