@@ -395,7 +395,8 @@ async def new_account(request: web.Request) -> web.Response:
                    else "the same key was registered meanwhile", request.get("request_id"),
                    account=account.id)
         again = await server.store.acme_account_by_thumbprint(thumb)
-        if again is not None and again.eab_kid == kid:  # this key, registered meanwhile
+        if again is not None:  # this key, registered meanwhile: its account, as a
+            # registration after it gets (RFC 8555 7.3.1), its binding left unspent
             return _json(_account_obj(request, again), 200, url_of(request, f"acct/{again.id}"))
         # Said to the operator as every refused binding is, with its kid (a trial's
         # registrations that lost the race left no such line)
