@@ -1116,9 +1116,29 @@ def check_answer(url: str, issued: Any, public_key: Any, ca: Path | None) -> Non
         raise bad(f"is a certificate its chain's issuing CA did not sign (issuer "
                   f"'{leaf.issuer.rfc4514_string()}')")
     if ca is not None:
-        roots = load_certificates(ca, "--ca")
-        if not any(c == r or issued_by(c, r) for c in chain for r in roots):
+        try:
+            roots = load_certificates(ca, "--ca")
+        except ClientError as exc:  # (read after the answer: the kept key stays)
+            raise BadAnswer(str(exc), retryable=True) from None
+        if not _leads_to(leaf, chain, roots):
             raise bad(f"has a chain that leads to no root of --ca {ca}")
+
+
+def _leads_to(leaf: x509.Certificate, chain: list[x509.Certificate],
+              roots: list[x509.Certificate]) -> bool:
+    """Whether `chain`, walked from `leaf` link by link (each certificate signed by the
+    next), reaches one of `roots`, or a certificate one of them signed (the old root's
+    certificate of the new one, while a root rotation hands over). Not "some certificate
+    of the chain is": a leaf of another CA with this CA's chain after it passed that (a
+    review)."""
+    below = leaf
+    for cert in chain:
+        if not issued_by(below, cert):
+            return False
+        if any(cert == r or issued_by(cert, r) for r in roots):
+            return True
+        below = cert
+    return False
 
 
 def intermediates(chain_pem: str) -> str:

@@ -1540,6 +1540,26 @@ def test_an_answer_that_is_not_the_keys_certificate_is_not_installed(
                         "key (serial 1), not of the key sent: nothing was written (a retry "
                         "asks again)"), said
         assert cert.read_bytes() == before and not hook.exists()
+        # The key's certificate, by another CA, with this CA's chain after that CA's: a
+        # check that some certificate of the chain is this CA's took it (a review)
+        other_ca = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                    .public_key(stranger.public_key()).serial_number(2)
+                    .not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
+                    .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+                    .sign(stranger, hashes.SHA256()))
+        mine = serialization.load_pem_private_key(key.read_bytes(), None).public_key()
+        leaf = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                .public_key(mine).serial_number(3).not_valid_before(now)  # type: ignore[arg-type]
+                .not_valid_after(now + dt.timedelta(days=1)).sign(stranger, hashes.SHA256()))
+        answers["/v1/x509/renew"] = {
+            **answers["/v1/x509/renew"],
+            "certificate": leaf.public_bytes(serialization.Encoding.PEM).decode(),
+            "chain": other_ca.public_bytes(serialization.Encoding.PEM).decode() + chain}
+        said = one_line_error(hsmca("renew", "--url", url, "--ca", daemon.root, "--cert", cert,
+                                    "--key", key, "--exec", f"touch {hook}", check=False))
+        assert said.endswith(f"has a chain that leads to no root of --ca {daemon.root}: "
+                             "nothing was written (a retry asks again)"), said
+        assert cert.read_bytes() == before and not hook.exists()
         token = token_file(daemon, tmp_path, "service", [NAME])
         out = tmp_path / "fresh"
         said = one_line_error(enroll_cmd(Daemon(url, daemon.proc, daemon.state, []), token,
