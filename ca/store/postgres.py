@@ -223,14 +223,17 @@ class _NoAnswer(Exception):
 # The tables a certificate's issuance writes (its audit lines, its row, its OCSP
 # responses, the token it spends, the change counters), and how long /health waits for
 # a writer's lock on them before it asks who holds it.
-WRITTEN_TABLES = ("audit_lines", "certs", "ssh_certs", "ocsp_responses", "tokens",
-                  "changes", "meta")
-HELD_LOOK_MS = 300
-# Who holds a lock that a writer's ROW EXCLUSIVE waits for, on those tables.
+WRITTEN_TABLES = ("audit_lines", "audit_checkpoints", "audit_tiles", "audit_tile_heads",
+                  "certs", "ssh_certs", "ssh_revoked_keys", "ocsp_responses", "crls",
+                  "tokens", "acme_orders", "acme_authzs", "changes", "meta")
+HELD_LOOK_MS = 300  # for each table's lock
+HELD_LOOK_ALL_MS = 1000  # for them all, within /health's 2 s
+HELD_SAID_S = 1.0  # one look a second per process, whatever asks /health
+# Who holds a lock that a writer's ROW EXCLUSIVE waits for, on those tables (as the
+# search path finds them, as the CA's statements do).
 _HOLDERS = """
 SELECT c.relname, l.mode, l.pid FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
- WHERE l.granted AND l.pid <> pg_backend_pid() AND c.relname = ANY(%s)
-   AND c.relnamespace = current_schema()::regnamespace
+ WHERE l.granted AND l.pid <> pg_backend_pid() AND c.oid = ANY(%s::text[]::regclass[])
    AND l.mode IN ('ShareLock', 'ShareRowExclusiveLock', 'ExclusiveLock',
                   'AccessExclusiveLock')
  ORDER BY c.relname, l.pid"""
@@ -284,6 +287,10 @@ class PostgresStore:
         # call is trying again, and when the next may (see _guard).
         self._unreachable = False
         self._probing: asyncio.Future[None] | None = None  # probes until it answers
+        # writes_held's look, and its last answer with when it was had
+        self._held_look: asyncio.Future[str | None] | None = None
+        self._held_said: str | None = None
+        self._held_at = float("-inf")
         self._checking: asyncio.Future[None] | None = None  # see _check_idle
         self._retry_at = 0.0  # time.monotonic(): no probe before this
         # Calls given up on, still finishing (their connections held meanwhile).
@@ -545,14 +552,27 @@ class PostgresStore:
         /health): a DBA's `LOCK TABLE`, `VACUUM FULL` or `CREATE INDEX` on certs, say,
         held every renewal while /health said "ok" (a PostgreSQL trial). Asked as a
         writer asks, with a lock no reader or writer of the CA's conflicts with, given
-        up on after a moment and rolled back: which table waits, and who holds it."""
+        up on after a moment and rolled back: which table waits, and who holds it. One
+        look at a time, its answer kept a second: /health is anyone's to ask, and each
+        look holds a connection of the pool (a review)."""
+        now = time.monotonic()
+        if now - self._held_at < HELD_SAID_S:
+            return self._held_said
+        if self._held_look is None or self._held_look.done():
+            self._held_look = asyncio.ensure_future(self._look_for_held())
+        said = await asyncio.shield(self._held_look)
+        self._held_said, self._held_at = said, time.monotonic()
+        return said
+
+    async def _look_for_held(self) -> str | None:
         async def look(db: Conn) -> str | None:  # (its answer comes in _Undo)
             await db.execute(f"SET LOCAL lock_timeout = {HELD_LOOK_MS}")
+            await db.execute(f"SET LOCAL statement_timeout = {HELD_LOOK_ALL_MS}")
             try:
                 async with db.transaction():
                     await db.execute(f"LOCK TABLE {', '.join(WRITTEN_TABLES)} IN ROW "
                                      "EXCLUSIVE MODE")
-            except psycopg.errors.LockNotAvailable:
+            except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled):
                 cur = await db.execute(_HOLDERS, (list(WRITTEN_TABLES),))
                 raise _Undo(_held_words(await cur.fetchall())) from None
             except psycopg.errors.InsufficientPrivilege:
