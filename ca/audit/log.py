@@ -716,9 +716,10 @@ class AuditLog:
                 self._failed = why
 
     @property
-    def resume_owed(self) -> bool:
-        """A `log.resume` line is owed (`_owe_resume`, or a failed write's)."""
-        return self._failed is not None
+    def resume_owed(self) -> str | None:
+        """Why a `log.resume` line is owed (`_owe_resume`, or a failed write's), if one
+        is."""
+        return self._failed
 
     def _found(self, found: _Finding) -> None:
         """`found` stops signing, and /health says so, until it is put back."""

@@ -1241,11 +1241,13 @@ async def _resume_log(audit: AuditLog) -> None:
         problem = audit.problem
         if problem is None:
             said.ok()
-            if not audit.resume_owed:
+            # damage put back before a write was refused: the line owed says it (not
+            # `after: null`, should another batch write the owed line first: a review)
+            if (problem := audit.resume_owed) is None:
                 continue
         else:
             said.failed(problem)
-        try:  # (the line says why it stopped: the failure it owes, not this text)
+        try:
             await audit.append("log.resume", after=problem)
         except Exception as exc:  # still away: the next try in a second
             log.debug("the audit log still cannot be committed", error=str(exc))
