@@ -94,12 +94,13 @@ def _locked(path: Path, module: str, token: str, state_dir: Path) -> int | Skipp
     except OSError as exc:  # no /run/lock here, or one this user may not write
         return Skipped(f"{path} cannot be made ({exc.strerror or exc}): let the daemon's "
                        f"user write {path.parent} (with systemd, ReadWritePaths={path.parent})")
-    if os.fstat(fd).st_uid != os.geteuid():
+    owner = os.fstat(fd).st_uid  # (the file's, whatever becomes of its path: a review)
+    if owner != os.geteuid():
         # Made by another user (/run/lock is everyone's): trusted, it would let anyone
         # who can guess its name keep the CA from starting. Only the guard is lost.
         os.close(fd)
-        return Skipped(f"{path} is another user's file (uid {os.stat(path).st_uid}): "
-                       "remove it, with the daemon stopped")
+        return Skipped(f"{path} is another user's file (uid {owner}): remove it, with the "
+                       "daemon stopped")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
