@@ -818,7 +818,10 @@ async def _start(request: web.Request, ch: AcmeChallenge, authz: AcmeAuthz,
     stale = now - dt.timedelta(seconds=longest_s(server.cfg)) - STALE_GRACE
     if not await server.store.start_acme_challenge(ch.id, now, stale):
         return False
-    server.spawn(_validate(server, ch, authz, v.jwk, v.account.id, _client(request)))
+    # A failure counts for the client's address only where _rate asks that count: a
+    # bound account's used up the unbound ones' (a review)
+    by_address = None if server.cfg.eab_required or v.account.eab_kid else _client(request)
+    server.spawn(_validate(server, ch, authz, v.jwk, v.account.id, by_address))
     return True
 
 
@@ -860,8 +863,9 @@ async def _restart_stale(request: web.Request, authz: AcmeAuthz,
 
 
 async def _validate(server: AcmeServer, ch: AcmeChallenge, authz: AcmeAuthz, jwk: jose.JWK,
-                    account_id: str, client: str) -> None:
-    """In the background (the client polls): validate, record the result."""
+                    account_id: str, client: str | None) -> None:
+    """In the background (the client polls): validate, record the result; a failure
+    counts for the account, and for the `client` address if given."""
     error: str | None = None
     busy = False  # it never ran: not the client's failure, so not counted as one
     try:
@@ -878,7 +882,8 @@ async def _validate(server: AcmeServer, ch: AcmeChallenge, authz: AcmeAuthz, jwk
         await server.store.finish_acme_challenge(ch.id, error is None, error, now)
         if error is not None and not busy:
             await server.store.acme_rate_take("failed-validation", [
-                f"account:{account_id}", f"ip:{client}"], now, now - RATE_WINDOW, None)
+                f"account:{account_id}", *([f"ip:{client}"] if client else [])], now,
+                now - RATE_WINDOW, None)
     except Exception:
         log.exception("cannot record a validation", challenge=ch.id)
     log.info("acme validation", account=account_id, challenge=ch.id, type=ch.type,
