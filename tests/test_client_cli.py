@@ -156,6 +156,10 @@ def test_status_says_how_the_daemon_is(daemon: Daemon) -> None:
         said = one_line_error(hsmca("status", *config, "--url",
                                     f"https://127.0.0.1:{front.server_address[1]}",
                                     check=False))
+        page = hsmca("status", *config, "--url", f"https://127.0.0.1:{front.server_address[1]}",
+                     "--json", check=False)
+        assert page.returncode == 1 and json.loads(page.stdout)["status"] == "unknown", \
+            page.stdout  # something answered: not "unreachable" (a review)
     finally:
         front.shutdown()
         front.server_close()

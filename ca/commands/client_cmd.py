@@ -94,8 +94,9 @@ def status(args: argparse.Namespace) -> int:
         if args.json:
             # A monitor that reads --json got nothing on stdout when the daemon was down
             # (a trial): a document still comes, the line to stderr as well.
-            print(json.dumps({"status": "unreachable", "url": url, "error": str(exc)},
-                             indent=2))
+            # (a proxy's page, or no answer in time: something answered, so "unknown")
+            state = "unreachable" if isinstance(exc, ClientError) else "unknown"
+            print(json.dumps({"status": state, "url": url, "error": str(exc)}, indent=2))
         raise
     if args.json:
         print(json.dumps(health, indent=2))
@@ -643,7 +644,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     admin_flags(st)
     st.add_argument("--json", action="store_true",
                     help="print /health's JSON as it is; when nothing answers, "
-                    "{\"status\": \"unreachable\", \"url\": ..., \"error\": ...} and exit 1")
+                    "{\"status\": \"unreachable\", \"url\": ..., \"error\": ...} and exit 1 "
+                    "(\"unknown\" when what answers is not the daemon's health)")
     st.set_defaults(command_key="status")
 
     v = sub.add_parser("revoke", help="revoke a certificate (admin, or your own)",
