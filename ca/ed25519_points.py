@@ -16,6 +16,8 @@ projective coordinates: a fraction of a millisecond.
 
 from __future__ import annotations
 
+import functools
+
 P = 2**255 - 19
 D = -121665 * pow(121666, P - 2, P) % P
 SQRT_M1 = pow(2, (P - 1) // 4, P)
@@ -57,6 +59,7 @@ def _times_eight_is_identity(x: int, y: int) -> bool:
     return X == 0 and Y == Z
 
 
+@functools.lru_cache(maxsize=4096)  # a renewal that keeps its key asks again: 0.1-0.2 ms
 def weakness(raw: bytes) -> str | None:
     """Why the 32-byte Ed25519 public key `raw` is no key, in words for a refusal; None
     for a key of its own (of the large prime order, possibly with a small part)."""
