@@ -4,6 +4,8 @@ such."""
 
 from __future__ import annotations
 
+import re
+
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
@@ -11,6 +13,14 @@ from aiohttp.web_protocol import RequestPayloadError
 # Brotli and Zstandard libraries), and what a 415 says it takes.
 DECODED = ("gzip", "deflate", "identity")
 ACCEPTED = "gzip, deflate"
+
+
+def coding_missing(exc: BaseException) -> str | None:
+    """The coding of aiohttp's ContentEncodingError for a coding whose decoder it lacks
+    (br, zstd: "... brotli (br). Please install ..."); None for a body that does not
+    decode as its coding says, which is a 400."""
+    found = re.search(r"\((br|zstd)\)", str(exc))
+    return found[1] if found else None
 
 
 def unsupported_coding(coding: str | None) -> str:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import asyncio.sslproto
 import json
-import re
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -36,7 +35,7 @@ from aiohttp import hdrs, http_exceptions, web
 from aiohttp.streams import StreamReader
 
 from ca.config import REQUEST_TIMEOUT_S
-from ca.http_body import ACCEPTED, unsupported_coding
+from ca.http_body import ACCEPTED, coding_missing, unsupported_coding
 from ca.listener import Listener, OnRefused, Places, listening_sockets
 from ca.logs import http_server_logger
 from ca.server.problems import TYPE_BASE, problem
@@ -229,10 +228,9 @@ class _ProblemRequestHandler(web.RequestHandler):
             # br or zstd, whose decoder aiohttp does not have: the client's coding, not
             # its HTTP (RFC 9110 15.5.16), as read_body answers the codings aiohttp does
             # not know at all. The request's headers are gone by now; aiohttp's text
-            # names the coding: "... brotli (br). Please install ...".
-            named = re.search(r"\((\w+)\)", str(exc))
+            # names the coding.
             answer = problem(415, "Unsupported Media Type",
-                             unsupported_coding(named[1] if named else None),
+                             unsupported_coding(coding_missing(exc)),
                              "unsupported-media-type", headers={"Accept-Encoding": ACCEPTED})
         else:
             answer = problem(status, "Bad Request", f"{_what(exc)}; nothing was done",

@@ -39,7 +39,7 @@ class _HTTPServerErrors(logging.Handler):
             unlogged=count)
 
     def emit(self, record: logging.LogRecord) -> None:
-        from aiohttp.http_exceptions import HttpProcessingError
+        from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
         from aiohttp.web_protocol import RequestPayloadError
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, RequestPayloadError) and \
@@ -53,8 +53,14 @@ class _HTTPServerErrors(logging.Handler):
         if isinstance(exc, HttpProcessingError):
             unlogged = self.throttle.allow(type(exc).__name__)
             if unlogged is not None:
-                log.warning("refused a request that is not valid HTTP", peer=str(peer),
-                            error=type(exc).__name__, status=exc.code,
+                # A coding named whose decoder is missing is answered 415 (http_server),
+                # and logged so, not as HTTP that is not valid (a re-trial)
+                from ca.http_body import coding_missing
+                coding = isinstance(exc, ContentEncodingError) and bool(coding_missing(exc))
+                log.warning("refused a request body in a coding this server does not "
+                            "decode" if coding else "refused a request that is not valid "
+                            "HTTP", peer=str(peer), error=type(exc).__name__,
+                            status=415 if coding else exc.code,
                             **({"unlogged_before": unlogged} if unlogged else {}))
         else:
             log.error("HTTP server error", peer=str(peer), message=record.getMessage(),

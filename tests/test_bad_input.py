@@ -886,3 +886,19 @@ async def test_live_parsers_never_fail_on_any_input(
             assert (status, ctype) == (200, "application/ocsp-response"), (ocsp, raw[:300])
             assert x509_ocsp.load_der_ocsp_response(raw).response_status == (
                 x509_ocsp.OCSPResponseStatus.MALFORMED_REQUEST), ocsp
+
+
+async def test_a_body_in_a_coding_without_its_decoder_is_logged_as_the_415_it_gets(
+        served: Served) -> None:
+    """br, whose decoder aiohttp lacks, is answered 415 and was logged as a 400 "not
+    valid HTTP" (a re-trial)."""
+    host = yarl.URL(served.daemon.url).host
+    head, body = await raw_request(served, (
+        f"POST /v1/x509/enroll HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        "Content-Encoding: br\r\nContent-Length: 2\r\n\r\n{}").encode())
+    assert b" 415 " in head.split(b"\r\n")[0] and body["type"] == TYPES + \
+        "unsupported-media-type", (head, body)
+    d = served.daemon
+    assert d.wait_stderr(lambda: any(
+        "refused a request body in a coding this server does not decode" in line
+        and '"status": 415' in line for line in d.stderr)), d.stderr[-5:]
