@@ -1060,7 +1060,7 @@ async def enroll(url: str, token: str, names: list[str], out: Path, ca: Path | N
                 # enrollment if the request never arrived.
                 if retry or not exc.unanswered:
                     raise
-        check_answer(url, issued, key.public_key(), ca)
+        issued = check_answer(url, issued, key.public_key(), ca)
         # cert.pem holds the leaf and the CA certificates above it but the root: what a
         # TLS server or client sends, so that a relying party needs only the root, and
         # keeps working when the issuing key is rotated (a leaf alone failed at every
@@ -1095,10 +1095,11 @@ class BadAnswer(ClientError):
     trying again may get the real one."""
 
 
-def check_answer(url: str, issued: Any, public_key: Any, ca: Path | None) -> None:
-    """BadAnswer unless the CA's answer holds a certificate of `public_key` that its
-    chain's issuing CA signed, and (with --ca) a chain that leads to a root of `ca`:
-    checked before anything is replaced. A faulty CA, node or proxy's answer was
+def check_answer(url: str, issued: Any, public_key: Any, ca: Path | None) -> dict[str, Any]:
+    """The CA's answer, its serial and notAfter read from its certificate; BadAnswer
+    unless it holds a certificate of `public_key` that its chain's issuing CA signed,
+    and (with --ca) a chain that leads to a root of `ca`: checked before anything is
+    replaced. A faulty CA, node or proxy's answer was
     installed as it came (another key's certificate, a self-signed one), the --exec hook
     ran on it, and every renewal after it failed on the mismatch (an enrollment trial)."""
     def bad(what: str) -> BadAnswer:
@@ -1122,6 +1123,10 @@ def check_answer(url: str, issued: Any, public_key: Any, ca: Path | None) -> Non
             raise BadAnswer(str(exc), retryable=True) from None
         if not _leads_to(leaf, chain, roots):
             raise bad(f"has a chain that leads to no root of --ca {ca}")
+    # What is said of it is the certificate's own, not the answer's words about it (a
+    # re-trial's fake CA had "serial: bad" printed)
+    return {**issued, "serial": format(leaf.serial_number, "x"),
+            "not_after": leaf.not_valid_after_utc.isoformat()}
 
 
 def _leads_to(leaf: x509.Certificate, chain: list[x509.Certificate],
@@ -1284,7 +1289,7 @@ async def _renew(url: str, cert: Path, key: Path, ca: Path | None, rekey: bool,
         if ttl is not None:
             body["ttl"] = ttl
         issued = await call("POST", f"{url}/v1/x509/renew", ctx, json_body=body, expect=201)
-        check_answer(url, issued, (new or current).public_key(), ca)
+        issued = check_answer(url, issued, (new or current).public_key(), ca)
     except BaseException:
         files.abort()
         raise
