@@ -306,6 +306,17 @@ async def test_every_node_serves_every_log_and_one_node_verifies_them_all(
             assert (tmp_path / f"auditor.{name}.json").exists()
         await call("POST", f"{n1.url}/v1/tokens", n1.admin_ssl(),  # more lines for run 2
                    {"role": "service", "names": ["more.test"], "ttl": "5m"})
+    # --origin is the CA's [audit] origin, each node's log signed as ORIGIN/NODE: checked
+    # on every log (a cluster trial's wrong one was ignored, and said OK)
+    import tomllib
+    origin = tomllib.loads((cluster.state / "hsmca.toml").read_text())["audit"]["origin"]
+    fresh = [*args[:-1], tmp_path / "fresh.json"]
+    proc = await asyncio.to_thread(hsmca, *fresh, "--origin", origin, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    wrong = [*args[:-1], tmp_path / "wrong.json"]
+    proc = await asyncio.to_thread(hsmca, *wrong, "--origin", "other.example/log", check=False)
+    assert proc.returncode == 1 and "other.example/log/node-1" in proc.stdout + proc.stderr, \
+        proc.stdout + proc.stderr
 
 
 

@@ -40,6 +40,16 @@ log = structlog.get_logger("hsmca.audit")
 # state directory's audit/log.jsonl, and in PostgreSQL under this name. No node may
 # take it (`--node init` is refused).
 CEREMONIES = "init"
+
+
+def log_origin(origin: str | None, log: str) -> str | None:
+    """The origin a cluster's log `log` signs its checkpoints with, for a CA whose
+    `[audit] origin` is `origin` (an auditor's --origin): the ceremonies' log the CA's
+    own, a node's with its name after it (Config.for_node). A cluster trial's --origin
+    was not checked at all, and a wrong one said OK."""
+    if origin is None:
+        return None
+    return origin if log == CEREMONIES else f"{origin}/{log}"
 COMMIT_TIMEOUT_S = 10.0
 CUTS_KEPT = 256  # cut groups at one seq a marker remembers (an outage retries every second)
 _PAGE = 5000

@@ -135,6 +135,7 @@ def _verify_remote(args: argparse.Namespace) -> int:
     if args.allow_unsigned:
         raise CLIError("--allow-unsigned is for --log; with --url only lines a checkpoint "
                        "covers are fetched")
+    from ca.audit.cluster import log_origin
     from ca.audit.remote import list_logs, log_state_path, logs_gone, verify_remote
     ctx = _client_context(args)
     key = _audit_key(args.key)
@@ -153,7 +154,8 @@ def _verify_remote(args: argparse.Namespace) -> int:
     for name in names:
         assert name is not None
         result = asyncio.run(verify_remote(args.url, ctx, key, log_state_path(args.state, name),
-                                           log=name, witness_keys=witnesses))
+                                           log=name, witness_keys=witnesses,
+                                           origin=log_origin(args.origin, name)))
         failed += _report(result, f"log {name}: ", witnesses, key)
     return 1 if failed else 0
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from ca.audit.cluster import log_origin
 from ca.audit.cosignature import VerifierKey
 from ca.audit.merkle import TreeHead
 from ca.audit.note import Checkpoint, parse_checkpoint
@@ -355,11 +356,12 @@ class Logs:
 
     def follower(self, name: str | None) -> Follower:
         if name not in self._followers:
-            # A node's log is pinned to its own checkpoints' origin (ORIGIN/NODE): --origin
-            # names a single node's.
+            # A node's log is pinned to its own checkpoints' origin: --origin's with the
+            # node's name after it (ORIGIN/NODE), the ceremonies' --origin's own.
             self._followers[name] = Follower(
                 self.ca.for_log(name), self.key, log_state_path(self.state, name),
-                self.origin if name is None else None, self.witness_keys, self.fresh_s, name)
+                self.origin if name is None else log_origin(self.origin, name),
+                self.witness_keys, self.fresh_s, name)
         return self._followers[name]
 
     async def verdict(self, name: str | None, fresh: bool = False) -> Verdict:
