@@ -60,10 +60,11 @@ class PinnedKey(NamedTuple):
                     "localhost/hsmca-audit, share the name)") if others else ""
             if not others and cp.origin != self.name:
                 # No signature of that name at all: the name (the origin asked for) is
-                # what is wrong, not the key (a web view trial's --origin was read as a
-                # key problem)
-                hint = (f"; this checkpoint's origin is {cp.origin!r}, not {self.name!r}: "
-                        f"give --origin {cp.origin} if that is the log you mean to verify")
+                # what is wrong, not the key, and said first (a web view trial's --origin
+                # was read as a key problem)
+                raise NoteError(f"this checkpoint's origin is {cp.origin!r}, not "
+                                f"{self.name!r} (--origin): give --origin {cp.origin} if "
+                                "that is the log you mean to verify")
             raise NoteError(f"the note has no signature by {self.name!r} with a trusted key "
                             f"(key id {key_id(self.name, self.public_key).hex()}"
                             + (f" or one of {len(self.successors)} it handed over to"
