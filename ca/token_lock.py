@@ -10,8 +10,10 @@ of it. The token, as the daemon reaches it, is locked for as long as it serves.
 The lock names the module, the SoftHSM configuration (which says where the token's
 files are: a rehearsal on a copy of the token directory uses its own) and the token
 label. It guards this host only: a second host reaching the same network HSM is the
-operator's to prevent. Nodes of a cluster share their keys by design, and take no
-such lock. Where no lock file can be made, or the one there is another user's, the
+operator's to prevent. Nodes of a cluster share their keys by design: they share the
+lock (flock's shared mode), which a single node's copy of the CA cannot take beside
+them. A lock file this process may only read (a read-only /run/lock) is locked all the
+same. Where no lock file can be made, or the one there is another user's, the
 guard is skipped: it must never keep the CA itself from starting. It is skipped out
 loud (`Skipped`, which the daemon logs as a warning): the documented systemd unit once
 left /run/lock read-only, and a new-user trial's restored copy then served beside the
@@ -46,54 +48,81 @@ class Skipped:
 
 @dataclass(frozen=True)
 class TokenLock:
-    """The lock `hold_token` took: its file, and the descriptor that holds it."""
+    """The lock `hold_token` took: its file, the descriptor that holds it, whether it
+    is shared (a cluster node's), and whether this process could write the file."""
 
     path: Path
     fd: int
+    shared: bool = False
+    writable: bool = True
 
     def close(self) -> None:
         """Remove the lock file, then let go of it (/run/lock keeps no file per token
         ever served: a test run made hundreds). One who opened it meanwhile finds it
-        no longer at its path once it has the lock, and makes a new one."""
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
+        no longer at its path once it has the lock, and makes a new one. A shared lock's
+        file goes only when no other holder is left (the lock taken whole, at once)."""
+        last = self.writable
+        if last and self.shared:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                last = False  # another node holds it still
+        if last:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
         os.close(self.fd)
 
 
 def hold_token(module: str, softhsm_conf: str | None, token: str, state_dir: Path,
-               lock_dir: Path = LOCK_DIR) -> TokenLock | Skipped | None:
+               lock_dir: Path = LOCK_DIR, shared: bool = False) -> TokenLock | Skipped | None:
     """Lock the token for this process (held while it serves); Skipped where no lock
     can be taken, None where this CA's own state directory holds it (its audit log's
-    lock says so); TokenInUse if another process holds it."""
+    lock says so); TokenInUse if another process holds it. `shared`: a cluster node's,
+    which the other nodes on this host share (they use the same keys by design), and
+    which a single node's copy of the CA cannot take beside them (a re-trial started a
+    restored single-node backup on a node's host)."""
     conf = softhsm_conf or os.environ.get("SOFTHSM2_CONF", "")
     ident = "\0".join([os.path.realpath(module), os.path.realpath(conf) if conf else "",
                        token])
     path = lock_dir / f"hsmca-token-{hashlib.sha256(ident.encode()).hexdigest()[:24]}.lock"
     for _ in range(3):  # the file removed under us by the holder's close: again
-        fd = _locked(path, module, token, state_dir)
-        if fd is None or isinstance(fd, Skipped):
-            return fd
+        got = _locked(path, module, token, state_dir, shared)
+        if got is None or isinstance(got, Skipped):
+            return got
+        fd, writable = got
         try:
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
             same = False
         if same:
-            said = f"state directory {state_dir}, pid {os.getpid()}\n".encode()
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, said, 0)
-            return TokenLock(path, fd)
+            if writable:
+                said = f"state directory {state_dir}, pid {os.getpid()}\n".encode()
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, said, 0)
+            return TokenLock(path, fd, shared, writable)
         os.close(fd)
     return Skipped(f"{path} was removed again and again as it was locked")
 
 
-def _locked(path: Path, module: str, token: str, state_dir: Path) -> int | Skipped | None:
-    """The lock file, open and locked; Skipped where it cannot be (best effort); None
-    where this state directory's daemon holds it."""
+def _locked(path: Path, module: str, token: str, state_dir: Path, shared: bool
+            ) -> tuple[int, bool] | Skipped | None:
+    """The lock file, open and locked, and whether it could be opened for writing;
+    Skipped where it cannot be (best effort); None where this state directory's daemon
+    holds it."""
+    writable = True
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
     except OSError as exc:  # no /run/lock here, or one this user may not write
-        return Skipped(f"{path} cannot be made ({exc.strerror or exc}): let the daemon's "
-                       f"user write {path.parent} (with systemd, ReadWritePaths={path.parent})")
+        try:
+            # One the live CA made, read only (a read-only /run/lock): a lock all the
+            # same, and held by the live CA, a refusal (a re-trial's copy served, told
+            # only that it was not guarded)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            writable = False
+        except OSError:
+            return Skipped(f"{path} cannot be made ({exc.strerror or exc}): let the "
+                           f"daemon's user write {path.parent} (with systemd, "
+                           f"ReadWritePaths={path.parent})")
     owner = os.fstat(fd).st_uid  # (the file's, whatever becomes of its path: a review)
     if owner != os.geteuid():
         # Made by another user (/run/lock is everyone's): trusted, it would let anyone
@@ -102,7 +131,7 @@ def _locked(path: Path, module: str, token: str, state_dir: Path) -> int | Skipp
         return Skipped(f"{path} is another user's file (uid {owner}): remove it, with the "
                        "daemon stopped")
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
@@ -118,4 +147,4 @@ def _locked(path: Path, module: str, token: str, state_dir: Path) -> int | Skipp
     except OSError as exc:
         os.close(fd)
         return Skipped(f"{path} cannot be locked ({exc.strerror or exc})")
-    return fd
+    return fd, writable

@@ -14,12 +14,15 @@ import os
 import shutil
 import sqlite3
 import stat
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 
-from tests.conftest import Daemon, hsmca, init_ca, start_daemon
+from tests.conftest import Daemon, hsmca, init_ca, require, start_daemon
 from tests.helpers import audit_verify, enroll, http, log_lines
 
 
@@ -386,3 +389,58 @@ def test_a_damaged_inventory_is_not_backed_up_as_if_whole(tmp_path: Path) -> Non
     assert proc.stderr.startswith(f"hsmca: error: the inventory {db_path} is damaged (") \
         and "so none is kept" in proc.stderr, proc.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_cluster_nodes_share_the_token_lock_and_a_copy_cannot_take_it(tmp_path: Path) -> None:
+    """A re-trial started a restored single-node backup on a cluster node's host: nodes
+    took no lock, and the copy served on the same keys. Nodes share the lock (they use
+    the same keys by design); a single node's cannot be taken beside them, nor theirs
+    beside it. The file goes with the last holder."""
+    from ca.token_lock import TokenInUse, TokenLock, hold_token
+    args = ("/usr/lib/softhsm/libsofthsm2.so", None, "ca-token")
+    n1 = hold_token(*args, tmp_path / "cluster", lock_dir=tmp_path, shared=True)
+    n2 = hold_token(*args, tmp_path / "cluster", lock_dir=tmp_path, shared=True)
+    assert isinstance(n1, TokenLock) and isinstance(n2, TokenLock)
+    with pytest.raises(TokenInUse, match="another hsmca serves the token 'ca-token'"):
+        hold_token(*args, tmp_path / "restored", lock_dir=tmp_path)
+    n1.close()
+    assert n2.path.exists()  # node 2 holds it still
+    n2.close()
+    assert not n2.path.exists()
+    single = hold_token(*args, tmp_path / "single", lock_dir=tmp_path)
+    assert isinstance(single, TokenLock)
+    with pytest.raises(TokenInUse):
+        hold_token(*args, tmp_path / "cluster", lock_dir=tmp_path, shared=True)
+    single.close()
+
+
+def test_a_read_only_lock_directory_still_refuses_a_copy_beside_the_live_ca(
+        tmp_path: Path) -> None:
+    """A re-trial's copy, its /run/lock read-only (as the documented unit once left it),
+    served beside the live CA, though the live CA's lock file was there to read: a lock
+    is taken on a file opened for reading too."""
+    from ca.token_lock import TokenLock, hold_token
+    locks = tmp_path / "locks"
+    locks.mkdir()
+    live = hold_token("/usr/lib/softhsm/libsofthsm2.so", None, "ca-token", tmp_path / "live",
+                      lock_dir=locks)
+    assert isinstance(live, TokenLock)
+    copy = textwrap.dedent(f"""
+        from pathlib import Path
+        from ca.token_lock import TokenInUse, hold_token
+        try:
+            got = hold_token("/usr/lib/softhsm/libsofthsm2.so", None, "ca-token",
+                             Path({str(tmp_path / 'copy')!r}), lock_dir=Path({str(locks)!r}))
+            print("held" if got is not None and not hasattr(got, "why") else got)
+        except TokenInUse as exc:
+            print("refused:", exc)
+    """)
+    proc = subprocess.run(
+        [require("unshare"), "-m", "--propagation", "private", "sh", "-c",
+         f'mount --bind -o ro "{locks}" "{locks}" && exec "{sys.executable}" -c "$0"', copy],
+        capture_output=True, text=True, cwd=Path(__file__).parent.parent, timeout=60)
+    try:
+        assert proc.returncode == 0 and proc.stdout.startswith(
+            "refused: another hsmca serves the token 'ca-token'"), proc.stdout + proc.stderr
+    finally:
+        live.close()

@@ -462,8 +462,8 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         # Before the log is opened (which may rebuild its tiles): no copy of this CA
         # serves beside it on this host (a second serve of this state directory is
         # told so by the log's lock).
-        held = None if config.cluster else hold_token(
-            config.hsm.module, config.softhsm_conf, config.hsm.token, config.state_dir)
+        held = hold_token(config.hsm.module, config.softhsm_conf, config.hsm.token,
+                          config.state_dir, shared=config.cluster)
         if isinstance(held, Skipped):
             log.warning("the token's lock on this host could not be taken, so a copy of "
                         "this CA (a restored backup) started here would not be refused "
