@@ -465,9 +465,11 @@ async def serve(config: Config, listen: str | None = None, workers: int | None =
         held = hold_token(config.hsm.module, config.softhsm_conf, config.hsm.token,
                           config.state_dir, shared=config.cluster)
         if isinstance(held, Skipped):
-            log.warning("the token's lock on this host could not be taken, so a copy of "
-                        "this CA (a restored backup) started here would not be refused "
-                        "(docs/operator.md, 'One CA at a time')", why=held.why)
+            log.warning("the token's lock on this host could not be taken, so whether "
+                        "another hsmca serves this token here (a copy of this CA, a "
+                        "restored backup: or this process is one) cannot be told, and "
+                        "neither is refused (docs/operator.md, 'One CA at a time')",
+                        why=held.why)
         token_held = held if isinstance(held, TokenLock) else None
         # A node stopped during the audit key's rotation: see _open_audit.
         audit = _open_audit(config, audit_key if store is None else
