@@ -239,6 +239,28 @@ async def test_health_names_a_lock_another_session_holds_on_the_cas_tables(
         while (answer := await call("GET", f"{node.url}/health", node.ssl()))[0] != 503:
             assert time.monotonic() < deadline, answer
         assert "acme_orders: AccessExclusiveLock" in json.loads(answer[2])["store"], answer
+        await asyncio.to_thread(locker.rollback)
+        # A lock asked for and queued behind a long read (an ALTER TABLE's) holds every
+        # writer after it: its session is named too (a re-trial saw none)
+        reader = await asyncio.to_thread(psycopg.connect, c.url)
+        watcher = await asyncio.to_thread(psycopg.connect, c.url, autocommit=True)
+        try:
+            await asyncio.to_thread(reader.execute, "SELECT count(*) FROM certs")
+            queued = asyncio.create_task(asyncio.to_thread(locker.execute,
+                                                           "LOCK TABLE certs"))
+            await asyncio.to_thread(_waiting, watcher, f"pid = {pid}")
+            said = (f"certs: AccessExclusiveLock asked for, and waited for, by PostgreSQL "
+                    f"session {pid}")
+            deadline = time.monotonic() + 10  # (past the answer kept from the last look)
+            while said not in (answer := await call("GET", f"{node.url}/health",
+                                                     node.ssl()))[2].decode():
+                assert time.monotonic() < deadline, answer
+            assert answer[0] == 503, answer
+        finally:
+            await asyncio.to_thread(reader.rollback)
+            await queued
+            await asyncio.to_thread(reader.close)
+            await asyncio.to_thread(watcher.close)
     finally:
         await asyncio.to_thread(locker.rollback)
         await asyncio.to_thread(locker.close)

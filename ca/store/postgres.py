@@ -229,20 +229,24 @@ WRITTEN_TABLES = ("audit_lines", "audit_checkpoints", "audit_tiles", "audit_tile
 HELD_LOOK_MS = 300  # for each table's lock
 HELD_LOOK_ALL_MS = 1000  # for them all, within /health's 2 s
 HELD_SAID_S = 1.0  # one look a second per process, whatever asks /health
-# Who holds a lock that a writer's ROW EXCLUSIVE waits for, on those tables (as the
-# search path finds them, as the CA's statements do).
+# Who holds, or waits for, a lock that a writer's ROW EXCLUSIVE waits behind, on those
+# tables (as the search path finds them, as the CA's statements do): one asked for and
+# queued (an ALTER TABLE behind a long read) holds every writer after it too (a re-trial
+# saw no session named).
 _HOLDERS = """
-SELECT c.relname, l.mode, l.pid FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
- WHERE l.granted AND l.pid <> pg_backend_pid() AND c.oid = ANY(%s::text[]::regclass[])
+SELECT c.relname, l.mode, l.pid, l.granted FROM pg_locks l
+  JOIN pg_class c ON c.oid = l.relation
+ WHERE l.pid <> pg_backend_pid() AND c.oid = ANY(%s::text[]::regclass[])
    AND l.mode IN ('ShareLock', 'ShareRowExclusiveLock', 'ExclusiveLock',
                   'AccessExclusiveLock')
- ORDER BY c.relname, l.pid"""
+ ORDER BY l.granted DESC, c.relname, l.pid"""
 
 
 def _held_words(rows: Sequence[tuple[Any, ...]]) -> str:
     """/health's words for the locks that hold writes back."""
-    who = "; ".join(f"{table}: {mode} of PostgreSQL session {pid}"
-                    for table, mode, pid in rows[:3]) or "a lock another session holds"
+    who = "; ".join(f"{table}: {mode} {'of' if granted else 'asked for, and waited for, by'} "
+                    f"PostgreSQL session {pid}" for table, mode, pid, granted in rows[:3]
+                    ) or "a lock another session holds"
     return (f"writes wait on a lock another session holds ({who}), so nothing is signed "
             "until it is released: see pg_locks and pg_stat_activity for what it runs")
 
