@@ -613,3 +613,33 @@ def test_the_issuance_chart_says_its_figures_to_a_screen_reader() -> None:
     assert chart.label.startswith("certificates issued per hour over the last 7 days, by "
                                   "kind: 7 in all (")
     assert chart.label.endswith("; the busiest hour 2026-12-01T03:00 UTC, with 6"), chart.label
+
+
+async def test_a_failed_view_whose_daemon_is_away_does_not_say_a_later_check_passed(
+        tmp_path: Path) -> None:
+    """A re-trial's failed view, its daemon stopped, read "checked <now>; a later check
+    passed, but this failure stands": nothing had been checked."""
+    import dataclasses
+
+    from ca.ui.follow import Follower, Verdict
+    key = ed25519.Ed25519PrivateKey.generate().public_key()
+    follower = Follower(object(), key, tmp_path / "s.json", None, [])  # type: ignore[arg-type]
+    failed_at = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
+    follower.latest = Verdict("failed", None, None, "", failed_at, 7, "line 7 was rewritten")
+    later = dt.datetime(2026, 12, 2, tzinfo=dt.UTC)
+
+    async def away() -> Verdict:
+        return dataclasses.replace(follower.latest, problem="cannot reach the daemon",
+                                   answered=False, checked_at=later)
+
+    async def passed() -> Verdict:
+        return Verdict("ok", None, None, "", later)
+    follower._verify = away  # type: ignore[method-assign]
+    verdict = await follower._run()
+    assert verdict.status == "failed" and verdict.checked_at == failed_at
+    assert "a later check passed" not in verdict.detail, verdict.detail
+    assert "the daemon could not be asked again: cannot reach the daemon" in verdict.detail
+    follower._verify = passed  # type: ignore[method-assign]
+    verdict = await follower._run()
+    assert verdict.status == "failed" and "a later check passed" in verdict.detail
+    assert "could not be asked" not in verdict.detail, verdict.detail

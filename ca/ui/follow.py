@@ -242,13 +242,21 @@ class Follower:
             verdict = replace(self.latest, status="failed" if self.latest.status == "failed"
                               else "unknown", problem=f"the verification crashed: {exc!r}",
                               checked_at=_now())
-        if self.latest.status == "failed" and verdict.status != "failed":
+        if self.latest.status == "failed" and not verdict.answered:
+            # Sticky, and nothing checked now: the daemon could not be asked, said as
+            # such, as of the last check, not "a later check passed" as of now (a
+            # re-trial)
+            verdict = replace(self.latest, problem=verdict.problem, answered=False,
+                              note="this failure stands")
+        elif self.latest.status == "failed" and verdict.status != "failed":
             # Sticky: see the module's docstring.
-            verdict = replace(self.latest, checked_at=verdict.checked_at,
+            verdict = replace(self.latest, checked_at=verdict.checked_at, problem=None,
+                              answered=True,
                               note="a later check passed, but this failure stands")
         elif self.latest.status == "failed":
             # The first failure, with where it is, stands (later runs do not locate it)
-            verdict = replace(self.latest, checked_at=verdict.checked_at)
+            verdict = replace(self.latest, checked_at=verdict.checked_at, problem=None,
+                              answered=True)
         elif verdict.status == "failed" and self.latest.status != "failed":
             log.error("audit log verification FAILED", seq=verdict.bad_seq,
                       reason=verdict.reason)
