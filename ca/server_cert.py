@@ -144,10 +144,19 @@ def listener_cert(config: Config, issuers: Sequence[x509.Certificate]
     cert = _read(config, "tls-cert", config.tls_cert, "PEM certificate",
                  lambda data: x509.load_pem_x509_certificates(data)[0])
     if not _ours(config, cert, issuers):
+        # The issuer's name may be this CA's own (two CAs left at the default names): its
+        # key's id tells them apart (a re-trial)
+        try:
+            aki = cert.extensions.get_extension_for_class(
+                x509.AuthorityKeyIdentifier).value.key_identifier
+        except x509.ExtensionNotFound:
+            aki = None
+        whose = f", key id {aki.hex()}" if aki else ""
         raise _not_the_listeners(config, "tls-cert", config.tls_cert, (
-            f"holds a certificate this CA did not issue ({cert.issuer.rfc4514_string()}): "
-            "the listener presents a certificate of its own issuing CA, which the "
-            "clients' --ca root.pem verifies"))
+            f"holds a certificate this CA did not issue (issuer "
+            f"{cert.issuer.rfc4514_string()}{whose}, none of this CA's keys): the "
+            "listener presents a certificate of its own issuing CA, which the clients' "
+            "--ca root.pem verifies"))
     return cert
 
 

@@ -200,7 +200,12 @@ def test_serve_never_overwrites_a_file_the_listener_paths_name_that_is_not_its_o
     now = dt.datetime.now(dt.UTC)
     own_cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
                 .public_key(own_key.public_key()).serial_number(1).not_valid_before(now)
-                .not_valid_after(now + dt.timedelta(days=90)).sign(own_key, hashes.SHA256()))
+                .not_valid_after(now + dt.timedelta(days=90))
+                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                    own_key.public_key()), critical=False)
+                .sign(own_key, hashes.SHA256()))
+    own_kid = x509.AuthorityKeyIdentifier.from_issuer_public_key(
+        own_key.public_key()).key_identifier.hex()
     (tmp_path / "own.pem").write_bytes(own_cert.public_bytes(serialization.Encoding.PEM))
     (tmp_path / "own.key").write_bytes(own_key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -219,7 +224,9 @@ def test_serve_never_overwrites_a_file_the_listener_paths_name_that_is_not_its_o
         ({"tls-cert": ca.state / "x509" / "root.pem", "tls-key": tmp_path / "own.key"},
          "tls-cert", "which is the CA's root certificate"),
         ({"tls-cert": tmp_path / "own.pem", "tls-key": tmp_path / "own.key"}, "tls-cert",
-         "which holds a certificate this CA did not issue (CN=ca.example)"),
+         # (its key's id: the name may be this CA's own, left at the defaults: a re-trial)
+         f"which holds a certificate this CA did not issue (issuer CN=ca.example, key id "
+         f"{own_kid}, none of this CA's keys)"),
         # one file for both: the key was lost to the certificate (a start-guard trial)
         ({"tls-cert": tmp_path / "combined.pem", "tls-key": tmp_path / "combined.pem"},
          "tls-key", "which tls-cert names too"),
