@@ -21,6 +21,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -110,6 +111,19 @@ def test_enroll_checks_the_output_before_spending_the_token(daemon: Daemon,
     assert (full / "key.pem").stat().st_mode & 0o777 == 0o640
 
 
+def tls_front(daemon: Daemon, handler: type[Any]) -> Any:
+    """An HTTPS server on 127.0.0.1 with the daemon's own TLS credential (what a proxy
+    or a faulty node in front of it presents), answering with `handler`; shut it down."""
+    import http.server
+    import threading
+    front = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(daemon.state / "tls" / "server.pem", daemon.state / "tls" / "server.key")
+    front.socket = tls.wrap_socket(front.socket, server_side=True)
+    threading.Thread(target=front.serve_forever, daemon=True).start()
+    return front
+
+
 def test_status_says_how_the_daemon_is(daemon: Daemon) -> None:
     """An operator trial found no command for the daemon's health, only curl."""
     config = ("--config", daemon.state / "hsmca.toml")
@@ -134,7 +148,6 @@ def test_status_says_how_the_daemon_is(daemon: Daemon) -> None:
 
     # A load balancer's own 503 page in front: one line, not a traceback (a review)
     import http.server
-    import threading
 
     class Page(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -147,11 +160,7 @@ def test_status_says_how_the_daemon_is(daemon: Daemon) -> None:
 
         def log_message(self, *_: object) -> None:
             pass
-    front = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
-    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    tls.load_cert_chain(daemon.state / "tls" / "server.pem", daemon.state / "tls" / "server.key")
-    front.socket = tls.wrap_socket(front.socket, server_side=True)
-    threading.Thread(target=front.serve_forever, daemon=True).start()
+    front = tls_front(daemon, Page)
     try:
         said = one_line_error(hsmca("status", *config, "--url",
                                     f"https://127.0.0.1:{front.server_address[1]}",
@@ -1493,7 +1502,6 @@ def test_an_answer_that_is_not_the_keys_certificate_is_not_installed(
     every renewal after it failed on the mismatch; `enroll` wrote a self-signed one. The
     answer is checked before anything is written, and said in one line."""
     import http.server
-    import threading
 
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -1529,11 +1537,7 @@ def test_an_answer_that_is_not_the_keys_certificate_is_not_installed(
 
         def log_message(self, *_: object) -> None:
             pass
-    fake = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeCA)
-    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    tls.load_cert_chain(daemon.state / "tls" / "server.pem", daemon.state / "tls" / "server.key")
-    fake.socket = tls.wrap_socket(fake.socket, server_side=True)
-    threading.Thread(target=fake.serve_forever, daemon=True).start()
+    fake = tls_front(daemon, FakeCA)
     url = f"https://127.0.0.1:{fake.server_address[1]}"
     try:
         before = cert.read_bytes()
