@@ -149,7 +149,7 @@ def listener_cert(config: Config, issuers: Sequence[x509.Certificate]
         try:
             aki = cert.extensions.get_extension_for_class(
                 x509.AuthorityKeyIdentifier).value.key_identifier
-        except x509.ExtensionNotFound:
+        except (x509.ExtensionNotFound, ValueError):  # (none, or extensions malformed)
             aki = None
         whose = f", key id {aki.hex()}" if aki else ""
         raise _not_the_listeners(config, "tls-cert", config.tls_cert, (

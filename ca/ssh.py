@@ -108,7 +108,7 @@ def _sk_blob(kind: str, text: str) -> bytes:
         if kind.startswith("sk-ssh-ed25519"):
             ed25519.Ed25519PublicKey.from_public_bytes(parts[1])
         else:
-            if parts[1] != b"nistp256":
+            if parts[1] != b"nistp256" or parts[2][:1] != b"\x04":  # sshd: uncompressed
                 raise ValueError
             ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), parts[2])
     except ValueError:

@@ -26,6 +26,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +105,25 @@ def hold_token(module: str, softhsm_conf: str | None, token: str, state_dir: Pat
     return Skipped(f"{path} was removed again and again as it was locked")
 
 
+LOCK_TRIES = 25  # 20 ms apart: a stopping holder's close() holds the lock for a moment
+LOCK_PAUSE_S = 0.02
+
+
+def _lock(fd: int, mode: int) -> None:
+    """flock(`mode`), tried again for half a second while it is busy: the last node of
+    a cluster to stop takes the lock whole for a moment to remove its file, and a node
+    starting then was refused, or ran unguarded (a review). BlockingIOError if it stays
+    busy: a holder that serves."""
+    for attempt in range(LOCK_TRIES):
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if attempt == LOCK_TRIES - 1:
+                raise
+            time.sleep(LOCK_PAUSE_S)  # a retry pace: flock has no timeout of its own
+
+
 def _locked(path: Path, module: str, token: str, state_dir: Path, shared: bool
             ) -> tuple[int, bool] | Skipped | None:
     """The lock file, open and locked, and whether it could be opened for writing;
@@ -131,12 +151,19 @@ def _locked(path: Path, module: str, token: str, state_dir: Path, shared: bool
         return Skipped(f"{path} is another user's file (uid {owner}): remove it, with the "
                        "daemon stopped")
     try:
-        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        _lock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
     except BlockingIOError:
         holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+        try:  # held shared: by cluster nodes, the file naming the last one to start
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            holder = f"nodes of a cluster; the last to start: {holder}"
+        except OSError:
+            pass
         os.close(fd)
-        if holder.startswith(f"state directory {state_dir}, "):
-            return None  # this CA itself: its audit log's lock says so, as ever
+        if not shared and holder.startswith(f"state directory {state_dir}, "):
+            # This CA itself: its audit log's lock says so, as ever (not on a cluster,
+            # where each node has a log of its own: a review)
+            return None
         raise TokenInUse(
             f"another hsmca serves the token {token!r} of {module} on this host ({holder}): "
             "a second CA on the same keys would issue certificates that neither its log "

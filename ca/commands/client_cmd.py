@@ -95,7 +95,8 @@ def status(args: argparse.Namespace) -> int:
             # A monitor that reads --json got nothing on stdout when the daemon was down
             # (a trial): a document still comes, the line to stderr as well.
             # (a proxy's page, or no answer in time: something answered, so "unknown")
-            state = "unreachable" if isinstance(exc, ClientError) else "unknown"
+            state = ("unreachable" if isinstance(exc, ClientError) and exc.status is None
+                     else "unknown")
             print(json.dumps({"status": state, "url": url, "error": str(exc)}, indent=2))
         raise
     if args.json:

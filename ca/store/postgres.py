@@ -564,6 +564,9 @@ class PostgresStore:
             return self._held_said
         if self._held_look is None or self._held_look.done():
             self._held_look = asyncio.ensure_future(self._look_for_held())
+            # read even when every /health that waited for it gave up (no "exception
+            # was never retrieved" in the log: a review)
+            self._held_look.add_done_callback(lambda f: f.cancelled() or f.exception())
         said = await asyncio.shield(self._held_look)
         self._held_said, self._held_at = said, time.monotonic()
         return said

@@ -63,8 +63,8 @@ class PinnedKey(NamedTuple):
                 # what is wrong, not the key, and said first (a web view trial's --origin
                 # was read as a key problem)
                 raise NoteError(f"this checkpoint's origin is {cp.origin!r}, not "
-                                f"{self.name!r} (--origin): give --origin {cp.origin} if "
-                                "that is the log you mean to verify")
+                                f"{self.name!r} (--origin, or the state's): give --origin "
+                                f"{cp.origin} if that is the log you mean to verify")
             raise NoteError(f"the note has no signature by {self.name!r} with a trusted key "
                             f"(key id {key_id(self.name, self.public_key).hex()}"
                             + (f" or one of {len(self.successors)} it handed over to"
