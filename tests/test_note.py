@@ -268,5 +268,7 @@ def test_an_origin_other_than_the_checkpoints_is_said_as_such(key: Ed25519Privat
     assert str(said.value) == (f"this checkpoint's origin is {ORIGIN!r}, not "
                                f"'other.example/log' (--origin, or the state's): give "
                                f"--origin {ORIGIN} if "
-                               "that is the log you mean to verify"), said.value
+                               "that is the log you mean to verify (of a cluster's node, the "
+                               "part before its name: --origin is the CA's [audit] origin)"
+                               ), said.value
     assert PinnedKey(key.public_key(), ORIGIN, ORIGIN).verify(checkpoint(key)).size == 42

@@ -64,7 +64,9 @@ class PinnedKey(NamedTuple):
                 # was read as a key problem)
                 raise NoteError(f"this checkpoint's origin is {cp.origin!r}, not "
                                 f"{self.name!r} (--origin, or the state's): give --origin "
-                                f"{cp.origin} if that is the log you mean to verify")
+                                f"{cp.origin} if that is the log you mean to verify (of a "
+                                "cluster's node, the part before its name: --origin is the "
+                                "CA's [audit] origin)")
             raise NoteError(f"the note has no signature by {self.name!r} with a trusted key "
                             f"(key id {key_id(self.name, self.public_key).hex()}"
                             + (f" or one of {len(self.successors)} it handed over to"
