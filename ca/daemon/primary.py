@@ -1046,7 +1046,8 @@ async def _hold_node_name(config: Config, store: Store | None) -> Lease | None:
         lease.close()
         raise StartError(f"node {config.node!r} is already running (another `hsmca serve "
                          f"--node {config.node}` holds its name in PostgreSQL): give each "
-                         "node its own name")
+                         "node its own name (an upgrade's pre-flight stops here: its "
+                         "config was read and accepted, docs/operator.md)")
     # Before its log is read (the claim waits for a group of another process under way)
     assert config.node is not None  # (cluster mode: a node always has its name)
     await store.claim_node(config.node, lease.token)
