@@ -768,3 +768,17 @@ def test_make_audit_log_grows_a_ca_log_twice_and_a_new_directory_once(tmp_path: 
     proc = hsmca("audit", "verify", "--log", out / "log.jsonl", "--key", out / "audit_key.pem",
                  check=False)
     assert proc.returncode == 0 and proc.stdout.startswith("OK: 700 lines"), proc.stderr
+
+
+def test_a_checkpoint_failure_whose_wording_alternates_is_said_once_per_wording() -> None:
+    """PostgreSQL away: its error alternated between two wordings from one retry to the
+    next, and each retry was logged again (a cluster trial saw six lines in 12 s). Each
+    wording is said once while the outage lasts; a new outage says them again."""
+    from ca.audit.checkpointer import Checkpointer
+    c = Checkpointer.__new__(Checkpointer)
+    c._failing, c._said_errors = None, set()
+    said = [c._failed(e) for e in ("cannot connect: refused", "connection failed: refused",
+                                   "cannot connect: refused", "connection failed: refused")]
+    assert said == [True, True, False, False]
+    c._failing = None  # a checkpoint was signed: the outage is over
+    assert c._failed("connection failed: refused")

@@ -152,6 +152,7 @@ class Checkpointer:
         self._covered = -1  # log size at which nothing new needs a checkpoint
         self._last = 0.0
         self._failing: tuple[float, str] | None = None  # (since, last error)
+        self._said_errors: set[str] = set()  # the errors of this outage said already
         self._signers: tuple[str, ...] = ()  # the labels of the keys of the last checkpoint
         self._unwritten: _Signed | None = None  # signed, its file not written yet
         self.latest: str | None = path.read_text("utf-8") if path.exists() else None
@@ -250,9 +251,14 @@ class Checkpointer:
         return tuple(k.label for k in await self._keys()) != self._signers
 
     def _failed(self, error: str) -> bool:
-        """Note a failure; whether it is news (the first, or another reason)."""
+        """Note a failure; whether it is news (the first, or a reason not said yet in
+        this outage: PostgreSQL's error alternated between two wordings, and each retry
+        was said again, a cluster trial)."""
         since = self._failing[0] if self._failing else time.monotonic()
-        news = self._failing is None or self._failing[1] != error
+        if self._failing is None:
+            self._said_errors = set()
+        news = error not in self._said_errors
+        self._said_errors.add(error)
         self._failing = (since, error)
         return news
 
