@@ -363,8 +363,11 @@ def corpus() -> list[Case]:
         add(Case(f"ssh revoke key {what}", "POST", "/v1/ssh/revoke", 400, "bad-key", "admin",
                  {"public_key": key}))
     # --- audit --------------------------------------------------------------------------
+    # (and a limit over a page's 1,000, cut silently, ended a paging loop early; a
+    # misspelt parameter read from line 0: an API trial)
     for q in ["start=-1", "start=abc", "limit=1e9", "start=99999999999999999999",
-              "start=%C2%B2", "start=%EF%BC%95", "limit=%D9%A3"]:
+              "start=%C2%B2", "start=%EF%BC%95", "limit=%D9%A3", "limit=1001", "strat=5",
+              "start=0&limit=10&foo=1"]:
         add(Case(f"entries {q}", "GET", f"/v1/audit/entries?{q}", 400, "bad-query", "admin"))
     add(Case("entries as service", "GET", "/v1/audit/entries", 403, "wrong-role", "service"))
     add(Case("entries anonymous", "GET", "/v1/audit/entries", 403,

@@ -24,7 +24,7 @@ from ca.audit.note import verifier_key
 from ca.audit.recorder import MAX_ENTRIES
 from ca.audit.tiles import parse_tile_path
 from ca.decimal_text import is_decimal
-from ca.server.common import AUDIT, ISSUANCE, SETTINGS, identity
+from ca.server.common import AUDIT, ISSUANCE, SETTINGS, identity, known_query
 from ca.server.other_logs import other_log, other_logs
 from ca.server.problems import Problem
 
@@ -64,8 +64,14 @@ async def logs(request: web.Request) -> web.Response:
 @routes.get("/v1/audit/entries")
 async def entries(request: web.Request) -> web.Response:
     await identity(request, "auditor", "admin")
+    known_query(request, "start", "limit", "log")
     start = _int(request, "start", 0)
-    limit = min(_int(request, "limit", 100), MAX_ENTRIES)
+    limit = _int(request, "limit", 100)
+    if limit > MAX_ENTRIES:
+        # Refused, not cut to the maximum: a client reading until a page comes back
+        # shorter than it asked took the cut page for the log's end (an API trial)
+        raise Problem(400, "Bad Request", f"limit is at most {MAX_ENTRIES} lines a page",
+                      "bad-query")
     other = other_log(request)
     if other is not None:
         return web.Response(body=await other.read(start, limit), content_type="application/jsonl")
@@ -159,6 +165,7 @@ async def key(request: web.Request) -> web.Response:
 @routes.get("/v1/audit/proof/inclusion")
 async def inclusion(request: web.Request) -> web.Response:
     await identity(request, "auditor", "admin")
+    known_query(request, "index", "size", "log")
     index, size = _int(request, "index"), _int(request, "size")
     proof = await _proof(request, "inclusion", index=index, size=size)
     return web.json_response({"index": index, "size": size, "proof": _b64(proof)})
@@ -167,6 +174,7 @@ async def inclusion(request: web.Request) -> web.Response:
 @routes.get("/v1/audit/proof/consistency")
 async def consistency(request: web.Request) -> web.Response:
     await identity(request, "auditor", "admin")
+    known_query(request, "old", "size", "log")
     old, size = _int(request, "old"), _int(request, "size")
     proof = await _proof(request, "consistency", old=old, size=size)
     return web.json_response({"old": old, "size": size, "proof": _b64(proof)})

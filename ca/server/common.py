@@ -225,6 +225,16 @@ _JSON_KINDS = {str: "a string", int: "a whole number", float: "a number",
 _LIKE = {"ttl": ' (a duration such as "900s", "15m", "24h" or "7d")'}
 
 
+def known_query(request: web.Request, *names: str) -> None:
+    """A parameter the endpoint does not take is refused, as a body's unknown field is:
+    an API trial's misspelt `?stauts=revoked` listed every certificate, and another's
+    `?strat=500` of the audit log read from line 0."""
+    unknown = sorted(set(request.query) - set(names))
+    if unknown:
+        raise Problem(400, "Bad Request", f"unknown query parameter(s): {', '.join(unknown)} "
+                      f"(this endpoint takes {', '.join(names)})", "bad-query")
+
+
 def field(body: dict[str, Any], name: str, kind: type, required: bool = True) -> Any:
     """`body[name]` if it is of JSON type `kind`; a missing optional field, or one
     given as null, is None."""

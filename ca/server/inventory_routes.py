@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 
 from ca.decimal_text import is_decimal
 from ca.inventory_terms import CERT_SORTS, CERT_STATUSES, SSH_SORTS
-from ca.server.common import ISSUANCE, STORE, identity
+from ca.server.common import ISSUANCE, STORE, identity, known_query
 from ca.server.problems import Problem
 from ca.server.x509_routes import parse_serial
 from ca.store import CertQuery, CertRecord, SSHCertQuery, SSHCertRecord
@@ -68,15 +68,6 @@ def record_json(rec: CertRecord, now: dt.datetime) -> dict[str, Any]:
 SEARCH_PARAMS = ("q", "status", "sort", "order", "limit", "offset")
 
 
-def _known(request: web.Request, *names: str) -> None:
-    """A parameter the endpoint does not take is refused, as a body's unknown field is:
-    an API trial's misspelt `?stauts=revoked` listed every certificate."""
-    unknown = sorted(set(request.query) - set(names))
-    if unknown:
-        raise Problem(400, "Bad Request", f"unknown query parameter(s): {', '.join(unknown)} "
-                      f"(this endpoint takes {', '.join(names)})", "bad-query")
-
-
 def _choice(request: web.Request, name: str, allowed: tuple[str, ...],
             hint: str = "") -> str | None:
     value = request.query.get(name) or None
@@ -99,7 +90,7 @@ def _number(request: web.Request, name: str, default: int, most: int) -> int:
 @routes.get("/v1/inventory/certificates")
 async def certificates(request: web.Request) -> web.Response:
     await identity(request, *ROLES)
-    _known(request, "role", "kind", "account", "issuer", *SEARCH_PARAMS)
+    known_query(request, "role", "kind", "account", "issuer", *SEARCH_PARAMS)
     role = request.query.get("role") or None
     if role is not None and len(role) > 64:
         raise Problem(400, "Bad Request", "role is at most 64 characters", "bad-query")
@@ -194,7 +185,7 @@ async def ssh_certificates(request: web.Request) -> web.Response:
     """SSH certificates, searched and paged as X.509 ones; serials are decimal (as
     ssh-keygen -L shows them), as strings (they are 64-bit)."""
     await identity(request, *ROLES)
-    _known(request, "type", "owner", *SEARCH_PARAMS)
+    known_query(request, "type", "owner", *SEARCH_PARAMS)
     owner = request.query.get("owner")
     try:
         owner_serial = _serial(owner) if owner else None
@@ -222,7 +213,7 @@ async def issuance(request: web.Request) -> web.Response:
     """Certificates issued per kind and hour, over the last `hours` hours (default 168),
     the current hour included."""
     await identity(request, *ROLES)
-    _known(request, "hours")
+    known_query(request, "hours")
     hours = max(1, _number(request, "hours", 168, MAX_HOURS))
     until = _now().replace(minute=0, second=0) + dt.timedelta(hours=1)
     since = until - dt.timedelta(hours=hours)
