@@ -383,7 +383,9 @@ def corpus() -> list[Case]:
     for tile in ["0/x999/x999/x999/x999/x999/x999/999", "entries/x999/x999/x999/x999/x999/999"]:
         add(Case(f"tile {tile}", "GET", f"/v1/audit/tile/{tile}", 400, "bad-query", "admin"))
     # (a misspelt parameter, ignored, listed every certificate: an API trial)
-    for q in ["limit=%C2%B2", "limit=%EF%BC%95", "stauts=revoked", "kind=ssh"]:
+    # (a misspelt role listed nothing, and limit=0 one record: an API docs trial)
+    for q in ["limit=%C2%B2", "limit=%EF%BC%95", "stauts=revoked", "kind=ssh", "role=bogus",
+              "role=Service", "limit=0"]:
         add(Case(f"inventory {q}", "GET", f"/v1/inventory/certificates?{q}", 400, "bad-query",
                  "admin"))
     add(Case("ssh inventory role=", "GET", "/v1/inventory/ssh-certificates?role=user", 400,
