@@ -417,8 +417,13 @@ async def test_revoke_identity_takes_everything_issued_to_a_name(
     status, _, raw = await http("POST", f"{d.url}/v1/x509/revoke", d.ssl(*other),
                                 body={"identity": "stays.internal.example"})
     assert status == 403 and json.loads(raw)["type"].endswith("wrong-role")
+    # A repeat (a retry whose answer was lost) is 409 already-revoked, as a serial's is
+    # (an API docs trial's was 404, read as never revoked); a name never issued is 404
     status, _, raw = await http("POST", f"{d.url}/v1/x509/revoke", d.admin_ssl(),
                                 body={"identity": "gone.internal.example"})
+    assert status == 409 and json.loads(raw)["type"].endswith("already-revoked"), raw
+    status, _, raw = await http("POST", f"{d.url}/v1/x509/revoke", d.admin_ssl(),
+                                body={"identity": "never.internal.example"})
     assert status == 404, raw
 
 
