@@ -1099,9 +1099,9 @@ def check_answer(url: str, issued: Any, public_key: Any, ca: Path | None) -> dic
     """The CA's answer, its serial and notAfter read from its certificate; BadAnswer
     unless it holds a certificate of `public_key` that its chain's issuing CA signed,
     and (with --ca) a chain that leads to a root of `ca`: checked before anything is
-    replaced. A faulty CA, node or proxy's answer was
-    installed as it came (another key's certificate, a self-signed one), the --exec hook
-    ran on it, and every renewal after it failed on the mismatch (an enrollment trial)."""
+    replaced. A faulty CA, node or proxy's answer was installed as it came (another
+    key's certificate, a self-signed one), the --exec hook ran on it, and every renewal
+    after it failed on the mismatch (an enrollment trial)."""
     def bad(what: str) -> BadAnswer:
         return BadAnswer(f"the CA's answer at {url} {what}: nothing was written (a retry "
                          "asks again)", retryable=True)

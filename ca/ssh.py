@@ -73,7 +73,12 @@ def revocable_key(text: object) -> SSHPublicKey:
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise Refused(f"public_key cannot be parsed as an OpenSSH public key: {exc}",
                       Reason.BAD_KEY) from None
-    line = key.public_bytes(serialization.Encoding.OpenSSH,
+    return _canonical(key)
+
+
+def _canonical(key: object) -> SSHPublicKey:
+    """`key` as OpenSSH encodes it: the blob sshd hashes, and its line."""
+    line = key.public_bytes(serialization.Encoding.OpenSSH,  # type: ignore[attr-defined]
                             serialization.PublicFormat.OpenSSH).decode()
     return SSHPublicKey(key, base64.b64decode(line.split()[1]), line)
 
@@ -138,9 +143,7 @@ def parse_public_key(text: object) -> SSHPublicKey:
         check_ed25519(key)
     else:
         raise Refused(f"key type {kind} is not accepted", Reason.BAD_KEY)
-    line = key.public_bytes(serialization.Encoding.OpenSSH,
-                            serialization.PublicFormat.OpenSSH).decode()
-    return SSHPublicKey(key, base64.b64decode(line.split()[1]), line)
+    return _canonical(key)
 
 
 def source_addresses(value: object) -> str | None:
@@ -164,9 +167,7 @@ def source_addresses(value: object) -> str | None:
 
 
 def blob_of(public_key: object) -> bytes:
-    line = public_key.public_bytes(serialization.Encoding.OpenSSH,  # type: ignore[attr-defined]
-                                   serialization.PublicFormat.OpenSSH)
-    return base64.b64decode(line.split()[1])
+    return _canonical(public_key).blob
 
 
 # ---- KRL (OpenSSH PROTOCOL.krl) ----------------------------------------------------------
