@@ -151,13 +151,16 @@ async def test_kill9_under_issuance_load_loses_nothing(tmp_path: Path) -> None:
     assert sum(1 for e in lines if e["event"] == "daemon.start") == rounds + 1
 
 
-async def health_becomes(d: Daemon, want: int, within: float) -> bytes:
+async def health_becomes(d: Daemon, want: int, within: float, retry: str = "1") -> bytes:
     """GET /health until it answers `want` (the daemon notices on its own schedule: a
-    reconnect's back-off, a checkpoint's interval), failing after `within` seconds."""
+    reconnect's back-off, a checkpoint's interval), failing after `within` seconds. A
+    503 says when to look again (`retry` seconds), as every 503 of the API does."""
     deadline = asyncio.get_running_loop().time() + within
     while True:
-        status, _, body = await http("GET", f"{d.url}/health", d.ssl())
+        async with aiohttp.ClientSession() as s, s.get(f"{d.url}/health", ssl=d.ssl()) as r:
+            status, body, headers = r.status, await r.read(), r.headers
         if status == want:
+            assert status != 503 or headers.get("Retry-After") == retry, dict(headers)
             return body
         assert asyncio.get_running_loop().time() < deadline, (status, body)
 
@@ -608,7 +611,7 @@ async def test_a_damage_found_while_serving_is_not_answered_retry_later(
         # Said before any request reads the page (an operator trial: only the first
         # request to read it found it): the start's check of every page, in the log and
         # by /health, which a load balancer follows.
-        health = json.loads(await health_becomes(d, 503, within=30))
+        health = json.loads(await health_becomes(d, 503, within=30, retry="300"))
         assert "the inventory is damaged" in health["store"] and "restore it from a " \
             "backup" in health["store"], health
         assert d.wait_stderr(lambda: any(f"the inventory {db_path} is damaged (" in x
@@ -630,7 +633,7 @@ async def test_a_damage_found_while_serving_is_not_answered_retry_later(
         problem = json.loads(body)
         assert status == 503 and "damaged, so no token can be made right now" in \
             problem["detail"] and "retry later" not in problem["detail"], body
-        health = json.loads(await health_becomes(d, 503, within=30))
+        health = json.loads(await health_becomes(d, 503, within=30, retry="300"))
         assert "is damaged" in health["store"], health
     finally:
         d.stop()

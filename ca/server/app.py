@@ -255,8 +255,13 @@ async def health(request: web.Request) -> web.Response:
         parts["workers"] = workers
     if policy is not None:  # said, not judged: each node still decides by a policy
         parts["policy"] = policy
+    # A 503 says when to look again, as every other 503 does (docs/api.md): a damaged
+    # inventory waits for its operator; anything else may be back within a second.
+    retry = None if ok else "300" if request.app[LIFECYCLE].generations.gauge(
+        "inventory_damaged") else "1"
     return web.json_response({"status": "ok" if ok else "unavailable", **parts},
-                             status=200 if ok else 503)
+                             status=200 if ok else 503,
+                             headers={"Retry-After": retry} if retry else None)
 
 
 @routes.get("/v1/whoami")
