@@ -1194,7 +1194,8 @@ def _key(ctx: Context, who: Requester, req: KeyRequest) -> KeyOrder:
             # (a review).
             raise Refused(f"{req.label!r} is {req.state} now, but was not when you were "
                           "asked: retiring it cannot be undone, so it is not retired unasked; "
-                          "run the command again", Reason.CONFLICT)
+                          "ask again (`hsmca key retire`, or \"confirm\": true)",
+                          Reason.CONFLICT)
         return KeyOrder("retire", req.kind, req.label, who.actor)
     if req.action == "destroy":
         if req.state == "destroyed":  # as retire says "retired already" (a key trial)

@@ -1008,7 +1008,7 @@ def test_a_key_the_cli_asked_nothing_about_is_not_retired_unasked() -> None:
     refused(ra.decide(context(), admin(), ra.KeyRequest("retire", "issuing", "iss-1",
                                                          "previous", False)),
             Reason.CONFLICT, "'iss-1' is previous now, but was not when you were asked",
-            "run the command again")
+            "ask again (`hsmca key retire`, or \"confirm\": true)")
     for said in (True, None):
         assert isinstance(ra.decide(context(), admin(), ra.KeyRequest(
             "retire", "issuing", "iss-1", "previous", said)), ra.KeyOrder)
