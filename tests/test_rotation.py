@@ -1690,3 +1690,72 @@ async def test_a_promotion_killed_before_its_commit_is_voided_at_the_next_start(
     assert d.stop() == 0
     voids = [e["voids"] for e in log_lines(ca.state) if e["event"] == "record.void"]
     assert voids == [promoted["seq"]], voids
+
+
+_REFRESH_AFTER_RETIRE_SCRIPT = """
+import asyncio, dataclasses, sys
+from pathlib import Path
+from ca.audit.log import AuditLog
+from ca.config import load
+from ca.daemon.keys import load_issuers
+from ca.issuance.issue import Issuance, decision_context
+from ca.issuance.pipeline import SigningPipeline
+from ca.revocation.ocsp import OCSPRefresher, OCSPSigner
+from ca.store import open_store
+import ca.issuance.profiles as prof
+
+
+class RetiredAfterTheFirstLook:
+    # The issuers a refresher's round reads first, then those of a retire committed by
+    # another process meanwhile: the issuing key gone from the keys that still sign.
+    def __init__(self, before, after):
+        self.issuers, self._after, self._looked = before, after, False
+
+    async def refresh(self):
+        if self._looked:
+            self.issuers = self._after
+        self._looked = True
+        return self.issuers
+
+
+async def main():
+    config = load(Path(sys.argv[1]))
+    audit = AuditLog.open(Path(sys.argv[2]))
+    pipeline = SigningPipeline(config.hsm_session, audit)
+    pipeline.start()
+    store = open_store(config.store_location)
+    before = await load_issuers(store, pipeline)
+    after = dataclasses.replace(before, x509={})
+    source = RetiredAfterTheFirstLook(before, after)
+    due = await store.ocsp_due(prof.utcnow(), 100, list(before.x509))
+    async def context():
+        return decision_context(config.policy, await source.refresh())
+    refresher = OCSPRefresher(OCSPSigner(Issuance(pipeline, store, source, None), context))
+    await refresher.round()
+    print(len(due))
+    store.close()
+    pipeline.close()
+
+asyncio.run(main())
+"""
+
+
+async def test_a_refresher_round_ends_when_its_issuer_was_retired_meanwhile(
+        tmp_path: Path) -> None:
+    """A review: a key retired between a refresher round's first look at the issuers and
+    its signing left that key's due responses passed over at every turn of the round's
+    loop, which awaited nothing that waits: the primary's event loop spun for good (no
+    checkpoints, no worker restarts, no SIGTERM). The round ends, having signed
+    nothing with the retired key; the next one reads the issuers again."""
+    ca = init_ca(tmp_path)
+    with sqlite3.connect(ca.state / "hsmca.sqlite3") as db:  # every response due now
+        db.execute("UPDATE ocsp_responses SET refresh_at = '2000-01-01T00:00:00+00:00'")
+    scratch = tmp_path / "scratch.jsonl"
+    proc = subprocess.run([sys.executable, "-c", _REFRESH_AFTER_RETIRE_SCRIPT,
+                           ca.state / "hsmca.toml", scratch],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    due = int(proc.stdout.split()[0])
+    assert due >= 2, proc.stdout  # the listener's and the admin's certificates
+    events = [json.loads(line)["event"] for line in scratch.read_bytes().splitlines()]
+    assert "hsm.sign" not in events, events  # nothing signed

@@ -109,14 +109,15 @@ class OCSPSigner:
 
     async def sign(self, due: Sequence[OCSPDue], actor: str = "local",
                    request_id: str | None = None) -> int:
-        """Sign and store the responses of each; how many could not be signed (a
-        retired issuer's certificates are passed over, not failed). The jobs go in
+        """Sign and store the responses of each; how many were not (a retired issuer's
+        certificates are passed over, not failed, but counted: the refresher's round
+        then ends, and the next one's list of issuers leaves them out). The jobs go in
         together, so the pipeline signs them as one group. Not while the inventory that
         stores them cannot be written: each would be a signature for nothing."""
         await self.issuance.can_record()
         orders = await self._orders(due)
         jobs: list[SigningJob[ocsp.OCSPResponse]] = []
-        due = [d for d in due if d.issuer in orders]
+        asked, due = len(due), [d for d in due if d.issuer in orders]
         for d in due:
             order = orders[d.issuer]
             issuer = self.issuance.issuers.x509[order.issuer]
@@ -165,7 +166,7 @@ class OCSPSigner:
                                     [format(s, "x") for s, _ in unsigned[:5]]})
         elif records:
             self._failing.ok()
-        return len(due) - len(records)
+        return asked - len(records)
 
 
 def _refresh_at(next_update: dt.datetime, not_after: str) -> str | None:
@@ -193,8 +194,12 @@ class OCSPRefresher:
             if not due:
                 self.on_current()
                 return
-            if await self.signer.sign(due):  # failures: the HSM or the log is away; the
-                return                       # next round
+            # Not all signed: the HSM or the log is away, or an issuer was retired since
+            # `issuers` was read (its rows came back at every turn, and the loop, which
+            # then awaited nothing that waits, held the primary's event loop: a review).
+            # The next round, a second on, reads the issuers again.
+            if await self.signer.sign(due):
+                return
 
     async def run(self) -> None:
         # Said once per error while it lasts (a cluster trial's node said it every 4 s
