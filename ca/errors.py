@@ -42,3 +42,8 @@ class NotDone(Exception):
     """The daemon could not carry out an operator's request for a reason of its host (a
     file it must write, the HSM's own storage), with nothing of it recorded: answered
     503 with these words, which say what to free or fix, then to try again."""
+
+
+class PrimaryUnavailable(Exception):
+    """A worker's question to the daemon's primary process went unanswered within its
+    bound (the primary stopped or stuck): answered 503, with these words."""

@@ -515,6 +515,29 @@ async def test_signatures_asked_while_the_primary_is_stopped_are_refused_at_once
     audit_verify(ca.state, ok=True)
 
 
+async def test_a_bad_token_while_the_primary_is_stopped_is_answered_503(
+        tmp_path: Path) -> None:
+    """A review: a failed bootstrap token is counted by the primary (the limit is the
+    daemon's), and the worker waited for its answer without a bound: with the primary
+    stopped or stuck, every bad token's request hung. It is a 503 that says why (not
+    the 401 of a failure that was not counted), and a 401 once the primary runs."""
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state, "--workers", "1")
+    bad = {"Authorization": "Bearer nope", "Content-Type": "application/json"}
+    url = f"{d.url}/v1/x509/enroll"
+    d.proc.send_signal(signal.SIGSTOP)
+    try:
+        status, ctype, body = await asyncio.wait_for(  # a hang, not a time, fails it
+            http("POST", url, d.ssl(), body={"csr": "x"}, headers=bad), 60)
+    finally:
+        d.proc.send_signal(signal.SIGCONT)
+    assert status == 503 and ctype == "application/problem+json", body
+    assert "primary process did not answer" in json.loads(body)["detail"], body
+    status, _, body = await http("POST", url, d.ssl(), body={"csr": "x"}, headers=bad)
+    assert status == 401 and json.loads(body)["type"].endswith("bad-token"), body
+    assert d.stop() == 0
+
+
 async def test_a_counter_moved_after_the_stop_closed_them_is_no_error(tmp_path: Path) -> None:
     """A fencing trial ended a node's PostgreSQL sessions while it stopped: another
     node's change came in after the shared counters were closed, and each bump raised

@@ -33,6 +33,7 @@ import structlog
 
 from ca import ipc
 from ca.daemon.ratelimit import FailureLimiter
+from ca.errors import PrimaryUnavailable
 from ca.policy import Policy
 
 _LEN = struct.Struct(">I")
@@ -40,6 +41,7 @@ _LEN = struct.Struct(">I")
 # it again only once the PIN source changed.
 EXIT_PIN_REFUSED = 78
 HEARTBEAT_S = 2.0
+PRIMARY_ANSWER_S = 5.0  # a question a worker asks the primary on a request's path
 
 
 class Ready(msgspec.Struct, tag="ready", frozen=True):
@@ -260,7 +262,16 @@ class ControlClient:
         req_id = next(self._ids)
         fut = self._waiting[req_id] = asyncio.get_running_loop().create_future()
         self._writer.write(ipc.encode(TokenFailed(req_id, client)))
-        return await fut
+        try:
+            # Bounded: a primary that does not answer (stopped, or stuck) held every bad
+            # token's request for good (a review). The failure is not counted then, so
+            # the request is not answered as if it had been: 503.
+            return await asyncio.wait_for(fut, PRIMARY_ANSWER_S)
+        except TimeoutError:
+            self._waiting.pop(req_id, None)
+            raise PrimaryUnavailable("the daemon's primary process did not answer within "
+                                     f"{PRIMARY_ANSWER_S:g} s, so a failed token cannot be "
+                                     "counted against its address") from None
 
     async def close(self) -> None:
         if self._task is not None:

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 
 from ca import ra
 from ca.chains import first_cert
+from ca.errors import PrimaryUnavailable
 from ca.http_body import read_body
 from ca.issuance.issue import Issued
 from ca.issuance.profiles import fingerprint, pem, utcnow
@@ -121,8 +122,12 @@ async def _token_failed(request: web.Request, why: str, detail: str,
             "bootstrap token refused", reason=why, client=client,
             request_id=request.get("request_id"),
             **({} if token_id is None else {"token_id": token_id}))
-    wait = await request.app[LIMIT].token_failed(client) if why in ("missing", "unknown") \
-        else 0
+    try:
+        wait = await request.app[LIMIT].token_failed(client) if why in ("missing", "unknown") \
+            else 0
+    except PrimaryUnavailable as exc:
+        return Problem(503, "Service Unavailable", f"{exc}; retry later", "unavailable",
+                       {"Retry-After": "1"})
     if wait:
         return Problem(429, "Too Many Requests", f"too many failed bootstrap-token attempts "
                        f"from {client}; retry in {wait} s", "rate-limited",
