@@ -130,10 +130,12 @@ class WitnessProcess:
         request = urllib.request.Request(f"{self.url}/add-checkpoint", data=body.encode(),
                                          method="POST")
         try:
+            # The header whole: C2SP's clients (Tessera's) compare it as a string, and
+            # "text/x.tlog.size; charset=utf-8" was no size to them (a witness trial).
             with urllib.request.urlopen(request, timeout=30) as resp:
-                return resp.status, resp.headers.get_content_type(), resp.read().decode()
+                return resp.status, resp.headers["Content-Type"], resp.read().decode()
         except urllib.error.HTTPError as exc:
-            return exc.code, exc.headers.get_content_type(), exc.read().decode()
+            return exc.code, exc.headers["Content-Type"], exc.read().decode()
 
 
 def log_key(state: Path) -> tuple[str, str]:
@@ -640,4 +642,36 @@ async def test_a_witness_that_does_not_answer_is_said_to_time_out() -> None:
         assert str(err.value) == "cannot reach the witness: no answer within 10 s"
     finally:
         never.set()
+        await runner.cleanup()
+
+
+async def test_a_witness_s_answer_is_read_up_to_a_bound() -> None:
+    """A witness trial: a witness answering 150 MB took the primary, the audit log's one
+    writer, from 70 MB to 950 MB of memory (its answer was read whole). A cosignature
+    is a few lines: more than 64 KiB is not read, and the submission fails saying so."""
+    async def flood(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        for _ in range(64):  # 4 MiB, but the reader stops at its bound
+            try:
+                await resp.write(b"x" * (64 << 10))
+            except ConnectionError:
+                break
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/add-checkpoint", flood)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with aiohttp.ClientSession() as s:
+            with pytest.raises(WitnessError) as err:
+                await HTTPWitness(f"http://127.0.0.1:{port}").add_checkpoint(
+                    s, "origin\n1\nAAAA\n\n— x y\n", 1, None)  # type: ignore[arg-type]
+        assert str(err.value) == ("the witness answered 200 with more than 64 KiB (a "
+                                  "cosignature is a few lines): not read"), err.value
+    finally:
         await runner.cleanup()

@@ -57,6 +57,10 @@ log = structlog.get_logger("hsmca.witness")
 TIMEOUT_S = 10.0
 CLOCK_SKEW_S = 3600  # a cosignature dated later than this from now does not count
 MAX_PROOF = 63  # C2SP: at most 63 consistency proof lines
+# A witness's answer is a few cosignature lines, or a size: what is read of it at most.
+# Unbounded, a witness answering 150 MB took the primary (the log's one writer) from 70
+# MB to 950 MB (a witness trial); a witness is a third party.
+MAX_ANSWER = 64 << 10
 REPEAT_LOG_S = 600.0  # a witness failing as before is said again after this long
 _RETRIES = 3  # 409s with a size in a row, before giving up on this checkpoint
 # Why a witness did not cosign a checkpoint, in a word (a bounded set: /metrics counts
@@ -80,6 +84,18 @@ class WitnessError(Exception):
 
 
 Prove = Callable[[int, int], Sequence[bytes]]
+
+
+async def _bounded(resp: aiohttp.ClientResponse) -> bytes:
+    """The answer's body, MAX_ANSWER bytes at most (WitnessError past that)."""
+    data = bytearray()
+    async for chunk in resp.content.iter_chunked(16 << 10):
+        data += chunk
+        if len(data) > MAX_ANSWER:
+            raise WitnessError(f"the witness answered {resp.status} with more than "
+                               f"{MAX_ANSWER >> 10} KiB (a cosignature is a few lines): "
+                               "not read")
+    return bytes(data)
 
 
 class HTTPWitness:
@@ -113,7 +129,7 @@ class HTTPWitness:
             try:
                 async with session.post(f"{self.url}/add-checkpoint", data=body.encode(),
                                         allow_redirects=False) as resp:
-                    answer = await resp.text(errors="replace")
+                    answer = (await _bounded(resp)).decode(errors="replace")
                     status, ctype = resp.status, resp.content_type
             except (aiohttp.ClientError, TimeoutError) as exc:
                 # An exception object is always true: its text may be empty (a timeout's is).
