@@ -675,3 +675,48 @@ async def test_a_witness_s_answer_is_read_up_to_a_bound() -> None:
                                   "cosignature is a few lines): not read"), err.value
     finally:
         await runner.cleanup()
+
+
+async def test_each_new_way_a_witness_fails_is_said_and_one_contradicting_itself_named(
+        tmp_path: Path) -> None:
+    """A witness trial: a witness answering 500, then a 409 whose size is no number, then
+    409s holding the very size it was sent as its own, was said once, as the 500, for
+    ten minutes (the three were all "error"s); and the last was told as a witness whose
+    size "changed" three times in a row. Each new wording is said, and the last is
+    named for what it is."""
+    import structlog
+
+    from ca.audit.witnessing import Witnessing
+    answers = [(500, "text/plain", "internal error"), (409, "text/x.tlog.size", "banana"),
+               (409, "text/x.tlog.size", "1\n")]
+    now = [answers[0]]
+
+    async def add(request: web.Request) -> web.Response:
+        status, ctype, body = now[0]
+        return web.Response(status=status, body=body.encode(),
+                            headers={"Content-Type": ctype})
+
+    app = web.Application()
+    app.router.add_post("/add-checkpoint", add)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    witnessing = Witnessing([HTTPWitness(f"http://127.0.0.1:{port}")], [],
+                            lambda old, size: [], tmp_path / "cosigned")
+    try:
+        with structlog.testing.capture_logs() as logs:
+            for answer in answers:
+                now[0] = answer
+                witnessing.submit("origin\n2\nAAAA\n\n— x y\n", 2)
+                await witnessing.drain(30)
+    finally:
+        await witnessing.close()
+        await runner.cleanup()
+    said = [e["error"] for e in logs if e["event"] == "witness not updated"]
+    assert said == [
+        "the witness answered 500: internal error",
+        "the witness answered 409 with a size that is not a number: 'banana'",
+        "the witness answered 409 saying it holds 1 lines, the size it was sent as its "
+        "own (old 1): it contradicts itself"], said

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -149,6 +150,10 @@ class HTTPWitness:
                     raise WitnessRefused(
                         f"the witness holds a checkpoint of {held} lines, more than the {size} "
                         "of this one: the log was cut (or replaced) since it saw it", "cut")
+                if held == old:  # C2SP's 409 says the size differs from `old`: not so
+                    raise WitnessError(f"the witness answered 409 saying it holds {held} "
+                                       f"lines, the size it was sent as its own (old {old}): "
+                                       "it contradicts itself")
                 self.old_size = held
                 continue  # again, from the size it holds
             if status == 409:
@@ -267,7 +272,11 @@ class Witnessing:
         """Witness `i` did not cosign: counted, and said unless it is said already."""
         witness = self.witnesses[i]
         self._result(witness, kind, size)
-        if (unsaid := self._failed(i, kind)) is not None:
+        # Said again when its wording changes, not only its kind: three failures of kind
+        # "error" in turn (a 500, then two kinds of bad 409) were said as the first alone,
+        # for ten minutes (a witness trial). Numbers aside: sizes move at every checkpoint.
+        wording = re.sub(r"\d+", "#", str(fields.get("error") or fields.get("reason") or ""))
+        if (unsaid := self._failed(i, f"{kind}: {wording}")) is not None:
             emit(event, witness=str(witness), size=size, **fields, **unsaid)
 
     def _failed(self, i: int, reason: str) -> dict[str, int] | None:
