@@ -4,6 +4,7 @@ an anonymous client nothing, and the security review's findings stay fixed
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -397,6 +398,37 @@ async def test_a_plain_revocation_takes_the_ssh_certificates_but_not_the_lineage
                 "intent" and e.get("serial") == ssh_serial.group(1)]
     [revoke] = [e for e in lines if e["event"] == "cert.revoke" and e["serial"] == serial_a]
     assert intent["owner_serial"] in revoke["serials"]
+
+
+async def test_an_identity_of_more_certificates_than_an_audit_line_can_name_is_revoked(
+        ca_daemon: Daemon, tmp_path: Path) -> None:
+    """A review: revoking an identity (or a lineage) of ~1,500 live certificates put
+    every serial on one cert.revoke line, longer than an audit line may be: a 500, and
+    nothing revoked. Its lines name 1,000 serials each, `part` of `parts`, and every
+    certificate is revoked and on the CRL."""
+    d = ca_daemon
+    cred = enroll(d, tmp_path, "service", ["many.internal.example"])
+    ctx = d.ssl(*cred)
+    async with aiohttp.ClientSession() as s:
+        async def renew() -> None:
+            async with s.post(f"{d.url}/v1/x509/renew", json={}, ssl=ctx) as r:
+                assert r.status == 201, await r.text()
+        for _ in range(2010 // 15):  # 15 at a time: 2,010 renewals, each one live
+            await asyncio.gather(*(renew() for _ in range(15)))
+    status, _, raw = await http("POST", f"{d.url}/v1/x509/revoke", d.admin_ssl(),
+                                body={"identity": "many.internal.example"})
+    assert status == 200, raw
+    revoked = json.loads(raw)["revoked"]
+    assert len(revoked) == 2011, len(revoked)
+    lines = [e for e in log_lines(d.state) if e["event"] == "cert.revoke"
+             and e.get("identity") == "many.internal.example"]
+    assert [(e["part"], e["parts"], len(e["serials"])) for e in lines] == [
+        (1, 3, 1000), (2, 3, 1000), (3, 3, 11)], [(e.get("part"), len(e["serials"]))
+                                                  for e in lines]
+    assert sorted(sum((e["serials"] for e in lines), [])) == sorted(revoked)
+    status, _, der = await http("GET", f"{d.url}/v1/x509/crl", d.ssl())
+    listed = {format(r.serial_number, "x") for r in x509.load_der_x509_crl(der)}
+    assert set(revoked) <= listed
 
 
 async def test_revoke_identity_takes_everything_issued_to_a_name(

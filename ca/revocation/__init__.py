@@ -51,6 +51,9 @@ CRL_VALIDITY = ra.CRL_VALIDITY
 CRL_NUMBER_TRIES = 5  # numbers a refresh takes at most while revocations land meanwhile
 Revoked = dict[int, tuple[dt.datetime, str | None, str | None]]  # serial -> (at, reason, issuer)
 log = structlog.get_logger("hsmca.revocation")
+# A cert.revoke line names this many serials at most: 1,000 of 40 hex digits (a serial's
+# 20 octets) take 43 KB of the 64 KiB an audit line may have.
+SERIALS_PER_LINE = 1000
 COMMIT_RETRY_S = 5  # a revocation recorded and not committed: tried again this often
 
 
@@ -230,7 +233,8 @@ class Revocations:
         if order.lineage:
             targets = sorted(await self._reach(roots, now))
         # The record first: a revocation the log does not show never happened.
-        seq = await self._record(order, targets, request_id)
+        parts = await self._record(order, targets, request_id)
+        seq = parts[0][0]
         try:
             done = await self._revoke_certs(targets, now, order.reason)
         except StoreUnavailable as exc:
@@ -244,9 +248,11 @@ class Revocations:
             self.generations.bump("revocations")  # committed: every process reloads
         if done.ssh_certs:
             self.generations.bump("ssh_revocations")
-        lost = sorted(set(targets) - set(done.serials))
-        if lost:  # revoked already when this commit came (another request's, at once)
-            await self._void(seq, lost if done.serials else None, request_id)
+        lost = set(targets) - set(done.serials)
+        for part, serials in parts:  # revoked already when this commit came (another
+            if here := sorted(lost.intersection(serials)):  # request's, at once)
+                await self._void(part, here if len(here) < len(serials) else None,
+                                 request_id)
         if not done.serials:
             raise Refused("already revoked", Reason.ALREADY_REVOKED)
         done = await self._sweep(order, roots, done, now, request_id)
@@ -295,16 +301,28 @@ class Revocations:
                         seq=seq, error=str(exc), request_id=request_id)
 
     async def _record(self, order: ra.RevokeOrder, serials: list[int],
-                      request_id: str | None, swept: bool = False) -> int:
-        """The audit line (its seq); `swept` for the certificates a revocation's second
-        look found (`serials` are those alone: the first line named the rest)."""
-        return await self.audit.append(
-            "cert.revoke", serial=None if order.serial is None else format(order.serial, "x"),
-            serials=[format(s, "x") for s in serials],
-            identity=order.identity, lineage=order.lineage, reason=order.reason,
-            actor=order.actor, request_id=request_id,
-            **({} if order.follows is None else {"follows": format(order.follows, "x")}),
-            **({"swept": True} if swept else {}))
+                      request_id: str | None, swept: bool = False
+                      ) -> list[tuple[int, list[int]]]:
+        """The audit lines, (seq, serials) each; `swept` for the certificates a
+        revocation's second look found (`serials` are those alone: the first line named
+        the rest). SERIALS_PER_LINE serials a line, `part` and `parts` saying which of
+        how many lines when there are several: one line for every serial of a lineage of
+        1,750 was longer than an audit line may be, a 500, and nothing was revoked (a
+        review)."""
+        chunks = [serials[i:i + SERIALS_PER_LINE]
+                  for i in range(0, len(serials), SERIALS_PER_LINE)] or [[]]
+        written = []
+        for n, chunk in enumerate(chunks, 1):
+            written.append((await self.audit.append(
+                "cert.revoke",
+                serial=None if order.serial is None else format(order.serial, "x"),
+                serials=[format(s, "x") for s in chunk],
+                identity=order.identity, lineage=order.lineage, reason=order.reason,
+                actor=order.actor, request_id=request_id,
+                **({} if order.follows is None else {"follows": format(order.follows, "x")}),
+                **({"swept": True} if swept else {}),
+                **({"part": n, "parts": len(chunks)} if len(chunks) > 1 else {})), chunk))
+        return written
 
     async def _reach(self, roots: list[int], now: dt.datetime) -> set[int]:
         """What a keyCompromise revocation of `roots` takes: their lineages (a renewal
