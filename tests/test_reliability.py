@@ -9,6 +9,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import signal
 import socket
 import sqlite3
@@ -1070,6 +1071,64 @@ async def test_checkpoints_that_keep_failing_show_in_health(tmp_path: Path) -> N
     finally:
         assert d.stop() == 0
     audit_verify(ca.state, ok=True)
+
+
+async def test_a_full_inventory_disk_is_unhealthy_until_it_has_room_again(
+        tmp_path: Path) -> None:
+    """An SRE trial: the state directory's disk full (the audit log on a disk of its
+    own, as in production), every renewal was 503, yet /health said ok, hsmca_up said
+    the store was up and nothing was logged as a warning: a small write (/health's own
+    probe) still fit, and said the inventory was well again, and every other request
+    signed a certificate to throw away. The disk's state holds until it has room."""
+    ca = init_ca(tmp_path)
+    mount, umount = require("mount"), require("umount")
+    keep, audit = tmp_path / "state-copy", tmp_path / "audit-disk"
+    shutil.copytree(ca.state, keep, symlinks=True)
+    proc = subprocess.run([mount, "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs",
+                           ca.state], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr  # a small file system of its own
+    filler = ca.state / "filler"
+    d = None
+    try:
+        shutil.copytree(keep, ca.state, symlinks=True, dirs_exist_ok=True)
+        shutil.move(ca.state / "audit", audit)  # the audit log on another disk
+        (ca.state / "audit").symlink_to(audit)
+        d = start_daemon(ca.state, "--workers", "1")
+        cert, key = enroll(d, tmp_path, "service", [LOAD_NAME])
+        ctx = d.ssl(cert, key)
+        st = os.statvfs(ca.state)
+        with open(filler, "wb") as fh:  # all but 40 KiB
+            fh.write(b"\0" * (st.f_bavail * st.f_frsize - (40 << 10)))
+        refused = 0
+        for _ in range(60):  # until a row does not fit
+            status, _, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
+            if status == 503:
+                refused += 1
+                break
+            assert status == 201, body
+        assert refused, "60 renewals fitted in 40 KiB"
+        # A little room again, where a small write fits (the probe's, a nonce's) and a
+        # disk still all but full: not well again, it would fill at the next moment.
+        os.truncate(filler, filler.stat().st_size - (200 << 10))
+        before = x509_signings(await signing_metrics(d))
+        for _ in range(3):  # each /health probes the inventory with a write of its own
+            status, _, body = await http("GET", f"{d.url}/health", d.ssl())
+            assert status == 503 and "is full" in json.loads(body)["store"], body
+            status, _, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
+            assert status == 503 and "inventory" in json.loads(body)["detail"], body
+        assert x509_signings(await signing_metrics(d)) == before  # nothing signed for naught
+        assert d.wait_stderr(lambda: any("the inventory's disk is full" in x
+                                         for x in d.stderr)), "".join(d.stderr[-10:])
+        filler.unlink()
+        await health_becomes(d, 200, within=30)
+        status, _, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
+        assert status == 201, body
+    finally:
+        if d is not None:
+            assert d.stop() == 0
+        subprocess.run([umount, "-l", ca.state], check=True)
+    # The state as it was on the small disk is gone with it; the log is whole.
+    audit_verify(keep, ok=True, log=audit / "log.jsonl")
 
 
 async def test_an_inventory_that_cannot_be_written_means_503_and_no_more_signing(

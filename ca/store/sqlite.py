@@ -533,6 +533,26 @@ _THE_HOSTS = ("SQLITE_IOERR", "SQLITE_FULL", "SQLITE_CANTOPEN", "SQLITE_BUSY", "
               "SQLITE_READONLY", "SQLITE_PERM", "SQLITE_AUTH", "SQLITE_PROTOCOL")
 
 
+# What a disk must have free again after a write failed on it full, before the
+# inventory takes writes: a certificate's row with its OCSP responses is ~2 KB.
+ROOM_AGAIN = 1 << 20
+
+
+def _full_disk(exc: sqlite3.Error, path: Path) -> bool:
+    """Whether `exc` is a full disk's: SQLite's words for one, or an I/O error on a
+    disk with less than ROOM_AGAIN free (SQLite says "disk I/O error" for a WAL that
+    cannot grow)."""
+    if "disk is full" in str(exc):
+        return True
+    if "disk I/O error" not in str(exc):
+        return False
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < ROOM_AGAIN
+
+
 def _with_hint(why: str, path: Path) -> str:
     """SQLite's words for a full disk (or one failing writes: a full one can show as
     "disk I/O error"), with what to do (a full-disk trial read them bare)."""
@@ -766,6 +786,7 @@ class SQLiteStore:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._coalescer = Coalescer(self._queue)
         self._problem: str | None = None  # why the last transaction failed, if it did
+        self._full = False  # a write failed on a full disk: room must come back first
         # Damage found in the file: said by /health until a restart, whatever a later
         # transaction that misses the damaged pages does.
         self._damage: str | None = None
@@ -782,14 +803,38 @@ class SQLiteStore:
         # The file's presence too (a stat, asked before each signature): nothing is
         # signed whose record would go into a file deleted under the daemon.
         return self._thread.is_alive() and self._problem is None and \
-            self._damage is None and not self.damage_found() and self._gone() is None
+            self._damage is None and not self.damage_found() and self._gone() is None \
+            and self._no_room() is None
 
     @property
     def problem(self) -> str | None:
         if self._damage is None and self.damage_found():
             return str(damaged_error(self.path, "a check of its every page found damage, "
                                                 "which the daemon's log names"))
-        return self._damage or self._problem or self._gone()
+        return self._damage or self._problem or self._gone() or self._no_room()
+
+    def _no_room(self) -> str | None:
+        """After a write failed on a full disk, why none is taken yet: until the disk
+        has ROOM_AGAIN free. A small write (the probe's, a nonce's) still fit where a
+        certificate's row did not, and each said the inventory was well again: /health
+        said ok through a full-disk outage, and every other request signed a
+        certificate to throw away (an SRE trial: 18)."""
+        if not self._full:
+            return None
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError:
+            return None  # _gone says what is wrong with the directory
+        free = st.f_bavail * st.f_frsize
+        if free >= ROOM_AGAIN:
+            self._full = False
+            import structlog
+            structlog.get_logger("hsmca.store").info(
+                "the inventory's disk has room again", path=str(self.path.parent),
+                free_mib=free >> 20)
+            return None
+        return (f"the disk of the inventory {self.path} is full ({free >> 10} KiB free): "
+                f"nothing is signed until it has {ROOM_AGAIN >> 20} MiB free again")
 
     def note_damage(self, found: str) -> None:
         """Damage a check of every page found (`find_damage`): nothing more is signed
@@ -918,6 +963,12 @@ class SQLiteStore:
                             "a sqlite3 shell, a backup, or a process of the daemon that "
                             "stopped answering, which is killed after [server] "
                             "worker-timeout-s)")
+                if not self._full and _full_disk(exc, self.path):
+                    self._full = True
+                    import structlog  # (as above: loaded when there is something to say)
+                    structlog.get_logger("hsmca.store").warning(
+                        "the inventory's disk is full: nothing is signed until it has "
+                        f"{ROOM_AGAIN >> 20} MiB free again", path=str(self.path.parent))
                 why = _with_hint(why, self.path)
                 self._problem = why if why.startswith("the inventory ") else \
                     f"cannot write the inventory {self.path}: {why}"
