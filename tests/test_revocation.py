@@ -459,6 +459,60 @@ async def test_revoke_identity_takes_everything_issued_to_a_name(
     assert status == 404, raw
 
 
+async def test_an_identity_offboarded_then_found_leaked_is_revoked_for_compromise(
+        ca_daemon: Daemon, tmp_path: Path) -> None:
+    """A relying-party trial: a host offboarded (`revoke --identity`), its key found
+    leaked later: `revoke --identity NAME --reason keyCompromise` was refused as revoked
+    already, and the leaked key enrolled again. Its certificates' reason becomes
+    keyCompromise (their revocation time stands), and the key is barred, as a serial's
+    revocation again for keyCompromise does; once so, a repeat is 409."""
+    d = ca_daemon
+    a = enroll(d, tmp_path, "service", ["offboarded.internal.example"])
+    key = serialization.load_pem_private_key(a[1].read_bytes(), None)
+
+    async def revoke(reason: str) -> tuple[int, dict[str, Any]]:
+        status, _, raw = await http("POST", f"{d.url}/v1/x509/revoke", d.admin_ssl(),
+                                    body={"identity": "offboarded.internal.example",
+                                          "reason": reason})
+        return status, json.loads(raw)
+    status, first = await revoke("cessationOfOperation")
+    assert status == 200, first
+    status, again = await revoke("keyCompromise")
+    assert status == 200 and again["revoked"] == first["revoked"], again
+    assert again["revoked_at"] == first["revoked_at"], again  # the time that stands
+    after = await signed(d, load(a[0]), ocsp.OCSPCertStatus.REVOKED)
+    assert after.revocation_reason == x509.ReasonFlags.key_compromise
+    token = await bootstrap_token(d, "service", ["offboarded.internal.example"])
+    status, _, raw = await http("POST", f"{d.url}/v1/x509/enroll", d.ssl(),
+                                body={"csr": csr_pem(["offboarded.internal.example"], key)},
+                                headers={"Authorization": f"Bearer {token}"})
+    assert status == 403 and json.loads(raw)["type"].endswith("revoked-key"), raw
+    status, last = await revoke("keyCompromise")
+    assert status == 409 and last["type"].endswith("already-revoked"), last
+
+
+async def test_an_identity_revoked_again_is_409_whatever_other_names_contain_it(
+        ca_daemon: Daemon, tmp_path: Path) -> None:
+    """A review: a repeat of an identity's revocation looked for the name among the
+    first 100 revoked certificates whose names contain it as text, and 101 revoked for
+    a.rr.internal.example hid rr.internal.example's: 404, read as never revoked."""
+    d = ca_daemon
+    enroll(d, tmp_path, "service", ["rr.internal.example"])
+    status, _, raw = await http("POST", f"{d.url}/v1/x509/revoke", d.admin_ssl(),
+                                body={"identity": "rr.internal.example"})
+    assert status == 200, raw
+    other = enroll(d, tmp_path, "service", ["a.rr.internal.example"])
+    for _ in range(100):
+        status, _, raw = await http("POST", f"{d.url}/v1/x509/renew", d.ssl(*other), body={})
+        assert status == 201, raw
+    status, _, raw = await http("POST", f"{d.url}/v1/x509/revoke", d.admin_ssl(),
+                                body={"identity": "a.rr.internal.example"})
+    assert status == 200 and len(json.loads(raw)["revoked"]) == 101, raw
+    status, _, raw = await http("POST", f"{d.url}/v1/x509/revoke", d.admin_ssl(),
+                                body={"identity": "rr.internal.example"})
+    assert status == 409 and json.loads(raw)["type"].endswith("already-revoked"), raw
+
+
 async def test_revoke_identity_reaches_an_ssh_certificate_that_outlived_its_x509(
         ca_daemon: Daemon, tmp_path: Path) -> None:
     """An SSH user certificate (up to 24 h) may outlive the X.509 credential it was asked

@@ -151,6 +151,10 @@ def test_certificates_are_found_and_revocation_reaches_their_ssh_certificates(
     assert done.serials == (0xa,) and done.ssh_certs == 1
     assert run(store.revoke_certs([0xa], NOW, "keyCompromise")).serials == ()
     assert [(s, r) for s, _, r, _ in run(store.revoked_certs())] == [(0xa, "keyCompromise")]
+    # By name, not by text (a name containing "a.test" is not it), until it expires
+    assert run(store.revoked_certs_named("a.test", NOW)) == [(0xa, "keyCompromise")]
+    assert run(store.revoked_certs_named("test", NOW)) == []
+    assert run(store.revoked_certs_named("a.test", NOW + dt.timedelta(days=2))) == []
     assert run(store.revoked_ssh_certs()) == [("host", 7, "ssh-host-ca")]
     assert run(store.lineage(0xb, NOW)) == [0xb]
     assert run(store.revoke_ssh(SSHSelector(key_sha256="z" * 64), NOW,

@@ -42,7 +42,7 @@ from ca.ssh import (
     parse_public_key,
     revocable_key,
 )
-from ca.store import CertQuery, CertRecord, CRLRecord, OCSPDue, SSHSelector, Store
+from ca.store import CertRecord, CRLRecord, OCSPDue, SSHSelector, Store
 from ca.store.errors import StoreUnavailable
 from ca.store.records import Revoked as Reached
 from hsm.errors import AuditUnavailable, HSMUnavailable
@@ -216,12 +216,19 @@ class Revocations:
         now = prof.utcnow()
         if order.identity is not None:
             targets = await self.store.live_certs_named(order.identity, now)
+            revoked = await self.store.revoked_certs_named(order.identity, now)
+            if order.reason == "keyCompromise":
+                # Those revoked for another reason too, whose reason becomes
+                # keyCompromise (their keys barred, their lineages revoked), as a
+                # serial's does: an identity offboarded, then found leaked, was refused
+                # as revoked already, and its keys enrolled again (a relying-party trial).
+                targets = sorted({*targets, *(s for s, why in revoked
+                                              if why != "keyCompromise")})
             if not targets:
                 # A repeat (a retry whose answer was lost) is told so, as a serial's is,
                 # not "not found": an API trial's client took that for never revoked
-                page = await self.store.find_certs(CertQuery(
-                    text=order.identity, status="revoked", limit=100), now, now)
-                if any(order.identity in c.names for c in page.certs):
+                # (a name, not a text: a page of 100 others containing it hid it).
+                if revoked:
                     raise Refused(f"everything live issued to {order.identity!r} is revoked "
                                   "already", Reason.ALREADY_REVOKED)
                 raise Refused(f"nothing live was issued to {order.identity!r}",

@@ -155,6 +155,12 @@ class Store(Protocol):
         offboarding: `hsmca revoke --identity`)."""
         ...
 
+    async def revoked_certs_named(self, name: str, now: dt.datetime
+                                  ) -> list[tuple[int, str | None]]:
+        """(serial, reason) of every revoked, unexpired certificate that carries `name`
+        (not a text search: `name` among its names)."""
+        ...
+
     async def live_certs_with_keys(self, spkis: Sequence[str], now: dt.datetime) -> list[int]:
         """Every unrevoked, unexpired certificate whose subject key's SPKI SHA-256 is
         among `spkis`."""

@@ -1175,6 +1175,14 @@ class SQLiteStore:
             (name, now.isoformat(), int(now.timestamp())))
         return sorted(int(r[0], 16) for r in rows)
 
+    async def revoked_certs_named(self, name: str, now: dt.datetime
+                                  ) -> list[tuple[int, str | None]]:
+        rows = self._read(
+            "SELECT serial, reason FROM certs WHERE revoked_at IS NOT NULL AND EXISTS "
+            "(SELECT 1 FROM json_each(certs.names) WHERE json_each.value = ?) AND "
+            "not_after > ?", (name, now.isoformat()))
+        return sorted((int(r[0], 16), r[1]) for r in rows)
+
     async def live_certs_with_keys(self, spkis: Sequence[str], now: dt.datetime) -> list[int]:
         found: list[int] = []
         keys = sorted(set(spkis))
