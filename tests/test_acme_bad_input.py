@@ -757,6 +757,25 @@ def renewal_info_of_another_issuer(w: World) -> Reply:
     return Reply(r.status_code, r.headers, r.content)
 
 
+def test_a_private_jwk_is_refused_without_its_private_member_quoted(world: World) -> None:
+    """An HTTP trial: a jwk with a private "d" that is not its key's came back whole in
+    the answer ("Could not decode 'jwk' ({'d': 'SECRET...'") and in the daemon's log.
+    Refused as a private key before anything reads it, naming the member, not its
+    value; and a jwk josepy cannot read is said in its words without the values."""
+    w = world
+    secret = b64(b"SECRETd" * 5)
+    jwk = {**w.a.key.public_key().to_partial_json(), "d": secret}
+    r = w.a.post(url(w, "newAccount"), {}, use_jwk=True, jwk=jwk)
+    assert (r.status, r.problem) == (400, "badPublicKey"), r.body
+    assert "private key (it has d)" in r.json["detail"] and secret not in r.body.decode()
+    odd = {"kty": "EC", "crv": "P-256", "x": "SECRETx", "y": "AAAA"}
+    r = w.a.post(url(w, "newAccount"), {}, use_jwk=True, jwk=odd)
+    assert (r.status, r.problem) == (400, "malformed"), r.body
+    assert "SECRETx" not in r.body.decode() and "Could not decode 'jwk'" in r.json["detail"]
+    logged = "".join(w.ca.daemon.stderr)
+    assert secret not in logged and "SECRETx" not in logged
+
+
 def test_the_corpus_is_big_enough() -> None:
     assert len(CASES) >= 40, len(CASES)
 

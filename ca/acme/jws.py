@@ -142,6 +142,21 @@ def check_key(jwk: jose.JWK, alg_name: str) -> None:
         raise AcmeProblem("badPublicKey", "account keys are ECDSA or RSA public keys")
 
 
+def _words(exc: Exception) -> str:
+    """josepy's words for what it could not read, without the values it quotes: the
+    repr of a header field's dict (a jwk's members: a trial's bogus private "d" came
+    back in the answer and the daemon's log)."""
+    if isinstance(exc, KeyError):
+        return f"a member is missing: {exc}"
+    said = re.sub(r"\s*\(\{.*\}\)", "", str(exc))
+    return re.sub(r",? full message: \{.*\}", "", said)
+
+
+# RFC 7518 6.2.2 and 6.3.2: the members only a private key has. (A symmetric key's "k"
+# is refused by its algorithm, as before; _words keeps its value out of the answer.)
+PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth"})
+
+
 def thumbprint(jwk: jose.JWK) -> str:
     return base64.urlsafe_b64encode(jwk.thumbprint()).rstrip(b"=").decode()
 
@@ -170,12 +185,22 @@ async def verify(raw: bytes, content_type: str, url: str, nonces: Nonces, *,
         raise AcmeProblem("malformed", "this request is signed with the key in a jwk header")
     if want == "kid" and not has_kid:
         raise AcmeProblem("malformed", "this request is signed by an account (kid header)")
+    jwk_given = protected.get("jwk")
+    if has_jwk and not isinstance(jwk_given, dict):
+        raise AcmeProblem("malformed", "the jwk header is not a JWK (a JSON object)")
+    if has_jwk and PRIVATE_MEMBERS & jwk_given.keys():
+        # Before josepy reads it: its errors quote the header's dict, private members and
+        # all, into the answer and the daemon's log (an HTTP trial's bogus "d").
+        raise AcmeProblem("badPublicKey", "the jwk is a private key (it has "
+                          f"{', '.join(sorted(PRIVATE_MEMBERS & jwk_given.keys()))}): send "
+                          "the public key alone")
     try:  # josepy reads the JWS and its header fields (nonce, url, kid, jwk)
         jws = acme_jws.JWS.from_json(obj)
         sig = jws.signature
         header = acme_jws.Header.json_loads(sig.protected)
     except Exception as exc:  # josepy raises many kinds for hostile input; all are 400
-        raise AcmeProblem("malformed", f"the JWS cannot be parsed: {str(exc)[:120]}") from None
+        raise AcmeProblem("malformed", f"the JWS cannot be parsed: {_words(exc)[:160]}") \
+            from None
     account: AcmeAccount | None = None
     if has_jwk:
         jwk = header.jwk
