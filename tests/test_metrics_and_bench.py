@@ -153,3 +153,22 @@ def test_benchmark_runs_and_reports_every_figure(tmp_path: Path) -> None:
         assert figures[key] > 0, key
     assert figures["vs_step_ca"].startswith("not measured: no peers in "), figures["vs_step_ca"]
     assert "setup-peers.sh" in figures["vs_step_ca"]
+
+
+def test_every_documented_quantile_alert_can_fire() -> None:
+    """An SRE trial: HsmcaAuditCommitsSlow, p99 of hsmca_audit_commit_seconds > 0.25,
+    could never fire: 0.25 was the highest finite bucket, and PromQL's
+    histogram_quantile answers a quantile in the +Inf bucket with that bound. Each
+    documented quantile alert's threshold lies below its histogram's highest finite
+    bucket, as the daemon serves it."""
+    import re
+
+    from ca.metrics import AuditMetrics, Metrics
+    rules = re.findall(r"histogram_quantile\([\d.]+, rate\((\w+)_bucket\[\w+\]\)\) > ([\d.]+)",
+                       (Path(__file__).parent.parent / "docs/operator.md").read_text())
+    assert rules, "the docs' quantile alerts"
+    served = [*vars(Metrics()).values(), *vars(AuditMetrics()).values()]
+    for name, threshold in rules:
+        [histogram] = [m for m in served if getattr(m, "_name", None) == name]
+        assert max(b for b in histogram._upper_bounds if b != float("inf")) > float(threshold), \
+            (name, threshold)

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
 from tests.conftest import HSMCA, Daemon, init_ca, set_config, start_daemon
-from tests.helpers import audit_verify, enroll, health_until, http, log_lines
+from tests.helpers import audit_verify, enroll, health_until, http, log_lines, metric_samples
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 MAX_CONNECTIONS = 64  # fresh connections tried before a worker counts as unreachable
@@ -535,6 +535,28 @@ async def test_a_bad_token_while_the_primary_is_stopped_is_answered_503(
     assert "primary process did not answer" in json.loads(body)["detail"], body
     status, _, body = await http("POST", url, d.ssl(), body={"csr": "x"}, headers=bad)
     assert status == 401 and json.loads(body)["type"].endswith("bad-token"), body
+    assert d.stop() == 0
+
+
+async def test_the_audit_log_s_size_is_not_served_as_0_while_the_primary_is_stopped(
+        tmp_path: Path) -> None:
+    """An SRE trial: with the primary stopped, /metrics said hsmca_audit_lines 0, which
+    reads as a log cut to nothing (and trips a "log shrank" rule). Unknown is no sample;
+    hsmca_up says the audit log is away."""
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state, "--workers", "1")
+    d.proc.send_signal(signal.SIGSTOP)
+    try:
+        status, _, raw = await asyncio.wait_for(
+            http("GET", f"{d.url}/metrics", d.ssl()), 60)
+    finally:
+        d.proc.send_signal(signal.SIGCONT)
+    assert status == 200
+    samples = metric_samples(raw.decode())
+    assert samples[("hsmca_up", (("part", "audit"),))] == 0
+    assert not [k for k in samples if k[0] == "hsmca_audit_lines"], samples
+    status, _, raw = await http("GET", f"{d.url}/metrics", d.ssl())
+    assert metric_samples(raw.decode())[("hsmca_audit_lines", ())] > 0
     assert d.stop() == 0
 
 

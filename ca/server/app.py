@@ -149,7 +149,7 @@ async def audit_state(audit: AuditReader) -> dict[str, Any]:
         return {"healthy": h.healthy, "problem": h.problem, "size": h.size,
                 "damaged_seq": h.damaged_seq}
     except (AuditUnavailable, TimeoutError):
-        return {"healthy": False, "size": 0, "problem": audit.problem or _silent(audit.waited())}
+        return {"healthy": False, "problem": audit.problem or _silent(audit.waited())}
 
 
 def _silent(waited: float) -> str:
