@@ -431,6 +431,41 @@ async def test_an_identity_of_more_certificates_than_an_audit_line_can_name_is_r
     assert set(revoked) <= listed
 
 
+async def test_ssh_revocations_of_one_certificate_at_once_leave_one_standing_line(
+        ca_daemon: Daemon, tmp_path: Path) -> None:
+    """A review: four admins' revocations of one SSH certificate at once were three
+    200s, two of them saying 0 certificates revoked, and three ssh.revoke lines each
+    claiming one. One wins; the others are 409 already-revoked, as a repeat is, and
+    their lines are voided."""
+    d = ca_daemon
+    host = enroll(d, tmp_path, "host", ["race.internal.example"])
+    subprocess.run([require("ssh-keygen"), "-q", "-t", "ed25519", "-N", "", "-f",
+                    tmp_path / "race"], check=True)
+    hsmca("ssh", "host", "--url", d.url, "--ca", d.root, "--cert", host[0], "--key", host[1],
+          "--pubkey", tmp_path / "race.pub")
+    listed = subprocess.run([require("ssh-keygen"), "-L", "-f", tmp_path / "race-cert.pub"],
+                            capture_output=True, text=True, check=True).stdout
+    match = re.search(r"Serial: (\d+)", listed)
+    assert match
+    serial = int(match.group(1))
+    ctx = d.admin_ssl()
+    async with aiohttp.ClientSession() as s:
+        async def revoke() -> tuple[int, dict[str, Any]]:
+            async with s.post(f"{d.url}/v1/ssh/revoke", json={"serial": serial},
+                              ssl=ctx) as r:
+                return r.status, await r.json(content_type=None)
+        answers = await asyncio.gather(*(revoke() for _ in range(8)))
+    won = [a for status, a in answers if status == 200]
+    assert [a["revoked_certificates"] for a in won] == [1], answers
+    assert all(a["type"].endswith("already-revoked") for status, a in answers
+               if status != 200), answers
+    lines = log_lines(d.state)
+    voided = {e["voids"] for e in lines if e["event"] == "record.void"}
+    standing = [e for e in lines if e["event"] == "ssh.revoke" and e.get("serial") ==
+                str(serial) and e["seq"] not in voided]
+    assert len(standing) == 1, standing
+
+
 async def test_revoke_identity_takes_everything_issued_to_a_name(
         ca_daemon: Daemon, tmp_path: Path) -> None:
     d = ca_daemon

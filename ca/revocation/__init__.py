@@ -600,12 +600,12 @@ class Revocations:
         # The record first, as for X.509: a revocation the log does not show never happened.
         # The public key itself too (it is public): a start that finds the line without
         # its commit completes it, the key barred (ca/revocation/from_log.py).
-        await self.audit.append("ssh.revoke", serial=None if order.serial is None
-                                else str(order.serial), key_id=order.key_id,
-                                public_key_sha256=key.sha256 if key else None,
-                                **({"public_key": key.line} if key else {}),
-                                certificates=matching, actor=order.actor,
-                                request_id=request_id)
+        seq = await self.audit.append("ssh.revoke", serial=None if order.serial is None
+                                      else str(order.serial), key_id=order.key_id,
+                                      public_key_sha256=key.sha256 if key else None,
+                                      **({"public_key": key.line} if key else {}),
+                                      certificates=matching, actor=order.actor,
+                                      request_id=request_id)
         at = prof.utcnow()
         try:
             hit = await self.store.revoke_ssh(which, at, key.line if key else None)
@@ -615,6 +615,18 @@ class Revocations:
                 which, at, key.line if key else None), ("ssh_revocations",))
             raise RecordedNotCommitted(str(exc), at, [], matching) from None
         self.generations.bump("ssh_revocations")  # committed: every process rebuilds its KRL
+        if hit == 0 and matching and key is None:
+            # Another request's revocation of the same certificate committed first (a
+            # review: four at once were three 200s, each line claiming "certificates": 1).
+            # Its line changed nothing, and says so; the client hears what a repeat does.
+            try:
+                await void(self.audit, seq, "ssh.revoke", "already revoked when this "
+                           "revocation was committed", request_id)
+            except AuditUnavailable as exc:
+                log.warning("cannot say in the audit log that a revocation line changed "
+                            "nothing", seq=seq, error=str(exc), request_id=request_id)
+            raise Refused("already revoked (by a revocation committed just before this one)",
+                          Reason.ALREADY_REVOKED)
         return hit
 
     async def _build_krl(self) -> bytes:

@@ -197,7 +197,7 @@ async def find_outcome(ca: CA, intent: Line, reach: int = 4000) -> tuple[int, by
 
 
 # The lines a later record.void may say changed nothing (ca/audit/voided.py)
-VOIDABLE = frozenset({"cert.revoke", "key.revoke", "key.rotate", "key.stage"})
+VOIDABLE = frozenset({"cert.revoke", "ssh.revoke", "key.revoke", "key.rotate", "key.stage"})
 
 
 async def find_void(ca: CA, line: Line, reach: int = 4000) -> int | None:
