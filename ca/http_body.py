@@ -36,6 +36,16 @@ async def read_body(request: web.BaseRequest) -> bytes:
     request that claimed 999,999,999 bytes and sent two waited 15 s for a 408. A body
     that does not decode as its Content-Encoding says is a 400 that says so: aiohttp's
     error surfaced as a 500 and two logged tracebacks, for anyone who could connect."""
+    transfer = request.headers.get("Transfer-Encoding")
+    if transfer is not None and [t.strip().lower() for t in transfer.split(",")] != [
+            "chunked"]:
+        # aiohttp reads any list ending in chunked as chunked alone, the codings before it
+        # unapplied ("foo, chunked" was taken; a body "gzip, chunked" was read as JSON):
+        # what a front proxy and the daemon would read differently. RFC 9112 6.1 has 501;
+        # a 4xx here, as for any request the client can mend.
+        raise web.HTTPBadRequest(text=f"the Transfer-Encoding {transfer[:40]!r} is not one "
+                                 "this server takes; nothing was done (send the body with "
+                                 "Content-Length, or Transfer-Encoding: chunked alone)")
     coding = request.headers.get("Content-Encoding", "")
     if coding and coding.strip().lower() not in DECODED:
         # aiohttp passed a coding it does not know ("compress", "gzip, br", "x-gzip")

@@ -907,3 +907,22 @@ async def test_a_body_in_a_coding_without_its_decoder_is_logged_as_the_415_it_ge
     assert d.wait_stderr(lambda: any(
         "refused a request body in a coding this server does not decode" in line
         and '"status": 415' in line for line in d.stderr)), d.stderr[-5:]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+@pytest.mark.parametrize("coding", ["foo, chunked", "gzip, chunked"])
+async def test_a_transfer_coding_the_server_does_not_apply_is_refused(
+        served: Served, coding: str) -> None:
+    """An HTTP trial: "Transfer-Encoding: foo, chunked" made a token (aiohttp read the
+    body as chunked alone, the coding before it unapplied), and a body gzipped as
+    "gzip, chunked" was read as JSON: what a front proxy and the daemon would read
+    differently. A 400 naming the header, nothing done."""
+    host = yarl.URL(served.daemon.url).host
+    body = json.dumps({"role": "service", "names": ["te.internal.example"]}).encode()
+    head, answer = await raw_request(served, (
+        f"POST /v1/tokens HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Transfer-Encoding: {coding}\r\n\r\n").encode()
+        + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+    assert b" 400 " in head.split(b"\r\n")[0], (head, answer)
+    assert answer["type"] == TYPES + "bad-request" and \
+        f"the Transfer-Encoding {coding!r} is not one" in answer["detail"], answer
