@@ -28,7 +28,7 @@ from ca.policy import Policy, Refused
 from ca.server.common import parse_csr
 from ca.server.problems import Problem
 from tests.conftest import Daemon, init_ca, require, start_daemon
-from tests.helpers import audit_verify, bootstrap_token, csr_pem, enroll
+from tests.helpers import audit_verify, bootstrap_token, csr_pem, enroll, http
 from tests.test_ra import admin, context
 
 
@@ -414,6 +414,12 @@ def corpus() -> list[Case]:
              403, "client-certificate-required", "none", data=b"%%%%", headers=PKCS10))
     add(Case("est reenroll token only", "POST", "/.well-known/est/simplereenroll", 403,
              "client-certificate-required", "token", data=good_b64, headers=PKCS10))
+    # Who asks, before what is asked: a revoked certificate with a bad body was told to
+    # mend the body, and only then that it can renew nothing (an HTTP trial)
+    add(Case("renew revoked misspelt field", "POST", "/v1/x509/renew", 403,
+             "revoked-certificate", "revoked", {"tll": "1h"}))
+    add(Case("est reenroll revoked junk body", "POST", "/.well-known/est/simplereenroll",
+             403, "revoked-certificate", "revoked", data=b"%%%%", headers=PKCS10))
     add(Case("est reenroll json", "POST", "/.well-known/est/simplereenroll", 415,
              "unsupported-media-type", "service", {"csr": good}))
     # A body that does not decode as its Content-Encoding says (a security trial: 500s
@@ -471,6 +477,11 @@ async def served(tmp_path_factory: pytest.TempPathFactory) -> Any:
                                     ("user", ["ann@example.com"], ["ann"]),
                                     ("host", ["h1.internal.example"], [])]:
         creds[role] = d.ssl(*enroll(d, tmp, role, names, principals))
+    gone = enroll(d, tmp, "service", ["gone.internal.example"])
+    status, _, raw = await http("POST", f"{d.url}/v1/x509/revoke", d.admin_ssl(),
+                                body={"identity": "gone.internal.example"})
+    assert status == 200, raw
+    creds["revoked"] = d.ssl(*gone)
 
     async def token_source() -> list[str]:
         # one for each case that spends one (a count by hand fell short as cases came)

@@ -283,6 +283,10 @@ async def enroll(request: web.Request) -> web.Response:
 
 @routes.post("/v1/x509/renew")
 async def renew(request: web.Request) -> web.Response:
+    # Who asks, before what is asked: a revoked or expired certificate with a misspelt
+    # field was told to mend the field, and only then that it can renew nothing (an
+    # HTTP trial).
+    await identity(request)
     body = await json_body(request, {"csr", "ttl"})
     csr = parse_csr(field(body, "csr", str)) if "csr" in body else None
     issued = await _renew(request, csr, field(body, "ttl", str, required=False))
@@ -618,5 +622,6 @@ async def est_simplereenroll(request: web.Request) -> web.Response:
                       "certificate being renewed: connect with it as the TLS client "
                       "certificate (mutual TLS); a first enrollment is simpleenroll, with a "
                       "bootstrap token", "client-certificate-required")
+    await identity(request)  # revoked or expired: said before the body (as renew)
     csr = await _est_csr(request)
     return _pkcs7_b64([(await _renew(request, csr, None)).cert])
