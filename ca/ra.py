@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -895,33 +895,37 @@ def _ssh_user(ctx: Context, who: Requester, req: SSHUserRequest) -> SSHOrder:
                     req.source_address, who.serial, who.actor)
 
 
-def revocation_reason(value: object) -> str | None:
+def revocation_reason(value: object, offered: Collection[str] | None = None) -> str | None:
     """An RFC 5280 reason from its name (keyCompromise), snake case (key_compromise) or
-    code (1); None for unspecified."""
+    code (1); None for unspecified. A refusal names the reasons `offered` (all)."""
+    names = ", ".join(r for r in REASON_CODES if offered is None or r in offered)
     if value is None:
         return None
     if isinstance(value, bool):
-        raise Refused("reason must be a reason name or code")
+        raise Refused(f"reason must be a reason name or code, one of {names}")
     if isinstance(value, int):
         for name, code in REASON_CODES.items():
             if code == value:
                 return None if name == "unspecified" else name
         if value == 8:  # RFC 5280's, but for delta CRLs only (an ACME trial)
             raise Refused("reason code 8 (removeFromCRL) is for delta CRLs, not a revocation: "
-                          f"give one of {', '.join(REASON_CODES)}")
-        raise Refused(f"reason code {value} is not an RFC 5280 revocation reason")
+                          f"give one of {names}")
+        raise Refused(f"reason code {value} is not an RFC 5280 revocation reason: give one "
+                      f"of {names}")
     if isinstance(value, str):
         wanted = value.replace("_", "").lower()
         for name in REASON_CODES:
             if name.lower() == wanted:
                 return None if name == "unspecified" else name
-    raise Refused(f"reason {value!r} is not one of {', '.join(REASON_CODES)} (snake case and "
-                  "the numeric codes work too)")
+    raise Refused(f"reason {value!r} is not one of {names} (snake case and the numeric "
+                  "codes work too)")
 
 
 def _leaf_reason(value: object) -> str | None:
     """The reason a leaf may be revoked for, for anyone (an admin too)."""
-    reason = revocation_reason(value)
+    # (its refusals name a leaf's reasons, not every RFC 5280 one: a relying-party trial
+    # was offered three that were then refused)
+    reason = revocation_reason(value, LEAF_REASONS)
     if reason == "certificateHold":
         raise Refused("certificateHold is not offered: a revocation here is final",
                       Reason.REASON_NOT_ALLOWED)

@@ -547,6 +547,19 @@ def test_a_leaf_is_never_revoked_for_a_ca_s_reasons(given: object) -> None:
             Reason.REASON_NOT_ALLOWED, "keyCompromise if this certificate's own key leaked")
 
 
+@pytest.mark.parametrize("given", ["removeFromCRL", 8, 99, True])
+def test_an_unknown_reason_is_told_the_reasons_a_certificate_is_revoked_for(
+        given: object) -> None:
+    # A relying-party trial: the list named cACompromise, certificateHold and
+    # aACompromise, each then refused for a leaf
+    decision = ra.decide(context(), admin(), ra.RevokeRequest(0x1234, given))
+    refused(decision, Reason.MALFORMED, "unspecified, keyCompromise, affiliationChanged, "
+            "superseded, cessationOfOperation, privilegeWithdrawn")
+    assert isinstance(decision, ra.Refusal)
+    for named in ("cACompromise", "certificateHold", "aACompromise"):
+        assert named not in decision.detail, decision.detail
+
+
 def test_certificate_hold_is_never_offered_and_others_are_for_admins() -> None:
     for who in (holder("service", ("s.example",)), admin()):
         refused(ra.decide(context(), who, ra.RevokeRequest(0x1234, "certificateHold")),
