@@ -548,6 +548,24 @@ async def test_an_identity_revoked_again_is_409_whatever_other_names_contain_it(
     assert status == 409 and json.loads(raw)["type"].endswith("already-revoked"), raw
 
 
+async def test_revoke_identity_leaves_the_daemon_s_own_listener_certificate(
+        ca_daemon: Daemon, tmp_path: Path) -> None:
+    """A relying-party trial: `revoke --identity localhost` (SSH hosts on loopback are
+    named so, as the CA's listener is) revoked the CA's own listener certificate too,
+    said as one more certificate "issued to localhost". Offboarding a name takes its
+    holders' certificates, not the daemon's own."""
+    d = ca_daemon
+    served = load(d.state / "tls" / "server.pem")
+    host = enroll(d, tmp_path, "host", ["localhost"])
+    status, _, raw = await http("POST", f"{d.url}/v1/x509/revoke", d.admin_ssl(),
+                                body={"identity": "localhost"})
+    assert status == 200, raw
+    assert json.loads(raw)["revoked"] == [format(load(host[0]).serial_number, "x")], raw
+    status, _, der = await http("GET", f"{d.url}/v1/x509/crl", d.ssl())
+    crl = x509.load_der_x509_crl(der)
+    assert crl.get_revoked_certificate_by_serial_number(served.serial_number) is None
+
+
 async def test_revoke_identity_reaches_an_ssh_certificate_that_outlived_its_x509(
         ca_daemon: Daemon, tmp_path: Path) -> None:
     """An SSH user certificate (up to 24 h) may outlive the X.509 credential it was asked

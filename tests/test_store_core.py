@@ -143,6 +143,9 @@ def test_certificates_are_found_and_revocation_reaches_their_ssh_certificates(
     assert run(store.cert_by_fingerprint(f"{0xb:064x}")).renewed_from == "a"
     assert run(store.lineage(0xb, NOW)) == [0xa, 0xb]
     assert run(store.live_certs_named("a.test", NOW)) == [0xa, 0xb]
+    # Not the daemon's own listener certificate, named as hosts may be (localhost)
+    store.add_cert(dataclasses.replace(cert(0xc), role="server")).result(timeout=10)
+    assert run(store.live_certs_named("a.test", NOW)) == [0xa, 0xb]
     # Both expired a day later; 0xa still has a live SSH certificate issued on it, which
     # an offboarding by name must reach (SSH trial: it still logged in)
     assert run(store.live_certs_named("a.test", NOW + dt.timedelta(days=2))) == [0xa]

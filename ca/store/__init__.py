@@ -152,13 +152,15 @@ class Store(Protocol):
     async def live_certs_named(self, name: str, now: dt.datetime) -> list[int]:
         """Every unrevoked certificate that carries `name` and is live, or has a live SSH
         certificate issued on its strength (which would otherwise outlive an
-        offboarding: `hsmca revoke --identity`)."""
+        offboarding: `hsmca revoke --identity`). Not the daemon's own listener
+        certificates (role `server`): no holder's, and named `localhost` as SSH hosts on
+        loopback are, an offboarding revoked them unsaid (a relying-party trial)."""
         ...
 
     async def revoked_certs_named(self, name: str, now: dt.datetime
                                   ) -> list[tuple[int, str | None]]:
         """(serial, reason) of every revoked, unexpired certificate that carries `name`
-        (not a text search: `name` among its names)."""
+        (not a text search: `name` among its names), the listener's aside as above."""
         ...
 
     async def live_certs_with_keys(self, spkis: Sequence[str], now: dt.datetime) -> list[int]:

@@ -807,7 +807,8 @@ class PostgresStore:
 
     async def live_certs_named(self, name: str, now: dt.datetime) -> list[int]:
         rows = await self._rows(
-            "SELECT serial FROM certs WHERE revoked_at IS NULL AND names::jsonb ? %s AND "
+            "SELECT serial FROM certs WHERE revoked_at IS NULL AND role <> 'server' AND "
+            "names::jsonb ? %s AND "
             f"(not_after > %s OR {_LIVE_SSH_CHILD.format(integer='NUMERIC', p='%s')})",
             (name, now.isoformat(), int(now.timestamp())))
         return sorted(int(r[0], 16) for r in rows)
@@ -815,8 +816,8 @@ class PostgresStore:
     async def revoked_certs_named(self, name: str, now: dt.datetime
                                   ) -> list[tuple[int, str | None]]:
         rows = await self._rows(
-            "SELECT serial, reason FROM certs WHERE revoked_at IS NOT NULL AND "
-            "names::jsonb ? %s AND not_after > %s", (name, now.isoformat()))
+            "SELECT serial, reason FROM certs WHERE revoked_at IS NOT NULL AND role <> "
+            "'server' AND names::jsonb ? %s AND not_after > %s", (name, now.isoformat()))
         return sorted((int(r[0], 16), r[1]) for r in rows)
 
     async def live_certs_with_keys(self, spkis: Sequence[str], now: dt.datetime) -> list[int]:

@@ -1169,8 +1169,8 @@ class SQLiteStore:
 
     async def live_certs_named(self, name: str, now: dt.datetime) -> list[int]:
         rows = self._read(
-            "SELECT serial FROM certs WHERE revoked_at IS NULL AND EXISTS "
-            "(SELECT 1 FROM json_each(certs.names) WHERE json_each.value = ?) AND "
+            "SELECT serial FROM certs WHERE revoked_at IS NULL AND role <> 'server' AND "
+            "EXISTS (SELECT 1 FROM json_each(certs.names) WHERE json_each.value = ?) AND "
             f"(not_after > ? OR {_LIVE_SSH_CHILD.format(integer='INTEGER', p='?')})",
             (name, now.isoformat(), int(now.timestamp())))
         return sorted(int(r[0], 16) for r in rows)
@@ -1178,9 +1178,9 @@ class SQLiteStore:
     async def revoked_certs_named(self, name: str, now: dt.datetime
                                   ) -> list[tuple[int, str | None]]:
         rows = self._read(
-            "SELECT serial, reason FROM certs WHERE revoked_at IS NOT NULL AND EXISTS "
-            "(SELECT 1 FROM json_each(certs.names) WHERE json_each.value = ?) AND "
-            "not_after > ?", (name, now.isoformat()))
+            "SELECT serial, reason FROM certs WHERE revoked_at IS NOT NULL AND role <> "
+            "'server' AND EXISTS (SELECT 1 FROM json_each(certs.names) WHERE "
+            "json_each.value = ?) AND not_after > ?", (name, now.isoformat()))
         return sorted((int(r[0], 16), r[1]) for r in rows)
 
     async def live_certs_with_keys(self, spkis: Sequence[str], now: dt.datetime) -> list[int]:
