@@ -13,6 +13,7 @@ import base64
 import hashlib
 import json
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -634,6 +635,49 @@ async def test_remote_verify_is_incremental_and_catches_a_rewrite(tmp_path: Path
     finally:
         for daemon in daemons:
             daemon.stop()
+
+
+async def test_a_ca_restored_from_an_older_backup_is_named_where_its_log_forked(
+        tmp_path: Path) -> None:
+    """An auditor's trial: a CA restored from a backup older than lines an auditor had
+    verified signs new checkpoints over its new lines; the remote run failed it rightly,
+    but named the restored run's first checkpoint as the place, 20 lines after the
+    first changed line. The span named comes from the state file's own record of the
+    lines verified (its frontier), and holds the first line the restored run wrote."""
+    ca = init_ca(tmp_path)
+    log = ca.state / "audit" / "log.jsonl"
+    state, backup = tmp_path / "auditor-state.json", tmp_path / "backup"
+    d = start_daemon(ca.state)
+    try:
+        auditor = enroll(d, tmp_path, "auditor", ["auditor@example.com"])
+    finally:
+        assert d.stop() == 0
+    shutil.copytree(ca.state, backup, symlinks=True)  # the backup, of a stopped CA
+    forked_at = len(log.read_bytes().splitlines())  # the restored run's first line
+    d = start_daemon(ca.state)
+    try:
+        for i in range(4):
+            enroll(d, tmp_path, "service", [f"lost{i}.audit.example"])
+        verified, _ = ok_counts(remote_verify(d, auditor, state))
+    finally:
+        assert d.stop() == 0
+    shutil.rmtree(ca.state)
+    shutil.copytree(backup, ca.state, symlinks=True)
+    d = start_daemon(ca.state)
+    try:
+        i = 0
+        while len(log.read_bytes().splitlines()) < verified + 20:  # past what was verified
+            enroll(d, tmp_path, "service", [f"after{i}.audit.example"])
+            i += 1
+        proc = remote_verify(d, auditor, state)
+    finally:
+        d.stop()
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    named = re.match(r"FAILED at seq (\d+): ", proc.stderr)
+    span = re.search(r"a line from seq (\d+) to (\d+) was altered", proc.stderr)
+    assert named and span, proc.stderr
+    assert int(named[1]) == int(span[1]) <= forked_at <= int(span[2]), (forked_at,
+                                                                          proc.stderr)
 
 
 async def test_a_line_rewritten_in_place_stops_signing_and_fails_the_incremental_run(

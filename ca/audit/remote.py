@@ -446,13 +446,13 @@ async def _run(api: LogClient, public_key: Ed25519PublicKey, raw: dict[str, Any]
         return await _located(api, key, old.size, old.root, locate, Failure(
             max(old.size - 1, 0), Stage.PREFIX, (
                 f"{CUT}: the daemon's latest checkpoint covers the same {old.size} lines "
-                "with a different root")))
+                "with a different root")), old.frontier)
     if verdict is Growth.FORKED:
         return await _located(api, key, old.size, old.root, locate, Failure(
             old.size - 1, Stage.PREFIX, (
                 f"{CUT}: the daemon's consistency proof from {old.size} to {latest.size} "
                 f"lines does not verify against the root verified last time, so the first "
-                f"{old.size} lines are no longer those verified")))
+                f"{old.size} lines are no longer those verified")), old.frontier)
     if verdict is Growth.SAME:
         old.checkpoint, old.signed = text, SignedPrefix(latest.size, latest.root, text)
         return RemoteResult(True, old.size, 0, 1, None, None, old.to_json())
@@ -468,7 +468,7 @@ LOCATE_LINES = 1_000_000
 
 
 async def _located(api: LogClient, key: PinnedKey, size: int, root: bytes, locate: bool,
-                   failure: Failure) -> RemoteResult:
+                   failure: Failure, saved: CompactRange | None = None) -> RemoteResult:
     """`failure` (the first `size` lines verified last time are no longer those), with
     where the change is. The state keeps the tree's root, not the lines, so those
     `size` lines are read again as served now, from the first, and checked on their
@@ -508,6 +508,25 @@ async def _located(api: LogClient, key: PinnedKey, size: int, root: bytes, locat
             where = earliest(where, Failure(first, span.stage, span.reason))
             break
         vouched = max(vouched, cp.size)
+    if where is None and found.good == size and saved is not None \
+            and frontier.size == saved.size == size:
+        # The state's own record of those lines (its frontier: one hash per perfect
+        # subtree) bounds the change, whatever checkpoints were signed since: a CA
+        # restored from a backup signs new ones over the changed lines, and the run
+        # named the restored run's checkpoint as the place (an auditor's trial).
+        start = 0
+        for served, kept in zip(frontier.hashes, saved.hashes, strict=True):
+            length = 1 << ((size - start).bit_length() - 1)
+            if served != kept:
+                where = Failure(start, Stage.PREFIX, (
+                    f"a line from seq {start} to {start + length - 1} was altered and the "
+                    "lines after it chained again to hide it (the state file's record of "
+                    "the lines verified last time shows the change in that span; a "
+                    "checkpoint among them signed since does not vouch for them: a CA "
+                    "restored from a backup older than those lines signs new ones); "
+                    "which line, a copy of the log from before the change tells"))
+                break
+            start += length
     if where is None and found.good == size:
         if frontier.root() == root:
             return _failed(failure._replace(reason=(
