@@ -553,6 +553,12 @@ class HSM:
             # trial). HSMError's texts name sources, never a PIN.
             self.broken = str(exc) if isinstance(exc, HSMError) and str(exc) \
                 else type(exc).__name__
+            if not isinstance(exc, HSMError):
+                # SoftHSM says only GeneralError when it cannot read its token directory
+                # (gone, or unreadable to this user: an SRE trial): what its config tells.
+                from hsm.softhsm import why_not_loaded
+                if why := why_not_loaded(self.config.module):
+                    self.broken += f": SoftHSM cannot start: {why}"
             return
         self._record("hsm.reconnect", attempt=self._attempt, result="ok")
         self._last_reconnect = time.monotonic()
@@ -666,11 +672,15 @@ class HSM:
                 self._lib.reinitialize()
         # An empty label is a free slot SoftHSM keeps for the next token: not a token.
         labels = sorted({t.label for t in self._tokens()[0]} - {""})
-        from hsm.softhsm import config_in_use
+        from hsm.softhsm import config_in_use, why_not_loaded
         conf = config_in_use(self.config.module)
+        # A token directory this process cannot read shows no token at all: said so (an
+        # SRE trial's chmod 000 read as a token that is not there).
+        why = why_not_loaded(self.config.module) if not labels else None
         raise HSMError(f"no token labelled {label!r} in {self.config.module} (tokens present: "
                        f"{', '.join(repr(lbl) for lbl in labels) or 'none'}"
-                       f"{f'; SoftHSM reads {conf}' if conf else ''})") from None
+                       f"{f'; SoftHSM reads {conf}' if conf else ''}"
+                       f"{f': {why}' if why else ''})") from None
 
     def _tokens(self) -> tuple[list[Any], int]:
         """The tokens present that can be read, and how many slots could not be.

@@ -166,6 +166,16 @@ async def health_becomes(d: Daemon, want: int, within: float, retry: str = "1") 
         assert asyncio.get_running_loop().time() < deadline, (status, body)
 
 
+async def health_until_text(d: Daemon, text: str, within: float = 30) -> bytes:
+    """GET /health until its body holds `text` (a reconnect's back-off sets when)."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        _, _, body = await http("GET", f"{d.url}/health", d.ssl())
+        if text.encode() in body:
+            return body
+        assert asyncio.get_running_loop().time() < deadline, body
+
+
 async def test_hsm_token_taken_away_then_back(tmp_path: Path) -> None:
     ca = init_ca(tmp_path, private_hsm=True)
     # One worker: each worker has its own session and recovers on its own, and this
@@ -185,6 +195,11 @@ async def test_hsm_token_taken_away_then_back(tmp_path: Path) -> None:
         tokens.rename(away)
         status, _, body = await http("GET", f"{d.url}/health", d.ssl())
         assert status == 503 and json.loads(body)["hsm"].startswith("unavailable")
+        # Once the session is opened again: why no token is found, the directory named
+        # (an SRE trial's unreadable one read as a token that is not there)
+        said = json.loads(await health_until_text(d, "its token directory"))["hsm"]
+        assert f"its token directory {tokens.resolve()}" in said and "does not exist" in said, \
+            said
         status, ctype, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
         assert status == 503 and ctype == "application/problem+json", body
         assert "HSM" in json.loads(body)["detail"]
