@@ -245,6 +245,10 @@ class HSM:
     def flapping(self) -> bool:
         return time.monotonic() - self._last_reconnect < self.flap_window_s
 
+    def since_reconnect(self) -> float:
+        """Seconds since the last reconnect that worked (inf: none)."""
+        return time.monotonic() - self._last_reconnect
+
     def retry_in(self) -> float | None:
         """Seconds until the next reconnect attempt is due (None: the session works)."""
         if self.broken is None:

@@ -286,11 +286,24 @@ async def test_key_objects_taken_from_the_token_then_back_mean_503_then_recovery
         intents = [e for e in list(log_lines(ca.state))[lines_then:]
                    if e.get("event") == "hsm.sign" and e.get("purpose") == "x509"]
         assert not intents, intents
+        # Reconnects while the files are away do not count as the session back (an SRE
+        # trial: "works again", then broken at the next signature, every 5 s)
+        deadline = asyncio.get_running_loop().time() + 60
+        while len(tries := [e for e in list(log_lines(ca.state))[lines_then:]
+                            if e.get("event") == "hsm.reconnect"]) < 3:
+            assert asyncio.get_running_loop().time() < deadline, tries
+            await http("GET", f"{d.url}/health", d.ssl())  # a look that tries again
+        assert not any("the HSM session works again" in x for x in d.stderr)
+        status, _, body = await http("GET", f"{d.url}/health", d.ssl())
+        assert "the token no longer holds the key" in json.loads(body)["hsm"], body
         for p in objects:
             (away / p.name).rename(p)
         await health_becomes(d, 200, within=30)
         status, _, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
         assert status == 201, body
+        # and its end is said, once it has held
+        assert d.wait_stderr(lambda: any("the HSM session works again" in x
+                                         for x in d.stderr)), "".join(d.stderr[-10:])
     finally:
         assert d.stop() == 0
     assert not any('"status": 500' in x or "unhandled error" in x for x in d.stderr)

@@ -148,6 +148,8 @@ class SigningPipeline:
         # metric is this worker's own whichever worker a scrape reaches.
         self.on_backlog: Callable[[int], None] | None = None
         self._was_healthy = True
+        self._signed_at_break = 0  # signatures the session had made when it last broke
+        self._end_owed = False  # back, its end not said yet: the loop wakes to say it
         # The operator's log says each problem of an outage once, and its end: the
         # audit log has every attempt, the operator only what changed.
         self._outage = Recurring(
@@ -377,7 +379,7 @@ class SigningPipeline:
         while True:
             if not items:
                 try:
-                    first = self._queue.get(timeout=self.hsm.retry_in())
+                    first = self._queue.get(timeout=self._wake_in())
                 except queue.Empty:
                     self._tick()
                     continue
@@ -406,6 +408,14 @@ class SigningPipeline:
                 self._flush_events()
                 batch.flush()
 
+    def _wake_in(self) -> float | None:
+        """How long the loop may wait for work: until a reconnect is due, or, back but
+        its end not said, until the session has held past the flapping window."""
+        retry = self.hsm.retry_in()
+        if retry is None and self._end_owed:
+            return max(0.0, self.hsm.flap_window_s - self.hsm.since_reconnect()) + 0.01
+        return retry
+
     def _backlog(self, jobs: int) -> None:
         if self.on_backlog is not None:
             self.on_backlog(jobs)
@@ -420,9 +430,16 @@ class SigningPipeline:
         problem = self.hsm.broken
         healthy = problem is None
         if healthy:
-            self._outage.ok()
+            # Its end said once the session has signed again, or held past the flapping
+            # window: a reconnect that the next signature broke again (a key's files
+            # moved away) said "works again", then the outage, every 5 s (an SRE trial),
+            # which closed an alert on the log at each turn.
+            self._end_owed = self.hsm.flapping and self.hsm.signatures == self._signed_at_break
+            if not self._end_owed:
+                self._outage.ok()
         else:
             self._outage.failed(problem)
+            self._signed_at_break = self.hsm.signatures
         if healthy != self._was_healthy:
             self._was_healthy = healthy
             if self.on_health is not None:
