@@ -14,7 +14,7 @@ import threading
 import time
 import warnings
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -149,6 +149,41 @@ class Recurring:
             self._unsaid = 0
 
 
+class _LogStream:
+    """stderr for the log lines, that outlives its reader: a daemon whose stderr went to
+    a pipe whose reader exited (`| head`, a log shipper restarted) died at its next line
+    of a BrokenPipeError, with no daemon.stop and no final checkpoint (a cluster
+    trial). Once stderr cannot be written, its lines are dropped (fd 2 then points at
+    /dev/null, for the interpreter's own last words too): the audit log, not stderr,
+    is the record."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError:  # EPIPE, or EIO from a terminal gone
+            return self._lost(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError:
+            self._lost("")
+
+    def _lost(self, text: str) -> int:
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, self._stream.fileno())
+        except (OSError, ValueError):
+            pass
+        finally:
+            os.close(null)
+        self._stream = open(os.devnull, "w")  # noqa: SIM115 (for as long as the process)
+        return len(text)
+
+
 # `[server] log-level`, as the daemon's primary gives it to its workers.
 LEVEL_ENV = "HSMCA_LOG_LEVEL"
 LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -170,7 +205,7 @@ def configure(level: int | None = None) -> None:
         # One write per line, newline included: the worker processes share stderr,
         # and print() writes the newline apart, so two workers' lines could merge
         # into one that no JSON reader takes (a pipe keeps a write of up to 4 KiB whole).
-        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
+        logger_factory=structlog.WriteLoggerFactory(_LogStream(sys.stderr)),
         cache_logger_on_first_use=True)
     warnings.showwarning = _warning_line
     root = logging.getLogger()

@@ -25,6 +25,7 @@ from tests.helpers import (
     csr_pem,
     enroll,
     http,
+    log_lines,
     other_ca,
 )
 
@@ -538,3 +539,42 @@ async def test_a_failure_met_at_every_round_is_said_when_it_begins_changes_and_e
                     ("it failed", {"error": "HSM unavailable", "failed_since_last_said": 29}),
                     ("it works again", {"after": ["HSM unavailable",
                                                   "No space left on device"]})]
+
+
+async def test_a_daemon_whose_log_reader_went_away_serves_on_and_stops_cleanly(
+        tmp_path: Path) -> None:
+    """A cluster trial: `hsmca serve ... 2>&1 | head -3` (or a log shipper restarted)
+    took the daemon down at its next log line, a BrokenPipeError: exit 1, no daemon.stop,
+    no final checkpoint, its last lines covered by none. Lines that cannot be written are
+    dropped; it serves on, and stops as ever."""
+    import signal
+    import subprocess
+
+    from tests.conftest import HSMCA
+    ca = init_ca(tmp_path)
+    proc = subprocess.Popen([*HSMCA, "serve", "--config", str(ca.state / "hsmca.toml"),
+                             "--listen", "127.0.0.1:0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        first = proc.stdout.readline()
+        assert first.startswith("listening on "), first
+        url = first.split()[-1]
+        proc.stderr.close()  # the reader goes away
+        ctx = ssl.create_default_context(cafile=str(ca.state / "x509" / "root.pem"))
+        for _ in range(20):  # each a "request refused" line, and the daemon's own lines
+            try:
+                urllib.request.urlopen(f"{url}/v1/nothing-here", context=ctx, timeout=30)
+            except urllib.error.HTTPError as exc:
+                assert exc.code == 404
+        with urllib.request.urlopen(f"{url}/health", context=ctx, timeout=30) as r:
+            assert r.status == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    events = [e["event"] for e in log_lines(ca.state)]
+    assert "daemon.stop" in events[-8:], events[-8:]
+    audit_verify(ca.state, ok=True)
