@@ -463,6 +463,45 @@ def test_a_database_that_stops_answering_is_given_up_on_not_waited_for(
         store.close()
 
 
+@pytest.mark.parametrize("read", ["keys", "latest_crl", "ocsp", "cross_certs"])
+def test_what_a_relying_party_s_request_reads_is_given_up_on_a_silent_server(
+        postgres_server: Any, read: str) -> None:
+    """A cluster trial froze PostgreSQL with no load: a CRL or OCSP request hung for the
+    whole freeze (60 s, then its client gave up), where docs/cluster.md promises the
+    last CRL and tryLater, since nothing else had found the server silent. Each read
+    such a request makes (the keys, the latest CRL, a response by serial) is given up
+    after the answer timeout, as a StoreUnavailable the routes answer from."""
+    import threading
+
+    from ca.store.errors import StoreUnavailable
+    from ca.store.postgres import PostgresStore
+    store = PostgresStore(postgres_server.new_database(), answer_timeout_s=2.0)
+    calls = {"keys": lambda: store.keys(), "latest_crl": lambda: store.latest_crl(None),
+             "ocsp": lambda: store.ocsp(1), "cross_certs": lambda: store.cross_certs()}
+    said: list[str] = []
+
+    def ask() -> None:
+        try:
+            asyncio.run(calls[read]())
+            said.append("answered")
+        except StoreUnavailable as exc:
+            said.append(str(exc))
+    try:
+        asyncio.run(calls[read]())  # answered while the server answers
+        try:
+            postgres_server.freeze()
+            asker = threading.Thread(target=ask)
+            asker.start()
+            asker.join(timeout=60)  # a bound for a hang, not a measurement
+            assert not asker.is_alive(), f"{read} still waits for a silent server"
+        finally:
+            postgres_server.thaw()
+        asker.join()
+        assert said == ["the inventory (PostgreSQL) is unavailable: no answer within 2 s"]
+    finally:
+        store.close()
+
+
 def test_a_store_no_call_reached_is_back_once_postgresql_is(postgres_server: Any) -> None:
     """A cluster trial: a worker that no request reached after PostgreSQL came back
     refused its first one, a minute later still, with the outage's reason (/health

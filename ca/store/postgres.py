@@ -125,6 +125,9 @@ RETRY_S = 1.0  # once the pool could not connect, how often a call tries it agai
 # those calls (`bounded`): one row by its key never takes this long from a server that
 # answers, where a revocation of thousands, a CRL's read or the refresher's backlog
 # may, and must not fail for it (a review of a first draft that bounded every call).
+# Also bounded: what a relying party's CRL or OCSP request reads (the keys, the latest
+# CRL, a response by serial): with nothing else to notice a frozen server, those hung
+# for the whole freeze, where the last CRL and tryLater were promised (a cluster trial).
 ANSWER_TIMEOUT_S = 10.0
 # Serials per statement in revoke_certs: one array parameter, well under any limit.
 _REVOKE_CHUNK = 2000
@@ -1076,7 +1079,7 @@ class PostgresStore:
                                 "o.der_sha256, o.refresh_at FROM ocsp_responses o JOIN certs c "
                                 "ON c.serial = o.serial WHERE o.serial = %s AND o.status != "
                                 "'pending' AND NOT (o.status = 'good' AND c.revoked_at IS NOT "
-                                "NULL)", (format(serial, "x"),))
+                                "NULL)", (format(serial, "x"),), bounded=True)
         if not rows:
             return None
         r = rows[0]
@@ -1159,7 +1162,7 @@ class PostgresStore:
     async def latest_crl(self, issuer: str | None) -> CRLRecord | None:
         rows = await self._rows("SELECT number, revoked, this_update, der, issuer FROM crls "
                                 "WHERE issuer IS NOT DISTINCT FROM %s ORDER BY number DESC "
-                                "LIMIT 1", (issuer,))
+                                "LIMIT 1", (issuer,), bounded=True)
         return CRLRecord(int(rows[0][0]), int(rows[0][1]), rows[0][2], bytes(rows[0][3]),
                          rows[0][4]) if rows else None
 
@@ -1170,7 +1173,7 @@ class PostgresStore:
                 for r in await self._rows(
                     "SELECT label, kind, state, algorithm, created_at, fingerprint, uri, cert, "
                     "changed_at, ssh_public_key, revoked_at, revocation_reason FROM ca_keys "
-                    "ORDER BY created_at, label")]
+                    "ORDER BY created_at, label", bounded=True)]
 
     async def add_keys(self, records: Sequence[KeyRecord]) -> None:
         async def insert(db: Conn) -> None:
@@ -1270,7 +1273,7 @@ class PostgresStore:
     async def cross_certs(self) -> list[CrossCert]:
         return [CrossCert(r[0], r[1], bytes(r[2]), r[3]) for r in await self._rows(
             "SELECT subject_label, issuer_label, der, made_at FROM cross_certs "
-            "ORDER BY made_at, ord")]
+            "ORDER BY made_at, ord", bounded=True)]
 
     async def signed_by(self) -> dict[str | None, int]:
         counts: dict[str | None, int] = {}
