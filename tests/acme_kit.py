@@ -93,11 +93,14 @@ class Responder:
     def __init__(self, port: int) -> None:
         self.answers: dict[str, bytes] = {}
         self.redirects: dict[str, str] = {}  # token -> Location of a 302
-        answers, redirects = self.answers, self.redirects
+        self.held: dict[str, threading.Event] = {}  # token -> answered once it is set
+        answers, redirects, held = self.answers, self.redirects, self.held
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 token = self.path.rsplit("/", 1)[-1]
+                if token in held:
+                    held[token].wait(60)  # the test's release, or a bound for a hang
                 if token in redirects:
                     self.send_response(302)
                     self.send_header("Location", redirects[token])

@@ -308,6 +308,32 @@ def test_a_validation_left_by_a_worker_that_went_away_runs_again(world: World) -
     assert c.wait_authz(order.json["authorizations"][0])["status"] == "valid"
 
 
+def test_a_challenge_being_validated_says_when_to_look_again(world: World) -> None:
+    """An ACME trial: lego waits 5 s after each name's validation (which takes
+    milliseconds here) unless the answer says when to look again: 19 s for three names.
+    A challenge being validated, and its authorization, say Retry-After: 1 (RFC 8555
+    7.5.1); once it is done, nothing is said."""
+    import threading
+    c = Client(world.ca)
+    assert c.register(world.ca.eab("*.test")).status == 201
+    order = c.order("b.test")
+    authz_url = order.json["authorizations"][0]
+    ch = next(x for x in c.post(authz_url).json["challenges"] if x["type"] == "http-01")
+    world.responder.answers[ch["token"]] = c.key_authorization(ch["token"]).encode()
+    world.responder.held[ch["token"]] = release = threading.Event()
+    try:
+        r = c.post(ch["url"], {})  # the validator now waits for the responder
+        assert r.status == 200 and r.json["status"] == "processing", r.body
+        assert r.headers.get("Retry-After") == "1", dict(r.headers)
+        r = c.post(authz_url)
+        assert r.json["status"] == "pending" and r.headers.get("Retry-After") == "1", \
+            dict(r.headers)
+    finally:
+        release.set()
+    assert c.wait_authz(authz_url)["status"] == "valid"
+    assert "Retry-After" not in c.post(authz_url).headers
+
+
 def test_dns01_and_a_wildcard_through_the_resolver(world: World) -> None:
     c = Client(world.ca)
     assert c.register(world.ca.eab("*.test")).status == 201

@@ -60,6 +60,7 @@ log = structlog.get_logger("hsmca.acme")
 ORDER_LIFETIME = dt.timedelta(days=7)
 RATE_WINDOW = dt.timedelta(hours=1)
 ARI_RETRY_AFTER_S = 6 * 3600
+POLL_AGAIN_S = 1  # Retry-After of what is being worked on (see _json)
 # A validation still processing this long after its deadline lost its worker.
 STALE_GRACE = dt.timedelta(seconds=30)
 PEM_CHAIN = "application/pem-certificate-chain"
@@ -216,12 +217,18 @@ def acme_route(fn: Handler) -> Handler:
 
 
 def _json(body: object, status: int = 200, location: str | None = None,
-          links: tuple[str, ...] = ()) -> web.Response:
+          links: tuple[str, ...] = (), busy: bool = False) -> web.Response:
+    """`busy`: a challenge, an authorization or an order whose state is being worked
+    on now, which its client polls: it is told to look again in a second (RFC 8555
+    7.5.1 and 7.4). Without it lego waits 5 s after each name's validation, which takes
+    milliseconds here (an ACME trial: 19 s for three names)."""
     resp = web.json_response(body, status=status)
     if location:
         resp.headers["Location"] = location
     for link in links:
         resp.headers.add("Link", link)
+    if busy:
+        resp.headers["Retry-After"] = str(POLL_AGAIN_S)
     return resp
 
 
@@ -666,7 +673,8 @@ async def get_order(request: web.Request) -> web.Response:
     assert v.account is not None
     v.post_as_get("an order")
     order = await _own_order(request, v.account, request.match_info["id"])
-    return _json(_order_obj(request, order), 200, url_of(request, f"order/{order.id}"))
+    return _json(_order_obj(request, order), 200, url_of(request, f"order/{order.id}"),
+                 busy=order.status == "processing")
 
 
 def _csr(body: dict[str, Any]) -> x509.CertificateSigningRequest:
@@ -778,7 +786,8 @@ async def get_authz(request: web.Request) -> web.Response:
         authz = fresh
     else:
         authz = await _restart_stale(request, authz, v)
-    return _json(_authz_obj(request, authz))
+    return _json(_authz_obj(request, authz), busy=authz.status == "pending" and any(
+        c.status == "processing" for c in authz.challenges))
 
 
 @routes.post("/acme/chall/{id}")
@@ -804,7 +813,7 @@ async def challenge(request: web.Request) -> web.Response:
         fresh = await server.store.acme_challenge(ch.id)
         assert fresh is not None
         ch = fresh
-    return _json(_challenge_obj(request, ch), links=(up,))
+    return _json(_challenge_obj(request, ch), links=(up,), busy=ch.status == "processing")
 
 
 async def _start(request: web.Request, ch: AcmeChallenge, authz: AcmeAuthz,
