@@ -53,6 +53,18 @@ def _key_fields(text: object) -> list[str]:
     return fields
 
 
+def _strict_base64(text: str) -> None:
+    """Refused unless `text` is base64 as ssh-keygen reads it: cryptography's loader
+    took characters after its padding, and the key before them was revoked while
+    ssh-keygen called the line no key (an SSH trial)."""
+    try:
+        base64.b64decode(text, validate=True)
+    except ValueError:
+        raise Refused("public_key cannot be parsed as an OpenSSH public key: its key is not "
+                      "base64 as OpenSSH writes it (characters after its end?); give the "
+                      ".pub file's line as it is", Reason.BAD_KEY) from None
+
+
 def revocable_key(text: object) -> SSHPublicKey:
     """Any OpenSSH public key of a type sshd knows, for the KRL: a leaked key of a type
     the CA never certifies (DSA, RSA of 1024 bits, a security key) is one sshd's
@@ -66,6 +78,7 @@ def revocable_key(text: object) -> SSHPublicKey:
     if kind in _SK_TYPES:
         blob = _sk_blob(kind, fields[1])
         return SSHPublicKey(None, blob, f"{kind} {base64.b64encode(blob).decode()}")
+    _strict_base64(fields[1])
     try:
         with warnings.catch_warnings():  # DSA's deprecation, to the daemon's stderr
             warnings.simplefilter("ignore")
@@ -130,6 +143,7 @@ def parse_public_key(text: object) -> SSHPublicKey:
         raise Refused("DSA keys (ssh-dss) are not accepted; use ssh-ed25519", Reason.BAD_KEY)
     if kind.startswith("sk-"):
         raise Refused(f"{kind} (security key) public keys are not accepted yet", Reason.BAD_KEY)
+    _strict_base64(fields[1])
     try:
         key = serialization.load_ssh_public_key(f"{fields[0]} {fields[1]}".encode())
     except (ValueError, UnsupportedAlgorithm) as exc:

@@ -357,6 +357,11 @@ def corpus() -> list[Case]:
             ("cut short", "ssh-ed25519 " + GOOD_SSH.split()[1][:40]),
             ("bytes after", "ssh-ed25519 " + base64.b64encode(blob + b"x").decode()),
             ("unknown type", "foo AAAAA2Zvb3g="),
+            # base64 with more after its padding, which ssh-keygen refuses (an SSH trial:
+            # the key before it was revoked, and the answer said nothing)
+            ("after padding", ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+                serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+             + "AAAA"),  # (a P-256 key's base64 ends in one '=')
             ("sk cut short", "sk-ssh-ed25519@openssh.com " + base64.b64encode(
                 b"\x00\x00\x00\x1ask-ssh-ed25519@openssh.com\x00\x00\x00\x20"
                 + bytes(31)).decode())]:
