@@ -177,6 +177,21 @@ def test_what_an_issuer_signed_that_is_still_live(store: Store) -> None:
             issued_at=NOW.isoformat(), issuer="ssh-user-ca")).result(timeout=10)
     assert run(store.live_signed_by("ssh-user-ca", NOW)) == (
         1, (NOW + dt.timedelta(days=12)).isoformat())
+    # A host certificate replaced by a later live one for the same host key (renewed,
+    # from the old CA key or the new) is in nobody's use: sshd presents the newest. An
+    # SSH trial's rotation waited 30 days for the old key's retirement on those.
+    for serial, issuer, issued in ((21, "old-host-ca", NOW - dt.timedelta(hours=2)),
+                                   (22, "old-host-ca", NOW - dt.timedelta(hours=1)),
+                                   (23, "new-host-ca", NOW), (24, "old-host-ca", NOW)):
+        store.add_ssh_cert(NewSSHCert(
+            serial=serial, key_id=f"h{serial}", cert_type="host",
+            key_sha256="SHA256:host-a" if serial < 24 else "SHA256:host-b",
+            public_key="ssh-ed25519 AAAA", principals=("a.example",),
+            valid_after=int((NOW - dt.timedelta(days=1)).timestamp()),
+            valid_before=int((NOW + dt.timedelta(days=30)).timestamp()), owner_serial="501",
+            issued_at=issued.isoformat(), issuer=issuer)).result(timeout=10)
+    assert run(store.live_signed_by("old-host-ca", NOW))[0] == 1  # host-b's alone
+    assert run(store.live_signed_by("new-host-ca", NOW))[0] == 1
 
 
 def test_a_search_leaves_the_event_loop_to_other_requests(store: Store) -> None:

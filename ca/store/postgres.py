@@ -83,6 +83,7 @@ from ca.store.sqlite import (
     _READ_FROM,
     _SORTS,
     _SSH_COLS,
+    _SUPERSEDED_HOST,
     KEEP_CRLS,
     MIGRATIONS,
     Table,
@@ -1292,9 +1293,10 @@ class PostgresStore:
             "AND not_after > %s AND revoked_at IS NULL", (issuer, now.isoformat()))
         # An SSH certificate's validBefore is kept as Unix seconds.
         [(m, before)] = await self._rows(
-            "SELECT COUNT(*), MAX(CAST(valid_before AS BIGINT)) FROM ssh_certs WHERE issuer IS "
-            "NOT DISTINCT FROM %s AND CAST(valid_before AS BIGINT) > %s AND revoked_at IS NULL",
-            (issuer, int(now.timestamp())))
+            "SELECT COUNT(*), MAX(CAST(valid_before AS BIGINT)) FROM ssh_certs s WHERE issuer "
+            "IS NOT DISTINCT FROM %s AND CAST(valid_before AS BIGINT) > %s AND revoked_at IS "
+            "NULL AND NOT " + _SUPERSEDED_HOST.format(integer="BIGINT", p="%s"),
+            (issuer, int(now.timestamp()), int(now.timestamp())))
         return int(n) + int(m), _latest(until, before)
 
     # ---- ACME -------------------------------------------------------------------------------

@@ -538,6 +538,17 @@ _THE_HOSTS = ("SQLITE_IOERR", "SQLITE_FULL", "SQLITE_CANTOPEN", "SQLITE_BUSY", "
 ROOM_AGAIN = 1 << 20
 
 
+# A host certificate a later live one for the same host key replaced: sshd presents the
+# newest (its file is rewritten), so the older one is in nobody's use, and counting it
+# held an SSH host CA key's retirement for a whole host lifetime after every host had
+# moved to the new key (an SSH trial). User certificates count all: an agent may still
+# hold an older one.
+_SUPERSEDED_HOST = (
+    "(s.cert_type = 'host' AND EXISTS (SELECT 1 FROM ssh_certs n WHERE n.cert_type = "
+    "'host' AND n.key_sha256 = s.key_sha256 AND n.issued_at > s.issued_at AND "
+    "n.revoked_at IS NULL AND CAST(n.valid_before AS {integer}) > {p}))")
+
+
 def _full_disk(exc: sqlite3.Error, path: Path) -> bool:
     """Whether `exc` is a full disk's: SQLite's words for one, or an I/O error on a
     disk with less than ROOM_AGAIN free (SQLite says "disk I/O error" for a WAL that
@@ -1529,9 +1540,10 @@ class SQLiteStore:
                               (issuer, now.isoformat()))[0]
         # An SSH certificate's validBefore is kept as Unix seconds.
         m, before = self._read("SELECT COUNT(*), MAX(CAST(valid_before AS INTEGER)) FROM "
-                               "ssh_certs WHERE issuer IS ? AND CAST(valid_before AS INTEGER) "
-                               "> ? AND revoked_at IS NULL",
-                               (issuer, int(now.timestamp())))[0]
+                               "ssh_certs s WHERE issuer IS ? AND CAST(valid_before AS "
+                               "INTEGER) > ? AND revoked_at IS NULL AND NOT "
+                               + _SUPERSEDED_HOST.format(integer="INTEGER", p="?"),
+                               (issuer, int(now.timestamp()), int(now.timestamp())))[0]
         return int(n) + int(m), _latest(until, before)
 
     # ---- ACME -----------------------------------------------------------------------------
