@@ -193,6 +193,7 @@ class Config:
     acme: AcmeConfig | None = None  # None: no [acme] section, no ACME server
     store_url: str | None = None  # [store] url: PostgreSQL, several nodes; None: SQLite
     node: str | None = None  # the node's name (`serve --node`), in cluster mode only
+    node_from_host: bool = False  # that name is the host's, no --node given
     # Each setting as written, by "[section] key": what a reload names when one that
     # only a restart applies has changed (never logged with its value).
     written: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -203,7 +204,7 @@ class Config:
         its node name (nodes may share one state directory)."""
         return self.store_url is not None
 
-    def for_node(self, node: str) -> Config:
+    def for_node(self, node: str, from_host: bool = False) -> Config:
         """This config as node `node` runs it. In cluster mode its audit log, run files
         and URL file are its own, and its checkpoints' origin names it; on SQLite there
         is one node, and everything keeps its single-node name."""
@@ -211,7 +212,8 @@ class Config:
         if not self.cluster:
             return self
         check_node_name(node)
-        return replace(self, node=node, audit_origin=f"{self.audit_origin}/{node}")
+        return replace(self, node=node, audit_origin=f"{self.audit_origin}/{node}",
+                       node_from_host=from_host)
 
     @property
     def local_dir(self) -> Path:

@@ -1024,3 +1024,32 @@ def test_a_rotation_whose_commit_may_still_land_is_not_voided(
                                             for x in node.stderr)), node.stderr
     finally:
         c.stop()
+
+
+def test_a_new_node_named_after_the_host_says_so(tmp_path: Path, postgres_server: Any) -> None:
+    """A cluster trial: `serve` without --node on a cluster made a node named after the
+    host, for good (its log listed, followed and verified from then on), and said
+    nothing. Its first run says so, and what to do; a later run of it does not."""
+    import socket
+
+    from tests.conftest import start_daemon
+    c = make_cluster(tmp_path, postgres_server.new_database())
+    said = "a new node, named after this host as no --node was given"
+    first = start_daemon(c.state)
+    try:
+        assert first.wait_stderr(lambda: any(said in x for x in first.stderr)), \
+            "".join(first.stderr[-10:])
+        [line] = [json.loads(x) for x in first.stderr if said in x]
+        assert line["node"] == socket.gethostname() and line["level"] == "warning", line
+    finally:
+        assert first.stop() == 0
+    again = start_daemon(c.state)
+    try:
+        assert not any(said in x for x in again.stderr)
+    finally:
+        assert again.stop() == 0
+    named = start_daemon(c.state, "--node", "named-1")
+    try:
+        assert not any(said in x for x in named.stderr)  # a name given: nothing to say
+    finally:
+        assert named.stop() == 0

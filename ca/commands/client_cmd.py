@@ -142,7 +142,7 @@ def serve(args: argparse.Namespace) -> int:
         raise CLIError(f"--node names a node of a CA on PostgreSQL, but {cfg.path} has no "
                        "[store] section (one node on SQLite, which has no name): leave "
                        "--node out")
-    cfg = cfg.for_node(args.node or socket.gethostname())
+    cfg = cfg.for_node(args.node or socket.gethostname(), from_host=not args.node)
     # Before anything is started: a readable PIN or key file is refused, by name, and
     # so is a config, state or log that others could write.
     check_private(secret_files(cfg))

@@ -1050,7 +1050,13 @@ async def _hold_node_name(config: Config, store: Store | None) -> Lease | None:
                          "config was read and accepted, docs/operator.md)")
     # Before its log is read (the claim waits for a group of another process under way)
     assert config.node is not None  # (cluster mode: a node always has its name)
-    await store.claim_node(config.node, lease.token)
+    if await store.claim_node(config.node, lease.token) and config.node_from_host:
+        # A name is for good (its log is listed, followed and verified from then on):
+        # a cluster trial's `serve` without --node made a node of the host's name for
+        # good, and said nothing.
+        log.warning("a new node, named after this host as no --node was given: its name "
+                    "and its log are for good (docs/cluster.md); if that is not what you "
+                    "meant, stop it now and start it with --node NAME", node=config.node)
     return lease
 
 

@@ -1737,7 +1737,7 @@ class PostgresStore:
 
     # ---- several nodes: the audit logs -------------------------------------------------------
 
-    async def claim_node(self, node: str, token: str) -> None:
+    async def claim_node(self, node: str, token: str) -> bool:
         """This process writes `node`'s log from now on (it holds the node's name).
         The name is a lock that goes with its connection, so while PostgreSQL is away
         another process of the same name may take it, and the first not know yet: a
@@ -1757,6 +1757,7 @@ class PostgresStore:
             return epoch
         epoch = await self._tx(claim)
         self._claimed = (node, epoch, token)
+        return epoch == 1  # the node's first run: a new node
 
     async def node_claimed(self, node: str) -> bool | None:
         """Whether this process's claim of `node` stands: True; False once another
