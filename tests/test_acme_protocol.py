@@ -991,6 +991,15 @@ def test_names_waiting_for_validation_are_bounded_per_account(world: World) -> N
     for authz in first.json["authorizations"][:5]:
         assert c.post(authz, {"status": "deactivated"}).status == 200
     assert c.order("z0.test").status == 429
+    # An order larger than the bound on its own can never pass: said so, with no
+    # Retry-After that a client would obey every hour (an ACME trial, told to validate
+    # the names it had waiting, of which it had none)
+    fresh = Client(world.ca)
+    assert fresh.register(world.ca.eab("*.test")).status == 201
+    big = fresh.order(*(f"v{i}.test" for i in range(41)))
+    assert big.status == 400 and big.problem == "rateLimited", big.body
+    assert "this order has 41 names, and at most 40" in big.json["detail"], big.body
+    assert "Retry-After" not in big.headers
 
 
 def test_orders_sent_at_once_stay_within_the_bound_on_names_waiting(world: World) -> None:

@@ -601,6 +601,12 @@ async def new_order(request: web.Request) -> web.Response:
     # (one refused there has taken its order from the limit: a race's, and rare).
     cap = server.cfg.pending_authorizations
     waiting = await server.store.acme_pending_authzs(v.account.id, now.isoformat())
+    if len(grant.names) > cap:
+        # The order alone: no wait helps, so no Retry-After (an ACME trial's client
+        # obeyed one every hour, told to validate the none it had waiting)
+        raise AcmeProblem("rateLimited", f"this order has {len(grant.names)} names, and at "
+                          f"most {cap} may wait for validation at once ([acme] "
+                          "pending-authorizations): order them in smaller orders", 400)
     if waiting + len(grant.names) > cap:
         raise _too_many_pending(waiting, cap)
     await _rate(request, "new-order", v.account, server.cfg.orders_per_hour, take=True)
