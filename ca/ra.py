@@ -277,7 +277,7 @@ class SSHRevokeRequest:
     revoked: int = 0  # and revoked ones
     # The key is this CA's own SSH CA key that signs, or can (label, cert type, whether
     # it is the active one): in the KRL it revokes every certificate it ever signed.
-    ca_key: tuple[str, str, bool] | None = None
+    ca_key: tuple[str, str, str] | None = None  # (label, cert type, its state)
 
 
 @dataclass(frozen=True)
@@ -1006,11 +1006,15 @@ def _ssh_revoke(ctx: Context, who: Requester, req: SSHRevokeRequest) -> SSHRevok
         # A security trial listed the user CA's own key: every user certificate, those
         # signed after it too, was then refused by every sshd reading the KRL, and
         # nothing could take it back out.
-        label, cert_type, active = req.ca_key
-        role = (f"which signs every new {cert_type} certificate" if active else
-                f"which signed {cert_type} certificates still in use")
-        how = (f"rotate it (`hsmca key rotate ssh-{cert_type}`), then retire it" if active
-               else "retire it first")
+        label, cert_type, state = req.ca_key
+        # As it is: a staged key signed nothing yet (an SSH trial was told it "signed
+        # certificates still in use")
+        role = {"active": f"which signs every new {cert_type} certificate",
+                "next": f"staged to sign {cert_type} certificates from the next rotation "
+                        "(hosts and clients trust it already)"}.get(
+            state, f"which signed {cert_type} certificates still in use")
+        how = (f"rotate it (`hsmca key rotate ssh-{cert_type}`), then retire it"
+               if state == "active" else "retire it first")
         raise Refused(f"that is this CA's own SSH {cert_type} CA key {label!r}, {role}: in "
                       "the KRL it would revoke every certificate it ever signed, new ones "
                       f"included. To stop trusting it, {how} (`hsmca key retire {label}`, "

@@ -1027,6 +1027,20 @@ def test_a_key_the_cli_asked_nothing_about_is_not_retired_unasked() -> None:
             "retire", "issuing", "iss-1", "previous", said)), ra.KeyOrder)
 
 
+@pytest.mark.parametrize("state, said", [
+    ("active", "which signs every new user certificate: in the KRL"),
+    ("previous", "which signed user certificates still in use"),
+    ("next", "staged to sign user certificates from the next rotation")])
+def test_this_ca_s_own_ssh_key_is_not_revoked_and_is_said_as_it_is(state: str,
+                                                                    said: str) -> None:
+    # An SSH trial's staged key, which had signed nothing, was refused as one "which
+    # signed user certificates still in use"
+    key = ssh_key()
+    refused(ra.decide(context(), admin(), ra.SSHRevokeRequest(
+        public_key=key, ca_key=("u-next", "user", state))), Reason.CONFLICT,
+        "this CA's own SSH user CA key 'u-next'", said)
+
+
 def test_a_tokens_names_fit_an_audit_line() -> None:
     """100 URIs of 2000 characters each would make a token.create line longer than an
     audit line may be (a 500, after review): refused, saying the limit."""

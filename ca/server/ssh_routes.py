@@ -14,6 +14,7 @@ from ca.revocation import RecordedNotCommitted, sent_or_withheld
 from ca.server.common import (
     ISSUANCE,
     REVOCATIONS,
+    STORE,
     decide,
     field,
     identity,
@@ -114,7 +115,9 @@ async def ssh_revoke(request: web.Request) -> web.Response:
     if public_key is not None:
         issuers = await request.app[ISSUANCE].keys.refresh()
         if (found := issuers.ssh_ca_key(public_key.line)) is not None:
-            ca_key = (*found, issuers.current_ssh.get(found[1]) == found[0])
+            state = next((r.state for r in await request.app[STORE].keys()
+                          if r.label == found[0]), "previous")
+            ca_key = (*found, state)
     order: ra.SSHRevokeOrder = await decide(request, who, ra.SSHRevokeRequest(
         serial, key_id, public_key, matching, revoked, ca_key))
     try:
