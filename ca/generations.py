@@ -109,6 +109,10 @@ class OnChange(Generic[T]):
             return None
         return self._value  # type: ignore[no-any-return]
 
+    def last(self) -> T | None:
+        """The value last built, whatever the counter says since; None if never built."""
+        return None if self._gen == -1 else self._value  # type: ignore[no-any-return]
+
     async def get(self) -> tuple[int, T]:
         """(the counter, the value built at it)."""
         gen = self._generations.get(self._name)

@@ -242,6 +242,32 @@ async def test_postgresql_stopped_means_503_and_nothing_signed_then_recovery(
         await asyncio.to_thread(server.close)
 
 
+async def test_the_krl_built_before_postgresql_restarted_is_served_in_the_next_outage(
+        tmp_path: Path) -> None:
+    """A cluster trial: PostgreSQL restarted, then stopped again a few seconds later
+    with no KRL fetched between: every node answered the KRL 503, where docs/cluster.md
+    promises the one the worker last built (the reconnection makes every process read
+    the revocations again, which threw the built one away)."""
+    from tests.pgserver import PostgresServer
+    server = await asyncio.to_thread(PostgresServer)  # its own: this test stops it
+    c = make_cluster(tmp_path, server.new_database())
+    try:
+        node = c.start("r1")
+        status, _, built = await call("GET", f"{node.url}/v1/ssh/krl", node.ssl(), None)
+        assert status == 200
+        await asyncio.to_thread(server.stop)
+        await asyncio.to_thread(server.start)
+        deadline = asyncio.get_running_loop().time() + 60
+        while (await call("GET", f"{node.url}/health", node.ssl()))[0] != 200:
+            assert asyncio.get_running_loop().time() < deadline, "not back"
+        await asyncio.to_thread(server.stop)
+        status, _, served = await call("GET", f"{node.url}/v1/ssh/krl", node.ssl(), None)
+        assert status == 200 and served == built, served[:200]
+    finally:
+        c.stop()
+        await asyncio.to_thread(server.close)
+
+
 async def test_postgresql_that_hangs_makes_health_say_so(tmp_path: Path) -> None:
     """A database that takes connections but answers nothing (frozen, a network that
     drops packets) is as unavailable as a stopped one: /health says so within its

@@ -149,6 +149,7 @@ class Revocations:
         self.compromised_keys: OnChange[frozenset[str]] = OnChange(
             generations, "revocations", self._load_compromised_keys)
         self.krl: OnChange[bytes] = OnChange(generations, "ssh_revocations", self._build_krl)
+        self._krl_while_away = False  # said once per outage (served_krl)
         self._committing: set[asyncio.Task[None]] = set()  # see _commit_later
 
     def _commit_later(self, what: str, commit: Callable[[], Awaitable[Any]],
@@ -628,6 +629,24 @@ class Revocations:
             raise Refused("already revoked (by a revocation committed just before this one)",
                           Reason.ALREADY_REVOKED)
         return hit
+
+    async def served_krl(self) -> bytes:
+        """The KRL; with the inventory away, the one this process last built (docs/
+        cluster.md: the CRL's caveat). Built before and not since the database came
+        back (its reconnection makes every process read the revocations again), it was
+        a 503 in the next outage (a cluster trial)."""
+        try:
+            krl = (await self.krl.get())[1]
+        except StoreUnavailable as exc:
+            if (last := self.krl.last()) is None:
+                raise
+            if not self._krl_while_away:
+                log.warning("serving the last KRL this process built: the inventory is away",
+                            error=str(exc))
+                self._krl_while_away = True
+            return last
+        self._krl_while_away = False
+        return krl
 
     async def _build_krl(self) -> bytes:
         """The KRL: the revoked certificates of every SSH CA key, a section each; of

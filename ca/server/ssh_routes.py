@@ -138,5 +138,5 @@ async def ssh_revoke(request: web.Request) -> web.Response:
 
 @routes.get("/v1/ssh/krl")
 async def ssh_krl(request: web.Request) -> web.Response:
-    return revalidated(request, (await request.app[REVOCATIONS].krl.get())[1],
+    return revalidated(request, await request.app[REVOCATIONS].served_krl(),
                        "application/octet-stream")
