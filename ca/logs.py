@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import errno
 import logging
 import os
 import sys
@@ -163,14 +164,22 @@ class _LogStream:
     def write(self, text: str) -> int:
         try:
             return self._stream.write(text)
-        except OSError:  # EPIPE, or EIO from a terminal gone
-            return self._lost(text)
+        except OSError as exc:
+            return self._failed(exc, text)
 
     def flush(self) -> None:
         try:
             self._stream.flush()
-        except OSError:
-            self._lost("")
+        except OSError as exc:
+            self._failed(exc, "")
+
+    def _failed(self, exc: OSError, text: str) -> int:
+        """The reader gone (EPIPE; EIO: its terminal closed) is for good; any other
+        failure (a full disk, a pipe full for a moment) drops this line alone (a review:
+        one ENOSPC sent every later line to /dev/null, the disk's own warnings too)."""
+        if isinstance(exc, BrokenPipeError) or exc.errno == errno.EIO:
+            return self._lost(text)
+        return len(text)
 
     def _lost(self, text: str) -> int:
         null = os.open(os.devnull, os.O_WRONLY)

@@ -952,11 +952,13 @@ async def test_a_head_larger_than_its_bound_in_all_is_refused(served: Served) ->
     closes."""
     host = yarl.URL(served.daemon.url).host
     lines = "".join(f"X-Pad-{i}: {'a' * 1000}\r\n" for i in range(70))  # 70 KB, 70 lines
-    head, answer = await raw_request(served, (
-        f"GET /health HTTP/1.1\r\nHost: {host}\r\n{lines}").encode())
-    assert b" 431 " in head.split(b"\r\n")[0], (head, answer)
-    assert answer["type"] == TYPES + "request-header-fields-too-large" and \
-        "longer than 64 KiB in all" in answer["detail"], answer
+    for end in ("", "\r\n"):  # a head still arriving, and one whole in one write (which
+        # the TLS layer hands over in one piece: a review's was served)
+        head, answer = await raw_request(served, (
+            f"GET /health HTTP/1.1\r\nHost: {host}\r\n{lines}{end}").encode())
+        assert b" 431 " in head.split(b"\r\n")[0], (end, head, answer)
+        assert answer["type"] == TYPES + "request-header-fields-too-large" and \
+            "longer than 64 KiB in all" in answer["detail"], answer
     # An ordinary head is not counted with the heads before it on its connection
     url = yarl.URL(served.daemon.url)
     reader, writer = await asyncio.open_connection(

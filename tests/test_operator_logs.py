@@ -578,3 +578,30 @@ async def test_a_daemon_whose_log_reader_went_away_serves_on_and_stops_cleanly(
     events = [e["event"] for e in log_lines(ca.state)]
     assert "daemon.stop" in events[-8:], events[-8:]
     audit_verify(ca.state, ok=True)
+
+
+async def test_a_log_line_stderr_could_not_take_for_a_moment_is_dropped_alone() -> None:
+    """A review: any write error (a full disk under a stderr sent to a file, a pipe
+    full for a moment) sent every later line to /dev/null, the disk's own warnings
+    too. Only a reader gone (EPIPE) is for good; otherwise that line alone is lost."""
+    import errno
+    import io
+
+    from ca.logs import _LogStream
+
+    class Full(io.StringIO):
+        def __init__(self) -> None:
+            super().__init__()
+            self.refusals = [OSError(errno.ENOSPC, "No space left on device")]
+
+        def write(self, text: str) -> int:
+            if self.refusals:
+                raise self.refusals.pop()
+            return super().write(text)
+
+    kept = Full()
+    stream = _LogStream(kept)  # type: ignore[arg-type]
+    assert stream.write("lost\n") == 5
+    stream.write("said\n")
+    stream.flush()
+    assert kept.getvalue() == "said\n"
