@@ -921,11 +921,11 @@ def revocation_reason(value: object, offered: Collection[str] | None = None) -> 
                   "codes work too)")
 
 
-def _leaf_reason(value: object) -> str | None:
+def _leaf_reason(value: object, offered: frozenset[str] = LEAF_REASONS) -> str | None:
     """The reason a leaf may be revoked for, for anyone (an admin too)."""
-    # (its refusals name a leaf's reasons, not every RFC 5280 one: a relying-party trial
-    # was offered three that were then refused)
-    reason = revocation_reason(value, LEAF_REASONS)
+    # (its refusals name the reasons `offered` to the asker, not every RFC 5280 one: a
+    # relying-party trial was offered three that were then refused)
+    reason = revocation_reason(value, offered)
     if reason == "certificateHold":
         raise Refused("certificateHold is not offered: a revocation here is final",
                       Reason.REASON_NOT_ALLOWED)
@@ -942,8 +942,8 @@ def _leaf_reason(value: object) -> str | None:
 
 
 def _revoke(ctx: Context, who: Requester, req: RevokeRequest) -> RevokeOrder:
-    reason = _leaf_reason(req.reason)
     admin = isinstance(who, Local) or (isinstance(who, CertHolder) and who.role == "admin")
+    reason = _leaf_reason(req.reason, LEAF_REASONS if admin else HOLDER_REASONS)
     if not admin:
         if not isinstance(who, CertHolder) or req.serial != int(who.serial, 16):
             raise Refused("only an admin may revoke another certificate; you may revoke your "
@@ -1592,7 +1592,7 @@ def _acme_finalize(ctx: Context, who: Requester, req: AcmeFinalizeRequest) -> X5
 
 def _acme_revoke(ctx: Context, who: Requester, req: AcmeRevokeRequest) -> RevokeOrder:
     try:
-        reason = revocation_reason(req.reason)
+        reason = revocation_reason(req.reason, HOLDER_REASONS)
     except Refused as exc:  # RFC 8555 7.6: badRevocationReason, whatever is wrong with it
         raise Refused(exc.detail, Reason.REASON_NOT_ALLOWED) from None
     if isinstance(who, AcmeAccountHolder):

@@ -558,6 +558,11 @@ def test_an_unknown_reason_is_told_the_reasons_a_certificate_is_revoked_for(
     assert isinstance(decision, ra.Refusal)
     for named in ("cACompromise", "certificateHold", "aACompromise"):
         assert named not in decision.detail, decision.detail
+    # A holder is offered a holder's (privilegeWithdrawn is an admin's: a review)
+    held = ra.decide(context(), holder("service", ("s.example",)), ra.RevokeRequest(
+        0x1234, given))
+    assert isinstance(held, ra.Refusal) and "privilegeWithdrawn" not in held.detail, held
+    assert "cessationOfOperation" in held.detail, held
 
 
 def test_certificate_hold_is_never_offered_and_others_are_for_admins() -> None:

@@ -275,7 +275,10 @@ class Witnessing:
         # Said again when its wording changes, not only its kind: three failures of kind
         # "error" in turn (a 500, then two kinds of bad 409) were said as the first alone,
         # for ten minutes (a witness trial). Numbers aside: sizes move at every checkpoint.
-        wording = re.sub(r"\d+", "#", str(fields.get("error") or fields.get("reason") or ""))
+        # Its own words, before what it quotes of the witness (an error page's request
+        # id would make every failure new: a review)
+        said = str(fields.get("error") or fields.get("reason") or "").split(": ", 1)[0]
+        wording = re.sub(r"\d+", "#", said)
         if (unsaid := self._failed(i, f"{kind}: {wording}")) is not None:
             emit(event, witness=str(witness), size=size, **fields, **unsaid)
 

@@ -257,8 +257,10 @@ async def health(request: web.Request) -> web.Response:
         parts["policy"] = policy
     # A 503 says when to look again, as every other 503 does (docs/api.md): a damaged
     # inventory waits for its operator; anything else may be back within a second.
+    # (damage found by the primary's check of every page, or by this worker's own
+    # transaction: a review found the latter said with 1)
     retry = None if ok else "300" if request.app[LIFECYCLE].generations.gauge(
-        "inventory_damaged") else "1"
+        "inventory_damaged") or "is damaged" in store else "1"
     return web.json_response({"status": "ok" if ok else "unavailable", **parts},
                              status=200 if ok else 503,
                              headers={"Retry-After": retry} if retry else None)

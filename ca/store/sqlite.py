@@ -558,10 +558,17 @@ def _full_disk(exc: sqlite3.Error, path: Path) -> bool:
     if "disk I/O error" not in str(exc):
         return False
     try:
-        st = os.statvfs(path.parent)
+        return _free(path.parent) < ROOM_AGAIN
     except OSError:
         return False
-    return st.f_bavail * st.f_frsize < ROOM_AGAIN
+
+
+def _free(directory: Path) -> int:
+    """Bytes this process may still write on `directory`'s disk: root, the blocks
+    reserved for it too (a review: f_bavail alone held a root daemon's inventory
+    unavailable while ext4's reserve let it write gigabytes)."""
+    st = os.statvfs(directory)
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
 
 
 def _with_hint(why: str, path: Path) -> str:
@@ -833,10 +840,9 @@ class SQLiteStore:
         if not self._full:
             return None
         try:
-            st = os.statvfs(self.path.parent)
+            free = _free(self.path.parent)
         except OSError:
             return None  # _gone says what is wrong with the directory
-        free = st.f_bavail * st.f_frsize
         if free >= ROOM_AGAIN:
             self._full = False
             import structlog
