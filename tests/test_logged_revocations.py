@@ -235,6 +235,14 @@ def test_a_start_does_not_complete_a_revocation_a_later_line_voids(tmp_path: Pat
     found = scan(log, 0).revocations
     assert [(e.seq, e.reason, e.serials) for e in found] == [
         (1, "cessationOfOperation", (0xa1,)), (3, "keyCompromise", (0xb2,))], found
+    # An SSH revocation that lost its race is voided likewise (a review: a start took
+    # the loser's, whose line may come first)
+    log.write_text("\n".join([
+        '{"event":"ssh.revoke","serial":"7","seq":0,"ts":"2026-12-04T10:00:00+00:00"}',
+        '{"event":"ssh.revoke","serial":"7","seq":1,"ts":"2026-12-04T10:00:01+00:00"}',
+        '{"event":"record.void","seq":2,"voided":"ssh.revoke","voids":0,'
+        '"why":"already revoked when this revocation was committed"}']) + "\n")
+    assert [e.seq for e in scan(log, 0).ssh_revocations] == [1]
 
 
 async def test_an_ssh_key_revocation_the_inventory_lacks_is_completed_too(

@@ -319,17 +319,37 @@ class Revocations:
         review)."""
         chunks = [serials[i:i + SERIALS_PER_LINE]
                   for i in range(0, len(serials), SERIALS_PER_LINE)] or [[]]
-        written = []
-        for n, chunk in enumerate(chunks, 1):
-            written.append((await self.audit.append(
-                "cert.revoke",
-                serial=None if order.serial is None else format(order.serial, "x"),
-                serials=[format(s, "x") for s in chunk],
-                identity=order.identity, lineage=order.lineage, reason=order.reason,
-                actor=order.actor, request_id=request_id,
-                **({} if order.follows is None else {"follows": format(order.follows, "x")}),
-                **({"swept": True} if swept else {}),
-                **({"part": n, "parts": len(chunks)} if len(chunks) > 1 else {})), chunk))
+        written: list[tuple[int, list[int]]] = []
+        try:
+            for n, chunk in enumerate(chunks, 1):
+                written.append((await self.audit.append(
+                    "cert.revoke",
+                    serial=None if order.serial is None else format(order.serial, "x"),
+                    serials=[format(s, "x") for s in chunk],
+                    identity=order.identity, lineage=order.lineage, reason=order.reason,
+                    actor=order.actor, request_id=request_id,
+                    **({} if order.follows is None else {"follows": format(order.follows,
+                                                                           "x")}),
+                    **({"swept": True} if swept else {}),
+                    **({"part": n, "parts": len(chunks)} if len(chunks) > 1 else {})),
+                    chunk))
+        except AuditUnavailable:
+            # A part could not be written: nothing is committed, and the parts before it
+            # say so (a review: a start would otherwise complete them alone from the log,
+            # a revocation half done that nobody asked for). With the log away for those
+            # too, that start does; the daemon's log says so now.
+            for seq, _ in written:
+                try:
+                    await void(self.audit, seq, "cert.revoke", "a later part of this "
+                               "revocation could not be written: nothing of it was "
+                               "committed", request_id)
+                except AuditUnavailable:
+                    log.error("a revocation's first parts are in the audit log, its next "
+                              "part could not be written: a start completes those parts "
+                              "from the log; revoke the rest again once the log takes "
+                              "lines", parts=[s for s, _ in written], request_id=request_id)
+                    break
+            raise
         return written
 
     async def _reach(self, roots: list[int], now: dt.datetime) -> set[int]:

@@ -119,6 +119,8 @@ def scan(path: Path, start: int) -> Scanned:
     # request's, at once) is not replayed: the other's reason and time are the ones.
     revocations = [kept for e in sorted(revocations, key=lambda e: e.seq)
                    if (kept := _unvoided(e, voids)) is not None]
+    # As for SSH revocations: one that lost its race is voided (ca/revocation, a review)
+    ssh = [e for e in ssh if e.seq not in voids]
     return Scanned(revocations, highest, end, sorted(ssh, key=lambda e: e.seq), adoptions,
                    [(e, label) for e, label in keys if e.seq not in voids])
 
@@ -136,7 +138,8 @@ def _revocation(line: dict[str, Any], one: str | None = None) -> Logged | None:
 
 def _void(line: dict[str, Any], voids: dict[int, set[int] | None]) -> None:
     seq, serials = line.get("voids"), line.get("serials")
-    if line.get("voided") not in ("cert.revoke", "key.revoke") or type(seq) is not int:
+    if line.get("voided") not in ("cert.revoke", "key.revoke", "ssh.revoke") or \
+            type(seq) is not int:
         return
     try:
         voids[seq] = None if serials is None else {int(s, 16) for s in serials}

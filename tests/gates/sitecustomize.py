@@ -50,10 +50,11 @@ def _install(gates: Path) -> None:
     real_record = Revocations._record
 
     async def record(self: Any, order: Any, serials: Any, request_id: Any,
-                     swept: bool = False) -> None:
-        await real_record(self, order, serials, request_id, swept)
+                     swept: bool = False) -> Any:
+        written = await real_record(self, order, serials, request_id, swept)
         if not swept and (gates / "hold-revoke").exists():
             await _wait(gates, "revoke")
+        return written  # (the lines' seqs: the revocation names them)
 
     Revocations._record = record  # type: ignore[method-assign]
     from ca.store.postgres import PostgresStore
