@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 
 from aiohttp import web
+from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestPayloadError
 
 # The request codings every hsmca server decodes (aiohttp's, without the optional
@@ -67,3 +68,15 @@ async def read_body(request: web.BaseRequest) -> bytes:
         raise web.HTTPBadRequest(text=f"the body does not decode as its Content-Encoding "
                                  f"({coding!r}) says; nothing was done (send it "
                                  "uncompressed, or compressed as that header says)") from None
+
+
+async def read_at_most(stream: StreamReader, limit: int) -> bytes:
+    """Up to `limit` bytes of a body a third party sends (an ACME client's challenge
+    answer, a witness's): read() may return less than is on its way."""
+    body = b""
+    while len(body) < limit:
+        chunk = await stream.read(limit - len(body))
+        if not chunk:
+            break
+        body += chunk
+    return body

@@ -35,6 +35,7 @@ from acme import challenges
 from cryptography import x509
 
 from ca.config import AcmeConfig
+from ca.http_body import read_at_most
 
 MAX_BODY = 4096
 MAX_REDIRECTS = 5
@@ -234,7 +235,7 @@ class Validator:
                             scheme, host, port, path = self._redirect(
                                 r.headers.get("Location", ""), scheme, host)
                             continue
-                        body = await _read_at_most(r.content, MAX_BODY + 1)
+                        body = await read_at_most(r.content, MAX_BODY + 1)
                         status = r.status
                 except aiohttp.ClientError as exc:
                     raise Failed("connection", f"http-01 for {name}: fetching {scheme}://"
@@ -368,12 +369,3 @@ class Validator:
                          "holds the expected value")
 
 
-async def _read_at_most(stream: aiohttp.StreamReader, limit: int) -> bytes:
-    """Up to `limit` bytes of a body (read() may return less than is on its way)."""
-    body = b""
-    while len(body) < limit:
-        chunk = await stream.read(limit - len(body))
-        if not chunk:
-            break
-        body += chunk
-    return body

@@ -89,14 +89,12 @@ Prove = Callable[[int, int], Sequence[bytes]]
 
 async def _bounded(resp: aiohttp.ClientResponse) -> bytes:
     """The answer's body, MAX_ANSWER bytes at most (WitnessError past that)."""
-    data = bytearray()
-    async for chunk in resp.content.iter_chunked(16 << 10):
-        data += chunk
-        if len(data) > MAX_ANSWER:
-            raise WitnessError(f"the witness answered {resp.status} with more than "
-                               f"{MAX_ANSWER >> 10} KiB (a cosignature is a few lines): "
-                               "not read")
-    return bytes(data)
+    from ca.http_body import read_at_most
+    data = await read_at_most(resp.content, MAX_ANSWER + 1)
+    if len(data) > MAX_ANSWER:
+        raise WitnessError(f"the witness answered {resp.status} with more than "
+                           f"{MAX_ANSWER >> 10} KiB (a cosignature is a few lines): not read")
+    return data
 
 
 class HTTPWitness:

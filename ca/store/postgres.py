@@ -124,11 +124,14 @@ RETRY_S = 1.0  # once the pool could not connect, how often a call tries it agai
 # for the whole outage (28 s, 71 s, minutes). Given up after this, the call is refused
 # as when the server is down, and so are the next ones until one gets through. Only
 # those calls (`bounded`): one row by its key never takes this long from a server that
-# answers, where a revocation of thousands, a CRL's read or the refresher's backlog
-# may, and must not fail for it (a review of a first draft that bounded every call).
+# answers, where a revocation of thousands, a CRL's build (every revoked certificate)
+# or the refresher's backlog may, and must not fail for it (a review of a first draft
+# that bounded every call).
 # Also bounded: what a relying party's CRL or OCSP request reads (the keys, the latest
 # CRL, a response by serial): with nothing else to notice a frozen server, those hung
 # for the whole freeze, where the last CRL and tryLater were promised (a cluster trial).
+# The latest CRL is one row by an index, its DER a few MB for a million revocations:
+# well within the bound from a server that answers.
 ANSWER_TIMEOUT_S = 10.0
 # Serials per statement in revoke_certs: one array parameter, well under any limit.
 _REVOKE_CHUNK = 2000
