@@ -57,6 +57,15 @@ def ca_daemon(tmp_path_factory: pytest.TempPathFactory) -> Any:
     audit_verify(ca.state, ok=True)
 
 
+async def barred(d: Daemon, name: str, key: Any) -> None:
+    """`key` is barred: a new token's enrollment with it is refused (403 revoked-key)."""
+    token = await bootstrap_token(d, "service", [name])
+    status, _, raw = await http("POST", f"{d.url}/v1/x509/enroll", d.ssl(),
+                                body={"csr": csr_pem([name], key)},
+                                headers={"Authorization": f"Bearer {token}"})
+    assert status == 403 and json.loads(raw)["type"].endswith("revoked-key"), raw
+
+
 def ocsp_lines(d: Daemon) -> int:
     """Audit lines of OCSP signatures so far."""
     return sum(1 for line in (d.state / "audit/log.jsonl").read_bytes().splitlines()
@@ -517,11 +526,7 @@ async def test_an_identity_offboarded_then_found_leaked_is_revoked_for_compromis
     assert again["revoked_at"] == first["revoked_at"], again  # the time that stands
     after = await signed(d, load(a[0]), ocsp.OCSPCertStatus.REVOKED)
     assert after.revocation_reason == x509.ReasonFlags.key_compromise
-    token = await bootstrap_token(d, "service", ["offboarded.internal.example"])
-    status, _, raw = await http("POST", f"{d.url}/v1/x509/enroll", d.ssl(),
-                                body={"csr": csr_pem(["offboarded.internal.example"], key)},
-                                headers={"Authorization": f"Bearer {token}"})
-    assert status == 403 and json.loads(raw)["type"].endswith("revoked-key"), raw
+    await barred(d, "offboarded.internal.example", key)
     status, last = await revoke("keyCompromise")
     assert status == 409 and last["type"].endswith("already-revoked"), last
 
@@ -747,11 +752,7 @@ async def test_a_certificate_revoked_as_superseded_can_still_be_revoked_for_comp
         assert entry is not None
         assert entry.extensions.get_extension_for_class(x509.CRLReason).value.reason == (
             x509.ReasonFlags.key_compromise)
-    token = await bootstrap_token(d, "service", ["leaked.internal.example"])
-    status, _, raw = await http("POST", f"{d.url}/v1/x509/enroll", d.ssl(),
-                                body={"csr": csr_pem(["leaked.internal.example"], key)},
-                                headers={"Authorization": f"Bearer {token}"})
-    assert status == 403 and json.loads(raw)["type"].endswith("revoked-key"), raw
+    await barred(d, "leaked.internal.example", key)
     status, last = await revoke("keyCompromise")
     assert status == 409 and last["detail"].endswith("already revoked (keyCompromise)"), last
     lines = [e for e in log_lines(d.state) if e.get("event") == "cert.revoke"

@@ -955,6 +955,20 @@ async def test_after_two_rotations_the_bundle_and_the_key_list_are_newest_first(
         assert d.stop() == 0
 
 
+# The issuers as a refresh finds them: `before` at the first look, `after` from the next
+# one on (another process's rotation or retire committed meanwhile).
+_CHANGED_AFTER_THE_FIRST_LOOK = """
+class ChangedAfterTheFirstLook:
+    def __init__(self, before, after):
+        self.issuers, self._after, self._looked = before, after, False
+
+    async def refresh(self):
+        if self._looked:
+            self.issuers = self._after
+        self._looked = True
+        return self.issuers
+"""
+
 _RENEW_LISTENER_SCRIPT = """
 import asyncio, dataclasses, sys
 from pathlib import Path
@@ -966,19 +980,7 @@ from ca.issuance.pipeline import SigningPipeline
 from ca.server_cert import ensure_server_cert
 from ca.store import open_store
 
-
-class RotatedWhileSigning:
-    # The issuers as a refresh finds them: the key rotated out is still current at
-    # the first look and while it signs, the new one from the next look on (another
-    # process's rotation committed while the listener's certificate was signed).
-    def __init__(self, before, after):
-        self.issuers, self._after, self._looked = before, after, False
-
-    async def refresh(self):
-        if self._looked:
-            self.issuers = self._after
-        self._looked = True
-        return self.issuers
+# (ChangedAfterTheFirstLook)
 
 
 async def main():
@@ -988,7 +990,7 @@ async def main():
     store = open_store(config.store_location)
     after = await load_issuers(store, pipeline)
     old = next(i for i in after.x509 if i != after.current_x509)
-    source = RotatedWhileSigning(dataclasses.replace(after, current_x509=old), after)
+    source = ChangedAfterTheFirstLook(dataclasses.replace(after, current_x509=old), after)
     await ensure_server_cert(config, Issuance(pipeline, store, source, None))
     print(old)
     store.close()
@@ -1008,7 +1010,8 @@ async def test_the_listener_renewed_across_a_rotation_is_served_with_its_own_iss
     tls = ca.state / "tls"
     for name in ("server.pem", "server.key"):  # gone: made anew
         (tls / name).unlink()
-    proc = subprocess.run([sys.executable, "-c", _RENEW_LISTENER_SCRIPT,
+    proc = subprocess.run([sys.executable, "-c", _RENEW_LISTENER_SCRIPT
+                           .replace("# (ChangedAfterTheFirstLook)", _CHANGED_AFTER_THE_FIRST_LOOK),
                            ca.state / "hsmca.toml", tmp_path / "scratch.jsonl"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -1704,18 +1707,7 @@ from ca.revocation.ocsp import OCSPRefresher, OCSPSigner
 from ca.store import open_store
 import ca.issuance.profiles as prof
 
-
-class RetiredAfterTheFirstLook:
-    # The issuers a refresher's round reads first, then those of a retire committed by
-    # another process meanwhile: the issuing key gone from the keys that still sign.
-    def __init__(self, before, after):
-        self.issuers, self._after, self._looked = before, after, False
-
-    async def refresh(self):
-        if self._looked:
-            self.issuers = self._after
-        self._looked = True
-        return self.issuers
+# (ChangedAfterTheFirstLook)
 
 
 async def main():
@@ -1726,7 +1718,7 @@ async def main():
     store = open_store(config.store_location)
     before = await load_issuers(store, pipeline)
     after = dataclasses.replace(before, x509={})
-    source = RetiredAfterTheFirstLook(before, after)
+    source = ChangedAfterTheFirstLook(before, after)
     due = await store.ocsp_due(prof.utcnow(), 100, list(before.x509))
     async def context():
         return decision_context(config.policy, await source.refresh())
@@ -1751,7 +1743,8 @@ async def test_a_refresher_round_ends_when_its_issuer_was_retired_meanwhile(
     with sqlite3.connect(ca.state / "hsmca.sqlite3") as db:  # every response due now
         db.execute("UPDATE ocsp_responses SET refresh_at = '2000-01-01T00:00:00+00:00'")
     scratch = tmp_path / "scratch.jsonl"
-    proc = subprocess.run([sys.executable, "-c", _REFRESH_AFTER_RETIRE_SCRIPT,
+    proc = subprocess.run([sys.executable, "-c", _REFRESH_AFTER_RETIRE_SCRIPT
+                           .replace("# (ChangedAfterTheFirstLook)", _CHANGED_AFTER_THE_FIRST_LOOK),
                            ca.state / "hsmca.toml", scratch],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -616,6 +616,18 @@ def test_a_witness_that_is_down_is_said_once_and_its_return_says_how_much_it_mis
         witness.run.stop()
 
 
+async def fake_witness(add_checkpoint: Any) -> tuple[web.AppRunner, int]:
+    """A witness on 127.0.0.1 whose add-checkpoint is `add_checkpoint`: its runner (for
+    cleanup) and port."""
+    app = web.Application()
+    app.router.add_post("/add-checkpoint", add_checkpoint)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+
 async def test_a_witness_that_does_not_answer_is_said_to_time_out() -> None:
     """A witness that never answers fails its submission as unreachable with a reason
     (the trial's log line read `cannot reach the witness: ` and nothing else: a
@@ -626,13 +638,7 @@ async def test_a_witness_that_does_not_answer_is_said_to_time_out() -> None:
         await never.wait()
         return web.Response()
 
-    app = web.Application()
-    app.router.add_post("/add-checkpoint", hang)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await fake_witness(hang)
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.5)) as s:
             with pytest.raises(WitnessError) as err:
@@ -659,13 +665,7 @@ async def test_a_witness_s_answer_is_read_up_to_a_bound() -> None:
                 break
         return resp
 
-    app = web.Application()
-    app.router.add_post("/add-checkpoint", flood)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await fake_witness(flood)
     try:
         async with aiohttp.ClientSession() as s:
             with pytest.raises(WitnessError) as err:
@@ -696,13 +696,7 @@ async def test_each_new_way_a_witness_fails_is_said_and_one_contradicting_itself
         return web.Response(status=status, body=body.encode(),
                             headers={"Content-Type": ctype})
 
-    app = web.Application()
-    app.router.add_post("/add-checkpoint", add)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await fake_witness(add)
     witnessing = Witnessing([HTTPWitness(f"http://127.0.0.1:{port}")], [],
                             lambda old, size: [], tmp_path / "cosigned")
     try:
