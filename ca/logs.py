@@ -214,7 +214,8 @@ def configure(level: int | None = None) -> None:
         # One write per line, newline included: the worker processes share stderr,
         # and print() writes the newline apart, so two workers' lines could merge
         # into one that no JSON reader takes (a pipe keeps a write of up to 4 KiB whole).
-        logger_factory=structlog.WriteLoggerFactory(_LogStream(sys.stderr)),
+        logger_factory=structlog.WriteLoggerFactory(
+            _LogStream(sys.stderr)),  # type: ignore[arg-type]  # (write and flush: enough)
         cache_logger_on_first_use=True)
     warnings.showwarning = _warning_line
     root = logging.getLogger()

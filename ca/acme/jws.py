@@ -185,15 +185,15 @@ async def verify(raw: bytes, content_type: str, url: str, nonces: Nonces, *,
         raise AcmeProblem("malformed", "this request is signed with the key in a jwk header")
     if want == "kid" and not has_kid:
         raise AcmeProblem("malformed", "this request is signed by an account (kid header)")
-    jwk_given = protected.get("jwk")
-    if has_jwk and not isinstance(jwk_given, dict):
-        raise AcmeProblem("malformed", "the jwk header is not a JWK (a JSON object)")
-    if has_jwk and PRIVATE_MEMBERS & jwk_given.keys():
-        # Before josepy reads it: its errors quote the header's dict, private members and
-        # all, into the answer and the daemon's log (an HTTP trial's bogus "d").
-        raise AcmeProblem("badPublicKey", "the jwk is a private key (it has "
-                          f"{', '.join(sorted(PRIVATE_MEMBERS & jwk_given.keys()))}): send "
-                          "the public key alone")
+    if has_jwk:
+        jwk_given = protected.get("jwk")
+        if not isinstance(jwk_given, dict):
+            raise AcmeProblem("malformed", "the jwk header is not a JWK (a JSON object)")
+        if private := sorted(PRIVATE_MEMBERS & jwk_given.keys()):
+            # Before josepy reads it: its errors quote the header's dict, private members
+            # and all, into the answer and the daemon's log (an HTTP trial's bogus "d").
+            raise AcmeProblem("badPublicKey", f"the jwk is a private key (it has "
+                              f"{', '.join(private)}): send the public key alone")
     try:  # josepy reads the JWS and its header fields (nonce, url, kid, jwk)
         jws = acme_jws.JWS.from_json(obj)
         sig = jws.signature
