@@ -399,10 +399,15 @@ def test_an_http01_redirect_to_its_own_name_spelt_otherwise_stays_on_the_pinned_
         assert c.register(world.ca.eab("*.test")).status == 201
         order = c.order("redirect.test")
         ch = c.answer(order, "http-01")[0]
+        # The second, scheme-relative ("//NAME:PORT/...": an ACME trial's was refused as
+        # not http), goes to the pinned address too
         world.responder.redirects[ch["token"]] = (
             f"http://REDIRECT.test.:{world.ca.http_port}/.well-known/acme-challenge/"
             f"{ch['token']}-moved")
-        world.responder.answers[f"{ch['token']}-moved"] = \
+        world.responder.redirects[f"{ch['token']}-moved"] = (
+            f"//redirect.test:{world.ca.http_port}/.well-known/acme-challenge/"
+            f"{ch['token']}-moved-again")
+        world.responder.answers[f"{ch['token']}-moved-again"] = \
             c.key_authorization(ch["token"]).encode()
         assert c.post(ch["url"], {}).status == 200
         authz = c.wait_authz(order.json["authorizations"][0])

@@ -262,9 +262,13 @@ class Validator:
         except ValueError:
             raise Failed("connection", f"redirect to an invalid URL {location[:100]!r}") \
                 from None
+        if not u.scheme and u.netloc:
+            # Scheme-relative ("//NAME:PORT/path", RFC 3986 4.2): this one's scheme, then
+            # checked as any other (an ACME trial's was refused as "not http(s)")
+            return self._redirect(f"{scheme}:{location}", scheme, host)
         if not u.scheme and not u.netloc:  # relative: same scheme, host and port
             port = self.cfg.http01_port if scheme == "http" else self.cfg.tls_alpn01_port
-            return scheme, host, port, u.path or "/"
+            return scheme, host, port, (u.path or "/") + (f"?{u.query}" if u.query else "")
         if u.scheme not in ("http", "https") or not u.hostname:
             raise Failed("connection", f"redirect to {location[:100]!r}: only http(s) URLs "
                          "are followed")
