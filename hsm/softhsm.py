@@ -46,29 +46,39 @@ def config_in_use(module: str) -> Path | None:
 def why_not_loaded(module: str) -> str | None:
     """For SoftHSM, why it cannot start, as far as its config tells (it says nothing
     itself): the config file SOFTHSM2_CONF names, or the token directory in it, missing
-    or unreadable. None when that is not it, or the module is not SoftHSM."""
+    or unreadable. None when that is not it, or the module is not SoftHSM. Never raises:
+    it is asked while something else is being reported."""
     conf = config_in_use(module)
     if conf is None:
         return None
     try:
         text = conf.read_text()
-    except OSError as exc:
-        return f"its config {conf} (SOFTHSM2_CONF) cannot be read: {exc.strerror}"
+    except (OSError, UnicodeDecodeError) as exc:
+        return f"its config {conf} (SOFTHSM2_CONF) cannot be read: " \
+               f"{getattr(exc, 'strerror', None) or exc}"
     for line in text.splitlines():
         name, _, value = line.partition("=")
         if name.strip() == "directories.tokendir":
-            tokens = Path(value.strip())
-            if not tokens.is_dir():
-                return (f"its token directory {tokens} (directories.tokendir in {conf}) "
-                        "does not exist")
-            try:  # read, not os.access, which says yes to root whatever the mode
-                next(os.scandir(tokens), None)
-            except PermissionError:
-                return f"its token directory {tokens} (in {conf}) cannot be read by this user"
-            except OSError:
-                pass
-            return None
+            return _tokendir_problem(Path(value.strip()), conf)
     return None  # SoftHSM's built-in default then (a review: no such line is no error)
+
+
+def _tokendir_problem(tokens: Path, conf: Path) -> str | None:
+    # Read, not os.access, which says yes to root whatever the mode. Path.is_dir()
+    # raises PermissionError for a directory above it this user cannot search (a review:
+    # raised from an HSM reconnect, it ended the signing thread for good).
+    try:
+        with os.scandir(tokens) as entries:
+            next(entries, None)
+    except FileNotFoundError:
+        return f"its token directory {tokens} (directories.tokendir in {conf}) does not exist"
+    except NotADirectoryError:
+        return f"its token directory {tokens} (directories.tokendir in {conf}) is not a directory"
+    except PermissionError:
+        return f"its token directory {tokens} (in {conf}) cannot be read by this user"
+    except OSError:
+        pass
+    return None
 
 
 def write_config(directory: Path) -> Path:

@@ -253,6 +253,43 @@ async def test_hsm_token_taken_away_then_back(tmp_path: Path) -> None:
     assert any("OCSP responses are signed again" in x for x in d.stderr)
 
 
+async def test_a_token_directory_that_cannot_be_looked_at_leaves_the_signing_thread_alive(
+        tmp_path: Path) -> None:
+    """A review: SoftHSM's token directory under a directory the daemon's user cannot
+    search made the diagnosis of a failed reconnect raise (Path.is_dir's PermissionError),
+    which ended the worker's signing thread: /health said GeneralError for good and every
+    signature waited forever, even once the directory could be read again. Root searches
+    any directory, so the config names a path the kernel refuses to everyone: a name
+    longer than NAME_MAX (ENAMETOOLONG), which is_dir raised as well."""
+    ca = init_ca(tmp_path, private_hsm=True)
+    d = start_daemon(ca.state, "--workers", "1")  # one session to follow
+    try:
+        ctx = d.ssl(*enroll(d, tmp_path, "service", [LOAD_NAME]))
+        conf = tmp_path / "softhsm" / "softhsm2.conf"
+        tokens = tmp_path / "softhsm" / "tokens"
+        good = conf.read_text()
+        tokens.rename(tmp_path / "tokens.away")
+        conf.write_text(good.replace(str(tokens.resolve()),
+                                     str(tmp_path / ("x" * 300) / "tokens")))
+        status, _, body = await http("GET", f"{d.url}/health", d.ssl())
+        assert status == 503 and json.loads(body)["hsm"].startswith("unavailable"), body
+        # A reconnect has been tried with that config (the worker's audit line says so)
+        deadline = asyncio.get_running_loop().time() + 30
+        while not any(e["event"] == "hsm.reconnect" and e["result"] != "ok"
+                      for e in log_lines(ca.state)):
+            assert asyncio.get_running_loop().time() < deadline
+            await http("GET", f"{d.url}/health", d.ssl())
+        conf.write_text(good)
+        (tmp_path / "tokens.away").rename(tokens)
+        await health_becomes(d, 200, within=30)
+        status, _, body = await http("POST", f"{d.url}/v1/x509/renew", ctx, body={})
+        assert status == 201, body
+    finally:
+        assert d.stop() == 0
+    assert not any("Exception in thread" in x for x in d.stderr)
+    audit_verify(ca.state, ok=True)
+
+
 async def test_key_objects_taken_from_the_token_then_back_mean_503_then_recovery(
         tmp_path: Path) -> None:
     """A chaos trial moved the token's key object files away and back: every signature

@@ -423,6 +423,13 @@ class SigningPipeline:
     def _tick(self) -> None:
         try:
             self.hsm.tick()
+        except Exception as exc:
+            # Nothing a reconnect raises may end this thread: every later signature would
+            # wait on it for good while the process looked alive (a review: a diagnosis
+            # of the token directory raised PermissionError here). The next tick tries
+            # again.
+            log.error("the HSM reconnect failed unexpectedly; trying again",
+                      error=f"{type(exc).__name__}: {exc}")
         finally:
             self._flush_events()
 
