@@ -21,10 +21,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-SLOTS = {"revocations": 0, "ssh_revocations": 1, "keys": 2, "tls": 3}
+# `ssh_revoked_here` moves with `ssh_revocations` at this node's own SSH revocations
+# only, not when another node's change or the database's return moves the latter: a KRL
+# built since the last of them holds every revocation this node has committed.
+SLOTS = {"revocations": 0, "ssh_revocations": 1, "keys": 2, "tls": 3, "ssh_revoked_here": 4}
 # What a worker moves after its commits; the primary moves them all when one exits (it
 # may have died in between). `tls` is the primary's alone.
-WORKERS_MOVE = ("revocations", "ssh_revocations", "keys")
+WORKERS_MOVE = ("revocations", "ssh_revocations", "keys", "ssh_revoked_here")
 # Values the primary sets for the workers to read, not counters that `bump` moves.
 GAUGES = {"workers_serving": 16, "workers_wanted": 17, "inventory_damaged": 18,
           "workers_silent": 19}

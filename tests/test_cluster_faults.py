@@ -17,6 +17,8 @@ from typing import Any
 import aiohttp
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509 import ocsp
 
 from tests.cluster_kit import Cluster, call, make_cluster, signed_records
@@ -263,6 +265,31 @@ async def test_the_krl_built_before_postgresql_restarted_is_served_in_the_next_o
         await asyncio.to_thread(server.stop)
         status, _, served = await call("GET", f"{node.url}/v1/ssh/krl", node.ssl(), None)
         assert status == 200 and served == built, served[:200]
+    finally:
+        c.stop()
+        await asyncio.to_thread(server.close)
+
+
+async def test_a_krl_built_before_this_node_revoked_is_not_served_in_an_outage(
+        tmp_path: Path) -> None:
+    """The last KRL built is served while PostgreSQL is away, but not one built before
+    an SSH revocation this node committed since (a review: it was served as current,
+    and the key just revoked was missing from it): that is a 503, as with no KRL."""
+    from tests.pgserver import PostgresServer
+    server = await asyncio.to_thread(PostgresServer)  # its own: this test stops it
+    c = make_cluster(tmp_path, server.new_database())
+    try:
+        node = c.start("r1", workers=1)  # the one process that built the KRL revokes
+        status, _, _ = await call("GET", f"{node.url}/v1/ssh/krl", node.ssl(), None)
+        assert status == 200
+        line = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+        status, _, raw = await call("POST", f"{node.url}/v1/ssh/revoke", node.admin_ssl(),
+                                    {"public_key": line})
+        assert status == 200, raw
+        await asyncio.to_thread(server.stop)
+        status, ctype, served = await call("GET", f"{node.url}/v1/ssh/krl", node.ssl(), None)
+        assert (status, ctype) == (503, "application/problem+json"), (status, served[:200])
     finally:
         c.stop()
         await asyncio.to_thread(server.close)

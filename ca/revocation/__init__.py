@@ -54,6 +54,8 @@ log = structlog.get_logger("hsmca.revocation")
 # A cert.revoke line names this many serials at most: 1,000 of 40 hex digits (a serial's
 # 20 octets) take 43 KB of the 64 KiB an audit line may have.
 SERIALS_PER_LINE = 1000
+# What an SSH revocation this node committed moves (ca/generations.py)
+SSH_COMMITTED = ("ssh_revocations", "ssh_revoked_here")
 COMMIT_RETRY_S = 5  # a revocation recorded and not committed: tried again this often
 
 
@@ -150,6 +152,7 @@ class Revocations:
             generations, "revocations", self._load_compromised_keys)
         self.krl: OnChange[bytes] = OnChange(generations, "ssh_revocations", self._build_krl)
         self._krl_while_away = False  # said once per outage (served_krl)
+        self._krl_here = -1  # `ssh_revoked_here` as the last KRL built read it
         self._committing: set[asyncio.Task[None]] = set()  # see _commit_later
 
     def _commit_later(self, what: str, commit: Callable[[], Awaitable[Any]],
@@ -250,12 +253,12 @@ class Revocations:
                 late = await self._revoke_certs(targets, now, order.reason)
                 late = await self._sweep(order, roots, late, now, None)
                 await self._revoke_renewed_since(order, roots, list(late.serials), now)
-            self._commit_later("revocation", commit, ("revocations", "ssh_revocations"))
+            self._commit_later("revocation", commit, ("revocations", *SSH_COMMITTED))
             raise RecordedNotCommitted(str(exc), now, list(targets), len(targets)) from None
         if done.serials:
             self.generations.bump("revocations")  # committed: every process reloads
         if done.ssh_certs:
-            self.generations.bump("ssh_revocations")
+            self.generations.bump(*SSH_COMMITTED)
         lost = set(targets) - set(done.serials)
         for part, serials in parts:  # revoked already when this commit came (another
             if here := sorted(lost.intersection(serials)):  # request's, at once)
@@ -409,7 +412,7 @@ class Revocations:
             if again.serials:
                 self.generations.bump("revocations")
             if again.ssh_certs:
-                self.generations.bump("ssh_revocations")
+                self.generations.bump(*SSH_COMMITTED)
             serials.update(again.serials)
             ssh += again.ssh_certs
             if not new:
@@ -648,9 +651,9 @@ class Revocations:
             COUNTED.add("ssh", None, hit)
         except StoreUnavailable as exc:
             self._commit_later("SSH revocation", lambda: self.store.revoke_ssh(
-                which, at, key.line if key else None), ("ssh_revocations",))
+                which, at, key.line if key else None), SSH_COMMITTED)
             raise RecordedNotCommitted(str(exc), at, [], matching) from None
-        self.generations.bump("ssh_revocations")  # committed: every process rebuilds its KRL
+        self.generations.bump(*SSH_COMMITTED)  # committed: every process rebuilds its KRL
         if hit == 0 and matching and key is None:
             # Another request's revocation of the same certificate committed first (a
             # review: four at once were three 200s, each line claiming "certificates": 1).
@@ -669,11 +672,14 @@ class Revocations:
         """The KRL; with the inventory away, the one this process last built (docs/
         cluster.md: the CRL's caveat). Built before and not since the database came
         back (its reconnection makes every process read the revocations again), it was
-        a 503 in the next outage (a cluster trial)."""
+        a 503 in the next outage (a cluster trial). Not one built before an SSH
+        revocation this node committed since: hosts would take it as current, and the
+        revoked certificate would still log in (a review)."""
         try:
             krl = (await self.krl.get())[1]
         except StoreUnavailable as exc:
-            if (last := self.krl.last()) is None:
+            last = self.krl.last()
+            if last is None or self._krl_here != self.generations.get("ssh_revoked_here"):
                 raise
             if not self._krl_while_away:
                 log.warning("serving the last KRL this process built: the inventory is away",
@@ -687,6 +693,7 @@ class Revocations:
         """The KRL: the revoked certificates of every SSH CA key, a section each; of
         keys retired or destroyed too (hosts and clients may still trust them), and the
         revoked public keys."""
+        here = self.generations.get("ssh_revoked_here")  # read before: never newer
         certs = await self.store.revoked_ssh_certs()
         keys = await self.store.revoked_ssh_keys()
         issuers = await self.issuance.keys.refresh()  # a retirement moves keys to ssh_past
@@ -705,7 +712,9 @@ class Revocations:
         # went backwards between two polls (a relying-party trial).
         latest = await self.store.latest_ssh_revocation()
         at = int(latest.timestamp()) if latest is not None else 0
-        return build_krl(at, at, groups, [revocable_key(k).blob for k in keys])
+        krl = build_krl(at, at, groups, [revocable_key(k).blob for k in keys])
+        self._krl_here = here  # with the value OnChange keeps: no await in between
+        return krl
 
 
 def _selector(serial: int | None, key_id: str | None,
