@@ -1046,6 +1046,11 @@ def test_a_new_node_named_after_the_host_says_so(tmp_path: Path, postgres_server
     again = start_daemon(c.state)
     try:
         assert not any(said in x for x in again.stderr)
+        # A reload of the unchanged file has nothing to say about a restart (a review:
+        # every SIGHUP named a setting "node-from-host", which no file has)
+        again.proc.send_signal(signal.SIGHUP)
+        assert again.wait_stderr(lambda: any("reloaded" in x for x in again.stderr))
+        assert not any("only at the next start" in x for x in again.stderr), again.stderr
     finally:
         assert again.stop() == 0
     named = start_daemon(c.state, "--node", "named-1")

@@ -78,8 +78,9 @@ async def reload_policy(config: Config, policies: PolicyFeed, audit: Recorder) -
         # Judged, hashed and parsed from one read of one open file.
         raw = await asyncio.to_thread(read_trusted, config.path)
         fresh = await asyncio.to_thread(load, config.path, raw)
-        if config.node:
-            fresh = fresh.for_node(config.node)
+        if config.node:  # named as the start named it (a review: from the host, every
+            # reload said a setting "node-from-host" needed a restart)
+            fresh = fresh.for_node(config.node, config.node_from_host)
     except (ConfigError, OSError, CLIError) as exc:
         log.error("reload refused: the policy in force is unchanged", error=str(exc))
         return False
