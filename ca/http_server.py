@@ -110,7 +110,7 @@ _HEAD_TOO_LARGE = _unfinished_head_answer(
 
 
 class _ProblemRequestHandler(web.RequestHandler):
-    __slots__ = ("_began", "_body", "_deadline", "_head_bytes", "on_lost")
+    __slots__ = ("_began", "_body", "_deadline", "_head_bytes", "_head_tail", "on_lost")
 
     def __init__(self, manager: web.Server, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -118,6 +118,7 @@ class _ProblemRequestHandler(web.RequestHandler):
         self._body: StreamReader | None = None  # the latest request's, while it arrives
         self._began = False  # whether the request the deadline is for sent a byte
         self._head_bytes = 0  # of a head still arriving, since the last request's
+        self._head_tail = b""  # its last 3 bytes: its end may come split across reads
         self.on_lost: Callable[[], None] | None = None  # gives the listener's place back
 
     @property
@@ -179,8 +180,11 @@ class _ProblemRequestHandler(web.RequestHandler):
             # The head so far and this data up to the head's end, before the parser
             # reads it: a whole head in one read (TLS hands over all it decrypted at
             # once) was served at 70 KB, being counted only when unfinished (a review).
-            end = data.find(b"\r\n\r\n")
-            if self._head_bytes + (len(data) if end < 0 else end + 4) > MAX_HEAD \
+            # Its blank line may begin in the read before (a review: a body's bytes after
+            # it were counted as head, a 431 for a body near 64 KiB).
+            tail = self._head_tail if self._head_bytes else b""
+            end = (tail + data).find(b"\r\n\r\n")
+            if self._head_bytes + (len(data) if end < 0 else end + 4 - len(tail)) > MAX_HEAD \
                     and self.transport is not None:
                 self.transport.write(_HEAD_TOO_LARGE)
                 self.force_close()
@@ -200,6 +204,7 @@ class _ProblemRequestHandler(web.RequestHandler):
                 self.close()  # whole now: answered, then closed (see pre_shutdown)
                 self._manager.received()
         elif data:
+            self._head_tail = ((self._head_tail if self._head_bytes else b"") + data)[-3:]
             self._head_bytes += len(data)  # of a head still arriving
             self._arm(began=True)  # the first bytes of a head
 
