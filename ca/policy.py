@@ -613,14 +613,28 @@ def csr_names(csr: x509.CertificateSigningRequest) -> list[str]:
                       Reason.BAD_CSR) from None
     out: list[str] = []
     for gn in san:
-        if isinstance(gn, x509.IPAddress):
-            out.append(str(gn.value))
-        elif isinstance(gn, x509.DNSName | x509.RFC822Name | x509.UniformResourceIdentifier):
-            out.append(gn.value)
-        else:
+        kind = _SAN_KINDS.get(type(gn))
+        if kind is None:
             raise Refused(f"the CSR asks for a {type(gn).__name__} name, which this CA does "
                           "not issue", Reason.BAD_CSR)
+        value = str(gn.value)
+        # A name is issued as the kind it reads as: one asked as another kind (an e-mail
+        # address 'svc.example', a DNS name '10.0.0.5') was issued as what it read as,
+        # and the client got a kind it did not ask for (a security review).
+        reads_as = lookup_kind(value)
+        if reads_as is not None and reads_as != kind:
+            raise Refused(f"the CSR asks for {_show(value)} as {_KIND_WORDS[kind]}, but it is "
+                          f"{_KIND_WORDS[reads_as]}; ask for it as one (subjectAltName "
+                          f"{_SAN_PREFIX[reads_as]}:{value})", Reason.BAD_NAME)
+        out.append(value)
     return out
+
+
+_SAN_KINDS: dict[type, str] = {x509.DNSName: "dns", x509.IPAddress: "ip",
+                               x509.RFC822Name: "email", x509.UniformResourceIdentifier: "uri"}
+_KIND_WORDS = {"dns": "a DNS name", "ip": "an IP address", "email": "an e-mail address",
+               "uri": "a URI"}
+_SAN_PREFIX = {"dns": "DNS", "ip": "IP", "email": "email", "uri": "URI"}
 
 
 def names_within(requested: Sequence[str], granted: Sequence[tuple[str, str]],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import ipaddress
 from typing import Any
 
 import pytest
@@ -80,9 +81,17 @@ def csr(*names: str, key: Any = None) -> x509.CertificateSigningRequest:
     key = key or ec.generate_private_key(ec.SECP256R1())
     b = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
     if names:
-        b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]),
+        b = b.add_extension(x509.SubjectAlternativeName([_san(n) for n in names]),
                             critical=False)
     return b.sign(key, hashes.SHA256())
+
+
+def _san(name: str) -> x509.GeneralName:
+    """A name as the kind it reads as (as ca.client.make_csr asks)."""
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
 
 
 def ssh_key() -> ssh.SSHPublicKey:

@@ -392,6 +392,15 @@ async def test_bad_input_gets_problem_json_and_leaves_the_log_valid(tmp_path: Pa
                 x509.TLSFeature([x509.TLSFeatureType.status_request]), False)}),
             ("names outside token", 403, "name-not-granted", "not among the names",
              {"csr": csr_pem(["evil.example.com"])}),
+            # A name is issued as the kind it was asked as, or refused (a security
+            # review: this one came back a DNS name, 10.0.0.5 asked as DNS an IP address)
+            ("DNS name as e-mail", 400, "bad-name", "'ok.internal.example' as an e-mail "
+             "address, but it is a DNS name; ask for it as one (subjectAltName "
+             "DNS:ok.internal.example)", {"csr": _csr_with(x509.SubjectAlternativeName(
+                 [x509.RFC822Name("ok.internal.example")]), False)}),
+            ("IP address as DNS", 400, "bad-name", "as a DNS name, but it is an IP address",
+             {"csr": _csr_with(x509.SubjectAlternativeName([x509.DNSName("10.0.0.5")]),
+                               False)}),
             ("csr not a string", 400, "bad-field", "must be a string", {"csr": 42}),
             ("missing csr", 400, "bad-field", "missing field 'csr': it is required, as a "
              "string", {}),
