@@ -264,14 +264,15 @@ class ControlClient:
         self._writer.write(ipc.encode(TokenFailed(req_id, client)))
         try:
             # Bounded: a primary that does not answer (stopped, or stuck) held every bad
-            # token's request for good (a review). The failure is not counted then, so
-            # the request is not answered as if it had been: 503.
+            # token's request for good (a review). Its count (sent, and counted once the
+            # primary reads it) is not known then, so the request is not answered as if
+            # it were: 503.
             return await asyncio.wait_for(fut, PRIMARY_ANSWER_S)
         except TimeoutError:
             self._waiting.pop(req_id, None)
             raise PrimaryUnavailable("the daemon's primary process did not answer within "
-                                     f"{PRIMARY_ANSWER_S:g} s, so a failed token cannot be "
-                                     "counted against its address") from None
+                                     f"{PRIMARY_ANSWER_S:g} s with the count of failed "
+                                     "tokens from this address") from None
 
     async def close(self) -> None:
         if self._task is not None:
