@@ -97,12 +97,21 @@ def hold_token(module: str, softhsm_conf: str | None, token: str, state_dir: Pat
             same = False
         if same:
             if writable:
-                said = f"state directory {state_dir}, pid {os.getpid()}\n".encode()
+                said = f"{_this_ca(state_dir)}, pid {os.getpid()}\n".encode()
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, said, 0)
             return TokenLock(path, fd, shared, writable)
         os.close(fd)
     return Skipped(f"{path} was removed again and again as it was locked")
+
+
+def _this_ca(state_dir: Path) -> str:
+    """How the lock file names the CA holding it: its state directory's path and inode."""
+    try:
+        st = os.stat(state_dir)
+    except OSError:
+        return f"state directory {state_dir}"
+    return f"state directory {state_dir} (inode {st.st_dev}:{st.st_ino})"
 
 
 LOCK_TRIES = 25  # 20 ms apart: a stopping holder's close() holds the lock for a moment
@@ -160,9 +169,12 @@ def _locked(path: Path, module: str, token: str, state_dir: Path, shared: bool
         except OSError:
             pass
         os.close(fd)
-        if not shared and holder.startswith(f"state directory {state_dir}, "):
+        if not shared and holder.startswith(f"{_this_ca(state_dir)}, "):
             # This CA itself: its audit log's lock says so, as ever (not on a cluster,
-            # where each node has a log of its own: a review)
+            # where each node has a log of its own: a review). The very directory, not
+            # its path: a backup restored in the place of the live CA's directory (moved
+            # aside while that CA served on) took this for itself, and served unguarded
+            # beside it (an operator's trial).
             return None
         raise TokenInUse(
             f"another hsmca serves the token {token!r} of {module} on this host ({holder}): "

@@ -246,6 +246,31 @@ def test_a_copy_of_the_ca_does_not_serve_beside_it(tmp_path: Path) -> None:
     assert restored.stop() == 0
 
 
+def test_a_backup_restored_in_the_place_of_a_serving_ca_does_not_serve_beside_it(
+        tmp_path: Path) -> None:
+    """An operator's trial restored as docs/operator.md says (the directory moved aside,
+    the backup put in its place) with the live CA still serving: the copy, at the very
+    path the lock named, took the lock for its own and served beside it, unguarded.
+    The lock names the directory itself, so the copy is refused."""
+    ca = init_ca(tmp_path)
+    live = start_daemon(ca.state)
+    copy = tmp_path / "copy"
+    try:
+        hsmca("backup", "--config", ca.state / "hsmca.toml", "--out", copy)
+        ca.state.rename(tmp_path / "ca.old")
+        shutil.copytree(copy, ca.state, symlinks=True)
+        proc = hsmca("serve", "--config", ca.state / "hsmca.toml", "--listen", "127.0.0.1:0",
+                     check=False)
+        assert proc.returncode == 1, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "another hsmca serves the token" in lines[0], proc.stderr
+        assert live.proc.poll() is None
+    finally:
+        live.stop()
+    restored = start_daemon(ca.state)  # the live CA stopped: the restore serves
+    assert restored.stop() == 0
+
+
 def test_the_token_lock_is_skipped_rather_than_trusted_when_another_user_made_it(
         tmp_path: Path) -> None:
     """/run/lock is everyone's: a lock file someone else made there (its name can be
@@ -254,8 +279,10 @@ def test_the_token_lock_is_skipped_rather_than_trusted_when_another_user_made_it
     args = ("/usr/lib/softhsm/libsofthsm2.so", None, "ca-token", tmp_path)
     held = hold_token(*args, lock_dir=tmp_path)
     assert held is not None
-    with pytest.raises(TokenInUse, match=f"state directory {tmp_path}, pid {os.getpid()}"):
+    with pytest.raises(TokenInUse) as refused:
         hold_token(*args[:3], tmp_path / "copy", lock_dir=tmp_path)
+    assert f"state directory {tmp_path} (inode " in str(refused.value) and \
+        f"pid {os.getpid()}" in str(refused.value), refused.value
     # the same state directory: its audit log's lock says so, not this one
     assert hold_token(*args, lock_dir=tmp_path) is None
     lock = held.path
