@@ -93,6 +93,7 @@ class KeyLifecycle:
             # Only those: each is a count.
             if key["state"] in ("previous", "retired"):
                 key["live"], key["live_until"] = await self.live(key["label"])
+                key["live_renewed"] = await self.live_renewed(key["label"])
         return out
 
     async def request(self, action: str, kind: str | None, label: str | None,
@@ -158,7 +159,8 @@ class KeyLifecycle:
         live, until = await self.live(order.label)
         done: dict[str, Any] = {"label": order.label, "kind": order.kind, "state": "retired"
                                 if order.action == "retire" else "destroyed",
-                                "live": live, "live_until": until}
+                                "live": live, "live_until": until,
+                                "live_renewed": await self.live_renewed(order.label)}
         if order.action == "destroy":
             try:  # (the destroy is done: a store away now must not fail its answer)
                 record = next((r for r in await self.store.keys()
@@ -248,6 +250,19 @@ class KeyLifecycle:
         except StoreUnavailable:
             return None, None
         return count, until
+
+    async def live_renewed(self, label: str) -> int | None:
+        """How many of `live`'s certificates were replaced by a renewal still valid: an
+        operator told to renew them found the count did not move (an operator's trial).
+        None when the inventory cannot say now."""
+        now = utcnow()
+        try:
+            count = await self.store.live_renewed_by(label, now)
+            if label == self.issuance.issuers.first_x509:  # recorded before labels were kept
+                count += await self.store.live_renewed_by(None, now)
+        except StoreUnavailable:
+            return None
+        return count
 
     async def _rotate(self, order: ra.KeyOrder, context: ra.Context,
                       request_id: str | None) -> dict[str, Any]:

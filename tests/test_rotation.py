@@ -223,6 +223,10 @@ async def test_rotate_issuing_and_ssh_keys_retire_and_destroy_while_renewals_run
         # and how many of them are still valid: what retiring it cuts off, said before
         assert re.search(r"certificate\(s\), \d+ still valid \(the last until ", no.stderr), \
             no.stderr
+        # the host's among them, replaced by its renewal: renewing does not end it (an
+        # operator's trial renewed everything and was told the same count again)
+        assert re.search(r"\), (\d+|all) of them replaced by a renewal already\)\?", no.stderr), \
+            no.stderr
         assert "relying parties that check them refuse its certificates" in no.stderr
         assert no.stderr.splitlines()[-1] == \
             "hsmca: error: not retired (confirm with yes, or pass --yes)", no.stderr
@@ -248,6 +252,8 @@ async def test_rotate_issuing_and_ssh_keys_retire_and_destroy_while_renewals_run
         # what retiring now means for them.
         assert "certificate(s) it signed are still valid" in retired.stderr, retired.stderr
         assert "relying parties that check them refuse those certificates" in retired.stderr
+        assert "of them replaced by a renewal already" in retired.stderr and \
+            "lapse at their notAfter" in retired.stderr, retired.stderr
         # A certificate of the retired key, revoked now: no CRL or OCSP response can say
         # so any more. OCSP stops saying good, and the operator is told.
         proc = hsmca("revoke", format(host_cert.serial_number, "x"), "--config",

@@ -166,6 +166,15 @@ def test_what_an_issuer_signed_that_is_still_live(store: Store) -> None:
     count, until = run(store.live_signed_by("issuing-ca", NOW))
     assert count == 2 and until == (NOW + dt.timedelta(days=9)).isoformat()
     assert run(store.live_signed_by("another-ca", NOW)) == (0, None)
+    # Of those, the ones whose holders renewed them (a live renewal): renewing again
+    # does not end them (an operator's trial was told the same count after renewing
+    # everything). A renewal revoked replaces nothing.
+    assert run(store.live_renewed_by("issuing-ca", NOW)) == 0
+    add(store, 0x505, ("live.example",), renewed_from=0x501)
+    add(store, 0x506, ("later.example",), renewed_from=0x502)
+    run(store.revoke_certs([0x506], NOW, None))
+    assert run(store.live_renewed_by("issuing-ca", NOW)) == 1
+    assert run(store.live_renewed_by("another-ca", NOW)) == 0
     # SSH certificates count too (their validBefore is Unix seconds): one live, the
     # later end; one expired.
     for serial, ends in ((11, dt.timedelta(days=12)), (12, -dt.timedelta(hours=1))):

@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
                           f"{k['label']}` lists their holders")
                 else:
                     print(f"    {k['live']} certificate(s) it issued still valid, the last "
-                          f"until {_to_the_second(k['live_until'])}")
+                          f"until {_to_the_second(k['live_until'])}{_replaced(k)}")
         return 0
     if action == "rotate-root":
         return _rotate_root(args)
@@ -199,12 +199,12 @@ def run(args: argparse.Namespace) -> int:
                   "stop accepting them", file=sys.stderr)
         elif out.get("live") and out.get("kind") == "issuing":
             print(f"hsmca: warning: {out['live']} certificate(s) it signed are still valid "
-                  f"(the last until {out['live_until']}). hsmca still accepts its X.509 "
-                  "client certificates, but its CRL and OCSP responses are signed no more: "
-                  "relying parties that check them refuse those certificates once its last "
-                  "CRL and OCSP responses expire (within a day), and a "
-                  "revocation of one from now on reaches neither. Renew them (`hsmca renew`) "
-                  "to move them to the active key", file=sys.stderr)
+                  f"(the last until {out['live_until']}){_replaced(out)}. hsmca still "
+                  "accepts its X.509 client certificates, but its CRL and OCSP responses are "
+                  "signed no more: relying parties that check them refuse those certificates "
+                  "once its last CRL and OCSP responses expire (within a day), and a "
+                  "revocation of one from now on reaches neither. "
+                  + _renew_advice(out), file=sys.stderr)
         return 0
     if action == "revoke":
         return _revoke(args)
@@ -351,7 +351,8 @@ def _confirm_retire(args: argparse.Namespace) -> bool:
     def question(key: dict[str, Any]) -> str:
         issued = f"; it issued {key['signed']} certificate(s)" if key.get("signed") else ""
         if key.get("live"):
-            issued += f", {key['live']} still valid (the last until {key['live_until']})"
+            issued += (f", {key['live']} still valid (the last until {key['live_until']})"
+                       f"{_replaced(key)}")
         return (f"Retire {args.label} ({key['kind']}, {key['state']}{issued})? It will "
                 "sign nothing any more, and a retired key is never used again."
                 + RETIRE_CUTS.get(key["kind"], ""))
@@ -512,3 +513,22 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                    "superseded, cessationOfOperation, affiliationChanged or unspecified")
     v.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     common(v)
+
+
+def _replaced(key: dict[str, Any]) -> str:
+    """How many of a key's live certificates their holders replaced by a renewal: those
+    count until their notAfter whatever anyone renews (an operator's trial renewed
+    everything and was told the same count again)."""
+    n = key.get("live_renewed")
+    if not n:
+        return ""
+    return f", {'all' if n == key.get('live') else n} of them replaced by a renewal already"
+
+
+def _renew_advice(key: dict[str, Any]) -> str:
+    if key.get("live_renewed") == key.get("live"):
+        return ("Their holders have renewed: renewing again does not end these, which lapse "
+                "at their notAfter")
+    return ("Renew the others (`hsmca renew`) to move them to the active key; the ones "
+            "replaced already lapse at their notAfter" if key.get("live_renewed") else
+            "Renew them (`hsmca renew`) to move them to the active key")

@@ -367,6 +367,12 @@ class Store(Protocol):
         recorded before issuers were named (the first issuing key's)."""
         ...
 
+    async def live_renewed_by(self, issuer: str | None, now: dt.datetime) -> int:
+        """How many of `live_signed_by`'s X.509 certificates have a renewal that is
+        neither expired nor revoked: their holders have moved on, and renewing does not
+        end them (they lapse at their notAfter)."""
+        ...
+
     async def cross_certs(self) -> list[CrossCert]:
         """Every certificate one root key made for another, oldest first."""
         ...

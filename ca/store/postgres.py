@@ -1302,6 +1302,14 @@ class PostgresStore:
             (issuer, int(now.timestamp()), int(now.timestamp())))
         return int(n) + int(m), _latest(until, before)
 
+    async def live_renewed_by(self, issuer: str | None, now: dt.datetime) -> int:
+        [(n,)] = await self._rows(
+            "SELECT COUNT(*) FROM certs c WHERE issuer IS NOT DISTINCT FROM %s AND not_after "
+            "> %s AND revoked_at IS NULL AND EXISTS (SELECT 1 FROM certs r WHERE "
+            "r.renewed_from = c.serial AND r.revoked_at IS NULL AND r.not_after > %s)",
+            (issuer, now.isoformat(), now.isoformat()))
+        return int(n)
+
     # ---- ACME -------------------------------------------------------------------------------
 
     async def add_acme_eab(self, eab: AcmeEAB) -> None:

@@ -1552,6 +1552,13 @@ class SQLiteStore:
                                (issuer, int(now.timestamp()), int(now.timestamp())))[0]
         return int(n) + int(m), _latest(until, before)
 
+    async def live_renewed_by(self, issuer: str | None, now: dt.datetime) -> int:
+        return int(self._read(
+            "SELECT COUNT(*) FROM certs c WHERE issuer IS ? AND not_after > ? AND revoked_at "
+            "IS NULL AND EXISTS (SELECT 1 FROM certs r WHERE r.renewed_from = c.serial AND "
+            "r.revoked_at IS NULL AND r.not_after > ?)",
+            (issuer, now.isoformat(), now.isoformat()))[0][0])
+
     # ---- ACME -----------------------------------------------------------------------------
 
     async def add_acme_eab(self, eab: AcmeEAB) -> None:
