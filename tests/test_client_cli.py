@@ -938,6 +938,38 @@ def test_renew_if_due_asks_the_ca_nothing_before_two_thirds(daemon: Daemon,
     assert len(daemon_serials(daemon) - before) == 1
 
 
+def test_a_hook_that_failed_runs_again_at_the_next_if_due_run(daemon: Daemon,
+                                                               tmp_path: Path) -> None:
+    """A client trial: the documented hourly timer (`renew --if-due --exec 'systemctl
+    reload nginx'`) whose reload failed once never ran it again: each later run said
+    "not due", and nginx served the old certificate until it expired. The hook is owed
+    until it succeeds (a marker beside the certificate, as for `--daemon`), and the next
+    run runs it, due or not."""
+    cert, key = enroll(daemon, tmp_path, "service", [NAME])
+    reloaded = tmp_path / "reloaded"
+    common = ("--url", daemon.url, "--ca", daemon.root, "--cert", cert, "--key", key)
+    proc = hsmca("renew", *common, "--exec", "exit 1", check=False)
+    assert proc.stdout.startswith("renewed: serial ")
+    assert one_line_error(proc) == "hsmca: error: renewed, but --exec 'exit 1' exited with " \
+        "status 1 (run it yourself once it can succeed)", proc.stderr
+    before = daemon_serials(daemon)
+    proc = hsmca("renew", *common, "--if-due", "--exec", f"touch {reloaded}")
+    assert "not renewed: not due until" in proc.stdout and "running --exec again: it did not " \
+        "succeed after the last renewal" in proc.stdout, proc.stdout
+    assert reloaded.exists() and daemon_serials(daemon) == before
+    # Done once it succeeded: the next run has nothing owed
+    reloaded.unlink()
+    proc = hsmca("renew", *common, "--if-due", "--exec", f"touch {reloaded}")
+    assert "running --exec" not in proc.stdout and not reloaded.exists(), proc.stdout
+    # One that fails again is said so, and owed still
+    proc = hsmca("renew", *common, "--exec", "exit 1", check=False)
+    proc = hsmca("renew", *common, "--if-due", "--exec", "exit 2", check=False)
+    assert one_line_error(proc) == "hsmca: error: the last renewal was installed, but --exec " \
+        "'exit 2' exited with status 2 (the next run with --if-due runs it again)", proc.stderr
+    hsmca("renew", *common, "--if-due", "--exec", f"touch {reloaded}")
+    assert reloaded.exists()
+
+
 def test_a_flag_given_twice_adds_to_the_first(daemon: Daemon, tmp_path: Path) -> None:
     """An operator trial: `--name a --name b` (and `--principal`) kept the last alone,
     and the certificate carried one of the two names, with nothing said."""
@@ -1043,7 +1075,7 @@ def test_a_hook_that_hangs_is_killed_and_said(daemon: Daemon, tmp_path: Path) ->
     msg = one_line_error(proc)
     assert msg.startswith("hsmca: error: renewed, but --exec") and msg.endswith(
         "was killed (SIGKILL): it did not finish within --exec-timeout (1 s), or something "
-        "else killed it"), msg
+        "else killed it (run it yourself once it can succeed)"), msg
     assert proc.stdout.startswith("renewed: serial ")
     # What the hook started went with it (its process group), not only the shell.
     assert gone(child.read_text().strip())

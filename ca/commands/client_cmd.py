@@ -270,9 +270,18 @@ def renew(args: argparse.Namespace) -> int:
     _say_if_exposed(args.key)
     if args.daemon:
         return _renew_daemon(args, url)
+    from ca.commands.renewal import hook_is_pending, hook_pending_path
+    pending = hook_pending_path(args.cert)
     if args.if_due and (due := _not_due(args.cert)) is not None:
         print(f"not renewed: not due until {due} (two thirds of its lifetime; --if-due)",
               flush=True)
+        if args.exec and hook_is_pending(pending):
+            # The hook failed after the last renewal: run again now, not at the next
+            # renewal (a client trial's one-shot timer left nginx on the old certificate
+            # until it expired, each hourly run saying "not due").
+            print("running --exec again: it did not succeed after the last renewal",
+                  flush=True)
+            _run_exec(args, pending, "the last renewal was installed")
         return 0
     # No room for the files: nothing is asked (a full-disk trial's each try had a
     # certificate issued and thrown away; one command cannot hold an answer for later)
@@ -283,22 +292,33 @@ def renew(args: argparse.Namespace) -> int:
     print(f"renewed: serial {issued['serial']}, valid until {issued['not_after']}"
           f"{' (new key)' if args.rekey else ''}", flush=True)
     if args.exec:
-        from ca.commands.renewal import run_hook
-        status = asyncio.run(run_hook(args.exec, _hook_env(args.cert, args.key),
-                                      timeout_s=args.exec_timeout))
-        if status == -signal.SIGKILL:  # (also what another process's kill -9 gives)
-            raise CLIError(f"renewed, but --exec {args.exec!r} was killed (SIGKILL): it "
-                           f"did not finish within --exec-timeout ({args.exec_timeout:g} s), "
-                           "or something else killed it")
-        if status < 0:
-            try:
-                name = signal.Signals(-status).name
-            except ValueError:  # a real-time signal has no name
-                name = f"number {-status}"
-            raise CLIError(f"renewed, but --exec {args.exec!r} was killed by signal {name}")
-        if status != 0:
-            raise CLIError(f"renewed, but --exec {args.exec!r} exited with status {status}")
+        _run_exec(args, pending, "renewed")
     return 0
+
+
+def _run_exec(args: argparse.Namespace, pending: Path, done: str) -> None:
+    """Run --exec; until it succeeds a marker beside the certificate says it is owed, so
+    that the next run with --if-due runs it even when nothing is due (as `--daemon`
+    does with the same marker)."""
+    from ca.commands.renewal import mark_hook_pending, run_hook, unmark_hook_pending
+    mark_hook_pending(pending)
+    status = asyncio.run(run_hook(args.exec, _hook_env(args.cert, args.key),
+                                  timeout_s=args.exec_timeout))
+    again = " (the next run with --if-due runs it again)" if args.if_due else \
+        " (run it yourself once it can succeed)"
+    if status == -signal.SIGKILL:  # (also what another process's kill -9 gives)
+        raise CLIError(f"{done}, but --exec {args.exec!r} was killed (SIGKILL): it did "
+                       f"not finish within --exec-timeout ({args.exec_timeout:g} s), or "
+                       f"something else killed it{again}")
+    if status < 0:
+        try:
+            name = signal.Signals(-status).name
+        except ValueError:  # a real-time signal has no name
+            name = f"number {-status}"
+        raise CLIError(f"{done}, but --exec {args.exec!r} was killed by signal {name}{again}")
+    if status != 0:
+        raise CLIError(f"{done}, but --exec {args.exec!r} exited with status {status}{again}")
+    unmark_hook_pending(pending)
 
 
 def _not_due(path: Path) -> str | None:
@@ -322,7 +342,14 @@ def _renew_daemon(args: argparse.Namespace, url: str) -> int:
 
     from ca import client
     log = structlog.get_logger("hsmca.renew")
-    from ca.commands.renewal import Job, hold_sighup, now, renew_time, run_forever
+    from ca.commands.renewal import (
+        Job,
+        hold_sighup,
+        hook_pending_path,
+        now,
+        renew_time,
+        run_forever,
+    )
     hold_sighup()
 
     cert, key = args.cert, args.key
@@ -408,7 +435,7 @@ def _renew_daemon(args: argparse.Namespace, url: str) -> int:
     job = Job("renew", due, run, remaining_s, hook=args.exec,
               hook_env=lambda: _hook_env(cert, key), hook_timeout_s=args.exec_timeout,
               identity=identity,
-              hook_pending=cert.parent / f".{cert.name}.hsmca-hook-pending")
+              hook_pending=hook_pending_path(cert))
     return run_forever([job], command="renew", cert=str(cert.absolute()))
 
 

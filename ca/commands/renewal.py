@@ -304,6 +304,11 @@ async def _hook_until_done(job: Job, log: Any) -> None:
 # link (a review had a renewer running as root create a file a planted link named).
 # Best effort: it only says "run the hook again".
 
+def hook_pending_path(cert: Path) -> Path:
+    """The marker of a hook that has not succeeded since `cert` was renewed."""
+    return cert.parent / f".{cert.name}.hsmca-hook-pending"
+
+
 def _mark(path: Path) -> None:
     with contextlib.suppress(OSError):
         dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -363,3 +368,6 @@ def run_forever(jobs: list[Job], **context: Any) -> int:
     except ClientError as exc:  # keep() retries every other one
         raise GaveUp(str(exc)) from None
     return 0
+
+
+mark_hook_pending, hook_is_pending, unmark_hook_pending = _mark, _marked, _unmark
