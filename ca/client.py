@@ -198,6 +198,15 @@ async def _request(session: aiohttp.ClientSession, method: str, url: str,
                 "which only the daemon's own carries (a host certified for a loopback name "
                 "answered; or the daemon is older than 0.3.0, which renews its certificate "
                 "when it starts)") from None
+        code = getattr(exc.certificate_error, "verify_code", None)
+        if code in (9, 10):  # X509_V_ERR_CERT_NOT_YET_VALID, X509_V_ERR_CERT_HAS_EXPIRED
+            # By this host's clock: a clock behind was told to check its root file (a
+            # client trial, after the daemon renewed its own certificate)
+            raise ClientError(
+                f"cannot connect to {url}: by this host's clock (now "
+                f"{dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}) the server's "
+                f"certificate chain is {'not valid yet' if code == 9 else 'expired'} "
+                f"({reason}): is this host's clock right?") from None
         if info.ca is not None:
             raise ClientError(f"cannot connect to {url}: the server's certificate chain does "
                               f"not verify against --ca {info.ca} ({reason}); is that file "
@@ -326,9 +335,11 @@ def check_credential(cert: Path, key: Path, now: dt.datetime | None = None
     private = load_private_key(key, "--key")
     now = now or dt.datetime.now(dt.UTC)
     if ended(leaf.not_valid_after_utc, now):
-        raise ClientError(f"--cert {cert} expired at {leaf.not_valid_after_utc.isoformat()}; "
-                          "an expired certificate cannot authenticate to the CA: enroll "
-                          "again with a new bootstrap token")
+        raise ClientError(f"--cert {cert} expired at {leaf.not_valid_after_utc.isoformat()} "
+                          f"(this host's clock says {now.isoformat(timespec='seconds')}); an "
+                          "expired certificate cannot authenticate to the CA: enroll again "
+                          "with a new bootstrap token (if this host's clock is wrong, set it "
+                          "right first)")
     if now < leaf.not_valid_before_utc:
         raise ClientError(f"--cert {cert} is not valid before "
                           f"{leaf.not_valid_before_utc.isoformat()}; is this host's clock "
@@ -1036,7 +1047,8 @@ async def enroll(url: str, token: str, names: list[str], out: Path, ca: Path | N
             kept_path, key = kept
             if warn is not None:
                 warn(f"using the key an earlier enrollment kept in {kept_path}, its files "
-                     "never written: the CA sends the certificate it issued to it again")
+                     "never written: if the CA issued a certificate to it, it sends that "
+                     "one again")
         else:
             key = new_key()
             kept_path = _keep_key(out, token, key)

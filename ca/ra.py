@@ -1210,7 +1210,9 @@ def _key(ctx: Context, who: Requester, req: KeyRequest) -> KeyOrder:
             raise Refused(f"{req.label!r} is destroyed already", Reason.CONFLICT)
         if req.state != "retired":
             first = (f": retire it first (hsmca key retire {req.label})"
-                     if req.state in ("previous", "next") else "")
+                     if req.state in ("previous", "next") else
+                     f": rotate first (hsmca key rotate {req.kind}), then retire and "
+                     "destroy the key it replaces" if req.state == "active" else "")
             raise Refused(f"only a retired key is destroyed; {req.label!r} is {req.state}"
                           f"{first}", Reason.CONFLICT)
         if not req.confirmed:

@@ -346,6 +346,10 @@ def test_renew_names_an_expired_certificate_or_one_from_another_ca(daemon: Daemo
                            now - dt.timedelta(days=1))
     msg = one_line_error(hsmca(*base, "--cert", cert, "--key", key, check=False))
     assert f"--cert {cert} expired at" in msg and "enroll again" in msg
+    # by this host's clock, which may be the wrong one (a client trial's clock two days
+    # ahead was sent for a new token alone)
+    assert "(this host's clock says 20" in msg and "if this host's clock is wrong, set it " \
+        "right first" in msg, msg
     # revoking it: not told to enroll again (an operator trial), but where the CRL is
     msg = one_line_error(hsmca("revoke", "--url", daemon.url, "--ca", daemon.root, "--cert",
                                cert, "--key", key, check=False))

@@ -277,6 +277,9 @@ async def test_rotate_issuing_and_ssh_keys_retire_and_destroy_while_renewals_run
                             "--url", d.url, input="", check=False)
             assert refused.returncode == 1 and "Destroy " not in refused.stderr, \
                 refused.stderr
+        # the active one told the way to get there (an operator's trial was told only no)
+        assert "is active: rotate first (hsmca key rotate ssh-user), then retire and " \
+            "destroy the key it replaces" in refused.stderr, refused.stderr
         assert old_label_text in token_labels(ca.state, ca.token)
         # asked first, with what it signed that is still valid (said in the daemon's
         # log alone before: a key trial)
