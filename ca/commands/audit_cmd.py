@@ -280,7 +280,9 @@ def verify(args: argparse.Namespace) -> int:
             print(f"{unsigned}. The {result.signed} lines before them and "
                   f"{result.checkpoints} checkpoints verified. Verify again once the daemon "
                   "has signed a checkpoint over them (a running daemon does within seconds), "
-                  "or accept them with --allow-unsigned.", file=sys.stderr)
+                  "or accept them with --allow-unsigned (a copy, such as a backup taken "
+                  "while the daemon served, gets no later checkpoint: its restored "
+                  "daemon's first one covers them).", file=sys.stderr)
             return 1
         print(f"{unsigned}; accepted (--allow-unsigned)", file=sys.stderr)
     if result.open_at_end:

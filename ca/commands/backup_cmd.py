@@ -23,7 +23,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"  inventory: {done.certificates} certificates, as of one moment "
           f"({config.db_path.name})")
     print(f"  audit log: {done.lines} lines, each chained to the one before; the copied "
-          f"checkpoint, signed by the copied audit key, covers the first {done.signed}")
+          f"checkpoint, signed by the copied audit key, covers the first {done.signed}"
+          + (f" (the {done.lines - done.signed} after it are covered by the restored "
+             "daemon's first checkpoint: `hsmca audit verify` this copy with "
+             "--allow-unsigned)" if done.lines > done.signed else ""))
     print(f"  {done.files} more files: the config, the CA certificates, the admin and TLS "
           "credentials")
     print("not in it:")
