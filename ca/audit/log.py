@@ -87,6 +87,13 @@ Mirror = Callable[[int, list[bytes]], None]
 AuditKeys = Ed25519PublicKey | Sequence[Ed25519PublicKey] | None
 
 
+
+# A restore done under a running daemon is the likeliest cause: its files are the CA's
+# only once the daemon is stopped (an operator's trial read "restore it" just after one).
+_RESTORING = (" (if a backup is being restored: stop this daemon first, a restore is made "
+              "with it stopped)")
+
+
 class _NotTheLog(OSError):
     """The open file is no longer the log at its path, as hsmca wrote it."""
 
@@ -607,12 +614,13 @@ class AuditLog:
                    "saved (see the log); do not stop hsmca before they are: "
                    f"cp /proc/{os.getpid()}/fd/{self._fd} to a safe place")
         elif named is None:
-            why = "was moved or deleted while hsmca ran; put it back"
+            why = f"was moved or deleted while hsmca ran; put it back{_RESTORING}"
         elif (named.st_dev, named.st_ino) != (mine.st_dev, mine.st_ino):
-            why = "was replaced by another file while hsmca ran; put the log back"
+            why = f"was replaced by another file while hsmca ran; put the log back{_RESTORING}"
         elif mine.st_size != self._size_bytes:
             why = (f"was cut or written to by something other than hsmca (it has "
-                   f"{mine.st_size} bytes, hsmca wrote {self._size_bytes}); restore it")
+                   f"{mine.st_size} bytes, hsmca wrote {self._size_bytes}); restore it"
+                   f"{_RESTORING}")
         else:
             return
         raise _NotTheLog(errno.ESTALE, f"{self.path} {why}")
