@@ -26,8 +26,11 @@ from typing import Any, Generic, TypeVar
 # built since the last of them holds every revocation this node has committed.
 SLOTS = {"revocations": 0, "ssh_revocations": 1, "keys": 2, "tls": 3, "ssh_revoked_here": 4}
 # What a worker moves after its commits; the primary moves them all when one exits (it
-# may have died in between). `tls` is the primary's alone.
-WORKERS_MOVE = ("revocations", "ssh_revocations", "keys", "ssh_revoked_here")
+# may have died in between). `tls` is the primary's alone. Not `ssh_revoked_here`: moved
+# at every worker's exit, it made the whole node answer the KRL 503 for the rest of a
+# database outage (a review); a worker killed between an SSH revocation's commit and
+# its move is the narrower loss.
+WORKERS_MOVE = ("revocations", "ssh_revocations", "keys")
 # Values the primary sets for the workers to read, not counters that `bump` moves.
 GAUGES = {"workers_serving": 16, "workers_wanted": 17, "inventory_damaged": 18,
           "workers_silent": 19}

@@ -1209,10 +1209,12 @@ def _key(ctx: Context, who: Requester, req: KeyRequest) -> KeyOrder:
         if req.state == "destroyed":  # as retire says "retired already" (a key trial)
             raise Refused(f"{req.label!r} is destroyed already", Reason.CONFLICT)
         if req.state != "retired":
+            rotate = "hsmca key rotate-root" if req.kind == "root" else \
+                f"hsmca key rotate {req.kind}"
             first = (f": retire it first (hsmca key retire {req.label})"
                      if req.state in ("previous", "next") else
-                     f": rotate first (hsmca key rotate {req.kind}), then retire and "
-                     "destroy the key it replaces" if req.state == "active" else "")
+                     f": rotate first ({rotate}), then retire and destroy the key it "
+                     "replaces" if req.state == "active" else "")
             raise Refused(f"only a retired key is destroyed; {req.label!r} is {req.state}"
                           f"{first}", Reason.CONFLICT)
         if not req.confirmed:
@@ -1568,8 +1570,14 @@ def _acme_finalize(ctx: Context, who: Requester, req: AcmeFinalizeRequest) -> X5
     if subject.spki_sha256 == account.key_spki_sha256:
         raise Refused("the certificate's key must not be the ACME account's key",
                       Reason.BAD_CSR)
-    asked = [policy.classify(_acme_case(n), ctx.policy.allow_wildcards)
-             for n in policy.csr_names(req.csr)]
+    try:
+        in_csr = policy.csr_names(req.csr)
+    except Refused as exc:  # a name asked as another kind: the CSR's fault (RFC 8555
+        # badCSR), not an identifier this CA refuses (a review)
+        if exc.reason is not Reason.BAD_NAME:
+            raise
+        raise Refused(exc.detail, Reason.BAD_CSR) from None
+    asked = [policy.classify(_acme_case(n), ctx.policy.allow_wildcards) for n in in_csr]
     try:
         cns = [a.value for a in req.csr.subject.get_attributes_for_oid(
             x509.NameOID.COMMON_NAME)]

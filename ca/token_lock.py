@@ -26,6 +26,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,12 +170,14 @@ def _locked(path: Path, module: str, token: str, state_dir: Path, shared: bool
         except OSError:
             pass
         os.close(fd)
-        if not shared and holder.startswith(f"{_this_ca(state_dir)}, "):
+        if not shared and (holder.startswith(f"{_this_ca(state_dir)}, ") or re.fullmatch(
+                rf"state directory {re.escape(str(state_dir))}, pid \d+", holder)):
             # This CA itself: its audit log's lock says so, as ever (not on a cluster,
             # where each node has a log of its own: a review). The very directory, not
             # its path: a backup restored in the place of the live CA's directory (moved
             # aside while that CA served on) took this for itself, and served unguarded
-            # beside it (an operator's trial).
+            # beside it (an operator's trial). A 0.3.6 daemon's lock names the path alone:
+            # its audit log's lock decides, as it did then.
             return None
         raise TokenInUse(
             f"another hsmca serves the token {token!r} of {module} on this host ({holder}): "

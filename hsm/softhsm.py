@@ -76,7 +76,7 @@ def _tokendir_problem(tokens: Path, conf: Path) -> str | None:
         return f"its token directory {tokens} (directories.tokendir in {conf}) is not a directory"
     except PermissionError:
         return f"its token directory {tokens} (in {conf}) cannot be read by this user"
-    except OSError:
+    except (OSError, ValueError):  # (ValueError: a NUL in the path)
         pass
     return None
 

@@ -18,7 +18,7 @@ from typing import Any
 import josepy as jose
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -673,6 +673,17 @@ def finalize_csr_asking_for_must_staple(w: World) -> Reply:  # certbot --must-st
     must_staple = x509.TLSFeature([x509.TLSFeatureType.status_request])
     return w.a.post(w.ready.json["finalize"],
                     {"csr": b64(csr_der(["acme2.test"], None, must_staple))})
+
+
+@case(400, "badCSR")
+def finalize_csr_asking_a_name_as_an_email_address(w: World) -> Reply:
+    # the CSR's fault, not an identifier refused (a review: rejectedIdentifier)
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+           .add_extension(x509.SubjectAlternativeName([x509.RFC822Name("acme2.test")]), False)
+           .sign(key, hashes.SHA256()))
+    return w.a.post(w.ready.json["finalize"],
+                    {"csr": b64(csr.public_bytes(serialization.Encoding.DER))})
 
 
 @case(404, "malformed")

@@ -294,6 +294,12 @@ def test_the_token_lock_is_skipped_rather_than_trusted_when_another_user_made_it
         f"pid {os.getpid()}" in str(refused.value), refused.value
     # the same state directory: its audit log's lock says so, not this one
     assert hold_token(*args, lock_dir=tmp_path) is None
+    # as a 0.3.6 daemon's lock names it (its path alone): the same, as then
+    os.pwrite(held.fd, f"state directory {tmp_path}, pid 4242\n".encode().ljust(200), 0)
+    os.ftruncate(held.fd, len(f"state directory {tmp_path}, pid 4242\n"))
+    assert hold_token(*args, lock_dir=tmp_path) is None
+    with pytest.raises(TokenInUse):
+        hold_token(*args[:3], tmp_path / "copy", lock_dir=tmp_path)
     lock = held.path
     held.close()
     assert not lock.exists()  # /run/lock keeps no file per token ever served

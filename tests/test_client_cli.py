@@ -955,7 +955,7 @@ def test_a_hook_that_failed_runs_again_at_the_next_if_due_run(daemon: Daemon,
     proc = hsmca("renew", *common, "--exec", "exit 1", check=False)
     assert proc.stdout.startswith("renewed: serial ")
     assert one_line_error(proc) == "hsmca: error: renewed, but --exec 'exit 1' exited with " \
-        "status 1 (run it yourself once it can succeed)", proc.stderr
+        "status 1 (owed: the next run with --if-due runs it again)", proc.stderr
     before = daemon_serials(daemon)
     proc = hsmca("renew", *common, "--if-due", "--exec", f"touch {reloaded}")
     assert "not renewed: not due until" in proc.stdout and "running --exec again: it did not " \
@@ -969,7 +969,8 @@ def test_a_hook_that_failed_runs_again_at_the_next_if_due_run(daemon: Daemon,
     proc = hsmca("renew", *common, "--exec", "exit 1", check=False)
     proc = hsmca("renew", *common, "--if-due", "--exec", "exit 2", check=False)
     assert one_line_error(proc) == "hsmca: error: the last renewal was installed, but --exec " \
-        "'exit 2' exited with status 2 (the next run with --if-due runs it again)", proc.stderr
+        "'exit 2' exited with status 2 (owed: the next run with --if-due runs it again)", \
+        proc.stderr
     hsmca("renew", *common, "--if-due", "--exec", f"touch {reloaded}")
     assert reloaded.exists()
 
@@ -1079,7 +1080,7 @@ def test_a_hook_that_hangs_is_killed_and_said(daemon: Daemon, tmp_path: Path) ->
     msg = one_line_error(proc)
     assert msg.startswith("hsmca: error: renewed, but --exec") and msg.endswith(
         "was killed (SIGKILL): it did not finish within --exec-timeout (1 s), or something "
-        "else killed it (run it yourself once it can succeed)"), msg
+        "else killed it (owed: the next run with --if-due runs it again)"), msg
     assert proc.stdout.startswith("renewed: serial ")
     # What the hook started went with it (its process group), not only the shell.
     assert gone(child.read_text().strip())

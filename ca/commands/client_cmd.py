@@ -304,8 +304,7 @@ def _run_exec(args: argparse.Namespace, pending: Path, done: str) -> None:
     mark_hook_pending(pending)
     status = asyncio.run(run_hook(args.exec, _hook_env(args.cert, args.key),
                                   timeout_s=args.exec_timeout))
-    again = " (the next run with --if-due runs it again)" if args.if_due else \
-        " (run it yourself once it can succeed)"
+    again = " (owed: the next run with --if-due runs it again)"
     if status == -signal.SIGKILL:  # (also what another process's kill -9 gives)
         raise CLIError(f"{done}, but --exec {args.exec!r} was killed (SIGKILL): it did "
                        f"not finish within --exec-timeout ({args.exec_timeout:g} s), or "
