@@ -680,6 +680,46 @@ async def test_a_ca_restored_from_an_older_backup_is_named_where_its_log_forked(
                                                                           proc.stderr)
 
 
+async def test_a_line_among_the_newest_rewritten_in_place_is_not_served(
+        tmp_path: Path) -> None:
+    """An auditor trial: a line after the last full bundle of 256 (in a young log, any
+    line), rewritten in place while the daemon ran, was served as the log's: only full
+    bundles were checked against their leaves. It is checked against the leaf hashes
+    the daemon holds in memory: not handed out, signing stops and /health says which
+    line, until it is put back."""
+    ca = init_ca(tmp_path)
+    log = ca.state / "audit" / "log.jsonl"
+    d = start_daemon(ca.state)
+    try:
+        auditor = enroll(d, tmp_path, "auditor", ["auditor@example.com"])
+        svc = enroll(d, tmp_path, "service", ["svc3.rewrite.example"])
+        lines = log.read_bytes().splitlines()
+        assert len(lines) < 256  # all of it the edge
+        victim = next(i for i, line in enumerate(lines) if b"svc3.rewrite.example" in line
+                      and b'"phase":"intent"' in line)
+        at = log.read_bytes().index(lines[victim])
+        forged = lines[victim].replace(b"svc3.rewrite.example", b"svc9.rewrite.example")
+        with log.open("r+b") as f:
+            f.seek(at)
+            f.write(forged)
+        status, _, body = await get(d, f"/v1/audit/entries?start={victim}&limit=3", auditor)
+        assert status == 503 and forged not in body, body
+        assert f"line {victim} of the audit log" in json.loads(body)["detail"], body
+        status, _, raw = await http("GET", f"{d.url}/health", d.ssl())
+        assert status == 503 and json.loads(raw)["audit_damaged_seq"] == victim, raw
+        status, _, body = await http("POST", f"{d.url}/v1/x509/renew", d.ssl(*svc), body={})
+        assert status == 503, body
+        with log.open("r+b") as f:  # put back
+            f.seek(at)
+            f.write(lines[victim])
+        await health_until(d, lambda h: h["code"] == 200)
+        status, _, body = await get(d, f"/v1/audit/entries?start={victim}&limit=3", auditor)
+        assert status == 200 and lines[victim] in body, body
+    finally:
+        assert d.stop() == 0
+    audit_verify(ca.state, ok=True)
+
+
 async def test_a_line_rewritten_in_place_stops_signing_and_fails_the_incremental_run(
         tmp_path: Path) -> None:
     """A line under the tiles, rewritten in place at the same length while the daemon

@@ -695,7 +695,7 @@ class AuditLog:
             damaged = sorted(self._damage)
         if damaged:
             for b in damaged:
-                if self._judge(b, self._bundle_lines(b, 1)[0]) is None:
+                if self._judge_again(b) is None:
                     with self._damage_lock:
                         gone = self._damage.pop(b, None)
                     if gone is not None:
@@ -704,14 +704,48 @@ class AuditLog:
             return bundle
         with self._tree_lock:
             full = self._tree.size // TILE_WIDTH
-        if bundle >= full:
-            return 0
-        end = min(bundle + self.CHECK_BUNDLES, full)
-        for k, lines in enumerate(self._bundle_lines(bundle, end - bundle)):
-            if (found := self._judge(bundle + k, lines)) is not None:
-                self._found(found)
-                return bundle
-        return end if end < full else 0
+        if bundle < full:
+            end = min(bundle + self.CHECK_BUNDLES, full)
+            for k, lines in enumerate(self._bundle_lines(bundle, end - bundle)):
+                if (found := self._judge(bundle + k, lines)) is not None:
+                    self._found(found)
+                    return bundle
+            if end < full:
+                return end
+        # The pass is through: the lines after the last full bundle too, against the
+        # leaf hashes the tree holds in memory
+        if (found := self._judge_again(full)) is not None:
+            self._found(found)
+        return 0
+
+    def _judge_again(self, bundle: int) -> _Finding | None:
+        """Bundle `bundle` as it is on disk now, full or the edge."""
+        with self._tree_lock:
+            size = self._tree.size
+            if bundle == size // TILE_WIDTH:  # the edge
+                lo, hi = self._bundle_start(bundle), self._size_bytes
+                count = size - bundle * TILE_WIDTH
+        if bundle < size // TILE_WIDTH:
+            return self._judge(bundle, self._bundle_lines(bundle, 1)[0])
+        if bundle > size // TILE_WIDTH or not count:
+            return None
+        return self._judge_edge(bundle, 0, os.pread(self._fd, hi - lo, lo).split(b"\n")[:count])
+
+    def _judge_edge(self, bundle: int, first: int, lines: list[bytes]) -> _Finding | None:
+        """Lines of the edge bundle `bundle` from its line `first`, against the leaf
+        hashes the tree holds in memory for them: a line rewritten in place among the
+        newest (after the last full bundle) was served as the log's until the next
+        start, and an auditor's incremental run said OK (an auditor trial)."""
+        with self._tree_lock:
+            known = self._tree.read_tile(0, bundle, first + len(lines))
+        if known is None:
+            return None  # (more lines asked than the tree holds: not served)
+        hashes, known = leaf_hashes(lines), known[first * HASH_SIZE:]
+        if hashes == known:
+            return None
+        at = next((i for i in range(len(lines)) if hashes[i * HASH_SIZE:(i + 1) * HASH_SIZE]
+                   != known[i * HASH_SIZE:(i + 1) * HASH_SIZE]), len(lines))
+        return _Finding(bundle * TILE_WIDTH + first + at, "line")
 
     def _owe_resume(self, why: str) -> None:
         """The next batch begins with a `log.resume` line saying `why` signing stopped,
@@ -759,8 +793,11 @@ class AuditLog:
         seq, stop = first, first + len(lines)
         while seq < stop:
             bundle, k = divmod(seq, TILE_WIDTH)
-            if bundle >= full:
-                return  # the edge: in memory, and checked at every start
+            if bundle >= full:  # the edge: against the leaf hashes held in memory
+                if (found := self._judge_edge(bundle, k, lines[seq - first:])) is not None:
+                    self._found(found)
+                    raise LinesRewritten(found.text(self.path))
+                return
             take = min(TILE_WIDTH - k, stop - seq)
             served = lines[seq - first:seq - first + take]
             if take < TILE_WIDTH:  # judged whole, should its tile be damaged: these lines
