@@ -285,6 +285,7 @@ def test_daemon_feeds_two_witnesses_which_refuse_a_rewritten_re_signed_log(
         daemons.append(d)
         for w in witnesses:
             w.run.wait("cosigned")  # the checkpoint signed at start
+        early = (ca.state / "audit" / "checkpoint.cosigned").read_text()
         handle = Daemon(url, d.proc, ca.state, [])
         enroll(handle, tmp_path, "service", ["svc.witness.example"])
         assert d.stop() == 0
@@ -314,6 +315,19 @@ def test_daemon_feeds_two_witnesses_which_refuse_a_rewritten_re_signed_log(
         assert proc.returncode == 1 and proc.stderr.startswith(
             "FAILED (no line): the checkpoint") and "no valid cosignature by w3.test/witness+" \
             in proc.stderr, proc.stderr
+        # The log cut back to an older cosigned checkpoint, the daemon's newer checkpoint
+        # beside it: still cut (an auditor trial: with --witness-key, the cosigned file
+        # alone was checked, and the cut log passed)
+        cut = tmp_path / "cut"
+        cut.mkdir()
+        kept = (ca.state / "audit" / "log.jsonl").read_bytes().splitlines(keepends=True)
+        (cut / "log.jsonl").write_bytes(b"".join(kept[:parse_checkpoint(early).size + 2]))
+        (cut / "checkpoint.cosigned").write_text(early)
+        shutil.copy(ca.state / "audit" / "checkpoint", cut / "checkpoint")
+        assert parse_checkpoint(early).size + 2 < size
+        proc = audit_verify(ca.state, *keys, log=cut / "log.jsonl")
+        assert proc.returncode == 1 and f"latest checkpoint covers {size} lines" in \
+            proc.stderr, proc.stdout + proc.stderr
         # A copy of the log alone: the cosignatures are nowhere, and that is what is said
         # (it blamed a checkpoint.cosigned that did not exist, as if it had been checked).
         alone = tmp_path / "copy"

@@ -103,6 +103,23 @@ def _checkpoint_file(args: argparse.Namespace) -> tuple[Path, str | None]:
     return path, text
 
 
+def _plain_checkpoint(args: argparse.Namespace) -> str | None:
+    """The daemon's latest checkpoint beside the log, when the cosigned one was taken
+    by default (--witness-key without --checkpoint); None if there is none to read."""
+    if not args.witness_key or args.checkpoint is not None:
+        return None
+    try:
+        text = (args.log.parent / "checkpoint").read_text("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    from ca.audit.note import NoteError, parse_checkpoint
+    try:
+        parse_checkpoint(text)
+    except NoteError:
+        return None
+    return text
+
+
 def _witness_keys(texts: list[str]) -> list[Any]:
     from ca.audit.cosignature import ALG_COSIGNATURE, parse_verifier_key
     keys = []
@@ -262,8 +279,13 @@ def verify(args: argparse.Namespace) -> int:
             raise CLIError(f"{what} is for the log {named[:100]!r}, not this one ({origin!r}, "
                            "as its own checkpoints say): another CA's, or another log's?")
     try:
-        result = verify_log(data, key, origin, origin=origin, latest_checkpoint=latest,
-                            state=state, open_allowed=args.allow_unsigned)
+        # With --witness-key the cosigned checkpoint is the one whose cosignatures count,
+        # but the daemon's newer one beside it still says how long the log must be
+        newest = _plain_checkpoint(args) if latest is not None else None
+        result = verify_log(data, key, origin, origin=origin,
+                            latest_checkpoint=newest or latest, state=state,
+                            open_allowed=args.allow_unsigned,
+                            cosigned_checkpoint=latest if newest else None)
     except ValueError as exc:  # the state file's fault, never the log's (verify_log)
         raise CLIError(f"--state {args.state}: {exc}") from None
     if not result.ok:

@@ -66,13 +66,17 @@ class VerifyResult:
 def verify_log(data: bytes, public_key: Ed25519PublicKey, key_name: str,
                origin: str | None = None, latest_checkpoint: str | None = None,
                state: dict[str, Any] | None = None, *,
-               workers: int | None = None, open_allowed: bool = False) -> VerifyResult:
+               workers: int | None = None, open_allowed: bool = False,
+               cosigned_checkpoint: str | None = None) -> VerifyResult:
     """Verify a whole audit log, given as the file's bytes exactly as stored.
 
     `key_name` is the audit key's name in the checkpoint signature lines and
     `origin`, when given, the origin line every checkpoint must carry.
     `latest_checkpoint` is the latest checkpoint file's text, and `state` the state
     saved by the previous run (`load_state`), if the auditor has them.
+    `cosigned_checkpoint`, an older checkpoint the witnesses cosigned, vouches for its
+    prefix too (checked against `latest_checkpoint`'s log, not instead of it: a log cut
+    back to the cosigned size passed when it was used alone, an auditor trial).
     `open_allowed` accepts intents still open at the end of the log with no daemon.start
     after them, as a copy of a running or crashed daemon's log has (`open_at_end`).
 
@@ -94,7 +98,8 @@ def verify_log(data: bytes, public_key: Ed25519PublicKey, key_name: str,
     was_enabled = gc.isenabled()
     gc.disable()  # millions of short-lived dicts; nothing here makes reference cycles
     try:
-        result = _verify(data, key, latest_checkpoint, prior, workers, open_allowed)
+        result = _verify(data, key, latest_checkpoint, prior, workers, open_allowed,
+                         cosigned_checkpoint)
         if result.ok:
             result = dataclasses.replace(result, note=say_hand_overs(
                 hand_overs(data[:data.rfind(b"\n") + 1], 0, key_name)))
@@ -105,7 +110,8 @@ def verify_log(data: bytes, public_key: Ed25519PublicKey, key_name: str,
 
 
 def _verify(data: bytes, key: PinnedKey, latest_text: str | None,
-            prior: AuditorState | None, workers: int, open_allowed: bool) -> VerifyResult:
+            prior: AuditorState | None, workers: int, open_allowed: bool,
+            cosigned_text: str | None = None) -> VerifyResult:
     end = data.rfind(b"\n") + 1
     tail = data[end:]  # empty unless the final line is torn
     chunks = scan_all(data, end, workers, key)
@@ -133,6 +139,12 @@ def _verify(data: bytes, key: PinnedKey, latest_text: str | None,
                             "the checkpoint verified last time"))
     if latest is not None:
         vouched.append((TreeHead(latest.size, latest.root), "the latest checkpoint"))
+    cosigned, cosigned_error = (None, None) if cosigned_text is None else \
+        check_latest(cosigned_text, key)
+    if cosigned is not None:
+        vouched.append((TreeHead(cosigned.size, cosigned.root), "the cosigned checkpoint"))
+    latest_error = latest_error or (cosigned_error and f"the cosigned checkpoint: "
+                                                       f"{cosigned_error}")
     merkle = tree(chunks) if checkpoints or vouched else MerkleTree()
     verified, wrong_root = check_roots(merkle, checkpoints)
     failure = earliest(failure, wrong_root)
