@@ -64,8 +64,8 @@ async def test_a_backup_taken_while_the_ca_signs_restores_to_a_ca_that_serves(
     # later (an operator's trial was told to wait for a daemon that never signs one)
     plain = audit_verify(out, log=out / "audit" / "log.jsonl")
     if plain.returncode:
-        assert "are covered by the restored daemon's first checkpoint: `hsmca audit " \
-            "verify` this copy with --allow-unsigned" in said, said
+        assert "unsigned: the restored daemon's first checkpoint covers them, and " \
+            "--allow-unsigned accepts them meanwhile" in said, said
         assert "--allow-unsigned" in plain.stderr, plain.stderr  # (its unsigned lines,
         # or an intent whose outcome came after the copy)
     audit_verify(out, "--allow-unsigned", log=out / "audit" / "log.jsonl", ok=True)

@@ -24,9 +24,10 @@ def run(args: argparse.Namespace) -> int:
           f"({config.db_path.name})")
     print(f"  audit log: {done.lines} lines, each chained to the one before; the copied "
           f"checkpoint, signed by the copied audit key, covers the first {done.signed}"
-          + (f" (the {done.lines - done.signed} after it are covered by the restored "
-             "daemon's first checkpoint: `hsmca audit verify` this copy with "
-             "--allow-unsigned)" if done.lines > done.signed else ""))
+          + (f" (should `hsmca audit verify` call the {done.lines - done.signed} after it "
+             "unsigned: the restored daemon's first checkpoint covers them, and "
+             "--allow-unsigned accepts them meanwhile)" if done.lines > done.signed + 2
+             else ""))
     print(f"  {done.files} more files: the config, the CA certificates, the admin and TLS "
           "credentials")
     print("not in it:")

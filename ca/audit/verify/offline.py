@@ -160,11 +160,14 @@ def _verify(data: bytes, key: PinnedKey, latest_text: str | None,
 
     last_start = max(c.last_start for c in chunks)
     if failure is None:
-        failure = _end_of_log(n, tail, prior, latest, claimed, latest_error,
-                              _not_in_flight(open_intents, checkpoints, latest, prior)
-                              if open_allowed else open_intents, last_start)
+        failure = _end_of_log(n, tail, prior, latest, claimed, latest_error)
     if failure is None and latest is not None:
+        # before the open intents: the cut explains them (an auditor trial was told to
+        # accept them with --allow-unsigned, and was then told of the cut)
         failure = _signing_cut(n, latest)
+    if failure is None:
+        failure = unexcused(_not_in_flight(open_intents, checkpoints, latest, prior)
+                            if open_allowed else open_intents, last_start)
     if failure is not None:
         return VerifyResult(False, n, failure.seq, failure.reason, verified, None)
     if latest_error is not None:  # the log is fine, but the checkpoint file is not
@@ -217,11 +220,11 @@ def _claimed_size(text: str | None) -> int | None:
 
 
 def _end_of_log(n: int, tail: bytes, prior: AuditorState | None, latest: SignedPrefix | None,
-                claimed: int | None, latest_error: str | None, open_intents: dict[str, int],
-                last_start: int) -> Failure | None:
+                claimed: int | None, latest_error: str | None) -> Failure | None:
     """Checks that need the whole log, once every complete line has passed.
 
-    A missing tail explains open intents, so truncation and a torn line come first.
+    A missing tail explains open intents, so truncation and a torn line come first (and
+    a cut through the latest checkpoint's own signing, `_signing_cut`).
     """
     if prior is not None and prior.size > n:
         return Failure(n, Stage.LINE, f"truncated: the log had {prior.size} lines at the last "
@@ -239,7 +242,7 @@ def _end_of_log(n: int, tail: bytes, prior: AuditorState | None, latest: SignedP
     if tail:
         return Failure(n, Stage.LINE, "torn line: the final line has no newline (an "
                                       "interrupted write)")
-    return unexcused(open_intents, last_start)
+    return None
 
 
 def _signing_cut(n: int, latest: SignedPrefix) -> Failure | None:
