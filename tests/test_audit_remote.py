@@ -680,6 +680,20 @@ async def test_a_ca_restored_from_an_older_backup_is_named_where_its_log_forked(
                                                                           proc.stderr)
 
 
+async def refused_once_rewritten(d: Daemon, auditor: tuple[Path, Path], log: Path, at: int,
+                                 victim: int, forged: bytes) -> None:
+    """Line `victim` (at byte `at`) rewritten as `forged` while the daemon runs: asked
+    for, it is not handed out, and /health names it."""
+    with log.open("r+b") as f:
+        f.seek(at)
+        f.write(forged)
+    status, _, body = await get(d, f"/v1/audit/entries?start={victim}&limit=1", auditor)
+    assert status == 503 and forged not in body, body
+    assert f"line {victim} of the audit log" in json.loads(body)["detail"], body
+    status, _, raw = await http("GET", f"{d.url}/health", d.ssl())
+    assert status == 503 and json.loads(raw)["audit_damaged_seq"] == victim, raw
+
+
 async def test_a_line_among_the_newest_rewritten_in_place_is_not_served(
         tmp_path: Path) -> None:
     """An auditor trial: a line after the last full bundle of 256 (in a young log, any
@@ -699,14 +713,7 @@ async def test_a_line_among_the_newest_rewritten_in_place_is_not_served(
                       and b'"phase":"intent"' in line)
         at = log.read_bytes().index(lines[victim])
         forged = lines[victim].replace(b"svc3.rewrite.example", b"svc9.rewrite.example")
-        with log.open("r+b") as f:
-            f.seek(at)
-            f.write(forged)
-        status, _, body = await get(d, f"/v1/audit/entries?start={victim}&limit=3", auditor)
-        assert status == 503 and forged not in body, body
-        assert f"line {victim} of the audit log" in json.loads(body)["detail"], body
-        status, _, raw = await http("GET", f"{d.url}/health", d.ssl())
-        assert status == 503 and json.loads(raw)["audit_damaged_seq"] == victim, raw
+        await refused_once_rewritten(d, auditor, log, at, victim, forged)
         status, _, body = await http("POST", f"{d.url}/v1/x509/renew", d.ssl(*svc), body={})
         assert status == 503, body
         with log.open("r+b") as f:  # put back
@@ -785,14 +792,7 @@ async def test_a_line_rewritten_in_place_stops_signing_and_fails_the_incremental
         # hour away, and the line was served as the log's meanwhile (an auditor trial).
         # Asked for now, it is checked against its leaf: the damage is said at once, and
         # the forged line is not handed out (it was, as the log's: a later trial).
-        with log.open("r+b") as f:
-            f.seek(at)
-            f.write(forged)
-        status, _, body = await get(d, f"/v1/audit/entries?start={victim}&limit=1", auditor)
-        assert status == 503 and forged not in body, body
-        assert f"line {victim} of the audit log" in json.loads(body)["detail"], body
-        status, _, raw = await http("GET", f"{d.url}/health", d.ssl())
-        assert status == 503 and json.loads(raw)["audit_damaged_seq"] == victim, raw
+        await refused_once_rewritten(d, auditor, log, at, victim, forged)
         with log.open("r+b") as f:
             f.seek(at)
             f.write(lines[victim])
