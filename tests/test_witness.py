@@ -328,6 +328,17 @@ def test_daemon_feeds_two_witnesses_which_refuse_a_rewritten_re_signed_log(
         proc = audit_verify(ca.state, *keys, log=cut / "log.jsonl")
         assert proc.returncode == 1 and f"latest checkpoint covers {size} lines" in \
             proc.stderr, proc.stdout + proc.stderr
+        # ...and the other way round: an older `checkpoint` put there (every one is in the
+        # log) does not hide the cosigned one's size (a review)
+        (cut / "checkpoint.cosigned").write_text(cosigned)
+        (cut / "checkpoint").write_text(early)
+        proc = audit_verify(ca.state, *keys, log=cut / "log.jsonl")
+        assert proc.returncode == 1 and f"latest checkpoint covers {size} lines" in \
+            proc.stderr, proc.stdout + proc.stderr
+        # and one that is not a checkpoint is refused, as without --witness-key
+        (cut / "checkpoint").write_text("not a note\n")
+        proc = audit_verify(ca.state, *keys, log=cut / "log.jsonl")
+        assert proc.returncode == 1 and "is not a checkpoint note" in proc.stderr, proc.stderr
         # A copy of the log alone: the cosignatures are nowhere, and that is what is said
         # (it blamed a checkpoint.cosigned that did not exist, as if it had been checked).
         alone = tmp_path / "copy"

@@ -105,18 +105,25 @@ def _checkpoint_file(args: argparse.Namespace) -> tuple[Path, str | None]:
 
 def _plain_checkpoint(args: argparse.Namespace) -> str | None:
     """The daemon's latest checkpoint beside the log, when the cosigned one was taken
-    by default (--witness-key without --checkpoint); None if there is none to read."""
+    by default (--witness-key without --checkpoint); None if there is none. One that
+    is there and not a checkpoint is refused, as without --witness-key."""
     if not args.witness_key or args.checkpoint is not None:
         return None
+    path = args.log.parent / "checkpoint"
     try:
-        text = (args.log.parent / "checkpoint").read_text("utf-8")
-    except (OSError, UnicodeDecodeError):
+        text = path.read_text("utf-8")
+    except FileNotFoundError:
         return None
+    except OSError as exc:
+        raise CLIError(f"cannot read the checkpoint {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise CLIError(f"the checkpoint {path} is not UTF-8 text: not a checkpoint "
+                       "(a signed note)") from None
     from ca.audit.note import NoteError, parse_checkpoint
     try:
         parse_checkpoint(text)
-    except NoteError:
-        return None
+    except NoteError as exc:
+        raise CLIError(f"the checkpoint {path} is not a checkpoint note: {exc}") from None
     return text
 
 
@@ -280,12 +287,15 @@ def verify(args: argparse.Namespace) -> int:
                            "as its own checkpoints say): another CA's, or another log's?")
     try:
         # With --witness-key the cosigned checkpoint is the one whose cosignatures count,
-        # but the daemon's newer one beside it still says how long the log must be
-        newest = _plain_checkpoint(args) if latest is not None else None
-        result = verify_log(data, key, origin, origin=origin,
-                            latest_checkpoint=newest or latest, state=state,
-                            open_allowed=args.allow_unsigned,
-                            cosigned_checkpoint=latest if newest else None)
+        # but the daemon's newer one beside it still says how long the log must be: the
+        # longer of the two is the latest, the other vouches for its prefix (a review: an
+        # older `checkpoint` put there hid the cosigned one's size)
+        plain = _plain_checkpoint(args) if latest is not None else None
+        pair = [latest, plain] if plain is not None else [latest]
+        pair.sort(key=lambda note: parse_checkpoint(note).size if note else -1)
+        result = verify_log(data, key, origin, origin=origin, latest_checkpoint=pair[-1],
+                            state=state, open_allowed=args.allow_unsigned,
+                            cosigned_checkpoint=pair[0] if len(pair) == 2 else None)
     except ValueError as exc:  # the state file's fault, never the log's (verify_log)
         raise CLIError(f"--state {args.state}: {exc}") from None
     if not result.ok:

@@ -1274,8 +1274,23 @@ async def _check_log_on_disk(audit: AuditLog) -> None:
     again every second, so that signing resumes as soon as the line is put back."""
     bundle = 0
     loop = asyncio.get_running_loop()
+    failing = False
     while True:
-        bundle = await asyncio.to_thread(audit.check_on_disk, bundle)
+        try:
+            bundle = await asyncio.to_thread(audit.check_on_disk, bundle)
+        except Exception as exc:  # a read the disk failed, a tile index cut short: said
+            # once, and tried again; it ended this task for good, unsaid, and damage found
+            # before was never seen put back (a review)
+            if not failing:
+                log.error("the audit log's lines cannot be read again to check them; "
+                          "trying again every second", error=f"{type(exc).__name__}: {exc}",
+                          from_bundle=bundle)
+            failing = True
+            await asyncio.sleep(LOG_RETRY_S)  # a retry pace, not synchronisation
+            continue
+        if failing:
+            failing = False
+            log.warning("the audit log's lines are checked again")
         if audit.damaged_seq is not None:
             await asyncio.sleep(LOG_RETRY_S)  # a retry pace, not synchronisation
             continue

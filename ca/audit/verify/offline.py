@@ -74,9 +74,9 @@ def verify_log(data: bytes, public_key: Ed25519PublicKey, key_name: str,
     `origin`, when given, the origin line every checkpoint must carry.
     `latest_checkpoint` is the latest checkpoint file's text, and `state` the state
     saved by the previous run (`load_state`), if the auditor has them.
-    `cosigned_checkpoint`, an older checkpoint the witnesses cosigned, vouches for its
-    prefix too (checked against `latest_checkpoint`'s log, not instead of it: a log cut
-    back to the cosigned size passed when it was used alone, an auditor trial).
+    `cosigned_checkpoint`, another checkpoint (the one the witnesses cosigned, when the
+    latest file is newer), vouches for its prefix too, and the log must reach its size:
+    with the cosigned file alone, a log cut back to its size passed (an auditor trial).
     `open_allowed` accepts intents still open at the end of the log with no daemon.start
     after them, as a copy of a running or crashed daemon's log has (`open_at_end`).
 
@@ -159,6 +159,10 @@ def _verify(data: bytes, key: PinnedKey, latest_text: str | None,
     verified += latest is not None
 
     last_start = max(c.last_start for c in chunks)
+    if failure is None and cosigned is not None and cosigned.size > n:
+        failure = Failure(n, Stage.LINE, f"log is shorter than the checkpoint (truncated): "
+                                         f"the cosigned checkpoint covers {cosigned.size} "
+                                         f"lines, the log has {n}")
     if failure is None:
         failure = _end_of_log(n, tail, prior, latest, claimed, latest_error)
     if failure is None and latest is not None:
