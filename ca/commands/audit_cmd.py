@@ -86,30 +86,15 @@ def _checkpoint_file(args: argparse.Namespace) -> tuple[Path, str | None]:
                            "once a witness has cosigned; give the cosigned checkpoint you "
                            "hold with --checkpoint")
         return path, None
-    try:
-        text = path.read_text("utf-8")
-    except FileNotFoundError:
-        raise CLIError(f"--checkpoint {path}: no such file") from None
-    except OSError as exc:
-        raise CLIError(f"cannot read the checkpoint {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise CLIError(f"the checkpoint {path} is not UTF-8 text: not a checkpoint "
-                       "(a signed note)") from None
-    from ca.audit.note import NoteError, parse_checkpoint
-    try:
-        parse_checkpoint(text)
-    except NoteError as exc:
-        raise CLIError(f"the checkpoint {path} is not a checkpoint note: {exc}") from None
+    text = _read_checkpoint(path)
+    if text is None:
+        raise CLIError(f"--checkpoint {path}: no such file")
     return path, text
 
 
-def _plain_checkpoint(args: argparse.Namespace) -> str | None:
-    """The daemon's latest checkpoint beside the log, when the cosigned one was taken
-    by default (--witness-key without --checkpoint); None if there is none. One that
-    is there and not a checkpoint is refused, as without --witness-key."""
-    if not args.witness_key or args.checkpoint is not None:
-        return None
-    path = args.log.parent / "checkpoint"
+def _read_checkpoint(path: Path) -> str | None:
+    """The checkpoint note at `path`; None if there is no such file. One that cannot be
+    read, or is not a checkpoint note, is a one-line error naming it."""
     try:
         text = path.read_text("utf-8")
     except FileNotFoundError:
@@ -125,6 +110,15 @@ def _plain_checkpoint(args: argparse.Namespace) -> str | None:
     except NoteError as exc:
         raise CLIError(f"the checkpoint {path} is not a checkpoint note: {exc}") from None
     return text
+
+
+def _plain_checkpoint(args: argparse.Namespace) -> str | None:
+    """The daemon's latest checkpoint beside the log, when the cosigned one was taken
+    by default (--witness-key without --checkpoint); None if there is none. One that
+    is there and not a checkpoint is refused, as without --witness-key."""
+    if not args.witness_key or args.checkpoint is not None:
+        return None
+    return _read_checkpoint(args.log.parent / "checkpoint")
 
 
 def _witness_keys(texts: list[str]) -> list[Any]:
