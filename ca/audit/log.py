@@ -743,9 +743,7 @@ class AuditLog:
         hashes, known = leaf_hashes(lines), known[first * HASH_SIZE:]
         if hashes == known:
             return None
-        at = next((i for i in range(len(lines)) if hashes[i * HASH_SIZE:(i + 1) * HASH_SIZE]
-                   != known[i * HASH_SIZE:(i + 1) * HASH_SIZE]), len(lines))
-        return _Finding(bundle * TILE_WIDTH + first + at, "line")
+        return _Finding(bundle * TILE_WIDTH + first + _first_other(hashes, known), "line")
 
     def _owe_resume(self, why: str) -> None:
         """The next batch begins with a `log.resume` line saying `why` signing stopped,
@@ -843,9 +841,7 @@ class AuditLog:
             return None
         if hashes == tile:
             return None
-        at = next((i for i in range(len(lines)) if hashes[i * HASH_SIZE:(i + 1) * HASH_SIZE]
-                   != tile[i * HASH_SIZE:(i + 1) * HASH_SIZE]), len(lines))
-        return _Finding(bundle * TILE_WIDTH + at, "line")
+        return _Finding(bundle * TILE_WIDTH + _first_other(hashes, tile), "line")
 
     def _first_damage(self) -> _Finding | None:
         """The damage found first in the log (lowest seq), until it is put back."""
@@ -1305,6 +1301,13 @@ def _check_chain(path: Path, before: bytes | None, lines: list[bytes], first: in
 def _leaves(lines: list[bytes]) -> list[bytes]:
     blob = leaf_hashes(lines)
     return [blob[i:i + 32] for i in range(0, len(blob), 32)]
+
+
+def _first_other(hashes: bytes, leaves: bytes) -> int:
+    """The index of the first leaf hash in `hashes` that `leaves` does not hold."""
+    count = len(hashes) // HASH_SIZE
+    return next((i for i in range(count) if hashes[i * HASH_SIZE:(i + 1) * HASH_SIZE]
+                 != leaves[i * HASH_SIZE:(i + 1) * HASH_SIZE]), count)
 
 
 class _Finding(NamedTuple):

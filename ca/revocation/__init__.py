@@ -98,6 +98,19 @@ async def sent_or_withheld(issuance: Issuance, issued: Issued | IssuedSSH
         raise
 
 
+async def unless_revoked_meanwhile(revocation: Awaitable[object]) -> None:
+    """Await a revocation the caller makes on its own account (not asked by a client):
+    one committed between the caller's look and this one (the revocation's own sweep,
+    an admin's, another node's) has done it, and its line is voided, so the certificate
+    is revoked all the same. Only a client is told 409 already-revoked (a review: the
+    callers that did not expect it answered 409 or logged that it could not be revoked)."""
+    try:
+        await revocation
+    except Refused as exc:
+        if exc.reason is not Reason.ALREADY_REVOKED:
+            raise
+
+
 @dataclass(frozen=True)
 class Revocation:
     """What a revocation did, once it is recorded and committed."""
@@ -466,23 +479,13 @@ class Revocations:
         # twice, and the answer is the same.
         if isinstance(order, ra.SSHRevokeOrder):
             if matching := await self.count_ssh(ssh_serial, None, None):
-                try:
-                    await self.revoke_ssh(order, matching, request_id)
-                except Refused as exc:
-                    # The sweep committed between the count and this revocation (its
-                    # line is voided): the certificate is in the KRL all the same.
-                    if exc.reason is not Reason.ALREADY_REVOKED:
-                        raise
+                await unless_revoked_meanwhile(self.revoke_ssh(order, matching, request_id))
             what = f"SSH certificate {ssh_serial} is revoked with it (in the KRL)"
         else:
             assert child is not None
             record = await self.store.cert(child)
             if record is not None and record.revoked_at is None:
-                try:
-                    await self.revoke(order, request_id)
-                except Refused as exc:
-                    if exc.reason is not Reason.ALREADY_REVOKED:  # the sweep, just now
-                        raise
+                await unless_revoked_meanwhile(self.revoke(order, request_id))
             what = f"the new certificate {child:x} is revoked with it"
         log.warning("a revocation raced this request: what it got is revoked too",
                     revoked_parent=parent_hex, child=None if child is None else format(child, "x"),

@@ -17,8 +17,7 @@ from collections.abc import Awaitable, Callable, Iterable
 import structlog
 
 from ca import ra
-from ca.policy import Reason, Refused
-from ca.revocation import Revocations
+from ca.revocation import Revocations, unless_revoked_meanwhile
 from ca.store import Store
 
 # (purpose as the intent writes it, the serial as the intent writes it, the intent's seq)
@@ -54,7 +53,7 @@ async def revoke_unreleased(items: Iterable[Unreleased], store: Store, audit: ob
                          detail=DETAIL)
             ssh_order = ra.order(await context(), ra.Local(), ra.SSHRevokeRequest(
                 serial, None, None, matching))
-            await _unless_revoked_meanwhile(revocations.revoke_ssh(ssh_order, matching, None))
+            await unless_revoked_meanwhile(revocations.revoke_ssh(ssh_order, matching, None))
         else:
             # The read that has its audit line, once a commit given up on has landed
             issued = await store.settled_cert(serial)
@@ -80,17 +79,7 @@ async def revoke_unreleased(items: Iterable[Unreleased], store: Store, audit: ob
                          "never released", token_id=token, serial=text)
             order = ra.order(await context(), ra.Local(), ra.RevokeRequest(
                 serial, "cessationOfOperation"))
-            await _unless_revoked_meanwhile(revocations.revoke(order, None))
+            await unless_revoked_meanwhile(revocations.revoke(order, None))
         done.append(text)
     return done
 
-
-async def _unless_revoked_meanwhile(revocation: Awaitable[object]) -> None:
-    """A revocation committed between the look above and this one (an admin's, or its
-    parent's on another node) has done it: the certificate is revoked all the same (a
-    review: the worker logged that it could not be revoked, the start stopped there)."""
-    try:
-        await revocation
-    except Refused as exc:
-        if exc.reason is not Reason.ALREADY_REVOKED:
-            raise
