@@ -377,6 +377,12 @@ def corpus() -> list[Case]:
     add(Case("entries as service", "GET", "/v1/audit/entries", 403, "wrong-role", "service"))
     add(Case("entries anonymous", "GET", "/v1/audit/entries", 403,
              "client-certificate-required", "none"))
+    # Where the witnesses stand names their URLs: for auditors and admins, as entries are
+    add(Case("witnesses as service", "GET", "/v1/audit/witnesses", 403, "wrong-role",
+             "service"))
+    add(Case("witnesses anonymous", "GET", "/v1/audit/witnesses", 403,
+             "client-certificate-required", "none"))
+    add(Case("witnesses foo=1", "GET", "/v1/audit/witnesses?foo=1", 400, "bad-query", "admin"))
     for q in ["", "index=5", "index=5&size=2", "index=0&size=99999999", "index=x&size=1",
               "index=%C2%B2&size=3"]:
         add(Case(f"inclusion {q!r}", "GET", f"/v1/audit/proof/inclusion?{q}", 400, "bad-query",

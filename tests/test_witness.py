@@ -471,6 +471,118 @@ def test_a_log_cut_and_grown_again_fails_against_its_own_cosigned_checkpoint(
         witness.run.stop()
 
 
+def witness_report(handle: Daemon) -> list[dict[str, Any]]:
+    """GET /v1/audit/witnesses, as the admin."""
+    with urllib.request.urlopen(f"{handle.url}/v1/audit/witnesses", context=handle.admin_ssl(),
+                                timeout=60) as answer:
+        assert answer.headers["Content-Type"].startswith("application/json")
+        found: list[dict[str, Any]] = json.loads(answer.read())["witnesses"]
+    return found
+
+
+def ui_status(handle: Daemon, auditor: tuple[Path, Path], tmp: Path,
+              witness_key: str) -> dict[str, Any]:
+    """The web view's settled banner, pinned to `witness_key`."""
+    ui = Running.start("ui", "--url", handle.url, "--ca", handle.root, "--cert", auditor[0],
+                       "--key", auditor[1], "--audit-key",
+                       handle.state / "audit" / "audit_key.pem", "--state", tmp / "ui.state",
+                       "--witness-key", witness_key, "--listen", "127.0.0.1:0")
+    try:
+        return settled_status(ui.listening_url())
+    finally:
+        ui.stop()
+
+
+def test_a_log_put_back_from_a_backup_is_refused_by_its_witness_and_its_auditors_told(
+        tmp_path: Path) -> None:
+    """A CA put back from a copy of its state directory: its log is shorter than the one
+    the witness cosigned, and the witness refuses every checkpoint ("cut"). The
+    cosigned checkpoint beside the log is the copy's, which the log extends, so nothing
+    an auditor fetched disagreed: `audit verify --url` said OK and the web view was
+    green, the refusal in /metrics alone. The daemon now serves where its witnesses
+    stand (GET /v1/audit/witnesses), and both fail on a refusal."""
+    ca = init_ca(tmp_path)
+    cfg = ca.state / "hsmca.toml"
+    origin, log_vkey = log_key(ca.state)
+    witness = WitnessProcess(tmp_path, "w1.test/witness", {origin: log_vkey})
+    set_config(ca.state, "audit", "witnesses", [witness.url])
+    set_config(ca.state, "audit", "witness-keys", [witness.vkey])
+    daemons: list[Running] = []
+    try:
+        d, url = serve(cfg)
+        daemons.append(d)
+        handle = Daemon(url, d.proc, ca.state, [])
+        auditor = enroll(handle, tmp_path, "auditor", ["auditor@witness.example"])
+        assert d.stop() == 0
+        backup = tmp_path / "backup"
+        shutil.copytree(ca.state, backup, symlinks=True)
+        d, url = serve(cfg)
+        daemons.append(d)
+        enroll(Daemon(url, d.proc, ca.state, []), tmp_path, "service",
+               ["later.witness.example"])
+        assert d.stop() == 0
+        held = witness.state[origin]
+        shutil.rmtree(ca.state)
+        shutil.copytree(backup, ca.state, symlinks=True)  # put back
+
+        d, url = serve(cfg)
+        daemons.append(d)
+        handle = Daemon(url, d.proc, ca.state, [])
+        refusal = d.wait("witness refused the checkpoint", witness=witness.url)
+        assert f"holds a checkpoint of {held} lines" in refusal["reason"], refusal
+        [standing] = witness_report(handle)
+        assert standing["witness"] == witness.url and standing["state"] == "refused" and \
+            standing["reason"] == "cut" and standing["failures"] >= 1, standing
+        for extra in ((), ("--witness-key", witness.vkey)):
+            proc = audit_verify(ca.state, "--state", tmp_path / f"fresh{len(extra)}.state",
+                                *extra, served=(handle, auditor))
+            assert proc.returncode == 1 and proc.stderr.startswith(
+                f"FAILED (no line): witness {witness.url} refused the checkpoint of ") and \
+                f"the witness holds a checkpoint of {held} lines" in proc.stderr and \
+                "put back from a backup" in proc.stderr, proc.stdout + proc.stderr
+        status = ui_status(handle, auditor, tmp_path, witness.vkey)
+        assert status["status"] == "failed" and status["banner"].startswith(
+            f"FAILED: witness {witness.url} refused the checkpoint"), status
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+        witness.run.stop()
+
+
+def test_a_witness_that_cannot_be_reached_is_named_to_the_auditor(tmp_path: Path) -> None:
+    """A witness that is down is no verdict on the log, but the newest lines are not
+    witnessed: `audit verify --url` still says OK and names it, with the daemon's reason
+    and since when; the web view is amber, not green."""
+    ca = init_ca(tmp_path)
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    pub = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    vkey = (f"w1.test/witness+{cosigner_key_id('w1.test/witness', pub).hex()}+"
+            + base64.b64encode(b"\x04" + pub).decode())
+    set_config(ca.state, "audit", "witnesses", [down])
+    set_config(ca.state, "audit", "witness-keys", [vkey])
+    d, url = serve(ca.state / "hsmca.toml")
+    try:
+        handle = Daemon(url, d.proc, ca.state, [])
+        d.wait("witness not updated", witness=down)
+        [standing] = witness_report(handle)
+        assert standing["state"] == "failing" and standing["reason"] == "unreachable" and \
+            standing["cosigned"] is None and standing["since"].startswith("20"), standing
+        auditor = enroll(handle, tmp_path, "auditor", ["auditor@witness.example"])
+        proc = audit_verify(ca.state, "--state", tmp_path / "auditor.state",
+                            served=(handle, auditor))
+        assert proc.returncode == 0 and proc.stdout.startswith("OK:") and re.search(
+            f"^witness not cosigning: witness {re.escape(down)} did not cosign the checkpoint "
+            r"of \d+ lines \(unreachable: cannot reach the witness: .*\), \d+ times? since "
+            r"20\d\d-.*; it has not cosigned since the daemon started$", proc.stdout,
+            re.MULTILINE), proc.stdout
+        status = ui_status(handle, auditor, tmp_path, vkey)
+        assert status["status"] == "unwitnessed" and \
+            f"NOT WITNESSED lately: witness {down} did not cosign" in status["banner"], status
+    finally:
+        d.stop()
+
+
 def test_a_witness_key_that_is_not_the_witnesss_is_named_beside_the_one_it_used(
         tmp_path: Path) -> None:
     """[audit] witness-keys holding another witness's key (a copy-paste slip): the
@@ -557,8 +669,12 @@ def test_after_an_audit_key_rotation_the_view_still_counts_the_witness(tmp_path:
                            "--witness-key", witness.vkey, "--listen", "127.0.0.1:0")
         base = ui.listening_url()
         status = settled_status(base)
-        assert status["status"] == "ok", status
-        assert status["banner"].endswith(f"checkpoint {size}, 1 witness"), status
+        # Counted, and amber: the witness never given the new key cosigns no more, and
+        # the daemon says why (it was in /metrics alone)
+        assert status["status"] == "unwitnessed", status
+        assert f"checkpoint {size}, 1 witness; NOT WITNESSED lately: witness " \
+            f"{forgotten.url} did not cosign the checkpoint of {size} lines (untrusted-key: " \
+            in status["banner"], status
         with urllib.request.urlopen(f"{base}/", timeout=60) as answer:
             overview = answer.read().decode()
         assert "does not verify" not in overview and witness.name in overview

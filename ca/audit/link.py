@@ -148,6 +148,10 @@ class AuditLink:
     async def checkpoint(self, cosigned: bool = False) -> str | None:
         return (await self._ask(wire.AskCheckpoint(0, cosigned), wire.Checkpoint)).text
 
+    async def witnesses(self) -> str:
+        """Where each witness stands, as JSON (ca.audit.witnessing `report`)."""
+        return (await self._ask(wire.AskWitnesses(0), wire.WitnessReport)).text
+
     async def health(self) -> wire.Health:
         return await self._ask(wire.AskHealth(0), wire.Health)
 

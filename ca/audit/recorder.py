@@ -60,11 +60,13 @@ class Recorder:
     def __init__(self, audit: AuditLog, latest_checkpoint: Callable[[], str | None],
                  on_lost: Callable[[int, int], None] | None = None, *,
                  latest_cosigned: Callable[[], str | None] = lambda: None,
+                 witnesses: Callable[[], str] = lambda: '{"witnesses": []}',
                  checkpoint_trouble: Callable[[], str | None] = lambda: None) -> None:
         self.audit = audit
         self._checkpoint_trouble = checkpoint_trouble
         self._latest_checkpoint = latest_checkpoint
         self._latest_cosigned = latest_cosigned
+        self._witnesses = witnesses
         # Called on this thread with (worker slot, signatures closed as WorkerLost)
         # once a worker's channels are all gone.
         self._on_lost = on_lost
@@ -182,6 +184,8 @@ class Recorder:
         if isinstance(msg, wire.AskCheckpoint):
             return wire.Checkpoint(msg.id, self._latest_cosigned() if msg.cosigned
                                    else self._latest_checkpoint())
+        if isinstance(msg, wire.AskWitnesses):
+            return wire.WitnessReport(msg.id, self._witnesses())
         if isinstance(msg, wire.ReadLines):
             return wire.Lines(msg.id, audit.read_lines(msg.start, min(msg.limit, MAX_ENTRIES)))
         if isinstance(msg, wire.InclusionProof):

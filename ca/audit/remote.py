@@ -93,6 +93,9 @@ class RemoteResult:
     new_state: dict[str, Any] | None  # saved by verify_remote when ok
     note: str | None = None  # what an auditor should know about an ok result
     witnessed: Witnessed | None = None  # the witnesses' cosigned checkpoint, when ok
+    # The daemon's witnesses that fail to cosign (down, misconfigured), in its words:
+    # the newest lines are not witnessed. A refusal fails the run instead.
+    witness_trouble: tuple[str, ...] = ()
 
 
 class DaemonError(Exception):
@@ -147,6 +150,8 @@ async def verify_remote(url: str, ssl_ctx: ssl.SSLContext, public_key: Ed25519Pu
         if result.ok and result.new_state is not None:
             result = await _witnessed(api, result, public_key, origin, witness_keys or [],
                                       cosigned)
+        if result.ok:
+            result = await _witness_report(api, result)
     if result.ok and result.new_state is not None:
         save_state(state_path, result.new_state)
     return result
@@ -199,6 +204,40 @@ async def _witnessed(api: LogClient, result: RemoteResult, public_key: Ed25519Pu
         return _failed(Failure((seen.size or 1) - 1, Stage.PREFIX, fork), result.lines,
                        result.fetched, result.checkpoints)
     return dataclasses.replace(result, witnessed=seen)
+
+
+async def _witness_report(api: LogClient, result: RemoteResult) -> RemoteResult:
+    """`result`, failed if the daemon says a witness refused its log (it saw another
+    one: this one was cut, rewritten or put back from a backup since), with the
+    witnesses that fail to cosign otherwise. The cosigned checkpoint alone does not
+    show it: a log put back from a backup carries the cosigned checkpoint of its day,
+    which the log extends, and an auditor's run said OK while every witness refused."""
+    standing = await api.witnesses()
+    refused = [w for w in standing if w.get("state") == "refused"]
+    if refused:
+        said = "; ".join(_standing(w) for w in refused)
+        return RemoteResult(False, result.lines, result.fetched, result.checkpoints, None, (
+            f"{said}. A refusal means the log the daemon signs does not extend what that "
+            "witness saw: it was cut, rewritten or put back from a backup since (GET "
+            "/v1/audit/witnesses; docs/audit-log.md, \"When a witness refuses\")"), None)
+    trouble = tuple(_standing(w) for w in standing if w.get("state") == "failing")
+    return dataclasses.replace(result, witness_trouble=trouble) if trouble else result
+
+
+def _standing(w: dict[str, Any]) -> str:
+    """A witness's entry of GET /v1/audit/witnesses, said (its fields are the daemon's:
+    printed as text, bounded)."""
+    def field(name: str) -> str:
+        return str(w.get(name))[:300]
+
+    verb = "refused" if w.get("state") == "refused" else "did not cosign"
+    last = (f"; it last cosigned the checkpoint of {field('cosigned')} lines at "
+            f"{field('cosigned_at')}" if w.get("cosigned") is not None else
+            "; it has not cosigned since the daemon started")
+    count = w.get("failures")
+    return (f"witness {field('witness')} {verb} the checkpoint of {field('checkpoint')} "
+            f"lines ({field('reason')}: {field('error')}), {count if type(count) is int else '?'}"
+            f" time{'' if count == 1 else 's'} since {field('since')}{last}")
 
 
 async def list_logs(url: str, ssl_ctx: ssl.SSLContext) -> list[str | None]:
@@ -306,6 +345,26 @@ class LogClient:
                 return None
             raise
         return raw.decode("utf-8", "replace")
+
+    async def witnesses(self) -> list[dict[str, Any]]:
+        """Where the daemon's witnesses stand (GET /v1/audit/witnesses), for the log
+        asked: [] from a daemon that predates it or a node whose log is not the one asked
+        (each node's witnesses follow its own log)."""
+        try:
+            raw = await self.get("/v1/audit/witnesses")
+        except client.ClientError as exc:
+            if exc.status == 404:
+                return []
+            raise
+        try:
+            doc = json.loads(raw)
+            found = doc["witnesses"]
+            if not isinstance(found, list) or not all(isinstance(w, dict) for w in found):
+                raise TypeError("not a list of objects")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DaemonError(f"the daemon's /v1/audit/witnesses is not its witnesses: "
+                              f"{exc}") from None
+        return found
 
     async def checkpoint(self) -> str:
         try:

@@ -79,8 +79,14 @@ class AskCheckpoint(msgspec.Struct, tag="checkpoint", frozen=True):
     cosigned: bool = False
 
 
+class AskWitnesses(msgspec.Struct, tag="witnesses", frozen=True):
+    """Where each witness stands (JSON, ca.audit.witnessing `report`)."""
+
+    id: int
+
+
 Request = (Append | ReadLines | InclusionProof | ConsistencyProof | ReadTile | ReadEntries
-           | AskHealth | AskCheckpoint)
+           | AskHealth | AskCheckpoint | AskWitnesses)
 
 
 # ---- recorder -> worker -------------------------------------------------------------------
@@ -121,6 +127,11 @@ class Checkpoint(msgspec.Struct, tag="checkpoint-text", frozen=True):
     text: str | None
 
 
+class WitnessReport(msgspec.Struct, tag="witness-report", frozen=True):
+    id: int
+    text: str
+
+
 class Refused(msgspec.Struct, tag="refused", frozen=True):
     """The recorder will not answer (e.g. a proof for a size the log has not got)."""
 
@@ -135,7 +146,8 @@ class Broken(msgspec.Struct, tag="broken", frozen=True):
     reason: str
 
 
-Reply = Appended | Lines | Proof | Blob | Health | Checkpoint | Refused | Broken
+Reply = (Appended | Lines | Proof | Blob | Health | Checkpoint | WitnessReport | Refused
+         | Broken)
 
 
 WRITE_WAIT_SAID_S = 1.0  # a write waiting longer is said by /health

@@ -13,7 +13,12 @@ rewritten. It is logged as an error; nothing else can be done about it here.
 
 What each witness answered is also counted for /metrics (`on_result`, set by
 ca/metrics.py in the primary): a cosignature, or a refusal by its kind (`REASONS`),
-labelled with the witness as configured, the label the log lines carry.
+labelled with the witness as configured, the label the log lines carry. And where each
+witness stands is served to auditors (`report`, `GET /v1/audit/witnesses`): a refusal
+says the log does not extend what a witness saw, and `hsmca audit verify --url` and the
+web view fail on it. It was in /metrics alone, and an auditor's run said OK while every
+witness refused (a log put back from a backup: the cosigned checkpoint beside it is as
+old as the backup, so nothing the auditor fetched disagreed).
 
 Signing never waits for a witness: `submit` hands the checkpoint to a task per
 witness and returns. A witness still busy with an older checkpoint gets only the
@@ -35,6 +40,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime as dt
+import json
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -71,6 +78,10 @@ _RETRIES = 3  # 409s with a size in a row, before giving up on this checkpoint
 # ("bad-cosignature"). It could not be asked: "unreachable"; anything else: "error".
 REASONS = ("fork", "inconsistent", "cut", "untrusted-key", "unknown-log", "bad-cosignature",
            "unreachable", "error")
+# The reasons that say the witness saw another log than the one signed now: the log was
+# cut or rewritten (or put back from a backup) since. The others say only that the
+# newest lines are not witnessed.
+REFUSALS = ("fork", "inconsistent", "cut")
 # (witness label, "cosigned" or one of REASONS, the checkpoint's size)
 OnResult = Callable[[str, str, int], None]
 
@@ -196,6 +207,46 @@ class _Failing:
     total: int = 0
 
 
+def _utc(seconds: float) -> str:
+    return dt.datetime.fromtimestamp(int(seconds), dt.UTC).isoformat()
+
+
+@dataclass
+class _Standing:
+    """Where a witness stands, as `GET /v1/audit/witnesses` serves it (this run's answers:
+    a restarted daemon knows again at its first checkpoint, a second or so in)."""
+    witness: str
+    cosigned: int | None = None  # the size of the last checkpoint it cosigned
+    cosigned_at: float | None = None  # when (time.time())
+    reason: str | None = None  # why its last answer was no cosignature (REASONS)
+    error: str | None = None  # in the daemon's words, as its log line says it
+    checkpoint: int | None = None  # the size of the checkpoint it did not cosign
+    since: float | None = None  # the first failure since it last cosigned
+    failures: int = 0  # since it last cosigned
+
+    def answer(self, result: str, size: int, error: str | None) -> None:
+        now = time.time()
+        if result == "cosigned":
+            self.cosigned, self.cosigned_at = size, now
+            self.reason = self.error = self.checkpoint = self.since = None
+            self.failures = 0
+            return
+        if self.since is None:
+            self.since = now
+        self.reason, self.error, self.checkpoint = result, error, size
+        self.failures += 1
+
+    def doc(self) -> dict[str, Any]:
+        state = ("not-asked" if self.reason is None and self.cosigned is None else
+                 "cosigning" if self.reason is None else
+                 "refused" if self.reason in REFUSALS else "failing")
+        return {"witness": self.witness, "state": state, "cosigned": self.cosigned,
+                "cosigned_at": _utc(self.cosigned_at) if self.cosigned_at else None,
+                "reason": self.reason, "error": self.error, "checkpoint": self.checkpoint,
+                "since": _utc(self.since) if self.since else None,
+                "failures": self.failures}
+
+
 class Witnessing:
     """The daemon's witnesses: `submit` each new checkpoint, read `cosigned`."""
 
@@ -215,6 +266,11 @@ class Witnessing:
         self._writing = asyncio.Lock()  # one write of the cosigned file at a time, the latest
         self.on_result: OnResult | None = None  # each witness's answer, for /metrics
         self._failing: dict[int, _Failing] = {}  # witness -> how it has been failing
+        self._standing = [_Standing(str(w)) for w in self.witnesses]
+        # Where they stand, as JSON: replaced whole on the event loop, read by the
+        # recorder's thread (GET /v1/audit/witnesses).
+        self.report = ""
+        self._report()
 
     def __bool__(self) -> bool:
         return bool(self.witnesses)
@@ -251,7 +307,7 @@ class Witnessing:
                 if isinstance(witness, FileWitness):
                     # File I/O under a lock, maybe on a share: off the event loop.
                     await asyncio.to_thread(witness.push, text, self._prove)
-                    self._result(witness, "cosigned", size)  # held: a file's cosignature
+                    self._result(i, "cosigned", size)  # held: a file's cosignature
                     if (failing := self._failing.pop(i, None)) is not None:
                         log.info("witness holds the checkpoint again", witness=str(witness),
                                  size=size, after_failures=failing.total)
@@ -269,7 +325,7 @@ class Witnessing:
               **fields: Any) -> None:
         """Witness `i` did not cosign: counted, and said unless it is said already."""
         witness = self.witnesses[i]
-        self._result(witness, kind, size)
+        self._result(i, kind, size, str(fields.get("error") or fields.get("reason") or event))
         # Said again when its wording changes, not only its kind: three failures of kind
         # "error" in turn (a 500, then two kinds of bad 409) were said as the first alone,
         # for ten minutes (a witness trial). Numbers aside: sizes move at every checkpoint.
@@ -297,10 +353,16 @@ class Witnessing:
         unsaid, failing.said_at, failing.unsaid = failing.unsaid, now, 0
         return {"unsaid": unsaid} if unsaid else {}
 
-    def _result(self, witness: FileWitness | HTTPWitness, result: str, size: int) -> None:
-        """Counted before it is logged: a log line's reader finds it in /metrics."""
+    def _result(self, i: int, result: str, size: int, error: str | None = None) -> None:
+        """Counted and reported before it is logged: a log line's reader finds it in
+        /metrics and GET /v1/audit/witnesses."""
         if self.on_result is not None:
-            self.on_result(str(witness), result, size)
+            self.on_result(str(self.witnesses[i]), result, size)
+        self._standing[i].answer(result, size, error)
+        self._report()
+
+    def _report(self) -> None:
+        self.report = json.dumps({"witnesses": [s.doc() for s in self._standing]})
 
     async def _proof(self, old: int, size: int) -> Sequence[bytes]:
         return await asyncio.to_thread(self._prove, old, size)
@@ -322,7 +384,7 @@ class Witnessing:
                        signed_as=_signers(text, answer),
                        configured=[f"{k.name}+{k.key_id.hex()}" for k in self.keys])
             return
-        self._result(witness, "cosigned", size)
+        self._result(i, "cosigned", size)
         failing = self._failing.pop(i, None)
         log.info("witness cosigned the checkpoint", witness=str(witness), size=size,
                  **({"after_failures": failing.total} if failing else {}))

@@ -220,6 +220,8 @@ def _report(result: Any, prefix: str, witnesses: list[Any],
                                              "the daemon's latest checkpoint", key))
     if seen is not None:
         print(f"{prefix}{_witnessed_line(seen, result.lines)}")
+    for trouble in result.witness_trouble:  # the daemon's own words: why not newer
+        print(f"{prefix}witness not cosigning: {trouble}")
     if result.note:
         print(f"{prefix}note: {result.note}")
     return 0

@@ -174,6 +174,8 @@ class WorkerPool:
         witnesses = checkpointer.witnesses
         self.recorder = Recorder(audit, lambda: checkpointer.latest, self._lost,
                                  latest_cosigned=lambda: witnesses.cosigned if witnesses else None,
+                                 witnesses=lambda: witnesses.report if witnesses is not None
+                                 else '{"witnesses": []}',
                                  checkpoint_trouble=checkpointer.trouble)
         # Failed bootstrap-token attempts, counted for the whole daemon.
         self.limiter = FailureLimiter()

@@ -116,6 +116,22 @@ async def cosigned_checkpoint(request: web.Request) -> web.Response:
                         headers=_MUTABLE)
 
 
+@routes.get("/v1/audit/witnesses")
+@routes.get("/v1/audit/logs/{log}/witnesses")
+async def witnesses(request: web.Request) -> web.Response:
+    """Where each configured witness stands: cosigning, failing (down, misconfigured) or
+    refused (it saw another log: the one signed now was cut or rewritten since).
+    ca.audit.witnessing `report`; auditors' tools fail on a refusal."""
+    await identity(request, "auditor", "admin")
+    known_query(request, "log")
+    other = other_log(request)
+    if other is not None:
+        raise Problem(404, "Not Found", f"the witnesses of log {other.node!r} answer node "
+                      f"{other.node} only: ask that node for /v1/audit/witnesses")
+    return web.Response(text=await request.app[AUDIT].witnesses(),
+                        content_type="application/json", headers=_MUTABLE)
+
+
 @routes.get("/v1/audit/tile/{path:.+}")
 @routes.get("/v1/audit/logs/{log}/tile/{path:.+}")
 async def tile(request: web.Request) -> web.Response:

@@ -58,6 +58,9 @@ class Verdict:
     # The audit keys of the verified log: the pinned one and those it handed over to.
     key: PinnedKey | None = None
     witnesses_pinned: int = 0  # witness keys given (--witness-key)
+    # The daemon's witnesses that fail to cosign (down, misconfigured), in its words:
+    # amber, the newest lines are not witnessed. A refusal is a failed verdict.
+    witness_trouble: tuple[str, ...] = ()
     # False: this run could not ask the daemon, so the verdict is an earlier run's, as of
     # its checked_at. Not green: a web trial's banner stayed green, its "checked" time
     # moving on, while the daemon was down.
@@ -67,8 +70,9 @@ class Verdict:
     def unwitnessed(self) -> bool:
         """Verified, but no witness the auditor pinned has cosigned a checkpoint of it:
         amber, not green (an auditor trial read "0 witnesses" in green as all well)."""
-        return self.status == "ok" and self.witnesses_pinned > 0 and \
-            self.witnessed.count == 0 and self.tree is not None and self.tree.size > 0
+        return self.status == "ok" and self.tree is not None and self.tree.size > 0 and (
+            bool(self.witness_trouble)
+            or (self.witnesses_pinned > 0 and self.witnessed.count == 0))
 
     @property
     def overall(self) -> str:
@@ -109,7 +113,9 @@ class Verdict:
                 newest = self.witnessed.newest
                 since = f", {ago(newest)}" if newest is not None else ""
                 witnesses = f"witnessed up to {self.witnessed.size} by {witnesses}{since}"
-            if self.unwitnessed:
+            if self.witness_trouble:
+                witnesses += "; NOT WITNESSED lately: " + "; ".join(self.witness_trouble)
+            elif self.unwitnessed:
                 witnesses = (f"NOT WITNESSED: no cosignature by the {self.witnesses_pinned} "
                              f"pinned witness{'' if self.witnesses_pinned == 1 else 'es'}"
                              + (f" ({self.witnessed.problem})" if self.witnessed.problem
@@ -307,7 +313,8 @@ class Follower:
             return Verdict("failed", tree, cp, text, now, result.bad_seq, result.reason,
                            fetched=result.fetched, log=self.log, key=key)
         return Verdict("ok", tree, cp, text, now, note=result.note, fetched=result.fetched,
-                       witnessed=result.witnessed or Witnessed(), log=self.log, key=key)
+                       witnessed=result.witnessed or Witnessed(), log=self.log, key=key,
+                       witness_trouble=result.witness_trouble)
 
 
 class Logs:
