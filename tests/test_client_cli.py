@@ -335,6 +335,21 @@ def test_url_and_ca_mistakes_are_one_clear_line(daemon: Daemon, tmp_path: Path) 
     assert enroll_cmd(daemon, token, tmp_path / "ok").returncode == 0
 
 
+def test_a_host_whose_clock_is_days_off_is_told_to_check_its_clock(daemon: Daemon) -> None:
+    """By a clock two days behind (or ahead), the daemon's certificate is not valid yet
+    (or expired): the client says to check this host's clock, not the --ca file (a
+    client trial was sent to its root file). The host's clock is set with libfaketime,
+    for this one process."""
+    for offset, said in (("-2d", "not valid yet"), ("+400d", "expired")):
+        proc = subprocess.run(["faketime", "-f", offset, *HSMCA, "status", "--url",
+                               daemon.url, "--ca", daemon.root], capture_output=True,
+                              text=True, timeout=120)
+        msg = one_line_error(proc)
+        assert msg.startswith(f"hsmca: error: cannot connect to {daemon.url}/health: by this "
+                              "host's clock (now ") and f"the server's certificate chain is " \
+            f"{said}" in msg and msg.endswith("is this host's clock right?"), msg
+
+
 # ---- credentials checked before the handshake (item 6) --------------------------------
 
 def test_renew_names_an_expired_certificate_or_one_from_another_ca(daemon: Daemon,
