@@ -206,7 +206,10 @@ async def _request(session: aiohttp.ClientSession, method: str, url: str,
                 f"cannot connect to {url}: by this host's clock (now "
                 f"{dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}) the server's "
                 f"certificate chain is {'not valid yet' if code == 9 else 'expired'} "
-                f"({reason}): is this host's clock right?") from None
+                f"({reason}): is this host's clock right?",
+                # A clock behind is put right by NTP, often minutes after a boot: a
+                # renewer waits for it (it exited for good, its unit not restarted)
+                retryable=code == 9) from None
         if info.ca is not None:
             raise ClientError(f"cannot connect to {url}: the server's certificate chain does "
                               f"not verify against --ca {info.ca} ({reason}); is that file "
@@ -341,9 +344,11 @@ def check_credential(cert: Path, key: Path, now: dt.datetime | None = None
                           "with a new bootstrap token (if this host's clock is wrong, set it "
                           "right first)")
     if now < leaf.not_valid_before_utc:
+        # Retryable: a renewer on a host booted with its clock behind (no RTC, NTP not
+        # synced yet) exited for good, its unit not restarted (exit 3); it waits now.
         raise ClientError(f"--cert {cert} is not valid before "
                           f"{leaf.not_valid_before_utc.isoformat()}; is this host's clock "
-                          "right?")
+                          "right?", retryable=True)
     if _spki(private.public_key()) != _spki(leaf.public_key()):
         raise ClientError(f"--key {key} is not the private key of --cert {cert}")
     return leaf

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import glob
+import os
 import random
 import resource
 import signal
@@ -294,6 +296,35 @@ def test_a_certificate_file_unreadable_for_a_moment_keeps_the_schedule(
         done = renewer.wait("renew.done")
         assert done["old_serial"] == first and cert_serial(cert) == done["serial"] != first
         assert renewer.proc.poll() is None
+
+
+def test_a_renewer_started_before_the_clock_is_set_waits_for_it(tmp_path: Path) -> None:
+    """A host booted without a clock (no RTC; NTP not synced yet) starts `renew --daemon`
+    two days in the past: its certificate is not valid yet by that clock. It exited 3
+    (what retrying cannot fix), which the documented unit does not restart: the host's
+    certificate then expired with nobody renewing it. It says so and keeps its schedule
+    now; once the clock is put right (libfaketime's offset file changed, as NTP would
+    move the clock), it renews."""
+    [lib] = glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1")
+    offset = tmp_path / "clock-offset"
+    offset.write_text("-2d\n")
+    clock = {"LD_PRELOAD": lib, "FAKETIME_TIMESTAMP_FILE": str(offset),
+             "FAKETIME_NO_CACHE": "1"}
+    with renewing(tmp_path) as (_ca, d, start):
+        cert, key = enroll(d, tmp_path, "service", ["boot.internal.example"], [],
+                           "--ttl", "1h")
+        first = cert_serial(cert)
+        renewer = start("renew", "--daemon", "--url", d.url, "--ca", d.root, "--cert", cert,
+                        "--key", key, env={**os.environ, **clock})
+        renewer.wait("renew.scheduled")
+        said = "".join(renewer.raw)
+        assert f"--cert {cert} is not valid before " in said and "is this host's clock " \
+            "right?; renewing when due all the same" in said, said
+        assert renewer.proc.poll() is None
+        offset.write_text("+0\n")  # the clock put right
+        renewer.proc.send_signal(signal.SIGHUP)  # due now, rather than in 40 minutes
+        done = renewer.wait("renew.done")
+        assert done["old_serial"] == first and cert_serial(cert) == done["serial"] != first
 
 
 def test_an_answer_held_through_a_full_disk_is_installed_after_the_old_one_expired(
