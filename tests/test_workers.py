@@ -108,6 +108,25 @@ async def test_a_revocation_is_enforced_by_every_worker_at_once(tmp_path: Path) 
     audit_verify(ca.state, ok=True)
 
 
+async def test_no_process_of_the_daemon_may_write_a_core_file(tmp_path: Path) -> None:
+    """A logged-in software token keeps what decrypts its keys in the process's memory: a
+    crash's core file may hold them. The daemon and its workers may write none, whatever
+    the limit they were started with (a security review: a 77 MB core of a worker)."""
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state, "--workers", "2",
+                     wrapper=("prlimit", "--core=unlimited:unlimited", "--"))
+    try:
+        pids = [d.proc.pid, *worker_pids(d)]
+        assert len(pids) == 3
+        for pid in pids:
+            limits = Path(f"/proc/{pid}/limits").read_text()
+            core = next(line for line in limits.splitlines()
+                        if line.startswith("Max core file size"))
+            assert core.split()[4:6] == ["0", "0"], (pid, core)
+    finally:
+        d.stop()
+
+
 async def test_a_killed_worker_is_replaced_and_loses_no_record(tmp_path: Path) -> None:
     """SIGKILL one worker under load: the others keep serving, the primary closes
     its signatures under way in the log (WorkerLost, never released), records the

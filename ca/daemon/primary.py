@@ -21,6 +21,7 @@ import datetime as dt
 import hashlib
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -1542,6 +1543,11 @@ async def _check_inventory(store: SQLiteStore, generations: Generations) -> None
 
 
 def main(config: Config, listen: str | None, workers: int | None = None) -> int:
+    # No core files, for this process and the workers it starts (they inherit it): a
+    # software token (SoftHSM) logged in keeps what decrypts its keys in the process's
+    # memory, so a crash's core file may hold what the HSM exists to keep in (a security
+    # review: a 77 MB core of a worker, written under `ulimit -c unlimited`).
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     # pg_stat_activity names the node and the process (the workers name themselves).
     os.environ["PGAPPNAME"] = f"hsmca {config.node or 'serve'} primary"
     try:
