@@ -12,6 +12,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -722,6 +723,61 @@ async def test_a_line_among_the_newest_rewritten_in_place_is_not_served(
         await health_until(d, lambda h: h["code"] == 200)
         status, _, body = await get(d, f"/v1/audit/entries?start={victim}&limit=3", auditor)
         assert status == 200 and lines[victim] in body, body
+    finally:
+        assert d.stop() == 0
+    audit_verify(ca.state, ok=True)
+
+
+async def test_a_log_file_moved_cut_or_written_to_under_the_daemon_fails_the_auditor(
+        tmp_path: Path) -> None:
+    """A web view trial: the log file cut, or a line appended to it, while the daemon
+    ran. /health said so (503) and nothing was signed, but the daemon serves the lines
+    it wrote, which verify: `audit verify --url` said OK and the view stayed green.
+    /health marks it (`audit_file_changed`), and an auditor's run fails on it until the
+    file is as hsmca wrote it again. (Each change is made while the file is moved
+    aside, when the daemon writes nothing, and put in place whole.)"""
+    from tests.test_witness import ui_status
+    ca = init_ca(tmp_path)
+    log = ca.state / "audit" / "log.jsonl"
+    aside = log.with_name("aside.jsonl")
+    state = tmp_path / "auditor.state"
+    d = start_daemon(ca.state)
+    try:
+        auditor = enroll(d, tmp_path, "auditor", ["auditor@example.com"])
+        ok_counts(remote_verify(d, auditor, state))
+
+        async def fails(said: str) -> None:
+            found = await health_until(d, lambda h: h["code"] == 503 and said in h["audit"])
+            assert found["audit_file_changed"] is True, found
+            proc = remote_verify(d, auditor, state)
+            assert proc.returncode == 1 and proc.stderr.startswith(
+                "FAILED (no line): the daemon reports its log file changed by something "
+                f"other than hsmca: {log} {said}") and "hsmca audit verify --log" in \
+                proc.stderr, proc.stdout + proc.stderr
+
+        log.rename(aside)
+        await fails("was moved or deleted while hsmca ran")
+        whole = aside.read_bytes()
+        with aside.open("ab") as f:
+            f.write(whole.splitlines(keepends=True)[-1])  # a line appended
+        aside.rename(log)
+        await fails("was cut or written to by something other than hsmca")
+        status = ui_status(d, auditor, tmp_path)
+        assert status["status"] == "failed" and status["banner"].startswith(
+            "FAILED: the daemon reports its log file changed"), status
+        os.truncate(log, len(whole))  # as hsmca wrote it: it writes again
+        await health_until(d, lambda h: h["code"] == 200)
+        ok_counts(remote_verify(d, auditor, state))
+
+        log.rename(aside)
+        whole = aside.read_bytes()
+        os.truncate(aside, whole.rindex(b"\n", 0, len(whole) - 1) + 1)  # the last line cut
+        aside.rename(log)
+        await fails("was cut or written to by something other than hsmca")
+        with log.open("ab") as f:
+            f.write(whole[os.path.getsize(log):])
+        await health_until(d, lambda h: h["code"] == 200)
+        ok_counts(remote_verify(d, auditor, state))
     finally:
         assert d.stop() == 0
     audit_verify(ca.state, ok=True)

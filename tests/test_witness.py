@@ -481,12 +481,15 @@ def witness_report(handle: Daemon) -> list[dict[str, Any]]:
 
 
 def ui_status(handle: Daemon, auditor: tuple[Path, Path], tmp: Path,
-              witness_key: str) -> dict[str, Any]:
-    """The web view's settled banner, pinned to `witness_key`."""
+              witness_key: str | None = None) -> dict[str, Any]:
+    """The web view's settled banner (pinned to `witness_key`, if given), from a view
+    started for it, with a state of its own."""
     ui = Running.start("ui", "--url", handle.url, "--ca", handle.root, "--cert", auditor[0],
                        "--key", auditor[1], "--audit-key",
-                       handle.state / "audit" / "audit_key.pem", "--state", tmp / "ui.state",
-                       "--witness-key", witness_key, "--listen", "127.0.0.1:0")
+                       handle.state / "audit" / "audit_key.pem", "--state",
+                       tmp / f"ui-{len(list(tmp.glob('ui-*.state')))}.state",
+                       *(("--witness-key", witness_key) if witness_key else ()),
+                       "--listen", "127.0.0.1:0")
     try:
         return settled_status(ui.listening_url())
     finally:

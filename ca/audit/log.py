@@ -151,6 +151,10 @@ class AuditLog:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._coalescer = Coalescer(self._queue)
         self._problem: str | None = None
+        # The file is no longer what hsmca wrote (cut, appended to, replaced, moved,
+        # deleted), in _check_file's words, while _problem stands: /health says it apart
+        # for auditors' tools, which fail on it (a web view stayed green beside it).
+        self._changed: str | None = None
         self._writing_since: float | None = None  # time.monotonic() of the commit under way
         self._failed: str | None = None  # why the last batch failed, until one goes through
         # The last batch failed slowly (the mirror's database stopped answering, and its
@@ -552,7 +556,7 @@ class AuditLog:
                     self._edge_offsets = []
             self._size_bytes = pos
             self._next_seq, self._prev = seq, prev
-        self._problem = self._failed = None
+        self._problem = self._failed = self._changed = None
         self.batches += 1
         if self.on_commit is not None:
             self.on_commit(self.last_commit_s, len(done))
@@ -672,6 +676,7 @@ class AuditLog:
                 self._check_file()
             except _NotTheLog as exc:
                 self._problem = self._failed = f"cannot write the audit log: {exc.strerror}"
+                self._note_changed(exc)
 
     # ---- the lines under the tiles, read again ----------------------------------------
 
@@ -875,6 +880,8 @@ class AuditLog:
             # Else nothing reached the file (a read-only or immutable file refuses the
             # write whole), and there is nothing to cut: the next write may just work.
             self._problem = reason
+            if isinstance(exc, _NotTheLog):
+                self._note_changed(exc)
         except OSError as exc2:
             # The file may now end in a partial line; only a restart (with torn-tail
             # recovery) can make it safe again, so refuse everything until then.
@@ -885,6 +892,17 @@ class AuditLog:
         self._owe_and_fail([(event, fields, fut) for fut, _, event, fields in done],
                            AuditUnavailable(self._problem), results)
         results.flush()
+
+    def _note_changed(self, exc: _NotTheLog) -> None:
+        # (EBADMSG is a line found rewritten: damaged_seq says that one)
+        if exc.errno == errno.ESTALE:
+            self._changed = exc.strerror
+
+    @property
+    def changed_on_disk(self) -> str | None:
+        """Why the file is not what hsmca wrote (cut, appended to, replaced, moved or
+        deleted under it), while nothing is written for that reason; else None."""
+        return self._changed if self._problem is not None else None
 
     def _owe_and_fail(self, items: list[tuple[str, Mapping[str, Any], Sink]],
                       error: AuditUnavailable, results: Batch) -> None:

@@ -180,7 +180,8 @@ class Recorder:
             if trouble is None and (waited := audit.write_waited()) >= wire.WRITE_WAIT_SAID_S:
                 trouble = wire.write_waits(waited)
             return wire.Health(msg.id, audit.healthy and trouble is None,
-                               audit.problem or trouble, audit.size, audit.damaged_seq)
+                               audit.problem or trouble, audit.size, audit.damaged_seq,
+                               audit.changed_on_disk)
         if isinstance(msg, wire.AskCheckpoint):
             return wire.Checkpoint(msg.id, self._latest_cosigned() if msg.cosigned
                                    else self._latest_checkpoint())

@@ -141,9 +141,9 @@ async def verify_remote(url: str, ssl_ctx: ssl.SSLContext, public_key: Ed25519Pu
             # bare 503 instead (a test flaked on where the last checkpoint fell).
             if exc.status != 503:
                 raise
-            result = await _rewritten_on_disk(api, RemoteResult(
-                False, 0, 0, 0, None, str(exc), None), fetched=False)
-            if result.bad_seq is None:  # the daemon names no damage: not its verdict
+            unanswered = RemoteResult(False, 0, 0, 0, None, str(exc), None)
+            result = await _rewritten_on_disk(api, unanswered, fetched=False)
+            if result is unanswered:  # the daemon names no damage: not its verdict
                 raise
         if result.ok:
             result = await _rewritten_on_disk(api, result)
@@ -171,6 +171,14 @@ async def _rewritten_on_disk(api: LogClient, result: RemoteResult,
     if found is None:
         return result
     seq, said = found
+    if seq is None:
+        # The file cut, appended to or replaced: the daemon serves what it wrote, which
+        # verifies, while its file holds something else (a web view was green beside it).
+        return RemoteResult(False, result.lines, result.fetched, result.checkpoints, None, (
+            f"the daemon reports its log file changed by something other than hsmca: "
+            f"{said}. The lines it serves are what it wrote, and verified; an offline "
+            "verification of a copy of the file (hsmca audit verify --log) names what "
+            "changed"), None)
     # In the daemon's own words: a line rewritten, or lines its damaged tiles no longer
     # let it check, which is not a rewrite (a review: every kind was called one here).
     then = ("The lines this run fetched verified" if fetched else
@@ -315,10 +323,11 @@ class LogClient:
             path += ("&" if "?" in path else "?") + "log=" + quote(self.log, safe="")
         return await client.get_bytes(self.session, self.base + path, self.ctx)
 
-    async def damage(self) -> tuple[int, str] | None:
+    async def damage(self) -> tuple[int | None, str] | None:
         """The first line of its own log file the daemon says is damaged
-        (`audit_damaged_seq` in /health, answered with 200 or 503), with what its
-        `audit` part says of it, if any."""
+        (`audit_damaged_seq` in /health, answered with 200 or 503), or None for the
+        line when it says the file was cut, appended to or replaced under it
+        (`audit_file_changed`), with what its `audit` part says of it, if any."""
         try:
             async with self.session.get(self.base + "/health", ssl=self.ctx) as r:
                 body = json.loads(await r.read())
@@ -327,12 +336,12 @@ class LogClient:
         if not isinstance(body, dict) or body.get("audit_damaged_log") != self.log:
             return None  # on a cluster, the answering node's own log only
         seq = body.get("audit_damaged_seq")
-        if type(seq) is not int or seq < 0:
+        if (type(seq) is not int or seq < 0) and body.get("audit_file_changed") is not True:
             return None
         said = str(body.get("audit", ""))[:1000]
         for prefix in ("unavailable: ", "cannot write the audit log: "):
             said = said.removeprefix(prefix)
-        return seq, said
+        return (seq if type(seq) is int and seq >= 0 else None), said
 
     async def cosigned(self) -> str | None:
         """The latest checkpoint witnesses cosigned; None before any did. A node serves

@@ -120,6 +120,7 @@ class Health(msgspec.Struct, tag="health-state", frozen=True):
     problem: str | None
     size: int
     damaged_seq: int | None = None  # a line rewritten on disk (AuditLog.check_on_disk)
+    changed: str | None = None  # the file cut, appended to or replaced (changed_on_disk)
 
 
 class Checkpoint(msgspec.Struct, tag="checkpoint-text", frozen=True):

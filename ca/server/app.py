@@ -147,7 +147,7 @@ async def audit_state(audit: AuditReader) -> dict[str, Any]:
     try:
         h = await asyncio.wait_for(audit.health(), timeout=2.0)
         return {"healthy": h.healthy, "problem": h.problem, "size": h.size,
-                "damaged_seq": h.damaged_seq}
+                "damaged_seq": h.damaged_seq, "changed": h.changed}
     except (AuditUnavailable, TimeoutError):
         return {"healthy": False, "problem": audit.problem or _silent(audit.waited())}
 
@@ -245,10 +245,15 @@ async def health(request: web.Request) -> web.Response:
     parts = {"hsm": "ok" if hsm.healthy else f"unavailable: {hsm.problem or 'busy'}",
              "audit": audit, "store": store}
     ok = all(v == "ok" for v in parts.values())
-    if state.get("damaged_seq") is not None:
+    if state.get("damaged_seq") is not None or state.get("changed") is not None:
         # For auditors' tools, which fail on it (ca.audit.remote): the line the daemon
-        # found rewritten in its own log file, which no proof of new lines shows.
-        parts["audit_damaged_seq"] = state["damaged_seq"]
+        # found rewritten in its own log file, or the file cut, appended to or replaced
+        # under it, which no proof of the lines it serves shows (it serves them from
+        # what it wrote: a web view stayed green beside a 503 saying so).
+        if state.get("damaged_seq") is not None:
+            parts["audit_damaged_seq"] = state["damaged_seq"]
+        else:
+            parts["audit_file_changed"] = True
         if request.app[SETTINGS].node is not None:  # a cluster: the node's own log
             parts["audit_damaged_log"] = request.app[SETTINGS].node
     if workers := _workers(request.app[LIFECYCLE].generations):

@@ -633,6 +633,8 @@ async def audit_log(request: web.Request) -> web.Response:
         verdict = await _report(request, verdict, verdict.log, lie)
     except ClientError as exc:
         error = str(exc)
+        # (a web view trial: the daemon's "rewritten on disk" quoted under a green banner)
+        verdict = await _refused(request, verdict, exc)
     key = _pinned(ui, verdict)
     checkpoints = {line.seq: _checkpoint_of(line, key) for line in shown
                    if line.get("checkpoint")}
