@@ -425,6 +425,10 @@ def corpus() -> list[Case]:
              "client-certificate-required", "none", data=good_b64, headers=PKCS10))
     add(Case("est enroll no credentials junk body", "POST", "/.well-known/est/simpleenroll",
              401, "client-certificate-required", "none", data=b"%%%%", headers=PKCS10))
+    # The token before the body, as /v1/x509/enroll (a security review: bad-csr first)
+    add(Case("est enroll unknown token junk body", "POST", "/.well-known/est/simpleenroll",
+             401, "bad-token", "none", data=b"%%%%",
+             headers={**PKCS10, "Authorization": "Bearer hsmca-0-not-a-token"}))
     add(Case("est reenroll no cert junk body", "POST", "/.well-known/est/simplereenroll",
              403, "client-certificate-required", "none", data=b"%%%%", headers=PKCS10))
     add(Case("est reenroll token only", "POST", "/.well-known/est/simplereenroll", 403,

@@ -177,6 +177,15 @@ async def test_est_round_trip(daemon: Daemon, tmp_path: Path) -> None:
     status, ctype, body = await http("GET", f"{daemon.url}/.well-known/est/cacerts",
                                      daemon.ssl())
     assert status == 200 and ctype == "application/pkcs7-mime"
+    # Polled by devices: revalidated by its ETag, as the chain is (an EST trial)
+    async with aiohttp.ClientSession() as s, s.get(f"{daemon.url}/.well-known/est/cacerts",
+                                                    ssl=daemon.ssl()) as r:
+        etag = r.headers["ETag"]
+        assert r.headers["Content-Type"] == "application/pkcs7-mime; smime-type=certs-only"
+    async with aiohttp.ClientSession() as s, s.get(
+            f"{daemon.url}/.well-known/est/cacerts", ssl=daemon.ssl(),
+            headers={"If-None-Match": etag}) as r:
+        assert r.status == 304 and await r.read() == b""
     p7 = tmp_path / "cacerts.p7"
     p7.write_bytes(base64.b64decode(body))
     text = subprocess.run([openssl, "pkcs7", "-inform", "DER", "-in", p7, "-print_certs",
@@ -290,6 +299,56 @@ async def test_est_takes_the_token_as_the_http_basic_password(daemon: Daemon,
         ["basic.internal.example"]).encode()).public_bytes(serialization.Encoding.DER))
     status, _, raw = await http("POST", url, daemon.ssl(), data=other, headers=basic)
     assert status == 401 and "already been used" in json.loads(raw)["detail"], raw
+    # Any user name, in any characters (RFC 7617: an EST trial's device `gerät-01` was
+    # refused as if its token were wrong)
+    named = {**ptype, "Authorization": "Basic "
+             + base64.b64encode(f"gerät-01:{token}".encode()).decode()}
+    status, _, raw = await http("POST", url, daemon.ssl(), data=body, headers=named)
+    assert status == 200 and pkcs7.load_der_pkcs7_certificates(base64.b64decode(raw)) == \
+        [issued], raw
+
+
+async def test_est_a_device_sending_its_spent_token_beside_its_certificate_renews(
+        daemon: Daemon, tmp_path: Path) -> None:
+    """An EST trial: a device that keeps sending its configured HTTP Basic credentials
+    (the token it enrolled with) beside the certificate that token got it was answered
+    with its first certificate again (the same key), or told to ask an admin for a new
+    token (a new key). Its certificate renews it now. A token the CA never made is still
+    refused as one, and an empty body is said to be empty."""
+    url = f"{daemon.url}/.well-known/est/simpleenroll"
+    ptype = {"Content-Type": "application/pkcs10"}
+
+    def der_b64(key: Any) -> bytes:
+        csr = x509.load_pem_x509_csr(csr_pem(["device.internal.example"], key).encode())
+        return base64.encodebytes(csr.public_bytes(serialization.Encoding.DER))
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    token = await bootstrap_token(daemon, "service", ["device.internal.example"])
+    basic = {**ptype, "Authorization": "Basic "
+             + base64.b64encode(f"device:{token}".encode()).decode()}
+    status, _, raw = await http("POST", url, daemon.ssl(), data=der_b64(key), headers=basic)
+    assert status == 200, raw
+    [first] = pkcs7.load_der_pkcs7_certificates(base64.b64decode(raw))
+    (tmp_path / "cert.pem").write_bytes(first.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    ctx = daemon.ssl(tmp_path / "cert.pem", tmp_path / "key.pem")
+    new_key = ec.generate_private_key(ec.SECP256R1())
+    seen = {first.serial_number}
+    for asked in (key, new_key):
+        status, _, raw = await http("POST", url, ctx, data=der_b64(asked), headers=basic)
+        assert status == 200, raw
+        [renewed] = pkcs7.load_der_pkcs7_certificates(base64.b64decode(raw))
+        assert renewed.serial_number not in seen and renewed.public_key() == \
+            asked.public_key()
+        seen.add(renewed.serial_number)
+    wrong = {**ptype, "Authorization": "Basic "
+             + base64.b64encode(b"device:hsmca-0-not-a-token").decode()}
+    status, _, raw = await http("POST", url, ctx, data=der_b64(key), headers=wrong)
+    assert status == 401 and json.loads(raw)["detail"] == "unknown bootstrap token", raw
+    status, _, raw = await http("POST", url, ctx, data=b"", headers=basic)
+    assert status == 400 and json.loads(raw)["detail"].startswith("the body is empty"), raw
 
 
 async def test_an_enrollment_whose_answer_was_lost_is_answered_again(
@@ -330,17 +389,24 @@ async def test_one_token_fifty_concurrent_enrollments(daemon: Daemon) -> None:
     csr = csr_pem(["race.internal.example"])
     ctx = daemon.ssl()
     async with aiohttp.ClientSession() as s:
-        async def one() -> tuple[int, bytes]:
+        async def one() -> tuple[int, bytes, str | None]:
             async with s.post(f"{daemon.url}/v1/x509/enroll", json={"csr": csr}, ssl=ctx,
                               headers={"Authorization": f"Bearer {token}"}) as r:
-                return r.status, await r.read()
+                return r.status, await r.read(), r.headers.get("Retry-After")
         answers = await asyncio.gather(*(one() for _ in range(50)))
-    statuses = [status for status, _ in answers]
+        again = await one()  # a retry once all is done: the same key, that certificate
+    statuses = [status for status, _, _ in answers]
     assert statuses.count(201) == 1, statuses
-    # The others were refused while it was signed, or (the same CSR, so the same key)
+    # The others were told to retry in a second while it was signed (an EST trial's
+    # device was told "ask an admin for a new one"), or (the same CSR, so the same key)
     # got that one certificate again once it was.
-    assert set(statuses) <= {201, 200, 401}, statuses
-    assert len({json.loads(body)["serial"] for status, body in answers
+    assert set(statuses) <= {201, 200, 409}, statuses
+    for status, body, retry in answers:
+        if status == 409:
+            assert retry == "1" and "being spent by another request right now" in \
+                json.loads(body)["detail"], body
+    assert again[0] == 200
+    assert len({json.loads(body)["serial"] for status, body, _ in [*answers, again]
                 if status in (200, 201)}) == 1
     # One certificate for that name in the inventory, one signature in the log.
     with sqlite3.connect(daemon.state / "hsmca.sqlite3") as db:

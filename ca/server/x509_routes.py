@@ -155,31 +155,45 @@ def _challenge(request: web.Request) -> str:
 
 def _token_from_basic(credentials: str) -> str | None:
     """The token from HTTP Basic credentials: the password; the user name is the
-    client's to choose (EST clients need one) and is not looked at."""
+    client's to choose (EST clients need one) and is not looked at, in whatever
+    characters it is (RFC 7617 leaves them to the client: a device named `gerät-01`
+    was refused as if its token were wrong, an EST trial)."""
     try:
-        text = base64.b64decode(credentials.strip(), validate=True).decode("ascii")
+        raw = base64.b64decode(credentials.strip(), validate=True)
     except (binascii.Error, ValueError):
         return None
-    _, colon, password = text.partition(":")
-    return password if colon and password else None
+    _, colon, password = raw.partition(b":")
+    if not colon or not password or not password.isascii():
+        return None
+    return password.decode("ascii")
+
+
+def _secret_sent(request: web.Request) -> tuple[str, str | None]:
+    """The Authorization header's scheme (lower case) and the token it carries: a
+    Bearer token, or on EST the HTTP Basic password; None if it carries none. A token is
+    ASCII: other bytes (aiohttp keeps them as surrogates) are simply not one of ours."""
+    scheme, _, secret = request.headers.get("Authorization", "").partition(" ")
+    scheme = scheme.lower()
+    if scheme == "basic" and _is_est(request):
+        secret = _token_from_basic(secret) or ""
+    elif scheme != "bearer":
+        return scheme, None
+    secret = secret.strip()[:512]
+    return scheme, secret if secret and secret.isascii() else None
 
 
 async def _bearer(request: web.Request) -> tuple[ra.TokenHolder, Any]:
-    header = request.headers.get("Authorization", "")
-    scheme, _, secret = header.partition(" ")
-    if scheme.lower() == "basic" and _is_est(request):
-        secret = _token_from_basic(secret) or ""
-        if not secret:
-            raise await _token_failed(request, "missing", "HTTP Basic credentials for EST "
-                                      "are base64 of 'any-name:<bootstrap token>'")
-    elif scheme.lower() != "bearer" or not secret.strip():
+    scheme, secret = _secret_sent(request)
+    if scheme == "basic" and _is_est(request) and secret is None:
+        raise await _token_failed(request, "missing", "HTTP Basic credentials for EST "
+                                  "are base64 of 'any-name:<bootstrap token>'")
+    if secret is None and (scheme != "bearer" or not request.headers.get(
+            "Authorization", "").partition(" ")[2].strip()):
         raise await _token_failed(request, "missing", "send the bootstrap token as "
                                   "'Authorization: Bearer <token>'"
                                   + (" (EST also takes it as the HTTP Basic password)"
                                      if _is_est(request) else ""))
-    # A token is ASCII; a header with other bytes (aiohttp keeps them as surrogates) is
-    # simply not one of ours.
-    token = await request.app[TOKENS].find(secret.strip()[:512]) if secret.isascii() else None
+    token = await request.app[TOKENS].find(secret) if secret is not None else None
     if token is None:
         raise await _token_failed(request, "unknown", "unknown bootstrap token")
     if token.expires < utcnow().isoformat():
@@ -188,8 +202,32 @@ async def _bearer(request: web.Request) -> tuple[ra.TokenHolder, Any]:
         raise await _token_failed(request, "expired", f"this bootstrap token expired at "
                                   f"{token.expires}: ask an admin for a new one", token.id)
     if token.used_at is not None and token.used_serial is None:
-        raise await _token_used(request, token)  # being spent now, or lost by a kill
+        raise await _being_spent(request, token)  # being spent now, or lost by a kill
     return ra.TokenHolder(token.id, token.role, token.names, token.principals), token
+
+
+SPENDING_S = 60  # a token marked spent without a certificate this long is not being spent
+
+
+async def _being_spent(request: web.Request, token: Any, why: str | None = None) -> Problem:
+    """Another request is spending `token` right now: 409, retry in a second (it then
+    gets the certificate, if its key is the one that enrolled, or token-spent). A
+    device's retry while its first request was still being signed was told to ask an
+    admin for a new token (an EST trial). Marked long ago with no certificate, it was
+    lost (a killed process; the next start gives it back): token-spent, as before."""
+    try:
+        since = (utcnow() - dt.datetime.fromisoformat(token.used_at)).total_seconds()
+    except (TypeError, ValueError):
+        since = SPENDING_S
+    return await _token_used(request, token, why) if since >= SPENDING_S else _spending()
+
+
+def _spending() -> Problem:
+    # 409, not 503: nothing is wrong with the CA, and a client that treats 5xx as an
+    # outage would wait it out; the state (a spend under way) changes within a second.
+    return Problem(409, "Conflict", "this bootstrap token is being spent by another "
+                   "request right now: retry in a second (a retry with the same key gets "
+                   "the certificate that request enrolls)", "conflict", {"Retry-After": "1"})
 
 
 async def _token_used(request: web.Request, token: Any, why: str | None = None) -> Problem:
@@ -222,6 +260,8 @@ async def _replay(request: web.Request, holder: ra.TokenHolder, token: Any,
     except Refused as exc:
         if exc.reason is not Reason.TOKEN_SPENT:
             raise
+        if token.released_at is None:  # its request may still be answering: as _bearer
+            raise await _being_spent(request, token, exc.detail) from None
         raise await _token_used(request, token, exc.detail) from None
     log.info("enrollment answered again: the retry's key is the certificate's",
              serial=record.serial, token_id=token.id, request_id=request.get("request_id"))
@@ -237,9 +277,8 @@ async def _enroll(request: web.Request, bearer: tuple[ra.TokenHolder, Any],
     tokens = request.app[TOKENS]
     # Spent after the decision, so a refused CSR does not burn the token.
     if not await tokens.spend(token):
-        raise await _token_failed(request, "used", "this bootstrap token has already been "
-                                  "used (each enrolls once): ask an admin for a new one",
-                                  token.id)
+        # Unspent a moment ago: another request is spending it now, and may be signing.
+        raise _spending()
     try:
         issued = await request.app[ISSUANCE].x509(order, request.get("request_id"))
     except Exception:
@@ -562,11 +601,18 @@ async def bundle(request: web.Request) -> web.Response:
 
 # ---- EST (RFC 7030) ---------------------------------------------------------------------
 
-def _pkcs7_b64(certs: list[x509.Certificate]) -> web.Response:
+def _pkcs7_b64(certs: list[x509.Certificate], request: web.Request | None = None
+               ) -> web.Response:
+    """base64 PKCS#7 certs-only (RFC 7030 4.1.3); with `request`, a document devices poll
+    (cacerts), revalidated by its ETag as the chain is (an EST trial found none)."""
     der = pkcs7.serialize_certificates(certs, serialization.Encoding.DER)
     body = base64.encodebytes(der)
-    return web.Response(body=body, headers={"Content-Type": PKCS7_CERTS,
-                                            "Content-Transfer-Encoding": "base64"})
+    response = revalidated(request, body, "application/pkcs7-mime") if request is not None \
+        else web.Response(body=body)
+    response.headers["Content-Type"] = PKCS7_CERTS
+    if response.status == 200:
+        response.headers["Content-Transfer-Encoding"] = "base64"
+    return response
 
 
 async def _est_csr(request: web.Request) -> x509.CertificateSigningRequest:
@@ -574,6 +620,10 @@ async def _est_csr(request: web.Request) -> x509.CertificateSigningRequest:
         raise Problem(415, "Unsupported Media Type", "EST enrollment takes a base64 DER PKCS#10 "
                       "body with 'Content-Type: application/pkcs10'")
     raw = await read_body(request)
+    if not raw.strip():
+        raise Problem(400, "Bad Request", "the body is empty: EST enrollment takes the CSR "
+                      "as base64 DER (RFC 7030 4.2.1), `openssl req -outform DER | base64`",
+                      "bad-csr")
     if raw.lstrip().startswith(b"-----BEGIN"):
         raise Problem(400, "Bad Request", "EST takes the CSR as base64 DER without PEM "
                       "armour (RFC 7030 4.2.1): send the lines between the BEGIN and END "
@@ -589,7 +639,7 @@ async def _est_csr(request: web.Request) -> x509.CertificateSigningRequest:
 @routes.get("/.well-known/est/cacerts")
 async def est_cacerts(request: web.Request) -> web.Response:
     issuers = await request.app[ISSUANCE].keys.refresh()
-    return _pkcs7_b64(list(issuers.current.chain))
+    return _pkcs7_b64(list(issuers.current.chain), request)
 
 
 @routes.post("/.well-known/est/simpleenroll")
@@ -602,12 +652,27 @@ async def est_simpleenroll(request: web.Request) -> web.Response:
                       "('Authorization: Bearer <token>', or as the HTTP Basic password) or "
                       "a client certificate issued by this CA (mutual TLS)",
                       "client-certificate-required", {"WWW-Authenticate": _challenge(request)})
-    csr = await _est_csr(request)
-    if request.headers.get("Authorization"):
-        issued = await _enroll(request, await _bearer(request), csr, None)
+    if request.headers.get("Authorization") and not await _spent_beside_certificate(request):
+        bearer = await _bearer(request)  # before the body, as /v1/x509/enroll (a review)
+        issued: Issued | Replayed = await _enroll(request, bearer, await _est_csr(request),
+                                                  None)
     else:
-        issued = await _renew(request, csr, None)
+        await identity(request)  # revoked or expired: said before the body (as renew)
+        issued = await _renew(request, await _est_csr(request), None)
     return _pkcs7_b64([issued.cert])
+
+
+async def _spent_beside_certificate(request: web.Request) -> bool:
+    """A device that keeps sending the token it enrolled with (its configured HTTP
+    Basic credentials) beside the certificate that token got it: the token is spent (or
+    expired), and the certificate renews. Its retry was answered with its first
+    certificate again, or, with a new key, told to ask an admin for a new token (an
+    EST trial). A token this CA never made is still said to be one."""
+    if peer_der(request) is None or (secret := _secret_sent(request)[1]) is None:
+        return False
+    token = await request.app[TOKENS].find(secret)
+    return token is not None and (token.used_at is not None
+                                  or token.expires < utcnow().isoformat())
 
 
 @routes.post("/.well-known/est/simplereenroll")
