@@ -424,6 +424,11 @@ def _covers(kind: str, value: str, pattern: str) -> bool:
 
 
 FLEET_ROLES = ("service", "host", "user")
+# Roles whose certificates are client credentials only (EKU clientAuth, no serverAuth):
+# people and operators. An auditor named with a DNS name (which [policy] allow does not
+# bind: it binds the fleet) made a certificate a relying party took as that name's TLS
+# server (a security review).
+CLIENT_ONLY_ROLES = frozenset({"user", "auditor", "admin"})
 
 
 def matches_any(name: str, patterns: Iterable[str]) -> bool:

@@ -384,6 +384,32 @@ async def test_an_enrollment_whose_answer_was_lost_is_answered_again(
     assert status == 401 and "already been used" in gone["detail"], gone
 
 
+async def test_a_persons_or_operators_certificate_is_no_tls_server_certificate(
+        daemon: Daemon, tmp_path: Path) -> None:
+    """A security review: every leaf said serverAuth, and an auditor or admin may be
+    named with a DNS name that [policy] allow does not bind (it binds the fleet), so a
+    relying party trusting the root took an auditor's certificate as that name's TLS
+    server. Users', auditors' and admins' certificates are client certificates alone;
+    services and hosts keep both."""
+    openssl = require("openssl")
+
+    def purposes(cert: Path) -> dict[str, bool]:
+        return {purpose: subprocess.run(
+            [openssl, "verify", "-purpose", purpose, "-CAfile", daemon.root, "-untrusted",
+             daemon.state / "x509" / "issuing.pem", cert], capture_output=True).returncode
+            == 0 for purpose in ("sslserver", "sslclient")}
+    auditor, _ = enroll(daemon, tmp_path, "auditor", ["bank.internal.example"])
+    user, _ = enroll(daemon, tmp_path, "user", ["alice@internal.example"])
+    service, _ = enroll(daemon, tmp_path, "service", ["api.internal.example"])
+    for cert in (auditor, user, daemon.state / "admin" / "cert.pem"):
+        assert purposes(cert) == {"sslserver": False, "sslclient": True}, cert
+    assert purposes(service) == {"sslserver": True, "sslclient": True}
+    # ...and it still authenticates the auditor
+    status, _, raw = await http("GET", f"{daemon.url}/v1/whoami", daemon.ssl(*enroll(
+        daemon, tmp_path, "auditor", ["ops@internal.example"])))
+    assert status == 200 and json.loads(raw)["role"] == "auditor", raw
+
+
 async def test_one_token_fifty_concurrent_enrollments(daemon: Daemon) -> None:
     token = await bootstrap_token(daemon, "service", ["race.internal.example"])
     csr = csr_pem(["race.internal.example"])

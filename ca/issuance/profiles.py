@@ -134,6 +134,7 @@ class LeafProfile:
     crl_url: str | None = None
     ocsp_url: str | None = None
     ski: x509.SubjectKeyIdentifier | None = None  # derived from public_key when not given
+    client_only: bool = False  # EKU clientAuth alone (a person's or operator's credential)
 
 
 # The parts of every leaf that never change, built once (issuance is a hot path).
@@ -144,6 +145,7 @@ _LEAF_KU, _LEAF_KU_RSA = (x509.KeyUsage(
     encipher_only=False, decipher_only=False) for rsa_ in (False, True))
 _LEAF_EKU = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
                                    ExtendedKeyUsageOID.CLIENT_AUTH])
+_CLIENT_EKU = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])
 
 
 def common_name_for(names: Sequence[str]) -> str | None:
@@ -158,7 +160,7 @@ def leaf_builder(p: LeafProfile, issuer: x509.Certificate, not_before: dt.dateti
     sans += [x509.UniformResourceIdentifier(u) for u in p.uris]
     sans += [x509.RFC822Name(e) for e in p.emails]
     head, aki_, tail = _leaf_extensions(issuer, isinstance(p.public_key, rsa.RSAPublicKey),
-                                        p.crl_url, p.ocsp_url)
+                                        p.crl_url, p.ocsp_url, p.client_only)
     ski = p.ski or x509.SubjectKeyIdentifier.from_public_key(p.public_key)  # type: ignore[arg-type]
     extensions = [*head, x509.Extension(ski.oid, False, ski), aki_]
     if sans:  # RFC 5280 4.2.1.6: critical when the subject is empty
@@ -177,11 +179,12 @@ def leaf_builder(p: LeafProfile, issuer: x509.Certificate, not_before: dt.dateti
 
 @functools.lru_cache(maxsize=64)
 def _leaf_extensions(issuer: x509.Certificate, rsa_key: bool, crl_url: str | None,
-                     ocsp_url: str | None
+                     ocsp_url: str | None, client_only: bool = False
                      ) -> tuple[tuple[x509.Extension[x509.ExtensionType], ...],
                                 x509.Extension[x509.ExtensionType],
                                 tuple[x509.Extension[x509.ExtensionType], ...]]:
-    """The extensions every leaf of `issuer` with these URLs carries, in their order:
+    """The extensions every leaf of `issuer` with these URLs (and for a client alone, or
+    not) carries, in their order:
     (those before the subject key identifier, the authority key identifier, those after
     the subject alternative name)."""
     def ext(value: x509.ExtensionType, critical: bool = False
@@ -189,7 +192,7 @@ def _leaf_extensions(issuer: x509.Certificate, rsa_key: bool, crl_url: str | Non
         return x509.Extension(value.oid, critical, value)
 
     head = (ext(_LEAF_BC, True), ext(_LEAF_KU_RSA if rsa_key else _LEAF_KU, True),
-            ext(_LEAF_EKU))
+            ext(_CLIENT_EKU if client_only else _LEAF_EKU))
     tail = []
     if crl_url:
         tail.append(ext(x509.CRLDistributionPoints([x509.DistributionPoint(
