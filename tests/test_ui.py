@@ -643,3 +643,32 @@ async def test_a_failed_view_whose_daemon_is_away_does_not_say_a_later_check_pas
     verdict = await follower._run()
     assert verdict.status == "failed" and "a later check passed" in verdict.detail
     assert "could not be asked" not in verdict.detail, verdict.detail
+
+
+def test_a_click_on_the_banner_checks_again_now(tmp_path: Path) -> None:
+    """A web view trial: a click on the banner ("check again now"), 3 s after the
+    daemon stopped, answered the verdict of the last 5 s: green. The click asks for a
+    run begun now (`/status.json?fresh=1`), which finds the daemon gone: not checked,
+    and without the earlier run's "N new lines fetched" beside it."""
+    from tests.conftest import init_ca, start_daemon
+    from tests.test_witness import settled_status
+    ca = init_ca(tmp_path)
+    d = start_daemon(ca.state)
+    auditor = enroll(d, tmp_path, "auditor", ["auditor@click.example"])
+    ui = Running.start("ui", "--url", d.url, "--ca", d.root, "--cert", auditor[0], "--key",
+                       auditor[1], "--audit-key", ca.state / "audit" / "audit_key.pem",
+                       "--state", tmp_path / "ui.state", "--listen", "127.0.0.1:0")
+    try:
+        base = ui.listening_url()
+        status = settled_status(base)
+        assert status["status"] == "ok" and "new lines fetched and checked" in \
+            status["detail"], status
+        assert d.stop() == 0
+        with urllib.request.urlopen(f"{base}/status.json?fresh=1", timeout=60) as answer:
+            now = json.loads(answer.read())
+        assert now["status"] == "stale" and now["banner"].startswith("NOT CHECKED since "), now
+        assert "the daemon could not be asked" in now["detail"] and "fetched" not in \
+            now["detail"], now
+    finally:
+        ui.stop()
+        d.stop()

@@ -132,9 +132,10 @@ class Verdict:
         if self.others:
             parts.append("other logs: " + ", ".join(
                 f"{o.log} {_short(o)}" for o in self.others))
-        if self.status == "ok" and (self.fetched or not self.problem):
+        if self.status == "ok" and self.answered and (self.fetched or not self.problem):
             # (With a problem, this verdict is an earlier run's: whether there are new
-            # lines is not known; "no new lines" beside "could not be asked" contradicted.)
+            # lines is not known; "no new lines" beside "could not be asked" contradicted,
+            # and so did an earlier run's "3 new lines fetched", a web view trial.)
             parts.append(f"{self.fetched} new lines fetched and checked"
                          if self.fetched else "no new lines")
         if self.problem and self.status != "unknown":

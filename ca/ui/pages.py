@@ -115,7 +115,7 @@ def default_log(names: list[str | None]) -> str | None:
     return (nodes or names or [None])[0]
 
 
-async def _verdict(request: web.Request, strict: bool = True) -> Verdict:
+async def _verdict(request: web.Request, strict: bool = True, fresh: bool = False) -> Verdict:
     """The verdict on the log the page is about (`?log=NODE` on a cluster), with the
     other logs' beside it; 404 for a log the daemon does not serve (with `strict`: not
     for the banner's refresh of that 404 page, which shows the default log's)."""
@@ -125,7 +125,8 @@ async def _verdict(request: web.Request, strict: bool = True) -> Verdict:
     names = await ui.logs.list()
     asked = request.query.get("log") or None
     known = asked is None or asked in names or not names
-    verdict = await ui.logs.verdict(asked if asked in names else default_log(names))
+    verdict = await ui.logs.verdict(asked if asked in names else default_log(names),
+                                    fresh=fresh)
     if not known and strict:
         served = ", ".join(str(n) for n in names if n is not None) or "one unnamed log"
         raise web.HTTPNotFound(text=_html(
@@ -855,7 +856,10 @@ async def status(request: web.Request) -> web.Response:
     """The banner of a page (`?log=` as the page has it). A page's 404 for a log the
     daemon does not serve shows the default log's banner, and so does its refresh: a
     404 here turned the banner to "hsmca ui does not answer" (a web trial)."""
-    verdict = await _verdict(request, strict=False)
+    # `fresh=1`: a click on the banner, "check again now": a run begun now, not the
+    # verdict of the last seconds (a web view trial's click, 3 s after the daemon
+    # stopped, stayed green).
+    verdict = await _verdict(request, strict=False, fresh=request.query.get("fresh") == "1")
     return web.json_response({"status": verdict.overall, "banner": verdict.banner,
                               "detail": verdict.detail})
 

@@ -24,9 +24,12 @@
       banner.textContent = said;
     }
   }
-  function refresh() {
+  function refresh(now) {
     // The page's own query: on a cluster its ?log= picks the log the banner is about.
-    fetch("/status.json" + window.location.search, { credentials: "same-origin", cache: "no-store" })
+    // `now` (a click): checked again now, not the verdict of the last seconds.
+    var query = window.location.search + (now === true ?
+      (window.location.search ? "&" : "?") + "fresh=1" : "");
+    fetch("/status.json" + query, { credentials: "same-origin", cache: "no-store" })
       .then(function (r) { return r.ok ? r.json() : null; })
       .then(function (v) {
         if (!v) { unanswered(); return; }
@@ -42,9 +45,10 @@
   // Focusable, and a button, only where it does something: with JavaScript (a web view
   // trial's keyboard reached a banner that did nothing without it)
   box.setAttribute("tabindex", "0");
+  box.setAttribute("role", "button");  // said as one by screen readers (a web view trial)
   box.setAttribute("title", "click, or Enter, to check again now");
-  box.addEventListener("click", refresh);  // a click checks again at once
+  box.addEventListener("click", function () { refresh(true); });  // checks again at once
   box.addEventListener("keydown", function (e) {  // and the keyboard's Enter or Space
-    if (e.key === "Enter" || e.key === " ") { e.preventDefault(); refresh(); }
+    if (e.key === "Enter" || e.key === " ") { e.preventDefault(); refresh(true); }
   });
 })();
