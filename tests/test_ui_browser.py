@@ -4,7 +4,7 @@ chromium-driver, against a real daemon (its own CA and SoftHSM token) and the re
 
 One daemon, one UI and one browser for the module, in order: every page on a good log
 (green banner, no console error, screenshots), a search by name down to a verified
-inclusion proof, a revoked certificate's reason, a `<script>` name shown as text, the
+inclusion proof, a revoked certificate's reason, a hostile name shown as text, the
 headers and the Host check; last, the log rewritten on the CA host and re-signed with
 the real key, which turns the banner red at the seq the auditor's saved state names.
 
@@ -49,7 +49,11 @@ from tests.ports import free_port
 from tests.test_audit_remote import _ATTACKER_SIGNS, REPO, rewrite_line
 from tests.test_witness import WitnessProcess, log_key
 
-SCRIPT_NAME = "<script>alert(1)</script>@example.com"
+# An e-mail name as hostile as the CA takes (RFC 5321's dot-atom: no <>"): a quote that
+# would end an attribute, a character reference that would be read as one, a handler.
+# (`<script>...@example.com` was taken until a web view trial's `a+<i>@x.example` made
+# every enrollment a 500.)
+SCRIPT_NAME = "script'&amp'onmouseover=alert`1`@example.com"
 FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync")
 
@@ -67,7 +71,7 @@ class World:
     web: str  # serial of web.ui.example, renewed once
     renewed: str
     gone: str  # revoked, keyCompromise
-    script: str  # the <script> user's certificate
+    script: str  # the hostile-named user's certificate
     alice: str  # the X.509 certificate that asked for alice's SSH certificate
     alice_ssh: str  # that SSH certificate's serial, as ssh-keygen -L shows it
     shots: Path
