@@ -30,6 +30,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa
+from cryptography.x509.oid import NameOID
 
 from ca.decimal_text import is_decimal
 
@@ -647,6 +648,32 @@ _SAN_KINDS: dict[type, str] = {x509.DNSName: "dns", x509.IPAddress: "ip",
 _KIND_WORDS = {"dns": "a DNS name", "ip": "an IP address", "email": "an e-mail address",
                "uri": "a URI"}
 _SAN_PREFIX = {"dns": "DNS", "ip": "IP", "email": "email", "uri": "URI"}
+
+
+def common_names_within(csr: x509.CertificateSigningRequest,
+                        granted: Sequence[tuple[str, str]]) -> None:
+    """For a CSR without a SAN, which gets the names granted: its CN, if it names
+    something (a DNS name with a dot, an IP address, an e-mail address), must be one of
+    them. An EST trial's device B, handed device A's token, asked for CN=b.example and
+    got a certificate for a.example without a word; a SAN asking that is refused. A CN
+    that names nothing (a serial number, a bare host label) is not read."""
+    try:
+        cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    except PARSE_ERRORS:
+        return  # the subject is not read at all (the CA writes its own)
+    for attribute in cns:
+        value = str(attribute.value).strip().lower()
+        try:
+            kind, name = classify(value)
+        except Refused:
+            continue
+        if kind == "dns" and "." not in name:
+            continue
+        if (kind, name) not in set(granted):
+            raise Refused(f"the CSR's common name {_show(name)} is not among the names this "
+                          f"credential may get ({', '.join(v for _, v in granted)}): without "
+                          "a subjectAltName the certificate gets those names; leave the CN "
+                          "out, or ask for a token for it", Reason.NAME_NOT_GRANTED)
 
 
 def names_within(requested: Sequence[str], granted: Sequence[tuple[str, str]],

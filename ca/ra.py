@@ -716,8 +716,10 @@ def _enroll(ctx: Context, who: Requester, req: EnrollRequest) -> X509Order:
     if not isinstance(who, TokenHolder):
         raise Refused("enrollment needs a bootstrap token", Reason.WRONG_ROLE)
     policy.check_csr(req.csr)
-    names = policy.names_within(policy.csr_names(req.csr), who.names,
-                                ctx.policy.allow_wildcards)
+    asked = policy.csr_names(req.csr)
+    if not asked:
+        policy.common_names_within(req.csr, who.names)
+    names = policy.names_within(asked, who.names, ctx.policy.allow_wildcards)
     return _x509(ctx, who, role=who.role, names=names, principals=who.principals,
                  subject=subject_key(req.csr.public_key()), lifetime=_lifetime(ctx, req.ttl),
                  token_id=who.token_id)

@@ -1010,11 +1010,16 @@ def test_a_flag_given_twice_adds_to_the_first(daemon: Daemon, tmp_path: Path) ->
 
 
 def daemon_serials(d: Daemon) -> set[str]:
-    """The serials the CA has issued, as `hsmca cert list` shows them."""
+    """The serials the CA has issued, as `hsmca cert list` shows them: all of them (the
+    session's daemon holds more than a page of 50, whose "(N more...)" line was read as a
+    serial, and a renewal fell outside the page)."""
     listed = subprocess.run([*HSMCA, "cert", "list", "--config", d.state / "hsmca.toml",
-                             "--url", d.url], capture_output=True, text=True,
-                            check=True).stdout.splitlines()[1:]
-    return {line.split()[0] for line in listed}
+                             "--url", d.url, "--limit", "500"], capture_output=True,
+                            text=True, check=True).stdout.splitlines()[1:]
+    serials = {line.split()[0] for line in listed if line.strip()}
+    assert serials and all(re.fullmatch(r"[0-9a-f]+", s) for s in serials), listed
+    assert len(serials) < 500, "more than one page (500, the most it lists)"
+    return serials
 
 
 def test_renew_replaces_all_files_or_none_and_mends_one_cut_short(daemon: Daemon,
