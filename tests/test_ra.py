@@ -1150,3 +1150,16 @@ def test_an_issuing_key_s_ca_certificate_is_revoked_once_retired_for_a_ca_s_reas
         refused(ask(kind=kind), Reason.CONFLICT, said)
     refused(ra.decide(context(), admin(), ra.KeyRequest("revoke", "", "nope", None)),
             Reason.NOT_FOUND)
+
+
+def test_a_user_named_before_e_mail_names_were_dot_atoms_still_renews() -> None:
+    """A review: e-mail names became RFC 5321 dot-atoms; applied to the names a
+    certificate already holds, `first..last@x.example` (a name 0.3.7 issued) could no
+    longer renew, nor get an SSH certificate, and `renew --daemon` ended on it. A new
+    token gets the stricter rule; a certificate named before keeps renewing."""
+    old = holder("user", ("first..last@x.example",), ("first",))
+    assert isinstance(ra.decide(context(), old, ra.RenewRequest()), ra.X509Order)
+    assert isinstance(ra.decide(context(), old, ra.SSHUserRequest(ssh_key())), ra.SSHOrder)
+    refused(ra.decide(context(), admin(), ra.TokenRequest(
+        "user", ["first..last@x.example"], [], "1h")), Reason.BAD_NAME,
+        "RFC 5321's dot-atom")
