@@ -343,6 +343,23 @@ async def test_est_a_device_sending_its_spent_token_beside_its_certificate_renew
         assert renewed.serial_number not in seen and renewed.public_key() == \
             asked.public_key()
         seen.add(renewed.serial_number)
+    # A new token for another name, beside the old certificate: the token's request,
+    # answered again with its own certificate on a retry (a review: it was set aside,
+    # and the retry renewed the old name or was refused)
+    other = await bootstrap_token(daemon, "service", ["device2.internal.example"])
+    basic2 = {**ptype, "Authorization": "Basic "
+              + base64.b64encode(f"device:{other}".encode()).decode()}
+    key2 = ec.generate_private_key(ec.SECP256R1())
+    csr2 = base64.encodebytes(x509.load_pem_x509_csr(csr_pem(
+        ["device2.internal.example"], key2).encode()).public_bytes(serialization.Encoding.DER))
+    answers = []
+    for _ in range(2):
+        status, _, raw = await http("POST", url, ctx, data=csr2, headers=basic2)
+        assert status == 200, raw
+        answers += pkcs7.load_der_pkcs7_certificates(base64.b64decode(raw))
+    assert answers[0] == answers[1] and answers[0].extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName) == \
+        ["device2.internal.example"]
     wrong = {**ptype, "Authorization": "Basic "
              + base64.b64encode(b"device:hsmca-0-not-a-token").decode()}
     status, _, raw = await http("POST", url, ctx, data=der_b64(key), headers=wrong)
@@ -432,6 +449,10 @@ async def test_one_token_fifty_concurrent_enrollments(daemon: Daemon) -> None:
             assert retry == "1" and "being spent by another request right now" in \
                 json.loads(body)["detail"], body
     assert again[0] == 200
+    if 409 in statuses:  # a token used twice at once is the admin's to hear of
+        with daemon.stderr_changed:
+            assert daemon.stderr_changed.wait_for(lambda: any(
+                '"reason": "spending"' in line for line in daemon.stderr), timeout=60)
     assert len({json.loads(body)["serial"] for status, body, _ in [*answers, again]
                 if status in (200, 201)}) == 1
     # One certificate for that name in the inventory, one signature in the log.

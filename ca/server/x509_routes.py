@@ -216,18 +216,29 @@ async def _being_spent(request: web.Request, token: Any, why: str | None = None)
     admin for a new token (an EST trial). Marked long ago with no certificate, it was
     lost (a killed process; the next start gives it back): token-spent, as before."""
     try:
-        since = (utcnow() - dt.datetime.fromisoformat(token.used_at)).total_seconds()
+        # (abs: marked by a node whose clock is ahead, it is not younger than now)
+        since = abs((utcnow() - dt.datetime.fromisoformat(token.used_at)).total_seconds())
     except (TypeError, ValueError):
         since = SPENDING_S
-    return await _token_used(request, token, why) if since >= SPENDING_S else _spending()
+    if since >= SPENDING_S:
+        return await _token_used(request, token, why)
+    return _spending(request, token.id)
 
 
-def _spending() -> Problem:
+def _spending(request: web.Request, token_id: str) -> Problem:
+    # Logged as a spent token's reuse is: used twice at once, it was copied or raced,
+    # which the admin who made it should hear of (a review: the 409 said nothing).
+    if (unlogged := TOKEN_REFUSALS.allow("spending")) is not None:
+        if unlogged:
+            _token_refusals_unlogged("spending", unlogged)
+        log.warning("bootstrap token refused", reason="spending", token_id=token_id,
+                    client=request.remote or "-", request_id=request.get("request_id"))
     # 409, not 503: nothing is wrong with the CA, and a client that treats 5xx as an
     # outage would wait it out; the state (a spend under way) changes within a second.
     return Problem(409, "Conflict", "this bootstrap token is being spent by another "
-                   "request right now: retry in a second (a retry with the same key gets "
-                   "the certificate that request enrolls)", "conflict", {"Retry-After": "1"})
+                   "request right now: retry in a second (a retry with the key that "
+                   "request sent gets the certificate it enrolls; another key is told the "
+                   "token is spent)", "conflict", {"Retry-After": "1"})
 
 
 async def _token_used(request: web.Request, token: Any, why: str | None = None) -> Problem:
@@ -278,7 +289,7 @@ async def _enroll(request: web.Request, bearer: tuple[ra.TokenHolder, Any],
     # Spent after the decision, so a refused CSR does not burn the token.
     if not await tokens.spend(token):
         # Unspent a moment ago: another request is spending it now, and may be signing.
-        raise _spending()
+        raise _spending(request, token.id)
     try:
         issued = await request.app[ISSUANCE].x509(order, request.get("request_id"))
     except Exception:
@@ -664,15 +675,21 @@ async def est_simpleenroll(request: web.Request) -> web.Response:
 
 async def _spent_beside_certificate(request: web.Request) -> bool:
     """A device that keeps sending the token it enrolled with (its configured HTTP
-    Basic credentials) beside the certificate that token got it: the token is spent (or
-    expired), and the certificate renews. Its retry was answered with its first
-    certificate again, or, with a new key, told to ask an admin for a new token (an
-    EST trial). A token this CA never made is still said to be one."""
-    if peer_der(request) is None or (secret := _secret_sent(request)[1]) is None:
+    Basic credentials) beside the certificate that token got it, or a renewal of it:
+    the token is set aside, and the certificate renews. Its retry was answered with its
+    first certificate again, or, with a new key, told to ask an admin for a new token
+    (an EST trial). Any other token is the request's (a new token for new names beside
+    an old certificate must still be answered again with its own certificate, a
+    review), and one this CA never made is still said to be one."""
+    der = peer_der(request)
+    if der is None or (secret := _secret_sent(request)[1]) is None:
         return False
     token = await request.app[TOKENS].find(secret)
-    return token is not None and (token.used_at is not None
-                                  or token.expires < utcnow().isoformat())
+    if token is None or token.used_serial is None:
+        return False
+    presented = x509.load_der_x509_certificate(der).serial_number
+    family = await request.app[STORE].renewal_family(presented)
+    return any(rec.serial == token.used_serial for rec in family)
 
 
 @routes.post("/.well-known/est/simplereenroll")
