@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import resource
+
+PR_SET_DUMPABLE = 4
 
 
 def settle_heap() -> None:
@@ -25,3 +28,15 @@ def raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def keep_memory_in() -> None:
+    """No core file and no reading of this process's memory by other processes of its
+    user (ptrace, /proc/PID/mem): a software token (SoftHSM) logged in keeps what
+    decrypts its keys in the process's memory (a security review: a 77 MB core of a
+    worker, written under `ulimit -c unlimited`). The core limit is inherited by the
+    workers; PR_SET_DUMPABLE is not kept across exec, so each process calls this. Also
+    what stops a core piped to a collector (systemd-coredump, apport), which may not
+    look at the limit."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)

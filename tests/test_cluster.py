@@ -305,6 +305,12 @@ async def test_every_node_serves_every_log_and_one_node_verifies_them_all(
         for name in (*NODES, "init"):
             assert f"log {name}: OK:" in proc.stdout
             assert (tmp_path / f"auditor.{name}.json").exists()
+        # What another node's witnesses answered it, node 1 cannot say: said, not an OK
+        # that looks like it was checked (a review: read as a daemon without witnesses)
+        assert "log node-2: note: whether this log's witnesses refused it is not " \
+            "checked: the witnesses of log 'node-2' answer node node-2 only" in \
+            proc.stdout, proc.stdout
+        assert "log node-1: note: whether" not in proc.stdout, proc.stdout
         await call("POST", f"{n1.url}/v1/tokens", n1.admin_ssl(),  # more lines for run 2
                    {"role": "service", "names": ["more.test"], "ttl": "5m"})
     # --origin is the CA's [audit] origin, each node's log signed as ORIGIN/NODE: checked

@@ -858,3 +858,23 @@ async def test_each_new_way_a_witness_fails_is_said_and_one_contradicting_itself
         "the witness answered 409 with a size that is not a number: 'banana'",
         "the witness answered 409 saying it holds 1 lines, the size it was sent as its "
         "own (old 1): it contradicts itself"], said
+
+
+def test_a_refusal_stands_until_the_witness_cosigns_again() -> None:
+    """A review: a refusal followed by the witness going away (its operator stopped it
+    to look into the refusal) showed the witness as merely failing, and auditors' runs
+    said OK. A refusal stands, counted on, until the witness cosigns again."""
+    from ca.audit.witnessing import _Standing
+    standing = _Standing("https://w1.example/witness")
+    assert standing.doc()["state"] == "not-asked"
+    standing.answer("cosigned", 100, None)
+    standing.answer("inconsistent", 120, "the consistency proof ... does not verify")
+    standing.answer("unreachable", 130, "cannot reach the witness: refused")
+    doc = standing.doc()
+    assert (doc["state"], doc["reason"], doc["checkpoint"], doc["failures"],
+            doc["cosigned"]) == ("refused", "inconsistent", 120, 2, 100), doc
+    standing.answer("cosigned", 140, None)
+    doc = standing.doc()
+    assert (doc["state"], doc["failures"], doc["since"]) == ("cosigning", 0, None), doc
+    standing.answer("unreachable", 150, "cannot reach the witness: refused")
+    assert standing.doc()["state"] == "failing"

@@ -880,8 +880,7 @@ class AuditLog:
             # Else nothing reached the file (a read-only or immutable file refuses the
             # write whole), and there is nothing to cut: the next write may just work.
             self._problem = reason
-            if isinstance(exc, _NotTheLog):
-                self._note_changed(exc)
+            self._note_changed(exc)
         except OSError as exc2:
             # The file may now end in a partial line; only a restart (with torn-tail
             # recovery) can make it safe again, so refuse everything until then.
@@ -893,10 +892,12 @@ class AuditLog:
                            AuditUnavailable(self._problem), results)
         results.flush()
 
-    def _note_changed(self, exc: _NotTheLog) -> None:
-        # (EBADMSG is a line found rewritten: damaged_seq says that one)
-        if exc.errno == errno.ESTALE:
-            self._changed = exc.strerror
+    def _note_changed(self, exc: OSError) -> None:
+        # (EBADMSG is a line found rewritten: damaged_seq says that one.) Any other
+        # failure clears it: the file put back, then a full disk, is no change by
+        # something else (a review).
+        self._changed = exc.strerror if isinstance(exc, _NotTheLog) and \
+            exc.errno == errno.ESTALE else None
 
     @property
     def changed_on_disk(self) -> str | None:

@@ -221,6 +221,10 @@ async def _witness_report(api: LogClient, result: RemoteResult) -> RemoteResult:
     show it: a log put back from a backup carries the cosigned checkpoint of its day,
     which the log extends, and an auditor's run said OK while every witness refused."""
     standing = await api.witnesses()
+    if isinstance(standing, str):  # another node's log, on a cluster: said, not checked
+        said = f"whether this log's witnesses refused it is not checked: {standing}"
+        return dataclasses.replace(result, note=f"{result.note}; {said}" if result.note
+                                   else said)
     refused = [w for w in standing if w.get("state") == "refused"]
     if refused:
         said = "; ".join(_standing(w) for w in refused)
@@ -355,10 +359,11 @@ class LogClient:
             raise
         return raw.decode("utf-8", "replace")
 
-    async def witnesses(self) -> list[dict[str, Any]]:
+    async def witnesses(self) -> list[dict[str, Any]] | str:
         """Where the daemon's witnesses stand (GET /v1/audit/witnesses), for the log
-        asked: [] from a daemon that predates it or a node whose log is not the one asked
-        (each node's witnesses follow its own log)."""
+        asked: [] from a daemon that predates it; on a cluster, for another node's log
+        than the answering node's, why it cannot say (each node's witnesses follow its
+        own log)."""
         try:
             raw = await self.get("/v1/audit/witnesses")
         except client.ClientError as exc:
@@ -368,6 +373,8 @@ class LogClient:
         try:
             doc = json.loads(raw)
             found = doc["witnesses"]
+            if found is None and isinstance(doc.get("kept_by"), str):
+                return str(doc.get("detail") or f"kept by node {doc['kept_by']}")[:300]
             if not isinstance(found, list) or not all(isinstance(w, dict) for w in found):
                 raise TypeError("not a list of objects")
         except (ValueError, KeyError, TypeError) as exc:

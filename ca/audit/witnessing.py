@@ -233,8 +233,12 @@ class _Standing:
             return
         if self.since is None:
             self.since = now
-        self.reason, self.error, self.checkpoint = result, error, size
         self.failures += 1
+        if self.reason in REFUSALS and result not in REFUSALS:
+            # A refusal stands until the witness cosigns again: one stopped by its
+            # operator to look into it must not turn it into "failing" (a review).
+            return
+        self.reason, self.error, self.checkpoint = result, error, size
 
     def doc(self) -> dict[str, Any]:
         state = ("not-asked" if self.reason is None and self.cosigned is None else

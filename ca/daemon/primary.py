@@ -21,7 +21,6 @@ import datetime as dt
 import hashlib
 import os
 import re
-import resource
 import shutil
 import signal
 import socket
@@ -72,7 +71,7 @@ from ca.lifecycle import write_bundle, write_chain_files
 from ca.logs import Recurring
 from ca.own_certs import OwnCerts
 from ca.policy import Reason, Refused
-from ca.process import raise_fd_limit, settle_heap
+from ca.process import keep_memory_in, raise_fd_limit, settle_heap
 from ca.revocation.from_log import complete_from_log
 from ca.revocation.ocsp import OCSPRefresher, OCSPSigner
 from ca.server_cert import ensure_server_cert, listener_cert, listener_files, one_missing
@@ -1543,11 +1542,7 @@ async def _check_inventory(store: SQLiteStore, generations: Generations) -> None
 
 
 def main(config: Config, listen: str | None, workers: int | None = None) -> int:
-    # No core files, for this process and the workers it starts (they inherit it): a
-    # software token (SoftHSM) logged in keeps what decrypts its keys in the process's
-    # memory, so a crash's core file may hold what the HSM exists to keep in (a security
-    # review: a 77 MB core of a worker, written under `ulimit -c unlimited`).
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    keep_memory_in()  # before the token is logged in to (ca/process.py says why)
     # pg_stat_activity names the node and the process (the workers name themselves).
     os.environ["PGAPPNAME"] = f"hsmca {config.node or 'serve'} primary"
     try:

@@ -43,7 +43,7 @@ from ca.lifecycle import KeyLifecycle
 from ca.listener import Places
 from ca.logs import configure
 from ca.metrics import Metrics
-from ca.process import raise_fd_limit, settle_heap
+from ca.process import keep_memory_in, raise_fd_limit, settle_heap
 from ca.revocation import COUNTED, Revocations
 from ca.revocation.unreleased import Unreleased, revoke_unreleased
 from ca.server.app import (
@@ -219,6 +219,7 @@ def main() -> int:
     p.add_argument("--http-listen", help="HOST:PORT for the CRLs and OCSP over plain HTTP")
     args = p.parse_args()
     _die_with_parent(args.parent)
+    keep_memory_in()  # before it logs in to the token
     configure()
     structlog.contextvars.bind_contextvars(worker=args.worker)
     os.environ["PGAPPNAME"] = f"hsmca {args.node or 'serve'} worker {args.worker}"
