@@ -33,7 +33,7 @@ def require(tool: str) -> str:
     path = shutil.which(tool) or (f"/usr/sbin/{tool}" if os.path.exists(f"/usr/sbin/{tool}")
                                   else None)
     if path is None:
-        pytest.fail(f"{tool} is not installed; run scripts/setup (apt-get install it)")
+        pytest.fail(f"{tool} is not installed; run scripts/setup --test (apt-get install it)")
     return path
 
 

@@ -27,7 +27,7 @@ def bindir() -> Path:
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
                    key=lambda p: int(p.split("/")[4]))
     if not found:
-        pytest.fail("PostgreSQL is not installed; run scripts/setup (apt-get install "
+        pytest.fail("PostgreSQL is not installed; run scripts/setup --test (apt-get install "
                     "postgresql)")
     return Path(found[-1]).parent
 

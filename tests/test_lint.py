@@ -24,7 +24,7 @@ from tests.helpers import ask_ocsp, enroll, request_for, signed
 
 def linter(name: str) -> str:
     found = shutil.which(name) or str(Path(__file__).resolve().parents[1] / ".venv/bin" / name)
-    assert Path(found).exists(), f"{name} (pkilint) is not installed: run scripts/setup"
+    assert Path(found).exists(), f"{name} (pkilint) is not installed: run scripts/setup --test"
     return found
 
 
