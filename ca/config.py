@@ -254,6 +254,14 @@ class Config:
         return self.local_dir / "serve.url"
 
     @property
+    def not_running(self) -> bool:
+        """A single node whose daemon does not run: it writes `url_file` while it runs
+        (and removes it at its stop). `local_url` is then only the configured address,
+        where another CA's daemon may answer (a new user's trial: its admin commands
+        reached the quickstart's daemon and blamed root.pem)."""
+        return not self.cluster and not self.url_file.exists()
+
+    @property
     def local_url(self) -> str:
         try:
             own = self.url_file.read_text().strip()

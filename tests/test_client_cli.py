@@ -350,6 +350,29 @@ def test_a_host_whose_clock_is_days_off_is_told_to_check_its_clock(daemon: Daemo
             f"{said}" in msg and msg.endswith("is this host's clock right?"), msg
 
 
+def test_a_stopped_cas_admin_commands_do_not_talk_to_another_cas_daemon(
+        daemon: Daemon, tmp_path: Path) -> None:
+    """A new user's trial: every `init` writes the same default listen address, and
+    with this CA's daemon stopped, its admin commands reached another CA's daemon
+    there and blamed this CA's root.pem; `key list` did not read the inventory. A
+    stopped single node says so; `key list` reads its inventory."""
+    from tests.conftest import set_config
+    ca = init_ca(tmp_path)
+    set_config(ca.state, "server", "listen", daemon.url.removeprefix("https://"))
+    config = ca.state / "hsmca.toml"
+    for args in (("status",), ("token", "create", "--role", "service", "--name",
+                               "q.example")):
+        msg = one_line_error(hsmca(*args, "--config", config, check=False))
+        assert msg == (f"hsmca: error: the daemon of {config} is not running (it writes "
+                       f"{ca.state / 'serve.url'} while it runs), and something else "
+                       f"answers at {daemon.url}: another CA's daemon? Start this one "
+                       f"(`hsmca serve --config {config}`), or give --url"), msg
+    listed = hsmca("key", "list", "--config", config)
+    assert listed.stderr.startswith(f"hsmca: note: the daemon of {config} is not running: "
+                                    "read from the inventory "), listed.stderr
+    assert "issuing-ca" in listed.stdout
+
+
 # ---- credentials checked before the handshake (item 6) --------------------------------
 
 def test_renew_names_an_expired_certificate_or_one_from_another_ca(daemon: Daemon,

@@ -322,7 +322,8 @@ async def test_key_list_reads_the_inventory_while_the_daemon_is_stopped(tmp_path
     ca = init_ca(tmp_path)
     config = ("--config", ca.state / "hsmca.toml")
     listed = hsmca("key", "list", *config)
-    assert listed.stderr.startswith("hsmca: note: no daemon answers at "), listed.stderr
+    assert listed.stderr.startswith(f"hsmca: note: the daemon of {ca.state / 'hsmca.toml'} "
+                                    "is not running: read from the inventory "), listed.stderr
     rows = {line.split()[0]: line.split()[1:4] for line in listed.stdout.splitlines()[1:]
             if not line.startswith(" ")}
     assert rows["root-ca"] == ["root", "active", "ec-p256"], listed.stdout

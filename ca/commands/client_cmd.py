@@ -42,6 +42,13 @@ def _daemon_url(args: argparse.Namespace, cfg: Config) -> str:
     """--url, or where the daemon of --config listens."""
     from ca import client
     url = client.base_url(args.url or cfg.local_url)
+    if args.url is None and cfg.not_running:
+        from ca.config import answers
+        if answers(url):  # not this CA's daemon, which would have written its URL
+            raise CLIError(f"the daemon of {args.config} is not running (it writes "
+                           f"{cfg.url_file} while it runs), and something else answers at "
+                           f"{url}: another CA's daemon? Start this one (`hsmca serve "
+                           f"--config {args.config}`), or give --url")
     if args.url is None and cfg.cluster:
         from ca.config import answers
         if not answers(url):
@@ -71,7 +78,7 @@ def status(args: argparse.Namespace) -> int:
         url, ctx = args.url, client.ssl_context(args.ca)
     else:
         cfg = _config(args)
-        url = _daemon_url(args, cfg)
+        url = client.base_url(args.url or cfg.local_url)
         ctx = client.ssl_context(args.ca or cfg.root_pem)
 
     async def ask() -> Any:
@@ -83,6 +90,8 @@ def status(args: argparse.Namespace) -> int:
                            f"{STATUS_WAIT_S} s: a worker process may be stuck (the daemon's "
                            "log says; it kills one after [server] worker-timeout-s)") from None
     try:
+        if args.url is None:
+            url = _daemon_url(args, cfg)  # inside: a monitor's --json gets its document
         health = asyncio.run(ask())
         if not isinstance(health, dict) or not isinstance(health.get("status"), str) or \
                 "type" in health:

@@ -84,7 +84,7 @@ def _offline_keys(args: argparse.Namespace) -> list[dict[str, Any]] | None:
     from ca.commands.client_cmd import _config
     from ca.config import answers
     cfg = _config(args)
-    if answers(cfg.local_url):
+    if not cfg.not_running and answers(cfg.local_url):
         return None
     from ca.lifecycle import key_rows
     if cfg.cluster:
@@ -101,8 +101,9 @@ def _offline_keys(args: argparse.Namespace) -> list[dict[str, Any]] | None:
     else:
         from ca.store.sqlite import read_keys
         keys, where = key_rows(*read_keys(cfg.db_path)), f"the inventory {cfg.db_path}"
-    print(f"hsmca: note: no daemon answers at {cfg.local_url}: read from {where}",
-          file=sys.stderr)
+    said = (f"the daemon of {args.config} is not running" if cfg.not_running else
+            f"no daemon answers at {cfg.local_url}")
+    print(f"hsmca: note: {said}: read from {where}", file=sys.stderr)
     return keys
 
 
