@@ -54,3 +54,14 @@ def test_quickstart_sets_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
     assert (repo / "var/tokens").is_dir() and (repo / "var/ca/hsmca.toml").is_file()
     log = (repo / "var/ca/audit/log.jsonl").read_text().splitlines()
     assert json.loads(log[-1])["event"] == "hsm.logout"
+
+
+def test_quickstart_says_a_listen_it_cannot_use_in_its_own_name() -> None:
+    """A new user's trial set LISTEN=9443 and was told `--listen must be HOST:PORT`, a
+    flag it never gave. Said as LISTEN, before anything is set up."""
+    env = {**os.environ, "LISTEN": "9443"}
+    proc = subprocess.run(["bash", "scripts/quickstart"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == "" and proc.stderr == (
+        "quickstart: LISTEN must be HOST:PORT, e.g. LISTEN=127.0.0.1:9443 (port 0: a free "
+        "one), not '9443'\n"), proc.stderr

@@ -220,7 +220,9 @@ async def test_an_address_in_use_is_refused_in_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.splitlines() == [
         f"hsmca: error: cannot listen on 127.0.0.1:{port}: Address already in use (another "
-        "hsmca, or another server, uses it?)"], proc.stderr
+        "hsmca, or another server, uses it?): stop it, or listen elsewhere (--listen "
+        "HOST:PORT, or [server] listen; port 0 takes a free one, which the line `listening "
+        "on URL` names)"], proc.stderr
     assert len(log_lines(ca.state)) == lines_before  # refused before anything was logged
 
 

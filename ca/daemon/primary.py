@@ -138,7 +138,9 @@ def reserve_port(host: str, port: int) -> socket.socket:
             probe.bind(addr)
         except OSError as exc:
             raise StartError(f"cannot listen on {host}:{port}: {exc.strerror} (another hsmca, "
-                             "or another server, uses it?)") from None
+                             "or another server, uses it?): stop it, or listen elsewhere "
+                             "(--listen HOST:PORT, or [server] listen; port 0 takes a free "
+                             "one, which the line `listening on URL` names)") from None
         finally:
             probe.close()
     sock = socket.socket(family, kind, proto)
