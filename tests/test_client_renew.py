@@ -158,6 +158,37 @@ def test_an_expiry_while_the_ca_is_away_is_said_once() -> None:
     asyncio.run(scenario())
 
 
+def test_a_job_says_its_own_expiry_and_waits_no_longer_than_its_bound() -> None:
+    """An SSH trial: a host certificate that expired while the CA was down was said
+    with "enroll again with a new token", though the host's credential was good and the
+    next try renewed it by itself; and the KRL refresh, asked for every 20 s, waited
+    40 s after the CA was back. A job says its own words, and a bound caps its waits."""
+    async def run() -> dict[str, object]:
+        raise ClientError("cannot connect", retryable=True)
+
+    async def scenario() -> None:
+        log = _Log()
+        job = Job("ssh.host.renew", lambda: dt.datetime.now(dt.UTC), run, lambda: -1.0,
+                  wake=asyncio.Event(), keeps_going=True, max_backoff_s=3.0,
+                  expired="the host certificate has expired: the next try renews it")
+        task = asyncio.create_task(keep(job, log))
+        try:
+            said = await log.until("ssh.host.renew.expired")
+            assert said["detail"] == "the host certificate has expired: the next try " \
+                "renews it" and "enroll" not in str(said["detail"])
+            waits = []
+            for _ in range(6):  # past 2 ** 2: the bound holds every one
+                retry = await log.until("ssh.host.renew.retry")
+                waits.append(float(retry["retry_in_s"]))
+                log.events.clear()
+                job.force()
+            assert max(waits) <= 3.0, waits
+        finally:
+            task.cancel()
+
+    asyncio.run(scenario())
+
+
 def test_daemon_renews_short_certificates_twice_retrying_while_the_ca_is_away(
         tmp_path: Path) -> None:
     openssl = require("openssl")

@@ -87,6 +87,41 @@ def test_ssh_user_agent_adds_key_and_certificate(daemon: Daemon, tmp_path: Path,
     assert sorted(ln.split()[:2] for ln in listed) == sorted([newer, key_line]), listed
 
 
+def test_a_key_already_in_the_agent_keeps_its_own_lifetime(daemon: Daemon,
+                                                            tmp_path: Path) -> None:
+    """An SSH trial: a person who had `ssh-add`ed their key (no lifetime: git, other
+    hosts) found it gone from the agent when a one-minute certificate expired, since
+    `--agent` added the key again with the certificate's lifetime. The certificate
+    alone is added then. (ssh-agent -d says what each addition asked for.)"""
+    sock, said = tmp_path / "debug-agent.sock", tmp_path / "agent.log"
+    with said.open("w") as log:
+        proc = subprocess.Popen([require("ssh-agent"), "-d", "-a", str(sock)],
+                                stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        assert proc.stdout is not None
+        timer = threading.Timer(30, proc.kill)  # a watchdog, not a sleep
+        timer.start()
+        assert f"SSH_AUTH_SOCK={sock}" in proc.stdout.readline()
+        timer.cancel()
+        env = {**os.environ, "SSH_AUTH_SOCK": str(sock)}
+        cert, key = enroll(daemon, tmp_path, "user", ["kim@example.com"], ["kim"])
+        pub = keygen(tmp_path / "id_ed25519")
+        subprocess.run([require("ssh-add"), "-q", tmp_path / "id_ed25519"], env=env,
+                       check=True)
+        hsmca("ssh", "user", "--url", daemon.url, "--ca", daemon.root, "--cert", cert,
+              "--key", key, "--pubkey", pub, "--ttl", "1h", "--agent", env=env)
+        added = [line.split("process_add_identity: add ", 1)[1]
+                 for line in said.read_text().splitlines()
+                 if "process_add_identity: add " in line]
+        assert len(added) == 2, added
+        assert added[0].startswith("ssh-ed25519 SHA256:") and "(life: 0)" in added[0], added
+        assert added[1].startswith("ssh-ed25519-cert-v01@openssh.com ") and \
+            "(life: 0)" not in added[1], added
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def on_terminal(argv: list[str], env: dict[str, str], answer: str) -> tuple[int, str]:
     """Run `argv` on a terminal of its own (a pty), type `answer` at its passphrase
     prompt; its exit status and all it wrote there."""

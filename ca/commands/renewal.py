@@ -114,6 +114,12 @@ class Job:
     # without this one (an SSH host's KRL while its X.509 credential is expired): then it
     # is said every STUCK_RETRY_S, and tried again then, in case a person fixed it.
     keeps_going: bool = False
+    # What is said when the credential expires while it cannot be renewed (None: that
+    # only a new enrollment helps, true of a client certificate, not of an SSH host's)
+    expired: str | None = None
+    # Retries never wait longer than this (a refresh asked every minute must not wait
+    # five after an outage)
+    max_backoff_s: float | None = None
     # The credential was written just before (ssh host --renew certifies the host key
     # when it starts): the hook runs for it too, as for any new one.
     hook_at_start: bool = False
@@ -241,11 +247,14 @@ async def keep(job: Job, log: Any) -> None:
                     # before, held for room to write it, still installs)
                     ends = ("is stuck until a person acts" if job.keeps_going
                             else "ends this renewer (exit 3)")
-                    log.error(f"{job.event}.expired", detail="the credential has expired "
-                              "while it could not be renewed: the next try installs an "
-                              f"answer the CA gave before if one is held, and otherwise {ends}"
-                              ": enroll again with a new token")
+                    log.error(f"{job.event}.expired", detail=job.expired or (
+                              "the credential has expired while it could not be renewed: "
+                              "the next try installs an answer the CA gave before if one "
+                              f"is held, and otherwise {ends}: enroll again with a new "
+                              "token"))
                 delay = backoff_s(attempt, left)
+                if job.max_backoff_s is not None:
+                    delay = min(delay, job.max_backoff_s)
                 attempt += 1
                 log.warning(f"{job.event}.retry", attempt=attempt, retry_in_s=round(delay, 1),
                             error=str(exc))

@@ -249,7 +249,13 @@ async def _add_to_agent(key: Any, cert_line: str, cert_path: Path) -> int:
         raise CLIError(f"--agent: cannot reach ssh-agent at {os.environ.get('SSH_AUTH_SOCK')}: "
                        f"{exc.strerror or exc}") from None
     try:
-        await agent.add_keys([(key, cert)], lifetime=lifetime)
+        pairs = asyncssh.load_keypairs([(key, cert)])  # the certificate's, then the key's
+        # The key alone, if the person had added it already (ssh-add, for git...), stays
+        # as they added it: given the certificate's lifetime, it left the agent with the
+        # certificate (an SSH trial).
+        held = {k.public_data for k in await agent.get_keys()}
+        await agent.add_keys([p for p in pairs if p.public_data not in held],
+                             lifetime=lifetime)
         try:
             await _drop_earlier(agent, cert_line)
         except ValueError as exc:  # added all the same: said, not an error
@@ -558,7 +564,10 @@ def revoke(args: argparse.Namespace) -> int:
           + (f"; the key {out['revoked_key']} (SHA-256) is refused "
              + ("from now on" if committed else "once the inventory takes it")
              if out.get("revoked_key") else "")
-          + ("; the KRL lists them now" if committed else ""))
+          + ("; the KRL lists them now, and hosts refuse them from their next refresh of "
+             "it (`ssh host --renew --refresh`, 5 minutes by default; SIGHUP to the "
+             "renewer, or `systemctl reload`, for now). Sessions already open stay open: "
+             "end them on the hosts" if committed else ""))
     if hit and "public_key" not in body:
         # An SSH trial revoked a host's certificate by serial and believed the host cut
         # off; its `ssh host --renew` had a new one at its next renewal.
@@ -708,7 +717,9 @@ def _keep_host_fresh(args: argparse.Namespace, f: HostFiles, refresh_now: bool =
     # A host certificate the KRL revokes is renewed at once once the host is enrolled
     # again, as the warning says (its credential is another, and the CA takes it), not
     # weeks later at its time: an SSH trial kept serving the revoked one until a
-    # restart. Not with the credential it had: an admin's revocation would be undone.
+    # restart. Not at once with the credential it had (docs/ssh.md: revoking a host
+    # certificate does not keep the host out; a SIGHUP, forcing a renewal, does renew
+    # it with that credential: revoke the credential to keep the host out).
     revoked_span: list[tuple[dt.datetime, dt.datetime] | None] = [None]
     revoked_under: dict[tuple[dt.datetime, dt.datetime], int | None] = {}
     renew_now = asyncio.Event()
@@ -789,8 +800,16 @@ def _keep_host_fresh(args: argparse.Namespace, f: HostFiles, refresh_now: bool =
     jobs = [Job("ssh.host.renew", cert_due, renew_cert, cert_left, hook=args.exec,
                 hook_env=lambda: {"HSMCA_SSH_CERT": str(f.cert)},
                 hook_timeout_s=args.exec_timeout, keeps_going=True, hook_at_start=written,
-                wake=renew_now, identity=lambda: _ssh_cert_identity(f.cert)),
-            Job("ssh.refresh", lambda: next_refresh[0], refresh, lambda: None)]
+                wake=renew_now, identity=lambda: _ssh_cert_identity(f.cert),
+                # (not "enroll again": the X.509 credential may be good, and the next try
+                # renew it by itself once the CA answers, as an SSH trial's did)
+                expired=f"the host certificate {f.cert} has expired while it could not "
+                "be renewed: clients refuse this host until it is; the next try renews it "
+                f"with {args.cert} (if the CA refuses that, enroll the host again)"),
+            # Its back-off at most --refresh: after an outage the KRL came minutes after
+            # the CA was back (an SSH trial), where an operator asked for it every minute
+            Job("ssh.refresh", lambda: next_refresh[0], refresh, lambda: None,
+                max_backoff_s=args.refresh)]
     return run_forever(jobs, command="ssh host", cert=str(f.cert))
 
 
