@@ -1163,3 +1163,28 @@ def test_a_user_named_before_e_mail_names_were_dot_atoms_still_renews() -> None:
     refused(ra.decide(context(), admin(), ra.TokenRequest(
         "user", ["first..last@x.example"], [], "1h")), Reason.BAD_NAME,
         "RFC 5321's dot-atom")
+
+
+def test_a_csr_without_a_san_whose_cn_names_another_name_is_refused() -> None:
+    """An EST trial: device B, handed device A's token, sent a CSR with CN=b.example and
+    no SAN, and got a certificate for a.example without a word (a SAN asking for b was
+    refused). A CN that names something (a DNS name with a dot, an IP address, an
+    e-mail address) must be one of the names granted; one that names nothing (a serial
+    number, a bare host label) is not read, nor is any CN beside a SAN."""
+    holder_ = token("service", (("dns", "a.example"),))
+
+    def with_cn(cn: str, *sans: str) -> x509.CertificateSigningRequest:
+        b = x509.CertificateSigningRequestBuilder().subject_name(
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+        if sans:
+            b = b.add_extension(x509.SubjectAlternativeName([_san(n) for n in sans]),
+                                critical=False)
+        return b.sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256())
+    for cn in ("b.example", "10.0.0.9", "b@b.example"):
+        refused(ra.decide(context(), holder_, ra.EnrollRequest(with_cn(cn))),
+                Reason.NAME_NOT_GRANTED, f"the CSR's common name '{cn}' is not among")
+    for cn in ("a.example", "A.Example", "device-0042", "SN 4711"):
+        order = ra.decide(context(), holder_, ra.EnrollRequest(with_cn(cn)))
+        assert isinstance(order, ra.X509Order) and order.names == (("dns", "a.example"),)
+    order = ra.decide(context(), holder_, ra.EnrollRequest(with_cn("b.example", "a.example")))
+    assert isinstance(order, ra.X509Order)
