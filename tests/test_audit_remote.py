@@ -783,6 +783,34 @@ async def test_a_log_file_moved_cut_or_written_to_under_the_daemon_fails_the_aud
     audit_verify(ca.state, ok=True)
 
 
+async def test_health_names_the_hosts_files_only_to_its_monitoring_and_this_cas_clients(
+        tmp_path: Path) -> None:
+    """A security review: /health told anyone who reached the port where the CA's files
+    are (`/srv/.../audit/log.jsonl was cut ... (it has N bytes)`). Outside `metrics-allow`
+    and without a client certificate of this CA, it says what is wrong, not where."""
+    from tests.conftest import set_config
+    ca = init_ca(tmp_path)
+    set_config(ca.state, "server", "metrics-allow", ["192.0.2.1/32"])  # not loopback
+    log = ca.state / "audit" / "log.jsonl"
+    d = start_daemon(ca.state)
+    try:
+        auditor = enroll(d, tmp_path, "auditor", ["auditor@example.com"])
+        log.rename(log.with_name("aside.jsonl"))
+        try:
+            anonymous = await health_until(d, lambda h: h["code"] == 503)
+            assert "cannot write the audit log: .../log.jsonl was moved or deleted while " \
+                "hsmca ran; put it back" in anonymous["audit"], anonymous
+            assert str(tmp_path) not in json.dumps(anonymous), anonymous
+            status, _, raw = await http("GET", f"{d.url}/health", d.ssl(*auditor))
+            assert status == 503 and f"{log} was moved or deleted" in \
+                json.loads(raw)["audit"], raw
+        finally:
+            log.with_name("aside.jsonl").rename(log)
+        await health_until(d, lambda h: h["code"] == 200)
+    finally:
+        assert d.stop() == 0
+
+
 async def test_a_line_rewritten_in_place_stops_signing_and_fails_the_incremental_run(
         tmp_path: Path) -> None:
     """A line under the tiles, rewritten in place at the same length while the daemon

@@ -6,6 +6,7 @@ import asyncio
 import ipaddress
 import json
 import os
+import re
 import ssl
 import time
 from collections.abc import Callable
@@ -45,6 +46,7 @@ from ca.server.common import (
     Settings,
     TokenLimit,
     identity,
+    peer_der,
 )
 from ca.server.inventory_routes import routes as inventory_routes
 from ca.server.key_routes import routes as key_routes
@@ -266,9 +268,34 @@ async def health(request: web.Request) -> web.Response:
     # transaction: a review found the latter said with 1)
     retry = None if ok else "300" if request.app[LIFECYCLE].generations.gauge(
         "inventory_damaged") or "is damaged" in store else "1"
+    if not ok and not _may_see_paths(request):
+        parts = {k: _no_paths(v) if isinstance(v, str) else v for k, v in parts.items()}
     return web.json_response({"status": "ok" if ok else "unavailable", **parts},
                              status=200 if ok else 503,
                              headers={"Retry-After": retry} if retry else None)
+
+
+def _may_see_paths(request: web.Request) -> bool:
+    """Whether /health may name the host's files: to `metrics-allow` addresses (the
+    host's monitoring, by default loopback) and to a client certificate of this CA
+    (auditors' tools read the damage it names). Anyone else who reaches the port hears
+    what is wrong, not where its files are (a security review: the audit log's full
+    path and sizes, to anyone)."""
+    if peer_der(request) is not None:
+        return True
+    try:
+        remote = ipaddress.ip_address(request.remote or "")
+    except ValueError:
+        return False
+    return any(remote in net for net in request.app[SETTINGS].metrics_allow)
+
+
+# An absolute path (not a URL's): every directory but the last left out.
+_PATH = re.compile(r"(?<![\w:/.~-])/(?:[\w.@+-]+/)+([\w.@+-]+)")
+
+
+def _no_paths(text: str) -> str:
+    return _PATH.sub(lambda m: f".../{m.group(1)}", text)
 
 
 @routes.get("/v1/whoami")
