@@ -173,6 +173,24 @@ async def test_host_and_user_certificates_with_real_openssh(
         login.stderr + "".join(sshd.log))
 
 
+async def test_ssh_revoke_takes_the_serial_alone(daemon: Daemon, tmp_path: Path) -> None:
+    """A new user's trial typed `hsmca ssh revoke 1094...`, as `hsmca revoke SERIAL`
+    takes it, and was told a flag was required."""
+    user_cert, user_key = enroll(daemon, tmp_path, "user", ["sal@example.com"], ["sal"])
+    pub = keygen(tmp_path / "k").read_text()
+    status, _, body = await http("POST", f"{daemon.url}/v1/ssh/user",
+                                 daemon.ssl(user_cert, user_key), body={"public_key": pub})
+    assert status == 201, body
+    serial = str(json.loads(body)["serial"])
+    admin = ("--config", daemon.state / "hsmca.toml", "--url", daemon.url)
+    both = hsmca("ssh", "revoke", serial, "--serial", serial, *admin, check=False)
+    assert both.returncode == 1 and "not both" in both.stderr, both.stderr
+    proc = hsmca("ssh", "revoke", serial, *admin)
+    assert proc.stdout.startswith("revoked 1 SSH certificate(s)"), proc.stdout
+    listed = hsmca("ssh", "list", "--search", "sal@example.com", *admin).stdout.splitlines()
+    assert [line.split()[2] for line in listed[1:]] == ["revoked"], listed
+
+
 async def test_revocation_by_key_id_and_public_key(own_daemon: Daemon, tmp_path: Path) -> None:
     daemon = own_daemon  # it revokes certificates and a key
     user_cert, user_key = enroll(daemon, tmp_path, "user", ["bob@example.com"], ["bob"])

@@ -546,6 +546,16 @@ def revoke(args: argparse.Namespace) -> int:
         raise CLIError(f"--pubkey {args.pubkey} is an SSH certificate: --ssh-cert "
                        f"{args.pubkey} revokes that certificate; --pubkey with the key it "
                        "certifies revokes every certificate for that key")
+    given = [x for x in (args.serial, args.key_id, args.ssh_cert, args.pubkey)
+             if x is not None]
+    if args.serial_given is not None:
+        if given:
+            raise CLIError("give the SERIAL alone or one of --serial, --key-id, --ssh-cert "
+                           "and --pubkey, not both")
+        args.serial = args.serial_given
+    elif not given:
+        raise CLIError("give the SERIAL to revoke (decimal, as ssh-keygen -L prints it), or "
+                       "--key-id ID, --ssh-cert FILE or --pubkey FILE")
     url, ctx = _admin(args)
     body: dict[str, Any] = (
         {"serial": args.serial} if args.serial is not None else
@@ -901,7 +911,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                         "--identity NAME), which revokes its SSH certificates too. The KRL "
                         "(/v1/ssh/krl) lists them at once; hosts that run `hsmca ssh host "
                         "--renew` fetch it every --refresh.")
-    which = v.add_mutually_exclusive_group(required=True)
+    # The serial alone works too, as `hsmca revoke SERIAL` takes it (a new user's trial
+    # typed `hsmca ssh revoke 1094...` and was told a flag was required)
+    v.add_argument("serial_given", nargs="?", type=ssh_serial, metavar="SERIAL",
+                   help="the certificate's serial, as --serial")
+    which = v.add_mutually_exclusive_group()
     which.add_argument("--serial", type=ssh_serial, metavar="N",
                        help="the certificate's serial (decimal, as ssh-keygen -L prints it)")
     which.add_argument("--key-id", metavar="ID",
