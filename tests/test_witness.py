@@ -534,15 +534,24 @@ def test_a_log_put_back_from_a_backup_is_refused_by_its_witness_and_its_auditors
         refusal = d.wait("witness refused the checkpoint", witness=witness.url)
         assert f"holds a checkpoint of {held} lines" in refusal["reason"], refusal
         [standing] = witness_report(handle)
+        # (the key it cosigns with, seen in the first run, kept beside checkpoint.cosigned)
         assert standing["witness"] == witness.url and standing["state"] == "refused" and \
-            standing["reason"] == "cut" and standing["failures"] >= 1, standing
-        for extra in ((), ("--witness-key", witness.vkey)):
-            proc = audit_verify(ca.state, "--state", tmp_path / f"fresh{len(extra)}.state",
-                                *extra, served=(handle, auditor))
-            assert proc.returncode == 1 and proc.stderr.startswith(
-                f"FAILED (no line): witness {witness.url} refused the checkpoint of ") and \
-                f"the witness holds a checkpoint of {held} lines" in proc.stderr and \
-                "put back from a backup" in proc.stderr, proc.stdout + proc.stderr
+            standing["reason"] == "cut" and standing["failures"] >= 1 and \
+            standing["signer"] == "+".join(witness.vkey.split("+")[:2]), standing
+        proc = audit_verify(ca.state, "--state", tmp_path / "pinned.state", "--witness-key",
+                            witness.vkey, served=(handle, auditor))
+        assert proc.returncode == 1 and proc.stderr.startswith(
+            f"FAILED (no line): witness {witness.url} refused the checkpoint of ") and \
+            f"the witness holds a checkpoint of {held} lines" in proc.stderr and \
+            "put back from a backup" in proc.stderr, proc.stdout + proc.stderr
+        # Not pinned, the refusal is the daemon's word for a witness the auditor does not
+        # trust: said beside the OK, as a claim (amber in the view), not a failure
+        proc = audit_verify(ca.state, "--state", tmp_path / "unpinned.state",
+                            served=(handle, auditor))
+        assert proc.returncode == 0 and re.search(
+            f"^witness not cosigning: witness {re.escape(witness.url)} refused the "
+            r"checkpoint .* \(a claim: not a witness you pin with --witness-key; it cosigns "
+            "as w1.test/witness\\+", proc.stdout, re.MULTILINE), proc.stdout
         status = ui_status(handle, auditor, tmp_path, witness.vkey)
         assert status["status"] == "failed" and status["banner"].startswith(
             f"FAILED: witness {witness.url} refused the checkpoint"), status
@@ -550,6 +559,59 @@ def test_a_log_put_back_from_a_backup_is_refused_by_its_witness_and_its_auditors
         for daemon in daemons:
             daemon.stop()
         witness.run.stop()
+
+
+def test_a_witness_not_pinned_that_claims_a_cut_fails_no_auditor(tmp_path: Path) -> None:
+    """An auditor trial: a witness URL in `[audit] witnesses` that nobody pins (a typo,
+    another party's, or anyone in the middle of plain HTTP) answered every checkpoint
+    "409, I hold 1000000 lines", and every auditor's run failed on that unchecked
+    word. A refusal fails a run only when the witness cosigns with a key the auditor
+    pins; this one is said beside the OK, and the view is amber."""
+    import http.server
+    import threading
+
+    class Liar(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(409)
+            self.send_header("Content-Type", "text/x.tlog.size")
+            self.end_headers()
+            self.wfile.write(b"1000000\n")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    liar = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Liar)
+    threading.Thread(target=liar.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{liar.server_address[1]}"
+    ca = init_ca(tmp_path)
+    pub = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    vkey = (f"w1.test/witness+{cosigner_key_id('w1.test/witness', pub).hex()}+"
+            + base64.b64encode(b"\x04" + pub).decode())
+    set_config(ca.state, "audit", "witnesses", [url])
+    set_config(ca.state, "audit", "witness-keys", [vkey])
+    d, daemon_url = serve(ca.state / "hsmca.toml")
+    try:
+        handle = Daemon(daemon_url, d.proc, ca.state, [])
+        d.wait("witness refused the checkpoint", witness=url)
+        [standing] = witness_report(handle)
+        assert standing["state"] == "refused" and standing["signer"] is None, standing
+        auditor = enroll(handle, tmp_path, "auditor", ["auditor@liar.example"])
+        proc = audit_verify(ca.state, "--state", tmp_path / "auditor.state",
+                            "--witness-key", vkey, served=(handle, auditor))
+        # (the pinned witness never cosigned: that fails, as before, in its own words)
+        assert "refused the checkpoint" not in proc.stderr, proc.stderr
+        proc = audit_verify(ca.state, "--state", tmp_path / "auditor2.state",
+                            served=(handle, auditor))
+        assert proc.returncode == 0 and "holds a checkpoint of 1000000 lines" in \
+            proc.stdout and "the key it cosigns with is not known" in proc.stdout, \
+            proc.stdout + proc.stderr
+        status = ui_status(handle, auditor, tmp_path)
+        assert status["status"] == "unwitnessed" and "a claim" in status["banner"], status
+    finally:
+        d.stop()
+        liar.shutdown()
 
 
 def test_a_witness_that_cannot_be_reached_is_named_to_the_auditor(tmp_path: Path) -> None:

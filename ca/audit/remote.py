@@ -151,7 +151,7 @@ async def verify_remote(url: str, ssl_ctx: ssl.SSLContext, public_key: Ed25519Pu
             result = await _witnessed(api, result, public_key, origin, witness_keys or [],
                                       cosigned)
         if result.ok:
-            result = await _witness_report(api, result)
+            result = await _witness_report(api, result, witness_keys or [])
     if result.ok and result.new_state is not None:
         save_state(state_path, result.new_state)
     return result
@@ -214,25 +214,35 @@ async def _witnessed(api: LogClient, result: RemoteResult, public_key: Ed25519Pu
     return dataclasses.replace(result, witnessed=seen)
 
 
-async def _witness_report(api: LogClient, result: RemoteResult) -> RemoteResult:
-    """`result`, failed if the daemon says a witness refused its log (it saw another
-    one: this one was cut, rewritten or put back from a backup since), with the
-    witnesses that fail to cosign otherwise. The cosigned checkpoint alone does not
-    show it: a log put back from a backup carries the cosigned checkpoint of its day,
-    which the log extends, and an auditor's run said OK while every witness refused."""
+async def _witness_report(api: LogClient, result: RemoteResult,
+                          witness_keys: list[VerifierKey]) -> RemoteResult:
+    """`result`, failed if the daemon says a witness the auditor pins (`witness_keys`)
+    refused its log (it saw another one: this one was cut, rewritten or put back from a
+    backup since), with the witnesses that fail to cosign otherwise. The cosigned
+    checkpoint alone does not show it: a log put back from a backup carries the
+    cosigned checkpoint of its day, which the log extends, and an auditor's run said OK
+    while every witness refused. A refusal is the witness's word relayed, not signed:
+    one by a witness not pinned (or not known to sign with a pinned key) is said beside
+    the OK, as a claim (a trial's fake witness made every auditor's run fail)."""
     standing = await api.witnesses()
     if isinstance(standing, str):  # another node's log, on a cluster: said, not checked
         said = f"whether this log's witnesses refused it is not checked: {standing}"
         return dataclasses.replace(result, note=f"{result.note}; {said}" if result.note
                                    else said)
-    refused = [w for w in standing if w.get("state") == "refused"]
+    pinned = {f"{k.name}+{k.key_id.hex()}" for k in witness_keys}
+    refused = [w for w in standing if w.get("state") == "refused"
+               and w.get("signer") in pinned]
     if refused:
         said = "; ".join(_standing(w) for w in refused)
         return RemoteResult(False, result.lines, result.fetched, result.checkpoints, None, (
             f"{said}. A refusal means the log the daemon signs does not extend what that "
             "witness saw: it was cut, rewritten or put back from a backup since (GET "
             "/v1/audit/witnesses; docs/audit-log.md, \"When a witness refuses\")"), None)
-    trouble = tuple(_standing(w) for w in standing if w.get("state") == "failing")
+    trouble = tuple(_standing(w) for w in standing if w.get("state") == "failing") + tuple(
+        f"{_standing(w)} (a claim: not a witness you pin with --witness-key"
+        + (f"; it cosigns as {str(w['signer'])[:200]}" if w.get("signer") else
+           "; the key it cosigns with is not known") + ")"
+        for w in standing if w.get("state") == "refused" and w.get("signer") not in pinned)
     return dataclasses.replace(result, witness_trouble=trouble) if trouble else result
 
 

@@ -223,6 +223,11 @@ class _Standing:
     checkpoint: int | None = None  # the size of the checkpoint it did not cosign
     since: float | None = None  # the first failure since it last cosigned
     failures: int = 0  # since it last cosigned
+    # The witness key (name+key id) it cosigned with, as far as the daemon has seen
+    # (kept across runs beside checkpoint.cosigned): an auditor's tool fails on the
+    # refusal of a witness it pins, and takes any other's as a claim (a trial's fake
+    # witness, unpinned, made every auditor's run fail with an unchecked size).
+    signer: str | None = None
 
     def answer(self, result: str, size: int, error: str | None) -> None:
         now = time.time()
@@ -244,7 +249,8 @@ class _Standing:
         state = ("not-asked" if self.reason is None and self.cosigned is None else
                  "cosigning" if self.reason is None else
                  "refused" if self.reason in REFUSALS else "failing")
-        return {"witness": self.witness, "state": state, "cosigned": self.cosigned,
+        return {"witness": self.witness, "state": state, "signer": self.signer,
+                "cosigned": self.cosigned,
                 "cosigned_at": _utc(self.cosigned_at) if self.cosigned_at else None,
                 "reason": self.reason, "error": self.error, "checkpoint": self.checkpoint,
                 "since": _utc(self.since) if self.since else None,
@@ -271,6 +277,9 @@ class Witnessing:
         self.on_result: OnResult | None = None  # each witness's answer, for /metrics
         self._failing: dict[int, _Failing] = {}  # witness -> how it has been failing
         self._standing = [_Standing(str(w)) for w in self.witnesses]
+        self._signers_path = cosigned_path.with_name("witness-signers.json")
+        for standing, signer in zip(self._standing, self._signers_read(), strict=True):
+            standing.signer = signer
         # Where they stand, as JSON: replaced whole on the event loop, read by the
         # recorder's thread (GET /v1/audit/witnesses).
         self.report = ""
@@ -368,6 +377,31 @@ class Witnessing:
     def _report(self) -> None:
         self.report = json.dumps({"witnesses": [s.doc() for s in self._standing]})
 
+    def _signers_read(self) -> list[str | None]:
+        """Each configured witness's signer as the last runs saw it (None: not known)."""
+        try:
+            known = json.loads(self._signers_path.read_text("utf-8"))
+        except (OSError, ValueError):
+            known = {}
+        if not isinstance(known, dict):
+            known = {}
+        return [v if isinstance(v := known.get(str(w)), str) else None
+                for w in self.witnesses]
+
+    async def _signer_seen(self, i: int, signer: str) -> None:
+        if self._standing[i].signer == signer:
+            return
+        self._standing[i].signer = signer
+        self._report()
+        known = {str(w): s.signer for w, s in zip(self.witnesses, self._standing, strict=True)
+                 if s.signer is not None}
+        try:
+            await asyncio.to_thread(write_atomic, self._signers_path,
+                                    json.dumps(known, indent=1) + "\n")
+        except OSError as exc:  # kept in memory: said, not fatal
+            log.warning("cannot keep the witnesses' keys", path=str(self._signers_path),
+                        error=str(exc))
+
     async def _proof(self, old: int, size: int) -> Sequence[bytes]:
         return await asyncio.to_thread(self._prove, old, size)
 
@@ -389,6 +423,9 @@ class Witnessing:
                        configured=[f"{k.name}+{k.key_id.hex()}" for k in self.keys])
             return
         self._result(i, "cosigned", size)
+        own = len(parse_note(text).signatures)
+        first = parse_note(text + lines[0]).signatures[own]
+        await self._signer_seen(i, f"{first.name}+{first.key_id.hex()}")
         failing = self._failing.pop(i, None)
         log.info("witness cosigned the checkpoint", witness=str(witness), size=size,
                  **({"after_failures": failing.total} if failing else {}))
