@@ -681,11 +681,17 @@ def common_names_within(csr: x509.CertificateSigningRequest,
     except PARSE_ERRORS:
         return  # the subject is not read at all (the CA writes its own)
     for attribute in cns:
-        value = str(attribute.value).strip().lower()
+        value = str(attribute.value).strip()
         try:
             kind, name = classify(value)
         except Refused:
-            continue
+            try:  # a DNS name in capitals (only a DNS name: an e-mail's local part and a
+                # URI's path keep their case, a review's Alice@example.com was refused)
+                kind, name = classify(value.lower())
+            except Refused:
+                continue
+            if kind != "dns":
+                continue
         if kind == "dns" and "." not in name:
             continue
         if (kind, name) not in set(granted):

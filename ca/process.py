@@ -7,6 +7,7 @@ import gc
 import resource
 
 PR_SET_DUMPABLE = 4
+DAEMON_STARTED = "HSMCA_DAEMON_STARTED"  # the primary's start, in its workers' environment
 
 
 def settle_heap() -> None:

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
-from ca import ra, ssh
+from ca import policy, ra, ssh
 from ca.policy import Policy, Reason
 
 NOW = dt.datetime(2026, 12, 2, 12, 0, tzinfo=dt.UTC)
@@ -1186,5 +1186,10 @@ def test_a_csr_without_a_san_whose_cn_names_another_name_is_refused() -> None:
     for cn in ("a.example", "A.Example", "device-0042", "SN 4711"):
         order = ra.decide(context(), holder_, ra.EnrollRequest(with_cn(cn)))
         assert isinstance(order, ra.X509Order) and order.names == (("dns", "a.example"),)
+    # an e-mail's local part and a URI's path keep their case (a review: refused)
+    for role, name in (("user", "Alice@example.com"), ("service", "spiffe://x.example/ns/Prod")):
+        granted = token(role, (policy.classify(name),))
+        assert isinstance(ra.decide(context(), granted, ra.EnrollRequest(with_cn(name))),
+                          ra.X509Order), name
     order = ra.decide(context(), holder_, ra.EnrollRequest(with_cn("b.example", "a.example")))
     assert isinstance(order, ra.X509Order)

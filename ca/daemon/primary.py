@@ -71,7 +71,7 @@ from ca.lifecycle import write_bundle, write_chain_files
 from ca.logs import Recurring
 from ca.own_certs import OwnCerts
 from ca.policy import Reason, Refused
-from ca.process import keep_memory_in, raise_fd_limit, settle_heap
+from ca.process import DAEMON_STARTED, keep_memory_in, raise_fd_limit, settle_heap
 from ca.revocation.from_log import complete_from_log
 from ca.revocation.ocsp import OCSPRefresher, OCSPSigner
 from ca.server_cert import ensure_server_cert, listener_cert, listener_files, one_missing
@@ -1547,6 +1547,10 @@ def main(config: Config, listen: str | None, workers: int | None = None) -> int:
     keep_memory_in()  # before the token is logged in to (ca/process.py says why)
     # pg_stat_activity names the node and the process (the workers name themselves).
     os.environ["PGAPPNAME"] = f"hsmca {config.node or 'serve'} primary"
+    # The daemon's start, for its workers (they inherit it): a bootstrap token marked
+    # spent before it is a kill's left-over, not one being spent (x509_routes; a review
+    # found a worker restarted after the mark saying otherwise than its sibling).
+    os.environ[DAEMON_STARTED] = dt.datetime.now(dt.UTC).isoformat()
     try:
         asyncio.run(serve(config, listen, workers))
     except KeyboardInterrupt:

@@ -6,6 +6,7 @@ import base64
 import binascii
 import datetime as dt
 import hashlib
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ from ca.http_body import read_body
 from ca.issuance.issue import Issued
 from ca.issuance.profiles import fingerprint, pem, utcnow
 from ca.policy import Reason, Refused
+from ca.process import DAEMON_STARTED
 from ca.revocation import RecordedNotCommitted, ocsp, sent_or_withheld
 from ca.server.common import (
     AUDIT,
@@ -208,9 +210,19 @@ async def _bearer(request: web.Request) -> tuple[ra.TokenHolder, Any]:
 
 
 SPENDING_S = 60  # a token marked spent without a certificate this long is not being spent
-# A token marked before this process started is not being spent by a request it serves
-# (a kill's left-over, which the start settled: token-spent, as a crash test expects).
-_STARTED = utcnow()
+
+
+def _daemon_started() -> dt.datetime:
+    """When the daemon started (its primary says, in the environment its workers
+    inherit): a token marked before is not being spent by a request it serves (a kill's
+    left-over, which the start settled: token-spent, as a crash test expects)."""
+    try:
+        return dt.datetime.fromisoformat(os.environ[DAEMON_STARTED])
+    except (KeyError, ValueError):
+        return utcnow()
+
+
+_STARTED = _daemon_started()
 
 
 async def _being_spent(request: web.Request, token: Any, why: str | None = None) -> Problem:
