@@ -616,7 +616,8 @@ class AuditLog:
                    "stop hsmca and put that file back as the log" if saved is not None else
                    "was deleted or replaced while hsmca ran, and its lines could not be "
                    "saved (see the log); do not stop hsmca before they are: "
-                   f"cp /proc/{os.getpid()}/fd/{self._fd} to a safe place")
+                   f"as root, cp /proc/{os.getpid()}/fd/{self._fd} to a safe place (hsmca "
+                   "is not dumpable: its own user cannot)")
         elif named is None:
             why = f"was moved or deleted while hsmca ran; put it back{_RESTORING}"
         elif (named.st_dev, named.st_ino) != (mine.st_dev, mine.st_ino):

@@ -542,9 +542,8 @@ def admin_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=Path("hsmca.toml"),
                    help="config whose admin credential to use (default ./hsmca.toml)")
     p.add_argument("--url", help="daemon URL (default: the URL the daemon serving this "
-                   "config wrote to STATE_DIR/serve.url; on a cluster, the first node that "
-                   "answers of STATE_DIR/nodes/*/serve.url; else https://<listen from "
-                   "config>)")
+                   "config wrote to STATE_DIR/serve.url, which it removes at its stop; on a "
+                   "cluster, the first node that answers of STATE_DIR/nodes/*/serve.url)")
     p.add_argument("--ca", type=Path, help="root CA PEM (default from config)")
 
 

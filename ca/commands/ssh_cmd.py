@@ -574,10 +574,10 @@ def revoke(args: argparse.Namespace) -> int:
           + (f"; the key {out['revoked_key']} (SHA-256) is refused "
              + ("from now on" if committed else "once the inventory takes it")
              if out.get("revoked_key") else "")
-          + ("; the KRL lists them now, and hosts refuse them from their next refresh of "
-             "it (`ssh host --renew --refresh`, 5 minutes by default; SIGHUP to the "
-             "renewer, or `systemctl reload`, for now). Sessions already open stay open: "
-             "end them on the hosts" if committed else ""))
+          + ("; the KRL lists them now: sshd refuses a user certificate from its host's "
+             "next refresh of it (`ssh host --renew --refresh`, 5 minutes by default), and "
+             "clients a host certificate from theirs (`ssh known-hosts --krl`); sessions "
+             "already open stay open: end them on the hosts" if committed else ""))
     if hit and "public_key" not in body:
         # An SSH trial revoked a host's certificate by serial and believed the host cut
         # off; its `ssh host --renew` had a new one at its next renewal.
