@@ -555,6 +555,21 @@ def test_a_log_put_back_from_a_backup_is_refused_by_its_witness_and_its_auditors
         status = ui_status(handle, auditor, tmp_path, witness.vkey)
         assert status["status"] == "failed" and status["banner"].startswith(
             f"FAILED: witness {witness.url} refused the checkpoint"), status
+        # A restart with the witness out of reach (stopped by its operator, or its
+        # traffic blocked) keeps the refusal: it stands until the witness cosigns (an
+        # auditor trial's restart turned it into "unreachable", and runs said OK)
+        assert d.stop() == 0
+        witness.run.stop()
+        d, url = serve(cfg)
+        daemons.append(d)
+        handle = Daemon(url, d.proc, ca.state, [])
+        d.wait("witness not updated", witness=witness.url)
+        [standing] = witness_report(handle)
+        assert standing["state"] == "refused" and standing["reason"] == "cut", standing
+        proc = audit_verify(ca.state, "--state", tmp_path / "after-restart.state",
+                            "--witness-key", witness.vkey, served=(handle, auditor))
+        assert proc.returncode == 1 and f"witness {witness.url} refused" in proc.stderr, \
+            proc.stdout + proc.stderr
     finally:
         for daemon in daemons:
             daemon.stop()

@@ -213,8 +213,8 @@ def _utc(seconds: float) -> str:
 
 @dataclass
 class _Standing:
-    """Where a witness stands, as `GET /v1/audit/witnesses` serves it (this run's answers:
-    a restarted daemon knows again at its first checkpoint, a second or so in)."""
+    """Where a witness stands, as `GET /v1/audit/witnesses` serves it: this run's
+    answers, and from earlier runs its key and a refusal that stands (`kept`)."""
     witness: str
     cosigned: int | None = None  # the size of the last checkpoint it cosigned
     cosigned_at: float | None = None  # when (time.time())
@@ -244,6 +244,28 @@ class _Standing:
             # operator to look into it must not turn it into "failing" (a review).
             return
         self.reason, self.error, self.checkpoint = result, error, size
+
+    def kept(self) -> dict[str, Any]:
+        """What outlives the run: its key, and a refusal standing (a restart, as after
+        putting a backup back, must not make it "failing", or unknown, a review found)."""
+        refused = self.reason in REFUSALS
+        return {"signer": self.signer, "refused": {
+            "reason": self.reason, "error": self.error, "checkpoint": self.checkpoint,
+            "since": self.since} if refused else None}
+
+    def restore(self, kept: Any) -> None:
+        if not isinstance(kept, dict):
+            return
+        if isinstance(signer := kept.get("signer"), str):
+            self.signer = signer
+        refused = kept.get("refused")
+        if isinstance(refused, dict) and refused.get("reason") in REFUSALS:
+            self.reason = str(refused["reason"])
+            self.error = str(refused.get("error") or "")[:2000]
+            checkpoint, since = refused.get("checkpoint"), refused.get("since")
+            self.checkpoint = checkpoint if type(checkpoint) is int else None
+            self.since = float(since) if isinstance(since, int | float) else None
+            self.failures = 1
 
     def doc(self) -> dict[str, Any]:
         state = ("not-asked" if self.reason is None and self.cosigned is None else
@@ -277,9 +299,10 @@ class Witnessing:
         self.on_result: OnResult | None = None  # each witness's answer, for /metrics
         self._failing: dict[int, _Failing] = {}  # witness -> how it has been failing
         self._standing = [_Standing(str(w)) for w in self.witnesses]
-        self._signers_path = cosigned_path.with_name("witness-signers.json")
-        for standing, signer in zip(self._standing, self._signers_read(), strict=True):
-            standing.signer = signer
+        self._kept_path = cosigned_path.with_name("witnesses.json")
+        self._kept = self._kept_read()
+        for witness, standing in zip(self.witnesses, self._standing, strict=True):
+            standing.restore(self._kept.get(str(witness)))
         # Where they stand, as JSON: replaced whole on the event loop, read by the
         # recorder's thread (GET /v1/audit/witnesses).
         self.report = ""
@@ -324,6 +347,7 @@ class Witnessing:
                     if (failing := self._failing.pop(i, None)) is not None:
                         log.info("witness holds the checkpoint again", witness=str(witness),
                                  size=size, after_failures=failing.total)
+                    await self._keep()
                     continue
                 answer = await witness.add_checkpoint(self._http(), text, size, self._proof)
                 await self._cosigned(i, text, size, answer)
@@ -333,6 +357,7 @@ class Witnessing:
             except (WitnessError, TileDamaged, OSError, ValueError) as exc:
                 self._fail(i, exc.kind if isinstance(exc, WitnessError) else "error", size,
                            log.warning, "witness not updated", error=str(exc))
+            await self._keep()
 
     def _fail(self, i: int, kind: str, size: int, emit: Callable[..., Any], event: str,
               **fields: Any) -> None:
@@ -377,30 +402,33 @@ class Witnessing:
     def _report(self) -> None:
         self.report = json.dumps({"witnesses": [s.doc() for s in self._standing]})
 
-    def _signers_read(self) -> list[str | None]:
-        """Each configured witness's signer as the last runs saw it (None: not known)."""
+    def _kept_read(self) -> dict[str, Any]:
+        """What earlier runs kept of each witness (witnesses.json beside
+        checkpoint.cosigned): its key, a refusal standing."""
         try:
-            known = json.loads(self._signers_path.read_text("utf-8"))
+            kept = json.loads(self._kept_path.read_text("utf-8"))
         except (OSError, ValueError):
-            known = {}
-        if not isinstance(known, dict):
-            known = {}
-        return [v if isinstance(v := known.get(str(w)), str) else None
-                for w in self.witnesses]
+            return {}
+        return kept if isinstance(kept, dict) else {}
+
+    async def _keep(self) -> None:
+        """Write what outlives the run, when it changed (its key seen, a refusal that
+        starts or ends: seldom, not at every cosignature)."""
+        kept = {str(w): s.kept() for w, s in zip(self.witnesses, self._standing, strict=True)}
+        if kept == self._kept:
+            return
+        self._kept = kept
+        try:
+            await asyncio.to_thread(write_atomic, self._kept_path,
+                                    json.dumps(kept, indent=1) + "\n")
+        except OSError as exc:  # kept in memory: said, not fatal
+            log.warning("cannot keep where the witnesses stand", path=str(self._kept_path),
+                        error=str(exc))
 
     async def _signer_seen(self, i: int, signer: str) -> None:
-        if self._standing[i].signer == signer:
-            return
-        self._standing[i].signer = signer
-        self._report()
-        known = {str(w): s.signer for w, s in zip(self.witnesses, self._standing, strict=True)
-                 if s.signer is not None}
-        try:
-            await asyncio.to_thread(write_atomic, self._signers_path,
-                                    json.dumps(known, indent=1) + "\n")
-        except OSError as exc:  # kept in memory: said, not fatal
-            log.warning("cannot keep the witnesses' keys", path=str(self._signers_path),
-                        error=str(exc))
+        if self._standing[i].signer != signer:
+            self._standing[i].signer = signer
+            self._report()
 
     async def _proof(self, old: int, size: int) -> Sequence[bytes]:
         return await asyncio.to_thread(self._prove, old, size)
