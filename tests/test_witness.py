@@ -555,6 +555,18 @@ def test_a_log_put_back_from_a_backup_is_refused_by_its_witness_and_its_auditors
         status = ui_status(handle, auditor, tmp_path, witness.vkey)
         assert status["status"] == "failed" and status["banner"].startswith(
             f"FAILED: witness {witness.url} refused the checkpoint"), status
+        # The auditor's own check, which asks the daemon nothing about its witnesses: the
+        # checkpoint their witness holds (its GET /), which the log must extend
+        with urllib.request.urlopen(f"{witness.url}/", timeout=60) as answer:
+            held_note = json.loads(answer.read())["checkpoints"][origin]
+        assert parse_checkpoint(held_note).size == held
+        (tmp_path / "held.checkpoint").write_text(held_note)
+        proc = hsmca("audit", "prove", "--url", handle.url, "--ca", handle.root,
+                     "--client-cert", auditor[0], "--client-key", auditor[1], "--key",
+                     ca.state / "audit" / "audit_key.pem", "--extends",
+                     tmp_path / "held.checkpoint", check=False)
+        assert proc.returncode == 1 and "NOT PROVEN" in proc.stdout + proc.stderr, \
+            proc.stdout + proc.stderr
         # A restart with the witness out of reach (stopped by its operator, or its
         # traffic blocked) keeps the refusal: it stands until the witness cosigns (an
         # auditor trial's restart turned it into "unreachable", and runs said OK)

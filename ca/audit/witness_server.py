@@ -254,8 +254,13 @@ def application(witness: Witness) -> web.Application:
 
     async def index(_request: web.Request) -> web.Response:
         held: dict[str, Any] = {o: h.size for o, h in witness.state.logs.items()}
+        # The checkpoints held too, as the log signed them: an auditor checks the log
+        # against them directly (`hsmca audit prove --extends`), not through what the
+        # CA's daemon says its witnesses answered (an auditor trial).
+        notes = {o: h.checkpoint for o, h in witness.state.logs.items()}
         return web.json_response({"name": witness.name,
-                                  "verifier_key": str(witness.verifier_key), "logs": held})
+                                  "verifier_key": str(witness.verifier_key), "logs": held,
+                                  "checkpoints": notes})
 
     app.router.add_post("/add-checkpoint", add_checkpoint)
     app.router.add_get("/", index)
