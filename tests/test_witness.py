@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from ca.audit.note import parse_checkpoint, sign_checkpoint, verifier_key
 from ca.audit.witnessing import REASONS, HTTPWitness, WitnessError
-from tests.conftest import Daemon, hsmca, init_ca, set_config
+from tests.conftest import Daemon, InitialisedCA, hsmca, init_ca, set_config
 from tests.helpers import Running, audit_verify, enroll, log_lines, metric_samples
 from tests.ports import free_port
 from tests.test_audit_remote import (
@@ -397,6 +397,30 @@ def settled_status(base: str) -> dict[str, Any]:
     return status
 
 
+def with_one_witness(tmp_path: Path) -> tuple[InitialisedCA, Path, str, WitnessProcess]:
+    """A CA whose [audit] names one witness, running and following its log, with its
+    key: the CA, its config, its log's origin, the witness."""
+    ca = init_ca(tmp_path)
+    origin, log_vkey = log_key(ca.state)
+    witness = WitnessProcess(tmp_path, "w1.test/witness", {origin: log_vkey})
+    set_config(ca.state, "audit", "witnesses", [witness.url])
+    set_config(ca.state, "audit", "witness-keys", [witness.vkey])
+    return ca, ca.state / "hsmca.toml", origin, witness
+
+
+def with_a_witness_at(tmp_path: Path, url: str) -> tuple[InitialisedCA, str]:
+    """A CA whose [audit] names `url` as its witness, with a key of its own that no
+    witness there holds: the CA and that key (what an auditor would pin)."""
+    ca = init_ca(tmp_path)
+    pub = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    vkey = (f"w1.test/witness+{cosigner_key_id('w1.test/witness', pub).hex()}+"
+            + base64.b64encode(b"\x04" + pub).decode())
+    set_config(ca.state, "audit", "witnesses", [url])
+    set_config(ca.state, "audit", "witness-keys", [vkey])
+    return ca, vkey
+
+
 def test_a_log_cut_and_grown_again_fails_against_its_own_cosigned_checkpoint(
         tmp_path: Path) -> None:
     """An auditor trial: the operator cut the log back behind what a witness cosigned and
@@ -405,12 +429,7 @@ def test_a_log_cut_and_grown_again_fails_against_its_own_cosigned_checkpoint(
     cosigned checkpoint of the first history (the witness keeps refusing the second):
     the audit key signed two histories. `audit verify --url` said OK, and the web view
     was green; both fail now, whether or not a witness key is pinned."""
-    ca = init_ca(tmp_path)
-    cfg = ca.state / "hsmca.toml"
-    origin, log_vkey = log_key(ca.state)
-    witness = WitnessProcess(tmp_path, "w1.test/witness", {origin: log_vkey})
-    set_config(ca.state, "audit", "witnesses", [witness.url])
-    set_config(ca.state, "audit", "witness-keys", [witness.vkey])
+    ca, cfg, _, witness = with_one_witness(tmp_path)
     daemons: list[Running] = []
     try:
         d, url = serve(cfg)
@@ -503,13 +522,9 @@ def test_a_log_put_back_from_a_backup_is_refused_by_its_witness_and_its_auditors
     cosigned checkpoint beside the log is the copy's, which the log extends, so nothing
     an auditor fetched disagreed: `audit verify --url` said OK and the web view was
     green, the refusal in /metrics alone. The daemon now serves where its witnesses
-    stand (GET /v1/audit/witnesses), and both fail on a refusal."""
-    ca = init_ca(tmp_path)
-    cfg = ca.state / "hsmca.toml"
-    origin, log_vkey = log_key(ca.state)
-    witness = WitnessProcess(tmp_path, "w1.test/witness", {origin: log_vkey})
-    set_config(ca.state, "audit", "witnesses", [witness.url])
-    set_config(ca.state, "audit", "witness-keys", [witness.vkey])
+    stand (GET /v1/audit/witnesses), and both fail on the refusal of a witness the
+    auditor pins, whose key the daemon keeps across restarts."""
+    ca, cfg, origin, witness = with_one_witness(tmp_path)
     daemons: list[Running] = []
     try:
         d, url = serve(cfg)
@@ -611,13 +626,7 @@ def test_a_witness_not_pinned_that_claims_a_cut_fails_no_auditor(tmp_path: Path)
     liar = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Liar)
     threading.Thread(target=liar.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{liar.server_address[1]}"
-    ca = init_ca(tmp_path)
-    pub = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    vkey = (f"w1.test/witness+{cosigner_key_id('w1.test/witness', pub).hex()}+"
-            + base64.b64encode(b"\x04" + pub).decode())
-    set_config(ca.state, "audit", "witnesses", [url])
-    set_config(ca.state, "audit", "witness-keys", [vkey])
+    ca, vkey = with_a_witness_at(tmp_path, url)
     d, daemon_url = serve(ca.state / "hsmca.toml")
     try:
         handle = Daemon(daemon_url, d.proc, ca.state, [])
@@ -645,14 +654,8 @@ def test_a_witness_that_cannot_be_reached_is_named_to_the_auditor(tmp_path: Path
     """A witness that is down is no verdict on the log, but the newest lines are not
     witnessed: `audit verify --url` still says OK and names it, with the daemon's reason
     and since when; the web view is amber, not green."""
-    ca = init_ca(tmp_path)
     down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    pub = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    vkey = (f"w1.test/witness+{cosigner_key_id('w1.test/witness', pub).hex()}+"
-            + base64.b64encode(b"\x04" + pub).decode())
-    set_config(ca.state, "audit", "witnesses", [down])
-    set_config(ca.state, "audit", "witness-keys", [vkey])
+    ca, vkey = with_a_witness_at(tmp_path, down)
     d, url = serve(ca.state / "hsmca.toml")
     try:
         handle = Daemon(url, d.proc, ca.state, [])
