@@ -970,3 +970,23 @@ def test_a_refusal_stands_until_the_witness_cosigns_again() -> None:
     assert (doc["state"], doc["failures"], doc["since"]) == ("cosigning", 0, None), doc
     standing.answer("unreachable", 150, "cannot reach the witness: refused")
     assert standing.doc()["state"] == "failing"
+
+
+def test_a_log_given_twice_to_a_witness_is_refused(tmp_path: Path) -> None:
+    """An auditor trial gave `hsmca witness serve` a log's old and new keys (`--log O=OLD
+    --log O=NEW`) after a rotation, and it kept the last silently. Said, in one line."""
+    key = tmp_path / "witness.key"
+    key.write_bytes(ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    key.chmod(0o600)
+    ca = init_ca(tmp_path)
+    origin, vkey = log_key(ca.state)
+    proc = hsmca("witness", "serve", "--key-file", key, "--log", f"{origin}={vkey}",
+                 "--log", f"{origin}={vkey}", "--listen", "127.0.0.1:0", "--new-state",
+                 check=False)
+    assert proc.returncode == 1 and proc.stderr == (
+        f"hsmca: error: --log {origin} is given twice: a witness follows a log by one key; "
+        "after a rotation of the log's audit key, give the new one alone (docs/keys.md)\n"), \
+        proc.stderr
+    assert not (tmp_path / "witness-state.json").exists()  # refused before anything

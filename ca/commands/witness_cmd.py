@@ -74,6 +74,12 @@ def serve(args: argparse.Namespace) -> int:
         origin, sep, vkey = spec.partition("=")
         if not sep or not origin:
             raise CLIError(f"--log {spec!r}: expected ORIGIN=VKEY")
+        if origin in logs:
+            # (the last one given was kept, silently: an auditor trial gave a log's old and
+            # new keys after a rotation of its audit key)
+            raise CLIError(f"--log {origin} is given twice: a witness follows a log by one "
+                           "key; after a rotation of the log's audit key, give the new one "
+                           "alone (docs/keys.md)")
         try:
             logs[origin] = parse_verifier_key(vkey, ALG_NOTE)
         except ValueError as exc:
