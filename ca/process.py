@@ -6,7 +6,7 @@ import ctypes
 import gc
 import resource
 
-PR_SET_DUMPABLE = 4
+PR_GET_DUMPABLE, PR_SET_DUMPABLE = 3, 4
 DAEMON_STARTED = "HSMCA_DAEMON_STARTED"  # the primary's start, in its workers' environment
 
 
@@ -41,3 +41,10 @@ def keep_memory_in() -> None:
     look at the limit."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
+def dumpable() -> bool:
+    """Whether this process may be dumped or read by its user's others (said in the
+    workers' "worker ready" line, which a test checks: a review's mutation of a
+    worker's keep_memory_in() passed a test that only looked at the core limit)."""
+    return bool(ctypes.CDLL(None, use_errno=True).prctl(PR_GET_DUMPABLE, 0, 0, 0, 0))

@@ -16,7 +16,6 @@ import signal
 import socket
 import sqlite3
 import subprocess
-import sys
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -129,14 +128,12 @@ async def test_no_process_of_the_daemon_may_write_a_core_file(tmp_path: Path) ->
                         if line.startswith("Max core file size"))
             assert core.split()[4:6] == ["0", "0"], (pid, core)
         # Not dumpable either (a core piped to a collector, another process of its user
-        # reading its memory), which only the process itself can be asked: as serve and
-        # each worker set it up. It still serves (its TLS files are read through
+        # reading its memory), which only the process itself can be asked: each worker
+        # says so when ready (a review: the workers inherit the limit, so a worker that
+        # forgot this passed). It still serves (its TLS files are read through
         # /proc/self/fd, which a process not dumpable may still read).
-        probe = subprocess.run([sys.executable, "-c",
-                                "import ctypes; from ca.process import keep_memory_in; "
-                                "keep_memory_in(); print(ctypes.CDLL(None).prctl(3, 0, 0, 0, "
-                                "0))"], capture_output=True, text=True, check=True)
-        assert probe.stdout == "0\n"  # PR_GET_DUMPABLE
+        ready = [json.loads(line) for line in d.stderr if '"worker ready"' in line]
+        assert len(ready) == 2 and all(r["dumpable"] is False for r in ready), ready
         status, _, _ = await fresh("GET", f"{d.url}/health", d.ssl())
         assert status == 200
     finally:

@@ -43,7 +43,7 @@ from ca.lifecycle import KeyLifecycle
 from ca.listener import Places
 from ca.logs import configure
 from ca.metrics import Metrics
-from ca.process import keep_memory_in, raise_fd_limit, settle_heap
+from ca.process import dumpable, keep_memory_in, raise_fd_limit, settle_heap
 from ca.revocation import COUNTED, Revocations
 from ca.revocation.unreleased import Unreleased, revoke_unreleased
 from ca.server.app import (
@@ -187,7 +187,7 @@ async def run(config: Config, host: str, port: int, slot: int, sign_channel: soc
                            reuse_port=True, places=places, on_refused=refused).start()
         settle_heap()
         await control.ready(os.getpid())
-        log.info("worker ready", worker=slot, pid=os.getpid())
+        log.info("worker ready", worker=slot, pid=os.getpid(), dumpable=dumpable())
         await stop.wait()
         await asyncio.gather(runner.cleanup(), *([plain.cleanup()] if plain else []))
         runner = plain = None  # stopped accepting; in-flight requests finished
