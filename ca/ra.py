@@ -479,6 +479,9 @@ class X509Order:
     renewed_from: str | None = None  # hex serial of the certificate renewed
     acme_account: str | None = None  # ACME: the account and order it is issued for
     acme_order: str | None = None
+    # EKU clientAuth alone: a person's or operator's credential, no TLS server's
+    # (policy.CLIENT_ONLY_ROLES); decided here, with the names, not where it is built
+    client_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -712,7 +715,8 @@ def _x509(ctx: Context, who: Requester, *, role: str, names: tuple[tuple[str, st
     issuer = ctx.issuers.x509_issuer()
     not_after = min(ctx.now + lifetime, ctx.issuers.x509_not_after(issuer))
     return X509Order(issuer, "leaf", role, names, principals, subject, ctx.now - BACKDATE,
-                     not_after, who.actor, token_id, renewed_from)
+                     not_after, who.actor, token_id, renewed_from,
+                     client_only=role in policy.CLIENT_ONLY_ROLES)
 
 
 def _enroll(ctx: Context, who: Requester, req: EnrollRequest) -> X509Order:

@@ -1193,3 +1193,16 @@ def test_a_csr_without_a_san_whose_cn_names_another_name_is_refused() -> None:
                           ra.X509Order), name
     order = ra.decide(context(), holder_, ra.EnrollRequest(with_cn("b.example", "a.example")))
     assert isinstance(order, ra.X509Order)
+
+
+def test_the_order_says_whether_a_certificate_is_a_client_credential_alone() -> None:
+    """Which certificates may serve TLS is decided with the names, in the registration
+    authority (a read-through moved it out of the issuance profile): users', auditors'
+    and admins' are client certificates alone, services' and hosts' not."""
+    for role, names, client_only in (("user", ("ann@internal.example",), True),
+                                     ("admin", ("admin.localhost",), True),
+                                     ("auditor", ("audit@internal.example",), True),
+                                     ("service", ("svc.internal.example",), False),
+                                     ("host", ("web.internal.example",), False)):
+        order = ra.decide(context(), holder(role, names), ra.RenewRequest())
+        assert isinstance(order, ra.X509Order) and order.client_only is client_only, role

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.serialization import SSHCertificate
 from ca.issuance import profiles as prof
 from ca.issuance.issuers import Issuers
 from ca.issuance.pipeline import SigningJob, SigningPipeline, SignResult
-from ca.policy import CLIENT_ONLY_ROLES, Policy
+from ca.policy import Policy
 from ca.ra import CACertOrder, Context, CRLOrder, Directory, SSHOrder, X509Order
 from ca.store import NewCert, NewSSHCert, Store
 from ca.store.errors import StoreUnavailable
@@ -138,7 +138,7 @@ class Issuance:
             serial=prof.random_serial(),
             crl_url=f"{url}/v1/x509/crl/{issuer.id}" if url else None,
             ocsp_url=f"{url}/v1/x509/ocsp" if url else None,
-            client_only=order.role in CLIENT_ONLY_ROLES)
+            client_only=order.client_only)
         builder = prof.leaf_builder(profile, issuer.cert, order.not_before, order.not_after)
         serial_hex = format(profile.serial, "x")
         issued_at = prof.utcnow().isoformat()

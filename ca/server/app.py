@@ -281,8 +281,11 @@ def _may_see_paths(request: web.Request) -> bool:
     (auditors' tools read the damage it names). Anyone else who reaches the port hears
     what is wrong, not where its files are (a security review: the audit log's full
     path and sizes, to anyone)."""
-    if peer_der(request) is not None:
-        return True
+    return peer_der(request) is not None or _metrics_allowed(request)
+
+
+def _metrics_allowed(request: web.Request) -> bool:
+    """Whether the asker's address is in `[server] metrics-allow`."""
     try:
         remote = ipaddress.ip_address(request.remote or "")
     except ValueError:
@@ -311,11 +314,7 @@ async def whoami(request: web.Request) -> web.Response:
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
     allowed = request.app[SETTINGS].metrics_allow
-    try:
-        remote = ipaddress.ip_address(request.remote or "")
-    except ValueError:
-        remote = None
-    if remote is None or not any(remote in net for net in allowed):
+    if not _metrics_allowed(request):
         to = (f"is served to {', '.join(map(str, allowed))} only" if allowed else
               "is served to no address")  # (an empty list read "served to  only")
         raise Problem(403, "Forbidden", f"/metrics {to} ([server] metrics-allow in "
